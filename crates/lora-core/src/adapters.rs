@@ -1,0 +1,220 @@
+//! A set of adapters keyed by model component and dotted module path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LoraError, LoraWeights, Result};
+
+/// The model component an adapter belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    /// The denoising UNet.
+    Unet,
+    /// The (first) CLIP text encoder.
+    TextEncoder,
+    /// The second text encoder of two-encoder models (SDXL's OpenCLIP bigG).
+    TextEncoder2,
+}
+
+impl Component {
+    /// All components.
+    pub const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::TextEncoder2];
+
+    /// Prefix of kohya keys, without the trailing underscore (`lora_unet`, `lora_te`, `lora_te2`).
+    pub fn kohya_prefix(self) -> &'static str {
+        match self {
+            Component::Unet => "lora_unet",
+            Component::TextEncoder => "lora_te",
+            Component::TextEncoder2 => "lora_te2",
+        }
+    }
+
+    /// Prefix of diffusers/PEFT keys (`unet`, `text_encoder`, `text_encoder_2`).
+    pub fn peft_prefix(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+        }
+    }
+}
+
+/// Where an adapter attaches: a component and a dotted module path inside it, such as
+/// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q` or
+/// `text_model.encoder.layers.0.self_attn.q_proj`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterKey {
+    /// The component.
+    pub component: Component,
+    /// The module path inside the component, as diffusers/transformers name it.
+    pub path: String,
+}
+
+impl AdapterKey {
+    /// Builds a key.
+    pub fn new(component: Component, path: impl Into<String>) -> Self {
+        Self {
+            component,
+            path: path.into(),
+        }
+    }
+
+    /// The kohya name of the module: prefix plus the path with `.` replaced by `_`
+    /// (`lora_unet_down_blocks_0_..._to_q`).
+    pub fn kohya_name(&self) -> String {
+        format!("{}_{}", self.component.kohya_prefix(), self.path.replace('.', "_"))
+    }
+
+    /// The diffusers/PEFT name of the module (`unet.down_blocks.0.....to_q`).
+    pub fn peft_name(&self) -> String {
+        format!("{}.{}", self.component.peft_prefix(), self.path)
+    }
+}
+
+impl fmt::Display for AdapterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.peft_name())
+    }
+}
+
+/// The module paths a model exposes for adapters, per component.
+///
+/// Kohya names replace every `.` by `_`, which cannot be undone blindly because module names
+/// themselves contain underscores (`transformer_blocks`, `to_out.0`, `proj_in`). Resolving
+/// a kohya key therefore looks the name up among the model's real paths.
+///
+/// ```
+/// use lora_core::{Component, ModuleIndex};
+/// let mut index = ModuleIndex::new();
+/// index.add(Component::Unet, ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"]).unwrap();
+/// let key = index
+///     .resolve_kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0")
+///     .unwrap();
+/// assert_eq!(key.path, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ModuleIndex {
+    by_kohya: HashMap<String, AdapterKey>,
+}
+
+impl ModuleIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the module paths of one component. Fails if two paths collapse to one kohya name.
+    pub fn add<I, S>(&mut self, component: Component, paths: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for path in paths {
+            let key = AdapterKey::new(component, path.as_ref());
+            let name = key.kohya_name();
+            if let Some(prev) = self.by_kohya.get(&name) {
+                if prev != &key {
+                    return Err(LoraError::AmbiguousModuleName {
+                        kohya: name,
+                        first: prev.path.clone(),
+                        second: key.path,
+                    });
+                }
+                continue;
+            }
+            self.by_kohya.insert(name, key);
+        }
+        Ok(())
+    }
+
+    /// Number of module paths.
+    pub fn len(&self) -> usize {
+        self.by_kohya.len()
+    }
+
+    /// Whether no paths were added.
+    pub fn is_empty(&self) -> bool {
+        self.by_kohya.is_empty()
+    }
+
+    /// Whether `key` is one of the model's modules.
+    pub fn contains(&self, key: &AdapterKey) -> bool {
+        self.by_kohya
+            .get(&key.kohya_name())
+            .is_some_and(|k| k == key)
+    }
+
+    /// Resolves a kohya module name (without `.lora_down.weight` etc.). `lora_te1_` is
+    /// accepted as an alias of `lora_te_` (SDXL files name the first encoder so).
+    pub fn resolve_kohya(&self, name: &str) -> Option<&AdapterKey> {
+        if let Some(rest) = name.strip_prefix("lora_te1_") {
+            return self.by_kohya.get(&format!("lora_te_{rest}"));
+        }
+        self.by_kohya.get(name)
+    }
+
+    /// The component of a bare module path when it belongs to exactly one component.
+    pub fn component_of(&self, path: &str) -> Option<Component> {
+        let mut found = Component::ALL
+            .into_iter()
+            .filter(|c| self.contains(&AdapterKey::new(*c, path)));
+        let first = found.next()?;
+        found.next().is_none().then_some(first)
+    }
+}
+
+/// Adapters keyed by [`AdapterKey`], plus free-form string metadata (kept in file headers,
+/// e.g. `ss_base_model_version`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdapterSet {
+    adapters: BTreeMap<AdapterKey, LoraWeights>,
+    /// String metadata written to and read from the safetensors header.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl AdapterSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Inserts an adapter after validating it, replacing any adapter at the same key.
+    pub fn insert(&mut self, key: AdapterKey, weights: LoraWeights) -> Result<()> {
+        weights.validate(&key.to_string())?;
+        self.adapters.insert(key, weights);
+        Ok(())
+    }
+
+    /// The adapter at `key`.
+    pub fn get(&self, key: &AdapterKey) -> Option<&LoraWeights> {
+        self.adapters.get(key)
+    }
+
+    /// Removes and returns the adapter at `key`.
+    pub fn remove(&mut self, key: &AdapterKey) -> Option<LoraWeights> {
+        self.adapters.remove(key)
+    }
+
+    /// Adapters in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&AdapterKey, &LoraWeights)> {
+        self.adapters.iter()
+    }
+
+    /// Number of adapters.
+    pub fn len(&self) -> usize {
+        self.adapters.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    /// Adapters whose key is not in `index` (for checking a set against a model).
+    pub fn unknown_keys<'a>(&'a self, index: &'a ModuleIndex) -> impl Iterator<Item = &'a AdapterKey> + 'a {
+        self.adapters.keys().filter(move |k| !index.contains(k))
+    }
+}

@@ -1,0 +1,124 @@
+//! Hyper-parameters of an adapter.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LoraError, Result};
+
+/// How the `down` projection is initialised. The `up` projection always starts at zero,
+/// so a fresh adapter leaves the model's output unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraInit {
+    /// Kaiming-uniform with `a = sqrt(5)` (bound `1/sqrt(fan_in)`), as kohya sd-scripts
+    /// and PEFT do.
+    #[default]
+    KaimingUniform,
+    /// Normal distribution with standard deviation `1/rank` (PEFT's `init_lora_weights="gaussian"`).
+    Gaussian,
+}
+
+/// Hyper-parameters of a LoRA adapter.
+///
+/// ```
+/// use lora_core::LoraConfig;
+/// let cfg = LoraConfig::new(8).with_alpha(4.0);
+/// assert_eq!(cfg.scale(), 0.5);
+/// let rs = cfg.clone().with_rslora(true);
+/// assert!((rs.scale() - 4.0 / 8f32.sqrt()).abs() < 1e-6);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank `r` of the update (`network_dim` in kohya).
+    pub rank: usize,
+    /// Scaling numerator (`network_alpha` in kohya, `lora_alpha` in PEFT).
+    pub alpha: f32,
+    /// Dropout probability applied to the adapter's input while training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// rsLoRA: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+    #[serde(default)]
+    pub rslora: bool,
+    /// Initialisation of the down projection.
+    #[serde(default)]
+    pub init: LoraInit,
+}
+
+impl LoraConfig {
+    /// A config with the given rank, `alpha = rank` (scale 1), no dropout, classic scaling.
+    pub fn new(rank: usize) -> Self {
+        Self {
+            rank,
+            alpha: rank as f32,
+            dropout: 0.0,
+            rslora: false,
+            init: LoraInit::default(),
+        }
+    }
+
+    /// Sets alpha.
+    pub fn with_alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    /// Sets the dropout probability.
+    pub fn with_dropout(mut self, dropout: f64) -> Self {
+        self.dropout = dropout;
+        self
+    }
+
+    /// Turns rsLoRA scaling on or off.
+    pub fn with_rslora(mut self, rslora: bool) -> Self {
+        self.rslora = rslora;
+        self
+    }
+
+    /// Sets the down-projection initialisation.
+    pub fn with_init(mut self, init: LoraInit) -> Self {
+        self.init = init;
+        self
+    }
+
+    /// The factor applied to `up(down(x))`: `alpha / rank`, or `alpha / sqrt(rank)` with rsLoRA.
+    pub fn scale(&self) -> f32 {
+        let r = self.rank.max(1) as f32;
+        if self.rslora {
+            self.alpha / r.sqrt()
+        } else {
+            self.alpha / r
+        }
+    }
+
+    /// Checks that the values are usable; `max_rank` is `min(in, out)` of the target layer.
+    pub fn validate(&self, max_rank: usize) -> Result<()> {
+        if self.rank == 0 {
+            return Err(LoraError::InvalidConfig("rank must be at least 1".into()));
+        }
+        if self.rank > max_rank {
+            return Err(LoraError::InvalidConfig(format!(
+                "rank {} exceeds min(in, out) = {max_rank} of the layer",
+                self.rank
+            )));
+        }
+        if !self.alpha.is_finite() {
+            return Err(LoraError::InvalidConfig(format!(
+                "alpha must be finite, got {}",
+                self.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(LoraError::InvalidConfig(format!(
+                "dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+
+    /// The alpha that gives the same scale under classic (kohya) scaling, `scale * rank`.
+    /// Used when writing files, whose readers all assume `alpha / rank`.
+    pub fn kohya_alpha(&self) -> f32 {
+        self.scale() * self.rank as f32
+    }
+}

@@ -1,0 +1,304 @@
+//! LoRA for 2-d convolutions (LoCon).
+
+use burn::module::{Initializer, Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::linear::{down_initializer, update_frozen};
+use crate::{HostTensor, LoraConfig, LoraError, LoraWeights, Result};
+
+/// The trainable part of a LoRA conv layer.
+///
+/// `down` is a convolution with the base layer's kernel size, stride, padding and dilation
+/// (`in → rank`); `up` is a 1x1 convolution (`rank → out`). Their composition is a
+/// convolution with kernel `ΔW[o,i,kh,kw] = scale · Σ_r up[o,r] · down[r,i,kh,kw]`.
+#[derive(Module, Debug)]
+pub struct Conv2dAdapter<B: Backend> {
+    /// Down convolution `in → rank` (weights `[rank, in, kh, kw]`).
+    pub down: Conv2d<B>,
+    /// Up convolution `rank → out`, 1x1 (weights `[out, rank, 1, 1]`), zero at initialisation.
+    pub up: Conv2d<B>,
+    /// Dropout on the adapter input (active only on autodiff backends).
+    pub dropout: Dropout,
+    /// `alpha / rank` (or `alpha / sqrt(rank)` for rsLoRA).
+    pub scale: f32,
+}
+
+fn check_base<B: Backend>(base: &Conv2d<B>, key: &str) -> Result<()> {
+    if base.groups != 1 {
+        return Err(LoraError::Unsupported(format!(
+            "`{key}`: grouped convolution (groups = {})",
+            base.groups
+        )));
+    }
+    Ok(())
+}
+
+fn down_config<B: Backend>(base: &Conv2d<B>, rank: usize) -> Conv2dConfig {
+    let [_, in_ch, kh, kw] = base.weight.dims();
+    Conv2dConfig::new([in_ch, rank], [kh, kw])
+        .with_stride(base.stride)
+        .with_dilation(base.dilation)
+        .with_padding(base.padding.clone())
+        .with_bias(false)
+}
+
+impl<B: Backend> Conv2dAdapter<B> {
+    /// A freshly initialised adapter for `base` (up is zero).
+    pub fn new(config: &LoraConfig, base: &Conv2d<B>, device: &B::Device) -> Result<Self> {
+        check_base(base, "<new>")?;
+        let [out_ch, in_ch, _, _] = base.weight.dims();
+        config.validate(in_ch.min(out_ch))?;
+        let down = down_config(base, config.rank)
+            .with_initializer(down_initializer(config.init, config.rank))
+            .init(device);
+        let up = Conv2dConfig::new([config.rank, out_ch], [1, 1])
+            .with_bias(false)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
+        Ok(Self {
+            down,
+            up,
+            dropout: DropoutConfig::new(config.dropout).init(),
+            scale: config.scale(),
+        })
+    }
+
+    /// Builds an adapter for `base` from file weights (`down [rank, in, kh, kw]`,
+    /// `up [out, rank, 1, 1]`; 2-d weights are accepted for 1x1 kernels).
+    pub fn from_weights(
+        weights: &LoraWeights,
+        base: &Conv2d<B>,
+        key: &str,
+        device: &B::Device,
+    ) -> Result<Self> {
+        weights.validate(key)?;
+        check_base(base, key)?;
+        let [out_ch, in_ch, kh, kw] = base.weight.dims();
+        let rank = weights.rank();
+        let mut down_shape = weights.down.shape.clone();
+        if down_shape.len() == 2 {
+            // A linear-layout adapter fits a 1x1 conv (diffusers stores proj_in both ways).
+            down_shape.extend([1, 1]);
+        }
+        let want_down = vec![rank, in_ch, kh, kw];
+        let want_up = vec![out_ch, rank, 1, 1];
+        let mut up_shape = weights.up.shape.clone();
+        if up_shape.len() == 2 {
+            up_shape.extend([1, 1]);
+        }
+        if down_shape != want_down || up_shape != want_up {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!(
+                    "layer needs down {want_down:?} and up {want_up:?}, file has down {:?} and up {:?}",
+                    weights.down.shape, weights.up.shape
+                ),
+            });
+        }
+        let down = HostTensor::new(down_shape, weights.down.data.clone())?.to_tensor::<B, 4>(device)?;
+        let up = HostTensor::new(up_shape, weights.up.data.clone())?.to_tensor::<B, 4>(device)?;
+        let mut down_conv = down_config(base, rank).init::<B>(device);
+        down_conv.weight = Param::from_tensor(down);
+        let mut up_conv = Conv2dConfig::new([rank, out_ch], [1, 1])
+            .with_bias(false)
+            .init::<B>(device);
+        up_conv.weight = Param::from_tensor(up);
+        Ok(Self {
+            down: down_conv,
+            up: up_conv,
+            dropout: DropoutConfig::new(0.0).init(),
+            scale: weights.scale(),
+        })
+    }
+
+    /// The adapter in file layout (4-d tensors); `alpha = scale · rank`.
+    pub fn to_weights(&self) -> Result<LoraWeights> {
+        Ok(LoraWeights {
+            down: HostTensor::from_tensor(self.down.weight.val())?,
+            up: HostTensor::from_tensor(self.up.weight.val())?,
+            alpha: self.scale * self.rank() as f32,
+        })
+    }
+
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.down.weight.dims()[0]
+    }
+
+    /// `factor · scale · up(down(dropout(x)))`.
+    pub fn forward(&self, x: Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
+        let h = self.down.forward(self.dropout.forward(x));
+        self.up.forward(h * (factor * self.scale))
+    }
+
+    /// `ΔW` `[out, in, kh, kw]`, times `factor`.
+    pub fn delta_weight(&self, factor: f32) -> Tensor<B, 4> {
+        let [rank, in_ch, kh, kw] = self.down.weight.dims();
+        let out_ch = self.up.weight.dims()[0];
+        let up = self.up.weight.val().reshape([out_ch, rank]);
+        let down = self.down.weight.val().reshape([rank, in_ch * kh * kw]);
+        up.matmul(down)
+            .mul_scalar(factor * self.scale)
+            .reshape([out_ch, in_ch, kh, kw])
+    }
+}
+
+/// A frozen 2-d convolution with an optional LoCon adapter; the conv counterpart of
+/// [`crate::LoraLinear`].
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::conv::Conv2dConfig;
+/// use burn::nn::PaddingConfig2d;
+/// use lora_core::{LoraConfig, LoraConv2d};
+///
+/// let device = Default::default();
+/// let base = Conv2dConfig::new([4, 8], [3, 3])
+///     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+///     .init::<Flex>(&device);
+/// let mut layer = LoraConv2d::new(base);
+/// layer.attach_new(&LoraConfig::new(2), &device).unwrap();
+/// let plain = layer.merged(); // a burn `Conv2d` with W + ΔW
+/// assert_eq!(plain.weight.dims(), [8, 4, 3, 3]);
+/// ```
+#[derive(Module, Debug)]
+pub struct LoraConv2d<B: Backend> {
+    /// The frozen base convolution.
+    pub base: Conv2d<B>,
+    /// The adapter, if one is attached.
+    pub adapter: Option<Conv2dAdapter<B>>,
+    /// Strength of the adapter at run time (1.0 = as trained).
+    pub multiplier: f32,
+    /// Whether the adapter is currently folded into `base`.
+    merged: bool,
+}
+
+impl<B: Backend> LoraConv2d<B> {
+    /// Wraps a convolution and freezes its parameters.
+    pub fn new(base: Conv2d<B>) -> Self {
+        Self {
+            base: base.no_grad(),
+            adapter: None,
+            multiplier: 1.0,
+            merged: false,
+        }
+    }
+
+    /// Attaches a freshly initialised adapter, replacing any previous one.
+    pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
+        let adapter = Conv2dAdapter::new(config, &self.base, device)?;
+        self.attach(adapter, "<new>")
+    }
+
+    /// Attaches an adapter, checking that it fits the base kernel; `key` names it in errors.
+    pub fn attach(&mut self, adapter: Conv2dAdapter<B>, key: &str) -> Result<()> {
+        let [out_ch, in_ch, kh, kw] = self.base.weight.dims();
+        let [_, a_in, a_kh, a_kw] = adapter.down.weight.dims();
+        let a_out = adapter.up.weight.dims()[0];
+        if (a_out, a_in, a_kh, a_kw) != (out_ch, in_ch, kh, kw)
+            || adapter.down.stride != self.base.stride
+            || adapter.down.dilation != self.base.dilation
+            || adapter.down.padding != self.base.padding
+        {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!(
+                    "layer is {in_ch}→{out_ch} with kernel {kh}x{kw}, adapter is {a_in}→{a_out} with kernel {a_kh}x{a_kw} (stride, padding and dilation must match too)"
+                ),
+            });
+        }
+        self.unmerge_in_place();
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// Attaches an adapter read from a file.
+    pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        let adapter = Conv2dAdapter::from_weights(weights, &self.base, key, device)?;
+        self.attach(adapter, key)
+    }
+
+    /// Removes the adapter (unmerging it first) and returns it.
+    pub fn detach(&mut self) -> Option<Conv2dAdapter<B>> {
+        self.unmerge_in_place();
+        self.adapter.take()
+    }
+
+    /// Sets the run-time strength, keeping a merged adapter merged at the new strength.
+    pub fn set_multiplier(&mut self, multiplier: f32) {
+        let was_merged = self.merged;
+        self.unmerge_in_place();
+        self.multiplier = multiplier;
+        if was_merged {
+            self.merge_in_place();
+        }
+    }
+
+    /// Whether the adapter is folded into the base weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// Folds `multiplier · ΔW` into the base kernel; `forward` then skips the adapter.
+    pub fn merge_in_place(&mut self) {
+        if self.merged {
+            return;
+        }
+        if let Some(adapter) = &self.adapter {
+            let delta = adapter.delta_weight(self.multiplier);
+            let weight = self.base.weight.clone();
+            self.base.weight = update_frozen(weight, |w| w + delta);
+            self.merged = true;
+        }
+    }
+
+    /// Subtracts the merged update again.
+    pub fn unmerge_in_place(&mut self) {
+        if !self.merged {
+            return;
+        }
+        if let Some(adapter) = &self.adapter {
+            let delta = adapter.delta_weight(self.multiplier);
+            let weight = self.base.weight.clone();
+            self.base.weight = update_frozen(weight, |w| w - delta);
+        }
+        self.merged = false;
+    }
+
+    /// A plain `Conv2d` with `W + multiplier · ΔW` (the layer itself is unchanged).
+    pub fn merged(&self) -> Conv2d<B> {
+        let mut copy = self.clone();
+        copy.merge_in_place();
+        copy.base
+    }
+
+    /// Consumes the wrapper, returning the base conv with the adapter merged in.
+    pub fn into_merged(mut self) -> Conv2d<B> {
+        self.merge_in_place();
+        self.base
+    }
+
+    /// Recovers the unmerged layer from a merged `Conv2d` and the adapter merged into it
+    /// at strength `multiplier`.
+    pub fn unmerge(merged: Conv2d<B>, adapter: Conv2dAdapter<B>, multiplier: f32) -> Result<Self> {
+        let mut layer = Self::new(merged);
+        layer.multiplier = multiplier;
+        layer.attach(adapter, "<unmerge>")?;
+        layer.merged = true;
+        layer.unmerge_in_place();
+        Ok(layer)
+    }
+
+    /// `base(x)` plus the adapter's contribution (unless merged or absent).
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        match &self.adapter {
+            Some(adapter) if !self.merged && self.multiplier != 0.0 => {
+                let delta = adapter.forward(x.clone(), self.multiplier);
+                self.base.forward(x) + delta
+            }
+            _ => self.base.forward(x),
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! kohya sd-scripts / A1111 / ComfyUI layout.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::{finish, group, key_list, settle_unknown, AdapterFormat, ReadOptions, ReadReport, Role};
+use crate::tensor_io::{self, SaveDtype};
+use crate::{AdapterSet, HostTensor, ModuleIndex, Result};
+
+const SUFFIXES: &[(&str, Role)] = &[
+    (".lora_down.weight", Role::Down),
+    (".lora_up.weight", Role::Up),
+    (".alpha", Role::Alpha),
+];
+
+pub(super) fn read(
+    bytes: &[u8],
+    path: &Path,
+    index: &ModuleIndex,
+    options: ReadOptions,
+) -> Result<(AdapterSet, ReadReport)> {
+    let (parts, mut unknown, metadata) = group(bytes, path, SUFFIXES)?;
+    let mut set = AdapterSet::new();
+    set.metadata = metadata.into_iter().collect();
+    for (name, part) in parts {
+        let Some(key) = index.resolve_kohya(&name).cloned() else {
+            unknown.extend(part.keys);
+            continue;
+        };
+        let weights = finish(part, &name, path, ("lora_down", "lora_up"))?;
+        set.insert(key, weights)?;
+    }
+    let skipped = settle_unknown(unknown, path, options)?;
+    Ok((
+        set,
+        ReadReport {
+            format: AdapterFormat::Kohya,
+            skipped,
+        },
+    ))
+}
+
+/// The most common value of an iterator (ties: the smallest), for `ss_network_dim` etc.
+fn mode<T: Ord + Copy>(values: impl Iterator<Item = T>) -> Option<T> {
+    let mut sorted: Vec<T> = values.collect();
+    sorted.sort();
+    let mut best: Option<(T, usize)> = None;
+    let mut i = 0;
+    while i < sorted.len() {
+        let j = sorted[i..].iter().take_while(|v| **v == sorted[i]).count();
+        if best.is_none_or(|(_, n)| j > n) {
+            best = Some((sorted[i], j));
+        }
+        i += j;
+    }
+    best.map(|(v, _)| v)
+}
+
+/// `ss_network_*` keys as kohya writes them, computed from the adapters themselves.
+fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
+    let mut meta = HashMap::new();
+    meta.insert("ss_network_module".into(), "networks.lora".into());
+    let linear = || set.iter().filter(|(_, w)| !w.is_conv() || w.down.shape[2..] == [1, 1]);
+    let conv = || set.iter().filter(|(_, w)| w.is_conv() && w.down.shape[2..] != [1, 1]);
+    if let Some(dim) = mode(linear().map(|(_, w)| w.rank())) {
+        meta.insert("ss_network_dim".into(), dim.to_string());
+        if let Some((_, w)) = linear().find(|(_, w)| w.rank() == dim) {
+            meta.insert("ss_network_alpha".into(), format_alpha(w.alpha));
+        }
+    }
+    if let Some(dim) = mode(conv().map(|(_, w)| w.rank())) {
+        let alpha = conv()
+            .find(|(_, w)| w.rank() == dim)
+            .map(|(_, w)| format_alpha(w.alpha))
+            .unwrap_or_default();
+        let args = serde_json::json!({ "conv_dim": dim.to_string(), "conv_alpha": alpha });
+        meta.insert("ss_network_args".into(), args.to_string());
+    }
+    meta
+}
+
+fn format_alpha(alpha: f32) -> String {
+    if alpha.fract() == 0.0 {
+        format!("{alpha:.1}")
+    } else {
+        alpha.to_string()
+    }
+}
+
+pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
+    let alphas: Vec<(String, HostTensor)> = set
+        .iter()
+        .map(|(k, w)| {
+            (
+                format!("{}.alpha", key_list(k, AdapterFormat::Kohya)),
+                HostTensor {
+                    shape: vec![],
+                    data: vec![w.alpha],
+                },
+            )
+        })
+        .collect();
+    let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(set.len() * 3);
+    for ((key, w), (alpha_key, alpha)) in set.iter().zip(&alphas) {
+        let name = key.kohya_name();
+        tensors.push((format!("{name}.lora_down.weight"), &w.down));
+        tensors.push((format!("{name}.lora_up.weight"), &w.up));
+        tensors.push((alpha_key.clone(), alpha));
+    }
+    let mut metadata: HashMap<String, String> = set.metadata.clone().into_iter().collect();
+    metadata.extend(network_metadata(set));
+    metadata.insert("format".into(), "pt".into());
+    tensor_io::serialize(&tensors, dtype, metadata)
+}

@@ -1,0 +1,235 @@
+//! Adapter files: the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout.
+//!
+//! See `docs/lora-formats.md` in the repository for both layouts with worked key examples.
+
+mod kohya;
+mod peft;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tensor_io::{self, SaveDtype};
+use crate::{AdapterKey, AdapterSet, HostTensor, LoraError, LoraWeights, ModuleIndex, Result};
+
+/// How many unknown keys an error message lists.
+const SHOW_UNKNOWN: usize = 5;
+
+/// An adapter file layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterFormat {
+    /// kohya sd-scripts / A1111 / ComfyUI: `lora_unet_<path_with_underscores>.lora_down.weight`,
+    /// `.lora_up.weight`, `.alpha`.
+    Kohya,
+    /// diffusers / PEFT: `unet.<dotted.path>.lora_A.weight`, `.lora_B.weight`, no alpha.
+    Peft,
+}
+
+impl std::str::FromStr for AdapterFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "kohya" | "a1111" | "comfyui" => Ok(Self::Kohya),
+            "peft" | "diffusers" => Ok(Self::Peft),
+            other => Err(format!("unknown adapter format `{other}`, expected kohya or peft")),
+        }
+    }
+}
+
+/// What to do with keys that do not name a module of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReadOptions {
+    /// Skip unknown keys and list them in [`ReadReport::skipped`] instead of failing.
+    pub lenient: bool,
+}
+
+/// What reading a file found besides the adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadReport {
+    /// The detected layout.
+    pub format: AdapterFormat,
+    /// Keys skipped in lenient mode.
+    pub skipped: Vec<String>,
+}
+
+/// One adapter's tensors as collected from a file before validation.
+#[derive(Default)]
+struct Parts {
+    down: Option<HostTensor>,
+    up: Option<HostTensor>,
+    alpha: Option<f32>,
+    keys: Vec<String>,
+}
+
+/// Which tensor of an adapter a key holds.
+#[derive(Clone, Copy)]
+enum Role {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// Splits `key` into (module name, role) using `suffixes`.
+fn split_key<'a>(key: &'a str, suffixes: &[(&str, Role)]) -> Option<(&'a str, Role)> {
+    suffixes
+        .iter()
+        .find_map(|(suffix, role)| key.strip_suffix(suffix).map(|name| (name, *role)))
+}
+
+/// Groups a file's tensors into per-module parts; keys with no known suffix are returned apart.
+fn group(
+    bytes: &[u8],
+    path: &Path,
+    suffixes: &[(&str, Role)],
+) -> Result<(BTreeMap<String, Parts>, Vec<String>, HashMap<String, String>)> {
+    let (st, metadata) = tensor_io::parse(bytes, path)?;
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
+    let mut stray = Vec::new();
+    for (key, view) in st.iter() {
+        let Some((name, role)) = split_key(key, suffixes) else {
+            stray.push(key.to_string());
+            continue;
+        };
+        let tensor = tensor_io::decode(&view, key, path)?;
+        let entry = parts.entry(name.to_string()).or_default();
+        entry.keys.push(key.to_string());
+        match role {
+            Role::Down => entry.down = Some(tensor),
+            Role::Up => entry.up = Some(tensor),
+            Role::Alpha => {
+                if tensor.numel() != 1 {
+                    return Err(LoraError::BadTensor {
+                        path: path.to_path_buf(),
+                        key: key.to_string(),
+                        reason: format!("alpha must be a scalar, got shape {:?}", tensor.shape),
+                    });
+                }
+                entry.alpha = Some(tensor.data[0]);
+            }
+        }
+    }
+    Ok((parts, stray, metadata))
+}
+
+/// Turns collected parts into validated weights; `missing` names the up/down tensors in errors.
+fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str)) -> Result<LoraWeights> {
+    let (down, up) = match (parts.down, parts.up) {
+        (Some(d), Some(u)) => (d, u),
+        (None, _) => {
+            return Err(LoraError::IncompletePair {
+                path: path.to_path_buf(),
+                key: name.to_string(),
+                missing: missing.0.to_string(),
+            })
+        }
+        (_, None) => {
+            return Err(LoraError::IncompletePair {
+                path: path.to_path_buf(),
+                key: name.to_string(),
+                missing: missing.1.to_string(),
+            })
+        }
+    };
+    let rank = down.shape.first().copied().unwrap_or(0) as f32;
+    let weights = LoraWeights {
+        down,
+        up,
+        alpha: parts.alpha.unwrap_or(rank),
+    };
+    weights.validate(name).map_err(|e| LoraError::BadTensor {
+        path: path.to_path_buf(),
+        key: name.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(weights)
+}
+
+/// Fails in strict mode when anything is unknown; otherwise reports the skipped keys.
+fn settle_unknown(mut unknown: Vec<String>, path: &Path, options: ReadOptions) -> Result<Vec<String>> {
+    unknown.sort();
+    if unknown.is_empty() || options.lenient {
+        return Ok(unknown);
+    }
+    Err(LoraError::UnknownKeys {
+        path: path.to_path_buf(),
+        count: unknown.len(),
+        first: unknown.into_iter().take(SHOW_UNKNOWN).collect(),
+    })
+}
+
+/// Guesses the layout from the tensor names.
+pub fn detect_format(bytes: &[u8], path: &Path) -> Result<AdapterFormat> {
+    let (st, _) = tensor_io::parse(bytes, path)?;
+    let names = st.names();
+    if names.is_empty() {
+        return Err(LoraError::UnknownFormat {
+            path: path.to_path_buf(),
+            reason: "the file holds no tensors".into(),
+        });
+    }
+    let kohya = names.iter().any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te"));
+    let peft = names
+        .iter()
+        .any(|n| n.contains(".lora_A.") || n.contains(".lora_B.") || n.contains(".lora.down."));
+    match (kohya, peft) {
+        (true, false) => Ok(AdapterFormat::Kohya),
+        (false, true) => Ok(AdapterFormat::Peft),
+        (true, true) => Err(LoraError::UnknownFormat {
+            path: path.to_path_buf(),
+            reason: "it mixes kohya (`lora_unet_...`) and PEFT (`...lora_A...`) keys".into(),
+        }),
+        (false, false) => Err(LoraError::UnknownFormat {
+            path: path.to_path_buf(),
+            reason: format!("no LoRA keys; first key is `{}`", names[0]),
+        }),
+    }
+}
+
+impl AdapterSet {
+    /// Reads an adapter file of either layout (detected from its keys).
+    ///
+    /// Kohya keys are resolved through `index` (the model's module paths). PEFT keys carry
+    /// the dotted path and are checked against `index` unless it is empty.
+    pub fn load(path: impl AsRef<Path>, index: &ModuleIndex, options: ReadOptions) -> Result<(Self, ReadReport)> {
+        let path = path.as_ref();
+        let bytes = tensor_io::read_file(path)?;
+        Self::from_bytes(&bytes, path, index, options)
+    }
+
+    /// Like [`AdapterSet::load`] for a buffer; `path` only names it in errors.
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &Path,
+        index: &ModuleIndex,
+        options: ReadOptions,
+    ) -> Result<(Self, ReadReport)> {
+        match detect_format(bytes, path)? {
+            AdapterFormat::Kohya => kohya::read(bytes, path, index, options),
+            AdapterFormat::Peft => peft::read(bytes, path, index, options),
+        }
+    }
+
+    /// Serialises the set in `format`, with tensors in `dtype`.
+    pub fn to_bytes(&self, format: AdapterFormat, dtype: SaveDtype) -> Result<Vec<u8>> {
+        match format {
+            AdapterFormat::Kohya => kohya::write(self, dtype),
+            AdapterFormat::Peft => peft::write(self, dtype),
+        }
+    }
+
+    /// Writes the set to `path` atomically (a temp file renamed over the target).
+    pub fn save(&self, path: impl AsRef<Path>, format: AdapterFormat, dtype: SaveDtype) -> Result<()> {
+        let bytes = self.to_bytes(format, dtype)?;
+        tensor_io::write_atomic(path.as_ref(), &bytes)
+    }
+}
+
+/// The file keys of one adapter, for error messages and reports.
+fn key_list(key: &AdapterKey, format: AdapterFormat) -> String {
+    match format {
+        AdapterFormat::Kohya => key.kohya_name(),
+        AdapterFormat::Peft => key.peft_name(),
+    }
+}

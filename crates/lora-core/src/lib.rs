@@ -1,0 +1,52 @@
+//! # lora-core
+//!
+//! Low-rank adaptation (LoRA) for [burn](https://burn.dev) models, independent of any
+//! particular network:
+//!
+//! - [`LoraConfig`]: rank, alpha, dropout, rsLoRA scaling and initialisation;
+//! - [`LoraLinear`] and [`LoraConv2d`] (LoCon): frozen base layers holding an optional
+//!   adapter that can be attached, detached, merged and unmerged in place;
+//! - [`AdapterSet`]: adapters keyed by component and module path, read from and written to
+//!   the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout
+//!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]).
+//!
+//! The update of an adapter of rank `r` on a weight `W` is
+//! `ΔW = multiplier · scale · up · down`, with `scale = alpha / r` (or `alpha / sqrt(r)`
+//! with rsLoRA). Base parameters never require gradients, so backward passes compute
+//! gradients for the adapters only.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::nn::LinearConfig;
+//! use burn::tensor::Tensor;
+//! use lora_core::{LoraConfig, LoraLinear};
+//!
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let mut layer = LoraLinear::new(LinearConfig::new(8, 8).init::<B>(&device));
+//! layer.attach_new(&LoraConfig::new(2), &device).unwrap();
+//! let loss = layer.forward(Tensor::<B, 2>::ones([1, 8], &device)).sum();
+//! let grads = loss.backward();
+//! let adapter = layer.adapter.as_ref().unwrap();
+//! assert!(adapter.up.weight.grad(&grads).is_some());
+//! assert!(layer.base.weight.grad(&grads).is_none()); // frozen
+//! ```
+#![deny(missing_docs)]
+
+mod adapters;
+mod config;
+mod conv;
+mod error;
+mod format;
+mod linear;
+pub mod tensor_io;
+mod weights;
+
+pub use adapters::{AdapterKey, AdapterSet, Component, ModuleIndex};
+pub use config::{LoraConfig, LoraInit};
+pub use conv::{Conv2dAdapter, LoraConv2d};
+pub use error::{LoraError, Result};
+pub use format::{detect_format, AdapterFormat, ReadOptions, ReadReport};
+pub use linear::{LinearAdapter, LoraLinear};
+pub use tensor_io::SaveDtype;
+pub use weights::{HostTensor, LoraWeights};

@@ -1,0 +1,305 @@
+//! LoRA for linear layers.
+
+use burn::module::{Initializer, Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::{HostTensor, LoraConfig, LoraError, LoraInit, LoraWeights, Result};
+
+/// Initializer of a down projection with fan-in `fan_in` (burn computes the bound itself).
+pub(crate) fn down_initializer(init: LoraInit, rank: usize) -> Initializer {
+    match init {
+        // Kaiming-uniform with a = sqrt(5): gain = sqrt(2 / (1 + 5)) = 1/sqrt(3),
+        // bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in) (PyTorch's nn.Linear default,
+        // which kohya and PEFT use for lora_down / lora_A).
+        LoraInit::KaimingUniform => Initializer::KaimingUniform {
+            gain: 1.0 / 3f64.sqrt(),
+            fan_out_only: false,
+        },
+        LoraInit::Gaussian => Initializer::Normal {
+            mean: 0.0,
+            std: 1.0 / rank as f64,
+        },
+    }
+}
+
+/// Replaces a frozen parameter's value with `f(value)` without attaching it to any graph:
+/// the result is detached and keeps the parameter's `require_grad` flag.
+pub(crate) fn update_frozen<B: Backend, const D: usize>(
+    param: Param<Tensor<B, D>>,
+    f: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
+) -> Param<Tensor<B, D>> {
+    let require_grad = param.is_require_grad();
+    param.map(|w| f(w).detach().set_require_grad(require_grad))
+}
+
+/// The trainable part of a LoRA linear layer: `scale · up(down(dropout(x)))`.
+///
+/// Weights are kept in burn's `Linear` layout (`[in, rank]` and `[rank, out]`); files use
+/// PyTorch's transposed layout, see [`LinearAdapter::to_weights`].
+#[derive(Module, Debug)]
+pub struct LinearAdapter<B: Backend> {
+    /// Down projection `in → rank`, no bias.
+    pub down: Linear<B>,
+    /// Up projection `rank → out`, no bias, zero at initialisation.
+    pub up: Linear<B>,
+    /// Dropout on the adapter input (active only on autodiff backends).
+    pub dropout: Dropout,
+    /// `alpha / rank` (or `alpha / sqrt(rank)` for rsLoRA).
+    pub scale: f32,
+}
+
+impl<B: Backend> LinearAdapter<B> {
+    /// A freshly initialised adapter for a layer `d_input → d_output` (up is zero).
+    pub fn new(config: &LoraConfig, d_input: usize, d_output: usize, device: &B::Device) -> Result<Self> {
+        config.validate(d_input.min(d_output))?;
+        let down = LinearConfig::new(d_input, config.rank)
+            .with_bias(false)
+            .with_initializer(down_initializer(config.init, config.rank))
+            .init(device);
+        let up = LinearConfig::new(config.rank, d_output)
+            .with_bias(false)
+            .with_initializer(Initializer::Zeros)
+            .init(device);
+        Ok(Self {
+            down,
+            up,
+            dropout: DropoutConfig::new(config.dropout).init(),
+            scale: config.scale(),
+        })
+    }
+
+    /// Builds an adapter from file weights (`down [rank, in]`, `up [out, rank]`).
+    pub fn from_weights(weights: &LoraWeights, key: &str, device: &B::Device) -> Result<Self> {
+        weights.validate(key)?;
+        if weights.is_conv() {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!(
+                    "conv adapter (down {:?}) given for a linear layer",
+                    weights.down.shape
+                ),
+            });
+        }
+        let down: Tensor<B, 2> = weights.down.to_tensor(device)?;
+        let up: Tensor<B, 2> = weights.up.to_tensor(device)?;
+        Ok(Self {
+            down: Linear {
+                weight: Param::from_tensor(down.transpose()),
+                bias: None,
+            },
+            up: Linear {
+                weight: Param::from_tensor(up.transpose()),
+                bias: None,
+            },
+            dropout: DropoutConfig::new(0.0).init(),
+            scale: weights.scale(),
+        })
+    }
+
+    /// The adapter in file layout; `alpha = scale · rank` so every reader gets the same update.
+    pub fn to_weights(&self) -> Result<LoraWeights> {
+        let down = HostTensor::from_tensor(self.down.weight.val().transpose())?;
+        let up = HostTensor::from_tensor(self.up.weight.val().transpose())?;
+        let rank = self.rank();
+        Ok(LoraWeights {
+            down,
+            up,
+            alpha: self.scale * rank as f32,
+        })
+    }
+
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.down.weight.dims()[1]
+    }
+
+    /// `(in, out)` features.
+    pub fn features(&self) -> (usize, usize) {
+        (self.down.weight.dims()[0], self.up.weight.dims()[1])
+    }
+
+    /// `factor · scale · up(down(dropout(x)))`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>, factor: f32) -> Tensor<B, D> {
+        let h = self.down.forward(self.dropout.forward(x));
+        // Scaling the rank-sized activation is cheaper than scaling the output.
+        self.up.forward(h * (factor * self.scale))
+    }
+
+    /// `ΔW` in burn layout `[in, out]`, times `factor`.
+    pub fn delta_weight(&self, factor: f32) -> Tensor<B, 2> {
+        self.down
+            .weight
+            .val()
+            .matmul(self.up.weight.val())
+            .mul_scalar(factor * self.scale)
+    }
+}
+
+/// A linear layer whose weights are frozen, with an optional LoRA adapter.
+///
+/// `forward(x) = base(x) + multiplier · scale · up(down(dropout(x)))`.
+///
+/// The adapter can be attached, detached, merged into the base weight and unmerged
+/// again without rebuilding the surrounding model.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::Tensor;
+/// use lora_core::{LoraConfig, LoraLinear};
+///
+/// let device = Default::default();
+/// let base = LinearConfig::new(16, 8).init::<Flex>(&device);
+/// let mut layer = LoraLinear::new(base);
+/// layer.attach_new(&LoraConfig::new(4).with_alpha(4.0), &device).unwrap();
+/// let x = Tensor::<Flex, 2>::ones([2, 16], &device);
+/// // `up` starts at zero, so the adapter does not change the output yet.
+/// let y = layer.forward(x.clone());
+/// let plain = layer.base.forward(x);
+/// assert_eq!(y.into_data(), plain.into_data());
+/// ```
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    /// The frozen base layer (its parameters do not require gradients).
+    pub base: Linear<B>,
+    /// The adapter, if one is attached.
+    pub adapter: Option<LinearAdapter<B>>,
+    /// Strength of the adapter at run time (1.0 = as trained).
+    pub multiplier: f32,
+    /// Whether the adapter is currently folded into `base`.
+    merged: bool,
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// Wraps a linear layer and freezes its parameters.
+    pub fn new(base: Linear<B>) -> Self {
+        Self {
+            base: base.no_grad(),
+            adapter: None,
+            multiplier: 1.0,
+            merged: false,
+        }
+    }
+
+    /// `(in, out)` features of the base layer.
+    pub fn features(&self) -> (usize, usize) {
+        let [i, o] = self.base.weight.dims();
+        (i, o)
+    }
+
+    /// Attaches a freshly initialised adapter, replacing any previous one.
+    pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
+        let (i, o) = self.features();
+        let adapter = LinearAdapter::new(config, i, o, device)?;
+        self.attach(adapter, "<new>")
+    }
+
+    /// Attaches an adapter (unmerging the previous one first), checking its shape; `key`
+    /// names it in errors.
+    pub fn attach(&mut self, adapter: LinearAdapter<B>, key: &str) -> Result<()> {
+        let (i, o) = self.features();
+        if adapter.features() != (i, o) {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!(
+                    "layer is {i}→{o} but adapter is {}→{}",
+                    adapter.features().0,
+                    adapter.features().1
+                ),
+            });
+        }
+        self.unmerge_in_place();
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    /// Attaches an adapter read from a file.
+    pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        let adapter = LinearAdapter::from_weights(weights, key, device)?;
+        self.attach(adapter, key)
+    }
+
+    /// Removes the adapter (unmerging it first) and returns it.
+    pub fn detach(&mut self) -> Option<LinearAdapter<B>> {
+        self.unmerge_in_place();
+        self.adapter.take()
+    }
+
+    /// Sets the run-time strength, keeping a merged adapter merged at the new strength.
+    pub fn set_multiplier(&mut self, multiplier: f32) {
+        let was_merged = self.merged;
+        self.unmerge_in_place();
+        self.multiplier = multiplier;
+        if was_merged {
+            self.merge_in_place();
+        }
+    }
+
+    /// Whether the adapter is folded into the base weight.
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    /// Folds `multiplier · ΔW` into the base weight; `forward` then skips the adapter.
+    /// Does nothing without an adapter or when already merged.
+    pub fn merge_in_place(&mut self) {
+        if self.merged {
+            return;
+        }
+        if let Some(adapter) = &self.adapter {
+            let delta = adapter.delta_weight(self.multiplier);
+            let weight = self.base.weight.clone();
+            self.base.weight = update_frozen(weight, |w| w + delta);
+            self.merged = true;
+        }
+    }
+
+    /// Subtracts the merged update again, restoring the base weight (up to rounding).
+    pub fn unmerge_in_place(&mut self) {
+        if !self.merged {
+            return;
+        }
+        if let Some(adapter) = &self.adapter {
+            let delta = adapter.delta_weight(self.multiplier);
+            let weight = self.base.weight.clone();
+            self.base.weight = update_frozen(weight, |w| w - delta);
+        }
+        self.merged = false;
+    }
+
+    /// A plain `Linear` with `W + multiplier · ΔW` (the layer itself is unchanged).
+    pub fn merged(&self) -> Linear<B> {
+        let mut copy = self.clone();
+        copy.merge_in_place();
+        copy.base
+    }
+
+    /// Consumes the wrapper, returning the base layer with the adapter merged in.
+    pub fn into_merged(mut self) -> Linear<B> {
+        self.merge_in_place();
+        self.base
+    }
+
+    /// Recovers the unmerged layer from a merged `Linear` and the adapter that was merged
+    /// into it at strength `multiplier`.
+    pub fn unmerge(merged: Linear<B>, adapter: LinearAdapter<B>, multiplier: f32) -> Result<Self> {
+        let mut layer = Self::new(merged);
+        layer.multiplier = multiplier;
+        layer.attach(adapter, "<unmerge>")?;
+        layer.merged = true;
+        layer.unmerge_in_place();
+        Ok(layer)
+    }
+
+    /// `base(x)` plus the adapter's contribution (unless merged or absent).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.adapter {
+            Some(adapter) if !self.merged && self.multiplier != 0.0 => {
+                let delta = adapter.forward(x.clone(), self.multiplier);
+                self.base.forward(x) + delta
+            }
+            _ => self.base.forward(x),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Reading and writing f32/f16/bf16 safetensors data, and atomic file writes.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use crate::{HostTensor, LoraError, Result};
+
+/// Element type used when saving tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveDtype {
+    /// 32-bit float.
+    F32,
+    /// IEEE half precision (the usual dtype of shared LoRA files).
+    #[default]
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl SaveDtype {
+    fn st_dtype(self) -> Dtype {
+        match self {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::F16 => Dtype::F16,
+            SaveDtype::Bf16 => Dtype::BF16,
+        }
+    }
+
+    /// Encodes f32 values as little-endian bytes of this dtype (rounding to nearest).
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            SaveDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            SaveDtype::F16 => values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            SaveDtype::Bf16 => values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+impl std::str::FromStr for SaveDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!("unknown dtype `{other}`, expected f32, f16 or bf16")),
+        }
+    }
+}
+
+/// Parses a safetensors buffer, mapping errors to [`LoraError::Malformed`] naming `path`.
+pub fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
+    let malformed = |e: safetensors::SafeTensorError| LoraError::Malformed {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(malformed)?;
+    let st = SafeTensors::deserialize(bytes).map_err(malformed)?;
+    Ok((st, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Decodes an F32, F16 or BF16 tensor to f32 on the host.
+pub fn decode(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTensor> {
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(LoraError::UnsupportedDtype {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                dtype: format!("{other:?}"),
+            })
+        }
+    };
+    HostTensor::new(view.shape().to_vec(), data).map_err(|e| LoraError::BadTensor {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Serialises named host tensors in `dtype` with string metadata.
+pub fn serialize(
+    tensors: &[(String, &HostTensor)],
+    dtype: SaveDtype,
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let encoded: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), dtype.encode(&t.data), t.shape.clone()))
+        .collect();
+    let views = encoded
+        .iter()
+        .map(|(k, bytes, shape)| {
+            TensorView::new(dtype.st_dtype(), shape.clone(), bytes)
+                .map(|v| (k.as_str(), v))
+                .map_err(|e| LoraError::Data(format!("tensor `{k}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| LoraError::Data(e.to_string()))
+}
+
+/// Reads a whole file, naming it in the error.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| LoraError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder is written,
+/// flushed and renamed over `path`, so an interrupted save never destroys an earlier file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source: std::io::Error, p: &Path| LoraError::Io {
+        path: p.to_path_buf(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
+        f.write_all(bytes).map_err(|e| io(e, &tmp))?;
+        f.sync_all().map_err(|e| io(e, &tmp))?;
+        std::fs::rename(&tmp, path).map_err(|e| io(e, path))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

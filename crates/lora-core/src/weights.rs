@@ -1,0 +1,185 @@
+//! Adapter weights on the host, independent of any backend or file format.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::{LoraError, Result};
+
+/// A dense f32 tensor in host memory, row-major, in PyTorch layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Builds a tensor, checking that `data` has as many values as `shape` says.
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(LoraError::Data(format!(
+                "shape {shape:?} needs {n} values, got {}",
+                data.len()
+            )));
+        }
+        Ok(Self { shape, data })
+    }
+
+    /// Reads a backend tensor back to the host (converting its element type to f32).
+    pub fn from_tensor<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Result<Self> {
+        let shape = tensor.dims().to_vec();
+        let data = tensor
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| LoraError::Data(format!("{e:?}")))?;
+        Self::new(shape, data)
+    }
+
+    /// Uploads to a backend tensor of rank `D`; the shape must have exactly `D` dimensions.
+    pub fn to_tensor<B: Backend, const D: usize>(&self, device: &B::Device) -> Result<Tensor<B, D>> {
+        if self.shape.len() != D {
+            return Err(LoraError::Data(format!(
+                "expected a {D}-d tensor, got shape {:?}",
+                self.shape
+            )));
+        }
+        let data = TensorData::new(self.data.clone(), self.shape.clone());
+        Ok(Tensor::from_data(data.convert::<B::FloatElem>(), device))
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// One adapter as stored in files: `down` (A) and `up` (B) in PyTorch layout plus `alpha`.
+///
+/// - linear layers: `down` is `[rank, in]`, `up` is `[out, rank]`;
+/// - conv layers: `down` is `[rank, in, kh, kw]`, `up` is `[out, rank, 1, 1]`.
+///
+/// The update is `ΔW = (alpha / rank) · up · down` (contracting over the rank), the
+/// convention of every reader of these files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraWeights {
+    /// Down projection (`lora_down` / `lora_A`).
+    pub down: HostTensor,
+    /// Up projection (`lora_up` / `lora_B`).
+    pub up: HostTensor,
+    /// Scale numerator; the scale is `alpha / rank`.
+    pub alpha: f32,
+}
+
+impl LoraWeights {
+    /// Builds and validates an adapter (see [`LoraWeights::validate`]).
+    pub fn new(down: HostTensor, up: HostTensor, alpha: f32, key: &str) -> Result<Self> {
+        let w = Self { down, up, alpha };
+        w.validate(key)?;
+        Ok(w)
+    }
+
+    /// Checks ranks and layouts; `key` names the adapter in errors.
+    pub fn validate(&self, key: &str) -> Result<()> {
+        let (d, u) = (&self.down.shape, &self.up.shape);
+        let bad = |reason: String| LoraError::ShapeMismatch {
+            key: key.to_string(),
+            reason,
+        };
+        match (d.len(), u.len()) {
+            (2, 2) => {}
+            (4, 4) => {
+                if u[2] != 1 || u[3] != 1 {
+                    return Err(bad(format!("conv up must be [out, rank, 1, 1], got {u:?}")));
+                }
+            }
+            (4, 2) | (2, 4) => {
+                return Err(bad(format!(
+                    "down {d:?} and up {u:?} mix linear and conv layouts"
+                )))
+            }
+            _ => {
+                return Err(bad(format!(
+                    "down {d:?} and up {u:?} must both be 2-d (linear) or 4-d (conv)"
+                )))
+            }
+        }
+        if d[0] != u[1] {
+            return Err(LoraError::RankMismatch {
+                key: key.to_string(),
+                down_rank: d[0],
+                up_rank: u[1],
+            });
+        }
+        if d[0] == 0 {
+            return Err(bad("rank is 0".into()));
+        }
+        if !self.alpha.is_finite() {
+            return Err(bad(format!("alpha must be finite, got {}", self.alpha)));
+        }
+        Ok(())
+    }
+
+    /// Rank `r`.
+    pub fn rank(&self) -> usize {
+        self.down.shape[0]
+    }
+
+    /// Whether this is a conv (4-d) adapter.
+    pub fn is_conv(&self) -> bool {
+        self.down.shape.len() == 4
+    }
+
+    /// Output features / channels.
+    pub fn out_features(&self) -> usize {
+        self.up.shape[0]
+    }
+
+    /// Input features / channels.
+    pub fn in_features(&self) -> usize {
+        self.down.shape[1]
+    }
+
+    /// `alpha / rank`.
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank() as f32
+    }
+
+    /// The weight update `ΔW = scale · up · down` in PyTorch layout (`[out, in]` or
+    /// `[out, in, kh, kw]`), accumulated in f64 on the host.
+    pub fn delta(&self) -> HostTensor {
+        let r = self.rank();
+        let out = self.out_features();
+        let cols = self.down.numel() / r; // in * kh * kw
+        let scale = self.scale() as f64;
+        let mut data = vec![0f32; out * cols];
+        for o in 0..out {
+            for c in 0..cols {
+                let mut acc = 0f64;
+                for k in 0..r {
+                    acc += self.up.data[o * r + k] as f64 * self.down.data[k * cols + c] as f64;
+                }
+                data[o * cols + c] = (acc * scale) as f32;
+            }
+        }
+        let mut shape = vec![out];
+        shape.extend_from_slice(&self.down.shape[1..]);
+        HostTensor { shape, data }
+    }
+
+    /// The same update with `alpha = rank` (scale 1): the scale is folded into `up`.
+    /// This is how adapters are written in the diffusers/PEFT layout, which has no alpha.
+    pub fn with_scale_folded(&self) -> Self {
+        let s = self.scale();
+        let up = HostTensor {
+            shape: self.up.shape.clone(),
+            data: self.up.data.iter().map(|v| v * s).collect(),
+        };
+        Self {
+            down: self.down.clone(),
+            up,
+            alpha: self.rank() as f32,
+        }
+    }
+}
