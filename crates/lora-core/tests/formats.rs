@@ -1,0 +1,318 @@
+//! Adapter files: kohya and PEFT layouts, dtypes, key resolution and bad input.
+
+mod common;
+
+use std::path::Path;
+
+use common::{random_weights, rel_err, Rng};
+use lora_core::{
+    detect_format, AdapterFormat, AdapterKey, AdapterSet, Component, LoraError, ModuleIndex, ReadOptions, SaveDtype,
+};
+use proptest::prelude::*;
+
+const UNET_PATHS: &[&str] = &[
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    "down_blocks.0.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+];
+const TE_PATHS: &[&str] = &[
+    "text_model.encoder.layers.0.self_attn.q_proj",
+    "text_model.encoder.layers.11.mlp.fc1",
+];
+
+fn index() -> ModuleIndex {
+    let mut index = ModuleIndex::new();
+    index.add(Component::Unet, UNET_PATHS).unwrap();
+    index.add(Component::TextEncoder, TE_PATHS).unwrap();
+    index
+}
+
+/// A set covering linear, 1x1-conv (4-d) and 3x3-conv adapters with alpha ≠ rank.
+fn sample_set(seed: u64) -> AdapterSet {
+    let mut rng = Rng::new(seed);
+    let mut set = AdapterSet::new();
+    let unet = |p: &str| AdapterKey::new(Component::Unet, p);
+    set.insert(unet(UNET_PATHS[0]), random_weights(&mut rng, 8, 8, 4, None, 1.0)).unwrap();
+    set.insert(unet(UNET_PATHS[1]), random_weights(&mut rng, 8, 8, 4, None, 3.0)).unwrap();
+    set.insert(unet(UNET_PATHS[2]), random_weights(&mut rng, 8, 8, 2, Some([1, 1]), 2.0)).unwrap();
+    set.insert(unet(UNET_PATHS[3]), random_weights(&mut rng, 4, 8, 2, Some([3, 3]), 1.0)).unwrap();
+    set.insert(unet(UNET_PATHS[4]), random_weights(&mut rng, 8, 16, 4, None, 4.0)).unwrap();
+    set.insert(
+        AdapterKey::new(Component::TextEncoder, TE_PATHS[0]),
+        random_weights(&mut rng, 8, 8, 4, None, 0.5),
+    )
+    .unwrap();
+    set.metadata.insert("ss_base_model_version".into(), "sd_v1".into());
+    set
+}
+
+fn read(bytes: &[u8]) -> Result<(AdapterSet, lora_core::ReadReport), LoraError> {
+    AdapterSet::from_bytes(bytes, Path::new("test.safetensors"), &index(), ReadOptions::default())
+}
+
+fn assert_same_deltas(a: &AdapterSet, b: &AdapterSet, tol: f64) {
+    assert_eq!(a.len(), b.len());
+    for (key, wa) in a.iter() {
+        let wb = b.get(key).unwrap_or_else(|| panic!("missing {key}"));
+        assert_eq!(wa.delta().shape, wb.delta().shape, "{key}");
+        let err = rel_err(&wb.delta().data, &wa.delta().data);
+        assert!(err <= tol, "{key}: rel err {err}");
+    }
+}
+
+#[test]
+fn kohya_keys_and_metadata() {
+    let set = sample_set(1);
+    let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    for key in [
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight",
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+    ] {
+        assert!(names.contains(&key), "missing {key}");
+    }
+    assert_eq!(
+        st.tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").unwrap().shape(),
+        &[2, 4, 3, 3]
+    );
+    assert_eq!(
+        st.tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight").unwrap().shape(),
+        &[8, 2, 1, 1]
+    );
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["ss_network_module"], "networks.lora");
+    assert_eq!(meta["ss_network_dim"], "4");
+    assert_eq!(meta["ss_base_model_version"], "sd_v1");
+    assert!(meta["ss_network_args"].contains("conv_dim"));
+    let (back, report) = read(&bytes).unwrap();
+    assert_eq!(report.format, AdapterFormat::Kohya);
+    assert!(report.skipped.is_empty());
+    assert_eq!(back, set.clone().tap_meta(&back));
+}
+
+trait TapMeta {
+    fn tap_meta(self, other: &AdapterSet) -> AdapterSet;
+}
+
+impl TapMeta for AdapterSet {
+    /// Takes `other`'s metadata (written files gain `ss_network_*` and `format` keys).
+    fn tap_meta(mut self, other: &AdapterSet) -> AdapterSet {
+        self.metadata = other.metadata.clone();
+        self
+    }
+}
+
+#[test]
+fn peft_keys_fold_alpha_into_b() {
+    let set = sample_set(2);
+    let bytes = set.to_bytes(AdapterFormat::Peft, SaveDtype::F32).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    assert!(names.contains(&"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora_A.weight"));
+    assert!(names.contains(&"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"));
+    assert!(names.iter().all(|n| !n.ends_with(".alpha")), "PEFT files have no alpha");
+    let (back, report) = read(&bytes).unwrap();
+    assert_eq!(report.format, AdapterFormat::Peft);
+    // alpha = rank after reading, with the scale folded into up: ΔW is unchanged.
+    for (_, w) in back.iter() {
+        assert_eq!(w.alpha, w.rank() as f32);
+    }
+    assert_same_deltas(&set, &back, 1e-6);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn kohya_peft_kohya_round_trip_keeps_delta(seed: u64, dtype in prop_oneof![Just(SaveDtype::F32), Just(SaveDtype::F16), Just(SaveDtype::Bf16)]) {
+        let set = sample_set(seed);
+        let (peft, _) = read(&set.to_bytes(AdapterFormat::Peft, dtype).unwrap()).unwrap();
+        let (kohya, _) = read(&peft.to_bytes(AdapterFormat::Kohya, dtype).unwrap()).unwrap();
+        // f16 keeps ~11 bits, bf16 ~8 bits per factor; ΔW sums rank products.
+        let tol = match dtype { SaveDtype::F32 => 1e-6, SaveDtype::F16 => 2e-3, SaveDtype::Bf16 => 2e-2 };
+        assert_same_deltas(&set, &kohya, tol);
+    }
+
+    #[test]
+    fn kohya_round_trip_is_exact_in_f32(seed: u64) {
+        let set = sample_set(seed);
+        let (back, _) = read(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap()).unwrap();
+        for (key, w) in set.iter() {
+            prop_assert_eq!(back.get(key), Some(w));
+        }
+    }
+}
+
+#[test]
+fn dtypes_are_written_as_asked() {
+    let set = sample_set(3);
+    for (dtype, st_dtype) in [
+        (SaveDtype::F32, safetensors::Dtype::F32),
+        (SaveDtype::F16, safetensors::Dtype::F16),
+        (SaveDtype::Bf16, safetensors::Dtype::BF16),
+    ] {
+        let bytes = set.to_bytes(AdapterFormat::Kohya, dtype).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.iter().all(|(_, v)| v.dtype() == st_dtype));
+    }
+}
+
+#[test]
+fn kohya_names_resolve_through_real_module_paths() {
+    let index = index();
+    // `to_out_0` must become `to_out.0`, `transformer_blocks` must stay one name.
+    let key = index
+        .resolve_kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0")
+        .unwrap();
+    assert_eq!(key.path, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0");
+    let key = index.resolve_kohya("lora_te1_text_model_encoder_layers_11_mlp_fc1").unwrap();
+    assert_eq!(key.component, Component::TextEncoder);
+    assert!(index.resolve_kohya("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k").is_none());
+    // Paths that collapse to the same kohya name are refused.
+    let mut bad = ModuleIndex::new();
+    let err = bad.add(Component::Unet, ["a.b_c", "a_b.c"]).unwrap_err();
+    assert!(matches!(err, LoraError::AmbiguousModuleName { .. }), "{err}");
+}
+
+/// Builds a raw safetensors buffer from (name, shape, values) triples in f32.
+fn raw(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let hosts: Vec<(String, lora_core::HostTensor)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.to_string(), lora_core::HostTensor::new(s.clone(), d.clone()).unwrap()))
+        .collect();
+    let refs: Vec<(String, &lora_core::HostTensor)> = hosts.iter().map(|(n, t)| (n.clone(), t)).collect();
+    lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap()
+}
+
+const Q: &str = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+
+#[test]
+fn unknown_keys_error_or_are_skipped_when_lenient() {
+    let bytes = raw(&[
+        (&format!("{Q}.lora_down.weight"), vec![2, 8], vec![0.1; 16]),
+        (&format!("{Q}.lora_up.weight"), vec![8, 2], vec![0.1; 16]),
+        ("lora_unet_no_such_module.lora_down.weight", vec![2, 8], vec![0.0; 16]),
+        ("lora_unet_no_such_module.lora_up.weight", vec![8, 2], vec![0.0; 16]),
+        ("lora_unet_x.dora_scale", vec![1], vec![1.0]),
+    ]);
+    let err = read(&bytes).unwrap_err();
+    match &err {
+        LoraError::UnknownKeys { count, first, path } => {
+            assert_eq!(*count, 3);
+            assert!(first.iter().any(|k| k.contains("no_such_module")));
+            assert_eq!(path, Path::new("test.safetensors"));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    let (set, report) = AdapterSet::from_bytes(
+        &bytes,
+        Path::new("test.safetensors"),
+        &index(),
+        ReadOptions { lenient: true },
+    )
+    .unwrap();
+    assert_eq!(set.len(), 1);
+    assert_eq!(report.skipped.len(), 3);
+    // Missing alpha means alpha = rank.
+    assert_eq!(set.iter().next().unwrap().1.alpha, 2.0);
+}
+
+#[test]
+fn malformed_inputs_are_typed_errors() {
+    let good = sample_set(4).to_bytes(AdapterFormat::Kohya, SaveDtype::F16).unwrap();
+    // Truncated.
+    let err = read(&good[..good.len() / 2]).unwrap_err();
+    assert!(matches!(err, LoraError::Malformed { .. }), "{err}");
+    assert!(err.to_string().contains("test.safetensors"));
+    // Garbage and empty.
+    assert!(matches!(read(b"not a safetensors file").unwrap_err(), LoraError::Malformed { .. }));
+    assert!(matches!(read(&[]).unwrap_err(), LoraError::Malformed { .. }));
+    // Rank mismatch between down and up.
+    let bytes = raw(&[
+        (&format!("{Q}.lora_down.weight"), vec![2, 8], vec![0.1; 16]),
+        (&format!("{Q}.lora_up.weight"), vec![8, 3], vec![0.1; 24]),
+    ]);
+    let err = read(&bytes).unwrap_err();
+    assert!(err.to_string().contains("rank 2") && err.to_string().contains("rank 3"), "{err}");
+    // Up without down.
+    let bytes = raw(&[(&format!("{Q}.lora_up.weight"), vec![8, 2], vec![0.1; 16])]);
+    assert!(matches!(read(&bytes).unwrap_err(), LoraError::IncompletePair { .. }));
+    // 3-d tensors and non-scalar alpha.
+    let bytes = raw(&[
+        (&format!("{Q}.lora_down.weight"), vec![2, 8, 1], vec![0.1; 16]),
+        (&format!("{Q}.lora_up.weight"), vec![8, 2], vec![0.1; 16]),
+    ]);
+    assert!(matches!(read(&bytes).unwrap_err(), LoraError::BadTensor { .. }));
+    let bytes = raw(&[
+        (&format!("{Q}.lora_down.weight"), vec![2, 8], vec![0.1; 16]),
+        (&format!("{Q}.lora_up.weight"), vec![8, 2], vec![0.1; 16]),
+        (&format!("{Q}.alpha"), vec![2], vec![1.0, 2.0]),
+    ]);
+    assert!(matches!(read(&bytes).unwrap_err(), LoraError::BadTensor { .. }));
+    // Not a LoRA at all.
+    let bytes = raw(&[("model.diffusion_model.input_blocks.0.0.weight", vec![2], vec![0.0; 2])]);
+    assert!(matches!(read(&bytes).unwrap_err(), LoraError::UnknownFormat { .. }));
+    // Integer tensors.
+    let ids: Vec<u8> = vec![0; 8];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![2], &ids).unwrap();
+    let bytes = safetensors::serialize([(format!("{Q}.lora_down.weight"), view)], None).unwrap();
+    assert!(matches!(read(&bytes).unwrap_err(), LoraError::UnsupportedDtype { .. }));
+}
+
+#[test]
+fn peft_variants_are_read() {
+    // PEFT's own prefix and diffusers' older `.lora.down` naming.
+    let p = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let bytes = raw(&[
+        (&format!("base_model.model.{p}.lora_A.weight"), vec![2, 8], vec![0.1; 16]),
+        (&format!("base_model.model.{p}.lora_B.weight"), vec![8, 2], vec![0.2; 16]),
+    ]);
+    let (set, _) = read(&bytes).unwrap();
+    assert!(set.get(&AdapterKey::new(Component::Unet, p)).is_some());
+    let t = "text_model.encoder.layers.0.self_attn.q_proj";
+    let bytes = raw(&[
+        (&format!("text_encoder.{t}.lora.down.weight"), vec![2, 8], vec![0.1; 16]),
+        (&format!("text_encoder.{t}.lora.up.weight"), vec![8, 2], vec![0.2; 16]),
+    ]);
+    let (set, _) = read(&bytes).unwrap();
+    assert!(set.get(&AdapterKey::new(Component::TextEncoder, t)).is_some());
+    // An empty index accepts any PEFT path (used for conversions without a model).
+    let bytes = raw(&[
+        ("unet.some.new.layer.lora_A.weight", vec![1, 4], vec![0.1; 4]),
+        ("unet.some.new.layer.lora_B.weight", vec![4, 1], vec![0.1; 4]),
+    ]);
+    let (set, _) =
+        AdapterSet::from_bytes(&bytes, Path::new("x"), &ModuleIndex::new(), ReadOptions::default()).unwrap();
+    assert_eq!(set.len(), 1);
+    assert!(read(&bytes).is_err(), "strict with a model index: unknown path");
+}
+
+#[test]
+fn save_is_atomic_and_load_names_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("style.safetensors");
+    let set = sample_set(5);
+    set.save(&path, AdapterFormat::Kohya, SaveDtype::F16).unwrap();
+    let first = std::fs::read(&path).unwrap();
+    assert_eq!(detect_format(&first, &path).unwrap(), AdapterFormat::Kohya);
+    // Saving into a folder that does not exist fails without touching the earlier file.
+    let err = set
+        .save(dir.path().join("missing/dir/x.safetensors"), AdapterFormat::Kohya, SaveDtype::F16)
+        .unwrap_err();
+    assert!(matches!(err, LoraError::Io { .. }));
+    set.save(&path, AdapterFormat::Peft, SaveDtype::F32).unwrap();
+    assert_ne!(std::fs::read(&path).unwrap(), first);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "no temp files left behind");
+    let (loaded, report) = AdapterSet::load(&path, &index(), ReadOptions::default()).unwrap();
+    assert_eq!(report.format, AdapterFormat::Peft);
+    assert_same_deltas(&set, &loaded, 1e-6);
+    let err = AdapterSet::load(dir.path().join("nope.safetensors"), &index(), ReadOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("nope.safetensors"));
+}
