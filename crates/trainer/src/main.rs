@@ -1,1 +1,5 @@
-fn main() {}
+//! `trainer` binary: front end to the `trainer` library.
+
+fn main() {
+    println!("{}", trainer::status());
+}
