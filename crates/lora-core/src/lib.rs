@@ -39,6 +39,7 @@ mod conv;
 mod error;
 mod format;
 mod linear;
+pub mod sites;
 pub mod tensor_io;
 mod weights;
 
@@ -48,5 +49,6 @@ pub use conv::{Conv2dAdapter, LoraConv2d};
 pub use error::{LoraError, Result};
 pub use format::{detect_format, AdapterFormat, ReadOptions, ReadReport};
 pub use linear::{LinearAdapter, LoraLinear};
+pub use sites::{LoraSiteMut, LoraSites};
 pub use tensor_io::SaveDtype;
 pub use weights::{HostTensor, LoraWeights};

@@ -1,1 +1,56 @@
-//! placeholder
+//! Captioned image datasets for diffusion fine-tuning, laid out the way people prepare them for
+//! kohya sd-scripts.
+//!
+//! * **Folders** ([`scan()`], [`mod@scan`]): images (png, jpg/jpeg, webp, bmp; EXIF orientation applied) with
+//!   same-stem `.txt` / `.caption` captions; `N_name` folders give repeats and class tokens;
+//!   recursion; Hugging Face `metadata.jsonl` folders; several folders with their own options;
+//!   regularization folders with their own loss weight.
+//! * **Buckets** ([`bucket`]): kohya's aspect-ratio buckets, nearest-aspect assignment, Lanczos
+//!   resize and center / random crop, optional no-upscale; a batch never mixes buckets.
+//! * **Epoch plans** ([`Dataset::plan_epoch`]): seeded shuffles, repeats, flips, crops and
+//!   caption transforms ([`CaptionTransform`]) decided up front, so a run is reproducible.
+//! * **Loading** ([`Loader`]): worker threads prepare upcoming batches ([`Batch`]) while the
+//!   accelerator trains.
+//! * **Caches** ([`cache`]): VAE latents and text embeddings as safetensors files keyed by
+//!   everything they depend on; the VAE plugs in through the small [`LatentEncoder`] trait.
+//! * **Demo data** ([`demo`]): a deterministic procedural generator of captioned images.
+//!
+//! Bad input is reported as a [`DataError`] naming the file, or skipped with
+//! `skip_bad_images` and listed in [`Dataset::skipped`]. Nothing panics on user data.
+//!
+//! ```
+//! use sd_data::{demo, Dataset, DatasetConfig};
+//! let dir = tempfile::tempdir().unwrap();
+//! demo::write(dir.path(), &demo::DemoConfig { count: 6, ..Default::default() }).unwrap();
+//! let ds = Dataset::open(&DatasetConfig::demo(dir.path())).unwrap();
+//! assert_eq!(ds.images().len(), 6);
+//! let batch = ds.load_pixels(&ds.plan_epoch(0)[0]).unwrap();
+//! let pixels = batch.pixels().unwrap();
+//! assert_eq!(pixels.shape[1], 3);
+//! assert!(pixels.data.iter().all(|v| (-1.0..=1.0).contains(v)));
+//! ```
+#![deny(missing_docs)]
+
+mod batch;
+pub mod bucket;
+pub mod cache;
+mod caption;
+mod config;
+mod dataset;
+pub mod demo;
+mod error;
+pub mod image_io;
+mod loader;
+pub mod scan;
+
+pub use batch::{Batch, BatchData, HostTensor};
+pub use bucket::{make_bucket_resolutions, BucketAssignment, BucketManager, Reso};
+pub use cache::{
+    CacheStats, LatentCache, LatentEncoder, LatentKey, TextEmbeddingCache, TextEncoder,
+};
+pub use caption::CaptionTransform;
+pub use config::{DatasetConfig, MissingCaption, Resolution, SubsetConfig};
+pub use dataset::{BatchPlan, Dataset, SamplePlan};
+pub use error::{BoxError, DataError, Result};
+pub use loader::{Loader, LoaderOptions};
+pub use scan::{parse_kohya_folder_name, scan, ImageRecord, ImageSource, ResolvedSubset, Scan};

@@ -1,1 +1,37 @@
-//! placeholder
+//! # sd-model
+//!
+//! The Stable Diffusion graph on [burn](https://burn.dev), generic over backends:
+//! the CLIP tokenizer ([`tokenizer`]) and text encoder ([`ClipTextModel`]), the VAE
+//! ([`AutoencoderKl`]), their configs with presets (`sd15()`, `sd21()`, `tiny()`), and
+//! loading of real checkpoints ([`load`]) in the diffusers folder layout and as single
+//! `.safetensors` files.
+//!
+//! Module paths mirror diffusers / transformers
+//! (`text_model.encoder.layers.0.self_attn.q_proj`, `encoder.down_blocks.0.resnets.0.conv1`),
+//! and every linear and conv layer is a `lora_core` adapter site, so LoRA files attach by
+//! module path without rebuilding the model.
+#![deny(missing_docs)]
+
+pub mod attention;
+mod clip;
+pub mod config;
+mod embeddings;
+mod error;
+pub mod keymap;
+pub mod load;
+mod resnet;
+pub mod tokenizer;
+mod transformer;
+mod unet;
+mod unet_blocks;
+mod vae;
+
+pub use clip::{ClipAttention, ClipEmbeddings, ClipEncoder, ClipEncoderLayer, ClipMlp, ClipTextModel, ClipTextTransformer};
+pub use config::{ClipTextConfig, HiddenAct, PerBlock, UnetConfig, VaeConfig};
+pub use embeddings::{timestep_embedding, TimestepEmbedding};
+pub use transformer::{Attention, BasicTransformerBlock, FeedForward, Geglu, Projection, Transformer2DModel};
+pub use unet::{TimeProj, UNet2DConditionModel};
+pub use unet_blocks::{UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
+pub use error::{KeyMismatch, Result, SdModelError};
+pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+pub use vae::{AutoencoderKl, DiagonalGaussian, DownEncoderBlock2D, UpDecoderBlock2D, VaeAttention, VaeDecoder, VaeEncoder, VaeMidBlock};

@@ -78,12 +78,11 @@ fn split_key<'a>(key: &'a str, suffixes: &[(&str, Role)]) -> Option<(&'a str, Ro
         .find_map(|(suffix, role)| key.strip_suffix(suffix).map(|name| (name, *role)))
 }
 
+/// A file's tensors grouped per module, the keys with no known suffix, and the metadata.
+type Grouped = (BTreeMap<String, Parts>, Vec<String>, HashMap<String, String>);
+
 /// Groups a file's tensors into per-module parts; keys with no known suffix are returned apart.
-fn group(
-    bytes: &[u8],
-    path: &Path,
-    suffixes: &[(&str, Role)],
-) -> Result<(BTreeMap<String, Parts>, Vec<String>, HashMap<String, String>)> {
+fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped> {
     let (st, metadata) = tensor_io::parse(bytes, path)?;
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut stray = Vec::new();

@@ -1,0 +1,173 @@
+//! Adapter sites of a model, addressed by module path.
+//!
+//! A model lists its adapter-capable layers through [`LoraSites`]; the functions here attach
+//! an [`AdapterSet`] to them, collect trained adapters back into a set, and build the
+//! [`ModuleIndex`] that resolves kohya keys — all without knowing the model's structure.
+
+use burn::tensor::backend::Backend;
+
+use crate::{AdapterKey, AdapterSet, Component, LoraConfig, LoraConv2d, LoraError, LoraLinear, LoraWeights, ModuleIndex, Result};
+
+/// A mutable view of one adapter-capable layer.
+pub enum LoraSiteMut<'a, B: Backend> {
+    /// A linear layer.
+    Linear(&'a mut LoraLinear<B>),
+    /// A 2-d convolution.
+    Conv(&'a mut LoraConv2d<B>),
+}
+
+impl<B: Backend> LoraSiteMut<'_, B> {
+    /// Attaches adapter weights read from a file; `key` names the adapter in errors.
+    pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        match self {
+            Self::Linear(l) => {
+                if weights.is_conv() && weights.down.shape[2..] == [1, 1] {
+                    // A 1x1-conv adapter (4-d) fits a linear layer after dropping the 1x1 dims.
+                    let squeeze = |t: &crate::HostTensor| crate::HostTensor {
+                        shape: t.shape[..2].to_vec(),
+                        data: t.data.clone(),
+                    };
+                    let w = LoraWeights {
+                        down: squeeze(&weights.down),
+                        up: squeeze(&weights.up),
+                        alpha: weights.alpha,
+                    };
+                    return l.attach_weights(&w, key, device);
+                }
+                l.attach_weights(weights, key, device)
+            }
+            Self::Conv(c) => c.attach_weights(weights, key, device),
+        }
+    }
+
+    /// Attaches a freshly initialised adapter.
+    pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
+        match self {
+            Self::Linear(l) => l.attach_new(config, device),
+            Self::Conv(c) => c.attach_new(config, device),
+        }
+    }
+
+    /// Removes the adapter, if any.
+    pub fn detach(&mut self) {
+        match self {
+            Self::Linear(l) => drop(l.detach()),
+            Self::Conv(c) => drop(c.detach()),
+        }
+    }
+
+    /// Sets the adapter strength.
+    pub fn set_multiplier(&mut self, multiplier: f32) {
+        match self {
+            Self::Linear(l) => l.set_multiplier(multiplier),
+            Self::Conv(c) => c.set_multiplier(multiplier),
+        }
+    }
+
+    /// Folds the adapter into the base weights.
+    pub fn merge_in_place(&mut self) {
+        match self {
+            Self::Linear(l) => l.merge_in_place(),
+            Self::Conv(c) => c.merge_in_place(),
+        }
+    }
+
+    /// The attached adapter in file layout, if any.
+    pub fn adapter_weights(&self) -> Option<Result<LoraWeights>> {
+        match self {
+            Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()),
+        }
+    }
+
+    /// Whether the layer is a convolution.
+    pub fn is_conv(&self) -> bool {
+        matches!(self, Self::Conv(_))
+    }
+}
+
+/// A model (component) whose adapter-capable layers can be visited by module path.
+pub trait LoraSites<B: Backend> {
+    /// The component these sites belong to (keys of adapter files are per component).
+    fn component(&self) -> Component;
+
+    /// Calls `f` with the dotted module path and a view of every adapter-capable layer.
+    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>));
+}
+
+/// The module paths of all sites.
+pub fn site_paths<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<String> {
+    let mut paths = Vec::new();
+    model.visit_lora_sites(&mut |path, _| paths.push(path.to_string()));
+    paths
+}
+
+/// Adds a model's site paths to a [`ModuleIndex`] under its component.
+pub fn add_to_index<B: Backend>(index: &mut ModuleIndex, model: &mut impl LoraSites<B>) -> Result<()> {
+    let component = model.component();
+    index.add(component, site_paths(model))
+}
+
+/// Attaches every adapter of `set` that belongs to `model`'s component, at strength
+/// `multiplier`. Adapters whose path is not a site of the model are an error listing them.
+/// Returns how many adapters were attached.
+pub fn attach_adapters<B: Backend>(
+    model: &mut impl LoraSites<B>,
+    set: &AdapterSet,
+    multiplier: f32,
+    device: &B::Device,
+) -> Result<usize> {
+    let component = model.component();
+    let mut attached = 0;
+    let mut first_error = None;
+    let mut seen = std::collections::HashSet::new();
+    model.visit_lora_sites(&mut |path, mut site| {
+        if first_error.is_some() {
+            return;
+        }
+        let key = AdapterKey::new(component, path);
+        if let Some(weights) = set.get(&key) {
+            seen.insert(key.clone());
+            let result = site.attach_weights(weights, &key.to_string(), device).map(|()| {
+                site.set_multiplier(multiplier);
+            });
+            match result {
+                Ok(()) => attached += 1,
+                Err(e) => first_error = Some(e),
+            }
+        }
+    });
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let unknown: Vec<String> = set
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.component == component && !seen.contains(*k))
+        .map(|k| k.to_string())
+        .collect();
+    if !unknown.is_empty() {
+        return Err(LoraError::UnknownKeys {
+            path: "<adapter set>".into(),
+            count: unknown.len(),
+            first: unknown.into_iter().take(5).collect(),
+        });
+    }
+    Ok(attached)
+}
+
+/// Collects the adapters attached to `model` into `set` (for saving a trained LoRA).
+pub fn collect_adapters<B: Backend>(model: &mut impl LoraSites<B>, set: &mut AdapterSet) -> Result<usize> {
+    let component = model.component();
+    let mut found = Vec::new();
+    model.visit_lora_sites(&mut |path, site| {
+        if let Some(w) = site.adapter_weights() {
+            found.push((AdapterKey::new(component, path), w));
+        }
+    });
+    let n = found.len();
+    for (key, weights) in found {
+        set.insert(key, weights?)?;
+    }
+    Ok(n)
+}

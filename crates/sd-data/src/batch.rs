@@ -1,0 +1,270 @@
+//! Host-side tensors and training batches, and their conversion to burn tensors.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::dataset::{BatchPlan, Dataset, SamplePlan};
+use crate::error::{DataError, Result};
+use crate::image_io::{decode_image, write_pixels};
+use crate::scan::ImageSource;
+
+/// A dense row-major `f32` tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Elements, row-major.
+    pub data: Vec<f32>,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl HostTensor {
+    /// Wraps `data`, checking that it has `shape.iter().product()` elements.
+    pub fn new(data: Vec<f32>, shape: Vec<usize>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(DataError::Shape {
+                shape,
+                message: format!("expects {n} elements, got {}", data.len()),
+            });
+        }
+        Ok(Self { data, shape })
+    }
+
+    /// Copies the tensor to `device` as a rank-`D` burn tensor.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// let t = sd_data::HostTensor::new(vec![1.0, 2.0, 3.0, 4.0], vec![1, 1, 2, 2]).unwrap();
+    /// let x = t.to_tensor::<Flex, 4>(&Default::default()).unwrap();
+    /// assert_eq!(x.dims(), [1, 1, 2, 2]);
+    /// ```
+    pub fn to_tensor<B: Backend, const D: usize>(
+        &self,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
+        if self.shape.len() != D {
+            return Err(DataError::Shape {
+                shape: self.shape.clone(),
+                message: format!("expected rank {D}"),
+            });
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(self.data.clone(), self.shape.clone()),
+            device,
+        ))
+    }
+
+    /// Copies a burn tensor to the host (converting its elements to `f32`).
+    pub fn from_tensor<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Self> {
+        let shape = t.dims().to_vec();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| DataError::Shape {
+                shape: shape.clone(),
+                message: format!("cannot read tensor data: {e:?}"),
+            })?;
+        Self::new(data, shape)
+    }
+
+    /// The `i`-th slice along the first axis.
+    pub fn row(&self, i: usize) -> Option<HostTensor> {
+        let (&n, rest) = self.shape.split_first()?;
+        if i >= n {
+            return None;
+        }
+        let len: usize = rest.iter().product();
+        Some(Self {
+            data: self.data[i * len..(i + 1) * len].to_vec(),
+            shape: std::iter::once(1).chain(rest.iter().copied()).collect(),
+        })
+    }
+
+    /// Concatenates tensors of shape `[1, ...]` (identical trailing dims) along the first axis.
+    pub fn stack_rows(rows: &[HostTensor]) -> Result<HostTensor> {
+        let Some(first) = rows.first() else {
+            return Err(DataError::Shape {
+                shape: vec![],
+                message: "cannot stack zero tensors".into(),
+            });
+        };
+        let mut data = Vec::with_capacity(first.data.len() * rows.len());
+        for r in rows {
+            if r.shape.first() != Some(&1) || r.shape[1..] != first.shape[1..] {
+                return Err(DataError::Shape {
+                    shape: r.shape.clone(),
+                    message: format!("cannot stack with {:?}", first.shape),
+                });
+            }
+            data.extend_from_slice(&r.data);
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = rows.len();
+        Ok(Self { data, shape })
+    }
+}
+
+/// What a batch carries: pixels, or VAE latents read from the cache.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BatchData {
+    /// `[N, 3, H, W]` pixels in `[-1, 1]`.
+    Pixels(HostTensor),
+    /// `[N, C, h, w]` latents as produced by the [`crate::LatentEncoder`].
+    Latents(HostTensor),
+}
+
+/// A training batch: images of one bucket plus per-sample captions, loss weights and the SDXL
+/// size / crop conditioning.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// Pixels or latents.
+    pub data: BatchData,
+    /// Captions after transforms.
+    pub captions: Vec<String>,
+    /// Loss weight per sample (regularization images may differ).
+    pub loss_weights: Vec<f32>,
+    /// Original image size `(height, width)` after EXIF orientation.
+    pub original_sizes_hw: Vec<(u32, u32)>,
+    /// Crop `(top, left)` in the resized training frame (mirrored when flipped).
+    pub crop_top_lefts: Vec<(u32, u32)>,
+    /// Bucket size `(height, width)`.
+    pub target_sizes_hw: Vec<(u32, u32)>,
+    /// Whether each sample was flipped.
+    pub flipped: Vec<bool>,
+    /// Index of each sample's image in [`Dataset::images`].
+    pub images: Vec<usize>,
+}
+
+impl Batch {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.captions.len()
+    }
+
+    /// Whether the batch has no samples.
+    pub fn is_empty(&self) -> bool {
+        self.captions.is_empty()
+    }
+
+    /// The pixels or latents as a burn tensor on `device`.
+    pub fn to_tensor<B: Backend>(&self, device: &B::Device) -> Result<Tensor<B, 4>> {
+        match &self.data {
+            BatchData::Pixels(t) | BatchData::Latents(t) => t.to_tensor(device),
+        }
+    }
+
+    /// The pixels, if this is a pixel batch.
+    pub fn pixels(&self) -> Option<&HostTensor> {
+        match &self.data {
+            BatchData::Pixels(t) => Some(t),
+            BatchData::Latents(_) => None,
+        }
+    }
+
+    /// The latents, if this is a latent batch.
+    pub fn latents(&self) -> Option<&HostTensor> {
+        match &self.data {
+            BatchData::Latents(t) => Some(t),
+            BatchData::Pixels(_) => None,
+        }
+    }
+
+    pub(crate) fn from_plan(ds: &Dataset, plan: &BatchPlan, data: BatchData) -> Self {
+        let s = &plan.samples;
+        Self {
+            data,
+            captions: s.iter().map(|p| p.caption.clone()).collect(),
+            loss_weights: s.iter().map(|p| p.loss_weight).collect(),
+            original_sizes_hw: s
+                .iter()
+                .map(|p| {
+                    let img = &ds.images()[p.image];
+                    (img.height, img.width)
+                })
+                .collect(),
+            crop_top_lefts: s.iter().map(|p| p.crop_top_left()).collect(),
+            target_sizes_hw: s.iter().map(|p| (p.bucket.1, p.bucket.0)).collect(),
+            flipped: s.iter().map(|p| p.flip).collect(),
+            images: s.iter().map(|p| p.image).collect(),
+        }
+    }
+}
+
+impl Dataset {
+    /// Decodes image `i` (applying EXIF orientation); in-memory images are cloned.
+    pub fn decode(&self, i: usize) -> Result<image::RgbImage> {
+        let rec = self
+            .images()
+            .get(i)
+            .ok_or_else(|| bad_plan(format!("image index {i} is out of range")))?;
+        let img = match &rec.source {
+            ImageSource::File(path) => {
+                let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+                decode_image(&bytes, path)?
+            }
+            ImageSource::Memory { image, .. } => (**image).clone(),
+        };
+        if img.dimensions() != (rec.width, rec.height) {
+            return Err(DataError::CorruptImage {
+                path: rec.source.display_path(),
+                message: format!(
+                    "is {}x{} now but was {}x{} when the dataset was scanned",
+                    img.width(),
+                    img.height(),
+                    rec.width,
+                    rec.height
+                ),
+            });
+        }
+        Ok(img)
+    }
+
+    /// Decodes, resizes, crops and flips every sample of `plan` into a `[N, 3, H, W]` pixel batch.
+    pub fn load_pixels(&self, plan: &BatchPlan) -> Result<Batch> {
+        let (w, h) = plan.bucket;
+        let per = 3 * w as usize * h as usize;
+        let mut data = vec![0.0f32; per * plan.samples.len()];
+        for (s, out) in plan.samples.iter().zip(data.chunks_mut(per)) {
+            if s.bucket != plan.bucket {
+                return Err(bad_plan(format!(
+                    "sample bucket {:?} differs from the batch bucket {:?}",
+                    s.bucket, plan.bucket
+                )));
+            }
+            self.fill_sample(s, out)?;
+        }
+        let pixels = HostTensor::new(data, vec![plan.samples.len(), 3, h as usize, w as usize])?;
+        Ok(Batch::from_plan(self, plan, BatchData::Pixels(pixels)))
+    }
+
+    /// One sample's pixels as `[1, 3, H, W]` in `[-1, 1]`.
+    pub fn sample_pixels(&self, s: &SamplePlan) -> Result<HostTensor> {
+        let (w, h) = s.bucket;
+        let mut data = vec![0.0; 3 * w as usize * h as usize];
+        self.fill_sample(s, &mut data)?;
+        HostTensor::new(data, vec![1, 3, h as usize, w as usize])
+    }
+
+    fn fill_sample(&self, s: &SamplePlan, out: &mut [f32]) -> Result<()> {
+        let fits = |crop: u32, bucket: u32, resized: u32| {
+            bucket > 0 && crop.checked_add(bucket).is_some_and(|e| e <= resized)
+        };
+        if !fits(s.crop.0, s.bucket.0, s.resized.0) || !fits(s.crop.1, s.bucket.1, s.resized.1) {
+            return Err(bad_plan(format!(
+                "crop {:?} of bucket {:?} does not fit the resized image {:?}",
+                s.crop, s.bucket, s.resized
+            )));
+        }
+        let img = self.decode(s.image)?;
+        write_pixels(&img, s.resized, s.crop, s.bucket, s.flip, out);
+        Ok(())
+    }
+}
+
+fn bad_plan(message: String) -> DataError {
+    DataError::Config {
+        key: "sample_plan".into(),
+        message,
+    }
+}

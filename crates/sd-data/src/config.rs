@@ -1,0 +1,341 @@
+//! Dataset configuration with kohya sd-scripts field names.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+
+/// Training resolution `(width, height)`; serialised as a number (`512`) or a pair (`[768, 512]`),
+/// like kohya's `resolution = "512"` / `"768,512"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ResolutionRepr", into = "ResolutionRepr")]
+pub struct Resolution {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+impl Resolution {
+    /// A square resolution.
+    pub const fn square(side: u32) -> Self {
+        Self {
+            width: side,
+            height: side,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(untagged)]
+enum ResolutionRepr {
+    Square(u32),
+    Rect([u32; 2]),
+}
+
+impl From<ResolutionRepr> for Resolution {
+    fn from(r: ResolutionRepr) -> Self {
+        match r {
+            ResolutionRepr::Square(s) => Self::square(s),
+            ResolutionRepr::Rect([width, height]) => Self { width, height },
+        }
+    }
+}
+
+impl From<Resolution> for ResolutionRepr {
+    fn from(r: Resolution) -> Self {
+        if r.width == r.height {
+            Self::Square(r.width)
+        } else {
+            Self::Rect([r.width, r.height])
+        }
+    }
+}
+
+/// What to do when an image has no caption.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingCaption {
+    /// Use the folder's class tokens (kohya DreamBooth behaviour); an error if there are none.
+    #[default]
+    ClassTokens,
+    /// Treat a missing caption as a bad input.
+    Error,
+}
+
+/// One image folder ("subset" in kohya's dataset config) with its own repeats, captions and
+/// augmentation options.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SubsetConfig {
+    /// The folder. It may hold images directly (searched recursively), be a kohya `N_name`
+    /// folder, be the parent of several `N_name` folders, or hold a Hugging Face `metadata.jsonl`.
+    pub image_dir: PathBuf,
+    /// Repeats per epoch; `None` takes them from an `N_name` folder name, else 1.
+    pub num_repeats: Option<u32>,
+    /// Class / trigger tokens; `None` takes them from an `N_name` folder name.
+    pub class_tokens: Option<String>,
+    /// Regularization (prior-preservation) images.
+    pub is_reg: bool,
+    /// Loss weight of this subset's samples; `None` means 1.0, or `prior_loss_weight` for
+    /// regularization subsets.
+    pub loss_weight: Option<f32>,
+    /// Search sub-folders too.
+    pub recursive: bool,
+    /// Caption file extension tried first; `.txt` and `.caption` are tried after it.
+    pub caption_extension: String,
+    /// Separator between caption tags.
+    pub caption_separator: String,
+    /// Column of `metadata.jsonl` that holds the caption.
+    pub caption_column: String,
+    /// Trigger word put in front of every caption as the first tag (counts towards `keep_tokens`).
+    pub trigger_word: Option<String>,
+    /// What to do when an image has no caption.
+    pub missing_caption: MissingCaption,
+    /// Shuffle the caption's tags (those after the first `keep_tokens`).
+    pub shuffle_caption: bool,
+    /// Number of leading tags kept in place by shuffling and tag dropout.
+    pub keep_tokens: usize,
+    /// Probability of replacing the whole caption with the empty string (unconditional training).
+    pub caption_dropout_rate: f32,
+    /// Probability of dropping each (non-kept) tag.
+    pub caption_tag_dropout_rate: f32,
+    /// Randomly flip images horizontally (p = 0.5).
+    pub flip_aug: bool,
+    /// Crop at a random offset instead of the center.
+    pub random_crop: bool,
+}
+
+impl Default for SubsetConfig {
+    fn default() -> Self {
+        Self {
+            image_dir: PathBuf::new(),
+            num_repeats: None,
+            class_tokens: None,
+            is_reg: false,
+            loss_weight: None,
+            recursive: true,
+            caption_extension: ".txt".into(),
+            caption_separator: ",".into(),
+            caption_column: "text".into(),
+            trigger_word: None,
+            missing_caption: MissingCaption::ClassTokens,
+            shuffle_caption: false,
+            keep_tokens: 0,
+            caption_dropout_rate: 0.0,
+            caption_tag_dropout_rate: 0.0,
+            flip_aug: false,
+            random_crop: false,
+        }
+    }
+}
+
+impl SubsetConfig {
+    /// A subset for `image_dir` with default options.
+    pub fn new(image_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            image_dir: image_dir.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Whether captions of this subset are the same in every epoch (no shuffling or dropout),
+    /// which is what makes caching text embeddings valid.
+    pub fn captions_are_fixed(&self) -> bool {
+        !self.shuffle_caption
+            && self.caption_dropout_rate == 0.0
+            && self.caption_tag_dropout_rate == 0.0
+    }
+
+    fn validate(&self, i: usize) -> Result<()> {
+        let key = |k: &str| format!("subsets[{i}].{k}");
+        if self.num_repeats == Some(0) {
+            return Err(DataError::config(&key("num_repeats"), "must be at least 1"));
+        }
+        for (name, v) in [
+            ("caption_dropout_rate", self.caption_dropout_rate),
+            ("caption_tag_dropout_rate", self.caption_tag_dropout_rate),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(DataError::config(
+                    &key(name),
+                    format!("must be in [0, 1], got {v}"),
+                ));
+            }
+        }
+        if let Some(w) = self.loss_weight {
+            if !w.is_finite() || w < 0.0 {
+                return Err(DataError::config(
+                    &key("loss_weight"),
+                    format!("must be finite and >= 0, got {w}"),
+                ));
+            }
+        }
+        if self.caption_separator.is_empty() {
+            return Err(DataError::config(
+                &key("caption_separator"),
+                "must not be empty",
+            ));
+        }
+        if !self.caption_extension.starts_with('.') || self.caption_extension.len() < 2 {
+            return Err(DataError::config(
+                &key("caption_extension"),
+                format!("must look like `.txt`, got `{}`", self.caption_extension),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A dataset: shared bucketing / batching options plus one or more image folders.
+///
+/// Defaults follow kohya sd-scripts (`min_bucket_reso` 256, `max_bucket_reso` 1024,
+/// `bucket_reso_steps` 64) with bucketing enabled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// Target resolution; its area is the bucket area.
+    pub resolution: Resolution,
+    /// Samples per batch; a batch never mixes buckets.
+    pub batch_size: usize,
+    /// Aspect-ratio bucketing; when off every image is resized and cropped to `resolution`.
+    pub enable_bucket: bool,
+    /// Smallest bucket side.
+    pub min_bucket_reso: u32,
+    /// Largest bucket side.
+    pub max_bucket_reso: u32,
+    /// Bucket sides are multiples of this.
+    pub bucket_reso_steps: u32,
+    /// Never upscale: each image gets its own bucket no larger than itself.
+    pub bucket_no_upscale: bool,
+    /// Images with a side shorter than this are bad input.
+    pub min_image_size: u32,
+    /// Skip bad files with a warning instead of failing.
+    pub skip_bad_images: bool,
+    /// Fully decode every image while scanning (catches truncated files up front).
+    pub verify_images: bool,
+    /// Default loss weight of regularization subsets.
+    pub prior_loss_weight: f32,
+    /// Seed for shuffling, augmentation and caption transforms.
+    pub seed: u64,
+    /// The image folders.
+    pub subsets: Vec<SubsetConfig>,
+}
+
+impl Default for DatasetConfig {
+    fn default() -> Self {
+        Self {
+            resolution: Resolution::square(512),
+            batch_size: 1,
+            enable_bucket: true,
+            min_bucket_reso: 256,
+            max_bucket_reso: 1024,
+            bucket_reso_steps: 64,
+            bucket_no_upscale: false,
+            min_image_size: 64,
+            skip_bad_images: false,
+            verify_images: true,
+            prior_loss_weight: 1.0,
+            seed: 0,
+            subsets: Vec::new(),
+        }
+    }
+}
+
+impl DatasetConfig {
+    /// A config with one folder and default options.
+    pub fn single(image_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            subsets: vec![SubsetConfig::new(image_dir)],
+            ..Self::default()
+        }
+    }
+
+    /// Small-image preset used with the procedural demo data: 64 px target, buckets from 32 to
+    /// 128 px in 16-px steps (so 2:3 and 3:2 images get 48x80 / 80x48 buckets).
+    pub fn demo(image_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            resolution: Resolution::square(64),
+            min_bucket_reso: 32,
+            max_bucket_reso: 128,
+            bucket_reso_steps: 16,
+            min_image_size: 32,
+            batch_size: 4,
+            ..Self::single(image_dir)
+        }
+    }
+
+    /// Reads a JSON config file and validates it.
+    pub fn from_json_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| DataError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks value ranges and bucket parameters.
+    pub fn validate(&self) -> Result<()> {
+        let Resolution { width, height } = self.resolution;
+        if width == 0 || height == 0 {
+            return Err(DataError::config(
+                "resolution",
+                "width and height must be positive",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(DataError::config("batch_size", "must be at least 1"));
+        }
+        let steps = self.bucket_reso_steps;
+        if steps == 0 {
+            return Err(DataError::config("bucket_reso_steps", "must be positive"));
+        }
+        if self.enable_bucket {
+            if self.min_bucket_reso < steps || !self.min_bucket_reso.is_multiple_of(steps) {
+                return Err(DataError::config(
+                    "min_bucket_reso",
+                    format!(
+                        "must be a positive multiple of bucket_reso_steps ({steps}), got {}",
+                        self.min_bucket_reso
+                    ),
+                ));
+            }
+            if !self.max_bucket_reso.is_multiple_of(steps)
+                || self.max_bucket_reso < self.min_bucket_reso
+            {
+                return Err(DataError::config(
+                    "max_bucket_reso",
+                    format!(
+                        "must be a multiple of bucket_reso_steps ({steps}) and >= min_bucket_reso ({}), got {}",
+                        self.min_bucket_reso, self.max_bucket_reso
+                    ),
+                ));
+            }
+            if width < steps || height < steps {
+                return Err(DataError::config(
+                    "resolution",
+                    format!("sides must be >= bucket_reso_steps ({steps}), got {width}x{height}"),
+                ));
+            }
+        }
+        if !self.prior_loss_weight.is_finite() || self.prior_loss_weight < 0.0 {
+            return Err(DataError::config(
+                "prior_loss_weight",
+                "must be finite and >= 0",
+            ));
+        }
+        if self.subsets.is_empty() {
+            return Err(DataError::config(
+                "subsets",
+                "list at least one image folder",
+            ));
+        }
+        self.subsets
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, s)| s.validate(i))
+    }
+}

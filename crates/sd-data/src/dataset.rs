@@ -1,0 +1,375 @@
+//! A scanned, bucketed dataset and its seeded per-epoch batch plans.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::bucket::{crop_offset, BucketAssignment, BucketManager, Reso};
+use crate::caption::CaptionTransform;
+use crate::config::{DatasetConfig, SubsetConfig};
+use crate::error::{DataError, Result};
+use crate::scan::{scan, scan_memory, ImageRecord, ResolvedSubset, Scan};
+
+/// One sample of a batch: which image, how it is cropped and flipped, and its caption.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplePlan {
+    /// Index into [`Dataset::images`].
+    pub image: usize,
+    /// Caption after transforms (empty when dropped).
+    pub caption: String,
+    /// Bucket `(width, height)`.
+    pub bucket: Reso,
+    /// Size the image is resized to before cropping.
+    pub resized: Reso,
+    /// Crop offset `(left, top)` in the resized, un-flipped image.
+    pub crop: Reso,
+    /// Mirrored horizontally (after cropping).
+    pub flip: bool,
+    /// Loss weight.
+    pub loss_weight: f32,
+}
+
+impl SamplePlan {
+    /// SDXL `crop_coords_top_left` as `(top, left)`, in the frame of the (possibly flipped)
+    /// training image: a flip mirrors the left offset, as kohya does.
+    pub fn crop_top_left(&self) -> Reso {
+        let left = if self.flip {
+            self.resized.0.saturating_sub(self.crop.0 + self.bucket.0)
+        } else {
+            self.crop.0
+        };
+        (self.crop.1, left)
+    }
+}
+
+/// One batch; all samples share a bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchPlan {
+    /// The shared bucket `(width, height)`.
+    pub bucket: Reso,
+    /// The samples.
+    pub samples: Vec<SamplePlan>,
+}
+
+/// A scanned dataset with every image assigned to a bucket.
+///
+/// ```
+/// use sd_data::{demo, Dataset, DatasetConfig, SubsetConfig};
+/// let config = DatasetConfig::demo("unused");
+/// let samples = demo::generate(&demo::DemoConfig { count: 8, ..Default::default() });
+/// let ds = Dataset::from_memory(&config, SubsetConfig::default(), demo::into_memory_images(samples)).unwrap();
+/// let epoch = ds.plan_epoch(0);
+/// assert_eq!(epoch.iter().map(|b| b.samples.len()).sum::<usize>(), 8);
+/// assert!(epoch.iter().all(|b| b.samples.iter().all(|s| s.bucket == b.bucket)));
+/// ```
+#[derive(Debug)]
+pub struct Dataset {
+    config: DatasetConfig,
+    subsets: Vec<ResolvedSubset>,
+    images: Vec<ImageRecord>,
+    assignments: Vec<BucketAssignment>,
+    repeats: Vec<u32>,
+    skipped: Vec<DataError>,
+    buckets: BucketManager,
+}
+
+impl Dataset {
+    /// Scans the configured folders and builds the dataset; see [`Dataset::from_scan`].
+    pub fn open(config: &DatasetConfig) -> Result<Self> {
+        Self::from_scan(scan(config)?)
+    }
+
+    /// A dataset of in-memory images (e.g. [`crate::demo`] data), all using `subset`'s options.
+    /// Each image is `(name, pixels, caption)`.
+    pub fn from_memory(
+        config: &DatasetConfig,
+        subset: SubsetConfig,
+        images: Vec<(String, image::RgbImage, String)>,
+    ) -> Result<Self> {
+        Self::from_scan(scan_memory(config, subset, images)?)
+    }
+
+    /// A dataset of procedural demo images ([`crate::demo`]) with `config`'s bucketing and batch
+    /// options; caption and augmentation options come from `config.subsets[0]` when present
+    /// (its `image_dir` is ignored).
+    ///
+    /// ```
+    /// use sd_data::{demo::DemoConfig, Dataset, DatasetConfig};
+    /// let ds = Dataset::from_demo(&DatasetConfig::demo(""), &DemoConfig { count: 6, ..Default::default() }).unwrap();
+    /// assert_eq!(ds.bucket_table().len(), 3);
+    /// ```
+    pub fn from_demo(config: &DatasetConfig, demo: &crate::demo::DemoConfig) -> Result<Self> {
+        let subset = config.subsets.first().cloned().unwrap_or_default();
+        let images = crate::demo::into_memory_images(crate::demo::generate(demo));
+        Self::from_memory(config, subset, images)
+    }
+
+    /// Builds the dataset from a scan. With `skip_bad_images` off the first problem is returned
+    /// as the error; with it on, bad files are left out and listed in [`Dataset::skipped`].
+    pub fn from_scan(scan: Scan) -> Result<Self> {
+        let Scan {
+            config,
+            subsets,
+            images,
+            problems,
+        } = scan;
+        if !config.skip_bad_images {
+            if let Some(first) = problems.into_iter().next() {
+                return Err(first);
+            }
+            return Self::build(config, subsets, images, Vec::new());
+        }
+        Self::build(config, subsets, images, problems)
+    }
+
+    fn build(
+        config: DatasetConfig,
+        subsets: Vec<ResolvedSubset>,
+        images: Vec<ImageRecord>,
+        mut skipped: Vec<DataError>,
+    ) -> Result<Self> {
+        let res = (config.resolution.width, config.resolution.height);
+        let buckets = if !config.enable_bucket {
+            BucketManager::fixed(res)
+        } else if config.bucket_no_upscale {
+            BucketManager::no_upscale(res, config.bucket_reso_steps)
+        } else {
+            BucketManager::predefined(
+                res,
+                config.min_bucket_reso,
+                config.max_bucket_reso,
+                config.bucket_reso_steps,
+            )
+        };
+        let mut kept = Vec::with_capacity(images.len());
+        let mut assignments = Vec::with_capacity(images.len());
+        for img in images {
+            match buckets.select((img.width, img.height)) {
+                Some(a) => {
+                    assignments.push(a);
+                    kept.push(img);
+                }
+                None => {
+                    let e = DataError::ImageTooSmall {
+                        path: img.source.display_path(),
+                        width: img.width,
+                        height: img.height,
+                        min_side: config.bucket_reso_steps,
+                    };
+                    if !config.skip_bad_images {
+                        return Err(e);
+                    }
+                    skipped.push(e);
+                }
+            }
+        }
+        if kept.iter().all(|i| subsets[i.subset].config.is_reg) {
+            let dirs: Vec<String> = config
+                .subsets
+                .iter()
+                .map(|s| s.image_dir.display().to_string())
+                .collect();
+            return Err(DataError::EmptyDataset {
+                dirs: if kept.is_empty() {
+                    dirs.join(", ")
+                } else {
+                    format!(
+                        "{} (only regularization images were found)",
+                        dirs.join(", ")
+                    )
+                },
+            });
+        }
+        let repeats = balance_repeats(&kept, &subsets);
+        Ok(Self {
+            config,
+            subsets,
+            images: kept,
+            assignments,
+            repeats,
+            skipped,
+            buckets,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DatasetConfig {
+        &self.config
+    }
+
+    /// Resolved subsets; [`ImageRecord::subset`] indexes this.
+    pub fn subsets(&self) -> &[ResolvedSubset] {
+        &self.subsets
+    }
+
+    /// Usable images.
+    pub fn images(&self) -> &[ImageRecord] {
+        &self.images
+    }
+
+    /// Bucket assignment of image `i`.
+    pub fn assignment(&self, i: usize) -> &BucketAssignment {
+        &self.assignments[i]
+    }
+
+    /// Times image `i` appears per epoch (regularization images are rebalanced, see
+    /// [`docs/datasets.md`](https://github.com/sd-lora-rs/sd-lora-rs/blob/main/docs/datasets.md)).
+    pub fn repeats(&self, i: usize) -> u32 {
+        self.repeats[i]
+    }
+
+    /// The bucket manager (predefined buckets, or per-image buckets with `bucket_no_upscale`).
+    pub fn bucket_manager(&self) -> &BucketManager {
+        &self.buckets
+    }
+
+    /// Files left out because `skip_bad_images` was on, each with its error.
+    pub fn skipped(&self) -> &[DataError] {
+        &self.skipped
+    }
+
+    /// One line summarising skipped files, or `None` when nothing was skipped.
+    pub fn skipped_summary(&self) -> Option<String> {
+        (!self.skipped.is_empty()).then(|| {
+            format!(
+                "skipped {} bad file(s); {} image(s) usable",
+                self.skipped.len(),
+                self.images.len()
+            )
+        })
+    }
+
+    /// Samples per epoch (images times repeats).
+    pub fn samples_per_epoch(&self) -> usize {
+        self.repeats.iter().map(|&r| r as usize).sum()
+    }
+
+    /// Samples per epoch in each bucket.
+    pub fn bucket_table(&self) -> BTreeMap<Reso, usize> {
+        let mut table = BTreeMap::new();
+        for (a, &r) in self.assignments.iter().zip(&self.repeats) {
+            if r > 0 {
+                *table.entry(a.bucket).or_insert(0) += r as usize;
+            }
+        }
+        table
+    }
+
+    /// Whether every caption is the same in every epoch, which makes a text-embedding cache valid.
+    pub fn captions_are_fixed(&self) -> bool {
+        self.subsets.iter().all(|s| s.config.captions_are_fixed())
+    }
+
+    /// Caption of image `i` with only the deterministic transforms (trigger word).
+    pub fn fixed_caption(&self, i: usize) -> String {
+        let img = &self.images[i];
+        CaptionTransform::from_subset(&self.subsets[img.subset].config).fixed(&img.caption)
+    }
+
+    /// Whether any subset uses random crops (latent caching needs deterministic crops).
+    pub fn has_random_crop(&self) -> bool {
+        self.subsets.iter().any(|s| s.config.random_crop)
+    }
+
+    /// Whether image `i` may be flipped.
+    pub fn flip_aug(&self, i: usize) -> bool {
+        self.subsets[self.images[i].subset].config.flip_aug
+    }
+
+    /// Path (or in-memory name) of image `i`.
+    pub fn image_path(&self, i: usize) -> PathBuf {
+        self.images[i].source.display_path()
+    }
+
+    /// The batches of `epoch`, fully determined by `seed` and `epoch`: captions, flips and crops
+    /// are drawn per sample, samples are shuffled within each bucket and chunked into batches
+    /// of `batch_size` (the last one per bucket may be smaller), and the batch order is shuffled.
+    pub fn plan_epoch(&self, epoch: u64) -> Vec<BatchPlan> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+        rng.set_stream(epoch);
+        let mut by_bucket: BTreeMap<Reso, Vec<SamplePlan>> = BTreeMap::new();
+        for (i, img) in self.images.iter().enumerate() {
+            let subset = &self.subsets[img.subset];
+            let transform = CaptionTransform::from_subset(&subset.config);
+            let a = &self.assignments[i];
+            for _ in 0..self.repeats[i] {
+                let caption = transform.apply(&img.caption, &mut rng);
+                let flip = subset.config.flip_aug && rng.random::<bool>();
+                let crop = if subset.config.random_crop {
+                    crop_offset(a.resized, a.bucket, Some(&mut rng))
+                } else {
+                    crop_offset::<ChaCha8Rng>(a.resized, a.bucket, None)
+                };
+                by_bucket.entry(a.bucket).or_default().push(SamplePlan {
+                    image: i,
+                    caption,
+                    bucket: a.bucket,
+                    resized: a.resized,
+                    crop,
+                    flip,
+                    loss_weight: subset.loss_weight,
+                });
+            }
+        }
+        let mut batches = Vec::new();
+        for (bucket, mut samples) in by_bucket {
+            samples.shuffle(&mut rng);
+            for chunk in samples.chunks(self.config.batch_size) {
+                batches.push(BatchPlan {
+                    bucket,
+                    samples: chunk.to_vec(),
+                });
+            }
+        }
+        batches.shuffle(&mut rng);
+        batches
+    }
+}
+
+/// Per-image repeats. Regularization images are repeated (round-robin, one extra repeat at a
+/// time) until they are as many per epoch as the training samples, like kohya's DreamBooth dataset.
+fn balance_repeats(images: &[ImageRecord], subsets: &[ResolvedSubset]) -> Vec<u32> {
+    let mut repeats: Vec<u32> = images
+        .iter()
+        .map(|i| subsets[i.subset].num_repeats)
+        .collect();
+    let is_reg = |i: usize| subsets[images[i].subset].config.is_reg;
+    let train: u64 = (0..images.len())
+        .filter(|&i| !is_reg(i))
+        .map(|i| u64::from(repeats[i]))
+        .sum();
+    let reg: Vec<usize> = (0..images.len()).filter(|&i| is_reg(i)).collect();
+    if reg.is_empty() {
+        return repeats;
+    }
+    let mut n: u64 = 0;
+    let mut first_loop = true;
+    'outer: loop {
+        for &i in &reg {
+            if first_loop {
+                n += u64::from(repeats[i]);
+            } else {
+                repeats[i] += 1;
+                n += 1;
+            }
+            if n >= train {
+                // kohya registers only the reg images reached on the first pass.
+                if first_loop {
+                    let pos = reg
+                        .iter()
+                        .position(|&j| j == i)
+                        .map_or(reg.len(), |p| p + 1);
+                    for &j in &reg[pos..] {
+                        repeats[j] = 0;
+                    }
+                }
+                break 'outer;
+            }
+        }
+        first_loop = false;
+    }
+    repeats
+}

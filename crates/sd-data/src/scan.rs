@@ -1,0 +1,513 @@
+//! Finding images and captions on disk: kohya `N_name` folders, plain folders (recursive), and
+//! Hugging Face `metadata.jsonl` image folders.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use image::RgbImage;
+
+use crate::config::{DatasetConfig, MissingCaption, SubsetConfig};
+use crate::error::{DataError, Result};
+use crate::image_io::{content_hash, decode_image, is_image_path, probe_size};
+
+/// Name of the Hugging Face imagefolder metadata file.
+pub const METADATA_FILE: &str = "metadata.jsonl";
+
+/// Where an image's pixels come from.
+#[derive(Clone, Debug)]
+pub enum ImageSource {
+    /// An image file.
+    File(PathBuf),
+    /// An image held in memory (e.g. procedural demo data), with a display name.
+    Memory {
+        /// Name used in messages and listings.
+        name: String,
+        /// The pixels.
+        image: Arc<RgbImage>,
+    },
+}
+
+impl ImageSource {
+    /// Path of a file source, or the name of an in-memory one, for messages.
+    pub fn display_path(&self) -> PathBuf {
+        match self {
+            Self::File(p) => p.clone(),
+            Self::Memory { name, .. } => PathBuf::from(name),
+        }
+    }
+}
+
+/// A subset after resolving folder-name conventions: the effective repeats, class tokens and
+/// loss weight.
+#[derive(Clone, Debug)]
+pub struct ResolvedSubset {
+    /// The options (with `num_repeats` and `class_tokens` filled in from the folder name).
+    pub config: SubsetConfig,
+    /// Repeats per epoch as configured (regularization subsets may be rebalanced per image).
+    pub num_repeats: u32,
+    /// Loss weight of every sample.
+    pub loss_weight: f32,
+}
+
+/// One usable image found by a scan.
+#[derive(Clone, Debug)]
+pub struct ImageRecord {
+    /// Where the pixels are.
+    pub source: ImageSource,
+    /// Raw caption (before transforms); the class tokens if it had none and fallback is on.
+    pub caption: String,
+    /// Width after EXIF orientation.
+    pub width: u32,
+    /// Height after EXIF orientation.
+    pub height: u32,
+    /// Hash of the encoded file (or raw pixels for in-memory images).
+    pub content_hash: String,
+    /// Index into [`Scan::subsets`].
+    pub subset: usize,
+}
+
+/// Result of scanning the configured folders: usable images and every bad file.
+#[derive(Debug)]
+pub struct Scan {
+    /// The config that was scanned.
+    pub config: DatasetConfig,
+    /// Resolved subsets (a kohya parent folder expands into one per `N_name` child).
+    pub subsets: Vec<ResolvedSubset>,
+    /// Usable images in a deterministic order.
+    pub images: Vec<ImageRecord>,
+    /// Bad files and folders, each with a typed error naming it.
+    pub problems: Vec<DataError>,
+}
+
+/// Parses a kohya folder name `N_name` into `(N, name)`.
+///
+/// ```
+/// assert_eq!(sd_data::parse_kohya_folder_name("10_sks dog"), Ok((10, "sks dog".to_string())));
+/// assert!(sd_data::parse_kohya_folder_name("dogs").is_err());
+/// assert!(sd_data::parse_kohya_folder_name("0_dog").is_err());
+/// ```
+pub fn parse_kohya_folder_name(name: &str) -> Result<(u32, String), String> {
+    let Some((n, rest)) = name.split_once('_') else {
+        return Err("no `_` after the repeat count".into());
+    };
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{n}` is not a repeat count"));
+    }
+    let repeats: u32 = n
+        .parse()
+        .map_err(|_| format!("repeat count `{n}` is too large"))?;
+    if repeats == 0 {
+        return Err("repeat count must be at least 1".into());
+    }
+    let tokens = rest.trim();
+    if tokens.is_empty() {
+        return Err("class tokens after `_` are empty".into());
+    }
+    Ok((repeats, tokens.to_string()))
+}
+
+fn looks_kohya(name: &str) -> bool {
+    name.split_once('_')
+        .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| DataError::io(dir, e))?;
+        let p = entry.path();
+        if !is_hidden(&p) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A candidate image before decoding: path, subset, caption outcome.
+struct Candidate {
+    path: PathBuf,
+    subset: usize,
+    caption: Result<String>,
+}
+
+struct Scanner<'a> {
+    config: &'a DatasetConfig,
+    subsets: Vec<ResolvedSubset>,
+    candidates: Vec<Candidate>,
+    problems: Vec<DataError>,
+}
+
+impl Scanner<'_> {
+    fn resolve(
+        &mut self,
+        cfg: &SubsetConfig,
+        dir: &Path,
+        name_info: Option<(u32, String)>,
+    ) -> usize {
+        let mut config = cfg.clone();
+        config.image_dir = dir.to_path_buf();
+        let (repeats, tokens) = match name_info {
+            Some((n, t)) => (Some(n), Some(t)),
+            None => (None, None),
+        };
+        config.num_repeats = config.num_repeats.or(repeats).or(Some(1));
+        config.class_tokens = config.class_tokens.clone().or(tokens);
+        let loss_weight = config.loss_weight.unwrap_or(if config.is_reg {
+            self.config.prior_loss_weight
+        } else {
+            1.0
+        });
+        self.subsets.push(ResolvedSubset {
+            num_repeats: config.num_repeats.unwrap_or(1),
+            config,
+            loss_weight,
+        });
+        self.subsets.len() - 1
+    }
+
+    fn scan_subset(&mut self, cfg: &SubsetConfig) -> Result<()> {
+        let dir = &cfg.image_dir;
+        if !dir.is_dir() {
+            return Err(DataError::NotADirectory { path: dir.clone() });
+        }
+        let own_name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| parse_kohya_folder_name(n).ok());
+        if dir.join(METADATA_FILE).is_file() {
+            let idx = self.resolve(cfg, dir, own_name);
+            return self.scan_metadata(dir, idx);
+        }
+        let entries = sorted_entries(dir)?;
+        let subdirs: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
+        let kohya_parent = subdirs.iter().any(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(looks_kohya)
+        });
+        if !kohya_parent {
+            let idx = self.resolve(cfg, dir, own_name);
+            let mut visited = HashSet::new();
+            return self.collect_images(dir, idx, cfg.recursive, &mut visited);
+        }
+        // A kohya train_data_dir: every child folder is `N_name`; loose images belong to the parent.
+        let loose: Vec<&PathBuf> = entries
+            .iter()
+            .filter(|p| p.is_file() && is_image_path(p))
+            .collect();
+        if !loose.is_empty() {
+            let idx = self.resolve(cfg, dir, own_name);
+            for p in loose {
+                self.add_candidate(p, idx);
+            }
+        }
+        for sub in subdirs {
+            let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            match parse_kohya_folder_name(name) {
+                Ok(info) => {
+                    let idx = self.resolve(cfg, sub, Some(info));
+                    let mut visited = HashSet::new();
+                    self.collect_images(sub, idx, cfg.recursive, &mut visited)?;
+                }
+                Err(reason) => self.problems.push(DataError::UnknownFolderName {
+                    path: sub.clone(),
+                    reason,
+                }),
+            }
+        }
+        Ok(())
+    }
+
+    fn collect_images(
+        &mut self,
+        dir: &Path,
+        idx: usize,
+        recursive: bool,
+        visited: &mut HashSet<PathBuf>,
+    ) -> Result<()> {
+        // Symlinked folders can form cycles; visit each real folder once.
+        let real = dir.canonicalize().map_err(|e| DataError::io(dir, e))?;
+        if !visited.insert(real) {
+            return Ok(());
+        }
+        for p in sorted_entries(dir)? {
+            if p.is_dir() {
+                if recursive {
+                    self.collect_images(&p, idx, recursive, visited)?;
+                }
+            } else if is_image_path(&p) {
+                self.add_candidate(&p, idx);
+            }
+        }
+        Ok(())
+    }
+
+    fn add_candidate(&mut self, path: &Path, idx: usize) {
+        let caption = self.caption_for(path, idx);
+        self.candidates.push(Candidate {
+            path: path.to_path_buf(),
+            subset: idx,
+            caption,
+        });
+    }
+
+    fn caption_for(&self, image: &Path, idx: usize) -> Result<String> {
+        let cfg = &self.subsets[idx].config;
+        let mut exts = vec![cfg.caption_extension.as_str()];
+        for e in [".txt", ".caption"] {
+            if !exts.contains(&e) {
+                exts.push(e);
+            }
+        }
+        let mut tried = Vec::new();
+        for ext in exts {
+            let cap = image.with_extension(&ext[1..]);
+            tried.push(cap.display().to_string());
+            if cap.is_file() {
+                if let Some(text) = read_caption_file(&cap)? {
+                    return Ok(text);
+                }
+            }
+        }
+        self.fallback_caption(image, idx, tried.join(", "))
+    }
+
+    fn fallback_caption(&self, image: &Path, idx: usize, tried: String) -> Result<String> {
+        let cfg = &self.subsets[idx].config;
+        let why = match (
+            cfg.missing_caption,
+            cfg.class_tokens.as_deref().map(str::trim),
+        ) {
+            (MissingCaption::ClassTokens, Some(t)) if !t.is_empty() => return Ok(t.to_string()),
+            (MissingCaption::ClassTokens, _) => "the folder has no class tokens to fall back on",
+            (MissingCaption::Error, _) => "missing_caption = \"error\"",
+        };
+        Err(DataError::MissingCaption {
+            path: image.to_path_buf(),
+            tried,
+            why: why.to_string(),
+        })
+    }
+
+    fn scan_metadata(&mut self, dir: &Path, idx: usize) -> Result<()> {
+        let meta_path = dir.join(METADATA_FILE);
+        let bytes = std::fs::read(&meta_path).map_err(|e| DataError::io(&meta_path, e))?;
+        let text = String::from_utf8(bytes).map_err(|e| DataError::CaptionNotUtf8 {
+            path: meta_path.clone(),
+            valid_up_to: e.utf8_error().valid_up_to(),
+        })?;
+        let column = self.subsets[idx].config.caption_column.clone();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |message: String| DataError::Metadata {
+                path: meta_path.clone(),
+                line: i + 1,
+                message,
+            };
+            let value: serde_json::Value = match serde_json::from_str(line) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.problems.push(bad(format!("invalid JSON: {e}")));
+                    continue;
+                }
+            };
+            let Some(file_name) = value.get("file_name").and_then(|v| v.as_str()) else {
+                self.problems
+                    .push(bad("missing string field `file_name`".into()));
+                continue;
+            };
+            let path = dir.join(file_name);
+            let caption = match value.get(&column) {
+                Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {
+                    Ok(s.trim().to_string())
+                }
+                Some(serde_json::Value::String(_)) | None | Some(serde_json::Value::Null) => self
+                    .fallback_caption(&path, idx, format!("`{column}` in {}", meta_path.display())),
+                Some(other) => Err(bad(format!("`{column}` must be a string, got {other}"))),
+            };
+            self.candidates.push(Candidate {
+                path,
+                subset: idx,
+                caption,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads a caption file: the first non-empty line (kohya), `None` when there is none.
+fn read_caption_file(path: &Path) -> Result<Option<String>> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| DataError::CaptionNotUtf8 {
+        path: path.to_path_buf(),
+        valid_up_to: e.utf8_error().valid_up_to(),
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string))
+}
+
+/// Reads, hashes and checks one image file; returns `(width, height, hash)`.
+fn inspect_file(path: &Path, verify: bool, min_side: u32) -> Result<(u32, u32, String)> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let (w, h) = if verify {
+        decode_image(&bytes, path)?.dimensions()
+    } else {
+        probe_size(&bytes, path)?
+    };
+    if w < min_side || h < min_side || w == 0 || h == 0 {
+        return Err(DataError::ImageTooSmall {
+            path: path.to_path_buf(),
+            width: w,
+            height: h,
+            min_side,
+        });
+    }
+    Ok((w, h, content_hash(&bytes)))
+}
+
+/// Scans every configured folder. Only configuration errors and unreadable top-level folders
+/// fail here; per-file problems are collected in [`Scan::problems`].
+pub fn scan(config: &DatasetConfig) -> Result<Scan> {
+    config.validate()?;
+    let mut s = Scanner {
+        config,
+        subsets: Vec::new(),
+        candidates: Vec::new(),
+        problems: Vec::new(),
+    };
+    for cfg in &config.subsets {
+        s.scan_subset(cfg)?;
+    }
+    let Scanner {
+        subsets,
+        candidates,
+        mut problems,
+        ..
+    } = s;
+    let checked = inspect_parallel(&candidates, config.verify_images, config.min_image_size);
+    let mut images = Vec::with_capacity(candidates.len());
+    for (cand, result) in candidates.into_iter().zip(checked) {
+        match (result, cand.caption) {
+            (Ok((width, height, content_hash)), Ok(caption)) => images.push(ImageRecord {
+                source: ImageSource::File(cand.path),
+                caption,
+                width,
+                height,
+                content_hash,
+                subset: cand.subset,
+            }),
+            (Err(e), _) | (Ok(_), Err(e)) => problems.push(e),
+        }
+    }
+    Ok(Scan {
+        config: config.clone(),
+        subsets,
+        images,
+        problems,
+    })
+}
+
+/// Decodes / hashes candidates on all cores; results keep the candidates' order.
+fn inspect_parallel(
+    cands: &[Candidate],
+    verify: bool,
+    min_side: u32,
+) -> Vec<Result<(u32, u32, String)>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(cands.len().max(1));
+    let chunk = cands.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = cands
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|c| inspect_file(&c.path, verify, min_side))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .zip(cands.chunks(chunk))
+            .flat_map(|(h, part)| {
+                h.join().unwrap_or_else(|_| {
+                    part.iter()
+                        .map(|c| {
+                            Err(DataError::CorruptImage {
+                                path: c.path.clone(),
+                                message: "the image decoder panicked".into(),
+                            })
+                        })
+                        .collect()
+                })
+            })
+            .collect()
+    })
+}
+
+/// Builds a scan from in-memory images that all belong to `subset` (its `image_dir` is ignored).
+pub fn scan_memory(
+    config: &DatasetConfig,
+    subset: SubsetConfig,
+    images: Vec<(String, RgbImage, String)>,
+) -> Result<Scan> {
+    let mut config = config.clone();
+    config.subsets = vec![subset.clone()];
+    config.validate()?;
+    let mut s = Scanner {
+        config: &config,
+        subsets: Vec::new(),
+        candidates: Vec::new(),
+        problems: Vec::new(),
+    };
+    let idx = s.resolve(&subset, &subset.image_dir, None);
+    let subsets = s.subsets;
+    let mut records = Vec::new();
+    let mut problems = Vec::new();
+    for (name, image, caption) in images {
+        let (w, h) = image.dimensions();
+        if w < config.min_image_size || h < config.min_image_size || w == 0 || h == 0 {
+            problems.push(DataError::ImageTooSmall {
+                path: PathBuf::from(&name),
+                width: w,
+                height: h,
+                min_side: config.min_image_size,
+            });
+            continue;
+        }
+        records.push(ImageRecord {
+            content_hash: crate::image_io::rgb_content_hash(&image),
+            source: ImageSource::Memory {
+                name,
+                image: Arc::new(image),
+            },
+            caption,
+            width: w,
+            height: h,
+            subset: idx,
+        });
+    }
+    Ok(Scan {
+        config,
+        subsets,
+        images: records,
+        problems,
+    })
+}

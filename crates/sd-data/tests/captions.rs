@@ -1,0 +1,149 @@
+//! Seeded caption transforms: trigger word, keep_tokens, shuffle, tag dropout, caption dropout.
+
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sd_data::{CaptionTransform, SubsetConfig};
+
+fn subset(f: impl FnOnce(&mut SubsetConfig)) -> SubsetConfig {
+    let mut s = SubsetConfig::default();
+    f(&mut s);
+    s
+}
+
+fn sorted(v: Vec<&str>) -> Vec<&str> {
+    let mut v = v;
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn no_transform_keeps_caption() {
+    let s = SubsetConfig::default();
+    let t = CaptionTransform::from_subset(&s);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    assert_eq!(
+        t.apply("  a photo of sks,  dog ", &mut rng),
+        "a photo of sks,  dog"
+    );
+    assert!(t.is_fixed());
+}
+
+#[test]
+fn trigger_word_is_prefixed_once() {
+    let s = subset(|s| s.trigger_word = Some("sks".into()));
+    let t = CaptionTransform::from_subset(&s);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    assert_eq!(t.apply("dog,  running", &mut rng), "sks, dog, running");
+    assert_eq!(t.apply("sks, dog", &mut rng), "sks, dog");
+    assert_eq!(t.apply("", &mut rng), "sks");
+    // With keep_tokens = 1 the trigger word stays first through shuffling.
+    let s = subset(|s| {
+        s.trigger_word = Some("sks".into());
+        s.shuffle_caption = true;
+        s.keep_tokens = 1;
+    });
+    let t = CaptionTransform::from_subset(&s);
+    for seed in 0..20 {
+        let out = t.apply("a, b, c, d, e", &mut ChaCha8Rng::seed_from_u64(seed));
+        assert!(out.starts_with("sks, "), "{out}");
+    }
+}
+
+#[test]
+fn custom_separator() {
+    let s = subset(|s| {
+        s.caption_separator = "|".into();
+        s.shuffle_caption = true;
+        s.keep_tokens = 2;
+    });
+    let t = CaptionTransform::from_subset(&s);
+    let out = t.apply(
+        "one | two|three | four, with comma",
+        &mut ChaCha8Rng::seed_from_u64(3),
+    );
+    let tags: Vec<&str> = out.split("| ").collect();
+    assert_eq!(&tags[..2], ["one", "two"]);
+    assert_eq!(sorted(tags[2..].to_vec()), ["four, with comma", "three"]);
+}
+
+#[test]
+fn shuffle_is_seeded_and_varies() {
+    let s = subset(|s| s.shuffle_caption = true);
+    let t = CaptionTransform::from_subset(&s);
+    let caption = "a, b, c, d, e, f, g, h";
+    let run = |seed| t.apply(caption, &mut ChaCha8Rng::seed_from_u64(seed));
+    assert_eq!(run(5), run(5));
+    let distinct: std::collections::HashSet<String> = (0..20).map(run).collect();
+    assert!(
+        distinct.len() > 10,
+        "only {} distinct orders",
+        distinct.len()
+    );
+}
+
+#[test]
+fn dropout_rates_are_respected() {
+    let s = subset(|s| s.caption_dropout_rate = 0.25);
+    let t = CaptionTransform::from_subset(&s);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let n = 4000;
+    let empty = (0..n)
+        .filter(|_| t.apply("a, b", &mut rng).is_empty())
+        .count();
+    let p = empty as f64 / n as f64;
+    assert!((p - 0.25).abs() < 0.03, "caption dropout {p}");
+    assert!(!t.is_fixed());
+
+    let s = subset(|s| {
+        s.caption_tag_dropout_rate = 0.3;
+        s.keep_tokens = 2;
+    });
+    let t = CaptionTransform::from_subset(&s);
+    let caption = "k1, k2, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10";
+    let mut kept = 0;
+    for _ in 0..500 {
+        let out = t.apply(caption, &mut rng);
+        let tags: Vec<&str> = out.split(", ").collect();
+        assert_eq!(&tags[..2], ["k1", "k2"]);
+        // Unshuffled: survivors keep their order.
+        let idx: Vec<usize> = tags[2..].iter().map(|t| t[1..].parse().unwrap()).collect();
+        assert!(idx.windows(2).all(|w| w[0] < w[1]));
+        kept += tags.len() - 2;
+    }
+    let p_keep = kept as f64 / (500.0 * 10.0);
+    assert!((p_keep - 0.7).abs() < 0.03, "tag keep rate {p_keep}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Shuffling permutes the non-kept tags and leaves the first `keep_tokens` in place.
+    #[test]
+    fn shuffle_is_a_permutation(tags in prop::collection::vec("[a-z]{1,6}", 0..12), keep in 0usize..5, seed: u64) {
+        let s = subset(|s| { s.shuffle_caption = true; s.keep_tokens = keep; });
+        let t = CaptionTransform::from_subset(&s);
+        let caption = tags.join(", ");
+        let out = t.apply(&caption, &mut ChaCha8Rng::seed_from_u64(seed));
+        let out_tags: Vec<&str> = if out.is_empty() { vec![] } else { out.split(", ").collect() };
+        let k = keep.min(tags.len());
+        let head: Vec<&str> = tags[..k].iter().map(String::as_str).collect();
+        prop_assert_eq!(&out_tags[..k], &head[..]);
+        let rest: Vec<&str> = tags[k..].iter().map(String::as_str).collect();
+        prop_assert_eq!(sorted(out_tags[k..].to_vec()), sorted(rest));
+    }
+
+    /// Tag dropout only removes tags: the output is a subsequence containing all kept tokens.
+    #[test]
+    fn tag_dropout_yields_subsequence(tags in prop::collection::vec("[a-z]{1,6}", 1..12), keep in 0usize..4, rate in 0.0f32..1.0, seed: u64) {
+        let s = subset(|s| { s.caption_tag_dropout_rate = rate; s.keep_tokens = keep; });
+        let t = CaptionTransform::from_subset(&s);
+        let out = t.apply(&tags.join(", "), &mut ChaCha8Rng::seed_from_u64(seed));
+        let out_tags: Vec<&str> = if out.is_empty() { vec![] } else { out.split(", ").collect() };
+        let mut it = tags.iter();
+        for o in &out_tags {
+            prop_assert!(it.any(|t| t == o), "{} not in order", o);
+        }
+        prop_assert!(out_tags.len() >= keep.min(tags.len()));
+    }
+}

@@ -1,0 +1,555 @@
+//! Folder layouts, repeats, epoch plans and every bad-input case.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use image::codecs::png::PngEncoder;
+use image::{ImageEncoder, Rgb, RgbImage};
+use sd_data::{scan, DataError, Dataset, DatasetConfig, MissingCaption, SubsetConfig};
+
+fn img(w: u32, h: u32, seed: u8) -> RgbImage {
+    RgbImage::from_fn(w, h, |x, y| {
+        Rgb([
+            (x as u8).wrapping_mul(3) ^ seed,
+            (y as u8).wrapping_mul(5),
+            seed,
+        ])
+    })
+}
+
+fn save(path: &Path, w: u32, h: u32, seed: u8) -> PathBuf {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    img(w, h, seed).save(path).unwrap();
+    path.to_path_buf()
+}
+
+fn caption(image: &Path, ext: &str, text: &str) {
+    fs::write(image.with_extension(ext), text).unwrap();
+}
+
+fn config(dir: &Path) -> DatasetConfig {
+    DatasetConfig {
+        min_bucket_reso: 64,
+        max_bucket_reso: 256,
+        resolution: sd_data::Resolution::square(128),
+        ..DatasetConfig::single(dir)
+    }
+}
+
+fn names(ds: &Dataset) -> Vec<String> {
+    (0..ds.images().len())
+        .map(|i| {
+            ds.image_path(i)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn plain_folder_all_formats_recursive_captions() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let a = save(&root.join("a.png"), 96, 64, 1);
+    caption(&a, "txt", "\u{feff}\n  first line, tags  \nsecond line");
+    let b = save(&root.join("b.jpg"), 64, 96, 2);
+    caption(&b, "caption", "from caption file");
+    let c = save(&root.join("C.WEBP"), 80, 80, 3);
+    caption(&c, "txt", "webp");
+    let e = save(&root.join("nested/deeper/e.bmp"), 70, 90, 4);
+    caption(&e, "txt", "nested bmp");
+    save(&root.join(".hidden/x.png"), 64, 64, 5);
+    // 16-bit grayscale and RGBA images are converted to 8-bit RGB.
+    let gray = root.join("nested/g16.png");
+    image::ImageBuffer::<image::Luma<u16>, _>::from_fn(64, 64, |x, _| {
+        image::Luma([x as u16 * 1000])
+    })
+    .save(&gray)
+    .unwrap();
+    caption(&gray, "txt", "gray");
+    let rgba = root.join("nested/rgba.png");
+    image::RgbaImage::from_fn(64, 64, |_, y| image::Rgba([200, 100, 50, y as u8]))
+        .save(&rgba)
+        .unwrap();
+    caption(&rgba, "txt", "alpha");
+    fs::write(root.join("notes.md"), "not an image").unwrap();
+    let ds = Dataset::open(&config(root)).unwrap();
+    assert_eq!(
+        names(&ds),
+        ["C.WEBP", "a.png", "b.jpg", "e.bmp", "g16.png", "rgba.png"]
+    );
+    let caps: Vec<&str> = ds.images().iter().map(|i| i.caption.as_str()).collect();
+    assert_eq!(
+        caps,
+        [
+            "webp",
+            "first line, tags",
+            "from caption file",
+            "nested bmp",
+            "gray",
+            "alpha"
+        ]
+    );
+    assert_eq!((ds.images()[1].width, ds.images()[1].height), (96, 64));
+    assert_eq!(ds.samples_per_epoch(), 6);
+    assert_eq!(ds.decode(4).unwrap().get_pixel(63, 0).0, [245, 245, 245]); // 16-bit to 8-bit: round(63000 / 257) = 245
+    assert_eq!(ds.decode(5).unwrap().get_pixel(0, 0).0, [200, 100, 50]);
+
+    let mut flat = config(root);
+    flat.subsets[0].recursive = false;
+    assert_eq!(Dataset::open(&flat).unwrap().images().len(), 3);
+}
+
+#[test]
+fn kohya_parent_folder_repeats_and_class_tokens() {
+    let d = tempfile::tempdir().unwrap();
+    let train = d.path().join("train");
+    save(&train.join("10_sks dog/1.png"), 64, 64, 1);
+    save(&train.join("10_sks dog/2.png"), 128, 64, 2);
+    let cat = save(&train.join("3_cat/1.png"), 64, 128, 3);
+    caption(&cat, "txt", "a cat, sitting");
+    let mut cfg = config(&train);
+    cfg.batch_size = 2;
+    let ds = Dataset::open(&cfg).unwrap();
+    assert_eq!(ds.subsets().len(), 2);
+    assert_eq!(ds.subsets()[0].num_repeats, 10);
+    assert_eq!(ds.subsets()[0].config.image_dir, train.join("10_sks dog"));
+    assert_eq!(
+        ds.subsets()[0].config.class_tokens.as_deref(),
+        Some("sks dog")
+    );
+    let caps: Vec<&str> = ds.images().iter().map(|i| i.caption.as_str()).collect();
+    assert_eq!(caps, ["sks dog", "sks dog", "a cat, sitting"]);
+    assert_eq!(ds.samples_per_epoch(), 23);
+    assert_eq!(ds.bucket_table().values().sum::<usize>(), 23);
+
+    // Each epoch holds every image exactly `repeats` times, in batches of one bucket each.
+    for epoch in 0..3 {
+        let plan = ds.plan_epoch(epoch);
+        let mut count: HashMap<usize, usize> = HashMap::new();
+        for b in &plan {
+            assert!(!b.samples.is_empty() && b.samples.len() <= 2);
+            for s in &b.samples {
+                assert_eq!(s.bucket, b.bucket);
+                assert_eq!(s.bucket, ds.assignment(s.image).bucket);
+                *count.entry(s.image).or_default() += 1;
+            }
+        }
+        assert_eq!(count[&0], 10);
+        assert_eq!(count[&1], 10);
+        assert_eq!(count[&2], 3);
+    }
+    // A folder passed directly takes its repeats from its own name; config overrides it.
+    let mut direct = config(&train.join("3_cat"));
+    assert_eq!(Dataset::open(&direct).unwrap().repeats(0), 3);
+    direct.subsets[0].num_repeats = Some(7);
+    assert_eq!(Dataset::open(&direct).unwrap().repeats(0), 7);
+}
+
+#[test]
+fn plans_are_seeded() {
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..6 {
+        let p = save(
+            &d.path().join(format!("5_x/{i}.png")),
+            64 + 32 * (i % 3),
+            64,
+            i as u8,
+        );
+        caption(&p, "txt", &format!("img {i}, a, b, c"));
+    }
+    let mut cfg = config(d.path());
+    cfg.batch_size = 3;
+    cfg.subsets[0].flip_aug = true;
+    cfg.subsets[0].shuffle_caption = true;
+    cfg.seed = 42;
+    let ds = Dataset::open(&cfg).unwrap();
+    assert_eq!(ds.plan_epoch(0), ds.plan_epoch(0));
+    assert_ne!(ds.plan_epoch(0), ds.plan_epoch(1));
+    cfg.seed = 43;
+    let other = Dataset::open(&cfg).unwrap();
+    assert_ne!(ds.plan_epoch(0), other.plan_epoch(0));
+    // Flips happen at roughly half the samples over several epochs.
+    let flips: usize = (0..10)
+        .flat_map(|e| ds.plan_epoch(e))
+        .flat_map(|b| b.samples)
+        .filter(|s| s.flip)
+        .count();
+    assert!((100..200).contains(&flips), "{flips} flips of 300");
+}
+
+#[test]
+fn regularization_images_are_balanced_and_weighted() {
+    let d = tempfile::tempdir().unwrap();
+    save(&d.path().join("train/5_sks dog/a.png"), 64, 64, 1);
+    save(&d.path().join("train/5_sks dog/b.png"), 64, 64, 2);
+    for i in 0..3 {
+        save(&d.path().join(format!("reg/1_dog/{i}.png")), 64, 64, 10 + i);
+    }
+    let cfg = DatasetConfig {
+        prior_loss_weight: 0.5,
+        subsets: vec![
+            SubsetConfig::new(d.path().join("train")),
+            SubsetConfig {
+                is_reg: true,
+                ..SubsetConfig::new(d.path().join("reg"))
+            },
+        ],
+        ..config(d.path())
+    };
+    let ds = Dataset::open(&cfg).unwrap();
+    let reg: Vec<u32> = (2..5).map(|i| ds.repeats(i)).collect();
+    // kohya: one pass at the folder's repeats, then one extra repeat per image round-robin
+    // until regularization samples equal the 10 training samples.
+    assert_eq!(reg, [4, 3, 3]);
+    assert_eq!(ds.samples_per_epoch(), 20);
+    for s in ds.plan_epoch(0).iter().flat_map(|b| &b.samples) {
+        let expected = if s.image >= 2 { 0.5 } else { 1.0 };
+        assert_eq!(s.loss_weight, expected);
+        assert_eq!(s.caption, if s.image >= 2 { "dog" } else { "sks dog" });
+    }
+    // Many reg images: only as many as needed are used.
+    let d2 = tempfile::tempdir().unwrap();
+    save(&d2.path().join("train/1_a/a.png"), 64, 64, 1);
+    for i in 0..4 {
+        save(&d2.path().join(format!("reg/1_b/{i}.png")), 64, 64, 10 + i);
+    }
+    let cfg2 = DatasetConfig {
+        subsets: vec![
+            SubsetConfig::new(d2.path().join("train")),
+            SubsetConfig {
+                is_reg: true,
+                ..SubsetConfig::new(d2.path().join("reg"))
+            },
+        ],
+        ..config(d2.path())
+    };
+    let ds2 = Dataset::open(&cfg2).unwrap();
+    assert_eq!(
+        (1..5).map(|i| ds2.repeats(i)).collect::<Vec<_>>(),
+        [1, 0, 0, 0]
+    );
+    assert_eq!(ds2.samples_per_epoch(), 2);
+}
+
+#[test]
+fn metadata_jsonl_folder() {
+    let d = tempfile::tempdir().unwrap();
+    save(&d.path().join("img/a.png"), 64, 64, 1);
+    save(&d.path().join("img/b.png"), 64, 64, 2);
+    fs::write(
+        d.path().join("metadata.jsonl"),
+        "{\"file_name\": \"img/a.png\", \"text\": \"caption a\"}\n\n{\"file_name\": \"img/b.png\", \"text\": \"caption b\", \"extra\": 1}\n",
+    )
+    .unwrap();
+    let ds = Dataset::open(&config(d.path())).unwrap();
+    let caps: Vec<&str> = ds.images().iter().map(|i| i.caption.as_str()).collect();
+    assert_eq!(caps, ["caption a", "caption b"]);
+
+    fs::write(
+        d.path().join("metadata.jsonl"),
+        "{\"file_name\": \"img/a.png\", \"text\": \"ok\"}\nnot json\n",
+    )
+    .unwrap();
+    match Dataset::open(&config(d.path())).unwrap_err() {
+        DataError::Metadata { path, line, .. } => {
+            assert!(path.ends_with("metadata.jsonl"));
+            assert_eq!(line, 2);
+        }
+        e => panic!("unexpected {e}"),
+    }
+    fs::write(
+        d.path().join("metadata.jsonl"),
+        "{\"file_name\": \"img/missing.png\", \"text\": \"x\"}\n",
+    )
+    .unwrap();
+    match Dataset::open(&config(d.path())).unwrap_err() {
+        DataError::Io { path, .. } => assert!(path.ends_with("img/missing.png")),
+        e => panic!("unexpected {e}"),
+    }
+}
+
+fn exif_orientation(value: u16) -> Vec<u8> {
+    let mut v = b"MM\0\x2a\0\0\0\x08".to_vec();
+    v.extend_from_slice(&1u16.to_be_bytes());
+    v.extend_from_slice(&0x0112u16.to_be_bytes());
+    v.extend_from_slice(&3u16.to_be_bytes());
+    v.extend_from_slice(&1u32.to_be_bytes());
+    v.extend_from_slice(&value.to_be_bytes());
+    v.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    v
+}
+
+#[test]
+fn exif_orientation_is_applied() {
+    let d = tempfile::tempdir().unwrap();
+    // 96x64, left half red, right half blue, tagged "rotate 90 degrees clockwise".
+    let src = RgbImage::from_fn(96, 64, |x, _| {
+        if x < 48 {
+            Rgb([255, 0, 0])
+        } else {
+            Rgb([0, 0, 255])
+        }
+    });
+    let path = d.path().join("rot.png");
+    let mut enc = PngEncoder::new(fs::File::create(&path).unwrap());
+    enc.set_exif_metadata(exif_orientation(6)).unwrap();
+    enc.write_image(src.as_raw(), 96, 64, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    caption(&path, "txt", "rotated");
+
+    for verify in [true, false] {
+        let mut cfg = config(d.path());
+        cfg.verify_images = verify;
+        let ds = Dataset::open(&cfg).unwrap();
+        assert_eq!(
+            (ds.images()[0].width, ds.images()[0].height),
+            (64, 96),
+            "verify {verify}"
+        );
+        let pixels = ds.decode(0).unwrap();
+        assert_eq!(pixels.dimensions(), (64, 96));
+        // Clockwise rotation puts the left (red) half on top.
+        assert_eq!(pixels.get_pixel(32, 5).0, [255, 0, 0]);
+        assert_eq!(pixels.get_pixel(32, 90).0, [0, 0, 255]);
+    }
+}
+
+fn expect_err(cfg: &DatasetConfig) -> DataError {
+    match Dataset::open(cfg) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn corrupt_and_truncated_images() {
+    let d = tempfile::tempdir().unwrap();
+    let ok = save(&d.path().join("ok.png"), 64, 64, 1);
+    caption(&ok, "txt", "ok");
+    fs::write(d.path().join("bad.png"), b"definitely not a png").unwrap();
+    caption(&d.path().join("bad.png"), "txt", "x");
+    match expect_err(&config(d.path())) {
+        DataError::CorruptImage { path, .. } => assert!(path.ends_with("bad.png")),
+        e => panic!("unexpected {e}"),
+    }
+    fs::remove_file(d.path().join("bad.png")).unwrap();
+    let bytes = fs::read(&ok).unwrap();
+    fs::write(d.path().join("trunc.png"), &bytes[..bytes.len() / 2]).unwrap();
+    caption(&d.path().join("trunc.png"), "txt", "x");
+    let e = expect_err(&config(d.path()));
+    assert!(
+        matches!(&e, DataError::CorruptImage { path, .. } if path.ends_with("trunc.png")),
+        "{e}"
+    );
+    assert!(e.to_string().contains("trunc.png"));
+}
+
+#[test]
+fn image_below_minimum_size() {
+    let d = tempfile::tempdir().unwrap();
+    save(&d.path().join("1_x/big.png"), 64, 64, 1);
+    save(&d.path().join("1_x/small.png"), 64, 40, 2);
+    match expect_err(&config(d.path())) {
+        DataError::ImageTooSmall {
+            path,
+            width,
+            height,
+            min_side,
+        } => {
+            assert!(path.ends_with("small.png"));
+            assert_eq!((width, height, min_side), (64, 40, 64));
+        }
+        e => panic!("unexpected {e}"),
+    }
+    // With no-upscale, an image below one bucket step cannot form a bucket.
+    let mut cfg = config(d.path());
+    cfg.min_image_size = 1;
+    cfg.bucket_no_upscale = true;
+    assert!(matches!(
+        expect_err(&cfg),
+        DataError::ImageTooSmall { min_side: 64, .. }
+    ));
+}
+
+#[test]
+fn caption_not_utf8() {
+    let d = tempfile::tempdir().unwrap();
+    let p = save(&d.path().join("a.png"), 64, 64, 1);
+    fs::write(p.with_extension("txt"), b"caf\xe9 latin-1").unwrap();
+    match expect_err(&config(d.path())) {
+        DataError::CaptionNotUtf8 { path, valid_up_to } => {
+            assert!(path.ends_with("a.txt"));
+            assert_eq!(valid_up_to, 3);
+        }
+        e => panic!("unexpected {e}"),
+    }
+}
+
+#[test]
+fn empty_dataset_and_missing_dir() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("readme.txt"), "no images").unwrap();
+    assert!(
+        matches!(expect_err(&config(d.path())), DataError::EmptyDataset { dirs } if dirs.contains(&d.path().display().to_string()))
+    );
+    let missing = d.path().join("nope");
+    assert!(
+        matches!(expect_err(&config(&missing)), DataError::NotADirectory { path } if path == missing)
+    );
+    // Only regularization images is empty too.
+    save(&d.path().join("r.png"), 64, 64, 1);
+    let mut cfg = config(d.path());
+    cfg.subsets[0].is_reg = true;
+    cfg.subsets[0].class_tokens = Some("x".into());
+    assert!(matches!(expect_err(&cfg), DataError::EmptyDataset { .. }));
+}
+
+#[test]
+fn unknown_folder_name_in_kohya_parent() {
+    let d = tempfile::tempdir().unwrap();
+    save(&d.path().join("10_dog/a.png"), 64, 64, 1);
+    save(&d.path().join("dogs_extra/b.png"), 64, 64, 2);
+    save(&d.path().join("0_none/c.png"), 64, 64, 3);
+    let mut cfg = config(d.path());
+    let e = expect_err(&cfg);
+    assert!(
+        matches!(&e, DataError::UnknownFolderName { path, .. } if path.ends_with("0_none")),
+        "{e}"
+    );
+    let s = scan(&cfg).unwrap();
+    let bad: Vec<_> = s
+        .problems
+        .iter()
+        .map(|p| p.path().unwrap().file_name().unwrap().to_owned())
+        .collect();
+    assert_eq!(bad, ["0_none", "dogs_extra"]);
+    cfg.skip_bad_images = true;
+    let ds = Dataset::open(&cfg).unwrap();
+    assert_eq!(names(&ds), ["a.png"]);
+}
+
+#[test]
+fn missing_caption_policy() {
+    let d = tempfile::tempdir().unwrap();
+    save(&d.path().join("5_sks cat/a.png"), 64, 64, 1);
+    let p = save(&d.path().join("5_sks cat/b.png"), 64, 64, 2);
+    caption(&p, "txt", "   \n\n"); // empty counts as missing
+    let ds = Dataset::open(&config(&d.path().join("5_sks cat"))).unwrap();
+    assert!(ds.images().iter().all(|i| i.caption == "sks cat"));
+
+    let mut cfg = config(&d.path().join("5_sks cat"));
+    cfg.subsets[0].missing_caption = MissingCaption::Error;
+    match expect_err(&cfg) {
+        DataError::MissingCaption { path, tried, .. } => {
+            assert!(path.ends_with("a.png"));
+            assert!(tried.contains("a.txt") && tried.contains("a.caption"));
+        }
+        e => panic!("unexpected {e}"),
+    }
+    // A plain folder has no class tokens to fall back on.
+    let plain = tempfile::tempdir().unwrap();
+    save(&plain.path().join("a.png"), 64, 64, 1);
+    assert!(matches!(
+        expect_err(&config(plain.path())),
+        DataError::MissingCaption { .. }
+    ));
+}
+
+#[test]
+fn skip_bad_images_collects_warnings() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("2_thing");
+    for (i, name) in ["good1.png", "good2.png"].iter().enumerate() {
+        save(&root.join(name), 64, 64, i as u8);
+    }
+    fs::write(root.join("corrupt.jpg"), b"\xff\xd8\xff garbage").unwrap();
+    save(&root.join("tiny.png"), 16, 16, 9);
+    let p = save(&root.join("latin1.png"), 64, 64, 3);
+    fs::write(p.with_extension("txt"), b"\xff\xfe").unwrap();
+    let mut cfg = config(&root);
+    cfg.skip_bad_images = true;
+    let ds = Dataset::open(&cfg).unwrap();
+    assert_eq!(names(&ds), ["good1.png", "good2.png"]);
+    let mut skipped: Vec<String> = ds
+        .skipped()
+        .iter()
+        .map(|e| {
+            e.path()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    skipped.sort();
+    assert_eq!(skipped, ["corrupt.jpg", "latin1.txt", "tiny.png"]);
+    assert!(ds
+        .skipped()
+        .iter()
+        .any(|e| matches!(e, DataError::ImageTooSmall { .. })));
+    let summary = ds.skipped_summary().unwrap();
+    assert!(
+        summary.contains("skipped 3") && summary.contains("2 image"),
+        "{summary}"
+    );
+    // All bad: still an empty-dataset error.
+    fs::remove_file(root.join("good1.png")).unwrap();
+    fs::remove_file(root.join("good2.png")).unwrap();
+    assert!(matches!(expect_err(&cfg), DataError::EmptyDataset { .. }));
+}
+
+#[test]
+fn config_json_and_validation() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("ds.json");
+    fs::write(
+        &path,
+        r#"{"resolution": [768, 512], "enable_bucket": true, "bucket_no_upscale": true, "batch_size": 4,
+            "subsets": [{"image_dir": "imgs", "num_repeats": 3, "class_tokens": "sks", "keep_tokens": 1,
+                         "shuffle_caption": true, "caption_extension": ".caption", "is_reg": false,
+                         "missing_caption": "error"}]}"#,
+    )
+    .unwrap();
+    let cfg = DatasetConfig::from_json_file(&path).unwrap();
+    assert_eq!((cfg.resolution.width, cfg.resolution.height), (768, 512));
+    assert_eq!(cfg.subsets[0].num_repeats, Some(3));
+    assert_eq!(cfg.subsets[0].missing_caption, MissingCaption::Error);
+    let back: DatasetConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(back, cfg);
+
+    fs::write(&path, r#"{"resolutoin": 512, "subsets": []}"#).unwrap();
+    assert!(
+        matches!(DatasetConfig::from_json_file(&path), Err(DataError::ConfigFile { path: p, message }) if p == path && message.contains("resolutoin"))
+    );
+
+    let bad = |f: &dyn Fn(&mut DatasetConfig), key: &str| {
+        let mut c = DatasetConfig::single("x");
+        f(&mut c);
+        match c.validate() {
+            Err(DataError::Config { key: k, .. }) => assert_eq!(k, key),
+            other => panic!("{key}: {other:?}"),
+        }
+    };
+    bad(&|c| c.batch_size = 0, "batch_size");
+    bad(&|c| c.min_bucket_reso = 100, "min_bucket_reso");
+    bad(&|c| c.max_bucket_reso = 128, "max_bucket_reso");
+    bad(&|c| c.bucket_reso_steps = 0, "bucket_reso_steps");
+    bad(&|c| c.subsets.clear(), "subsets");
+    bad(
+        &|c| c.subsets[0].caption_dropout_rate = 1.5,
+        "subsets[0].caption_dropout_rate",
+    );
+    bad(
+        &|c| c.subsets[0].num_repeats = Some(0),
+        "subsets[0].num_repeats",
+    );
+    bad(
+        &|c| c.subsets[0].caption_extension = "txt".into(),
+        "subsets[0].caption_extension",
+    );
+}

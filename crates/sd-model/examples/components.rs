@@ -1,0 +1,163 @@
+//! Runs the model components on tensors from a safetensors file, for parity checks against
+//! diffusers / transformers.
+//!
+//! ```text
+//! cargo run --release -p sd-model --example components -- \
+//!     --model DIR_OR_FILE --inputs IN.safetensors --out OUT.safetensors \
+//!     [--lora FILE [--lora-scale S]] [--clip-skip N]
+//! ```
+//!
+//! IN may hold `input_ids` [B,77] (i32 or i64), `pixels` [B,3,H,W] f32 in [-1,1] and
+//! `latents` [B,4,h,w] f32. OUT receives, for the inputs present, `text_embeds`
+//! (last_hidden_state), `vae_mean` (posterior mean) and `vae_decoded` (decoder output for
+//! unscaled latents), all f32.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::Parser;
+use lora_core::{sites, AdapterSet, ModuleIndex, ReadOptions};
+use sd_model::load::{LoadOptions, ModelSource};
+
+#[cfg(feature = "cuda")]
+type B = burn::backend::Cuda;
+#[cfg(not(feature = "cuda"))]
+type B = burn::backend::Flex;
+
+#[derive(Parser)]
+#[command(about = "Run SD components on input tensors (parity checks)")]
+struct Args {
+    /// A diffusers model folder or a single-file checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    /// Input tensors (safetensors).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Where to write the outputs (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// A LoRA file (kohya or diffusers/PEFT layout) to apply.
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// Strength of the LoRA.
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f32,
+    /// CLIP skip (1 = last layer, 2 = penultimate, ...).
+    #[arg(long, default_value_t = 1)]
+    clip_skip: usize,
+}
+
+/// Shape and values of an output tensor.
+type HostData = (Vec<usize>, Vec<f32>);
+
+struct Inputs {
+    tensors: HashMap<String, (Vec<usize>, TensorData)>,
+}
+
+impl Inputs {
+    fn read(path: &PathBuf) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not safetensors", path.display()))?;
+        let mut tensors = HashMap::new();
+        for (name, view) in st.iter() {
+            let shape = view.shape().to_vec();
+            let b = view.data();
+            let data = match view.dtype() {
+                safetensors::Dtype::F32 => TensorData::new(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>(), shape.clone()),
+                safetensors::Dtype::I64 => TensorData::new(
+                    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as i32).collect::<Vec<_>>(),
+                    shape.clone(),
+                ),
+                safetensors::Dtype::I32 => TensorData::new(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>(), shape.clone()),
+                other => bail!("{}: tensor `{name}` has dtype {other:?}; expected F32, I32 or I64", path.display()),
+            };
+            tensors.insert(name.to_string(), (shape, data));
+        }
+        Ok(Self { tensors })
+    }
+
+    fn float4<Bk: Backend>(&self, name: &str, device: &Bk::Device) -> Result<Option<Tensor<Bk, 4>>> {
+        let Some((shape, data)) = self.tensors.get(name) else { return Ok(None) };
+        if shape.len() != 4 {
+            bail!("`{name}` must be 4-d, got shape {shape:?}");
+        }
+        Ok(Some(Tensor::from_data(data.clone().convert::<f32>(), device)))
+    }
+
+    fn ids<Bk: Backend>(&self, vocab: usize, device: &Bk::Device) -> Result<Option<Tensor<Bk, 2, Int>>> {
+        let Some((shape, data)) = self.tensors.get("input_ids") else { return Ok(None) };
+        if shape.len() != 2 {
+            bail!("`input_ids` must be [batch, 77], got shape {shape:?}");
+        }
+        let ids = data.clone().convert::<i32>();
+        if let Some(bad) = ids.iter::<i32>().find(|i| *i < 0 || *i as usize >= vocab) {
+            bail!("`input_ids` holds token id {bad}, outside the vocabulary of {vocab}");
+        }
+        Ok(Some(Tensor::from_data(ids, device)))
+    }
+}
+
+fn host(t: Tensor<B, 3>) -> Result<(Vec<usize>, Vec<f32>)> {
+    host_dyn(t.dims().to_vec(), t.into_data())
+}
+
+fn host4(t: Tensor<B, 4>) -> Result<(Vec<usize>, Vec<f32>)> {
+    host_dyn(t.dims().to_vec(), t.into_data())
+}
+
+fn host_dyn(shape: Vec<usize>, data: TensorData) -> Result<(Vec<usize>, Vec<f32>)> {
+    let values = data.convert::<f32>().to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    Ok((shape, values))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = Default::default();
+    let source = ModelSource::detect(&args.model)?;
+    let inputs = Inputs::read(&args.inputs)?;
+    let options = LoadOptions::default();
+    let mut outputs: Vec<(String, HostData)> = Vec::new();
+
+    let vocab = source.text_encoder_config().map(|c| c.vocab_size).unwrap_or(49408);
+    if let Some(ids) = inputs.ids::<B>(vocab, &device)? {
+        let mut te = source.load_text_encoder::<B>(&device, &options)?;
+        if let Some(lora) = &args.lora {
+            let mut index = ModuleIndex::new();
+            sites::add_to_index(&mut index, &mut te)?;
+            // Lenient: the file may also hold UNet adapters, which this example does not use yet.
+            let (set, _) = AdapterSet::load(lora, &index, ReadOptions { lenient: true })?;
+            let n = sites::attach_adapters(&mut te, &set, args.lora_scale, &device)?;
+            eprintln!("attached {n} text-encoder adapters from {}", lora.display());
+        }
+        outputs.push(("text_embeds".into(), host(te.forward(ids, args.clip_skip)?)?));
+    }
+    let pixels = inputs.float4::<B>("pixels", &device)?;
+    let latents = inputs.float4::<B>("latents", &device)?;
+    if pixels.is_some() || latents.is_some() {
+        let vae = source.load_vae::<B>(&device, &options)?;
+        if let Some(p) = pixels {
+            outputs.push(("vae_mean".into(), host4(vae.encode(p)?.mean)?));
+        }
+        if let Some(z) = latents {
+            outputs.push(("vae_decoded".into(), host4(vae.decode(z))?));
+        }
+    }
+    if outputs.is_empty() {
+        bail!("{} holds none of input_ids, pixels, latents", args.inputs.display());
+    }
+    let hosts: Vec<(String, lora_core::HostTensor)> = outputs
+        .into_iter()
+        .map(|(k, (shape, data))| Ok((k, lora_core::HostTensor::new(shape, data)?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<(String, &lora_core::HostTensor)> = hosts.iter().map(|(k, t)| (k.clone(), t)).collect();
+    let bytes = lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, Default::default())?;
+    lora_core::tensor_io::write_atomic(&args.out, &bytes)?;
+    for (k, t) in &hosts {
+        eprintln!("{k}: {:?}", t.shape);
+    }
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}

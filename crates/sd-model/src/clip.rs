@@ -1,0 +1,230 @@
+//! The CLIP text encoder, as transformers' `CLIPTextModel`.
+//!
+//! Module paths match transformers (`text_model.encoder.layers.0.self_attn.q_proj`) so
+//! checkpoints load without renaming and LoRA keys resolve to the right layers. Every
+//! linear layer is a [`LoraLinear`], so adapters attach by path without rebuilding.
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, LinearConfig};
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use lora_core::LoraLinear;
+
+use crate::attention::multi_head_attention;
+use crate::config::{ClipTextConfig, HiddenAct};
+use crate::{Result, SdModelError};
+
+fn lora_linear<B: Backend>(d_in: usize, d_out: usize, device: &B::Device) -> LoraLinear<B> {
+    LoraLinear::new(LinearConfig::new(d_in, d_out).init(device))
+}
+
+/// Token and position embeddings.
+#[derive(Module, Debug)]
+pub struct ClipEmbeddings<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub token_embedding: Embedding<B>,
+    /// `[max_positions, hidden]`.
+    pub position_embedding: Embedding<B>,
+}
+
+/// Causal self-attention with separate q/k/v projections.
+#[derive(Module, Debug)]
+pub struct ClipAttention<B: Backend> {
+    /// Query projection.
+    pub q_proj: LoraLinear<B>,
+    /// Key projection.
+    pub k_proj: LoraLinear<B>,
+    /// Value projection.
+    pub v_proj: LoraLinear<B>,
+    /// Output projection.
+    pub out_proj: LoraLinear<B>,
+    /// Number of heads.
+    pub num_heads: usize,
+}
+
+impl<B: Backend> ClipAttention<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        self.out_proj.forward(multi_head_attention(q, k, v, self.num_heads, true))
+    }
+}
+
+/// The feed-forward block.
+#[derive(Module, Debug)]
+pub struct ClipMlp<B: Backend> {
+    /// `hidden → intermediate`.
+    pub fc1: LoraLinear<B>,
+    /// `intermediate → hidden`.
+    pub fc2: LoraLinear<B>,
+    /// Activation between the two.
+    #[module(skip)]
+    pub act: HiddenAct,
+}
+
+impl<B: Backend> ClipMlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.fc1.forward(x);
+        let h = match self.act {
+            HiddenAct::QuickGelu => h.clone() * sigmoid(h * 1.702),
+            HiddenAct::Gelu => gelu(h),
+        };
+        self.fc2.forward(h)
+    }
+}
+
+/// One pre-LayerNorm transformer layer.
+#[derive(Module, Debug)]
+pub struct ClipEncoderLayer<B: Backend> {
+    /// Self-attention.
+    pub self_attn: ClipAttention<B>,
+    /// Norm before attention.
+    pub layer_norm1: LayerNorm<B>,
+    /// Feed-forward.
+    pub mlp: ClipMlp<B>,
+    /// Norm before the feed-forward.
+    pub layer_norm2: LayerNorm<B>,
+}
+
+impl<B: Backend> ClipEncoderLayer<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+}
+
+/// The stack of encoder layers.
+#[derive(Module, Debug)]
+pub struct ClipEncoder<B: Backend> {
+    /// Layers in order.
+    pub layers: Vec<ClipEncoderLayer<B>>,
+}
+
+/// Embeddings, encoder and final norm (`text_model` in transformers).
+#[derive(Module, Debug)]
+pub struct ClipTextTransformer<B: Backend> {
+    /// Embeddings.
+    pub embeddings: ClipEmbeddings<B>,
+    /// Encoder layers.
+    pub encoder: ClipEncoder<B>,
+    /// Norm applied to the selected hidden state.
+    pub final_layer_norm: LayerNorm<B>,
+}
+
+/// The CLIP text encoder (`CLIPTextModel`).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Int, Tensor};
+/// use sd_model::{ClipTextConfig, ClipTextModel};
+///
+/// let device = Default::default();
+/// let model = ClipTextModel::<Flex>::new(&ClipTextConfig::tiny(), &device).unwrap();
+/// let ids = Tensor::<Flex, 2, Int>::zeros([2, 77], &device);
+/// let hidden = model.forward(ids, 1).unwrap();
+/// assert_eq!(hidden.dims(), [2, 77, 32]);
+/// ```
+#[derive(Module, Debug)]
+pub struct ClipTextModel<B: Backend> {
+    /// The transformer.
+    pub text_model: ClipTextTransformer<B>,
+}
+
+impl<B: Backend> ClipTextModel<B> {
+    /// A randomly initialised encoder (load weights with [`crate::load`]).
+    pub fn new(config: &ClipTextConfig, device: &B::Device) -> Result<Self> {
+        config.validate("text encoder config")?;
+        let d = config.hidden_size;
+        let ln = || LayerNormConfig::new(d).with_epsilon(config.layer_norm_eps).init(device);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| ClipEncoderLayer {
+                self_attn: ClipAttention {
+                    q_proj: lora_linear(d, d, device),
+                    k_proj: lora_linear(d, d, device),
+                    v_proj: lora_linear(d, d, device),
+                    out_proj: lora_linear(d, d, device),
+                    num_heads: config.num_attention_heads,
+                },
+                layer_norm1: ln(),
+                mlp: ClipMlp {
+                    fc1: lora_linear(d, config.intermediate_size, device),
+                    fc2: lora_linear(config.intermediate_size, d, device),
+                    act: config.hidden_act,
+                },
+                layer_norm2: ln(),
+            })
+            .collect();
+        Ok(Self {
+            text_model: ClipTextTransformer {
+                embeddings: ClipEmbeddings {
+                    token_embedding: EmbeddingConfig::new(config.vocab_size, d).init(device),
+                    position_embedding: EmbeddingConfig::new(config.max_position_embeddings, d).init(device),
+                },
+                encoder: ClipEncoder { layers },
+                final_layer_norm: ln(),
+            },
+        })
+    }
+
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.text_model.encoder.layers.len()
+    }
+
+    /// Encodes token ids `[batch, seq]` to hidden states `[batch, seq, hidden]`.
+    ///
+    /// `clip_skip` follows A1111 / kohya: 1 uses the last layer, 2 the penultimate one, ...;
+    /// the final LayerNorm is applied to the selected layer's output either way.
+    pub fn forward(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize) -> Result<Tensor<B, 3>> {
+        let tm = &self.text_model;
+        let [batch, seq] = input_ids.dims();
+        let max_pos = tm.embeddings.position_embedding.weight.dims()[0];
+        if seq == 0 || seq > max_pos {
+            return Err(SdModelError::BadInput {
+                what: "input_ids".into(),
+                reason: format!("sequence length {seq} must be in 1..={max_pos}"),
+            });
+        }
+        let n = self.num_layers();
+        if clip_skip == 0 || clip_skip > n {
+            return Err(SdModelError::BadInput {
+                what: "clip_skip".into(),
+                reason: format!("{clip_skip} must be in 1..={n}"),
+            });
+        }
+        let device = input_ids.device();
+        let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
+            .reshape([1, seq])
+            .expand([batch, seq]);
+        let mut x = tm.embeddings.token_embedding.forward(input_ids)
+            + tm.embeddings.position_embedding.forward(positions);
+        for layer in &tm.encoder.layers[..n + 1 - clip_skip] {
+            x = layer.forward(x);
+        }
+        Ok(tm.final_layer_norm.forward(x))
+    }
+}
+
+impl<B: Backend> lora_core::LoraSites<B> for ClipTextModel<B> {
+    fn component(&self) -> lora_core::Component {
+        lora_core::Component::TextEncoder
+    }
+
+    /// The q/k/v/out projections and both MLP layers of every encoder layer (kohya's
+    /// text-encoder target set: 72 modules for SD1.x).
+    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, lora_core::LoraSiteMut<'_, B>)) {
+        use lora_core::LoraSiteMut::Linear;
+        for (i, layer) in self.text_model.encoder.layers.iter_mut().enumerate() {
+            let p = format!("text_model.encoder.layers.{i}");
+            let a = &mut layer.self_attn;
+            f(&format!("{p}.self_attn.q_proj"), Linear(&mut a.q_proj));
+            f(&format!("{p}.self_attn.k_proj"), Linear(&mut a.k_proj));
+            f(&format!("{p}.self_attn.v_proj"), Linear(&mut a.v_proj));
+            f(&format!("{p}.self_attn.out_proj"), Linear(&mut a.out_proj));
+            f(&format!("{p}.mlp.fc1"), Linear(&mut layer.mlp.fc1));
+            f(&format!("{p}.mlp.fc2"), Linear(&mut layer.mlp.fc2));
+        }
+    }
+}

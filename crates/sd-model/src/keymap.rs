@@ -1,0 +1,337 @@
+//! The one place where checkpoint key layouts are mapped to our module paths.
+//!
+//! Our modules are named as in diffusers / transformers, so a diffusers folder's keys are
+//! used as they are. Single-file (LDM / "original") checkpoints are mapped here:
+//!
+//! | single-file prefix | component | mapping |
+//! |---|---|---|
+//! | `cond_stage_model.transformer.text_model.` (SD1, OpenAI CLIP) | text encoder | prefix → `text_model.` |
+//! | `cond_stage_model.transformer.` without `text_model.` (older exports) | text encoder | prefix → `text_model.` |
+//! | `cond_stage_model.model.` (SD2, OpenCLIP) | text encoder | see [`open_clip_key`] |
+//! | `first_stage_model.` | VAE | see [`ldm_vae_key`] |
+//!
+//! Keys a checkpoint may carry that the model has no use for (position-id buffers,
+//! OpenCLIP's `text_projection` / `logit_scale`, its 24th layer that SD2 skips, EMA copies)
+//! are listed by [`is_ignored_single_file_key`] / [`is_ignored_diffusers_key`].
+
+/// How to obtain one model tensor from a checkpoint tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSource {
+    /// The checkpoint key.
+    pub key: String,
+    /// Take rows `start..end` of dimension 0 (OpenCLIP's fused q/k/v projections).
+    pub rows: Option<(usize, usize)>,
+    /// Drop trailing 1x1 dimensions (LDM VAE attention stores linear weights as 1x1 convs).
+    pub squeeze_1x1: bool,
+}
+
+impl TensorSource {
+    /// The tensor as it is.
+    pub fn plain(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            rows: None,
+            squeeze_1x1: false,
+        }
+    }
+}
+
+/// Buffers and extras in diffusers-layout files that carry no weights of ours.
+pub fn is_ignored_diffusers_key(key: &str) -> bool {
+    key.ends_with("embeddings.position_ids")
+}
+
+/// Keys of a single-file checkpoint that no component uses.
+pub fn is_ignored_single_file_key(key: &str) -> bool {
+    key.starts_with("model_ema.")
+        || key.ends_with("position_ids")
+        || key.starts_with("cond_stage_model.model.text_projection")
+        || key.starts_with("cond_stage_model.model.logit_scale")
+        || key.starts_with("cond_stage_model.model.attn_mask")
+        || matches!(key, "alphas_cumprod" | "alphas_cumprod_prev" | "betas" | "log_one_minus_alphas_cumprod"
+            | "model_ema.decay" | "model_ema.num_updates" | "posterior_log_variance_clipped"
+            | "posterior_mean_coef1" | "posterior_mean_coef2" | "posterior_variance"
+            | "sqrt_alphas_cumprod" | "sqrt_one_minus_alphas_cumprod" | "sqrt_recip_alphas_cumprod"
+            | "sqrt_recipm1_alphas_cumprod" | "logvar")
+}
+
+/// SD1 text-encoder key: `cond_stage_model.transformer.[text_model.]X` → `text_model.X`.
+pub fn sd1_text_key(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("cond_stage_model.transformer.")?;
+    let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
+    Some(format!("text_model.{rest}"))
+}
+
+/// SD2 (OpenCLIP) text-encoder key → our paths, with `width` the hidden size (to split the
+/// fused `in_proj` into q, k, v) and `layers` the number of layers the model keeps.
+/// Returns an empty list for keys of modules the model does not keep (the last layer) and
+/// `None` for keys that are not OpenCLIP text-encoder keys at all.
+pub fn open_clip_key(key: &str, width: usize, layers: usize) -> Option<Vec<(String, TensorSource)>> {
+    let rest = key.strip_prefix("cond_stage_model.model.")?;
+    let one = |path: String| vec![(path, TensorSource::plain(key))];
+    match rest {
+        "token_embedding.weight" => return Some(one("text_model.embeddings.token_embedding.weight".into())),
+        "positional_embedding" => return Some(one("text_model.embeddings.position_embedding.weight".into())),
+        "ln_final.weight" => return Some(one("text_model.final_layer_norm.weight".into())),
+        "ln_final.bias" => return Some(one("text_model.final_layer_norm.bias".into())),
+        _ => {}
+    }
+    let block = rest.strip_prefix("transformer.resblocks.")?;
+    let (index, tail) = block.split_once('.')?;
+    let i: usize = index.parse().ok()?;
+    if i >= layers {
+        return Some(vec![]);
+    }
+    let base = format!("text_model.encoder.layers.{i}");
+    match tail {
+        "attn.in_proj_weight" | "attn.in_proj_bias" => {
+            let kind = if tail.ends_with("weight") { "weight" } else { "bias" };
+            Some(["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .enumerate()
+                .map(|(n, proj)| {
+                    let src = TensorSource {
+                        key: key.to_string(),
+                        rows: Some((n * width, (n + 1) * width)),
+                        squeeze_1x1: false,
+                    };
+                    (format!("{base}.self_attn.{proj}.{kind}"), src)
+                })
+                .collect())
+        }
+        _ => {
+            let (module, p) = tail.rsplit_once('.')?;
+            let ours = match module {
+                "ln_1" => "layer_norm1",
+                "ln_2" => "layer_norm2",
+                "attn.out_proj" => "self_attn.out_proj",
+                "mlp.c_fc" => "mlp.fc1",
+                "mlp.c_proj" => "mlp.fc2",
+                _ => return None,
+            };
+            Some(one(format!("{base}.{ours}.{p}")))
+        }
+    }
+}
+
+/// A single-file VAE key (`first_stage_model.…`) → our path and its source; `levels` is
+/// the number of resolution levels (the LDM decoder numbers its levels in reverse).
+pub fn ldm_vae_key(key: &str, levels: usize) -> Option<(String, TensorSource)> {
+    let rest = key.strip_prefix("first_stage_model.")?;
+    let (path, squeeze_1x1) = ldm_vae_path(rest, levels)?;
+    Some((
+        path,
+        TensorSource {
+            key: key.to_string(),
+            rows: None,
+            squeeze_1x1,
+        },
+    ))
+}
+
+/// The diffusers path of an LDM VAE key and whether its weight must drop 1x1 dims.
+pub fn ldm_vae_path(key: &str, levels: usize) -> Option<(String, bool)> {
+    let (side, rest) = key.split_once('.')?;
+    match side {
+        "quant_conv" | "post_quant_conv" => return Some((key.to_string(), false)),
+        "encoder" | "decoder" => {}
+        _ => return None,
+    }
+    let parts: Vec<&str> = rest.split('.').collect();
+    let joined = |from: usize| parts[from..].join(".");
+    let mapped = match parts.as_slice() {
+        ["conv_in" | "conv_out", ..] => (rest.to_string(), false),
+        ["norm_out", ..] => (format!("conv_norm_out.{}", joined(1)), false),
+        ["mid", block @ ("block_1" | "block_2"), ..] => {
+            let idx = if *block == "block_1" { 0 } else { 1 };
+            (format!("mid_block.resnets.{idx}.{}", resnet_tail(&parts[2..])?), false)
+        }
+        ["mid", "attn_1", module, param] => {
+            let ours = match *module {
+                "norm" => "group_norm",
+                "q" => "to_q",
+                "k" => "to_k",
+                "v" => "to_v",
+                "proj_out" => "to_out.0",
+                _ => return None,
+            };
+            (format!("mid_block.attentions.0.{ours}.{param}"), *module != "norm")
+        }
+        [level @ ("down" | "up"), i, "block", j, ..] => {
+            let i: usize = i.parse().ok()?;
+            let (blocks, idx) = if *level == "down" {
+                ("down_blocks", i)
+            } else {
+                ("up_blocks", levels.checked_sub(1 + i)?)
+            };
+            (format!("{blocks}.{idx}.resnets.{j}.{}", resnet_tail(&parts[4..])?), false)
+        }
+        ["down", i, "downsample", "conv", param] => (format!("down_blocks.{i}.downsamplers.0.conv.{param}"), false),
+        ["up", i, "upsample", "conv", param] => {
+            let i: usize = i.parse().ok()?;
+            (format!("up_blocks.{}.upsamplers.0.conv.{param}", levels.checked_sub(1 + i)?), false)
+        }
+        _ => return None,
+    };
+    Some((format!("{side}.{}", mapped.0), mapped.1))
+}
+
+fn resnet_tail(parts: &[&str]) -> Option<String> {
+    match parts {
+        ["nin_shortcut", p] => Some(format!("conv_shortcut.{p}")),
+        [m @ ("norm1" | "norm2" | "conv1" | "conv2"), p] => Some(format!("{m}.{p}")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vae_keys() {
+        assert_eq!(
+            ldm_vae_path("decoder.up.0.block.2.nin_shortcut.weight", 4),
+            Some(("decoder.up_blocks.3.resnets.2.conv_shortcut.weight".into(), false))
+        );
+        assert_eq!(
+            ldm_vae_path("encoder.mid.attn_1.proj_out.weight", 4),
+            Some(("encoder.mid_block.attentions.0.to_out.0.weight".into(), true))
+        );
+        assert_eq!(
+            ldm_vae_path("encoder.down.1.downsample.conv.bias", 4),
+            Some(("encoder.down_blocks.1.downsamplers.0.conv.bias".into(), false))
+        );
+        assert_eq!(ldm_vae_path("decoder.norm_out.weight", 4), Some(("decoder.conv_norm_out.weight".into(), false)));
+        assert_eq!(ldm_vae_path("decoder.up.3.upsample.conv.weight", 4), Some(("decoder.up_blocks.0.upsamplers.0.conv.weight".into(), false)));
+        assert_eq!(ldm_vae_path("encoder.what.ever", 4), None);
+    }
+
+    #[test]
+    fn open_clip_split() {
+        let m = open_clip_key("cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight", 8, 23).unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1].0, "text_model.encoder.layers.3.self_attn.k_proj.weight");
+        assert_eq!(m[1].1.rows, Some((8, 16)));
+        assert!(open_clip_key("cond_stage_model.model.transformer.resblocks.23.ln_1.weight", 8, 23).unwrap().is_empty());
+        assert_eq!(
+            open_clip_key("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.bias", 8, 23).unwrap()[0].0,
+            "text_model.encoder.layers.0.mlp.fc1.bias"
+        );
+        assert!(open_clip_key("first_stage_model.x", 8, 23).is_none());
+    }
+}
+
+/// Prefix of UNet keys in single-file checkpoints.
+pub const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
+
+/// What the LDM UNet key map needs to know about the model: blocks per level and which
+/// levels have attention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnetLayout {
+    /// ResNets per down level (up levels have one more).
+    pub layers: usize,
+    /// Whether each down level has transformers.
+    pub down_attention: Vec<bool>,
+    /// Whether each up level has transformers.
+    pub up_attention: Vec<bool>,
+}
+
+impl UnetLayout {
+    /// The layout of a model.
+    pub fn of<B: burn::tensor::backend::Backend>(model: &crate::UNet2DConditionModel<B>) -> Self {
+        Self {
+            layers: model.down_blocks.first().map_or(1, |b| b.resnets.len()),
+            down_attention: model.down_blocks.iter().map(|b| !b.attentions.is_empty()).collect(),
+            up_attention: model.up_blocks.iter().map(|b| !b.attentions.is_empty()).collect(),
+        }
+    }
+
+    /// A single-file UNet key (`model.diffusion_model.…`) → our path, or `None` for a key
+    /// the layout has no place for.
+    ///
+    /// LDM numbers blocks flatly: `input_blocks.0` is `conv_in`, then each level's ResNets
+    /// (`input_blocks.n.0`, with its transformer at `.1`) and downsampler (`.0.op`);
+    /// `middle_block.{0,1,2}` is ResNet, transformer, ResNet; `output_blocks.n` are the up
+    /// levels' ResNets (`.0`), transformers (`.1`) and upsampler conv (the last entry).
+    /// Inside ResNets `in_layers.{0,2}`, `emb_layers.1`, `out_layers.{0,3}`, `skip_connection`
+    /// are `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`; transformer
+    /// internals already carry diffusers' names.
+    pub fn ldm_key(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(LDM_UNET_PREFIX)?;
+        let (head, tail) = rest.split_once('.')?;
+        let simple = match head {
+            "time_embed" => Some(match tail.split_once('.')? {
+                ("0", p) => format!("time_embedding.linear_1.{p}"),
+                ("2", p) => format!("time_embedding.linear_2.{p}"),
+                _ => return None,
+            }),
+            "out" => Some(match tail.split_once('.')? {
+                ("0", p) => format!("conv_norm_out.{p}"),
+                ("2", p) => format!("conv_out.{p}"),
+                _ => return None,
+            }),
+            _ => None,
+        };
+        if simple.is_some() {
+            return simple;
+        }
+        let (n, tail) = tail.split_once('.')?;
+        let n: usize = n.parse().ok()?;
+        if head == "middle_block" {
+            return match n {
+                0 | 2 => Some(format!("mid_block.resnets.{}.{}", n / 2, resnet_ldm_tail(tail)?)),
+                1 => Some(format!("mid_block.attentions.0.{tail}")),
+                _ => None,
+            };
+        }
+        let (m, tail) = tail.split_once('.')?;
+        let m: usize = m.parse().ok()?;
+        let per_level = self.layers + 1;
+        match head {
+            "input_blocks" if n == 0 => (m == 0).then(|| format!("conv_in.{tail}")),
+            "input_blocks" => {
+                let (level, j) = ((n - 1) / per_level, (n - 1) % per_level);
+                let has_attn = *self.down_attention.get(level)?;
+                let base = format!("down_blocks.{level}");
+                match (j == self.layers, m) {
+                    (true, 0) => Some(format!("{base}.downsamplers.0.conv.{}", tail.strip_prefix("op.")?)),
+                    (false, 0) => Some(format!("{base}.resnets.{j}.{}", resnet_ldm_tail(tail)?)),
+                    (false, 1) if has_attn => Some(format!("{base}.attentions.{j}.{tail}")),
+                    _ => None,
+                }
+            }
+            "output_blocks" => {
+                let (level, j) = (n / per_level, n % per_level);
+                let has_attn = *self.up_attention.get(level)?;
+                let is_last_level = level + 1 == self.up_attention.len();
+                let base = format!("up_blocks.{level}");
+                let upsampler_slot = if has_attn { 2 } else { 1 };
+                match m {
+                    0 => Some(format!("{base}.resnets.{j}.{}", resnet_ldm_tail(tail)?)),
+                    1 if has_attn => Some(format!("{base}.attentions.{j}.{tail}")),
+                    _ if m == upsampler_slot && j == self.layers && !is_last_level => {
+                        Some(format!("{base}.upsamplers.0.conv.{}", tail.strip_prefix("conv.")?))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+/// LDM ResNet parameter names → diffusers'.
+fn resnet_ldm_tail(tail: &str) -> Option<String> {
+    let (module, param) = tail.rsplit_once('.')?;
+    let ours = match module {
+        "in_layers.0" => "norm1",
+        "in_layers.2" => "conv1",
+        "emb_layers.1" => "time_emb_proj",
+        "out_layers.0" => "norm2",
+        "out_layers.3" => "conv2",
+        "skip_connection" => "conv_shortcut",
+        _ => return None,
+    };
+    Some(format!("{ours}.{param}"))
+}

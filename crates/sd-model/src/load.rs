@@ -1,0 +1,702 @@
+//! Loading weights from real checkpoints through burn-store.
+//!
+//! Two layouts are supported:
+//! - a **diffusers folder** (`model_index.json`, `text_encoder/model.safetensors`,
+//!   `vae/diffusion_pytorch_model.safetensors`, `unet/...`, with `*.fp16.safetensors`
+//!   variants), whose keys are our module paths;
+//! - a **single-file checkpoint** as people download them (`model.diffusion_model.*`,
+//!   `first_stage_model.*`, `cond_stage_model.*`), mapped by [`crate::keymap`].
+//!
+//! Files are memory-mapped and each tensor is read when it is applied, converted to the
+//! precision asked for (f32, f16 or bf16, whatever the file holds). Missing, unexpected and
+//! mis-shaped keys are reported together in one [`SdModelError::KeyMismatch`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use burn::module::ParamId;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, TensorData};
+use burn_store::{ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot, TensorSnapshotError};
+use safetensors::tensor::{Dtype, TensorInfo};
+
+use crate::config::{read_clip_config, read_unet_config, read_vae_config, ClipTextConfig, HiddenAct, PerBlock, UnetConfig, VaeConfig};
+use crate::keymap::{self, TensorSource};
+use crate::error::KeyMismatch;
+use crate::{AutoencoderKl, ClipTextModel, Result, SdModelError, UNet2DConditionModel};
+
+/// How many keys an error lists per category.
+const SHOW: usize = 8;
+
+/// Reads one tensor's data when burn-store applies it.
+type TensorReader = Rc<dyn Fn() -> Result<TensorData, TensorSnapshotError>>;
+
+/// A memory-mapped safetensors file.
+pub struct WeightFile {
+    path: PathBuf,
+    mmap: Arc<memmap2::Mmap>,
+    data_start: usize,
+    infos: HashMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for WeightFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightFile")
+            .field("path", &self.path)
+            .field("tensors", &self.infos.len())
+            .finish()
+    }
+}
+
+impl WeightFile {
+    /// Opens and validates a safetensors file (header, offsets, sizes).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|source| SdModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the map is read-only; as with every mmap-based loader, the file must not be
+        // truncated by another process while it is being read.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| SdModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let corrupt = |e: safetensors::SafeTensorError| SdModelError::CorruptWeights {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        safetensors::SafeTensors::deserialize(&mmap).map_err(corrupt)?;
+        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(corrupt)?;
+        let infos = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, info)| (k, info.clone()))
+            .collect();
+        let metadata = metadata.metadata().clone().unwrap_or_default();
+        Ok(Self {
+            path,
+            mmap: Arc::new(mmap),
+            data_start: 8 + header_len,
+            infos,
+            metadata,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All tensor names.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.infos.keys().map(String::as_str)
+    }
+
+    /// The header's string metadata.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// A component config embedded in the header under `key`, if any.
+    fn embedded_config<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.metadata
+            .get(key)
+            .map(|json| {
+                serde_json::from_str(json).map_err(|e| SdModelError::InvalidConfig {
+                    origin: format!("{} (header `{key}`)", self.path.display()),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// Whether the file holds `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.infos.contains_key(key)
+    }
+
+    /// Shape of `key`.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.infos.get(key).map(|i| i.shape.as_slice())
+    }
+
+    /// Shape of a source after slicing / squeezing, or `None` if the key is absent or the
+    /// slice does not fit.
+    fn source_shape(&self, src: &TensorSource) -> Option<Vec<usize>> {
+        let mut shape = self.shape(&src.key)?.to_vec();
+        if let Some((start, end)) = src.rows {
+            if shape.is_empty() || end > shape[0] || start >= end {
+                return None;
+            }
+            shape[0] = end - start;
+        }
+        if src.squeeze_1x1 && shape.len() == 4 && shape[2] == 1 && shape[3] == 1 {
+            shape.truncate(2);
+        }
+        Some(shape)
+    }
+
+    /// A lazy reader for `src` (bytes are copied out of the map only when applied).
+    fn reader(&self, src: &TensorSource, shape: Vec<usize>) -> Result<(DType, TensorReader)> {
+        let info = self.infos.get(&src.key).ok_or_else(|| SdModelError::Layout {
+            path: self.path.clone(),
+            reason: format!("tensor `{}` is missing", src.key),
+        })?;
+        let dtype = match info.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            Dtype::F64 => DType::F64,
+            other => {
+                return Err(SdModelError::UnsupportedDtype {
+                    path: self.path.clone(),
+                    key: src.key.clone(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let elem = info.dtype.bitsize() / 8;
+        let (mut start, end) = (self.data_start + info.data_offsets.0, self.data_start + info.data_offsets.1);
+        let mut len = end - start;
+        if let Some((r0, r1)) = src.rows {
+            let row_bytes = len / info.shape[0];
+            start += r0 * row_bytes;
+            len = (r1 - r0) * row_bytes;
+        }
+        debug_assert_eq!(len, shape.iter().product::<usize>() * elem);
+        let mmap = Arc::clone(&self.mmap);
+        let read = move || Ok(TensorData::from_bytes_vec(mmap[start..start + len].to_vec(), shape.clone(), dtype));
+        Ok((dtype, Rc::new(read)))
+    }
+}
+
+/// Converts PyTorch-layout tensors to burn's (transposed linear weights) and casts them to
+/// the requested float type.
+#[derive(Clone)]
+struct LoadAdapter {
+    dtype: DType,
+}
+
+impl ModuleAdapter for LoadAdapter {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let adapted = PyTorchToBurnAdapter.adapt(snapshot);
+        if adapted.dtype == self.dtype {
+            return adapted;
+        }
+        let data_fn = adapted.clone_data_fn();
+        let target = self.dtype;
+        TensorSnapshot::from_closure(
+            Rc::new(move || data_fn().map(|d| d.convert_dtype(target))),
+            target,
+            adapted.shape.clone(),
+            adapted.path_stack.clone().unwrap_or_default(),
+            adapted.container_stack.clone().unwrap_or_default(),
+            adapted.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// One parameter of the model: its burn path and its shape in PyTorch layout.
+struct Expected {
+    burn_path: String,
+    file_shape: Vec<usize>,
+}
+
+/// The model's parameters keyed by their checkpoint (PyTorch) name.
+///
+/// Adapter-site wrappers hold their layer in a field named `base`, which checkpoints do not
+/// have; norms call their parameters `gamma`/`beta` where PyTorch says `weight`/`bias`;
+/// linear weights are stored transposed. Attached adapters are not checkpoint weights.
+fn expected_params<B: Backend, M: ModuleSnapshot<B>>(module: &M) -> BTreeMap<String, Expected> {
+    module
+        .collect(None, None, true)
+        .into_iter()
+        .filter_map(|s| {
+            let burn_path = s.full_path();
+            let segments: Vec<&str> = burn_path.split('.').collect();
+            if segments.contains(&"adapter") {
+                return None;
+            }
+            let module_type = s.module_type().unwrap_or_default();
+            let is_norm = matches!(module_type.as_str(), "Struct:LayerNorm" | "Struct:GroupNorm");
+            let last = segments.len() - 1;
+            let file_key: Vec<&str> = segments
+                .iter()
+                .enumerate()
+                .filter(|(_, seg)| **seg != "base")
+                .map(|(i, seg)| match (i == last && is_norm, *seg) {
+                    (true, "gamma") => "weight",
+                    (true, "beta") => "bias",
+                    _ => seg,
+                })
+                .collect();
+            let mut file_shape = s.shape.to_vec();
+            if module_type == "Struct:Linear" && segments[last] == "weight" && file_shape.len() == 2 {
+                file_shape.reverse();
+            }
+            Some((file_key.join("."), Expected { burn_path, file_shape }))
+        })
+        .collect()
+}
+
+fn first_few(mut v: Vec<String>) -> (Vec<String>, usize) {
+    v.sort();
+    let n = v.len();
+    v.truncate(SHOW);
+    (v, n)
+}
+
+/// Applies `mapping` (checkpoint name → source tensor) to `module`, casting to `dtype`.
+/// `unexpected` holds file keys already known to belong to this component but unmapped.
+fn apply_mapping<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    file: &WeightFile,
+    mapping: Vec<(String, TensorSource)>,
+    mut unexpected: Vec<String>,
+    component: &str,
+    dtype: DType,
+) -> Result<()> {
+    let expected = expected_params(module);
+    let mut provided = HashSet::new();
+    let mut mismatched = Vec::new();
+    let mut snapshots = Vec::with_capacity(mapping.len());
+    for (name, src) in mapping {
+        let Some(exp) = expected.get(&name) else {
+            unexpected.push(src.key.clone());
+            continue;
+        };
+        let shape = file.source_shape(&src);
+        if shape.as_deref() != Some(exp.file_shape.as_slice()) {
+            mismatched.push(format!(
+                "{}: file {:?} vs model {:?}",
+                src.key,
+                file.shape(&src.key).unwrap_or_default(),
+                exp.file_shape
+            ));
+            continue;
+        }
+        let shape = shape.unwrap_or_default();
+        let (file_dtype, read) = file.reader(&src, shape.clone())?;
+        provided.insert(name);
+        let path_stack = exp.burn_path.split('.').map(String::from).collect();
+        snapshots.push(TensorSnapshot::from_closure(
+            read,
+            file_dtype,
+            shape.into(),
+            path_stack,
+            vec![],
+            ParamId::new(),
+        ));
+    }
+    let missing: Vec<String> = expected.keys().filter(|k| !provided.contains(*k)).cloned().collect();
+    if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
+        return Err(SdModelError::KeyMismatch(Box::new(KeyMismatch {
+            path: file.path.clone(),
+            component: component.into(),
+            missing: first_few(missing),
+            unexpected: first_few(unexpected),
+            mismatched: first_few(mismatched),
+        })));
+    }
+    // Enum variants (`Projection::Conv` / `Linear`) are not part of checkpoint paths.
+    let result = module.apply(snapshots, None, Some(Box::new(LoadAdapter { dtype })), true);
+    if !result.errors.is_empty() {
+        return Err(SdModelError::KeyMismatch(Box::new(KeyMismatch {
+            path: file.path.clone(),
+            component: component.into(),
+            missing: (vec![], 0),
+            unexpected: (vec![], 0),
+            mismatched: first_few(result.errors.iter().map(|e| e.to_string()).collect()),
+        })));
+    }
+    Ok(())
+}
+
+/// Where a Stable Diffusion model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A diffusers folder (`model_index.json` and one folder per component).
+    Diffusers(PathBuf),
+    /// One `.safetensors` file in the original (LDM) layout.
+    SingleFile(PathBuf),
+}
+
+/// Precision and variant choices for loading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Float type of the loaded parameters (converted from whatever the file holds).
+    pub dtype: DType,
+    /// Prefer `*.fp16.safetensors` files in a diffusers folder when both exist.
+    pub prefer_fp16_files: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            prefer_fp16_files: false,
+        }
+    }
+}
+
+impl ModelSource {
+    /// A folder is a diffusers model, a file a single-file checkpoint.
+    pub fn detect(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|source| SdModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let has_component = ["text_encoder", "vae", "unet"].iter().any(|c| path.join(c).is_dir());
+            if !path.join("model_index.json").is_file() && !has_component {
+                return Err(SdModelError::Layout {
+                    path: path.to_path_buf(),
+                    reason: "not a diffusers model folder: no model_index.json and no text_encoder/, vae/ or unet/ folder".into(),
+                });
+            }
+            Ok(Self::Diffusers(path.to_path_buf()))
+        } else {
+            Ok(Self::SingleFile(path.to_path_buf()))
+        }
+    }
+
+    /// The weights file of a diffusers component folder (`text_encoder`, `vae`, `unet`).
+    fn component_file(dir: &Path, component: &str, stem: &str, options: &LoadOptions) -> Result<PathBuf> {
+        let folder = dir.join(component);
+        let full = folder.join(format!("{stem}.safetensors"));
+        let half = folder.join(format!("{stem}.fp16.safetensors"));
+        let order = if options.prefer_fp16_files { [half, full] } else { [full, half] };
+        order
+            .into_iter()
+            .find(|p| p.is_file())
+            .ok_or_else(|| SdModelError::Layout {
+                path: folder.clone(),
+                reason: format!("expected {stem}.safetensors or {stem}.fp16.safetensors"),
+            })
+    }
+
+    /// The text encoder config: the folder's `text_encoder/config.json`, or inferred from a
+    /// single file's tensor shapes (SD1 OpenAI CLIP or SD2 OpenCLIP).
+    pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
+        match self {
+            Self::Diffusers(dir) => read_clip_config(&dir.join("text_encoder/config.json")),
+            Self::SingleFile(path) => infer_clip_config(&WeightFile::open(path)?),
+        }
+    }
+
+    /// The VAE config: the folder's `vae/config.json`, or inferred from a single file.
+    pub fn vae_config(&self) -> Result<VaeConfig> {
+        match self {
+            Self::Diffusers(dir) => read_vae_config(&dir.join("vae/config.json")),
+            Self::SingleFile(path) => infer_vae_config(&WeightFile::open(path)?),
+        }
+    }
+
+    /// The UNet config: the folder's `unet/config.json`, or inferred from a single file.
+    pub fn unet_config(&self) -> Result<UnetConfig> {
+        match self {
+            Self::Diffusers(dir) => read_unet_config(&dir.join("unet/config.json")),
+            Self::SingleFile(path) => infer_unet_config(&WeightFile::open(path)?),
+        }
+    }
+
+    /// Builds the UNet from its config and loads its weights.
+    pub fn load_unet<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<UNet2DConditionModel<B>> {
+        let config = self.unet_config()?;
+        let mut model = UNet2DConditionModel::new(&config, device)?;
+        match self {
+            Self::Diffusers(dir) => {
+                let file = WeightFile::open(Self::component_file(dir, "unet", "diffusion_pytorch_model", options)?)?;
+                load_unet_diffusers(&mut model, &file, options.dtype)?;
+            }
+            Self::SingleFile(path) => load_unet_single_file(&mut model, &WeightFile::open(path)?, options.dtype)?,
+        }
+        Ok(model)
+    }
+
+    /// Builds the text encoder from its config and loads its weights.
+    pub fn load_text_encoder<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<ClipTextModel<B>> {
+        let config = self.text_encoder_config()?;
+        let mut model = ClipTextModel::new(&config, device)?;
+        match self {
+            Self::Diffusers(dir) => {
+                let file = WeightFile::open(Self::component_file(dir, "text_encoder", "model", options)?)?;
+                load_text_encoder_diffusers(&mut model, &file, options.dtype)?;
+            }
+            Self::SingleFile(path) => {
+                load_text_encoder_single_file(&mut model, &WeightFile::open(path)?, options.dtype)?;
+            }
+        }
+        Ok(model)
+    }
+
+    /// Builds the VAE from its config and loads its weights.
+    pub fn load_vae<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<AutoencoderKl<B>> {
+        let config = self.vae_config()?;
+        let mut model = AutoencoderKl::new(&config, device)?;
+        match self {
+            Self::Diffusers(dir) => {
+                let file = WeightFile::open(Self::component_file(dir, "vae", "diffusion_pytorch_model", options)?)?;
+                load_vae_diffusers(&mut model, &file, options.dtype)?;
+            }
+            Self::SingleFile(path) => load_vae_single_file(&mut model, &WeightFile::open(path)?, options.dtype)?,
+        }
+        Ok(model)
+    }
+}
+
+fn identity_mapping(file: &WeightFile) -> Vec<(String, TensorSource)> {
+    file.keys()
+        .filter(|k| !keymap::is_ignored_diffusers_key(k))
+        .map(|k| (k.to_string(), TensorSource::plain(k)))
+        .collect()
+}
+
+/// Loads a diffusers-layout text encoder file (`text_encoder/model.safetensors`).
+pub fn load_text_encoder_diffusers<B: Backend>(model: &mut ClipTextModel<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    apply_mapping(model, file, identity_mapping(file), vec![], "text_encoder", dtype)
+}
+
+/// Loads a diffusers-layout VAE file (`vae/diffusion_pytorch_model.safetensors`).
+pub fn load_vae_diffusers<B: Backend>(model: &mut AutoencoderKl<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    apply_mapping(model, file, identity_mapping(file), vec![], "vae", dtype)
+}
+
+/// Loads a diffusers-layout UNet file (`unet/diffusion_pytorch_model.safetensors`).
+pub fn load_unet_diffusers<B: Backend>(model: &mut UNet2DConditionModel<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    apply_mapping(model, file, identity_mapping(file), vec![], "unet", dtype)
+}
+
+/// Loads the UNet from a single-file checkpoint (`model.diffusion_model.*`).
+pub fn load_unet_single_file<B: Backend>(model: &mut UNet2DConditionModel<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    let layout = keymap::UnetLayout::of(model);
+    let mut mapping = Vec::new();
+    let mut unexpected = Vec::new();
+    for key in file.keys().filter(|k| k.starts_with(keymap::LDM_UNET_PREFIX)) {
+        match layout.ldm_key(key) {
+            Some(path) => mapping.push((path, TensorSource::plain(key))),
+            None => unexpected.push(key.to_string()),
+        }
+    }
+    apply_mapping(model, file, mapping, unexpected, "unet", dtype)
+}
+
+/// Loads the text encoder from a single-file checkpoint (SD1 or SD2 key layout).
+pub fn load_text_encoder_single_file<B: Backend>(model: &mut ClipTextModel<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    let width = model.text_model.embeddings.token_embedding.weight.dims()[1];
+    let layers = model.num_layers();
+    let mut mapping = Vec::new();
+    let mut unexpected = Vec::new();
+    for key in file.keys().filter(|k| k.starts_with("cond_stage_model.")) {
+        if keymap::is_ignored_single_file_key(key) {
+            continue;
+        }
+        if key.starts_with("cond_stage_model.model.") {
+            match keymap::open_clip_key(key, width, layers) {
+                Some(pairs) => mapping.extend(pairs),
+                None => unexpected.push(key.to_string()),
+            }
+        } else if let Some(path) = keymap::sd1_text_key(key) {
+            mapping.push((path, TensorSource::plain(key)));
+        } else {
+            unexpected.push(key.to_string());
+        }
+    }
+    apply_mapping(model, file, mapping, unexpected, "text_encoder", dtype)
+}
+
+/// Loads the VAE from a single-file checkpoint (`first_stage_model.*`).
+pub fn load_vae_single_file<B: Backend>(model: &mut AutoencoderKl<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    let levels = model.encoder.down_blocks.len();
+    let mut mapping = Vec::new();
+    let mut unexpected = Vec::new();
+    for key in file.keys().filter(|k| k.starts_with("first_stage_model.")) {
+        match keymap::ldm_vae_key(key, levels) {
+            Some(pair) => mapping.push(pair),
+            None => unexpected.push(key.to_string()),
+        }
+    }
+    apply_mapping(model, file, mapping, unexpected, "vae", dtype)
+}
+
+fn layout_error(file: &WeightFile, reason: &str) -> SdModelError {
+    SdModelError::Layout {
+        path: file.path.clone(),
+        reason: reason.into(),
+    }
+}
+
+/// Counts `prefix{N}.` indices present in the file.
+fn count_indexed(file: &WeightFile, prefix: &str) -> usize {
+    file.keys()
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
+/// Header key under which a single file may embed its text encoder config (JSON, the
+/// transformers `config.json` fields). Files written by this project do; downloaded
+/// checkpoints do not, and their config is inferred from tensor shapes.
+pub const TEXT_ENCODER_CONFIG_KEY: &str = "sd_model:text_encoder_config";
+/// Header key for an embedded VAE config (diffusers `config.json` fields).
+pub const VAE_CONFIG_KEY: &str = "sd_model:vae_config";
+
+/// The text encoder config of a single file: embedded in its header, else SD1 (OpenAI CLIP
+/// ViT-L) or SD2 (OpenCLIP ViT-H) inferred from tensor shapes (64-wide heads).
+pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
+    if let Some(config) = file.embedded_config::<ClipTextConfig>(TEXT_ENCODER_CONFIG_KEY)? {
+        config.validate(&file.path.display().to_string())?;
+        return Ok(config);
+    }
+    if let Some(shape) = file.shape("cond_stage_model.model.token_embedding.weight") {
+        let hidden = shape[1];
+        let total = count_indexed(file, "cond_stage_model.model.transformer.resblocks.");
+        let inter = file
+            .shape("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight")
+            .map_or(hidden * 4, |s| s[0]);
+        return Ok(ClipTextConfig {
+            vocab_size: shape[0],
+            hidden_size: hidden,
+            intermediate_size: inter,
+            // SD2 conditions on the penultimate OpenCLIP layer: diffusers keeps 23 of 24.
+            num_hidden_layers: total.saturating_sub(1).max(1),
+            num_attention_heads: hidden / 64,
+            max_position_embeddings: file.shape("cond_stage_model.model.positional_embedding").map_or(77, |s| s[0]),
+            hidden_act: HiddenAct::Gelu,
+            layer_norm_eps: 1e-5,
+        });
+    }
+    let prefix = ["cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."]
+        .into_iter()
+        .find(|p| file.contains(&format!("{p}embeddings.token_embedding.weight")))
+        .ok_or_else(|| layout_error(file, "no text encoder found (expected cond_stage_model.transformer.* or cond_stage_model.model.*)"))?;
+    let emb = file.shape(&format!("{prefix}embeddings.token_embedding.weight")).unwrap_or(&[49408, 768]);
+    let hidden = emb[1];
+    Ok(ClipTextConfig {
+        vocab_size: emb[0],
+        hidden_size: hidden,
+        intermediate_size: file
+            .shape(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"))
+            .map_or(hidden * 4, |s| s[0]),
+        num_hidden_layers: count_indexed(file, &format!("{prefix}encoder.layers.")),
+        num_attention_heads: hidden / 64,
+        max_position_embeddings: file
+            .shape(&format!("{prefix}embeddings.position_embedding.weight"))
+            .map_or(77, |s| s[0]),
+        hidden_act: HiddenAct::QuickGelu,
+        layer_norm_eps: 1e-5,
+    })
+}
+
+/// The VAE config of a single file: embedded in its header, else inferred from tensor
+/// shapes (levels, channels, blocks per level; SD's 32 GroupNorm groups).
+pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
+    if let Some(config) = file.embedded_config::<VaeConfig>(VAE_CONFIG_KEY)? {
+        config.validate(&file.path.display().to_string())?;
+        return Ok(config);
+    }
+    let levels = count_indexed(file, "first_stage_model.encoder.down.");
+    if levels == 0 {
+        return Err(layout_error(file, "no VAE found (expected first_stage_model.encoder.down.*)"));
+    }
+    let block_out_channels = (0..levels)
+        .map(|i| {
+            file.shape(&format!("first_stage_model.encoder.down.{i}.block.0.conv1.weight"))
+                .map(|s| s[0])
+                .ok_or_else(|| layout_error(file, &format!("first_stage_model.encoder.down.{i}.block.0.conv1.weight is missing")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let latent2 = file
+        .shape("first_stage_model.encoder.conv_out.weight")
+        .map_or(8, |s| s[0]);
+    Ok(VaeConfig {
+        block_out_channels,
+        layers_per_block: count_indexed(file, "first_stage_model.encoder.down.0.block."),
+        latent_channels: latent2 / 2,
+        down_block_types: vec!["DownEncoderBlock2D".into(); levels],
+        up_block_types: vec!["UpDecoderBlock2D".into(); levels],
+        ..VaeConfig::sd15()
+    })
+}
+
+/// Header key for an embedded UNet config (diffusers `config.json` fields).
+pub const UNET_CONFIG_KEY: &str = "sd_model:unet_config";
+
+/// The UNet config of a single file: embedded in its header, else inferred from tensor
+/// shapes (channels, levels, blocks per level, attention levels, projection kind, text
+/// width; SD1.x uses 8 heads, SD2.x 64-wide heads).
+pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
+    if let Some(config) = file.embedded_config::<UnetConfig>(UNET_CONFIG_KEY)? {
+        config.validate(&file.path.display().to_string())?;
+        return Ok(config);
+    }
+    let p = keymap::LDM_UNET_PREFIX;
+    let shape = |k: &str| file.shape(&format!("{p}{k}")).map(<[usize]>::to_vec);
+    let conv_in = shape("input_blocks.0.0.weight").ok_or_else(|| layout_error(file, "no UNet found (expected model.diffusion_model.input_blocks.0.0.weight)"))?;
+    let n_input = count_indexed(file, &format!("{p}input_blocks."));
+    let n_output = count_indexed(file, &format!("{p}output_blocks."));
+    // Level 0 has `layers` ResNets, then (if there is a second level) its downsampler,
+    // `input_blocks.{layers+1}.0.op`; there are `levels · (layers + 1)` output blocks.
+    let layers = (1..n_input)
+        .find(|n| file.contains(&format!("{p}input_blocks.{n}.0.op.weight")))
+        .map_or(n_input.saturating_sub(1), |n| n - 1);
+    if layers == 0 || !n_output.is_multiple_of(layers + 1) || n_input != n_output {
+        return Err(layout_error(file, &format!("cannot infer UNet levels from {n_input} input and {n_output} output blocks")));
+    }
+    let levels = n_output / (layers + 1);
+    let mut channels = Vec::new();
+    let mut down = Vec::new();
+    let mut up = Vec::new();
+    let mut context_dim = 768;
+    let mut linear = false;
+    for i in 0..levels {
+        let n = 1 + i * (layers + 1);
+        let c = shape(&format!("input_blocks.{n}.0.out_layers.3.weight"))
+            .ok_or_else(|| layout_error(file, &format!("{p}input_blocks.{n}.0.out_layers.3.weight is missing")))?[0];
+        channels.push(c);
+        let attn = format!("input_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight");
+        if let Some(s) = shape(&attn) {
+            context_dim = s[1];
+            linear = shape(&format!("input_blocks.{n}.1.proj_in.weight")).is_some_and(|s| s.len() == 2);
+            down.push("CrossAttnDownBlock2D".to_string());
+        } else {
+            down.push("DownBlock2D".to_string());
+        }
+    }
+    for i in 0..levels {
+        let n = i * (layers + 1);
+        let cross = shape(&format!("output_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight")).is_some();
+        up.push(if cross { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string());
+    }
+    let sd2 = context_dim == 1024;
+    let heads = if sd2 {
+        PerBlock::Each(channels.iter().map(|c| c / 64).collect())
+    } else {
+        PerBlock::All(8)
+    };
+    let config = UnetConfig {
+        in_channels: conv_in[1],
+        out_channels: shape("out.2.weight").map_or(4, |s| s[0]),
+        sample_size: if sd2 { 96 } else { 64 },
+        down_block_types: down,
+        up_block_types: up,
+        block_out_channels: channels,
+        layers_per_block: layers,
+        cross_attention_dim: context_dim,
+        attention_head_dim: heads,
+        use_linear_projection: linear,
+        upcast_attention: sd2,
+        ..UnetConfig::sd15()
+    };
+    config.validate(&file.path.display().to_string())?;
+    Ok(config)
+}

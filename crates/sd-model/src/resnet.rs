@@ -1,0 +1,137 @@
+//! ResNet blocks and resamplers shared by the VAE and the UNet (diffusers' `resnet.py`).
+
+use burn::module::Module;
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::interpolate::{Interpolate2dConfig, InterpolateMode};
+use burn::nn::{GroupNorm, GroupNormConfig, LinearConfig, PaddingConfig2d};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use lora_core::{LoraConv2d, LoraLinear};
+
+/// A conv layer with the given kernel, "same" padding for odd kernels, as an adapter site.
+pub(crate) fn conv<B: Backend>(c_in: usize, c_out: usize, kernel: usize, device: &B::Device) -> LoraConv2d<B> {
+    let p = kernel / 2;
+    LoraConv2d::new(
+        Conv2dConfig::new([c_in, c_out], [kernel, kernel])
+            .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+            .init(device),
+    )
+}
+
+pub(crate) fn group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, device: &B::Device) -> GroupNorm<B> {
+    GroupNormConfig::new(groups, channels).with_epsilon(eps).init(device)
+}
+
+/// diffusers' `ResnetBlock2D` with the default time-embedding norm.
+#[derive(Module, Debug)]
+pub struct ResnetBlock2D<B: Backend> {
+    /// First norm.
+    pub norm1: GroupNorm<B>,
+    /// First 3x3 conv.
+    pub conv1: LoraConv2d<B>,
+    /// Projection of the time embedding (UNet only).
+    pub time_emb_proj: Option<LoraLinear<B>>,
+    /// Second norm.
+    pub norm2: GroupNorm<B>,
+    /// Second 3x3 conv.
+    pub conv2: LoraConv2d<B>,
+    /// 1x1 conv on the skip path when channels change.
+    pub conv_shortcut: Option<LoraConv2d<B>>,
+}
+
+impl<B: Backend> ResnetBlock2D<B> {
+    /// A block `c_in → c_out`; `temb_channels` adds the time-embedding projection.
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            norm1: group_norm(groups, c_in, eps, device),
+            conv1: conv(c_in, c_out, 3, device),
+            time_emb_proj: temb_channels.map(|t| LoraLinear::new(LinearConfig::new(t, c_out).init(device))),
+            norm2: group_norm(groups, c_out, eps, device),
+            conv2: conv(c_out, c_out, 3, device),
+            conv_shortcut: (c_in != c_out).then(|| conv(c_in, c_out, 1, device)),
+        }
+    }
+
+    /// `x [B, C, H, W]`, optional `temb [B, T]`.
+    pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
+        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let [b, c] = [h.dims()[0], h.dims()[1]];
+            h = h + proj.forward(silu(temb)).reshape([b, c, 1, 1]);
+        }
+        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x),
+            None => x,
+        };
+        skip + h
+    }
+}
+
+/// Stride-2 downsampling conv. With `pad_right_bottom` (the VAE's form) the input is padded
+/// by one pixel right and bottom and the conv has no padding; otherwise padding is 1.
+#[derive(Module, Debug)]
+pub struct Downsample2D<B: Backend> {
+    /// The 3x3 stride-2 conv.
+    pub conv: LoraConv2d<B>,
+}
+
+impl<B: Backend> Downsample2D<B> {
+    /// A downsampler for `channels` channels.
+    pub fn new(channels: usize, pad_right_bottom: bool, device: &B::Device) -> Self {
+        let padding = if pad_right_bottom {
+            PaddingConfig2d::Explicit(0, 0, 1, 1)
+        } else {
+            PaddingConfig2d::Explicit(1, 1, 1, 1)
+        };
+        Self {
+            conv: LoraConv2d::new(
+                Conv2dConfig::new([channels, channels], [3, 3])
+                    .with_stride([2, 2])
+                    .with_padding(padding)
+                    .init(device),
+            ),
+        }
+    }
+
+    /// Halves height and width.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.conv.forward(x)
+    }
+}
+
+/// Nearest-neighbour 2x upsampling followed by a 3x3 conv.
+#[derive(Module, Debug)]
+pub struct Upsample2D<B: Backend> {
+    /// The 3x3 conv.
+    pub conv: LoraConv2d<B>,
+}
+
+impl<B: Backend> Upsample2D<B> {
+    /// An upsampler for `channels` channels.
+    pub fn new(channels: usize, device: &B::Device) -> Self {
+        Self {
+            conv: conv(channels, channels, 3, device),
+        }
+    }
+
+    /// Doubles height and width.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, h, w] = x.dims();
+        let up = Interpolate2dConfig::new()
+            .with_output_size(Some([h * 2, w * 2]))
+            .with_mode(InterpolateMode::Nearest)
+            .with_align_corners(false)
+            .init()
+            .forward(x);
+        self.conv.forward(up)
+    }
+}

@@ -1,0 +1,208 @@
+//! Spatial transformers of the UNet (diffusers' `Transformer2DModel`, `BasicTransformerBlock`,
+//! `Attention`, `FeedForward` with GEGLU).
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use lora_core::{LoraConv2d, LoraLinear};
+
+use crate::attention::multi_head_attention;
+use crate::resnet::{conv, group_norm};
+
+fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> LoraLinear<B> {
+    LoraLinear::new(LinearConfig::new(d_in, d_out).with_bias(bias).init(device))
+}
+
+/// Multi-head attention with separate projections; `to_k`/`to_v` read the context.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection (no bias).
+    pub to_q: LoraLinear<B>,
+    /// Key projection (no bias).
+    pub to_k: LoraLinear<B>,
+    /// Value projection (no bias).
+    pub to_v: LoraLinear<B>,
+    /// Output projection (`to_out.0`, with bias).
+    pub to_out: Vec<LoraLinear<B>>,
+    /// Number of heads.
+    pub heads: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attention of width `dim` over a context of width `context_dim`.
+    pub fn new(dim: usize, context_dim: usize, heads: usize, device: &B::Device) -> Self {
+        Self {
+            to_q: linear(dim, dim, false, device),
+            to_k: linear(context_dim, dim, false, device),
+            to_v: linear(context_dim, dim, false, device),
+            to_out: vec![linear(dim, dim, true, device)],
+            heads,
+        }
+    }
+
+    /// `x [B, N, dim]` attends to `context [B, M, context_dim]` (itself when `None`).
+    pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let context = context.unwrap_or_else(|| x.clone());
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        let mut out = multi_head_attention(q, k, v, self.heads, false);
+        for layer in &self.to_out {
+            out = layer.forward(out);
+        }
+        out
+    }
+}
+
+/// GELU-gated linear unit: `proj` to twice the width, `hidden · gelu(gate)`.
+#[derive(Module, Debug)]
+pub struct Geglu<B: Backend> {
+    /// `dim → 2 · inner`.
+    pub proj: LoraLinear<B>,
+}
+
+/// The feed-forward block: `net.0` is the GEGLU, `net.1` diffusers' (parameter-free)
+/// dropout, `net.2` the output layer `inner → dim`; a tuple keeps diffusers' indices.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// GEGLU, dropout (inactive at p = 0), output layer.
+    pub net: (Geglu<B>, Dropout, LoraLinear<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    fn new(dim: usize, device: &B::Device) -> Self {
+        let inner = dim * 4;
+        Self {
+            net: (
+                Geglu {
+                    proj: linear(dim, inner * 2, true, device),
+                },
+                DropoutConfig::new(0.0).init(),
+                linear(inner, dim, true, device),
+            ),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.net.0.proj.forward(x);
+        let inner = h.dims()[2] / 2;
+        let mut halves = h.split(inner, 2).into_iter();
+        let (hidden, gate) = match (halves.next(), halves.next()) {
+            (Some(a), Some(b)) => (a, b),
+            _ => unreachable!("proj has an even width by construction"),
+        };
+        self.net.2.forward(self.net.1.forward(hidden * gelu(gate)))
+    }
+}
+
+/// Self-attention, cross-attention and feed-forward, each pre-LayerNorm with a residual.
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock<B: Backend> {
+    /// Norm before self-attention.
+    pub norm1: LayerNorm<B>,
+    /// Self-attention.
+    pub attn1: Attention<B>,
+    /// Norm before cross-attention.
+    pub norm2: LayerNorm<B>,
+    /// Cross-attention to the text embeddings.
+    pub attn2: Attention<B>,
+    /// Norm before the feed-forward.
+    pub norm3: LayerNorm<B>,
+    /// Feed-forward.
+    pub ff: FeedForward<B>,
+}
+
+impl<B: Backend> BasicTransformerBlock<B> {
+    fn new(dim: usize, context_dim: usize, heads: usize, device: &B::Device) -> Self {
+        let ln = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
+        Self {
+            norm1: ln(),
+            attn1: Attention::new(dim, dim, heads, device),
+            norm2: ln(),
+            attn2: Attention::new(dim, context_dim, heads, device),
+            norm3: ln(),
+            ff: FeedForward::new(dim, device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
+        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+/// `proj_in` / `proj_out`: a 1x1 conv (SD1.x) or a linear layer (SD2.x).
+// One projection exists per transformer, so the size difference of the variants is immaterial.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Projection<B: Backend> {
+    /// 1x1 convolution on the feature map.
+    Conv(LoraConv2d<B>),
+    /// Linear layer on the token sequence.
+    Linear(LoraLinear<B>),
+}
+
+/// A spatial transformer: GroupNorm, `proj_in`, transformer blocks, `proj_out`, residual.
+#[derive(Module, Debug)]
+pub struct Transformer2DModel<B: Backend> {
+    /// Input norm.
+    pub norm: GroupNorm<B>,
+    /// Input projection.
+    pub proj_in: Projection<B>,
+    /// The blocks.
+    pub transformer_blocks: Vec<BasicTransformerBlock<B>>,
+    /// Output projection.
+    pub proj_out: Projection<B>,
+}
+
+impl<B: Backend> Transformer2DModel<B> {
+    /// A transformer over `channels` channels with `heads` heads and `layers` blocks.
+    pub fn new(
+        channels: usize,
+        context_dim: usize,
+        heads: usize,
+        layers: usize,
+        groups: usize,
+        linear_projection: bool,
+        device: &B::Device,
+    ) -> Self {
+        let proj = || {
+            if linear_projection {
+                Projection::Linear(linear(channels, channels, true, device))
+            } else {
+                Projection::Conv(conv(channels, channels, 1, device))
+            }
+        };
+        Self {
+            norm: group_norm(groups, channels, 1e-6, device),
+            proj_in: proj(),
+            transformer_blocks: (0..layers)
+                .map(|_| BasicTransformerBlock::new(channels, context_dim, heads, device))
+                .collect(),
+            proj_out: proj(),
+        }
+    }
+
+    /// `x [B, C, H, W]` conditioned on `context [B, M, context_dim]`.
+    pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
+        let [b, c, h, w] = x.dims();
+        let to_seq = |t: Tensor<B, 4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let to_map = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        let normed = self.norm.forward(x.clone());
+        let mut seq = match &self.proj_in {
+            Projection::Conv(p) => to_seq(p.forward(normed)),
+            Projection::Linear(p) => p.forward(to_seq(normed)),
+        };
+        for block in &self.transformer_blocks {
+            seq = block.forward(seq, context.clone());
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(p) => p.forward(to_map(seq)),
+            Projection::Linear(p) => to_map(p.forward(seq)),
+        };
+        out + x
+    }
+}

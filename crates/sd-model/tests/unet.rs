@@ -1,0 +1,125 @@
+//! The UNet matches diffusers on tiny SD1-like (conv projections) and SD2-like (linear
+//! projections, per-block heads) models, in both checkpoint layouts, with and without LoRA
+//! files in both adapter layouts (fixtures from `xtask/fixtures/sd_model.py`).
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{Tensor, TensorData};
+use lora_core::sites;
+use lora_core::{AdapterKey, AdapterSet, Component, ModuleIndex, ReadOptions};
+use sd_model::load::{LoadOptions, ModelSource};
+use sd_model::{UNet2DConditionModel, UnetConfig};
+
+type B = Flex;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+fn read_f32(file: &str, key: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(fixtures().join(file)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let view = st.tensor(key).unwrap();
+    assert_eq!(view.dtype(), safetensors::Dtype::F32);
+    let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    (view.shape().to_vec(), data)
+}
+
+fn input<const D: usize>(key: &str) -> Tensor<B, D> {
+    let (shape, data) = read_f32("inputs.safetensors", key);
+    Tensor::from_data(TensorData::new(data, shape), &Default::default())
+}
+
+fn run(unet: &UNet2DConditionModel<B>) -> Vec<f32> {
+    let out = unet.forward(input("unet_latents"), input("timesteps"), input("encoder_hidden_states")).unwrap();
+    out.into_data().to_vec::<f32>().unwrap()
+}
+
+fn assert_close(got: &[f32], key: &str) {
+    let (_, want) = read_f32("outputs.safetensors", key);
+    let diff: f64 = got.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    let err = (diff / norm).sqrt();
+    assert!(err <= 1e-4, "{key}: relative error {err:e}");
+}
+
+fn load(name: &str, single_file: bool) -> UNet2DConditionModel<B> {
+    let path = if single_file {
+        fixtures().join(format!("{name}_single_file.safetensors"))
+    } else {
+        fixtures().join(name)
+    };
+    ModelSource::detect(path).unwrap().load_unet(&Default::default(), &LoadOptions::default()).unwrap()
+}
+
+#[test]
+fn unet_matches_diffusers_in_both_layouts() {
+    for name in ["sd1", "sd2"] {
+        for single_file in [false, true] {
+            assert_close(&run(&load(name, single_file)), &format!("{name}_unet_out"));
+        }
+    }
+}
+
+#[test]
+fn unet_with_lora_files_matches_diffusers_load_lora_weights() {
+    for name in ["sd1", "sd2"] {
+        let mut base = load(name, false);
+        let mut index = ModuleIndex::new();
+        sites::add_to_index(&mut index, &mut base).unwrap();
+        for fmt in ["kohya", "peft"] {
+            let path = fixtures().join(format!("{name}_lora_{fmt}.safetensors"));
+            let (set, report) = AdapterSet::load(&path, &index, ReadOptions::default()).unwrap();
+            assert!(report.skipped.is_empty());
+            let mut unet = base.clone();
+            let n = sites::attach_adapters(&mut unet, &set, 1.0, &Default::default()).unwrap();
+            assert_eq!(n, set.len());
+            assert_close(&run(&unet), &format!("{name}_unet_out_lora_{fmt}"));
+        }
+    }
+}
+
+/// Every kohya name of every adapter site resolves to the right module, for the full-size
+/// SD1.5 and SD2.1 module trees (built at reduced width: the tree is what matters).
+#[test]
+fn kohya_keys_round_trip_for_sd15_and_sd21_module_trees() {
+    for (config, attn_mlp) in [(UnetConfig::sd15(), 192), (UnetConfig::sd21(), 192)] {
+        let narrow = UnetConfig {
+            block_out_channels: vec![32, 32, 64, 64],
+            norm_num_groups: 8,
+            attention_head_dim: sd_model::PerBlock::All(2),
+            cross_attention_dim: 16,
+            ..config
+        };
+        let mut unet = UNet2DConditionModel::<B>::new(&narrow, &Default::default()).unwrap();
+        let paths = sites::site_paths(&mut unet);
+        let mut index = ModuleIndex::new();
+        sites::add_to_index(&mut index, &mut unet).unwrap();
+        for path in &paths {
+            let key = AdapterKey::new(Component::Unet, path.clone());
+            assert_eq!(index.resolve_kohya(&key.kohya_name()), Some(&key), "{path}");
+        }
+        let kohya_default = paths
+            .iter()
+            .filter(|p| p.contains(".attentions.") && [".to_q", ".to_k", ".to_v", ".to_out.0", ".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out"].iter().any(|s| p.ends_with(s)))
+            .count();
+        assert_eq!(kohya_default, attn_mlp, "kohya's default UNet target set");
+        assert!(paths.contains(&"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k".to_string()));
+        assert!(paths.contains(&"up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj".to_string()));
+        assert!(paths.contains(&"mid_block.resnets.1.time_emb_proj".to_string()));
+    }
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let unet = UNet2DConditionModel::<B>::new(&UnetConfig::tiny(), &Default::default()).unwrap();
+    let device = Default::default();
+    let t = Tensor::<B, 1>::from_floats([1.0], &device);
+    let ctx = Tensor::<B, 3>::zeros([1, 77, 32], &device);
+    assert!(unet.forward(Tensor::zeros([1, 4, 7, 8], &device), t.clone(), ctx.clone()).is_err());
+    assert!(unet.forward(Tensor::zeros([1, 3, 8, 8], &device), t.clone(), ctx.clone()).is_err());
+    assert!(unet.forward(Tensor::zeros([1, 4, 8, 8], &device), Tensor::zeros([2], &device), ctx).is_err());
+    let err = unet.forward(Tensor::zeros([1, 4, 8, 8], &device), t, Tensor::zeros([1, 77, 16], &device)).unwrap_err();
+    assert!(err.to_string().contains("encoder_hidden_states"), "{err}");
+}

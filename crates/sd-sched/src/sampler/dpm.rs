@@ -1,0 +1,354 @@
+use burn::tensor::{backend::Backend, Tensor};
+
+use super::euler::reject_sigma_spacings;
+use super::{check_index, check_steps, reject_common, unsupported, Sampler};
+use crate::config::{
+    AlgorithmType, BetaSchedule, FinalSigmasType, PredictionType, SchedulerConfig, SolverType,
+    TimestepSpacing,
+};
+use crate::error::{Result, SchedError};
+use crate::noise::NoiseSource;
+use crate::numerics::{
+    karras_sigmas, np_interp_index, np_linspace, round_half_even, sigma_to_t,
+    sigmas_from_alphas_cumprod,
+};
+use crate::schedule::NoiseSchedule;
+
+const NAME: &str = "DPMSolverMultistepScheduler";
+
+/// DPM-Solver++ multistep (`DPMSolverMultistepScheduler`, Lu et al. 2022): "DPM++ 2M"
+/// with `solver_order` 2, "3M" with 3, "2M SDE" with `algorithm_type` `sde-dpmsolver++`
+/// (which draws fresh noise on every step), each optionally with Karras sigmas.
+///
+/// Honours `solver_order`, `algorithm_type` (`dpmsolver++`, `sde-dpmsolver++`),
+/// `solver_type`, `lower_order_final`, `euler_at_final`, `final_sigmas_type`,
+/// `use_karras_sigmas`, `sigma_min`, `sigma_max`, `lambda_min_clipped`,
+/// `timestep_spacing` (default `linspace`), `steps_offset`, `prediction_type` and the
+/// schedule keys. Must be stepped in order.
+#[derive(Debug, Clone)]
+pub struct DpmSolverMultistepSampler<B: Backend> {
+    config: SchedulerConfig,
+    train_sigmas: Vec<f32>,
+    lambdas: Vec<f32>,
+    timesteps: Vec<f32>,
+    sigmas: Vec<f32>,
+    /// The last `solver_order` data predictions, oldest first.
+    model_outputs: Vec<Tensor<B, 4>>,
+    lower_order_nums: usize,
+    next_step: usize,
+}
+
+impl<B: Backend> DpmSolverMultistepSampler<B> {
+    /// Builds the sampler; fails on the deprecated `dpmsolver` / `sde-dpmsolver`
+    /// algorithms and on sigma spacings this crate does not implement.
+    pub fn new(config: &SchedulerConfig) -> Result<Self> {
+        reject_common(config, NAME)?;
+        reject_sigma_spacings(config, NAME)?;
+        if matches!(
+            config.algorithm_type,
+            AlgorithmType::DpmSolver | AlgorithmType::SdeDpmSolver
+        ) {
+            return Err(unsupported(NAME, "algorithm_type", config.algorithm_type));
+        }
+        let ac = NoiseSchedule::new(config)?.alphas_cumprod_sigma_safe();
+        let lambdas = ac
+            .iter()
+            .map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln())
+            .collect();
+        Ok(Self {
+            config: config.clone(),
+            train_sigmas: sigmas_from_alphas_cumprod(&ac),
+            lambdas,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            model_outputs: Vec::new(),
+            lower_order_nums: 0,
+            next_step: 0,
+        })
+    }
+
+    /// Spaced timesteps before any Karras re-spacing (f64, descending).
+    fn spaced_timesteps(&self, n: usize) -> Vec<f64> {
+        let c = &self.config;
+        let t = c.num_train_timesteps;
+        // torch.searchsorted(flip(λ), lambda_min_clipped): how many λ lie below the clip.
+        let clip = c.lambda_min_clipped as f32;
+        let clipped_idx = self.lambdas.iter().filter(|&&l| l < clip).count();
+        let last = t - clipped_idx;
+        match c.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
+            TimestepSpacing::Linspace => {
+                let mut v: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, n + 1)
+                    .into_iter()
+                    .map(round_half_even)
+                    .collect();
+                v.reverse();
+                v.pop();
+                v
+            }
+            TimestepSpacing::Leading => {
+                let ratio = last / (n + 1);
+                (1..=n)
+                    .rev()
+                    .map(|i| (i * ratio + c.steps_offset) as f64)
+                    .collect()
+            }
+            TimestepSpacing::Trailing => super::spacing::trailing_from(last, t, n),
+        }
+    }
+
+    /// `(αₜ, σₜ)` of the VP process at k-diffusion noise level `sigma`.
+    fn alpha_sigma(sigma: f32) -> (f32, f32) {
+        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+        (alpha, sigma * alpha)
+    }
+
+    /// Log-SNR λ = ln α − ln σ and α, σ at step index `i`.
+    fn lambda_at(&self, i: usize) -> (f32, f32, f32) {
+        let (a, s) = Self::alpha_sigma(self.sigmas[i]);
+        (a.ln() - s.ln(), a, s)
+    }
+
+    /// The data prediction x̂₀.
+    fn convert(&self, model_output: Tensor<B, 4>, sample: &Tensor<B, 4>, i: usize) -> Tensor<B, 4> {
+        let (alpha_t, sigma_t) = Self::alpha_sigma(self.sigmas[i]);
+        match self.config.prediction_type {
+            PredictionType::Epsilon => {
+                (sample.clone() - model_output.mul_scalar(sigma_t)).div_scalar(alpha_t)
+            }
+            PredictionType::Sample => model_output,
+            PredictionType::VPrediction => {
+                sample.clone().mul_scalar(alpha_t) - model_output.mul_scalar(sigma_t)
+            }
+        }
+    }
+
+    fn first_order(
+        &self,
+        i: usize,
+        m0: Tensor<B, 4>,
+        sample: Tensor<B, 4>,
+        noise: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        let (lambda_t, alpha_t, sigma_t) = self.lambda_at(i + 1);
+        let (lambda_s, _, sigma_s) = self.lambda_at(i);
+        let h = lambda_t - lambda_s;
+        match noise {
+            None => {
+                sample.mul_scalar(sigma_t / sigma_s) - m0.mul_scalar(alpha_t * ((-h).exp() - 1.0))
+            }
+            Some(z) => {
+                let e2h = (-2.0 * h).exp();
+                sample.mul_scalar(sigma_t / sigma_s * (-h).exp())
+                    + m0.mul_scalar(alpha_t * (1.0 - e2h))
+                    + z.mul_scalar(sigma_t * (1.0 - e2h).sqrt())
+            }
+        }
+    }
+
+    fn second_order(
+        &self,
+        i: usize,
+        sample: Tensor<B, 4>,
+        noise: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        let k = self.model_outputs.len();
+        let (m0, m1) = (
+            self.model_outputs[k - 1].clone(),
+            self.model_outputs[k - 2].clone(),
+        );
+        let (lambda_t, alpha_t, sigma_t) = self.lambda_at(i + 1);
+        let (lambda_s0, _, sigma_s0) = self.lambda_at(i);
+        let (lambda_s1, _, _) = self.lambda_at(i - 1);
+        let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
+        let r0 = h_0 / h;
+        let d1 = (m0.clone() - m1).mul_scalar(1.0 / r0);
+        let d0 = m0;
+        let heun = self.config.solver_type == SolverType::Heun;
+        match noise {
+            None => {
+                let em1 = (-h).exp() - 1.0;
+                let x = sample.mul_scalar(sigma_t / sigma_s0) - d0.mul_scalar(alpha_t * em1);
+                if heun {
+                    x + d1.mul_scalar(alpha_t * (em1 / h + 1.0))
+                } else {
+                    x - d1.mul_scalar(0.5 * (alpha_t * em1))
+                }
+            }
+            Some(z) => {
+                let e2h = (-2.0 * h).exp();
+                let x = sample.mul_scalar(sigma_t / sigma_s0 * (-h).exp())
+                    + d0.mul_scalar(alpha_t * (1.0 - e2h));
+                let x = if heun {
+                    x + d1.mul_scalar(alpha_t * ((1.0 - e2h) / (-2.0 * h) + 1.0))
+                } else {
+                    x + d1.mul_scalar(0.5 * (alpha_t * (1.0 - e2h)))
+                };
+                x + z.mul_scalar(sigma_t * (1.0 - e2h).sqrt())
+            }
+        }
+    }
+
+    fn third_order(
+        &self,
+        i: usize,
+        sample: Tensor<B, 4>,
+        noise: Option<Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        let k = self.model_outputs.len();
+        let m0 = self.model_outputs[k - 1].clone();
+        let m1 = self.model_outputs[k - 2].clone();
+        let m2 = self.model_outputs[k - 3].clone();
+        let (lambda_t, alpha_t, sigma_t) = self.lambda_at(i + 1);
+        let (lambda_s0, _, sigma_s0) = self.lambda_at(i);
+        let (lambda_s1, _, _) = self.lambda_at(i - 1);
+        let (lambda_s2, _, _) = self.lambda_at(i - 2);
+        let (h, h_0, h_1) = (
+            lambda_t - lambda_s0,
+            lambda_s0 - lambda_s1,
+            lambda_s1 - lambda_s2,
+        );
+        let (r0, r1) = (h_0 / h, h_1 / h);
+        let d1_0 = (m0.clone() - m1.clone()).mul_scalar(1.0 / r0);
+        let d1_1 = (m1 - m2).mul_scalar(1.0 / r1);
+        let diff = d1_0.clone() - d1_1;
+        let d1 = d1_0 + diff.clone().mul_scalar(r0 / (r0 + r1));
+        let d2 = diff.mul_scalar(1.0 / (r0 + r1));
+        let d0 = m0;
+        match noise {
+            None => {
+                let em1 = (-h).exp() - 1.0;
+                sample.mul_scalar(sigma_t / sigma_s0) - d0.mul_scalar(alpha_t * em1)
+                    + d1.mul_scalar(alpha_t * (em1 / h + 1.0))
+                    - d2.mul_scalar(alpha_t * (((-h).exp() - 1.0 + h) / (h * h) - 0.5))
+            }
+            Some(z) => {
+                let e2h = (-2.0 * h).exp();
+                let two_h = 2.0 * h;
+                sample.mul_scalar(sigma_t / sigma_s0 * (-h).exp())
+                    + d0.mul_scalar(alpha_t * (1.0 - e2h))
+                    + d1.mul_scalar(alpha_t * ((1.0 - e2h) / (-2.0 * h) + 1.0))
+                    + d2.mul_scalar(alpha_t * ((1.0 - e2h - 2.0 * h) / (two_h * two_h) - 0.5))
+                    + z.mul_scalar(sigma_t * (1.0 - e2h).sqrt())
+            }
+        }
+    }
+}
+
+impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
+    fn class_name(&self) -> &'static str {
+        NAME
+    }
+
+    fn set_timesteps(&mut self, n: usize) -> Result<()> {
+        let t = self.config.num_train_timesteps;
+        check_steps(n, t)?;
+        let mut timesteps = self.spaced_timesteps(n);
+        let sigmas: Vec<f64> = if self.config.use_karras_sigmas {
+            let lo = self.config.sigma_min.unwrap_or(self.train_sigmas[0] as f64);
+            let hi = self
+                .config
+                .sigma_max
+                .unwrap_or(self.train_sigmas[t - 1] as f64);
+            let sigmas = karras_sigmas(lo, hi, n);
+            let log_sigmas: Vec<f32> = self.train_sigmas.iter().map(|s| s.ln()).collect();
+            let cosine = self.config.beta_schedule == BetaSchedule::SquaredCosCapV2;
+            timesteps = sigmas
+                .iter()
+                .map(|&s| {
+                    let ts = sigma_to_t(s, &log_sigmas);
+                    if cosine {
+                        ts
+                    } else {
+                        round_half_even(ts)
+                    }
+                })
+                .collect();
+            sigmas
+        } else {
+            timesteps
+                .iter()
+                .map(|&ts| np_interp_index(ts, &self.train_sigmas))
+                .collect()
+        };
+        if timesteps.is_empty() {
+            return Err(SchedError::InvalidSteps {
+                steps: n,
+                expected: "a count leaving at least one timestep above lambda_min_clipped".into(),
+            });
+        }
+        let last = match self.config.final_sigmas_type {
+            FinalSigmasType::Zero => 0.0,
+            FinalSigmasType::SigmaMin => self.train_sigmas[0] as f64,
+        };
+        self.sigmas = sigmas.into_iter().chain([last]).map(|s| s as f32).collect();
+        // diffusers stores these as int64: truncate.
+        self.timesteps = timesteps.into_iter().map(|ts| ts.trunc() as f32).collect();
+        self.model_outputs.clear();
+        self.lower_order_nums = 0;
+        self.next_step = 0;
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f32] {
+        &self.timesteps
+    }
+
+    fn sigmas(&self) -> Option<&[f32]> {
+        Some(&self.sigmas)
+    }
+
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
+        check_index(self.timesteps.len(), step_index)?;
+        Ok(sample)
+    }
+
+    fn step(
+        &mut self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+        noise: &mut dyn NoiseSource<B>,
+    ) -> Result<Tensor<B, 4>> {
+        let n = self.timesteps.len();
+        check_index(n, step_index)?;
+        if step_index != self.next_step {
+            return Err(SchedError::StepOutOfOrder {
+                sampler: NAME,
+                expected: self.next_step,
+                got: step_index,
+            });
+        }
+        let c = &self.config;
+        let short_run = c.lower_order_final && n < 15;
+        let lower_order_final = step_index == n - 1
+            && (c.euler_at_final || short_run || c.final_sigmas_type == FinalSigmasType::Zero);
+        let lower_order_second = step_index + 2 == n && short_run;
+        let order = c.solver_order;
+
+        let x0 = self.convert(model_output, &sample, step_index);
+        self.model_outputs.push(x0.clone());
+        if self.model_outputs.len() > order {
+            self.model_outputs.remove(0);
+        }
+        let z = match c.algorithm_type {
+            AlgorithmType::SdeDpmSolverPlusPlus => {
+                Some(noise.sample(sample.dims(), &sample.device())?)
+            }
+            _ => None,
+        };
+        let prev = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
+            self.first_order(step_index, x0, sample, z)
+        } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
+            self.second_order(step_index, sample, z)
+        } else {
+            self.third_order(step_index, sample, z)
+        };
+        self.lower_order_nums = (self.lower_order_nums + 1).min(order);
+        self.next_step += 1;
+        Ok(prev)
+    }
+}

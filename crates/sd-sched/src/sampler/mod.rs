@@ -1,0 +1,344 @@
+//! Samplers (diffusers "schedulers") behind one trait.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::{backend::Backend, Tensor};
+
+use crate::config::{AlgorithmType, PredictionType, SchedulerConfig};
+use crate::error::{Result, SchedError};
+use crate::noise::NoiseSource;
+
+mod ddim;
+mod ddpm;
+mod dpm;
+mod euler;
+mod pndm;
+mod spacing;
+
+pub use ddim::DdimSampler;
+pub use ddpm::DdpmSampler;
+pub use dpm::DpmSolverMultistepSampler;
+pub use euler::{EulerAncestralSampler, EulerSampler};
+pub use pndm::PndmSampler;
+
+/// A reverse-process sampler, stepped like a diffusers scheduler:
+///
+/// ```text
+/// sampler.set_timesteps(n)?;
+/// let mut x = initial_noise * sampler.init_noise_sigma();
+/// for i in 0..sampler.timesteps().len() {
+///     let input = sampler.scale_model_input(x.clone(), i)?;
+///     let out = model(input, sampler.timesteps()[i]);
+///     x = sampler.step(out, i, x, &mut noise)?;
+/// }
+/// ```
+///
+/// Steps are addressed by their index into [`Sampler::timesteps`] rather than by timestep
+/// value (PNDM repeats a timestep). Multistep samplers keep history and must be stepped
+/// in order from 0; [`Sampler::set_timesteps`] resets them. All tensor work stays on the
+/// latents' device; per-step coefficients are host scalars computed from the schedule.
+pub trait Sampler<B: Backend>: Send {
+    /// The diffusers class this sampler reproduces, e.g. `"EulerDiscreteScheduler"`.
+    fn class_name(&self) -> &'static str;
+
+    /// Prepares `num_inference_steps` steps and resets any multistep history.
+    fn set_timesteps(&mut self, num_inference_steps: usize) -> Result<()>;
+
+    /// The timesteps to condition the model on, one per step, in order (empty before
+    /// [`Sampler::set_timesteps`]). Training-timestep units; fractional for some
+    /// Euler configurations.
+    fn timesteps(&self) -> &[f32];
+
+    /// The noise levels σ of the sigma-based samplers (one more than the timesteps),
+    /// `None` for the ᾱ-based ones.
+    fn sigmas(&self) -> Option<&[f32]> {
+        None
+    }
+
+    /// Standard deviation of the initial latents: multiply N(0, 1) noise by this.
+    fn init_noise_sigma(&self) -> f32;
+
+    /// Scales the latents before they are fed to the model at step `step_index`
+    /// (divides by `sqrt(σ² + 1)` for the Euler samplers, identity otherwise).
+    fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>>;
+
+    /// Advances `sample` from step `step_index` to the next, given the model's output
+    /// on `scale_model_input(sample)`. Stochastic samplers draw from `noise`.
+    fn step(
+        &mut self,
+        model_output: Tensor<B, 4>,
+        step_index: usize,
+        sample: Tensor<B, 4>,
+        noise: &mut dyn NoiseSource<B>,
+    ) -> Result<Tensor<B, 4>>;
+}
+
+/// The sampler families, named after their diffusers classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SamplerKind {
+    /// `DDPMScheduler`: ancestral sampling of Ho et al. (2020).
+    Ddpm,
+    /// `DDIMScheduler`: Song et al. (2021), with η.
+    Ddim,
+    /// `PNDMScheduler`: pseudo numerical methods (PRK warm-up + PLMS); SD 1.x's default.
+    Pndm,
+    /// `EulerDiscreteScheduler`: Euler method of Karras et al. (2022).
+    Euler,
+    /// `EulerAncestralDiscreteScheduler`: Euler with ancestral noise ("Euler a").
+    EulerAncestral,
+    /// `DPMSolverMultistepScheduler`: DPM-Solver++ (2M, 3M, SDE).
+    DpmSolverMultistep,
+}
+
+impl SamplerKind {
+    /// Every kind.
+    pub const ALL: [SamplerKind; 6] = [
+        SamplerKind::Ddpm,
+        SamplerKind::Ddim,
+        SamplerKind::Pndm,
+        SamplerKind::Euler,
+        SamplerKind::EulerAncestral,
+        SamplerKind::DpmSolverMultistep,
+    ];
+
+    /// The diffusers class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddpm => "DDPMScheduler",
+            SamplerKind::Ddim => "DDIMScheduler",
+            SamplerKind::Pndm => "PNDMScheduler",
+            SamplerKind::Euler => "EulerDiscreteScheduler",
+            SamplerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SamplerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+        }
+    }
+
+    /// The kind a config's `_class_name` names, if it is one of ours.
+    pub fn from_config(config: &SchedulerConfig) -> Option<Self> {
+        let name = config.class_name.as_deref()?;
+        Self::ALL.into_iter().find(|k| k.class_name() == name)
+    }
+
+    /// Builds this sampler from `config`; fails on options the sampler does not support.
+    pub fn build<B: Backend>(self, config: &SchedulerConfig) -> Result<Box<dyn Sampler<B>>> {
+        Ok(match self {
+            SamplerKind::Ddpm => Box::new(DdpmSampler::new(config)?),
+            SamplerKind::Ddim => Box::new(DdimSampler::new(config, 0.0)?),
+            SamplerKind::Pndm => Box::new(PndmSampler::<B>::new(config)?),
+            SamplerKind::Euler => Box::new(EulerSampler::new(config)?),
+            SamplerKind::EulerAncestral => Box::new(EulerAncestralSampler::new(config)?),
+            SamplerKind::DpmSolverMultistep => {
+                Box::new(DpmSolverMultistepSampler::<B>::new(config)?)
+            }
+        })
+    }
+}
+
+impl fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.class_name())
+    }
+}
+
+pub(crate) const KNOWN_NAMES: &str = "ddpm, ddim, pndm, plms, euler, euler_karras, euler_a, \
+     dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m, dpmpp_3m_karras";
+
+/// A sampler by name plus the config overrides the name implies, parsed from a diffusers
+/// class name (`"EulerAncestralDiscreteScheduler"`) or a short name (`"euler_a"`,
+/// `"dpmpp_2m_karras"`, ...; see [`SamplerSpec::from_str`]).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use sd_sched::{SamplerKind, SamplerSpec, SchedulerConfig};
+///
+/// let spec: SamplerSpec = "dpmpp_2m_karras".parse().unwrap();
+/// assert_eq!(spec.kind, SamplerKind::DpmSolverMultistep);
+/// let mut sampler = spec.build::<Flex>(&SchedulerConfig::sd15()).unwrap();
+/// sampler.set_timesteps(20).unwrap();
+/// assert_eq!(sampler.timesteps().len(), 20);
+/// assert_eq!(sampler.timesteps()[0], 999.0);
+/// assert!("k_lms".parse::<SamplerSpec>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerSpec {
+    /// The sampler family.
+    pub kind: SamplerKind,
+    /// Override of `use_karras_sigmas`.
+    pub use_karras_sigmas: Option<bool>,
+    /// Override of `algorithm_type`.
+    pub algorithm_type: Option<AlgorithmType>,
+    /// Override of `solver_order`.
+    pub solver_order: Option<usize>,
+    /// DDIM's η (0 = deterministic DDIM, 1 = DDPM-like noise).
+    pub eta: f64,
+}
+
+impl SamplerSpec {
+    /// A spec for `kind` with no overrides.
+    pub fn new(kind: SamplerKind) -> Self {
+        Self {
+            kind,
+            use_karras_sigmas: None,
+            algorithm_type: None,
+            solver_order: None,
+            eta: 0.0,
+        }
+    }
+
+    /// `config` with this spec's overrides applied.
+    pub fn apply(&self, config: &SchedulerConfig) -> SchedulerConfig {
+        let mut c = config.clone();
+        if let Some(k) = self.use_karras_sigmas {
+            c.use_karras_sigmas = k;
+        }
+        if let Some(a) = self.algorithm_type {
+            c.algorithm_type = a;
+        }
+        if let Some(o) = self.solver_order {
+            c.solver_order = o;
+        }
+        c
+    }
+
+    /// Builds the sampler from `config` with this spec's overrides.
+    pub fn build<B: Backend>(&self, config: &SchedulerConfig) -> Result<Box<dyn Sampler<B>>> {
+        let config = self.apply(config);
+        match self.kind {
+            SamplerKind::Ddim => Ok(Box::new(DdimSampler::new(&config, self.eta)?)),
+            kind => kind.build(&config),
+        }
+    }
+}
+
+impl FromStr for SamplerSpec {
+    type Err = SchedError;
+
+    /// Accepts the diffusers class names and, case-insensitively: `ddpm`, `ddim`,
+    /// `pndm` / `plms`, `euler`, `euler_karras`, `euler_a` / `euler_ancestral`,
+    /// `dpmpp_2m`, `dpmpp_2m_karras`, `dpmpp_2m_sde`, `dpmpp_2m_sde_karras`, `dpmpp_3m`,
+    /// `dpmpp_3m_karras`.
+    fn from_str(name: &str) -> Result<Self> {
+        if let Some(kind) = SamplerKind::ALL
+            .into_iter()
+            .find(|k| k.class_name() == name)
+        {
+            return Ok(Self::new(kind));
+        }
+        let dpm = |karras: bool, algorithm: AlgorithmType, order: usize| SamplerSpec {
+            use_karras_sigmas: Some(karras),
+            algorithm_type: Some(algorithm),
+            solver_order: Some(order),
+            ..Self::new(SamplerKind::DpmSolverMultistep)
+        };
+        let (pp, sde) = (
+            AlgorithmType::DpmSolverPlusPlus,
+            AlgorithmType::SdeDpmSolverPlusPlus,
+        );
+        Ok(match name.to_ascii_lowercase().replace('-', "_").as_str() {
+            "ddpm" => Self::new(SamplerKind::Ddpm),
+            "ddim" => Self::new(SamplerKind::Ddim),
+            "pndm" | "plms" => Self::new(SamplerKind::Pndm),
+            "euler" => Self {
+                use_karras_sigmas: Some(false),
+                ..Self::new(SamplerKind::Euler)
+            },
+            "euler_karras" => Self {
+                use_karras_sigmas: Some(true),
+                ..Self::new(SamplerKind::Euler)
+            },
+            "euler_a" | "euler_ancestral" => Self::new(SamplerKind::EulerAncestral),
+            "dpmpp_2m" => dpm(false, pp, 2),
+            "dpmpp_2m_karras" => dpm(true, pp, 2),
+            "dpmpp_2m_sde" => dpm(false, sde, 2),
+            "dpmpp_2m_sde_karras" => dpm(true, sde, 2),
+            "dpmpp_3m" => dpm(false, pp, 3),
+            "dpmpp_3m_karras" => dpm(true, pp, 3),
+            _ => return Err(SchedError::UnknownSampler(name.to_string())),
+        })
+    }
+}
+
+/// Rejects a step index past the end, or any step before `set_timesteps`.
+pub(crate) fn check_index(len: usize, index: usize) -> Result<()> {
+    if len == 0 {
+        return Err(SchedError::TimestepsNotSet);
+    }
+    if index >= len {
+        return Err(SchedError::StepOutOfRange { index, len });
+    }
+    Ok(())
+}
+
+/// Rejects `n` outside `1..=T`.
+pub(crate) fn check_steps(n: usize, num_train_timesteps: usize) -> Result<()> {
+    if n == 0 || n > num_train_timesteps {
+        return Err(SchedError::InvalidSteps {
+            steps: n,
+            expected: format!("1..={num_train_timesteps} (num_train_timesteps)"),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn unsupported(
+    sampler: &'static str,
+    key: &'static str,
+    value: impl fmt::Debug,
+) -> SchedError {
+    SchedError::Unsupported {
+        sampler,
+        key,
+        value: format!("{value:?}"),
+    }
+}
+
+/// Config options no sampler here implements.
+pub(crate) fn reject_common(config: &SchedulerConfig, sampler: &'static str) -> Result<()> {
+    config.validate()?;
+    if config.thresholding {
+        return Err(unsupported(sampler, "thresholding", true));
+    }
+    Ok(())
+}
+
+/// Predicted x₀ from the model output at ᾱₜ, as DDPM writes it (f32 scalars).
+pub(crate) fn predict_x0<B: Backend>(
+    prediction: PredictionType,
+    alpha_prod_t: f32,
+    model_output: Tensor<B, 4>,
+    sample: &Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let (sa, sb) = (alpha_prod_t.sqrt(), (1.0 - alpha_prod_t).sqrt());
+    match prediction {
+        PredictionType::Epsilon => (sample.clone() - model_output.mul_scalar(sb)).div_scalar(sa),
+        PredictionType::Sample => model_output,
+        PredictionType::VPrediction => sample.clone().mul_scalar(sa) - model_output.mul_scalar(sb),
+    }
+}
+
+/// Predicted x₀ and ε from the model output at ᾱₜ, as DDIM writes it (f32 scalars).
+pub(crate) fn ddim_x0_eps<B: Backend>(
+    prediction: PredictionType,
+    alpha_prod_t: f32,
+    model_output: Tensor<B, 4>,
+    sample: &Tensor<B, 4>,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let beta_prod_t = 1.0 - alpha_prod_t;
+    let (sa, sb) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
+    match prediction {
+        PredictionType::Epsilon => {
+            let x0 = (sample.clone() - model_output.clone().mul_scalar(sb)).div_scalar(sa);
+            (x0, model_output)
+        }
+        PredictionType::Sample => {
+            let eps = (sample.clone() - model_output.clone().mul_scalar(sa)).div_scalar(sb);
+            (model_output, eps)
+        }
+        PredictionType::VPrediction => {
+            let x0 = sample.clone().mul_scalar(sa) - model_output.clone().mul_scalar(sb);
+            let eps = model_output.mul_scalar(sa) + sample.clone().mul_scalar(sb);
+            (x0, eps)
+        }
+    }
+}

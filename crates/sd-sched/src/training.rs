@@ -1,0 +1,243 @@
+//! Training-side diffusion maths on device tensors: forward noising, regression targets,
+//! SNR, min-SNR-γ loss weights, noise offset and timestep sampling.
+//!
+//! Everything is batched over the first dimension and stays on the device of its inputs
+//! (timesteps are an `Int` tensor; ᾱ is gathered on device), so a training step needs
+//! no host synchronisation.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use burn::tensor::Tensor;
+//! use sd_sched::training::{TimestepSampler, TrainingSchedule};
+//! use sd_sched::{NoiseSchedule, NoiseSource, SchedulerConfig, SeededNoise};
+//!
+//! type B = Flex;
+//! let device = Default::default();
+//! let schedule = NoiseSchedule::new(&SchedulerConfig::sd15()).unwrap();
+//! let train = TrainingSchedule::<B>::new(&schedule, &device);
+//! let mut rng = SeededNoise::new(0);
+//! let mut timesteps = TimestepSampler::new(0, 1000, 1000, 42).unwrap();
+//!
+//! let latents = Tensor::<B, 4>::zeros([2, 4, 8, 8], &device);
+//! let noise = rng.sample([2, 4, 8, 8], &device).unwrap();
+//! let t = timesteps.sample::<B>(2, &device);
+//! let noisy = train.add_noise(latents.clone(), noise.clone(), t.clone());
+//! let target = train.target(latents, noise, t.clone()); // ε for SD 1.5
+//! let weights = train.min_snr_weights(t, 5.0).unwrap(); // per-sample loss weights
+//! assert_eq!(noisy.dims(), target.dims());
+//! assert_eq!(weights.dims(), [2]);
+//! ```
+
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::PredictionType;
+use crate::error::{Result, SchedError};
+use crate::noise::NoiseSource;
+use crate::schedule::NoiseSchedule;
+
+/// A [`NoiseSchedule`] uploaded to a device for batched training maths.
+#[derive(Debug, Clone)]
+pub struct TrainingSchedule<B: Backend> {
+    alphas_cumprod: Tensor<B, 1>,
+    prediction_type: PredictionType,
+    num_train_timesteps: usize,
+}
+
+impl<B: Backend> TrainingSchedule<B> {
+    /// Uploads ᾱ of `schedule` to `device`.
+    pub fn new(schedule: &NoiseSchedule, device: &B::Device) -> Self {
+        Self {
+            alphas_cumprod: schedule.alphas_cumprod_tensor(device),
+            prediction_type: schedule.prediction_type(),
+            num_train_timesteps: schedule.num_train_timesteps(),
+        }
+    }
+
+    /// Number of training timesteps `T`; valid timesteps are `0..T`.
+    pub fn num_train_timesteps(&self) -> usize {
+        self.num_train_timesteps
+    }
+
+    /// What the model is trained to predict.
+    pub fn prediction_type(&self) -> PredictionType {
+        self.prediction_type
+    }
+
+    /// ᾱₜ per batch element, shape `[B]`.
+    pub fn alphas_cumprod(&self, timesteps: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        self.alphas_cumprod.clone().select(0, timesteps)
+    }
+
+    /// `(sqrt(ᾱₜ), sqrt(1 − ᾱₜ))` broadcast to `dims`.
+    fn coefficients(
+        &self,
+        timesteps: Tensor<B, 1, Int>,
+        dims: [usize; 4],
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let a = self.alphas_cumprod(timesteps);
+        let sqrt_a = a.clone().sqrt().reshape([dims[0], 1, 1, 1]).expand(dims);
+        let sqrt_1ma = a
+            .neg()
+            .add_scalar(1.0)
+            .sqrt()
+            .reshape([dims[0], 1, 1, 1])
+            .expand(dims);
+        (sqrt_a, sqrt_1ma)
+    }
+
+    /// Forward process `xₜ = sqrt(ᾱₜ)·x₀ + sqrt(1 − ᾱₜ)·ε` (diffusers `add_noise`).
+    pub fn add_noise(
+        &self,
+        x0: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        timesteps: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 4> {
+        let (sqrt_a, sqrt_1ma) = self.coefficients(timesteps, x0.dims());
+        sqrt_a * x0 + sqrt_1ma * noise
+    }
+
+    /// Velocity `v = sqrt(ᾱₜ)·ε − sqrt(1 − ᾱₜ)·x₀` (diffusers `get_velocity`).
+    pub fn velocity(
+        &self,
+        x0: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        timesteps: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 4> {
+        let (sqrt_a, sqrt_1ma) = self.coefficients(timesteps, x0.dims());
+        sqrt_a * noise - sqrt_1ma * x0
+    }
+
+    /// The regression target for this schedule's prediction type: ε, v or x₀.
+    pub fn target(
+        &self,
+        x0: Tensor<B, 4>,
+        noise: Tensor<B, 4>,
+        timesteps: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 4> {
+        match self.prediction_type {
+            PredictionType::Epsilon => noise,
+            PredictionType::VPrediction => self.velocity(x0, noise, timesteps),
+            PredictionType::Sample => x0,
+        }
+    }
+
+    /// SNR(t) = ᾱₜ / (1 − ᾱₜ) per batch element (diffusers `compute_snr`).
+    pub fn snr(&self, timesteps: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        // (sqrt(ᾱ) / sqrt(1 − ᾱ))², in diffusers' order, for f32 parity.
+        let a = self.alphas_cumprod(timesteps);
+        let alpha = a.clone().sqrt();
+        let sigma = a.neg().add_scalar(1.0).sqrt();
+        let ratio = alpha / sigma;
+        ratio.clone() * ratio
+    }
+
+    /// Min-SNR-γ loss weights (Hang et al. 2023) for this schedule's prediction type;
+    /// see [`min_snr_weights`].
+    pub fn min_snr_weights(
+        &self,
+        timesteps: Tensor<B, 1, Int>,
+        gamma: f64,
+    ) -> Result<Tensor<B, 1>> {
+        min_snr_weights(self.snr(timesteps), gamma, self.prediction_type)
+    }
+}
+
+/// Min-SNR-γ weights from per-sample SNRs, as diffusers' training examples compute them:
+/// `min(SNR, γ) / SNR` for ε-prediction, `min(SNR, γ) / (SNR + 1)` for v-prediction and
+/// `min(SNR, γ)` for x₀-prediction.
+///
+/// For ε-prediction the weight is evaluated as `min(γ / SNR, 1)`, equal elsewhere but
+/// finite (1) at SNR = 0, the last timestep of a zero-terminal-SNR schedule, where the
+/// diffusers expression gives NaN.
+pub fn min_snr_weights<B: Backend>(
+    snr: Tensor<B, 1>,
+    gamma: f64,
+    prediction: PredictionType,
+) -> Result<Tensor<B, 1>> {
+    if !(gamma.is_finite() && gamma > 0.0) {
+        return Err(SchedError::InvalidArgument {
+            name: "gamma",
+            reason: format!("must be a positive finite number, got {gamma}"),
+        });
+    }
+    let gamma = gamma as f32;
+    Ok(match prediction {
+        PredictionType::Epsilon => snr.recip().mul_scalar(gamma).clamp_max(1.0),
+        PredictionType::VPrediction => snr.clone().clamp_max(gamma) / snr.add_scalar(1.0),
+        PredictionType::Sample => snr.clamp_max(gamma),
+    })
+}
+
+/// Noise offset (Guttenberg 2023): `ε + offset · n` with `n ~ N(0, 1)` of shape
+/// `[B, C, 1, 1]`, so the model also learns to shift the mean brightness per channel.
+pub fn offset_noise<B: Backend>(
+    noise: Tensor<B, 4>,
+    offset: f64,
+    source: &mut dyn NoiseSource<B>,
+) -> Result<Tensor<B, 4>> {
+    if !offset.is_finite() {
+        return Err(SchedError::InvalidArgument {
+            name: "offset",
+            reason: format!("must be finite, got {offset}"),
+        });
+    }
+    if offset == 0.0 {
+        return Ok(noise);
+    }
+    let dims = noise.dims();
+    let shift = source.sample([dims[0], dims[1], 1, 1], &noise.device())?;
+    Ok(noise + shift.mul_scalar(offset as f32).expand(dims))
+}
+
+/// Seeded uniform timestep sampling over `[min, max)` (diffusers samples `[0, T)`).
+/// Restricting the range trains a model on part of the noise levels only.
+#[derive(Debug, Clone)]
+pub struct TimestepSampler {
+    min: usize,
+    max: usize,
+    rng: ChaCha8Rng,
+}
+
+impl TimestepSampler {
+    /// Samples `min..max`, which must lie within `0..num_train_timesteps` and be non-empty.
+    pub fn new(min: usize, max: usize, num_train_timesteps: usize, seed: u64) -> Result<Self> {
+        if min >= max || max > num_train_timesteps {
+            return Err(SchedError::InvalidArgument {
+                name: "timestep range",
+                reason: format!(
+                    "expected min < max <= num_train_timesteps ({num_train_timesteps}), got {min}..{max}"
+                ),
+            });
+        }
+        Ok(Self {
+            min,
+            max,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
+    }
+
+    /// The next `batch` timesteps on the host.
+    pub fn sample_host(&mut self, batch: usize) -> Vec<i64> {
+        (0..batch)
+            .map(|_| self.rng.random_range(self.min..self.max) as i64)
+            .collect()
+    }
+
+    /// The next `batch` timesteps as a device tensor (drawn on the host and uploaded, so
+    /// the stream does not depend on the backend).
+    pub fn sample<B: Backend>(&mut self, batch: usize, device: &B::Device) -> Tensor<B, 1, Int> {
+        let values = self.sample_host(batch);
+        Tensor::from_data(TensorData::new(values, [batch]), device)
+    }
+}
+
+/// Convenience: the next batch of timesteps from `sampler` (see [`TimestepSampler`]).
+pub fn sample_timesteps<B: Backend>(
+    sampler: &mut TimestepSampler,
+    batch: usize,
+    device: &B::Device,
+) -> Tensor<B, 1, Int> {
+    sampler.sample(batch, device)
+}
