@@ -213,6 +213,26 @@ impl AdapterSet {
         self.adapters.is_empty()
     }
 
+    /// One set applying all `sets` at once, each at its strength (see
+    /// [`LoraWeights::combine`]); metadata is taken from the first set.
+    pub fn combine(sets: &[(&AdapterSet, f32)]) -> Result<AdapterSet> {
+        let mut keys: Vec<&AdapterKey> = sets.iter().flat_map(|(s, _)| s.adapters.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let mut out = AdapterSet::new();
+        if let Some((first, _)) = sets.first() {
+            out.metadata = first.metadata.clone();
+        }
+        for key in keys {
+            let parts: Vec<(&LoraWeights, f32)> = sets
+                .iter()
+                .filter_map(|(s, strength)| s.get(key).map(|w| (w, *strength)))
+                .collect();
+            out.insert(key.clone(), LoraWeights::combine(&parts, &key.to_string())?)?;
+        }
+        Ok(out)
+    }
+
     /// Adapters whose key is not in `index` (for checking a set against a model).
     pub fn unknown_keys<'a>(&'a self, index: &'a ModuleIndex) -> impl Iterator<Item = &'a AdapterKey> + 'a {
         self.adapters.keys().filter(move |k| !index.contains(k))

@@ -254,6 +254,14 @@ impl<B: Backend> LoraConv2d<B> {
         }
     }
 
+    /// Folds the adapter into the base weights for good and drops it: the layer becomes a
+    /// plain frozen layer with `W + multiplier · ΔW` (for exporting a merged checkpoint).
+    pub fn bake(&mut self) {
+        self.merge_in_place();
+        self.adapter = None;
+        self.merged = false;
+    }
+
     /// Subtracts the merged update again.
     pub fn unmerge_in_place(&mut self) {
         if !self.merged {

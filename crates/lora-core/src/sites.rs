@@ -72,6 +72,14 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
+    /// Folds the adapter into the base weights and drops it.
+    pub fn bake(&mut self) {
+        match self {
+            Self::Linear(l) => l.bake(),
+            Self::Conv(c) => c.bake(),
+        }
+    }
+
     /// The attached adapter in file layout, if any.
     pub fn adapter_weights(&self) -> Option<Result<LoraWeights>> {
         match self {
@@ -170,4 +178,17 @@ pub fn collect_adapters<B: Backend>(model: &mut impl LoraSites<B>, set: &mut Ada
         set.insert(key, weights?)?;
     }
     Ok(n)
+}
+
+/// Folds every attached adapter into its base weights and drops the adapters; returns how
+/// many were baked. The model then holds plain merged weights (e.g. to save a checkpoint).
+pub fn bake_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
+    let mut n = 0;
+    model.visit_lora_sites(&mut |_, mut site| {
+        if site.adapter_weights().is_some() {
+            site.bake();
+            n += 1;
+        }
+    });
+    n
 }

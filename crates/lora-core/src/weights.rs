@@ -183,3 +183,57 @@ impl LoraWeights {
         }
     }
 }
+
+impl LoraWeights {
+    /// One adapter equal to the sum of `parts`, each at its strength: the ranks are
+    /// concatenated (`down = [D₁; D₂; …]`, `up = [c₁U₁, c₂U₂, …]` with `cᵢ = strengthᵢ ·
+    /// scaleᵢ`) and alpha is the total rank, so `ΔW = Σ strengthᵢ · ΔWᵢ` exactly. This is how
+    /// several LoRA files apply to one layer at once.
+    pub fn combine(parts: &[(&LoraWeights, f32)], key: &str) -> Result<LoraWeights> {
+        let Some((first, _)) = parts.first() else {
+            return Err(LoraError::Data(format!("`{key}`: nothing to combine")));
+        };
+        let conv = parts.iter().any(|(w, _)| w.is_conv());
+        // Bring 2-d (linear) adapters to 4-d 1x1 form when mixed with conv ones.
+        let as4 = |t: &HostTensor| -> HostTensor {
+            let mut shape = t.shape.clone();
+            if conv && shape.len() == 2 {
+                shape.extend([1, 1]);
+            }
+            HostTensor { shape, data: t.data.clone() }
+        };
+        let tail: Vec<usize> = as4(&first.down).shape[1..].to_vec();
+        let out = first.out_features();
+        let total: usize = parts.iter().map(|(w, _)| w.rank()).sum();
+        let mut down = Vec::with_capacity(total * tail.iter().product::<usize>());
+        let mut up_cols: Vec<Vec<f32>> = vec![Vec::with_capacity(total); out];
+        for (w, strength) in parts {
+            w.validate(key)?;
+            let d = as4(&w.down);
+            if d.shape[1..] != tail[..] || w.out_features() != out {
+                return Err(LoraError::ShapeMismatch {
+                    key: key.into(),
+                    reason: format!("cannot combine adapters with down {:?} and {:?}", first.down.shape, w.down.shape),
+                });
+            }
+            down.extend_from_slice(&d.data);
+            let c = strength * w.scale();
+            let r = w.rank();
+            for (o, col) in up_cols.iter_mut().enumerate() {
+                col.extend(w.up.data[o * r..(o + 1) * r].iter().map(|v| v * c));
+            }
+        }
+        let mut down_shape = vec![total];
+        down_shape.extend(&tail);
+        let mut up_shape = vec![out, total];
+        if down_shape.len() == 4 {
+            up_shape.extend([1, 1]);
+        }
+        LoraWeights::new(
+            HostTensor::new(down_shape, down)?,
+            HostTensor::new(up_shape, up_cols.concat())?,
+            total as f32,
+            key,
+        )
+    }
+}

@@ -228,3 +228,38 @@ fn mismatched_adapter_is_rejected() {
     let one_by_one = random_weights(&mut rng, 8, 6, 2, Some([1, 1]), 1.0);
     assert!(conv.attach_weights(&one_by_one, "conv", &Default::default()).is_err());
 }
+
+proptest! {
+    #![proptest_config(cases())]
+
+    /// Several adapters combined by rank concatenation give the strength-weighted sum of
+    /// their updates, for linear and conv adapters.
+    #[test]
+    fn combining_adapters_sums_their_updates(
+        d_in in 1usize..10, d_out in 1usize..10, r1 in 1usize..4, r2 in 1usize..4,
+        s1 in -1.5f32..1.5, s2 in -1.5f32..1.5, kernel in prop_oneof![Just(None), Just(Some([3usize, 3])), Just(Some([1, 1]))], seed: u64,
+    ) {
+        let mut rng = Rng::new(seed);
+        let a = random_weights(&mut rng, d_in, d_out, r1, kernel, 2.0);
+        let b = random_weights(&mut rng, d_in, d_out, r2, kernel, 0.5);
+        let c = LoraWeights::combine(&[(&a, s1), (&b, s2)], "k").unwrap();
+        prop_assert_eq!(c.rank(), r1 + r2);
+        let want: Vec<f32> = a.delta().data.iter().zip(&b.delta().data).map(|(x, y)| s1 * x + s2 * y).collect();
+        let got = c.delta().data;
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs())) as f64;
+        let max_diff = got.iter().zip(&want).fold(0f64, |m, (g, w)| m.max((g - w).abs() as f64));
+        prop_assert!(max_diff <= 1e-5 * scale, "max diff {max_diff}");
+    }
+}
+
+#[test]
+fn bake_leaves_a_plain_merged_layer() {
+    let mut rng = Rng::new(11);
+    let mut layer = linear_layer(&mut rng, 6, 5, true);
+    layer.attach_weights(&random_weights(&mut rng, 6, 5, 2, None, 1.0), "l", &Default::default()).unwrap();
+    let x = rng.tensor([2, 6]);
+    let y = values(layer.forward(x.clone()));
+    layer.bake();
+    assert!(layer.adapter.is_none() && !layer.is_merged());
+    assert!(rel_err(&values(layer.forward(x)), &y) <= TOL);
+}

@@ -4,13 +4,16 @@
 //! ```text
 //! cargo run --release -p sd-model --example components -- \
 //!     --model DIR_OR_FILE --inputs IN.safetensors --out OUT.safetensors \
-//!     [--lora FILE [--lora-scale S]] [--clip-skip N]
+//!     [--lora FILE[:S] ... [--lora-scale S]] [--clip-skip N]
 //! ```
 //!
-//! IN may hold `input_ids` [B,77] (i32 or i64), `pixels` [B,3,H,W] f32 in [-1,1] and
-//! `latents` [B,4,h,w] f32. OUT receives, for the inputs present, `text_embeds`
-//! (last_hidden_state), `vae_mean` (posterior mean) and `vae_decoded` (decoder output for
-//! unscaled latents), all f32.
+//! IN may hold `input_ids` [B,77] (i32 or i64), `pixels` [B,3,H,W] f32 in [-1,1],
+//! `latents` [B,4,h,w] f32, `timesteps` [B] (int or float) and `encoder_hidden_states`
+//! [B,77,D] f32. OUT receives, for the inputs present, `text_embeds` (last_hidden_state),
+//! `vae_mean` (posterior mean), `vae_decoded` (decoder output for unscaled latents) and
+//! `unet_out` (the UNet's prediction for `latents` at `timesteps`, conditioned on
+//! `encoder_hidden_states`, or else on `text_embeds`), all f32. LoRA files apply to the text
+//! encoder and the UNet.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,8 +22,8 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Parser;
-use lora_core::{sites, AdapterSet, ModuleIndex, ReadOptions};
 use sd_model::load::{LoadOptions, ModelSource};
+use sd_model::lora::{apply_lora_files, LoraFile};
 
 #[cfg(feature = "cuda")]
 type B = burn::backend::Cuda;
@@ -39,10 +42,10 @@ struct Args {
     /// Where to write the outputs (safetensors).
     #[arg(long)]
     out: PathBuf,
-    /// A LoRA file (kohya or diffusers/PEFT layout) to apply.
+    /// LoRA files (kohya or diffusers/PEFT layout) as FILE[:STRENGTH]; repeatable.
     #[arg(long)]
-    lora: Option<PathBuf>,
-    /// Strength of the LoRA.
+    lora: Vec<sd_model::lora::LoraFile>,
+    /// Strength multiplier for every LoRA file.
     #[arg(long, default_value_t = 1.0)]
     lora_scale: f32,
     /// CLIP skip (1 = last layer, 2 = penultimate, ...).
@@ -72,6 +75,10 @@ impl Inputs {
                     shape.clone(),
                 ),
                 safetensors::Dtype::I32 => TensorData::new(b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>(), shape.clone()),
+                safetensors::Dtype::F64 => TensorData::new(
+                    b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect::<Vec<_>>(),
+                    shape.clone(),
+                ),
                 other => bail!("{}: tensor `{name}` has dtype {other:?}; expected F32, I32 or I64", path.display()),
             };
             tensors.insert(name.to_string(), (shape, data));
@@ -83,6 +90,14 @@ impl Inputs {
         let Some((shape, data)) = self.tensors.get(name) else { return Ok(None) };
         if shape.len() != 4 {
             bail!("`{name}` must be 4-d, got shape {shape:?}");
+        }
+        Ok(Some(Tensor::from_data(data.clone().convert::<f32>(), device)))
+    }
+
+    fn float<const D: usize, Bk: Backend>(&self, name: &str, device: &Bk::Device) -> Result<Option<Tensor<Bk, D>>> {
+        let Some((shape, data)) = self.tensors.get(name) else { return Ok(None) };
+        if shape.len() != D {
+            bail!("`{name}` must be {D}-d, got shape {shape:?}");
         }
         Ok(Some(Tensor::from_data(data.clone().convert::<f32>(), device)))
     }
@@ -120,30 +135,55 @@ fn main() -> Result<()> {
     let inputs = Inputs::read(&args.inputs)?;
     let options = LoadOptions::default();
     let mut outputs: Vec<(String, HostData)> = Vec::new();
+    let loras: Vec<LoraFile> = args
+        .lora
+        .iter()
+        .map(|f| LoraFile { path: f.path.clone(), strength: f.strength * args.lora_scale })
+        .collect();
+
+    let latents = inputs.float::<4, B>("latents", &device)?;
+    let timesteps = inputs.float::<1, B>("timesteps", &device)?;
+    let mut context = inputs.float::<3, B>("encoder_hidden_states", &device)?;
+    let wants_unet = latents.is_some() && timesteps.is_some();
+    let mut unet = if wants_unet || !loras.is_empty() {
+        Some(source.load_unet::<B>(&device, &options)?)
+    } else {
+        None
+    };
 
     let vocab = source.text_encoder_config().map(|c| c.vocab_size).unwrap_or(49408);
-    if let Some(ids) = inputs.ids::<B>(vocab, &device)? {
-        let mut te = source.load_text_encoder::<B>(&device, &options)?;
-        if let Some(lora) = &args.lora {
-            let mut index = ModuleIndex::new();
-            sites::add_to_index(&mut index, &mut te)?;
-            // Lenient: the file may also hold UNet adapters, which this example does not use yet.
-            let (set, _) = AdapterSet::load(lora, &index, ReadOptions { lenient: true })?;
-            let n = sites::attach_adapters(&mut te, &set, args.lora_scale, &device)?;
-            eprintln!("attached {n} text-encoder adapters from {}", lora.display());
+    let ids = inputs.ids::<B>(vocab, &device)?;
+    let mut te = if ids.is_some() || !loras.is_empty() {
+        Some(source.load_text_encoder::<B>(&device, &options)?)
+    } else {
+        None
+    };
+    if !loras.is_empty() {
+        if let Some(unet) = unet.as_mut() {
+            let applied = apply_lora_files(unet, te.as_mut(), &loras, false, &device)?;
+            eprintln!("LoRA: {} UNet and {} text-encoder adapters", applied.unet, applied.text_encoder);
         }
-        outputs.push(("text_embeds".into(), host(te.forward(ids, args.clip_skip)?)?));
     }
-    let pixels = inputs.float4::<B>("pixels", &device)?;
-    let latents = inputs.float4::<B>("latents", &device)?;
-    if pixels.is_some() || latents.is_some() {
+    if let (Some(ids), Some(te)) = (ids, &te) {
+        let embeds = te.forward(ids, args.clip_skip)?;
+        context = context.or_else(|| Some(embeds.clone()));
+        outputs.push(("text_embeds".into(), host(embeds)?));
+    }
+    if let Some(p) = inputs.float4::<B>("pixels", &device)? {
         let vae = source.load_vae::<B>(&device, &options)?;
-        if let Some(p) = pixels {
-            outputs.push(("vae_mean".into(), host4(vae.encode(p)?.mean)?));
-        }
-        if let Some(z) = latents {
+        outputs.push(("vae_mean".into(), host4(vae.encode(p)?.mean)?));
+        if let Some(z) = latents.clone() {
             outputs.push(("vae_decoded".into(), host4(vae.decode(z))?));
         }
+    } else if let Some(z) = latents.clone() {
+        let vae = source.load_vae::<B>(&device, &options)?;
+        outputs.push(("vae_decoded".into(), host4(vae.decode(z))?));
+    }
+    if let (Some(unet), Some(z), Some(t)) = (&unet, latents, timesteps) {
+        let Some(ctx) = context else {
+            bail!("unet_out needs `encoder_hidden_states` or `input_ids` in {}", args.inputs.display());
+        };
+        outputs.push(("unet_out".into(), host4(unet.forward(z, t, ctx)?)?));
     }
     if outputs.is_empty() {
         bail!("{} holds none of input_ids, pixels, latents", args.inputs.display());

@@ -19,7 +19,9 @@ mod embeddings;
 mod error;
 pub mod keymap;
 pub mod load;
+pub mod lora;
 mod resnet;
+pub mod targets;
 pub mod tokenizer;
 mod transformer;
 mod unet;
@@ -34,4 +36,9 @@ pub use unet::{TimeProj, UNet2DConditionModel};
 pub use unet_blocks::{UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
 pub use error::{KeyMismatch, Result, SdModelError};
 pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+/// The autodiff backend with gradient checkpointing: activations of memory-bound ops are
+/// recomputed in the backward pass instead of stored, trading compute for memory. Train on
+/// `CheckpointedAutodiff<B>` instead of `Autodiff<B>` to turn it on; results are unchanged.
+pub type CheckpointedAutodiff<B> = burn::backend::Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+
 pub use vae::{AutoencoderKl, DiagonalGaussian, DownEncoderBlock2D, UpDecoderBlock2D, VaeAttention, VaeDecoder, VaeEncoder, VaeMidBlock};

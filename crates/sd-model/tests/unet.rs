@@ -86,7 +86,7 @@ fn unet_with_lora_files_matches_diffusers_load_lora_weights() {
 fn kohya_keys_round_trip_for_sd15_and_sd21_module_trees() {
     for (config, attn_mlp) in [(UnetConfig::sd15(), 192), (UnetConfig::sd21(), 192)] {
         let narrow = UnetConfig {
-            block_out_channels: vec![32, 32, 64, 64],
+            block_out_channels: vec![32, 64, 128, 128],
             norm_num_groups: 8,
             attention_head_dim: sd_model::PerBlock::All(2),
             cross_attention_dim: 16,
@@ -122,4 +122,58 @@ fn bad_inputs_are_typed_errors() {
     assert!(unet.forward(Tensor::zeros([1, 4, 8, 8], &device), Tensor::zeros([2], &device), ctx).is_err());
     let err = unet.forward(Tensor::zeros([1, 4, 8, 8], &device), t, Tensor::zeros([1, 77, 16], &device)).unwrap_err();
     assert!(err.to_string().contains("encoder_hidden_states"), "{err}");
+}
+
+#[test]
+fn several_lora_files_at_once_equal_applying_them_in_turn() {
+    let base = load("sd1", false);
+    let files: Vec<sd_model::lora::LoraFile> = vec![
+        format!("{}:0.5", fixtures().join("sd1_lora_kohya.safetensors").display()).parse().unwrap(),
+        format!("{}:-0.25", fixtures().join("sd1_lora_peft.safetensors").display()).parse().unwrap(),
+    ];
+    let mut combined = base.clone();
+    let applied = sd_model::lora::apply_lora_files(&mut combined, None, &files, false, &Default::default()).unwrap();
+    assert!(applied.unet > 0 && applied.text_encoder == 0);
+    // Reference: bake the first file at its strength, then run the second as an adapter.
+    let mut sequential = base.clone();
+    let index = sd_model::lora::module_index(&mut sequential, None).unwrap();
+    for (i, file) in files.iter().enumerate() {
+        let (set, _) = AdapterSet::load(&file.path, &index, ReadOptions::default()).unwrap();
+        sites::attach_adapters(&mut sequential, &set, file.strength, &Default::default()).unwrap();
+        if i == 0 {
+            assert_eq!(sites::bake_adapters(&mut sequential), applied.unet);
+        }
+    }
+    let (a, b) = (run(&combined), run(&sequential));
+    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let scale = b.iter().fold(0f32, |m, y| m.max(y.abs()));
+    assert!(diff <= 1e-4 * scale, "combined vs sequential: {diff} (scale {scale})");
+    let plain = run(&base);
+    let change = a.iter().zip(&plain).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(change > 1e-3 * scale, "the files must change the output");
+}
+
+#[test]
+fn target_presets_select_kohya_and_diffusers_sets() {
+    use sd_model::targets::{attach_new_adapters, Selection, UnetTargets};
+    let narrow = UnetConfig {
+        block_out_channels: vec![32, 64, 128, 128],
+        norm_num_groups: 8,
+        attention_head_dim: sd_model::PerBlock::All(2),
+        cross_attention_dim: 16,
+        ..UnetConfig::sd15()
+    };
+    let cfg = lora_core::LoraConfig::new(1);
+    for (preset, want) in [(UnetTargets::Attn, 128), (UnetTargets::AttnMlp, 192), (UnetTargets::Conv, 278), (UnetTargets::AllLinear, 184)] {
+        let mut unet = UNet2DConditionModel::<B>::new(&narrow, &Default::default()).unwrap();
+        let paths = attach_new_adapters(&mut unet, &Selection::new(preset), &cfg, &Default::default()).unwrap();
+        assert_eq!(paths.len(), want, "{preset:?}");
+    }
+    let mut unet = UNet2DConditionModel::<B>::new(&narrow, &Default::default()).unwrap();
+    let sel = Selection::new(UnetTargets::Attn).exclude(["*attn1*"]).include(["mid_block.resnets.*.conv1"]);
+    let paths = attach_new_adapters(&mut unet, &sel, &cfg, &Default::default()).unwrap();
+    assert_eq!(paths.len(), 64 + 2);
+    let bad = Selection::new(UnetTargets::Attn).include(["no_such_block.*"]);
+    let err = attach_new_adapters(&mut unet, &bad, &cfg, &Default::default()).unwrap_err();
+    assert!(err.to_string().contains("no_such_block"), "{err}");
 }

@@ -1,0 +1,109 @@
+//! Applying LoRA files to the model: several files at once, each with its own strength.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use burn::tensor::backend::Backend;
+use lora_core::{sites, AdapterSet, ModuleIndex, ReadOptions};
+
+use crate::{ClipTextModel, Result, SdModelError, UNet2DConditionModel};
+
+/// A LoRA file and the strength to apply it at, written `FILE[:STRENGTH]` on command lines.
+///
+/// ```
+/// use sd_model::lora::LoraFile;
+/// let f: LoraFile = "style.safetensors:0.7".parse().unwrap();
+/// assert_eq!((f.path.to_str().unwrap(), f.strength), ("style.safetensors", 0.7));
+/// let g: LoraFile = "C:/loras/x.safetensors".parse().unwrap();
+/// assert_eq!(g.strength, 1.0);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraFile {
+    /// The adapter file (kohya or diffusers/PEFT layout).
+    pub path: PathBuf,
+    /// Strength (1.0 = as trained).
+    pub strength: f32,
+}
+
+impl FromStr for LoraFile {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        // Only a suffix that parses as a number is a strength, so paths with colons work.
+        if let Some((path, strength)) = s.rsplit_once(':') {
+            if let Ok(strength) = strength.parse::<f32>() {
+                if !strength.is_finite() {
+                    return Err(format!("`{s}`: strength must be finite"));
+                }
+                return Ok(Self {
+                    path: path.into(),
+                    strength,
+                });
+            }
+        }
+        Ok(Self {
+            path: s.into(),
+            strength: 1.0,
+        })
+    }
+}
+
+/// How many adapters went where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedLoras {
+    /// UNet layers that received an adapter.
+    pub unet: usize,
+    /// Text-encoder layers that received an adapter.
+    pub text_encoder: usize,
+    /// Keys skipped in lenient mode, per file.
+    pub skipped: Vec<(PathBuf, Vec<String>)>,
+}
+
+/// The module index of the UNet and (optionally) the text encoder, for resolving kohya keys.
+pub fn module_index<B: Backend>(
+    unet: &mut UNet2DConditionModel<B>,
+    text_encoder: Option<&mut ClipTextModel<B>>,
+) -> Result<ModuleIndex> {
+    let mut index = ModuleIndex::new();
+    sites::add_to_index(&mut index, unet)?;
+    if let Some(te) = text_encoder {
+        sites::add_to_index(&mut index, te)?;
+    }
+    Ok(index)
+}
+
+/// Reads every file, combines them (ranks concatenated, each at its strength, so the
+/// update is exactly the weighted sum) and attaches the result to the UNet and the text
+/// encoder. Text-encoder adapters without a text encoder, or keys matching no module, are
+/// an error unless `lenient` (then they are reported in [`AppliedLoras::skipped`]).
+pub fn apply_lora_files<B: Backend>(
+    unet: &mut UNet2DConditionModel<B>,
+    mut text_encoder: Option<&mut ClipTextModel<B>>,
+    files: &[LoraFile],
+    lenient: bool,
+    device: &B::Device,
+) -> Result<AppliedLoras> {
+    if files.is_empty() {
+        return Err(SdModelError::BadInput {
+            what: "LoRA files".into(),
+            reason: "no file given".into(),
+        });
+    }
+    let index = module_index(unet, text_encoder.as_deref_mut())?;
+    let mut applied = AppliedLoras::default();
+    let mut sets = Vec::with_capacity(files.len());
+    for file in files {
+        let (set, report) = AdapterSet::load(&file.path, &index, ReadOptions { lenient })?;
+        if !report.skipped.is_empty() {
+            applied.skipped.push((file.path.clone(), report.skipped));
+        }
+        sets.push((set, file.strength));
+    }
+    let refs: Vec<(&AdapterSet, f32)> = sets.iter().map(|(s, m)| (s, *m)).collect();
+    let combined = AdapterSet::combine(&refs)?;
+    // Strengths are folded into the combined weights, so the sites run at multiplier 1.
+    applied.unet = sites::attach_adapters(unet, &combined, 1.0, device)?;
+    if let Some(te) = text_encoder {
+        applied.text_encoder = sites::attach_adapters(te, &combined, 1.0, device)?;
+    }
+    Ok(applied)
+}

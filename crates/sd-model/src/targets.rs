@@ -1,0 +1,223 @@
+//! Which layers get LoRA adapters: presets by module path, plus include/exclude patterns.
+
+use std::str::FromStr;
+
+use lora_core::sites::LoraSites;
+use lora_core::{LoraConfig, LoraSiteMut};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, SdModelError};
+
+/// UNet target presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnetTargets {
+    /// `to_q`, `to_k`, `to_v`, `to_out.0` of self- and cross-attention (diffusers' training
+    /// scripts).
+    Attn,
+    /// `attn` plus `ff.net.0.proj`, `ff.net.2`, `proj_in`, `proj_out` — kohya's default set
+    /// (192 modules on SD1.x).
+    #[default]
+    AttnMlp,
+    /// Every linear layer (PEFT's `all-linear`), including time-embedding layers.
+    AllLinear,
+    /// `attn-mlp` plus the ResNet layers (`conv1`, `conv2`, `conv_shortcut`, `time_emb_proj`)
+    /// and the down/up-sampler convs — kohya's LoCon (`conv_dim`) set.
+    Conv,
+    /// No UNet layers (text-encoder-only training).
+    None,
+}
+
+impl FromStr for UnetTargets {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "attn" => Ok(Self::Attn),
+            "attn-mlp" => Ok(Self::AttnMlp),
+            "all-linear" => Ok(Self::AllLinear),
+            "conv" => Ok(Self::Conv),
+            "none" => Ok(Self::None),
+            other => Err(format!("unknown UNet target preset `{other}`; expected attn, attn-mlp, all-linear, conv or none")),
+        }
+    }
+}
+
+const ATTN: [&str; 4] = [".to_q", ".to_k", ".to_v", ".to_out.0"];
+const MLP: [&str; 4] = [".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out"];
+
+impl UnetTargets {
+    /// Whether the site at `path` (a linear layer unless `is_conv`) is in the preset.
+    pub fn matches(self, path: &str, is_conv: bool) -> bool {
+        let in_transformer = path.contains(".attentions.");
+        let attn = in_transformer && ATTN.iter().any(|s| path.ends_with(s));
+        let mlp = in_transformer && MLP.iter().any(|s| path.ends_with(s));
+        match self {
+            Self::Attn => attn,
+            Self::AttnMlp => attn || mlp,
+            Self::AllLinear => !is_conv,
+            Self::Conv => attn || mlp || path.contains(".resnets.") || path.contains("samplers."),
+            Self::None => false,
+        }
+    }
+}
+
+/// Text-encoder target presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TextEncoderTargets {
+    /// No text-encoder adapters (the default: UNet-only training).
+    #[default]
+    None,
+    /// `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+    Attn,
+    /// Attention plus `mlp.fc1`, `mlp.fc2` — kohya's text-encoder set (72 modules on SD1.x).
+    AttnMlp,
+}
+
+impl FromStr for TextEncoderTargets {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "attn" => Ok(Self::Attn),
+            "attn-mlp" => Ok(Self::AttnMlp),
+            other => Err(format!("unknown text-encoder target preset `{other}`; expected none, attn or attn-mlp")),
+        }
+    }
+}
+
+impl TextEncoderTargets {
+    /// Whether the site at `path` is in the preset.
+    pub fn matches(self, path: &str) -> bool {
+        let attn = path.contains(".self_attn.");
+        match self {
+            Self::None => false,
+            Self::Attn => attn,
+            Self::AttnMlp => attn || path.contains(".mlp."),
+        }
+    }
+}
+
+/// Glob matching of module paths: `*` matches any run of characters (dots included).
+pub fn glob_match(pattern: &str, path: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == path;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !path.starts_with(first) || path.len() < first.len() + last.len() || !path.ends_with(last) {
+        return false;
+    }
+    let mut rest = &path[first.len()..path.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// A target selection: a preset refined by glob patterns on module paths.
+///
+/// A site is targeted when it is in the preset or matches an `include` pattern, and matches
+/// no `exclude` pattern.
+///
+/// ```
+/// use sd_model::targets::{glob_match, Selection, UnetTargets};
+/// let sel = Selection::new(UnetTargets::Attn).exclude(["*.attn1.*"]);
+/// assert!(sel.selects("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q", false));
+/// assert!(!sel.selects("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", false));
+/// assert!(glob_match("up_blocks.*.to_out.0", "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Selection<P> {
+    /// The preset.
+    pub preset: P,
+    /// Extra module-path globs to target.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Module-path globs never to target.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// Something that decides by path (and layer kind) whether a site is in a preset.
+pub trait Preset: Copy {
+    /// Whether the preset holds the site.
+    fn holds(self, path: &str, is_conv: bool) -> bool;
+}
+
+impl Preset for UnetTargets {
+    fn holds(self, path: &str, is_conv: bool) -> bool {
+        self.matches(path, is_conv)
+    }
+}
+
+impl Preset for TextEncoderTargets {
+    fn holds(self, path: &str, _is_conv: bool) -> bool {
+        self.matches(path)
+    }
+}
+
+impl<P: Preset> Selection<P> {
+    /// A selection with only a preset.
+    pub fn new(preset: P) -> Self {
+        Self {
+            preset,
+            include: vec![],
+            exclude: vec![],
+        }
+    }
+
+    /// Adds include patterns.
+    pub fn include<I: IntoIterator<Item = S>, S: Into<String>>(mut self, patterns: I) -> Self {
+        self.include.extend(patterns.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds exclude patterns.
+    pub fn exclude<I: IntoIterator<Item = S>, S: Into<String>>(mut self, patterns: I) -> Self {
+        self.exclude.extend(patterns.into_iter().map(Into::into));
+        self
+    }
+
+    /// Whether the site at `path` is selected.
+    pub fn selects(&self, path: &str, is_conv: bool) -> bool {
+        let wanted = self.preset.holds(path, is_conv) || self.include.iter().any(|p| glob_match(p, path));
+        wanted && !self.exclude.iter().any(|p| glob_match(p, path))
+    }
+}
+
+/// Attaches fresh adapters (`config`) to every selected site of `model`; returns the paths.
+/// Include patterns that match no site are an error (a typo would silently train nothing).
+pub fn attach_new_adapters<B: burn::tensor::backend::Backend, P: Preset>(
+    model: &mut impl LoraSites<B>,
+    selection: &Selection<P>,
+    config: &LoraConfig,
+    device: &B::Device,
+) -> Result<Vec<String>> {
+    let mut attached = Vec::new();
+    let mut all = Vec::new();
+    let mut error = None;
+    model.visit_lora_sites(&mut |path, mut site: LoraSiteMut<'_, B>| {
+        all.push(path.to_string());
+        if error.is_some() || !selection.selects(path, site.is_conv()) {
+            return;
+        }
+        match site.attach_new(config, device) {
+            Ok(()) => attached.push(path.to_string()),
+            Err(e) => error = Some(e),
+        }
+    });
+    if let Some(e) = error {
+        return Err(e.into());
+    }
+    if let Some(p) = selection.include.iter().find(|p| !all.iter().any(|path| glob_match(p, path))) {
+        return Err(SdModelError::BadInput {
+            what: "LoRA include pattern".into(),
+            reason: format!("`{p}` matches no module path"),
+        });
+    }
+    Ok(attached)
+}
