@@ -204,13 +204,13 @@ impl VaeConfig {
         Self::sd15()
     }
 
-    /// A tiny VAE (2 levels, 2x downsampling) for tests and the demo.
+    /// A tiny VAE (3 levels, 4x downsampling) for tests and the demo.
     pub fn tiny() -> Self {
         Self {
-            block_out_channels: vec![32, 64],
+            block_out_channels: vec![32, 64, 64],
             layers_per_block: 1,
-            down_block_types: vec!["DownEncoderBlock2D".into(); 2],
-            up_block_types: vec!["UpDecoderBlock2D".into(); 2],
+            down_block_types: vec!["DownEncoderBlock2D".into(); 3],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 3],
             ..Self::sd15()
         }
     }
@@ -427,12 +427,13 @@ impl UnetConfig {
         }
     }
 
-    /// A tiny SD1-like UNet for tests and the demo (2 levels, 32/64 channels, text width 32).
+    /// A tiny SD1-like UNet for tests and the demo (2 levels of 32/64 channels, text width
+    /// 32). Attention sits on the lower level only, which keeps a CPU training step fast.
     pub fn tiny() -> Self {
         Self {
-            sample_size: 32,
-            down_block_types: vec!["CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
-            up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into()],
+            sample_size: 16,
+            down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into()],
+            up_block_types: vec!["CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
             block_out_channels: vec![32, 64],
             layers_per_block: 1,
             norm_num_groups: 8,

@@ -173,7 +173,7 @@ impl<B: Backend> DiagonalGaussian<B> {
 /// let vae = AutoencoderKl::<Flex>::new(&VaeConfig::tiny(), &device).unwrap();
 /// let image = Tensor::<Flex, 4>::zeros([1, 3, 16, 16], &device);
 /// let posterior = vae.encode(image).unwrap();
-/// assert_eq!(posterior.mean.dims(), [1, 4, 8, 8]);
+/// assert_eq!(posterior.mean.dims(), [1, 4, 4, 4]);
 /// assert_eq!(vae.decode(posterior.mean).dims(), [1, 3, 16, 16]);
 /// ```
 #[derive(Module, Debug)]

@@ -16,15 +16,15 @@ fn step<B: AutodiffBackend>() -> (Vec<f32>, Vec<f32>, bool) {
     let mut unet = UNet2DConditionModel::<B>::new(&UnetConfig::tiny(), &device).unwrap();
     attach_new_adapters(&mut unet, &Selection::new(UnetTargets::AttnMlp), &LoraConfig::new(2), &device).unwrap();
     // Non-zero `up` so that `down` receives gradients too.
-    let attn = &mut unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1;
+    let attn = &mut unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1;
     let adapter = attn.to_q.adapter.as_mut().unwrap();
-    adapter.up.weight = burn::module::Param::from_tensor(Tensor::random([2, 32], Distribution::Normal(0.0, 0.1), &device));
+    adapter.up.weight = burn::module::Param::from_tensor(Tensor::random([2, 64], Distribution::Normal(0.0, 0.1), &device));
     let x = Tensor::<B, 4>::random([2, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
     let t = Tensor::<B, 1>::from_floats([10.0, 900.0], &device);
     let ctx = Tensor::<B, 3>::random([2, 77, 32], Distribution::Normal(0.0, 1.0), &device);
     let loss = unet.forward(x.clone(), t, ctx).unwrap().sub(x).powf_scalar(2.0).mean();
     let grads = loss.backward();
-    let q = &unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q;
+    let q = &unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q;
     let a = q.adapter.as_ref().unwrap();
     let up = a.up.weight.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
     let down = a.down.weight.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();

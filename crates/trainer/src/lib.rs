@@ -1,15 +1,17 @@
 //! # trainer
 //!
-//! The thin composition layer of the workspace: configuration, command line, the training
-//! loop and generation, on top of [`lora_core`], `sd_model`, `sd_sched` and `sd_data`.
-//! The `trainer` binary is a front end to this library.
-//!
-//! This crate is a skeleton until the training-loop milestone lands; see the README.
+//! The thin composition layer of the workspace: configuration ([`config`]), the LoRA
+//! training loop ([`train`]), text-to-image generation ([`generate`]) and model loading
+//! ([`models`]) on top of [`lora_core`], [`sd_model`], [`sd_sched`] and [`sd_data`]. The
+//! `trainer` binary is a command-line front end to this library.
 #![deny(missing_docs)]
 
-/// What the `trainer` binary can do in this build, for its status message.
-pub fn status() -> &'static str {
-    "trainer: the training loop is not built yet. Available now: the `lora-core` library \
-     (LoRA/LoCon layers, merge/unmerge, kohya and diffusers/PEFT adapter files). \
-     Run `cargo test --workspace --release` to exercise it."
-}
+pub mod config;
+mod error;
+pub mod generate;
+pub mod models;
+pub mod plot;
+pub mod train;
+
+pub use config::TrainConfig;
+pub use error::TrainError;

@@ -1,5 +1,228 @@
-//! `trainer` binary: front end to the `trainer` library.
+//! `trainer`: train, sample from and convert Stable Diffusion LoRAs.
+//!
+//! With no arguments it trains the built-in demo (`trainer train` with defaults).
 
-fn main() {
-    println!("{}", trainer::status());
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use clap::{Parser, Subcommand};
+use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
+use trainer::generate::{decode, denoise, grid, initial_latents, save_png, GenerateOptions};
+use trainer::models::load_components;
+use trainer::train::{train, StepInfo};
+use trainer::TrainConfig;
+
+#[derive(Parser)]
+#[command(name = "trainer", version, about = "LoRA training for Stable Diffusion 1.x / 2.x")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a LoRA (defaults: the built-in tiny model and demo images).
+    Train {
+        /// A TOML configuration (see docs/config.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a setting, e.g. `--set train.learning_rate=3e-4`; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Generate images from prompts, optionally with LoRAs.
+    Generate {
+        /// `tiny`, a diffusers folder or a single-file checkpoint.
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        /// Seed of the tiny model's weights.
+        #[arg(long, default_value_t = 0)]
+        tiny_seed: u64,
+        /// Prompts, one image each.
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        /// Negative prompt.
+        #[arg(long, default_value = "")]
+        negative_prompt: String,
+        /// LoRA files as FILE[:STRENGTH]; repeatable.
+        #[arg(long)]
+        lora: Vec<sd_model::lora::LoraFile>,
+        /// Sampler (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm, ...).
+        #[arg(long, default_value = "dpmpp_2m")]
+        sampler: String,
+        /// Sampling steps.
+        #[arg(long, default_value_t = 25)]
+        steps: usize,
+        /// Guidance scale.
+        #[arg(long, default_value_t = 7.5)]
+        cfg: f32,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Width in pixels.
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        /// Height in pixels.
+        #[arg(long, default_value_t = 512)]
+        height: usize,
+        /// Output PNG (a grid when there are several prompts).
+        #[arg(long, default_value = "outputs/generate.png")]
+        out: PathBuf,
+    },
+    /// Convert a LoRA file between the kohya and diffusers/PEFT layouts.
+    Convert {
+        /// Input LoRA.
+        input: PathBuf,
+        /// Output LoRA.
+        output: PathBuf,
+        /// Target layout: kohya or peft.
+        #[arg(long)]
+        to: AdapterFormat,
+        /// Tensor precision: f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: SaveDtype,
+    },
+}
+
+fn progress(info: &StepInfo) {
+    let rate = info.step as f64 / info.elapsed_s.max(1e-9);
+    let eta = (info.total - info.step) as f64 / rate.max(1e-9);
+    let width = 30;
+    let done = info.step * width / info.total.max(1);
+    eprint!(
+        "\r[{}{}] {}/{} loss {:.4} lr {:.2e} {:.1} it/s ETA {:.0}s ",
+        "#".repeat(done),
+        ".".repeat(width - done),
+        info.step,
+        info.total,
+        info.loss,
+        info.lr,
+        rate,
+        eta
+    );
+    if info.step == info.total {
+        eprintln!();
+    }
+    let _ = std::io::stderr().flush();
+}
+
+fn run_train<B: AutodiffBackend>(config: TrainConfig, device: &B::Device) -> Result<()> {
+    eprintln!(
+        "training a rank-{} LoRA on `{}` with {} for {} steps -> {}",
+        config.lora.rank,
+        config.model.pretrained,
+        if config.data.train_data_dir == "demo" { "the demo images".to_string() } else { config.data.train_data_dir.clone() },
+        config.train.max_train_steps,
+        config.output.output_dir.display()
+    );
+    let report = train::<B>(&config, device, &mut progress)?;
+    let first = report.losses.iter().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
+    let last = report.losses.iter().rev().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
+    println!("\ndone in {:.0}s; mean loss of the first/last 20 steps: {first:.4} -> {last:.4}", report.seconds);
+    println!("  LoRA ({:?}):   {}", config.output.save_format, report.lora.display());
+    println!("  sample grid:   {}", report.sample_grid.display());
+    println!("  loss curve:    {}", report.loss_curve.display());
+    println!("  metrics:       {}", report.metrics.display());
+    println!("  config:        {}", report.config.display());
+    if config.model.pretrained == "tiny" {
+        println!(
+            "\nThis was the built-in demo. To train a style LoRA on real SD1.5 weights, copy\n\
+             examples/sd15-style.toml, point model.pretrained at your checkpoint (diffusers folder or\n\
+             .safetensors file) and data.train_data_dir at your images, then run\n\
+             \n    cargo run -p trainer --release -- train --config my-style.toml\n\
+             \n(build with --features cuda to train on an NVIDIA GPU; see README.md)."
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generate<B: Backend>(
+    model: &str,
+    tiny_seed: u64,
+    loras: &[sd_model::lora::LoraFile],
+    opts: GenerateOptions,
+    out: &std::path::Path,
+    device: &B::Device,
+) -> Result<()> {
+    let mut c = load_components::<B>(model, tiny_seed, device)?;
+    if !loras.is_empty() {
+        let applied = sd_model::lora::apply_lora_files(&mut c.unet, Some(&mut c.text_encoder), loras, false, device)?;
+        eprintln!("LoRA: {} UNet and {} text-encoder layers adapted", applied.unet, applied.text_encoder);
+    }
+    let start = Instant::now();
+    let z = initial_latents(&c, &opts, device)?;
+    let images = decode(&c, denoise(&c, &opts, z, device)?)?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    save_png(&grid(&images, images.len().min(4)), out)?;
+    println!("wrote {} ({} images, {:.1}s)", out.display(), images.len(), start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The module paths of the SD1.x, SD2.x and tiny UNets and text encoders, for resolving
+/// kohya names without loading a model.
+fn sd_module_index() -> Result<ModuleIndex> {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let mut index = ModuleIndex::new();
+    for (unet_cfg, te_cfg) in [
+        (sd_model::UnetConfig::sd15(), sd_model::ClipTextConfig::sd15()),
+        (sd_model::UnetConfig::sd21(), sd_model::ClipTextConfig::sd21()),
+        (sd_model::UnetConfig::tiny(), sd_model::ClipTextConfig::tiny()),
+    ] {
+        let levels = unet_cfg.block_out_channels.len();
+        // Narrow widths: only the module tree matters.
+        let unet_cfg = sd_model::UnetConfig {
+            block_out_channels: vec![8; levels],
+            norm_num_groups: 4,
+            attention_head_dim: sd_model::PerBlock::All(1),
+            cross_attention_dim: 4,
+            ..unet_cfg
+        };
+        let te_cfg = sd_model::ClipTextConfig { hidden_size: 4, intermediate_size: 4, vocab_size: 4, num_attention_heads: 1, ..te_cfg };
+        let mut unet = sd_model::UNet2DConditionModel::<B>::new(&unet_cfg, &device)?;
+        let mut te = sd_model::ClipTextModel::<B>::new(&te_cfg, &device)?;
+        lora_core::sites::add_to_index(&mut index, &mut unet)?;
+        lora_core::sites::add_to_index(&mut index, &mut te)?;
+    }
+    Ok(index)
+}
+
+fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFormat, dtype: SaveDtype) -> Result<()> {
+    let index = sd_module_index()?;
+    let (set, report) = AdapterSet::load(input, &index, ReadOptions::default())?;
+    set.save(output, to, dtype)?;
+    println!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
+    Ok(())
+}
+
+/// Runs a command on backend `B`.
+fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<()> {
+    match command {
+        Command::Train { config, sets } => run_train::<B>(TrainConfig::load(config.as_deref(), &sets)?, device),
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, sampler, steps, cfg, seed, width, height, out } => {
+            let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip: 1 };
+            run_generate::<B::InnerBackend>(&model, tiny_seed, &lora, opts, &out, device)
+        }
+        Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![] });
+    #[cfg(feature = "cuda")]
+    {
+        if std::path::Path::new("/dev/nvidiactl").exists() {
+            eprintln!("device: CUDA GPU 0");
+            return dispatch::<burn::backend::Autodiff<burn::backend::Cuda>>(command, &Default::default());
+        }
+        eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
+    }
+    dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }

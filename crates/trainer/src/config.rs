@@ -1,0 +1,425 @@
+//! Training configuration: kohya-like settings in TOML, with `--set key=value` overrides.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Where the base model comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `tiny` (the built-in demo model, seeded random weights) or a diffusers folder / single
+    /// `.safetensors` checkpoint.
+    pub pretrained: String,
+    /// Seed of the tiny model's random weights (the same seed gives the same model).
+    pub tiny_seed: u64,
+    /// CLIP skip (1 = last layer, 2 = penultimate).
+    pub clip_skip: usize,
+}
+
+/// The training images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A folder of images with captions (kohya layout), or `demo` for the built-in set.
+    pub train_data_dir: String,
+    /// Training resolution (square side), e.g. 512.
+    pub resolution: u32,
+    /// Number of demo images when `train_data_dir = "demo"`.
+    pub demo_images: usize,
+    /// Repeats per image for a plain folder (kohya `N_name` folders set their own).
+    pub num_repeats: u32,
+    /// Skip unreadable images with a warning instead of failing.
+    pub skip_bad_images: bool,
+    /// Random horizontal flips.
+    pub flip_aug: bool,
+}
+
+/// The adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Rank (`network_dim`).
+    pub rank: usize,
+    /// Alpha (`network_alpha`).
+    pub alpha: f32,
+    /// Dropout on the adapter inputs.
+    pub dropout: f64,
+    /// rsLoRA scaling (`alpha / sqrt(rank)`).
+    pub rslora: bool,
+    /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
+    pub unet_targets: sd_model::targets::UnetTargets,
+    /// Extra module-path globs to target.
+    pub include: Vec<String>,
+    /// Module-path globs never to target.
+    pub exclude: Vec<String>,
+}
+
+/// Learning-rate schedules (each with linear warmup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    /// Constant after warmup.
+    Constant,
+    /// Linear decay to 0.
+    Linear,
+    /// Cosine decay to 0.
+    Cosine,
+    /// Cosine with `lr_cycles` hard restarts.
+    CosineWithRestarts,
+}
+
+/// What the model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// Use the model's scheduler config.
+    Auto,
+    /// ε-prediction (SD1.x, SD2.x base).
+    Epsilon,
+    /// v-prediction (SD2.x 768).
+    VPrediction,
+}
+
+/// The optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub max_train_steps: usize,
+    /// Images per micro-batch.
+    pub train_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Learning-rate schedule.
+    pub lr_scheduler: LrScheduler,
+    /// Linear warmup steps.
+    pub lr_warmup_steps: usize,
+    /// Restarts of `cosine_with_restarts`.
+    pub lr_cycles: usize,
+    /// AdamW β₁.
+    pub adam_beta1: f32,
+    /// AdamW β₂.
+    pub adam_beta2: f32,
+    /// AdamW ε.
+    pub adam_epsilon: f32,
+    /// AdamW decoupled weight decay.
+    pub adam_weight_decay: f32,
+    /// Clip each gradient tensor to this L2 norm (0 = off).
+    pub max_grad_norm: f32,
+    /// Training target.
+    pub prediction: Prediction,
+    /// Min-SNR-γ loss weighting (0 = off; 5 is the usual value).
+    pub min_snr_gamma: f64,
+    /// Offset noise strength (0 = off; 0.05–0.1 typical).
+    pub noise_offset: f64,
+    /// Lowest timestep sampled.
+    pub min_timestep: usize,
+    /// One past the highest timestep sampled.
+    pub max_timestep: usize,
+    /// Seed of everything random in training.
+    pub seed: u64,
+}
+
+/// Outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Output folder.
+    pub output_dir: PathBuf,
+    /// File stem of the LoRA.
+    pub output_name: String,
+    /// `kohya` (A1111 / ComfyUI) or `peft` (diffusers).
+    pub save_format: lora_core::AdapterFormat,
+    /// `f16`, `bf16` or `f32`.
+    pub save_precision: lora_core::SaveDtype,
+    /// Save the LoRA every N steps as well (0 = only at the end).
+    pub save_every_n_steps: usize,
+    /// Write a sample grid every N steps (0 = only at the end).
+    pub sample_every_n_steps: usize,
+    /// Prompts of the sample grid.
+    pub sample_prompts: Vec<String>,
+    /// Sampler of the sample grid (any `sd-sched` name).
+    pub sample_sampler: String,
+    /// Sampling steps.
+    pub sample_steps: usize,
+    /// Classifier-free guidance scale.
+    pub sample_cfg: f32,
+    /// Seed of the sample grid.
+    pub sample_seed: u64,
+}
+
+/// The whole training configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Base model.
+    pub model: ModelSection,
+    /// Training data.
+    pub data: DataSection,
+    /// Adapters.
+    pub lora: LoraSection,
+    /// Optimisation.
+    pub train: TrainSection,
+    /// Outputs.
+    pub output: OutputSection,
+}
+
+impl Default for TrainConfig {
+    /// The built-in demo: the tiny model on the demo images, a few hundred steps on the CPU.
+    fn default() -> Self {
+        Self {
+            model: ModelSection {
+                pretrained: "tiny".into(),
+                tiny_seed: 0,
+                clip_skip: 1,
+            },
+            data: DataSection {
+                train_data_dir: "demo".into(),
+                resolution: 64,
+                demo_images: 24,
+                num_repeats: 1,
+                skip_bad_images: false,
+                flip_aug: false,
+            },
+            lora: LoraSection {
+                rank: 8,
+                alpha: 8.0,
+                dropout: 0.0,
+                rslora: false,
+                unet_targets: sd_model::targets::UnetTargets::AttnMlp,
+                include: vec![],
+                exclude: vec![],
+            },
+            train: TrainSection {
+                max_train_steps: 300,
+                train_batch_size: 4,
+                gradient_accumulation_steps: 1,
+                learning_rate: 1e-3,
+                lr_scheduler: LrScheduler::Cosine,
+                lr_warmup_steps: 20,
+                lr_cycles: 1,
+                adam_beta1: 0.9,
+                adam_beta2: 0.999,
+                adam_epsilon: 1e-8,
+                adam_weight_decay: 1e-2,
+                max_grad_norm: 1.0,
+                prediction: Prediction::Auto,
+                min_snr_gamma: 5.0,
+                noise_offset: 0.0,
+                min_timestep: 0,
+                max_timestep: 1000,
+                seed: 42,
+            },
+            output: OutputSection {
+                output_dir: "outputs/demo".into(),
+                output_name: "demo_lora".into(),
+                save_format: lora_core::AdapterFormat::Kohya,
+                save_precision: lora_core::SaveDtype::F16,
+                save_every_n_steps: 0,
+                sample_every_n_steps: 0,
+                sample_prompts: vec![
+                    "a large red circle over a blue field, demostyle".into(),
+                    "a small yellow square over a green field, demostyle".into(),
+                    "a purple triangle over an orange field, demostyle".into(),
+                    "a red circle over a blue field".into(),
+                ],
+                sample_sampler: "ddim".into(),
+                sample_steps: 20,
+                sample_cfg: 5.0,
+                sample_seed: 1234,
+            },
+        }
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The valid key closest to `unknown` among `candidates`.
+pub fn nearest<'a>(unknown: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(unknown, c), c))
+        .min()
+        .filter(|(d, c)| *d <= (c.len().max(unknown.len()) / 2).max(2))
+        .map(|(_, c)| c)
+}
+
+/// All valid dotted keys of the configuration (`train.learning_rate`, ...).
+pub fn valid_keys() -> Vec<String> {
+    let value = toml::Value::try_from(TrainConfig::default()).unwrap_or(toml::Value::Table(Default::default()));
+    let mut keys = Vec::new();
+    if let toml::Value::Table(sections) = value {
+        for (section, v) in sections {
+            if let toml::Value::Table(fields) = v {
+                keys.extend(fields.keys().map(|k| format!("{section}.{k}")));
+            }
+        }
+    }
+    keys.sort();
+    keys
+}
+
+/// Finds keys of `value` that the configuration does not have, with suggestions.
+fn check_keys(value: &toml::Value, origin: &str) -> Result<(), TrainError> {
+    let valid = valid_keys();
+    let sections: Vec<&str> = valid.iter().filter_map(|k| k.split_once('.').map(|(s, _)| s)).collect();
+    let toml::Value::Table(table) = value else { return Ok(()) };
+    for (section, v) in table {
+        if !sections.contains(&section.as_str()) {
+            return Err(TrainError::Config {
+                origin: origin.into(),
+                reason: match nearest(section, sections.iter().copied()) {
+                    Some(s) => format!("unknown section `[{section}]`; did you mean `[{s}]`?"),
+                    None => format!("unknown section `[{section}]`; sections are model, data, lora, train, output"),
+                },
+            });
+        }
+        let toml::Value::Table(fields) = v else {
+            return Err(TrainError::Config {
+                origin: origin.into(),
+                reason: format!("`{section}` must be a table"),
+            });
+        };
+        for key in fields.keys() {
+            let full = format!("{section}.{key}");
+            if !valid.contains(&full) {
+                let hint = nearest(&full, valid.iter().map(String::as_str))
+                    .map(|n| format!("; did you mean `{n}`?"))
+                    .unwrap_or_default();
+                return Err(TrainError::Config {
+                    origin: origin.into(),
+                    reason: format!("unknown key `{full}`{hint}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets `section.key = value` in a TOML tree; `value` is parsed as TOML (`3e-4`, `true`,
+/// `"text"`, `[1, 2]`) and taken as a plain string when it does not parse.
+fn set_key(tree: &mut toml::Value, assignment: &str) -> Result<(), TrainError> {
+    let bad = |reason: String| TrainError::Config {
+        origin: format!("--set {assignment}"),
+        reason,
+    };
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| bad("expected KEY=VALUE".into()))?;
+    let (section, field) = key.trim().split_once('.').ok_or_else(|| bad("KEY must be SECTION.NAME, e.g. train.learning_rate".into()))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let toml::Value::Table(root) = tree else { return Err(bad("configuration is not a table".into())) };
+    let entry = root.entry(section.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+    match entry {
+        toml::Value::Table(t) => {
+            t.insert(field.to_string(), value);
+            Ok(())
+        }
+        _ => Err(bad(format!("`{section}` is not a table"))),
+    }
+}
+
+impl TrainConfig {
+    /// The defaults, overridden by `file` (if any) and then by `--set` assignments. Every
+    /// unknown key is an error naming the nearest valid key.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self, TrainError> {
+        let mut tree = toml::Value::try_from(Self::default()).map_err(|e| TrainError::Config {
+            origin: "defaults".into(),
+            reason: e.to_string(),
+        })?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let user: toml::Value = toml::from_str(&text).map_err(|e| TrainError::Config {
+                origin: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            check_keys(&user, &path.display().to_string())?;
+            merge(&mut tree, user);
+        }
+        for s in sets {
+            set_key(&mut tree, s)?;
+        }
+        check_keys(&tree, "--set")?;
+        let config: Self = tree.try_into().map_err(|e: toml::de::Error| TrainError::Config {
+            origin: file.map_or("--set".into(), |p| p.display().to_string()),
+            reason: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks value ranges.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |reason: &str| {
+            Err(TrainError::Config {
+                origin: "configuration".into(),
+                reason: reason.into(),
+            })
+        };
+        let t = &self.train;
+        if t.max_train_steps == 0 || t.train_batch_size == 0 || t.gradient_accumulation_steps == 0 {
+            return bad("train.max_train_steps, train.train_batch_size and train.gradient_accumulation_steps must be at least 1");
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return bad("train.learning_rate must be positive");
+        }
+        if t.min_timestep >= t.max_timestep || t.max_timestep > 1000 {
+            return bad("train.min_timestep must be below train.max_timestep, which is at most 1000");
+        }
+        if self.lora.rank == 0 {
+            return bad("lora.rank must be at least 1");
+        }
+        if self.model.clip_skip == 0 {
+            return bad("model.clip_skip must be at least 1");
+        }
+        if self.output.sample_steps == 0 {
+            return bad("output.sample_steps must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML (written next to the outputs).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Overlays `user` onto `base`, table by table.
+fn merge(base: &mut toml::Value, user: toml::Value) {
+    match (base, user) {
+        (toml::Value::Table(b), toml::Value::Table(u)) => {
+            for (k, v) in u {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}

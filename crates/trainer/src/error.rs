@@ -1,0 +1,57 @@
+//! Error type of the trainer library.
+
+use std::path::PathBuf;
+
+/// Everything that can stop training, generation or conversion.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// A configuration value or key is wrong.
+    #[error("{origin}: {reason}")]
+    Config {
+        /// The file, `--set` argument or section.
+        origin: String,
+        /// What is wrong and what was expected.
+        reason: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The loss or gradients stopped being finite.
+    #[error("training diverged at step {step}: loss is {loss} (lower train.learning_rate or enable train.max_grad_norm)")]
+    NonFinite {
+        /// The optimizer step.
+        step: usize,
+        /// The loss value.
+        loss: f32,
+    },
+    /// A model problem.
+    #[error(transparent)]
+    Model(#[from] sd_model::SdModelError),
+    /// A LoRA problem.
+    #[error(transparent)]
+    Lora(#[from] lora_core::LoraError),
+    /// A scheduler problem.
+    #[error(transparent)]
+    Sched(#[from] sd_sched::SchedError),
+    /// A dataset problem.
+    #[error(transparent)]
+    Data(#[from] sd_data::DataError),
+    /// A tokenizer problem.
+    #[error(transparent)]
+    Tokenizer(#[from] sd_model::tokenizer::TokenizerError),
+    /// Writing an image failed.
+    #[error("{path}: {reason}")]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}

@@ -1,0 +1,136 @@
+//! Text-to-image sampling with classifier-free guidance, and image grids.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use image::RgbImage;
+use sd_sched::{NoiseSource, SamplerSpec, SeededNoise};
+
+use crate::models::Components;
+use crate::TrainError;
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// One image per prompt.
+    pub prompts: Vec<String>,
+    /// Negative prompt (the unconditional branch of guidance).
+    pub negative_prompt: String,
+    /// Sampler name (any `sd-sched` name: `ddim`, `euler_a`, `dpmpp_2m_karras`, ...).
+    pub sampler: String,
+    /// Sampling steps.
+    pub steps: usize,
+    /// Guidance scale (1 = no guidance).
+    pub cfg_scale: f32,
+    /// Seed of the initial noise and of stochastic samplers.
+    pub seed: u64,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// CLIP skip.
+    pub clip_skip: usize,
+}
+
+/// Encodes prompts to text embeddings `[N, 77, D]`.
+pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
+    let ids = c.tokenizer.encode_batch(prompts)?;
+    let n = ids.len();
+    let len = ids.first().map_or(77, Vec::len);
+    let flat: Vec<i32> = ids.into_iter().flatten().map(|i| i as i32).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, len]), device);
+    Ok(c.text_encoder.forward(ids, clip_skip)?)
+}
+
+/// Runs the sampler from `latents` (already scaled by the sampler's initial sigma).
+pub fn denoise<B: Backend>(
+    c: &Components<B>,
+    opts: &GenerateOptions,
+    mut latents: Tensor<B, 4>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, TrainError> {
+    let n = opts.prompts.len();
+    let cond = encode_prompts(c, &opts.prompts, opts.clip_skip, device)?;
+    let uncond = encode_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, device)?;
+    let context = Tensor::cat(vec![uncond, cond], 0);
+    let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+    sampler.set_timesteps(opts.steps)?;
+    // Stochastic samplers draw from a stream seeded apart from the initial noise.
+    let mut noise = SeededNoise::new(opts.seed.wrapping_add(1));
+    let timesteps = sampler.timesteps().to_vec();
+    for (i, t) in timesteps.iter().enumerate() {
+        let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), i)?;
+        let t = Tensor::<B, 1>::from_floats(vec![*t; 2 * n].as_slice(), device);
+        let out = c.unet.forward(input, t, context.clone())?;
+        let mut halves = out.split(n, 0).into_iter();
+        let (u, cnd) = match (halves.next(), halves.next()) {
+            (Some(u), Some(c)) => (u, c),
+            _ => unreachable!("the batch holds both guidance branches"),
+        };
+        let guided = u.clone() + (cnd - u) * opts.cfg_scale;
+        latents = sampler.step(guided, i, latents, &mut noise)?;
+    }
+    Ok(latents)
+}
+
+/// The seeded initial noise for `opts`, times the sampler's initial sigma.
+pub fn initial_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, device: &B::Device) -> Result<Tensor<B, 4>, TrainError> {
+    let f = c.vae.downsample_factor();
+    let m = f * c.unet.size_multiple();
+    if opts.width == 0 || opts.height == 0 || !opts.width.is_multiple_of(m) || !opts.height.is_multiple_of(m) {
+        return Err(TrainError::Config {
+            origin: "size".into(),
+            reason: format!("width and height must be positive multiples of {m} for this model, got {}x{}", opts.width, opts.height),
+        });
+    }
+    let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+    sampler.set_timesteps(opts.steps)?;
+    let shape = [opts.prompts.len(), c.vae.latent_channels(), opts.height / f, opts.width / f];
+    let noise = SeededNoise::new(opts.seed).sample(shape, device)?;
+    Ok(noise * sampler.init_noise_sigma())
+}
+
+/// Decodes scaled latents to RGB images.
+pub fn decode<B: Backend>(c: &Components<B>, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>, TrainError> {
+    let pixels = c.vae.decode(c.vae.unscale_latents(latents));
+    let [n, _, h, w] = pixels.dims();
+    let data = pixels
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| TrainError::Config { origin: "decode".into(), reason: format!("{e:?}") })?;
+    let plane = h * w;
+    Ok((0..n)
+        .map(|i| {
+            RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let at = |ch: usize| {
+                    let v = data[i * 3 * plane + ch * plane + y as usize * w + x as usize];
+                    ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8
+                };
+                image::Rgb([at(0), at(1), at(2)])
+            })
+        })
+        .collect())
+}
+
+/// Lays images out in a grid with `cols` columns.
+pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
+    let cols = cols.max(1);
+    let (w, h) = images.first().map_or((1, 1), |i| i.dimensions());
+    let rows = images.len().div_ceil(cols).max(1);
+    let mut out = RgbImage::from_pixel(w * cols as u32, h * rows as u32, image::Rgb([255, 255, 255]));
+    for (k, img) in images.iter().enumerate() {
+        let (x0, y0) = ((k % cols) as u32 * w, (k / cols) as u32 * h);
+        image::imageops::overlay(&mut out, img, x0 as i64, y0 as i64);
+    }
+    out
+}
+
+/// Saves a PNG, naming the file on error.
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), TrainError> {
+    img.save(path).map_err(|e| TrainError::Image {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}

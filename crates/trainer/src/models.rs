@@ -1,0 +1,71 @@
+//! The three components of a Stable Diffusion model, loaded or built for the demo.
+
+use burn::tensor::backend::Backend;
+use sd_model::load::{LoadOptions, ModelSource};
+use sd_model::tokenizer::ClipTokenizer;
+use sd_model::{AutoencoderKl, ClipTextConfig, ClipTextModel, UNet2DConditionModel, UnetConfig, VaeConfig};
+use sd_sched::SchedulerConfig;
+
+use crate::TrainError;
+
+/// Text encoder, VAE, UNet, tokenizer and scheduler config of one model.
+pub struct Components<B: Backend> {
+    /// Tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// Text encoder.
+    pub text_encoder: ClipTextModel<B>,
+    /// VAE.
+    pub vae: AutoencoderKl<B>,
+    /// UNet.
+    pub unet: UNet2DConditionModel<B>,
+    /// Noise schedule and prediction type.
+    pub scheduler: SchedulerConfig,
+    /// `sd_v1`, `sd_v2` or `tiny` (kohya's `ss_base_model_version`).
+    pub base_version: String,
+}
+
+/// Loads `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint).
+///
+/// `tiny` is the built-in demo model: tiny configs with random weights drawn from
+/// `tiny_seed`, so the same seed always gives the same model and no download is needed.
+pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B::Device) -> Result<Components<B>, TrainError> {
+    if pretrained == "tiny" {
+        B::seed(device, tiny_seed);
+        return Ok(Components {
+            tokenizer: ClipTokenizer::bundled()?,
+            text_encoder: ClipTextModel::new(&ClipTextConfig::tiny(), device)?,
+            vae: AutoencoderKl::new(&VaeConfig::tiny(), device)?,
+            unet: UNet2DConditionModel::new(&UnetConfig::tiny(), device)?,
+            scheduler: SchedulerConfig::sd15(),
+            base_version: "tiny".into(),
+        });
+    }
+    let source = ModelSource::detect(pretrained)?;
+    let options = LoadOptions::default();
+    let text_config = source.text_encoder_config()?;
+    let sd2 = text_config.hidden_size == 1024;
+    let (tokenizer, scheduler) = match &source {
+        ModelSource::Diffusers(dir) => {
+            let tokenizer = ClipTokenizer::from_model_dir(dir)?;
+            let scheduler = if dir.join("scheduler/scheduler_config.json").is_file() {
+                SchedulerConfig::from_model_dir(dir)?
+            } else {
+                SchedulerConfig::sd15()
+            };
+            (tokenizer, scheduler)
+        }
+        // Single files carry neither: SD2.x pads with id 0; SD1.x/2.x share the schedule.
+        ModelSource::SingleFile(_) => {
+            let tok = ClipTokenizer::bundled()?;
+            (if sd2 { tok.with_pad_token_id(0)? } else { tok }, SchedulerConfig::sd15())
+        }
+    };
+    Ok(Components {
+        tokenizer,
+        text_encoder: source.load_text_encoder(device, &options)?,
+        vae: source.load_vae(device, &options)?,
+        unet: source.load_unet(device, &options)?,
+        scheduler,
+        base_version: if sd2 { "sd_v2" } else { "sd_v1" }.into(),
+    })
+}
