@@ -55,6 +55,8 @@ pub struct LoraSection {
     pub include: Vec<String>,
     /// Module-path globs never to target.
     pub exclude: Vec<String>,
+    /// Text-encoder preset: `none` (UNet only), `attn`, `attn-mlp` (kohya's text-encoder set).
+    pub text_encoder_targets: sd_model::targets::TextEncoderTargets,
 }
 
 /// Learning-rate schedules (each with linear warmup).
@@ -95,6 +97,8 @@ pub struct TrainSection {
     pub gradient_accumulation_steps: usize,
     /// Peak learning rate.
     pub learning_rate: f64,
+    /// Peak learning rate of the text-encoder adapters (0 = `learning_rate`).
+    pub text_encoder_lr: f64,
     /// Learning-rate schedule.
     pub lr_scheduler: LrScheduler,
     /// Linear warmup steps.
@@ -194,12 +198,14 @@ impl Default for TrainConfig {
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 include: vec![],
                 exclude: vec![],
+                text_encoder_targets: sd_model::targets::TextEncoderTargets::None,
             },
             train: TrainSection {
                 max_train_steps: 300,
                 train_batch_size: 4,
                 gradient_accumulation_steps: 1,
                 learning_rate: 1e-3,
+                text_encoder_lr: 0.0,
                 lr_scheduler: LrScheduler::Cosine,
                 lr_warmup_steps: 20,
                 lr_cycles: 1,
@@ -385,6 +391,9 @@ impl TrainConfig {
         }
         if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
             return bad("train.learning_rate must be positive");
+        }
+        if !(t.text_encoder_lr.is_finite() && t.text_encoder_lr >= 0.0) {
+            return bad("train.text_encoder_lr must be 0 (same as learning_rate) or positive");
         }
         if t.min_timestep >= t.max_timestep || t.max_timestep > 1000 {
             return bad("train.min_timestep must be below train.max_timestep, which is at most 1000");

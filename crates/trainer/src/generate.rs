@@ -74,8 +74,8 @@ pub fn denoise<B: Backend>(
     Ok(latents)
 }
 
-/// The seeded initial noise for `opts`, times the sampler's initial sigma.
-pub fn initial_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, device: &B::Device) -> Result<Tensor<B, 4>, TrainError> {
+/// The shape of the initial latents for `opts`, checking the image size.
+pub fn latent_shape<B: Backend>(c: &Components<B>, opts: &GenerateOptions) -> Result<[usize; 4], TrainError> {
     let f = c.vae.downsample_factor();
     let m = f * c.unet.size_multiple();
     if opts.width == 0 || opts.height == 0 || !opts.width.is_multiple_of(m) || !opts.height.is_multiple_of(m) {
@@ -84,11 +84,28 @@ pub fn initial_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, de
             reason: format!("width and height must be positive multiples of {m} for this model, got {}x{}", opts.width, opts.height),
         });
     }
+    Ok([opts.prompts.len(), c.vae.latent_channels(), opts.height / f, opts.width / f])
+}
+
+/// Standard-normal `noise` of [`latent_shape`] scaled by the sampler's initial sigma, as
+/// diffusers' pipelines prepare given latents.
+pub fn latents_from_noise<B: Backend>(c: &Components<B>, opts: &GenerateOptions, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>, TrainError> {
+    let shape = latent_shape(c, opts)?;
+    if noise.dims() != shape {
+        return Err(TrainError::Config {
+            origin: "initial latents".into(),
+            reason: format!("shape {:?} does not match {} prompt(s) at {}x{}: expected {shape:?}", noise.dims(), opts.prompts.len(), opts.width, opts.height),
+        });
+    }
     let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
     sampler.set_timesteps(opts.steps)?;
-    let shape = [opts.prompts.len(), c.vae.latent_channels(), opts.height / f, opts.width / f];
-    let noise = SeededNoise::new(opts.seed).sample(shape, device)?;
     Ok(noise * sampler.init_noise_sigma())
+}
+
+/// The seeded initial noise for `opts`, times the sampler's initial sigma.
+pub fn initial_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, device: &B::Device) -> Result<Tensor<B, 4>, TrainError> {
+    let noise = SeededNoise::new(opts.seed).sample(latent_shape(c, opts)?, device)?;
+    latents_from_noise(c, opts, noise)
 }
 
 /// Decodes scaled latents to RGB images.

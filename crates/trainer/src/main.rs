@@ -4,13 +4,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand};
 use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
-use trainer::generate::{decode, denoise, grid, initial_latents, save_png, GenerateOptions};
+use trainer::generate::{decode, denoise, grid, initial_latents, latents_from_noise, save_png, GenerateOptions};
 use trainer::models::load_components;
 use trainer::train::{train, StepInfo};
 use trainer::TrainConfig;
@@ -71,6 +72,13 @@ enum Command {
         /// Output PNG (a grid when there are several prompts).
         #[arg(long, default_value = "outputs/generate.png")]
         out: PathBuf,
+        /// Start from these latents (safetensors, tensor `latents` [N,4,h,w] f32, standard
+        /// normal) instead of seeded noise.
+        #[arg(long)]
+        init_latents: Option<PathBuf>,
+        /// Write the final latents (before VAE decoding) to this safetensors file.
+        #[arg(long)]
+        save_latents: Option<PathBuf>,
     },
     /// Convert a LoRA file between the kohya and diffusers/PEFT layouts.
     Convert {
@@ -87,7 +95,7 @@ enum Command {
     },
 }
 
-fn progress(info: &StepInfo) {
+fn progress(info: &StepInfo) -> bool {
     let rate = info.step as f64 / info.elapsed_s.max(1e-9);
     let eta = (info.total - info.step) as f64 / rate.max(1e-9);
     let width = 30;
@@ -107,7 +115,11 @@ fn progress(info: &StepInfo) {
         eprintln!();
     }
     let _ = std::io::stderr().flush();
+    !STOP.load(Ordering::SeqCst)
 }
+
+/// Set by Ctrl-C: training saves what it has and stops after the current step.
+static STOP: AtomicBool = AtomicBool::new(false);
 
 fn run_train<B: AutodiffBackend>(config: TrainConfig, device: &B::Device) -> Result<()> {
     eprintln!(
@@ -118,12 +130,22 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, device: &B::Device) -> Res
         config.train.max_train_steps,
         config.output.output_dir.display()
     );
+    // A second Ctrl-C while saving falls through to the default (immediate exit).
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving the LoRA trained so far (press again to quit at once)");
+    });
     let report = train::<B>(&config, device, &mut progress)?;
     let first = report.losses.iter().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
     let last = report.losses.iter().rev().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
-    println!("\ndone in {:.0}s; mean loss of the first/last 20 steps: {first:.4} -> {last:.4}", report.seconds);
+    let verb = if report.interrupted { "interrupted after" } else { "done in" };
+    println!("\n{verb} {:.0}s ({} steps); mean loss of the first/last 20 steps: {first:.4} -> {last:.4}", report.seconds, report.losses.len());
     println!("  LoRA ({:?}):   {}", config.output.save_format, report.lora.display());
-    println!("  sample grid:   {}", report.sample_grid.display());
+    if let Some(grid) = &report.sample_grid {
+        println!("  sample grid:   {}", grid.display());
+    }
     println!("  loss curve:    {}", report.loss_curve.display());
     println!("  metrics:       {}", report.metrics.display());
     println!("  config:        {}", report.config.display());
@@ -139,23 +161,57 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, device: &B::Device) -> Res
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where `generate` reads and writes files.
+struct GenerateFiles {
+    out: PathBuf,
+    init_latents: Option<PathBuf>,
+    save_latents: Option<PathBuf>,
+}
+
+fn read_latents<B: Backend>(path: &std::path::Path, device: &B::Device) -> Result<burn::tensor::Tensor<B, 4>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let view = st.tensor("latents").with_context(|| format!("{} has no tensor `latents`", path.display()))?;
+    if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 4 {
+        anyhow::bail!("{}: `latents` must be a 4-d F32 tensor, got {:?} {:?}", path.display(), view.dtype(), view.shape());
+    }
+    let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let shape: [usize; 4] = [view.shape()[0], view.shape()[1], view.shape()[2], view.shape()[3]];
+    Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), device))
+}
+
+fn write_latents<B: Backend>(path: &std::path::Path, latents: burn::tensor::Tensor<B, 4>) -> Result<()> {
+    let host = lora_core::HostTensor::from_tensor(latents)?;
+    let bytes = lora_core::tensor_io::serialize(&[("latents".to_string(), &host)], SaveDtype::F32, Default::default())?;
+    lora_core::tensor_io::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
 fn run_generate<B: Backend>(
     model: &str,
     tiny_seed: u64,
     loras: &[sd_model::lora::LoraFile],
     opts: GenerateOptions,
-    out: &std::path::Path,
+    files: &GenerateFiles,
     device: &B::Device,
 ) -> Result<()> {
+    let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
     if !loras.is_empty() {
         let applied = sd_model::lora::apply_lora_files(&mut c.unet, Some(&mut c.text_encoder), loras, false, device)?;
         eprintln!("LoRA: {} UNet and {} text-encoder layers adapted", applied.unet, applied.text_encoder);
     }
     let start = Instant::now();
-    let z = initial_latents(&c, &opts, device)?;
-    let images = decode(&c, denoise(&c, &opts, z, device)?)?;
+    let z = match &files.init_latents {
+        Some(path) => latents_from_noise(&c, &opts, read_latents::<B>(path, device)?)?,
+        None => initial_latents(&c, &opts, device)?,
+    };
+    let latents = denoise(&c, &opts, z, device)?;
+    if let Some(path) = &files.save_latents {
+        write_latents(path, latents.clone())?;
+        println!("wrote {}", path.display());
+    }
+    let images = decode(&c, latents)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -205,9 +261,10 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
 fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
         Command::Train { config, sets } => run_train::<B>(TrainConfig::load(config.as_deref(), &sets)?, device),
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, sampler, steps, cfg, seed, width, height, out } => {
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip: 1 };
-            run_generate::<B::InnerBackend>(&model, tiny_seed, &lora, opts, &out, device)
+            let files = GenerateFiles { out, init_latents, save_latents };
+            run_generate::<B::InnerBackend>(&model, tiny_seed, &lora, opts, &files, device)
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
     }

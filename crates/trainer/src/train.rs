@@ -43,8 +43,8 @@ pub struct StepInfo {
 pub struct TrainReport {
     /// The LoRA file.
     pub lora: PathBuf,
-    /// Sample grid from the trained LoRA.
-    pub sample_grid: PathBuf,
+    /// Sample grid from the trained LoRA (not written when training was interrupted).
+    pub sample_grid: Option<PathBuf>,
     /// Per-step metrics, one JSON object per line.
     pub metrics: PathBuf,
     /// Loss-curve image.
@@ -55,6 +55,8 @@ pub struct TrainReport {
     pub losses: Vec<f32>,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Whether `on_step` asked to stop before the last step.
+    pub interrupted: bool,
 }
 
 /// Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule.
@@ -139,11 +141,13 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
     Ok(grid(&images, images.len().min(4)))
 }
 
-/// Trains a LoRA as `config` says, calling `on_step` after every optimizer step.
+/// Trains a LoRA as `config` says, calling `on_step` after every optimizer step; when it
+/// returns `false` (e.g. on Ctrl-C) training stops, the LoRA trained so far is saved and the
+/// report says `interrupted`.
 pub fn train<B: AutodiffBackend>(
     config: &TrainConfig,
     device: &B::Device,
-    on_step: &mut dyn FnMut(&StepInfo),
+    on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
     config.validate()?;
     let start = Instant::now();
@@ -167,6 +171,12 @@ pub fn train<B: AutodiffBackend>(
         });
     }
 
+    // Text-encoder adapters, if any: the encoder then runs on the autodiff backend too.
+    let mut text_encoder = <sd_model::ClipTextModel<B> as AutodiffModule<B>>::from_inner(frozen.text_encoder.clone());
+    let te_selection = Selection::new(l.text_encoder_targets);
+    let te_targets = attach_new_adapters(&mut text_encoder, &te_selection, &lora, device)?;
+    let train_te = !te_targets.is_empty();
+
     let dataset = open_dataset(config)?;
     let mut schedule_cfg = frozen.scheduler.clone();
     match config.train.prediction {
@@ -184,8 +194,16 @@ pub fn train<B: AutodiffBackend>(
         .with_beta_2(t.adam_beta2)
         .with_epsilon(t.adam_epsilon)
         .with_weight_decay(t.adam_weight_decay)
-        .with_grad_clipping(clip)
+        .with_grad_clipping(clip.clone())
         .init::<B, sd_model::UNet2DConditionModel<B>>();
+    let mut te_optim = AdamWConfig::new()
+        .with_beta_1(t.adam_beta1)
+        .with_beta_2(t.adam_beta2)
+        .with_epsilon(t.adam_epsilon)
+        .with_weight_decay(t.adam_weight_decay)
+        .with_grad_clipping(clip)
+        .init::<B, sd_model::ClipTextModel<B>>();
+    let te_base_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
 
     let mut cache = EncodeCache::default();
     let metrics_path = out.join("metrics.jsonl");
@@ -194,9 +212,11 @@ pub fn train<B: AutodiffBackend>(
     let mut epoch = 0u64;
     let mut plans = dataset.plan_epoch(epoch).into_iter();
     let mut sample_size = None;
+    let mut interrupted = false;
     for step in 0..t.max_train_steps {
         let lr = learning_rate(t, step);
         let mut accumulator = GradientsAccumulator::<sd_model::UNet2DConditionModel<B>>::new();
+        let mut te_accumulator = GradientsAccumulator::<sd_model::ClipTextModel<B>>::new();
         let mut step_loss = 0f32;
         for _ in 0..t.gradient_accumulation_steps {
             let plan = match plans.next() {
@@ -210,11 +230,21 @@ pub fn train<B: AutodiffBackend>(
                     })?
                 }
             };
-            let (posterior, context, loss_weights) = cache.batch(&dataset, &frozen, &plan, config.model.clip_skip, device)?;
+            let (posterior, context, loss_weights) = cache.batch(&dataset, &frozen, &plan, config.model.clip_skip, !train_te, device)?;
             sample_size.get_or_insert((plan.bucket.0 as usize, plan.bucket.1 as usize));
             let eps = noise.sample(posterior.mean.dims(), device)?;
-            let latents = frozen.vae.scale_latents(posterior.sample(eps)?);
-            let (latents, context) = (Tensor::<B, 4>::from_inner(latents), Tensor::<B, 3>::from_inner(context));
+            let latents = Tensor::<B, 4>::from_inner(frozen.vae.scale_latents(posterior.sample(eps)?));
+            let context = match context {
+                Some(c) => Tensor::<B, 3>::from_inner(c),
+                None => {
+                    let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
+                    let ids = frozen.tokenizer.encode_batch(&captions)?;
+                    let n = ids.len();
+                    let flat: Vec<i32> = ids.into_iter().flatten().map(|i| i as i32).collect();
+                    let ids = Tensor::<B, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(flat, [n, 77]), device);
+                    text_encoder.forward(ids, config.model.clip_skip)?
+                }
+            };
 
             let n = latents.dims()[0];
             let ts = timesteps.sample::<B>(n, device);
@@ -234,13 +264,19 @@ pub fn train<B: AutodiffBackend>(
             }
             let loss = (per_sample * weights).mean() / t.gradient_accumulation_steps as f32;
             step_loss += loss.clone().into_scalar().elem::<f32>();
-            let grads = GradientsParams::from_grads(loss.backward(), &unet);
-            accumulator.accumulate(&unet, grads);
+            let mut grads = loss.backward();
+            if train_te {
+                te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
+            }
+            accumulator.accumulate(&unet, GradientsParams::from_module(&mut grads, &unet));
         }
         if !step_loss.is_finite() {
             return Err(TrainError::NonFinite { step: step + 1, loss: step_loss });
         }
         unet = optim.step(lr, unet, accumulator.grads());
+        if train_te {
+            text_encoder = te_optim.step(lr * te_base_lr / t.learning_rate, text_encoder, te_accumulator.grads());
+        }
         losses.push(step_loss);
         let info = StepInfo {
             step: step + 1,
@@ -251,13 +287,18 @@ pub fn train<B: AutodiffBackend>(
         };
         writeln!(metrics, "{{\"step\":{},\"loss\":{},\"lr\":{},\"elapsed_s\":{:.3}}}", info.step, info.loss, info.lr, info.elapsed_s)
             .map_err(io_err(&metrics_path))?;
-        on_step(&info);
+        if !on_step(&info) {
+            interrupted = info.step < t.max_train_steps;
+            if interrupted {
+                break;
+            }
+        }
         let sample_every = config.output.sample_every_n_steps;
         if sample_every > 0 && info.step.is_multiple_of(sample_every) && info.step < t.max_train_steps {
             let current = Components {
                 unet: unet.valid(),
                 tokenizer: frozen.tokenizer.clone(),
-                text_encoder: frozen.text_encoder.clone(),
+                text_encoder: text_encoder.valid(),
                 vae: frozen.vae.clone(),
                 scheduler: frozen.scheduler.clone(),
                 base_version: frozen.base_version.clone(),
@@ -268,18 +309,22 @@ pub fn train<B: AutodiffBackend>(
         }
         let save_every = config.output.save_every_n_steps;
         if save_every > 0 && info.step.is_multiple_of(save_every) && info.step < t.max_train_steps {
-            save_lora(&mut unet, &frozen, config, &out.join(format!("{}-step{:06}.safetensors", config.output.output_name, info.step)))?;
+            save_lora(&mut unet, &mut text_encoder, &frozen, config, &out.join(format!("{}-step{:06}.safetensors", config.output.output_name, info.step)))?;
         }
     }
 
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
-    save_lora(&mut unet, &frozen, config, &lora_path)?;
+    save_lora(&mut unet, &mut text_encoder, &frozen, config, &lora_path)?;
 
-    let with_lora = Components { unet: unet.valid(), ..frozen };
-    let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
-    let grid_img = generate_grid(&with_lora, config, size, device)?;
-    let grid_path = out.join("samples.png");
-    save_png(&grid_img, &grid_path)?;
+    let grid_path = if interrupted {
+        None
+    } else {
+        let with_lora = Components { unet: unet.valid(), text_encoder: text_encoder.valid(), ..frozen };
+        let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
+        let path = out.join("samples.png");
+        save_png(&generate_grid(&with_lora, config, size, device)?, &path)?;
+        Some(path)
+    };
 
     let curve_path = out.join("loss.png");
     save_png(&plot::loss_curve(&losses, 640, 360), &curve_path)?;
@@ -291,6 +336,7 @@ pub fn train<B: AutodiffBackend>(
         config: config_path,
         losses,
         seconds: start.elapsed().as_secs_f64(),
+        interrupted,
     })
 }
 
@@ -307,7 +353,7 @@ struct EncodeCache<B: burn::tensor::backend::Backend> {
 type SampleKey = (usize, (u32, u32), (u32, u32), bool);
 
 /// The posterior, text embeddings and loss weights of a batch.
-type EncodedBatch<B> = (DiagonalGaussian<B>, Tensor<B, 3>, Vec<f32>);
+type EncodedBatch<B> = (DiagonalGaussian<B>, Option<Tensor<B, 3>>, Vec<f32>);
 
 impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
     fn batch(
@@ -316,6 +362,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         c: &Components<B>,
         plan: &sd_data::BatchPlan,
         clip_skip: usize,
+        with_embeddings: bool,
         device: &B::Device,
     ) -> Result<EncodedBatch<B>, TrainError> {
         let key = |s: &sd_data::SamplePlan| (s.image, s.bucket, s.crop, s.flip);
@@ -331,7 +378,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
             .samples
             .iter()
             .map(|s| s.caption.clone())
-            .filter(|cap| !self.embeddings.contains_key(cap))
+            .filter(|cap| with_embeddings && !self.embeddings.contains_key(cap))
             .collect();
         if !missing.is_empty() {
             let embeds = crate::generate::encode_prompts(c, &missing, clip_skip, device)?;
@@ -344,26 +391,31 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
             let (m, l) = &self.posteriors[&key(s)];
             means.push(m.clone());
             logvars.push(l.clone());
-            contexts.push(self.embeddings[&s.caption].clone());
+            if with_embeddings {
+                contexts.push(self.embeddings[&s.caption].clone());
+            }
         }
         let posterior = DiagonalGaussian {
             mean: Tensor::cat(means, 0),
             logvar: Tensor::cat(logvars, 0),
         };
         let weights = plan.samples.iter().map(|s| s.loss_weight).collect();
-        Ok((posterior, Tensor::cat(contexts, 0), weights))
+        let context = with_embeddings.then(|| Tensor::cat(contexts, 0));
+        Ok((posterior, context, weights))
     }
 }
 
 /// Writes the UNet's adapters to `path` in the configured format and precision.
 fn save_lora<B: AutodiffBackend>(
     unet: &mut sd_model::UNet2DConditionModel<B>,
+    text_encoder: &mut sd_model::ClipTextModel<B>,
     frozen: &Components<B::InnerBackend>,
     config: &TrainConfig,
     path: &Path,
 ) -> Result<(), TrainError> {
     let mut set = AdapterSet::new();
     sites::collect_adapters(unet, &mut set)?;
+    sites::collect_adapters(text_encoder, &mut set)?;
     let meta = &mut set.metadata;
     meta.insert("ss_base_model_version".into(), frozen.base_version.clone());
     meta.insert("ss_sd_model_name".into(), config.model.pretrained.clone());
