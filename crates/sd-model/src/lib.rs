@@ -21,6 +21,7 @@ pub mod keymap;
 pub mod load;
 pub mod lora;
 mod resnet;
+pub mod save;
 pub mod targets;
 pub mod tokenizer;
 mod transformer;

@@ -124,6 +124,13 @@ impl WeightFile {
         self.infos.get(key).map(|i| i.shape.as_slice())
     }
 
+    /// The dtype and raw little-endian bytes of `key`.
+    pub fn raw(&self, key: &str) -> Option<(Dtype, &[u8])> {
+        let info = self.infos.get(key)?;
+        let (a, b) = (self.data_start + info.data_offsets.0, self.data_start + info.data_offsets.1);
+        Some((info.dtype, &self.mmap[a..b]))
+    }
+
     /// Shape of a source after slicing / squeezing, or `None` if the key is absent or the
     /// slice does not fit.
     fn source_shape(&self, src: &TensorSource) -> Option<Vec<usize>> {
@@ -205,9 +212,9 @@ impl ModuleAdapter for LoadAdapter {
 }
 
 /// One parameter of the model: its burn path and its shape in PyTorch layout.
-struct Expected {
-    burn_path: String,
-    file_shape: Vec<usize>,
+pub(crate) struct Expected {
+    pub(crate) burn_path: String,
+    pub(crate) file_shape: Vec<usize>,
 }
 
 /// The model's parameters keyed by their checkpoint (PyTorch) name.
@@ -215,7 +222,7 @@ struct Expected {
 /// Adapter-site wrappers hold their layer in a field named `base`, which checkpoints do not
 /// have; norms call their parameters `gamma`/`beta` where PyTorch says `weight`/`bias`;
 /// linear weights are stored transposed. Attached adapters are not checkpoint weights.
-fn expected_params<B: Backend, M: ModuleSnapshot<B>>(module: &M) -> BTreeMap<String, Expected> {
+pub(crate) fn expected_params<B: Backend, M: ModuleSnapshot<B>>(module: &M) -> BTreeMap<String, Expected> {
     module
         .collect(None, None, true)
         .into_iter()
@@ -256,7 +263,7 @@ fn first_few(mut v: Vec<String>) -> (Vec<String>, usize) {
 
 /// Applies `mapping` (checkpoint name → source tensor) to `module`, casting to `dtype`.
 /// `unexpected` holds file keys already known to belong to this component but unmapped.
-fn apply_mapping<B: Backend, M: ModuleSnapshot<B>>(
+pub(crate) fn apply_mapping<B: Backend, M: ModuleSnapshot<B>>(
     module: &mut M,
     file: &WeightFile,
     mapping: Vec<(String, TensorSource)>,
@@ -478,6 +485,15 @@ pub fn load_unet_diffusers<B: Backend>(model: &mut UNet2DConditionModel<B>, file
 
 /// Loads the UNet from a single-file checkpoint (`model.diffusion_model.*`).
 pub fn load_unet_single_file<B: Backend>(model: &mut UNet2DConditionModel<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    let (mapping, unexpected) = unet_single_file_mapping(model, file);
+    apply_mapping(model, file, mapping, unexpected, "unet", dtype)
+}
+
+/// A checkpoint path of ours and where its tensor lives in a file.
+pub type Mapping = Vec<(String, TensorSource)>;
+
+/// The UNet keys of a single file mapped to our paths, and the UNet keys that map nowhere.
+pub fn unet_single_file_mapping<B: Backend>(model: &UNet2DConditionModel<B>, file: &WeightFile) -> (Mapping, Vec<String>) {
     let layout = keymap::UnetLayout::of(model);
     let mut mapping = Vec::new();
     let mut unexpected = Vec::new();
@@ -487,11 +503,18 @@ pub fn load_unet_single_file<B: Backend>(model: &mut UNet2DConditionModel<B>, fi
             None => unexpected.push(key.to_string()),
         }
     }
-    apply_mapping(model, file, mapping, unexpected, "unet", dtype)
+    (mapping, unexpected)
 }
 
 /// Loads the text encoder from a single-file checkpoint (SD1 or SD2 key layout).
 pub fn load_text_encoder_single_file<B: Backend>(model: &mut ClipTextModel<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    let (mapping, unexpected) = text_encoder_single_file_mapping(model, file);
+    apply_mapping(model, file, mapping, unexpected, "text_encoder", dtype)
+}
+
+/// The text-encoder keys of a single file (SD1 or SD2 layout) mapped to our paths, and the
+/// text-encoder keys that map nowhere.
+pub fn text_encoder_single_file_mapping<B: Backend>(model: &ClipTextModel<B>, file: &WeightFile) -> (Mapping, Vec<String>) {
     let width = model.text_model.embeddings.token_embedding.weight.dims()[1];
     let layers = model.num_layers();
     let mut mapping = Vec::new();
@@ -511,7 +534,7 @@ pub fn load_text_encoder_single_file<B: Backend>(model: &mut ClipTextModel<B>, f
             unexpected.push(key.to_string());
         }
     }
-    apply_mapping(model, file, mapping, unexpected, "text_encoder", dtype)
+    (mapping, unexpected)
 }
 
 /// Loads the VAE from a single-file checkpoint (`first_stage_model.*`).

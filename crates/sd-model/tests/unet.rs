@@ -177,3 +177,37 @@ fn target_presets_select_kohya_and_diffusers_sets() {
     let err = attach_new_adapters(&mut unet, &bad, &cfg, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("no_such_block"), "{err}");
 }
+
+/// Baking a LoRA in and writing the checkpoint back (diffusers folder and single file) gives
+/// a model that matches diffusers' output with the LoRA loaded.
+#[test]
+fn merged_checkpoints_match_diffusers_with_the_lora() {
+    use lora_core::SaveDtype;
+    use sd_model::load::WeightFile;
+    use sd_model::save::{merge_into_single_file, save_diffusers_component};
+    let device = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, single_file) in [("sd1", false), ("sd2", true)] {
+        let mut unet = load(name, single_file);
+        let source_path = if single_file { fixtures().join(format!("{name}_single_file.safetensors")) } else { fixtures().join(name) };
+        let source = ModelSource::detect(&source_path).unwrap();
+        let mut te = source.load_text_encoder::<B>(&device, &LoadOptions::default()).unwrap();
+        let files = vec![sd_model::lora::LoraFile { path: fixtures().join(format!("{name}_lora_kohya.safetensors")), strength: 1.0 }];
+        sd_model::lora::apply_lora_files(&mut unet, Some(&mut te), &files, false, &device).unwrap();
+        sites::bake_adapters(&mut unet);
+        sites::bake_adapters(&mut te);
+        let merged = if single_file {
+            let out = dir.path().join(format!("{name}_merged.safetensors"));
+            merge_into_single_file(&WeightFile::open(&source_path).unwrap(), &unet, &te, &out, Some(SaveDtype::F32)).unwrap();
+            out
+        } else {
+            let out = dir.path().join(format!("{name}_merged"));
+            std::fs::create_dir_all(out.join("unet")).unwrap();
+            std::fs::copy(source_path.join("unet/config.json"), out.join("unet/config.json")).unwrap();
+            save_diffusers_component(&unet, &out.join("unet/diffusion_pytorch_model.safetensors"), SaveDtype::F32).unwrap();
+            out
+        };
+        let reloaded = ModelSource::detect(&merged).unwrap().load_unet::<B>(&device, &LoadOptions::default()).unwrap();
+        assert_close(&run(&reloaded), &format!("{name}_unet_out_lora_kohya"));
+    }
+}

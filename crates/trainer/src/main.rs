@@ -80,6 +80,22 @@ enum Command {
         #[arg(long)]
         save_latents: Option<PathBuf>,
     },
+    /// Bake LoRAs into a checkpoint: a diffusers folder gives a folder, a single file a file.
+    Merge {
+        /// The base checkpoint (diffusers folder or single .safetensors file).
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA files as FILE[:STRENGTH]; repeatable.
+        #[arg(long, required = true)]
+        lora: Vec<sd_model::lora::LoraFile>,
+        /// Output folder or .safetensors file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Precision of the rewritten UNet / text-encoder weights (default: a diffusers folder
+        /// gets f16, a single file keeps each tensor's dtype).
+        #[arg(long)]
+        dtype: Option<SaveDtype>,
+    },
     /// Convert a LoRA file between the kohya and diffusers/PEFT layouts.
     Convert {
         /// Input LoRA.
@@ -257,6 +273,53 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     Ok(())
 }
 
+/// Copies a folder tree, skipping files for which `skip` is true.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &dyn Fn(&std::path::Path) -> bool) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type()?.is_dir() {
+            copy_tree(&src, &dst, skip)?;
+        } else if !skip(&src) {
+            std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraFile], out: &std::path::Path, dtype: Option<SaveDtype>, device: &B::Device) -> Result<()> {
+    use sd_model::load::{LoadOptions, ModelSource, WeightFile};
+    if out.exists() {
+        anyhow::bail!("{} already exists; choose a new output path", out.display());
+    }
+    let source = ModelSource::detect(model)?;
+    let options = LoadOptions::default();
+    let mut unet = source.load_unet::<B>(device, &options)?;
+    let mut te = source.load_text_encoder::<B>(device, &options)?;
+    let applied = sd_model::lora::apply_lora_files(&mut unet, Some(&mut te), loras, false, device)?;
+    lora_core::sites::bake_adapters(&mut unet);
+    lora_core::sites::bake_adapters(&mut te);
+    match &source {
+        ModelSource::SingleFile(path) => {
+            sd_model::save::merge_into_single_file(&WeightFile::open(path)?, &unet, &te, out, dtype)?;
+        }
+        ModelSource::Diffusers(dir) => {
+            // Everything but the rewritten weights is copied as it is (configs, tokenizer, VAE, ...).
+            let rewritten = |p: &std::path::Path| {
+                let parent = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
+                matches!(parent, Some("unet" | "text_encoder")) && p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
+            };
+            copy_tree(dir, out, &rewritten)?;
+            let dtype = dtype.unwrap_or(SaveDtype::F16);
+            sd_model::save::save_diffusers_component(&unet, &out.join("unet/diffusion_pytorch_model.safetensors"), dtype)?;
+            sd_model::save::save_diffusers_component(&te, &out.join("text_encoder/model.safetensors"), dtype)?;
+        }
+    }
+    println!("merged {} UNet and {} text-encoder adapters into {}", applied.unet, applied.text_encoder, out.display());
+    Ok(())
+}
+
 /// Runs a command on backend `B`.
 fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
@@ -267,6 +330,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             run_generate::<B::InnerBackend>(&model, tiny_seed, &lora, opts, &files, device)
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
+        Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
     }
 }
 
