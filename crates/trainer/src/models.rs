@@ -28,6 +28,8 @@ pub struct Components<B: Backend> {
 ///
 /// `tiny` is the built-in demo model: tiny configs with random weights drawn from
 /// `tiny_seed`, so the same seed always gives the same model and no download is needed.
+/// The weights come from burn's backend RNG, which is global to the process: build models
+/// from one thread at a time for reproducible results.
 pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B::Device) -> Result<Components<B>, TrainError> {
     if pretrained == "tiny" {
         B::seed(device, tiny_seed);

@@ -8,6 +8,14 @@ use trainer::{TrainConfig, TrainError};
 
 type B = Autodiff<Flex>;
 
+/// Model and adapter initialisation draw from burn's backend-global RNG, seeded per run;
+/// tests that build models hold this lock so parallel tests cannot interleave their draws.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn seeded() -> std::sync::MutexGuard<'static, ()> {
+    SEEDED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The tiny UNet's module paths, to read kohya files back.
 fn tiny_index() -> lora_core::ModuleIndex {
     let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
@@ -27,6 +35,7 @@ fn quick_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
 
 #[test]
 fn demo_training_writes_every_output_and_the_lora_reloads() {
+    let _guard = seeded();
     let dir = tempfile::tempdir().unwrap();
     for format in [AdapterFormat::Kohya, AdapterFormat::Peft] {
         let mut config = quick_config(dir.path(), 6);
@@ -66,6 +75,7 @@ fn demo_training_writes_every_output_and_the_lora_reloads() {
 
 #[test]
 fn training_reduces_the_loss() {
+    let _guard = seeded();
     let dir = tempfile::tempdir().unwrap();
     let mut config = quick_config(dir.path(), 60);
     // One image, fixed timesteps range: the LoRA can only learn this sample.
@@ -141,6 +151,7 @@ fn learning_rate_schedules() {
 
 #[test]
 fn stopping_early_saves_the_lora_trained_so_far() {
+    let _guard = seeded();
     let dir = tempfile::tempdir().unwrap();
     let config = quick_config(dir.path(), 50);
     let report = train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
@@ -155,6 +166,7 @@ fn stopping_early_saves_the_lora_trained_so_far() {
 
 #[test]
 fn text_encoder_adapters_train_and_save_with_the_unet_ones() {
+    let _guard = seeded();
     let dir = tempfile::tempdir().unwrap();
     let mut config = quick_config(dir.path(), 3);
     config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::AttnMlp;
@@ -174,6 +186,7 @@ fn text_encoder_adapters_train_and_save_with_the_unet_ones() {
 /// that image's latent than the same sampling without it.
 #[test]
 fn lora_pulls_samples_towards_the_training_image() {
+    let _guard = seeded();
     use burn::tensor::Tensor;
     use trainer::generate::{denoise, initial_latents, GenerateOptions};
     type I = Flex;
