@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use lora_core::{LoraConv2d, LoraLinear};
 
 use crate::attention::multi_head_attention;
@@ -28,6 +28,9 @@ pub struct Attention<B: Backend> {
     pub to_out: Vec<LoraLinear<B>>,
     /// Number of heads.
     pub heads: usize,
+    /// Compute the attention in f32 when the model runs in half precision
+    /// (diffusers' `upcast_attention`, set for SD2.1).
+    pub upcast: bool,
 }
 
 impl<B: Backend> Attention<B> {
@@ -39,6 +42,7 @@ impl<B: Backend> Attention<B> {
             to_v: linear(context_dim, dim, false, device),
             to_out: vec![linear(dim, dim, true, device)],
             heads,
+            upcast: false,
         }
     }
 
@@ -48,7 +52,13 @@ impl<B: Backend> Attention<B> {
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
         let v = self.to_v.forward(context);
-        let mut out = multi_head_attention(q, k, v, self.heads, false);
+        let dtype = q.dtype();
+        let mut out = if self.upcast && dtype != DType::F32 {
+            let f32 = |t: Tensor<B, 3>| t.cast(DType::F32);
+            multi_head_attention(f32(q), f32(k), f32(v), self.heads, false).cast(dtype)
+        } else {
+            multi_head_attention(q, k, v, self.heads, false)
+        };
         for layer in &self.to_out {
             out = layer.forward(out);
         }

@@ -98,7 +98,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
             let cross = kind == "CrossAttnUpBlock2D";
             up_blocks.push(UnetUpBlock::new(&s, c_in, c_prev, c_out, config.layers_per_block + 1, attention(cross, rev), i + 1 < levels, device));
         }
-        Ok(Self {
+        let mut model = Self {
             conv_in: conv(config.in_channels, ch[0], 3, device),
             time_embedding: TimestepEmbedding::new(ch[0], temb, device),
             down_blocks,
@@ -112,7 +112,27 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 freq_shift: config.freq_shift,
             },
             cross_attention_dim: config.cross_attention_dim,
-        })
+        };
+        if config.upcast_attention {
+            model.for_each_attention(&mut |a| a.upcast = true);
+        }
+        Ok(model)
+    }
+
+    /// Calls `f` on every attention layer (self- and cross-attention of every transformer).
+    pub fn for_each_attention(&mut self, f: &mut dyn FnMut(&mut crate::Attention<B>)) {
+        let transformers = self
+            .down_blocks
+            .iter_mut()
+            .flat_map(|b| b.attentions.iter_mut())
+            .chain(self.mid_block.attentions.iter_mut())
+            .chain(self.up_blocks.iter_mut().flat_map(|b| b.attentions.iter_mut()));
+        for t in transformers {
+            for block in &mut t.transformer_blocks {
+                f(&mut block.attn1);
+                f(&mut block.attn2);
+            }
+        }
     }
 
     /// Spatial size multiple the latents must have (`2^(levels-1)`).

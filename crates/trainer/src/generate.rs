@@ -36,6 +36,13 @@ pub struct GenerateOptions {
 /// Encodes prompts to text embeddings `[N, 77, D]`.
 pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
     let ids = c.tokenizer.encode_batch(prompts)?;
+    let vocab = c.text_encoder.text_model.embeddings.token_embedding.weight.dims()[0];
+    if let Some(bad) = ids.iter().flatten().find(|i| **i as usize >= vocab) {
+        return Err(TrainError::Config {
+            origin: "tokenizer".into(),
+            reason: format!("token id {bad} is outside the text encoder's vocabulary of {vocab} (a tokenizer with added tokens needs a text encoder trained with them)"),
+        });
+    }
     let n = ids.len();
     let len = ids.first().map_or(77, Vec::len);
     let flat: Vec<i32> = ids.into_iter().flatten().map(|i| i as i32).collect();
