@@ -73,6 +73,16 @@ pub enum LrScheduler {
     CosineWithRestarts,
 }
 
+/// What to do when a step's loss is NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop with an error naming the step (the LoRA saved so far is kept).
+    Stop,
+    /// Drop the step's update, log it and go on.
+    Skip,
+}
+
 /// What the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -127,6 +137,8 @@ pub struct TrainSection {
     pub max_timestep: usize,
     /// Seed of everything random in training.
     pub seed: u64,
+    /// `stop` or `skip` when the loss is not finite.
+    pub on_non_finite: OnNonFinite,
 }
 
 /// Outputs.
@@ -220,6 +232,7 @@ impl Default for TrainConfig {
                 min_timestep: 0,
                 max_timestep: 1000,
                 seed: 42,
+                on_non_finite: OnNonFinite::Stop,
             },
             output: OutputSection {
                 output_dir: "outputs/demo".into(),

@@ -270,12 +270,13 @@ pub fn train<B: AutodiffBackend>(
             }
             accumulator.accumulate(&unet, GradientsParams::from_module(&mut grads, &unet));
         }
-        if !step_loss.is_finite() {
+        if step_loss.is_finite() {
+            unet = optim.step(lr, unet, accumulator.grads());
+            if train_te {
+                text_encoder = te_optim.step(lr * te_base_lr / t.learning_rate, text_encoder, te_accumulator.grads());
+            }
+        } else if t.on_non_finite == crate::config::OnNonFinite::Stop {
             return Err(TrainError::NonFinite { step: step + 1, loss: step_loss });
-        }
-        unet = optim.step(lr, unet, accumulator.grads());
-        if train_te {
-            text_encoder = te_optim.step(lr * te_base_lr / t.learning_rate, text_encoder, te_accumulator.grads());
         }
         losses.push(step_loss);
         let info = StepInfo {

@@ -234,3 +234,23 @@ fn lora_pulls_samples_towards_the_training_image() {
     eprintln!("distance to the training latent: with LoRA {with}, without {without}");
     assert!(with < 0.5 * without, "distance to the training latent: with LoRA {with}, without {without}");
 }
+
+#[test]
+fn a_non_finite_loss_stops_or_is_skipped() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 2);
+    // A huge learning rate blows the adapters up after the first update.
+    config.train.learning_rate = 1e30;
+    config.train.lr_warmup_steps = 0;
+    config.train.max_grad_norm = 0.0;
+    config.train.adam_epsilon = 1e-38;
+    let err = train::<B>(&config, &Default::default(), &mut |_| true);
+    match err {
+        Err(TrainError::NonFinite { step, .. }) => assert_eq!(step, 2),
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+    config.train.on_non_finite = trainer::config::OnNonFinite::Skip;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert!(!report.losses[1].is_finite());
+}
