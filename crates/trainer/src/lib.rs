@@ -6,6 +6,7 @@
 //! `trainer` binary is a command-line front end to this library.
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod config;
 mod error;
 pub mod generate;

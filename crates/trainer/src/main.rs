@@ -96,6 +96,37 @@ enum Command {
         #[arg(long)]
         dtype: Option<SaveDtype>,
     },
+    /// Time a LoRA training step or a CFG inference step of the UNet (random weights).
+    /// Prints one JSON object as the last line.
+    Bench {
+        /// `sd15`, `sd21`, `tiny` or a diffusers `unet/config.json`.
+        #[arg(long, default_value = "sd15")]
+        unet_config: String,
+        /// Images per step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 512)]
+        resolution: usize,
+        /// Measured steps (after one warm-up step).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// `cpu` or `cuda` (needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Parameter precision (`f32`; `bf16` / `f16` are not supported yet).
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        /// Gradient checkpointing (train mode).
+        #[arg(long)]
+        grad_checkpointing: bool,
+        /// Adapter targets: `attn` or `attn-mlp`.
+        #[arg(long, default_value = "attn")]
+        lora_targets: sd_model::targets::UnetTargets,
+        /// `train` or `infer`.
+        #[arg(long, default_value = "train")]
+        mode: String,
+    },
     /// Convert a LoRA file between the kohya and diffusers/PEFT layouts.
     Convert {
         /// Input LoRA.
@@ -320,6 +351,51 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, device: &str, precision: &str, grad_checkpointing: bool, lora_targets: sd_model::targets::UnetTargets, mode: &str) -> Result<()> {
+    use trainer::bench::{peak_rss_gib, run, BenchOptions, BenchResult};
+    let unet = match unet_config {
+        "sd15" => sd_model::UnetConfig::sd15(),
+        "sd21" => sd_model::UnetConfig::sd21(),
+        "tiny" => sd_model::UnetConfig::tiny(),
+        path => sd_model::config::read_unet_config(std::path::Path::new(path))?,
+    };
+    if precision != "f32" {
+        anyhow::bail!("--precision {precision}: only f32 is supported so far (bf16/f16 weights are the mixed-precision milestone)");
+    }
+    let train = match mode {
+        "train" => true,
+        "infer" => false,
+        other => anyhow::bail!("--mode {other}: expected train or infer"),
+    };
+    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train };
+    let (first, median) = match (device, grad_checkpointing) {
+        ("cpu", false) => run::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default())?,
+        ("cpu", true) => run::<sd_model::CheckpointedAutodiff<burn::backend::Flex>>(&opts, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        ("cuda", false) => run::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        ("cuda", true) => run::<sd_model::CheckpointedAutodiff<burn::backend::Cuda>>(&opts, &Default::default())?,
+        ("cuda", _) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
+        (other, _) => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    };
+    let result = BenchResult {
+        s_per_step: median,
+        img_per_s: batch as f64 / median,
+        // GPU memory needs the CUDA runtime's counters; the CPU figure is the process peak.
+        peak_mem_gib: if device == "cpu" { peak_rss_gib() } else { None },
+        first_step_s: first,
+        device: device.into(),
+        precision: precision.into(),
+        mode: mode.into(),
+        batch,
+        resolution,
+        grad_checkpointing,
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
 /// Runs a command on backend `B`.
 fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
@@ -331,6 +407,9 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
+        Command::Bench { unet_config, batch, resolution, steps, device, precision, grad_checkpointing, lora_targets, mode } => {
+            run_bench(&unet_config, batch, resolution, steps, &device, &precision, grad_checkpointing, lora_targets, &mode)
+        }
     }
 }
 
