@@ -168,6 +168,11 @@ impl<B: Backend> ClipTextModel<B> {
         })
     }
 
+    /// Size of the token vocabulary (rows of the token embedding).
+    pub fn vocab_size(&self) -> usize {
+        self.text_model.embeddings.token_embedding.weight.dims()[0]
+    }
+
     /// Number of encoder layers.
     pub fn num_layers(&self) -> usize {
         self.text_model.encoder.layers.len()

@@ -5,6 +5,7 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use image::RgbImage;
+use sd_model::tokenizer::ClipTokenizer;
 use sd_sched::{NoiseSource, SamplerSpec, SeededNoise};
 
 use crate::models::Components;
@@ -33,10 +34,9 @@ pub struct GenerateOptions {
     pub clip_skip: usize,
 }
 
-/// Encodes prompts to text embeddings `[N, 77, D]`.
-pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
-    let ids = c.tokenizer.encode_batch(prompts)?;
-    let vocab = c.text_encoder.text_model.embeddings.token_embedding.weight.dims()[0];
+/// Token ids `[N, 77]` of `prompts`, checked against a text-encoder vocabulary of `vocab`.
+pub fn prompt_ids<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, prompts: &[String], device: &B::Device) -> Result<Tensor<B, 2, Int>, TrainError> {
+    let ids = tokenizer.encode_batch(prompts)?;
     if let Some(bad) = ids.iter().flatten().find(|i| **i as usize >= vocab) {
         return Err(TrainError::Config {
             origin: "tokenizer".into(),
@@ -46,7 +46,12 @@ pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_sk
     let n = ids.len();
     let len = ids.first().map_or(77, Vec::len);
     let flat: Vec<i32> = ids.into_iter().flatten().map(|i| i as i32).collect();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, len]), device);
+    Ok(Tensor::from_data(TensorData::new(flat, [n, len]), device))
+}
+
+/// Encodes prompts to text embeddings `[N, 77, D]`.
+pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
+    let ids = prompt_ids(&c.tokenizer, c.text_encoder.vocab_size(), prompts, device)?;
     Ok(c.text_encoder.forward(ids, clip_skip)?)
 }
 

@@ -72,7 +72,7 @@ enum Command {
         /// Output PNG (a grid when there are several prompts).
         #[arg(long, default_value = "outputs/generate.png")]
         out: PathBuf,
-        /// Start from these latents (safetensors, tensor `latents` [N,4,h,w] f32, standard
+        /// Start from these latents (safetensors, tensor `latents` [N,4,h,w] f32/f16/bf16, standard
         /// normal) instead of seeded noise.
         #[arg(long)]
         init_latents: Option<PathBuf>,
@@ -216,15 +216,12 @@ struct GenerateFiles {
 }
 
 fn read_latents<B: Backend>(path: &std::path::Path, device: &B::Device) -> Result<burn::tensor::Tensor<B, 4>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let bytes = lora_core::tensor_io::read_file(path)?;
+    let (st, _) = lora_core::tensor_io::parse(&bytes, path)?;
     let view = st.tensor("latents").with_context(|| format!("{} has no tensor `latents`", path.display()))?;
-    if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 4 {
-        anyhow::bail!("{}: `latents` must be a 4-d F32 tensor, got {:?} {:?}", path.display(), view.dtype(), view.shape());
-    }
-    let values: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    let shape: [usize; 4] = [view.shape()[0], view.shape()[1], view.shape()[2], view.shape()[3]];
-    Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, shape), device))
+    let host = lora_core::tensor_io::decode(&view, "latents", path)?;
+    host.to_tensor::<B, 4>(device)
+        .with_context(|| format!("{}: `latents` must be 4-d [N, 4, h, w], got {:?}", path.display(), host.shape))
 }
 
 fn write_latents<B: Backend>(path: &std::path::Path, latents: burn::tensor::Tensor<B, 4>) -> Result<()> {

@@ -238,10 +238,7 @@ pub fn train<B: AutodiffBackend>(
                 Some(c) => Tensor::<B, 3>::from_inner(c),
                 None => {
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    let ids = frozen.tokenizer.encode_batch(&captions)?;
-                    let n = ids.len();
-                    let flat: Vec<i32> = ids.into_iter().flatten().map(|i| i as i32).collect();
-                    let ids = Tensor::<B, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(flat, [n, 77]), device);
+                    let ids = crate::generate::prompt_ids::<B>(&frozen.tokenizer, text_encoder.vocab_size(), &captions, device)?;
                     text_encoder.forward(ids, config.model.clip_skip)?
                 }
             };
