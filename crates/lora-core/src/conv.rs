@@ -2,10 +2,14 @@
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Dropout, DropoutConfig};
+use burn::nn::{Dropout, DropoutConfig, PaddingConfig2d};
+use burn::tensor::module::conv2d;
+use burn::tensor::ops::PaddedConvOptions;
+use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::linear::{down_initializer, update_frozen};
+use crate::precision::cast_to;
 use crate::{HostTensor, LoraConfig, LoraError, LoraWeights, Result};
 
 /// The trainable part of a LoRA conv layer.
@@ -127,10 +131,12 @@ impl<B: Backend> Conv2dAdapter<B> {
         self.down.weight.dims()[0]
     }
 
-    /// `factor · scale · up(down(dropout(x)))`.
+    /// `factor · scale · up(down(dropout(x)))`, computed in `x`'s dtype: with a half-precision
+    /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]).
     pub fn forward(&self, x: Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
-        let h = self.down.forward(self.dropout.forward(x));
-        self.up.forward(h * (factor * self.scale))
+        let dtype = x.dtype();
+        let h = conv_in_dtype(&self.down, self.dropout.forward(x), dtype);
+        conv_in_dtype(&self.up, h * (factor * self.scale), dtype)
     }
 
     /// `ΔW` `[out, in, kh, kw]`, times `factor`.
@@ -249,7 +255,10 @@ impl<B: Backend> LoraConv2d<B> {
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| w + delta);
+            self.base.weight = update_frozen(weight, |w| {
+                let dtype = w.dtype();
+                w + cast_to(delta, dtype)
+            });
             self.merged = true;
         }
     }
@@ -270,7 +279,10 @@ impl<B: Backend> LoraConv2d<B> {
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| w - delta);
+            self.base.weight = update_frozen(weight, |w| {
+                let dtype = w.dtype();
+                w - cast_to(delta, dtype)
+            });
         }
         self.merged = false;
     }
@@ -309,4 +321,38 @@ impl<B: Backend> LoraConv2d<B> {
             _ => self.base.forward(x),
         }
     }
+}
+
+/// Leading and trailing padding of one spatial axis (burn's rule for `Same`).
+fn padding_pair(padding: &PaddingConfig2d, axis: usize, size: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    match padding {
+        PaddingConfig2d::Valid => (0, 0),
+        PaddingConfig2d::Explicit(top, left, bottom, right) => {
+            if axis == 0 {
+                (*top, *bottom)
+            } else {
+                (*left, *right)
+            }
+        }
+        PaddingConfig2d::Same => {
+            let out = size.div_ceil(stride);
+            let total = if out > 0 { ((out - 1) * stride + kernel).saturating_sub(size) } else { 0 };
+            (total / 2, total - total / 2)
+        }
+    }
+}
+
+/// `conv.forward(x)` with the weight cast to `dtype` inside the graph, so the gradient
+/// still reaches the (f32) parameter.
+fn conv_in_dtype<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, dtype: DType) -> Tensor<B, 4> {
+    let weight = conv.weight.val();
+    if weight.dtype() == dtype {
+        return conv.forward(x);
+    }
+    let [_, _, h, w] = x.dims();
+    let (top, bottom) = padding_pair(&conv.padding, 0, h, conv.kernel_size[0], conv.stride[0]);
+    let (left, right) = padding_pair(&conv.padding, 1, w, conv.kernel_size[1], conv.stride[1]);
+    let options = PaddedConvOptions::asymmetric(conv.stride, [top, left], [bottom, right], conv.dilation, conv.groups);
+    let bias = conv.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+    conv2d(x, cast_to(weight, dtype), bias, options)
 }

@@ -39,6 +39,7 @@ mod conv;
 mod error;
 mod format;
 mod linear;
+pub mod precision;
 pub mod sites;
 pub mod tensor_io;
 mod weights;

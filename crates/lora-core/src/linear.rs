@@ -2,7 +2,10 @@
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Tensor};
+
+use crate::precision::cast_to;
 
 use crate::{HostTensor, LoraConfig, LoraError, LoraInit, LoraWeights, Result};
 
@@ -119,11 +122,15 @@ impl<B: Backend> LinearAdapter<B> {
         (self.down.weight.dims()[0], self.up.weight.dims()[1])
     }
 
-    /// `factor · scale · up(down(dropout(x)))`.
+    /// `factor · scale · up(down(dropout(x)))`, computed in `x`'s dtype: with a half-precision
+    /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, factor: f32) -> Tensor<B, D> {
-        let h = self.down.forward(self.dropout.forward(x));
+        let dtype = x.dtype();
+        let down = cast_to(self.down.weight.val(), dtype);
+        let up = cast_to(self.up.weight.val(), dtype);
+        let h = linear(self.dropout.forward(x), down, None);
         // Scaling the rank-sized activation is cheaper than scaling the output.
-        self.up.forward(h * (factor * self.scale))
+        linear(h * (factor * self.scale), up, None)
     }
 
     /// `ΔW` in burn layout `[in, out]`, times `factor`.
@@ -250,7 +257,10 @@ impl<B: Backend> LoraLinear<B> {
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| w + delta);
+            self.base.weight = update_frozen(weight, |w| {
+                let dtype = w.dtype();
+                w + cast_to(delta, dtype)
+            });
             self.merged = true;
         }
     }
@@ -271,7 +281,10 @@ impl<B: Backend> LoraLinear<B> {
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| w - delta);
+            self.base.weight = update_frozen(weight, |w| {
+                let dtype = w.dtype();
+                w - cast_to(delta, dtype)
+            });
         }
         self.merged = false;
     }

@@ -120,7 +120,31 @@ pub fn serialize(
                 .map_err(|e| LoraError::Data(format!("tensor `{k}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| LoraError::Data(e.to_string()))
+    let mut bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| LoraError::Data(e.to_string()))?;
+    canonicalize_header(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Rewrites a serialized file's JSON header with its keys (and metadata keys) sorted, so
+/// the same tensors and metadata always give the same bytes (`HashMap` order is random).
+fn canonicalize_header(bytes: &mut [u8]) -> Result<()> {
+    let bad = |e: String| LoraError::Data(format!("safetensors header: {e}"));
+    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| bad("truncated".into()))?;
+    let len = u64::from_le_bytes(len_bytes) as usize;
+    let header = bytes.get(8..8 + len).ok_or_else(|| bad("truncated".into()))?;
+    let mut parsed: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| bad(e.to_string()))?;
+    if let Some(meta) = parsed.remove("__metadata__") {
+        let sorted: std::collections::BTreeMap<String, serde_json::Value> = serde_json::from_value(meta).map_err(|e| bad(e.to_string()))?;
+        parsed.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| bad(e.to_string()))?);
+    }
+    let mut canonical = serde_json::to_vec(&parsed).map_err(|e| bad(e.to_string()))?;
+    if canonical.len() > len {
+        return Err(bad("canonical form is longer than the original".into()));
+    }
+    // The header keeps its length (it is padded with spaces for alignment).
+    canonical.resize(len, b' ');
+    bytes[8..8 + len].copy_from_slice(&canonical);
+    Ok(())
 }
 
 /// Reads a whole file, naming it in the error.

@@ -316,3 +316,22 @@ fn save_is_atomic_and_load_names_missing_files() {
     let err = AdapterSet::load(dir.path().join("nope.safetensors"), &index(), ReadOptions::default()).unwrap_err();
     assert!(err.to_string().contains("nope.safetensors"));
 }
+
+#[test]
+fn serialized_files_are_byte_deterministic() {
+    use lora_core::{tensor_io, HostTensor, SaveDtype};
+    let t = HostTensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    let tensors = vec![("b".to_string(), &t), ("a".to_string(), &t)];
+    let metadata = || (0..16).map(|i| (format!("key{i}"), format!("value{i}"))).collect::<std::collections::HashMap<_, _>>();
+    // Each HashMap has its own random iteration order; the bytes must not depend on it.
+    let first = tensor_io::serialize(&tensors, SaveDtype::F16, metadata()).unwrap();
+    for _ in 0..8 {
+        assert_eq!(tensor_io::serialize(&tensors, SaveDtype::F16, metadata()).unwrap(), first);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.safetensors");
+    std::fs::write(&path, &first).unwrap();
+    let (st, meta) = tensor_io::parse(&first, &path).unwrap();
+    assert_eq!(st.names().len(), 2);
+    assert_eq!(meta.len(), 16);
+}

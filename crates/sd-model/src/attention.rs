@@ -1,14 +1,53 @@
-//! Multi-head scaled dot-product attention shared by the text encoder, the VAE and the UNet.
+//! Multi-head scaled dot-product attention shared by the text encoder, the VAE and the UNet,
+//! with a memory-efficient backward pass.
+//!
+//! burn 0.21 differentiates its `attention` op by decomposing it, so the backward pass keeps
+//! the `[batch, heads, queries, keys]` probability matrix of every attention layer alive
+//! until it runs: at 512 px and batch 8 that is over 1 GiB per SD1.5 self-attention layer in
+//! bf16. [`scaled_dot_product_attention`] instead registers its own backward (a backend
+//! extension of burn's autodiff backend) that keeps only `q`, `k`, `v` and the output and
+//! recomputes the probabilities block of queries by block (FlashAttention-2's backward
+//! recurrence, written with tensor ops so it runs on every backend). The forward pass still
+//! uses the inner backend's `attention` op (a fused kernel on CUDA).
 
+use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::Tensor;
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use lora_core::precision::cast_to;
+
+/// Whether [`scaled_dot_product_attention`] uses its blockwise backward (default on).
+static BLOCKWISE_BACKWARD: AtomicBool = AtomicBool::new(true);
+
+/// Turns the memory-efficient attention backward on or off for the whole process (off =
+/// burn's own differentiation of `attention`), e.g. to compare both in a benchmark. The
+/// gradients are the same either way; only memory and speed differ.
+pub fn set_blockwise_backward(enabled: bool) {
+    BLOCKWISE_BACKWARD.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether the memory-efficient attention backward is on (see [`set_blockwise_backward`]).
+pub fn blockwise_backward() -> bool {
+    BLOCKWISE_BACKWARD.load(Ordering::Relaxed)
+}
+
+/// Elements of one `[batch, heads, block, keys]` score block in the backward pass (f32):
+/// 2^25 is 128 MiB, and about four such tensors are alive at a time.
+const BACKWARD_BLOCK_ELEMENTS: usize = 1 << 25;
 
 /// `softmax(q kᵀ / sqrt(d)) v` over `heads` heads, for `[batch, seq, heads·d]` inputs.
 ///
-/// Goes through burn's `attention` op so that backends with a fused kernel use it; the
-/// others fall back to the plain formulation. `causal` masks keys after each query.
+/// Non-causal attention goes through [`scaled_dot_product_attention`]; causal attention
+/// (the text encoder, 77 tokens) through burn's `attention` op.
 pub fn multi_head_attention<B: Backend>(
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
@@ -20,11 +59,224 @@ pub fn multi_head_attention<B: Backend>(
     let seq_k = k.dims()[1];
     let head_dim = width / heads;
     let split = |t: Tensor<B, 3>, seq: usize| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
+    let (q, k, v) = (split(q, seq_q), split(k, seq_k), split(v, seq_k));
+    let out = if causal {
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        attention(q, k, v, None, None, options)
+    } else {
+        scaled_dot_product_attention(q, k, v)
+    };
+    out.swap_dims(1, 2).reshape([batch, seq_q, width])
+}
+
+/// `softmax(q kᵀ / sqrt(d)) v` for `[batch, heads, seq, d]` tensors.
+///
+/// On burn's autodiff backend over the CPU (`Flex`) or CUDA backend, with or without
+/// gradient checkpointing, the backward pass recomputes the attention probabilities in
+/// blocks instead of storing them (see the module docs); it gives the same gradients as
+/// differentiating the plain formulation. On other backends this is burn's `attention`.
+///
+/// ```
+/// use burn::backend::{Autodiff, Flex};
+/// use burn::tensor::{Distribution, Tensor};
+/// use sd_model::attention::scaled_dot_product_attention;
+///
+/// type B = Autodiff<Flex>;
+/// let device = Default::default();
+/// let q = Tensor::<B, 4>::random([1, 2, 16, 8], Distribution::Normal(0.0, 1.0), &device).require_grad();
+/// let k = Tensor::<B, 4>::random([1, 2, 24, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let v = Tensor::<B, 4>::random([1, 2, 24, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let out = scaled_dot_product_attention(q.clone(), k, v);
+/// assert_eq!(out.dims(), [1, 2, 16, 8]);
+/// let grads = out.sum().backward();
+/// assert_eq!(q.grad(&grads).unwrap().dims(), [1, 2, 16, 8]);
+/// ```
+pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let mut args = (q, k, v);
+    macro_rules! on {
+        ($inner:ty) => {
+            for_autodiff::<B, $inner, NoCheckpointing>(&mut args).or_else(|| for_autodiff::<B, $inner, BalancedCheckpointing>(&mut args))
+        };
+    }
+    let done = on!(burn::backend::Flex);
+    #[cfg(feature = "cuda")]
+    let done = done.or_else(|| on!(burn::backend::Cuda));
+    if let Some(out) = done {
+        return out;
+    }
+    let (q, k, v) = args;
     let options = AttentionModuleOptions {
         scale: None,
         softcap: None,
-        is_causal: causal,
+        is_causal: false,
     };
-    let out = attention(split(q, seq_q), split(k, seq_k), split(v, seq_k), None, None, options);
-    out.swap_dims(1, 2).reshape([batch, seq_q, width])
+    attention(q, k, v, None, None, options)
+}
+
+/// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (a static type check: burn's
+/// backends are concrete types, so this is how an extension reaches the autodiff internals
+/// without adding a trait bound to every model type).
+fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &mut (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)) -> Option<Tensor<B, 4>> {
+    if !blockwise_backward() || TypeId::of::<B>() != TypeId::of::<Autodiff<X, C>>() {
+        return None;
+    }
+    let (q, k, v) = args.clone();
+    let to_autodiff = |t: Tensor<B, 4>| (Box::new(t) as Box<dyn Any>).downcast::<Tensor<Autodiff<X, C>, 4>>().ok().map(|b| *b);
+    let out = memory_efficient::<X, C>(to_autodiff(q)?, to_autodiff(k)?, to_autodiff(v)?, BACKWARD_BLOCK_ELEMENTS);
+    (Box::new(out) as Box<dyn Any>).downcast::<Tensor<B, 4>>().ok().map(|b| *b)
+}
+
+fn plain_options() -> AttentionModuleOptions {
+    AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: false,
+    }
+}
+
+/// The autodiff op: forward with the inner backend's attention, backward in query blocks.
+fn memory_efficient<X: Backend, C: CheckpointStrategy>(
+    q: Tensor<Autodiff<X, C>, 4>,
+    k: Tensor<Autodiff<X, C>, 4>,
+    v: Tensor<Autodiff<X, C>, 4>,
+    block_elements: usize,
+) -> Tensor<Autodiff<X, C>, 4> {
+    let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
+    let inner = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
+    let forward = |q: FloatTensor<X>, k: FloatTensor<X>, v: FloatTensor<X>| {
+        attention(inner(q), inner(k), inner(v), None, None, plain_options()).into_primitive().tensor()
+    };
+    let op = BlockwiseAttentionBackward { block_elements };
+    let out = match op.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
+            prep.finish((q.primitive, k.primitive, v.primitive, out.clone()), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive, k.primitive, v.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of `softmax(q kᵀ s) v` that keeps `q`, `k`, `v` and the output only.
+#[derive(Debug)]
+struct BlockwiseAttentionBackward {
+    block_elements: usize,
+}
+
+impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
+    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = grads.consume::<X>(&ops.node);
+        let (q, k, v, out) = ops.state;
+        let inner = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
+        let (dq, dk, dv) = attention_backward(inner(q), inner(k), inner(v), inner(out), inner(grad_out), self.block_elements);
+        let [pq, pk, pv] = ops.parents;
+        for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
+            if let Some(node) = parent {
+                grads.register::<X>(node.id, grad.into_primitive().tensor());
+            }
+        }
+    }
+}
+
+/// Gradients of `o = softmax(q kᵀ / sqrt(d)) v` given `do`, for `[b, h, s, d]` tensors,
+/// computed over blocks of queries so that at most `block_elements` scores exist at once.
+///
+/// Per block `i`: `P = softmax(qᵢ kᵀ s)`, `dV += Pᵀ doᵢ`, `dP = doᵢ vᵀ`,
+/// `dS = P ∘ (dP − rowsum(doᵢ ∘ oᵢ))`, `dqᵢ = dS k s`, `dK += dSᵀ qᵢ s`. The math runs in
+/// f32 and the gradients are returned in the inputs' dtype.
+pub fn attention_backward<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    out: Tensor<X, 4>,
+    grad_out: Tensor<X, 4>,
+    block_elements: usize,
+) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
+    let dtypes = (q.dtype(), k.dtype(), v.dtype());
+    let f32 = |t: Tensor<X, 4>| cast_to(t, DType::F32);
+    let (q, k, v, out, grad_out) = (f32(q), f32(k), f32(v), f32(out), f32(grad_out));
+    let [b, h, seq_q, d] = q.dims();
+    let seq_k = k.dims()[2];
+    let scale = (d as f64).powf(-0.5) as f32;
+    let block = (block_elements / (b * h * seq_k).max(1)).clamp(1, seq_q.max(1));
+    let kt = k.clone().swap_dims(2, 3);
+    let vt = v.clone().swap_dims(2, 3);
+    let mut dk = Tensor::<X, 4>::zeros(k.dims(), &k.device());
+    let mut dv = Tensor::<X, 4>::zeros(v.dims(), &v.device());
+    let mut dq_blocks = Vec::with_capacity(seq_q.div_ceil(block));
+    for start in (0..seq_q).step_by(block) {
+        let len = block.min(seq_q - start);
+        let qi = q.clone().narrow(2, start, len);
+        let doi = grad_out.clone().narrow(2, start, len);
+        let oi = out.clone().narrow(2, start, len);
+        let p = softmax(qi.clone().matmul(kt.clone()).mul_scalar(scale), 3);
+        dv = dv + p.clone().swap_dims(2, 3).matmul(doi.clone());
+        let dp = doi.clone().matmul(vt.clone());
+        let row = (doi * oi).sum_dim(3);
+        let ds = p * (dp - row);
+        dq_blocks.push(ds.clone().matmul(k.clone()).mul_scalar(scale));
+        dk = dk + ds.swap_dims(2, 3).matmul(qi).mul_scalar(scale);
+    }
+    let dq = Tensor::cat(dq_blocks, 2);
+    (cast_to(dq, dtypes.0), cast_to(dk, dtypes.1), cast_to(dv, dtypes.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    fn max_rel(a: Tensor<Flex, 4>, b: Tensor<Flex, 4>) -> f32 {
+        let scale: f32 = b.clone().abs().max().into_scalar();
+        let diff: f32 = (a - b).abs().max().into_scalar();
+        diff / scale.max(1e-12)
+    }
+
+    /// Output and gradients against differentiating burn's own attention, with blocks small
+    /// enough that several are needed, on both autodiff flavours.
+    fn check<C: CheckpointStrategy>(block_elements: usize) {
+        type I = Flex;
+        let device = Default::default();
+        let rand = |shape: [usize; 4]| Tensor::<I, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let (q0, k0, v0, w) = (rand([2, 3, 37, 8]), rand([2, 3, 29, 8]), rand([2, 3, 29, 8]), rand([2, 3, 37, 8]));
+        let leaf = |t: &Tensor<I, 4>| Tensor::<Autodiff<I, C>, 4>::from_inner(t.clone()).require_grad();
+        let (q, k, v) = (leaf(&q0), leaf(&k0), leaf(&v0));
+        let ours = memory_efficient::<I, C>(q.clone(), k.clone(), v.clone(), block_elements);
+        let grads = (ours.clone() * Tensor::from_inner(w.clone())).sum().backward();
+        let (q2, k2, v2) = (leaf(&q0), leaf(&k0), leaf(&v0));
+        let reference = attention(q2.clone(), k2.clone(), v2.clone(), None, None, plain_options());
+        let grads2 = (reference.clone() * Tensor::from_inner(w)).sum().backward();
+        assert!(max_rel(ours.inner(), reference.inner()) < 1e-5);
+        for (a, b) in [(q.grad(&grads), q2.grad(&grads2)), (k.grad(&grads), k2.grad(&grads2)), (v.grad(&grads), v2.grad(&grads2))] {
+            let err = max_rel(a.unwrap(), b.unwrap());
+            assert!(err < 1e-4, "gradient relative error {err}");
+        }
+    }
+
+    #[test]
+    fn blockwise_backward_matches_the_plain_gradients() {
+        // 2·3·29 scores per query row: 500 elements give blocks of 2 queries.
+        check::<NoCheckpointing>(500);
+        check::<BalancedCheckpointing>(500);
+        check::<NoCheckpointing>(BACKWARD_BLOCK_ELEMENTS);
+    }
+
+    #[test]
+    fn dispatch_reaches_the_extension_on_autodiff_flex() {
+        type B = Autodiff<Flex>;
+        let device = Default::default();
+        let t = Tensor::<B, 4>::random([1, 1, 4, 2], Distribution::Normal(0.0, 1.0), &device);
+        let mut args = (t.clone(), t.clone(), t.clone());
+        assert!(for_autodiff::<B, Flex, NoCheckpointing>(&mut args).is_some());
+        assert!(for_autodiff::<B, Flex, BalancedCheckpointing>(&mut args).is_none());
+        let mut plain = (t.clone().inner(), t.clone().inner(), t.inner());
+        assert!(for_autodiff::<Flex, Flex, NoCheckpointing>(&mut plain).is_none());
+    }
 }

@@ -18,6 +18,7 @@ pub mod config;
 mod embeddings;
 mod error;
 pub mod keymap;
+pub mod norm;
 pub mod load;
 pub mod lora;
 mod resnet;

@@ -5,6 +5,8 @@ use burn::nn::conv::Conv2dConfig;
 use burn::nn::interpolate::{Interpolate2dConfig, InterpolateMode};
 use burn::nn::{GroupNorm, GroupNormConfig, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::silu;
+
+use crate::norm::group_norm as fused_group_norm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use lora_core::{LoraConv2d, LoraLinear};
@@ -62,12 +64,12 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x [B, C, H, W]`, optional `temb [B, T]`.
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = self.conv1.forward(group_norm_silu(&self.norm1, x.clone()));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let [b, c] = [h.dims()[0], h.dims()[1]];
             h = h + proj.forward(silu(temb)).reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(group_norm_silu(&self.norm2, h));
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,
@@ -134,4 +136,9 @@ impl<B: Backend> Upsample2D<B> {
             .forward(x);
         self.conv.forward(up)
     }
+}
+
+/// `silu(norm(x))` through the fused op of [`crate::norm`].
+fn group_norm_silu<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    fused_group_norm(norm, x, true)
 }

@@ -201,7 +201,7 @@ impl<B: Backend> Transformer2DModel<B> {
         let [b, c, h, w] = x.dims();
         let to_seq = |t: Tensor<B, 4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let to_map = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
-        let normed = self.norm.forward(x.clone());
+        let normed = crate::norm::group_norm(&self.norm, x.clone(), false);
         let mut seq = match &self.proj_in {
             Projection::Conv(p) => to_seq(p.forward(normed)),
             Projection::Linear(p) => p.forward(to_seq(normed)),

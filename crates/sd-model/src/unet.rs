@@ -1,8 +1,8 @@
 //! The denoising UNet, as diffusers' `UNet2DConditionModel` (SD1.x / SD2.x).
 
+use lora_core::precision::cast_to;
 use burn::module::Module;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use lora_core::{Component, LoraConv2d, LoraSiteMut, LoraSites};
@@ -144,9 +144,14 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// `[B, C, h, w]` at `timesteps` `[B]` given text embeddings `[B, M, cross_attention_dim]`.
     pub fn forward(&self, latents: Tensor<B, 4>, timesteps: Tensor<B, 1>, context: Tensor<B, 3>) -> Result<Tensor<B, 4>> {
         self.check_inputs(&latents, &timesteps, &context)?;
+        // Inputs and output keep the caller's dtype; the network runs in its weights' dtype
+        // (a bf16/f16 base for mixed-precision training).
+        let io_dtype = latents.dtype();
+        let dtype = self.conv_in.base.weight.val().dtype();
         let t = timestep_embedding(timesteps, self.time_proj.dim, self.time_proj.flip_sin_to_cos, self.time_proj.freq_shift);
-        let temb = self.time_embedding.forward(t);
-        let mut x = self.conv_in.forward(latents);
+        let temb = self.time_embedding.forward(cast_to(t, dtype));
+        let context = cast_to(context, dtype);
+        let mut x = self.conv_in.forward(cast_to(latents, dtype));
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
@@ -155,7 +160,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for block in &self.up_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
         }
-        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+        Ok(cast_to(self.conv_out.forward(crate::norm::group_norm(&self.conv_norm_out, x, true)), io_dtype))
     }
 
     fn check_inputs(&self, latents: &Tensor<B, 4>, timesteps: &Tensor<B, 1>, context: &Tensor<B, 3>) -> Result<()> {

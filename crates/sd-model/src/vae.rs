@@ -1,8 +1,8 @@
 //! The VAE, as diffusers' `AutoencoderKL`.
 
+use lora_core::precision::cast_to;
 use burn::module::Module;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use lora_core::{LoraConv2d, LoraLinear};
@@ -44,7 +44,7 @@ impl<B: Backend> VaeAttention<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let seq = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let seq = crate::norm::group_norm(&self.group_norm, x.clone(), false).reshape([b, c, h * w]).swap_dims(1, 2);
         let q = self.to_q.forward(seq.clone());
         let k = self.to_k.forward(seq.clone());
         let v = self.to_v.forward(seq);
@@ -273,7 +273,9 @@ impl<B: Backend> AutoencoderKl<B> {
             });
         }
         let e = &self.encoder;
-        let mut x = e.conv_in.forward(pixels);
+        // Inputs and outputs keep the caller's dtype; the network runs in its weights' dtype.
+        let io_dtype = pixels.dtype();
+        let mut x = e.conv_in.forward(cast_to(pixels, e.conv_in.base.weight.val().dtype()));
         for block in &e.down_blocks {
             for r in &block.resnets {
                 x = r.forward(x, None);
@@ -283,7 +285,7 @@ impl<B: Backend> AutoencoderKl<B> {
             }
         }
         x = e.mid_block.forward(x);
-        x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        x = e.conv_out.forward(crate::norm::group_norm(&e.conv_norm_out, x, true));
         if let Some(q) = &self.quant_conv {
             x = q.forward(x);
         }
@@ -294,14 +296,16 @@ impl<B: Backend> AutoencoderKl<B> {
             _ => unreachable!("conv_out has 2 · latent channels by construction"),
         };
         Ok(DiagonalGaussian {
-            mean,
-            logvar: logvar.clamp(-30.0, 20.0),
+            mean: cast_to(mean, io_dtype),
+            logvar: cast_to(logvar, io_dtype).clamp(-30.0, 20.0),
         })
     }
 
     /// Decodes raw (unscaled) latents `[B, latent, h, w]` to images in about `[-1, 1]`.
     pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
         let d = &self.decoder;
+        let io_dtype = latents.dtype();
+        let latents = cast_to(latents, d.conv_in.base.weight.val().dtype());
         let mut x = match &self.post_quant_conv {
             Some(p) => p.forward(latents),
             None => latents,
@@ -316,7 +320,7 @@ impl<B: Backend> AutoencoderKl<B> {
                 x = u.forward(x);
             }
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(x)))
+        cast_to(d.conv_out.forward(crate::norm::group_norm(&d.conv_norm_out, x, true)), io_dtype)
     }
 
     /// Raw latents → the scaled latents the UNet works on: `(z - shift) · scale`.

@@ -55,7 +55,7 @@ pub use config::{
     SchedulerConfig, SolverType, TimestepSpacing, TimestepType, VarianceType,
 };
 pub use error::{Result, SchedError};
-pub use noise::{NoNoise, NoiseSource, SeededNoise, TensorQueue};
+pub use noise::{NoNoise, NoiseSource, RngState, SeededNoise, TensorQueue};
 pub use sampler::{
     DdimSampler, DdpmSampler, DpmSolverMultistepSampler, EulerAncestralSampler, EulerSampler,
     PndmSampler, Sampler, SamplerKind, SamplerSpec,

@@ -218,6 +218,16 @@ impl TimestepSampler {
         })
     }
 
+    /// Where the sampler's stream stands, to save with a training checkpoint.
+    pub fn rng_state(&self) -> crate::RngState {
+        crate::RngState::of(&self.rng)
+    }
+
+    /// Continues the stream from `state` (taken with [`TimestepSampler::rng_state`]).
+    pub fn set_rng_state(&mut self, state: &crate::RngState) {
+        self.rng = state.restore();
+    }
+
     /// The next `batch` timesteps on the host.
     pub fn sample_host(&mut self, batch: usize) -> Vec<i64> {
         (0..batch)

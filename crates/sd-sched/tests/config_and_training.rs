@@ -237,3 +237,20 @@ fn seeded_noise_is_standard_normal() {
     let tail = v.iter().filter(|x| x.abs() > 1.96).count() as f64 / n;
     assert!((tail - 0.05).abs() < 0.003, "two-sided 5% tail {tail}");
 }
+
+#[test]
+fn restored_rng_states_continue_the_streams() {
+    use sd_sched::SeededNoise;
+    let mut sampler = TimestepSampler::new(0, 1000, 1000, 9).unwrap();
+    sampler.sample_host(13);
+    let mut resumed = TimestepSampler::new(0, 1000, 1000, 1).unwrap();
+    resumed.set_rng_state(&sampler.rng_state());
+    assert_eq!(sampler.sample_host(50), resumed.sample_host(50));
+
+    let mut noise = SeededNoise::new(4);
+    noise.normal_vec(3);
+    let state = noise.state();
+    let mut again = SeededNoise::from_state(&state);
+    assert_eq!(noise.normal_vec(11), again.normal_vec(11));
+    assert_ne!(state, noise.state(), "drawing moves the stream");
+}

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub targets: UnetTargets,
     /// Train step (forward, backward, AdamW) or CFG inference step.
     pub train: bool,
+    /// Precision of the frozen UNet weights (adapters stay f32, inputs and loss f32).
+    pub precision: crate::device_check::Precision,
 }
 
 /// The result, printed as one JSON line.
@@ -37,8 +39,11 @@ pub struct BenchResult {
     pub s_per_step: f64,
     /// Images per second (`batch / s_per_step`).
     pub img_per_s: f64,
-    /// Peak memory in GiB: process peak RSS on the CPU, `null` where not measurable.
+    /// Peak memory in GiB: process peak RSS on the CPU; on CUDA the peak of the bytes held by
+    /// live tensors (see [`BenchTimings::peak`]); `null` where not measurable.
     pub peak_mem_gib: Option<f64>,
+    /// Peak memory the allocator reserved from the device, in GiB (CUDA; `null` elsewhere).
+    pub peak_reserved_gib: Option<f64>,
     /// Seconds of the first step (compilation, autotuning, allocation).
     pub first_step_s: f64,
     /// `cpu` or `cuda`.
@@ -67,8 +72,81 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Device memory counters at one moment, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemorySample {
+    /// Bytes held by live tensors (cubecl's `MemoryUsage::bytes_in_use`, the analogue of
+    /// `torch.cuda.memory_allocated`).
+    pub in_use: u64,
+    /// Bytes the allocator holds from the device (cubecl's `bytes_reserved`, the analogue of
+    /// `torch.cuda.memory_reserved`).
+    pub reserved: u64,
+}
+
+impl MemorySample {
+    /// Field-wise maximum.
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            in_use: self.in_use.max(other.in_use),
+            reserved: self.reserved.max(other.reserved),
+        }
+    }
+}
+
+/// Bytes as GiB.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+/// The timings and peak memory of one benchmark run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BenchTimings {
+    /// Seconds of the warm-up step.
+    pub first_step_s: f64,
+    /// Median seconds of the measured steps.
+    pub s_per_step: f64,
+    /// Field-wise maxima of the memory probe's samples (`None` without a probe or when it
+    /// gives none). They come from one extra, untimed step after the measured ones, sampled
+    /// (each after a device sync) after the forward pass (all activations alive), after the
+    /// backward pass and after the optimizer step; an inference step after the forward pass
+    /// and at its end.
+    pub peak: Option<MemorySample>,
+}
+
+/// The memory counters of a CUDA device (cubecl's memory pools of this thread's stream).
+///
+/// burn 0.21 allocates when an operation is issued (this build has no fusion), so a sample
+/// taken right after issuing the forward pass sees every activation the backward pass needs.
+#[cfg(feature = "cuda")]
+pub fn cuda_memory(device: &burn::backend::cuda::CudaDevice) -> Option<MemorySample> {
+    use burn::cubecl::Runtime;
+    let usage = burn::cubecl::cuda::CudaRuntime::client(device).memory_usage().ok()?;
+    Some(MemorySample {
+        in_use: usage.bytes_in_use,
+        reserved: usage.bytes_reserved,
+    })
+}
+
+fn sync<B: Backend>(device: &B::Device) -> Result<(), TrainError> {
+    B::sync(device).map_err(|e| TrainError::Config {
+        origin: "bench".into(),
+        reason: format!("device sync failed: {e:?}"),
+    })
+}
+
 /// Runs the benchmark on backend `B` and returns the timings (median over `steps`).
 pub fn run<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device) -> Result<(f64, f64), TrainError> {
+    let timings = run_probed::<B>(opts, device, None)?;
+    Ok((timings.first_step_s, timings.s_per_step))
+}
+
+/// [`run`], also recording the peak of `probe`'s memory samples on one extra step
+/// (see [`BenchTimings::peak`]; on CUDA pass `cuda_memory`, built with the `cuda` feature).
+pub fn run_probed<B: AutodiffBackend>(
+    opts: &BenchOptions,
+    device: &B::Device,
+    mut probe: Option<&mut dyn FnMut() -> Option<MemorySample>>,
+) -> Result<BenchTimings, TrainError> {
     if opts.batch == 0 || opts.steps == 0 || opts.resolution == 0 || !opts.resolution.is_multiple_of(8) {
         return Err(TrainError::Config {
             origin: "bench".into(),
@@ -76,8 +154,13 @@ pub fn run<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device) -> Resul
         });
     }
     B::seed(device, 0);
-    let mut unet = UNet2DConditionModel::<B>::new(&opts.unet, device)?;
+    // Frozen base, as in training: only the adapters get gradients and AdamW updates.
+    let mut unet = UNet2DConditionModel::<B>::new(&opts.unet, device)?.no_grad();
     attach_new_adapters(&mut unet, &Selection::new(opts.targets), &LoraConfig::new(4), device)?;
+    // Half precision as in training: frozen weights converted once, adapters kept in f32.
+    if opts.precision != crate::device_check::Precision::F32 {
+        unet = lora_core::precision::cast_frozen(unet, opts.precision.dtype());
+    }
     let side = opts.resolution / 8;
     let n = if opts.train { opts.batch } else { 2 * opts.batch };
     let latents = Tensor::<B, 4>::random([n, opts.unet.in_channels, side, side], Distribution::Normal(0.0, 1.0), device);
@@ -86,19 +169,45 @@ pub fn run<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device) -> Resul
     let mut optim = AdamWConfig::new().init::<B, UNet2DConditionModel<B>>();
     let frozen = (!opts.train).then(|| unet.valid());
     let mut times = Vec::with_capacity(opts.steps + 1);
-    for _ in 0..=opts.steps {
+    let mut peak: Option<MemorySample> = None;
+    // Steps 0..=steps are timed (step 0 is the warm-up: compilation, autotuning); with a
+    // probe, one more untimed step samples memory, synchronising before each sample so that
+    // queued (fused) work has allocated what it needs. Keeping the probe out of the timed
+    // steps keeps their launches free of host round trips.
+    let last = if probe.is_some() { opts.steps + 1 } else { opts.steps };
+    for step in 0..=last {
+        let probing = step > opts.steps;
+        let mut sample = || -> Result<(), TrainError> {
+            if let (true, Some(probe)) = (probing, probe.as_mut()) {
+                sync::<B>(device)?;
+                if let Some(s) = probe() {
+                    peak = Some(peak.map_or(s, |p| p.max(s)));
+                }
+            }
+            Ok(())
+        };
         let start = Instant::now();
         if opts.train {
             let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
             let loss = (pred - latents.clone()).powf_scalar(2.0).mean();
+            sample()?;
             let grads = GradientsParams::from_grads(loss.backward(), &unet);
+            sample()?;
             unet = optim.step(1e-4, unet, grads);
         } else if let Some(valid) = &frozen {
             let out = valid.forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;
+            sample()?;
             drop(out);
         }
-        <B as Backend>::sync(device).map_err(|e| TrainError::Config { origin: "bench".into(), reason: format!("device sync failed: {e:?}") })?;
-        times.push(start.elapsed().as_secs_f64());
+        sync::<B>(device)?;
+        sample()?;
+        if !probing {
+            times.push(start.elapsed().as_secs_f64());
+        }
     }
-    Ok((times[0], median(times[1..].to_vec())))
+    Ok(BenchTimings {
+        first_step_s: times[0],
+        s_per_step: median(times[1..].to_vec()),
+        peak,
+    })
 }

@@ -83,6 +83,32 @@ pub enum OnNonFinite {
     Skip,
 }
 
+/// Precision of the frozen base model during training (kohya's `mixed_precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MixedPrecision {
+    /// Everything in f32.
+    #[serde(rename = "no")]
+    No,
+    /// Frozen UNet and text encoder in bf16; adapters, optimizer state and loss in f32.
+    #[serde(rename = "bf16")]
+    Bf16,
+    /// Frozen UNet and text encoder in f16 with dynamic loss scaling; adapters, optimizer
+    /// state and loss in f32.
+    #[serde(rename = "fp16")]
+    Fp16,
+}
+
+impl MixedPrecision {
+    /// The dtype of the frozen weights (`None` = f32).
+    pub fn base_dtype(self) -> Option<burn::tensor::FloatDType> {
+        match self {
+            Self::No => None,
+            Self::Bf16 => Some(burn::tensor::FloatDType::BF16),
+            Self::Fp16 => Some(burn::tensor::FloatDType::F16),
+        }
+    }
+}
+
 /// What the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,8 +149,15 @@ pub struct TrainSection {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
-    /// Clip each gradient tensor to this L2 norm (0 = off).
+    /// Clip the global L2 norm of all adapter gradients (UNet and text encoder together)
+    /// to this value (0 = off).
     pub max_grad_norm: f32,
+    /// `no` (f32), `bf16` or `fp16`: precision of the frozen base weights; the VAE always
+    /// runs in f32.
+    pub mixed_precision: MixedPrecision,
+    /// Recompute activations in the backward pass instead of storing them (less memory,
+    /// slower steps).
+    pub gradient_checkpointing: bool,
     /// Training target.
     pub prediction: Prediction,
     /// Min-SNR-γ loss weighting (0 = off; 5 is the usual value).
@@ -155,6 +188,12 @@ pub struct OutputSection {
     pub save_precision: lora_core::SaveDtype,
     /// Save the LoRA every N steps as well (0 = only at the end).
     pub save_every_n_steps: usize,
+    /// Save the LoRA at the end of every N-th epoch as well (0 = off).
+    pub save_every_n_epochs: usize,
+    /// With every save, also write the full training state to `<output_dir>/state`
+    /// (adapters, optimizer moments, step, data position, random streams) for
+    /// `trainer train --resume <output_dir>/state`.
+    pub save_state: bool,
     /// Write a sample grid every N steps (0 = only at the end).
     pub sample_every_n_steps: usize,
     /// Prompts of the sample grid.
@@ -226,6 +265,8 @@ impl Default for TrainConfig {
                 adam_epsilon: 1e-8,
                 adam_weight_decay: 1e-2,
                 max_grad_norm: 1.0,
+                mixed_precision: MixedPrecision::No,
+                gradient_checkpointing: false,
                 prediction: Prediction::Auto,
                 min_snr_gamma: 5.0,
                 noise_offset: 0.0,
@@ -240,6 +281,8 @@ impl Default for TrainConfig {
                 save_format: lora_core::AdapterFormat::Kohya,
                 save_precision: lora_core::SaveDtype::F16,
                 save_every_n_steps: 0,
+                save_every_n_epochs: 0,
+                save_state: true,
                 sample_every_n_steps: 0,
                 sample_prompts: vec![
                     "a large red circle over a blue field, demostyle".into(),

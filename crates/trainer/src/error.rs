@@ -24,12 +24,17 @@ pub enum TrainError {
         source: std::io::Error,
     },
     /// The loss or gradients stopped being finite.
-    #[error("training diverged at step {step}: loss is {loss} (lower train.learning_rate or enable train.max_grad_norm)")]
+    #[error(
+        "training diverged at step {step}: loss is {loss}, gradient norm {grad_norm} (lower train.learning_rate, \
+         set train.max_grad_norm, or set train.on_non_finite = \"skip\"); the last saved LoRA and state are kept"
+    )]
     NonFinite {
         /// The optimizer step.
         step: usize,
         /// The loss value.
         loss: f32,
+        /// The global gradient norm (NaN when the loss already was).
+        grad_norm: f32,
     },
     /// A model problem.
     #[error(transparent)]

@@ -8,10 +8,12 @@
 
 pub mod bench;
 pub mod config;
+pub mod device_check;
 mod error;
 pub mod generate;
 pub mod models;
 pub mod plot;
+pub mod state;
 pub mod train;
 
 pub use config::TrainConfig;

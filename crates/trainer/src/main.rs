@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
 use trainer::generate::{decode, denoise, grid, initial_latents, latents_from_noise, save_png, GenerateOptions};
 use trainer::models::load_components;
-use trainer::train::{train, StepInfo};
+use trainer::train::{resume, train, StepInfo};
 use trainer::TrainConfig;
 
 #[derive(Parser)]
@@ -33,6 +33,10 @@ enum Command {
         /// Override a setting, e.g. `--set train.learning_rate=3e-4`; repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Continue from a training state (the `state` folder in an earlier run's
+        /// output_dir), e.g. after Ctrl-C or to raise train.max_train_steps.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
     },
     /// Generate images from prompts, optionally with LoRAs.
     Generate {
@@ -114,9 +118,14 @@ enum Command {
         /// `cpu` or `cuda` (needs a build with `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Parameter precision (`f32`; `bf16` / `f16` are not supported yet).
+        /// Precision of the frozen UNet weights: `f32`, `bf16` or `f16` (adapters stay f32).
         #[arg(long, default_value = "f32")]
         precision: String,
+        /// Let burn differentiate attention and GroupNorm + SiLU from their composed ops
+        /// (keeping every intermediate) instead of with sd-model's own backward passes, to
+        /// compare memory and speed.
+        #[arg(long)]
+        plain_autodiff: bool,
         /// Gradient checkpointing (train mode).
         #[arg(long)]
         grad_checkpointing: bool,
@@ -126,6 +135,38 @@ enum Command {
         /// `train` or `infer`.
         #[arg(long, default_value = "train")]
         mode: String,
+    },
+    /// Check a backend against the CPU: output and one LoRA adapter's gradients of a
+    /// random-weight UNet, as relative errors. Prints one JSON object as the last line and
+    /// fails when an error is over the tolerance.
+    DeviceCheck {
+        /// `sd15`, `sd21`, `tiny` or a diffusers `unet/config.json`.
+        #[arg(long, default_value = "tiny")]
+        unet_config: String,
+        /// Images in the batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        resolution: usize,
+        /// Backend under test: `cuda` (needs `--features cuda`) or `cpu` (the CPU against itself).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Frozen-weight precision of the tested model: `f32`, `bf16` or `f16` (the reference is f32).
+        #[arg(long, default_value = "f32")]
+        precision: trainer::device_check::Precision,
+        /// Gradient checkpointing on the tested side.
+        #[arg(long)]
+        grad_checkpointing: bool,
+        /// Pass threshold on the relative errors (default: 2e-3 for f32, 3e-2 f16, 1e-1 bf16).
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// Module path of the adapter whose gradients are compared (default: the first one).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// Seed of the weights and inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Convert a LoRA file between the kohya and diffusers/PEFT layouts.
     Convert {
@@ -168,7 +209,7 @@ fn progress(info: &StepInfo) -> bool {
 /// Set by Ctrl-C: training saves what it has and stops after the current step.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-fn run_train<B: AutodiffBackend>(config: TrainConfig, device: &B::Device) -> Result<()> {
+fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::path::Path>, device: &B::Device) -> Result<()> {
     eprintln!(
         "training a rank-{} LoRA on `{}` with {} for {} steps -> {}",
         config.lora.rank,
@@ -184,7 +225,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, device: &B::Device) -> Res
         }
         eprintln!("\nCtrl-C: saving the LoRA trained so far (press again to quit at once)");
     });
-    let report = train::<B>(&config, device, &mut progress)?;
+    let report = match resume_from {
+        Some(dir) => {
+            eprintln!("resuming from {}", dir.display());
+            resume::<B>(&config, dir, device, &mut progress)?
+        }
+        None => train::<B>(&config, device, &mut progress)?,
+    };
     let first = report.losses.iter().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
     let last = report.losses.iter().rev().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
     let verb = if report.interrupted { "interrupted after" } else { "done in" };
@@ -196,6 +243,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, device: &B::Device) -> Res
     println!("  loss curve:    {}", report.loss_curve.display());
     println!("  metrics:       {}", report.metrics.display());
     println!("  config:        {}", report.config.display());
+    if config.output.save_state {
+        println!("  state:         {}", config.output.output_dir.join("state").display());
+        if report.interrupted {
+            println!("\nresume with: trainer train <same config> --resume {}", config.output.output_dir.join("state").display());
+        }
+    }
     if config.model.pretrained == "tiny" {
         println!(
             "\nThis was the built-in demo. To train a style LoRA on real SD1.5 weights, copy\n\
@@ -349,41 +402,46 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, device: &str, precision: &str, grad_checkpointing: bool, lora_targets: sd_model::targets::UnetTargets, mode: &str) -> Result<()> {
-    use trainer::bench::{peak_rss_gib, run, BenchOptions, BenchResult};
+fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, device: &str, precision: &str, plain_autodiff: bool, grad_checkpointing: bool, lora_targets: sd_model::targets::UnetTargets, mode: &str) -> Result<()> {
+    use trainer::bench::{gib, peak_rss_gib, run_probed, BenchOptions, BenchResult};
     let unet = match unet_config {
         "sd15" => sd_model::UnetConfig::sd15(),
         "sd21" => sd_model::UnetConfig::sd21(),
         "tiny" => sd_model::UnetConfig::tiny(),
         path => sd_model::config::read_unet_config(std::path::Path::new(path))?,
     };
-    if precision != "f32" {
-        anyhow::bail!("--precision {precision}: only f32 is supported so far (bf16/f16 weights are the mixed-precision milestone)");
-    }
+    let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
+    sd_model::attention::set_blockwise_backward(!plain_autodiff);
+    sd_model::norm::set_fused_backward(!plain_autodiff);
     let train = match mode {
         "train" => true,
         "infer" => false,
         other => anyhow::bail!("--mode {other}: expected train or infer"),
     };
-    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train };
-    let (first, median) = match (device, grad_checkpointing) {
-        ("cpu", false) => run::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default())?,
-        ("cpu", true) => run::<sd_model::CheckpointedAutodiff<burn::backend::Flex>>(&opts, &Default::default())?,
+    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision };
+    // On the CPU the peak is the process's peak RSS (below); on CUDA the allocator's counters.
+    #[cfg(feature = "cuda")]
+    let cuda_probe = &mut || trainer::bench::cuda_memory(&Default::default());
+    let timings = match (device, grad_checkpointing) {
+        ("cpu", false) => run_probed::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default(), None)?,
+        ("cpu", true) => run_probed::<sd_model::CheckpointedAutodiff<burn::backend::Flex>>(&opts, &Default::default(), None)?,
         #[cfg(feature = "cuda")]
-        ("cuda", false) => run::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default())?,
+        ("cuda", false) => run_probed::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default(), Some(cuda_probe))?,
         #[cfg(feature = "cuda")]
-        ("cuda", true) => run::<sd_model::CheckpointedAutodiff<burn::backend::Cuda>>(&opts, &Default::default())?,
+        ("cuda", true) => run_probed::<sd_model::CheckpointedAutodiff<burn::backend::Cuda>>(&opts, &Default::default(), Some(cuda_probe))?,
+        #[cfg(not(feature = "cuda"))]
         ("cuda", _) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
         (other, _) => anyhow::bail!("--device {other}: expected cpu or cuda"),
     };
+    let (first, median) = (timings.first_step_s, timings.s_per_step);
     let result = BenchResult {
         s_per_step: median,
         img_per_s: batch as f64 / median,
-        // GPU memory needs the CUDA runtime's counters; the CPU figure is the process peak.
-        peak_mem_gib: if device == "cpu" { peak_rss_gib() } else { None },
+        peak_mem_gib: if device == "cpu" { peak_rss_gib() } else { timings.peak.map(|p| gib(p.in_use)) },
+        peak_reserved_gib: timings.peak.map(|p| gib(p.reserved)),
         first_step_s: first,
         device: device.into(),
-        precision: precision.into(),
+        precision: precision.as_str().into(),
         mode: mode.into(),
         batch,
         resolution,
@@ -393,10 +451,44 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: &str, precision: trainer::device_check::Precision, grad_checkpointing: bool, tolerance: Option<f64>, adapter: Option<String>, seed: u64) -> Result<()> {
+    use burn::backend::{Autodiff, Flex};
+    use trainer::device_check::{run, unet_config_by_name, DeviceCheckOptions};
+    type Reference = Autodiff<Flex>;
+    let opts = DeviceCheckOptions { unet: unet_config_by_name(unet_config)?, batch, resolution, precision, tolerance, adapter, seed };
+    let cpu = Default::default();
+    let report = match (device, grad_checkpointing) {
+        ("cpu", false) => run::<Reference, Autodiff<Flex>>(&opts, &cpu, &Default::default())?,
+        ("cpu", true) => run::<Reference, sd_model::CheckpointedAutodiff<Flex>>(&opts, &cpu, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        ("cuda", false) => run::<Reference, Autodiff<burn::backend::Cuda>>(&opts, &cpu, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        ("cuda", true) => run::<Reference, sd_model::CheckpointedAutodiff<burn::backend::Cuda>>(&opts, &cpu, &Default::default())?,
+        #[cfg(not(feature = "cuda"))]
+        ("cuda", _) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
+        (other, _) => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    if !report.pass {
+        anyhow::bail!("device check failed: a relative error is over {} (or not finite)", report.tolerance);
+    }
+    Ok(())
+}
+
 /// Runs a command on backend `B`.
 fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
-        Command::Train { config, sets } => run_train::<B>(TrainConfig::load(config.as_deref(), &sets)?, device),
+        Command::Train { config, sets, resume } => {
+            let config = TrainConfig::load(config.as_deref(), &sets)?;
+            // Gradient checkpointing is a backend property: the same loop on a checkpointing
+            // autodiff backend recomputes activations in the backward pass.
+            if config.train.gradient_checkpointing {
+                run_train::<sd_model::CheckpointedAutodiff<B::InnerBackend>>(config, resume.as_deref(), device)
+            } else {
+                run_train::<B>(config, resume.as_deref(), device)
+            }
+        }
         Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip: 1 };
             let files = GenerateFiles { out, init_latents, save_latents };
@@ -404,15 +496,18 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
-        Command::Bench { unet_config, batch, resolution, steps, device, precision, grad_checkpointing, lora_targets, mode } => {
-            run_bench(&unet_config, batch, resolution, steps, &device, &precision, grad_checkpointing, lora_targets, &mode)
+        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode } => {
+            run_bench(&unet_config, batch, resolution, steps, &device, &precision, plain_autodiff, grad_checkpointing, lora_targets, &mode)
+        }
+        Command::DeviceCheck { unet_config, batch, resolution, device, precision, grad_checkpointing, tolerance, adapter, seed } => {
+            run_device_check(&unet_config, batch, resolution, &device, precision, grad_checkpointing, tolerance, adapter, seed)
         }
     }
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![] });
+    let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
     #[cfg(feature = "cuda")]
     {
         if std::path::Path::new("/dev/nvidiactl").exists() {

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::MseLoss;
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::optim::grad_clipping::GradientClippingConfig;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::Tensor;
 use lora_core::{sites, AdapterSet, LoraConfig};
 use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
 use sd_model::targets::{attach_new_adapters, Selection};
@@ -18,9 +18,13 @@ use sd_model::DiagonalGaussian;
 use sd_sched::training::{offset_noise, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
-use crate::config::{LrScheduler, Prediction, TrainConfig};
+use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::generate::{decode, denoise, grid, initial_latents, save_png, GenerateOptions};
 use crate::models::{load_components, Components};
+use crate::state::{
+    adapter_params, export_moments, grad_sq_norm, host_params, import_moments, restore_adapter_params, scale_grads, AdamWRecord, StateInfo,
+    TrainingState,
+};
 use crate::{plot, TrainError};
 
 /// Progress of one optimizer step, for progress bars and logs.
@@ -142,10 +146,99 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
 }
 
 /// Trains a LoRA as `config` says, calling `on_step` after every optimizer step; when it
-/// returns `false` (e.g. on Ctrl-C) training stops, the LoRA trained so far is saved and the
-/// report says `interrupted`.
+/// returns `false` (e.g. on Ctrl-C) training stops, the LoRA trained so far (and, with
+/// `output.save_state`, the training state) is saved and the report says `interrupted`.
+///
+/// Gradient checkpointing is a property of the backend: run `train` on
+/// [`sd_model::CheckpointedAutodiff`] to get it (the `trainer` binary does this when
+/// `train.gradient_checkpointing` is set).
 pub fn train<B: AutodiffBackend>(
     config: &TrainConfig,
+    device: &B::Device,
+    on_step: &mut dyn FnMut(&StepInfo) -> bool,
+) -> Result<TrainReport, TrainError> {
+    run::<B>(config, None, device, on_step)
+}
+
+/// Continues the run whose training state is in `state_dir` (a `state` folder inside an
+/// earlier run's `output_dir`): adapters, optimizer moments, step, data position and random
+/// streams are restored, so the result is the same, bit for bit on one machine, as a run
+/// that was never interrupted. `config` may raise `train.max_train_steps` or change the
+/// outputs, but the `[lora]` section and the base model must be the ones the state was
+/// trained with.
+pub fn resume<B: AutodiffBackend>(
+    config: &TrainConfig,
+    state_dir: &Path,
+    device: &B::Device,
+    on_step: &mut dyn FnMut(&StepInfo) -> bool,
+) -> Result<TrainReport, TrainError> {
+    let state = TrainingState::load(state_dir)?;
+    let fingerprint = fingerprint(config);
+    if state.info.fingerprint != fingerprint {
+        let differs = state
+            .info
+            .fingerprint
+            .lines()
+            .zip(fingerprint.lines())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!("the state has `{a}`, the configuration `{b}`"))
+            .unwrap_or_else(|| "the settings differ".into());
+        return Err(TrainError::Config {
+            origin: state_dir.display().to_string(),
+            reason: format!("cannot resume with a different model or [lora] section: {differs}"),
+        });
+    }
+    if state.info.step >= config.train.max_train_steps {
+        return Err(TrainError::Config {
+            origin: state_dir.display().to_string(),
+            reason: format!(
+                "the state is at step {}, which is not below train.max_train_steps = {}; raise it to train further",
+                state.info.step, config.train.max_train_steps
+            ),
+        });
+    }
+    run::<B>(config, Some(state), device, on_step)
+}
+
+/// The settings a resumed run must share with the state it resumes (as TOML lines).
+fn fingerprint(config: &TrainConfig) -> String {
+    let lora = toml::to_string(&config.lora).unwrap_or_default();
+    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}", config.model.pretrained, config.model.tiny_seed)
+}
+
+/// Seed of burn's backend RNG (adapter dropout) at optimizer step `step`: reseeding every
+/// step makes a resumed run draw what an uninterrupted one would.
+fn step_seed(seed: u64, step: usize) -> u64 {
+    seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// f16 dynamic loss scaling (as PyTorch's `GradScaler`): start at 2^16, halve on overflow
+/// (the step is skipped), double after this many finite steps in a row.
+const LOSS_SCALE_GROWTH_INTERVAL: usize = 2000;
+
+/// Losses of steps `1..=step` from an earlier run's `metrics.jsonl`, which is rewritten to
+/// hold exactly those lines.
+fn resume_metrics(path: &Path, step: usize) -> Result<Vec<f32>, TrainError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut kept = String::new();
+    let mut losses = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let s = v["step"].as_u64().unwrap_or(0) as usize;
+        if s >= 1 && s <= step && s == losses.len() + 1 {
+            losses.push(v["loss"].as_f64().unwrap_or(f64::NAN) as f32);
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    losses.resize(step, f32::NAN);
+    std::fs::write(path, kept).map_err(io_err(path))?;
+    Ok(losses)
+}
+
+fn run<B: AutodiffBackend>(
+    config: &TrainConfig,
+    state: Option<TrainingState>,
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
@@ -155,11 +248,19 @@ pub fn train<B: AutodiffBackend>(
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let config_path = out.join("config.toml");
     std::fs::write(&config_path, config.to_toml()).map_err(io_err(&config_path))?;
+    let t = &config.train;
+    let base_dtype = t.mixed_precision.base_dtype();
 
-    // Frozen parts run on the inner (non-autodiff) backend; only the UNet is differentiated.
-    let frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
-    let mut unet = <sd_model::UNet2DConditionModel<B> as AutodiffModule<B>>::from_inner(frozen.unet.clone());
-    B::seed(device, config.train.seed);
+    // Frozen parts run on the inner (non-autodiff) backend; only the UNet (and the text
+    // encoder when it has adapters) is differentiated. The VAE stays in f32.
+    let mut frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
+    if let Some(dtype) = base_dtype {
+        frozen.unet = lora_core::precision::cast_all(frozen.unet, dtype);
+        frozen.text_encoder = lora_core::precision::cast_all(frozen.text_encoder, dtype);
+    }
+    // Everything not an adapter is frozen: no gradients, no optimizer updates.
+    let mut unet = <sd_model::UNet2DConditionModel<B> as AutodiffModule<B>>::from_inner(frozen.unet.clone()).no_grad();
+    B::seed(device, t.seed);
     let l = &config.lora;
     let lora = LoraConfig::new(l.rank).with_alpha(l.alpha).with_dropout(l.dropout).with_rslora(l.rslora);
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
@@ -172,65 +273,99 @@ pub fn train<B: AutodiffBackend>(
     }
 
     // Text-encoder adapters, if any: the encoder then runs on the autodiff backend too.
-    let mut text_encoder = <sd_model::ClipTextModel<B> as AutodiffModule<B>>::from_inner(frozen.text_encoder.clone());
+    let mut text_encoder = <sd_model::ClipTextModel<B> as AutodiffModule<B>>::from_inner(frozen.text_encoder.clone()).no_grad();
     let te_selection = Selection::new(l.text_encoder_targets);
     let te_targets = attach_new_adapters(&mut text_encoder, &te_selection, &lora, device)?;
     let train_te = !te_targets.is_empty();
 
     let dataset = open_dataset(config)?;
     let mut schedule_cfg = frozen.scheduler.clone();
-    match config.train.prediction {
+    match t.prediction {
         Prediction::Auto => {}
         Prediction::Epsilon => schedule_cfg.prediction_type = PredictionType::Epsilon,
         Prediction::VPrediction => schedule_cfg.prediction_type = PredictionType::VPrediction,
     }
     let schedule = TrainingSchedule::<B>::new(&NoiseSchedule::new(&schedule_cfg)?, device);
-    let t = &config.train;
     let mut timesteps = TimestepSampler::new(t.min_timestep, t.max_timestep, schedule.num_train_timesteps(), t.seed)?;
     let mut noise = SeededNoise::new(t.seed ^ 0x5eed);
-    let clip = (t.max_grad_norm > 0.0).then_some(GradientClippingConfig::Norm(t.max_grad_norm));
-    let mut optim = AdamWConfig::new()
+    let adamw = AdamWConfig::new()
         .with_beta_1(t.adam_beta1)
         .with_beta_2(t.adam_beta2)
         .with_epsilon(t.adam_epsilon)
-        .with_weight_decay(t.adam_weight_decay)
-        .with_grad_clipping(clip.clone())
-        .init::<B, sd_model::UNet2DConditionModel<B>>();
-    let mut te_optim = AdamWConfig::new()
-        .with_beta_1(t.adam_beta1)
-        .with_beta_2(t.adam_beta2)
-        .with_epsilon(t.adam_epsilon)
-        .with_weight_decay(t.adam_weight_decay)
-        .with_grad_clipping(clip)
-        .init::<B, sd_model::ClipTextModel<B>>();
+        .with_weight_decay(t.adam_weight_decay);
+    let mut optim = adamw.init::<B, sd_model::UNet2DConditionModel<B>>();
+    let mut te_optim = adamw.init::<B, sd_model::ClipTextModel<B>>();
     let te_base_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
 
-    let mut cache = EncodeCache::default();
     let metrics_path = out.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(io_err(&metrics_path))?;
+    let mut progress = Progress {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        loss_scale: if t.mixed_precision == MixedPrecision::Fp16 { 65536.0 } else { 1.0 },
+        good_steps: 0,
+    };
     let mut losses = Vec::with_capacity(t.max_train_steps);
-    let mut epoch = 0u64;
-    let mut plans = dataset.plan_epoch(epoch).into_iter();
+    if let Some(state) = state {
+        restore_adapter_params(&mut unet, "unet", &state.adapters, device)?;
+        restore_adapter_params(&mut text_encoder, "text_encoder", &state.adapters, device)?;
+        let times = &state.info.optimizer_time;
+        let record = import_moments(&adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
+        optim = optim.load_record(record.into_iter().collect());
+        let record = import_moments(&adapter_params(&mut text_encoder, "text_encoder"), &state.moments, times, device)?;
+        te_optim = te_optim.load_record(record.into_iter().collect());
+        let origin = out.join("state.json");
+        timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
+        noise = SeededNoise::from_state(&state.info.noise_rng.to_state(&origin)?);
+        progress = Progress {
+            step: state.info.step,
+            epoch: state.info.epoch,
+            batch_in_epoch: state.info.batch_in_epoch,
+            loss_scale: state.info.loss_scale,
+            good_steps: state.info.good_steps,
+        };
+        losses = resume_metrics(&metrics_path, progress.step)?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .truncate(false)
+        .open(&metrics_path)
+        .map_err(io_err(&metrics_path))?;
+    if losses.is_empty() {
+        metrics.set_len(0).map_err(io_err(&metrics_path))?;
+    }
+    let unet_params = adapter_params(&mut unet, "unet");
+    let te_params = adapter_params(&mut text_encoder, "text_encoder");
+
+    let mut cache = EncodeCache::default();
+    let mut plans = dataset.plan_epoch(progress.epoch);
     let mut sample_size = None;
     let mut interrupted = false;
-    for step in 0..t.max_train_steps {
+    let mut saver = Saver { config, frozen: &frozen };
+    let first_step = progress.step;
+    let mut epochs_completed = completed_epochs(&progress, plans.len());
+    for step in first_step..t.max_train_steps {
+        B::seed(device, step_seed(t.seed, step));
         let lr = learning_rate(t, step);
         let mut accumulator = GradientsAccumulator::<sd_model::UNet2DConditionModel<B>>::new();
         let mut te_accumulator = GradientsAccumulator::<sd_model::ClipTextModel<B>>::new();
-        let mut step_loss = 0f32;
+        let mut step_loss = Tensor::<B::InnerBackend, 1>::zeros([1], device);
         for _ in 0..t.gradient_accumulation_steps {
-            let plan = match plans.next() {
-                Some(p) => p,
-                None => {
-                    epoch += 1;
-                    plans = dataset.plan_epoch(epoch).into_iter();
-                    plans.next().ok_or_else(|| TrainError::Config {
+            if progress.batch_in_epoch >= plans.len() {
+                progress.epoch += 1;
+                progress.batch_in_epoch = 0;
+                plans = dataset.plan_epoch(progress.epoch);
+                if plans.is_empty() {
+                    return Err(TrainError::Config {
                         origin: "data".into(),
                         reason: "the dataset plans no batches".into(),
-                    })?
+                    });
                 }
-            };
-            let (posterior, context, loss_weights) = cache.batch(&dataset, &frozen, &plan, config.model.clip_skip, !train_te, device)?;
+            }
+            let plan = &plans[progress.batch_in_epoch];
+            progress.batch_in_epoch += 1;
+            let (posterior, context, loss_weights) = cache.batch(&dataset, &frozen, plan, config.model.clip_skip, !train_te, device)?;
             sample_size.get_or_insert((plan.bucket.0 as usize, plan.bucket.1 as usize));
             let eps = noise.sample(posterior.mean.dims(), device)?;
             let latents = Tensor::<B, 4>::from_inner(frozen.vae.scale_latents(posterior.sample(eps)?));
@@ -260,39 +395,99 @@ pub fn train<B: AutodiffBackend>(
                 weights = weights * schedule.min_snr_weights(ts, t.min_snr_gamma)?;
             }
             let loss = (per_sample * weights).mean() / t.gradient_accumulation_steps as f32;
-            step_loss += loss.clone().into_scalar().elem::<f32>();
+            step_loss = step_loss + loss.clone().inner();
+            // f16: scale the loss so small gradients do not underflow; unscaled below.
+            let loss = if progress.loss_scale != 1.0 { loss * progress.loss_scale } else { loss };
             let mut grads = loss.backward();
             if train_te {
                 te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
             }
             accumulator.accumulate(&unet, GradientsParams::from_module(&mut grads, &unet));
         }
-        if step_loss.is_finite() {
-            unet = optim.step(lr, unet, accumulator.grads());
-            if train_te {
-                text_encoder = te_optim.step(lr * te_base_lr / t.learning_rate, text_encoder, te_accumulator.grads());
-            }
-        } else if t.on_non_finite == crate::config::OnNonFinite::Stop {
-            return Err(TrainError::NonFinite { step: step + 1, loss: step_loss });
+        let mut grads = accumulator.grads();
+        let mut te_grads = te_accumulator.grads();
+        // Only adapters may train; anything else with a gradient would be updated by AdamW
+        // but never saved.
+        if grads.len() > unet_params.len() || te_grads.len() > te_params.len() {
+            return Err(TrainError::Config {
+                origin: "model".into(),
+                reason: format!(
+                    "{} UNet and {} text-encoder tensors have gradients but only {} and {} are adapter weights",
+                    grads.len(),
+                    te_grads.len(),
+                    unet_params.len(),
+                    te_params.len()
+                ),
+            });
         }
-        losses.push(step_loss);
+        // One host read per step: the loss and the (scaled) global gradient norm.
+        let sq = grad_sq_norm::<B>(&grads, &unet_params, device) + grad_sq_norm::<B>(&te_grads, &te_params, device);
+        let read = Tensor::cat(vec![step_loss, sq], 0).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
+        let (loss_value, grad_norm) = (read.first().copied().unwrap_or(f32::NAN), read.get(1).map_or(f32::NAN, |s| s.sqrt() / progress.loss_scale));
+        let mut skipped = false;
+        if loss_value.is_finite() && grad_norm.is_finite() {
+            let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm { t.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+            let factor = clip / progress.loss_scale;
+            if factor != 1.0 {
+                scale_grads::<B>(&mut grads, &unet_params, factor);
+                scale_grads::<B>(&mut te_grads, &te_params, factor);
+            }
+            unet = optim.step(lr, unet, grads);
+            if train_te {
+                text_encoder = te_optim.step(lr * te_base_lr / t.learning_rate, text_encoder, te_grads);
+            }
+            if t.mixed_precision == MixedPrecision::Fp16 {
+                progress.good_steps += 1;
+                if progress.good_steps >= LOSS_SCALE_GROWTH_INTERVAL {
+                    progress.loss_scale *= 2.0;
+                    progress.good_steps = 0;
+                }
+            }
+        } else if t.mixed_precision == MixedPrecision::Fp16 && loss_value.is_finite() && progress.loss_scale > 1.0 {
+            // Overflow of the scaled f16 gradients: retry with a smaller scale.
+            skipped = true;
+            progress.loss_scale /= 2.0;
+            progress.good_steps = 0;
+        } else if t.on_non_finite == crate::config::OnNonFinite::Stop {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                loss: loss_value,
+                grad_norm,
+            });
+        } else {
+            skipped = true;
+        }
+        progress.step = step + 1;
+        losses.push(loss_value);
         let info = StepInfo {
             step: step + 1,
             total: t.max_train_steps,
-            loss: step_loss,
+            loss: loss_value,
             lr,
             elapsed_s: start.elapsed().as_secs_f64(),
         };
-        writeln!(metrics, "{{\"step\":{},\"loss\":{},\"lr\":{},\"elapsed_s\":{:.3}}}", info.step, info.loss, info.lr, info.elapsed_s)
-            .map_err(io_err(&metrics_path))?;
+        writeln!(
+            metrics,
+            "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
+            info.step,
+            progress.epoch,
+            json_f32(info.loss),
+            json_f32(grad_norm),
+            info.lr,
+            progress.loss_scale,
+            skipped,
+            info.elapsed_s
+        )
+        .map_err(io_err(&metrics_path))?;
         if !on_step(&info) {
             interrupted = info.step < t.max_train_steps;
             if interrupted {
                 break;
             }
         }
+        let last = info.step == t.max_train_steps;
         let sample_every = config.output.sample_every_n_steps;
-        if sample_every > 0 && info.step.is_multiple_of(sample_every) && info.step < t.max_train_steps {
+        if sample_every > 0 && info.step.is_multiple_of(sample_every) && !last {
             let current = Components {
                 unet: unet.valid(),
                 tokenizer: frozen.tokenizer.clone(),
@@ -305,14 +500,31 @@ pub fn train<B: AutodiffBackend>(
             let path = out.join(format!("samples-step{:06}.png", info.step));
             save_png(&generate_grid(&current, config, size, device)?, &path)?;
         }
-        let save_every = config.output.save_every_n_steps;
-        if save_every > 0 && info.step.is_multiple_of(save_every) && info.step < t.max_train_steps {
-            save_lora(&mut unet, &mut text_encoder, &frozen, config, &out.join(format!("{}-step{:06}.safetensors", config.output.output_name, info.step)))?;
+        // An epoch is complete once its last batch is used.
+        let completed = completed_epochs(&progress, plans.len());
+        let epoch_ended = completed > epochs_completed;
+        epochs_completed = completed;
+        let every_epochs = config.output.save_every_n_epochs;
+        let mut name = None;
+        if config.output.save_every_n_steps > 0 && info.step.is_multiple_of(config.output.save_every_n_steps) {
+            name = Some(format!("{}-step{:06}", config.output.output_name, info.step));
+        }
+        if every_epochs > 0 && epoch_ended && (completed as usize).is_multiple_of(every_epochs) {
+            name = Some(format!("{}-epoch{completed:04}", config.output.output_name));
+        }
+        if let (Some(name), false) = (name, last) {
+            saver.save(&mut unet, &mut text_encoder, &out.join(format!("{name}.safetensors")))?;
+            if config.output.save_state {
+                saver.save_state(&mut unet, &mut text_encoder, &optim.to_record().into_iter().collect(), &te_optim.to_record().into_iter().collect(), &progress, &timesteps, &noise)?;
+            }
         }
     }
 
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
-    save_lora(&mut unet, &mut text_encoder, &frozen, config, &lora_path)?;
+    saver.save(&mut unet, &mut text_encoder, &lora_path)?;
+    if config.output.save_state {
+        saver.save_state(&mut unet, &mut text_encoder, &optim.to_record().into_iter().collect(), &te_optim.to_record().into_iter().collect(), &progress, &timesteps, &noise)?;
+    }
 
     let grid_path = if interrupted {
         None
@@ -336,6 +548,79 @@ pub fn train<B: AutodiffBackend>(
         seconds: start.elapsed().as_secs_f64(),
         interrupted,
     })
+}
+
+/// A finite `f32` as JSON, `null` otherwise (JSON has no NaN).
+fn json_f32(v: f32) -> String {
+    if v.is_finite() {
+        v.to_string()
+    } else {
+        "null".into()
+    }
+}
+
+/// Epochs whose every batch has been used.
+fn completed_epochs(progress: &Progress, batches_in_epoch: usize) -> u64 {
+    progress.epoch + u64::from(progress.batch_in_epoch >= batches_in_epoch)
+}
+
+/// Counters of a run that the training state records.
+struct Progress {
+    step: usize,
+    epoch: u64,
+    batch_in_epoch: usize,
+    loss_scale: f32,
+    good_steps: usize,
+}
+
+/// Writes LoRA files and training states.
+struct Saver<'a, B: AutodiffBackend> {
+    config: &'a TrainConfig,
+    frozen: &'a Components<B::InnerBackend>,
+}
+
+impl<B: AutodiffBackend> Saver<'_, B> {
+    fn save(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, te: &mut sd_model::ClipTextModel<B>, path: &Path) -> Result<(), TrainError> {
+        save_lora(unet, te, self.frozen, self.config, path)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn save_state(
+        &mut self,
+        unet: &mut sd_model::UNet2DConditionModel<B>,
+        te: &mut sd_model::ClipTextModel<B>,
+        unet_record: &AdamWRecord<B>,
+        te_record: &AdamWRecord<B>,
+        progress: &Progress,
+        timesteps: &TimestepSampler,
+        noise: &SeededNoise,
+    ) -> Result<(), TrainError> {
+        let (unet_params, te_params) = (adapter_params(unet, "unet"), adapter_params(te, "text_encoder"));
+        let mut moments = HashMap::new();
+        let mut times = std::collections::BTreeMap::new();
+        export_moments(unet_record, &unet_params, &mut moments, &mut times)?;
+        export_moments(te_record, &te_params, &mut moments, &mut times)?;
+        let mut adapters = HashMap::new();
+        host_params(unet_params, &mut adapters)?;
+        host_params(te_params, &mut adapters)?;
+        let state = TrainingState {
+            info: StateInfo {
+                version: crate::state::STATE_VERSION,
+                step: progress.step,
+                epoch: progress.epoch,
+                batch_in_epoch: progress.batch_in_epoch,
+                timestep_rng: (&timesteps.rng_state()).into(),
+                noise_rng: (&noise.state()).into(),
+                loss_scale: progress.loss_scale,
+                good_steps: progress.good_steps,
+                optimizer_time: times,
+                fingerprint: fingerprint(self.config),
+            },
+            adapters,
+            moments,
+        };
+        state.save(&self.config.output.output_dir.join("state"))
+    }
 }
 
 /// In-memory cache of the frozen encoders' outputs: the VAE posterior per (image, bucket,
@@ -364,24 +649,23 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         device: &B::Device,
     ) -> Result<EncodedBatch<B>, TrainError> {
         let key = |s: &sd_data::SamplePlan| (s.image, s.bucket, s.crop, s.flip);
+        // Each sample is encoded on its own: results then do not depend on which batch a
+        // sample first appeared in, which keeps resumed runs bit-identical.
         if plan.samples.iter().any(|s| !self.posteriors.contains_key(&key(s))) {
             let pixels = dataset.load_pixels(plan)?.to_tensor::<B>(device)?;
-            let posterior = c.vae.encode(pixels)?;
             for (i, s) in plan.samples.iter().enumerate() {
-                let row = |t: &Tensor<B, 4>| t.clone().slice(i..i + 1);
-                self.posteriors.insert(key(s), (row(&posterior.mean), row(&posterior.logvar)));
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.posteriors.entry(key(s)) {
+                    let posterior = c.vae.encode(pixels.clone().slice(i..i + 1))?;
+                    slot.insert((posterior.mean, posterior.logvar));
+                }
             }
         }
-        let missing: Vec<String> = plan
-            .samples
-            .iter()
-            .map(|s| s.caption.clone())
-            .filter(|cap| with_embeddings && !self.embeddings.contains_key(cap))
-            .collect();
-        if !missing.is_empty() {
-            let embeds = crate::generate::encode_prompts(c, &missing, clip_skip, device)?;
-            for (i, cap) in missing.into_iter().enumerate() {
-                self.embeddings.insert(cap, embeds.clone().slice(i..i + 1));
+        if with_embeddings {
+            for s in &plan.samples {
+                if !self.embeddings.contains_key(&s.caption) {
+                    let embeds = crate::generate::encode_prompts(c, std::slice::from_ref(&s.caption), clip_skip, device)?;
+                    self.embeddings.insert(s.caption.clone(), embeds);
+                }
             }
         }
         let (mut means, mut logvars, mut contexts) = (vec![], vec![], vec![]);

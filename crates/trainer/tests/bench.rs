@@ -15,10 +15,31 @@ fn bench_times_train_and_infer_steps() {
             steps: 2,
             targets: UnetTargets::AttnMlp,
             train,
+            precision: trainer::device_check::Precision::Bf16,
         };
         let (first, median) = run::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
         assert!(first > 0.0 && median > 0.0 && median.is_finite());
     }
-    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true };
+    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default() };
     assert!(run::<Autodiff<Flex>>(&bad, &Default::default()).is_err());
+}
+
+#[test]
+fn memory_probe_samples_one_extra_untimed_step() {
+    use trainer::bench::{run_probed, MemorySample};
+    for (train, per_step) in [(true, 3), (false, 2)] {
+        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 2, targets: UnetTargets::Attn, train, precision: Default::default() };
+        let mut calls = 0u64;
+        let mut probe = || {
+            calls += 1;
+            Some(MemorySample { in_use: calls, reserved: 100 - calls })
+        };
+        let timings = run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut probe)).unwrap();
+        assert_eq!(calls, per_step, "train = {train}");
+        assert_eq!(timings.peak, Some(MemorySample { in_use: calls, reserved: 99 }));
+        assert!(timings.first_step_s > 0.0 && timings.s_per_step > 0.0);
+    }
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: false, precision: Default::default() };
+    assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), None).unwrap().peak, None);
+    assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut || None)).unwrap().peak, None);
 }

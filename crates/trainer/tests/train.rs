@@ -254,3 +254,104 @@ fn a_non_finite_loss_stops_or_is_skipped() {
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
     assert!(!report.losses[1].is_finite());
 }
+
+/// A configuration that exercises every random stream and counter a resume must restore:
+/// dropout, flips, offset noise, accumulation across epoch boundaries, text-encoder
+/// adapters and clipping.
+fn resume_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
+    let mut c = quick_config(dir, steps);
+    c.data.demo_images = 6;
+    c.data.flip_aug = true;
+    c.train.train_batch_size = 2;
+    c.train.gradient_accumulation_steps = 2;
+    c.train.noise_offset = 0.05;
+    c.train.max_grad_norm = 0.05;
+    c.train.text_encoder_lr = 5e-4;
+    c.lora.dropout = 0.1;
+    c.lora.rank = 4;
+    c.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    c.output.save_precision = lora_core::SaveDtype::F32;
+    c.output.save_every_n_epochs = 2;
+    c
+}
+
+#[test]
+fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
+    let _guard = seeded();
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&resume_config(straight_dir.path(), 20), &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(straight.losses.len(), 20);
+    // Epoch saves: 3 batches per epoch, 2 per step, so epoch 2 ends in step 3.
+    assert!(straight_dir.path().join("demo_lora-epoch0002.safetensors").is_file());
+    assert!(straight_dir.path().join("demo_lora-epoch0012.safetensors").is_file());
+    assert!(!straight_dir.path().join("demo_lora-epoch0014.safetensors").exists());
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = resume_config(dir.path(), 20);
+    // Stopped after step 10 as by Ctrl-C: the LoRA and the state are saved.
+    let first = train::<B>(&config, &Default::default(), &mut |info| info.step < 10).unwrap();
+    assert!(first.interrupted);
+    let state = dir.path().join("state");
+    assert!(state.join("state.json").is_file());
+    let mut steps = vec![];
+    let second = trainer::train::resume::<B>(&config, &state, &Default::default(), &mut |info| {
+        steps.push(info.step);
+        true
+    })
+    .unwrap();
+    assert_eq!(steps, (11..=20).collect::<Vec<_>>());
+    assert_eq!(second.losses.len(), 20);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
+    let a = std::fs::read(&straight.lora).unwrap();
+    let b = std::fs::read(&second.lora).unwrap();
+    assert!(a == b, "the resumed LoRA differs from the uninterrupted one");
+    let metrics = std::fs::read_to_string(&second.metrics).unwrap();
+    assert_eq!(metrics.lines().count(), 20, "metrics.jsonl continues where it stopped");
+
+    // A finished state cannot be resumed without raising max_train_steps, and the [lora]
+    // section must match.
+    let err = trainer::train::resume::<B>(&config, &state, &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("max_train_steps"), "{err}");
+    let mut other = resume_config(dir.path(), 30);
+    other.lora.rank = 8;
+    let err = trainer::train::resume::<B>(&other, &state, &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("rank"), "{err}");
+    let err = trainer::train::resume::<B>(&config, dir.path(), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("state.json"), "{err}");
+}
+
+#[test]
+fn half_precision_bases_train_f32_adapters() {
+    let _guard = seeded();
+    for precision in [trainer::config::MixedPrecision::Bf16, trainer::config::MixedPrecision::Fp16] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = quick_config(dir.path(), 3);
+        config.train.mixed_precision = precision;
+        config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+        let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+        assert!(report.losses.iter().all(|l| l.is_finite()), "{precision:?}: {:?}", report.losses);
+        let (set, _) = AdapterSet::load(&report.lora, &tiny_index(), ReadOptions { lenient: true }).unwrap();
+        assert!(set.iter().any(|(_, w)| w.up.data.iter().any(|v| *v != 0.0)), "{precision:?}: adapters were updated");
+        let metrics = std::fs::read_to_string(&report.metrics).unwrap();
+        let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+        let scale = last["loss_scale"].as_f64().unwrap();
+        match precision {
+            trainer::config::MixedPrecision::Fp16 => assert!(scale > 1.0, "f16 scales the loss"),
+            _ => assert_eq!(scale, 1.0),
+        }
+    }
+}
+
+#[test]
+fn gradient_checkpointing_trains_the_same_way() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 3);
+    config.train.gradient_checkpointing = true;
+    let plain = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let checkpointed = train::<sd_model::CheckpointedAutodiff<Flex>>(&config, &Default::default(), &mut |_| true).unwrap();
+    for (a, b) in plain.losses.iter().zip(&checkpointed.losses) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "losses {:?} vs {:?}", plain.losses, checkpointed.losses);
+    }
+}

@@ -1,0 +1,98 @@
+//! Mixed precision: a frozen base in bf16 or f16 with f32 adapters.
+//!
+//! burn has no autocast and does not promote mixed dtypes, so a half-precision model is
+//! made explicitly: [`cast_frozen`] converts every parameter that does not require
+//! gradients (the frozen base) and leaves trainable adapter weights in f32. The adapters
+//! then compute in the activations' dtype with their weights cast on the fly (the
+//! gradient of a cast is a cast, so the f32 master weights receive the update), which is
+//! what PyTorch's autocast does for a LoRA layer.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::module::Module;
+//! use burn::nn::LinearConfig;
+//! use burn::tensor::{DType, FloatDType, Tensor};
+//! use lora_core::{precision, LoraConfig, LoraLinear};
+//!
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let mut layer = LoraLinear::new(LinearConfig::new(8, 8).init::<B>(&device));
+//! layer.attach_new(&LoraConfig::new(2), &device).unwrap();
+//! let layer = precision::cast_frozen(layer, FloatDType::BF16);
+//! assert_eq!(layer.base.weight.val().dtype(), DType::BF16);
+//! let adapter = layer.adapter.as_ref().unwrap();
+//! assert_eq!(adapter.up.weight.val().dtype(), DType::F32);
+//!
+//! let x = Tensor::<B, 2>::ones([1, 8], &device).cast(FloatDType::BF16);
+//! let loss = layer.forward(x).cast(FloatDType::F32).sum();
+//! let grads = loss.backward();
+//! let grad = adapter.up.weight.grad(&grads).unwrap();
+//! assert_eq!(grad.dtype(), DType::F32); // f32 gradients for the f32 master weights
+//! ```
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Tensor};
+
+use crate::linear::update_frozen;
+
+/// Converts a module's frozen parameters (those that do not require gradients) to `dtype`.
+///
+/// Trainable parameters keep their dtype. On a backend without autodiff no parameter
+/// requires gradients, so everything is converted.
+pub fn cast_frozen<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+    module.map(&mut CastFrozen { dtype })
+}
+
+/// Converts every float parameter of a module to `dtype` (trainable ones included).
+pub fn cast_all<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+    module.map(&mut CastAll { dtype })
+}
+
+struct CastFrozen {
+    dtype: FloatDType,
+}
+
+impl<B: Backend> ModuleMapper<B> for CastFrozen {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if param.is_require_grad() || param.val().dtype() == DType::from(self.dtype) {
+            return param;
+        }
+        let dtype = self.dtype;
+        update_frozen(param, |w| w.cast(dtype))
+    }
+}
+
+struct CastAll {
+    dtype: FloatDType,
+}
+
+impl<B: Backend> ModuleMapper<B> for CastAll {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let dtype = self.dtype;
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let cast = tensor.cast(dtype).detach().set_require_grad(require_grad);
+        Param::from_mapped_value(id, cast, mapper)
+    }
+}
+
+/// The dtype of a float tensor as a [`FloatDType`] (`None` for non-float dtypes).
+pub fn float_dtype(dtype: DType) -> Option<FloatDType> {
+    match dtype {
+        DType::F64 => Some(FloatDType::F64),
+        DType::F32 => Some(FloatDType::F32),
+        DType::Flex32 => Some(FloatDType::Flex32),
+        DType::F16 => Some(FloatDType::F16),
+        DType::BF16 => Some(FloatDType::BF16),
+        _ => None,
+    }
+}
+
+/// `x` in `dtype` (no-op when it already is).
+pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    match float_dtype(dtype) {
+        Some(f) if x.dtype() != dtype => x.cast(f),
+        _ => x,
+    }
+}

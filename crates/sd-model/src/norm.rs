@@ -1,0 +1,279 @@
+//! GroupNorm with an optional SiLU, as one differentiable op.
+//!
+//! burn 0.21's `GroupNorm` is composed of elementwise tensor ops, and autodiff keeps most of
+//! their full-size intermediates (the centred input, the normalised input, the affine result,
+//! SiLU's input and sigmoid) until the backward pass; the UNet has two GroupNorm + SiLU pairs
+//! per ResNet block, so these dominate activation memory next to attention. [`group_norm`]
+//! registers its own backward on burn's autodiff backend over Flex or CUDA: it keeps only the
+//! input and the per-group mean and inverse deviation, and recomputes the rest. Statistics
+//! are computed in f32 whatever the input dtype (as PyTorch's autocast does), so a bf16 or f16
+//! model normalises accurately. Other backends use the same forward without the custom
+//! backward.
+
+use std::any::{Any, TypeId};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::nn::GroupNorm;
+use burn::tensor::activation::sigmoid;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use lora_core::precision::cast_to;
+
+/// Whether [`group_norm`] registers its own backward (default on).
+static FUSED_BACKWARD: AtomicBool = AtomicBool::new(true);
+
+/// Turns the GroupNorm (+ SiLU) backward of this module on or off for the whole process
+/// (off = burn differentiates the composed ops and keeps their intermediates), e.g. to
+/// compare both in a benchmark. The results are the same either way.
+pub fn set_fused_backward(enabled: bool) {
+    FUSED_BACKWARD.store(enabled, Ordering::Relaxed);
+}
+
+/// `silu(norm(x))` (or `norm(x)` when `silu` is false) for `[batch, channels, h, w]`.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::GroupNormConfig;
+/// use burn::tensor::activation::silu;
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// let device = Default::default();
+/// let norm = GroupNormConfig::new(4, 8).init::<Flex>(&device);
+/// let x = Tensor::<Flex, 4>::random([2, 8, 5, 5], Distribution::Normal(1.0, 2.0), &device);
+/// let ours = sd_model::norm::group_norm(&norm, x.clone(), true);
+/// let reference = silu(norm.forward(x));
+/// let err: f32 = (ours - reference).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
+    let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta) else {
+        let y = norm.forward(x);
+        return if silu { burn::tensor::activation::silu(y) } else { y };
+    };
+    let spec = Spec {
+        groups: norm.num_groups,
+        epsilon: norm.epsilon,
+        silu,
+    };
+    let mut args = (x, gamma.val(), beta.val());
+    macro_rules! on {
+        ($inner:ty) => {
+            for_autodiff::<B, $inner, NoCheckpointing>(&mut args, spec).or_else(|| for_autodiff::<B, $inner, BalancedCheckpointing>(&mut args, spec))
+        };
+    }
+    let done = on!(burn::backend::Flex);
+    #[cfg(feature = "cuda")]
+    let done = done.or_else(|| on!(burn::backend::Cuda));
+    if let Some(out) = done {
+        return out;
+    }
+    let (x, gamma, beta) = args;
+    forward(x, gamma, beta, spec).0
+}
+
+/// The op's settings.
+#[derive(Debug, Clone, Copy)]
+struct Spec {
+    groups: usize,
+    epsilon: f64,
+    silu: bool,
+}
+
+/// Runs the op with its own backward when `B` is `Autodiff<X, C>` (see
+/// [`crate::attention::scaled_dot_product_attention`] for why a type check).
+fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(
+    args: &mut (Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>),
+    spec: Spec,
+) -> Option<Tensor<B, 4>> {
+    if !FUSED_BACKWARD.load(Ordering::Relaxed) || TypeId::of::<B>() != TypeId::of::<Autodiff<X, C>>() {
+        return None;
+    }
+    fn to<T: 'static, U: 'static>(t: T) -> Option<U> {
+        (Box::new(t) as Box<dyn Any>).downcast::<U>().ok().map(|b| *b)
+    }
+    let (x, gamma, beta) = args.clone();
+    let out = autodiff_op::<X, C>(to(x)?, to(gamma)?, to(beta)?, spec);
+    to(out)
+}
+
+/// Forward in tensor ops: the output and the per-group `(mean, 1/std)` in f32, `[b, g, 1]`.
+fn forward<B: Backend>(x: Tensor<B, 4>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, spec: Spec) -> (Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 3>) {
+    let dtype = x.dtype();
+    let shape = x.dims();
+    let [b, c, h, w] = shape;
+    let xg = cast_to(x, DType::F32).reshape([b, spec.groups, (c / spec.groups) * h * w]);
+    let mean = xg.clone().mean_dim(2);
+    let centred = xg - mean.clone();
+    let var = centred.clone().square().mean_dim(2);
+    let rstd = var.add_scalar(spec.epsilon).sqrt().recip();
+    let xhat = (centred * rstd.clone()).reshape(shape);
+    let y = affine_silu(xhat, gamma, beta, spec.silu);
+    (cast_to(y, dtype), mean, rstd)
+}
+
+/// `silu(xhat · γ + β)` (or without the SiLU), in f32.
+fn affine_silu<B: Backend>(xhat: Tensor<B, 4>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, silu: bool) -> Tensor<B, 4> {
+    let c = gamma.dims()[0];
+    let f32 = |t: Tensor<B, 1>| cast_to(t, DType::F32).reshape([1, c, 1, 1]);
+    let h = xhat * f32(gamma) + f32(beta);
+    if silu {
+        h.clone() * sigmoid(h)
+    } else {
+        h
+    }
+}
+
+fn autodiff_op<X: Backend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<X, C>, 4>,
+    gamma: Tensor<Autodiff<X, C>, 1>,
+    beta: Tensor<Autodiff<X, C>, 1>,
+    spec: Spec,
+) -> Tensor<Autodiff<X, C>, 4> {
+    let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
+    let t4 = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
+    let t1 = |p: FloatTensor<X>| Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(p));
+    let op = GroupNormBackward { spec };
+    let out = match op.prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (y, mean, rstd) = forward(t4(x.primitive.clone()), t1(gamma.primitive.clone()), t1(beta.primitive.clone()), spec);
+            let stats = (mean.into_primitive().tensor(), rstd.into_primitive().tensor());
+            prep.finish((x.primitive, gamma.primitive, beta.primitive, stats.0, stats.1), y.into_primitive().tensor())
+        }
+        OpsKind::UnTracked(prep) => {
+            let (y, _, _) = forward(t4(x.primitive), t1(gamma.primitive), t1(beta.primitive), spec);
+            prep.finish(y.into_primitive().tensor())
+        }
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of GroupNorm (+ SiLU) from the input and the group statistics alone.
+#[derive(Debug)]
+struct GroupNormBackward {
+    spec: Spec,
+}
+
+impl<X: Backend> Backward<X, 3> for GroupNormBackward {
+    /// Input, γ, β, per-group mean and 1/std.
+    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = grads.consume::<X>(&ops.node);
+        let (x, gamma, beta, mean, rstd) = ops.state;
+        let t4 = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
+        let t3 = |p: FloatTensor<X>| Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(p));
+        let t1 = |p: FloatTensor<X>| Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(p));
+        let (dx, dgamma, dbeta) = group_norm_backward(t4(x), t1(gamma), t1(beta), t3(mean), t3(rstd), t4(grad_out), self.spec);
+        let [px, pg, pb] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<X>(node.id, dx.into_primitive().tensor());
+        }
+        if let Some(node) = pg {
+            grads.register::<X>(node.id, dgamma.into_primitive().tensor());
+        }
+        if let Some(node) = pb {
+            grads.register::<X>(node.id, dbeta.into_primitive().tensor());
+        }
+    }
+}
+
+/// Gradients of `y = silu(x̂ γ + β)` (SiLU optional), `x̂ = (x − μ) / σ` per group:
+/// `dh = dy · s (1 + h (1 − s))` with `s = sigmoid(h)`, `dx̂ = dh γ`,
+/// `dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ x̂)) / σ` over each group, `dγ = Σ dh x̂`, `dβ = Σ dh`.
+fn group_norm_backward<X: Backend>(
+    x: Tensor<X, 4>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    mean: Tensor<X, 3>,
+    rstd: Tensor<X, 3>,
+    grad_out: Tensor<X, 4>,
+    spec: Spec,
+) -> (Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>) {
+    let (x_dtype, gamma_dtype, beta_dtype) = (x.dtype(), gamma.dtype(), beta.dtype());
+    let shape = x.dims();
+    let [b, c, h, w] = shape;
+    let groups = spec.groups;
+    let per_group = (c / groups) * h * w;
+    let xhat = ((cast_to(x, DType::F32).reshape([b, groups, per_group]) - mean) * rstd.clone()).reshape(shape);
+    let g4 = cast_to(gamma, DType::F32).reshape([1, c, 1, 1]);
+    let dy = cast_to(grad_out, DType::F32);
+    let dh = if spec.silu {
+        let hpre = xhat.clone() * g4.clone() + cast_to(beta, DType::F32).reshape([1, c, 1, 1]);
+        let s = sigmoid(hpre.clone());
+        dy * s.clone() * (hpre * (s.neg().add_scalar(1.0))).add_scalar(1.0)
+    } else {
+        dy
+    };
+    let dgamma = (dh.clone() * xhat.clone()).sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+    let dbeta = dh.clone().sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+    let dxhat = (dh * g4).reshape([b, groups, per_group]);
+    let xhat = xhat.reshape([b, groups, per_group]);
+    let m1 = dxhat.clone().mean_dim(2);
+    let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
+    let dx = ((dxhat - m1 - xhat * m2) * rstd).reshape(shape);
+    (cast_to(dx, x_dtype), cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::module::Param;
+    use burn::nn::GroupNormConfig;
+    use burn::tensor::Distribution;
+
+    fn max_rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
+        let scale: f32 = b.clone().abs().max().into_scalar();
+        let diff: f32 = (a - b).abs().max().into_scalar();
+        diff / scale.max(1e-12)
+    }
+
+    /// Output and the gradients of x, γ and β against differentiating burn's GroupNorm.
+    fn check<C: CheckpointStrategy>(silu: bool) {
+        type A<C> = Autodiff<Flex, C>;
+        let device = Default::default();
+        let mut norm = GroupNormConfig::new(4, 8).with_epsilon(1e-5).init::<A<C>>(&device);
+        norm.gamma = Some(Param::from_tensor(Tensor::random([8], Distribution::Normal(1.0, 0.5), &device)));
+        norm.beta = Some(Param::from_tensor(Tensor::random([8], Distribution::Normal(0.0, 0.5), &device)));
+        let x0 = Tensor::<Flex, 4>::random([2, 8, 5, 3], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<Flex, 4>::random([2, 8, 5, 3], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<A<C>, 4>::from_inner(x0.clone()).require_grad();
+        let ours = group_norm(&norm, x.clone(), silu);
+        let grads = (ours.clone() * Tensor::from_inner(w.clone())).sum().backward();
+        let x2 = Tensor::<A<C>, 4>::from_inner(x0).require_grad();
+        let reference = norm.forward(x2.clone());
+        let reference = if silu { burn::tensor::activation::silu(reference) } else { reference };
+        let grads2 = (reference.clone() * Tensor::from_inner(w)).sum().backward();
+        assert!(max_rel(ours.inner(), reference.inner()) < 1e-5);
+        assert!(max_rel(x.grad(&grads).unwrap(), x2.grad(&grads2).unwrap()) < 1e-4);
+        let (g, b) = (norm.gamma.as_ref().unwrap(), norm.beta.as_ref().unwrap());
+        assert!(max_rel(g.grad(&grads).unwrap(), g.grad(&grads2).unwrap()) < 1e-4);
+        assert!(max_rel(b.grad(&grads).unwrap(), b.grad(&grads2).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn custom_backward_matches_burns_group_norm() {
+        check::<NoCheckpointing>(true);
+        check::<NoCheckpointing>(false);
+        check::<BalancedCheckpointing>(true);
+    }
+
+    #[test]
+    fn half_precision_inputs_keep_their_dtype() {
+        use burn::tensor::FloatDType;
+        let device = Default::default();
+        let norm = GroupNormConfig::new(2, 4).init::<Flex>(&device);
+        let x = Tensor::<Flex, 4>::random([1, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
+        let full = group_norm(&norm, x.clone(), true);
+        let half = lora_core::precision::cast_all(norm, FloatDType::BF16);
+        let y = group_norm(&half, x.cast(FloatDType::BF16), true);
+        assert_eq!(y.dtype(), DType::BF16);
+        assert!(max_rel(y.cast(FloatDType::F32), full) < 2e-2);
+    }
+}

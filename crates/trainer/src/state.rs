@@ -1,0 +1,393 @@
+//! Training state on disk, for `--resume`: the exact adapter weights, AdamW moments, step,
+//! data position and random-stream positions of a run.
+//!
+//! A state folder holds `state.json` (counters, stream positions and the settings a resumed
+//! run must share), `adapters.safetensors` (the trainable tensors in f32, burn layout,
+//! keyed `unet.<module path>.down|up` and `text_encoder.<module path>.down|up`) and
+//! `optimizer.safetensors` (AdamW's first and second moments under the same keys with
+//! `.m1` / `.m2`). It is written to a temporary folder that replaces the previous state
+//! only once complete, so an interrupted save never destroys the last good state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::{Param, ParamId};
+use burn::optim::record::AdaptorRecord;
+use burn::optim::{AdamW, AdamWState, AdaptiveMomentumState, GradientsParams};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use lora_core::tensor_io;
+use lora_core::{HostTensor, LoraSiteMut, LoraSites, SaveDtype};
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Version of the state layout; a state from another version is refused.
+pub const STATE_VERSION: u32 = 1;
+
+/// A trainable adapter tensor of a model: its key, parameter id and current value.
+pub enum AdapterParam<B: Backend> {
+    /// A linear adapter matrix (burn layout).
+    Matrix(ParamId, Tensor<B, 2>),
+    /// A conv adapter kernel.
+    Kernel(ParamId, Tensor<B, 4>),
+}
+
+impl<B: Backend> AdapterParam<B> {
+    /// The parameter id (what optimizers and gradients are keyed by).
+    pub fn id(&self) -> ParamId {
+        match self {
+            Self::Matrix(id, _) | Self::Kernel(id, _) => *id,
+        }
+    }
+}
+
+/// The adapters' trainable tensors of `model`, keyed `<prefix>.<module path>.down|up`.
+pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -> Vec<(String, AdapterParam<B>)> {
+    let mut out = Vec::new();
+    model.visit_lora_sites(&mut |path, site| match site {
+        LoraSiteMut::Linear(l) => {
+            if let Some(a) = &l.adapter {
+                out.push((format!("{prefix}.{path}.down"), AdapterParam::Matrix(a.down.weight.id, a.down.weight.val())));
+                out.push((format!("{prefix}.{path}.up"), AdapterParam::Matrix(a.up.weight.id, a.up.weight.val())));
+            }
+        }
+        LoraSiteMut::Conv(c) => {
+            if let Some(a) = &c.adapter {
+                out.push((format!("{prefix}.{path}.down"), AdapterParam::Kernel(a.down.weight.id, a.down.weight.val())));
+                out.push((format!("{prefix}.{path}.up"), AdapterParam::Kernel(a.up.weight.id, a.up.weight.val())));
+            }
+        }
+    });
+    out
+}
+
+fn mismatch(key: &str, reason: String) -> TrainError {
+    TrainError::Config {
+        origin: format!("resume: adapter `{key}`"),
+        reason,
+    }
+}
+
+fn upload<B: Backend, const D: usize>(key: &str, host: &HostTensor, expected: [usize; D], device: &B::Device) -> Result<Tensor<B, D>, TrainError> {
+    if host.shape != expected {
+        return Err(mismatch(key, format!("saved shape {:?}, the model's adapter is {expected:?} (were lora.rank or the targets changed?)", host.shape)));
+    }
+    Ok(host.to_tensor::<B, D>(device)?)
+}
+
+/// Replaces the adapters' trainable tensors of `model` with `saved` (keys as
+/// [`adapter_params`] makes them). Every adapter of the model must be in `saved`.
+pub fn restore_adapter_params<B: Backend>(
+    model: &mut impl LoraSites<B>,
+    prefix: &str,
+    saved: &HashMap<String, HostTensor>,
+    device: &B::Device,
+) -> Result<usize, TrainError> {
+    let (mut restored, mut error) = (0, None);
+    model.visit_lora_sites(&mut |path, site| {
+        if error.is_none() {
+            match restore_site(site, &format!("{prefix}.{path}"), saved, device) {
+                Ok(n) => restored += n,
+                Err(e) => error = Some(e),
+            }
+        }
+    });
+    error.map_or(Ok(restored), Err)
+}
+
+fn saved_tensor<'a>(saved: &'a HashMap<String, HostTensor>, key: &str) -> Result<&'a HostTensor, TrainError> {
+    saved.get(key).ok_or_else(|| mismatch(key, "missing from the saved state (were the targets changed?)".into()))
+}
+
+fn restore_site<B: Backend>(site: LoraSiteMut<'_, B>, key: &str, saved: &HashMap<String, HostTensor>, device: &B::Device) -> Result<usize, TrainError> {
+    let (down, up) = (format!("{key}.down"), format!("{key}.up"));
+    match site {
+        LoraSiteMut::Linear(l) => {
+            let Some(a) = l.adapter.as_mut() else { return Ok(0) };
+            a.down.weight = Param::from_tensor(upload::<B, 2>(&down, saved_tensor(saved, &down)?, a.down.weight.dims(), device)?);
+            a.up.weight = Param::from_tensor(upload::<B, 2>(&up, saved_tensor(saved, &up)?, a.up.weight.dims(), device)?);
+        }
+        LoraSiteMut::Conv(c) => {
+            let Some(a) = c.adapter.as_mut() else { return Ok(0) };
+            a.down.weight = Param::from_tensor(upload::<B, 4>(&down, saved_tensor(saved, &down)?, a.down.weight.dims(), device)?);
+            a.up.weight = Param::from_tensor(upload::<B, 4>(&up, saved_tensor(saved, &up)?, a.up.weight.dims(), device)?);
+        }
+    }
+    Ok(1)
+}
+
+/// The trainable tensors' values on the host, by key.
+pub fn host_params<B: Backend>(params: Vec<(String, AdapterParam<B>)>, out: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
+    for (key, p) in params {
+        let host = match p {
+            AdapterParam::Matrix(_, t) => HostTensor::from_tensor(t)?,
+            AdapterParam::Kernel(_, t) => HostTensor::from_tensor(t)?,
+        };
+        out.insert(key, host);
+    }
+    Ok(())
+}
+
+/// AdamW's per-parameter records, as an optimizer's `to_record()` returns them.
+pub type AdamWRecord<B> = HashMap<ParamId, AdaptorRecord<AdamW, B>>;
+
+/// Copies AdamW's moments and step counts for `params` out of `record`.
+pub fn export_moments<B: AutodiffBackend>(
+    record: &AdamWRecord<B>,
+    params: &[(String, AdapterParam<B>)],
+    moments: &mut HashMap<String, HostTensor>,
+    times: &mut BTreeMap<String, usize>,
+) -> Result<(), TrainError> {
+    for (key, p) in params {
+        let Some(r) = record.get(&p.id()) else { continue };
+        let (time, m1, m2) = match p {
+            AdapterParam::Matrix(..) => {
+                let s = r.clone().into_state::<2>().momentum;
+                (s.time, HostTensor::from_tensor(s.moment_1)?, HostTensor::from_tensor(s.moment_2)?)
+            }
+            AdapterParam::Kernel(..) => {
+                let s = r.clone().into_state::<4>().momentum;
+                (s.time, HostTensor::from_tensor(s.moment_1)?, HostTensor::from_tensor(s.moment_2)?)
+            }
+        };
+        times.insert(key.clone(), time);
+        moments.insert(format!("{key}.m1"), m1);
+        moments.insert(format!("{key}.m2"), m2);
+    }
+    Ok(())
+}
+
+fn momentum<B: Backend, const D: usize>(key: &str, time: usize, shape: [usize; D], moments: &HashMap<String, HostTensor>, device: &B::Device) -> Result<AdamWState<B, D>, TrainError> {
+    let m1 = format!("{key}.m1");
+    let m2 = format!("{key}.m2");
+    Ok(AdamWState {
+        momentum: AdaptiveMomentumState {
+            time,
+            moment_1: upload::<B, D>(&m1, saved_tensor(moments, &m1)?, shape, device)?,
+            moment_2: upload::<B, D>(&m2, saved_tensor(moments, &m2)?, shape, device)?,
+            max_moment_2: None,
+        },
+    })
+}
+
+/// Rebuilds AdamW's records for `params` (the model's current parameter ids) from saved
+/// moments; parameters without a saved step count start fresh.
+pub fn import_moments<B: AutodiffBackend>(
+    params: &[(String, AdapterParam<B>)],
+    moments: &HashMap<String, HostTensor>,
+    times: &BTreeMap<String, usize>,
+    device: &B::Device,
+) -> Result<AdamWRecord<B>, TrainError> {
+    let mut record = HashMap::new();
+    for (key, p) in params {
+        let Some(&time) = times.get(key) else { continue };
+        let r = match p {
+            AdapterParam::Matrix(id, t) => (*id, AdaptorRecord::from_state(momentum::<B::InnerBackend, 2>(key, time, t.dims(), moments, device)?)),
+            AdapterParam::Kernel(id, t) => (*id, AdaptorRecord::from_state(momentum::<B::InnerBackend, 4>(key, time, t.dims(), moments, device)?)),
+        };
+        record.insert(r.0, r.1);
+    }
+    Ok(record)
+}
+
+/// Squared L2 norm of the gradients of `params`, summed on the device (no host sync).
+pub fn grad_sq_norm<B: AutodiffBackend>(grads: &GradientsParams, params: &[(String, AdapterParam<B>)], device: &B::Device) -> Tensor<B::InnerBackend, 1> {
+    let mut total = Tensor::<B::InnerBackend, 1>::zeros([1], device);
+    for (_, p) in params {
+        let sq = match p {
+            AdapterParam::Matrix(id, _) => grads.get::<B::InnerBackend, 2>(*id).map(|g| g.powf_scalar(2.0).sum()),
+            AdapterParam::Kernel(id, _) => grads.get::<B::InnerBackend, 4>(*id).map(|g| g.powf_scalar(2.0).sum()),
+        };
+        if let Some(sq) = sq {
+            total = total + sq;
+        }
+    }
+    total
+}
+
+/// Multiplies the gradients of `params` by `factor`, in place.
+pub fn scale_grads<B: AutodiffBackend>(grads: &mut GradientsParams, params: &[(String, AdapterParam<B>)], factor: f32) {
+    for (_, p) in params {
+        match p {
+            AdapterParam::Matrix(id, _) => {
+                if let Some(g) = grads.remove::<B::InnerBackend, 2>(*id) {
+                    grads.register(*id, g.mul_scalar(factor));
+                }
+            }
+            AdapterParam::Kernel(id, _) => {
+                if let Some(g) = grads.remove::<B::InnerBackend, 4>(*id) {
+                    grads.register(*id, g.mul_scalar(factor));
+                }
+            }
+        }
+    }
+}
+
+/// A ChaCha stream position in JSON-friendly form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngStateJson {
+    /// The 256-bit key in hex.
+    pub seed: String,
+    /// Stream id.
+    pub stream: u64,
+    /// Words consumed (decimal; it does not fit JSON numbers).
+    pub word_pos: String,
+}
+
+impl From<&sd_sched::RngState> for RngStateJson {
+    fn from(s: &sd_sched::RngState) -> Self {
+        Self {
+            seed: s.seed.iter().map(|b| format!("{b:02x}")).collect(),
+            stream: s.stream,
+            word_pos: s.word_pos.to_string(),
+        }
+    }
+}
+
+impl RngStateJson {
+    /// Back to a stream position; `origin` names the file in errors.
+    pub fn to_state(&self, origin: &Path) -> Result<sd_sched::RngState, TrainError> {
+        let bad = || TrainError::Config {
+            origin: origin.display().to_string(),
+            reason: format!("malformed random-stream state {self:?}"),
+        };
+        if self.seed.len() != 64 {
+            return Err(bad());
+        }
+        let mut seed = [0u8; 32];
+        for (i, b) in seed.iter_mut().enumerate() {
+            *b = u8::from_str_radix(self.seed.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+        }
+        Ok(sd_sched::RngState {
+            seed,
+            stream: self.stream,
+            word_pos: self.word_pos.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// The counters and settings of `state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateInfo {
+    /// Layout version ([`STATE_VERSION`]).
+    pub version: u32,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The epoch the next batch comes from.
+    pub epoch: u64,
+    /// Batches of that epoch already used.
+    pub batch_in_epoch: usize,
+    /// Timestep sampler stream.
+    pub timestep_rng: RngStateJson,
+    /// Noise stream.
+    pub noise_rng: RngStateJson,
+    /// f16 loss scale (1 without f16).
+    pub loss_scale: f32,
+    /// Consecutive finite steps since the loss scale last changed.
+    pub good_steps: usize,
+    /// AdamW step count per trainable tensor.
+    pub optimizer_time: BTreeMap<String, usize>,
+    /// The `[lora]` section and other settings a resumed run must keep, as TOML.
+    pub fingerprint: String,
+}
+
+/// A whole training state in host memory.
+pub struct TrainingState {
+    /// Counters and stream positions.
+    pub info: StateInfo,
+    /// Trainable tensors by key.
+    pub adapters: HashMap<String, HostTensor>,
+    /// AdamW moments by key + `.m1` / `.m2`.
+    pub moments: HashMap<String, HostTensor>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_tensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> Result<(), TrainError> {
+    let mut sorted: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, v)| (k.clone(), v)).collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let bytes = tensor_io::serialize(&sorted, SaveDtype::F32, Default::default())?;
+    std::fs::write(path, bytes).map_err(io(path))
+}
+
+fn read_tensors(path: &Path) -> Result<HashMap<String, HostTensor>, TrainError> {
+    let bytes = tensor_io::read_file(path)?;
+    let (st, _) = tensor_io::parse(&bytes, path)?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        out.insert(name.clone(), tensor_io::decode(&view, &name, path)?);
+    }
+    Ok(out)
+}
+
+impl TrainingState {
+    /// Writes the state to `dir`, replacing a previous state there only once the new one
+    /// is complete.
+    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        let tmp = sibling(dir, "tmp");
+        let old = sibling(dir, "old");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        write_tensors(&tmp.join("adapters.safetensors"), &self.adapters)?;
+        write_tensors(&tmp.join("optimizer.safetensors"), &self.moments)?;
+        let json = serde_json::to_string_pretty(&self.info).map_err(|e| TrainError::Config {
+            origin: "state.json".into(),
+            reason: e.to_string(),
+        })?;
+        let info = tmp.join("state.json");
+        std::fs::write(&info, json).map_err(io(&info))?;
+        if dir.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(io(&old))?;
+            }
+            std::fs::rename(dir, &old).map_err(io(dir))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a state folder written by [`TrainingState::save`].
+    pub fn load(dir: &Path) -> Result<Self, TrainError> {
+        let info_path = dir.join("state.json");
+        if !info_path.is_file() {
+            return Err(TrainError::Config {
+                origin: dir.display().to_string(),
+                reason: "not a training state folder (no state.json); pass the `state` folder inside a previous run's output_dir".into(),
+            });
+        }
+        let text = std::fs::read_to_string(&info_path).map_err(io(&info_path))?;
+        let info: StateInfo = serde_json::from_str(&text).map_err(|e| TrainError::Config {
+            origin: info_path.display().to_string(),
+            reason: format!("malformed training state: {e}"),
+        })?;
+        if info.version != STATE_VERSION {
+            return Err(TrainError::Config {
+                origin: info_path.display().to_string(),
+                reason: format!("state version {} is not supported (expected {STATE_VERSION})", info.version),
+            });
+        }
+        Ok(Self {
+            adapters: read_tensors(&dir.join("adapters.safetensors"))?,
+            moments: read_tensors(&dir.join("optimizer.safetensors"))?,
+            info,
+        })
+    }
+}
+
+/// `dir` with `.suffix` appended to its last component.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
+}

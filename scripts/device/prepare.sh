@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Prepares device-bin/ (ignored by git, carried to the GPU machine) for scripts/device/run.sh:
+# the CUDA build of `trainer`, the PyTorch anchor, the diffusers wheels, a build record and,
+# if given, the cache archive of an earlier device call. Run here, from anywhere in the repo.
+#
+#   SKIP_BUILD=1                  reuse $CUDA_TARGET_DIR/release/trainer as it is
+#   CUDA_TARGET_DIR=target/cuda   a target folder of its own, so that the CUDA build does not
+#                                 invalidate the CPU build in target/ (first build: 10+ min on
+#                                 2 cores; later ones are incremental)
+#   ANCHOR_SRC=../shared/bench/torch_anchor.py
+#   CACHE_FROM=PATH/cubecl-cache.tar.gz   an earlier call's $OUT/cubecl-cache.tar.gz
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$REPO"
+CUDA_TARGET_DIR=${CUDA_TARGET_DIR:-target/cuda}
+ANCHOR_SRC=${ANCHOR_SRC:-$REPO/../shared/bench/torch_anchor.py}
+DEST=device-bin
+
+mkdir -p "$DEST/whl"
+rm -rf "$DEST/out"   # local test output of run.sh: it would travel with the folder
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    cargo build --release -p trainer --features cuda --target-dir "$CUDA_TARGET_DIR"
+fi
+install -m 755 "$CUDA_TARGET_DIR/release/trainer" "$DEST/trainer"
+strip "$DEST/trainer" 2>/dev/null || true
+
+if [ -f "$ANCHOR_SRC" ]; then
+    install -m 644 "$ANCHOR_SRC" "$DEST/torch_anchor.py"
+else
+    echo "warning: no anchor at $ANCHOR_SRC; run.sh will skip the PyTorch side" >&2
+fi
+
+# The GPU image has torch, transformers, peft and safetensors but not diffusers (REFERENCE.md).
+if ! ls "$DEST"/whl/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
+    python3 -m pip download -q --no-deps --only-binary=:all: -d "$DEST/whl" diffusers==0.42.1 importlib_metadata
+fi
+
+if [ -n "${CACHE_FROM:-}" ]; then
+    cp "$CACHE_FROM" "$DEST/cubecl-cache.tar.gz"
+fi
+
+{
+    echo "commit $(git rev-parse --short HEAD)$( [ -n "$(git status --porcelain --untracked-files=no)" ] && echo ' + uncommitted changes')"
+    echo "built $(date -u '+%Y-%m-%d %H:%M UTC') with $(rustc --version), features cuda"
+    echo "sha256 $(sha256sum "$DEST/trainer" | cut -c1-16)"
+} >"$DEST/BUILD_INFO"
+
+cat "$DEST/BUILD_INFO"
+du -sh "$DEST"
+# What travels: tracked + untracked-not-ignored files, plus the carried folder (64 MiB in all).
+tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
+carry_bytes=$(du -sb "$DEST" | cut -f1)
+echo "working tree $((tree_bytes / 1048576)) MiB + $DEST $((carry_bytes / 1048576)) MiB (limit 64 MiB)"

@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# One device call: CUDA-vs-CPU correctness checks, then `trainer bench` and the PyTorch anchor
+# at the same settings, then a ratio table (last in the output; also $OUT/summary.md).
+# Run from anywhere inside the repo: `bash scripts/device/run.sh`. Preparation and the exact
+# device call: scripts/device/README.md. Everything is selectable through the variables below.
+#
+#   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC] ..."   device checks, PREC f32|bf16|f16 (default f32;
+#        default cuda: "tiny:64:2 tiny:64:2:bf16 sd15:256:1")
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt] ..." benchmarks, MODE train|infer
+#        (default cuda: "sd15:512:1:train sd15:512:8:train sd15:512:8:train:ckpt sd15:512:1:infer")
+#   PRECISION=bf16     --precision of our bench (the anchor runs bf16)
+#   STEPS=5            measured steps of our bench (after one warm-up step)
+#   ANCHOR_STEPS=10    timed steps of the anchor (after three warm-ups); ANCHOR=none skips it
+#   BUDGET_S=500       wall-clock budget of the whole script: a job that would not fit is
+#                      skipped, a running one is stopped at the budget (keep timeout_s above it)
+#   BIN, ANCHOR, WHEELS, CACHE_IN, PYTHON, OUT, WORK: paths, defaults below
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE="$REPO/scripts/device"
+START=$(date +%s)
+DEVICE=${DEVICE:-cuda}
+PRECISION=${PRECISION:-bf16}
+STEPS=${STEPS:-5}
+ANCHOR_STEPS=${ANCHOR_STEPS:-10}
+BUDGET_S=${BUDGET_S:-500}
+RESERVE_S=${RESERVE_S:-25}     # kept back for the table and the cache archive
+MIN_JOB_S=${MIN_JOB_S:-30}     # a job is not started with less than this left
+BIN=${BIN:-$REPO/device-bin/trainer}
+ANCHOR=${ANCHOR:-$REPO/device-bin/torch_anchor.py}
+WHEELS=${WHEELS:-$REPO/device-bin/whl}
+CACHE_IN=${CACHE_IN:-$REPO/device-bin/cubecl-cache.tar.gz}
+CACHE=${CACHE:-/tmp/sdlora-cache}
+PYTHON=${PYTHON:-python3}      # runs the anchor
+PY=${PY:-python3}              # runs report.py (standard library only)
+OUT=${OUT:-$REPO/device-bin/out}
+WORK=${WORK:-/tmp/sdlora-device-work}
+
+# Jobs run in $WORK: make the caller's relative paths absolute (a bare command name stays).
+abs() { case $1 in /*) echo "$1" ;; */*) echo "$PWD/$1" ;; *) echo "$1" ;; esac; }
+BIN=$(abs "$BIN") ANCHOR=$(abs "$ANCHOR") WHEELS=$(abs "$WHEELS") CACHE_IN=$(abs "$CACHE_IN")
+CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WORK")
+
+if [ "$DEVICE" = cuda ]; then
+    CHECKS=${CHECKS:-"tiny:64:2 tiny:64:2:bf16 sd15:256:1"}
+    PLAN=${PLAN:-"sd15:512:1:train sd15:512:8:train sd15:512:8:train:ckpt sd15:512:1:infer"}
+else
+    CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
+    PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
+fi
+CHECKS=${CHECKS//,/ }
+PLAN=${PLAN//,/ }
+
+mkdir -p "$OUT"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+LOG="$OUT/run.log"
+RESULTS="$OUT/results.jsonl"
+INFO="$OUT/env.txt"
+: >"$LOG"
+: >"$RESULTS"
+
+say() { echo "[$(printf '%4d' $(( $(date +%s) - START )))s] $*" | tee -a "$LOG"; }
+left() { echo $(( BUDGET_S - RESERVE_S - ($(date +%s) - START) )); }
+
+# run_job SOURCE NAME SETTING_JSON COMMAND...: runs COMMAND in $WORK (where cubecl.toml is)
+# under the remaining budget, appends its records to $RESULTS and its output to $LOG.
+run_job() {
+    local source=$1 name=$2 setting=$3
+    shift 3
+    local budget
+    budget=$(left)
+    if [ "$budget" -lt "$MIN_JOB_S" ]; then
+        say "$name: skipped, ${budget}s of the budget left"
+        echo "{\"source\": \"$source\", \"name\": \"$name\", \"rc\": -1, \"error\": \"skipped: budget spent\"}" >>"$RESULTS"
+        return
+    fi
+    say "$name: $* (limit ${budget}s)"
+    local t0 ms rc
+    t0=$(date +%s%N)
+    (cd "$WORK" && timeout -k 10 "$budget" "$@") >"$WORK/$name.out" 2>"$WORK/$name.err"
+    rc=$?
+    ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    { echo "--- $name stdout"; cat "$WORK/$name.out"; echo "--- $name stderr"; cat "$WORK/$name.err"; } >>"$LOG"
+    "$PY" "$HERE/report.py" collect --source "$source" --name "$name" --rc "$rc" \
+        --wall "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))" --cmd "$*" \
+        --stdout "$WORK/$name.out" --stderr "$WORK/$name.err" --setting "$setting" >>"$RESULTS"
+    if [ "$rc" -eq 0 ]; then
+        say "$name: done: $(tail -n 1 "$WORK/$name.out" | cut -c1-300)"
+    else
+        say "$name: FAILED (exit $rc); last lines:"
+        tail -n 8 "$WORK/$name.err" | tee -a "$LOG"
+    fi
+}
+
+# --- environment ----------------------------------------------------------------------------
+if [ "$DEVICE" = cuda ]; then
+    export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
+    export LD_LIBRARY_PATH="$CUDA_PATH/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+# Persistent caches: cubecl's PTX and autotune caches (cubecl.toml below) and the driver's
+# PTX-to-SASS cache; restored from $CACHE_IN, archived to $OUT/cubecl-cache.tar.gz at the end.
+mkdir -p "$CACHE"
+if [ -f "$CACHE_IN" ]; then
+    tar -xzf "$CACHE_IN" -C "$CACHE" && say "restored caches from $CACHE_IN ($(du -sh "$CACHE" | cut -f1))"
+fi
+export CUDA_CACHE_PATH="$CACHE/nv" CUDA_CACHE_MAXSIZE=4294967296
+cat >"$WORK/cubecl.toml" <<EOF
+# Written by scripts/device/run.sh: cubecl reads cubecl.toml from the working directory.
+[autotune]
+cache = { file = "$CACHE/autotune" }
+
+[compilation]
+cache = { file = "$CACHE/ptx" }
+
+[compilation.logger]
+level = "basic"
+file = "$OUT/cubecl-compile.log"
+EOF
+
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "device: $DEVICE"
+    if [ "$DEVICE" = cuda ]; then
+        echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)"
+    else
+        echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
+    fi
+    echo "commit: $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (with uncommitted changes)')"
+    [ -f "$(dirname "$BIN")/BUILD_INFO" ] && sed 's/^/build: /' "$(dirname "$BIN")/BUILD_INFO"
+    echo "plan: CHECKS='$CHECKS' PLAN='$PLAN' PRECISION=$PRECISION STEPS=$STEPS ANCHOR_STEPS=$ANCHOR_STEPS BUDGET_S=$BUDGET_S"
+} >"$INFO" 2>&1
+cat "$INFO" | tee -a "$LOG"
+
+if [ ! -x "$BIN" ]; then
+    say "no trainer binary at $BIN: build it first (scripts/device/README.md)"
+    exit 2
+fi
+
+# --- 1. correctness -------------------------------------------------------------------------
+for c in $CHECKS; do
+    [ "$c" = none ] && continue
+    IFS=: read -r cfg res batch opt1 opt2 <<<"$c"
+    flag=() prec=f32 ckpt=
+    for o in ${opt1:-} ${opt2:-}; do
+        case $o in ckpt) flag=(--grad-checkpointing) ckpt=ckpt ;; *) prec=$o ;; esac
+    done
+    run_job check "check-$cfg-r$res-b$batch${ckpt:+-$ckpt}-$prec" "{}" \
+        "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
+        --device "$DEVICE" --precision "$prec" "${flag[@]}"
+done
+
+# --- 2. the PyTorch anchor, once for every train batch of the plan ---------------------------
+if [ "$DEVICE" = cuda ]; then anchor_unet=sd15 anchor_res=512; else anchor_unet=tiny anchor_res=64; fi
+batches=""
+for p in $PLAN; do
+    IFS=: read -r cfg res batch mode ckpt <<<"$p"
+    if [ "$cfg" = "$anchor_unet" ] && [ "$res" = "$anchor_res" ] && [ "$mode" = train ]; then
+        case ",$batches," in *",$batch,"*) ;; *) batches="${batches:+$batches,}$batch" ;; esac
+    fi
+done
+if [ "$ANCHOR" = none ] || [ -z "$batches" ]; then
+    say "anchor: skipped (ANCHOR=none or no $anchor_unet train setting at $anchor_res)"
+elif [ ! -f "$ANCHOR" ]; then
+    say "anchor: skipped, no script at $ANCHOR (copy ../shared/bench/torch_anchor.py there)"
+else
+    if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+        if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+            "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target /tmp/sdlora-site "$WHEELS"/*.whl >>"$LOG" 2>&1
+            export PYTHONPATH="/tmp/sdlora-site${PYTHONPATH:+:$PYTHONPATH}"
+        else
+            say "anchor: diffusers is missing and there are no wheels in $WHEELS"
+        fi
+    fi
+    tiny=()
+    [ "$DEVICE" = cuda ] || tiny=(--tiny)
+    export PYTHONUNBUFFERED=1
+    run_job torch anchor "{\"unet\": \"$anchor_unet\", \"resolution\": $anchor_res}" \
+        "$PYTHON" "$ANCHOR" "${tiny[@]}" --device "$DEVICE" --batches "$batches" --steps "$ANCHOR_STEPS"
+fi
+
+# --- 3. our benchmark -----------------------------------------------------------------------
+for p in $PLAN; do
+    IFS=: read -r cfg res batch mode ckpt <<<"$p"
+    flag=()
+    is_ckpt=false
+    if [ "${ckpt:-}" = ckpt ]; then flag=(--grad-checkpointing); is_ckpt=true; fi
+    run_job ours "$cfg-r$res-b$batch-$mode${ckpt:+-$ckpt}" \
+        "{\"unet\": \"$cfg\", \"resolution\": $res, \"batch\": $batch, \"mode\": \"$mode\", \"ckpt\": $is_ckpt}" \
+        "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
+        --steps "$STEPS" --device "$DEVICE" --precision "$PRECISION" "${flag[@]}"
+done
+
+# --- 4. caches and the table ----------------------------------------------------------------
+if [ -n "$(ls -A "$CACHE" 2>/dev/null)" ]; then
+    tar -czf "$OUT/cubecl-cache.tar.gz" -C "$CACHE" . 2>>"$LOG"
+    if [ "$(stat -c %s "$OUT/cubecl-cache.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then
+        # Files over 16 MiB do not come back: drop the driver's cache, then give up.
+        tar -czf "$OUT/cubecl-cache.tar.gz" --exclude=./nv -C "$CACHE" . 2>>"$LOG"
+        [ "$(stat -c %s "$OUT/cubecl-cache.tar.gz")" -gt $((15 * 1024 * 1024)) ] && rm -f "$OUT/cubecl-cache.tar.gz"
+    fi
+    [ -f "$OUT/cubecl-cache.tar.gz" ] && say "caches archived: $OUT/cubecl-cache.tar.gz ($(du -h "$OUT/cubecl-cache.tar.gz" | cut -f1))"
+fi
+"$PY" "$HERE/report.py" table "$RESULTS" --info "$INFO" >"$OUT/summary.md" 2>>"$LOG"
+say "total $(( $(date +%s) - START ))s; raw JSON in $RESULTS, log in $LOG"
+echo
+cat "$OUT/summary.md"
