@@ -10,11 +10,8 @@
 //! recurrence, written with tensor ops so it runs on every backend). The forward pass still
 //! uses the inner backend's `attention` op (a fused kernel on CUDA).
 
-use std::any::{Any, TypeId};
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
@@ -25,20 +22,7 @@ use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use lora_core::precision::cast_to;
 
-/// Whether [`scaled_dot_product_attention`] uses its blockwise backward (default on).
-static BLOCKWISE_BACKWARD: AtomicBool = AtomicBool::new(true);
-
-/// Turns the memory-efficient attention backward on or off for the whole process (off =
-/// burn's own differentiation of `attention`), e.g. to compare both in a benchmark. The
-/// gradients are the same either way; only memory and speed differ.
-pub fn set_blockwise_backward(enabled: bool) {
-    BLOCKWISE_BACKWARD.store(enabled, Ordering::Relaxed);
-}
-
-/// Whether the memory-efficient attention backward is on (see [`set_blockwise_backward`]).
-pub fn blockwise_backward() -> bool {
-    BLOCKWISE_BACKWARD.load(Ordering::Relaxed)
-}
+use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff};
 
 /// Elements of one `[batch, heads, block, keys]` score block in the backward pass (f32):
 /// 2^25 is 128 MiB, and about four such tensors are alive at a time.
@@ -96,16 +80,8 @@ pub fn multi_head_attention<B: Backend>(
 /// assert_eq!(q.grad(&grads).unwrap().dims(), [1, 2, 16, 8]);
 /// ```
 pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-    let mut args = (q, k, v);
-    macro_rules! on {
-        ($inner:ty) => {
-            for_autodiff::<B, $inner, NoCheckpointing>(&mut args).or_else(|| for_autodiff::<B, $inner, BalancedCheckpointing>(&mut args))
-        };
-    }
-    let done = on!(burn::backend::Flex);
-    #[cfg(feature = "cuda")]
-    let done = done.or_else(|| on!(burn::backend::Cuda));
-    if let Some(out) = done {
+    let args = (q, k, v);
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B>(&args)) {
         return out;
     }
     let (q, k, v) = args;
@@ -117,17 +93,14 @@ pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>
     attention(q, k, v, None, None, options)
 }
 
-/// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (a static type check: burn's
-/// backends are concrete types, so this is how an extension reaches the autodiff internals
-/// without adding a trait bound to every model type).
-fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &mut (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)) -> Option<Tensor<B, 4>> {
-    if !blockwise_backward() || TypeId::of::<B>() != TypeId::of::<Autodiff<X, C>>() {
+/// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (see [`crate::autodiff_ext`]).
+fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)) -> Option<Tensor<B, 4>> {
+    if !is_autodiff::<B, X, C>() {
         return None;
     }
     let (q, k, v) = args.clone();
-    let to_autodiff = |t: Tensor<B, 4>| (Box::new(t) as Box<dyn Any>).downcast::<Tensor<Autodiff<X, C>, 4>>().ok().map(|b| *b);
-    let out = memory_efficient::<X, C>(to_autodiff(q)?, to_autodiff(k)?, to_autodiff(v)?, BACKWARD_BLOCK_ELEMENTS);
-    (Box::new(out) as Box<dyn Any>).downcast::<Tensor<B, 4>>().ok().map(|b| *b)
+    let out = memory_efficient::<X, C>(downcast(q)?, downcast(k)?, downcast(v)?, BACKWARD_BLOCK_ELEMENTS);
+    downcast(out)
 }
 
 fn plain_options() -> AttentionModuleOptions {
@@ -230,6 +203,7 @@ pub fn attention_backward<X: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     use burn::backend::Flex;
     use burn::tensor::Distribution;
 
@@ -273,10 +247,10 @@ mod tests {
         type B = Autodiff<Flex>;
         let device = Default::default();
         let t = Tensor::<B, 4>::random([1, 1, 4, 2], Distribution::Normal(0.0, 1.0), &device);
-        let mut args = (t.clone(), t.clone(), t.clone());
-        assert!(for_autodiff::<B, Flex, NoCheckpointing>(&mut args).is_some());
-        assert!(for_autodiff::<B, Flex, BalancedCheckpointing>(&mut args).is_none());
-        let mut plain = (t.clone().inner(), t.clone().inner(), t.inner());
-        assert!(for_autodiff::<Flex, Flex, NoCheckpointing>(&mut plain).is_none());
+        let args = (t.clone(), t.clone(), t.clone());
+        assert!(for_autodiff::<B, Flex, NoCheckpointing>(&args).is_some());
+        assert!(for_autodiff::<B, Flex, BalancedCheckpointing>(&args).is_none());
+        let plain = (t.clone().inner(), t.clone().inner(), t.inner());
+        assert!(for_autodiff::<Flex, Flex, NoCheckpointing>(&plain).is_none());
     }
 }

@@ -12,7 +12,10 @@
 //! module path without rebuilding the model.
 #![deny(missing_docs)]
 
+pub mod activation;
 pub mod attention;
+mod autodiff_ext;
+pub use autodiff_ext::{custom_backward, set_custom_backward};
 mod clip;
 pub mod config;
 mod embeddings;

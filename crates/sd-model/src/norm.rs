@@ -10,30 +10,19 @@
 //! model normalises accurately. Other backends use the same forward without the custom
 //! backward.
 
-use std::any::{Any, TypeId};
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::nn::GroupNorm;
+use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use lora_core::precision::cast_to;
 
-/// Whether [`group_norm`] registers its own backward (default on).
-static FUSED_BACKWARD: AtomicBool = AtomicBool::new(true);
-
-/// Turns the GroupNorm (+ SiLU) backward of this module on or off for the whole process
-/// (off = burn differentiates the composed ops and keeps their intermediates), e.g. to
-/// compare both in a benchmark. The results are the same either way.
-pub fn set_fused_backward(enabled: bool) {
-    FUSED_BACKWARD.store(enabled, Ordering::Relaxed);
-}
+use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff};
 
 /// `silu(norm(x))` (or `norm(x)` when `silu` is false) for `[batch, channels, h, w]`.
 ///
@@ -61,16 +50,8 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
         epsilon: norm.epsilon,
         silu,
     };
-    let mut args = (x, gamma.val(), beta.val());
-    macro_rules! on {
-        ($inner:ty) => {
-            for_autodiff::<B, $inner, NoCheckpointing>(&mut args, spec).or_else(|| for_autodiff::<B, $inner, BalancedCheckpointing>(&mut args, spec))
-        };
-    }
-    let done = on!(burn::backend::Flex);
-    #[cfg(feature = "cuda")]
-    let done = done.or_else(|| on!(burn::backend::Cuda));
-    if let Some(out) = done {
+    let args = (x, gamma.val(), beta.val());
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B>(&args, spec)) {
         return out;
     }
     let (x, gamma, beta) = args;
@@ -86,20 +67,14 @@ struct Spec {
 }
 
 /// Runs the op with its own backward when `B` is `Autodiff<X, C>` (see
-/// [`crate::attention::scaled_dot_product_attention`] for why a type check).
-fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(
-    args: &mut (Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>),
-    spec: Spec,
-) -> Option<Tensor<B, 4>> {
-    if !FUSED_BACKWARD.load(Ordering::Relaxed) || TypeId::of::<B>() != TypeId::of::<Autodiff<X, C>>() {
+/// [`crate::autodiff_ext`]).
+fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>), spec: Spec) -> Option<Tensor<B, 4>> {
+    if !is_autodiff::<B, X, C>() {
         return None;
     }
-    fn to<T: 'static, U: 'static>(t: T) -> Option<U> {
-        (Box::new(t) as Box<dyn Any>).downcast::<U>().ok().map(|b| *b)
-    }
     let (x, gamma, beta) = args.clone();
-    let out = autodiff_op::<X, C>(to(x)?, to(gamma)?, to(beta)?, spec);
-    to(out)
+    let out = autodiff_op::<X, C>(downcast(x)?, downcast(gamma)?, downcast(beta)?, spec);
+    downcast(out)
 }
 
 /// Forward in tensor ops: the output and the per-group `(mean, 1/std)` in f32, `[b, g, 1]`.
@@ -220,9 +195,124 @@ fn group_norm_backward<X: Backend>(
     (cast_to(dx, x_dtype), cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
 }
 
+/// LayerNorm over the last dimension of `[batch, tokens, channels]`, with the same kind of
+/// backward as [`group_norm`] (input and per-row statistics kept, statistics in f32).
+/// `epsilon` must be the one `norm` was built with (burn keeps it private).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LayerNormConfig;
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// let device = Default::default();
+/// let norm = LayerNormConfig::new(16).with_epsilon(1e-5).init::<Flex>(&device);
+/// let x = Tensor::<Flex, 3>::random([2, 7, 16], Distribution::Normal(1.0, 2.0), &device);
+/// let ours = sd_model::norm::layer_norm(&norm, x.clone(), 1e-5);
+/// let err: f32 = (ours - norm.forward(x)).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn layer_norm<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 3>, epsilon: f64) -> Tensor<B, 3> {
+    let Some(beta) = &norm.beta else {
+        return norm.forward(x);
+    };
+    let args = (x, norm.gamma.val(), beta.val());
+    if let Some(out) = on_known_autodiff!(layer_norm_for_autodiff::<B>(&args, epsilon)) {
+        return out;
+    }
+    let (x, gamma, beta) = args;
+    if x.dtype() == DType::F32 {
+        // burn's own op (a native kernel on the CPU backend).
+        return norm.forward(x);
+    }
+    layer_norm_forward(x, gamma, beta, epsilon).0
+}
+
+fn layer_norm_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>), epsilon: f64) -> Option<Tensor<B, 3>> {
+    if !is_autodiff::<B, X, C>() {
+        return None;
+    }
+    let (x, gamma, beta) = args.clone();
+    let out = layer_norm_op::<X, C>(downcast(x)?, downcast(gamma)?, downcast(beta)?, epsilon);
+    downcast(out)
+}
+
+/// Forward: the output and the per-row `(mean, 1/std)` in f32, `[b, s, 1]`.
+fn layer_norm_forward<B: Backend>(x: Tensor<B, 3>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f64) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+    let dtype = x.dtype();
+    let x = cast_to(x, DType::F32);
+    let mean = x.clone().mean_dim(2);
+    let centred = x - mean.clone();
+    let rstd = centred.clone().square().mean_dim(2).add_scalar(epsilon).sqrt().recip();
+    let d = gamma.dims()[0];
+    let row = |t: Tensor<B, 1>| cast_to(t, DType::F32).reshape([1, 1, d]);
+    let y = centred * rstd.clone() * row(gamma) + row(beta);
+    (cast_to(y, dtype), mean, rstd)
+}
+
+fn layer_norm_op<X: Backend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<X, C>, 3>,
+    gamma: Tensor<Autodiff<X, C>, 1>,
+    beta: Tensor<Autodiff<X, C>, 1>,
+    epsilon: f64,
+) -> Tensor<Autodiff<X, C>, 3> {
+    let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
+    let t3 = |p: FloatTensor<X>| Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(p));
+    let t1 = |p: FloatTensor<X>| Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(p));
+    let out = match LayerNormBackward.prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (y, mean, rstd) = layer_norm_forward(t3(x.primitive.clone()), t1(gamma.primitive.clone()), t1(beta.primitive.clone()), epsilon);
+            let stats = (mean.into_primitive().tensor(), rstd.into_primitive().tensor());
+            prep.finish((x.primitive, gamma.primitive, beta.primitive, stats.0, stats.1), y.into_primitive().tensor())
+        }
+        OpsKind::UnTracked(prep) => {
+            let (y, _, _) = layer_norm_forward(t3(x.primitive), t1(gamma.primitive), t1(beta.primitive), epsilon);
+            prep.finish(y.into_primitive().tensor())
+        }
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of LayerNorm from the input and the row statistics alone.
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl<X: Backend> Backward<X, 3> for LayerNormBackward {
+    /// Input, γ, β, per-row mean and 1/std.
+    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = grads.consume::<X>(&ops.node);
+        let (x, gamma, _beta, mean, rstd) = ops.state;
+        let t3 = |p: FloatTensor<X>| Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(p));
+        let gamma = Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(gamma));
+        let (x, dy) = (t3(x), t3(grad_out));
+        let dtypes = (x.dtype(), gamma.dtype());
+        let [b, s, d] = x.dims();
+        let xhat = (cast_to(x, DType::F32) - t3(mean)) * t3(rstd.clone());
+        let dy = cast_to(dy, DType::F32);
+        let dgamma = (dy.clone() * xhat.clone()).reshape([b * s, d]).sum_dim(0).reshape([d]);
+        let dbeta = dy.clone().reshape([b * s, d]).sum_dim(0).reshape([d]);
+        let dxhat = dy * cast_to(gamma, DType::F32).reshape([1, 1, d]);
+        let m1 = dxhat.clone().mean_dim(2);
+        let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
+        let dx = (dxhat - m1 - xhat * m2) * t3(rstd);
+        let [px, pg, pb] = ops.parents;
+        if let Some(node) = px {
+            grads.register::<X>(node.id, cast_to(dx, dtypes.0).into_primitive().tensor());
+        }
+        if let Some(node) = pg {
+            grads.register::<X>(node.id, cast_to(dgamma, dtypes.1).into_primitive().tensor());
+        }
+        if let Some(node) = pb {
+            grads.register::<X>(node.id, cast_to(dbeta, dtypes.1).into_primitive().tensor());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     use burn::backend::Flex;
     use burn::module::Param;
     use burn::nn::GroupNormConfig;
@@ -262,6 +352,34 @@ mod tests {
         check::<NoCheckpointing>(true);
         check::<NoCheckpointing>(false);
         check::<BalancedCheckpointing>(true);
+    }
+
+    fn check_layer_norm<C: CheckpointStrategy>() {
+        use burn::nn::LayerNormConfig;
+        type A<C> = Autodiff<Flex, C>;
+        let device = Default::default();
+        let mut norm = LayerNormConfig::new(12).with_epsilon(1e-5).init::<A<C>>(&device);
+        norm.gamma = Param::from_tensor(Tensor::random([12], Distribution::Normal(1.0, 0.5), &device));
+        norm.beta = Some(Param::from_tensor(Tensor::random([12], Distribution::Normal(0.0, 0.5), &device)));
+        let x0 = Tensor::<Flex, 3>::random([2, 9, 12], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<Flex, 3>::random([2, 9, 12], Distribution::Normal(0.0, 1.0), &device);
+        let x = Tensor::<A<C>, 3>::from_inner(x0.clone()).require_grad();
+        let ours = layer_norm(&norm, x.clone(), 1e-5);
+        let grads = (ours.clone() * Tensor::from_inner(w.clone())).sum().backward();
+        let x2 = Tensor::<A<C>, 3>::from_inner(x0).require_grad();
+        let reference = norm.forward(x2.clone());
+        let grads2 = (reference.clone() * Tensor::from_inner(w)).sum().backward();
+        assert!(max_rel(ours.inner(), reference.inner()) < 1e-5);
+        assert!(max_rel(x.grad(&grads).unwrap(), x2.grad(&grads2).unwrap()) < 1e-4);
+        let b = norm.beta.as_ref().unwrap();
+        assert!(max_rel(norm.gamma.grad(&grads).unwrap(), norm.gamma.grad(&grads2).unwrap()) < 1e-4);
+        assert!(max_rel(b.grad(&grads).unwrap(), b.grad(&grads2).unwrap()) < 1e-4);
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_burns() {
+        check_layer_norm::<NoCheckpointing>();
+        check_layer_norm::<BalancedCheckpointing>();
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, LinearConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use lora_core::{LoraConv2d, LoraLinear};
@@ -97,15 +96,12 @@ impl<B: Backend> FeedForward<B> {
 
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.net.0.proj.forward(x);
-        let inner = h.dims()[2] / 2;
-        let mut halves = h.split(inner, 2).into_iter();
-        let (hidden, gate) = match (halves.next(), halves.next()) {
-            (Some(a), Some(b)) => (a, b),
-            _ => unreachable!("proj has an even width by construction"),
-        };
-        self.net.2.forward(self.net.1.forward(hidden * gelu(gate)))
+        self.net.2.forward(self.net.1.forward(crate::activation::geglu(h)))
     }
 }
+
+/// LayerNorm epsilon of the transformer blocks (diffusers' default).
+const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// Self-attention, cross-attention and feed-forward, each pre-LayerNorm with a residual.
 #[derive(Module, Debug)]
@@ -126,7 +122,7 @@ pub struct BasicTransformerBlock<B: Backend> {
 
 impl<B: Backend> BasicTransformerBlock<B> {
     fn new(dim: usize, context_dim: usize, heads: usize, device: &B::Device) -> Self {
-        let ln = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
+        let ln = || LayerNormConfig::new(dim).with_epsilon(LAYER_NORM_EPS).init(device);
         Self {
             norm1: ln(),
             attn1: Attention::new(dim, dim, heads, device),
@@ -138,9 +134,10 @@ impl<B: Backend> BasicTransformerBlock<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
-        let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
+        let norm = |n: &LayerNorm<B>, x: Tensor<B, 3>| crate::norm::layer_norm(n, x, LAYER_NORM_EPS);
+        let x = self.attn1.forward(norm(&self.norm1, x.clone()), None) + x;
+        let x = self.attn2.forward(norm(&self.norm2, x.clone()), Some(context)) + x;
+        self.ff.forward(norm(&self.norm3, x.clone())) + x
     }
 }
 

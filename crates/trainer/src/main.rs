@@ -121,9 +121,9 @@ enum Command {
         /// Precision of the frozen UNet weights: `f32`, `bf16` or `f16` (adapters stay f32).
         #[arg(long, default_value = "f32")]
         precision: String,
-        /// Let burn differentiate attention and GroupNorm + SiLU from their composed ops
-        /// (keeping every intermediate) instead of with sd-model's own backward passes, to
-        /// compare memory and speed.
+        /// Let burn differentiate attention, GroupNorm + SiLU, LayerNorm and GEGLU from their
+        /// composed ops (keeping every intermediate) instead of with sd-model's own backward
+        /// passes, to compare memory and speed.
         #[arg(long)]
         plain_autodiff: bool,
         /// Gradient checkpointing (train mode).
@@ -411,8 +411,7 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         path => sd_model::config::read_unet_config(std::path::Path::new(path))?,
     };
     let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
-    sd_model::attention::set_blockwise_backward(!plain_autodiff);
-    sd_model::norm::set_fused_backward(!plain_autodiff);
+    sd_model::set_custom_backward(!plain_autodiff);
     let train = match mode {
         "train" => true,
         "infer" => false,
@@ -505,6 +504,31 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
     }
 }
 
+/// Makes cubecl keep compiled GPU kernels on disk (it keeps autotune results by default), so
+/// only the first run pays the minutes of kernel compilation. A `cubecl.toml` in the working
+/// directory (or its parents) that sets `[compilation] cache` wins; otherwise the kernels go
+/// to `$SD_LORA_CACHE_DIR`, else `$XDG_CACHE_HOME/sd-lora-rs`, else `~/.cache/sd-lora-rs`.
+#[cfg(feature = "cuda")]
+fn configure_kernel_cache() -> Option<PathBuf> {
+    use burn::cubecl::config::cache::CacheConfig;
+    use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    let chosen = match &config.compilation.cache {
+        Some(existing) => existing.root(),
+        None => {
+            let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+            let dir = env("SD_LORA_CACHE_DIR")
+                .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("sd-lora-rs")))
+                .or_else(|| env("HOME").map(|d| d.join(".cache/sd-lora-rs")))?
+                .join("kernels");
+            config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+            dir
+        }
+    };
+    CubeClRuntimeConfig::set(config);
+    Some(chosen)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
@@ -512,6 +536,13 @@ fn main() -> Result<()> {
     {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             eprintln!("device: CUDA GPU 0");
+            match configure_kernel_cache() {
+                Some(dir) => eprintln!(
+                    "the first steps compile and autotune GPU kernels (minutes on a first run); compiled kernels are kept in {}",
+                    dir.display()
+                ),
+                None => eprintln!("the first steps compile and autotune GPU kernels (minutes; set SD_LORA_CACHE_DIR to keep them)"),
+            }
             return dispatch::<burn::backend::Autodiff<burn::backend::Cuda>>(command, &Default::default());
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
