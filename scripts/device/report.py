@@ -2,7 +2,7 @@
 """Collects the JSON lines of `trainer device-check`, `trainer bench` and the PyTorch anchor
 into one results file, and prints the ratio table (used by scripts/device/run.sh).
 
-  report.py collect --source ours|torch|check --name NAME --rc RC --wall S --cmd CMD \
+  report.py collect --source ours|torch|check|smoke --name NAME --rc RC --wall S --cmd CMD \
       --stdout FILE --stderr FILE [--setting JSON]      # appends records to stdout
   report.py table RESULTS.jsonl [--info FILE]...         # prints the Markdown summary
 
@@ -56,6 +56,13 @@ def collect(a):
     base = {"source": a.source, "name": a.name, "rc": a.rc, "wall_s": a.wall, "cmd": a.cmd}
     if a.setting:
         base["setting"] = json.loads(a.setting)
+    if a.source == "smoke":
+        # A whole `trainer train` run: it passes when it exits cleanly.
+        rec = dict(base, result={"pass": a.rc == 0})
+        if a.rc != 0:
+            rec["error"] = tail(a.stderr) or tail(a.stdout) or f"exit status {a.rc}, no output"
+        print(json.dumps(rec))
+        return
     objs = json_lines(a.stdout)
     if a.source in ("ours", "check"):
         # Our binaries print their result as the last stdout line.
@@ -142,6 +149,14 @@ def table(a):
             )
         out.append("")
 
+    smokes = [r for r in records if r["source"] == "smoke"]
+    if smokes:
+        out += ["Training runs (`trainer train` on the tiny model and the demo data):", ""]
+        out += ["| run | pass | wall s |", "|---|---|---|"]
+        for r in smokes:
+            out.append(f"| {r['name']} | {'yes' if r.get('result', {}).get('pass') else 'no'} | {fmt(r.get('wall_s'))} |")
+        out.append("")
+
     ours = [r for r in records if r["source"] == "ours"]
     if ours:
         out += [
@@ -199,7 +214,7 @@ def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd_name", required=True)
     c = sub.add_parser("collect")
-    c.add_argument("--source", required=True, choices=["ours", "torch", "check"])
+    c.add_argument("--source", required=True, choices=["ours", "torch", "check", "smoke"])
     c.add_argument("--name", required=True)
     c.add_argument("--rc", type=int, required=True)
     c.add_argument("--wall", type=float, default=None)

@@ -7,9 +7,11 @@
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
 #   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC] ..."   device checks, PREC f32|bf16|f16 (default f32;
 #        default cuda: "tiny:64:2 tiny:64:2:bf16 sd15:256:1")
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt] ..." benchmarks, MODE train|infer
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain] ..." benchmarks, MODE train|infer; plain =
+#        --plain-autodiff (burn's own backward passes, for the memory A/B)
 #        (default cuda: "sd15:512:1:train sd15:512:8:train sd15:512:8:train:ckpt sd15:512:1:infer")
-#   PRECISION=bf16     --precision of our bench (the anchor runs bf16)
+#   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
+#   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
 #   ANCHOR_STEPS=10    timed steps of the anchor (after three warm-ups); ANCHOR=none skips it
 #   BUDGET_S=500       wall-clock budget of the whole script: a job that would not fit is
@@ -151,6 +153,14 @@ for c in $CHECKS; do
         --device "$DEVICE" --precision "$prec" "${flag[@]}"
 done
 
+# --- 1b. the whole training loop on the device: tiny model, demo data, the bench precision ----
+if [ "${SMOKE:-1}" = 1 ]; then
+    case $PRECISION in f16) mp=fp16 ;; bf16) mp=bf16 ;; *) mp=no ;; esac
+    run_job smoke "train-tiny-$mp" "{}" \
+        "$BIN" train --set train.max_train_steps=20 --set train.mixed_precision=$mp \
+        --set output.output_dir="$WORK/smoke" --set output.sample_steps=4
+fi
+
 # --- 2. the PyTorch anchor, once for every train batch of the plan ---------------------------
 if [ "$DEVICE" = cuda ]; then anchor_unet=sd15 anchor_res=512; else anchor_unet=tiny anchor_res=64; fi
 batches=""
@@ -183,11 +193,16 @@ fi
 
 # --- 3. our benchmark -----------------------------------------------------------------------
 for p in $PLAN; do
-    IFS=: read -r cfg res batch mode ckpt <<<"$p"
+    IFS=: read -r cfg res batch mode opt1 opt2 <<<"$p"
     flag=()
-    is_ckpt=false
-    if [ "${ckpt:-}" = ckpt ]; then flag=(--grad-checkpointing); is_ckpt=true; fi
-    run_job ours "$cfg-r$res-b$batch-$mode${ckpt:+-$ckpt}" \
+    is_ckpt=false suffix=
+    for o in ${opt1:-} ${opt2:-}; do
+        case $o in
+            ckpt) flag+=(--grad-checkpointing); is_ckpt=true; suffix="$suffix-ckpt" ;;
+            plain) flag+=(--plain-autodiff); suffix="$suffix-plain" ;;
+        esac
+    done
+    run_job ours "$cfg-r$res-b$batch-$mode$suffix" \
         "{\"unet\": \"$cfg\", \"resolution\": $res, \"batch\": $batch, \"mode\": \"$mode\", \"ckpt\": $is_ckpt}" \
         "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
         --steps "$STEPS" --device "$DEVICE" --precision "$PRECISION" "${flag[@]}"

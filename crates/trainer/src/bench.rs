@@ -58,6 +58,8 @@ pub struct BenchResult {
     pub resolution: usize,
     /// Whether gradient checkpointing was on.
     pub grad_checkpointing: bool,
+    /// Whether sd-model's own backward passes were on (`false` with `--plain-autodiff`).
+    pub custom_backward: bool,
 }
 
 /// Peak resident memory of this process (Linux), in GiB.

@@ -445,6 +445,7 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         batch,
         resolution,
         grad_checkpointing,
+        custom_backward: !plain_autodiff,
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())

@@ -197,6 +197,14 @@ pub fn resume<B: AutodiffBackend>(
             ),
         });
     }
+    // Resuming into another output_dir: carry the earlier run's per-step metrics along.
+    let metrics = config.output.output_dir.join("metrics.jsonl");
+    if let Some(earlier) = state_dir.parent().map(|d| d.join("metrics.jsonl")) {
+        if earlier.is_file() && !metrics.exists() {
+            std::fs::create_dir_all(&config.output.output_dir).map_err(io_err(&config.output.output_dir))?;
+            std::fs::copy(&earlier, &metrics).map_err(io_err(&metrics))?;
+        }
+    }
     run::<B>(config, Some(state), device, on_step)
 }
 

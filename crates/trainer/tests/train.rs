@@ -309,6 +309,16 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     let metrics = std::fs::read_to_string(&second.metrics).unwrap();
     assert_eq!(metrics.lines().count(), 20, "metrics.jsonl continues where it stopped");
 
+    // Raising max_train_steps continues the finished run, here into another folder, which
+    // receives the earlier metrics too.
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = resume_config(more_dir.path(), 22);
+    more.output.save_every_n_epochs = 0;
+    let longer = trainer::train::resume::<B>(&more, &state, &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(longer.losses.len(), 22);
+    assert_eq!(bits(&longer.losses[..20]), bits(&straight.losses), "the first 20 losses come from the earlier run");
+    assert_eq!(std::fs::read_to_string(&longer.metrics).unwrap().lines().count(), 22);
+
     // A finished state cannot be resumed without raising max_train_steps, and the [lora]
     // section must match.
     let err = trainer::train::resume::<B>(&config, &state, &Default::default(), &mut |_| true).unwrap_err();
