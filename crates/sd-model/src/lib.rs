@@ -14,7 +14,7 @@
 
 pub mod activation;
 pub mod attention;
-mod autodiff_ext;
+pub mod autodiff_ext;
 pub use autodiff_ext::{custom_backward, set_custom_backward};
 mod clip;
 pub mod config;
