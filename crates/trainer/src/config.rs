@@ -35,6 +35,35 @@ pub struct DataSection {
     pub skip_bad_images: bool,
     /// Random horizontal flips.
     pub flip_aug: bool,
+    /// Crop at a random offset instead of the centre.
+    pub random_crop: bool,
+    /// Caption file extension tried first (`.txt` and `.caption` are tried after it).
+    pub caption_extension: String,
+    /// Shuffle the comma-separated caption tags after the first `keep_tokens`.
+    pub shuffle_caption: bool,
+    /// Leading caption tags kept in place by shuffling and tag dropout.
+    pub keep_tokens: usize,
+    /// Probability of training a sample with an empty caption.
+    pub caption_dropout_rate: f32,
+    /// Probability of dropping each (non-kept) caption tag.
+    pub caption_tag_dropout_rate: f32,
+    /// Aspect-ratio buckets (off: every image is resized and cropped to the square).
+    pub enable_bucket: bool,
+    /// Smallest bucket side.
+    pub min_bucket_reso: u32,
+    /// Largest bucket side (0 = twice `resolution`).
+    pub max_bucket_reso: u32,
+    /// Bucket side step.
+    pub bucket_reso_steps: u32,
+    /// Never upscale an image to fill a bucket.
+    pub bucket_no_upscale: bool,
+    /// Regularization (prior-preservation) images, kohya layout (`""` = none).
+    pub reg_data_dir: String,
+    /// Loss weight of regularization images.
+    pub prior_loss_weight: f32,
+    /// A full sd-data dataset config (JSON, several subsets; see docs/datasets.md) that
+    /// replaces every other `[data]` setting except `demo_images` (`""` = none).
+    pub dataset_config: String,
 }
 
 /// The adapters.
@@ -240,6 +269,20 @@ impl Default for TrainConfig {
                 num_repeats: 1,
                 skip_bad_images: false,
                 flip_aug: false,
+                random_crop: false,
+                caption_extension: ".txt".into(),
+                shuffle_caption: false,
+                keep_tokens: 0,
+                caption_dropout_rate: 0.0,
+                caption_tag_dropout_rate: 0.0,
+                enable_bucket: true,
+                min_bucket_reso: 256,
+                max_bucket_reso: 0,
+                bucket_reso_steps: 64,
+                bucket_no_upscale: false,
+                reg_data_dir: String::new(),
+                prior_loss_weight: 1.0,
+                dataset_config: String::new(),
             },
             lora: LoraSection {
                 rank: 8,

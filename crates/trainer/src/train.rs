@@ -92,6 +92,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
+/// Whether `dir` holds kohya `N_name` folders (or is one), whose names set the repeats.
+fn has_kohya_folders(dir: &Path) -> bool {
+    let kohya = |name: &str| name.split_once('_').is_some_and(|(n, rest)| !rest.is_empty() && n.parse::<u32>().is_ok());
+    let own = dir.file_name().and_then(|n| n.to_str()).is_some_and(kohya);
+    own || std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().any(|e| e.path().is_dir() && e.file_name().to_str().is_some_and(kohya)))
+        .unwrap_or(false)
+}
+
 /// Builds the dataset the configuration asks for.
 pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     let d = &config.data;
@@ -109,15 +118,40 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         };
         return Ok(Dataset::from_memory(&ds, subset, demo::into_memory_images(samples))?);
     }
+    if !d.dataset_config.is_empty() {
+        // The file describes the data completely; batch size and seed follow [train].
+        let mut ds = DatasetConfig::from_json_file(Path::new(&d.dataset_config))?;
+        ds.batch_size = config.train.train_batch_size;
+        ds.seed = config.train.seed;
+        return Ok(Dataset::open(&ds)?);
+    }
     let mut ds = DatasetConfig::single(&d.train_data_dir);
     ds.resolution = Resolution::square(d.resolution);
     ds.batch_size = config.train.train_batch_size;
     ds.seed = config.train.seed;
     ds.skip_bad_images = d.skip_bad_images;
-    ds.max_bucket_reso = ds.max_bucket_reso.max(d.resolution * 2);
-    if let Some(subset) = ds.subsets.first_mut() {
-        subset.num_repeats = Some(d.num_repeats);
-        subset.flip_aug = d.flip_aug;
+    ds.enable_bucket = d.enable_bucket;
+    ds.min_bucket_reso = d.min_bucket_reso;
+    ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { ds.max_bucket_reso.max(d.resolution * 2) };
+    ds.bucket_reso_steps = d.bucket_reso_steps;
+    ds.bucket_no_upscale = d.bucket_no_upscale;
+    ds.prior_loss_weight = d.prior_loss_weight;
+    let subset = |dir: &str, is_reg: bool| SubsetConfig {
+        // A plain folder gets `num_repeats`; kohya `N_name` folders keep their own.
+        num_repeats: (!is_reg && !has_kohya_folders(Path::new(dir))).then_some(d.num_repeats),
+        is_reg,
+        caption_extension: d.caption_extension.clone(),
+        shuffle_caption: d.shuffle_caption,
+        keep_tokens: d.keep_tokens,
+        caption_dropout_rate: d.caption_dropout_rate,
+        caption_tag_dropout_rate: d.caption_tag_dropout_rate,
+        flip_aug: d.flip_aug,
+        random_crop: d.random_crop,
+        ..SubsetConfig::new(dir)
+    };
+    ds.subsets = vec![subset(&d.train_data_dir, false)];
+    if !d.reg_data_dir.is_empty() {
+        ds.subsets.push(subset(&d.reg_data_dir, true));
     }
     Ok(Dataset::open(&ds)?)
 }

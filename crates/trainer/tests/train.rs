@@ -365,3 +365,54 @@ fn gradient_checkpointing_trains_the_same_way() {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "losses {:?} vs {:?}", plain.losses, checkpointed.losses);
     }
 }
+
+/// Writes a 64-pixel PNG with a caption file next to it.
+fn write_image(dir: &std::path::Path, name: &str, caption: &str, shade: u8) {
+    std::fs::create_dir_all(dir).unwrap();
+    let img = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([shade, (x * 4) as u8, (y * 4) as u8]));
+    img.save(dir.join(format!("{name}.png"))).unwrap();
+    std::fs::write(dir.join(format!("{name}.txt")), caption).unwrap();
+}
+
+#[test]
+fn kohya_folders_repeats_regularization_and_caption_options() {
+    let root = tempfile::tempdir().unwrap();
+    let train_dir = root.path().join("train");
+    write_image(&train_dir.join("5_mystyle"), "a", "mystyle, red, circle, field", 10);
+    write_image(&train_dir.join("5_mystyle"), "b", "mystyle, blue, square, sky", 200);
+    write_image(&root.path().join("reg/1_style"), "r", "a picture", 90);
+
+    let mut config = TrainConfig::default();
+    config.data.train_data_dir = train_dir.display().to_string();
+    config.data.reg_data_dir = root.path().join("reg").display().to_string();
+    config.data.prior_loss_weight = 0.5;
+    config.data.resolution = 64;
+    config.data.min_bucket_reso = 32;
+    config.data.max_bucket_reso = 128;
+    config.data.bucket_reso_steps = 16;
+    config.data.shuffle_caption = true;
+    config.data.keep_tokens = 1;
+    config.train.train_batch_size = 1;
+    let dataset = trainer::train::open_dataset(&config).unwrap();
+    let samples: Vec<_> = (0..3).flat_map(|e| dataset.plan_epoch(e)).flat_map(|p| p.samples).collect();
+    let train: Vec<_> = samples.iter().filter(|s| s.loss_weight == 1.0).collect();
+    let reg: Vec<_> = samples.iter().filter(|s| s.loss_weight == 0.5).collect();
+    // The `5_` folder's repeats count (num_repeats only applies to plain folders).
+    assert_eq!(train.len(), 3 * 2 * 5);
+    assert!(!reg.is_empty(), "regularization images are planned with prior_loss_weight");
+    assert!(train.iter().all(|s| s.caption.starts_with("mystyle")), "keep_tokens keeps the trigger first");
+    let orders: std::collections::HashSet<&str> = train.iter().filter(|s| s.caption.contains("red")).map(|s| s.caption.as_str()).collect();
+    assert!(orders.len() > 1, "shuffle_caption varies the tag order: {orders:?}");
+
+    // A plain folder takes num_repeats; a missing reg folder is a typed error naming it.
+    let plain = root.path().join("plain");
+    write_image(&plain, "p", "x", 5);
+    config.data.train_data_dir = plain.display().to_string();
+    config.data.reg_data_dir = String::new();
+    config.data.num_repeats = 3;
+    let per_epoch: usize = trainer::train::open_dataset(&config).unwrap().plan_epoch(0).iter().map(|p| p.samples.len()).sum();
+    assert_eq!(per_epoch, 3);
+    config.data.reg_data_dir = root.path().join("nope").display().to_string();
+    let Err(err) = trainer::train::open_dataset(&config) else { panic!("a missing reg folder must be an error") };
+    assert!(err.to_string().contains("nope"), "{err}");
+}
