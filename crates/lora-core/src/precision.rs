@@ -77,22 +77,10 @@ impl<B: Backend> ModuleMapper<B> for CastAll {
     }
 }
 
-/// The dtype of a float tensor as a [`FloatDType`] (`None` for non-float dtypes).
-pub fn float_dtype(dtype: DType) -> Option<FloatDType> {
-    match dtype {
-        DType::F64 => Some(FloatDType::F64),
-        DType::F32 => Some(FloatDType::F32),
-        DType::Flex32 => Some(FloatDType::Flex32),
-        DType::F16 => Some(FloatDType::F16),
-        DType::BF16 => Some(FloatDType::BF16),
-        _ => None,
-    }
-}
-
-/// `x` in `dtype` (no-op when it already is).
+/// `x` in `dtype` (no-op when it already is, or when `dtype` is not a float type).
 pub fn cast_to<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    match float_dtype(dtype) {
-        Some(f) if x.dtype() != dtype => x.cast(f),
-        _ => x,
+    if x.dtype() == dtype || !dtype.is_float() {
+        return x;
     }
+    x.cast(FloatDType::from(dtype))
 }

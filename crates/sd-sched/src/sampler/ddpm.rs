@@ -82,15 +82,6 @@ impl<B: Backend> Sampler<B> for DdpmSampler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f32 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
-        check_index(self.timesteps.len(), step_index)?;
-        Ok(sample)
-    }
-
     fn step(
         &mut self,
         model_output: Tensor<B, 4>,

@@ -56,12 +56,19 @@ pub trait Sampler<B: Backend>: Send {
         None
     }
 
-    /// Standard deviation of the initial latents: multiply N(0, 1) noise by this.
-    fn init_noise_sigma(&self) -> f32;
+    /// Standard deviation of the initial latents: multiply N(0, 1) noise by this (1 for the
+    /// ᾱ-based samplers, the default).
+    fn init_noise_sigma(&self) -> f32 {
+        1.0
+    }
 
     /// Scales the latents before they are fed to the model at step `step_index`
-    /// (divides by `sqrt(σ² + 1)` for the Euler samplers, identity otherwise).
-    fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>>;
+    /// (divides by `sqrt(σ² + 1)` for the Euler samplers; the default is the identity,
+    /// after checking `step_index` against [`Sampler::timesteps`]).
+    fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
+        check_index(self.timesteps().len(), step_index)?;
+        Ok(sample)
+    }
 
     /// Advances `sample` from step `step_index` to the next, given the model's output
     /// on `scale_model_input(sample)`. Stochastic samplers draw from `noise`.
