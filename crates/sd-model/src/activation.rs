@@ -13,10 +13,10 @@ use burn::backend::Autodiff;
 use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use lora_core::precision::cast_to;
 
-use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff};
+use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
 /// `hidden · gelu(gate)` where `[hidden, gate]` are the two halves of `h`'s last dimension
 /// (diffusers' `GEGLU`, exact erf GELU).
@@ -53,7 +53,7 @@ fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(h: &Tensor<B, 3>)
 fn op<X: Backend, C: CheckpointStrategy>(h: Tensor<Autodiff<X, C>, 3>) -> Tensor<Autodiff<X, C>, 3> {
     let h = h.into_primitive().tensor();
     let forward = |p: FloatTensor<X>| {
-        let (hidden, gate) = halves(Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(p)));
+        let (hidden, gate) = halves(tensor::<X, 3>(p));
         (hidden * gelu(gate)).into_primitive().tensor()
     };
     let out = match GegluBackward.prepare::<C>([h.node.clone()]).compute_bound().stateful() {
@@ -63,7 +63,7 @@ fn op<X: Backend, C: CheckpointStrategy>(h: Tensor<Autodiff<X, C>, 3>) -> Tensor
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(h.primitive)),
     };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    tensor(out)
 }
 
 /// Backward of GEGLU from its input alone: `d hidden = dy · gelu(gate)`,
@@ -78,10 +78,10 @@ impl<X: Backend> Backward<X, 1> for GegluBackward {
         let grad_out = grads.consume::<X>(&ops.node);
         let [parent] = ops.parents;
         let Some(node) = parent else { return };
-        let h = Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(ops.state));
+        let h = tensor::<X, 3>(ops.state);
         let dtype = h.dtype();
         let (hidden, gate) = halves(cast_to(h, DType::F32));
-        let dy = cast_to(Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(grad_out)), DType::F32);
+        let dy = cast_to(tensor::<X, 3>(grad_out), DType::F32);
         let cdf = gate.clone().mul_scalar(std::f32::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
         let pdf = gate.clone().square().mul_scalar(-0.5).exp().mul_scalar(0.398_942_3);
         let d_hidden = dy.clone() * gate.clone() * cdf.clone();

@@ -19,10 +19,10 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use lora_core::precision::cast_to;
 
-use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff};
+use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
 /// Elements of one `[batch, heads, block, keys]` score block in the backward pass (f32):
 /// 2^26 is 256 MiB, and about four such tensors are alive at a time. Larger blocks mean
@@ -120,9 +120,8 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy>(
     block_elements: usize,
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
-    let inner = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
     let forward = |q: FloatTensor<X>, k: FloatTensor<X>, v: FloatTensor<X>| {
-        attention(inner(q), inner(k), inner(v), None, None, plain_options()).into_primitive().tensor()
+        attention(tensor::<X, 4>(q), tensor(k), tensor(v), None, None, plain_options()).into_primitive().tensor()
     };
     let op = BlockwiseAttentionBackward { block_elements };
     let out = match op.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
@@ -132,7 +131,7 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy>(
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive, k.primitive, v.primitive)),
     };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    tensor(out)
 }
 
 /// Backward of `softmax(q kᵀ s) v` that keeps `q`, `k`, `v` and the output only.
@@ -147,8 +146,7 @@ impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = grads.consume::<X>(&ops.node);
         let (q, k, v, out) = ops.state;
-        let inner = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
-        let (dq, dk, dv) = attention_backward(inner(q), inner(k), inner(v), inner(out), inner(grad_out), self.block_elements);
+        let (dq, dk, dv) = attention_backward::<X>(tensor(q), tensor(k), tensor(v), tensor(out), tensor(grad_out), self.block_elements);
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive};
 
 /// Whether the hand-written backward passes are used (default on).
 static CUSTOM_BACKWARD: AtomicBool = AtomicBool::new(true);
@@ -40,6 +42,11 @@ pub(crate) fn is_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>() -> bo
 /// type parameter to the concrete type it already has).
 pub(crate) fn downcast<T: 'static, U: 'static>(value: T) -> Option<U> {
     (Box::new(value) as Box<dyn Any>).downcast::<U>().ok().map(|b| *b)
+}
+
+/// A backend primitive (as backward passes receive them) as a tensor of rank `D`.
+pub(crate) fn tensor<X: Backend, const D: usize>(primitive: FloatTensor<X>) -> Tensor<X, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
 /// Calls `$f::<$b, X, C>($args...)` for every autodiff backend we register backward passes

@@ -1,4 +1,4 @@
-//! GroupNorm with an optional SiLU, as one differentiable op.
+//! GroupNorm with an optional SiLU, and LayerNorm, as one differentiable op.
 //!
 //! burn 0.21's `GroupNorm` is composed of elementwise tensor ops, and autodiff keeps most of
 //! their full-size intermediates (the centred input, the normalised input, the affine result,
@@ -19,10 +19,10 @@ use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use lora_core::precision::cast_to;
 
-use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff};
+use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
 /// `silu(norm(x))` (or `norm(x)` when `silu` is false) for `[batch, channels, h, w]`.
 ///
@@ -111,21 +111,19 @@ fn autodiff_op<X: Backend, C: CheckpointStrategy>(
     spec: Spec,
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
-    let t4 = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
-    let t1 = |p: FloatTensor<X>| Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(p));
     let op = GroupNormBackward { spec };
     let out = match op.prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (y, mean, rstd) = forward(t4(x.primitive.clone()), t1(gamma.primitive.clone()), t1(beta.primitive.clone()), spec);
+            let (y, mean, rstd) = forward::<X>(tensor(x.primitive.clone()), tensor(gamma.primitive.clone()), tensor(beta.primitive.clone()), spec);
             let stats = (mean.into_primitive().tensor(), rstd.into_primitive().tensor());
             prep.finish((x.primitive, gamma.primitive, beta.primitive, stats.0, stats.1), y.into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => {
-            let (y, _, _) = forward(t4(x.primitive), t1(gamma.primitive), t1(beta.primitive), spec);
+            let (y, _, _) = forward::<X>(tensor(x.primitive), tensor(gamma.primitive), tensor(beta.primitive), spec);
             prep.finish(y.into_primitive().tensor())
         }
     };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
+    tensor(out)
 }
 
 /// Backward of GroupNorm (+ SiLU) from the input and the group statistics alone.
@@ -141,10 +139,7 @@ impl<X: Backend> Backward<X, 3> for GroupNormBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = grads.consume::<X>(&ops.node);
         let (x, gamma, beta, mean, rstd) = ops.state;
-        let t4 = |p: FloatTensor<X>| Tensor::<X, 4>::from_primitive(TensorPrimitive::Float(p));
-        let t3 = |p: FloatTensor<X>| Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(p));
-        let t1 = |p: FloatTensor<X>| Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(p));
-        let (dx, dgamma, dbeta) = group_norm_backward(t4(x), t1(gamma), t1(beta), t3(mean), t3(rstd), t4(grad_out), self.spec);
+        let (dx, dgamma, dbeta) = group_norm_backward::<X>(tensor(x), tensor(gamma), tensor(beta), tensor(mean), tensor(rstd), tensor(grad_out), self.spec);
         let [px, pg, pb] = ops.parents;
         if let Some(node) = px {
             grads.register::<X>(node.id, dx.into_primitive().tensor());
@@ -195,8 +190,8 @@ fn group_norm_backward<X: Backend>(
     (cast_to(dx, x_dtype), cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
 }
 
-/// LayerNorm over the last dimension of `[batch, tokens, channels]`, with the same kind of
-/// backward as [`group_norm`] (input and per-row statistics kept, statistics in f32).
+/// LayerNorm over the last dimension of `[batch, tokens, channels]`, with [`group_norm`]'s
+/// backward (input and per-row statistics kept, statistics in f32).
 /// `epsilon` must be the one `norm` was built with (burn keeps it private).
 ///
 /// ```
@@ -215,98 +210,24 @@ pub fn layer_norm<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 3>, epsilon: f64
     let Some(beta) = &norm.beta else {
         return norm.forward(x);
     };
-    let args = (x, norm.gamma.val(), beta.val());
-    if let Some(out) = on_known_autodiff!(layer_norm_for_autodiff::<B>(&args, epsilon)) {
-        return out;
+    // LayerNorm of a row is GroupNorm with one group over `[rows, channels, 1, 1]`: same
+    // statistics, γ and β per channel, so the GroupNorm op (and its backward) serves both.
+    let [b, s, d] = x.dims();
+    let spec = Spec {
+        groups: 1,
+        epsilon,
+        silu: false,
+    };
+    let args = (x.reshape([b * s, d, 1, 1]), norm.gamma.val(), beta.val());
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B>(&args, spec)) {
+        return out.reshape([b, s, d]);
     }
     let (x, gamma, beta) = args;
     if x.dtype() == DType::F32 {
         // burn's own op (a native kernel on the CPU backend).
-        return norm.forward(x);
+        return norm.forward(x.reshape([b, s, d]));
     }
-    layer_norm_forward(x, gamma, beta, epsilon).0
-}
-
-fn layer_norm_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 3>, Tensor<B, 1>, Tensor<B, 1>), epsilon: f64) -> Option<Tensor<B, 3>> {
-    if !is_autodiff::<B, X, C>() {
-        return None;
-    }
-    let (x, gamma, beta) = args.clone();
-    let out = layer_norm_op::<X, C>(downcast(x)?, downcast(gamma)?, downcast(beta)?, epsilon);
-    downcast(out)
-}
-
-/// Forward: the output and the per-row `(mean, 1/std)` in f32, `[b, s, 1]`.
-fn layer_norm_forward<B: Backend>(x: Tensor<B, 3>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, epsilon: f64) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
-    let dtype = x.dtype();
-    let x = cast_to(x, DType::F32);
-    let mean = x.clone().mean_dim(2);
-    let centred = x - mean.clone();
-    let rstd = centred.clone().square().mean_dim(2).add_scalar(epsilon).sqrt().recip();
-    let d = gamma.dims()[0];
-    let row = |t: Tensor<B, 1>| cast_to(t, DType::F32).reshape([1, 1, d]);
-    let y = centred * rstd.clone() * row(gamma) + row(beta);
-    (cast_to(y, dtype), mean, rstd)
-}
-
-fn layer_norm_op<X: Backend, C: CheckpointStrategy>(
-    x: Tensor<Autodiff<X, C>, 3>,
-    gamma: Tensor<Autodiff<X, C>, 1>,
-    beta: Tensor<Autodiff<X, C>, 1>,
-    epsilon: f64,
-) -> Tensor<Autodiff<X, C>, 3> {
-    let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
-    let t3 = |p: FloatTensor<X>| Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(p));
-    let t1 = |p: FloatTensor<X>| Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(p));
-    let out = match LayerNormBackward.prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => {
-            let (y, mean, rstd) = layer_norm_forward(t3(x.primitive.clone()), t1(gamma.primitive.clone()), t1(beta.primitive.clone()), epsilon);
-            let stats = (mean.into_primitive().tensor(), rstd.into_primitive().tensor());
-            prep.finish((x.primitive, gamma.primitive, beta.primitive, stats.0, stats.1), y.into_primitive().tensor())
-        }
-        OpsKind::UnTracked(prep) => {
-            let (y, _, _) = layer_norm_forward(t3(x.primitive), t1(gamma.primitive), t1(beta.primitive), epsilon);
-            prep.finish(y.into_primitive().tensor())
-        }
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(out))
-}
-
-/// Backward of LayerNorm from the input and the row statistics alone.
-#[derive(Debug)]
-struct LayerNormBackward;
-
-impl<X: Backend> Backward<X, 3> for LayerNormBackward {
-    /// Input, γ, β, per-row mean and 1/std.
-    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let grad_out = grads.consume::<X>(&ops.node);
-        let (x, gamma, _beta, mean, rstd) = ops.state;
-        let t3 = |p: FloatTensor<X>| Tensor::<X, 3>::from_primitive(TensorPrimitive::Float(p));
-        let gamma = Tensor::<X, 1>::from_primitive(TensorPrimitive::Float(gamma));
-        let (x, dy) = (t3(x), t3(grad_out));
-        let dtypes = (x.dtype(), gamma.dtype());
-        let [b, s, d] = x.dims();
-        let xhat = (cast_to(x, DType::F32) - t3(mean)) * t3(rstd.clone());
-        let dy = cast_to(dy, DType::F32);
-        let dgamma = (dy.clone() * xhat.clone()).reshape([b * s, d]).sum_dim(0).reshape([d]);
-        let dbeta = dy.clone().reshape([b * s, d]).sum_dim(0).reshape([d]);
-        let dxhat = dy * cast_to(gamma, DType::F32).reshape([1, 1, d]);
-        let m1 = dxhat.clone().mean_dim(2);
-        let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
-        let dx = (dxhat - m1 - xhat * m2) * t3(rstd);
-        let [px, pg, pb] = ops.parents;
-        if let Some(node) = px {
-            grads.register::<X>(node.id, cast_to(dx, dtypes.0).into_primitive().tensor());
-        }
-        if let Some(node) = pg {
-            grads.register::<X>(node.id, cast_to(dgamma, dtypes.1).into_primitive().tensor());
-        }
-        if let Some(node) = pb {
-            grads.register::<X>(node.id, cast_to(dbeta, dtypes.1).into_primitive().tensor());
-        }
-    }
+    forward(x, gamma, beta, spec).0.reshape([b, s, d])
 }
 
 #[cfg(test)]

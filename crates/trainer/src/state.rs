@@ -20,6 +20,7 @@ use lora_core::tensor_io;
 use lora_core::{HostTensor, LoraSiteMut, LoraSites, SaveDtype};
 use serde::{Deserialize, Serialize};
 
+use crate::train::io_err;
 use crate::TrainError;
 
 /// Version of the state layout; a state from another version is refused.
@@ -302,18 +303,11 @@ pub struct TrainingState {
     pub moments: HashMap<String, HostTensor>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn write_tensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> Result<(), TrainError> {
     let mut sorted: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, v)| (k.clone(), v)).collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let bytes = tensor_io::serialize(&sorted, SaveDtype::F32, Default::default())?;
-    std::fs::write(path, bytes).map_err(io(path))
+    std::fs::write(path, bytes).map_err(io_err(path))
 }
 
 fn read_tensors(path: &Path) -> Result<HashMap<String, HostTensor>, TrainError> {
@@ -333,9 +327,9 @@ impl TrainingState {
         let tmp = sibling(dir, "tmp");
         let old = sibling(dir, "old");
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         write_tensors(&tmp.join("adapters.safetensors"), &self.adapters)?;
         write_tensors(&tmp.join("optimizer.safetensors"), &self.moments)?;
         let json = serde_json::to_string_pretty(&self.info).map_err(|e| TrainError::Config {
@@ -343,16 +337,16 @@ impl TrainingState {
             reason: e.to_string(),
         })?;
         let info = tmp.join("state.json");
-        std::fs::write(&info, json).map_err(io(&info))?;
+        std::fs::write(&info, json).map_err(io_err(&info))?;
         if dir.exists() {
             if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(io(&old))?;
+                std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
             }
-            std::fs::rename(dir, &old).map_err(io(dir))?;
+            std::fs::rename(dir, &old).map_err(io_err(dir))?;
         }
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
         if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io(&old))?;
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
         }
         Ok(())
     }
@@ -366,7 +360,7 @@ impl TrainingState {
                 reason: "not a training state folder (no state.json); pass the `state` folder inside a previous run's output_dir".into(),
             });
         }
-        let text = std::fs::read_to_string(&info_path).map_err(io(&info_path))?;
+        let text = std::fs::read_to_string(&info_path).map_err(io_err(&info_path))?;
         let info: StateInfo = serde_json::from_str(&text).map_err(|e| TrainError::Config {
             origin: info_path.display().to_string(),
             reason: format!("malformed training state: {e}"),

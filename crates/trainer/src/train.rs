@@ -85,7 +85,8 @@ pub fn learning_rate(cfg: &crate::config::TrainSection, step: usize) -> f64 {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+/// Maps an I/O error to [`TrainError::Io`] naming `path`.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_path_buf(),
         source,
