@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares device-bin/ (ignored by git, carried to the GPU machine) for scripts/device/run.sh:
-# the CUDA build of `trainer`, the PyTorch anchor, the diffusers wheels, a build record and,
+# the CUDA build of `trainer`, lora-core's CUDA test binary (the cuDNN-vs-burn conv test),
+# the PyTorch anchor, the diffusers wheels, a build record and,
 # if given, the cache archive of an earlier device call. Run here, from anywhere in the repo.
 #
 #   SKIP_BUILD=1                  reuse $CUDA_TARGET_DIR/release/trainer as it is
@@ -25,6 +26,17 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 install -m 755 "$CUDA_TARGET_DIR/release/trainer" "$DEST/trainer"
 strip "$DEST/trainer" 2>/dev/null || true
+# lora-core's unit tests built for CUDA; run.sh runs the #[ignore]d cuDNN one on the device.
+if [ "${SKIP_BUILD:-0}" != 1 ] || [ ! -f "$DEST/lora-core-tests" ]; then
+    tests=$(cargo test --release -p lora-core --features cuda --lib --no-run --target-dir "$CUDA_TARGET_DIR" \
+        --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+    if [ -n "$tests" ]; then
+        install -m 755 "$tests" "$DEST/lora-core-tests"
+        strip "$DEST/lora-core-tests" 2>/dev/null || true
+    else
+        echo "warning: could not build lora-core's CUDA tests; run.sh will skip the conv check" >&2
+    fi
+fi
 
 if [ -f "$ANCHOR_SRC" ]; then
     install -m 644 "$ANCHOR_SRC" "$DEST/torch_anchor.py"
@@ -52,4 +64,9 @@ du -sh "$DEST"
 # What travels: tracked + untracked-not-ignored files, plus the carried folder (64 MiB in all).
 tree_bytes=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1)
 carry_bytes=$(du -sb "$DEST" | cut -f1)
+if [ $(( (tree_bytes + carry_bytes) / 1048576 )) -ge 63 ] && [ -f "$DEST/lora-core-tests" ]; then
+    echo "warning: over the carry limit; dropping $DEST/lora-core-tests (run.sh skips the conv test)" >&2
+    rm -f "$DEST/lora-core-tests"
+    carry_bytes=$(du -sb "$DEST" | cut -f1)
+fi
 echo "working tree $((tree_bytes / 1048576)) MiB + $DEST $((carry_bytes / 1048576)) MiB (limit 64 MiB)"

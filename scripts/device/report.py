@@ -89,6 +89,17 @@ def fmt(v, digits=3):
     return str(v)
 
 
+def cudnn_cell(res):
+    """`calls/fallbacks` of the cuDNN routing, `off` without --cudnn, `–` for old binaries."""
+    c = res.get("cudnn")
+    if not isinstance(c, dict):
+        return "–"
+    if not c.get("enabled"):
+        return "off"
+    cell = f"{c.get('calls', 0)}/{c.get('fallbacks', 0)}"
+    return cell + (" (" + str(c["last_error"])[:60] + ")" if c.get("last_error") else "")
+
+
 def ratio(a, b):
     if a is None or b in (None, 0):
         return None
@@ -136,7 +147,7 @@ def table(a):
     checks = [r for r in records if r["source"] == "check"]
     if checks:
         out += ["Correctness (relative error against the f32 CPU reference: rel_l2 / max_rel):", ""]
-        out += ["| check | output | grad up | grad down | tolerance | pass | device s |", "|---|---|---|---|---|---|---|"]
+        out += ["| check | output | grad up | grad down | tolerance | pass | device s | cuDNN calls/fallbacks |", "|---|---|---|---|---|---|---|---|"]
         for r in checks:
             res = r.get("result")
             if res is None:
@@ -145,13 +156,13 @@ def table(a):
             cell = lambda e: f"{fmt(e['rel_l2'], 2)} / {fmt(e['max_rel'], 2)}" + ("" if e["finite"] else " NaN!")
             out.append(
                 f"| {r['name']} | {cell(res['output'])} | {cell(res['grad_up'])} | {cell(res['grad_down'])} "
-                f"| {fmt(res['tolerance'], 2)} | {fmt(res['pass'])} | {fmt(res['device_s'])} |"
+                f"| {fmt(res['tolerance'], 2)} | {fmt(res['pass'])} | {fmt(res['device_s'])} | {cudnn_cell(res)} |"
             )
         out.append("")
 
     smokes = [r for r in records if r["source"] == "smoke"]
     if smokes:
-        out += ["Training runs (`trainer train` on the tiny model and the demo data):", ""]
+        out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the cuDNN-vs-burn conv test):", ""]
         out += ["| run | pass | wall s |", "|---|---|---|"]
         for r in smokes:
             out.append(f"| {r['name']} | {'yes' if r.get('result', {}).get('pass') else 'no'} | {fmt(r.get('wall_s'))} |")
@@ -165,15 +176,15 @@ def table(a):
             "",
         ]
         out += [
-            "| setting | precision | ours s/step | torch s/step | ours img/s | torch img/s | img/s ratio | ours peak GiB (in use / reserved) | torch peak GiB | mem ratio | ours first step s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| setting | precision | ours s/step | torch s/step | ours img/s | torch img/s | img/s ratio | ours peak GiB (in use / reserved) | torch peak GiB | mem ratio | ours first step s | cuDNN calls/fallbacks |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in ours:
             s = r.get("setting", {})
             res = r.get("result")
             if res is None:
                 first = r.get("error", "").splitlines()[:1]
-                out.append(f"| {r['name']} | | error (rc {r['rc']}): {first[0][:80] if first else ''} | | | | | | | | |")
+                out.append(f"| {r['name']} | | error (rc {r['rc']}): {first[0][:80] if first else ''} | | | | | | | | | |")
                 continue
             t = torch_row(records, s) if s else None
             mem = res.get("peak_mem_gib")
@@ -182,7 +193,7 @@ def table(a):
             out.append(
                 f"| {r['name']} | {res.get('precision')} | {fmt(res.get('s_per_step'))} | {fmt(t and t['s'])} "
                 f"| {fmt(res.get('img_per_s'))} | {fmt(t and t['img_s'])} | {fmt(ratio(res.get('img_per_s'), t and t['img_s']))} "
-                f"| {mem_cell} | {fmt(t and t['mem'])} | {fmt(ratio(mem, t and t['mem']))} | {fmt(res.get('first_step_s'))} |"
+                f"| {mem_cell} | {fmt(t and t['mem'])} | {fmt(ratio(mem, t and t['mem']))} | {fmt(res.get('first_step_s'))} | {cudnn_cell(res)} |"
             )
         out.append("")
         card = env.get("gpu") or env.get("cpu") or "?"

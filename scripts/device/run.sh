@@ -5,11 +5,12 @@
 # device call: scripts/device/README.md. Everything is selectable through the variables below.
 #
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
-#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC] ..."   device checks, PREC f32|bf16|f16 (default f32;
-#        default cuda: "tiny:64:2 tiny:64:2:bf16 sd15:256:1")
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain] ..." benchmarks, MODE train|infer; plain =
-#        --plain-autodiff (burn's own backward passes, for the memory A/B)
-#        (default cuda: "sd15:512:1:train sd15:512:8:train sd15:512:8:train:ckpt sd15:512:1:infer")
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn] ..."   device checks, PREC f32|bf16|f16
+#        (default f32); cudnn = --cudnn (convolutions in cuDNN)
+#        (default cuda: cuDNN first, then burn's kernels; see below)
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn] ..." benchmarks, MODE train|infer;
+#        plain = --plain-autodiff (burn's own backward passes, for the memory A/B);
+#        cudnn = --cudnn (default cuda: the four anchor settings with cuDNN, then two without)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -45,8 +46,10 @@ BIN=$(abs "$BIN") ANCHOR=$(abs "$ANCHOR") WHEELS=$(abs "$WHEELS") CACHE_IN=$(abs
 CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WORK")
 
 if [ "$DEVICE" = cuda ]; then
-    CHECKS=${CHECKS:-"tiny:64:2 tiny:64:2:bf16 sd15:256:1"}
-    PLAN=${PLAN:-"sd15:512:1:train sd15:512:8:train sd15:512:8:train:ckpt sd15:512:1:infer"}
+    # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
+    # (minutes per new shape), so it also fits the budget best.
+    CHECKS=${CHECKS:-"tiny:64:2:cudnn tiny:64:2:bf16:cudnn sd15:256:1:bf16:cudnn tiny:64:2"}
+    PLAN=${PLAN:-"sd15:512:1:train:cudnn sd15:512:8:train:cudnn sd15:512:8:train:ckpt:cudnn sd15:512:1:infer:cudnn sd15:512:1:train sd15:512:8:train"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
@@ -100,6 +103,15 @@ run_job() {
 if [ "$DEVICE" = cuda ]; then
     export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
     export LD_LIBRARY_PATH="$CUDA_PATH/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # cuDNN 9 (for --cudnn): the system's, else the one PyTorch's wheels bring
+    # (site-packages/nvidia/cudnn/lib, next to cuBLAS, which cuDNN loads too).
+    if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn.so.9'; then
+        for site in $("$PYTHON" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+            for lib in "$site"/nvidia/cudnn/lib "$site"/nvidia/cublas/lib; do
+                [ -d "$lib" ] && export LD_LIBRARY_PATH="$lib:$LD_LIBRARY_PATH"
+            done
+        done
+    fi
 fi
 # Persistent caches: cubecl's PTX and autotune caches (cubecl.toml below) and the driver's
 # PTX-to-SASS cache; restored from $CACHE_IN, archived to $OUT/cubecl-cache.tar.gz at the end.
@@ -143,15 +155,26 @@ fi
 # --- 1. correctness -------------------------------------------------------------------------
 for c in $CHECKS; do
     [ "$c" = none ] && continue
-    IFS=: read -r cfg res batch opt1 opt2 <<<"$c"
-    flag=() prec=f32 ckpt=
-    for o in ${opt1:-} ${opt2:-}; do
-        case $o in ckpt) flag=(--grad-checkpointing) ckpt=ckpt ;; *) prec=$o ;; esac
+    IFS=: read -r cfg res batch opts <<<"$c"
+    flag=() prec=f32 suffix=
+    for o in ${opts//:/ }; do
+        case $o in
+            ckpt) flag+=(--grad-checkpointing); suffix="$suffix-ckpt" ;;
+            cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
+            *) prec=$o ;;
+        esac
     done
-    run_job check "check-$cfg-r$res-b$batch${ckpt:+-$ckpt}-$prec" "{}" \
+    run_job check "check-$cfg-r$res-b$batch$suffix-$prec" "{}" \
         "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
         --device "$DEVICE" --precision "$prec" "${flag[@]}"
 done
+
+# --- 1a. cuDNN convolutions against burn's CUDA kernels (forward, dx, dw; f32 and bf16) -------
+TESTS=${TESTS:-$(dirname "$BIN")/lora-core-tests}
+if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
+    run_job smoke "conv-cudnn-vs-burn" "{}" \
+        "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
+fi
 
 # --- 1b. the whole training loop on the device: tiny model, demo data, the bench precision ----
 if [ "${SMOKE:-1}" = 1 ]; then
@@ -165,7 +188,7 @@ fi
 if [ "$DEVICE" = cuda ]; then anchor_unet=sd15 anchor_res=512; else anchor_unet=tiny anchor_res=64; fi
 batches=""
 for p in $PLAN; do
-    IFS=: read -r cfg res batch mode ckpt <<<"$p"
+    IFS=: read -r cfg res batch mode _ <<<"$p"
     if [ "$cfg" = "$anchor_unet" ] && [ "$res" = "$anchor_res" ] && [ "$mode" = train ]; then
         case ",$batches," in *",$batch,"*) ;; *) batches="${batches:+$batches,}$batch" ;; esac
     fi
@@ -193,13 +216,14 @@ fi
 
 # --- 3. our benchmark -----------------------------------------------------------------------
 for p in $PLAN; do
-    IFS=: read -r cfg res batch mode opt1 opt2 <<<"$p"
+    IFS=: read -r cfg res batch mode opts <<<"$p"
     flag=()
     is_ckpt=false suffix=
-    for o in ${opt1:-} ${opt2:-}; do
+    for o in ${opts//:/ }; do
         case $o in
             ckpt) flag+=(--grad-checkpointing); is_ckpt=true; suffix="$suffix-ckpt" ;;
             plain) flag+=(--plain-autodiff); suffix="$suffix-plain" ;;
+            cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
         esac
     done
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \

@@ -316,9 +316,9 @@ impl<B: Backend> LoraConv2d<B> {
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 let delta = adapter.forward(x.clone(), self.multiplier);
-                self.base.forward(x) + delta
+                crate::kernels::conv2d(&self.base, x) + delta
             }
-            _ => self.base.forward(x),
+            _ => crate::kernels::conv2d(&self.base, x),
         }
     }
 }

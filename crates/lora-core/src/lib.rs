@@ -38,6 +38,7 @@ mod config;
 mod conv;
 mod error;
 mod format;
+pub mod kernels;
 mod linear;
 pub mod precision;
 pub mod sites;

@@ -8,24 +8,23 @@
 //! unsafe code). Any other backend takes the op's plain formulation, which burn
 //! differentiates itself.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
 
 /// Whether the hand-written backward passes are used (default on).
 static CUSTOM_BACKWARD: AtomicBool = AtomicBool::new(true);
 
 /// Turns sd-model's hand-written backward passes (blockwise attention, GroupNorm + SiLU,
-/// LayerNorm, GEGLU) on or off for the whole process; off, burn differentiates the ops'
+/// LayerNorm, GEGLU, and lora-core's base convolution, see [`lora_core::kernels`]) on or off for the whole process; off, burn differentiates the ops'
 /// plain formulations and keeps all their intermediates. The gradients are the same either
 /// way (up to rounding); memory and speed differ. For benchmarks and A/B checks.
 pub fn set_custom_backward(enabled: bool) {
     CUSTOM_BACKWARD.store(enabled, Ordering::Relaxed);
+    lora_core::kernels::set_custom_conv_backward(enabled);
 }
 
 /// Whether sd-model's hand-written backward passes are on (see [`set_custom_backward`]).
@@ -38,16 +37,7 @@ pub(crate) fn is_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>() -> bo
     custom_backward() && TypeId::of::<B>() == TypeId::of::<Autodiff<X, C>>()
 }
 
-/// `value` as a `U` when it is one (used after [`is_autodiff`] to change a tensor's backend
-/// type parameter to the concrete type it already has).
-pub(crate) fn downcast<T: 'static, U: 'static>(value: T) -> Option<U> {
-    (Box::new(value) as Box<dyn Any>).downcast::<U>().ok().map(|b| *b)
-}
-
-/// A backend primitive (as backward passes receive them) as a tensor of rank `D`.
-pub(crate) fn tensor<X: Backend, const D: usize>(primitive: FloatTensor<X>) -> Tensor<X, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(primitive))
-}
+pub(crate) use lora_core::kernels::{downcast, tensor};
 
 /// Calls `$f::<$b, X, C>($args...)` for every autodiff backend we register backward passes
 /// on, returning the first `Some`. The arguments are evaluated once per attempt, so pass

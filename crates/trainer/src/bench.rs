@@ -60,6 +60,34 @@ pub struct BenchResult {
     pub grad_checkpointing: bool,
     /// Whether sd-model's own backward passes were on (`false` with `--plain-autodiff`).
     pub custom_backward: bool,
+    /// Whether convolutions were routed to cuDNN, and how many ran there.
+    pub cudnn: CudnnUse,
+}
+
+/// The cuDNN routing of a run ([`lora_core::kernels`]), as reported in JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CudnnUse {
+    /// `--cudnn` / `SD_LORA_CUDNN` was on.
+    pub enabled: bool,
+    /// Convolutions that ran in cuDNN.
+    pub calls: u64,
+    /// Convolutions meant for cuDNN that ran in burn's kernels instead.
+    pub fallbacks: u64,
+    /// Why the last fallback happened.
+    pub last_error: Option<String>,
+}
+
+impl CudnnUse {
+    /// The process's counters so far.
+    pub fn now() -> Self {
+        let stats = lora_core::kernels::vendor_stats();
+        Self {
+            enabled: lora_core::kernels::cudnn_enabled(),
+            calls: stats.cudnn_calls,
+            fallbacks: stats.fallbacks,
+            last_error: stats.last_error,
+        }
+    }
 }
 
 /// Peak resident memory of this process (Linux), in GiB.

@@ -21,6 +21,11 @@ use trainer::TrainConfig;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Run the UNet's and VAE's convolutions in cuDNN on CUDA (needs libcudnn 9 on the
+    /// library path; falls back to burn's kernels per call when missing). Also
+    /// `SD_LORA_CUDNN=1`.
+    #[arg(long, global = true)]
+    cudnn: bool,
 }
 
 #[derive(Subcommand)]
@@ -446,6 +451,7 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         resolution,
         grad_checkpointing,
         custom_backward: !plain_autodiff,
+        cudnn: trainer::bench::CudnnUse::now(),
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
@@ -469,7 +475,10 @@ fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: 
         ("cuda", _) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
         (other, _) => anyhow::bail!("--device {other}: expected cpu or cuda"),
     };
-    println!("{}", serde_json::to_string(&report)?);
+    // The report plus how many convolutions cuDNN ran (with --cudnn), one JSON line.
+    let mut line = serde_json::to_value(&report)?;
+    line["cudnn"] = serde_json::to_value(trainer::bench::CudnnUse::now())?;
+    println!("{line}");
     if !report.pass {
         anyhow::bail!("device check failed: a relative error is over {} (or not finite)", report.tolerance);
     }
@@ -533,10 +542,18 @@ fn configure_kernel_cache() -> Option<PathBuf> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
+    let cudnn = cli.cudnn || std::env::var("SD_LORA_CUDNN").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    lora_core::kernels::set_cudnn(cudnn);
     #[cfg(feature = "cuda")]
     {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             eprintln!("device: CUDA GPU 0");
+            if cudnn {
+                match lora_core::kernels::cudnn_status() {
+                    Ok(version) => eprintln!("convolutions: cuDNN {version}"),
+                    Err(reason) => eprintln!("convolutions: burn's kernels ({reason})"),
+                }
+            }
             match configure_kernel_cache() {
                 Some(dir) => eprintln!(
                     "the first steps compile and autotune GPU kernels (minutes on a first run); compiled kernels are kept in {}",
@@ -547,6 +564,9 @@ fn main() -> Result<()> {
             return dispatch::<burn::backend::Autodiff<burn::backend::Cuda>>(command, &Default::default());
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
+    }
+    if cudnn {
+        eprintln!("--cudnn: no effect on the CPU backend");
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }

@@ -1,0 +1,366 @@
+//! cuDNN convolutions on burn's CUDA tensors (legacy cuDNN API, which cuDNN 9 keeps).
+//!
+//! cubecl 0.10 does not expose the CUDA stream its kernels run on, so a call is ordered by
+//! host synchronisation: wait for the tensor's stream to drain, run cuDNN on our own
+//! stream, wait for it. Each call therefore costs one pipeline drain (tens of
+//! microseconds), which is small next to the convolutions this routes (up to milliseconds
+//! at SD sizes). Workspace and outputs are allocated from cubecl's memory pool, so peak
+//! memory stays in one place.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::DType;
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::cudnn::{result, sys};
+use cudarc::driver::result as driver;
+use cudarc::driver::sys::{CUcontext, CUstream};
+
+use super::cuda::Kind;
+
+/// Largest workspace an algorithm may ask for; faster algorithms needing more are skipped.
+const WORKSPACE_LIMIT: usize = 1 << 30;
+
+/// One device's cuDNN handle, stream and context, and the algorithm chosen per problem.
+struct DeviceState {
+    handle: sys::cudnnHandle_t,
+    stream: CUstream,
+    context: CUcontext,
+    algos: HashMap<ProblemKey, (Algo, usize)>,
+}
+
+// SAFETY: the raw handles are only used while holding `STATE`'s lock, one thread at a time;
+// cuDNN handles and CUDA streams may be used from any thread of the process.
+unsafe impl Send for DeviceState {}
+
+/// Per device index; `Err` remembers why a device cannot use cuDNN.
+static STATE: Mutex<Option<HashMap<usize, Result<DeviceState, String>>>> = Mutex::new(None);
+
+/// A chosen cuDNN algorithm, per kind of convolution.
+#[derive(Debug, Clone, Copy)]
+enum Algo {
+    Forward(sys::cudnnConvolutionFwdAlgo_t),
+    BackwardData(sys::cudnnConvolutionBwdDataAlgo_t),
+    BackwardFilter(sys::cudnnConvolutionBwdFilterAlgo_t),
+}
+
+/// What an algorithm choice depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ProblemKey {
+    kind: Kind,
+    x: [usize; 4],
+    w: [usize; 4],
+    y: [usize; 4],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+    dtype: DType,
+}
+
+/// The cuDNN version, once the library loads and a handle can be created on device 0.
+pub(super) fn status() -> Result<usize, String> {
+    with_device(0, |_| Ok(result::get_version()))
+}
+
+/// Runs `f` with device `index`'s state, creating it on first use.
+fn with_device<T>(index: usize, f: impl FnOnce(&mut DeviceState) -> Result<T, String>) -> Result<T, String> {
+    let mut guard = STATE.lock().map_err(|_| "cuDNN state lock poisoned".to_string())?;
+    let devices = guard.get_or_insert_with(HashMap::new);
+    let state = devices.entry(index).or_insert_with(|| init_device(index));
+    match state {
+        Ok(state) => {
+            // SAFETY: the context is the device's primary context, retained in `init_device`.
+            unsafe { driver::ctx::set_current(state.context) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+            f(state)
+        }
+        Err(reason) => Err(reason.clone()),
+    }
+}
+
+fn init_device(index: usize) -> Result<DeviceState, String> {
+    // SAFETY: probing only tries to open the shared library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("libcudnn (cuDNN 9) not found; add its directory to LD_LIBRARY_PATH".to_string());
+    }
+    // A missing symbol panics inside cudarc's loader; turn that into an error.
+    catch_unwind(|| -> Result<DeviceState, String> {
+        let device = driver::device::get(index as i32).map_err(|e| format!("cuDeviceGet({index}): {e:?}"))?;
+        // SAFETY: `device` is a valid device; the primary context is the one cubecl uses.
+        let context = unsafe { driver::primary_ctx::retain(device) }.map_err(|e| format!("primary context: {e:?}"))?;
+        // SAFETY: as above.
+        unsafe { driver::ctx::set_current(context) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+        let version = result::get_version();
+        if version < 90000 {
+            return Err(format!("cuDNN {version} found; version 9 is required"));
+        }
+        let handle = result::create_handle().map_err(|e| format!("cudnnCreate: {e}"))?;
+        let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+        // SAFETY: both were just created.
+        unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cudnnSetStream: {e}"))?;
+        Ok(DeviceState {
+            handle,
+            stream,
+            context,
+            algos: HashMap::new(),
+        })
+    })
+    .unwrap_or_else(|_| Err("cuDNN library is missing a symbol (cuDNN 9 required)".to_string()))
+}
+
+fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t, String> {
+    match dtype {
+        DType::F32 => Ok(sys::cudnnDataType_t::CUDNN_DATA_FLOAT),
+        DType::F16 => Ok(sys::cudnnDataType_t::CUDNN_DATA_HALF),
+        DType::BF16 => Ok(sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16),
+        other => Err(format!("dtype {other:?} is not routed to cuDNN")),
+    }
+}
+
+fn dims_i32(shape: [usize; 4]) -> Result<[i32; 4], String> {
+    let mut out = [0i32; 4];
+    for (o, s) in out.iter_mut().zip(shape) {
+        *o = i32::try_from(s).map_err(|_| format!("dimension {s} too large for cuDNN"))?;
+    }
+    Ok(out)
+}
+
+/// Tensor, filter and convolution descriptors of one call, destroyed on drop.
+struct Descriptors {
+    x: sys::cudnnTensorDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+}
+
+impl Descriptors {
+    fn new(key: &ProblemKey) -> Result<Self, String> {
+        fn err(what: &'static str) -> impl Fn(result::CudnnError) -> String {
+            move |e| format!("{what}: {e}")
+        }
+        let dt = data_type(key.dtype)?;
+        let mut d = Descriptors {
+            x: std::ptr::null_mut(),
+            y: std::ptr::null_mut(),
+            w: std::ptr::null_mut(),
+            conv: std::ptr::null_mut(),
+        };
+        d.x = result::create_tensor_descriptor().map_err(err("cudnnCreateTensorDescriptor"))?;
+        d.y = result::create_tensor_descriptor().map_err(err("cudnnCreateTensorDescriptor"))?;
+        d.w = result::create_filter_descriptor().map_err(err("cudnnCreateFilterDescriptor"))?;
+        d.conv = result::create_convolution_descriptor().map_err(err("cudnnCreateConvolutionDescriptor"))?;
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let i = |v: usize| v as i32;
+        // SAFETY: the descriptors were just created and are destroyed only in `drop`.
+        unsafe {
+            result::set_tensor4d_descriptor(d.x, nchw, dt, dims_i32(key.x)?).map_err(err("x descriptor"))?;
+            result::set_tensor4d_descriptor(d.y, nchw, dt, dims_i32(key.y)?).map_err(err("y descriptor"))?;
+            result::set_filter4d_descriptor(d.w, dt, nchw, dims_i32(key.w)?).map_err(err("filter descriptor"))?;
+            result::set_convolution2d_descriptor(
+                d.conv,
+                i(key.padding[0]),
+                i(key.padding[1]),
+                i(key.stride[0]),
+                i(key.stride[1]),
+                i(key.dilation[0]),
+                i(key.dilation[1]),
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                // f32 accumulation for every data type (PyTorch does the same for bf16/f16).
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+            .map_err(err("convolution descriptor"))?;
+            result::set_convolution_group_count(d.conv, i(key.groups)).map_err(err("group count"))?;
+            // Tensor cores for half types; f32 may use TF32 on Ampere and newer, as
+            // PyTorch's default and burn's own f32 kernels do.
+            let math = match key.dtype {
+                DType::F32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+                _ => sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH,
+            };
+            result::set_convolution_math_type(d.conv, math).map_err(err("math type"))?;
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        // SAFETY: each non-null descriptor was created in `new` and is destroyed once.
+        unsafe {
+            if !self.x.is_null() {
+                let _ = result::destroy_tensor_descriptor(self.x);
+            }
+            if !self.y.is_null() {
+                let _ = result::destroy_tensor_descriptor(self.y);
+            }
+            if !self.w.is_null() {
+                let _ = result::destroy_filter_descriptor(self.w);
+            }
+            if !self.conv.is_null() {
+                let _ = result::destroy_convolution_descriptor(self.conv);
+            }
+        }
+    }
+}
+
+/// The fastest algorithm (cuDNN's heuristic ranking, as PyTorch's default) whose workspace
+/// fits [`WORKSPACE_LIMIT`], and its workspace size.
+fn choose_algorithm(handle: sys::cudnnHandle_t, kind: Kind, d: &Descriptors) -> Result<(Algo, usize), String> {
+    macro_rules! pick {
+        ($variant:ident, $get:ident, $size:ident, $perf:ty, $count:expr, $($desc:expr),+) => {{
+            // SAFETY: all-zero is a valid value of these plain C structs (enum variant 0).
+            let mut perf: Vec<$perf> = vec![unsafe { std::mem::zeroed() }; $count];
+            let mut returned = 0i32;
+            // SAFETY: the handle and descriptors are live; `perf` has room for `$count`.
+            unsafe { result::$get(handle, $($desc),+, $count as i32, &mut returned, perf.as_mut_ptr()) }
+                .map_err(|e| format!(concat!(stringify!($get), ": {}"), e))?;
+            perf.truncate(returned.max(0) as usize);
+            let mut chosen = None;
+            for p in perf {
+                if p.status != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS || p.memory > WORKSPACE_LIMIT {
+                    continue;
+                }
+                // SAFETY: as above; the size query is exact where the ranking's is an estimate.
+                let size = unsafe { result::$size(handle, $($desc),+, p.algo) }.map_err(|e| format!(concat!(stringify!($size), ": {}"), e))?;
+                if size <= WORKSPACE_LIMIT {
+                    chosen = Some((Algo::$variant(p.algo), size));
+                    break;
+                }
+            }
+            chosen.ok_or_else(|| "cuDNN has no algorithm for this convolution".to_string())
+        }};
+    }
+    match kind {
+        Kind::Forward => pick!(
+            Forward,
+            get_convolution_forward_algorithm,
+            get_convolution_forward_workspace_size,
+            sys::cudnnConvolutionFwdAlgoPerf_t,
+            sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize,
+            d.x,
+            d.w,
+            d.conv,
+            d.y
+        ),
+        Kind::BackwardData => pick!(
+            BackwardData,
+            get_convolution_backward_data_algorithm,
+            get_convolution_backward_data_workspace_size,
+            sys::cudnnConvolutionBwdDataAlgoPerf_t,
+            sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize,
+            d.w,
+            d.y,
+            d.conv,
+            d.x
+        ),
+        Kind::BackwardFilter => pick!(
+            BackwardFilter,
+            get_convolution_backward_filter_algorithm,
+            get_convolution_backward_filter_workspace_size,
+            sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+            sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as usize,
+            d.x,
+            d.y,
+            d.conv,
+            d.w
+        ),
+    }
+}
+
+/// Runs one convolution of `kind` in cuDNN and returns its output, of `out_shape`.
+///
+/// Inputs: forward `(x, w)`; input gradient `(w, dy)`; weight gradient `(x, w, dy)` (the
+/// weight only gives the shape). `x_shape` is the layer input's shape.
+pub(super) fn run(
+    kind: Kind,
+    inputs: &[CubeTensor<CudaRuntime>],
+    x_shape: [usize; 4],
+    out_shape: [usize; 4],
+    options: &ConvOptions<2>,
+) -> Result<CubeTensor<CudaRuntime>, String> {
+    let dtype = inputs[0].dtype;
+    if inputs.iter().any(|t| t.dtype != dtype) {
+        return Err("mixed input dtypes".to_string());
+    }
+    data_type(dtype)?;
+    let dims = |t: &CubeTensor<CudaRuntime>| t.meta.shape().dims::<4>();
+    let (w_shape, y_shape) = match kind {
+        Kind::Forward => (dims(&inputs[1]), out_shape),
+        Kind::BackwardData => (dims(&inputs[0]), dims(&inputs[1])),
+        Kind::BackwardFilter => (dims(&inputs[1]), dims(&inputs[2])),
+    };
+    let key = ProblemKey {
+        kind,
+        x: x_shape,
+        w: w_shape,
+        y: y_shape,
+        stride: options.stride,
+        padding: options.padding,
+        dilation: options.dilation,
+        groups: options.groups,
+        dtype,
+    };
+    let inputs: Vec<CubeTensor<CudaRuntime>> = inputs
+        .iter()
+        .map(|t| if t.is_contiguous() { t.clone() } else { into_contiguous(t.clone()) })
+        .collect();
+    let client = inputs[0].client.clone();
+    let device = inputs[0].device.clone();
+    let elem = dtype.size();
+    let out_handle = client.empty(out_shape.iter().product::<usize>() * elem);
+
+    with_device(device.index, |state| {
+        let descriptors = Descriptors::new(&key)?;
+        let (algo, workspace) = match state.algos.get(&key) {
+            Some(found) => *found,
+            None => {
+                let chosen = choose_algorithm(state.handle, kind, &descriptors)?;
+                state.algos.insert(key.clone(), chosen);
+                chosen
+            }
+        };
+        let workspace_handle = (workspace > 0).then(|| client.empty(workspace));
+        let resource = |h: &burn_cubecl::cubecl::server::Handle| {
+            client.get_resource(h.clone()).map_err(|e| format!("cubecl resource: {e:?}"))
+        };
+        let input_res = inputs.iter().map(|t| resource(&t.handle)).collect::<Result<Vec<_>, _>>()?;
+        let out_res = resource(&out_handle)?;
+        let ws_res = workspace_handle.as_ref().map(resource).transpose()?;
+        // Everything queued before (the inputs' producers, the allocations) must finish
+        // before cuDNN reads the buffers on another stream.
+        burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
+
+        let ptr = |i: usize| input_res[i].resource().ptr as *const c_void;
+        let out = out_res.resource().ptr as *mut c_void;
+        let ws = ws_res.as_ref().map_or(std::ptr::null_mut(), |r| r.resource().ptr as *mut c_void);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (alpha, beta) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
+        let d = &descriptors;
+        let h = state.handle;
+        let call = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: the pointers address live cubecl buffers of the described shapes
+            // (contiguous NCHW), kept alive by the resource guards until after the
+            // stream synchronisation below; the algorithm and workspace come from cuDNN.
+            unsafe {
+                match algo {
+                    Algo::Forward(algo) => result::convolution_forward(h, alpha, d.x, ptr(0), d.w, ptr(1), d.conv, algo, ws, workspace, beta, d.y, out),
+                    Algo::BackwardData(algo) => result::convolution_backward_data(h, alpha, d.w, ptr(0), d.y, ptr(1), d.conv, algo, ws, workspace, beta, d.x, out),
+                    Algo::BackwardFilter(algo) => {
+                        result::convolution_backward_filter(h, alpha, d.x, ptr(0), d.y, ptr(2), d.conv, algo, ws, workspace, beta, d.w, out)
+                    }
+                }
+            }
+        }))
+        .map_err(|_| "cuDNN call panicked (missing symbol?)".to_string())?;
+        call.map_err(|e| format!("cuDNN {kind:?} convolution: {e}"))?;
+        // SAFETY: the stream was created in `init_device` and is never destroyed.
+        unsafe { driver::stream::synchronize(state.stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
+        drop((input_res, out_res, ws_res, workspace_handle));
+        Ok(())
+    })?;
+    Ok(CubeTensor::new_contiguous(client, device, out_shape.into(), out_handle, dtype))
+}
