@@ -8,7 +8,9 @@
 //!   adapter that can be attached, detached, merged and unmerged in place;
 //! - [`AdapterSet`]: adapters keyed by component and module path, read from and written to
 //!   the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout
-//!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]).
+//!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]);
+//! - [`kernels`]: where the frozen base convolutions run (a backward pass that keeps no
+//!   input for a frozen weight; cuDNN on CUDA with the `cuda` feature).
 //!
 //! The update of an adapter of rank `r` on a weight `W` is
 //! `ΔW = multiplier · scale · up · down`, with `scale = alpha / r` (or `alpha / sqrt(r)`
