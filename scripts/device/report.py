@@ -90,14 +90,15 @@ def fmt(v, digits=3):
 
 
 def cudnn_cell(res):
-    """`calls/fallbacks` of the cuDNN routing, `off` without --cudnn, `–` for old binaries."""
-    c = res.get("cudnn")
-    if not isinstance(c, dict):
+    """What ran in vendor libraries: `dnn calls/blas calls/fallbacks`, `off` without --cudnn or
+    --cublas, `–` for binaries that do not report it."""
+    v = res.get("vendor")
+    if not isinstance(v, dict):
         return "–"
-    if not c.get("enabled"):
+    if not (v.get("cudnn") or v.get("cublas")):
         return "off"
-    cell = f"{c.get('calls', 0)}/{c.get('fallbacks', 0)}"
-    return cell + (" (" + str(c["last_error"])[:60] + ")" if c.get("last_error") else "")
+    cell = f"{v.get('cudnn_calls', 0)}/{v.get('cublas_calls', 0)}/{v.get('fallbacks', 0)}"
+    return cell + (" (" + str(v["last_error"])[:60] + ")" if v.get("last_error") else "")
 
 
 def ratio(a, b):
@@ -147,7 +148,7 @@ def table(a):
     checks = [r for r in records if r["source"] == "check"]
     if checks:
         out += ["Correctness (relative error against the f32 CPU reference: rel_l2 / max_rel):", ""]
-        out += ["| check | output | grad up | grad down | tolerance | pass | device s | cuDNN calls/fallbacks |", "|---|---|---|---|---|---|---|---|"]
+        out += ["| check | output | grad up | grad down | tolerance | pass | device s | cuDNN/cuBLAS calls/fallbacks |", "|---|---|---|---|---|---|---|---|"]
         for r in checks:
             res = r.get("result")
             if res is None:
@@ -176,7 +177,7 @@ def table(a):
             "",
         ]
         out += [
-            "| setting | precision | ours s/step | torch s/step | ours img/s | torch img/s | img/s ratio | ours peak GiB (in use / reserved) | torch peak GiB | mem ratio | ours first step s | cuDNN calls/fallbacks |",
+            "| setting | precision | ours s/step | torch s/step | ours img/s | torch img/s | img/s ratio | ours peak GiB (in use / reserved) | torch peak GiB | mem ratio | ours first step s | cuDNN/cuBLAS calls/fallbacks |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in ours:

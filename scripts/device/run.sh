@@ -5,12 +5,14 @@
 # device call: scripts/device/README.md. Everything is selectable through the variables below.
 #
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
-#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn] ..."   device checks, PREC f32|bf16|f16
-#        (default f32); cudnn = --cudnn (convolutions in cuDNN)
-#        (default cuda: cuDNN first, then burn's kernels; see below)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn] ..." benchmarks, MODE train|infer;
-#        plain = --plain-autodiff (burn's own backward passes, for the memory A/B);
-#        cudnn = --cudnn (default cuda: the four anchor settings with cuDNN, then two without)
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas] ..."   device checks, PREC
+#        f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
+#        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0)
+#        (default cuda: vendor libraries first, then burn's kernels; see below)
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas] ..." benchmarks, MODE
+#        train|infer; plain = --plain-autodiff (burn's own backward passes, for the memory
+#        A/B); cudnn / cublas as above, with the default matmul threshold (default cuda: the
+#        four anchor settings with both, then batch 8 with cuDNN only and with neither)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -48,8 +50,8 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"tiny:64:2:cudnn tiny:64:2:bf16:cudnn sd15:256:1:bf16:cudnn tiny:64:2"}
-    PLAN=${PLAN:-"sd15:512:1:train:cudnn sd15:512:8:train:cudnn sd15:512:8:train:ckpt:cudnn sd15:512:1:infer:cudnn sd15:512:1:train sd15:512:8:train"}
+    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas tiny:64:2:bf16:cudnn:cublas sd15:256:1:bf16:cudnn:cublas tiny:64:2"}
+    PLAN=${PLAN:-"sd15:512:1:train:cudnn:cublas sd15:512:8:train:cudnn:cublas sd15:512:8:train:ckpt:cudnn:cublas sd15:512:1:infer:cudnn:cublas sd15:512:8:train:cudnn sd15:512:8:train"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
@@ -161,19 +163,23 @@ for c in $CHECKS; do
         case $o in
             ckpt) flag+=(--grad-checkpointing); suffix="$suffix-ckpt" ;;
             cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
+            cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
             *) prec=$o ;;
         esac
     done
+    # A check routes every matmul (the default threshold skips the small ones).
     run_job check "check-$cfg-r$res-b$batch$suffix-$prec" "{}" \
-        "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
+        env SD_LORA_CUBLAS_MIN_GFLOP=0 "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
         --device "$DEVICE" --precision "$prec" "${flag[@]}"
 done
 
-# --- 1a. cuDNN convolutions against burn's CUDA kernels (forward, dx, dw; f32 and bf16) -------
+# --- 1a. cuDNN convolutions and cuBLAS matmuls against burn's CUDA kernels (f32 and bf16) ----
 TESTS=${TESTS:-$(dirname "$BIN")/lora-core-tests}
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
     run_job smoke "conv-cudnn-vs-burn" "{}" \
         "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
+    run_job smoke "matmul-cublas-vs-burn" "{}" \
+        "$TESTS" --ignored --exact kernels::tests::cublas_matches_burn_kernels_on_cuda --nocapture
 fi
 
 # --- 1b. the whole training loop on the device: tiny model, demo data, the bench precision ----
@@ -224,6 +230,7 @@ for p in $PLAN; do
             ckpt) flag+=(--grad-checkpointing); is_ckpt=true; suffix="$suffix-ckpt" ;;
             plain) flag+=(--plain-autodiff); suffix="$suffix-plain" ;;
             cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
+            cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
         esac
     done
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \

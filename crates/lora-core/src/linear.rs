@@ -318,9 +318,9 @@ impl<B: Backend> LoraLinear<B> {
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 let delta = adapter.forward(x.clone(), self.multiplier);
-                self.base.forward(x) + delta
+                crate::kernels::linear(&self.base, x) + delta
             }
-            _ => self.base.forward(x),
+            _ => crate::kernels::linear(&self.base, x),
         }
     }
 }

@@ -20,6 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor};
+use lora_core::kernels::matmul;
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -161,7 +162,8 @@ impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
 ///
 /// Per block `i`: `P = softmax(qᵢ kᵀ s)`, `dV += Pᵀ doᵢ`, `dP = doᵢ vᵀ`,
 /// `dS = P ∘ (dP − rowsum(doᵢ ∘ oᵢ))`, `dqᵢ = dS k s`, `dK += dSᵀ qᵢ s`. The math runs in
-/// f32 and the gradients are returned in the inputs' dtype.
+/// f32 and the gradients are returned in the inputs' dtype. The matmuls go through
+/// [`lora_core::kernels::matmul`] (cuBLAS on CUDA when turned on).
 pub fn attention_backward<X: Backend>(
     q: Tensor<X, 4>,
     k: Tensor<X, 4>,
@@ -187,13 +189,13 @@ pub fn attention_backward<X: Backend>(
         let qi = q.clone().narrow(2, start, len);
         let doi = grad_out.clone().narrow(2, start, len);
         let oi = out.clone().narrow(2, start, len);
-        let p = softmax(qi.clone().matmul(kt.clone()).mul_scalar(scale), 3);
-        dv = dv + p.clone().swap_dims(2, 3).matmul(doi.clone());
-        let dp = doi.clone().matmul(vt.clone());
+        let p = softmax(matmul(qi.clone(), kt.clone()).mul_scalar(scale), 3);
+        dv = dv + matmul(p.clone().swap_dims(2, 3), doi.clone());
+        let dp = matmul(doi.clone(), vt.clone());
         let row = (doi * oi).sum_dim(3);
         let ds = p * (dp - row);
-        dq_blocks.push(ds.clone().matmul(k.clone()).mul_scalar(scale));
-        dk = dk + ds.swap_dims(2, 3).matmul(qi).mul_scalar(scale);
+        dq_blocks.push(matmul(ds.clone(), k.clone()).mul_scalar(scale));
+        dk = dk + matmul(ds.swap_dims(2, 3), qi).mul_scalar(scale);
     }
     let dq = Tensor::cat(dq_blocks, 2);
     (cast_to(dq, dtypes.0), cast_to(dk, dtypes.1), cast_to(dv, dtypes.2))

@@ -60,30 +60,36 @@ pub struct BenchResult {
     pub grad_checkpointing: bool,
     /// Whether sd-model's own backward passes were on (`false` with `--plain-autodiff`).
     pub custom_backward: bool,
-    /// Whether convolutions were routed to cuDNN, and how many ran there.
-    pub cudnn: CudnnUse,
+    /// What ran in cuDNN / cuBLAS.
+    pub vendor: VendorUse,
 }
 
-/// The cuDNN routing of a run ([`lora_core::kernels`]), as reported in JSON.
+/// The vendor-library routing of a run ([`lora_core::kernels`]), as reported in JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CudnnUse {
+pub struct VendorUse {
     /// `--cudnn` / `SD_LORA_CUDNN` was on.
-    pub enabled: bool,
+    pub cudnn: bool,
+    /// `--cublas` / `SD_LORA_CUBLAS` was on.
+    pub cublas: bool,
     /// Convolutions that ran in cuDNN.
-    pub calls: u64,
-    /// Convolutions meant for cuDNN that ran in burn's kernels instead.
+    pub cudnn_calls: u64,
+    /// Matmuls that ran in cuBLAS.
+    pub cublas_calls: u64,
+    /// Calls meant for cuDNN / cuBLAS that ran in burn's kernels instead.
     pub fallbacks: u64,
     /// Why the last fallback happened.
     pub last_error: Option<String>,
 }
 
-impl CudnnUse {
+impl VendorUse {
     /// The process's counters so far.
     pub fn now() -> Self {
         let stats = lora_core::kernels::vendor_stats();
         Self {
-            enabled: lora_core::kernels::cudnn_enabled(),
-            calls: stats.cudnn_calls,
+            cudnn: lora_core::kernels::cudnn_enabled(),
+            cublas: lora_core::kernels::cublas_enabled(),
+            cudnn_calls: stats.cudnn_calls,
+            cublas_calls: stats.cublas_calls,
             fallbacks: stats.fallbacks,
             last_error: stats.last_error,
         }

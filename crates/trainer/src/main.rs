@@ -26,6 +26,16 @@ struct Cli {
     /// `SD_LORA_CUDNN=1`.
     #[arg(long, global = true)]
     cudnn: bool,
+    /// Run the large matmuls on CUDA (linear layers, attention backward) in cuBLAS instead
+    /// of burn's kernels; falls back per call. Also `SD_LORA_CUBLAS=1`; the smallest routed
+    /// matmul is `SD_LORA_CUBLAS_MIN_GFLOP` (default 4).
+    #[arg(long, global = true)]
+    cublas: bool,
+}
+
+/// Whether environment variable `name` is set to `1` or `true`.
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
 }
 
 #[derive(Subcommand)]
@@ -451,7 +461,7 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         resolution,
         grad_checkpointing,
         custom_backward: !plain_autodiff,
-        cudnn: trainer::bench::CudnnUse::now(),
+        vendor: trainer::bench::VendorUse::now(),
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
@@ -475,9 +485,9 @@ fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: 
         ("cuda", _) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
         (other, _) => anyhow::bail!("--device {other}: expected cpu or cuda"),
     };
-    // The report plus how many convolutions cuDNN ran (with --cudnn), one JSON line.
+    // The report plus what cuDNN / cuBLAS ran (with --cudnn / --cublas), one JSON line.
     let mut line = serde_json::to_value(&report)?;
-    line["cudnn"] = serde_json::to_value(trainer::bench::CudnnUse::now())?;
+    line["vendor"] = serde_json::to_value(trainer::bench::VendorUse::now())?;
     println!("{line}");
     if !report.pass {
         anyhow::bail!("device check failed: a relative error is over {} (or not finite)", report.tolerance);
@@ -542,8 +552,14 @@ fn configure_kernel_cache() -> Option<PathBuf> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
-    let cudnn = cli.cudnn || std::env::var("SD_LORA_CUDNN").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let cudnn = cli.cudnn || env_flag("SD_LORA_CUDNN");
+    let cublas = cli.cublas || env_flag("SD_LORA_CUBLAS");
     lora_core::kernels::set_cudnn(cudnn);
+    lora_core::kernels::set_cublas(cublas);
+    if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
+        let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
+        lora_core::kernels::set_cublas_min_gflop(gflop);
+    }
     #[cfg(feature = "cuda")]
     {
         if std::path::Path::new("/dev/nvidiactl").exists() {
@@ -552,6 +568,12 @@ fn main() -> Result<()> {
                 match lora_core::kernels::cudnn_status() {
                     Ok(version) => eprintln!("convolutions: cuDNN {version}"),
                     Err(reason) => eprintln!("convolutions: burn's kernels ({reason})"),
+                }
+            }
+            if cublas {
+                match lora_core::kernels::cublas_status() {
+                    Ok(()) => eprintln!("large matmuls: cuBLAS"),
+                    Err(reason) => eprintln!("large matmuls: burn's kernels ({reason})"),
                 }
             }
             match configure_kernel_cache() {
@@ -565,8 +587,8 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn {
-        eprintln!("--cudnn: no effect on the CPU backend");
+    if cudnn || cublas {
+        eprintln!("--cudnn / --cublas: no effect on the CPU backend");
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }

@@ -13,7 +13,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use super::{burn_backward_data, burn_backward_filter, burn_forward, cudnn, cudnn_enabled, record_cudnn_call, record_fallback, ConvKernels};
+use super::{burn_backward_data, burn_backward_filter, burn_forward, cublas, cudnn, cudnn_enabled, record_cublas_call, record_cudnn_call, record_fallback, ConvKernels};
 
 /// The backend the fusion stream executes on.
 type Inner = CubeBackend<CudaRuntime, f32, i32, u8>;
@@ -129,5 +129,41 @@ impl CudnnConv {
                 burn_backward_filter::<Inner>(x, w, dy, &self.options)
             }
         }
+    }
+}
+
+/// Queues `a · b` (equal batch dimensions) on the fusion stream for cuBLAS.
+pub(super) fn matmul(a: FusionTensor<Runtime>, b: FusionTensor<Runtime>) -> FusionTensor<Runtime> {
+    let client = a.client.clone();
+    let mut out_shape = a.shape.to_vec();
+    let last = out_shape.len() - 1;
+    out_shape[last] = b.shape[b.shape.num_dims() - 1];
+    let streams = OperationStreams::with_inputs([&a, &b]);
+    let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(out_shape), a.dtype);
+    let desc = CustomOpIr::new("sd_lora_cublas_matmul", &[a.into_ir(), b.into_ir()], &[out]);
+    client.register(streams, OperationIr::Custom(desc.clone()), CublasMatmul { desc }).output()
+}
+
+/// One queued cuBLAS matmul.
+#[derive(Debug)]
+struct CublasMatmul {
+    desc: CustomOpIr,
+}
+
+impl Operation<Runtime> for CublasMatmul {
+    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
+        let ([a, b], [out]) = self.desc.as_fixed();
+        let (a, b) = (handles.get_float_tensor::<Inner>(a), handles.get_float_tensor::<Inner>(b));
+        let y = match cublas::run(a.clone(), b.clone()) {
+            Ok(y) => {
+                record_cublas_call();
+                y
+            }
+            Err(reason) => {
+                record_fallback(reason);
+                <Inner as burn::tensor::ops::FloatTensorOps<Inner>>::float_matmul(a, b)
+            }
+        };
+        handles.register_float_tensor::<Inner>(&out.id, y);
     }
 }

@@ -1,41 +1,33 @@
 //! cuDNN convolutions on burn's CUDA tensors (legacy cuDNN API, which cuDNN 9 keeps).
-//!
-//! cubecl 0.10 does not expose the CUDA stream its kernels run on, so a call is ordered by
-//! host synchronisation: wait for the tensor's stream to drain, run cuDNN on our own
-//! stream, wait for it. Each call therefore costs one pipeline drain (tens of
-//! microseconds), which is small next to the convolutions this routes (up to milliseconds
-//! at SD sizes). Workspace and outputs are allocated from cubecl's memory pool, so peak
-//! memory stays in one place.
+//! Ordering and buffers: see [`super::device`].
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 use std::sync::Mutex;
 
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::DType;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cudnn::{result, sys};
-use cudarc::driver::result as driver;
-use cudarc::driver::sys::{CUcontext, CUstream};
 
 use super::cuda::Kind;
+use super::device;
 
 /// Largest workspace an algorithm may ask for; faster algorithms needing more are skipped.
 const WORKSPACE_LIMIT: usize = 1 << 30;
 
-/// One device's cuDNN handle, stream and context, and the algorithm chosen per problem.
+/// One device's cuDNN handle (bound to our stream) and the algorithm chosen per problem.
 struct DeviceState {
     handle: sys::cudnnHandle_t,
-    stream: CUstream,
-    context: CUcontext,
     algos: HashMap<ProblemKey, (Algo, usize)>,
 }
 
-// SAFETY: the raw handles are only used while holding `STATE`'s lock, one thread at a time;
-// cuDNN handles and CUDA streams may be used from any thread of the process.
+// SAFETY: the handle is only used while holding `STATE`'s lock, one thread at a time; cuDNN
+// handles may be used from any thread of the process.
 unsafe impl Send for DeviceState {}
 
 /// Per device index; `Err` remembers why a device cannot use cuDNN.
@@ -75,8 +67,7 @@ fn with_device<T>(index: usize, f: impl FnOnce(&mut DeviceState) -> Result<T, St
     let state = devices.entry(index).or_insert_with(|| init_device(index));
     match state {
         Ok(state) => {
-            // SAFETY: the context is the device's primary context, retained in `init_device`.
-            unsafe { driver::ctx::set_current(state.context) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+            device::stream(index)?;
             f(state)
         }
         Err(reason) => Err(reason.clone()),
@@ -90,25 +81,15 @@ fn init_device(index: usize) -> Result<DeviceState, String> {
     }
     // A missing symbol panics inside cudarc's loader; turn that into an error.
     catch_unwind(|| -> Result<DeviceState, String> {
-        let device = driver::device::get(index as i32).map_err(|e| format!("cuDeviceGet({index}): {e:?}"))?;
-        // SAFETY: `device` is a valid device; the primary context is the one cubecl uses.
-        let context = unsafe { driver::primary_ctx::retain(device) }.map_err(|e| format!("primary context: {e:?}"))?;
-        // SAFETY: as above.
-        unsafe { driver::ctx::set_current(context) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+        let stream = device::stream(index)?;
         let version = result::get_version();
         if version < 90000 {
             return Err(format!("cuDNN {version} found; version 9 is required"));
         }
         let handle = result::create_handle().map_err(|e| format!("cudnnCreate: {e}"))?;
-        let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
-        // SAFETY: both were just created.
+        // SAFETY: the handle was just created; the stream lives as long as the process.
         unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cudnnSetStream: {e}"))?;
-        Ok(DeviceState {
-            handle,
-            stream,
-            context,
-            algos: HashMap::new(),
-        })
+        Ok(DeviceState { handle, algos: HashMap::new() })
     })
     .unwrap_or_else(|_| Err("cuDNN library is missing a symbol (cuDNN 9 required)".to_string()))
 }
@@ -324,43 +305,30 @@ pub(super) fn run(
             }
         };
         let workspace_handle = (workspace > 0).then(|| client.empty(workspace));
-        let resource = |h: &burn_cubecl::cubecl::server::Handle| {
-            client.get_resource(h.clone()).map_err(|e| format!("cubecl resource: {e:?}"))
-        };
-        let input_res = inputs.iter().map(|t| resource(&t.handle)).collect::<Result<Vec<_>, _>>()?;
-        let out_res = resource(&out_handle)?;
-        let ws_res = workspace_handle.as_ref().map(resource).transpose()?;
-        // Everything queued before (the inputs' producers, the allocations) must finish
-        // before cuDNN reads the buffers on another stream.
-        burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
-
-        let ptr = |i: usize| input_res[i].resource().ptr as *const c_void;
-        let out = out_res.resource().ptr as *mut c_void;
-        let ws = ws_res.as_ref().map_or(std::ptr::null_mut(), |r| r.resource().ptr as *mut c_void);
+        let mut buffers: Vec<&Handle> = inputs.iter().map(|t| &t.handle).collect();
+        buffers.push(&out_handle);
+        buffers.extend(workspace_handle.as_ref());
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (alpha, beta) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
-        let d = &descriptors;
-        let h = state.handle;
-        let call = catch_unwind(AssertUnwindSafe(|| {
+        let (d, h) = (&descriptors, state.handle);
+        device::run_on_buffers(&client, device.index, &buffers, |p, _stream| {
+            let n = inputs.len();
+            let (out, ws) = (p[n], if workspace > 0 { p[n + 1] } else { std::ptr::null_mut() });
+            let input = |i: usize| p[i] as *const c_void;
             // SAFETY: the pointers address live cubecl buffers of the described shapes
-            // (contiguous NCHW), kept alive by the resource guards until after the
-            // stream synchronisation below; the algorithm and workspace come from cuDNN.
+            // (contiguous NCHW); the algorithm and workspace size come from cuDNN for these
+            // descriptors; the handle is bound to `_stream`.
             unsafe {
                 match algo {
-                    Algo::Forward(algo) => result::convolution_forward(h, alpha, d.x, ptr(0), d.w, ptr(1), d.conv, algo, ws, workspace, beta, d.y, out),
-                    Algo::BackwardData(algo) => result::convolution_backward_data(h, alpha, d.w, ptr(0), d.y, ptr(1), d.conv, algo, ws, workspace, beta, d.x, out),
+                    Algo::Forward(algo) => result::convolution_forward(h, alpha, d.x, input(0), d.w, input(1), d.conv, algo, ws, workspace, beta, d.y, out),
+                    Algo::BackwardData(algo) => result::convolution_backward_data(h, alpha, d.w, input(0), d.y, input(1), d.conv, algo, ws, workspace, beta, d.x, out),
                     Algo::BackwardFilter(algo) => {
-                        result::convolution_backward_filter(h, alpha, d.x, ptr(0), d.y, ptr(2), d.conv, algo, ws, workspace, beta, d.w, out)
+                        result::convolution_backward_filter(h, alpha, d.x, input(0), d.y, input(2), d.conv, algo, ws, workspace, beta, d.w, out)
                     }
                 }
             }
-        }))
-        .map_err(|_| "cuDNN call panicked (missing symbol?)".to_string())?;
-        call.map_err(|e| format!("cuDNN {kind:?} convolution: {e}"))?;
-        // SAFETY: the stream was created in `init_device` and is never destroyed.
-        unsafe { driver::stream::synchronize(state.stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
-        drop((input_res, out_res, ws_res, workspace_handle));
-        Ok(())
+            .map_err(|e| format!("cuDNN {kind:?} convolution: {e}"))
+        })
     })?;
     Ok(CubeTensor::new_contiguous(client, device, out_shape.into(), out_handle, dtype))
 }

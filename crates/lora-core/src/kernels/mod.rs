@@ -1,4 +1,4 @@
-//! Where the frozen base convolutions run.
+//! Where the frozen base layers' convolutions and matmuls run.
 //!
 //! [`LoraConv2d`](crate::LoraConv2d) sends its base convolution through [`conv2d`], which
 //! registers its own backward pass on burn's autodiff backend over Flex or CUDA (any
@@ -12,12 +12,17 @@
 //!   reach about a tenth of cuDNN's throughput on an H100/H200, and convolutions are about
 //!   half of the UNet's FLOPs. With cuDNN on, the forward, input-gradient and
 //!   weight-gradient convolutions of the CUDA backend run through `libcudnn` (version 9,
-//!   loaded at run time; see [`cudnn_status`]). A shape or dtype cuDNN rejects, or a
-//!   missing library, falls back to burn's kernel for that call and is counted in
-//!   [`vendor_stats`].
+//!   loaded at run time; see [`cudnn_status`]).
 //!
-//! Any other backend, or an asymmetric padding, takes burn's own `Conv2d::forward`.
-//! [`set_custom_conv_backward`]`(false)` turns the custom op off everywhere.
+//! [`LoraLinear`](crate::LoraLinear) sends its base layer through [`linear`], and callers
+//! with large matmuls of their own (sd-model's attention backward) use [`matmul`]: with
+//! [`set_cublas`] on, matmuls of at least [`set_cublas_min_gflop`] run in cuBLAS on CUDA.
+//!
+//! A shape or dtype a library rejects, or a missing library, falls back to burn's kernel for
+//! that call and is counted in [`vendor_stats`]. Each library call waits for the GPU
+//! pipeline to drain first (cubecl 0.10 does not expose its CUDA stream), which is why only
+//! large problems are routed. Any other backend, or an asymmetric padding, takes burn's own
+//! ops. [`set_custom_conv_backward`]`(false)` turns the conv op off everywhere.
 
 use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +34,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::nn::conv::Conv2d;
+use burn::nn::Linear;
 use burn::nn::PaddingConfig2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, FloatTensor};
@@ -39,11 +45,19 @@ use crate::precision::cast_to;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
+mod cublas;
+#[cfg(feature = "cuda")]
 mod cudnn;
+#[cfg(feature = "cuda")]
+mod device;
 
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
 static CUDNN_CALLS: AtomicU64 = AtomicU64::new(0);
+static CUBLAS: AtomicBool = AtomicBool::new(false);
+static CUBLAS_CALLS: AtomicU64 = AtomicU64::new(0);
+/// Smallest matmul (in FLOPs) routed to cuBLAS; see [`set_cublas_min_gflop`].
+static CUBLAS_MIN_FLOPS: AtomicU64 = AtomicU64::new(4_000_000_000);
 static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
 
@@ -71,12 +85,35 @@ pub fn cudnn_enabled() -> bool {
     CUDNN.load(Ordering::Relaxed)
 }
 
+/// Routes the CUDA backend's large matmuls to cuBLAS, for the whole process (default off):
+/// the frozen linear layers (forward and input gradient, through [`linear`]) and every
+/// [`matmul`] caller (sd-model's attention backward). Has no effect without the `cuda`
+/// feature or on other backends; a missing or failing cuBLAS falls back to burn's kernel.
+pub fn set_cublas(enabled: bool) {
+    CUBLAS.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_cublas`] is on.
+pub fn cublas_enabled() -> bool {
+    CUBLAS.load(Ordering::Relaxed)
+}
+
+/// The smallest matmul routed to cuBLAS, in GFLOP (`2·batch·m·n·k`; default 4). Each routed
+/// call drains the GPU pipeline once (see the [module docs](self)), which costs more than
+/// cuBLAS saves on small problems.
+pub fn set_cublas_min_gflop(gflop: f64) {
+    CUBLAS_MIN_FLOPS.store((gflop.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+}
+
 /// Counters of the vendor-library routing since the process started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VendorStats {
     /// Convolutions (forward or gradient) that ran in cuDNN.
     pub cudnn_calls: u64,
-    /// Convolutions that were meant for cuDNN but ran in burn's kernel instead.
+    /// Matmuls that ran in cuBLAS.
+    pub cublas_calls: u64,
+    /// Convolutions and matmuls that were meant for cuDNN / cuBLAS but ran in burn's
+    /// kernels instead.
     pub fallbacks: u64,
     /// Why the most recent fallback happened.
     pub last_error: Option<String>,
@@ -86,6 +123,7 @@ pub struct VendorStats {
 pub fn vendor_stats() -> VendorStats {
     VendorStats {
         cudnn_calls: CUDNN_CALLS.load(Ordering::Relaxed),
+        cublas_calls: CUBLAS_CALLS.load(Ordering::Relaxed),
         fallbacks: FALLBACKS.load(Ordering::Relaxed),
         last_error: LAST_ERROR.lock().map(|e| e.clone()).unwrap_or(None),
     }
@@ -105,9 +143,27 @@ pub fn cudnn_status() -> Result<usize, String> {
     }
 }
 
+/// `Ok` when cuBLAS loads and a handle can be created on device 0, otherwise why not.
+/// Always an error without the `cuda` feature.
+pub fn cublas_status() -> Result<(), String> {
+    #[cfg(feature = "cuda")]
+    {
+        cublas::status()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("built without the `cuda` feature".to_string())
+    }
+}
+
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn record_cudnn_call() {
     CUDNN_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn record_cublas_call() {
+    CUBLAS_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -311,6 +367,147 @@ impl<X: ConvKernels> Backward<X, 2> for ConvBackward {
         if let Some(node) = px {
             let dx = X::backward_data(weight, grad_out, self.x_shape, &self.options);
             grads.register::<X>(node.id, dx);
+        }
+    }
+}
+
+/// `a.matmul(b)`, in cuBLAS when `X` is the CUDA backend, [`set_cublas`] is on, the batch
+/// dimensions of `a` and `b` are equal and the product is at least the size set by
+/// [`set_cublas_min_gflop`]; burn's matmul otherwise. Transposed views (`swap_dims` of the
+/// last two dimensions) are read as they are.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+///
+/// let device = Default::default();
+/// let a = Tensor::<Flex, 3>::ones([2, 3, 4], &device);
+/// let b = Tensor::<Flex, 3>::ones([2, 4, 5], &device);
+/// let c = lora_core::kernels::matmul(a, b);
+/// assert_eq!(c.dims(), [2, 3, 5]);
+/// ```
+pub fn matmul<X: Backend, const D: usize>(a: Tensor<X, D>, b: Tensor<X, D>) -> Tensor<X, D> {
+    #[cfg(feature = "cuda")]
+    if cublas_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Cuda>() && worth_routing(&a.dims(), &b.dims()) {
+        type Cuda = burn::backend::Cuda;
+        if let (Some(ca), Some(cb)) = (downcast::<_, Tensor<Cuda, D>>(a.clone()), downcast::<_, Tensor<Cuda, D>>(b.clone())) {
+            let out = cuda::matmul(ca.into_primitive().tensor(), cb.into_primitive().tensor());
+            if let Some(out) = downcast(tensor::<Cuda, D>(out)) {
+                return out;
+            }
+        }
+    }
+    a.matmul(b)
+}
+
+/// Whether `a · b` has equal batch dimensions and at least the routing threshold of FLOPs.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn worth_routing(a: &[usize], b: &[usize]) -> bool {
+    let d = a.len();
+    if d < 2 || a[..d - 2] != b[..d - 2] || a[d - 1] != b[d - 2] {
+        return false;
+    }
+    let flops = 2.0 * a.iter().product::<usize>() as f64 * b[d - 1] as f64;
+    flops >= CUBLAS_MIN_FLOPS.load(Ordering::Relaxed) as f64
+}
+
+/// `linear.forward(x)`; with [`set_cublas`] on, through an op whose matmuls go through
+/// [`matmul`] (forward `x·W`, input gradient `dy·Wᵀ`, weight gradient `xᵀ·dy`), on the
+/// autodiff backend over Flex or CUDA and on plain CUDA. Like burn's own linear backward it
+/// keeps the input only for a trainable weight.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// let device = Default::default();
+/// let layer = LinearConfig::new(8, 4).init::<Flex>(&device);
+/// let x = Tensor::<Flex, 3>::random([2, 5, 8], Distribution::Default, &device);
+/// let ours = lora_core::kernels::linear(&layer, x.clone());
+/// let err: f32 = (ours - layer.forward(x)).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let weight = layer.weight.val();
+    if !cublas_enabled() || D < 2 || weight.dtype() != x.dtype() {
+        return layer.forward(x);
+    }
+    let dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let dtype = x.dtype();
+    let args = (x.reshape([rows, d_in]), weight);
+    let Some(y) = dispatch_linear(&args) else {
+        return layer.forward(args.0.reshape(dims));
+    };
+    let mut out_dims = dims;
+    out_dims[D - 1] = d_out;
+    let y = match &layer.bias {
+        Some(bias) => y + cast_to(bias.val(), dtype).unsqueeze::<2>(),
+        None => y,
+    };
+    y.reshape(out_dims)
+}
+
+fn dispatch_linear<B: Backend>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Tensor<B, 2>> {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    let found = linear_autodiff::<B, burn::backend::Flex, NoCheckpointing>(args).or_else(|| linear_autodiff::<B, burn::backend::Flex, BalancedCheckpointing>(args));
+    #[cfg(feature = "cuda")]
+    let found = found
+        .or_else(|| linear_autodiff::<B, burn::backend::Cuda, NoCheckpointing>(args))
+        .or_else(|| linear_autodiff::<B, burn::backend::Cuda, BalancedCheckpointing>(args))
+        .or_else(|| {
+            type Cuda = burn::backend::Cuda;
+            let (x, w) = args.clone();
+            let (x, w): (Tensor<Cuda, 2>, Tensor<Cuda, 2>) = (downcast(x)?, downcast(w)?);
+            downcast(matmul(x, w))
+        });
+    found
+}
+
+fn linear_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Tensor<B, 2>> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<X, C>>() {
+        return None;
+    }
+    let (x, weight) = args.clone();
+    let x: Tensor<Autodiff<X, C>, 2> = downcast(x)?;
+    let weight: Tensor<Autodiff<X, C>, 2> = downcast(weight)?;
+    let (x, weight) = (x.into_primitive().tensor(), weight.into_primitive().tensor());
+    let (x_tracked, weight_tracked) = (!x.node.requirement.is_none(), !weight.node.requirement.is_none());
+    let forward = |x: FloatTensor<X>, w: FloatTensor<X>| matmul(tensor::<X, 2>(x), tensor(w)).into_primitive().tensor();
+    let out = match LinearBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let y = forward(x.primitive.clone(), weight.primitive.clone());
+            // The input is needed only for the weight gradient and the weight only for the
+            // input gradient.
+            let state = (weight_tracked.then_some(x.primitive), x_tracked.then_some(weight.primitive));
+            prep.finish(state, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, weight.primitive)),
+    };
+    downcast(tensor::<Autodiff<X, C>, 2>(out))
+}
+
+/// Backward of a bias-free linear layer on `[rows, d_in]` inputs.
+#[derive(Debug)]
+struct LinearBackward;
+
+impl<X: Backend> Backward<X, 2> for LinearBackward {
+    /// The input (when the weight is tracked) and the weight (when the input is).
+    type State = (Option<FloatTensor<X>>, Option<FloatTensor<X>>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = tensor::<X, 2>(grads.consume::<X>(&ops.node));
+        let (x, weight) = ops.state;
+        let [px, pw] = ops.parents;
+        if let (Some(node), Some(x)) = (pw, x) {
+            let dw = matmul(tensor::<X, 2>(x).swap_dims(0, 1), grad_out.clone());
+            grads.register::<X>(node.id, dw.into_primitive().tensor());
+        }
+        if let (Some(node), Some(w)) = (px, weight) {
+            let dx = matmul(grad_out, tensor::<X, 2>(w).swap_dims(0, 1));
+            grads.register::<X>(node.id, dx.into_primitive().tensor());
         }
     }
 }

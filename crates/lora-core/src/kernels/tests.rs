@@ -173,3 +173,99 @@ fn cudnn_matches_burn_kernels_on_cuda() {
     // Forward, dx and dw for each case and dtype.
     assert_eq!(after.cudnn_calls - before.cudnn_calls, 2 * 3 * 3);
 }
+
+/// The linear op (with burn's matmul, as on the CPU) gives burn's output and gradients:
+/// 3-d input, with and without bias, trainable and frozen weight, and under checkpointing.
+#[test]
+fn linear_op_matches_burn() {
+    use burn::nn::{Linear, LinearConfig};
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    fn grads<A: burn::tensor::backend::AutodiffBackend>(layer: &Linear<A>, x: Tensor<A, 3>, ours: bool) -> Vec<Tensor<A::InnerBackend, 2>> {
+        set_cublas(ours);
+        let x = x.require_grad();
+        let y = linear(layer, x.clone());
+        set_cublas(false);
+        let g = y.clone().detach().cos();
+        let grads = (y.clone() * g).sum().backward();
+        let mut out = vec![y.inner().flatten(0, 1), x.grad(&grads).unwrap().flatten(0, 1)];
+        out.extend(layer.weight.grad(&grads));
+        out.extend(layer.bias.as_ref().and_then(|b| b.grad(&grads)).map(|b| b.unsqueeze::<2>()));
+        out
+    }
+    fn check<A: burn::tensor::backend::AutodiffBackend>() {
+        let device = Default::default();
+        for (bias, frozen) in [(true, false), (false, false), (true, true)] {
+            let mut layer: Linear<A> = LinearConfig::new(6, 5).with_bias(bias).init(&device);
+            if frozen {
+                layer = layer.no_grad();
+            }
+            let x = Tensor::<A, 3>::random([2, 3, 6], Distribution::Normal(0.0, 1.0), &device);
+            let (ours, reference) = (grads(&layer, x.clone(), true), grads(&layer, x, false));
+            assert_eq!(ours.len(), reference.len(), "bias {bias} frozen {frozen}: gradient count");
+            assert_eq!(ours.len(), if frozen { 2 } else { 3 + bias as usize });
+            for (i, (a, b)) in ours.into_iter().zip(reference).enumerate() {
+                assert!(max_rel(a, b) < 1e-5, "bias {bias} frozen {frozen}: tensor {i}");
+            }
+        }
+    }
+    check::<Autodiff<Flex>>();
+    check::<Autodiff<Flex, BalancedCheckpointing>>();
+}
+
+/// cuBLAS against burn's CUDA matmul: plain, transposed views (as the attention backward
+/// passes them), 4-d batches and a narrowed (offset) operand, f32 (TF32) and bf16; then a
+/// linear layer's output and gradients. Run on the GPU machine like the cuDNN test.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn cublas_matches_burn_kernels_on_cuda() {
+    use burn::nn::LinearConfig;
+    use burn::tensor::FloatDType;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    cublas_status().unwrap_or_else(|reason| panic!("cuBLAS unavailable: {reason}"));
+    set_cublas_min_gflop(0.0);
+    let device = Default::default();
+    let before = vendor_stats();
+    let rand = |shape: [usize; 4], dtype| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+    let mut routed = 0;
+    for dtype in [FloatDType::F32, FloatDType::BF16] {
+        let tolerance = if dtype == FloatDType::F32 { 1e-2 } else { 5e-2 };
+        let cases: Vec<(&str, Tensor<B, 4>, Tensor<B, 4>)> = vec![
+            ("plain", rand([2, 3, 64, 40], dtype), rand([2, 3, 40, 96], dtype)),
+            ("b transposed", rand([2, 3, 64, 40], dtype), rand([2, 3, 96, 40], dtype).swap_dims(2, 3)),
+            ("a transposed", rand([2, 3, 40, 64], dtype).swap_dims(2, 3), rand([2, 3, 40, 96], dtype)),
+            ("a narrowed", rand([2, 3, 80, 40], dtype).narrow(2, 16, 64), rand([2, 3, 40, 96], dtype)),
+        ];
+        for (name, a, b) in cases {
+            set_cublas(false);
+            let reference = matmul(a.clone(), b.clone());
+            set_cublas(true);
+            let ours = matmul(a, b);
+            set_cublas(false);
+            routed += 1;
+            let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
+            assert!(max_rel(f32(ours), f32(reference)) < tolerance, "{dtype:?} {name}");
+        }
+    }
+    // A linear layer through the op, f32: output, input and weight gradients.
+    let layer = LinearConfig::new(320, 640).init::<Autodiff<B>>(&device);
+    let x = Tensor::<Autodiff<B>, 3>::random([2, 64, 320], Distribution::Normal(0.0, 1.0), &device);
+    let run_linear = |ours: bool| {
+        set_cublas(ours);
+        let x = x.clone().require_grad();
+        let y = linear(&layer, x.clone());
+        set_cublas(false);
+        let grads = (y.clone() * y.clone().detach().sin()).sum().backward();
+        (y.inner(), x.grad(&grads).unwrap(), layer.weight.grad(&grads).unwrap())
+    };
+    let (ours, reference) = (run_linear(true), run_linear(false));
+    assert!(max_rel(ours.0, reference.0) < 1e-2, "linear output");
+    assert!(max_rel(ours.1, reference.1) < 1e-2, "linear dx");
+    assert!(max_rel(ours.2, reference.2) < 1e-2, "linear dw");
+    routed += 3;
+    set_cublas_min_gflop(4.0);
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    assert_eq!(after.cublas_calls - before.cublas_calls, routed);
+}

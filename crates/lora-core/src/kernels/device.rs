@@ -1,0 +1,78 @@
+//! What the cuDNN and cuBLAS routes share: the device's primary context, a CUDA stream of
+//! ours, and running one library call on cubecl buffers.
+//!
+//! cubecl 0.10 does not expose the CUDA stream its kernels run on, so a call is ordered by
+//! host synchronisation: wait for the buffers' stream to drain, run the library on our own
+//! stream, wait for it. Each call therefore costs one pipeline drain (tens of
+//! microseconds), which is why only large problems are routed (convolutions at SD sizes
+//! take up to milliseconds; small matmuls stay in burn, see `super::set_cublas_min_gflop`).
+//! Workspaces and outputs come from cubecl's memory pool, so peak memory stays in one place.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::prelude::ComputeClient;
+use burn_cubecl::cubecl::server::Handle;
+use cudarc::driver::result as driver;
+use cudarc::driver::sys::{CUcontext, CUstream};
+
+/// One device's primary context and our stream on it.
+#[derive(Clone, Copy)]
+struct DeviceStream {
+    context: CUcontext,
+    stream: CUstream,
+}
+
+// SAFETY: a CUDA context and stream may be used from any thread of the process; the stream
+// is only used while a library call holds its own lock (cuDNN's or cuBLAS's state).
+unsafe impl Send for DeviceStream {}
+
+static STREAMS: Mutex<Option<HashMap<usize, Result<DeviceStream, String>>>> = Mutex::new(None);
+
+/// Makes device `index`'s primary context (the one cubecl uses) current on this thread and
+/// returns our stream on it, created on first use.
+pub(super) fn stream(index: usize) -> Result<CUstream, String> {
+    let mut guard = STREAMS.lock().map_err(|_| "stream lock poisoned".to_string())?;
+    let found = guard.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| create(index)).clone()?;
+    // SAFETY: the context was retained in `create` and is never released.
+    unsafe { driver::ctx::set_current(found.context) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+    Ok(found.stream)
+}
+
+fn create(index: usize) -> Result<DeviceStream, String> {
+    let device = driver::device::get(index as i32).map_err(|e| format!("cuDeviceGet({index}): {e:?}"))?;
+    // SAFETY: `device` is a valid device.
+    let context = unsafe { driver::primary_ctx::retain(device) }.map_err(|e| format!("primary context: {e:?}"))?;
+    // SAFETY: as above.
+    unsafe { driver::ctx::set_current(context) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+    let stream = driver::stream::create(driver::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+    Ok(DeviceStream { context, stream })
+}
+
+/// Runs `call(pointers, stream)` once everything queued on `buffers` has finished, with the
+/// buffers' device pointers in the order given, and waits for `call`'s work on `stream`.
+///
+/// The buffers stay alive (and unused by cubecl) until this returns.
+pub(super) fn run_on_buffers(
+    client: &ComputeClient<CudaRuntime>,
+    index: usize,
+    buffers: &[&Handle],
+    call: impl FnOnce(&[*mut c_void], CUstream) -> Result<(), String>,
+) -> Result<(), String> {
+    let stream = stream(index)?;
+    let resources = buffers
+        .iter()
+        .map(|h| client.get_resource((*h).clone()).map_err(|e| format!("cubecl resource: {e:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
+    let pointers: Vec<*mut c_void> = resources.iter().map(|r| r.resource().ptr as *mut c_void).collect();
+    // A missing symbol panics inside cudarc's loader; turn that into an error.
+    catch_unwind(AssertUnwindSafe(|| call(&pointers, stream))).map_err(|_| "library call panicked (missing symbol?)".to_string())??;
+    // SAFETY: the stream was created in `create` and is never destroyed.
+    unsafe { driver::stream::synchronize(stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
+    drop(resources);
+    Ok(())
+}
