@@ -7,8 +7,11 @@
 //! bf16. [`scaled_dot_product_attention`] instead registers its own backward (a backend
 //! extension of burn's autodiff backend) that keeps only `q`, `k`, `v` and the output and
 //! recomputes the probabilities block of queries by block (FlashAttention-2's backward
-//! recurrence, written with tensor ops so it runs on every backend). The forward pass still
-//! uses the inner backend's `attention` op (a fused kernel on CUDA).
+//! recurrence, written with tensor ops so it runs on every backend). The forward pass uses
+//! the inner backend's `attention` op (a fused kernel on CUDA), or, with
+//! [`lora_core::kernels::set_cublas`] on, the same blocks of queries through
+//! [`lora_core::kernels::matmul`] (cuBLAS on CUDA; burn measured its fused forward slower
+//! than matmul + softmax).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -87,12 +90,38 @@ pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>
         return out;
     }
     let (q, k, v) = args;
-    let options = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: false,
-    };
-    attention(q, k, v, None, None, options)
+    attention_forward(q, k, v, BACKWARD_BLOCK_ELEMENTS)
+}
+
+/// The forward pass: burn's `attention` op, or with cuBLAS routing on
+/// ([`lora_core::kernels::set_cublas`]) `softmax(qᵢ kᵀ s) v` per block of queries, the
+/// matmuls through [`matmul`] and the softmax in f32, at most `block_elements` scores at
+/// once.
+fn attention_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> Tensor<X, 4> {
+    if lora_core::kernels::cublas_enabled() {
+        blockwise_forward(q, k, v, block_elements)
+    } else {
+        attention(q, k, v, None, None, plain_options())
+    }
+}
+
+/// `softmax(qᵢ kᵀ s) v` per block of queries (see [`attention_forward`]).
+fn blockwise_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> Tensor<X, 4> {
+    let dtype = q.dtype();
+    let [b, h, seq_q, d] = q.dims();
+    let seq_k = k.dims()[2];
+    let scale = (d as f64).powf(-0.5) as f32;
+    let block = (block_elements / (b * h * seq_k).max(1)).clamp(1, seq_q.max(1));
+    let kt = k.swap_dims(2, 3);
+    let blocks: Vec<Tensor<X, 4>> = (0..seq_q)
+        .step_by(block)
+        .map(|start| {
+            let qi = q.clone().narrow(2, start, block.min(seq_q - start));
+            let scores = cast_to(matmul(qi, kt.clone()), DType::F32).mul_scalar(scale);
+            matmul(cast_to(softmax(scores, 3), dtype), v.clone())
+        })
+        .collect();
+    Tensor::cat(blocks, 2)
 }
 
 /// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (see [`crate::autodiff_ext`]).
@@ -113,7 +142,7 @@ fn plain_options() -> AttentionModuleOptions {
     }
 }
 
-/// The autodiff op: forward with the inner backend's attention, backward in query blocks.
+/// The autodiff op: forward with [`attention_forward`], backward in query blocks.
 fn memory_efficient<X: Backend, C: CheckpointStrategy>(
     q: Tensor<Autodiff<X, C>, 4>,
     k: Tensor<Autodiff<X, C>, 4>,
@@ -122,7 +151,7 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy>(
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
     let forward = |q: FloatTensor<X>, k: FloatTensor<X>, v: FloatTensor<X>| {
-        attention(tensor::<X, 4>(q), tensor(k), tensor(v), None, None, plain_options()).into_primitive().tensor()
+        attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements).into_primitive().tensor()
     };
     let op = BlockwiseAttentionBackward { block_elements };
     let out = match op.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
@@ -241,6 +270,18 @@ mod tests {
         check::<NoCheckpointing>(500);
         check::<BalancedCheckpointing>(500);
         check::<NoCheckpointing>(BACKWARD_BLOCK_ELEMENTS);
+    }
+
+    #[test]
+    fn blockwise_forward_matches_burn() {
+        let device = Default::default();
+        let rand = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v) = (rand([2, 3, 37, 8]), rand([2, 3, 29, 8]), rand([2, 3, 29, 8]));
+        let reference = attention(q.clone(), k.clone(), v.clone(), None, None, plain_options());
+        for block_elements in [500, BACKWARD_BLOCK_ELEMENTS] {
+            let ours = blockwise_forward(q.clone(), k.clone(), v.clone(), block_elements);
+            assert!(max_rel(ours, reference.clone()) < 1e-5, "block_elements {block_elements}");
+        }
     }
 
     #[test]

@@ -429,8 +429,16 @@ fn worth_routing(a: &[usize], b: &[usize]) -> bool {
 /// assert!(err < 1e-5);
 /// ```
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    if !cublas_enabled() {
+        return layer.forward(x);
+    }
+    linear_op(layer, x)
+}
+
+/// [`linear`] with the routing switch on.
+fn linear_op<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let weight = layer.weight.val();
-    if !cublas_enabled() || D < 2 || weight.dtype() != x.dtype() {
+    if D < 2 || weight.dtype() != x.dtype() {
         return layer.forward(x);
     }
     let dims = x.dims();

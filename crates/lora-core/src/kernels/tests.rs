@@ -29,10 +29,11 @@ fn max_rel<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 
 /// `(y, dx, dw, db)`.
 type Results<B> = (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4>>, Option<Tensor<B, 1>>);
 
-/// Output, input gradient and (when tracked) weight and bias gradients of `loss = Σ y·g`.
-fn run<B: Backend>(conv: &Conv2d<Autodiff<B>>, x: Tensor<Autodiff<B>, 4>) -> Results<B> {
+/// Output, input gradient and (when tracked) weight and bias gradients of `loss = Σ y·g`,
+/// through [`conv2d`] (`ours`) or burn's `Conv2d::forward`.
+fn run<B: Backend>(conv: &Conv2d<Autodiff<B>>, x: Tensor<Autodiff<B>, 4>, ours: bool) -> Results<B> {
     let x = x.require_grad();
-    let y = conv2d(conv, x.clone());
+    let y = if ours { conv2d(conv, x.clone()) } else { conv.forward(x.clone()) };
     // A non-uniform upstream gradient, in y's dtype.
     let g = y.clone().detach().sin().add_scalar(0.5);
     let grads = (y.clone() * g).sum().backward();
@@ -58,10 +59,8 @@ fn custom_conv_matches_burn() {
                 conv = conv.no_grad();
             }
             let x = Tensor::<Autodiff<B>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-            set_custom_conv_backward(false);
-            let reference = run::<B>(&conv, x.clone());
-            set_custom_conv_backward(true);
-            let ours = run::<B>(&conv, x);
+            let reference = run::<B>(&conv, x.clone(), false);
+            let ours = run::<B>(&conv, x, true);
             let case = format!("kernel {kernel} stride {stride} bias {bias} frozen {frozen} {shape:?}");
             assert!(max_rel(ours.0, reference.0) < 1e-5, "{case}: output");
             assert!(max_rel(ours.1, reference.1) < 1e-5, "{case}: dx");
@@ -114,7 +113,6 @@ fn other_paddings_take_burn_path() {
 #[test]
 fn frozen_weight_gives_input_gradient_only() {
     let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    set_custom_conv_backward(true);
     type A = Autodiff<Flex>;
     let device = Default::default();
     let mut conv: Conv2d<A> = layer(2, 2, 3, 1, 1, false, &device);
@@ -146,7 +144,6 @@ fn cudnn_matches_burn_kernels_on_cuda() {
     type B = burn::backend::Cuda;
     let version = cudnn_status().unwrap_or_else(|reason| panic!("cuDNN unavailable: {reason}"));
     eprintln!("cuDNN {version}");
-    set_custom_conv_backward(true);
     let device = Default::default();
     let cases = [(3, 1, 1, true, [2, 64, 32, 32]), (3, 2, 1, true, [1, 32, 33, 31]), (1, 1, 0, false, [2, 64, 16, 16])];
     let before = vendor_stats();
@@ -157,9 +154,9 @@ fn cudnn_matches_burn_kernels_on_cuda() {
             let conv = crate::precision::cast_all(layer::<Autodiff<B>>(shape[1], 48, kernel, stride, pad, bias, &device), dtype);
             let x = Tensor::<Autodiff<B>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
             set_cudnn(false);
-            let reference = run::<B>(&conv, x.clone());
+            let reference = run::<B>(&conv, x.clone(), true);
             set_cudnn(true);
-            let ours = run::<B>(&conv, x);
+            let ours = run::<B>(&conv, x, true);
             set_cudnn(false);
             let case = format!("{dtype:?} kernel {kernel} stride {stride} {shape:?}");
             let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
@@ -179,12 +176,9 @@ fn cudnn_matches_burn_kernels_on_cuda() {
 #[test]
 fn linear_op_matches_burn() {
     use burn::nn::{Linear, LinearConfig};
-    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     fn grads<A: burn::tensor::backend::AutodiffBackend>(layer: &Linear<A>, x: Tensor<A, 3>, ours: bool) -> Vec<Tensor<A::InnerBackend, 2>> {
-        set_cublas(ours);
         let x = x.require_grad();
-        let y = linear(layer, x.clone());
-        set_cublas(false);
+        let y = if ours { linear_op(layer, x.clone()) } else { layer.forward(x.clone()) };
         let g = y.clone().detach().cos();
         let grads = (y.clone() * g).sum().backward();
         let mut out = vec![y.inner().flatten(0, 1), x.grad(&grads).unwrap().flatten(0, 1)];
