@@ -1,10 +1,7 @@
 //! Batched matmuls in cuBLAS on burn's CUDA tensors (`cublasGemmStridedBatchedEx`, f32
 //! accumulation; TF32 tensor cores for f32 inputs). Ordering and buffers: see [`super::device`].
 
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::panic::catch_unwind;
-use std::sync::Mutex;
 
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl::cuda::CudaRuntime;
@@ -22,7 +19,7 @@ struct DeviceState {
 // SAFETY: the handle is only used while holding `STATE`'s lock, one thread at a time.
 unsafe impl Send for DeviceState {}
 
-static STATE: Mutex<Option<HashMap<usize, Result<DeviceState, String>>>> = Mutex::new(None);
+static STATE: device::PerDevice<DeviceState> = device::PerDevice::new("cuBLAS");
 
 /// `Ok` once cuBLAS loads and a handle can be created on device 0.
 pub(super) fn status() -> Result<(), String> {
@@ -30,30 +27,18 @@ pub(super) fn status() -> Result<(), String> {
 }
 
 fn with_handle<T>(index: usize, f: impl FnOnce(sys::cublasHandle_t) -> Result<T, String>) -> Result<T, String> {
-    let mut guard = STATE.lock().map_err(|_| "cuBLAS state lock poisoned".to_string())?;
-    let state = guard.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| init_device(index));
-    match state {
-        Ok(state) => {
-            device::stream(index)?;
-            f(state.handle)
-        }
-        Err(reason) => Err(reason.clone()),
-    }
+    STATE.with(index, init_device, |state| f(state.handle))
 }
 
-fn init_device(index: usize) -> Result<DeviceState, String> {
+fn init_device(stream: cudarc::driver::sys::CUstream) -> Result<DeviceState, String> {
     // SAFETY: probing only tries to open the shared library.
     if !unsafe { sys::is_culib_present() } {
         return Err("libcublas not found; add the CUDA toolkit's lib64 to LD_LIBRARY_PATH".to_string());
     }
-    catch_unwind(|| -> Result<DeviceState, String> {
-        let stream = device::stream(index)?;
-        let handle = result::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
-        // SAFETY: the handle was just created; the stream lives as long as the process.
-        unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cublasSetStream: {e:?}"))?;
-        Ok(DeviceState { handle })
-    })
-    .unwrap_or_else(|_| Err("cuBLAS library is missing a symbol".to_string()))
+    let handle = result::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
+    // SAFETY: the handle was just created; the stream lives as long as the process.
+    unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cublasSetStream: {e:?}"))?;
+    Ok(DeviceState { handle })
 }
 
 /// How cuBLAS reads one operand: its last two dimensions stored row-major (`trans` false) or

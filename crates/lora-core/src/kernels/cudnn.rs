@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::panic::catch_unwind;
-use std::sync::Mutex;
 
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::DType;
@@ -30,8 +28,7 @@ struct DeviceState {
 // handles may be used from any thread of the process.
 unsafe impl Send for DeviceState {}
 
-/// Per device index; `Err` remembers why a device cannot use cuDNN.
-static STATE: Mutex<Option<HashMap<usize, Result<DeviceState, String>>>> = Mutex::new(None);
+static STATE: device::PerDevice<DeviceState> = device::PerDevice::new("cuDNN");
 
 /// A chosen cuDNN algorithm, per kind of convolution.
 #[derive(Debug, Clone, Copy)]
@@ -60,38 +57,24 @@ pub(super) fn status() -> Result<usize, String> {
     with_device(0, |_| Ok(result::get_version()))
 }
 
-/// Runs `f` with device `index`'s state, creating it on first use.
+/// Runs `f` with device `index`'s cuDNN state, creating it on first use.
 fn with_device<T>(index: usize, f: impl FnOnce(&mut DeviceState) -> Result<T, String>) -> Result<T, String> {
-    let mut guard = STATE.lock().map_err(|_| "cuDNN state lock poisoned".to_string())?;
-    let devices = guard.get_or_insert_with(HashMap::new);
-    let state = devices.entry(index).or_insert_with(|| init_device(index));
-    match state {
-        Ok(state) => {
-            device::stream(index)?;
-            f(state)
-        }
-        Err(reason) => Err(reason.clone()),
-    }
+    STATE.with(index, init_device, f)
 }
 
-fn init_device(index: usize) -> Result<DeviceState, String> {
+fn init_device(stream: cudarc::driver::sys::CUstream) -> Result<DeviceState, String> {
     // SAFETY: probing only tries to open the shared library.
     if !unsafe { sys::is_culib_present() } {
         return Err("libcudnn (cuDNN 9) not found; add its directory to LD_LIBRARY_PATH".to_string());
     }
-    // A missing symbol panics inside cudarc's loader; turn that into an error.
-    catch_unwind(|| -> Result<DeviceState, String> {
-        let stream = device::stream(index)?;
-        let version = result::get_version();
-        if version < 90000 {
-            return Err(format!("cuDNN {version} found; version 9 is required"));
-        }
-        let handle = result::create_handle().map_err(|e| format!("cudnnCreate: {e}"))?;
-        // SAFETY: the handle was just created; the stream lives as long as the process.
-        unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cudnnSetStream: {e}"))?;
-        Ok(DeviceState { handle, algos: HashMap::new() })
-    })
-    .unwrap_or_else(|_| Err("cuDNN library is missing a symbol (cuDNN 9 required)".to_string()))
+    let version = result::get_version();
+    if version < 90000 {
+        return Err(format!("cuDNN {version} found; version 9 is required"));
+    }
+    let handle = result::create_handle().map_err(|e| format!("cudnnCreate: {e}"))?;
+    // SAFETY: the handle was just created; the stream lives as long as the process.
+    unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cudnnSetStream: {e}"))?;
+    Ok(DeviceState { handle, algos: HashMap::new() })
 }
 
 fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t, String> {

@@ -52,6 +52,38 @@ fn create(index: usize) -> Result<DeviceStream, String> {
     Ok(DeviceStream { context, stream })
 }
 
+/// A library's state per device (a cuDNN or cuBLAS handle bound to our stream), created on
+/// first use; an `Err` remembers why a device cannot use the library.
+pub(super) struct PerDevice<S> {
+    states: Mutex<Option<HashMap<usize, Result<S, String>>>>,
+    name: &'static str,
+}
+
+impl<S> PerDevice<S> {
+    /// An empty table for library `name` (used in error messages).
+    pub(super) const fn new(name: &'static str) -> Self {
+        Self { states: Mutex::new(None), name }
+    }
+
+    /// Runs `f` with device `index`'s state, its context current on this thread. On first
+    /// use the state is made by `init` from our stream; a panic there (cudarc's loader
+    /// panics on a missing symbol) becomes an error.
+    pub(super) fn with<T>(&self, index: usize, init: impl FnOnce(CUstream) -> Result<S, String>, f: impl FnOnce(&mut S) -> Result<T, String>) -> Result<T, String> {
+        let mut guard = self.states.lock().map_err(|_| format!("{} state lock poisoned", self.name))?;
+        let state = guard.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| {
+            let stream = stream(index)?;
+            catch_unwind(AssertUnwindSafe(|| init(stream))).unwrap_or_else(|_| Err(format!("the {} library is missing a symbol", self.name)))
+        });
+        match state {
+            Ok(state) => {
+                stream(index)?;
+                f(state)
+            }
+            Err(reason) => Err(reason.clone()),
+        }
+    }
+}
+
 /// Runs `call(pointers, stream)` once everything queued on `buffers` has finished, with the
 /// buffers' device pointers in the order given, and waits for `call`'s work on `stream`.
 ///
