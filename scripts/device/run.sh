@@ -45,6 +45,8 @@ WORK=${WORK:-/tmp/sdlora-device-work}
 # Jobs run in $WORK: make the caller's relative paths absolute (a bare command name stays).
 abs() { case $1 in /*) echo "$1" ;; */*) echo "$PWD/$1" ;; *) echo "$1" ;; esac; }
 BIN=$(abs "$BIN") ANCHOR=$(abs "$ANCHOR") WHEELS=$(abs "$WHEELS") CACHE_IN=$(abs "$CACHE_IN")
+BIN_DIR=$(dirname "$BIN")
+TESTS=$(abs "${TESTS:-$BIN_DIR/lora-core-tests}")
 CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WORK")
 
 if [ "$DEVICE" = cuda ]; then
@@ -144,10 +146,23 @@ EOF
         echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
     fi
     echo "commit: $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (with uncommitted changes)')"
-    [ -f "$(dirname "$BIN")/BUILD_INFO" ] && sed 's/^/build: /' "$(dirname "$BIN")/BUILD_INFO"
+    [ -f "$BIN_DIR/BUILD_INFO" ] && sed 's/^/build: /' "$BIN_DIR/BUILD_INFO"
     echo "plan: CHECKS='$CHECKS' PLAN='$PLAN' PRECISION=$PRECISION STEPS=$STEPS ANCHOR_STEPS=$ANCHOR_STEPS BUDGET_S=$BUDGET_S"
 } >"$INFO" 2>&1
 cat "$INFO" | tee -a "$LOG"
+
+# prepare.sh ships the binaries gzipped (the CUDA build is ~70 MB, over the carry limit):
+# unpack NAME.gz into $WORK when NAME itself is not there.
+unpack() {
+    if [ ! -x "$1" ] && [ -f "$1.gz" ]; then
+        local to
+        to="$WORK/bin-$(basename "$1")"
+        gzip -dc "$1.gz" >"$to" && chmod +x "$to" && echo "$to" && return
+    fi
+    echo "$1"
+}
+BIN=$(unpack "$BIN")
+TESTS=$(unpack "$TESTS")
 
 if [ ! -x "$BIN" ]; then
     say "no trainer binary at $BIN: build it first (scripts/device/README.md)"
@@ -174,7 +189,6 @@ for c in $CHECKS; do
 done
 
 # --- 1a. cuDNN convolutions and cuBLAS matmuls against burn's CUDA kernels (f32 and bf16) ----
-TESTS=${TESTS:-$(dirname "$BIN")/lora-core-tests}
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
     run_job smoke "conv-cudnn-vs-burn" "{}" \
         "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture

@@ -67,12 +67,12 @@ impl<S> PerDevice<S> {
 
     /// Runs `f` with device `index`'s state, its context current on this thread. On first
     /// use the state is made by `init` from our stream; a panic there (cudarc's loader
-    /// panics on a missing symbol) becomes an error.
+    /// panics when libcuda or a symbol is missing) becomes an error.
     pub(super) fn with<T>(&self, index: usize, init: impl FnOnce(CUstream) -> Result<S, String>, f: impl FnOnce(&mut S) -> Result<T, String>) -> Result<T, String> {
         let mut guard = self.states.lock().map_err(|_| format!("{} state lock poisoned", self.name))?;
         let state = guard.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| {
-            let stream = stream(index)?;
-            catch_unwind(AssertUnwindSafe(|| init(stream))).unwrap_or_else(|_| Err(format!("the {} library is missing a symbol", self.name)))
+            catch_unwind(AssertUnwindSafe(|| init(stream(index)?)))
+                .unwrap_or_else(|_| Err(format!("{} unavailable: the CUDA driver or the library failed to load (see the message above)", self.name)))
         });
         match state {
             Ok(state) => {
