@@ -4,6 +4,9 @@
 //! and `gelu(gate)` (three `[batch, tokens, 4·dim]` tensors per transformer block) until the
 //! backward pass; [`geglu`]'s own backward (on burn's autodiff backend over Flex or CUDA, see
 //! [`crate::autodiff_ext`]) keeps only the projection it splits and recomputes the rest.
+//! [`geglu_projected`] goes further for a frozen projection without an adapter (every
+//! feed-forward input layer when only attention is trained): it keeps the projection's
+//! *input*, an eighth of the size, and recomputes the projection in the backward pass.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -14,7 +17,9 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
+use lora_core::kernels::matmul;
 use lora_core::precision::cast_to;
+use lora_core::LoraLinear;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
@@ -78,16 +83,124 @@ impl<X: Backend> Backward<X, 1> for GegluBackward {
         let grad_out = grads.consume::<X>(&ops.node);
         let [parent] = ops.parents;
         let Some(node) = parent else { return };
-        let h = tensor::<X, 3>(ops.state);
-        let dtype = h.dtype();
-        let (hidden, gate) = halves(cast_to(h, DType::F32));
-        let dy = cast_to(tensor::<X, 3>(grad_out), DType::F32);
-        let cdf = gate.clone().mul_scalar(std::f32::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
-        let pdf = gate.clone().square().mul_scalar(-0.5).exp().mul_scalar(0.398_942_3);
-        let d_hidden = dy.clone() * gate.clone() * cdf.clone();
-        let d_gate = dy * hidden * (cdf + gate * pdf);
-        let dh = Tensor::cat(vec![d_hidden, d_gate], 2);
-        grads.register::<X>(node.id, cast_to(dh, dtype).into_primitive().tensor());
+        let dh = geglu_grad(tensor::<X, 3>(ops.state), tensor(grad_out));
+        grads.register::<X>(node.id, dh.into_primitive().tensor());
+    }
+}
+
+/// `dL/dh` of `hidden · gelu(gate)` from `h = [hidden, gate]` and `dL/dy`, computed in f32
+/// and returned in `h`'s dtype.
+fn geglu_grad<X: Backend, const D: usize>(h: Tensor<X, D>, grad_out: Tensor<X, D>) -> Tensor<X, D> {
+    let dtype = h.dtype();
+    let n = h.dims()[D - 1] / 2;
+    let h = cast_to(h, DType::F32);
+    let (hidden, gate) = (h.clone().narrow(D - 1, 0, n), h.narrow(D - 1, n, n));
+    let dy = cast_to(grad_out, DType::F32);
+    let cdf = gate.clone().mul_scalar(std::f32::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
+    let pdf = gate.clone().square().mul_scalar(-0.5).exp().mul_scalar(0.398_942_3);
+    let d_hidden = dy.clone() * gate.clone() * cdf.clone();
+    let d_gate = dy * hidden * (cdf + gate * pdf);
+    cast_to(Tensor::cat(vec![d_hidden, d_gate], D - 1), dtype)
+}
+
+/// `geglu(proj(x))` for a feed-forward input layer.
+///
+/// When `proj` has no active adapter (none attached, merged, or multiplier 0) and the model
+/// runs on burn's autodiff backend over Flex or CUDA, this is one op that keeps `x`, the
+/// weight and the bias, and recomputes `proj(x)` in the backward pass (one extra matmul)
+/// instead of keeping the 8x larger projection. Otherwise it is `geglu(proj.forward(x))`.
+/// The gradients are the same either way.
+///
+/// ```
+/// use burn::backend::{Autodiff, Flex};
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::LoraLinear;
+///
+/// type B = Autodiff<Flex>;
+/// let device = Default::default();
+/// let proj = LoraLinear::new(LinearConfig::new(4, 16).init::<B>(&device));
+/// let x = Tensor::<B, 3>::random([1, 3, 4], Distribution::Normal(0.0, 1.0), &device);
+/// let fused = sd_model::activation::geglu_projected(&proj, x.clone());
+/// let plain = sd_model::activation::geglu(proj.forward(x));
+/// let err: f32 = (fused - plain).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn geglu_projected<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let active_adapter = proj.adapter.is_some() && !proj.is_merged() && proj.multiplier != 0.0;
+    let weight = proj.base.weight.val();
+    if active_adapter || weight.dtype() != x.dtype() {
+        return geglu(proj.forward(x));
+    }
+    let bias = match &proj.base.bias {
+        Some(b) => b.val(),
+        None => cast_to(Tensor::zeros([weight.dims()[1]], &weight.device()), weight.dtype()),
+    };
+    let args = (x, weight, bias);
+    if let Some(out) = on_known_autodiff!(projected_for_autodiff::<B>(&args)) {
+        return out;
+    }
+    geglu(proj.forward(args.0))
+}
+
+fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>)) -> Option<Tensor<B, 3>> {
+    if !is_autodiff::<B, X, C>() {
+        return None;
+    }
+    let (x, w, b) = args.clone();
+    downcast(projected_op::<X, C>(downcast(x)?, downcast(w)?, downcast(b)?))
+}
+
+/// `x·W + b` on `[batch, tokens, d_in]`, through [`matmul`] (cuBLAS on CUDA when on).
+fn project<X: Backend>(x: Tensor<X, 3>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> Tensor<X, 3> {
+    let [batch, tokens, d_in] = x.dims();
+    let h = matmul(x.reshape([batch * tokens, d_in]), w) + b.unsqueeze::<2>();
+    let d_out = h.dims()[1];
+    h.reshape([batch, tokens, d_out])
+}
+
+fn projected_op<X: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<X, C>, 3>, w: Tensor<Autodiff<X, C>, 2>, b: Tensor<Autodiff<X, C>, 1>) -> Tensor<Autodiff<X, C>, 3> {
+    let (x, w, b) = (x.into_primitive().tensor(), w.into_primitive().tensor(), b.into_primitive().tensor());
+    let forward = |x: FloatTensor<X>, w: FloatTensor<X>, b: FloatTensor<X>| {
+        let (hidden, gate) = halves(project(tensor::<X, 3>(x), tensor(w), tensor(b)));
+        (hidden * gelu(gate)).into_primitive().tensor()
+    };
+    let out = match ProjectedGegluBackward.prepare::<C>([x.node.clone(), w.node.clone(), b.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = forward(x.primitive.clone(), w.primitive.clone(), b.primitive.clone());
+            prep.finish((x.primitive, w.primitive, b.primitive), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.primitive, w.primitive, b.primitive)),
+    };
+    tensor(out)
+}
+
+/// Backward of `geglu(x·W + b)` from `x`, `W` and `b`: recomputes the projection `h`, then
+/// `dh` as GEGLU's backward does, `dx = dh·Wᵀ`, `dW = xᵀ·dh`, `db = Σ dh`.
+#[derive(Debug)]
+struct ProjectedGegluBackward;
+
+impl<X: Backend> Backward<X, 3> for ProjectedGegluBackward {
+    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = tensor::<X, 3>(grads.consume::<X>(&ops.node));
+        let (x, w, b) = (tensor::<X, 3>(ops.state.0), tensor::<X, 2>(ops.state.1), tensor::<X, 1>(ops.state.2));
+        let [batch, tokens, d_in] = x.dims();
+        let d_out = w.dims()[1];
+        let dh = geglu_grad(project(x.clone(), w.clone(), b), grad_out).reshape([batch * tokens, d_out]);
+        let [px, pw, pb] = ops.parents;
+        if let Some(node) = pw {
+            let dw = matmul(x.clone().reshape([batch * tokens, d_in]).swap_dims(0, 1), dh.clone());
+            grads.register::<X>(node.id, dw.into_primitive().tensor());
+        }
+        if let Some(node) = pb {
+            grads.register::<X>(node.id, dh.clone().sum_dim(0).squeeze_dim::<1>(0).into_primitive().tensor());
+        }
+        if let Some(node) = px {
+            let dx = matmul(dh, w.swap_dims(0, 1)).reshape([batch, tokens, d_in]);
+            grads.register::<X>(node.id, dx.into_primitive().tensor());
+        }
     }
 }
 
@@ -123,5 +236,54 @@ mod tests {
     fn geglu_backward_matches_burns() {
         check::<NoCheckpointing>();
         check::<BalancedCheckpointing>();
+    }
+
+    /// The projected op against `geglu(proj.forward(x))`: output, input gradient and, for a
+    /// trainable projection, weight and bias gradients; a frozen projection gets none.
+    fn check_projected<C: CheckpointStrategy>() {
+        use burn::module::Param;
+        use burn::nn::LinearConfig;
+        type A<C> = Autodiff<Flex, C>;
+        let device = Default::default();
+        for frozen in [false, true] {
+            // `LoraLinear::new` freezes its base; a trainable base is rebuilt from its values.
+            let mut proj = LoraLinear::new(LinearConfig::new(6, 16).init::<A<C>>(&device));
+            if !frozen {
+                proj.base.weight = Param::from_tensor(proj.base.weight.val());
+                proj.base.bias = proj.base.bias.map(|b| Param::from_tensor(b.val()));
+            }
+            let x0 = Tensor::<Flex, 3>::random([2, 5, 6], Distribution::Normal(0.0, 1.0), &device);
+            let w = Tensor::<Flex, 3>::random([2, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+            let run = |fused: bool| {
+                let x = Tensor::<A<C>, 3>::from_inner(x0.clone()).require_grad();
+                let y = if fused { geglu_projected(&proj, x.clone()) } else { geglu(proj.forward(x.clone())) };
+                let grads = (y.clone() * Tensor::from_inner(w.clone())).sum().backward();
+                let dw = proj.base.weight.grad(&grads).map(|g| g.flatten::<1>(0, 1));
+                let db = proj.base.bias.as_ref().and_then(|b| b.grad(&grads));
+                (y.inner().flatten::<1>(0, 2), x.grad(&grads).unwrap().flatten::<1>(0, 2), dw, db)
+            };
+            let (ours, reference) = (run(true), run(false));
+            let rel = |a: Tensor<Flex, 1>, b: Tensor<Flex, 1>| -> f32 {
+                let scale: f32 = b.clone().abs().max().into_scalar();
+                let diff: f32 = (a - b).abs().max().into_scalar();
+                diff / scale
+            };
+            assert!(rel(ours.0, reference.0) < 1e-5, "frozen {frozen}: output");
+            assert!(rel(ours.1, reference.1) < 1e-4, "frozen {frozen}: dx");
+            assert_eq!(ours.2.is_some(), !frozen, "frozen {frozen}: weight gradient presence");
+            assert_eq!(reference.2.is_some(), !frozen);
+            if let (Some(a), Some(b)) = (ours.2, reference.2) {
+                assert!(rel(a, b) < 1e-4, "dW");
+            }
+            if let (Some(a), Some(b)) = (ours.3, reference.3) {
+                assert!(rel(a, b) < 1e-4, "db");
+            }
+        }
+    }
+
+    #[test]
+    fn projected_geglu_matches_the_plain_path() {
+        check_projected::<NoCheckpointing>();
+        check_projected::<BalancedCheckpointing>();
     }
 }

@@ -95,8 +95,8 @@ impl<B: Backend> FeedForward<B> {
     }
 
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.net.0.proj.forward(x);
-        self.net.2.forward(self.net.1.forward(crate::activation::geglu(h)))
+        let h = crate::activation::geglu_projected(&self.net.0.proj, x);
+        self.net.2.forward(self.net.1.forward(h))
     }
 }
 
