@@ -554,8 +554,6 @@ fn main() -> Result<()> {
     let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
     let cudnn = cli.cudnn || env_flag("SD_LORA_CUDNN");
     let cublas = cli.cublas || env_flag("SD_LORA_CUBLAS");
-    lora_core::kernels::set_cudnn(cudnn);
-    lora_core::kernels::set_cublas(cublas);
     if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
@@ -564,6 +562,9 @@ fn main() -> Result<()> {
     {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             eprintln!("device: CUDA GPU 0");
+            // The switches act on the CUDA backend only; on the CPU they stay off.
+            lora_core::kernels::set_cudnn(cudnn);
+            lora_core::kernels::set_cublas(cublas);
             if cudnn {
                 match lora_core::kernels::cudnn_status() {
                     Ok(version) => eprintln!("convolutions: cuDNN {version}"),
@@ -588,7 +589,7 @@ fn main() -> Result<()> {
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
     if cudnn || cublas {
-        eprintln!("--cudnn / --cublas: no effect on the CPU backend");
+        eprintln!("--cudnn / --cublas / SD_LORA_CUDNN / SD_LORA_CUBLAS: ignored on the CPU backend");
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }
