@@ -89,7 +89,7 @@ def fmt(v, digits=3):
     return str(v)
 
 
-def cudnn_cell(res):
+def vendor_cell(res):
     """What ran in vendor libraries: `dnn calls/blas calls/fallbacks`, `off` without --cudnn or
     --cublas, `–` for binaries that do not report it."""
     v = res.get("vendor")
@@ -157,7 +157,7 @@ def table(a):
             cell = lambda e: f"{fmt(e['rel_l2'], 2)} / {fmt(e['max_rel'], 2)}" + ("" if e["finite"] else " NaN!")
             out.append(
                 f"| {r['name']} | {cell(res['output'])} | {cell(res['grad_up'])} | {cell(res['grad_down'])} "
-                f"| {fmt(res['tolerance'], 2)} | {fmt(res['pass'])} | {fmt(res['device_s'])} | {cudnn_cell(res)} |"
+                f"| {fmt(res['tolerance'], 2)} | {fmt(res['pass'])} | {fmt(res['device_s'])} | {vendor_cell(res)} |"
             )
         out.append("")
 
@@ -194,7 +194,7 @@ def table(a):
             out.append(
                 f"| {r['name']} | {res.get('precision')} | {fmt(res.get('s_per_step'))} | {fmt(t and t['s'])} "
                 f"| {fmt(res.get('img_per_s'))} | {fmt(t and t['img_s'])} | {fmt(ratio(res.get('img_per_s'), t and t['img_s']))} "
-                f"| {mem_cell} | {fmt(t and t['mem'])} | {fmt(ratio(mem, t and t['mem']))} | {fmt(res.get('first_step_s'))} | {cudnn_cell(res)} |"
+                f"| {mem_cell} | {fmt(t and t['mem'])} | {fmt(ratio(mem, t and t['mem']))} | {fmt(res.get('first_step_s'))} | {vendor_cell(res)} |"
             )
         out.append("")
         card = env.get("gpu") or env.get("cpu") or "?"

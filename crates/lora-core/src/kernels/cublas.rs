@@ -8,6 +8,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cublas::{result, sys};
+use cudarc::driver::sys::CUstream;
 
 use super::device;
 
@@ -23,14 +24,14 @@ static STATE: device::PerDevice<DeviceState> = device::PerDevice::new("cuBLAS");
 
 /// `Ok` once cuBLAS loads and a handle can be created on device 0.
 pub(super) fn status() -> Result<(), String> {
-    with_handle(0, |_| Ok(()))
+    with_handle(0, |_, _| Ok(()))
 }
 
-fn with_handle<T>(index: usize, f: impl FnOnce(sys::cublasHandle_t) -> Result<T, String>) -> Result<T, String> {
-    STATE.with(index, init_device, |state| f(state.handle))
+fn with_handle<T>(index: usize, f: impl FnOnce(sys::cublasHandle_t, CUstream) -> Result<T, String>) -> Result<T, String> {
+    STATE.with(index, init_device, |state, stream| f(state.handle, stream))
 }
 
-fn init_device(stream: cudarc::driver::sys::CUstream) -> Result<DeviceState, String> {
+fn init_device(stream: CUstream) -> Result<DeviceState, String> {
     // SAFETY: probing only tries to open the shared library.
     if !unsafe { sys::is_culib_present() } {
         return Err("libcublas not found; add the CUDA toolkit's lib64 to LD_LIBRARY_PATH".to_string());
@@ -134,12 +135,12 @@ pub(super) fn run(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Res
         DType::F32 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
         _ => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
-    with_handle(device.index, |handle| {
-        device::run_on_buffers(&client, device.index, &[&a.handle, &b.handle, &out_handle], |p, _stream| {
+    with_handle(device.index, |handle, stream| {
+        device::run_on_buffers(&client, stream, &[&a.handle, &b.handle, &out_handle], |p| {
             let (alpha, beta) = (1.0f32, 0.0f32);
             // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: B is cuBLAS's first operand.
             // SAFETY: the pointers address live cubecl buffers laid out as `oa`/`ob` describe
-            // and an output of batch·m·n elements; the handle is bound to `_stream`.
+            // and an output of batch·m·n elements; the handle is bound to `stream`.
             unsafe {
                 result::gemm_strided_batched_ex(
                     handle,

@@ -11,6 +11,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::cudnn::{result, sys};
+use cudarc::driver::sys::CUstream;
 
 use super::cuda::Kind;
 use super::device;
@@ -54,15 +55,15 @@ struct ProblemKey {
 
 /// The cuDNN version, once the library loads and a handle can be created on device 0.
 pub(super) fn status() -> Result<usize, String> {
-    with_device(0, |_| Ok(result::get_version()))
+    with_device(0, |_, _| Ok(result::get_version()))
 }
 
 /// Runs `f` with device `index`'s cuDNN state, creating it on first use.
-fn with_device<T>(index: usize, f: impl FnOnce(&mut DeviceState) -> Result<T, String>) -> Result<T, String> {
+fn with_device<T>(index: usize, f: impl FnOnce(&mut DeviceState, CUstream) -> Result<T, String>) -> Result<T, String> {
     STATE.with(index, init_device, f)
 }
 
-fn init_device(stream: cudarc::driver::sys::CUstream) -> Result<DeviceState, String> {
+fn init_device(stream: CUstream) -> Result<DeviceState, String> {
     // SAFETY: probing only tries to open the shared library.
     if !unsafe { sys::is_culib_present() } {
         return Err("libcudnn (cuDNN 9) not found; add its directory to LD_LIBRARY_PATH".to_string());
@@ -277,7 +278,7 @@ pub(super) fn run(
     let elem = dtype.size();
     let out_handle = client.empty(out_shape.iter().product::<usize>() * elem);
 
-    with_device(device.index, |state| {
+    with_device(device.index, |state, stream| {
         let descriptors = Descriptors::new(&key)?;
         let (algo, workspace) = match state.algos.get(&key) {
             Some(found) => *found,
@@ -294,13 +295,13 @@ pub(super) fn run(
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (alpha, beta) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
         let (d, h) = (&descriptors, state.handle);
-        device::run_on_buffers(&client, device.index, &buffers, |p, _stream| {
+        device::run_on_buffers(&client, stream, &buffers, |p| {
             let n = inputs.len();
             let (out, ws) = (p[n], if workspace > 0 { p[n + 1] } else { std::ptr::null_mut() });
             let input = |i: usize| p[i] as *const c_void;
             // SAFETY: the pointers address live cubecl buffers of the described shapes
             // (contiguous NCHW); the algorithm and workspace size come from cuDNN for these
-            // descriptors; the handle is bound to `_stream`.
+            // descriptors; the handle is bound to `stream`.
             unsafe {
                 match algo {
                     Algo::Forward(algo) => result::convolution_forward(h, alpha, d.x, input(0), d.w, input(1), d.conv, algo, ws, workspace, beta, d.y, out),

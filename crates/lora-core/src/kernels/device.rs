@@ -65,10 +65,10 @@ impl<S> PerDevice<S> {
         Self { states: Mutex::new(None), name }
     }
 
-    /// Runs `f` with device `index`'s state, its context current on this thread. On first
-    /// use the state is made by `init` from our stream; a panic there (cudarc's loader
-    /// panics when libcuda or a symbol is missing) becomes an error.
-    pub(super) fn with<T>(&self, index: usize, init: impl FnOnce(CUstream) -> Result<S, String>, f: impl FnOnce(&mut S) -> Result<T, String>) -> Result<T, String> {
+    /// Runs `f` with device `index`'s state and our stream, the context current on this
+    /// thread. On first use the state is made by `init` from the stream; a panic there
+    /// (cudarc's loader panics when libcuda or a symbol is missing) becomes an error.
+    pub(super) fn with<T>(&self, index: usize, init: impl FnOnce(CUstream) -> Result<S, String>, f: impl FnOnce(&mut S, CUstream) -> Result<T, String>) -> Result<T, String> {
         let mut guard = self.states.lock().map_err(|_| format!("{} state lock poisoned", self.name))?;
         let state = guard.get_or_insert_with(HashMap::new).entry(index).or_insert_with(|| {
             catch_unwind(AssertUnwindSafe(|| init(stream(index)?)))
@@ -76,25 +76,25 @@ impl<S> PerDevice<S> {
         });
         match state {
             Ok(state) => {
-                stream(index)?;
-                f(state)
+                let stream = stream(index)?;
+                f(state, stream)
             }
             Err(reason) => Err(reason.clone()),
         }
     }
 }
 
-/// Runs `call(pointers, stream)` once everything queued on `buffers` has finished, with the
-/// buffers' device pointers in the order given, and waits for `call`'s work on `stream`.
+/// Runs `call(pointers)` once everything queued on `buffers` has finished, with the
+/// buffers' device pointers in the order given, and waits for `call`'s work on `stream`
+/// (the library handle's stream, from [`PerDevice::with`]).
 ///
 /// The buffers stay alive (and unused by cubecl) until this returns.
 pub(super) fn run_on_buffers(
     client: &ComputeClient<CudaRuntime>,
-    index: usize,
+    stream: CUstream,
     buffers: &[&Handle],
-    call: impl FnOnce(&[*mut c_void], CUstream) -> Result<(), String>,
+    call: impl FnOnce(&[*mut c_void]) -> Result<(), String>,
 ) -> Result<(), String> {
-    let stream = stream(index)?;
     let resources = buffers
         .iter()
         .map(|h| client.get_resource((*h).clone()).map_err(|e| format!("cubecl resource: {e:?}")))
@@ -102,7 +102,7 @@ pub(super) fn run_on_buffers(
     burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
     let pointers: Vec<*mut c_void> = resources.iter().map(|r| r.resource().ptr as *mut c_void).collect();
     // A missing symbol panics inside cudarc's loader; turn that into an error.
-    catch_unwind(AssertUnwindSafe(|| call(&pointers, stream))).map_err(|_| "library call panicked (missing symbol?)".to_string())??;
+    catch_unwind(AssertUnwindSafe(|| call(&pointers))).map_err(|_| "library call panicked (missing symbol?)".to_string())??;
     // SAFETY: the stream was created in `create` and is never destroyed.
     unsafe { driver::stream::synchronize(stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
     drop(resources);
