@@ -5,14 +5,17 @@
 # device call: scripts/device/README.md. Everything is selectable through the variables below.
 #
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
-#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas] ..."   device checks, PREC
-#        f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
-#        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0)
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device] ..."   device checks,
+#        PREC f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
+#        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0); device =
+#        --vendor-sync device (library calls ordered on the GPU; dropped, with a note, when
+#        the ordering test below fails)
 #        (default cuda: vendor libraries first, then burn's kernels; see below)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas] ..." benchmarks, MODE
-#        train|infer; plain = --plain-autodiff (burn's own backward passes, for the memory
-#        A/B); cudnn / cublas as above, with the default matmul threshold (default cuda: the
-#        four anchor settings with both, then batch 8 with cuDNN only and with neither)
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device] ..." benchmarks,
+#        MODE train|infer; plain = --plain-autodiff (burn's own backward passes, for the
+#        memory A/B); cudnn / cublas / device as above, with the default matmul threshold
+#        (default cuda: the four anchor settings with both libraries GPU-ordered, then batch
+#        8 with both host-ordered and with neither)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -52,8 +55,8 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas tiny:64:2:bf16:cudnn:cublas sd15:256:1:bf16:cudnn:cublas tiny:64:2"}
-    PLAN=${PLAN:-"sd15:512:1:train:cudnn:cublas sd15:512:8:train:cudnn:cublas sd15:512:8:train:ckpt:cudnn:cublas sd15:512:1:infer:cudnn:cublas sd15:512:8:train:cudnn sd15:512:8:train"}
+    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device tiny:64:2:bf16:cudnn:cublas sd15:256:1:bf16:cudnn:cublas:device tiny:64:2"}
+    PLAN=${PLAN:-"sd15:512:1:train:cudnn:cublas:device sd15:512:8:train:cudnn:cublas:device sd15:512:8:train:ckpt:cudnn:cublas:device sd15:512:1:infer:cudnn:cublas:device sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
@@ -82,6 +85,7 @@ run_job() {
     budget=$(left)
     if [ "$budget" -lt "$MIN_JOB_S" ]; then
         say "$name: skipped, ${budget}s of the budget left"
+        LAST_RC=-1
         echo "{\"source\": \"$source\", \"name\": \"$name\", \"rc\": -1, \"error\": \"skipped: budget spent\"}" >>"$RESULTS"
         return
     fi
@@ -90,6 +94,7 @@ run_job() {
     t0=$(date +%s%N)
     (cd "$WORK" && timeout -k 10 "$budget" "$@") >"$WORK/$name.out" 2>"$WORK/$name.err"
     rc=$?
+    LAST_RC=$rc
     ms=$(( ($(date +%s%N) - t0) / 1000000 ))
     { echo "--- $name stdout"; cat "$WORK/$name.out"; echo "--- $name stderr"; cat "$WORK/$name.err"; } >>"$LOG"
     "$PY" "$HERE/report.py" collect --source "$source" --name "$name" --rc "$rc" \
@@ -169,6 +174,23 @@ if [ ! -x "$BIN" ]; then
     exit 2
 fi
 
+# --- 1a. cuDNN convolutions and cuBLAS matmuls against burn's CUDA kernels (f32 and bf16), ---
+# then GPU-side ordering of library calls against host ordering (bounded: a broken ordering
+# shows as spin timeouts of about a second per call, so the test gets a limit of its own)
+DSYNC=1
+if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
+    run_job smoke "conv-cudnn-vs-burn" "{}" \
+        "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
+    run_job smoke "matmul-cublas-vs-burn" "{}" \
+        "$TESTS" --ignored --exact kernels::tests::cublas_matches_burn_kernels_on_cuda --nocapture
+    run_job smoke "ordering-device-vs-host" "{}" \
+        timeout -k 5 240 "$TESTS" --ignored --exact kernels::tests::device_ordering_matches_host_ordering_on_cuda --nocapture
+    if [ "${LAST_RC:-1}" != 0 ]; then
+        DSYNC=0
+        say "GPU-side ordering failed its test: the :device settings below run host-ordered"
+    fi
+fi
+
 # --- 1. correctness -------------------------------------------------------------------------
 for c in $CHECKS; do
     [ "$c" = none ] && continue
@@ -179,6 +201,7 @@ for c in $CHECKS; do
             ckpt) flag+=(--grad-checkpointing); suffix="$suffix-ckpt" ;;
             cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
             cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
+            device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
             *) prec=$o ;;
         esac
     done
@@ -187,14 +210,6 @@ for c in $CHECKS; do
         env SD_LORA_CUBLAS_MIN_GFLOP=0 "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
         --device "$DEVICE" --precision "$prec" "${flag[@]}"
 done
-
-# --- 1a. cuDNN convolutions and cuBLAS matmuls against burn's CUDA kernels (f32 and bf16) ----
-if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
-    run_job smoke "conv-cudnn-vs-burn" "{}" \
-        "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
-    run_job smoke "matmul-cublas-vs-burn" "{}" \
-        "$TESTS" --ignored --exact kernels::tests::cublas_matches_burn_kernels_on_cuda --nocapture
-fi
 
 # --- 1b. the whole training loop on the device: tiny model, demo data, the bench precision ----
 if [ "${SMOKE:-1}" = 1 ]; then
@@ -245,6 +260,7 @@ for p in $PLAN; do
             plain) flag+=(--plain-autodiff); suffix="$suffix-plain" ;;
             cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
             cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
+            device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
         esac
     done
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \

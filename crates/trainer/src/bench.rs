@@ -79,6 +79,14 @@ pub struct VendorUse {
     pub fallbacks: u64,
     /// Why the last fallback happened.
     pub last_error: Option<String>,
+    /// `--vendor-sync`: `"host"` or `"device"`.
+    pub sync: &'static str,
+    /// Calls ordered on the GPU (with `--vendor-sync device`), without a host wait.
+    pub device_ordered: u64,
+    /// GPU-side waits that gave up (should be 0; a result may have been read early).
+    pub ordering_timeouts: u64,
+    /// Why GPU-side ordering was not used, if it was asked for and failed.
+    pub ordering_error: Option<String>,
 }
 
 impl VendorUse {
@@ -92,6 +100,13 @@ impl VendorUse {
             cublas_calls: stats.cublas_calls,
             fallbacks: stats.fallbacks,
             last_error: stats.last_error,
+            sync: match lora_core::kernels::vendor_sync() {
+                lora_core::kernels::VendorSync::Host => "host",
+                lora_core::kernels::VendorSync::Device => "device",
+            },
+            device_ordered: stats.device_ordered,
+            ordering_timeouts: stats.ordering_timeouts,
+            ordering_error: stats.ordering_error,
         }
     }
 }

@@ -31,6 +31,11 @@ struct Cli {
     /// matmul is `SD_LORA_CUBLAS_MIN_GFLOP` (default 4).
     #[arg(long, global = true)]
     cublas: bool,
+    /// How cuDNN / cuBLAS calls are ordered with burn's kernels on CUDA: `host` (the host
+    /// waits for the GPU around each call; default) or `device` (the GPU orders them, no
+    /// host wait; see lora_core::kernels::VendorSync). Also `SD_LORA_VENDOR_SYNC`.
+    #[arg(long, global = true, value_name = "host|device")]
+    vendor_sync: Option<lora_core::kernels::VendorSync>,
 }
 
 /// Whether environment variable `name` is set to `1` or `true`.
@@ -558,10 +563,16 @@ fn main() -> Result<()> {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
     }
+    let vendor_sync = match (cli.vendor_sync, std::env::var("SD_LORA_VENDOR_SYNC")) {
+        (Some(mode), _) => mode,
+        (None, Ok(value)) => value.parse().map_err(|e| anyhow::anyhow!("SD_LORA_VENDOR_SYNC={value}: {e}"))?,
+        (None, Err(_)) => lora_core::kernels::VendorSync::Host,
+    };
     #[cfg(feature = "cuda")]
     {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             eprintln!("device: CUDA GPU 0");
+            lora_core::kernels::set_vendor_sync(vendor_sync);
             // The switches act on the CUDA backend only; on the CPU they stay off.
             lora_core::kernels::set_cudnn(cudnn);
             lora_core::kernels::set_cublas(cublas);
@@ -577,6 +588,9 @@ fn main() -> Result<()> {
                     Err(reason) => eprintln!("large matmuls: burn's kernels ({reason})"),
                 }
             }
+            if cudnn || cublas {
+                eprintln!("library calls ordered by the {}", if vendor_sync == lora_core::kernels::VendorSync::Device { "GPU" } else { "host" });
+            }
             match configure_kernel_cache() {
                 Some(dir) => eprintln!(
                     "the first steps compile and autotune GPU kernels (minutes on a first run); compiled kernels are kept in {}",
@@ -588,8 +602,8 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas {
-        eprintln!("--cudnn / --cublas / SD_LORA_CUDNN / SD_LORA_CUBLAS: ignored on the CPU backend");
+    if cudnn || cublas || vendor_sync != lora_core::kernels::VendorSync::Host {
+        eprintln!("--cudnn / --cublas / --vendor-sync (or their SD_LORA_* variables): ignored on the CPU backend");
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }

@@ -45,7 +45,7 @@ fn init_device(stream: CUstream) -> Result<DeviceState, String> {
 /// How cuBLAS reads one operand: its last two dimensions stored row-major (`trans` false) or
 /// column-major (`trans` true, a transposed view such as `swap_dims`), with leading dimension
 /// `ld`, and `batch_stride` elements between consecutive matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Operand {
     trans: bool,
     ld: usize,
@@ -136,7 +136,8 @@ pub(super) fn run(a: CubeTensor<CudaRuntime>, b: CubeTensor<CudaRuntime>) -> Res
         _ => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
     with_handle(device.index, |handle, stream| {
-        device::run_on_buffers(&client, stream, &[&a.handle, &b.handle, &out_handle], |p| {
+        let problem = device::problem_hash("cublas", &(oa, ob, m, n, k, batch, dtype));
+        device::run_on_buffers(&client, device.index, stream, problem, &[&a.handle, &b.handle, &out_handle], |p| {
             let (alpha, beta) = (1.0f32, 0.0f32);
             // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: B is cuBLAS's first operand.
             // SAFETY: the pointers address live cubecl buffers laid out as `oa`/`ob` describe

@@ -295,7 +295,8 @@ pub(super) fn run(
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (alpha, beta) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
         let (d, h) = (&descriptors, state.handle);
-        device::run_on_buffers(&client, stream, &buffers, |p| {
+        let problem = device::problem_hash("cudnn", &key);
+        device::run_on_buffers(&client, device.index, stream, problem, &buffers, |p| {
             let n = inputs.len();
             let (out, ws) = (p[n], if workspace > 0 { p[n + 1] } else { std::ptr::null_mut() });
             let input = |i: usize| p[i] as *const c_void;

@@ -1,23 +1,29 @@
 //! What the cuDNN and cuBLAS routes share: the device's primary context, a CUDA stream of
 //! ours, and running one library call on cubecl buffers.
 //!
-//! cubecl 0.10 does not expose the CUDA stream its kernels run on, so a call is ordered by
-//! host synchronisation: wait for the buffers' stream to drain, run the library on our own
-//! stream, wait for it. Each call therefore costs one pipeline drain (tens of
-//! microseconds), which is why only large problems are routed (convolutions at SD sizes
-//! take up to milliseconds; small matmuls stay in burn, see `super::set_cublas_min_gflop`).
-//! Workspaces and outputs come from cubecl's memory pool, so peak memory stays in one place.
+//! cubecl 0.10 does not expose the CUDA stream its kernels run on, so a call runs on a
+//! stream of our own and is ordered with cubecl's kernels either by the host (wait for
+//! cubecl's queue to drain, run, wait for our stream: one pipeline drain per call) or, with
+//! [`VendorSync::Device`], on the GPU by two tiny kernels on cubecl's side and stream memory
+//! operations on ours ([`super::ordering`]). Only large problems are routed either way
+//! (convolutions at SD sizes take up to milliseconds; small matmuls stay in burn, see
+//! `super::set_cublas_min_gflop`). Workspaces and outputs come from cubecl's memory pool, so
+//! peak memory stays in one place.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_void;
+use std::hash::Hash;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::cubecl::prelude::ComputeClient;
+use burn_cubecl::cubecl::prelude::{ArrayArg, CubeCount, CubeDim};
 use burn_cubecl::cubecl::server::Handle;
 use cudarc::driver::result as driver;
-use cudarc::driver::sys::{CUcontext, CUstream};
+use cudarc::driver::sys::{self, CUcontext, CUstream};
+
+use super::{ordering, VendorSync};
 
 /// One device's primary context and our stream on it.
 #[derive(Clone, Copy)]
@@ -84,27 +90,220 @@ impl<S> PerDevice<S> {
     }
 }
 
-/// Runs `call(pointers)` once everything queued on `buffers` has finished, with the
-/// buffers' device pointers in the order given, and waits for `call`'s work on `stream`
-/// (the library handle's stream, from [`PerDevice::with`]).
+impl<S> PerDevice<S> {
+    /// Folds `f` over the devices whose state was created successfully.
+    pub(super) fn fold<T>(&self, init: T, mut f: impl FnMut(T, &S) -> Result<T, String>) -> Result<T, String> {
+        let guard = self.states.lock().map_err(|_| format!("{} state lock poisoned", self.name))?;
+        let mut acc = init;
+        for state in guard.iter().flat_map(|m| m.values()).flatten() {
+            acc = f(acc, state)?;
+        }
+        Ok(acc)
+    }
+}
+
+/// Runs `call(pointers)` after everything queued on `buffers` and before anything queued
+/// after it, with the buffers' device pointers in the order given; `call` queues its work
+/// on `stream` (the library handle's stream, from [`PerDevice::with`]) of device `index`.
 ///
-/// The buffers stay alive (and unused by cubecl) until this returns.
+/// With [`VendorSync::Host`] (or the first time a `problem` is seen) the host orders it:
+/// it waits for cubecl's queue to drain, queues `call` and waits for `stream`. With
+/// [`VendorSync::Device`] the GPU orders it (see [`super::ordering`]) and this returns as
+/// soon as the work is queued. `problem` identifies the library problem (shapes, dtypes,
+/// algorithm): its first call is always host-ordered, because a library may load kernels or
+/// free memory on first use, which waits for the whole device and so would wait for a
+/// spinning [`super::ordering::wait`] whose release comes after it.
 pub(super) fn run_on_buffers(
     client: &ComputeClient<CudaRuntime>,
+    index: usize,
     stream: CUstream,
+    problem: u64,
     buffers: &[&Handle],
     call: impl FnOnce(&[*mut c_void]) -> Result<(), String>,
 ) -> Result<(), String> {
+    let mut call = Some(call);
+    if super::vendor_sync() == VendorSync::Device {
+        let ordered = ORDER.with(index, |_| Order::new(client), |order, _| Ok(order.run(client, stream, problem, buffers, &mut call)));
+        match ordered {
+            Ok(Some(done)) => return done,
+            Ok(None) => {}
+            Err(reason) => super::record_ordering_unavailable(reason),
+        }
+    }
+    let call = call.take().ok_or("library call already consumed")?;
+    with_pointers(client, buffers, |pointers| host_ordered(client, stream, pointers, call))?
+}
+
+/// Runs `f` with the device pointers of `buffers`, which stay allocated until it returns.
+fn with_pointers<T>(client: &ComputeClient<CudaRuntime>, buffers: &[&Handle], f: impl FnOnce(&[*mut c_void]) -> T) -> Result<T, String> {
     let resources = buffers
         .iter()
         .map(|h| client.get_resource((*h).clone()).map_err(|e| format!("cubecl resource: {e:?}")))
         .collect::<Result<Vec<_>, _>>()?;
-    burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
     let pointers: Vec<*mut c_void> = resources.iter().map(|r| r.resource().ptr as *mut c_void).collect();
+    let out = f(&pointers);
+    drop(resources);
+    Ok(out)
+}
+
+/// Drains cubecl's queue, runs `call`, waits for `stream`.
+fn host_ordered(client: &ComputeClient<CudaRuntime>, stream: CUstream, pointers: &[*mut c_void], call: impl FnOnce(&[*mut c_void]) -> Result<(), String>) -> Result<(), String> {
+    burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
     // A missing symbol panics inside cudarc's loader; turn that into an error.
-    catch_unwind(AssertUnwindSafe(|| call(&pointers))).map_err(|_| "library call panicked (missing symbol?)".to_string())??;
+    let called = catch_unwind(AssertUnwindSafe(|| call(pointers))).map_err(|_| "library call panicked (missing symbol?)".to_string());
     // SAFETY: the stream was created in `create` and is never destroyed.
     unsafe { driver::stream::synchronize(stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"))?;
-    drop(resources);
-    Ok(())
+    called?
+}
+
+/// Device-side ordering state of one device: the ready/done/status words
+/// ([`super::ordering`]), the next call number, and the problems seen so far.
+struct Order {
+    client: ComputeClient<CudaRuntime>,
+    words: Handle,
+    next: u32,
+    seen: HashSet<u64>,
+    /// Why device ordering stopped working on this device (then every call is host-ordered).
+    broken: Option<String>,
+}
+
+// SAFETY: the client and handle are cubecl's thread-safe handles; raw pointers are not kept.
+unsafe impl Send for Order {}
+
+static ORDER: PerDevice<Order> = PerDevice::new("stream ordering");
+
+impl Order {
+    fn new(client: &ComputeClient<CudaRuntime>) -> Result<Self, String> {
+        let words = client.create_from_slice(&vec![0u8; 4 * ordering::WORDS]);
+        // The zeros must be in place before our stream ever waits on a word.
+        burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
+        Ok(Self {
+            client: client.clone(),
+            words,
+            next: 1,
+            seen: HashSet::new(),
+            broken: None,
+        })
+    }
+
+    /// Runs `call` (taking it out of the option) and returns its result, or returns `None`
+    /// (leaving `call`) when the host must order it.
+    fn run(
+        &mut self,
+        client: &ComputeClient<CudaRuntime>,
+        stream: CUstream,
+        problem: u64,
+        buffers: &[&Handle],
+        call: &mut Option<impl FnOnce(&[*mut c_void]) -> Result<(), String>>,
+    ) -> Option<Result<(), String>> {
+        if self.broken.is_some() || self.next == u32::MAX {
+            return None;
+        }
+        let k = self.next;
+        let slot = k % ordering::SLOTS;
+        // Signal first: the resource lookups below are blocking requests to cubecl's server,
+        // served in order, so once they return the signal kernel has been launched.
+        launch_signal(client, &self.words, slot, k);
+        // Every launched signal uses up its number, or a later wait for the same number
+        // could be met by this signal before its own.
+        self.next += 1;
+        let words = self.words.clone();
+        let all: Vec<&Handle> = std::iter::once(&words).chain(buffers.iter().copied()).collect();
+        match with_pointers(client, &all, |p| self.ordered(client, stream, problem, k, p[0] as u64, &p[1..], call)) {
+            Ok(done) => done,
+            Err(reason) => Some(Err(reason)),
+        }
+    }
+
+    /// [`Order::run`] once the signal for call `k` is launched; `base` is the words' address.
+    #[allow(clippy::too_many_arguments)]
+    fn ordered(
+        &mut self,
+        client: &ComputeClient<CudaRuntime>,
+        stream: CUstream,
+        problem: u64,
+        k: u32,
+        base: u64,
+        pointers: &[*mut c_void],
+        call: &mut Option<impl FnOnce(&[*mut c_void]) -> Result<(), String>>,
+    ) -> Option<Result<(), String>> {
+        let slot = k % ordering::SLOTS;
+        // First use of a problem (with these pointer alignments, which steer a library's
+        // kernel choice): host-ordered, see `run_on_buffers`.
+        let key = pointers.iter().fold(problem, |h, p| h.rotate_left(7) ^ u64::from((*p as u64).trailing_zeros().min(8)));
+        if self.seen.insert(key) {
+            let call = call.take()?;
+            return Some(host_ordered(client, stream, pointers, call));
+        }
+        let word = |index: u32| base + 4 * u64::from(index);
+        // SAFETY: the word lies in the live `words` buffer; the stream is ours.
+        let waited = catch_unwind(AssertUnwindSafe(|| unsafe { sys::cuStreamWaitValue32_v2(stream, word(slot), k, sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32) }.result()));
+        if let Err(reason) = flatten(waited, "cuStreamWaitValue32") {
+            super::record_ordering_unavailable(reason.clone());
+            self.broken = Some(reason);
+            return None;
+        }
+        let call = call.take()?;
+        let called = catch_unwind(AssertUnwindSafe(|| call(pointers))).map_err(|_| "library call panicked (missing symbol?)".to_string()).and_then(|r| r);
+        // Always release, even after a failed call: the fallback kernel queues behind `wait`.
+        // SAFETY: as above.
+        let released = catch_unwind(AssertUnwindSafe(|| unsafe { sys::cuStreamWriteValue32_v2(stream, word(ordering::SLOTS + slot), k, sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32) }.result()));
+        if let Err(reason) = flatten(released, "cuStreamWriteValue32") {
+            // Nothing queued on cubecl's side waits for the release: wait on the host.
+            super::record_ordering_unavailable(reason.clone());
+            self.broken = Some(reason);
+            // SAFETY: the stream is ours; what it waits for (the signal) is launched.
+            let synced = unsafe { driver::stream::synchronize(stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"));
+            return Some(synced.and(called));
+        }
+        launch_wait(client, &self.words, ordering::SLOTS + slot, k);
+        if called.is_ok() {
+            super::record_device_ordered();
+        }
+        Some(called)
+    }
+
+    /// Timeouts counted by [`ordering::wait`] on this device (reads the status word, which
+    /// waits for the device's queue).
+    fn timeouts(&self) -> Result<u64, String> {
+        let bytes = self.client.read_one(self.words.clone()).map_err(|e| format!("reading the ordering words: {e:?}"))?;
+        let at = 4 * ordering::STATUS as usize;
+        let word = bytes.get(at..at + 4).ok_or("ordering words too short")?;
+        Ok(u64::from(u32::from_le_bytes([word[0], word[1], word[2], word[3]])))
+    }
+}
+
+fn flatten(result: std::thread::Result<Result<(), driver::DriverError>>, what: &str) -> Result<(), String> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{what}: {e:?}")),
+        Err(_) => Err(format!("{what} is missing from the CUDA driver")),
+    }
+}
+
+fn words_arg(words: &Handle) -> ArrayArg<CudaRuntime> {
+    // SAFETY: the buffer holds `WORDS` u32 words.
+    unsafe { ArrayArg::from_raw_parts(words.clone(), ordering::WORDS) }
+}
+
+fn launch_signal(client: &ComputeClient<CudaRuntime>, words: &Handle, index: u32, value: u32) {
+    ordering::signal::launch::<CudaRuntime>(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), words_arg(words), index, value);
+}
+
+fn launch_wait(client: &ComputeClient<CudaRuntime>, words: &Handle, index: u32, value: u32) {
+    ordering::wait::launch::<CudaRuntime>(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), words_arg(words), index, value, ordering::STATUS, ordering::MAX_SPINS);
+}
+
+/// A key for `run_on_buffers`'s `problem`: library `tag` and what decides its kernels.
+pub(super) fn problem_hash(tag: &str, what: &impl Hash) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut hasher = DefaultHasher::new();
+    tag.hash(&mut hasher);
+    what.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Spin timeouts of the device-side ordering, summed over the devices that used it.
+pub(super) fn ordering_timeouts() -> Result<u64, String> {
+    ORDER.fold(0, |sum, order| Ok(sum + order.timeouts()?))
 }

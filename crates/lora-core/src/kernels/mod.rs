@@ -50,6 +50,9 @@ mod cublas;
 mod cudnn;
 #[cfg(feature = "cuda")]
 mod device;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod ordering;
 
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
@@ -59,6 +62,9 @@ static CUBLAS_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Smallest matmul (in FLOPs) routed to cuBLAS; see [`set_cublas_min_gflop`].
 static CUBLAS_MIN_FLOPS: AtomicU64 = AtomicU64::new(4_000_000_000);
 static FALLBACKS: AtomicU64 = AtomicU64::new(0);
+static DEVICE_SYNC: AtomicBool = AtomicBool::new(false);
+static DEVICE_ORDERED: AtomicU64 = AtomicU64::new(0);
+static ORDERING_ERROR: Mutex<Option<String>> = Mutex::new(None);
 static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
 
 /// Turns the base convolutions' own backward pass (see the [module docs](self)) on or off
@@ -105,6 +111,65 @@ pub fn set_cublas_min_gflop(gflop: f64) {
     CUBLAS_MIN_FLOPS.store((gflop.max(0.0) * 1e9) as u64, Ordering::Relaxed);
 }
 
+/// How a cuDNN or cuBLAS call is ordered with burn's kernels on the CUDA backend.
+///
+/// cubecl 0.10 does not expose the CUDA stream burn's kernels run on, so library calls run
+/// on a stream of their own and must be ordered with burn's work some other way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VendorSync {
+    /// The host waits for burn's queued kernels to finish, queues the call and waits for
+    /// it: one pipeline drain per call, during which the GPU idles while the host catches
+    /// up. Proven, and the default.
+    #[default]
+    Host,
+    /// The GPU orders the call: a one-thread kernel on burn's stream marks that the inputs
+    /// are ready, the library's stream waits for the mark (`cuStreamWaitValue32`), and a
+    /// one-thread kernel on burn's stream spins until the library's stream marks the call
+    /// done. The host never waits. The first call of each problem (shapes, dtypes,
+    /// algorithm) is still host-ordered, so that a library's first-use work (loading
+    /// kernels, freeing memory, which wait for the whole device) cannot wait on a spinning
+    /// kernel. A device without stream memory operations falls back to [`VendorSync::Host`]
+    /// (see [`VendorStats::ordering_error`]).
+    Device,
+}
+
+impl std::str::FromStr for VendorSync {
+    type Err = String;
+
+    /// `host` or `device`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "host" => Ok(Self::Host),
+            "device" => Ok(Self::Device),
+            other => Err(format!("`{other}`: expected `host` or `device`")),
+        }
+    }
+}
+
+/// Chooses how cuDNN / cuBLAS calls are ordered with burn's kernels (default
+/// [`VendorSync::Host`]); has no effect on other backends.
+///
+/// ```
+/// use lora_core::kernels::{set_vendor_sync, vendor_sync, VendorSync};
+///
+/// let mode: VendorSync = "device".parse().unwrap();
+/// set_vendor_sync(mode);
+/// assert_eq!(vendor_sync(), VendorSync::Device);
+/// set_vendor_sync(VendorSync::Host);
+/// ```
+pub fn set_vendor_sync(mode: VendorSync) {
+    DEVICE_SYNC.store(mode == VendorSync::Device, Ordering::Relaxed);
+}
+
+/// The current [`VendorSync`].
+pub fn vendor_sync() -> VendorSync {
+    if DEVICE_SYNC.load(Ordering::Relaxed) {
+        VendorSync::Device
+    } else {
+        VendorSync::Host
+    }
+}
+
 /// Counters of the vendor-library routing since the process started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VendorStats {
@@ -117,15 +182,37 @@ pub struct VendorStats {
     pub fallbacks: u64,
     /// Why the most recent fallback happened.
     pub last_error: Option<String>,
+    /// Library calls ordered on the GPU ([`VendorSync::Device`]), without a host wait.
+    pub device_ordered: u64,
+    /// Times a GPU-side wait of [`VendorSync::Device`] gave up (after about a second) and
+    /// let burn's kernels go on, so a result may have been read too early; should be 0.
+    pub ordering_timeouts: u64,
+    /// Why [`VendorSync::Device`] could not be used (calls were then host-ordered), or why
+    /// its timeouts could not be read.
+    pub ordering_error: Option<String>,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
+///
+/// Once calls have been ordered on the GPU this reads a status word from each device, which
+/// waits for the work queued there: call it between steps, not inside one.
 pub fn vendor_stats() -> VendorStats {
+    let device_ordered = DEVICE_ORDERED.load(Ordering::Relaxed);
+    let ordering_error = ORDERING_ERROR.lock().map(|e| e.clone()).unwrap_or(None);
+    // Timeouts can only have happened on a device that ordered calls.
+    let timeouts = if device_ordered > 0 { ordering_timeouts() } else { Ok(0) };
+    let (ordering_timeouts, ordering_error) = match timeouts {
+        Ok(n) => (n, ordering_error),
+        Err(reason) => (0, Some(reason)),
+    };
     VendorStats {
         cudnn_calls: CUDNN_CALLS.load(Ordering::Relaxed),
         cublas_calls: CUBLAS_CALLS.load(Ordering::Relaxed),
         fallbacks: FALLBACKS.load(Ordering::Relaxed),
         last_error: LAST_ERROR.lock().map(|e| e.clone()).unwrap_or(None),
+        device_ordered,
+        ordering_timeouts,
+        ordering_error,
     }
 }
 
@@ -164,6 +251,30 @@ fn record_cudnn_call() {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn record_cublas_call() {
     CUBLAS_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+fn ordering_timeouts() -> Result<u64, String> {
+    #[cfg(feature = "cuda")]
+    {
+        device::ordering_timeouts()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(0)
+    }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn record_device_ordered() {
+    DEVICE_ORDERED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Remembers why device-side ordering is unavailable (the first reason is kept).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn record_ordering_unavailable(reason: String) {
+    if let Ok(mut error) = ORDERING_ERROR.lock() {
+        error.get_or_insert(reason);
+    }
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

@@ -267,3 +267,62 @@ fn cublas_matches_burn_kernels_on_cuda() {
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
     assert_eq!(after.cublas_calls - before.cublas_calls, routed);
 }
+
+/// GPU-side ordering ([`VendorSync::Device`]): chains in which every cuDNN / cuBLAS call
+/// reads what burn's kernels have just written and burn's kernels at once read its output,
+/// so a missing wait on either side shows as a wrong result. Compared with the same chain
+/// host-ordered (same library kernels) and in burn's kernels alone. Run on the GPU machine.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcudnn 9"]
+fn device_ordering_matches_host_ordering_on_cuda() {
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    type A = Autodiff<B>;
+    cudnn_status().unwrap_or_else(|reason| panic!("cuDNN unavailable: {reason}"));
+    cublas_status().unwrap_or_else(|reason| panic!("cuBLAS unavailable: {reason}"));
+    let device = Default::default();
+    let conv = layer::<A>(64, 64, 3, 1, 1, true, &device).no_grad();
+    let w = Tensor::<B, 3>::random([1, 1024, 1024], Distribution::Normal(0.0, 1.0 / 32.0), &device);
+    let x0 = Tensor::<B, 3>::random([8, 1024, 1024], Distribution::Normal(0.0, 1.0), &device);
+    let c0 = Tensor::<A, 4>::random([4, 64, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+    let steps = 20;
+    let chain = |vendor: bool, mode: VendorSync| {
+        set_vendor_sync(mode);
+        set_cudnn(vendor);
+        set_cublas(vendor);
+        set_cublas_min_gflop(0.0);
+        let (mut x, mut c) = (x0.clone(), c0.clone());
+        for i in 0..steps {
+            let shift = i as f32 * 0.01;
+            let h = (x.clone() * 0.9 + shift).tanh();
+            let y = matmul(h.clone(), w.clone().expand([8, 1024, 1024]));
+            x = y + h;
+            let h = (c.clone() * 0.9 + shift).tanh();
+            c = crate::kernels::conv2d(&conv, h.clone()) * 0.5 + h;
+        }
+        let out = (x, c.inner());
+        set_cudnn(false);
+        set_cublas(false);
+        set_cublas_min_gflop(4.0);
+        set_vendor_sync(VendorSync::Host);
+        out
+    };
+    let burn = chain(false, VendorSync::Host);
+    let host = chain(true, VendorSync::Host);
+    let before = vendor_stats();
+    let device_run = chain(true, VendorSync::Device);
+    let after = vendor_stats();
+    assert_eq!(after.ordering_error, None);
+    assert_eq!(after.ordering_timeouts, 0, "a GPU-side wait gave up");
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    // Each problem's first call is host-ordered (the matmul and the conv, per pointer
+    // alignment class), the rest are GPU-ordered.
+    let ordered = after.device_ordered - before.device_ordered;
+    eprintln!("GPU-ordered calls: {ordered} of {}", 2 * steps);
+    assert!(ordered >= steps as u64, "only {ordered} of {} calls were GPU-ordered", 2 * steps);
+    assert!(max_rel(device_run.0.clone(), host.0.clone()) < 1e-3, "matmul chain: device vs host ordering");
+    assert!(max_rel(device_run.1.clone(), host.1.clone()) < 1e-3, "conv chain: device vs host ordering");
+    assert!(max_rel(device_run.0, burn.0) < 5e-2, "matmul chain: device ordering vs burn");
+    assert!(max_rel(device_run.1, burn.1) < 5e-2, "conv chain: device ordering vs burn");
+}
