@@ -91,13 +91,15 @@ def fmt(v, digits=3):
 
 def vendor_cell(res):
     """What ran in vendor libraries: `dnn calls/blas calls/fallbacks`, then how the calls were
-    ordered (`host`, or `gpu N` for N GPU-ordered calls, with any spin timeouts), `off` without
-    --cudnn or --cublas, `–` for binaries that do not report it."""
+    ordered (`host`, or `gpu N` for N GPU-ordered calls, with any spin timeouts), then
+    `softmax N` for N fused softmaxes; `off` without --cudnn or --cublas, `–` for binaries
+    that do not report it."""
     v = res.get("vendor")
     if not isinstance(v, dict):
         return "–"
+    softmax = f" softmax {v.get('fused_softmax_calls', 0)}" if v.get("fused_softmax") else ""
     if not (v.get("cudnn") or v.get("cublas")):
-        return "off"
+        return "off" + softmax
     cell = f"{v.get('cudnn_calls', 0)}/{v.get('cublas_calls', 0)}/{v.get('fallbacks', 0)}"
     if v.get("sync") == "device":
         cell += f" gpu {v.get('device_ordered', 0)}"
@@ -107,7 +109,7 @@ def vendor_cell(res):
             cell += " (" + str(v["ordering_error"])[:60] + ")"
     elif "sync" in v:
         cell += " host"
-    return cell + (" (" + str(v["last_error"])[:60] + ")" if v.get("last_error") else "")
+    return cell + softmax + (" (" + str(v["last_error"])[:60] + ")" if v.get("last_error") else "")
 
 
 def ratio(a, b):

@@ -8,14 +8,15 @@
 #   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device] ..."   device checks,
 #        PREC f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
 #        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0); device =
-#        --vendor-sync device (library calls ordered on the GPU; dropped, with a note, when
-#        the ordering test below fails)
+#        --vendor-sync device (library calls ordered on the GPU); softmax = --fused-softmax
+#        (attention's softmax in one CubeCL kernel); device / softmax are dropped, with a
+#        note, when their kernel test below fails
 #        (default cuda: vendor libraries first, then burn's kernels; see below)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device] ..." benchmarks,
-#        MODE train|infer; plain = --plain-autodiff (burn's own backward passes, for the
-#        memory A/B); cudnn / cublas / device as above, with the default matmul threshold
-#        (default cuda: the four anchor settings with both libraries GPU-ordered, then batch
-#        8 with both host-ordered and with neither)
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device][:softmax] ..."
+#        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
+#        for the memory A/B); cudnn / cublas / device / softmax as above, with the default
+#        matmul threshold (default cuda: the four anchor settings with everything on, then
+#        batch 8 with both libraries host-ordered and no fused softmax, and with neither)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -55,8 +56,8 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device tiny:64:2:bf16:cudnn:cublas sd15:256:1:bf16:cudnn:cublas:device tiny:64:2"}
-    PLAN=${PLAN:-"sd15:512:1:train:cudnn:cublas:device sd15:512:8:train:cudnn:cublas:device sd15:512:8:train:ckpt:cudnn:cublas:device sd15:512:1:infer:cudnn:cublas:device sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
+    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax tiny:64:2:bf16:cudnn:cublas sd15:256:1:bf16:cudnn:cublas:device:softmax tiny:64:2"}
+    PLAN=${PLAN:-"sd15:512:1:train:cudnn:cublas:device:softmax sd15:512:8:train:cudnn:cublas:device:softmax sd15:512:8:train:ckpt:cudnn:cublas:device:softmax sd15:512:1:infer:cudnn:cublas:device:softmax sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
@@ -176,8 +177,9 @@ fi
 
 # --- 1a. cuDNN convolutions and cuBLAS matmuls against burn's CUDA kernels (f32 and bf16), ---
 # then GPU-side ordering of library calls against host ordering (bounded: a broken ordering
-# shows as spin timeouts of about a second per call, so the test gets a limit of its own)
-DSYNC=1
+# shows as spin timeouts of about a second per call, so the test gets a limit of its own),
+# then the fused softmax kernel against burn's ops
+DSYNC=1 FUSED_SOFTMAX=1
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
     run_job smoke "conv-cudnn-vs-burn" "{}" \
         "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
@@ -188,6 +190,12 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
     if [ "${LAST_RC:-1}" != 0 ]; then
         DSYNC=0
         say "GPU-side ordering failed its test: the :device settings below run host-ordered"
+    fi
+    run_job smoke "softmax-fused-vs-burn" "{}" \
+        "$TESTS" --ignored --exact kernels::tests::fused_softmax_matches_burn_on_cuda --nocapture
+    if [ "${LAST_RC:-1}" != 0 ]; then
+        FUSED_SOFTMAX=0
+        say "the fused softmax failed its test: the :softmax settings below use burn's ops"
     fi
 fi
 
@@ -202,6 +210,7 @@ for c in $CHECKS; do
             cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
             cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
             device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
+            softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
             *) prec=$o ;;
         esac
     done
@@ -261,6 +270,7 @@ for p in $PLAN; do
             cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
             cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
             device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
+            softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
         esac
     done
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \

@@ -9,21 +9,22 @@
 //! recomputes the probabilities block of queries by block (FlashAttention-2's backward
 //! recurrence, written with tensor ops so it runs on every backend). The forward pass uses
 //! the inner backend's `attention` op (a fused kernel on CUDA), or, with
-//! [`lora_core::kernels::set_cublas`] on, the same blocks of queries through
-//! [`lora_core::kernels::matmul`] (cuBLAS on CUDA; burn measured its fused forward slower
-//! than matmul + softmax).
+//! [`lora_core::kernels::set_cublas`] or [`lora_core::kernels::set_fused_softmax`] on, the
+//! same blocks of queries through [`lora_core::kernels::matmul`] (cuBLAS on CUDA; burn
+//! measured its fused forward slower than matmul + softmax) and
+//! [`lora_core::kernels::scaled_softmax`] (one CubeCL kernel on CUDA), which the backward
+//! pass uses too.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::matmul;
+use lora_core::kernels::{matmul, scaled_softmax};
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -93,12 +94,12 @@ pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>
     attention_forward(q, k, v, BACKWARD_BLOCK_ELEMENTS)
 }
 
-/// The forward pass: burn's `attention` op, or with cuBLAS routing on
-/// ([`lora_core::kernels::set_cublas`]) `softmax(qᵢ kᵀ s) v` per block of queries, the
-/// matmuls through [`matmul`] and the softmax in f32, at most `block_elements` scores at
-/// once.
+/// The forward pass: burn's `attention` op, or with cuBLAS routing or the fused softmax on
+/// ([`lora_core::kernels::set_cublas`], [`lora_core::kernels::set_fused_softmax`])
+/// `softmax(qᵢ kᵀ s) v` per block of queries, the matmuls through [`matmul`] and the
+/// softmax through [`scaled_softmax`] (in f32), at most `block_elements` scores at once.
 fn attention_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> Tensor<X, 4> {
-    if lora_core::kernels::cublas_enabled() {
+    if lora_core::kernels::cublas_enabled() || lora_core::kernels::fused_softmax_enabled() {
         blockwise_forward(q, k, v, block_elements)
     } else {
         attention(q, k, v, None, None, plain_options())
@@ -117,8 +118,8 @@ fn blockwise_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 
         .step_by(block)
         .map(|start| {
             let qi = q.clone().narrow(2, start, block.min(seq_q - start));
-            let scores = cast_to(matmul(qi, kt.clone()), DType::F32).mul_scalar(scale);
-            matmul(cast_to(softmax(scores, 3), dtype), v.clone())
+            // The softmax reads the scores in the model's dtype and computes in f32.
+            matmul(scaled_softmax(matmul(qi, kt.clone()), scale, dtype), v.clone())
         })
         .collect();
     Tensor::cat(blocks, 2)
@@ -218,7 +219,7 @@ pub fn attention_backward<X: Backend>(
         let qi = q.clone().narrow(2, start, len);
         let doi = grad_out.clone().narrow(2, start, len);
         let oi = out.clone().narrow(2, start, len);
-        let p = softmax(matmul(qi.clone(), kt.clone()).mul_scalar(scale), 3);
+        let p = scaled_softmax(matmul(qi.clone(), kt.clone()), scale, DType::F32);
         dv = dv + matmul(p.clone().swap_dims(2, 3), doi.clone());
         let dp = matmul(doi.clone(), vt.clone());
         let row = (doi * oi).sum_dim(3);

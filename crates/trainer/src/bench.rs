@@ -87,6 +87,10 @@ pub struct VendorUse {
     pub ordering_timeouts: u64,
     /// Why GPU-side ordering was not used, if it was asked for and failed.
     pub ordering_error: Option<String>,
+    /// `--fused-softmax` / `SD_LORA_FUSED_SOFTMAX` was on.
+    pub fused_softmax: bool,
+    /// Softmaxes that ran in the fused kernel.
+    pub fused_softmax_calls: u64,
 }
 
 impl VendorUse {
@@ -107,6 +111,8 @@ impl VendorUse {
             device_ordered: stats.device_ordered,
             ordering_timeouts: stats.ordering_timeouts,
             ordering_error: stats.ordering_error,
+            fused_softmax: lora_core::kernels::fused_softmax_enabled(),
+            fused_softmax_calls: stats.fused_softmax_calls,
         }
     }
 }

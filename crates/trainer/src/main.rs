@@ -36,6 +36,10 @@ struct Cli {
     /// host wait; see lora_core::kernels::VendorSync). Also `SD_LORA_VENDOR_SYNC`.
     #[arg(long, global = true, value_name = "host|device")]
     vendor_sync: Option<lora_core::kernels::VendorSync>,
+    /// Compute attention's softmax on CUDA in one fused kernel instead of burn's ops (one
+    /// pass over the scores instead of several). Also `SD_LORA_FUSED_SOFTMAX=1`.
+    #[arg(long, global = true)]
+    fused_softmax: bool,
 }
 
 /// Whether environment variable `name` is set to `1` or `true`.
@@ -559,6 +563,7 @@ fn main() -> Result<()> {
     let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
     let cudnn = cli.cudnn || env_flag("SD_LORA_CUDNN");
     let cublas = cli.cublas || env_flag("SD_LORA_CUBLAS");
+    let fused_softmax = cli.fused_softmax || env_flag("SD_LORA_FUSED_SOFTMAX");
     if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
@@ -573,6 +578,10 @@ fn main() -> Result<()> {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             eprintln!("device: CUDA GPU 0");
             lora_core::kernels::set_vendor_sync(vendor_sync);
+            lora_core::kernels::set_fused_softmax(fused_softmax);
+            if fused_softmax {
+                eprintln!("attention softmax: fused kernel");
+            }
             // The switches act on the CUDA backend only; on the CPU they stay off.
             lora_core::kernels::set_cudnn(cudnn);
             lora_core::kernels::set_cublas(cublas);
@@ -602,8 +611,8 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas || vendor_sync != lora_core::kernels::VendorSync::Host {
-        eprintln!("--cudnn / --cublas / --vendor-sync (or their SD_LORA_* variables): ignored on the CPU backend");
+    if cudnn || cublas || fused_softmax || vendor_sync != lora_core::kernels::VendorSync::Host {
+        eprintln!("--cudnn / --cublas / --vendor-sync / --fused-softmax (or their SD_LORA_* variables): ignored on the CPU backend");
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }

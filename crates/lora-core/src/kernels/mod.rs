@@ -38,7 +38,7 @@ use burn::nn::Linear;
 use burn::nn::PaddingConfig2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ConvOptions, ConvTransposeOptions, FloatTensor};
-use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
 
 use crate::precision::cast_to;
 
@@ -53,6 +53,9 @@ mod device;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod ordering;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod softmax;
 
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
@@ -63,6 +66,8 @@ static CUBLAS_CALLS: AtomicU64 = AtomicU64::new(0);
 static CUBLAS_MIN_FLOPS: AtomicU64 = AtomicU64::new(4_000_000_000);
 static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 static DEVICE_SYNC: AtomicBool = AtomicBool::new(false);
+static FUSED_SOFTMAX: AtomicBool = AtomicBool::new(false);
+static FUSED_SOFTMAX_CALLS: AtomicU64 = AtomicU64::new(0);
 static DEVICE_ORDERED: AtomicU64 = AtomicU64::new(0);
 static ORDERING_ERROR: Mutex<Option<String>> = Mutex::new(None);
 static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
@@ -190,6 +195,8 @@ pub struct VendorStats {
     /// Why [`VendorSync::Device`] could not be used (calls were then host-ordered), or why
     /// its timeouts could not be read.
     pub ordering_error: Option<String>,
+    /// Softmaxes that ran in the fused kernel ([`set_fused_softmax`]).
+    pub fused_softmax_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -213,6 +220,7 @@ pub fn vendor_stats() -> VendorStats {
         device_ordered,
         ordering_timeouts,
         ordering_error,
+        fused_softmax_calls: FUSED_SOFTMAX_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -262,6 +270,11 @@ fn ordering_timeouts() -> Result<u64, String> {
     {
         Ok(0)
     }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn record_fused_softmax() {
+    FUSED_SOFTMAX_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -480,6 +493,48 @@ impl<X: ConvKernels> Backward<X, 2> for ConvBackward {
             grads.register::<X>(node.id, dx);
         }
     }
+}
+
+/// `softmax(scale · x)` along the last dimension, computed in f32 and returned in `dtype`.
+///
+/// With [`set_fused_softmax`] on and `X` the CUDA backend this is one CubeCL kernel (one
+/// read of `x` from memory, one write of the result: see the `softmax` kernel's docs);
+/// otherwise burn's ops (`cast`, scale, `softmax`, `cast`). sd-model's attention uses it for
+/// its score blocks, the largest tensors of a UNet step.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{DType, Tensor};
+/// use lora_core::kernels::scaled_softmax;
+///
+/// let x = Tensor::<Flex, 2>::from_floats([[0.0, 2.0], [1.0, 1.0]], &Default::default());
+/// let p = scaled_softmax(x, 0.5, DType::F32).into_data().to_vec::<f32>().unwrap();
+/// let e = std::f32::consts::E;
+/// assert!((p[1] - e / (1.0 + e)).abs() < 1e-6 && (p[2] - 0.5).abs() < 1e-6);
+/// ```
+pub fn scaled_softmax<X: Backend, const D: usize>(x: Tensor<X, D>, scale: f32, dtype: DType) -> Tensor<X, D> {
+    #[cfg(feature = "cuda")]
+    if fused_softmax_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Cuda>() {
+        type Cuda = burn::backend::Cuda;
+        if let Some(cx) = downcast::<_, Tensor<Cuda, D>>(x.clone()) {
+            let out = cuda::scaled_softmax(cx.into_primitive().tensor(), scale, dtype);
+            if let Some(out) = downcast(tensor::<Cuda, D>(out)) {
+                return out;
+            }
+        }
+    }
+    cast_to(burn::tensor::activation::softmax(cast_to(x, DType::F32).mul_scalar(scale), D - 1), dtype)
+}
+
+/// Turns the fused softmax kernel of [`scaled_softmax`] on or off (default off until it
+/// has run on a GPU); has no effect on other backends.
+pub fn set_fused_softmax(enabled: bool) {
+    FUSED_SOFTMAX.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_fused_softmax`] is on.
+pub fn fused_softmax_enabled() -> bool {
+    FUSED_SOFTMAX.load(Ordering::Relaxed)
 }
 
 /// `a.matmul(b)`, in cuBLAS when `X` is the CUDA backend, [`set_cublas`] is on, the batch

@@ -326,3 +326,36 @@ fn device_ordering_matches_host_ordering_on_cuda() {
     assert!(max_rel(device_run.0, burn.0) < 5e-2, "matmul chain: device ordering vs burn");
     assert!(max_rel(device_run.1, burn.1) < 5e-2, "conv chain: device ordering vs burn");
 }
+
+/// The fused softmax kernel against burn's ops on CUDA: attention-shaped score blocks (rows
+/// longer than a cube, an odd length), a short row, and every input/output dtype pairing of
+/// f32 and bf16. Run on the GPU machine like the cuDNN test.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fused_softmax_matches_burn_on_cuda() {
+    use burn::tensor::DType;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    let before = vendor_stats();
+    let mut runs = 0;
+    for shape in [[2, 8, 64, 4096], [1, 3, 5, 4099], [4, 2, 3, 77]] {
+        let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 4.0), &device);
+        for (input, output) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F32, DType::BF16), (DType::BF16, DType::F32)] {
+            let x = crate::precision::cast_to(x.clone(), input);
+            set_fused_softmax(false);
+            let reference = scaled_softmax(x.clone(), 0.158, output);
+            set_fused_softmax(true);
+            let ours = scaled_softmax(x, 0.158, output);
+            set_fused_softmax(false);
+            runs += 1;
+            let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
+            let tolerance = if output == DType::F32 { 1e-5 } else { 1e-2 };
+            assert!(max_rel(f32(ours), f32(reference)) < tolerance, "{shape:?} {input:?} -> {output:?}");
+        }
+    }
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    assert_eq!(after.fused_softmax_calls - before.fused_softmax_calls, runs);
+}
