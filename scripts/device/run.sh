@@ -178,21 +178,22 @@ fi
 # --- 1a. cuDNN convolutions and cuBLAS matmuls against burn's CUDA kernels (f32 and bf16), ---
 # then GPU-side ordering of library calls against host ordering (bounded: a broken ordering
 # shows as spin timeouts of about a second per call, so the test gets a limit of its own),
-# then the fused softmax kernel against burn's ops
+# then the fused softmax kernel against burn's ops. Minimal autotuning of burn's reference
+# kernels, as in the checks.
 DSYNC=1 FUSED_SOFTMAX=1
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
     run_job smoke "conv-cudnn-vs-burn" "{}" \
-        "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
+        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
     run_job smoke "matmul-cublas-vs-burn" "{}" \
-        "$TESTS" --ignored --exact kernels::tests::cublas_matches_burn_kernels_on_cuda --nocapture
+        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::cublas_matches_burn_kernels_on_cuda --nocapture
     run_job smoke "ordering-device-vs-host" "{}" \
-        timeout -k 5 240 "$TESTS" --ignored --exact kernels::tests::device_ordering_matches_host_ordering_on_cuda --nocapture
+        timeout -k 5 240 env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::device_ordering_matches_host_ordering_on_cuda --nocapture
     if [ "${LAST_RC:-1}" != 0 ]; then
         DSYNC=0
         say "GPU-side ordering failed its test: the :device settings below run host-ordered"
     fi
     run_job smoke "softmax-fused-vs-burn" "{}" \
-        "$TESTS" --ignored --exact kernels::tests::fused_softmax_matches_burn_on_cuda --nocapture
+        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::fused_softmax_matches_burn_on_cuda --nocapture
     if [ "${LAST_RC:-1}" != 0 ]; then
         FUSED_SOFTMAX=0
         say "the fused softmax failed its test: the :softmax settings below use burn's ops"
@@ -214,9 +215,11 @@ for c in $CHECKS; do
             *) prec=$o ;;
         esac
     done
-    # A check routes every matmul (the default threshold skips the small ones).
+    # A check routes every matmul (the default threshold skips the small ones) and autotunes
+    # burn's kernels minimally: correctness does not need their fastest variant, and the
+    # minutes of autotuning per new shape are better spent on the benches.
     run_job check "check-$cfg-r$res-b$batch$suffix-$prec" "{}" \
-        env SD_LORA_CUBLAS_MIN_GFLOP=0 "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
+        env SD_LORA_CUBLAS_MIN_GFLOP=0 CUBECL_AUTOTUNE_LEVEL=minimal "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
         --device "$DEVICE" --precision "$prec" "${flag[@]}"
 done
 

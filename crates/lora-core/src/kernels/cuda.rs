@@ -4,10 +4,9 @@
 
 use burn::backend::Cuda;
 use burn::tensor::ops::{ConvOptions, FloatTensor};
-use burn::tensor::{DType, Shape};
+use burn::tensor::Shape;
 use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use burn_fusion::stream::{Operation, OperationStreams};
@@ -166,66 +165,5 @@ impl Operation<Runtime> for CublasMatmul {
             }
         };
         handles.register_float_tensor::<Inner>(&out.id, y);
-    }
-}
-
-/// Queues [`super::scaled_softmax`] on the fusion stream for the fused kernel.
-pub(super) fn scaled_softmax(x: FusionTensor<Runtime>, scale: f32, dtype: DType) -> FusionTensor<Runtime> {
-    let client = x.client.clone();
-    let streams = OperationStreams::with_inputs([&x]);
-    let out = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), dtype);
-    let desc = CustomOpIr::new("sd_lora_scaled_softmax", &[x.into_ir()], &[out]);
-    client.register(streams, OperationIr::Custom(desc.clone()), FusedSoftmax { desc, scale }).output()
-}
-
-/// One queued fused softmax.
-#[derive(Debug)]
-struct FusedSoftmax {
-    desc: CustomOpIr,
-    scale: f32,
-}
-
-impl Operation<Runtime> for FusedSoftmax {
-    fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
-        let ([x], [out]) = self.desc.as_fixed();
-        let x = handles.get_float_tensor::<Inner>(x);
-        let y = match self.kernel(x.clone(), out.dtype) {
-            Ok(y) => {
-                super::record_fused_softmax();
-                y
-            }
-            Err(reason) => {
-                record_fallback(reason);
-                self.burn_ops(x, out.dtype)
-            }
-        };
-        handles.register_float_tensor::<Inner>(&out.id, y);
-    }
-}
-
-impl FusedSoftmax {
-    /// The same softmax in burn's ops, over the input viewed as `[rows, n]`.
-    fn burn_ops(&self, x: CubeTensor<CudaRuntime>, dtype: DType) -> CubeTensor<CudaRuntime> {
-        use burn::tensor::ops::FloatTensorOps;
-        let shape = x.meta.shape().clone();
-        let n = shape.to_vec().last().copied().unwrap_or(1).max(1);
-        let rows = shape.num_elements() / n;
-        let x = super::tensor::<Inner, 2>(Inner::float_reshape(x, Shape::new([rows, n])));
-        let y = burn::tensor::activation::softmax(super::cast_to(x, DType::F32).mul_scalar(self.scale), 1);
-        Inner::float_reshape(super::cast_to(y, dtype).into_primitive().tensor(), shape)
-    }
-
-    fn kernel(&self, x: CubeTensor<CudaRuntime>, dtype: DType) -> Result<CubeTensor<CudaRuntime>, String> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !matches!(x.dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(format!("fused softmax: {:?} to {dtype:?} is not a float conversion", x.dtype));
-        }
-        let x = if x.is_contiguous() { x } else { into_contiguous(x) };
-        let shape = x.meta.shape().clone();
-        let n = shape.to_vec().last().copied().unwrap_or(1);
-        let rows = shape.num_elements() / n.max(1);
-        let client = x.client.clone();
-        let out_handle = client.empty(shape.num_elements() * dtype.size());
-        super::softmax::launch(&client, &x.handle, &out_handle, rows, n, self.scale, [x.dtype.into(), dtype.into()])?;
-        Ok(CubeTensor::new_contiguous(client, x.device.clone(), shape, out_handle, dtype))
     }
 }

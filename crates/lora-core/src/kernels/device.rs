@@ -111,8 +111,10 @@ impl<S> PerDevice<S> {
 /// [`VendorSync::Device`] the GPU orders it (see [`super::ordering`]) and this returns as
 /// soon as the work is queued. `problem` identifies the library problem (shapes, dtypes,
 /// algorithm): its first call is always host-ordered, because a library may load kernels or
-/// free memory on first use, which waits for the whole device and so would wait for a
-/// spinning [`super::ordering::wait`] whose release comes after it.
+/// allocate and free memory on first use, which can wait for the whole device. Every GPU-side
+/// wait only depends on work queued before it, so such a device-wide wait would end anyway,
+/// but keeping first uses host-ordered means no spinning [`super::ordering::wait`] is ever
+/// part of one (CUDA's lazy-loading documentation warns about exactly this pattern).
 pub(super) fn run_on_buffers(
     client: &ComputeClient<CudaRuntime>,
     index: usize,

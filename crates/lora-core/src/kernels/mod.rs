@@ -517,8 +517,19 @@ pub fn scaled_softmax<X: Backend, const D: usize>(x: Tensor<X, D>, scale: f32, d
     if fused_softmax_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Cuda>() {
         type Cuda = burn::backend::Cuda;
         if let Some(cx) = downcast::<_, Tensor<Cuda, D>>(x.clone()) {
-            let out = cuda::scaled_softmax(cx.into_primitive().tensor(), scale, dtype);
+            let out = softmax::register::<burn_cubecl::cubecl::cuda::CudaRuntime, u8>(cx.into_primitive().tensor(), scale, dtype);
             if let Some(out) = downcast(tensor::<Cuda, D>(out)) {
+                return out;
+            }
+        }
+    }
+    // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+    #[cfg(feature = "wgpu-test")]
+    if fused_softmax_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Wgpu>() {
+        type Wgpu = burn::backend::Wgpu;
+        if let Some(wx) = downcast::<_, Tensor<Wgpu, D>>(x.clone()) {
+            let out = softmax::register::<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(wx.into_primitive().tensor(), scale, dtype);
+            if let Some(out) = downcast(tensor::<Wgpu, D>(out)) {
                 return out;
             }
         }

@@ -12,7 +12,18 @@
 //! One cube (256 threads) per row; the grid is two-dimensional so that more than 65535 rows
 //! fit every runtime's limits.
 
+use std::marker::PhantomData;
+
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::prelude::*;
 
 /// Threads per cube (one row each); a power of two for the tree reduction.
@@ -116,6 +127,78 @@ pub(super) fn launch<R: Runtime>(
     Ok(())
 }
 
+/// Queues [`super::scaled_softmax`] on the fusion stream of a CubeCL backend
+/// (`Fusion<CubeBackend<R, f32, i32, BT>>`: CUDA, or wgpu for the `wgpu-test` feature).
+pub(super) fn register<R: CubeRuntime, BT: BoolElement>(x: FusionTensor<FusionCubeRuntime<R>>, scale: f32, dtype: DType) -> FusionTensor<FusionCubeRuntime<R>> {
+    let client = x.client.clone();
+    let streams = OperationStreams::with_inputs([&x]);
+    let out = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), dtype);
+    let desc = CustomOpIr::new("sd_lora_scaled_softmax", &[x.into_ir()], &[out]);
+    let op = FusedSoftmax::<R, BT> {
+        desc: desc.clone(),
+        scale,
+        _backend: PhantomData,
+    };
+    client.register(streams, OperationIr::Custom(desc), op).output()
+}
+
+/// One queued fused softmax.
+struct FusedSoftmax<R, BT> {
+    desc: CustomOpIr,
+    scale: f32,
+    _backend: PhantomData<fn() -> (R, BT)>,
+}
+
+impl<R, BT> std::fmt::Debug for FusedSoftmax<R, BT> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedSoftmax").field("desc", &self.desc).field("scale", &self.scale).finish()
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FusedSoftmax<R, BT> {
+    fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
+        let ([x], [out]) = self.desc.as_fixed();
+        let x = handles.get_float_tensor::<CubeBackend<R, f32, i32, BT>>(x);
+        let y = match kernel(x.clone(), self.scale, out.dtype) {
+            Ok(y) => {
+                super::record_fused_softmax();
+                y
+            }
+            Err(reason) => {
+                super::record_fallback(reason);
+                burn_ops::<R, BT>(x, self.scale, out.dtype)
+            }
+        };
+        handles.register_float_tensor::<CubeBackend<R, f32, i32, BT>>(&out.id, y);
+    }
+}
+
+/// The kernel on a CubeCL tensor (made contiguous first).
+fn kernel<R: CubeRuntime>(x: CubeTensor<R>, scale: f32, dtype: DType) -> Result<CubeTensor<R>, String> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !matches!(x.dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(format!("fused softmax: {:?} to {dtype:?} is not a float conversion", x.dtype));
+    }
+    let x = if x.is_contiguous() { x } else { into_contiguous(x) };
+    let shape = x.meta.shape().clone();
+    let n = shape.to_vec().last().copied().unwrap_or(1);
+    let rows = shape.num_elements() / n.max(1);
+    let client = x.client.clone();
+    let out_handle = client.empty(shape.num_elements() * dtype.size());
+    launch(&client, &x.handle, &out_handle, rows, n, scale, [x.dtype.into(), dtype.into()])?;
+    Ok(CubeTensor::new_contiguous(client, x.device.clone(), shape, out_handle, dtype))
+}
+
+/// The same softmax in burn's ops, over the input viewed as `[rows, n]`.
+fn burn_ops<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, scale: f32, dtype: DType) -> CubeTensor<R> {
+    type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
+    let shape = x.meta.shape().clone();
+    let n = shape.to_vec().last().copied().unwrap_or(1).max(1);
+    let rows = shape.num_elements() / n;
+    let x = super::tensor::<Inner<R, BT>, 2>(Inner::<R, BT>::float_reshape(x, Shape::new([rows, n])));
+    let y = burn::tensor::activation::softmax(super::cast_to(x, DType::F32).mul_scalar(scale), 1);
+    Inner::<R, BT>::float_reshape(super::cast_to(y, dtype).into_primitive().tensor(), shape)
+}
+
 #[cfg(all(test, feature = "wgpu-test"))]
 mod tests {
     //! The kernel on CubeCL's wgpu runtime (lavapipe on a machine without a GPU), f32,
@@ -170,6 +253,35 @@ mod tests {
         for (rows, n, scale) in [(3, 7, 1.0), (5, 256, 0.158), (4, 1000, 2.0), (2, 4099, 0.5), (1, 1, 1.0)] {
             run(rows, n, scale, (rows * n) as u32);
         }
+    }
+
+    /// The op as a custom operation of burn's fusion stream (`burn::backend::Wgpu`), between
+    /// fused elementwise ops on both sides, for a contiguous and a transposed input.
+    #[test]
+    fn wgpu_fusion_op_matches_burn_ops() {
+        use burn::tensor::{Distribution, Tensor};
+        type W = burn::backend::Wgpu;
+        let device = Default::default();
+        let x = Tensor::<W, 4>::random([2, 3, 5, 300], Distribution::Normal(0.0, 3.0), &device);
+        let chain = |fused: bool, transposed: bool| {
+            super::super::set_fused_softmax(fused);
+            let input = x.clone() * 1.5 - 0.25;
+            let input = if transposed { input.swap_dims(2, 3) } else { input };
+            let p = super::super::scaled_softmax(input, 0.7, DType::F32);
+            super::super::set_fused_softmax(false);
+            (p.clone() * 3.0 + 1.0).log().into_data().to_vec::<f32>().expect("f32 data")
+        };
+        let before = super::super::vendor_stats();
+        for transposed in [false, true] {
+            let (ours, reference) = (chain(true, transposed), chain(false, transposed));
+            assert_eq!(ours.len(), reference.len());
+            for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+                assert!((a - b).abs() < 1e-5, "transposed {transposed}: element {i}: {a} vs {b}");
+            }
+        }
+        let after = super::super::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        assert_eq!(after.fused_softmax_calls - before.fused_softmax_calls, 2);
     }
 
     #[test]
