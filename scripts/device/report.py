@@ -174,7 +174,7 @@ def table(a):
 
     smokes = [r for r in records if r["source"] == "smoke"]
     if smokes:
-        out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the cuDNN-vs-burn conv test):", ""]
+        out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the kernel tests: cuDNN and cuBLAS against burn, GPU- against host-ordered library calls, the fused softmax against burn):", ""]
         out += ["| run | pass | wall s |", "|---|---|---|"]
         for r in smokes:
             out.append(f"| {r['name']} | {'yes' if r.get('result', {}).get('pass') else 'no'} | {fmt(r.get('wall_s'))} |")
