@@ -359,3 +359,24 @@ fn fused_softmax_matches_burn_on_cuda() {
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
     assert_eq!(after.fused_softmax_calls - before.fused_softmax_calls, runs);
 }
+
+/// `scaled_softmax` on the CPU: the last dimension sums to one in the requested dtype, and a
+/// bf16 input gives the f32 result up to bf16 rounding of the input.
+#[test]
+fn scaled_softmax_on_flex_matches_plain_softmax() {
+    use burn::tensor::activation::softmax;
+    use burn::tensor::DType;
+    let device = Default::default();
+    let x = Tensor::<Flex, 3>::random([2, 5, 33], Distribution::Normal(0.0, 3.0), &device);
+    let reference = softmax(x.clone() * 0.3, 2);
+    let ours = scaled_softmax(x.clone(), 0.3, DType::F32);
+    assert_eq!(ours.dtype(), DType::F32);
+    let diff: f32 = (ours.clone() - reference.clone()).abs().max().into_scalar();
+    assert!(diff < 1e-6, "f32: {diff}");
+    let sums: Vec<f32> = ours.sum_dim(2).into_data().to_vec().unwrap();
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "row sums {sums:?}");
+    let half = scaled_softmax(crate::precision::cast_to(x, DType::BF16), 0.3, DType::BF16);
+    assert_eq!(half.dtype(), DType::BF16);
+    let diff: f32 = (crate::precision::cast_to(half, DType::F32) - reference).abs().max().into_scalar();
+    assert!(diff < 3e-2, "bf16: {diff}");
+}
