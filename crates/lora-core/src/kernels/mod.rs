@@ -513,28 +513,35 @@ impl<X: ConvKernels> Backward<X, 2> for ConvBackward {
 /// assert!((p[1] - e / (1.0 + e)).abs() < 1e-6 && (p[2] - 0.5).abs() < 1e-6);
 /// ```
 pub fn scaled_softmax<X: Backend, const D: usize>(x: Tensor<X, D>, scale: f32, dtype: DType) -> Tensor<X, D> {
-    #[cfg(feature = "cuda")]
-    if fused_softmax_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Cuda>() {
-        type Cuda = burn::backend::Cuda;
-        if let Some(cx) = downcast::<_, Tensor<Cuda, D>>(x.clone()) {
-            let out = softmax::register::<burn_cubecl::cubecl::cuda::CudaRuntime, u8>(cx.into_primitive().tensor(), scale, dtype);
-            if let Some(out) = downcast(tensor::<Cuda, D>(out)) {
-                return out;
-            }
+    if fused_softmax_enabled() {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = fused_softmax_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(&x, scale, dtype) {
+            return out;
         }
-    }
-    // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-    #[cfg(feature = "wgpu-test")]
-    if fused_softmax_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Wgpu>() {
-        type Wgpu = burn::backend::Wgpu;
-        if let Some(wx) = downcast::<_, Tensor<Wgpu, D>>(x.clone()) {
-            let out = softmax::register::<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(wx.into_primitive().tensor(), scale, dtype);
-            if let Some(out) = downcast(tensor::<Wgpu, D>(out)) {
-                return out;
-            }
+        // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+        #[cfg(feature = "wgpu-test")]
+        if let Some(out) = fused_softmax_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&x, scale, dtype) {
+            return out;
         }
     }
     cast_to(burn::tensor::activation::softmax(cast_to(x, DType::F32).mul_scalar(scale), D - 1), dtype)
+}
+
+/// The fused softmax op when `X` is burn's fusion backend over CubeCL runtime `R` (with
+/// bool element `BT`, as burn's `Cuda` and `Wgpu` backends are), else `None`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn fused_softmax_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
+    x: &Tensor<X, D>,
+    scale: f32,
+    dtype: DType,
+) -> Option<Tensor<X, D>> {
+    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
+    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
+        return None;
+    }
+    let fx = downcast::<_, Tensor<Fused<R, BT>, D>>(x.clone())?;
+    let out = softmax::register::<R, BT>(fx.into_primitive().tensor(), scale, dtype);
+    downcast(tensor::<Fused<R, BT>, D>(out))
 }
 
 /// Turns the fused softmax kernel of [`scaled_softmax`] on or off (default off until it

@@ -188,15 +188,16 @@ fn kernel<R: CubeRuntime>(x: CubeTensor<R>, scale: f32, dtype: DType) -> Result<
     Ok(CubeTensor::new_contiguous(client, x.device.clone(), shape, out_handle, dtype))
 }
 
-/// The same softmax in burn's ops, over the input viewed as `[rows, n]`.
+/// The same softmax in burn's ops ([`super::scaled_softmax`]'s own path on the unfused
+/// backend), over the input viewed as `[rows, n]`.
 fn burn_ops<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, scale: f32, dtype: DType) -> CubeTensor<R> {
     type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
     let shape = x.meta.shape().clone();
     let n = shape.to_vec().last().copied().unwrap_or(1).max(1);
     let rows = shape.num_elements() / n;
     let x = super::tensor::<Inner<R, BT>, 2>(Inner::<R, BT>::float_reshape(x, Shape::new([rows, n])));
-    let y = burn::tensor::activation::softmax(super::cast_to(x, DType::F32).mul_scalar(scale), 1);
-    Inner::<R, BT>::float_reshape(super::cast_to(y, dtype).into_primitive().tensor(), shape)
+    let y = super::scaled_softmax(x, scale, dtype);
+    Inner::<R, BT>::float_reshape(y.into_primitive().tensor(), shape)
 }
 
 #[cfg(all(test, feature = "wgpu-test"))]
