@@ -5,18 +5,20 @@
 # device call: scripts/device/README.md. Everything is selectable through the variables below.
 #
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
-#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device] ..."   device checks,
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash] ..."   device checks,
 #        PREC f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
 #        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0); device =
 #        --vendor-sync device (library calls ordered on the GPU); softmax = --fused-softmax
-#        (attention's softmax in one CubeCL kernel); device / softmax are dropped, with a
-#        note, when their kernel test below fails
+#        (attention's softmax in one CubeCL kernel); flash = --flash-attention (attention
+#        forward and backward in the CubeCL flash-attention kernels, bf16/f16 models);
+#        device / softmax / flash are dropped, with a note, when their kernel test below fails
 #        (default cuda: vendor libraries first, then burn's kernels; see below)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device][:softmax] ..."
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device][:softmax][:flash] ..."
 #        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
-#        for the memory A/B); cudnn / cublas / device / softmax as above, with the default
-#        matmul threshold (default cuda: the four anchor settings with everything on, then
-#        batch 8 with both libraries host-ordered and no fused softmax, and with neither)
+#        for the memory A/B); cudnn / cublas / device / softmax / flash as above, with the
+#        default matmul threshold (default cuda: the four anchor settings with everything on,
+#        then batch 8 without flash attention, with both libraries host-ordered and burn's
+#        softmax, and with neither library)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -56,8 +58,9 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax tiny:64:2:bf16:cudnn:cublas sd15:256:1:bf16:cudnn:cublas:device:softmax tiny:64:2"}
-    PLAN=${PLAN:-"sd15:512:1:train:cudnn:cublas:device:softmax sd15:512:8:train:cudnn:cublas:device:softmax sd15:512:8:train:ckpt:cudnn:cublas:device:softmax sd15:512:1:infer:cudnn:cublas:device:softmax sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
+    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax tiny:64:2:bf16:cudnn:cublas:flash sd15:256:1:bf16:cudnn:cublas:device:softmax:flash tiny:64:2"}
+    ALL=cudnn:cublas:device:softmax:flash
+    PLAN=${PLAN:-"sd15:512:1:train:$ALL sd15:512:8:train:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:$ALL sd15:512:8:train:cudnn:cublas:device:softmax sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
@@ -180,7 +183,7 @@ fi
 # shows as spin timeouts of about a second per call, so the test gets a limit of its own),
 # then the fused softmax kernel against burn's ops. Minimal autotuning of burn's reference
 # kernels, as in the checks.
-DSYNC=1 FUSED_SOFTMAX=1
+DSYNC=1 FUSED_SOFTMAX=1 FLASH=1
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
     run_job smoke "conv-cudnn-vs-burn" "{}" \
         env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
@@ -198,6 +201,12 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
         FUSED_SOFTMAX=0
         say "the fused softmax failed its test: the :softmax settings below use burn's ops"
     fi
+    run_job smoke "flash-attention-vs-math" "{}" \
+        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::flash_attention_matches_math_on_cuda --nocapture
+    if [ "${LAST_RC:-1}" != 0 ]; then
+        FLASH=0
+        say "flash attention failed its test: the :flash settings below use the blockwise attention"
+    fi
 fi
 
 # --- 1. correctness -------------------------------------------------------------------------
@@ -212,6 +221,7 @@ for c in $CHECKS; do
             cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
             device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
             softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
+            flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
             *) prec=$o ;;
         esac
     done
@@ -274,6 +284,7 @@ for p in $PLAN; do
             cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
             device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
             softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
+            flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
         esac
     done
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \

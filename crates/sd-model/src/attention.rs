@@ -24,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::{matmul, scaled_softmax};
+use lora_core::kernels::{flash_attention, flash_attention_backward, matmul, scaled_softmax};
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -94,11 +94,16 @@ pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>
     attention_forward(q, k, v, BACKWARD_BLOCK_ELEMENTS)
 }
 
-/// The forward pass: burn's `attention` op, or with cuBLAS routing or the fused softmax on
+/// The forward pass: the flash-attention kernel where [`flash_attention`] has one, else
+/// burn's `attention` op, or with cuBLAS routing or the fused softmax on
 /// ([`lora_core::kernels::set_cublas`], [`lora_core::kernels::set_fused_softmax`])
 /// `softmax(qᵢ kᵀ s) v` per block of queries, the matmuls through [`matmul`] and the
 /// softmax through [`scaled_softmax`] (in f32), at most `block_elements` scores at once.
 fn attention_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> Tensor<X, 4> {
+    let scale = (q.dims()[3] as f64).powf(-0.5) as f32;
+    if let Some((out, _)) = flash_attention(q.clone(), k.clone(), v.clone(), scale) {
+        return out;
+    }
     if lora_core::kernels::cublas_enabled() || lora_core::kernels::fused_softmax_enabled() {
         blockwise_forward(q, k, v, block_elements)
     } else {
@@ -157,8 +162,14 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy>(
     let op = BlockwiseAttentionBackward { block_elements };
     let out = match op.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let out = forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
-            prep.finish((q.primitive, k.primitive, v.primitive, out.clone()), out)
+            let (qt, kt, vt) = (tensor::<X, 4>(q.primitive.clone()), tensor::<X, 4>(k.primitive.clone()), tensor::<X, 4>(v.primitive.clone()));
+            let scale = (qt.dims()[3] as f64).powf(-0.5) as f32;
+            // The flash kernel's log-sum-exp lets its backward pass skip the softmax statistics.
+            let (out, lse) = match flash_attention(qt, kt, vt, scale) {
+                Some((out, lse)) => (out.into_primitive().tensor(), Some(lse.into_primitive().tensor())),
+                None => (forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone()), None),
+            };
+            prep.finish((q.primitive, k.primitive, v.primitive, out.clone(), lse), out)
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive, k.primitive, v.primitive)),
     };
@@ -172,12 +183,19 @@ struct BlockwiseAttentionBackward {
 }
 
 impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
-    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
+    /// `q`, `k`, `v`, the output and, when the flash kernel ran, its log-sum-exp.
+    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, Option<FloatTensor<X>>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = grads.consume::<X>(&ops.node);
-        let (q, k, v, out) = ops.state;
-        let (dq, dk, dv) = attention_backward::<X>(tensor(q), tensor(k), tensor(v), tensor(out), tensor(grad_out), self.block_elements);
+        let (q, k, v, out, lse) = ops.state;
+        let (q, k, v, out, grad_out) = (tensor::<X, 4>(q), tensor::<X, 4>(k), tensor::<X, 4>(v), tensor::<X, 4>(out), tensor::<X, 4>(grad_out));
+        let scale = (q.dims()[3] as f64).powf(-0.5) as f32;
+        let flash = lse.and_then(|lse| flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), grad_out.clone(), tensor(lse), scale));
+        let (dq, dk, dv) = match flash {
+            Some(grads) => grads,
+            None => attention_backward::<X>(q, k, v, out, grad_out, self.block_elements),
+        };
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
@@ -295,5 +313,37 @@ mod tests {
         assert!(for_autodiff::<B, Flex, BalancedCheckpointing>(&args).is_none());
         let plain = (t.clone().inner(), t.clone().inner(), t.inner());
         assert!(for_autodiff::<Flex, Flex, NoCheckpointing>(&plain).is_none());
+    }
+
+    /// The flash-attention kernels through this module's autodiff op on `Autodiff<Wgpu>`
+    /// (lavapipe; f16), against the blockwise path: output and the three input gradients.
+    #[cfg(feature = "vulkan-test")]
+    #[test]
+    fn vulkan_flash_path_matches_the_blockwise_path() {
+        use burn::tensor::FloatDType;
+        type W = Autodiff<burn::backend::Wgpu>;
+        let device = Default::default();
+        let input = |s: usize, mean: f64| Tensor::<W, 4>::random([2, 3, s, 40], Distribution::Normal(mean, 1.0), &device).cast(FloatDType::F16);
+        let (q0, k0, v0) = (input(50, 0.1), input(77, -0.1), input(77, 0.0));
+        let weights = Tensor::<W, 4>::random([2, 3, 50, 40], Distribution::Normal(0.0, 1.0), &device).cast(FloatDType::F16);
+        let run = |flash: bool| {
+            lora_core::kernels::set_flash_attention(flash);
+            let (q, k, v) = (q0.clone().require_grad(), k0.clone().require_grad(), v0.clone().require_grad());
+            let out = scaled_dot_product_attention(q.clone(), k.clone(), v.clone());
+            let grads = (out.clone() * weights.clone()).cast(FloatDType::F32).sum().backward();
+            lora_core::kernels::set_flash_attention(false);
+            let f32 = |t: Tensor<burn::backend::Wgpu, 4>| t.cast(FloatDType::F32);
+            [f32(out.inner()), f32(q.grad(&grads).unwrap()), f32(k.grad(&grads).unwrap()), f32(v.grad(&grads).unwrap())]
+        };
+        let before = lora_core::kernels::vendor_stats().flash_attention_calls;
+        let flash = run(true);
+        let plain = run(false);
+        for (what, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(flash.into_iter().zip(plain)) {
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 5e-3 * peak, "{what}: error {err} of the peak {peak}");
+        }
+        // Counted when the fusion stream runs the ops, i.e. once the results were read.
+        assert_eq!(lora_core::kernels::vendor_stats().flash_attention_calls - before, 2, "forward and backward in the kernels");
     }
 }

@@ -51,6 +51,8 @@ macro_rules! on_known_autodiff {
         let found = found
             .or_else(|| $f::<$b, burn::backend::Cuda, NoCheckpointing>($($arg),*))
             .or_else(|| $f::<$b, burn::backend::Cuda, BalancedCheckpointing>($($arg),*));
+        #[cfg(feature = "vulkan-test")]
+        let found = found.or_else(|| $f::<$b, burn::backend::Wgpu, NoCheckpointing>($($arg),*));
         found
     }};
 }

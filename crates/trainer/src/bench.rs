@@ -91,6 +91,10 @@ pub struct VendorUse {
     pub fused_softmax: bool,
     /// Softmaxes that ran in the fused kernel.
     pub fused_softmax_calls: u64,
+    /// `--flash-attention` / `SD_LORA_FLASH_ATTENTION` was on.
+    pub flash_attention: bool,
+    /// Attention passes (forward or backward) that ran in the flash-attention kernels.
+    pub flash_attention_calls: u64,
 }
 
 impl VendorUse {
@@ -113,6 +117,8 @@ impl VendorUse {
             ordering_error: stats.ordering_error,
             fused_softmax: lora_core::kernels::fused_softmax_enabled(),
             fused_softmax_calls: stats.fused_softmax_calls,
+            flash_attention: lora_core::kernels::flash_attention_enabled(),
+            flash_attention_calls: stats.flash_attention_calls,
         }
     }
 }

@@ -40,6 +40,11 @@ struct Cli {
     /// pass over the scores instead of several). Also `SD_LORA_FUSED_SOFTMAX=1`.
     #[arg(long, global = true)]
     fused_softmax: bool,
+    /// Run attention (forward and backward) on CUDA in the flash-attention kernels (CubeCL
+    /// tensor-core tiles; the score matrix is never stored) for bf16 / f16 models; other
+    /// dtypes keep the blockwise path. Also `SD_LORA_FLASH_ATTENTION=1`.
+    #[arg(long, global = true)]
+    flash_attention: bool,
 }
 
 /// Whether environment variable `name` is set to `1` or `true`.
@@ -564,6 +569,7 @@ fn main() -> Result<()> {
     let cudnn = cli.cudnn || env_flag("SD_LORA_CUDNN");
     let cublas = cli.cublas || env_flag("SD_LORA_CUBLAS");
     let fused_softmax = cli.fused_softmax || env_flag("SD_LORA_FUSED_SOFTMAX");
+    let flash_attention = cli.flash_attention || env_flag("SD_LORA_FLASH_ATTENTION");
     if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
@@ -581,6 +587,10 @@ fn main() -> Result<()> {
             lora_core::kernels::set_fused_softmax(fused_softmax);
             if fused_softmax {
                 eprintln!("attention softmax: fused kernel");
+            }
+            lora_core::kernels::set_flash_attention(flash_attention);
+            if flash_attention {
+                eprintln!("attention: flash-attention kernels (bf16 / f16 models)");
             }
             // The switches act on the CUDA backend only; on the CPU they stay off.
             lora_core::kernels::set_cudnn(cudnn);
@@ -611,8 +621,8 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas || fused_softmax || vendor_sync != lora_core::kernels::VendorSync::Host {
-        eprintln!("--cudnn / --cublas / --vendor-sync / --fused-softmax (or their SD_LORA_* variables): ignored on the CPU backend");
+    if cudnn || cublas || fused_softmax || flash_attention || vendor_sync != lora_core::kernels::VendorSync::Host {
+        eprintln!("--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention (or their SD_LORA_* variables): ignored on the CPU backend");
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }

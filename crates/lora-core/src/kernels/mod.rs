@@ -56,6 +56,9 @@ mod ordering;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod softmax;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[allow(dead_code)]
+mod flash;
 
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
@@ -68,6 +71,11 @@ static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 static DEVICE_SYNC: AtomicBool = AtomicBool::new(false);
 static FUSED_SOFTMAX: AtomicBool = AtomicBool::new(false);
 static FUSED_SOFTMAX_CALLS: AtomicU64 = AtomicU64::new(0);
+static FLASH: AtomicBool = AtomicBool::new(false);
+static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
+/// Largest head dimension given to the flash-attention kernels: their tiles for 160 fit in
+/// 48 KiB of shared memory with 16-wide `cmma` tiles (see `flash::plan`).
+const FLASH_MAX_HEAD_DIM: usize = 160;
 static DEVICE_ORDERED: AtomicU64 = AtomicU64::new(0);
 static ORDERING_ERROR: Mutex<Option<String>> = Mutex::new(None);
 static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
@@ -197,6 +205,9 @@ pub struct VendorStats {
     pub ordering_error: Option<String>,
     /// Softmaxes that ran in the fused kernel ([`set_fused_softmax`]).
     pub fused_softmax_calls: u64,
+    /// Attention forward and backward passes that ran in the flash-attention kernels
+    /// ([`set_flash_attention`]).
+    pub flash_attention_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -221,6 +232,7 @@ pub fn vendor_stats() -> VendorStats {
         ordering_timeouts,
         ordering_error,
         fused_softmax_calls: FUSED_SOFTMAX_CALLS.load(Ordering::Relaxed),
+        flash_attention_calls: FLASH_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -270,6 +282,11 @@ fn ordering_timeouts() -> Result<u64, String> {
     {
         Ok(0)
     }
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn record_flash_attention() {
+    FLASH_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -553,6 +570,154 @@ pub fn set_fused_softmax(enabled: bool) {
 /// Whether [`set_fused_softmax`] is on.
 pub fn fused_softmax_enabled() -> bool {
     FUSED_SOFTMAX.load(Ordering::Relaxed)
+}
+
+/// Turns the flash-attention kernels of [`flash_attention`] and [`flash_attention_backward`]
+/// on or off (default off until they have run on a GPU); has no effect on other backends.
+pub fn set_flash_attention(enabled: bool) {
+    FLASH.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_flash_attention`] is on.
+pub fn flash_attention_enabled() -> bool {
+    FLASH.load(Ordering::Relaxed)
+}
+
+/// Flash attention's forward pass for `[batch, heads, seq, d]` tensors: the output
+/// `softmax(q kᵀ · scale) v` (in `q`'s dtype) and each query's log-sum-exp
+/// `logsumexp(q kᵀ · scale)` (f32, `[batch, heads, seq_q]`), which
+/// [`flash_attention_backward`] takes, without the score matrix ever being stored.
+///
+/// `Some` only with [`set_flash_attention`] on, on the CUDA backend (built with the `cuda`
+/// feature; tensor cores, so bf16 or f16 inputs of one dtype) and for head dimensions up to
+/// 160 (SD's UNets: 40 to 160; the VAE's single 512-wide head keeps its own path);
+/// otherwise `None` and the caller keeps its own attention. The kernels are CubeCL `cmma` code (see
+/// `docs/benchmarks.md`); a device that lacks the tile shapes or shared memory they need
+/// falls back to the same math in burn's ops, counted in [`VendorStats::fallbacks`].
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// use lora_core::kernels::flash_attention;
+///
+/// let q = Tensor::<Flex, 4>::zeros([1, 2, 8, 16], &Default::default());
+/// // No kernel on the CPU backend: the caller uses its own attention.
+/// assert!(flash_attention(q.clone(), q.clone(), q, 0.25).is_none());
+/// ```
+pub fn flash_attention<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, scale: f32) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
+    if !flash_attention_enabled() || !matches!(q.dtype(), DType::BF16 | DType::F16) || q.dims()[3] > FLASH_MAX_HEAD_DIM {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(&q, &k, &v, scale) {
+        return Some(out);
+    }
+    // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+    #[cfg(feature = "wgpu-test")]
+    if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(&q, &k, &v, scale) {
+        return Some(out);
+    }
+    let _ = (k, v, scale);
+    None
+}
+
+/// The gradients `(dq, dk, dv)` of [`flash_attention`] for the output gradient `grad_out`,
+/// from the inputs, the forward output `out` and its log-sum-exp `lse`, in the inputs' dtype.
+/// `None` where [`flash_attention`] has no kernel (the caller differentiates its own way).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// use lora_core::kernels::flash_attention_backward;
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 4>::zeros([1, 2, 8, 16], &device);
+/// let lse = Tensor::<Flex, 3>::zeros([1, 2, 8], &device);
+/// assert!(flash_attention_backward(x.clone(), x.clone(), x.clone(), x.clone(), x, lse, 0.25).is_none());
+/// ```
+#[allow(clippy::type_complexity)]
+pub fn flash_attention_backward<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    out: Tensor<X, 4>,
+    grad_out: Tensor<X, 4>,
+    lse: Tensor<X, 3>,
+    scale: f32,
+) -> Option<(Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>)> {
+    if !flash_attention_enabled() || !matches!(q.dtype(), DType::BF16 | DType::F16) {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    if flash_backend::<X>() {
+        // Δ = rowsum(dO ∘ O) in f32, the one reduction the kernels take as an input.
+        let delta = (cast_to(grad_out.clone(), DType::F32) * cast_to(out.clone(), DType::F32)).sum_dim(3).squeeze_dim::<3>(3);
+        let grad_out = cast_to(grad_out.clone(), q.dtype());
+        #[cfg(feature = "cuda")]
+        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&q, &k, &v, &grad_out], [&lse, &delta], scale) {
+            return Some(grads);
+        }
+        #[cfg(feature = "wgpu-test")]
+        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&q, &k, &v, &grad_out], [&lse, &delta], scale) {
+            return Some(grads);
+        }
+    }
+    let _ = (k, v, out, grad_out, lse, scale);
+    None
+}
+
+/// Whether `X` is one of the fusion backends with flash-attention kernels (CUDA; wgpu for
+/// the `wgpu-test` feature).
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn flash_backend<X: Backend>() -> bool {
+    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
+    let id = TypeId::of::<X>();
+    #[cfg(feature = "cuda")]
+    if id == TypeId::of::<Fused<burn_cubecl::cubecl::cuda::CudaRuntime, u8>>() {
+        return true;
+    }
+    #[cfg(feature = "wgpu-test")]
+    if id == TypeId::of::<Fused<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>>() {
+        return true;
+    }
+    false
+}
+
+/// The flash forward op when `X` is burn's fusion backend over CubeCL runtime `R` (see
+/// [`fused_softmax_on`]), else `None`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    q: &Tensor<X, 4>,
+    k: &Tensor<X, 4>,
+    v: &Tensor<X, 4>,
+    scale: f32,
+) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
+    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
+    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
+        return None;
+    }
+    let prim = |t: &Tensor<X, 4>| downcast::<_, Tensor<Fused<R, BT>, 4>>(t.clone()).map(|t| t.into_primitive().tensor());
+    let (out, lse) = flash::register_forward::<R, BT>(prim(q)?, prim(k)?, prim(v)?, scale);
+    Some((downcast(tensor::<Fused<R, BT>, 4>(out))?, downcast(tensor::<Fused<R, BT>, 3>(lse))?))
+}
+
+/// The flash backward op when `X` is burn's fusion backend over CubeCL runtime `R`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[allow(clippy::type_complexity)]
+fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    inputs: [&Tensor<X, 4>; 4],
+    stats: [&Tensor<X, 3>; 2],
+    scale: f32,
+) -> Option<(Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>)> {
+    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
+    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
+        return None;
+    }
+    let [q, k, v, g] = inputs.map(|t| downcast::<_, Tensor<Fused<R, BT>, 4>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let [l, d] = stats.map(|t| downcast::<_, Tensor<Fused<R, BT>, 3>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?], [l?, d?], scale);
+    let back = |t| downcast::<_, Tensor<X, 4>>(tensor::<Fused<R, BT>, 4>(t));
+    Some((back(dq)?, back(dk)?, back(dv)?))
 }
 
 /// `a.matmul(b)`, in cuBLAS when `X` is the CUDA backend, [`set_cublas`] is on, the batch

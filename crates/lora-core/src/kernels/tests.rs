@@ -380,3 +380,48 @@ fn scaled_softmax_on_flex_matches_plain_softmax() {
     let diff: f32 = (crate::precision::cast_to(half, DType::F32) - reference).abs().max().into_scalar();
     assert!(diff < 3e-2, "bf16: {diff}");
 }
+
+/// The flash-attention kernels against the same math in burn's ops (f32 scores) on CUDA:
+/// SD1.5-like self-attention (4096 tokens at head dimension 40 is the 512 px case; 1024 here
+/// keeps the reference's score matrix small), cross-attention with 77 keys, the larger head
+/// dimensions (80, 160; SD2's 64), sequences off the block sizes; bf16 and f16. Output,
+/// log-sum-exp and the three input gradients. Run on the GPU machine like the cuDNN test.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn flash_attention_matches_math_on_cuda() {
+    use burn::tensor::DType;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    let before = vendor_stats();
+    let mut runs = 0;
+    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
+    for (b, h, sq, sk, d) in [(2, 8, 1024, 1024, 40), (2, 8, 256, 77, 80), (1, 8, 64, 64, 160), (1, 5, 300, 333, 64), (1, 1, 1, 5, 40)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let input = |s: usize, mean: f64| crate::precision::cast_to(Tensor::<B, 4>::random([b, s, h, d], Distribution::Normal(mean, 1.0), &device).swap_dims(1, 2), dtype);
+            let (q, k, v, g) = (input(sq, 0.1), input(sk, -0.1), input(sk, 0.0), input(sq, 0.0));
+            let scale = (d as f32).powf(-0.5);
+            set_flash_attention(true);
+            let (out, lse) = flash_attention(q.clone(), k.clone(), v.clone(), scale).expect("flash forward on CUDA");
+            let (dq, dk, dv) = flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), lse.clone(), scale).expect("flash backward on CUDA");
+            set_flash_attention(false);
+            runs += 2;
+            let (out_ref, lse_ref) = flash::forward_math(f32(q.clone()), f32(k.clone()), f32(v.clone()), scale);
+            let delta = (f32(g.clone()) * out_ref.clone()).sum_dim(3).squeeze_dim(3);
+            let (dq_ref, dk_ref, dv_ref) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref.clone(), delta, scale);
+            let tolerance = if dtype == DType::BF16 { 3e-2 } else { 5e-3 };
+            let shape = (b, h, sq, sk, d, dtype);
+            for (what, ours, reference) in [("out", out, out_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)] {
+                let err = max_rel(f32(ours), reference);
+                eprintln!("{shape:?} {what}: {err:.2e}");
+                assert!(err < tolerance, "{shape:?} {what}: relative error {err}");
+            }
+            let lse_err: f32 = (lse - lse_ref).abs().max().into_scalar();
+            assert!(lse_err < 1e-2, "{shape:?} lse: {lse_err}");
+        }
+    }
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    assert_eq!(after.flash_attention_calls - before.flash_attention_calls, runs);
+}

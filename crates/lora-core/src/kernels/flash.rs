@@ -1,0 +1,1131 @@
+//! Flash attention on tensor cores: `softmax(q kᵀ · scale) v` and its gradients without
+//! ever writing the `[queries, keys]` score matrix to memory.
+//!
+//! Three CubeCL kernels, all built from CubeCL's `cmma` tiles (`T × T × T` matrix products
+//! of a plane: WMMA on CUDA's tensor cores, `VK_KHR_cooperative_matrix` on Vulkan) with
+//! f32 accumulation, and inputs of one float dtype `E` (bf16 or f16 for tensor cores):
+//!
+//! - **forward** ([`forward`]): a cube owns `planes · T` queries, a plane `T` of them. A
+//!   first sweep over the keys computes each row's log-sum-exp `L = m + ln Σ exp(s − m)`
+//!   (an online maximum and sum per lane); a second sweep computes `P = exp(s − L)`, already
+//!   normalised, and accumulates `P v` in the plane's `cmma` accumulators. Two sweeps cost
+//!   one more `q kᵀ` product than FlashAttention-2's single sweep but need no rescaling of
+//!   the (opaque) accumulators. It writes the output and `L`, which the backward pass reuses.
+//! - **backward, queries** ([`backward`], `dq`): the same cube layout; per key block
+//!   `P = exp(q kᵀ s − L)`, `dP = do vᵀ`, `dS = P ∘ (dP − Δ)` with `Δ = rowsum(do ∘ o)`, and
+//!   `dq += dS k · s`.
+//! - **backward, keys** (`dk`, `dv`): a cube owns `planes · T` keys; per query block the
+//!   transposed tiles `Pᵀ`, `dPᵀ`, `dSᵀ` give `dv += Pᵀ do` and `dk += dSᵀ q · s`.
+//!
+//! Splitting the backward pass by queries and by keys recomputes `q kᵀ` and `do vᵀ` once
+//! more than FlashAttention-2 (which adds `dq` with atomics) but is deterministic and needs
+//! no float atomics. Everything between the products (exponentials, the `dS` formula, the
+//! casts to `E`) runs per lane on the products' tiles staged in shared memory, the way
+//! CubeCL's own attention does with opaque `cmma` fragments.
+//!
+//! Inputs are contiguous `[batch·heads, seq, d]` buffers of dtype `E`; `d` is padded with
+//! zeros to a multiple of `T` in shared memory, rows past the sequence are zeros and their
+//! scores are masked. Outputs are f32 (`o`, `dq`, `dk`, `dv`; the caller casts them) and
+//! the f32 log-sum-exp `[batch·heads, seq_q]`. [`plan`] picks `T`, the plane count and the
+//! block lengths from the device's `cmma` shapes, plane size and shared memory.
+
+use std::marker::PhantomData;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{DType, FloatDType, Shape, Tensor};
+use burn_cubecl::cubecl;
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use cubecl::prelude::*;
+
+use crate::precision::cast_to;
+
+/// A start value below any score (WGSL and SPIR-V have no infinity literal in CubeCL).
+const LOWEST: f32 = -3.0e38;
+
+/// Alignment of the shared tiles in bytes: `cmma` loads and stores need 32 on CUDA.
+const ALIGN: usize = 64;
+
+/// Shared memory the kernels may use per cube: CUDA's static limit without opt-in.
+const MAX_SHARED: usize = 48 * 1024;
+
+/// Largest grid extent along one axis on every runtime (wgpu's limit).
+const MAX_GRID: usize = 65_535;
+
+/// Copies `rows × dp` elements of a contiguous `[.., seq, d]` matrix, from row `row0` at
+/// `base`, into `tile` (row stride `dp`), with zeros past `seq` rows and `d` columns.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_tile<E: Float>(
+    src: &Array<E>,
+    base: usize,
+    row0: usize,
+    seq: usize,
+    d: usize,
+    tile: &mut SharedMemory<E>,
+    #[comptime] rows: usize,
+    #[comptime] dp: usize,
+) {
+    let threads = CUBE_DIM as usize;
+    let mut i = UNIT_POS as usize;
+    while i < rows * dp {
+        let r = i / dp;
+        let c = i % dp;
+        let mut value = E::from_int(0);
+        if row0 + r < seq && c < d {
+            value = src[base + (row0 + r) * d + c];
+        }
+        tile[i] = value;
+        i += threads;
+    }
+}
+
+/// Copies `rows` f32 row statistics from `base + row0`, zero past `seq`.
+#[cube]
+fn load_rows(src: &Array<f32>, base: usize, row0: usize, seq: usize, dst: &mut SharedMemory<f32>, #[comptime] rows: usize) {
+    let threads = CUBE_DIM as usize;
+    let mut i = UNIT_POS as usize;
+    while i < rows {
+        let mut value = 0.0f32;
+        if row0 + i < seq {
+            value = src[base + row0 + i];
+        }
+        dst[i] = value;
+        i += threads;
+    }
+}
+
+/// One plane's `out[T × n] = a[T × dp] · b[n × dp]ᵀ`: `a`'s rows from `a_off`, `b`'s rows
+/// from row 0 (both with row stride `dp`), `out` row-major with row stride `n` from `out_off`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn product_abt<E: Float>(
+    a: &SharedMemory<E>,
+    a_off: usize,
+    b: &SharedMemory<E>,
+    out: &mut SharedMemory<f32>,
+    out_off: usize,
+    #[comptime] n: usize,
+    #[comptime] dp: usize,
+    #[comptime] t: usize,
+) {
+    let span = (t - 1) * dp + t;
+    #[unroll]
+    for j in 0..n / t {
+        let acc = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, t, t, t, cmma::MatrixLayout::Undefined, 0.0);
+        for kk in 0..dp / t {
+            let a_start = a_off + kk * t;
+            let b_start = j * t * dp + kk * t;
+            let fa = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::A,
+                t,
+                t,
+                t,
+                cmma::MatrixLayout::RowMajor,
+                &a.slice(a_start, a_start + span),
+                dp as u32,
+            );
+            let fb = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::B,
+                t,
+                t,
+                t,
+                cmma::MatrixLayout::ColMajor,
+                &b.slice(b_start, b_start + span),
+                dp as u32,
+            );
+            cmma::execute::<E, E, f32, f32>(&fa, &fb, &acc, &acc);
+        }
+        let o_start = out_off + j * t;
+        cmma::store(&mut out.slice_mut(o_start, o_start + (t - 1) * n + t), &acc, n as u32, cmma::MatrixLayout::RowMajor);
+    }
+}
+
+/// One plane's `acc[j] += a[T × k] · b[k × dp]` for the `dp / T` column tiles `j`: `a`
+/// row-major with row stride `k` from `a_off`, `b` row-major with row stride `dp` from row 0.
+#[cube]
+fn accumulate_ab<E: Float>(
+    a: &SharedMemory<E>,
+    a_off: usize,
+    b: &SharedMemory<E>,
+    acc: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] k: usize,
+    #[comptime] dp: usize,
+    #[comptime] t: usize,
+) {
+    let a_span = (t - 1) * k + t;
+    let b_span = (t - 1) * dp + t;
+    #[unroll]
+    for j in 0..dp / t {
+        let c = acc.index(j);
+        for kk in 0..k / t {
+            let a_start = a_off + kk * t;
+            let b_start = kk * t * dp + j * t;
+            let fa = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::A,
+                t,
+                t,
+                t,
+                cmma::MatrixLayout::RowMajor,
+                &a.slice(a_start, a_start + a_span),
+                k as u32,
+            );
+            let fb = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::B,
+                t,
+                t,
+                t,
+                cmma::MatrixLayout::RowMajor,
+                &b.slice(b_start, b_start + b_span),
+                dp as u32,
+            );
+            cmma::execute::<E, E, f32, f32>(&fa, &fb, c, c);
+        }
+    }
+}
+
+/// `dp / T` zeroed accumulators.
+#[cube]
+fn zero_accumulators(#[comptime] dp: usize, #[comptime] t: usize) -> Sequence<cmma::Matrix<f32>> {
+    let mut acc = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..dp / t {
+        acc.push(cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, t, t, t, cmma::MatrixLayout::Undefined, 0.0));
+    }
+    acc
+}
+
+/// Writes a plane's accumulators (`T` rows from `row0`, `dp` columns) times `factor` to a
+/// contiguous `[.., seq, d]` f32 output at `base`, through the plane's staging region of
+/// `stage` (`T` rows of stride `n`, `n ≥ T`): rows past `seq` and columns past `d` are
+/// dropped. `row` / `sub` / `lanes_per_row` are the lane's place in the tile.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_accumulators(
+    acc: &Sequence<cmma::Matrix<f32>>,
+    stage: &mut SharedMemory<f32>,
+    stage_off: usize,
+    out: &mut Array<f32>,
+    base: usize,
+    row0: usize,
+    seq: usize,
+    d: usize,
+    factor: f32,
+    row: usize,
+    sub: usize,
+    #[comptime] lanes_per_row: usize,
+    #[comptime] n: usize,
+    #[comptime] dp: usize,
+    #[comptime] t: usize,
+) {
+    #[unroll]
+    for j in 0..dp / t {
+        sync_plane();
+        cmma::store(&mut stage.slice_mut(stage_off, stage_off + (t - 1) * n + t), acc.index(j), n as u32, cmma::MatrixLayout::RowMajor);
+        sync_plane();
+        let mut c = sub;
+        while c < t {
+            let col = j * t + c;
+            if row0 + row < seq && col < d {
+                out[base + (row0 + row) * d + col] = stage[stage_off + row * n + c] * factor;
+            }
+            c += lanes_per_row;
+        }
+    }
+}
+
+/// The query-major kernel: the forward pass (`grad` false: writes `out = o` and `lse`), or
+/// the backward pass's `dq` (`grad` true: reads `lse` and `delta`, writes `out = dq`).
+/// Grid: `(ceil(seq_q / (planes·T)), batch·heads)`; cube: `planes · plane` units.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+fn flash_rows<E: Float>(
+    q: &Array<E>,
+    k: &Array<E>,
+    v: &Array<E>,
+    dout: &Array<E>,
+    lse: &mut Array<f32>,
+    delta: &Array<f32>,
+    out: &mut Array<f32>,
+    seq_q: u32,
+    seq_k: u32,
+    head_dim: u32,
+    scale: f32,
+    #[comptime] t: usize,
+    #[comptime] planes: usize,
+    #[comptime] plane: usize,
+    #[comptime] bk: usize,
+    #[comptime] dp: usize,
+    #[comptime] grad: bool,
+    #[define(E)] _dtype: StorageType,
+) {
+    let bq = planes * t;
+    let lanes_per_row = plane / t;
+    let (seq_q, seq_k, d) = (seq_q as usize, seq_k as usize, head_dim as usize);
+    let bh = CUBE_POS_Y as usize;
+    let q0 = CUBE_POS_X as usize * bq;
+    let unit = UNIT_POS as usize;
+    let w = unit / plane;
+    let lane = unit % plane;
+    let row = lane / lanes_per_row;
+    let sub = lane % lanes_per_row;
+    let my_row = w * t + row;
+    let (q_base, k_base) = (bh * seq_q * d, bh * seq_k * d);
+    let region = w * t * bk;
+    let blocks = seq_k.div_ceil(bk);
+
+    let mut qs = SharedMemory::<E>::new_aligned(bq * dp, ALIGN);
+    let mut ks = SharedMemory::<E>::new_aligned(bk * dp, ALIGN);
+    let mut vs = SharedMemory::<E>::new_aligned(bk * dp, ALIGN);
+    let mut sc = SharedMemory::<f32>::new_aligned(planes * t * bk, ALIGN);
+    let mut pe = SharedMemory::<E>::new_aligned(planes * t * bk, ALIGN);
+    // Only the gradient pass reads dO and its products; the forward pass gets stubs.
+    let mut dos = SharedMemory::<E>::new_aligned(comptime!(if grad { bq * dp } else { t * t }), ALIGN);
+    let mut dps = SharedMemory::<f32>::new_aligned(comptime!(if grad { planes * t * bk } else { t * t }), ALIGN);
+    let mut row_stats = SharedMemory::<f32>::new(bq * 2);
+
+    load_tile::<E>(q, q_base, q0, seq_q, d, &mut qs, bq, dp);
+    if grad {
+        load_tile::<E>(dout, q_base, q0, seq_q, d, &mut dos, bq, dp);
+        let mut i = unit;
+        while i < bq {
+            let mut l = 0.0f32;
+            let mut dl = 0.0f32;
+            if q0 + i < seq_q {
+                l = lse[bh * seq_q + q0 + i];
+                dl = delta[bh * seq_q + q0 + i];
+            }
+            row_stats[i] = l;
+            row_stats[bq + i] = dl;
+            i += CUBE_DIM as usize;
+        }
+    }
+
+    let mut my_lse = 0.0f32;
+    if !grad {
+        // Sweep 1: each lane's running maximum and sum over its columns of its row.
+        let mut m = f32::new(LOWEST);
+        let mut s = 0.0f32;
+        for kb in 0..blocks {
+            let k0 = kb * bk;
+            sync_cube();
+            load_tile::<E>(k, k_base, k0, seq_k, d, &mut ks, bk, dp);
+            sync_cube();
+            product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
+            sync_plane();
+            let mut c = sub;
+            while c < bk {
+                if k0 + c < seq_k {
+                    let x = sc[region + row * bk + c] * scale;
+                    let mut next = m;
+                    if x > m {
+                        next = x;
+                    }
+                    s = s * (m - next).exp() + (x - next).exp();
+                    m = next;
+                }
+                c += lanes_per_row;
+            }
+        }
+        // Combine the lanes of a row through shared memory.
+        let mut stat_m = SharedMemory::<f32>::new(planes * plane);
+        let mut stat_s = SharedMemory::<f32>::new(planes * plane);
+        stat_m[unit] = m;
+        stat_s[unit] = s;
+        sync_cube();
+        let first = w * plane + row * lanes_per_row;
+        let mut mm = f32::new(LOWEST);
+        for i in 0..lanes_per_row {
+            let mi = stat_m[first + i];
+            if mi > mm {
+                mm = mi;
+            }
+        }
+        let mut ss = 0.0f32;
+        for i in 0..lanes_per_row {
+            ss += stat_s[first + i] * (stat_m[first + i] - mm).exp();
+        }
+        my_lse = mm + ss.ln();
+        if sub == 0 && q0 + my_row < seq_q {
+            lse[bh * seq_q + q0 + my_row] = my_lse;
+        }
+    } else {
+        sync_cube();
+        my_lse = row_stats[my_row];
+    }
+    let mut my_delta = 0.0f32;
+    if grad {
+        my_delta = row_stats[bq + my_row];
+    }
+
+    let acc = zero_accumulators(dp, t);
+    for kb in 0..blocks {
+        let k0 = kb * bk;
+        sync_cube();
+        load_tile::<E>(k, k_base, k0, seq_k, d, &mut ks, bk, dp);
+        load_tile::<E>(v, k_base, k0, seq_k, d, &mut vs, bk, dp);
+        sync_cube();
+        product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
+        if grad {
+            product_abt::<E>(&dos, w * t * dp, &vs, &mut dps, region, bk, dp, t);
+        }
+        sync_plane();
+        let mut c = sub;
+        while c < bk {
+            let i = region + row * bk + c;
+            let mut p = 0.0f32;
+            if k0 + c < seq_k {
+                p = (sc[i] * scale - my_lse).exp();
+            }
+            if grad {
+                p *= dps[i] - my_delta;
+            }
+            pe[i] = E::cast_from(p);
+            c += lanes_per_row;
+        }
+        sync_plane();
+        if grad {
+            accumulate_ab::<E>(&pe, region, &ks, &acc, bk, dp, t);
+        } else {
+            accumulate_ab::<E>(&pe, region, &vs, &acc, bk, dp, t);
+        }
+    }
+    let mut factor = 1.0f32;
+    if grad {
+        factor = scale;
+    }
+    write_accumulators(&acc, &mut sc, region, out, q_base, q0 + w * t, seq_q, d, factor, row, sub, lanes_per_row, bk, dp, t);
+}
+
+/// The key-major kernel of the backward pass: `dk` and `dv` for `planes · T` keys per cube.
+/// Grid: `(ceil(seq_k / (planes·T)), batch·heads)`; cube: `planes · plane` units.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn flash_keys<E: Float>(
+    q: &Array<E>,
+    k: &Array<E>,
+    v: &Array<E>,
+    dout: &Array<E>,
+    lse: &Array<f32>,
+    delta: &Array<f32>,
+    dk: &mut Array<f32>,
+    dv: &mut Array<f32>,
+    seq_q: u32,
+    seq_k: u32,
+    head_dim: u32,
+    scale: f32,
+    #[comptime] t: usize,
+    #[comptime] planes: usize,
+    #[comptime] plane: usize,
+    #[comptime] bq: usize,
+    #[comptime] dp: usize,
+    #[define(E)] _dtype: StorageType,
+) {
+    let bk = planes * t;
+    let lanes_per_row = plane / t;
+    let (seq_q, seq_k, d) = (seq_q as usize, seq_k as usize, head_dim as usize);
+    let bh = CUBE_POS_Y as usize;
+    let k0 = CUBE_POS_X as usize * bk;
+    let unit = UNIT_POS as usize;
+    let w = unit / plane;
+    let lane = unit % plane;
+    let row = lane / lanes_per_row;
+    let sub = lane % lanes_per_row;
+    let key_valid = k0 + w * t + row < seq_k;
+    let (q_base, k_base) = (bh * seq_q * d, bh * seq_k * d);
+    let region = w * t * bq;
+
+    let mut ks = SharedMemory::<E>::new_aligned(bk * dp, ALIGN);
+    let mut vs = SharedMemory::<E>::new_aligned(bk * dp, ALIGN);
+    let mut qs = SharedMemory::<E>::new_aligned(bq * dp, ALIGN);
+    let mut dos = SharedMemory::<E>::new_aligned(bq * dp, ALIGN);
+    let mut sc = SharedMemory::<f32>::new_aligned(planes * t * bq, ALIGN);
+    let mut dps = SharedMemory::<f32>::new_aligned(planes * t * bq, ALIGN);
+    let mut pe = SharedMemory::<E>::new_aligned(planes * t * bq, ALIGN);
+    let mut lse_s = SharedMemory::<f32>::new(bq);
+    let mut delta_s = SharedMemory::<f32>::new(bq);
+
+    load_tile::<E>(k, k_base, k0, seq_k, d, &mut ks, bk, dp);
+    load_tile::<E>(v, k_base, k0, seq_k, d, &mut vs, bk, dp);
+    let acc_dk = zero_accumulators(dp, t);
+    let acc_dv = zero_accumulators(dp, t);
+    for qb in 0..seq_q.div_ceil(bq) {
+        let q0 = qb * bq;
+        sync_cube();
+        load_tile::<E>(q, q_base, q0, seq_q, d, &mut qs, bq, dp);
+        load_tile::<E>(dout, q_base, q0, seq_q, d, &mut dos, bq, dp);
+        load_rows(lse, bh * seq_q, q0, seq_q, &mut lse_s, bq);
+        load_rows(delta, bh * seq_q, q0, seq_q, &mut delta_s, bq);
+        sync_cube();
+        // Sᵀ = k qᵀ and dPᵀ = v doᵀ for the plane's keys.
+        product_abt::<E>(&ks, w * t * dp, &qs, &mut sc, region, bq, dp, t);
+        product_abt::<E>(&vs, w * t * dp, &dos, &mut dps, region, bq, dp, t);
+        sync_plane();
+        let mut c = sub;
+        while c < bq {
+            let i = region + row * bq + c;
+            let mut p = 0.0f32;
+            if key_valid && q0 + c < seq_q {
+                p = (sc[i] * scale - lse_s[c]).exp();
+            }
+            pe[i] = E::cast_from(p);
+            sc[i] = p * (dps[i] - delta_s[c]);
+            c += lanes_per_row;
+        }
+        sync_plane();
+        accumulate_ab::<E>(&pe, region, &dos, &acc_dv, bq, dp, t);
+        sync_plane();
+        let mut c = sub;
+        while c < bq {
+            let i = region + row * bq + c;
+            pe[i] = E::cast_from(sc[i]);
+            c += lanes_per_row;
+        }
+        sync_plane();
+        accumulate_ab::<E>(&pe, region, &qs, &acc_dk, bq, dp, t);
+    }
+    write_accumulators(&acc_dk, &mut sc, region, dk, k_base, k0 + w * t, seq_k, d, scale, row, sub, lanes_per_row, bq, dp, t);
+    write_accumulators(&acc_dv, &mut sc, region, dv, k_base, k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t);
+}
+
+/// Tile size, plane layout and block lengths for one problem on one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Plan {
+    /// `cmma` tile edge (`T × T × T` products).
+    pub tile: usize,
+    /// Units per plane (warp / subgroup).
+    pub plane: usize,
+    /// Planes per cube.
+    pub planes: usize,
+    /// Keys per block of the query-major kernels.
+    pub block_keys: usize,
+    /// Queries per block of the key-major kernel.
+    pub block_queries: usize,
+    /// Planes per cube of the key-major kernel.
+    pub key_planes: usize,
+    /// Head dimension padded to a multiple of `tile`.
+    pub dp: usize,
+}
+
+/// Shared bytes of [`flash_rows`] (`grad` or not) and of [`flash_keys`], `es` bytes per input element.
+fn rows_bytes(t: usize, planes: usize, plane: usize, bk: usize, dp: usize, es: usize, grad: bool) -> usize {
+    let bq = planes * t;
+    let tiles = (bq + 2 * bk) * dp * es + planes * t * bk * (4 + es);
+    let grad_tiles = if grad { bq * dp * es + planes * t * bk * 4 } else { t * t * (es + 4) };
+    let stats = if grad { 0 } else { 2 * planes * plane * 4 };
+    tiles + grad_tiles + stats + 8 * bq + 8 * ALIGN
+}
+
+fn keys_bytes(t: usize, planes: usize, bq: usize, dp: usize, es: usize) -> usize {
+    let bk = planes * t;
+    (2 * bk + 2 * bq) * dp * es + planes * t * bq * (8 + es) + 8 * bq + 8 * ALIGN
+}
+
+/// Picks the kernels' layout: the largest `cmma` tile the device offers for `E × E → f32`
+/// (16, else 8), one plane per `T` rows, and the largest blocks that fit in shared memory.
+pub(super) fn plan<R: Runtime>(client: &ComputeClient<R>, dtype: StorageType, head_dim: usize) -> Result<Plan, String> {
+    let props = client.properties();
+    let f32_type = StorageType::Scalar(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F32));
+    let supports = |t: usize| {
+        props.features.matmul.cmma.iter().any(|c| c.a_type == dtype && c.b_type == dtype && c.cd_type == f32_type && c.m as usize == t && c.n as usize == t && c.k as usize == t)
+    };
+    let tile = [16, 8].into_iter().find(|&t| supports(t)).ok_or_else(|| format!("flash attention: no {dtype:?} x {dtype:?} -> f32 cmma tile of 16 or 8 on this device"))?;
+    let hw = &props.hardware;
+    let plane = hw.plane_size_max as usize;
+    if hw.plane_size_min != hw.plane_size_max || plane < tile || !plane.is_multiple_of(tile) {
+        return Err(format!("flash attention: plane size {}..{} does not fit {tile}-row tiles", hw.plane_size_min, hw.plane_size_max));
+    }
+    layout(tile, plane, hw.max_units_per_cube as usize, hw.max_shared_memory_size.min(MAX_SHARED), head_dim, dtype.size())
+}
+
+/// [`plan`] once the device's tile, plane size, units per cube and shared memory are known.
+fn layout(tile: usize, plane: usize, max_units: usize, limit: usize, head_dim: usize, es: usize) -> Result<Plan, String> {
+    let dp = head_dim.div_ceil(tile) * tile;
+    let fits_units = |planes: usize| planes * plane <= max_units;
+    let candidates = [(4, 64), (4, 32), (2, 64), (2, 32), (4, 16), (2, 16), (1, 32), (1, 16), (1, 8)];
+    let usable = |planes: usize, block: usize| block >= tile && block.is_multiple_of(tile) && fits_units(planes);
+    let (planes, block_keys) = candidates
+        .into_iter()
+        .find(|&(p, b)| usable(p, b) && rows_bytes(tile, p, plane, b, dp, es, true) <= limit && rows_bytes(tile, p, plane, b, dp, es, false) <= limit)
+        .ok_or_else(|| format!("flash attention: head dimension {head_dim} does not fit in {limit} bytes of shared memory"))?;
+    let (key_planes, block_queries) = candidates
+        .into_iter()
+        .find(|&(p, b)| usable(p, b) && keys_bytes(tile, p, b, dp, es) <= limit)
+        .ok_or_else(|| format!("flash attention: head dimension {head_dim} does not fit in {limit} bytes of shared memory"))?;
+    Ok(Plan {
+        tile,
+        plane,
+        planes,
+        block_keys,
+        block_queries,
+        key_planes,
+        dp,
+    })
+}
+
+/// Sizes of one attention problem: `batch·heads` independent heads of `seq_q` queries,
+/// `seq_k` keys and head dimension `d`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Problem {
+    /// `batch · heads`.
+    pub heads: usize,
+    /// Queries per head.
+    pub seq_q: usize,
+    /// Keys (and values) per head.
+    pub seq_k: usize,
+    /// Head dimension.
+    pub d: usize,
+    /// Score scale, usually `d^-0.5`.
+    pub scale: f32,
+}
+
+impl Problem {
+    /// Checks the sizes against the grid and index limits; the `u32` scalars.
+    fn scalars(&self) -> Result<(u32, u32, u32), String> {
+        let fail = |what: &str| Err(format!("flash attention: {what}"));
+        if self.heads == 0 || self.seq_q == 0 || self.seq_k == 0 || self.d == 0 {
+            return fail("empty problem");
+        }
+        if self.heads > MAX_GRID {
+            return fail("more than 65535 batch·heads");
+        }
+        let largest = self.heads.checked_mul(self.seq_q.max(self.seq_k)).and_then(|n| n.checked_mul(self.d));
+        if largest.is_none_or(|n| u32::try_from(n).is_err()) {
+            return fail("more than 2^32 elements");
+        }
+        Ok((self.seq_q as u32, self.seq_k as u32, self.d as u32))
+    }
+}
+
+/// Array argument over `len` elements of `handle`.
+///
+/// # Safety
+/// `handle` holds at least `len` elements of the kernel parameter's type.
+unsafe fn arg<R: Runtime>(handle: &cubecl::server::Handle, len: usize) -> ArrayArg<R> {
+    // SAFETY: the caller's contract.
+    unsafe { ArrayArg::from_raw_parts(handle.clone(), len) }
+}
+
+/// Queues the forward pass: `out = softmax(q kᵀ · scale) v` (f32) and the rows' log-sum-exp
+/// `lse` (f32, `[heads, seq_q]`), for contiguous `q` `[heads, seq_q, d]` and `k`, `v`
+/// `[heads, seq_k, d]` of `dtype`; `out` holds `heads · seq_q · d` f32.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward<R: Runtime>(
+    client: &ComputeClient<R>,
+    problem: Problem,
+    dtype: StorageType,
+    q: &cubecl::server::Handle,
+    k: &cubecl::server::Handle,
+    v: &cubecl::server::Handle,
+    out: &cubecl::server::Handle,
+    lse: &cubecl::server::Handle,
+) -> Result<(), String> {
+    let (seq_q, seq_k, d) = problem.scalars()?;
+    let plan = plan(client, dtype, problem.d)?;
+    let Problem { heads, scale, .. } = problem;
+    let (nq, nk) = (heads * problem.seq_q * problem.d, heads * problem.seq_k * problem.d);
+    // The forward pass reads neither dO nor Δ: small stand-ins of their own.
+    let stub_e = client.empty(ALIGN);
+    let stub_f = client.empty(ALIGN);
+    let count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
+    let dim = CubeDim::new_1d((plan.planes * plan.plane) as u32);
+    // SAFETY: the buffers hold the element counts given (the caller's contract; the stubs
+    // are never read past their one element).
+    unsafe {
+        flash_rows::launch::<R>(
+            client,
+            count,
+            dim,
+            arg(q, nq),
+            arg(k, nk),
+            arg(v, nk),
+            arg(&stub_e, 1),
+            arg(lse, heads * problem.seq_q),
+            arg(&stub_f, 1),
+            arg(out, nq),
+            seq_q,
+            seq_k,
+            d,
+            scale,
+            plan.tile,
+            plan.planes,
+            plan.plane,
+            plan.block_keys,
+            plan.dp,
+            false,
+            dtype,
+        );
+    }
+    Ok(())
+}
+
+/// Queues the backward pass: f32 `dq`, `dk`, `dv` from the inputs, the output gradient
+/// `dout` (`dtype`, like `q`), the forward pass's `lse` and `delta = rowsum(dout ∘ out)`
+/// (f32, `[heads, seq_q]`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward<R: Runtime>(
+    client: &ComputeClient<R>,
+    problem: Problem,
+    dtype: StorageType,
+    [q, k, v, dout]: [&cubecl::server::Handle; 4],
+    [lse, delta]: [&cubecl::server::Handle; 2],
+    [dq, dk, dv]: [&cubecl::server::Handle; 3],
+) -> Result<(), String> {
+    let (seq_q, seq_k, d) = problem.scalars()?;
+    let plan = plan(client, dtype, problem.d)?;
+    let Problem { heads, scale, .. } = problem;
+    let (nq, nk, rows) = (heads * problem.seq_q * problem.d, heads * problem.seq_k * problem.d, heads * problem.seq_q);
+    let rows_count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
+    let keys_count = CubeCount::Static(problem.seq_k.div_ceil(plan.key_planes * plan.tile) as u32, heads as u32, 1);
+    // SAFETY: the buffers hold the element counts given (the caller's contract). `lse` is
+    // bound mutably by the shared kernel but only read when `grad` is set.
+    unsafe {
+        flash_rows::launch::<R>(
+            client,
+            rows_count,
+            CubeDim::new_1d((plan.planes * plan.plane) as u32),
+            arg(q, nq),
+            arg(k, nk),
+            arg(v, nk),
+            arg(dout, nq),
+            arg(lse, rows),
+            arg(delta, rows),
+            arg(dq, nq),
+            seq_q,
+            seq_k,
+            d,
+            scale,
+            plan.tile,
+            plan.planes,
+            plan.plane,
+            plan.block_keys,
+            plan.dp,
+            true,
+            dtype,
+        );
+        flash_keys::launch::<R>(
+            client,
+            keys_count,
+            CubeDim::new_1d((plan.key_planes * plan.plane) as u32),
+            arg(q, nq),
+            arg(k, nk),
+            arg(v, nk),
+            arg(dout, nq),
+            arg(lse, rows),
+            arg(delta, rows),
+            arg(dk, nk),
+            arg(dv, nk),
+            seq_q,
+            seq_k,
+            d,
+            scale,
+            plan.tile,
+            plan.key_planes,
+            plan.plane,
+            plan.block_queries,
+            plan.dp,
+            dtype,
+        );
+    }
+    Ok(())
+}
+
+/// `(softmax(q kᵀ · scale) v, logsumexp(q kᵀ · scale))` in burn's ops for `[b, h, s, d]`
+/// tensors, computed in f32 (the output in `q`'s dtype, the log-sum-exp in f32): what the
+/// kernels compute, for the ops' fallback.
+pub(super) fn forward_math<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, scale: f32) -> (Tensor<X, 4>, Tensor<X, 3>) {
+    let dtype = q.dtype();
+    let f32 = |t: Tensor<X, 4>| cast_to(t, DType::F32);
+    let s = f32(q).matmul(f32(k).swap_dims(2, 3)).mul_scalar(scale);
+    let m = s.clone().max_dim(3);
+    let lse = (s.clone() - m.clone()).exp().sum_dim(3).log() + m;
+    let p = (s - lse.clone()).exp();
+    (cast_to(p.matmul(f32(v)), dtype), lse.squeeze_dim(3))
+}
+
+/// The gradients `(dq, dk, dv)` of [`forward_math`] in burn's ops, from the forward pass's
+/// log-sum-exp and `delta = rowsum(dout ∘ out)` (f32, `[b, h, s]`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_math<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    dout: Tensor<X, 4>,
+    lse: Tensor<X, 3>,
+    delta: Tensor<X, 3>,
+    scale: f32,
+) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
+    let dtype = q.dtype();
+    let f32 = |t: Tensor<X, 4>| cast_to(t, DType::F32);
+    let (q, k, v, dout) = (f32(q), f32(k), f32(v), f32(dout));
+    let p = (q.clone().matmul(k.clone().swap_dims(2, 3)).mul_scalar(scale) - lse.unsqueeze_dim(3)).exp();
+    let dv = p.clone().swap_dims(2, 3).matmul(dout.clone());
+    let ds = p * (dout.matmul(v.swap_dims(2, 3)) - delta.unsqueeze_dim(3));
+    let dq = ds.clone().matmul(k).mul_scalar(scale);
+    let dk = ds.swap_dims(2, 3).matmul(q).mul_scalar(scale);
+    (cast_to(dq, dtype), cast_to(dk, dtype), cast_to(dv, dtype))
+}
+
+type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
+type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
+
+/// Queues the forward pass on the fusion stream of a CubeCL backend
+/// (`Fusion<CubeBackend<R, f32, i32, BT>>`): `(out, lse)` for `[b, h, s, d]` inputs.
+pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: Fused<R>, v: Fused<R>, scale: f32) -> (Fused<R>, Fused<R>) {
+    let client = q.client.clone();
+    let streams = OperationStreams::with_inputs([&q, &k, &v]);
+    let dims = q.shape.to_vec();
+    let out = TensorIr::uninit(client.create_empty_handle(), q.shape.clone(), q.dtype);
+    let lse = TensorIr::uninit(client.create_empty_handle(), Shape::new([dims[0], dims[1], dims[2]]), DType::F32);
+    let desc = CustomOpIr::new("sd_lora_flash_attention", &[q.into_ir(), k.into_ir(), v.into_ir()], &[out, lse]);
+    let op = FlashForward::<R, BT> {
+        desc: desc.clone(),
+        scale,
+        _backend: PhantomData,
+    };
+    let [out, lse] = client.register(streams, OperationIr::Custom(desc), op).outputs();
+    (out, lse)
+}
+
+/// Queues the backward pass: `(dq, dk, dv)` in the inputs' dtype.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>(
+    [q, k, v, dout]: [Fused<R>; 4],
+    [lse, delta]: [Fused<R>; 2],
+    scale: f32,
+) -> (Fused<R>, Fused<R>, Fused<R>) {
+    let client = q.client.clone();
+    let streams = OperationStreams::with_inputs([&q, &k, &v, &dout, &lse, &delta]);
+    let grad = |t: &Fused<R>| TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype);
+    let outputs = [grad(&q), grad(&k), grad(&v)];
+    let inputs = [q.into_ir(), k.into_ir(), v.into_ir(), dout.into_ir(), lse.into_ir(), delta.into_ir()];
+    let desc = CustomOpIr::new("sd_lora_flash_attention_backward", &inputs, &outputs);
+    let op = FlashBackward::<R, BT> {
+        desc: desc.clone(),
+        scale,
+        _backend: PhantomData,
+    };
+    let [dq, dk, dv] = client.register(streams, OperationIr::Custom(desc), op).outputs();
+    (dq, dk, dv)
+}
+
+/// One queued forward pass.
+struct FlashForward<R, BT> {
+    desc: CustomOpIr,
+    scale: f32,
+    _backend: PhantomData<fn() -> (R, BT)>,
+}
+
+/// One queued backward pass.
+struct FlashBackward<R, BT> {
+    desc: CustomOpIr,
+    scale: f32,
+    _backend: PhantomData<fn() -> (R, BT)>,
+}
+
+impl<R, BT> std::fmt::Debug for FlashForward<R, BT> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlashForward").field("desc", &self.desc).field("scale", &self.scale).finish()
+    }
+}
+
+impl<R, BT> std::fmt::Debug for FlashBackward<R, BT> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlashBackward").field("desc", &self.desc).field("scale", &self.scale).finish()
+    }
+}
+
+/// A contiguous copy (if needed) of a `[b, h, s, d]` tensor, its handle and `(b·h, s, d)`.
+fn contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    if x.is_contiguous() {
+        x
+    } else {
+        into_contiguous(x)
+    }
+}
+
+/// A contiguous f32 tensor of `shape` with a fresh buffer.
+fn empty_f32<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape) -> CubeTensor<R> {
+    let handle = like.client.empty(shape.num_elements() * 4);
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, DType::F32)
+}
+
+/// The attention problem of `[b, h, s, d]` inputs `q` and `k`.
+fn problem<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, scale: f32) -> Problem {
+    let (qd, kd) = (q.meta.shape().to_vec(), k.meta.shape().to_vec());
+    Problem {
+        heads: qd[0] * qd[1],
+        seq_q: qd[2],
+        seq_k: kd[2],
+        d: qd[3],
+        scale,
+    }
+}
+
+fn to_dtype<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    // Only float dtypes reach here (the kernels' inputs are bf16 / f16 / f32).
+    if dtype == x.dtype {
+        x
+    } else {
+        Inner::<R, BT>::float_cast(x, FloatDType::from(dtype))
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> FlashForward<R, BT> {
+    fn kernel(&self, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>) -> Result<(CubeTensor<R>, CubeTensor<R>), String> {
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        if k.dtype != q.dtype || v.dtype != q.dtype {
+            return Err(format!("flash attention: mixed input dtypes {:?}, {:?}, {:?}", q.dtype, k.dtype, v.dtype));
+        }
+        let problem = problem(&q, &k, self.scale);
+        let dims = q.meta.shape().clone();
+        let out = empty_f32(&q, dims.clone());
+        let lse = empty_f32(&q, Shape::new([dims[0], dims[1], dims[2]]));
+        forward(&q.client, problem, q.dtype.into(), &q.handle, &k.handle, &v.handle, &out.handle, &lse.handle)?;
+        Ok((to_dtype::<R, BT>(out, q.dtype), lse))
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashForward<R, BT> {
+    fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
+        let ([q, k, v], [out, lse]) = self.desc.as_fixed();
+        let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
+        let (tq, tk, tv) = (get(handles, q), get(handles, k), get(handles, v));
+        let (o, l) = match self.kernel(tq.clone(), tk.clone(), tv.clone()) {
+            Ok(result) => {
+                super::record_flash_attention();
+                result
+            }
+            Err(reason) => {
+                super::record_fallback(reason);
+                let t = super::tensor::<Inner<R, BT>, 4>;
+                let (o, l) = forward_math(t(tq), t(tk), t(tv), self.scale);
+                (o.into_primitive().tensor(), l.into_primitive().tensor())
+            }
+        };
+        handles.register_float_tensor::<Inner<R, BT>>(&out.id, o);
+        handles.register_float_tensor::<Inner<R, BT>>(&lse.id, l);
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> FlashBackward<R, BT> {
+    #[allow(clippy::type_complexity)]
+    fn kernel(&self, [q, k, v, dout]: [CubeTensor<R>; 4], [lse, delta]: [CubeTensor<R>; 2]) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), String> {
+        let [q, k, v, dout, lse, delta] = [q, k, v, dout, lse, delta].map(contiguous);
+        if [&k, &v, &dout].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || delta.dtype != DType::F32 {
+            return Err(format!("flash attention backward: unexpected dtypes (q {:?}, lse {:?}, delta {:?})", q.dtype, lse.dtype, delta.dtype));
+        }
+        let problem = problem(&q, &k, self.scale);
+        let (dq, dk, dv) = (empty_f32(&q, q.meta.shape().clone()), empty_f32(&k, k.meta.shape().clone()), empty_f32(&v, v.meta.shape().clone()));
+        backward(&q.client, problem, q.dtype.into(), [&q.handle, &k.handle, &v.handle, &dout.handle], [&lse.handle, &delta.handle], [&dq.handle, &dk.handle, &dv.handle])?;
+        let cast = |t: CubeTensor<R>| to_dtype::<R, BT>(t, q.dtype);
+        Ok((cast(dq), cast(dk), cast(dv)))
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashBackward<R, BT> {
+    fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
+        let ([q, k, v, dout, lse, delta], [dq, dk, dv]) = self.desc.as_fixed();
+        let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
+        let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout)];
+        let stats = [get(handles, lse), get(handles, delta)];
+        let grads = match self.kernel(inputs.clone(), stats.clone()) {
+            Ok(result) => {
+                super::record_flash_attention();
+                result
+            }
+            Err(reason) => {
+                super::record_fallback(reason);
+                let [q, k, v, dout] = inputs.map(super::tensor::<Inner<R, BT>, 4>);
+                let [lse, delta] = stats.map(super::tensor::<Inner<R, BT>, 3>);
+                let (a, b, c) = backward_math(q, k, v, dout, lse, delta, self.scale);
+                (a.into_primitive().tensor(), b.into_primitive().tensor(), c.into_primitive().tensor())
+            }
+        };
+        handles.register_float_tensor::<Inner<R, BT>>(&dq.id, grads.0);
+        handles.register_float_tensor::<Inner<R, BT>>(&dk.id, grads.1);
+        handles.register_float_tensor::<Inner<R, BT>>(&dv.id, grads.2);
+    }
+}
+
+#[cfg(all(test, feature = "vulkan-test"))]
+mod tests {
+    //! The kernels on CubeCL's wgpu runtime with its SPIR-V compiler, whose `cmma` is
+    //! `VK_KHR_cooperative_matrix`: on a machine without a GPU, Mesa's lavapipe (>= 25.1,
+    //! 8×8×8 f16 tiles, 8-lane subgroups) runs them on the CPU. f16 inputs against an f64
+    //! reference computed here from the same f16 values.
+    //! `cargo test -p lora-core --release --features vulkan-test -- flash`.
+
+    use super::*;
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    use half::f16;
+
+    fn f16_type() -> StorageType {
+        StorageType::Scalar(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F16))
+    }
+
+    /// Deterministic values in `[-amp, amp)`, rounded to f16.
+    fn values(n: usize, seed: u32, amp: f32) -> Vec<f16> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                f16::from_f32(((state % 20_000) as f32 / 10_000.0 - 1.0) * amp)
+            })
+            .collect()
+    }
+
+    fn upload(client: &ComputeClient<WgpuRuntime>, x: &[f16]) -> cubecl::server::Handle {
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        client.create_from_slice(&bytes)
+    }
+
+    fn download(client: &ComputeClient<WgpuRuntime>, h: cubecl::server::Handle) -> Vec<f32> {
+        client.read_one(h).expect("read back").chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    /// The f64 reference: output, log-sum-exp, and the gradients for `dout`.
+    #[allow(clippy::type_complexity)]
+    fn reference(p: Problem, q: &[f64], k: &[f64], v: &[f64], dout: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (sq, sk, d) = (p.seq_q, p.seq_k, p.d);
+        let scale = f64::from(p.scale);
+        let mut out = vec![0.0; p.heads * sq * d];
+        let mut lse = vec![0.0; p.heads * sq];
+        let (mut dq, mut dk, mut dv) = (vec![0.0; out.len()], vec![0.0; p.heads * sk * d], vec![0.0; p.heads * sk * d]);
+        for h in 0..p.heads {
+            let (qh, kh) = (h * sq * d, h * sk * d);
+            for i in 0..sq {
+                let s: Vec<f64> = (0..sk).map(|j| (0..d).map(|c| q[qh + i * d + c] * k[kh + j * d + c]).sum::<f64>() * scale).collect();
+                let m = s.iter().copied().fold(f64::MIN, f64::max);
+                let l = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                lse[h * sq + i] = l;
+                let prob: Vec<f64> = s.iter().map(|x| (x - l).exp()).collect();
+                for c in 0..d {
+                    out[qh + i * d + c] = (0..sk).map(|j| prob[j] * v[kh + j * d + c]).sum();
+                }
+                let row = |t: &[f64], j: usize| (0..d).map(|c| dout[qh + i * d + c] * t[kh + j * d + c]).sum::<f64>();
+                let delta: f64 = (0..d).map(|c| dout[qh + i * d + c] * out[qh + i * d + c]).sum();
+                for j in 0..sk {
+                    let ds = prob[j] * (row(v, j) - delta);
+                    for c in 0..d {
+                        dv[kh + j * d + c] += prob[j] * dout[qh + i * d + c];
+                        dq[qh + i * d + c] += ds * k[kh + j * d + c] * scale;
+                        dk[kh + j * d + c] += ds * q[qh + i * d + c] * scale;
+                    }
+                }
+            }
+        }
+        (out, lse, dq, dk, dv)
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f64], tolerance: f64) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let peak = want.iter().fold(0.0f64, |a, b| a.max(b.abs())).max(1e-6);
+        let worst = got.iter().zip(want).map(|(g, w)| (f64::from(*g) - w).abs() / peak).fold(0.0, f64::max);
+        eprintln!("{what}: worst error {worst:.2e} of the peak {peak:.3}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let err = (f64::from(*g) - w).abs() / peak;
+            assert!(err <= tolerance, "{what}[{i}]: {g} vs {w} (relative to the peak {peak}: {err})");
+        }
+    }
+
+    fn run(p: Problem, seed: u32) {
+        let client = WgpuRuntime::client(&WgpuDevice::default());
+        let (nq, nk) = (p.heads * p.seq_q * p.d, p.heads * p.seq_k * p.d);
+        let (q, k, v, dout) = (values(nq, seed, 2.0), values(nk, seed + 1, 2.0), values(nk, seed + 2, 1.0), values(nq, seed + 3, 1.0));
+        let wide = |x: &[f16]| x.iter().map(|v| f64::from(v.to_f32())).collect::<Vec<_>>();
+        let (out_ref, lse_ref, dq_ref, dk_ref, dv_ref) = reference(p, &wide(&q), &wide(&k), &wide(&v), &wide(&dout));
+        let (hq, hk, hv, hdo) = (upload(&client, &q), upload(&client, &k), upload(&client, &v), upload(&client, &dout));
+        let (out, lse) = (client.empty(4 * nq), client.empty(4 * p.heads * p.seq_q));
+        forward(&client, p, f16_type(), &hq, &hk, &hv, &out, &lse).expect("forward");
+        let out_got = download(&client, out.clone());
+        assert_close("out", &out_got, &out_ref, 2e-3);
+        let lse_got = download(&client, lse.clone());
+        for (i, (g, w)) in lse_got.iter().zip(&lse_ref).enumerate() {
+            assert!((f64::from(*g) - w).abs() < 1e-2 * w.abs().max(1.0), "lse[{i}]: {g} vs {w}");
+        }
+        // Δ from the f32 output and the f16 dO, as the caller computes it.
+        let delta: Vec<f32> = out_got.chunks(p.d).zip(dout.chunks(p.d)).map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b.to_f32()).sum()).collect();
+        let hdelta = client.create_from_slice(&delta.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        let (dq, dk, dv) = (client.empty(4 * nq), client.empty(4 * nk), client.empty(4 * nk));
+        backward(&client, p, f16_type(), [&hq, &hk, &hv, &hdo], [&lse, &hdelta], [&dq, &dk, &dv]).expect("backward");
+        assert_close("dq", &download(&client, dq), &dq_ref, 2e-3);
+        assert_close("dk", &download(&client, dk), &dk_ref, 2e-3);
+        assert_close("dv", &download(&client, dv), &dv_ref, 2e-3);
+    }
+
+    #[test]
+    fn vulkan_flash_attention_matches_the_reference() {
+        // Sequences that are not multiples of the blocks, a head dimension that is not a
+        // multiple of the tile (padded), cross-attention-like key counts, and one row.
+        for (i, (heads, seq_q, seq_k, d)) in [(2, 37, 45, 20), (3, 64, 77, 40), (1, 1, 9, 8), (2, 70, 16, 24)].into_iter().enumerate() {
+            let scale = (d as f32).powf(-0.5);
+            run(Problem { heads, seq_q, seq_k, d, scale }, 11 * i as u32 + 1);
+        }
+    }
+
+    /// The ops on burn's fusion stream (`burn::backend::Wgpu`, f16), between fused
+    /// elementwise ops, with transposed (strided) inputs, against the same math in burn's ops.
+    #[test]
+    fn vulkan_flash_fusion_ops_match_burn_ops() {
+        use burn::tensor::{Distribution, Tensor};
+        type W = burn::backend::Wgpu;
+        let device = Default::default();
+        let half = |t: Tensor<W, 4>| t.cast(FloatDType::F16);
+        // [b, s, h, d] viewed as [b, h, s, d], as attention's heads are split.
+        let input = |s: usize, seed: f64| half(Tensor::<W, 4>::random([2, s, 3, 20], Distribution::Normal(seed, 1.0), &device).swap_dims(1, 2));
+        let (q, k, v, g) = (input(37, 0.1), input(45, -0.1), input(45, 0.0), input(37, 0.2));
+        let scale = 20f32.powf(-0.5);
+        let before = super::super::vendor_stats();
+        super::super::set_flash_attention(true);
+        let (out, lse) = super::super::flash_attention(q.clone() * 1.0, k.clone(), v.clone(), scale).expect("flash forward on wgpu");
+        let grads = super::super::flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone() + 0.0, lse.clone(), scale).expect("flash backward on wgpu");
+        super::super::set_flash_attention(false);
+        let (out_ref, lse_ref) = forward_math(q.clone(), k.clone(), v.clone(), scale);
+        let delta = (g.clone().cast(FloatDType::F32) * out_ref.clone().cast(FloatDType::F32)).sum_dim(3).squeeze_dim(3);
+        let (dq, dk, dv) = backward_math(q, k, v, g, lse_ref.clone(), delta, scale);
+        let close = |what: &str, a: Tensor<W, 4>, b: Tensor<W, 4>| {
+            let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 4e-3 * peak, "{what}: error {err} of the peak {peak}");
+        };
+        close("out", out, out_ref);
+        let lse_err: f32 = (lse - lse_ref).abs().max().into_scalar();
+        assert!(lse_err < 1e-3, "lse error {lse_err}");
+        close("dq", grads.0, dq);
+        close("dk", grads.1, dk);
+        close("dv", grads.2, dv);
+        let after = super::super::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        assert_eq!(after.flash_attention_calls - before.flash_attention_calls, 2);
+    }
+
+    #[test]
+    fn vulkan_flash_plan_fits_shared_memory() {
+        let client = WgpuRuntime::client(&WgpuDevice::default());
+        for d in [8, 40, 64, 80, 160] {
+            let plan = plan(&client, f16_type(), d).expect("plan");
+            assert_eq!(plan.dp % plan.tile, 0);
+            assert!(plan.dp >= d && plan.dp < d + plan.tile);
+            assert!(rows_bytes(plan.tile, plan.planes, plan.plane, plan.block_keys, plan.dp, 2, true) <= MAX_SHARED);
+        }
+        // CUDA's layout (16-wide WMMA tiles, 32-lane warps, 48 KiB) for every head dimension
+        // the API passes on (`FLASH_MAX_HEAD_DIM`), bf16.
+        for d in [40, 64, 80, 160] {
+            let plan = layout(16, 32, 1024, MAX_SHARED, d, 2).expect("CUDA layout");
+            assert_eq!((plan.tile, plan.plane), (16, 32));
+            assert!(plan.block_keys >= 16 && plan.block_queries >= 16, "{plan:?}");
+        }
+        assert_eq!(layout(16, 32, 1024, MAX_SHARED, 40, 2).map(|p| (p.planes, p.block_keys)), Ok((4, 32)));
+        assert!(layout(16, 32, 1024, MAX_SHARED, 512, 2).is_err(), "the VAE's 512-wide head does not fit");
+    }
+}
