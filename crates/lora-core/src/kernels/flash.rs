@@ -192,6 +192,19 @@ fn accumulate_ab<E: Float>(
     }
 }
 
+/// Orders the shared tiles between the lanes of a tile group: the plane (`sync_plane`), or
+/// with `whole_cube` the cube, for layouts whose tile group spans several hardware planes
+/// (the tests' two-lanes-per-row layout on 8-lane lavapipe; every plane runs the same
+/// sequence of syncs, so a cube barrier is always valid, only slower).
+#[cube]
+fn sync_group(#[comptime] whole_cube: bool) {
+    if whole_cube {
+        sync_cube();
+    } else {
+        sync_plane();
+    }
+}
+
 /// `dp / T` zeroed accumulators.
 #[cube]
 fn zero_accumulators(#[comptime] dp: usize, #[comptime] t: usize) -> Sequence<cmma::Matrix<f32>> {
@@ -225,12 +238,13 @@ fn write_accumulators(
     #[comptime] n: usize,
     #[comptime] dp: usize,
     #[comptime] t: usize,
+    #[comptime] whole_cube: bool,
 ) {
     #[unroll]
     for j in 0..dp / t {
-        sync_plane();
+        sync_group(whole_cube);
         cmma::store(&mut stage.slice_mut(stage_off, stage_off + (t - 1) * n + t), acc.index(j), n as u32, cmma::MatrixLayout::RowMajor);
-        sync_plane();
+        sync_group(whole_cube);
         let mut c = sub;
         while c < t {
             let col = j * t + c;
@@ -265,6 +279,7 @@ fn flash_rows<E: Float>(
     #[comptime] bk: usize,
     #[comptime] dp: usize,
     #[comptime] grad: bool,
+    #[comptime] whole_cube: bool,
     #[define(E)] _dtype: StorageType,
 ) {
     let bq = planes * t;
@@ -320,7 +335,7 @@ fn flash_rows<E: Float>(
             load_tile::<E>(k, k_base, k0, seq_k, d, &mut ks, bk, dp);
             sync_cube();
             product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
-            sync_plane();
+            sync_group(whole_cube);
             let mut c = sub;
             while c < bk {
                 if k0 + c < seq_k {
@@ -377,7 +392,7 @@ fn flash_rows<E: Float>(
         if grad {
             product_abt::<E>(&dos, w * t * dp, &vs, &mut dps, region, bk, dp, t);
         }
-        sync_plane();
+        sync_group(whole_cube);
         let mut c = sub;
         while c < bk {
             let i = region + row * bk + c;
@@ -391,7 +406,7 @@ fn flash_rows<E: Float>(
             pe[i] = E::cast_from(p);
             c += lanes_per_row;
         }
-        sync_plane();
+        sync_group(whole_cube);
         if grad {
             accumulate_ab::<E>(&pe, region, &ks, &acc, bk, dp, t);
         } else {
@@ -402,7 +417,7 @@ fn flash_rows<E: Float>(
     if grad {
         factor = scale;
     }
-    write_accumulators(&acc, &mut sc, region, out, q_base, q0 + w * t, seq_q, d, factor, row, sub, lanes_per_row, bk, dp, t);
+    write_accumulators(&acc, &mut sc, region, out, q_base, q0 + w * t, seq_q, d, factor, row, sub, lanes_per_row, bk, dp, t, whole_cube);
 }
 
 /// The key-major kernel of the backward pass: `dk` and `dv` for `planes · T` keys per cube.
@@ -427,6 +442,7 @@ fn flash_keys<E: Float>(
     #[comptime] plane: usize,
     #[comptime] bq: usize,
     #[comptime] dp: usize,
+    #[comptime] whole_cube: bool,
     #[define(E)] _dtype: StorageType,
 ) {
     let bk = planes * t;
@@ -468,7 +484,7 @@ fn flash_keys<E: Float>(
         // Sᵀ = k qᵀ and dPᵀ = v doᵀ for the plane's keys.
         product_abt::<E>(&ks, w * t * dp, &qs, &mut sc, region, bq, dp, t);
         product_abt::<E>(&vs, w * t * dp, &dos, &mut dps, region, bq, dp, t);
-        sync_plane();
+        sync_group(whole_cube);
         let mut c = sub;
         while c < bq {
             let i = region + row * bq + c;
@@ -480,20 +496,20 @@ fn flash_keys<E: Float>(
             sc[i] = p * (dps[i] - delta_s[c]);
             c += lanes_per_row;
         }
-        sync_plane();
+        sync_group(whole_cube);
         accumulate_ab::<E>(&pe, region, &dos, &acc_dv, bq, dp, t);
-        sync_plane();
+        sync_group(whole_cube);
         let mut c = sub;
         while c < bq {
             let i = region + row * bq + c;
             pe[i] = E::cast_from(sc[i]);
             c += lanes_per_row;
         }
-        sync_plane();
+        sync_group(whole_cube);
         accumulate_ab::<E>(&pe, region, &qs, &acc_dk, bq, dp, t);
     }
-    write_accumulators(&acc_dk, &mut sc, region, dk, k_base, k0 + w * t, seq_k, d, scale, row, sub, lanes_per_row, bq, dp, t);
-    write_accumulators(&acc_dv, &mut sc, region, dv, k_base, k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t);
+    write_accumulators(&acc_dk, &mut sc, region, dk, k_base, k0 + w * t, seq_k, d, scale, row, sub, lanes_per_row, bq, dp, t, whole_cube);
+    write_accumulators(&acc_dv, &mut sc, region, dv, k_base, k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t, whole_cube);
 }
 
 /// Tile size, plane layout and block lengths for one problem on one device.
@@ -513,6 +529,9 @@ pub(super) struct Plan {
     pub key_planes: usize,
     /// Head dimension padded to a multiple of `tile`.
     pub dp: usize,
+    /// Tile groups of `plane` units span several hardware planes: order them with cube
+    /// barriers (tests only; see `sync_group`).
+    pub whole_cube: bool,
 }
 
 /// Shared bytes of [`flash_rows`] (`grad` or not) and of [`flash_keys`], `es` bytes per input element.
@@ -568,6 +587,7 @@ fn layout(tile: usize, plane: usize, max_units: usize, limit: usize, head_dim: u
         block_queries,
         key_planes,
         dp,
+        whole_cube: false,
     })
 }
 
@@ -616,11 +636,13 @@ unsafe fn arg<R: Runtime>(handle: &cubecl::server::Handle, len: usize) -> ArrayA
 
 /// Queues the forward pass: `out = softmax(q kᵀ · scale) v` (f32) and the rows' log-sum-exp
 /// `lse` (f32, `[heads, seq_q]`), for contiguous `q` `[heads, seq_q, d]` and `k`, `v`
-/// `[heads, seq_k, d]` of `dtype`; `out` holds `heads · seq_q · d` f32.
+/// `[heads, seq_k, d]` of `dtype`; `out` holds `heads · seq_q · d` f32. `plan` comes from
+/// [`plan`] for this device, dtype and head dimension.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
+    plan: Plan,
     dtype: StorageType,
     q: &cubecl::server::Handle,
     k: &cubecl::server::Handle,
@@ -629,7 +651,6 @@ pub(super) fn forward<R: Runtime>(
     lse: &cubecl::server::Handle,
 ) -> Result<(), String> {
     let (seq_q, seq_k, d) = problem.scalars()?;
-    let plan = plan(client, dtype, problem.d)?;
     let Problem { heads, scale, .. } = problem;
     let (nq, nk) = (heads * problem.seq_q * problem.d, heads * problem.seq_k * problem.d);
     // The forward pass reads neither dO nor Δ: small stand-ins of their own.
@@ -661,6 +682,7 @@ pub(super) fn forward<R: Runtime>(
             plan.block_keys,
             plan.dp,
             false,
+            plan.whole_cube,
             dtype,
         );
     }
@@ -674,13 +696,13 @@ pub(super) fn forward<R: Runtime>(
 pub(super) fn backward<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
+    plan: Plan,
     dtype: StorageType,
     [q, k, v, dout]: [&cubecl::server::Handle; 4],
     [lse, delta]: [&cubecl::server::Handle; 2],
     [dq, dk, dv]: [&cubecl::server::Handle; 3],
 ) -> Result<(), String> {
     let (seq_q, seq_k, d) = problem.scalars()?;
-    let plan = plan(client, dtype, problem.d)?;
     let Problem { heads, scale, .. } = problem;
     let (nq, nk, rows) = (heads * problem.seq_q * problem.d, heads * problem.seq_k * problem.d, heads * problem.seq_q);
     let rows_count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
@@ -709,6 +731,7 @@ pub(super) fn backward<R: Runtime>(
             plan.block_keys,
             plan.dp,
             true,
+            plan.whole_cube,
             dtype,
         );
         flash_keys::launch::<R>(
@@ -732,6 +755,7 @@ pub(super) fn backward<R: Runtime>(
             plan.plane,
             plan.block_queries,
             plan.dp,
+            plan.whole_cube,
             dtype,
         );
     }
@@ -889,7 +913,8 @@ impl<R: CubeRuntime, BT: BoolElement> FlashForward<R, BT> {
         let dims = q.meta.shape().clone();
         let out = empty_f32(&q, dims.clone());
         let lse = empty_f32(&q, Shape::new([dims[0], dims[1], dims[2]]));
-        forward(&q.client, problem, q.dtype.into(), &q.handle, &k.handle, &v.handle, &out.handle, &lse.handle)?;
+        let layout = plan(&q.client, q.dtype.into(), problem.d)?;
+        forward(&q.client, problem, layout, q.dtype.into(), &q.handle, &k.handle, &v.handle, &out.handle, &lse.handle)?;
         Ok((to_dtype::<R, BT>(out, q.dtype), lse))
     }
 }
@@ -925,7 +950,8 @@ impl<R: CubeRuntime, BT: BoolElement> FlashBackward<R, BT> {
         }
         let problem = problem(&q, &k, self.scale);
         let (dq, dk, dv) = (empty_f32(&q, q.meta.shape().clone()), empty_f32(&k, k.meta.shape().clone()), empty_f32(&v, v.meta.shape().clone()));
-        backward(&q.client, problem, q.dtype.into(), [&q.handle, &k.handle, &v.handle, &dout.handle], [&lse.handle, &delta.handle], [&dq.handle, &dk.handle, &dv.handle])?;
+        let layout = plan(&q.client, q.dtype.into(), problem.d)?;
+        backward(&q.client, problem, layout, q.dtype.into(), [&q.handle, &k.handle, &v.handle, &dout.handle], [&lse.handle, &delta.handle], [&dq.handle, &dk.handle, &dv.handle])?;
         let cast = |t: CubeTensor<R>| to_dtype::<R, BT>(t, q.dtype);
         Ok((cast(dq), cast(dk), cast(dv)))
     }
@@ -1039,15 +1065,26 @@ mod tests {
         }
     }
 
-    fn run(p: Problem, seed: u32) {
+    /// `wide`: tile groups of two hardware planes (16 lanes for 8-row tiles), i.e. two
+    /// lanes per tile row as on CUDA's 32-lane warps with 16-row tiles, ordered by cube
+    /// barriers.
+    fn run(p: Problem, seed: u32, wide: bool) {
         let client = WgpuRuntime::client(&WgpuDevice::default());
+        let mut layout = plan(&client, f16_type(), p.d).expect("plan");
+        if wide {
+            layout = Plan {
+                plane: 2 * layout.plane,
+                whole_cube: true,
+                ..layout
+            };
+        }
         let (nq, nk) = (p.heads * p.seq_q * p.d, p.heads * p.seq_k * p.d);
         let (q, k, v, dout) = (values(nq, seed, 2.0), values(nk, seed + 1, 2.0), values(nk, seed + 2, 1.0), values(nq, seed + 3, 1.0));
         let wide = |x: &[f16]| x.iter().map(|v| f64::from(v.to_f32())).collect::<Vec<_>>();
         let (out_ref, lse_ref, dq_ref, dk_ref, dv_ref) = reference(p, &wide(&q), &wide(&k), &wide(&v), &wide(&dout));
         let (hq, hk, hv, hdo) = (upload(&client, &q), upload(&client, &k), upload(&client, &v), upload(&client, &dout));
         let (out, lse) = (client.empty(4 * nq), client.empty(4 * p.heads * p.seq_q));
-        forward(&client, p, f16_type(), &hq, &hk, &hv, &out, &lse).expect("forward");
+        forward(&client, p, layout, f16_type(), &hq, &hk, &hv, &out, &lse).expect("forward");
         let out_got = download(&client, out.clone());
         assert_close("out", &out_got, &out_ref, 2e-3);
         let lse_got = download(&client, lse.clone());
@@ -1058,7 +1095,7 @@ mod tests {
         let delta: Vec<f32> = out_got.chunks(p.d).zip(dout.chunks(p.d)).map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b.to_f32()).sum()).collect();
         let hdelta = client.create_from_slice(&delta.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
         let (dq, dk, dv) = (client.empty(4 * nq), client.empty(4 * nk), client.empty(4 * nk));
-        backward(&client, p, f16_type(), [&hq, &hk, &hv, &hdo], [&lse, &hdelta], [&dq, &dk, &dv]).expect("backward");
+        backward(&client, p, layout, f16_type(), [&hq, &hk, &hv, &hdo], [&lse, &hdelta], [&dq, &dk, &dv]).expect("backward");
         assert_close("dq", &download(&client, dq), &dq_ref, 2e-3);
         assert_close("dk", &download(&client, dk), &dk_ref, 2e-3);
         assert_close("dv", &download(&client, dv), &dv_ref, 2e-3);
@@ -1070,7 +1107,17 @@ mod tests {
         // multiple of the tile (padded), cross-attention-like key counts, and one row.
         for (i, (heads, seq_q, seq_k, d)) in [(2, 37, 45, 20), (3, 64, 77, 40), (1, 1, 9, 8), (2, 70, 16, 24)].into_iter().enumerate() {
             let scale = (d as f32).powf(-0.5);
-            run(Problem { heads, seq_q, seq_k, d, scale }, 11 * i as u32 + 1);
+            run(Problem { heads, seq_q, seq_k, d, scale }, 11 * i as u32 + 1, false);
+        }
+    }
+
+    /// Two lanes per tile row, as on CUDA (32-lane warps, 16-row tiles): each lane keeps the
+    /// row statistics of half the columns, combined in shared memory by the forward pass.
+    #[test]
+    fn vulkan_flash_attention_with_two_lanes_per_row() {
+        for (i, (heads, seq_q, seq_k, d)) in [(2, 37, 45, 20), (1, 9, 77, 40), (1, 1, 3, 8)].into_iter().enumerate() {
+            let scale = (d as f32).powf(-0.5);
+            run(Problem { heads, seq_q, seq_k, d, scale }, 7 * i as u32 + 3, true);
         }
     }
 
