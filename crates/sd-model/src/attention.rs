@@ -91,7 +91,7 @@ pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>
         return out;
     }
     let (q, k, v) = args;
-    attention_forward(q, k, v, BACKWARD_BLOCK_ELEMENTS)
+    attention_forward(q, k, v, BACKWARD_BLOCK_ELEMENTS).0
 }
 
 /// The forward pass: the flash-attention kernel where [`flash_attention`] has one, else
@@ -99,16 +99,18 @@ pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>
 /// ([`lora_core::kernels::set_cublas`], [`lora_core::kernels::set_fused_softmax`])
 /// `softmax(qᵢ kᵀ s) v` per block of queries, the matmuls through [`matmul`] and the
 /// softmax through [`scaled_softmax`] (in f32), at most `block_elements` scores at once.
-fn attention_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> Tensor<X, 4> {
+/// Also returns the flash kernel's log-sum-exp when it ran, for its backward pass.
+fn attention_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> (Tensor<X, 4>, Option<Tensor<X, 3>>) {
     let scale = (q.dims()[3] as f64).powf(-0.5) as f32;
-    if let Some((out, _)) = flash_attention(q.clone(), k.clone(), v.clone(), scale) {
-        return out;
+    if let Some((out, lse)) = flash_attention(q.clone(), k.clone(), v.clone(), scale) {
+        return (out, Some(lse));
     }
-    if lora_core::kernels::cublas_enabled() || lora_core::kernels::fused_softmax_enabled() {
+    let out = if lora_core::kernels::cublas_enabled() || lora_core::kernels::fused_softmax_enabled() {
         blockwise_forward(q, k, v, block_elements)
     } else {
         attention(q, k, v, None, None, plain_options())
-    }
+    };
+    (out, None)
 }
 
 /// `softmax(qᵢ kᵀ s) v` per block of queries (see [`attention_forward`]).
@@ -157,21 +159,17 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy>(
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
     let forward = |q: FloatTensor<X>, k: FloatTensor<X>, v: FloatTensor<X>| {
-        attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements).into_primitive().tensor()
+        let (out, lse) = attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements);
+        (out.into_primitive().tensor(), lse.map(|lse| lse.into_primitive().tensor()))
     };
     let op = BlockwiseAttentionBackward { block_elements };
     let out = match op.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (qt, kt, vt) = (tensor::<X, 4>(q.primitive.clone()), tensor::<X, 4>(k.primitive.clone()), tensor::<X, 4>(v.primitive.clone()));
-            let scale = (qt.dims()[3] as f64).powf(-0.5) as f32;
             // The flash kernel's log-sum-exp lets its backward pass skip the softmax statistics.
-            let (out, lse) = match flash_attention(qt, kt, vt, scale) {
-                Some((out, lse)) => (out.into_primitive().tensor(), Some(lse.into_primitive().tensor())),
-                None => (forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone()), None),
-            };
+            let (out, lse) = forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
             prep.finish((q.primitive, k.primitive, v.primitive, out.clone(), lse), out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive, k.primitive, v.primitive)),
+        OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive, k.primitive, v.primitive).0),
     };
     tensor(out)
 }

@@ -867,7 +867,7 @@ impl<R, BT> std::fmt::Debug for FlashBackward<R, BT> {
     }
 }
 
-/// A contiguous copy (if needed) of a `[b, h, s, d]` tensor, its handle and `(b·h, s, d)`.
+/// `x`, or a contiguous copy of it when it is a strided view (the kernels index rows densely).
 fn contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
     if x.is_contiguous() {
         x
