@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares device-bin/ (ignored by git, carried to the GPU machine) for scripts/device/run.sh:
 # the CUDA build of `trainer`, lora-core's CUDA test binary (its ignored GPU tests: cuDNN,
-# cuBLAS, ordering, softmax, flash attention), the PyTorch anchor, the diffusers wheels, a build record and,
+# cuBLAS, ordering, softmax, flash attention, GroupNorm), the PyTorch anchor, the diffusers wheels, a build record and,
 # if given, the cache archive of an earlier device call. Run here, from anywhere in the repo.
 #
 #   SKIP_BUILD=1                  reuse $CUDA_TARGET_DIR/release/trainer as it is

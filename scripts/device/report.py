@@ -92,7 +92,8 @@ def fmt(v, digits=3):
 def vendor_cell(res):
     """What ran in vendor libraries: `dnn calls/blas calls/fallbacks`, then how the calls were
     ordered (`host`, or `gpu N` for N GPU-ordered calls, with any spin timeouts), then
-    `softmax N` for N fused softmaxes and `flash N` for N flash-attention passes; `off`
+    `softmax N` for N fused softmaxes, `flash N` for N flash-attention passes and `gn N` for N
+    fused GroupNorm passes; `off`
     without --cudnn or --cublas, `–` for binaries that do not report it."""
     v = res.get("vendor")
     if not isinstance(v, dict):
@@ -100,6 +101,8 @@ def vendor_cell(res):
     softmax = f" softmax {v.get('fused_softmax_calls', 0)}" if v.get("fused_softmax") else ""
     if v.get("flash_attention"):
         softmax += f" flash {v.get('flash_attention_calls', 0)}"
+    if v.get("fused_group_norm"):
+        softmax += f" gn {v.get('fused_group_norm_calls', 0)}"
     if not (v.get("cudnn") or v.get("cublas")):
         return "off" + softmax
     cell = f"{v.get('cudnn_calls', 0)}/{v.get('cublas_calls', 0)}/{v.get('fallbacks', 0)}"
@@ -176,7 +179,7 @@ def table(a):
 
     smokes = [r for r in records if r["source"] == "smoke"]
     if smokes:
-        out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the kernel tests: cuDNN and cuBLAS against burn, GPU- against host-ordered library calls, the fused softmax against burn, flash attention against the same math in burn's ops):", ""]
+        out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the kernel tests: cuDNN and cuBLAS against burn, GPU- against host-ordered library calls, the fused softmax against burn, flash attention against the same math in burn's ops, the fused GroupNorm against burn):", ""]
         out += ["| run | pass | wall s |", "|---|---|---|"]
         for r in smokes:
             out.append(f"| {r['name']} | {'yes' if r.get('result', {}).get('pass') else 'no'} | {fmt(r.get('wall_s'))} |")

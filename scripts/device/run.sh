@@ -5,20 +5,21 @@
 # device call: scripts/device/README.md. Everything is selectable through the variables below.
 #
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
-#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash] ..."   device checks,
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash][:gn] ..."   device checks,
 #        PREC f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
 #        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0); device =
 #        --vendor-sync device (library calls ordered on the GPU); softmax = --fused-softmax
 #        (attention's softmax in one CubeCL kernel); flash = --flash-attention (attention
-#        forward and backward in the CubeCL flash-attention kernels, bf16/f16 models);
-#        device / softmax / flash are dropped, with a note, when their kernel test below fails
+#        forward and backward in the CubeCL flash-attention kernels, bf16/f16 models); gn =
+#        --fused-group-norm (GroupNorm + SiLU forward and backward in our CubeCL kernels);
+#        device / softmax / flash / gn are dropped, with a note, when their kernel test below fails
 #        (default cuda: vendor libraries first, then burn's kernels; see below)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device][:softmax][:flash] ..."
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device][:softmax][:flash][:gn] ..."
 #        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
-#        for the memory A/B); cudnn / cublas / device / softmax / flash as above, with the
+#        for the memory A/B); cudnn / cublas / device / softmax / flash / gn as above, with the
 #        default matmul threshold (default cuda: the four anchor settings with everything on,
 #        then batch 8 without flash attention, with both libraries host-ordered and burn's
-#        softmax, and with neither library)
+#        softmax and GroupNorm, and with neither library)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -58,9 +59,9 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax tiny:64:2:bf16:cudnn:cublas:flash sd15:256:1:bf16:cudnn:cublas:device:softmax:flash tiny:64:2"}
-    ALL=cudnn:cublas:device:softmax:flash
-    PLAN=${PLAN:-"sd15:512:1:train:$ALL sd15:512:8:train:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:$ALL sd15:512:8:train:cudnn:cublas:device:softmax sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
+    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2:bf16:cudnn:cublas:flash:gn sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn tiny:64:2"}
+    ALL=cudnn:cublas:device:softmax:flash:gn
+    PLAN=${PLAN:-"sd15:512:1:train:$ALL sd15:512:8:train:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:$ALL sd15:512:8:train:cudnn:cublas:device:softmax:gn sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
@@ -181,9 +182,9 @@ fi
 # --- 1a. cuDNN convolutions and cuBLAS matmuls against burn's CUDA kernels (f32 and bf16), ---
 # then GPU-side ordering of library calls against host ordering (bounded: a broken ordering
 # shows as spin timeouts of about a second per call, so the test gets a limit of its own),
-# then the fused softmax kernel against burn's ops. Minimal autotuning of burn's reference
-# kernels, as in the checks.
-DSYNC=1 FUSED_SOFTMAX=1 FLASH=1
+# then the fused softmax, flash-attention and GroupNorm kernels against burn's ops. Minimal
+# autotuning of burn's reference kernels, as in the checks.
+DSYNC=1 FUSED_SOFTMAX=1 FLASH=1 FUSED_GN=1
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
     run_job smoke "conv-cudnn-vs-burn" "{}" \
         env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
@@ -207,6 +208,12 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
         FLASH=0
         say "flash attention failed its test: the :flash settings below use the blockwise attention"
     fi
+    run_job smoke "group-norm-fused-vs-burn" "{}" \
+        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::fused_group_norm_matches_burn_on_cuda --nocapture
+    if [ "${LAST_RC:-1}" != 0 ]; then
+        FUSED_GN=0
+        say "the fused GroupNorm failed its test: the :gn settings below use burn's ops"
+    fi
 fi
 
 # --- 1. correctness -------------------------------------------------------------------------
@@ -222,6 +229,7 @@ for c in $CHECKS; do
             device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
             softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
             flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
+            gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
             *) prec=$o ;;
         esac
     done
@@ -285,6 +293,7 @@ for p in $PLAN; do
             device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
             softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
             flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
+            gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
         esac
     done
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \

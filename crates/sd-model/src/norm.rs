@@ -8,7 +8,10 @@
 //! input and the per-group mean and inverse deviation, and recomputes the rest. Statistics
 //! are computed in f32 whatever the input dtype (as PyTorch's autocast does), so a bf16 or f16
 //! model normalises accurately. Other backends use the same forward without the custom
-//! backward.
+//! backward. The forward and backward passes themselves are
+//! [`lora_core::kernels::group_norm`] and [`lora_core::kernels::group_norm_backward`]: fused
+//! CubeCL kernels on CUDA with [`lora_core::kernels::set_fused_group_norm`] on, burn's ops
+//! elsewhere.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -16,11 +19,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::nn::{GroupNorm, LayerNorm};
-use burn::tensor::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
-use lora_core::precision::cast_to;
+use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, GroupNormSpec};
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
@@ -45,7 +47,7 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
         let y = norm.forward(x);
         return if silu { burn::tensor::activation::silu(y) } else { y };
     };
-    let spec = Spec {
+    let spec = GroupNormSpec {
         groups: norm.num_groups,
         epsilon: norm.epsilon,
         silu,
@@ -55,20 +57,12 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
         return out;
     }
     let (x, gamma, beta) = args;
-    forward(x, gamma, beta, spec).0
-}
-
-/// The op's settings.
-#[derive(Debug, Clone, Copy)]
-struct Spec {
-    groups: usize,
-    epsilon: f64,
-    silu: bool,
+    group_norm_forward(x, gamma, beta, spec).0
 }
 
 /// Runs the op with its own backward when `B` is `Autodiff<X, C>` (see
 /// [`crate::autodiff_ext`]).
-fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>), spec: Spec) -> Option<Tensor<B, 4>> {
+fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>), spec: GroupNormSpec) -> Option<Tensor<B, 4>> {
     if !is_autodiff::<B, X, C>() {
         return None;
     }
@@ -77,49 +71,22 @@ fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B,
     downcast(out)
 }
 
-/// Forward in tensor ops: the output and the per-group `(mean, 1/std)` in f32, `[b, g, 1]`.
-fn forward<B: Backend>(x: Tensor<B, 4>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, spec: Spec) -> (Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 3>) {
-    let dtype = x.dtype();
-    let shape = x.dims();
-    let [b, c, h, w] = shape;
-    let xg = cast_to(x, DType::F32).reshape([b, spec.groups, (c / spec.groups) * h * w]);
-    let mean = xg.clone().mean_dim(2);
-    let centred = xg - mean.clone();
-    let var = centred.clone().square().mean_dim(2);
-    let rstd = var.add_scalar(spec.epsilon).sqrt().recip();
-    let xhat = (centred * rstd.clone()).reshape(shape);
-    let y = affine_silu(xhat, gamma, beta, spec.silu);
-    (cast_to(y, dtype), mean, rstd)
-}
-
-/// `silu(xhat · γ + β)` (or without the SiLU), in f32.
-fn affine_silu<B: Backend>(xhat: Tensor<B, 4>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, silu: bool) -> Tensor<B, 4> {
-    let c = gamma.dims()[0];
-    let f32 = |t: Tensor<B, 1>| cast_to(t, DType::F32).reshape([1, c, 1, 1]);
-    let h = xhat * f32(gamma) + f32(beta);
-    if silu {
-        h.clone() * sigmoid(h)
-    } else {
-        h
-    }
-}
-
 fn autodiff_op<X: Backend, C: CheckpointStrategy>(
     x: Tensor<Autodiff<X, C>, 4>,
     gamma: Tensor<Autodiff<X, C>, 1>,
     beta: Tensor<Autodiff<X, C>, 1>,
-    spec: Spec,
+    spec: GroupNormSpec,
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
     let op = GroupNormBackward { spec };
     let out = match op.prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (y, mean, rstd) = forward::<X>(tensor(x.primitive.clone()), tensor(gamma.primitive.clone()), tensor(beta.primitive.clone()), spec);
+            let (y, mean, rstd) = group_norm_forward::<X>(tensor(x.primitive.clone()), tensor(gamma.primitive.clone()), tensor(beta.primitive.clone()), spec);
             let stats = (mean.into_primitive().tensor(), rstd.into_primitive().tensor());
             prep.finish((x.primitive, gamma.primitive, beta.primitive, stats.0, stats.1), y.into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => {
-            let (y, _, _) = forward::<X>(tensor(x.primitive), tensor(gamma.primitive), tensor(beta.primitive), spec);
+            let (y, _, _) = group_norm_forward::<X>(tensor(x.primitive), tensor(gamma.primitive), tensor(beta.primitive), spec);
             prep.finish(y.into_primitive().tensor())
         }
     };
@@ -129,7 +96,7 @@ fn autodiff_op<X: Backend, C: CheckpointStrategy>(
 /// Backward of GroupNorm (+ SiLU) from the input and the group statistics alone.
 #[derive(Debug)]
 struct GroupNormBackward {
-    spec: Spec,
+    spec: GroupNormSpec,
 }
 
 impl<X: Backend> Backward<X, 3> for GroupNormBackward {
@@ -151,43 +118,6 @@ impl<X: Backend> Backward<X, 3> for GroupNormBackward {
             grads.register::<X>(node.id, dbeta.into_primitive().tensor());
         }
     }
-}
-
-/// Gradients of `y = silu(x̂ γ + β)` (SiLU optional), `x̂ = (x − μ) / σ` per group:
-/// `dh = dy · s (1 + h (1 − s))` with `s = sigmoid(h)`, `dx̂ = dh γ`,
-/// `dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ x̂)) / σ` over each group, `dγ = Σ dh x̂`, `dβ = Σ dh`.
-fn group_norm_backward<X: Backend>(
-    x: Tensor<X, 4>,
-    gamma: Tensor<X, 1>,
-    beta: Tensor<X, 1>,
-    mean: Tensor<X, 3>,
-    rstd: Tensor<X, 3>,
-    grad_out: Tensor<X, 4>,
-    spec: Spec,
-) -> (Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>) {
-    let (x_dtype, gamma_dtype, beta_dtype) = (x.dtype(), gamma.dtype(), beta.dtype());
-    let shape = x.dims();
-    let [b, c, h, w] = shape;
-    let groups = spec.groups;
-    let per_group = (c / groups) * h * w;
-    let xhat = ((cast_to(x, DType::F32).reshape([b, groups, per_group]) - mean) * rstd.clone()).reshape(shape);
-    let g4 = cast_to(gamma, DType::F32).reshape([1, c, 1, 1]);
-    let dy = cast_to(grad_out, DType::F32);
-    let dh = if spec.silu {
-        let hpre = xhat.clone() * g4.clone() + cast_to(beta, DType::F32).reshape([1, c, 1, 1]);
-        let s = sigmoid(hpre.clone());
-        dy * s.clone() * (hpre * (s.neg().add_scalar(1.0))).add_scalar(1.0)
-    } else {
-        dy
-    };
-    let dgamma = (dh.clone() * xhat.clone()).sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
-    let dbeta = dh.clone().sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
-    let dxhat = (dh * g4).reshape([b, groups, per_group]);
-    let xhat = xhat.reshape([b, groups, per_group]);
-    let m1 = dxhat.clone().mean_dim(2);
-    let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
-    let dx = ((dxhat - m1 - xhat * m2) * rstd).reshape(shape);
-    (cast_to(dx, x_dtype), cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
 }
 
 /// LayerNorm over the last dimension of `[batch, tokens, channels]`, with [`group_norm`]'s
@@ -213,7 +143,7 @@ pub fn layer_norm<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 3>, epsilon: f64
     // LayerNorm of a row is GroupNorm with one group over `[rows, channels, 1, 1]`: same
     // statistics, γ and β per channel, so the GroupNorm op (and its backward) serves both.
     let [b, s, d] = x.dims();
-    let spec = Spec {
+    let spec = GroupNormSpec {
         groups: 1,
         epsilon,
         silu: false,
@@ -227,7 +157,7 @@ pub fn layer_norm<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 3>, epsilon: f64
         // burn's own op (a native kernel on the CPU backend).
         return norm.forward(x.reshape([b, s, d]));
     }
-    forward(x, gamma, beta, spec).0.reshape([b, s, d])
+    group_norm_forward(x, gamma, beta, spec).0.reshape([b, s, d])
 }
 
 #[cfg(test)]
@@ -314,5 +244,40 @@ mod tests {
         let y = group_norm(&half, x.cast(FloatDType::BF16), true);
         assert_eq!(y.dtype(), DType::BF16);
         assert!(max_rel(y.cast(FloatDType::F32), full) < 2e-2);
+    }
+
+    /// The fused GroupNorm kernels through this module's autodiff op on `Autodiff<Wgpu>`
+    /// (lavapipe), against the same op in burn's ops: output and the gradients of x, γ, β.
+    #[cfg(feature = "vulkan-test")]
+    #[test]
+    fn vulkan_fused_group_norm_matches_burn_ops() {
+        type W = Autodiff<burn::backend::Wgpu>;
+        let device = Default::default();
+        let mut norm = GroupNormConfig::new(4, 16).with_epsilon(1e-5).init::<W>(&device);
+        norm.gamma = Some(Param::from_tensor(Tensor::random([16], Distribution::Normal(1.0, 0.5), &device)));
+        norm.beta = Some(Param::from_tensor(Tensor::random([16], Distribution::Normal(0.0, 0.5), &device)));
+        let x0 = Tensor::<W, 4>::random([2, 16, 8, 6], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<W, 4>::random([2, 16, 8, 6], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            lora_core::kernels::set_fused_group_norm(fused);
+            let x = x0.clone().require_grad();
+            let y = group_norm(&norm, x.clone(), true);
+            let grads = (y.clone() * w.clone()).sum().backward();
+            lora_core::kernels::set_fused_group_norm(false);
+            let (g, b) = (norm.gamma.as_ref().unwrap(), norm.beta.as_ref().unwrap());
+            let flat = |t: Tensor<burn::backend::Wgpu, 4>| t.flatten::<1>(0, 3);
+            [flat(y.inner()), flat(x.grad(&grads).unwrap()), g.grad(&grads).unwrap(), b.grad(&grads).unwrap()]
+        };
+        let before = lora_core::kernels::vendor_stats();
+        let fused = run(true);
+        let plain = run(false);
+        for (what, (a, b)) in ["y", "dx", "dγ", "dβ"].iter().zip(fused.into_iter().zip(plain)) {
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 1e-4 * peak, "{what}: error {err} of the peak {peak}");
+        }
+        let after = lora_core::kernels::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and backward in the kernels");
     }
 }

@@ -95,6 +95,10 @@ pub struct VendorUse {
     pub flash_attention: bool,
     /// Attention passes (forward or backward) that ran in the flash-attention kernels.
     pub flash_attention_calls: u64,
+    /// `--fused-group-norm` / `SD_LORA_FUSED_GROUP_NORM` was on.
+    pub fused_group_norm: bool,
+    /// GroupNorm passes (forward or backward) that ran in the fused kernels.
+    pub fused_group_norm_calls: u64,
 }
 
 impl VendorUse {
@@ -119,6 +123,8 @@ impl VendorUse {
             fused_softmax_calls: stats.fused_softmax_calls,
             flash_attention: lora_core::kernels::flash_attention_enabled(),
             flash_attention_calls: stats.flash_attention_calls,
+            fused_group_norm: lora_core::kernels::fused_group_norm_enabled(),
+            fused_group_norm_calls: stats.fused_group_norm_calls,
         }
     }
 }

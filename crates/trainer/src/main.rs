@@ -45,6 +45,11 @@ struct Cli {
     /// dtypes keep the blockwise path. Also `SD_LORA_FLASH_ATTENTION=1`.
     #[arg(long, global = true)]
     flash_attention: bool,
+    /// Run GroupNorm (+ SiLU) forward and backward on CUDA in our fused kernels (two passes
+    /// over the activation each way instead of burn's chain of reductions and elementwise
+    /// ops). Also `SD_LORA_FUSED_GROUP_NORM=1`.
+    #[arg(long, global = true)]
+    fused_group_norm: bool,
 }
 
 /// Whether environment variable `name` is set to `1` or `true`.
@@ -570,6 +575,7 @@ fn main() -> Result<()> {
     let cublas = cli.cublas || env_flag("SD_LORA_CUBLAS");
     let fused_softmax = cli.fused_softmax || env_flag("SD_LORA_FUSED_SOFTMAX");
     let flash_attention = cli.flash_attention || env_flag("SD_LORA_FLASH_ATTENTION");
+    let fused_group_norm = cli.fused_group_norm || env_flag("SD_LORA_FUSED_GROUP_NORM");
     if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
@@ -591,6 +597,10 @@ fn main() -> Result<()> {
             lora_core::kernels::set_flash_attention(flash_attention);
             if flash_attention {
                 eprintln!("attention: flash-attention kernels (bf16 / f16 models)");
+            }
+            lora_core::kernels::set_fused_group_norm(fused_group_norm);
+            if fused_group_norm {
+                eprintln!("group norms: fused kernels");
             }
             // The switches act on the CUDA backend only; on the CPU they stay off.
             lora_core::kernels::set_cudnn(cudnn);
@@ -621,8 +631,10 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas || fused_softmax || flash_attention || vendor_sync != lora_core::kernels::VendorSync::Host {
-        eprintln!("--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention (or their SD_LORA_* variables): ignored on the CPU backend");
+    if cudnn || cublas || fused_softmax || flash_attention || fused_group_norm || vendor_sync != lora_core::kernels::VendorSync::Host {
+        eprintln!(
+            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --fused-group-norm (or their SD_LORA_* variables): ignored on the CPU backend"
+        );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }

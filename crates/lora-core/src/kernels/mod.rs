@@ -59,6 +59,8 @@ mod softmax;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(dead_code)]
 mod flash;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod group_norm;
 
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
@@ -73,6 +75,8 @@ static FUSED_SOFTMAX: AtomicBool = AtomicBool::new(false);
 static FUSED_SOFTMAX_CALLS: AtomicU64 = AtomicU64::new(0);
 static FLASH: AtomicBool = AtomicBool::new(false);
 static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
+static FUSED_GROUP_NORM: AtomicBool = AtomicBool::new(false);
+static FUSED_GROUP_NORM_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Largest head dimension given to the flash-attention kernels: their tiles for 160 fit in
 /// 48 KiB of shared memory with 16-wide `cmma` tiles (see `flash::plan`).
 const FLASH_MAX_HEAD_DIM: usize = 160;
@@ -208,6 +212,9 @@ pub struct VendorStats {
     /// Attention forward and backward passes that ran in the flash-attention kernels
     /// ([`set_flash_attention`]).
     pub flash_attention_calls: u64,
+    /// GroupNorm forward and backward passes that ran in the fused kernels
+    /// ([`set_fused_group_norm`]).
+    pub fused_group_norm_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -233,6 +240,7 @@ pub fn vendor_stats() -> VendorStats {
         ordering_error,
         fused_softmax_calls: FUSED_SOFTMAX_CALLS.load(Ordering::Relaxed),
         flash_attention_calls: FLASH_CALLS.load(Ordering::Relaxed),
+        fused_group_norm_calls: FUSED_GROUP_NORM_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -287,6 +295,11 @@ fn ordering_timeouts() -> Result<u64, String> {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn record_flash_attention() {
     FLASH_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn record_fused_group_norm() {
+    FUSED_GROUP_NORM_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -718,6 +731,233 @@ fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::B
     let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?], [l?, d?], scale);
     let back = |t| downcast::<_, Tensor<X, 4>>(tensor::<Fused<R, BT>, 4>(t));
     Some((back(dq)?, back(dk)?, back(dv)?))
+}
+
+/// Settings of a GroupNorm for [`group_norm`] and [`group_norm_backward`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupNormSpec {
+    /// Groups the channels split into (the channel count must be a multiple).
+    pub groups: usize,
+    /// Added to each group's variance before the square root.
+    pub epsilon: f64,
+    /// Whether a SiLU follows the affine transform: `silu(x̂ γ + β)` instead of `x̂ γ + β`.
+    pub silu: bool,
+}
+
+/// Smallest `h · w` the fused GroupNorm kernels take: they give each channel plane a cube,
+/// which smaller planes (a LayerNorm seen as a GroupNorm has planes of one element) leave
+/// mostly idle.
+const FUSED_GROUP_NORM_MIN_PLANE: usize = 16;
+
+/// Turns the fused GroupNorm kernels of [`group_norm`] and [`group_norm_backward`] on or off
+/// (default off until they have run on a GPU); has no effect on other backends.
+pub fn set_fused_group_norm(enabled: bool) {
+    FUSED_GROUP_NORM.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_fused_group_norm`] is on.
+pub fn fused_group_norm_enabled() -> bool {
+    FUSED_GROUP_NORM.load(Ordering::Relaxed)
+}
+
+/// GroupNorm of a `[batch, channels, h, w]` input, optionally followed by a SiLU:
+/// `(y, mean, rstd)` with `y` in `x`'s dtype and each group's mean and `1/σ` in f32
+/// (`[batch, groups, 1]`), which [`group_norm_backward`] takes. Statistics are computed in
+/// f32 whatever the dtypes (as PyTorch's autocast does), so bf16 and f16 models normalise
+/// accurately; `γ` and `β` (`[channels]`) may have a dtype of their own.
+///
+/// With [`set_fused_group_norm`] on, on the CUDA backend (`cuda` feature) this is two
+/// kernels of ours that read the input twice and write the output once (see
+/// `docs/benchmarks.md`); otherwise, or for planes under 16 elements, burn's tensor ops.
+///
+/// # Panics
+///
+/// When the channel count is not a multiple of `spec.groups` (as burn's `GroupNorm` does).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::GroupNormConfig;
+/// use burn::tensor::activation::silu;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::kernels::{group_norm, GroupNormSpec};
+///
+/// let device = Default::default();
+/// let norm = GroupNormConfig::new(4, 8).init::<Flex>(&device);
+/// let x = Tensor::<Flex, 4>::random([2, 8, 5, 5], Distribution::Normal(1.0, 2.0), &device);
+/// let spec = GroupNormSpec { groups: 4, epsilon: 1e-5, silu: true };
+/// let (gamma, beta) = (norm.gamma.as_ref().unwrap().val(), norm.beta.as_ref().unwrap().val());
+/// let (y, mean, rstd) = group_norm(x.clone(), gamma, beta, spec);
+/// assert_eq!(mean.dims(), [2, 4, 1]);
+/// let err: f32 = (y - silu(norm.forward(x))).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn group_norm<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>) {
+    if fused_group_norm_applies(&x) {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(&x, &gamma, &beta, spec) {
+            return out;
+        }
+        // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+        #[cfg(feature = "wgpu-test")]
+        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(&x, &gamma, &beta, spec) {
+            return out;
+        }
+    }
+    group_norm_math(x, gamma, beta, spec)
+}
+
+/// The gradients `(dx, dγ, dβ)` of [`group_norm`] for the output gradient `grad_out`, from
+/// the input, `γ`, `β` and the forward pass's `mean` and `rstd`, in the dtypes of `x`, `γ`
+/// and `β`: with `h = x̂ γ + β`, `s = sigmoid(h)` and `dh = dy · s (1 + h (1 − s))` (just
+/// `dy` without the SiLU), `dγ = Σ dh x̂`, `dβ = Σ dh` and
+/// `dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ x̂)) / σ` over each group, `dx̂ = dh γ`. Nothing but
+/// the input and the group statistics has to be kept from the forward pass. Fused kernels
+/// under the same conditions as [`group_norm`].
+///
+/// # Panics
+///
+/// As [`group_norm`], or when the statistics do not have its shapes.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::kernels::{group_norm, group_norm_backward, GroupNormSpec};
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 4>::random([1, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
+/// let (gamma, beta) = (Tensor::<Flex, 1>::ones([4], &device), Tensor::<Flex, 1>::zeros([4], &device));
+/// let spec = GroupNormSpec { groups: 2, epsilon: 1e-5, silu: false };
+/// let (_, mean, rstd) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
+/// // A constant output gradient: normalised groups do not move with a shift of their input.
+/// let dy = Tensor::<Flex, 4>::ones([1, 4, 3, 3], &device);
+/// let (dx, _, dbeta) = group_norm_backward(x, gamma, beta, mean, rstd, dy, spec);
+/// assert!(dx.abs().max().into_scalar() < 1e-5);
+/// assert_eq!(dbeta.into_data().to_vec::<f32>().unwrap(), vec![9.0; 4]);
+/// ```
+#[allow(clippy::type_complexity)]
+pub fn group_norm_backward<X: Backend>(
+    x: Tensor<X, 4>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    mean: Tensor<X, 3>,
+    rstd: Tensor<X, 3>,
+    grad_out: Tensor<X, 4>,
+    spec: GroupNormSpec,
+) -> (Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>) {
+    if fused_group_norm_applies(&x) {
+        #[cfg(feature = "cuda")]
+        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec) {
+            return grads;
+        }
+        #[cfg(feature = "wgpu-test")]
+        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec) {
+            return grads;
+        }
+    }
+    group_norm_backward_math(x, gamma, beta, mean, rstd, grad_out, spec)
+}
+
+/// Whether the fused GroupNorm kernels are on and take inputs shaped like `x`.
+fn fused_group_norm_applies<X: Backend>(x: &Tensor<X, 4>) -> bool {
+    let [_, _, h, w] = x.dims();
+    fused_group_norm_enabled() && h * w >= FUSED_GROUP_NORM_MIN_PLANE
+}
+
+/// The fused GroupNorm op when `X` is burn's fusion backend over CubeCL runtime `R` (see
+/// [`fused_softmax_on`]), else `None`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[allow(clippy::type_complexity)]
+fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    x: &Tensor<X, 4>,
+    gamma: &Tensor<X, 1>,
+    beta: &Tensor<X, 1>,
+    spec: GroupNormSpec,
+) -> Option<(Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>)> {
+    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
+    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
+        return None;
+    }
+    let x = downcast::<_, Tensor<Fused<R, BT>, 4>>(x.clone())?.into_primitive().tensor();
+    let [gamma, beta] = [gamma, beta].map(|t| downcast::<_, Tensor<Fused<R, BT>, 1>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(x, gamma?, beta?, spec);
+    let stat = |t| downcast::<_, Tensor<X, 3>>(tensor::<Fused<R, BT>, 3>(t));
+    Some((downcast(tensor::<Fused<R, BT>, 4>(y))?, stat(mean)?, stat(rstd)?))
+}
+
+/// The fused GroupNorm backward op when `X` is burn's fusion backend over CubeCL runtime `R`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[allow(clippy::type_complexity)]
+fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    [x, grad_out]: [&Tensor<X, 4>; 2],
+    [gamma, beta]: [&Tensor<X, 1>; 2],
+    [mean, rstd]: [&Tensor<X, 3>; 2],
+    spec: GroupNormSpec,
+) -> Option<(Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>)> {
+    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
+    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
+        return None;
+    }
+    let [x, dy] = [x, grad_out].map(|t| downcast::<_, Tensor<Fused<R, BT>, 4>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let [gamma, beta] = [gamma, beta].map(|t| downcast::<_, Tensor<Fused<R, BT>, 1>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let [mean, rstd] = [mean, rstd].map(|t| downcast::<_, Tensor<Fused<R, BT>, 3>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let (dx, dgamma, dbeta) = group_norm::register_backward::<R, BT>([x?, gamma?, beta?, dy?], [mean?, rstd?], spec);
+    let param = |t| downcast::<_, Tensor<X, 1>>(tensor::<Fused<R, BT>, 1>(t));
+    Some((downcast(tensor::<Fused<R, BT>, 4>(dx))?, param(dgamma)?, param(dbeta)?))
+}
+
+/// GroupNorm (+ SiLU) in burn's ops: `y` in `x`'s dtype and the per-group mean and
+/// `1/σ` (f32, `[b, groups, 1]`), statistics in f32.
+fn group_norm_math<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>) {
+    let dtype = x.dtype();
+    let shape = x.dims();
+    let [b, c, h, w] = shape;
+    let xg = cast_to(x, DType::F32).reshape([b, spec.groups, (c / spec.groups) * h * w]);
+    let mean = xg.clone().mean_dim(2);
+    let centred = xg - mean.clone();
+    let var = centred.clone().square().mean_dim(2);
+    let rstd = var.add_scalar(spec.epsilon).sqrt().recip();
+    let xhat = (centred * rstd.clone()).reshape(shape);
+    let f32 = |t: Tensor<X, 1>| cast_to(t, DType::F32).reshape([1, c, 1, 1]);
+    let hpre = xhat * f32(gamma) + f32(beta);
+    let y = if spec.silu { hpre.clone() * burn::tensor::activation::sigmoid(hpre) } else { hpre };
+    (cast_to(y, dtype), mean, rstd)
+}
+
+/// The gradients of [`group_norm_math`] in burn's ops: `dh = dy · s (1 + h (1 − s))` with
+/// `s = sigmoid(h)`, `dx̂ = dh γ`, `dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ x̂)) / σ` over each
+/// group, `dγ = Σ dh x̂`, `dβ = Σ dh`; in the dtypes of `x`, `γ` and `β`.
+fn group_norm_backward_math<X: Backend>(
+    x: Tensor<X, 4>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    mean: Tensor<X, 3>,
+    rstd: Tensor<X, 3>,
+    grad_out: Tensor<X, 4>,
+    spec: GroupNormSpec,
+) -> (Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>) {
+    let (x_dtype, gamma_dtype, beta_dtype) = (x.dtype(), gamma.dtype(), beta.dtype());
+    let shape = x.dims();
+    let [b, c, h, w] = shape;
+    let groups = spec.groups;
+    let per_group = (c / groups) * h * w;
+    let xhat = ((cast_to(x, DType::F32).reshape([b, groups, per_group]) - mean) * rstd.clone()).reshape(shape);
+    let g4 = cast_to(gamma, DType::F32).reshape([1, c, 1, 1]);
+    let dy = cast_to(grad_out, DType::F32);
+    let dh = if spec.silu {
+        let hpre = xhat.clone() * g4.clone() + cast_to(beta, DType::F32).reshape([1, c, 1, 1]);
+        let s = burn::tensor::activation::sigmoid(hpre.clone());
+        dy * s.clone() * (hpre * (s.neg().add_scalar(1.0))).add_scalar(1.0)
+    } else {
+        dy
+    };
+    let dgamma = (dh.clone() * xhat.clone()).sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+    let dbeta = dh.clone().sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+    let dxhat = (dh * g4).reshape([b, groups, per_group]);
+    let xhat = xhat.reshape([b, groups, per_group]);
+    let m1 = dxhat.clone().mean_dim(2);
+    let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
+    let dx = ((dxhat - m1 - xhat * m2) * rstd).reshape(shape);
+    (cast_to(dx, x_dtype), cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
 }
 
 /// `a.matmul(b)`, in cuBLAS when `X` is the CUDA backend, [`set_cublas`] is on, the batch

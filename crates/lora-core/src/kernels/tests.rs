@@ -425,3 +425,57 @@ fn flash_attention_matches_math_on_cuda() {
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
     assert_eq!(after.flash_attention_calls - before.flash_attention_calls, runs);
 }
+
+/// The fused GroupNorm kernels against burn's ops on CUDA: SD1.5's GroupNorm + SiLU shapes
+/// at 512 px (320 channels at 64×64, 1280 at 8×8; 32 groups), a plain GroupNorm, odd
+/// planes (scalar loads), f32 and bf16 activations with f32 or bf16 γ, β; output, group
+/// statistics and the three gradients. Run on the GPU machine like the cuDNN test.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fused_group_norm_matches_burn_on_cuda() {
+    use burn::tensor::DType;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    let device = Default::default();
+    let before = vendor_stats();
+    let mut runs = 0;
+    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
+    let f32_1 = |t: Tensor<B, 1>| crate::precision::cast_to(t, DType::F32);
+    for (shape, groups, silu) in [([2, 320, 64, 64], 32, true), ([2, 1280, 8, 8], 32, true), ([1, 64, 33, 17], 8, false), ([3, 4, 5, 5], 2, true)] {
+        for (act, param) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::BF16, DType::F32)] {
+            let spec = GroupNormSpec { groups, epsilon: 1e-5, silu };
+            let x = crate::precision::cast_to(Tensor::<B, 4>::random(shape, Distribution::Normal(0.5, 2.0), &device), act);
+            let dy = crate::precision::cast_to(Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device), act);
+            let gamma = crate::precision::cast_to(Tensor::<B, 1>::random([shape[1]], Distribution::Normal(1.0, 0.5), &device), param);
+            let beta = crate::precision::cast_to(Tensor::<B, 1>::random([shape[1]], Distribution::Normal(0.0, 0.5), &device), param);
+            let pass = |fused: bool| {
+                set_fused_group_norm(fused);
+                let (y, mean, rstd) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
+                let (dx, dg, db) = group_norm_backward(x.clone(), gamma.clone(), beta.clone(), mean.clone(), rstd.clone(), dy.clone(), spec);
+                set_fused_group_norm(false);
+                (f32(y), mean, rstd, f32(dx), f32_1(dg), f32_1(db))
+            };
+            let ours = pass(true);
+            let reference = pass(false);
+            runs += 2;
+            let tolerance = if act == DType::F32 && param == DType::F32 { 1e-4 } else { 2e-2 };
+            let case = (shape, groups, silu, act, param);
+            let checks = [
+                ("y", max_rel(ours.0, reference.0)),
+                ("mean", max_rel(ours.1, reference.1)),
+                ("rstd", max_rel(ours.2, reference.2)),
+                ("dx", max_rel(ours.3, reference.3)),
+                ("dγ", max_rel(ours.4, reference.4)),
+                ("dβ", max_rel(ours.5, reference.5)),
+            ];
+            for (what, err) in checks {
+                eprintln!("{case:?} {what}: {err:.2e}");
+                assert!(err < tolerance, "{case:?} {what}: relative error {err}");
+            }
+        }
+    }
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, runs);
+}
