@@ -170,42 +170,45 @@ fn normalize<I: Float, P: Float, N: Size>(
     let (batch, c) = (plane / channels, plane % channels);
     let group = c / per_group;
     let first = batch * channels + group * per_group;
-    let mut stats = SharedMemory::<f32>::new(2usize);
-    if UNIT_POS_X == 0 {
-        // Chan et al.: M2 = Σ_c [M2_c + n_c (mean_c − mean)²], all n_c equal.
-        // Relative to the first channel's mean, as in `channel_stats`.
-        let pivot = channel_mean[first];
-        let mut total = f32::new(0.0);
-        for j in 0..per_group {
-            total += channel_mean[first + j] - pivot;
-        }
-        let mu = pivot + total / f32::cast_from(per_group as u32);
-        let count = f32::cast_from(vectors * N::value() as u32);
-        let mut m2 = f32::new(0.0);
-        for j in 0..per_group {
-            let d = channel_mean[first + j] - mu;
-            m2 += channel_m2[first + j] + count * d * d;
-        }
-        let rstd = 1.0f32 / (m2 / (count * f32::cast_from(per_group as u32)) + epsilon).sqrt();
-        stats[0] = mu;
-        stats[1] = rstd;
-        if c % per_group == 0 {
-            let groups = channels / per_group;
-            group_mean[batch * groups + group] = mu;
-            group_rstd[batch * groups + group] = rstd;
-        }
+    // Chan et al.: M2 = Σ_c [M2_c + n_c (mean_c − mean)²], all n_c equal. The cube's units
+    // share the group's channels (a serial loop would put tens of dependent loads on every
+    // cube's critical path); sums relative to the first channel's mean, as in
+    // `channel_stats`.
+    let (tid, threads) = (UNIT_POS_X as usize, CUBE_DIM_X as usize);
+    let mut shared = SharedMemory::<f32>::new(MAX_THREADS);
+    let pivot = channel_mean[first];
+    let mut part = f32::new(0.0);
+    let mut j = tid;
+    while j < per_group {
+        part += channel_mean[first + j] - pivot;
+        j += threads;
     }
-    sync_cube();
+    let mean = pivot + cube_sum(part, &mut shared) / f32::cast_from(per_group as u32);
+    let count = f32::cast_from(vectors * N::value() as u32);
+    let mut part = f32::new(0.0);
+    let mut j = tid;
+    while j < per_group {
+        let d = channel_mean[first + j] - mean;
+        part += channel_m2[first + j] + count * d * d;
+        j += threads;
+    }
+    let m2 = cube_sum(part, &mut shared);
+    let rstd = 1.0f32 / (m2 / (count * f32::cast_from(per_group as u32)) + epsilon).sqrt();
+    if tid == 0 && c % per_group == 0 {
+        let groups = channels / per_group;
+        group_mean[batch * groups + group] = mean;
+        group_rstd[batch * groups + group] = rstd;
+    }
     // `(x − mean) · scale + β` rather than `x · scale + shift`: the latter cancels two large
     // terms when the mean is far from zero.
-    let mu = Vector::<f32, N>::new(stats[0]);
-    let scale = Vector::<f32, N>::new(stats[1] * f32::cast_from(gamma[c]));
+    let mu = Vector::<f32, N>::new(mean);
+    let scale = Vector::<f32, N>::new(rstd * f32::cast_from(gamma[c]));
     let shift = Vector::<f32, N>::new(f32::cast_from(beta[c]));
     let one = Vector::<f32, N>::new(1.0);
 
-    let (n, threads) = (vectors as usize, CUBE_DIM_X as usize);
+    let n = vectors as usize;
     let base = plane * n;
-    let mut i = UNIT_POS_X as usize;
+    let mut i = tid;
     while i < n {
         let h = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * scale + shift;
         let mut out = h;
@@ -297,28 +300,29 @@ fn input_grad<I: Float, G: Float, P: Float, N: Size>(
     let (batch, c) = (plane / channels, plane % channels);
     let group = c / per_group;
     let stat = batch * (channels / per_group) + group;
-    let mut means = SharedMemory::<f32>::new(2usize);
-    if UNIT_POS_X == 0 {
-        let (first, first_c) = (batch * channels + group * per_group, group * per_group);
-        let mut m1 = f32::new(0.0);
-        let mut m2 = f32::new(0.0);
-        for j in 0..per_group {
-            let g = f32::cast_from(gamma[first_c + j]);
-            m1 += g * sum_dh[first + j];
-            m2 += g * sum_dh_xhat[first + j];
-        }
-        let count = f32::cast_from(vectors * N::value() as u32) * f32::cast_from(per_group as u32);
-        means[0] = m1 / count;
-        means[1] = m2 / count;
+    // The units share the group's channels, as in `normalize`.
+    let (tid, threads) = (UNIT_POS_X as usize, CUBE_DIM_X as usize);
+    let (first, first_c) = (batch * channels + group * per_group, group * per_group);
+    let mut part1 = f32::new(0.0);
+    let mut part2 = f32::new(0.0);
+    let mut j = tid;
+    while j < per_group {
+        let g = f32::cast_from(gamma[first_c + j]);
+        part1 += g * sum_dh[first + j];
+        part2 += g * sum_dh_xhat[first + j];
+        j += threads;
     }
-    sync_cube();
+    let mut shared = SharedMemory::<f32>::new(MAX_THREADS);
+    let count = f32::cast_from(vectors * N::value() as u32) * f32::cast_from(per_group as u32);
+    let m1 = cube_sum(part1, &mut shared) / count;
+    let m2 = cube_sum(part2, &mut shared) / count;
     let (mu, rstd) = (Vector::<f32, N>::new(group_mean[stat]), Vector::<f32, N>::new(group_rstd[stat]));
     let (g, b) = (f32::cast_from(gamma[c]), f32::cast_from(beta[c]));
-    let (m1, m2, gv) = (Vector::<f32, N>::new(means[0]), Vector::<f32, N>::new(means[1]), Vector::<f32, N>::new(g));
+    let (m1, m2, gv) = (Vector::<f32, N>::new(m1), Vector::<f32, N>::new(m2), Vector::<f32, N>::new(g));
 
-    let (n, threads) = (vectors as usize, CUBE_DIM_X as usize);
+    let n = vectors as usize;
     let base = plane * n;
-    let mut i = UNIT_POS_X as usize;
+    let mut i = tid;
     while i < n {
         let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * rstd;
         let dh = pre_activation_grad::<N>(xhat, Vector::<f32, N>::cast_from(dy[base + i]), g, b, silu);
@@ -873,13 +877,15 @@ mod tests {
     #[test]
     fn wgpu_group_norm_kernels_match_the_reference() {
         // Planes of odd length (scalar loads), of lengths the 4-wide vectors divide, longer
-        // than a cube's units times their vectors; one group, one channel per group.
+        // than a cube's units times their vectors; one group, one channel per group; more
+        // channels in a group than units in a cube.
         for (p, mean) in [
             (problem(2, 8, 4, 25, true), 0.5),
             (problem(1, 6, 2, 64, false), -1.0),
             (problem(3, 4, 4, 16, true), 0.0),
             (problem(2, 6, 1, 1600, true), 2.0),
             (problem(1, 3, 3, 9, false), 0.0),
+            (problem(2, 300, 1, 16, true), 0.0),
         ] {
             run(p, mean, 2.0, TIGHT);
         }
