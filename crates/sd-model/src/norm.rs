@@ -9,9 +9,10 @@
 //! are computed in f32 whatever the input dtype (as PyTorch's autocast does), so a bf16 or f16
 //! model normalises accurately. Other backends use the same forward without the custom
 //! backward. The forward and backward passes themselves are
-//! [`lora_core::kernels::group_norm`] and [`lora_core::kernels::group_norm_backward`]: fused
-//! CubeCL kernels on CUDA with [`lora_core::kernels::set_fused_group_norm`] on, burn's ops
-//! elsewhere.
+//! [`lora_core::kernels::group_norm`] and [`lora_core::kernels::group_norm_backward`] (or,
+//! with frozen γ and β, [`lora_core::kernels::group_norm_input_grad`]): fused CubeCL kernels
+//! on CUDA with [`lora_core::kernels::set_fused_group_norm`] on (for LayerNorm, the forward
+//! pass and the input gradient), burn's ops elsewhere.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -22,7 +23,7 @@ use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, GroupNormSpec};
+use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, group_norm_input_grad, GroupNormSpec};
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
@@ -106,8 +107,18 @@ impl<X: Backend> Backward<X, 3> for GroupNormBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = grads.consume::<X>(&ops.node);
         let (x, gamma, beta, mean, rstd) = ops.state;
-        let (dx, dgamma, dbeta) = group_norm_backward::<X>(tensor(x), tensor(gamma), tensor(beta), tensor(mean), tensor(rstd), tensor(grad_out), self.spec);
         let [px, pg, pb] = ops.parents;
+        let (x, gamma, beta, mean, rstd, dy) = (tensor(x), tensor(gamma), tensor(beta), tensor(mean), tensor(rstd), tensor(grad_out));
+        if pg.is_none() && pb.is_none() {
+            // Frozen γ and β (LoRA training): the input gradient alone, which also lets a
+            // LayerNorm take the fused row kernels.
+            if let Some(node) = px {
+                let dx = group_norm_input_grad::<X>(x, gamma, beta, mean, rstd, dy, self.spec);
+                grads.register::<X>(node.id, dx.into_primitive().tensor());
+            }
+            return;
+        }
+        let (dx, dgamma, dbeta) = group_norm_backward::<X>(x, gamma, beta, mean, rstd, dy, self.spec);
         if let Some(node) = px {
             grads.register::<X>(node.id, dx.into_primitive().tensor());
         }
@@ -166,8 +177,14 @@ mod tests {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     use burn::backend::Flex;
     use burn::module::Param;
+    use burn::module::Module;
     use burn::nn::GroupNormConfig;
     use burn::tensor::Distribution;
+
+    /// lora-core's fused-GroupNorm switch and counters are process-global: the tests that
+    /// flip it take turns.
+    #[cfg(feature = "vulkan-test")]
+    static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn max_rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
         let scale: f32 = b.clone().abs().max().into_scalar();
@@ -227,6 +244,23 @@ mod tests {
         assert!(max_rel(b.grad(&grads).unwrap(), b.grad(&grads2).unwrap()) < 1e-4);
     }
 
+    /// Frozen γ and β (LoRA training) take the input-gradient-only path: same `dx`.
+    #[test]
+    fn frozen_parameters_give_the_same_input_gradient() {
+        type A = Autodiff<Flex>;
+        let device = Default::default();
+        let norm = GroupNormConfig::new(4, 8).with_epsilon(1e-5).init::<A>(&device).no_grad();
+        let trained = GroupNormConfig::new(4, 8).with_epsilon(1e-5).init::<A>(&device);
+        let x0 = Tensor::<Flex, 4>::random([2, 8, 5, 3], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<Flex, 4>::random([2, 8, 5, 3], Distribution::Normal(0.0, 1.0), &device);
+        let dx = |norm: &GroupNorm<A>| {
+            let x = Tensor::<A, 4>::from_inner(x0.clone()).require_grad();
+            let grads = (group_norm(norm, x.clone(), true) * Tensor::from_inner(w.clone())).sum().backward();
+            x.grad(&grads).unwrap()
+        };
+        assert!(max_rel(dx(&norm), dx(&trained)) < 1e-6);
+    }
+
     #[test]
     fn layer_norm_backward_matches_burns() {
         check_layer_norm::<NoCheckpointing>();
@@ -251,6 +285,7 @@ mod tests {
     #[cfg(feature = "vulkan-test")]
     #[test]
     fn vulkan_fused_group_norm_matches_burn_ops() {
+        let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         type W = Autodiff<burn::backend::Wgpu>;
         let device = Default::default();
         let mut norm = GroupNormConfig::new(4, 16).with_epsilon(1e-5).init::<W>(&device);
@@ -279,5 +314,41 @@ mod tests {
         let after = lora_core::kernels::vendor_stats();
         assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
         assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and backward in the kernels");
+    }
+
+    /// A frozen LayerNorm (as in the transformer blocks under LoRA) through this module's
+    /// autodiff op on `Autodiff<Wgpu>`: the fused row kernels against burn's ops.
+    #[cfg(feature = "vulkan-test")]
+    #[test]
+    fn vulkan_fused_layer_norm_matches_burn_ops() {
+        let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        use burn::nn::LayerNormConfig;
+        type W = Autodiff<burn::backend::Wgpu>;
+        let device = Default::default();
+        let mut norm = LayerNormConfig::new(96).with_epsilon(1e-5).init::<W>(&device);
+        norm.gamma = Param::from_tensor(Tensor::random([96], Distribution::Normal(1.0, 0.5), &device));
+        norm.beta = Some(Param::from_tensor(Tensor::random([96], Distribution::Normal(0.0, 0.5), &device)));
+        let norm = norm.no_grad();
+        let x0 = Tensor::<W, 3>::random([2, 40, 96], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<W, 3>::random([2, 40, 96], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            lora_core::kernels::set_fused_group_norm(fused);
+            let x = x0.clone().require_grad();
+            let y = layer_norm(&norm, x.clone(), 1e-5);
+            let grads = (y.clone() * w.clone()).sum().backward();
+            lora_core::kernels::set_fused_group_norm(false);
+            [y.inner(), x.grad(&grads).unwrap()]
+        };
+        let before = lora_core::kernels::vendor_stats();
+        let fused = run(true);
+        let plain = run(false);
+        for (what, (a, b)) in ["y", "dx"].iter().zip(fused.into_iter().zip(plain)) {
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 1e-4 * peak, "{what}: error {err} of the peak {peak}");
+        }
+        let after = lora_core::kernels::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and input gradient in the kernels");
     }
 }

@@ -45,9 +45,9 @@ struct Cli {
     /// dtypes keep the blockwise path. Also `SD_LORA_FLASH_ATTENTION=1`.
     #[arg(long, global = true)]
     flash_attention: bool,
-    /// Run GroupNorm (+ SiLU) forward and backward on CUDA in our fused kernels (two passes
-    /// over the activation each way instead of burn's chain of reductions and elementwise
-    /// ops). Also `SD_LORA_FUSED_GROUP_NORM=1`.
+    /// Run GroupNorm (+ SiLU) and LayerNorm forward and backward on CUDA in our fused
+    /// kernels (two passes over the activation each way instead of burn's chain of
+    /// reductions and elementwise ops). Also `SD_LORA_FUSED_GROUP_NORM=1`.
     #[arg(long, global = true)]
     fused_group_norm: bool,
 }
@@ -600,7 +600,7 @@ fn main() -> Result<()> {
             }
             lora_core::kernels::set_fused_group_norm(fused_group_norm);
             if fused_group_norm {
-                eprintln!("group norms: fused kernels");
+                eprintln!("group / layer norms: fused kernels");
             }
             // The switches act on the CUDA backend only; on the CPU they stay off.
             lora_core::kernels::set_cudnn(cudnn);

@@ -83,11 +83,11 @@ fn lanes_sum<N: Size>(v: Vector<f32, N>) -> f32 {
 /// `s = sigmoid(h)`, or `dy` itself without the SiLU.
 #[cube]
 #[allow(unused_assignments)]
-fn pre_activation_grad<N: Size>(xhat: Vector<f32, N>, dy: Vector<f32, N>, gamma: f32, beta: f32, #[comptime] silu: bool) -> Vector<f32, N> {
+fn pre_activation_grad<N: Size>(xhat: Vector<f32, N>, dy: Vector<f32, N>, gamma: Vector<f32, N>, beta: Vector<f32, N>, #[comptime] silu: bool) -> Vector<f32, N> {
     let mut dh = dy;
     if silu {
         let one = Vector::<f32, N>::new(1.0);
-        let h = xhat * Vector::<f32, N>::new(gamma) + Vector::<f32, N>::new(beta);
+        let h = xhat * gamma + beta;
         let s = one / (one + (-h).exp());
         dh = dy * s * (one + h * (one - s));
     }
@@ -247,7 +247,7 @@ fn channel_grads<I: Float, G: Float, P: Float, N: Size>(
     let (batch, c) = (plane / channels, plane % channels);
     let stat = batch * (channels / per_group) + c / per_group;
     let (mu, rstd) = (Vector::<f32, N>::new(group_mean[stat]), Vector::<f32, N>::new(group_rstd[stat]));
-    let (g, b) = (f32::cast_from(gamma[c]), f32::cast_from(beta[c]));
+    let (g, b) = (Vector::<f32, N>::new(f32::cast_from(gamma[c])), Vector::<f32, N>::new(f32::cast_from(beta[c])));
 
     let (n, tid, threads) = (vectors as usize, UNIT_POS_X as usize, CUBE_DIM_X as usize);
     let base = plane * n;
@@ -317,8 +317,8 @@ fn input_grad<I: Float, G: Float, P: Float, N: Size>(
     let m1 = cube_sum(part1, &mut shared) / count;
     let m2 = cube_sum(part2, &mut shared) / count;
     let (mu, rstd) = (Vector::<f32, N>::new(group_mean[stat]), Vector::<f32, N>::new(group_rstd[stat]));
-    let (g, b) = (f32::cast_from(gamma[c]), f32::cast_from(beta[c]));
-    let (m1, m2, gv) = (Vector::<f32, N>::new(m1), Vector::<f32, N>::new(m2), Vector::<f32, N>::new(g));
+    let (g, b) = (Vector::<f32, N>::new(f32::cast_from(gamma[c])), Vector::<f32, N>::new(f32::cast_from(beta[c])));
+    let (m1, m2) = (Vector::<f32, N>::new(m1), Vector::<f32, N>::new(m2));
 
     let n = vectors as usize;
     let base = plane * n;
@@ -326,12 +326,128 @@ fn input_grad<I: Float, G: Float, P: Float, N: Size>(
     while i < n {
         let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * rstd;
         let dh = pre_activation_grad::<N>(xhat, Vector::<f32, N>::cast_from(dy[base + i]), g, b, silu);
-        dx[base + i] = Vector::<I, N>::cast_from((dh * gv - m1 - xhat * m2) * rstd);
+        dx[base + i] = Vector::<I, N>::cast_from((dh * g - m1 - xhat * m2) * rstd);
         i += threads;
     }
 }
 
-/// The launch geometry shared by the four kernels, for `planes` planes of `plane_len`
+/// LayerNorm's forward pass per row of a contiguous `[rows, d]` input (a GroupNorm of one
+/// group over `[rows, d, 1, 1]`, whose planes are single elements): the row's mean and
+/// `1/σ`, and `silu((x − mean) σ⁻¹ γ + β)` (or without the SiLU) with `γ`, `β` per column.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments, unused_assignments)]
+fn layer_norm_rows<I: Float, P: Float, N: Size>(
+    x: &Array<Vector<I, N>>,
+    gamma: &Array<Vector<P, N>>,
+    beta: &Array<Vector<P, N>>,
+    y: &mut Array<Vector<I, N>>,
+    mean: &mut Array<f32>,
+    rstd: &mut Array<f32>,
+    rows: u32,
+    vectors: u32,
+    epsilon: f32,
+    #[comptime] silu: bool,
+    #[define(I, P)] _dtypes: [StorageType; 2],
+) {
+    let row = plane_index();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let (n, tid, threads) = (vectors as usize, UNIT_POS_X as usize, CUBE_DIM_X as usize);
+    let base = row * n;
+    let count = f32::cast_from(vectors * N::value() as u32);
+    let mut shared = SharedMemory::<f32>::new(MAX_THREADS);
+    // Relative to the row's first element, as in `channel_stats`.
+    let pivot = Vector::<f32, N>::cast_from(x[base])[0];
+    let pivots = Vector::<f32, N>::new(pivot);
+    let mut acc = Vector::<f32, N>::new(0.0);
+    let mut i = tid;
+    while i < n {
+        acc += Vector::<f32, N>::cast_from(x[base + i]) - pivots;
+        i += threads;
+    }
+    let mu = pivot + cube_sum(lanes_sum(acc), &mut shared) / count;
+    let centre = Vector::<f32, N>::new(mu);
+    let mut acc = Vector::<f32, N>::new(0.0);
+    let mut i = tid;
+    while i < n {
+        let d = Vector::<f32, N>::cast_from(x[base + i]) - centre;
+        acc += d * d;
+        i += threads;
+    }
+    let r = 1.0f32 / (cube_sum(lanes_sum(acc), &mut shared) / count + epsilon).sqrt();
+    if tid == 0 {
+        mean[row] = mu;
+        rstd[row] = r;
+    }
+    let (rv, one) = (Vector::<f32, N>::new(r), Vector::<f32, N>::new(1.0));
+    let mut i = tid;
+    while i < n {
+        let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - centre) * rv;
+        let h = xhat * Vector::<f32, N>::cast_from(gamma[i]) + Vector::<f32, N>::cast_from(beta[i]);
+        let mut out = h;
+        if silu {
+            out = h / (one + (-h).exp());
+        }
+        y[base + i] = Vector::<I, N>::cast_from(out);
+        i += threads;
+    }
+}
+
+/// LayerNorm's input gradient per row (see [`layer_norm_rows`]):
+/// `dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ x̂)) / σ` with `dx̂ = dh γ`, both means over the row,
+/// so one cube per row needs nothing from other rows. `dγ` and `dβ` (sums over rows) are
+/// not computed: LayerNorms are frozen in LoRA training.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_input_grad<I: Float, G: Float, P: Float, N: Size>(
+    x: &Array<Vector<I, N>>,
+    dy: &Array<Vector<G, N>>,
+    gamma: &Array<Vector<P, N>>,
+    beta: &Array<Vector<P, N>>,
+    mean: &Array<f32>,
+    rstd: &Array<f32>,
+    dx: &mut Array<Vector<I, N>>,
+    rows: u32,
+    vectors: u32,
+    #[comptime] silu: bool,
+    #[define(I, G, P)] _dtypes: [StorageType; 3],
+) {
+    let row = plane_index();
+    if row >= rows as usize {
+        terminate!();
+    }
+    let (n, tid, threads) = (vectors as usize, UNIT_POS_X as usize, CUBE_DIM_X as usize);
+    let base = row * n;
+    let (mu, r) = (Vector::<f32, N>::new(mean[row]), Vector::<f32, N>::new(rstd[row]));
+    let mut acc1 = Vector::<f32, N>::new(0.0);
+    let mut acc2 = Vector::<f32, N>::new(0.0);
+    let mut i = tid;
+    while i < n {
+        let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * r;
+        let g = Vector::<f32, N>::cast_from(gamma[i]);
+        let dh = pre_activation_grad::<N>(xhat, Vector::<f32, N>::cast_from(dy[base + i]), g, Vector::<f32, N>::cast_from(beta[i]), silu);
+        let dxhat = dh * g;
+        acc1 += dxhat;
+        acc2 += dxhat * xhat;
+        i += threads;
+    }
+    let mut shared = SharedMemory::<f32>::new(MAX_THREADS);
+    let count = f32::cast_from(vectors * N::value() as u32);
+    let m1 = Vector::<f32, N>::new(cube_sum(lanes_sum(acc1), &mut shared) / count);
+    let m2 = Vector::<f32, N>::new(cube_sum(lanes_sum(acc2), &mut shared) / count);
+    // The second sweep reads the row again from cache.
+    let mut i = tid;
+    while i < n {
+        let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * r;
+        let g = Vector::<f32, N>::cast_from(gamma[i]);
+        let dh = pre_activation_grad::<N>(xhat, Vector::<f32, N>::cast_from(dy[base + i]), g, Vector::<f32, N>::cast_from(beta[i]), silu);
+        dx[base + i] = Vector::<I, N>::cast_from((dh * g - m1 - xhat * m2) * r);
+        i += threads;
+    }
+}
+
+/// The launch geometry shared by the kernels, for `planes` planes of `plane_len`
 /// elements of at most `element_bytes` bytes.
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
@@ -404,6 +520,12 @@ impl Problem {
         self.batch * self.channels
     }
 
+    /// A LayerNorm seen as a GroupNorm (one group over single-element planes): the row
+    /// kernels, one cube per row of `channels` elements.
+    pub(super) fn is_rows(&self) -> bool {
+        self.plane_len == 1 && self.spec.groups == 1
+    }
+
     fn per_group(&self) -> Result<usize, String> {
         if self.spec.groups == 0 || !self.channels.is_multiple_of(self.spec.groups) {
             return Err(format!("fused group norm: {} channels do not split into {} groups", self.channels, self.spec.groups));
@@ -426,6 +548,9 @@ pub(super) fn forward<R: Runtime>(
     let planes = problem.planes();
     if planes == 0 || problem.plane_len == 0 {
         return Ok(());
+    }
+    if problem.is_rows() {
+        return forward_rows(client, problem, dtypes, [x, gamma, beta], [y, mean, rstd]);
     }
     let geo = Geometry::new(client, planes, problem.plane_len, dtypes[0].size())?;
     let len = planes * geo.vectors as usize;
@@ -473,18 +598,19 @@ pub(super) fn forward<R: Runtime>(
     Ok(())
 }
 
-/// Queues the backward pass: `dx` (`dtypes[0]`, like `x`) and the per-plane sums
-/// `Σ dh x̂`, `Σ dh` (f32, `[batch, channels]`; summed over the batch they are `dγ`, `dβ`),
-/// from contiguous `x`, `dy` (`dtypes[1]`), `γ`, `β` (`dtypes[2]`) and the forward pass's
-/// group statistics.
-#[allow(clippy::too_many_arguments)]
+/// Queues the backward pass: `dx` (`dtypes[0]`, like `x`) and, into `sums` when given, the
+/// per-plane sums `Σ dh x̂`, `Σ dh` (f32, `[batch, channels]`; summed over the batch they
+/// are `dγ`, `dβ`), from contiguous `x`, `dy` (`dtypes[1]`), `γ`, `β` (`dtypes[2]`) and the
+/// forward pass's group statistics. The row layout ([`Problem::is_rows`]) computes `dx`
+/// alone and takes no `sums`.
 pub(super) fn backward<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
     dtypes: [StorageType; 3],
     [x, dy, gamma, beta]: [&cubecl::server::Handle; 4],
     [mean, rstd]: [&cubecl::server::Handle; 2],
-    [dx, sum_dh_xhat, sum_dh]: [&cubecl::server::Handle; 3],
+    dx: &cubecl::server::Handle,
+    sums: Option<[&cubecl::server::Handle; 2]>,
 ) -> Result<(), String> {
     let per_group = problem.per_group()?;
     let planes = problem.planes();
@@ -492,10 +618,26 @@ pub(super) fn backward<R: Runtime>(
         return Ok(());
     }
     let bytes = dtypes[0].size().max(dtypes[1].size());
+    if problem.is_rows() {
+        if sums.is_some() {
+            return Err("fused layer norm: the row kernels do not compute dγ and dβ".to_string());
+        }
+        return input_grad_rows(client, problem, dtypes, bytes, [x, dy, gamma, beta], [mean, rstd], dx);
+    }
     let geo = Geometry::new(client, planes, problem.plane_len, bytes)?;
     let len = planes * geo.vectors as usize;
     let groups = problem.batch * problem.spec.groups;
     let channels = problem.channels as u32;
+    // Without `sums`, buffers of our own: the input gradient needs them either way.
+    let own = match sums {
+        Some(_) => None,
+        None => Some([client.empty(planes * 4), client.empty(planes * 4)]),
+    };
+    let [sum_dh_xhat, sum_dh] = match (&sums, &own) {
+        (Some(given), _) => *given,
+        (None, Some([a, b])) => [a, b],
+        (None, None) => unreachable!("`own` is allocated when `sums` is absent"),
+    };
     // SAFETY: as in `forward`; `dy` and `dx` hold as many elements as `x`, the sums
     // `planes` f32.
     unsafe {
@@ -544,6 +686,77 @@ pub(super) fn backward<R: Runtime>(
     Ok(())
 }
 
+/// [`forward`] for the row layout: `batch` rows of `channels` elements.
+fn forward_rows<R: Runtime>(
+    client: &ComputeClient<R>,
+    problem: Problem,
+    dtypes: [StorageType; 2],
+    [x, gamma, beta]: [&cubecl::server::Handle; 3],
+    [y, mean, rstd]: [&cubecl::server::Handle; 3],
+) -> Result<(), String> {
+    let (rows, d) = (problem.batch, problem.channels);
+    let geo = Geometry::new(client, rows, d, dtypes[0].size())?;
+    let len = rows * geo.vectors as usize;
+    // SAFETY: `x` and `y` hold `rows · d` elements of `dtypes[0]`, γ and β `d` of
+    // `dtypes[1]` (`d / vector` vectors: the vector divides `d`), the statistics `rows` f32.
+    unsafe {
+        layer_norm_rows::launch::<R>(
+            client,
+            geo.cube_count(),
+            geo.cube_dim(),
+            geo.vector,
+            arg(x, len),
+            arg(gamma, geo.vectors as usize),
+            arg(beta, geo.vectors as usize),
+            arg(y, len),
+            arg(mean, rows),
+            arg(rstd, rows),
+            geo.planes,
+            geo.vectors,
+            problem.spec.epsilon as f32,
+            problem.spec.silu,
+            dtypes,
+        );
+    }
+    Ok(())
+}
+
+/// [`backward`]'s input gradient for the row layout.
+fn input_grad_rows<R: Runtime>(
+    client: &ComputeClient<R>,
+    problem: Problem,
+    dtypes: [StorageType; 3],
+    bytes: usize,
+    [x, dy, gamma, beta]: [&cubecl::server::Handle; 4],
+    [mean, rstd]: [&cubecl::server::Handle; 2],
+    dx: &cubecl::server::Handle,
+) -> Result<(), String> {
+    let (rows, d) = (problem.batch, problem.channels);
+    let geo = Geometry::new(client, rows, d, bytes)?;
+    let len = rows * geo.vectors as usize;
+    // SAFETY: as in `forward_rows`; `dy` and `dx` hold as many elements as `x`.
+    unsafe {
+        layer_norm_input_grad::launch::<R>(
+            client,
+            geo.cube_count(),
+            geo.cube_dim(),
+            geo.vector,
+            arg(x, len),
+            arg(dy, len),
+            arg(gamma, geo.vectors as usize),
+            arg(beta, geo.vectors as usize),
+            arg(mean, rows),
+            arg(rstd, rows),
+            arg(dx, len),
+            geo.planes,
+            geo.vectors,
+            problem.spec.silu,
+            dtypes,
+        );
+    }
+    Ok(())
+}
+
 type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
 type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
 
@@ -564,26 +777,35 @@ pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(x: Fused<R>, gam
     (y, mean, rstd)
 }
 
-/// Queues [`super::group_norm_backward`] on the fusion stream of a CubeCL backend:
-/// `(dx, dγ, dβ)` in the dtypes of `x`, `γ` and `β`.
+/// Queues [`super::group_norm_backward`] (`params`) or [`super::group_norm_input_grad`] on
+/// the fusion stream of a CubeCL backend: `dx` and, with `params`, `(dγ, dβ)`, in the dtypes
+/// of `x`, `γ` and `β`.
+#[allow(clippy::type_complexity)]
 pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>(
     [x, gamma, beta, dy]: [Fused<R>; 4],
     [mean, rstd]: [Fused<R>; 2],
     spec: GroupNormSpec,
-) -> (Fused<R>, Fused<R>, Fused<R>) {
+    params: bool,
+) -> (Fused<R>, Option<(Fused<R>, Fused<R>)>) {
     let client = x.client.clone();
     let streams = OperationStreams::with_inputs([&x, &gamma, &beta, &dy, &mean, &rstd]);
     let grad = |t: &Fused<R>| TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype);
-    let outputs = [grad(&x), grad(&gamma), grad(&beta)];
+    let mut outputs = vec![grad(&x)];
+    if params {
+        outputs.extend([grad(&gamma), grad(&beta)]);
+    }
     let inputs = [x.into_ir(), gamma.into_ir(), beta.into_ir(), dy.into_ir(), mean.into_ir(), rstd.into_ir()];
     let desc = CustomOpIr::new("sd_lora_group_norm_backward", &inputs, &outputs);
     let op = GroupNormBackward::<R, BT> {
         desc: desc.clone(),
         spec,
+        params,
         _backend: PhantomData,
     };
-    let [dx, dgamma, dbeta] = client.register(streams, OperationIr::Custom(desc), op).outputs();
-    (dx, dgamma, dbeta)
+    let mut grads = client.register(streams, OperationIr::Custom(desc), op).into_iter();
+    let dx = grads.next().expect("the op has a dx output");
+    let params = grads.next().zip(grads.next());
+    (dx, params)
 }
 
 /// One queued forward pass.
@@ -597,6 +819,8 @@ struct GroupNormForward<R, BT> {
 struct GroupNormBackward<R, BT> {
     desc: CustomOpIr,
     spec: GroupNormSpec,
+    /// Whether `dγ` and `dβ` are outputs too.
+    params: bool,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
@@ -683,7 +907,7 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupN
 }
 
 impl<R: CubeRuntime, BT: BoolElement> GroupNormBackward<R, BT> {
-    fn kernel(&self, [x, gamma, beta, dy]: [CubeTensor<R>; 4], [mean, rstd]: [CubeTensor<R>; 2]) -> Result<[CubeTensor<R>; 3], String> {
+    fn kernel(&self, [x, gamma, beta, dy]: [CubeTensor<R>; 4], [mean, rstd]: [CubeTensor<R>; 2]) -> Result<Vec<CubeTensor<R>>, String> {
         let [x, gamma, beta, dy, mean, rstd] = [x, gamma, beta, dy, mean, rstd].map(contiguous);
         let problem = problem(&x, self.spec)?;
         if beta.dtype != gamma.dtype || mean.dtype != DType::F32 || rstd.dtype != DType::F32 || !matches!(dy.dtype, DType::F32 | DType::BF16 | DType::F16) {
@@ -693,17 +917,15 @@ impl<R: CubeRuntime, BT: BoolElement> GroupNormBackward<R, BT> {
             ));
         }
         let dx = empty(&x, x.meta.shape().clone(), x.dtype);
+        let dtypes = [x.dtype.into(), dy.dtype.into(), gamma.dtype.into()];
+        let inputs = [&x.handle, &dy.handle, &gamma.handle, &beta.handle];
+        if !self.params {
+            backward(&x.client, problem, dtypes, inputs, [&mean.handle, &rstd.handle], &dx.handle, None)?;
+            return Ok(vec![dx]);
+        }
         let sums = Shape::new([problem.batch, problem.channels]);
         let (sum_dh_xhat, sum_dh) = (empty(&x, sums.clone(), DType::F32), empty(&x, sums, DType::F32));
-        let dtypes = [x.dtype.into(), dy.dtype.into(), gamma.dtype.into()];
-        backward(
-            &x.client,
-            problem,
-            dtypes,
-            [&x.handle, &dy.handle, &gamma.handle, &beta.handle],
-            [&mean.handle, &rstd.handle],
-            [&dx.handle, &sum_dh_xhat.handle, &sum_dh.handle],
-        )?;
+        backward(&x.client, problem, dtypes, inputs, [&mean.handle, &rstd.handle], &dx.handle, Some([&sum_dh_xhat.handle, &sum_dh.handle]))?;
         // dγ and dβ: the per-plane sums over the batch (`[b, c]` → `[c]`), in γ's dtype.
         let reduce = |sums: CubeTensor<R>| {
             let total = Inner::<R, BT>::float_sum_dim(sums, 0);
@@ -714,13 +936,15 @@ impl<R: CubeRuntime, BT: BoolElement> GroupNormBackward<R, BT> {
                 Inner::<R, BT>::float_cast(total, FloatDType::from(gamma.dtype))
             }
         };
-        Ok([dx, reduce(sum_dh_xhat), reduce(sum_dh)])
+        Ok(vec![dx, reduce(sum_dh_xhat), reduce(sum_dh)])
     }
 }
 
 impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupNormBackward<R, BT> {
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
-        let ([x, gamma, beta, dy, mean, rstd], outputs) = self.desc.as_fixed::<6, 3>();
+        let [x, gamma, beta, dy, mean, rstd] = self.desc.inputs.as_slice() else {
+            unreachable!("the op is registered with six inputs")
+        };
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let inputs = [get(handles, x), get(handles, gamma), get(handles, beta), get(handles, dy)];
         let stats = [get(handles, mean), get(handles, rstd)];
@@ -734,11 +958,15 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupN
                 let [x, gamma, beta, dy] = inputs;
                 let [mean, rstd] = stats.map(super::tensor::<Inner<R, BT>, 3>);
                 let t1 = super::tensor::<Inner<R, BT>, 1>;
-                let (dx, dg, db) = super::group_norm_backward_math(super::tensor(x), t1(gamma), t1(beta), mean, rstd, super::tensor(dy), self.spec);
-                [dx.into_primitive().tensor(), dg.into_primitive().tensor(), db.into_primitive().tensor()]
+                let (dx, params) = super::group_norm_grads_math(super::tensor(x), t1(gamma), t1(beta), mean, rstd, super::tensor(dy), self.spec, self.params);
+                let mut results = vec![dx.into_primitive().tensor()];
+                if let Some((dg, db)) = params {
+                    results.extend([dg.into_primitive().tensor(), db.into_primitive().tensor()]);
+                }
+                results
             }
         };
-        for (ir, tensor) in outputs.iter().zip(results) {
+        for (ir, tensor) in self.desc.outputs.iter().zip(results) {
             handles.register_float_tensor::<Inner<R, BT>>(&ir.id, tensor);
         }
     }
@@ -854,10 +1082,13 @@ mod tests {
         let (y, m, r) = (client.empty(4 * len), client.empty(4 * groups), client.empty(4 * groups));
         forward::<WgpuRuntime>(&client, p, [f32_type(); 2], [&hx, &hg, &hb], [&y, &m, &r]).expect("forward");
         let (dx, a, b) = (client.empty(4 * len), client.empty(4 * planes), client.empty(4 * planes));
-        backward::<WgpuRuntime>(&client, p, [f32_type(); 3], [&hx, &hdy, &hg, &hb], [&m, &r], [&dx, &a, &b]).expect("backward");
+        // The row kernels (a LayerNorm) compute no per-plane sums.
+        let sums = (!p.is_rows()).then_some([&a, &b]);
+        backward::<WgpuRuntime>(&client, p, [f32_type(); 3], [&hx, &hdy, &hg, &hb], [&m, &r], &dx, sums).expect("backward");
         let outputs = [y, m, r, dx, a, b].map(|h| read(&client, h));
         let wanted = [&want.y, &want.mean, &want.rstd, &want.dx, &want.sum_dh_xhat, &want.sum_dh];
-        for (i, name) in ["y", "mean", "rstd", "dx", "sum dh x̂", "sum dh"].iter().enumerate() {
+        let checked = if p.is_rows() { 4 } else { 6 };
+        for (i, name) in ["y", "mean", "rstd", "dx", "sum dh x̂", "sum dh"].iter().enumerate().take(checked) {
             let err = worst(&outputs[i], wanted[i]);
             assert!(err <= bounds[i], "{p:?} {name}: error {err:.2e} of the peak, over {:.0e}", bounds[i]);
         }
@@ -892,6 +1123,17 @@ mod tests {
     }
 
     #[test]
+    fn wgpu_layer_norm_rows_match_the_reference() {
+        // A LayerNorm as a GroupNorm of one group over `[rows, d, 1, 1]`: rows of a
+        // transformer's width, of an odd width (scalar loads), wider than a cube's units times
+        // their vectors; with the SiLU too (the kernels allow it).
+        for (rows, d, silu) in [(7, 320, false), (5, 33, false), (3, 2048, true), (MAX_GRID + 2, 4, false)] {
+            assert!(problem(rows, d, 1, 1, silu).is_rows());
+            run(problem(rows, d, 1, 1, silu), 0.5, 2.0, TIGHT);
+        }
+    }
+
+    #[test]
     fn wgpu_group_norm_is_accurate_far_from_zero() {
         // Values 10⁴ ± 0.5: `Σx² − (Σx)² / n` in f32 would lose every digit of the variance
         // (and `x · scale + shift` most of the output's). What remains is the f32 mean's own
@@ -912,6 +1154,8 @@ mod tests {
     /// than the input where the runtime has f16.
     #[test]
     fn wgpu_fusion_ops_match_burn_ops() {
+        // The switch and the call counter are process-global.
+        let _guard = super::super::tests::SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         use burn::tensor::{Distribution, Tensor};
         type W = burn::backend::Wgpu;
         let device = Default::default();
@@ -946,6 +1190,44 @@ mod tests {
         assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 4);
     }
 
+    /// A LayerNorm's rows (`[rows, d, 1, 1]`, one group) through the fusion ops: the
+    /// forward pass and the input gradient in the row kernels, against burn's ops; the full
+    /// backward pass (with `dγ`, `dβ`) stays in burn's ops.
+    #[test]
+    fn wgpu_layer_norm_rows_through_the_fusion_ops() {
+        // The switch and the call counter are process-global.
+        let _guard = super::super::tests::SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        use burn::tensor::{Distribution, Tensor};
+        type W = burn::backend::Wgpu;
+        let device = Default::default();
+        let x = Tensor::<W, 3>::random([2, 77, 96], Distribution::Normal(0.5, 2.0), &device);
+        let dy = Tensor::<W, 4>::random([154, 96, 1, 1], Distribution::Normal(0.0, 1.0), &device);
+        let gamma = Tensor::<W, 1>::random([96], Distribution::Normal(1.0, 0.5), &device);
+        let beta = Tensor::<W, 1>::random([96], Distribution::Normal(0.0, 0.5), &device);
+        let spec = GroupNormSpec { groups: 1, epsilon: 1e-5, silu: false };
+        let rows = |x: Tensor<W, 3>| x.reshape([154, 96, 1, 1]);
+        let chain = |fused: bool| {
+            super::super::set_fused_group_norm(fused);
+            let (y, mean, rstd) = super::super::group_norm(rows(x.clone() * 2.0), gamma.clone(), beta.clone(), spec);
+            let dx = super::super::group_norm_input_grad(rows(x.clone() * 2.0), gamma.clone(), beta.clone(), mean.clone(), rstd.clone(), dy.clone(), spec);
+            let (full, _, _) = super::super::group_norm_backward(rows(x.clone() * 2.0), gamma.clone(), beta.clone(), mean, rstd, dy.clone(), spec);
+            super::super::set_fused_group_norm(false);
+            let data = |t: Tensor<W, 4>| t.into_data().to_vec::<f32>().expect("f32 data");
+            [data(y), data(dx), data(full)]
+        };
+        let before = super::super::vendor_stats();
+        let (ours, reference) = (chain(true), chain(false));
+        for (what, (a, b)) in ["y", "dx", "dx (full backward)"].iter().zip(ours.iter().zip(&reference)) {
+            let peak = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                assert!((p - q).abs() <= 1e-5 * peak.max(1.0), "{what}[{i}]: {p} vs {q}");
+            }
+        }
+        let after = super::super::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and input gradient");
+    }
+
     /// f16 activations and output gradients with f32 γ and β (a half-precision model whose
     /// norms stay in f32), against the f64 reference on the same f16 values.
     #[test]
@@ -969,7 +1251,7 @@ mod tests {
         let (y, m, r) = (client.empty(2 * len), client.empty(4 * groups), client.empty(4 * groups));
         forward::<WgpuRuntime>(&client, p, [f16_type, f32_type()], [&hx, &hg, &hb], [&y, &m, &r]).expect("forward");
         let (dx, a, b) = (client.empty(2 * len), client.empty(4 * planes), client.empty(4 * planes));
-        backward::<WgpuRuntime>(&client, p, [f16_type, f16_type, f32_type()], [&hx, &hdy, &hg, &hb], [&m, &r], [&dx, &a, &b]).expect("backward");
+        backward::<WgpuRuntime>(&client, p, [f16_type, f16_type, f32_type()], [&hx, &hdy, &hg, &hb], [&m, &r], &dx, Some([&a, &b])).expect("backward");
         let read16 = |h| client.read_one(h).expect("read").chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect::<Vec<f32>>();
         // f16 outputs: half an ulp is 2⁻¹¹ of the value; statistics and sums stay f32.
         for (name, got, want, bound) in [

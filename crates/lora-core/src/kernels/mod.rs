@@ -792,7 +792,7 @@ pub fn fused_group_norm_enabled() -> bool {
 /// assert!(err < 1e-5);
 /// ```
 pub fn group_norm<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>) {
-    if fused_group_norm_applies(&x) {
+    if fused_group_norm_applies(&x, spec, false) {
         #[cfg(feature = "cuda")]
         if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(&x, &gamma, &beta, spec) {
             return out;
@@ -844,23 +844,81 @@ pub fn group_norm_backward<X: Backend>(
     grad_out: Tensor<X, 4>,
     spec: GroupNormSpec,
 ) -> (Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>) {
-    if fused_group_norm_applies(&x) {
+    let (dx, params) = group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, true);
+    let (dgamma, dbeta) = params.expect("parameter gradients were asked for");
+    (dx, dgamma, dbeta)
+}
+
+/// The input gradient of [`group_norm`] alone: [`group_norm_backward`]'s `dx`, for a norm
+/// whose `γ` and `β` are frozen (as in LoRA training). Besides skipping their reductions,
+/// this lets a LayerNorm (a GroupNorm of one group over `[rows, channels, 1, 1]`) take the
+/// fused kernels: its `dx` needs only row statistics, while `dγ` and `dβ` would be sums over
+/// all rows.
+///
+/// # Panics
+///
+/// As [`group_norm_backward`].
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::kernels::{group_norm, group_norm_backward, group_norm_input_grad, GroupNormSpec};
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 4>::random([6, 16, 1, 1], Distribution::Normal(0.0, 1.0), &device);
+/// let dy = Tensor::<Flex, 4>::random([6, 16, 1, 1], Distribution::Normal(0.0, 1.0), &device);
+/// let (gamma, beta) = (Tensor::<Flex, 1>::ones([16], &device), Tensor::<Flex, 1>::zeros([16], &device));
+/// let spec = GroupNormSpec { groups: 1, epsilon: 1e-5, silu: false };
+/// let (_, mean, rstd) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
+/// let dx = group_norm_input_grad(x.clone(), gamma.clone(), beta.clone(), mean.clone(), rstd.clone(), dy.clone(), spec);
+/// let (full, _, _) = group_norm_backward(x, gamma, beta, mean, rstd, dy, spec);
+/// assert!((dx - full).abs().max().into_scalar() < 1e-6);
+/// ```
+pub fn group_norm_input_grad<X: Backend>(
+    x: Tensor<X, 4>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    mean: Tensor<X, 3>,
+    rstd: Tensor<X, 3>,
+    grad_out: Tensor<X, 4>,
+    spec: GroupNormSpec,
+) -> Tensor<X, 4> {
+    group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, false).0
+}
+
+/// [`group_norm_backward`] (`params`) or [`group_norm_input_grad`]: the fused kernels where
+/// they apply, burn's ops otherwise.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn group_norm_grads<X: Backend>(
+    x: Tensor<X, 4>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    mean: Tensor<X, 3>,
+    rstd: Tensor<X, 3>,
+    grad_out: Tensor<X, 4>,
+    spec: GroupNormSpec,
+    params: bool,
+) -> (Tensor<X, 4>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
+    if fused_group_norm_applies(&x, spec, params) {
         #[cfg(feature = "cuda")]
-        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec) {
+        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
             return grads;
         }
         #[cfg(feature = "wgpu-test")]
-        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec) {
+        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
             return grads;
         }
     }
-    group_norm_backward_math(x, gamma, beta, mean, rstd, grad_out, spec)
+    group_norm_grads_math(x, gamma, beta, mean, rstd, grad_out, spec, params)
 }
 
-/// Whether the fused GroupNorm kernels are on and take inputs shaped like `x`.
-fn fused_group_norm_applies<X: Backend>(x: &Tensor<X, 4>) -> bool {
+/// Whether the fused GroupNorm kernels are on and take inputs shaped like `x`: planes of
+/// at least [`FUSED_GROUP_NORM_MIN_PLANE`] elements, or a LayerNorm's rows (one group over
+/// single-element planes) when `dγ` and `dβ` are not wanted (`params`).
+fn fused_group_norm_applies<X: Backend>(x: &Tensor<X, 4>, spec: GroupNormSpec, params: bool) -> bool {
     let [_, _, h, w] = x.dims();
-    fused_group_norm_enabled() && h * w >= FUSED_GROUP_NORM_MIN_PLANE
+    let rows = h * w == 1 && spec.groups == 1 && !params;
+    fused_group_norm_enabled() && (h * w >= FUSED_GROUP_NORM_MIN_PLANE || rows)
 }
 
 /// The fused GroupNorm op when `X` is burn's fusion backend over CubeCL runtime `R` (see
@@ -892,7 +950,8 @@ fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cube
     [gamma, beta]: [&Tensor<X, 1>; 2],
     [mean, rstd]: [&Tensor<X, 3>; 2],
     spec: GroupNormSpec,
-) -> Option<(Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>)> {
+    params: bool,
+) -> Option<(Tensor<X, 4>, Option<(Tensor<X, 1>, Tensor<X, 1>)>)> {
     type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
     if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
         return None;
@@ -900,9 +959,13 @@ fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cube
     let [x, dy] = [x, grad_out].map(|t| downcast::<_, Tensor<Fused<R, BT>, 4>>(t.clone()).map(|t| t.into_primitive().tensor()));
     let [gamma, beta] = [gamma, beta].map(|t| downcast::<_, Tensor<Fused<R, BT>, 1>>(t.clone()).map(|t| t.into_primitive().tensor()));
     let [mean, rstd] = [mean, rstd].map(|t| downcast::<_, Tensor<Fused<R, BT>, 3>>(t.clone()).map(|t| t.into_primitive().tensor()));
-    let (dx, dgamma, dbeta) = group_norm::register_backward::<R, BT>([x?, gamma?, beta?, dy?], [mean?, rstd?], spec);
+    let (dx, param_grads) = group_norm::register_backward::<R, BT>([x?, gamma?, beta?, dy?], [mean?, rstd?], spec, params);
     let param = |t| downcast::<_, Tensor<X, 1>>(tensor::<Fused<R, BT>, 1>(t));
-    Some((downcast(tensor::<Fused<R, BT>, 4>(dx))?, param(dgamma)?, param(dbeta)?))
+    let param_grads = match param_grads {
+        Some((dgamma, dbeta)) => Some((param(dgamma)?, param(dbeta)?)),
+        None => None,
+    };
+    Some((downcast(tensor::<Fused<R, BT>, 4>(dx))?, param_grads))
 }
 
 /// GroupNorm (+ SiLU) in burn's ops: `y` in `x`'s dtype and the per-group mean and
@@ -925,8 +988,9 @@ fn group_norm_math<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tenso
 
 /// The gradients of [`group_norm_math`] in burn's ops: `dh = dy · s (1 + h (1 − s))` with
 /// `s = sigmoid(h)`, `dx̂ = dh γ`, `dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ x̂)) / σ` over each
-/// group, `dγ = Σ dh x̂`, `dβ = Σ dh`; in the dtypes of `x`, `γ` and `β`.
-fn group_norm_backward_math<X: Backend>(
+/// group and, with `params`, `dγ = Σ dh x̂`, `dβ = Σ dh`; in the dtypes of `x`, `γ` and `β`.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn group_norm_grads_math<X: Backend>(
     x: Tensor<X, 4>,
     gamma: Tensor<X, 1>,
     beta: Tensor<X, 1>,
@@ -934,7 +998,8 @@ fn group_norm_backward_math<X: Backend>(
     rstd: Tensor<X, 3>,
     grad_out: Tensor<X, 4>,
     spec: GroupNormSpec,
-) -> (Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>) {
+    params: bool,
+) -> (Tensor<X, 4>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
     let (x_dtype, gamma_dtype, beta_dtype) = (x.dtype(), gamma.dtype(), beta.dtype());
     let shape = x.dims();
     let [b, c, h, w] = shape;
@@ -950,14 +1015,17 @@ fn group_norm_backward_math<X: Backend>(
     } else {
         dy
     };
-    let dgamma = (dh.clone() * xhat.clone()).sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
-    let dbeta = dh.clone().sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+    let param_grads = params.then(|| {
+        let dgamma = (dh.clone() * xhat.clone()).sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+        let dbeta = dh.clone().sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+        (cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
+    });
     let dxhat = (dh * g4).reshape([b, groups, per_group]);
     let xhat = xhat.reshape([b, groups, per_group]);
     let m1 = dxhat.clone().mean_dim(2);
     let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
     let dx = ((dxhat - m1 - xhat * m2) * rstd).reshape(shape);
-    (cast_to(dx, x_dtype), cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
+    (cast_to(dx, x_dtype), param_grads)
 }
 
 /// `a.matmul(b)`, in cuBLAS when `X` is the CUDA backend, [`set_cublas`] is on, the batch

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use super::*;
 
 /// The switch is process-global; tests that flip it take turns.
-static SWITCH: Mutex<()> = Mutex::new(());
+pub(super) static SWITCH: Mutex<()> = Mutex::new(());
 
 fn layer<B: Backend>(c_in: usize, c_out: usize, kernel: usize, stride: usize, pad: usize, bias: bool, device: &B::Device) -> Conv2d<B> {
     Conv2dConfig::new([c_in, c_out], [kernel, kernel])
@@ -429,7 +429,8 @@ fn flash_attention_matches_math_on_cuda() {
 /// The fused GroupNorm kernels against burn's ops on CUDA: SD1.5's GroupNorm + SiLU shapes
 /// at 512 px (320 channels at 64×64, 1280 at 8×8; 32 groups), a plain GroupNorm, odd
 /// planes (scalar loads), f32 and bf16 activations with f32 or bf16 γ, β; output, group
-/// statistics and the three gradients. Run on the GPU machine like the cuDNN test.
+/// statistics and the three gradients; then LayerNorm rows of the transformers' widths
+/// (output and input gradient). Run on the GPU machine like the cuDNN test.
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
@@ -472,6 +473,33 @@ fn fused_group_norm_matches_burn_on_cuda() {
             for (what, err) in checks {
                 eprintln!("{case:?} {what}: {err:.2e}");
                 assert!(err < tolerance, "{case:?} {what}: relative error {err}");
+            }
+        }
+    }
+    // LayerNorms as GroupNorms of one group over `[rows, d, 1, 1]` (the row kernels): the
+    // forward pass and the input gradient of a frozen norm.
+    for (rows, d) in [(8192, 320), (154, 768), (300, 1280), (5, 33)] {
+        for (act, param) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16)] {
+            let spec = GroupNormSpec { groups: 1, epsilon: 1e-5, silu: false };
+            let x = crate::precision::cast_to(Tensor::<B, 4>::random([rows, d, 1, 1], Distribution::Normal(0.5, 2.0), &device), act);
+            let dy = crate::precision::cast_to(Tensor::<B, 4>::random([rows, d, 1, 1], Distribution::Normal(0.0, 1.0), &device), act);
+            let gamma = crate::precision::cast_to(Tensor::<B, 1>::random([d], Distribution::Normal(1.0, 0.5), &device), param);
+            let beta = crate::precision::cast_to(Tensor::<B, 1>::random([d], Distribution::Normal(0.0, 0.5), &device), param);
+            let pass = |fused: bool| {
+                set_fused_group_norm(fused);
+                let (y, mean, rstd) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
+                let dx = group_norm_input_grad(x.clone(), gamma.clone(), beta.clone(), mean, rstd, dy.clone(), spec);
+                set_fused_group_norm(false);
+                (f32(y), f32(dx))
+            };
+            let ours = pass(true);
+            let reference = pass(false);
+            runs += 2;
+            let tolerance = if act == DType::F32 { 1e-4 } else { 2e-2 };
+            let case = (rows, d, act);
+            for (what, err) in [("y", max_rel(ours.0, reference.0)), ("dx", max_rel(ours.1, reference.1))] {
+                eprintln!("layer norm {case:?} {what}: {err:.2e}");
+                assert!(err < tolerance, "layer norm {case:?} {what}: relative error {err}");
             }
         }
     }
