@@ -22,6 +22,8 @@
 #        softmax and GroupNorm, and with neither library)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
+#   OPS=1              also run `trainer bench-ops` (each kernel of ours against burn's ops at
+#                      SD1.5's shapes; its table is printed before the summary; 0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
 #   ANCHOR_STEPS=10    timed steps of the anchor (after three warm-ups); ANCHOR=none skips it
 #   BUDGET_S=500       wall-clock budget of the whole script: a job that would not fit is
@@ -302,6 +304,14 @@ for p in $PLAN; do
         --steps "$STEPS" --device "$DEVICE" --precision "$PRECISION" "${flag[@]}"
 done
 
+# --- 3b. per-op A/B: each kernel of ours against burn's ops at SD1.5's shapes ----------------
+if [ "${OPS:-1}" = 1 ]; then
+    if [ "$DEVICE" = cuda ]; then ops_size=(--batch 8 --resolution 512); else ops_size=(--batch 1 --resolution 64); fi
+    run_job smoke "ops-ours-vs-burn" "{}" \
+        timeout -k 5 120 "$BIN" bench-ops --device "$DEVICE" --precision "$PRECISION" "${ops_size[@]}"
+    grep '^|' "$WORK/ops-ours-vs-burn.out" >"$OUT/ops.md" 2>/dev/null || rm -f "$OUT/ops.md"
+fi
+
 # --- 4. caches and the table ----------------------------------------------------------------
 if [ -n "$(ls -A "$CACHE" 2>/dev/null)" ]; then
     tar -czf "$OUT/cubecl-cache.tar.gz" -C "$CACHE" . 2>>"$LOG"
@@ -315,4 +325,10 @@ fi
 "$PY" "$HERE/report.py" table "$RESULTS" --info "$INFO" >"$OUT/summary.md" 2>>"$LOG"
 say "total $(( $(date +%s) - START ))s; raw JSON in $RESULTS, log in $LOG"
 echo
+if [ -s "$OUT/ops.md" ]; then
+    echo "Per-op A/B (\`trainer bench-ops\`: median ms with each kernel switch off, burn's ops, and on):"
+    echo
+    cat "$OUT/ops.md"
+    echo
+fi
 cat "$OUT/summary.md"

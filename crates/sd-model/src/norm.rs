@@ -351,4 +351,48 @@ mod tests {
         assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
         assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and input gradient in the kernels");
     }
+
+    /// The tiny UNet with LoRA adapters on `Autodiff<Wgpu>` (lavapipe), a training step with
+    /// the fused norms on against off: every GroupNorm (+ SiLU) and LayerNorm of the model
+    /// at its real shapes (8×8 and 4×4 planes in the kernels, 2×2 in burn's ops), output and
+    /// one adapter's gradients.
+    #[cfg(feature = "vulkan-test")]
+    #[test]
+    fn vulkan_fused_norms_in_a_unet_training_step() {
+        use crate::targets::{attach_new_adapters, Selection, UnetTargets};
+        use crate::{UNet2DConditionModel, UnetConfig};
+        use lora_core::LoraConfig;
+        let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        type W = Autodiff<burn::backend::Wgpu>;
+        let device = Default::default();
+        let mut unet = UNet2DConditionModel::<W>::new(&UnetConfig::tiny(), &device).unwrap().no_grad();
+        attach_new_adapters(&mut unet, &Selection::new(UnetTargets::Attn), &LoraConfig::new(2), &device).unwrap();
+        let adapter = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.adapter.as_mut().unwrap();
+        adapter.up.weight = Param::from_tensor(Tensor::random([2, 64], Distribution::Normal(0.0, 0.1), &device));
+        let x = Tensor::<W, 4>::random([2, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let t = Tensor::<W, 1>::from_floats([10.0, 900.0], &device);
+        let ctx = Tensor::<W, 3>::random([2, 77, 32], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            lora_core::kernels::set_fused_group_norm(fused);
+            let out = unet.forward(x.clone(), t.clone(), ctx.clone()).unwrap();
+            let grads = (out.clone() - x.clone()).powf_scalar(2.0).mean().backward();
+            lora_core::kernels::set_fused_group_norm(false);
+            let a = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.adapter.as_ref().unwrap();
+            let flat = |t: Tensor<burn::backend::Wgpu, 2>| t.flatten::<1>(0, 1);
+            [out.inner().flatten::<1>(0, 3), flat(a.up.weight.grad(&grads).unwrap()), flat(a.down.weight.grad(&grads).unwrap())]
+        };
+        let before = lora_core::kernels::vendor_stats();
+        let fused = run(true);
+        let plain = run(false);
+        for (what, (a, b)) in ["output", "grad up", "grad down"].iter().zip(fused.into_iter().zip(plain)) {
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 1e-4 * peak, "{what}: error {err} of the peak {peak}");
+        }
+        // Counted when the fusion stream runs the ops, i.e. once the results were read.
+        let after = lora_core::kernels::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        let calls = after.fused_group_norm_calls - before.fused_group_norm_calls;
+        assert!(calls >= 20, "only {calls} norm passes ran in the kernels");
+    }
 }

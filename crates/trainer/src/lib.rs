@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod bench_ops;
 pub mod config;
 pub mod device_check;
 mod error;

@@ -170,6 +170,26 @@ enum Command {
         #[arg(long, default_value = "train")]
         mode: String,
     },
+    /// Time each op that has a GPU kernel of ours (GroupNorm + SiLU, LayerNorm, attention,
+    /// the attention softmax) at SD1.5's shapes with its switch off (burn's ops) and on.
+    /// Prints a markdown table, then one JSON array as the last line.
+    BenchOps {
+        /// Images per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Image side in pixels (the top level's activations are a side of resolution / 8).
+        #[arg(long, default_value_t = 512)]
+        resolution: usize,
+        /// Timed repetitions per op and setting (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// `cpu` or `cuda` (needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// dtype of the activations: `f32`, `bf16` or `f16` (flash attention needs bf16/f16).
+        #[arg(long, default_value = "f32")]
+        precision: String,
+    },
     /// Check a backend against the CPU: output and one LoRA adapter's gradients of a
     /// random-weight UNet, as relative errors. Prints one JSON object as the last line and
     /// fails when an error is over the tolerance.
@@ -486,6 +506,26 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
     Ok(())
 }
 
+fn run_bench_ops(batch: usize, resolution: usize, steps: usize, device: &str, precision: &str) -> Result<()> {
+    use trainer::bench_ops::{run, table, OpsOptions};
+    let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
+    if batch == 0 || resolution < 8 {
+        anyhow::bail!("--batch must be at least 1 and --resolution at least 8");
+    }
+    let opts = OpsOptions { batch, resolution, steps, precision };
+    let timings = match device {
+        "cpu" => run::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default()),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
+        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+    };
+    print!("{}", table(&timings));
+    println!("{}", serde_json::to_string(&timings)?);
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: &str, precision: trainer::device_check::Precision, grad_checkpointing: bool, tolerance: Option<f64>, adapter: Option<String>, seed: u64) -> Result<()> {
     use burn::backend::{Autodiff, Flex};
@@ -537,6 +577,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode } => {
             run_bench(&unet_config, batch, resolution, steps, &device, &precision, plain_autodiff, grad_checkpointing, lora_targets, &mode)
         }
+        Command::BenchOps { batch, resolution, steps, device, precision } => run_bench_ops(batch, resolution, steps, &device, &precision),
         Command::DeviceCheck { unet_config, batch, resolution, device, precision, grad_checkpointing, tolerance, adapter, seed } => {
             run_device_check(&unet_config, batch, resolution, &device, precision, grad_checkpointing, tolerance, adapter, seed)
         }

@@ -1,0 +1,194 @@
+//! Per-op A/B timings of our GPU kernels against burn's ops (`trainer bench-ops`).
+//!
+//! `trainer bench` times whole UNet steps, where a kernel's effect mixes with everything
+//! else. This times each op that has a kernel of ours at SD1.5's shapes, once with its
+//! switch off (burn's ops) and once on, on the same inputs: GroupNorm + SiLU and LayerNorm
+//! (forward and backward, as in training: the norm frozen, the input tracked), attention
+//! (forward and backward; flash attention) and the attention softmax (forward). On a
+//! backend without the kernels both columns time the same path.
+
+use std::time::Instant;
+
+use burn::module::{Module, Param};
+use burn::nn::{GroupNormConfig, LayerNormConfig};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Distribution, Tensor};
+use serde::Serialize;
+
+use crate::device_check::Precision;
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct OpsOptions {
+    /// Images per batch (the activations' batch dimension).
+    pub batch: usize,
+    /// Image side in pixels (SD1.5's level-0 activations are `resolution / 8` on a side).
+    pub resolution: usize,
+    /// Timed repetitions of each op and setting (after one warm-up).
+    pub steps: usize,
+    /// dtype of the activations and the norms' parameters.
+    pub precision: Precision,
+}
+
+/// One op's timings.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpTiming {
+    /// The op, e.g. `group_norm_silu fwd+bwd`.
+    pub op: String,
+    /// Input shape.
+    pub shape: Vec<usize>,
+    /// The switch that chooses our kernel (`fused_group_norm`, `flash_attention`, ...).
+    pub switch: &'static str,
+    /// Median milliseconds with the switch off (burn's ops).
+    pub ms_off: f64,
+    /// Median milliseconds with the switch on (our kernel where the backend has it).
+    pub ms_on: f64,
+    /// `ms_off / ms_on`: above 1 our kernel is faster.
+    pub speedup: f64,
+}
+
+/// A process-global kernel switch of lora-core: its setter and getter.
+struct Switch {
+    name: &'static str,
+    set: fn(bool),
+    get: fn() -> bool,
+}
+
+const FUSED_GROUP_NORM: Switch = Switch {
+    name: "fused_group_norm",
+    set: lora_core::kernels::set_fused_group_norm,
+    get: lora_core::kernels::fused_group_norm_enabled,
+};
+const FLASH_ATTENTION: Switch = Switch {
+    name: "flash_attention",
+    set: lora_core::kernels::set_flash_attention,
+    get: lora_core::kernels::flash_attention_enabled,
+};
+const FUSED_SOFTMAX: Switch = Switch {
+    name: "fused_softmax",
+    set: lora_core::kernels::set_fused_softmax,
+    get: lora_core::kernels::fused_softmax_enabled,
+};
+
+/// Median of `steps` timed runs of `f` (after one warm-up run, which also pays kernel
+/// compilation and autotuning). `f` returns a scalar read back from the device, so each run
+/// includes its own completion.
+fn median_ms(steps: usize, mut f: impl FnMut() -> f32) -> f64 {
+    let _ = f();
+    let mut times: Vec<f64> = (0..steps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            let _ = f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Times `f` with `switch` off, then on, and restores the switch.
+fn ab(op: &str, shape: &[usize], switch: &Switch, steps: usize, mut f: impl FnMut() -> f32) -> OpTiming {
+    let before = (switch.get)();
+    (switch.set)(false);
+    let ms_off = median_ms(steps, &mut f);
+    (switch.set)(true);
+    let ms_on = median_ms(steps, &mut f);
+    (switch.set)(before);
+    OpTiming {
+        op: op.to_string(),
+        shape: shape.to_vec(),
+        switch: switch.name,
+        ms_off,
+        ms_on,
+        speedup: ms_off / ms_on,
+    }
+}
+
+/// A scalar of `t` read back to the host (the end of a timed run).
+fn read<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> f32 {
+    use burn::tensor::cast::ToElement;
+    t.sum().into_scalar().to_f32()
+}
+
+/// Runs every op at SD1.5's shapes for `opts` on backend `B`; one [`OpTiming`] per op.
+pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpTiming> {
+    let dtype: DType = opts.precision.dtype().into();
+    let side = (opts.resolution / 8).max(1);
+    let tokens = side * side;
+    let b = opts.batch;
+    let random = |shape: Vec<usize>, std: f64| lora_core::precision::cast_to(Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, std), device), dtype);
+    let mut out = Vec::new();
+
+    // GroupNorm + SiLU at the top level (320 channels) and the bottom (1280 at side / 8).
+    for (channels, s) in [(320, side), (1280, (side / 8).max(1))] {
+        let shape = vec![b, channels, s, s];
+        let norm = lora_core::precision::cast_all(GroupNormConfig::new(32, channels).init::<B>(device), opts.precision.dtype()).no_grad();
+        let (x, w) = (random(shape.clone(), 1.0), random(shape.clone(), 1.0));
+        out.push(ab("group_norm_silu fwd+bwd", &shape, &FUSED_GROUP_NORM, opts.steps, || {
+            let x = x.clone().require_grad();
+            let y = sd_model::norm::group_norm(&norm, x.clone(), true);
+            let grads = (y * w.clone()).sum().backward();
+            read(x.grad(&grads).expect("x is tracked"))
+        }));
+    }
+
+    // A transformer's LayerNorm over the top level's tokens.
+    let shape = vec![b, tokens, 320];
+    let mut ln = LayerNormConfig::new(320).with_epsilon(1e-5).init::<B>(device);
+    ln.gamma = Param::from_tensor(Tensor::ones([320], device));
+    let ln = lora_core::precision::cast_all(ln, opts.precision.dtype()).no_grad();
+    let (x, w) = (random(vec![b, tokens, 320, 1], 1.0), random(vec![b, tokens, 320, 1], 1.0));
+    let (x, w) = (x.reshape([b, tokens, 320]), w.reshape([b, tokens, 320]));
+    out.push(ab("layer_norm fwd+bwd", &shape, &FUSED_GROUP_NORM, opts.steps, || {
+        let x = x.clone().require_grad();
+        let y = sd_model::norm::layer_norm(&ln, x.clone(), 1e-5);
+        let grads = (y * w.clone()).sum().backward();
+        read(x.grad(&grads).expect("x is tracked"))
+    }));
+
+    // Self-attention over the top level's tokens: 8 heads of 40.
+    let shape = vec![b, 8, tokens, 40];
+    let (q, k, v, w) = (random(shape.clone(), 1.0), random(shape.clone(), 1.0), random(shape.clone(), 1.0), random(shape.clone(), 1.0));
+    out.push(ab("attention fwd+bwd", &shape, &FLASH_ATTENTION, opts.steps, || {
+        let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+        let y = sd_model::attention::scaled_dot_product_attention(q.clone(), k.clone(), v.clone());
+        let grads = (y * w.clone()).sum().backward();
+        read(q.grad(&grads).expect("q is tracked"))
+    }));
+
+    // The attention softmax of one score block per batch element (forward; f32 scores in
+    // and the model's dtype out, as the blockwise attention uses it).
+    let shape = vec![b.min(2), 8, tokens, tokens];
+    let scores = Tensor::<B::InnerBackend, 4>::random(shape.clone(), Distribution::Normal(0.0, 3.0), device);
+    out.push(ab("softmax fwd", &shape, &FUSED_SOFTMAX, opts.steps, || {
+        read(lora_core::kernels::scaled_softmax(scores.clone(), 0.158, dtype))
+    }));
+    out
+}
+
+/// The timings as a markdown table.
+pub fn table(timings: &[OpTiming]) -> String {
+    let mut s = String::from("| op | shape | switch | burn ms | ours ms | speedup |\n|---|---|---|---|---|---|\n");
+    for t in timings {
+        s += &format!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2} |\n", t.op, t.shape, t.switch, t.ms_off, t.ms_on, t.speedup);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the CPU backend the switches change nothing, so this checks the plumbing: every op
+    /// runs, restores its switch and gives finite timings.
+    #[test]
+    fn ops_bench_runs_on_the_cpu() {
+        type B = burn::backend::Autodiff<burn::backend::Flex>;
+        let opts = OpsOptions { batch: 1, resolution: 32, steps: 1, precision: Precision::F32 };
+        let timings = run::<B>(&opts, &Default::default());
+        assert_eq!(timings.len(), 5);
+        assert!(timings.iter().all(|t| t.ms_off.is_finite() && t.ms_on > 0.0));
+        assert!(!lora_core::kernels::fused_group_norm_enabled() && !lora_core::kernels::flash_attention_enabled());
+        assert_eq!(table(&timings).lines().count(), 7);
+    }
+}
