@@ -94,6 +94,48 @@ fn pre_activation_grad<N: Size>(xhat: Vector<f32, N>, dy: Vector<f32, N>, gamma:
     dh
 }
 
+/// The mean of the `n` vectors of `x` from `base` (a plane or a row), summed relative to
+/// its first element: far from zero, the differences are exact where the plain sum would
+/// round away the low digits. Every unit gets it.
+#[cube]
+fn pivoted_mean<I: Float, N: Size>(x: &Array<Vector<I, N>>, base: usize, n: usize, shared: &mut SharedMemory<f32>) -> f32 {
+    let pivot = Vector::<f32, N>::cast_from(x[base])[0];
+    let pivots = Vector::<f32, N>::new(pivot);
+    let mut acc = Vector::<f32, N>::new(0.0);
+    let mut i = UNIT_POS_X as usize;
+    while i < n {
+        acc += Vector::<f32, N>::cast_from(x[base + i]) - pivots;
+        i += CUBE_DIM_X as usize;
+    }
+    pivot + cube_sum(lanes_sum(acc), shared) / f32::cast_from((n * N::value()) as u32)
+}
+
+/// `Σ (x − mean)²` over the `n` vectors of `x` from `base`; the second sweep reads them from
+/// cache (a plane or a row is at most a few tens of KiB). Every unit gets it.
+#[cube]
+fn centred_squares<I: Float, N: Size>(x: &Array<Vector<I, N>>, base: usize, n: usize, mean: f32, shared: &mut SharedMemory<f32>) -> f32 {
+    let centre = Vector::<f32, N>::new(mean);
+    let mut acc = Vector::<f32, N>::new(0.0);
+    let mut i = UNIT_POS_X as usize;
+    while i < n {
+        let d = Vector::<f32, N>::cast_from(x[base + i]) - centre;
+        acc += d * d;
+        i += CUBE_DIM_X as usize;
+    }
+    cube_sum(lanes_sum(acc), shared)
+}
+
+/// `silu(h)`, or `h` itself without the SiLU.
+#[cube]
+#[allow(unused_assignments)]
+fn activation<N: Size>(h: Vector<f32, N>, #[comptime] silu: bool) -> Vector<f32, N> {
+    let mut out = h;
+    if silu {
+        out = h / (Vector::<f32, N>::new(1.0) + (-h).exp());
+    }
+    out
+}
+
 /// Per plane: the mean and the centred sum of squares `Σ (x − mean)²`.
 #[cube(launch)]
 fn channel_stats<I: Float, N: Size>(
@@ -108,33 +150,12 @@ fn channel_stats<I: Float, N: Size>(
     if plane >= planes as usize {
         terminate!();
     }
-    let (n, tid, threads) = (vectors as usize, UNIT_POS_X as usize, CUBE_DIM_X as usize);
+    let n = vectors as usize;
     let base = plane * n;
     let mut shared = SharedMemory::<f32>::new(MAX_THREADS);
-
-    // Sums relative to the plane's first element: far from zero, the differences are exact
-    // where the plain sum would round away the low digits.
-    let pivot = Vector::<f32, N>::cast_from(x[base])[0];
-    let pivots = Vector::<f32, N>::new(pivot);
-    let mut acc = Vector::<f32, N>::new(0.0);
-    let mut i = tid;
-    while i < n {
-        acc += Vector::<f32, N>::cast_from(x[base + i]) - pivots;
-        i += threads;
-    }
-    let mu = pivot + cube_sum(lanes_sum(acc), &mut shared) / f32::cast_from(vectors * N::value() as u32);
-
-    // The second sweep reads the plane from cache (at most a few tens of KiB).
-    let centre = Vector::<f32, N>::new(mu);
-    let mut acc = Vector::<f32, N>::new(0.0);
-    let mut i = tid;
-    while i < n {
-        let d = Vector::<f32, N>::cast_from(x[base + i]) - centre;
-        acc += d * d;
-        i += threads;
-    }
-    let squares = cube_sum(lanes_sum(acc), &mut shared);
-    if tid == 0 {
+    let mu = pivoted_mean::<I, N>(x, base, n, &mut shared);
+    let squares = centred_squares::<I, N>(x, base, n, mu, &mut shared);
+    if UNIT_POS_X == 0 {
         mean[plane] = mu;
         m2[plane] = squares;
     }
@@ -144,7 +165,7 @@ fn channel_stats<I: Float, N: Size>(
 /// (written once per group, by the group's first plane) and writes
 /// `silu((x − mean) / σ · γ + β)` (or without the SiLU).
 #[cube(launch)]
-#[allow(clippy::too_many_arguments, unused_assignments)]
+#[allow(clippy::too_many_arguments)]
 fn normalize<I: Float, P: Float, N: Size>(
     x: &Array<Vector<I, N>>,
     gamma: &Array<P>,
@@ -204,18 +225,13 @@ fn normalize<I: Float, P: Float, N: Size>(
     let mu = Vector::<f32, N>::new(mean);
     let scale = Vector::<f32, N>::new(rstd * f32::cast_from(gamma[c]));
     let shift = Vector::<f32, N>::new(f32::cast_from(beta[c]));
-    let one = Vector::<f32, N>::new(1.0);
 
     let n = vectors as usize;
     let base = plane * n;
     let mut i = tid;
     while i < n {
         let h = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * scale + shift;
-        let mut out = h;
-        if silu {
-            out = h / (one + (-h).exp());
-        }
-        y[base + i] = Vector::<I, N>::cast_from(out);
+        y[base + i] = Vector::<I, N>::cast_from(activation::<N>(h, silu));
         i += threads;
     }
 }
@@ -335,7 +351,7 @@ fn input_grad<I: Float, G: Float, P: Float, N: Size>(
 /// group over `[rows, d, 1, 1]`, whose planes are single elements): the row's mean and
 /// `1/σ`, and `silu((x − mean) σ⁻¹ γ + β)` (or without the SiLU) with `γ`, `β` per column.
 #[cube(launch)]
-#[allow(clippy::too_many_arguments, unused_assignments)]
+#[allow(clippy::too_many_arguments)]
 fn layer_norm_rows<I: Float, P: Float, N: Size>(
     x: &Array<Vector<I, N>>,
     gamma: &Array<Vector<P, N>>,
@@ -357,39 +373,18 @@ fn layer_norm_rows<I: Float, P: Float, N: Size>(
     let base = row * n;
     let count = f32::cast_from(vectors * N::value() as u32);
     let mut shared = SharedMemory::<f32>::new(MAX_THREADS);
-    // Relative to the row's first element, as in `channel_stats`.
-    let pivot = Vector::<f32, N>::cast_from(x[base])[0];
-    let pivots = Vector::<f32, N>::new(pivot);
-    let mut acc = Vector::<f32, N>::new(0.0);
-    let mut i = tid;
-    while i < n {
-        acc += Vector::<f32, N>::cast_from(x[base + i]) - pivots;
-        i += threads;
-    }
-    let mu = pivot + cube_sum(lanes_sum(acc), &mut shared) / count;
-    let centre = Vector::<f32, N>::new(mu);
-    let mut acc = Vector::<f32, N>::new(0.0);
-    let mut i = tid;
-    while i < n {
-        let d = Vector::<f32, N>::cast_from(x[base + i]) - centre;
-        acc += d * d;
-        i += threads;
-    }
-    let r = 1.0f32 / (cube_sum(lanes_sum(acc), &mut shared) / count + epsilon).sqrt();
+    let mu = pivoted_mean::<I, N>(x, base, n, &mut shared);
+    let r = 1.0f32 / (centred_squares::<I, N>(x, base, n, mu, &mut shared) / count + epsilon).sqrt();
     if tid == 0 {
         mean[row] = mu;
         rstd[row] = r;
     }
-    let (rv, one) = (Vector::<f32, N>::new(r), Vector::<f32, N>::new(1.0));
+    let (centre, rv) = (Vector::<f32, N>::new(mu), Vector::<f32, N>::new(r));
     let mut i = tid;
     while i < n {
         let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - centre) * rv;
         let h = xhat * Vector::<f32, N>::cast_from(gamma[i]) + Vector::<f32, N>::cast_from(beta[i]);
-        let mut out = h;
-        if silu {
-            out = h / (one + (-h).exp());
-        }
-        y[base + i] = Vector::<I, N>::cast_from(out);
+        y[base + i] = Vector::<I, N>::cast_from(activation::<N>(h, silu));
         i += threads;
     }
 }
