@@ -3,8 +3,9 @@
 //! `trainer bench` times whole UNet steps, where a kernel's effect mixes with everything
 //! else. This times each op that has a kernel of ours at SD1.5's shapes, once with its
 //! switch off (burn's ops) and once on, on the same inputs: GroupNorm + SiLU and LayerNorm
-//! (forward and backward, as in training: the norm frozen, the input tracked), attention
-//! (forward and backward; flash attention) and the attention softmax (forward). On a
+//! (forward and backward, as in training: the norm frozen, the input tracked), self- and
+//! cross-attention (forward and backward; flash attention) and the attention softmax
+//! (forward). On a
 //! backend without the kernels both columns time the same path.
 
 use std::time::Instant;
@@ -156,6 +157,16 @@ pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpT
         read(q.grad(&grads).expect("q is tracked"))
     }));
 
+    // Cross-attention of the same queries to the text encoder's 77 tokens.
+    let kv_shape = vec![b, 8, 77, 40];
+    let (k, v) = (random(kv_shape.clone(), 1.0), random(kv_shape, 1.0));
+    out.push(ab("cross-attention fwd+bwd", &shape, &FLASH_ATTENTION, opts.steps, || {
+        let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+        let y = sd_model::attention::scaled_dot_product_attention(q.clone(), k.clone(), v.clone());
+        let grads = (y * w.clone()).sum().backward();
+        read(k.grad(&grads).expect("k is tracked"))
+    }));
+
     // The attention softmax of one score block per batch element (forward; f32 scores in
     // and the model's dtype out, as the blockwise attention uses it).
     let shape = vec![b.min(2), 8, tokens, tokens];
@@ -186,9 +197,9 @@ mod tests {
         type B = burn::backend::Autodiff<burn::backend::Flex>;
         let opts = OpsOptions { batch: 1, resolution: 32, steps: 1, precision: Precision::F32 };
         let timings = run::<B>(&opts, &Default::default());
-        assert_eq!(timings.len(), 5);
+        assert_eq!(timings.len(), 6);
         assert!(timings.iter().all(|t| t.ms_off.is_finite() && t.ms_on > 0.0));
         assert!(!lora_core::kernels::fused_group_norm_enabled() && !lora_core::kernels::flash_attention_enabled());
-        assert_eq!(table(&timings).lines().count(), 7);
+        assert_eq!(table(&timings).lines().count(), 8);
     }
 }

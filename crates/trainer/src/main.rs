@@ -170,9 +170,9 @@ enum Command {
         #[arg(long, default_value = "train")]
         mode: String,
     },
-    /// Time each op that has a GPU kernel of ours (GroupNorm + SiLU, LayerNorm, attention,
-    /// the attention softmax) at SD1.5's shapes with its switch off (burn's ops) and on.
-    /// Prints a markdown table, then one JSON array as the last line.
+    /// Time each op that has a GPU kernel of ours (GroupNorm + SiLU, LayerNorm, self- and
+    /// cross-attention, the attention softmax) at SD1.5's shapes with its switch off (burn's
+    /// ops) and on. Prints a markdown table, then one JSON array as the last line.
     BenchOps {
         /// Images per batch.
         #[arg(long, default_value_t = 8)]
