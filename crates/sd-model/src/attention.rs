@@ -207,8 +207,11 @@ impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
 /// computed over blocks of queries so that at most `block_elements` scores exist at once.
 ///
 /// Per block `i`: `P = softmax(qᵢ kᵀ s)`, `dV += Pᵀ doᵢ`, `dP = doᵢ vᵀ`,
-/// `dS = P ∘ (dP − rowsum(doᵢ ∘ oᵢ))`, `dqᵢ = dS k s`, `dK += dSᵀ qᵢ s`. The math runs in
-/// f32 and the gradients are returned in the inputs' dtype. The matmuls go through
+/// `dS = P ∘ (dP − rowsum(doᵢ ∘ oᵢ))`, `dqᵢ = dS k s`, `dK += dSᵀ qᵢ s`. The softmax, `dS`
+/// and the sums over blocks run in f32; the five products run in the inputs' dtype when all
+/// four are bf16 or f16 (`P` and `dS` rounded to it first, as FlashAttention does and as the
+/// forward pass already computes the scores: tensor-core matmuls at half the memory traffic),
+/// else in f32. The gradients are returned in the inputs' dtype. The matmuls go through
 /// [`lora_core::kernels::matmul`] (cuBLAS on CUDA when turned on).
 pub fn attention_backward<X: Backend>(
     q: Tensor<X, 4>,
@@ -219,8 +222,13 @@ pub fn attention_backward<X: Backend>(
     block_elements: usize,
 ) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
     let dtypes = (q.dtype(), k.dtype(), v.dtype());
+    let half = matches!(dtypes.0, DType::BF16 | DType::F16) && dtypes.1 == dtypes.0 && dtypes.2 == dtypes.0 && grad_out.dtype() == dtypes.0;
+    // The products' dtype; everything between them is f32.
+    let product = if half { dtypes.0 } else { DType::F32 };
+    let to = |t: Tensor<X, 4>| cast_to(t, product);
     let f32 = |t: Tensor<X, 4>| cast_to(t, DType::F32);
-    let (q, k, v, out, grad_out) = (f32(q), f32(k), f32(v), f32(out), f32(grad_out));
+    let out = f32(out);
+    let (q, k, v, grad_out) = (to(q), to(k), to(v), to(grad_out));
     let [b, h, seq_q, d] = q.dims();
     let seq_k = k.dims()[2];
     let scale = (d as f64).powf(-0.5) as f32;
@@ -236,12 +244,12 @@ pub fn attention_backward<X: Backend>(
         let doi = grad_out.clone().narrow(2, start, len);
         let oi = out.clone().narrow(2, start, len);
         let p = scaled_softmax(matmul(qi.clone(), kt.clone()), scale, DType::F32);
-        dv = dv + matmul(p.clone().swap_dims(2, 3), doi.clone());
-        let dp = matmul(doi.clone(), vt.clone());
-        let row = (doi * oi).sum_dim(3);
-        let ds = p * (dp - row);
-        dq_blocks.push(matmul(ds.clone(), k.clone()).mul_scalar(scale));
-        dk = dk + matmul(ds.swap_dims(2, 3), qi).mul_scalar(scale);
+        dv = dv + f32(matmul(to(p.clone()).swap_dims(2, 3), doi.clone()));
+        let dp = f32(matmul(doi.clone(), vt.clone()));
+        let row = (f32(doi) * oi).sum_dim(3);
+        let ds = to(p * (dp - row));
+        dq_blocks.push(f32(matmul(ds.clone(), k.clone())).mul_scalar(scale));
+        dk = dk + f32(matmul(ds.swap_dims(2, 3), qi)).mul_scalar(scale);
     }
     let dq = Tensor::cat(dq_blocks, 2);
     (cast_to(dq, dtypes.0), cast_to(dk, dtypes.1), cast_to(dv, dtypes.2))
@@ -287,6 +295,28 @@ mod tests {
         check::<NoCheckpointing>(500);
         check::<BalancedCheckpointing>(500);
         check::<NoCheckpointing>(BACKWARD_BLOCK_ELEMENTS);
+    }
+
+    /// bf16 and f16 inputs: the products run in that dtype, against the f32 gradients of the
+    /// same (rounded) values, within the half types' rounding.
+    #[test]
+    fn half_precision_backward_matches_f32_within_rounding() {
+        use burn::tensor::FloatDType;
+        let device = Default::default();
+        let rand = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        for (dtype, tolerance) in [(FloatDType::BF16, 3e-2), (FloatDType::F16, 5e-3)] {
+            let round = |t: Tensor<Flex, 4>| t.cast(dtype);
+            let (q, k, v, g) = (round(rand([2, 3, 37, 16])), round(rand([2, 3, 29, 16])), round(rand([2, 3, 29, 16])), round(rand([2, 3, 37, 16])));
+            let wide = |t: &Tensor<Flex, 4>| t.clone().cast(FloatDType::F32);
+            let out = attention(wide(&q), wide(&k), wide(&v), None, None, plain_options());
+            let reference = attention_backward(wide(&q), wide(&k), wide(&v), out.clone(), wide(&g), 500);
+            let ours = attention_backward(q, k, v, out.cast(dtype), g, 500);
+            for (what, a, b) in [("dq", ours.0, reference.0), ("dk", ours.1, reference.1), ("dv", ours.2, reference.2)] {
+                assert_eq!(a.dtype(), DType::from(dtype), "{what} keeps the inputs' dtype");
+                let err = max_rel(a.cast(FloatDType::F32), b);
+                assert!(err < tolerance, "{dtype:?} {what}: relative error {err}");
+            }
+        }
     }
 
     #[test]
