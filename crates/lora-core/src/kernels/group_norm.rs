@@ -624,14 +624,13 @@ pub(super) fn backward<R: Runtime>(
     let groups = problem.batch * problem.spec.groups;
     let channels = problem.channels as u32;
     // Without `sums`, buffers of our own: the input gradient needs them either way.
-    let own = match sums {
-        Some(_) => None,
-        None => Some([client.empty(planes * 4), client.empty(planes * 4)]),
-    };
-    let [sum_dh_xhat, sum_dh] = match (&sums, &own) {
-        (Some(given), _) => *given,
-        (None, Some([a, b])) => [a, b],
-        (None, None) => unreachable!("`own` is allocated when `sums` is absent"),
+    let own;
+    let [sum_dh_xhat, sum_dh] = match sums {
+        Some(given) => given,
+        None => {
+            own = [client.empty(planes * 4), client.empty(planes * 4)];
+            [&own[0], &own[1]]
+        }
     };
     // SAFETY: as in `forward`; `dy` and `dx` hold as many elements as `x`, the sums
     // `planes` f32.

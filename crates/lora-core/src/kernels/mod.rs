@@ -557,21 +557,39 @@ pub fn scaled_softmax<X: Backend, const D: usize>(x: Tensor<X, D>, scale: f32, d
     cast_to(burn::tensor::activation::softmax(cast_to(x, DType::F32).mul_scalar(scale), D - 1), dtype)
 }
 
-/// The fused softmax op when `X` is burn's fusion backend over CubeCL runtime `R` (with
-/// bool element `BT`, as burn's `Cuda` and `Wgpu` backends are), else `None`.
+/// burn's fusion backend over CubeCL runtime `R` with bool element `BT` (burn's `Cuda` and
+/// `Wgpu` backends), where our fused ops run.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+type FusedCube<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
+
+/// `t`'s fusion primitive when `X` is [`FusedCube<R, BT>`], else `None`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn to_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
+    t: &Tensor<X, D>,
+) -> Option<burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>>> {
+    if TypeId::of::<X>() != TypeId::of::<FusedCube<R, BT>>() {
+        return None;
+    }
+    downcast::<_, Tensor<FusedCube<R, BT>, D>>(t.clone()).map(|t| t.into_primitive().tensor())
+}
+
+/// The fusion primitive `t` of [`FusedCube<R, BT>`] as a tensor of `X` (which is that backend).
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn from_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
+    t: burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>>,
+) -> Option<Tensor<X, D>> {
+    downcast(tensor::<FusedCube<R, BT>, D>(t))
+}
+
+/// The fused softmax op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 fn fused_softmax_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
     x: &Tensor<X, D>,
     scale: f32,
     dtype: DType,
 ) -> Option<Tensor<X, D>> {
-    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
-    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
-        return None;
-    }
-    let fx = downcast::<_, Tensor<Fused<R, BT>, D>>(x.clone())?;
-    let out = softmax::register::<R, BT>(fx.into_primitive().tensor(), scale, dtype);
-    downcast(tensor::<Fused<R, BT>, D>(out))
+    let out = softmax::register::<R, BT>(to_fused::<X, R, BT, D>(x)?, scale, dtype);
+    from_fused::<X, R, BT, D>(out)
 }
 
 /// Turns the fused softmax kernel of [`scaled_softmax`] on or off (default off until it
@@ -683,21 +701,19 @@ pub fn flash_attention_backward<X: Backend>(
 /// the `wgpu-test` feature).
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 fn flash_backend<X: Backend>() -> bool {
-    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
     let id = TypeId::of::<X>();
     #[cfg(feature = "cuda")]
-    if id == TypeId::of::<Fused<burn_cubecl::cubecl::cuda::CudaRuntime, u8>>() {
+    if id == TypeId::of::<FusedCube<burn_cubecl::cubecl::cuda::CudaRuntime, u8>>() {
         return true;
     }
     #[cfg(feature = "wgpu-test")]
-    if id == TypeId::of::<Fused<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>>() {
+    if id == TypeId::of::<FusedCube<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>>() {
         return true;
     }
     false
 }
 
-/// The flash forward op when `X` is burn's fusion backend over CubeCL runtime `R` (see
-/// [`fused_softmax_on`]), else `None`.
+/// The flash forward op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
     q: &Tensor<X, 4>,
@@ -705,16 +721,12 @@ fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
     v: &Tensor<X, 4>,
     scale: f32,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
-    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
-    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
-        return None;
-    }
-    let prim = |t: &Tensor<X, 4>| downcast::<_, Tensor<Fused<R, BT>, 4>>(t.clone()).map(|t| t.into_primitive().tensor());
-    let (out, lse) = flash::register_forward::<R, BT>(prim(q)?, prim(k)?, prim(v)?, scale);
-    Some((downcast(tensor::<Fused<R, BT>, 4>(out))?, downcast(tensor::<Fused<R, BT>, 3>(lse))?))
+    let fused = to_fused::<X, R, BT, 4>;
+    let (out, lse) = flash::register_forward::<R, BT>(fused(q)?, fused(k)?, fused(v)?, scale);
+    Some((from_fused::<X, R, BT, 4>(out)?, from_fused::<X, R, BT, 3>(lse)?))
 }
 
-/// The flash backward op when `X` is burn's fusion backend over CubeCL runtime `R`.
+/// The flash backward op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
 fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
@@ -722,14 +734,10 @@ fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::B
     stats: [&Tensor<X, 3>; 2],
     scale: f32,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>)> {
-    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
-    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
-        return None;
-    }
-    let [q, k, v, g] = inputs.map(|t| downcast::<_, Tensor<Fused<R, BT>, 4>>(t.clone()).map(|t| t.into_primitive().tensor()));
-    let [l, d] = stats.map(|t| downcast::<_, Tensor<Fused<R, BT>, 3>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let [q, k, v, g] = inputs.map(to_fused::<X, R, BT, 4>);
+    let [l, d] = stats.map(to_fused::<X, R, BT, 3>);
     let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?], [l?, d?], scale);
-    let back = |t| downcast::<_, Tensor<X, 4>>(tensor::<Fused<R, BT>, 4>(t));
+    let back = from_fused::<X, R, BT, 4>;
     Some((back(dq)?, back(dk)?, back(dv)?))
 }
 
@@ -921,8 +929,7 @@ fn fused_group_norm_applies<X: Backend>(x: &Tensor<X, 4>, spec: GroupNormSpec, p
     fused_group_norm_enabled() && (h * w >= FUSED_GROUP_NORM_MIN_PLANE || rows)
 }
 
-/// The fused GroupNorm op when `X` is burn's fusion backend over CubeCL runtime `R` (see
-/// [`fused_softmax_on`]), else `None`.
+/// The fused GroupNorm op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
 fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
@@ -931,18 +938,13 @@ fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolE
     beta: &Tensor<X, 1>,
     spec: GroupNormSpec,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>)> {
-    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
-    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
-        return None;
-    }
-    let x = downcast::<_, Tensor<Fused<R, BT>, 4>>(x.clone())?.into_primitive().tensor();
-    let [gamma, beta] = [gamma, beta].map(|t| downcast::<_, Tensor<Fused<R, BT>, 1>>(t.clone()).map(|t| t.into_primitive().tensor()));
-    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(x, gamma?, beta?, spec);
-    let stat = |t| downcast::<_, Tensor<X, 3>>(tensor::<Fused<R, BT>, 3>(t));
-    Some((downcast(tensor::<Fused<R, BT>, 4>(y))?, stat(mean)?, stat(rstd)?))
+    let [gamma, beta] = [gamma, beta].map(to_fused::<X, R, BT, 1>);
+    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(to_fused::<X, R, BT, 4>(x)?, gamma?, beta?, spec);
+    let stat = from_fused::<X, R, BT, 3>;
+    Some((from_fused::<X, R, BT, 4>(y)?, stat(mean)?, stat(rstd)?))
 }
 
-/// The fused GroupNorm backward op when `X` is burn's fusion backend over CubeCL runtime `R`.
+/// The fused GroupNorm backward op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
 fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
@@ -952,20 +954,16 @@ fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cube
     spec: GroupNormSpec,
     params: bool,
 ) -> Option<(Tensor<X, 4>, Option<(Tensor<X, 1>, Tensor<X, 1>)>)> {
-    type Fused<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
-    if TypeId::of::<X>() != TypeId::of::<Fused<R, BT>>() {
-        return None;
-    }
-    let [x, dy] = [x, grad_out].map(|t| downcast::<_, Tensor<Fused<R, BT>, 4>>(t.clone()).map(|t| t.into_primitive().tensor()));
-    let [gamma, beta] = [gamma, beta].map(|t| downcast::<_, Tensor<Fused<R, BT>, 1>>(t.clone()).map(|t| t.into_primitive().tensor()));
-    let [mean, rstd] = [mean, rstd].map(|t| downcast::<_, Tensor<Fused<R, BT>, 3>>(t.clone()).map(|t| t.into_primitive().tensor()));
+    let [x, dy] = [x, grad_out].map(to_fused::<X, R, BT, 4>);
+    let [gamma, beta] = [gamma, beta].map(to_fused::<X, R, BT, 1>);
+    let [mean, rstd] = [mean, rstd].map(to_fused::<X, R, BT, 3>);
     let (dx, param_grads) = group_norm::register_backward::<R, BT>([x?, gamma?, beta?, dy?], [mean?, rstd?], spec, params);
-    let param = |t| downcast::<_, Tensor<X, 1>>(tensor::<Fused<R, BT>, 1>(t));
+    let param = from_fused::<X, R, BT, 1>;
     let param_grads = match param_grads {
         Some((dgamma, dbeta)) => Some((param(dgamma)?, param(dbeta)?)),
         None => None,
     };
-    Some((downcast(tensor::<Fused<R, BT>, 4>(dx))?, param_grads))
+    Some((from_fused::<X, R, BT, 4>(dx)?, param_grads))
 }
 
 /// GroupNorm (+ SiLU) in burn's ops: `y` in `x`'s dtype and the per-group mean and
