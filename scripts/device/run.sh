@@ -187,35 +187,33 @@ fi
 # then the fused softmax, flash-attention and GroupNorm kernels against burn's ops. Minimal
 # autotuning of burn's reference kernels, as in the checks.
 DSYNC=1 FUSED_SOFTMAX=1 FLASH=1 FUSED_GN=1
+# Runs lora-core's ignored CUDA test `kernels::tests::TEST` as job NAME (further words, e.g. a
+# timeout, go in front of the command); succeeds when the test passes.
+kernel_test() {
+    local name=$1 test=$2
+    shift 2
+    run_job smoke "$name" "{}" "$@" env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact "kernels::tests::$test" --nocapture
+    [ "${LAST_RC:-1}" = 0 ]
+}
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
-    run_job smoke "conv-cudnn-vs-burn" "{}" \
-        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::cudnn_matches_burn_kernels_on_cuda --nocapture
-    run_job smoke "matmul-cublas-vs-burn" "{}" \
-        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::cublas_matches_burn_kernels_on_cuda --nocapture
-    run_job smoke "ordering-device-vs-host" "{}" \
-        timeout -k 5 240 env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::device_ordering_matches_host_ordering_on_cuda --nocapture
-    if [ "${LAST_RC:-1}" != 0 ]; then
+    kernel_test conv-cudnn-vs-burn cudnn_matches_burn_kernels_on_cuda
+    kernel_test matmul-cublas-vs-burn cublas_matches_burn_kernels_on_cuda
+    kernel_test ordering-device-vs-host device_ordering_matches_host_ordering_on_cuda timeout -k 5 240 || {
         DSYNC=0
         say "GPU-side ordering failed its test: the :device settings below run host-ordered"
-    fi
-    run_job smoke "softmax-fused-vs-burn" "{}" \
-        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::fused_softmax_matches_burn_on_cuda --nocapture
-    if [ "${LAST_RC:-1}" != 0 ]; then
+    }
+    kernel_test softmax-fused-vs-burn fused_softmax_matches_burn_on_cuda || {
         FUSED_SOFTMAX=0
         say "the fused softmax failed its test: the :softmax settings below use burn's ops"
-    fi
-    run_job smoke "flash-attention-vs-math" "{}" \
-        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::flash_attention_matches_math_on_cuda --nocapture
-    if [ "${LAST_RC:-1}" != 0 ]; then
+    }
+    kernel_test flash-attention-vs-math flash_attention_matches_math_on_cuda || {
         FLASH=0
         say "flash attention failed its test: the :flash settings below use the blockwise attention"
-    fi
-    run_job smoke "group-norm-fused-vs-burn" "{}" \
-        env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact kernels::tests::fused_group_norm_matches_burn_on_cuda --nocapture
-    if [ "${LAST_RC:-1}" != 0 ]; then
+    }
+    kernel_test group-norm-fused-vs-burn fused_group_norm_matches_burn_on_cuda || {
         FUSED_GN=0
         say "the fused GroupNorm failed its test: the :gn settings below use burn's ops"
-    fi
+    }
 fi
 
 # --- 1. correctness -------------------------------------------------------------------------
