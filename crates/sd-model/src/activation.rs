@@ -140,7 +140,11 @@ pub fn geglu_projected<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 3>) -> Ten
     if let Some(out) = on_known_autodiff!(projected_for_autodiff::<B>(&args)) {
         return out;
     }
-    geglu(proj.forward(args.0))
+    // The op's own arithmetic, so that a pass without autodiff gives the values a pass
+    // with it does (gradient checkpointing recomputes from checkpoints taken without).
+    let (x, w, b) = args;
+    let (hidden, gate) = halves(project(x, w, b));
+    hidden * gelu(gate)
 }
 
 fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>)) -> Option<Tensor<B, 3>> {

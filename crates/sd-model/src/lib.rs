@@ -14,6 +14,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod checkpoint;
 pub mod autodiff_ext;
 pub use autodiff_ext::{custom_backward, set_custom_backward};
 mod clip;
@@ -41,9 +42,5 @@ pub use unet::{TimeProj, UNet2DConditionModel};
 pub use unet_blocks::{UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
 pub use error::{KeyMismatch, Result, SdModelError};
 pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-/// The autodiff backend with gradient checkpointing: activations of memory-bound ops are
-/// recomputed in the backward pass instead of stored, trading compute for memory. Train on
-/// `CheckpointedAutodiff<B>` instead of `Autodiff<B>` to turn it on; results are unchanged.
-pub type CheckpointedAutodiff<B> = burn::backend::Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
 
 pub use vae::{AutoencoderKl, DiagonalGaussian, DownEncoderBlock2D, UpDecoderBlock2D, VaeAttention, VaeDecoder, VaeEncoder, VaeMidBlock};

@@ -163,7 +163,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         Ok(cast_to(self.conv_out.forward(crate::norm::group_norm(&self.conv_norm_out, x, true)), io_dtype))
     }
 
-    fn check_inputs(&self, latents: &Tensor<B, 4>, timesteps: &Tensor<B, 1>, context: &Tensor<B, 3>) -> Result<()> {
+    pub(crate) fn check_inputs(&self, latents: &Tensor<B, 4>, timesteps: &Tensor<B, 1>, context: &Tensor<B, 3>) -> Result<()> {
         let [b, c, h, w] = latents.dims();
         let c_in = self.conv_in.base.weight.dims()[1];
         let m = self.size_multiple();

@@ -7,6 +7,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use lora_core::LoraConfig;
+use sd_model::checkpoint::CheckpointOptions;
 use sd_model::targets::{attach_new_adapters, Selection, UnetTargets};
 use sd_model::{UNet2DConditionModel, UnetConfig};
 use serde::Serialize;
@@ -30,6 +31,9 @@ pub struct BenchOptions {
     pub train: bool,
     /// Precision of the frozen UNet weights (adapters stay f32, inputs and loss f32).
     pub precision: crate::device_check::Precision,
+    /// Block-wise gradient checkpointing in the train step
+    /// ([`UNet2DConditionModel::forward_backward_checkpointed`]).
+    pub grad_checkpointing: bool,
 }
 
 /// The result, printed as one JSON line.
@@ -256,7 +260,27 @@ pub fn run_probed<B: AutodiffBackend>(
             Ok(())
         };
         let start = Instant::now();
-        if opts.train {
+        if opts.train && opts.grad_checkpointing {
+            // Memory peaks inside the backward pass, once per block: sample there too.
+            let mut failed = None;
+            let mut after_recompute = || {
+                if let Err(e) = sample() {
+                    failed.get_or_insert(e);
+                }
+            };
+            let options = CheckpointOptions {
+                context_grad: false,
+                after_recompute: Some(&mut after_recompute),
+            };
+            let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), options, |pred| {
+                (pred - latents.clone()).powf_scalar(2.0).mean()
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            sample()?;
+            unet = optim.step(1e-4, unet, step.grads);
+        } else if opts.train {
             let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
             let loss = (pred - latents.clone()).powf_scalar(2.0).mean();
             sample()?;

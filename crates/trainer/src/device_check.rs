@@ -14,8 +14,9 @@
 //! use sd_model::UnetConfig;
 //! use trainer::device_check::{run, DeviceCheckOptions};
 //!
-//! let opts = DeviceCheckOptions::new(UnetConfig::tiny(), 1, 32);
-//! let report = run::<Autodiff<Flex>, sd_model::CheckpointedAutodiff<Flex>>(&opts, &Default::default(), &Default::default())?;
+//! let mut opts = DeviceCheckOptions::new(UnetConfig::tiny(), 1, 32);
+//! opts.grad_checkpointing = true;
+//! let report = run::<Autodiff<Flex>, Autodiff<Flex>>(&opts, &Default::default(), &Default::default())?;
 //! assert!(report.pass, "{report:?}");
 //! # Ok::<(), trainer::TrainError>(())
 //! ```
@@ -29,6 +30,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, FloatDType, Tensor, TensorData};
 use lora_core::sites::LoraSites;
 use lora_core::{LoraConfig, LoraSiteMut};
+use sd_model::checkpoint::CheckpointOptions;
 use sd_model::targets::{attach_new_adapters, Selection, UnetTargets};
 use sd_model::{UNet2DConditionModel, UnetConfig};
 use serde::Serialize;
@@ -134,10 +136,13 @@ pub struct DeviceCheckOptions {
     pub adapter: Option<String>,
     /// Seed of the weights and inputs.
     pub seed: u64,
+    /// Run the model under test with block-wise gradient checkpointing
+    /// ([`UNet2DConditionModel::forward_backward_checkpointed`]); the reference never does.
+    pub grad_checkpointing: bool,
 }
 
 impl DeviceCheckOptions {
-    /// f32, default tolerance, first adapter, seed 0.
+    /// f32, default tolerance, first adapter, seed 0, no checkpointing.
     pub fn new(unet: UnetConfig, batch: usize, resolution: usize) -> Self {
         Self {
             unet,
@@ -147,6 +152,7 @@ impl DeviceCheckOptions {
             tolerance: None,
             adapter: None,
             seed: 0,
+            grad_checkpointing: false,
         }
     }
 
@@ -244,6 +250,8 @@ pub struct DeviceCheckReport {
     pub tolerance: f64,
     /// Module path of the adapter whose gradients are compared.
     pub adapter: String,
+    /// Whether the backend under test ran with block-wise gradient checkpointing.
+    pub grad_checkpointing: bool,
     /// The UNet output.
     pub output: ErrorStats,
     /// The gradient of that adapter's `up` weight.
@@ -355,10 +363,11 @@ fn randomize_up<B: Backend>(unet: &mut UNet2DConditionModel<B>, device: &B::Devi
 }
 
 /// `(path, up, down)` of the chosen linear adapter.
+#[allow(clippy::type_complexity)]
 fn adapter_weights<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
     wanted: Option<&str>,
-) -> Option<(String, Tensor<B, 2>, Tensor<B, 2>)> {
+) -> Option<(String, Param<Tensor<B, 2>>, Param<Tensor<B, 2>>)> {
     let mut found = None;
     unet.visit_lora_sites(&mut |path, site| {
         if found.is_some() || wanted.is_some_and(|w| w != path) {
@@ -366,7 +375,7 @@ fn adapter_weights<B: Backend>(
         }
         if let LoraSiteMut::Linear(layer) = site {
             if let Some(a) = layer.adapter.as_ref() {
-                found = Some((path.to_string(), a.up.weight.val(), a.down.weight.val()));
+                found = Some((path.to_string(), a.up.weight.clone(), a.down.weight.clone()));
             }
         }
     });
@@ -383,11 +392,13 @@ fn apply_precision<B: Backend>(unet: UNet2DConditionModel<B>, precision: Precisi
 }
 
 /// One forward (on `latents`, `timesteps`, `context`) and one backward of
-/// `mean((unet(...) - target)²)`; returns the output and the chosen adapter's gradients.
+/// `mean((unet(...) - target)²)`, with block-wise gradient checkpointing when `checkpointing`;
+/// returns the output and the chosen adapter's gradients.
 fn forward_backward<B: AutodiffBackend>(
     unet: &mut UNet2DConditionModel<B>,
     inputs: [&TensorData; 4],
     adapter: &str,
+    checkpointing: bool,
     device: &B::Device,
 ) -> Result<Outcome, TrainError> {
     let start = Instant::now();
@@ -396,14 +407,25 @@ fn forward_backward<B: AutodiffBackend>(
     let timesteps = Tensor::<B, 1>::from_data(timesteps.clone(), device);
     let context = Tensor::<B, 3>::from_data(context.clone(), device);
     let target = Tensor::<B, 4>::from_data(target.clone(), device);
-    let pred = unet.forward(latents, timesteps, context)?;
-    let loss = (pred.clone() - target).powf_scalar(2.0).mean();
-    let grads = loss.backward();
     let (_, up, down) = adapter_weights(unet, Some(adapter)).ok_or_else(|| bad(format!("no adapter at `{adapter}`")))?;
+    let (pred, grad_up, grad_down) = if checkpointing {
+        let mut seen = None;
+        let step = unet.forward_backward_checkpointed(latents, timesteps, context, CheckpointOptions::default(), |pred| {
+            seen = Some(pred.clone().inner());
+            (pred - target).powf_scalar(2.0).mean()
+        })?;
+        let pred = seen.ok_or_else(|| bad("the checkpointed pass gave no prediction"))?;
+        (pred, step.grads.get::<B::InnerBackend, 2>(up.id), step.grads.get::<B::InnerBackend, 2>(down.id))
+    } else {
+        let pred = unet.forward(latents, timesteps, context)?;
+        let loss = (pred.clone() - target).powf_scalar(2.0).mean();
+        let grads = loss.backward();
+        (pred.inner(), up.grad(&grads), down.grad(&grads))
+    };
     let missing = |which: &str| bad(format!("the adapter `{adapter}` got no `{which}` gradient"));
-    let grad_up = up.grad(&grads).ok_or_else(|| missing("up"))?;
-    let grad_down = down.grad(&grads).ok_or_else(|| missing("down"))?;
-    let output = host(pred.inner().into_data())?;
+    let grad_up = grad_up.ok_or_else(|| missing("up"))?;
+    let grad_down = grad_down.ok_or_else(|| missing("down"))?;
+    let output = host(pred.into_data())?;
     let grad_up = host(grad_up.into_data())?;
     let grad_down = host(grad_down.into_data())?;
     Ok(Outcome {
@@ -459,9 +481,9 @@ pub fn run<R: AutodiffBackend, T: AutodiffBackend>(
     let data = [latents.into_data(), timesteps.into_data(), context.into_data(), target.into_data()];
     let inputs = [&data[0], &data[1], &data[2], &data[3]];
 
-    let want = forward_backward(&mut reference, inputs, &adapter, reference_device)?;
+    let want = forward_backward(&mut reference, inputs, &adapter, false, reference_device)?;
     drop(reference);
-    let got = forward_backward(&mut tested, inputs, &adapter, device)?;
+    let got = forward_backward(&mut tested, inputs, &adapter, opts.grad_checkpointing, device)?;
 
     let tolerance = opts.tolerance();
     let output = compare(&want.output, &got.output);
@@ -477,6 +499,7 @@ pub fn run<R: AutodiffBackend, T: AutodiffBackend>(
         resolution: opts.resolution,
         tolerance,
         adapter,
+        grad_checkpointing: opts.grad_checkpointing,
         output,
         grad_up,
         grad_down,

@@ -471,20 +471,17 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         "infer" => false,
         other => anyhow::bail!("--mode {other}: expected train or infer"),
     };
-    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision };
+    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing };
     // On the CPU the peak is the process's peak RSS (below); on CUDA the allocator's counters.
     #[cfg(feature = "cuda")]
     let cuda_probe = &mut || trainer::bench::cuda_memory(&Default::default());
-    let timings = match (device, grad_checkpointing) {
-        ("cpu", false) => run_probed::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default(), None)?,
-        ("cpu", true) => run_probed::<sd_model::CheckpointedAutodiff<burn::backend::Flex>>(&opts, &Default::default(), None)?,
+    let timings = match device {
+        "cpu" => run_probed::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default(), None)?,
         #[cfg(feature = "cuda")]
-        ("cuda", false) => run_probed::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default(), Some(cuda_probe))?,
-        #[cfg(feature = "cuda")]
-        ("cuda", true) => run_probed::<sd_model::CheckpointedAutodiff<burn::backend::Cuda>>(&opts, &Default::default(), Some(cuda_probe))?,
+        "cuda" => run_probed::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default(), Some(cuda_probe))?,
         #[cfg(not(feature = "cuda"))]
-        ("cuda", _) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
-        (other, _) => anyhow::bail!("--device {other}: expected cpu or cuda"),
+        "cuda" => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
+        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
     };
     let (first, median) = (timings.first_step_s, timings.s_per_step);
     let result = BenchResult {
@@ -531,18 +528,15 @@ fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: 
     use burn::backend::{Autodiff, Flex};
     use trainer::device_check::{run, unet_config_by_name, DeviceCheckOptions};
     type Reference = Autodiff<Flex>;
-    let opts = DeviceCheckOptions { unet: unet_config_by_name(unet_config)?, batch, resolution, precision, tolerance, adapter, seed };
+    let opts = DeviceCheckOptions { unet: unet_config_by_name(unet_config)?, batch, resolution, precision, tolerance, adapter, seed, grad_checkpointing };
     let cpu = Default::default();
-    let report = match (device, grad_checkpointing) {
-        ("cpu", false) => run::<Reference, Autodiff<Flex>>(&opts, &cpu, &Default::default())?,
-        ("cpu", true) => run::<Reference, sd_model::CheckpointedAutodiff<Flex>>(&opts, &cpu, &Default::default())?,
+    let report = match device {
+        "cpu" => run::<Reference, Autodiff<Flex>>(&opts, &cpu, &Default::default())?,
         #[cfg(feature = "cuda")]
-        ("cuda", false) => run::<Reference, Autodiff<burn::backend::Cuda>>(&opts, &cpu, &Default::default())?,
-        #[cfg(feature = "cuda")]
-        ("cuda", true) => run::<Reference, sd_model::CheckpointedAutodiff<burn::backend::Cuda>>(&opts, &cpu, &Default::default())?,
+        "cuda" => run::<Reference, Autodiff<burn::backend::Cuda>>(&opts, &cpu, &Default::default())?,
         #[cfg(not(feature = "cuda"))]
-        ("cuda", _) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
-        (other, _) => anyhow::bail!("--device {other}: expected cpu or cuda"),
+        "cuda" => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
+        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
     };
     // The report plus what cuDNN / cuBLAS ran (with --cudnn / --cublas), one JSON line.
     let mut line = serde_json::to_value(&report)?;
@@ -559,13 +553,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
     match command {
         Command::Train { config, sets, resume } => {
             let config = TrainConfig::load(config.as_deref(), &sets)?;
-            // Gradient checkpointing is a backend property: the same loop on a checkpointing
-            // autodiff backend recomputes activations in the backward pass.
-            if config.train.gradient_checkpointing {
-                run_train::<sd_model::CheckpointedAutodiff<B::InnerBackend>>(config, resume.as_deref(), device)
-            } else {
-                run_train::<B>(config, resume.as_deref(), device)
-            }
+            run_train::<B>(config, resume.as_deref(), device)
         }
         Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip: 1 };

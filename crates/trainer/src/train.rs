@@ -9,6 +9,7 @@ use burn::module::AutodiffModule;
 use burn::nn::loss::MseLoss;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use sd_model::checkpoint::CheckpointOptions;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use lora_core::{sites, AdapterSet, LoraConfig};
@@ -184,9 +185,9 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
 /// returns `false` (e.g. on Ctrl-C) training stops, the LoRA trained so far (and, with
 /// `output.save_state`, the training state) is saved and the report says `interrupted`.
 ///
-/// Gradient checkpointing is a property of the backend: run `train` on
-/// [`sd_model::CheckpointedAutodiff`] to get it (the `trainer` binary does this when
-/// `train.gradient_checkpointing` is set).
+/// With `train.gradient_checkpointing` the UNet's step runs through
+/// [`sd_model::UNet2DConditionModel::forward_backward_checkpointed`] (block-wise
+/// recomputation, as diffusers'), on any autodiff backend.
 pub fn train<B: AutodiffBackend>(
     config: &TrainConfig,
     device: &B::Device,
@@ -427,25 +428,46 @@ fn run<B: AutodiffBackend>(
             let eps = offset_noise(eps, t.noise_offset, &mut noise)?;
             let noisy = schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
             let target = schedule.target(latents, eps, ts.clone());
-            let pred = unet.forward(noisy, ts.clone().float(), context)?;
-            let per_sample = MseLoss::new()
-                .forward_no_reduction(pred, target)
-                .reshape([n as i32, -1])
-                .mean_dim(1)
-                .reshape([n]);
             let mut weights = Tensor::<B, 1>::from_floats(loss_weights.as_slice(), device);
             if t.min_snr_gamma > 0.0 {
-                weights = weights * schedule.min_snr_weights(ts, t.min_snr_gamma)?;
+                weights = weights * schedule.min_snr_weights(ts.clone(), t.min_snr_gamma)?;
             }
-            let loss = (per_sample * weights).mean() / t.gradient_accumulation_steps as f32;
-            step_loss = step_loss + loss.clone().inner();
-            // f16: scale the loss so small gradients do not underflow; unscaled below.
-            let loss = if progress.loss_scale != 1.0 { loss * progress.loss_scale } else { loss };
-            let mut grads = loss.backward();
-            if train_te {
-                te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
+            let loss_scale = progress.loss_scale;
+            // The loss to backpropagate: f16 scales it so that small gradients do not
+            // underflow (unscaled below).
+            let loss_of = |pred: Tensor<B, 4>| {
+                let per_sample = MseLoss::new()
+                    .forward_no_reduction(pred, target)
+                    .reshape([n as i32, -1])
+                    .mean_dim(1)
+                    .reshape([n]);
+                let loss = (per_sample * weights).mean() / t.gradient_accumulation_steps as f32;
+                if loss_scale != 1.0 {
+                    loss * loss_scale
+                } else {
+                    loss
+                }
+            };
+            let unscale = |loss: Tensor<B::InnerBackend, 1>| if loss_scale != 1.0 { loss / loss_scale } else { loss };
+            if t.gradient_checkpointing {
+                let options = CheckpointOptions { context_grad: train_te, ..Default::default() };
+                let step = unet.forward_backward_checkpointed(noisy, ts.float(), context.clone(), options, loss_of)?;
+                step_loss = step_loss + unscale(step.loss);
+                if let (true, Some(grad)) = (train_te, step.context_grad) {
+                    // The text encoder's backward pass, from the gradient its output got.
+                    let mut grads = (context * Tensor::from_inner(grad)).sum().backward();
+                    te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
+                }
+                accumulator.accumulate(&unet, step.grads);
+            } else {
+                let loss = loss_of(unet.forward(noisy, ts.float(), context)?);
+                step_loss = step_loss + unscale(loss.clone().inner());
+                let mut grads = loss.backward();
+                if train_te {
+                    te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
+                }
+                accumulator.accumulate(&unet, GradientsParams::from_module(&mut grads, &unet));
             }
-            accumulator.accumulate(&unet, GradientsParams::from_module(&mut grads, &unet));
         }
         let mut grads = accumulator.grads();
         let mut te_grads = te_accumulator.grads();

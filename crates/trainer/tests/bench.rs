@@ -16,11 +16,12 @@ fn bench_times_train_and_infer_steps() {
             targets: UnetTargets::AttnMlp,
             train,
             precision: trainer::device_check::Precision::Bf16,
+            grad_checkpointing: train,
         };
         let (first, median) = run::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
         assert!(first > 0.0 && median > 0.0 && median.is_finite());
     }
-    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default() };
+    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false };
     assert!(run::<Autodiff<Flex>>(&bad, &Default::default()).is_err());
 }
 
@@ -28,7 +29,7 @@ fn bench_times_train_and_infer_steps() {
 fn memory_probe_samples_one_extra_untimed_step() {
     use trainer::bench::{run_probed, MemorySample};
     for (train, per_step) in [(true, 3), (false, 2)] {
-        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 2, targets: UnetTargets::Attn, train, precision: Default::default() };
+        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 2, targets: UnetTargets::Attn, train, precision: Default::default(), grad_checkpointing: false };
         let mut calls = 0u64;
         let mut probe = || {
             calls += 1;
@@ -39,7 +40,16 @@ fn memory_probe_samples_one_extra_untimed_step() {
         assert_eq!(timings.peak, Some(MemorySample { in_use: calls, reserved: 99 }));
         assert!(timings.first_step_s > 0.0 && timings.s_per_step > 0.0);
     }
-    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: false, precision: Default::default() };
+    // With checkpointing, also once per recomputed block.
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: true };
+    let mut calls = 0u64;
+    let mut probe = || {
+        calls += 1;
+        Some(MemorySample { in_use: 1, reserved: 1 })
+    };
+    run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut probe)).unwrap();
+    assert!(calls > 5, "{calls} samples");
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: false, precision: Default::default(), grad_checkpointing: false };
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), None).unwrap().peak, None);
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut || None)).unwrap().peak, None);
 }

@@ -2,7 +2,7 @@
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Module;
-use sd_model::{CheckpointedAutodiff, UNet2DConditionModel, UnetConfig};
+use sd_model::{UNet2DConditionModel, UnetConfig};
 use trainer::device_check::{copy_parameters, run, unet_config_by_name, DeviceCheckOptions, Precision};
 
 /// burn's backend RNG is global to the process: tests that seed it take this lock.
@@ -11,8 +11,9 @@ static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 #[test]
 fn cpu_against_checkpointed_cpu_passes() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let opts = DeviceCheckOptions::new(UnetConfig::tiny(), 2, 64);
-    let report = run::<Autodiff<Flex>, CheckpointedAutodiff<Flex>>(&opts, &Default::default(), &Default::default()).unwrap();
+    let mut opts = DeviceCheckOptions::new(UnetConfig::tiny(), 2, 64);
+    opts.grad_checkpointing = true;
+    let report = run::<Autodiff<Flex>, Autodiff<Flex>>(&opts, &Default::default(), &Default::default()).unwrap();
     assert!(report.pass, "{report:?}");
     assert_eq!(report.check, "device-check");
     assert!(report.adapter.ends_with("attn1.to_q"), "{}", report.adapter);
@@ -23,6 +24,7 @@ fn cpu_against_checkpointed_cpu_passes() {
     assert_eq!(report.output.len, 2 * 4 * 8 * 8);
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["precision"], "f32");
+    assert_eq!(json["grad_checkpointing"], true);
     assert!(json["grad_down"]["rel_l2"].is_number());
 }
 
