@@ -39,10 +39,16 @@ pub struct BenchOptions {
 /// The result, printed as one JSON line.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchResult {
-    /// Median seconds per step.
+    /// Median seconds per step, each step followed by a device sync.
     pub s_per_step: f64,
     /// Images per second (`batch / s_per_step`).
     pub img_per_s: f64,
+    /// Mean seconds per step of `steps` further steps run back to back with one device
+    /// sync after the last, as the PyTorch anchor times its steps (the host queues the
+    /// next step while the device runs the last one).
+    pub back_to_back_s_per_step: f64,
+    /// `batch / back_to_back_s_per_step`.
+    pub back_to_back_img_per_s: f64,
     /// Peak memory in GiB: process peak RSS on the CPU; on CUDA the peak of the bytes held by
     /// live tensors (see [`BenchTimings::peak`]); `null` where not measurable.
     pub peak_mem_gib: Option<f64>,
@@ -176,8 +182,11 @@ pub fn gib(bytes: u64) -> f64 {
 pub struct BenchTimings {
     /// Seconds of the warm-up step.
     pub first_step_s: f64,
-    /// Median seconds of the measured steps.
+    /// Median seconds of the measured steps, each followed by a device sync.
     pub s_per_step: f64,
+    /// Mean seconds of as many steps again run back to back, with one device sync after
+    /// the last (how the PyTorch anchor times its steps).
+    pub back_to_back_s_per_step: f64,
     /// Field-wise maxima of the memory probe's samples (`None` without a probe or when it
     /// gives none). They come from one extra, untimed step after the measured ones, sampled
     /// (each after a device sync) after the forward pass (all activations alive), after the
@@ -243,13 +252,23 @@ pub fn run_probed<B: AutodiffBackend>(
     let frozen = (!opts.train).then(|| unet.valid());
     let mut times = Vec::with_capacity(opts.steps + 1);
     let mut peak: Option<MemorySample> = None;
-    // Steps 0..=steps are timed (step 0 is the warm-up: compilation, autotuning); with a
-    // probe, one more untimed step samples memory, synchronising before each sample so that
-    // queued (fused) work has allocated what it needs. Keeping the probe out of the timed
-    // steps keeps their launches free of host round trips.
-    let last = if probe.is_some() { opts.steps + 1 } else { opts.steps };
+    // Steps 0..=steps are timed one by one, each followed by a device sync (step 0 is the
+    // warm-up: compilation, autotuning). Then `steps` more run back to back with one sync at
+    // the end, as the PyTorch anchor times its steps: the host queues a step while the
+    // device still runs the one before. With a probe, one last untimed step samples memory,
+    // synchronising before each sample so that queued (fused) work has allocated what it
+    // needs; keeping the probe out of the timed steps keeps their launches free of host
+    // round trips.
+    let window_end = 2 * opts.steps;
+    let last = window_end + usize::from(probe.is_some());
+    let mut window = Instant::now();
+    let mut back_to_back = f64::NAN;
     for step in 0..=last {
-        let probing = step > opts.steps;
+        let in_window = step > opts.steps && step <= window_end;
+        let probing = step > window_end;
+        if step == opts.steps + 1 {
+            window = Instant::now();
+        }
         let mut sample = || -> Result<(), TrainError> {
             if let (true, Some(probe)) = (probing, probe.as_mut()) {
                 sync::<B>(device)?;
@@ -292,6 +311,13 @@ pub fn run_probed<B: AutodiffBackend>(
             sample()?;
             drop(out);
         }
+        if in_window {
+            if step == window_end {
+                sync::<B>(device)?;
+                back_to_back = window.elapsed().as_secs_f64() / opts.steps as f64;
+            }
+            continue;
+        }
         sync::<B>(device)?;
         sample()?;
         if !probing {
@@ -301,6 +327,7 @@ pub fn run_probed<B: AutodiffBackend>(
     Ok(BenchTimings {
         first_step_s: times[0],
         s_per_step: median(times[1..].to_vec()),
+        back_to_back_s_per_step: back_to_back,
         peak,
     })
 }

@@ -487,6 +487,8 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
     let result = BenchResult {
         s_per_step: median,
         img_per_s: batch as f64 / median,
+        back_to_back_s_per_step: timings.back_to_back_s_per_step,
+        back_to_back_img_per_s: batch as f64 / timings.back_to_back_s_per_step,
         peak_mem_gib: if device == "cpu" { peak_rss_gib() } else { timings.peak.map(|p| gib(p.in_use)) },
         peak_reserved_gib: timings.peak.map(|p| gib(p.reserved)),
         first_step_s: first,

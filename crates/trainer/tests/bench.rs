@@ -38,7 +38,7 @@ fn memory_probe_samples_one_extra_untimed_step() {
         let timings = run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut probe)).unwrap();
         assert_eq!(calls, per_step, "train = {train}");
         assert_eq!(timings.peak, Some(MemorySample { in_use: calls, reserved: 99 }));
-        assert!(timings.first_step_s > 0.0 && timings.s_per_step > 0.0);
+        assert!(timings.first_step_s > 0.0 && timings.s_per_step > 0.0 && timings.back_to_back_s_per_step > 0.0);
     }
     // With checkpointing, also once per recomputed block.
     let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: true };
