@@ -42,6 +42,7 @@ mod error;
 mod format;
 pub mod kernels;
 mod linear;
+pub mod optim;
 pub mod precision;
 pub mod sites;
 pub mod tensor_io;

@@ -3,7 +3,8 @@
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::GradientsParams;
+use lora_core::optim::{AdamWSettings, FlatAdamW};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use lora_core::LoraConfig;
@@ -248,7 +249,8 @@ pub fn run_probed<B: AutodiffBackend>(
     let latents = Tensor::<B, 4>::random([n, opts.unet.in_channels, side, side], Distribution::Normal(0.0, 1.0), device);
     let timesteps = Tensor::<B, 1>::from_floats(vec![500.0; n].as_slice(), device);
     let context = Tensor::<B, 3>::random([n, 77, opts.unet.cross_attention_dim], Distribution::Normal(0.0, 1.0), device);
-    let mut optim = AdamWConfig::new().init::<B, UNet2DConditionModel<B>>();
+    // The trainer's optimizer: all adapter tensors in one AdamW update.
+    let mut optim = FlatAdamW::new(AdamWSettings::default(), &unet, device);
     let frozen = (!opts.train).then(|| unet.valid());
     let mut times = Vec::with_capacity(opts.steps + 1);
     let mut peak: Option<MemorySample> = None;
@@ -298,13 +300,15 @@ pub fn run_probed<B: AutodiffBackend>(
                 return Err(e);
             }
             sample()?;
-            unet = optim.step(1e-4, unet, step.grads);
+            let grads = optim.gather_grads(&unet, &step.grads);
+            unet = optim.step(1e-4, unet, grads);
         } else if opts.train {
             let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
             let loss = (pred - latents.clone()).powf_scalar(2.0).mean();
             sample()?;
             let grads = GradientsParams::from_grads(loss.backward(), &unet);
             sample()?;
+            let grads = optim.gather_grads(&unet, &grads);
             unet = optim.step(1e-4, unet, grads);
         } else if let Some(valid) = &frozen {
             let out = valid.forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;

@@ -5,8 +5,10 @@
 //! switch off (burn's ops) and once on, on the same inputs: GroupNorm + SiLU and LayerNorm
 //! (forward and backward, as in training: the norm frozen, the input tracked), self- and
 //! cross-attention (forward and backward; flash attention) and the attention softmax
-//! (forward). On a
-//! backend without the kernels both columns time the same path.
+//! (forward). On a backend without the kernels both columns time the same path. Last, one
+//! AdamW step over SD1.5's attention adapters, burn's per-tensor `AdamW` against the flat
+//! one the trainer uses (`lora_core::optim`), where the difference is launch and host
+//! overhead.
 
 use std::time::Instant;
 
@@ -174,7 +176,70 @@ pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpT
     out.push(ab("softmax fwd", &shape, &FUSED_SOFTMAX, opts.steps, || {
         read(lora_core::kernels::scaled_softmax(scores.clone(), 0.158, dtype))
     }));
+
+    out.push(adamw_step::<B>(opts.steps, device));
     out
+}
+
+/// SD1.5's rank-4 attention adapters (`to_q/k/v/out.0` of the 16 transformers, burn layout
+/// `[in, out]`): 256 tensors, 797,184 values, as in the PyTorch anchor.
+fn sd15_attention_adapter_shapes() -> Vec<[usize; 2]> {
+    let mut shapes = Vec::new();
+    let widths = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320];
+    for c in widths {
+        for context in [c, 768] {
+            // attn1 (self: k, v from c) then attn2 (cross: k, v from 768).
+            for d_in in [c, context, context, c] {
+                shapes.push([d_in, 4]);
+                shapes.push([4, c]);
+            }
+        }
+    }
+    shapes
+}
+
+/// One AdamW step over SD1.5's attention adapters: burn's per-tensor `AdamW` against
+/// [`lora_core::optim::FlatAdamW`] (which the trainer uses), same gradients.
+fn adamw_step<B: AutodiffBackend>(steps: usize, device: &B::Device) -> OpTiming {
+    use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+    use lora_core::optim::{AdamWSettings, FlatAdamW};
+    let shapes = sd15_attention_adapter_shapes();
+    let params: Vec<Param<Tensor<B, 2>>> = shapes.iter().map(|s| Param::from_tensor(Tensor::random(*s, Distribution::Normal(0.0, 0.02), device))).collect();
+    let grads: Vec<Tensor<B::InnerBackend, 2>> = shapes.iter().map(|s| Tensor::random(*s, Distribution::Normal(0.0, 1e-3), device)).collect();
+    let grads_params = |params: &Vec<Param<Tensor<B, 2>>>| {
+        let mut g = GradientsParams::new();
+        for (p, t) in params.iter().zip(&grads) {
+            g.register(p.id, t.clone());
+        }
+        g
+    };
+    let mut module = Some(params);
+    let mut burn_optim = AdamWConfig::new().init::<B, Vec<Param<Tensor<B, 2>>>>();
+    let ms_off = median_ms(steps, || {
+        let m = module.take().expect("the module is put back after each step");
+        let g = grads_params(&m);
+        let m = burn_optim.step(1e-4, m, g);
+        let value = read(m[0].val());
+        module = Some(m);
+        value
+    });
+    let mut flat = FlatAdamW::new(AdamWSettings::default(), module.as_ref().expect("the module is there"), device);
+    let ms_on = median_ms(steps, || {
+        let m = module.take().expect("the module is put back after each step");
+        let g = flat.gather_grads(&m, &grads_params(&m));
+        let m = flat.step(1e-4, m, g);
+        let value = read(m[0].val());
+        module = Some(m);
+        value
+    });
+    OpTiming {
+        op: "AdamW step, SD1.5 attention adapters".into(),
+        shape: vec![shapes.len(), shapes.iter().map(|[a, b]| a * b).sum()],
+        switch: "flat_adamw",
+        ms_off,
+        ms_on,
+        speedup: ms_off / ms_on,
+    }
 }
 
 /// The timings as a markdown table.
@@ -197,9 +262,10 @@ mod tests {
         type B = burn::backend::Autodiff<burn::backend::Flex>;
         let opts = OpsOptions { batch: 1, resolution: 32, steps: 1, precision: Precision::F32 };
         let timings = run::<B>(&opts, &Default::default());
-        assert_eq!(timings.len(), 6);
+        assert_eq!(timings.len(), 7);
+        assert_eq!(timings[6].shape, vec![256, 797_184], "the anchor's LoRA size");
         assert!(timings.iter().all(|t| t.ms_off.is_finite() && t.ms_on > 0.0));
         assert!(!lora_core::kernels::fused_group_norm_enabled() && !lora_core::kernels::flash_attention_enabled());
-        assert_eq!(table(&timings).lines().count(), 8);
+        assert_eq!(table(&timings).lines().count(), 9);
     }
 }

@@ -12,8 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Param, ParamId};
-use burn::optim::record::AdaptorRecord;
-use burn::optim::{AdamW, AdamWState, AdaptiveMomentumState, GradientsParams};
+use lora_core::optim::FlatAdamW;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use lora_core::tensor_io;
@@ -130,28 +129,28 @@ pub fn host_params<B: Backend>(params: Vec<(String, AdapterParam<B>)>, out: &mut
     Ok(())
 }
 
-/// AdamW's per-parameter records, as an optimizer's `to_record()` returns them.
-pub type AdamWRecord<B> = HashMap<ParamId, AdaptorRecord<AdamW, B>>;
-
-/// Copies AdamW's moments and step counts for `params` out of `record`.
+/// Copies AdamW's moments and step counts for `params` out of `optim` (tensors it has
+/// updated at least once).
 pub fn export_moments<B: AutodiffBackend>(
-    record: &AdamWRecord<B>,
+    optim: &FlatAdamW<B>,
     params: &[(String, AdapterParam<B>)],
     moments: &mut HashMap<String, HostTensor>,
     times: &mut BTreeMap<String, usize>,
 ) -> Result<(), TrainError> {
     for (key, p) in params {
-        let Some(r) = record.get(&p.id()) else { continue };
         let (time, m1, m2) = match p {
-            AdapterParam::Matrix(..) => {
-                let s = r.clone().into_state::<2>().momentum;
-                (s.time, HostTensor::from_tensor(s.moment_1)?, HostTensor::from_tensor(s.moment_2)?)
-            }
-            AdapterParam::Kernel(..) => {
-                let s = r.clone().into_state::<4>().momentum;
-                (s.time, HostTensor::from_tensor(s.moment_1)?, HostTensor::from_tensor(s.moment_2)?)
-            }
+            AdapterParam::Matrix(id, _) => match optim.moments::<2>(*id) {
+                Some((t, m1, m2)) => (t, HostTensor::from_tensor(m1)?, HostTensor::from_tensor(m2)?),
+                None => continue,
+            },
+            AdapterParam::Kernel(id, _) => match optim.moments::<4>(*id) {
+                Some((t, m1, m2)) => (t, HostTensor::from_tensor(m1)?, HostTensor::from_tensor(m2)?),
+                None => continue,
+            },
         };
+        if time == 0 {
+            continue;
+        }
         times.insert(key.clone(), time);
         moments.insert(format!("{key}.m1"), m1);
         moments.insert(format!("{key}.m2"), m2);
@@ -159,70 +158,33 @@ pub fn export_moments<B: AutodiffBackend>(
     Ok(())
 }
 
-fn momentum<B: Backend, const D: usize>(key: &str, time: usize, shape: [usize; D], moments: &HashMap<String, HostTensor>, device: &B::Device) -> Result<AdamWState<B, D>, TrainError> {
-    let m1 = format!("{key}.m1");
-    let m2 = format!("{key}.m2");
-    Ok(AdamWState {
-        momentum: AdaptiveMomentumState {
-            time,
-            moment_1: upload::<B, D>(&m1, saved_tensor(moments, &m1)?, shape, device)?,
-            moment_2: upload::<B, D>(&m2, saved_tensor(moments, &m2)?, shape, device)?,
-            max_moment_2: None,
-        },
-    })
-}
-
-/// Rebuilds AdamW's records for `params` (the model's current parameter ids) from saved
-/// moments; parameters without a saved step count start fresh.
+/// Gives `optim` the saved moments of `params` (the model's current parameters); tensors
+/// without a saved step count start fresh.
 pub fn import_moments<B: AutodiffBackend>(
+    optim: &mut FlatAdamW<B>,
     params: &[(String, AdapterParam<B>)],
     moments: &HashMap<String, HostTensor>,
     times: &BTreeMap<String, usize>,
     device: &B::Device,
-) -> Result<AdamWRecord<B>, TrainError> {
-    let mut record = HashMap::new();
+) -> Result<(), TrainError> {
     for (key, p) in params {
         let Some(&time) = times.get(key) else { continue };
-        let r = match p {
-            AdapterParam::Matrix(id, t) => (*id, AdaptorRecord::from_state(momentum::<B::InnerBackend, 2>(key, time, t.dims(), moments, device)?)),
-            AdapterParam::Kernel(id, t) => (*id, AdaptorRecord::from_state(momentum::<B::InnerBackend, 4>(key, time, t.dims(), moments, device)?)),
-        };
-        record.insert(r.0, r.1);
-    }
-    Ok(record)
-}
-
-/// Squared L2 norm of the gradients of `params`, summed on the device (no host sync).
-pub fn grad_sq_norm<B: AutodiffBackend>(grads: &GradientsParams, params: &[(String, AdapterParam<B>)], device: &B::Device) -> Tensor<B::InnerBackend, 1> {
-    let mut total = Tensor::<B::InnerBackend, 1>::zeros([1], device);
-    for (_, p) in params {
-        let sq = match p {
-            AdapterParam::Matrix(id, _) => grads.get::<B::InnerBackend, 2>(*id).map(|g| g.powf_scalar(2.0).sum()),
-            AdapterParam::Kernel(id, _) => grads.get::<B::InnerBackend, 4>(*id).map(|g| g.powf_scalar(2.0).sum()),
-        };
-        if let Some(sq) = sq {
-            total = total + sq;
-        }
-    }
-    total
-}
-
-/// Multiplies the gradients of `params` by `factor`, in place.
-pub fn scale_grads<B: AutodiffBackend>(grads: &mut GradientsParams, params: &[(String, AdapterParam<B>)], factor: f32) {
-    for (_, p) in params {
-        match p {
-            AdapterParam::Matrix(id, _) => {
-                if let Some(g) = grads.remove::<B::InnerBackend, 2>(*id) {
-                    grads.register(*id, g.mul_scalar(factor));
-                }
+        let (k1, k2) = (format!("{key}.m1"), format!("{key}.m2"));
+        let set = match p {
+            AdapterParam::Matrix(id, t) => {
+                let m1 = upload::<B::InnerBackend, 2>(&k1, saved_tensor(moments, &k1)?, t.dims(), device)?;
+                let m2 = upload::<B::InnerBackend, 2>(&k2, saved_tensor(moments, &k2)?, t.dims(), device)?;
+                optim.set_moments(*id, time, m1, m2)
             }
-            AdapterParam::Kernel(id, _) => {
-                if let Some(g) = grads.remove::<B::InnerBackend, 4>(*id) {
-                    grads.register(*id, g.mul_scalar(factor));
-                }
+            AdapterParam::Kernel(id, t) => {
+                let m1 = upload::<B::InnerBackend, 4>(&k1, saved_tensor(moments, &k1)?, t.dims(), device)?;
+                let m2 = upload::<B::InnerBackend, 4>(&k2, saved_tensor(moments, &k2)?, t.dims(), device)?;
+                optim.set_moments(*id, time, m1, m2)
             }
-        }
+        };
+        set.map_err(|e| mismatch(key, e.to_string()))?;
     }
+    Ok(())
 }
 
 /// A ChaCha stream position in JSON-friendly form.

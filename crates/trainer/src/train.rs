@@ -8,7 +8,8 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::nn::loss::MseLoss;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use lora_core::optim::{AdamWSettings, FlatAdamW};
 use sd_model::checkpoint::CheckpointOptions;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
@@ -23,7 +24,7 @@ use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::generate::{decode, denoise, grid, initial_latents, save_png, GenerateOptions};
 use crate::models::{load_components, Components};
 use crate::state::{
-    adapter_params, export_moments, grad_sq_norm, host_params, import_moments, restore_adapter_params, scale_grads, AdamWRecord, StateInfo,
+    adapter_params, export_moments, host_params, import_moments, restore_adapter_params, StateInfo,
     TrainingState,
 };
 use crate::{plot, TrainError};
@@ -332,13 +333,12 @@ fn run<B: AutodiffBackend>(
     let schedule = TrainingSchedule::<B>::new(&NoiseSchedule::new(&schedule_cfg)?, device);
     let mut timesteps = TimestepSampler::new(t.min_timestep, t.max_timestep, schedule.num_train_timesteps(), t.seed)?;
     let mut noise = SeededNoise::new(t.seed ^ 0x5eed);
-    let adamw = AdamWConfig::new()
-        .with_beta_1(t.adam_beta1)
-        .with_beta_2(t.adam_beta2)
-        .with_epsilon(t.adam_epsilon)
-        .with_weight_decay(t.adam_weight_decay);
-    let mut optim = adamw.init::<B, sd_model::UNet2DConditionModel<B>>();
-    let mut te_optim = adamw.init::<B, sd_model::ClipTextModel<B>>();
+    let adamw = AdamWSettings {
+        beta_1: t.adam_beta1,
+        beta_2: t.adam_beta2,
+        epsilon: t.adam_epsilon,
+        weight_decay: t.adam_weight_decay,
+    };
     let te_base_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
 
     let metrics_path = out.join("metrics.jsonl");
@@ -350,14 +350,18 @@ fn run<B: AutodiffBackend>(
         good_steps: 0,
     };
     let mut losses = Vec::with_capacity(t.max_train_steps);
+    // All adapter tensors of a model in one AdamW update (lora_core::optim).
+    let mut optim = FlatAdamW::new(adamw, &unet, device);
+    let mut te_optim = FlatAdamW::new(adamw, &text_encoder, device);
     if let Some(state) = state {
         restore_adapter_params(&mut unet, "unet", &state.adapters, device)?;
         restore_adapter_params(&mut text_encoder, "text_encoder", &state.adapters, device)?;
         let times = &state.info.optimizer_time;
-        let record = import_moments(&adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
-        optim = optim.load_record(record.into_iter().collect());
-        let record = import_moments(&adapter_params(&mut text_encoder, "text_encoder"), &state.moments, times, device)?;
-        te_optim = te_optim.load_record(record.into_iter().collect());
+        // The restored adapters are new parameters: the optimizers start from them.
+        optim = FlatAdamW::new(adamw, &unet, device);
+        te_optim = FlatAdamW::new(adamw, &text_encoder, device);
+        import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
+        import_moments(&mut te_optim, &adapter_params(&mut text_encoder, "text_encoder"), &state.moments, times, device)?;
         let origin = out.join("state.json");
         timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
         noise = SeededNoise::from_state(&state.info.noise_rng.to_state(&origin)?);
@@ -469,8 +473,7 @@ fn run<B: AutodiffBackend>(
                 accumulator.accumulate(&unet, GradientsParams::from_module(&mut grads, &unet));
             }
         }
-        let mut grads = accumulator.grads();
-        let mut te_grads = te_accumulator.grads();
+        let (grads, te_grads) = (accumulator.grads(), te_accumulator.grads());
         // Only adapters may train; anything else with a gradient would be updated by AdamW
         // but never saved.
         if grads.len() > unet_params.len() || te_grads.len() > te_params.len() {
@@ -485,8 +488,9 @@ fn run<B: AutodiffBackend>(
                 ),
             });
         }
+        let (mut grads, mut te_grads) = (optim.gather_grads(&unet, &grads), te_optim.gather_grads(&text_encoder, &te_grads));
         // One host read per step: the loss and the (scaled) global gradient norm.
-        let sq = grad_sq_norm::<B>(&grads, &unet_params, device) + grad_sq_norm::<B>(&te_grads, &te_params, device);
+        let sq = grads.sq_norm() + te_grads.sq_norm();
         let read = Tensor::cat(vec![step_loss, sq], 0).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
         let (loss_value, grad_norm) = (read.first().copied().unwrap_or(f32::NAN), read.get(1).map_or(f32::NAN, |s| s.sqrt() / progress.loss_scale));
         let mut skipped = false;
@@ -494,8 +498,8 @@ fn run<B: AutodiffBackend>(
             let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm { t.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
             let factor = clip / progress.loss_scale;
             if factor != 1.0 {
-                scale_grads::<B>(&mut grads, &unet_params, factor);
-                scale_grads::<B>(&mut te_grads, &te_params, factor);
+                grads = grads.scale(factor);
+                te_grads = te_grads.scale(factor);
             }
             unet = optim.step(lr, unet, grads);
             if train_te {
@@ -580,7 +584,7 @@ fn run<B: AutodiffBackend>(
         if let (Some(name), false) = (name, last) {
             saver.save(&mut unet, &mut text_encoder, &out.join(format!("{name}.safetensors")))?;
             if config.output.save_state {
-                saver.save_state(&mut unet, &mut text_encoder, &optim.to_record().into_iter().collect(), &te_optim.to_record().into_iter().collect(), &progress, &timesteps, &noise)?;
+                saver.save_state(&mut unet, &mut text_encoder, &optim, &te_optim, &progress, &timesteps, &noise)?;
             }
         }
     }
@@ -588,7 +592,7 @@ fn run<B: AutodiffBackend>(
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
     saver.save(&mut unet, &mut text_encoder, &lora_path)?;
     if config.output.save_state {
-        saver.save_state(&mut unet, &mut text_encoder, &optim.to_record().into_iter().collect(), &te_optim.to_record().into_iter().collect(), &progress, &timesteps, &noise)?;
+        saver.save_state(&mut unet, &mut text_encoder, &optim, &te_optim, &progress, &timesteps, &noise)?;
     }
 
     let grid_path = if interrupted {
@@ -654,8 +658,8 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         &mut self,
         unet: &mut sd_model::UNet2DConditionModel<B>,
         te: &mut sd_model::ClipTextModel<B>,
-        unet_record: &AdamWRecord<B>,
-        te_record: &AdamWRecord<B>,
+        unet_optim: &FlatAdamW<B>,
+        te_optim: &FlatAdamW<B>,
         progress: &Progress,
         timesteps: &TimestepSampler,
         noise: &SeededNoise,
@@ -663,8 +667,8 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         let (unet_params, te_params) = (adapter_params(unet, "unet"), adapter_params(te, "text_encoder"));
         let mut moments = HashMap::new();
         let mut times = std::collections::BTreeMap::new();
-        export_moments(unet_record, &unet_params, &mut moments, &mut times)?;
-        export_moments(te_record, &te_params, &mut moments, &mut times)?;
+        export_moments(unet_optim, &unet_params, &mut moments, &mut times)?;
+        export_moments(te_optim, &te_params, &mut moments, &mut times)?;
         let mut adapters = HashMap::new();
         host_params(unet_params, &mut adapters)?;
         host_params(te_params, &mut adapters)?;

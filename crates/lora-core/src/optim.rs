@@ -1,0 +1,362 @@
+//! AdamW over all adapter tensors at once.
+//!
+//! burn's `AdamW` updates each parameter tensor on its own: about fifteen tensor operations
+//! per tensor and step, so a LoRA with a few hundred small adapter tensors issues thousands of
+//! tiny operations per step (as many as the UNet's forward and backward passes together),
+//! which is launch and host overhead on a GPU. [`FlatAdamW`] keeps all trainable tensors of
+//! a module, and their moments, in flat vectors and updates them with the same fifteen
+//! operations on all of them at once: per step, one concatenation of the gradients, the
+//! update, and a slice per tensor to hand the new values back to the module (views of one
+//! buffer, no copies).
+//!
+//! The optimizer owns the trained values from [`FlatAdamW::new`] on: each step writes its
+//! values into the module, whatever the module held. Changing a trained tensor elsewhere
+//! (loading other weights) needs a new optimizer, to which [`FlatAdamW::moments`] /
+//! [`FlatAdamW::set_moments`] carry the moments over.
+//!
+//! The arithmetic is burn's `AdamW`, operation for operation, so results are the same to
+//! the last bit; as there, a tensor without a gradient in a step keeps its value, moments
+//! and step count.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::nn::LinearConfig;
+//! use burn::optim::GradientsParams;
+//! use burn::tensor::{Distribution, Tensor};
+//! use lora_core::optim::{AdamWSettings, FlatAdamW};
+//!
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let mut layer = LinearConfig::new(4, 2).init::<B>(&device);
+//! let mut optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device);
+//! assert_eq!(optim.len(), 4 * 2 + 2);
+//! let x = Tensor::<B, 2>::random([3, 4], Distribution::Default, &device);
+//! let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
+//! let grads = optim.gather_grads(&layer, &grads);
+//! let before = layer.weight.val();
+//! layer = optim.step(1e-3, layer, grads);
+//! assert!(layer.weight.val().is_require_grad());
+//! let moved: f32 = (layer.weight.val() - before).abs().max().into_scalar();
+//! assert!(moved > 0.0);
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+use crate::error::{LoraError, Result};
+
+/// AdamW's hyper-parameters (as burn's `AdamWConfig`; the learning rate is per step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWSettings {
+    /// Decay of the first moment.
+    pub beta_1: f32,
+    /// Decay of the second moment.
+    pub beta_2: f32,
+    /// Added to `sqrt(v̂)`.
+    pub epsilon: f32,
+    /// Decoupled weight decay (scaled by the learning rate).
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWSettings {
+    /// burn's `AdamWConfig` defaults: β₁ 0.9, β₂ 0.999, ε 1e-5, weight decay 1e-4.
+    fn default() -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-5,
+            weight_decay: 1e-4,
+        }
+    }
+}
+
+/// Where one parameter lives in the flat vectors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    offset: usize,
+    len: usize,
+    shape: Vec<usize>,
+    /// Steps this tensor has been updated (AdamW's `t`).
+    time: usize,
+}
+
+/// The gradients of a [`FlatAdamW`]'s tensors, concatenated in its order.
+#[derive(Debug, Clone)]
+pub struct FlatGrads<B: AutodiffBackend> {
+    /// `None` when the optimizer trains nothing.
+    values: Option<Tensor<B::InnerBackend, 1>>,
+    device: Device<B::InnerBackend>,
+    /// Per slot, whether the tensor had a gradient (missing ones are zeros in `values`).
+    present: Vec<bool>,
+}
+
+impl<B: AutodiffBackend> FlatGrads<B> {
+    /// `Σ g²` over every gradient, on the device (no host sync).
+    pub fn sq_norm(&self) -> Tensor<B::InnerBackend, 1> {
+        match &self.values {
+            Some(v) => v.clone().powf_scalar(2.0).sum(),
+            None => Tensor::zeros([1], &self.device),
+        }
+    }
+
+    /// The gradients times `factor` (clipping, loss-scale removal).
+    pub fn scale(mut self, factor: f32) -> Self {
+        self.values = self.values.map(|v| v.mul_scalar(factor));
+        self
+    }
+
+    /// The concatenated gradients (`None` when the optimizer trains nothing).
+    pub fn values(&self) -> Option<&Tensor<B::InnerBackend, 1>> {
+        self.values.as_ref()
+    }
+}
+
+/// AdamW over every trainable tensor of one module, with flat moment vectors (see the
+/// [module docs](self)).
+#[derive(Debug, Clone)]
+pub struct FlatAdamW<B: AutodiffBackend> {
+    settings: AdamWSettings,
+    slots: HashMap<ParamId, Slot>,
+    /// Parameter ids in flat order.
+    order: Vec<ParamId>,
+    /// The trained values, in flat order.
+    params: Tensor<B::InnerBackend, 1>,
+    moment_1: Tensor<B::InnerBackend, 1>,
+    moment_2: Tensor<B::InnerBackend, 1>,
+}
+
+impl<B: AutodiffBackend> FlatAdamW<B> {
+    /// An optimizer for the tensors of `module` that require gradients (its frozen ones are
+    /// left alone), starting from their current values, with zero moments.
+    pub fn new<M: AutodiffModule<B>>(settings: AdamWSettings, module: &M, device: &B::Device) -> Self {
+        let mut found = Trainable::default();
+        module.visit(&mut found);
+        let len = found.next;
+        let mut optim = Self {
+            settings,
+            slots: found.slots,
+            order: found.order,
+            params: Tensor::zeros([len], device),
+            moment_1: Tensor::zeros([len], device),
+            moment_2: Tensor::zeros([len], device),
+        };
+        if len > 0 {
+            let mut gather = Gather::<B> {
+                slots: &optim.slots,
+                grads: None,
+                pieces: BTreeMap::new(),
+            };
+            module.visit(&mut gather);
+            optim.params = optim.concat(gather.pieces, device);
+        }
+        optim
+    }
+
+    /// Number of trained scalars.
+    pub fn len(&self) -> usize {
+        self.moment_1.dims()[0]
+    }
+
+    /// Whether there is nothing to train.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The trained tensors' ids, in flat order.
+    pub fn params(&self) -> &[ParamId] {
+        &self.order
+    }
+
+    /// `module`'s gradients from `grads`, concatenated (zeros where a tensor has none).
+    pub fn gather_grads<M: AutodiffModule<B>>(&self, module: &M, grads: &GradientsParams) -> FlatGrads<B> {
+        let mut gather = Gather::<B> {
+            slots: &self.slots,
+            grads: Some(grads),
+            pieces: BTreeMap::new(),
+        };
+        module.visit(&mut gather);
+        let present = self.order.iter().map(|id| gather.pieces.get(&self.slots[id].offset).is_some_and(Option::is_some)).collect();
+        let device = self.moment_1.device();
+        let values = (!self.is_empty()).then(|| self.concat(gather.pieces, &device));
+        FlatGrads { values, device, present }
+    }
+
+    /// One AdamW step at learning rate `lr`: returns `module` with its trained tensors set
+    /// to the optimizer's values updated from `grads` (from
+    /// [`gather_grads`](Self::gather_grads) on the same module).
+    pub fn step<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>) -> M {
+        let Some(grad) = grads.values else { return module };
+        let device = self.moment_1.device();
+        let mut params = self.params.clone();
+
+        // Tensors updated this step, grouped by their step count after it (bias
+        // corrections differ per group); usually one group holding every tensor.
+        let mut groups: BTreeMap<usize, Vec<ParamId>> = BTreeMap::new();
+        for (id, present) in self.order.iter().zip(&grads.present) {
+            if *present {
+                groups.entry(self.slots[id].time + 1).or_default().push(*id);
+            }
+        }
+        let (mut m, mut v) = (self.moment_1.clone(), self.moment_2.clone());
+        for (time, ids) in &groups {
+            let (m_new, v_new, p_new) = self.update(lr, *time as i32, grad.clone(), params.clone());
+            if ids.len() == self.order.len() {
+                (m, v, params) = (m_new, v_new, p_new);
+            } else {
+                let mask = self.mask(ids, &device);
+                m = m.mask_where(mask.clone(), m_new);
+                v = v.mask_where(mask.clone(), v_new);
+                params = params.mask_where(mask, p_new);
+            }
+            for id in ids {
+                if let Some(slot) = self.slots.get_mut(id) {
+                    slot.time = *time;
+                }
+            }
+        }
+        (self.moment_1, self.moment_2) = (m, v);
+        self.params = params.clone();
+        module.map(&mut Scatter::<B> { slots: &self.slots, flat: params })
+    }
+
+    /// burn's `AdamW` step on the flat vectors with step count `time`, operation for
+    /// operation: new moments and parameters.
+    #[allow(clippy::type_complexity)]
+    fn update(
+        &self,
+        lr: f64,
+        time: i32,
+        grad: Tensor<B::InnerBackend, 1>,
+        param: Tensor<B::InnerBackend, 1>,
+    ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
+        let s = &self.settings;
+        let m = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(1.0 - s.beta_1));
+        let v = self.moment_2.clone().mul_scalar(s.beta_2).add(grad.square().mul_scalar(1.0 - s.beta_2));
+        let m_hat = m.clone().div_scalar(1f32 - s.beta_1.powi(time));
+        let v_hat = v.clone().div_scalar(1f32 - s.beta_2.powi(time));
+        let delta = m_hat.div(v_hat.sqrt().add_scalar(s.epsilon));
+        let decay = lr * s.weight_decay as f64;
+        let decayed = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
+        (m, v, decayed - delta.mul_scalar(lr))
+    }
+
+    /// `true` over the flat ranges of `ids`.
+    fn mask(&self, ids: &[ParamId], device: &Device<B::InnerBackend>) -> Tensor<B::InnerBackend, 1, Bool> {
+        let mut bits = vec![false; self.len()];
+        for id in ids {
+            let slot = &self.slots[id];
+            bits[slot.offset..slot.offset + slot.len].fill(true);
+        }
+        Tensor::from_data(TensorData::new(bits, [self.len()]), device)
+    }
+
+    /// Pieces keyed by offset, in flat order, as one vector (zeros for missing pieces).
+    fn concat(
+        &self,
+        pieces: BTreeMap<usize, Option<Tensor<B::InnerBackend, 1>>>,
+        device: &Device<B::InnerBackend>,
+    ) -> Tensor<B::InnerBackend, 1> {
+        let parts: Vec<_> = self
+            .order
+            .iter()
+            .map(|id| {
+                let slot = &self.slots[id];
+                pieces.get(&slot.offset).cloned().flatten().unwrap_or_else(|| Tensor::zeros([slot.len], device))
+            })
+            .collect();
+        Tensor::cat(parts, 0)
+    }
+
+    /// AdamW's state of one tensor: its step count and first and second moments in its
+    /// shape (`None` for a tensor this optimizer does not train or of another rank).
+    #[allow(clippy::type_complexity)]
+    pub fn moments<const D: usize>(&self, id: ParamId) -> Option<(usize, Tensor<B::InnerBackend, D>, Tensor<B::InnerBackend, D>)> {
+        let slot = self.slots.get(&id)?;
+        let shape: [usize; D] = slot.shape.clone().try_into().ok()?;
+        let range = slot.offset..slot.offset + slot.len;
+        let m = self.moment_1.clone().slice(range.clone()).reshape(shape);
+        let v = self.moment_2.clone().slice(range).reshape(shape);
+        Some((slot.time, m, v))
+    }
+
+    /// Sets one tensor's step count and moments (resuming a run).
+    pub fn set_moments<const D: usize>(&mut self, id: ParamId, time: usize, moment_1: Tensor<B::InnerBackend, D>, moment_2: Tensor<B::InnerBackend, D>) -> Result<()> {
+        let slot = self
+            .slots
+            .get_mut(&id)
+            .ok_or_else(|| LoraError::Unsupported(format!("parameter {id} is not trained by this optimizer")))?;
+        for m in [&moment_1, &moment_2] {
+            if m.dims().as_slice() != slot.shape.as_slice() {
+                return Err(LoraError::ShapeMismatch {
+                    key: format!("optimizer state of parameter {id}"),
+                    reason: format!("moments of shape {:?}, the parameter is {:?}", m.dims(), slot.shape),
+                });
+            }
+        }
+        slot.time = time;
+        let range = slot.offset..slot.offset + slot.len;
+        let n = slot.len;
+        self.moment_1 = self.moment_1.clone().slice_assign(range.clone(), moment_1.reshape([n]));
+        self.moment_2 = self.moment_2.clone().slice_assign(range, moment_2.reshape([n]));
+        Ok(())
+    }
+}
+
+/// Lays out the trainable tensors of a module.
+#[derive(Default)]
+struct Trainable {
+    slots: HashMap<ParamId, Slot>,
+    order: Vec<ParamId>,
+    next: usize,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if !param.is_require_grad() || self.slots.contains_key(&param.id) {
+            return;
+        }
+        let shape = param.dims().to_vec();
+        let len = shape.iter().product();
+        self.slots.insert(param.id, Slot { offset: self.next, len, shape, time: 0 });
+        self.order.push(param.id);
+        self.next += len;
+    }
+}
+
+/// Collects the trained tensors' gradients (with `grads`) or values, flattened.
+struct Gather<'a, B: AutodiffBackend> {
+    slots: &'a HashMap<ParamId, Slot>,
+    grads: Option<&'a GradientsParams>,
+    pieces: BTreeMap<usize, Option<Tensor<B::InnerBackend, 1>>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(slot) = self.slots.get(&param.id) else { return };
+        let piece = match self.grads {
+            Some(grads) => grads.get::<B::InnerBackend, D>(param.id),
+            None => Some(param.val().inner()),
+        };
+        self.pieces.insert(slot.offset, piece.map(|t| t.reshape([slot.len])));
+    }
+}
+
+/// Puts the updated values back, as slices of the flat vector.
+struct Scatter<'a, B: AutodiffBackend> {
+    slots: &'a HashMap<ParamId, Slot>,
+    flat: Tensor<B::InnerBackend, 1>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for Scatter<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let Some(slot) = self.slots.get(&param.id) else { return param };
+        let (id, tensor, mapper) = param.consume();
+        let shape: [usize; D] = tensor.dims();
+        let value = self.flat.clone().slice(slot.offset..slot.offset + slot.len).reshape(shape);
+        Param::from_mapped_value(id, Tensor::from_inner(value).require_grad(), mapper)
+    }
+}

@@ -1,0 +1,167 @@
+//! `FlatAdamW` against burn's `AdamW`: the same parameters to the last bit, with tensors that
+//! miss gradients in some steps, and across an export / import of its state.
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::{Distribution, Tensor};
+use lora_core::optim::{AdamWSettings, FlatAdamW};
+
+type AD = Autodiff<Flex>;
+
+#[derive(Module, Debug)]
+struct Net<B: burn::tensor::backend::Backend> {
+    first: Linear<B>,
+    /// Used only in even steps: it has no gradient in odd ones.
+    sometimes: Linear<B>,
+    conv: Conv2d<B>,
+    frozen: Param<Tensor<B, 1>>,
+}
+
+fn net(seed: u64) -> Net<AD> {
+    let device = Default::default();
+    <AD as burn::tensor::backend::Backend>::seed(&device, seed);
+    Net {
+        first: LinearConfig::new(6, 5).init(&device),
+        sometimes: LinearConfig::new(5, 5).init(&device),
+        conv: Conv2dConfig::new([2, 3], [3, 3]).init(&device),
+        frozen: Param::from_tensor(Tensor::random([4], Distribution::Default, &device)).set_require_grad(false),
+    }
+}
+
+fn grads(net: &Net<AD>, step: usize) -> GradientsParams {
+    let device = Default::default();
+    <AD as burn::tensor::backend::Backend>::seed(&device, 100 + step as u64);
+    let x = Tensor::<AD, 2>::random([3, 6], Distribution::Normal(0.0, 1.0), &device);
+    let mut h = net.first.forward(x);
+    if step.is_multiple_of(2) {
+        h = net.sometimes.forward(h);
+    }
+    let img = Tensor::<AD, 4>::random([1, 2, 5, 5], Distribution::Normal(0.0, 1.0), &device);
+    let loss = h.powf_scalar(2.0).mean() + net.conv.forward(img).tanh().sum() + net.frozen.val().sum();
+    GradientsParams::from_grads(loss.backward(), net)
+}
+
+fn values(net: &Net<AD>) -> Vec<f32> {
+    let mut out = Vec::new();
+    for t in [net.first.weight.val(), net.sometimes.weight.val()] {
+        out.extend(t.into_data().to_vec::<f32>().unwrap());
+    }
+    for t in [net.first.bias.as_ref().unwrap().val(), net.sometimes.bias.as_ref().unwrap().val(), net.frozen.val()] {
+        out.extend(t.into_data().to_vec::<f32>().unwrap());
+    }
+    out.extend(net.conv.weight.val().into_data().to_vec::<f32>().unwrap());
+    out
+}
+
+const SETTINGS: AdamWSettings = AdamWSettings {
+    beta_1: 0.8,
+    beta_2: 0.95,
+    epsilon: 1e-6,
+    weight_decay: 0.05,
+};
+
+fn burn_config() -> AdamWConfig {
+    AdamWConfig::new()
+        .with_beta_1(SETTINGS.beta_1)
+        .with_beta_2(SETTINGS.beta_2)
+        .with_epsilon(SETTINGS.epsilon)
+        .with_weight_decay(SETTINGS.weight_decay)
+}
+
+fn lr(step: usize) -> f64 {
+    1e-2 / (1.0 + step as f64)
+}
+
+#[test]
+fn flat_adamw_equals_burn_adamw_bit_for_bit() {
+    let device = Default::default();
+    // Parameters initialise lazily: read them once so that the clone shares their values.
+    let mut a = net(1);
+    values(&a);
+    let mut b = a.clone();
+    let mut burn_optim = burn_config().init::<AD, Net<AD>>();
+    let mut flat = FlatAdamW::new(SETTINGS, &b, &device);
+    // Two weights, two biases and the conv's weight and bias; the frozen tensor is left out.
+    assert_eq!(flat.params().len(), 6);
+    assert_eq!(flat.len(), 6 * 5 + 5 + 5 * 5 + 5 + 3 * 2 * 9 + 3);
+    let count = values(&a).len();
+    for step in 0..6 {
+        // One set of gradients for both (the CPU's threaded conv backward is not
+        // deterministic); the clones share parameter ids.
+        let g = grads(&a, step);
+        let flat_grads = flat.gather_grads(&b, &g);
+        a = burn_optim.step(lr(step), a, g);
+        b = flat.step(lr(step), b, flat_grads);
+        assert_eq!(values(&a), values(&b), "step {step}");
+    }
+    assert_eq!(values(&b).len(), count);
+    assert!(b.first.weight.val().is_require_grad() && !b.frozen.val().is_require_grad());
+    // The tensor without gradients in odd steps was updated three times, the others six.
+    let (t_some, _, _) = flat.moments::<2>(b.sometimes.weight.id).unwrap();
+    let (t_first, m, _) = flat.moments::<2>(b.first.weight.id).unwrap();
+    assert_eq!((t_some, t_first), (3, 6));
+    assert_eq!(m.dims(), [6, 5]);
+    assert!(flat.moments::<3>(b.first.weight.id).is_none(), "wrong rank");
+    assert!(flat.moments::<1>(b.frozen.id).is_none(), "not trained");
+}
+
+#[test]
+fn exported_state_resumes_to_the_same_bits() {
+    let device = Default::default();
+    let mut a = net(2);
+    let mut first = FlatAdamW::new(SETTINGS, &a, &device);
+    for step in 0..3 {
+        let g = first.gather_grads(&a, &grads(&a, step));
+        a = first.step(lr(step), a, g);
+    }
+    let mut b = a.clone();
+    // A fresh optimizer given the exported moments continues exactly as the first one.
+    let mut second = FlatAdamW::new(SETTINGS, &b, &device);
+    for id in first.params().to_vec() {
+        if let Some((t, m, v)) = first.moments::<2>(id) {
+            second.set_moments(id, t, m, v).unwrap();
+        } else if let Some((t, m, v)) = first.moments::<1>(id) {
+            second.set_moments(id, t, m, v).unwrap();
+        } else {
+            let (t, m, v) = first.moments::<4>(id).unwrap();
+            second.set_moments(id, t, m, v).unwrap();
+        }
+    }
+    for step in 3..6 {
+        let g = grads(&a, step);
+        let (ga, gb) = (first.gather_grads(&a, &g), second.gather_grads(&b, &g));
+        a = first.step(lr(step), a, ga);
+        b = second.step(lr(step), b, gb);
+        assert_eq!(values(&a), values(&b), "step {step}");
+    }
+    // Bad state is an error, not a panic.
+    let id = b.first.weight.id;
+    let wrong = Tensor::<Flex, 2>::zeros([5, 6], &device);
+    assert!(second.set_moments(id, 1, wrong.clone(), wrong).is_err());
+    let z = Tensor::<Flex, 1>::zeros([4], &device);
+    assert!(second.set_moments(b.frozen.id, 1, z.clone(), z).is_err());
+}
+
+#[test]
+fn gradient_norm_and_scaling_act_on_every_tensor() {
+    let device = Default::default();
+    let a = net(3);
+    let flat = FlatAdamW::new(SETTINGS, &a, &device);
+    let grads = grads(&a, 0);
+    let g = flat.gather_grads(&a, &grads);
+    let mut expected = 0.0f32;
+    for t in [grads.get::<Flex, 2>(a.first.weight.id).unwrap(), grads.get::<Flex, 2>(a.sometimes.weight.id).unwrap()] {
+        expected += t.powf_scalar(2.0).sum().into_scalar();
+    }
+    for id in [a.first.bias.as_ref().unwrap().id, a.sometimes.bias.as_ref().unwrap().id, a.conv.bias.as_ref().unwrap().id] {
+        expected += grads.get::<Flex, 1>(id).unwrap().powf_scalar(2.0).sum().into_scalar();
+    }
+    expected += grads.get::<Flex, 4>(a.conv.weight.id).unwrap().powf_scalar(2.0).sum().into_scalar();
+    let norm: f32 = g.sq_norm().into_scalar();
+    assert!((norm - expected).abs() <= 1e-5 * expected, "{norm} vs {expected}");
+    let scaled: f32 = g.scale(0.5).sq_norm().into_scalar();
+    assert!((scaled - expected / 4.0).abs() <= 1e-5 * expected);
+}
