@@ -115,6 +115,9 @@ impl<B: AutodiffBackend> FlatGrads<B> {
     }
 }
 
+/// `true` over the flat ranges of the tensors a partial update touches.
+type FlatMask<B> = Tensor<<B as AutodiffBackend>::InnerBackend, 1, Bool>;
+
 /// AdamW over every trainable tensor of one module, with flat moment vectors (see the
 /// [module docs](self)).
 #[derive(Debug, Clone)]
@@ -127,6 +130,9 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     params: Tensor<B::InnerBackend, 1>,
     moment_1: Tensor<B::InnerBackend, 1>,
     moment_2: Tensor<B::InnerBackend, 1>,
+    /// The last partial update's mask: the same tensors lack gradients step after step
+    /// (a text encoder's layers after the clip-skip cut), so it is built once.
+    last_mask: Option<(Vec<ParamId>, FlatMask<B>)>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -143,6 +149,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             params: Tensor::zeros([len], device),
             moment_1: Tensor::zeros([len], device),
             moment_2: Tensor::zeros([len], device),
+            last_mask: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -245,13 +252,20 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     }
 
     /// `true` over the flat ranges of `ids`.
-    fn mask(&self, ids: &[ParamId], device: &Device<B::InnerBackend>) -> Tensor<B::InnerBackend, 1, Bool> {
+    fn mask(&mut self, ids: &[ParamId], device: &Device<B::InnerBackend>) -> FlatMask<B> {
+        if let Some((cached, mask)) = &self.last_mask {
+            if cached.as_slice() == ids {
+                return mask.clone();
+            }
+        }
         let mut bits = vec![false; self.len()];
         for id in ids {
             let slot = &self.slots[id];
             bits[slot.offset..slot.offset + slot.len].fill(true);
         }
-        Tensor::from_data(TensorData::new(bits, [self.len()]), device)
+        let mask = Tensor::from_data(TensorData::new(bits, [self.len()]), device);
+        self.last_mask = Some((ids.to_vec(), mask.clone()));
+        mask
     }
 
     /// Pieces keyed by offset, in flat order, as one vector (zeros for missing pieces).

@@ -16,6 +16,8 @@ struct Net<B: burn::tensor::backend::Backend> {
     first: Linear<B>,
     /// Used only in even steps: it has no gradient in odd ones.
     sometimes: Linear<B>,
+    /// Never used: never has a gradient (as a text encoder's layers past the clip skip).
+    never: Linear<B>,
     conv: Conv2d<B>,
     frozen: Param<Tensor<B, 1>>,
 }
@@ -26,17 +28,22 @@ fn net(seed: u64) -> Net<AD> {
     Net {
         first: LinearConfig::new(6, 5).init(&device),
         sometimes: LinearConfig::new(5, 5).init(&device),
+        never: LinearConfig::new(3, 2).init(&device),
         conv: Conv2dConfig::new([2, 3], [3, 3]).init(&device),
         frozen: Param::from_tensor(Tensor::random([4], Distribution::Default, &device)).set_require_grad(false),
     }
 }
 
 fn grads(net: &Net<AD>, step: usize) -> GradientsParams {
+    grads_with(net, step, step.is_multiple_of(2))
+}
+
+fn grads_with(net: &Net<AD>, step: usize, use_sometimes: bool) -> GradientsParams {
     let device = Default::default();
     <AD as burn::tensor::backend::Backend>::seed(&device, 100 + step as u64);
     let x = Tensor::<AD, 2>::random([3, 6], Distribution::Normal(0.0, 1.0), &device);
     let mut h = net.first.forward(x);
-    if step.is_multiple_of(2) {
+    if use_sometimes {
         h = net.sometimes.forward(h);
     }
     let img = Tensor::<AD, 4>::random([1, 2, 5, 5], Distribution::Normal(0.0, 1.0), &device);
@@ -46,7 +53,7 @@ fn grads(net: &Net<AD>, step: usize) -> GradientsParams {
 
 fn values(net: &Net<AD>) -> Vec<f32> {
     let mut out = Vec::new();
-    for t in [net.first.weight.val(), net.sometimes.weight.val()] {
+    for t in [net.first.weight.val(), net.sometimes.weight.val(), net.never.weight.val()] {
         out.extend(t.into_data().to_vec::<f32>().unwrap());
     }
     for t in [net.first.bias.as_ref().unwrap().val(), net.sometimes.bias.as_ref().unwrap().val(), net.frozen.val()] {
@@ -84,9 +91,9 @@ fn flat_adamw_equals_burn_adamw_bit_for_bit() {
     let mut b = a.clone();
     let mut burn_optim = burn_config().init::<AD, Net<AD>>();
     let mut flat = FlatAdamW::new(SETTINGS, &b, &device);
-    // Two weights, two biases and the conv's weight and bias; the frozen tensor is left out.
-    assert_eq!(flat.params().len(), 6);
-    assert_eq!(flat.len(), 6 * 5 + 5 + 5 * 5 + 5 + 3 * 2 * 9 + 3);
+    // Three weights, three biases and the conv's weight and bias; the frozen tensor is left out.
+    assert_eq!(flat.params().len(), 8);
+    assert_eq!(flat.len(), 6 * 5 + 5 + 5 * 5 + 5 + 3 * 2 + 2 + 3 * 2 * 9 + 3);
     let count = values(&a).len();
     for step in 0..6 {
         // One set of gradients for both (the CPU's threaded conv backward is not
@@ -106,6 +113,28 @@ fn flat_adamw_equals_burn_adamw_bit_for_bit() {
     assert_eq!(m.dims(), [6, 5]);
     assert!(flat.moments::<3>(b.first.weight.id).is_none(), "wrong rank");
     assert!(flat.moments::<1>(b.frozen.id).is_none(), "not trained");
+}
+
+#[test]
+fn a_tensor_without_gradients_keeps_its_value_step_after_step() {
+    // The same tensors lack gradients in every step: the partial update's mask is reused.
+    let device = Default::default();
+    let mut a = net(4);
+    let never = values(&a);
+    let mut b = a.clone();
+    let mut burn_optim = burn_config().init::<AD, Net<AD>>();
+    let mut flat = FlatAdamW::new(SETTINGS, &b, &device);
+    for step in 0..4 {
+        let g = grads_with(&a, step, true);
+        let flat_grads = flat.gather_grads(&b, &g);
+        a = burn_optim.step(lr(step), a, g);
+        b = flat.step(lr(step), b, flat_grads);
+        assert_eq!(values(&a), values(&b), "step {step}");
+    }
+    let unused = |n: &Net<AD>| n.never.weight.val().into_data().to_vec::<f32>().unwrap();
+    assert_eq!(unused(&b), never[6 * 5 + 5 * 5..6 * 5 + 5 * 5 + 6].to_vec());
+    assert_eq!(flat.moments::<2>(b.never.weight.id).unwrap().0, 0);
+    assert_eq!(flat.moments::<2>(b.sometimes.weight.id).unwrap().0, 4);
 }
 
 #[test]
