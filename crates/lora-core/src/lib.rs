@@ -10,7 +10,8 @@
 //!   the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout
 //!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]);
 //! - [`kernels`]: where the frozen base convolutions run (a backward pass that keeps no
-//!   input for a frozen weight; cuDNN on CUDA with the `cuda` feature).
+//!   input for a frozen weight; cuDNN on CUDA with the `cuda` feature);
+//! - [`optim`]: AdamW over all adapter tensors at once ([`optim::FlatAdamW`]).
 //!
 //! The update of an adapter of rank `r` on a weight `W` is
 //! `ΔW = multiplier · scale · up · down`, with `scale = alpha / r` (or `alpha / sqrt(r)`

@@ -6,6 +6,9 @@
 //! loading of real checkpoints ([`load`]) in the diffusers folder layout and as single
 //! `.safetensors` files.
 //!
+//! [`checkpoint`] trains the UNet with gradient checkpointing block by block, as diffusers'
+//! `gradient_checkpointing` does.
+//!
 //! Module paths mirror diffusers / transformers
 //! (`text_model.encoder.layers.0.self_attn.q_proj`, `encoder.down_blocks.0.resnets.0.conv1`),
 //! and every linear and conv layer is a `lora_core` adapter site, so LoRA files attach by
