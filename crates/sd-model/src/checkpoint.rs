@@ -98,7 +98,7 @@ impl<B: AutodiffBackend> UNet2DConditionModel<B> {
         // The time embedding is tiny: it keeps its ordinary graph, backpropagated last.
         let t = timestep_embedding(timesteps, self.time_proj.dim, self.time_proj.flip_sin_to_cos, self.time_proj.freq_shift);
         let temb = self.time_embedding.forward(cast_to(t, dtype));
-        let temb_grad = trainable(&self.time_embedding);
+        let temb_grad = trainable(|v| self.time_embedding.visit(v));
         let temb_inner = temb.clone().inner();
         let context = cast_to(context.inner(), dtype);
         let context_grad = options.context_grad;
@@ -120,7 +120,7 @@ impl<B: AutodiffBackend> UNet2DConditionModel<B> {
         let mut tracked = vec![false; values.len()];
         let mut needed = Vec::with_capacity(stages.len());
         for (k, stage) in stages.iter().enumerate() {
-            let need = trainable_piece(&stage.piece)
+            let need = trainable(|v| stage.piece.visit(v))
                 || tracked[stage.input]
                 || stage.skip.is_some_and(|i| tracked[i])
                 || (stage.piece.uses_temb() && temb_grad)
@@ -206,16 +206,11 @@ fn accumulate<B: Backend, const D: usize>(slot: &mut Option<Tensor<B, D>>, grad:
     }
 }
 
-/// Whether any parameter of `module` requires a gradient.
-fn trainable<B: AutodiffBackend, M: Module<B>>(module: &M) -> bool {
+/// Whether `visit` (a module's or a piece's `visit`) meets a parameter that requires a
+/// gradient.
+fn trainable(visit: impl FnOnce(&mut Trainable)) -> bool {
     let mut found = Trainable(false);
-    module.visit(&mut found);
-    found.0
-}
-
-fn trainable_piece<B: AutodiffBackend>(piece: &Piece<'_, B>) -> bool {
-    let mut found = Trainable(false);
-    piece.visit(&mut found);
+    visit(&mut found);
     found.0
 }
 

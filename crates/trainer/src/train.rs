@@ -350,16 +350,16 @@ fn run<B: AutodiffBackend>(
         good_steps: 0,
     };
     let mut losses = Vec::with_capacity(t.max_train_steps);
-    // All adapter tensors of a model in one AdamW update (lora_core::optim).
+    if let Some(state) = &state {
+        restore_adapter_params(&mut unet, "unet", &state.adapters, device)?;
+        restore_adapter_params(&mut text_encoder, "text_encoder", &state.adapters, device)?;
+    }
+    // All adapter tensors of a model in one AdamW update (lora_core::optim), starting from
+    // the adapters' current (restored) values.
     let mut optim = FlatAdamW::new(adamw, &unet, device);
     let mut te_optim = FlatAdamW::new(adamw, &text_encoder, device);
     if let Some(state) = state {
-        restore_adapter_params(&mut unet, "unet", &state.adapters, device)?;
-        restore_adapter_params(&mut text_encoder, "text_encoder", &state.adapters, device)?;
         let times = &state.info.optimizer_time;
-        // The restored adapters are new parameters: the optimizers start from them.
-        optim = FlatAdamW::new(adamw, &unet, device);
-        te_optim = FlatAdamW::new(adamw, &text_encoder, device);
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
         import_moments(&mut te_optim, &adapter_params(&mut text_encoder, "text_encoder"), &state.moments, times, device)?;
         let origin = out.join("state.json");
