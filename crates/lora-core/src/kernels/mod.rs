@@ -408,6 +408,16 @@ pub fn tensor<X: Backend, const D: usize>(primitive: FloatTensor<X>) -> Tensor<X
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
 
+/// Whether `B` is the CPU backend (Flex), with or without autodiff: it runs every op
+/// eagerly, so op order and fusion-friendly formulations do not matter there (and burn's
+/// own `linear` is faster on it than the equivalent matmuls).
+pub(crate) fn on_flex<B: Backend>() -> bool {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    type Flex = burn::backend::Flex;
+    let id = TypeId::of::<B>();
+    id == TypeId::of::<Flex>() || id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() || id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>()
+}
+
 fn for_autodiff<B: Backend, X: ConvKernels, C: CheckpointStrategy>(
     args: &(Tensor<B, 4>, Tensor<B, 4>),
     options: &ConvOptions<2>,

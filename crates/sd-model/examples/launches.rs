@@ -1,0 +1,267 @@
+//! Counts the GPU kernel launches of one LoRA training step (or CFG inference step) of an
+//! SD1.5-structured UNet on burn's wgpu backend with fusion — the same burn-fusion and CubeCL
+//! path as CUDA — so that launch overhead can be studied without a GPU (lavapipe).
+//!
+//! ```text
+//! cargo run --release -p sd-model --features vulkan-test --example launches -- \
+//!     [--width 32] [--resolution 64] [--batch 1] [--steps 2] [--precision f32|f16] \
+//!     [--mode train|infer] [--lora-targets attn|attn-mlp] [--fused-group-norm] \
+//!     [--fused-softmax] [--plain-autodiff] [--checkpointing] [--top 40]
+//! ```
+//!
+//! The UNet has SD1.5's blocks, layers and heads, with every channel count scaled so that
+//! the first level has `--width` channels (SD1.5: 320) and a 64-wide text context: the launch
+//! count depends on the graph, not on the widths. CubeCL's profiling logger (level
+//! `minimal`: every kernel that runs, by name, untimed) writes to a temporary file; the
+//! example prints the launches per measured step (after one warm-up step), the most
+//! frequent kernels, and the calling thread's CPU time per step while it queues the steps
+//! (burn's autodiff, fusion and CubeCL on the host: what bounds a small-batch step on a
+//! fast GPU; the driver's work happens on other threads).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use burn::backend::Autodiff;
+use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, FloatDType, Tensor};
+use clap::{Parser, ValueEnum};
+use lora_core::optim::{AdamWSettings, FlatAdamW};
+use lora_core::LoraConfig;
+use sd_model::checkpoint::CheckpointOptions;
+use sd_model::targets::{attach_new_adapters, Selection, UnetTargets};
+use sd_model::{PerBlock, UNet2DConditionModel, UnetConfig};
+
+type W = burn::backend::Wgpu;
+type B = Autodiff<W>;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Train,
+    Infer,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Precision {
+    F32,
+    F16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Targets {
+    Attn,
+    AttnMlp,
+}
+
+#[derive(Parser)]
+#[command(about = "Kernel launches per UNet step on the wgpu backend (lavapipe works)")]
+struct Args {
+    /// Channels of the first level (SD1.5: 320); the others scale with it.
+    #[arg(long, default_value_t = 32)]
+    width: usize,
+    /// Image side in pixels (latents are 1/8 of it).
+    #[arg(long, default_value_t = 64)]
+    resolution: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Measured steps, after one warm-up step.
+    #[arg(long, default_value_t = 2)]
+    steps: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+    #[arg(long, value_enum, default_value = "train")]
+    mode: Mode,
+    #[arg(long, value_enum, default_value = "attn")]
+    lora_targets: Targets,
+    /// GroupNorm + SiLU and LayerNorm in lora-core's fused kernels.
+    #[arg(long)]
+    fused_group_norm: bool,
+    /// Attention's softmax in lora-core's fused kernel.
+    #[arg(long)]
+    fused_softmax: bool,
+    /// burn's own backward passes instead of sd-model's.
+    #[arg(long)]
+    plain_autodiff: bool,
+    /// Block-wise gradient checkpointing (`sd_model::checkpoint`).
+    #[arg(long)]
+    checkpointing: bool,
+    /// How many kernel names to list.
+    #[arg(long, default_value_t = 40)]
+    top: usize,
+    /// Also write the measured steps' kernel names, in launch order, to this file.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.width == 0 || !args.width.is_multiple_of(32) {
+        bail!("--width must be a positive multiple of 32 (GroupNorm's 32 groups)");
+    }
+    if args.resolution == 0 || !args.resolution.is_multiple_of(64) {
+        bail!("--resolution must be a positive multiple of 64 (three downsamplings of the latents)");
+    }
+    let log = std::env::temp_dir().join(format!("sd-model-launches-{}.log", std::process::id()));
+    let mut config = CubeClRuntimeConfig::default();
+    config.profiling.logger.level = burn::cubecl::config::profiling::ProfilingLogLevel::Minimal;
+    config.profiling.logger.file = Some(log.clone());
+    config.profiling.logger.append = false;
+    CubeClRuntimeConfig::set(config);
+
+    lora_core::kernels::set_fused_group_norm(args.fused_group_norm);
+    lora_core::kernels::set_fused_softmax(args.fused_softmax);
+    sd_model::set_custom_backward(!args.plain_autodiff);
+
+    let device = Default::default();
+    let unet_config = scaled_sd15(args.width);
+    let mut unet = UNet2DConditionModel::<B>::new(&unet_config, &device)?.no_grad();
+    let targets = match args.lora_targets {
+        Targets::Attn => UnetTargets::Attn,
+        Targets::AttnMlp => UnetTargets::AttnMlp,
+    };
+    let sites = attach_new_adapters(&mut unet, &Selection::new(targets), &LoraConfig::new(4), &device)?;
+    if let Precision::F16 = args.precision {
+        unet = lora_core::precision::cast_frozen(unet, FloatDType::F16);
+    }
+    let side = args.resolution / 8;
+    let n = match args.mode {
+        Mode::Train => args.batch,
+        Mode::Infer => 2 * args.batch,
+    };
+    let latents = Tensor::<B, 4>::random([n, 4, side, side], Distribution::Normal(0.0, 1.0), &device);
+    let timesteps = Tensor::<B, 1>::from_floats(vec![500.0; n].as_slice(), &device);
+    let context = Tensor::<B, 3>::random([n, 77, unet_config.cross_attention_dim], Distribution::Normal(0.0, 1.0), &device);
+    let mut optim = FlatAdamW::new(AdamWSettings::default(), &unet, &device);
+
+    let mut step = |unet: UNet2DConditionModel<B>| -> Result<UNet2DConditionModel<B>> {
+        match args.mode {
+            Mode::Infer => {
+                let out = unet.valid().forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;
+                drop(out);
+                Ok(unet)
+            }
+            Mode::Train if args.checkpointing => {
+                let target = latents.clone();
+                let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), CheckpointOptions::default(), |pred| {
+                    (pred - target).powf_scalar(2.0).mean()
+                })?;
+                let grads = optim.gather_grads(&unet, &step.grads);
+                Ok(optim.step(1e-4, unet, grads))
+            }
+            Mode::Train => {
+                let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
+                let loss = (pred - latents.clone()).powf_scalar(2.0).mean();
+                let grads = GradientsParams::from_grads(loss.backward(), &unet);
+                let grads = optim.gather_grads(&unet, &grads);
+                Ok(optim.step(1e-4, unet, grads))
+            }
+        }
+    };
+    let sync = || W::sync(&device).map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"));
+
+    let start = Instant::now();
+    unet = step(unet)?;
+    sync()?;
+    let warm_up = start.elapsed();
+    let before = executions(&log)?;
+    eprintln!("warm-up step done in {:.1} s; measuring {} steps", warm_up.as_secs_f64(), args.steps);
+    let start = Instant::now();
+    let cpu_start = thread_cpu_s();
+    for _ in 0..args.steps {
+        unet = step(unet)?;
+    }
+    let queued = start.elapsed();
+    let cpu_queued = thread_cpu_s();
+    sync()?;
+    let measured = start.elapsed();
+    let all = executions(&log)?;
+    drop(unet);
+
+    let window = &all[before.len().min(all.len())..];
+    if let Some(path) = &args.dump {
+        std::fs::write(path, window.join("\n")).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    for name in window {
+        *by_name.entry(name.as_str()).or_default() += 1;
+    }
+    let mut ranked: Vec<(&str, usize)> = by_name.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let per_step = window.len() as f64 / args.steps as f64;
+    println!("| launches / step | kernels | share | name |");
+    println!("|---:|---:|---:|---|");
+    for (name, count) in ranked.iter().take(args.top) {
+        println!("| {:.1} | | {:.1}% | `{}` |", *count as f64 / args.steps as f64, 100.0 * *count as f64 / window.len().max(1) as f64, short(name));
+    }
+    println!(
+        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}}}",
+        ranked.len(),
+        sites.len(),
+        warm_up.as_secs_f64(),
+        measured.as_secs_f64() / args.steps as f64,
+        queued.as_secs_f64() / args.steps as f64,
+        (cpu_queued - cpu_start) / args.steps as f64,
+        1e6 * (cpu_queued - cpu_start) / window.len().max(1) as f64,
+        match args.mode {
+            Mode::Train if args.checkpointing => "train-ckpt",
+            Mode::Train => "train",
+            Mode::Infer => "infer",
+        },
+        args.batch,
+        args.resolution,
+        args.width,
+    );
+    let _ = std::fs::remove_file(&log);
+    Ok(())
+}
+
+/// CPU seconds the calling thread has used (user + system), from `/proc/thread-self/stat`
+/// (clock ticks, 100 per second); NaN where that file does not exist.
+fn thread_cpu_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else { return f64::NAN };
+    // Fields after the command name (which may hold spaces) start at field 3; utime and
+    // stime are fields 14 and 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return f64::NAN };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (tick(14) + tick(15)) / 100.0
+}
+
+/// SD1.5's UNet with `width` channels at the first level instead of 320 (levels 1:2:4:4),
+/// eight heads everywhere and a 64-wide text context.
+fn scaled_sd15(width: usize) -> UnetConfig {
+    let mut config = UnetConfig::sd15();
+    config.block_out_channels = vec![width, 2 * width, 4 * width, 4 * width];
+    config.cross_attention_dim = 64;
+    config.attention_head_dim = PerBlock::All(8);
+    config.num_attention_heads = None;
+    config
+}
+
+/// The names of the kernels the profiling log has recorded so far (the logger writes from a
+/// background task: wait until the file stops growing).
+fn executions(log: &std::path::Path) -> Result<Vec<String>> {
+    let mut last = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let len = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+        if last == Some(len) {
+            break;
+        }
+        last = Some(len);
+    }
+    if last == Some(0) {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(log).with_context(|| format!("reading the profiling log {}", log.display()))?;
+    Ok(text.lines().filter_map(|l| l.split_once("Executing ").map(|(_, name)| name.trim().to_string())).collect())
+}
+
+/// A kernel name without its (long) type parameters.
+fn short(name: &str) -> String {
+    let cut = name.find('<').unwrap_or(name.len()).min(120);
+    name[..cut].to_string()
+}
