@@ -129,7 +129,24 @@ fn blockwise_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 
             matmul(scaled_softmax(matmul(qi, kt.clone()), scale, dtype), v.clone())
         })
         .collect();
-    Tensor::cat(blocks, 2)
+    concat(blocks, 2)
+}
+
+/// `Tensor::cat`, except that a single tensor is returned as it is: a cat is one copy
+/// kernel per input, even for one input.
+fn concat<X: Backend>(mut parts: Vec<Tensor<X, 4>>, dim: usize) -> Tensor<X, 4> {
+    if parts.len() == 1 {
+        return parts.pop().expect("one part");
+    }
+    Tensor::cat(parts, dim)
+}
+
+/// `sum + term`, or `term` for the first one (no zero tensor to fill and add to).
+fn add_to<X: Backend>(sum: Option<Tensor<X, 4>>, term: Tensor<X, 4>) -> Option<Tensor<X, 4>> {
+    Some(match sum {
+        Some(sum) => sum + term,
+        None => term,
+    })
 }
 
 /// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (see [`crate::autodiff_ext`]).
@@ -235,8 +252,8 @@ pub fn attention_backward<X: Backend>(
     let block = (block_elements / (b * h * seq_k).max(1)).clamp(1, seq_q.max(1));
     let kt = k.clone().swap_dims(2, 3);
     let vt = v.clone().swap_dims(2, 3);
-    let mut dk = Tensor::<X, 4>::zeros(k.dims(), &k.device());
-    let mut dv = Tensor::<X, 4>::zeros(v.dims(), &v.device());
+    // Summed over the query blocks (the first block's term is the start: no zero fill).
+    let (mut dk, mut dv) = (None, None);
     let mut dq_blocks = Vec::with_capacity(seq_q.div_ceil(block));
     for start in (0..seq_q).step_by(block) {
         let len = block.min(seq_q - start);
@@ -244,14 +261,17 @@ pub fn attention_backward<X: Backend>(
         let doi = grad_out.clone().narrow(2, start, len);
         let oi = out.clone().narrow(2, start, len);
         let p = scaled_softmax(matmul(qi.clone(), kt.clone()), scale, DType::F32);
-        dv = dv + f32(matmul(to(p.clone()).swap_dims(2, 3), doi.clone()));
+        dv = add_to(dv, f32(matmul(to(p.clone()).swap_dims(2, 3), doi.clone())));
         let dp = f32(matmul(doi.clone(), vt.clone()));
         let row = (f32(doi) * oi).sum_dim(3);
         let ds = to(p * (dp - row));
         dq_blocks.push(f32(matmul(ds.clone(), k.clone())).mul_scalar(scale));
-        dk = dk + f32(matmul(ds.swap_dims(2, 3), qi)).mul_scalar(scale);
+        dk = add_to(dk, f32(matmul(ds.swap_dims(2, 3), qi)).mul_scalar(scale));
     }
-    let dq = Tensor::cat(dq_blocks, 2);
+    let dq = concat(dq_blocks, 2);
+    // Set by the first query block; the fallback only keeps the function total.
+    let dk = dk.unwrap_or_else(|| Tensor::zeros(k.dims(), &k.device()));
+    let dv = dv.unwrap_or_else(|| Tensor::zeros(v.dims(), &v.device()));
     (cast_to(dq, dtypes.0), cast_to(dk, dtypes.1), cast_to(dv, dtypes.2))
 }
 
