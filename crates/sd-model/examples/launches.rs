@@ -105,7 +105,8 @@ fn main() -> Result<()> {
         bail!("--resolution must be a positive multiple of 64 (three downsamplings of the latents)");
     }
     let log = std::env::temp_dir().join(format!("sd-model-launches-{}.log", std::process::id()));
-    let mut config = CubeClRuntimeConfig::default();
+    // cubecl.toml and CUBECL_* variables (e.g. CUBECL_AUTOTUNE_LEVEL) as usual, plus the logger.
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
     config.profiling.logger.level = burn::cubecl::config::profiling::ProfilingLogLevel::Minimal;
     config.profiling.logger.file = Some(log.clone());
     config.profiling.logger.append = false;
@@ -191,10 +192,10 @@ fn main() -> Result<()> {
     let mut ranked: Vec<(&str, usize)> = by_name.into_iter().collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     let per_step = window.len() as f64 / args.steps as f64;
-    println!("| launches / step | kernels | share | name |");
-    println!("|---:|---:|---:|---|");
+    println!("| launches / step | share | kernel |");
+    println!("|---:|---:|---|");
     for (name, count) in ranked.iter().take(args.top) {
-        println!("| {:.1} | | {:.1}% | `{}` |", *count as f64 / args.steps as f64, 100.0 * *count as f64 / window.len().max(1) as f64, short(name));
+        println!("| {:.1} | {:.1}% | `{}` |", *count as f64 / args.steps as f64, 100.0 * *count as f64 / window.len().max(1) as f64, short(name));
     }
     println!(
         "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}}}",
