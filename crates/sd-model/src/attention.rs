@@ -28,6 +28,7 @@ use lora_core::kernels::{flash_attention, flash_attention_backward, matmul, scal
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
+use crate::checkpoint::accumulate;
 
 /// Elements of one `[batch, heads, block, keys]` score block in the backward pass (f32):
 /// 2^26 is 256 MiB, and about four such tensors are alive at a time. Larger blocks mean
@@ -141,13 +142,6 @@ fn concat<X: Backend>(mut parts: Vec<Tensor<X, 4>>, dim: usize) -> Tensor<X, 4> 
     Tensor::cat(parts, dim)
 }
 
-/// `sum + term`, or `term` for the first one (no zero tensor to fill and add to).
-fn add_to<X: Backend>(sum: Option<Tensor<X, 4>>, term: Tensor<X, 4>) -> Option<Tensor<X, 4>> {
-    Some(match sum {
-        Some(sum) => sum + term,
-        None => term,
-    })
-}
 
 /// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (see [`crate::autodiff_ext`]).
 fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)) -> Option<Tensor<B, 4>> {
@@ -261,15 +255,15 @@ pub fn attention_backward<X: Backend>(
         let doi = grad_out.clone().narrow(2, start, len);
         let oi = out.clone().narrow(2, start, len);
         let p = scaled_softmax(matmul(qi.clone(), kt.clone()), scale, DType::F32);
-        dv = add_to(dv, f32(matmul(to(p.clone()).swap_dims(2, 3), doi.clone())));
+        accumulate(&mut dv, Some(f32(matmul(to(p.clone()).swap_dims(2, 3), doi.clone()))));
         let dp = f32(matmul(doi.clone(), vt.clone()));
         let row = (f32(doi) * oi).sum_dim(3);
         let ds = to(p * (dp - row));
         dq_blocks.push(f32(matmul(ds.clone(), k.clone())).mul_scalar(scale));
-        dk = add_to(dk, f32(matmul(ds.swap_dims(2, 3), qi)).mul_scalar(scale));
+        accumulate(&mut dk, Some(f32(matmul(ds.swap_dims(2, 3), qi)).mul_scalar(scale)));
     }
     let dq = concat(dq_blocks, 2);
-    // Set by the first query block; the fallback only keeps the function total.
+    // Always set: there is at least one query block (`dq` above needs one too).
     let dk = dk.unwrap_or_else(|| Tensor::zeros(k.dims(), &k.device()));
     let dv = dv.unwrap_or_else(|| Tensor::zeros(v.dims(), &v.device()));
     (cast_to(dq, dtypes.0), cast_to(dk, dtypes.1), cast_to(dv, dtypes.2))

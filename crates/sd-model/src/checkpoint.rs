@@ -196,8 +196,8 @@ fn leaf<B: AutodiffBackend, const D: usize>(value: Tensor<B::InnerBackend, D>, g
     }
 }
 
-/// Adds `grad` to the running sum in `slot`.
-fn accumulate<B: Backend, const D: usize>(slot: &mut Option<Tensor<B, D>>, grad: Option<Tensor<B, D>>) {
+/// Adds `grad` to the running sum in `slot` (the first one starts it: no zero tensor).
+pub(crate) fn accumulate<B: Backend, const D: usize>(slot: &mut Option<Tensor<B, D>>, grad: Option<Tensor<B, D>>) {
     if let Some(g) = grad {
         *slot = Some(match slot.take() {
             Some(sum) => sum + g,
