@@ -214,6 +214,12 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
         FUSED_GN=0
         say "the fused GroupNorm failed its test: the :gn settings below use burn's ops"
     }
+    # On by default in the trainer (FlatAdamW's gradient gather): off for every run below
+    # when its test fails.
+    kernel_test concat-flat-vs-cat concat_flat_matches_cat_on_cuda || {
+        export SD_LORA_FUSED_CONCAT=0
+        say "the multi-tensor concatenation failed its test: every run below uses burn's cat"
+    }
 fi
 
 # --- 1. correctness -------------------------------------------------------------------------

@@ -5,9 +5,12 @@
 //! tiny operations per step (as many as the UNet's forward and backward passes together),
 //! which is launch and host overhead on a GPU. [`FlatAdamW`] keeps all trainable tensors of
 //! a module, and their moments, in flat vectors and updates them with the same fifteen
-//! operations on all of them at once: per step, one concatenation of the gradients, the
+//! operations on all of them at once: per step, one concatenation of the gradients (a
+//! multi-tensor copy kernel on the GPU backends: [`crate::kernels::concat_flat`]), the
 //! update, and a slice per tensor to hand the new values back to the module (views of one
-//! buffer, no copies).
+//! buffer, no copies). With a half-precision base, [`FlatAdamW::with_working_dtype`] keeps
+//! f32 master values here and bf16/f16 copies in the module, so that the LoRA layers need
+//! no casts of their weights in the forward and backward passes.
 //!
 //! The optimizer owns the trained values from [`FlatAdamW::new`] on: each step writes its
 //! values into the module, whatever the module held. Changing a trained tensor elsewhere
@@ -45,7 +48,7 @@ use std::collections::{BTreeMap, HashMap};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData};
 
 use crate::error::{LoraError, Result};
 
@@ -133,6 +136,9 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     /// The last partial update's mask: the same tensors lack gradients step after step
     /// (a text encoder's layers after the clip-skip cut), so it is built once.
     last_mask: Option<(Vec<ParamId>, FlatMask<B>)>,
+    /// The dtype of the module's copies of the trained tensors, when it differs from the
+    /// master values' ([`FlatAdamW::with_working_dtype`]).
+    working: Option<DType>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -150,6 +156,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             moment_1: Tensor::zeros([len], device),
             moment_2: Tensor::zeros([len], device),
             last_mask: None,
+            working: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -158,9 +165,86 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 pieces: BTreeMap::new(),
             };
             module.visit(&mut gather);
-            optim.params = optim.concat(gather.pieces, device);
+            let dtype = gather.pieces.values().flatten().next().map_or(DType::F32, Tensor::dtype);
+            optim.params = optim.concat(gather.pieces, dtype, device);
         }
         optim
+    }
+
+    /// Mixed precision with master weights: the optimizer keeps the trained values (in the
+    /// dtype the module had at [`new`](Self::new), f32 for a LoRA) and writes `dtype` copies
+    /// of them into the module at each [`step`](Self::step) (and
+    /// [`to_working`](Self::to_working)); gradients may come in either dtype.
+    ///
+    /// With a bf16 or f16 base, a LoRA layer casts its f32 weights to the activations' dtype
+    /// in every forward pass and its weight gradients back in every backward pass: two small
+    /// kernels per adapter tensor and pass, several hundred launches per UNet step. With
+    /// working copies the casts happen once per step, in the optimizer's update kernel. The
+    /// numbers are those of the casting forward and backward pass, to the bit: the forward
+    /// pass used the same rounded weights, and the gradient of a cast is the cast gradient.
+    /// Save or export trained values through [`to_master`](Self::to_master): the module
+    /// holds rounded copies.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::optim::GradientsParams;
+    /// use burn::tensor::{DType, Distribution, FloatDType, Tensor};
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let layer = LinearConfig::new(4, 2).init::<B>(&device);
+    /// let mut optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device).with_working_dtype(FloatDType::BF16);
+    /// let mut layer = optim.to_working(layer);
+    /// assert_eq!(layer.weight.val().dtype(), DType::BF16);
+    /// let x = Tensor::<B, 2>::random([3, 4], Distribution::Default, &device).cast(FloatDType::BF16);
+    /// let grads = GradientsParams::from_grads(layer.forward(x).cast(FloatDType::F32).sum().backward(), &layer);
+    /// let grads = optim.gather_grads(&layer, &grads);
+    /// layer = optim.step(1e-3, layer, grads);
+    /// assert_eq!(layer.weight.val().dtype(), DType::BF16);
+    /// // The f32 values, for saving.
+    /// let saved = optim.to_master(layer.clone());
+    /// assert_eq!(saved.weight.val().dtype(), DType::F32);
+    /// ```
+    pub fn with_working_dtype(mut self, dtype: FloatDType) -> Self {
+        let dtype = DType::from(dtype);
+        self.working = (dtype != self.params.dtype()).then_some(dtype);
+        self
+    }
+
+    /// The dtype of the module's working copies ([`with_working_dtype`](Self::with_working_dtype)),
+    /// `None` when the module holds the trained values themselves.
+    pub fn working_dtype(&self) -> Option<DType> {
+        self.working
+    }
+
+    /// `module` with its trained tensors set to the optimizer's values in the working dtype
+    /// ([`with_working_dtype`](Self::with_working_dtype); the values themselves without one).
+    pub fn to_working<M: AutodiffModule<B>>(&self, module: M) -> M {
+        self.scatter(module, self.working_values())
+    }
+
+    /// `module` with its trained tensors set to the optimizer's values in their own dtype
+    /// (f32 for a LoRA): what to save, whatever the working dtype.
+    pub fn to_master<M: AutodiffModule<B>>(&self, module: M) -> M {
+        self.scatter(module, self.params.clone())
+    }
+
+    /// The trained values in the working dtype.
+    fn working_values(&self) -> Tensor<B::InnerBackend, 1> {
+        match self.working {
+            Some(dtype) => self.params.clone().cast(FloatDType::from(dtype)),
+            None => self.params.clone(),
+        }
+    }
+
+    /// `module` with its trained tensors set to slices of `flat`.
+    fn scatter<M: AutodiffModule<B>>(&self, module: M, flat: Tensor<B::InnerBackend, 1>) -> M {
+        if self.is_empty() {
+            return module;
+        }
+        module.map(&mut Scatter::<B> { slots: &self.slots, flat })
     }
 
     /// Number of trained scalars.
@@ -188,7 +272,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         module.visit(&mut gather);
         let present = self.order.iter().map(|id| gather.pieces.get(&self.slots[id].offset).is_some_and(Option::is_some)).collect();
         let device = self.moment_1.device();
-        let values = (!self.is_empty()).then(|| self.concat(gather.pieces, &device));
+        // Gradients of working copies are converted to the master values' dtype here.
+        let values = (!self.is_empty()).then(|| self.concat(gather.pieces, self.params.dtype(), &device));
         FlatGrads { values, device, present }
     }
 
@@ -226,8 +311,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             }
         }
         (self.moment_1, self.moment_2) = (m, v);
-        self.params = params.clone();
-        module.map(&mut Scatter::<B> { slots: &self.slots, flat: params })
+        self.params = params;
+        // On a fusion backend the working copies' cast joins the update's kernel.
+        self.scatter(module, self.working_values())
     }
 
     /// burn's `AdamW` step on the flat vectors with step count `time`, operation for
@@ -268,10 +354,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         mask
     }
 
-    /// Pieces keyed by offset, in flat order, as one vector (zeros for missing pieces).
+    /// Pieces keyed by offset, in flat order, as one vector of `dtype` (zeros for missing
+    /// pieces).
     fn concat(
         &self,
         pieces: BTreeMap<usize, Option<Tensor<B::InnerBackend, 1>>>,
+        dtype: DType,
         device: &Device<B::InnerBackend>,
     ) -> Tensor<B::InnerBackend, 1> {
         let parts: Vec<_> = self
@@ -281,8 +369,10 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 let slot = &self.slots[id];
                 pieces.get(&slot.offset).cloned().flatten().unwrap_or_else(|| Tensor::zeros([slot.len], device))
             })
-            .collect();
-        Tensor::cat(parts, 0)
+            .collect::<Vec<_>>();
+        // Several hundred small tensors: one multi-tensor copy kernel per 32 on the GPU
+        // backends instead of one copy each.
+        crate::kernels::concat_flat(parts, dtype, device)
     }
 
     /// AdamW's state of one tensor: its step count and first and second moments in its

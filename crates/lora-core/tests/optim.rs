@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, FloatDType, Tensor};
 use lora_core::optim::{AdamWSettings, FlatAdamW};
 
 type AD = Autodiff<Flex>;
@@ -193,4 +193,77 @@ fn gradient_norm_and_scaling_act_on_every_tensor() {
     assert!((norm - expected).abs() <= 1e-5 * expected, "{norm} vs {expected}");
     let scaled: f32 = g.scale(0.5).sq_norm().into_scalar();
     assert!((scaled - expected / 4.0).abs() <= 1e-5 * expected);
+}
+
+/// Two LoRA layers over a bf16 base, as a half-precision UNet has them.
+#[derive(Module, Debug)]
+struct Lora<B: burn::tensor::backend::Backend> {
+    first: lora_core::LoraLinear<B>,
+    second: lora_core::LoraLinear<B>,
+}
+
+fn lora(seed: u64) -> Lora<AD> {
+    let device = Default::default();
+    <AD as burn::tensor::backend::Backend>::seed(&device, seed);
+    let layer = |i, o| {
+        let mut l = lora_core::LoraLinear::new(LinearConfig::new(i, o).init::<AD>(&device));
+        l.attach_new(&lora_core::LoraConfig::new(3), &device).unwrap();
+        l
+    };
+    let net = Lora { first: layer(8, 6), second: layer(6, 4) };
+    lora_core::precision::cast_frozen(net, FloatDType::BF16)
+}
+
+/// The loss of a bf16 forward pass, and its gradients.
+fn lora_grads(net: &Lora<AD>, step: usize) -> (f32, GradientsParams) {
+    let device = Default::default();
+    <AD as burn::tensor::backend::Backend>::seed(&device, 300 + step as u64);
+    let x = Tensor::<AD, 2>::random([5, 8], Distribution::Normal(0.0, 1.0), &device).cast(FloatDType::BF16);
+    let y = net.second.forward(net.first.forward(x).tanh());
+    let loss = y.cast(FloatDType::F32).powf_scalar(2.0).mean();
+    let value = loss.clone().into_scalar();
+    (value, GradientsParams::from_grads(loss.backward(), net))
+}
+
+fn adapter_values(net: &Lora<AD>) -> Vec<f32> {
+    let mut out = Vec::new();
+    for layer in [&net.first, &net.second] {
+        let adapter = layer.adapter.as_ref().unwrap();
+        for w in [adapter.down.weight.val(), adapter.up.weight.val()] {
+            out.extend(w.cast(FloatDType::F32).into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn working_copies_train_as_casting_layers_do_to_the_bit() {
+    use burn::tensor::DType;
+    let device = Default::default();
+    let mut a = lora(5);
+    adapter_values(&a);
+    let mut b = a.clone();
+    assert_eq!(a.first.adapter.as_ref().unwrap().down.weight.val().dtype(), DType::F32);
+    // a: f32 adapters cast in every pass; b: bf16 working copies of f32 master values.
+    let mut casting = FlatAdamW::new(SETTINGS, &a, &device);
+    let mut working = FlatAdamW::new(SETTINGS, &b, &device).with_working_dtype(FloatDType::BF16);
+    assert_eq!(working.working_dtype(), Some(DType::BF16));
+    b = working.to_working(b);
+    assert_eq!(b.second.adapter.as_ref().unwrap().up.weight.val().dtype(), DType::BF16);
+    for step in 0..5 {
+        let (loss_a, ga) = lora_grads(&a, step);
+        let (loss_b, gb) = lora_grads(&b, step);
+        assert_eq!(loss_a.to_bits(), loss_b.to_bits(), "step {step}: the same forward pass");
+        let (ga, gb) = (casting.gather_grads(&a, &ga), working.gather_grads(&b, &gb));
+        assert_eq!(gb.values().unwrap().dtype(), DType::F32, "gradients gathered in f32");
+        a = casting.step(lr(step), a, ga);
+        b = working.step(lr(step), b, gb);
+        assert_eq!(b.first.adapter.as_ref().unwrap().down.weight.val().dtype(), DType::BF16);
+        let master = working.to_master(b.clone());
+        assert_eq!(adapter_values(&a), adapter_values(&master), "step {step}: the same f32 values");
+    }
+    // The working copies are those values rounded, and the module still trains through them.
+    let rounded: Vec<f32> = adapter_values(&a).iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+    assert_eq!(adapter_values(&b), rounded);
+    assert!(b.first.adapter.as_ref().unwrap().up.weight.val().is_require_grad());
 }

@@ -6,7 +6,7 @@
 //! cargo run --release -p sd-model --features vulkan-test --example launches -- \
 //!     [--width 32] [--resolution 64] [--batch 1] [--steps 2] [--precision f32|f16] \
 //!     [--mode train|infer] [--lora-targets attn|attn-mlp] [--fused-group-norm] \
-//!     [--fused-softmax] [--plain-autodiff] [--checkpointing] [--top 40]
+//!     [--fused-softmax] [--flash-attention] [--plain-autodiff] [--checkpointing] [--casting-adapters] [--top 40]
 //! ```
 //!
 //! The UNet has SD1.5's blocks, layers and heads, with every channel count scaled so that
@@ -82,12 +82,20 @@ struct Args {
     /// Attention's softmax in lora-core's fused kernel.
     #[arg(long)]
     fused_softmax: bool,
+    /// Attention in lora-core's flash-attention kernels (`--precision f16`; needs
+    /// `VK_KHR_cooperative_matrix`, e.g. Mesa >= 25.1's lavapipe: see scripts/vulkan-test.sh).
+    #[arg(long)]
+    flash_attention: bool,
     /// burn's own backward passes instead of sd-model's.
     #[arg(long)]
     plain_autodiff: bool,
     /// Block-wise gradient checkpointing (`sd_model::checkpoint`).
     #[arg(long)]
     checkpointing: bool,
+    /// With `--precision f16`: f32 adapters cast in every pass instead of the optimizer's
+    /// f16 working copies (`FlatAdamW::with_working_dtype`).
+    #[arg(long)]
+    casting_adapters: bool,
     /// How many kernel names to list.
     #[arg(long, default_value_t = 40)]
     top: usize,
@@ -114,6 +122,7 @@ fn main() -> Result<()> {
 
     lora_core::kernels::set_fused_group_norm(args.fused_group_norm);
     lora_core::kernels::set_fused_softmax(args.fused_softmax);
+    lora_core::kernels::set_flash_attention(args.flash_attention);
     sd_model::set_custom_backward(!args.plain_autodiff);
 
     let device = Default::default();
@@ -136,6 +145,11 @@ fn main() -> Result<()> {
     let timesteps = Tensor::<B, 1>::from_floats(vec![500.0; n].as_slice(), &device);
     let context = Tensor::<B, 3>::random([n, 77, unet_config.cross_attention_dim], Distribution::Normal(0.0, 1.0), &device);
     let mut optim = FlatAdamW::new(AdamWSettings::default(), &unet, &device);
+    if let (Precision::F16, false) = (args.precision, args.casting_adapters) {
+        // As the trainer does: f32 master values in the optimizer, f16 copies in the UNet.
+        optim = optim.with_working_dtype(FloatDType::F16);
+        unet = optim.to_working(unet);
+    }
 
     let mut step = |unet: UNet2DConditionModel<B>| -> Result<UNet2DConditionModel<B>> {
         match args.mode {
@@ -197,8 +211,11 @@ fn main() -> Result<()> {
     for (name, count) in ranked.iter().take(args.top) {
         println!("| {:.1} | {:.1}% | `{}` |", *count as f64 / args.steps as f64, 100.0 * *count as f64 / window.len().max(1) as f64, short(name));
     }
+    // Over the whole run (warm-up included): which of lora-core's kernels ran, and whether
+    // any fell back to burn's ops.
+    let stats = lora_core::kernels::vendor_stats();
     println!(
-        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}}}",
+        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}, \"kernel_calls\": {{\"flash_attention\": {}, \"fused_softmax\": {}, \"fused_group_norm\": {}, \"fused_concat\": {}, \"fallbacks\": {}}}}}",
         ranked.len(),
         sites.len(),
         warm_up.as_secs_f64(),
@@ -214,6 +231,11 @@ fn main() -> Result<()> {
         args.batch,
         args.resolution,
         args.width,
+        stats.flash_attention_calls,
+        stats.fused_softmax_calls,
+        stats.fused_group_norm_calls,
+        stats.fused_concat_calls,
+        stats.fallbacks,
     );
     let _ = std::fs::remove_file(&log);
     Ok(())

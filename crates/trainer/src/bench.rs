@@ -251,6 +251,10 @@ pub fn run_probed<B: AutodiffBackend>(
     let context = Tensor::<B, 3>::random([n, 77, opts.unet.cross_attention_dim], Distribution::Normal(0.0, 1.0), device);
     // The trainer's optimizer: all adapter tensors in one AdamW update.
     let mut optim = FlatAdamW::new(AdamWSettings::default(), &unet, device);
+    if opts.precision != crate::device_check::Precision::F32 {
+        optim = optim.with_working_dtype(opts.precision.dtype());
+        unet = optim.to_working(unet);
+    }
     let frozen = (!opts.train).then(|| unet.valid());
     let mut times = Vec::with_capacity(opts.steps + 1);
     let mut peak: Option<MemorySample> = None;

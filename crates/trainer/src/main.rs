@@ -633,6 +633,12 @@ fn main() -> Result<()> {
             if fused_group_norm {
                 eprintln!("group / layer norms: fused kernels");
             }
+            // On by default (a plain copy kernel); the device script turns it off if its
+            // test fails on a card.
+            if std::env::var("SD_LORA_FUSED_CONCAT").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false")) {
+                lora_core::kernels::set_fused_concat(false);
+                eprintln!("optimizer gather: burn's concatenation (SD_LORA_FUSED_CONCAT=0)");
+            }
             // The switches act on the CUDA backend only; on the CPU they stay off.
             lora_core::kernels::set_cudnn(cudnn);
             lora_core::kernels::set_cublas(cublas);

@@ -358,6 +358,11 @@ fn run<B: AutodiffBackend>(
     // the adapters' current (restored) values.
     let mut optim = FlatAdamW::new(adamw, &unet, device);
     let mut te_optim = FlatAdamW::new(adamw, &text_encoder, device);
+    if let Some(dtype) = base_dtype {
+        // f32 master values in the optimizers, bf16/f16 copies in the models: the LoRA
+        // layers then cast nothing per pass (the same numbers; see `with_working_dtype`).
+        (optim, te_optim) = (optim.with_working_dtype(dtype), te_optim.with_working_dtype(dtype));
+    }
     if let Some(state) = state {
         let times = &state.info.optimizer_time;
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
@@ -374,6 +379,7 @@ fn run<B: AutodiffBackend>(
         };
         losses = resume_metrics(&metrics_path, progress.step)?;
     }
+    (unet, text_encoder) = (optim.to_working(unet), te_optim.to_working(text_encoder));
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -582,17 +588,22 @@ fn run<B: AutodiffBackend>(
             name = Some(format!("{}-epoch{completed:04}", config.output.output_name));
         }
         if let (Some(name), false) = (name, last) {
-            saver.save(&mut unet, &mut text_encoder, &out.join(format!("{name}.safetensors")))?;
+            // What is saved are the optimizers' f32 values, not the models' working copies.
+            let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
+            saver.save(&mut unet, &mut te, &out.join(format!("{name}.safetensors")))?;
             if config.output.save_state {
-                saver.save_state(&mut unet, &mut text_encoder, &optim, &te_optim, &progress, &timesteps, &noise)?;
+                saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &timesteps, &noise)?;
             }
         }
     }
 
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
-    saver.save(&mut unet, &mut text_encoder, &lora_path)?;
-    if config.output.save_state {
-        saver.save_state(&mut unet, &mut text_encoder, &optim, &te_optim, &progress, &timesteps, &noise)?;
+    {
+        let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
+        saver.save(&mut unet, &mut te, &lora_path)?;
+        if config.output.save_state {
+            saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &timesteps, &noise)?;
+        }
     }
 
     let grid_path = if interrupted {

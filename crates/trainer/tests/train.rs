@@ -339,10 +339,19 @@ fn half_precision_bases_train_f32_adapters() {
         let mut config = quick_config(dir.path(), 3);
         config.train.mixed_precision = precision;
         config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+        config.output.save_precision = lora_core::SaveDtype::F32;
         let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
         assert!(report.losses.iter().all(|l| l.is_finite()), "{precision:?}: {:?}", report.losses);
         let (set, _) = AdapterSet::load(&report.lora, &tiny_index(), ReadOptions { lenient: true }).unwrap();
         assert!(set.iter().any(|(_, w)| w.up.data.iter().any(|v| *v != 0.0)), "{precision:?}: adapters were updated");
+        // An f32 file holds the optimizer's f32 values, not the models' half-precision copies.
+        let rounds = |v: f32| match precision {
+            trainer::config::MixedPrecision::Fp16 => burn::tensor::f16::from_f32(v).to_f32() != v,
+            _ => burn::tensor::bf16::from_f32(v).to_f32() != v,
+        };
+        for (key, w) in set.iter() {
+            assert!(w.down.data.iter().chain(&w.up.data).any(|v| rounds(*v)), "{precision:?}: {key} holds rounded values only");
+        }
         let metrics = std::fs::read_to_string(&report.metrics).unwrap();
         let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
         let scale = last["loss_scale"].as_f64().unwrap();

@@ -61,6 +61,8 @@ mod softmax;
 mod flash;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod group_norm;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod concat;
 
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
@@ -77,6 +79,8 @@ static FLASH: AtomicBool = AtomicBool::new(false);
 static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
 static FUSED_GROUP_NORM: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM_CALLS: AtomicU64 = AtomicU64::new(0);
+static FUSED_CONCAT: AtomicBool = AtomicBool::new(true);
+static FUSED_CONCAT_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Largest head dimension given to the flash-attention kernels: their tiles for 160 fit in
 /// 48 KiB of shared memory with 16-wide `cmma` tiles (see `flash::plan`).
 const FLASH_MAX_HEAD_DIM: usize = 160;
@@ -215,6 +219,8 @@ pub struct VendorStats {
     /// GroupNorm forward and backward passes that ran in the fused kernels
     /// ([`set_fused_group_norm`]).
     pub fused_group_norm_calls: u64,
+    /// Flat concatenations that ran in the multi-tensor copy kernel ([`concat_flat`]).
+    pub fused_concat_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -241,6 +247,7 @@ pub fn vendor_stats() -> VendorStats {
         fused_softmax_calls: FUSED_SOFTMAX_CALLS.load(Ordering::Relaxed),
         flash_attention_calls: FLASH_CALLS.load(Ordering::Relaxed),
         fused_group_norm_calls: FUSED_GROUP_NORM_CALLS.load(Ordering::Relaxed),
+        fused_concat_calls: FUSED_CONCAT_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -300,6 +307,11 @@ fn record_flash_attention() {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn record_fused_group_norm() {
     FUSED_GROUP_NORM_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn record_fused_concat() {
+    FUSED_CONCAT_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -604,6 +616,79 @@ fn fused_softmax_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
 ) -> Option<Tensor<X, D>> {
     let out = softmax::register::<R, BT>(to_fused::<X, R, BT, D>(x)?, scale, dtype);
     from_fused::<X, R, BT, D>(out)
+}
+
+/// The tensors of `parts`, one after another, as one vector of `dtype` (each part converted
+/// to it): `Tensor::cat` of the parts cast to `dtype`.
+///
+/// burn's `cat` is one copy kernel per part; on burn's CUDA backend (and wgpu for the
+/// `wgpu-test` feature) this is one multi-tensor copy kernel per 32 parts instead, which is
+/// how [`FlatAdamW`](crate::optim::FlatAdamW) gathers a LoRA's few hundred gradients each
+/// step. [`set_fused_concat`] turns that kernel off (it is on by default). Empty `parts`
+/// give an empty vector.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{DType, Tensor};
+/// use lora_core::kernels::concat_flat;
+///
+/// let device = Default::default();
+/// let a = Tensor::<Flex, 1>::from_floats([1.0, 2.0], &device);
+/// let b = Tensor::<Flex, 1>::from_floats([3.0], &device);
+/// let flat = concat_flat(vec![a, b], DType::F32, &device);
+/// assert_eq!(flat.into_data().to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
+/// ```
+pub fn concat_flat<X: Backend>(parts: Vec<Tensor<X, 1>>, dtype: DType, device: &X::Device) -> Tensor<X, 1> {
+    if parts.is_empty() {
+        return cast_to(Tensor::zeros([0], device), dtype);
+    }
+    if fused_concat_enabled() && dtype.is_float() {
+        #[cfg(feature = "cuda")]
+        let parts = match fused_concat_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(parts, dtype) {
+            Ok(out) => return out,
+            Err(parts) => parts,
+        };
+        // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+        #[cfg(feature = "wgpu-test")]
+        let parts = match fused_concat_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(parts, dtype) {
+            Ok(out) => return out,
+            Err(parts) => parts,
+        };
+        return concat_flat_with_burn(parts, dtype);
+    }
+    concat_flat_with_burn(parts, dtype)
+}
+
+/// [`concat_flat`] in burn's ops.
+fn concat_flat_with_burn<X: Backend>(parts: Vec<Tensor<X, 1>>, dtype: DType) -> Tensor<X, 1> {
+    Tensor::cat(parts.into_iter().map(|p| cast_to(p, dtype)).collect(), 0)
+}
+
+/// The multi-tensor copy op when `X` is [`FusedCube<R, BT>`] and every part is a float
+/// tensor, else the parts back.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[allow(clippy::type_complexity)]
+fn fused_concat_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    parts: Vec<Tensor<X, 1>>,
+    dtype: DType,
+) -> Result<Tensor<X, 1>, Vec<Tensor<X, 1>>> {
+    if TypeId::of::<X>() != TypeId::of::<FusedCube<R, BT>>() || parts.iter().any(|p| !p.dtype().is_float()) {
+        return Err(parts);
+    }
+    let fused: Option<Vec<_>> = parts.iter().map(to_fused::<X, R, BT, 1>).collect();
+    let Some(fused) = fused else { return Err(parts) };
+    from_fused::<X, R, BT, 1>(concat::register::<R, BT>(fused, dtype)).ok_or(parts)
+}
+
+/// Turns [`concat_flat`]'s multi-tensor copy kernel on or off (default on); has no effect
+/// on other backends.
+pub fn set_fused_concat(enabled: bool) {
+    FUSED_CONCAT.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_fused_concat`] is on.
+pub fn fused_concat_enabled() -> bool {
+    FUSED_CONCAT.load(Ordering::Relaxed)
 }
 
 /// Turns the fused softmax kernel of [`scaled_softmax`] on or off (default off until it

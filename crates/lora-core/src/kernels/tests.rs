@@ -360,6 +360,13 @@ fn fused_softmax_matches_burn_on_cuda() {
     assert_eq!(after.fused_softmax_calls - before.fused_softmax_calls, runs);
 }
 
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn concat_flat_matches_cat_on_cuda() {
+    concat::check_matches_cat::<burn::backend::Cuda>(burn::tensor::DType::BF16);
+}
+
 /// `scaled_softmax` on the CPU: the last dimension sums to one in the requested dtype, and a
 /// bf16 input gives the f32 result up to bf16 rounding of the input.
 #[test]
