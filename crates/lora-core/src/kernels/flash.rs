@@ -23,17 +23,20 @@
 //! casts to `E`) runs per lane on the products' tiles staged in shared memory, the way
 //! CubeCL's own attention does with opaque `cmma` fragments.
 //!
-//! Inputs are contiguous `[batch·heads, seq, d]` buffers of dtype `E`; `d` is padded with
-//! zeros to a multiple of `T` in shared memory, rows past the sequence are zeros and their
-//! scores are masked. Outputs are f32 (`o`, `dq`, `dk`, `dv`; the caller casts them) and
-//! the f32 log-sum-exp `[batch·heads, seq_q]`. [`plan`] picks `T`, the plane count and the
-//! block lengths from the device's `cmma` shapes, plane size and shared memory.
+//! Inputs are `[batch, heads, seq, d]` operands of dtype `E` with any batch, head and row
+//! strides ([`Layout`]; a row's `d` elements adjacent), so attention's head-split views
+//! (`[b, s, h, d]` buffers seen as `[b, h, s, d]`) are read where they are; `d` is padded
+//! with zeros to a multiple of `T` in shared memory, rows past the sequence are zeros and
+//! their scores are masked. Outputs (`o`, `dq`, `dk`, `dv`) are rounded to `E` in the
+//! kernels (accumulated in f32) and written in their inputs' layouts, so merging the heads
+//! again is a view too; the log-sum-exp is f32 `[batch·heads, seq_q]`. [`plan`] picks `T`,
+//! the plane count and the block lengths from the device's `cmma` shapes, plane size and
+//! shared memory.
 
 use std::marker::PhantomData;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{DType, FloatDType, Shape, Tensor};
+use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::kernel::into_contiguous;
@@ -60,13 +63,15 @@ const MAX_SHARED: usize = 48 * 1024;
 /// Largest grid extent along one axis on every runtime (wgpu's limit).
 const MAX_GRID: usize = 65_535;
 
-/// Copies `rows × dp` elements of a contiguous `[.., seq, d]` matrix, from row `row0` at
-/// `base`, into `tile` (row stride `dp`), with zeros past `seq` rows and `d` columns.
+/// Copies `rows × dp` elements of a `[seq, d]` matrix whose rows start `row_stride` apart
+/// (and whose `d` elements are adjacent), from row `row0` at `base`, into `tile` (row
+/// stride `dp`), with zeros past `seq` rows and `d` columns.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_tile<E: Float>(
     src: &Array<E>,
     base: usize,
+    row_stride: usize,
     row0: usize,
     seq: usize,
     d: usize,
@@ -81,7 +86,7 @@ fn load_tile<E: Float>(
         let c = i % dp;
         let mut value = E::from_int(0);
         if row0 + r < seq && c < d {
-            value = src[base + (row0 + r) * d + c];
+            value = src[base + (row0 + r) * row_stride + c];
         }
         tile[i] = value;
         i += threads;
@@ -216,18 +221,19 @@ fn zero_accumulators(#[comptime] dp: usize, #[comptime] t: usize) -> Sequence<cm
     acc
 }
 
-/// Writes a plane's accumulators (`T` rows from `row0`, `dp` columns) times `factor` to a
-/// contiguous `[.., seq, d]` f32 output at `base`, through the plane's staging region of
-/// `stage` (`T` rows of stride `n`, `n ≥ T`): rows past `seq` and columns past `d` are
-/// dropped. `row` / `sub` / `lanes_per_row` are the lane's place in the tile.
+/// Writes a plane's accumulators (`T` rows from `row0`, `dp` columns) times `factor`,
+/// rounded to `E`, to a `[seq, d]` output at `base` with rows `row_stride` apart, through
+/// the plane's staging region of `stage` (`T` rows of stride `n`, `n ≥ T`): rows past `seq`
+/// and columns past `d` are dropped. `row` / `sub` / `lanes_per_row` are the lane's place in the tile.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn write_accumulators(
+fn write_accumulators<E: Float>(
     acc: &Sequence<cmma::Matrix<f32>>,
     stage: &mut SharedMemory<f32>,
     stage_off: usize,
-    out: &mut Array<f32>,
+    out: &mut Array<E>,
     base: usize,
+    row_stride: usize,
     row0: usize,
     seq: usize,
     d: usize,
@@ -249,7 +255,7 @@ fn write_accumulators(
         while c < t {
             let col = j * t + c;
             if row0 + row < seq && col < d {
-                out[base + (row0 + row) * d + col] = stage[stage_off + row * n + c] * factor;
+                out[base + (row0 + row) * row_stride + col] = E::cast_from(stage[stage_off + row * n + c] * factor);
             }
             c += lanes_per_row;
         }
@@ -259,6 +265,8 @@ fn write_accumulators(
 /// The query-major kernel: the forward pass (`grad` false: writes `out = o` and `lse`), or
 /// the backward pass's `dq` (`grad` true: reads `lse` and `delta`, writes `out = dq`).
 /// Grid: `(ceil(seq_q / (planes·T)), batch·heads)`; cube: `planes · plane` units.
+/// `strides` holds the batch, head and row strides of `q`, `k`, `v`, `dout` and `out`, in
+/// that order (see [`Layout`]); `heads` is the number of heads per batch entry.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments, unused_assignments)]
 fn flash_rows<E: Float>(
@@ -268,10 +276,12 @@ fn flash_rows<E: Float>(
     dout: &Array<E>,
     lse: &mut Array<f32>,
     delta: &Array<f32>,
-    out: &mut Array<f32>,
+    out: &mut Array<E>,
     seq_q: u32,
     seq_k: u32,
     head_dim: u32,
+    heads: u32,
+    strides: Sequence<u32>,
     scale: f32,
     #[comptime] t: usize,
     #[comptime] planes: usize,
@@ -293,7 +303,12 @@ fn flash_rows<E: Float>(
     let row = lane / lanes_per_row;
     let sub = lane % lanes_per_row;
     let my_row = w * t + row;
-    let (q_base, k_base) = (bh * seq_q * d, bh * seq_k * d);
+    let (b, h) = (bh / heads as usize, bh % heads as usize);
+    let (q_base, q_row) = (b * strides[0] as usize + h * strides[1] as usize, strides[2] as usize);
+    let (k_base, k_row) = (b * strides[3] as usize + h * strides[4] as usize, strides[5] as usize);
+    let (v_base, v_row) = (b * strides[6] as usize + h * strides[7] as usize, strides[8] as usize);
+    let (g_base, g_row) = (b * strides[9] as usize + h * strides[10] as usize, strides[11] as usize);
+    let (o_base, o_row) = (b * strides[12] as usize + h * strides[13] as usize, strides[14] as usize);
     let region = w * t * bk;
     let blocks = seq_k.div_ceil(bk);
 
@@ -307,9 +322,9 @@ fn flash_rows<E: Float>(
     let mut dps = SharedMemory::<f32>::new_aligned(comptime!(if grad { planes * t * bk } else { t * t }), ALIGN);
     let mut row_stats = SharedMemory::<f32>::new(bq * 2);
 
-    load_tile::<E>(q, q_base, q0, seq_q, d, &mut qs, bq, dp);
+    load_tile::<E>(q, q_base, q_row, q0, seq_q, d, &mut qs, bq, dp);
     if grad {
-        load_tile::<E>(dout, q_base, q0, seq_q, d, &mut dos, bq, dp);
+        load_tile::<E>(dout, g_base, g_row, q0, seq_q, d, &mut dos, bq, dp);
         let mut i = unit;
         while i < bq {
             let mut l = 0.0f32;
@@ -332,7 +347,7 @@ fn flash_rows<E: Float>(
         for kb in 0..blocks {
             let k0 = kb * bk;
             sync_cube();
-            load_tile::<E>(k, k_base, k0, seq_k, d, &mut ks, bk, dp);
+            load_tile::<E>(k, k_base, k_row, k0, seq_k, d, &mut ks, bk, dp);
             sync_cube();
             product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
             sync_group(whole_cube);
@@ -385,8 +400,8 @@ fn flash_rows<E: Float>(
     for kb in 0..blocks {
         let k0 = kb * bk;
         sync_cube();
-        load_tile::<E>(k, k_base, k0, seq_k, d, &mut ks, bk, dp);
-        load_tile::<E>(v, k_base, k0, seq_k, d, &mut vs, bk, dp);
+        load_tile::<E>(k, k_base, k_row, k0, seq_k, d, &mut ks, bk, dp);
+        load_tile::<E>(v, v_base, v_row, k0, seq_k, d, &mut vs, bk, dp);
         sync_cube();
         product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
         if grad {
@@ -417,11 +432,12 @@ fn flash_rows<E: Float>(
     if grad {
         factor = scale;
     }
-    write_accumulators(&acc, &mut sc, region, out, q_base, q0 + w * t, seq_q, d, factor, row, sub, lanes_per_row, bk, dp, t, whole_cube);
+    write_accumulators::<E>(&acc, &mut sc, region, out, o_base, o_row, q0 + w * t, seq_q, d, factor, row, sub, lanes_per_row, bk, dp, t, whole_cube);
 }
 
 /// The key-major kernel of the backward pass: `dk` and `dv` for `planes · T` keys per cube.
 /// Grid: `(ceil(seq_k / (planes·T)), batch·heads)`; cube: `planes · plane` units.
+/// `strides` holds the batch, head and row strides of `q`, `k`, `v`, `dout`, `dk` and `dv`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn flash_keys<E: Float>(
@@ -431,11 +447,13 @@ fn flash_keys<E: Float>(
     dout: &Array<E>,
     lse: &Array<f32>,
     delta: &Array<f32>,
-    dk: &mut Array<f32>,
-    dv: &mut Array<f32>,
+    dk: &mut Array<E>,
+    dv: &mut Array<E>,
     seq_q: u32,
     seq_k: u32,
     head_dim: u32,
+    heads: u32,
+    strides: Sequence<u32>,
     scale: f32,
     #[comptime] t: usize,
     #[comptime] planes: usize,
@@ -456,7 +474,13 @@ fn flash_keys<E: Float>(
     let row = lane / lanes_per_row;
     let sub = lane % lanes_per_row;
     let key_valid = k0 + w * t + row < seq_k;
-    let (q_base, k_base) = (bh * seq_q * d, bh * seq_k * d);
+    let (b, h) = (bh / heads as usize, bh % heads as usize);
+    let (q_base, q_row) = (b * strides[0] as usize + h * strides[1] as usize, strides[2] as usize);
+    let (k_base, k_row) = (b * strides[3] as usize + h * strides[4] as usize, strides[5] as usize);
+    let (v_base, v_row) = (b * strides[6] as usize + h * strides[7] as usize, strides[8] as usize);
+    let (g_base, g_row) = (b * strides[9] as usize + h * strides[10] as usize, strides[11] as usize);
+    let (dk_base, dk_row) = (b * strides[12] as usize + h * strides[13] as usize, strides[14] as usize);
+    let (dv_base, dv_row) = (b * strides[15] as usize + h * strides[16] as usize, strides[17] as usize);
     let region = w * t * bq;
 
     let mut ks = SharedMemory::<E>::new_aligned(bk * dp, ALIGN);
@@ -469,15 +493,15 @@ fn flash_keys<E: Float>(
     let mut lse_s = SharedMemory::<f32>::new(bq);
     let mut delta_s = SharedMemory::<f32>::new(bq);
 
-    load_tile::<E>(k, k_base, k0, seq_k, d, &mut ks, bk, dp);
-    load_tile::<E>(v, k_base, k0, seq_k, d, &mut vs, bk, dp);
+    load_tile::<E>(k, k_base, k_row, k0, seq_k, d, &mut ks, bk, dp);
+    load_tile::<E>(v, v_base, v_row, k0, seq_k, d, &mut vs, bk, dp);
     let acc_dk = zero_accumulators(dp, t);
     let acc_dv = zero_accumulators(dp, t);
     for qb in 0..seq_q.div_ceil(bq) {
         let q0 = qb * bq;
         sync_cube();
-        load_tile::<E>(q, q_base, q0, seq_q, d, &mut qs, bq, dp);
-        load_tile::<E>(dout, q_base, q0, seq_q, d, &mut dos, bq, dp);
+        load_tile::<E>(q, q_base, q_row, q0, seq_q, d, &mut qs, bq, dp);
+        load_tile::<E>(dout, g_base, g_row, q0, seq_q, d, &mut dos, bq, dp);
         load_rows(lse, bh * seq_q, q0, seq_q, &mut lse_s, bq);
         load_rows(delta, bh * seq_q, q0, seq_q, &mut delta_s, bq);
         sync_cube();
@@ -508,8 +532,8 @@ fn flash_keys<E: Float>(
         sync_group(whole_cube);
         accumulate_ab::<E>(&pe, region, &qs, &acc_dk, bq, dp, t);
     }
-    write_accumulators(&acc_dk, &mut sc, region, dk, k_base, k0 + w * t, seq_k, d, scale, row, sub, lanes_per_row, bq, dp, t, whole_cube);
-    write_accumulators(&acc_dv, &mut sc, region, dv, k_base, k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t, whole_cube);
+    write_accumulators::<E>(&acc_dk, &mut sc, region, dk, dk_base, dk_row, k0 + w * t, seq_k, d, scale, row, sub, lanes_per_row, bq, dp, t, whole_cube);
+    write_accumulators::<E>(&acc_dv, &mut sc, region, dv, dv_base, dv_row, k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t, whole_cube);
 }
 
 /// Tile size, plane layout and block lengths for one problem on one device.
@@ -597,6 +621,8 @@ fn layout(tile: usize, plane: usize, max_units: usize, limit: usize, head_dim: u
 pub(super) struct Problem {
     /// `batch · heads`.
     pub heads: usize,
+    /// Heads per batch entry (`heads` is a multiple).
+    pub group: usize,
     /// Queries per head.
     pub seq_q: usize,
     /// Keys (and values) per head.
@@ -613,6 +639,9 @@ impl Problem {
         let fail = |what: &str| Err(format!("flash attention: {what}"));
         if self.heads == 0 || self.seq_q == 0 || self.seq_k == 0 || self.d == 0 {
             return fail("empty problem");
+        }
+        if self.group == 0 || !self.heads.is_multiple_of(self.group) {
+            return fail("batch·heads is not a multiple of the heads");
         }
         if self.heads > MAX_GRID {
             return fail("more than 65535 batch·heads");
@@ -634,26 +663,83 @@ unsafe fn arg<R: Runtime>(handle: &cubecl::server::Handle, len: usize) -> ArrayA
     unsafe { ArrayArg::from_raw_parts(handle.clone(), len) }
 }
 
-/// Queues the forward pass: `out = softmax(q kᵀ · scale) v` (f32) and the rows' log-sum-exp
-/// `lse` (f32, `[heads, seq_q]`), for contiguous `q` `[heads, seq_q, d]` and `k`, `v`
-/// `[heads, seq_k, d]` of `dtype`; `out` holds `heads · seq_q · d` f32. `plan` comes from
-/// [`plan`] for this device, dtype and head dimension.
+/// Where the elements of a `[batch, heads, seq, d]` operand lie in its buffer: the strides of
+/// its batch, head and row dimensions (a row's `d` elements are adjacent). Attention's
+/// heads are split as a view (`[b, s, h, d]` seen as `[b, h, s, d]`), so the kernels read
+/// that layout as it is and write each gradient in its input's layout: no copies on either
+/// side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Layout {
+    /// Batch, head and row strides, in elements.
+    pub strides: [usize; 3],
+}
+
+impl Layout {
+    /// A dense `[batch, heads, seq, d]` buffer.
+    pub fn contiguous(heads: usize, seq: usize, d: usize) -> Self {
+        Self { strides: [heads * seq * d, seq * d, d] }
+    }
+
+    /// Elements from the first to one past the last of an operand of `batch · group` heads
+    /// of `seq` rows, or an error past the kernels' `u32` indexing.
+    fn span(&self, problem: &Problem, seq: usize) -> Result<usize, String> {
+        let [sb, sh, sr] = self.strides;
+        let batch = problem.heads / problem.group;
+        let last = [(batch - 1, sb), (problem.group - 1, sh), (seq - 1, sr)]
+            .into_iter()
+            .try_fold(problem.d, |acc, (n, stride)| n.checked_mul(stride).and_then(|x| acc.checked_add(x)));
+        last.filter(|&n| u32::try_from(n).is_ok()).ok_or_else(|| "flash attention: an operand spans more than 2^32 elements".to_string())
+    }
+}
+
+/// One `[batch, heads, seq, d]` operand of the kernels: its buffer and layout.
+#[derive(Clone, Copy)]
+pub(super) struct Operand<'a> {
+    /// The buffer (from the operand's first element).
+    pub handle: &'a cubecl::server::Handle,
+    /// Its strides.
+    pub layout: Layout,
+}
+
+impl Operand<'_> {
+    /// The array argument over the operand's span (`seq` rows per head).
+    fn arg<R: Runtime>(&self, problem: &Problem, seq: usize) -> Result<ArrayArg<R>, String> {
+        let span = self.layout.span(problem, seq)?;
+        // SAFETY: the caller of `forward` / `backward` guarantees the buffer covers the layout.
+        Ok(unsafe { arg(self.handle, span) })
+    }
+}
+
+/// The kernels' `strides` argument: the operands' batch, head and row strides in order.
+fn strides_arg<R: Runtime>(operands: &[Layout]) -> Result<SequenceArg<R, u32>, String> {
+    let mut seq = SequenceArg::new();
+    for stride in operands.iter().flat_map(|l| l.strides) {
+        seq.push(u32::try_from(stride).map_err(|_| "flash attention: a stride over u32".to_string())?);
+    }
+    Ok(seq)
+}
+
+/// Queues the forward pass: `out = softmax(q kᵀ · scale) v` (in `dtype`) and the rows'
+/// log-sum-exp `lse` (f32, contiguous `[heads, seq_q]`), for `q` `[heads, seq_q, d]` and `k`,
+/// `v` `[heads, seq_k, d]` of `dtype` in their layouts; `out` is written in its own layout.
+/// `plan` comes from [`plan`] for this device, dtype and head dimension.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
     plan: Plan,
     dtype: StorageType,
-    q: &cubecl::server::Handle,
-    k: &cubecl::server::Handle,
-    v: &cubecl::server::Handle,
-    out: &cubecl::server::Handle,
+    [q, k, v]: [Operand<'_>; 3],
+    out: Operand<'_>,
     lse: &cubecl::server::Handle,
 ) -> Result<(), String> {
     let (seq_q, seq_k, d) = problem.scalars()?;
     let Problem { heads, scale, .. } = problem;
-    let (nq, nk) = (heads * problem.seq_q * problem.d, heads * problem.seq_k * problem.d);
-    // The forward pass reads neither dO nor Δ: small stand-ins of their own.
+    let (sq, sk) = (problem.seq_q, problem.seq_k);
+    let (aq, ak, av, aout) = (q.arg(&problem, sq)?, k.arg(&problem, sk)?, v.arg(&problem, sk)?, out.arg(&problem, sq)?);
+    // The forward pass reads neither dO nor Δ: small stand-ins of their own (dO's layout is
+    // never used).
+    let strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, Layout { strides: [0; 3] }, out.layout])?;
     let stub_e = client.empty(ALIGN);
     let stub_f = client.empty(ALIGN);
     let count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
@@ -665,16 +751,18 @@ pub(super) fn forward<R: Runtime>(
             client,
             count,
             dim,
-            arg(q, nq),
-            arg(k, nk),
-            arg(v, nk),
+            aq,
+            ak,
+            av,
             arg(&stub_e, 1),
             arg(lse, heads * problem.seq_q),
             arg(&stub_f, 1),
-            arg(out, nq),
+            aout,
             seq_q,
             seq_k,
             d,
+            problem.group as u32,
+            strides,
             scale,
             plan.tile,
             plan.planes,
@@ -689,22 +777,28 @@ pub(super) fn forward<R: Runtime>(
     Ok(())
 }
 
-/// Queues the backward pass: f32 `dq`, `dk`, `dv` from the inputs, the output gradient
-/// `dout` (`dtype`, like `q`), the forward pass's `lse` and `delta = rowsum(dout ∘ out)`
-/// (f32, `[heads, seq_q]`).
+/// Queues the backward pass: `dq`, `dk`, `dv` (in `dtype`, each in its own layout) from the
+/// inputs, the output gradient `dout` (`dtype`, like `q`), the forward pass's `lse` and
+/// `delta = rowsum(dout ∘ out)` (f32, contiguous `[heads, seq_q]`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
     plan: Plan,
     dtype: StorageType,
-    [q, k, v, dout]: [&cubecl::server::Handle; 4],
+    [q, k, v, dout]: [Operand<'_>; 4],
     [lse, delta]: [&cubecl::server::Handle; 2],
-    [dq, dk, dv]: [&cubecl::server::Handle; 3],
+    [dq, dk, dv]: [Operand<'_>; 3],
 ) -> Result<(), String> {
     let (seq_q, seq_k, d) = problem.scalars()?;
     let Problem { heads, scale, .. } = problem;
-    let (nq, nk, rows) = (heads * problem.seq_q * problem.d, heads * problem.seq_k * problem.d, heads * problem.seq_q);
+    let (sq, sk, rows) = (problem.seq_q, problem.seq_k, heads * problem.seq_q);
+    let inputs = |r: &Problem| -> Result<_, String> { Ok((q.arg::<R>(r, sq)?, k.arg::<R>(r, sk)?, v.arg::<R>(r, sk)?, dout.arg::<R>(r, sq)?)) };
+    let (q1, k1, v1, g1) = inputs(&problem)?;
+    let (q2, k2, v2, g2) = inputs(&problem)?;
+    let (adq, adk, adv) = (dq.arg(&problem, sq)?, dk.arg(&problem, sk)?, dv.arg(&problem, sk)?);
+    let rows_strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, dout.layout, dq.layout])?;
+    let keys_strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, dout.layout, dk.layout, dv.layout])?;
     let rows_count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
     let keys_count = CubeCount::Static(problem.seq_k.div_ceil(plan.key_planes * plan.tile) as u32, heads as u32, 1);
     // SAFETY: the buffers hold the element counts given (the caller's contract). `lse` is
@@ -714,16 +808,18 @@ pub(super) fn backward<R: Runtime>(
             client,
             rows_count,
             CubeDim::new_1d((plan.planes * plan.plane) as u32),
-            arg(q, nq),
-            arg(k, nk),
-            arg(v, nk),
-            arg(dout, nq),
+            q1,
+            k1,
+            v1,
+            g1,
             arg(lse, rows),
             arg(delta, rows),
-            arg(dq, nq),
+            adq,
             seq_q,
             seq_k,
             d,
+            problem.group as u32,
+            rows_strides,
             scale,
             plan.tile,
             plan.planes,
@@ -738,17 +834,19 @@ pub(super) fn backward<R: Runtime>(
             client,
             keys_count,
             CubeDim::new_1d((plan.key_planes * plan.plane) as u32),
-            arg(q, nq),
-            arg(k, nk),
-            arg(v, nk),
-            arg(dout, nq),
+            q2,
+            k2,
+            v2,
+            g2,
             arg(lse, rows),
             arg(delta, rows),
-            arg(dk, nk),
-            arg(dv, nk),
+            adk,
+            adv,
             seq_q,
             seq_k,
             d,
+            problem.group as u32,
+            keys_strides,
             scale,
             plan.tile,
             plan.key_planes,
@@ -867,13 +965,56 @@ impl<R, BT> std::fmt::Debug for FlashBackward<R, BT> {
     }
 }
 
-/// `x`, or a contiguous copy of it when it is a strided view (the kernels index rows densely).
-fn contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
-    if x.is_contiguous() {
+/// `x`, or a contiguous copy of it unless its rows are dense (last stride 1): the kernels
+/// take any batch, head and row strides ([`Layout`]).
+fn rowwise<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+    if x.meta.strides().last() == Some(&1) || x.meta.shape().to_vec().last() == Some(&1) {
         x
     } else {
         into_contiguous(x)
     }
+}
+
+/// `x`'s [`Layout`] (`x` is a `[b, h, s, d]` tensor with dense rows: [`rowwise`]).
+fn layout_of<R: CubeRuntime>(x: &CubeTensor<R>) -> Layout {
+    let strides = x.meta.strides().to_vec();
+    Layout { strides: [strides[0], strides[1], strides[2]] }
+}
+
+/// Whether `x`'s elements fill its span without gaps or overlaps in some order of its
+/// dimensions (a permuted contiguous tensor, such as a head-split view).
+fn is_dense_permutation<R: CubeRuntime>(x: &CubeTensor<R>) -> bool {
+    let (shape, strides) = (x.meta.shape().to_vec(), x.meta.strides().to_vec());
+    // Dimensions of size 1 may carry any stride; the others, from the innermost out, must
+    // each step over exactly the elements of the ones inside them.
+    let mut dims: Vec<(usize, usize)> = shape.into_iter().zip(strides).filter(|(n, _)| *n != 1).collect();
+    dims.sort_by_key(|&(_, stride)| stride);
+    let mut next = 1;
+    for (n, stride) in dims {
+        if stride != next {
+            return false;
+        }
+        next *= n;
+    }
+    true
+}
+
+/// A new tensor of `like`'s shape and `dtype`, laid out as `like` when that is a permuted
+/// contiguous layout (so that a head-split view's gradient comes back in the same layout and
+/// merging the heads again needs no copy), contiguous otherwise.
+fn output_like<R: CubeRuntime>(like: &CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    let shape = like.meta.shape().clone();
+    let handle = like.client.empty(shape.num_elements() * dtype.size());
+    if is_dense_permutation(like) {
+        CubeTensor::new(like.client.clone(), handle, (*like.meta).clone(), like.device.clone(), dtype)
+    } else {
+        CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, dtype)
+    }
+}
+
+/// `x` as a kernel operand.
+fn operand<R: CubeRuntime>(x: &CubeTensor<R>) -> Operand<'_> {
+    Operand { handle: &x.handle, layout: layout_of(x) }
 }
 
 /// A contiguous f32 tensor of `shape` with a fresh buffer.
@@ -887,6 +1028,7 @@ fn problem<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, scale: f32) -> 
     let (qd, kd) = (q.meta.shape().to_vec(), k.meta.shape().to_vec());
     Problem {
         heads: qd[0] * qd[1],
+        group: qd[1],
         seq_q: qd[2],
         seq_k: kd[2],
         d: qd[3],
@@ -894,28 +1036,19 @@ fn problem<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, scale: f32) -> 
     }
 }
 
-fn to_dtype<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
-    // Only float dtypes reach here (the kernels' inputs are bf16 / f16 / f32).
-    if dtype == x.dtype {
-        x
-    } else {
-        Inner::<R, BT>::float_cast(x, FloatDType::from(dtype))
-    }
-}
-
 impl<R: CubeRuntime, BT: BoolElement> FlashForward<R, BT> {
     fn kernel(&self, q: CubeTensor<R>, k: CubeTensor<R>, v: CubeTensor<R>) -> Result<(CubeTensor<R>, CubeTensor<R>), String> {
-        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let (q, k, v) = (rowwise(q), rowwise(k), rowwise(v));
         if k.dtype != q.dtype || v.dtype != q.dtype {
             return Err(format!("flash attention: mixed input dtypes {:?}, {:?}, {:?}", q.dtype, k.dtype, v.dtype));
         }
         let problem = problem(&q, &k, self.scale);
         let dims = q.meta.shape().clone();
-        let out = empty_f32(&q, dims.clone());
+        let out = output_like(&q, q.dtype);
         let lse = empty_f32(&q, Shape::new([dims[0], dims[1], dims[2]]));
         let layout = plan(&q.client, q.dtype.into(), problem.d)?;
-        forward(&q.client, problem, layout, q.dtype.into(), &q.handle, &k.handle, &v.handle, &out.handle, &lse.handle)?;
-        Ok((to_dtype::<R, BT>(out, q.dtype), lse))
+        forward(&q.client, problem, layout, q.dtype.into(), [operand(&q), operand(&k), operand(&v)], operand(&out), &lse.handle)?;
+        Ok((out, lse))
     }
 }
 
@@ -944,16 +1077,17 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
 impl<R: CubeRuntime, BT: BoolElement> FlashBackward<R, BT> {
     #[allow(clippy::type_complexity)]
     fn kernel(&self, [q, k, v, dout]: [CubeTensor<R>; 4], [lse, delta]: [CubeTensor<R>; 2]) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), String> {
-        let [q, k, v, dout, lse, delta] = [q, k, v, dout, lse, delta].map(contiguous);
+        let [q, k, v, dout] = [q, k, v, dout].map(rowwise);
+        let [lse, delta] = [lse, delta].map(|t| if t.is_contiguous() { t } else { into_contiguous(t) });
         if [&k, &v, &dout].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || delta.dtype != DType::F32 {
             return Err(format!("flash attention backward: unexpected dtypes (q {:?}, lse {:?}, delta {:?})", q.dtype, lse.dtype, delta.dtype));
         }
         let problem = problem(&q, &k, self.scale);
-        let (dq, dk, dv) = (empty_f32(&q, q.meta.shape().clone()), empty_f32(&k, k.meta.shape().clone()), empty_f32(&v, v.meta.shape().clone()));
+        let (dq, dk, dv) = (output_like(&q, q.dtype), output_like(&k, q.dtype), output_like(&v, q.dtype));
         let layout = plan(&q.client, q.dtype.into(), problem.d)?;
-        backward(&q.client, problem, layout, q.dtype.into(), [&q.handle, &k.handle, &v.handle, &dout.handle], [&lse.handle, &delta.handle], [&dq.handle, &dk.handle, &dv.handle])?;
-        let cast = |t: CubeTensor<R>| to_dtype::<R, BT>(t, q.dtype);
-        Ok((cast(dq), cast(dk), cast(dv)))
+        let inputs = [operand(&q), operand(&k), operand(&v), operand(&dout)];
+        backward(&q.client, problem, layout, q.dtype.into(), inputs, [&lse.handle, &delta.handle], [operand(&dq), operand(&dk), operand(&dv)])?;
+        Ok((dq, dk, dv))
     }
 }
 
@@ -991,6 +1125,7 @@ mod tests {
     //! `cargo test -p lora-core --release --features vulkan-test -- flash`.
 
     use super::*;
+    use burn::tensor::FloatDType;
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     use half::f16;
 
@@ -1018,6 +1153,52 @@ mod tests {
 
     fn download(client: &ComputeClient<WgpuRuntime>, h: cubecl::server::Handle) -> Vec<f32> {
         client.read_one(h).expect("read back").chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+
+    fn download_f16(client: &ComputeClient<WgpuRuntime>, h: cubecl::server::Handle) -> Vec<f32> {
+        client.read_one(h).expect("read back").chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+    }
+
+    /// Where element `(bh, s, c)` of a logical `[batch·heads, seq, d]` operand lies in a
+    /// buffer of `layout`.
+    fn position(layout: Layout, group: usize, bh: usize, s: usize, c: usize) -> usize {
+        let [sb, sh, sr] = layout.strides;
+        (bh / group) * sb + (bh % group) * sh + s * sr + c
+    }
+
+    /// The operand layout of a test: dense, or heads split from `[b, s, h, d]` rows.
+    fn test_layout(p: &Problem, seq: usize, split: bool) -> Layout {
+        if split {
+            Layout { strides: [seq * p.group * p.d, p.d, p.group * p.d] }
+        } else {
+            Layout::contiguous(p.group, seq, p.d)
+        }
+    }
+
+    /// Logical `[batch·heads, seq, d]` values laid out in `layout`.
+    fn scatter_to(x: &[f16], p: &Problem, seq: usize, layout: Layout) -> Vec<f16> {
+        let mut out = vec![f16::ZERO; x.len()];
+        for bh in 0..p.heads {
+            for s in 0..seq {
+                for c in 0..p.d {
+                    out[position(layout, p.group, bh, s, c)] = x[(bh * seq + s) * p.d + c];
+                }
+            }
+        }
+        out
+    }
+
+    /// A buffer in `layout` read back in logical order.
+    fn gather_from(x: &[f32], p: &Problem, seq: usize, layout: Layout) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for bh in 0..p.heads {
+            for s in 0..seq {
+                for c in 0..p.d {
+                    out.push(x[position(layout, p.group, bh, s, c)]);
+                }
+            }
+        }
+        out
     }
 
     /// The f64 reference: output, log-sum-exp, and the gradients for `dout`.
@@ -1067,8 +1248,9 @@ mod tests {
 
     /// `wide`: tile groups of two hardware planes (16 lanes for 8-row tiles), i.e. two
     /// lanes per tile row as on CUDA's 32-lane warps with 16-row tiles, ordered by cube
-    /// barriers.
-    fn run(p: Problem, seed: u32, wide: bool) {
+    /// barriers. `split`: every operand (inputs and outputs) in the head-split layout of
+    /// attention (`[b, s, h, d]` buffers).
+    fn run(p: Problem, seed: u32, wide: bool, split: bool) {
         let client = WgpuRuntime::client(&WgpuDevice::default());
         let mut layout = plan(&client, f16_type(), p.d).expect("plan");
         if wide {
@@ -1082,23 +1264,27 @@ mod tests {
         let (q, k, v, dout) = (values(nq, seed, 2.0), values(nk, seed + 1, 2.0), values(nk, seed + 2, 1.0), values(nq, seed + 3, 1.0));
         let wide = |x: &[f16]| x.iter().map(|v| f64::from(v.to_f32())).collect::<Vec<_>>();
         let (out_ref, lse_ref, dq_ref, dk_ref, dv_ref) = reference(p, &wide(&q), &wide(&k), &wide(&v), &wide(&dout));
-        let (hq, hk, hv, hdo) = (upload(&client, &q), upload(&client, &k), upload(&client, &v), upload(&client, &dout));
-        let (out, lse) = (client.empty(4 * nq), client.empty(4 * p.heads * p.seq_q));
-        forward(&client, p, layout, f16_type(), &hq, &hk, &hv, &out, &lse).expect("forward");
-        let out_got = download(&client, out.clone());
+        let (lq, lk) = (test_layout(&p, p.seq_q, split), test_layout(&p, p.seq_k, split));
+        let (hq, hk) = (upload(&client, &scatter_to(&q, &p, p.seq_q, lq)), upload(&client, &scatter_to(&k, &p, p.seq_k, lk)));
+        let (hv, hdo) = (upload(&client, &scatter_to(&v, &p, p.seq_k, lk)), upload(&client, &scatter_to(&dout, &p, p.seq_q, lq)));
+        let (out, lse) = (client.empty(2 * nq), client.empty(4 * p.heads * p.seq_q));
+        let op = |handle| Operand { handle, layout: lq };
+        let kop = |handle| Operand { handle, layout: lk };
+        forward(&client, p, layout, f16_type(), [op(&hq), kop(&hk), kop(&hv)], op(&out), &lse).expect("forward");
+        let out_got = gather_from(&download_f16(&client, out.clone()), &p, p.seq_q, lq);
         assert_close("out", &out_got, &out_ref, 2e-3);
         let lse_got = download(&client, lse.clone());
         for (i, (g, w)) in lse_got.iter().zip(&lse_ref).enumerate() {
             assert!((f64::from(*g) - w).abs() < 1e-2 * w.abs().max(1.0), "lse[{i}]: {g} vs {w}");
         }
-        // Δ from the f32 output and the f16 dO, as the caller computes it.
+        // Δ from the output and dO, as the caller computes it.
         let delta: Vec<f32> = out_got.chunks(p.d).zip(dout.chunks(p.d)).map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b.to_f32()).sum()).collect();
         let hdelta = client.create_from_slice(&delta.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
-        let (dq, dk, dv) = (client.empty(4 * nq), client.empty(4 * nk), client.empty(4 * nk));
-        backward(&client, p, layout, f16_type(), [&hq, &hk, &hv, &hdo], [&lse, &hdelta], [&dq, &dk, &dv]).expect("backward");
-        assert_close("dq", &download(&client, dq), &dq_ref, 2e-3);
-        assert_close("dk", &download(&client, dk), &dk_ref, 2e-3);
-        assert_close("dv", &download(&client, dv), &dv_ref, 2e-3);
+        let (dq, dk, dv) = (client.empty(2 * nq), client.empty(2 * nk), client.empty(2 * nk));
+        backward(&client, p, layout, f16_type(), [op(&hq), kop(&hk), kop(&hv), op(&hdo)], [&lse, &hdelta], [op(&dq), kop(&dk), kop(&dv)]).expect("backward");
+        assert_close("dq", &gather_from(&download_f16(&client, dq), &p, p.seq_q, lq), &dq_ref, 2e-3);
+        assert_close("dk", &gather_from(&download_f16(&client, dk), &p, p.seq_k, lk), &dk_ref, 2e-3);
+        assert_close("dv", &gather_from(&download_f16(&client, dv), &p, p.seq_k, lk), &dv_ref, 2e-3);
     }
 
     #[test]
@@ -1107,7 +1293,17 @@ mod tests {
         // multiple of the tile (padded), cross-attention-like key counts, and one row.
         for (i, (heads, seq_q, seq_k, d)) in [(2, 37, 45, 20), (3, 64, 77, 40), (1, 1, 9, 8), (2, 70, 16, 24)].into_iter().enumerate() {
             let scale = (d as f32).powf(-0.5);
-            run(Problem { heads, seq_q, seq_k, d, scale }, 11 * i as u32 + 1, false);
+            run(Problem { heads, group: heads, seq_q, seq_k, d, scale }, 11 * i as u32 + 1, false, false);
+        }
+    }
+
+    /// Every operand in attention's head-split layout (`[b, s, h, d]` buffers read and
+    /// written through their strides), batches of several heads.
+    #[test]
+    fn vulkan_flash_attention_reads_and_writes_head_split_layouts() {
+        for (i, (batch, group, seq_q, seq_k, d)) in [(2, 3, 37, 45, 20), (1, 2, 64, 77, 40), (3, 1, 5, 9, 8)].into_iter().enumerate() {
+            let scale = (d as f32).powf(-0.5);
+            run(Problem { heads: batch * group, group, seq_q, seq_k, d, scale }, 5 * i as u32 + 2, false, true);
         }
     }
 
@@ -1117,7 +1313,7 @@ mod tests {
     fn vulkan_flash_attention_with_two_lanes_per_row() {
         for (i, (heads, seq_q, seq_k, d)) in [(2, 37, 45, 20), (1, 9, 77, 40), (1, 1, 3, 8)].into_iter().enumerate() {
             let scale = (d as f32).powf(-0.5);
-            run(Problem { heads, seq_q, seq_k, d, scale }, 7 * i as u32 + 3, true);
+            run(Problem { heads, group: if i == 0 { 2 } else { 1 }, seq_q, seq_k, d, scale }, 7 * i as u32 + 3, true, i == 0);
         }
     }
 
@@ -1130,7 +1326,7 @@ mod tests {
         let device = Default::default();
         let half = |t: Tensor<W, 4>| t.cast(FloatDType::F16);
         // [b, s, h, d] viewed as [b, h, s, d], as attention's heads are split.
-        let input = |s: usize, seed: f64| half(Tensor::<W, 4>::random([2, s, 3, 20], Distribution::Normal(seed, 1.0), &device).swap_dims(1, 2));
+        let input = |s: usize, seed: f64| half(Tensor::<W, 4>::random([2, s, 3, 20], Distribution::Normal(seed, 1.0), &device)).swap_dims(1, 2);
         let (q, k, v, g) = (input(37, 0.1), input(45, -0.1), input(45, 0.0), input(37, 0.2));
         let scale = 20f32.powf(-0.5);
         let before = super::super::vendor_stats();

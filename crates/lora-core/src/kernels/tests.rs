@@ -406,7 +406,9 @@ fn flash_attention_matches_math_on_cuda() {
     let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
     for (b, h, sq, sk, d) in [(2, 8, 1024, 1024, 40), (2, 8, 256, 77, 80), (1, 8, 64, 64, 160), (1, 5, 300, 333, 64), (1, 1, 1, 5, 40)] {
         for dtype in [DType::BF16, DType::F16] {
-            let input = |s: usize, mean: f64| crate::precision::cast_to(Tensor::<B, 4>::random([b, s, h, d], Distribution::Normal(mean, 1.0), &device).swap_dims(1, 2), dtype);
+            // Heads split as attention splits them: a `[b, s, h, d]` tensor viewed as
+            // `[b, h, s, d]`, which the kernels read through its strides.
+            let input = |s: usize, mean: f64| crate::precision::cast_to(Tensor::<B, 4>::random([b, s, h, d], Distribution::Normal(mean, 1.0), &device), dtype).swap_dims(1, 2);
             let (q, k, v, g) = (input(sq, 0.1), input(sk, -0.1), input(sk, 0.0), input(sq, 0.0));
             let scale = (d as f32).powf(-0.5);
             set_flash_attention(true);
