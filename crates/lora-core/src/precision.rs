@@ -5,7 +5,11 @@
 //! gradients (the frozen base) and leaves trainable adapter weights in f32. The adapters
 //! then compute in the activations' dtype with their weights cast on the fly (the
 //! gradient of a cast is a cast, so the f32 master weights receive the update), which is
-//! what PyTorch's autocast does for a LoRA layer.
+//! what PyTorch's autocast does for a LoRA layer. A training loop with
+//! [`FlatAdamW`](crate::optim::FlatAdamW) can instead keep the f32 master weights in the
+//! optimizer and half-precision copies in the model
+//! ([`with_working_dtype`](crate::optim::FlatAdamW::with_working_dtype)): the same numbers
+//! without the casts in every pass.
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};

@@ -240,7 +240,8 @@ pub fn run_probed<B: AutodiffBackend>(
     // Frozen base, as in training: only the adapters get gradients and AdamW updates.
     let mut unet = UNet2DConditionModel::<B>::new(&opts.unet, device)?.no_grad();
     attach_new_adapters(&mut unet, &Selection::new(opts.targets), &LoraConfig::new(4), device)?;
-    // Half precision as in training: frozen weights converted once, adapters kept in f32.
+    // Half precision as in training: frozen weights converted once, adapters trained as f32
+    // master values in the optimizer (with half-precision copies in the model, below).
     if opts.precision != crate::device_check::Precision::F32 {
         unet = lora_core::precision::cast_frozen(unet, opts.precision.dtype());
     }
