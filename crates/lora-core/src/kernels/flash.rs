@@ -210,6 +210,22 @@ fn sync_group(#[comptime] whole_cube: bool) {
     }
 }
 
+/// Where head `bh` starts in each operand, and each operand's row stride: the kernels'
+/// `strides` hold every operand's batch, head and row strides in turn (see [`Layout`]), and
+/// `heads` heads make a batch entry.
+#[cube]
+fn head_starts(strides: &Sequence<u32>, bh: usize, heads: u32) -> (Sequence<usize>, Sequence<usize>) {
+    let (b, h) = (bh / heads as usize, bh % heads as usize);
+    let mut bases = Sequence::<usize>::new();
+    let mut rows = Sequence::<usize>::new();
+    #[unroll]
+    for i in 0..comptime!(strides.len() / 3) {
+        bases.push(b * strides[3 * i] as usize + h * strides[3 * i + 1] as usize);
+        rows.push(strides[3 * i + 2] as usize);
+    }
+    (bases, rows)
+}
+
 /// `dp / T` zeroed accumulators.
 #[cube]
 fn zero_accumulators(#[comptime] dp: usize, #[comptime] t: usize) -> Sequence<cmma::Matrix<f32>> {
@@ -303,12 +319,8 @@ fn flash_rows<E: Float>(
     let row = lane / lanes_per_row;
     let sub = lane % lanes_per_row;
     let my_row = w * t + row;
-    let (b, h) = (bh / heads as usize, bh % heads as usize);
-    let (q_base, q_row) = (b * strides[0] as usize + h * strides[1] as usize, strides[2] as usize);
-    let (k_base, k_row) = (b * strides[3] as usize + h * strides[4] as usize, strides[5] as usize);
-    let (v_base, v_row) = (b * strides[6] as usize + h * strides[7] as usize, strides[8] as usize);
-    let (g_base, g_row) = (b * strides[9] as usize + h * strides[10] as usize, strides[11] as usize);
-    let (o_base, o_row) = (b * strides[12] as usize + h * strides[13] as usize, strides[14] as usize);
+    // Operands in `strides` order: q, k, v, dO, out.
+    let (base, rs) = head_starts(&strides, bh, heads);
     let region = w * t * bk;
     let blocks = seq_k.div_ceil(bk);
 
@@ -322,9 +334,9 @@ fn flash_rows<E: Float>(
     let mut dps = SharedMemory::<f32>::new_aligned(comptime!(if grad { planes * t * bk } else { t * t }), ALIGN);
     let mut row_stats = SharedMemory::<f32>::new(bq * 2);
 
-    load_tile::<E>(q, q_base, q_row, q0, seq_q, d, &mut qs, bq, dp);
+    load_tile::<E>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
     if grad {
-        load_tile::<E>(dout, g_base, g_row, q0, seq_q, d, &mut dos, bq, dp);
+        load_tile::<E>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
         let mut i = unit;
         while i < bq {
             let mut l = 0.0f32;
@@ -347,7 +359,7 @@ fn flash_rows<E: Float>(
         for kb in 0..blocks {
             let k0 = kb * bk;
             sync_cube();
-            load_tile::<E>(k, k_base, k_row, k0, seq_k, d, &mut ks, bk, dp);
+            load_tile::<E>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
             sync_cube();
             product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
             sync_group(whole_cube);
@@ -400,8 +412,8 @@ fn flash_rows<E: Float>(
     for kb in 0..blocks {
         let k0 = kb * bk;
         sync_cube();
-        load_tile::<E>(k, k_base, k_row, k0, seq_k, d, &mut ks, bk, dp);
-        load_tile::<E>(v, v_base, v_row, k0, seq_k, d, &mut vs, bk, dp);
+        load_tile::<E>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
+        load_tile::<E>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
         sync_cube();
         product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
         if grad {
@@ -432,7 +444,7 @@ fn flash_rows<E: Float>(
     if grad {
         factor = scale;
     }
-    write_accumulators::<E>(&acc, &mut sc, region, out, o_base, o_row, q0 + w * t, seq_q, d, factor, row, sub, lanes_per_row, bk, dp, t, whole_cube);
+    write_accumulators::<E>(&acc, &mut sc, region, out, base[4], rs[4], q0 + w * t, seq_q, d, factor, row, sub, lanes_per_row, bk, dp, t, whole_cube);
 }
 
 /// The key-major kernel of the backward pass: `dk` and `dv` for `planes · T` keys per cube.
@@ -474,13 +486,8 @@ fn flash_keys<E: Float>(
     let row = lane / lanes_per_row;
     let sub = lane % lanes_per_row;
     let key_valid = k0 + w * t + row < seq_k;
-    let (b, h) = (bh / heads as usize, bh % heads as usize);
-    let (q_base, q_row) = (b * strides[0] as usize + h * strides[1] as usize, strides[2] as usize);
-    let (k_base, k_row) = (b * strides[3] as usize + h * strides[4] as usize, strides[5] as usize);
-    let (v_base, v_row) = (b * strides[6] as usize + h * strides[7] as usize, strides[8] as usize);
-    let (g_base, g_row) = (b * strides[9] as usize + h * strides[10] as usize, strides[11] as usize);
-    let (dk_base, dk_row) = (b * strides[12] as usize + h * strides[13] as usize, strides[14] as usize);
-    let (dv_base, dv_row) = (b * strides[15] as usize + h * strides[16] as usize, strides[17] as usize);
+    // Operands in `strides` order: q, k, v, dO, dk, dv.
+    let (base, rs) = head_starts(&strides, bh, heads);
     let region = w * t * bq;
 
     let mut ks = SharedMemory::<E>::new_aligned(bk * dp, ALIGN);
@@ -493,15 +500,15 @@ fn flash_keys<E: Float>(
     let mut lse_s = SharedMemory::<f32>::new(bq);
     let mut delta_s = SharedMemory::<f32>::new(bq);
 
-    load_tile::<E>(k, k_base, k_row, k0, seq_k, d, &mut ks, bk, dp);
-    load_tile::<E>(v, v_base, v_row, k0, seq_k, d, &mut vs, bk, dp);
+    load_tile::<E>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
+    load_tile::<E>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
     let acc_dk = zero_accumulators(dp, t);
     let acc_dv = zero_accumulators(dp, t);
     for qb in 0..seq_q.div_ceil(bq) {
         let q0 = qb * bq;
         sync_cube();
-        load_tile::<E>(q, q_base, q_row, q0, seq_q, d, &mut qs, bq, dp);
-        load_tile::<E>(dout, g_base, g_row, q0, seq_q, d, &mut dos, bq, dp);
+        load_tile::<E>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
+        load_tile::<E>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
         load_rows(lse, bh * seq_q, q0, seq_q, &mut lse_s, bq);
         load_rows(delta, bh * seq_q, q0, seq_q, &mut delta_s, bq);
         sync_cube();
@@ -532,8 +539,8 @@ fn flash_keys<E: Float>(
         sync_group(whole_cube);
         accumulate_ab::<E>(&pe, region, &qs, &acc_dk, bq, dp, t);
     }
-    write_accumulators::<E>(&acc_dk, &mut sc, region, dk, dk_base, dk_row, k0 + w * t, seq_k, d, scale, row, sub, lanes_per_row, bq, dp, t, whole_cube);
-    write_accumulators::<E>(&acc_dv, &mut sc, region, dv, dv_base, dv_row, k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t, whole_cube);
+    write_accumulators::<E>(&acc_dk, &mut sc, region, dk, base[4], rs[4], k0 + w * t, seq_k, d, scale, row, sub, lanes_per_row, bq, dp, t, whole_cube);
+    write_accumulators::<E>(&acc_dv, &mut sc, region, dv, base[5], rs[5], k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t, whole_cube);
 }
 
 /// Tile size, plane layout and block lengths for one problem on one device.
