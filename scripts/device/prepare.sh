@@ -10,6 +10,9 @@
 #                                 2 cores; later ones are incremental)
 #   ANCHOR_SRC=../shared/bench/torch_anchor.py
 #   CACHE_FROM=PATH/cubecl-cache.tar.gz   an earlier call's $OUT/cubecl-cache.tar.gz
+#   SKIP_NVRTC=1                  skip scripts/cuda-compile.sh (every lora-core kernel through
+#                                 NVRTC and ptxas for sm_90a, here, without a GPU; it needs
+#                                 NVIDIA's CUDA 13.0 wheels from PyPI once)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -23,6 +26,17 @@ rm -rf "$DEST/out"   # local test output of run.sh: it would travel with the fol
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
     cargo build --release -p trainer --features cuda --target-dir "$CUDA_TARGET_DIR"
+fi
+# A kernel that NVRTC rejects would cost the device call; find it here (same test binary as
+# lora-core-tests below, so nothing extra is built).
+if [ "${SKIP_NVRTC:-0}" != 1 ]; then
+    mkdir -p "$CUDA_TARGET_DIR"
+    if ! CARGO_TARGET_DIR=$CUDA_TARGET_DIR OUT=$CUDA_TARGET_DIR/cuda-source bash scripts/cuda-compile.sh >"$CUDA_TARGET_DIR/cuda-compile.log" 2>&1; then
+        cat "$CUDA_TARGET_DIR/cuda-compile.log" >&2
+        echo "error: a kernel does not compile for sm_90a (above); fix it before the device call" >&2
+        exit 1
+    fi
+    tail -n 1 "$CUDA_TARGET_DIR/cuda-compile.log"
 fi
 # Binaries travel gzipped (the stripped CUDA build is ~70 MB; the carry limit is 64 MiB in
 # all); run.sh unpacks them.

@@ -88,7 +88,9 @@ fn pre_activation_grad<N: Size>(xhat: Vector<f32, N>, dy: Vector<f32, N>, gamma:
     if silu {
         let one = Vector::<f32, N>::new(1.0);
         let h = xhat * gamma + beta;
-        let s = one / (one + (-h).exp());
+        // `0 − h`, not `-h`: cubecl-cpp writes a vector's negation as C++ unary minus on its
+        // `float_4`-style struct, which has no such operator (NVRTC rejects the kernel).
+        let s = one / (one + (Vector::<f32, N>::new(0.0) - h).exp());
         dh = dy * s * (one + h * (one - s));
     }
     dh
@@ -131,7 +133,8 @@ fn centred_squares<I: Float, N: Size>(x: &Array<Vector<I, N>>, base: usize, n: u
 fn activation<N: Size>(h: Vector<f32, N>, #[comptime] silu: bool) -> Vector<f32, N> {
     let mut out = h;
     if silu {
-        out = h / (Vector::<f32, N>::new(1.0) + (-h).exp());
+        // `0 − h`: see `pre_activation_grad`.
+        out = h / (Vector::<f32, N>::new(1.0) + (Vector::<f32, N>::new(0.0) - h).exp());
     }
     out
 }

@@ -63,6 +63,8 @@ mod flash;
 mod group_norm;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod concat;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_source;
 
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
