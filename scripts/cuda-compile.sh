@@ -14,8 +14,10 @@
 #   OUT=DIR          sources, PTX and the report (default target/cuda-source)
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-CUDA_TOOLS=${CUDA_TOOLS:-$HOME/.cache/sd-lora/cuda-13.0}
-OUT=${OUT:-$REPO/target/cuda-source}
+cd "$REPO"
+# Absolute: the test runs in the crate's folder.
+CUDA_TOOLS=$(realpath -m "${CUDA_TOOLS:-$HOME/.cache/sd-lora/cuda-13.0}")
+OUT=$(realpath -m "${OUT:-$REPO/target/cuda-source}")
 CUDA=$CUDA_TOOLS/nvidia/cu13
 
 if ! [ -x "$CUDA/bin/ptxas" ] || ! [ -f "$CUDA/include/crt/mma.h" ] || ! [ -f "$CUDA/lib/libnvrtc.so.13" ]; then
@@ -32,7 +34,6 @@ fi
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-cd "$REPO"
 # (`SD_LORA_NVRTC`, not `CUDA_PATH`: cudarc's build script watches that, and would rebuild burn.)
 LD_LIBRARY_PATH=$CUDA/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} SD_LORA_NVRTC=$CUDA SD_LORA_CUDA_OUT=$OUT \
     cargo test -p lora-core --release --features cuda --lib -- kernels::cuda_source --nocapture

@@ -326,9 +326,12 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
     }
 
     // GroupNorm (+ SiLU) over the UNet's planes, and LayerNorm as a one-group row problem;
-    // f32 and half-precision activations with f32 or half parameters.
+    // f32 and half-precision activations with f32 or half parameters. Plane sizes pick the
+    // vector width: 64² and 8² the widest (4 f32 / 8 half), 9×7 (a 576×448 bucket's lowest
+    // level) 1, 6×3 2.
+    let planes = [(320, 64 * 64, 32, true), (1280, 8 * 8, 32, false), (1280, 9 * 7, 32, true), (640, 6 * 3, 32, true), (320, 1, 1, false)];
     for (x_dtype, p_dtype) in [(f32_, f32_), (bf16, bf16), (f16, f16), (bf16, f32_)] {
-        for (channels, plane_len, groups, silu) in [(320, 64 * 64, 32, true), (1280, 8 * 8, 32, false), (320, 1, 1, false)] {
+        for (channels, plane_len, groups, silu) in planes {
             let spec = GroupNormSpec { groups, epsilon: 1e-5, silu };
             let problem = group_norm::Problem { batch: 2, channels, plane_len, spec };
             let n = 2 * channels * plane_len;
@@ -345,7 +348,7 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
     }
 
     // The attention softmax: f32 scores to the matmul's dtype.
-    for (input, output) in [(f32_, f32_), (f32_, bf16), (bf16, bf16), (f32_, f16)] {
+    for (input, output) in [(f32_, f32_), (f32_, bf16), (bf16, bf16), (f32_, f16), (f16, f16)] {
         let (x, y) = (buffer(64 * 4096 * input.size()), buffer(64 * 4096 * output.size()));
         softmax::launch(client, &x, &y, 64, 4096, 0.125, [input, output])?;
     }
