@@ -65,11 +65,13 @@ const MAX_GRID: usize = 65_535;
 
 /// Copies `rows × dp` elements of a `[seq, d]` matrix whose rows start `row_stride` apart
 /// (and whose `d` elements are adjacent), from row `row0` at `base`, into `tile` (row
-/// stride `dp`), with zeros past `seq` rows and `d` columns.
+/// stride `dp`), with zeros past `seq` rows and `d` columns. `src` is read `N` elements at
+/// a time (16-byte loads on CUDA where the layout allows, see [`vector_width`]): `base`
+/// and `row_stride` count vectors, and `N` divides `d` and `dp`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_tile<E: Float>(
-    src: &Array<E>,
+fn load_tile<E: Float, N: Size>(
+    src: &Array<Vector<E, N>>,
     base: usize,
     row_stride: usize,
     row0: usize,
@@ -80,15 +82,20 @@ fn load_tile<E: Float>(
     #[comptime] dp: usize,
 ) {
     let threads = CUBE_DIM as usize;
+    let per_row = dp / N::value();
     let mut i = UNIT_POS as usize;
-    while i < rows * dp {
-        let r = i / dp;
-        let c = i % dp;
-        let mut value = E::from_int(0);
-        if row0 + r < seq && c < d {
+    while i < rows * per_row {
+        let r = i / per_row;
+        let c = i % per_row;
+        let mut value = Vector::<E, N>::new(E::from_int(0));
+        if row0 + r < seq && c * N::value() < d {
             value = src[base + (row0 + r) * row_stride + c];
         }
-        tile[i] = value;
+        let at = r * dp + c * N::value();
+        #[unroll]
+        for j in 0..N::value() {
+            tile[at + j] = value[j];
+        }
         i += threads;
     }
 }
@@ -281,15 +288,16 @@ fn write_accumulators<E: Float>(
 /// The query-major kernel: the forward pass (`grad` false: writes `out = o` and `lse`), or
 /// the backward pass's `dq` (`grad` true: reads `lse` and `delta`, writes `out = dq`).
 /// Grid: `(ceil(seq_q / (planes·T)), batch·heads)`; cube: `planes · plane` units.
-/// `strides` holds the batch, head and row strides of `q`, `k`, `v`, `dout` and `out`, in
-/// that order (see [`Layout`]); `heads` is the number of heads per batch entry.
+/// `strides` holds the batch, head and row strides of `q`, `k`, `v`, `dout` (in vectors of
+/// `N` elements, as they are read) and `out` (in elements), in that order (see [`Layout`]);
+/// `heads` is the number of heads per batch entry.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments, unused_assignments)]
-fn flash_rows<E: Float>(
-    q: &Array<E>,
-    k: &Array<E>,
-    v: &Array<E>,
-    dout: &Array<E>,
+fn flash_rows<E: Float, N: Size>(
+    q: &Array<Vector<E, N>>,
+    k: &Array<Vector<E, N>>,
+    v: &Array<Vector<E, N>>,
+    dout: &Array<Vector<E, N>>,
     lse: &mut Array<f32>,
     delta: &Array<f32>,
     out: &mut Array<E>,
@@ -334,9 +342,9 @@ fn flash_rows<E: Float>(
     let mut dps = SharedMemory::<f32>::new_aligned(comptime!(if grad { planes * t * bk } else { t * t }), ALIGN);
     let mut row_stats = SharedMemory::<f32>::new(bq * 2);
 
-    load_tile::<E>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
+    load_tile::<E, N>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
     if grad {
-        load_tile::<E>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
+        load_tile::<E, N>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
         let mut i = unit;
         while i < bq {
             let mut l = 0.0f32;
@@ -359,7 +367,7 @@ fn flash_rows<E: Float>(
         for kb in 0..blocks {
             let k0 = kb * bk;
             sync_cube();
-            load_tile::<E>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
+            load_tile::<E, N>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
             sync_cube();
             product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
             sync_group(whole_cube);
@@ -412,8 +420,8 @@ fn flash_rows<E: Float>(
     for kb in 0..blocks {
         let k0 = kb * bk;
         sync_cube();
-        load_tile::<E>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
-        load_tile::<E>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
+        load_tile::<E, N>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
+        load_tile::<E, N>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
         sync_cube();
         product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
         if grad {
@@ -449,14 +457,15 @@ fn flash_rows<E: Float>(
 
 /// The key-major kernel of the backward pass: `dk` and `dv` for `planes · T` keys per cube.
 /// Grid: `(ceil(seq_k / (planes·T)), batch·heads)`; cube: `planes · plane` units.
-/// `strides` holds the batch, head and row strides of `q`, `k`, `v`, `dout`, `dk` and `dv`.
+/// `strides` holds the batch, head and row strides of `q`, `k`, `v`, `dout` (in vectors of
+/// `N` elements) and `dk`, `dv` (in elements).
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn flash_keys<E: Float>(
-    q: &Array<E>,
-    k: &Array<E>,
-    v: &Array<E>,
-    dout: &Array<E>,
+fn flash_keys<E: Float, N: Size>(
+    q: &Array<Vector<E, N>>,
+    k: &Array<Vector<E, N>>,
+    v: &Array<Vector<E, N>>,
+    dout: &Array<Vector<E, N>>,
     lse: &Array<f32>,
     delta: &Array<f32>,
     dk: &mut Array<E>,
@@ -500,15 +509,15 @@ fn flash_keys<E: Float>(
     let mut lse_s = SharedMemory::<f32>::new(bq);
     let mut delta_s = SharedMemory::<f32>::new(bq);
 
-    load_tile::<E>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
-    load_tile::<E>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
+    load_tile::<E, N>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
+    load_tile::<E, N>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
     let acc_dk = zero_accumulators(dp, t);
     let acc_dv = zero_accumulators(dp, t);
     for qb in 0..seq_q.div_ceil(bq) {
         let q0 = qb * bq;
         sync_cube();
-        load_tile::<E>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
-        load_tile::<E>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
+        load_tile::<E, N>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
+        load_tile::<E, N>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
         load_rows(lse, bh * seq_q, q0, seq_q, &mut lse_s, bq);
         load_rows(delta, bh * seq_q, q0, seq_q, &mut delta_s, bq);
         sync_cube();
@@ -709,18 +718,42 @@ pub(super) struct Operand<'a> {
 }
 
 impl Operand<'_> {
-    /// The array argument over the operand's span (`seq` rows per head).
-    fn arg<R: Runtime>(&self, problem: &Problem, seq: usize) -> Result<ArrayArg<R>, String> {
+    /// The array argument over the operand's span (`seq` rows per head), in vectors of
+    /// `width` elements (`width` divides the span: see [`vector_width`]).
+    fn arg<R: Runtime>(&self, problem: &Problem, seq: usize, width: usize) -> Result<ArrayArg<R>, String> {
         let span = self.layout.span(problem, seq)?;
         // SAFETY: the caller of `forward` / `backward` guarantees the buffer covers the layout.
-        Ok(unsafe { arg(self.handle, span) })
+        Ok(unsafe { arg(self.handle, span / width) })
+    }
+
+    /// Whether the operand can be read `width` elements at a time: its strides and its
+    /// start are multiples of the vector.
+    fn reads_as(&self, width: usize, element_bytes: usize) -> bool {
+        let start = self.handle.offset_start.unwrap_or(0);
+        self.layout.strides.iter().all(|s| s.is_multiple_of(width)) && start.is_multiple_of((width * element_bytes) as u64)
     }
 }
 
-/// The kernels' `strides` argument: the operands' batch, head and row strides in order.
-fn strides_arg<R: Runtime>(operands: &[Layout]) -> Result<SequenceArg<R, u32>, String> {
+/// How many elements the kernels read from `q`, `k`, `v` and `dO` at a time: the widest
+/// vector of at most 16 bytes that the runtime offers (CUDA: 8 bf16/f16, one 128-bit load;
+/// CubeCL's wgpu runtime: 4) and that divides the head dimension, the tile and every
+/// input's strides and start; 1 otherwise. A row of SD's heads (40, 64, 80 or 160
+/// elements) then takes 5 to 20 loads instead of 40 to 160.
+fn vector_width<R: Runtime>(client: &ComputeClient<R>, problem: &Problem, plan: &Plan, element_bytes: usize, inputs: &[Operand<'_>]) -> usize {
+    client
+        .io_optimized_vector_sizes(element_bytes)
+        .filter(|&n| n * element_bytes <= 16 && problem.d.is_multiple_of(n) && plan.tile.is_multiple_of(n))
+        .find(|&n| inputs.iter().all(|x| x.reads_as(n, element_bytes)))
+        .unwrap_or(1)
+}
+
+/// The kernels' `strides` argument: the batch, head and row strides of the `inputs` (in
+/// vectors of `width` elements, as the kernels read them) and then of the `outputs` (in
+/// elements).
+fn strides_arg<R: Runtime>(inputs: &[Layout], outputs: &[Layout], width: usize) -> Result<SequenceArg<R, u32>, String> {
     let mut seq = SequenceArg::new();
-    for stride in operands.iter().flat_map(|l| l.strides) {
+    let input_strides = inputs.iter().flat_map(|l| l.strides.map(|s| s / width));
+    for stride in input_strides.chain(outputs.iter().flat_map(|l| l.strides)) {
         seq.push(u32::try_from(stride).map_err(|_| "flash attention: a stride over u32".to_string())?);
     }
     Ok(seq)
@@ -743,10 +776,11 @@ pub(super) fn forward<R: Runtime>(
     let (seq_q, seq_k, d) = problem.scalars()?;
     let Problem { heads, scale, .. } = problem;
     let (sq, sk) = (problem.seq_q, problem.seq_k);
-    let (aq, ak, av, aout) = (q.arg(&problem, sq)?, k.arg(&problem, sk)?, v.arg(&problem, sk)?, out.arg(&problem, sq)?);
+    let width = vector_width(client, &problem, &plan, dtype.size(), &[q, k, v]);
+    let (aq, ak, av, aout) = (q.arg(&problem, sq, width)?, k.arg(&problem, sk, width)?, v.arg(&problem, sk, width)?, out.arg(&problem, sq, 1)?);
     // The forward pass reads neither dO nor Δ: small stand-ins of their own (dO's layout is
     // never used).
-    let strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, Layout { strides: [0; 3] }, out.layout])?;
+    let strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, Layout { strides: [0; 3] }], &[out.layout], width)?;
     let stub_e = client.empty(ALIGN);
     let stub_f = client.empty(ALIGN);
     let count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
@@ -758,6 +792,7 @@ pub(super) fn forward<R: Runtime>(
             client,
             count,
             dim,
+            width,
             aq,
             ak,
             av,
@@ -800,12 +835,14 @@ pub(super) fn backward<R: Runtime>(
     let (seq_q, seq_k, d) = problem.scalars()?;
     let Problem { heads, scale, .. } = problem;
     let (sq, sk, rows) = (problem.seq_q, problem.seq_k, heads * problem.seq_q);
-    let inputs = |r: &Problem| -> Result<_, String> { Ok((q.arg::<R>(r, sq)?, k.arg::<R>(r, sk)?, v.arg::<R>(r, sk)?, dout.arg::<R>(r, sq)?)) };
+    let width = vector_width(client, &problem, &plan, dtype.size(), &[q, k, v, dout]);
+    let inputs = |r: &Problem| -> Result<_, String> { Ok((q.arg::<R>(r, sq, width)?, k.arg::<R>(r, sk, width)?, v.arg::<R>(r, sk, width)?, dout.arg::<R>(r, sq, width)?)) };
     let (q1, k1, v1, g1) = inputs(&problem)?;
     let (q2, k2, v2, g2) = inputs(&problem)?;
-    let (adq, adk, adv) = (dq.arg(&problem, sq)?, dk.arg(&problem, sk)?, dv.arg(&problem, sk)?);
-    let rows_strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, dout.layout, dq.layout])?;
-    let keys_strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, dout.layout, dk.layout, dv.layout])?;
+    let (adq, adk, adv) = (dq.arg(&problem, sq, 1)?, dk.arg(&problem, sk, 1)?, dv.arg(&problem, sk, 1)?);
+    let input_layouts = [q.layout, k.layout, v.layout, dout.layout];
+    let rows_strides = strides_arg::<R>(&input_layouts, &[dq.layout], width)?;
+    let keys_strides = strides_arg::<R>(&input_layouts, &[dk.layout, dv.layout], width)?;
     let rows_count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
     let keys_count = CubeCount::Static(problem.seq_k.div_ceil(plan.key_planes * plan.tile) as u32, heads as u32, 1);
     // SAFETY: the buffers hold the element counts given (the caller's contract). `lse` is
@@ -815,6 +852,7 @@ pub(super) fn backward<R: Runtime>(
             client,
             rows_count,
             CubeDim::new_1d((plan.planes * plan.plane) as u32),
+            width,
             q1,
             k1,
             v1,
@@ -841,6 +879,7 @@ pub(super) fn backward<R: Runtime>(
             client,
             keys_count,
             CubeDim::new_1d((plan.key_planes * plan.plane) as u32),
+            width,
             q2,
             k2,
             v2,
@@ -1297,8 +1336,10 @@ mod tests {
     #[test]
     fn vulkan_flash_attention_matches_the_reference() {
         // Sequences that are not multiples of the blocks, a head dimension that is not a
-        // multiple of the tile (padded), cross-attention-like key counts, and one row.
-        for (i, (heads, seq_q, seq_k, d)) in [(2, 37, 45, 20), (3, 64, 77, 40), (1, 1, 9, 8), (2, 70, 16, 24)].into_iter().enumerate() {
+        // multiple of the tile (padded), cross-attention-like key counts, and one row; head
+        // dimensions read 4 (20, 40, 8, 24), 2 (18) and 1 (13) elements at a time.
+        let cases = [(2, 37, 45, 20), (3, 64, 77, 40), (1, 1, 9, 8), (2, 70, 16, 24), (2, 9, 10, 18), (1, 6, 5, 13)];
+        for (i, (heads, seq_q, seq_k, d)) in cases.into_iter().enumerate() {
             let scale = (d as f32).powf(-0.5);
             run(Problem { heads, group: heads, seq_q, seq_k, d, scale }, 11 * i as u32 + 1, false, false);
         }
@@ -1308,7 +1349,7 @@ mod tests {
     /// written through their strides), batches of several heads.
     #[test]
     fn vulkan_flash_attention_reads_and_writes_head_split_layouts() {
-        for (i, (batch, group, seq_q, seq_k, d)) in [(2, 3, 37, 45, 20), (1, 2, 64, 77, 40), (3, 1, 5, 9, 8)].into_iter().enumerate() {
+        for (i, (batch, group, seq_q, seq_k, d)) in [(2, 3, 37, 45, 20), (1, 2, 64, 77, 40), (3, 1, 5, 9, 8), (1, 2, 9, 10, 18)].into_iter().enumerate() {
             let scale = (d as f32).powf(-0.5);
             run(Problem { heads: batch * group, group, seq_q, seq_k, d, scale }, 5 * i as u32 + 2, false, true);
         }
