@@ -33,7 +33,8 @@ if [ "${SKIP_NVRTC:-0}" != 1 ]; then
     mkdir -p "$CUDA_TARGET_DIR"
     if ! CARGO_TARGET_DIR=$CUDA_TARGET_DIR OUT=$CUDA_TARGET_DIR/cuda-source bash scripts/cuda-compile.sh >"$CUDA_TARGET_DIR/cuda-compile.log" 2>&1; then
         cat "$CUDA_TARGET_DIR/cuda-compile.log" >&2
-        echo "error: a kernel does not compile for sm_90a (above); fix it before the device call" >&2
+        echo "error: scripts/cuda-compile.sh failed (above): a kernel that does not compile for sm_90a" \
+            "(fix it before the device call), or NVIDIA's wheels could not be fetched (SKIP_NVRTC=1 skips this step)" >&2
         exit 1
     fi
     tail -n 1 "$CUDA_TARGET_DIR/cuda-compile.log"
