@@ -315,16 +315,71 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `base(x)` plus the adapter's contribution (unless merged or absent).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_plus(x, None)
+    }
+
+    /// `forward(x) + residual` (a residual connection after the layer, as in a transformer
+    /// block). The same sum as writing it out, but on fusion backends the residual joins
+    /// the kernel that already adds the bias and the adapter's update (the fused matmul's
+    /// epilogue without cuBLAS routing), instead of an addition kernel of its own that reads
+    /// both `[.., d_out]` tensors and writes a third.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::nn::LinearConfig;
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use lora_core::LoraLinear;
+    ///
+    /// let device = Default::default();
+    /// let layer = LoraLinear::new(LinearConfig::new(8, 6).init::<Flex>(&device));
+    /// let x = Tensor::<Flex, 3>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), &device);
+    /// let r = Tensor::<Flex, 3>::random([2, 3, 6], Distribution::Normal(0.0, 1.0), &device);
+    /// let err: f32 = (layer.forward_residual(x.clone(), r.clone()) - (layer.forward(x) + r)).abs().max().into_scalar();
+    /// assert!(err < 1e-6);
+    /// ```
+    pub fn forward_residual<const D: usize>(&self, x: Tensor<B, D>, residual: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_plus(x, Some(residual))
+    }
+
+    /// `base(x)`, plus the adapter's contribution, plus `extra`, in that order.
+    fn forward_plus<const D: usize>(&self, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
+        let fusion = D >= 2 && !crate::kernels::on_flex::<B>();
+        let plus = |y: Tensor<B, D>, extra: Option<Tensor<B, D>>| match extra {
+            Some(e) => y + e,
+            None => y,
+        };
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
-                if D >= 2 && !crate::kernels::cublas_enabled() && !crate::kernels::on_flex::<B>() {
-                    return self.forward_fusable(adapter, x);
+                if fusion && !crate::kernels::cublas_enabled() {
+                    return self.forward_fusable(adapter, x, extra);
+                }
+                if fusion && D > 2 {
+                    return self.forward_rows(x, extra);
                 }
                 let delta = adapter.forward(x.clone(), self.multiplier);
-                crate::kernels::linear(&self.base, x) + delta
+                plus(crate::kernels::linear(&self.base, x) + delta, extra)
             }
-            _ => crate::kernels::linear(&self.base, x),
+            _ if fusion && D > 2 && extra.is_some() => self.forward_rows(x, extra),
+            _ => plus(crate::kernels::linear(&self.base, x), extra),
         }
+    }
+
+    /// [`forward_plus`](Self::forward_plus) on `x` (and `extra`) flattened to rows, for
+    /// fusion backends: burn's fusion (burn-fusion 0.21) cannot reshape a tensor computed
+    /// inside a fused block to a higher rank, so with the base output reshaped back to
+    /// `[.., d_out]` before `+ delta` (cuBLAS route) or `+ extra`, each sum ran as a kernel
+    /// of its own. On rows they are one with the bias (the output is read and written
+    /// once). `extra` is flattened first: a view, queued before the matmuls.
+    fn forward_rows<const D: usize>(&self, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
+        let mut dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let extra = extra.map(|e| {
+            let d_out = e.dims()[D - 1];
+            e.reshape([rows, d_out])
+        });
+        let y = self.forward_plus(x.reshape([rows, dims[D - 1]]), extra);
+        dims[D - 1] = y.dims()[1];
+        y.reshape(dims)
     }
 
     /// [`forward`](Self::forward) with the adapter, as three 2-D matmuls in an order that
@@ -336,11 +391,15 @@ impl<B: Backend> LoraLinear<B> {
     /// `x·W + bias + delta` (bias and sum fused): 3 launches (counted with sd-model's
     /// `launches` example). Same arithmetic. Not on the CPU backend, which fuses nothing and
     /// runs burn's `linear` faster than these matmuls.
-    fn forward_fusable<const D: usize>(&self, adapter: &LinearAdapter<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    /// `extra` (the residual of [`forward_residual`](Self::forward_residual)) joins the
+    /// same epilogue.
+    fn forward_fusable<const D: usize>(&self, adapter: &LinearAdapter<B>, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let mut dims = x.dims();
         let [d_in, d_out] = self.base.weight.dims();
-        let x = x.reshape([dims[..D - 1].iter().product::<usize>(), d_in]);
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let extra = extra.map(|e| e.reshape([rows, d_out]));
+        let x = x.reshape([rows, d_in]);
         let down = cast_to(adapter.down.weight.val(), dtype);
         let up = cast_to(adapter.up.weight.val(), dtype);
         let h = adapter.dropout.forward(x.clone()).matmul(down) * (self.multiplier * adapter.scale);
@@ -349,6 +408,10 @@ impl<B: Backend> LoraLinear<B> {
         let y = match &self.base.bias {
             Some(bias) => y + bias.val().unsqueeze::<2>() + delta,
             None => y + delta,
+        };
+        let y = match extra {
+            Some(e) => y + e,
+            None => y,
         };
         dims[D - 1] = d_out;
         y.reshape(dims)
@@ -372,8 +435,31 @@ mod tests {
         err / peak.max(1e-12)
     }
 
-    /// The fusion-ordered forward (used on GPU backends) computes what the eager one does:
-    /// output, input gradient and both adapter gradients, with and without bias.
+    /// The row-wise residual sum of a layer without an adapter (and with the adapter
+    /// merged) is `forward(x) + residual`.
+    #[test]
+    fn residual_on_rows_without_an_active_adapter() {
+        let device = Default::default();
+        let mut layer = LoraLinear::new(LinearConfig::new(12, 10).init::<B>(&device).no_grad());
+        let x = Tensor::<B, 3>::random([2, 5, 12], Distribution::Normal(0.0, 1.0), &device);
+        let r = Tensor::<B, 3>::random([2, 5, 10], Distribution::Normal(0.0, 1.0), &device);
+        let flat = |t: Tensor<B, 3>| t.inner().reshape([10, -1]);
+        let check = |layer: &LoraLinear<B>, what: &str| {
+            let want = flat(layer.forward(x.clone()) + r.clone());
+            for (order, got) in [("rows", layer.forward_rows(x.clone(), Some(r.clone()))), ("api", layer.forward_residual(x.clone(), r.clone()))] {
+                let err = max_rel(flat(got), want.clone());
+                assert!(err < 1e-6, "{what}, {order}: relative error {err}");
+            }
+        };
+        check(&layer, "no adapter");
+        layer.attach_new(&LoraConfig::new(3), &device).unwrap();
+        layer.merge_in_place();
+        check(&layer, "merged");
+    }
+
+    /// The fusion-ordered forward and the row-wise one (used on GPU backends) compute what
+    /// the eager one does: output, input gradient and both adapter gradients, with and
+    /// without bias.
     #[test]
     fn fusable_order_matches_the_eager_forward() {
         let device = Default::default();
@@ -389,12 +475,15 @@ mod tests {
             layer.adapter = Some(adapter.clone());
             let x0 = Tensor::<B, 3>::random([2, 5, 12], Distribution::Normal(0.0, 1.0), &device);
             let weights = Tensor::<B, 3>::random([2, 5, 10], Distribution::Normal(0.0, 1.0), &device);
-            let run = |fusable: bool| {
+            let run = |order: &str| {
                 let x = x0.clone().require_grad();
-                let y = if fusable {
-                    layer.forward_fusable(&adapter, x.clone())
-                } else {
-                    crate::kernels::linear(&layer.base, x.clone()) + adapter.forward(x.clone(), layer.multiplier)
+                let y = match order {
+                    "fusable" => layer.forward_fusable(&adapter, x.clone(), None),
+                    "rows" => layer.forward_rows(x.clone(), None),
+                    // With a residual (`weights`, a constant) added and taken off again.
+                    "fusable+residual" => layer.forward_fusable(&adapter, x.clone(), Some(weights.clone())) - weights.clone(),
+                    "rows+residual" => layer.forward_rows(x.clone(), Some(weights.clone())) - weights.clone(),
+                    _ => crate::kernels::linear(&layer.base, x.clone()) + adapter.forward(x.clone(), layer.multiplier),
                 };
                 let grads = (y.clone() * weights.clone()).sum().backward();
                 let flat = |t: Tensor<Flex, 3>| t.reshape([10, -1]);
@@ -405,10 +494,12 @@ mod tests {
                     adapter.up.weight.grad(&grads).unwrap(),
                 ]
             };
-            let (ours, eager) = (run(true), run(false));
-            for (what, (a, b)) in ["y", "dx", "d down", "d up"].iter().zip(ours.into_iter().zip(eager)) {
-                let err = max_rel(a, b);
-                assert!(err < 1e-5, "bias {bias}, {what}: relative error {err}");
+            let eager = run("eager");
+            for order in ["fusable", "rows", "fusable+residual", "rows+residual"] {
+                for (what, (a, b)) in ["y", "dx", "d down", "d up"].iter().zip(run(order).into_iter().zip(eager.clone())) {
+                    let err = max_rel(a, b);
+                    assert!(err < 1e-5, "{order}, bias {bias}, {what}: relative error {err}");
+                }
             }
         }
     }

@@ -47,6 +47,16 @@ impl<B: Backend> Attention<B> {
 
     /// `x [B, N, dim]` attends to `context [B, M, context_dim]` (itself when `None`).
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        self.forward_plus(x, context, None)
+    }
+
+    /// `forward(x, context) + residual`, with the residual added by the output projection
+    /// ([`LoraLinear::forward_residual`]: no addition kernel of its own on GPU backends).
+    pub fn forward_residual(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_plus(x, context, Some(residual))
+    }
+
+    fn forward_plus(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>, mut residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let context = context.unwrap_or_else(|| x.clone());
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
@@ -58,10 +68,17 @@ impl<B: Backend> Attention<B> {
         } else {
             multi_head_attention(q, k, v, self.heads, false)
         };
-        for layer in &self.to_out {
-            out = layer.forward(out);
+        let last = self.to_out.len().saturating_sub(1);
+        for (i, layer) in self.to_out.iter().enumerate() {
+            out = match residual.take_if(|_| i == last) {
+                Some(r) => layer.forward_residual(out, r),
+                None => layer.forward(out),
+            };
         }
-        out
+        match residual {
+            Some(r) => out + r,
+            None => out,
+        }
     }
 }
 
@@ -94,9 +111,10 @@ impl<B: Backend> FeedForward<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    /// `ff(x) + residual`, the residual added by the output layer.
+    fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = crate::activation::geglu_projected(&self.net.0.proj, x);
-        self.net.2.forward(self.net.1.forward(h))
+        self.net.2.forward_residual(self.net.1.forward(h), residual)
     }
 }
 
@@ -135,9 +153,9 @@ impl<B: Backend> BasicTransformerBlock<B> {
 
     fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
         let norm = |n: &LayerNorm<B>, x: Tensor<B, 3>| crate::norm::layer_norm(n, x, LAYER_NORM_EPS);
-        let x = self.attn1.forward(norm(&self.norm1, x.clone()), None) + x;
-        let x = self.attn2.forward(norm(&self.norm2, x.clone()), Some(context)) + x;
-        self.ff.forward(norm(&self.norm3, x.clone())) + x
+        let x = self.attn1.forward_residual(norm(&self.norm1, x.clone()), None, x);
+        let x = self.attn2.forward_residual(norm(&self.norm2, x.clone()), Some(context), x);
+        self.ff.forward_residual(norm(&self.norm3, x.clone()), x)
     }
 }
 

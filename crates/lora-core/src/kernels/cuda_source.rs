@@ -318,7 +318,7 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
                 problem,
                 plan,
                 dtype,
-                [op(&q, seq_q), op(&kv[0], seq_k), op(&kv[1], seq_k), op(&out, seq_q)],
+                [op(&q, seq_q), op(&kv[0], seq_k), op(&kv[1], seq_k), op(&out, seq_q), op(&out, seq_q)],
                 [&lse, &delta],
                 [op(&dq, seq_q), op(&dk, seq_k), op(&dv, seq_k)],
             )?;
@@ -467,7 +467,7 @@ fn kernels_translate_to_cuda_for_sm90() {
     }
     eprintln!("{} kernel launches, {} distinct sources, NVRTC {}", translated.len(), seen.len(), if toolkit.is_some() { "on" } else { "off" });
     // Every launcher above queued at least one kernel of each family.
-    for family in ["flash_rows", "flash_keys", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "signal", "wait"] {
+    for family in ["flash_rows", "flash_keys", "flash_delta", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "signal", "wait"] {
         assert!(translated.iter().any(|k| k.name.starts_with(family)), "no {family} kernel was launched");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

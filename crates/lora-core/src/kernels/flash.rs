@@ -552,6 +552,45 @@ fn flash_keys<E: Float, N: Size>(
     write_accumulators::<E>(&acc_dv, &mut sc, region, dv, base[5], rs[5], k0 + w * t, seq_k, d, 1.0, row, sub, lanes_per_row, bq, dp, t, whole_cube);
 }
 
+/// Units (one query row each) per cube of [`flash_delta`].
+const DELTA_ROWS: usize = 128;
+
+/// The backward pass's row statistic `Δ = rowsum(dO ∘ o)` in f32, `[batch·heads, seq]`
+/// contiguous, from `dout` and the forward output `out` in their own layouts (read `N`
+/// elements at a time; `strides` holds both operands' batch, head and row strides in
+/// vectors). One unit per row: the row's `d / N` vectors are adjacent, so each unit reads
+/// whole 16-byte words where the layout allows. Grid: `(ceil(seq / DELTA_ROWS),
+/// batch·heads)`. It replaces four launches of burn's ops (two casts to f32, a product, a
+/// sum) and their f32 intermediates, twice the size of `dO`.
+#[cube(launch)]
+fn flash_delta<E: Float, N: Size>(
+    dout: &Array<Vector<E, N>>,
+    out: &Array<Vector<E, N>>,
+    delta: &mut Array<f32>,
+    seq: u32,
+    head_dim: u32,
+    heads: u32,
+    strides: Sequence<u32>,
+    #[define(E)] _dtype: StorageType,
+) {
+    let seq = seq as usize;
+    let bh = CUBE_POS_Y as usize;
+    let r = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    if r < seq {
+        let (base, rs) = head_starts(&strides, bh, heads);
+        let (g0, o0) = (base[0] + r * rs[0], base[1] + r * rs[1]);
+        let mut sum = 0.0f32;
+        for c in 0..head_dim as usize / N::value() {
+            let (g, o) = (dout[g0 + c], out[o0 + c]);
+            #[unroll]
+            for j in 0..N::value() {
+                sum += f32::cast_from(g[j]) * f32::cast_from(o[j]);
+            }
+        }
+        delta[bh * seq + r] = sum;
+    }
+}
+
 /// Tile size, plane layout and block lengths for one problem on one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Plan {
@@ -820,22 +859,43 @@ pub(super) fn forward<R: Runtime>(
 }
 
 /// Queues the backward pass: `dq`, `dk`, `dv` (in `dtype`, each in its own layout) from the
-/// inputs, the output gradient `dout` (`dtype`, like `q`), the forward pass's `lse` and
-/// `delta = rowsum(dout ∘ out)` (f32, contiguous `[heads, seq_q]`).
+/// inputs, the output gradient `dout` (`dtype`, like `q`), the forward output `out` and the
+/// forward pass's `lse` (f32, contiguous `[heads, seq_q]`). `delta` (f32, `heads · seq_q`
+/// elements) is scratch: a first kernel writes `Δ = rowsum(dout ∘ out)` there for the other two.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
     plan: Plan,
     dtype: StorageType,
-    [q, k, v, dout]: [Operand<'_>; 4],
+    [q, k, v, dout, out]: [Operand<'_>; 5],
     [lse, delta]: [&cubecl::server::Handle; 2],
     [dq, dk, dv]: [Operand<'_>; 3],
 ) -> Result<(), String> {
     let (seq_q, seq_k, d) = problem.scalars()?;
     let Problem { heads, scale, .. } = problem;
     let (sq, sk, rows) = (problem.seq_q, problem.seq_k, heads * problem.seq_q);
-    let width = vector_width(client, &problem, &plan, dtype.size(), &[q, k, v, dout]);
+    let width = vector_width(client, &problem, &plan, dtype.size(), &[q, k, v, dout, out]);
+    let delta_strides = strides_arg::<R>(&[dout.layout, out.layout], &[], width)?;
+    let (gd, od) = (dout.arg::<R>(&problem, sq, width)?, out.arg::<R>(&problem, sq, width)?);
+    // SAFETY: `dout` and `out` cover their layouts (the caller's contract) and `delta` holds
+    // `rows` f32 values.
+    unsafe {
+        flash_delta::launch::<R>(
+            client,
+            CubeCount::Static(sq.div_ceil(DELTA_ROWS) as u32, heads as u32, 1),
+            CubeDim::new_1d(DELTA_ROWS as u32),
+            width,
+            gd,
+            od,
+            arg(delta, rows),
+            seq_q,
+            d,
+            problem.group as u32,
+            delta_strides,
+            dtype,
+        );
+    }
     let inputs = |r: &Problem| -> Result<_, String> { Ok((q.arg::<R>(r, sq, width)?, k.arg::<R>(r, sk, width)?, v.arg::<R>(r, sk, width)?, dout.arg::<R>(r, sq, width)?)) };
     let (q1, k1, v1, g1) = inputs(&problem)?;
     let (q2, k2, v2, g2) = inputs(&problem)?;
@@ -919,6 +979,12 @@ pub(super) fn forward_math<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tens
     (cast_to(p.matmul(f32(v)), dtype), lse.squeeze_dim(3))
 }
 
+/// `Δ = rowsum(dout ∘ out)` in f32 (`[b, h, s]`) in burn's ops: what [`flash_delta`]
+/// computes, for the ops' fallback.
+pub(super) fn delta_math<X: Backend>(dout: Tensor<X, 4>, out: Tensor<X, 4>) -> Tensor<X, 3> {
+    (cast_to(dout, DType::F32) * cast_to(out, DType::F32)).sum_dim(3).squeeze_dim::<3>(3)
+}
+
 /// The gradients `(dq, dk, dv)` of [`forward_math`] in burn's ops, from the forward pass's
 /// log-sum-exp and `delta = rowsum(dout ∘ out)` (f32, `[b, h, s]`).
 #[allow(clippy::too_many_arguments)]
@@ -963,18 +1029,14 @@ pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: 
     (out, lse)
 }
 
-/// Queues the backward pass: `(dq, dk, dv)` in the inputs' dtype.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>(
-    [q, k, v, dout]: [Fused<R>; 4],
-    [lse, delta]: [Fused<R>; 2],
-    scale: f32,
-) -> (Fused<R>, Fused<R>, Fused<R>) {
+/// Queues the backward pass: `(dq, dk, dv)` in the inputs' dtype, from the inputs, the
+/// output gradient `dout`, the forward output `out` and its log-sum-exp `lse`.
+pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout, out]: [Fused<R>; 5], lse: Fused<R>, scale: f32) -> (Fused<R>, Fused<R>, Fused<R>) {
     let client = q.client.clone();
-    let streams = OperationStreams::with_inputs([&q, &k, &v, &dout, &lse, &delta]);
+    let streams = OperationStreams::with_inputs([&q, &k, &v, &dout, &out, &lse]);
     let grad = |t: &Fused<R>| TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype);
     let outputs = [grad(&q), grad(&k), grad(&v)];
-    let inputs = [q.into_ir(), k.into_ir(), v.into_ir(), dout.into_ir(), lse.into_ir(), delta.into_ir()];
+    let inputs = [q.into_ir(), k.into_ir(), v.into_ir(), dout.into_ir(), out.into_ir(), lse.into_ir()];
     let desc = CustomOpIr::new("sd_lora_flash_attention_backward", &inputs, &outputs);
     let op = FlashBackward::<R, BT> {
         desc: desc.clone(),
@@ -1122,16 +1184,17 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
 
 impl<R: CubeRuntime, BT: BoolElement> FlashBackward<R, BT> {
     #[allow(clippy::type_complexity)]
-    fn kernel(&self, [q, k, v, dout]: [CubeTensor<R>; 4], [lse, delta]: [CubeTensor<R>; 2]) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), String> {
-        let [q, k, v, dout] = [q, k, v, dout].map(rowwise);
-        let [lse, delta] = [lse, delta].map(|t| if t.is_contiguous() { t } else { into_contiguous(t) });
-        if [&k, &v, &dout].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || delta.dtype != DType::F32 {
-            return Err(format!("flash attention backward: unexpected dtypes (q {:?}, lse {:?}, delta {:?})", q.dtype, lse.dtype, delta.dtype));
+    fn kernel(&self, [q, k, v, dout, out]: [CubeTensor<R>; 5], lse: CubeTensor<R>) -> Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), String> {
+        let [q, k, v, dout, out] = [q, k, v, dout, out].map(rowwise);
+        let lse = if lse.is_contiguous() { lse } else { into_contiguous(lse) };
+        if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 {
+            return Err(format!("flash attention backward: unexpected dtypes (q {:?}, dO {:?}, o {:?}, lse {:?})", q.dtype, dout.dtype, out.dtype, lse.dtype));
         }
         let problem = problem(&q, &k, self.scale);
         let (dq, dk, dv) = (output_like(&q, q.dtype), output_like(&k, q.dtype), output_like(&v, q.dtype));
+        let delta = empty_f32(&q, lse.meta.shape().clone());
         let layout = plan(&q.client, q.dtype.into(), problem.d)?;
-        let inputs = [operand(&q), operand(&k), operand(&v), operand(&dout)];
+        let inputs = [operand(&q), operand(&k), operand(&v), operand(&dout), operand(&out)];
         backward(&q.client, problem, layout, q.dtype.into(), inputs, [&lse.handle, &delta.handle], [operand(&dq), operand(&dk), operand(&dv)])?;
         Ok((dq, dk, dv))
     }
@@ -1139,19 +1202,20 @@ impl<R: CubeRuntime, BT: BoolElement> FlashBackward<R, BT> {
 
 impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashBackward<R, BT> {
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
-        let ([q, k, v, dout, lse, delta], [dq, dk, dv]) = self.desc.as_fixed();
+        let ([q, k, v, dout, out, lse], [dq, dk, dv]) = self.desc.as_fixed();
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
-        let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout)];
-        let stats = [get(handles, lse), get(handles, delta)];
-        let grads = match self.kernel(inputs.clone(), stats.clone()) {
+        let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout), get(handles, out)];
+        let lse = get(handles, lse);
+        let grads = match self.kernel(inputs.clone(), lse.clone()) {
             Ok(result) => {
                 super::record_flash_attention();
                 result
             }
             Err(reason) => {
                 super::record_fallback(reason);
-                let [q, k, v, dout] = inputs.map(super::tensor::<Inner<R, BT>, 4>);
-                let [lse, delta] = stats.map(super::tensor::<Inner<R, BT>, 3>);
+                let [q, k, v, dout, out] = inputs.map(super::tensor::<Inner<R, BT>, 4>);
+                let lse = super::tensor::<Inner<R, BT>, 3>(lse);
+                let delta = delta_math(dout.clone(), out);
                 let (a, b, c) = backward_math(q, k, v, dout, lse, delta, self.scale);
                 (a.into_primitive().tensor(), b.into_primitive().tensor(), c.into_primitive().tensor())
             }
@@ -1323,11 +1387,15 @@ mod tests {
         for (i, (g, w)) in lse_got.iter().zip(&lse_ref).enumerate() {
             assert!((f64::from(*g) - w).abs() < 1e-2 * w.abs().max(1.0), "lse[{i}]: {g} vs {w}");
         }
-        // Δ from the output and dO, as the caller computes it.
-        let delta: Vec<f32> = out_got.chunks(p.d).zip(dout.chunks(p.d)).map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b.to_f32()).sum()).collect();
-        let hdelta = client.create_from_slice(&delta.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        let hdelta = client.empty(4 * p.heads * p.seq_q);
         let (dq, dk, dv) = (client.empty(2 * nq), client.empty(2 * nk), client.empty(2 * nk));
-        backward(&client, p, layout, f16_type(), [op(&hq), kop(&hk), kop(&hv), op(&hdo)], [&lse, &hdelta], [op(&dq), kop(&dk), kop(&dv)]).expect("backward");
+        backward(&client, p, layout, f16_type(), [op(&hq), kop(&hk), kop(&hv), op(&hdo), op(&out)], [&lse, &hdelta], [op(&dq), kop(&dk), kop(&dv)]).expect("backward");
+        // Δ = rowsum(dO ∘ o) as the backward pass's first kernel wrote it, against the same
+        // f16 values summed here.
+        let delta: Vec<f32> = out_got.chunks(p.d).zip(dout.chunks(p.d)).map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b.to_f32()).sum()).collect();
+        for (i, (g, w)) in download(&client, hdelta).iter().zip(&delta).enumerate() {
+            assert!((g - w).abs() < 1e-4 * w.abs().max(1.0), "delta[{i}]: {g} vs {w}");
+        }
         assert_close("dq", &gather_from(&download_f16(&client, dq), &p, p.seq_q, lq), &dq_ref, 2e-3);
         assert_close("dk", &gather_from(&download_f16(&client, dk), &p, p.seq_k, lk), &dk_ref, 2e-3);
         assert_close("dv", &gather_from(&download_f16(&client, dv), &p, p.seq_k, lk), &dv_ref, 2e-3);
@@ -1383,7 +1451,7 @@ mod tests {
         let grads = super::super::flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone() + 0.0, lse.clone(), scale).expect("flash backward on wgpu");
         super::super::set_flash_attention(false);
         let (out_ref, lse_ref) = forward_math(q.clone(), k.clone(), v.clone(), scale);
-        let delta = (g.clone().cast(FloatDType::F32) * out_ref.clone().cast(FloatDType::F32)).sum_dim(3).squeeze_dim(3);
+        let delta = delta_math(g.clone(), out_ref.clone());
         let (dq, dk, dv) = backward_math(q, k, v, g, lse_ref.clone(), delta, scale);
         let close = |what: &str, a: Tensor<W, 4>, b: Tensor<W, 4>| {
             let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));

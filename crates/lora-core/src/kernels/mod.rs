@@ -782,15 +782,15 @@ pub fn flash_attention_backward<X: Backend>(
     }
     #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
     if flash_backend::<X>() {
-        // Δ = rowsum(dO ∘ O) in f32, the one reduction the kernels take as an input.
-        let delta = (cast_to(grad_out.clone(), DType::F32) * cast_to(out.clone(), DType::F32)).sum_dim(3).squeeze_dim::<3>(3);
+        // The op computes Δ = rowsum(dO ∘ O) itself (one kernel, f32 sums of the halves).
         let grad_out = cast_to(grad_out.clone(), q.dtype());
+        let out = cast_to(out.clone(), q.dtype());
         #[cfg(feature = "cuda")]
-        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&q, &k, &v, &grad_out], [&lse, &delta], scale) {
+        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&q, &k, &v, &grad_out, &out], &lse, scale) {
             return Some(grads);
         }
         #[cfg(feature = "wgpu-test")]
-        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&q, &k, &v, &grad_out], [&lse, &delta], scale) {
+        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&q, &k, &v, &grad_out, &out], &lse, scale) {
             return Some(grads);
         }
     }
@@ -831,13 +831,12 @@ fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
 fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
-    inputs: [&Tensor<X, 4>; 4],
-    stats: [&Tensor<X, 3>; 2],
+    inputs: [&Tensor<X, 4>; 5],
+    lse: &Tensor<X, 3>,
     scale: f32,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>)> {
-    let [q, k, v, g] = inputs.map(to_fused::<X, R, BT, 4>);
-    let [l, d] = stats.map(to_fused::<X, R, BT, 3>);
-    let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?], [l?, d?], scale);
+    let [q, k, v, g, o] = inputs.map(to_fused::<X, R, BT, 4>);
+    let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?, o?], to_fused::<X, R, BT, 3>(lse)?, scale);
     let back = from_fused::<X, R, BT, 4>;
     Some((back(dq)?, back(dk)?, back(dv)?))
 }
