@@ -43,9 +43,9 @@ pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
     hidden * gelu(gate)
 }
 
-fn halves<B: Backend>(h: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    let n = h.dims()[2] / 2;
-    (h.clone().narrow(2, 0, n), h.narrow(2, n, n))
+fn halves<B: Backend, const D: usize>(h: Tensor<B, D>) -> (Tensor<B, D>, Tensor<B, D>) {
+    let n = h.dims()[D - 1] / 2;
+    (h.clone().narrow(D - 1, 0, n), h.narrow(D - 1, n, n))
 }
 
 fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(h: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
@@ -91,10 +91,14 @@ impl<X: Backend> Backward<X, 1> for GegluBackward {
 /// `dL/dh` of `hidden · gelu(gate)` from `h = [hidden, gate]` and `dL/dy`, computed in f32
 /// and returned in `h`'s dtype.
 fn geglu_grad<X: Backend, const D: usize>(h: Tensor<X, D>, grad_out: Tensor<X, D>) -> Tensor<X, D> {
-    let dtype = h.dtype();
-    let n = h.dims()[D - 1] / 2;
-    let h = cast_to(h, DType::F32);
-    let (hidden, gate) = (h.clone().narrow(D - 1, 0, n), h.narrow(D - 1, n, n));
+    let (hidden, gate) = halves(h);
+    geglu_grad_halves(hidden, gate, grad_out)
+}
+
+/// [`geglu_grad`] from the two halves of `h`.
+fn geglu_grad_halves<X: Backend, const D: usize>(hidden: Tensor<X, D>, gate: Tensor<X, D>, grad_out: Tensor<X, D>) -> Tensor<X, D> {
+    let dtype = hidden.dtype();
+    let (hidden, gate) = (cast_to(hidden, DType::F32), cast_to(gate, DType::F32));
     let dy = cast_to(grad_out, DType::F32);
     let cdf = gate.clone().mul_scalar(std::f32::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0).mul_scalar(0.5);
     let pdf = gate.clone().square().mul_scalar(-0.5).exp().mul_scalar(0.398_942_3);
@@ -143,8 +147,15 @@ pub fn geglu_projected<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 3>) -> Ten
     // The op's own arithmetic, so that a pass without autodiff gives the values a pass
     // with it does (gradient checkpointing recomputes from checkpoints taken without).
     let (x, w, b) = args;
-    let (hidden, gate) = halves(project(x, w, b));
-    hidden * gelu(gate)
+    projected(x, w, b)
+}
+
+/// `geglu(x·W + b)` on `[batch, tokens, d_in]`, the op's forward arithmetic.
+fn projected<X: Backend>(x: Tensor<X, 3>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> Tensor<X, 3> {
+    let [batch, tokens, _] = x.dims();
+    let (hidden, gate) = project_halves(x, w, b);
+    let n = hidden.dims()[1];
+    (hidden * gelu(gate)).reshape([batch, tokens, n])
 }
 
 fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>)) -> Option<Tensor<B, 3>> {
@@ -155,19 +166,23 @@ fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &
     downcast(projected_op::<X, C>(downcast(x)?, downcast(w)?, downcast(b)?))
 }
 
-/// `x·W + b` on `[batch, tokens, d_in]`, through [`matmul`] (cuBLAS on CUDA when on).
-fn project<X: Backend>(x: Tensor<X, 3>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> Tensor<X, 3> {
+/// The halves `(hidden, gate)` of `x·W + b` for `x` `[batch, tokens, d_in]`, as
+/// `[batch·tokens, n]` rows, through [`matmul`] (cuBLAS on CUDA when on). Each half gets its
+/// half of the bias after the split, and the rows stay rows: on burn's fusion the slices
+/// are views that close no block after the additions, so the bias joins the GELU's kernel
+/// (or the gradient's) instead of writing the whole `[rows, 2n]` projection once more.
+fn project_halves<X: Backend>(x: Tensor<X, 3>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> (Tensor<X, 2>, Tensor<X, 2>) {
     let [batch, tokens, d_in] = x.dims();
-    let h = matmul(x.reshape([batch * tokens, d_in]), w) + b.unsqueeze::<2>();
-    let d_out = h.dims()[1];
-    h.reshape([batch, tokens, d_out])
+    let n = w.dims()[1] / 2;
+    let (b_hidden, b_gate) = (b.clone().narrow(0, 0, n).unsqueeze::<2>(), b.narrow(0, n, n).unsqueeze::<2>());
+    let (hidden, gate) = halves(matmul(x.reshape([batch * tokens, d_in]), w));
+    (hidden + b_hidden, gate + b_gate)
 }
 
 fn projected_op<X: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<X, C>, 3>, w: Tensor<Autodiff<X, C>, 2>, b: Tensor<Autodiff<X, C>, 1>) -> Tensor<Autodiff<X, C>, 3> {
     let (x, w, b) = (x.into_primitive().tensor(), w.into_primitive().tensor(), b.into_primitive().tensor());
     let forward = |x: FloatTensor<X>, w: FloatTensor<X>, b: FloatTensor<X>| {
-        let (hidden, gate) = halves(project(tensor::<X, 3>(x), tensor(w), tensor(b)));
-        (hidden * gelu(gate)).into_primitive().tensor()
+        projected(tensor::<X, 3>(x), tensor(w), tensor(b)).into_primitive().tensor()
     };
     let out = match ProjectedGegluBackward.prepare::<C>([x.node.clone(), w.node.clone(), b.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
@@ -192,7 +207,8 @@ impl<X: Backend> Backward<X, 3> for ProjectedGegluBackward {
         let (x, w, b) = (tensor::<X, 3>(ops.state.0), tensor::<X, 2>(ops.state.1), tensor::<X, 1>(ops.state.2));
         let [batch, tokens, d_in] = x.dims();
         let d_out = w.dims()[1];
-        let dh = geglu_grad(project(x.clone(), w.clone(), b), grad_out).reshape([batch * tokens, d_out]);
+        let (hidden, gate) = project_halves(x.clone(), w.clone(), b);
+        let dh = geglu_grad_halves(hidden, gate, grad_out.reshape([batch * tokens, d_out / 2]));
         let [px, pw, pb] = ops.parents;
         if let Some(node) = pw {
             let dw = matmul(x.clone().reshape([batch * tokens, d_in]).swap_dims(0, 1), dh.clone());
