@@ -344,10 +344,6 @@ impl<B: Backend> LoraLinear<B> {
     /// `base(x)`, plus the adapter's contribution, plus `extra`, in that order.
     fn forward_plus<const D: usize>(&self, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
         let fusion = D >= 2 && !crate::kernels::on_flex::<B>();
-        let plus = |y: Tensor<B, D>, extra: Option<Tensor<B, D>>| match extra {
-            Some(e) => y + e,
-            None => y,
-        };
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 if fusion && !crate::kernels::cublas_enabled() {
@@ -409,12 +405,17 @@ impl<B: Backend> LoraLinear<B> {
             Some(bias) => y + bias.val().unsqueeze::<2>() + delta,
             None => y + delta,
         };
-        let y = match extra {
-            Some(e) => y + e,
-            None => y,
-        };
+        let y = plus(y, extra);
         dims[D - 1] = d_out;
         y.reshape(dims)
+    }
+}
+
+/// `y + extra`, or `y` without one.
+fn plus<B: Backend, const D: usize>(y: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
+    match extra {
+        Some(e) => y + e,
+        None => y,
     }
 }
 

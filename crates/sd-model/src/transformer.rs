@@ -56,7 +56,7 @@ impl<B: Backend> Attention<B> {
         self.forward_plus(x, context, Some(residual))
     }
 
-    fn forward_plus(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>, mut residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+    fn forward_plus(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
         let context = context.unwrap_or_else(|| x.clone());
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
@@ -68,16 +68,19 @@ impl<B: Backend> Attention<B> {
         } else {
             multi_head_attention(q, k, v, self.heads, false)
         };
-        let last = self.to_out.len().saturating_sub(1);
-        for (i, layer) in self.to_out.iter().enumerate() {
-            out = match residual.take_if(|_| i == last) {
-                Some(r) => layer.forward_residual(out, r),
-                None => layer.forward(out),
+        // The residual goes with the last output layer (`to_out` holds one).
+        let Some((last, rest)) = self.to_out.split_last() else {
+            return match residual {
+                Some(r) => out + r,
+                None => out,
             };
+        };
+        for layer in rest {
+            out = layer.forward(out);
         }
         match residual {
-            Some(r) => out + r,
-            None => out,
+            Some(r) => last.forward_residual(out, r),
+            None => last.forward(out),
         }
     }
 }
