@@ -11,6 +11,15 @@ use lora_core::optim::{AdamWSettings, FlatAdamW};
 
 type AD = Autodiff<Flex>;
 
+/// Held for the whole of every test here. The helpers seed burn's backend-global RNG before
+/// they draw, and parameters draw theirs lazily, on first use; tests run in parallel threads,
+/// so without the lock another test's draws could fall between a seed and the draws it is
+/// meant to fix, and two passes that must see the same inputs would not.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Module, Debug)]
 struct Net<B: burn::tensor::backend::Backend> {
     first: Linear<B>,
@@ -84,6 +93,7 @@ fn lr(step: usize) -> f64 {
 
 #[test]
 fn flat_adamw_equals_burn_adamw_bit_for_bit() {
+    let _rng = rng_lock();
     let device = Default::default();
     // Parameters initialise lazily: read them once so that the clone shares their values.
     let mut a = net(1);
@@ -117,6 +127,7 @@ fn flat_adamw_equals_burn_adamw_bit_for_bit() {
 
 #[test]
 fn a_tensor_without_gradients_keeps_its_value_step_after_step() {
+    let _rng = rng_lock();
     // The same tensors lack gradients in every step: the partial update's mask is reused.
     let device = Default::default();
     let mut a = net(4);
@@ -139,6 +150,7 @@ fn a_tensor_without_gradients_keeps_its_value_step_after_step() {
 
 #[test]
 fn exported_state_resumes_to_the_same_bits() {
+    let _rng = rng_lock();
     let device = Default::default();
     let mut a = net(2);
     let mut first = FlatAdamW::new(SETTINGS, &a, &device);
@@ -176,6 +188,7 @@ fn exported_state_resumes_to_the_same_bits() {
 
 #[test]
 fn gradient_norm_and_scaling_act_on_every_tensor() {
+    let _rng = rng_lock();
     let device = Default::default();
     let a = net(3);
     let flat = FlatAdamW::new(SETTINGS, &a, &device);
@@ -238,6 +251,7 @@ fn adapter_values(net: &Lora<AD>) -> Vec<f32> {
 
 #[test]
 fn working_copies_train_as_casting_layers_do_to_the_bit() {
+    let _rng = rng_lock();
     use burn::tensor::DType;
     let device = Default::default();
     let mut a = lora(5);
