@@ -163,14 +163,14 @@ fn main() -> Result<()> {
                 let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), CheckpointOptions::default(), |pred| {
                     (pred - target).powf_scalar(2.0).mean()
                 })?;
-                let grads = optim.gather_grads(&unet, &step.grads);
+                let grads = optim.gather_grads(&unet, step.grads);
                 Ok(optim.step(1e-4, unet, grads))
             }
             Mode::Train => {
                 let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
                 let loss = (pred - latents.clone()).powf_scalar(2.0).mean();
                 let grads = GradientsParams::from_grads(loss.backward(), &unet);
-                let grads = optim.gather_grads(&unet, &grads);
+                let grads = optim.gather_grads(&unet, grads);
                 Ok(optim.step(1e-4, unet, grads))
             }
         }

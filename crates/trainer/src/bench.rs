@@ -305,7 +305,7 @@ pub fn run_probed<B: AutodiffBackend>(
                 return Err(e);
             }
             sample()?;
-            let grads = optim.gather_grads(&unet, &step.grads);
+            let grads = optim.gather_grads(&unet, step.grads);
             unet = optim.step(1e-4, unet, grads);
         } else if opts.train {
             let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
@@ -313,7 +313,7 @@ pub fn run_probed<B: AutodiffBackend>(
             sample()?;
             let grads = GradientsParams::from_grads(loss.backward(), &unet);
             sample()?;
-            let grads = optim.gather_grads(&unet, &grads);
+            let grads = optim.gather_grads(&unet, grads);
             unet = optim.step(1e-4, unet, grads);
         } else if let Some(valid) = &frozen {
             let out = valid.forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;

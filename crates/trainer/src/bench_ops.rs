@@ -226,7 +226,7 @@ fn adamw_step<B: AutodiffBackend>(steps: usize, device: &B::Device) -> OpTiming 
     let mut flat = FlatAdamW::new(AdamWSettings::default(), module.as_ref().expect("the module is there"), device);
     let ms_on = median_ms(steps, || {
         let m = module.take().expect("the module is put back after each step");
-        let g = flat.gather_grads(&m, &grads_params(&m));
+        let g = flat.gather_grads(&m, grads_params(&m));
         let m = flat.step(1e-4, m, g);
         let value = read(m[0].val());
         module = Some(m);

@@ -494,7 +494,7 @@ fn run<B: AutodiffBackend>(
                 ),
             });
         }
-        let (mut grads, mut te_grads) = (optim.gather_grads(&unet, &grads), te_optim.gather_grads(&text_encoder, &te_grads));
+        let (mut grads, mut te_grads) = (optim.gather_grads(&unet, grads), te_optim.gather_grads(&text_encoder, te_grads));
         // One host read per step: the loss and the (scaled) global gradient norm.
         let sq = grads.sq_norm() + te_grads.sq_norm();
         let read = Tensor::cat(vec![step_loss, sq], 0).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
