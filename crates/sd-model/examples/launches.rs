@@ -14,9 +14,11 @@
 //! count depends on the graph, not on the widths. CubeCL's profiling logger (level
 //! `minimal`: every kernel that runs, by name, untimed) writes to a temporary file; the
 //! example prints the launches per measured step (after one warm-up step), the most
-//! frequent kernels, and the calling thread's CPU time per step while it queues the steps
-//! (burn's autodiff, fusion and CubeCL on the host: what bounds a small-batch step on a
-//! fast GPU; the driver's work happens on other threads).
+//! frequent kernels, and the calling thread's CPU time per step while it queues the steps.
+//! That thread records autodiff and hands each operation to burn-fusion's device thread
+//! (which plans, fuses and launches); its CPU time includes spin-waits whenever that thread
+//! is behind, as it always is on lavapipe. `scripts/host-profile.sh` samples every thread
+//! with `perf` and separates work from waiting.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
