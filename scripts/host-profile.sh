@@ -25,6 +25,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SID=${SID:-/opt/sid}
 SECONDS_TO_SAMPLE=8
+RATE=499 # samples per second of CPU time, per thread
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then SECONDS_TO_SAMPLE=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 ARGS=("$@")
@@ -51,16 +52,16 @@ until grep -q "warm-up step done" "$OUT/run.log"; do
 done
 PID=$(pgrep -f "^./launches" | head -1)
 sleep "${SKIP:-5}"
-perf record -q -F 499 -p "$PID" -o "$OUT/perf.data" -- sleep "$SECONDS_TO_SAMPLE" 2>/dev/null
+perf record -q -F "$RATE" -p "$PID" -o "$OUT/perf.data" -- sleep "$SECONDS_TO_SAMPLE" 2>/dev/null
 wait $RUN
 tail -1 "$OUT/run.log"
 
 objdump -d --no-show-raw-insn "$SID/work/launches" | awk '$2 == "pause" { sub(":", "", $1); print $1 }' >"$OUT/pauses"
 nm --defined-only "$SID/work/launches" >"$OUT/symbols"
 perf script -i "$OUT/perf.data" --no-demangle -F comm,tid,ip,sym,symoff,dso -G 2>/dev/null >"$OUT/samples"
-python3 - "$OUT" "$SECONDS_TO_SAMPLE" <<'EOF'
+python3 - "$OUT" "$SECONDS_TO_SAMPLE" "$RATE" <<'EOF'
 import bisect, collections, json, re, subprocess, sys
-out, window = sys.argv[1], float(sys.argv[2])
+out, window, rate = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 pauses = sorted(int(a, 16) for a in open(f"{out}/pauses"))
 starts = {}
 for line in open(f"{out}/symbols"):
@@ -69,7 +70,10 @@ for line in open(f"{out}/symbols"):
         starts.setdefault(parts[2], int(parts[0], 16))
 report = json.loads(open(f"{out}/run.log").read().strip().splitlines()[-1])
 steps = window / report["s_per_step"]
-ms_per_sample = 1000.0 / 499
+ms_per_sample = 1000.0 / rate
+
+def per_step(samples):
+    return samples * ms_per_sample / steps
 
 def waiting(sym, off):
     # A `pause` up to 0x30 bytes before the sampled instruction: a spin-wait loop.
@@ -96,9 +100,7 @@ for line in open(f"{out}/samples"):
     else:
         t["work"][(sym, dso.rsplit("/", 1)[-1])] += 1
 names = {}
-for (sym, dso) in {k for t in threads.values() for k in t["work"]}:
-    names[sym] = sym
-mangled = [s for s in names if s.startswith("_ZN") or s.startswith("_R")]
+mangled = sorted({sym for t in threads.values() for sym, _ in t["work"] if sym.startswith(("_ZN", "_R"))})
 if mangled:
     demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True).stdout.splitlines()
     for s, d in zip(mangled, demangled):
@@ -111,12 +113,11 @@ for (comm, tid), t in sorted(threads.items(), key=lambda kv: -kv[1]["all"]):
     if t["all"] < 0.02 * total:
         continue
     work = t["all"] - t["wait"]
-    per = lambda n: n * ms_per_sample / steps
-    print(f"| {comm} ({tid}) | {per(t['all']):.0f} | {per(t['wait']):.0f} | {per(work):.0f} | {1000 * per(work) / report['launches_per_step']:.1f} |")
+    print(f"| {comm} ({tid}) | {per_step(t['all']):.0f} | {per_step(t['wait']):.0f} | {per_step(work):.0f} | {1000 * per_step(work) / report['launches_per_step']:.1f} |")
 for (comm, tid), t in sorted(threads.items(), key=lambda kv: -kv[1]["all"]):
     if not (comm.startswith("launches") or comm.startswith("DSU")):
         continue
     print(f"\n{comm} ({tid}), busiest functions outside waits, ms/step:")
     for (sym, dso), n in t["work"].most_common(15):
-        print(f"  {n * ms_per_sample / steps:7.1f}  {names.get(sym, sym)[:110]} [{dso}]")
+        print(f"  {per_step(n):7.1f}  {names.get(sym, sym)[:110]} [{dso}]")
 EOF
