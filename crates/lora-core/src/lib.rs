@@ -11,7 +11,9 @@
 //!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]);
 //! - [`kernels`]: where the frozen base convolutions run (a backward pass that keeps no
 //!   input for a frozen weight; cuDNN on CUDA with the `cuda` feature);
-//! - [`optim`]: AdamW over all adapter tensors at once ([`optim::FlatAdamW`]).
+//! - [`optim`]: AdamW over all adapter tensors at once ([`optim::FlatAdamW`]);
+//! - [`guard`]: gradient clipping, non-finite skips and f16 loss scaling decided on the
+//!   device ([`guard::StepGuard`]), so that a training loop needs no host read per step.
 //!
 //! The update of an adapter of rank `r` on a weight `W` is
 //! `ΔW = multiplier · scale · up · down`, with `scale = alpha / r` (or `alpha / sqrt(r)`
@@ -41,6 +43,7 @@ mod config;
 mod conv;
 mod error;
 mod format;
+pub mod guard;
 pub mod kernels;
 mod linear;
 pub mod optim;

@@ -19,7 +19,10 @@
 //!
 //! The arithmetic is burn's `AdamW`, operation for operation, so results are the same to
 //! the last bit; as there, a tensor without a gradient in a step keeps its value, moments
-//! and step count.
+//! and step count. [`FlatAdamW::step_if`] leaves to the device whether a step happens at
+//! all (a [`StepGuard`](crate::guard::StepGuard)'s non-finite or overflow check), so a
+//! training loop need not read anything back per step: the step counts live on the
+//! device, and the bias corrections are looked up in tables the host computes as burn does.
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};
@@ -48,9 +51,12 @@ use std::collections::{BTreeMap, HashMap};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Bool, DType, Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Tensor, TensorData};
 
 use crate::error::{LoraError, Result};
+
+/// Entries of the first bias-correction tables (grown as step counts reach them).
+const BIAS_TABLE_MIN: usize = 1024;
 
 /// AdamW's hyper-parameters (as burn's `AdamWConfig`; the learning rate is per step).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,8 +89,6 @@ struct Slot {
     offset: usize,
     len: usize,
     shape: Vec<usize>,
-    /// Steps this tensor has been updated (AdamW's `t`).
-    time: usize,
 }
 
 /// The gradients of a [`FlatAdamW`]'s tensors, concatenated in its order.
@@ -112,6 +116,16 @@ impl<B: AutodiffBackend> FlatGrads<B> {
         self
     }
 
+    /// The gradients times a factor held on the device (one value, shape `[1]`), as a
+    /// [`StepGuard`](crate::guard::StepGuard) computes it: no host read.
+    pub fn scale_by(mut self, factor: Tensor<B::InnerBackend, 1>) -> Self {
+        self.values = self.values.map(|v| {
+            let len = v.dims()[0];
+            v.mul(factor.expand([len]))
+        });
+        self
+    }
+
     /// The concatenated gradients (`None` when the optimizer trains nothing).
     pub fn values(&self) -> Option<&Tensor<B::InnerBackend, 1>> {
         self.values.as_ref()
@@ -120,6 +134,25 @@ impl<B: AutodiffBackend> FlatGrads<B> {
 
 /// `true` over the flat ranges of the tensors a partial update touches.
 type FlatMask<B> = Tensor<<B as AutodiffBackend>::InnerBackend, 1, Bool>;
+
+/// AdamW's bias corrections `1 - β^t` for `t = 0..len`, computed on the host as burn's
+/// `AdamW` computes them (entry 0, never used by an update, is 1).
+#[derive(Debug, Clone)]
+struct BiasTables<B: AutodiffBackend> {
+    beta_1: Tensor<B::InnerBackend, 1>,
+    beta_2: Tensor<B::InnerBackend, 1>,
+    len: usize,
+}
+
+impl<B: AutodiffBackend> BiasTables<B> {
+    fn new(settings: &AdamWSettings, len: usize, device: &Device<B::InnerBackend>) -> Self {
+        let table = |beta: f32| {
+            let values: Vec<f32> = (0..len).map(|t| if t == 0 { 1.0 } else { 1f32 - beta.powi(t as i32) }).collect();
+            Tensor::from_data(TensorData::new(values, [len]), device)
+        };
+        Self { beta_1: table(settings.beta_1), beta_2: table(settings.beta_2), len }
+    }
+}
 
 /// AdamW over every trainable tensor of one module, with flat moment vectors (see the
 /// [module docs](self)).
@@ -133,9 +166,16 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     params: Tensor<B::InnerBackend, 1>,
     moment_1: Tensor<B::InnerBackend, 1>,
     moment_2: Tensor<B::InnerBackend, 1>,
+    /// Per trained scalar, the steps its tensor has been updated (AdamW's `t`). On the
+    /// device, because a guarded step ([`FlatAdamW::step_if`]) decides there whether it
+    /// updates anything.
+    time: Tensor<B::InnerBackend, 1, Int>,
+    /// No element's `time` exceeds this (the host's count of possible updates).
+    time_bound: usize,
+    bias: BiasTables<B>,
     /// The last partial update's mask: the same tensors lack gradients step after step
     /// (a text encoder's layers after the clip-skip cut), so it is built once.
-    last_mask: Option<(Vec<ParamId>, FlatMask<B>)>,
+    last_mask: Option<(Vec<bool>, FlatMask<B>)>,
     /// The dtype of the module's copies of the trained tensors, when it differs from the
     /// master values' ([`FlatAdamW::with_working_dtype`]).
     working: Option<DType>,
@@ -155,6 +195,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             params: Tensor::zeros([len], device),
             moment_1: Tensor::zeros([len], device),
             moment_2: Tensor::zeros([len], device),
+            time: Tensor::zeros([len], device),
+            time_bound: 0,
+            bias: BiasTables::new(&settings, BIAS_TABLE_MIN, device),
             last_mask: None,
             working: None,
         };
@@ -292,77 +335,116 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// to the optimizer's values updated from `grads` (from
     /// [`gather_grads`](Self::gather_grads) on the same module).
     pub fn step<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>) -> M {
-        let Some(grad) = grads.values else { return module };
-        let device = self.moment_1.device();
-        let mut params = self.params.clone();
+        self.step_masked(lr, module, grads, None)
+    }
 
-        // Tensors updated this step, grouped by their step count after it (bias
-        // corrections differ per group); usually one group holding every tensor.
-        let mut groups: BTreeMap<usize, Vec<ParamId>> = BTreeMap::new();
-        for (id, present) in self.order.iter().zip(&grads.present) {
-            if *present {
-                groups.entry(self.slots[id].time + 1).or_default().push(*id);
+    /// [`step`](Self::step) where the device decides whether it happens: where `apply`
+    /// (one value, shape `[1]`) is `false`, values, moments and step counts stay as they
+    /// were, as if the step had not been taken. The host queues the update without
+    /// waiting for the decision (a [`StepGuard`](crate::guard::StepGuard)'s non-finite or
+    /// overflow check), so the training loop needs no read per step.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::optim::GradientsParams;
+    /// use burn::tensor::{Bool, Tensor};
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let layer = LinearConfig::new(4, 2).init::<B>(&device);
+    /// let mut optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device);
+    /// let x = Tensor::<B, 2>::ones([3, 4], &device);
+    /// let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
+    /// let grads = optim.gather_grads(&layer, grads);
+    /// let before = layer.weight.val().into_data();
+    /// let no = Tensor::<_, 1, Bool>::from_bool([false].into(), &device);
+    /// let layer = optim.step_if(1e-3, layer, grads, no);
+    /// assert_eq!(layer.weight.val().into_data(), before);
+    /// assert_eq!(optim.moments::<2>(layer.weight.id).unwrap().0, 0, "no step counted");
+    /// ```
+    pub fn step_if<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>, apply: Tensor<B::InnerBackend, 1, Bool>) -> M {
+        self.step_masked(lr, module, grads, Some(apply))
+    }
+
+    fn step_masked<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) -> M {
+        let Some(grad) = grads.values else { return module };
+        if !grads.present.iter().any(|p| *p) {
+            return self.scatter(module, self.working_values());
+        }
+        let len = self.len();
+        // Where this step updates: tensors with a gradient, if the device says so.
+        let mask = match (self.present_mask(&grads.present), apply) {
+            (None, None) => None,
+            (Some(present), None) => Some(present),
+            (None, Some(apply)) => Some(apply.expand([len])),
+            (Some(present), Some(apply)) => Some(present.bool_and(apply.expand([len]))),
+        };
+        let time = match &mask {
+            None => self.time.clone().add_scalar(1),
+            Some(mask) => self.time.clone().add(mask.clone().int()),
+        };
+        self.time_bound += 1;
+        if self.time_bound >= self.bias.len {
+            let len = (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
+            self.bias = BiasTables::new(&self.settings, len, &self.moment_1.device());
+        }
+        let (m, v, params) = self.update(lr, time.clone(), grad, self.params.clone());
+        match mask {
+            None => (self.moment_1, self.moment_2, self.params) = (m, v, params),
+            Some(mask) => {
+                self.moment_1 = self.moment_1.clone().mask_where(mask.clone(), m);
+                self.moment_2 = self.moment_2.clone().mask_where(mask.clone(), v);
+                self.params = self.params.clone().mask_where(mask, params);
             }
         }
-        let (mut m, mut v) = (self.moment_1.clone(), self.moment_2.clone());
-        for (time, ids) in &groups {
-            let (m_new, v_new, p_new) = self.update(lr, *time as i32, grad.clone(), params.clone());
-            if ids.len() == self.order.len() {
-                (m, v, params) = (m_new, v_new, p_new);
-            } else {
-                let mask = self.mask(ids, &device);
-                m = m.mask_where(mask.clone(), m_new);
-                v = v.mask_where(mask.clone(), v_new);
-                params = params.mask_where(mask, p_new);
-            }
-            for id in ids {
-                if let Some(slot) = self.slots.get_mut(id) {
-                    slot.time = *time;
-                }
-            }
-        }
-        (self.moment_1, self.moment_2) = (m, v);
-        self.params = params;
+        self.time = time;
         // On a fusion backend the working copies' cast joins the update's kernel.
         self.scatter(module, self.working_values())
     }
 
-    /// burn's `AdamW` step on the flat vectors with step count `time`, operation for
-    /// operation: new moments and parameters.
+    /// burn's `AdamW` step on the flat vectors with step counts `time`, operation for
+    /// operation (the bias corrections are the host's `1 - β.powi(t)`, looked up per
+    /// element): new moments and parameters.
     #[allow(clippy::type_complexity)]
     fn update(
         &self,
         lr: f64,
-        time: i32,
+        time: Tensor<B::InnerBackend, 1, Int>,
         grad: Tensor<B::InnerBackend, 1>,
         param: Tensor<B::InnerBackend, 1>,
     ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
         let s = &self.settings;
         let m = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(1.0 - s.beta_1));
         let v = self.moment_2.clone().mul_scalar(s.beta_2).add(grad.square().mul_scalar(1.0 - s.beta_2));
-        let m_hat = m.clone().div_scalar(1f32 - s.beta_1.powi(time));
-        let v_hat = v.clone().div_scalar(1f32 - s.beta_2.powi(time));
+        let m_hat = m.clone().div(self.bias.beta_1.clone().select(0, time.clone()));
+        let v_hat = v.clone().div(self.bias.beta_2.clone().select(0, time));
         let delta = m_hat.div(v_hat.sqrt().add_scalar(s.epsilon));
         let decay = lr * s.weight_decay as f64;
         let decayed = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
         (m, v, decayed - delta.mul_scalar(lr))
     }
 
-    /// `true` over the flat ranges of `ids`.
-    fn mask(&mut self, ids: &[ParamId], device: &Device<B::InnerBackend>) -> FlatMask<B> {
+    /// `true` over the flat ranges of the tensors `present` marks (in flat order); `None`
+    /// when that is all of them.
+    fn present_mask(&mut self, present: &[bool]) -> Option<FlatMask<B>> {
+        if present.iter().all(|p| *p) {
+            return None;
+        }
         if let Some((cached, mask)) = &self.last_mask {
-            if cached.as_slice() == ids {
-                return mask.clone();
+            if cached.as_slice() == present {
+                return Some(mask.clone());
             }
         }
         let mut bits = vec![false; self.len()];
-        for id in ids {
+        for (id, _) in self.order.iter().zip(present).filter(|(_, p)| **p) {
             let slot = &self.slots[id];
             bits[slot.offset..slot.offset + slot.len].fill(true);
         }
-        let mask = Tensor::from_data(TensorData::new(bits, [self.len()]), device);
-        self.last_mask = Some((ids.to_vec(), mask.clone()));
-        mask
+        let mask = Tensor::from_data(TensorData::new(bits, [self.len()]), &self.moment_1.device());
+        self.last_mask = Some((present.to_vec(), mask.clone()));
+        Some(mask)
     }
 
     /// Pieces keyed by offset, in flat order, as one vector of `dtype` (zeros for missing
@@ -387,7 +469,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     }
 
     /// AdamW's state of one tensor: its step count and first and second moments in its
-    /// shape (`None` for a tensor this optimizer does not train or of another rank).
+    /// shape (`None` for a tensor this optimizer does not train or of another rank). The
+    /// step count lives on the device: this reads it (a sync).
     #[allow(clippy::type_complexity)]
     pub fn moments<const D: usize>(&self, id: ParamId) -> Option<(usize, Tensor<B::InnerBackend, D>, Tensor<B::InnerBackend, D>)> {
         let slot = self.slots.get(&id)?;
@@ -395,7 +478,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let range = slot.offset..slot.offset + slot.len;
         let m = self.moment_1.clone().slice(range.clone()).reshape(shape);
         let v = self.moment_2.clone().slice(range).reshape(shape);
-        Some((slot.time, m, v))
+        let time = self.time.clone().slice(slot.offset..slot.offset + 1).into_scalar().elem::<i64>();
+        Some((usize::try_from(time).unwrap_or_default(), m, v))
     }
 
     /// Sets one tensor's step count and moments (resuming a run).
@@ -412,11 +496,16 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 });
             }
         }
-        slot.time = time;
         let range = slot.offset..slot.offset + slot.len;
         let n = slot.len;
+        let device = self.moment_1.device();
         self.moment_1 = self.moment_1.clone().slice_assign(range.clone(), moment_1.reshape([n]));
-        self.moment_2 = self.moment_2.clone().slice_assign(range, moment_2.reshape([n]));
+        self.moment_2 = self.moment_2.clone().slice_assign(range.clone(), moment_2.reshape([n]));
+        self.time = self.time.clone().slice_assign(range, Tensor::full([n], time as i64, &device));
+        self.time_bound = self.time_bound.max(time);
+        if self.time_bound >= self.bias.len {
+            self.bias = BiasTables::new(&self.settings, (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN), &device);
+        }
         Ok(())
     }
 }
@@ -436,7 +525,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
         }
         let shape = param.dims().to_vec();
         let len = shape.iter().product();
-        self.slots.insert(param.id, Slot { offset: self.next, len, shape, time: 0 });
+        self.slots.insert(param.id, Slot { offset: self.next, len, shape });
         self.order.push(param.id);
         self.next += len;
     }

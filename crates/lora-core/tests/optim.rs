@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
-use burn::tensor::{Distribution, FloatDType, Tensor};
+use burn::tensor::{Bool, Distribution, FloatDType, Tensor, TensorData};
 use lora_core::optim::{AdamWSettings, FlatAdamW};
 
 type AD = Autodiff<Flex>;
@@ -142,6 +142,58 @@ fn flat_adamw_equals_burn_adamw_bit_for_bit() {
     assert_eq!(m.dims(), [6, 5]);
     assert!(flat.moments::<3>(b.first.weight.id).is_none(), "wrong rank");
     assert!(flat.moments::<1>(b.frozen.id).is_none(), "not trained");
+}
+
+#[test]
+fn steps_the_device_declines_leave_no_trace() {
+    // `step_if` with `false` on the device is burn's AdamW with that step left out: values,
+    // moments and step counts (bias corrections) as if it had not happened.
+    let _rng = rng_lock();
+    let device = Default::default();
+    let mut a = net(7);
+    values(&a);
+    let mut b = a.clone();
+    let mut burn_optim = burn_config().init::<AD, Net<AD>>();
+    let mut flat = FlatAdamW::new(SETTINGS, &b, &device);
+    let declined = [0, 3, 4];
+    for step in 0..7 {
+        let g = grads(&a, step);
+        let flat_grads = flat.gather_grads(&b, copy(&g, &b));
+        let apply = !declined.contains(&step);
+        if apply {
+            a = burn_optim.step(lr(step), a, g);
+        }
+        let decision = Tensor::<Flex, 1, Bool>::from_bool(TensorData::from([apply]), &device);
+        b = flat.step_if(lr(step), b, flat_grads, decision);
+        assert_eq!(values(&a), values(&b), "step {step}");
+    }
+    // `sometimes` has gradients in even steps: 2 and 6 applied, 0 and 4 declined.
+    assert_eq!(flat.moments::<2>(b.sometimes.weight.id).unwrap().0, 2);
+    assert_eq!(flat.moments::<2>(b.first.weight.id).unwrap().0, 4);
+}
+
+#[test]
+fn step_counts_past_the_first_bias_table_still_match() {
+    // The bias corrections are a table on the device, grown as the step counts reach its
+    // end (first at 1024 steps).
+    let _rng = rng_lock();
+    let device = Default::default();
+    let mut a = net(9);
+    values(&a);
+    let mut b = a.clone();
+    let mut burn_optim = burn_config().init::<AD, Net<AD>>();
+    let mut flat = FlatAdamW::new(SETTINGS, &b, &device);
+    let g = grads_with(&a, 0, true);
+    for step in 0..1030 {
+        let flat_grads = flat.gather_grads(&b, copy(&g, &b));
+        let burn_grads = copy(&g, &a);
+        a = burn_optim.step(1e-3, a, burn_grads);
+        b = flat.step(1e-3, b, flat_grads);
+        if step >= 1020 {
+            assert_eq!(values(&a), values(&b), "step {step}");
+        }
+    }
+    assert_eq!(flat.moments::<2>(b.first.weight.id).unwrap().0, 1030);
 }
 
 #[test]

@@ -31,6 +31,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, FloatDType, Tensor};
 use clap::{Parser, ValueEnum};
+use lora_core::guard::{DynamicLossScale, GuardSettings, StepGuard};
 use lora_core::optim::{AdamWSettings, FlatAdamW};
 use lora_core::LoraConfig;
 use sd_model::checkpoint::CheckpointOptions;
@@ -152,6 +153,12 @@ fn main() -> Result<()> {
         optim = optim.with_working_dtype(FloatDType::F16);
         unet = optim.to_working(unet);
     }
+    // The trainer's step decisions on the device: clipping, non-finite skip, f16 loss scale.
+    let settings = GuardSettings {
+        max_grad_norm: 1.0,
+        loss_scale: matches!(args.precision, Precision::F16).then(DynamicLossScale::default),
+    };
+    let mut guard = StepGuard::<W>::new(settings, &device);
 
     let mut step = |unet: UNet2DConditionModel<B>| -> Result<UNet2DConditionModel<B>> {
         match args.mode {
@@ -163,17 +170,20 @@ fn main() -> Result<()> {
             Mode::Train if args.checkpointing => {
                 let target = latents.clone();
                 let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), CheckpointOptions::default(), |pred| {
-                    (pred - target).powf_scalar(2.0).mean()
+                    guard.scale_loss((pred - target).powf_scalar(2.0).mean())
                 })?;
                 let grads = optim.gather_grads(&unet, step.grads);
-                Ok(optim.step(1e-4, unet, grads))
+                let check = guard.check(guard.unscale(step.loss), grads.sq_norm());
+                Ok(optim.step_if(1e-4, unet, check.scale(grads), check.apply))
             }
             Mode::Train => {
                 let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
-                let loss = (pred - latents.clone()).powf_scalar(2.0).mean();
+                let loss = guard.scale_loss((pred - latents.clone()).powf_scalar(2.0).mean());
+                let value = guard.unscale(loss.clone().inner());
                 let grads = GradientsParams::from_grads(loss.backward(), &unet);
                 let grads = optim.gather_grads(&unet, grads);
-                Ok(optim.step(1e-4, unet, grads))
+                let check = guard.check(value, grads.sq_norm());
+                Ok(optim.step_if(1e-4, unet, check.scale(grads), check.apply))
             }
         }
     };

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
+use lora_core::guard::{DynamicLossScale, GuardSettings, StepGuard};
 use lora_core::optim::{AdamWSettings, FlatAdamW};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
@@ -256,6 +257,14 @@ pub fn run_probed<B: AutodiffBackend>(
         optim = optim.with_working_dtype(opts.precision.dtype());
         unet = optim.to_working(unet);
     }
+    // The trainer's step decisions, with its defaults: clipping at norm 1, the non-finite
+    // skip, and with f16 the dynamic loss scale; all on the device.
+    let half = opts.precision == crate::device_check::Precision::F16;
+    let settings = GuardSettings {
+        max_grad_norm: 1.0,
+        loss_scale: half.then(DynamicLossScale::default),
+    };
+    let mut guard = StepGuard::<B::InnerBackend>::new(settings, device);
     let frozen = (!opts.train).then(|| unet.valid());
     let mut times = Vec::with_capacity(opts.steps + 1);
     let mut peak: Option<MemorySample> = None;
@@ -299,22 +308,25 @@ pub fn run_probed<B: AutodiffBackend>(
                 after_recompute: Some(&mut after_recompute),
             };
             let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), options, |pred| {
-                (pred - latents.clone()).powf_scalar(2.0).mean()
+                guard.scale_loss((pred - latents.clone()).powf_scalar(2.0).mean())
             })?;
             if let Some(e) = failed {
                 return Err(e);
             }
             sample()?;
             let grads = optim.gather_grads(&unet, step.grads);
-            unet = optim.step(1e-4, unet, grads);
+            let check = guard.check(guard.unscale(step.loss), grads.sq_norm());
+            unet = optim.step_if(1e-4, unet, check.scale(grads), check.apply);
         } else if opts.train {
             let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
-            let loss = (pred - latents.clone()).powf_scalar(2.0).mean();
+            let loss = guard.scale_loss((pred - latents.clone()).powf_scalar(2.0).mean());
+            let value = guard.unscale(loss.clone().inner());
             sample()?;
             let grads = GradientsParams::from_grads(loss.backward(), &unet);
             sample()?;
             let grads = optim.gather_grads(&unet, grads);
-            unet = optim.step(1e-4, unet, grads);
+            let check = guard.check(value, grads.sq_norm());
+            unet = optim.step_if(1e-4, unet, check.scale(grads), check.apply);
         } else if let Some(valid) = &frozen {
             let out = valid.forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;
             sample()?;

@@ -235,6 +235,12 @@ pub struct OutputSection {
     pub sample_cfg: f32,
     /// Seed of the sample grid.
     pub sample_seed: u64,
+    /// Seconds between reads of the steps' losses for `metrics.jsonl` and the progress
+    /// line (also before every sample, save and the end). The device decides clipping and
+    /// skips itself, so training does not wait for a step between reads; 0 reads every step,
+    /// which makes a GPU idle while the host queues the next one. A stop (Ctrl-C) takes
+    /// effect at a read.
+    pub log_interval_s: f64,
 }
 
 /// The whole training configuration.
@@ -337,6 +343,7 @@ impl Default for TrainConfig {
                 sample_steps: 20,
                 sample_cfg: 5.0,
                 sample_seed: 1234,
+                log_interval_s: 1.0,
             },
         }
     }
@@ -505,6 +512,9 @@ impl TrainConfig {
         }
         if self.output.sample_steps == 0 {
             return bad("output.sample_steps must be at least 1");
+        }
+        if !(self.output.log_interval_s.is_finite() && self.output.log_interval_s >= 0.0) {
+            return bad("output.log_interval_s must be 0 (every step) or a positive number of seconds");
         }
         Ok(())
     }

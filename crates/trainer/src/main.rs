@@ -260,7 +260,8 @@ fn progress(info: &StepInfo) -> bool {
     !STOP.load(Ordering::SeqCst)
 }
 
-/// Set by Ctrl-C: training saves what it has and stops after the current step.
+/// Set by Ctrl-C: training saves what it has and stops at its next read of the steps'
+/// losses (within about a second).
 static STOP: AtomicBool = AtomicBool::new(false);
 
 fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::path::Path>, device: &B::Device) -> Result<()> {

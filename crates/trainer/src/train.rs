@@ -9,6 +9,7 @@ use burn::module::AutodiffModule;
 use burn::nn::loss::MseLoss;
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
+use lora_core::guard::{read_records, DynamicLossScale, GuardSettings, StepGuard, StepOutcome, StepRecord};
 use lora_core::optim::{AdamWSettings, FlatAdamW};
 use sd_model::checkpoint::CheckpointOptions;
 use burn::tensor::backend::AutodiffBackend;
@@ -40,7 +41,8 @@ pub struct StepInfo {
     pub loss: f32,
     /// Learning rate used.
     pub lr: f64,
-    /// Seconds since training started.
+    /// Seconds since training started, when the step's numbers were read back (steps
+    /// read together share it; see [`train`]).
     pub elapsed_s: f64,
 }
 
@@ -182,9 +184,15 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
     Ok(grid(&images, images.len().min(4)))
 }
 
-/// Trains a LoRA as `config` says, calling `on_step` after every optimizer step; when it
+/// Trains a LoRA as `config` says, calling `on_step` for every optimizer step; when it
 /// returns `false` (e.g. on Ctrl-C) training stops, the LoRA trained so far (and, with
 /// `output.save_state`, the training state) is saved and the report says `interrupted`.
+///
+/// The loop does not wait for each step's loss before queuing the next (gradient clipping,
+/// non-finite skips and the f16 loss scale are decided on the device): it reads the steps'
+/// numbers back every `output.log_interval_s` (1 s by default; 0: every step), and before
+/// each sample, save and the end, and then calls `on_step` for each of them. A stop asked
+/// for takes effect at that read, after the steps already queued.
 ///
 /// With `train.gradient_checkpointing` the UNet's step runs through
 /// [`sd_model::UNet2DConditionModel::forward_backward_checkpointed`] (block-wise
@@ -260,6 +268,7 @@ fn step_seed(seed: u64, step: usize) -> u64 {
 /// f16 dynamic loss scaling (as PyTorch's `GradScaler`): start at 2^16, halve on overflow
 /// (the step is skipped), double after this many finite steps in a row.
 const LOSS_SCALE_GROWTH_INTERVAL: usize = 2000;
+
 
 /// Losses of steps `1..=step` from an earlier run's `metrics.jsonl`, which is rewritten to
 /// hold exactly those lines.
@@ -342,13 +351,15 @@ fn run<B: AutodiffBackend>(
     let te_base_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
 
     let metrics_path = out.join("metrics.jsonl");
-    let mut progress = Progress {
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        loss_scale: if t.mixed_precision == MixedPrecision::Fp16 { 65536.0 } else { 1.0 },
-        good_steps: 0,
+    let mut progress = Progress { step: 0, epoch: 0, batch_in_epoch: 0 };
+    let guard_settings = GuardSettings {
+        max_grad_norm: t.max_grad_norm,
+        loss_scale: (t.mixed_precision == MixedPrecision::Fp16).then_some(DynamicLossScale {
+            initial: 65536.0,
+            growth_interval: LOSS_SCALE_GROWTH_INTERVAL,
+        }),
     };
+    let mut guard = StepGuard::<B::InnerBackend>::new(guard_settings, device);
     let mut losses = Vec::with_capacity(t.max_train_steps);
     if let Some(state) = &state {
         restore_adapter_params(&mut unet, "unet", &state.adapters, device)?;
@@ -374,9 +385,8 @@ fn run<B: AutodiffBackend>(
             step: state.info.step,
             epoch: state.info.epoch,
             batch_in_epoch: state.info.batch_in_epoch,
-            loss_scale: state.info.loss_scale,
-            good_steps: state.info.good_steps,
         };
+        guard.set_state(state.info.loss_scale, state.info.good_steps);
         losses = resume_metrics(&metrics_path, progress.step)?;
     }
     (unet, text_encoder) = (optim.to_working(unet), te_optim.to_working(text_encoder));
@@ -397,6 +407,13 @@ fn run<B: AutodiffBackend>(
     let mut sample_size = None;
     let mut interrupted = false;
     let mut saver = Saver { config, frozen: &frozen };
+    // Steps queued but not yet read back.
+    let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::new();
+    // Clipping, skipping and the loss scale are decided on the device (`StepGuard`), so
+    // the host queues step after step; each read of their numbers drains the device's
+    // queue, so it happens every `log_interval_s` (and before samples, saves and the end).
+    let read_interval = std::time::Duration::from_secs_f64(config.output.log_interval_s);
+    let mut last_read = Instant::now();
     let first_step = progress.step;
     let mut epochs_completed = completed_epochs(&progress, plans.len());
     for step in first_step..t.max_train_steps {
@@ -442,7 +459,6 @@ fn run<B: AutodiffBackend>(
             if t.min_snr_gamma > 0.0 {
                 weights = weights * schedule.min_snr_weights(ts.clone(), t.min_snr_gamma)?;
             }
-            let loss_scale = progress.loss_scale;
             // The loss to backpropagate: f16 scales it so that small gradients do not
             // underflow (unscaled below).
             let loss_of = |pred: Tensor<B, 4>| {
@@ -451,14 +467,9 @@ fn run<B: AutodiffBackend>(
                     .reshape([n as i32, -1])
                     .mean_dim(1)
                     .reshape([n]);
-                let loss = (per_sample * weights).mean() / t.gradient_accumulation_steps as f32;
-                if loss_scale != 1.0 {
-                    loss * loss_scale
-                } else {
-                    loss
-                }
+                guard.scale_loss((per_sample * weights).mean() / t.gradient_accumulation_steps as f32)
             };
-            let unscale = |loss: Tensor<B::InnerBackend, 1>| if loss_scale != 1.0 { loss / loss_scale } else { loss };
+            let unscale = |loss: Tensor<B::InnerBackend, 1>| guard.unscale(loss);
             if t.gradient_checkpointing {
                 let options = CheckpointOptions { context_grad: train_te, ..Default::default() };
                 let step = unet.forward_backward_checkpointed(noisy, ts.float(), context.clone(), options, loss_of)?;
@@ -494,75 +505,44 @@ fn run<B: AutodiffBackend>(
                 ),
             });
         }
-        let (mut grads, mut te_grads) = (optim.gather_grads(&unet, grads), te_optim.gather_grads(&text_encoder, te_grads));
-        // One host read per step: the loss and the (scaled) global gradient norm.
-        let sq = grads.sq_norm() + te_grads.sq_norm();
-        let read = Tensor::cat(vec![step_loss, sq], 0).into_data().convert::<f32>().to_vec::<f32>().unwrap_or_default();
-        let (loss_value, grad_norm) = (read.first().copied().unwrap_or(f32::NAN), read.get(1).map_or(f32::NAN, |s| s.sqrt() / progress.loss_scale));
-        let mut skipped = false;
-        if loss_value.is_finite() && grad_norm.is_finite() {
-            let clip = if t.max_grad_norm > 0.0 && grad_norm > t.max_grad_norm { t.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
-            let factor = clip / progress.loss_scale;
-            if factor != 1.0 {
-                grads = grads.scale(factor);
-                te_grads = te_grads.scale(factor);
-            }
-            unet = optim.step(lr, unet, grads);
-            if train_te {
-                text_encoder = te_optim.step(lr * te_base_lr / t.learning_rate, text_encoder, te_grads);
-            }
-            if t.mixed_precision == MixedPrecision::Fp16 {
-                progress.good_steps += 1;
-                if progress.good_steps >= LOSS_SCALE_GROWTH_INTERVAL {
-                    progress.loss_scale *= 2.0;
-                    progress.good_steps = 0;
-                }
-            }
-        } else if t.mixed_precision == MixedPrecision::Fp16 && loss_value.is_finite() && progress.loss_scale > 1.0 {
-            // Overflow of the scaled f16 gradients: retry with a smaller scale.
-            skipped = true;
-            progress.loss_scale /= 2.0;
-            progress.good_steps = 0;
-        } else if t.on_non_finite == crate::config::OnNonFinite::Stop {
-            return Err(TrainError::NonFinite {
-                step: step + 1,
-                loss: loss_value,
-                grad_norm,
-            });
-        } else {
-            skipped = true;
+        let (grads, te_grads) = (optim.gather_grads(&unet, grads), te_optim.gather_grads(&text_encoder, te_grads));
+        // Clipping, the non-finite skip and the loss scale, decided on the device: the
+        // next step is queued without waiting for this one.
+        let check = guard.check(step_loss, grads.sq_norm() + te_grads.sq_norm());
+        unet = optim.step_if(lr, unet, check.scale(grads), check.apply.clone());
+        if train_te {
+            text_encoder = te_optim.step_if(lr * te_base_lr / t.learning_rate, text_encoder, check.scale(te_grads), check.apply.clone());
         }
         progress.step = step + 1;
-        losses.push(loss_value);
-        let info = StepInfo {
-            step: step + 1,
-            total: t.max_train_steps,
-            loss: loss_value,
-            lr,
-            elapsed_s: start.elapsed().as_secs_f64(),
-        };
-        writeln!(
-            metrics,
-            "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
-            info.step,
-            progress.epoch,
-            json_f32(info.loss),
-            json_f32(grad_norm),
-            info.lr,
-            progress.loss_scale,
-            skipped,
-            info.elapsed_s
-        )
-        .map_err(io_err(&metrics_path))?;
-        if !on_step(&info) {
-            interrupted = info.step < t.max_train_steps;
-            if interrupted {
+        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, record: check.record });
+
+        let last = progress.step == t.max_train_steps;
+        let sample_every = config.output.sample_every_n_steps;
+        let sample = sample_every > 0 && progress.step.is_multiple_of(sample_every) && !last;
+        // An epoch is complete once its last batch is used.
+        let completed = completed_epochs(&progress, plans.len());
+        let epoch_ended = completed > epochs_completed;
+        epochs_completed = completed;
+        let every_epochs = config.output.save_every_n_epochs;
+        let mut name = None;
+        if config.output.save_every_n_steps > 0 && progress.step.is_multiple_of(config.output.save_every_n_steps) {
+            name = Some(format!("{}-step{:06}", config.output.output_name, progress.step));
+        }
+        if every_epochs > 0 && epoch_ended && (completed as usize).is_multiple_of(every_epochs) {
+            name = Some(format!("{}-epoch{completed:04}", config.output.output_name));
+        }
+        let name = name.filter(|_| !last);
+        // Read before anything is written (a non-finite step may have to stop the run).
+        if last || sample || name.is_some() || last_read.elapsed() >= read_interval {
+            let read = ReadBack { t, start, metrics: &mut metrics, metrics_path: &metrics_path, losses: &mut losses };
+            let go_on = read.steps(std::mem::take(&mut pending), on_step)?;
+            last_read = Instant::now();
+            if !go_on && !last {
+                interrupted = true;
                 break;
             }
         }
-        let last = info.step == t.max_train_steps;
-        let sample_every = config.output.sample_every_n_steps;
-        if sample_every > 0 && info.step.is_multiple_of(sample_every) && !last {
+        if sample {
             let current = Components {
                 unet: unet.valid(),
                 tokenizer: frozen.tokenizer.clone(),
@@ -572,27 +552,15 @@ fn run<B: AutodiffBackend>(
                 base_version: frozen.base_version.clone(),
             };
             let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
-            let path = out.join(format!("samples-step{:06}.png", info.step));
+            let path = out.join(format!("samples-step{:06}.png", progress.step));
             save_png(&generate_grid(&current, config, size, device)?, &path)?;
         }
-        // An epoch is complete once its last batch is used.
-        let completed = completed_epochs(&progress, plans.len());
-        let epoch_ended = completed > epochs_completed;
-        epochs_completed = completed;
-        let every_epochs = config.output.save_every_n_epochs;
-        let mut name = None;
-        if config.output.save_every_n_steps > 0 && info.step.is_multiple_of(config.output.save_every_n_steps) {
-            name = Some(format!("{}-step{:06}", config.output.output_name, info.step));
-        }
-        if every_epochs > 0 && epoch_ended && (completed as usize).is_multiple_of(every_epochs) {
-            name = Some(format!("{}-epoch{completed:04}", config.output.output_name));
-        }
-        if let (Some(name), false) = (name, last) {
+        if let Some(name) = name {
             // What is saved are the optimizers' f32 values, not the models' working copies.
             let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
             saver.save(&mut unet, &mut te, &out.join(format!("{name}.safetensors")))?;
             if config.output.save_state {
-                saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &timesteps, &noise)?;
+                saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &guard, &timesteps, &noise)?;
             }
         }
     }
@@ -602,7 +570,7 @@ fn run<B: AutodiffBackend>(
         let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
         saver.save(&mut unet, &mut te, &lora_path)?;
         if config.output.save_state {
-            saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &timesteps, &noise)?;
+            saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &guard, &timesteps, &noise)?;
         }
     }
 
@@ -644,13 +612,63 @@ fn completed_epochs(progress: &Progress, batches_in_epoch: usize) -> u64 {
     progress.epoch + u64::from(progress.batch_in_epoch >= batches_in_epoch)
 }
 
-/// Counters of a run that the training state records.
+/// Counters of a run that the training state records (with the [`StepGuard`]'s loss
+/// scale).
 struct Progress {
     step: usize,
     epoch: u64,
     batch_in_epoch: usize,
-    loss_scale: f32,
-    good_steps: usize,
+}
+
+/// A step queued on the device whose numbers the host has not read yet.
+struct PendingStep<B: burn::tensor::backend::Backend> {
+    step: usize,
+    epoch: u64,
+    lr: f64,
+    record: Tensor<B, 1>,
+}
+
+/// Reads queued steps' numbers back (one read for all) and reports them: the loss list,
+/// `metrics.jsonl` and `on_step`.
+struct ReadBack<'a> {
+    t: &'a crate::config::TrainSection,
+    start: Instant,
+    metrics: &'a mut std::fs::File,
+    metrics_path: &'a Path,
+    losses: &'a mut Vec<f32>,
+}
+
+impl ReadBack<'_> {
+    /// Whether every `on_step` call asked to go on. A non-finite step is an error when
+    /// the run stops on one; its update was not applied either way.
+    fn steps<B: burn::tensor::backend::Backend>(self, pending: Vec<PendingStep<B>>, on_step: &mut dyn FnMut(&StepInfo) -> bool) -> Result<bool, TrainError> {
+        let records = read_records(pending.iter().map(|p| p.record.clone()).collect())?;
+        let elapsed_s = self.start.elapsed().as_secs_f64();
+        let mut go_on = true;
+        for (p, r) in pending.iter().zip(records) {
+            let StepRecord { loss, grad_norm, loss_scale, outcome } = r;
+            if outcome == StepOutcome::NonFinite && self.t.on_non_finite == crate::config::OnNonFinite::Stop {
+                return Err(TrainError::NonFinite { step: p.step, loss, grad_norm });
+            }
+            self.losses.push(loss);
+            let info = StepInfo { step: p.step, total: self.t.max_train_steps, loss, lr: p.lr, elapsed_s };
+            writeln!(
+                self.metrics,
+                "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
+                info.step,
+                p.epoch,
+                json_f32(loss),
+                json_f32(grad_norm),
+                info.lr,
+                loss_scale,
+                outcome != StepOutcome::Applied,
+                info.elapsed_s
+            )
+            .map_err(io_err(self.metrics_path))?;
+            go_on &= on_step(&info);
+        }
+        Ok(go_on)
+    }
 }
 
 /// Writes LoRA files and training states.
@@ -672,6 +690,7 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         unet_optim: &FlatAdamW<B>,
         te_optim: &FlatAdamW<B>,
         progress: &Progress,
+        guard: &StepGuard<B::InnerBackend>,
         timesteps: &TimestepSampler,
         noise: &SeededNoise,
     ) -> Result<(), TrainError> {
@@ -683,6 +702,7 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         let mut adapters = HashMap::new();
         host_params(unet_params, &mut adapters)?;
         host_params(te_params, &mut adapters)?;
+        let (loss_scale, good_steps) = guard.state()?;
         let state = TrainingState {
             info: StateInfo {
                 version: crate::state::STATE_VERSION,
@@ -691,8 +711,8 @@ impl<B: AutodiffBackend> Saver<'_, B> {
                 batch_in_epoch: progress.batch_in_epoch,
                 timestep_rng: (&timesteps.rng_state()).into(),
                 noise_rng: (&noise.state()).into(),
-                loss_scale: progress.loss_scale,
-                good_steps: progress.good_steps,
+                loss_scale,
+                good_steps,
                 optimizer_time: times,
                 fingerprint: fingerprint(self.config),
             },
