@@ -51,7 +51,8 @@ use std::collections::{BTreeMap, HashMap};
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Shape, Tensor, TensorData};
 
 use crate::error::{LoraError, Result};
 
@@ -287,7 +288,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         if self.is_empty() {
             return module;
         }
-        module.map(&mut Scatter::<B> { slots: &self.slots, flat })
+        // All pieces in one operation on a fusion backend (`kernels::split_flat`).
+        let shapes: Vec<Shape> = self.order.iter().map(|id| Shape::from(self.slots[id].shape.clone())).collect();
+        let pieces = crate::kernels::split_flat(flat, &shapes);
+        let pieces = self.order.iter().copied().zip(pieces).collect();
+        module.map(&mut Scatter::<B> { slots: &self.slots, pieces })
     }
 
     /// Number of trained scalars.
@@ -549,18 +554,19 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
     }
 }
 
-/// Puts the updated values back, as slices of the flat vector.
+/// Puts the updated values back: the flat vector's pieces, in the parameters' shapes.
 struct Scatter<'a, B: AutodiffBackend> {
     slots: &'a HashMap<ParamId, Slot>,
-    flat: Tensor<B::InnerBackend, 1>,
+    pieces: HashMap<ParamId, FloatTensor<B::InnerBackend>>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Scatter<'_, B> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let Some(slot) = self.slots.get(&param.id) else { return param };
-        let (id, tensor, mapper) = param.consume();
-        let shape: [usize; D] = tensor.dims();
-        let value = self.flat.clone().slice(slot.offset..slot.offset + slot.len).reshape(shape);
+        let Some(piece) = self.pieces.get(&param.id).cloned() else { return param };
+        debug_assert_eq!(slot.shape.len(), D);
+        let (id, _, mapper) = param.consume();
+        let value = crate::kernels::tensor::<B::InnerBackend, D>(piece);
         Param::from_mapped_value(id, Tensor::from_inner(value).require_grad(), mapper)
     }
 }

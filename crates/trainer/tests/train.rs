@@ -255,6 +255,23 @@ fn a_non_finite_loss_stops_or_is_skipped() {
     config.train.on_non_finite = trainer::config::OnNonFinite::Skip;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
     assert!(!report.losses[1].is_finite());
+    // Read back only at the end: steps 3 and 4 were queued after the bad one, and the
+    // error still names step 2, with no LoRA written.
+    let dir = tempfile::tempdir().unwrap();
+    config.output.output_dir = dir.path().to_path_buf();
+    config.train.max_train_steps = 4;
+    config.train.on_non_finite = trainer::config::OnNonFinite::Stop;
+    config.output.log_interval_s = 1e9;
+    let mut seen = vec![];
+    let err = train::<B>(&config, &Default::default(), &mut |info| {
+        seen.push(info.step);
+        true
+    });
+    assert!(matches!(err, Err(TrainError::NonFinite { step: 2, .. })), "{err:?}");
+    assert_eq!(seen, [1], "steps before the bad one are reported");
+    assert!(!dir.path().join("demo_lora.safetensors").exists());
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1);
 }
 
 /// A configuration that exercises every random stream and counter a resume must restore:

@@ -63,6 +63,8 @@ mod flash;
 mod group_norm;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod concat;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod split;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_source;
 
@@ -682,8 +684,8 @@ fn fused_concat_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Boo
     from_fused::<X, R, BT, 1>(concat::register::<R, BT>(fused, dtype)).ok_or(parts)
 }
 
-/// Turns [`concat_flat`]'s multi-tensor copy kernel on or off (default on); has no effect
-/// on other backends.
+/// Turns [`concat_flat`]'s multi-tensor copy kernel and [`split_flat`]'s single operation
+/// on or off (default on); has no effect on other backends.
 pub fn set_fused_concat(enabled: bool) {
     FUSED_CONCAT.store(enabled, Ordering::Relaxed);
 }
@@ -691,6 +693,75 @@ pub fn set_fused_concat(enabled: bool) {
 /// Whether [`set_fused_concat`] is on.
 pub fn fused_concat_enabled() -> bool {
     FUSED_CONCAT.load(Ordering::Relaxed)
+}
+
+/// `flat`'s consecutive pieces in `shapes` (which must not add up to more than its
+/// length), as backend primitives ([`tensor`] makes each a tensor of its rank): what
+/// [`FlatAdamW`](crate::optim::FlatAdamW) hands back to a module after each step.
+///
+/// In burn's ops a piece is a `slice` and a `reshape`; on a fusion backend those are two
+/// operations of the stream per piece, which the host registers, plans and executes one
+/// by one. On burn's CUDA backend (and wgpu for the `wgpu-test` feature) this is one
+/// operation for all pieces, each a view of `flat` where its offset is aligned for the
+/// runtime. [`set_fused_concat`] turns it off.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Shape, Tensor};
+/// use lora_core::kernels::{split_flat, tensor};
+///
+/// let device = Default::default();
+/// let flat = Tensor::<Flex, 1>::from_floats([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &device);
+/// let mut pieces = split_flat(flat, &[Shape::new([2, 3]), Shape::new([1])]).into_iter();
+/// let matrix = tensor::<Flex, 2>(pieces.next().unwrap());
+/// let last = tensor::<Flex, 1>(pieces.next().unwrap());
+/// assert_eq!(matrix.into_data().to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+/// assert_eq!(last.into_data().to_vec::<f32>().unwrap(), vec![7.0]);
+/// ```
+pub fn split_flat<X: Backend>(flat: Tensor<X, 1>, shapes: &[burn::tensor::Shape]) -> Vec<FloatTensor<X>> {
+    if fused_concat_enabled() && !shapes.is_empty() {
+        #[cfg(feature = "cuda")]
+        let flat = match fused_split_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(flat, shapes) {
+            Ok(pieces) => return pieces,
+            Err(flat) => flat,
+        };
+        #[cfg(feature = "wgpu-test")]
+        let flat = match fused_split_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(flat, shapes) {
+            Ok(pieces) => return pieces,
+            Err(flat) => flat,
+        };
+        return split_flat_with_burn(flat, shapes);
+    }
+    split_flat_with_burn(flat, shapes)
+}
+
+/// [`split_flat`] in burn's ops.
+fn split_flat_with_burn<X: Backend>(flat: Tensor<X, 1>, shapes: &[burn::tensor::Shape]) -> Vec<FloatTensor<X>> {
+    let flat = flat.into_primitive().tensor();
+    let mut offset = 0;
+    shapes
+        .iter()
+        .map(|shape| {
+            let n = shape.num_elements();
+            let piece = X::float_slice(flat.clone(), &[burn::tensor::Slice::from(offset..offset + n)]);
+            offset += n;
+            X::float_reshape(piece, shape.clone())
+        })
+        .collect()
+}
+
+/// The single split operation when `X` is [`FusedCube<R, BT>`], else `flat` back.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn fused_split_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    flat: Tensor<X, 1>,
+    shapes: &[burn::tensor::Shape],
+) -> Result<Vec<FloatTensor<X>>, Tensor<X, 1>> {
+    if shapes.iter().map(|s| s.num_elements()).sum::<usize>() > flat.dims()[0] {
+        return Err(flat);
+    }
+    let Some(fused) = to_fused::<X, R, BT, 1>(&flat) else { return Err(flat) };
+    let pieces = split::register::<R, BT>(fused, shapes);
+    pieces.into_iter().map(downcast::<_, FloatTensor<X>>).collect::<Option<Vec<_>>>().ok_or(flat)
 }
 
 /// Turns the fused softmax kernel of [`scaled_softmax`] on or off (default off until it
