@@ -7,8 +7,8 @@
 //! a module, and their moments, in flat vectors and updates them with the same fifteen
 //! operations on all of them at once: per step, one concatenation of the gradients (a
 //! multi-tensor copy kernel on the GPU backends: [`crate::kernels::concat_flat`]), the
-//! update, and a slice per tensor to hand the new values back to the module (views of one
-//! buffer, no copies). With a half-precision base, [`FlatAdamW::with_working_dtype`] keeps
+//! update, and the new values handed back to the module as views of one buffer, no copies
+//! (one operation for all tensors on the GPU backends: [`crate::kernels::split_flat`]). With a half-precision base, [`FlatAdamW::with_working_dtype`] keeps
 //! f32 master values here and bf16/f16 copies in the module, so that the LoRA layers need
 //! no casts of their weights in the forward and backward passes.
 //!
