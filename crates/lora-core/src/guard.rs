@@ -135,22 +135,26 @@ pub fn read_records<B: Backend>(records: Vec<Tensor<B, 1>>) -> Result<Vec<StepRe
         .convert::<f32>()
         .into_vec::<f32>()
         .map_err(|e| LoraError::Unsupported(format!("reading step records: {e:?}")))?;
-    values
-        .chunks(RECORD_LEN)
+    if !values.len().is_multiple_of(RECORD_LEN) {
+        return Err(LoraError::Unsupported(format!("step records: {} values, not a multiple of {RECORD_LEN}", values.len())));
+    }
+    let records = values
+        .chunks_exact(RECORD_LEN)
         .map(|r| {
             let outcome = match r[3] {
                 c if c == StepOutcome::Applied.code() => StepOutcome::Applied,
                 c if c == StepOutcome::Overflow.code() => StepOutcome::Overflow,
                 _ => StepOutcome::NonFinite,
             };
-            Ok(StepRecord {
+            StepRecord {
                 loss: r[0],
                 grad_norm: r[1],
                 loss_scale: r[2],
                 outcome,
-            })
+            }
         })
-        .collect()
+        .collect();
+    Ok(records)
 }
 
 /// One step's decision, on the device.

@@ -8,9 +8,10 @@
 //! operations on all of them at once: per step, one concatenation of the gradients (a
 //! multi-tensor copy kernel on the GPU backends: [`crate::kernels::concat_flat`]), the
 //! update, and the new values handed back to the module as views of one buffer, no copies
-//! (one operation for all tensors on the GPU backends: [`crate::kernels::split_flat`]). With a half-precision base, [`FlatAdamW::with_working_dtype`] keeps
-//! f32 master values here and bf16/f16 copies in the module, so that the LoRA layers need
-//! no casts of their weights in the forward and backward passes.
+//! (one operation for all tensors on the GPU backends: [`crate::kernels::split_flat`]).
+//! With a half-precision base, [`FlatAdamW::with_working_dtype`] keeps f32 master values
+//! here and bf16/f16 copies in the module, so that the LoRA layers need no casts of their
+//! weights in the forward and backward passes.
 //!
 //! The optimizer owns the trained values from [`FlatAdamW::new`] on: each step writes its
 //! values into the module, whatever the module held. Changing a trained tensor elsewhere
@@ -163,6 +164,9 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     slots: HashMap<ParamId, Slot>,
     /// Parameter ids in flat order.
     order: Vec<ParamId>,
+    /// Their shapes, in the same order: the pieces that
+    /// [`split_flat`](crate::kernels::split_flat) cuts.
+    shapes: Vec<Shape>,
     /// The trained values, in flat order.
     params: Tensor<B::InnerBackend, 1>,
     moment_1: Tensor<B::InnerBackend, 1>,
@@ -191,6 +195,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let len = found.next;
         let mut optim = Self {
             settings,
+            shapes: found.order.iter().map(|id| Shape::from(found.slots[id].shape.clone())).collect(),
             slots: found.slots,
             order: found.order,
             params: Tensor::zeros([len], device),
@@ -289,8 +294,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             return module;
         }
         // All pieces in one operation on a fusion backend (`kernels::split_flat`).
-        let shapes: Vec<Shape> = self.order.iter().map(|id| Shape::from(self.slots[id].shape.clone())).collect();
-        let pieces = crate::kernels::split_flat(flat, &shapes);
+        let pieces = crate::kernels::split_flat(flat, &self.shapes);
         let pieces = self.order.iter().copied().zip(pieces).collect();
         module.map(&mut Scatter::<B> { slots: &self.slots, pieces })
     }
@@ -390,11 +394,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             None => self.time.clone().add_scalar(1),
             Some(mask) => self.time.clone().add(mask.clone().int()),
         };
-        self.time_bound += 1;
-        if self.time_bound >= self.bias.len {
-            let len = (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
-            self.bias = BiasTables::new(&self.settings, len, &self.moment_1.device());
-        }
+        self.raise_time_bound(self.time_bound + 1);
         let (m, v, params) = self.update(lr, time.clone(), grad, self.params.clone());
         match mask {
             None => (self.moment_1, self.moment_2, self.params) = (m, v, params),
@@ -429,6 +429,15 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let decay = lr * s.weight_decay as f64;
         let decayed = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
         (m, v, decayed - delta.mul_scalar(lr))
+    }
+
+    /// Records that step counts may reach `bound`, growing the bias tables to cover it.
+    fn raise_time_bound(&mut self, bound: usize) {
+        self.time_bound = self.time_bound.max(bound);
+        if self.time_bound >= self.bias.len {
+            let len = (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
+            self.bias = BiasTables::new(&self.settings, len, &self.moment_1.device());
+        }
     }
 
     /// `true` over the flat ranges of the tensors `present` marks (in flat order); `None`
@@ -507,10 +516,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.moment_1 = self.moment_1.clone().slice_assign(range.clone(), moment_1.reshape([n]));
         self.moment_2 = self.moment_2.clone().slice_assign(range.clone(), moment_2.reshape([n]));
         self.time = self.time.clone().slice_assign(range, Tensor::full([n], time as i64, &device));
-        self.time_bound = self.time_bound.max(time);
-        if self.time_bound >= self.bias.len {
-            self.bias = BiasTables::new(&self.settings, (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN), &device);
-        }
+        self.raise_time_bound(time);
         Ok(())
     }
 }

@@ -469,11 +469,10 @@ fn run<B: AutodiffBackend>(
                     .reshape([n]);
                 guard.scale_loss((per_sample * weights).mean() / t.gradient_accumulation_steps as f32)
             };
-            let unscale = |loss: Tensor<B::InnerBackend, 1>| guard.unscale(loss);
             if t.gradient_checkpointing {
                 let options = CheckpointOptions { context_grad: train_te, ..Default::default() };
                 let step = unet.forward_backward_checkpointed(noisy, ts.float(), context.clone(), options, loss_of)?;
-                step_loss = step_loss + unscale(step.loss);
+                step_loss = step_loss + guard.unscale(step.loss);
                 if let (true, Some(grad)) = (train_te, step.context_grad) {
                     // The text encoder's backward pass, from the gradient its output got.
                     let mut grads = (context * Tensor::from_inner(grad)).sum().backward();
@@ -482,7 +481,7 @@ fn run<B: AutodiffBackend>(
                 accumulator.accumulate(&unet, step.grads);
             } else {
                 let loss = loss_of(unet.forward(noisy, ts.float(), context)?);
-                step_loss = step_loss + unscale(loss.clone().inner());
+                step_loss = step_loss + guard.unscale(loss.clone().inner());
                 let mut grads = loss.backward();
                 if train_te {
                     te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
