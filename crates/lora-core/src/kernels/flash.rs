@@ -24,7 +24,10 @@
 //! more than FlashAttention-2 (which adds `dq` with atomics) but is deterministic and needs
 //! no float atomics. Everything between the products (exponentials, the `dS` formula, the
 //! casts to `E`) runs per lane on the products' tiles staged in shared memory, the way
-//! CubeCL's own attention does with opaque `cmma` fragments.
+//! CubeCL's own attention does with opaque `cmma` fragments. A plane's rows that stay fixed
+//! for the whole kernel (`q` and `dO`, or `k` and `v`) stay in registers as fragments for
+//! head dimensions up to 80 ([`holds_fragments`]), so those products load only their other
+//! operand from shared memory.
 //!
 //! Inputs are `[batch, heads, seq, d]` operands of dtype `E` with any batch, head and row
 //! strides ([`Layout`]; a row's `d` elements adjacent), so attention's head-split views
@@ -170,8 +173,76 @@ fn product_abt<E: Float>(
     }
 }
 
+/// Whether the kernels keep a plane's fixed operand rows (`q` and `dO` by queries, `k` and
+/// `v` by keys) in registers as `cmma` fragments for the whole kernel instead of loading
+/// them from shared memory for every product: up to 5 fragments per operand (head
+/// dimensions up to 80 on CUDA's 16-wide tiles), where the registers stay well under
+/// ptxas's cap (the key-major kernel at d = 160 already holds 20 accumulators).
+fn holds_fragments(dp: usize, t: usize) -> bool {
+    dp / t <= 5
+}
+
+/// A plane's `T × dp` rows of `a` (row stride `dp`, from `a_off`) as the `dp / T` `cmma` A
+/// fragments of [`product_held_abt`]; none when `wanted` is false (a stand-in).
+#[cube]
+fn a_fragments<E: Float>(a: &SharedMemory<E>, a_off: usize, #[comptime] wanted: bool, #[comptime] dp: usize, #[comptime] t: usize) -> Sequence<cmma::Matrix<E>> {
+    let span = (t - 1) * dp + t;
+    let mut fragments = Sequence::<cmma::Matrix<E>>::new();
+    #[unroll]
+    for kk in 0..comptime!(if wanted { dp / t } else { 0 }) {
+        let start = a_off + kk * t;
+        fragments.push(cmma::Matrix::<E>::from_slice(
+            cmma::MatrixIdent::A,
+            t,
+            t,
+            t,
+            cmma::MatrixLayout::RowMajor,
+            &a.slice(start, start + span),
+            dp as u32,
+        ));
+    }
+    fragments
+}
+
+/// [`product_abt`] with `a`'s rows already in fragments ([`a_fragments`]).
+#[cube]
+fn product_held_abt<E: Float>(
+    fa: &Sequence<cmma::Matrix<E>>,
+    b: &SharedMemory<E>,
+    out: &mut SharedMemory<f32>,
+    out_off: usize,
+    #[comptime] n: usize,
+    #[comptime] dp: usize,
+    #[comptime] t: usize,
+) {
+    let span = (t - 1) * dp + t;
+    #[unroll]
+    for j in 0..n / t {
+        let acc = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, t, t, t, cmma::MatrixLayout::Undefined, 0.0);
+        #[unroll]
+        for kk in 0..dp / t {
+            let b_start = j * t * dp + kk * t;
+            let fb = cmma::Matrix::<E>::from_slice(
+                cmma::MatrixIdent::B,
+                t,
+                t,
+                t,
+                cmma::MatrixLayout::ColMajor,
+                &b.slice(b_start, b_start + span),
+                dp as u32,
+            );
+            cmma::execute::<E, E, f32, f32>(fa.index(kk), &fb, &acc, &acc);
+        }
+        let o_start = out_off + j * t;
+        cmma::store(&mut out.slice_mut(o_start, o_start + (t - 1) * n + t), &acc, n as u32, cmma::MatrixLayout::RowMajor);
+    }
+}
+
 /// One plane's `acc[j] += a[T × k] · b[k × dp]` for the `dp / T` column tiles `j`: `a`
 /// row-major with row stride `k` from `a_off`, `b` row-major with row stride `dp` from row 0.
+/// Each fragment of `a` is loaded once and used for every column tile (the other loop
+/// order loads it `dp / T` times, and shared memory, not the tensor cores, bounds `cmma`
+/// products whose operands both come from it).
 #[cube]
 fn accumulate_ab<E: Float>(
     a: &SharedMemory<E>,
@@ -184,21 +255,20 @@ fn accumulate_ab<E: Float>(
 ) {
     let a_span = (t - 1) * k + t;
     let b_span = (t - 1) * dp + t;
-    #[unroll]
-    for j in 0..dp / t {
-        let c = acc.index(j);
-        for kk in 0..k / t {
-            let a_start = a_off + kk * t;
+    for kk in 0..k / t {
+        let a_start = a_off + kk * t;
+        let fa = cmma::Matrix::<E>::from_slice(
+            cmma::MatrixIdent::A,
+            t,
+            t,
+            t,
+            cmma::MatrixLayout::RowMajor,
+            &a.slice(a_start, a_start + a_span),
+            k as u32,
+        );
+        #[unroll]
+        for j in 0..dp / t {
             let b_start = kk * t * dp + j * t;
-            let fa = cmma::Matrix::<E>::from_slice(
-                cmma::MatrixIdent::A,
-                t,
-                t,
-                t,
-                cmma::MatrixLayout::RowMajor,
-                &a.slice(a_start, a_start + a_span),
-                k as u32,
-            );
             let fb = cmma::Matrix::<E>::from_slice(
                 cmma::MatrixIdent::B,
                 t,
@@ -208,6 +278,7 @@ fn accumulate_ab<E: Float>(
                 &b.slice(b_start, b_start + b_span),
                 dp as u32,
             );
+            let c = acc.index(j);
             cmma::execute::<E, E, f32, f32>(&fa, &fb, c, c);
         }
     }
@@ -420,6 +491,13 @@ fn flash_rows<E: Float, N: Size>(
     let mut vote = SharedMemory::<u32>::new(1usize);
     let row_lanes = w * plane + row * lanes_per_row;
 
+    // The plane's `q` (and `dO`) rows as fragments, when they are held (see
+    // `holds_fragments`); stand-ins otherwise.
+    let hold = comptime!(holds_fragments(dp, t));
+    sync_cube();
+    let held_q = a_fragments::<E>(&qs, w * t * dp, hold, dp, t);
+    let held_do = a_fragments::<E>(&dos, w * t * dp, comptime!(hold && grad), dp, t);
+
     let acc = zero_accumulators(dp, t);
     for kb in 0..blocks {
         let k0 = kb * bk;
@@ -430,9 +508,16 @@ fn flash_rows<E: Float, N: Size>(
         load_tile::<E, N>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
         load_tile::<E, N>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
         sync_cube();
-        product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
-        if grad {
-            product_abt::<E>(&dos, w * t * dp, &vs, &mut dps, region, bk, dp, t);
+        if hold {
+            product_held_abt::<E>(&held_q, &ks, &mut sc, region, bk, dp, t);
+            if grad {
+                product_held_abt::<E>(&held_do, &vs, &mut dps, region, bk, dp, t);
+            }
+        } else {
+            product_abt::<E>(&qs, w * t * dp, &ks, &mut sc, region, bk, dp, t);
+            if grad {
+                product_abt::<E>(&dos, w * t * dp, &vs, &mut dps, region, bk, dp, t);
+            }
         }
         sync_group(whole_cube);
         let mut alpha = 1.0f32;
@@ -575,6 +660,11 @@ fn flash_keys<E: Float, N: Size>(
 
     load_tile::<E, N>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
     load_tile::<E, N>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
+    // The plane's `k` and `v` rows as fragments, when they are held.
+    let hold = comptime!(holds_fragments(dp, t));
+    sync_cube();
+    let held_k = a_fragments::<E>(&ks, w * t * dp, hold, dp, t);
+    let held_v = a_fragments::<E>(&vs, w * t * dp, hold, dp, t);
     let acc_dk = zero_accumulators(dp, t);
     let acc_dv = zero_accumulators(dp, t);
     for qb in 0..seq_q.div_ceil(bq) {
@@ -586,8 +676,13 @@ fn flash_keys<E: Float, N: Size>(
         load_rows(delta, bh * seq_q, q0, seq_q, &mut delta_s, bq);
         sync_cube();
         // Sᵀ = k qᵀ and dPᵀ = v doᵀ for the plane's keys.
-        product_abt::<E>(&ks, w * t * dp, &qs, &mut sc, region, bq, dp, t);
-        product_abt::<E>(&vs, w * t * dp, &dos, &mut dps, region, bq, dp, t);
+        if hold {
+            product_held_abt::<E>(&held_k, &qs, &mut sc, region, bq, dp, t);
+            product_held_abt::<E>(&held_v, &dos, &mut dps, region, bq, dp, t);
+        } else {
+            product_abt::<E>(&ks, w * t * dp, &qs, &mut sc, region, bq, dp, t);
+            product_abt::<E>(&vs, w * t * dp, &dos, &mut dps, region, bq, dp, t);
+        }
         sync_group(whole_cube);
         let mut c = sub;
         while c < bq {
