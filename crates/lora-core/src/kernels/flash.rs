@@ -129,6 +129,7 @@ fn load_rows(src: &Array<f32>, base: usize, row0: usize, seq: usize, dst: &mut S
 
 /// One plane's `out[T × n] = a[T × dp] · b[n × dp]ᵀ`: `a`'s rows from `a_off`, `b`'s rows
 /// from row 0 (both with row stride `dp`), `out` row-major with row stride `n` from `out_off`.
+/// `a`'s fragments are loaded once per call; [`product_held_abt`] takes them loaded.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn product_abt<E: Float>(
@@ -141,36 +142,7 @@ fn product_abt<E: Float>(
     #[comptime] dp: usize,
     #[comptime] t: usize,
 ) {
-    let span = (t - 1) * dp + t;
-    #[unroll]
-    for j in 0..n / t {
-        let acc = cmma::Matrix::<f32>::from_value(cmma::MatrixIdent::Accumulator, t, t, t, cmma::MatrixLayout::Undefined, 0.0);
-        for kk in 0..dp / t {
-            let a_start = a_off + kk * t;
-            let b_start = j * t * dp + kk * t;
-            let fa = cmma::Matrix::<E>::from_slice(
-                cmma::MatrixIdent::A,
-                t,
-                t,
-                t,
-                cmma::MatrixLayout::RowMajor,
-                &a.slice(a_start, a_start + span),
-                dp as u32,
-            );
-            let fb = cmma::Matrix::<E>::from_slice(
-                cmma::MatrixIdent::B,
-                t,
-                t,
-                t,
-                cmma::MatrixLayout::ColMajor,
-                &b.slice(b_start, b_start + span),
-                dp as u32,
-            );
-            cmma::execute::<E, E, f32, f32>(&fa, &fb, &acc, &acc);
-        }
-        let o_start = out_off + j * t;
-        cmma::store(&mut out.slice_mut(o_start, o_start + (t - 1) * n + t), &acc, n as u32, cmma::MatrixLayout::RowMajor);
-    }
+    product_held_abt::<E>(&a_fragments::<E>(a, a_off, true, dp, t), b, out, out_off, n, dp, t);
 }
 
 /// Whether the kernels keep a plane's fixed operand rows (`q` and `dO` by queries, `k` and
@@ -204,7 +176,8 @@ fn a_fragments<E: Float>(a: &SharedMemory<E>, a_off: usize, #[comptime] wanted: 
     fragments
 }
 
-/// [`product_abt`] with `a`'s rows already in fragments ([`a_fragments`]).
+/// `out[T × n] = a · b[n × dp]ᵀ` for a plane whose `T × dp` rows of `a` are already in
+/// fragments ([`a_fragments`]); `b` and `out` as in [`product_abt`].
 #[cube]
 fn product_held_abt<E: Float>(
     fa: &Sequence<cmma::Matrix<E>>,
