@@ -14,11 +14,13 @@
 #        --fused-group-norm (GroupNorm + SiLU forward and backward in our CubeCL kernels);
 #        device / softmax / flash / gn are dropped, with a note, when their kernel test below fails
 #        (default cuda: vendor libraries first, then burn's kernels; see below)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:cudnn][:cublas][:device][:softmax][:flash][:gn] ..."
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn] ..."
 #        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
-#        for the memory A/B); cudnn / cublas / device / softmax / flash / gn as above, with the
+#        for the memory A/B); unmerged = --lora-unmerged (infer: adapters beside the weights,
+#        as peft runs them, instead of merged in as `trainer generate` runs them);
+#        cudnn / cublas / device / softmax / flash / gn as above, with the
 #        default matmul threshold (default cuda: the four anchor settings with everything on,
-#        then batch 8 without flash attention, with both libraries host-ordered and burn's
+#        the inference step also unmerged, then batch 8 without flash attention, with both libraries host-ordered and burn's
 #        softmax and GroupNorm, and with neither library)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
@@ -63,10 +65,10 @@ if [ "$DEVICE" = cuda ]; then
     # (minutes per new shape), so it also fits the budget best.
     CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2:bf16:cudnn:cublas:flash:gn sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn tiny:64:2"}
     ALL=cudnn:cublas:device:softmax:flash:gn
-    PLAN=${PLAN:-"sd15:512:1:train:$ALL sd15:512:8:train:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:$ALL sd15:512:8:train:cudnn:cublas:device:softmax:gn sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
+    PLAN=${PLAN:-"sd15:512:1:train:$ALL sd15:512:8:train:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:$ALL sd15:512:1:infer:unmerged:$ALL sd15:512:8:train:cudnn:cublas:device:softmax:gn sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
-    PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer"}
+    PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer tiny:64:1:infer:unmerged"}
 fi
 CHECKS=${CHECKS//,/ }
 PLAN=${PLAN//,/ }
@@ -294,6 +296,7 @@ for p in $PLAN; do
         case $o in
             ckpt) flag+=(--grad-checkpointing); is_ckpt=true; suffix="$suffix-ckpt" ;;
             plain) flag+=(--plain-autodiff); suffix="$suffix-plain" ;;
+            unmerged) flag+=(--lora-unmerged); suffix="$suffix-unmerged" ;;
             cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
             cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
             device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;

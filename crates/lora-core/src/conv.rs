@@ -8,7 +8,7 @@ use burn::tensor::ops::PaddedConvOptions;
 use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::linear::{down_initializer, update_frozen};
+use crate::linear::{down_initializer, fold_delta};
 use crate::precision::cast_to;
 use crate::{HostTensor, LoraConfig, LoraError, LoraWeights, Result};
 
@@ -139,12 +139,13 @@ impl<B: Backend> Conv2dAdapter<B> {
         conv_in_dtype(&self.up, h * (factor * self.scale), dtype)
     }
 
-    /// `ΔW` `[out, in, kh, kw]`, times `factor`.
+    /// `ΔW` `[out, in, kh, kw]`, times `factor`, in f32.
     pub fn delta_weight(&self, factor: f32) -> Tensor<B, 4> {
         let [rank, in_ch, kh, kw] = self.down.weight.dims();
         let out_ch = self.up.weight.dims()[0];
-        let up = self.up.weight.val().reshape([out_ch, rank]);
-        let down = self.down.weight.val().reshape([rank, in_ch * kh * kw]);
+        // In f32 whatever the adapter weights' dtype (as `LinearAdapter::delta_weight`).
+        let up = cast_to(self.up.weight.val(), DType::F32).reshape([out_ch, rank]);
+        let down = cast_to(self.down.weight.val(), DType::F32).reshape([rank, in_ch * kh * kw]);
         up.matmul(down)
             .mul_scalar(factor * self.scale)
             .reshape([out_ch, in_ch, kh, kw])
@@ -254,11 +255,7 @@ impl<B: Backend> LoraConv2d<B> {
         }
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
-            let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| {
-                let dtype = w.dtype();
-                w + cast_to(delta, dtype)
-            });
+            self.base.weight = fold_delta(self.base.weight.clone(), delta, 1.0);
             self.merged = true;
         }
     }
@@ -278,11 +275,7 @@ impl<B: Backend> LoraConv2d<B> {
         }
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
-            let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| {
-                let dtype = w.dtype();
-                w - cast_to(delta, dtype)
-            });
+            self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
         }
         self.merged = false;
     }

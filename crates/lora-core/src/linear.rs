@@ -3,7 +3,7 @@
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::module::linear;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::precision::cast_to;
 
@@ -34,6 +34,16 @@ pub(crate) fn update_frozen<B: Backend, const D: usize>(
 ) -> Param<Tensor<B, D>> {
     let require_grad = param.is_require_grad();
     param.map(|w| f(w).detach().set_require_grad(require_grad))
+}
+
+/// A frozen weight plus `sign · delta`, summed in f32 and rounded once to the weight's
+/// dtype. Adding in half precision would round the (small) update to the weight's precision
+/// first and the sum again, and unmerging would then restore the weight less closely.
+pub(crate) fn fold_delta<B: Backend, const D: usize>(param: Param<Tensor<B, D>>, delta: Tensor<B, D>, sign: f32) -> Param<Tensor<B, D>> {
+    update_frozen(param, |w| {
+        let dtype = w.dtype();
+        cast_to(cast_to(w, DType::F32) + cast_to(delta, DType::F32).mul_scalar(sign), dtype)
+    })
 }
 
 /// The trainable part of a LoRA linear layer: `scale · up(down(dropout(x)))`.
@@ -133,13 +143,11 @@ impl<B: Backend> LinearAdapter<B> {
         linear(h * (factor * self.scale), up, None)
     }
 
-    /// `ΔW` in burn layout `[in, out]`, times `factor`.
+    /// `ΔW` in burn layout `[in, out]`, times `factor`, in f32 (whatever the adapter weights'
+    /// dtype: half-precision copies of them give the update at full precision).
     pub fn delta_weight(&self, factor: f32) -> Tensor<B, 2> {
-        self.down
-            .weight
-            .val()
-            .matmul(self.up.weight.val())
-            .mul_scalar(factor * self.scale)
+        let f32 = |w: Tensor<B, 2>| cast_to(w, DType::F32);
+        f32(self.down.weight.val()).matmul(f32(self.up.weight.val())).mul_scalar(factor * self.scale)
     }
 }
 
@@ -256,11 +264,7 @@ impl<B: Backend> LoraLinear<B> {
         }
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
-            let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| {
-                let dtype = w.dtype();
-                w + cast_to(delta, dtype)
-            });
+            self.base.weight = fold_delta(self.base.weight.clone(), delta, 1.0);
             self.merged = true;
         }
     }
@@ -280,11 +284,7 @@ impl<B: Backend> LoraLinear<B> {
         }
         if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
-            let weight = self.base.weight.clone();
-            self.base.weight = update_frozen(weight, |w| {
-                let dtype = w.dtype();
-                w - cast_to(delta, dtype)
-            });
+            self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
         }
         self.merged = false;
     }

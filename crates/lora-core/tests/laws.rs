@@ -263,3 +263,39 @@ fn bake_leaves_a_plain_merged_layer() {
     assert!(layer.adapter.is_none() && !layer.is_merged());
     assert!(rel_err(&values(layer.forward(x)), &y) <= TOL);
 }
+
+/// Merging into half-precision weights sums in f32 and rounds once: the merged weight is
+/// `round(w + ΔW)`, not `round(w + round(ΔW))`, and unmerging gets back closer to `w`.
+#[test]
+fn half_precision_merge_rounds_the_sum_once() {
+    use burn::tensor::FloatDType;
+    type Round = fn(f32) -> f32;
+    let to_bf16: Round = |x| half::bf16::from_f32(x).to_f32();
+    let to_f16: Round = |x| half::f16::from_f32(x).to_f32();
+    for (dtype, round) in [(FloatDType::BF16, to_bf16), (FloatDType::F16, to_f16)] {
+        let mut rng = Rng::new(21);
+        let mut layer = linear_layer(&mut rng, 16, 12, false);
+        layer.base.weight = layer.base.weight.clone().map(|w| w.cast(dtype));
+        // A small update, as a trained LoRA's is against its weights: here the two roundings
+        // differ in many elements.
+        layer.attach_weights(&random_weights(&mut rng, 16, 12, 4, None, 0.2), "l", &Default::default()).unwrap();
+        let w = values(layer.base.weight.val());
+        let delta = values(layer.adapter.as_ref().unwrap().delta_weight(1.0));
+        let once: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| round(w + d)).collect();
+        let twice: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| round(w + round(*d))).collect();
+        assert!(once.iter().zip(&twice).filter(|(a, b)| a != b).count() >= 4, "{dtype:?}: the test data cannot tell the roundings apart");
+        // Sums within a few f32 ulps of a rounding tie may go either way (the order of the
+        // matmul's additions is the backend's).
+        let near_tie = |x: f32| round(x * (1.0 - 4.0 * f32::EPSILON)) != round(x * (1.0 + 4.0 * f32::EPSILON));
+        let agree = |got: &[f32], want: &[f32], exact: &[f32]| got.iter().zip(want).zip(exact).all(|((g, w), x)| g == w || near_tie(*x));
+        layer.merge_in_place();
+        let merged = values(layer.base.weight.val());
+        let sums: Vec<f32> = w.iter().zip(&delta).map(|(w, d)| w + d).collect();
+        assert!(agree(&merged, &once, &sums), "{dtype:?}: merged {merged:?}, want {once:?}");
+        layer.unmerge_in_place();
+        let restored = values(layer.base.weight.val());
+        let differences: Vec<f32> = merged.iter().zip(&delta).map(|(m, d)| m - d).collect();
+        let want: Vec<f32> = differences.iter().map(|x| round(*x)).collect();
+        assert!(agree(&restored, &want, &differences), "{dtype:?}: restored {restored:?}, want {want:?}");
+    }
+}

@@ -6,7 +6,8 @@
 //! cargo run --release -p sd-model --features vulkan-test --example launches -- \
 //!     [--width 32] [--resolution 64] [--batch 1] [--steps 2] [--precision f32|f16] \
 //!     [--mode train|infer] [--lora-targets attn|attn-mlp] [--fused-group-norm] \
-//!     [--fused-softmax] [--flash-attention] [--plain-autodiff] [--checkpointing] [--casting-adapters] [--top 40]
+//!     [--fused-softmax] [--flash-attention] [--plain-autodiff] [--checkpointing] [--casting-adapters] \
+//!     [--lora-unmerged] [--top 40]
 //! ```
 //!
 //! The UNet has SD1.5's blocks, layers and heads, with every channel count scaled so that
@@ -99,6 +100,10 @@ struct Args {
     /// f16 working copies (`FlatAdamW::with_working_dtype`).
     #[arg(long)]
     casting_adapters: bool,
+    /// Infer mode: keep the adapters beside the weights (as diffusers + peft) instead of
+    /// merging them in, as `trainer generate` does.
+    #[arg(long)]
+    lora_unmerged: bool,
     /// How many kernel names to list.
     #[arg(long, default_value_t = 40)]
     top: usize,
@@ -160,14 +165,24 @@ fn main() -> Result<()> {
     };
     let mut guard = StepGuard::<W>::new(settings, &device);
 
+    // The inference model, made once: with the adapters merged into the weights unless
+    // `--lora-unmerged` (as `trainer generate` and `trainer bench --mode infer` run it).
+    let inference = matches!(args.mode, Mode::Infer).then(|| {
+        let mut valid = unet.valid();
+        if !args.lora_unmerged {
+            lora_core::sites::bake_adapters(&mut valid);
+        }
+        valid
+    });
+
     let mut step = |unet: UNet2DConditionModel<B>| -> Result<UNet2DConditionModel<B>> {
-        match args.mode {
-            Mode::Infer => {
-                let out = unet.valid().forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;
+        match &inference {
+            Some(valid) => {
+                let out = valid.forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;
                 drop(out);
                 Ok(unet)
             }
-            Mode::Train if args.checkpointing => {
+            None if args.checkpointing => {
                 let target = latents.clone();
                 let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), CheckpointOptions::default(), |pred| {
                     guard.scale_loss((pred - target).powf_scalar(2.0).mean())
@@ -176,7 +191,7 @@ fn main() -> Result<()> {
                 let check = guard.check(guard.unscale(step.loss), grads.sq_norm());
                 Ok(optim.step_if(1e-4, unet, check.scale(grads), check.apply))
             }
-            Mode::Train => {
+            None => {
                 let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
                 let loss = guard.scale_loss((pred - latents.clone()).powf_scalar(2.0).mean());
                 let value = guard.unscale(loss.clone().inner());
@@ -238,6 +253,7 @@ fn main() -> Result<()> {
         match args.mode {
             Mode::Train if args.checkpointing => "train-ckpt",
             Mode::Train => "train",
+            Mode::Infer if args.lora_unmerged => "infer-unmerged",
             Mode::Infer => "infer",
         },
         args.batch,

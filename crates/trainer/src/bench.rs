@@ -36,6 +36,10 @@ pub struct BenchOptions {
     /// Block-wise gradient checkpointing in the train step
     /// ([`UNet2DConditionModel::forward_backward_checkpointed`]).
     pub grad_checkpointing: bool,
+    /// Inference step: the adapters merged into the weights, as `trainer generate` and the
+    /// training loop's samples run them ([`crate::generate::merge_adapters`]), or (false)
+    /// kept beside them, as diffusers + peft run them. Unused by the train step.
+    pub lora_merged: bool,
 }
 
 /// The result, printed as one JSON line.
@@ -70,6 +74,9 @@ pub struct BenchResult {
     pub resolution: usize,
     /// Whether gradient checkpointing was on.
     pub grad_checkpointing: bool,
+    /// Whether the inference step ran with the adapters merged into the weights (always
+    /// false for the train step).
+    pub lora_merged: bool,
     /// Whether sd-model's own backward passes were on (`false` with `--plain-autodiff`).
     pub custom_backward: bool,
     /// What ran in cuDNN / cuBLAS.
@@ -265,7 +272,13 @@ pub fn run_probed<B: AutodiffBackend>(
         loss_scale: half.then(DynamicLossScale::default),
     };
     let mut guard = StepGuard::<B::InnerBackend>::new(settings, device);
-    let frozen = (!opts.train).then(|| unet.valid());
+    let frozen = (!opts.train).then(|| {
+        let mut frozen = unet.valid();
+        if opts.lora_merged {
+            lora_core::sites::bake_adapters(&mut frozen);
+        }
+        frozen
+    });
     let mut times = Vec::with_capacity(opts.steps + 1);
     let mut peak: Option<MemorySample> = None;
     // Steps 0..=steps are timed one by one, each followed by a device sync (step 0 is the

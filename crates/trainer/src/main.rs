@@ -86,9 +86,15 @@ enum Command {
         /// Negative prompt.
         #[arg(long, default_value = "")]
         negative_prompt: String,
-        /// LoRA files as FILE[:STRENGTH]; repeatable.
+        /// LoRA files as FILE[:STRENGTH]; repeatable. They are merged into the weights
+        /// (sums in f32, rounded once), as A1111 and ComfyUI apply LoRAs.
         #[arg(long)]
         lora: Vec<sd_model::lora::LoraFile>,
+        /// Keep the LoRAs as adapters beside the weights instead of merging them: each
+        /// adapted layer then runs two more matmuls per step (slower), and the update is never
+        /// rounded to the weights' precision.
+        #[arg(long)]
+        lora_unmerged: bool,
         /// Sampler (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm, ...).
         #[arg(long, default_value = "dpmpp_2m")]
         sampler: String,
@@ -169,6 +175,11 @@ enum Command {
         /// `train` or `infer`.
         #[arg(long, default_value = "train")]
         mode: String,
+        /// Infer mode: keep the adapters unmerged (as diffusers + peft run them) instead of
+        /// merging them into the weights as `trainer generate` and the training loop's
+        /// samples do.
+        #[arg(long)]
+        lora_unmerged: bool,
     },
     /// Time each op that has a GPU kernel of ours (GroupNorm + SiLU, LayerNorm, self- and
     /// cross-attention, the attention softmax) at SD1.5's shapes with its switch off (burn's
@@ -339,19 +350,24 @@ fn write_latents<B: Backend>(path: &std::path::Path, latents: burn::tensor::Tens
     Ok(())
 }
 
-fn run_generate<B: Backend>(
-    model: &str,
-    tiny_seed: u64,
-    loras: &[sd_model::lora::LoraFile],
-    opts: GenerateOptions,
-    files: &GenerateFiles,
-    device: &B::Device,
-) -> Result<()> {
+/// `trainer generate`'s LoRA files, and whether they are merged into the weights.
+struct Loras<'a> {
+    files: &'a [sd_model::lora::LoraFile],
+    merged: bool,
+}
+
+fn run_generate<B: Backend>(model: &str, tiny_seed: u64, loras: Loras<'_>, opts: GenerateOptions, files: &GenerateFiles, device: &B::Device) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
-    if !loras.is_empty() {
-        let applied = sd_model::lora::apply_lora_files(&mut c.unet, Some(&mut c.text_encoder), loras, false, device)?;
-        eprintln!("LoRA: {} UNet and {} text-encoder layers adapted", applied.unet, applied.text_encoder);
+    if !loras.files.is_empty() {
+        let applied = sd_model::lora::apply_lora_files(&mut c.unet, Some(&mut c.text_encoder), loras.files, false, device)?;
+        let how = if loras.merged {
+            trainer::generate::merge_adapters(&mut c);
+            "merged into"
+        } else {
+            "beside"
+        };
+        eprintln!("LoRA: {} UNet and {} text-encoder layers adapted ({how} the weights)", applied.unet, applied.text_encoder);
     }
     let start = Instant::now();
     let z = match &files.init_latents {
@@ -457,7 +473,7 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, device: &str, precision: &str, plain_autodiff: bool, grad_checkpointing: bool, lora_targets: sd_model::targets::UnetTargets, mode: &str) -> Result<()> {
+fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, device: &str, precision: &str, plain_autodiff: bool, grad_checkpointing: bool, lora_targets: sd_model::targets::UnetTargets, mode: &str, lora_unmerged: bool) -> Result<()> {
     use trainer::bench::{gib, peak_rss_gib, run_probed, BenchOptions, BenchResult};
     let unet = match unet_config {
         "sd15" => sd_model::UnetConfig::sd15(),
@@ -472,7 +488,8 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         "infer" => false,
         other => anyhow::bail!("--mode {other}: expected train or infer"),
     };
-    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing };
+    let lora_merged = !train && !lora_unmerged;
+    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged };
     // On the CPU the peak is the process's peak RSS (below); on CUDA the allocator's counters.
     #[cfg(feature = "cuda")]
     let cuda_probe = &mut || trainer::bench::cuda_memory(&Default::default());
@@ -499,6 +516,7 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         batch,
         resolution,
         grad_checkpointing,
+        lora_merged,
         custom_backward: !plain_autodiff,
         vendor: trainer::bench::VendorUse::now(),
     };
@@ -558,15 +576,16 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip: 1 };
             let files = GenerateFiles { out, init_latents, save_latents };
-            run_generate::<B::InnerBackend>(&model, tiny_seed, &lora, opts, &files, device)
+            let loras = Loras { files: &lora, merged: !lora_unmerged };
+            run_generate::<B::InnerBackend>(&model, tiny_seed, loras, opts, &files, device)
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
-        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode } => {
-            run_bench(&unet_config, batch, resolution, steps, &device, &precision, plain_autodiff, grad_checkpointing, lora_targets, &mode)
+        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode, lora_unmerged } => {
+            run_bench(&unet_config, batch, resolution, steps, &device, &precision, plain_autodiff, grad_checkpointing, lora_targets, &mode, lora_unmerged)
         }
         Command::BenchOps { batch, resolution, steps, device, precision } => run_bench_ops(batch, resolution, steps, &device, &precision),
         Command::DeviceCheck { unet_config, batch, resolution, device, precision, grad_checkpointing, tolerance, adapter, seed } => {

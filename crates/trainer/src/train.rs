@@ -22,7 +22,7 @@ use sd_sched::training::{offset_noise, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
-use crate::generate::{decode, denoise, grid, initial_latents, save_png, GenerateOptions};
+use crate::generate::{decode, denoise, grid, initial_latents, merge_adapters, save_png, GenerateOptions};
 use crate::models::{load_components, Components};
 use crate::state::{
     adapter_params, export_moments, host_params, import_moments, restore_adapter_params, StateInfo,
@@ -542,7 +542,7 @@ fn run<B: AutodiffBackend>(
             }
         }
         if sample {
-            let current = Components {
+            let mut current = Components {
                 unet: unet.valid(),
                 tokenizer: frozen.tokenizer.clone(),
                 text_encoder: text_encoder.valid(),
@@ -550,6 +550,7 @@ fn run<B: AutodiffBackend>(
                 scheduler: frozen.scheduler.clone(),
                 base_version: frozen.base_version.clone(),
             };
+            merge_adapters(&mut current);
             let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
             let path = out.join(format!("samples-step{:06}.png", progress.step));
             save_png(&generate_grid(&current, config, size, device)?, &path)?;
@@ -576,7 +577,8 @@ fn run<B: AutodiffBackend>(
     let grid_path = if interrupted {
         None
     } else {
-        let with_lora = Components { unet: unet.valid(), text_encoder: text_encoder.valid(), ..frozen };
+        let mut with_lora = Components { unet: unet.valid(), text_encoder: text_encoder.valid(), ..frozen };
+        merge_adapters(&mut with_lora);
         let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
         let path = out.join("samples.png");
         save_png(&generate_grid(&with_lora, config, size, device)?, &path)?;

@@ -7,7 +7,7 @@ use trainer::bench::{run, BenchOptions};
 
 #[test]
 fn bench_times_train_and_infer_steps() {
-    for train in [true, false] {
+    for (train, lora_merged) in [(true, false), (false, false), (false, true)] {
         let opts = BenchOptions {
             unet: UnetConfig::tiny(),
             batch: 1,
@@ -17,11 +17,12 @@ fn bench_times_train_and_infer_steps() {
             train,
             precision: trainer::device_check::Precision::Bf16,
             grad_checkpointing: train,
+            lora_merged,
         };
         let (first, median) = run::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
         assert!(first > 0.0 && median > 0.0 && median.is_finite());
     }
-    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false };
+    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false };
     assert!(run::<Autodiff<Flex>>(&bad, &Default::default()).is_err());
 }
 
@@ -29,7 +30,7 @@ fn bench_times_train_and_infer_steps() {
 fn memory_probe_samples_one_extra_untimed_step() {
     use trainer::bench::{run_probed, MemorySample};
     for (train, per_step) in [(true, 3), (false, 2)] {
-        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 2, targets: UnetTargets::Attn, train, precision: Default::default(), grad_checkpointing: false };
+        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 2, targets: UnetTargets::Attn, train, precision: Default::default(), grad_checkpointing: false, lora_merged: false };
         let mut calls = 0u64;
         let mut probe = || {
             calls += 1;
@@ -41,7 +42,7 @@ fn memory_probe_samples_one_extra_untimed_step() {
         assert!(timings.first_step_s > 0.0 && timings.s_per_step > 0.0 && timings.back_to_back_s_per_step > 0.0);
     }
     // With checkpointing, also once per recomputed block.
-    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: true };
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: true, lora_merged: false };
     let mut calls = 0u64;
     let mut probe = || {
         calls += 1;
@@ -49,7 +50,7 @@ fn memory_probe_samples_one_extra_untimed_step() {
     };
     run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut probe)).unwrap();
     assert!(calls > 5, "{calls} samples");
-    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: false, precision: Default::default(), grad_checkpointing: false };
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: false, precision: Default::default(), grad_checkpointing: false, lora_merged: false };
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), None).unwrap().peak, None);
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut || None)).unwrap().peak, None);
 }

@@ -1,9 +1,12 @@
 //! Generation is reproducible and LoRAs change it.
 
 use burn::backend::Flex;
-use burn::tensor::Tensor;
-use trainer::generate::{denoise, initial_latents, latents_from_noise, GenerateOptions};
-use trainer::models::load_components;
+use burn::tensor::{Distribution, Tensor};
+use lora_core::sites::{LoraSiteMut, LoraSites};
+use lora_core::LoraConfig;
+use sd_model::targets::{attach_new_adapters, Selection, TextEncoderTargets, UnetTargets};
+use trainer::generate::{denoise, initial_latents, latents_from_noise, merge_adapters, GenerateOptions};
+use trainer::models::{load_components, Components};
 
 type B = Flex;
 
@@ -46,4 +49,52 @@ fn same_seed_same_latents_for_every_sampler() {
     let bad = GenerateOptions { width: 30, ..opts("ddim") };
     assert!(initial_latents(&c, &bad, &device).is_err());
     assert!(latents_from_noise(&c, &opts("ddim"), Tensor::zeros([1, 4, 8, 8], &device)).is_err());
+}
+
+/// Gives every attached adapter a random `up` (new adapters start at zero: no effect);
+/// returns how many there are.
+fn randomize_adapters(model: &mut impl LoraSites<B>) -> usize {
+    let mut n = 0;
+    let noise = Distribution::Normal(0.0, 0.2);
+    model.visit_lora_sites(&mut |_, site| match site {
+        LoraSiteMut::Linear(l) => {
+            if let Some(a) = l.adapter.as_mut() {
+                a.up.weight = a.up.weight.clone().map(|w| w.random_like(noise));
+                n += 1;
+            }
+        }
+        LoraSiteMut::Conv(c) => {
+            if let Some(a) = c.adapter.as_mut() {
+                a.up.weight = a.up.weight.clone().map(|w| w.random_like(noise));
+                n += 1;
+            }
+        }
+    });
+    n
+}
+
+/// Merging the adapters into the weights (as `trainer generate` and the training loop's
+/// samples do) gives what the unmerged adapters give, and the adapters do change the result.
+#[test]
+fn merged_loras_generate_what_unmerged_ones_do() {
+    let device = Default::default();
+    let o = opts("ddim");
+    let run = |c: &Components<B>| values(denoise(c, &o, initial_latents(c, &o, &device).unwrap(), &device).unwrap());
+    let mut c = load_components::<B>("tiny", 0, &device).unwrap();
+    let plain = run(&c);
+    attach_new_adapters(&mut c.unet, &Selection::new(UnetTargets::AttnMlp), &LoraConfig::new(4), &device).unwrap();
+    attach_new_adapters(&mut c.text_encoder, &Selection::new(TextEncoderTargets::Attn), &LoraConfig::new(4), &device).unwrap();
+    let adapters = randomize_adapters(&mut c.unet) + randomize_adapters(&mut c.text_encoder);
+    assert!(adapters > 10, "{adapters} adapters");
+    let unmerged = run(&c);
+    assert_eq!(merge_adapters(&mut c), adapters);
+    let merged = run(&c);
+    let rel = |a: &[f32], b: &[f32]| {
+        let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+        (diff / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
+    };
+    assert!(rel(&unmerged, &plain) > 1e-2, "the adapters change little: {}", rel(&unmerged, &plain));
+    assert!(rel(&merged, &unmerged) < 1e-4, "merged vs unmerged: {}", rel(&merged, &unmerged));
+    // Nothing is left to merge.
+    assert_eq!(merge_adapters(&mut c), 0);
 }
