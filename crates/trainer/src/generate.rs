@@ -55,6 +55,30 @@ pub fn merge_adapters<B: Backend>(c: &mut Components<B>) -> usize {
     lora_core::sites::bake_adapters(&mut c.unet) + lora_core::sites::bake_adapters(&mut c.text_encoder)
 }
 
+/// The UNet and the text encoder with their parameters (adapters included) in `dtype`; the
+/// VAE stays in f32 (it decodes once per image, and SD's VAE overflows in f16). Merge
+/// adapters first ([`merge_adapters`]): the merged weights are then rounded once, from f32.
+/// Sampling keeps its latents in f32 either way (the UNet converts them on the way in and
+/// out). On a GPU, `bf16` or `f16` runs the tensor cores and, with
+/// `lora_core::kernels::set_flash_attention`, the flash-attention kernels.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{DType, FloatDType};
+/// use trainer::generate::to_precision;
+/// use trainer::models::load_components;
+///
+/// let device = Default::default();
+/// let c = to_precision(load_components::<Flex>("tiny", 0, &device).unwrap(), FloatDType::BF16);
+/// assert_eq!(c.unet.conv_in.base.weight.val().dtype(), DType::BF16);
+/// assert_eq!(c.vae.decoder.conv_in.base.weight.val().dtype(), DType::F32);
+/// ```
+pub fn to_precision<B: Backend>(mut c: Components<B>, dtype: burn::tensor::FloatDType) -> Components<B> {
+    c.unet = lora_core::precision::cast_all(c.unet, dtype);
+    c.text_encoder = lora_core::precision::cast_all(c.text_encoder, dtype);
+    c
+}
+
 /// Token ids `[N, 77]` of `prompts`, checked against a text-encoder vocabulary of `vocab`.
 pub fn prompt_ids<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, prompts: &[String], device: &B::Device) -> Result<Tensor<B, 2, Int>, TrainError> {
     let ids = tokenizer.encode_batch(prompts)?;

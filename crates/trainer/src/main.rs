@@ -95,6 +95,11 @@ enum Command {
         /// rounded to the weights' precision.
         #[arg(long)]
         lora_unmerged: bool,
+        /// Precision of the UNet and the text encoder: `f32`, `bf16` or `f16` (on a GPU the
+        /// half precisions run the tensor cores; the VAE stays f32). LoRAs are merged first,
+        /// in f32.
+        #[arg(long, default_value = "f32")]
+        precision: trainer::device_check::Precision,
         /// Sampler (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm, ...).
         #[arg(long, default_value = "dpmpp_2m")]
         sampler: String,
@@ -356,7 +361,15 @@ struct Loras<'a> {
     merged: bool,
 }
 
-fn run_generate<B: Backend>(model: &str, tiny_seed: u64, loras: Loras<'_>, opts: GenerateOptions, files: &GenerateFiles, device: &B::Device) -> Result<()> {
+fn run_generate<B: Backend>(
+    model: &str,
+    tiny_seed: u64,
+    loras: Loras<'_>,
+    precision: trainer::device_check::Precision,
+    opts: GenerateOptions,
+    files: &GenerateFiles,
+    device: &B::Device,
+) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
     if !loras.files.is_empty() {
@@ -368,6 +381,9 @@ fn run_generate<B: Backend>(model: &str, tiny_seed: u64, loras: Loras<'_>, opts:
             "beside"
         };
         eprintln!("LoRA: {} UNet and {} text-encoder layers adapted ({how} the weights)", applied.unet, applied.text_encoder);
+    }
+    if precision != trainer::device_check::Precision::F32 {
+        c = trainer::generate::to_precision(c, precision.dtype());
     }
     let start = Instant::now();
     let z = match &files.init_latents {
@@ -576,11 +592,11 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip: 1 };
             let files = GenerateFiles { out, init_latents, save_latents };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
-            run_generate::<B::InnerBackend>(&model, tiny_seed, loras, opts, &files, device)
+            run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),

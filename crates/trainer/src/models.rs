@@ -8,7 +8,9 @@ use sd_sched::SchedulerConfig;
 
 use crate::TrainError;
 
-/// Text encoder, VAE, UNet, tokenizer and scheduler config of one model.
+/// Text encoder, VAE, UNet, tokenizer and scheduler config of one model. Cloning shares the
+/// weights' tensors (burn tensors are values).
+#[derive(Clone)]
 pub struct Components<B: Backend> {
     /// Tokenizer.
     pub tokenizer: ClipTokenizer,

@@ -5,7 +5,7 @@ use burn::tensor::{Distribution, Tensor};
 use lora_core::sites::{LoraSiteMut, LoraSites};
 use lora_core::LoraConfig;
 use sd_model::targets::{attach_new_adapters, Selection, TextEncoderTargets, UnetTargets};
-use trainer::generate::{denoise, initial_latents, latents_from_noise, merge_adapters, GenerateOptions};
+use trainer::generate::{denoise, initial_latents, latents_from_noise, merge_adapters, to_precision, GenerateOptions};
 use trainer::models::{load_components, Components};
 
 type B = Flex;
@@ -26,6 +26,12 @@ fn opts(sampler: &str) -> GenerateOptions {
 
 fn values(t: Tensor<B, 4>) -> Vec<f32> {
     t.into_data().to_vec::<f32>().unwrap()
+}
+
+/// `||a - b|| / ||b||`.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    (diff / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
 }
 
 #[test]
@@ -89,12 +95,34 @@ fn merged_loras_generate_what_unmerged_ones_do() {
     let unmerged = run(&c);
     assert_eq!(merge_adapters(&mut c), adapters);
     let merged = run(&c);
-    let rel = |a: &[f32], b: &[f32]| {
-        let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-        (diff / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
-    };
     assert!(rel(&unmerged, &plain) > 1e-2, "the adapters change little: {}", rel(&unmerged, &plain));
     assert!(rel(&merged, &unmerged) < 1e-4, "merged vs unmerged: {}", rel(&merged, &unmerged));
     // Nothing is left to merge.
     assert_eq!(merge_adapters(&mut c), 0);
+}
+
+/// `trainer generate --precision bf16|f16`: the UNet and the text encoder in half precision
+/// follow the f32 result within their rounding, and the latents stay f32.
+#[test]
+fn half_precision_generation_follows_f32() {
+    use burn::tensor::{DType, FloatDType};
+    let device = Default::default();
+    let o = opts("dpmpp_2m");
+    let run = |c: &Components<B>| {
+        let out = denoise(c, &o, initial_latents(c, &o, &device).unwrap(), &device).unwrap();
+        assert_eq!(out.dtype(), DType::F32);
+        values(out)
+    };
+    // One model for all: the tiny weights come from burn's process-global RNG, which the
+    // other tests' threads draw from too.
+    let model = load_components::<B>("tiny", 0, &device).unwrap();
+    let full = run(&model);
+    // Rounding each weight to 8 (bf16) or 11 (f16) significant bits moves the result by a few
+    // times that through the network; a model that ignored the precision would match exactly.
+    for (dtype, low, high) in [(FloatDType::BF16, 1e-4, 5e-2), (FloatDType::F16, 1e-5, 1e-2)] {
+        let half = run(&to_precision(model.clone(), dtype));
+        assert!(half.iter().all(|v| v.is_finite()), "{dtype:?}");
+        let err = rel(&half, &full);
+        assert!(err > low && err < high, "{dtype:?}: relative difference {err}");
+    }
 }
