@@ -23,7 +23,8 @@
 #        the inference step also unmerged, then batch 8 without flash attention, with both libraries host-ordered and burn's
 #        softmax and GroupNorm, and with neither library)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
-#   SMOKE=1            also run `trainer train` for 20 steps on the tiny model (0 skips it)
+#   SMOKE=1            also run `trainer train` for 20 steps on the tiny model, then `trainer
+#                      generate` with its LoRA (0 skips both)
 #   OPS=1              also run `trainer bench-ops` (each kernel of ours against burn's ops at
 #                      SD1.5's shapes; its table is printed before the summary; 0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -255,6 +256,13 @@ if [ "${SMOKE:-1}" = 1 ]; then
     run_job smoke "train-tiny-$mp" "{}" \
         "$BIN" train --set train.max_train_steps=20 --set train.mixed_precision=$mp \
         --set output.output_dir="$WORK/smoke" --set output.sample_steps=4
+    # `trainer generate` with that LoRA merged in, at the bench's precision.
+    lora=$(ls "$WORK"/smoke/*.safetensors 2>/dev/null | head -1)
+    if [ -n "$lora" ]; then
+        run_job smoke "generate-tiny-$PRECISION" "{}" \
+            "$BIN" generate --prompt "a red circle, demostyle" --lora "$lora" --precision "$PRECISION" \
+            --width 64 --height 64 --steps 4 --out "$WORK/smoke/generate.png"
+    fi
 fi
 
 # --- 2. the PyTorch anchor, once for every train batch of the plan ---------------------------
