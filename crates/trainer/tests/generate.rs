@@ -88,7 +88,7 @@ fn merged_loras_generate_what_unmerged_ones_do() {
     let run = |c: &Components<B>| values(denoise(c, &o, initial_latents(c, &o, &device).unwrap(), &device).unwrap());
     let mut c = load_components::<B>("tiny", 0, &device).unwrap();
     let plain = run(&c);
-    attach_new_adapters(&mut c.unet, &Selection::new(UnetTargets::AttnMlp), &LoraConfig::new(4), &device).unwrap();
+    attach_new_adapters(&mut c.unet, &Selection::new(UnetTargets::Conv), &LoraConfig::new(4), &device).unwrap();
     attach_new_adapters(&mut c.text_encoder, &Selection::new(TextEncoderTargets::Attn), &LoraConfig::new(4), &device).unwrap();
     let adapters = randomize_adapters(&mut c.unet) + randomize_adapters(&mut c.text_encoder);
     assert!(adapters > 10, "{adapters} adapters");
