@@ -56,7 +56,8 @@ pub fn merge_adapters<B: Backend>(c: &mut Components<B>) -> usize {
 }
 
 /// The UNet and the text encoder with their parameters (adapters included) in `dtype`; the
-/// VAE stays in f32 (it decodes once per image, and SD's VAE overflows in f16). Merge
+/// VAE stays in f32 (it decodes once per image, and diffusers upcasts SD's VAEs too, whose
+/// activations can overflow f16: `force_upcast`). Merge
 /// adapters first ([`merge_adapters`]): the merged weights are then rounded once, from f32.
 /// Sampling keeps its latents in f32 either way (the UNet converts them on the way in and
 /// out). On a GPU, `bf16` or `f16` runs the tensor cores and, with

@@ -90,9 +90,8 @@ enum Command {
         /// (sums in f32, rounded once), as A1111 and ComfyUI apply LoRAs.
         #[arg(long)]
         lora: Vec<sd_model::lora::LoraFile>,
-        /// Keep the LoRAs as adapters beside the weights instead of merging them: each
-        /// adapted layer then runs two more matmuls per step (slower), and the update is never
-        /// rounded to the weights' precision.
+        /// Keep the LoRAs as adapters beside the weights instead of merging them in (slower:
+        /// each adapted layer runs two more matmuls per step).
         #[arg(long)]
         lora_unmerged: bool,
         /// Precision of the UNet and the text encoder: `f32`, `bf16` or `f16` (on a GPU the
