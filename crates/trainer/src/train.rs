@@ -22,7 +22,7 @@ use sd_sched::training::{offset_noise, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
-use crate::generate::{decode, denoise, grid, initial_latents, merge_adapters, save_png, GenerateOptions};
+use crate::generate::{decode, denoise, grid, initial_latents, merge_adapters, save_png, to_precision, GenerateOptions};
 use crate::models::{load_components, Components};
 use crate::state::{
     adapter_params, export_moments, host_params, import_moments, restore_adapter_params, StateInfo,
@@ -309,8 +309,7 @@ fn run<B: AutodiffBackend>(
     // encoder when it has adapters) is differentiated. The VAE stays in f32.
     let mut frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
     if let Some(dtype) = base_dtype {
-        frozen.unet = lora_core::precision::cast_all(frozen.unet, dtype);
-        frozen.text_encoder = lora_core::precision::cast_all(frozen.text_encoder, dtype);
+        frozen = to_precision(frozen, dtype);
     }
     // Everything not an adapter is frozen: no gradients, no optimizer updates.
     let mut unet = <sd_model::UNet2DConditionModel<B> as AutodiffModule<B>>::from_inner(frozen.unet.clone()).no_grad();
