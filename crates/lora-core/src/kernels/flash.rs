@@ -297,6 +297,16 @@ fn zero_accumulators(#[comptime] dp: usize, #[comptime] t: usize) -> Sequence<cm
     acc
 }
 
+/// Stores one accumulator tile row-major (row stride `n`) into the plane's staging region of
+/// `stage` from `stage_off`, between barriers: the lanes' earlier reads of the region are
+/// done before it is overwritten, and the tile is complete before they read it.
+#[cube]
+fn stage_tile(tile: &cmma::Matrix<f32>, stage: &mut SharedMemory<f32>, stage_off: usize, #[comptime] n: usize, #[comptime] t: usize, #[comptime] whole_cube: bool) {
+    sync_group(whole_cube);
+    cmma::store(&mut stage.slice_mut(stage_off, stage_off + (t - 1) * n + t), tile, n as u32, cmma::MatrixLayout::RowMajor);
+    sync_group(whole_cube);
+}
+
 /// Writes a plane's accumulators (`T` rows from `row0`, `dp` columns) times `factor`,
 /// rounded to `E`, to a `[seq, d]` output at `base` with rows `row_stride` apart, through
 /// the plane's staging region of `stage` (`T` rows of stride `n`, `n ≥ T`): rows past `seq`
@@ -324,9 +334,7 @@ fn write_accumulators<E: Float>(
 ) {
     #[unroll]
     for j in 0..dp / t {
-        sync_group(whole_cube);
-        cmma::store(&mut stage.slice_mut(stage_off, stage_off + (t - 1) * n + t), acc.index(j), n as u32, cmma::MatrixLayout::RowMajor);
-        sync_group(whole_cube);
+        stage_tile(acc.index(j), stage, stage_off, n, t, whole_cube);
         let mut c = sub;
         while c < t {
             let col = j * t + c;
@@ -360,9 +368,7 @@ fn rescale_accumulators(
     #[unroll]
     for j in 0..dp / t {
         let tile = acc.index(j);
-        sync_group(whole_cube);
-        cmma::store(&mut stage.slice_mut(stage_off, stage_off + (t - 1) * n + t), tile, n as u32, cmma::MatrixLayout::RowMajor);
-        sync_group(whole_cube);
+        stage_tile(tile, stage, stage_off, n, t, whole_cube);
         let mut c = sub;
         while c < t {
             let i = stage_off + row * n + c;
