@@ -188,7 +188,7 @@ def table(a):
 
     smokes = [r for r in records if r["source"] == "smoke"]
     if smokes:
-        out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the kernel tests: cuDNN and cuBLAS against burn, GPU- against host-ordered library calls, the fused softmax against burn, flash attention against the same math in burn's ops, the fused GroupNorm against burn; the per-op A/B `trainer bench-ops`, whose table is printed above):", ""]
+        out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the kernel tests: cuDNN and cuBLAS against burn, GPU- against host-ordered library calls, the fused softmax against burn, flash attention against the same math in burn's ops, the fused GroupNorm against burn; the per-op A/B `trainer bench-ops` and the ncu profiles of one step, ours and PyTorch's, whose tables are printed above):", ""]
         out += ["| run | pass | wall s |", "|---|---|---|"]
         for r in smokes:
             out.append(f"| {r['name']} | {'yes' if r.get('result', {}).get('pass') else 'no'} | {fmt(r.get('wall_s'))} |")

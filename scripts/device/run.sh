@@ -22,6 +22,15 @@
 #        default matmul threshold (default cuda: the four anchor settings with everything on,
 #        the inference step also unmerged, then batch 8 without flash attention, with both libraries host-ordered and burn's
 #        softmax and GroupNorm, and with neither library)
+#   PROFILE="CONFIG:RES:BATCH:MODE[:OPTS] ..."   per-kernel GPU time of one step under Nsight
+#        Compute (ncu), ours (`trainer bench --cuda-profiler-step`) and, at the anchor's
+#        settings, PyTorch's (anchor_profile.py), as tables by kernel class and by kernel
+#        (ncu_report.py; printed before the summary, also $OUT/profile.md; ncu's CSVs stay in
+#        $WORK: $OUT may return 8 files);
+#        OPTS as in PLAN. Runs after the plan, when the budget allows. Default cuda: batch 8
+#        with everything on but `device` (see below); none skips it. NCU=PATH picks ncu
+#   KERNEL_TESTS=1     lora-core's CUDA kernel tests before everything (0 skips them and keeps
+#                      every switch on, e.g. for a second call that only profiles)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model, then `trainer
 #                      generate` with its LoRA (0 skips both)
@@ -67,9 +76,13 @@ if [ "$DEVICE" = cuda ]; then
     CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2:bf16:cudnn:cublas:flash:gn sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn tiny:64:2"}
     ALL=cudnn:cublas:device:softmax:flash:gn
     PLAN=${PLAN:-"sd15:512:1:train:$ALL sd15:512:8:train:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:$ALL sd15:512:1:infer:unmerged:$ALL sd15:512:8:train:cudnn:cublas:device:softmax:gn sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
+    # Host-ordered library calls: GPU-side ordering spins in a kernel until work on our
+    # stream has run, and ncu, which runs one kernel at a time, holds that work back.
+    PROFILE=${PROFILE:-"sd15:512:8:train:cudnn:cublas:softmax:flash:gn"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer tiny:64:1:infer:unmerged"}
+    PROFILE=${PROFILE:-none}
 fi
 CHECKS=${CHECKS//,/ }
 PLAN=${PLAN//,/ }
@@ -162,7 +175,7 @@ EOF
     fi
     echo "commit: $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (with uncommitted changes)')"
     [ -f "$BIN_DIR/BUILD_INFO" ] && sed 's/^/build: /' "$BIN_DIR/BUILD_INFO"
-    echo "plan: CHECKS='$CHECKS' PLAN='$PLAN' PRECISION=$PRECISION STEPS=$STEPS ANCHOR_STEPS=$ANCHOR_STEPS BUDGET_S=$BUDGET_S"
+    echo "plan: CHECKS='$CHECKS' PLAN='$PLAN' PROFILE='$PROFILE' PRECISION=$PRECISION STEPS=$STEPS ANCHOR_STEPS=$ANCHOR_STEPS BUDGET_S=$BUDGET_S"
 } >"$INFO" 2>&1
 cat "$INFO" | tee -a "$LOG"
 
@@ -198,7 +211,7 @@ kernel_test() {
     run_job smoke "$name" "{}" "$@" env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact "kernels::tests::$test" --nocapture
     [ "${LAST_RC:-1}" = 0 ]
 }
-if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ]; then
+if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "${KERNEL_TESTS:-1}" = 1 ]; then
     kernel_test conv-cudnn-vs-burn cudnn_matches_burn_kernels_on_cuda
     kernel_test matmul-cublas-vs-burn cublas_matches_burn_kernels_on_cuda
     kernel_test ordering-device-vs-host device_ordering_matches_host_ordering_on_cuda timeout -k 5 240 || {
@@ -266,6 +279,17 @@ if [ "${SMOKE:-1}" = 1 ]; then
 fi
 
 # --- 2. the PyTorch anchor, once for every train batch of the plan ---------------------------
+# The anchor needs diffusers (and peft): the image may lack it, prepare.sh ships the wheels.
+ensure_diffusers() {
+    "$PYTHON" -c "import diffusers" 2>/dev/null && return
+    if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/sdlora-site "$WHEELS"/*.whl >>"$LOG" 2>&1
+        export PYTHONPATH="/tmp/sdlora-site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        say "anchor: diffusers is missing and there are no wheels in $WHEELS"
+    fi
+}
 if [ "$DEVICE" = cuda ]; then anchor_unet=sd15 anchor_res=512; else anchor_unet=tiny anchor_res=64; fi
 batches=""
 for p in $PLAN; do
@@ -279,15 +303,7 @@ if [ "$ANCHOR" = none ] || [ -z "$batches" ]; then
 elif [ ! -f "$ANCHOR" ]; then
     say "anchor: skipped, no script at $ANCHOR (copy ../shared/bench/torch_anchor.py there)"
 else
-    if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
-        if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-            "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-                --target /tmp/sdlora-site "$WHEELS"/*.whl >>"$LOG" 2>&1
-            export PYTHONPATH="/tmp/sdlora-site${PYTHONPATH:+:$PYTHONPATH}"
-        else
-            say "anchor: diffusers is missing and there are no wheels in $WHEELS"
-        fi
-    fi
+    ensure_diffusers
     tiny=()
     [ "$DEVICE" = cuda ] || tiny=(--tiny)
     export PYTHONUNBUFFERED=1
@@ -296,11 +312,11 @@ else
 fi
 
 # --- 3. our benchmark -----------------------------------------------------------------------
-for p in $PLAN; do
-    IFS=: read -r cfg res batch mode opts <<<"$p"
-    flag=()
-    is_ckpt=false suffix=
-    for o in ${opts//:/ }; do
+# bench_flags OPTS: from a PLAN / PROFILE entry's options, sets `flag` (trainer bench's
+# arguments), `suffix` (for job names) and `is_ckpt`.
+bench_flags() {
+    flag=() is_ckpt=false suffix=
+    for o in ${1//:/ }; do
         case $o in
             ckpt) flag+=(--grad-checkpointing); is_ckpt=true; suffix="$suffix-ckpt" ;;
             plain) flag+=(--plain-autodiff); suffix="$suffix-plain" ;;
@@ -313,6 +329,11 @@ for p in $PLAN; do
             gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
         esac
     done
+}
+for p in $PLAN; do
+    [ "$p" = none ] && continue
+    IFS=: read -r cfg res batch mode opts <<<"$p"
+    bench_flags "$opts"
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \
         "{\"unet\": \"$cfg\", \"resolution\": $res, \"batch\": $batch, \"mode\": \"$mode\", \"ckpt\": $is_ckpt}" \
         "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
@@ -327,6 +348,39 @@ if [ "${OPS:-1}" = 1 ]; then
     grep '^|' "$WORK/ops-ours-vs-burn.out" >"$OUT/ops.md" 2>/dev/null || rm -f "$OUT/ops.md"
 fi
 
+# --- 3c. per-kernel profiles: one step of ours and of the anchor under Nsight Compute ----------
+# Each side runs its warm-up as usual and turns the profiler on for one step only (ours:
+# `trainer bench --cuda-profiler-step`; the anchor: anchor_profile.py), so ncu times just
+# that step's kernels, one at a time, with the clocks left alone.
+NCU=${NCU:-$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)}
+ncu_flags=(--profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum
+    --csv --print-units base --print-kernel-base function)
+rm -f "$OUT/profile.md"
+for p in $PROFILE; do
+    [ "$p" = none ] && continue
+    if [ "$DEVICE" != cuda ] || [ -z "$NCU" ]; then
+        say "profile: skipped (it needs DEVICE=cuda and Nsight Compute's ncu; NCU='$NCU')"
+        break
+    fi
+    IFS=: read -r cfg res batch mode opts <<<"$p"
+    bench_flags "$opts"
+    name="profile-$cfg-r$res-b$batch-$mode$suffix"
+    run_job smoke "$name-ours" "{}" "$NCU" "${ncu_flags[@]}" --log-file "$WORK/$name-ours.csv" \
+        "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
+        --steps 1 --device "$DEVICE" --precision "$PRECISION" "${flag[@]}" --cuda-profiler-step
+    torch_csv=()
+    if [ "$cfg:$res" = "$anchor_unet:$anchor_res" ] && [ -f "$ANCHOR" ] && [ "$ANCHOR" != none ]; then
+        ensure_diffusers
+        ckpt=()
+        [ "$is_ckpt" = true ] && ckpt=(--ckpt)
+        run_job smoke "$name-torch" "{}" "$NCU" "${ncu_flags[@]}" --log-file "$WORK/$name-torch.csv" \
+            "$PYTHON" "$HERE/anchor_profile.py" "$ANCHOR" --batch "$batch" --mode "$mode" "${ckpt[@]}"
+        torch_csv=(--torch "$WORK/$name-torch.csv")
+    fi
+    { "$PY" "$HERE/ncu_report.py" --ours "$WORK/$name-ours.csv" "${torch_csv[@]}" --title "$p" --top 20 && echo; } \
+        >>"$OUT/profile.md" 2>>"$LOG" || say "$name: no profile table (see $LOG)"
+done
+
 # --- 4. caches and the table ----------------------------------------------------------------
 if [ -n "$(ls -A "$CACHE" 2>/dev/null)" ]; then
     tar -czf "$OUT/cubecl-cache.tar.gz" -C "$CACHE" . 2>>"$LOG"
@@ -340,6 +394,9 @@ fi
 "$PY" "$HERE/report.py" table "$RESULTS" --info "$INFO" >"$OUT/summary.md" 2>>"$LOG"
 say "total $(( $(date +%s) - START ))s; raw JSON in $RESULTS, log in $LOG"
 echo
+if [ -s "$OUT/profile.md" ]; then
+    cat "$OUT/profile.md"
+fi
 if [ -s "$OUT/ops.md" ]; then
     echo "Per-op A/B (\`trainer bench-ops\`: median ms with each kernel switch off, burn's ops, and on):"
     echo

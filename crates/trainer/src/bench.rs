@@ -79,6 +79,9 @@ pub struct BenchResult {
     pub lora_merged: bool,
     /// Whether sd-model's own backward passes were on (`false` with `--plain-autodiff`).
     pub custom_backward: bool,
+    /// Whether one more step ran between `cuProfilerStart` and `cuProfilerStop`
+    /// (`--cuda-profiler-step`, [`BenchHooks::profiler`]).
+    pub profiled_step: bool,
     /// What ran in cuDNN / cuBLAS.
     pub vendor: VendorUse,
 }
@@ -236,8 +239,55 @@ pub fn run<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device) -> Resul
 pub fn run_probed<B: AutodiffBackend>(
     opts: &BenchOptions,
     device: &B::Device,
-    mut probe: Option<&mut dyn FnMut() -> Option<MemorySample>>,
+    probe: Option<&mut dyn FnMut() -> Option<MemorySample>>,
 ) -> Result<BenchTimings, TrainError> {
+    run_hooked::<B>(opts, device, BenchHooks { memory: probe, profiler: None })
+}
+
+/// What [`run_hooked`] calls besides the steps.
+#[derive(Default)]
+pub struct BenchHooks<'a> {
+    /// Memory probe for one extra, untimed step (see [`BenchTimings::peak`]; on CUDA
+    /// `cuda_memory`, built with the `cuda` feature).
+    pub memory: Option<&'a mut dyn FnMut() -> Option<MemorySample>>,
+    /// Called with `true` right before and with `false` right after one more untimed step,
+    /// each time with the device idle (synchronised): for a profiler that records only
+    /// what runs in between (on CUDA `lora_core::kernels::cuda_profiler`, for
+    /// `ncu --profile-from-start off`). An error ends the benchmark.
+    pub profiler: Option<&'a mut dyn FnMut(bool) -> Result<(), String>>,
+}
+
+/// [`run`] with [`BenchHooks`]: the timed steps, then the memory probe's step, then the
+/// profiled step, each only when its hook is given.
+///
+/// ```
+/// use burn::backend::{Autodiff, Flex};
+/// use trainer::bench::{run_hooked, BenchHooks, BenchOptions};
+///
+/// let opts = BenchOptions {
+///     unet: sd_model::UnetConfig::tiny(),
+///     batch: 1,
+///     resolution: 64,
+///     steps: 1,
+///     targets: sd_model::targets::UnetTargets::Attn,
+///     train: true,
+///     precision: trainer::device_check::Precision::F32,
+///     grad_checkpointing: false,
+///     lora_merged: false,
+/// };
+/// let mut calls = Vec::new();
+/// let mut profiler = |start: bool| -> Result<(), String> {
+///     calls.push(start);
+///     Ok(())
+/// };
+/// let hooks = BenchHooks { memory: None, profiler: Some(&mut profiler) };
+/// let timings = run_hooked::<Autodiff<Flex>>(&opts, &Default::default(), hooks)?;
+/// assert!(timings.s_per_step > 0.0);
+/// assert_eq!(calls, [true, false]);
+/// # Ok::<(), trainer::TrainError>(())
+/// ```
+pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, hooks: BenchHooks<'_>) -> Result<BenchTimings, TrainError> {
+    let BenchHooks { memory: mut probe, mut profiler } = hooks;
     if opts.batch == 0 || opts.steps == 0 || opts.resolution == 0 || !opts.resolution.is_multiple_of(8) {
         return Err(TrainError::Config {
             origin: "bench".into(),
@@ -289,14 +339,27 @@ pub fn run_probed<B: AutodiffBackend>(
     // needs; keeping the probe out of the timed steps keeps their launches free of host
     // round trips.
     let window_end = 2 * opts.steps;
-    let last = window_end + usize::from(probe.is_some());
+    let probe_step = probe.is_some().then_some(window_end + 1);
+    let profiled_step = profiler.is_some().then(|| window_end + 1 + usize::from(probe.is_some()));
+    let last = probe_step.max(profiled_step).unwrap_or(window_end);
     let mut window = Instant::now();
     let mut back_to_back = f64::NAN;
+    let mut profile = |start: bool| -> Result<(), TrainError> {
+        match profiler.as_mut() {
+            Some(hook) => hook(start).map_err(|reason| TrainError::Config { origin: "bench profiler".into(), reason }),
+            None => Ok(()),
+        }
+    };
     for step in 0..=last {
         let in_window = step > opts.steps && step <= window_end;
-        let probing = step > window_end;
+        let probing = Some(step) == probe_step;
+        let profiling = Some(step) == profiled_step;
         if step == opts.steps + 1 {
             window = Instant::now();
+        }
+        if profiling {
+            sync::<B>(device)?;
+            profile(true)?;
         }
         let mut sample = || -> Result<(), TrainError> {
             if let (true, Some(probe)) = (probing, probe.as_mut()) {
@@ -354,7 +417,9 @@ pub fn run_probed<B: AutodiffBackend>(
         }
         sync::<B>(device)?;
         sample()?;
-        if !probing {
+        if profiling {
+            profile(false)?;
+        } else if !probing {
             times.push(start.elapsed().as_secs_f64());
         }
     }

@@ -184,6 +184,12 @@ enum Command {
         /// samples do.
         #[arg(long)]
         lora_unmerged: bool,
+        /// CUDA: run one more, untimed step between `cuProfilerStart` and `cuProfilerStop`,
+        /// so that a profiler started with its collection off records exactly one step
+        /// (`ncu --profile-from-start off`, `nsys profile -c cudaProfilerApi`; see
+        /// scripts/device/README.md).
+        #[arg(long)]
+        cuda_profiler_step: bool,
     },
     /// Time each op that has a GPU kernel of ours (GroupNorm + SiLU, LayerNorm, self- and
     /// cross-attention, the attention softmax) at SD1.5's shapes with its switch off (burn's
@@ -487,9 +493,26 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, device: &str, precision: &str, plain_autodiff: bool, grad_checkpointing: bool, lora_targets: sd_model::targets::UnetTargets, mode: &str, lora_unmerged: bool) -> Result<()> {
-    use trainer::bench::{gib, peak_rss_gib, run_probed, BenchOptions, BenchResult};
+/// `trainer bench`'s arguments.
+struct BenchArgs {
+    unet_config: String,
+    batch: usize,
+    resolution: usize,
+    steps: usize,
+    device: String,
+    precision: String,
+    mode: String,
+    plain_autodiff: bool,
+    grad_checkpointing: bool,
+    lora_targets: sd_model::targets::UnetTargets,
+    lora_unmerged: bool,
+    cuda_profiler_step: bool,
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    use trainer::bench::{gib, peak_rss_gib, run_hooked, BenchHooks, BenchOptions, BenchResult};
+    let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step } = args;
+    let (unet_config, device, precision, mode) = (unet_config.as_str(), device.as_str(), precision.as_str(), mode.as_str());
     let unet = match unet_config {
         "sd15" => sd_model::UnetConfig::sd15(),
         "sd21" => sd_model::UnetConfig::sd21(),
@@ -505,13 +528,21 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
     };
     let lora_merged = !train && !lora_unmerged;
     let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged };
+    if cuda_profiler_step && device != "cuda" {
+        anyhow::bail!("--cuda-profiler-step: only with --device cuda (got --device {device})");
+    }
     // On the CPU the peak is the process's peak RSS (below); on CUDA the allocator's counters.
     #[cfg(feature = "cuda")]
     let cuda_probe = &mut || trainer::bench::cuda_memory(&Default::default());
+    #[cfg(feature = "cuda")]
+    let cuda_profiler = &mut |start: bool| lora_core::kernels::cuda_profiler(0, start);
     let timings = match device {
-        "cpu" => run_probed::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default(), None)?,
+        "cpu" => run_hooked::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default(), BenchHooks::default())?,
         #[cfg(feature = "cuda")]
-        "cuda" => run_probed::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default(), Some(cuda_probe))?,
+        "cuda" => {
+            let profiler: Option<&mut dyn FnMut(bool) -> Result<(), String>> = if cuda_profiler_step { Some(cuda_profiler) } else { None };
+            run_hooked::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default(), BenchHooks { memory: Some(cuda_probe), profiler })?
+        }
         #[cfg(not(feature = "cuda"))]
         "cuda" => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
         other => anyhow::bail!("--device {other}: expected cpu or cuda"),
@@ -533,6 +564,7 @@ fn run_bench(unet_config: &str, batch: usize, resolution: usize, steps: usize, d
         grad_checkpointing,
         lora_merged,
         custom_backward: !plain_autodiff,
+        profiled_step: cuda_profiler_step,
         vendor: trainer::bench::VendorUse::now(),
     };
     println!("{}", serde_json::to_string(&result)?);
@@ -599,9 +631,20 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
-        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode, lora_unmerged } => {
-            run_bench(&unet_config, batch, resolution, steps, &device, &precision, plain_autodiff, grad_checkpointing, lora_targets, &mode, lora_unmerged)
-        }
+        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
+            unet_config,
+            batch,
+            resolution,
+            steps,
+            device,
+            precision,
+            mode,
+            plain_autodiff,
+            grad_checkpointing,
+            lora_targets,
+            lora_unmerged,
+            cuda_profiler_step,
+        }),
         Command::BenchOps { batch, resolution, steps, device, precision } => run_bench_ops(batch, resolution, steps, &device, &precision),
         Command::DeviceCheck { unet_config, batch, resolution, device, precision, grad_checkpointing, tolerance, adapter, seed } => {
             run_device_check(&unet_config, batch, resolution, &device, precision, grad_checkpointing, tolerance, adapter, seed)

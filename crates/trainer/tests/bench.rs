@@ -54,3 +54,29 @@ fn memory_probe_samples_one_extra_untimed_step() {
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), None).unwrap().peak, None);
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut || None)).unwrap().peak, None);
 }
+
+#[test]
+fn profiler_hook_brackets_one_step_after_the_memory_samples() {
+    use std::cell::RefCell;
+    use trainer::bench::{run_hooked, BenchHooks, MemorySample};
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false };
+    let events = RefCell::new(Vec::new());
+    let mut probe = || {
+        events.borrow_mut().push("sample");
+        Some(MemorySample { in_use: 1, reserved: 1 })
+    };
+    let mut profiler = |start: bool| {
+        events.borrow_mut().push(if start { "start" } else { "stop" });
+        Ok(())
+    };
+    let hooks = BenchHooks { memory: Some(&mut probe), profiler: Some(&mut profiler) };
+    let timings = run_hooked::<Autodiff<Flex>>(&opts, &Default::default(), hooks).unwrap();
+    assert_eq!(events.into_inner(), ["sample", "sample", "sample", "start", "stop"]);
+    assert!(timings.peak.is_some() && timings.s_per_step > 0.0);
+
+    // A profiler that cannot start ends the benchmark with its reason.
+    let mut failing = |_: bool| Err("no profiler here".to_string());
+    let hooks = BenchHooks { memory: None, profiler: Some(&mut failing) };
+    let err = run_hooked::<Autodiff<Flex>>(&opts, &Default::default(), hooks).unwrap_err();
+    assert!(err.to_string().contains("no profiler here"), "{err}");
+}

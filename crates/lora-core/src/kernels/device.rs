@@ -58,6 +58,17 @@ fn create(index: usize) -> Result<DeviceStream, String> {
     Ok(DeviceStream { context, stream })
 }
 
+/// `cuProfilerStart` (`start`) or `cuProfilerStop` with device `index`'s primary context
+/// current on this thread; cudarc's loader panics (no libcuda) become errors.
+pub(super) fn profiler(index: usize, start: bool) -> Result<(), String> {
+    catch_unwind(AssertUnwindSafe(|| {
+        stream(index)?;
+        let result = if start { cudarc::driver::profiler_start() } else { cudarc::driver::profiler_stop() };
+        result.map_err(|e| format!("{}: {e:?}", if start { "cuProfilerStart" } else { "cuProfilerStop" }))
+    }))
+    .unwrap_or_else(|_| Err("the CUDA driver failed to load (see the message above)".to_string()))
+}
+
 /// A library's state per device (a cuDNN or cuBLAS handle bound to our stream), created on
 /// first use; an `Err` remembers why a device cannot use the library.
 pub(super) struct PerDevice<S> {

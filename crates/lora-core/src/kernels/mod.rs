@@ -282,6 +282,30 @@ pub fn cublas_status() -> Result<(), String> {
     }
 }
 
+/// Starts (`start`) or stops CUDA's profiler data collection on device `index`
+/// (`cuProfilerStart` / `cuProfilerStop` in the primary context, the one burn's CUDA backend
+/// uses). Profilers started with their collection off (`ncu --profile-from-start off`,
+/// `nsys -c cudaProfilerApi`) then record only the kernels launched in between; without a
+/// profiler both calls do nothing. Always an error without the `cuda` feature, and when the
+/// driver cannot be loaded.
+///
+/// ```
+/// // On a machine without CUDA (or a build without the `cuda` feature) this is an error,
+/// // never a panic.
+/// let _ = lora_core::kernels::cuda_profiler(0, true);
+/// ```
+pub fn cuda_profiler(index: usize, start: bool) -> Result<(), String> {
+    #[cfg(feature = "cuda")]
+    {
+        device::profiler(index, start)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (index, start);
+        Err("built without the `cuda` feature".to_string())
+    }
+}
+
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn record_cudnn_call() {
     CUDNN_CALLS.fetch_add(1, Ordering::Relaxed);
