@@ -5,7 +5,8 @@
 //! switch off (burn's ops) and once on, on the same inputs: GroupNorm + SiLU and LayerNorm
 //! (forward and backward, as in training: the norm frozen, the input tracked), self- and
 //! cross-attention (forward and backward; flash attention) and the attention softmax
-//! (forward). On a backend without the kernels both columns time the same path. Last, one
+//! (forward), and flash attention's blocks at 48 against 96 KiB of shared memory per cube.
+//! On a backend without the kernels both columns time the same path. Last, one
 //! AdamW step over SD1.5's attention adapters, burn's per-tensor `AdamW` against the flat
 //! one the trainer uses (`lora_core::optim`), where the difference is launch and host
 //! overhead.
@@ -66,6 +67,16 @@ const FLASH_ATTENTION: Switch = Switch {
     name: "flash_attention",
     set: lora_core::kernels::set_flash_attention,
     get: lora_core::kernels::flash_attention_enabled,
+};
+/// Flash attention with 96 KiB of shared memory per cube (larger blocks) against the
+/// default 48 KiB; flash attention itself is on for both.
+const FLASH_SHARED_96: Switch = Switch {
+    name: "flash_shared_kib 48 → 96",
+    set: |large| {
+        lora_core::kernels::set_flash_attention(true);
+        lora_core::kernels::set_flash_shared_kib(if large { 96 } else { 48 });
+    },
+    get: || lora_core::kernels::flash_shared_kib() >= 96,
 };
 const FUSED_SOFTMAX: Switch = Switch {
     name: "fused_softmax",
@@ -149,15 +160,20 @@ pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpT
         read(x.grad(&grads).expect("x is tracked"))
     }));
 
-    // Self-attention over the top level's tokens: 8 heads of 40.
+    // Self-attention over the top level's tokens: 8 heads of 40; then flash attention's
+    // block sizes (the shared memory per cube), which leave flash attention on at the end.
     let shape = vec![b, 8, tokens, 40];
     let (q, k, v, w) = (random(shape.clone(), 1.0), random(shape.clone(), 1.0), random(shape.clone(), 1.0), random(shape.clone(), 1.0));
-    out.push(ab("attention fwd+bwd", &shape, &FLASH_ATTENTION, opts.steps, || {
+    let self_attention = || {
         let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
         let y = sd_model::attention::scaled_dot_product_attention(q.clone(), k.clone(), v.clone());
         let grads = (y * w.clone()).sum().backward();
         read(q.grad(&grads).expect("q is tracked"))
-    }));
+    };
+    out.push(ab("attention fwd+bwd", &shape, &FLASH_ATTENTION, opts.steps, self_attention));
+    let flash_before = lora_core::kernels::flash_attention_enabled();
+    out.push(ab("attention fwd+bwd, flash blocks", &shape, &FLASH_SHARED_96, opts.steps, self_attention));
+    lora_core::kernels::set_flash_attention(flash_before);
 
     // Cross-attention of the same queries to the text encoder's 77 tokens.
     let kv_shape = vec![b, 8, 77, 40];
@@ -262,10 +278,11 @@ mod tests {
         type B = burn::backend::Autodiff<burn::backend::Flex>;
         let opts = OpsOptions { batch: 1, resolution: 32, steps: 1, precision: Precision::F32 };
         let timings = run::<B>(&opts, &Default::default());
-        assert_eq!(timings.len(), 7);
-        assert_eq!(timings[6].shape, vec![256, 797_184], "the anchor's LoRA size");
+        assert_eq!(timings.len(), 8);
+        assert_eq!(timings[7].shape, vec![256, 797_184], "the anchor's LoRA size");
         assert!(timings.iter().all(|t| t.ms_off.is_finite() && t.ms_on > 0.0));
         assert!(!lora_core::kernels::fused_group_norm_enabled() && !lora_core::kernels::flash_attention_enabled());
-        assert_eq!(table(&timings).lines().count(), 9);
+        assert_eq!(lora_core::kernels::flash_shared_kib(), 48, "the block-size row restores the default");
+        assert_eq!(table(&timings).lines().count(), 10);
     }
 }

@@ -67,10 +67,11 @@ const RESCALE_ABOVE: f32 = 8.0;
 /// Alignment of the shared tiles in bytes: `cmma` loads and stores need 32 on CUDA.
 const ALIGN: usize = 64;
 
-/// Shared memory the kernels may use per cube. cubecl-cuda raises a kernel's dynamic shared
-/// memory limit as needed (up to 227 KiB on an H100/H200), but 48 KiB keeps four cubes (16
-/// warps) resident per SM; larger blocks are a tuning option for the device.
-const MAX_SHARED: usize = 48 * 1024;
+/// Shared memory the kernels may use per cube by default. cubecl-cuda raises a kernel's
+/// dynamic shared memory limit as needed (up to 227 KiB on an H100/H200), but 48 KiB keeps
+/// four cubes (16 warps) resident per SM; larger blocks are a tuning option for the device
+/// (`super::set_flash_shared_kib`).
+const MAX_SHARED: usize = super::DEFAULT_FLASH_SHARED;
 
 /// Largest grid extent along one axis on every runtime (wgpu's limit).
 const MAX_GRID: usize = 65_535;
@@ -736,10 +737,15 @@ pub(super) struct Plan {
     pub tile: usize,
     /// Units per plane (warp / subgroup).
     pub plane: usize,
-    /// Planes per cube.
+    /// Planes per cube of the query-major backward kernel (`dq`).
     pub planes: usize,
-    /// Keys per block of the query-major kernels.
+    /// Keys per block of the query-major backward kernel.
     pub block_keys: usize,
+    /// Planes per cube of the forward kernel: without the backward pass's tiles it fits
+    /// larger blocks in the same shared memory.
+    pub fwd_planes: usize,
+    /// Keys per block of the forward kernel.
+    pub fwd_block_keys: usize,
     /// Queries per block of the key-major kernel.
     pub block_queries: usize,
     /// Planes per cube of the key-major kernel.
@@ -779,7 +785,7 @@ pub(super) fn plan<R: Runtime>(client: &ComputeClient<R>, dtype: StorageType, he
     if hw.plane_size_min != hw.plane_size_max || plane < tile || !plane.is_multiple_of(tile) {
         return Err(format!("flash attention: plane size {}..{} does not fit {tile}-row tiles", hw.plane_size_min, hw.plane_size_max));
     }
-    layout(tile, plane, hw.max_units_per_cube as usize, hw.max_shared_memory_size.min(MAX_SHARED), head_dim, dtype.size())
+    layout(tile, plane, hw.max_units_per_cube as usize, hw.max_shared_memory_size.min(super::flash_shared_bytes()), head_dim, dtype.size())
 }
 
 /// [`plan`] once the device's tile, plane size, units per cube and shared memory are known.
@@ -788,19 +794,21 @@ fn layout(tile: usize, plane: usize, max_units: usize, limit: usize, head_dim: u
     let fits_units = |planes: usize| planes * plane <= max_units;
     let candidates = [(4, 64), (4, 32), (2, 64), (2, 32), (4, 16), (2, 16), (1, 32), (1, 16), (1, 8)];
     let usable = |planes: usize, block: usize| block >= tile && block.is_multiple_of(tile) && fits_units(planes);
-    let (planes, block_keys) = candidates
-        .into_iter()
-        .find(|&(p, b)| usable(p, b) && rows_bytes(tile, p, plane, b, dp, es, true) <= limit && rows_bytes(tile, p, plane, b, dp, es, false) <= limit)
-        .ok_or_else(|| format!("flash attention: head dimension {head_dim} does not fit in {limit} bytes of shared memory"))?;
+    let too_large = || format!("flash attention: head dimension {head_dim} does not fit in {limit} bytes of shared memory");
+    let rows_fit = |grad: bool| candidates.into_iter().find(|&(p, b)| usable(p, b) && rows_bytes(tile, p, plane, b, dp, es, grad) <= limit);
+    let (planes, block_keys) = rows_fit(true).ok_or_else(too_large)?;
+    let (fwd_planes, fwd_block_keys) = rows_fit(false).ok_or_else(too_large)?;
     let (key_planes, block_queries) = candidates
         .into_iter()
         .find(|&(p, b)| usable(p, b) && keys_bytes(tile, p, b, dp, es) <= limit)
-        .ok_or_else(|| format!("flash attention: head dimension {head_dim} does not fit in {limit} bytes of shared memory"))?;
+        .ok_or_else(too_large)?;
     Ok(Plan {
         tile,
         plane,
         planes,
         block_keys,
+        fwd_planes,
+        fwd_block_keys,
         block_queries,
         key_planes,
         dp,
@@ -960,8 +968,8 @@ pub(super) fn forward<R: Runtime>(
     let strides = strides_arg::<R>(&[q.layout, k.layout, v.layout, Layout { strides: [0; 3] }], &[out.layout], width)?;
     let stub_e = client.empty(ALIGN);
     let stub_f = client.empty(ALIGN);
-    let count = CubeCount::Static(problem.seq_q.div_ceil(plan.planes * plan.tile) as u32, heads as u32, 1);
-    let dim = CubeDim::new_1d((plan.planes * plan.plane) as u32);
+    let count = CubeCount::Static(problem.seq_q.div_ceil(plan.fwd_planes * plan.tile) as u32, heads as u32, 1);
+    let dim = CubeDim::new_1d((plan.fwd_planes * plan.plane) as u32);
     // SAFETY: the buffers hold the element counts given (the caller's contract; the stubs
     // are never read past their one element).
     unsafe {
@@ -984,9 +992,9 @@ pub(super) fn forward<R: Runtime>(
             strides,
             scale,
             plan.tile,
-            plan.planes,
+            plan.fwd_planes,
             plan.plane,
-            plan.block_keys,
+            plan.fwd_block_keys,
             plan.dp,
             false,
             plan.whole_cube,
@@ -1570,7 +1578,8 @@ mod tests {
     #[test]
     fn vulkan_flash_attention_rescales_rising_maxima() {
         let client = WgpuRuntime::client(&WgpuDevice::default());
-        let block = plan(&client, f16_type(), 16).expect("plan").block_keys;
+        // The forward pass rescales per block of its own keys.
+        let block = plan(&client, f16_type(), 16).expect("plan").fwd_block_keys;
         for (i, wide) in [false, true].into_iter().enumerate() {
             let (seq_q, seq_k, d) = (21, 5 * block + 3, 16);
             let scale = (d as f32).powf(-0.5);
@@ -1643,7 +1652,13 @@ mod tests {
             assert_eq!(plan.dp % plan.tile, 0);
             assert!(plan.dp >= d && plan.dp < d + plan.tile);
             assert!(rows_bytes(plan.tile, plan.planes, plan.plane, plan.block_keys, plan.dp, 2, true) <= MAX_SHARED);
+            assert!(rows_bytes(plan.tile, plan.fwd_planes, plan.plane, plan.fwd_block_keys, plan.dp, 2, false) <= MAX_SHARED);
+            assert!(plan.fwd_planes * plan.fwd_block_keys >= plan.planes * plan.block_keys, "{plan:?}");
         }
+        // lavapipe's 32 KiB give the forward pass larger blocks than `dq` at d = 40, so the
+        // reference test's d = 40 case checks that the passes need not share their blocks.
+        let p40 = plan(&client, f16_type(), 40).expect("plan");
+        assert!(p40.fwd_planes * p40.fwd_block_keys > p40.planes * p40.block_keys, "{p40:?}");
         // CUDA's layout (16-wide WMMA tiles, 32-lane warps, 48 KiB) for every head dimension
         // the API passes on (`FLASH_MAX_HEAD_DIM`), bf16.
         for d in [40, 64, 80, 160] {
@@ -1651,7 +1666,12 @@ mod tests {
             assert_eq!((plan.tile, plan.plane), (16, 32));
             assert!(plan.block_keys >= 16 && plan.block_queries >= 16, "{plan:?}");
         }
-        assert_eq!(layout(16, 32, 1024, MAX_SHARED, 40, 2).map(|p| (p.planes, p.block_keys)), Ok((4, 32)));
+        // SD1.5's top level (d = 40): the forward pass, without the backward pass's tiles,
+        // takes twice the keys per block in the same 48 KiB; with 96 KiB (a tuning option,
+        // `set_flash_shared_kib`) the backward pass does too.
+        let sd15 = |limit: usize| layout(16, 32, 1024, limit, 40, 2).map(|p| (p.planes, p.block_keys, p.fwd_planes, p.fwd_block_keys));
+        assert_eq!(sd15(MAX_SHARED), Ok((4, 32, 4, 64)));
+        assert_eq!(sd15(96 * 1024), Ok((4, 64, 4, 64)));
         assert!(layout(16, 32, 1024, MAX_SHARED, 512, 2).is_err(), "the VAE's 512-wide head does not fit");
     }
 }

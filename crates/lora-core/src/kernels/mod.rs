@@ -25,7 +25,7 @@
 //! ops. [`set_custom_conv_backward`]`(false)` turns the conv op off everywhere.
 
 use std::any::{Any, TypeId};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -81,6 +81,10 @@ static FUSED_SOFTMAX: AtomicBool = AtomicBool::new(false);
 static FUSED_SOFTMAX_CALLS: AtomicU64 = AtomicU64::new(0);
 static FLASH: AtomicBool = AtomicBool::new(false);
 static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
+/// Shared memory per cube of the flash-attention kernels unless set otherwise: 48 KiB keeps
+/// four cubes (16 warps) resident per multiprocessor on an H100/H200.
+const DEFAULT_FLASH_SHARED: usize = 48 * 1024;
+static FLASH_SHARED: AtomicUsize = AtomicUsize::new(DEFAULT_FLASH_SHARED);
 static FUSED_GROUP_NORM: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM_CALLS: AtomicU64 = AtomicU64::new(0);
 static FUSED_CONCAT: AtomicBool = AtomicBool::new(true);
@@ -808,6 +812,27 @@ pub fn set_flash_attention(enabled: bool) {
 /// Whether [`set_flash_attention`] is on.
 pub fn flash_attention_enabled() -> bool {
     FLASH.load(Ordering::Relaxed)
+}
+
+/// Sets the shared memory, in KiB, that each cube of the flash-attention kernels may use
+/// (default 48; clamped to 16..=227 and to what the device offers). The kernels take the
+/// largest blocks of queries and keys that fit: more shared memory means fewer, longer
+/// blocks per cube but fewer cubes resident per multiprocessor, a trade-off for the device
+/// to measure (`trainer bench-ops` times 48 against 96; the trainer reads
+/// `SD_LORA_FLASH_SHARED_KIB`). Problems planned after the call use it.
+pub fn set_flash_shared_kib(kib: usize) {
+    FLASH_SHARED.store(kib.clamp(16, 227) * 1024, Ordering::Relaxed);
+}
+
+/// The per-cube shared memory of [`set_flash_shared_kib`], in KiB.
+pub fn flash_shared_kib() -> usize {
+    FLASH_SHARED.load(Ordering::Relaxed) / 1024
+}
+
+/// [`flash_shared_kib`] in bytes.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
+fn flash_shared_bytes() -> usize {
+    FLASH_SHARED.load(Ordering::Relaxed)
 }
 
 /// Flash attention's forward pass for `[batch, heads, seq, d]` tensors: the output
