@@ -27,8 +27,11 @@
 #        settings, PyTorch's (anchor_profile.py), as tables by kernel class and by kernel
 #        (ncu_report.py; printed before the summary, also $OUT/profile.md; ncu's CSVs stay in
 #        $WORK: $OUT may return 8 files);
-#        OPTS as in PLAN. Runs after the plan, when the budget allows. Default cuda: batch 8
-#        with everything on but `device` (see below); none skips it. NCU=PATH picks ncu
+#        OPTS as in PLAN. Default cuda: batch 8 with everything on but `device` (see
+#        below); none skips it. NCU=PATH picks ncu
+#   PROFILE_AFTER=5    the profiles run after this many PLAN entries (default: after the
+#                      five settings with every switch on, before the A/B rows; they reuse
+#                      the plan's autotune results), when the budget allows
 #   KERNEL_TESTS=1     lora-core's CUDA kernel tests before everything (0 skips them and keeps
 #                      every switch on, e.g. for a second call that only profiles)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
@@ -49,6 +52,7 @@ START=$(date +%s)
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 STEPS=${STEPS:-5}
+PROFILE_AFTER=${PROFILE_AFTER:-5}
 ANCHOR_STEPS=${ANCHOR_STEPS:-10}
 BUDGET_S=${BUDGET_S:-500}
 RESERVE_S=${RESERVE_S:-25}     # kept back for the table and the cache archive
@@ -175,7 +179,7 @@ EOF
     fi
     echo "commit: $(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$REPO" && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (with uncommitted changes)')"
     [ -f "$BIN_DIR/BUILD_INFO" ] && sed 's/^/build: /' "$BIN_DIR/BUILD_INFO"
-    echo "plan: CHECKS='$CHECKS' PLAN='$PLAN' PROFILE='$PROFILE' PRECISION=$PRECISION STEPS=$STEPS ANCHOR_STEPS=$ANCHOR_STEPS BUDGET_S=$BUDGET_S"
+    echo "plan: CHECKS='$CHECKS' PLAN='$PLAN' PROFILE='$PROFILE' (after $PROFILE_AFTER) PRECISION=$PRECISION STEPS=$STEPS ANCHOR_STEPS=$ANCHOR_STEPS BUDGET_S=$BUDGET_S"
 } >"$INFO" 2>&1
 cat "$INFO" | tee -a "$LOG"
 
@@ -330,8 +334,50 @@ bench_flags() {
         esac
     done
 }
+# Per-kernel profiles (PROFILE): one step of ours and of the anchor under Nsight Compute.
+# Each side runs its warm-up as usual and turns the profiler on for one step only (ours:
+# `trainer bench --cuda-profiler-step`; the anchor: anchor_profile.py), so ncu times just
+# that step's kernels, one at a time, with the clocks left alone.
+NCU=${NCU:-$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)}
+ncu_flags=(--profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum
+    --csv --print-units base --print-kernel-base function)
+profiles_done=0
+run_profiles() {
+    [ "$profiles_done" = 1 ] && return
+    profiles_done=1
+    local p name torch_csv ckpt
+    for p in $PROFILE; do
+        [ "$p" = none ] && continue
+        if [ "$DEVICE" != cuda ] || [ -z "$NCU" ]; then
+            say "profile: skipped (it needs DEVICE=cuda and Nsight Compute's ncu; NCU='$NCU')"
+            break
+        fi
+        IFS=: read -r cfg res batch mode opts <<<"$p"
+        bench_flags "$opts"
+        name="profile-$cfg-r$res-b$batch-$mode$suffix"
+        run_job smoke "$name-ours" "{}" "$NCU" "${ncu_flags[@]}" --log-file "$WORK/$name-ours.csv" \
+            "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
+            --steps 1 --device "$DEVICE" --precision "$PRECISION" "${flag[@]}" --cuda-profiler-step
+        torch_csv=()
+        if [ "$cfg:$res" = "$anchor_unet:$anchor_res" ] && [ -f "$ANCHOR" ] && [ "$ANCHOR" != none ]; then
+            ensure_diffusers
+            ckpt=()
+            [ "$is_ckpt" = true ] && ckpt=(--ckpt)
+            run_job smoke "$name-torch" "{}" "$NCU" "${ncu_flags[@]}" --log-file "$WORK/$name-torch.csv" \
+                "$PYTHON" "$HERE/anchor_profile.py" "$ANCHOR" --batch "$batch" --mode "$mode" "${ckpt[@]}"
+            torch_csv=(--torch "$WORK/$name-torch.csv")
+        fi
+        { "$PY" "$HERE/ncu_report.py" --ours "$WORK/$name-ours.csv" "${torch_csv[@]}" --title "$p" --top 20 && echo; } \
+            >>"$OUT/profile.md" 2>>"$LOG" || say "$name: no profile table (see $LOG)"
+    done
+}
+
+rm -f "$OUT/profile.md"
+planned=0
 for p in $PLAN; do
     [ "$p" = none ] && continue
+    [ "$planned" = "$PROFILE_AFTER" ] && run_profiles
+    planned=$((planned + 1))
     IFS=: read -r cfg res batch mode opts <<<"$p"
     bench_flags "$opts"
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \
@@ -339,6 +385,7 @@ for p in $PLAN; do
         "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
         --steps "$STEPS" --device "$DEVICE" --precision "$PRECISION" "${flag[@]}"
 done
+run_profiles
 
 # --- 3b. per-op A/B: each kernel of ours against burn's ops at SD1.5's shapes ----------------
 if [ "${OPS:-1}" = 1 ]; then
@@ -347,39 +394,6 @@ if [ "${OPS:-1}" = 1 ]; then
         timeout -k 5 120 "$BIN" bench-ops --device "$DEVICE" --precision "$PRECISION" "${ops_size[@]}"
     grep '^|' "$WORK/ops-ours-vs-burn.out" >"$OUT/ops.md" 2>/dev/null || rm -f "$OUT/ops.md"
 fi
-
-# --- 3c. per-kernel profiles: one step of ours and of the anchor under Nsight Compute ----------
-# Each side runs its warm-up as usual and turns the profiler on for one step only (ours:
-# `trainer bench --cuda-profiler-step`; the anchor: anchor_profile.py), so ncu times just
-# that step's kernels, one at a time, with the clocks left alone.
-NCU=${NCU:-$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)}
-ncu_flags=(--profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum
-    --csv --print-units base --print-kernel-base function)
-rm -f "$OUT/profile.md"
-for p in $PROFILE; do
-    [ "$p" = none ] && continue
-    if [ "$DEVICE" != cuda ] || [ -z "$NCU" ]; then
-        say "profile: skipped (it needs DEVICE=cuda and Nsight Compute's ncu; NCU='$NCU')"
-        break
-    fi
-    IFS=: read -r cfg res batch mode opts <<<"$p"
-    bench_flags "$opts"
-    name="profile-$cfg-r$res-b$batch-$mode$suffix"
-    run_job smoke "$name-ours" "{}" "$NCU" "${ncu_flags[@]}" --log-file "$WORK/$name-ours.csv" \
-        "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
-        --steps 1 --device "$DEVICE" --precision "$PRECISION" "${flag[@]}" --cuda-profiler-step
-    torch_csv=()
-    if [ "$cfg:$res" = "$anchor_unet:$anchor_res" ] && [ -f "$ANCHOR" ] && [ "$ANCHOR" != none ]; then
-        ensure_diffusers
-        ckpt=()
-        [ "$is_ckpt" = true ] && ckpt=(--ckpt)
-        run_job smoke "$name-torch" "{}" "$NCU" "${ncu_flags[@]}" --log-file "$WORK/$name-torch.csv" \
-            "$PYTHON" "$HERE/anchor_profile.py" "$ANCHOR" --batch "$batch" --mode "$mode" "${ckpt[@]}"
-        torch_csv=(--torch "$WORK/$name-torch.csv")
-    fi
-    { "$PY" "$HERE/ncu_report.py" --ours "$WORK/$name-ours.csv" "${torch_csv[@]}" --title "$p" --top 20 && echo; } \
-        >>"$OUT/profile.md" 2>>"$LOG" || say "$name: no profile table (see $LOG)"
-done
 
 # --- 4. caches and the table ----------------------------------------------------------------
 if [ -n "$(ls -A "$CACHE" 2>/dev/null)" ]; then
