@@ -5,7 +5,8 @@
 //! switch off (burn's ops) and once on, on the same inputs: GroupNorm + SiLU and LayerNorm
 //! (forward and backward, as in training: the norm frozen, the input tracked), self- and
 //! cross-attention (forward and backward; flash attention) and the attention softmax
-//! (forward), and flash attention's blocks at 48 against 96 KiB of shared memory per cube.
+//! (forward), and flash attention's blocks at 48 against 96 KiB of shared memory per cube
+//! and without against with register double buffering.
 //! On a backend without the kernels both columns time the same path. Last, one
 //! AdamW step over SD1.5's attention adapters, burn's per-tensor `AdamW` against the flat
 //! one the trainer uses (`lora_core::optim`), where the difference is launch and host
@@ -77,6 +78,16 @@ const FLASH_SHARED_96: Switch = Switch {
         lora_core::kernels::set_flash_shared_kib(if large { 96 } else { 48 });
     },
     get: || lora_core::kernels::flash_shared_kib() >= 96,
+};
+/// Flash attention with register double buffering of its operand loads against without;
+/// flash attention itself is on for both.
+const FLASH_PREFETCH: Switch = Switch {
+    name: "flash_prefetch",
+    set: |on| {
+        lora_core::kernels::set_flash_attention(true);
+        lora_core::kernels::set_flash_prefetch(on);
+    },
+    get: lora_core::kernels::flash_prefetch_enabled,
 };
 const FUSED_SOFTMAX: Switch = Switch {
     name: "fused_softmax",
@@ -173,6 +184,7 @@ pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpT
     out.push(ab("attention fwd+bwd", &shape, &FLASH_ATTENTION, opts.steps, self_attention));
     let flash_before = lora_core::kernels::flash_attention_enabled();
     out.push(ab("attention fwd+bwd, flash blocks", &shape, &FLASH_SHARED_96, opts.steps, self_attention));
+    out.push(ab("attention fwd+bwd, flash prefetch", &shape, &FLASH_PREFETCH, opts.steps, self_attention));
     lora_core::kernels::set_flash_attention(flash_before);
 
     // Cross-attention of the same queries to the text encoder's 77 tokens.
@@ -278,11 +290,12 @@ mod tests {
         type B = burn::backend::Autodiff<burn::backend::Flex>;
         let opts = OpsOptions { batch: 1, resolution: 32, steps: 1, precision: Precision::F32 };
         let timings = run::<B>(&opts, &Default::default());
-        assert_eq!(timings.len(), 8);
-        assert_eq!(timings[7].shape, vec![256, 797_184], "the anchor's LoRA size");
+        assert_eq!(timings.len(), 9);
+        assert_eq!(timings[8].shape, vec![256, 797_184], "the anchor's LoRA size");
         assert!(timings.iter().all(|t| t.ms_off.is_finite() && t.ms_on > 0.0));
         assert!(!lora_core::kernels::fused_group_norm_enabled() && !lora_core::kernels::flash_attention_enabled());
         assert_eq!(lora_core::kernels::flash_shared_kib(), 48, "the block-size row restores the default");
-        assert_eq!(table(&timings).lines().count(), 10);
+        assert!(!lora_core::kernels::flash_prefetch_enabled());
+        assert_eq!(table(&timings).lines().count(), 11);
     }
 }

@@ -43,7 +43,8 @@ struct Cli {
     /// Run attention (forward and backward) on CUDA in the flash-attention kernels (CubeCL
     /// tensor-core tiles; the score matrix is never stored) for bf16 / f16 models; other
     /// dtypes keep the blockwise path. Also `SD_LORA_FLASH_ATTENTION=1`;
-    /// `SD_LORA_FLASH_SHARED_KIB` (default 48) sets the kernels' shared memory per cube.
+    /// `SD_LORA_FLASH_SHARED_KIB` (default 48) sets the kernels' shared memory per cube and
+    /// `SD_LORA_FLASH_PREFETCH=1` double-buffers their loads in registers.
     #[arg(long, global = true)]
     flash_attention: bool,
     /// Run GroupNorm (+ SiLU) and LayerNorm forward and backward on CUDA in our fused
@@ -686,6 +687,7 @@ fn main() -> Result<()> {
     let fused_softmax = cli.fused_softmax || env_flag("SD_LORA_FUSED_SOFTMAX");
     let flash_attention = cli.flash_attention || env_flag("SD_LORA_FLASH_ATTENTION");
     let fused_group_norm = cli.fused_group_norm || env_flag("SD_LORA_FUSED_GROUP_NORM");
+    lora_core::kernels::set_flash_prefetch(env_flag("SD_LORA_FLASH_PREFETCH"));
     if let Ok(value) = std::env::var("SD_LORA_FLASH_SHARED_KIB") {
         let kib: usize = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_FLASH_SHARED_KIB={value}: expected KiB of shared memory per cube (16 to 227)"))?;
         lora_core::kernels::set_flash_shared_kib(kib);

@@ -299,8 +299,10 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
     // Flash attention: SD1.5's head dimensions 40/80/160 (8 heads), SD2.1's 64; self- and
     // cross-attention (77 text tokens); one batch entry.
     for dtype in [bf16, f16] {
-        for (d, seq_q, seq_k) in [(40, 4096, 4096), (80, 1024, 77), (160, 256, 256), (64, 4096, 77)] {
-            let plan = flash::plan(client, dtype, d)?;
+        // Each also with register double buffering (`set_flash_prefetch`).
+        let problems = [(40, 4096, 4096), (80, 1024, 77), (160, 256, 256), (64, 4096, 77)];
+        for ((d, seq_q, seq_k), prefetch) in problems.into_iter().flat_map(|p| [(p, false), (p, true)]) {
+            let plan = flash::plan(client, dtype, d)?.with_prefetch(prefetch);
             let problem = flash::Problem { heads: 8, group: 8, seq_q, seq_k, d, scale: (d as f32).powf(-0.5) };
             let es = dtype.size();
             let q = buffer(8 * seq_q * d * es);

@@ -113,6 +113,90 @@ fn load_tile<E: Float, N: Size>(
     }
 }
 
+/// Reads this unit's share of a `rows × dp` tile (the elements [`load_tile`] would copy,
+/// `threads` units sharing the work) into `regs`, without writing shared memory: the
+/// loads of the next block are issued before the current block's products, and
+/// [`store_tile`] moves them to shared memory once the products are done with it (register
+/// double buffering; [`super::set_flash_prefetch`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fetch_tile<E: Float, N: Size>(
+    src: &Array<Vector<E, N>>,
+    base: usize,
+    row_stride: usize,
+    row0: usize,
+    seq: usize,
+    d: usize,
+    regs: &mut Array<Vector<E, N>>,
+    #[comptime] rows: usize,
+    #[comptime] dp: usize,
+    #[comptime] threads: usize,
+    #[comptime] vec: usize,
+) {
+    let per_row = comptime!(dp / vec);
+    let count = comptime!((rows * per_row).div_ceil(threads));
+    #[unroll]
+    for j in 0..count {
+        let i = UNIT_POS as usize + j * threads;
+        let r = i / per_row;
+        let c = i % per_row;
+        let mut value = Vector::<E, N>::new(E::from_int(0));
+        if i < rows * per_row && row0 + r < seq && c * vec < d {
+            value = src[base + (row0 + r) * row_stride + c];
+        }
+        regs[j] = value;
+    }
+}
+
+/// Writes what [`fetch_tile`] read into `tile` (row stride `dp`), as [`load_tile`] would.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_tile<E: Float, N: Size>(regs: &Array<Vector<E, N>>, tile: &mut SharedMemory<E>, #[comptime] rows: usize, #[comptime] dp: usize, #[comptime] threads: usize, #[comptime] vec: usize) {
+    let per_row = comptime!(dp / vec);
+    let count = comptime!((rows * per_row).div_ceil(threads));
+    #[unroll]
+    for j in 0..count {
+        let i = UNIT_POS as usize + j * threads;
+        if i < rows * per_row {
+            let at = (i / per_row) * dp + (i % per_row) * vec;
+            let value = regs[j];
+            #[unroll]
+            for e in 0..vec {
+                tile[at + e] = value[e];
+            }
+        }
+    }
+}
+
+/// [`fetch_tile`] for `rows` f32 row statistics from `base + row0` (zero past `seq`), as
+/// [`load_rows`] would copy them.
+#[cube]
+fn fetch_rows(src: &Array<f32>, base: usize, row0: usize, seq: usize, regs: &mut Array<f32>, #[comptime] rows: usize, #[comptime] threads: usize) {
+    let count = comptime!(rows.div_ceil(threads));
+    #[unroll]
+    for j in 0..count {
+        let i = UNIT_POS as usize + j * threads;
+        let mut value = 0.0f32;
+        if i < rows && row0 + i < seq {
+            value = src[base + row0 + i];
+        }
+        regs[j] = value;
+    }
+}
+
+/// Writes what [`fetch_rows`] read into `dst`.
+#[cube]
+fn store_rows(regs: &Array<f32>, dst: &mut SharedMemory<f32>, #[comptime] rows: usize, #[comptime] threads: usize) {
+    let count = comptime!(rows.div_ceil(threads));
+    #[unroll]
+    for j in 0..count {
+        let i = UNIT_POS as usize + j * threads;
+        if i < rows {
+            dst[i] = regs[j];
+        }
+    }
+}
+
 /// Copies `rows` f32 row statistics from `base + row0`, zero past `seq`.
 #[cube]
 fn load_rows(src: &Array<f32>, base: usize, row0: usize, seq: usize, dst: &mut SharedMemory<f32>, #[comptime] rows: usize) {
@@ -410,6 +494,8 @@ fn flash_rows<E: Float, N: Size>(
     #[comptime] dp: usize,
     #[comptime] grad: bool,
     #[comptime] whole_cube: bool,
+    #[comptime] prefetch: bool,
+    #[comptime] vec: usize,
     #[define(E)] _dtype: StorageType,
 ) {
     let bq = planes * t;
@@ -478,6 +564,17 @@ fn flash_rows<E: Float, N: Size>(
     let held_q = a_fragments::<E>(&qs, w * t * dp, hold, dp, t);
     let held_do = a_fragments::<E>(&dos, w * t * dp, comptime!(hold && grad), dp, t);
 
+    // With `prefetch`, each block's K and V are read into registers during the block
+    // before (the first before the loop) and only stored to shared memory at its start.
+    let threads = planes * plane;
+    let next_len = comptime!(if prefetch { (bk * (dp / vec)).div_ceil(threads) } else { 1 });
+    let mut k_next = Array::<Vector<E, N>>::new(next_len);
+    let mut v_next = Array::<Vector<E, N>>::new(next_len);
+    if prefetch {
+        fetch_tile::<E, N>(k, base[1], rs[1], 0, seq_k, d, &mut k_next, bk, dp, threads, vec);
+        fetch_tile::<E, N>(v, base[2], rs[2], 0, seq_k, d, &mut v_next, bk, dp, threads, vec);
+    }
+
     let acc = zero_accumulators(dp, t);
     for kb in 0..blocks {
         let k0 = kb * bk;
@@ -485,9 +582,18 @@ fn flash_rows<E: Float, N: Size>(
         if !grad && unit == 0usize {
             vote[0usize] = 0u32;
         }
-        load_tile::<E, N>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
-        load_tile::<E, N>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
+        if prefetch {
+            store_tile::<E, N>(&k_next, &mut ks, bk, dp, threads, vec);
+            store_tile::<E, N>(&v_next, &mut vs, bk, dp, threads, vec);
+        } else {
+            load_tile::<E, N>(k, base[1], rs[1], k0, seq_k, d, &mut ks, bk, dp);
+            load_tile::<E, N>(v, base[2], rs[2], k0, seq_k, d, &mut vs, bk, dp);
+        }
         sync_cube();
+        if prefetch && kb + 1 < blocks {
+            fetch_tile::<E, N>(k, base[1], rs[1], k0 + bk, seq_k, d, &mut k_next, bk, dp, threads, vec);
+            fetch_tile::<E, N>(v, base[2], rs[2], k0 + bk, seq_k, d, &mut v_next, bk, dp, threads, vec);
+        }
         if hold {
             product_held_abt::<E>(&held_q, &ks, &mut sc, region, bk, dp, t);
             if grad {
@@ -611,6 +717,8 @@ fn flash_keys<E: Float, N: Size>(
     #[comptime] bq: usize,
     #[comptime] dp: usize,
     #[comptime] whole_cube: bool,
+    #[comptime] prefetch: bool,
+    #[comptime] vec: usize,
     #[define(E)] _dtype: StorageType,
 ) {
     let bk = planes * t;
@@ -645,16 +753,46 @@ fn flash_keys<E: Float, N: Size>(
     sync_cube();
     let held_k = a_fragments::<E>(&ks, w * t * dp, hold, dp, t);
     let held_v = a_fragments::<E>(&vs, w * t * dp, hold, dp, t);
+    // With `prefetch`, each query block's q, dO and row statistics are read into registers
+    // during the block before (see `flash_rows`).
+    let threads = planes * plane;
+    let next_len = comptime!(if prefetch { (bq * (dp / vec)).div_ceil(threads) } else { 1 });
+    let stats_len = comptime!(if prefetch { bq.div_ceil(threads) } else { 1 });
+    let mut q_next = Array::<Vector<E, N>>::new(next_len);
+    let mut do_next = Array::<Vector<E, N>>::new(next_len);
+    let mut lse_next = Array::<f32>::new(stats_len);
+    let mut delta_next = Array::<f32>::new(stats_len);
+    if prefetch {
+        fetch_tile::<E, N>(q, base[0], rs[0], 0, seq_q, d, &mut q_next, bq, dp, threads, vec);
+        fetch_tile::<E, N>(dout, base[3], rs[3], 0, seq_q, d, &mut do_next, bq, dp, threads, vec);
+        fetch_rows(lse, bh * seq_q, 0, seq_q, &mut lse_next, bq, threads);
+        fetch_rows(delta, bh * seq_q, 0, seq_q, &mut delta_next, bq, threads);
+    }
     let acc_dk = zero_accumulators(dp, t);
     let acc_dv = zero_accumulators(dp, t);
-    for qb in 0..seq_q.div_ceil(bq) {
+    let query_blocks = seq_q.div_ceil(bq);
+    for qb in 0..query_blocks {
         let q0 = qb * bq;
         sync_cube();
-        load_tile::<E, N>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
-        load_tile::<E, N>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
-        load_rows(lse, bh * seq_q, q0, seq_q, &mut lse_s, bq);
-        load_rows(delta, bh * seq_q, q0, seq_q, &mut delta_s, bq);
+        if prefetch {
+            store_tile::<E, N>(&q_next, &mut qs, bq, dp, threads, vec);
+            store_tile::<E, N>(&do_next, &mut dos, bq, dp, threads, vec);
+            store_rows(&lse_next, &mut lse_s, bq, threads);
+            store_rows(&delta_next, &mut delta_s, bq, threads);
+        } else {
+            load_tile::<E, N>(q, base[0], rs[0], q0, seq_q, d, &mut qs, bq, dp);
+            load_tile::<E, N>(dout, base[3], rs[3], q0, seq_q, d, &mut dos, bq, dp);
+            load_rows(lse, bh * seq_q, q0, seq_q, &mut lse_s, bq);
+            load_rows(delta, bh * seq_q, q0, seq_q, &mut delta_s, bq);
+        }
         sync_cube();
+        if prefetch && qb + 1 < query_blocks {
+            let q1 = q0 + bq;
+            fetch_tile::<E, N>(q, base[0], rs[0], q1, seq_q, d, &mut q_next, bq, dp, threads, vec);
+            fetch_tile::<E, N>(dout, base[3], rs[3], q1, seq_q, d, &mut do_next, bq, dp, threads, vec);
+            fetch_rows(lse, bh * seq_q, q1, seq_q, &mut lse_next, bq, threads);
+            fetch_rows(delta, bh * seq_q, q1, seq_q, &mut delta_next, bq, threads);
+        }
         // Sᵀ = k qᵀ and dPᵀ = v doᵀ for the plane's keys.
         if hold {
             product_held_abt::<E>(&held_k, &qs, &mut sc, region, bq, dp, t);
@@ -755,6 +893,9 @@ pub(super) struct Plan {
     /// Tile groups of `plane` units span several hardware planes: order them with cube
     /// barriers (tests only; see `sync_group`).
     pub whole_cube: bool,
+    /// Read each block's operands into registers during the block before (register double
+    /// buffering: the loads' latency overlaps the products, for more registers per unit).
+    pub prefetch: bool,
 }
 
 /// Shared bytes of [`flash_rows`] (`grad` or not) and of [`flash_keys`], `es` bytes per input element.
@@ -785,7 +926,17 @@ pub(super) fn plan<R: Runtime>(client: &ComputeClient<R>, dtype: StorageType, he
     if hw.plane_size_min != hw.plane_size_max || plane < tile || !plane.is_multiple_of(tile) {
         return Err(format!("flash attention: plane size {}..{} does not fit {tile}-row tiles", hw.plane_size_min, hw.plane_size_max));
     }
-    layout(tile, plane, hw.max_units_per_cube as usize, hw.max_shared_memory_size.min(super::flash_shared_bytes()), head_dim, dtype.size())
+    let plan = layout(tile, plane, hw.max_units_per_cube as usize, hw.max_shared_memory_size.min(super::flash_shared_bytes()), head_dim, dtype.size())?;
+    Ok(plan.with_prefetch(super::flash_prefetch_enabled()))
+}
+
+impl Plan {
+    /// This plan with register double buffering on or off. It stays off where the kernels
+    /// do not hold their fixed rows as fragments (head dimensions over 80 on CUDA): they
+    /// already use most of their registers there, and ptxas spills the prefetched blocks.
+    pub(super) fn with_prefetch(self, on: bool) -> Self {
+        Self { prefetch: on && holds_fragments(self.dp, self.tile), ..self }
+    }
 }
 
 /// [`plan`] once the device's tile, plane size, units per cube and shared memory are known.
@@ -813,6 +964,7 @@ fn layout(tile: usize, plane: usize, max_units: usize, limit: usize, head_dim: u
         key_planes,
         dp,
         whole_cube: false,
+        prefetch: false,
     })
 }
 
@@ -998,6 +1150,8 @@ pub(super) fn forward<R: Runtime>(
             plan.dp,
             false,
             plan.whole_cube,
+            plan.prefetch,
+            width,
             dtype,
         );
     }
@@ -1079,6 +1233,8 @@ pub(super) fn backward<R: Runtime>(
             plan.dp,
             true,
             plan.whole_cube,
+            plan.prefetch,
+            width,
             dtype,
         );
         flash_keys::launch::<R>(
@@ -1106,6 +1262,8 @@ pub(super) fn backward<R: Runtime>(
             plan.block_queries,
             plan.dp,
             plan.whole_cube,
+            plan.prefetch,
+            width,
             dtype,
         );
     }
@@ -1522,6 +1680,15 @@ mod tests {
                 ..layout
             };
         }
+        // Loads straight to shared memory, and through registers a block ahead.
+        for prefetch in [false, true] {
+            check_plan(&client, p, layout.with_prefetch(prefetch), seed, split, growth);
+        }
+    }
+
+    /// [`run_growing`] with one plan.
+    fn check_plan(client: &ComputeClient<WgpuRuntime>, p: Problem, layout: Plan, seed: u32, split: bool, growth: f32) {
+        let client = client.clone();
         let (nq, nk) = (p.heads * p.seq_q * p.d, p.heads * p.seq_k * p.d);
         let (q, mut k, v, dout) = (values(nq, seed, 2.0), values(nk, seed + 1, 2.0), values(nk, seed + 2, 1.0), values(nq, seed + 3, 1.0));
         for (i, x) in k.iter_mut().enumerate() {

@@ -85,6 +85,7 @@ static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
 /// four cubes (16 warps) resident per multiprocessor on an H100/H200.
 const DEFAULT_FLASH_SHARED: usize = 48 * 1024;
 static FLASH_SHARED: AtomicUsize = AtomicUsize::new(DEFAULT_FLASH_SHARED);
+static FLASH_PREFETCH: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM_CALLS: AtomicU64 = AtomicU64::new(0);
 static FUSED_CONCAT: AtomicBool = AtomicBool::new(true);
@@ -827,6 +828,22 @@ pub fn set_flash_shared_kib(kib: usize) {
 /// The per-cube shared memory of [`set_flash_shared_kib`], in KiB.
 pub fn flash_shared_kib() -> usize {
     FLASH_SHARED.load(Ordering::Relaxed) / 1024
+}
+
+/// Turns register double buffering in the flash-attention kernels on or off (default off
+/// until it has been timed on a GPU): each block's operands (`k`, `v` in the forward and
+/// `dq` kernels; `q`, `dO` and their row statistics in the `dk`/`dv` kernel) are read into
+/// registers while the block before is computed, so the loads' latency overlaps the
+/// products, at the cost of more registers per unit (fewer resident cubes). `trainer
+/// bench-ops` times both; the trainer reads `SD_LORA_FLASH_PREFETCH=1`. Problems planned
+/// after the call use it.
+pub fn set_flash_prefetch(enabled: bool) {
+    FLASH_PREFETCH.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_flash_prefetch`] is on.
+pub fn flash_prefetch_enabled() -> bool {
+    FLASH_PREFETCH.load(Ordering::Relaxed)
 }
 
 /// [`flash_shared_kib`] in bytes.
