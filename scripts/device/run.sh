@@ -339,8 +339,21 @@ bench_flags() {
 # `trainer bench --cuda-profiler-step`; the anchor: anchor_profile.py), so ncu times just
 # that step's kernels, one at a time, with the clocks left alone.
 NCU=${NCU:-$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)}
-ncu_flags=(--profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum
-    --csv --print-units base --print-kernel-base function)
+# The options this ncu knows, of those wanted beside the essential ones (ncu_report.py reads
+# any units and kernel-name style).
+ncu_options() {
+    local help opt
+    help=$("$NCU" --help 2>&1)
+    ncu_flags=(--profile-from-start off --metrics gpu__time_duration.sum --csv)
+    for opt in "--clock-control none" "--cache-control none" "--print-units base" "--print-kernel-base function"; do
+        if grep -q -- "${opt%% *}" <<<"$help"; then
+            read -ra words <<<"$opt"
+            ncu_flags+=("${words[@]}")
+        else
+            say "profile: this ncu has no ${opt%% *} option; profiling without it"
+        fi
+    done
+}
 profiles_done=0
 run_profiles() {
     [ "$profiles_done" = 1 ] && return
@@ -352,6 +365,7 @@ run_profiles() {
             say "profile: skipped (it needs DEVICE=cuda and Nsight Compute's ncu; NCU='$NCU')"
             break
         fi
+        [ -n "${ncu_flags+x}" ] || ncu_options
         IFS=: read -r cfg res batch mode opts <<<"$p"
         bench_flags "$opts"
         name="profile-$cfg-r$res-b$batch-$mode$suffix"
