@@ -135,6 +135,27 @@ fn vendor_status_without_a_gpu_is_an_error() {
     }
 }
 
+#[test]
+fn flash_tuning_switches_clamp_and_restore() {
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(flash_shared_kib(), 48, "the default keeps four cubes per H100/H200 SM");
+    set_flash_shared_kib(1000);
+    assert_eq!(flash_shared_kib(), 227, "an H100/H200 SM's largest per-block shared memory");
+    set_flash_shared_kib(0);
+    assert_eq!(flash_shared_kib(), 16);
+    set_flash_shared_kib(96);
+    assert_eq!(flash_shared_kib(), 96);
+    set_flash_shared_kib(48);
+    assert!(!flash_prefetch_enabled());
+    set_flash_prefetch(true);
+    assert!(flash_prefetch_enabled());
+    set_flash_prefetch(false);
+    // Without a GPU the profiler range is an error, never a panic.
+    if cfg!(not(feature = "cuda")) || !std::path::Path::new("/dev/nvidiactl").exists() {
+        assert!(cuda_profiler(0, true).is_err());
+    }
+}
+
 /// cuDNN against burn's own CUDA kernels, forward and both gradients, f32 and bf16, for
 /// the conv shapes SD uses. Run on the GPU machine (scripts/device/run.sh runs it when
 /// `device-bin/lora-core-tests` exists): `lora-core-tests --ignored --exact
