@@ -426,7 +426,7 @@ if [ -s "$OUT/profile.md" ]; then
     cat "$OUT/profile.md"
 fi
 if [ -s "$OUT/ops.md" ]; then
-    echo "Per-op A/B (\`trainer bench-ops\`: median ms with each kernel switch off, burn's ops, and on):"
+    echo "Per-op A/B (\`trainer bench-ops\`: median ms with each switch off, i.e. burn's ops or a tuning option's default, and on):"
     echo
     cat "$OUT/ops.md"
     echo

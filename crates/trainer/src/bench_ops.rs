@@ -42,13 +42,15 @@ pub struct OpTiming {
     pub op: String,
     /// Input shape.
     pub shape: Vec<usize>,
-    /// The switch that chooses our kernel (`fused_group_norm`, `flash_attention`, ...).
+    /// The switch that chooses our kernel (`fused_group_norm`, `flash_attention`, ...) or
+    /// a tuning option of one (`flash_prefetch`, ...).
     pub switch: &'static str,
-    /// Median milliseconds with the switch off (burn's ops).
+    /// Median milliseconds with the switch off (burn's ops; for a tuning option, our kernel
+    /// with the option's default).
     pub ms_off: f64,
     /// Median milliseconds with the switch on (our kernel where the backend has it).
     pub ms_on: f64,
-    /// `ms_off / ms_on`: above 1 our kernel is faster.
+    /// `ms_off / ms_on`: above 1 the switch makes the op faster.
     pub speedup: f64,
 }
 
@@ -272,7 +274,7 @@ fn adamw_step<B: AutodiffBackend>(steps: usize, device: &B::Device) -> OpTiming 
 
 /// The timings as a markdown table.
 pub fn table(timings: &[OpTiming]) -> String {
-    let mut s = String::from("| op | shape | switch | burn ms | ours ms | speedup |\n|---|---|---|---|---|---|\n");
+    let mut s = String::from("| op | shape | switch | off ms | on ms | speedup |\n|---|---|---|---|---|---|\n");
     for t in timings {
         s += &format!("| {} | {:?} | {} | {:.3} | {:.3} | {:.2} |\n", t.op, t.shape, t.switch, t.ms_off, t.ms_on, t.speedup);
     }
