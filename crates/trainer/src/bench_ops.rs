@@ -174,7 +174,8 @@ pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpT
     }));
 
     // Self-attention over the top level's tokens: 8 heads of 40; then flash attention's
-    // block sizes (the shared memory per cube), which leave flash attention on at the end.
+    // tuning options, which turn flash attention on and set the shared memory to 48 or 96
+    // KiB: both are put back as they were (e.g. `SD_LORA_FLASH_SHARED_KIB`) afterwards.
     let shape = vec![b, 8, tokens, 40];
     let (q, k, v, w) = (random(shape.clone(), 1.0), random(shape.clone(), 1.0), random(shape.clone(), 1.0), random(shape.clone(), 1.0));
     let self_attention = || {
@@ -184,10 +185,11 @@ pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpT
         read(q.grad(&grads).expect("q is tracked"))
     };
     out.push(ab("attention fwd+bwd", &shape, &FLASH_ATTENTION, opts.steps, self_attention));
-    let flash_before = lora_core::kernels::flash_attention_enabled();
+    let (flash_before, shared_before) = (lora_core::kernels::flash_attention_enabled(), lora_core::kernels::flash_shared_kib());
     out.push(ab("attention fwd+bwd, flash blocks", &shape, &FLASH_SHARED_96, opts.steps, self_attention));
     out.push(ab("attention fwd+bwd, flash prefetch", &shape, &FLASH_PREFETCH, opts.steps, self_attention));
     lora_core::kernels::set_flash_attention(flash_before);
+    lora_core::kernels::set_flash_shared_kib(shared_before);
 
     // Cross-attention of the same queries to the text encoder's 77 tokens.
     let kv_shape = vec![b, 8, 77, 40];
