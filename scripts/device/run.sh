@@ -33,7 +33,9 @@
 #                      five settings with every switch on, before the A/B rows; they reuse
 #                      the plan's autotune results), when the budget allows
 #   KERNEL_TESTS=1     lora-core's CUDA kernel tests before everything (0 skips them and keeps
-#                      every switch on, e.g. for a second call that only profiles)
+#                      every switch on, e.g. for a second call that only profiles; a list such
+#                      as "ordering flash" runs only the tests whose job names contain a word)
+#   ORDERING_TEST_S=240   time limit of the GPU-side ordering test
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model, then `trainer
 #                      generate` with its LoRA (0 skips both)
@@ -210,15 +212,25 @@ DSYNC=1 FUSED_SOFTMAX=1 FLASH=1 FUSED_GN=1
 # Runs lora-core's ignored CUDA test `kernels::tests::TEST` as job NAME (further words, e.g. a
 # timeout, go in front of the command); succeeds when the test passes.
 kernel_test() {
-    local name=$1 test=$2
+    local name=$1 test=$2 word
     shift 2
+    if [ "$KERNEL_TESTS" != 1 ]; then
+        for word in $KERNEL_TESTS; do
+            case $name in *"$word"*) break ;; esac
+            word=
+        done
+        # Not selected: the switch stays on.
+        [ -n "$word" ] || return 0
+    fi
     run_job smoke "$name" "{}" "$@" env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact "kernels::tests::$test" --nocapture
     [ "${LAST_RC:-1}" = 0 ]
 }
-if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "${KERNEL_TESTS:-1}" = 1 ]; then
+KERNEL_TESTS=${KERNEL_TESTS:-1}
+KERNEL_TESTS=${KERNEL_TESTS//,/ }
+if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
     kernel_test conv-cudnn-vs-burn cudnn_matches_burn_kernels_on_cuda
     kernel_test matmul-cublas-vs-burn cublas_matches_burn_kernels_on_cuda
-    kernel_test ordering-device-vs-host device_ordering_matches_host_ordering_on_cuda timeout -k 5 240 || {
+    kernel_test ordering-device-vs-host device_ordering_matches_host_ordering_on_cuda timeout -k 5 "${ORDERING_TEST_S:-240}" || {
         DSYNC=0
         say "GPU-side ordering failed its test: the :device settings below run host-ordered"
     }
