@@ -49,6 +49,9 @@ pub(super) fn stream(index: usize) -> Result<CUstream, String> {
 }
 
 fn create(index: usize) -> Result<DeviceStream, String> {
+    // cuInit is idempotent; without it, a library call (or a status query) made before
+    // cubecl's first kernel finds the driver uninitialised (CUDA_ERROR_NOT_INITIALIZED).
+    driver::init().map_err(|e| format!("cuInit: {e:?}"))?;
     let device = driver::device::get(index as i32).map_err(|e| format!("cuDeviceGet({index}): {e:?}"))?;
     // SAFETY: `device` is a valid device.
     let context = unsafe { driver::primary_ctx::retain(device) }.map_err(|e| format!("primary context: {e:?}"))?;
