@@ -92,9 +92,10 @@ def fmt(v, digits=3):
 def vendor_cell(res):
     """What ran in vendor libraries: `dnn calls/blas calls/fallbacks`, then how the calls were
     ordered (`host`, or `gpu N` for N GPU-ordered calls, with any spin timeouts), then
-    `softmax N` for N fused softmaxes, `flash N` for N flash-attention passes and `gn N` for N
-    fused GroupNorm passes; `off`
-    without --cudnn or --cublas, `–` for binaries that do not report it."""
+    `softmax N` for N fused softmaxes, `flash N` for N flash-attention passes, `gn N` for N
+    fused GroupNorm passes and `fixed N` for N matmuls in the fixed (not autotuned) kernel;
+    `off` without --cudnn or --cublas,
+    `–` for binaries that do not report it."""
     v = res.get("vendor")
     if not isinstance(v, dict):
         return "–"
@@ -103,6 +104,8 @@ def vendor_cell(res):
         softmax += f" flash {v.get('flash_attention_calls', 0)}"
     if v.get("fused_group_norm"):
         softmax += f" gn {v.get('fused_group_norm_calls', 0)}"
+    if v.get("fixed_matmul"):
+        softmax += f" fixed {v.get('fixed_matmul_calls', 0)}"
     if not (v.get("cudnn") or v.get("cublas")):
         return "off" + softmax
     cell = f"{v.get('cudnn_calls', 0)}/{v.get('cublas_calls', 0)}/{v.get('fallbacks', 0)}"

@@ -5,23 +5,28 @@
 # device call: scripts/device/README.md. Everything is selectable through the variables below.
 #
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
-#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash][:gn] ..."   device checks,
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash][:gn][:tuned] ..."   device checks,
 #        PREC f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
 #        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0); device =
 #        --vendor-sync device (library calls ordered on the GPU); softmax = --fused-softmax
 #        (attention's softmax in one CubeCL kernel); flash = --flash-attention (attention
 #        forward and backward in the CubeCL flash-attention kernels, bf16/f16 models); gn =
 #        --fused-group-norm (GroupNorm + SiLU forward and backward in our CubeCL kernels);
+#        tuned = --tuned-matmul (the matmuls cuBLAS does not take in burn's autotuned kernels
+#        instead of the trainer's fixed one);
 #        device / softmax / flash / gn are dropped, with a note, when their kernel test below fails
-#        (default cuda: vendor libraries first, then burn's kernels; see below)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn] ..."
+#        (default cuda: SD1.5 at 256 px with everything on, then the tiny UNet; see below)
+#   CHECKS_AFTER=4     the checks (and SMOKE) run after this many PLAN entries (cuda default 4:
+#                      the headline benchmarks first; cpu 0)
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn][:tuned] ..."
 #        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
 #        for the memory A/B); unmerged = --lora-unmerged (infer: adapters beside the weights,
 #        as peft runs them, instead of merged in as `trainer generate` runs them);
-#        cudnn / cublas / device / softmax / flash / gn as above, with the
+#        cudnn / cublas / device / softmax / flash / gn / tuned as above, with the
 #        default matmul threshold (default cuda: the four anchor settings with everything on,
-#        the inference step also unmerged, then batch 8 without flash attention, with both libraries host-ordered and burn's
-#        softmax and GroupNorm, and with neither library)
+#        batch 8 first, the inference step also unmerged, then batch 8 without flash
+#        attention, with burn's autotuned small matmuls, with both libraries host-ordered
+#        and burn's softmax and GroupNorm, and with neither library)
 #   PROFILE="CONFIG:RES:BATCH:MODE[:OPTS] ..."   per-kernel GPU time of one step under Nsight
 #        Compute (ncu), ours (`trainer bench --cuda-profiler-step`) and, at the anchor's
 #        settings, PyTorch's (anchor_profile.py), as tables by kernel class and by kernel
@@ -32,9 +37,10 @@
 #   PROFILE_AFTER=5    the profiles run after this many PLAN entries (default: after the
 #                      five settings with every switch on, before the A/B rows; they reuse
 #                      the plan's autotune results), when the budget allows
-#   KERNEL_TESTS=1     lora-core's CUDA kernel tests before everything (0 skips them and keeps
-#                      every switch on, e.g. for a second call that only profiles; a list such
-#                      as "ordering flash" runs only the tests whose job names contain a word)
+#   KERNEL_TESTS="ordering flash group concat"   lora-core's CUDA kernel tests before
+#                      everything, those whose job names contain one of the words (1: all,
+#                      with cuDNN's, cuBLAS's and the softmax's; 0: none, every switch stays
+#                      on, e.g. for a second call that only profiles)
 #   ORDERING_TEST_S=240   time limit of the GPU-side ordering test
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model, then `trainer
@@ -43,7 +49,7 @@
 #                      SD1.5's shapes; its table is printed before the summary; 0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
 #   ANCHOR_STEPS=10    timed steps of the anchor (after three warm-ups); ANCHOR=none skips it
-#   BUDGET_S=500       wall-clock budget of the whole script: a job that would not fit is
+#   BUDGET_S=540       wall-clock budget of the whole script: a job that would not fit is
 #                      skipped, a running one is stopped at the budget (keep timeout_s above it)
 #   BIN, ANCHOR, WHEELS, CACHE_IN, PYTHON, OUT, WORK: paths, defaults below
 set -uo pipefail
@@ -55,8 +61,9 @@ DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 STEPS=${STEPS:-5}
 PROFILE_AFTER=${PROFILE_AFTER:-5}
+CHECKS_AFTER=${CHECKS_AFTER:-$([ "$DEVICE" = cuda ] && echo 4 || echo 0)}
 ANCHOR_STEPS=${ANCHOR_STEPS:-10}
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-540}
 RESERVE_S=${RESERVE_S:-25}     # kept back for the table and the cache archive
 MIN_JOB_S=${MIN_JOB_S:-30}     # a job is not started with less than this left
 BIN=${BIN:-$REPO/device-bin/trainer}
@@ -79,9 +86,9 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2:bf16:cudnn:cublas:flash:gn sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn tiny:64:2"}
+    CHECKS=${CHECKS:-"sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2:bf16:cudnn:cublas:flash:gn tiny:64:2"}
     ALL=cudnn:cublas:device:softmax:flash:gn
-    PLAN=${PLAN:-"sd15:512:1:train:$ALL sd15:512:8:train:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:$ALL sd15:512:1:infer:unmerged:$ALL sd15:512:8:train:cudnn:cublas:device:softmax:gn sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
+    PLAN=${PLAN:-"sd15:512:8:train:$ALL sd15:512:1:train:$ALL sd15:512:1:infer:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:unmerged:$ALL sd15:512:8:train:cudnn:cublas:device:softmax:gn sd15:512:8:train:$ALL:tuned sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
     # Host-ordered library calls: GPU-side ordering spins in a kernel until work on our
     # stream has run, and ncu, which runs one kernel at a time, holds that work back.
     PROFILE=${PROFILE:-"sd15:512:8:train:cudnn:cublas:softmax:flash:gn"}
@@ -225,7 +232,7 @@ kernel_test() {
     run_job smoke "$name" "{}" "$@" env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact "kernels::tests::$test" --nocapture
     [ "${LAST_RC:-1}" = 0 ]
 }
-KERNEL_TESTS=${KERNEL_TESTS:-1}
+KERNEL_TESTS=${KERNEL_TESTS:-"ordering flash group concat"}
 KERNEL_TESTS=${KERNEL_TESTS//,/ }
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
     kernel_test conv-cudnn-vs-burn cudnn_matches_burn_kernels_on_cuda
@@ -254,45 +261,54 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
     }
 fi
 
-# --- 1. correctness -------------------------------------------------------------------------
-for c in $CHECKS; do
-    [ "$c" = none ] && continue
-    IFS=: read -r cfg res batch opts <<<"$c"
-    flag=() prec=f32 suffix=
-    for o in ${opts//:/ }; do
-        case $o in
-            ckpt) flag+=(--grad-checkpointing); suffix="$suffix-ckpt" ;;
-            cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
-            cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
-            device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
-            softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
-            flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
-            gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
-            *) prec=$o ;;
-        esac
+# --- 1. correctness, and the whole training loop (run_checks, called from the plan loop) --------
+# After CHECKS_AFTER benchmarks: the first device call (2026-11-29) spent its whole budget
+# compiling and autotuning inside the first check, so the headline numbers come first.
+checks_done=0
+run_checks() {
+    [ "$checks_done" = 1 ] && return
+    checks_done=1
+    for c in $CHECKS; do
+        [ "$c" = none ] && continue
+        IFS=: read -r cfg res batch opts <<<"$c"
+        flag=() prec=f32 suffix=
+        for o in ${opts//:/ }; do
+            case $o in
+                ckpt) flag+=(--grad-checkpointing); suffix="$suffix-ckpt" ;;
+                cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
+                cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
+                device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
+                softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
+                flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
+                gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
+                tuned) flag+=(--tuned-matmul); suffix="$suffix-tuned" ;;
+                *) prec=$o ;;
+            esac
+        done
+        # A check routes every matmul to cuBLAS (the default threshold skips the small ones)
+        # and buckets burn's autotune keys coarsely (CUBECL_AUTOTUNE_LEVEL=minimal: fewer
+        # keys, though each still compiles and times every candidate): correctness does not
+        # need the fastest variants.
+        run_job check "check-$cfg-r$res-b$batch$suffix-$prec" "{}" \
+            env SD_LORA_CUBLAS_MIN_GFLOP=0 CUBECL_AUTOTUNE_LEVEL=minimal "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
+            --device "$DEVICE" --precision "$prec" "${flag[@]}"
     done
-    # A check routes every matmul (the default threshold skips the small ones) and autotunes
-    # burn's kernels minimally: correctness does not need their fastest variant, and the
-    # minutes of autotuning per new shape are better spent on the benches.
-    run_job check "check-$cfg-r$res-b$batch$suffix-$prec" "{}" \
-        env SD_LORA_CUBLAS_MIN_GFLOP=0 CUBECL_AUTOTUNE_LEVEL=minimal "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
-        --device "$DEVICE" --precision "$prec" "${flag[@]}"
-done
 
-# --- 1b. the whole training loop on the device: tiny model, demo data, the bench precision ----
-if [ "${SMOKE:-1}" = 1 ]; then
-    case $PRECISION in f16) mp=fp16 ;; bf16) mp=bf16 ;; *) mp=no ;; esac
-    run_job smoke "train-tiny-$mp" "{}" \
-        "$BIN" train --set train.max_train_steps=20 --set train.mixed_precision=$mp \
-        --set output.output_dir="$WORK/smoke" --set output.sample_steps=4
-    # `trainer generate` with that LoRA merged in, at the bench's precision.
-    lora=$(ls "$WORK"/smoke/*.safetensors 2>/dev/null | head -1)
-    if [ -n "$lora" ]; then
-        run_job smoke "generate-tiny-$PRECISION" "{}" \
-            "$BIN" generate --prompt "a red circle, demostyle" --lora "$lora" --precision "$PRECISION" \
-            --width 64 --height 64 --steps 4 --out "$WORK/smoke/generate.png"
+    # 1b. the whole training loop on the device: tiny model, demo data, the bench precision.
+    if [ "${SMOKE:-1}" = 1 ]; then
+        case $PRECISION in f16) mp=fp16 ;; bf16) mp=bf16 ;; *) mp=no ;; esac
+        run_job smoke "train-tiny-$mp" "{}" \
+            "$BIN" train --set train.max_train_steps=20 --set train.mixed_precision=$mp \
+            --set output.output_dir="$WORK/smoke" --set output.sample_steps=4
+        # `trainer generate` with that LoRA merged in, at the bench's precision.
+        lora=$(ls "$WORK"/smoke/*.safetensors 2>/dev/null | head -1)
+        if [ -n "$lora" ]; then
+            run_job smoke "generate-tiny-$PRECISION" "{}" \
+                "$BIN" generate --prompt "a red circle, demostyle" --lora "$lora" --precision "$PRECISION" \
+                --width 64 --height 64 --steps 4 --out "$WORK/smoke/generate.png"
+        fi
     fi
-fi
+}
 
 # --- 2. the PyTorch anchor, once for every train batch of the plan ---------------------------
 # The anchor needs diffusers (and peft): the image may lack it, prepare.sh ships the wheels.
@@ -343,6 +359,7 @@ bench_flags() {
             softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
             flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
             gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
+            tuned) flag+=(--tuned-matmul); suffix="$suffix-tuned" ;;
         esac
     done
 }
@@ -402,6 +419,7 @@ rm -f "$OUT/profile.md"
 planned=0
 for p in $PLAN; do
     [ "$p" = none ] && continue
+    [ "$planned" = "$CHECKS_AFTER" ] && run_checks
     [ "$planned" = "$PROFILE_AFTER" ] && run_profiles
     planned=$((planned + 1))
     IFS=: read -r cfg res batch mode opts <<<"$p"
@@ -411,6 +429,7 @@ for p in $PLAN; do
         "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
         --steps "$STEPS" --device "$DEVICE" --precision "$PRECISION" "${flag[@]}"
 done
+run_checks
 run_profiles
 
 # --- 3b. per-op A/B: each kernel of ours against burn's ops at SD1.5's shapes ----------------

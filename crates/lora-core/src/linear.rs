@@ -2,7 +2,6 @@
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::precision::cast_to;
@@ -138,9 +137,9 @@ impl<B: Backend> LinearAdapter<B> {
         let dtype = x.dtype();
         let down = cast_to(self.down.weight.val(), dtype);
         let up = cast_to(self.up.weight.val(), dtype);
-        let h = linear(self.dropout.forward(x), down, None);
+        let h = crate::kernels::linear_weight(self.dropout.forward(x), down);
         // Scaling the rank-sized activation is cheaper than scaling the output.
-        linear(h * (factor * self.scale), up, None)
+        crate::kernels::linear_weight(h * (factor * self.scale), up)
     }
 
     /// `ΔW` in burn layout `[in, out]`, times `factor`, in f32 (whatever the adapter weights'
@@ -346,7 +345,7 @@ impl<B: Backend> LoraLinear<B> {
         let fusion = D >= 2 && !crate::kernels::on_flex::<B>();
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
-                if fusion && !crate::kernels::cublas_enabled() {
+                if fusion && !crate::kernels::matmuls_routed() {
                     return self.forward_fusable(adapter, x, extra);
                 }
                 if fusion && D > 2 {

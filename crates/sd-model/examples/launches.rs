@@ -7,7 +7,7 @@
 //!     [--width 32] [--resolution 64] [--batch 1] [--steps 2] [--precision f32|f16] \
 //!     [--mode train|infer] [--lora-targets attn|attn-mlp] [--fused-group-norm] \
 //!     [--fused-softmax] [--flash-attention] [--plain-autodiff] [--checkpointing] [--casting-adapters] \
-//!     [--lora-unmerged] [--top 40]
+//!     [--lora-unmerged] [--fixed-matmul] [--top 40]
 //! ```
 //!
 //! The UNet has SD1.5's blocks, layers and heads, with every channel count scaled so that
@@ -15,7 +15,11 @@
 //! count depends on the graph, not on the widths. CubeCL's profiling logger (level
 //! `minimal`: every kernel that runs, by name, untimed) writes to a temporary file; the
 //! example prints the launches per measured step (after one warm-up step), the most
-//! frequent kernels, and the calling thread's CPU time per step while it queues the steps.
+//! frequent kernels, the calling thread's CPU time per step while it queues the steps, and
+//! how many kernels were compiled (CubeCL's compilation logger): on CUDA each is an NVRTC
+//! compilation on the first run, about a second on the H200 of 2026-11-29, so this is the
+//! first step's compile bill there (autotune candidates included: on wgpu the convolutions
+//! stay in burn's autotuned kernels, which cuDNN replaces on CUDA).
 //! That thread records autodiff and hands each operation to burn-fusion's device thread
 //! (which plans, fuses and launches); its CPU time includes spin-waits whenever that thread
 //! is behind, as it always is on lavapipe. `scripts/host-profile.sh` samples every thread
@@ -104,6 +108,10 @@ struct Args {
     /// merging them in, as `trainer generate` does.
     #[arg(long)]
     lora_unmerged: bool,
+    /// The matmuls in lora-core's fixed kernel instead of burn's autotuned one, as the
+    /// trainer runs them on CUDA (`lora_core::kernels::set_fixed_matmul`).
+    #[arg(long)]
+    fixed_matmul: bool,
     /// How many kernel names to list.
     #[arg(long, default_value_t = 40)]
     top: usize,
@@ -126,11 +134,16 @@ fn main() -> Result<()> {
     config.profiling.logger.level = burn::cubecl::config::profiling::ProfilingLogLevel::Minimal;
     config.profiling.logger.file = Some(log.clone());
     config.profiling.logger.append = false;
+    let compile_log = std::env::temp_dir().join(format!("sd-model-launches-{}-compile.log", std::process::id()));
+    config.compilation.logger.level = burn::cubecl::config::compilation::CompilationLogLevel::Basic;
+    config.compilation.logger.file = Some(compile_log.clone());
+    config.compilation.logger.append = false;
     CubeClRuntimeConfig::set(config);
 
     lora_core::kernels::set_fused_group_norm(args.fused_group_norm);
     lora_core::kernels::set_fused_softmax(args.fused_softmax);
     lora_core::kernels::set_flash_attention(args.flash_attention);
+    lora_core::kernels::set_fixed_matmul(args.fixed_matmul);
     sd_model::set_custom_backward(!args.plain_autodiff);
 
     let device = Default::default();
@@ -209,6 +222,7 @@ fn main() -> Result<()> {
     sync()?;
     let warm_up = start.elapsed();
     let before = executions(&log)?;
+    let compiled = compilations(&compile_log);
     eprintln!("warm-up step done in {:.1} s; measuring {} steps", warm_up.as_secs_f64(), args.steps);
     let start = Instant::now();
     let cpu_start = thread_cpu_s();
@@ -220,6 +234,7 @@ fn main() -> Result<()> {
     sync()?;
     let measured = start.elapsed();
     let all = executions(&log)?;
+    let compiled_later = compilations(&compile_log).len().saturating_sub(compiled.len());
     drop(unet);
 
     let window = &all[before.len().min(all.len())..];
@@ -233,6 +248,18 @@ fn main() -> Result<()> {
     let mut ranked: Vec<(&str, usize)> = by_name.into_iter().collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     let per_step = window.len() as f64 / args.steps as f64;
+    let mut compiled_by_name: HashMap<&str, usize> = HashMap::new();
+    for name in &compiled {
+        *compiled_by_name.entry(name.as_str()).or_default() += 1;
+    }
+    let mut compiled_ranked: Vec<(&str, usize)> = compiled_by_name.into_iter().collect();
+    compiled_ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    println!("| kernels compiled in the warm-up step | kernel |");
+    println!("|---:|---|");
+    for (name, count) in compiled_ranked.iter().take(args.top) {
+        println!("| {count} | `{}` |", short(name));
+    }
+    println!();
     println!("| launches / step | share | kernel |");
     println!("|---:|---:|---|");
     for (name, count) in ranked.iter().take(args.top) {
@@ -242,9 +269,10 @@ fn main() -> Result<()> {
     // any fell back to burn's ops.
     let stats = lora_core::kernels::vendor_stats();
     println!(
-        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}, \"kernel_calls\": {{\"flash_attention\": {}, \"fused_softmax\": {}, \"fused_group_norm\": {}, \"fused_concat\": {}, \"fallbacks\": {}}}}}",
+        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"compiled_warm_up\": {}, \"compiled_measured\": {compiled_later}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}, \"kernel_calls\": {{\"flash_attention\": {}, \"fused_softmax\": {}, \"fused_group_norm\": {}, \"fused_concat\": {}, \"fixed_matmul\": {}, \"fallbacks\": {}}}}}",
         ranked.len(),
         sites.len(),
+        compiled.len(),
         warm_up.as_secs_f64(),
         measured.as_secs_f64() / args.steps as f64,
         queued.as_secs_f64() / args.steps as f64,
@@ -263,9 +291,11 @@ fn main() -> Result<()> {
         stats.fused_softmax_calls,
         stats.fused_group_norm_calls,
         stats.fused_concat_calls,
+        stats.fixed_matmul_calls,
         stats.fallbacks,
     );
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&compile_log);
     Ok(())
 }
 
@@ -290,6 +320,17 @@ fn scaled_sd15(width: usize) -> UnetConfig {
     config.attention_head_dim = PerBlock::All(8);
     config.num_attention_heads = None;
     config
+}
+
+/// The kernel names CubeCL's compilation logger has recorded so far (`[Compiling kernel]
+/// NAME` lines), one per compilation; none when the log cannot be read.
+fn compilations(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.strip_prefix("[Compiling kernel] "))
+        .map(|name| name.trim().to_string())
+        .collect()
 }
 
 /// The names of the kernels the profiling log has recorded so far (the logger writes from a

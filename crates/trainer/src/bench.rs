@@ -121,6 +121,10 @@ pub struct VendorUse {
     pub fused_group_norm: bool,
     /// GroupNorm passes (forward or backward) that ran in the fused kernels.
     pub fused_group_norm_calls: u64,
+    /// The fixed matmul kernel was on (CUDA default; off with `--tuned-matmul`).
+    pub fixed_matmul: bool,
+    /// Matmuls that ran in the fixed kernel.
+    pub fixed_matmul_calls: u64,
 }
 
 impl VendorUse {
@@ -147,6 +151,8 @@ impl VendorUse {
             flash_attention_calls: stats.flash_attention_calls,
             fused_group_norm: lora_core::kernels::fused_group_norm_enabled(),
             fused_group_norm_calls: stats.fused_group_norm_calls,
+            fixed_matmul: lora_core::kernels::fixed_matmul_enabled(),
+            fixed_matmul_calls: stats.fixed_matmul_calls,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! `trainer bench` times whole UNet steps, where a kernel's effect mixes with everything
 //! else. This times each op that has a kernel of ours at SD1.5's shapes, once with its
 //! switch off (burn's ops) and once on, on the same inputs: GroupNorm + SiLU and LayerNorm
-//! (forward and backward, as in training: the norm frozen, the input tracked), self- and
+//! (forward and backward, as in training: the norm frozen, the input tracked), a LoRA
+//! attention projection (its rank-4 matmuls in burn's autotuned kernels against the fixed
+//! one, forward and backward), self- and
 //! cross-attention (forward and backward; flash attention) and the attention softmax
 //! (forward), and flash attention's blocks at 48 against 96 KiB of shared memory per cube
 //! and without against with register double buffering.
@@ -15,7 +17,7 @@
 use std::time::Instant;
 
 use burn::module::{Module, Param};
-use burn::nn::{GroupNormConfig, LayerNormConfig};
+use burn::nn::{GroupNormConfig, LayerNormConfig, LinearConfig};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Distribution, Tensor};
 use serde::Serialize;
@@ -90,6 +92,11 @@ const FLASH_PREFETCH: Switch = Switch {
         lora_core::kernels::set_flash_prefetch(on);
     },
     get: lora_core::kernels::flash_prefetch_enabled,
+};
+const FIXED_MATMUL: Switch = Switch {
+    name: "fixed_matmul",
+    set: lora_core::kernels::set_fixed_matmul,
+    get: lora_core::kernels::fixed_matmul_enabled,
 };
 const FUSED_SOFTMAX: Switch = Switch {
     name: "fused_softmax",
@@ -169,6 +176,20 @@ pub fn run<B: AutodiffBackend>(opts: &OpsOptions, device: &B::Device) -> Vec<OpT
     out.push(ab("layer_norm fwd+bwd", &shape, &FUSED_GROUP_NORM, opts.steps, || {
         let x = x.clone().require_grad();
         let y = sd_model::norm::layer_norm(&ln, x.clone(), 1e-5);
+        let grads = (y * w.clone()).sum().backward();
+        read(x.grad(&grads).expect("x is tracked"))
+    }));
+
+    // A LoRA attention projection (320 → 320, rank 4: an f32 adapter on a frozen base of
+    // the model's dtype) over the same tokens, forward and backward: its rank-4 matmuls run
+    // in burn's autotuned kernels or the fixed one (the base matmul goes to cuBLAS with
+    // `--cublas` either way).
+    let base = lora_core::precision::cast_all(LinearConfig::new(320, 320).init::<B>(device), opts.precision.dtype()).no_grad();
+    let mut proj = lora_core::LoraLinear::new(base);
+    proj.attach_new(&lora_core::LoraConfig::new(4), device).expect("a rank-4 adapter fits a 320 → 320 layer");
+    out.push(ab("lora linear fwd+bwd", &shape, &FIXED_MATMUL, opts.steps, || {
+        let x = x.clone().require_grad();
+        let y = proj.forward(x.clone());
         let grads = (y * w.clone()).sum().backward();
         read(x.grad(&grads).expect("x is tracked"))
     }));

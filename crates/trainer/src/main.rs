@@ -52,6 +52,12 @@ struct Cli {
     /// reductions and elementwise ops). Also `SD_LORA_FUSED_GROUP_NORM=1`.
     #[arg(long, global = true)]
     fused_group_norm: bool,
+    /// On CUDA, run the matmuls that cuBLAS does not take (all of them without `--cublas`)
+    /// in burn's autotuned kernels instead of one fixed kernel: burn compiles and times ~29
+    /// kernels for each new matmul shape, minutes on a first run. Also
+    /// `SD_LORA_FIXED_MATMUL=0`.
+    #[arg(long, global = true)]
+    tuned_matmul: bool,
 }
 
 /// Whether environment variable `name` is set to `1` or `true`.
@@ -687,6 +693,7 @@ fn main() -> Result<()> {
     let fused_softmax = cli.fused_softmax || env_flag("SD_LORA_FUSED_SOFTMAX");
     let flash_attention = cli.flash_attention || env_flag("SD_LORA_FLASH_ATTENTION");
     let fused_group_norm = cli.fused_group_norm || env_flag("SD_LORA_FUSED_GROUP_NORM");
+    let tuned_matmul = cli.tuned_matmul || std::env::var("SD_LORA_FIXED_MATMUL").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false"));
     lora_core::kernels::set_flash_prefetch(env_flag("SD_LORA_FLASH_PREFETCH"));
     if let Ok(value) = std::env::var("SD_LORA_FLASH_SHARED_KIB") {
         let kib: usize = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_FLASH_SHARED_KIB={value}: expected KiB of shared memory per cube (16 to 227)"))?;
@@ -724,6 +731,13 @@ fn main() -> Result<()> {
                 lora_core::kernels::set_fused_concat(false);
                 eprintln!("optimizer gather: burn's concatenation (SD_LORA_FUSED_CONCAT=0)");
             }
+            // On by default: burn's autotuning of each new matmul shape made the first
+            // SD1.5 step take minutes (docs/benchmarks.md, 2026-11-29).
+            lora_core::kernels::set_fixed_matmul(!tuned_matmul);
+            eprintln!(
+                "small matmuls: {}",
+                if tuned_matmul { "burn's autotuned kernels" } else { "one fixed kernel, no autotuning (--tuned-matmul autotunes them)" }
+            );
             // The switches act on the CUDA backend only; on the CPU they stay off.
             lora_core::kernels::set_cudnn(cudnn);
             lora_core::kernels::set_cublas(cublas);
@@ -753,9 +767,9 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas || fused_softmax || flash_attention || fused_group_norm || vendor_sync != lora_core::kernels::VendorSync::Host {
+    if cudnn || cublas || fused_softmax || flash_attention || fused_group_norm || tuned_matmul || vendor_sync != lora_core::kernels::VendorSync::Host {
         eprintln!(
-            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --fused-group-norm (or their SD_LORA_* variables): ignored on the CPU backend"
+            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
         );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())

@@ -16,7 +16,9 @@
 //!
 //! [`LoraLinear`](crate::LoraLinear) sends its base layer through [`linear`], and callers
 //! with large matmuls of their own (sd-model's attention backward) use [`matmul`]: with
-//! [`set_cublas`] on, matmuls of at least [`set_cublas_min_gflop`] run in cuBLAS on CUDA.
+//! [`set_cublas`] on, matmuls of at least [`set_cublas_min_gflop`] run in cuBLAS on CUDA;
+//! with [`set_fixed_matmul`] on, the others run in one fixed CubeCL kernel instead of burn's
+//! autotuned matmul (whose tuning costs about half a minute per new shape on a first run).
 //!
 //! A shape or dtype a library rejects, or a missing library, falls back to burn's kernel for
 //! that call and is counted in [`vendor_stats`]. Each library call waits for the GPU
@@ -64,6 +66,8 @@ mod group_norm;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod concat;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod fixed_matmul;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod split;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_source;
@@ -90,6 +94,8 @@ static FUSED_GROUP_NORM: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM_CALLS: AtomicU64 = AtomicU64::new(0);
 static FUSED_CONCAT: AtomicBool = AtomicBool::new(true);
 static FUSED_CONCAT_CALLS: AtomicU64 = AtomicU64::new(0);
+static FIXED_MATMUL: AtomicBool = AtomicBool::new(false);
+static FIXED_MATMUL_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Largest head dimension given to the flash-attention kernels: their tiles for 160 fit in
 /// 48 KiB of shared memory with 16-wide `cmma` tiles (see `flash::plan`).
 const FLASH_MAX_HEAD_DIM: usize = 160;
@@ -230,6 +236,8 @@ pub struct VendorStats {
     pub fused_group_norm_calls: u64,
     /// Flat concatenations that ran in the multi-tensor copy kernel ([`concat_flat`]).
     pub fused_concat_calls: u64,
+    /// Matmuls that ran in the fixed (not autotuned) kernel ([`set_fixed_matmul`]).
+    pub fixed_matmul_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -257,6 +265,7 @@ pub fn vendor_stats() -> VendorStats {
         flash_attention_calls: FLASH_CALLS.load(Ordering::Relaxed),
         fused_group_norm_calls: FUSED_GROUP_NORM_CALLS.load(Ordering::Relaxed),
         fused_concat_calls: FUSED_CONCAT_CALLS.load(Ordering::Relaxed),
+        fixed_matmul_calls: FIXED_MATMUL_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -722,6 +731,45 @@ pub fn set_fused_concat(enabled: bool) {
 /// Whether [`set_fused_concat`] is on.
 pub fn fused_concat_enabled() -> bool {
     FUSED_CONCAT.load(Ordering::Relaxed)
+}
+
+/// Turns the fixed matmul kernel on or off (default off): on burn's CUDA backend, the
+/// matmuls of [`matmul`], [`linear`] and [`linear_weight`] that do not go to cuBLAS (all of
+/// them without [`set_cublas`]) run in one CubeCL kernel chosen up front (cubek's simple
+/// cyclic MMA matmul, else its simple unit matmul) instead of burn's autotuned matmul.
+///
+/// burn autotunes each new matmul key by compiling and timing its ~29 candidate kernels,
+/// about a second each on an H200, so the first SD1.5 training step spent minutes tuning
+/// small matmuls (the LoRA rank-r products, the time embedding, the 77-token
+/// cross-attention projections), and each new resolution bucket added more. The fixed
+/// kernel is compiled once per tile configuration and took 1.26× the tuned winner's time on
+/// average on those (25–100 µs) problems. A problem both kernels reject runs in burn's
+/// matmul and counts as a fallback in [`vendor_stats`]. `trainer` turns this on on CUDA
+/// (`SD_LORA_FIXED_MATMUL=0` turns it off).
+///
+/// ```
+/// lora_core::kernels::set_fixed_matmul(true);
+/// assert!(lora_core::kernels::fixed_matmul_enabled());
+/// lora_core::kernels::set_fixed_matmul(false);
+/// ```
+pub fn set_fixed_matmul(enabled: bool) {
+    FIXED_MATMUL.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_fixed_matmul`] is on.
+pub fn fixed_matmul_enabled() -> bool {
+    FIXED_MATMUL.load(Ordering::Relaxed)
+}
+
+/// Whether [`linear`] and [`linear_weight`] send their matmuls through [`matmul`]'s routes
+/// ([`set_cublas`] or [`set_fixed_matmul`] on) rather than burn's `linear`.
+pub fn matmuls_routed() -> bool {
+    cublas_enabled() || fixed_matmul_enabled()
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn record_fixed_matmul() {
+    FIXED_MATMUL_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// `flat`'s consecutive pieces in `shapes` (which must not add up to more than its
@@ -1289,17 +1337,40 @@ pub fn matmul<X: Backend, const D: usize>(a: Tensor<X, D>, b: Tensor<X, D>) -> T
             }
         }
     }
+    if fixed_matmul_enabled() && a.dtype() == b.dtype() && same_batch(&a.dims(), &b.dims()) {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = fixed_matmul_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(&a, &b) {
+            return out;
+        }
+        // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+        #[cfg(feature = "wgpu-test")]
+        if let Some(out) = fixed_matmul_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&a, &b) {
+            return out;
+        }
+    }
     a.matmul(b)
+}
+
+/// The fixed-kernel matmul op when `X` is [`FusedCube<R, BT>`], else `None`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn fixed_matmul_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(a: &Tensor<X, D>, b: &Tensor<X, D>) -> Option<Tensor<X, D>> {
+    let out = fixed_matmul::register::<R, BT>(to_fused::<X, R, BT, D>(a)?, to_fused::<X, R, BT, D>(b)?);
+    from_fused::<X, R, BT, D>(out)
+}
+
+/// Whether `a · b` is a matmul of equal batch dimensions (no broadcasting).
+fn same_batch(a: &[usize], b: &[usize]) -> bool {
+    let d = a.len();
+    d >= 2 && a[..d - 2] == b[..d - 2] && a[d - 1] == b[d - 2]
 }
 
 /// Whether `a · b` has equal batch dimensions and at least the routing threshold of FLOPs.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn worth_routing(a: &[usize], b: &[usize]) -> bool {
-    let d = a.len();
-    if d < 2 || a[..d - 2] != b[..d - 2] || a[d - 1] != b[d - 2] {
+    if !same_batch(a, b) {
         return false;
     }
-    let flops = 2.0 * a.iter().product::<usize>() as f64 * b[d - 1] as f64;
+    let flops = 2.0 * a.iter().product::<usize>() as f64 * b[a.len() - 1] as f64;
     flops >= CUBLAS_MIN_FLOPS.load(Ordering::Relaxed) as f64
 }
 
@@ -1321,33 +1392,74 @@ fn worth_routing(a: &[usize], b: &[usize]) -> bool {
 /// assert!(err < 1e-5);
 /// ```
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    if !cublas_enabled() {
+    if !matmuls_routed() {
         return layer.forward(x);
     }
     linear_op(layer, x)
 }
 
-/// [`linear`] with the routing switch on.
-fn linear_op<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    let weight = layer.weight.val();
-    if D < 2 || weight.dtype() != x.dtype() {
-        return layer.forward(x);
+/// `x · weight` for a weight in burn's `[d_in, d_out]` layout (burn's
+/// `module::linear(x, weight, None)`); with [`set_cublas`] or [`set_fixed_matmul`] on, through
+/// the same op as [`linear`], whose forward and backward matmuls go through [`matmul`].
+/// [`LoraLinear`](crate::LoraLinear)'s adapters use it for their rank-r products.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 3>::random([2, 5, 8], Distribution::Default, &device);
+/// let w = Tensor::<Flex, 2>::random([8, 4], Distribution::Default, &device);
+/// let y = lora_core::kernels::linear_weight(x.clone(), w.clone());
+/// let err: f32 = (y - burn::tensor::module::linear(x, w, None)).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn linear_weight<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
+    if !matmuls_routed() {
+        return burn::tensor::module::linear(x, weight, None);
     }
-    let dims = x.dims();
-    let [d_in, d_out] = weight.dims();
-    let rows = dims[..D - 1].iter().product::<usize>();
+    linear_weight_op(x, weight)
+}
+
+/// [`linear`] with a routing switch on.
+fn linear_op<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let dtype = x.dtype();
-    let args = (x.reshape([rows, d_in]), weight);
-    let Some(y) = dispatch_linear(&args) else {
-        return layer.forward(args.0.reshape(dims));
-    };
-    let mut out_dims = dims;
-    out_dims[D - 1] = d_out;
-    let y = match &layer.bias {
+    // The bias joins on the rows, before the reshape back (see `linear_rows`).
+    linear_rows(x, layer.weight.val(), |y| match &layer.bias {
         Some(bias) => y + cast_to(bias.val(), dtype).unsqueeze::<2>(),
         None => y,
+    })
+}
+
+/// [`linear_weight`] with a routing switch on.
+fn linear_weight_op<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
+    linear_rows(x, weight, |y| y)
+}
+
+/// `then(x_rows · weight)` reshaped back to `x`'s leading dimensions, the product in the op
+/// of [`dispatch_linear`]; burn's `linear` (then `then`'s epilogue on its output) where that
+/// op does not apply. The epilogue runs on the 2-d rows because burn's fusion cannot fuse
+/// an elementwise op into a block after a reshape to a higher rank.
+fn linear_rows<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>, then: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 2>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    let mut out_dims = dims;
+    out_dims[D - 1] = d_out;
+    if D < 2 || weight.dtype() != x.dtype() {
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let y = burn::tensor::module::linear(x, weight, None).reshape([rows, d_out]);
+        return then(y).reshape(out_dims);
+    }
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let args = (x.reshape([rows, d_in]), weight);
+    let y = match dispatch_linear(&args) {
+        Some(y) => y,
+        None => {
+            let (x, weight) = args;
+            burn::tensor::module::linear(x, weight, None)
+        }
     };
-    y.reshape(out_dims)
+    then(y).reshape(out_dims)
 }
 
 fn dispatch_linear<B: Backend>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Tensor<B, 2>> {

@@ -231,6 +231,39 @@ fn linear_op_matches_burn() {
     check::<Autodiff<Flex, BalancedCheckpointing>>();
 }
 
+/// With the fixed-matmul switch on, a LoRA linear layer (bias, rank-2 adapter, 3-d input)
+/// goes through [`linear`] and [`linear_weight`]'s routed op (on the CPU its matmuls are
+/// burn's): same output, input gradient and adapter gradients as with the switch off, and
+/// the frozen base weight still gets no gradient.
+#[test]
+fn routed_lora_linear_matches_burn_on_flex() {
+    use burn::nn::LinearConfig;
+    type A = Autodiff<Flex>;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Default::default();
+    let mut layer = crate::LoraLinear::new(LinearConfig::new(6, 5).init::<A>(&device).no_grad());
+    layer.attach_new(&crate::LoraConfig::new(2), &device).unwrap();
+    // A non-zero up projection, so that the adapter's path carries a gradient to `x`.
+    let adapter = layer.adapter.as_mut().unwrap();
+    adapter.up.weight = Param::from_tensor(Tensor::random([2, 5], Distribution::Normal(0.0, 1.0), &device));
+    let x = Tensor::<A, 3>::random([2, 3, 6], Distribution::Normal(0.0, 1.0), &device);
+    let run = |routed: bool| {
+        set_fixed_matmul(routed);
+        let x = x.clone().require_grad();
+        let y = layer.forward(x.clone());
+        set_fixed_matmul(false);
+        let grads = (y.clone() * y.clone().detach().cos()).sum().backward();
+        let adapter = layer.adapter.as_ref().unwrap();
+        assert!(layer.base.weight.grad(&grads).is_none(), "the frozen base got a gradient");
+        (y.inner(), x.grad(&grads).unwrap(), adapter.down.weight.grad(&grads).unwrap(), adapter.up.weight.grad(&grads).unwrap())
+    };
+    let (ours, reference) = (run(true), run(false));
+    assert!(max_rel(ours.0, reference.0) < 1e-5, "output");
+    assert!(max_rel(ours.1, reference.1) < 1e-5, "dx");
+    assert!(max_rel(ours.2, reference.2) < 1e-5, "d down");
+    assert!(max_rel(ours.3, reference.3) < 1e-5, "d up");
+}
+
 /// cuBLAS against burn's CUDA matmul: plain, transposed views (as the attention backward
 /// passes them), 4-d batches and a narrowed (offset) operand, f32 (TF32) and bf16; then a
 /// linear layer's output and gradients. Run on the GPU machine like the cuDNN test.

@@ -1,0 +1,141 @@
+//! Matmuls in one fixed CubeCL kernel, without burn's autotuning.
+//!
+//! burn's matmul autotunes every new problem key (shape class, layout, dtypes): it compiles
+//! and times each of its ~29 candidate kernels, about a second apiece on an H200 (NVRTC
+//! compiles). On the first SD1.5 training step that was minutes before the first result
+//! (device run of 2026-11-29, docs/benchmarks.md): the LoRA rank-4 products, the time
+//! embedding and the cross-attention projections of the 77 context tokens give dozens of
+//! keys, and every new aspect bucket adds more. Here each problem runs in cubek's simple
+//! cyclic MMA matmul (one of burn's own candidates: on that H200 it ran every key of the
+//! step, at 1.26× the autotuned winner's time on average, 1.65× at worst, all of them
+//! 25–100 µs problems), else in the simple unit matmul (no tensor cores), else, when both
+//! reject the problem, in burn's autotuned matmul, counted as a fallback.
+//!
+//! The op is queued on burn's fusion stream like the cuBLAS route, so it runs in order
+//! with the fused kernels around it and needs no synchronisation.
+
+use std::marker::PhantomData;
+
+use burn::tensor::Shape;
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::kernel::matmul::init_matmul_output;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+use cubek::matmul::launch::{launch_ref, Strategy};
+use cubek::std::InputBinding;
+
+/// Queues `a · b` (equal batch dimensions, equal dtypes) on the fusion stream.
+pub(super) fn register<R: CubeRuntime, BT: BoolElement>(a: FusionTensor<FusionCubeRuntime<R>>, b: FusionTensor<FusionCubeRuntime<R>>) -> FusionTensor<FusionCubeRuntime<R>> {
+    let client = a.client.clone();
+    let mut out_shape = a.shape.to_vec();
+    let last = out_shape.len() - 1;
+    out_shape[last] = b.shape[b.shape.num_dims() - 1];
+    let streams = OperationStreams::with_inputs([&a, &b]);
+    let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(out_shape), a.dtype);
+    let desc = CustomOpIr::new("sd_lora_fixed_matmul", &[a.into_ir(), b.into_ir()], &[out]);
+    let op = FixedMatmul::<R, BT> { desc: desc.clone(), _backend: PhantomData };
+    client.register(streams, OperationIr::Custom(desc), op).output()
+}
+
+/// One queued matmul.
+struct FixedMatmul<R, BT> {
+    desc: CustomOpIr,
+    _backend: PhantomData<fn() -> (R, BT)>,
+}
+
+impl<R, BT> std::fmt::Debug for FixedMatmul<R, BT> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixedMatmul").field("out", &self.desc.outputs[0].shape).finish()
+    }
+}
+
+impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FixedMatmul<R, BT> {
+    fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
+        type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
+        let ([a, b], [out]) = self.desc.as_fixed();
+        let (a, b) = (handles.get_float_tensor::<Inner<R, BT>>(a), handles.get_float_tensor::<Inner<R, BT>>(b));
+        let y = match run(a.clone(), b.clone()) {
+            Ok(y) => {
+                super::record_fixed_matmul();
+                y
+            }
+            Err(reason) => {
+                super::record_fallback(reason);
+                <Inner<R, BT> as burn::tensor::ops::FloatTensorOps<Inner<R, BT>>>::float_matmul(a, b)
+            }
+        };
+        handles.register_float_tensor::<Inner<R, BT>>(&out.id, y);
+    }
+}
+
+/// `a · b` in the first of the fixed kernels that takes the problem; why each refused
+/// otherwise.
+pub(super) fn run<R: CubeRuntime>(a: CubeTensor<R>, b: CubeTensor<R>) -> Result<CubeTensor<R>, String> {
+    if a.dtype != b.dtype {
+        return Err(format!("fixed matmul: operand dtypes differ ({:?} · {:?})", a.dtype, b.dtype));
+    }
+    let out = init_matmul_output(&a, &b, a.dtype);
+    let mut refusals = Vec::new();
+    for strategy in [Strategy::SimpleCyclicMma(Default::default()), Strategy::SimpleUnit(Default::default())] {
+        let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: a.dtype.into(), rhs: b.dtype.into(), out: out.dtype.into() });
+        let lhs = InputBinding::new(a.clone().binding(), a.dtype.into());
+        let rhs = InputBinding::new(b.clone().binding(), b.dtype.into());
+        match launch_ref(&strategy, &out.client, lhs, rhs, out.clone().binding(), &mut dtypes) {
+            Ok(()) => return Ok(out),
+            Err(error) => refusals.push(format!("{strategy}: {error:?}")),
+        }
+    }
+    Err(format!("fixed matmul kernels refused {:?} · {:?}: {}", a.meta.shape(), b.meta.shape(), refusals.join("; ")))
+}
+
+#[cfg(all(test, feature = "wgpu-test"))]
+mod tests {
+    //! The op on burn's wgpu backend (lavapipe without a GPU):
+    //! `cargo test -p lora-core --release --features wgpu-test -- fixed_matmul`.
+    use burn::tensor::{DType, Distribution, Tensor};
+
+    use crate::kernels::tests::SWITCH;
+    use crate::kernels::{matmul, set_fixed_matmul, vendor_stats};
+
+    #[test]
+    fn wgpu_fixed_matmul_matches_burn() {
+        type B = burn::backend::Wgpu;
+        let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        let device = Default::default();
+        let rand = |shape: [usize; 3], dtype| crate::precision::cast_to(Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device), dtype);
+        let before = vendor_stats();
+        let mut runs = 0;
+        for dtype in [DType::F32, DType::F16] {
+            let tolerance = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+            // A LoRA down and up projection (rank 4), a transposed view (as a backward pass
+            // reads its operands) and a row count off every tile size.
+            let cases: Vec<(&str, Tensor<B, 3>, Tensor<B, 3>)> = vec![
+                ("down", rand([2, 256, 64], dtype), rand([2, 64, 4], dtype)),
+                ("up", rand([2, 256, 4], dtype), rand([2, 4, 96], dtype)),
+                ("transposed", rand([1, 64, 77], dtype).swap_dims(1, 2), rand([1, 64, 40], dtype)),
+                ("odd", rand([3, 37, 19], dtype), rand([3, 19, 23], dtype)),
+            ];
+            for (name, a, b) in cases {
+                set_fixed_matmul(false);
+                let reference = matmul(a.clone(), b.clone());
+                set_fixed_matmul(true);
+                let ours = matmul(a, b);
+                set_fixed_matmul(false);
+                runs += 1;
+                assert_eq!(ours.dtype(), dtype, "{name}");
+                let f32 = |t: Tensor<B, 3>| crate::precision::cast_to(t, DType::F32);
+                let (ours, reference) = (f32(ours), f32(reference));
+                let scale: f32 = reference.clone().abs().max().into_scalar();
+                let err: f32 = (ours - reference).abs().max().into_scalar();
+                assert!(err <= tolerance * scale.max(1.0), "{dtype:?} {name}: max error {err} (scale {scale})");
+            }
+        }
+        let after = vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        assert_eq!(after.fixed_matmul_calls - before.fixed_matmul_calls, runs);
+    }
+}
