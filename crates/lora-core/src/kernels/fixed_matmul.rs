@@ -138,4 +138,19 @@ mod tests {
         assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
         assert_eq!(after.fixed_matmul_calls - before.fixed_matmul_calls, runs);
     }
+
+    /// A LoRA linear layer's forward and backward with every matmul in the fixed kernel
+    /// (the trainer's CUDA path: `linear`'s autodiff op, the adapter's rank-4 products):
+    /// burn's output and gradients; two forward and four backward products per layer.
+    #[test]
+    fn wgpu_routed_lora_linear_matches_burn() {
+        let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        let before = vendor_stats();
+        crate::kernels::tests::check_routed_lora_linear::<burn::backend::Autodiff<burn::backend::Wgpu>>(1e-4);
+        let after = vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        // Base forward, the adapter's two products; dx through the base and through both
+        // adapter products, and the two adapter weight gradients (the frozen base's none).
+        assert_eq!(after.fixed_matmul_calls - before.fixed_matmul_calls, 3 + 5);
+    }
 }

@@ -1475,6 +1475,18 @@ fn dispatch_linear<B: Backend>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Te
             let (x, w): (Tensor<Cuda, 2>, Tensor<Cuda, 2>) = (downcast(x)?, downcast(w)?);
             downcast(matmul(x, w))
         });
+    // The same op on wgpu, so that the routed linear layers (and their backward) run there
+    // without a GPU, as on CUDA (lavapipe; sd-model's `launches` example).
+    #[cfg(feature = "wgpu-test")]
+    let found = found
+        .or_else(|| linear_autodiff::<B, burn::backend::Wgpu, NoCheckpointing>(args))
+        .or_else(|| linear_autodiff::<B, burn::backend::Wgpu, BalancedCheckpointing>(args))
+        .or_else(|| {
+            type Wgpu = burn::backend::Wgpu;
+            let (x, w) = args.clone();
+            let (x, w): (Tensor<Wgpu, 2>, Tensor<Wgpu, 2>) = (downcast(x)?, downcast(w)?);
+            downcast(matmul(x, w))
+        });
     found
 }
 
