@@ -315,12 +315,13 @@ mod tests {
         type B = burn::backend::Autodiff<burn::backend::Flex>;
         let opts = OpsOptions { batch: 1, resolution: 32, steps: 1, precision: Precision::F32 };
         let timings = run::<B>(&opts, &Default::default());
-        assert_eq!(timings.len(), 9);
-        assert_eq!(timings[8].shape, vec![256, 797_184], "the anchor's LoRA size");
+        assert_eq!(timings.len(), 10);
+        assert_eq!(timings[9].shape, vec![256, 797_184], "the anchor's LoRA size");
         assert!(timings.iter().all(|t| t.ms_off.is_finite() && t.ms_on > 0.0));
         assert!(!lora_core::kernels::fused_group_norm_enabled() && !lora_core::kernels::flash_attention_enabled());
         assert_eq!(lora_core::kernels::flash_shared_kib(), 48, "the block-size row restores the default");
         assert!(!lora_core::kernels::flash_prefetch_enabled());
-        assert_eq!(table(&timings).lines().count(), 11);
+        assert!(!lora_core::kernels::fixed_matmul_enabled(), "the LoRA row restores the switch");
+        assert_eq!(table(&timings).lines().count(), 12);
     }
 }
