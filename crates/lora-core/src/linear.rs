@@ -136,10 +136,10 @@ impl<B: Backend> LinearAdapter<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, factor: f32) -> Tensor<B, D> {
         let dtype = x.dtype();
         let down = cast_to(self.down.weight.val(), dtype);
-        // The scale goes on the `[r, out]` up weight, in the same elementwise kernel as its
-        // cast (burn's fusion), rather than on the `[rows, r]` activation: with the products
-        // in custom ops (cuBLAS or the fixed matmul) the activation's scaling was a kernel
-        // launch of its own each way, 256 per SD1.5 step.
+        // The scale goes on the `[r, out]` up weight rather than the `[rows, r]` activation:
+        // with the products in custom ops (cuBLAS or the fixed matmul) either is a kernel
+        // launch of its own each way, but this one reads a few thousand values instead of
+        // rows × r, and with f32 adapter weights it joins their cast (burn's fusion).
         let up = cast_to(self.up.weight.val().mul_scalar(factor * self.scale), dtype);
         let h = crate::kernels::linear_weight(self.dropout.forward(x), down);
         crate::kernels::linear_weight(h, up)
