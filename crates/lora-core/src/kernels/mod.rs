@@ -1313,8 +1313,9 @@ fn group_norm_grads_math<X: Backend>(
 
 /// `a.matmul(b)`, in cuBLAS when `X` is the CUDA backend, [`set_cublas`] is on, the batch
 /// dimensions of `a` and `b` are equal and the product is at least the size set by
-/// [`set_cublas_min_gflop`]; burn's matmul otherwise. Transposed views (`swap_dims` of the
-/// last two dimensions) are read as they are.
+/// [`set_cublas_min_gflop`]; otherwise, with [`set_fixed_matmul`] on, equal batch
+/// dimensions and equal dtypes, in the fixed CubeCL matmul kernel; burn's (autotuned) matmul
+/// otherwise. Transposed views (`swap_dims` of the last two dimensions) are read as they are.
 ///
 /// ```
 /// use burn::backend::Flex;
@@ -1374,9 +1375,9 @@ fn worth_routing(a: &[usize], b: &[usize]) -> bool {
     flops >= CUBLAS_MIN_FLOPS.load(Ordering::Relaxed) as f64
 }
 
-/// `linear.forward(x)`; with [`set_cublas`] on, through an op whose matmuls go through
-/// [`matmul`] (forward `x·W`, input gradient `dy·Wᵀ`, weight gradient `xᵀ·dy`), on the
-/// autodiff backend over Flex or CUDA and on plain CUDA. Like burn's own linear backward it
+/// `linear.forward(x)`; with [`set_cublas`] or [`set_fixed_matmul`] on, through an op whose
+/// matmuls go through [`matmul`] (forward `x·W`, input gradient `dy·Wᵀ`, weight gradient
+/// `xᵀ·dy`), on the autodiff backend over Flex or CUDA and on plain CUDA. Like burn's own linear backward it
 /// keeps the input only for a trainable weight.
 ///
 /// ```
