@@ -7,7 +7,8 @@
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
 #   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash][:gn][:tuned] ..."   device checks,
 #        PREC f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
-#        --cublas with every matmul routed (SD_LORA_CUBLAS_MIN_GFLOP=0); device =
+#        --cublas (matmuls of 4 GFLOP and more in cuBLAS, the others in the trainer's fixed
+#        kernel, as in training); device =
 #        --vendor-sync device (library calls ordered on the GPU); softmax = --fused-softmax
 #        (attention's softmax in one CubeCL kernel); flash = --flash-attention (attention
 #        forward and backward in the CubeCL flash-attention kernels, bf16/f16 models); gn =
@@ -285,12 +286,13 @@ run_checks() {
                 *) prec=$o ;;
             esac
         done
-        # A check routes every matmul to cuBLAS (the default threshold skips the small ones)
-        # and buckets burn's autotune keys coarsely (CUBECL_AUTOTUNE_LEVEL=minimal: fewer
-        # keys, though each still compiles and times every candidate): correctness does not
-        # need the fastest variants.
+        # A check runs the matmuls as the trainer does (with `cublas`, the large ones in
+        # cuBLAS, the others in the fixed kernel; `tuned`: burn's autotuned ones) and buckets
+        # burn's autotune keys coarsely (CUBECL_AUTOTUNE_LEVEL=minimal: fewer keys, though
+        # each still compiles and times every candidate): correctness does not need the
+        # fastest variants.
         run_job check "check-$cfg-r$res-b$batch$suffix-$prec" "{}" \
-            env SD_LORA_CUBLAS_MIN_GFLOP=0 CUBECL_AUTOTUNE_LEVEL=minimal "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
+            env CUBECL_AUTOTUNE_LEVEL=minimal "$BIN" device-check --unet-config "$cfg" --resolution "$res" --batch "$batch" \
             --device "$DEVICE" --precision "$prec" "${flag[@]}"
     done
 
