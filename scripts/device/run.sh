@@ -272,19 +272,11 @@ run_checks() {
     for c in $CHECKS; do
         [ "$c" = none ] && continue
         IFS=: read -r cfg res batch opts <<<"$c"
-        flag=() prec=f32 suffix=
+        # The kernel options as for the benchmarks; the precision word is the checks' own.
+        bench_flags "$opts"
+        prec=f32
         for o in ${opts//:/ }; do
-            case $o in
-                ckpt) flag+=(--grad-checkpointing); suffix="$suffix-ckpt" ;;
-                cudnn) flag+=(--cudnn); suffix="$suffix-cudnn" ;;
-                cublas) flag+=(--cublas); suffix="$suffix-cublas" ;;
-                device) [ "$DSYNC" = 1 ] && flag+=(--vendor-sync device) && suffix="$suffix-gpusync" ;;
-                softmax) [ "$FUSED_SOFTMAX" = 1 ] && flag+=(--fused-softmax) && suffix="$suffix-fsoftmax" ;;
-                flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
-                gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
-                tuned) flag+=(--tuned-matmul); suffix="$suffix-tuned" ;;
-                *) prec=$o ;;
-            esac
+            case $o in f32 | bf16 | f16) prec=$o ;; esac
         done
         # A check runs the matmuls as the trainer does (with `cublas`, the large ones in
         # cuBLAS, the others in the fixed kernel; `tuned`: burn's autotuned ones) and buckets
@@ -346,8 +338,8 @@ else
 fi
 
 # --- 3. our benchmark -----------------------------------------------------------------------
-# bench_flags OPTS: from a PLAN / PROFILE entry's options, sets `flag` (trainer bench's
-# arguments), `suffix` (for job names) and `is_ckpt`.
+# bench_flags OPTS: from a PLAN / PROFILE / CHECKS entry's options, sets `flag` (trainer's
+# arguments), `suffix` (for job names) and `is_ckpt`; other words are left to the caller.
 bench_flags() {
     flag=() is_ckpt=false suffix=
     for o in ${1//:/ }; do

@@ -134,14 +134,7 @@ impl CudnnConv {
 
 /// Queues `a · b` (equal batch dimensions) on the fusion stream for cuBLAS.
 pub(super) fn matmul(a: FusionTensor<Runtime>, b: FusionTensor<Runtime>) -> FusionTensor<Runtime> {
-    let client = a.client.clone();
-    let mut out_shape = a.shape.to_vec();
-    let last = out_shape.len() - 1;
-    out_shape[last] = b.shape[b.shape.num_dims() - 1];
-    let streams = OperationStreams::with_inputs([&a, &b]);
-    let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(out_shape), a.dtype);
-    let desc = CustomOpIr::new("sd_lora_cublas_matmul", &[a.into_ir(), b.into_ir()], &[out]);
-    client.register(streams, OperationIr::Custom(desc.clone()), CublasMatmul { desc }).output()
+    super::fixed_matmul::register_product("sd_lora_cublas_matmul", a, b, |desc| CublasMatmul { desc })
 }
 
 /// One queued cuBLAS matmul.

@@ -30,15 +30,26 @@ use cubek::std::InputBinding;
 
 /// Queues `a · b` (equal batch dimensions, equal dtypes) on the fusion stream.
 pub(super) fn register<R: CubeRuntime, BT: BoolElement>(a: FusionTensor<FusionCubeRuntime<R>>, b: FusionTensor<FusionCubeRuntime<R>>) -> FusionTensor<FusionCubeRuntime<R>> {
+    register_product("sd_lora_fixed_matmul", a, b, |desc| FixedMatmul::<R, BT> { desc, _backend: PhantomData })
+}
+
+/// Queues the custom op `op(desc)` named `name` that computes `a · b` (equal batch
+/// dimensions; the output in `a`'s dtype) on the fusion stream, and returns its (lazy)
+/// output: the registration the fixed matmul and the cuBLAS route share.
+pub(super) fn register_product<R: CubeRuntime, O: Operation<FusionCubeRuntime<R>> + 'static>(
+    name: &'static str,
+    a: FusionTensor<FusionCubeRuntime<R>>,
+    b: FusionTensor<FusionCubeRuntime<R>>,
+    op: impl FnOnce(CustomOpIr) -> O,
+) -> FusionTensor<FusionCubeRuntime<R>> {
     let client = a.client.clone();
     let mut out_shape = a.shape.to_vec();
     let last = out_shape.len() - 1;
     out_shape[last] = b.shape[b.shape.num_dims() - 1];
     let streams = OperationStreams::with_inputs([&a, &b]);
     let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(out_shape), a.dtype);
-    let desc = CustomOpIr::new("sd_lora_fixed_matmul", &[a.into_ir(), b.into_ir()], &[out]);
-    let op = FixedMatmul::<R, BT> { desc: desc.clone(), _backend: PhantomData };
-    client.register(streams, OperationIr::Custom(desc), op).output()
+    let desc = CustomOpIr::new(name, &[a.into_ir(), b.into_ir()], &[out]);
+    client.register(streams, OperationIr::Custom(desc.clone()), op(desc)).output()
 }
 
 /// One queued matmul.

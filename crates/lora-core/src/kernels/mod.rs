@@ -1467,28 +1467,26 @@ fn dispatch_linear<B: Backend>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Te
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     let found = linear_autodiff::<B, burn::backend::Flex, NoCheckpointing>(args).or_else(|| linear_autodiff::<B, burn::backend::Flex, BalancedCheckpointing>(args));
     #[cfg(feature = "cuda")]
-    let found = found
-        .or_else(|| linear_autodiff::<B, burn::backend::Cuda, NoCheckpointing>(args))
-        .or_else(|| linear_autodiff::<B, burn::backend::Cuda, BalancedCheckpointing>(args))
-        .or_else(|| {
-            type Cuda = burn::backend::Cuda;
-            let (x, w) = args.clone();
-            let (x, w): (Tensor<Cuda, 2>, Tensor<Cuda, 2>) = (downcast(x)?, downcast(w)?);
-            downcast(matmul(x, w))
-        });
+    let found = found.or_else(|| dispatch_linear_on::<B, burn::backend::Cuda>(args));
     // The same op on wgpu, so that the routed linear layers (and their backward) run there
     // without a GPU, as on CUDA (lavapipe; sd-model's `launches` example).
     #[cfg(feature = "wgpu-test")]
-    let found = found
-        .or_else(|| linear_autodiff::<B, burn::backend::Wgpu, NoCheckpointing>(args))
-        .or_else(|| linear_autodiff::<B, burn::backend::Wgpu, BalancedCheckpointing>(args))
-        .or_else(|| {
-            type Wgpu = burn::backend::Wgpu;
-            let (x, w) = args.clone();
-            let (x, w): (Tensor<Wgpu, 2>, Tensor<Wgpu, 2>) = (downcast(x)?, downcast(w)?);
-            downcast(matmul(x, w))
-        });
+    let found = found.or_else(|| dispatch_linear_on::<B, burn::backend::Wgpu>(args));
     found
+}
+
+/// [`dispatch_linear`] when `B` is GPU backend `X` (plain, where [`matmul`] routes the
+/// product) or the autodiff backend over it (either checkpointing strategy).
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn dispatch_linear_on<B: Backend, X: Backend>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Tensor<B, 2>> {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    linear_autodiff::<B, X, NoCheckpointing>(args)
+        .or_else(|| linear_autodiff::<B, X, BalancedCheckpointing>(args))
+        .or_else(|| {
+            let (x, w) = args.clone();
+            let (x, w): (Tensor<X, 2>, Tensor<X, 2>) = (downcast(x)?, downcast(w)?);
+            downcast(matmul(x, w))
+        })
 }
 
 fn linear_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Tensor<B, 2>> {
