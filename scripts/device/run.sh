@@ -14,20 +14,24 @@
 #        forward and backward in the CubeCL flash-attention kernels, bf16/f16 models); gn =
 #        --fused-group-norm (GroupNorm + SiLU forward and backward in our CubeCL kernels);
 #        tuned = --tuned-matmul (the matmuls cuBLAS does not take in burn's autotuned kernels
-#        instead of the trainer's fixed one);
+#        instead of the trainer's fixed one); hybrid = --flash-max-keys 1024 (with flash:
+#        attention over more keys takes the blockwise path); smem96 / prefetch (PLAN only) =
+#        SD_LORA_FLASH_SHARED_KIB=96 / SD_LORA_FLASH_PREFETCH=1 (the flash kernels' tuning);
 #        device / softmax / flash / gn are dropped, with a note, when their kernel test below fails
-#        (default cuda: SD1.5 at 256 px with everything on, then the tiny UNet; see below)
-#   CHECKS_AFTER=4     the checks (and SMOKE) run after this many PLAN entries (cuda default 4:
+#        (default cuda: the tiny UNet in bf16 with everything on, SD1.5 at 256 px with the
+#        blockwise attention, then the tiny UNet in f32; see below)
+#   CHECKS_AFTER=9     the checks (and SMOKE) run after this many PLAN entries (cuda default 9:
 #                      the headline benchmarks first; cpu 0)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn][:tuned] ..."
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn][:tuned][:hybrid][:smem96][:prefetch] ..."
 #        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
 #        for the memory A/B); unmerged = --lora-unmerged (infer: adapters beside the weights,
 #        as peft runs them, instead of merged in as `trainer generate` runs them);
-#        cudnn / cublas / device / softmax / flash / gn / tuned as above, with the
-#        default matmul threshold (default cuda: the four anchor settings with everything on,
-#        batch 8 first, the inference step also unmerged, then batch 8 without flash
-#        attention, with burn's autotuned small matmuls, with both libraries host-ordered
-#        and burn's softmax and GroupNorm, and with neither library)
+#        cudnn / cublas / device / softmax / flash / gn / tuned / hybrid as above, with the
+#        default matmul threshold (default cuda: the four anchor settings with everything
+#        on, each with the flash kernels and with the blockwise attention, batch 8 also
+#        hybrid; then the inference step unmerged, batch 8 host-ordered, with the flash
+#        kernels' two tuning options, with burn's autotuned small matmuls, and with none of
+#        our kernels)
 #   PROFILE="CONFIG:RES:BATCH:MODE[:OPTS] ..."   per-kernel GPU time of one step under Nsight
 #        Compute (ncu), ours (`trainer bench --cuda-profiler-step`) and, at the anchor's
 #        settings, PyTorch's (anchor_profile.py), as tables by kernel class and by kernel
@@ -35,9 +39,11 @@
 #        $WORK: $OUT may return 8 files);
 #        OPTS as in PLAN. Default cuda: batch 8 with everything on but `device` (see
 #        below); none skips it. NCU=PATH picks ncu
-#   PROFILE_AFTER=5    the profiles run after this many PLAN entries (default: after the
-#                      five settings with every switch on, before the A/B rows; they reuse
-#                      the plan's autotune results), when the budget allows
+#   PROFILE_TORCH=1    also profile the anchor at its settings (0: ours only, when an
+#                      earlier call's PyTorch profile stands)
+#   PROFILE_AFTER=9    the profiles run after this many PLAN entries (default: after the
+#                      nine headline settings; they reuse the plan's autotune results),
+#                      when the budget allows
 #   KERNEL_TESTS="ordering flash group concat"   lora-core's CUDA kernel tests before
 #                      everything, those whose job names contain one of the words (1: all,
 #                      with cuDNN's, cuBLAS's and the softmax's; 0: none, every switch stays
@@ -61,8 +67,8 @@ START=$(date +%s)
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 STEPS=${STEPS:-5}
-PROFILE_AFTER=${PROFILE_AFTER:-5}
-CHECKS_AFTER=${CHECKS_AFTER:-$([ "$DEVICE" = cuda ] && echo 4 || echo 0)}
+PROFILE_AFTER=${PROFILE_AFTER:-9}
+CHECKS_AFTER=${CHECKS_AFTER:-$([ "$DEVICE" = cuda ] && echo 9 || echo 0)}
 ANCHOR_STEPS=${ANCHOR_STEPS:-10}
 BUDGET_S=${BUDGET_S:-540}
 RESERVE_S=${RESERVE_S:-25}     # kept back for the table and the cache archive
@@ -87,9 +93,13 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2:bf16:cudnn:cublas:flash:gn tiny:64:2"}
+    CHECKS=${CHECKS:-"tiny:64:2:bf16:cudnn:cublas:device:softmax:flash:gn sd15:256:1:bf16:cudnn:cublas:device:softmax:gn tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2"}
     ALL=cudnn:cublas:device:softmax:flash:gn
-    PLAN=${PLAN:-"sd15:512:8:train:$ALL sd15:512:1:train:$ALL sd15:512:1:infer:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:unmerged:$ALL sd15:512:8:train:cudnn:cublas:device:softmax:gn sd15:512:8:train:$ALL:tuned sd15:512:8:train:cudnn:cublas sd15:512:8:train"}
+    # Every switch on, with the flash kernels (ALL) and with the blockwise attention (BLOCK:
+    # cuBLAS products and the fused softmax), which the profile of 2026-11-30 put at 16x
+    # PyTorch's attention time and at an unknown multiple of the blockwise path.
+    BLOCK=cudnn:cublas:device:softmax:gn
+    PLAN=${PLAN:-"sd15:512:8:train:$ALL sd15:512:8:train:$BLOCK sd15:512:8:train:$ALL:hybrid sd15:512:1:train:$ALL sd15:512:1:train:$BLOCK sd15:512:1:infer:$ALL sd15:512:1:infer:$BLOCK sd15:512:8:train:ckpt:$ALL sd15:512:8:train:ckpt:$BLOCK sd15:512:1:infer:unmerged:$ALL sd15:512:8:train:cudnn:cublas:softmax:flash:gn sd15:512:8:train:$ALL:smem96 sd15:512:8:train:$ALL:prefetch sd15:512:8:train:$ALL:tuned sd15:512:8:train"}
     # Host-ordered library calls: GPU-side ordering spins in a kernel until work on our
     # stream has run, and ncu, which runs one kernel at a time, holds that work back.
     PROFILE=${PROFILE:-"sd15:512:8:train:cudnn:cublas:softmax:flash:gn"}
@@ -341,7 +351,7 @@ fi
 # bench_flags OPTS: from a PLAN / PROFILE / CHECKS entry's options, sets `flag` (trainer's
 # arguments), `suffix` (for job names) and `is_ckpt`; other words are left to the caller.
 bench_flags() {
-    flag=() is_ckpt=false suffix=
+    flag=() envs=() is_ckpt=false suffix=
     for o in ${1//:/ }; do
         case $o in
             ckpt) flag+=(--grad-checkpointing); is_ckpt=true; suffix="$suffix-ckpt" ;;
@@ -354,6 +364,9 @@ bench_flags() {
             flash) [ "$FLASH" = 1 ] && flag+=(--flash-attention) && suffix="$suffix-flash" ;;
             gn) [ "$FUSED_GN" = 1 ] && flag+=(--fused-group-norm) && suffix="$suffix-fgn" ;;
             tuned) flag+=(--tuned-matmul); suffix="$suffix-tuned" ;;
+            hybrid) flag+=(--flash-max-keys 1024); suffix="$suffix-flash1k" ;;
+            smem96) envs+=(SD_LORA_FLASH_SHARED_KIB=96); suffix="$suffix-smem96" ;;
+            prefetch) envs+=(SD_LORA_FLASH_PREFETCH=1); suffix="$suffix-prefetch" ;;
         esac
     done
 }
@@ -396,7 +409,7 @@ run_profiles() {
             "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
             --steps 1 --device "$DEVICE" --precision "$PRECISION" "${flag[@]}" --cuda-profiler-step
         torch_csv=()
-        if [ "$cfg:$res" = "$anchor_unet:$anchor_res" ] && [ -f "$ANCHOR" ] && [ "$ANCHOR" != none ]; then
+        if [ "${PROFILE_TORCH:-1}" = 1 ] && [ "$cfg:$res" = "$anchor_unet:$anchor_res" ] && [ -f "$ANCHOR" ] && [ "$ANCHOR" != none ]; then
             ensure_diffusers
             ckpt=()
             [ "$is_ckpt" = true ] && ckpt=(--ckpt)
@@ -420,7 +433,7 @@ for p in $PLAN; do
     bench_flags "$opts"
     run_job ours "$cfg-r$res-b$batch-$mode$suffix" \
         "{\"unet\": \"$cfg\", \"resolution\": $res, \"batch\": $batch, \"mode\": \"$mode\", \"ckpt\": $is_ckpt}" \
-        "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
+        env "${envs[@]}" "$BIN" bench --unet-config "$cfg" --resolution "$res" --batch "$batch" --mode "$mode" \
         --steps "$STEPS" --device "$DEVICE" --precision "$PRECISION" "${flag[@]}"
 done
 run_checks

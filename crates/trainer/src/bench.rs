@@ -117,6 +117,9 @@ pub struct VendorUse {
     pub flash_attention: bool,
     /// Attention passes (forward or backward) that ran in the flash-attention kernels.
     pub flash_attention_calls: u64,
+    /// `--flash-max-keys`: the longest attention (in keys) given to the flash kernels,
+    /// `None` without a limit.
+    pub flash_max_keys: Option<usize>,
     /// `--fused-group-norm` / `SD_LORA_FUSED_GROUP_NORM` was on.
     pub fused_group_norm: bool,
     /// GroupNorm passes (forward or backward) that ran in the fused kernels.
@@ -149,6 +152,7 @@ impl VendorUse {
             fused_softmax_calls: stats.fused_softmax_calls,
             flash_attention: lora_core::kernels::flash_attention_enabled(),
             flash_attention_calls: stats.flash_attention_calls,
+            flash_max_keys: Some(lora_core::kernels::flash_max_keys()).filter(|&keys| keys != usize::MAX),
             fused_group_norm: lora_core::kernels::fused_group_norm_enabled(),
             fused_group_norm_calls: stats.fused_group_norm_calls,
             fixed_matmul: lora_core::kernels::fixed_matmul_enabled(),

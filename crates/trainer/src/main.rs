@@ -47,6 +47,11 @@ struct Cli {
     /// `SD_LORA_FLASH_PREFETCH=1` double-buffers their loads in registers.
     #[arg(long, global = true)]
     flash_attention: bool,
+    /// With --flash-attention, use the flash kernels only for attention over at most this
+    /// many keys; longer attention (SD1.5's 4096-token self-attention at 512 px) takes the
+    /// blockwise path (cuBLAS products, fused softmax). Also `SD_LORA_FLASH_MAX_KEYS`.
+    #[arg(long, global = true, value_name = "KEYS")]
+    flash_max_keys: Option<usize>,
     /// Run GroupNorm (+ SiLU) and LayerNorm forward and backward on CUDA in our fused
     /// kernels (two passes over the activation each way instead of burn's chain of
     /// reductions and elementwise ops). Also `SD_LORA_FUSED_GROUP_NORM=1`.
@@ -699,6 +704,14 @@ fn main() -> Result<()> {
         let kib: usize = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_FLASH_SHARED_KIB={value}: expected KiB of shared memory per cube (16 to 227)"))?;
         lora_core::kernels::set_flash_shared_kib(kib);
     }
+    let flash_max_keys = match (cli.flash_max_keys, std::env::var("SD_LORA_FLASH_MAX_KEYS")) {
+        (Some(keys), _) => Some(keys),
+        (None, Ok(value)) => Some(value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_FLASH_MAX_KEYS={value}: expected a number of keys"))?),
+        (None, Err(_)) => None,
+    };
+    if let Some(keys) = flash_max_keys {
+        lora_core::kernels::set_flash_max_keys(keys);
+    }
     if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
@@ -719,7 +732,10 @@ fn main() -> Result<()> {
             }
             lora_core::kernels::set_flash_attention(flash_attention);
             if flash_attention {
-                eprintln!("attention: flash-attention kernels (bf16 / f16 models)");
+                match flash_max_keys {
+                    Some(keys) => eprintln!("attention: flash-attention kernels up to {keys} keys, blockwise above (bf16 / f16 models)"),
+                    None => eprintln!("attention: flash-attention kernels (bf16 / f16 models)"),
+                }
             }
             lora_core::kernels::set_fused_group_norm(fused_group_norm);
             if fused_group_norm {
@@ -767,9 +783,9 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas || fused_softmax || flash_attention || fused_group_norm || tuned_matmul || vendor_sync != lora_core::kernels::VendorSync::Host {
+    if cudnn || cublas || fused_softmax || flash_attention || flash_max_keys.is_some() || fused_group_norm || tuned_matmul || vendor_sync != lora_core::kernels::VendorSync::Host {
         eprintln!(
-            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
+            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
         );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())

@@ -475,6 +475,26 @@ fn kernels_translate_to_cuda_for_sm90() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// The PTX of the kernels our stream runs around a GPU-ordered library call (hand-written,
+/// loaded by the driver) names both entry points and, with `SD_LORA_NVRTC`, assembles with
+/// the toolkit's ptxas for sm_90a.
+#[test]
+fn stream_kernels_ptx_assembles_for_sm90() {
+    let ptx = super::device::STREAM_KERNELS_PTX;
+    assert!(ptx.ends_with('\0'), "the driver reads a NUL-terminated image");
+    for entry in ["sd_lora_wait_ready", "sd_lora_store"] {
+        assert!(ptx.contains(&format!(".visible .entry {entry}(")), "no {entry} entry");
+    }
+    let Some(cuda) = std::env::var("SD_LORA_NVRTC").ok().filter(|v| !v.is_empty()) else {
+        return;
+    };
+    let path = std::env::temp_dir().join(format!("sd-lora-stream-kernels-{}.ptx", std::process::id()));
+    std::fs::write(&path, ptx.trim_end_matches('\0')).expect("writing the PTX");
+    let out = std::process::Command::new(format!("{cuda}/bin/ptxas")).args(["-arch=sm_90a", "-v", "-o", "/dev/null"]).arg(&path).output().expect("running ptxas");
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "ptxas rejected the stream kernels:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// The scan finds what NVRTC rejected in the GroupNorm kernels, and only that.
 #[test]
 fn vector_negation_scan() {

@@ -139,7 +139,7 @@ pub(super) fn run_on_buffers(
 ) -> Result<(), String> {
     let mut call = Some(call);
     if super::vendor_sync() == VendorSync::Device {
-        let ordered = ORDER.with(index, |_| Order::new(client), |order, _| Ok(order.run(client, stream, problem, buffers, &mut call)));
+        let ordered = ORDER.with(index, |stream| Order::new(client, stream), |order, _| Ok(order.run(client, stream, problem, buffers, &mut call)));
         match ordered {
             Ok(Some(done)) => return done,
             Ok(None) => {}
@@ -181,6 +181,8 @@ struct Order {
     seen: HashSet<u64>,
     /// Why device ordering stopped working on this device (then every call is host-ordered).
     broken: Option<String>,
+    /// The two kernels our stream runs around a call.
+    kernels: StreamKernels,
 }
 
 // SAFETY: the client and handle are cubecl's thread-safe handles; raw pointers are not kept.
@@ -189,16 +191,26 @@ unsafe impl Send for Order {}
 static ORDER: PerDevice<Order> = PerDevice::new("stream ordering");
 
 impl Order {
-    fn new(client: &ComputeClient<CudaRuntime>) -> Result<Self, String> {
+    fn new(client: &ComputeClient<CudaRuntime>, stream: CUstream) -> Result<Self, String> {
         let words = client.create_from_slice(&vec![0u8; 4 * ordering::WORDS]);
         // The zeros must be in place before our stream ever waits on a word.
         burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
+        let kernels = StreamKernels::load()?;
+        // Run both kernels once now (a wait that is met at once, a store of the zero already
+        // there): CUDA loads a kernel lazily at its first launch, which may wait for the
+        // whole device, and must never do so behind a spinning wait.
+        with_pointers(client, &[&words], |p| {
+            let status = p[0] as u64 + 4 * u64::from(ordering::STATUS);
+            // SAFETY: the status word lies in the live `words` buffer; the stream is ours.
+            unsafe { kernels.wait_ready(stream, status, 0, status)?; kernels.store(stream, status, 0)?; driver::stream::synchronize(stream) }.map_err(|e| format!("first launch of the ordering kernels: {e:?}"))
+        })??;
         Ok(Self {
             client: client.clone(),
             words,
             next: 1,
             seen: HashSet::new(),
             broken: None,
+            kernels,
         })
     }
 
@@ -252,9 +264,9 @@ impl Order {
             return Some(host_ordered(client, stream, pointers, call));
         }
         let word = |index: u32| base + 4 * u64::from(index);
-        // SAFETY: the word lies in the live `words` buffer; the stream is ours.
-        let waited = catch_unwind(AssertUnwindSafe(|| unsafe { sys::cuStreamWaitValue32_v2(stream, word(slot), k, sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32) }.result()));
-        if let Err(reason) = flatten(waited, "cuStreamWaitValue32") {
+        let kernels = self.kernels;
+        // SAFETY: the words lie in the live `words` buffer; the stream is ours.
+        if let Err(reason) = unsafe { kernels.wait_ready(stream, word(slot), k, word(ordering::STATUS)) } {
             super::record_ordering_unavailable(reason.clone());
             self.broken = Some(reason);
             return None;
@@ -263,8 +275,7 @@ impl Order {
         let called = catch_unwind(AssertUnwindSafe(|| call(pointers))).map_err(|_| "library call panicked (missing symbol?)".to_string()).and_then(|r| r);
         // Always release, even after a failed call: the fallback kernel queues behind `wait`.
         // SAFETY: as above.
-        let released = catch_unwind(AssertUnwindSafe(|| unsafe { sys::cuStreamWriteValue32_v2(stream, word(ordering::SLOTS + slot), k, sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32) }.result()));
-        if let Err(reason) = flatten(released, "cuStreamWriteValue32") {
+        if let Err(reason) = unsafe { kernels.store(stream, word(ordering::SLOTS + slot), k) } {
             // Nothing queued on cubecl's side waits for the release: wait on the host.
             super::record_ordering_unavailable(reason.clone());
             self.broken = Some(reason);
@@ -287,6 +298,126 @@ impl Order {
         let word = bytes.get(at..at + 4).ok_or("ordering words too short")?;
         Ok(u64::from(u32::from_le_bytes([word[0], word[1], word[2], word[3]])))
     }
+}
+
+/// PTX of the two one-thread kernels that our stream runs around a GPU-ordered library
+/// call: `sd_lora_wait_ready(word, value, status, max_spins)` polls `word` until it reaches
+/// `value` (unsigned `>=`), or adds one to `status` after `max_spins` polls and returns;
+/// `sd_lora_store(word, value)` stores `value` after a memory barrier.
+///
+/// They replace the stream memory operations (`cuStreamWaitValue32`, `cuStreamWriteValue32`)
+/// that did the same: on the H200 of 2026-11-30 (driver 580) `cuStreamWaitValue32` refused
+/// the address of cubecl's buffer (`CUDA_ERROR_INVALID_VALUE`; cubecl allocates from
+/// `cuMemAllocAsync`'s pool), while any kernel can read that memory. Plain PTX (ISA 7.0,
+/// sm_75 and later, compiled by the driver when the module loads) needs no NVRTC.
+pub(super) const STREAM_KERNELS_PTX: &str = "\
+.version 7.0
+.target sm_75
+.address_size 64
+
+.visible .entry sd_lora_wait_ready(
+    .param .u64 word,
+    .param .u32 value,
+    .param .u64 status,
+    .param .u32 max_spins
+)
+{
+    .reg .pred %p<3>;
+    .reg .b32 %r<6>;
+    .reg .b64 %rd<5>;
+
+    ld.param.u64 %rd1, [word];
+    ld.param.u32 %r1, [value];
+    ld.param.u64 %rd2, [status];
+    ld.param.u32 %r2, [max_spins];
+    cvta.to.global.u64 %rd3, %rd1;
+    cvta.to.global.u64 %rd4, %rd2;
+    mov.u32 %r3, 0;
+$L_poll:
+    ld.volatile.global.u32 %r4, [%rd3];
+    setp.ge.u32 %p1, %r4, %r1;
+    @%p1 bra $L_done;
+    add.u32 %r3, %r3, 1;
+    setp.lt.u32 %p2, %r3, %r2;
+    @%p2 bra $L_poll;
+    atom.global.add.u32 %r5, [%rd4], 1;
+$L_done:
+    membar.gl;
+    ret;
+}
+
+.visible .entry sd_lora_store(
+    .param .u64 word,
+    .param .u32 value
+)
+{
+    .reg .b32 %r<2>;
+    .reg .b64 %rd<3>;
+
+    ld.param.u64 %rd1, [word];
+    ld.param.u32 %r1, [value];
+    cvta.to.global.u64 %rd2, %rd1;
+    membar.gl;
+    st.volatile.global.u32 [%rd2], %r1;
+    ret;
+}
+\0";
+
+/// The kernels of [`STREAM_KERNELS_PTX`], loaded into the current context.
+#[derive(Clone, Copy)]
+struct StreamKernels {
+    wait_ready: sys::CUfunction,
+    store: sys::CUfunction,
+}
+
+impl StreamKernels {
+    /// Loads the module into the current context (kept for the process).
+    fn load() -> Result<Self, String> {
+        let loaded = catch_unwind(AssertUnwindSafe(|| {
+            // SAFETY: the image is a NUL-terminated PTX string.
+            let module = unsafe { driver::module::load_data(STREAM_KERNELS_PTX.as_ptr().cast()) }.map_err(|e| format!("loading the ordering kernels' PTX: {e:?}"))?;
+            let function = |name: &str| {
+                let c_name = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+                // SAFETY: the module was just loaded and is never unloaded.
+                unsafe { driver::module::get_function(module, c_name) }.map_err(|e| format!("ordering kernel {name}: {e:?}"))
+            };
+            Ok(Self { wait_ready: function("sd_lora_wait_ready")?, store: function("sd_lora_store")? })
+        }));
+        loaded.unwrap_or_else(|_| Err("the CUDA driver's module functions are missing".to_string()))
+    }
+
+    /// Queues on `stream` a wait until the word at `word` reaches `value`; a timeout is
+    /// counted in the word at `status`.
+    ///
+    /// # Safety
+    /// `word` and `status` must be live device words of the stream's context.
+    unsafe fn wait_ready(&self, stream: CUstream, word: u64, value: u32, status: u64) -> Result<(), String> {
+        let (mut word, mut value, mut status, mut spins) = (word, value, status, ordering::MAX_SPINS);
+        let mut params = [(&raw mut word).cast::<c_void>(), (&raw mut value).cast(), (&raw mut status).cast(), (&raw mut spins).cast()];
+        // SAFETY: the parameters match the kernel's signature; see the caller's contract.
+        unsafe { launch_one(self.wait_ready, stream, &mut params) }.map_err(|e| format!("ordering wait kernel: {e}"))
+    }
+
+    /// Queues on `stream` a store of `value` into the word at `word`.
+    ///
+    /// # Safety
+    /// As [`StreamKernels::wait_ready`].
+    unsafe fn store(&self, stream: CUstream, word: u64, value: u32) -> Result<(), String> {
+        let (mut word, mut value) = (word, value);
+        let mut params = [(&raw mut word).cast::<c_void>(), (&raw mut value).cast()];
+        // SAFETY: as above.
+        unsafe { launch_one(self.store, stream, &mut params) }.map_err(|e| format!("ordering store kernel: {e}"))
+    }
+}
+
+/// Launches one thread of `function` on `stream`; a loader panic becomes an error.
+///
+/// # Safety
+/// `params` must point to the kernel's parameters, in order and of its types.
+unsafe fn launch_one(function: sys::CUfunction, stream: CUstream, params: &mut [*mut c_void]) -> Result<(), String> {
+    // SAFETY: see the caller's contract.
+    let launched = catch_unwind(AssertUnwindSafe(|| unsafe { driver::launch_kernel(function, (1, 1, 1), (1, 1, 1), 0, stream, params) }));
+    flatten(launched, "cuLaunchKernel")
 }
 
 fn flatten(result: std::thread::Result<Result<(), driver::DriverError>>, what: &str) -> Result<(), String> {

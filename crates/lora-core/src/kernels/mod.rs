@@ -89,6 +89,7 @@ static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
 /// four cubes (16 warps) resident per multiprocessor on an H100/H200.
 const DEFAULT_FLASH_SHARED: usize = 48 * 1024;
 static FLASH_SHARED: AtomicUsize = AtomicUsize::new(DEFAULT_FLASH_SHARED);
+static FLASH_MAX_KEYS: AtomicUsize = AtomicUsize::new(usize::MAX);
 static FLASH_PREFETCH: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -894,6 +895,25 @@ pub fn flash_prefetch_enabled() -> bool {
     FLASH_PREFETCH.load(Ordering::Relaxed)
 }
 
+/// Limits [`flash_attention`] to problems of at most `keys` keys (default: no limit);
+/// longer ones keep the caller's own attention (sd-model's blockwise path: cuBLAS products
+/// and the fused softmax). Which is faster per key length is the device's to measure
+/// (docs/benchmarks.md); the trainer reads `--flash-max-keys` / `SD_LORA_FLASH_MAX_KEYS`.
+///
+/// ```
+/// lora_core::kernels::set_flash_max_keys(1024);
+/// assert_eq!(lora_core::kernels::flash_max_keys(), 1024);
+/// lora_core::kernels::set_flash_max_keys(usize::MAX);
+/// ```
+pub fn set_flash_max_keys(keys: usize) {
+    FLASH_MAX_KEYS.store(keys, Ordering::Relaxed);
+}
+
+/// The key-length limit of [`set_flash_max_keys`].
+pub fn flash_max_keys() -> usize {
+    FLASH_MAX_KEYS.load(Ordering::Relaxed)
+}
+
 /// [`flash_shared_kib`] in bytes.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
 fn flash_shared_bytes() -> usize {
@@ -922,7 +942,7 @@ fn flash_shared_bytes() -> usize {
 /// assert!(flash_attention(q.clone(), q.clone(), q, 0.25).is_none());
 /// ```
 pub fn flash_attention<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, scale: f32) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
-    if !flash_attention_enabled() || !matches!(q.dtype(), DType::BF16 | DType::F16) || q.dims()[3] > FLASH_MAX_HEAD_DIM {
+    if !flash_attention_enabled() || !matches!(q.dtype(), DType::BF16 | DType::F16) || q.dims()[3] > FLASH_MAX_HEAD_DIM || k.dims()[2] > flash_max_keys() {
         return None;
     }
     #[cfg(feature = "cuda")]
@@ -1525,7 +1545,7 @@ impl<X: Backend> Backward<X, 2> for LinearBackward {
         let (x, weight) = ops.state;
         let [px, pw] = ops.parents;
         if let (Some(node), Some(x)) = (pw, x) {
-            let dw = matmul(tensor::<X, 2>(x).swap_dims(0, 1), grad_out.clone());
+            let dw = weight_grad(tensor::<X, 2>(x), grad_out.clone());
             grads.register::<X>(node.id, dw.into_primitive().tensor());
         }
         if let (Some(node), Some(w)) = (px, weight) {
@@ -1533,6 +1553,50 @@ impl<X: Backend> Backward<X, 2> for LinearBackward {
             grads.register::<X>(node.id, dx.into_primitive().tensor());
         }
     }
+}
+
+/// Fewest rows per chunk of a split weight gradient ([`weight_grad`]).
+const SPLIT_MIN_ROWS: usize = 256;
+
+/// Most rows per chunk of a split weight gradient: longer chunks are not split.
+const SPLIT_MAX_ROWS: usize = 4096;
+
+/// Most elements of a split weight gradient's partial products (8 MiB in bf16).
+const SPLIT_MAX_PARTIALS: usize = 1 << 22;
+
+/// `xᵀ · dy`, the weight gradient of a linear layer, for `x: [rows, d_in]` and
+/// `dy: [rows, d_out]`; in chunks of rows ([`split_rows`]) when the rows dwarf the output.
+///
+/// LoRA's rank-r products have tens of thousands of rows (batch × tokens) and outputs of a
+/// few hundred by r: as one matmul, the few output tiles go to a few SMs, each looping over
+/// every row. On the H200 those products took about 0.2 ms each, 100 ms of an SD1.5 batch-8
+/// step (device run of 2026-11-30, docs/benchmarks.md). Split, each chunk is one entry of a
+/// batched matmul (a view of the same buffers), which spreads the rows over the whole GPU,
+/// and the partial products are summed in f32.
+fn weight_grad<X: Backend>(x: Tensor<X, 2>, dy: Tensor<X, 2>) -> Tensor<X, 2> {
+    let [rows, d_in] = x.dims();
+    let d_out = dy.dims()[1];
+    let Some(chunk) = split_rows(rows, d_in * d_out) else {
+        return matmul(x.swap_dims(0, 1), dy);
+    };
+    let chunks = rows / chunk;
+    let dtype = dy.dtype();
+    let partials = matmul(x.reshape([chunks, chunk, d_in]).swap_dims(1, 2), dy.reshape([chunks, chunk, d_out]));
+    // Each partial is rounded to the operands' dtype once; the sum is in f32.
+    cast_to(cast_to(partials, DType::F32).sum_dim(0), dtype).reshape([d_in, d_out])
+}
+
+/// Rows per chunk for [`weight_grad`] of a `[rows, ·]ᵀ · [rows, ·]` product with `outputs`
+/// output elements: the shortest chunk of at least [`SPLIT_MIN_ROWS`] rows that divides
+/// `rows` and keeps the partials within [`SPLIT_MAX_PARTIALS`]; `None` (no split) when the
+/// rows do not outnumber the outputs' rows and columns by far, or no such chunk of at most
+/// [`SPLIT_MAX_ROWS`] rows exists.
+fn split_rows(rows: usize, outputs: usize) -> Option<usize> {
+    if outputs == 0 || rows < 4 * SPLIT_MIN_ROWS || rows < 64 * outputs.isqrt() {
+        return None;
+    }
+    let shortest = SPLIT_MIN_ROWS.max((rows * outputs).div_ceil(SPLIT_MAX_PARTIALS));
+    (shortest..=SPLIT_MAX_ROWS.min(rows / 2)).find(|chunk| rows % chunk == 0)
 }
 
 #[cfg(test)]

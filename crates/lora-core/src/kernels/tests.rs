@@ -251,7 +251,14 @@ pub(super) fn check_routed_lora_linear<A: burn::tensor::backend::AutodiffBackend
     // A non-zero up projection, so that the adapter's path carries a gradient to `x`.
     let adapter = layer.adapter.as_mut().unwrap();
     adapter.up.weight = Param::from_tensor(Tensor::random([4, 40], Distribution::Normal(0.0, 1.0), &device));
-    let x = Tensor::<A, 3>::random([2, 37, 48], Distribution::Normal(0.0, 1.0), &device);
+    // Rows off every tile, then enough rows that the weight gradients are split in chunks.
+    for shape in [[2, 37, 48], [2, 512, 48]] {
+        check_lora_linear_rows(&layer, Tensor::<A, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device), tolerance);
+    }
+}
+
+/// One input of [`check_routed_lora_linear`].
+fn check_lora_linear_rows<A: burn::tensor::backend::AutodiffBackend>(layer: &crate::LoraLinear<A>, x: Tensor<A, 3>, tolerance: f32) {
     let run = |routed: bool| {
         set_fixed_matmul(routed);
         let x = x.clone().require_grad();
@@ -268,6 +275,29 @@ pub(super) fn check_routed_lora_linear<A: burn::tensor::backend::AutodiffBackend
     assert!(max_rel(ours.1, reference.1) < tolerance, "dx");
     assert!(max_rel(ours.2, reference.2) < tolerance, "d down");
     assert!(max_rel(ours.3, reference.3) < tolerance, "d up");
+}
+
+/// The split weight gradient against one product: chunked (2048 rows), not chunked (too few
+/// rows, or a prime row count), and the chunk choice itself.
+#[test]
+fn weight_grad_splits_rows_exactly() {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    assert_eq!(split_rows(32768, 320 * 4), Some(256));
+    assert_eq!(split_rows(2048, 24 * 4), Some(256));
+    assert_eq!(split_rows(616, 768 * 4), None);
+    assert_eq!(split_rows(4099, 8), None);
+    // Partials capped: 32768 rows of a 1280² gradient would be 2^22 elements per 2.6 chunks.
+    let chunk = split_rows(32768, 1280 * 1280);
+    assert!(chunk.is_none_or(|c| (32768 / c) * 1280 * 1280 <= SPLIT_MAX_PARTIALS), "{chunk:?}");
+    for (rows, d_in, d_out) in [(2048, 24, 4), (300, 24, 4), (2053, 4, 24)] {
+        let x = Tensor::<B, 2>::random([rows, d_in], Distribution::Normal(0.0, 1.0), &device);
+        let dy = Tensor::<B, 2>::random([rows, d_out], Distribution::Normal(0.0, 1.0), &device);
+        let ours = weight_grad(x.clone(), dy.clone());
+        let reference = x.swap_dims(0, 1).matmul(dy);
+        assert_eq!(ours.dims(), [d_in, d_out]);
+        assert!(max_rel(ours, reference) < 1e-5, "{rows} × {d_in} × {d_out}");
+    }
 }
 
 /// cuBLAS against burn's CUDA matmul: plain, transposed views (as the attention backward
