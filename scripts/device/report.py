@@ -92,7 +92,8 @@ def fmt(v, digits=3):
 def vendor_cell(res):
     """What ran in vendor libraries: `dnn calls/blas calls/fallbacks`, then how the calls were
     ordered (`host`, or `gpu N` for N GPU-ordered calls, with any spin timeouts), then
-    `softmax N` for N fused softmaxes, `flash N` for N flash-attention passes, `gn N` for N
+    `softmax N` for N fused softmaxes, `flash N` for N flash-attention passes, `sdpa N` for N
+    attention passes in cuDNN's fused attention, `gn N` for N
     fused GroupNorm passes and `fixed N` for N matmuls in the fixed (not autotuned) kernel;
     `off` without --cudnn or --cublas,
     `–` for binaries that do not report it."""
@@ -102,6 +103,8 @@ def vendor_cell(res):
     softmax = f" softmax {v.get('fused_softmax_calls', 0)}" if v.get("fused_softmax") else ""
     if v.get("flash_attention"):
         softmax += f" flash {v.get('flash_attention_calls', 0)}"
+    if v.get("cudnn_attention"):
+        softmax += f" sdpa {v.get('cudnn_attention_calls', 0)}"
     if v.get("fused_group_norm"):
         softmax += f" gn {v.get('fused_group_norm_calls', 0)}"
     if v.get("fixed_matmul"):

@@ -24,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::{flash_attention, flash_attention_backward, matmul, scaled_softmax};
+use lora_core::kernels::{flash_attention, flash_attention_backward, matmul, scaled_softmax, scaled_softmax_lse};
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -92,45 +92,61 @@ pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>
         return out;
     }
     let (q, k, v) = args;
-    attention_forward(q, k, v, BACKWARD_BLOCK_ELEMENTS).0
+    attention_forward(q, k, v, BACKWARD_BLOCK_ELEMENTS, false).0
 }
+
+/// What the forward pass hands its backward pass besides the inputs and the output: each
+/// query's log-sum-exp `logsumexp(q kᵀ s)` (f32, `[batch, heads, seq_q]`) and whether the
+/// flash kernel wrote it (then its backward kernels run; otherwise the blockwise backward
+/// recomputes the probabilities elementwise from it).
+type Stats<T> = Option<(T, bool)>;
 
 /// The forward pass: the flash-attention kernel where [`flash_attention`] has one, else
 /// burn's `attention` op, or with cuBLAS routing or the fused softmax on
 /// ([`lora_core::kernels::set_cublas`], [`lora_core::kernels::set_fused_softmax`])
 /// `softmax(qᵢ kᵀ s) v` per block of queries, the matmuls through [`matmul`] and the
 /// softmax through [`scaled_softmax`] (in f32), at most `block_elements` scores at once.
-/// Also returns the flash kernel's log-sum-exp when it ran, for its backward pass.
-fn attention_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> (Tensor<X, 4>, Option<Tensor<X, 3>>) {
+/// With `stats` (a training forward pass) also returns the log-sum-exp for the backward
+/// pass ([`Stats`]): the flash kernel's, or the blockwise path's from its fused softmax.
+fn attention_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize, stats: bool) -> (Tensor<X, 4>, Stats<Tensor<X, 3>>) {
     let scale = (q.dims()[3] as f64).powf(-0.5) as f32;
     if let Some((out, lse)) = flash_attention(q.clone(), k.clone(), v.clone(), scale) {
-        return (out, Some(lse));
+        return (out, Some((lse, true)));
     }
-    let out = if lora_core::kernels::cublas_enabled() || lora_core::kernels::fused_softmax_enabled() {
-        blockwise_forward(q, k, v, block_elements)
+    if lora_core::kernels::cublas_enabled() || lora_core::kernels::fused_softmax_enabled() {
+        let (out, lse) = blockwise_forward(q, k, v, block_elements, stats);
+        (out, lse.map(|lse| (lse, false)))
     } else {
-        attention(q, k, v, None, None, plain_options())
-    };
-    (out, None)
+        (attention(q, k, v, None, None, plain_options()), None)
+    }
 }
 
-/// `softmax(qᵢ kᵀ s) v` per block of queries (see [`attention_forward`]).
-fn blockwise_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize) -> Tensor<X, 4> {
+/// `softmax(qᵢ kᵀ s) v` per block of queries (see [`attention_forward`]); with `stats`, also
+/// each query's log-sum-exp `[b, h, seq_q]`.
+fn blockwise_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, block_elements: usize, stats: bool) -> (Tensor<X, 4>, Option<Tensor<X, 3>>) {
     let dtype = q.dtype();
     let [b, h, seq_q, d] = q.dims();
     let seq_k = k.dims()[2];
     let scale = (d as f64).powf(-0.5) as f32;
     let block = (block_elements / (b * h * seq_k).max(1)).clamp(1, seq_q.max(1));
     let kt = k.swap_dims(2, 3);
-    let blocks: Vec<Tensor<X, 4>> = (0..seq_q)
+    let (blocks, lses): (Vec<Tensor<X, 4>>, Vec<Option<Tensor<X, 4>>>) = (0..seq_q)
         .step_by(block)
         .map(|start| {
             let qi = q.clone().narrow(2, start, block.min(seq_q - start));
             // The softmax reads the scores in the model's dtype and computes in f32.
-            matmul(scaled_softmax(matmul(qi, kt.clone()), scale, dtype), v.clone())
+            let scores = matmul(qi, kt.clone());
+            let (p, lse) = if stats {
+                let (p, lse) = scaled_softmax_lse(scores, scale, dtype);
+                (p, Some(lse))
+            } else {
+                (scaled_softmax(scores, scale, dtype), None)
+            };
+            (matmul(p, v.clone()), lse)
         })
-        .collect();
-    concat(blocks, 2)
+        .unzip();
+    let lse = lses.into_iter().collect::<Option<Vec<_>>>().filter(|parts| !parts.is_empty()).map(|parts| concat(parts, 2).reshape([b, h, seq_q]));
+    (concat(blocks, 2), lse)
 }
 
 /// `Tensor::cat`, except that a single tensor is returned as it is: a cat is one copy
@@ -169,18 +185,18 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy>(
     block_elements: usize,
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
-    let forward = |q: FloatTensor<X>, k: FloatTensor<X>, v: FloatTensor<X>| {
-        let (out, lse) = attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements);
-        (out.into_primitive().tensor(), lse.map(|lse| lse.into_primitive().tensor()))
+    let forward = |q: FloatTensor<X>, k: FloatTensor<X>, v: FloatTensor<X>, stats: bool| {
+        let (out, lse) = attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements, stats);
+        (out.into_primitive().tensor(), lse.map(|(lse, flash)| (lse.into_primitive().tensor(), flash)))
     };
     let op = BlockwiseAttentionBackward { block_elements };
     let out = match op.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            // The flash kernel's log-sum-exp lets its backward pass skip the softmax statistics.
-            let (out, lse) = forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone());
+            // The log-sum-exp lets the backward pass skip the softmax statistics.
+            let (out, lse) = forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), true);
             prep.finish((q.primitive, k.primitive, v.primitive, out.clone(), lse), out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive, k.primitive, v.primitive).0),
+        OpsKind::UnTracked(prep) => prep.finish(forward(q.primitive, k.primitive, v.primitive, false).0),
     };
     tensor(out)
 }
@@ -192,18 +208,22 @@ struct BlockwiseAttentionBackward {
 }
 
 impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
-    /// `q`, `k`, `v`, the output and, when the flash kernel ran, its log-sum-exp.
-    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, Option<FloatTensor<X>>);
+    /// `q`, `k`, `v`, the output and the forward pass's [`Stats`].
+    type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, Stats<FloatTensor<X>>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = grads.consume::<X>(&ops.node);
         let (q, k, v, out, lse) = ops.state;
         let (q, k, v, out, grad_out) = (tensor::<X, 4>(q), tensor::<X, 4>(k), tensor::<X, 4>(v), tensor::<X, 4>(out), tensor::<X, 4>(grad_out));
         let scale = (q.dims()[3] as f64).powf(-0.5) as f32;
-        let flash = lse.and_then(|lse| flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), grad_out.clone(), tensor(lse), scale));
+        let lse = lse.map(|(lse, flash)| (tensor::<X, 3>(lse), flash));
+        let flash = match &lse {
+            Some((lse, true)) => flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), grad_out.clone(), lse.clone(), scale),
+            _ => None,
+        };
         let (dq, dk, dv) = match flash {
             Some(grads) => grads,
-            None => attention_backward::<X>(q, k, v, out, grad_out, self.block_elements),
+            None => backward_in_blocks::<X>(q, k, v, out, grad_out, lse.map(|(lse, _)| lse), self.block_elements),
         };
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
@@ -232,6 +252,22 @@ pub fn attention_backward<X: Backend>(
     grad_out: Tensor<X, 4>,
     block_elements: usize,
 ) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
+    backward_in_blocks(q, k, v, out, grad_out, None, block_elements)
+}
+
+/// [`attention_backward`], given the forward pass's log-sum-exp `lse` (`[b, h, seq_q]`,
+/// f32) when there is one: then each block's probabilities are `exp(qᵢ kᵀ s − lseᵢ)`, an
+/// elementwise op that burn fuses twice over the block's scores (once into `P` for `dV`,
+/// once into `dS`), instead of a softmax's reductions and an f32 `P` kept between them.
+fn backward_in_blocks<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    out: Tensor<X, 4>,
+    grad_out: Tensor<X, 4>,
+    lse: Option<Tensor<X, 3>>,
+    block_elements: usize,
+) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
     let dtypes = (q.dtype(), k.dtype(), v.dtype());
     let half = matches!(dtypes.0, DType::BF16 | DType::F16) && dtypes.1 == dtypes.0 && dtypes.2 == dtypes.0 && grad_out.dtype() == dtypes.0;
     // The products' dtype; everything between them is f32.
@@ -254,11 +290,24 @@ pub fn attention_backward<X: Backend>(
         let qi = q.clone().narrow(2, start, len);
         let doi = grad_out.clone().narrow(2, start, len);
         let oi = out.clone().narrow(2, start, len);
-        let p = scaled_softmax(matmul(qi.clone(), kt.clone()), scale, DType::F32);
-        accumulate(&mut dv, Some(f32(matmul(to(p.clone()).swap_dims(2, 3), doi.clone()))));
+        let scores = matmul(qi.clone(), kt.clone());
+        // P in f32: from the log-sum-exp, recomputed elementwise from the stored scores for
+        // each use (nothing but the scores stays alive between the products); else a softmax.
+        let (p_for_dv, p_for_ds) = match &lse {
+            Some(lse) => {
+                let lse_i = lse.clone().narrow(2, start, len).unsqueeze_dim::<4>(3);
+                let p = |scores: Tensor<X, 4>| (f32(scores).mul_scalar(scale) - lse_i.clone()).exp();
+                (p(scores.clone()), p(scores))
+            }
+            None => {
+                let p = scaled_softmax(scores, scale, DType::F32);
+                (p.clone(), p)
+            }
+        };
+        accumulate(&mut dv, Some(f32(matmul(to(p_for_dv).swap_dims(2, 3), doi.clone()))));
         let dp = f32(matmul(doi.clone(), vt.clone()));
         let row = (f32(doi) * oi).sum_dim(3);
-        let ds = to(p * (dp - row));
+        let ds = to(p_for_ds * (dp - row));
         dq_blocks.push(f32(matmul(ds.clone(), k.clone())).mul_scalar(scale));
         accumulate(&mut dk, Some(f32(matmul(ds.swap_dims(2, 3), qi)).mul_scalar(scale)));
     }
@@ -339,10 +388,64 @@ mod tests {
         let rand = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
         let (q, k, v) = (rand([2, 3, 37, 8]), rand([2, 3, 29, 8]), rand([2, 3, 29, 8]));
         let reference = attention(q.clone(), k.clone(), v.clone(), None, None, plain_options());
+        // logsumexp(q kᵀ s) per query, from burn's ops.
+        let scores = q.clone().matmul(k.clone().swap_dims(2, 3)).mul_scalar(8f32.powf(-0.5));
+        let max = scores.clone().max_dim(3);
+        let lse_reference = ((scores - max.clone()).exp().sum_dim(3).log() + max).reshape([2, 3, 37]);
         for block_elements in [500, BACKWARD_BLOCK_ELEMENTS] {
-            let ours = blockwise_forward(q.clone(), k.clone(), v.clone(), block_elements);
+            let (ours, none) = blockwise_forward(q.clone(), k.clone(), v.clone(), block_elements, false);
+            assert!(none.is_none());
             assert!(max_rel(ours, reference.clone()) < 1e-5, "block_elements {block_elements}");
+            let (ours, lse) = blockwise_forward(q.clone(), k.clone(), v.clone(), block_elements, true);
+            assert!(max_rel(ours, reference.clone()) < 1e-5, "block_elements {block_elements}, with stats");
+            let lse = lse.expect("stats asked for");
+            assert_eq!(lse.dims(), [2, 3, 37]);
+            let err: f32 = (lse - lse_reference.clone()).abs().max().into_scalar();
+            assert!(err < 1e-5, "block_elements {block_elements}: log-sum-exp error {err}");
         }
+    }
+
+    /// The backward pass from the forward's log-sum-exp (probabilities recomputed
+    /// elementwise) against the one that recomputes the softmax: f32, and bf16 against the
+    /// f32 gradients within bf16's rounding.
+    #[test]
+    fn backward_from_the_log_sum_exp_matches_the_softmax_backward() {
+        use burn::tensor::FloatDType;
+        let device = Default::default();
+        let rand = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v, g) = (rand([2, 3, 37, 16]), rand([2, 3, 29, 16]), rand([2, 3, 29, 16]), rand([2, 3, 37, 16]));
+        let (out, lse) = blockwise_forward(q.clone(), k.clone(), v.clone(), 500, true);
+        let lse = lse.expect("stats");
+        let reference = attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), 500);
+        let ours = backward_in_blocks(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), Some(lse.clone()), 500);
+        for (what, a, b) in [("dq", ours.0, reference.0.clone()), ("dk", ours.1, reference.1.clone()), ("dv", ours.2, reference.2.clone())] {
+            let err = max_rel(a, b);
+            assert!(err < 1e-5, "f32 {what}: relative error {err}");
+        }
+        let half = |t: &Tensor<Flex, 4>| t.clone().cast(FloatDType::BF16);
+        let ours = backward_in_blocks(half(&q), half(&k), half(&v), half(&out), half(&g), Some(lse), 500);
+        for (what, a, b) in [("dq", ours.0, reference.0), ("dk", ours.1, reference.1), ("dv", ours.2, reference.2)] {
+            let err = max_rel(a.cast(FloatDType::F32), b);
+            assert!(err < 3e-2, "bf16 {what}: relative error {err}");
+        }
+    }
+
+    /// The autodiff op with the blockwise forward (the fused-softmax switch routes it there
+    /// on every backend): its log-sum-exp reaches the backward pass, and the gradients are
+    /// burn's.
+    #[test]
+    fn blockwise_autodiff_op_passes_its_log_sum_exp() {
+        lora_core::kernels::set_fused_softmax(true);
+        let (q, k, v) = {
+            let device = Default::default();
+            let rand = |shape: [usize; 4]| Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            (rand([2, 3, 37, 8]), rand([2, 3, 29, 8]), rand([2, 3, 29, 8]))
+        };
+        let (_, stats) = attention_forward(q, k, v, 500, true);
+        let routed = matches!(stats, Some((_, false)));
+        check::<NoCheckpointing>(500);
+        lora_core::kernels::set_fused_softmax(false);
+        assert!(routed, "the blockwise forward gave no log-sum-exp");
     }
 
     #[test]

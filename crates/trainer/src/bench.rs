@@ -117,6 +117,10 @@ pub struct VendorUse {
     pub flash_attention: bool,
     /// Attention passes (forward or backward) that ran in the flash-attention kernels.
     pub flash_attention_calls: u64,
+    /// `--cudnn-attention` / `SD_LORA_CUDNN_ATTENTION` was on.
+    pub cudnn_attention: bool,
+    /// Attention passes (forward or backward) that ran in cuDNN's fused attention.
+    pub cudnn_attention_calls: u64,
     /// `--flash-max-keys`: the longest attention (in keys) given to the flash kernels,
     /// `None` without a limit.
     pub flash_max_keys: Option<usize>,
@@ -152,6 +156,8 @@ impl VendorUse {
             fused_softmax_calls: stats.fused_softmax_calls,
             flash_attention: lora_core::kernels::flash_attention_enabled(),
             flash_attention_calls: stats.flash_attention_calls,
+            cudnn_attention: lora_core::kernels::cudnn_attention_enabled(),
+            cudnn_attention_calls: stats.cudnn_attention_calls,
             flash_max_keys: Some(lora_core::kernels::flash_max_keys()).filter(|&keys| keys != usize::MAX),
             fused_group_norm: lora_core::kernels::fused_group_norm_enabled(),
             fused_group_norm_calls: stats.fused_group_norm_calls,

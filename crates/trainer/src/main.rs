@@ -47,6 +47,12 @@ struct Cli {
     /// `SD_LORA_FLASH_PREFETCH=1` double-buffers their loads in registers.
     #[arg(long, global = true)]
     flash_attention: bool,
+    /// Run attention (forward and backward) on CUDA in cuDNN's fused attention engines, the
+    /// kernels PyTorch uses, where they take the problem (bf16 / f16, key counts a multiple
+    /// of 128); the rest, and any cuDNN refusal, go to the flash-attention kernels. Needs
+    /// cuDNN 9.6 or later. Also `SD_LORA_CUDNN_ATTENTION=1`.
+    #[arg(long, global = true)]
+    cudnn_attention: bool,
     /// With --flash-attention, use the flash kernels only for attention over at most this
     /// many keys; longer attention (SD1.5's 4096-token self-attention at 512 px) takes the
     /// blockwise path (cuBLAS products, fused softmax). Also `SD_LORA_FLASH_MAX_KEYS`.
@@ -697,6 +703,7 @@ fn main() -> Result<()> {
     let cublas = cli.cublas || env_flag("SD_LORA_CUBLAS");
     let fused_softmax = cli.fused_softmax || env_flag("SD_LORA_FUSED_SOFTMAX");
     let flash_attention = cli.flash_attention || env_flag("SD_LORA_FLASH_ATTENTION");
+    let cudnn_attention = cli.cudnn_attention || env_flag("SD_LORA_CUDNN_ATTENTION");
     let fused_group_norm = cli.fused_group_norm || env_flag("SD_LORA_FUSED_GROUP_NORM");
     let tuned_matmul = cli.tuned_matmul || std::env::var("SD_LORA_FIXED_MATMUL").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false"));
     lora_core::kernels::set_flash_prefetch(env_flag("SD_LORA_FLASH_PREFETCH"));
@@ -735,6 +742,13 @@ fn main() -> Result<()> {
                 match flash_max_keys {
                     Some(keys) => eprintln!("attention: flash-attention kernels up to {keys} keys, blockwise above (bf16 / f16 models)"),
                     None => eprintln!("attention: flash-attention kernels (bf16 / f16 models)"),
+                }
+            }
+            lora_core::kernels::set_cudnn_attention(cudnn_attention);
+            if cudnn_attention {
+                match lora_core::kernels::cudnn_attention_status() {
+                    Ok(version) => eprintln!("attention: cuDNN {version} fused attention where it applies"),
+                    Err(reason) => eprintln!("attention: not in cuDNN ({reason})"),
                 }
             }
             lora_core::kernels::set_fused_group_norm(fused_group_norm);
@@ -783,9 +797,9 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas || fused_softmax || flash_attention || flash_max_keys.is_some() || fused_group_norm || tuned_matmul || vendor_sync != lora_core::kernels::VendorSync::Host {
+    if cudnn || cublas || fused_softmax || flash_attention || cudnn_attention || flash_max_keys.is_some() || fused_group_norm || tuned_matmul || vendor_sync != lora_core::kernels::VendorSync::Host {
         eprintln!(
-            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
+            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
         );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())

@@ -351,8 +351,8 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
 
     // The attention softmax: f32 scores to the matmul's dtype.
     for (input, output) in [(f32_, f32_), (f32_, bf16), (bf16, bf16), (f32_, f16), (f16, f16)] {
-        let (x, y) = (buffer(64 * 4096 * input.size()), buffer(64 * 4096 * output.size()));
-        softmax::launch(client, &x, &y, 64, 4096, 0.125, [input, output])?;
+        let (x, y, lse) = (buffer(64 * 4096 * input.size()), buffer(64 * 4096 * output.size()), buffer(64 * 4));
+        softmax::launch(client, &x, &y, &lse, 64, 4096, 0.125, [input, output])?;
     }
 
     // The optimizer's gather: f32 and half-precision gradients into f32, 40 tensors (two

@@ -4,8 +4,8 @@
 //! cubecl 0.10 does not expose the CUDA stream its kernels run on, so a call runs on a
 //! stream of our own and is ordered with cubecl's kernels either by the host (wait for
 //! cubecl's queue to drain, run, wait for our stream: one pipeline drain per call) or, with
-//! [`VendorSync::Device`], on the GPU by two tiny kernels on cubecl's side and stream memory
-//! operations on ours ([`super::ordering`]). Only large problems are routed either way
+//! [`VendorSync::Device`], on the GPU by two tiny kernels on cubecl's side and two on ours
+//! ([`super::ordering`], [`STREAM_KERNELS_PTX`]). Only large problems are routed either way
 //! (convolutions at SD sizes take up to milliseconds; small matmuls stay in burn, see
 //! `super::set_cublas_min_gflop`). Workspaces and outputs come from cubecl's memory pool, so
 //! peak memory stays in one place.

@@ -1414,7 +1414,7 @@ fn is_dense_permutation<R: CubeRuntime>(x: &CubeTensor<R>) -> bool {
 /// A new tensor of `like`'s shape and `dtype`, laid out as `like` when that is a permuted
 /// contiguous layout (so that a head-split view's gradient comes back in the same layout and
 /// merging the heads again needs no copy), contiguous otherwise.
-fn output_like<R: CubeRuntime>(like: &CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+pub(super) fn output_like<R: CubeRuntime>(like: &CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
     let shape = like.meta.shape().clone();
     let handle = like.client.empty(shape.num_elements() * dtype.size());
     if is_dense_permutation(like) {
@@ -1469,11 +1469,26 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
         let ([q, k, v], [out, lse]) = self.desc.as_fixed();
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let (tq, tk, tv) = (get(handles, q), get(handles, k), get(handles, v));
-        let (o, l) = match self.kernel(tq.clone(), tk.clone(), tv.clone()) {
+        let cudnn = match cudnn_forward(&tq, &tk, &tv, self.scale) {
+            Some(Ok(result)) => {
+                super::record_cudnn_attention();
+                Some(result)
+            }
+            Some(Err(reason)) => {
+                super::record_fallback(reason);
+                None
+            }
+            None => None,
+        };
+        let ours = || match self.kernel(tq.clone(), tk.clone(), tv.clone()) {
             Ok(result) => {
                 super::record_flash_attention();
-                result
+                Ok(result)
             }
+            Err(reason) => Err(reason),
+        };
+        let (o, l) = match cudnn.map(Ok).unwrap_or_else(ours) {
+            Ok(result) => result,
             Err(reason) => {
                 super::record_fallback(reason);
                 let t = super::tensor::<Inner<R, BT>, 4>;
@@ -1510,11 +1525,26 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout), get(handles, out)];
         let lse = get(handles, lse);
-        let grads = match self.kernel(inputs.clone(), lse.clone()) {
+        let cudnn = match cudnn_backward(&inputs, &lse, self.scale) {
+            Some(Ok(result)) => {
+                super::record_cudnn_attention();
+                Some(result)
+            }
+            Some(Err(reason)) => {
+                super::record_fallback(reason);
+                None
+            }
+            None => None,
+        };
+        let ours = || match self.kernel(inputs.clone(), lse.clone()) {
             Ok(result) => {
                 super::record_flash_attention();
-                result
+                Ok(result)
             }
+            Err(reason) => Err(reason),
+        };
+        let grads = match cudnn.map(Ok).unwrap_or_else(ours) {
+            Ok(result) => result,
             Err(reason) => {
                 super::record_fallback(reason);
                 let [q, k, v, dout, out] = inputs.map(super::tensor::<Inner<R, BT>, 4>);
@@ -1528,6 +1558,58 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
         handles.register_float_tensor::<Inner<R, BT>>(&dk.id, grads.1);
         handles.register_float_tensor::<Inner<R, BT>>(&dv.id, grads.2);
     }
+}
+
+/// `a` as a `B` when `A` is `B` (a CubeCL tensor of a generic runtime as a CUDA one and back).
+#[cfg(feature = "cuda")]
+fn recast<A: 'static, B: 'static>(a: A) -> Option<B> {
+    (Box::new(a) as Box<dyn std::any::Any>).downcast::<B>().ok().map(|b| *b)
+}
+
+/// The forward pass in cuDNN ([`super::set_cudnn_attention`]) when it is on, `R` is CUDA
+/// and cuDNN takes the problem; `None` otherwise (the flash kernels run).
+#[cfg(feature = "cuda")]
+#[allow(clippy::type_complexity)]
+fn cudnn_forward<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, v: &CubeTensor<R>, scale: f32) -> Option<Result<(CubeTensor<R>, CubeTensor<R>), String>> {
+    type Cuda = CubeTensor<cubecl::cuda::CudaRuntime>;
+    let [_, _, s_q, d] = q.meta.shape().dims::<4>();
+    if !super::cudnn_attention_takes(q.dtype, d, s_q, k.meta.shape().dims::<4>()[2]) {
+        return None;
+    }
+    let (q, k, v): (Cuda, Cuda, Cuda) = (recast(q.clone())?, recast(k.clone())?, recast(v.clone())?);
+    Some(super::cudnn_sdpa::forward(q, k, v, scale).and_then(|(o, l)| Ok((recast(o).ok_or("cuDNN attention: runtime mismatch")?, recast(l).ok_or("cuDNN attention: runtime mismatch")?))))
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::type_complexity)]
+fn cudnn_forward<R: CubeRuntime>(_: &CubeTensor<R>, _: &CubeTensor<R>, _: &CubeTensor<R>, _: f32) -> Option<Result<(CubeTensor<R>, CubeTensor<R>), String>> {
+    None
+}
+
+/// The backward pass in cuDNN under the conditions of [`cudnn_forward`].
+#[cfg(feature = "cuda")]
+#[allow(clippy::type_complexity)]
+fn cudnn_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>; 5], lse: &CubeTensor<R>, scale: f32) -> Option<Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), String>> {
+    type Cuda = CubeTensor<cubecl::cuda::CudaRuntime>;
+    let [q, k, ..] = inputs;
+    let [_, _, s_q, d] = q.meta.shape().dims::<4>();
+    if !super::cudnn_attention_takes(q.dtype, d, s_q, k.meta.shape().dims::<4>()[2]) {
+        return None;
+    }
+    let [q, k, v, dout, out] = inputs.clone();
+    let cast = |t: CubeTensor<R>| -> Option<Cuda> { recast(t) };
+    let inputs = [cast(q)?, cast(k)?, cast(v)?, cast(dout)?, cast(out)?];
+    let mismatch = "cuDNN attention: runtime mismatch";
+    Some(
+        super::cudnn_sdpa::backward(inputs, cast(lse.clone())?, scale)
+            .and_then(|(a, b, c)| Ok((recast(a).ok_or(mismatch)?, recast(b).ok_or(mismatch)?, recast(c).ok_or(mismatch)?))),
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::type_complexity)]
+fn cudnn_backward<R: CubeRuntime>(_: &[CubeTensor<R>; 5], _: &CubeTensor<R>, _: f32) -> Option<Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), String>> {
+    None
 }
 
 #[cfg(all(test, feature = "vulkan-test"))]

@@ -51,6 +51,8 @@ mod cublas;
 #[cfg(feature = "cuda")]
 mod cudnn;
 #[cfg(feature = "cuda")]
+mod cudnn_sdpa;
+#[cfg(feature = "cuda")]
 mod device;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -85,6 +87,8 @@ static FUSED_SOFTMAX: AtomicBool = AtomicBool::new(false);
 static FUSED_SOFTMAX_CALLS: AtomicU64 = AtomicU64::new(0);
 static FLASH: AtomicBool = AtomicBool::new(false);
 static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
+static CUDNN_ATTENTION: AtomicBool = AtomicBool::new(false);
+static CUDNN_ATTENTION_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Shared memory per cube of the flash-attention kernels unless set otherwise: 48 KiB keeps
 /// four cubes (16 warps) resident per multiprocessor on an H100/H200.
 const DEFAULT_FLASH_SHARED: usize = 48 * 1024;
@@ -160,13 +164,13 @@ pub enum VendorSync {
     #[default]
     Host,
     /// The GPU orders the call: a one-thread kernel on burn's stream marks that the inputs
-    /// are ready, the library's stream waits for the mark (`cuStreamWaitValue32`), and a
-    /// one-thread kernel on burn's stream spins until the library's stream marks the call
-    /// done. The host never waits. The first call of each problem (shapes, dtypes,
-    /// algorithm) is still host-ordered, so that a library's first-use work (loading
-    /// kernels, freeing memory, which wait for the whole device) cannot wait on a spinning
-    /// kernel. A device without stream memory operations falls back to [`VendorSync::Host`]
-    /// (see [`VendorStats::ordering_error`]).
+    /// are ready, a one-thread kernel on the library's stream waits for the mark, the call
+    /// runs, a one-thread kernel marks it done, and a one-thread kernel on burn's stream
+    /// spins until it is. The host never waits. The first call of each problem (shapes,
+    /// dtypes, algorithm) is still host-ordered, so that a library's first-use work
+    /// (loading kernels, freeing memory, which wait for the whole device) cannot wait on a
+    /// spinning kernel. Where the library stream's kernels fail to load or launch, calls
+    /// fall back to [`VendorSync::Host`] (see [`VendorStats::ordering_error`]).
     Device,
 }
 
@@ -239,6 +243,9 @@ pub struct VendorStats {
     pub fused_concat_calls: u64,
     /// Matmuls that ran in the fixed (not autotuned) kernel ([`set_fixed_matmul`]).
     pub fixed_matmul_calls: u64,
+    /// Attention forward and backward passes that ran in cuDNN's fused attention engines
+    /// ([`set_cudnn_attention`]).
+    pub cudnn_attention_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -267,6 +274,7 @@ pub fn vendor_stats() -> VendorStats {
         fused_group_norm_calls: FUSED_GROUP_NORM_CALLS.load(Ordering::Relaxed),
         fused_concat_calls: FUSED_CONCAT_CALLS.load(Ordering::Relaxed),
         fixed_matmul_calls: FIXED_MATMUL_CALLS.load(Ordering::Relaxed),
+        cudnn_attention_calls: CUDNN_ATTENTION_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -277,6 +285,20 @@ pub fn cudnn_status() -> Result<usize, String> {
     #[cfg(feature = "cuda")]
     {
         cudnn::status()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("built without the `cuda` feature".to_string())
+    }
+}
+
+/// Whether cuDNN's fused attention can be used in this process: `Ok(version)` when cuDNN
+/// 9.6 or later loads and a handle can be created, otherwise why not. Always an error
+/// without the `cuda` feature.
+pub fn cudnn_attention_status() -> Result<usize, String> {
+    #[cfg(feature = "cuda")]
+    {
+        cudnn_sdpa::status()
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -345,6 +367,11 @@ fn ordering_timeouts() -> Result<u64, String> {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn record_flash_attention() {
     FLASH_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn record_cudnn_attention() {
+    CUDNN_ATTENTION_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -612,18 +639,60 @@ impl<X: ConvKernels> Backward<X, 2> for ConvBackward {
 /// assert!((p[1] - e / (1.0 + e)).abs() < 1e-6 && (p[2] - 0.5).abs() < 1e-6);
 /// ```
 pub fn scaled_softmax<X: Backend, const D: usize>(x: Tensor<X, D>, scale: f32, dtype: DType) -> Tensor<X, D> {
-    if fused_softmax_enabled() {
-        #[cfg(feature = "cuda")]
-        if let Some(out) = fused_softmax_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(&x, scale, dtype) {
-            return out;
-        }
-        // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-        #[cfg(feature = "wgpu-test")]
-        if let Some(out) = fused_softmax_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&x, scale, dtype) {
-            return out;
-        }
+    if let Some((out, _)) = fused_softmax(&x, scale, dtype) {
+        return out;
     }
     cast_to(burn::tensor::activation::softmax(cast_to(x, DType::F32).mul_scalar(scale), D - 1), dtype)
+}
+
+/// [`scaled_softmax`] and each row's log-sum-exp `logsumexp(scale · x)` (f32, `x`'s shape
+/// with the last dimension 1), from which `softmax(scale · x) = exp(scale · x − lse)`
+/// elementwise: a backward pass can recompute the probabilities without a reduction.
+///
+/// With [`set_fused_softmax`] on, on the CUDA backend, the same one kernel as
+/// [`scaled_softmax`] (it writes the log-sum-exp beside the probabilities); otherwise burn's
+/// ops (a max and a sum reduction, then the exponentials from the log-sum-exp).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{DType, Tensor};
+/// use lora_core::kernels::scaled_softmax_lse;
+///
+/// let x = Tensor::<Flex, 2>::from_floats([[0.0, 2.0], [1.0, 1.0]], &Default::default());
+/// let (p, lse) = scaled_softmax_lse(x, 0.5, DType::F32);
+/// assert_eq!(lse.dims(), [2, 1]);
+/// let lse = lse.into_data().to_vec::<f32>().unwrap();
+/// assert!((lse[0] - (1.0 + std::f32::consts::E).ln()).abs() < 1e-6);
+/// assert!((lse[1] - (0.5 + 2f32.ln())).abs() < 1e-6);
+/// assert!((p.sum().into_scalar() - 2.0).abs() < 1e-6);
+/// ```
+pub fn scaled_softmax_lse<X: Backend, const D: usize>(x: Tensor<X, D>, scale: f32, dtype: DType) -> (Tensor<X, D>, Tensor<X, D>) {
+    if let Some(out) = fused_softmax(&x, scale, dtype) {
+        return out;
+    }
+    let scores = cast_to(x, DType::F32).mul_scalar(scale);
+    let max = scores.clone().max_dim(D - 1);
+    let lse = (scores.clone() - max.clone()).exp().sum_dim(D - 1).log() + max;
+    (cast_to((scores - lse.clone()).exp(), dtype), lse)
+}
+
+/// The fused softmax kernel's probabilities and log-sum-exp, with [`set_fused_softmax`] on
+/// and `X` a backend that has the kernel; else `None`.
+fn fused_softmax<X: Backend, const D: usize>(x: &Tensor<X, D>, scale: f32, dtype: DType) -> Option<(Tensor<X, D>, Tensor<X, D>)> {
+    if !fused_softmax_enabled() {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = fused_softmax_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(x, scale, dtype) {
+        return Some(out);
+    }
+    // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+    #[cfg(feature = "wgpu-test")]
+    if let Some(out) = fused_softmax_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, scale, dtype) {
+        return Some(out);
+    }
+    let _ = (x, scale, dtype);
+    None
 }
 
 /// burn's fusion backend over CubeCL runtime `R` with bool element `BT` (burn's `Cuda` and
@@ -656,9 +725,9 @@ fn fused_softmax_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
     x: &Tensor<X, D>,
     scale: f32,
     dtype: DType,
-) -> Option<Tensor<X, D>> {
-    let out = softmax::register::<R, BT>(to_fused::<X, R, BT, D>(x)?, scale, dtype);
-    from_fused::<X, R, BT, D>(out)
+) -> Option<(Tensor<X, D>, Tensor<X, D>)> {
+    let [out, lse] = softmax::register::<R, BT>(to_fused::<X, R, BT, D>(x)?, scale, dtype);
+    Some((from_fused::<X, R, BT, D>(out)?, from_fused::<X, R, BT, D>(lse)?))
 }
 
 /// The tensors of `parts`, one after another, as one vector of `dtype` (each part converted
@@ -853,6 +922,42 @@ pub fn fused_softmax_enabled() -> bool {
     FUSED_SOFTMAX.load(Ordering::Relaxed)
 }
 
+/// Runs [`flash_attention`] and [`flash_attention_backward`] in cuDNN's fused attention
+/// engines where they take the problem (default off until checked on a GPU; CUDA only):
+/// the SDPA kernels PyTorch runs, built from the operation graphs cudnn-frontend builds
+/// (see the `cudnn_sdpa` module). bf16 / f16 inputs, head dimensions a multiple of 8, key
+/// counts a multiple of 128; other problems, and any cuDNN refusal (counted in
+/// [`VendorStats::fallbacks`]), take the flash-attention kernels. Needs cuDNN 9.6 or later
+/// ([`cudnn_attention_status`]).
+///
+/// ```
+/// lora_core::kernels::set_cudnn_attention(true);
+/// assert!(lora_core::kernels::cudnn_attention_enabled());
+/// lora_core::kernels::set_cudnn_attention(false);
+/// ```
+pub fn set_cudnn_attention(enabled: bool) {
+    CUDNN_ATTENTION.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_cudnn_attention`] is on.
+pub fn cudnn_attention_enabled() -> bool {
+    CUDNN_ATTENTION.load(Ordering::Relaxed)
+}
+
+/// Whether cuDNN's attention takes a `[b, h, s_q, d]` × `[b, h, s_kv, d]` problem in `dtype`
+/// (with [`set_cudnn_attention`] on, in a `cuda` build).
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+fn cudnn_attention_takes(dtype: DType, d: usize, s_q: usize, s_kv: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cudnn_attention_enabled() && cudnn_sdpa::supports(dtype, d, s_q, s_kv)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
 /// Turns the flash-attention kernels of [`flash_attention`] and [`flash_attention_backward`]
 /// on or off (default off until they have run on a GPU); has no effect on other backends.
 pub fn set_flash_attention(enabled: bool) {
@@ -942,7 +1047,9 @@ fn flash_shared_bytes() -> usize {
 /// assert!(flash_attention(q.clone(), q.clone(), q, 0.25).is_none());
 /// ```
 pub fn flash_attention<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, scale: f32) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
-    if !flash_attention_enabled() || !matches!(q.dtype(), DType::BF16 | DType::F16) || q.dims()[3] > FLASH_MAX_HEAD_DIM || k.dims()[2] > flash_max_keys() {
+    let ([_, _, s_q, d], s_kv) = (q.dims(), k.dims()[2]);
+    let flash = flash_attention_enabled() && d <= FLASH_MAX_HEAD_DIM && s_kv <= flash_max_keys();
+    if !matches!(q.dtype(), DType::BF16 | DType::F16) || !(flash || cudnn_attention_takes(q.dtype(), d, s_q, s_kv)) {
         return None;
     }
     #[cfg(feature = "cuda")]
@@ -982,7 +1089,7 @@ pub fn flash_attention_backward<X: Backend>(
     lse: Tensor<X, 3>,
     scale: f32,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>)> {
-    if !flash_attention_enabled() || !matches!(q.dtype(), DType::BF16 | DType::F16) {
+    if !(flash_attention_enabled() || cudnn_attention_enabled()) || !matches!(q.dtype(), DType::BF16 | DType::F16) {
         return None;
     }
     #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
@@ -1596,7 +1703,7 @@ fn split_rows(rows: usize, outputs: usize) -> Option<usize> {
         return None;
     }
     let shortest = SPLIT_MIN_ROWS.max((rows * outputs).div_ceil(SPLIT_MAX_PARTIALS));
-    (shortest..=SPLIT_MAX_ROWS.min(rows / 2)).find(|chunk| rows % chunk == 0)
+    (shortest..=SPLIT_MAX_ROWS.min(rows / 2)).find(|&chunk| rows.is_multiple_of(chunk))
 }
 
 #[cfg(test)]

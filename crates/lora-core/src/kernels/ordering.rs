@@ -6,9 +6,9 @@
 //!
 //! 1. [`signal`] runs on cubecl's stream after the kernels that produce the call's inputs
 //!    and stores the call's number in its "ready" word;
-//! 2. our stream waits for that word (`cuStreamWaitValue32`), runs the library call, and
-//!    writes the number into the call's "done" word (`cuStreamWriteValue32`, which is
-//!    preceded by a memory fence, so the call's output is visible first);
+//! 2. our stream waits for that word (a one-thread PTX kernel of `device`), runs the
+//!    library call, and writes the number into the call's "done" word (another, which
+//!    fences first, so the call's output is visible before the word);
 //! 3. [`wait`] runs on cubecl's stream before anything that reads the output and spins, one
 //!    thread, until the "done" word has the number.
 //!

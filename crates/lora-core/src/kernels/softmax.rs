@@ -9,6 +9,10 @@
 //! then reads the row again (from cache; a 4096-key f32 row is 16 KiB) and writes the
 //! probabilities once, in the dtype the next matmul wants.
 //!
+//! It also writes each row's log-sum-exp `m + ln Σ exp(scale · x − m)` (f32), which lets a
+//! backward pass recompute the probabilities elementwise, `exp(scale · x − lse)`, without
+//! another reduction (sd-model's blockwise attention).
+//!
 //! One cube (256 threads) per row; the grid is two-dimensional so that more than 65535 rows
 //! fit every runtime's limits.
 
@@ -39,6 +43,7 @@ const LOWEST: f32 = -3.0e38;
 fn scaled_softmax_rows<I: Float, O: Float>(
     input: &Array<I>,
     output: &mut Array<O>,
+    lse: &mut Array<f32>,
     rows: u32,
     n: u32,
     scale: f32,
@@ -91,6 +96,9 @@ fn scaled_softmax_rows<I: Float, O: Float>(
     }
     let row_max = maxes[0];
     let inv_sum = 1.0f32 / sums[0];
+    if tid == 0 {
+        lse[row] = row_max + sums[0].ln();
+    }
 
     let mut i = tid;
     while i < n {
@@ -100,13 +108,16 @@ fn scaled_softmax_rows<I: Float, O: Float>(
     }
 }
 
-/// Queues the kernel: `output[r, :] = softmax(scale · input[r, :])` for `rows` rows of `n`
-/// elements; `input` and `output` are contiguous buffers of `rows · n` elements of
-/// `input_dtype` and `output_dtype`.
+/// Queues the kernel: `output[r, :] = softmax(scale · input[r, :])` and
+/// `lse[r] = logsumexp(scale · input[r, :])` for `rows` rows of `n` elements; `input` and
+/// `output` are contiguous buffers of `rows · n` elements of `input_dtype` and
+/// `output_dtype`, `lse` holds `rows` f32.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn launch<R: Runtime>(
     client: &ComputeClient<R>,
     input: &cubecl::server::Handle,
     output: &cubecl::server::Handle,
+    lse: &cubecl::server::Handle,
     rows: usize,
     n: usize,
     scale: f32,
@@ -123,23 +134,35 @@ pub(super) fn launch<R: Runtime>(
     let count = CubeCount::Static(x as u32, y as u32, 1);
     // SAFETY: both buffers hold `len` elements of their dtypes (the caller's contract).
     let (input, output) = unsafe { (ArrayArg::from_raw_parts(input.clone(), len), ArrayArg::from_raw_parts(output.clone(), len)) };
-    scaled_softmax_rows::launch::<R>(client, count, CubeDim::new_1d(THREADS), input, output, rows_u32, n_u32, scale, dtypes);
+    // SAFETY: `lse` holds `rows` f32 (the caller's contract).
+    let lse = unsafe { ArrayArg::from_raw_parts(lse.clone(), rows) };
+    scaled_softmax_rows::launch::<R>(client, count, CubeDim::new_1d(THREADS), input, output, lse, rows_u32, n_u32, scale, dtypes);
     Ok(())
 }
 
-/// Queues [`super::scaled_softmax`] on the fusion stream of a CubeCL backend
-/// (`Fusion<CubeBackend<R, f32, i32, BT>>`: CUDA, or wgpu for the `wgpu-test` feature).
-pub(super) fn register<R: CubeRuntime, BT: BoolElement>(x: FusionTensor<FusionCubeRuntime<R>>, scale: f32, dtype: DType) -> FusionTensor<FusionCubeRuntime<R>> {
+/// Queues [`super::scaled_softmax_lse`] on the fusion stream of a CubeCL backend
+/// (`Fusion<CubeBackend<R, f32, i32, BT>>`: CUDA, or wgpu for the `wgpu-test` feature):
+/// the probabilities in `dtype` and the rows' log-sum-exp (f32, the last dimension 1).
+pub(super) fn register<R: CubeRuntime, BT: BoolElement>(
+    x: FusionTensor<FusionCubeRuntime<R>>,
+    scale: f32,
+    dtype: DType,
+) -> [FusionTensor<FusionCubeRuntime<R>>; 2] {
     let client = x.client.clone();
     let streams = OperationStreams::with_inputs([&x]);
     let out = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), dtype);
-    let desc = CustomOpIr::new("sd_lora_scaled_softmax", &[x.into_ir()], &[out]);
+    let mut lse_shape = x.shape.to_vec();
+    if let Some(last) = lse_shape.last_mut() {
+        *last = 1;
+    }
+    let lse = TensorIr::uninit(client.create_empty_handle(), Shape::from(lse_shape), DType::F32);
+    let desc = CustomOpIr::new("sd_lora_scaled_softmax", &[x.into_ir()], &[out, lse]);
     let op = FusedSoftmax::<R, BT> {
         desc: desc.clone(),
         scale,
         _backend: PhantomData,
     };
-    client.register(streams, OperationIr::Custom(desc), op).output()
+    client.register(streams, OperationIr::Custom(desc), op).outputs()
 }
 
 /// One queued fused softmax.
@@ -157,9 +180,9 @@ impl<R, BT> std::fmt::Debug for FusedSoftmax<R, BT> {
 
 impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FusedSoftmax<R, BT> {
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
-        let ([x], [out]) = self.desc.as_fixed();
+        let ([x], [out, lse]) = self.desc.as_fixed();
         let x = handles.get_float_tensor::<CubeBackend<R, f32, i32, BT>>(x);
-        let y = match kernel(x.clone(), self.scale, out.dtype) {
+        let (y, stats) = match kernel(x.clone(), self.scale, out.dtype) {
             Ok(y) => {
                 super::record_fused_softmax();
                 y
@@ -170,11 +193,13 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FusedS
             }
         };
         handles.register_float_tensor::<CubeBackend<R, f32, i32, BT>>(&out.id, y);
+        handles.register_float_tensor::<CubeBackend<R, f32, i32, BT>>(&lse.id, stats);
     }
 }
 
-/// The kernel on a CubeCL tensor (made contiguous first).
-fn kernel<R: CubeRuntime>(x: CubeTensor<R>, scale: f32, dtype: DType) -> Result<CubeTensor<R>, String> {
+/// The kernel on a CubeCL tensor (made contiguous first): the probabilities and the rows'
+/// log-sum-exp (the input's shape with the last dimension 1).
+fn kernel<R: CubeRuntime>(x: CubeTensor<R>, scale: f32, dtype: DType) -> Result<(CubeTensor<R>, CubeTensor<R>), String> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !matches!(x.dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(format!("fused softmax: {:?} to {dtype:?} is not a float conversion", x.dtype));
     }
@@ -184,20 +209,30 @@ fn kernel<R: CubeRuntime>(x: CubeTensor<R>, scale: f32, dtype: DType) -> Result<
     let rows = shape.num_elements() / n.max(1);
     let client = x.client.clone();
     let out_handle = client.empty(shape.num_elements() * dtype.size());
-    launch(&client, &x.handle, &out_handle, rows, n, scale, [x.dtype.into(), dtype.into()])?;
-    Ok(CubeTensor::new_contiguous(client, x.device.clone(), shape, out_handle, dtype))
+    let lse_handle = client.empty(rows.max(1) * DType::F32.size());
+    launch(&client, &x.handle, &out_handle, &lse_handle, rows, n, scale, [x.dtype.into(), dtype.into()])?;
+    let mut lse_shape = shape.to_vec();
+    if let Some(last) = lse_shape.last_mut() {
+        *last = 1;
+    }
+    let lse = CubeTensor::new_contiguous(client.clone(), x.device.clone(), Shape::from(lse_shape), lse_handle, DType::F32);
+    Ok((CubeTensor::new_contiguous(client, x.device.clone(), shape, out_handle, dtype), lse))
 }
 
-/// The same softmax in burn's ops ([`super::scaled_softmax`]'s own path on the unfused
-/// backend), over the input viewed as `[rows, n]`.
-fn burn_ops<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, scale: f32, dtype: DType) -> CubeTensor<R> {
+/// The same softmax and log-sum-exp in burn's ops ([`super::scaled_softmax_lse`]'s own path
+/// on the unfused backend), over the input viewed as `[rows, n]`.
+fn burn_ops<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, scale: f32, dtype: DType) -> (CubeTensor<R>, CubeTensor<R>) {
     type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
     let shape = x.meta.shape().clone();
     let n = shape.to_vec().last().copied().unwrap_or(1).max(1);
     let rows = shape.num_elements() / n;
     let x = super::tensor::<Inner<R, BT>, 2>(Inner::<R, BT>::float_reshape(x, Shape::new([rows, n])));
-    let y = super::scaled_softmax(x, scale, dtype);
-    Inner::<R, BT>::float_reshape(y.into_primitive().tensor(), shape)
+    let (y, lse) = super::scaled_softmax_lse(x, scale, dtype);
+    let mut lse_shape = shape.to_vec();
+    if let Some(last) = lse_shape.last_mut() {
+        *last = 1;
+    }
+    (Inner::<R, BT>::float_reshape(y.into_primitive().tensor(), shape), Inner::<R, BT>::float_reshape(lse.into_primitive().tensor(), Shape::from(lse_shape)))
 }
 
 #[cfg(all(test, feature = "wgpu-test"))]
@@ -234,9 +269,16 @@ mod tests {
         let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         let input = client.create_from_slice(&bytes);
         let output = client.empty(4 * rows * n);
+        let lse = client.empty(4 * rows);
         let f32_type = StorageType::Scalar(cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::F32));
-        launch::<WgpuRuntime>(&client, &input, &output, rows, n, scale, [f32_type, f32_type]).expect("launch");
-        let got: Vec<f32> = client.read_one(output).expect("read").chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        launch::<WgpuRuntime>(&client, &input, &output, &lse, rows, n, scale, [f32_type, f32_type]).expect("launch");
+        let floats = |h| -> Vec<f32> { client.read_one(h).expect("read").chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() };
+        let (got, got_lse) = (floats(output), floats(lse));
+        for (r, row) in x.chunks(n).enumerate() {
+            let max = row.iter().map(|&v| f64::from(v * scale)).fold(f64::MIN, f64::max);
+            let want = max + row.iter().map(|&v| (f64::from(v * scale) - max).exp()).sum::<f64>().ln();
+            assert!((f64::from(got_lse[r]) - want).abs() <= 1e-4 * want.abs().max(1.0), "rows {rows} n {n}: lse of row {r}: {} vs {want}", got_lse[r]);
+        }
         let want = reference(&x, n, scale);
         for (r, (g, w)) in got.chunks(n).zip(want.chunks(n)).enumerate() {
             let sum: f32 = g.iter().sum();
@@ -263,6 +305,7 @@ mod tests {
         use burn::tensor::{Distribution, Tensor};
         type W = burn::backend::Wgpu;
         let device = Default::default();
+        let _guard = crate::kernels::tests::SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         let x = Tensor::<W, 4>::random([2, 3, 5, 300], Distribution::Normal(0.0, 3.0), &device);
         let chain = |fused: bool, transposed: bool| {
             super::super::set_fused_softmax(fused);
@@ -283,6 +326,31 @@ mod tests {
         let after = super::super::vendor_stats();
         assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
         assert_eq!(after.fused_softmax_calls - before.fused_softmax_calls, 2);
+    }
+
+    /// The op's log-sum-exp output through burn's fusion stream against burn's ops.
+    #[test]
+    fn wgpu_fusion_op_log_sum_exp_matches_burn_ops() {
+        use burn::tensor::{Distribution, Tensor};
+        type W = burn::backend::Wgpu;
+        let device = Default::default();
+        let _guard = crate::kernels::tests::SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        let x = Tensor::<W, 4>::random([2, 3, 5, 300], Distribution::Normal(0.0, 3.0), &device);
+        let run = |fused: bool| {
+            super::super::set_fused_softmax(fused);
+            let (p, lse) = super::super::scaled_softmax_lse(x.clone() * 1.5, 0.7, DType::F32);
+            super::super::set_fused_softmax(false);
+            let data = |t: Tensor<W, 4>| t.into_data().to_vec::<f32>().expect("f32 data");
+            (data(p), data(lse))
+        };
+        let before = super::super::vendor_stats();
+        let ((p, lse), (p_ref, lse_ref)) = (run(true), run(false));
+        assert_eq!(lse.len(), 2 * 3 * 5);
+        for (a, b) in p.iter().zip(&p_ref).chain(lse.iter().zip(&lse_ref)) {
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        let after = super::super::vendor_stats();
+        assert_eq!(after.fused_softmax_calls - before.fused_softmax_calls, 1);
     }
 
     #[test]

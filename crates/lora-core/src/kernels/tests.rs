@@ -526,6 +526,68 @@ fn flash_attention_matches_math_on_cuda() {
     assert_eq!(after.flash_attention_calls - before.flash_attention_calls, runs);
 }
 
+/// cuDNN's fused attention ([`set_cudnn_attention`]) against the same math in f32 on CUDA:
+/// SD1.5's self-attention shapes (d = 40, 80, 160 at 1024, 256 and 128 tokens; SD2's 64),
+/// head-split `[b, s, h, d]` views as attention passes them, bf16 and f16; output,
+/// log-sum-exp and the three input gradients; then the same problem through the flash
+/// kernels' forward and cuDNN's backward, whose log-sum-exp must agree. Every pass must run
+/// in cuDNN (no fallback). With `CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr` cuDNN says why
+/// it refuses a graph.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn cudnn_attention_matches_math_on_cuda() {
+    use burn::tensor::DType;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    cudnn_attention_status().unwrap_or_else(|reason| panic!("cuDNN attention unavailable: {reason}"));
+    let device = Default::default();
+    let before = vendor_stats();
+    let mut runs = 0;
+    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
+    for (b, h, sq, sk, d) in [(2, 8, 1024, 1024, 40), (2, 8, 256, 256, 80), (1, 8, 128, 128, 160), (1, 5, 300, 384, 64)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let input = |s: usize, mean: f64| crate::precision::cast_to(Tensor::<B, 4>::random([b, s, h, d], Distribution::Normal(mean, 1.0), &device), dtype).swap_dims(1, 2);
+            let (q, k, v, g) = (input(sq, 0.1), input(sk, -0.1), input(sk, 0.0), input(sq, 0.0));
+            let scale = (d as f32).powf(-0.5);
+            set_cudnn_attention(true);
+            let (out, lse) = flash_attention(q.clone(), k.clone(), v.clone(), scale).expect("cuDNN forward on CUDA");
+            let (dq, dk, dv) = flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), lse.clone(), scale).expect("cuDNN backward on CUDA");
+            set_cudnn_attention(false);
+            runs += 2;
+            let (out_ref, lse_ref) = flash::forward_math(f32(q.clone()), f32(k.clone()), f32(v.clone()), scale);
+            let delta = (f32(g.clone()) * out_ref.clone()).sum_dim(3).squeeze_dim(3);
+            let (dq_ref, dk_ref, dv_ref) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref.clone(), delta, scale);
+            let tolerance = if dtype == DType::BF16 { 3e-2 } else { 5e-3 };
+            let shape = (b, h, sq, sk, d, dtype);
+            for (what, ours, reference) in [("out", out, out_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)] {
+                let err = max_rel(f32(ours), reference);
+                eprintln!("cuDNN {shape:?} {what}: {err:.2e}");
+                assert!(err < tolerance, "cuDNN {shape:?} {what}: relative error {err}");
+            }
+            let lse_err: f32 = (lse - lse_ref).abs().max().into_scalar();
+            assert!(lse_err < 1e-2, "cuDNN {shape:?} lse: {lse_err}");
+        }
+    }
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    assert_eq!(after.cudnn_attention_calls - before.cudnn_attention_calls, runs);
+    // The flash kernels' forward, then cuDNN's backward from its log-sum-exp.
+    let input = |s: usize| crate::precision::cast_to(Tensor::<B, 4>::random([1, s, 4, 40], Distribution::Normal(0.0, 1.0), &device), DType::BF16).swap_dims(1, 2);
+    let (q, k, v, g) = (input(256), input(256), input(256), input(256));
+    set_flash_attention(true);
+    let (out, lse) = flash_attention(q.clone(), k.clone(), v.clone(), 0.158).expect("flash forward");
+    set_flash_attention(false);
+    set_cudnn_attention(true);
+    let (dq, _, _) = flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), lse.clone(), 0.158).expect("cuDNN backward");
+    set_cudnn_attention(false);
+    let (_, lse_ref) = flash::forward_math(f32(q.clone()), f32(k.clone()), f32(v.clone()), 0.158);
+    let delta = (f32(g.clone()) * f32(out)).sum_dim(3).squeeze_dim(3);
+    let (dq_ref, _, _) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref, delta, 0.158);
+    assert!(max_rel(f32(dq), dq_ref) < 3e-2, "cuDNN backward from the flash kernels' log-sum-exp");
+    assert_eq!(vendor_stats().fallbacks, before.fallbacks, "fallbacks: {:?}", vendor_stats().last_error);
+}
+
 /// The fused GroupNorm kernels against burn's ops on CUDA: SD1.5's GroupNorm + SiLU shapes
 /// at 512 px (320 channels at 64×64, 1280 at 8×8; 32 groups), a plain GroupNorm, odd
 /// planes (scalar loads), f32 and bf16 activations with f32 or bf16 γ, β; output, group

@@ -1,0 +1,602 @@
+//! Attention through cuDNN's fused scaled-dot-product-attention engines (the `sdpa_sm90_flash`
+//! kernels PyTorch runs on Hopper), forward and backward, for [`super::set_cudnn_attention`].
+//!
+//! cuDNN has no single call for attention before 9.13 (and none for its backward pass at
+//! all): its SDPA engines are picked by the heuristics for an *operation graph* of matmuls,
+//! pointwise ops and reductions that spells attention out. The graphs here are the ones
+//! NVIDIA's cudnn-frontend (`CompositeSDPANode`, `CompositeSDPABackwardNode`) builds for
+//! attention without masks or dropout and with as many key/value heads as query heads,
+//! written with cuDNN's backend API (`cudnnBackend*`) directly, the tensors' data types,
+//! virtual flags and layouts as the frontend sets them:
+//!
+//! - forward: `S = Q·Kᵀ`, `S·scale`, the softmax as max / subtract / exp / sum / divide with
+//!   the statistics `m + ln Σ` written out (f32, `[b, h, s_q, 1]`), `P` in the inputs' dtype,
+//!   `O = P·V`;
+//! - backward: `Δ = rowsum(dO ∘ O)` (written to a buffer of ours), `P = exp(S·scale − stats)`,
+//!   `dV = Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − Δ) · scale`, `dK = dSᵀ·Q`, `dQ = dS·K` (through an f32
+//!   buffer of ours).
+//!
+//! Inputs and outputs keep their strides (the head-split `[b, s, h, d]` views of the model
+//! are read where they are); the statistics have the layout and meaning of the flash
+//! kernels' log-sum-exp, so either backward pass takes either forward's. Each problem's
+//! execution plan is built once (heuristics mode A, the first engine configuration that
+//! finalizes) and cached; calls are ordered with burn's kernels like every cuDNN call
+//! ([`super::device::run_on_buffers`]). Any failure is returned as a message naming the
+//! step, and the caller falls back to its own kernels: set `CUDNN_LOGERR_DBG=1` and
+//! `CUDNN_LOGDEST_DBG=stderr` to have cuDNN say why it refused a graph.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::cubecl::cuda::CudaRuntime;
+use burn_cubecl::cubecl::server::Handle;
+use burn_cubecl::tensor::CubeTensor;
+use cudarc::cudnn::sys::{self, cudnnBackendAttributeName_t as Attr, cudnnBackendAttributeType_t as Ty, cudnnBackendDescriptorType_t as Kind};
+use cudarc::cudnn::result;
+use cudarc::driver::sys::CUstream;
+
+use super::device;
+
+/// Byte alignment promised for every tensor (cudnn-frontend's default; cubecl's buffers
+/// start 256-byte aligned and SD's head dimensions keep rows 16-byte aligned).
+const ALIGNMENT: i64 = 16;
+
+/// One device's cuDNN handle (bound to our stream) and the plans built so far.
+struct DeviceState {
+    handle: sys::cudnnHandle_t,
+    plans: HashMap<Key, Result<Plan, String>>,
+}
+
+// SAFETY: the handle and plans are only used while holding `STATE`'s lock, one thread at a
+// time; cuDNN handles and backend descriptors may be used from any thread of the process.
+unsafe impl Send for DeviceState {}
+
+static STATE: device::PerDevice<DeviceState> = device::PerDevice::new("cuDNN attention");
+
+/// What a plan depends on: the pass, the dtype, the sizes and every operand's strides.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    backward: bool,
+    dtype: DType,
+    /// `[b, h, s_q, s_kv, d]`.
+    sizes: [usize; 5],
+    /// Strides of `q, k, v, o` and, backward, `do, dq, dk, dv` (`[b, h, s, d]` order).
+    strides: Vec<[usize; 4]>,
+    /// The score scale's bits (a by-value operand, but part of the problem's identity).
+    scale: u32,
+}
+
+/// A built execution plan, the descriptors it was built from (kept alive with it), its
+/// workspace size, and the uids of its operands in the order `run` passes their pointers.
+struct Plan {
+    plan: Desc,
+    _graph: Vec<Desc>,
+    workspace: usize,
+    uids: Vec<i64>,
+    /// The uids of the by-value scalars and their values (`attn_scale`, and backward `1.0`).
+    scalars: Vec<(i64, f32)>,
+}
+
+/// An owned backend descriptor, destroyed on drop.
+struct Desc(sys::cudnnBackendDescriptor_t);
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor was created by `Desc::new` and is destroyed once.
+        unsafe { sys::cudnnBackendDestroyDescriptor(self.0) };
+    }
+}
+
+fn check(status: sys::cudnnStatus_t, what: &str) -> Result<(), String> {
+    if status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{what}: {status:?}"))
+    }
+}
+
+impl Desc {
+    fn new(kind: Kind) -> Result<Self, String> {
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: `raw` receives a new descriptor.
+        check(unsafe { sys::cudnnBackendCreateDescriptor(kind, &mut raw) }, &format!("creating a {kind:?}"))?;
+        Ok(Self(raw))
+    }
+
+    /// Sets attribute `name` to `values` of backend type `ty` (`T` must be that type's C type).
+    fn set<T>(&self, name: Attr, ty: Ty, values: &[T]) -> Result<(), String> {
+        // SAFETY: `values` holds `len` elements of the attribute's C type (the caller's
+        // contract); cuDNN copies them.
+        check(unsafe { sys::cudnnBackendSetAttribute(self.0, name, ty, values.len() as i64, values.as_ptr().cast()) }, &format!("{name:?}"))
+    }
+
+    fn set_desc(&self, name: Attr, other: &Desc) -> Result<(), String> {
+        self.set(name, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, &[other.0])
+    }
+
+    fn set_data_type(&self, name: Attr, dtype: sys::cudnnDataType_t) -> Result<(), String> {
+        self.set(name, Ty::CUDNN_TYPE_DATA_TYPE, &[dtype])
+    }
+
+    fn finalize(self, what: &str) -> Result<Self, String> {
+        // SAFETY: a descriptor of ours.
+        check(unsafe { sys::cudnnBackendFinalize(self.0) }, &format!("finalizing {what}"))?;
+        Ok(self)
+    }
+}
+
+/// A tensor of the graph: its uid and descriptor index in [`Graph::descs`].
+#[derive(Clone, Copy)]
+struct T {
+    uid: i64,
+    at: usize,
+}
+
+/// An operation graph under construction.
+struct Graph {
+    descs: Vec<Desc>,
+    ops: Vec<usize>,
+    next_uid: i64,
+}
+
+const FLOAT: sys::cudnnDataType_t = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+
+impl Graph {
+    fn new() -> Self {
+        Self { descs: Vec::new(), ops: Vec::new(), next_uid: 1 }
+    }
+
+    fn keep(&mut self, desc: Desc) -> usize {
+        self.descs.push(desc);
+        self.descs.len() - 1
+    }
+
+    fn tensor_with(&mut self, dims: [i64; 4], strides: [i64; 4], dtype: sys::cudnnDataType_t, is_virtual: bool, by_value: bool) -> Result<T, String> {
+        let uid = self.next_uid;
+        self.next_uid += 1;
+        let d = Desc::new(Kind::CUDNN_BACKEND_TENSOR_DESCRIPTOR)?;
+        d.set_data_type(Attr::CUDNN_ATTR_TENSOR_DATA_TYPE, dtype)?;
+        d.set(Attr::CUDNN_ATTR_TENSOR_DIMENSIONS, Ty::CUDNN_TYPE_INT64, &dims)?;
+        d.set(Attr::CUDNN_ATTR_TENSOR_STRIDES, Ty::CUDNN_TYPE_INT64, &strides)?;
+        d.set(Attr::CUDNN_ATTR_TENSOR_UNIQUE_ID, Ty::CUDNN_TYPE_INT64, &[uid])?;
+        d.set(Attr::CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, Ty::CUDNN_TYPE_INT64, &[ALIGNMENT])?;
+        d.set(Attr::CUDNN_ATTR_TENSOR_IS_VIRTUAL, Ty::CUDNN_TYPE_BOOLEAN, &[is_virtual])?;
+        if by_value {
+            d.set(Attr::CUDNN_ATTR_TENSOR_IS_BY_VALUE, Ty::CUDNN_TYPE_BOOLEAN, &[true])?;
+        }
+        let d = d.finalize("a tensor descriptor")?;
+        Ok(T { uid, at: self.keep(d) })
+    }
+
+    /// A tensor in memory (an operand of the plan).
+    fn tensor(&mut self, dims: [i64; 4], strides: [i64; 4], dtype: sys::cudnnDataType_t) -> Result<T, String> {
+        self.tensor_with(dims, strides, dtype, false, false)
+    }
+
+    /// An intermediate that never reaches memory (the engine keeps it on chip).
+    fn virt(&mut self, dims: [i64; 4], strides: [i64; 4], dtype: sys::cudnnDataType_t) -> Result<T, String> {
+        self.tensor_with(dims, strides, dtype, true, false)
+    }
+
+    /// An f32 scalar passed by value (a host pointer in the variant pack).
+    fn scalar(&mut self) -> Result<T, String> {
+        self.tensor_with([1, 1, 1, 1], [1, 1, 1, 1], FLOAT, false, true)
+    }
+
+    fn op(&mut self, d: Desc, what: &str) -> Result<(), String> {
+        let d = d.finalize(what)?;
+        let at = self.keep(d);
+        self.ops.push(at);
+        Ok(())
+    }
+
+    fn matmul(&mut self, a: T, b: T, c: T) -> Result<(), String> {
+        let m = Desc::new(Kind::CUDNN_BACKEND_MATMUL_DESCRIPTOR)?;
+        m.set_data_type(Attr::CUDNN_ATTR_MATMUL_COMP_TYPE, FLOAT)?;
+        let m = m.finalize("a matmul descriptor")?;
+        let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_MATMUL_DESCRIPTOR)?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_MATMUL_ADESC, &self.descs[a.at])?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, &self.descs[b.at])?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, &self.descs[c.at])?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &m)?;
+        self.keep(m);
+        self.op(op, "a matmul")
+    }
+
+    fn pointwise(&mut self, mode: sys::cudnnPointwiseMode_t, x: T, b: Option<T>, y: T) -> Result<(), String> {
+        let p = Desc::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
+        p.set(Attr::CUDNN_ATTR_POINTWISE_MODE, Ty::CUDNN_TYPE_POINTWISE_MODE, &[mode])?;
+        p.set_data_type(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, FLOAT)?;
+        let p = p.finalize("a pointwise descriptor")?;
+        let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &p)?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &self.descs[x.at])?;
+        if let Some(b) = b {
+            op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &self.descs[b.at])?;
+        }
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &self.descs[y.at])?;
+        self.keep(p);
+        self.op(op, &format!("a pointwise {mode:?}"))
+    }
+
+    fn reduction(&mut self, mode: sys::cudnnReduceTensorOp_t, x: T, y: T) -> Result<(), String> {
+        let r = Desc::new(Kind::CUDNN_BACKEND_REDUCTION_DESCRIPTOR)?;
+        r.set(Attr::CUDNN_ATTR_REDUCTION_OPERATOR, Ty::CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, &[mode])?;
+        r.set_data_type(Attr::CUDNN_ATTR_REDUCTION_COMP_TYPE, FLOAT)?;
+        let r = r.finalize("a reduction descriptor")?;
+        let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, &self.descs[x.at])?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_REDUCTION_YDESC, &self.descs[y.at])?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_REDUCTION_DESC, &r)?;
+        self.keep(r);
+        self.op(op, &format!("a reduction {mode:?}"))
+    }
+
+    /// A view of `x` under other dimensions and strides (a transposition here).
+    fn reshape(&mut self, x: T, y: T) -> Result<(), String> {
+        let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_RESHAPE_DESCRIPTOR)?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_RESHAPE_XDESC, &self.descs[x.at])?;
+        op.set_desc(Attr::CUDNN_ATTR_OPERATION_RESHAPE_YDESC, &self.descs[y.at])?;
+        self.op(op, "a reshape")
+    }
+
+    /// The execution plan of this graph: heuristics mode A, the first configuration that
+    /// finalizes.
+    fn build(mut self, handle: sys::cudnnHandle_t, uids: Vec<i64>, scalars: Vec<(i64, f32)>) -> Result<Plan, String> {
+        let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
+        let ops: Vec<sys::cudnnBackendDescriptor_t> = self.ops.iter().map(|&i| self.descs[i].0).collect();
+        graph.set(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, &ops)?;
+        graph.set(Attr::CUDNN_ATTR_OPERATIONGRAPH_HANDLE, Ty::CUDNN_TYPE_HANDLE, &[handle])?;
+        let graph = graph.finalize("the operation graph")?;
+        let heur = Desc::new(Kind::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
+        heur.set_desc(Attr::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &graph)?;
+        heur.set(Attr::CUDNN_ATTR_ENGINEHEUR_MODE, Ty::CUDNN_TYPE_HEUR_MODE, &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A])?;
+        let heur = heur.finalize("the heuristics")?;
+        let mut count = 0i64;
+        // SAFETY: a count query (no output array).
+        check(
+            unsafe { sys::cudnnBackendGetAttribute(heur.0, Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, 0, &mut count, std::ptr::null_mut()) },
+            "counting the heuristics' engine configurations",
+        )?;
+        if count <= 0 {
+            return Err("cuDNN's heuristics offer no engine for this attention graph".to_string());
+        }
+        let configs = (0..count).map(|_| Desc::new(Kind::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR)).collect::<Result<Vec<_>, _>>()?;
+        let mut raw: Vec<sys::cudnnBackendDescriptor_t> = configs.iter().map(|c| c.0).collect();
+        let mut got = 0i64;
+        // SAFETY: `raw` holds `count` engine-configuration descriptors for cuDNN to fill.
+        check(
+            unsafe { sys::cudnnBackendGetAttribute(heur.0, Attr::CUDNN_ATTR_ENGINEHEUR_RESULTS, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &mut got, raw.as_mut_ptr().cast()) },
+            "reading the heuristics' engine configurations",
+        )?;
+        let mut refusals = Vec::new();
+        for config in configs.iter().take(got.max(0) as usize) {
+            let plan = Desc::new(Kind::CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR)?;
+            plan.set(Attr::CUDNN_ATTR_EXECUTION_PLAN_HANDLE, Ty::CUDNN_TYPE_HANDLE, &[handle])?;
+            plan.set_desc(Attr::CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, config)?;
+            match plan.finalize("an execution plan") {
+                Ok(plan) => {
+                    let mut workspace = 0i64;
+                    let mut n = 0i64;
+                    // SAFETY: one int64 out.
+                    check(
+                        unsafe {
+                            sys::cudnnBackendGetAttribute(plan.0, Attr::CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, Ty::CUDNN_TYPE_INT64, 1, &mut n, (&raw mut workspace).cast())
+                        },
+                        "reading the plan's workspace size",
+                    )?;
+                    self.descs.push(graph);
+                    self.descs.push(heur);
+                    self.descs.extend(configs);
+                    return Ok(Plan { plan, _graph: self.descs, workspace: workspace.max(0) as usize, uids, scalars });
+                }
+                Err(reason) => refusals.push(reason),
+            }
+        }
+        Err(format!("none of cuDNN's {got} engine configurations finalized for this attention graph ({})", refusals.join("; ")))
+    }
+}
+
+fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t, String> {
+    match dtype {
+        DType::F16 => Ok(sys::cudnnDataType_t::CUDNN_DATA_HALF),
+        DType::BF16 => Ok(sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16),
+        other => Err(format!("cuDNN attention: {other:?} inputs (bf16 or f16 needed)")),
+    }
+}
+
+fn i64s(v: [usize; 4]) -> [i64; 4] {
+    v.map(|x| x as i64)
+}
+
+/// `[b, h, s, d]` strides of `t`.
+fn strides(t: &CubeTensor<CudaRuntime>) -> [usize; 4] {
+    let s = t.meta.strides().to_vec();
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// Contiguous strides of `[b, h, s, 1]` statistics.
+fn stats_strides(h: usize, s: usize) -> [i64; 4] {
+    [(h * s) as i64, s as i64, 1, 1]
+}
+
+/// Contiguous strides of `dims`.
+fn packed(dims: [i64; 4]) -> [i64; 4] {
+    [dims[1] * dims[2] * dims[3], dims[2] * dims[3], dims[3], 1]
+}
+
+/// Swaps the last two entries (`[b, h, s, d]` ↔ `[b, h, d, s]`).
+fn swap(v: [i64; 4]) -> [i64; 4] {
+    [v[0], v[1], v[3], v[2]]
+}
+
+use sys::cudnnPointwiseMode_t as Pw;
+use sys::cudnnReduceTensorOp_t as Red;
+
+/// cudnn-frontend's forward graph (see the module docs); the operands in `run` order:
+/// `q, k, v, o, stats`.
+fn forward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String> {
+    let dt = data_type(key.dtype)?;
+    let [b, h, sq, skv, d] = key.sizes.map(|x| x as i64);
+    let [qs, ks, vs, os] = [0, 1, 2, 3].map(|i| i64s(key.strides[i]));
+    let mut g = Graph::new();
+    let q = g.tensor([b, h, sq, d], qs, dt)?;
+    // Kᵀ: the same memory as K, described as `[b, h, d, s_kv]`.
+    let kt = g.tensor([b, h, d, skv], swap(ks), dt)?;
+    let v = g.tensor([b, h, skv, d], vs, dt)?;
+    let scores = [b, h, sq, skv];
+    let rows = [b, h, sq, 1];
+    let (sp, rp) = (packed(scores), stats_strides(h as usize, sq as usize));
+    let scale = g.scalar()?;
+    let s = g.virt(scores, sp, FLOAT)?;
+    g.matmul(q, kt, s)?;
+    let s_scaled = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_MUL, s, Some(scale), s_scaled)?;
+    let max = g.virt(rows, rp, FLOAT)?;
+    g.reduction(Red::CUDNN_REDUCE_TENSOR_MAX, s_scaled, max)?;
+    let sub = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_SUB, s_scaled, Some(max), sub)?;
+    let exp = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_EXP, sub, None, exp)?;
+    let sum = g.virt(rows, rp, FLOAT)?;
+    g.reduction(Red::CUDNN_REDUCE_TENSOR_ADD, exp, sum)?;
+    let log = g.virt(rows, rp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_LOG, sum, None, log)?;
+    let stats = g.tensor(rows, rp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_ADD, max, Some(log), stats)?;
+    // P in the inputs' dtype, as the second product reads it.
+    let p = g.virt(scores, sp, dt)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_DIV, exp, Some(sum), p)?;
+    let o = g.tensor([b, h, sq, d], os, dt)?;
+    g.matmul(p, v, o)?;
+    let uids = vec![q.uid, kt.uid, v.uid, o.uid, stats.uid];
+    g.build(handle, uids, vec![(scale.uid, f32::from_bits(key.scale))])
+}
+
+/// cudnn-frontend's backward graph (see the module docs); the operands in `run` order:
+/// `q, k, v, o, do, stats, dq, dk, dv, softmax_sum, dq_accum`.
+fn backward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String> {
+    let dt = data_type(key.dtype)?;
+    let [b, h, sq, skv, d] = key.sizes.map(|x| x as i64);
+    let [qs, ks, vs, os, dos, dqs, dks, dvs] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| i64s(key.strides[i]));
+    let mut g = Graph::new();
+    let q = g.tensor([b, h, sq, d], qs, dt)?;
+    let kt = g.tensor([b, h, d, skv], swap(ks), dt)?;
+    let vt = g.tensor([b, h, d, skv], swap(vs), dt)?;
+    let o = g.tensor([b, h, sq, d], os, dt)?;
+    let d_o = g.tensor([b, h, sq, d], dos, dt)?;
+    let rows = [b, h, sq, 1];
+    let rp = stats_strides(h as usize, sq as usize);
+    let stats = g.tensor(rows, rp, FLOAT)?;
+    let scale = g.scalar()?;
+    let one = g.scalar()?;
+    let scores = [b, h, sq, skv];
+    let sp = packed(scores);
+    // Δ = rowsum(dO ∘ O), into a buffer of ours (the frontend's layout for the product).
+    let prod = g.virt([b, h, sq, d], [h * sq * d, sq * d, h * d, 1], FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_MUL, d_o, Some(o), prod)?;
+    let rowsum = g.virt(rows, rp, FLOAT)?;
+    g.reduction(Red::CUDNN_REDUCE_TENSOR_ADD, prod, rowsum)?;
+    let softmax_sum = g.tensor(rows, rp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_MUL, rowsum, Some(one), softmax_sum)?;
+    // P = exp(Q·Kᵀ·scale − stats).
+    let s = g.virt(scores, sp, FLOAT)?;
+    g.matmul(q, kt, s)?;
+    let s_scaled = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_MUL, s, Some(scale), s_scaled)?;
+    let s_sub = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_SUB, s_scaled, Some(stats), s_sub)?;
+    let p = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_EXP, s_sub, None, p)?;
+    // dV = Pᵀ·dO (Pᵀ a transposed view in the inputs' dtype).
+    let transposed = [b, h, skv, sq];
+    let tp = [h * sq * skv, sq * skv, 1, skv];
+    let pt = g.virt(transposed, tp, dt)?;
+    g.reshape(p, pt)?;
+    let dv = g.tensor([b, h, skv, d], dvs, dt)?;
+    g.matmul(pt, d_o, dv)?;
+    // dS = P ∘ (dO·Vᵀ − Δ) · scale.
+    let dp = g.virt(scores, sp, FLOAT)?;
+    g.matmul(d_o, vt, dp)?;
+    let dp_sub = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_SUB, dp, Some(softmax_sum), dp_sub)?;
+    let ds_unscaled = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_MUL, dp_sub, Some(p), ds_unscaled)?;
+    let ds = g.virt(scores, sp, FLOAT)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_MUL, ds_unscaled, Some(scale), ds)?;
+    // dK = dSᵀ·Q.
+    let dst = g.virt(transposed, tp, dt)?;
+    g.reshape(ds, dst)?;
+    let dk = g.tensor([b, h, skv, d], dks, dt)?;
+    g.matmul(dst, q, dk)?;
+    // dQ = dS·K through an f32 accumulator of ours (K: Kᵀ viewed back).
+    let k = g.virt([b, h, skv, d], ks, FLOAT)?;
+    g.reshape(kt, k)?;
+    let dq_accum = g.tensor([b, h, sq, d], packed([b, h, sq, d]), FLOAT)?;
+    g.matmul(ds, k, dq_accum)?;
+    let dq = g.tensor([b, h, sq, d], dqs, dt)?;
+    g.pointwise(Pw::CUDNN_POINTWISE_IDENTITY, dq_accum, None, dq)?;
+    let uids = vec![q.uid, kt.uid, vt.uid, o.uid, d_o.uid, stats.uid, dq.uid, dk.uid, dv.uid, softmax_sum.uid, dq_accum.uid];
+    g.build(handle, uids, vec![(scale.uid, f32::from_bits(key.scale)), (one.uid, 1.0)])
+}
+
+fn init_device(stream: CUstream) -> Result<DeviceState, String> {
+    // SAFETY: probing only tries to open the shared library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("libcudnn (cuDNN 9) not found; add its directory to LD_LIBRARY_PATH".to_string());
+    }
+    let version = result::get_version();
+    if version < 90600 {
+        // The backward graph leaves its f32 dQ accumulator to cuDNN to clear from 9.6 on.
+        return Err(format!("cuDNN {version} found; attention needs 9.6 or later"));
+    }
+    let handle = result::create_handle().map_err(|e| format!("cudnnCreate: {e}"))?;
+    // SAFETY: the handle was just created; the stream lives as long as the process.
+    unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cudnnSetStream: {e}"))?;
+    Ok(DeviceState { handle, plans: HashMap::new() })
+}
+
+/// The cuDNN version, once the library loads and a handle can be created on device 0.
+pub(super) fn status() -> Result<usize, String> {
+    STATE.with(0, init_device, |_, _| Ok(result::get_version()))
+}
+
+/// Whether cuDNN's SDPA engines take `[b, h, s, d]` problems of head dimension `d` and
+/// `s_kv` keys in `dtype` (cudnn-frontend's support surface for Hopper: `d` a multiple of 8
+/// up to 256; the backward pass without its padding-mask workaround needs `s_kv` a multiple
+/// of 128 before cuDNN 9.15, so other lengths stay with the caller's kernels).
+pub(super) fn supports(dtype: DType, d: usize, s_q: usize, s_kv: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && d.is_multiple_of(8) && d <= 256 && s_kv.is_multiple_of(128) && !(s_q == 1 && s_kv == 1)
+}
+
+/// A new tensor of `like`'s shape and dtype in its layout (a head-split view's gradient
+/// comes back head-split, so merging the heads stays a view).
+fn output_like(like: &CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    super::flash::output_like(like, like.dtype)
+}
+
+/// Row-contiguous (`d` innermost, stride 1) `[b, h, s, d]` operand.
+fn rows_dense(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    if t.meta.strides().to_vec().last() == Some(&1) {
+        t
+    } else {
+        burn_cubecl::kernel::into_contiguous(t)
+    }
+}
+
+/// Runs `plan` with `operands` (in its uid order) and a workspace, ordered with burn's
+/// kernels on our stream.
+fn execute(state: &mut DeviceState, stream: CUstream, key: &Key, operands: &[&Handle], client: &burn_cubecl::cubecl::prelude::ComputeClient<CudaRuntime>, device_index: usize) -> Result<(), String> {
+    let handle = state.handle;
+    let plan = state
+        .plans
+        .entry(key.clone())
+        .or_insert_with(|| if key.backward { backward_graph(handle, key) } else { forward_graph(handle, key) })
+        .as_ref()
+        .map_err(|e| e.clone())?;
+    let workspace = (plan.workspace > 0).then(|| client.empty(plan.workspace));
+    let mut buffers: Vec<&Handle> = operands.to_vec();
+    buffers.extend(workspace.as_ref());
+    let problem = device::problem_hash("cudnn-sdpa", key);
+    let (uids, scalars, raw_plan, n) = (&plan.uids, &plan.scalars, plan.plan.0, operands.len());
+    device::run_on_buffers(client, device_index, stream, problem, &buffers, |p| {
+        let mut all_uids: Vec<i64> = uids.clone();
+        let mut pointers: Vec<*mut c_void> = p[..n].to_vec();
+        // By-value scalars: host pointers, read when the call is queued.
+        let values: Vec<f32> = scalars.iter().map(|&(_, v)| v).collect();
+        for (i, &(uid, _)) in scalars.iter().enumerate() {
+            all_uids.push(uid);
+            pointers.push((&values[i] as *const f32).cast_mut().cast());
+        }
+        let ws = if p.len() > n { p[n] } else { std::ptr::null_mut() };
+        let pack = Desc::new(Kind::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
+        pack.set(Attr::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, Ty::CUDNN_TYPE_INT64, &all_uids)?;
+        pack.set(Attr::CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, Ty::CUDNN_TYPE_VOID_PTR, &pointers)?;
+        pack.set(Attr::CUDNN_ATTR_VARIANT_PACK_WORKSPACE, Ty::CUDNN_TYPE_VOID_PTR, &[ws])?;
+        let pack = pack.finalize("the variant pack")?;
+        // SAFETY: the pointers address live cubecl buffers of the planned shapes and
+        // strides (and host scalars that outlive the call: cuDNN reads by-value operands
+        // when it queues the work); the handle is bound to `stream`.
+        check(unsafe { sys::cudnnBackendExecute(handle, raw_plan, pack.0) }, "cudnnBackendExecute (attention)")
+    })
+}
+
+/// Attention's forward pass in cuDNN: `(o, lse)` for `[b, h, s, d]` inputs, `lse` f32
+/// `[b, h, s_q]` (the flash kernels' log-sum-exp).
+pub(super) fn forward(q: CubeTensor<CudaRuntime>, k: CubeTensor<CudaRuntime>, v: CubeTensor<CudaRuntime>, scale: f32) -> Result<(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>), String> {
+    let (q, k, v) = (rows_dense(q), rows_dense(k), rows_dense(v));
+    let [b, h, sq, d] = q.meta.shape().dims::<4>();
+    let skv = k.meta.shape().dims::<4>()[2];
+    if k.dtype != q.dtype || v.dtype != q.dtype || !supports(q.dtype, d, sq, skv) {
+        return Err(format!("cuDNN attention: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
+    }
+    let o = output_like(&q);
+    let client = q.client.clone();
+    let lse_handle = client.empty(b * h * sq * 4);
+    let key = Key { backward: false, dtype: q.dtype, sizes: [b, h, sq, skv, d], strides: vec![strides(&q), strides(&k), strides(&v), strides(&o)], scale: scale.to_bits() };
+    let index = q.device.index;
+    STATE.with(index, init_device, |state, stream| execute(state, stream, &key, &[&q.handle, &k.handle, &v.handle, &o.handle, &lse_handle], &client, index))?;
+    let lse = CubeTensor::new_contiguous(client, q.device.clone(), Shape::new([b, h, sq]), lse_handle, DType::F32);
+    Ok((o, lse))
+}
+
+/// Attention's backward pass in cuDNN: `(dq, dk, dv)` from the inputs, the forward output,
+/// its gradient and the log-sum-exp of [`forward`] (or of the flash kernels).
+#[allow(clippy::type_complexity)]
+pub(super) fn backward(
+    [q, k, v, dout, out]: [CubeTensor<CudaRuntime>; 5],
+    lse: CubeTensor<CudaRuntime>,
+    scale: f32,
+) -> Result<(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>), String> {
+    let [q, k, v, dout, out] = [q, k, v, dout, out].map(rows_dense);
+    let [b, h, sq, d] = q.meta.shape().dims::<4>();
+    let skv = k.meta.shape().dims::<4>()[2];
+    if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports(q.dtype, d, sq, skv) {
+        return Err(format!("cuDNN attention backward: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
+    }
+    let lse = if lse.is_contiguous() { lse } else { burn_cubecl::kernel::into_contiguous(lse) };
+    let (dq, dk, dv) = (output_like(&q), output_like(&k), output_like(&v));
+    let client = q.client.clone();
+    let softmax_sum = client.empty(b * h * sq * 4);
+    let dq_accum = client.empty(b * h * sq * d * 4);
+    let key = Key {
+        backward: true,
+        dtype: q.dtype,
+        sizes: [b, h, sq, skv, d],
+        strides: [&q, &k, &v, &out, &dout, &dq, &dk, &dv].map(strides).to_vec(),
+        scale: scale.to_bits(),
+    };
+    let index = q.device.index;
+    let operands = [&q.handle, &k.handle, &v.handle, &out.handle, &dout.handle, &lse.handle, &dq.handle, &dk.handle, &dv.handle, &softmax_sum, &dq_accum];
+    STATE.with(index, init_device, |state, stream| execute(state, stream, &key, &operands, &client, index))?;
+    Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The support surface: SD's head dimensions (40, 80, 160; SD2's 64) at key counts that
+    /// are multiples of 128; not the 77-token cross-attention, odd head dimensions, f32.
+    #[test]
+    fn support_surface() {
+        for d in [40, 64, 80, 160] {
+            assert!(supports(DType::BF16, d, 4096, 4096), "d = {d}");
+        }
+        assert!(supports(DType::F16, 40, 77, 256));
+        assert!(!supports(DType::BF16, 40, 4096, 77), "77 keys need cuDNN's padding workaround");
+        assert!(!supports(DType::BF16, 36, 128, 128));
+        assert!(!supports(DType::BF16, 264, 128, 128));
+        assert!(!supports(DType::F32, 40, 128, 128));
+    }
+
+    /// Without a GPU (or without libcudnn) the status is an error, never a panic.
+    #[test]
+    fn status_without_a_device_is_an_error_or_a_version() {
+        match status() {
+            Ok(version) => assert!(version >= 90600),
+            Err(reason) => assert!(!reason.is_empty()),
+        }
+    }
+}
