@@ -64,18 +64,25 @@ fn with_device<T>(index: usize, f: impl FnOnce(&mut DeviceState, CUstream) -> Re
 }
 
 fn init_device(stream: CUstream) -> Result<DeviceState, String> {
+    let handle = handle_on(stream, 90000, "convolutions")?;
+    Ok(DeviceState { handle, algos: HashMap::new() })
+}
+
+/// A new cuDNN handle bound to `stream`, once libcudnn loads and is at least version
+/// `min_version` (what `purpose` needs, named in the error).
+pub(super) fn handle_on(stream: CUstream, min_version: usize, purpose: &str) -> Result<sys::cudnnHandle_t, String> {
     // SAFETY: probing only tries to open the shared library.
     if !unsafe { sys::is_culib_present() } {
         return Err("libcudnn (cuDNN 9) not found; add its directory to LD_LIBRARY_PATH".to_string());
     }
     let version = result::get_version();
-    if version < 90000 {
-        return Err(format!("cuDNN {version} found; version 9 is required"));
+    if version < min_version {
+        return Err(format!("cuDNN {version} found; {purpose} need {min_version} or later"));
     }
     let handle = result::create_handle().map_err(|e| format!("cudnnCreate: {e}"))?;
     // SAFETY: the handle was just created; the stream lives as long as the process.
     unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cudnnSetStream: {e}"))?;
-    Ok(DeviceState { handle, algos: HashMap::new() })
+    Ok(handle)
 }
 
 fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t, String> {

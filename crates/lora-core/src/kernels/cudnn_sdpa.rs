@@ -37,6 +37,8 @@ use cudarc::cudnn::result;
 use cudarc::driver::sys::CUstream;
 
 use super::device;
+// Head-split views in and out, as the flash kernels read and write them.
+use super::flash::{output_like, rowwise};
 
 /// Byte alignment promised for every tensor (cudnn-frontend's default; cubecl's buffers
 /// start 256-byte aligned and SD's head dimensions keep rows 16-byte aligned).
@@ -442,18 +444,8 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String>
 }
 
 fn init_device(stream: CUstream) -> Result<DeviceState, String> {
-    // SAFETY: probing only tries to open the shared library.
-    if !unsafe { sys::is_culib_present() } {
-        return Err("libcudnn (cuDNN 9) not found; add its directory to LD_LIBRARY_PATH".to_string());
-    }
-    let version = result::get_version();
-    if version < 90600 {
-        // The backward graph leaves its f32 dQ accumulator to cuDNN to clear from 9.6 on.
-        return Err(format!("cuDNN {version} found; attention needs 9.6 or later"));
-    }
-    let handle = result::create_handle().map_err(|e| format!("cudnnCreate: {e}"))?;
-    // SAFETY: the handle was just created; the stream lives as long as the process.
-    unsafe { result::set_stream(handle, stream as sys::cudaStream_t) }.map_err(|e| format!("cudnnSetStream: {e}"))?;
+    // The backward graph leaves its f32 dQ accumulator to cuDNN to clear from 9.6 on.
+    let handle = super::cudnn::handle_on(stream, 90600, "attention")?;
     Ok(DeviceState { handle, plans: HashMap::new() })
 }
 
@@ -468,21 +460,6 @@ pub(super) fn status() -> Result<usize, String> {
 /// of 128 before cuDNN 9.15, so other lengths stay with the caller's kernels).
 pub(super) fn supports(dtype: DType, d: usize, s_q: usize, s_kv: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && d.is_multiple_of(8) && d <= 256 && s_kv.is_multiple_of(128) && !(s_q == 1 && s_kv == 1)
-}
-
-/// A new tensor of `like`'s shape and dtype in its layout (a head-split view's gradient
-/// comes back head-split, so merging the heads stays a view).
-fn output_like(like: &CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-    super::flash::output_like(like, like.dtype)
-}
-
-/// Row-contiguous (`d` innermost, stride 1) `[b, h, s, d]` operand.
-fn rows_dense(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-    if t.meta.strides().to_vec().last() == Some(&1) {
-        t
-    } else {
-        burn_cubecl::kernel::into_contiguous(t)
-    }
 }
 
 /// Runs `plan` with `operands` (in its uid order) and a workspace, ordered with burn's
@@ -525,13 +502,13 @@ fn execute(state: &mut DeviceState, stream: CUstream, key: &Key, operands: &[&Ha
 /// Attention's forward pass in cuDNN: `(o, lse)` for `[b, h, s, d]` inputs, `lse` f32
 /// `[b, h, s_q]` (the flash kernels' log-sum-exp).
 pub(super) fn forward(q: CubeTensor<CudaRuntime>, k: CubeTensor<CudaRuntime>, v: CubeTensor<CudaRuntime>, scale: f32) -> Result<(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>), String> {
-    let (q, k, v) = (rows_dense(q), rows_dense(k), rows_dense(v));
+    let (q, k, v) = (rowwise(q), rowwise(k), rowwise(v));
     let [b, h, sq, d] = q.meta.shape().dims::<4>();
     let skv = k.meta.shape().dims::<4>()[2];
     if k.dtype != q.dtype || v.dtype != q.dtype || !supports(q.dtype, d, sq, skv) {
         return Err(format!("cuDNN attention: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
     }
-    let o = output_like(&q);
+    let o = output_like(&q, q.dtype);
     let client = q.client.clone();
     let lse_handle = client.empty(b * h * sq * 4);
     let key = Key { backward: false, dtype: q.dtype, sizes: [b, h, sq, skv, d], strides: vec![strides(&q), strides(&k), strides(&v), strides(&o)], scale: scale.to_bits() };
@@ -549,14 +526,14 @@ pub(super) fn backward(
     lse: CubeTensor<CudaRuntime>,
     scale: f32,
 ) -> Result<(CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>), String> {
-    let [q, k, v, dout, out] = [q, k, v, dout, out].map(rows_dense);
+    let [q, k, v, dout, out] = [q, k, v, dout, out].map(rowwise);
     let [b, h, sq, d] = q.meta.shape().dims::<4>();
     let skv = k.meta.shape().dims::<4>()[2];
     if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports(q.dtype, d, sq, skv) {
         return Err(format!("cuDNN attention backward: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
     }
     let lse = if lse.is_contiguous() { lse } else { burn_cubecl::kernel::into_contiguous(lse) };
-    let (dq, dk, dv) = (output_like(&q), output_like(&k), output_like(&v));
+    let (dq, dk, dv) = (output_like(&q, q.dtype), output_like(&k, q.dtype), output_like(&v, q.dtype));
     let client = q.client.clone();
     let softmax_sum = client.empty(b * h * sq * 4);
     let dq_accum = client.empty(b * h * sq * d * 4);

@@ -1379,7 +1379,7 @@ impl<R, BT> std::fmt::Debug for FlashBackward<R, BT> {
 
 /// `x`, or a contiguous copy of it unless its rows are dense (last stride 1): the kernels
 /// take any batch, head and row strides ([`Layout`]).
-fn rowwise<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
+pub(super) fn rowwise<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
     if x.meta.strides().last() == Some(&1) || x.meta.shape().to_vec().last() == Some(&1) {
         x
     } else {
@@ -1469,25 +1469,8 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
         let ([q, k, v], [out, lse]) = self.desc.as_fixed();
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let (tq, tk, tv) = (get(handles, q), get(handles, k), get(handles, v));
-        let cudnn = match cudnn_forward(&tq, &tk, &tv, self.scale) {
-            Some(Ok(result)) => {
-                super::record_cudnn_attention();
-                Some(result)
-            }
-            Some(Err(reason)) => {
-                super::record_fallback(reason);
-                None
-            }
-            None => None,
-        };
-        let ours = || match self.kernel(tq.clone(), tk.clone(), tv.clone()) {
-            Ok(result) => {
-                super::record_flash_attention();
-                Ok(result)
-            }
-            Err(reason) => Err(reason),
-        };
-        let (o, l) = match cudnn.map(Ok).unwrap_or_else(ours) {
+        let ours = || self.kernel(tq.clone(), tk.clone(), tv.clone());
+        let (o, l) = match cudnn_or_ours(cudnn_forward(&tq, &tk, &tv, self.scale), ours) {
             Ok(result) => result,
             Err(reason) => {
                 super::record_fallback(reason);
@@ -1525,25 +1508,8 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout), get(handles, out)];
         let lse = get(handles, lse);
-        let cudnn = match cudnn_backward(&inputs, &lse, self.scale) {
-            Some(Ok(result)) => {
-                super::record_cudnn_attention();
-                Some(result)
-            }
-            Some(Err(reason)) => {
-                super::record_fallback(reason);
-                None
-            }
-            None => None,
-        };
-        let ours = || match self.kernel(inputs.clone(), lse.clone()) {
-            Ok(result) => {
-                super::record_flash_attention();
-                Ok(result)
-            }
-            Err(reason) => Err(reason),
-        };
-        let grads = match cudnn.map(Ok).unwrap_or_else(ours) {
+        let ours = || self.kernel(inputs.clone(), lse.clone());
+        let grads = match cudnn_or_ours(cudnn_backward(&inputs, &lse, self.scale), ours) {
             Ok(result) => result,
             Err(reason) => {
                 super::record_fallback(reason);
@@ -1558,6 +1524,20 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
         handles.register_float_tensor::<Inner<R, BT>>(&dk.id, grads.1);
         handles.register_float_tensor::<Inner<R, BT>>(&dv.id, grads.2);
     }
+}
+
+/// cuDNN's result when it ran (`cudnn`: `None` when it does not take the problem; a refusal
+/// is counted as a fallback), else the flash kernels' (`ours`); each success is counted.
+fn cudnn_or_ours<T>(cudnn: Option<Result<T, String>>, ours: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match cudnn {
+        Some(Ok(result)) => {
+            super::record_cudnn_attention();
+            return Ok(result);
+        }
+        Some(Err(reason)) => super::record_fallback(reason),
+        None => {}
+    }
+    ours().inspect(|_| super::record_flash_attention())
 }
 
 /// `a` as a `B` when `A` is `B` (a CubeCL tensor of a generic runtime as a CUDA one and back).
