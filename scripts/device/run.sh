@@ -51,6 +51,7 @@
 #                      with cuDNN's, cuBLAS's and the softmax's; 0: none, every switch stays
 #                      on, e.g. for a second call that only profiles)
 #   ORDERING_TEST_S=240   time limit of the GPU-side ordering test
+#   CUDNN_ATTN_TEST_S=150 time limit of the cuDNN attention test (its log has cuDNN's refusals)
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model, then `trainer
 #                      generate` with its LoRA (0 skips both)
@@ -264,9 +265,14 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
         FLASH=0
         say "flash attention failed its test: the :flash settings below use the blockwise attention"
     }
-    kernel_test cudnn-attention-vs-math cudnn_attention_matches_math_on_cuda || {
+    # cuDNN says why it refuses a graph (errors only) in this test's log.
+    kernel_test cudnn-attention-vs-math cudnn_attention_matches_math_on_cuda timeout -k 5 "${CUDNN_ATTN_TEST_S:-150}" env CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr || {
         CUDNN_ATTN=0
         say "cuDNN's attention failed its test: the :cudnnattn settings below use the flash kernels"
+    }
+    kernel_test cudnn-attention-padded-vs-math cudnn_attention_padded_backward_matches_math_on_cuda timeout -k 5 "${CUDNN_ATTN_TEST_S:-150}" env CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr || {
+        export SD_LORA_CUDNN_PADDED_BACKWARD=0
+        say "cuDNN's padded attention backward failed its test: every run below leaves the 77-token cross-attention's backward to the flash kernels"
     }
     kernel_test group-norm-fused-vs-burn fused_group_norm_matches_burn_on_cuda || {
         FUSED_GN=0

@@ -36,6 +36,18 @@ pub enum TrainError {
         /// The global gradient norm (NaN when the loss already was).
         grad_norm: f32,
     },
+    /// The GPU-side ordering of cuDNN / cuBLAS calls (`--vendor-sync device`) gave up
+    /// waiting, so a library call may have read its inputs before they were written.
+    #[error(
+        "GPU-side ordering of cuDNN / cuBLAS calls timed out {timeouts} time(s) by step {step}, so results may be \
+         wrong: rerun with --vendor-sync host (SD_LORA_VENDOR_SYNC=host); the last saved LoRA and state are kept"
+    )]
+    OrderingTimeout {
+        /// The optimizer step read back last.
+        step: usize,
+        /// Timeouts so far.
+        timeouts: u64,
+    },
     /// A model problem.
     #[error(transparent)]
     Model(#[from] sd_model::SdModelError),

@@ -48,9 +48,11 @@ struct Cli {
     #[arg(long, global = true)]
     flash_attention: bool,
     /// Run attention (forward and backward) on CUDA in cuDNN's fused attention engines, the
-    /// kernels PyTorch uses, where they take the problem (bf16 / f16, key counts a multiple
-    /// of 128); the rest, and any cuDNN refusal, go to the flash-attention kernels. Needs
-    /// cuDNN 9.6 or later. Also `SD_LORA_CUDNN_ATTENTION=1`.
+    /// kernels PyTorch uses, where they take the problem (bf16 / f16; backward passes over
+    /// key counts that are not multiples of 128, such as the 77-token cross-attention, carry
+    /// cudnn-frontend's padding mask, which `SD_LORA_CUDNN_PADDED_BACKWARD=0` leaves to the
+    /// flash kernels); the rest, and any cuDNN refusal, go to the flash-attention kernels.
+    /// Needs cuDNN 9.6 or later. Also `SD_LORA_CUDNN_ATTENTION=1`.
     #[arg(long, global = true)]
     cudnn_attention: bool,
     /// With --flash-attention, use the flash kernels only for attention over at most this
@@ -69,11 +71,55 @@ struct Cli {
     /// `SD_LORA_FIXED_MATMUL=0`.
     #[arg(long, global = true)]
     tuned_matmul: bool,
+    /// On CUDA, turn every fast path on at once: --cudnn --cublas --vendor-sync device
+    /// --fused-softmax --flash-attention --cudnn-attention --fused-group-norm (each falls
+    /// back per call where it does not apply). Turn one off again with its variable set to
+    /// 0, e.g. `SD_LORA_CUDNN_ATTENTION=0`. Also `SD_LORA_FAST_KERNELS=1`.
+    #[arg(long, global = true)]
+    fast_kernels: bool,
 }
 
-/// Whether environment variable `name` is set to `1` or `true`.
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+/// Environment variable `name` as a switch: `Some(true)` for `1` / `true`, `Some(false)`
+/// for `0` / `false`, `None` when unset or empty.
+fn env_switch(name: &str) -> Result<Option<bool>> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) if v == "1" || v.eq_ignore_ascii_case("true") => Ok(Some(true)),
+        Ok(v) if v == "0" || v.eq_ignore_ascii_case("false") => Ok(Some(false)),
+        Ok(v) => anyhow::bail!("{name}={v}: expected 1 or 0 (true or false)"),
+    }
+}
+
+/// The trainer's kernels without flags: burn's, but the fixed matmul (burn's autotuning of
+/// each new matmul shape made the first SD1.5 step take minutes; docs/benchmarks.md).
+fn trainer_kernels() -> lora_core::kernels::KernelSettings {
+    lora_core::kernels::KernelSettings { fixed_matmul: true, ..Default::default() }
+}
+
+/// The kernel switches from the flags and `SD_LORA_*` variables: `--fast-kernels` (or
+/// `SD_LORA_FAST_KERNELS=1`) starts from every fast path, else from the trainer's defaults
+/// (burn's kernels but the fixed matmul); a flag turns its switch on, a variable sets it
+/// either way.
+fn kernel_settings(cli: &Cli) -> Result<lora_core::kernels::KernelSettings> {
+    use lora_core::kernels::KernelSettings;
+    let fast = cli.fast_kernels || env_switch("SD_LORA_FAST_KERNELS")? == Some(true);
+    let mut k = if fast { KernelSettings::fast() } else { trainer_kernels() };
+    let switch = |flag: bool, name: &str, base: bool| -> Result<bool> { Ok(flag || env_switch(name)?.unwrap_or(base)) };
+    k.cudnn = switch(cli.cudnn, "SD_LORA_CUDNN", k.cudnn)?;
+    k.cublas = switch(cli.cublas, "SD_LORA_CUBLAS", k.cublas)?;
+    k.fused_softmax = switch(cli.fused_softmax, "SD_LORA_FUSED_SOFTMAX", k.fused_softmax)?;
+    k.flash_attention = switch(cli.flash_attention, "SD_LORA_FLASH_ATTENTION", k.flash_attention)?;
+    k.cudnn_attention = switch(cli.cudnn_attention, "SD_LORA_CUDNN_ATTENTION", k.cudnn_attention)?;
+    k.fused_group_norm = switch(cli.fused_group_norm, "SD_LORA_FUSED_GROUP_NORM", k.fused_group_norm)?;
+    k.fixed_matmul = !cli.tuned_matmul && env_switch("SD_LORA_FIXED_MATMUL")?.unwrap_or(k.fixed_matmul);
+    k.fused_concat = env_switch("SD_LORA_FUSED_CONCAT")?.unwrap_or(k.fused_concat);
+    k.vendor_sync = match (cli.vendor_sync, std::env::var("SD_LORA_VENDOR_SYNC")) {
+        (Some(mode), _) => mode,
+        (None, Ok(value)) if !value.is_empty() => value.parse().map_err(|e| anyhow::anyhow!("SD_LORA_VENDOR_SYNC={value}: {e}"))?,
+        _ => k.vendor_sync,
+    };
+    Ok(k)
 }
 
 #[derive(Subcommand)]
@@ -696,17 +742,60 @@ fn configure_kernel_cache() -> Option<PathBuf> {
     Some(chosen)
 }
 
+/// Says on stderr which kernels the CUDA run uses (and which libraries are missing).
+#[cfg(feature = "cuda")]
+fn report_kernels(k: &lora_core::kernels::KernelSettings, flash_max_keys: Option<usize>) {
+    if k.fused_softmax {
+        eprintln!("attention softmax: fused kernel");
+    }
+    if k.flash_attention {
+        match flash_max_keys {
+            Some(keys) => eprintln!("attention: flash-attention kernels up to {keys} keys, blockwise above (bf16 / f16 models)"),
+            None => eprintln!("attention: flash-attention kernels (bf16 / f16 models)"),
+        }
+    }
+    if k.cudnn_attention {
+        match lora_core::kernels::cudnn_attention_status() {
+            Ok(version) => eprintln!("attention: cuDNN {version} fused attention where it applies"),
+            Err(reason) => eprintln!("attention: not in cuDNN ({reason})"),
+        }
+    }
+    if k.fused_group_norm {
+        eprintln!("group / layer norms: fused kernels");
+    }
+    if !k.fused_concat {
+        eprintln!("optimizer gather: burn's concatenation (SD_LORA_FUSED_CONCAT=0)");
+    }
+    eprintln!(
+        "small matmuls: {}",
+        if k.fixed_matmul { "one fixed kernel, no autotuning (--tuned-matmul autotunes them)" } else { "burn's autotuned kernels" }
+    );
+    if k.cudnn {
+        match lora_core::kernels::cudnn_status() {
+            Ok(version) => eprintln!("convolutions: cuDNN {version}"),
+            Err(reason) => eprintln!("convolutions: burn's kernels ({reason})"),
+        }
+    }
+    if k.cublas {
+        match lora_core::kernels::cublas_status() {
+            Ok(()) => eprintln!("large matmuls: cuBLAS"),
+            Err(reason) => eprintln!("large matmuls: burn's kernels ({reason})"),
+        }
+    }
+    if k.cudnn || k.cublas || k.cudnn_attention {
+        eprintln!("library calls ordered by the {}", if k.vendor_sync == lora_core::kernels::VendorSync::Device { "GPU" } else { "host" });
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let kernels = kernel_settings(&cli)?;
     let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
-    let cudnn = cli.cudnn || env_flag("SD_LORA_CUDNN");
-    let cublas = cli.cublas || env_flag("SD_LORA_CUBLAS");
-    let fused_softmax = cli.fused_softmax || env_flag("SD_LORA_FUSED_SOFTMAX");
-    let flash_attention = cli.flash_attention || env_flag("SD_LORA_FLASH_ATTENTION");
-    let cudnn_attention = cli.cudnn_attention || env_flag("SD_LORA_CUDNN_ATTENTION");
-    let fused_group_norm = cli.fused_group_norm || env_flag("SD_LORA_FUSED_GROUP_NORM");
-    let tuned_matmul = cli.tuned_matmul || std::env::var("SD_LORA_FIXED_MATMUL").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false"));
-    lora_core::kernels::set_flash_prefetch(env_flag("SD_LORA_FLASH_PREFETCH"));
+    lora_core::kernels::set_flash_prefetch(env_switch("SD_LORA_FLASH_PREFETCH")?.unwrap_or(false));
+    // A kill switch for cuDNN's padded attention backward (the 77-token cross-attention).
+    if let Some(on) = env_switch("SD_LORA_CUDNN_PADDED_BACKWARD")? {
+        lora_core::kernels::set_cudnn_padded_backward(on);
+    }
     if let Ok(value) = std::env::var("SD_LORA_FLASH_SHARED_KIB") {
         let kib: usize = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_FLASH_SHARED_KIB={value}: expected KiB of shared memory per cube (16 to 227)"))?;
         lora_core::kernels::set_flash_shared_kib(kib);
@@ -723,69 +812,12 @@ fn main() -> Result<()> {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
     }
-    let vendor_sync = match (cli.vendor_sync, std::env::var("SD_LORA_VENDOR_SYNC")) {
-        (Some(mode), _) => mode,
-        (None, Ok(value)) => value.parse().map_err(|e| anyhow::anyhow!("SD_LORA_VENDOR_SYNC={value}: {e}"))?,
-        (None, Err(_)) => lora_core::kernels::VendorSync::Host,
-    };
     #[cfg(feature = "cuda")]
     {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             eprintln!("device: CUDA GPU 0");
-            lora_core::kernels::set_vendor_sync(vendor_sync);
-            lora_core::kernels::set_fused_softmax(fused_softmax);
-            if fused_softmax {
-                eprintln!("attention softmax: fused kernel");
-            }
-            lora_core::kernels::set_flash_attention(flash_attention);
-            if flash_attention {
-                match flash_max_keys {
-                    Some(keys) => eprintln!("attention: flash-attention kernels up to {keys} keys, blockwise above (bf16 / f16 models)"),
-                    None => eprintln!("attention: flash-attention kernels (bf16 / f16 models)"),
-                }
-            }
-            lora_core::kernels::set_cudnn_attention(cudnn_attention);
-            if cudnn_attention {
-                match lora_core::kernels::cudnn_attention_status() {
-                    Ok(version) => eprintln!("attention: cuDNN {version} fused attention where it applies"),
-                    Err(reason) => eprintln!("attention: not in cuDNN ({reason})"),
-                }
-            }
-            lora_core::kernels::set_fused_group_norm(fused_group_norm);
-            if fused_group_norm {
-                eprintln!("group / layer norms: fused kernels");
-            }
-            // On by default (a plain copy kernel); the device script turns it off if its
-            // test fails on a card.
-            if std::env::var("SD_LORA_FUSED_CONCAT").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false")) {
-                lora_core::kernels::set_fused_concat(false);
-                eprintln!("optimizer gather: burn's concatenation (SD_LORA_FUSED_CONCAT=0)");
-            }
-            // On by default: burn's autotuning of each new matmul shape made the first
-            // SD1.5 step take minutes (docs/benchmarks.md, 2026-11-29).
-            lora_core::kernels::set_fixed_matmul(!tuned_matmul);
-            eprintln!(
-                "small matmuls: {}",
-                if tuned_matmul { "burn's autotuned kernels" } else { "one fixed kernel, no autotuning (--tuned-matmul autotunes them)" }
-            );
-            // The switches act on the CUDA backend only; on the CPU they stay off.
-            lora_core::kernels::set_cudnn(cudnn);
-            lora_core::kernels::set_cublas(cublas);
-            if cudnn {
-                match lora_core::kernels::cudnn_status() {
-                    Ok(version) => eprintln!("convolutions: cuDNN {version}"),
-                    Err(reason) => eprintln!("convolutions: burn's kernels ({reason})"),
-                }
-            }
-            if cublas {
-                match lora_core::kernels::cublas_status() {
-                    Ok(()) => eprintln!("large matmuls: cuBLAS"),
-                    Err(reason) => eprintln!("large matmuls: burn's kernels ({reason})"),
-                }
-            }
-            if cudnn || cublas {
-                eprintln!("library calls ordered by the {}", if vendor_sync == lora_core::kernels::VendorSync::Device { "GPU" } else { "host" });
-            }
+            kernels.apply();
+            report_kernels(&kernels, flash_max_keys);
             match configure_kernel_cache() {
                 Some(dir) => eprintln!(
                     "the first steps compile and autotune GPU kernels (minutes on a first run); compiled kernels are kept in {}",
@@ -797,10 +829,48 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if cudnn || cublas || fused_softmax || flash_attention || cudnn_attention || flash_max_keys.is_some() || fused_group_norm || tuned_matmul || vendor_sync != lora_core::kernels::VendorSync::Host {
+    if kernels != trainer_kernels() || flash_max_keys.is_some() {
         eprintln!(
-            "--cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
+            "--fast-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
         );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags alone (the `SD_LORA_*` switch variables are not set in the test run).
+    fn settings(args: &[&str]) -> lora_core::kernels::KernelSettings {
+        let cli = Cli::try_parse_from(std::iter::once("trainer").chain(args.iter().copied())).expect("valid flags");
+        kernel_settings(&cli).expect("valid settings")
+    }
+
+    #[test]
+    fn fast_kernels_turns_every_fast_path_on_and_flags_add_to_the_defaults() {
+        use lora_core::kernels::{KernelSettings, VendorSync};
+        assert_eq!(settings(&["bench"]), trainer_kernels());
+        assert!(trainer_kernels().fixed_matmul && !trainer_kernels().cudnn);
+        assert_eq!(settings(&["--fast-kernels", "bench"]), KernelSettings::fast());
+        assert_eq!(settings(&["bench", "--fast-kernels", "--tuned-matmul"]), KernelSettings { fixed_matmul: false, ..KernelSettings::fast() });
+        let some = settings(&["bench", "--cudnn", "--flash-attention"]);
+        assert_eq!(some, KernelSettings { cudnn: true, flash_attention: true, ..trainer_kernels() });
+        assert_eq!(settings(&["--fast-kernels", "--vendor-sync", "host", "bench"]).vendor_sync, VendorSync::Host);
+    }
+
+    #[test]
+    fn switch_variables_take_one_or_zero_and_name_themselves_otherwise() {
+        // A variable name of this test only: the environment is shared by the test threads.
+        let name = "SD_LORA_TEST_ONLY_SWITCH";
+        assert_eq!(env_switch(name).unwrap(), None);
+        for (value, expected) in [("1", Some(true)), ("TRUE", Some(true)), ("0", Some(false)), ("false", Some(false)), ("", None)] {
+            std::env::set_var(name, value);
+            assert_eq!(env_switch(name).unwrap(), expected, "{value:?}");
+        }
+        std::env::set_var(name, "yes");
+        let err = env_switch(name).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains("yes"), "{err}");
+        std::env::remove_var(name);
+    }
 }

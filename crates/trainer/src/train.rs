@@ -535,6 +535,12 @@ fn run<B: AutodiffBackend>(
             let read = ReadBack { t, start, metrics: &mut metrics, metrics_path: &metrics_path, losses: &mut losses };
             let go_on = read.steps(std::mem::take(&mut pending), on_step)?;
             last_read = Instant::now();
+            // A GPU-side ordering wait that gave up may have let a library call read
+            // unfinished inputs: stop before anything is written from such a state.
+            let timeouts = lora_core::kernels::vendor_stats().ordering_timeouts;
+            if timeouts > 0 {
+                return Err(TrainError::OrderingTimeout { step: progress.step, timeouts });
+            }
             if !go_on && !last {
                 interrupted = true;
                 break;

@@ -17,7 +17,7 @@ use super::cuda::Kind;
 use super::device;
 
 /// Largest workspace an algorithm may ask for; faster algorithms needing more are skipped.
-const WORKSPACE_LIMIT: usize = 1 << 30;
+pub(super) const WORKSPACE_LIMIT: usize = 1 << 30;
 
 /// One device's cuDNN handle (bound to our stream) and the algorithm chosen per problem.
 struct DeviceState {

@@ -1,7 +1,7 @@
 //! Attention through cuDNN's fused scaled-dot-product-attention engines (the `sdpa_sm90_flash`
 //! kernels PyTorch runs on Hopper), forward and backward, for [`super::set_cudnn_attention`].
 //!
-//! cuDNN has no single call for attention before 9.13 (and none for its backward pass at
+//! cuDNN has no single call for attention before 9.13.1 (and none for its backward pass at
 //! all): its SDPA engines are picked by the heuristics for an *operation graph* of matmuls,
 //! pointwise ops and reductions that spells attention out. The graphs here are the ones
 //! NVIDIA's cudnn-frontend (`CompositeSDPANode`, `CompositeSDPABackwardNode`) builds for
@@ -14,7 +14,11 @@
 //!   `O = P·V`;
 //! - backward: `Δ = rowsum(dO ∘ O)` (written to a buffer of ours), `P = exp(S·scale − stats)`,
 //!   `dV = Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − Δ) · scale`, `dK = dSᵀ·Q`, `dQ = dS·K` (through an f32
-//!   buffer of ours).
+//!   buffer of ours); for key counts that are not a multiple of 128, with the padding mask
+//!   the frontend adds there as a workaround ([`needs_padding_mask`]).
+//!
+//! The frontend (v1.14 on, cuDNN 9.13.1 on) may build the forward pass as one SDPA
+//! operation instead; the composite graph stays the one it falls back to.
 //!
 //! Inputs and outputs keep their strides (the head-split `[b, s, h, d]` views of the model
 //! are read where they are); the statistics have the layout and meaning of the flash
@@ -76,8 +80,11 @@ struct Plan {
     _graph: Vec<Desc>,
     workspace: usize,
     uids: Vec<i64>,
-    /// The uids of the by-value scalars and their values (`attn_scale`, and backward `1.0`).
+    /// The uids of the by-value scalars and their values (`attn_scale`, and backward `1.0`
+    /// and, with the padding mask, `-inf`).
     scalars: Vec<(i64, f32)>,
+    /// Device tensors the plan owns, with their uids: the padding mask's sequence lengths.
+    constants: Vec<(i64, Handle)>,
 }
 
 /// An owned backend descriptor, destroyed on drop.
@@ -126,6 +133,14 @@ impl Desc {
         check(unsafe { sys::cudnnBackendFinalize(self.0) }, &format!("finalizing {what}"))?;
         Ok(self)
     }
+}
+
+/// A pointwise operation: its mode, the precision it computes in and, for index
+/// generation, the axis.
+struct Pointwise {
+    mode: sys::cudnnPointwiseMode_t,
+    precision: sys::cudnnDataType_t,
+    axis: Option<i64>,
 }
 
 /// A tensor of the graph: its uid and descriptor index in [`Graph::descs`].
@@ -194,6 +209,12 @@ impl Graph {
     }
 
     fn matmul(&mut self, a: T, b: T, c: T) -> Result<(), String> {
+        self.matmul_with(a, b, c, [None; 3])
+    }
+
+    /// `c = a·b` whose `[m, n, k]` sizes are overridden per batch by the INT32 tensors
+    /// given (the padding mask's sequence lengths).
+    fn matmul_with(&mut self, a: T, b: T, c: T, overrides: [Option<T>; 3]) -> Result<(), String> {
         let m = Desc::new(Kind::CUDNN_BACKEND_MATMUL_DESCRIPTOR)?;
         m.set_data_type(Attr::CUDNN_ATTR_MATMUL_COMP_TYPE, FLOAT)?;
         let m = m.finalize("a matmul descriptor")?;
@@ -202,22 +223,42 @@ impl Graph {
         op.set_desc(Attr::CUDNN_ATTR_OPERATION_MATMUL_BDESC, &self.descs[b.at])?;
         op.set_desc(Attr::CUDNN_ATTR_OPERATION_MATMUL_CDESC, &self.descs[c.at])?;
         op.set_desc(Attr::CUDNN_ATTR_OPERATION_MATMUL_DESC, &m)?;
+        let names = [Attr::CUDNN_ATTR_OPERATION_MATMUL_GEMM_M_OVERRIDE_DESC, Attr::CUDNN_ATTR_OPERATION_MATMUL_GEMM_N_OVERRIDE_DESC, Attr::CUDNN_ATTR_OPERATION_MATMUL_GEMM_K_OVERRIDE_DESC];
+        for (name, size) in names.into_iter().zip(overrides) {
+            if let Some(size) = size {
+                op.set_desc(name, &self.descs[size.at])?;
+            }
+        }
         self.keep(m);
         self.op(op, "a matmul")
     }
 
     fn pointwise(&mut self, mode: sys::cudnnPointwiseMode_t, x: T, b: Option<T>, y: T) -> Result<(), String> {
+        self.pointwise_with(Pointwise { mode, precision: FLOAT, axis: None }, [Some(x), b, None], y)
+    }
+
+    /// `y = mode(x[, b[, t]])` (`inputs`: x, b, t) computed in `spec.precision`.
+    fn pointwise_with(&mut self, spec: Pointwise, inputs: [Option<T>; 3], y: T) -> Result<(), String> {
+        let mode = spec.mode;
         let p = Desc::new(Kind::CUDNN_BACKEND_POINTWISE_DESCRIPTOR)?;
         p.set(Attr::CUDNN_ATTR_POINTWISE_MODE, Ty::CUDNN_TYPE_POINTWISE_MODE, &[mode])?;
-        p.set_data_type(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, FLOAT)?;
+        p.set_data_type(Attr::CUDNN_ATTR_POINTWISE_MATH_PREC, spec.precision)?;
+        if let Some(axis) = spec.axis {
+            p.set(Attr::CUDNN_ATTR_POINTWISE_AXIS, Ty::CUDNN_TYPE_INT64, &[axis])?;
+        }
         let p = p.finalize("a pointwise descriptor")?;
         let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_POINTWISE_DESCRIPTOR)?;
         op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_PW_DESCRIPTOR, &p)?;
-        op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, &self.descs[x.at])?;
-        if let Some(b) = b {
-            op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, &self.descs[b.at])?;
+        let ports = [Attr::CUDNN_ATTR_OPERATION_POINTWISE_XDESC, Attr::CUDNN_ATTR_OPERATION_POINTWISE_BDESC, Attr::CUDNN_ATTR_OPERATION_POINTWISE_TDESC];
+        for (port, input) in ports.into_iter().zip(inputs) {
+            if let Some(input) = input {
+                op.set_desc(port, &self.descs[input.at])?;
+            }
         }
         op.set_desc(Attr::CUDNN_ATTR_OPERATION_POINTWISE_YDESC, &self.descs[y.at])?;
+        // The frontend always sets both blend factors.
+        op.set(Attr::CUDNN_ATTR_OPERATION_POINTWISE_ALPHA1, Ty::CUDNN_TYPE_FLOAT, &[1.0f32])?;
+        op.set(Attr::CUDNN_ATTR_OPERATION_POINTWISE_ALPHA2, Ty::CUDNN_TYPE_FLOAT, &[1.0f32])?;
         self.keep(p);
         self.op(op, &format!("a pointwise {mode:?}"))
     }
@@ -244,8 +285,8 @@ impl Graph {
     }
 
     /// The execution plan of this graph: heuristics mode A, the first configuration that
-    /// finalizes.
-    fn build(mut self, handle: sys::cudnnHandle_t, uids: Vec<i64>, scalars: Vec<(i64, f32)>) -> Result<Plan, String> {
+    /// finalizes with a workspace of at most [`super::cudnn::WORKSPACE_LIMIT`].
+    fn build(mut self, handle: sys::cudnnHandle_t, uids: Vec<i64>, scalars: Vec<(i64, f32)>, constants: Vec<(i64, Handle)>) -> Result<Plan, String> {
         let graph = Desc::new(Kind::CUDNN_BACKEND_OPERATIONGRAPH_DESCRIPTOR)?;
         let ops: Vec<sys::cudnnBackendDescriptor_t> = self.ops.iter().map(|&i| self.descs[i].0).collect();
         graph.set(Attr::CUDNN_ATTR_OPERATIONGRAPH_OPS, Ty::CUDNN_TYPE_BACKEND_DESCRIPTOR, &ops)?;
@@ -288,10 +329,14 @@ impl Graph {
                         },
                         "reading the plan's workspace size",
                     )?;
+                    if workspace.max(0) as usize > super::cudnn::WORKSPACE_LIMIT {
+                        refusals.push(format!("a plan wanting {workspace} bytes of workspace"));
+                        continue;
+                    }
                     self.descs.push(graph);
                     self.descs.push(heur);
                     self.descs.extend(configs);
-                    return Ok(Plan { plan, _graph: self.descs, workspace: workspace.max(0) as usize, uids, scalars });
+                    return Ok(Plan { plan, _graph: self.descs, workspace: workspace.max(0) as usize, uids, scalars, constants });
                 }
                 Err(reason) => refusals.push(reason),
             }
@@ -373,12 +418,62 @@ fn forward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String> 
     let o = g.tensor([b, h, sq, d], os, dt)?;
     g.matmul(p, v, o)?;
     let uids = vec![q.uid, kt.uid, v.uid, o.uid, stats.uid];
-    g.build(handle, uids, vec![(scale.uid, f32::from_bits(key.scale))])
+    g.build(handle, uids, vec![(scale.uid, f32::from_bits(key.scale))], Vec::new())
+}
+
+/// Whether the backward graph needs cudnn-frontend's padding-mask workaround: for key
+/// counts that are not a multiple of 128 the frontend masks the padding of cuDNN's tiles
+/// (with the full lengths) on cuDNN up to 9.15.0, working around a cuDNN bug; later
+/// versions accept the mask too.
+fn needs_padding_mask(s_kv: usize) -> bool {
+    !s_kv.is_multiple_of(128)
+}
+
+/// The workaround's part of the graph: per-batch sequence lengths `[b, 1, 1, 1]` (INT32
+/// tensors the plan owns, holding the full lengths) and the scores outside them set to
+/// `-inf` (cudnn-frontend's `padding_mask` score modifier).
+struct PaddingMask {
+    seq_q: T,
+    seq_kv: T,
+    neg_inf: T,
+}
+
+impl PaddingMask {
+    fn new(g: &mut Graph, b: i64) -> Result<Self, String> {
+        let int32 = sys::cudnnDataType_t::CUDNN_DATA_INT32;
+        Ok(Self { seq_q: g.tensor([b, 1, 1, 1], [1, 1, 1, 1], int32)?, seq_kv: g.tensor([b, 1, 1, 1], [1, 1, 1, 1], int32)?, neg_inf: g.scalar()? })
+    }
+
+    /// `scores` where row < s_q and column < s_kv, else `-inf`.
+    fn apply(&self, g: &mut Graph, scores: T, dims: [i64; 4]) -> Result<T, String> {
+        let (int32, boolean) = (sys::cudnnDataType_t::CUDNN_DATA_INT32, sys::cudnnDataType_t::CUDNN_DATA_BOOLEAN);
+        let strides = packed(dims);
+        let index = |g: &mut Graph, axis: i64| -> Result<T, String> {
+            let out = g.virt(dims, strides, int32)?;
+            g.pointwise_with(Pointwise { mode: Pw::CUDNN_POINTWISE_GEN_INDEX, precision: int32, axis: Some(axis) }, [Some(scores), None, None], out)?;
+            Ok(out)
+        };
+        let less = |g: &mut Graph, x: T, bound: T| -> Result<T, String> {
+            let out = g.virt(dims, strides, boolean)?;
+            g.pointwise_with(Pointwise { mode: Pw::CUDNN_POINTWISE_CMP_LT, precision: boolean, axis: None }, [Some(x), Some(bound), None], out)?;
+            Ok(out)
+        };
+        let (row, col) = (index(g, 2)?, index(g, 3)?);
+        let (row_in, col_in) = (less(g, row, self.seq_q)?, less(g, col, self.seq_kv)?);
+        let inside = g.virt(dims, strides, boolean)?;
+        g.pointwise_with(Pointwise { mode: Pw::CUDNN_POINTWISE_LOGICAL_AND, precision: boolean, axis: None }, [Some(row_in), Some(col_in), None], inside)?;
+        let masked = g.virt(dims, strides, FLOAT)?;
+        g.pointwise_with(Pointwise { mode: Pw::CUDNN_POINTWISE_BINARY_SELECT, precision: FLOAT, axis: None }, [Some(scores), Some(self.neg_inf), Some(inside)], masked)?;
+        Ok(masked)
+    }
 }
 
 /// cudnn-frontend's backward graph (see the module docs); the operands in `run` order:
-/// `q, k, v, o, do, stats, dq, dk, dv, softmax_sum, dq_accum`.
-fn backward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String> {
+/// `q, k, v, o, do, stats, dq, dk, dv, softmax_sum, dq_accum`. Key counts that are not a
+/// multiple of 128 get the frontend's padding-mask workaround ([`needs_padding_mask`]):
+/// the mask after the scaled scores and the sequence lengths as the products' size
+/// overrides.
+fn backward_graph(handle: sys::cudnnHandle_t, key: &Key, client: &burn_cubecl::cubecl::prelude::ComputeClient<CudaRuntime>) -> Result<Plan, String> {
     let dt = data_type(key.dtype)?;
     let [b, h, sq, skv, d] = key.sizes.map(|x| x as i64);
     let [qs, ks, vs, os, dos, dqs, dks, dvs] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| i64s(key.strides[i]));
@@ -393,6 +488,9 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String>
     let stats = g.tensor(rows, rp, FLOAT)?;
     let scale = g.scalar()?;
     let one = g.scalar()?;
+    let mask = if needs_padding_mask(key.sizes[3]) { Some(PaddingMask::new(&mut g, b)?) } else { None };
+    // The size overrides `[m, n, k]` of each product: by the sequence lengths with the mask.
+    let (lq, lkv) = (mask.as_ref().map(|m| m.seq_q), mask.as_ref().map(|m| m.seq_kv));
     let scores = [b, h, sq, skv];
     let sp = packed(scores);
     // Δ = rowsum(dO ∘ O), into a buffer of ours (the frontend's layout for the product).
@@ -404,9 +502,12 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String>
     g.pointwise(Pw::CUDNN_POINTWISE_MUL, rowsum, Some(one), softmax_sum)?;
     // P = exp(Q·Kᵀ·scale − stats).
     let s = g.virt(scores, sp, FLOAT)?;
-    g.matmul(q, kt, s)?;
-    let s_scaled = g.virt(scores, sp, FLOAT)?;
+    g.matmul_with(q, kt, s, [lq, lkv, None])?;
+    let mut s_scaled = g.virt(scores, sp, FLOAT)?;
     g.pointwise(Pw::CUDNN_POINTWISE_MUL, s, Some(scale), s_scaled)?;
+    if let Some(mask) = &mask {
+        s_scaled = mask.apply(&mut g, s_scaled, scores)?;
+    }
     let s_sub = g.virt(scores, sp, FLOAT)?;
     g.pointwise(Pw::CUDNN_POINTWISE_SUB, s_scaled, Some(stats), s_sub)?;
     let p = g.virt(scores, sp, FLOAT)?;
@@ -417,10 +518,10 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String>
     let pt = g.virt(transposed, tp, dt)?;
     g.reshape(p, pt)?;
     let dv = g.tensor([b, h, skv, d], dvs, dt)?;
-    g.matmul(pt, d_o, dv)?;
+    g.matmul_with(pt, d_o, dv, [lkv, None, lq])?;
     // dS = P ∘ (dO·Vᵀ − Δ) · scale.
     let dp = g.virt(scores, sp, FLOAT)?;
-    g.matmul(d_o, vt, dp)?;
+    g.matmul_with(d_o, vt, dp, [lq, lkv, None])?;
     let dp_sub = g.virt(scores, sp, FLOAT)?;
     g.pointwise(Pw::CUDNN_POINTWISE_SUB, dp, Some(softmax_sum), dp_sub)?;
     let ds_unscaled = g.virt(scores, sp, FLOAT)?;
@@ -431,19 +532,33 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key) -> Result<Plan, String>
     let dst = g.virt(transposed, tp, dt)?;
     g.reshape(ds, dst)?;
     let dk = g.tensor([b, h, skv, d], dks, dt)?;
-    g.matmul(dst, q, dk)?;
+    g.matmul_with(dst, q, dk, [lkv, None, lq])?;
     // dQ = dS·K through an f32 accumulator of ours (K: Kᵀ viewed back).
     let k = g.virt([b, h, skv, d], ks, FLOAT)?;
     g.reshape(kt, k)?;
     let dq_accum = g.tensor([b, h, sq, d], packed([b, h, sq, d]), FLOAT)?;
-    g.matmul(ds, k, dq_accum)?;
+    g.matmul_with(ds, k, dq_accum, [lq, None, lkv])?;
     let dq = g.tensor([b, h, sq, d], dqs, dt)?;
     g.pointwise(Pw::CUDNN_POINTWISE_IDENTITY, dq_accum, None, dq)?;
     let uids = vec![q.uid, kt.uid, vt.uid, o.uid, d_o.uid, stats.uid, dq.uid, dk.uid, dv.uid, softmax_sum.uid, dq_accum.uid];
-    g.build(handle, uids, vec![(scale.uid, f32::from_bits(key.scale)), (one.uid, 1.0)])
+    let mut scalars = vec![(scale.uid, f32::from_bits(key.scale)), (one.uid, 1.0)];
+    let mut constants = Vec::new();
+    if let Some(mask) = &mask {
+        scalars.push((mask.neg_inf.uid, f32::NEG_INFINITY));
+        // The full lengths, one per batch entry.
+        let lengths = |n: usize| -> Vec<u8> { (0..key.sizes[0]).flat_map(|_| (n as i32).to_le_bytes()).collect() };
+        constants.push((mask.seq_q.uid, client.create_from_slice(&lengths(key.sizes[2]))));
+        constants.push((mask.seq_kv.uid, client.create_from_slice(&lengths(key.sizes[3]))));
+    }
+    g.build(handle, uids, scalars, constants)
 }
 
 fn init_device(stream: CUstream) -> Result<DeviceState, String> {
+    // cudnn-frontend refuses half-precision SDPA on these two releases (known bugs).
+    let version = result::get_version();
+    if version == 91000 || version == 91001 {
+        return Err(format!("cuDNN {version}: its fused attention has known bugs (9.10.2 or later needed)"));
+    }
     // The backward graph leaves its f32 dQ accumulator to cuDNN to clear from 9.6 on.
     let handle = super::cudnn::handle_on(stream, 90600, "attention")?;
     Ok(DeviceState { handle, plans: HashMap::new() })
@@ -454,31 +569,51 @@ pub(super) fn status() -> Result<usize, String> {
     STATE.with(0, init_device, |_, _| Ok(result::get_version()))
 }
 
-/// Whether cuDNN's SDPA engines take `[b, h, s, d]` problems of head dimension `d` and
-/// `s_kv` keys in `dtype` (cudnn-frontend's support surface for Hopper: `d` a multiple of 8
-/// up to 256; the backward pass without its padding-mask workaround needs `s_kv` a multiple
-/// of 128 before cuDNN 9.15, so other lengths stay with the caller's kernels).
+/// Whether cuDNN's SDPA engines take the forward pass of `[b, h, s, d]` problems of head
+/// dimension `d`, `s_q` queries and `s_kv` keys in `dtype` (cudnn-frontend's support
+/// surface for Hopper: `d` a multiple of 8 up to 256, any sequence lengths but `1 × 1`; the
+/// frontend's padding workaround for key counts that are not a multiple of 64 applies only
+/// before cuDNN 9, below the 9.6 this module needs).
 pub(super) fn supports(dtype: DType, d: usize, s_q: usize, s_kv: usize) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && d.is_multiple_of(8) && d <= 256 && s_kv.is_multiple_of(128) && !(s_q == 1 && s_kv == 1)
+    matches!(dtype, DType::BF16 | DType::F16) && d.is_multiple_of(8) && d <= 256 && !(s_q == 1 && s_kv == 1)
+}
+
+/// Whether cuDNN's SDPA engines take the backward pass of such a problem: as [`supports`];
+/// key counts that are not a multiple of 128 only with `padded` (the graph then carries
+/// cudnn-frontend's padding-mask workaround, [`needs_padding_mask`]).
+pub(super) fn supports_backward(dtype: DType, d: usize, s_q: usize, s_kv: usize, padded: bool) -> bool {
+    supports(dtype, d, s_q, s_kv) && (padded || !needs_padding_mask(s_kv))
 }
 
 /// Runs `plan` with `operands` (in its uid order) and a workspace, ordered with burn's
 /// kernels on our stream.
 fn execute(state: &mut DeviceState, stream: CUstream, key: &Key, operands: &[&Handle], client: &burn_cubecl::cubecl::prelude::ComputeClient<CudaRuntime>, device_index: usize) -> Result<(), String> {
     let handle = state.handle;
-    let plan = state
-        .plans
-        .entry(key.clone())
-        .or_insert_with(|| if key.backward { backward_graph(handle, key) } else { forward_graph(handle, key) })
-        .as_ref()
-        .map_err(|e| e.clone())?;
+    if !state.plans.contains_key(key) {
+        // Finalizing a plan may load or compile cuDNN's kernels, which can wait for the
+        // whole device: never behind a GPU-side ordering wait of cubecl's (see `device`).
+        burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
+        let built = if key.backward { backward_graph(handle, key, client) } else { forward_graph(handle, key) };
+        state.plans.insert(key.clone(), built);
+    }
+    let plan = state.plans.get(key).ok_or("cuDNN attention: plan cache")?.as_ref().map_err(|e| e.clone())?;
     let workspace = (plan.workspace > 0).then(|| client.empty(plan.workspace));
+    // The operands, the plan's own tensors, then the workspace.
     let mut buffers: Vec<&Handle> = operands.to_vec();
+    buffers.extend(plan.constants.iter().map(|(_, h)| h));
     buffers.extend(workspace.as_ref());
     let problem = device::problem_hash("cudnn-sdpa", key);
-    let (uids, scalars, raw_plan, n) = (&plan.uids, &plan.scalars, plan.plan.0, operands.len());
-    device::run_on_buffers(client, device_index, stream, problem, &buffers, |p| {
-        let mut all_uids: Vec<i64> = uids.clone();
+    let (scalars, raw_plan) = (&plan.scalars, plan.plan.0);
+    let uids: Vec<i64> = plan.uids.iter().copied().chain(plan.constants.iter().map(|&(uid, _)| uid)).collect();
+    let n = uids.len();
+    let mut misaligned = false;
+    let ran = device::run_on_buffers(client, device_index, stream, problem, &buffers, |p| {
+        // The tensor descriptors promise this alignment (a view's offset may break it).
+        if p.iter().any(|&x| !(x as usize).is_multiple_of(ALIGNMENT as usize)) {
+            misaligned = true;
+            return Err(format!("cuDNN attention: an operand is not {ALIGNMENT}-byte aligned"));
+        }
+        let mut all_uids = uids;
         let mut pointers: Vec<*mut c_void> = p[..n].to_vec();
         // By-value scalars: host pointers, read when the call is queued.
         let values: Vec<f32> = scalars.iter().map(|&(_, v)| v).collect();
@@ -496,7 +631,23 @@ fn execute(state: &mut DeviceState, stream: CUstream, key: &Key, operands: &[&Ha
         // strides (and host scalars that outlive the call: cuDNN reads by-value operands
         // when it queues the work); the handle is bound to `stream`.
         check(unsafe { sys::cudnnBackendExecute(handle, raw_plan, pack.0) }, "cudnnBackendExecute (attention)")
-    })
+    });
+    // A plan that fails to run is not tried again for this problem.
+    if let (Err(reason), false) = (&ran, misaligned) {
+        state.plans.insert(key.clone(), Err(reason.clone()));
+    }
+    ran
+}
+
+/// An error unless every tensor has its expected `[b, h, s, d]` shape: the graphs describe
+/// all operands from `q`'s and `k`'s sizes (one key/value head per query head, `d_v = d`).
+fn check_shapes(expected: &[(&CubeTensor<CudaRuntime>, [usize; 4])]) -> Result<(), String> {
+    for (t, dims) in expected {
+        if t.meta.shape().to_vec() != dims {
+            return Err(format!("cuDNN attention: an operand of shape {:?} where {dims:?} was expected", t.meta.shape().to_vec()));
+        }
+    }
+    Ok(())
 }
 
 /// Attention's forward pass in cuDNN: `(o, lse)` for `[b, h, s, d]` inputs, `lse` f32
@@ -508,6 +659,7 @@ pub(super) fn forward(q: CubeTensor<CudaRuntime>, k: CubeTensor<CudaRuntime>, v:
     if k.dtype != q.dtype || v.dtype != q.dtype || !supports(q.dtype, d, sq, skv) {
         return Err(format!("cuDNN attention: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
     }
+    check_shapes(&[(&k, [b, h, skv, d]), (&v, [b, h, skv, d])])?;
     let o = output_like(&q, q.dtype);
     let client = q.client.clone();
     let lse_handle = client.empty(b * h * sq * 4);
@@ -529,8 +681,12 @@ pub(super) fn backward(
     let [q, k, v, dout, out] = [q, k, v, dout, out].map(rowwise);
     let [b, h, sq, d] = q.meta.shape().dims::<4>();
     let skv = k.meta.shape().dims::<4>()[2];
-    if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports(q.dtype, d, sq, skv) {
+    if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports_backward(q.dtype, d, sq, skv, super::cudnn_padded_backward_enabled()) {
         return Err(format!("cuDNN attention backward: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
+    }
+    check_shapes(&[(&k, [b, h, skv, d]), (&v, [b, h, skv, d]), (&out, [b, h, sq, d]), (&dout, [b, h, sq, d])])?;
+    if lse.meta.shape().to_vec() != [b, h, sq] {
+        return Err(format!("cuDNN attention backward: log-sum-exp of shape {:?}, expected {:?}", lse.meta.shape().to_vec(), [b, h, sq]));
     }
     let lse = if lse.is_contiguous() { lse } else { burn_cubecl::kernel::into_contiguous(lse) };
     let (dq, dk, dv) = (output_like(&q, q.dtype), output_like(&k, q.dtype), output_like(&v, q.dtype));
@@ -554,15 +710,22 @@ pub(super) fn backward(
 mod tests {
     use super::*;
 
-    /// The support surface: SD's head dimensions (40, 80, 160; SD2's 64) at key counts that
-    /// are multiples of 128; not the 77-token cross-attention, odd head dimensions, f32.
+    /// The support surface: SD's head dimensions (40, 80, 160; SD2's 64) at any length,
+    /// the backward pass at key counts that are not multiples of 128 only with the padding
+    /// mask; not odd head dimensions, f32, or `1 × 1`.
     #[test]
     fn support_surface() {
         for d in [40, 64, 80, 160] {
-            assert!(supports(DType::BF16, d, 4096, 4096), "d = {d}");
+            assert!(supports_backward(DType::BF16, d, 4096, 4096, false), "d = {d}");
         }
-        assert!(supports(DType::F16, 40, 77, 256));
-        assert!(!supports(DType::BF16, 40, 4096, 77), "77 keys need cuDNN's padding workaround");
+        assert!(supports_backward(DType::F16, 40, 77, 256, false));
+        assert!(supports(DType::BF16, 40, 4096, 77), "77 keys forward");
+        assert!(supports(DType::BF16, 160, 64, 64), "the middle block forward");
+        assert!(supports_backward(DType::BF16, 40, 4096, 77, true), "77 keys backward with the padding mask");
+        assert!(!supports_backward(DType::BF16, 40, 4096, 77, false));
+        assert!(!supports_backward(DType::BF16, 160, 64, 64, false));
+        assert!(needs_padding_mask(77) && needs_padding_mask(64) && !needs_padding_mask(4096));
+        assert!(!supports(DType::BF16, 40, 1, 1));
         assert!(!supports(DType::BF16, 36, 128, 128));
         assert!(!supports(DType::BF16, 264, 128, 128));
         assert!(!supports(DType::F32, 40, 128, 128));

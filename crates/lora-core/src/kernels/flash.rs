@@ -1313,11 +1313,24 @@ pub(super) fn backward_math<X: Backend>(
 }
 
 type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
+
+/// Which kernels a queued attention pass may run, decided when it is queued: burn-fusion
+/// may execute it later, after the switches have changed. cuDNN is tried first, then the
+/// flash kernels, each where the route has it; a pass that neither takes (or both refuse)
+/// runs the same math in burn's ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Route {
+    /// cuDNN's fused attention ([`super::set_cudnn_attention`] on, the problem in its
+    /// support surface).
+    pub(super) cudnn: bool,
+    /// The flash kernels ([`super::set_flash_attention`] on, the problem within their limits).
+    pub(super) flash: bool,
+}
 type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
 
 /// Queues the forward pass on the fusion stream of a CubeCL backend
 /// (`Fusion<CubeBackend<R, f32, i32, BT>>`): `(out, lse)` for `[b, h, s, d]` inputs.
-pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: Fused<R>, v: Fused<R>, scale: f32) -> (Fused<R>, Fused<R>) {
+pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: Fused<R>, v: Fused<R>, scale: f32, route: Route) -> (Fused<R>, Fused<R>) {
     let client = q.client.clone();
     let streams = OperationStreams::with_inputs([&q, &k, &v]);
     let dims = q.shape.to_vec();
@@ -1327,6 +1340,7 @@ pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: 
     let op = FlashForward::<R, BT> {
         desc: desc.clone(),
         scale,
+        route,
         _backend: PhantomData,
     };
     let [out, lse] = client.register(streams, OperationIr::Custom(desc), op).outputs();
@@ -1335,7 +1349,7 @@ pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: 
 
 /// Queues the backward pass: `(dq, dk, dv)` in the inputs' dtype, from the inputs, the
 /// output gradient `dout`, the forward output `out` and its log-sum-exp `lse`.
-pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout, out]: [Fused<R>; 5], lse: Fused<R>, scale: f32) -> (Fused<R>, Fused<R>, Fused<R>) {
+pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout, out]: [Fused<R>; 5], lse: Fused<R>, scale: f32, route: Route) -> (Fused<R>, Fused<R>, Fused<R>) {
     let client = q.client.clone();
     let streams = OperationStreams::with_inputs([&q, &k, &v, &dout, &out, &lse]);
     let grad = |t: &Fused<R>| TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype);
@@ -1345,6 +1359,7 @@ pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout,
     let op = FlashBackward::<R, BT> {
         desc: desc.clone(),
         scale,
+        route,
         _backend: PhantomData,
     };
     let [dq, dk, dv] = client.register(streams, OperationIr::Custom(desc), op).outputs();
@@ -1355,6 +1370,7 @@ pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout,
 struct FlashForward<R, BT> {
     desc: CustomOpIr,
     scale: f32,
+    route: Route,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
@@ -1362,18 +1378,19 @@ struct FlashForward<R, BT> {
 struct FlashBackward<R, BT> {
     desc: CustomOpIr,
     scale: f32,
+    route: Route,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
 impl<R, BT> std::fmt::Debug for FlashForward<R, BT> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlashForward").field("desc", &self.desc).field("scale", &self.scale).finish()
+        f.debug_struct("FlashForward").field("desc", &self.desc).field("scale", &self.scale).field("route", &self.route).finish()
     }
 }
 
 impl<R, BT> std::fmt::Debug for FlashBackward<R, BT> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlashBackward").field("desc", &self.desc).field("scale", &self.scale).finish()
+        f.debug_struct("FlashBackward").field("desc", &self.desc).field("scale", &self.scale).field("route", &self.route).finish()
     }
 }
 
@@ -1470,10 +1487,9 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let (tq, tk, tv) = (get(handles, q), get(handles, k), get(handles, v));
         let ours = || self.kernel(tq.clone(), tk.clone(), tv.clone());
-        let (o, l) = match cudnn_or_ours(cudnn_forward(&tq, &tk, &tv, self.scale), ours) {
-            Ok(result) => result,
-            Err(reason) => {
-                super::record_fallback(reason);
+        let (o, l) = match on_route(self.route, || cudnn_forward(&tq, &tk, &tv, self.scale), ours) {
+            Some(result) => result,
+            None => {
                 let t = super::tensor::<Inner<R, BT>, 4>;
                 let (o, l) = forward_math(t(tq), t(tk), t(tv), self.scale);
                 (o.into_primitive().tensor(), l.into_primitive().tensor())
@@ -1509,10 +1525,9 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
         let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout), get(handles, out)];
         let lse = get(handles, lse);
         let ours = || self.kernel(inputs.clone(), lse.clone());
-        let grads = match cudnn_or_ours(cudnn_backward(&inputs, &lse, self.scale), ours) {
-            Ok(result) => result,
-            Err(reason) => {
-                super::record_fallback(reason);
+        let grads = match on_route(self.route, || cudnn_backward(&inputs, &lse, self.scale), ours) {
+            Some(result) => result,
+            None => {
                 let [q, k, v, dout, out] = inputs.map(super::tensor::<Inner<R, BT>, 4>);
                 let lse = super::tensor::<Inner<R, BT>, 3>(lse);
                 let delta = delta_math(dout.clone(), out);
@@ -1526,18 +1541,30 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
     }
 }
 
-/// cuDNN's result when it ran (`cudnn`: `None` when it does not take the problem; a refusal
-/// is counted as a fallback), else the flash kernels' (`ours`); each success is counted.
-fn cudnn_or_ours<T>(cudnn: Option<Result<T, String>>, ours: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    match cudnn {
-        Some(Ok(result)) => {
-            super::record_cudnn_attention();
-            return Ok(result);
+/// The result of the first of cuDNN (`cudnn`; `None` where the runtime is not CUDA) and the
+/// flash kernels (`ours`) that `route` has and that runs, counting each success and each
+/// refusal (a fallback); `None` when the pass is left to burn's ops.
+fn on_route<T>(route: Route, cudnn: impl FnOnce() -> Option<Result<T, String>>, ours: impl FnOnce() -> Result<T, String>) -> Option<T> {
+    if route.cudnn {
+        match cudnn() {
+            Some(Ok(result)) => {
+                super::record_cudnn_attention();
+                return Some(result);
+            }
+            Some(Err(reason)) => super::record_fallback(reason),
+            None => {}
         }
-        Some(Err(reason)) => super::record_fallback(reason),
-        None => {}
     }
-    ours().inspect(|_| super::record_flash_attention())
+    if route.flash {
+        match ours() {
+            Ok(result) => {
+                super::record_flash_attention();
+                return Some(result);
+            }
+            Err(reason) => super::record_fallback(reason),
+        }
+    }
+    None
 }
 
 /// `a` as a `B` when `A` is `B` (a CubeCL tensor of a generic runtime as a CUDA one and back).
@@ -1546,16 +1573,12 @@ fn recast<A: 'static, B: 'static>(a: A) -> Option<B> {
     (Box::new(a) as Box<dyn std::any::Any>).downcast::<B>().ok().map(|b| *b)
 }
 
-/// The forward pass in cuDNN ([`super::set_cudnn_attention`]) when it is on, `R` is CUDA
-/// and cuDNN takes the problem; `None` otherwise (the flash kernels run).
+/// The forward pass in cuDNN ([`super::set_cudnn_attention`]; the op's [`Route`] says
+/// whether to try) when `R` is CUDA; `None` otherwise.
 #[cfg(feature = "cuda")]
 #[allow(clippy::type_complexity)]
 fn cudnn_forward<R: CubeRuntime>(q: &CubeTensor<R>, k: &CubeTensor<R>, v: &CubeTensor<R>, scale: f32) -> Option<Result<(CubeTensor<R>, CubeTensor<R>), String>> {
     type Cuda = CubeTensor<cubecl::cuda::CudaRuntime>;
-    let [_, _, s_q, d] = q.meta.shape().dims::<4>();
-    if !super::cudnn_attention_takes(q.dtype, d, s_q, k.meta.shape().dims::<4>()[2]) {
-        return None;
-    }
     let (q, k, v): (Cuda, Cuda, Cuda) = (recast(q.clone())?, recast(k.clone())?, recast(v.clone())?);
     Some(super::cudnn_sdpa::forward(q, k, v, scale).and_then(|(o, l)| Ok((recast(o).ok_or("cuDNN attention: runtime mismatch")?, recast(l).ok_or("cuDNN attention: runtime mismatch")?))))
 }
@@ -1566,16 +1589,11 @@ fn cudnn_forward<R: CubeRuntime>(_: &CubeTensor<R>, _: &CubeTensor<R>, _: &CubeT
     None
 }
 
-/// The backward pass in cuDNN under the conditions of [`cudnn_forward`].
+/// The backward pass in cuDNN, as [`cudnn_forward`].
 #[cfg(feature = "cuda")]
 #[allow(clippy::type_complexity)]
 fn cudnn_backward<R: CubeRuntime>(inputs: &[CubeTensor<R>; 5], lse: &CubeTensor<R>, scale: f32) -> Option<Result<(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>), String>> {
     type Cuda = CubeTensor<cubecl::cuda::CudaRuntime>;
-    let [q, k, ..] = inputs;
-    let [_, _, s_q, d] = q.meta.shape().dims::<4>();
-    if !super::cudnn_attention_takes(q.dtype, d, s_q, k.meta.shape().dims::<4>()[2]) {
-        return None;
-    }
     let [q, k, v, dout, out] = inputs.clone();
     let cast = |t: CubeTensor<R>| -> Option<Cuda> { recast(t) };
     let inputs = [cast(q)?, cast(k)?, cast(v)?, cast(dout)?, cast(out)?];

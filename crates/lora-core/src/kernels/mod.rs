@@ -71,6 +71,8 @@ mod concat;
 mod fixed_matmul;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod split;
+mod settings;
+pub use settings::KernelSettings;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_source;
 
@@ -88,6 +90,7 @@ static FUSED_SOFTMAX_CALLS: AtomicU64 = AtomicU64::new(0);
 static FLASH: AtomicBool = AtomicBool::new(false);
 static FLASH_CALLS: AtomicU64 = AtomicU64::new(0);
 static CUDNN_ATTENTION: AtomicBool = AtomicBool::new(false);
+static CUDNN_PADDED_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN_ATTENTION_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Shared memory per cube of the flash-attention kernels unless set otherwise: 48 KiB keeps
 /// four cubes (16 warps) resident per multiprocessor on an H100/H200.
@@ -188,7 +191,8 @@ impl std::str::FromStr for VendorSync {
 }
 
 /// Chooses how cuDNN / cuBLAS calls are ordered with burn's kernels (default
-/// [`VendorSync::Host`]); has no effect on other backends.
+/// [`VendorSync::Host`]); has no effect on other backends. The mode is read when a call
+/// runs, which burn-fusion may defer: sync the device before changing it mid-run.
 ///
 /// ```
 /// use lora_core::kernels::{set_vendor_sync, vendor_sync, VendorSync};
@@ -925,9 +929,12 @@ pub fn fused_softmax_enabled() -> bool {
 /// Runs [`flash_attention`] and [`flash_attention_backward`] in cuDNN's fused attention
 /// engines where they take the problem (default off until checked on a GPU; CUDA only):
 /// the SDPA kernels PyTorch runs, built from the operation graphs cudnn-frontend builds
-/// (see the `cudnn_sdpa` module). bf16 / f16 inputs, head dimensions a multiple of 8, key
-/// counts a multiple of 128; other problems, and any cuDNN refusal (counted in
-/// [`VendorStats::fallbacks`]), take the flash-attention kernels. Needs cuDNN 9.6 or later
+/// (see the `cudnn_sdpa` module). bf16 / f16 inputs and head dimensions a multiple of 8 up
+/// to 256 (backward passes over key counts that are not multiples of 128, SD's 77-token
+/// cross-attention, need [`set_cudnn_padded_backward`], on by default). Other problems, and any cuDNN refusal (counted in
+/// [`VendorStats::fallbacks`]), take the flash-attention kernels with
+/// [`set_flash_attention`] on, else the same math in burn's ops. The choice is made when a
+/// pass is queued, so switching between passes is safe. Needs cuDNN 9.6 or later
 /// ([`cudnn_attention_status`]).
 ///
 /// ```
@@ -944,13 +951,35 @@ pub fn cudnn_attention_enabled() -> bool {
     CUDNN_ATTENTION.load(Ordering::Relaxed)
 }
 
-/// Whether cuDNN's attention takes a `[b, h, s_q, d]` × `[b, h, s_kv, d]` problem in `dtype`
-/// (with [`set_cudnn_attention`] on, in a `cuda` build).
+/// Lets cuDNN's attention ([`set_cudnn_attention`]) take backward passes whose key count is
+/// not a multiple of 128, SD's 77-token cross-attention and 64-token middle block (default
+/// on): their graphs carry the padding mask that cudnn-frontend adds for them on cuDNN up
+/// to 9.15.0 (a workaround for a cuDNN bug). Off, those passes take the flash kernels.
+///
+/// ```
+/// use lora_core::kernels::{cudnn_padded_backward_enabled, set_cudnn_padded_backward};
+///
+/// assert!(cudnn_padded_backward_enabled());
+/// set_cudnn_padded_backward(false);
+/// assert!(!cudnn_padded_backward_enabled());
+/// ```
+pub fn set_cudnn_padded_backward(enabled: bool) {
+    CUDNN_PADDED_BACKWARD.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_cudnn_padded_backward`] is on.
+pub fn cudnn_padded_backward_enabled() -> bool {
+    CUDNN_PADDED_BACKWARD.load(Ordering::Relaxed)
+}
+
+/// Whether cuDNN's attention takes the forward (`backward` false) or backward pass of a
+/// `[b, h, s_q, d]` × `[b, h, s_kv, d]` problem in `dtype` (with [`set_cudnn_attention`] on,
+/// in a `cuda` build).
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-fn cudnn_attention_takes(dtype: DType, d: usize, s_q: usize, s_kv: usize) -> bool {
+fn cudnn_attention_takes(dtype: DType, d: usize, s_q: usize, s_kv: usize, backward: bool) -> bool {
     #[cfg(feature = "cuda")]
     {
-        cudnn_attention_enabled() && cudnn_sdpa::supports(dtype, d, s_q, s_kv)
+        cudnn_attention_enabled() && if backward { cudnn_sdpa::supports_backward(dtype, d, s_q, s_kv, cudnn_padded_backward_enabled()) } else { cudnn_sdpa::supports(dtype, d, s_q, s_kv) }
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -1048,21 +1077,29 @@ fn flash_shared_bytes() -> usize {
 /// ```
 pub fn flash_attention<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, scale: f32) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
     let ([_, _, s_q, d], s_kv) = (q.dims(), k.dims()[2]);
-    let flash = flash_attention_enabled() && d <= FLASH_MAX_HEAD_DIM && s_kv <= flash_max_keys();
-    if !matches!(q.dtype(), DType::BF16 | DType::F16) || !(flash || cudnn_attention_takes(q.dtype(), d, s_q, s_kv)) {
+    let (cudnn, flash) = (cudnn_attention_takes(q.dtype(), d, s_q, s_kv, false), flash_kernels_take(d, s_kv));
+    if !matches!(q.dtype(), DType::BF16 | DType::F16) || !(flash || cudnn) {
         return None;
     }
+    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    let route = flash::Route { cudnn, flash };
     #[cfg(feature = "cuda")]
-    if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(&q, &k, &v, scale) {
+    if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(&q, &k, &v, scale, route) {
         return Some(out);
     }
     // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
     #[cfg(feature = "wgpu-test")]
-    if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(&q, &k, &v, scale) {
+    if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(&q, &k, &v, scale, route) {
         return Some(out);
     }
     let _ = (k, v, scale);
     None
+}
+
+/// Whether the flash kernels are on ([`set_flash_attention`]) for attention of head
+/// dimension `d` over `s_kv` keys ([`set_flash_max_keys`]).
+fn flash_kernels_take(d: usize, s_kv: usize) -> bool {
+    flash_attention_enabled() && d <= FLASH_MAX_HEAD_DIM && s_kv <= flash_max_keys()
 }
 
 /// The gradients `(dq, dk, dv)` of [`flash_attention`] for the output gradient `grad_out`,
@@ -1094,15 +1131,19 @@ pub fn flash_attention_backward<X: Backend>(
     }
     #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
     if flash_backend::<X>() {
+        // A pass that neither takes (cuDNN's backward needs key counts that are multiples
+        // of 128; the flash kernels may be off) runs the same math in burn's ops in the op.
+        let ([_, _, s_q, d], s_kv) = (q.dims(), k.dims()[2]);
+        let route = flash::Route { cudnn: cudnn_attention_takes(q.dtype(), d, s_q, s_kv, true), flash: flash_kernels_take(d, s_kv) };
         // The op computes Δ = rowsum(dO ∘ O) itself (one kernel, f32 sums of the halves).
         let grad_out = cast_to(grad_out.clone(), q.dtype());
         let out = cast_to(out.clone(), q.dtype());
         #[cfg(feature = "cuda")]
-        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&q, &k, &v, &grad_out, &out], &lse, scale) {
+        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&q, &k, &v, &grad_out, &out], &lse, scale, route) {
             return Some(grads);
         }
         #[cfg(feature = "wgpu-test")]
-        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&q, &k, &v, &grad_out, &out], &lse, scale) {
+        if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&q, &k, &v, &grad_out, &out], &lse, scale, route) {
             return Some(grads);
         }
     }
@@ -1133,9 +1174,10 @@ fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
     k: &Tensor<X, 4>,
     v: &Tensor<X, 4>,
     scale: f32,
+    route: flash::Route,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
     let fused = to_fused::<X, R, BT, 4>;
-    let (out, lse) = flash::register_forward::<R, BT>(fused(q)?, fused(k)?, fused(v)?, scale);
+    let (out, lse) = flash::register_forward::<R, BT>(fused(q)?, fused(k)?, fused(v)?, scale, route);
     Some((from_fused::<X, R, BT, 4>(out)?, from_fused::<X, R, BT, 3>(lse)?))
 }
 
@@ -1146,9 +1188,10 @@ fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::B
     inputs: [&Tensor<X, 4>; 5],
     lse: &Tensor<X, 3>,
     scale: f32,
+    route: flash::Route,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>)> {
     let [q, k, v, g, o] = inputs.map(to_fused::<X, R, BT, 4>);
-    let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?, o?], to_fused::<X, R, BT, 3>(lse)?, scale);
+    let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?, o?], to_fused::<X, R, BT, 3>(lse)?, scale, route);
     let back = from_fused::<X, R, BT, 4>;
     Some((back(dq)?, back(dk)?, back(dv)?))
 }

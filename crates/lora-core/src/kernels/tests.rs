@@ -393,6 +393,9 @@ fn device_ordering_matches_host_ordering_on_cuda() {
             c = crate::kernels::conv2d(&conv, h.clone()) * 0.5 + h;
         }
         let out = (x, c.inner());
+        // burn-fusion may still hold the chain's operations, and the ordering mode is read
+        // when they run: run them before switching back.
+        B::sync(&device).expect("device sync");
         set_cudnn(false);
         set_cublas(false);
         set_cublas_min_gflop(4.0);
@@ -526,13 +529,56 @@ fn flash_attention_matches_math_on_cuda() {
     assert_eq!(after.flash_attention_calls - before.flash_attention_calls, runs);
 }
 
+/// One attention problem `[b, h, s_q, s_kv, d]` in `dtype` (head-split `[b, s, h, d]`
+/// views, as attention passes them) through [`flash_attention`] and
+/// [`flash_attention_backward`] with cuDNN's attention on (and the flash kernels with
+/// `flash`): `[out, dq, dk, dv]`, the log-sum-exp, and the same from f32 math.
+#[cfg(feature = "cuda")]
+#[allow(clippy::type_complexity)]
+fn attention_pass<B: Backend>(
+    [b, h, sq, sk, d]: [usize; 5],
+    dtype: burn::tensor::DType,
+    flash: bool,
+    device: &B::Device,
+) -> ([Tensor<B, 4>; 4], Tensor<B, 3>, ([Tensor<B, 4>; 4], Tensor<B, 3>)) {
+    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, burn::tensor::DType::F32);
+    let input = |s: usize, mean: f64| crate::precision::cast_to(Tensor::<B, 4>::random([b, s, h, d], Distribution::Normal(mean, 1.0), device), dtype).swap_dims(1, 2);
+    let (q, k, v, g) = (input(sq, 0.1), input(sk, -0.1), input(sk, 0.0), input(sq, 0.0));
+    let scale = (d as f32).powf(-0.5);
+    // The route is fixed when a pass is queued, so the switches may go off right after.
+    set_cudnn_attention(true);
+    set_flash_attention(flash);
+    let (out, lse) = flash_attention(q.clone(), k.clone(), v.clone(), scale).expect("attention forward on CUDA");
+    let (dq, dk, dv) = flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), lse.clone(), scale).expect("attention backward on CUDA");
+    set_cudnn_attention(false);
+    set_flash_attention(false);
+    let (out_ref, lse_ref) = flash::forward_math(f32(q.clone()), f32(k.clone()), f32(v.clone()), scale);
+    let delta = (f32(g.clone()) * out_ref.clone()).sum_dim(3).squeeze_dim(3);
+    let (dq_ref, dk_ref, dv_ref) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref.clone(), delta, scale);
+    ([out, dq, dk, dv], lse, ([out_ref, dq_ref, dk_ref, dv_ref], lse_ref))
+}
+
+/// Asserts [`attention_pass`]'s results within `tolerance` of the reference (relative to
+/// each tensor's peak; the log-sum-exp within 1e-2 absolute).
+#[cfg(feature = "cuda")]
+fn check_attention<B: Backend>(what: &str, ours: [Tensor<B, 4>; 4], lse: Tensor<B, 3>, (reference, lse_ref): ([Tensor<B, 4>; 4], Tensor<B, 3>), tolerance: f32) {
+    for ((name, ours), reference) in ["out", "dq", "dk", "dv"].into_iter().zip(ours).zip(reference) {
+        let err = max_rel(crate::precision::cast_to(ours, burn::tensor::DType::F32), reference);
+        eprintln!("{what} {name}: {err:.2e}");
+        assert!(err < tolerance, "{what} {name}: relative error {err}");
+    }
+    let lse_err: f32 = (lse - lse_ref).abs().max().into_scalar().elem();
+    assert!(lse_err < 1e-2, "{what} lse: {lse_err}");
+}
+
 /// cuDNN's fused attention ([`set_cudnn_attention`]) against the same math in f32 on CUDA:
 /// SD1.5's self-attention shapes (d = 40, 80, 160 at 1024, 256 and 128 tokens; SD2's 64),
 /// head-split `[b, s, h, d]` views as attention passes them, bf16 and f16; output,
-/// log-sum-exp and the three input gradients; then the same problem through the flash
-/// kernels' forward and cuDNN's backward, whose log-sum-exp must agree. Every pass must run
-/// in cuDNN (no fallback). With `CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr` cuDNN says why
-/// it refuses a graph.
+/// log-sum-exp and the three input gradients; the cross-attention's 77 keys and the middle
+/// block's 64 tokens with the padded backward off (forward in cuDNN, backward in the flash
+/// kernels); then a problem through the flash kernels' forward and cuDNN's backward, whose
+/// log-sum-exp must agree. Every pass cuDNN takes must run there (no fallback). With
+/// `CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr` cuDNN says why it refuses a graph.
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
@@ -544,35 +590,31 @@ fn cudnn_attention_matches_math_on_cuda() {
     let device = Default::default();
     let before = vendor_stats();
     let mut runs = 0;
-    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
-    for (b, h, sq, sk, d) in [(2, 8, 1024, 1024, 40), (2, 8, 256, 256, 80), (1, 8, 128, 128, 160), (1, 5, 300, 384, 64)] {
+    for shape in [[2, 8, 1024, 1024, 40], [2, 8, 256, 256, 80], [1, 8, 128, 128, 160], [1, 5, 300, 384, 64]] {
         for dtype in [DType::BF16, DType::F16] {
-            let input = |s: usize, mean: f64| crate::precision::cast_to(Tensor::<B, 4>::random([b, s, h, d], Distribution::Normal(mean, 1.0), &device), dtype).swap_dims(1, 2);
-            let (q, k, v, g) = (input(sq, 0.1), input(sk, -0.1), input(sk, 0.0), input(sq, 0.0));
-            let scale = (d as f32).powf(-0.5);
-            set_cudnn_attention(true);
-            let (out, lse) = flash_attention(q.clone(), k.clone(), v.clone(), scale).expect("cuDNN forward on CUDA");
-            let (dq, dk, dv) = flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), lse.clone(), scale).expect("cuDNN backward on CUDA");
-            set_cudnn_attention(false);
+            let (ours, lse, reference) = attention_pass::<B>(shape, dtype, false, &device);
             runs += 2;
-            let (out_ref, lse_ref) = flash::forward_math(f32(q.clone()), f32(k.clone()), f32(v.clone()), scale);
-            let delta = (f32(g.clone()) * out_ref.clone()).sum_dim(3).squeeze_dim(3);
-            let (dq_ref, dk_ref, dv_ref) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref.clone(), delta, scale);
             let tolerance = if dtype == DType::BF16 { 3e-2 } else { 5e-3 };
-            let shape = (b, h, sq, sk, d, dtype);
-            for (what, ours, reference) in [("out", out, out_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)] {
-                let err = max_rel(f32(ours), reference);
-                eprintln!("cuDNN {shape:?} {what}: {err:.2e}");
-                assert!(err < tolerance, "cuDNN {shape:?} {what}: relative error {err}");
-            }
-            let lse_err: f32 = (lse - lse_ref).abs().max().into_scalar();
-            assert!(lse_err < 1e-2, "cuDNN {shape:?} lse: {lse_err}");
+            check_attention(&format!("cuDNN {shape:?} {dtype:?}"), ours, lse, reference, tolerance);
         }
     }
+    // Forward only in cuDNN: the 77-token cross-attention and the 64-token middle block
+    // with the padded backward off (their backward passes then run in the flash kernels,
+    // from cuDNN's log-sum-exp, as in training when the padded graph fails its test).
+    let flash_before = vendor_stats().flash_attention_calls;
+    set_cudnn_padded_backward(false);
+    for shape in [[2, 8, 1024, 77, 40], [2, 8, 64, 64, 160]] {
+        let (ours, lse, reference) = attention_pass::<B>(shape, DType::BF16, true, &device);
+        runs += 1;
+        check_attention(&format!("cuDNN forward {shape:?}"), ours, lse, reference, 3e-2);
+    }
+    set_cudnn_padded_backward(true);
     let after = vendor_stats();
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
     assert_eq!(after.cudnn_attention_calls - before.cudnn_attention_calls, runs);
+    assert_eq!(after.flash_attention_calls - flash_before, 2, "the two backward passes cuDNN does not take");
     // The flash kernels' forward, then cuDNN's backward from its log-sum-exp.
+    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
     let input = |s: usize| crate::precision::cast_to(Tensor::<B, 4>::random([1, s, 4, 40], Distribution::Normal(0.0, 1.0), &device), DType::BF16).swap_dims(1, 2);
     let (q, k, v, g) = (input(256), input(256), input(256), input(256));
     set_flash_attention(true);
@@ -586,6 +628,35 @@ fn cudnn_attention_matches_math_on_cuda() {
     let (dq_ref, _, _) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref, delta, 0.158);
     assert!(max_rel(f32(dq), dq_ref) < 3e-2, "cuDNN backward from the flash kernels' log-sum-exp");
     assert_eq!(vendor_stats().fallbacks, before.fallbacks, "fallbacks: {:?}", vendor_stats().last_error);
+}
+
+/// cuDNN's attention over key counts that are not multiples of 128, both passes
+/// ([`set_cudnn_padded_backward`]: the backward graph with cudnn-frontend's padding-mask
+/// workaround): SD's 77-token cross-attention (d = 40 and 160) and the 64-token middle
+/// block, bf16 and f16, against f32 math; no fallback. A test of its own, so that the
+/// device script can keep cuDNN's attention for the rest when only this fails.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn cudnn_attention_padded_backward_matches_math_on_cuda() {
+    use burn::tensor::DType;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    cudnn_attention_status().unwrap_or_else(|reason| panic!("cuDNN attention unavailable: {reason}"));
+    let device = Default::default();
+    let before = vendor_stats();
+    let mut runs = 0;
+    for shape in [[2, 8, 1024, 77, 40], [1, 8, 256, 77, 160], [2, 8, 64, 64, 160], [1, 3, 200, 100, 64]] {
+        for dtype in [DType::BF16, DType::F16] {
+            let (ours, lse, reference) = attention_pass::<B>(shape, dtype, false, &device);
+            runs += 2;
+            let tolerance = if dtype == DType::BF16 { 3e-2 } else { 5e-3 };
+            check_attention(&format!("cuDNN padded {shape:?} {dtype:?}"), ours, lse, reference, tolerance);
+        }
+    }
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    assert_eq!(after.cudnn_attention_calls - before.cudnn_attention_calls, runs);
 }
 
 /// The fused GroupNorm kernels against burn's ops on CUDA: SD1.5's GroupNorm + SiLU shapes
