@@ -431,7 +431,8 @@ fn needs_padding_mask(s_kv: usize) -> bool {
 
 /// The workaround's part of the graph: per-batch sequence lengths `[b, 1, 1, 1]` (INT32
 /// tensors the plan owns, holding the full lengths) and the scores outside them set to
-/// `-inf` (cudnn-frontend's `padding_mask` score modifier).
+/// `-inf` (cudnn-frontend's `padding_mask` score modifier; before cuDNN 9.10 the lowest
+/// finite float, applied once more after the statistics are subtracted).
 struct PaddingMask {
     seq_q: T,
     seq_kv: T,
@@ -489,6 +490,7 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key, client: &burn_cubecl::c
     let scale = g.scalar()?;
     let one = g.scalar()?;
     let mask = if needs_padding_mask(key.sizes[3]) { Some(PaddingMask::new(&mut g, b)?) } else { None };
+    let old_masking = result::get_version() < 91000;
     // The size overrides `[m, n, k]` of each product: by the sequence lengths with the mask.
     let (lq, lkv) = (mask.as_ref().map(|m| m.seq_q), mask.as_ref().map(|m| m.seq_kv));
     let scores = [b, h, sq, skv];
@@ -508,8 +510,12 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key, client: &burn_cubecl::c
     if let Some(mask) = &mask {
         s_scaled = mask.apply(&mut g, s_scaled, scores)?;
     }
-    let s_sub = g.virt(scores, sp, FLOAT)?;
+    let mut s_sub = g.virt(scores, sp, FLOAT)?;
     g.pointwise(Pw::CUDNN_POINTWISE_SUB, s_scaled, Some(stats), s_sub)?;
+    // Before cuDNN 9.10 the frontend masks again once the statistics are subtracted.
+    if let (Some(mask), true) = (&mask, old_masking) {
+        s_sub = mask.apply(&mut g, s_sub, scores)?;
+    }
     let p = g.virt(scores, sp, FLOAT)?;
     g.pointwise(Pw::CUDNN_POINTWISE_EXP, s_sub, None, p)?;
     // dV = Pᵀ·dO (Pᵀ a transposed view in the inputs' dtype).
@@ -544,7 +550,8 @@ fn backward_graph(handle: sys::cudnnHandle_t, key: &Key, client: &burn_cubecl::c
     let mut scalars = vec![(scale.uid, f32::from_bits(key.scale)), (one.uid, 1.0)];
     let mut constants = Vec::new();
     if let Some(mask) = &mask {
-        scalars.push((mask.neg_inf.uid, f32::NEG_INFINITY));
+        // The frontend's masked value: before cuDNN 9.10 the lowest finite float.
+        scalars.push((mask.neg_inf.uid, if old_masking { f32::MIN } else { f32::NEG_INFINITY }));
         // The full lengths, one per batch entry.
         let lengths = |n: usize| -> Vec<u8> { (0..key.sizes[0]).flat_map(|_| (n as i32).to_le_bytes()).collect() };
         constants.push((mask.seq_q.uid, client.create_from_slice(&lengths(key.sizes[2]))));
