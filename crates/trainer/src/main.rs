@@ -51,7 +51,8 @@ struct Cli {
     /// kernels PyTorch uses, where they take the problem (bf16 / f16; backward passes over
     /// key counts that are not multiples of 128, such as the 77-token cross-attention, carry
     /// cudnn-frontend's padding mask, which `SD_LORA_CUDNN_PADDED_BACKWARD=0` leaves to the
-    /// flash kernels); the rest, and any cuDNN refusal, go to the flash-attention kernels.
+    /// flash kernels or, without them, the blockwise path); the rest, and any cuDNN refusal,
+    /// go to the flash-attention kernels.
     /// Needs cuDNN 9.6 or later. Also `SD_LORA_CUDNN_ATTENTION=1`.
     #[arg(long, global = true)]
     cudnn_attention: bool,

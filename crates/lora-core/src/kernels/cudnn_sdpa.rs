@@ -688,7 +688,8 @@ pub(super) fn backward(
     let [q, k, v, dout, out] = [q, k, v, dout, out].map(rowwise);
     let [b, h, sq, d] = q.meta.shape().dims::<4>();
     let skv = k.meta.shape().dims::<4>()[2];
-    if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports_backward(q.dtype, d, sq, skv, super::cudnn_padded_backward_enabled()) {
+    // The padded-backward switch was read when the pass was queued (its route).
+    if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports_backward(q.dtype, d, sq, skv, true) {
         return Err(format!("cuDNN attention backward: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
     }
     check_shapes(&[(&k, [b, h, skv, d]), (&v, [b, h, skv, d]), (&out, [b, h, sq, d]), (&dout, [b, h, sq, d])])?;

@@ -1283,6 +1283,72 @@ pub(super) fn forward_math<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tens
     (cast_to(p.matmul(f32(v)), dtype), lse.squeeze_dim(3))
 }
 
+/// Most f32 scores the ops' fallback holds at once (256 Mi elements, 1 GiB): the fallback
+/// runs [`forward_math`] and [`backward_math`] over blocks of queries, so that a refused
+/// pass at SD's 4096 tokens and batch 8 does not need the whole score matrix (4 GiB).
+const FALLBACK_SCORES: usize = 1 << 28;
+
+/// Query rows per block so that a block's scores stay within `max_scores`.
+fn fallback_rows(dims: [usize; 4], s_kv: usize, max_scores: usize) -> usize {
+    let [b, h, s_q, _] = dims;
+    (max_scores / (b * h * s_kv).max(1)).clamp(1, s_q.max(1))
+}
+
+/// [`forward_math`] over blocks of at most `max_scores` scores (the op's fallback).
+pub(super) fn forward_math_in_blocks<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, scale: f32, max_scores: usize) -> (Tensor<X, 4>, Tensor<X, 3>) {
+    let s_q = q.dims()[2];
+    let rows = fallback_rows(q.dims(), k.dims()[2], max_scores);
+    if rows >= s_q {
+        return forward_math(q, k, v, scale);
+    }
+    let (outs, lses): (Vec<_>, Vec<_>) = (0..s_q)
+        .step_by(rows)
+        .map(|start| forward_math(q.clone().narrow(2, start, rows.min(s_q - start)), k.clone(), v.clone(), scale))
+        .unzip();
+    (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
+}
+
+/// [`backward_math`] over blocks of at most `max_scores` scores (the op's fallback): `dq`
+/// per block of queries, `dk` and `dv` summed over the blocks.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_math_in_blocks<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    dout: Tensor<X, 4>,
+    lse: Tensor<X, 3>,
+    delta: Tensor<X, 3>,
+    scale: f32,
+    max_scores: usize,
+) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
+    let s_q = q.dims()[2];
+    let rows = fallback_rows(q.dims(), k.dims()[2], max_scores);
+    if rows >= s_q {
+        return backward_math(q, k, v, dout, lse, delta, scale);
+    }
+    let dtype = q.dtype();
+    let f32 = |t: Tensor<X, 4>| cast_to(t, DType::F32);
+    let (mut dqs, mut dk, mut dv) = (Vec::new(), None::<Tensor<X, 4>>, None::<Tensor<X, 4>>);
+    for start in (0..s_q).step_by(rows) {
+        let len = rows.min(s_q - start);
+        let rows4 = |t: &Tensor<X, 4>| t.clone().narrow(2, start, len);
+        let rows3 = |t: &Tensor<X, 3>| t.clone().narrow(2, start, len);
+        let (dq_i, dk_i, dv_i) = backward_math(rows4(&q), k.clone(), v.clone(), rows4(&dout), rows3(&lse), rows3(&delta), scale);
+        dqs.push(dq_i);
+        // Sums in f32, rounded once.
+        dk = Some(match dk {
+            Some(sum) => sum + f32(dk_i),
+            None => f32(dk_i),
+        });
+        dv = Some(match dv {
+            Some(sum) => sum + f32(dv_i),
+            None => f32(dv_i),
+        });
+    }
+    let (dk, dv) = (dk.expect("at least one block"), dv.expect("at least one block"));
+    (Tensor::cat(dqs, 2), cast_to(dk, dtype), cast_to(dv, dtype))
+}
+
 /// `Δ = rowsum(dout ∘ out)` in f32 (`[b, h, s]`) in burn's ops: what [`flash_delta`]
 /// computes, for the ops' fallback.
 pub(super) fn delta_math<X: Backend>(dout: Tensor<X, 4>, out: Tensor<X, 4>) -> Tensor<X, 3> {
@@ -1491,7 +1557,7 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
             Some(result) => result,
             None => {
                 let t = super::tensor::<Inner<R, BT>, 4>;
-                let (o, l) = forward_math(t(tq), t(tk), t(tv), self.scale);
+                let (o, l) = forward_math_in_blocks(t(tq), t(tk), t(tv), self.scale, FALLBACK_SCORES);
                 (o.into_primitive().tensor(), l.into_primitive().tensor())
             }
         };
@@ -1531,7 +1597,7 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
                 let [q, k, v, dout, out] = inputs.map(super::tensor::<Inner<R, BT>, 4>);
                 let lse = super::tensor::<Inner<R, BT>, 3>(lse);
                 let delta = delta_math(dout.clone(), out);
-                let (a, b, c) = backward_math(q, k, v, dout, lse, delta, self.scale);
+                let (a, b, c) = backward_math_in_blocks(q, k, v, dout, lse, delta, self.scale, FALLBACK_SCORES);
                 (a.into_primitive().tensor(), b.into_primitive().tensor(), c.into_primitive().tensor())
             }
         };
@@ -1920,5 +1986,39 @@ mod tests {
         assert_eq!(sd15(MAX_SHARED), Ok((4, 32, 4, 64)));
         assert_eq!(sd15(96 * 1024), Ok((4, 64, 4, 64)));
         assert!(layout(16, 32, 1024, MAX_SHARED, 512, 2).is_err(), "the VAE's 512-wide head does not fit");
+    }
+}
+
+#[cfg(test)]
+mod fallback_tests {
+    //! The ops' fallback math over blocks of queries against one block, on the CPU.
+
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::{Distribution, ElementConversion};
+
+    fn gap<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
+        (a - b).abs().max().into_scalar().elem()
+    }
+
+    #[test]
+    fn fallback_blocks_match_one_block() {
+        let device = Default::default();
+        let t = |s: usize| Tensor::<Flex, 4>::random([2, 3, s, 8], Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v, g) = (t(13), t(7), t(7), t(13));
+        let scale = 0.35;
+        // 2·3·7 scores per query row: blocks of 2 rows (the last one of 1).
+        let max_scores = 2 * 3 * 7 * 2;
+        assert_eq!(fallback_rows(q.dims(), 7, max_scores), 2);
+        let (out, lse) = forward_math(q.clone(), k.clone(), v.clone(), scale);
+        let (out_b, lse_b) = forward_math_in_blocks(q.clone(), k.clone(), v.clone(), scale, max_scores);
+        assert!(gap(out_b, out.clone()) < 1e-5 && gap(lse_b, lse.clone()) < 1e-5, "forward");
+        let delta = delta_math(g.clone(), out);
+        let (dq, dk, dv) = backward_math(q.clone(), k.clone(), v.clone(), g.clone(), lse.clone(), delta.clone(), scale);
+        let (dq_b, dk_b, dv_b) = backward_math_in_blocks(q, k, v, g, lse, delta, scale, max_scores);
+        for (what, a, b) in [("dq", dq_b, dq), ("dk", dk_b, dk), ("dv", dv_b, dv)] {
+            let err = gap(a, b);
+            assert!(err < 1e-4, "{what}: {err}");
+        }
     }
 }

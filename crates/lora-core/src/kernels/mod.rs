@@ -222,8 +222,8 @@ pub struct VendorStats {
     pub cudnn_calls: u64,
     /// Matmuls that ran in cuBLAS.
     pub cublas_calls: u64,
-    /// Convolutions and matmuls that were meant for cuDNN / cuBLAS but ran in burn's
-    /// kernels instead.
+    /// Refusals: calls meant for cuDNN / cuBLAS or one of our kernels that ran elsewhere
+    /// (an attention pass refused by cuDNN and then by the flash kernels counts twice).
     pub fallbacks: u64,
     /// Why the most recent fallback happened.
     pub last_error: Option<String>,
@@ -954,7 +954,9 @@ pub fn cudnn_attention_enabled() -> bool {
 /// Lets cuDNN's attention ([`set_cudnn_attention`]) take backward passes whose key count is
 /// not a multiple of 128, SD's 77-token cross-attention and 64-token middle block (default
 /// on): their graphs carry the padding mask that cudnn-frontend adds for them on cuDNN up
-/// to 9.15.0 (a workaround for a cuDNN bug). Off, those passes take the flash kernels.
+/// to 9.15.0 (a workaround for a cuDNN bug). Off, those passes take the flash kernels when
+/// [`set_flash_attention`] is on, else the caller's own backward
+/// ([`flash_attention_backward`] returns `None`). Read when a pass is queued.
 ///
 /// ```
 /// use lora_core::kernels::{cudnn_padded_backward_enabled, set_cudnn_padded_backward};
@@ -979,7 +981,9 @@ pub fn cudnn_padded_backward_enabled() -> bool {
 fn cudnn_attention_takes(dtype: DType, d: usize, s_q: usize, s_kv: usize, backward: bool) -> bool {
     #[cfg(feature = "cuda")]
     {
-        cudnn_attention_enabled() && if backward { cudnn_sdpa::supports_backward(dtype, d, s_q, s_kv, cudnn_padded_backward_enabled()) } else { cudnn_sdpa::supports(dtype, d, s_q, s_kv) }
+        let supported = if backward { cudnn_sdpa::supports_backward(dtype, d, s_q, s_kv, cudnn_padded_backward_enabled()) } else { cudnn_sdpa::supports(dtype, d, s_q, s_kv) };
+        // Without a usable cuDNN (missing, too old) the pass keeps the other kernels.
+        cudnn_attention_enabled() && supported && cudnn_sdpa::status().is_ok()
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -1104,7 +1108,9 @@ fn flash_kernels_take(d: usize, s_kv: usize) -> bool {
 
 /// The gradients `(dq, dk, dv)` of [`flash_attention`] for the output gradient `grad_out`,
 /// from the inputs, the forward output `out` and its log-sum-exp `lse`, in the inputs' dtype.
-/// `None` where [`flash_attention`] has no kernel (the caller differentiates its own way).
+/// `None` where neither cuDNN's attention nor the flash kernels take this backward pass
+/// (e.g. SD's 77-token cross-attention with [`set_cudnn_padded_backward`] off and the flash
+/// kernels off): the caller differentiates its own way, from the same log-sum-exp.
 ///
 /// ```
 /// use burn::backend::Flex;
@@ -1131,10 +1137,13 @@ pub fn flash_attention_backward<X: Backend>(
     }
     #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
     if flash_backend::<X>() {
-        // A pass that neither takes (cuDNN's backward needs key counts that are multiples
-        // of 128; the flash kernels may be off) runs the same math in burn's ops in the op.
         let ([_, _, s_q, d], s_kv) = (q.dims(), k.dims()[2]);
         let route = flash::Route { cudnn: cudnn_attention_takes(q.dtype(), d, s_q, s_kv, true), flash: flash_kernels_take(d, s_kv) };
+        // Neither takes it: the caller's own backward (sd-model's blockwise one, from the
+        // same log-sum-exp) holds less than the op's whole-score fallback would.
+        if !(route.cudnn || route.flash) {
+            return None;
+        }
         // The op computes Δ = rowsum(dO ∘ O) itself (one kernel, f32 sums of the halves).
         let grad_out = cast_to(grad_out.clone(), q.dtype());
         let out = cast_to(out.clone(), q.dtype());

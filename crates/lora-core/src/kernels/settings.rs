@@ -10,7 +10,10 @@ use super::VendorSync;
 /// [`KernelSettings::default`] is the conservative set every switch starts with;
 /// [`KernelSettings::fast`] turns every fast path on. Apply a set before the first tensor
 /// operation ([`KernelSettings::apply`]): the GPU-side ordering mode is read when a queued
-/// call runs, so changing it mid-run needs a device sync first.
+/// call runs, so changing it mid-run needs a device sync first. Tuning knobs stay separate
+/// setters and are not reset by `apply`: [`super::set_flash_max_keys`],
+/// [`super::set_flash_shared_kib`], [`super::set_flash_prefetch`],
+/// [`super::set_cudnn_padded_backward`], [`super::set_cublas_min_gflop`].
 ///
 /// ```
 /// use lora_core::kernels::{KernelSettings, VendorSync};

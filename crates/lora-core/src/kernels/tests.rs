@@ -643,6 +643,7 @@ fn cudnn_attention_padded_backward_matches_math_on_cuda() {
     let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     type B = burn::backend::Cuda;
     cudnn_attention_status().unwrap_or_else(|reason| panic!("cuDNN attention unavailable: {reason}"));
+    set_cudnn_padded_backward(true);
     let device = Default::default();
     let before = vendor_stats();
     let mut runs = 0;
