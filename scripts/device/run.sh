@@ -266,11 +266,11 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
         say "flash attention failed its test: the :flash settings below use the blockwise attention"
     }
     # cuDNN says why it refuses a graph (errors only) in this test's log.
-    kernel_test cudnn-attention-vs-math cudnn_attention_matches_math_on_cuda timeout -k 5 "${CUDNN_ATTN_TEST_S:-150}" env CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr || {
+    kernel_test cudnn-attention-vs-math cudnn_attention_matches_math_on_cuda timeout -k 5 "${CUDNN_ATTN_TEST_S:-150}" env CUDNN_LOGERR_DBG=1 CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG=stderr || {
         CUDNN_ATTN=0
         say "cuDNN's attention failed its test: the :cudnnattn settings below use the flash kernels"
     }
-    kernel_test cudnn-attention-padded-vs-math cudnn_attention_padded_backward_matches_math_on_cuda timeout -k 5 "${CUDNN_ATTN_TEST_S:-150}" env CUDNN_LOGERR_DBG=1 CUDNN_LOGDEST_DBG=stderr || {
+    kernel_test cudnn-attention-padded-vs-math cudnn_attention_padded_backward_matches_math_on_cuda timeout -k 5 "${CUDNN_ATTN_TEST_S:-150}" env CUDNN_LOGERR_DBG=1 CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG=stderr || {
         export SD_LORA_CUDNN_PADDED_BACKWARD=0
         say "cuDNN's padded attention backward failed its test: every run below leaves the 77-token cross-attention's backward to the flash kernels"
     }
