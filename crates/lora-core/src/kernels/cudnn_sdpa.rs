@@ -688,8 +688,8 @@ pub(super) fn backward(
     let [q, k, v, dout, out] = [q, k, v, dout, out].map(rowwise);
     let [b, h, sq, d] = q.meta.shape().dims::<4>();
     let skv = k.meta.shape().dims::<4>()[2];
-    // The padded-backward switch was read when the pass was queued (its route).
-    if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports_backward(q.dtype, d, sq, skv, true) {
+    // Any key count: the padded-backward switch was read when the pass was queued (its route).
+    if [&k, &v, &dout, &out].iter().any(|t| t.dtype != q.dtype) || lse.dtype != DType::F32 || !supports(q.dtype, d, sq, skv) {
         return Err(format!("cuDNN attention backward: {:?} d = {d}, {sq} × {skv} is outside its support", q.dtype));
     }
     check_shapes(&[(&k, [b, h, skv, d]), (&v, [b, h, skv, d]), (&out, [b, h, sq, d]), (&dout, [b, h, sq, d])])?;

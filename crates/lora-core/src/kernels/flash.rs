@@ -1294,6 +1294,11 @@ fn fallback_rows(dims: [usize; 4], s_kv: usize, max_scores: usize) -> usize {
     (max_scores / (b * h * s_kv).max(1)).clamp(1, s_q.max(1))
 }
 
+/// The `(start, len)` query blocks of [`fallback_rows`] rows.
+fn query_blocks(s_q: usize, rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s_q).step_by(rows.max(1)).map(move |start| (start, rows.min(s_q - start)))
+}
+
 /// [`forward_math`] over blocks of at most `max_scores` scores (the op's fallback).
 pub(super) fn forward_math_in_blocks<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 4>, scale: f32, max_scores: usize) -> (Tensor<X, 4>, Tensor<X, 3>) {
     let s_q = q.dims()[2];
@@ -1301,15 +1306,12 @@ pub(super) fn forward_math_in_blocks<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4
     if rows >= s_q {
         return forward_math(q, k, v, scale);
     }
-    let (outs, lses): (Vec<_>, Vec<_>) = (0..s_q)
-        .step_by(rows)
-        .map(|start| forward_math(q.clone().narrow(2, start, rows.min(s_q - start)), k.clone(), v.clone(), scale))
-        .unzip();
+    let (outs, lses): (Vec<_>, Vec<_>) = query_blocks(s_q, rows).map(|(start, len)| forward_math(q.clone().narrow(2, start, len), k.clone(), v.clone(), scale)).unzip();
     (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
 }
 
 /// [`backward_math`] over blocks of at most `max_scores` scores (the op's fallback): `dq`
-/// per block of queries, `dk` and `dv` summed over the blocks.
+/// per block of queries, `dk` and `dv` summed over the blocks in f32 and rounded once.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward_math_in_blocks<X: Backend>(
     q: Tensor<X, 4>,
@@ -1327,26 +1329,16 @@ pub(super) fn backward_math_in_blocks<X: Backend>(
         return backward_math(q, k, v, dout, lse, delta, scale);
     }
     let dtype = q.dtype();
-    let f32 = |t: Tensor<X, 4>| cast_to(t, DType::F32);
-    let (mut dqs, mut dk, mut dv) = (Vec::new(), None::<Tensor<X, 4>>, None::<Tensor<X, 4>>);
-    for start in (0..s_q).step_by(rows) {
-        let len = rows.min(s_q - start);
-        let rows4 = |t: &Tensor<X, 4>| t.clone().narrow(2, start, len);
-        let rows3 = |t: &Tensor<X, 3>| t.clone().narrow(2, start, len);
-        let (dq_i, dk_i, dv_i) = backward_math(rows4(&q), k.clone(), v.clone(), rows4(&dout), rows3(&lse), rows3(&delta), scale);
-        dqs.push(dq_i);
-        // Sums in f32, rounded once.
-        dk = Some(match dk {
-            Some(sum) => sum + f32(dk_i),
-            None => f32(dk_i),
-        });
-        dv = Some(match dv {
-            Some(sum) => sum + f32(dv_i),
-            None => f32(dv_i),
-        });
+    let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+    for (start, len) in query_blocks(s_q, rows) {
+        let (rows4, rows3) = (|t: &Tensor<X, 4>| t.clone().narrow(2, start, len), |t: &Tensor<X, 3>| t.clone().narrow(2, start, len));
+        let (dq, dk, dv) = backward_math_f32(rows4(&q), k.clone(), v.clone(), rows4(&dout), rows3(&lse), rows3(&delta), scale);
+        dqs.push(cast_to(dq, dtype));
+        dks.push(dk);
+        dvs.push(dv);
     }
-    let (dk, dv) = (dk.expect("at least one block"), dv.expect("at least one block"));
-    (Tensor::cat(dqs, 2), cast_to(dk, dtype), cast_to(dv, dtype))
+    let sum = |terms: Vec<Tensor<X, 4>>| cast_to(terms.into_iter().reduce(|a, b| a + b).expect("rows < s_q gives two blocks or more"), dtype);
+    (Tensor::cat(dqs, 2), sum(dks), sum(dvs))
 }
 
 /// `Δ = rowsum(dout ∘ out)` in f32 (`[b, h, s]`) in burn's ops: what [`flash_delta`]
@@ -1368,6 +1360,21 @@ pub(super) fn backward_math<X: Backend>(
     scale: f32,
 ) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
     let dtype = q.dtype();
+    let (dq, dk, dv) = backward_math_f32(q, k, v, dout, lse, delta, scale);
+    (cast_to(dq, dtype), cast_to(dk, dtype), cast_to(dv, dtype))
+}
+
+/// [`backward_math`] with its gradients left in f32.
+#[allow(clippy::too_many_arguments)]
+fn backward_math_f32<X: Backend>(
+    q: Tensor<X, 4>,
+    k: Tensor<X, 4>,
+    v: Tensor<X, 4>,
+    dout: Tensor<X, 4>,
+    lse: Tensor<X, 3>,
+    delta: Tensor<X, 3>,
+    scale: f32,
+) -> (Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>) {
     let f32 = |t: Tensor<X, 4>| cast_to(t, DType::F32);
     let (q, k, v, dout) = (f32(q), f32(k), f32(v), f32(dout));
     let p = (q.clone().matmul(k.clone().swap_dims(2, 3)).mul_scalar(scale) - lse.unsqueeze_dim(3)).exp();
@@ -1375,7 +1382,7 @@ pub(super) fn backward_math<X: Backend>(
     let ds = p * (dout.matmul(v.swap_dims(2, 3)) - delta.unsqueeze_dim(3));
     let dq = ds.clone().matmul(k).mul_scalar(scale);
     let dk = ds.swap_dims(2, 3).matmul(q).mul_scalar(scale);
-    (cast_to(dq, dtype), cast_to(dk, dtype), cast_to(dv, dtype))
+    (dq, dk, dv)
 }
 
 type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;

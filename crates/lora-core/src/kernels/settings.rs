@@ -18,7 +18,7 @@ use super::VendorSync;
 /// ```
 /// use lora_core::kernels::{KernelSettings, VendorSync};
 ///
-/// assert!(KernelSettings::current().is_default());
+/// assert_eq!(KernelSettings::current(), KernelSettings::default());
 /// let mut settings = KernelSettings::fast();
 /// settings.cudnn_attention = false; // e.g. an old cuDNN
 /// settings.apply();
@@ -113,10 +113,5 @@ impl KernelSettings {
         super::set_fused_group_norm(self.fused_group_norm);
         super::set_fixed_matmul(self.fixed_matmul);
         super::set_fused_concat(self.fused_concat);
-    }
-
-    /// Whether every switch is at its [`KernelSettings::default`].
-    pub fn is_default(&self) -> bool {
-        *self == Self::default()
     }
 }

@@ -571,6 +571,23 @@ fn check_attention<B: Backend>(what: &str, ours: [Tensor<B, 4>; 4], lse: Tensor<
     assert!(lse_err < 1e-2, "{what} lse: {lse_err}");
 }
 
+/// [`attention_pass`] (cuDNN only) and [`check_attention`] for each shape in bf16 and f16;
+/// the number of passes run (two per problem).
+#[cfg(feature = "cuda")]
+fn cudnn_passes_match<B: Backend>(what: &str, shapes: &[[usize; 5]], device: &B::Device) -> u64 {
+    use burn::tensor::DType;
+    let mut runs = 0;
+    for &shape in shapes {
+        for dtype in [DType::BF16, DType::F16] {
+            let (ours, lse, reference) = attention_pass::<B>(shape, dtype, false, device);
+            runs += 2;
+            let tolerance = if dtype == DType::BF16 { 3e-2 } else { 5e-3 };
+            check_attention(&format!("{what} {shape:?} {dtype:?}"), ours, lse, reference, tolerance);
+        }
+    }
+    runs
+}
+
 /// cuDNN's fused attention ([`set_cudnn_attention`]) against the same math in f32 on CUDA:
 /// SD1.5's self-attention shapes (d = 40, 80, 160 at 1024, 256 and 128 tokens; SD2's 64),
 /// head-split `[b, s, h, d]` views as attention passes them, bf16 and f16; output,
@@ -589,15 +606,7 @@ fn cudnn_attention_matches_math_on_cuda() {
     cudnn_attention_status().unwrap_or_else(|reason| panic!("cuDNN attention unavailable: {reason}"));
     let device = Default::default();
     let before = vendor_stats();
-    let mut runs = 0;
-    for shape in [[2, 8, 1024, 1024, 40], [2, 8, 256, 256, 80], [1, 8, 128, 128, 160], [1, 5, 300, 384, 64]] {
-        for dtype in [DType::BF16, DType::F16] {
-            let (ours, lse, reference) = attention_pass::<B>(shape, dtype, false, &device);
-            runs += 2;
-            let tolerance = if dtype == DType::BF16 { 3e-2 } else { 5e-3 };
-            check_attention(&format!("cuDNN {shape:?} {dtype:?}"), ours, lse, reference, tolerance);
-        }
-    }
+    let mut runs = cudnn_passes_match::<B>("cuDNN", &[[2, 8, 1024, 1024, 40], [2, 8, 256, 256, 80], [1, 8, 128, 128, 160], [1, 5, 300, 384, 64]], &device);
     // Forward only in cuDNN: the 77-token cross-attention and the 64-token middle block
     // with the padded backward off (their backward passes then run in the flash kernels,
     // from cuDNN's log-sum-exp, as in training when the padded graph fails its test).
@@ -639,22 +648,13 @@ fn cudnn_attention_matches_math_on_cuda() {
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn cudnn_attention_padded_backward_matches_math_on_cuda() {
-    use burn::tensor::DType;
     let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     type B = burn::backend::Cuda;
     cudnn_attention_status().unwrap_or_else(|reason| panic!("cuDNN attention unavailable: {reason}"));
     set_cudnn_padded_backward(true);
     let device = Default::default();
     let before = vendor_stats();
-    let mut runs = 0;
-    for shape in [[2, 8, 1024, 77, 40], [1, 8, 256, 77, 160], [2, 8, 64, 64, 160], [1, 3, 200, 100, 64]] {
-        for dtype in [DType::BF16, DType::F16] {
-            let (ours, lse, reference) = attention_pass::<B>(shape, dtype, false, &device);
-            runs += 2;
-            let tolerance = if dtype == DType::BF16 { 3e-2 } else { 5e-3 };
-            check_attention(&format!("cuDNN padded {shape:?} {dtype:?}"), ours, lse, reference, tolerance);
-        }
-    }
+    let runs = cudnn_passes_match::<B>("cuDNN padded", &[[2, 8, 1024, 77, 40], [1, 8, 256, 77, 160], [2, 8, 64, 64, 160], [1, 3, 200, 100, 64]], &device);
     let after = vendor_stats();
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
     assert_eq!(after.cudnn_attention_calls - before.cudnn_attention_calls, runs);
