@@ -11,6 +11,7 @@
 #                       it still plans (burn-fusion's plans for a step that ends in a sync,
 #                       as the warm-up does, are not those for one that runs on)
 #   SID=/opt/sid        the chroot (see scripts/vulkan-test.sh)
+#   BIN=PATH            profile this `launches` binary instead of building one (A/B runs)
 #
 # Threads: the calling thread ("launches") records autodiff and hands every operation to
 # burn-fusion through a 32-slot channel; a device thread ("DSU-…") runs burn-fusion's stream
@@ -37,8 +38,12 @@ for fs in proc dev sys; do
 done
 
 cd "$REPO"
-cargo build --release -p sd-model --features vulkan-test --example launches
-install -m 755 "${CARGO_TARGET_DIR:-$REPO/target}/release/examples/launches" "$SID/work/launches"
+# BIN: a `launches` binary built earlier (an A/B against another commit's build).
+if [ -z "${BIN:-}" ]; then
+    cargo build --release -p sd-model --features vulkan-test --example launches
+    BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/examples/launches"
+fi
+install -m 755 "$BIN" "$SID/work/launches"
 # A fusion log in the working directory would slow every operation down.
 rm -f "$SID/work/burn.toml"
 

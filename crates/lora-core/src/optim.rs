@@ -53,7 +53,7 @@ use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Shape, Tensor, TensorData, TensorMetadata};
 
 use crate::error::{LoraError, Result};
 
@@ -214,7 +214,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 pieces: BTreeMap::new(),
             };
             module.visit(&mut gather);
-            let dtype = gather.pieces.values().flatten().next().map_or(DType::F32, Tensor::dtype);
+            let dtype = gather.pieces.values().flatten().next().map_or(DType::F32, TensorMetadata::dtype);
             optim.params = optim.concat(gather.pieces, dtype, device);
         }
         optim
@@ -465,7 +465,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// pieces).
     fn concat(
         &self,
-        pieces: BTreeMap<usize, Option<Tensor<B::InnerBackend, 1>>>,
+        pieces: BTreeMap<usize, Option<FloatTensor<B::InnerBackend>>>,
         dtype: DType,
         device: &Device<B::InnerBackend>,
     ) -> Tensor<B::InnerBackend, 1> {
@@ -474,12 +474,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             .iter()
             .map(|id| {
                 let slot = &self.slots[id];
-                pieces.get(&slot.offset).cloned().flatten().unwrap_or_else(|| Tensor::zeros([slot.len], device))
+                pieces.get(&slot.offset).cloned().flatten().unwrap_or_else(|| Tensor::<B::InnerBackend, 1>::zeros([slot.len], device).into_primitive().tensor())
             })
             .collect::<Vec<_>>();
         // Several hundred small tensors: one multi-tensor copy kernel per 32 on the GPU
-        // backends instead of one copy each.
-        crate::kernels::concat_flat(parts, dtype, device)
+        // backends instead of one copy each, reading them in their own shapes.
+        crate::kernels::concat_flattened(parts, dtype, device)
     }
 
     /// AdamW's state of one tensor: its step count and first and second moments in its
@@ -546,7 +546,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
 struct Gather<'a, B: AutodiffBackend> {
     slots: &'a HashMap<ParamId, Slot>,
     grads: Option<&'a mut GradientsParams>,
-    pieces: BTreeMap<usize, Option<Tensor<B::InnerBackend, 1>>>,
+    /// In the parameters' shapes: the flat concatenation reads them as they are.
+    pieces: BTreeMap<usize, Option<FloatTensor<B::InnerBackend>>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
@@ -556,7 +557,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
             Some(grads) => grads.remove::<B::InnerBackend, D>(param.id),
             None => Some(param.val().inner()),
         };
-        self.pieces.insert(slot.offset, piece.map(|t| t.reshape([slot.len])));
+        self.pieces.insert(slot.offset, piece.map(|t| t.into_primitive().tensor()));
     }
 }
 

@@ -17,7 +17,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::matmul;
+use lora_core::kernels::{matmul, matmul_transposed};
 use lora_core::precision::cast_to;
 use lora_core::LoraLinear;
 
@@ -131,10 +131,37 @@ fn geglu_grad_halves<X: Backend, const D: usize>(hidden: Tensor<X, D>, gate: Ten
 /// assert!(err < 1e-5);
 /// ```
 pub fn geglu_projected<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, tokens, d_in] = x.dims();
+    let out = geglu_projected_rows(proj, x.reshape([batch * tokens, d_in]));
+    let n = out.dims()[1];
+    out.reshape([batch, tokens, n])
+}
+
+/// [`geglu_projected`] on `[rows, d_in]` rows (the transformer blocks' layout).
+///
+/// ```
+/// use burn::backend::{Autodiff, Flex};
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::LoraLinear;
+///
+/// type B = Autodiff<Flex>;
+/// let device = Default::default();
+/// let proj = LoraLinear::new(LinearConfig::new(4, 16).init::<B>(&device));
+/// let x = Tensor::<B, 2>::random([3, 4], Distribution::Normal(0.0, 1.0), &device);
+/// let fused = sd_model::activation::geglu_projected_rows(&proj, x.clone());
+/// let plain = sd_model::activation::geglu(proj.forward(x.unsqueeze::<3>())).reshape([3, 8]);
+/// let err: f32 = (fused - plain).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn geglu_projected_rows<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
     let active_adapter = proj.adapter.is_some() && !proj.is_merged() && proj.multiplier != 0.0;
     let weight = proj.base.weight.val();
     if active_adapter || weight.dtype() != x.dtype() {
-        return geglu(proj.forward(x));
+        // (GEGLU's own op is 3-d: one reshape each way, on this path only.)
+        let h = proj.forward(x);
+        let [rows, n] = h.dims();
+        return geglu(h.reshape([1, rows, n])).reshape([rows, n / 2]);
     }
     let bias = match &proj.base.bias {
         Some(b) => b.val(),
@@ -150,15 +177,13 @@ pub fn geglu_projected<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 3>) -> Ten
     projected(x, w, b)
 }
 
-/// `geglu(x·W + b)` on `[batch, tokens, d_in]`, the op's forward arithmetic.
-fn projected<X: Backend>(x: Tensor<X, 3>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> Tensor<X, 3> {
-    let [batch, tokens, _] = x.dims();
+/// `geglu(x·W + b)` on `[rows, d_in]`, the op's forward arithmetic.
+fn projected<X: Backend>(x: Tensor<X, 2>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> Tensor<X, 2> {
     let (hidden, gate) = project_halves(x, w, b);
-    let n = hidden.dims()[1];
-    (hidden * gelu(gate)).reshape([batch, tokens, n])
+    hidden * gelu(gate)
 }
 
-fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>)) -> Option<Tensor<B, 3>> {
+fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1>)) -> Option<Tensor<B, 2>> {
     if !is_autodiff::<B, X, C>() {
         return None;
     }
@@ -166,23 +191,21 @@ fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &
     downcast(projected_op::<X, C>(downcast(x)?, downcast(w)?, downcast(b)?))
 }
 
-/// The halves `(hidden, gate)` of `x·W + b` for `x` `[batch, tokens, d_in]`, as
-/// `[batch·tokens, n]` rows, through [`matmul`] (cuBLAS on CUDA when on). Each half gets its
+/// The halves `(hidden, gate)` of `x·W + b` for `x` `[rows, d_in]`, as `[rows, n]`, through [`matmul`] (cuBLAS on CUDA when on). Each half gets its
 /// half of the bias after the split, and the rows stay rows: on burn's fusion the slices
 /// are views that close no block after the additions, so the bias joins the GELU's kernel
 /// (or the gradient's) instead of writing the whole `[rows, 2n]` projection once more.
-fn project_halves<X: Backend>(x: Tensor<X, 3>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> (Tensor<X, 2>, Tensor<X, 2>) {
-    let [batch, tokens, d_in] = x.dims();
+fn project_halves<X: Backend>(x: Tensor<X, 2>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> (Tensor<X, 2>, Tensor<X, 2>) {
     let n = w.dims()[1] / 2;
     let (b_hidden, b_gate) = (b.clone().narrow(0, 0, n).unsqueeze::<2>(), b.narrow(0, n, n).unsqueeze::<2>());
-    let (hidden, gate) = halves(matmul(x.reshape([batch * tokens, d_in]), w));
+    let (hidden, gate) = halves(matmul(x, w));
     (hidden + b_hidden, gate + b_gate)
 }
 
-fn projected_op<X: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<X, C>, 3>, w: Tensor<Autodiff<X, C>, 2>, b: Tensor<Autodiff<X, C>, 1>) -> Tensor<Autodiff<X, C>, 3> {
+fn projected_op<X: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<X, C>, 2>, w: Tensor<Autodiff<X, C>, 2>, b: Tensor<Autodiff<X, C>, 1>) -> Tensor<Autodiff<X, C>, 2> {
     let (x, w, b) = (x.into_primitive().tensor(), w.into_primitive().tensor(), b.into_primitive().tensor());
     let forward = |x: FloatTensor<X>, w: FloatTensor<X>, b: FloatTensor<X>| {
-        projected(tensor::<X, 3>(x), tensor(w), tensor(b)).into_primitive().tensor()
+        projected(tensor::<X, 2>(x), tensor(w), tensor(b)).into_primitive().tensor()
     };
     let out = match ProjectedGegluBackward.prepare::<C>([x.node.clone(), w.node.clone(), b.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
@@ -203,22 +226,20 @@ impl<X: Backend> Backward<X, 3> for ProjectedGegluBackward {
     type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let grad_out = tensor::<X, 3>(grads.consume::<X>(&ops.node));
-        let (x, w, b) = (tensor::<X, 3>(ops.state.0), tensor::<X, 2>(ops.state.1), tensor::<X, 1>(ops.state.2));
-        let [batch, tokens, d_in] = x.dims();
-        let d_out = w.dims()[1];
+        let grad_out = tensor::<X, 2>(grads.consume::<X>(&ops.node));
+        let (x, w, b) = (tensor::<X, 2>(ops.state.0), tensor::<X, 2>(ops.state.1), tensor::<X, 1>(ops.state.2));
         let (hidden, gate) = project_halves(x.clone(), w.clone(), b);
-        let dh = geglu_grad_halves(hidden, gate, grad_out.reshape([batch * tokens, d_out / 2]));
+        let dh = geglu_grad_halves(hidden, gate, grad_out);
         let [px, pw, pb] = ops.parents;
         if let Some(node) = pw {
-            let dw = matmul(x.clone().reshape([batch * tokens, d_in]).swap_dims(0, 1), dh.clone());
+            let dw = matmul_transposed(x.clone(), dh.clone(), true, false);
             grads.register::<X>(node.id, dw.into_primitive().tensor());
         }
         if let Some(node) = pb {
             grads.register::<X>(node.id, dh.clone().sum_dim(0).squeeze_dim::<1>(0).into_primitive().tensor());
         }
         if let Some(node) = px {
-            let dx = matmul(dh, w.swap_dims(0, 1)).reshape([batch, tokens, d_in]);
+            let dx = matmul_transposed(dh, w, false, true);
             grads.register::<X>(node.id, dx.into_primitive().tensor());
         }
     }

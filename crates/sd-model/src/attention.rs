@@ -24,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::{flash_attention, flash_attention_backward, matmul, scaled_softmax, scaled_softmax_lse};
+use lora_core::kernels::{flash_attention, flash_attention_backward, matmul, matmul_transposed, scaled_softmax, scaled_softmax_lse};
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -50,8 +50,43 @@ pub fn multi_head_attention<B: Backend>(
     let seq_k = k.dims()[1];
     let head_dim = width / heads;
     let split = |t: Tensor<B, 3>, seq: usize| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
-    let (q, k, v) = (split(q, seq_q), split(k, seq_k), split(v, seq_k));
-    let out = if causal {
+    let out = attend(split(q, seq_q), split(k, seq_k), split(v, seq_k), causal);
+    out.swap_dims(1, 2).reshape([batch, seq_q, width])
+}
+
+/// [`multi_head_attention`] (non-causal) on rows: `q [batch·seq_q, heads·d]`, `k` and `v`
+/// `[batch·seq_k, heads·d]`, the output in `q`'s rows. Each head split is one reshape of
+/// the rows (the heads are then a strided view, which the fused attention kernels read as
+/// it is), and the output goes back to rows without an intermediate `[batch, seq, width]`.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Distribution, Tensor};
+/// use sd_model::attention::{multi_head_attention, multi_head_attention_rows};
+///
+/// let device = Default::default();
+/// let q = Tensor::<Flex, 3>::random([2, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let kv = Tensor::<Flex, 3>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let rows = |t: Tensor<Flex, 3>| t.reshape([-1, 8]);
+/// let ours = multi_head_attention_rows(rows(q.clone()), rows(kv.clone()), rows(kv.clone()), 2, 2);
+/// let reference = multi_head_attention(q, kv.clone(), kv, 2, false);
+/// let err: f32 = (ours - rows(reference)).abs().max().into_scalar();
+/// assert!(err < 1e-6);
+/// ```
+pub fn multi_head_attention_rows<B: Backend>(q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, batch: usize, heads: usize) -> Tensor<B, 2> {
+    let [rows_q, width] = q.dims();
+    let batch = batch.max(1);
+    let (seq_q, seq_k) = (rows_q / batch, k.dims()[0] / batch);
+    let head_dim = width / heads;
+    let split = |t: Tensor<B, 2>, seq: usize| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
+    let out = attend(split(q, seq_q), split(k, seq_k), split(v, seq_k), false);
+    out.swap_dims(1, 2).reshape([rows_q, width])
+}
+
+/// Attention of `[batch, heads, seq, d]` heads: causal through burn's `attention` op, else
+/// [`scaled_dot_product_attention`].
+fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal: bool) -> Tensor<B, 4> {
+    if causal {
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
@@ -60,8 +95,7 @@ pub fn multi_head_attention<B: Backend>(
         attention(q, k, v, None, None, options)
     } else {
         scaled_dot_product_attention(q, k, v)
-    };
-    out.swap_dims(1, 2).reshape([batch, seq_q, width])
+    }
 }
 
 /// `softmax(q kᵀ / sqrt(d)) v` for `[batch, heads, seq, d]` tensors.
@@ -129,13 +163,12 @@ fn blockwise_forward<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X, 
     let seq_k = k.dims()[2];
     let scale = (d as f64).powf(-0.5) as f32;
     let block = (block_elements / (b * h * seq_k).max(1)).clamp(1, seq_q.max(1));
-    let kt = k.swap_dims(2, 3);
     let (blocks, lses): (Vec<Tensor<X, 4>>, Vec<Option<Tensor<X, 4>>>) = (0..seq_q)
         .step_by(block)
         .map(|start| {
             let qi = q.clone().narrow(2, start, block.min(seq_q - start));
             // The softmax reads the scores in the model's dtype and computes in f32.
-            let scores = matmul(qi, kt.clone());
+            let scores = matmul_transposed(qi, k.clone(), false, true);
             let (p, lse) = if stats {
                 let (p, lse) = scaled_softmax_lse(scores, scale, dtype);
                 (p, Some(lse))
@@ -280,8 +313,6 @@ fn backward_in_blocks<X: Backend>(
     let seq_k = k.dims()[2];
     let scale = (d as f64).powf(-0.5) as f32;
     let block = (block_elements / (b * h * seq_k).max(1)).clamp(1, seq_q.max(1));
-    let kt = k.clone().swap_dims(2, 3);
-    let vt = v.clone().swap_dims(2, 3);
     // Summed over the query blocks (the first block's term is the start: no zero fill).
     let (mut dk, mut dv) = (None, None);
     let mut dq_blocks = Vec::with_capacity(seq_q.div_ceil(block));
@@ -290,7 +321,7 @@ fn backward_in_blocks<X: Backend>(
         let qi = q.clone().narrow(2, start, len);
         let doi = grad_out.clone().narrow(2, start, len);
         let oi = out.clone().narrow(2, start, len);
-        let scores = matmul(qi.clone(), kt.clone());
+        let scores = matmul_transposed(qi.clone(), k.clone(), false, true);
         // P in f32: from the log-sum-exp, recomputed elementwise from the stored scores for
         // each use (nothing but the scores stays alive between the products); else a softmax.
         let (p_for_dv, p_for_ds) = match &lse {
@@ -304,12 +335,12 @@ fn backward_in_blocks<X: Backend>(
                 (p.clone(), p)
             }
         };
-        accumulate(&mut dv, Some(f32(matmul(to(p_for_dv).swap_dims(2, 3), doi.clone()))));
-        let dp = f32(matmul(doi.clone(), vt.clone()));
+        accumulate(&mut dv, Some(f32(matmul_transposed(to(p_for_dv), doi.clone(), true, false))));
+        let dp = f32(matmul_transposed(doi.clone(), v.clone(), false, true));
         let row = (f32(doi) * oi).sum_dim(3);
         let ds = to(p_for_ds * (dp - row));
         dq_blocks.push(f32(matmul(ds.clone(), k.clone())).mul_scalar(scale));
-        accumulate(&mut dk, Some(f32(matmul(ds.swap_dims(2, 3), qi)).mul_scalar(scale)));
+        accumulate(&mut dk, Some(f32(matmul_transposed(ds, qi, true, false)).mul_scalar(scale)));
     }
     let dq = concat(dq_blocks, 2);
     // Always set: there is at least one query block (`dq` above needs one too).

@@ -148,25 +148,44 @@ impl<X: Backend> Backward<X, 3> for GroupNormBackward {
 /// assert!(err < 1e-5);
 /// ```
 pub fn layer_norm<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 3>, epsilon: f64) -> Tensor<B, 3> {
+    let [b, s, d] = x.dims();
+    layer_norm_rows(norm, x.reshape([b * s, d]), epsilon).reshape([b, s, d])
+}
+
+/// [`layer_norm`] of `[rows, channels]` rows.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LayerNormConfig;
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// let device = Default::default();
+/// let norm = LayerNormConfig::new(8).with_epsilon(1e-5).init::<Flex>(&device);
+/// let x = Tensor::<Flex, 2>::random([3, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let ours = sd_model::norm::layer_norm_rows(&norm, x.clone(), 1e-5);
+/// let err: f32 = (ours - norm.forward(x)).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn layer_norm_rows<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 2>, epsilon: f64) -> Tensor<B, 2> {
     let Some(beta) = &norm.beta else {
         return norm.forward(x);
     };
     // LayerNorm of a row is GroupNorm with one group over `[rows, channels, 1, 1]`: same
     // statistics, γ and β per channel, so the GroupNorm op (and its backward) serves both.
-    let [b, s, d] = x.dims();
+    let [rows, d] = x.dims();
     let spec = GroupNormSpec {
         groups: 1,
         epsilon,
         silu: false,
     };
-    let args = (x.reshape([b * s, d, 1, 1]), norm.gamma.val(), beta.val());
+    let args = (x.reshape([rows, d, 1, 1]), norm.gamma.val(), beta.val());
     if let Some(out) = on_known_autodiff!(for_autodiff::<B>(&args, spec)) {
-        return out.reshape([b, s, d]);
+        return out.reshape([rows, d]);
     }
     // The op's own arithmetic without autodiff too, so that both give the same values
     // (gradient checkpointing recomputes from checkpoints taken without autodiff).
     let (x, gamma, beta) = args;
-    group_norm_forward(x, gamma, beta, spec).0.reshape([b, s, d])
+    group_norm_forward(x, gamma, beta, spec).0.reshape([rows, d])
 }
 
 #[cfg(test)]

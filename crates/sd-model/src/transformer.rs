@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use lora_core::{LoraConv2d, LoraLinear};
 
-use crate::attention::multi_head_attention;
+use crate::attention::multi_head_attention_rows;
 use crate::resnet::{conv, group_norm};
 
 fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> LoraLinear<B> {
@@ -57,16 +57,30 @@ impl<B: Backend> Attention<B> {
     }
 
     fn forward_plus(&self, x: Tensor<B, 3>, context: Option<Tensor<B, 3>>, residual: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
+        let [batch, tokens, _] = x.dims();
+        let out = self.forward_rows(rows(x), context.map(rows), residual.map(rows), batch);
+        let dim = out.dims()[1];
+        out.reshape([batch, tokens, dim])
+    }
+
+    /// [`forward`](Self::forward) (plus `residual`, as in
+    /// [`forward_residual`](Self::forward_residual)) on rows: `x [batch·N, dim]`, `context
+    /// [batch·M, context_dim]`, `residual [batch·N, dim]`. The transformer blocks keep their
+    /// tokens as rows: every projection then multiplies them as they are, where a
+    /// `[B, N, dim]` input is flattened to rows and its output reshaped back at each layer
+    /// (on burn's fusion backends each reshape, and its gradient's, is an operation the host
+    /// registers and releases: about 1,200 per SD1.5 training step).
+    pub fn forward_rows(&self, x: Tensor<B, 2>, context: Option<Tensor<B, 2>>, residual: Option<Tensor<B, 2>>, batch: usize) -> Tensor<B, 2> {
         let context = context.unwrap_or_else(|| x.clone());
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(context.clone());
         let v = self.to_v.forward(context);
         let dtype = q.dtype();
         let mut out = if self.upcast && dtype != DType::F32 {
-            let f32 = |t: Tensor<B, 3>| t.cast(DType::F32);
-            multi_head_attention(f32(q), f32(k), f32(v), self.heads, false).cast(dtype)
+            let f32 = |t: Tensor<B, 2>| t.cast(DType::F32);
+            multi_head_attention_rows(f32(q), f32(k), f32(v), batch, self.heads).cast(dtype)
         } else {
-            multi_head_attention(q, k, v, self.heads, false)
+            multi_head_attention_rows(q, k, v, batch, self.heads)
         };
         // The residual goes with the last output layer (`to_out` holds one).
         let Some((last, rest)) = self.to_out.split_last() else {
@@ -83,6 +97,12 @@ impl<B: Backend> Attention<B> {
             None => last.forward(out),
         }
     }
+}
+
+/// `[B, N, C]` as `[B·N, C]` rows.
+fn rows<B: Backend>(t: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, n, c] = t.dims();
+    t.reshape([b * n, c])
 }
 
 /// GELU-gated linear unit: `proj` to twice the width, `hidden · gelu(gate)`.
@@ -114,9 +134,9 @@ impl<B: Backend> FeedForward<B> {
         }
     }
 
-    /// `ff(x) + residual`, the residual added by the output layer.
-    fn forward_residual(&self, x: Tensor<B, 3>, residual: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = crate::activation::geglu_projected(&self.net.0.proj, x);
+    /// `ff(x) + residual` on `[rows, dim]` rows, the residual added by the output layer.
+    fn forward_residual(&self, x: Tensor<B, 2>, residual: Tensor<B, 2>) -> Tensor<B, 2> {
+        let h = crate::activation::geglu_projected_rows(&self.net.0.proj, x);
         self.net.2.forward_residual(self.net.1.forward(h), residual)
     }
 }
@@ -154,10 +174,11 @@ impl<B: Backend> BasicTransformerBlock<B> {
         }
     }
 
-    fn forward(&self, x: Tensor<B, 3>, context: Tensor<B, 3>) -> Tensor<B, 3> {
-        let norm = |n: &LayerNorm<B>, x: Tensor<B, 3>| crate::norm::layer_norm(n, x, LAYER_NORM_EPS);
-        let x = self.attn1.forward_residual(norm(&self.norm1, x.clone()), None, x);
-        let x = self.attn2.forward_residual(norm(&self.norm2, x.clone()), Some(context), x);
+    /// The block on `x [batch·N, dim]` rows with `context [batch·M, context_dim]` rows.
+    fn forward_rows(&self, x: Tensor<B, 2>, context: Tensor<B, 2>, batch: usize) -> Tensor<B, 2> {
+        let norm = |n: &LayerNorm<B>, x: Tensor<B, 2>| crate::norm::layer_norm_rows(n, x, LAYER_NORM_EPS);
+        let x = self.attn1.forward_rows(norm(&self.norm1, x.clone()), None, Some(x), batch);
+        let x = self.attn2.forward_rows(norm(&self.norm2, x.clone()), Some(context), Some(x), batch);
         self.ff.forward_residual(norm(&self.norm3, x.clone()), x)
     }
 }
@@ -217,15 +238,17 @@ impl<B: Backend> Transformer2DModel<B> {
     /// `x [B, C, H, W]` conditioned on `context [B, M, context_dim]`.
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let to_seq = |t: Tensor<B, 4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
-        let to_map = |t: Tensor<B, 3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        // The blocks work on `[B·H·W, C]` token rows (see `Attention::forward_rows`).
+        let to_rows = |t: Tensor<B, 4>| t.permute([0, 2, 3, 1]).reshape([b * h * w, c]);
+        let to_map = |t: Tensor<B, 2>| t.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w]);
         let normed = crate::norm::group_norm(&self.norm, x.clone(), false);
         let mut seq = match &self.proj_in {
-            Projection::Conv(p) => to_seq(p.forward(normed)),
-            Projection::Linear(p) => p.forward(to_seq(normed)),
+            Projection::Conv(p) => to_rows(p.forward(normed)),
+            Projection::Linear(p) => p.forward(to_rows(normed)),
         };
+        let context = rows(context);
         for block in &self.transformer_blocks {
-            seq = block.forward(seq, context.clone());
+            seq = block.forward_rows(seq, context.clone(), b);
         }
         let out = match &self.proj_out {
             Projection::Conv(p) => p.forward(to_map(seq)),

@@ -190,46 +190,54 @@ fn kernel<R: CubeRuntime>(inputs: &[CubeTensor<R>], dtype: DType) -> Result<Cube
 /// The same concatenation in burn's ops ([`super::concat_flat`]'s own path elsewhere).
 fn burn_ops<R: CubeRuntime, BT: BoolElement>(inputs: Vec<CubeTensor<R>>, dtype: DType) -> CubeTensor<R> {
     type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
-    let parts = inputs.into_iter().map(super::tensor::<Inner<R, BT>, 1>).collect();
+    let parts = inputs.into_iter().map(super::flatten::<Inner<R, BT>>).collect();
     super::concat_flat_with_burn(parts, dtype).into_primitive().tensor()
 }
 
-/// Checks [`super::concat_flat`] on backend `B` (burn's fusion backend over CUDA or wgpu)
-/// against burn's `cat`: 70 parts (three launches of up to 32) of assorted lengths, some
-/// in `half`, some views at an offset into a larger buffer, into an f32 and a `half` vector.
+/// Checks [`super::concat_flat`] and [`super::concat_flattened`] on backend `B` (burn's
+/// fusion backend over CUDA or wgpu) against burn's `cat`: 70 parts (three launches of up
+/// to 32) of assorted lengths, some in `half`, some views at an offset into a larger buffer,
+/// some matrices (a transposed view among them, read in its own row-major order), into an
+/// f32 and a `half` vector.
 #[cfg(test)]
 pub(super) fn check_matches_cat<B: burn::tensor::backend::Backend>(half: DType) {
+    use burn::tensor::ops::FloatTensor;
     use burn::tensor::{Distribution, Tensor};
     let device = Default::default();
     let lengths = |k: usize| [1, 7, 256, 257, 1000, 4099, 40][k % 7] + k;
-    let parts: Vec<Tensor<B, 1>> = (0..70)
+    // Each part in its own shape (as the optimizer gathers gradients) and flattened.
+    let (shaped, parts): (Vec<FloatTensor<B>>, Vec<Tensor<B, 1>>) = (0..70)
         .map(|k| {
             let n = lengths(k);
-            match k % 5 {
+            let part: FloatTensor<B> = match k % 5 {
                 // A view at an offset, as FlatAdamW's parameters are after a step.
-                0 => Tensor::<B, 1>::random([n + 13], Distribution::Normal(0.0, 1.0), &device).slice(5..5 + n),
-                1 => super::cast_to(Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), &device), half),
-                // A matrix's flattened transpose (copied to its own layout by the reshape).
-                2 if n % 2 == 0 => Tensor::<B, 2>::random([2, n / 2], Distribution::Normal(0.0, 1.0), &device).swap_dims(0, 1).reshape([n]),
-                _ => Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), &device),
-            }
+                0 => Tensor::<B, 1>::random([n + 13], Distribution::Normal(0.0, 1.0), &device).slice(5..5 + n).into_primitive().tensor(),
+                1 => super::cast_to(Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), &device), half).into_primitive().tensor(),
+                // A matrix's transpose (a view; copied to its own layout when flattened).
+                2 if n % 2 == 0 => Tensor::<B, 2>::random([2, n / 2], Distribution::Normal(0.0, 1.0), &device).swap_dims(0, 1).into_primitive().tensor(),
+                3 if n % 3 == 0 => Tensor::<B, 3>::random([n / 3, 1, 3], Distribution::Normal(0.0, 1.0), &device).into_primitive().tensor(),
+                _ => Tensor::<B, 1>::random([n], Distribution::Normal(0.0, 1.0), &device).into_primitive().tensor(),
+            };
+            (part.clone(), super::flatten::<B>(part))
         })
-        .collect();
+        .unzip();
     let total: usize = (0..70).map(lengths).sum();
     for dtype in [DType::F32, half] {
-        let before = super::vendor_stats();
-        let ours = super::concat_flat(parts.clone(), dtype, &device);
         let reference = super::concat_flat_with_burn(parts.clone(), dtype);
-        assert_eq!(ours.dims(), [total]);
-        assert_eq!(ours.dtype(), dtype);
-        let (ours, reference) = (super::cast_to(ours, DType::F32), super::cast_to(reference, DType::F32));
-        let (ours, reference) = (ours.into_data().to_vec::<f32>().expect("f32"), reference.into_data().to_vec::<f32>().expect("f32"));
-        // A copy and one rounding (the same rounding as burn's cast): equal values.
-        let mismatch = ours.iter().zip(&reference).position(|(a, b)| a != b);
-        assert_eq!(mismatch, None, "{dtype:?}: first mismatch at {mismatch:?}");
-        let after = super::vendor_stats();
-        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
-        assert!(after.fused_concat_calls > before.fused_concat_calls, "the kernel did not run");
+        let reference = super::cast_to(reference, DType::F32).into_data().to_vec::<f32>().expect("f32");
+        for flattened in [false, true] {
+            let before = super::vendor_stats();
+            let ours = if flattened { super::concat_flattened(shaped.clone(), dtype, &device) } else { super::concat_flat(parts.clone(), dtype, &device) };
+            assert_eq!(ours.dims(), [total]);
+            assert_eq!(ours.dtype(), dtype);
+            let ours = super::cast_to(ours, DType::F32).into_data().to_vec::<f32>().expect("f32");
+            // A copy and one rounding (the same rounding as burn's cast): equal values.
+            let mismatch = ours.iter().zip(&reference).position(|(a, b)| a != b);
+            assert_eq!(mismatch, None, "{dtype:?} (shaped parts: {flattened}): first mismatch at {mismatch:?}");
+            let after = super::vendor_stats();
+            assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+            assert!(after.fused_concat_calls > before.fused_concat_calls, "the kernel did not run");
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
+use super::fixed_matmul::Transpose;
 use super::{burn_backward_data, burn_backward_filter, burn_forward, cublas, cudnn, cudnn_enabled, record_cublas_call, record_cudnn_call, record_fallback, ConvKernels};
 
 /// The backend the fusion stream executes on.
@@ -132,21 +133,24 @@ impl CudnnConv {
     }
 }
 
-/// Queues `a · b` (equal batch dimensions) on the fusion stream for cuBLAS.
-pub(super) fn matmul(a: FusionTensor<Runtime>, b: FusionTensor<Runtime>) -> FusionTensor<Runtime> {
-    super::fixed_matmul::register_product("sd_lora_cublas_matmul", a, b, |desc| CublasMatmul { desc })
+/// Queues `op(a) · op(b)` (equal batch dimensions; `op` transposes where `transpose` says)
+/// on the fusion stream for cuBLAS.
+pub(super) fn matmul(a: FusionTensor<Runtime>, b: FusionTensor<Runtime>, transpose: Transpose) -> FusionTensor<Runtime> {
+    super::fixed_matmul::register_product("sd_lora_cublas_matmul", a, b, transpose, |desc| CublasMatmul { desc, transpose })
 }
 
 /// One queued cuBLAS matmul.
 #[derive(Debug)]
 struct CublasMatmul {
     desc: CustomOpIr,
+    transpose: Transpose,
 }
 
 impl Operation<Runtime> for CublasMatmul {
     fn execute(&self, handles: &mut HandleContainer<<Runtime as FusionRuntime>::FusionHandle>) {
         let ([a, b], [out]) = self.desc.as_fixed();
-        let (a, b) = (handles.get_float_tensor::<Inner>(a), handles.get_float_tensor::<Inner>(b));
+        let a = Transpose::apply::<CudaRuntime, u8>(self.transpose.a, handles.get_float_tensor::<Inner>(a));
+        let b = Transpose::apply::<CudaRuntime, u8>(self.transpose.b, handles.get_float_tensor::<Inner>(b));
         let y = match cublas::run(a.clone(), b.clone()) {
             Ok(y) => {
                 record_cublas_call();

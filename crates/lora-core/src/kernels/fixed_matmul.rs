@@ -28,39 +28,84 @@ use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
 use cubek::matmul::launch::{launch_ref, Strategy};
 use cubek::std::InputBinding;
 
-/// Queues `a · b` (equal batch dimensions, equal dtypes) on the fusion stream.
-pub(super) fn register<R: CubeRuntime, BT: BoolElement>(a: FusionTensor<FusionCubeRuntime<R>>, b: FusionTensor<FusionCubeRuntime<R>>) -> FusionTensor<FusionCubeRuntime<R>> {
-    register_product("sd_lora_fixed_matmul", a, b, |desc| FixedMatmul::<R, BT> { desc, _backend: PhantomData })
+/// Which operands of a product are read transposed: their last two dimensions swapped
+/// inside the op, as a view of the same buffer. A transposition by burn's `swap_dims` is
+/// an operation of the fusion stream (registered, matched against the plan cache and
+/// released by the host, though it launches nothing); the backward passes of the linear
+/// layers took hundreds of them per SD1.5 step (docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub(super) struct Transpose {
+    /// `a` is read as `aᵀ`.
+    pub a: bool,
+    /// `b` is read as `bᵀ`.
+    pub b: bool,
 }
 
-/// Queues the custom op `op(desc)` named `name` that computes `a · b` (equal batch
-/// dimensions; the output in `a`'s dtype) on the fusion stream, and returns its (lazy)
-/// output: the registration the fixed matmul and the cuBLAS route share.
+impl Transpose {
+    /// The op's name for these flags: burn-fusion matches cached plans by the operations'
+    /// descriptions, so products that read their operands differently must differ there.
+    fn name(self, base: &str) -> String {
+        match (self.a, self.b) {
+            (false, false) => base.to_string(),
+            (true, false) => format!("{base}_tn"),
+            (false, true) => format!("{base}_nt"),
+            (true, true) => format!("{base}_tt"),
+        }
+    }
+
+    /// `tensor` with its last two dimensions swapped when `flag` is set (metadata only).
+    pub(super) fn apply<R: CubeRuntime, BT: BoolElement>(flag: bool, tensor: CubeTensor<R>) -> CubeTensor<R> {
+        if !flag {
+            return tensor;
+        }
+        let d = tensor.meta.shape().num_dims();
+        <CubeBackend<R, f32, i32, BT> as burn::tensor::ops::FloatTensorOps<CubeBackend<R, f32, i32, BT>>>::float_swap_dims(tensor, d - 2, d - 1)
+    }
+}
+
+/// Queues `op(a) · op(b)` (equal batch dimensions, equal dtypes; `op` transposes where
+/// `transpose` says) on the fusion stream.
+pub(super) fn register<R: CubeRuntime, BT: BoolElement>(
+    a: FusionTensor<FusionCubeRuntime<R>>,
+    b: FusionTensor<FusionCubeRuntime<R>>,
+    transpose: Transpose,
+) -> FusionTensor<FusionCubeRuntime<R>> {
+    register_product("sd_lora_fixed_matmul", a, b, transpose, |desc| FixedMatmul::<R, BT> { desc, transpose, _backend: PhantomData })
+}
+
+/// Queues the custom op `op(desc)` named after `name` and `transpose` that computes
+/// `op(a) · op(b)` (equal batch dimensions; the output in `a`'s dtype) on the fusion
+/// stream, and returns its (lazy) output: the registration the fixed matmul and the cuBLAS
+/// route share.
 pub(super) fn register_product<R: CubeRuntime, O: Operation<FusionCubeRuntime<R>> + 'static>(
     name: &'static str,
     a: FusionTensor<FusionCubeRuntime<R>>,
     b: FusionTensor<FusionCubeRuntime<R>>,
+    transpose: Transpose,
     op: impl FnOnce(CustomOpIr) -> O,
 ) -> FusionTensor<FusionCubeRuntime<R>> {
     let client = a.client.clone();
+    let (da, db) = (a.shape.num_dims(), b.shape.num_dims());
     let mut out_shape = a.shape.to_vec();
-    let last = out_shape.len() - 1;
-    out_shape[last] = b.shape[b.shape.num_dims() - 1];
+    out_shape[da - 2] = if transpose.a { a.shape[da - 1] } else { a.shape[da - 2] };
+    out_shape[da - 1] = if transpose.b { b.shape[db - 2] } else { b.shape[db - 1] };
     let streams = OperationStreams::with_inputs([&a, &b]);
     let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(out_shape), a.dtype);
-    let desc = CustomOpIr::new(name, &[a.into_ir(), b.into_ir()], &[out]);
+    let mut desc = CustomOpIr::new(name, &[a.into_ir(), b.into_ir()], &[out]);
+    desc.id = transpose.name(name);
     client.register(streams, OperationIr::Custom(desc.clone()), op(desc)).output()
 }
 
 /// One queued matmul.
 struct FixedMatmul<R, BT> {
     desc: CustomOpIr,
+    transpose: Transpose,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
 impl<R, BT> std::fmt::Debug for FixedMatmul<R, BT> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FixedMatmul").field("out", &self.desc.outputs[0].shape).finish()
+        f.debug_struct("FixedMatmul").field("out", &self.desc.outputs[0].shape).field("transpose", &self.transpose).finish()
     }
 }
 
@@ -68,7 +113,8 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FixedM
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
         type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
         let ([a, b], [out]) = self.desc.as_fixed();
-        let (a, b) = (handles.get_float_tensor::<Inner<R, BT>>(a), handles.get_float_tensor::<Inner<R, BT>>(b));
+        let a = Transpose::apply::<R, BT>(self.transpose.a, handles.get_float_tensor::<Inner<R, BT>>(a));
+        let b = Transpose::apply::<R, BT>(self.transpose.b, handles.get_float_tensor::<Inner<R, BT>>(b));
         let y = match run(a.clone(), b.clone()) {
             Ok(y) => {
                 super::record_fixed_matmul();
@@ -110,7 +156,7 @@ mod tests {
     use burn::tensor::{DType, Distribution, Tensor};
 
     use crate::kernels::tests::SWITCH;
-    use crate::kernels::{matmul, set_fixed_matmul, vendor_stats};
+    use crate::kernels::{matmul, matmul_transposed, set_fixed_matmul, vendor_stats};
 
     #[test]
     fn wgpu_fixed_matmul_matches_burn() {
@@ -133,16 +179,29 @@ mod tests {
             for (name, a, b) in cases {
                 set_fixed_matmul(false);
                 let reference = matmul(a.clone(), b.clone());
-                set_fixed_matmul(true);
-                let ours = matmul(a, b);
-                set_fixed_matmul(false);
-                runs += 1;
-                assert_eq!(ours.dtype(), dtype, "{name}");
-                let f32 = |t: Tensor<B, 3>| crate::precision::cast_to(t, DType::F32);
-                let (ours, reference) = (f32(ours), f32(reference));
-                let scale: f32 = reference.clone().abs().max().into_scalar();
-                let err: f32 = (ours - reference).abs().max().into_scalar();
-                assert!(err <= tolerance * scale.max(1.0), "{dtype:?} {name}: max error {err} (scale {scale})");
+                // Each operand also stored transposed (a contiguous copy of its transpose),
+                // read back by the op's own transposition (`matmul_transposed`).
+                // (`from_data` converts to f32: the cast restores the exact half values.)
+                let stored = |t: &Tensor<B, 3>, transpose: bool| {
+                    if transpose {
+                        crate::precision::cast_to(Tensor::from_data(t.clone().swap_dims(1, 2).into_data(), &device), dtype)
+                    } else {
+                        t.clone()
+                    }
+                };
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let (a, b) = (stored(&a, ta), stored(&b, tb));
+                    set_fixed_matmul(true);
+                    let ours = matmul_transposed(a, b, ta, tb);
+                    set_fixed_matmul(false);
+                    runs += 1;
+                    assert_eq!(ours.dtype(), dtype, "{name}");
+                    let f32 = |t: Tensor<B, 3>| crate::precision::cast_to(t, DType::F32);
+                    let (ours, reference) = (f32(ours), f32(reference.clone()));
+                    let scale: f32 = reference.clone().abs().max().into_scalar();
+                    let err: f32 = (ours - reference).abs().max().into_scalar();
+                    assert!(err <= tolerance * scale.max(1.0), "{dtype:?} {name} (transposed {ta}, {tb}): max error {err} (scale {scale})");
+                }
             }
         }
         let after = vendor_stats();

@@ -755,6 +755,14 @@ fn fused_softmax_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
 /// assert_eq!(flat.into_data().to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
 /// ```
 pub fn concat_flat<X: Backend>(parts: Vec<Tensor<X, 1>>, dtype: DType, device: &X::Device) -> Tensor<X, 1> {
+    concat_flattened(parts.into_iter().map(|p| p.into_primitive().tensor()).collect(), dtype, device)
+}
+
+/// [`concat_flat`] of float tensors of any rank, each flattened in row-major order: on the
+/// GPU backends the multi-tensor copy reads them as they are, so the optimizer's gather
+/// needs no reshape per gradient (each one an operation of burn's fusion stream that the
+/// host registers and releases: 256 of them, and their releases, per SD1.5 step).
+pub(crate) fn concat_flattened<X: Backend>(parts: Vec<FloatTensor<X>>, dtype: DType, device: &X::Device) -> Tensor<X, 1> {
     if parts.is_empty() {
         return cast_to(Tensor::zeros([0], device), dtype);
     }
@@ -770,9 +778,15 @@ pub fn concat_flat<X: Backend>(parts: Vec<Tensor<X, 1>>, dtype: DType, device: &
             Ok(out) => return out,
             Err(parts) => parts,
         };
-        return concat_flat_with_burn(parts, dtype);
+        return concat_flat_with_burn(parts.into_iter().map(flatten::<X>).collect(), dtype);
     }
-    concat_flat_with_burn(parts, dtype)
+    concat_flat_with_burn(parts.into_iter().map(flatten::<X>).collect(), dtype)
+}
+
+/// A float primitive of any rank as a vector (row-major; burn copies non-contiguous views).
+fn flatten<X: Backend>(t: FloatTensor<X>) -> Tensor<X, 1> {
+    let n = t.shape().num_elements();
+    tensor::<X, 1>(X::float_reshape(t, burn::tensor::Shape::new([n])))
 }
 
 /// [`concat_flat`] in burn's ops.
@@ -785,13 +799,14 @@ fn concat_flat_with_burn<X: Backend>(parts: Vec<Tensor<X, 1>>, dtype: DType) -> 
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
 fn fused_concat_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
-    parts: Vec<Tensor<X, 1>>,
+    parts: Vec<FloatTensor<X>>,
     dtype: DType,
-) -> Result<Tensor<X, 1>, Vec<Tensor<X, 1>>> {
+) -> Result<Tensor<X, 1>, Vec<FloatTensor<X>>> {
     if TypeId::of::<X>() != TypeId::of::<FusedCube<R, BT>>() || parts.iter().any(|p| !p.dtype().is_float()) {
         return Err(parts);
     }
-    let fused: Option<Vec<_>> = parts.iter().map(to_fused::<X, R, BT, 1>).collect();
+    // `X` is that backend, so every downcast succeeds.
+    let fused: Option<Vec<_>> = parts.iter().map(|p| downcast::<_, burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>>>(p.clone())).collect();
     let Some(fused) = fused else { return Err(parts) };
     from_fused::<X, R, BT, 1>(concat::register::<R, BT>(fused, dtype)).ok_or(parts)
 }
@@ -1507,34 +1522,79 @@ fn group_norm_grads_math<X: Backend>(
 /// assert_eq!(c.dims(), [2, 3, 5]);
 /// ```
 pub fn matmul<X: Backend, const D: usize>(a: Tensor<X, D>, b: Tensor<X, D>) -> Tensor<X, D> {
+    matmul_transposed(a, b, false, false)
+}
+
+/// `op(a) · op(b)`, where `op` swaps the last two dimensions of `a` (with `transpose_a`)
+/// and of `b` (with `transpose_b`): [`matmul`] of `a.swap_dims(D - 2, D - 1)` and so on,
+/// routed the same way. In the routed ops (cuBLAS, the fixed kernel) the transposition is
+/// a view taken inside the op, so it adds no operation to burn's fusion stream, where each
+/// `swap_dims` is one the host registers, matches and releases (a linear layer's backward
+/// pass transposes its weight for the input gradient and its input for the weight
+/// gradient).
+///
+/// # Panics
+///
+/// When `D < 2`, or the shapes do not multiply (as burn's `matmul`).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::kernels::{matmul, matmul_transposed};
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 2>::random([5, 3], Distribution::Default, &device);
+/// let dy = Tensor::<Flex, 2>::random([5, 4], Distribution::Default, &device);
+/// // A weight gradient, `xᵀ · dy`.
+/// let dw = matmul_transposed(x.clone(), dy.clone(), true, false);
+/// let err: f32 = (dw - matmul(x.swap_dims(0, 1), dy)).abs().max().into_scalar();
+/// assert_eq!(err, 0.0);
+/// ```
+pub fn matmul_transposed<X: Backend, const D: usize>(a: Tensor<X, D>, b: Tensor<X, D>, transpose_a: bool, transpose_b: bool) -> Tensor<X, D> {
+    assert!(D >= 2, "matmul_transposed needs at least two dimensions, got {D}");
+    let read = |dims: [usize; D], transpose: bool| {
+        let mut dims = dims;
+        if transpose {
+            dims.swap(D - 2, D - 1);
+        }
+        dims
+    };
+    let (da, db) = (read(a.dims(), transpose_a), read(b.dims(), transpose_b));
+    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    let transpose = fixed_matmul::Transpose { a: transpose_a, b: transpose_b };
     #[cfg(feature = "cuda")]
-    if cublas_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Cuda>() && worth_routing(&a.dims(), &b.dims()) {
+    if cublas_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Cuda>() && worth_routing(&da, &db) {
         type Cuda = burn::backend::Cuda;
         if let (Some(ca), Some(cb)) = (downcast::<_, Tensor<Cuda, D>>(a.clone()), downcast::<_, Tensor<Cuda, D>>(b.clone())) {
-            let out = cuda::matmul(ca.into_primitive().tensor(), cb.into_primitive().tensor());
+            let out = cuda::matmul(ca.into_primitive().tensor(), cb.into_primitive().tensor(), transpose);
             if let Some(out) = downcast(tensor::<Cuda, D>(out)) {
                 return out;
             }
         }
     }
-    if fixed_matmul_enabled() && a.dtype() == b.dtype() && same_batch(&a.dims(), &b.dims()) {
+    if fixed_matmul_enabled() && a.dtype() == b.dtype() && same_batch(&da, &db) {
         #[cfg(feature = "cuda")]
-        if let Some(out) = fixed_matmul_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(&a, &b) {
+        if let Some(out) = fixed_matmul_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(&a, &b, transpose) {
             return out;
         }
         // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
         #[cfg(feature = "wgpu-test")]
-        if let Some(out) = fixed_matmul_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&a, &b) {
+        if let Some(out) = fixed_matmul_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&a, &b, transpose) {
             return out;
         }
     }
-    a.matmul(b)
+    let view = |t: Tensor<X, D>, transpose: bool| if transpose { t.swap_dims(D - 2, D - 1) } else { t };
+    view(a, transpose_a).matmul(view(b, transpose_b))
 }
 
 /// The fixed-kernel matmul op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
-fn fixed_matmul_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(a: &Tensor<X, D>, b: &Tensor<X, D>) -> Option<Tensor<X, D>> {
-    let out = fixed_matmul::register::<R, BT>(to_fused::<X, R, BT, D>(a)?, to_fused::<X, R, BT, D>(b)?);
+fn fixed_matmul_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
+    a: &Tensor<X, D>,
+    b: &Tensor<X, D>,
+    transpose: fixed_matmul::Transpose,
+) -> Option<Tensor<X, D>> {
+    let out = fixed_matmul::register::<R, BT>(to_fused::<X, R, BT, D>(a)?, to_fused::<X, R, BT, D>(b)?, transpose);
     from_fused::<X, R, BT, D>(out)
 }
 
@@ -1708,7 +1768,7 @@ impl<X: Backend> Backward<X, 2> for LinearBackward {
             grads.register::<X>(node.id, dw.into_primitive().tensor());
         }
         if let (Some(node), Some(w)) = (px, weight) {
-            let dx = matmul(grad_out, tensor::<X, 2>(w).swap_dims(0, 1));
+            let dx = matmul_transposed(grad_out, tensor::<X, 2>(w), false, true);
             grads.register::<X>(node.id, dx.into_primitive().tensor());
         }
     }
@@ -1736,11 +1796,11 @@ fn weight_grad<X: Backend>(x: Tensor<X, 2>, dy: Tensor<X, 2>) -> Tensor<X, 2> {
     let [rows, d_in] = x.dims();
     let d_out = dy.dims()[1];
     let Some(chunk) = split_rows(rows, d_in * d_out) else {
-        return matmul(x.swap_dims(0, 1), dy);
+        return matmul_transposed(x, dy, true, false);
     };
     let chunks = rows / chunk;
     let dtype = dy.dtype();
-    let partials = matmul(x.reshape([chunks, chunk, d_in]).swap_dims(1, 2), dy.reshape([chunks, chunk, d_out]));
+    let partials = matmul_transposed(x.reshape([chunks, chunk, d_in]), dy.reshape([chunks, chunk, d_out]), true, false);
     // Each partial is rounded to the operands' dtype once; the sum is in f32.
     cast_to(cast_to(partials, DType::F32).sum_dim(0), dtype).reshape([d_in, d_out])
 }

@@ -335,6 +335,14 @@ fn cublas_matches_burn_kernels_on_cuda() {
             let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
             assert!(max_rel(f32(ours), f32(reference)) < tolerance, "{dtype:?} {name}");
         }
+        // The op's own transpositions (`matmul_transposed`) of stored operands.
+        let (a, b) = (rand([2, 3, 40, 64], dtype), rand([2, 3, 96, 40], dtype));
+        let reference = matmul(a.clone().swap_dims(2, 3), b.clone().swap_dims(2, 3));
+        set_cublas(true);
+        let ours = matmul_transposed(a, b, true, true);
+        set_cublas(false);
+        routed += 1;
+        assert!(max_rel(ours.cast(FloatDType::F32), reference.cast(FloatDType::F32)) < tolerance, "{dtype:?} both transposed in the op");
     }
     // A linear layer through the op, f32: output, input and weight gradients.
     let layer = LinearConfig::new(320, 640).init::<Autodiff<B>>(&device);
