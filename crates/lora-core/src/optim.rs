@@ -542,11 +542,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
     }
 }
 
-/// Collects the trained tensors' gradients (with `grads`) or values, flattened.
+/// Collects the trained tensors' gradients (with `grads`) or values.
 struct Gather<'a, B: AutodiffBackend> {
     slots: &'a HashMap<ParamId, Slot>,
     grads: Option<&'a mut GradientsParams>,
-    /// In the parameters' shapes: the flat concatenation reads them as they are.
+    /// In the parameters' shapes, keyed by flat offset: the flat concatenation reads them
+    /// as they are (no reshape per tensor).
     pieces: BTreeMap<usize, Option<FloatTensor<B::InnerBackend>>>,
 }
 
