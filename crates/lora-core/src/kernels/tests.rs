@@ -277,6 +277,31 @@ fn check_lora_linear_rows<A: burn::tensor::backend::AutodiffBackend>(layer: &cra
     assert!(max_rel(ours.3, reference.3) < tolerance, "d up");
 }
 
+/// `matmul_transposed` against burn's matmul of the swapped operands, for every pair of
+/// flags, in two and four dimensions (the CPU path; the routed ops are checked on wgpu and
+/// CUDA).
+#[test]
+fn matmul_transposed_matches_swapped_operands() {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let rand = |shape: [usize; 4]| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let a = rand(if ta { [2, 3, 7, 5] } else { [2, 3, 5, 7] });
+        let b = rand(if tb { [2, 3, 4, 7] } else { [2, 3, 7, 4] });
+        let swap = |t: Tensor<B, 4>, flag: bool| if flag { t.swap_dims(2, 3) } else { t };
+        let reference = swap(a.clone(), ta).matmul(swap(b.clone(), tb));
+        let ours = matmul_transposed(a.clone(), b.clone(), ta, tb);
+        assert_eq!(ours.dims(), [2, 3, 5, 4], "{ta} {tb}");
+        assert!(max_rel(ours, reference) < 1e-6, "4-d, transposed {ta} {tb}");
+        let rand2 = |shape: [usize; 2]| Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let a2 = rand2(if ta { [7, 5] } else { [5, 7] });
+        let b2 = rand2(if tb { [4, 7] } else { [7, 4] });
+        let swap2 = |t: Tensor<B, 2>, flag: bool| if flag { t.swap_dims(0, 1) } else { t };
+        let reference = swap2(a2.clone(), ta).matmul(swap2(b2.clone(), tb));
+        assert!(max_rel(matmul_transposed(a2, b2, ta, tb), reference) < 1e-6, "2-d, transposed {ta} {tb}");
+    }
+}
+
 /// The split weight gradient against one product: chunked (2048 rows), not chunked (too few
 /// rows, or a prime row count), and the chunk choice itself.
 #[test]
