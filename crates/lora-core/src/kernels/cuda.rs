@@ -136,7 +136,8 @@ impl CudnnConv {
 /// Queues `op(a) · op(b)` (equal batch dimensions; `op` transposes where `transpose` says)
 /// on the fusion stream for cuBLAS.
 pub(super) fn matmul(a: FusionTensor<Runtime>, b: FusionTensor<Runtime>, transpose: Transpose) -> FusionTensor<Runtime> {
-    super::fixed_matmul::register_product("sd_lora_cublas_matmul", a, b, transpose, |desc| CublasMatmul { desc, transpose })
+    const NAMES: [&str; 4] = ["sd_lora_cublas_matmul", "sd_lora_cublas_matmul_tn", "sd_lora_cublas_matmul_nt", "sd_lora_cublas_matmul_tt"];
+    super::fixed_matmul::register_product(&NAMES, a, b, transpose, |desc| CublasMatmul { desc, transpose })
 }
 
 /// One queued cuBLAS matmul.

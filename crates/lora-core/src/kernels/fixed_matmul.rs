@@ -42,15 +42,11 @@ pub(super) struct Transpose {
 }
 
 impl Transpose {
-    /// The op's name for these flags: burn-fusion matches cached plans by the operations'
-    /// descriptions, so products that read their operands differently must differ there.
-    fn name(self, base: &str) -> String {
-        match (self.a, self.b) {
-            (false, false) => base.to_string(),
-            (true, false) => format!("{base}_tn"),
-            (false, true) => format!("{base}_nt"),
-            (true, true) => format!("{base}_tt"),
-        }
+    /// This pair's entry in an op's four names (`[plain, a transposed, b transposed,
+    /// both]`): burn-fusion matches cached plans by the operations' descriptions, so
+    /// products that read their operands differently must differ there.
+    fn name(self, names: &'static [&'static str; 4]) -> &'static str {
+        names[usize::from(self.a) | usize::from(self.b) << 1]
     }
 
     /// `tensor` with its last two dimensions swapped when `flag` is set (metadata only).
@@ -70,15 +66,16 @@ pub(super) fn register<R: CubeRuntime, BT: BoolElement>(
     b: FusionTensor<FusionCubeRuntime<R>>,
     transpose: Transpose,
 ) -> FusionTensor<FusionCubeRuntime<R>> {
-    register_product("sd_lora_fixed_matmul", a, b, transpose, |desc| FixedMatmul::<R, BT> { desc, transpose, _backend: PhantomData })
+    const NAMES: [&str; 4] = ["sd_lora_fixed_matmul", "sd_lora_fixed_matmul_tn", "sd_lora_fixed_matmul_nt", "sd_lora_fixed_matmul_tt"];
+    register_product(&NAMES, a, b, transpose, |desc| FixedMatmul::<R, BT> { desc, transpose, _backend: PhantomData })
 }
 
-/// Queues the custom op `op(desc)` named after `name` and `transpose` that computes
+/// Queues the custom op `op(desc)`, named by `transpose`'s entry in `names`, that computes
 /// `op(a) · op(b)` (equal batch dimensions; the output in `a`'s dtype) on the fusion
 /// stream, and returns its (lazy) output: the registration the fixed matmul and the cuBLAS
 /// route share.
 pub(super) fn register_product<R: CubeRuntime, O: Operation<FusionCubeRuntime<R>> + 'static>(
-    name: &'static str,
+    names: &'static [&'static str; 4],
     a: FusionTensor<FusionCubeRuntime<R>>,
     b: FusionTensor<FusionCubeRuntime<R>>,
     transpose: Transpose,
@@ -91,8 +88,7 @@ pub(super) fn register_product<R: CubeRuntime, O: Operation<FusionCubeRuntime<R>
     out_shape[da - 1] = if transpose.b { b.shape[db - 2] } else { b.shape[db - 1] };
     let streams = OperationStreams::with_inputs([&a, &b]);
     let out = TensorIr::uninit(client.create_empty_handle(), Shape::from(out_shape), a.dtype);
-    let mut desc = CustomOpIr::new(name, &[a.into_ir(), b.into_ir()], &[out]);
-    desc.id = transpose.name(name);
+    let desc = CustomOpIr::new(transpose.name(names), &[a.into_ir(), b.into_ir()], &[out]);
     client.register(streams, OperationIr::Custom(desc.clone()), op(desc)).output()
 }
 
