@@ -6,7 +6,9 @@
 #   bash scripts/host-profile.sh [SECONDS] [-- LAUNCHES_ARGS...]
 #       SECONDS         how long to sample the measured steps (default 8)
 #       LAUNCHES_ARGS   default: --precision f16 --fused-group-norm --fused-softmax
-#                       --flash-attention --steps 10
+#                       --flash-attention --steps 30; the steps must outlast SKIP +
+#                       SECONDS (at 64 px a step takes about 1.4 s on lavapipe here), or
+#                       the run ends while `perf` samples it and the report is lost
 #   SKIP=5              seconds not sampled after the warm-up step: the first step after
 #                       it still plans (burn-fusion's plans for a step that ends in a sync,
 #                       as the warm-up does, are not those for one that runs on)
@@ -30,7 +32,7 @@ RATE=499 # samples per second of CPU time, per thread
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then SECONDS_TO_SAMPLE=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 ARGS=("$@")
-[ ${#ARGS[@]} -gt 0 ] || ARGS=(--precision f16 --fused-group-norm --fused-softmax --flash-attention --steps 10)
+[ ${#ARGS[@]} -gt 0 ] || ARGS=(--precision f16 --fused-group-norm --fused-softmax --flash-attention --steps 30)
 command -v perf >/dev/null || { echo "perf is needed (linux-perf)" >&2; exit 1; }
 [ -x "$SID/usr/bin/vulkaninfo" ] || { echo "no chroot at $SID: run scripts/vulkan-test.sh once" >&2; exit 1; }
 for fs in proc dev sys; do

@@ -5,7 +5,7 @@
 # device call: scripts/device/README.md. Everything is selectable through the variables below.
 #
 #   DEVICE=cuda|cpu    cpu runs the same pipeline on the tiny UNet here (no GPU needed)
-#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash][:gn][:cudnnattn][:tuned] ..."   device checks,
+#   CHECKS="CONFIG:RES:BATCH[:ckpt][:PREC][:cudnn][:cublas][:device][:softmax][:flash][:gn][:cudnnattn][:lora][:tuned] ..."   device checks,
 #        PREC f32|bf16|f16 (default f32); cudnn = --cudnn (convolutions in cuDNN); cublas =
 #        --cublas (matmuls of 4 GFLOP and more in cuBLAS, the others in the trainer's fixed
 #        kernel, as in training); device =
@@ -14,6 +14,8 @@
 #        forward and backward in the CubeCL flash-attention kernels, bf16/f16 models); gn =
 #        --fused-group-norm (GroupNorm + SiLU forward and backward in our CubeCL kernels);
 #        cudnnattn = --cudnn-attention (attention in cuDNN's fused engines where they apply;
+#        dropped with a note when its kernel test fails);
+#        lora = --fused-lora-linear (each LoRA linear layer one op forward and one backward;
 #        dropped with a note when its kernel test fails);
 #        tuned = --tuned-matmul (the matmuls cuBLAS does not take in burn's autotuned kernels
 #        instead of the trainer's fixed one); hybrid = --flash-max-keys 1024 (with flash:
@@ -24,13 +26,14 @@
 #        attention, then with the blockwise attention, then the tiny UNet in f32; see below)
 #   CHECKS_AFTER=4     the checks (and SMOKE) run after this many PLAN entries (cuda default 4:
 #                      the headline benchmarks first; cpu 0)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn][:cudnnattn][:tuned][:hybrid][:smem96][:prefetch] ..."
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn][:cudnnattn][:lora][:tuned][:hybrid][:smem96][:prefetch] ..."
 #        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
 #        for the memory A/B); unmerged = --lora-unmerged (infer: adapters beside the weights,
 #        as peft runs them, instead of merged in as `trainer generate` runs them);
 #        cudnn / cublas / device / softmax / flash / gn / tuned / hybrid as above, with the
 #        default matmul threshold (default cuda: the four anchor settings with everything
-#        on and cuDNN's attention, then with the flash kernels alone, batch 8 and 1 also with
+#        on and cuDNN's attention, batch 1 without the one-op LoRA layers, then with the
+#        flash kernels alone, batch 8 and 1 also with
 #        the blockwise attention, batch 8 hybrid; then the inference step unmerged, batch 8
 #        host-ordered, with the flash kernels' two tuning options, with burn's autotuned
 #        small matmuls, and with none of our kernels)
@@ -43,10 +46,10 @@
 #        below); none skips it. NCU=PATH picks ncu
 #   PROFILE_TORCH=1    also profile the anchor at its settings (0: ours only, when an
 #                      earlier call's PyTorch profile stands)
-#   PROFILE_AFTER=9    the profiles run after this many PLAN entries (default: after the
-#                      nine headline settings; they reuse the plan's autotune results),
+#   PROFILE_AFTER=10   the profiles run after this many PLAN entries (default: after the
+#                      ten headline settings; they reuse the plan's autotune results),
 #                      when the budget allows
-#   KERNEL_TESTS="ordering cudnn-attention flash group concat"   lora-core's CUDA kernel tests before
+#   KERNEL_TESTS="ordering cudnn-attention lora flash group concat"   lora-core's CUDA kernel tests before
 #                      everything, those whose job names contain one of the words (1: all,
 #                      with cuDNN's, cuBLAS's and the softmax's; 0: none, every switch stays
 #                      on, e.g. for a second call that only profiles)
@@ -70,7 +73,7 @@ START=$(date +%s)
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 STEPS=${STEPS:-5}
-PROFILE_AFTER=${PROFILE_AFTER:-9}
+PROFILE_AFTER=${PROFILE_AFTER:-10}
 CHECKS_AFTER=${CHECKS_AFTER:-$([ "$DEVICE" = cuda ] && echo 4 || echo 0)}
 ANCHOR_STEPS=${ANCHOR_STEPS:-10}
 BUDGET_S=${BUDGET_S:-540}
@@ -96,18 +99,20 @@ CACHE=$(abs "$CACHE") PYTHON=$(abs "$PYTHON") OUT=$(abs "$OUT") WORK=$(abs "$WOR
 if [ "$DEVICE" = cuda ]; then
     # cuDNN first: it is the path meant to beat the anchor, and it skips burn's conv autotuning
     # (minutes per new shape), so it also fits the budget best.
-    CHECKS=${CHECKS:-"tiny:64:2:bf16:cudnn:cublas:device:softmax:flash:gn sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn:cudnnattn sd15:256:1:bf16:cudnn:cublas:device:softmax:gn tiny:64:2:cudnn:cublas:device:softmax:gn tiny:64:2"}
-    ALL=cudnn:cublas:device:softmax:flash:gn
+    CHECKS=${CHECKS:-"tiny:64:2:bf16:cudnn:cublas:device:softmax:flash:gn:lora sd15:256:1:bf16:cudnn:cublas:device:softmax:flash:gn:cudnnattn:lora sd15:256:1:bf16:cudnn:cublas:device:softmax:gn tiny:64:2:cudnn:cublas:device:softmax:gn:lora tiny:64:2"}
+    ALL=cudnn:cublas:device:softmax:flash:gn:lora
     # Every switch on, with the flash kernels (ALL) and with the blockwise attention (BLOCK:
     # cuBLAS products and the fused softmax): the profile of 2026-11-30 put the flash
     # kernels at 16x PyTorch's attention time, the blockwise path is untimed.
-    BLOCK=cudnn:cublas:device:softmax:gn
+    BLOCK=cudnn:cublas:device:softmax:gn:lora
     # SDPA: attention in cuDNN's fused engines where they apply, the flash kernels elsewhere.
     SDPA=$ALL:cudnnattn
-    PLAN=${PLAN:-"sd15:512:8:train:$SDPA sd15:512:1:train:$SDPA sd15:512:1:infer:$SDPA sd15:512:8:train:ckpt:$SDPA sd15:512:8:train:$ALL sd15:512:8:train:$BLOCK sd15:512:8:train:$ALL:hybrid sd15:512:1:train:$ALL sd15:512:1:train:$BLOCK sd15:512:1:infer:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:unmerged:$SDPA sd15:512:8:train:cudnn:cublas:softmax:flash:gn sd15:512:8:train:$ALL:smem96 sd15:512:8:train:$ALL:prefetch sd15:512:8:train:$ALL:tuned sd15:512:8:train"}
+    # The one-op LoRA layers (lora) cut the host's work per step by a third (2026-11-30, on
+    # the CPU): the fifth row is batch 1 without them.
+    PLAN=${PLAN:-"sd15:512:8:train:$SDPA sd15:512:1:train:$SDPA sd15:512:1:infer:$SDPA sd15:512:8:train:ckpt:$SDPA sd15:512:1:train:cudnn:cublas:device:softmax:flash:gn:cudnnattn sd15:512:8:train:$ALL sd15:512:8:train:$BLOCK sd15:512:8:train:$ALL:hybrid sd15:512:1:train:$ALL sd15:512:1:train:$BLOCK sd15:512:1:infer:$ALL sd15:512:8:train:ckpt:$ALL sd15:512:1:infer:unmerged:$SDPA sd15:512:8:train:cudnn:cublas:softmax:flash:gn sd15:512:8:train:$ALL:smem96 sd15:512:8:train:$ALL:prefetch sd15:512:8:train:$ALL:tuned sd15:512:8:train"}
     # Host-ordered library calls: GPU-side ordering spins in a kernel until work on our
     # stream has run, and ncu, which runs one kernel at a time, holds that work back.
-    PROFILE=${PROFILE:-"sd15:512:8:train:cudnn:cublas:softmax:flash:gn:cudnnattn"}
+    PROFILE=${PROFILE:-"sd15:512:8:train:cudnn:cublas:softmax:flash:gn:cudnnattn:lora"}
 else
     CHECKS=${CHECKS:-"tiny:64:2:ckpt"}
     PLAN=${PLAN:-"tiny:64:1:train tiny:64:2:train tiny:64:2:train:ckpt tiny:64:1:infer tiny:64:1:infer:unmerged"}
@@ -231,7 +236,7 @@ fi
 # shows as spin timeouts of about a second per call, so the test gets a limit of its own),
 # then the fused softmax, flash-attention and GroupNorm kernels against burn's ops. Minimal
 # autotuning of burn's reference kernels, as in the checks.
-DSYNC=1 FUSED_SOFTMAX=1 FLASH=1 FUSED_GN=1 CUDNN_ATTN=1
+DSYNC=1 FUSED_SOFTMAX=1 FLASH=1 FUSED_GN=1 CUDNN_ATTN=1 FUSED_LORA=1
 # Runs lora-core's ignored CUDA test `kernels::tests::TEST` as job NAME (further words, e.g. a
 # timeout, go in front of the command); succeeds when the test passes.
 kernel_test() {
@@ -248,7 +253,7 @@ kernel_test() {
     run_job smoke "$name" "{}" "$@" env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact "kernels::tests::$test" --nocapture
     [ "${LAST_RC:-1}" = 0 ]
 }
-KERNEL_TESTS=${KERNEL_TESTS:-"ordering cudnn-attention flash group concat"}
+KERNEL_TESTS=${KERNEL_TESTS:-"ordering cudnn-attention lora flash group concat"}
 KERNEL_TESTS=${KERNEL_TESTS//,/ }
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
     kernel_test conv-cudnn-vs-burn cudnn_matches_burn_kernels_on_cuda
@@ -273,6 +278,10 @@ if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
     kernel_test cudnn-attention-padded-vs-math cudnn_attention_padded_backward_matches_math_on_cuda timeout -k 5 "${CUDNN_ATTN_TEST_S:-150}" env CUDNN_LOGERR_DBG=1 CUDNN_LOGLEVEL_DBG=1 CUDNN_LOGDEST_DBG=stderr || {
         export SD_LORA_CUDNN_PADDED_BACKWARD=0
         say "cuDNN's padded attention backward failed its test: every run below leaves the 77-token cross-attention's backward to the flash kernels"
+    }
+    kernel_test lora-linear-fused-vs-composed fused_lora_linear_matches_composed_ops_on_cuda || {
+        FUSED_LORA=0
+        say "the one-op LoRA linear layer failed its test: the :lora settings below compose burn's ops"
     }
     kernel_test group-norm-fused-vs-burn fused_group_norm_matches_burn_on_cuda || {
         FUSED_GN=0
@@ -380,6 +389,7 @@ bench_flags() {
             tuned) flag+=(--tuned-matmul); suffix="$suffix-tuned" ;;
             hybrid) flag+=(--flash-max-keys 1024); suffix="$suffix-flash1k" ;;
             cudnnattn) [ "$CUDNN_ATTN" = 1 ] && flag+=(--cudnn-attention) && suffix="$suffix-cudnnattn" ;;
+            lora) [ "$FUSED_LORA" = 1 ] && flag+=(--fused-lora-linear) && suffix="$suffix-flora" ;;
             smem96) envs+=(SD_LORA_FLASH_SHARED_KIB=96); suffix="$suffix-smem96" ;;
             prefetch) envs+=(SD_LORA_FLASH_PREFETCH=1); suffix="$suffix-prefetch" ;;
         esac

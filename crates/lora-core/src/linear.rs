@@ -348,6 +348,9 @@ impl<B: Backend> LoraLinear<B> {
         let fusion = D >= 2 && !crate::kernels::on_flex::<B>();
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
+                if fusion && fused_applies(Some(adapter)) {
+                    return self.forward_fused(Some(adapter), x, extra);
+                }
                 if fusion && !crate::kernels::matmuls_routed() {
                     return self.forward_fusable(adapter, x, extra);
                 }
@@ -357,6 +360,7 @@ impl<B: Backend> LoraLinear<B> {
                 let delta = adapter.forward(x.clone(), self.multiplier);
                 plus(crate::kernels::linear(&self.base, x) + delta, extra)
             }
+            _ if fusion && fused_applies::<B>(None) => self.forward_fused(None, x, extra),
             _ if fusion && D > 2 && extra.is_some() => self.forward_rows(x, extra),
             _ => plus(crate::kernels::linear(&self.base, x), extra),
         }
@@ -408,6 +412,43 @@ impl<B: Backend> LoraLinear<B> {
             None => y + delta,
         };
         let y = plus(y, extra);
+        dims[D - 1] = d_out;
+        y.reshape(dims)
+    }
+}
+
+/// Whether [`LoraLinear::forward_fused`] is worth trying: the one-op layer and the routed
+/// matmuls are on, and the adapter (if any) has no dropout (the op has none).
+fn fused_applies<B: Backend>(adapter: Option<&LinearAdapter<B>>) -> bool {
+    crate::kernels::fused_lora_linear_enabled() && crate::kernels::matmuls_routed() && adapter.is_none_or(|a| a.dropout.prob == 0.0)
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// [`forward_plus`](Self::forward_plus) as one op each way
+    /// ([`crate::kernels::set_fused_lora_linear`]) on `x` (and `extra`) flattened to rows,
+    /// with the active adapter or (`None`) the base alone; where the op does not apply (a
+    /// trainable base, dtypes it does not take), the same sum in the routed matmuls.
+    fn forward_fused<const D: usize>(&self, adapter: Option<&LinearAdapter<B>>, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
+        let mut dims = x.dims();
+        let d_out = self.base.weight.dims()[1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let inputs = crate::kernels::LoraLinearInputs {
+            x: x.reshape([rows, dims[D - 1]]),
+            weight: self.base.weight.val(),
+            bias: self.base.bias.as_ref().map(|b| b.val()),
+            adapter: adapter.map(|a| (a.down.weight.val(), a.up.weight.val())),
+            residual: extra.map(|e| e.reshape([rows, d_out])),
+            scale: adapter.map_or(0.0, |a| self.multiplier * a.scale),
+        };
+        let y = crate::kernels::lora_linear(inputs).unwrap_or_else(|inputs| {
+            let crate::kernels::LoraLinearInputs { x, residual, .. } = inputs;
+            let y = crate::kernels::linear(&self.base, x.clone());
+            let y = match adapter {
+                Some(adapter) => y + adapter.forward(x, self.multiplier),
+                None => y,
+            };
+            plus(y, residual)
+        });
         dims[D - 1] = d_out;
         y.reshape(dims)
     }

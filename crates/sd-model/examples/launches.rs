@@ -7,7 +7,7 @@
 //!     [--width 32] [--resolution 64] [--batch 1] [--steps 2] [--precision f32|f16] \
 //!     [--mode train|infer] [--lora-targets attn|attn-mlp] [--fused-group-norm] \
 //!     [--fused-softmax] [--flash-attention] [--plain-autodiff] [--checkpointing] [--casting-adapters] \
-//!     [--lora-unmerged] [--fixed-matmul] [--top 40]
+//!     [--lora-unmerged] [--fixed-matmul] [--fused-lora-linear] [--top 40]
 //! ```
 //!
 //! The UNet has SD1.5's blocks, layers and heads, with every channel count scaled so that
@@ -112,6 +112,10 @@ struct Args {
     /// trainer runs them on CUDA (`lora_core::kernels::set_fixed_matmul`).
     #[arg(long)]
     fixed_matmul: bool,
+    /// With `--fixed-matmul`: each LoRA linear layer as one op forward and one backward
+    /// (`lora_core::kernels::set_fused_lora_linear`).
+    #[arg(long)]
+    fused_lora_linear: bool,
     /// How many kernel names to list.
     #[arg(long, default_value_t = 40)]
     top: usize,
@@ -144,6 +148,7 @@ fn main() -> Result<()> {
     lora_core::kernels::set_fused_softmax(args.fused_softmax);
     lora_core::kernels::set_flash_attention(args.flash_attention);
     lora_core::kernels::set_fixed_matmul(args.fixed_matmul);
+    lora_core::kernels::set_fused_lora_linear(args.fused_lora_linear);
     sd_model::set_custom_backward(!args.plain_autodiff);
 
     let device = Default::default();
@@ -269,7 +274,7 @@ fn main() -> Result<()> {
     // any fell back to burn's ops.
     let stats = lora_core::kernels::vendor_stats();
     println!(
-        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"compiled_warm_up\": {}, \"compiled_measured\": {compiled_later}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}, \"kernel_calls\": {{\"flash_attention\": {}, \"fused_softmax\": {}, \"fused_group_norm\": {}, \"fused_concat\": {}, \"fixed_matmul\": {}, \"fallbacks\": {}}}}}",
+        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"compiled_warm_up\": {}, \"compiled_measured\": {compiled_later}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}, \"kernel_calls\": {{\"flash_attention\": {}, \"fused_softmax\": {}, \"fused_group_norm\": {}, \"fused_concat\": {}, \"fixed_matmul\": {}, \"fused_lora_linear\": {}, \"fallbacks\": {}}}}}",
         ranked.len(),
         sites.len(),
         compiled.len(),
@@ -292,6 +297,7 @@ fn main() -> Result<()> {
         stats.fused_group_norm_calls,
         stats.fused_concat_calls,
         stats.fixed_matmul_calls,
+        stats.fused_lora_linear_calls,
         stats.fallbacks,
     );
     let _ = std::fs::remove_file(&log);

@@ -522,4 +522,64 @@ mod tests {
         // Counted when the fusion stream runs the ops, i.e. once the results were read.
         assert_eq!(lora_core::kernels::vendor_stats().flash_attention_calls - before, 2, "forward and backward in the kernels");
     }
+
+    /// A LoRA training step of the tiny UNet on wgpu (lavapipe) with the routed matmuls,
+    /// the one-op linear layers (`lora_core::kernels::set_fused_lora_linear`) on against
+    /// off: every linear layer of the model (adapted projections on token and context rows,
+    /// `to_out` with its residual, the projections and feed-forward layers without an
+    /// adapter), output and the gradients of an adapter on a self-attention query and of
+    /// one on a cross-attention key.
+    #[cfg(feature = "vulkan-test")]
+    #[test]
+    fn vulkan_fused_linear_layers_in_a_unet_training_step() {
+        use crate::targets::{attach_new_adapters, Selection, UnetTargets};
+        use crate::{UNet2DConditionModel, UnetConfig};
+        use burn::backend::Autodiff;
+        use burn::module::{Module, Param};
+        use lora_core::LoraConfig;
+        let _guard = crate::KERNEL_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        type W = Autodiff<burn::backend::Wgpu>;
+        let device = Default::default();
+        let mut unet = UNet2DConditionModel::<W>::new(&UnetConfig::tiny(), &device).unwrap().no_grad();
+        attach_new_adapters(&mut unet, &Selection::new(UnetTargets::Attn), &LoraConfig::new(2), &device).unwrap();
+        let block = &mut unet.down_blocks[1].attentions[0].transformer_blocks[0];
+        for layer in [&mut block.attn1.to_q, &mut block.attn2.to_k, &mut block.attn2.to_out[0]] {
+            let adapter = layer.adapter.as_mut().unwrap();
+            let d_out = adapter.up.weight.dims()[1];
+            adapter.up.weight = Param::from_tensor(Tensor::random([2, d_out], Distribution::Normal(0.0, 0.1), &device));
+        }
+        let x = Tensor::<W, 4>::random([2, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let t = Tensor::<W, 1>::from_floats([10.0, 900.0], &device);
+        let ctx = Tensor::<W, 3>::random([2, 77, 32], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            lora_core::kernels::set_fixed_matmul(true);
+            lora_core::kernels::set_fused_lora_linear(fused);
+            let out = unet.forward(x.clone(), t.clone(), ctx.clone()).unwrap();
+            let grads = (out.clone() - x.clone()).powf_scalar(2.0).mean().backward();
+            lora_core::kernels::set_fused_lora_linear(false);
+            lora_core::kernels::set_fixed_matmul(false);
+            let block = &unet.down_blocks[1].attentions[0].transformer_blocks[0];
+            let flat = |t: Tensor<burn::backend::Wgpu, 2>| t.flatten::<1>(0, 1);
+            let mut results = vec![out.inner().flatten::<1>(0, 3)];
+            for layer in [&block.attn1.to_q, &block.attn2.to_k, &block.attn2.to_out[0]] {
+                let a = layer.adapter.as_ref().unwrap();
+                results.extend([flat(a.up.weight.grad(&grads).unwrap()), flat(a.down.weight.grad(&grads).unwrap())]);
+            }
+            results
+        };
+        let before = lora_core::kernels::vendor_stats();
+        let fused = run(true);
+        let composed = run(false);
+        let names = ["output", "to_q up", "to_q down", "attn2.to_k up", "attn2.to_k down", "attn2.to_out up", "attn2.to_out down"];
+        for (what, (a, b)) in names.iter().zip(fused.into_iter().zip(composed)) {
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 1e-4 * peak, "{what}: error {err} of the peak {peak}");
+        }
+        // Counted when the fusion stream runs the ops, i.e. once the results were read.
+        let after = lora_core::kernels::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        let calls = after.fused_lora_linear_calls - before.fused_lora_linear_calls;
+        assert!(calls >= 40, "only {calls} linear passes ran as one op");
+    }
 }

@@ -40,19 +40,20 @@ pub(crate) fn is_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>() -> bo
 pub(crate) use lora_core::kernels::{downcast, tensor};
 
 /// Calls `$f::<$b, X, C>($args...)` for every autodiff backend we register backward passes
-/// on, returning the first `Some`. The arguments are evaluated once per attempt, so pass
-/// references.
+/// on, returning the first `Some`; generic arguments after `$b` (a rank, say) follow `C`:
+/// `f::<B, 4>(..)` calls `f::<B, X, C, 4>(..)`. The arguments are evaluated once per
+/// attempt, so pass references.
 macro_rules! on_known_autodiff {
-    ($f:ident::<$b:ty>($($arg:expr),* $(,)?)) => {{
+    ($f:ident::<$b:ty $(, $extra:tt)*>($($arg:expr),* $(,)?)) => {{
         use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-        let found = $f::<$b, burn::backend::Flex, NoCheckpointing>($($arg),*)
-            .or_else(|| $f::<$b, burn::backend::Flex, BalancedCheckpointing>($($arg),*));
+        let found = $f::<$b, burn::backend::Flex, NoCheckpointing $(, $extra)*>($($arg),*)
+            .or_else(|| $f::<$b, burn::backend::Flex, BalancedCheckpointing $(, $extra)*>($($arg),*));
         #[cfg(feature = "cuda")]
         let found = found
-            .or_else(|| $f::<$b, burn::backend::Cuda, NoCheckpointing>($($arg),*))
-            .or_else(|| $f::<$b, burn::backend::Cuda, BalancedCheckpointing>($($arg),*));
+            .or_else(|| $f::<$b, burn::backend::Cuda, NoCheckpointing $(, $extra)*>($($arg),*))
+            .or_else(|| $f::<$b, burn::backend::Cuda, BalancedCheckpointing $(, $extra)*>($($arg),*));
         #[cfg(feature = "vulkan-test")]
-        let found = found.or_else(|| $f::<$b, burn::backend::Wgpu, NoCheckpointing>($($arg),*));
+        let found = found.or_else(|| $f::<$b, burn::backend::Wgpu, NoCheckpointing $(, $extra)*>($($arg),*));
         found
     }};
 }

@@ -37,6 +37,11 @@ mod unet;
 mod unet_blocks;
 mod vae;
 
+/// lora-core's kernel switches and call counters are process-global: the vulkan tests that
+/// flip them take turns.
+#[cfg(all(test, feature = "vulkan-test"))]
+pub(crate) static KERNEL_SWITCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub use clip::{ClipAttention, ClipEmbeddings, ClipEncoder, ClipEncoderLayer, ClipMlp, ClipTextModel, ClipTextTransformer};
 pub use config::{ClipTextConfig, HiddenAct, PerBlock, UnetConfig, VaeConfig};
 pub use embeddings::{timestep_embedding, TimestepEmbedding};

@@ -54,7 +54,7 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
         silu,
     };
     let args = (x, gamma.val(), beta.val());
-    if let Some(out) = on_known_autodiff!(for_autodiff::<B>(&args, spec)) {
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B, 4>(&args, spec)) {
         return out;
     }
     let (x, gamma, beta) = args;
@@ -63,44 +63,45 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
 
 /// Runs the op with its own backward when `B` is `Autodiff<X, C>` (see
 /// [`crate::autodiff_ext`]).
-fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 4>, Tensor<B, 1>, Tensor<B, 1>), spec: GroupNormSpec) -> Option<Tensor<B, 4>> {
+fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy, const D: usize>(args: &(Tensor<B, D>, Tensor<B, 1>, Tensor<B, 1>), spec: GroupNormSpec) -> Option<Tensor<B, D>> {
     if !is_autodiff::<B, X, C>() {
         return None;
     }
     let (x, gamma, beta) = args.clone();
-    let out = autodiff_op::<X, C>(downcast(x)?, downcast(gamma)?, downcast(beta)?, spec);
+    let out = autodiff_op::<X, C, D>(downcast(x)?, downcast(gamma)?, downcast(beta)?, spec);
     downcast(out)
 }
 
-fn autodiff_op<X: Backend, C: CheckpointStrategy>(
-    x: Tensor<Autodiff<X, C>, 4>,
+fn autodiff_op<X: Backend, C: CheckpointStrategy, const D: usize>(
+    x: Tensor<Autodiff<X, C>, D>,
     gamma: Tensor<Autodiff<X, C>, 1>,
     beta: Tensor<Autodiff<X, C>, 1>,
     spec: GroupNormSpec,
-) -> Tensor<Autodiff<X, C>, 4> {
+) -> Tensor<Autodiff<X, C>, D> {
     let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
-    let op = GroupNormBackward { spec };
+    let op = GroupNormBackward::<D> { spec };
     let out = match op.prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (y, mean, rstd) = group_norm_forward::<X>(tensor(x.primitive.clone()), tensor(gamma.primitive.clone()), tensor(beta.primitive.clone()), spec);
+            let (y, mean, rstd) = group_norm_forward::<X, D>(tensor(x.primitive.clone()), tensor(gamma.primitive.clone()), tensor(beta.primitive.clone()), spec);
             let stats = (mean.into_primitive().tensor(), rstd.into_primitive().tensor());
             prep.finish((x.primitive, gamma.primitive, beta.primitive, stats.0, stats.1), y.into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => {
-            let (y, _, _) = group_norm_forward::<X>(tensor(x.primitive), tensor(gamma.primitive), tensor(beta.primitive), spec);
+            let (y, _, _) = group_norm_forward::<X, D>(tensor(x.primitive), tensor(gamma.primitive), tensor(beta.primitive), spec);
             prep.finish(y.into_primitive().tensor())
         }
     };
     tensor(out)
 }
 
-/// Backward of GroupNorm (+ SiLU) from the input and the group statistics alone.
+/// Backward of GroupNorm (+ SiLU) from the input and the group statistics alone, for a
+/// `D`-dimensional input.
 #[derive(Debug)]
-struct GroupNormBackward {
+struct GroupNormBackward<const D: usize> {
     spec: GroupNormSpec,
 }
 
-impl<X: Backend> Backward<X, 3> for GroupNormBackward {
+impl<X: Backend, const D: usize> Backward<X, 3> for GroupNormBackward<D> {
     /// Input, γ, β, per-group mean and 1/std.
     type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
 
@@ -113,12 +114,12 @@ impl<X: Backend> Backward<X, 3> for GroupNormBackward {
             // Frozen γ and β (LoRA training): the input gradient alone, which also lets a
             // LayerNorm take the fused row kernels.
             if let Some(node) = px {
-                let dx = group_norm_input_grad::<X>(x, gamma, beta, mean, rstd, dy, self.spec);
+                let dx = group_norm_input_grad::<X, D>(x, gamma, beta, mean, rstd, dy, self.spec);
                 grads.register::<X>(node.id, dx.into_primitive().tensor());
             }
             return;
         }
-        let (dx, dgamma, dbeta) = group_norm_backward::<X>(x, gamma, beta, mean, rstd, dy, self.spec);
+        let (dx, dgamma, dbeta) = group_norm_backward::<X, D>(x, gamma, beta, mean, rstd, dy, self.spec);
         if let Some(node) = px {
             grads.register::<X>(node.id, dx.into_primitive().tensor());
         }
@@ -170,22 +171,23 @@ pub fn layer_norm_rows<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 2>, epsilon
     let Some(beta) = &norm.beta else {
         return norm.forward(x);
     };
-    // LayerNorm of a row is GroupNorm with one group over `[rows, channels, 1, 1]`: same
-    // statistics, γ and β per channel, so the GroupNorm op (and its backward) serves both.
-    let [rows, d] = x.dims();
+    // LayerNorm of a row is GroupNorm with one group over `[rows, channels]`: same
+    // statistics, γ and β per channel, so the GroupNorm op (and its backward) serves both,
+    // on the rows as they are (a reshape to `[rows, channels, 1, 1]` and back would be four
+    // more operations per norm on a fusion backend, with the backward's).
     let spec = GroupNormSpec {
         groups: 1,
         epsilon,
         silu: false,
     };
-    let args = (x.reshape([rows, d, 1, 1]), norm.gamma.val(), beta.val());
-    if let Some(out) = on_known_autodiff!(for_autodiff::<B>(&args, spec)) {
-        return out.reshape([rows, d]);
+    let args = (x, norm.gamma.val(), beta.val());
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B, 2>(&args, spec)) {
+        return out;
     }
     // The op's own arithmetic without autodiff too, so that both give the same values
     // (gradient checkpointing recomputes from checkpoints taken without autodiff).
     let (x, gamma, beta) = args;
-    group_norm_forward(x, gamma, beta, spec).0.reshape([rows, d])
+    group_norm_forward(x, gamma, beta, spec).0
 }
 
 #[cfg(test)]
@@ -198,10 +200,10 @@ mod tests {
     use burn::nn::GroupNormConfig;
     use burn::tensor::Distribution;
 
-    /// lora-core's fused-GroupNorm switch and counters are process-global: the tests that
-    /// flip it take turns.
+    /// lora-core's switches and counters are process-global: the tests that flip them take
+    /// turns.
     #[cfg(feature = "vulkan-test")]
-    static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    use crate::KERNEL_SWITCHES as SWITCH;
 
     fn max_rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
         let scale: f32 = b.clone().abs().max().into_scalar();

@@ -132,6 +132,10 @@ pub struct VendorUse {
     pub fixed_matmul: bool,
     /// Matmuls that ran in the fixed kernel.
     pub fixed_matmul_calls: u64,
+    /// `--fused-lora-linear` / `SD_LORA_FUSED_LORA_LINEAR` was on.
+    pub fused_lora_linear: bool,
+    /// LoRA linear layers' passes (forward or backward) that ran as one op.
+    pub fused_lora_linear_calls: u64,
 }
 
 impl VendorUse {
@@ -163,6 +167,8 @@ impl VendorUse {
             fused_group_norm_calls: stats.fused_group_norm_calls,
             fixed_matmul: lora_core::kernels::fixed_matmul_enabled(),
             fixed_matmul_calls: stats.fixed_matmul_calls,
+            fused_lora_linear: lora_core::kernels::fused_lora_linear_enabled(),
+            fused_lora_linear_calls: stats.fused_lora_linear_calls,
         }
     }
 }

@@ -72,8 +72,15 @@ struct Cli {
     /// `SD_LORA_FIXED_MATMUL=0`.
     #[arg(long, global = true)]
     tuned_matmul: bool,
+    /// On CUDA, run each LoRA linear layer (frozen base, active adapter without dropout)
+    /// as one operation forward and one backward, instead of about twenty operations of
+    /// burn's fusion stream per training step; with the fixed matmul or cuBLAS. Also
+    /// `SD_LORA_FUSED_LORA_LINEAR=1`.
+    #[arg(long, global = true)]
+    fused_lora_linear: bool,
     /// On CUDA, turn every fast path on at once: --cudnn --cublas --vendor-sync device
-    /// --fused-softmax --flash-attention --cudnn-attention --fused-group-norm (each falls
+    /// --fused-softmax --flash-attention --cudnn-attention --fused-group-norm
+    /// --fused-lora-linear (each falls
     /// back per call where it does not apply). Turn one off again with its variable set to
     /// 0, e.g. `SD_LORA_CUDNN_ATTENTION=0`. Also `SD_LORA_FAST_KERNELS=1`.
     #[arg(long, global = true)]
@@ -115,6 +122,7 @@ fn kernel_settings(cli: &Cli) -> Result<lora_core::kernels::KernelSettings> {
     k.fused_group_norm = switch(cli.fused_group_norm, "SD_LORA_FUSED_GROUP_NORM", k.fused_group_norm)?;
     k.fixed_matmul = !cli.tuned_matmul && env_switch("SD_LORA_FIXED_MATMUL")?.unwrap_or(k.fixed_matmul);
     k.fused_concat = env_switch("SD_LORA_FUSED_CONCAT")?.unwrap_or(k.fused_concat);
+    k.fused_lora_linear = switch(cli.fused_lora_linear, "SD_LORA_FUSED_LORA_LINEAR", k.fused_lora_linear)?;
     k.vendor_sync = match (cli.vendor_sync, std::env::var("SD_LORA_VENDOR_SYNC")) {
         (Some(mode), _) => mode,
         (None, Ok(value)) if !value.is_empty() => value.parse().map_err(|e| anyhow::anyhow!("SD_LORA_VENDOR_SYNC={value}: {e}"))?,
@@ -767,6 +775,9 @@ fn report_kernels(k: &lora_core::kernels::KernelSettings, flash_max_keys: Option
     if !k.fused_concat {
         eprintln!("optimizer gather: burn's concatenation (SD_LORA_FUSED_CONCAT=0)");
     }
+    if k.fused_lora_linear {
+        eprintln!("LoRA linear layers: one op each way");
+    }
     eprintln!(
         "small matmuls: {}",
         if k.fixed_matmul { "one fixed kernel, no autotuning (--tuned-matmul autotunes them)" } else { "burn's autotuned kernels" }
@@ -855,8 +866,8 @@ mod tests {
         assert!(trainer_kernels().fixed_matmul && !trainer_kernels().cudnn);
         assert_eq!(settings(&["--fast-kernels", "bench"]), KernelSettings::fast());
         assert_eq!(settings(&["bench", "--fast-kernels", "--tuned-matmul"]), KernelSettings { fixed_matmul: false, ..KernelSettings::fast() });
-        let some = settings(&["bench", "--cudnn", "--flash-attention"]);
-        assert_eq!(some, KernelSettings { cudnn: true, flash_attention: true, ..trainer_kernels() });
+        let some = settings(&["bench", "--cudnn", "--flash-attention", "--fused-lora-linear"]);
+        assert_eq!(some, KernelSettings { cudnn: true, flash_attention: true, fused_lora_linear: true, ..trainer_kernels() });
         assert_eq!(settings(&["--fast-kernels", "--vendor-sync", "host", "bench"]).vendor_sync, VendorSync::Host);
     }
 

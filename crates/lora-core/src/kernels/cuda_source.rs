@@ -44,7 +44,7 @@ use cubecl_runtime::logging::ServerLogger;
 use cubecl_runtime::memory_management::{ManagedMemoryHandle, MemoryAllocationMode, MemoryUsage};
 use cubecl_runtime::storage::{ComputeStorage, ManagedResource, StorageHandle, StorageId};
 
-use super::{concat, flash, group_norm, ordering, softmax, GroupNormSpec};
+use super::{concat, flash, group_norm, lora_linear, ordering, softmax, GroupNormSpec};
 
 /// Compute capability of the devices we target (H100, H200).
 const ARCH: u32 = 90;
@@ -373,6 +373,24 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
         concat::launch(client, &parts, &output, offset, [input, f32_])?;
     }
 
+    // The one-op linear layer's kernels: the output / input-gradient epilogue (SD1.5's
+    // projections at 512 px: 4096-token rows of 320, the 77-token context rows of 768 into
+    // 320, an odd width for the scalar path; with and without an adapter's term) and the
+    // weight-gradient reduction (16 chunks of a rank-4 × 320 gradient, one chunk of 768 × 4).
+    for (t, p) in [(f32_, f32_), (bf16, bf16), (bf16, f32_), (f16, f32_)] {
+        let cases = [(8192, 320, true, true, true), (154, 320, true, true, false), (8192, 4, true, false, false), (77, 33, true, false, true), (8192, 1280, false, true, false), (154, 320, false, true, true)];
+        for (rows, columns, with_b, with_bias, with_c) in cases {
+            let n = rows * columns * t.size();
+            let (a, b, c, out) = (buffer(n), buffer(n), buffer(n), buffer(n));
+            let bias = buffer(columns * p.size());
+            lora_linear::launch_epilogue_kernel(client, &a, with_b.then_some(&b), with_bias.then_some(&bias), with_c.then_some(&c), &out, [rows, columns], 0.5, [t, p])?;
+        }
+        for (chunks, len) in [(16, 4 * 320), (1, 768 * 4)] {
+            let (partials, out) = (buffer(chunks * len * t.size()), buffer(len * p.size()));
+            lora_linear::launch_sum_partials_kernel(client, &partials, &out, chunks, len, 0.25, [t, p])?;
+        }
+    }
+
     // The stream-ordering kernels.
     let words = buffer(4 * ordering::WORDS);
     // SAFETY: never executed; the buffer holds `WORDS` words.
@@ -469,7 +487,7 @@ fn kernels_translate_to_cuda_for_sm90() {
     }
     eprintln!("{} kernel launches, {} distinct sources, NVRTC {}", translated.len(), seen.len(), if toolkit.is_some() { "on" } else { "off" });
     // Every launcher above queued at least one kernel of each family.
-    for family in ["flash_rows", "flash_keys", "flash_delta", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "signal", "wait"] {
+    for family in ["flash_rows", "flash_keys", "flash_delta", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "lora_epilogue", "sum_partials", "signal", "wait"] {
         assert!(translated.iter().any(|k| k.name.starts_with(family)), "no {family} kernel was launched");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

@@ -842,6 +842,19 @@ fn contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
     }
 }
 
+/// A `[batch, channels, spatial...]` input as `[batch, channels, plane, 1]`, for the
+/// fallback in burn's ops (which takes a fixed rank).
+fn as_planes<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>) -> burn::tensor::Tensor<Inner<R, BT>, 4> {
+    let dims = x.meta.shape().to_vec();
+    let plane = dims[2..].iter().product();
+    super::tensor(Inner::<R, BT>::float_reshape(x, Shape::new([dims[0], dims[1], plane, 1])))
+}
+
+/// The inverse of [`as_planes`]: the result back in the input's `shape`.
+fn from_planes<R: CubeRuntime, BT: BoolElement>(y: burn::tensor::Tensor<Inner<R, BT>, 4>, shape: Shape) -> CubeTensor<R> {
+    Inner::<R, BT>::float_reshape(y.into_primitive().tensor(), shape)
+}
+
 /// A contiguous tensor of `shape` and `dtype` with a fresh buffer, on `like`'s device.
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
     let handle = like.client.empty(shape.num_elements() * dtype.size());
@@ -851,8 +864,8 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> Cu
 /// The problem of a `[b, c, h, w]` input, or why the kernels do not take it.
 fn problem<R: CubeRuntime>(x: &CubeTensor<R>, spec: GroupNormSpec) -> Result<Problem, String> {
     let dims = x.meta.shape().to_vec();
-    let [batch, channels, h, w] = dims[..] else {
-        return Err(format!("fused group norm: expected a 4-D input, got {dims:?}"));
+    let [batch, channels, ref spatial @ ..] = dims[..] else {
+        return Err(format!("fused group norm: expected [batch, channels, spatial...], got {dims:?}"));
     };
     if !matches!(x.dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(format!("fused group norm: {:?} input", x.dtype));
@@ -860,7 +873,7 @@ fn problem<R: CubeRuntime>(x: &CubeTensor<R>, spec: GroupNormSpec) -> Result<Pro
     Ok(Problem {
         batch,
         channels,
-        plane_len: h * w,
+        plane_len: spatial.iter().product(),
         spec,
     })
 }
@@ -893,8 +906,9 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupN
             }
             Err(reason) => {
                 super::record_fallback(reason);
-                let (y, mean, rstd) = super::group_norm_math(super::tensor::<Inner<R, BT>, 4>(tx), super::tensor(tg), super::tensor(tb), self.spec);
-                [y.into_primitive().tensor(), mean.into_primitive().tensor(), rstd.into_primitive().tensor()]
+                let shape = tx.meta.shape().clone();
+                let (y, mean, rstd) = super::group_norm_math(as_planes::<R, BT>(tx), super::tensor(tg), super::tensor(tb), self.spec);
+                [from_planes(y, shape), mean.into_primitive().tensor(), rstd.into_primitive().tensor()]
             }
         };
         for (ir, tensor) in outputs.iter().zip(results) {
@@ -955,8 +969,9 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupN
                 let [x, gamma, beta, dy] = inputs;
                 let [mean, rstd] = stats.map(super::tensor::<Inner<R, BT>, 3>);
                 let t1 = super::tensor::<Inner<R, BT>, 1>;
-                let (dx, params) = super::group_norm_grads_math(super::tensor(x), t1(gamma), t1(beta), mean, rstd, super::tensor(dy), self.spec, self.params);
-                let mut results = vec![dx.into_primitive().tensor()];
+                let shape = x.meta.shape().clone();
+                let (dx, params) = super::group_norm_grads_math(as_planes::<R, BT>(x), t1(gamma), t1(beta), mean, rstd, as_planes::<R, BT>(dy), self.spec, self.params);
+                let mut results = vec![from_planes(dx, shape)];
                 if let Some((dg, db)) = params {
                     results.extend([dg.into_primitive().tensor(), db.into_primitive().tensor()]);
                 }
@@ -1187,9 +1202,10 @@ mod tests {
         assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 4);
     }
 
-    /// A LayerNorm's rows (`[rows, d, 1, 1]`, one group) through the fusion ops: the
-    /// forward pass and the input gradient in the row kernels, against burn's ops; the full
-    /// backward pass (with `dγ`, `dβ`) stays in burn's ops.
+    /// A LayerNorm's rows (`[rows, d]`, one group) through the fusion ops: the forward
+    /// pass and the input gradient in the row kernels, against burn's ops; the full
+    /// backward pass (with `dγ`, `dβ`) stays in burn's ops. The `[rows, d, 1, 1]` layout
+    /// takes the same kernels.
     #[test]
     fn wgpu_layer_norm_rows_through_the_fusion_ops() {
         // The switch and the call counter are process-global.
@@ -1198,23 +1214,25 @@ mod tests {
         type W = burn::backend::Wgpu;
         let device = Default::default();
         let x = Tensor::<W, 3>::random([2, 77, 96], Distribution::Normal(0.5, 2.0), &device);
-        let dy = Tensor::<W, 4>::random([154, 96, 1, 1], Distribution::Normal(0.0, 1.0), &device);
+        let dy = Tensor::<W, 2>::random([154, 96], Distribution::Normal(0.0, 1.0), &device);
         let gamma = Tensor::<W, 1>::random([96], Distribution::Normal(1.0, 0.5), &device);
         let beta = Tensor::<W, 1>::random([96], Distribution::Normal(0.0, 0.5), &device);
         let spec = GroupNormSpec { groups: 1, epsilon: 1e-5, silu: false };
-        let rows = |x: Tensor<W, 3>| x.reshape([154, 96, 1, 1]);
+        let rows = |x: Tensor<W, 3>| x.reshape([154, 96]);
+        let data = |t: Tensor<W, 2>| t.into_data().to_vec::<f32>().expect("f32 data");
         let chain = |fused: bool| {
             super::super::set_fused_group_norm(fused);
             let (y, mean, rstd) = super::super::group_norm(rows(x.clone() * 2.0), gamma.clone(), beta.clone(), spec);
             let dx = super::super::group_norm_input_grad(rows(x.clone() * 2.0), gamma.clone(), beta.clone(), mean.clone(), rstd.clone(), dy.clone(), spec);
             let (full, _, _) = super::super::group_norm_backward(rows(x.clone() * 2.0), gamma.clone(), beta.clone(), mean, rstd, dy.clone(), spec);
+            let planes = (x.clone() * 2.0).reshape([154, 96, 1, 1]);
+            let (y4, _, _) = super::super::group_norm(planes, gamma.clone(), beta.clone(), spec);
             super::super::set_fused_group_norm(false);
-            let data = |t: Tensor<W, 4>| t.into_data().to_vec::<f32>().expect("f32 data");
-            [data(y), data(dx), data(full)]
+            [data(y), data(dx), data(full), data(y4.reshape([154, 96]))]
         };
         let before = super::super::vendor_stats();
         let (ours, reference) = (chain(true), chain(false));
-        for (what, (a, b)) in ["y", "dx", "dx (full backward)"].iter().zip(ours.iter().zip(&reference)) {
+        for (what, (a, b)) in ["y", "dx", "dx (full backward)", "y of [rows, d, 1, 1]"].iter().zip(ours.iter().zip(&reference)) {
             let peak = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             for (i, (p, q)) in a.iter().zip(b).enumerate() {
                 assert!((p - q).abs() <= 1e-5 * peak.max(1.0), "{what}[{i}]: {p} vs {q}");
@@ -1222,7 +1240,7 @@ mod tests {
         }
         let after = super::super::vendor_stats();
         assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
-        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and input gradient");
+        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 3, "forward (both layouts) and input gradient");
     }
 
     /// f16 activations and output gradients with f32 γ and β (a half-precision model whose

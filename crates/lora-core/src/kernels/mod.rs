@@ -70,6 +70,23 @@ mod concat;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod fixed_matmul;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod lora_linear;
+#[cfg(not(any(feature = "cuda", feature = "wgpu-test")))]
+mod lora_linear {
+    /// The inputs of [`super::lora_linear`] (the op itself needs a CubeCL backend).
+    #[allow(dead_code)]
+    pub(crate) struct LoraLinearInputs<B: burn::tensor::backend::Backend> {
+        pub x: burn::tensor::Tensor<B, 2>,
+        pub weight: burn::tensor::Tensor<B, 2>,
+        pub bias: Option<burn::tensor::Tensor<B, 1>>,
+        #[allow(clippy::type_complexity)]
+        pub adapter: Option<(burn::tensor::Tensor<B, 2>, burn::tensor::Tensor<B, 2>)>,
+        pub residual: Option<burn::tensor::Tensor<B, 2>>,
+        pub scale: f32,
+    }
+}
+pub(crate) use lora_linear::LoraLinearInputs;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod split;
 mod settings;
 pub use settings::KernelSettings;
@@ -104,6 +121,8 @@ static FUSED_CONCAT: AtomicBool = AtomicBool::new(true);
 static FUSED_CONCAT_CALLS: AtomicU64 = AtomicU64::new(0);
 static FIXED_MATMUL: AtomicBool = AtomicBool::new(false);
 static FIXED_MATMUL_CALLS: AtomicU64 = AtomicU64::new(0);
+static FUSED_LORA_LINEAR: AtomicBool = AtomicBool::new(false);
+static FUSED_LORA_LINEAR_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Largest head dimension given to the flash-attention kernels: their tiles for 160 fit in
 /// 48 KiB of shared memory with 16-wide `cmma` tiles (see `flash::plan`).
 const FLASH_MAX_HEAD_DIM: usize = 160;
@@ -250,6 +269,9 @@ pub struct VendorStats {
     /// Attention forward and backward passes that ran in cuDNN's fused attention engines
     /// ([`set_cudnn_attention`]).
     pub cudnn_attention_calls: u64,
+    /// LoRA linear layers' forward and backward passes that ran as one op each
+    /// ([`set_fused_lora_linear`]).
+    pub fused_lora_linear_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -279,6 +301,7 @@ pub fn vendor_stats() -> VendorStats {
         fused_concat_calls: FUSED_CONCAT_CALLS.load(Ordering::Relaxed),
         fixed_matmul_calls: FIXED_MATMUL_CALLS.load(Ordering::Relaxed),
         cudnn_attention_calls: CUDNN_ATTENTION_CALLS.load(Ordering::Relaxed),
+        fused_lora_linear_calls: FUSED_LORA_LINEAR_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -861,6 +884,58 @@ fn record_fixed_matmul() {
     FIXED_MATMUL_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Turns the one-op LoRA linear layer on or off (default off until it has run on a GPU):
+/// with it, and with [`matmuls_routed`], a [`LoraLinear`](crate::LoraLinear) with a frozen
+/// base and an active adapter (no dropout) runs `x·W + bias + s·(x·A)·B (+ residual)` as
+/// one operation of burn's fusion stream, and its backward pass (`dx`, `dA`, `dB`) as
+/// another, on burn's CUDA backend (and wgpu for the `wgpu-test` feature), with or without
+/// autodiff. Composed of burn's tensor ops, the layer is about twenty operations per
+/// training step, each registered, plan-matched and executed by the host; inside the two
+/// ops the products run in the kernels [`matmul`] routes them to and the sums in two small
+/// kernels. No effect elsewhere.
+///
+/// ```
+/// lora_core::kernels::set_fused_lora_linear(true);
+/// assert!(lora_core::kernels::fused_lora_linear_enabled());
+/// lora_core::kernels::set_fused_lora_linear(false);
+/// ```
+pub fn set_fused_lora_linear(enabled: bool) {
+    FUSED_LORA_LINEAR.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_fused_lora_linear`] is on.
+pub fn fused_lora_linear_enabled() -> bool {
+    FUSED_LORA_LINEAR.load(Ordering::Relaxed)
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn record_fused_lora_linear() {
+    FUSED_LORA_LINEAR_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// `x·weight + bias + scale·(x·down)·up + residual` on rows as one op each way (see
+/// [`set_fused_lora_linear`]), or the inputs back where it does not apply: the switch or
+/// the routed matmuls off, another backend, dtypes it does not take, or a trainable base
+/// weight or bias (those go through burn's ops). Taken by value so that the op releases
+/// the inputs it reads last.
+pub(crate) fn lora_linear<B: Backend>(inputs: LoraLinearInputs<B>) -> Result<Tensor<B, 2>, LoraLinearInputs<B>> {
+    if !fused_lora_linear_enabled() || !matmuls_routed() {
+        return Err(inputs);
+    }
+    #[cfg(feature = "cuda")]
+    let inputs = match lora_linear::dispatch::<B, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(inputs) {
+        Ok(y) => return Ok(y),
+        Err(inputs) => inputs,
+    };
+    // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+    #[cfg(feature = "wgpu-test")]
+    let inputs = match lora_linear::dispatch::<B, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(inputs) {
+        Ok(y) => return Ok(y),
+        Err(inputs) => inputs,
+    };
+    Err(inputs)
+}
+
 /// `flat`'s consecutive pieces in `shapes` (which must not add up to more than its
 /// length), as backend primitives ([`tensor`] makes each a tensor of its rank): what
 /// [`FlatAdamW`](crate::optim::FlatAdamW) hands back to a module after each step.
@@ -1247,19 +1322,25 @@ pub fn fused_group_norm_enabled() -> bool {
     FUSED_GROUP_NORM.load(Ordering::Relaxed)
 }
 
-/// GroupNorm of a `[batch, channels, h, w]` input, optionally followed by a SiLU:
-/// `(y, mean, rstd)` with `y` in `x`'s dtype and each group's mean and `1/σ` in f32
-/// (`[batch, groups, 1]`), which [`group_norm_backward`] takes. Statistics are computed in
+/// GroupNorm of a `[batch, channels, spatial...]` input (as PyTorch's `(N, C, *)`: a
+/// `[b, c, h, w]` feature map, or `[rows, c]` rows, which makes one group a LayerNorm),
+/// optionally followed by a SiLU: `(y, mean, rstd)` with `y` in `x`'s dtype and each
+/// group's mean and `1/σ` in f32 (`[batch, groups, 1]`), which [`group_norm_backward`]
+/// takes. Statistics are computed in
 /// f32 whatever the dtypes (as PyTorch's autocast does), so bf16 and f16 models normalise
 /// accurately; `γ` and `β` (`[channels]`) may have a dtype of their own.
 ///
 /// With [`set_fused_group_norm`] on, on the CUDA backend (`cuda` feature) this is two
 /// kernels of ours that read the input twice and write the output once (see
-/// `docs/benchmarks.md`); otherwise, or for planes under 16 elements, burn's tensor ops.
+/// `docs/benchmarks.md`), and for rows (one group, no spatial dimensions) one kernel;
+/// otherwise, or for planes under 16 elements, burn's tensor ops. Rows need no reshape to
+/// a 4-D layout, which on a fusion backend would be two more operations for the host to
+/// register each way.
 ///
 /// # Panics
 ///
-/// When the channel count is not a multiple of `spec.groups` (as burn's `GroupNorm` does).
+/// When `D < 2`, or the channel count is not a multiple of `spec.groups` (as burn's
+/// `GroupNorm` does).
 ///
 /// ```
 /// use burn::backend::Flex;
@@ -1278,15 +1359,15 @@ pub fn fused_group_norm_enabled() -> bool {
 /// let err: f32 = (y - silu(norm.forward(x))).abs().max().into_scalar();
 /// assert!(err < 1e-5);
 /// ```
-pub fn group_norm<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>) {
+pub fn group_norm<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>) {
     if fused_group_norm_applies(&x, spec, false) {
         #[cfg(feature = "cuda")]
-        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(&x, &gamma, &beta, spec) {
+        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(&x, &gamma, &beta, spec) {
             return out;
         }
         // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
         #[cfg(feature = "wgpu-test")]
-        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(&x, &gamma, &beta, spec) {
+        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&x, &gamma, &beta, spec) {
             return out;
         }
     }
@@ -1322,15 +1403,15 @@ pub fn group_norm<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tensor
 /// assert_eq!(dbeta.into_data().to_vec::<f32>().unwrap(), vec![9.0; 4]);
 /// ```
 #[allow(clippy::type_complexity)]
-pub fn group_norm_backward<X: Backend>(
-    x: Tensor<X, 4>,
+pub fn group_norm_backward<X: Backend, const D: usize>(
+    x: Tensor<X, D>,
     gamma: Tensor<X, 1>,
     beta: Tensor<X, 1>,
     mean: Tensor<X, 3>,
     rstd: Tensor<X, 3>,
-    grad_out: Tensor<X, 4>,
+    grad_out: Tensor<X, D>,
     spec: GroupNormSpec,
-) -> (Tensor<X, 4>, Tensor<X, 1>, Tensor<X, 1>) {
+) -> (Tensor<X, D>, Tensor<X, 1>, Tensor<X, 1>) {
     let (dx, params) = group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, true);
     let (dgamma, dbeta) = params.expect("parameter gradients were asked for");
     (dx, dgamma, dbeta)
@@ -1338,7 +1419,7 @@ pub fn group_norm_backward<X: Backend>(
 
 /// The input gradient of [`group_norm`] alone: [`group_norm_backward`]'s `dx`, for a norm
 /// whose `γ` and `β` are frozen (as in LoRA training). Besides skipping their reductions,
-/// this lets a LayerNorm (a GroupNorm of one group over `[rows, channels, 1, 1]`) take the
+/// this lets a LayerNorm (a GroupNorm of one group over `[rows, channels]`) take the
 /// fused kernels: its `dx` needs only row statistics, while `dγ` and `dβ` would be sums over
 /// all rows.
 ///
@@ -1352,8 +1433,9 @@ pub fn group_norm_backward<X: Backend>(
 /// use lora_core::kernels::{group_norm, group_norm_backward, group_norm_input_grad, GroupNormSpec};
 ///
 /// let device = Default::default();
-/// let x = Tensor::<Flex, 4>::random([6, 16, 1, 1], Distribution::Normal(0.0, 1.0), &device);
-/// let dy = Tensor::<Flex, 4>::random([6, 16, 1, 1], Distribution::Normal(0.0, 1.0), &device);
+/// // LayerNorm rows.
+/// let x = Tensor::<Flex, 2>::random([6, 16], Distribution::Normal(0.0, 1.0), &device);
+/// let dy = Tensor::<Flex, 2>::random([6, 16], Distribution::Normal(0.0, 1.0), &device);
 /// let (gamma, beta) = (Tensor::<Flex, 1>::ones([16], &device), Tensor::<Flex, 1>::zeros([16], &device));
 /// let spec = GroupNormSpec { groups: 1, epsilon: 1e-5, silu: false };
 /// let (_, mean, rstd) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
@@ -1361,38 +1443,38 @@ pub fn group_norm_backward<X: Backend>(
 /// let (full, _, _) = group_norm_backward(x, gamma, beta, mean, rstd, dy, spec);
 /// assert!((dx - full).abs().max().into_scalar() < 1e-6);
 /// ```
-pub fn group_norm_input_grad<X: Backend>(
-    x: Tensor<X, 4>,
+pub fn group_norm_input_grad<X: Backend, const D: usize>(
+    x: Tensor<X, D>,
     gamma: Tensor<X, 1>,
     beta: Tensor<X, 1>,
     mean: Tensor<X, 3>,
     rstd: Tensor<X, 3>,
-    grad_out: Tensor<X, 4>,
+    grad_out: Tensor<X, D>,
     spec: GroupNormSpec,
-) -> Tensor<X, 4> {
+) -> Tensor<X, D> {
     group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, false).0
 }
 
 /// [`group_norm_backward`] (`params`) or [`group_norm_input_grad`]: the fused kernels where
 /// they apply, burn's ops otherwise.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn group_norm_grads<X: Backend>(
-    x: Tensor<X, 4>,
+fn group_norm_grads<X: Backend, const D: usize>(
+    x: Tensor<X, D>,
     gamma: Tensor<X, 1>,
     beta: Tensor<X, 1>,
     mean: Tensor<X, 3>,
     rstd: Tensor<X, 3>,
-    grad_out: Tensor<X, 4>,
+    grad_out: Tensor<X, D>,
     spec: GroupNormSpec,
     params: bool,
-) -> (Tensor<X, 4>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
+) -> (Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
     if fused_group_norm_applies(&x, spec, params) {
         #[cfg(feature = "cuda")]
-        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
+        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
             return grads;
         }
         #[cfg(feature = "wgpu-test")]
-        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
+        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
             return grads;
         }
     }
@@ -1402,38 +1484,58 @@ fn group_norm_grads<X: Backend>(
 /// Whether the fused GroupNorm kernels are on and take inputs shaped like `x`: planes of
 /// at least [`FUSED_GROUP_NORM_MIN_PLANE`] elements, or a LayerNorm's rows (one group over
 /// single-element planes) when `dγ` and `dβ` are not wanted (`params`).
-fn fused_group_norm_applies<X: Backend>(x: &Tensor<X, 4>, spec: GroupNormSpec, params: bool) -> bool {
-    let [_, _, h, w] = x.dims();
-    let rows = h * w == 1 && spec.groups == 1 && !params;
-    fused_group_norm_enabled() && (h * w >= FUSED_GROUP_NORM_MIN_PLANE || rows)
+fn fused_group_norm_applies<X: Backend, const D: usize>(x: &Tensor<X, D>, spec: GroupNormSpec, params: bool) -> bool {
+    let (_, _, plane) = norm_layout(&x.dims());
+    let rows = plane == 1 && spec.groups == 1 && !params;
+    fused_group_norm_enabled() && (plane >= FUSED_GROUP_NORM_MIN_PLANE || rows)
+}
+
+/// `(batch, channels, plane)` of a `[batch, channels, spatial...]` GroupNorm input, the
+/// plane being the product of the spatial dimensions (1 for rows).
+///
+/// # Panics
+///
+/// For fewer than two dimensions.
+fn norm_layout(dims: &[usize]) -> (usize, usize, usize) {
+    let [batch, channels, spatial @ ..] = dims else {
+        panic!("group norm: expected [batch, channels, spatial...], got {dims:?}");
+    };
+    (*batch, *channels, spatial.iter().product())
+}
+
+/// `[1, channels, 1, ...]`: per-channel parameters broadcast over a `D`-dimensional input.
+fn channel_dims<const D: usize>(channels: usize) -> [usize; D] {
+    let mut dims = [1; D];
+    dims[1] = channels;
+    dims
 }
 
 /// The fused GroupNorm op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
-fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
-    x: &Tensor<X, 4>,
+fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
+    x: &Tensor<X, D>,
     gamma: &Tensor<X, 1>,
     beta: &Tensor<X, 1>,
     spec: GroupNormSpec,
-) -> Option<(Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>)> {
+) -> Option<(Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>)> {
     let [gamma, beta] = [gamma, beta].map(to_fused::<X, R, BT, 1>);
-    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(to_fused::<X, R, BT, 4>(x)?, gamma?, beta?, spec);
+    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(to_fused::<X, R, BT, D>(x)?, gamma?, beta?, spec);
     let stat = from_fused::<X, R, BT, 3>;
-    Some((from_fused::<X, R, BT, 4>(y)?, stat(mean)?, stat(rstd)?))
+    Some((from_fused::<X, R, BT, D>(y)?, stat(mean)?, stat(rstd)?))
 }
 
 /// The fused GroupNorm backward op when `X` is [`FusedCube<R, BT>`], else `None`.
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
-fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
-    [x, grad_out]: [&Tensor<X, 4>; 2],
+fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
+    [x, grad_out]: [&Tensor<X, D>; 2],
     [gamma, beta]: [&Tensor<X, 1>; 2],
     [mean, rstd]: [&Tensor<X, 3>; 2],
     spec: GroupNormSpec,
     params: bool,
-) -> Option<(Tensor<X, 4>, Option<(Tensor<X, 1>, Tensor<X, 1>)>)> {
-    let [x, dy] = [x, grad_out].map(to_fused::<X, R, BT, 4>);
+) -> Option<(Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>)> {
+    let [x, dy] = [x, grad_out].map(to_fused::<X, R, BT, D>);
     let [gamma, beta] = [gamma, beta].map(to_fused::<X, R, BT, 1>);
     let [mean, rstd] = [mean, rstd].map(to_fused::<X, R, BT, 3>);
     let (dx, param_grads) = group_norm::register_backward::<R, BT>([x?, gamma?, beta?, dy?], [mean?, rstd?], spec, params);
@@ -1442,22 +1544,22 @@ fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cube
         Some((dgamma, dbeta)) => Some((param(dgamma)?, param(dbeta)?)),
         None => None,
     };
-    Some((from_fused::<X, R, BT, 4>(dx)?, param_grads))
+    Some((from_fused::<X, R, BT, D>(dx)?, param_grads))
 }
 
 /// GroupNorm (+ SiLU) in burn's ops: `y` in `x`'s dtype and the per-group mean and
 /// `1/σ` (f32, `[b, groups, 1]`), statistics in f32.
-fn group_norm_math<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, 4>, Tensor<X, 3>, Tensor<X, 3>) {
+fn group_norm_math<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>) {
     let dtype = x.dtype();
     let shape = x.dims();
-    let [b, c, h, w] = shape;
-    let xg = cast_to(x, DType::F32).reshape([b, spec.groups, (c / spec.groups) * h * w]);
+    let (b, c, plane) = norm_layout(&shape);
+    let xg = cast_to(x, DType::F32).reshape([b, spec.groups, (c / spec.groups) * plane]);
     let mean = xg.clone().mean_dim(2);
     let centred = xg - mean.clone();
     let var = centred.clone().square().mean_dim(2);
     let rstd = var.add_scalar(spec.epsilon).sqrt().recip();
     let xhat = (centred * rstd.clone()).reshape(shape);
-    let f32 = |t: Tensor<X, 1>| cast_to(t, DType::F32).reshape([1, c, 1, 1]);
+    let f32 = |t: Tensor<X, 1>| cast_to(t, DType::F32).reshape(channel_dims::<D>(c));
     let hpre = xhat * f32(gamma) + f32(beta);
     let y = if spec.silu { hpre.clone() * burn::tensor::activation::sigmoid(hpre) } else { hpre };
     (cast_to(y, dtype), mean, rstd)
@@ -1467,34 +1569,36 @@ fn group_norm_math<X: Backend>(x: Tensor<X, 4>, gamma: Tensor<X, 1>, beta: Tenso
 /// `s = sigmoid(h)`, `dx̂ = dh γ`, `dx = (dx̂ − mean(dx̂) − x̂ · mean(dx̂ x̂)) / σ` over each
 /// group and, with `params`, `dγ = Σ dh x̂`, `dβ = Σ dh`; in the dtypes of `x`, `γ` and `β`.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn group_norm_grads_math<X: Backend>(
-    x: Tensor<X, 4>,
+fn group_norm_grads_math<X: Backend, const D: usize>(
+    x: Tensor<X, D>,
     gamma: Tensor<X, 1>,
     beta: Tensor<X, 1>,
     mean: Tensor<X, 3>,
     rstd: Tensor<X, 3>,
-    grad_out: Tensor<X, 4>,
+    grad_out: Tensor<X, D>,
     spec: GroupNormSpec,
     params: bool,
-) -> (Tensor<X, 4>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
+) -> (Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
     let (x_dtype, gamma_dtype, beta_dtype) = (x.dtype(), gamma.dtype(), beta.dtype());
     let shape = x.dims();
-    let [b, c, h, w] = shape;
+    let (b, c, plane) = norm_layout(&shape);
     let groups = spec.groups;
-    let per_group = (c / groups) * h * w;
+    let per_group = (c / groups) * plane;
     let xhat = ((cast_to(x, DType::F32).reshape([b, groups, per_group]) - mean) * rstd.clone()).reshape(shape);
-    let g4 = cast_to(gamma, DType::F32).reshape([1, c, 1, 1]);
+    let g4 = cast_to(gamma, DType::F32).reshape(channel_dims::<D>(c));
     let dy = cast_to(grad_out, DType::F32);
     let dh = if spec.silu {
-        let hpre = xhat.clone() * g4.clone() + cast_to(beta, DType::F32).reshape([1, c, 1, 1]);
+        let hpre = xhat.clone() * g4.clone() + cast_to(beta, DType::F32).reshape(channel_dims::<D>(c));
         let s = burn::tensor::activation::sigmoid(hpre.clone());
         dy * s.clone() * (hpre * (s.neg().add_scalar(1.0))).add_scalar(1.0)
     } else {
         dy
     };
     let param_grads = params.then(|| {
-        let dgamma = (dh.clone() * xhat.clone()).sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
-        let dbeta = dh.clone().sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+        // Sums over all but the channel dimension.
+        let per_channel = |t: Tensor<X, D>| (0..D).filter(|&d| d != 1).fold(t, |t, d| t.sum_dim(d)).reshape([c]);
+        let dgamma = per_channel(dh.clone() * xhat.clone());
+        let dbeta = per_channel(dh.clone());
         (cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
     });
     let dxhat = (dh * g4).reshape([b, groups, per_group]);

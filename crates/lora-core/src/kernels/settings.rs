@@ -48,6 +48,8 @@ pub struct KernelSettings {
     pub fixed_matmul: bool,
     /// Multi-tensor concatenation in one kernel ([`super::set_fused_concat`]).
     pub fused_concat: bool,
+    /// LoRA linear layers as one op each way ([`super::set_fused_lora_linear`]).
+    pub fused_lora_linear: bool,
 }
 
 impl Default for KernelSettings {
@@ -64,6 +66,7 @@ impl Default for KernelSettings {
             fused_group_norm: false,
             fixed_matmul: false,
             fused_concat: true,
+            fused_lora_linear: false,
         }
     }
 }
@@ -71,8 +74,8 @@ impl Default for KernelSettings {
 impl KernelSettings {
     /// Every fast path on: cuDNN convolutions and attention, cuBLAS, GPU-side ordering, the
     /// fused softmax, flash attention (for what cuDNN's attention does not take), the fused
-    /// norms, the fixed matmul (no minutes of autotuning per new shape) and the fused
-    /// concatenation.
+    /// norms, the fixed matmul (no minutes of autotuning per new shape), the fused
+    /// concatenation and the one-op LoRA linear layers.
     pub fn fast() -> Self {
         Self {
             cudnn: true,
@@ -84,6 +87,7 @@ impl KernelSettings {
             fused_group_norm: true,
             fixed_matmul: true,
             fused_concat: true,
+            fused_lora_linear: true,
         }
     }
 
@@ -99,6 +103,7 @@ impl KernelSettings {
             fused_group_norm: super::fused_group_norm_enabled(),
             fixed_matmul: super::fixed_matmul_enabled(),
             fused_concat: super::fused_concat_enabled(),
+            fused_lora_linear: super::fused_lora_linear_enabled(),
         }
     }
 
@@ -113,5 +118,6 @@ impl KernelSettings {
         super::set_fused_group_norm(self.fused_group_norm);
         super::set_fixed_matmul(self.fixed_matmul);
         super::set_fused_concat(self.fused_concat);
+        super::set_fused_lora_linear(self.fused_lora_linear);
     }
 }

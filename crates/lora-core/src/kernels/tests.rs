@@ -277,6 +277,117 @@ fn check_lora_linear_rows<A: burn::tensor::backend::AutodiffBackend>(layer: &cra
     assert!(max_rel(ours.3, reference.3) < tolerance, "d up");
 }
 
+/// The one-op linear layer ([`set_fused_lora_linear`]) against the same layer in composed
+/// ops (the routed matmuls on for both), on autodiff backend `A` (a CubeCL fusion backend)
+/// with activations and base in `half` or f32 and f32 adapter weights: output, input,
+/// adapter and residual gradients, with and without an adapter, bias and residual, a
+/// tracked and an untracked input, rows in one weight-gradient chunk and split in several,
+/// and the forward pass without autodiff. Counts the op's runs. The caller holds
+/// [`SWITCH`].
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
+pub(super) fn check_fused_lora_linear<A: burn::tensor::backend::AutodiffBackend>(half: burn::tensor::DType, half_tolerance: f32) {
+    use burn::module::AutodiffModule;
+    use burn::nn::LinearConfig;
+    use burn::tensor::{DType, FloatDType};
+    let device = Default::default();
+    let f32 = |t: Tensor<A::InnerBackend, 2>| crate::precision::cast_to(t, DType::F32);
+    let before = vendor_stats();
+    let mut runs = 0;
+    for (dtype, tolerance) in [(DType::F32, 1e-4), (half, half_tolerance)] {
+        for (bias, adapted) in [(true, true), (false, true), (true, false), (false, false)] {
+            let base = LinearConfig::new(48, 40).with_bias(bias).init::<A>(&device).no_grad();
+            let mut layer = crate::LoraLinear::new(crate::precision::cast_frozen(base, FloatDType::from(dtype)));
+            if adapted {
+                layer.attach_new(&crate::LoraConfig::new(4).with_alpha(8.0), &device).unwrap();
+                layer.set_multiplier(0.7);
+                // A non-zero up projection, so that every gradient is non-zero.
+                let adapter = layer.adapter.as_mut().unwrap();
+                adapter.up.weight = Param::from_tensor(Tensor::random([4, 40], Distribution::Normal(0.0, 1.0), &device));
+            }
+            // Rows off every tile, then enough rows that the weight gradients are split.
+            for (rows, residual, track_x) in [(37, false, true), (37, true, false), (1024, true, true), (1024, false, false)] {
+                let x = crate::precision::cast_to(Tensor::<A, 3>::random([2, rows, 48], Distribution::Normal(0.0, 1.0), &device), dtype);
+                let r = crate::precision::cast_to(Tensor::<A, 3>::random([2, rows, 40], Distribution::Normal(0.0, 1.0), &device), dtype);
+                let run = |fused: bool| {
+                    set_fused_lora_linear(fused);
+                    set_fixed_matmul(true);
+                    let x = if track_x { x.clone().require_grad() } else { x.clone() };
+                    let r = r.clone().require_grad();
+                    let y = if residual { layer.forward_residual(x.clone(), r.clone()) } else { layer.forward(x.clone()) };
+                    let weights = crate::precision::cast_to(y.clone().detach().cos(), DType::F32);
+                    let grads = (crate::precision::cast_to(y.clone(), DType::F32) * weights).sum().backward();
+                    // Without autodiff: the forward pass alone.
+                    let plain = if residual { layer.valid().forward_residual(x.clone().inner(), r.clone().inner()) } else { layer.valid().forward(x.clone().inner()) };
+                    set_fused_lora_linear(false);
+                    set_fixed_matmul(false);
+                    assert!(layer.base.weight.grad(&grads).is_none(), "the frozen base got a gradient");
+                    let rows2 = |t: Tensor<A::InnerBackend, 3>| {
+                        let d = t.dims()[2];
+                        f32(t.reshape([2 * rows, d]))
+                    };
+                    let dx = x.grad(&grads).map(rows2);
+                    assert_eq!(dx.is_some(), track_x, "input gradient");
+                    let dr = r.grad(&grads).map(rows2);
+                    assert_eq!(dr.is_some(), residual, "residual gradient");
+                    let params = layer.adapter.as_ref().map(|adapter| {
+                        let da = adapter.down.weight.grad(&grads).unwrap();
+                        let db = adapter.up.weight.grad(&grads).unwrap();
+                        assert_eq!((da.dtype(), db.dtype()), (DType::F32, DType::F32), "adapter gradients in the adapters' dtype");
+                        (da, db)
+                    });
+                    (rows2(y.inner()), rows2(plain), dx, dr, params)
+                };
+                let before_case = vendor_stats();
+                let (ours, reference) = (run(true), run(false));
+                let case = format!("{dtype:?}, adapter {adapted}, bias {bias}, {rows} rows, residual {residual}, tracked x {track_x}");
+                let err = max_rel(ours.0.clone(), reference.0.clone());
+                assert!(err < tolerance, "{case}: output, relative error {err}");
+                assert!(max_rel(ours.1, reference.0) < tolerance, "{case}: output without autodiff");
+                if let (Some(a), Some(b)) = (ours.2, reference.2) {
+                    assert!(max_rel(a, b) < tolerance, "{case}: dx");
+                }
+                if let (Some(a), Some(b)) = (ours.3, reference.3) {
+                    assert!(max_rel(a, b) < tolerance, "{case}: d residual");
+                }
+                if let (Some((da, db)), Some((da_ref, db_ref))) = (ours.4, reference.4) {
+                    assert!(max_rel(da, da_ref) < tolerance, "{case}: d down");
+                    assert!(max_rel(db, db_ref) < tolerance, "{case}: d up");
+                }
+                // Forward and backward under autodiff, and the plain forward (counted when
+                // they run: the comparisons above read their results); without an adapter
+                // the backward pass is one routed product, not the op.
+                let after_case = vendor_stats();
+                let expected = if adapted { 3 } else { 2 };
+                assert_eq!(after_case.fused_lora_linear_calls - before_case.fused_lora_linear_calls, expected, "{case}: the op's runs");
+                runs += expected;
+            }
+        }
+    }
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    assert_eq!(after.fused_lora_linear_calls - before.fused_lora_linear_calls, runs);
+}
+
+/// On the CPU the switch changes nothing: the op needs a CubeCL backend.
+#[test]
+fn fused_lora_linear_switch_leaves_flex_alone() {
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let before = vendor_stats().fused_lora_linear_calls;
+    set_fused_lora_linear(true);
+    check_routed_lora_linear::<Autodiff<Flex>>(1e-5);
+    set_fused_lora_linear(false);
+    assert_eq!(vendor_stats().fused_lora_linear_calls, before);
+}
+
+/// [`check_fused_lora_linear`] on the GPU machine.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fused_lora_linear_matches_composed_ops_on_cuda() {
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    check_fused_lora_linear::<Autodiff<burn::backend::Cuda>>(burn::tensor::DType::BF16, 2e-2);
+}
+
 /// `matmul_transposed` against burn's matmul of the swapped operands, for every pair of
 /// flags, in two and four dimensions (the CPU path; the routed ops are checked on wgpu and
 /// CUDA).
@@ -304,6 +415,43 @@ fn matmul_transposed_matches_swapped_operands() {
 
 /// The split weight gradient against one product: chunked (2048 rows), not chunked (too few
 /// rows, or a prime row count), and the chunk choice itself.
+/// GroupNorm over any number of spatial dimensions gives the values of the 4-D layout,
+/// and one group over `[rows, channels]` is LayerNorm (output and all three gradients).
+#[test]
+fn group_norm_takes_rows_and_any_spatial_rank() {
+    use burn::nn::LayerNormConfig;
+    let device = Default::default();
+    let spec = GroupNormSpec { groups: 3, epsilon: 1e-5, silu: true };
+    let x = Tensor::<Flex, 4>::random([2, 6, 4, 5], Distribution::Normal(0.5, 2.0), &device);
+    let dy = Tensor::<Flex, 4>::random([2, 6, 4, 5], Distribution::Normal(0.0, 1.0), &device);
+    let gamma = Tensor::<Flex, 1>::random([6], Distribution::Normal(1.0, 0.5), &device);
+    let beta = Tensor::<Flex, 1>::random([6], Distribution::Normal(0.0, 0.5), &device);
+    let (y4, mean4, rstd4) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
+    let (dx4, dg4, db4) = group_norm_backward(x.clone(), gamma.clone(), beta.clone(), mean4, rstd4, dy.clone(), spec);
+    let flat = |t: Tensor<Flex, 4>| t.reshape([2, 6, 20]);
+    let (y3, mean3, rstd3) = group_norm(flat(x.clone()), gamma.clone(), beta.clone(), spec);
+    let (dx3, dg3, db3) = group_norm_backward(flat(x), gamma.clone(), beta.clone(), mean3, rstd3, flat(dy), spec);
+    assert!(max_rel(y3, flat(y4)) < 1e-6 && max_rel(dx3, flat(dx4)) < 1e-6);
+    assert!(max_rel(dg3, dg4) < 1e-6 && max_rel(db3, db4) < 1e-6);
+
+    // Rows: against burn's LayerNorm, differentiated by autodiff.
+    type A = Autodiff<Flex>;
+    let norm = LayerNormConfig::new(8).with_epsilon(1e-5).init::<A>(&device);
+    let rows = Tensor::<Flex, 2>::random([5, 8], Distribution::Normal(0.5, 2.0), &device);
+    let dy = Tensor::<Flex, 2>::random([5, 8], Distribution::Normal(0.0, 1.0), &device);
+    let spec = GroupNormSpec { groups: 1, epsilon: 1e-5, silu: false };
+    let (gamma, beta) = (norm.gamma.val().inner(), norm.beta.as_ref().expect("β").val().inner());
+    let (y, mean, rstd) = group_norm(rows.clone(), gamma.clone(), beta.clone(), spec);
+    let (dx, dg, db) = group_norm_backward(rows.clone(), gamma, beta, mean, rstd, dy.clone(), spec);
+    let input = Tensor::<A, 2>::from_inner(rows).require_grad();
+    let reference = norm.forward(input.clone());
+    let grads = (reference.clone() * Tensor::from_inner(dy)).sum().backward();
+    assert!(max_rel(y, reference.inner()) < 1e-5);
+    assert!(max_rel(dx, input.grad(&grads).expect("dx")) < 1e-4);
+    assert!(max_rel(dg, norm.gamma.grad(&grads).expect("dγ")) < 1e-4);
+    assert!(max_rel(db, norm.beta.as_ref().expect("β").grad(&grads).expect("dβ")) < 1e-4);
+}
+
 #[test]
 fn weight_grad_splits_rows_exactly() {
     type B = burn::backend::Flex;
@@ -743,13 +891,14 @@ fn fused_group_norm_matches_burn_on_cuda() {
             }
         }
     }
-    // LayerNorms as GroupNorms of one group over `[rows, d, 1, 1]` (the row kernels): the
+    // LayerNorms as GroupNorms of one group over `[rows, d]` (the row kernels): the
     // forward pass and the input gradient of a frozen norm.
+    let f32 = |t: Tensor<B, 2>| crate::precision::cast_to(t, DType::F32);
     for (rows, d) in [(8192, 320), (154, 768), (300, 1280), (5, 33)] {
         for (act, param) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16)] {
             let spec = GroupNormSpec { groups: 1, epsilon: 1e-5, silu: false };
-            let x = crate::precision::cast_to(Tensor::<B, 4>::random([rows, d, 1, 1], Distribution::Normal(0.5, 2.0), &device), act);
-            let dy = crate::precision::cast_to(Tensor::<B, 4>::random([rows, d, 1, 1], Distribution::Normal(0.0, 1.0), &device), act);
+            let x = crate::precision::cast_to(Tensor::<B, 2>::random([rows, d], Distribution::Normal(0.5, 2.0), &device), act);
+            let dy = crate::precision::cast_to(Tensor::<B, 2>::random([rows, d], Distribution::Normal(0.0, 1.0), &device), act);
             let gamma = crate::precision::cast_to(Tensor::<B, 1>::random([d], Distribution::Normal(1.0, 0.5), &device), param);
             let beta = crate::precision::cast_to(Tensor::<B, 1>::random([d], Distribution::Normal(0.0, 0.5), &device), param);
             let pass = |fused: bool| {
