@@ -465,16 +465,18 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// pieces).
     fn concat(
         &self,
-        pieces: BTreeMap<usize, Option<FloatTensor<B::InnerBackend>>>,
+        mut pieces: BTreeMap<usize, Option<FloatTensor<B::InnerBackend>>>,
         dtype: DType,
         device: &Device<B::InnerBackend>,
     ) -> Tensor<B::InnerBackend, 1> {
+        // Moved out of the map (every slot has its own offset), so that the gradients reach
+        // the copy as their last handle and need no release operation of their own.
         let parts: Vec<_> = self
             .order
             .iter()
             .map(|id| {
                 let slot = &self.slots[id];
-                pieces.get(&slot.offset).cloned().flatten().unwrap_or_else(|| Tensor::<B::InnerBackend, 1>::zeros([slot.len], device).into_primitive().tensor())
+                pieces.remove(&slot.offset).flatten().unwrap_or_else(|| Tensor::<B::InnerBackend, 1>::zeros([slot.len], device).into_primitive().tensor())
             })
             .collect::<Vec<_>>();
         // Several hundred small tensors: one multi-tensor copy kernel per 32 on the GPU

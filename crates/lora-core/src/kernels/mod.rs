@@ -828,10 +828,11 @@ fn fused_concat_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Boo
     if TypeId::of::<X>() != TypeId::of::<FusedCube<R, BT>>() || parts.iter().any(|p| !p.dtype().is_float()) {
         return Err(parts);
     }
-    // `X` is that backend, so every downcast succeeds.
-    let fused: Option<Vec<_>> = parts.iter().map(|p| downcast::<_, burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>>>(p.clone())).collect();
-    let Some(fused) = fused else { return Err(parts) };
-    from_fused::<X, R, BT, 1>(concat::register::<R, BT>(fused, dtype)).ok_or(parts)
+    // `X` is that backend, so every downcast succeeds. The parts move into the op: one it
+    // holds the last handle of is released by the op, where a clone would leave a release
+    // operation of its own on the stream when the caller's handle drops.
+    let fused = parts.into_iter().map(|p| downcast::<_, burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>>>(p).expect("X is the fusion backend")).collect();
+    Ok(from_fused::<X, R, BT, 1>(concat::register::<R, BT>(fused, dtype)).expect("X is the fusion backend"))
 }
 
 /// Turns [`concat_flat`]'s multi-tensor copy kernel and [`split_flat`]'s single operation
