@@ -296,7 +296,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         // All pieces in one operation on a fusion backend (`kernels::split_flat`).
         let pieces = crate::kernels::split_flat(flat, &self.shapes);
         let pieces = self.order.iter().copied().zip(pieces).collect();
-        module.map(&mut Scatter::<B> { slots: &self.slots, pieces })
+        let mut scatter = Scatter::<B> { slots: &self.slots, pieces, replaced: Vec::with_capacity(self.shapes.len()) };
+        let module = module.map(&mut scatter);
+        // The old values, released together (one operation on a fusion backend, not one each).
+        crate::kernels::release_all::<B::InnerBackend>(scatter.replaced);
+        module
     }
 
     /// Number of trained scalars.
@@ -568,6 +572,8 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Gather<'_, B> {
 struct Scatter<'a, B: AutodiffBackend> {
     slots: &'a HashMap<ParamId, Slot>,
     pieces: HashMap<ParamId, FloatTensor<B::InnerBackend>>,
+    /// The values the pieces replaced.
+    replaced: Vec<FloatTensor<B::InnerBackend>>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Scatter<'_, B> {
@@ -575,7 +581,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Scatter<'_, B> {
         let Some(slot) = self.slots.get(&param.id) else { return param };
         let Some(piece) = self.pieces.get(&param.id).cloned() else { return param };
         debug_assert_eq!(slot.shape.len(), D);
-        let (id, _, mapper) = param.consume();
+        let (id, old, mapper) = param.consume();
+        self.replaced.push(old.inner().into_primitive().tensor());
         let value = crate::kernels::tensor::<B::InnerBackend, D>(piece);
         Param::from_mapped_value(id, Tensor::from_inner(value).require_grad(), mapper)
     }

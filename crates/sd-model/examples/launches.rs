@@ -274,7 +274,7 @@ fn main() -> Result<()> {
     // any fell back to burn's ops.
     let stats = lora_core::kernels::vendor_stats();
     println!(
-        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"compiled_warm_up\": {}, \"compiled_measured\": {compiled_later}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}, \"kernel_calls\": {{\"flash_attention\": {}, \"fused_softmax\": {}, \"fused_group_norm\": {}, \"fused_concat\": {}, \"fixed_matmul\": {}, \"fused_lora_linear\": {}, \"fallbacks\": {}}}}}",
+        "{{\"launches_per_step\": {per_step:.1}, \"distinct_kernels\": {}, \"adapters\": {}, \"compiled_warm_up\": {}, \"compiled_measured\": {compiled_later}, \"warm_up_s\": {:.2}, \"s_per_step\": {:.3}, \"host_queue_s_per_step\": {:.3}, \"host_cpu_s_per_step\": {:.3}, \"host_cpu_us_per_launch\": {:.1}, \"mode\": \"{}\", \"batch\": {}, \"resolution\": {}, \"width\": {}, \"kernel_calls\": {{\"flash_attention\": {}, \"fused_softmax\": {}, \"fused_group_norm\": {}, \"fused_concat\": {}, \"fixed_matmul\": {}, \"fused_lora_linear\": {}, \"fused_geglu\": {}, \"fallbacks\": {}}}}}",
         ranked.len(),
         sites.len(),
         compiled.len(),
@@ -298,6 +298,7 @@ fn main() -> Result<()> {
         stats.fused_concat_calls,
         stats.fixed_matmul_calls,
         stats.fused_lora_linear_calls,
+        stats.fused_geglu_calls,
         stats.fallbacks,
     );
     let _ = std::fs::remove_file(&log);

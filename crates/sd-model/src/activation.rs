@@ -17,7 +17,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::{matmul, matmul_transposed};
+use lora_core::kernels::{geglu_bias, geglu_bias_backward, matmul, matmul_transposed};
 use lora_core::precision::cast_to;
 use lora_core::LoraLinear;
 
@@ -177,10 +177,17 @@ pub fn geglu_projected_rows<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 2>) -
     projected(x, w, b)
 }
 
-/// `geglu(x·W + b)` on `[rows, d_in]`, the op's forward arithmetic.
+/// `geglu(x·W + b)` on `[rows, d_in]`, the op's forward arithmetic: GEGLU with the bias as
+/// one operation where [`geglu_bias`] takes it (CUDA with the one-op linear layers), else
+/// burn's ops.
 fn projected<X: Backend>(x: Tensor<X, 2>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> Tensor<X, 2> {
-    let (hidden, gate) = project_halves(x, w, b);
-    hidden * gelu(gate)
+    match geglu_bias(matmul(x, w), b) {
+        Ok(out) => out,
+        Err((h, b)) => {
+            let (hidden, gate) = bias_halves(h, b);
+            hidden * gelu(gate)
+        }
+    }
 }
 
 fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1>)) -> Option<Tensor<B, 2>> {
@@ -191,14 +198,15 @@ fn projected_for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &
     downcast(projected_op::<X, C>(downcast(x)?, downcast(w)?, downcast(b)?))
 }
 
-/// The halves `(hidden, gate)` of `x·W + b` for `x` `[rows, d_in]`, as `[rows, n]`, through [`matmul`] (cuBLAS on CUDA when on). Each half gets its
-/// half of the bias after the split, and the rows stay rows: on burn's fusion the slices
-/// are views that close no block after the additions, so the bias joins the GELU's kernel
-/// (or the gradient's) instead of writing the whole `[rows, 2n]` projection once more.
-fn project_halves<X: Backend>(x: Tensor<X, 2>, w: Tensor<X, 2>, b: Tensor<X, 1>) -> (Tensor<X, 2>, Tensor<X, 2>) {
-    let n = w.dims()[1] / 2;
+/// The halves `(hidden, gate)` of `h + b` for the projection `h = x·W` (`[rows, 2n]`), as
+/// `[rows, n]`. Each half gets its half of the bias after the split, and the rows stay
+/// rows: on burn's fusion the slices are views that close no block after the additions, so
+/// the bias joins the GELU's kernel (or the gradient's) instead of writing the whole
+/// `[rows, 2n]` projection once more.
+fn bias_halves<X: Backend>(h: Tensor<X, 2>, b: Tensor<X, 1>) -> (Tensor<X, 2>, Tensor<X, 2>) {
+    let n = h.dims()[1] / 2;
     let (b_hidden, b_gate) = (b.clone().narrow(0, 0, n).unsqueeze::<2>(), b.narrow(0, n, n).unsqueeze::<2>());
-    let (hidden, gate) = halves(matmul(x, w));
+    let (hidden, gate) = halves(h);
     (hidden + b_hidden, gate + b_gate)
 }
 
@@ -228,8 +236,15 @@ impl<X: Backend> Backward<X, 3> for ProjectedGegluBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = tensor::<X, 2>(grads.consume::<X>(&ops.node));
         let (x, w, b) = (tensor::<X, 2>(ops.state.0), tensor::<X, 2>(ops.state.1), tensor::<X, 1>(ops.state.2));
-        let (hidden, gate) = project_halves(x.clone(), w.clone(), b);
-        let dh = geglu_grad_halves(hidden, gate, grad_out);
+        // The projection recomputed (through `matmul`: cuBLAS on CUDA when on), then GEGLU's
+        // gradient with the bias in one operation where it applies.
+        let dh = match geglu_bias_backward(matmul(x.clone(), w.clone()), b, grad_out) {
+            Ok(dh) => dh,
+            Err((h, b, grad_out)) => {
+                let (hidden, gate) = bias_halves(h, b);
+                geglu_grad_halves(hidden, gate, grad_out)
+            }
+        };
         let [px, pw, pb] = ops.parents;
         if let Some(node) = pw {
             let dw = matmul_transposed(x.clone(), dh.clone(), true, false);

@@ -24,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::{flash_attention, flash_attention_backward, matmul, matmul_transposed, scaled_softmax, scaled_softmax_lse};
+use lora_core::kernels::{flash_attention, flash_attention_backward, flash_attention_backward_rows, flash_attention_rows, matmul, matmul_transposed, scaled_softmax, scaled_softmax_lse, AttentionRowsBackward};
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -74,13 +74,55 @@ pub fn multi_head_attention<B: Backend>(
 /// assert!(err < 1e-6);
 /// ```
 pub fn multi_head_attention_rows<B: Backend>(q: Tensor<B, 2>, k: Tensor<B, 2>, v: Tensor<B, 2>, batch: usize, heads: usize) -> Tensor<B, 2> {
-    let [rows_q, width] = q.dims();
-    let batch = batch.max(1);
-    let (seq_q, seq_k) = (rows_q / batch, k.dims()[0] / batch);
-    let head_dim = width / heads;
-    let split = |t: Tensor<B, 2>, seq: usize| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
-    let out = attend(split(q, seq_q), split(k, seq_k), split(v, seq_k), false);
-    out.swap_dims(1, 2).reshape([rows_q, width])
+    let layout = Layout::Rows { batch: batch.max(1), heads };
+    let args = (q, k, v);
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B, 2>(&args, layout)) {
+        return out;
+    }
+    let (q, k, v) = args;
+    rows_forward(q, k, v, layout, BACKWARD_BLOCK_ELEMENTS, false).0
+}
+
+/// How [`multi_head_attention_rows`] and [`scaled_dot_product_attention`] hand their tensors
+/// to the attention op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `[batch, heads, seq, d]` tensors.
+    Heads,
+    /// `[batch·seq, heads·d]` rows: the fused attention kernels view them as heads
+    /// themselves ([`flash_attention_rows`]); elsewhere the op splits the heads (a reshape
+    /// and a transposition per tensor) and merges them again. Either way autodiff sees one
+    /// op, not the split and merge and their gradients.
+    Rows { batch: usize, heads: usize },
+}
+
+/// `[batch·seq, heads·d]` rows as `[batch, heads, seq, d]` heads (a view).
+fn split_heads<X: Backend>(t: Tensor<X, 2>, batch: usize, heads: usize) -> Tensor<X, 4> {
+    let [rows, width] = t.dims();
+    t.reshape([batch, rows / batch, heads, width / heads]).swap_dims(1, 2)
+}
+
+/// `[batch, heads, seq, d]` heads as `[batch·seq, heads·d]` rows.
+fn merge_heads<X: Backend>(t: Tensor<X, 4>) -> Tensor<X, 2> {
+    let [b, h, s, d] = t.dims();
+    t.swap_dims(1, 2).reshape([b * s, h * d])
+}
+
+/// [`attention_forward`] on rows (see [`Layout::Rows`]): the fused kernels on the rows
+/// where they take the problem, else the heads split, attended and merged.
+fn rows_forward<X: Backend>(q: Tensor<X, 2>, k: Tensor<X, 2>, v: Tensor<X, 2>, layout: Layout, block_elements: usize, stats: bool) -> (Tensor<X, 2>, Stats<Tensor<X, 3>>) {
+    let Layout::Rows { batch, heads } = layout else {
+        unreachable!("rows_forward takes rows")
+    };
+    let scale = ((q.dims()[1] / heads.max(1)) as f64).powf(-0.5) as f32;
+    match flash_attention_rows(q, k, v, batch, heads, scale) {
+        Ok((out, lse)) => (out, Some((lse, true))),
+        Err([q, k, v]) => {
+            let split = |t| split_heads(t, batch, heads);
+            let (out, lse) = attention_forward(split(q), split(k), split(v), block_elements, stats);
+            (merge_heads(out), lse)
+        }
+    }
 }
 
 /// Attention of `[batch, heads, seq, d]` heads: causal through burn's `attention` op, else
@@ -122,7 +164,7 @@ fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, causal:
 /// ```
 pub fn scaled_dot_product_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
     let args = (q, k, v);
-    if let Some(out) = on_known_autodiff!(for_autodiff::<B>(&args)) {
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B, 4>(&args, Layout::Heads)) {
         return out;
     }
     let (q, k, v) = args;
@@ -192,13 +234,14 @@ fn concat<X: Backend>(mut parts: Vec<Tensor<X, 4>>, dim: usize) -> Tensor<X, 4> 
 }
 
 
-/// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (see [`crate::autodiff_ext`]).
-fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy>(args: &(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)) -> Option<Tensor<B, 4>> {
+/// Runs the memory-efficient op when `B` is `Autodiff<X, C>` (see [`crate::autodiff_ext`]),
+/// on `[b, h, s, d]` heads (`D` = 4, [`Layout::Heads`]) or rows (`D` = 2, [`Layout::Rows`]).
+fn for_autodiff<B: Backend, X: Backend, C: CheckpointStrategy, const D: usize>(args: &(Tensor<B, D>, Tensor<B, D>, Tensor<B, D>), layout: Layout) -> Option<Tensor<B, D>> {
     if !is_autodiff::<B, X, C>() {
         return None;
     }
     let (q, k, v) = args.clone();
-    let out = memory_efficient::<X, C>(downcast(q)?, downcast(k)?, downcast(v)?, BACKWARD_BLOCK_ELEMENTS);
+    let out = memory_efficient::<X, C, D>(downcast(q)?, downcast(k)?, downcast(v)?, layout, BACKWARD_BLOCK_ELEMENTS);
     downcast(out)
 }
 
@@ -211,18 +254,28 @@ fn plain_options() -> AttentionModuleOptions {
 }
 
 /// The autodiff op: forward with [`attention_forward`], backward in query blocks.
-fn memory_efficient<X: Backend, C: CheckpointStrategy>(
-    q: Tensor<Autodiff<X, C>, 4>,
-    k: Tensor<Autodiff<X, C>, 4>,
-    v: Tensor<Autodiff<X, C>, 4>,
+fn memory_efficient<X: Backend, C: CheckpointStrategy, const D: usize>(
+    q: Tensor<Autodiff<X, C>, D>,
+    k: Tensor<Autodiff<X, C>, D>,
+    v: Tensor<Autodiff<X, C>, D>,
+    layout: Layout,
     block_elements: usize,
-) -> Tensor<Autodiff<X, C>, 4> {
+) -> Tensor<Autodiff<X, C>, D> {
     let (q, k, v) = (q.into_primitive().tensor(), k.into_primitive().tensor(), v.into_primitive().tensor());
     let forward = |q: FloatTensor<X>, k: FloatTensor<X>, v: FloatTensor<X>, stats: bool| {
-        let (out, lse) = attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements, stats);
-        (out.into_primitive().tensor(), lse.map(|(lse, flash)| (lse.into_primitive().tensor(), flash)))
+        let (out, lse) = match layout {
+            Layout::Heads => {
+                let (out, lse) = attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements, stats);
+                (out.into_primitive().tensor(), lse)
+            }
+            Layout::Rows { .. } => {
+                let (out, lse) = rows_forward(tensor::<X, 2>(q), tensor(k), tensor(v), layout, block_elements, stats);
+                (out.into_primitive().tensor(), lse)
+            }
+        };
+        (out, lse.map(|(lse, flash)| (lse.into_primitive().tensor(), flash)))
     };
-    let op = BlockwiseAttentionBackward { block_elements };
+    let op = BlockwiseAttentionBackward { block_elements, layout };
     let out = match op.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             // The log-sum-exp lets the backward pass skip the softmax statistics.
@@ -238,6 +291,7 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy>(
 #[derive(Debug)]
 struct BlockwiseAttentionBackward {
     block_elements: usize,
+    layout: Layout,
 }
 
 impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
@@ -247,24 +301,51 @@ impl<X: Backend> Backward<X, 3> for BlockwiseAttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = grads.consume::<X>(&ops.node);
         let (q, k, v, out, lse) = ops.state;
-        let (q, k, v, out, grad_out) = (tensor::<X, 4>(q), tensor::<X, 4>(k), tensor::<X, 4>(v), tensor::<X, 4>(out), tensor::<X, 4>(grad_out));
-        let scale = (q.dims()[3] as f64).powf(-0.5) as f32;
         let lse = lse.map(|(lse, flash)| (tensor::<X, 3>(lse), flash));
-        let flash = match &lse {
-            Some((lse, true)) => flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), grad_out.clone(), lse.clone(), scale),
-            _ => None,
-        };
-        let (dq, dk, dv) = match flash {
-            Some(grads) => grads,
-            None => backward_in_blocks::<X>(q, k, v, out, grad_out, lse.map(|(lse, _)| lse), self.block_elements),
+        let [dq, dk, dv] = match self.layout {
+            Layout::Heads => heads_backward([q, k, v, out, grad_out].map(tensor::<X, 4>), lse, self.block_elements).map(|g| g.into_primitive().tensor()),
+            Layout::Rows { batch, heads } => rows_backward([q, k, v, out, grad_out].map(tensor::<X, 2>), lse, batch, heads, self.block_elements).map(|g| g.into_primitive().tensor()),
         };
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
-                grads.register::<X>(node.id, grad.into_primitive().tensor());
+                grads.register::<X>(node.id, grad);
             }
         }
     }
+}
+
+/// The backward pass of `[b, h, s, d]` heads `[q, k, v, out, grad_out]`: the fused kernels
+/// where the forward pass's [`Stats`] came from them and they take the problem, else
+/// [`backward_in_blocks`].
+fn heads_backward<X: Backend>([q, k, v, out, grad_out]: [Tensor<X, 4>; 5], lse: Stats<Tensor<X, 3>>, block_elements: usize) -> [Tensor<X, 4>; 3] {
+    let scale = (q.dims()[3] as f64).powf(-0.5) as f32;
+    let flash = match &lse {
+        Some((lse, true)) => flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), grad_out.clone(), lse.clone(), scale),
+        _ => None,
+    };
+    let (dq, dk, dv) = match flash {
+        Some(grads) => grads,
+        None => backward_in_blocks::<X>(q, k, v, out, grad_out, lse.map(|(lse, _)| lse), block_elements),
+    };
+    [dq, dk, dv]
+}
+
+/// [`heads_backward`] on `[b·s, h·d]` rows (see [`Layout::Rows`]): the fused kernels on the
+/// rows, else the heads split, differentiated and the gradients merged.
+fn rows_backward<X: Backend>([q, k, v, out, grad_out]: [Tensor<X, 2>; 5], lse: Stats<Tensor<X, 3>>, batch: usize, heads: usize, block_elements: usize) -> [Tensor<X, 2>; 3] {
+    let scale = ((q.dims()[1] / heads.max(1)) as f64).powf(-0.5) as f32;
+    let (inputs, lse) = match lse {
+        Some((lse, true)) => {
+            let inputs = AttentionRowsBackward { q, k, v, out, grad_out, lse };
+            match flash_attention_backward_rows(inputs, batch, heads, scale) {
+                Ok(grads) => return grads,
+                Err(AttentionRowsBackward { q, k, v, out, grad_out, lse }) => ([q, k, v, out, grad_out], Some((lse, true))),
+            }
+        }
+        lse => ([q, k, v, out, grad_out], lse),
+    };
+    heads_backward(inputs.map(|t| split_heads(t, batch, heads)), lse, block_elements).map(merge_heads)
 }
 
 /// Gradients of `o = softmax(q kᵀ / sqrt(d)) v` given `do`, for `[b, h, s, d]` tensors,
@@ -371,7 +452,7 @@ mod tests {
         let (q0, k0, v0, w) = (rand([2, 3, 37, 8]), rand([2, 3, 29, 8]), rand([2, 3, 29, 8]), rand([2, 3, 37, 8]));
         let leaf = |t: &Tensor<I, 4>| Tensor::<Autodiff<I, C>, 4>::from_inner(t.clone()).require_grad();
         let (q, k, v) = (leaf(&q0), leaf(&k0), leaf(&v0));
-        let ours = memory_efficient::<I, C>(q.clone(), k.clone(), v.clone(), block_elements);
+        let ours = memory_efficient::<I, C, 4>(q.clone(), k.clone(), v.clone(), Layout::Heads, block_elements);
         let grads = (ours.clone() * Tensor::from_inner(w.clone())).sum().backward();
         let (q2, k2, v2) = (leaf(&q0), leaf(&k0), leaf(&v0));
         let reference = attention(q2.clone(), k2.clone(), v2.clone(), None, None, plain_options());
@@ -479,16 +560,56 @@ mod tests {
         assert!(routed, "the blockwise forward gave no log-sum-exp");
     }
 
+    /// Attention on rows (the op splits and merges the heads itself) against the heads split
+    /// and merged around the op by the caller: output and gradients, on both autodiff
+    /// flavours, through the blockwise path too.
+    fn check_rows<C: CheckpointStrategy>(block_elements: usize) {
+        type I = Flex;
+        let device = Default::default();
+        let (batch, heads, d) = (2, 3, 8);
+        let rand = |rows: usize| Tensor::<I, 2>::random([rows, heads * d], Distribution::Normal(0.0, 1.0), &device);
+        let (q0, k0, v0, w) = (rand(batch * 37), rand(batch * 29), rand(batch * 29), rand(batch * 37));
+        let leaf = |t: &Tensor<I, 2>| Tensor::<Autodiff<I, C>, 2>::from_inner(t.clone()).require_grad();
+        let (q, k, v) = (leaf(&q0), leaf(&k0), leaf(&v0));
+        let ours = memory_efficient::<I, C, 2>(q.clone(), k.clone(), v.clone(), Layout::Rows { batch, heads }, block_elements);
+        assert_eq!(ours.dims(), [batch * 37, heads * d]);
+        let grads = (ours.clone() * Tensor::from_inner(w.clone())).sum().backward();
+        let (q2, k2, v2) = (leaf(&q0), leaf(&k0), leaf(&v0));
+        let split = |t: Tensor<Autodiff<I, C>, 2>| split_heads(t, batch, heads);
+        let reference = merge_heads(memory_efficient::<I, C, 4>(split(q2.clone()), split(k2.clone()), split(v2.clone()), Layout::Heads, block_elements));
+        let grads2 = (reference.clone() * Tensor::from_inner(w)).sum().backward();
+        let as4 = |t: Tensor<I, 2>| t.unsqueeze::<4>();
+        assert!(max_rel(as4(ours.inner()), as4(reference.inner())) < 1e-6);
+        for (a, b) in [(q.grad(&grads), q2.grad(&grads2)), (k.grad(&grads), k2.grad(&grads2)), (v.grad(&grads), v2.grad(&grads2))] {
+            let err = max_rel(as4(a.unwrap()), as4(b.unwrap()));
+            assert!(err < 1e-6, "gradient relative error {err}");
+        }
+    }
+
+    #[test]
+    fn attention_on_rows_matches_heads_split_by_the_caller() {
+        check_rows::<NoCheckpointing>(500);
+        check_rows::<BalancedCheckpointing>(500);
+        check_rows::<NoCheckpointing>(BACKWARD_BLOCK_ELEMENTS);
+        // Without autodiff, as the public function runs it.
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::random([2 * 5, 12], Distribution::Normal(0.0, 1.0), &device);
+        let rows = multi_head_attention_rows(x.clone(), x.clone(), x.clone(), 2, 3);
+        let split = |t: Tensor<Flex, 2>| split_heads(t, 2, 3);
+        let reference = merge_heads(scaled_dot_product_attention(split(x.clone()), split(x.clone()), split(x)));
+        assert!(max_rel(rows.unsqueeze::<4>(), reference.unsqueeze::<4>()) < 1e-6);
+    }
+
     #[test]
     fn dispatch_reaches_the_extension_on_autodiff_flex() {
         type B = Autodiff<Flex>;
         let device = Default::default();
         let t = Tensor::<B, 4>::random([1, 1, 4, 2], Distribution::Normal(0.0, 1.0), &device);
         let args = (t.clone(), t.clone(), t.clone());
-        assert!(for_autodiff::<B, Flex, NoCheckpointing>(&args).is_some());
-        assert!(for_autodiff::<B, Flex, BalancedCheckpointing>(&args).is_none());
+        assert!(for_autodiff::<B, Flex, NoCheckpointing, 4>(&args, Layout::Heads).is_some());
+        assert!(for_autodiff::<B, Flex, BalancedCheckpointing, 4>(&args, Layout::Heads).is_none());
         let plain = (t.clone().inner(), t.clone().inner(), t.inner());
-        assert!(for_autodiff::<Flex, Flex, NoCheckpointing>(&plain).is_none());
+        assert!(for_autodiff::<Flex, Flex, NoCheckpointing, 4>(&plain, Layout::Heads).is_none());
     }
 
     /// The flash-attention kernels through this module's autodiff op on `Autodiff<Wgpu>`
@@ -498,6 +619,7 @@ mod tests {
     fn vulkan_flash_path_matches_the_blockwise_path() {
         use burn::tensor::FloatDType;
         type W = Autodiff<burn::backend::Wgpu>;
+        let _switches = crate::KERNEL_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
         let device = Default::default();
         let input = |s: usize, mean: f64| Tensor::<W, 4>::random([2, 3, s, 40], Distribution::Normal(mean, 1.0), &device).cast(FloatDType::F16);
         let (q0, k0, v0) = (input(50, 0.1), input(77, -0.1), input(77, 0.0));
@@ -529,6 +651,39 @@ mod tests {
     /// `to_out` with its residual, the projections and feed-forward layers without an
     /// adapter), output and the gradients of an adapter on a self-attention query and of
     /// one on a cross-attention key.
+    /// [`multi_head_attention_rows`] through the autodiff op on rows: the flash kernels
+    /// viewing the rows as heads against the blockwise path (heads split inside the op).
+    #[cfg(feature = "vulkan-test")]
+    #[test]
+    fn vulkan_flash_path_on_rows_matches_the_blockwise_path() {
+        use burn::tensor::FloatDType;
+        type W = Autodiff<burn::backend::Wgpu>;
+        let _switches = crate::KERNEL_SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        let device = Default::default();
+        let input = |rows: usize, mean: f64| Tensor::<W, 2>::random([rows, 120], Distribution::Normal(mean, 1.0), &device).cast(FloatDType::F16);
+        let (q0, k0, v0) = (input(2 * 50, 0.1), input(2 * 77, -0.1), input(2 * 77, 0.0));
+        let weights = input(2 * 50, 0.0);
+        let run = |flash: bool| {
+            lora_core::kernels::set_flash_attention(flash);
+            let (q, k, v) = (q0.clone().require_grad(), k0.clone().require_grad(), v0.clone().require_grad());
+            let out = multi_head_attention_rows(q.clone(), k.clone(), v.clone(), 2, 3);
+            let grads = (out.clone() * weights.clone()).cast(FloatDType::F32).sum().backward();
+            lora_core::kernels::set_flash_attention(false);
+            let f32 = |t: Tensor<burn::backend::Wgpu, 2>| t.cast(FloatDType::F32);
+            [f32(out.inner()), f32(q.grad(&grads).unwrap()), f32(k.grad(&grads).unwrap()), f32(v.grad(&grads).unwrap())]
+        };
+        let before = lora_core::kernels::vendor_stats().flash_attention_calls;
+        let flash = run(true);
+        let plain = run(false);
+        for (what, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(flash.into_iter().zip(plain)) {
+            assert_eq!(a.dims(), b.dims(), "{what}");
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 5e-3 * peak, "{what}: error {err} of the peak {peak}");
+        }
+        assert_eq!(lora_core::kernels::vendor_stats().flash_attention_calls - before, 2, "forward and backward in the kernels");
+    }
+
     #[cfg(feature = "vulkan-test")]
     #[test]
     fn vulkan_fused_linear_layers_in_a_unet_training_step() {

@@ -136,6 +136,9 @@ pub struct VendorUse {
     pub fused_lora_linear: bool,
     /// LoRA linear layers' passes (forward or backward) that ran as one op.
     pub fused_lora_linear_calls: u64,
+    /// GEGLU passes (with the projection's bias) that ran as one op (with
+    /// `--fused-lora-linear`).
+    pub fused_geglu_calls: u64,
 }
 
 impl VendorUse {
@@ -169,6 +172,7 @@ impl VendorUse {
             fixed_matmul_calls: stats.fixed_matmul_calls,
             fused_lora_linear: lora_core::kernels::fused_lora_linear_enabled(),
             fused_lora_linear_calls: stats.fused_lora_linear_calls,
+            fused_geglu_calls: stats.fused_geglu_calls,
         }
     }
 }

@@ -32,9 +32,9 @@ pub(super) enum Kind {
 }
 
 impl ConvKernels for Cuda {
-    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: &ConvOptions<2>) -> FloatTensor<Self> {
+    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, options: &ConvOptions<2>) -> FloatTensor<Self> {
         if !cudnn_enabled() {
-            return burn_forward::<Self>(x, weight, options);
+            return burn_forward::<Self>(x, weight, bias, options);
         }
         let x_shape = dims(&x.shape);
         let [n, _, h, w] = x_shape;
@@ -43,7 +43,11 @@ impl ConvKernels for Cuda {
             (size + 2 * options.padding[axis] - options.dilation[axis] * (kernel - 1) - 1) / options.stride[axis] + 1
         };
         let out_shape = [n, k, out(h, kh, 0), out(w, kw, 1)];
-        register(Kind::Forward, vec![x, weight], x_shape, out_shape, options)
+        let inputs = match bias {
+            Some(bias) => vec![x, weight, bias],
+            None => vec![x, weight],
+        };
+        register(Kind::Forward, inputs, x_shape, out_shape, options)
     }
 
     fn backward_data(weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, x_shape: [usize; 4], options: &ConvOptions<2>) -> FloatTensor<Self> {
@@ -60,6 +64,15 @@ impl ConvKernels for Cuda {
         let (x_shape, w_shape) = (dims(&x.shape), dims(&weight.shape));
         register(Kind::BackwardFilter, vec![x, weight, grad_out], x_shape, w_shape, options)
     }
+}
+
+/// `y + bias` over `y`'s channels (burn-cubecl's addition, in place: `y` is cuDNN's fresh
+/// output), in `y`'s dtype as burn's convolution adds its bias.
+fn add_bias(y: CubeTensor<CudaRuntime>, bias: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    use burn::tensor::ops::FloatTensorOps;
+    let channels = bias.meta.shape().num_elements();
+    let bias = Inner::float_reshape(bias, Shape::new([1, channels, 1, 1]));
+    Inner::float_add(y, bias)
 }
 
 fn dims(shape: &Shape) -> [usize; 4] {
@@ -97,10 +110,15 @@ impl Operation<Runtime> for CudnnConv {
         let inputs: Vec<CubeTensor<CudaRuntime>> = self.desc.inputs.iter().map(|ir| handles.get_float_tensor::<Inner>(ir)).collect();
         let out = &self.desc.outputs[0];
         let out_shape = dims(&out.shape);
-        let y = match cudnn::run(self.kind, &inputs, self.x_shape, out_shape, &self.options) {
+        // A forward pass's third input is its bias, which cuDNN's convolution does not take.
+        let convolved = if self.kind == Kind::Forward { &inputs[..2] } else { &inputs[..] };
+        let y = match cudnn::run(self.kind, convolved, self.x_shape, out_shape, &self.options) {
             Ok(y) => {
                 record_cudnn_call();
-                y
+                match inputs.get(2) {
+                    Some(bias) if self.kind == Kind::Forward => add_bias(y, bias.clone()),
+                    _ => y,
+                }
             }
             Err(reason) => {
                 record_fallback(reason);
@@ -119,7 +137,7 @@ impl CudnnConv {
         match self.kind {
             Kind::Forward => {
                 let (x, w) = (next(), next());
-                burn_forward::<Inner>(x, w, &self.options)
+                burn_forward::<Inner>(x, w, inputs.next(), &self.options)
             }
             Kind::BackwardData => {
                 let (w, dy) = (next(), next());

@@ -44,7 +44,7 @@ use cubecl_runtime::logging::ServerLogger;
 use cubecl_runtime::memory_management::{ManagedMemoryHandle, MemoryAllocationMode, MemoryUsage};
 use cubecl_runtime::storage::{ComputeStorage, ManagedResource, StorageHandle, StorageId};
 
-use super::{concat, flash, group_norm, lora_linear, ordering, softmax, GroupNormSpec};
+use super::{concat, flash, geglu, group_norm, lora_linear, ordering, softmax, GroupNormSpec};
 
 /// Compute capability of the devices we target (H100, H200).
 const ARCH: u32 = 90;
@@ -391,6 +391,17 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
         }
     }
 
+    // GEGLU with its bias, both passes (SD1.5's level-0 feed-forward at 512 px: 4096-token
+    // rows of 2 × 1280; an odd half width for the scalar path).
+    for (t, p) in [(f32_, f32_), (bf16, bf16), (f16, f16)] {
+        for (rows, n) in [(4096, 1280), (77, 7)] {
+            let (h, dh) = (buffer(rows * 2 * n * t.size()), buffer(rows * 2 * n * t.size()));
+            let (out, dy, bias) = (buffer(rows * n * t.size()), buffer(rows * n * t.size()), buffer(2 * n * p.size()));
+            geglu::launch_kernel(client, geglu::Pass::Forward, &h, &bias, None, &out, [rows, n], [t, p])?;
+            geglu::launch_kernel(client, geglu::Pass::Backward, &h, &bias, Some(&dy), &dh, [rows, n], [t, p])?;
+        }
+    }
+
     // The stream-ordering kernels.
     let words = buffer(4 * ordering::WORDS);
     // SAFETY: never executed; the buffer holds `WORDS` words.
@@ -487,7 +498,7 @@ fn kernels_translate_to_cuda_for_sm90() {
     }
     eprintln!("{} kernel launches, {} distinct sources, NVRTC {}", translated.len(), seen.len(), if toolkit.is_some() { "on" } else { "off" });
     // Every launcher above queued at least one kernel of each family.
-    for family in ["flash_rows", "flash_keys", "flash_delta", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "lora_epilogue", "sum_partials", "signal", "wait"] {
+    for family in ["flash_rows", "flash_keys", "flash_delta", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "lora_epilogue", "sum_partials", "geglu_forward", "geglu_backward", "signal", "wait"] {
         assert!(translated.iter().any(|k| k.name.starts_with(family)), "no {family} kernel was launched");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

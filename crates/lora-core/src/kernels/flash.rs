@@ -52,6 +52,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::prelude::*;
+use cubecl::zspace::metadata::Metadata;
 
 use crate::precision::cast_to;
 
@@ -1401,19 +1402,82 @@ pub(super) struct Route {
 }
 type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
 
+/// How the op's tensors are laid out: `q`, `k`, `v` (and the backward pass's `dO`, `O`
+/// and gradients) as `[b, h, s, d]` heads, or as `[b·s, h·d]` rows of `batch` sequences
+/// of `heads` heads each, which the op views as heads without a copy. In rows the caller's
+/// head split and merge (a reshape and a transposition per tensor, each an operation of
+/// burn's fusion stream, and their gradients) are not needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Heads {
+    /// `[b, h, s, d]` tensors.
+    Split,
+    /// `[b·s, h·d]` rows.
+    Rows {
+        /// Sequences (`b`).
+        batch: usize,
+        /// Heads (`h`).
+        heads: usize,
+    },
+}
+
+impl Heads {
+    /// The log-sum-exp's shape `[b, h, s_q]` for a `q` of `shape`.
+    fn lse_shape(self, shape: &Shape) -> Shape {
+        let dims = shape.to_vec();
+        match self {
+            Heads::Split => Shape::new([dims[0], dims[1], dims[2]]),
+            Heads::Rows { batch, heads } => Shape::new([batch, heads, dims[0] / batch]),
+        }
+    }
+
+    /// `x` as `[b, h, s, d]` heads: itself, or its rows viewed as heads (no copy unless
+    /// the rows' elements are not adjacent, see [`rowwise`]).
+    pub(super) fn view<R: CubeRuntime>(self, x: CubeTensor<R>) -> CubeTensor<R> {
+        let Heads::Rows { batch, heads } = self else {
+            return x;
+        };
+        let x = rowwise(x);
+        let ([rows, width], row_stride) = ([x.meta.shape()[0], x.meta.shape()[1]], x.meta.strides()[0]);
+        let (seq, d) = (rows / batch, width / heads);
+        let meta = Metadata::new([batch, heads, seq, d], [seq * row_stride, d, row_stride, 1]);
+        CubeTensor::new(x.client, x.handle, meta, x.device, x.dtype)
+    }
+
+    /// A `[b, h, s, d]` result in the op's layout: itself, or back in `[b·s, h·d]` rows,
+    /// without a copy when it is laid out as a head view of dense rows (as the kernels'
+    /// outputs are for such inputs, see [`output_like`]), else copied into rows.
+    pub(super) fn unview<R: CubeRuntime>(self, x: CubeTensor<R>) -> CubeTensor<R> {
+        if self == Heads::Split {
+            return x;
+        }
+        let (shape, strides) = (x.meta.shape().to_vec(), x.meta.strides().to_vec());
+        let [b, h, s, d] = [shape[0], shape[1], shape[2], shape[3]];
+        let rows = Shape::new([b * s, h * d]);
+        // Each dimension of more than one element must step as in `[b, s, h, d]` rows.
+        let dense = [(b, s * h * d), (h, d), (s, h * d), (d, 1)].iter().zip(&strides).all(|(&(n, want), &got)| n == 1 || got == want);
+        if dense {
+            return CubeTensor::new(x.client, x.handle, Metadata::new(rows, [h * d, 1]), x.device, x.dtype);
+        }
+        // `[b, s, h, d]` as a view of `x`, copied densely: those are the rows.
+        let swapped = Metadata::new([b, s, h, d], [strides[0], strides[2], strides[1], strides[3]]);
+        let copy = into_contiguous(CubeTensor::new(x.client, x.handle, swapped, x.device, x.dtype));
+        CubeTensor::new(copy.client, copy.handle, Metadata::new(rows, [h * d, 1]), copy.device, copy.dtype)
+    }
+}
+
 /// Queues the forward pass on the fusion stream of a CubeCL backend
 /// (`Fusion<CubeBackend<R, f32, i32, BT>>`): `(out, lse)` for `[b, h, s, d]` inputs.
-pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: Fused<R>, v: Fused<R>, scale: f32, route: Route) -> (Fused<R>, Fused<R>) {
+pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: Fused<R>, v: Fused<R>, scale: f32, route: Route, heads: Heads) -> (Fused<R>, Fused<R>) {
     let client = q.client.clone();
     let streams = OperationStreams::with_inputs([&q, &k, &v]);
-    let dims = q.shape.to_vec();
     let out = TensorIr::uninit(client.create_empty_handle(), q.shape.clone(), q.dtype);
-    let lse = TensorIr::uninit(client.create_empty_handle(), Shape::new([dims[0], dims[1], dims[2]]), DType::F32);
+    let lse = TensorIr::uninit(client.create_empty_handle(), heads.lse_shape(&q.shape), DType::F32);
     let desc = CustomOpIr::new("sd_lora_flash_attention", &[q.into_ir(), k.into_ir(), v.into_ir()], &[out, lse]);
     let op = FlashForward::<R, BT> {
         desc: desc.clone(),
         scale,
         route,
+        heads,
         _backend: PhantomData,
     };
     let [out, lse] = client.register(streams, OperationIr::Custom(desc), op).outputs();
@@ -1422,7 +1486,7 @@ pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(q: Fused<R>, k: 
 
 /// Queues the backward pass: `(dq, dk, dv)` in the inputs' dtype, from the inputs, the
 /// output gradient `dout`, the forward output `out` and its log-sum-exp `lse`.
-pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout, out]: [Fused<R>; 5], lse: Fused<R>, scale: f32, route: Route) -> (Fused<R>, Fused<R>, Fused<R>) {
+pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout, out]: [Fused<R>; 5], lse: Fused<R>, scale: f32, route: Route, heads: Heads) -> (Fused<R>, Fused<R>, Fused<R>) {
     let client = q.client.clone();
     let streams = OperationStreams::with_inputs([&q, &k, &v, &dout, &out, &lse]);
     let grad = |t: &Fused<R>| TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype);
@@ -1433,6 +1497,7 @@ pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>([q, k, v, dout,
         desc: desc.clone(),
         scale,
         route,
+        heads,
         _backend: PhantomData,
     };
     let [dq, dk, dv] = client.register(streams, OperationIr::Custom(desc), op).outputs();
@@ -1444,6 +1509,7 @@ struct FlashForward<R, BT> {
     desc: CustomOpIr,
     scale: f32,
     route: Route,
+    heads: Heads,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
@@ -1452,18 +1518,19 @@ struct FlashBackward<R, BT> {
     desc: CustomOpIr,
     scale: f32,
     route: Route,
+    heads: Heads,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
 impl<R, BT> std::fmt::Debug for FlashForward<R, BT> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlashForward").field("desc", &self.desc).field("scale", &self.scale).field("route", &self.route).finish()
+        f.debug_struct("FlashForward").field("desc", &self.desc).field("scale", &self.scale).field("route", &self.route).field("heads", &self.heads).finish()
     }
 }
 
 impl<R, BT> std::fmt::Debug for FlashBackward<R, BT> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlashBackward").field("desc", &self.desc).field("scale", &self.scale).field("route", &self.route).finish()
+        f.debug_struct("FlashBackward").field("desc", &self.desc).field("scale", &self.scale).field("route", &self.route).field("heads", &self.heads).finish()
     }
 }
 
@@ -1558,7 +1625,8 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
         let ([q, k, v], [out, lse]) = self.desc.as_fixed();
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
-        let (tq, tk, tv) = (get(handles, q), get(handles, k), get(handles, v));
+        let view = |t| self.heads.view(t);
+        let (tq, tk, tv) = (view(get(handles, q)), view(get(handles, k)), view(get(handles, v)));
         let ours = || self.kernel(tq.clone(), tk.clone(), tv.clone());
         let (o, l) = match on_route(self.route, || cudnn_forward(&tq, &tk, &tv, self.scale), ours) {
             Some(result) => result,
@@ -1568,7 +1636,7 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashF
                 (o.into_primitive().tensor(), l.into_primitive().tensor())
             }
         };
-        handles.register_float_tensor::<Inner<R, BT>>(&out.id, o);
+        handles.register_float_tensor::<Inner<R, BT>>(&out.id, self.heads.unview(o));
         handles.register_float_tensor::<Inner<R, BT>>(&lse.id, l);
     }
 }
@@ -1595,7 +1663,7 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
         let ([q, k, v, dout, out, lse], [dq, dk, dv]) = self.desc.as_fixed();
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
-        let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout), get(handles, out)];
+        let inputs = [get(handles, q), get(handles, k), get(handles, v), get(handles, dout), get(handles, out)].map(|t| self.heads.view(t));
         let lse = get(handles, lse);
         let ours = || self.kernel(inputs.clone(), lse.clone());
         let grads = match on_route(self.route, || cudnn_backward(&inputs, &lse, self.scale), ours) {
@@ -1608,9 +1676,9 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FlashB
                 (a.into_primitive().tensor(), b.into_primitive().tensor(), c.into_primitive().tensor())
             }
         };
-        handles.register_float_tensor::<Inner<R, BT>>(&dq.id, grads.0);
-        handles.register_float_tensor::<Inner<R, BT>>(&dk.id, grads.1);
-        handles.register_float_tensor::<Inner<R, BT>>(&dv.id, grads.2);
+        handles.register_float_tensor::<Inner<R, BT>>(&dq.id, self.heads.unview(grads.0));
+        handles.register_float_tensor::<Inner<R, BT>>(&dk.id, self.heads.unview(grads.1));
+        handles.register_float_tensor::<Inner<R, BT>>(&dv.id, self.heads.unview(grads.2));
     }
 }
 
@@ -1962,6 +2030,74 @@ mod tests {
         let after = super::super::vendor_stats();
         assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
         assert_eq!(after.flash_attention_calls - before.flash_attention_calls, 2);
+    }
+
+    /// The ops on rows (`flash_attention_rows`, `flash_attention_backward_rows`) against the
+    /// same ops on the head-split views of those rows: dense rows (outputs written in rows
+    /// with no copy), and rows of a wider tensor (as `q` of a fused projection would be:
+    /// the row stride is not the width, so the outputs are copied into rows).
+    #[test]
+    fn vulkan_flash_fusion_ops_on_rows_match_head_split_ops() {
+        use super::super::{flash_attention_backward_rows, flash_attention_rows, AttentionRowsBackward};
+        use burn::tensor::{Distribution, Tensor};
+        type W = burn::backend::Wgpu;
+        let device = Default::default();
+        let (batch, heads, d) = (2, 3, 20);
+        let rows = |s: usize, seed: f64, wide: bool| {
+            let width = if wide { heads * d + 8 } else { heads * d };
+            let t = Tensor::<W, 2>::random([batch * s, width], Distribution::Normal(seed, 1.0), &device).cast(FloatDType::F16);
+            if wide { t.narrow(1, 4, heads * d) } else { t }
+        };
+        let split = |t: Tensor<W, 2>| {
+            let s = t.dims()[0] / batch;
+            t.reshape([batch, s, heads, d]).swap_dims(1, 2)
+        };
+        let merge = |t: Tensor<W, 4>| {
+            let [b, h, s, d] = t.dims();
+            t.swap_dims(1, 2).reshape([b * s, h * d])
+        };
+        let close = |what: &str, a: Tensor<W, 2>, b: Tensor<W, 2>| {
+            let (a, b) = (a.cast(FloatDType::F32), b.cast(FloatDType::F32));
+            let peak: f32 = b.clone().abs().max().into_scalar();
+            let err: f32 = (a - b).abs().max().into_scalar();
+            assert!(err <= 1e-3 * peak, "{what}: error {err} of the peak {peak}");
+        };
+        let scale = (d as f32).powf(-0.5);
+        for wide in [false, true] {
+            let (q, k, v, g) = (rows(37, 0.1, wide), rows(45, -0.1, wide), rows(45, 0.0, false), rows(37, 0.2, false));
+            super::super::set_flash_attention(true);
+            let before = super::super::vendor_stats();
+            let (out, lse) = flash_attention_rows(q.clone(), k.clone(), v.clone(), batch, heads, scale).expect("flash forward on rows");
+            assert_eq!(out.dims(), [batch * 37, heads * d]);
+            let inputs = AttentionRowsBackward { q: q.clone(), k: k.clone(), v: v.clone(), out: out.clone(), grad_out: g.clone(), lse: lse.clone() };
+            let [dq, dk, dv] = flash_attention_backward_rows(inputs, batch, heads, scale).expect("flash backward on rows");
+            let (out_ref, lse_ref) = super::super::flash_attention(split(q.clone()), split(k.clone()), split(v.clone()), scale).expect("flash forward");
+            let (dq_ref, dk_ref, dv_ref) = super::super::flash_attention_backward(split(q), split(k), split(v), out_ref.clone(), split(g), lse_ref.clone(), scale).expect("flash backward");
+            super::super::set_flash_attention(false);
+            close("out", out, merge(out_ref));
+            let lse_err: f32 = (lse - lse_ref).abs().max().into_scalar();
+            assert!(lse_err < 1e-4, "lse error {lse_err}");
+            close("dq", dq, merge(dq_ref));
+            close("dk", dk, merge(dk_ref));
+            close("dv", dv, merge(dv_ref));
+            // burn-fusion runs the ops when their results are read: count after the reads.
+            let after = super::super::vendor_stats();
+            assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+            assert_eq!(after.flash_attention_calls - before.flash_attention_calls, 4);
+        }
+    }
+
+    /// Rows that do not split into the given sequences and heads come back untouched.
+    #[test]
+    fn vulkan_flash_rows_refuse_rows_that_do_not_split() {
+        use super::super::flash_attention_rows;
+        use burn::tensor::Tensor;
+        type W = burn::backend::Wgpu;
+        let x = Tensor::<W, 2>::zeros([15, 60], &Default::default()).cast(FloatDType::F16);
+        super::super::set_flash_attention(true);
+        let refused = [(2, 3), (3, 7), (0, 3)].map(|(batch, heads)| flash_attention_rows(x.clone(), x.clone(), x.clone(), batch, heads, 0.2).is_err());
+        super::super::set_flash_attention(false);
+        assert_eq!(refused, [true, true, true]);
     }
 
     #[test]

@@ -53,7 +53,7 @@ type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
 type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
 
 /// Threads per cube of both kernels.
-const THREADS: u32 = 256;
+pub(super) const THREADS: u32 = 256;
 
 /// Cubes per launch at most; each thread strides over the rest.
 const MAX_CUBES: usize = 65_535;
@@ -114,7 +114,7 @@ fn sum_partials<T: Float, O: Float>(partials: &Array<T>, out: &mut Array<O>, chu
 }
 
 /// Cubes for `len` elements (or vectors), one per thread up to [`MAX_CUBES`].
-fn cubes(len: usize) -> CubeCount {
+pub(super) fn cubes(len: usize) -> CubeCount {
     CubeCount::Static(len.div_ceil(THREADS as usize).clamp(1, MAX_CUBES) as u32, 1, 1)
 }
 
@@ -123,7 +123,7 @@ fn cubes(len: usize) -> CubeCount {
 /// # Safety
 ///
 /// `handle` must hold `len` elements of the kernel's element type for that argument.
-unsafe fn arg<R: Runtime>(handle: &cubecl::server::Handle, len: usize) -> ArrayArg<R> {
+pub(super) unsafe fn arg<R: Runtime>(handle: &cubecl::server::Handle, len: usize) -> ArrayArg<R> {
     // SAFETY: the caller's contract.
     unsafe { ArrayArg::from_raw_parts(handle.clone(), len) }
 }

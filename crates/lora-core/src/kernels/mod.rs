@@ -87,6 +87,8 @@ mod lora_linear {
 }
 pub(crate) use lora_linear::LoraLinearInputs;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod geglu;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod split;
 mod settings;
 pub use settings::KernelSettings;
@@ -123,6 +125,7 @@ static FIXED_MATMUL: AtomicBool = AtomicBool::new(false);
 static FIXED_MATMUL_CALLS: AtomicU64 = AtomicU64::new(0);
 static FUSED_LORA_LINEAR: AtomicBool = AtomicBool::new(false);
 static FUSED_LORA_LINEAR_CALLS: AtomicU64 = AtomicU64::new(0);
+static FUSED_GEGLU_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Largest head dimension given to the flash-attention kernels: their tiles for 160 fit in
 /// 48 KiB of shared memory with 16-wide `cmma` tiles (see `flash::plan`).
 const FLASH_MAX_HEAD_DIM: usize = 160;
@@ -272,6 +275,9 @@ pub struct VendorStats {
     /// LoRA linear layers' forward and backward passes that ran as one op each
     /// ([`set_fused_lora_linear`]).
     pub fused_lora_linear_calls: u64,
+    /// GEGLU passes (with the projection's bias) that ran as one op each
+    /// ([`geglu_bias`], [`geglu_bias_backward`]).
+    pub fused_geglu_calls: u64,
 }
 
 /// What the vendor-library routing has done so far (see [`VendorStats`]).
@@ -302,6 +308,7 @@ pub fn vendor_stats() -> VendorStats {
         fixed_matmul_calls: FIXED_MATMUL_CALLS.load(Ordering::Relaxed),
         cudnn_attention_calls: CUDNN_ATTENTION_CALLS.load(Ordering::Relaxed),
         fused_lora_linear_calls: FUSED_LORA_LINEAR_CALLS.load(Ordering::Relaxed),
+        fused_geglu_calls: FUSED_GEGLU_CALLS.load(Ordering::Relaxed),
     }
 }
 
@@ -462,20 +469,34 @@ pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
         _ => return conv.forward(x),
     };
     let dtype = x.dtype();
-    let args = (x, weight);
-    // Elsewhere the same arithmetic as the custom op (bias added after the convolution), so
-    // that a pass without autodiff gives the very values a pass with it does: gradient
-    // checkpointing recomputes blocks from checkpoints taken without autodiff.
-    let y = dispatch(&args, &options).unwrap_or_else(|| {
-        let (x, weight) = args;
-        burn::tensor::module::conv2d(x, weight, None, options)
-    });
-    match &conv.bias {
-        Some(bias) => {
-            let c = bias.dims()[0];
-            y + cast_to(bias.val(), dtype).reshape([1, c, 1, 1])
+    // The bias in the activations' dtype goes into the convolution op (one operation, not
+    // a reshape and an addition after it); a trainable one is added after the op.
+    let bias = conv.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+    let args = ConvArgs { x, weight, bias };
+    // Elsewhere burn's convolution with the bias, the arithmetic of the op's default
+    // kernels, so that a pass without autodiff gives the values a pass with it does:
+    // gradient checkpointing recomputes blocks from checkpoints taken without autodiff.
+    dispatch(args, &options).unwrap_or_else(|ConvArgs { x, weight, bias }| burn::tensor::module::conv2d(x, weight, bias, options))
+}
+
+/// A convolution's operands: input, weight, optional bias (in the input's dtype).
+struct ConvArgs<B: Backend> {
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> ConvArgs<B> {
+    /// The operands as tensors of `X`, which `B` must be. Moved, not cloned: an input the
+    /// op reads last is released by it, where a clone would leave a release operation of
+    /// its own on a fusion backend's stream (the input of every frozen convolution).
+    fn into_backend<X: Backend>(self) -> ConvArgs<X> {
+        let checked = "the backend was checked";
+        ConvArgs {
+            x: downcast(self.x).expect(checked),
+            weight: downcast(self.weight).expect(checked),
+            bias: self.bias.map(|b| downcast(b).expect(checked)),
         }
-        None => y,
     }
 }
 
@@ -491,17 +512,33 @@ fn symmetric_options<B: Backend>(conv: &Conv2d<B>) -> Option<ConvOptions<2>> {
     Some(ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups))
 }
 
-/// The custom op for the backends it is registered on; `None` elsewhere.
-fn dispatch<B: Backend>(args: &(Tensor<B, 4>, Tensor<B, 4>), options: &ConvOptions<2>) -> Option<Tensor<B, 4>> {
+/// The custom op for the backends it is registered on; the operands back elsewhere.
+fn dispatch<B: Backend>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Result<Tensor<B, 4>, ConvArgs<B>> {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-    let found = for_autodiff::<B, burn::backend::Flex, NoCheckpointing>(args, options)
-        .or_else(|| for_autodiff::<B, burn::backend::Flex, BalancedCheckpointing>(args, options));
+    let is = |id: TypeId| TypeId::of::<B>() == id;
+    macro_rules! on_autodiff {
+        ($x:ty) => {
+            if is(TypeId::of::<Autodiff<$x, NoCheckpointing>>()) {
+                return Ok(for_autodiff::<B, $x, NoCheckpointing>(args, options));
+            }
+            if is(TypeId::of::<Autodiff<$x, BalancedCheckpointing>>()) {
+                return Ok(for_autodiff::<B, $x, BalancedCheckpointing>(args, options));
+            }
+        };
+    }
+    on_autodiff!(burn::backend::Flex);
     #[cfg(feature = "cuda")]
-    let found = found
-        .or_else(|| for_autodiff::<B, burn::backend::Cuda, NoCheckpointing>(args, options))
-        .or_else(|| for_autodiff::<B, burn::backend::Cuda, BalancedCheckpointing>(args, options))
-        .or_else(|| for_inference::<B, burn::backend::Cuda>(args, options));
-    found
+    {
+        on_autodiff!(burn::backend::Cuda);
+        if is(TypeId::of::<burn::backend::Cuda>()) && cudnn_enabled() {
+            return Ok(for_inference::<B, burn::backend::Cuda>(args, options));
+        }
+    }
+    // On wgpu for the `wgpu-test` feature (burn's kernels), so that the op's graph (and its
+    // count of fusion-stream operations) can be studied without a GPU.
+    #[cfg(feature = "wgpu-test")]
+    on_autodiff!(burn::backend::Wgpu);
+    Err(args)
 }
 
 /// `value` as a `U` when it is one: moves a tensor into the concrete backend type `B` was
@@ -527,35 +564,37 @@ pub(crate) fn on_flex<B: Backend>() -> bool {
     id == TypeId::of::<Flex>() || id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() || id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>()
 }
 
-fn for_autodiff<B: Backend, X: ConvKernels, C: CheckpointStrategy>(
-    args: &(Tensor<B, 4>, Tensor<B, 4>),
-    options: &ConvOptions<2>,
-) -> Option<Tensor<B, 4>> {
-    if TypeId::of::<B>() != TypeId::of::<Autodiff<X, C>>() {
-        return None;
+/// The op on `Autodiff<X, C>`, which `B` must be.
+fn for_autodiff<B: Backend, X: ConvKernels, C: CheckpointStrategy>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Tensor<B, 4> {
+    let ConvArgs { x, weight, bias } = args.into_backend::<Autodiff<X, C>>();
+    // A trainable bias is added after the op (burn differentiates the addition).
+    let (frozen, trained) = match bias {
+        Some(b) if !b.clone().into_primitive().tensor().node.requirement.is_none() => (None, Some(b)),
+        b => (b.map(|b| b.inner().into_primitive().tensor()), None),
+    };
+    let mut out = autodiff_op::<X, C>(x, weight, frozen, options.clone());
+    if let Some(b) = trained {
+        let c = b.dims()[0];
+        out = out + b.reshape([1, c, 1, 1]);
     }
-    let (x, weight) = args.clone();
-    let out = autodiff_op::<X, C>(downcast(x)?, downcast(weight)?, options.clone());
-    downcast(out)
+    downcast(out).expect("the backend was checked")
 }
 
+/// The op without autodiff on `X`, which `B` must be.
 #[cfg(feature = "cuda")]
-fn for_inference<B: Backend, X: ConvKernels>(args: &(Tensor<B, 4>, Tensor<B, 4>), options: &ConvOptions<2>) -> Option<Tensor<B, 4>> {
-    if TypeId::of::<B>() != TypeId::of::<X>() || !cudnn_enabled() {
-        return None;
-    }
-    let (x, weight) = args.clone();
-    let (x, weight): (Tensor<X, 4>, Tensor<X, 4>) = (downcast(x)?, downcast(weight)?);
-    let y = X::forward(x.into_primitive().tensor(), weight.into_primitive().tensor(), options);
-    downcast(tensor::<X, 4>(y))
+fn for_inference<B: Backend, X: ConvKernels>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Tensor<B, 4> {
+    let ConvArgs { x, weight, bias } = args.into_backend::<X>();
+    let y = X::forward(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.map(|b| b.into_primitive().tensor()), options);
+    downcast(tensor::<X, 4>(y)).expect("the backend was checked")
 }
 
 /// The three convolutions of a conv layer's forward and backward pass, per backend.
 /// The defaults are burn's own ops; CUDA overrides them with cuDNN.
 trait ConvKernels: Backend {
-    /// `y = conv(x, w)`, no bias.
-    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, options: &ConvOptions<2>) -> FloatTensor<Self> {
-        burn_forward::<Self>(x, weight, options)
+    /// `y = conv(x, w) + bias` (the bias in `x`'s dtype, a frozen one: the backward pass
+    /// gives it no gradient).
+    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, options: &ConvOptions<2>) -> FloatTensor<Self> {
+        burn_forward::<Self>(x, weight, bias, options)
     }
 
     /// `dL/dx` from `dL/dy` and the weight alone.
@@ -569,8 +608,8 @@ trait ConvKernels: Backend {
     }
 }
 
-fn burn_forward<X: Backend>(x: FloatTensor<X>, weight: FloatTensor<X>, options: &ConvOptions<2>) -> FloatTensor<X> {
-    X::conv2d(x, weight, None, options.clone())
+fn burn_forward<X: Backend>(x: FloatTensor<X>, weight: FloatTensor<X>, bias: Option<FloatTensor<X>>, options: &ConvOptions<2>) -> FloatTensor<X> {
+    X::conv2d(x, weight, bias, options.clone())
 }
 
 /// A transposed convolution whose output padding restores the rows a strided forward pass
@@ -592,6 +631,9 @@ fn burn_backward_filter<X: Backend>(x: FloatTensor<X>, weight: FloatTensor<X>, g
 
 impl ConvKernels for burn::backend::Flex {}
 
+#[cfg(feature = "wgpu-test")]
+impl ConvKernels for burn::backend::Wgpu {}
+
 /// Input rows (or columns) past the last window of a strided convolution.
 fn padding_out(kernel: usize, stride: usize, padding: usize, dilation: usize, size_in: usize, size_out: usize) -> usize {
     if stride <= 1 {
@@ -601,9 +643,12 @@ fn padding_out(kernel: usize, stride: usize, padding: usize, dilation: usize, si
     (size_in + 2 * padding).saturating_sub(covered)
 }
 
+/// The convolution as one autodiff op; `bias` (an untracked inner tensor) joins the forward
+/// pass and has no gradient.
 fn autodiff_op<X: ConvKernels, C: CheckpointStrategy>(
     x: Tensor<Autodiff<X, C>, 4>,
     weight: Tensor<Autodiff<X, C>, 4>,
+    bias: Option<FloatTensor<X>>,
     options: ConvOptions<2>,
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (x, weight) = (x.into_primitive().tensor(), weight.into_primitive().tensor());
@@ -612,17 +657,17 @@ fn autodiff_op<X: ConvKernels, C: CheckpointStrategy>(
     let op = ConvBackward { options: options.clone(), x_shape };
     let out = match op.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let y = X::forward(x.primitive.clone(), weight.primitive.clone(), &options);
+            let y = X::forward(x.primitive.clone(), weight.primitive.clone(), bias, &options);
             // The input is kept only for the weight gradient: a frozen weight frees it.
             let kept_x = weight_tracked.then_some(x.primitive);
             prep.finish((kept_x, weight.primitive), y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(X::forward(x.primitive, weight.primitive, &options)),
+        OpsKind::UnTracked(prep) => prep.finish(X::forward(x.primitive, weight.primitive, bias, &options)),
     };
     tensor(out)
 }
 
-/// Backward of a bias-free convolution.
+/// Backward of a convolution (its bias, if any, frozen).
 #[derive(Debug)]
 struct ConvBackward {
     options: ConvOptions<2>,
@@ -914,6 +959,96 @@ fn record_fused_lora_linear() {
     FUSED_LORA_LINEAR_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn record_fused_geglu() {
+    FUSED_GEGLU_CALLS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// `(h₁ + b₁) · gelu(h₂ + b₂)` over the halves of `h` (`[rows, 2n]`, a feed-forward
+/// projection before its bias) and `bias` (`[2n]`): GEGLU, as one operation of the fusion
+/// stream computing in f32 (see [`set_fused_lora_linear`], which turns it on with the
+/// one-op linear layers), or the inputs back where it does not apply (the switch off,
+/// another backend, dtypes or shapes it does not take).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+///
+/// let device = Default::default();
+/// let h = Tensor::<Flex, 2>::zeros([3, 8], &device);
+/// let bias = Tensor::<Flex, 1>::zeros([8], &device);
+/// // No kernel on the CPU backend: the caller composes GEGLU from burn's ops.
+/// assert!(lora_core::kernels::geglu_bias(h, bias).is_err());
+/// ```
+#[allow(clippy::type_complexity)]
+pub fn geglu_bias<X: Backend>(h: Tensor<X, 2>, bias: Tensor<X, 1>) -> Result<Tensor<X, 2>, (Tensor<X, 2>, Tensor<X, 1>)> {
+    if !fused_lora_linear_enabled() || !geglu_takes(&h, &bias) {
+        return Err((h, bias));
+    }
+    #[cfg(feature = "cuda")]
+    if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
+        type R = burn_cubecl::cubecl::cuda::CudaRuntime;
+        let out = geglu::register_forward::<R, u8>(into_fused::<X, R, u8, 2>(h), into_fused::<X, R, u8, 1>(bias));
+        return Ok(from_fused::<X, R, u8, 2>(out).expect("the backend was checked"));
+    }
+    // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+    #[cfg(feature = "wgpu-test")]
+    if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
+        type R = burn_cubecl::cubecl::wgpu::WgpuRuntime;
+        let out = geglu::register_forward::<R, u32>(into_fused::<X, R, u32, 2>(h), into_fused::<X, R, u32, 1>(bias));
+        return Ok(from_fused::<X, R, u32, 2>(out).expect("the backend was checked"));
+    }
+    Err((h, bias))
+}
+
+/// The gradient of [`geglu_bias`]'s output with respect to `h` (`[rows, 2n]`, in `h`'s
+/// dtype) for the output gradient `grad_out` (`[rows, n]`), as one operation of the fusion
+/// stream; the inputs back where [`geglu_bias`] would not apply. The bias's gradient is the
+/// column sum of this one.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+///
+/// let device = Default::default();
+/// let (h, dy) = (Tensor::<Flex, 2>::zeros([3, 8], &device), Tensor::<Flex, 2>::zeros([3, 4], &device));
+/// let bias = Tensor::<Flex, 1>::zeros([8], &device);
+/// assert!(lora_core::kernels::geglu_bias_backward(h, bias, dy).is_err());
+/// ```
+#[allow(clippy::type_complexity)]
+pub fn geglu_bias_backward<X: Backend>(h: Tensor<X, 2>, bias: Tensor<X, 1>, grad_out: Tensor<X, 2>) -> Result<Tensor<X, 2>, (Tensor<X, 2>, Tensor<X, 1>, Tensor<X, 2>)> {
+    let [rows, width] = h.dims();
+    if !fused_lora_linear_enabled() || !geglu_takes(&h, &bias) || grad_out.dims() != [rows, width / 2] || grad_out.dtype() != h.dtype() {
+        return Err((h, bias, grad_out));
+    }
+    #[cfg(feature = "cuda")]
+    if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
+        type R = burn_cubecl::cubecl::cuda::CudaRuntime;
+        let dh = geglu::register_backward::<R, u8>(into_fused::<X, R, u8, 2>(h), into_fused::<X, R, u8, 1>(bias), into_fused::<X, R, u8, 2>(grad_out));
+        return Ok(from_fused::<X, R, u8, 2>(dh).expect("the backend was checked"));
+    }
+    #[cfg(feature = "wgpu-test")]
+    if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
+        type R = burn_cubecl::cubecl::wgpu::WgpuRuntime;
+        let dh = geglu::register_backward::<R, u32>(into_fused::<X, R, u32, 2>(h), into_fused::<X, R, u32, 1>(bias), into_fused::<X, R, u32, 2>(grad_out));
+        return Ok(from_fused::<X, R, u32, 2>(dh).expect("the backend was checked"));
+    }
+    Err((h, bias, grad_out))
+}
+
+/// Whether the GEGLU op takes `h` and `bias` (see [`geglu_bias`]).
+fn geglu_takes<X: Backend>(h: &Tensor<X, 2>, bias: &Tensor<X, 1>) -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    {
+        geglu::takes(h.dims(), bias.dims()[0], h.dtype(), bias.dtype())
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu-test")))]
+    {
+        let _ = (h, bias);
+        false
+    }
+}
+
 /// `x·weight + bias + scale·(x·down)·up + residual` on rows as one op each way (see
 /// [`set_fused_lora_linear`]), or the inputs back where it does not apply: the switch or
 /// the routed matmuls off, another backend, dtypes it does not take, or a trainable base
@@ -990,6 +1125,28 @@ fn split_flat_with_burn<X: Backend>(flat: Tensor<X, 1>, shapes: &[burn::tensor::
             X::float_reshape(piece, shape.clone())
         })
         .collect()
+}
+
+/// Releases `tensors` (backend primitives): on burn's CUDA backend (and wgpu for the
+/// `wgpu-test` feature), with [`set_fused_concat`] on, as one operation of the fusion stream,
+/// where dropping them one by one registers a release operation each (the old values of
+/// all trained tensors after an optimizer step: 256 for an SD1.5 attention LoRA).
+/// Elsewhere they are dropped.
+pub(crate) fn release_all<X: Backend>(tensors: Vec<FloatTensor<X>>) {
+    if !fused_concat_enabled() || tensors.is_empty() {
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
+        let fused = tensors.into_iter().map(|t| downcast(t).expect("the backend was checked")).collect();
+        return split::register_release::<burn_cubecl::cubecl::cuda::CudaRuntime, u8>(fused);
+    }
+    #[cfg(feature = "wgpu-test")]
+    if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
+        let fused = tensors.into_iter().map(|t| downcast(t).expect("the backend was checked")).collect();
+        return split::register_release::<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(fused);
+    }
+    drop(tensors);
 }
 
 /// The single split operation when `X` is [`FusedCube<R, BT>`], else `flat` back.
@@ -1277,7 +1434,7 @@ fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
     route: flash::Route,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 3>)> {
     let fused = to_fused::<X, R, BT, 4>;
-    let (out, lse) = flash::register_forward::<R, BT>(fused(q)?, fused(k)?, fused(v)?, scale, route);
+    let (out, lse) = flash::register_forward::<R, BT>(fused(q)?, fused(k)?, fused(v)?, scale, route, flash::Heads::Split);
     Some((from_fused::<X, R, BT, 4>(out)?, from_fused::<X, R, BT, 3>(lse)?))
 }
 
@@ -1291,9 +1448,177 @@ fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::B
     route: flash::Route,
 ) -> Option<(Tensor<X, 4>, Tensor<X, 4>, Tensor<X, 4>)> {
     let [q, k, v, g, o] = inputs.map(to_fused::<X, R, BT, 4>);
-    let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?, o?], to_fused::<X, R, BT, 3>(lse)?, scale, route);
+    let (dq, dk, dv) = flash::register_backward::<R, BT>([q?, k?, v?, g?, o?], to_fused::<X, R, BT, 3>(lse)?, scale, route, flash::Heads::Split);
     let back = from_fused::<X, R, BT, 4>;
     Some((back(dq)?, back(dk)?, back(dv)?))
+}
+
+/// The attention problem of `[batch·seq, heads·d]` rows `q`, `k`, `v`: `(seq_q, seq_kv, d)`,
+/// or `None` where the rows do not split into `batch` sequences of `heads` heads each or
+/// the three disagree (different widths, `k` and `v` of different lengths).
+fn rows_problem<X: Backend>(q: &Tensor<X, 2>, k: &Tensor<X, 2>, v: &Tensor<X, 2>, batch: usize, heads: usize) -> Option<(usize, usize, usize)> {
+    let ([rows_q, width], [rows_k, width_k], [rows_v, width_v]) = (q.dims(), k.dims(), v.dims());
+    let fits = batch > 0 && heads > 0 && rows_q % batch == 0 && rows_k % batch == 0 && width % heads == 0;
+    let agree = rows_k == rows_v && width_k == width && width_v == width && rows_q > 0 && rows_k > 0;
+    (fits && agree).then(|| (rows_q / batch, rows_k / batch, width / heads))
+}
+
+/// [`flash_attention`] on rows: `q` `[batch·seq_q, heads·d]`, `k` and `v`
+/// `[batch·seq_kv, heads·d]` (as linear layers produce them, sequence by sequence), the
+/// output in `q`'s rows and the log-sum-exp `[batch, heads, seq_q]`. The op views the rows
+/// as heads itself, so the caller's head split and merge (a reshape and a transposition of
+/// each tensor, each an operation of burn's fusion stream) go away. Taken by value, so that
+/// the op releases the inputs it reads last; where [`flash_attention`] would return `None`
+/// (or the rows do not split into `batch` sequences of `heads` heads) the inputs come back.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// use lora_core::kernels::flash_attention_rows;
+///
+/// let q = Tensor::<Flex, 2>::zeros([2 * 8, 2 * 16], &Default::default());
+/// // No kernel on the CPU backend: the inputs come back for the caller's own attention.
+/// let [q, _k, _v] = flash_attention_rows(q.clone(), q.clone(), q, 2, 2, 0.25).unwrap_err();
+/// assert_eq!(q.dims(), [16, 32]);
+/// ```
+#[allow(clippy::type_complexity)]
+pub fn flash_attention_rows<X: Backend>(q: Tensor<X, 2>, k: Tensor<X, 2>, v: Tensor<X, 2>, batch: usize, heads: usize, scale: f32) -> Result<(Tensor<X, 2>, Tensor<X, 3>), [Tensor<X, 2>; 3]> {
+    let Some((s_q, s_kv, d)) = rows_problem(&q, &k, &v, batch, heads) else {
+        return Err([q, k, v]);
+    };
+    let (cudnn, flash) = (cudnn_attention_takes(q.dtype(), d, s_q, s_kv, false), flash_kernels_take(d, s_kv));
+    let half = matches!(q.dtype(), DType::BF16 | DType::F16) && k.dtype() == q.dtype() && v.dtype() == q.dtype();
+    if !half || !(flash || cudnn) {
+        return Err([q, k, v]);
+    }
+    let inputs = [q, k, v];
+    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    let (route, layout) = (flash::Route { cudnn, flash }, flash::Heads::Rows { batch, heads });
+    #[cfg(feature = "cuda")]
+    let inputs = match flash_rows_forward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(inputs, scale, route, layout) {
+        Ok(out) => return Ok(out),
+        Err(inputs) => inputs,
+    };
+    // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
+    #[cfg(feature = "wgpu-test")]
+    let inputs = match flash_rows_forward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(inputs, scale, route, layout) {
+        Ok(out) => return Ok(out),
+        Err(inputs) => inputs,
+    };
+    let _ = scale;
+    Err(inputs)
+}
+
+/// The inputs of [`flash_attention_backward_rows`]: the forward pass's rows and
+/// log-sum-exp, and the output gradient.
+#[derive(Debug, Clone)]
+pub struct AttentionRowsBackward<X: Backend> {
+    /// Queries, `[batch·seq_q, heads·d]`.
+    pub q: Tensor<X, 2>,
+    /// Keys, `[batch·seq_kv, heads·d]`.
+    pub k: Tensor<X, 2>,
+    /// Values, `[batch·seq_kv, heads·d]`.
+    pub v: Tensor<X, 2>,
+    /// The forward output, `[batch·seq_q, heads·d]`.
+    pub out: Tensor<X, 2>,
+    /// The output's gradient, `[batch·seq_q, heads·d]`.
+    pub grad_out: Tensor<X, 2>,
+    /// The forward pass's log-sum-exp, `[batch, heads, seq_q]` (f32).
+    pub lse: Tensor<X, 3>,
+}
+
+/// [`flash_attention_backward`] on rows (see [`flash_attention_rows`]): `(dq, dk, dv)` in
+/// the rows of `q`, `k` and `v`, or the inputs back where [`flash_attention_backward`] would
+/// return `None`.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// use lora_core::kernels::{flash_attention_backward_rows, AttentionRowsBackward};
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 2>::zeros([2 * 8, 2 * 16], &device);
+/// let lse = Tensor::<Flex, 3>::zeros([2, 2, 8], &device);
+/// let inputs = AttentionRowsBackward { q: x.clone(), k: x.clone(), v: x.clone(), out: x.clone(), grad_out: x, lse };
+/// assert!(flash_attention_backward_rows(inputs, 2, 2, 0.25).is_err());
+/// ```
+#[allow(clippy::type_complexity)]
+pub fn flash_attention_backward_rows<X: Backend>(inputs: AttentionRowsBackward<X>, batch: usize, heads: usize, scale: f32) -> Result<[Tensor<X, 2>; 3], AttentionRowsBackward<X>> {
+    if !(flash_attention_enabled() || cudnn_attention_enabled()) || !matches!(inputs.q.dtype(), DType::BF16 | DType::F16) {
+        return Err(inputs);
+    }
+    let Some((s_q, s_kv, d)) = rows_problem(&inputs.q, &inputs.k, &inputs.v, batch, heads) else {
+        return Err(inputs);
+    };
+    let same = |t: &Tensor<X, 2>| t.dims() == inputs.q.dims();
+    if !same(&inputs.out) || !same(&inputs.grad_out) || inputs.lse.dims() != [batch, heads, s_q] {
+        return Err(inputs);
+    }
+    let (cudnn, flash) = (cudnn_attention_takes(inputs.q.dtype(), d, s_q, s_kv, true), flash_kernels_take(d, s_kv));
+    // Neither takes it: the caller's own backward (sd-model's blockwise one, from the same
+    // log-sum-exp) holds less than the op's whole-score fallback would.
+    if !(cudnn || flash) {
+        return Err(inputs);
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    let (route, layout) = (flash::Route { cudnn, flash }, flash::Heads::Rows { batch, heads });
+    #[cfg(feature = "cuda")]
+    let inputs = match flash_rows_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(inputs, scale, route, layout) {
+        Ok(grads) => return Ok(grads),
+        Err(inputs) => inputs,
+    };
+    #[cfg(feature = "wgpu-test")]
+    let inputs = match flash_rows_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(inputs, scale, route, layout) {
+        Ok(grads) => return Ok(grads),
+        Err(inputs) => inputs,
+    };
+    let _ = scale;
+    Err(inputs)
+}
+
+/// `t`, which must be a tensor of [`FusedCube<R, BT>`], as its fusion primitive.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn into_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(t: Tensor<X, D>) -> burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>> {
+    downcast::<_, Tensor<FusedCube<R, BT>, D>>(t).expect("the backend was checked").into_primitive().tensor()
+}
+
+/// The flash forward op on rows when `X` is [`FusedCube<R, BT>`], else the inputs back.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[allow(clippy::type_complexity)]
+fn flash_rows_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    [q, k, v]: [Tensor<X, 2>; 3],
+    scale: f32,
+    route: flash::Route,
+    layout: flash::Heads,
+) -> Result<(Tensor<X, 2>, Tensor<X, 3>), [Tensor<X, 2>; 3]> {
+    if TypeId::of::<X>() != TypeId::of::<FusedCube<R, BT>>() {
+        return Err([q, k, v]);
+    }
+    let fused = into_fused::<X, R, BT, 2>;
+    let (out, lse) = flash::register_forward::<R, BT>(fused(q), fused(k), fused(v), scale, route, layout);
+    let back = "the backend was checked";
+    Ok((from_fused::<X, R, BT, 2>(out).expect(back), from_fused::<X, R, BT, 3>(lse).expect(back)))
+}
+
+/// The flash backward op on rows when `X` is [`FusedCube<R, BT>`], else the inputs back.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn flash_rows_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
+    inputs: AttentionRowsBackward<X>,
+    scale: f32,
+    route: flash::Route,
+    layout: flash::Heads,
+) -> Result<[Tensor<X, 2>; 3], AttentionRowsBackward<X>> {
+    if TypeId::of::<X>() != TypeId::of::<FusedCube<R, BT>>() {
+        return Err(inputs);
+    }
+    let AttentionRowsBackward { q, k, v, out, grad_out, lse } = inputs;
+    // The op computes Δ = rowsum(dO ∘ O) itself (one kernel, f32 sums of the halves).
+    let dtype = q.dtype();
+    let (grad_out, out) = (cast_to(grad_out, dtype), cast_to(out, dtype));
+    let fused = into_fused::<X, R, BT, 2>;
+    let operands = [fused(q), fused(k), fused(v), fused(grad_out), fused(out)];
+    let (dq, dk, dv) = flash::register_backward::<R, BT>(operands, into_fused::<X, R, BT, 3>(lse), scale, route, layout);
+    Ok([dq, dk, dv].map(|g| from_fused::<X, R, BT, 2>(g).expect("the backend was checked")))
 }
 
 /// Settings of a GroupNorm for [`group_norm`] and [`group_norm_backward`].
@@ -1363,13 +1688,13 @@ pub fn fused_group_norm_enabled() -> bool {
 pub fn group_norm<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>) {
     if fused_group_norm_applies(&x, spec, false) {
         #[cfg(feature = "cuda")]
-        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(&x, &gamma, &beta, spec) {
-            return out;
+        if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
+            return group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(x, gamma, beta, spec);
         }
         // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
         #[cfg(feature = "wgpu-test")]
-        if let Some(out) = group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&x, &gamma, &beta, spec) {
-            return out;
+        if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
+            return group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, gamma, beta, spec);
         }
     }
     group_norm_math(x, gamma, beta, spec)
@@ -1471,12 +1796,12 @@ fn group_norm_grads<X: Backend, const D: usize>(
 ) -> (Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
     if fused_group_norm_applies(&x, spec, params) {
         #[cfg(feature = "cuda")]
-        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
-            return grads;
+        if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
+            return group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>([x, grad_out], [gamma, beta], [mean, rstd], spec, params);
         }
         #[cfg(feature = "wgpu-test")]
-        if let Some(grads) = group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>([&x, &grad_out], [&gamma, &beta], [&mean, &rstd], spec, params) {
-            return grads;
+        if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
+            return group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>([x, grad_out], [gamma, beta], [mean, rstd], spec, params);
         }
     }
     group_norm_grads_math(x, gamma, beta, mean, rstd, grad_out, spec, params)
@@ -1511,41 +1836,48 @@ fn channel_dims<const D: usize>(channels: usize) -> [usize; D] {
     dims
 }
 
-/// The fused GroupNorm op when `X` is [`FusedCube<R, BT>`], else `None`.
+/// Whether `X` is [`FusedCube<R, BT>`] (the ops taking their inputs by value check first).
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn is_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>() -> bool {
+    TypeId::of::<X>() == TypeId::of::<FusedCube<R, BT>>()
+}
+
+/// The fused GroupNorm op; `X` must be [`FusedCube<R, BT>`] ([`is_fused`]). The inputs are
+/// moved into the op, so that the last reader releases them (a clone would leave a release
+/// operation of its own on the stream).
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
 fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
-    x: &Tensor<X, D>,
-    gamma: &Tensor<X, 1>,
-    beta: &Tensor<X, 1>,
+    x: Tensor<X, D>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
     spec: GroupNormSpec,
-) -> Option<(Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>)> {
-    let [gamma, beta] = [gamma, beta].map(to_fused::<X, R, BT, 1>);
-    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(to_fused::<X, R, BT, D>(x)?, gamma?, beta?, spec);
-    let stat = from_fused::<X, R, BT, 3>;
-    Some((from_fused::<X, R, BT, D>(y)?, stat(mean)?, stat(rstd)?))
+) -> (Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>) {
+    let [gamma, beta] = [gamma, beta].map(into_fused::<X, R, BT, 1>);
+    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(into_fused::<X, R, BT, D>(x), gamma, beta, spec);
+    let checked = "the backend was checked";
+    let stat = |t| from_fused::<X, R, BT, 3>(t).expect(checked);
+    (from_fused::<X, R, BT, D>(y).expect(checked), stat(mean), stat(rstd))
 }
 
-/// The fused GroupNorm backward op when `X` is [`FusedCube<R, BT>`], else `None`.
+/// The fused GroupNorm backward op; `X` must be [`FusedCube<R, BT>`] ([`is_fused`]), the
+/// inputs moved into the op as in [`group_norm_on`].
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 #[allow(clippy::type_complexity)]
 fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
-    [x, grad_out]: [&Tensor<X, D>; 2],
-    [gamma, beta]: [&Tensor<X, 1>; 2],
-    [mean, rstd]: [&Tensor<X, 3>; 2],
+    [x, grad_out]: [Tensor<X, D>; 2],
+    [gamma, beta]: [Tensor<X, 1>; 2],
+    [mean, rstd]: [Tensor<X, 3>; 2],
     spec: GroupNormSpec,
     params: bool,
-) -> Option<(Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>)> {
-    let [x, dy] = [x, grad_out].map(to_fused::<X, R, BT, D>);
-    let [gamma, beta] = [gamma, beta].map(to_fused::<X, R, BT, 1>);
-    let [mean, rstd] = [mean, rstd].map(to_fused::<X, R, BT, 3>);
-    let (dx, param_grads) = group_norm::register_backward::<R, BT>([x?, gamma?, beta?, dy?], [mean?, rstd?], spec, params);
-    let param = from_fused::<X, R, BT, 1>;
-    let param_grads = match param_grads {
-        Some((dgamma, dbeta)) => Some((param(dgamma)?, param(dbeta)?)),
-        None => None,
-    };
-    Some((from_fused::<X, R, BT, D>(dx)?, param_grads))
+) -> (Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
+    let [x, dy] = [x, grad_out].map(into_fused::<X, R, BT, D>);
+    let [gamma, beta] = [gamma, beta].map(into_fused::<X, R, BT, 1>);
+    let [mean, rstd] = [mean, rstd].map(into_fused::<X, R, BT, 3>);
+    let (dx, param_grads) = group_norm::register_backward::<R, BT>([x, gamma, beta, dy], [mean, rstd], spec, params);
+    let checked = "the backend was checked";
+    let param = |t| from_fused::<X, R, BT, 1>(t).expect(checked);
+    (from_fused::<X, R, BT, D>(dx).expect(checked), param_grads.map(|(dgamma, dbeta)| (param(dgamma), param(dbeta))))
 }
 
 /// GroupNorm (+ SiLU) in burn's ops: `y` in `x`'s dtype and the per-group mean and

@@ -63,6 +63,48 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for SplitF
     }
 }
 
+/// Queues the release of `tensors` as one operation of the fusion stream (see
+/// [`super::release_all`]): each input read last here (its last handle) is released when it
+/// runs, the others are only read.
+pub(super) fn register_release<R: CubeRuntime, BT: BoolElement>(tensors: Vec<FusionTensor<FusionCubeRuntime<R>>>) {
+    let Some(client) = tensors.first().map(|t| t.client.clone()) else {
+        return;
+    };
+    let streams = OperationStreams::with_inputs(tensors.iter());
+    let inputs: Vec<TensorIr> = tensors.into_iter().map(FusionTensor::into_ir).collect();
+    let desc = CustomOpIr::new("sd_lora_release", &inputs, &[]);
+    let op = Release::<R, BT> {
+        desc: desc.clone(),
+        _backend: PhantomData,
+    };
+    client.register(streams, OperationIr::Custom(desc), op);
+}
+
+/// One queued release.
+struct Release<R, BT> {
+    desc: CustomOpIr,
+    _backend: PhantomData<fn() -> (R, BT)>,
+}
+
+impl<R, BT> std::fmt::Debug for Release<R, BT> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Release").field("inputs", &self.desc.inputs.len()).finish()
+    }
+}
+
+/// Inputs the release operations have run with (tests).
+#[cfg(test)]
+static RELEASED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for Release<R, BT> {
+    fn execute(&self, _handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
+        // Nothing to run: after each operation burn-fusion removes the handles of the inputs
+        // it read last (`ReadWrite`), which returns their memory to cubecl's pool.
+        #[cfg(test)]
+        RELEASED.fetch_add(self.desc.inputs.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(all(test, feature = "wgpu-test"))]
 mod tests {
     //! The single operation on burn's fusion backend over CubeCL's wgpu runtime (lavapipe
@@ -105,5 +147,60 @@ mod tests {
         // The flat vector is still intact after its views are released.
         let again = flat.clone().slice(0..128).into_data().to_vec::<f32>().expect("f32");
         assert_eq!(again, flat.slice(0..128).into_data().to_vec::<f32>().expect("f32"));
+    }
+
+    /// Which of `ids` the fusion stream still holds a handle of, asked by an operation queued
+    /// after everything before it.
+    fn held(client: &burn_fusion::client::GlobalFusionClient<burn_cubecl::fusion::FusionCubeRuntime<WgpuRuntime>>, ids: Vec<burn_ir::TensorId>) -> Vec<bool> {
+        use std::sync::{Arc, Mutex};
+        struct Probe {
+            ids: Vec<burn_ir::TensorId>,
+            found: Arc<Mutex<Vec<bool>>>,
+        }
+        impl std::fmt::Debug for Probe {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("Probe")
+            }
+        }
+        impl burn_fusion::stream::Operation<burn_cubecl::fusion::FusionCubeRuntime<WgpuRuntime>> for Probe {
+            fn execute(&self, handles: &mut burn_ir::HandleContainer<<burn_cubecl::fusion::FusionCubeRuntime<WgpuRuntime> as burn_fusion::FusionRuntime>::FusionHandle>) {
+                *self.found.lock().expect("probe") = self.ids.iter().map(|id| handles.has_handle(id)).collect();
+            }
+        }
+        let found = Arc::new(Mutex::new(Vec::new()));
+        let desc = burn_ir::CustomOpIr::new("probe", &[], &[]);
+        let probe = Probe { ids, found: found.clone() };
+        client.register(burn_fusion::stream::OperationStreams::default(), burn_ir::OperationIr::Custom(desc), probe);
+        client.sync(|| ());
+        let found = found.lock().expect("probe").clone();
+        found
+    }
+
+    /// One release operation for many tensors: the tensors read last there lose their
+    /// handles (their memory goes back to the pool), a shared one stays readable.
+    #[test]
+    fn wgpu_release_all_frees_the_last_handles_and_keeps_shared_ones() {
+        use crate::kernels::release_all;
+        let device = Default::default();
+        let shared = Tensor::<Wgpu, 2>::random([8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let expected = shared.clone().into_data().to_vec::<f32>().expect("f32");
+        let owned: Vec<_> = (0..5).map(|i| Tensor::<Wgpu, 2>::full([64, 64], i as f32, &device)).collect();
+        // Computed (read) before the release, so that they have handles.
+        let values: Vec<f32> = owned.iter().map(|t| t.clone().sum().into_scalar()).collect();
+        assert_eq!(values, [0.0, 4096.0, 8192.0, 12288.0, 16384.0]);
+        let mut all: Vec<burn_fusion::FusionTensor<_>> = owned.into_iter().map(|t| t.into_primitive().tensor()).collect();
+        all.push(shared.clone().into_primitive().tensor());
+        let client = all[0].client.clone();
+        let ids: Vec<_> = all.iter().map(|t| t.id).collect();
+        assert_eq!(held(&client, ids.clone()), [true; 6]);
+        let before = super::RELEASED.load(std::sync::atomic::Ordering::Relaxed);
+        release_all::<Wgpu>(all);
+        assert_eq!(held(&client, ids), [false, false, false, false, false, true]);
+        // All six went through one release operation (not a release operation each).
+        assert_eq!(super::RELEASED.load(std::sync::atomic::Ordering::Relaxed) - before, 6);
+        // Work after the release runs on the stream as before, and the shared tensor survives.
+        let sum: f32 = (shared.clone() * 2.0).sum().into_scalar();
+        assert_eq!(shared.into_data().to_vec::<f32>().expect("f32"), expected);
+        assert!((sum - 2.0 * expected.iter().sum::<f32>()).abs() < 1e-3);
     }
 }

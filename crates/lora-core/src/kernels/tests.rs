@@ -175,25 +175,33 @@ fn cudnn_matches_burn_kernels_on_cuda() {
     for dtype in [FloatDType::F32, FloatDType::BF16] {
         // TF32 (f32) and bf16 rounding: both sides accumulate in f32 but in different orders.
         let tolerance = if dtype == FloatDType::F32 { 1e-2 } else { 5e-2 };
-        for (kernel, stride, pad, bias, shape) in cases {
-            let conv = crate::precision::cast_all(layer::<Autodiff<B>>(shape[1], 48, kernel, stride, pad, bias, &device), dtype);
+        // A trainable layer (its bias added after the op) and a frozen one (the bias added
+        // inside the op, after cuDNN's convolution).
+        for ((kernel, stride, pad, bias, shape), frozen) in cases.into_iter().flat_map(|case| [(case, false), (case, true)]) {
+            let mut conv = crate::precision::cast_all(layer::<Autodiff<B>>(shape[1], 48, kernel, stride, pad, bias, &device), dtype);
+            if frozen {
+                conv = conv.no_grad();
+            }
             let x = Tensor::<Autodiff<B>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
             set_cudnn(false);
             let reference = run::<B>(&conv, x.clone(), true);
             set_cudnn(true);
             let ours = run::<B>(&conv, x, true);
             set_cudnn(false);
-            let case = format!("{dtype:?} kernel {kernel} stride {stride} {shape:?}");
+            let case = format!("{dtype:?} kernel {kernel} stride {stride} bias {bias} frozen {frozen} {shape:?}");
             let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
             assert!(max_rel(f32(ours.0), f32(reference.0)) < tolerance, "{case}: output");
             assert!(max_rel(f32(ours.1), f32(reference.1)) < tolerance, "{case}: dx");
-            assert!(max_rel(f32(ours.2.expect("dw")), f32(reference.2.expect("dw"))) < tolerance, "{case}: dw");
+            match (ours.2, reference.2) {
+                (Some(a), Some(b)) => assert!(max_rel(f32(a), f32(b)) < tolerance, "{case}: dw"),
+                (a, b) => assert!(frozen && a.is_none() && b.is_none(), "{case}: weight gradient presence"),
+            }
         }
     }
     let after = vendor_stats();
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
-    // Forward, dx and dw for each case and dtype.
-    assert_eq!(after.cudnn_calls - before.cudnn_calls, 2 * 3 * 3);
+    // Forward, dx and dw for each trainable case, forward and dx for each frozen one, per dtype.
+    assert_eq!(after.cudnn_calls - before.cudnn_calls, 2 * 3 * (3 + 2));
 }
 
 /// The linear op (with burn's matmul, as on the CPU) gives burn's output and gradients:
@@ -386,6 +394,61 @@ fn fused_lora_linear_switch_leaves_flex_alone() {
 fn fused_lora_linear_matches_composed_ops_on_cuda() {
     let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     check_fused_lora_linear::<Autodiff<burn::backend::Cuda>>(burn::tensor::DType::BF16, 2e-2);
+    // The GEGLU op the switch turns on with the linear layers.
+    use burn::tensor::FloatDType;
+    check_geglu::<burn::backend::Cuda>(&[(FloatDType::F32, 1e-5), (FloatDType::BF16, 2e-2)]);
+}
+
+/// `(out, dh)` of `(h₁ + b₁) · gelu(h₂ + b₂)` for the output gradient `dy`, composed of
+/// burn's ops (in the inputs' dtype: f32 for the reference).
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn geglu_reference<B: Backend>(h: Tensor<B, 2>, b: Tensor<B, 1>, dy: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let n = h.dims()[1] / 2;
+    let x = h + b.unsqueeze::<2>();
+    let (a, g) = (x.clone().narrow(1, 0, n), x.narrow(1, n, n));
+    let cdf = (g.clone() * std::f32::consts::FRAC_1_SQRT_2).erf().add_scalar(1.0) * 0.5;
+    let pdf = (g.clone() * g.clone() * -0.5).exp() * 0.398_942_3;
+    let out = a.clone() * g.clone() * cdf.clone();
+    let dh = Tensor::cat(vec![dy.clone() * g.clone() * cdf.clone(), dy * a * (cdf + g * pdf)], 1);
+    (out, dh)
+}
+
+/// [`geglu_bias`] and [`geglu_bias_backward`] on `B` against [`geglu_reference`] in f32, per
+/// `(dtype, relative tolerance)`, for widths that take vectors of 4 and of 1; counts the
+/// op's runs and checks the refusals (switch off, odd width). The caller holds [`SWITCH`].
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+pub(super) fn check_geglu<B: Backend>(dtypes: &[(burn::tensor::FloatDType, f32)]) {
+    use burn::tensor::FloatDType;
+    let device = Default::default();
+    for (rows, n) in [(37, 16), (5, 7)] {
+        for &(dtype, tolerance) in dtypes {
+            let h = Tensor::<B, 2>::random([rows, 2 * n], Distribution::Normal(0.0, 2.0), &device).cast(dtype);
+            let b = Tensor::<B, 1>::random([2 * n], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+            let dy = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+            let f32 = |t: Tensor<B, 2>| t.cast(FloatDType::F32);
+            let (out_ref, dh_ref) = geglu_reference(f32(h.clone()), b.clone().cast(FloatDType::F32), f32(dy.clone()));
+            let before = vendor_stats().fused_geglu_calls;
+            set_fused_lora_linear(true);
+            let out = geglu_bias(h.clone(), b.clone()).expect("the GEGLU op");
+            let dh = geglu_bias_backward(h, b, dy).expect("the GEGLU op");
+            set_fused_lora_linear(false);
+            let case = format!("{rows}x{n} {dtype:?}");
+            assert_eq!((out.dtype(), dh.dtype()), (dtype.into(), dtype.into()), "{case}");
+            for (what, a, b) in [("out", out, out_ref), ("dh", dh, dh_ref)] {
+                let peak: f32 = b.clone().abs().max().into_scalar().elem();
+                let err: f32 = (f32(a) - b).abs().max().into_scalar().elem();
+                assert!(err <= tolerance * peak, "{case} {what}: error {err} of the peak {peak}");
+            }
+            // Counted when the stream runs the ops: after the reads above.
+            assert_eq!(vendor_stats().fused_geglu_calls - before, 2, "{case}");
+        }
+    }
+    let h = Tensor::<B, 2>::zeros([2, 6], &device);
+    assert!(geglu_bias(h, Tensor::zeros([6], &device)).is_err(), "switch off");
+    set_fused_lora_linear(true);
+    let odd = geglu_bias(Tensor::<B, 2>::zeros([2, 5], &device), Tensor::zeros([5], &device)).is_err();
+    set_fused_lora_linear(false);
+    assert!(odd, "odd width");
 }
 
 /// `matmul_transposed` against burn's matmul of the swapped operands, for every pair of
