@@ -80,7 +80,7 @@ pub fn multi_head_attention_rows<B: Backend>(q: Tensor<B, 2>, k: Tensor<B, 2>, v
         return out;
     }
     let (q, k, v) = args;
-    rows_forward(q, k, v, layout, BACKWARD_BLOCK_ELEMENTS, false).0
+    rows_forward(q, k, v, batch.max(1), heads, BACKWARD_BLOCK_ELEMENTS, false).0
 }
 
 /// How [`multi_head_attention_rows`] and [`scaled_dot_product_attention`] hand their tensors
@@ -110,10 +110,7 @@ fn merge_heads<X: Backend>(t: Tensor<X, 4>) -> Tensor<X, 2> {
 
 /// [`attention_forward`] on rows (see [`Layout::Rows`]): the fused kernels on the rows
 /// where they take the problem, else the heads split, attended and merged.
-fn rows_forward<X: Backend>(q: Tensor<X, 2>, k: Tensor<X, 2>, v: Tensor<X, 2>, layout: Layout, block_elements: usize, stats: bool) -> (Tensor<X, 2>, Stats<Tensor<X, 3>>) {
-    let Layout::Rows { batch, heads } = layout else {
-        unreachable!("rows_forward takes rows")
-    };
+fn rows_forward<X: Backend>(q: Tensor<X, 2>, k: Tensor<X, 2>, v: Tensor<X, 2>, batch: usize, heads: usize, block_elements: usize, stats: bool) -> (Tensor<X, 2>, Stats<Tensor<X, 3>>) {
     let scale = ((q.dims()[1] / heads.max(1)) as f64).powf(-0.5) as f32;
     match flash_attention_rows(q, k, v, batch, heads, scale) {
         Ok((out, lse)) => (out, Some((lse, true))),
@@ -268,8 +265,8 @@ fn memory_efficient<X: Backend, C: CheckpointStrategy, const D: usize>(
                 let (out, lse) = attention_forward(tensor::<X, 4>(q), tensor(k), tensor(v), block_elements, stats);
                 (out.into_primitive().tensor(), lse)
             }
-            Layout::Rows { .. } => {
-                let (out, lse) = rows_forward(tensor::<X, 2>(q), tensor(k), tensor(v), layout, block_elements, stats);
+            Layout::Rows { batch, heads } => {
+                let (out, lse) = rows_forward(tensor::<X, 2>(q), tensor(k), tensor(v), batch, heads, block_elements, stats);
                 (out.into_primitive().tensor(), lse)
             }
         };

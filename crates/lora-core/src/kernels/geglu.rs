@@ -18,7 +18,6 @@ use std::marker::PhantomData;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::cubecl;
 use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use burn_fusion::stream::{Operation, OperationStreams};
@@ -26,7 +25,8 @@ use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::prelude::*;
 
-use super::lora_linear::{arg, cubes, THREADS};
+use super::contiguous;
+use super::lora_linear::{arg, cubes, row_vector, THREADS};
 
 type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
 type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
@@ -86,16 +86,6 @@ fn geglu_backward<T: Float, P: Float, N: Size>(
     }
 }
 
-/// The widest vector the runtime offers that divides `n` columns, within 16 bytes of
-/// `element` bytes (rows start on multiples of it, so every vector is aligned).
-fn vector_width<R: Runtime>(client: &ComputeClient<R>, element: usize, n: usize) -> usize {
-    client
-        .io_optimized_vector_sizes(element)
-        .filter(|&v| v >= 1 && n.is_multiple_of(v) && v * element <= 16)
-        .max()
-        .unwrap_or(1)
-}
-
 /// Which pass an op runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Pass {
@@ -139,14 +129,6 @@ impl<R, BT> std::fmt::Debug for GegluOp<R, BT> {
     }
 }
 
-fn contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
-    if x.is_contiguous() {
-        x
-    } else {
-        into_contiguous(x)
-    }
-}
-
 impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GegluOp<R, BT> {
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
         let inputs: Vec<CubeTensor<R>> = self.desc.inputs.iter().map(|ir| contiguous(handles.get_float_tensor::<Inner<R, BT>>(ir))).collect();
@@ -185,7 +167,7 @@ pub(super) fn launch_kernel<R: Runtime>(
     if u32::try_from(rows * width).is_err() || n == 0 {
         return Err(format!("GEGLU: {rows} x {width} does not fit the kernel"));
     }
-    let vector = vector_width(client, dtypes[0].size(), n);
+    let vector = row_vector(client, dtypes[0].size(), n);
     // SAFETY: the caller's contract on the buffers; the vector divides `n`, so every row and
     // both halves are whole vectors. Array arguments count elements.
     unsafe {

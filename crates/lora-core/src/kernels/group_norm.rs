@@ -26,7 +26,6 @@ use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::cubecl;
 use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use burn_fusion::stream::{Operation, OperationStreams};
@@ -34,7 +33,7 @@ use burn_fusion::{FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::prelude::*;
 
-use super::GroupNormSpec;
+use super::{contiguous, GroupNormSpec};
 
 /// Most units per cube (a power of two, for the tree reduction).
 const MAX_THREADS: usize = 256;
@@ -830,15 +829,6 @@ impl<R, BT> std::fmt::Debug for GroupNormForward<R, BT> {
 impl<R, BT> std::fmt::Debug for GroupNormBackward<R, BT> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GroupNormBackward").field("desc", &self.desc).field("spec", &self.spec).finish()
-    }
-}
-
-/// `x`, or a contiguous copy of it when it is a strided view (the kernels index planes densely).
-fn contiguous<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
-    if x.is_contiguous() {
-        x
-    } else {
-        into_contiguous(x)
     }
 }
 

@@ -38,7 +38,6 @@ use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
 use burn_cubecl::cubecl;
 use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use burn_fusion::stream::{Operation, OperationStreams};
@@ -47,7 +46,7 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::prelude::*;
 
 use super::fixed_matmul::Transpose;
-use super::{downcast, tensor, FusedCube};
+use super::{contiguous, downcast, tensor, FusedCube};
 
 type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
 type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
@@ -132,13 +131,15 @@ fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
-/// `t`, or a contiguous copy of a strided view (the kernels index densely).
-fn contiguous<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
-    if t.is_contiguous() {
-        t
-    } else {
-        into_contiguous(t)
-    }
+/// The widest vector the runtime offers that divides a row of `columns` elements of
+/// `element` bytes, within 16 bytes (rows start on multiples of it, so every vector is
+/// aligned).
+pub(super) fn row_vector<R: Runtime>(client: &ComputeClient<R>, element: usize, columns: usize) -> usize {
+    client
+        .io_optimized_vector_sizes(element)
+        .filter(|&v| v >= 1 && columns.is_multiple_of(v) && v * element <= 16)
+        .max()
+        .unwrap_or(1)
 }
 
 /// `t` in `dtype` (a copy only when it differs).
@@ -229,14 +230,7 @@ pub(super) fn launch_epilogue_kernel<R: Runtime>(
     if u32::try_from(len).is_err() {
         return Err(format!("LoRA epilogue: {len} elements are over u32"));
     }
-    // The widest vector the runtime offers that divides a row, within 16 bytes of the
-    // activations' dtype (rows start on multiples of it, so every vector is aligned).
-    let element = dtypes[0].size();
-    let vector = client
-        .io_optimized_vector_sizes(element)
-        .filter(|&v| v >= 1 && columns.is_multiple_of(v) && v * element <= 16)
-        .max()
-        .unwrap_or(1);
+    let vector = row_vector(client, dtypes[0].size(), columns);
     // Absent operands are bound to `a` and never read.
     let (bias_handle, bias_len) = bias.map_or((a, len), |bias| (bias, columns));
     // SAFETY: the caller's contract on the buffers; the vector divides a row, so the bias

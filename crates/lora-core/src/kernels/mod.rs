@@ -1836,6 +1836,16 @@ fn channel_dims<const D: usize>(channels: usize) -> [usize; D] {
     dims
 }
 
+/// `x`, or a contiguous copy of it when it is a strided view (for kernels that index densely).
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn contiguous<R: burn_cubecl::CubeRuntime>(x: burn_cubecl::tensor::CubeTensor<R>) -> burn_cubecl::tensor::CubeTensor<R> {
+    if x.is_contiguous() {
+        x
+    } else {
+        burn_cubecl::kernel::into_contiguous(x)
+    }
+}
+
 /// Whether `X` is [`FusedCube<R, BT>`] (the ops taking their inputs by value check first).
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 fn is_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>() -> bool {
