@@ -25,7 +25,7 @@ use lora_core::precision::cast_to;
 use lora_core::LoraConv2d;
 
 use crate::embeddings::timestep_embedding;
-use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::resnet::{Downsample2D, ResnetBlock2D, SiluTemb, Upsample2D};
 use crate::transformer::Transformer2DModel;
 use crate::{Result, UNet2DConditionModel};
 
@@ -97,7 +97,8 @@ impl<B: AutodiffBackend> UNet2DConditionModel<B> {
         let dtype = self.conv_in.base.weight.val().dtype();
         // The time embedding is tiny: it keeps its ordinary graph, backpropagated last.
         let t = timestep_embedding(timesteps, self.time_proj.dim, self.time_proj.flip_sin_to_cos, self.time_proj.freq_shift);
-        let temb = self.time_embedding.forward(cast_to(t, dtype));
+        // Its SiLU, shared by all ResNet blocks, belongs to this graph too.
+        let temb = burn::tensor::activation::silu(self.time_embedding.forward(cast_to(t, dtype)));
         let temb_grad = trainable(|v| self.time_embedding.visit(v));
         let temb_inner = temb.clone().inner();
         let context = cast_to(context.inner(), dtype);
@@ -259,7 +260,7 @@ impl<B: Backend> Piece<'_, B> {
         };
         match self {
             Piece::ConvIn(conv) => conv.forward(x),
-            Piece::Resnet(resnet) => resnet.forward(x, Some(temb.clone())),
+            Piece::Resnet(resnet) => resnet.forward_silu_temb(x, Some(&SiluTemb::from_activated(temb.clone()))),
             Piece::Transformer(t) => t.forward(x, context.clone()),
             Piece::Downsample(d) => d.forward(x),
             Piece::Upsample(u) => u.forward(x),

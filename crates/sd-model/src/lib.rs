@@ -49,6 +49,6 @@ pub use transformer::{Attention, BasicTransformerBlock, FeedForward, Geglu, Proj
 pub use unet::{TimeProj, UNet2DConditionModel};
 pub use unet_blocks::{UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
 pub use error::{KeyMismatch, Result, SdModelError};
-pub use resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+pub use resnet::{Downsample2D, ResnetBlock2D, SiluTemb, Upsample2D};
 
 pub use vae::{AutoencoderKl, DiagonalGaussian, DownEncoderBlock2D, UpDecoderBlock2D, VaeAttention, VaeDecoder, VaeEncoder, VaeMidBlock};

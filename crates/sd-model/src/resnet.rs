@@ -25,6 +25,41 @@ pub(crate) fn group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, d
     GroupNormConfig::new(groups, channels).with_epsilon(eps).init(device)
 }
 
+/// The time embedding after the SiLU with which every UNet ResNet block starts, `silu(temb)`.
+///
+/// diffusers recomputes it in each of SD1.5's 22 ResNet blocks; the UNet computes it once
+/// per call and hands it to all of them (the same numbers, 21 fewer activations per step).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// use sd_model::SiluTemb;
+///
+/// let temb = Tensor::<Flex, 2>::from_floats([[0.0, 2.0]], &Default::default());
+/// let act = SiluTemb::new(temb);
+/// let v = act.activated().to_data().to_vec::<f32>().unwrap();
+/// assert!((v[0] - 0.0).abs() < 1e-6 && (v[1] - 2.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-5);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SiluTemb<B: Backend>(Tensor<B, 2>);
+
+impl<B: Backend> SiluTemb<B> {
+    /// `silu(temb)` of a time embedding `[B, T]`.
+    pub fn new(temb: Tensor<B, 2>) -> Self {
+        Self(silu(temb))
+    }
+
+    /// Wraps a tensor that already holds `silu(temb)` (a checkpointed pass re-enters with it).
+    pub fn from_activated(activated: Tensor<B, 2>) -> Self {
+        Self(activated)
+    }
+
+    /// `silu(temb)`, `[B, T]`.
+    pub fn activated(&self) -> &Tensor<B, 2> {
+        &self.0
+    }
+}
+
 /// diffusers' `ResnetBlock2D` with the default time-embedding norm.
 #[derive(Module, Debug)]
 pub struct ResnetBlock2D<B: Backend> {
@@ -62,12 +97,19 @@ impl<B: Backend> ResnetBlock2D<B> {
         }
     }
 
-    /// `x [B, C, H, W]`, optional `temb [B, T]`.
+    /// `x [B, C, H, W]`, optional `temb [B, T]` (the time embedding as diffusers passes it:
+    /// the block applies the SiLU).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
+        self.forward_silu_temb(x, temb.map(SiluTemb::new).as_ref())
+    }
+
+    /// [`Self::forward`] with the time embedding's SiLU already applied, as the UNet shares
+    /// it between all its blocks.
+    pub fn forward_silu_temb(&self, x: Tensor<B, 4>, temb: Option<&SiluTemb<B>>) -> Tensor<B, 4> {
         let mut h = self.conv1.forward(group_norm_silu(&self.norm1, x.clone()));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let [b, c] = [h.dims()[0], h.dims()[1]];
-            h = h + proj.forward(silu(temb)).reshape([b, c, 1, 1]);
+            h = h + proj.forward(temb.activated().clone()).reshape([b, c, 1, 1]);
         }
         let h = self.conv2.forward(group_norm_silu(&self.norm2, h));
         let skip = match &self.conv_shortcut {

@@ -9,7 +9,7 @@ use lora_core::{Component, LoraConv2d, LoraSiteMut, LoraSites};
 
 use crate::config::UnetConfig;
 use crate::embeddings::{timestep_embedding, TimestepEmbedding};
-use crate::resnet::{conv, group_norm, ResnetBlock2D};
+use crate::resnet::{conv, group_norm, ResnetBlock2D, SiluTemb};
 use crate::transformer::{Projection, Transformer2DModel};
 use crate::unet_blocks::{BlockSettings, UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
 use crate::{Result, SdModelError};
@@ -149,7 +149,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let io_dtype = latents.dtype();
         let dtype = self.conv_in.base.weight.val().dtype();
         let t = timestep_embedding(timesteps, self.time_proj.dim, self.time_proj.flip_sin_to_cos, self.time_proj.freq_shift);
-        let temb = self.time_embedding.forward(cast_to(t, dtype));
+        let temb = SiluTemb::new(self.time_embedding.forward(cast_to(t, dtype)));
         let context = cast_to(context, dtype);
         let mut x = self.conv_in.forward(cast_to(latents, dtype));
         let mut skips = vec![x.clone()];

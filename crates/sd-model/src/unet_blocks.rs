@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::resnet::{Downsample2D, ResnetBlock2D, SiluTemb, Upsample2D};
 use crate::transformer::Transformer2DModel;
 
 /// Shared settings of the blocks of one UNet.
@@ -62,9 +62,9 @@ impl<B: Backend> UnetDownBlock<B> {
     }
 
     /// Runs the level, pushing every intermediate output onto `skips`.
-    pub fn forward(&self, mut x: Tensor<B, 4>, temb: &Tensor<B, 2>, context: &Tensor<B, 3>, skips: &mut Vec<Tensor<B, 4>>) -> Tensor<B, 4> {
+    pub fn forward(&self, mut x: Tensor<B, 4>, temb: &SiluTemb<B>, context: &Tensor<B, 3>, skips: &mut Vec<Tensor<B, 4>>) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(x, Some(temb.clone()));
+            x = resnet.forward_silu_temb(x, Some(temb));
             if let Some(attn) = self.attentions.get(j) {
                 x = attn.forward(x, context.clone());
             }
@@ -96,10 +96,10 @@ impl<B: Backend> UNetMidBlock2DCrossAttn<B> {
     }
 
     /// Runs the middle block.
-    pub fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
-        let mut x = self.resnets[0].forward(x, Some(temb.clone()));
+    pub fn forward(&self, x: Tensor<B, 4>, temb: &SiluTemb<B>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
+        let mut x = self.resnets[0].forward_silu_temb(x, Some(temb));
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            x = resnet.forward(attn.forward(x, context.clone()), Some(temb.clone()));
+            x = resnet.forward_silu_temb(attn.forward(x, context.clone()), Some(temb));
         }
         x
     }
@@ -146,12 +146,12 @@ impl<B: Backend> UnetUpBlock<B> {
     }
 
     /// Runs the level, consuming skips from the end of `skips`.
-    pub fn forward(&self, mut x: Tensor<B, 4>, temb: &Tensor<B, 2>, context: &Tensor<B, 3>, skips: &mut Vec<Tensor<B, 4>>) -> Tensor<B, 4> {
+    pub fn forward(&self, mut x: Tensor<B, 4>, temb: &SiluTemb<B>, context: &Tensor<B, 3>, skips: &mut Vec<Tensor<B, 4>>) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             if let Some(skip) = skips.pop() {
                 x = Tensor::cat(vec![x, skip], 1);
             }
-            x = resnet.forward(x, Some(temb.clone()));
+            x = resnet.forward_silu_temb(x, Some(temb));
             if let Some(attn) = self.attentions.get(j) {
                 x = attn.forward(x, context.clone());
             }

@@ -267,6 +267,11 @@ impl Graph {
         let r = Desc::new(Kind::CUDNN_BACKEND_REDUCTION_DESCRIPTOR)?;
         r.set(Attr::CUDNN_ATTR_REDUCTION_OPERATOR, Ty::CUDNN_TYPE_REDUCTION_OPERATOR_TYPE, &[mode])?;
         r.set_data_type(Attr::CUDNN_ATTR_REDUCTION_COMP_TYPE, FLOAT)?;
+        // cudnn-frontend sets the flag (to false) from cuDNN 9.11 on; do as it does, so the
+        // graph is the one the SDPA engines are matched against.
+        if result::get_version() >= 91100 {
+            r.set(Attr::CUDNN_ATTR_REDUCTION_IS_DETERMINISTIC, Ty::CUDNN_TYPE_BOOLEAN, &[false])?;
+        }
         let r = r.finalize("a reduction descriptor")?;
         let op = Desc::new(Kind::CUDNN_BACKEND_OPERATION_REDUCTION_DESCRIPTOR)?;
         op.set_desc(Attr::CUDNN_ATTR_OPERATION_REDUCTION_XDESC, &self.descs[x.at])?;

@@ -20,6 +20,7 @@ use burn_cubecl::cubecl::cuda::CudaRuntime;
 use burn_cubecl::cubecl::prelude::ComputeClient;
 use burn_cubecl::cubecl::prelude::{ArrayArg, CubeCount, CubeDim};
 use burn_cubecl::cubecl::server::Handle;
+use cubecl_common::stream_id::StreamId;
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::{self, CUcontext, CUstream};
 
@@ -151,15 +152,58 @@ pub(super) fn run_on_buffers(
 }
 
 /// Runs `f` with the device pointers of `buffers`, which stay allocated until it returns.
-fn with_pointers<T>(client: &ComputeClient<CudaRuntime>, buffers: &[&Handle], f: impl FnOnce(&[*mut c_void]) -> T) -> Result<T, String> {
-    let resources = buffers
-        .iter()
-        .map(|h| client.get_resource((*h).clone()).map_err(|e| format!("cubecl resource: {e:?}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let pointers: Vec<*mut c_void> = resources.iter().map(|r| r.resource().ptr as *mut c_void).collect();
-    let out = f(&pointers);
-    drop(resources);
-    Ok(out)
+///
+/// `f` runs on cubecl's server thread, while the calling thread (burn-fusion's, which
+/// executes our operations) waits: one blocking request for the whole call, where a
+/// `get_resource` per buffer would be one round trip between the two threads each (5 of
+/// them took ~80 µs on the 2-core dev machine, one request holding all 5 ~17 µs; a training
+/// step makes hundreds of library calls). On that thread cubecl's own requests run inline.
+fn with_pointers<T: Send + 'static>(client: &ComputeClient<CudaRuntime>, buffers: &[&Handle], f: impl FnOnce(&[*mut c_void]) -> T) -> Result<T, String> {
+    // The caller made our context current; so must the server thread be (cubecl's context
+    // is the same primary context, current there anyway).
+    let context = driver::ctx::get_current().map_err(|e| format!("cuCtxGetCurrent: {e:?}"))?;
+    let task = OnServer {
+        client: client.clone(),
+        handles: buffers.iter().map(|h| (*h).clone()).collect(),
+        context,
+        f,
+    };
+    let server = client.clone();
+    server.exclusive(move || task.run()).map_err(|e| format!("cubecl server: {e:?}"))?
+}
+
+/// What [`with_pointers`] runs on cubecl's server thread.
+struct OnServer<F> {
+    client: ComputeClient<CudaRuntime>,
+    handles: Vec<Handle>,
+    context: Option<CUcontext>,
+    f: F,
+}
+
+// SAFETY: `exclusive` runs the task on cubecl's server thread while the calling thread waits
+// for it, so nothing `f` borrows is used by two threads at once; CUDA contexts, streams and
+// library handles may be used from any thread.
+unsafe impl<F> Send for OnServer<F> {}
+
+impl<F> OnServer<F> {
+    fn run<T>(self) -> Result<T, String>
+    where
+        F: FnOnce(&[*mut c_void]) -> T,
+    {
+        if let Some(context) = self.context {
+            // SAFETY: the primary context, retained in `create` and never released.
+            unsafe { driver::ctx::set_current(context) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
+        }
+        let resources = self
+            .handles
+            .iter()
+            .map(|h| self.client.get_resource(h.clone()).map_err(|e| format!("cubecl resource: {e:?}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pointers: Vec<*mut c_void> = resources.iter().map(|r| r.resource().ptr as *mut c_void).collect();
+        let out = (self.f)(&pointers);
+        drop(resources);
+        Ok(out)
+    }
 }
 
 /// Drains cubecl's queue, runs `call`, waits for `stream`.
@@ -173,10 +217,14 @@ fn host_ordered(client: &ComputeClient<CudaRuntime>, stream: CUstream, pointers:
 }
 
 /// Device-side ordering state of one device: the ready/done/status words
-/// ([`super::ordering`]), the next call number, and the problems seen so far.
+/// ([`super::ordering`]) of each cubecl stream that used it, the next call number, and the
+/// problems seen so far.
 struct Order {
     client: ComputeClient<CudaRuntime>,
-    words: Handle,
+    /// One word array per cubecl stream (burn-fusion runs a thread's operations on that
+    /// thread's stream): a signal and the wait after the call run on the stream of the
+    /// operation, and each array's words only ever grow.
+    words: HashMap<StreamId, Handle>,
     next: u32,
     seen: HashSet<u64>,
     /// Why device ordering stopped working on this device (then every call is host-ordered).
@@ -185,33 +233,50 @@ struct Order {
     kernels: StreamKernels,
 }
 
-// SAFETY: the client and handle are cubecl's thread-safe handles; raw pointers are not kept.
+// SAFETY: the client and handles are cubecl's thread-safe handles; raw pointers are not kept.
 unsafe impl Send for Order {}
 
 static ORDER: PerDevice<Order> = PerDevice::new("stream ordering");
 
 impl Order {
     fn new(client: &ComputeClient<CudaRuntime>, stream: CUstream) -> Result<Self, String> {
-        let words = client.create_from_slice(&vec![0u8; 4 * ordering::WORDS]);
-        // The zeros must be in place before our stream ever waits on a word.
-        burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("cubecl sync: {e:?}"))?;
         let kernels = StreamKernels::load()?;
-        // Run both kernels once now (a wait that is met at once, a store of the zero already
-        // there): CUDA loads a kernel lazily at its first launch, which may wait for the
-        // whole device, and must never do so behind a spinning wait.
+        let mut order = Self {
+            client: client.clone(),
+            words: HashMap::new(),
+            next: 1,
+            seen: HashSet::new(),
+            broken: None,
+            kernels,
+        };
+        let words = order.words(client)?;
+        // Run both of our kernels once now (a wait that is met at once, a store of the zero
+        // already there): CUDA loads a kernel lazily at its first launch, which may wait for
+        // the whole device, and must never do so behind a spinning wait.
         with_pointers(client, &[&words], |p| {
             let status = p[0] as u64 + 4 * u64::from(ordering::STATUS);
             // SAFETY: the status word lies in the live `words` buffer; the stream is ours.
             unsafe { kernels.wait_ready(stream, status, 0, status)?; kernels.store(stream, status, 0)?; driver::stream::synchronize(stream) }.map_err(|e| format!("first launch of the ordering kernels: {e:?}"))
         })??;
-        Ok(Self {
-            client: client.clone(),
-            words,
-            next: 1,
-            seen: HashSet::new(),
-            broken: None,
-            kernels,
-        })
+        Ok(order)
+    }
+
+    /// The words of the current cubecl stream, made on its first use: zeroed, and cubecl's
+    /// two kernels run once on them (compiled and loaded, and a failed launch found, before
+    /// anything waits on them).
+    fn words(&mut self, client: &ComputeClient<CudaRuntime>) -> Result<Handle, String> {
+        let stream = StreamId::current();
+        if let Some(words) = self.words.get(&stream) {
+            return Ok(words.clone());
+        }
+        let words = client.create_from_slice(&vec![0u8; 4 * ordering::WORDS]);
+        // A store of the zero already there and a wait that is met at once.
+        launch_signal(client, &words, ordering::STATUS, 0);
+        launch_wait(client, &words, ordering::STATUS, 0);
+        // The zeros must be in place before our stream ever waits on a word.
+        burn_cubecl::cubecl::future::block_on(client.sync()).map_err(|e| format!("first launch of cubecl's ordering kernels: {e:?}"))?;
+        self.words.insert(stream, words.clone());
+        Ok(words)
     }
 
     /// Runs `call` (taking it out of the option) and returns its result, or returns `None`
@@ -227,23 +292,37 @@ impl Order {
         if self.broken.is_some() || self.next == u32::MAX {
             return None;
         }
+        // A buffer written on another cubecl stream is ordered with this one only when its
+        // pointer is looked up, after the signal: let the host order such a call.
+        let current = StreamId::current();
+        if buffers.iter().any(|h| h.stream != current) {
+            return None;
+        }
+        let words = match self.words(client) {
+            Ok(words) => words,
+            Err(reason) => {
+                super::record_ordering_unavailable(reason.clone());
+                self.broken = Some(reason);
+                return None;
+            }
+        };
         let k = self.next;
         let slot = k % ordering::SLOTS;
         // Signal first: the resource lookups below are blocking requests to cubecl's server,
         // served in order, so once they return the signal kernel has been launched.
-        launch_signal(client, &self.words, slot, k);
+        launch_signal(client, &words, slot, k);
         // Every launched signal uses up its number, or a later wait for the same number
         // could be met by this signal before its own.
         self.next += 1;
-        let words = self.words.clone();
         let all: Vec<&Handle> = std::iter::once(&words).chain(buffers.iter().copied()).collect();
-        match with_pointers(client, &all, |p| self.ordered(client, stream, problem, k, p[0] as u64, &p[1..], call)) {
+        match with_pointers(client, &all, |p| self.ordered(client, stream, problem, k, (&words, p[0] as u64), &p[1..], call)) {
             Ok(done) => done,
             Err(reason) => Some(Err(reason)),
         }
     }
 
-    /// [`Order::run`] once the signal for call `k` is launched; `base` is the words' address.
+    /// [`Order::run`] once the signal for call `k` is launched; `words` are the words and
+    /// their address.
     #[allow(clippy::too_many_arguments)]
     fn ordered(
         &mut self,
@@ -251,7 +330,7 @@ impl Order {
         stream: CUstream,
         problem: u64,
         k: u32,
-        base: u64,
+        (words, base): (&Handle, u64),
         pointers: &[*mut c_void],
         call: &mut Option<impl FnOnce(&[*mut c_void]) -> Result<(), String>>,
     ) -> Option<Result<(), String>> {
@@ -265,11 +344,23 @@ impl Order {
         }
         let word = |index: u32| base + 4 * u64::from(index);
         let kernels = self.kernels;
+        let hooks = test_hooks::get();
         // SAFETY: the words lie in the live `words` buffer; the stream is ours.
-        if let Err(reason) = unsafe { kernels.wait_ready(stream, word(slot), k, word(ordering::STATUS)) } {
-            super::record_ordering_unavailable(reason.clone());
-            self.broken = Some(reason);
-            return None;
+        if !hooks.skip_waits {
+            if let Err(reason) = unsafe { kernels.wait_ready(stream, word(slot), k, word(ordering::STATUS)) } {
+                super::record_ordering_unavailable(reason.clone());
+                self.broken = Some(reason);
+                return None;
+            }
+        }
+        if hooks.library_delay > 0 {
+            // The test's late library output: spin on the scratch word, which never reaches
+            // the value (its timeouts count into the scratch word itself).
+            let scratch = word(ordering::SCRATCH);
+            // SAFETY: as above.
+            if let Err(reason) = unsafe { kernels.wait_ready_spins(stream, scratch, u32::MAX, scratch, hooks.library_delay) } {
+                return Some(Err(reason));
+            }
         }
         let call = call.take()?;
         let called = catch_unwind(AssertUnwindSafe(|| call(pointers))).map_err(|_| "library call panicked (missing symbol?)".to_string()).and_then(|r| r);
@@ -283,7 +374,9 @@ impl Order {
             let synced = unsafe { driver::stream::synchronize(stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"));
             return Some(synced.and(called));
         }
-        launch_wait(client, &self.words, ordering::SLOTS + slot, k);
+        if !hooks.skip_waits {
+            launch_wait(client, words, ordering::SLOTS + slot, k);
+        }
         if called.is_ok() {
             super::record_device_ordered();
         }
@@ -293,10 +386,14 @@ impl Order {
     /// Timeouts counted by [`ordering::wait`] on this device (reads the status word, which
     /// waits for the device's queue).
     fn timeouts(&self) -> Result<u64, String> {
-        let bytes = self.client.read_one(self.words.clone()).map_err(|e| format!("reading the ordering words: {e:?}"))?;
-        let at = 4 * ordering::STATUS as usize;
-        let word = bytes.get(at..at + 4).ok_or("ordering words too short")?;
-        Ok(u64::from(u32::from_le_bytes([word[0], word[1], word[2], word[3]])))
+        let mut sum = 0;
+        for words in self.words.values() {
+            let bytes = self.client.read_one(words.clone()).map_err(|e| format!("reading the ordering words: {e:?}"))?;
+            let at = 4 * ordering::STATUS as usize;
+            let word = bytes.get(at..at + 4).ok_or("ordering words too short")?;
+            sum += u64::from(u32::from_le_bytes([word[0], word[1], word[2], word[3]]));
+        }
+        Ok(sum)
     }
 }
 
@@ -392,7 +489,16 @@ impl StreamKernels {
     /// # Safety
     /// `word` and `status` must be live device words of the stream's context.
     unsafe fn wait_ready(&self, stream: CUstream, word: u64, value: u32, status: u64) -> Result<(), String> {
-        let (mut word, mut value, mut status, mut spins) = (word, value, status, ordering::MAX_SPINS);
+        // SAFETY: the caller's contract.
+        unsafe { self.wait_ready_spins(stream, word, value, status, ordering::MAX_SPINS) }
+    }
+
+    /// [`StreamKernels::wait_ready`] giving up after `spins` polls.
+    ///
+    /// # Safety
+    /// As [`StreamKernels::wait_ready`].
+    unsafe fn wait_ready_spins(&self, stream: CUstream, word: u64, value: u32, status: u64, spins: u32) -> Result<(), String> {
+        let (mut word, mut value, mut status, mut spins) = (word, value, status, spins);
         let mut params = [(&raw mut word).cast::<c_void>(), (&raw mut value).cast(), (&raw mut status).cast(), (&raw mut spins).cast()];
         // SAFETY: the parameters match the kernel's signature; see the caller's contract.
         unsafe { launch_one(self.wait_ready, stream, &mut params) }.map_err(|e| format!("ordering wait kernel: {e}"))
@@ -453,4 +559,50 @@ pub(super) fn problem_hash(tag: &str, what: &impl Hash) -> u64 {
 /// Spin timeouts of the device-side ordering, summed over the devices that used it.
 pub(super) fn ordering_timeouts() -> Result<u64, String> {
     ORDER.fold(0, |sum, order| Ok(sum + order.timeouts()?))
+}
+
+/// Test switches of the device-side ordering: a delay of the library call (our stream spins
+/// first, so its output lands late) and skipping both waits (a negative control: the
+/// ordering test must then see wrong results). Always off outside this crate's tests.
+pub(super) mod test_hooks {
+    #[cfg(test)]
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    /// The switches as read by one call.
+    #[derive(Clone, Copy)]
+    pub(in super::super) struct Hooks {
+        pub(in super::super) library_delay: u32,
+        pub(in super::super) skip_waits: bool,
+    }
+
+    #[cfg(test)]
+    static LIBRARY_DELAY: AtomicU32 = AtomicU32::new(0);
+    #[cfg(test)]
+    static SKIP_WAITS: AtomicBool = AtomicBool::new(false);
+
+    /// Sets the switches (spins of our stream before each GPU-ordered call; skip the waits).
+    #[cfg(test)]
+    pub(in super::super) fn set(library_delay: u32, skip_waits: bool) {
+        LIBRARY_DELAY.store(library_delay, Ordering::SeqCst);
+        SKIP_WAITS.store(skip_waits, Ordering::SeqCst);
+    }
+
+    #[cfg(test)]
+    pub(super) fn get() -> Hooks {
+        Hooks { library_delay: LIBRARY_DELAY.load(Ordering::SeqCst), skip_waits: SKIP_WAITS.load(Ordering::SeqCst) }
+    }
+
+    #[cfg(not(test))]
+    pub(super) fn get() -> Hooks {
+        Hooks { library_delay: 0, skip_waits: false }
+    }
+}
+
+/// Queues on cubecl's stream of this thread a one-thread spin of about `spins` polls of a
+/// word that never changes (a test's late input: the kernels queued after it run late).
+#[cfg(test)]
+pub(super) fn delay_cubecl_stream(client: &ComputeClient<CudaRuntime>, spins: u32) {
+    let words = client.create_from_slice(&vec![0u8; 4 * ordering::WORDS]);
+    // Index, value and status as the scratch word: never met, and the timeout counts there.
+    ordering::wait::launch::<CudaRuntime>(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), words_arg(&words), ordering::SCRATCH, u32::MAX, ordering::SCRATCH, spins);
 }

@@ -16,9 +16,9 @@
 //! status word, which [`super::vendor_stats`] reports (the call's result may then be read
 //! too early; the device script treats any timeout as a failure).
 //!
-//! The words are one `u32` array: `SLOTS` ready words, `SLOTS` done words, one status
-//! word. Call `k` uses slot `k % SLOTS`, so each word only ever grows (by `SLOTS` per
-//! reuse) and "has the number" is `>= k`.
+//! The words are one `u32` array per cubecl stream: `SLOTS` ready words, `SLOTS` done
+//! words, one status word and a scratch word. Call `k` uses slot `k % SLOTS`, so each word
+//! only ever grows and "has the number" is `>= k`.
 
 use burn_cubecl::cubecl;
 use cubecl::prelude::*;
@@ -26,11 +26,15 @@ use cubecl::prelude::*;
 /// Calls in flight that can be told apart (slots of ready and done words).
 pub(super) const SLOTS: u32 = 256;
 
-/// Words in the array: ready words, done words, the status word.
-pub(super) const WORDS: usize = 2 * SLOTS as usize + 1;
+/// Words in the array: ready words, done words, the status word, a scratch word.
+pub(super) const WORDS: usize = 2 * SLOTS as usize + 2;
 
 /// Index of the status word (timeouts so far).
 pub(super) const STATUS: u32 = 2 * SLOTS;
+
+/// Index of a word no call uses (the ordering test's delays spin on it).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) const SCRATCH: u32 = 2 * SLOTS + 1;
 
 /// Polls before [`wait`] gives up: each poll is an L2 atomic (a fraction of a microsecond),
 /// so this is about a second, far beyond any single library call at SD sizes (milliseconds),

@@ -605,31 +605,52 @@ fn cublas_matches_burn_kernels_on_cuda() {
 
 /// GPU-side ordering ([`VendorSync::Device`]): chains in which every cuDNN / cuBLAS call
 /// reads what burn's kernels have just written and burn's kernels at once read its output,
-/// so a missing wait on either side shows as a wrong result. Compared with the same chain
-/// host-ordered (same library kernels) and in burn's kernels alone. Run on the GPU machine.
+/// so a missing wait on either side shows as a wrong result. Each GPU-ordered chain is
+/// compared with the same chain host-ordered (same library kernels); the first also with
+/// burn's kernels alone. Three GPU-ordered runs:
+///
+/// 1. as training runs it;
+/// 2. with late inputs and late outputs: burn's stream spins a few milliseconds before each
+///    step's first kernel, and our stream before each library call, so a wait that returns
+///    early lets a call read its input, or a kernel read the call's output, too soon;
+/// 3. the same with both waits skipped: a negative control, which must come out wrong (or
+///    the chains could not tell a broken ordering from a working one).
+///
+/// Each run has its own numbers (a shift per run), so stale buffers of an earlier run
+/// never hold the right values by chance. Run on the GPU machine.
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs an NVIDIA GPU and libcudnn 9"]
 fn device_ordering_matches_host_ordering_on_cuda() {
+    use burn_cubecl::cubecl::cuda::CudaRuntime;
+    use burn_cubecl::cubecl::Runtime;
     let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     type B = burn::backend::Cuda;
     type A = Autodiff<B>;
     cudnn_status().unwrap_or_else(|reason| panic!("cuDNN unavailable: {reason}"));
     cublas_status().unwrap_or_else(|reason| panic!("cuBLAS unavailable: {reason}"));
     let device = Default::default();
+    let client = CudaRuntime::client(&device);
     let conv = layer::<A>(64, 64, 3, 1, 1, true, &device).no_grad();
     let w = Tensor::<B, 3>::random([1, 1024, 1024], Distribution::Normal(0.0, 1.0 / 32.0), &device);
     let x0 = Tensor::<B, 3>::random([8, 1024, 1024], Distribution::Normal(0.0, 1.0), &device);
     let c0 = Tensor::<A, 4>::random([4, 64, 64, 64], Distribution::Normal(0.0, 1.0), &device);
     let steps = 20;
-    let chain = |vendor: bool, mode: VendorSync| {
+    // Polls of the delays: a few milliseconds each, far longer than any kernel of a step.
+    let (input_delay, library_delay) = (8_000, 16_000);
+    let chain = |vendor: bool, mode: VendorSync, base: f32, late: bool| {
         set_vendor_sync(mode);
         set_cudnn(vendor);
         set_cublas(vendor);
         set_cublas_min_gflop(0.0);
         let (mut x, mut c) = (x0.clone(), c0.clone());
         for i in 0..steps {
-            let shift = i as f32 * 0.01;
+            if late {
+                // Everything queued so far has run; the step's kernels queue behind a spin.
+                B::sync(&device).expect("device sync");
+                device::delay_cubecl_stream(&client, input_delay);
+            }
+            let shift = base + i as f32 * 0.01;
             let h = (x.clone() * 0.9 + shift).tanh();
             let y = matmul(h.clone(), w.clone().expand([8, 1024, 1024]));
             x = y + h;
@@ -646,11 +667,26 @@ fn device_ordering_matches_host_ordering_on_cuda() {
         set_vendor_sync(VendorSync::Host);
         out
     };
-    let burn = chain(false, VendorSync::Host);
-    let host = chain(true, VendorSync::Host);
+    let close = |a: &(Tensor<B, 3>, Tensor<B, 4>), b: &(Tensor<B, 3>, Tensor<B, 4>), tolerance: f32| {
+        // `<=` so that a NaN counts as far.
+        [max_rel(a.0.clone(), b.0.clone()) <= tolerance, max_rel(a.1.clone(), b.1.clone()) <= tolerance]
+    };
     let before = vendor_stats();
-    let device_run = chain(true, VendorSync::Device);
+    // GPU-ordered first, then the reference on the same numbers.
+    let device_run = chain(true, VendorSync::Device, 0.1, false);
+    let host = chain(true, VendorSync::Host, 0.1, false);
+    let burn = chain(false, VendorSync::Host, 0.1, false);
+    device::test_hooks::set(library_delay, false);
+    let late = chain(true, VendorSync::Device, 0.2, true);
+    device::test_hooks::set(0, false);
+    let late_host = chain(true, VendorSync::Host, 0.2, false);
     let after = vendor_stats();
+    device::test_hooks::set(library_delay, true);
+    let control = chain(true, VendorSync::Device, 0.3, true);
+    device::test_hooks::set(0, false);
+    // The control's last library call may still run on our stream; the host-ordered chain
+    // below waits for it before its first call.
+    let control_host = chain(true, VendorSync::Host, 0.3, false);
     assert_eq!(after.ordering_error, None);
     assert_eq!(after.ordering_timeouts, 0, "a GPU-side wait gave up");
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
@@ -658,11 +694,13 @@ fn device_ordering_matches_host_ordering_on_cuda() {
     // alignment class), the rest are GPU-ordered.
     let ordered = after.device_ordered - before.device_ordered;
     eprintln!("GPU-ordered calls: {ordered} of {}", 2 * steps);
-    assert!(ordered >= steps as u64, "only {ordered} of {} calls were GPU-ordered", 2 * steps);
-    assert!(max_rel(device_run.0.clone(), host.0.clone()) < 1e-3, "matmul chain: device vs host ordering");
-    assert!(max_rel(device_run.1.clone(), host.1.clone()) < 1e-3, "conv chain: device vs host ordering");
-    assert!(max_rel(device_run.0, burn.0) < 5e-2, "matmul chain: device ordering vs burn");
-    assert!(max_rel(device_run.1, burn.1) < 5e-2, "conv chain: device ordering vs burn");
+    assert!(ordered + 8 >= 2 * steps as u64, "only {ordered} of {} calls were GPU-ordered", 2 * steps);
+    assert_eq!(close(&device_run, &host, 1e-3), [true, true], "[matmul, conv] chains: GPU- vs host-ordered");
+    assert_eq!(close(&device_run, &burn, 5e-2), [true, true], "[matmul, conv] chains: GPU-ordered vs burn's kernels");
+    assert_eq!(close(&late, &late_host, 1e-3), [true, true], "[matmul, conv] chains with late inputs and outputs: GPU- vs host-ordered");
+    let control_close = close(&control, &control_host, 1e-2);
+    eprintln!("negative control (waits skipped) close to the host-ordered chain: [matmul, conv] = {control_close:?}");
+    assert_eq!(control_close, [false, false], "with the waits skipped the chains still matched: they cannot catch a broken ordering");
 }
 
 /// The fused softmax kernel against burn's ops on CUDA: attention-shaped score blocks (rows
