@@ -1,6 +1,7 @@
 //! cuDNN convolutions on burn's CUDA tensors (legacy cuDNN API, which cuDNN 9 keeps).
 //! Ordering and buffers: see [`super::device`].
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
@@ -19,14 +20,23 @@ use super::device;
 /// Largest workspace an algorithm may ask for; faster algorithms needing more are skipped.
 pub(super) const WORKSPACE_LIMIT: usize = 1 << 30;
 
-/// One device's cuDNN handle (bound to our stream) and the algorithm chosen per problem.
+/// One device's cuDNN handle (bound to our stream) and what each problem needs, built on
+/// its first call and kept: a step repeats the same ~hundred problems.
 struct DeviceState {
     handle: sys::cudnnHandle_t,
-    algos: HashMap<ProblemKey, (Algo, usize)>,
+    plans: HashMap<ProblemKey, Plan>,
 }
 
-// SAFETY: the handle is only used while holding `STATE`'s lock, one thread at a time; cuDNN
-// handles may be used from any thread of the process.
+/// A problem's descriptors, algorithm, workspace size and ordering key.
+struct Plan {
+    descriptors: Descriptors,
+    algo: Algo,
+    workspace: usize,
+    problem: u64,
+}
+
+// SAFETY: the handle and descriptors are only used while holding `STATE`'s lock, one
+// thread at a time; cuDNN handles and descriptors may be used from any thread of the process.
 unsafe impl Send for DeviceState {}
 
 static STATE: device::PerDevice<DeviceState> = device::PerDevice::new("cuDNN");
@@ -65,7 +75,7 @@ fn with_device<T>(index: usize, f: impl FnOnce(&mut DeviceState, CUstream) -> Re
 
 fn init_device(stream: CUstream) -> Result<DeviceState, String> {
     let handle = handle_on(stream, 90000, "convolutions")?;
-    Ok(DeviceState { handle, algos: HashMap::new() })
+    Ok(DeviceState { handle, plans: HashMap::new() })
 }
 
 /// A new cuDNN handle bound to `stream`, once libcudnn loads and is at least version
@@ -102,7 +112,7 @@ fn dims_i32(shape: [usize; 4]) -> Result<[i32; 4], String> {
     Ok(out)
 }
 
-/// Tensor, filter and convolution descriptors of one call, destroyed on drop.
+/// Tensor, filter and convolution descriptors of one problem, destroyed on drop.
 struct Descriptors {
     x: sys::cudnnTensorDescriptor_t,
     y: sys::cudnnTensorDescriptor_t,
@@ -286,23 +296,23 @@ pub(super) fn run(
     let out_handle = client.empty(out_shape.iter().product::<usize>() * elem);
 
     with_device(device.index, |state, stream| {
-        let descriptors = Descriptors::new(&key)?;
-        let (algo, workspace) = match state.algos.get(&key) {
-            Some(found) => *found,
-            None => {
-                let chosen = choose_algorithm(state.handle, kind, &descriptors)?;
-                state.algos.insert(key.clone(), chosen);
-                chosen
+        let plan = match state.plans.entry(key) {
+            Entry::Occupied(found) => found.into_mut(),
+            Entry::Vacant(slot) => {
+                let descriptors = Descriptors::new(slot.key())?;
+                let (algo, workspace) = choose_algorithm(state.handle, kind, &descriptors)?;
+                let problem = device::problem_hash("cudnn", slot.key());
+                slot.insert(Plan { descriptors, algo, workspace, problem })
             }
         };
+        let (algo, workspace, problem) = (plan.algo, plan.workspace, plan.problem);
         let workspace_handle = (workspace > 0).then(|| client.empty(workspace));
         let mut buffers: Vec<&Handle> = inputs.iter().map(|t| &t.handle).collect();
         buffers.push(&out_handle);
         buffers.extend(workspace_handle.as_ref());
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (alpha, beta) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
-        let (d, h) = (&descriptors, state.handle);
-        let problem = device::problem_hash("cudnn", &key);
+        let (d, h) = (&plan.descriptors, state.handle);
         device::run_on_buffers(&client, device.index, stream, problem, &buffers, |p| {
             let n = inputs.len();
             let (out, ws) = (p[n], if workspace > 0 { p[n + 1] } else { std::ptr::null_mut() });
