@@ -23,7 +23,7 @@ use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
-use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, group_norm_input_grad, GroupNormSpec};
+use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, group_norm_input_grad, group_norm_output, GroupNormSpec};
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
@@ -58,7 +58,7 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
         return out;
     }
     let (x, gamma, beta) = args;
-    group_norm_forward(x, gamma, beta, spec).0
+    group_norm_output(x, gamma, beta, spec)
 }
 
 /// Runs the op with its own backward when `B` is `Autodiff<X, C>` (see
@@ -87,7 +87,7 @@ fn autodiff_op<X: Backend, C: CheckpointStrategy, const D: usize>(
             prep.finish((x.primitive, gamma.primitive, beta.primitive, stats.0, stats.1), y.into_primitive().tensor())
         }
         OpsKind::UnTracked(prep) => {
-            let (y, _, _) = group_norm_forward::<X, D>(tensor(x.primitive), tensor(gamma.primitive), tensor(beta.primitive), spec);
+            let y = group_norm_output::<X, D>(tensor(x.primitive), tensor(gamma.primitive), tensor(beta.primitive), spec);
             prep.finish(y.into_primitive().tensor())
         }
     };
@@ -187,7 +187,7 @@ pub fn layer_norm_rows<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 2>, epsilon
     // The op's own arithmetic without autodiff too, so that both give the same values
     // (gradient checkpointing recomputes from checkpoints taken without autodiff).
     let (x, gamma, beta) = args;
-    group_norm_forward(x, gamma, beta, spec).0
+    group_norm_output(x, gamma, beta, spec)
 }
 
 #[cfg(test)]

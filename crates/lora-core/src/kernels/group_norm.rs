@@ -30,7 +30,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{FusionRuntime, FusionTensor};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::prelude::*;
 
 use super::{contiguous, GroupNormSpec};
@@ -757,20 +757,28 @@ type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
 type Fused<R> = FusionTensor<FusionCubeRuntime<R>>;
 
 /// Queues [`super::group_norm`] on the fusion stream of a CubeCL backend: `(y, mean, rstd)`.
-pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(x: Fused<R>, gamma: Fused<R>, beta: Fused<R>, spec: GroupNormSpec) -> (Fused<R>, Fused<R>, Fused<R>) {
+#[allow(clippy::type_complexity)]
+pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(x: Fused<R>, gamma: Fused<R>, beta: Fused<R>, spec: GroupNormSpec, with_stats: bool) -> (Fused<R>, Option<(Fused<R>, Fused<R>)>) {
     let client = x.client.clone();
     let streams = OperationStreams::with_inputs([&x, &gamma, &beta]);
     let batch = x.shape.to_vec()[0];
     let y = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype);
     let stat = || TensorIr::uninit(client.create_empty_handle(), Shape::new([batch, spec.groups, 1]), DType::F32);
-    let desc = CustomOpIr::new("sd_lora_group_norm", &[x.into_ir(), gamma.into_ir(), beta.into_ir()], &[y, stat(), stat()]);
+    // Without a backward pass the statistics stay inside the op: no outputs for the
+    // stream to release afterwards.
+    let mut outputs = vec![y];
+    if with_stats {
+        outputs.extend([stat(), stat()]);
+    }
+    let desc = CustomOpIr::new("sd_lora_group_norm", &[x.into_ir(), gamma.into_ir(), beta.into_ir()], &outputs);
     let op = GroupNormForward::<R, BT> {
         desc: desc.clone(),
         spec,
         _backend: PhantomData,
     };
-    let [y, mean, rstd] = client.register(streams, OperationIr::Custom(desc), op).outputs();
-    (y, mean, rstd)
+    let mut out = client.register(streams, OperationIr::Custom(desc), op).into_iter();
+    let y = out.next().expect("the op has an output");
+    (y, out.next().zip(out.next()))
 }
 
 /// Queues [`super::group_norm_backward`] (`params`) or [`super::group_norm_input_grad`] on
@@ -886,7 +894,9 @@ impl<R: CubeRuntime, BT: BoolElement> GroupNormForward<R, BT> {
 
 impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupNormForward<R, BT> {
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
-        let ([x, gamma, beta], outputs) = self.desc.as_fixed::<3, 3>();
+        let [x, gamma, beta] = [0, 1, 2].map(|i| &self.desc.inputs[i]);
+        // The output alone, or with the statistics (zip registers what the op declared).
+        let outputs = &self.desc.outputs;
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let (tx, tg, tb) = (get(handles, x), get(handles, gamma), get(handles, beta));
         let results = match self.kernel(tx.clone(), tg.clone(), tb.clone()) {
@@ -1170,16 +1180,18 @@ mod tests {
             super::super::set_fused_group_norm(fused);
             let input = x.clone() * 1.5 - 0.25;
             let input = if transposed { input.swap_dims(2, 3) } else { input };
+            // The op without its statistics as outputs, for passes without a backward.
+            let y_only = super::super::group_norm_output(input.clone(), gamma.clone(), beta.clone(), spec);
             let (y, mean, rstd) = super::super::group_norm(input.clone(), gamma.clone(), beta.clone(), spec);
             let (dx, dg, db) = super::super::group_norm_backward(input, gamma.clone(), beta.clone(), mean.clone(), rstd, dy.clone() * 2.0, spec);
             super::super::set_fused_group_norm(false);
             let data = |t: burn::tensor::TensorData| t.to_vec::<f32>().expect("f32 data");
-            [data((y * 3.0).into_data()), data(mean.into_data()), data(dx.exp().into_data()), data(dg.into_data()), data(db.into_data())]
+            [data((y * 3.0).into_data()), data(mean.into_data()), data(dx.exp().into_data()), data(dg.into_data()), data(db.into_data()), data((y_only * 3.0).into_data())]
         };
         let before = super::super::vendor_stats();
         for transposed in [false, true] {
             let (ours, reference) = (chain(true, transposed), chain(false, transposed));
-            for (what, (a, b)) in ["y", "mean", "dx", "dγ", "dβ"].iter().zip(ours.iter().zip(&reference)) {
+            for (what, (a, b)) in ["y", "mean", "dx", "dγ", "dβ", "y (output only)"].iter().zip(ours.iter().zip(&reference)) {
                 assert_eq!(a.len(), b.len());
                 let peak = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 for (i, (p, q)) in a.iter().zip(b).enumerate() {
@@ -1189,7 +1201,7 @@ mod tests {
         }
         let after = super::super::vendor_stats();
         assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
-        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 4);
+        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 6);
     }
 
     /// A LayerNorm's rows (`[rows, d]`, one group) through the fusion ops: the forward

@@ -1700,6 +1700,42 @@ pub fn group_norm<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 
     group_norm_math(x, gamma, beta, spec)
 }
 
+/// [`group_norm`]'s output alone, for a pass without a backward one (inference, a
+/// checkpointed forward pass, layers nothing upstream of needs a gradient): the same
+/// numbers, and on the fused backends the group statistics stay inside the op instead of
+/// becoming two outputs for burn's fusion stream to release.
+///
+/// # Panics
+///
+/// As [`group_norm`].
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::kernels::{group_norm, group_norm_output, GroupNormSpec};
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 4>::random([2, 8, 5, 5], Distribution::Normal(1.0, 2.0), &device);
+/// let (gamma, beta) = (Tensor::<Flex, 1>::ones([8], &device), Tensor::<Flex, 1>::zeros([8], &device));
+/// let spec = GroupNormSpec { groups: 4, epsilon: 1e-5, silu: true };
+/// let (y, _, _) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
+/// let err: f32 = (group_norm_output(x, gamma, beta, spec) - y).abs().max().into_scalar();
+/// assert_eq!(err, 0.0);
+/// ```
+pub fn group_norm_output<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> Tensor<X, D> {
+    if fused_group_norm_applies(&x, spec, false) {
+        #[cfg(feature = "cuda")]
+        if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
+            return group_norm_output_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(x, gamma, beta, spec);
+        }
+        #[cfg(feature = "wgpu-test")]
+        if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
+            return group_norm_output_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, gamma, beta, spec);
+        }
+    }
+    group_norm_math(x, gamma, beta, spec).0
+}
+
 /// The gradients `(dx, dγ, dβ)` of [`group_norm`] for the output gradient `grad_out`, from
 /// the input, `γ`, `β` and the forward pass's `mean` and `rstd`, in the dtypes of `x`, `γ`
 /// and `β`: with `h = x̂ γ + β`, `s = sigmoid(h)` and `dh = dy · s (1 + h (1 − s))` (just
@@ -1864,10 +1900,24 @@ fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolE
     spec: GroupNormSpec,
 ) -> (Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>) {
     let [gamma, beta] = [gamma, beta].map(into_fused::<X, R, BT, 1>);
-    let (y, mean, rstd) = group_norm::register_forward::<R, BT>(into_fused::<X, R, BT, D>(x), gamma, beta, spec);
+    let (y, stats) = group_norm::register_forward::<R, BT>(into_fused::<X, R, BT, D>(x), gamma, beta, spec, true);
+    let (mean, rstd) = stats.expect("the op was asked for its statistics");
     let checked = "the backend was checked";
     let stat = |t| from_fused::<X, R, BT, 3>(t).expect(checked);
     (from_fused::<X, R, BT, D>(y).expect(checked), stat(mean), stat(rstd))
+}
+
+/// [`group_norm_on`] without the statistics as outputs.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn group_norm_output_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
+    x: Tensor<X, D>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    spec: GroupNormSpec,
+) -> Tensor<X, D> {
+    let [gamma, beta] = [gamma, beta].map(into_fused::<X, R, BT, 1>);
+    let (y, _) = group_norm::register_forward::<R, BT>(into_fused::<X, R, BT, D>(x), gamma, beta, spec, false);
+    from_fused::<X, R, BT, D>(y).expect("the backend was checked")
 }
 
 /// The fused GroupNorm backward op; `X` must be [`FusedCube<R, BT>`] ([`is_fused`]), the
