@@ -598,6 +598,15 @@ pub(super) mod test_hooks {
     }
 }
 
+/// Waits until our stream of device `index` has run everything queued on it (a test that
+/// skipped the ordering waits must not leave a library call writing into reused memory).
+#[cfg(test)]
+pub(super) fn sync_library_stream(index: usize) -> Result<(), String> {
+    let stream = stream(index)?;
+    // SAFETY: the stream was created in `create` and is never destroyed.
+    unsafe { driver::stream::synchronize(stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"))
+}
+
 /// Queues on cubecl's stream of this thread a one-thread spin of about `spins` polls of a
 /// word that never changes (a test's late input: the kernels queued after it run late).
 #[cfg(test)]

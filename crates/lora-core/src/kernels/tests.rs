@@ -684,8 +684,9 @@ fn device_ordering_matches_host_ordering_on_cuda() {
     device::test_hooks::set(library_delay, true);
     let control = chain(true, VendorSync::Device, 0.3, true);
     device::test_hooks::set(0, false);
-    // The control's last library call may still run on our stream; the host-ordered chain
-    // below waits for it before its first call.
+    // The control's last library calls may still run on our stream: let them finish
+    // before the reference chain reuses their memory.
+    device::sync_library_stream(0).expect("our stream");
     let control_host = chain(true, VendorSync::Host, 0.3, false);
     assert_eq!(after.ordering_error, None);
     assert_eq!(after.ordering_timeouts, 0, "a GPU-side wait gave up");
