@@ -169,7 +169,9 @@ fn with_pointers<T: Send + 'static>(client: &ComputeClient<CudaRuntime>, buffers
         f,
     };
     let server = client.clone();
-    server.exclusive(move || task.run()).map_err(|e| format!("cubecl server: {e:?}"))?
+    server
+        .exclusive(move || task.run())
+        .map_err(|e| format!("library call on cubecl's server thread failed or panicked (see the log for \"Task failed\"): {e:?}"))?
 }
 
 /// What [`with_pointers`] runs on cubecl's server thread.
