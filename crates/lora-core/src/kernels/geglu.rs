@@ -37,6 +37,18 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// `1/√(2π)`: `φ(g) = e^{−g²/2} / √(2π)`.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// `h + b` in f32.
+#[cube]
+fn biased<T: Float, P: Float, N: Size>(h: Vector<T, N>, b: Vector<P, N>) -> Vector<f32, N> {
+    Vector::<f32, N>::cast_from(h) + Vector::<f32, N>::cast_from(b)
+}
+
+/// `Φ(g) = ½ (1 + erf(g/√2))`.
+#[cube]
+fn normal_cdf<N: Size>(g: Vector<f32, N>) -> Vector<f32, N> {
+    Vector::<f32, N>::new(0.5) * (Vector::<f32, N>::new(1.0) + (g * Vector::<f32, N>::new(FRAC_1_SQRT_2)).erf())
+}
+
 /// `out[r, j] = (h[r, j] + b[j]) · gelu(h[r, n + j] + b[n + j])` over `[rows, n]` outputs
 /// (`n` = `half` counts vectors of `N`), in f32.
 #[cube(launch)]
@@ -48,9 +60,9 @@ fn geglu_forward<T: Float, P: Float, N: Size>(h: &Array<Vector<T, N>>, bias: &Ar
     while i < len {
         let (row, col) = (i / n, i % n);
         let base = row * 2 * n;
-        let a = Vector::<f32, N>::cast_from(h[base + col]) + Vector::<f32, N>::cast_from(bias[col]);
-        let g = Vector::<f32, N>::cast_from(h[base + n + col]) + Vector::<f32, N>::cast_from(bias[n + col]);
-        let cdf = Vector::<f32, N>::new(0.5) * (Vector::<f32, N>::new(1.0) + (g * Vector::<f32, N>::new(FRAC_1_SQRT_2)).erf());
+        let a = biased::<T, P, N>(h[base + col], bias[col]);
+        let g = biased::<T, P, N>(h[base + n + col], bias[n + col]);
+        let cdf = normal_cdf::<N>(g);
         out[i] = Vector::<T, N>::cast_from(a * g * cdf);
         i += stride;
     }
@@ -75,10 +87,10 @@ fn geglu_backward<T: Float, P: Float, N: Size>(
     while i < len {
         let (row, col) = (i / n, i % n);
         let base = row * 2 * n;
-        let a = Vector::<f32, N>::cast_from(h[base + col]) + Vector::<f32, N>::cast_from(bias[col]);
-        let g = Vector::<f32, N>::cast_from(h[base + n + col]) + Vector::<f32, N>::cast_from(bias[n + col]);
+        let a = biased::<T, P, N>(h[base + col], bias[col]);
+        let g = biased::<T, P, N>(h[base + n + col], bias[n + col]);
         let d = Vector::<f32, N>::cast_from(dy[i]);
-        let cdf = Vector::<f32, N>::new(0.5) * (Vector::<f32, N>::new(1.0) + (g * Vector::<f32, N>::new(FRAC_1_SQRT_2)).erf());
+        let cdf = normal_cdf::<N>(g);
         let pdf = (g * g * Vector::<f32, N>::new(-0.5)).exp() * Vector::<f32, N>::new(FRAC_1_SQRT_2PI);
         dh[base + col] = Vector::<T, N>::cast_from(d * g * cdf);
         dh[base + n + col] = Vector::<T, N>::cast_from(d * a * (cdf + g * pdf));

@@ -1686,18 +1686,9 @@ pub fn fused_group_norm_enabled() -> bool {
 /// assert!(err < 1e-5);
 /// ```
 pub fn group_norm<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> (Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>) {
-    if fused_group_norm_applies(&x, spec, false) {
-        #[cfg(feature = "cuda")]
-        if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
-            return group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(x, gamma, beta, spec);
-        }
-        // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-        #[cfg(feature = "wgpu-test")]
-        if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
-            return group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, gamma, beta, spec);
-        }
-    }
-    group_norm_math(x, gamma, beta, spec)
+    let (y, stats) = group_norm_with(x, gamma, beta, spec, true);
+    let (mean, rstd) = stats.expect("every path returns the statistics when asked");
+    (y, mean, rstd)
 }
 
 /// [`group_norm`]'s output alone, for a pass without a backward one (inference, a
@@ -1723,17 +1714,34 @@ pub fn group_norm<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 
 /// assert_eq!(err, 0.0);
 /// ```
 pub fn group_norm_output<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X, 1>, beta: Tensor<X, 1>, spec: GroupNormSpec) -> Tensor<X, D> {
+    group_norm_with(x, gamma, beta, spec, false).0
+}
+
+/// [`group_norm`] and [`group_norm_output`]: the fused op where it applies (with the
+/// statistics as outputs only `with_stats`), else burn's ops (which compute them anyway).
+#[allow(clippy::type_complexity)]
+fn group_norm_with<X: Backend, const D: usize>(
+    x: Tensor<X, D>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    spec: GroupNormSpec,
+    with_stats: bool,
+) -> (Tensor<X, D>, Option<(Tensor<X, 3>, Tensor<X, 3>)>) {
     if fused_group_norm_applies(&x, spec, false) {
         #[cfg(feature = "cuda")]
         if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
-            return group_norm_output_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(x, gamma, beta, spec);
+            return group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(x, gamma, beta, spec, with_stats);
         }
+        // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
         #[cfg(feature = "wgpu-test")]
         if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
-            return group_norm_output_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, gamma, beta, spec);
+            return group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, gamma, beta, spec, with_stats);
         }
     }
-    group_norm_math(x, gamma, beta, spec).0
+    // Read by the fused backends only.
+    let _ = with_stats;
+    let (y, mean, rstd) = group_norm_math(x, gamma, beta, spec);
+    (y, Some((mean, rstd)))
 }
 
 /// The gradients `(dx, dγ, dβ)` of [`group_norm`] for the output gradient `grad_out`, from
@@ -1898,26 +1906,13 @@ fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolE
     gamma: Tensor<X, 1>,
     beta: Tensor<X, 1>,
     spec: GroupNormSpec,
-) -> (Tensor<X, D>, Tensor<X, 3>, Tensor<X, 3>) {
+    with_stats: bool,
+) -> (Tensor<X, D>, Option<(Tensor<X, 3>, Tensor<X, 3>)>) {
     let [gamma, beta] = [gamma, beta].map(into_fused::<X, R, BT, 1>);
-    let (y, stats) = group_norm::register_forward::<R, BT>(into_fused::<X, R, BT, D>(x), gamma, beta, spec, true);
-    let (mean, rstd) = stats.expect("the op was asked for its statistics");
+    let (y, stats) = group_norm::register_forward::<R, BT>(into_fused::<X, R, BT, D>(x), gamma, beta, spec, with_stats);
     let checked = "the backend was checked";
     let stat = |t| from_fused::<X, R, BT, 3>(t).expect(checked);
-    (from_fused::<X, R, BT, D>(y).expect(checked), stat(mean), stat(rstd))
-}
-
-/// [`group_norm_on`] without the statistics as outputs.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
-fn group_norm_output_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
-    x: Tensor<X, D>,
-    gamma: Tensor<X, 1>,
-    beta: Tensor<X, 1>,
-    spec: GroupNormSpec,
-) -> Tensor<X, D> {
-    let [gamma, beta] = [gamma, beta].map(into_fused::<X, R, BT, 1>);
-    let (y, _) = group_norm::register_forward::<R, BT>(into_fused::<X, R, BT, D>(x), gamma, beta, spec, false);
-    from_fused::<X, R, BT, D>(y).expect("the backend was checked")
+    (from_fused::<X, R, BT, D>(y).expect(checked), stats.map(|(mean, rstd)| (stat(mean), stat(rstd))))
 }
 
 /// The fused GroupNorm backward op; `X` must be [`FusedCube<R, BT>`] ([`is_fused`]), the
