@@ -156,8 +156,9 @@ pub(super) fn run_on_buffers(
 /// `f` runs on cubecl's server thread, while the calling thread (burn-fusion's, which
 /// executes our operations) waits: one blocking request for the whole call, where a
 /// `get_resource` per buffer would be one round trip between the two threads each (5 of
-/// them took ~80 µs on the 2-core dev machine, one request holding all 5 ~17 µs; a training
-/// step makes hundreds of library calls). On that thread cubecl's own requests run inline.
+/// them took ~31 µs on the 2-core dev machine, one request holding all 5 ~11 µs: the
+/// `round_trips` example; a training step makes hundreds of library calls). On that thread
+/// cubecl's own requests run inline.
 fn with_pointers<T: Send + 'static>(client: &ComputeClient<CudaRuntime>, buffers: &[&Handle], f: impl FnOnce(&[*mut c_void]) -> T) -> Result<T, String> {
     // The caller made our context current; so must the server thread be (cubecl's context
     // is the same primary context, current there anyway).
