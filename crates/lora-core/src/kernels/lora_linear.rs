@@ -10,20 +10,29 @@
 //! (docs/benchmarks.md). Here the forward pass is one custom
 //! operation and the backward pass another. Inside them the products go straight to the
 //! kernels [`super::matmul`] would route them to (cuBLAS for large products on CUDA, else
-//! the fixed CubeCL matmul), and the sums run in two small kernels of this file:
+//! the fixed CubeCL matmul), and the rest runs in small kernels of this file:
 //!
-//! - [`lora_epilogue`]: `out = a + s·b (+ bias) (+ c)` in f32, written in the activations'
-//!   dtype (the output `x·W + s·(h·B) + bias + residual`, and the input gradient
-//!   `dy·Wᵀ + s·(g·Aᵀ)`);
-//! - [`sum_partials`]: `s · Σ_k partials[k]` in f32, written in the adapter weights' dtype
-//!   (a weight gradient split in row chunks, [`super::split_rows`]; one chunk when unsplit).
+//! - [`lora_epilogue`]: `out = a + s·term (+ bias) (+ c)` in f32, written in the
+//!   activations' dtype (the output `x·W + s·(h·B) + bias + residual`, and the input
+//!   gradient `dy·Wᵀ + s·(g·Aᵀ)`). For ranks up to [`LOW_RANK_MAX`] the adapter's term is
+//!   summed there from `h` (or `g`) and the adapter weight, `rank` multiply-adds per output
+//!   element, instead of a product kernel writing a `[rows, columns]` tensor for the
+//!   epilogue to read back;
+//! - [`lora_weight_grads`] and [`sum_weight_grads`]: both weight gradients of a layer,
+//!   summed over row chunks straight from the rows (one unit per column of `x` and `dy`),
+//!   then the chunks' f32 partial sums scaled into the adapter weights' dtypes;
+//! - [`sum_partials`]: `s · Σ_k partials[k]` in f32, for a weight gradient split in row
+//!   chunks by the routed product ([`super::split_rows`]; ranks above [`LOW_RANK_MAX`]).
 //!
 //! The backward pass is `g = dy·Bᵀ`, `dA = s·xᵀ·g`, `dB = s·hᵀ·dy`, `dx = dy·Wᵀ + s·g·Aᵀ`,
-//! with `h = x·A` kept from the forward pass (`rows × r`, small). Same arithmetic as the
-//! composed ops up to where the scale is applied (in f32 after the rounded products,
-//! instead of on the half-precision `B` before them). A layer without an adapter (not
-//! targeted, or merged) is `x·W + bias (+ residual)` in one operation, its backward pass
-//! the routed product `dy·Wᵀ`.
+//! with `h = x·A` kept from the forward pass (`rows × r`, small): per adapted layer and
+//! step, 3 kernels forward (`x·W`, `x·A`, the epilogue) and 5 backward (`dy·Wᵀ`, `dy·Bᵀ`,
+//! the epilogue, the two weight-gradient kernels), where separate products took 4 and 8.
+//! Same arithmetic as the composed ops up to where the scale is applied (in f32 after the
+//! rounded `h` and `g`, instead of on the half-precision `B` before them), and the
+//! adapter's term no longer rounded to half precision before it is added. A layer without
+//! an adapter (not targeted, or merged) is `x·W + bias (+ residual)` in one operation, its
+//! backward pass the routed product `dy·Wᵀ`.
 
 use std::any::TypeId;
 use std::marker::PhantomData;
@@ -57,22 +66,31 @@ pub(super) const THREADS: u32 = 256;
 /// Cubes per launch at most; each thread strides over the rest.
 const MAX_CUBES: usize = 65_535;
 
-/// `out = a (+ scale·b) (+ bias[column]) (+ c)`, elementwise over `[rows, columns]` tensors
-/// (vectors of `N` along a row; `columns` counts vectors), summed in f32.
+/// `out = a (+ scale·b) (+ scale·low·m) (+ bias[column]) (+ c)`, elementwise over
+/// `[rows, columns]` tensors (vectors of `N` along a row; `columns` counts vectors), summed
+/// in f32. The low-rank term multiplies `low: [rows, rank]` by a small matrix whose
+/// element `(k, column)` is `m[k·m_k + column·m_c]` (an adapter's `B`, or its `A`
+/// transposed), so that the adapter's `[rows, columns]` product is never written out.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn lora_epilogue<T: Float, P: Float, N: Size>(
+fn lora_epilogue<T: Float, P: Float, Q: Float, N: Size>(
     a: &Array<Vector<T, N>>,
     b: &Array<Vector<T, N>>,
+    low: &Array<T>,
+    m: &Array<Q>,
     bias: &Array<Vector<P, N>>,
     c: &Array<Vector<T, N>>,
     out: &mut Array<Vector<T, N>>,
     scale: f32,
     columns: u32,
+    rank: u32,
+    m_k: u32,
+    m_c: u32,
     #[comptime] has_b: bool,
+    #[comptime] has_low: bool,
     #[comptime] has_bias: bool,
     #[comptime] has_c: bool,
-    #[define(T, P)] _dtypes: [StorageType; 2],
+    #[define(T, P, Q)] _dtypes: [StorageType; 3],
 ) {
     let n = out.len();
     let stride = (CUBE_COUNT_X * CUBE_DIM_X) as usize;
@@ -82,6 +100,9 @@ fn lora_epilogue<T: Float, P: Float, N: Size>(
         if has_b {
             v += Vector::<f32, N>::cast_from(b[i]) * Vector::<f32, N>::new(scale);
         }
+        if has_low {
+            v += low_rank_term::<T, Q, N>(low, m, i, columns as usize, rank as usize, m_k as usize, m_c as usize) * Vector::<f32, N>::new(scale);
+        }
         if has_bias {
             v += Vector::<f32, N>::cast_from(bias[i % columns as usize]);
         }
@@ -90,6 +111,132 @@ fn lora_epilogue<T: Float, P: Float, N: Size>(
         }
         out[i] = Vector::<T, N>::cast_from(v);
         i += stride;
+    }
+}
+
+/// `Σ_k low[row, k] · m(k, column)` for the `N` columns of output vector `i` (`columns`
+/// vectors per row), in f32.
+#[cube]
+fn low_rank_term<T: Float, Q: Float, N: Size>(low: &Array<T>, m: &Array<Q>, i: usize, columns: usize, rank: usize, m_k: usize, m_c: usize) -> Vector<f32, N> {
+    let row = i / columns;
+    let first = (i % columns) * N::value();
+    let mut acc = Vector::<f32, N>::new(0.0);
+    let mut k = 0usize;
+    while k < rank {
+        let weight = Vector::<f32, N>::new(f32::cast_from(low[row * rank + k]));
+        let mut column = Vector::<f32, N>::new(0.0);
+        #[unroll]
+        for e in 0..N::value() {
+            column[e] = f32::cast_from(m[k * m_k + (first + e) * m_c]);
+        }
+        acc += weight * column;
+        k += 1;
+    }
+    acc
+}
+
+/// Partial LoRA weight gradients over chunk `CUBE_POS_Y` of `chunk` rows, one column per
+/// unit: columns below `d_in` give `Σ_rows x[row, c]·g[row, k]` (`dA`, laid out
+/// `[d_in, rank]`), the others `Σ_rows h[row, k]·dy[row, j]` (`dB`, `[rank, d_out]`, after
+/// `dA`), into `partials[chunk · (d_in + d_out) · rank + …]` in f32. Both gradients of a
+/// layer in one launch, read straight from the rows (no transposition, no product kernel
+/// whose tiles the rank-wide outputs would leave mostly empty).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn lora_weight_grads<T: Float>(
+    x: &Array<T>,
+    g: &Array<T>,
+    h: &Array<T>,
+    dy: &Array<T>,
+    partials: &mut Array<f32>,
+    rows: u32,
+    d_in: u32,
+    d_out: u32,
+    rank: u32,
+    chunk: u32,
+    #[comptime] tile: usize,
+    #[define(T)] _dtype: StorageType,
+) {
+    let column = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    let (rows, d_in, d_out, rank) = (rows as usize, d_in as usize, d_out as usize, rank as usize);
+    let first = CUBE_POS_Y as usize * chunk as usize;
+    let mut last = first + chunk as usize;
+    if last > rows {
+        last = rows;
+    }
+    let base = CUBE_POS_Y as usize * (d_in + d_out) * rank;
+    if column < d_in {
+        chunk_products::<T>(x, g, partials, column, d_in, first, last, rank, base, 1, rank, tile);
+    } else if column < d_in + d_out {
+        chunk_products::<T>(dy, h, partials, column - d_in, d_out, first, last, rank, base + d_in * rank, d_out, 1, tile);
+    }
+}
+
+/// `Σ_{rows first..last} src[row, column] · low[row, k]` for every `k < rank`, `tile` at a
+/// time (`tile` divides `rank`), stored at `partials[at + k·at_k + column·at_c]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn chunk_products<T: Float>(
+    src: &Array<T>,
+    low: &Array<T>,
+    partials: &mut Array<f32>,
+    column: usize,
+    width: usize,
+    first: usize,
+    last: usize,
+    rank: usize,
+    at: usize,
+    at_k: usize,
+    at_c: usize,
+    #[comptime] tile: usize,
+) {
+    let mut k0 = 0usize;
+    while k0 < rank {
+        let mut acc = Array::<f32>::new(tile);
+        #[unroll]
+        for t in 0..tile {
+            acc[t] = 0.0;
+        }
+        let mut row = first;
+        while row < last {
+            let v = f32::cast_from(src[row * width + column]);
+            let l = row * rank + k0;
+            #[unroll]
+            for t in 0..tile {
+                acc[t] += v * f32::cast_from(low[l + t]);
+            }
+            row += 1;
+        }
+        #[unroll]
+        for t in 0..tile {
+            partials[at + (k0 + t) * at_k + column * at_c] = acc[t];
+        }
+        k0 += tile;
+    }
+}
+
+/// `da[j] = scale · Σ_k partials[k·n + j]` and `db[j] = scale · Σ_k partials[k·n +
+/// len(da) + j]` for `chunks` partial rows of `n = len(da) + len(db)` f32 sums (from
+/// [`lora_weight_grads`]), written in the adapter weights' dtypes.
+#[cube(launch)]
+fn sum_weight_grads<O: Float, Q: Float>(partials: &Array<f32>, da: &mut Array<O>, db: &mut Array<Q>, chunks: u32, scale: f32, #[define(O, Q)] _dtypes: [StorageType; 2]) {
+    let (na, nb) = (da.len(), db.len());
+    let n = na + nb;
+    let stride = (CUBE_COUNT_X * CUBE_DIM_X) as usize;
+    let mut j = (CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X) as usize;
+    while j < n {
+        let mut acc = 0.0f32;
+        let mut k = 0usize;
+        while k < chunks as usize {
+            acc += partials[k * n + j];
+            k += 1;
+        }
+        if j < na {
+            da[j] = O::cast_from(acc * scale);
+        } else {
+            db[j - na] = Q::cast_from(acc * scale);
+        }
+        j += stride;
     }
 }
 
@@ -151,20 +298,62 @@ fn cast<R: CubeRuntime, BT: BoolElement>(t: CubeTensor<R>, dtype: DType) -> Cube
     }
 }
 
-/// `a (+ scale·b) (+ bias) (+ c)` for `[rows, columns]` tensors `a`, `b`, `c` of one dtype
-/// and a `[columns]` bias, in [`lora_epilogue`] (burn's ops where it refuses); `a` itself
-/// when there is nothing to add.
-fn epilogue<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: Option<CubeTensor<R>>, scale: f32, bias: Option<CubeTensor<R>>, c: Option<CubeTensor<R>>) -> CubeTensor<R> {
-    if b.is_none() && bias.is_none() && c.is_none() {
+/// The adapter's term of an epilogue, `scale ·` it added to the base product.
+// One lives for the length of a call; the variants' size difference is immaterial.
+#[allow(clippy::large_enum_variant)]
+enum Term<R: CubeRuntime> {
+    /// The whole `[rows, columns]` product, computed before.
+    Full(CubeTensor<R>),
+    /// `low · m` for `low: [rows, rank]` and `m: [rank, columns]` (`transposed`: `m` is
+    /// `[columns, rank]`, read as its transpose), computed inside [`lora_epilogue`].
+    LowRank { low: CubeTensor<R>, m: CubeTensor<R>, transposed: bool },
+}
+
+impl<R: CubeRuntime> Term<R> {
+    /// `low · m` when the rank is at most [`LOW_RANK_MAX`] (summed inside the epilogue),
+    /// else the routed product.
+    fn new<BT: BoolElement>(low: CubeTensor<R>, m: CubeTensor<R>, transposed: bool) -> Self {
+        if low.meta.shape()[1] <= LOW_RANK_MAX {
+            Term::LowRank { low, m, transposed }
+        } else {
+            Term::Full(Self::product::<BT>(low, m, transposed))
+        }
+    }
+
+    /// `low · m` as a routed product, `m` cast to `low`'s dtype.
+    fn product<BT: BoolElement>(low: CubeTensor<R>, m: CubeTensor<R>, transposed: bool) -> CubeTensor<R> {
+        let m = cast::<R, BT>(m, low.dtype);
+        product::<R, BT>(low, m, Transpose { a: false, b: transposed })
+    }
+
+    /// The whole product.
+    fn full<BT: BoolElement>(self) -> CubeTensor<R> {
+        match self {
+            Term::Full(b) => b,
+            Term::LowRank { low, m, transposed } => Self::product::<BT>(low, m, transposed),
+        }
+    }
+}
+
+/// Largest adapter rank whose products [`lora_epilogue`] and [`lora_weight_grads`] sum
+/// themselves (`rank` multiply-adds per output element, in f32 without tensor cores);
+/// larger ranks go through the routed products.
+pub(super) const LOW_RANK_MAX: usize = 32;
+
+/// `a (+ scale·term) (+ bias) (+ c)` for `[rows, columns]` tensors `a`, `c` of one dtype,
+/// the adapter's term (see [`Term`]) and a `[columns]` bias, in [`lora_epilogue`] (burn's
+/// ops where it refuses); `a` itself when there is nothing to add.
+fn epilogue<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, term: Option<Term<R>>, scale: f32, bias: Option<CubeTensor<R>>, c: Option<CubeTensor<R>>) -> CubeTensor<R> {
+    if term.is_none() && bias.is_none() && c.is_none() {
         return a;
     }
-    match launch_epilogue(&a, b.as_ref(), scale, bias.as_ref(), c.as_ref()) {
+    match launch_epilogue(&a, term.as_ref(), scale, bias.as_ref(), c.as_ref()) {
         Ok(out) => out,
         Err(reason) => {
             super::record_fallback(reason);
             let mut y = a;
-            if let Some(b) = b {
-                y = Inner::<R, BT>::float_add(y, Inner::<R, BT>::float_mul_scalar(b, scale.into()));
+            if let Some(term) = term {
+                y = Inner::<R, BT>::float_add(y, Inner::<R, BT>::float_mul_scalar(term.full::<BT>(), scale.into()));
             }
             if let Some(bias) = bias {
                 let columns = bias.meta.shape().num_elements();
@@ -179,14 +368,23 @@ fn epilogue<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: Option<CubeTen
     }
 }
 
-fn launch_epilogue<R: CubeRuntime>(a: &CubeTensor<R>, b: Option<&CubeTensor<R>>, scale: f32, bias: Option<&CubeTensor<R>>, c: Option<&CubeTensor<R>>) -> Result<CubeTensor<R>, String> {
+fn launch_epilogue<R: CubeRuntime>(a: &CubeTensor<R>, term: Option<&Term<R>>, scale: f32, bias: Option<&CubeTensor<R>>, c: Option<&CubeTensor<R>>) -> Result<CubeTensor<R>, String> {
     let shape = a.meta.shape().clone();
     let dims = shape.to_vec();
     let [rows, columns] = dims[..] else {
         return Err(format!("LoRA epilogue: expected [rows, columns], got {dims:?}"));
     };
     let same = |t: &CubeTensor<R>| t.meta.shape().to_vec() == dims && t.dtype == a.dtype;
-    if b.is_some_and(|b| !same(b)) || c.is_some_and(|c| !same(c)) || bias.is_some_and(|bias| bias.meta.shape().num_elements() != columns) {
+    let term_fits = match term {
+        None => true,
+        Some(Term::Full(b)) => same(b),
+        Some(Term::LowRank { low, m, transposed }) => {
+            let rank = low.meta.shape().to_vec().get(1).copied().unwrap_or(0);
+            let m_dims = if *transposed { [columns, rank] } else { [rank, columns] };
+            low.meta.shape().to_vec() == [rows, rank] && low.dtype == a.dtype && m.meta.shape().to_vec() == m_dims && is_float(m.dtype)
+        }
+    };
+    if !term_fits || c.is_some_and(|c| !same(c)) || bias.is_some_and(|bias| bias.meta.shape().num_elements() != columns) {
         return Err(format!("LoRA epilogue: operands differ from {dims:?} {:?}", a.dtype));
     }
     if !is_float(a.dtype) || bias.is_some_and(|bias| !is_float(bias.dtype)) {
@@ -194,37 +392,67 @@ fn launch_epilogue<R: CubeRuntime>(a: &CubeTensor<R>, b: Option<&CubeTensor<R>>,
     }
     let client = a.client.clone();
     let a = contiguous(a.clone());
-    let (b, c) = (b.map(|b| contiguous(b.clone())), c.map(|c| contiguous(c.clone())));
+    let term = term.map(|term| match term {
+        Term::Full(b) => Term::Full(contiguous(b.clone())),
+        Term::LowRank { low, m, transposed } => Term::LowRank { low: contiguous(low.clone()), m: contiguous(m.clone()), transposed: *transposed },
+    });
+    let c = c.map(|c| contiguous(c.clone()));
     let bias = bias.map(|bias| contiguous(bias.clone()));
     let out = client.empty(rows * columns * a.dtype.size());
     let bias_dtype = bias.as_ref().map_or(a.dtype, |bias| bias.dtype);
+    let (full, low) = match &term {
+        None => (None, None),
+        Some(Term::Full(b)) => (Some(&b.handle), None),
+        Some(Term::LowRank { low, m, transposed }) => {
+            let rank = low.meta.shape()[1];
+            let strides = if *transposed { [1, rank] } else { [columns, 1] };
+            (None, Some(LowRankArgs { low: &low.handle, m: &m.handle, rank, strides }))
+        }
+    };
+    let m_dtype = match &term {
+        Some(Term::LowRank { m, .. }) => m.dtype,
+        _ => a.dtype,
+    };
     launch_epilogue_kernel(
         &client,
         &a.handle,
-        b.as_ref().map(|b| &b.handle),
+        full,
+        low,
         bias.as_ref().map(|bias| &bias.handle),
         c.as_ref().map(|c| &c.handle),
         &out,
         [rows, columns],
         scale,
-        [a.dtype.into(), bias_dtype.into()],
+        [a.dtype.into(), bias_dtype.into(), m_dtype.into()],
     )?;
     Ok(CubeTensor::new_contiguous(client, a.device.clone(), shape, out, a.dtype))
 }
 
+/// The low-rank term's buffers for [`launch_epilogue_kernel`]: `low` holds `rows · rank`
+/// elements of the activations' dtype, `m` the small matrix (`rank · columns` elements of
+/// its own dtype), element `(k, column)` at `k·strides[0] + column·strides[1]`.
+pub(super) struct LowRankArgs<'a> {
+    pub low: &'a cubecl::server::Handle,
+    pub m: &'a cubecl::server::Handle,
+    pub rank: usize,
+    pub strides: [usize; 2],
+}
+
 /// Launches [`lora_epilogue`] on contiguous buffers: `a`, `b`, `c` and `out` hold
-/// `rows · columns` elements of `dtypes[0]`, the bias `columns` of `dtypes[1]`.
+/// `rows · columns` elements of `dtypes[0]`, the bias `columns` of `dtypes[1]`, the
+/// low-rank term's `m` elements of `dtypes[2]`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch_epilogue_kernel<R: Runtime>(
     client: &ComputeClient<R>,
     a: &cubecl::server::Handle,
     b: Option<&cubecl::server::Handle>,
+    low: Option<LowRankArgs<'_>>,
     bias: Option<&cubecl::server::Handle>,
     c: Option<&cubecl::server::Handle>,
     out: &cubecl::server::Handle,
     [rows, columns]: [usize; 2],
     scale: f32,
-    dtypes: [StorageType; 2],
+    dtypes: [StorageType; 3],
 ) -> Result<(), String> {
     let len = rows * columns;
     if u32::try_from(len).is_err() {
@@ -233,6 +461,16 @@ pub(super) fn launch_epilogue_kernel<R: Runtime>(
     let vector = row_vector(client, dtypes[0].size(), columns);
     // Absent operands are bound to `a` and never read.
     let (bias_handle, bias_len) = bias.map_or((a, len), |bias| (bias, columns));
+    let (low_handle, m_handle, rank, strides) = match &low {
+        Some(l) => {
+            if l.rank == 0 || u32::try_from(rows * l.rank).is_err() || u32::try_from(l.rank * columns).is_err() {
+                return Err(format!("LoRA epilogue: rank {} for {rows} × {columns}", l.rank));
+            }
+            (l.low, l.m, l.rank, l.strides)
+        }
+        None => (a, a, 0, [0, 0]),
+    };
+    let (low_len, m_len) = if low.is_some() { (rows * rank, rank * columns) } else { (len, len) };
     // SAFETY: the caller's contract on the buffers; the vector divides a row, so the bias
     // is whole vectors. Array arguments count elements; the kernel sees `len / vector`.
     unsafe {
@@ -243,12 +481,18 @@ pub(super) fn launch_epilogue_kernel<R: Runtime>(
             vector,
             arg(a, len),
             arg(b.unwrap_or(a), len),
+            arg(low_handle, low_len),
+            arg(m_handle, m_len),
             arg(bias_handle, bias_len),
             arg(c.unwrap_or(a), len),
             arg(out, len),
             scale,
             (columns / vector) as u32,
+            rank as u32,
+            strides[0] as u32,
+            strides[1] as u32,
             b.is_some(),
+            low.is_some(),
             bias.is_some(),
             c.is_some(),
             dtypes,
@@ -355,6 +599,103 @@ pub(super) fn launch_sum_partials_kernel<R: Runtime>(
     // SAFETY: the caller's contract on the buffers.
     unsafe {
         sum_partials::launch::<R>(client, cubes(len), CubeDim::new_1d(THREADS), arg(partials, chunks * len), arg(out, len), chunks_u32, scale, dtypes);
+    }
+    Ok(())
+}
+
+/// `(scale · xᵀ·g, scale · hᵀ·dy)`, the adapter's two weight gradients, in `dtypes`
+/// (`A`'s and `B`'s): one [`lora_weight_grads`] launch over row chunks and one
+/// [`sum_weight_grads`] for ranks up to [`LOW_RANK_MAX`], else (or where the kernels
+/// refuse) two routed products as [`weight_grad`] runs them.
+fn weight_grads<R: CubeRuntime, BT: BoolElement>([x, g, h, dy]: [CubeTensor<R>; 4], scale: f32, dtypes: [DType; 2]) -> (CubeTensor<R>, CubeTensor<R>) {
+    if g.meta.shape()[1] <= LOW_RANK_MAX {
+        match launch_weight_grads(&x, &g, &h, &dy, scale, dtypes) {
+            Ok(pair) => return pair,
+            Err(reason) => super::record_fallback(reason),
+        }
+    }
+    (weight_grad::<R, BT>(x, g, scale, dtypes[0]), weight_grad::<R, BT>(h, dy, scale, dtypes[1]))
+}
+
+fn launch_weight_grads<R: CubeRuntime>(x: &CubeTensor<R>, g: &CubeTensor<R>, h: &CubeTensor<R>, dy: &CubeTensor<R>, scale: f32, dtypes: [DType; 2]) -> Result<(CubeTensor<R>, CubeTensor<R>), String> {
+    let dims = |t: &CubeTensor<R>| t.meta.shape().to_vec();
+    let (Ok([rows, d_in]), Ok([_, rank]), Ok([_, d_out])) = (<[usize; 2]>::try_from(dims(x)), <[usize; 2]>::try_from(dims(g)), <[usize; 2]>::try_from(dims(dy))) else {
+        return Err(format!("LoRA weight gradients: x {:?}, g {:?}, dy {:?}", dims(x), dims(g), dims(dy)));
+    };
+    let dtype = x.dtype;
+    let fits = dims(g) == [rows, rank] && dims(h) == [rows, rank] && dims(dy)[0] == rows && [g.dtype, h.dtype, dy.dtype].iter().all(|&d| d == dtype);
+    if !fits || !is_float(dtype) || !dtypes.iter().all(|&d| is_float(d)) {
+        return Err(format!("LoRA weight gradients: x {:?} {dtype:?}, g {:?} {:?}, h {:?} {:?}, dy {:?} {:?} into {dtypes:?}", dims(x), dims(g), g.dtype, dims(h), h.dtype, dims(dy), dy.dtype));
+    }
+    let client = x.client.clone();
+    let [x, g, h, dy] = [x, g, h, dy].map(|t| contiguous(t.clone()));
+    let (da, db) = (client.empty(d_in * rank * dtypes[0].size()), client.empty(rank * d_out * dtypes[1].size()));
+    launch_weight_grads_kernels(&client, [&x.handle, &g.handle, &h.handle, &dy.handle], [&da, &db], [rows, d_in, d_out, rank], scale, [dtype.into(), dtypes[0].into(), dtypes[1].into()])?;
+    let device = x.device.clone();
+    Ok((
+        CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new([d_in, rank]), da, dtypes[0]),
+        CubeTensor::new_contiguous(client, device, Shape::new([rank, d_out]), db, dtypes[1]),
+    ))
+}
+
+/// Threads per cube of [`lora_weight_grads`] (one column each).
+const WEIGHT_GRAD_THREADS: u32 = 128;
+
+/// Rows per chunk of [`lora_weight_grads`] at least, and f32 partial sums at most (more
+/// rows per chunk when the chunks' partials would exceed it).
+const WEIGHT_GRAD_MIN_ROWS: usize = 64;
+const WEIGHT_GRAD_MAX_PARTIALS: usize = 1 << 22;
+
+/// Rows per chunk of [`lora_weight_grads`] for `rows` rows and `outputs` gradient elements:
+/// [`WEIGHT_GRAD_MIN_ROWS`], more where that many chunks' partials would pass
+/// [`WEIGHT_GRAD_MAX_PARTIALS`].
+pub(super) fn weight_grad_chunk(rows: usize, outputs: usize) -> usize {
+    let max_chunks = (WEIGHT_GRAD_MAX_PARTIALS / outputs.max(1)).max(1);
+    WEIGHT_GRAD_MIN_ROWS.max(rows.div_ceil(max_chunks))
+}
+
+/// Launches [`lora_weight_grads`] and [`sum_weight_grads`]: `inputs` are `x: [rows, d_in]`,
+/// `g: [rows, rank]`, `h: [rows, rank]` and `dy: [rows, d_out]` in `dtypes[0]`, `outputs`
+/// `dA: [d_in, rank]` in `dtypes[1]` and `dB: [rank, d_out]` in `dtypes[2]`.
+pub(super) fn launch_weight_grads_kernels<R: Runtime>(
+    client: &ComputeClient<R>,
+    [x, g, h, dy]: [&cubecl::server::Handle; 4],
+    [da, db]: [&cubecl::server::Handle; 2],
+    [rows, d_in, d_out, rank]: [usize; 4],
+    scale: f32,
+    dtypes: [StorageType; 3],
+) -> Result<(), String> {
+    let outputs = (d_in + d_out) * rank;
+    let chunk = weight_grad_chunk(rows, outputs);
+    let chunks = rows.div_ceil(chunk);
+    let too_large = [rows * d_in, rows * d_out, rows * rank, chunks * outputs].iter().any(|&n| u32::try_from(n).is_err());
+    if rank == 0 || rows == 0 || too_large || chunks > 65_535 {
+        return Err(format!("LoRA weight gradients: {rows} rows, {d_in} → {d_out}, rank {rank}"));
+    }
+    let partials = client.empty(chunks * outputs * 4);
+    // Ranks a tile at a time, in registers; a tile divides the rank, so no guards.
+    let tile = 1 << rank.trailing_zeros().min(3);
+    let columns = d_in + d_out;
+    // SAFETY: the caller's contract on the buffers; `partials` holds `chunks · outputs` f32.
+    unsafe {
+        lora_weight_grads::launch::<R>(
+            client,
+            CubeCount::Static(columns.div_ceil(WEIGHT_GRAD_THREADS as usize) as u32, chunks as u32, 1),
+            CubeDim::new_1d(WEIGHT_GRAD_THREADS),
+            arg(x, rows * d_in),
+            arg(g, rows * rank),
+            arg(h, rows * rank),
+            arg(dy, rows * d_out),
+            arg(&partials, chunks * outputs),
+            rows as u32,
+            d_in as u32,
+            d_out as u32,
+            rank as u32,
+            chunk as u32,
+            tile,
+            dtypes[0],
+        );
+        sum_weight_grads::launch::<R>(client, cubes(outputs), CubeDim::new_1d(THREADS), arg(&partials, chunks * outputs), arg(da, d_in * rank), arg(db, rank * d_out), chunks as u32, scale, [dtypes[1], dtypes[2]]);
     }
     Ok(())
 }
@@ -467,9 +808,8 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraFo
         let base = product::<R, BT>(x.clone(), weight, plain);
         let (delta, h) = match adapter {
             Some((down, up)) => {
-                let (down, up) = (cast::<R, BT>(down, dtype), cast::<R, BT>(up, dtype));
-                let h = product::<R, BT>(x, down, plain);
-                (Some(product::<R, BT>(h.clone(), up, plain)), Some(h))
+                let h = product::<R, BT>(x, cast::<R, BT>(down, dtype), plain);
+                (Some(Term::new::<BT>(h.clone(), up, false)), Some(h))
             }
             None => (None, None),
         };
@@ -539,18 +879,18 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraBa
         let [x, weight, down, up, h, dy] = std::array::from_fn(|i| handles.get_float_tensor::<Inner<R, BT>>(&self.desc.inputs[i]));
         let dtype = dy.dtype;
         let (down_dtype, up_dtype) = (down.dtype, up.dtype);
-        let (down, up) = (cast::<R, BT>(down, dtype), cast::<R, BT>(up, dtype));
         // `g = dy·Bᵀ`, the unscaled gradient of `h`.
-        let g = product::<R, BT>(dy.clone(), up, Transpose { a: false, b: true });
+        let g = product::<R, BT>(dy.clone(), cast::<R, BT>(up, dtype), Transpose { a: false, b: true });
         let mut results = Vec::new();
         if self.want_dx {
             let through_base = product::<R, BT>(dy.clone(), weight, Transpose { a: false, b: true });
-            let through_adapter = product::<R, BT>(g.clone(), down, Transpose { a: false, b: true });
+            // `s·g·Aᵀ` summed inside the epilogue (or the routed product for large ranks).
+            let through_adapter = Term::new::<BT>(g.clone(), down, true);
             results.push(epilogue::<R, BT>(through_base, Some(through_adapter), self.scale, None, None));
         }
         if self.want_params {
-            results.push(weight_grad::<R, BT>(x, g, self.scale, down_dtype));
-            results.push(weight_grad::<R, BT>(h, dy, self.scale, up_dtype));
+            let (da, db) = weight_grads::<R, BT>([x, g, h, dy], self.scale, [down_dtype, up_dtype]);
+            results.extend([da, db]);
         }
         super::record_fused_lora_linear();
         for (ir, t) in self.desc.outputs.iter().zip(results) {

@@ -302,15 +302,18 @@ pub(super) fn check_fused_lora_linear<A: burn::tensor::backend::AutodiffBackend>
     let before = vendor_stats();
     let mut runs = 0;
     for (dtype, tolerance) in [(DType::F32, 1e-4), (half, half_tolerance)] {
-        for (bias, adapted) in [(true, true), (false, true), (true, false), (false, false)] {
+        // Rank 4 (one tile of 4 in the weight-gradient kernel), 3 (tiles of 1), 24 (three
+        // tiles of 8), 40 (above `LOW_RANK_MAX`: the routed products); 0 = no adapter.
+        for (bias, rank) in [(true, 4), (false, 4), (false, 3), (true, 24), (false, 40), (true, 0), (false, 0)] {
+            let adapted = rank > 0;
             let base = LinearConfig::new(48, 40).with_bias(bias).init::<A>(&device).no_grad();
             let mut layer = crate::LoraLinear::new(crate::precision::cast_frozen(base, FloatDType::from(dtype)));
             if adapted {
-                layer.attach_new(&crate::LoraConfig::new(4).with_alpha(8.0), &device).unwrap();
+                layer.attach_new(&crate::LoraConfig::new(rank).with_alpha(8.0), &device).unwrap();
                 layer.set_multiplier(0.7);
                 // A non-zero up projection, so that every gradient is non-zero.
                 let adapter = layer.adapter.as_mut().unwrap();
-                adapter.up.weight = Param::from_tensor(Tensor::random([4, 40], Distribution::Normal(0.0, 1.0), &device));
+                adapter.up.weight = Param::from_tensor(Tensor::random([rank, 40], Distribution::Normal(0.0, 1.0), &device));
             }
             // Rows off every tile, then enough rows that the weight gradients are split.
             for (rows, residual, track_x) in [(37, false, true), (37, true, false), (1024, true, true), (1024, false, false)] {
@@ -347,7 +350,7 @@ pub(super) fn check_fused_lora_linear<A: burn::tensor::backend::AutodiffBackend>
                 };
                 let before_case = vendor_stats();
                 let (ours, reference) = (run(true), run(false));
-                let case = format!("{dtype:?}, adapter {adapted}, bias {bias}, {rows} rows, residual {residual}, tracked x {track_x}");
+                let case = format!("{dtype:?}, adapter rank {rank}, bias {bias}, {rows} rows, residual {residual}, tracked x {track_x}");
                 let err = max_rel(ours.0.clone(), reference.0.clone());
                 assert!(err < tolerance, "{case}: output, relative error {err}");
                 assert!(max_rel(ours.1, reference.0) < tolerance, "{case}: output without autodiff");
