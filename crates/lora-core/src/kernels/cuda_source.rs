@@ -375,8 +375,7 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
 
     // The one-op linear layer's kernels: the output / input-gradient epilogue (SD1.5's
     // projections at 512 px: 4096-token rows of 320, the 77-token context rows of 768 into
-    // 320, an odd width for the scalar path; with and without an adapter's whole product,
-    // with a rank-4 term summed inside, read as `B` or as `A` transposed), the
+    // 320, an odd width for the scalar path; with and without an adapter's term), the
     // weight-gradient reduction (16 chunks of a rank-4 × 320 gradient, one chunk of
     // 768 × 4) and both weight gradients of a rank-4 (tile 4) and a rank-24 (tile 8) layer.
     for (t, p) in [(f32_, f32_), (bf16, bf16), (bf16, f32_), (f16, f32_)] {
@@ -385,16 +384,19 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
             let n = rows * columns * t.size();
             let (a, b, c, out) = (buffer(n), buffer(n), buffer(n), buffer(n));
             let bias = buffer(columns * p.size());
-            lora_linear::launch_epilogue_kernel(client, &a, with_b.then_some(&b), None, with_bias.then_some(&bias), with_c.then_some(&c), &out, [rows, columns], 0.5, [t, p, t])?;
-            let (low, m) = (buffer(rows * 4 * t.size()), buffer(4 * columns * p.size()));
-            for strides in [[columns, 1], [1, 4]] {
-                let term = lora_linear::LowRankArgs { low: &low, m: &m, rank: 4, strides };
-                lora_linear::launch_epilogue_kernel(client, &a, None, Some(term), with_bias.then_some(&bias), with_c.then_some(&c), &out, [rows, columns], 0.5, [t, p, p])?;
-            }
+            lora_linear::launch_epilogue_kernel(client, &a, with_b.then_some(&b), with_bias.then_some(&bias), with_c.then_some(&c), &out, [rows, columns], 0.5, [t, p])?;
         }
         for (chunks, len) in [(16, 4 * 320), (1, 768 * 4)] {
             let (partials, out) = (buffer(chunks * len * t.size()), buffer(len * p.size()));
             lora_linear::launch_sum_partials_kernel(client, &partials, &out, chunks, len, 0.25, [t, p])?;
+        }
+        // The adapter's side with its epilogue: forward (`x·A`, then `·B`, bias, residual)
+        // and backward (`dy·Bᵀ`, then `·Aᵀ`), SD1.5's level-0 projection and an odd width.
+        for (rows, width, columns, rank, with_bias, with_c) in [(4096, 320, 320, 4, true, true), (4096, 320, 320, 4, false, false), (77, 33, 33, 24, true, false)] {
+            let (src, a, c, out) = (buffer(rows * width * t.size()), buffer(rows * columns * t.size()), buffer(rows * columns * t.size()), buffer(rows * columns * t.size()));
+            let (m1, m2, bias, low) = (buffer(rank * width * p.size()), buffer(rank * columns * p.size()), buffer(columns * p.size()), buffer(rows * rank * t.size()));
+            let buffers = lora_linear::RowsBuffers { src: &src, m1: &m1, a: &a, m2: &m2, bias: with_bias.then_some(&bias), c: with_c.then_some(&c), low: &low, out: &out };
+            lora_linear::launch_rows_kernel(client, buffers, [rows, width, columns, rank], [[1, rank], [columns, 1]], 0.5, [t, p, p]);
         }
         for (rows, d_in, d_out, rank) in [(4096, 320, 320, 4), (77, 768, 320, 24)] {
             let (x, dy) = (buffer(rows * d_in * t.size()), buffer(rows * d_out * t.size()));
@@ -511,7 +513,7 @@ fn kernels_translate_to_cuda_for_sm90() {
     }
     eprintln!("{} kernel launches, {} distinct sources, NVRTC {}", translated.len(), seen.len(), if toolkit.is_some() { "on" } else { "off" });
     // Every launcher above queued at least one kernel of each family.
-    for family in ["flash_rows", "flash_keys", "flash_delta", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "lora_epilogue", "sum_partials", "lora_weight_grads", "sum_weight_grads", "geglu_forward", "geglu_backward", "signal", "wait"] {
+    for family in ["flash_rows", "flash_keys", "flash_delta", "channel_stats", "normalize", "channel_grads", "input_grad", "layer_norm_rows", "layer_norm_input_grad", "scaled_softmax_rows", "concat_into", "lora_epilogue", "lora_rows", "sum_partials", "lora_weight_grads", "sum_weight_grads", "geglu_forward", "geglu_backward", "signal", "wait"] {
         assert!(translated.iter().any(|k| k.name.starts_with(family)), "no {family} kernel was launched");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

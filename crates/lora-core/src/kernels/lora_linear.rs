@@ -12,12 +12,15 @@
 //! kernels [`super::matmul`] would route them to (cuBLAS for large products on CUDA, else
 //! the fixed CubeCL matmul), and the rest runs in small kernels of this file:
 //!
-//! - [`lora_epilogue`]: `out = a + s·term (+ bias) (+ c)` in f32, written in the
-//!   activations' dtype (the output `x·W + s·(h·B) + bias + residual`, and the input
-//!   gradient `dy·Wᵀ + s·(g·Aᵀ)`). For ranks up to [`LOW_RANK_MAX`] the adapter's term is
-//!   summed there from `h` (or `g`) and the adapter weight, `rank` multiply-adds per output
-//!   element, instead of a product kernel writing a `[rows, columns]` tensor for the
-//!   epilogue to read back;
+//! - [`lora_rows`]: for ranks up to [`LOW_RANK_MAX`], the adapter's side of a few rows
+//!   per cube: `h = x·A` (forward) or `g = dy·Bᵀ` (backward) into shared memory, then the
+//!   epilogue of those rows, `x·W + s·(h·B) + bias + residual` or `dy·Wᵀ + s·(g·Aᵀ)`, in
+//!   f32 (`rank` multiply-adds per output element), the adapter weights read in their own
+//!   dtype; `h` (`g`) is written out for the weight gradients. Where a rank-wide product
+//!   kernel wrote `h` and another a `[rows, columns]` tensor for the epilogue to read back;
+//! - [`lora_epilogue`]: the same epilogue elementwise, `out = a + s·b (+ bias) (+ c)`, for
+//!   a layer without an adapter and where [`lora_rows`] does not apply (ranks above
+//!   [`LOW_RANK_MAX`]: `h`, `g` and `b` are routed products);
 //! - [`lora_weight_grads`] and [`sum_weight_grads`]: both weight gradients of a layer,
 //!   summed over row chunks straight from the rows (one unit per column of `x` and `dy`),
 //!   then the chunks' f32 partial sums scaled into the adapter weights' dtypes;
@@ -26,13 +29,13 @@
 //!
 //! The backward pass is `g = dy·Bᵀ`, `dA = s·xᵀ·g`, `dB = s·hᵀ·dy`, `dx = dy·Wᵀ + s·g·Aᵀ`,
 //! with `h = x·A` kept from the forward pass (`rows × r`, small): per adapted layer and
-//! step, 3 kernels forward (`x·W`, `x·A`, the epilogue) and 5 backward (`dy·Wᵀ`, `dy·Bᵀ`,
-//! the epilogue, the two weight-gradient kernels), where separate products took 4 and 8.
-//! Same arithmetic as the composed ops up to where the scale is applied (in f32 after the
-//! rounded `h` and `g`, instead of on the half-precision `B` before them), and the
-//! adapter's term no longer rounded to half precision before it is added. A layer without
-//! an adapter (not targeted, or merged) is `x·W + bias (+ residual)` in one operation, its
-//! backward pass the routed product `dy·Wᵀ`.
+//! step, 2 kernels forward (`x·W`, [`lora_rows`]) and 4 backward (`dy·Wᵀ`, [`lora_rows`],
+//! the two weight-gradient kernels), where separate products took 4 and 8. Same
+//! arithmetic as the composed ops up to where the scale is applied (in f32 after the
+//! rounded products), except that `h` and `g` enter the epilogues unrounded and the
+//! adapter's term is no longer rounded to half precision before it is added. A layer
+//! without an adapter (not targeted, or merged) is `x·W + bias (+ residual)` in one
+//! operation, its backward pass the routed product `dy·Wᵀ`.
 
 use std::any::TypeId;
 use std::marker::PhantomData;
@@ -66,31 +69,22 @@ pub(super) const THREADS: u32 = 256;
 /// Cubes per launch at most; each thread strides over the rest.
 const MAX_CUBES: usize = 65_535;
 
-/// `out = a (+ scale·b) (+ scale·low·m) (+ bias[column]) (+ c)`, elementwise over
-/// `[rows, columns]` tensors (vectors of `N` along a row; `columns` counts vectors), summed
-/// in f32. The low-rank term multiplies `low: [rows, rank]` by a small matrix whose
-/// element `(k, column)` is `m[k·m_k + column·m_c]` (an adapter's `B`, or its `A`
-/// transposed), so that the adapter's `[rows, columns]` product is never written out.
+/// `out = a (+ scale·b) (+ bias[column]) (+ c)`, elementwise over `[rows, columns]` tensors
+/// (vectors of `N` along a row; `columns` counts vectors), summed in f32.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn lora_epilogue<T: Float, P: Float, Q: Float, N: Size>(
+fn lora_epilogue<T: Float, P: Float, N: Size>(
     a: &Array<Vector<T, N>>,
     b: &Array<Vector<T, N>>,
-    low: &Array<T>,
-    m: &Array<Q>,
     bias: &Array<Vector<P, N>>,
     c: &Array<Vector<T, N>>,
     out: &mut Array<Vector<T, N>>,
     scale: f32,
     columns: u32,
-    rank: u32,
-    m_k: u32,
-    m_c: u32,
     #[comptime] has_b: bool,
-    #[comptime] has_low: bool,
     #[comptime] has_bias: bool,
     #[comptime] has_c: bool,
-    #[define(T, P, Q)] _dtypes: [StorageType; 3],
+    #[define(T, P)] _dtypes: [StorageType; 2],
 ) {
     let n = out.len();
     let stride = (CUBE_COUNT_X * CUBE_DIM_X) as usize;
@@ -99,9 +93,6 @@ fn lora_epilogue<T: Float, P: Float, Q: Float, N: Size>(
         let mut v = Vector::<f32, N>::cast_from(a[i]);
         if has_b {
             v += Vector::<f32, N>::cast_from(b[i]) * Vector::<f32, N>::new(scale);
-        }
-        if has_low {
-            v += low_rank_term::<T, Q, N>(low, m, i, columns as usize, rank as usize, m_k as usize, m_c as usize) * Vector::<f32, N>::new(scale);
         }
         if has_bias {
             v += Vector::<f32, N>::cast_from(bias[i % columns as usize]);
@@ -114,25 +105,109 @@ fn lora_epilogue<T: Float, P: Float, Q: Float, N: Size>(
     }
 }
 
-/// `Σ_k low[row, k] · m(k, column)` for the `N` columns of output vector `i` (`columns`
-/// vectors per row), in f32.
-#[cube]
-fn low_rank_term<T: Float, Q: Float, N: Size>(low: &Array<T>, m: &Array<Q>, i: usize, columns: usize, rank: usize, m_k: usize, m_c: usize) -> Vector<f32, N> {
-    let row = i / columns;
-    let first = (i % columns) * N::value();
-    let mut acc = Vector::<f32, N>::new(0.0);
-    let mut k = 0usize;
-    while k < rank {
-        let weight = Vector::<f32, N>::new(f32::cast_from(low[row * rank + k]));
-        let mut column = Vector::<f32, N>::new(0.0);
-        #[unroll]
-        for e in 0..N::value() {
-            column[e] = f32::cast_from(m[k * m_k + (first + e) * m_c]);
+/// Units per cube of [`lora_rows`], rows per cube, and units summing one of its products.
+const ROWS_THREADS: u32 = 128;
+const ROWS_PER_CUBE: usize = 4;
+const ROWS_LANES: usize = 8;
+
+/// The adapter's side of a layer for [`ROWS_PER_CUBE`] rows per cube, in two phases:
+/// `low[row, k] = Σ_j src[row, j]·m1(k, j)` (`h = x·A` forward, `g = dy·Bᵀ` backward; kept
+/// in f32 in shared memory, written out in `T` for the weight gradients), then the
+/// epilogue of these rows, `out = a + scale·Σ_k low[row, k]·m2(k, column) (+ bias) (+ c)`
+/// as [`lora_epilogue`] computes it. One launch where the rank-wide product and the
+/// epilogue took two; `m1(k, j)` is `m1[k·m1_k + j·m1_c]`, `m2` likewise.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn lora_rows<T: Float, P: Float, Q: Float, N: Size>(
+    src: &Array<T>,
+    m1: &Array<Q>,
+    a: &Array<Vector<T, N>>,
+    m2: &Array<Q>,
+    bias: &Array<Vector<P, N>>,
+    c: &Array<Vector<T, N>>,
+    low: &mut Array<T>,
+    out: &mut Array<Vector<T, N>>,
+    rows: u32,
+    width: u32,
+    columns: u32,
+    rank: u32,
+    m1_k: u32,
+    m1_c: u32,
+    m2_k: u32,
+    m2_c: u32,
+    scale: f32,
+    #[comptime] has_bias: bool,
+    #[comptime] has_c: bool,
+    #[define(T, P, Q)] _dtypes: [StorageType; 3],
+) {
+    // `columns` counts vectors of `N`.
+    let (rows, width, columns, rank) = (rows as usize, width as usize, columns as usize, rank as usize);
+    let (m1_k, m1_c, m2_k, m2_c) = (m1_k as usize, m1_c as usize, m2_k as usize, m2_c as usize);
+    let tid = UNIT_POS_X as usize;
+    let first = CUBE_POS_X as usize * ROWS_PER_CUBE;
+    let mut partial = SharedMemory::<f32>::new(ROWS_THREADS as usize);
+    let mut lows = SharedMemory::<f32>::new(ROWS_PER_CUBE * LOW_RANK_MAX);
+    let lane = tid % ROWS_LANES;
+    let pairs = ROWS_PER_CUBE * rank;
+    let mut p0 = 0usize;
+    // Phase 1: ROWS_LANES units per (row, k), each over every ROWS_LANES-th element.
+    while p0 < pairs {
+        let pair = p0 + tid / ROWS_LANES;
+        let row = first + pair / rank;
+        let k = pair % rank;
+        let mut acc = 0.0f32;
+        if pair < pairs && row < rows {
+            let mut j = lane;
+            while j < width {
+                acc += f32::cast_from(src[row * width + j]) * f32::cast_from(m1[k * m1_k + j * m1_c]);
+                j += ROWS_LANES;
+            }
         }
-        acc += weight * column;
-        k += 1;
+        partial[tid] = acc;
+        sync_cube();
+        if lane == 0 && pair < pairs {
+            let mut sum = 0.0f32;
+            #[unroll]
+            for l in 0..ROWS_LANES {
+                sum += partial[tid + l];
+            }
+            lows[pair] = sum;
+            if row < rows {
+                low[row * rank + k] = T::cast_from(sum);
+            }
+        }
+        sync_cube();
+        p0 += ROWS_THREADS as usize / ROWS_LANES;
     }
-    acc
+    // Phase 2: the epilogue of the cube's rows.
+    let mut i = tid;
+    while i < ROWS_PER_CUBE * columns {
+        let r = i / columns;
+        if first + r < rows {
+            let at = (first + r) * columns + i % columns;
+            let column0 = (i % columns) * N::value();
+            let mut term = Vector::<f32, N>::new(0.0);
+            let mut k = 0usize;
+            while k < rank {
+                let mut column = Vector::<f32, N>::new(0.0);
+                #[unroll]
+                for e in 0..N::value() {
+                    column[e] = f32::cast_from(m2[k * m2_k + (column0 + e) * m2_c]);
+                }
+                term += Vector::<f32, N>::new(lows[r * rank + k]) * column;
+                k += 1;
+            }
+            let mut v = Vector::<f32, N>::cast_from(a[at]) + term * Vector::<f32, N>::new(scale);
+            if has_bias {
+                v += Vector::<f32, N>::cast_from(bias[i % columns]);
+            }
+            if has_c {
+                v += Vector::<f32, N>::cast_from(c[at]);
+            }
+            out[at] = Vector::<T, N>::cast_from(v);
+        }
+        i += ROWS_THREADS as usize;
+    }
 }
 
 /// Partial LoRA weight gradients over chunk `CUBE_POS_Y` of `chunk` rows, one column per
@@ -298,62 +373,25 @@ fn cast<R: CubeRuntime, BT: BoolElement>(t: CubeTensor<R>, dtype: DType) -> Cube
     }
 }
 
-/// The adapter's term of an epilogue, `scale ·` it added to the base product.
-// One lives for the length of a call; the variants' size difference is immaterial.
-#[allow(clippy::large_enum_variant)]
-enum Term<R: CubeRuntime> {
-    /// The whole `[rows, columns]` product, computed before.
-    Full(CubeTensor<R>),
-    /// `low · m` for `low: [rows, rank]` and `m: [rank, columns]` (`transposed`: `m` is
-    /// `[columns, rank]`, read as its transpose), computed inside [`lora_epilogue`].
-    LowRank { low: CubeTensor<R>, m: CubeTensor<R>, transposed: bool },
-}
-
-impl<R: CubeRuntime> Term<R> {
-    /// `low · m` when the rank is at most [`LOW_RANK_MAX`] (summed inside the epilogue),
-    /// else the routed product.
-    fn new<BT: BoolElement>(low: CubeTensor<R>, m: CubeTensor<R>, transposed: bool) -> Self {
-        if low.meta.shape()[1] <= LOW_RANK_MAX {
-            Term::LowRank { low, m, transposed }
-        } else {
-            Term::Full(Self::product::<BT>(low, m, transposed))
-        }
-    }
-
-    /// `low · m` as a routed product, `m` cast to `low`'s dtype.
-    fn product<BT: BoolElement>(low: CubeTensor<R>, m: CubeTensor<R>, transposed: bool) -> CubeTensor<R> {
-        let m = cast::<R, BT>(m, low.dtype);
-        product::<R, BT>(low, m, Transpose { a: false, b: transposed })
-    }
-
-    /// The whole product.
-    fn full<BT: BoolElement>(self) -> CubeTensor<R> {
-        match self {
-            Term::Full(b) => b,
-            Term::LowRank { low, m, transposed } => Self::product::<BT>(low, m, transposed),
-        }
-    }
-}
-
-/// Largest adapter rank whose products [`lora_epilogue`] and [`lora_weight_grads`] sum
-/// themselves (`rank` multiply-adds per output element, in f32 without tensor cores);
-/// larger ranks go through the routed products.
+/// Largest adapter rank whose products [`lora_rows`] and [`lora_weight_grads`] sum
+/// themselves (`rank` multiply-adds per element, in f32 without tensor cores); larger
+/// ranks go through the routed products.
 pub(super) const LOW_RANK_MAX: usize = 32;
 
-/// `a (+ scale·term) (+ bias) (+ c)` for `[rows, columns]` tensors `a`, `c` of one dtype,
-/// the adapter's term (see [`Term`]) and a `[columns]` bias, in [`lora_epilogue`] (burn's
-/// ops where it refuses); `a` itself when there is nothing to add.
-fn epilogue<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, term: Option<Term<R>>, scale: f32, bias: Option<CubeTensor<R>>, c: Option<CubeTensor<R>>) -> CubeTensor<R> {
-    if term.is_none() && bias.is_none() && c.is_none() {
+/// `a (+ scale·b) (+ bias) (+ c)` for `[rows, columns]` tensors `a`, `b`, `c` of one dtype
+/// and a `[columns]` bias, in [`lora_epilogue`] (burn's ops where it refuses); `a` itself
+/// when there is nothing to add.
+fn epilogue<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: Option<CubeTensor<R>>, scale: f32, bias: Option<CubeTensor<R>>, c: Option<CubeTensor<R>>) -> CubeTensor<R> {
+    if b.is_none() && bias.is_none() && c.is_none() {
         return a;
     }
-    match launch_epilogue(&a, term.as_ref(), scale, bias.as_ref(), c.as_ref()) {
+    match launch_epilogue(&a, b.as_ref(), scale, bias.as_ref(), c.as_ref()) {
         Ok(out) => out,
         Err(reason) => {
             super::record_fallback(reason);
             let mut y = a;
-            if let Some(term) = term {
-                y = Inner::<R, BT>::float_add(y, Inner::<R, BT>::float_mul_scalar(term.full::<BT>(), scale.into()));
+            if let Some(b) = b {
+                y = Inner::<R, BT>::float_add(y, Inner::<R, BT>::float_mul_scalar(b, scale.into()));
             }
             if let Some(bias) = bias {
                 let columns = bias.meta.shape().num_elements();
@@ -368,23 +406,14 @@ fn epilogue<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, term: Option<Term
     }
 }
 
-fn launch_epilogue<R: CubeRuntime>(a: &CubeTensor<R>, term: Option<&Term<R>>, scale: f32, bias: Option<&CubeTensor<R>>, c: Option<&CubeTensor<R>>) -> Result<CubeTensor<R>, String> {
+fn launch_epilogue<R: CubeRuntime>(a: &CubeTensor<R>, b: Option<&CubeTensor<R>>, scale: f32, bias: Option<&CubeTensor<R>>, c: Option<&CubeTensor<R>>) -> Result<CubeTensor<R>, String> {
     let shape = a.meta.shape().clone();
     let dims = shape.to_vec();
     let [rows, columns] = dims[..] else {
         return Err(format!("LoRA epilogue: expected [rows, columns], got {dims:?}"));
     };
     let same = |t: &CubeTensor<R>| t.meta.shape().to_vec() == dims && t.dtype == a.dtype;
-    let term_fits = match term {
-        None => true,
-        Some(Term::Full(b)) => same(b),
-        Some(Term::LowRank { low, m, transposed }) => {
-            let rank = low.meta.shape().to_vec().get(1).copied().unwrap_or(0);
-            let m_dims = if *transposed { [columns, rank] } else { [rank, columns] };
-            low.meta.shape().to_vec() == [rows, rank] && low.dtype == a.dtype && m.meta.shape().to_vec() == m_dims && is_float(m.dtype)
-        }
-    };
-    if !term_fits || c.is_some_and(|c| !same(c)) || bias.is_some_and(|bias| bias.meta.shape().num_elements() != columns) {
+    if b.is_some_and(|b| !same(b)) || c.is_some_and(|c| !same(c)) || bias.is_some_and(|bias| bias.meta.shape().num_elements() != columns) {
         return Err(format!("LoRA epilogue: operands differ from {dims:?} {:?}", a.dtype));
     }
     if !is_float(a.dtype) || bias.is_some_and(|bias| !is_float(bias.dtype)) {
@@ -392,67 +421,147 @@ fn launch_epilogue<R: CubeRuntime>(a: &CubeTensor<R>, term: Option<&Term<R>>, sc
     }
     let client = a.client.clone();
     let a = contiguous(a.clone());
-    let term = term.map(|term| match term {
-        Term::Full(b) => Term::Full(contiguous(b.clone())),
-        Term::LowRank { low, m, transposed } => Term::LowRank { low: contiguous(low.clone()), m: contiguous(m.clone()), transposed: *transposed },
-    });
-    let c = c.map(|c| contiguous(c.clone()));
+    let (b, c) = (b.map(|b| contiguous(b.clone())), c.map(|c| contiguous(c.clone())));
     let bias = bias.map(|bias| contiguous(bias.clone()));
     let out = client.empty(rows * columns * a.dtype.size());
     let bias_dtype = bias.as_ref().map_or(a.dtype, |bias| bias.dtype);
-    let (full, low) = match &term {
-        None => (None, None),
-        Some(Term::Full(b)) => (Some(&b.handle), None),
-        Some(Term::LowRank { low, m, transposed }) => {
-            let rank = low.meta.shape()[1];
-            let strides = if *transposed { [1, rank] } else { [columns, 1] };
-            (None, Some(LowRankArgs { low: &low.handle, m: &m.handle, rank, strides }))
-        }
-    };
-    let m_dtype = match &term {
-        Some(Term::LowRank { m, .. }) => m.dtype,
-        _ => a.dtype,
-    };
     launch_epilogue_kernel(
         &client,
         &a.handle,
-        full,
-        low,
+        b.as_ref().map(|b| &b.handle),
         bias.as_ref().map(|bias| &bias.handle),
         c.as_ref().map(|c| &c.handle),
         &out,
         [rows, columns],
         scale,
-        [a.dtype.into(), bias_dtype.into(), m_dtype.into()],
+        [a.dtype.into(), bias_dtype.into()],
     )?;
     Ok(CubeTensor::new_contiguous(client, a.device.clone(), shape, out, a.dtype))
 }
 
-/// The low-rank term's buffers for [`launch_epilogue_kernel`]: `low` holds `rows · rank`
-/// elements of the activations' dtype, `m` the small matrix (`rank · columns` elements of
-/// its own dtype), element `(k, column)` at `k·strides[0] + column·strides[1]`.
-pub(super) struct LowRankArgs<'a> {
+/// The adapter's side of a layer for [`lora_rows`]: `low = src·M1` and the epilogue
+/// `a + scale·low·M2 (+ bias) (+ c)`. `m1` is `[rank, width]` or, `m1_transposed`,
+/// `[width, rank]`; `m2` is `[rank, columns]` or, `m2_transposed`, `[columns, rank]`.
+struct Rows<R: CubeRuntime> {
+    src: CubeTensor<R>,
+    m1: CubeTensor<R>,
+    m1_transposed: bool,
+    m2: CubeTensor<R>,
+    m2_transposed: bool,
+}
+
+/// `(a + scale·(src·M1)·M2 (+ bias) (+ c), src·M1)` in one [`lora_rows`] launch, both in
+/// `a`'s dtype; an error where it does not apply (ranks above [`LOW_RANK_MAX`], dtypes,
+/// shapes), for the caller to run the products and [`epilogue`] instead.
+fn launch_rows<R: CubeRuntime>(rows_term: &Rows<R>, a: &CubeTensor<R>, scale: f32, bias: Option<&CubeTensor<R>>, c: Option<&CubeTensor<R>>) -> Result<(CubeTensor<R>, CubeTensor<R>), String> {
+    let Rows { src, m1, m1_transposed, m2, m2_transposed } = rows_term;
+    let dims = |t: &CubeTensor<R>| t.meta.shape().to_vec();
+    let (Ok([rows, width]), Ok([a_rows, columns])) = (<[usize; 2]>::try_from(dims(src)), <[usize; 2]>::try_from(dims(a))) else {
+        return Err(format!("LoRA rows: src {:?}, a {:?}", dims(src), dims(a)));
+    };
+    let rank = if *m1_transposed { dims(m1).get(1).copied() } else { dims(m1).first().copied() }.unwrap_or(0);
+    let m1_dims = if *m1_transposed { vec![width, rank] } else { vec![rank, width] };
+    let m2_dims = if *m2_transposed { vec![columns, rank] } else { vec![rank, columns] };
+    let dtype = a.dtype;
+    let shapes_fit = a_rows == rows && dims(m1) == m1_dims && dims(m2) == m2_dims && c.is_none_or(|c| dims(c) == [rows, columns]) && bias.is_none_or(|b| b.meta.shape().num_elements() == columns);
+    let dtypes_fit = is_float(dtype) && src.dtype == dtype && c.is_none_or(|c| c.dtype == dtype) && is_float(m1.dtype) && m2.dtype == m1.dtype && bias.is_none_or(|b| is_float(b.dtype));
+    let cubes = rows.div_ceil(ROWS_PER_CUBE);
+    let too_large = [rows * width, rows * columns, rows * rank].iter().any(|&n| u32::try_from(n).is_err()) || cubes > 65_535;
+    if !shapes_fit || !dtypes_fit || rank == 0 || rank > LOW_RANK_MAX || too_large {
+        return Err(format!("LoRA rows: src {:?} {:?}, m1 {:?}, a {:?} {dtype:?}, m2 {:?} {:?}", dims(src), src.dtype, dims(m1), dims(a), dims(m2), m2.dtype));
+    }
+    let client = a.client.clone();
+    let [src, m1, a, m2] = [src, m1, a, m2].map(|t| contiguous(t.clone()));
+    let (bias, c) = (bias.map(|b| contiguous(b.clone())), c.map(|c| contiguous(c.clone())));
+    let (low, out) = (client.empty(rows * rank * dtype.size()), client.empty(rows * columns * dtype.size()));
+    let m1_strides = if *m1_transposed { [1, rank] } else { [width, 1] };
+    let m2_strides = if *m2_transposed { [1, rank] } else { [columns, 1] };
+    let bias_dtype = bias.as_ref().map_or(dtype, |b| b.dtype);
+    launch_rows_kernel(
+        &client,
+        RowsBuffers { src: &src.handle, m1: &m1.handle, a: &a.handle, m2: &m2.handle, bias: bias.as_ref().map(|b| &b.handle), c: c.as_ref().map(|c| &c.handle), low: &low, out: &out },
+        [rows, width, columns, rank],
+        [m1_strides, m2_strides],
+        scale,
+        [dtype.into(), bias_dtype.into(), m1.dtype.into()],
+    );
+    let device = a.device.clone();
+    Ok((
+        CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new([rows, columns]), out, dtype),
+        CubeTensor::new_contiguous(client, device, Shape::new([rows, rank]), low, dtype),
+    ))
+}
+
+/// The buffers of [`lora_rows`]: `src: [rows, width]`, `a`, `c`, `out: [rows, columns]`
+/// and `low: [rows, rank]` in the activations' dtype, the bias (`columns`) in its own,
+/// `m1` (`rank · width`) and `m2` (`rank · columns`) in the adapter's.
+pub(super) struct RowsBuffers<'a> {
+    pub src: &'a cubecl::server::Handle,
+    pub m1: &'a cubecl::server::Handle,
+    pub a: &'a cubecl::server::Handle,
+    pub m2: &'a cubecl::server::Handle,
+    pub bias: Option<&'a cubecl::server::Handle>,
+    pub c: Option<&'a cubecl::server::Handle>,
     pub low: &'a cubecl::server::Handle,
-    pub m: &'a cubecl::server::Handle,
-    pub rank: usize,
-    pub strides: [usize; 2],
+    pub out: &'a cubecl::server::Handle,
+}
+
+/// Launches [`lora_rows`] on contiguous buffers (see [`RowsBuffers`]) for `[rows, width,
+/// columns, rank]`, `m1(k, j)` at `k·strides[0][0] + j·strides[0][1]` and `m2(k, column)`
+/// at `k·strides[1][0] + column·strides[1][1]`; `dtypes` are the activations', the bias's
+/// and the adapter's. The caller checks sizes (u32 indices, at most 65 535 cubes of
+/// [`ROWS_PER_CUBE`] rows, `rank` ≤ [`LOW_RANK_MAX`]).
+pub(super) fn launch_rows_kernel<R: Runtime>(client: &ComputeClient<R>, buffers: RowsBuffers<'_>, [rows, width, columns, rank]: [usize; 4], strides: [[usize; 2]; 2], scale: f32, dtypes: [StorageType; 3]) {
+    let RowsBuffers { src, m1, a, m2, bias, c, low, out } = buffers;
+    let vector = row_vector(client, dtypes[0].size(), columns);
+    let len = rows * columns;
+    // Absent operands are bound to `a` and never read.
+    let (bias_handle, bias_len) = bias.map_or((a, len), |b| (b, columns));
+    // SAFETY: the caller's contract on the buffers; the vector divides a row, so the bias
+    // is whole vectors.
+    unsafe {
+        lora_rows::launch::<R>(
+            client,
+            CubeCount::Static(rows.div_ceil(ROWS_PER_CUBE) as u32, 1, 1),
+            CubeDim::new_1d(ROWS_THREADS),
+            vector,
+            arg(src, rows * width),
+            arg(m1, rank * width),
+            arg(a, len),
+            arg(m2, rank * columns),
+            arg(bias_handle, bias_len),
+            arg(c.unwrap_or(a), len),
+            arg(low, rows * rank),
+            arg(out, len),
+            rows as u32,
+            width as u32,
+            (columns / vector) as u32,
+            rank as u32,
+            strides[0][0] as u32,
+            strides[0][1] as u32,
+            strides[1][0] as u32,
+            strides[1][1] as u32,
+            scale,
+            bias.is_some(),
+            c.is_some(),
+            dtypes,
+        );
+    }
 }
 
 /// Launches [`lora_epilogue`] on contiguous buffers: `a`, `b`, `c` and `out` hold
-/// `rows · columns` elements of `dtypes[0]`, the bias `columns` of `dtypes[1]`, the
-/// low-rank term's `m` elements of `dtypes[2]`.
+/// `rows · columns` elements of `dtypes[0]`, the bias `columns` of `dtypes[1]`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch_epilogue_kernel<R: Runtime>(
     client: &ComputeClient<R>,
     a: &cubecl::server::Handle,
     b: Option<&cubecl::server::Handle>,
-    low: Option<LowRankArgs<'_>>,
     bias: Option<&cubecl::server::Handle>,
     c: Option<&cubecl::server::Handle>,
     out: &cubecl::server::Handle,
     [rows, columns]: [usize; 2],
     scale: f32,
-    dtypes: [StorageType; 3],
+    dtypes: [StorageType; 2],
 ) -> Result<(), String> {
     let len = rows * columns;
     if u32::try_from(len).is_err() {
@@ -461,16 +570,6 @@ pub(super) fn launch_epilogue_kernel<R: Runtime>(
     let vector = row_vector(client, dtypes[0].size(), columns);
     // Absent operands are bound to `a` and never read.
     let (bias_handle, bias_len) = bias.map_or((a, len), |bias| (bias, columns));
-    let (low_handle, m_handle, rank, strides) = match &low {
-        Some(l) => {
-            if l.rank == 0 || u32::try_from(rows * l.rank).is_err() || u32::try_from(l.rank * columns).is_err() {
-                return Err(format!("LoRA epilogue: rank {} for {rows} × {columns}", l.rank));
-            }
-            (l.low, l.m, l.rank, l.strides)
-        }
-        None => (a, a, 0, [0, 0]),
-    };
-    let (low_len, m_len) = if low.is_some() { (rows * rank, rank * columns) } else { (len, len) };
     // SAFETY: the caller's contract on the buffers; the vector divides a row, so the bias
     // is whole vectors. Array arguments count elements; the kernel sees `len / vector`.
     unsafe {
@@ -481,18 +580,12 @@ pub(super) fn launch_epilogue_kernel<R: Runtime>(
             vector,
             arg(a, len),
             arg(b.unwrap_or(a), len),
-            arg(low_handle, low_len),
-            arg(m_handle, m_len),
             arg(bias_handle, bias_len),
             arg(c.unwrap_or(a), len),
             arg(out, len),
             scale,
             (columns / vector) as u32,
-            rank as u32,
-            strides[0] as u32,
-            strides[1] as u32,
             b.is_some(),
-            low.is_some(),
             bias.is_some(),
             c.is_some(),
             dtypes,
@@ -806,14 +899,25 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraFo
         let dtype = x.dtype;
         let plain = Transpose::default();
         let base = product::<R, BT>(x.clone(), weight, plain);
-        let (delta, h) = match adapter {
+        let (y, h) = match adapter {
             Some((down, up)) => {
-                let h = product::<R, BT>(x, cast::<R, BT>(down, dtype), plain);
-                (Some(Term::new::<BT>(h.clone(), up, false)), Some(h))
+                // `h = x·A` and the epilogue in one kernel; else the product, then the epilogue.
+                let rows = Rows { src: x, m1: down, m1_transposed: true, m2: up, m2_transposed: false };
+                match launch_rows(&rows, &base, self.scale, bias.as_ref(), residual.as_ref()) {
+                    Ok((y, h)) => (y, Some(h)),
+                    Err(reason) => {
+                        if rows.m1.meta.shape()[1] <= LOW_RANK_MAX {
+                            super::record_fallback(reason);
+                        }
+                        let Rows { src: x, m1: down, m2: up, .. } = rows;
+                        let h = product::<R, BT>(x, cast::<R, BT>(down, dtype), plain);
+                        let delta = product::<R, BT>(h.clone(), cast::<R, BT>(up, dtype), plain);
+                        (epilogue::<R, BT>(base, Some(delta), self.scale, bias, residual), Some(h))
+                    }
+                }
             }
-            None => (None, None),
+            None => (epilogue::<R, BT>(base, None, self.scale, bias, residual), None),
         };
-        let y = epilogue::<R, BT>(base, delta, self.scale, bias, residual);
         super::record_fused_lora_linear();
         handles.register_float_tensor::<Inner<R, BT>>(&self.desc.outputs[0].id, y);
         if let (true, Some(h)) = (self.variant.keep_h, h) {
@@ -879,15 +983,30 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraBa
         let [x, weight, down, up, h, dy] = std::array::from_fn(|i| handles.get_float_tensor::<Inner<R, BT>>(&self.desc.inputs[i]));
         let dtype = dy.dtype;
         let (down_dtype, up_dtype) = (down.dtype, up.dtype);
-        // `g = dy·Bᵀ`, the unscaled gradient of `h`.
-        let g = product::<R, BT>(dy.clone(), cast::<R, BT>(up, dtype), Transpose { a: false, b: true });
         let mut results = Vec::new();
+        // `g = dy·Bᵀ`, the unscaled gradient of `h`: with `dx`, in one kernel with its
+        // epilogue `dy·Wᵀ + s·g·Aᵀ`; else (or where that kernel does not apply) a product.
+        let mut g = None;
         if self.want_dx {
             let through_base = product::<R, BT>(dy.clone(), weight, Transpose { a: false, b: true });
-            // `s·g·Aᵀ` summed inside the epilogue (or the routed product for large ranks).
-            let through_adapter = Term::new::<BT>(g.clone(), down, true);
-            results.push(epilogue::<R, BT>(through_base, Some(through_adapter), self.scale, None, None));
+            let rows = Rows { src: dy.clone(), m1: up.clone(), m1_transposed: false, m2: down.clone(), m2_transposed: true };
+            match launch_rows(&rows, &through_base, self.scale, None, None) {
+                Ok((dx, low)) => {
+                    results.push(dx);
+                    g = Some(low);
+                }
+                Err(reason) => {
+                    if up.meta.shape()[0] <= LOW_RANK_MAX {
+                        super::record_fallback(reason);
+                    }
+                    let low = product::<R, BT>(dy.clone(), cast::<R, BT>(up.clone(), dtype), Transpose { a: false, b: true });
+                    let through_adapter = product::<R, BT>(low.clone(), cast::<R, BT>(down.clone(), dtype), Transpose { a: false, b: true });
+                    results.push(epilogue::<R, BT>(through_base, Some(through_adapter), self.scale, None, None));
+                    g = Some(low);
+                }
+            }
         }
+        let g = g.unwrap_or_else(|| product::<R, BT>(dy.clone(), cast::<R, BT>(up, dtype), Transpose { a: false, b: true }));
         if self.want_params {
             let (da, db) = weight_grads::<R, BT>([x, g, h, dy], self.scale, [down_dtype, up_dtype]);
             results.extend([da, db]);
