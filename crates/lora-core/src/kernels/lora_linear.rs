@@ -492,6 +492,24 @@ fn launch_rows<R: CubeRuntime>(rows_term: &Rows<R>, a: &CubeTensor<R>, scale: f3
     ))
 }
 
+/// `(a + scale·(src·M1)·M2 (+ bias) (+ c), src·M1)`: [`lora_rows`] for ranks up to
+/// [`LOW_RANK_MAX`], else (or where it refuses) the routed products and [`epilogue`].
+fn rows_or_products<R: CubeRuntime, BT: BoolElement>(rows: Rows<R>, a: CubeTensor<R>, scale: f32, bias: Option<CubeTensor<R>>, c: Option<CubeTensor<R>>) -> (CubeTensor<R>, CubeTensor<R>) {
+    let rank = rows.m1.meta.shape()[usize::from(rows.m1_transposed)];
+    if rank <= LOW_RANK_MAX {
+        match launch_rows(&rows, &a, scale, bias.as_ref(), c.as_ref()) {
+            Ok(pair) => return pair,
+            Err(reason) => super::record_fallback(reason),
+        }
+    }
+    // `m1` / `m2` as stored: `[rank, ·]` is read transposed, `[·, rank]` as it is.
+    let Rows { src, m1, m1_transposed, m2, m2_transposed } = rows;
+    let dtype = a.dtype;
+    let low = product::<R, BT>(src, cast::<R, BT>(m1, dtype), Transpose { a: false, b: !m1_transposed });
+    let term = product::<R, BT>(low.clone(), cast::<R, BT>(m2, dtype), Transpose { a: false, b: m2_transposed });
+    (epilogue::<R, BT>(a, Some(term), scale, bias, c), low)
+}
+
 /// The buffers of [`lora_rows`]: `src: [rows, width]`, `a`, `c`, `out: [rows, columns]`
 /// and `low: [rows, rank]` in the activations' dtype, the bias (`columns`) in its own,
 /// `m1` (`rank · width`) and `m2` (`rank · columns`) in the adapter's.
@@ -896,25 +914,11 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraFo
         let adapter = self.variant.adapter.then(|| (next(), next()));
         let bias = self.variant.bias.then(&mut next);
         let residual = self.variant.residual.then(&mut next);
-        let dtype = x.dtype;
-        let plain = Transpose::default();
-        let base = product::<R, BT>(x.clone(), weight, plain);
+        let base = product::<R, BT>(x.clone(), weight, Transpose::default());
         let (y, h) = match adapter {
             Some((down, up)) => {
-                // `h = x·A` and the epilogue in one kernel; else the product, then the epilogue.
-                let rows = Rows { src: x, m1: down, m1_transposed: true, m2: up, m2_transposed: false };
-                match launch_rows(&rows, &base, self.scale, bias.as_ref(), residual.as_ref()) {
-                    Ok((y, h)) => (y, Some(h)),
-                    Err(reason) => {
-                        if rows.m1.meta.shape()[1] <= LOW_RANK_MAX {
-                            super::record_fallback(reason);
-                        }
-                        let Rows { src: x, m1: down, m2: up, .. } = rows;
-                        let h = product::<R, BT>(x, cast::<R, BT>(down, dtype), plain);
-                        let delta = product::<R, BT>(h.clone(), cast::<R, BT>(up, dtype), plain);
-                        (epilogue::<R, BT>(base, Some(delta), self.scale, bias, residual), Some(h))
-                    }
-                }
+                let (y, h) = rows_or_products::<R, BT>(Rows { src: x, m1: down, m1_transposed: true, m2: up, m2_transposed: false }, base, self.scale, bias, residual);
+                (y, Some(h))
             }
             None => (epilogue::<R, BT>(base, None, self.scale, bias, residual), None),
         };
@@ -984,29 +988,16 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraBa
         let dtype = dy.dtype;
         let (down_dtype, up_dtype) = (down.dtype, up.dtype);
         let mut results = Vec::new();
-        // `g = dy·Bᵀ`, the unscaled gradient of `h`: with `dx`, in one kernel with its
-        // epilogue `dy·Wᵀ + s·g·Aᵀ`; else (or where that kernel does not apply) a product.
-        let mut g = None;
-        if self.want_dx {
+        // `g = dy·Bᵀ`, the unscaled gradient of `h`: with `dx`, together with its epilogue
+        // `dy·Wᵀ + s·g·Aᵀ`; else a product.
+        let g = if self.want_dx {
             let through_base = product::<R, BT>(dy.clone(), weight, Transpose { a: false, b: true });
-            let rows = Rows { src: dy.clone(), m1: up.clone(), m1_transposed: false, m2: down.clone(), m2_transposed: true };
-            match launch_rows(&rows, &through_base, self.scale, None, None) {
-                Ok((dx, low)) => {
-                    results.push(dx);
-                    g = Some(low);
-                }
-                Err(reason) => {
-                    if up.meta.shape()[0] <= LOW_RANK_MAX {
-                        super::record_fallback(reason);
-                    }
-                    let low = product::<R, BT>(dy.clone(), cast::<R, BT>(up.clone(), dtype), Transpose { a: false, b: true });
-                    let through_adapter = product::<R, BT>(low.clone(), cast::<R, BT>(down.clone(), dtype), Transpose { a: false, b: true });
-                    results.push(epilogue::<R, BT>(through_base, Some(through_adapter), self.scale, None, None));
-                    g = Some(low);
-                }
-            }
-        }
-        let g = g.unwrap_or_else(|| product::<R, BT>(dy.clone(), cast::<R, BT>(up, dtype), Transpose { a: false, b: true }));
+            let (dx, g) = rows_or_products::<R, BT>(Rows { src: dy.clone(), m1: up, m1_transposed: false, m2: down, m2_transposed: true }, through_base, self.scale, None, None);
+            results.push(dx);
+            g
+        } else {
+            product::<R, BT>(dy.clone(), cast::<R, BT>(up, dtype), Transpose { a: false, b: true })
+        };
         if self.want_params {
             let (da, db) = weight_grads::<R, BT>([x, g, h, dy], self.scale, [down_dtype, up_dtype]);
             results.extend([da, db]);
