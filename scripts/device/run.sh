@@ -49,7 +49,7 @@
 #   PROFILE_AFTER=10   the profiles run after this many PLAN entries (default: after the
 #                      ten headline settings; they reuse the plan's autotune results),
 #                      when the budget allows
-#   KERNEL_TESTS="ordering cudnn-attention lora flash group concat"   lora-core's CUDA kernel tests before
+#   KERNEL_TESTS="conv ordering cudnn-attention lora flash group concat"   lora-core's CUDA kernel tests before
 #                      everything, those whose job names contain one of the words (1: all,
 #                      with cuDNN's, cuBLAS's and the softmax's; 0: none, every switch stays
 #                      on, e.g. for a second call that only profiles)
@@ -253,10 +253,16 @@ kernel_test() {
     run_job smoke "$name" "{}" "$@" env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact "kernels::tests::$test" --nocapture
     [ "${LAST_RC:-1}" = 0 ]
 }
-KERNEL_TESTS=${KERNEL_TESTS:-"ordering cudnn-attention lora flash group concat"}
+KERNEL_TESTS=${KERNEL_TESTS:-"conv ordering cudnn-attention lora flash group concat"}
 KERNEL_TESTS=${KERNEL_TESTS//,/ }
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
     kernel_test conv-cudnn-vs-burn cudnn_matches_burn_kernels_on_cuda
+    # cuDNN writing a convolution onto its residual / time embedding (beta = 1): if that
+    # fails, every run below adds them with a kernel after the convolution instead.
+    kernel_test conv-add-cudnn-vs-burn cudnn_conv_add_matches_burn_kernels_on_cuda || {
+        export SD_LORA_CUDNN_BLEND=0
+        say "cuDNN's output blend failed its test: every run below adds the residuals after the convolutions"
+    }
     kernel_test matmul-cublas-vs-burn cublas_matches_burn_kernels_on_cuda
     kernel_test ordering-device-vs-host device_ordering_matches_host_ordering_on_cuda timeout -k 5 "${ORDERING_TEST_S:-240}" || {
         DSYNC=0

@@ -314,6 +314,60 @@ impl<B: Backend> LoraConv2d<B> {
             _ => crate::kernels::conv2d(&self.base, x),
         }
     }
+
+    /// `forward(x) + addend`, the addition done by the base convolution's op (see
+    /// [`crate::kernels::conv2d_add`]): `addend` is `[N, K, OH, OW]` (a residual) or
+    /// `[N, K, 1, 1]` (per sample and channel, as a ResNet block's time embedding).
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::nn::conv::Conv2dConfig;
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use lora_core::LoraConv2d;
+    ///
+    /// let device = Default::default();
+    /// let conv = LoraConv2d::new(Conv2dConfig::new([4, 8], [1, 1]).init::<Flex>(&device));
+    /// let x = Tensor::<Flex, 4>::random([2, 4, 5, 5], Distribution::Default, &device);
+    /// let skip = Tensor::<Flex, 4>::random([2, 8, 5, 5], Distribution::Default, &device);
+    /// let err: f32 = (conv.forward_add(x.clone(), skip.clone()) - (conv.forward(x) + skip)).abs().max().into_scalar();
+    /// assert!(err < 1e-5);
+    /// ```
+    pub fn forward_add(&self, x: Tensor<B, 4>, addend: Tensor<B, 4>) -> Tensor<B, 4> {
+        match &self.adapter {
+            Some(adapter) if !self.merged && self.multiplier != 0.0 => {
+                let delta = adapter.forward(x.clone(), self.multiplier);
+                crate::kernels::conv2d_add(&self.base, x, addend) + delta
+            }
+            _ => crate::kernels::conv2d_add(&self.base, x, addend),
+        }
+    }
+
+    /// `forward(x)` plus `per_channel [N, K]` at every pixel (see
+    /// [`crate::kernels::conv2d_add_channels`]): a ResNet block's time embedding.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::nn::conv::Conv2dConfig;
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use lora_core::LoraConv2d;
+    ///
+    /// let device = Default::default();
+    /// let conv = LoraConv2d::new(Conv2dConfig::new([4, 8], [1, 1]).init::<Flex>(&device));
+    /// let x = Tensor::<Flex, 4>::random([2, 4, 5, 5], Distribution::Default, &device);
+    /// let temb = Tensor::<Flex, 2>::random([2, 8], Distribution::Default, &device);
+    /// let expected = conv.forward(x.clone()) + temb.clone().reshape([2, 8, 1, 1]);
+    /// let err: f32 = (conv.forward_add_channels(x, temb) - expected).abs().max().into_scalar();
+    /// assert!(err < 1e-5);
+    /// ```
+    pub fn forward_add_channels(&self, x: Tensor<B, 4>, per_channel: Tensor<B, 2>) -> Tensor<B, 4> {
+        match &self.adapter {
+            Some(adapter) if !self.merged && self.multiplier != 0.0 => {
+                let delta = adapter.forward(x.clone(), self.multiplier);
+                crate::kernels::conv2d_add_channels(&self.base, x, per_channel) + delta
+            }
+            _ => crate::kernels::conv2d_add_channels(&self.base, x, per_channel),
+        }
+    }
 }
 
 /// Leading and trailing padding of one spatial axis (burn's rule for `Same`).

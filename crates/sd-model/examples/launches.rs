@@ -7,7 +7,7 @@
 //!     [--width 32] [--resolution 64] [--batch 1] [--steps 2] [--precision f32|f16] \
 //!     [--mode train|infer] [--lora-targets attn|attn-mlp] [--fused-group-norm] \
 //!     [--fused-softmax] [--flash-attention] [--plain-autodiff] [--checkpointing] [--casting-adapters] \
-//!     [--lora-unmerged] [--fixed-matmul] [--fused-lora-linear] [--top 40]
+//!     [--lora-unmerged] [--fixed-matmul] [--fused-lora-linear] [--conv-op] [--top 40]
 //! ```
 //!
 //! The UNet has SD1.5's blocks, layers and heads, with every channel count scaled so that
@@ -116,6 +116,11 @@ struct Args {
     /// (`lora_core::kernels::set_fused_lora_linear`).
     #[arg(long)]
     fused_lora_linear: bool,
+    /// The convolutions as the custom operation CUDA runs them in with cuDNN (burn's conv
+    /// kernels inside it here; `lora_core::kernels::set_cudnn`), so that the fusion stream
+    /// sees CUDA's graph.
+    #[arg(long)]
+    conv_op: bool,
     /// How many kernel names to list.
     #[arg(long, default_value_t = 40)]
     top: usize,
@@ -149,6 +154,7 @@ fn main() -> Result<()> {
     lora_core::kernels::set_flash_attention(args.flash_attention);
     lora_core::kernels::set_fixed_matmul(args.fixed_matmul);
     lora_core::kernels::set_fused_lora_linear(args.fused_lora_linear);
+    lora_core::kernels::set_cudnn(args.conv_op);
     sd_model::set_custom_backward(!args.plain_autodiff);
 
     let device = Default::default();

@@ -10,7 +10,8 @@
 //! model normalises accurately. Other backends use the same forward without the custom
 //! backward. The forward and backward passes themselves are
 //! [`lora_core::kernels::group_norm`] and [`lora_core::kernels::group_norm_backward`] (or,
-//! with frozen γ and β, [`lora_core::kernels::group_norm_input_grad`]): fused CubeCL kernels
+//! with frozen γ and β, [`lora_core::kernels::group_norm_input_grad_plus`], which also adds
+//! the input's gradient from its other consumers, a residual's): fused CubeCL kernels
 //! on CUDA with [`lora_core::kernels::set_fused_group_norm`] on (for LayerNorm, the forward
 //! pass and the input gradient), burn's ops elsewhere.
 
@@ -23,7 +24,7 @@ use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
-use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, group_norm_input_grad, group_norm_output, GroupNormSpec};
+use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, group_norm_input_grad_plus, group_norm_output, GroupNormSpec};
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
 
@@ -79,7 +80,16 @@ fn autodiff_op<X: Backend, C: CheckpointStrategy, const D: usize>(
     spec: GroupNormSpec,
 ) -> Tensor<Autodiff<X, C>, D> {
     let (x, gamma, beta) = (x.into_primitive().tensor(), gamma.into_primitive().tensor(), beta.into_primitive().tensor());
-    let op = GroupNormBackward::<D> { spec };
+    // A key to the input's gradient in the backward pass: its graph node, with neither its
+    // data (γ's small tensor stands in) nor its reference count (autodiff's memory
+    // management frees a node's graph by that count; a clone held here would pin it).
+    let input = (!x.node.requirement.is_none()).then(|| {
+        let mut key = x.clone();
+        key.primitive = gamma.primitive.clone();
+        key.rc = std::sync::Arc::new(key.node.id);
+        key
+    });
+    let op = GroupNormBackward::<X, D> { spec, input };
     let out = match op.prepare::<C>([x.node.clone(), gamma.node.clone(), beta.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let (y, mean, rstd) = group_norm_forward::<X, D>(tensor(x.primitive.clone()), tensor(gamma.primitive.clone()), tensor(beta.primitive.clone()), spec);
@@ -97,11 +107,13 @@ fn autodiff_op<X: Backend, C: CheckpointStrategy, const D: usize>(
 /// Backward of GroupNorm (+ SiLU) from the input and the group statistics alone, for a
 /// `D`-dimensional input.
 #[derive(Debug)]
-struct GroupNormBackward<const D: usize> {
+struct GroupNormBackward<X: Backend, const D: usize> {
     spec: GroupNormSpec,
+    /// The key of the input's gradient (when the input is tracked).
+    input: Option<FloatTensor<Autodiff<X>>>,
 }
 
-impl<X: Backend, const D: usize> Backward<X, 3> for GroupNormBackward<D> {
+impl<X: Backend, const D: usize> Backward<X, 3> for GroupNormBackward<X, D> {
     /// Input, γ, β, per-group mean and 1/std.
     type State = (FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>, FloatTensor<X>);
 
@@ -114,7 +126,11 @@ impl<X: Backend, const D: usize> Backward<X, 3> for GroupNormBackward<D> {
             // Frozen γ and β (LoRA training): the input gradient alone, which also lets a
             // LayerNorm take the fused row kernels.
             if let Some(node) = px {
-                let dx = group_norm_input_grad::<X, D>(x, gamma, beta, mean, rstd, dy, self.spec);
+                // The input's gradient from its other consumers so far (a residual
+                // connection's, registered first: the backward pass runs in reverse order)
+                // goes into the kernel, not into an addition of its own after it.
+                let acc = self.input.as_ref().and_then(|input| grads.remove::<X>(input)).map(tensor::<X, D>);
+                let dx = group_norm_input_grad_plus::<X, D>(x, gamma, beta, mean, rstd, dy, self.spec, acc);
                 grads.register::<X>(node.id, dx.into_primitive().tensor());
             }
             return;
@@ -280,6 +296,41 @@ mod tests {
         assert!(max_rel(dx(&norm), dx(&trained)) < 1e-6);
     }
 
+    /// A frozen norm whose input also feeds a residual (`x·v`, made before or after the
+    /// norm, so that its gradient reaches `x` before or after the norm's): the norm's
+    /// backward adds it in (`group_norm_input_grad_plus`), and `dx` is burn's.
+    #[test]
+    fn residual_gradient_is_added_by_the_norm() {
+        use burn::nn::LayerNormConfig;
+        type A = Autodiff<Flex>;
+        let device = Default::default();
+        let gn = GroupNormConfig::new(4, 8).with_epsilon(1e-5).init::<A>(&device).no_grad();
+        let ln = LayerNormConfig::new(15).with_epsilon(1e-5).init::<A>(&device).no_grad();
+        let x0 = Tensor::<Flex, 4>::random([2, 8, 5, 3], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<Flex, 4>::random([2, 8, 5, 3], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<Flex, 4>::random([2, 8, 5, 3], Distribution::Normal(0.0, 1.0), &device);
+        for residual_first in [false, true] {
+            for layer in [false, true] {
+                let dx = |ours: bool| {
+                    let x = Tensor::<A, 4>::from_inner(x0.clone()).require_grad();
+                    let residual = || x.clone() * Tensor::from_inner(v.clone());
+                    let early = residual_first.then(residual);
+                    let y = match (layer, ours) {
+                        (false, true) => group_norm(&gn, x.clone(), true),
+                        (false, false) => burn::tensor::activation::silu(gn.forward(x.clone())),
+                        (true, true) => layer_norm(&ln, x.clone().reshape([2, 8, 15]), 1e-5).reshape([2, 8, 5, 3]),
+                        (true, false) => ln.forward(x.clone().reshape([2, 8, 15])).reshape([2, 8, 5, 3]),
+                    };
+                    let r = early.unwrap_or_else(residual);
+                    let grads = (y * Tensor::from_inner(w.clone()) + r).sum().backward();
+                    x.grad(&grads).unwrap()
+                };
+                let err = max_rel(dx(true), dx(false));
+                assert!(err < 1e-4, "layer norm {layer}, residual first {residual_first}: {err}");
+            }
+        }
+    }
+
     #[test]
     fn layer_norm_backward_matches_burns() {
         check_layer_norm::<NoCheckpointing>();
@@ -335,6 +386,39 @@ mod tests {
         assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and backward in the kernels");
     }
 
+    /// A frozen GroupNorm + SiLU whose input also feeds a residual (a ResNet block's
+    /// shortcut) on `Autodiff<Wgpu>`: the residual's gradient added inside the fused
+    /// backward kernel against burn's ops.
+    #[cfg(feature = "vulkan-test")]
+    #[test]
+    fn vulkan_fused_group_norm_adds_the_residual_gradient() {
+        let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        type W = Autodiff<burn::backend::Wgpu>;
+        let device = Default::default();
+        let norm = GroupNormConfig::new(4, 16).with_epsilon(1e-5).init::<W>(&device).no_grad();
+        let x0 = Tensor::<W, 4>::random([2, 16, 8, 6], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<W, 4>::random([2, 16, 8, 6], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            lora_core::kernels::set_fused_group_norm(fused);
+            let x = x0.clone().require_grad();
+            let y = group_norm(&norm, x.clone(), true);
+            // Made after the norm (as a ResNet block's shortcut), so its gradient reaches x
+            // first and goes into the norm's backward kernel.
+            let skip = x.clone() * w.clone().cos();
+            let grads = (y * w.clone() + skip).sum().backward();
+            lora_core::kernels::set_fused_group_norm(false);
+            x.grad(&grads).unwrap()
+        };
+        let before = lora_core::kernels::vendor_stats();
+        let (fused, plain) = (run(true), run(false));
+        let peak: f32 = plain.clone().abs().max().into_scalar();
+        let err: f32 = (fused - plain).abs().max().into_scalar();
+        assert!(err <= 1e-4 * peak, "dx: error {err} of the peak {peak}");
+        let after = lora_core::kernels::vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+        assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, 2, "forward and input gradient in the kernels");
+    }
+
     /// A frozen LayerNorm (as in the transformer blocks under LoRA) through this module's
     /// autodiff op on `Autodiff<Wgpu>`: the fused row kernels against burn's ops.
     #[cfg(feature = "vulkan-test")]
@@ -354,7 +438,8 @@ mod tests {
             lora_core::kernels::set_fused_group_norm(fused);
             let x = x0.clone().require_grad();
             let y = layer_norm(&norm, x.clone(), 1e-5);
-            let grads = (y.clone() * w.clone()).sum().backward();
+            // A residual use of x: its gradient is added by the norm's backward kernel.
+            let grads = (y.clone() * w.clone() + x.clone() * w.clone().cos()).sum().backward();
             lora_core::kernels::set_fused_group_norm(false);
             [y.inner(), x.grad(&grads).unwrap()]
         };

@@ -106,17 +106,18 @@ impl<B: Backend> ResnetBlock2D<B> {
     /// [`Self::forward`] with the time embedding's SiLU already applied, as the UNet shares
     /// it between all its blocks.
     pub fn forward_silu_temb(&self, x: Tensor<B, 4>, temb: Option<&SiluTemb<B>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(group_norm_silu(&self.norm1, x.clone()));
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let [b, c] = [h.dims()[0], h.dims()[1]];
-            h = h + proj.forward(temb.activated().clone()).reshape([b, c, 1, 1]);
-        }
-        let h = self.conv2.forward(group_norm_silu(&self.norm2, h));
+        // The time embedding and the shortcut are added by the convolutions' ops (on CUDA in
+        // cuDNN's output stage), not by additions of their own.
+        let normed = group_norm_silu(&self.norm1, x.clone());
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => self.conv1.forward_add_channels(normed, proj.forward(temb.activated().clone())),
+            _ => self.conv1.forward(normed),
+        };
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,
         };
-        skip + h
+        self.conv2.forward_add(group_norm_silu(&self.norm2, h), skip)
     }
 }
 

@@ -250,10 +250,10 @@ impl<B: Backend> Transformer2DModel<B> {
         for block in &self.transformer_blocks {
             seq = block.forward_rows(seq, context.clone(), b);
         }
-        let out = match &self.proj_out {
-            Projection::Conv(p) => p.forward(to_map(seq)),
-            Projection::Linear(p) => to_map(p.forward(seq)),
-        };
-        out + x
+        match &self.proj_out {
+            // The residual added by the convolution's op (on CUDA in cuDNN's output stage).
+            Projection::Conv(p) => p.forward_add(to_map(seq), x),
+            Projection::Linear(p) => to_map(p.forward(seq)) + x,
+        }
     }
 }

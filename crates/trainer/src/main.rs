@@ -808,6 +808,10 @@ fn main() -> Result<()> {
     if let Some(on) = env_switch("SD_LORA_CUDNN_PADDED_BACKWARD")? {
         lora_core::kernels::set_cudnn_padded_backward(on);
     }
+    // A kill switch for cuDNN's output blend (a convolution written onto its residual).
+    if let Some(on) = env_switch("SD_LORA_CUDNN_BLEND")? {
+        lora_core::kernels::set_cudnn_blend(on);
+    }
     if let Ok(value) = std::env::var("SD_LORA_FLASH_SHARED_KIB") {
         let kib: usize = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_FLASH_SHARED_KIB={value}: expected KiB of shared memory per cube (16 to 227)"))?;
         lora_core::kernels::set_flash_shared_kib(kib);

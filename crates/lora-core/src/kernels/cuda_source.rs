@@ -345,7 +345,11 @@ fn launch_all(client: &ComputeClient<SourceRuntime>) -> Result<(), String> {
             group_norm::forward(client, problem, [x_dtype, p_dtype], [&x, &gamma, &beta], [&y, &mean, &rstd])?;
             let sums = [buffer(2 * channels * 4), buffer(2 * channels * 4)];
             let sums = if problem.is_rows() { None } else { Some([&sums[0], &sums[1]]) };
-            group_norm::backward(client, problem, [x_dtype, x_dtype, p_dtype], [&x, &dy, &gamma, &beta], [&mean, &rstd], &dx, sums)?;
+            // With and without a residual's gradient to add.
+            let acc = buffer(n * x_dtype.size());
+            for acc in [None, Some(&acc)] {
+                group_norm::backward(client, problem, [x_dtype, x_dtype, p_dtype], [&x, &dy, &gamma, &beta], [&mean, &rstd], acc, &dx, sums)?;
+            }
         }
     }
 

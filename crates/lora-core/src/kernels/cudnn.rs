@@ -14,7 +14,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cudarc::cudnn::{result, sys};
 use cudarc::driver::sys::CUstream;
 
-use super::cuda::Kind;
+use super::conv_op::Kind;
 use super::device;
 
 /// Largest workspace an algorithm may ask for; faster algorithms needing more are skipped.
@@ -257,12 +257,18 @@ fn choose_algorithm(handle: sys::cudnnHandle_t, kind: Kind, d: &Descriptors) -> 
 ///
 /// Inputs: forward `(x, w)`; input gradient `(w, dy)`; weight gradient `(x, w, dy)` (the
 /// weight only gives the shape). `x_shape` is the layer input's shape.
+///
+/// With `prior` (a contiguous tensor of `out_shape` that nothing else holds) the result is
+/// added to it in place, `y = conv + prior` (cuDNN's `beta = 1` blend, done by the
+/// convolution's own output stage): how a forward pass adds its bias and a residual without
+/// a pass of its own over the output.
 pub(super) fn run(
     kind: Kind,
     inputs: &[CubeTensor<CudaRuntime>],
     x_shape: [usize; 4],
     out_shape: [usize; 4],
     options: &ConvOptions<2>,
+    prior: Option<&CubeTensor<CudaRuntime>>,
 ) -> Result<CubeTensor<CudaRuntime>, String> {
     let dtype = inputs[0].dtype;
     if inputs.iter().any(|t| t.dtype != dtype) {
@@ -293,7 +299,17 @@ pub(super) fn run(
     let client = inputs[0].client.clone();
     let device = inputs[0].device.clone();
     let elem = dtype.size();
-    let out_handle = client.empty(out_shape.iter().product::<usize>() * elem);
+    if let Some(prior) = prior {
+        let fits = prior.dtype == dtype && prior.meta.shape().dims::<4>() == out_shape && prior.is_contiguous() && prior.handle.can_mut();
+        if !fits {
+            return Err("the output to add to is not an exclusive contiguous tensor of the output's shape and dtype".to_string());
+        }
+    }
+    let beta = if prior.is_some() { 1.0f32 } else { 0.0 };
+    let out_handle = match prior {
+        Some(prior) => prior.handle.clone(),
+        None => client.empty(out_shape.iter().product::<usize>() * elem),
+    };
 
     with_device(device.index, |state, stream| {
         let plan = match state.plans.entry(key) {
@@ -310,7 +326,7 @@ pub(super) fn run(
         let mut buffers: Vec<&Handle> = inputs.iter().map(|t| &t.handle).collect();
         buffers.push(&out_handle);
         buffers.extend(workspace_handle.as_ref());
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
         let (alpha, beta) = (&alpha as *const f32 as *const c_void, &beta as *const f32 as *const c_void);
         let (d, h) = (&plan.descriptors, state.handle);
         device::run_on_buffers(&client, device.index, stream, problem, &buffers, |p| {

@@ -302,12 +302,14 @@ fn input_grad<I: Float, G: Float, P: Float, N: Size>(
     group_rstd: &Array<f32>,
     sum_dh_xhat: &Array<f32>,
     sum_dh: &Array<f32>,
+    acc: &Array<Vector<I, N>>,
     dx: &mut Array<Vector<I, N>>,
     planes: u32,
     channels: u32,
     per_group: u32,
     vectors: u32,
     #[comptime] silu: bool,
+    #[comptime] accumulate: bool,
     #[define(I, G, P)] _dtypes: [StorageType; 3],
 ) {
     let plane = plane_index();
@@ -344,7 +346,11 @@ fn input_grad<I: Float, G: Float, P: Float, N: Size>(
     while i < n {
         let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * rstd;
         let dh = pre_activation_grad::<N>(xhat, Vector::<f32, N>::cast_from(dy[base + i]), g, b, silu);
-        dx[base + i] = Vector::<I, N>::cast_from((dh * g - m1 - xhat * m2) * rstd);
+        let mut grad = (dh * g - m1 - xhat * m2) * rstd;
+        if comptime!(accumulate) {
+            grad += Vector::<f32, N>::cast_from(acc[base + i]);
+        }
+        dx[base + i] = Vector::<I, N>::cast_from(grad);
         i += threads;
     }
 }
@@ -404,10 +410,12 @@ fn layer_norm_input_grad<I: Float, G: Float, P: Float, N: Size>(
     beta: &Array<Vector<P, N>>,
     mean: &Array<f32>,
     rstd: &Array<f32>,
+    acc: &Array<Vector<I, N>>,
     dx: &mut Array<Vector<I, N>>,
     rows: u32,
     vectors: u32,
     #[comptime] silu: bool,
+    #[comptime] accumulate: bool,
     #[define(I, G, P)] _dtypes: [StorageType; 3],
 ) {
     let row = plane_index();
@@ -439,7 +447,11 @@ fn layer_norm_input_grad<I: Float, G: Float, P: Float, N: Size>(
         let xhat = (Vector::<f32, N>::cast_from(x[base + i]) - mu) * r;
         let g = Vector::<f32, N>::cast_from(gamma[i]);
         let dh = pre_activation_grad::<N>(xhat, Vector::<f32, N>::cast_from(dy[base + i]), g, Vector::<f32, N>::cast_from(beta[i]), silu);
-        dx[base + i] = Vector::<I, N>::cast_from((dh * g - m1 - xhat * m2) * r);
+        let mut grad = (dh * g - m1 - xhat * m2) * r;
+        if comptime!(accumulate) {
+            grad += Vector::<f32, N>::cast_from(acc[base + i]);
+        }
+        dx[base + i] = Vector::<I, N>::cast_from(grad);
         i += threads;
     }
 }
@@ -598,14 +610,18 @@ pub(super) fn forward<R: Runtime>(
 /// Queues the backward pass: `dx` (`dtypes[0]`, like `x`) and, into `sums` when given, the
 /// per-plane sums `Σ dh x̂`, `Σ dh` (f32, `[batch, channels]`; summed over the batch they
 /// are `dγ`, `dβ`), from contiguous `x`, `dy` (`dtypes[1]`), `γ`, `β` (`dtypes[2]`) and the
-/// forward pass's group statistics. The row layout ([`Problem::is_rows`]) computes `dx`
-/// alone and takes no `sums`.
+/// forward pass's group statistics. With `acc` (contiguous, `x`'s dtype and shape) `dx`
+/// is the input gradient plus `acc`: another consumer's gradient of the same input,
+/// accumulated in the kernel instead of by an addition after it. The row layout
+/// ([`Problem::is_rows`]) computes `dx` alone and takes no `sums`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn backward<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
     dtypes: [StorageType; 3],
     [x, dy, gamma, beta]: [&cubecl::server::Handle; 4],
     [mean, rstd]: [&cubecl::server::Handle; 2],
+    acc: Option<&cubecl::server::Handle>,
     dx: &cubecl::server::Handle,
     sums: Option<[&cubecl::server::Handle; 2]>,
 ) -> Result<(), String> {
@@ -619,7 +635,7 @@ pub(super) fn backward<R: Runtime>(
         if sums.is_some() {
             return Err("fused layer norm: the row kernels do not compute dγ and dβ".to_string());
         }
-        return input_grad_rows(client, problem, dtypes, bytes, [x, dy, gamma, beta], [mean, rstd], dx);
+        return input_grad_rows(client, problem, dtypes, bytes, [x, dy, gamma, beta], [mean, rstd], acc, dx);
     }
     let geo = Geometry::new(client, planes, problem.plane_len, bytes)?;
     let len = planes * geo.vectors as usize;
@@ -670,12 +686,15 @@ pub(super) fn backward<R: Runtime>(
             arg(rstd, groups),
             arg(sum_dh_xhat, planes),
             arg(sum_dh, planes),
+            // Not read without `acc` (the flag is a compile-time constant).
+            arg(acc.unwrap_or(x), len),
             arg(dx, len),
             geo.planes,
             channels,
             per_group as u32,
             geo.vectors,
             problem.spec.silu,
+            acc.is_some(),
             dtypes,
         );
     }
@@ -718,6 +737,7 @@ fn forward_rows<R: Runtime>(
 }
 
 /// [`backward`]'s input gradient for the row layout.
+#[allow(clippy::too_many_arguments)]
 fn input_grad_rows<R: Runtime>(
     client: &ComputeClient<R>,
     problem: Problem,
@@ -725,6 +745,7 @@ fn input_grad_rows<R: Runtime>(
     bytes: usize,
     [x, dy, gamma, beta]: [&cubecl::server::Handle; 4],
     [mean, rstd]: [&cubecl::server::Handle; 2],
+    acc: Option<&cubecl::server::Handle>,
     dx: &cubecl::server::Handle,
 ) -> Result<(), String> {
     let (rows, d) = (problem.batch, problem.channels);
@@ -743,10 +764,12 @@ fn input_grad_rows<R: Runtime>(
             arg(beta, geo.vectors as usize),
             arg(mean, rows),
             arg(rstd, rows),
+            arg(acc.unwrap_or(x), len),
             arg(dx, len),
             geo.planes,
             geo.vectors,
             problem.spec.silu,
+            acc.is_some(),
             dtypes,
         );
     }
@@ -788,22 +811,27 @@ pub(super) fn register_forward<R: CubeRuntime, BT: BoolElement>(x: Fused<R>, gam
 pub(super) fn register_backward<R: CubeRuntime, BT: BoolElement>(
     [x, gamma, beta, dy]: [Fused<R>; 4],
     [mean, rstd]: [Fused<R>; 2],
+    acc: Option<Fused<R>>,
     spec: GroupNormSpec,
     params: bool,
 ) -> (Fused<R>, Option<(Fused<R>, Fused<R>)>) {
     let client = x.client.clone();
-    let streams = OperationStreams::with_inputs([&x, &gamma, &beta, &dy, &mean, &rstd]);
+    let mut ins = vec![x, gamma, beta, dy, mean, rstd];
+    let accumulate = acc.is_some();
+    ins.extend(acc);
+    let streams = OperationStreams::with_inputs(ins.iter());
     let grad = |t: &Fused<R>| TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype);
-    let mut outputs = vec![grad(&x)];
+    let mut outputs = vec![grad(&ins[0])];
     if params {
-        outputs.extend([grad(&gamma), grad(&beta)]);
+        outputs.extend([grad(&ins[1]), grad(&ins[2])]);
     }
-    let inputs = [x.into_ir(), gamma.into_ir(), beta.into_ir(), dy.into_ir(), mean.into_ir(), rstd.into_ir()];
+    let inputs: Vec<TensorIr> = ins.into_iter().map(FusionTensor::into_ir).collect();
     let desc = CustomOpIr::new("sd_lora_group_norm_backward", &inputs, &outputs);
     let op = GroupNormBackward::<R, BT> {
         desc: desc.clone(),
         spec,
         params,
+        accumulate,
         _backend: PhantomData,
     };
     let mut grads = client.register(streams, OperationIr::Custom(desc), op).into_iter();
@@ -825,6 +853,8 @@ struct GroupNormBackward<R, BT> {
     spec: GroupNormSpec,
     /// Whether `dγ` and `dβ` are outputs too.
     params: bool,
+    /// Whether a seventh input, another gradient of `x`, is added to `dx`.
+    accumulate: bool,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
@@ -918,9 +948,16 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupN
 }
 
 impl<R: CubeRuntime, BT: BoolElement> GroupNormBackward<R, BT> {
-    fn kernel(&self, [x, gamma, beta, dy]: [CubeTensor<R>; 4], [mean, rstd]: [CubeTensor<R>; 2]) -> Result<Vec<CubeTensor<R>>, String> {
+    fn kernel(&self, [x, gamma, beta, dy]: [CubeTensor<R>; 4], [mean, rstd]: [CubeTensor<R>; 2], acc: Option<CubeTensor<R>>) -> Result<Vec<CubeTensor<R>>, String> {
         let [x, gamma, beta, dy, mean, rstd] = [x, gamma, beta, dy, mean, rstd].map(contiguous);
+        let acc = acc.map(contiguous);
         let problem = problem(&x, self.spec)?;
+        if let Some(acc) = &acc {
+            if acc.dtype != x.dtype || acc.meta.shape() != x.meta.shape() {
+                return Err(format!("fused group norm backward: the gradient to add is {:?} {:?}, the input {:?} {:?}", acc.dtype, acc.meta.shape(), x.dtype, x.meta.shape()));
+            }
+        }
+        let acc = acc.as_ref().map(|a| &a.handle);
         if beta.dtype != gamma.dtype || mean.dtype != DType::F32 || rstd.dtype != DType::F32 || !matches!(dy.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return Err(format!(
                 "fused group norm backward: unexpected dtypes (dy {:?}, γ {:?}, β {:?}, statistics {:?})",
@@ -931,12 +968,12 @@ impl<R: CubeRuntime, BT: BoolElement> GroupNormBackward<R, BT> {
         let dtypes = [x.dtype.into(), dy.dtype.into(), gamma.dtype.into()];
         let inputs = [&x.handle, &dy.handle, &gamma.handle, &beta.handle];
         if !self.params {
-            backward(&x.client, problem, dtypes, inputs, [&mean.handle, &rstd.handle], &dx.handle, None)?;
+            backward(&x.client, problem, dtypes, inputs, [&mean.handle, &rstd.handle], acc, &dx.handle, None)?;
             return Ok(vec![dx]);
         }
         let sums = Shape::new([problem.batch, problem.channels]);
         let (sum_dh_xhat, sum_dh) = (empty(&x, sums.clone(), DType::F32), empty(&x, sums, DType::F32));
-        backward(&x.client, problem, dtypes, inputs, [&mean.handle, &rstd.handle], &dx.handle, Some([&sum_dh_xhat.handle, &sum_dh.handle]))?;
+        backward(&x.client, problem, dtypes, inputs, [&mean.handle, &rstd.handle], acc, &dx.handle, Some([&sum_dh_xhat.handle, &sum_dh.handle]))?;
         // dγ and dβ: the per-plane sums over the batch (`[b, c]` → `[c]`), in γ's dtype.
         let reduce = |sums: CubeTensor<R>| {
             let total = Inner::<R, BT>::float_sum_dim(sums, 0);
@@ -953,13 +990,14 @@ impl<R: CubeRuntime, BT: BoolElement> GroupNormBackward<R, BT> {
 
 impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupNormBackward<R, BT> {
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
-        let [x, gamma, beta, dy, mean, rstd] = self.desc.inputs.as_slice() else {
-            unreachable!("the op is registered with six inputs")
+        let [x, gamma, beta, dy, mean, rstd] = &self.desc.inputs[..6] else {
+            unreachable!("the op is registered with six inputs and an optional seventh")
         };
         let get = |h: &mut HandleContainer<_>, t: &TensorIr| h.get_float_tensor::<Inner<R, BT>>(t);
         let inputs = [get(handles, x), get(handles, gamma), get(handles, beta), get(handles, dy)];
         let stats = [get(handles, mean), get(handles, rstd)];
-        let results = match self.kernel(inputs.clone(), stats.clone()) {
+        let acc = self.accumulate.then(|| get(handles, &self.desc.inputs[6]));
+        let results = match self.kernel(inputs.clone(), stats.clone(), acc.clone()) {
             Ok(results) => {
                 super::record_fused_group_norm();
                 results
@@ -971,7 +1009,12 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for GroupN
                 let t1 = super::tensor::<Inner<R, BT>, 1>;
                 let shape = x.meta.shape().clone();
                 let (dx, params) = super::group_norm_grads_math(as_planes::<R, BT>(x), t1(gamma), t1(beta), mean, rstd, as_planes::<R, BT>(dy), self.spec, self.params);
-                let mut results = vec![from_planes(dx, shape)];
+                let dx = from_planes(dx, shape);
+                let dx = match acc {
+                    Some(acc) => Inner::<R, BT>::float_add(dx, acc),
+                    None => dx,
+                };
+                let mut results = vec![dx];
                 if let Some((dg, db)) = params {
                     results.extend([dg.into_primitive().tensor(), db.into_primitive().tensor()]);
                 }
@@ -1096,7 +1139,7 @@ mod tests {
         let (dx, a, b) = (client.empty(4 * len), client.empty(4 * planes), client.empty(4 * planes));
         // The row kernels (a LayerNorm) compute no per-plane sums.
         let sums = (!p.is_rows()).then_some([&a, &b]);
-        backward::<WgpuRuntime>(&client, p, [f32_type(); 3], [&hx, &hdy, &hg, &hb], [&m, &r], &dx, sums).expect("backward");
+        backward::<WgpuRuntime>(&client, p, [f32_type(); 3], [&hx, &hdy, &hg, &hb], [&m, &r], None, &dx, sums).expect("backward");
         let outputs = [y, m, r, dx, a, b].map(|h| read(&client, h));
         let wanted = [&want.y, &want.mean, &want.rstd, &want.dx, &want.sum_dh_xhat, &want.sum_dh];
         let checked = if p.is_rows() { 4 } else { 6 };
@@ -1268,7 +1311,7 @@ mod tests {
         let (y, m, r) = (client.empty(2 * len), client.empty(4 * groups), client.empty(4 * groups));
         forward::<WgpuRuntime>(&client, p, [f16_type, f32_type()], [&hx, &hg, &hb], [&y, &m, &r]).expect("forward");
         let (dx, a, b) = (client.empty(2 * len), client.empty(4 * planes), client.empty(4 * planes));
-        backward::<WgpuRuntime>(&client, p, [f16_type, f16_type, f32_type()], [&hx, &hdy, &hg, &hb], [&m, &r], &dx, Some([&a, &b])).expect("backward");
+        backward::<WgpuRuntime>(&client, p, [f16_type, f16_type, f32_type()], [&hx, &hdy, &hg, &hb], [&m, &r], None, &dx, Some([&a, &b])).expect("backward");
         let read16 = |h| client.read_one(h).expect("read").chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect::<Vec<f32>>();
         // f16 outputs: half an ulp is 2⁻¹¹ of the value; statistics and sums stay f32.
         for (name, got, want, bound) in [

@@ -34,6 +34,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::nn::conv::Conv2d;
 use burn::nn::Linear;
@@ -50,6 +51,8 @@ mod cuda;
 mod cublas;
 #[cfg(feature = "cuda")]
 mod cudnn;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod conv_op;
 #[cfg(feature = "cuda")]
 mod cudnn_sdpa;
 #[cfg(feature = "cuda")]
@@ -120,6 +123,7 @@ static FLASH_PREFETCH: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM: AtomicBool = AtomicBool::new(false);
 static FUSED_GROUP_NORM_CALLS: AtomicU64 = AtomicU64::new(0);
 static FUSED_CONCAT: AtomicBool = AtomicBool::new(true);
+static CUDNN_BLEND: AtomicBool = AtomicBool::new(true);
 static FUSED_CONCAT_CALLS: AtomicU64 = AtomicU64::new(0);
 static FIXED_MATMUL: AtomicBool = AtomicBool::new(false);
 static FIXED_MATMUL_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -147,7 +151,9 @@ pub fn custom_conv_backward() -> bool {
 
 /// Routes the CUDA backend's base convolutions (forward and both gradients) to cuDNN, for
 /// the whole process (default off). Has no effect without the `cuda` feature or on other
-/// backends; a missing or failing cuDNN falls back to burn's kernels per call.
+/// backends (but wgpu with the `wgpu-test` feature: there the convolutions take the same
+/// custom operation, burn's kernels inside); a missing or failing cuDNN falls back to
+/// burn's kernels per call.
 pub fn set_cudnn(enabled: bool) {
     CUDNN.store(enabled, Ordering::Relaxed);
 }
@@ -463,27 +469,162 @@ fn record_fallback(reason: String) {
 /// assert!(err < 1e-5);
 /// ```
 pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv2d_plus(conv, x, None)
+}
+
+/// `conv.forward(x) + addend`, where `addend` is `[N, K, OH, OW]` (the output's shape: a
+/// residual) or `[N, K, 1, 1]` (one value per sample and channel: a ResNet block's time
+/// embedding), in one operation where [`conv2d`]'s custom op applies: on CUDA with cuDNN
+/// the addition happens in the convolution's output stage (cuDNN's `beta = 1` blend, with
+/// the bias folded into the addend), so neither the addition nor the bias costs a pass over
+/// the output of its own. The addend's gradient is the output's (summed over the spatial
+/// axes for `[N, K, 1, 1]`). Other shapes take burn's broadcasting addition after the
+/// convolution.
+///
+/// ```
+/// use burn::backend::{Autodiff, Flex};
+/// use burn::nn::conv::Conv2dConfig;
+/// use burn::nn::PaddingConfig2d;
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// type B = Autodiff<Flex>;
+/// let device = Default::default();
+/// let conv = Conv2dConfig::new([3, 4], [3, 3])
+///     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+///     .init::<B>(&device);
+/// let x = Tensor::<B, 4>::random([2, 3, 8, 8], Distribution::Default, &device);
+/// let temb = Tensor::<B, 4>::random([2, 4, 1, 1], Distribution::Default, &device);
+/// let ours = lora_core::kernels::conv2d_add(&conv, x.clone(), temb.clone());
+/// let err: f32 = (ours - (conv.forward(x) + temb)).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn conv2d_add<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, addend: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv2d_plus(conv, x, Some(Addend::Map(addend)))
+}
+
+/// [`conv2d_add`] with `per_channel [N, K]` added at every pixel of the output (sample
+/// `n`, channel `k`): a ResNet block's projected time embedding, with no reshape of its
+/// own on the fusion stream (the op views it as `[N, K, 1, 1]`).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::conv::Conv2dConfig;
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// let device = Default::default();
+/// let conv = Conv2dConfig::new([3, 4], [1, 1]).init::<Flex>(&device);
+/// let x = Tensor::<Flex, 4>::random([2, 3, 5, 5], Distribution::Default, &device);
+/// let temb = Tensor::<Flex, 2>::random([2, 4], Distribution::Default, &device);
+/// let ours = lora_core::kernels::conv2d_add_channels(&conv, x.clone(), temb.clone());
+/// let err: f32 = (ours - (conv.forward(x) + temb.reshape([2, 4, 1, 1]))).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// ```
+pub fn conv2d_add_channels<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, per_channel: Tensor<B, 2>) -> Tensor<B, 4> {
+    conv2d_plus(conv, x, Some(Addend::Channels(per_channel)))
+}
+
+/// What [`conv2d_add`] (`Map`) or [`conv2d_add_channels`] (`Channels`) adds.
+enum Addend<B: Backend> {
+    /// `[N, K, OH, OW]` or `[N, K, 1, 1]`.
+    Map(Tensor<B, 4>),
+    /// `[N, K]`.
+    Channels(Tensor<B, 2>),
+}
+
+impl<B: Backend> Addend<B> {
+    /// As a tensor of the output's rank (a reshape for `Channels`).
+    fn into_map(self) -> Tensor<B, 4> {
+        match self {
+            Addend::Map(t) => t,
+            Addend::Channels(t) => {
+                let [n, k] = t.dims();
+                t.reshape([n, k, 1, 1])
+            }
+        }
+    }
+
+    /// The addend as the dims of a map (`Channels` as `[N, K, 1, 1]`) and its dtype.
+    fn map_dims(&self) -> ([usize; 4], DType) {
+        match self {
+            Addend::Map(t) => (t.dims(), t.dtype()),
+            Addend::Channels(t) => {
+                let [n, k] = t.dims();
+                ([n, k, 1, 1], t.dtype())
+            }
+        }
+    }
+
+    /// The backend primitive (any rank: the op's kernels view `[N, K]` as `[N, K, 1, 1]`).
+    fn into_primitive(self) -> FloatTensor<B> {
+        match self {
+            Addend::Map(t) => t.into_primitive().tensor(),
+            Addend::Channels(t) => t.into_primitive().tensor(),
+        }
+    }
+
+    /// The same addend as a tensor of `X`, which `B` must be.
+    fn into_backend<X: Backend>(self) -> Addend<X> {
+        let checked = "the backend was checked";
+        match self {
+            Addend::Map(t) => Addend::Map(downcast(t).expect(checked)),
+            Addend::Channels(t) => Addend::Channels(downcast(t).expect(checked)),
+        }
+    }
+}
+
+/// [`conv2d`] plus an optional addend (see [`conv2d_add`]).
+fn conv2d_plus<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, addend: Option<Addend<B>>) -> Tensor<B, 4> {
     let weight = conv.weight.val();
-    let options = match symmetric_options(conv) {
-        Some(options) if custom_conv_backward() && weight.dtype() == x.dtype() => options,
-        _ => return conv.forward(x),
+    let options = symmetric_options(conv).filter(|options| {
+        custom_conv_backward() && weight.dtype() == x.dtype() && addend.as_ref().is_none_or(|a| addend_fits(a, &x, &weight, options))
+    });
+    let Some(options) = options else {
+        let y = conv.forward(x);
+        return match addend {
+            Some(a) => {
+                let dtype = y.dtype();
+                y + cast_to(a.into_map(), dtype)
+            }
+            None => y,
+        };
     };
     let dtype = x.dtype();
     // The bias in the activations' dtype goes into the convolution op (one operation, not
     // a reshape and an addition after it); a trainable one is added after the op.
     let bias = conv.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-    let args = ConvArgs { x, weight, bias };
-    // Elsewhere burn's convolution with the bias, the arithmetic of the op's default
-    // kernels, so that a pass without autodiff gives the values a pass with it does:
-    // gradient checkpointing recomputes blocks from checkpoints taken without autodiff.
-    dispatch(args, &options).unwrap_or_else(|ConvArgs { x, weight, bias }| burn::tensor::module::conv2d(x, weight, bias, options))
+    let args = ConvArgs { x, weight, bias, addend };
+    // Elsewhere burn's convolution with the bias (and the addend after it), the arithmetic
+    // of the op's default kernels, so that a pass without autodiff gives the values a pass
+    // with it does: gradient checkpointing recomputes blocks from checkpoints taken
+    // without autodiff.
+    dispatch(args, &options).unwrap_or_else(|ConvArgs { x, weight, bias, addend }| {
+        let y = burn::tensor::module::conv2d(x, weight, bias, options);
+        match addend {
+            Some(a) => y + a.into_map(),
+            None => y,
+        }
+    })
 }
 
-/// A convolution's operands: input, weight, optional bias (in the input's dtype).
+/// Whether `addend` is an addend the op takes for `conv(x, weight)`: the activations' dtype
+/// and the output's shape, or `[N, K, 1, 1]`.
+fn addend_fits<B: Backend>(addend: &Addend<B>, x: &Tensor<B, 4>, weight: &Tensor<B, 4>, options: &ConvOptions<2>) -> bool {
+    let [n, _, h, w] = x.dims();
+    let [k, _, kh, kw] = weight.dims();
+    let out = |size: usize, kernel: usize, axis: usize| {
+        (size + 2 * options.padding[axis]).checked_sub(options.dilation[axis] * (kernel - 1) + 1).map(|span| span / options.stride[axis] + 1)
+    };
+    let (dims, dtype) = addend.map_dims();
+    dtype == x.dtype() && (Some(dims) == out(h, kh, 0).zip(out(w, kw, 1)).map(|(oh, ow)| [n, k, oh, ow]) || dims == [n, k, 1, 1])
+}
+
+/// A convolution's operands: input, weight, optional bias and addend (in the input's
+/// dtype).
 struct ConvArgs<B: Backend> {
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
     bias: Option<Tensor<B, 1>>,
+    addend: Option<Addend<B>>,
 }
 
 impl<B: Backend> ConvArgs<B> {
@@ -496,6 +637,7 @@ impl<B: Backend> ConvArgs<B> {
             x: downcast(self.x).expect(checked),
             weight: downcast(self.weight).expect(checked),
             bias: self.bias.map(|b| downcast(b).expect(checked)),
+            addend: self.addend.map(Addend::into_backend),
         }
     }
 }
@@ -537,7 +679,12 @@ fn dispatch<B: Backend>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Result<T
     // On wgpu for the `wgpu-test` feature (burn's kernels), so that the op's graph (and its
     // count of fusion-stream operations) can be studied without a GPU.
     #[cfg(feature = "wgpu-test")]
-    on_autodiff!(burn::backend::Wgpu);
+    {
+        on_autodiff!(burn::backend::Wgpu);
+        if is(TypeId::of::<burn::backend::Wgpu>()) && cudnn_enabled() {
+            return Ok(for_inference::<B, burn::backend::Wgpu>(args, options));
+        }
+    }
     Err(args)
 }
 
@@ -566,13 +713,13 @@ pub(crate) fn on_flex<B: Backend>() -> bool {
 
 /// The op on `Autodiff<X, C>`, which `B` must be.
 fn for_autodiff<B: Backend, X: ConvKernels, C: CheckpointStrategy>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Tensor<B, 4> {
-    let ConvArgs { x, weight, bias } = args.into_backend::<Autodiff<X, C>>();
+    let ConvArgs { x, weight, bias, addend } = args.into_backend::<Autodiff<X, C>>();
     // A trainable bias is added after the op (burn differentiates the addition).
     let (frozen, trained) = match bias {
         Some(b) if !b.clone().into_primitive().tensor().node.requirement.is_none() => (None, Some(b)),
         b => (b.map(|b| b.inner().into_primitive().tensor()), None),
     };
-    let mut out = autodiff_op::<X, C>(x, weight, frozen, options.clone());
+    let mut out = autodiff_op::<X, C>(x, weight, frozen, addend, options.clone());
     if let Some(b) = trained {
         let c = b.dims()[0];
         out = out + b.reshape([1, c, 1, 1]);
@@ -581,20 +728,22 @@ fn for_autodiff<B: Backend, X: ConvKernels, C: CheckpointStrategy>(args: ConvArg
 }
 
 /// The op without autodiff on `X`, which `B` must be.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 fn for_inference<B: Backend, X: ConvKernels>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Tensor<B, 4> {
-    let ConvArgs { x, weight, bias } = args.into_backend::<X>();
-    let y = X::forward(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.map(|b| b.into_primitive().tensor()), options);
+    let ConvArgs { x, weight, bias, addend } = args.into_backend::<X>();
+    let primitive = |t: Tensor<X, 4>| t.into_primitive().tensor();
+    let y = X::forward(primitive(x), primitive(weight), bias.map(|b| b.into_primitive().tensor()), addend.map(Addend::into_primitive), options);
     downcast(tensor::<X, 4>(y)).expect("the backend was checked")
 }
 
 /// The three convolutions of a conv layer's forward and backward pass, per backend.
 /// The defaults are burn's own ops; CUDA overrides them with cuDNN.
 trait ConvKernels: Backend {
-    /// `y = conv(x, w) + bias` (the bias in `x`'s dtype, a frozen one: the backward pass
-    /// gives it no gradient).
-    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, options: &ConvOptions<2>) -> FloatTensor<Self> {
-        burn_forward::<Self>(x, weight, bias, options)
+    /// `y = conv(x, w) + bias + addend` (the bias in `x`'s dtype, a frozen one: the
+    /// backward pass gives it no gradient; the addend `[N, K, OH, OW]`, `[N, K, 1, 1]` or
+    /// `[N, K]`, which adds per sample and channel as `[N, K, 1, 1]`).
+    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, addend: Option<FloatTensor<Self>>, options: &ConvOptions<2>) -> FloatTensor<Self> {
+        add_addend::<Self>(burn_forward::<Self>(x, weight, bias, options), addend)
     }
 
     /// `dL/dx` from `dL/dy` and the weight alone.
@@ -605,6 +754,26 @@ trait ConvKernels: Backend {
     /// `dL/dW` from the input and `dL/dy` (the weight gives the shape).
     fn backward_filter(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, options: &ConvOptions<2>) -> FloatTensor<Self> {
         burn_backward_filter::<Self>(x, weight, grad_out, options)
+    }
+}
+
+/// `y + addend` (broadcast over the spatial axes when `addend` is `[N, K, 1, 1]` or
+/// `[N, K]`).
+fn add_addend<X: Backend>(y: FloatTensor<X>, addend: Option<FloatTensor<X>>) -> FloatTensor<X> {
+    match addend {
+        Some(addend) => X::float_add(y, as_map::<X>(addend)),
+        None => y,
+    }
+}
+
+/// A `[N, K]` addend as `[N, K, 1, 1]`; others as they are.
+fn as_map<X: Backend>(addend: FloatTensor<X>) -> FloatTensor<X> {
+    let shape = addend.shape();
+    if shape.num_dims() == 2 {
+        let [n, k] = shape.dims::<2>();
+        X::float_reshape(addend, burn::tensor::Shape::new([n, k, 1, 1]))
+    } else {
+        addend
     }
 }
 
@@ -631,8 +800,32 @@ fn burn_backward_filter<X: Backend>(x: FloatTensor<X>, weight: FloatTensor<X>, g
 
 impl ConvKernels for burn::backend::Flex {}
 
+/// With [`set_cudnn`] on, wgpu's convolutions take the custom operation CUDA's take (burn's
+/// kernels inside it): the fusion stream sees CUDA's graph, for the `launches` example's
+/// counts and the lavapipe tests.
 #[cfg(feature = "wgpu-test")]
-impl ConvKernels for burn::backend::Wgpu {}
+impl ConvKernels for burn::backend::Wgpu {
+    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, addend: Option<FloatTensor<Self>>, options: &ConvOptions<2>) -> FloatTensor<Self> {
+        if !cudnn_enabled() {
+            return add_addend::<Self>(burn_forward::<Self>(x, weight, bias, options), addend);
+        }
+        conv_op::forward::<burn_cubecl::cubecl::wgpu::WgpuRuntime>(x, weight, bias, addend, options)
+    }
+
+    fn backward_data(weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, x_shape: [usize; 4], options: &ConvOptions<2>) -> FloatTensor<Self> {
+        if !cudnn_enabled() {
+            return burn_backward_data::<Self>(weight, grad_out, x_shape, options);
+        }
+        conv_op::backward_data::<burn_cubecl::cubecl::wgpu::WgpuRuntime>(weight, grad_out, x_shape, options)
+    }
+
+    fn backward_filter(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, options: &ConvOptions<2>) -> FloatTensor<Self> {
+        if !cudnn_enabled() {
+            return burn_backward_filter::<Self>(x, weight, grad_out, options);
+        }
+        conv_op::backward_filter::<burn_cubecl::cubecl::wgpu::WgpuRuntime>(x, weight, grad_out, options)
+    }
+}
 
 /// Input rows (or columns) past the last window of a strided convolution.
 fn padding_out(kernel: usize, stride: usize, padding: usize, dilation: usize, size_in: usize, size_out: usize) -> usize {
@@ -644,25 +837,44 @@ fn padding_out(kernel: usize, stride: usize, padding: usize, dilation: usize, si
 }
 
 /// The convolution as one autodiff op; `bias` (an untracked inner tensor) joins the forward
-/// pass and has no gradient.
+/// pass and has no gradient; `addend` is added to the output (its gradient is the output's).
 fn autodiff_op<X: ConvKernels, C: CheckpointStrategy>(
     x: Tensor<Autodiff<X, C>, 4>,
     weight: Tensor<Autodiff<X, C>, 4>,
     bias: Option<FloatTensor<X>>,
+    addend: Option<Addend<Autodiff<X, C>>>,
     options: ConvOptions<2>,
 ) -> Tensor<Autodiff<X, C>, 4> {
     let (x, weight) = (x.into_primitive().tensor(), weight.into_primitive().tensor());
     let weight_tracked = !weight.node.requirement.is_none();
     let x_shape: [usize; 4] = x.primitive.shape().dims();
-    let op = ConvBackward { options: options.clone(), x_shape };
-    let out = match op.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+    let Some(addend) = addend else {
+        let op = ConvBackward { options: options.clone(), x_shape };
+        let out = match op.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = X::forward(x.primitive.clone(), weight.primitive.clone(), bias, None, &options);
+                // The input is kept only for the weight gradient: a frozen weight frees it.
+                let kept_x = weight_tracked.then_some(x.primitive);
+                prep.finish((kept_x, weight.primitive), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(X::forward(x.primitive, weight.primitive, bias, None, &options)),
+        };
+        return tensor(out);
+    };
+    let (map_dims, _) = addend.map_dims();
+    let channels = matches!(addend, Addend::Channels(_));
+    let addend = addend.into_primitive();
+    // A `[N, K, 1, 1]` (or `[N, K]`) addend's gradient sums over the output's spatial axes
+    // (a no-op where those are 1 x 1 too).
+    let broadcast = map_dims[2..] == [1, 1];
+    let op = ConvAddBackward { conv: ConvBackward { options: options.clone(), x_shape }, broadcast, channels };
+    let out = match op.prepare::<C>([x.node.clone(), weight.node.clone(), addend.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let y = X::forward(x.primitive.clone(), weight.primitive.clone(), bias, &options);
-            // The input is kept only for the weight gradient: a frozen weight frees it.
+            let y = X::forward(x.primitive.clone(), weight.primitive.clone(), bias, Some(addend.primitive), &options);
             let kept_x = weight_tracked.then_some(x.primitive);
             prep.finish((kept_x, weight.primitive), y)
         }
-        OpsKind::UnTracked(prep) => prep.finish(X::forward(x.primitive, weight.primitive, bias, &options)),
+        OpsKind::UnTracked(prep) => prep.finish(X::forward(x.primitive, weight.primitive, bias, Some(addend.primitive), &options)),
     };
     tensor(out)
 }
@@ -674,22 +886,58 @@ struct ConvBackward {
     x_shape: [usize; 4],
 }
 
+impl ConvBackward {
+    /// Registers the input's and the weight's gradients (for the parents that are tracked).
+    fn register<X: ConvKernels>(self, grad_out: FloatTensor<X>, state: (Option<FloatTensor<X>>, FloatTensor<X>), px: Option<NodeId>, pw: Option<NodeId>, grads: &mut Gradients) {
+        let (x, weight) = state;
+        if let (Some(node), Some(x)) = (pw, x) {
+            let dw = X::backward_filter(x, weight.clone(), grad_out.clone(), &self.options);
+            grads.register::<X>(node, dw);
+        }
+        if let Some(node) = px {
+            let dx = X::backward_data(weight, grad_out, self.x_shape, &self.options);
+            grads.register::<X>(node, dx);
+        }
+    }
+}
+
 impl<X: ConvKernels> Backward<X, 2> for ConvBackward {
     /// The input (only when the weight is tracked) and the weight.
     type State = (Option<FloatTensor<X>>, FloatTensor<X>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad_out = grads.consume::<X>(&ops.node);
-        let (x, weight) = ops.state;
         let [px, pw] = ops.parents;
-        if let (Some(node), Some(x)) = (pw, x) {
-            let dw = X::backward_filter(x, weight.clone(), grad_out.clone(), &self.options);
-            grads.register::<X>(node.id, dw);
+        self.register::<X>(grad_out, ops.state, px.map(|n| n.id), pw.map(|n| n.id), grads);
+    }
+}
+
+/// Backward of a convolution with an addend: the addend's gradient is the output's, summed
+/// over the spatial axes where the addend was broadcast over them (and `[N, K]` for a
+/// per-channel addend).
+#[derive(Debug)]
+struct ConvAddBackward {
+    conv: ConvBackward,
+    broadcast: bool,
+    channels: bool,
+}
+
+impl<X: ConvKernels> Backward<X, 3> for ConvAddBackward {
+    /// As [`ConvBackward`]'s.
+    type State = (Option<FloatTensor<X>>, FloatTensor<X>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad_out = grads.consume::<X>(&ops.node);
+        let [px, pw, pa] = ops.parents;
+        if let Some(node) = pa {
+            let mut da = if self.broadcast { X::float_sum_dim(X::float_sum_dim(grad_out.clone(), 2), 3) } else { grad_out.clone() };
+            if self.channels {
+                let [n, k, _, _] = da.shape().dims::<4>();
+                da = X::float_reshape(da, burn::tensor::Shape::new([n, k]));
+            }
+            grads.register::<X>(node.id, da);
         }
-        if let Some(node) = px {
-            let dx = X::backward_data(weight, grad_out, self.x_shape, &self.options);
-            grads.register::<X>(node.id, dx);
-        }
+        self.conv.register::<X>(grad_out, ops.state, px.map(|n| n.id), pw.map(|n| n.id), grads);
     }
 }
 
@@ -889,6 +1137,27 @@ pub fn set_fused_concat(enabled: bool) {
 /// Whether [`set_fused_concat`] is on.
 pub fn fused_concat_enabled() -> bool {
     FUSED_CONCAT.load(Ordering::Relaxed)
+}
+
+/// Turns cuDNN's output blend on or off (default on): a convolution with an addend
+/// ([`conv2d_add`]) on cuDNN writes its result onto the addend plus the bias (cuDNN's
+/// `beta = 1`), with no pass over the output of its own. Off, cuDNN writes a fresh output
+/// and one kernel adds the bias and the addend after it (still one operation of burn's
+/// fusion stream). A switch for a device on which the blend fails its test
+/// (`kernels::tests::cudnn_conv_add_matches_burn_kernels_on_cuda`).
+///
+/// ```
+/// lora_core::kernels::set_cudnn_blend(false);
+/// assert!(!lora_core::kernels::cudnn_blend_enabled());
+/// lora_core::kernels::set_cudnn_blend(true);
+/// ```
+pub fn set_cudnn_blend(enabled: bool) {
+    CUDNN_BLEND.store(enabled, Ordering::Relaxed);
+}
+
+/// Whether [`set_cudnn_blend`] is on.
+pub fn cudnn_blend_enabled() -> bool {
+    CUDNN_BLEND.load(Ordering::Relaxed)
 }
 
 /// Turns the fixed matmul kernel on or off (default off): on burn's CUDA backend, the
@@ -1782,7 +2051,7 @@ pub fn group_norm_backward<X: Backend, const D: usize>(
     grad_out: Tensor<X, D>,
     spec: GroupNormSpec,
 ) -> (Tensor<X, D>, Tensor<X, 1>, Tensor<X, 1>) {
-    let (dx, params) = group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, true);
+    let (dx, params) = group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, true, None);
     let (dgamma, dbeta) = params.expect("parameter gradients were asked for");
     (dx, dgamma, dbeta)
 }
@@ -1822,7 +2091,46 @@ pub fn group_norm_input_grad<X: Backend, const D: usize>(
     grad_out: Tensor<X, D>,
     spec: GroupNormSpec,
 ) -> Tensor<X, D> {
-    group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, false).0
+    group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, false, None).0
+}
+
+/// [`group_norm_input_grad`] plus `acc` (`x`'s shape): the input gradient added to another
+/// gradient of the same input, as a residual connection gives it, inside the fused
+/// backward kernel (one pass over the activations and one operation of burn's fusion stream
+/// fewer than an addition after it); burn's ops add it elsewhere.
+///
+/// # Panics
+///
+/// As [`group_norm_backward`].
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::kernels::{group_norm, group_norm_input_grad, group_norm_input_grad_plus, GroupNormSpec};
+///
+/// let device = Default::default();
+/// let x = Tensor::<Flex, 4>::random([2, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
+/// let dy = Tensor::<Flex, 4>::random([2, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
+/// let skip = Tensor::<Flex, 4>::random([2, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
+/// let (gamma, beta) = (Tensor::<Flex, 1>::ones([4], &device), Tensor::<Flex, 1>::zeros([4], &device));
+/// let spec = GroupNormSpec { groups: 2, epsilon: 1e-5, silu: true };
+/// let (_, mean, rstd) = group_norm(x.clone(), gamma.clone(), beta.clone(), spec);
+/// let dx = group_norm_input_grad(x.clone(), gamma.clone(), beta.clone(), mean.clone(), rstd.clone(), dy.clone(), spec);
+/// let plus = group_norm_input_grad_plus(x, gamma, beta, mean, rstd, dy, spec, Some(skip.clone()));
+/// assert!((plus - (dx + skip)).abs().max().into_scalar() < 1e-6);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_input_grad_plus<X: Backend, const D: usize>(
+    x: Tensor<X, D>,
+    gamma: Tensor<X, 1>,
+    beta: Tensor<X, 1>,
+    mean: Tensor<X, 3>,
+    rstd: Tensor<X, 3>,
+    grad_out: Tensor<X, D>,
+    spec: GroupNormSpec,
+    acc: Option<Tensor<X, D>>,
+) -> Tensor<X, D> {
+    group_norm_grads(x, gamma, beta, mean, rstd, grad_out, spec, false, acc).0
 }
 
 /// [`group_norm_backward`] (`params`) or [`group_norm_input_grad`]: the fused kernels where
@@ -1837,18 +2145,28 @@ fn group_norm_grads<X: Backend, const D: usize>(
     grad_out: Tensor<X, D>,
     spec: GroupNormSpec,
     params: bool,
+    acc: Option<Tensor<X, D>>,
 ) -> (Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
-    if fused_group_norm_applies(&x, spec, params) {
+    // The kernels add a gradient of the input's dtype and shape.
+    let acc_fits = acc.as_ref().is_none_or(|a| a.dtype() == x.dtype() && a.dims() == x.dims());
+    if acc_fits && fused_group_norm_applies(&x, spec, params) {
         #[cfg(feature = "cuda")]
         if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
-            return group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>([x, grad_out], [gamma, beta], [mean, rstd], spec, params);
+            return group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>([x, grad_out], [gamma, beta], [mean, rstd], acc, spec, params);
         }
         #[cfg(feature = "wgpu-test")]
         if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
-            return group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>([x, grad_out], [gamma, beta], [mean, rstd], spec, params);
+            return group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>([x, grad_out], [gamma, beta], [mean, rstd], acc, spec, params);
         }
     }
-    group_norm_grads_math(x, gamma, beta, mean, rstd, grad_out, spec, params)
+    let (dx, param_grads) = group_norm_grads_math(x, gamma, beta, mean, rstd, grad_out, spec, params);
+    match acc {
+        Some(acc) => {
+            let dtype = dx.dtype();
+            (dx + cast_to(acc, dtype), param_grads)
+        }
+        None => (dx, param_grads),
+    }
 }
 
 /// Whether the fused GroupNorm kernels are on and take inputs shaped like `x`: planes of
@@ -1923,13 +2241,15 @@ fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cube
     [x, grad_out]: [Tensor<X, D>; 2],
     [gamma, beta]: [Tensor<X, 1>; 2],
     [mean, rstd]: [Tensor<X, 3>; 2],
+    acc: Option<Tensor<X, D>>,
     spec: GroupNormSpec,
     params: bool,
 ) -> (Tensor<X, D>, Option<(Tensor<X, 1>, Tensor<X, 1>)>) {
     let [x, dy] = [x, grad_out].map(into_fused::<X, R, BT, D>);
     let [gamma, beta] = [gamma, beta].map(into_fused::<X, R, BT, 1>);
     let [mean, rstd] = [mean, rstd].map(into_fused::<X, R, BT, 3>);
-    let (dx, param_grads) = group_norm::register_backward::<R, BT>([x, gamma, beta, dy], [mean, rstd], spec, params);
+    let acc = acc.map(into_fused::<X, R, BT, D>);
+    let (dx, param_grads) = group_norm::register_backward::<R, BT>([x, gamma, beta, dy], [mean, rstd], acc, spec, params);
     let checked = "the backend was checked";
     let param = |t| from_fused::<X, R, BT, 1>(t).expect(checked);
     (from_fused::<X, R, BT, D>(dx).expect(checked), param_grads.map(|(dgamma, dbeta)| (param(dgamma), param(dbeta))))

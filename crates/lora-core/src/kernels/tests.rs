@@ -77,6 +77,152 @@ fn custom_conv_matches_burn() {
     }
 }
 
+/// `(y, dx, dw, d_addend)`.
+type AddResults<B> = (Tensor<B, 4>, Tensor<B, 4>, Option<Tensor<B, 4>>, Tensor<B, 4>);
+
+/// How [`run_add`] hands the addend to the op.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Form {
+    /// Made inside the graph (`addend · 1`), so that the op is the last to hold it, as a
+    /// ResNet block's shortcut output is (on CUDA the in-place path).
+    Made,
+    /// The tracked leaf itself, which the caller still holds.
+    Held,
+    /// A `[N, K, 1, 1]` addend as `[N, K]` ([`conv2d_add_channels`]), made in the graph.
+    Channels,
+}
+
+/// Output and gradients of `loss = Σ y·g` for `y = conv(x) + addend`, through
+/// [`conv2d_add`] / [`conv2d_add_channels`] (`ours`) or burn's `Conv2d::forward` and
+/// addition; the addend's gradient comes back in the addend's shape.
+fn run_add<B: Backend>(conv: &Conv2d<Autodiff<B>>, x: Tensor<Autodiff<B>, 4>, addend: Tensor<Autodiff<B>, 4>, form: Form, ours: bool) -> AddResults<B> {
+    let x = x.require_grad();
+    let [n, k, ah, aw] = addend.dims();
+    let loss = |y: &Tensor<Autodiff<B>, 4>| {
+        let g = y.clone().detach().sin().add_scalar(0.5);
+        (y.clone() * g).sum().backward()
+    };
+    let (y, grads, da) = if form == Form::Channels {
+        assert_eq!([ah, aw], [1, 1], "a per-channel addend is [N, K, 1, 1]");
+        let leaf = addend.detach().reshape([n, k]).require_grad();
+        let a = leaf.clone().mul_scalar(1.0);
+        let y = if ours { conv2d_add_channels(conv, x.clone(), a) } else { conv.forward(x.clone()) + a.reshape([n, k, 1, 1]) };
+        let grads = loss(&y);
+        let da = leaf.grad(&grads).expect("addend gradient").reshape([n, k, 1, 1]);
+        (y, grads, da)
+    } else {
+        let leaf = addend.require_grad();
+        let a = if form == Form::Held { leaf.clone() } else { leaf.clone().mul_scalar(1.0) };
+        let y = if ours { conv2d_add(conv, x.clone(), a) } else { conv.forward(x.clone()) + a };
+        let grads = loss(&y);
+        let da = leaf.grad(&grads).expect("addend gradient");
+        (y, grads, da)
+    };
+    let dx = x.grad(&grads).expect("input gradient");
+    (y.inner(), dx, conv.weight.grad(&grads), da)
+}
+
+/// [`conv2d_add`] gives burn's convolution plus the addition, output and every gradient,
+/// with a residual-shaped addend and a per-sample-and-channel one (`[N, K, 1, 1]`), a
+/// strided convolution, with and without bias, trainable and frozen weights; an addend of
+/// another shape takes burn's broadcasting addition.
+#[test]
+fn custom_conv_add_matches_burn() {
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = Flex;
+    let device = Default::default();
+    // (kernel, stride, pad, bias, x shape, addend shape)
+    let cases = [
+        (3, 1, 1, true, [2, 4, 9, 9], [2, 6, 9, 9]),
+        (3, 1, 1, true, [2, 4, 9, 9], [2, 6, 1, 1]),
+        (3, 2, 1, false, [1, 4, 9, 7], [1, 6, 5, 4]),
+        (1, 1, 0, false, [2, 4, 5, 6], [2, 6, 1, 1]),
+        (1, 1, 0, true, [2, 4, 5, 6], [1, 6, 5, 6]),
+    ];
+    for ((kernel, stride, pad, bias, shape, addend_shape), frozen) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
+        // A `[N, K, 1, 1]` addend also goes in as `[N, K]`.
+        for form in [Form::Made, Form::Held, Form::Channels].into_iter().filter(|&f| f != Form::Channels || addend_shape[2..] == [1, 1]) {
+            let mut conv = layer::<Autodiff<B>>(shape[1], 6, kernel, stride, pad, bias, &device);
+            if frozen {
+                conv = conv.no_grad();
+            }
+            let x = Tensor::<Autodiff<B>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let addend = Tensor::<Autodiff<B>, 4>::random(addend_shape, Distribution::Normal(0.0, 1.0), &device);
+            let reference = run_add::<B>(&conv, x.clone(), addend.clone(), form, false);
+            let ours = run_add::<B>(&conv, x, addend, form, true);
+            let case = format!("kernel {kernel} stride {stride} bias {bias} frozen {frozen} {form:?} {shape:?} + {addend_shape:?}");
+            assert!(max_rel(ours.0, reference.0) < 1e-5, "{case}: output");
+            assert!(max_rel(ours.1, reference.1) < 1e-5, "{case}: dx");
+            assert!(max_rel(ours.3, reference.3) < 1e-5, "{case}: d addend");
+            match (ours.2, reference.2) {
+                (Some(a), Some(b)) => assert!(max_rel(a, b) < 1e-5, "{case}: dw"),
+                (a, b) => assert!(frozen && a.is_none() && b.is_none(), "{case}: weight gradient presence"),
+            }
+        }
+    }
+}
+
+/// The convolution op with [`set_cudnn`] on (on wgpu burn's kernels inside one operation;
+/// CUDA's cuDNN has its own test, `cudnn_conv_add_matches_burn_kernels_on_cuda`) against
+/// burn's ops with it off, on autodiff backend `B`: outputs and every gradient, with and
+/// without an addend, f32 and f16.
+#[cfg(feature = "wgpu-test")]
+pub(super) fn check_conv_op<B: Backend>() {
+    use burn::tensor::FloatDType;
+    let device = Default::default();
+    let cases = [(3, 1, 1, true, [2, 4, 9, 9], [2, 6, 9, 9]), (3, 2, 1, false, [1, 4, 9, 7], [1, 6, 1, 1]), (1, 1, 0, true, [2, 4, 5, 6], [2, 6, 1, 1])];
+    for (dtype, tolerance) in [(FloatDType::F32, 1e-4), (FloatDType::F16, 1e-2)] {
+        for (kernel, stride, pad, bias, shape, addend_shape) in cases {
+            for frozen in [false, true] {
+                let mut conv = crate::precision::cast_all(layer::<Autodiff<B>>(shape[1], 6, kernel, stride, pad, bias, &device), dtype);
+                if frozen {
+                    conv = conv.no_grad();
+                }
+                let x = Tensor::<Autodiff<B>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+                let addend = Tensor::<Autodiff<B>, 4>::random(addend_shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+                set_cudnn(false);
+                // A `[N, K, 1, 1]` addend goes in as `[N, K]`; a residual as the caller's.
+                let form = if addend_shape[2..] == [1, 1] { Form::Channels } else { Form::Held };
+                let reference = (run::<B>(&conv, x.clone(), true), run_add::<B>(&conv, x.clone(), addend.clone(), form, true));
+                set_cudnn(true);
+                let ours = (run::<B>(&conv, x.clone(), true), run_add::<B>(&conv, x, addend, form, true));
+                set_cudnn(false);
+                let case = format!("{dtype:?} kernel {kernel} stride {stride} bias {bias} frozen {frozen} {shape:?} + {addend_shape:?}");
+                let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
+                assert!(max_rel(f32(ours.0 .0), f32(reference.0 .0)) < tolerance, "{case}: output");
+                assert!(max_rel(f32(ours.0 .1), f32(reference.0 .1)) < tolerance, "{case}: dx");
+                assert!(max_rel(f32(ours.1 .0), f32(reference.1 .0)) < tolerance, "{case}: output with addend");
+                assert!(max_rel(f32(ours.1 .1), f32(reference.1 .1)) < tolerance, "{case}: dx with addend");
+                assert!(max_rel(f32(ours.1 .3), f32(reference.1 .3)) < tolerance, "{case}: d addend");
+                for (a, b) in [(ours.0 .2, reference.0 .2), (ours.1 .2, reference.1 .2)] {
+                    match (a, b) {
+                        (Some(a), Some(b)) => assert!(max_rel(f32(a), f32(b)) < tolerance, "{case}: dw"),
+                        (a, b) => assert!(frozen && a.is_none() && b.is_none(), "{case}: weight gradient presence"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// With an addend under gradient checkpointing, as without one.
+#[test]
+fn custom_conv_add_under_checkpointing() {
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type C = Autodiff<Flex, BalancedCheckpointing>;
+    let device = Default::default();
+    let conv: Conv2d<C> = layer(3, 4, 3, 1, 1, true, &device);
+    let x = Tensor::<C, 4>::random([2, 3, 6, 6], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let t = Tensor::<C, 4>::random([2, 4, 1, 1], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let grads = conv2d_add(&conv, x.clone(), t.clone()).exp().sum().backward();
+    let ours = (x.grad(&grads).unwrap(), conv.weight.grad(&grads).unwrap(), t.grad(&grads).unwrap());
+    let grads = (conv.forward(x.clone()) + t.clone()).exp().sum().backward();
+    let reference = (x.grad(&grads).unwrap(), conv.weight.grad(&grads).unwrap(), t.grad(&grads).unwrap());
+    assert!(max_rel(ours.0, reference.0) < 1e-5);
+    assert!(max_rel(ours.1, reference.1) < 1e-5);
+    assert!(max_rel(ours.2, reference.2) < 1e-5);
+}
+
 /// Under gradient checkpointing the op is recomputed, not kept; gradients stay the same.
 #[test]
 fn custom_conv_under_checkpointing() {
@@ -202,6 +348,68 @@ fn cudnn_matches_burn_kernels_on_cuda() {
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
     // Forward, dx and dw for each trainable case, forward and dx for each frozen one, per dtype.
     assert_eq!(after.cudnn_calls - before.cudnn_calls, 2 * 3 * (3 + 2));
+}
+
+/// [`conv2d_add`] with cuDNN (its output blend on and off, see [`set_cudnn_blend`])
+/// against burn's own CUDA kernels, output and every gradient, f32 and bf16: residual and
+/// `[N, K, 1, 1]` addends, one made inside the graph (the in-place path) and one the caller
+/// still holds. Run on the GPU machine like `cudnn_matches_burn_kernels_on_cuda` (the
+/// device script's `conv` job runs both).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU and libcudnn 9"]
+fn cudnn_conv_add_matches_burn_kernels_on_cuda() {
+    use burn::tensor::FloatDType;
+    let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    type B = burn::backend::Cuda;
+    cudnn_status().unwrap_or_else(|reason| panic!("cuDNN unavailable: {reason}"));
+    let device = Default::default();
+    let cases = [(3, 1, 1, true, [2, 64, 32, 32], [2, 48, 32, 32]), (3, 1, 1, true, [2, 64, 16, 16], [2, 48, 1, 1]), (1, 1, 0, false, [2, 64, 16, 16], [2, 48, 16, 16])];
+    let before = vendor_stats();
+    let (mut forwards, mut trainable) = (0, 0);
+    for dtype in [FloatDType::F32, FloatDType::BF16] {
+        let tolerance = if dtype == FloatDType::F32 { 1e-2 } else { 5e-2 };
+        for (kernel, stride, pad, bias, shape, addend_shape) in cases {
+            // `[N, K, 1, 1]` addends also as `[N, K]`; each form with the blend, the made
+            // one also without it, and a trainable layer once per case.
+            let per_channel = addend_shape[2..] == [1, 1];
+            let runs = [(false, true, Form::Made), (true, true, Form::Made), (true, true, Form::Held), (true, false, Form::Made), (true, true, Form::Channels)];
+            for (frozen, blend, form) in runs.into_iter().filter(|r| r.2 != Form::Channels || per_channel) {
+                let mut conv = crate::precision::cast_all(layer::<Autodiff<B>>(shape[1], 48, kernel, stride, pad, bias, &device), dtype);
+                if frozen {
+                    conv = conv.no_grad();
+                }
+                let x = Tensor::<Autodiff<B>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+                let addend = Tensor::<Autodiff<B>, 4>::random(addend_shape, Distribution::Normal(0.0, 1.0), &device).cast(dtype);
+                set_cudnn(false);
+                let reference = run_add::<B>(&conv, x.clone(), addend.clone(), form, false);
+                set_cudnn(true);
+                set_cudnn_blend(blend);
+                // The blend must not write into an addend the caller still holds.
+                let kept = addend.clone().inner();
+                let kept_values = kept.clone().cast(FloatDType::F32).into_data();
+                let ours = run_add::<B>(&conv, x, addend, form, true);
+                set_cudnn_blend(true);
+                set_cudnn(false);
+                forwards += 1;
+                trainable += usize::from(!frozen);
+                let case = format!("{dtype:?} kernel {kernel} bias {bias} frozen {frozen} blend {blend} {form:?} {shape:?} + {addend_shape:?}");
+                assert_eq!(kept.cast(FloatDType::F32).into_data(), kept_values, "{case}: the caller's addend changed");
+                let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
+                assert!(max_rel(f32(ours.0), f32(reference.0)) < tolerance, "{case}: output");
+                assert!(max_rel(f32(ours.1), f32(reference.1)) < tolerance, "{case}: dx");
+                assert!(max_rel(f32(ours.3), f32(reference.3)) < tolerance, "{case}: d addend");
+                match (ours.2, reference.2) {
+                    (Some(a), Some(b)) => assert!(max_rel(f32(a), f32(b)) < tolerance, "{case}: dw"),
+                    (a, b) => assert!(frozen && a.is_none() && b.is_none(), "{case}: weight gradient presence"),
+                }
+            }
+        }
+    }
+    let after = vendor_stats();
+    assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
+    // Forward and dx per run, dw for the trainable ones.
+    assert_eq!(after.cudnn_calls - before.cudnn_calls, (2 * forwards + trainable) as u64);
 }
 
 /// The linear op (with burn's matmul, as on the CPU) gives burn's output and gradients:
