@@ -306,12 +306,17 @@ impl<B: Backend> LoraConv2d<B> {
 
     /// `base(x)` plus the adapter's contribution (unless merged or absent).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.with_delta(x, |base, x| crate::kernels::conv2d(base, x))
+    }
+
+    /// `base_op(base, x)` plus the adapter's contribution (unless merged or absent).
+    fn with_delta(&self, x: Tensor<B, 4>, base_op: impl FnOnce(&Conv2d<B>, Tensor<B, 4>) -> Tensor<B, 4>) -> Tensor<B, 4> {
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 let delta = adapter.forward(x.clone(), self.multiplier);
-                crate::kernels::conv2d(&self.base, x) + delta
+                base_op(&self.base, x) + delta
             }
-            _ => crate::kernels::conv2d(&self.base, x),
+            _ => base_op(&self.base, x),
         }
     }
 
@@ -333,13 +338,7 @@ impl<B: Backend> LoraConv2d<B> {
     /// assert!(err < 1e-5);
     /// ```
     pub fn forward_add(&self, x: Tensor<B, 4>, addend: Tensor<B, 4>) -> Tensor<B, 4> {
-        match &self.adapter {
-            Some(adapter) if !self.merged && self.multiplier != 0.0 => {
-                let delta = adapter.forward(x.clone(), self.multiplier);
-                crate::kernels::conv2d_add(&self.base, x, addend) + delta
-            }
-            _ => crate::kernels::conv2d_add(&self.base, x, addend),
-        }
+        self.with_delta(x, |base, x| crate::kernels::conv2d_add(base, x, addend))
     }
 
     /// `forward(x)` plus `per_channel [N, K]` at every pixel (see
@@ -360,13 +359,7 @@ impl<B: Backend> LoraConv2d<B> {
     /// assert!(err < 1e-5);
     /// ```
     pub fn forward_add_channels(&self, x: Tensor<B, 4>, per_channel: Tensor<B, 2>) -> Tensor<B, 4> {
-        match &self.adapter {
-            Some(adapter) if !self.merged && self.multiplier != 0.0 => {
-                let delta = adapter.forward(x.clone(), self.multiplier);
-                crate::kernels::conv2d_add_channels(&self.base, x, per_channel) + delta
-            }
-            _ => crate::kernels::conv2d_add_channels(&self.base, x, per_channel),
-        }
+        self.with_delta(x, |base, x| crate::kernels::conv2d_add_channels(base, x, per_channel))
     }
 }
 

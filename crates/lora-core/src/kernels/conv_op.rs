@@ -10,17 +10,17 @@
 
 use std::marker::PhantomData;
 
-use burn::tensor::ops::{ConvOptions, FloatTensorOps};
+use burn::tensor::ops::{ConvOptions, FloatTensor, FloatTensorOps};
 use burn::tensor::Shape;
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::{CubeBackend, CubeRuntime};
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use super::{add_addend, burn_backward_data, burn_backward_filter, burn_forward, record_fallback};
+use super::{add_addend, burn_backward_data, burn_backward_filter, burn_forward, cudnn_enabled, record_fallback, ConvKernels};
 
 /// The backend the fusion stream executes on.
 type Inner<R> = CubeBackend<R, f32, i32, u8>;
@@ -54,9 +54,36 @@ fn dims(shape: &Shape) -> [usize; 4] {
     shape.dims::<4>()
 }
 
+/// burn's fusion backends over CubeCL (CUDA; wgpu for the `wgpu-test` feature): with
+/// [`super::set_cudnn`] on, the three convolutions are this module's operation (cuDNN
+/// inside on CUDA, burn's kernels elsewhere, so wgpu's fusion stream sees CUDA's graph);
+/// off, burn's ops.
+impl<R: CubeRuntime, BT: BoolElement> ConvKernels for Fusion<CubeBackend<R, f32, i32, BT>> {
+    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, addend: Option<FloatTensor<Self>>, options: &ConvOptions<2>) -> FloatTensor<Self> {
+        if !cudnn_enabled() {
+            return add_addend::<Self>(burn_forward::<Self>(x, weight, bias, options), addend);
+        }
+        forward::<R>(x, weight, bias, addend, options)
+    }
+
+    fn backward_data(weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, x_shape: [usize; 4], options: &ConvOptions<2>) -> FloatTensor<Self> {
+        if !cudnn_enabled() {
+            return burn_backward_data::<Self>(weight, grad_out, x_shape, options);
+        }
+        backward_data::<R>(weight, grad_out, x_shape, options)
+    }
+
+    fn backward_filter(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, options: &ConvOptions<2>) -> FloatTensor<Self> {
+        if !cudnn_enabled() {
+            return burn_backward_filter::<Self>(x, weight, grad_out, options);
+        }
+        backward_filter::<R>(x, weight, grad_out, options)
+    }
+}
+
 /// Queues `conv(x, w) + bias + addend` (see [`super::conv2d_add`]) and returns its (lazy)
 /// output.
-pub(super) fn forward<R: CubeRuntime>(
+fn forward<R: CubeRuntime>(
     x: FusionTensor<FusionCubeRuntime<R>>,
     weight: FusionTensor<FusionCubeRuntime<R>>,
     bias: Option<FusionTensor<FusionCubeRuntime<R>>>,
@@ -74,7 +101,7 @@ pub(super) fn forward<R: CubeRuntime>(
 }
 
 /// Queues `dL/dx` from the weight and `dL/dy`.
-pub(super) fn backward_data<R: CubeRuntime>(
+fn backward_data<R: CubeRuntime>(
     weight: FusionTensor<FusionCubeRuntime<R>>,
     grad_out: FusionTensor<FusionCubeRuntime<R>>,
     x_shape: [usize; 4],
@@ -84,7 +111,7 @@ pub(super) fn backward_data<R: CubeRuntime>(
 }
 
 /// Queues `dL/dW` from the input and `dL/dy` (the weight gives the shape).
-pub(super) fn backward_filter<R: CubeRuntime>(
+fn backward_filter<R: CubeRuntime>(
     x: FusionTensor<FusionCubeRuntime<R>>,
     weight: FusionTensor<FusionCubeRuntime<R>>,
     grad_out: FusionTensor<FusionCubeRuntime<R>>,

@@ -800,32 +800,6 @@ fn burn_backward_filter<X: Backend>(x: FloatTensor<X>, weight: FloatTensor<X>, g
 
 impl ConvKernels for burn::backend::Flex {}
 
-/// With [`set_cudnn`] on, wgpu's convolutions take the custom operation CUDA's take (burn's
-/// kernels inside it): the fusion stream sees CUDA's graph, for the `launches` example's
-/// counts and the lavapipe tests.
-#[cfg(feature = "wgpu-test")]
-impl ConvKernels for burn::backend::Wgpu {
-    fn forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: Option<FloatTensor<Self>>, addend: Option<FloatTensor<Self>>, options: &ConvOptions<2>) -> FloatTensor<Self> {
-        if !cudnn_enabled() {
-            return add_addend::<Self>(burn_forward::<Self>(x, weight, bias, options), addend);
-        }
-        conv_op::forward::<burn_cubecl::cubecl::wgpu::WgpuRuntime>(x, weight, bias, addend, options)
-    }
-
-    fn backward_data(weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, x_shape: [usize; 4], options: &ConvOptions<2>) -> FloatTensor<Self> {
-        if !cudnn_enabled() {
-            return burn_backward_data::<Self>(weight, grad_out, x_shape, options);
-        }
-        conv_op::backward_data::<burn_cubecl::cubecl::wgpu::WgpuRuntime>(weight, grad_out, x_shape, options)
-    }
-
-    fn backward_filter(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad_out: FloatTensor<Self>, options: &ConvOptions<2>) -> FloatTensor<Self> {
-        if !cudnn_enabled() {
-            return burn_backward_filter::<Self>(x, weight, grad_out, options);
-        }
-        conv_op::backward_filter::<burn_cubecl::cubecl::wgpu::WgpuRuntime>(x, weight, grad_out, options)
-    }
-}
 
 /// Input rows (or columns) past the last window of a strided convolution.
 fn padding_out(kernel: usize, stride: usize, padding: usize, dilation: usize, size_in: usize, size_out: usize) -> usize {
