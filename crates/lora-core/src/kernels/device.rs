@@ -272,7 +272,7 @@ impl Order {
         if let Some(words) = self.words.get(&stream) {
             return Ok(words.clone());
         }
-        let words = client.create_from_slice(&vec![0u8; 4 * ordering::WORDS]);
+        let words = client.create_from_slice(&[0u8; 4 * ordering::WORDS]);
         // A store of the zero already there and a wait that is met at once.
         launch_signal(client, &words, ordering::STATUS, 0);
         launch_wait(client, &words, ordering::STATUS, 0);
@@ -349,7 +349,7 @@ impl Order {
         let kernels = self.kernels;
         let hooks = test_hooks::get();
         // SAFETY: the words lie in the live `words` buffer; the stream is ours.
-        if !hooks.skip_waits {
+        if !hooks.skip_ready {
             if let Err(reason) = unsafe { kernels.wait_ready(stream, word(slot), k, word(ordering::STATUS)) } {
                 super::record_ordering_unavailable(reason.clone());
                 self.broken = Some(reason);
@@ -377,7 +377,7 @@ impl Order {
             let synced = unsafe { driver::stream::synchronize(stream) }.map_err(|e| format!("cuStreamSynchronize: {e:?}"));
             return Some(synced.and(called));
         }
-        if !hooks.skip_waits {
+        if !hooks.skip_done {
             launch_wait(client, words, ordering::SLOTS + slot, k);
         }
         if called.is_ok() {
@@ -493,7 +493,7 @@ impl StreamKernels {
     /// `word` and `status` must be live device words of the stream's context.
     unsafe fn wait_ready(&self, stream: CUstream, word: u64, value: u32, status: u64) -> Result<(), String> {
         // SAFETY: the caller's contract.
-        unsafe { self.wait_ready_spins(stream, word, value, status, ordering::MAX_SPINS) }
+        unsafe { self.wait_ready_spins(stream, word, value, status, ordering::READY_MAX_SPINS) }
     }
 
     /// [`StreamKernels::wait_ready`] giving up after `spins` polls.
@@ -565,7 +565,7 @@ pub(super) fn ordering_timeouts() -> Result<u64, String> {
 }
 
 /// Test switches of the device-side ordering: a delay of the library call (our stream spins
-/// first, so its output lands late) and skipping both waits (a negative control: the
+/// first, so its output lands late) and skipping either wait (negative controls: the
 /// ordering test must then see wrong results). Always off outside this crate's tests.
 pub(super) mod test_hooks {
     #[cfg(test)]
@@ -574,30 +574,37 @@ pub(super) mod test_hooks {
     /// The switches as read by one call.
     #[derive(Clone, Copy)]
     pub(in super::super) struct Hooks {
+        /// Polls our stream spins before each GPU-ordered library call.
         pub(in super::super) library_delay: u32,
-        pub(in super::super) skip_waits: bool,
+        /// Skip our stream's wait for the call's inputs (the signal).
+        pub(in super::super) skip_ready: bool,
+        /// Skip cubecl's wait for the call's output (the done word).
+        pub(in super::super) skip_done: bool,
     }
 
     #[cfg(test)]
     static LIBRARY_DELAY: AtomicU32 = AtomicU32::new(0);
     #[cfg(test)]
-    static SKIP_WAITS: AtomicBool = AtomicBool::new(false);
-
-    /// Sets the switches (spins of our stream before each GPU-ordered call; skip the waits).
+    static SKIP_READY: AtomicBool = AtomicBool::new(false);
     #[cfg(test)]
-    pub(in super::super) fn set(library_delay: u32, skip_waits: bool) {
-        LIBRARY_DELAY.store(library_delay, Ordering::SeqCst);
-        SKIP_WAITS.store(skip_waits, Ordering::SeqCst);
+    static SKIP_DONE: AtomicBool = AtomicBool::new(false);
+
+    /// Sets the switches.
+    #[cfg(test)]
+    pub(in super::super) fn set(hooks: Hooks) {
+        LIBRARY_DELAY.store(hooks.library_delay, Ordering::SeqCst);
+        SKIP_READY.store(hooks.skip_ready, Ordering::SeqCst);
+        SKIP_DONE.store(hooks.skip_done, Ordering::SeqCst);
     }
 
     #[cfg(test)]
     pub(super) fn get() -> Hooks {
-        Hooks { library_delay: LIBRARY_DELAY.load(Ordering::SeqCst), skip_waits: SKIP_WAITS.load(Ordering::SeqCst) }
+        Hooks { library_delay: LIBRARY_DELAY.load(Ordering::SeqCst), skip_ready: SKIP_READY.load(Ordering::SeqCst), skip_done: SKIP_DONE.load(Ordering::SeqCst) }
     }
 
     #[cfg(not(test))]
     pub(super) fn get() -> Hooks {
-        Hooks { library_delay: 0, skip_waits: false }
+        Hooks { library_delay: 0, skip_ready: false, skip_done: false }
     }
 }
 
@@ -614,7 +621,7 @@ pub(super) fn sync_library_stream(index: usize) -> Result<(), String> {
 /// word that never changes (a test's late input: the kernels queued after it run late).
 #[cfg(test)]
 pub(super) fn delay_cubecl_stream(client: &ComputeClient<CudaRuntime>, spins: u32) {
-    let words = client.create_from_slice(&vec![0u8; 4 * ordering::WORDS]);
+    let words = client.create_from_slice(&[0u8; 4 * ordering::WORDS]);
     // Index, value and status as the scratch word: never met, and the timeout counts there.
     ordering::wait::launch::<CudaRuntime>(client, CubeCount::Static(1, 1, 1), CubeDim::new_1d(1), words_arg(&words), ordering::SCRATCH, u32::MAX, ordering::SCRATCH, spins);
 }

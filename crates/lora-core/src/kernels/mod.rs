@@ -257,8 +257,9 @@ pub struct VendorStats {
     pub last_error: Option<String>,
     /// Library calls ordered on the GPU ([`VendorSync::Device`]), without a host wait.
     pub device_ordered: u64,
-    /// Times a GPU-side wait of [`VendorSync::Device`] gave up (after about a second) and
-    /// let burn's kernels go on, so a result may have been read too early; should be 0.
+    /// Times a GPU-side wait of [`VendorSync::Device`] gave up (burn's stream's wait for a
+    /// library call's output after about a second, ours for its inputs after about half a
+    /// minute) and let work go on, so a buffer may have been read too early; should be 0.
     pub ordering_timeouts: u64,
     /// Why [`VendorSync::Device`] could not be used (calls were then host-ordered), or why
     /// its timeouts could not be read.

@@ -818,23 +818,26 @@ fn cublas_matches_burn_kernels_on_cuda() {
 /// reads what burn's kernels have just written and burn's kernels at once read its output,
 /// so a missing wait on either side shows as a wrong result. Each GPU-ordered chain is
 /// compared with the same chain host-ordered (same library kernels); the first also with
-/// burn's kernels alone. Three GPU-ordered runs:
+/// burn's kernels alone. GPU-ordered runs:
 ///
 /// 1. as training runs it;
-/// 2. with late inputs and late outputs: burn's stream spins a few milliseconds before each
-///    step's first kernel, and our stream before each library call, so a wait that returns
-///    early lets a call read its input, or a kernel read the call's output, too soon;
-/// 3. the same with both waits skipped: a negative control, which must come out wrong (or
-///    the chains could not tell a broken ordering from a working one).
+/// 2. late inputs: burn's stream spins a few milliseconds before each step's first kernel,
+///    so a wait of our stream that returns early lets a call read its inputs too soon;
+/// 3. late outputs: our stream spins before each library call, so a wait of burn's stream
+///    that returns early lets a kernel read the call's output too soon;
+/// 4. negative controls: run 2 without our stream's wait, and run 3 without burn's; each
+///    must come out wrong, or the chains could not tell that wait's failure from success.
 ///
 /// Each run has its own numbers (a shift per run), so stale buffers of an earlier run
-/// never hold the right values by chance. Run on the GPU machine.
+/// never hold the right values by chance. The test build has few ordering slots
+/// (`ordering::SLOTS`), so slots are reused many times over. Run on the GPU machine.
 #[cfg(feature = "cuda")]
 #[test]
 #[ignore = "needs an NVIDIA GPU and libcudnn 9"]
 fn device_ordering_matches_host_ordering_on_cuda() {
     use burn_cubecl::cubecl::cuda::CudaRuntime;
     use burn_cubecl::cubecl::Runtime;
+    use device::test_hooks::{set as set_hooks, Hooks};
     let _guard = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     type B = burn::backend::Cuda;
     type A = Autodiff<B>;
@@ -847,22 +850,25 @@ fn device_ordering_matches_host_ordering_on_cuda() {
     let x0 = Tensor::<B, 3>::random([8, 1024, 1024], Distribution::Normal(0.0, 1.0), &device);
     let c0 = Tensor::<A, 4>::random([4, 64, 64, 64], Distribution::Normal(0.0, 1.0), &device);
     let steps = 20;
-    // Polls of the delays: a few milliseconds each, far longer than any kernel of a step.
-    let (input_delay, library_delay) = (8_000, 16_000);
-    let chain = |vendor: bool, mode: VendorSync, base: f32, late: bool| {
+    // Polls of a delay: a few milliseconds, far longer than any kernel of a step.
+    let delay = 16_000;
+    let no_hooks = Hooks { library_delay: 0, skip_ready: false, skip_done: false };
+    // `late`: before each step, both streams drain (with a wait skipped nothing else keeps
+    // ours from falling steps behind, writing into memory cubecl may have released), then
+    // burn's stream spins this many polls, so the step's kernels queue behind the spin.
+    let chain = |vendor: bool, mode: VendorSync, base: f32, late: Option<u32>| {
         set_vendor_sync(mode);
         set_cudnn(vendor);
         set_cublas(vendor);
         set_cublas_min_gflop(0.0);
         let (mut x, mut c) = (x0.clone(), c0.clone());
         for i in 0..steps {
-            if late {
-                // Everything queued so far has run, on both streams (with the waits skipped
-                // nothing else keeps ours from falling steps behind, writing into memory
-                // cubecl may have released); the step's kernels queue behind a spin.
+            if let Some(spins) = late {
                 B::sync(&device).expect("device sync");
                 device::sync_library_stream(0).expect("our stream");
-                device::delay_cubecl_stream(&client, input_delay);
+                if spins > 0 {
+                    device::delay_cubecl_stream(&client, spins);
+                }
             }
             let shift = base + i as f32 * 0.01;
             let h = (x.clone() * 0.9 + shift).tanh();
@@ -873,50 +879,55 @@ fn device_ordering_matches_host_ordering_on_cuda() {
         }
         let out = (x, c.inner());
         // burn-fusion may still hold the chain's operations, and the ordering mode is read
-        // when they run: run them before switching back.
+        // when they run: run them before switching back. Then let our stream finish too (a
+        // control's last calls may still run there), before the next chain reuses memory.
         B::sync(&device).expect("device sync");
+        device::sync_library_stream(0).expect("our stream");
         set_cudnn(false);
         set_cublas(false);
         set_cublas_min_gflop(4.0);
         set_vendor_sync(VendorSync::Host);
         out
     };
-    let close = |a: &(Tensor<B, 3>, Tensor<B, 4>), b: &(Tensor<B, 3>, Tensor<B, 4>), tolerance: f32| {
+    // A GPU-ordered chain with `hooks` and its host-ordered reference, on the numbers of `base`.
+    let pair = |hooks: Hooks, base: f32, late: Option<u32>| {
+        set_hooks(hooks);
+        let ordered = chain(true, VendorSync::Device, base, late);
+        set_hooks(no_hooks);
+        (ordered, chain(true, VendorSync::Host, base, None))
+    };
+    // A chain's result: the matmul chain's and the conv chain's last values.
+    type Chain = (Tensor<B, 3>, Tensor<B, 4>);
+    let close = |(a, b): &(Chain, Chain), tolerance: f32| {
         // `<=` so that a NaN counts as far.
         [max_rel(a.0.clone(), b.0.clone()) <= tolerance, max_rel(a.1.clone(), b.1.clone()) <= tolerance]
     };
     let before = vendor_stats();
-    // GPU-ordered first, then the reference on the same numbers.
-    let device_run = chain(true, VendorSync::Device, 0.1, false);
-    let host = chain(true, VendorSync::Host, 0.1, false);
-    let burn = chain(false, VendorSync::Host, 0.1, false);
-    device::test_hooks::set(library_delay, false);
-    let late = chain(true, VendorSync::Device, 0.2, true);
-    device::test_hooks::set(0, false);
-    let late_host = chain(true, VendorSync::Host, 0.2, false);
+    // GPU-ordered first, then the references on the same numbers.
+    let plain = pair(no_hooks, 0.1, None);
+    let burn = chain(false, VendorSync::Host, 0.1, None);
+    let late_inputs = pair(no_hooks, 0.2, Some(delay));
+    let late_outputs = pair(Hooks { library_delay: delay, ..no_hooks }, 0.3, Some(0));
     let after = vendor_stats();
-    device::test_hooks::set(library_delay, true);
-    let control = chain(true, VendorSync::Device, 0.3, true);
-    device::test_hooks::set(0, false);
-    // The control's last library calls may still run on our stream: let them finish
-    // before the reference chain reuses their memory.
-    device::sync_library_stream(0).expect("our stream");
-    let control_host = chain(true, VendorSync::Host, 0.3, false);
+    let no_ready_wait = pair(Hooks { skip_ready: true, ..no_hooks }, 0.4, Some(delay));
+    let no_done_wait = pair(Hooks { library_delay: delay, skip_done: true, ..no_hooks }, 0.5, Some(0));
     assert_eq!(after.ordering_error, None);
     assert_eq!(after.ordering_timeouts, 0, "a GPU-side wait gave up");
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
-    // Each problem's first call is host-ordered (the matmul and the conv, per pointer
-    // alignment class), the rest are GPU-ordered.
-    // Two GPU-ordered runs of two calls per step.
+    // Three GPU-ordered runs of two calls per step; each problem's first call is
+    // host-ordered (the matmul and the conv, per pointer alignment class).
     let ordered = after.device_ordered - before.device_ordered;
-    eprintln!("GPU-ordered calls: {ordered} of {}", 4 * steps);
-    assert!(ordered + 8 >= 4 * steps as u64, "only {ordered} of {} calls were GPU-ordered", 4 * steps);
-    assert_eq!(close(&device_run, &host, 1e-3), [true, true], "[matmul, conv] chains: GPU- vs host-ordered");
-    assert_eq!(close(&device_run, &burn, 5e-2), [true, true], "[matmul, conv] chains: GPU-ordered vs burn's kernels");
-    assert_eq!(close(&late, &late_host, 1e-3), [true, true], "[matmul, conv] chains with late inputs and outputs: GPU- vs host-ordered");
-    let control_close = close(&control, &control_host, 1e-2);
-    eprintln!("negative control (waits skipped) close to the host-ordered chain: [matmul, conv] = {control_close:?}");
-    assert_eq!(control_close, [false, false], "with the waits skipped the chains still matched: they cannot catch a broken ordering");
+    eprintln!("GPU-ordered calls: {ordered} of {}", 6 * steps);
+    assert!(ordered + 8 >= 6 * steps as u64, "only {ordered} of {} calls were GPU-ordered", 6 * steps);
+    assert_eq!(close(&plain, 1e-3), [true, true], "[matmul, conv] chains: GPU- vs host-ordered");
+    assert_eq!(close(&(plain.0.clone(), burn), 5e-2), [true, true], "[matmul, conv] chains: GPU-ordered vs burn's kernels");
+    assert_eq!(close(&late_inputs, 1e-3), [true, true], "[matmul, conv] chains with late inputs: GPU- vs host-ordered");
+    assert_eq!(close(&late_outputs, 1e-3), [true, true], "[matmul, conv] chains with late outputs: GPU- vs host-ordered");
+    for (name, control) in [("our stream's wait for the inputs", &no_ready_wait), ("burn's wait for the outputs", &no_done_wait)] {
+        let got = close(control, 1e-2);
+        eprintln!("negative control ({name} skipped) close to the host-ordered chain: [matmul, conv] = {got:?}");
+        assert_eq!(got, [false, false], "with {name} skipped the chains still matched: they cannot catch its failure");
+    }
 }
 
 /// The fused softmax kernel against burn's ops on CUDA: attention-shaped score blocks (rows
