@@ -95,6 +95,8 @@ pub struct VendorUse {
     pub cublas: bool,
     /// Convolutions that ran in cuDNN.
     pub cudnn_calls: u64,
+    /// Of those, forward convolutions cuDNN wrote onto their residual or time embedding.
+    pub cudnn_blended_calls: u64,
     /// Matmuls that ran in cuBLAS.
     pub cublas_calls: u64,
     /// Calls meant for cuDNN / cuBLAS that ran in burn's kernels instead.
@@ -149,6 +151,7 @@ impl VendorUse {
             cudnn: lora_core::kernels::cudnn_enabled(),
             cublas: lora_core::kernels::cublas_enabled(),
             cudnn_calls: stats.cudnn_calls,
+            cudnn_blended_calls: stats.cudnn_blended_calls,
             cublas_calls: stats.cublas_calls,
             fallbacks: stats.fallbacks,
             last_error: stats.last_error,

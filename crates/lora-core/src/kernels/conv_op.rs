@@ -140,6 +140,8 @@ fn register<R: CubeRuntime>(
         desc: desc.clone(),
         kind,
         extras,
+        // Read now: burn-fusion may execute the op after the caller changed the switch.
+        blend: extras.addend && super::cudnn_blend_enabled(),
         x_shape,
         options: options.clone(),
         runtime: PhantomData,
@@ -153,6 +155,9 @@ struct ConvOp<R> {
     desc: CustomOpIr,
     kind: Kind,
     extras: Extras,
+    /// Whether cuDNN writes the convolution onto the addend ([`super::set_cudnn_blend`]
+    /// when the op was queued).
+    blend: bool,
     x_shape: [usize; 4],
     options: ConvOptions<2>,
     runtime: PhantomData<R>,
@@ -187,7 +192,7 @@ impl<R: CubeRuntime> ConvOp<R> {
         let (convolved, bias, addend) = self.split(inputs);
         let on_cuda = is_cuda::<R>();
         let (addend, blend) = match addend {
-            Some(a) if on_cuda && super::cudnn_blend_enabled() => (None, Some(a)),
+            Some(a) if on_cuda && self.blend => (None, Some(a)),
             a => (a, None),
         };
         // The addend with the bias in it (the addend's buffer itself where nothing else
@@ -276,7 +281,7 @@ fn vendor<R: CubeRuntime>(
         };
         let y = super::cudnn::run(kind, &inputs, x_shape, out_shape, options, prior);
         if y.is_ok() {
-            super::record_cudnn_call();
+            super::record_cudnn_call(prior.is_some());
         }
         Some(y.map(|y| *(Box::new(y) as Box<dyn Any>).downcast::<CubeTensor<R>>().expect("R is CUDA")))
     }

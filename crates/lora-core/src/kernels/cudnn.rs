@@ -24,7 +24,8 @@ pub(super) const WORKSPACE_LIMIT: usize = 1 << 30;
 /// its first call and kept: a step repeats the same ~hundred problems.
 struct DeviceState {
     handle: sys::cudnnHandle_t,
-    plans: HashMap<ProblemKey, Plan>,
+    /// Each problem's plan, or why cuDNN refused it (not asked again: the op falls back).
+    plans: HashMap<ProblemKey, Result<Plan, String>>,
 }
 
 /// A problem's descriptors, algorithm, workspace size and ordering key.
@@ -61,6 +62,9 @@ struct ProblemKey {
     dilation: [usize; 2],
     groups: usize,
     dtype: DType,
+    /// Written onto the output's current values (`beta = 1`): a problem of its own, so its
+    /// first call is host-ordered too (see `device::run_on_buffers`).
+    blend: bool,
 }
 
 /// The cuDNN version, once the library loads and a handle can be created on device 0.
@@ -206,6 +210,10 @@ fn choose_algorithm(handle: sys::cudnnHandle_t, kind: Kind, d: &Descriptors) -> 
                 if p.status != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS || p.memory > WORKSPACE_LIMIT {
                     continue;
                 }
+                // The ranking is per algorithm and math type: run it with the math type it
+                // was ranked with (PyTorch does the same), or cuDNN may pick another kernel.
+                // SAFETY: the descriptor is live and only used under the state's lock.
+                unsafe { result::set_convolution_math_type(d.conv, p.mathType) }.map_err(|e| format!("math type: {e}"))?;
                 // SAFETY: as above; the size query is exact where the ranking's is an estimate.
                 let size = unsafe { result::$size(handle, $($desc),+, p.algo) }.map_err(|e| format!(concat!(stringify!($size), ": {}"), e))?;
                 if size <= WORKSPACE_LIMIT {
@@ -291,6 +299,7 @@ pub(super) fn run(
         dilation: options.dilation,
         groups: options.groups,
         dtype,
+        blend: prior.is_some(),
     };
     let inputs: Vec<CubeTensor<CudaRuntime>> = inputs
         .iter()
@@ -315,12 +324,14 @@ pub(super) fn run(
         let plan = match state.plans.entry(key) {
             Entry::Occupied(found) => found.into_mut(),
             Entry::Vacant(slot) => {
-                let descriptors = Descriptors::new(slot.key())?;
-                let (algo, workspace) = choose_algorithm(state.handle, kind, &descriptors)?;
-                let problem = device::problem_hash("cudnn", slot.key());
-                slot.insert(Plan { descriptors, algo, workspace, problem })
+                let plan = Descriptors::new(slot.key()).and_then(|descriptors| {
+                    let (algo, workspace) = choose_algorithm(state.handle, kind, &descriptors)?;
+                    Ok(Plan { descriptors, algo, workspace, problem: device::problem_hash("cudnn", slot.key()) })
+                });
+                slot.insert(plan)
             }
         };
+        let plan = plan.as_ref().map_err(|reason| reason.clone())?;
         let (algo, workspace, problem) = (plan.algo, plan.workspace, plan.problem);
         let workspace_handle = (workspace > 0).then(|| client.empty(workspace));
         let mut buffers: Vec<&Handle> = inputs.iter().map(|t| &t.handle).collect();

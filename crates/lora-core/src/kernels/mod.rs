@@ -101,6 +101,7 @@ mod cuda_source;
 static CUSTOM_CONV_BACKWARD: AtomicBool = AtomicBool::new(true);
 static CUDNN: AtomicBool = AtomicBool::new(false);
 static CUDNN_CALLS: AtomicU64 = AtomicU64::new(0);
+static CUDNN_BLENDED_CALLS: AtomicU64 = AtomicU64::new(0);
 static CUBLAS: AtomicBool = AtomicBool::new(false);
 static CUBLAS_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Smallest matmul (in FLOPs) routed to cuBLAS; see [`set_cublas_min_gflop`].
@@ -248,6 +249,9 @@ pub fn vendor_sync() -> VendorSync {
 pub struct VendorStats {
     /// Convolutions (forward or gradient) that ran in cuDNN.
     pub cudnn_calls: u64,
+    /// Of those, forward convolutions that cuDNN wrote onto their addend (the residual or
+    /// time embedding plus the bias; [`set_cudnn_blend`]).
+    pub cudnn_blended_calls: u64,
     /// Matmuls that ran in cuBLAS.
     pub cublas_calls: u64,
     /// Refusals: calls meant for cuDNN / cuBLAS or one of our kernels that ran elsewhere
@@ -302,6 +306,7 @@ pub fn vendor_stats() -> VendorStats {
     };
     VendorStats {
         cudnn_calls: CUDNN_CALLS.load(Ordering::Relaxed),
+        cudnn_blended_calls: CUDNN_BLENDED_CALLS.load(Ordering::Relaxed),
         cublas_calls: CUBLAS_CALLS.load(Ordering::Relaxed),
         fallbacks: FALLBACKS.load(Ordering::Relaxed),
         last_error: LAST_ERROR.lock().map(|e| e.clone()).unwrap_or(None),
@@ -384,9 +389,13 @@ pub fn cuda_profiler(index: usize, start: bool) -> Result<(), String> {
     }
 }
 
+/// One convolution ran in cuDNN (`blended`: written onto its addend, `beta = 1`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn record_cudnn_call() {
+fn record_cudnn_call(blended: bool) {
     CUDNN_CALLS.fetch_add(1, Ordering::Relaxed);
+    if blended {
+        CUDNN_BLENDED_CALLS.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
