@@ -494,7 +494,7 @@ fn launch_rows<R: CubeRuntime>(rows_term: &Rows<R>, a: &CubeTensor<R>, scale: f3
 
 /// `(a + scale·(src·M1)·M2 (+ bias) (+ c), src·M1)`: [`lora_rows`] for ranks up to
 /// [`LOW_RANK_MAX`], else (or where it refuses) the routed products and [`epilogue`].
-fn rows_or_products<R: CubeRuntime, BT: BoolElement>(rows: Rows<R>, a: CubeTensor<R>, scale: f32, bias: Option<CubeTensor<R>>, c: Option<CubeTensor<R>>) -> (CubeTensor<R>, CubeTensor<R>) {
+fn rows_or_products<R: CubeRuntime, BT: BoolElement>(rows: Rows<R>, a: CubeTensor<R>, scale: f32, bias: Option<CubeTensor<R>>, c: Option<CubeTensor<R>>, routing: Routing) -> (CubeTensor<R>, CubeTensor<R>) {
     let rank = rows.m1.meta.shape()[usize::from(rows.m1_transposed)];
     if rank <= LOW_RANK_MAX {
         match launch_rows(&rows, &a, scale, bias.as_ref(), c.as_ref()) {
@@ -505,8 +505,8 @@ fn rows_or_products<R: CubeRuntime, BT: BoolElement>(rows: Rows<R>, a: CubeTenso
     // `m1` / `m2` as stored: `[rank, ·]` is read transposed, `[·, rank]` as it is.
     let Rows { src, m1, m1_transposed, m2, m2_transposed } = rows;
     let dtype = a.dtype;
-    let low = product::<R, BT>(src, cast::<R, BT>(m1, dtype), Transpose { a: false, b: !m1_transposed });
-    let term = product::<R, BT>(low.clone(), cast::<R, BT>(m2, dtype), Transpose { a: false, b: m2_transposed });
+    let low = product::<R, BT>(src, cast::<R, BT>(m1, dtype), Transpose { a: false, b: !m1_transposed }, routing);
+    let term = product::<R, BT>(low.clone(), cast::<R, BT>(m2, dtype), Transpose { a: false, b: m2_transposed }, routing);
     (epilogue::<R, BT>(a, Some(term), scale, bias, c), low)
 }
 
@@ -612,13 +612,31 @@ pub(super) fn launch_epilogue_kernel<R: Runtime>(
     Ok(())
 }
 
-/// `op(a) · op(b)` where [`super::matmul_transposed`] would run it: cuBLAS on CUDA (switch
-/// on, large enough), else the fixed CubeCL kernel, else burn's matmul; counted the same.
-fn product<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: CubeTensor<R>, transpose: Transpose) -> CubeTensor<R> {
+/// Where an op's products run ([`super::set_cublas`], [`super::set_cublas_min_gflop`],
+/// [`super::set_fixed_matmul`]), read when the op is queued: burn-fusion may execute it
+/// after the switches changed.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Routing {
+    cublas: bool,
+    cublas_min_flops: f64,
+    fixed: bool,
+}
+
+impl Routing {
+    fn now() -> Self {
+        Self { cublas: super::cublas_enabled(), cublas_min_flops: super::cublas_min_flops(), fixed: super::fixed_matmul_enabled() }
+    }
+}
+
+/// `op(a) · op(b)` where [`super::matmul_transposed`] would run it under `routing`: cuBLAS
+/// on CUDA (switch on, large enough), else the fixed CubeCL kernel, else burn's matmul;
+/// counted the same.
+fn product<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: CubeTensor<R>, transpose: Transpose, routing: Routing) -> CubeTensor<R> {
     let a = Transpose::apply::<R, BT>(transpose.a, a);
     let b = Transpose::apply::<R, BT>(transpose.b, b);
     #[cfg(feature = "cuda")]
-    if super::cublas_enabled() && super::worth_routing(&a.meta.shape().to_vec(), &b.meta.shape().to_vec()) {
+    if routing.cublas && super::worth_routing_at(&a.meta.shape().to_vec(), &b.meta.shape().to_vec(), routing.cublas_min_flops) {
         if let Some(result) = cublas_product(&a, &b) {
             match result {
                 Ok(y) => {
@@ -629,7 +647,7 @@ fn product<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: CubeTensor<R>, 
             }
         }
     }
-    if super::fixed_matmul_enabled() {
+    if routing.fixed {
         match super::fixed_matmul::run(a.clone(), b.clone()) {
             Ok(y) => {
                 super::record_fixed_matmul();
@@ -655,7 +673,7 @@ fn cublas_product<R: CubeRuntime>(a: &CubeTensor<R>, b: &CubeTensor<R>) -> Optio
 /// `scale · xᵀ · dy` for `x: [rows, m]`, `dy: [rows, n]`, in `dtype`: the product in row
 /// chunks where [`super::split_rows`] splits it (as [`super::weight_grad`] does), the
 /// partial products summed and scaled in f32 by [`sum_partials`].
-fn weight_grad<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, dy: CubeTensor<R>, scale: f32, dtype: DType) -> CubeTensor<R> {
+fn weight_grad<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, dy: CubeTensor<R>, scale: f32, dtype: DType, routing: Routing) -> CubeTensor<R> {
     let (rows, m, n) = (x.meta.shape()[0], x.meta.shape()[1], dy.meta.shape()[1]);
     let transposed = Transpose { a: true, b: false };
     let (partials, chunks) = match super::split_rows(rows, m * n) {
@@ -663,9 +681,9 @@ fn weight_grad<R: CubeRuntime, BT: BoolElement>(x: CubeTensor<R>, dy: CubeTensor
             let chunks = rows / chunk;
             let x = Inner::<R, BT>::float_reshape(x, Shape::new([chunks, chunk, m]));
             let dy = Inner::<R, BT>::float_reshape(dy, Shape::new([chunks, chunk, n]));
-            (product::<R, BT>(x, dy, transposed), chunks)
+            (product::<R, BT>(x, dy, transposed, routing), chunks)
         }
-        None => (product::<R, BT>(x, dy, transposed), 1),
+        None => (product::<R, BT>(x, dy, transposed, routing), 1),
     };
     match launch_sum_partials(&partials, chunks, m * n, scale, dtype) {
         Ok(out) => Inner::<R, BT>::float_reshape(out, Shape::new([m, n])),
@@ -718,14 +736,14 @@ pub(super) fn launch_sum_partials_kernel<R: Runtime>(
 /// (`A`'s and `B`'s): one [`lora_weight_grads`] launch over row chunks and one
 /// [`sum_weight_grads`] for ranks up to [`LOW_RANK_MAX`], else (or where the kernels
 /// refuse) two routed products as [`weight_grad`] runs them.
-fn weight_grads<R: CubeRuntime, BT: BoolElement>([x, g, h, dy]: [CubeTensor<R>; 4], scale: f32, dtypes: [DType; 2]) -> (CubeTensor<R>, CubeTensor<R>) {
+fn weight_grads<R: CubeRuntime, BT: BoolElement>([x, g, h, dy]: [CubeTensor<R>; 4], scale: f32, dtypes: [DType; 2], routing: Routing) -> (CubeTensor<R>, CubeTensor<R>) {
     if g.meta.shape()[1] <= LOW_RANK_MAX {
         match launch_weight_grads(&x, &g, &h, &dy, scale, dtypes) {
             Ok(pair) => return pair,
             Err(reason) => super::record_fallback(reason),
         }
     }
-    (weight_grad::<R, BT>(x, g, scale, dtypes[0]), weight_grad::<R, BT>(h, dy, scale, dtypes[1]))
+    (weight_grad::<R, BT>(x, g, scale, dtypes[0], routing), weight_grad::<R, BT>(h, dy, scale, dtypes[1], routing))
 }
 
 fn launch_weight_grads<R: CubeRuntime>(x: &CubeTensor<R>, g: &CubeTensor<R>, h: &CubeTensor<R>, dy: &CubeTensor<R>, scale: f32, dtypes: [DType; 2]) -> Result<(CubeTensor<R>, CubeTensor<R>), String> {
@@ -885,6 +903,7 @@ fn register_forward<R: CubeRuntime, BT: BoolElement>(operands: Operands<R>, scal
         desc: desc.clone(),
         variant,
         scale,
+        routing: Routing::now(),
         _backend: PhantomData,
     };
     let mut outputs = client.register(streams, OperationIr::Custom(desc), op).into_iter();
@@ -897,6 +916,7 @@ struct LoraForward<R, BT> {
     desc: CustomOpIr,
     variant: Variant,
     scale: f32,
+    routing: Routing,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
@@ -914,10 +934,10 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraFo
         let adapter = self.variant.adapter.then(|| (next(), next()));
         let bias = self.variant.bias.then(&mut next);
         let residual = self.variant.residual.then(&mut next);
-        let base = product::<R, BT>(x.clone(), weight, Transpose::default());
+        let base = product::<R, BT>(x.clone(), weight, Transpose::default(), self.routing);
         let (y, h) = match adapter {
             Some((down, up)) => {
-                let (y, h) = rows_or_products::<R, BT>(Rows { src: x, m1: down, m1_transposed: true, m2: up, m2_transposed: false }, base, self.scale, bias, residual);
+                let (y, h) = rows_or_products::<R, BT>(Rows { src: x, m1: down, m1_transposed: true, m2: up, m2_transposed: false }, base, self.scale, bias, residual, self.routing);
                 (y, Some(h))
             }
             None => (epilogue::<R, BT>(base, None, self.scale, bias, residual), None),
@@ -959,6 +979,7 @@ fn register_backward<R: CubeRuntime, BT: BoolElement>(
         scale,
         want_dx,
         want_params,
+        routing: Routing::now(),
         _backend: PhantomData,
     };
     let mut grads = client.register(streams, OperationIr::Custom(desc), op).into_iter();
@@ -973,6 +994,7 @@ struct LoraBackward<R, BT> {
     scale: f32,
     want_dx: bool,
     want_params: bool,
+    routing: Routing,
     _backend: PhantomData<fn() -> (R, BT)>,
 }
 
@@ -991,15 +1013,15 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for LoraBa
         // `g = dy·Bᵀ`, the unscaled gradient of `h`: with `dx`, together with its epilogue
         // `dy·Wᵀ + s·g·Aᵀ`; else a product.
         let g = if self.want_dx {
-            let through_base = product::<R, BT>(dy.clone(), weight, Transpose { a: false, b: true });
-            let (dx, g) = rows_or_products::<R, BT>(Rows { src: dy.clone(), m1: up, m1_transposed: false, m2: down, m2_transposed: true }, through_base, self.scale, None, None);
+            let through_base = product::<R, BT>(dy.clone(), weight, Transpose { a: false, b: true }, self.routing);
+            let (dx, g) = rows_or_products::<R, BT>(Rows { src: dy.clone(), m1: up, m1_transposed: false, m2: down, m2_transposed: true }, through_base, self.scale, None, None, self.routing);
             results.push(dx);
             g
         } else {
-            product::<R, BT>(dy.clone(), cast::<R, BT>(up, dtype), Transpose { a: false, b: true })
+            product::<R, BT>(dy.clone(), cast::<R, BT>(up, dtype), Transpose { a: false, b: true }, self.routing)
         };
         if self.want_params {
-            let (da, db) = weight_grads::<R, BT>([x, g, h, dy], self.scale, [down_dtype, up_dtype]);
+            let (da, db) = weight_grads::<R, BT>([x, g, h, dy], self.scale, [down_dtype, up_dtype], self.routing);
             results.extend([da, db]);
         }
         super::record_fused_lora_linear();

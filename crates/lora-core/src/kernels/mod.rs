@@ -2403,11 +2403,23 @@ fn same_batch(a: &[usize], b: &[usize]) -> bool {
 /// Whether `a · b` has equal batch dimensions and at least the routing threshold of FLOPs.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn worth_routing(a: &[usize], b: &[usize]) -> bool {
+    worth_routing_at(a, b, cublas_min_flops())
+}
+
+/// [`worth_routing`] with the threshold `min_flops`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn worth_routing_at(a: &[usize], b: &[usize], min_flops: f64) -> bool {
     if !same_batch(a, b) {
         return false;
     }
     let flops = 2.0 * a.iter().product::<usize>() as f64 * b[a.len() - 1] as f64;
-    flops >= CUBLAS_MIN_FLOPS.load(Ordering::Relaxed) as f64
+    flops >= min_flops
+}
+
+/// The current routing threshold of [`set_cublas_min_gflop`], in FLOPs.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
+fn cublas_min_flops() -> f64 {
+    CUBLAS_MIN_FLOPS.load(Ordering::Relaxed) as f64
 }
 
 /// `linear.forward(x)`; with [`set_cublas`] or [`set_fixed_matmul`] on, through an op whose

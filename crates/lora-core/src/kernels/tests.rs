@@ -1145,13 +1145,69 @@ fn cudnn_attention_matches_math_on_cuda() {
     let (out, lse) = flash_attention(q.clone(), k.clone(), v.clone(), 0.158).expect("flash forward");
     set_flash_attention(false);
     set_cudnn_attention(true);
-    let (dq, _, _) = flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), lse.clone(), 0.158).expect("cuDNN backward");
+    let (dq, dk, dv) = flash_attention_backward(q.clone(), k.clone(), v.clone(), out.clone(), g.clone(), lse.clone(), 0.158).expect("cuDNN backward");
     set_cudnn_attention(false);
     let (_, lse_ref) = flash::forward_math(f32(q.clone()), f32(k.clone()), f32(v.clone()), 0.158);
     let delta = (f32(g.clone()) * f32(out)).sum_dim(3).squeeze_dim(3);
-    let (dq_ref, _, _) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref, delta, 0.158);
-    assert!(max_rel(f32(dq), dq_ref) < 3e-2, "cuDNN backward from the flash kernels' log-sum-exp");
+    let (dq_ref, dk_ref, dv_ref) = flash::backward_math(f32(q), f32(k), f32(v), f32(g), lse_ref, delta, 0.158);
+    for (name, ours, reference) in [("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)] {
+        assert!(max_rel(f32(ours), reference) < 3e-2, "cuDNN backward from the flash kernels' log-sum-exp: {name}");
+    }
     assert_eq!(vendor_stats().fallbacks, before.fallbacks, "fallbacks: {:?}", vendor_stats().last_error);
+    cudnn_attention_on_rows_matches_math::<B>(&device);
+}
+
+/// The path the model takes (`flash_attention_rows`, `flash_attention_backward_rows`):
+/// `[batch·seq, heads·d]` token rows at SD1.5's first width (8 heads of 40), self-attention
+/// in cuDNN both ways and the 77-key cross-attention forward in cuDNN, backward in the
+/// flash kernels (the padded backward off, as in the head-split part above); against f32
+/// math on the head-split views.
+#[cfg(feature = "cuda")]
+fn cudnn_attention_on_rows_matches_math<B: Backend>(device: &B::Device) {
+    use burn::tensor::DType;
+    let (batch, heads, d, queries) = (2, 8, 40, 1024);
+    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
+    let rows = |s: usize, mean: f64| crate::precision::cast_to(Tensor::<B, 2>::random([batch * s, heads * d], Distribution::Normal(mean, 1.0), device), DType::BF16);
+    let split = |t: Tensor<B, 2>| {
+        let s = t.dims()[0] / batch;
+        t.reshape([batch, s, heads, d]).swap_dims(1, 2)
+    };
+    let merge = |t: Tensor<B, 4>| {
+        let [b, h, s, d] = t.dims();
+        t.swap_dims(1, 2).reshape([b * s, h * d])
+    };
+    let scale = (d as f32).powf(-0.5);
+    set_cudnn_padded_backward(false);
+    for keys in [queries, 77] {
+        let (q, k, v, g) = (rows(queries, 0.1), rows(keys, -0.1), rows(keys, 0.0), rows(queries, 0.0));
+        let before = vendor_stats();
+        // The routes are fixed when the passes are queued.
+        set_cudnn_attention(true);
+        set_flash_attention(true);
+        let (out, lse) = flash_attention_rows(q.clone(), k.clone(), v.clone(), batch, heads, scale).expect("attention forward on rows");
+        let inputs = AttentionRowsBackward { q: q.clone(), k: k.clone(), v: v.clone(), out: out.clone(), grad_out: g.clone(), lse: lse.clone() };
+        let [dq, dk, dv] = flash_attention_backward_rows(inputs, batch, heads, scale).expect("attention backward on rows");
+        set_cudnn_attention(false);
+        set_flash_attention(false);
+        let (out_ref, lse_ref) = flash::forward_math(f32(split(q.clone())), f32(split(k.clone())), f32(split(v.clone())), scale);
+        let delta = (f32(split(g.clone())) * out_ref.clone()).sum_dim(3).squeeze_dim(3);
+        let (dq_ref, dk_ref, dv_ref) = flash::backward_math(f32(split(q)), f32(split(k)), f32(split(v)), f32(split(g)), lse_ref.clone(), delta, scale);
+        let what = format!("rows, {queries} queries, {keys} keys");
+        for (name, ours, reference) in [("out", out, out_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)] {
+            let err = max_rel(crate::precision::cast_to(ours, DType::F32), merge(reference));
+            eprintln!("{what} {name}: {err:.2e}");
+            assert!(err < 3e-2, "{what} {name}: relative error {err}");
+        }
+        let lse_err: f32 = (lse - lse_ref.reshape([batch, heads, queries])).abs().max().into_scalar().elem();
+        assert!(lse_err < 1e-2, "{what} lse: {lse_err}");
+        // Counted when the passes ran (the reads above).
+        let after = vendor_stats();
+        assert_eq!(after.fallbacks, before.fallbacks, "{what}: fallbacks: {:?}", after.last_error);
+        let cudnn = if keys == 77 { 1 } else { 2 };
+        assert_eq!(after.cudnn_attention_calls - before.cudnn_attention_calls, cudnn, "{what}: passes in cuDNN");
+        assert_eq!(after.flash_attention_calls - before.flash_attention_calls, 2 - cudnn, "{what}: passes in the flash kernels");
+    }
+    set_cudnn_padded_backward(true);
 }
 
 /// cuDNN's attention over key counts that are not multiples of 128, both passes
