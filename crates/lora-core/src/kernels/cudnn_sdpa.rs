@@ -582,19 +582,65 @@ pub(super) fn status() -> Result<usize, String> {
 }
 
 /// Whether cuDNN's SDPA engines take the forward pass of `[b, h, s, d]` problems of head
-/// dimension `d`, `s_q` queries and `s_kv` keys in `dtype` (cudnn-frontend's support
-/// surface for Hopper: `d` a multiple of 8 up to 256, any sequence lengths but `1 × 1`; the
-/// frontend's padding workaround for key counts that are not a multiple of 64 applies only
-/// before cuDNN 9, below the 9.6 this module needs).
+/// dimension `d`, `s_q` queries and `s_kv` keys in `dtype` on this process's GPU
+/// (cudnn-frontend's support surface: `d` a multiple of 8 up to [`head_dim_limit`], any
+/// sequence lengths but `1 × 1`; the frontend's padding workaround for key counts that are
+/// not a multiple of 64 applies only before cuDNN 9, below the 9.6 this module needs).
 pub(super) fn supports(dtype: DType, d: usize, s_q: usize, s_kv: usize) -> bool {
-    matches!(dtype, DType::BF16 | DType::F16) && d.is_multiple_of(8) && d <= 256 && !(s_q == 1 && s_kv == 1)
+    supports_on(device_arch(), false, dtype, d, s_q, s_kv)
 }
 
-/// Whether cuDNN's SDPA engines take the backward pass of such a problem: as [`supports`];
-/// key counts that are not a multiple of 128 only with `padded` (the graph then carries
-/// cudnn-frontend's padding-mask workaround, [`needs_padding_mask`]).
+/// Whether cuDNN's SDPA engines take the backward pass of such a problem: as [`supports`]
+/// (with the backward pass's head-dimension limit); key counts that are not a multiple of
+/// 128 only with `padded` (the graph then carries cudnn-frontend's padding-mask
+/// workaround, [`needs_padding_mask`]).
 pub(super) fn supports_backward(dtype: DType, d: usize, s_q: usize, s_kv: usize, padded: bool) -> bool {
-    supports(dtype, d, s_q, s_kv) && (padded || !needs_padding_mask(s_kv))
+    supports_on(device_arch(), true, dtype, d, s_q, s_kv) && (padded || !needs_padding_mask(s_kv))
+}
+
+/// [`supports`] (`backward` false) or the shapes of [`supports_backward`] on a GPU of
+/// compute capability `major` with cuDNN `version` (`arch`; `None`: no usable GPU).
+fn supports_on(arch: Option<(i32, usize)>, backward: bool, dtype: DType, d: usize, s_q: usize, s_kv: usize) -> bool {
+    let Some((major, version)) = arch else {
+        return false;
+    };
+    matches!(dtype, DType::BF16 | DType::F16) && d.is_multiple_of(8) && d <= head_dim_limit(major, version, backward) && !(s_q == 1 && s_kv == 1)
+}
+
+/// The largest head dimension cudnn-frontend lets half-precision SDPA graphs have on a GPU of
+/// compute capability `major` with cuDNN `version` (its `sdpa_support_surface.h` and the
+/// backward node's checks): 256 on Hopper both ways; elsewhere 128 for the backward pass,
+/// and for the forward pass 128 on Ampere/Ada up to cuDNN 9.9 and on Blackwell before 9.9,
+/// else 256; nothing before Ampere. SD1.5's deepest attention has `d = 160`: off Hopper its
+/// backward pass stays with the other kernels instead of being refused on every call.
+fn head_dim_limit(major: i32, version: usize, backward: bool) -> usize {
+    match major {
+        ..=7 => 0,
+        9 => 256,
+        _ if backward => 128,
+        8 if version <= 90900 => 128,
+        10 if version < 90900 => 128,
+        _ => 256,
+    }
+}
+
+/// Device 0's compute capability (major) and the cuDNN version, once both can be read
+/// (cached); `None` without a usable GPU or cuDNN.
+fn device_arch() -> Option<(i32, usize)> {
+    static ARCH: std::sync::OnceLock<Option<(i32, usize)>> = std::sync::OnceLock::new();
+    *ARCH.get_or_init(|| {
+        let version = status().ok()?;
+        // cudarc's loader panics when libcuda or a symbol is missing.
+        let major = std::panic::catch_unwind(|| {
+            use cudarc::driver::{result as driver, sys as cuda};
+            driver::init().ok()?;
+            let device = driver::device::get(0).ok()?;
+            // SAFETY: `device` is a valid device and the attribute an int.
+            unsafe { driver::device::get_attribute(device, cuda::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) }.ok()
+        })
+        .ok()??;
+        Some((major, version))
+    })
 }
 
 /// Runs `plan` with `operands` (in its uid order) and a workspace, ordered with burn's
@@ -618,7 +664,7 @@ fn execute(state: &mut DeviceState, stream: CUstream, key: &Key, operands: &[&Ha
     let (scalars, raw_plan) = (&plan.scalars, plan.plan.0);
     let uids: Vec<i64> = plan.uids.iter().copied().chain(plan.constants.iter().map(|&(uid, _)| uid)).collect();
     let n = uids.len();
-    let mut misaligned = false;
+    let (mut misaligned, mut refused) = (false, false);
     let ran = device::run_on_buffers(client, device_index, stream, problem, &buffers, |p| {
         // The tensor descriptors promise this alignment (a view's offset may break it).
         if p.iter().any(|&x| !(x as usize).is_multiple_of(ALIGNMENT as usize)) {
@@ -642,10 +688,13 @@ fn execute(state: &mut DeviceState, stream: CUstream, key: &Key, operands: &[&Ha
         // SAFETY: the pointers address live cubecl buffers of the planned shapes and
         // strides (and host scalars that outlive the call: cuDNN reads by-value operands
         // when it queues the work); the handle is bound to `stream`.
-        check(unsafe { sys::cudnnBackendExecute(handle, raw_plan, pack.0) }, "cudnnBackendExecute (attention)")
+        let executed = check(unsafe { sys::cudnnBackendExecute(handle, raw_plan, pack.0) }, "cudnnBackendExecute (attention)");
+        refused = executed.is_err();
+        executed
     });
-    // A plan that fails to run is not tried again for this problem.
-    if let (Err(reason), false) = (&ran, misaligned) {
+    // A plan cuDNN refuses to run is not tried again for this problem; a failure around it
+    // (ordering, buffer lookup, an operand's alignment) leaves the plan for the next call.
+    if let (Err(reason), true, false) = (&ran, refused, misaligned) {
         state.plans.insert(key.clone(), Err(reason.clone()));
     }
     ran
@@ -728,20 +777,33 @@ mod tests {
     /// mask; not odd head dimensions, f32, or `1 × 1`.
     #[test]
     fn support_surface() {
+        // An H100/H200 with cuDNN 9.14, as on the device.
+        let hopper = Some((9, 91400));
+        let forward = |dtype, d, s_q, s_kv| supports_on(hopper, false, dtype, d, s_q, s_kv);
+        let backward = |dtype, d, s_q, s_kv, padded| supports_on(hopper, true, dtype, d, s_q, s_kv) && (padded || !needs_padding_mask(s_kv));
         for d in [40, 64, 80, 160] {
-            assert!(supports_backward(DType::BF16, d, 4096, 4096, false), "d = {d}");
+            assert!(backward(DType::BF16, d, 4096, 4096, false), "d = {d}");
         }
-        assert!(supports_backward(DType::F16, 40, 77, 256, false));
-        assert!(supports(DType::BF16, 40, 4096, 77), "77 keys forward");
-        assert!(supports(DType::BF16, 160, 64, 64), "the middle block forward");
-        assert!(supports_backward(DType::BF16, 40, 4096, 77, true), "77 keys backward with the padding mask");
-        assert!(!supports_backward(DType::BF16, 40, 4096, 77, false));
-        assert!(!supports_backward(DType::BF16, 160, 64, 64, false));
+        assert!(backward(DType::F16, 40, 77, 256, false));
+        assert!(forward(DType::BF16, 40, 4096, 77), "77 keys forward");
+        assert!(forward(DType::BF16, 160, 64, 64), "the middle block forward");
+        assert!(backward(DType::BF16, 40, 4096, 77, true), "77 keys backward with the padding mask");
+        assert!(!backward(DType::BF16, 40, 4096, 77, false));
+        assert!(!backward(DType::BF16, 160, 64, 64, false));
         assert!(needs_padding_mask(77) && needs_padding_mask(64) && !needs_padding_mask(4096));
-        assert!(!supports(DType::BF16, 40, 1, 1));
-        assert!(!supports(DType::BF16, 36, 128, 128));
-        assert!(!supports(DType::BF16, 264, 128, 128));
-        assert!(!supports(DType::F32, 40, 128, 128));
+        assert!(!forward(DType::BF16, 40, 1, 1));
+        assert!(!forward(DType::BF16, 36, 128, 128));
+        assert!(!forward(DType::BF16, 264, 128, 128));
+        assert!(!forward(DType::F32, 40, 128, 128));
+        // Off Hopper SD's d = 160 backward stays with the other kernels; its forward needs
+        // cuDNN 9.10 on Ampere / Ada. Nothing before Ampere, nothing without a GPU.
+        for (arch, d160_forward) in [((8, 91400), true), ((8, 90900), false), ((10, 90800), false), ((12, 91400), true)] {
+            assert_eq!(supports_on(Some(arch), false, DType::BF16, 160, 4096, 4096), d160_forward, "{arch:?}");
+            assert!(!supports_on(Some(arch), true, DType::BF16, 160, 4096, 4096), "{arch:?}");
+            assert!(supports_on(Some(arch), true, DType::BF16, 80, 4096, 4096), "{arch:?}");
+        }
+        assert!(!supports_on(Some((7, 91400)), false, DType::F16, 40, 128, 128));
+        assert!(!supports_on(None, false, DType::F16, 40, 128, 128));
     }
 
     /// Without a GPU (or without libcudnn) the status is an error, never a panic.

@@ -1482,9 +1482,12 @@ pub fn cudnn_padded_backward_enabled() -> bool {
 fn cudnn_attention_takes(dtype: DType, d: usize, s_q: usize, s_kv: usize, backward: bool) -> bool {
     #[cfg(feature = "cuda")]
     {
-        let supported = if backward { cudnn_sdpa::supports_backward(dtype, d, s_q, s_kv, cudnn_padded_backward_enabled()) } else { cudnn_sdpa::supports(dtype, d, s_q, s_kv) };
-        // Without a usable cuDNN (missing, too old) the pass keeps the other kernels.
-        cudnn_attention_enabled() && supported && cudnn_sdpa::status().is_ok()
+        // The switch first: the support check reads the GPU's architecture and cuDNN's
+        // version, which loads cuDNN. Without a usable cuDNN (missing, too old) the pass
+        // keeps the other kernels.
+        cudnn_attention_enabled()
+            && if backward { cudnn_sdpa::supports_backward(dtype, d, s_q, s_kv, cudnn_padded_backward_enabled()) } else { cudnn_sdpa::supports(dtype, d, s_q, s_kv) }
+            && cudnn_sdpa::status().is_ok()
     }
     #[cfg(not(feature = "cuda"))]
     {
