@@ -625,7 +625,8 @@ fn head_dim_limit(major: i32, version: usize, backward: bool) -> usize {
 }
 
 /// Device 0's compute capability (major) and the cuDNN version, once both can be read
-/// (cached); `None` without a usable GPU or cuDNN.
+/// (cached, so the support checks on the queuing path take no lock); `None` without a
+/// usable GPU or cuDNN (as [`status`] then reports, once and for good).
 fn device_arch() -> Option<(i32, usize)> {
     static ARCH: std::sync::OnceLock<Option<(i32, usize)>> = std::sync::OnceLock::new();
     *ARCH.get_or_init(|| {

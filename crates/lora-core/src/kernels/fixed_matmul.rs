@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 
 use burn::tensor::Shape;
 use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::cubecl::zspace::calculate_matmul_output;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime};
@@ -125,14 +126,6 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for FixedM
     }
 }
 
-/// The shape of `a · b`: the batch dimensions broadcast, then `[m, n]`.
-fn output_shape(a: &Shape, b: &Shape) -> Shape {
-    let d = a.num_dims();
-    let mut dims: Vec<usize> = (0..d - 2).map(|i| a[i].max(b[i])).collect();
-    dims.extend([a[d - 2], b[d - 1]]);
-    Shape::from(dims)
-}
-
 /// `a · b` in the first of the fixed kernels that takes the problem; why each refused
 /// otherwise. The output is contiguous: burn's own matmul output is "pitched" on CUDA
 /// (rows padded to 512-byte multiples: a `[rows, 320]` bf16 product takes 60% more memory,
@@ -141,7 +134,8 @@ pub(super) fn run<R: CubeRuntime>(a: CubeTensor<R>, b: CubeTensor<R>) -> Result<
     if a.dtype != b.dtype {
         return Err(format!("fixed matmul: operand dtypes differ ({:?} · {:?})", a.dtype, b.dtype));
     }
-    let out = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), output_shape(a.meta.shape(), b.meta.shape()), a.dtype);
+    let shape = calculate_matmul_output(a.meta.shape(), b.meta.shape()).map_err(|e| format!("fixed matmul: {e:?}"))?;
+    let out = empty_device_contiguous_dtype(a.client.clone(), a.device.clone(), shape, a.dtype);
     let mut refusals = Vec::new();
     for strategy in [Strategy::SimpleCyclicMma(Default::default()), Strategy::SimpleUnit(Default::default())] {
         let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: a.dtype.into(), rhs: b.dtype.into(), out: out.dtype.into() });

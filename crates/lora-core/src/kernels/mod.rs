@@ -1483,11 +1483,9 @@ fn cudnn_attention_takes(dtype: DType, d: usize, s_q: usize, s_kv: usize, backwa
     #[cfg(feature = "cuda")]
     {
         // The switch first: the support check reads the GPU's architecture and cuDNN's
-        // version, which loads cuDNN. Without a usable cuDNN (missing, too old) the pass
-        // keeps the other kernels.
-        cudnn_attention_enabled()
-            && if backward { cudnn_sdpa::supports_backward(dtype, d, s_q, s_kv, cudnn_padded_backward_enabled()) } else { cudnn_sdpa::supports(dtype, d, s_q, s_kv) }
-            && cudnn_sdpa::status().is_ok()
+        // version once, which loads cuDNN; without a usable cuDNN (missing, too old) it
+        // supports nothing and the pass keeps the other kernels.
+        cudnn_attention_enabled() && if backward { cudnn_sdpa::supports_backward(dtype, d, s_q, s_kv, cudnn_padded_backward_enabled()) } else { cudnn_sdpa::supports(dtype, d, s_q, s_kv) }
     }
     #[cfg(not(feature = "cuda"))]
     {
