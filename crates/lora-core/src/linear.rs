@@ -32,7 +32,8 @@ pub(crate) fn update_frozen<B: Backend, const D: usize>(
     f: impl FnOnce(Tensor<B, D>) -> Tensor<B, D>,
 ) -> Param<Tensor<B, D>> {
     let require_grad = param.is_require_grad();
-    param.map(|w| f(w).detach().set_require_grad(require_grad))
+    // Stored dense: on CUDA a new tensor has padded rows (see `kernels::packed`).
+    param.map(|w| crate::kernels::packed(f(w)).detach().set_require_grad(require_grad))
 }
 
 /// A frozen weight plus `sign · delta`, summed in f32 and rounded once to the weight's

@@ -40,7 +40,9 @@ use burn::tensor::{DType, FloatDType, Tensor};
 
 use crate::linear::update_frozen;
 
-/// Converts a module's frozen parameters (those that do not require gradients) to `dtype`.
+/// Converts a module's frozen parameters (those that do not require gradients) to `dtype`,
+/// each stored in a dense buffer ([`crate::kernels::packed`]: on CUDA the weights as
+/// loaded or cast have padded rows).
 ///
 /// Trainable parameters keep their dtype. On a backend without autodiff no parameter
 /// requires gradients, so everything is converted.
@@ -48,9 +50,28 @@ pub fn cast_frozen<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M 
     module.map(&mut CastFrozen { dtype })
 }
 
-/// Converts every float parameter of a module to `dtype` (trainable ones included).
+/// Converts every float parameter of a module to `dtype` (trainable ones included), each
+/// stored in a dense buffer ([`crate::kernels::packed`]).
 pub fn cast_all<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
-    module.map(&mut CastAll { dtype })
+    module.map(&mut CastAll { dtype: Some(dtype) })
+}
+
+/// Stores every float parameter of a module in a dense buffer, its dtype and whether it
+/// requires gradients unchanged: on CUDA, weights as loaded or initialised have padded rows
+/// (a bf16 3x3 convolution weight takes 2.67 times its size; see
+/// [`crate::kernels::packed`]). A no-op on backends without padding.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LinearConfig;
+/// use lora_core::precision::pack_all;
+///
+/// let layer = LinearConfig::new(3, 2).init::<Flex>(&Default::default());
+/// let packed = pack_all(layer.clone());
+/// assert_eq!(packed.weight.val().into_data(), layer.weight.val().into_data());
+/// ```
+pub fn pack_all<B: Backend, M: Module<B>>(module: M) -> M {
+    module.map(&mut CastAll { dtype: None })
 }
 
 struct CastFrozen {
@@ -59,24 +80,27 @@ struct CastFrozen {
 
 impl<B: Backend> ModuleMapper<B> for CastFrozen {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if param.is_require_grad() || param.val().dtype() == DType::from(self.dtype) {
+        if param.is_require_grad() {
             return param;
         }
+        // Also where the dtype is already right: loaded or initialised weights have padded
+        // rows on CUDA, and `update_frozen` stores them dense.
         let dtype = self.dtype;
-        update_frozen(param, |w| w.cast(dtype))
+        update_frozen(param, |w| cast_to(w, DType::from(dtype)))
     }
 }
 
+/// Every parameter to `dtype` (`None`: its own), stored dense.
 struct CastAll {
-    dtype: FloatDType,
+    dtype: Option<FloatDType>,
 }
 
 impl<B: Backend> ModuleMapper<B> for CastAll {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let dtype = self.dtype;
         let (id, tensor, mapper) = param.consume();
         let require_grad = tensor.is_require_grad();
-        let cast = tensor.cast(dtype).detach().set_require_grad(require_grad);
+        let dtype = self.dtype.map_or(tensor.dtype(), DType::from);
+        let cast = crate::kernels::packed(cast_to(tensor, dtype)).detach().set_require_grad(require_grad);
         Param::from_mapped_value(id, cast, mapper)
     }
 }

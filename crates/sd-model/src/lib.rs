@@ -41,6 +41,8 @@ mod vae;
 /// flip them take turns.
 #[cfg(all(test, feature = "vulkan-test"))]
 pub(crate) static KERNEL_SWITCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+#[cfg(all(test, feature = "vulkan-test"))]
+mod bucket_tests;
 
 pub use clip::{ClipAttention, ClipEmbeddings, ClipEncoder, ClipEncoderLayer, ClipMlp, ClipTextModel, ClipTextTransformer};
 pub use config::{ClipTextConfig, HiddenAct, PerBlock, UnetConfig, VaeConfig};

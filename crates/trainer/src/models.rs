@@ -37,9 +37,9 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
         B::seed(device, tiny_seed);
         return Ok(Components {
             tokenizer: ClipTokenizer::bundled()?,
-            text_encoder: ClipTextModel::new(&ClipTextConfig::tiny(), device)?,
-            vae: AutoencoderKl::new(&VaeConfig::tiny(), device)?,
-            unet: UNet2DConditionModel::new(&UnetConfig::tiny(), device)?,
+            text_encoder: lora_core::precision::pack_all(ClipTextModel::new(&ClipTextConfig::tiny(), device)?),
+            vae: lora_core::precision::pack_all(AutoencoderKl::new(&VaeConfig::tiny(), device)?),
+            unet: lora_core::precision::pack_all(UNet2DConditionModel::new(&UnetConfig::tiny(), device)?),
             scheduler: SchedulerConfig::sd15(),
             base_version: "tiny".into(),
         });
@@ -64,11 +64,13 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
             (if sd2 { tok.with_pad_token_id(0)? } else { tok }, SchedulerConfig::sd15())
         }
     };
+    // Stored dense: on CUDA, uploaded weights have padded rows (`lora_core::precision::pack_all`).
+    use lora_core::precision::pack_all;
     Ok(Components {
         tokenizer,
-        text_encoder: source.load_text_encoder(device, &options)?,
-        vae: source.load_vae(device, &options)?,
-        unet: source.load_unet(device, &options)?,
+        text_encoder: pack_all(source.load_text_encoder(device, &options)?),
+        vae: pack_all(source.load_vae(device, &options)?),
+        unet: pack_all(source.load_unet(device, &options)?),
         scheduler,
         base_version: if sd2 { "sd_v2" } else { "sd_v1" }.into(),
     })

@@ -92,6 +92,8 @@ pub(crate) use lora_linear::LoraLinearInputs;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod geglu;
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+mod pack;
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 mod split;
 mod settings;
 pub use settings::KernelSettings;
@@ -1378,6 +1380,62 @@ fn split_flat_with_burn<X: Backend>(flat: Tensor<X, 1>, shapes: &[burn::tensor::
             X::float_reshape(piece, shape.clone())
         })
         .collect()
+}
+
+/// `t` in a buffer without row padding: what frozen weights are stored as.
+///
+/// On burn's CUDA backend the outputs of burn's ops and uploaded data have padded rows
+/// (CubeCL rounds a row of a few bytes up to a power of two of at least 16 bytes, longer
+/// ones to a multiple of the pitch alignment): a bf16 3x3 convolution weight then takes 2.67
+/// times its size and cuDNN, which needs it packed, gets a copy at every call; a
+/// `[320, 320]` bf16 linear weight takes 1.6 times. There (and on wgpu for the `wgpu-test`
+/// feature) this is one operation that copies a padded or strided tensor into a dense
+/// buffer and passes a dense one through; elsewhere `t` is returned as it is. With autodiff
+/// the result is detached (for frozen weights). [`crate::precision::cast_frozen`] and the
+/// merging of adapters into frozen weights store their results this way.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// use lora_core::kernels::packed;
+///
+/// let w = Tensor::<Flex, 2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &Default::default());
+/// assert_eq!(packed(w.clone()).into_data(), w.into_data());
+/// ```
+pub fn packed<X: Backend, const D: usize>(t: Tensor<X, D>) -> Tensor<X, D> {
+    #[cfg(feature = "cuda")]
+    let t = match packed_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(t) {
+        Ok(p) => return p,
+        Err(t) => t,
+    };
+    #[cfg(feature = "wgpu-test")]
+    let t = match packed_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(t) {
+        Ok(p) => return p,
+        Err(t) => t,
+    };
+    t
+}
+
+/// [`packed`] when `X` is [`FusedCube<R, BT>`] or autodiff over it, else `Err(t)`.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn packed_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(t: Tensor<X, D>) -> Result<Tensor<X, D>, Tensor<X, D>> {
+    use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+    type F<R, BT> = FusedCube<R, BT>;
+    let on_inner = |inner: Tensor<F<R, BT>, D>| tensor::<F<R, BT>, D>(pack::register::<R, BT>(inner.into_primitive().tensor()));
+    let id = TypeId::of::<X>();
+    if id == TypeId::of::<F<R, BT>>() {
+        let inner = downcast::<_, Tensor<F<R, BT>, D>>(t.clone()).ok_or_else(|| t.clone())?;
+        return downcast(on_inner(inner)).ok_or(t);
+    }
+    if id == TypeId::of::<Autodiff<F<R, BT>, NoCheckpointing>>() {
+        let ad = downcast::<_, Tensor<Autodiff<F<R, BT>, NoCheckpointing>, D>>(t.clone()).ok_or_else(|| t.clone())?;
+        return downcast(Tensor::<Autodiff<F<R, BT>, NoCheckpointing>, D>::from_inner(on_inner(ad.inner()))).ok_or(t);
+    }
+    if id == TypeId::of::<Autodiff<F<R, BT>, BalancedCheckpointing>>() {
+        let ad = downcast::<_, Tensor<Autodiff<F<R, BT>, BalancedCheckpointing>, D>>(t.clone()).ok_or_else(|| t.clone())?;
+        return downcast(Tensor::<Autodiff<F<R, BT>, BalancedCheckpointing>, D>::from_inner(on_inner(ad.inner()))).ok_or(t);
+    }
+    Err(t)
 }
 
 /// Releases `tensors` (backend primitives): on burn's CUDA backend (and wgpu for the
