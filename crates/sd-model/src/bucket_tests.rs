@@ -61,7 +61,7 @@ impl Grads<'_> {
 }
 
 /// Every adapter gradient (f32, flattened) in site order, with the site's path and projection.
-fn adapter_grads(unet: &mut UNet2DConditionModel<W>, grads: Grads<'_>) -> Vec<(String, Tensor<Wgpu, 1>)> {
+fn adapter_grads(unet: &mut UNet2DConditionModel<W>, grads: Grads<'_>) -> Named {
     let mut out = Vec::new();
     unet.visit_lora_sites(&mut |path, site| {
         let mut push = |what: &str, grad: Option<Tensor<Wgpu, 1>>| {
@@ -97,6 +97,9 @@ fn bucket_case() -> (UNet2DConditionModel<W>, Inputs) {
     (unet, bucket_inputs())
 }
 
+/// Results by name, flattened to f32.
+type Named = Vec<(String, Tensor<Wgpu, 1>)>;
+
 /// Latents, timesteps and text context.
 type Inputs = (Tensor<W, 4>, Tensor<W, 1>, Tensor<W, 3>);
 
@@ -121,7 +124,7 @@ fn off() -> KernelSettings {
 /// What `settings` give on `unet`, each result named and flattened to f32: the output and
 /// every adapter gradient of a training step, the same gradients with gradient
 /// checkpointing, and the no-grad forward pass of inference (adapters unmerged).
-fn results(unet: &mut UNet2DConditionModel<W>, inputs: &Inputs, settings: KernelSettings) -> Vec<(String, Tensor<Wgpu, 1>)> {
+fn results(unet: &mut UNet2DConditionModel<W>, inputs: &Inputs, settings: KernelSettings) -> Named {
     let (x, t, ctx) = inputs.clone();
     // Scaled as the trainer scales an f16 loss: unscaled, the f16 gradients of this tiny
     // model would sit among f16's subnormals. Every run uses the same scale.
@@ -160,7 +163,7 @@ fn error(ours: Tensor<Wgpu, 1>, reference: Tensor<Wgpu, 1>) -> (f32, f32) {
 
 /// Runs the fast set and the all-off set and checks that every result was computed by the
 /// kernels (call counters) without a fallback.
-fn fast_and_off(unet: &mut UNet2DConditionModel<W>, inputs: &Inputs, half: bool) -> (Vec<(String, Tensor<Wgpu, 1>)>, Vec<(String, Tensor<Wgpu, 1>)>) {
+fn fast_and_off(unet: &mut UNet2DConditionModel<W>, inputs: &Inputs, half: bool) -> (Named, Named) {
     let before = vendor_stats();
     let fast = results(unet, inputs, KernelSettings::fast());
     let after = vendor_stats();
