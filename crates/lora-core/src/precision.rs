@@ -67,8 +67,9 @@ pub fn cast_all<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
 /// use lora_core::precision::pack_all;
 ///
 /// let layer = LinearConfig::new(3, 2).init::<Flex>(&Default::default());
-/// let packed = pack_all(layer.clone());
-/// assert_eq!(packed.weight.val().into_data(), layer.weight.val().into_data());
+/// let weight = layer.weight.val().into_data();
+/// let packed = pack_all(layer);
+/// assert_eq!(packed.weight.val().into_data(), weight);
 /// ```
 pub fn pack_all<B: Backend, M: Module<B>>(module: M) -> M {
     module.map(&mut CastAll { dtype: None })
