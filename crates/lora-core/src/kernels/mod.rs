@@ -1420,22 +1420,21 @@ pub fn packed<X: Backend, const D: usize>(t: Tensor<X, D>) -> Tensor<X, D> {
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 fn packed_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(t: Tensor<X, D>) -> Result<Tensor<X, D>, Tensor<X, D>> {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-    type F<R, BT> = FusedCube<R, BT>;
-    let on_inner = |inner: Tensor<F<R, BT>, D>| tensor::<F<R, BT>, D>(pack::register::<R, BT>(inner.into_primitive().tensor()));
-    let id = TypeId::of::<X>();
-    if id == TypeId::of::<F<R, BT>>() {
-        let inner = downcast::<_, Tensor<F<R, BT>, D>>(t.clone()).ok_or_else(|| t.clone())?;
-        return downcast(on_inner(inner)).ok_or(t);
+    if let Some(fused) = to_fused::<X, R, BT, D>(&t) {
+        return from_fused::<X, R, BT, D>(pack::register::<R, BT>(fused)).ok_or(t);
     }
-    if id == TypeId::of::<Autodiff<F<R, BT>, NoCheckpointing>>() {
-        let ad = downcast::<_, Tensor<Autodiff<F<R, BT>, NoCheckpointing>, D>>(t.clone()).ok_or_else(|| t.clone())?;
-        return downcast(Tensor::<Autodiff<F<R, BT>, NoCheckpointing>, D>::from_inner(on_inner(ad.inner()))).ok_or(t);
-    }
-    if id == TypeId::of::<Autodiff<F<R, BT>, BalancedCheckpointing>>() {
-        let ad = downcast::<_, Tensor<Autodiff<F<R, BT>, BalancedCheckpointing>, D>>(t.clone()).ok_or_else(|| t.clone())?;
-        return downcast(Tensor::<Autodiff<F<R, BT>, BalancedCheckpointing>, D>::from_inner(on_inner(ad.inner()))).ok_or(t);
-    }
-    Err(t)
+    packed_autodiff::<X, R, BT, NoCheckpointing, D>(t).or_else(packed_autodiff::<X, R, BT, BalancedCheckpointing, D>)
+}
+
+/// [`packed`] when `X` is `Autodiff<FusedCube<R, BT>, C>`: the inner tensor packed, detached.
+#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+fn packed_autodiff<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, C: CheckpointStrategy, const D: usize>(
+    t: Tensor<X, D>,
+) -> Result<Tensor<X, D>, Tensor<X, D>> {
+    type Ad<R, BT, C> = Autodiff<FusedCube<R, BT>, C>;
+    let Some(ad) = downcast::<_, Tensor<Ad<R, BT, C>, D>>(t.clone()) else { return Err(t) };
+    let inner = pack::register::<R, BT>(ad.inner().into_primitive().tensor());
+    downcast(Tensor::<Ad<R, BT, C>, D>::from_inner(tensor(inner))).ok_or(t)
 }
 
 /// Releases `tensors` (backend primitives): on burn's CUDA backend (and wgpu for the

@@ -46,15 +46,11 @@ impl<R: CubeRuntime, BT: BoolElement> Operation<FusionCubeRuntime<R>> for Pack<R
     fn execute(&self, handles: &mut HandleContainer<<FusionCubeRuntime<R> as FusionRuntime>::FusionHandle>) {
         type Inner<R, BT> = CubeBackend<R, f32, i32, BT>;
         let x: CubeTensor<R> = handles.get_float_tensor::<Inner<R, BT>>(&self.desc.inputs[0]);
-        let packed = dense(x);
+        // `x` itself where its strides are row-major without gaps, else a copy into a fresh
+        // buffer of exactly its size (burn-cubecl's `into_contiguous` allocates no padding).
+        let packed = burn_cubecl::kernel::into_contiguous(x);
         handles.register_float_tensor::<Inner<R, BT>>(&self.desc.outputs[0].id, packed);
     }
-}
-
-/// `x` itself where its strides are row-major without gaps, else a copy into a fresh
-/// buffer of exactly its size (burn-cubecl's `into_contiguous` allocates without padding).
-fn dense<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
-    burn_cubecl::kernel::into_contiguous(x)
 }
 
 #[cfg(all(test, feature = "wgpu-test"))]
