@@ -241,6 +241,10 @@ pub struct OutputSection {
     /// which makes a GPU idle while the host queues the next one. A stop (Ctrl-C) takes
     /// effect at a read.
     pub log_interval_s: f64,
+    /// Write the steps' loss, learning rates, gradient norm and (fp16) loss scale as
+    /// TensorBoard event files to `<output_dir>/logs` too (`tensorboard --logdir`), at
+    /// every read of the steps' numbers.
+    pub tensorboard: bool,
 }
 
 /// The whole training configuration.
@@ -344,6 +348,7 @@ impl Default for TrainConfig {
                 sample_cfg: 5.0,
                 sample_seed: 1234,
                 log_interval_s: 1.0,
+                tensorboard: true,
             },
         }
     }

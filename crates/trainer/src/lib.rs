@@ -15,6 +15,7 @@ pub mod generate;
 pub mod models;
 pub mod plot;
 pub mod state;
+pub mod tensorboard;
 pub mod train;
 
 pub use config::TrainConfig;

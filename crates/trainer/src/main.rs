@@ -2,7 +2,6 @@
 //!
 //! With no arguments it trains the built-in demo (`trainer train` with defaults).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -332,27 +331,58 @@ enum Command {
     },
 }
 
-fn progress(info: &StepInfo) -> bool {
-    let rate = info.step as f64 / info.elapsed_s.max(1e-9);
-    let eta = (info.total - info.step) as f64 / rate.max(1e-9);
-    let width = 30;
-    let done = info.step * width / info.total.max(1);
-    eprint!(
-        "\r[{}{}] {}/{} loss {:.4} lr {:.2e} {:.1} it/s ETA {:.0}s ",
-        "#".repeat(done),
-        ".".repeat(width - done),
-        info.step,
-        info.total,
-        info.loss,
-        info.lr,
-        rate,
-        eta
-    );
-    if info.step == info.total {
-        eprintln!();
+/// What `trainer train` shows per step: a progress bar on a terminal; where stderr is a
+/// file or a pipe (a log of a remote run), a plain line at the first and last step and
+/// every [`PLAIN_LINE_EVERY_S`] seconds, so that the log stays readable.
+struct ProgressView {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Option<Instant>,
+}
+
+/// Seconds between the plain progress lines of a log.
+const PLAIN_LINE_EVERY_S: f64 = 10.0;
+
+impl ProgressView {
+    fn new(total: usize) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let style = indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("#>.");
+            indicatif::ProgressBar::new(total as u64).with_style(style)
+        });
+        Self { bar, last_line: None }
     }
-    let _ = std::io::stderr().flush();
-    !STOP.load(Ordering::SeqCst)
+
+    /// Shows step `info`; `false` once Ctrl-C asked to stop.
+    fn step(&mut self, info: &StepInfo) -> bool {
+        let rate = info.step as f64 / info.elapsed_s.max(1e-9);
+        let message = format!("loss {:.4} lr {:.2e} {rate:.1} it/s", info.loss, info.lr);
+        match &self.bar {
+            Some(bar) => {
+                if self.last_line.is_none() && info.step > 1 {
+                    // A resumed run: start the bar (and its rate) at the resumed step.
+                    bar.set_position(info.step as u64 - 1);
+                    bar.reset_eta();
+                }
+                bar.set_message(message);
+                bar.set_position(info.step as u64);
+                if info.step == info.total {
+                    bar.finish();
+                }
+                self.last_line = Some(Instant::now());
+            }
+            None => {
+                let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= PLAIN_LINE_EVERY_S);
+                if due || info.step == info.total {
+                    let eta = (info.total - info.step) as f64 / rate.max(1e-9);
+                    eprintln!("step {}/{} {message} ETA {eta:.0}s", info.step, info.total);
+                    self.last_line = Some(Instant::now());
+                }
+            }
+        }
+        !STOP.load(Ordering::SeqCst)
+    }
 }
 
 /// Set by Ctrl-C: training saves what it has and stops at its next read of the steps'
@@ -375,12 +405,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         }
         eprintln!("\nCtrl-C: saving the LoRA trained so far (press again to quit at once)");
     });
+    let mut view = ProgressView::new(config.train.max_train_steps);
     let report = match resume_from {
         Some(dir) => {
             eprintln!("resuming from {}", dir.display());
-            resume::<B>(&config, dir, device, &mut progress)?
+            resume::<B>(&config, dir, device, &mut |info| view.step(info))?
         }
-        None => train::<B>(&config, device, &mut progress)?,
+        None => train::<B>(&config, device, &mut |info| view.step(info))?,
     };
     let first = report.losses.iter().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
     let last = report.losses.iter().rev().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
@@ -392,6 +423,10 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     }
     println!("  loss curve:    {}", report.loss_curve.display());
     println!("  metrics:       {}", report.metrics.display());
+    if let Some(events) = &report.tensorboard {
+        let logs = events.parent().unwrap_or(events);
+        println!("  TensorBoard:   {} (tensorboard --logdir {})", logs.display(), logs.display());
+    }
     println!("  config:        {}", report.config.display());
     if config.output.save_state {
         println!("  state:         {}", config.output.output_dir.join("state").display());

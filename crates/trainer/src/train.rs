@@ -28,6 +28,7 @@ use crate::state::{
     adapter_params, export_moments, host_params, import_moments, restore_adapter_params, StateInfo,
     TrainingState,
 };
+use crate::tensorboard::EventWriter;
 use crate::{plot, TrainError};
 
 /// Progress of one optimizer step, for progress bars and logs.
@@ -55,6 +56,8 @@ pub struct TrainReport {
     pub sample_grid: Option<PathBuf>,
     /// Per-step metrics, one JSON object per line.
     pub metrics: PathBuf,
+    /// The TensorBoard event file of this run (`output.tensorboard`), in `<output_dir>/logs`.
+    pub tensorboard: Option<PathBuf>,
     /// Loss-curve image.
     pub loss_curve: PathBuf,
     /// The resolved configuration.
@@ -250,7 +253,31 @@ pub fn resume<B: AutodiffBackend>(
             std::fs::copy(&earlier, &metrics).map_err(io_err(&metrics))?;
         }
     }
+    // ... and its TensorBoard event files.
+    let logs = config.output.output_dir.join(LOGS_DIR);
+    if let Some(earlier) = state_dir.parent().map(|d| d.join(LOGS_DIR)) {
+        if config.output.tensorboard && earlier.is_dir() && !logs.exists() {
+            copy_event_files(&earlier, &logs)?;
+        }
+    }
     run::<B>(config, Some(state), device, on_step)
+}
+
+/// Folder of the TensorBoard event files in `output_dir`.
+const LOGS_DIR: &str = "logs";
+
+/// Copies the TensorBoard event files of `from` into a new folder `to`.
+fn copy_event_files(from: &Path, to: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(to).map_err(io_err(to))?;
+    for entry in std::fs::read_dir(from).map_err(io_err(from))? {
+        let path = entry.map_err(io_err(from))?.path();
+        let name = path.file_name().unwrap_or_default();
+        if path.is_file() && name.to_string_lossy().starts_with("events.out.tfevents.") {
+            let target = to.join(name);
+            std::fs::copy(&path, &target).map_err(io_err(&target))?;
+        }
+    }
+    Ok(())
 }
 
 /// The settings a resumed run must share with the state it resumes (as TOML lines).
@@ -398,6 +425,20 @@ fn run<B: AutodiffBackend>(
     if losses.is_empty() {
         metrics.set_len(0).map_err(io_err(&metrics_path))?;
     }
+    let start_wall = crate::tensorboard::wall_time_now();
+    let mut events = match config.output.tensorboard {
+        true => {
+            let logs = out.join(LOGS_DIR);
+            let mut events = EventWriter::create(&logs, "sd-lora").map_err(io_err(&logs))?;
+            // TensorBoard drops what earlier files in the folder logged from this run's
+            // first step on: an earlier run's curves (a new run), or the steps an
+            // interrupted run logged after the state it saved last (a resumed one).
+            let path = events.path().to_path_buf();
+            events.restart(progress.step as u64 + 1, start_wall).map_err(io_err(&path))?;
+            Some(events)
+        }
+        false => None,
+    };
     let unet_params = adapter_params(&mut unet, "unet");
     let te_params = adapter_params(&mut text_encoder, "text_encoder");
 
@@ -512,7 +553,8 @@ fn run<B: AutodiffBackend>(
             text_encoder = te_optim.step_if(lr * te_base_lr / t.learning_rate, text_encoder, check.scale(te_grads), check.apply.clone());
         }
         progress.step = step + 1;
-        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, record: check.record });
+        let te_lr = train_te.then(|| lr * te_base_lr / t.learning_rate);
+        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, record: check.record });
 
         let last = progress.step == t.max_train_steps;
         let sample_every = config.output.sample_every_n_steps;
@@ -532,7 +574,16 @@ fn run<B: AutodiffBackend>(
         let name = name.filter(|_| !last);
         // Read before anything is written (a non-finite step may have to stop the run).
         if last || sample || name.is_some() || last_read.elapsed() >= read_interval {
-            let read = ReadBack { t, start, metrics: &mut metrics, metrics_path: &metrics_path, losses: &mut losses };
+            let read = ReadBack {
+                t,
+                start,
+                start_wall,
+                metrics: &mut metrics,
+                metrics_path: &metrics_path,
+                events: events.as_mut(),
+                fp16: t.mixed_precision == MixedPrecision::Fp16,
+                losses: &mut losses,
+            };
             let go_on = read.steps(std::mem::take(&mut pending), on_step)?;
             last_read = Instant::now();
             // A GPU-side ordering wait that gave up may have let a library call read
@@ -596,6 +647,7 @@ fn run<B: AutodiffBackend>(
         lora: lora_path,
         sample_grid: grid_path,
         metrics: metrics_path,
+        tensorboard: events.map(|e| e.path().to_path_buf()),
         loss_curve: curve_path,
         config: config_path,
         losses,
@@ -631,23 +683,30 @@ struct PendingStep<B: burn::tensor::backend::Backend> {
     step: usize,
     epoch: u64,
     lr: f64,
+    /// The text encoder's learning rate, when it has adapters.
+    te_lr: Option<f64>,
     record: Tensor<B, 1>,
 }
 
 /// Reads queued steps' numbers back (one read for all) and reports them: the loss list,
-/// `metrics.jsonl` and `on_step`.
+/// `metrics.jsonl`, the TensorBoard events and `on_step`.
 struct ReadBack<'a> {
     t: &'a crate::config::TrainSection,
     start: Instant,
+    /// `start` as a wall time (seconds since the Unix epoch), for the event files.
+    start_wall: f64,
     metrics: &'a mut std::fs::File,
     metrics_path: &'a Path,
+    events: Option<&'a mut EventWriter>,
+    /// Whether the run scales its loss (f16), so that the scale is worth a curve.
+    fp16: bool,
     losses: &'a mut Vec<f32>,
 }
 
 impl ReadBack<'_> {
     /// Whether every `on_step` call asked to go on. A non-finite step is an error when
     /// the run stops on one; its update was not applied either way.
-    fn steps<B: burn::tensor::backend::Backend>(self, pending: Vec<PendingStep<B>>, on_step: &mut dyn FnMut(&StepInfo) -> bool) -> Result<bool, TrainError> {
+    fn steps<B: burn::tensor::backend::Backend>(mut self, pending: Vec<PendingStep<B>>, on_step: &mut dyn FnMut(&StepInfo) -> bool) -> Result<bool, TrainError> {
         let records = read_records(pending.iter().map(|p| p.record.clone()).collect())?;
         let elapsed_s = self.start.elapsed().as_secs_f64();
         let mut go_on = true;
@@ -671,7 +730,19 @@ impl ReadBack<'_> {
                 info.elapsed_s
             )
             .map_err(io_err(self.metrics_path))?;
+            if let Some(events) = self.events.as_deref_mut() {
+                let mut values = vec![("loss", loss), ("lr/unet", p.lr as f32)];
+                values.extend(p.te_lr.map(|lr| ("lr/text_encoder", lr as f32)));
+                values.extend(grad_norm.is_finite().then_some(("grad_norm", grad_norm)));
+                values.extend(self.fp16.then_some(("loss_scale", loss_scale)));
+                let path = events.path().to_path_buf();
+                events.scalars(p.step as u64, self.start_wall + elapsed_s, &values).map_err(io_err(&path))?;
+            }
             go_on &= on_step(&info);
+        }
+        if let Some(events) = self.events {
+            let path = events.path().to_path_buf();
+            events.flush().map_err(io_err(&path))?;
         }
         Ok(go_on)
     }
