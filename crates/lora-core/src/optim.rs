@@ -85,6 +85,85 @@ impl Default for AdamWSettings {
     }
 }
 
+/// Prodigy's step sizes on top of [`FlatAdamW`] ([`FlatAdamW::with_prodigy`]): Adam whose
+/// step size the optimizer estimates itself (Mishchenko and Defazio, "Prodigy: An
+/// Expeditiously Adaptive Parameter-Free Learner", 2023), as the `prodigyopt` package
+/// (1.1) computes it. The learning rate becomes a multiplier of the estimate (1 is usual;
+/// a schedule still applies), and β₁, β₂, ε and the decoupled weight decay are the
+/// [`AdamWSettings`]'. The defaults are `prodigyopt`'s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProdigySettings {
+    /// Initial estimate `d₀` of the distance to the solution.
+    pub d0: f32,
+    /// Multiplier of the estimate: the knob to turn (0.5 to 2 are typical values).
+    pub d_coef: f32,
+    /// Largest factor by which the estimate grows per step (`f32::INFINITY`: no limit;
+    /// 1.02 works as a warmup).
+    pub growth_rate: f32,
+    /// Decay of the estimate's running sums (`None`: `sqrt(β₂)`).
+    pub beta_3: Option<f32>,
+    /// Adam's bias correction applied to the step size.
+    pub use_bias_correction: bool,
+    /// Keep the learning rate out of the estimate's denominator (for warmup schedules).
+    pub safeguard_warmup: bool,
+}
+
+impl Default for ProdigySettings {
+    fn default() -> Self {
+        Self {
+            d0: 1e-6,
+            d_coef: 1.0,
+            growth_rate: f32::INFINITY,
+            beta_3: None,
+            use_bias_correction: false,
+            safeguard_warmup: false,
+        }
+    }
+}
+
+/// Prodigy's state: the starting values, the running sum `s`, and its four scalars.
+#[derive(Debug, Clone)]
+struct Prodigy<B: AutodiffBackend> {
+    settings: ProdigySettings,
+    /// The trained values when the estimate started: it measures the distance from them.
+    p0: Tensor<B::InnerBackend, 1>,
+    /// The running sum of scaled gradients whose norm is the estimate's denominator.
+    s: Tensor<B::InnerBackend, 1>,
+    /// `[d, d_max, d_numerator, k]` on the device (a guarded step decides there whether
+    /// they change).
+    scalars: Tensor<B::InnerBackend, 1>,
+    /// Adam's bias correction of the step size for `k = 0..len`, computed on the host in
+    /// f64 (`use_bias_correction`); looked up with `k` on the device.
+    bias: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+/// A setting as the decimal number it was written as: f32 settings (0.999) hold the user's
+/// value rounded, and `1 − β` in f32 loses about 1e-5 of its value to cancellation, where
+/// `prodigyopt` computes it in f64 from the decimal value.
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// `sqrt(1 − β₂^(k+1)) / (1 − β₁^(k+1))` for `k = 0..len`, in f64 as `prodigyopt` computes it.
+fn prodigy_bias_table<B: AutodiffBackend>(beta_1: f32, beta_2: f32, len: usize, device: &Device<B::InnerBackend>) -> Tensor<B::InnerBackend, 1> {
+    let (b1, b2) = (decimal(beta_1), decimal(beta_2));
+    let values: Vec<f32> = (0..len).map(|k| ((1.0 - b2.powi(k as i32 + 1)).sqrt() / (1.0 - b1.powi(k as i32 + 1))) as f32).collect();
+    Tensor::from_data(TensorData::new(values, [len]), device)
+}
+
+/// Prodigy's state in flat form, for saving and resuming a run
+/// ([`FlatAdamW::prodigy_state`]).
+#[derive(Debug, Clone)]
+pub struct ProdigyState<B: AutodiffBackend> {
+    /// The trained values when the estimate started, in the optimizer's flat order.
+    pub p0: Tensor<B::InnerBackend, 1>,
+    /// The running sum `s`, in the same order.
+    pub s: Tensor<B::InnerBackend, 1>,
+    /// `[d, d_max, d_numerator, k]`: the estimate, its largest value, the numerator's
+    /// running sum and the number of steps taken.
+    pub scalars: Tensor<B::InnerBackend, 1>,
+}
+
 /// Where one parameter lives in the flat vectors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Slot {
@@ -184,6 +263,8 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     /// The dtype of the module's copies of the trained tensors, when it differs from the
     /// master values' ([`FlatAdamW::with_working_dtype`]).
     working: Option<DType>,
+    /// Prodigy's step sizes instead of the learning rate's ([`FlatAdamW::with_prodigy`]).
+    prodigy: Option<Prodigy<B>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -206,6 +287,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             bias: BiasTables::new(&settings, BIAS_TABLE_MIN, device),
             last_mask: None,
             working: None,
+            prodigy: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -260,6 +342,70 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let dtype = DType::from(dtype);
         self.working = (dtype != self.params.dtype()).then_some(dtype);
         self
+    }
+
+    /// Prodigy's step sizes ([`ProdigySettings`]): from here on each step estimates its own
+    /// step size `d`, which the learning rate multiplies, measuring the distance from the
+    /// current values. Tensors without a gradient in a step keep their values and state, as
+    /// in `prodigyopt`; [`step_if`](Self::step_if)'s `false` leaves all of it unchanged.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::optim::GradientsParams;
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW, ProdigySettings};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let mut layer = LinearConfig::new(4, 2).init::<B>(&device);
+    /// let settings = AdamWSettings { epsilon: 1e-8, weight_decay: 0.0, ..Default::default() };
+    /// let mut optim = FlatAdamW::new(settings, &layer, &device).with_prodigy(ProdigySettings::default());
+    /// for _ in 0..3 {
+    ///     let x = Tensor::<B, 2>::random([3, 4], Distribution::Default, &device);
+    ///     let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
+    ///     let grads = optim.gather_grads(&layer, grads);
+    ///     layer = optim.step(1.0, layer, grads);
+    /// }
+    /// let d: f32 = optim.prodigy_d().unwrap().into_scalar();
+    /// assert!(d > 1e-6, "the estimate grew from d0: {d}");
+    /// ```
+    pub fn with_prodigy(mut self, settings: ProdigySettings) -> Self {
+        let device = self.moment_1.device();
+        let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, settings.d0, 0.0, 0.0], [4]), &device);
+        let s = Tensor::zeros([self.len()], &device);
+        self.prodigy = Some(Prodigy { settings, p0: self.params.clone(), s, scalars, bias: None });
+        self
+    }
+
+    /// Prodigy's current step-size estimate `d` (shape `[1]`, on the device: no read);
+    /// `None` without Prodigy. The step size of a step is `d` times its learning rate.
+    pub fn prodigy_d(&self) -> Option<Tensor<B::InnerBackend, 1>> {
+        self.prodigy.as_ref().map(|p| p.scalars.clone().slice(0..1))
+    }
+
+    /// Prodigy's state, to save with a run (`None` without Prodigy).
+    pub fn prodigy_state(&self) -> Option<ProdigyState<B>> {
+        self.prodigy.as_ref().map(|p| ProdigyState { p0: p.p0.clone(), s: p.s.clone(), scalars: p.scalars.clone() })
+    }
+
+    /// Restores Prodigy's state (resuming a run); an error without Prodigy or when the
+    /// lengths do not fit this optimizer's tensors.
+    pub fn set_prodigy_state(&mut self, state: ProdigyState<B>) -> Result<()> {
+        let len = self.len();
+        let Some(prodigy) = self.prodigy.as_mut() else {
+            return Err(LoraError::Unsupported("this optimizer does not use Prodigy's step sizes".into()));
+        };
+        for (name, tensor, expected) in [("p0", &state.p0, len), ("s", &state.s, len), ("scalars", &state.scalars, 4)] {
+            if tensor.dims()[0] != expected {
+                return Err(LoraError::ShapeMismatch {
+                    key: format!("Prodigy state {name}"),
+                    reason: format!("{} values, the optimizer needs {expected}", tensor.dims()[0]),
+                });
+            }
+        }
+        (prodigy.p0, prodigy.s, prodigy.scalars) = (state.p0, state.s, state.scalars);
+        Ok(())
     }
 
     /// The dtype of the module's working copies ([`with_working_dtype`](Self::with_working_dtype)),
@@ -387,6 +533,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             return self.scatter(module, self.working_values());
         }
         let len = self.len();
+        if self.prodigy.is_some() {
+            let present = self.present_mask(&grads.present);
+            self.prodigy_step(lr, grad, present, apply);
+            return self.scatter(module, self.working_values());
+        }
         // Where this step updates: tensors with a gradient, if the device says so.
         let mask = match (self.present_mask(&grads.present), apply) {
             (None, None) => None,
@@ -433,6 +584,92 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let decay = lr * s.weight_decay as f64;
         let decayed = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
         (m, v, decayed - delta.mul_scalar(lr))
+    }
+
+    /// One Prodigy step (`prodigyopt`'s `Prodigy.step`, in f32 on the device): the running
+    /// sums and moments take the gradients scaled by the current estimate `d`, the
+    /// estimate is updated from `Σ g·(p₀ − p)` and `Σ|s|`, and the values move by `d·lr`
+    /// times Adam's direction, with `d·ε` in its denominator. As in `prodigyopt`, a step
+    /// whose `Σ|s|` is zero (no gradient yet) updates the sums and moments only, and a
+    /// learning rate of zero changes nothing.
+    fn prodigy_step(&mut self, lr: f64, grad: Tensor<B::InnerBackend, 1>, present: Option<FlatMask<B>>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) {
+        let Some(mut state) = self.prodigy.clone() else { return };
+        if lr == 0.0 {
+            return;
+        }
+        self.raise_time_bound(self.time_bound + 1);
+        let (a, p) = (self.settings, state.settings);
+        let len = self.len();
+        let device = self.moment_1.device();
+        let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
+        let (d, d_max, d_numerator, k) = (scalar(0), scalar(1), scalar(2), scalar(3));
+        let full = |x: Tensor<B::InnerBackend, 1>| x.expand([len]);
+        // The host's scalars in f64 from the settings' decimal values, as prodigyopt's.
+        let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
+        let beta_3 = p.beta_3.map_or(beta_2.sqrt(), decimal) as f32;
+        // The step size of this step, `d·lr`, with Adam's bias correction for step k + 1
+        // (k never exceeds the steps queued so far, which the table covers).
+        let dlr = match p.use_bias_correction {
+            true => {
+                if state.bias.as_ref().is_none_or(|t| t.dims()[0] <= self.time_bound) {
+                    let len = (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
+                    state.bias = Some(prodigy_bias_table::<B>(a.beta_1, a.beta_2, len, &device));
+                }
+                let table = state.bias.clone().unwrap_or_else(|| Tensor::ones([1], &device));
+                d.clone().mul_scalar(lr).mul(table.select(0, k.clone().int()))
+            }
+            false => d.clone().mul_scalar(lr),
+        };
+        // `d / d₀` keeps the sums away from tiny values.
+        let ratio = d.clone().div_scalar(p.d0);
+        let params = self.params.clone();
+        let dot = grad.clone().mul(state.p0.clone().sub(params.clone())).sum();
+        let numerator = d_numerator.mul_scalar(beta_3).add(ratio.clone().mul(dlr.clone()).mul(dot));
+        let s_scale = if p.safeguard_warmup { ratio.mul(d.clone()) } else { ratio.mul(dlr.clone()) };
+        let mut s = state.s.clone().mul_scalar(beta_3).add(grad.clone().mul(full(s_scale)));
+        let mut m = self.moment_1.clone().mul_scalar(a.beta_1).add(grad.clone().mul(full(d.clone().mul_scalar((1.0 - beta_1) as f32))));
+        let mut v = self.moment_2.clone().mul_scalar(a.beta_2).add(grad.square().mul(full(d.clone().square().mul_scalar((1.0 - beta_2) as f32))));
+        // Tensors without a gradient keep their sums and moments, and count in no sum.
+        let denominator = match &present {
+            None => s.clone().abs().sum(),
+            Some(mask) => {
+                s = state.s.clone().mask_where(mask.clone(), s);
+                m = self.moment_1.clone().mask_where(mask.clone(), m);
+                v = self.moment_2.clone().mask_where(mask.clone(), v);
+                s.clone().abs().mask_fill(mask.clone().bool_not(), 0.0).sum()
+            }
+        };
+        let progress = denominator.clone().greater_elem(0.0);
+        let d_hat = numerator.clone().mul_scalar(p.d_coef).div(denominator);
+        let new_d = d.clone().mask_where(d.clone().equal_elem(p.d0), d.clone().max_pair(d_hat.clone()));
+        let new_d_max = d_max.max_pair(d_hat);
+        let new_d = new_d_max.clone().min_pair(new_d.mul_scalar(p.growth_rate));
+        let denom = v.clone().sqrt().add(full(new_d.clone().mul_scalar(a.epsilon)));
+        let decayed = match a.weight_decay {
+            0.0 => params.clone(),
+            decay => params.clone().sub(params.clone().mul(full(dlr.clone().mul_scalar(decay)))),
+        };
+        let new_params = decayed.sub(m.clone().div(denom).mul(full(dlr)));
+        let new_scalars = Tensor::cat(vec![new_d, new_d_max, numerator, k.add_scalar(1.0)], 0);
+
+        // Commit: sums and moments where the step happens, values and scalars where it
+        // also made progress.
+        let happens = apply.unwrap_or_else(|| Tensor::<B::InnerBackend, 1, Bool>::from_bool([true].into(), &device));
+        let updates = happens.clone().bool_and(progress);
+        let happens = happens.expand([len]);
+        let moved = match &present {
+            None => updates.clone().expand([len]),
+            Some(mask) => updates.clone().expand([len]).bool_and(mask.clone()),
+        };
+        self.moment_1 = self.moment_1.clone().mask_where(happens.clone(), m);
+        self.moment_2 = self.moment_2.clone().mask_where(happens.clone(), v);
+        self.params = params.mask_where(moved.clone(), new_params);
+        self.time = self.time.clone().add(moved.int());
+        self.prodigy = Some(Prodigy {
+            s: state.s.mask_where(happens, s),
+            scalars: state.scalars.mask_where(updates.expand([4]), new_scalars),
+            ..state
+        });
     }
 
     /// Records that step counts may reach `bound`, growing the bias tables to cover it.

@@ -102,6 +102,17 @@ pub enum LrScheduler {
     CosineWithRestarts,
 }
 
+/// The optimizer of the adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// AdamW at the scheduled learning rate.
+    Adamw,
+    /// AdamW with Prodigy's own step-size estimate, which the scheduled learning rate
+    /// multiplies (set `learning_rate = 1.0`); see `lora_core::optim::ProdigySettings`.
+    Prodigy,
+}
+
 /// What to do when a step's loss is NaN or infinite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -178,6 +189,21 @@ pub struct TrainSection {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
+    /// `adamw`, or `prodigy` (AdamW with Prodigy's step sizes; β, ε and weight decay are
+    /// the `adam_*` keys).
+    pub optimizer: Optimizer,
+    /// Prodigy's multiplier of its estimate (`d_coef`).
+    pub prodigy_d_coef: f32,
+    /// Prodigy's initial estimate (`d0`).
+    pub prodigy_d0: f32,
+    /// Prodigy's largest growth of the estimate per step (`growth_rate`; `inf` = none).
+    pub prodigy_growth_rate: f32,
+    /// Prodigy's decay of its running sums (`beta3`; 0 = `sqrt(adam_beta2)`).
+    pub prodigy_beta3: f32,
+    /// Prodigy's `use_bias_correction`.
+    pub prodigy_use_bias_correction: bool,
+    /// Prodigy's `safeguard_warmup` (for warmup schedules).
+    pub prodigy_safeguard_warmup: bool,
     /// Clip the global L2 norm of all adapter gradients (UNet and text encoder together)
     /// to this value (0 = off).
     pub max_grad_norm: f32,
@@ -317,6 +343,13 @@ impl Default for TrainConfig {
                 adam_beta2: 0.999,
                 adam_epsilon: 1e-8,
                 adam_weight_decay: 1e-2,
+                optimizer: Optimizer::Adamw,
+                prodigy_d_coef: 1.0,
+                prodigy_d0: 1e-6,
+                prodigy_growth_rate: f32::INFINITY,
+                prodigy_beta3: 0.0,
+                prodigy_use_bias_correction: false,
+                prodigy_safeguard_warmup: false,
                 max_grad_norm: 1.0,
                 mixed_precision: MixedPrecision::No,
                 gradient_checkpointing: false,
@@ -506,6 +539,11 @@ impl TrainConfig {
         if !(t.text_encoder_lr.is_finite() && t.text_encoder_lr >= 0.0) {
             return bad("train.text_encoder_lr must be 0 (same as learning_rate) or positive");
         }
+        let prodigy = [t.prodigy_d_coef, t.prodigy_d0];
+        let growth_ok = t.prodigy_growth_rate >= 1.0; // NaN fails
+        if !prodigy.iter().all(|v| v.is_finite() && *v > 0.0) || !growth_ok || !(0.0..1.0).contains(&t.prodigy_beta3) {
+            return bad("train.prodigy_d_coef and train.prodigy_d0 must be positive, train.prodigy_growth_rate at least 1 (inf: no limit), train.prodigy_beta3 in [0, 1) (0: sqrt(adam_beta2))");
+        }
         if t.min_timestep >= t.max_timestep || t.max_timestep > 1000 {
             return bad("train.min_timestep must be below train.max_timestep, which is at most 1000");
         }
@@ -522,6 +560,27 @@ impl TrainConfig {
             return bad("output.log_interval_s must be 0 (every step) or a positive number of seconds");
         }
         Ok(())
+    }
+
+    /// The optimizer settings of the `[train]` section: AdamW's, and Prodigy's when
+    /// `optimizer = "prodigy"`.
+    pub fn optimizer_settings(&self) -> (lora_core::optim::AdamWSettings, Option<lora_core::optim::ProdigySettings>) {
+        let t = &self.train;
+        let adamw = lora_core::optim::AdamWSettings {
+            beta_1: t.adam_beta1,
+            beta_2: t.adam_beta2,
+            epsilon: t.adam_epsilon,
+            weight_decay: t.adam_weight_decay,
+        };
+        let prodigy = (t.optimizer == Optimizer::Prodigy).then_some(lora_core::optim::ProdigySettings {
+            d0: t.prodigy_d0,
+            d_coef: t.prodigy_d_coef,
+            growth_rate: t.prodigy_growth_rate,
+            beta_3: (t.prodigy_beta3 > 0.0).then_some(t.prodigy_beta3),
+            use_bias_correction: t.prodigy_use_bias_correction,
+            safeguard_warmup: t.prodigy_safeguard_warmup,
+        });
+        (adamw, prodigy)
     }
 
     /// The configuration as TOML (written next to the outputs).

@@ -398,6 +398,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         config.train.max_train_steps,
         config.output.output_dir.display()
     );
+    if config.train.optimizer == trainer::config::Optimizer::Prodigy && config.train.learning_rate < 0.1 {
+        eprintln!(
+            "note: with train.optimizer = \"prodigy\" the learning rate multiplies Prodigy's own step size; 1.0 is usual (it is {})",
+            config.train.learning_rate
+        );
+    }
     // A second Ctrl-C while saving falls through to the default (immediate exit).
     let _ = ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {

@@ -187,6 +187,46 @@ pub fn import_moments<B: AutodiffBackend>(
     Ok(())
 }
 
+/// Copies Prodigy's state out of `optim` (nothing for AdamW) into `moments`, as
+/// `prodigy.<name>.p0`, `.s` and `.scalars` (flat, in the optimizer's order, which the
+/// fingerprinted `[lora]` section fixes).
+pub fn export_prodigy<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
+    let Some(state) = optim.prodigy_state() else { return Ok(()) };
+    moments.insert(format!("prodigy.{name}.p0"), HostTensor::from_tensor(state.p0)?);
+    moments.insert(format!("prodigy.{name}.s"), HostTensor::from_tensor(state.s)?);
+    moments.insert(format!("prodigy.{name}.scalars"), HostTensor::from_tensor(state.scalars)?);
+    Ok(())
+}
+
+/// Gives a Prodigy `optim` its saved state; an error when the state and the configured
+/// optimizer disagree (`origin`: the state's folder).
+pub fn import_prodigy<B: AutodiffBackend>(
+    optim: &mut FlatAdamW<B>,
+    name: &str,
+    moments: &HashMap<String, HostTensor>,
+    origin: &Path,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    let key = |part: &str| format!("prodigy.{name}.{part}");
+    let saved = moments.contains_key(&key("scalars"));
+    let configured = optim.prodigy_d().is_some();
+    if optim.is_empty() || (!saved && !configured) {
+        return Ok(());
+    }
+    if saved != configured {
+        let (was, is) = if saved { ("prodigy", "adamw") } else { ("adamw", "prodigy") };
+        return Err(TrainError::Config {
+            origin: origin.display().to_string(),
+            reason: format!("the state was trained with train.optimizer = \"{was}\", the configuration says \"{is}\"; resume with the same optimizer"),
+        });
+    }
+    let len = optim.len();
+    let p0 = upload::<B::InnerBackend, 1>(&key("p0"), saved_tensor(moments, &key("p0"))?, [len], device)?;
+    let s = upload::<B::InnerBackend, 1>(&key("s"), saved_tensor(moments, &key("s"))?, [len], device)?;
+    let scalars = upload::<B::InnerBackend, 1>(&key("scalars"), saved_tensor(moments, &key("scalars"))?, [4], device)?;
+    optim.set_prodigy_state(lora_core::optim::ProdigyState { p0, s, scalars }).map_err(|e| mismatch(&key("p0"), e.to_string()))
+}
+
 /// A ChaCha stream position in JSON-friendly form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngStateJson {

@@ -10,7 +10,7 @@ use burn::nn::loss::MseLoss;
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use lora_core::guard::{read_records, DynamicLossScale, GuardSettings, StepGuard, StepOutcome, StepRecord};
-use lora_core::optim::{AdamWSettings, FlatAdamW};
+use lora_core::optim::FlatAdamW;
 use sd_model::checkpoint::CheckpointOptions;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
@@ -25,8 +25,8 @@ use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::generate::{decode, denoise, grid, initial_latents, merge_adapters, save_png, to_precision, GenerateOptions};
 use crate::models::{load_components, Components};
 use crate::state::{
-    adapter_params, export_moments, host_params, import_moments, restore_adapter_params, StateInfo,
-    TrainingState,
+    adapter_params, export_moments, export_prodigy, host_params, import_moments, import_prodigy, restore_adapter_params,
+    StateInfo, TrainingState,
 };
 use crate::tensorboard::EventWriter;
 use crate::{plot, TrainError};
@@ -368,12 +368,7 @@ fn run<B: AutodiffBackend>(
     let schedule = TrainingSchedule::<B>::new(&NoiseSchedule::new(&schedule_cfg)?, device);
     let mut timesteps = TimestepSampler::new(t.min_timestep, t.max_timestep, schedule.num_train_timesteps(), t.seed)?;
     let mut noise = SeededNoise::new(t.seed ^ 0x5eed);
-    let adamw = AdamWSettings {
-        beta_1: t.adam_beta1,
-        beta_2: t.adam_beta2,
-        epsilon: t.adam_epsilon,
-        weight_decay: t.adam_weight_decay,
-    };
+    let (adamw, prodigy) = config.optimizer_settings();
     let te_base_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
 
     let metrics_path = out.join("metrics.jsonl");
@@ -395,6 +390,10 @@ fn run<B: AutodiffBackend>(
     // the adapters' current (restored) values.
     let mut optim = FlatAdamW::new(adamw, &unet, device);
     let mut te_optim = FlatAdamW::new(adamw, &text_encoder, device);
+    if let Some(prodigy) = prodigy {
+        // Each model's adapters get their own estimate of the step size.
+        (optim, te_optim) = (optim.with_prodigy(prodigy), te_optim.with_prodigy(prodigy));
+    }
     if let Some(dtype) = base_dtype {
         // f32 master values in the optimizers, bf16/f16 copies in the models: the LoRA
         // layers then cast nothing per pass (the same numbers; see `with_working_dtype`).
@@ -404,6 +403,9 @@ fn run<B: AutodiffBackend>(
         let times = &state.info.optimizer_time;
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
         import_moments(&mut te_optim, &adapter_params(&mut text_encoder, "text_encoder"), &state.moments, times, device)?;
+        let state_dir = out.join("state");
+        import_prodigy(&mut optim, "unet", &state.moments, &state_dir, device)?;
+        import_prodigy(&mut te_optim, "text_encoder", &state.moments, &state_dir, device)?;
         let origin = out.join("state.json");
         timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
         noise = SeededNoise::from_state(&state.info.noise_rng.to_state(&origin)?);
@@ -554,7 +556,10 @@ fn run<B: AutodiffBackend>(
         }
         progress.step = step + 1;
         let te_lr = train_te.then(|| lr * te_base_lr / t.learning_rate);
-        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, record: check.record });
+        // Prodigy's step sizes after the step (its estimate times the learning rate).
+        let d_lr = optim.prodigy_d().map(|d| d.mul_scalar(lr));
+        let te_d_lr = te_lr.and_then(|te_lr| te_optim.prodigy_d().map(|d| d.mul_scalar(te_lr)));
+        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, d_lr, te_d_lr, record: check.record });
 
         let last = progress.step == t.max_train_steps;
         let sample_every = config.output.sample_every_n_steps;
@@ -685,6 +690,10 @@ struct PendingStep<B: burn::tensor::backend::Backend> {
     lr: f64,
     /// The text encoder's learning rate, when it has adapters.
     te_lr: Option<f64>,
+    /// With Prodigy: the UNet's and the text encoder's step sizes (estimate times learning
+    /// rate), on the device.
+    d_lr: Option<Tensor<B, 1>>,
+    te_d_lr: Option<Tensor<B, 1>>,
     record: Tensor<B, 1>,
 }
 
@@ -708,6 +717,7 @@ impl ReadBack<'_> {
     /// the run stops on one; its update was not applied either way.
     fn steps<B: burn::tensor::backend::Backend>(mut self, pending: Vec<PendingStep<B>>, on_step: &mut dyn FnMut(&StepInfo) -> bool) -> Result<bool, TrainError> {
         let records = read_records(pending.iter().map(|p| p.record.clone()).collect())?;
+        let mut step_sizes = read_step_sizes(&pending)?.into_iter();
         let elapsed_s = self.start.elapsed().as_secs_f64();
         let mut go_on = true;
         for (p, r) in pending.iter().zip(records) {
@@ -716,15 +726,18 @@ impl ReadBack<'_> {
                 return Err(TrainError::NonFinite { step: p.step, loss, grad_norm });
             }
             self.losses.push(loss);
+            let d_lr = p.d_lr.as_ref().and_then(|_| step_sizes.next());
+            let te_d_lr = p.te_d_lr.as_ref().and_then(|_| step_sizes.next());
             let info = StepInfo { step: p.step, total: self.t.max_train_steps, loss, lr: p.lr, elapsed_s };
             writeln!(
                 self.metrics,
-                "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
+                "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},{}\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
                 info.step,
                 p.epoch,
                 json_f32(loss),
                 json_f32(grad_norm),
                 info.lr,
+                d_lr.map_or(String::new(), |v| format!("\"d_lr\":{},", json_f32(v))),
                 loss_scale,
                 outcome != StepOutcome::Applied,
                 info.elapsed_s
@@ -733,6 +746,8 @@ impl ReadBack<'_> {
             if let Some(events) = self.events.as_deref_mut() {
                 let mut values = vec![("loss", loss), ("lr/unet", p.lr as f32)];
                 values.extend(p.te_lr.map(|lr| ("lr/text_encoder", lr as f32)));
+                values.extend(d_lr.map(|v| ("d*lr/unet", v)));
+                values.extend(te_d_lr.map(|v| ("d*lr/text_encoder", v)));
                 values.extend(grad_norm.is_finite().then_some(("grad_norm", grad_norm)));
                 values.extend(self.fp16.then_some(("loss_scale", loss_scale)));
                 let path = events.path().to_path_buf();
@@ -746,6 +761,18 @@ impl ReadBack<'_> {
         }
         Ok(go_on)
     }
+}
+
+/// Prodigy's step sizes of `pending` steps, in order (UNet, then text encoder, per step),
+/// in one read; nothing to read without Prodigy.
+fn read_step_sizes<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]) -> Result<Vec<f32>, TrainError> {
+    let sizes: Vec<Tensor<B, 1>> = pending.iter().flat_map(|p| [p.d_lr.clone(), p.te_d_lr.clone()]).flatten().collect();
+    if sizes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let data = Tensor::cat(sizes, 0).into_data();
+    let values = data.convert::<f32>().to_vec::<f32>();
+    Ok(values.map_err(|e| lora_core::LoraError::Unsupported(format!("reading Prodigy's step sizes: {e:?}")))?)
 }
 
 /// Writes LoRA files and training states.
@@ -776,6 +803,8 @@ impl<B: AutodiffBackend> Saver<'_, B> {
         let mut times = std::collections::BTreeMap::new();
         export_moments(unet_optim, &unet_params, &mut moments, &mut times)?;
         export_moments(te_optim, &te_params, &mut moments, &mut times)?;
+        export_prodigy(unet_optim, "unet", &mut moments)?;
+        export_prodigy(te_optim, "text_encoder", &mut moments)?;
         let mut adapters = HashMap::new();
         host_params(unet_params, &mut adapters)?;
         host_params(te_params, &mut adapters)?;

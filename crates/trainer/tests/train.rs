@@ -478,3 +478,53 @@ fn kohya_folders_repeats_regularization_and_caption_options() {
     let Err(err) = trainer::train::open_dataset(&config) else { panic!("a missing reg folder must be an error") };
     assert!(err.to_string().contains("nope"), "{err}");
 }
+
+#[test]
+fn prodigy_trains_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    let prodigy = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.optimizer = trainer::config::Optimizer::Prodigy;
+        c.train.learning_rate = 1.0;
+        c.train.text_encoder_lr = 0.5;
+        c.train.adam_weight_decay = 0.0;
+        c.train.prodigy_use_bias_correction = true;
+        c.train.prodigy_safeguard_warmup = true;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&prodigy(straight_dir.path(), 8), &Default::default(), &mut |_| true).unwrap();
+    let metrics = std::fs::read_to_string(&straight.metrics).unwrap();
+    // Prodigy's estimate d (the logged step size over the learning rate) starts at d0 and
+    // never falls (its numerics are checked against prodigyopt in lora-core's tests).
+    let d: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|m| m["d_lr"].as_f64().unwrap() / m["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(d.len(), 8);
+    assert!((d[0] / 1e-6 - 1.0).abs() < 1e-4 && d.windows(2).all(|w| w[1] >= w[0] * (1.0 - 1e-5)), "{d:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = prodigy(dir.path(), 8);
+    let first = train::<B>(&config, &Default::default(), &mut |info| info.step < 4).unwrap();
+    assert!(first.interrupted);
+    let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
+    assert!(std::fs::read(&straight.lora).unwrap() == std::fs::read(&second.lora).unwrap(), "the resumed LoRA differs");
+
+    // A Prodigy state does not resume with AdamW (and the other way round).
+    let mut adamw = prodigy(dir.path(), 12);
+    adamw.train.optimizer = trainer::config::Optimizer::Adamw;
+    let err = trainer::train::resume::<B>(&adamw, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("train.optimizer = \"prodigy\""), "{err}");
+
+    // Settings: the TOML names, and out-of-range values name their key.
+    let parsed = TrainConfig::load(None, &["train.optimizer=\"prodigy\"".into(), "train.prodigy_growth_rate=inf".into()]).unwrap();
+    assert_eq!(parsed.train.optimizer, trainer::config::Optimizer::Prodigy);
+    assert!(parsed.optimizer_settings().1.is_some_and(|p| p.growth_rate.is_infinite()));
+    let err = TrainConfig::load(None, &["train.prodigy_growth_rate=0.5".into()]).unwrap_err();
+    assert!(err.to_string().contains("prodigy_growth_rate"), "{err}");
+}
