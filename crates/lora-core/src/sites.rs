@@ -40,6 +40,40 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
+    /// Sets the attached adapter's weights and scale from `weights` (continuing training from
+    /// a file), keeping its dropout: an error when no adapter is attached or the ranks
+    /// differ; the layouts are checked as [`attach_weights`](Self::attach_weights) checks
+    /// them. `key` names the adapter in errors.
+    pub fn load_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        let attached = match self {
+            Self::Linear(l) => l.adapter.as_ref().map(|a| (a.rank(), a.dropout.clone())),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| (a.rank(), a.dropout.clone())),
+        };
+        let Some((rank, dropout)) = attached else {
+            return Err(LoraError::Unsupported(format!("{key}: no adapter is attached to load weights into")));
+        };
+        if weights.rank() != rank {
+            return Err(LoraError::ShapeMismatch {
+                key: key.to_string(),
+                reason: format!("rank {} in the weights, {rank} in the attached adapter", weights.rank()),
+            });
+        }
+        self.attach_weights(weights, key, device)?;
+        match self {
+            Self::Linear(l) => {
+                if let Some(a) = l.adapter.as_mut() {
+                    a.dropout = dropout;
+                }
+            }
+            Self::Conv(c) => {
+                if let Some(a) = c.adapter.as_mut() {
+                    a.dropout = dropout;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches a freshly initialised adapter.
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
         match self {
@@ -162,6 +196,73 @@ pub fn attach_adapters<B: Backend>(
         });
     }
     Ok(attached)
+}
+
+/// Loads the weights of `set`'s adapters into the adapters attached to `model` (its
+/// component's part of the set), to continue training from an existing LoRA (kohya's
+/// `--network_weights`): each takes the set's weights and scale (`alpha / rank`) and keeps
+/// its dropout. An adapter of the set without an attached adapter of the same rank is an
+/// error naming it (the set's adapters outside the trained targets would be lost); attached
+/// adapters the set lacks keep their values, and their paths are returned.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LinearConfig;
+/// use lora_core::sites::{collect_adapters, load_adapter_weights, LoraSites};
+/// use lora_core::{AdapterSet, Component, LoraConfig, LoraLinear, LoraSiteMut};
+///
+/// struct Model { a: LoraLinear<Flex>, b: LoraLinear<Flex> }
+/// impl LoraSites<Flex> for Model {
+///     fn component(&self) -> Component { Component::Unet }
+///     fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, Flex>)) {
+///         f("a", LoraSiteMut::Linear(&mut self.a));
+///         f("b", LoraSiteMut::Linear(&mut self.b));
+///     }
+/// }
+/// let device = Default::default();
+/// let layer = || LoraLinear::new(LinearConfig::new(8, 8).init(&device));
+/// let (mut trained, mut fresh) = (Model { a: layer(), b: layer() }, Model { a: layer(), b: layer() });
+/// trained.a.attach_new(&LoraConfig::new(4).with_alpha(2.0), &device)?;
+/// fresh.a.attach_new(&LoraConfig::new(4).with_dropout(0.1), &device)?;
+/// fresh.b.attach_new(&LoraConfig::new(4), &device)?;
+/// let mut set = AdapterSet::new();
+/// collect_adapters(&mut trained, &mut set)?;
+/// let kept = load_adapter_weights(&mut fresh, &set, &device)?;
+/// assert_eq!(kept, ["b"], "b has no weights in the set: it keeps its own");
+/// let a = fresh.a.adapter.as_ref().unwrap();
+/// assert_eq!((a.scale, a.dropout.prob), (0.5, 0.1), "the set's scale, the attached dropout");
+/// # Ok::<(), lora_core::LoraError>(())
+/// ```
+pub fn load_adapter_weights<B: Backend>(model: &mut impl LoraSites<B>, set: &AdapterSet, device: &B::Device) -> Result<Vec<String>> {
+    let component = model.component();
+    let mut kept = Vec::new();
+    let mut first_error = None;
+    let mut seen = std::collections::HashSet::new();
+    model.visit_lora_sites(&mut |path, mut site| {
+        let key = AdapterKey::new(component, path);
+        match set.get(&key) {
+            Some(weights) if first_error.is_none() => {
+                seen.insert(key.clone());
+                if let Err(e) = site.load_weights(weights, &key.to_string(), device) {
+                    first_error = Some(e);
+                }
+            }
+            None if site.adapter_weights().is_some() => kept.push(path.to_string()),
+            _ => {}
+        }
+    });
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let unknown: Vec<String> = set.iter().map(|(k, _)| k).filter(|k| k.component == component && !seen.contains(*k)).map(|k| k.to_string()).collect();
+    if !unknown.is_empty() {
+        return Err(LoraError::Unsupported(format!(
+            "{} adapter(s) of the weights have no attached adapter to load into (are they outside the trained targets?), e.g. {}",
+            unknown.len(),
+            unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(kept)
 }
 
 /// Collects the adapters attached to `model` into `set` (for saving a trained LoRA).

@@ -86,6 +86,11 @@ pub struct LoraSection {
     pub exclude: Vec<String>,
     /// Text-encoder preset: `none` (UNet only), `attn`, `attn-mlp` (kohya's text-encoder set).
     pub text_encoder_targets: sd_model::targets::TextEncoderTargets,
+    /// An existing LoRA (kohya or diffusers/PEFT file) to start from instead of fresh
+    /// adapters (kohya's `network_weights`; empty: none). Its adapters must be among the
+    /// targets, at `rank`; they bring their own alpha.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network_weights: String,
 }
 
 /// Learning-rate schedules (each with linear warmup).
@@ -329,6 +334,7 @@ impl Default for TrainConfig {
                 include: vec![],
                 exclude: vec![],
                 text_encoder_targets: sd_model::targets::TextEncoderTargets::None,
+                network_weights: String::new(),
             },
             train: TrainSection {
                 max_train_steps: 300,
@@ -549,6 +555,10 @@ impl TrainConfig {
         }
         if self.lora.rank == 0 {
             return bad("lora.rank must be at least 1");
+        }
+        let weights = std::path::Path::new(&self.lora.network_weights);
+        if !self.lora.network_weights.is_empty() && !weights.is_file() {
+            return bad(&format!("lora.network_weights: there is no file at {}", weights.display()));
         }
         if self.model.clip_skip == 0 {
             return bad("model.clip_skip must be at least 1");

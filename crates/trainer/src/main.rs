@@ -398,6 +398,9 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         config.train.max_train_steps,
         config.output.output_dir.display()
     );
+    if !config.lora.network_weights.is_empty() {
+        eprintln!("starting from the LoRA {}", config.lora.network_weights);
+    }
     if config.train.optimizer == trainer::config::Optimizer::Prodigy && config.train.learning_rate < 0.1 {
         eprintln!(
             "note: with train.optimizer = \"prodigy\" the learning rate multiplies Prodigy's own step size; 1.0 is usual (it is {})",

@@ -263,6 +263,24 @@ pub fn resume<B: AutodiffBackend>(
     run::<B>(config, Some(state), device, on_step)
 }
 
+/// Starts the attached adapters from the LoRA file `path` (`lora.network_weights`).
+fn load_network_weights<B: AutodiffBackend>(
+    path: &Path,
+    unet: &mut sd_model::UNet2DConditionModel<B>,
+    text_encoder: &mut sd_model::ClipTextModel<B>,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    let index = sd_model::lora::module_index(unet, Some(text_encoder))?;
+    let (set, _) = AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?;
+    let in_file = |e: lora_core::LoraError| TrainError::Config {
+        origin: format!("lora.network_weights = {}", path.display()),
+        reason: format!("{e}; the file's adapters must be among lora.unet_targets / include / text_encoder_targets, at lora.rank"),
+    };
+    sites::load_adapter_weights(unet, &set, device).map_err(in_file)?;
+    sites::load_adapter_weights(text_encoder, &set, device).map_err(in_file)?;
+    Ok(())
+}
+
 /// Folder of the TensorBoard event files in `output_dir`.
 const LOGS_DIR: &str = "logs";
 
@@ -282,7 +300,11 @@ fn copy_event_files(from: &Path, to: &Path) -> Result<(), TrainError> {
 
 /// The settings a resumed run must share with the state it resumes (as TOML lines).
 fn fingerprint(config: &TrainConfig) -> String {
-    let lora = toml::to_string(&config.lora).unwrap_or_default();
+    // The starting file does not matter once the state holds the adapters (and states
+    // from before the key existed must still match).
+    let mut lora = config.lora.clone();
+    lora.network_weights.clear();
+    let lora = toml::to_string(&lora).unwrap_or_default();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}", config.model.pretrained, config.model.tiny_seed)
 }
 
@@ -357,6 +379,10 @@ fn run<B: AutodiffBackend>(
     let te_selection = Selection::new(l.text_encoder_targets);
     let te_targets = attach_new_adapters(&mut text_encoder, &te_selection, &lora, device)?;
     let train_te = !te_targets.is_empty();
+    if !l.network_weights.is_empty() && state.is_none() {
+        // A resumed run's state holds the adapters: the file only starts a new run.
+        load_network_weights(Path::new(&l.network_weights), &mut unet, &mut text_encoder, device)?;
+    }
 
     let dataset = open_dataset(config)?;
     let mut schedule_cfg = frozen.scheduler.clone();

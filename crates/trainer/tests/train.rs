@@ -528,3 +528,54 @@ fn prodigy_trains_and_resumes_bit_for_bit() {
     let err = TrainConfig::load(None, &["train.prodigy_growth_rate=0.5".into()]).unwrap_err();
     assert!(err.to_string().contains("prodigy_growth_rate"), "{err}");
 }
+
+#[test]
+fn network_weights_start_from_an_existing_lora() {
+    let _guard = seeded();
+    let load = |path: &std::path::Path| {
+        let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
+        let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &Default::default()).unwrap();
+        let index = sd_model::lora::module_index(&mut unet, Some(&mut te)).unwrap();
+        AdapterSet::load(path, &index, ReadOptions::default()).unwrap().0
+    };
+    let first_dir = tempfile::tempdir().unwrap();
+    let mut first = quick_config(first_dir.path(), 4);
+    first.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    first.lora.alpha = 4.0;
+    first.output.save_precision = lora_core::SaveDtype::F32;
+    let trained = train::<B>(&first, &Default::default(), &mut |_| true).unwrap();
+
+    // A run starting from that LoRA at a vanishing learning rate saves it back unchanged:
+    // every adapter (UNet and text encoder) and its alpha came from the file, though this
+    // configuration's own alpha differs.
+    let dir = tempfile::tempdir().unwrap();
+    let mut next = quick_config(dir.path(), 1);
+    next.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    next.lora.network_weights = trained.lora.display().to_string();
+    next.train.learning_rate = 1e-15;
+    next.output.save_precision = lora_core::SaveDtype::F32;
+    let continued = train::<B>(&next, &Default::default(), &mut |_| true).unwrap();
+    let (a, b) = (load(&trained.lora), load(&continued.lora));
+    assert_eq!(a.len(), b.len());
+    for (key, w) in a.iter() {
+        let v = b.get(key).unwrap();
+        assert_eq!(v.alpha, w.alpha, "{key}");
+        let diff = w.up.data.iter().zip(&v.up.data).chain(w.down.data.iter().zip(&v.down.data)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-7, "{key}: {diff}");
+    }
+    assert!(a.iter().any(|(_, w)| w.up.data.iter().any(|v| *v != 0.0)), "the first run trained its up weights");
+
+    // The file's adapters must be among the targets, at the configured rank.
+    let mut no_te = next.clone();
+    no_te.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::None;
+    let err = train::<B>(&no_te, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("lora.network_weights") && err.contains("no adapter is attached"), "{err}");
+    let mut other_rank = next.clone();
+    other_rank.lora.rank = 4;
+    let err = train::<B>(&other_rank, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("rank 8 in the weights, 4"), "{err}");
+    let mut missing = next.clone();
+    missing.lora.network_weights = dir.path().join("nope.safetensors").display().to_string();
+    let err = train::<B>(&missing, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("nope.safetensors"), "{err}");
+}
