@@ -1,5 +1,6 @@
 //! Training-side diffusion maths on device tensors: forward noising, regression targets,
-//! SNR, min-SNR-γ loss weights, noise offset and timestep sampling.
+//! SNR, min-SNR-γ and debiased-estimation loss weights, noise offset, multi-resolution
+//! (pyramid) noise and timestep sampling.
 //!
 //! Everything is batched over the first dimension and stays on the device of its inputs
 //! (timesteps are an `Int` tensor; ᾱ is gathered on device), so a training step needs
@@ -142,6 +143,24 @@ impl<B: Backend> TrainingSchedule<B> {
     ) -> Result<Tensor<B, 1>> {
         min_snr_weights(self.snr(timesteps), gamma, self.prediction_type)
     }
+
+    /// Per-sample debiased-estimation loss weights for `timesteps`
+    /// ([`debiased_weights`] of their SNR).
+    pub fn debiased_weights(&self, timesteps: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        debiased_weights(self.snr(timesteps), self.prediction_type)
+    }
+}
+
+/// Debiased-estimation loss weights (Yu et al. 2024, "Debias the Training of Diffusion
+/// Models"; kohya's `--debiased_estimation_loss`): `1 / sqrt(SNR)` for ε- and
+/// x₀-prediction, `1 / (SNR + 1)` for v-prediction, with the SNR capped at 1000 (it is
+/// infinite at timestep 0 of some schedules).
+pub fn debiased_weights<B: Backend>(snr: Tensor<B, 1>, prediction: PredictionType) -> Tensor<B, 1> {
+    let snr = snr.clamp_max(1000.0);
+    match prediction {
+        PredictionType::VPrediction => snr.add_scalar(1.0).recip(),
+        PredictionType::Epsilon | PredictionType::Sample => snr.sqrt().recip(),
+    }
 }
 
 /// Min-SNR-γ weights from per-sample SNRs, as diffusers' training examples compute them:
@@ -189,6 +208,68 @@ pub fn offset_noise<B: Backend>(
     let dims = noise.dims();
     let shift = source.sample([dims[0], dims[1], 1, 1], &noise.device())?;
     Ok(noise + shift.mul_scalar(offset as f32).expand(dims))
+}
+
+/// Multi-resolution ("pyramid") noise (Whitaker 2023; kohya's `--multires_noise_iterations`
+/// and `--multires_noise_discount`): `noise` plus, for each level `i`, `discountⁱ` times N(0, 1)
+/// noise drawn at `⌊H / rᵢⁱ⌋ × ⌊W / rᵢⁱ⌋` (at least 1×1) and upsampled bilinearly
+/// (half-pixel centres, as PyTorch's `Upsample`), stopping after the first level of one
+/// row or column; the sum is divided by its standard deviation over the whole batch
+/// (unbiased, as `torch.std`). Level 0 is full resolution. `ratios[i]` is level `i`'s
+/// `rᵢ`: kohya draws each uniformly in `[2, 4)` ([`pyramid_ratios`]). Low frequencies get
+/// far more energy than in white noise, which teaches the model large-scale changes of
+/// brightness and colour.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use sd_sched::training::{pyramid_noise, pyramid_ratios};
+/// use sd_sched::{NoiseSource, SeededNoise};
+///
+/// let device = Default::default();
+/// let mut source = SeededNoise::new(1);
+/// let ratios = pyramid_ratios(source.rng(), 6);
+/// let noise = NoiseSource::<Flex>::sample(&mut source, [2, 4, 32, 48], &device)?;
+/// let noise = pyramid_noise(noise, 0.3, &ratios, &mut source)?;
+/// let std: f32 = noise.flatten::<1>(0, 3).var(0).sqrt().into_scalar();
+/// assert!((std - 1.0).abs() < 1e-4);
+/// # Ok::<(), sd_sched::SchedError>(())
+/// ```
+pub fn pyramid_noise<B: Backend>(noise: Tensor<B, 4>, discount: f64, ratios: &[f64], source: &mut dyn NoiseSource<B>) -> Result<Tensor<B, 4>> {
+    if !(discount.is_finite() && discount > 0.0) {
+        return Err(SchedError::InvalidArgument {
+            name: "discount",
+            reason: format!("must be a positive finite number, got {discount}"),
+        });
+    }
+    if let Some(r) = ratios.iter().find(|r| !(r.is_finite() && **r >= 1.0)) {
+        return Err(SchedError::InvalidArgument {
+            name: "ratios",
+            reason: format!("each must be a finite number of at least 1, got {r}"),
+        });
+    }
+    let [b, c, h, w] = noise.dims();
+    let device = noise.device();
+    let mut sum = noise;
+    for (i, r) in ratios.iter().enumerate() {
+        let scale = r.powi(i as i32);
+        let (hn, wn) = (((h as f64 / scale) as usize).max(1), ((w as f64 / scale) as usize).max(1));
+        let level = source.sample([b, c, hn, wn], &device)?;
+        let options = burn::tensor::ops::InterpolateOptions { mode: burn::tensor::ops::InterpolateMode::Bilinear, align_corners: false };
+        let up = burn::tensor::module::interpolate(level, [h, w], options);
+        sum = sum + up.mul_scalar(discount.powi(i as i32) as f32);
+        if hn == 1 || wn == 1 {
+            break;
+        }
+    }
+    let n = b * c * h * w;
+    let std = sum.clone().reshape([n]).var(0).sqrt();
+    Ok(sum.div(std.reshape([1, 1, 1, 1]).expand([b, c, h, w])))
+}
+
+/// Per-level ratios for [`pyramid_noise`] as kohya draws them: `iterations` values
+/// uniform in `[2, 4)`.
+pub fn pyramid_ratios(rng: &mut impl Rng, iterations: usize) -> Vec<f64> {
+    (0..iterations).map(|_| 2.0 + 2.0 * rng.random::<f64>()).collect()
 }
 
 /// Seeded uniform timestep sampling over `[min, max)` (diffusers samples `[0, T)`).

@@ -224,6 +224,15 @@ pub struct TrainSection {
     pub min_snr_gamma: f64,
     /// Offset noise strength (0 = off; 0.05–0.1 typical).
     pub noise_offset: f64,
+    /// Levels of multi-resolution (pyramid) noise added to the noise (0 = off; 6–10 typical).
+    pub multires_noise_iterations: usize,
+    /// Weight decay per level of multi-resolution noise (0.3 typical).
+    pub multires_noise_discount: f64,
+    /// Input perturbation: the noised latents get `γ·N(0, 1)` more noise than the target
+    /// has (0 = off; 0.1 typical).
+    pub ip_noise_gamma: f64,
+    /// Weight each sample's loss by `1/sqrt(SNR)` (ε) or `1/(SNR + 1)` (v-prediction).
+    pub debiased_estimation_loss: bool,
     /// Lowest timestep sampled.
     pub min_timestep: usize,
     /// One past the highest timestep sampled.
@@ -362,6 +371,10 @@ impl Default for TrainConfig {
                 prediction: Prediction::Auto,
                 min_snr_gamma: 5.0,
                 noise_offset: 0.0,
+                multires_noise_iterations: 0,
+                multires_noise_discount: 0.3,
+                ip_noise_gamma: 0.0,
+                debiased_estimation_loss: false,
                 min_timestep: 0,
                 max_timestep: 1000,
                 seed: 42,
@@ -549,6 +562,10 @@ impl TrainConfig {
         let growth_ok = t.prodigy_growth_rate >= 1.0; // NaN fails
         if !prodigy.iter().all(|v| v.is_finite() && *v > 0.0) || !growth_ok || !(0.0..1.0).contains(&t.prodigy_beta3) {
             return bad("train.prodigy_d_coef and train.prodigy_d0 must be positive, train.prodigy_growth_rate at least 1 (inf: no limit), train.prodigy_beta3 in [0, 1) (0: sqrt(adam_beta2))");
+        }
+        let discount_ok = t.multires_noise_discount.is_finite() && t.multires_noise_discount > 0.0;
+        if !(discount_ok && t.ip_noise_gamma.is_finite() && t.ip_noise_gamma >= 0.0) {
+            return bad("train.multires_noise_discount must be positive and train.ip_noise_gamma 0 (off) or positive");
         }
         if t.min_timestep >= t.max_timestep || t.max_timestep > 1000 {
             return bad("train.min_timestep must be below train.max_timestep, which is at most 1000");

@@ -18,7 +18,7 @@ use lora_core::{sites, AdapterSet, LoraConfig};
 use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
 use sd_model::targets::{attach_new_adapters, Selection};
 use sd_model::DiagonalGaussian;
-use sd_sched::training::{offset_noise, TimestepSampler, TrainingSchedule};
+use sd_sched::training::{offset_noise, pyramid_noise, pyramid_ratios, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
@@ -521,11 +521,26 @@ fn run<B: AutodiffBackend>(
             let ts = timesteps.sample::<B>(n, device);
             let eps: Tensor<B, 4> = noise.sample(latents.dims(), device)?;
             let eps = offset_noise(eps, t.noise_offset, &mut noise)?;
-            let noisy = schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
+            let eps = match t.multires_noise_iterations {
+                0 => eps,
+                levels => {
+                    let ratios = pyramid_ratios(noise.rng(), levels);
+                    pyramid_noise(eps, t.multires_noise_discount, &ratios, &mut noise)?
+                }
+            };
+            // Input perturbation: the model sees more noise than its target holds.
+            let input_noise = match t.ip_noise_gamma {
+                0.0 => eps.clone(),
+                gamma => eps.clone() + NoiseSource::<B>::sample(&mut noise, latents.dims(), device)?.mul_scalar(gamma as f32),
+            };
+            let noisy = schedule.add_noise(latents.clone(), input_noise, ts.clone());
             let target = schedule.target(latents, eps, ts.clone());
             let mut weights = Tensor::<B, 1>::from_floats(loss_weights.as_slice(), device);
             if t.min_snr_gamma > 0.0 {
                 weights = weights * schedule.min_snr_weights(ts.clone(), t.min_snr_gamma)?;
+            }
+            if t.debiased_estimation_loss {
+                weights = weights * schedule.debiased_weights(ts.clone());
             }
             // The loss to backpropagate: f16 scales it so that small gradients do not
             // underflow (unscaled below).

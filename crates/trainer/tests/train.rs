@@ -284,6 +284,10 @@ fn resume_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     c.train.train_batch_size = 2;
     c.train.gradient_accumulation_steps = 2;
     c.train.noise_offset = 0.05;
+    // Every extra noise draw and weight must replay in a resumed run too.
+    c.train.multires_noise_iterations = 3;
+    c.train.ip_noise_gamma = 0.1;
+    c.train.debiased_estimation_loss = true;
     c.train.max_grad_norm = 0.05;
     c.train.text_encoder_lr = 5e-4;
     c.lora.dropout = 0.1;
@@ -578,4 +582,30 @@ fn network_weights_start_from_an_existing_lora() {
     missing.lora.network_weights = dir.path().join("nope.safetensors").display().to_string();
     let err = train::<B>(&missing, &Default::default(), &mut |_| true).unwrap_err().to_string();
     assert!(err.contains("nope.safetensors"), "{err}");
+}
+
+#[test]
+fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let first_loss = |edit: &dyn Fn(&mut TrainConfig)| {
+        let mut c = quick_config(dir.path(), 1);
+        c.output.sample_steps = 1;
+        edit(&mut c);
+        train::<B>(&c, &Default::default(), &mut |_| true).unwrap().losses[0]
+    };
+    let plain = first_loss(&|_| {});
+    assert_eq!(plain.to_bits(), first_loss(&|_| {}).to_bits(), "deterministic");
+    type Edit<'a> = (&'a str, &'a dyn Fn(&mut TrainConfig));
+    let edits: [Edit; 3] = [
+        ("multires", &|c| c.train.multires_noise_iterations = 4),
+        ("ip noise", &|c| c.train.ip_noise_gamma = 0.5),
+        ("debiased", &|c| c.train.debiased_estimation_loss = true),
+    ];
+    for (name, edit) in edits {
+        let loss = first_loss(edit);
+        assert!(loss.is_finite() && loss != plain, "{name}: {loss} vs {plain}");
+    }
+    let err = TrainConfig::load(None, &["train.ip_noise_gamma=-1".into()]).unwrap_err();
+    assert!(err.to_string().contains("ip_noise_gamma"), "{err}");
 }
