@@ -172,6 +172,9 @@ pub enum Prediction {
 pub struct TrainSection {
     /// Optimizer steps.
     pub max_train_steps: usize,
+    /// Passes over the data set to train for instead (0 = use `max_train_steps`, which is
+    /// then computed from it: see [`crate::train::with_epoch_steps`]).
+    pub max_train_epochs: usize,
     /// Images per micro-batch.
     pub train_batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -347,6 +350,7 @@ impl Default for TrainConfig {
             },
             train: TrainSection {
                 max_train_steps: 300,
+                max_train_epochs: 0,
                 train_batch_size: 4,
                 gradient_accumulation_steps: 1,
                 learning_rate: 1e-3,

@@ -365,6 +365,7 @@ impl ProgressView {
                     bar.set_position(info.step as u64 - 1);
                     bar.reset_eta();
                 }
+                bar.set_length(info.total as u64);
                 bar.set_message(message);
                 bar.set_position(info.step as u64);
                 if info.step == info.total {
@@ -390,12 +391,15 @@ impl ProgressView {
 static STOP: AtomicBool = AtomicBool::new(false);
 
 fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::path::Path>, device: &B::Device) -> Result<()> {
+    let length = match config.train.max_train_epochs {
+        0 => format!("{} steps", config.train.max_train_steps),
+        epochs => format!("{epochs} epochs"),
+    };
     eprintln!(
-        "training a rank-{} LoRA on `{}` with {} for {} steps -> {}",
+        "training a rank-{} LoRA on `{}` with {} for {length} -> {}",
         config.lora.rank,
         config.model.pretrained,
         if config.data.train_data_dir == "demo" { "the demo images".to_string() } else { config.data.train_data_dir.clone() },
-        config.train.max_train_steps,
         config.output.output_dir.display()
     );
     if !config.lora.network_weights.is_empty() {

@@ -205,7 +205,26 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
-    run::<B>(config, None, device, on_step)
+    run::<B>(&with_epoch_steps(config)?, None, device, on_step)
+}
+
+/// `config` with `train.max_train_steps` set from `train.max_train_epochs` when that is
+/// not 0: enough optimizer steps for that many passes over the data set,
+/// `⌈epochs · batches per epoch / gradient_accumulation_steps⌉` (kohya's rule up to the
+/// rounding: a step here may take micro-batches from two epochs). Opens the data set to
+/// count its batches.
+pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError> {
+    let mut config = config.clone();
+    let t = &config.train;
+    if t.max_train_epochs > 0 {
+        let batches = open_dataset(&config)?.plan_epoch(0).len();
+        if batches == 0 {
+            return Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() });
+        }
+        let micro_batches = t.max_train_epochs * batches;
+        config.train.max_train_steps = micro_batches.div_ceil(t.gradient_accumulation_steps);
+    }
+    Ok(config)
 }
 
 /// Continues the run whose training state is in `state_dir` (a `state` folder inside an
@@ -220,6 +239,7 @@ pub fn resume<B: AutodiffBackend>(
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
+    let config = &with_epoch_steps(config)?;
     let state = TrainingState::load(state_dir)?;
     let fingerprint = fingerprint(config);
     if state.info.fingerprint != fingerprint {
@@ -239,10 +259,16 @@ pub fn resume<B: AutodiffBackend>(
     if state.info.step >= config.train.max_train_steps {
         return Err(TrainError::Config {
             origin: state_dir.display().to_string(),
-            reason: format!(
-                "the state is at step {}, which is not below train.max_train_steps = {}; raise it to train further",
-                state.info.step, config.train.max_train_steps
-            ),
+            reason: match config.train.max_train_epochs {
+                0 => format!(
+                    "the state is at step {}, which is not below train.max_train_steps = {}; raise it to train further",
+                    state.info.step, config.train.max_train_steps
+                ),
+                epochs => format!(
+                    "the state is at step {}, which is not below the {} steps of train.max_train_epochs = {epochs}; raise it to train further",
+                    state.info.step, config.train.max_train_steps
+                ),
+            },
         });
     }
     // Resuming into another output_dir: carry the earlier run's per-step metrics along.

@@ -609,3 +609,26 @@ fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
     let err = TrainConfig::load(None, &["train.ip_noise_gamma=-1".into()]).unwrap_err();
     assert!(err.to_string().contains("ip_noise_gamma"), "{err}");
 }
+
+#[test]
+fn max_train_epochs_sets_the_steps() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 1000);
+    config.data.demo_images = 6;
+    config.train.train_batch_size = 2;
+    let batches = trainer::train::open_dataset(&config).unwrap().plan_epoch(0).len();
+    assert!(batches >= 3);
+    config.train.max_train_epochs = 2;
+    config.train.gradient_accumulation_steps = 2;
+    let resolved = trainer::train::with_epoch_steps(&config).unwrap();
+    assert_eq!(resolved.train.max_train_steps, (2 * batches).div_ceil(2));
+    config.train.max_train_epochs = 1;
+    config.train.gradient_accumulation_steps = 1;
+    config.output.save_every_n_epochs = 1;
+    config.output.sample_steps = 1;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(report.losses.len(), batches, "one epoch: one step per batch");
+    let written = TrainConfig::load(Some(&report.config), &[]).unwrap();
+    assert_eq!((written.train.max_train_epochs, written.train.max_train_steps), (1, batches));
+}
