@@ -195,6 +195,61 @@ impl Dataset {
         })
     }
 
+    /// Holds out `fraction` of the training images (never regularization images) as a
+    /// validation set, chosen by `seed` (kohya's `validation_split`): returns the dataset
+    /// without them and the validation dataset, whose images appear once per epoch with no
+    /// augmentation (no flips, centre crops, captions as written: no shuffle or dropout).
+    /// At least one image stays on each side; an error when that is impossible or
+    /// `fraction` is not in `(0, 1)`.
+    ///
+    /// ```
+    /// use sd_data::{demo::DemoConfig, Dataset, DatasetConfig};
+    /// let ds = Dataset::from_demo(&DatasetConfig::demo(""), &DemoConfig { count: 10, ..Default::default() }).unwrap();
+    /// let (train, validation) = ds.split_validation(0.2, 7).unwrap();
+    /// assert_eq!((train.images().len(), validation.images().len()), (8, 2));
+    /// ```
+    pub fn split_validation(self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
+        let bad = |message: String| DataError::Config { key: "validation_split".into(), message };
+        if !(fraction > 0.0 && fraction < 1.0) {
+            return Err(bad(format!("must be between 0 and 1, got {fraction}")));
+        }
+        let is_reg = |img: &ImageRecord| self.subsets[img.subset].config.is_reg;
+        let mut candidates: Vec<usize> = (0..self.images.len()).filter(|&i| !is_reg(&self.images[i])).collect();
+        if candidates.len() < 2 {
+            return Err(bad(format!("needs at least 2 training images, the dataset has {}", candidates.len())));
+        }
+        let held = ((fraction * candidates.len() as f64).round() as usize).clamp(1, candidates.len() - 1);
+        candidates.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+        let mut validation = vec![false; self.images.len()];
+        for &i in &candidates[..held] {
+            validation[i] = true;
+        }
+        let (mut train_images, mut val_images) = (Vec::new(), Vec::new());
+        for (i, img) in self.images.into_iter().enumerate() {
+            if validation[i] { val_images.push(img) } else { train_images.push(img) }
+        }
+        // The same subsets (indices stay valid) without repeats or augmentation.
+        let val_subsets = self
+            .subsets
+            .iter()
+            .map(|s| ResolvedSubset {
+                config: SubsetConfig {
+                    flip_aug: false,
+                    random_crop: false,
+                    shuffle_caption: false,
+                    caption_dropout_rate: 0.0,
+                    caption_tag_dropout_rate: 0.0,
+                    ..s.config.clone()
+                },
+                num_repeats: 1,
+                loss_weight: s.loss_weight,
+            })
+            .collect();
+        let val = Self::build(self.config.clone(), val_subsets, val_images, Vec::new())?;
+        let train = Self::build(self.config, self.subsets, train_images, self.skipped)?;
+        Ok((train, val))
+    }
+
     /// The configuration.
     pub fn config(&self) -> &DatasetConfig {
         &self.config

@@ -553,3 +553,50 @@ fn config_json_and_validation() {
         "subsets[0].caption_extension",
     );
 }
+
+#[test]
+fn validation_split_holds_out_training_images_without_augmentation() {
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        save(&d.path().join(format!("train/3_sks dog/{i}.png")), 64, 64, i);
+    }
+    for i in 0..2 {
+        save(&d.path().join(format!("reg/1_dog/r{i}.png")), 64, 64, 50 + i);
+    }
+    let mut train_subset = SubsetConfig::new(d.path().join("train"));
+    (train_subset.flip_aug, train_subset.shuffle_caption, train_subset.caption_dropout_rate) = (true, true, 0.5);
+    let cfg = DatasetConfig {
+        subsets: vec![train_subset, SubsetConfig { is_reg: true, ..SubsetConfig::new(d.path().join("reg")) }],
+        ..config(d.path())
+    };
+    let (train, val) = Dataset::open(&cfg).unwrap().split_validation(0.25, 3).unwrap();
+    // 10 training images: 3 (rounded) held out, none of the regularization images.
+    assert_eq!(val.images().len(), 3);
+    assert_eq!(train.images().len(), 7 + 2);
+    let held: Vec<String> = names(&val);
+    assert!(held.iter().all(|n| !names(&train).contains(n)));
+    assert!((0..val.images().len()).all(|i| val.repeats(i) == 1 && !val.flip_aug(i)));
+    // Once per epoch, captions as written, in every epoch.
+    for epoch in 0..3 {
+        let samples: Vec<_> = val.plan_epoch(epoch).into_iter().flat_map(|b| b.samples).collect();
+        assert_eq!(samples.len(), 3);
+        assert!(samples.iter().all(|s| !s.flip && s.caption == "sks dog"));
+    }
+    // The training side still balances its regularization images against 7 × 3 samples.
+    assert_eq!(train.samples_per_epoch(), 2 * 21);
+    // Seeded: the same split again, another with another seed.
+    let (_, again) = Dataset::open(&cfg).unwrap().split_validation(0.25, 3).unwrap();
+    assert_eq!(names(&again), held);
+    let others: Vec<Vec<String>> = (4..12).map(|seed| names(&Dataset::open(&cfg).unwrap().split_validation(0.25, seed).unwrap().1)).collect();
+    assert!(others.iter().any(|n| *n != held));
+    // Bad fractions and too few images are errors naming the key.
+    for fraction in [0.0, 1.0, f64::NAN] {
+        let err = Dataset::open(&cfg).unwrap().split_validation(fraction, 0).unwrap_err();
+        assert!(err.to_string().contains("validation_split"), "{err}");
+    }
+    let one = tempfile::tempdir().unwrap();
+    let a = save(&one.path().join("a.png"), 64, 64, 1);
+    caption(&a, "txt", "a photo");
+    let err = Dataset::open(&config(one.path())).unwrap().split_validation(0.5, 0).unwrap_err();
+    assert!(err.to_string().contains("at least 2"), "{err}");
+}

@@ -61,6 +61,9 @@ pub struct DataSection {
     pub reg_data_dir: String,
     /// Loss weight of regularization images.
     pub prior_loss_weight: f32,
+    /// Fraction of the training images held out to measure a validation loss (kohya's
+    /// `validation_split`; 0 = none). Never regularization images.
+    pub validation_split: f64,
     /// A full sd-data dataset config (JSON, several subsets; see docs/datasets.md) that
     /// replaces every other `[data]` setting except `demo_images` (`""` = none).
     pub dataset_config: String,
@@ -288,6 +291,9 @@ pub struct OutputSection {
     /// TensorBoard event files to `<output_dir>/logs` too (`tensorboard --logdir`), at
     /// every read of the steps' numbers.
     pub tensorboard: bool,
+    /// With `data.validation_split`: measure the validation loss every N steps as well as
+    /// at the end (0 = only at the end).
+    pub validate_every_n_steps: usize,
 }
 
 /// The whole training configuration.
@@ -335,6 +341,7 @@ impl Default for TrainConfig {
                 bucket_no_upscale: false,
                 reg_data_dir: String::new(),
                 prior_loss_weight: 1.0,
+                validation_split: 0.0,
                 dataset_config: String::new(),
             },
             lora: LoraSection {
@@ -405,6 +412,7 @@ impl Default for TrainConfig {
                 sample_seed: 1234,
                 log_interval_s: 1.0,
                 tensorboard: true,
+                validate_every_n_steps: 0,
             },
         }
     }
@@ -566,6 +574,9 @@ impl TrainConfig {
         let growth_ok = t.prodigy_growth_rate >= 1.0; // NaN fails
         if !prodigy.iter().all(|v| v.is_finite() && *v > 0.0) || !growth_ok || !(0.0..1.0).contains(&t.prodigy_beta3) {
             return bad("train.prodigy_d_coef and train.prodigy_d0 must be positive, train.prodigy_growth_rate at least 1 (inf: no limit), train.prodigy_beta3 in [0, 1) (0: sqrt(adam_beta2))");
+        }
+        if !(0.0..1.0).contains(&self.data.validation_split) {
+            return bad("data.validation_split must be at least 0 (none) and below 1");
         }
         let discount_ok = t.multires_noise_discount.is_finite() && t.multires_noise_discount > 0.0;
         if !(discount_ok && t.ip_noise_gamma.is_finite() && t.ip_noise_gamma >= 0.0) {

@@ -436,6 +436,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     }
     println!("  loss curve:    {}", report.loss_curve.display());
     println!("  metrics:       {}", report.metrics.display());
+    if let Some((step, loss)) = report.validation.last() {
+        let (best_step, best) = report.validation.iter().fold((0, f32::INFINITY), |b, (s, l)| if *l < b.1 { (*s, *l) } else { b });
+        println!(
+            "  validation:    {} (loss {loss:.4} at step {step}; lowest {best:.4} at step {best_step})",
+            config.output.output_dir.join("validation.jsonl").display()
+        );
+    }
     if let Some(events) = &report.tensorboard {
         let logs = events.parent().unwrap_or(events);
         println!("  TensorBoard:   {} (tensorboard --logdir {})", logs.display(), logs.display());

@@ -58,6 +58,9 @@ pub struct TrainReport {
     pub metrics: PathBuf,
     /// The TensorBoard event file of this run (`output.tensorboard`), in `<output_dir>/logs`.
     pub tensorboard: Option<PathBuf>,
+    /// `(step, validation loss)` of every validation (`data.validation_split`; a resumed
+    /// run's list starts with the earlier run's), also in `<output_dir>/validation.jsonl`.
+    pub validation: Vec<(usize, f32)>,
     /// Loss-curve image.
     pub loss_curve: PathBuf,
     /// The resolved configuration.
@@ -164,6 +167,17 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     Ok(Dataset::open(&ds)?)
 }
 
+/// The training dataset and, with `data.validation_split`, the validation dataset held out
+/// of it (seeded by `train.seed`).
+pub fn training_datasets(config: &TrainConfig) -> Result<(Dataset, Option<Dataset>), TrainError> {
+    let dataset = open_dataset(config)?;
+    if config.data.validation_split == 0.0 {
+        return Ok((dataset, None));
+    }
+    let (train, validation) = dataset.split_validation(config.data.validation_split, config.train.seed)?;
+    Ok((train, Some(validation)))
+}
+
 fn generate_grid<B: burn::tensor::backend::Backend>(
     c: &Components<B>,
     config: &TrainConfig,
@@ -217,7 +231,7 @@ pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError>
     let mut config = config.clone();
     let t = &config.train;
     if t.max_train_epochs > 0 {
-        let batches = open_dataset(&config)?.plan_epoch(0).len();
+        let batches = training_datasets(&config)?.0.plan_epoch(0).len();
         if batches == 0 {
             return Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() });
         }
@@ -277,6 +291,12 @@ pub fn resume<B: AutodiffBackend>(
         if earlier.is_file() && !metrics.exists() {
             std::fs::create_dir_all(&config.output.output_dir).map_err(io_err(&config.output.output_dir))?;
             std::fs::copy(&earlier, &metrics).map_err(io_err(&metrics))?;
+        }
+    }
+    let validation = config.output.output_dir.join("validation.jsonl");
+    if let Some(earlier) = state_dir.parent().map(|d| d.join("validation.jsonl")) {
+        if earlier.is_file() && !validation.exists() {
+            std::fs::copy(&earlier, &validation).map_err(io_err(&validation))?;
         }
     }
     // ... and its TensorBoard event files.
@@ -410,7 +430,7 @@ fn run<B: AutodiffBackend>(
         load_network_weights(Path::new(&l.network_weights), &mut unet, &mut text_encoder, device)?;
     }
 
-    let dataset = open_dataset(config)?;
+    let (dataset, validation) = training_datasets(config)?;
     let mut schedule_cfg = frozen.scheduler.clone();
     match t.prediction {
         Prediction::Auto => {}
@@ -418,6 +438,15 @@ fn run<B: AutodiffBackend>(
         Prediction::VPrediction => schedule_cfg.prediction_type = PredictionType::VPrediction,
     }
     let schedule = TrainingSchedule::<B>::new(&NoiseSchedule::new(&schedule_cfg)?, device);
+    let mut validator = match validation {
+        Some(dataset) => Some(Validator {
+            schedule: TrainingSchedule::new(&NoiseSchedule::new(&schedule_cfg)?, device),
+            dataset,
+            cache: EncodeCache::default(),
+            log: ValidationLog::open(&out.join("validation.jsonl"), state.as_ref().map(|s| s.info.step))?,
+        }),
+        None => None,
+    };
     let mut timesteps = TimestepSampler::new(t.min_timestep, t.max_timestep, schedule.num_train_timesteps(), t.seed)?;
     let mut noise = SeededNoise::new(t.seed ^ 0x5eed);
     let (adamw, prodigy) = config.optimizer_settings();
@@ -683,6 +712,16 @@ fn run<B: AutodiffBackend>(
             let path = out.join(format!("samples-step{:06}.png", progress.step));
             save_png(&generate_grid(&current, config, size, device)?, &path)?;
         }
+        let every = config.output.validate_every_n_steps;
+        if let Some(v) = validator.as_mut().filter(|_| last || (every > 0 && progress.step.is_multiple_of(every))) {
+            let loss = v.loss(&unet, train_te.then_some(&text_encoder), &frozen, config, device)?;
+            v.log.record(progress.step, loss)?;
+            if let Some(events) = events.as_mut() {
+                let path = events.path().to_path_buf();
+                let wall_time = start_wall + start.elapsed().as_secs_f64();
+                events.scalars(progress.step as u64, wall_time, &[("loss/validation", loss)]).and_then(|()| events.flush()).map_err(io_err(&path))?;
+            }
+        }
         if let Some(name) = name {
             // What is saved are the optimizers' f32 values, not the models' working copies.
             let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
@@ -720,6 +759,7 @@ fn run<B: AutodiffBackend>(
         sample_grid: grid_path,
         metrics: metrics_path,
         tensorboard: events.map(|e| e.path().to_path_buf()),
+        validation: validator.map(|v| v.log.entries).unwrap_or_default(),
         loss_curve: curve_path,
         config: config_path,
         losses,
@@ -840,6 +880,99 @@ fn read_step_sizes<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]
     let data = Tensor::cat(sizes, 0).into_data();
     let values = data.convert::<f32>().to_vec::<f32>();
     Ok(values.map_err(|e| lora_core::LoraError::Unsupported(format!("reading Prodigy's step sizes: {e:?}")))?)
+}
+
+/// Timesteps of a validation: `VALIDATION_TIMESTEPS` evenly spaced over the trained range.
+const VALIDATION_TIMESTEPS: usize = 5;
+
+/// The validation loss of a run (`data.validation_split`).
+struct Validator<B: burn::tensor::backend::Backend> {
+    schedule: TrainingSchedule<B>,
+    dataset: Dataset,
+    cache: EncodeCache<B>,
+    log: ValidationLog,
+}
+
+impl<B: burn::tensor::backend::Backend> Validator<B> {
+    /// The mean over the validation images and [`VALIDATION_TIMESTEPS`] timesteps of the
+    /// unweighted MSE between prediction and target. Everything random is fixed (the VAE
+    /// posterior's mean, seeded noise per batch and timestep, no dropout) and nothing is
+    /// drawn from the training streams, so evaluations compare with each other and leave
+    /// the training run as it would be without them.
+    fn loss<A: AutodiffBackend<InnerBackend = B>>(
+        &mut self,
+        unet: &sd_model::UNet2DConditionModel<A>,
+        text_encoder: Option<&sd_model::ClipTextModel<A>>,
+        frozen: &Components<B>,
+        config: &TrainConfig,
+        device: &B::Device,
+    ) -> Result<f32, TrainError> {
+        let t = &config.train;
+        let unet = unet.valid();
+        let text_encoder = text_encoder.map(|te| te.valid());
+        let span = t.max_timestep - t.min_timestep;
+        let timesteps: Vec<i64> = (0..VALIDATION_TIMESTEPS).map(|k| (t.min_timestep + (2 * k + 1) * span / (2 * VALIDATION_TIMESTEPS)) as i64).collect();
+        let mut total = Tensor::<B, 1>::zeros([1], device);
+        let mut count = 0usize;
+        for (b, plan) in self.dataset.plan_epoch(0).iter().enumerate() {
+            let (posterior, context, _) = self.cache.batch(&self.dataset, frozen, plan, config.model.clip_skip, text_encoder.is_none(), device)?;
+            let latents = frozen.vae.scale_latents(posterior.mean.clone());
+            let context = match (context, &text_encoder) {
+                (Some(c), _) => c,
+                (None, Some(te)) => {
+                    let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
+                    te.forward(crate::generate::prompt_ids::<B>(&frozen.tokenizer, te.vocab_size(), &captions, device)?, config.model.clip_skip)?
+                }
+                (None, None) => unreachable!("the cache encodes captions when the text encoder is frozen"),
+            };
+            let n = latents.dims()[0];
+            for (k, &step) in timesteps.iter().enumerate() {
+                let mut noise = SeededNoise::new(t.seed ^ 0x7a11_da7e ^ (((b as u64) << 8) | k as u64));
+                let eps: Tensor<B, 4> = noise.sample(latents.dims(), device)?;
+                let ts = Tensor::<B, 1, burn::tensor::Int>::from_ints(vec![step; n].as_slice(), device);
+                let noisy = self.schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
+                let target = self.schedule.target(latents.clone(), eps, ts.clone());
+                let pred = unet.forward(noisy, ts.float(), context.clone())?;
+                let error = (pred.cast(burn::tensor::FloatDType::F32) - target.cast(burn::tensor::FloatDType::F32)).powf_scalar(2.0).mean();
+                total = total + error.mul_scalar(n as f32);
+                count += n;
+            }
+        }
+        Ok(burn::tensor::ElementConversion::elem::<f32>(total.into_scalar()) / count.max(1) as f32)
+    }
+}
+
+/// `validation.jsonl`: one `{"step", "val_loss"}` line per validation.
+struct ValidationLog {
+    path: PathBuf,
+    entries: Vec<(usize, f32)>,
+}
+
+impl ValidationLog {
+    /// Opens the log, keeping (when resuming from step `resumed`) the earlier entries up
+    /// to that step, else starting it empty.
+    fn open(path: &Path, resumed: Option<usize>) -> Result<Self, TrainError> {
+        let text = resumed.map(|_| std::fs::read_to_string(path).unwrap_or_default()).unwrap_or_default();
+        let entries: Vec<(usize, f32)> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v["step"].as_u64()? as usize, v["val_loss"].as_f64().unwrap_or(f64::NAN) as f32)))
+            .filter(|(step, _)| resumed.is_some_and(|r| *step <= r))
+            .collect();
+        let log = Self { path: path.to_path_buf(), entries };
+        log.write()?;
+        Ok(log)
+    }
+
+    fn record(&mut self, step: usize, loss: f32) -> Result<(), TrainError> {
+        self.entries.push((step, loss));
+        self.write()
+    }
+
+    fn write(&self) -> Result<(), TrainError> {
+        let text: String = self.entries.iter().map(|(step, loss)| format!("{{\"step\":{step},\"val_loss\":{}}}\n", json_f32(*loss))).collect();
+        std::fs::write(&self.path, text).map_err(io_err(&self.path))
+    }
 }
 
 /// Writes LoRA files and training states.

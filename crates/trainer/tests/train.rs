@@ -632,3 +632,46 @@ fn max_train_epochs_sets_the_steps() {
     let written = TrainConfig::load(Some(&report.config), &[]).unwrap();
     assert_eq!((written.train.max_train_epochs, written.train.max_train_steps), (1, batches));
 }
+
+#[test]
+fn validation_loss_is_measured_without_touching_the_training_run() {
+    let _guard = seeded();
+    let run = |every: usize, stop_at: Option<usize>| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = quick_config(dir.path(), 6);
+        c.data.demo_images = 10;
+        c.data.validation_split = 0.2;
+        c.output.validate_every_n_steps = every;
+        c.output.sample_steps = 1;
+        c.lora.dropout = 0.1;
+        let first = train::<B>(&c, &Default::default(), &mut |info| stop_at.is_none_or(|s| info.step < s)).unwrap();
+        let report = match stop_at {
+            Some(_) => trainer::train::resume::<B>(&c, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap(),
+            None => first,
+        };
+        let log = std::fs::read_to_string(dir.path().join("validation.jsonl")).unwrap();
+        (report, log, dir)
+    };
+    let (every_2, log, _d1) = run(2, None);
+    let steps: Vec<usize> = every_2.validation.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, [2, 4, 6]);
+    assert!(every_2.validation.iter().all(|(_, l)| l.is_finite() && *l > 0.0));
+    assert_eq!(log.lines().count(), 3);
+    // Validating draws nothing from the training streams: the same losses without it, and
+    // the same validation loss at the end.
+    let (at_end, _, _d2) = run(0, None);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&at_end.losses), bits(&every_2.losses));
+    assert_eq!(at_end.validation.len(), 1);
+    assert_eq!(at_end.validation[0].1.to_bits(), every_2.validation[2].1.to_bits());
+    // A resumed run keeps the earlier measurements and makes the same ones.
+    let (resumed, log, _d3) = run(2, Some(3));
+    assert_eq!(resumed.validation, every_2.validation);
+    assert_eq!(log.lines().count(), 3);
+    // 10 demo images, 2 held out.
+    let mut c = quick_config(std::path::Path::new("unused"), 1);
+    c.data.demo_images = 10;
+    c.data.validation_split = 0.2;
+    let (train_set, validation) = trainer::train::training_datasets(&c).unwrap();
+    assert_eq!((train_set.images().len(), validation.unwrap().images().len()), (8, 2));
+}
