@@ -265,6 +265,10 @@ pub struct OutputSection {
     pub save_every_n_steps: usize,
     /// Save the LoRA at the end of every N-th epoch as well (0 = off).
     pub save_every_n_epochs: usize,
+    /// Keep only the step saves of the last N steps (kohya's `save_last_n_steps`; 0 = all).
+    pub save_last_n_steps: usize,
+    /// Keep only the last N epoch saves (kohya's `save_last_n_epochs`; 0 = all).
+    pub save_last_n_epochs: usize,
     /// With every save, also write the full training state to `<output_dir>/state`
     /// (adapters, optimizer moments, step, data position, random streams) for
     /// `trainer train --resume <output_dir>/state`.
@@ -398,6 +402,8 @@ impl Default for TrainConfig {
                 save_precision: lora_core::SaveDtype::F16,
                 save_every_n_steps: 0,
                 save_every_n_epochs: 0,
+                save_last_n_steps: 0,
+                save_last_n_epochs: 0,
                 save_state: true,
                 sample_every_n_steps: 0,
                 sample_prompts: vec![

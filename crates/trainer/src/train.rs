@@ -327,6 +327,44 @@ fn load_network_weights<B: AutodiffBackend>(
     Ok(())
 }
 
+/// Removes intermediate saves beyond `output.save_last_n_steps` (step saves of steps up to
+/// `step − N`) and `output.save_last_n_epochs` (all but the last N epoch saves). Only files
+/// named as this run names its saves are touched.
+fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), TrainError> {
+    if o.save_last_n_steps == 0 && o.save_last_n_epochs == 0 {
+        return Ok(());
+    }
+    // `<name>-step000123.safetensors` / `<name>-epoch0004.safetensors` → (kind, number).
+    let numbered = |file: &str, kind: &str, digits: usize| -> Option<usize> {
+        let rest = file.strip_prefix(&format!("{}-{kind}", o.output_name))?.strip_suffix(".safetensors")?;
+        (rest.len() == digits && rest.bytes().all(|b| b.is_ascii_digit())).then(|| rest.parse().ok()).flatten()
+    };
+    let mut steps = Vec::new();
+    let mut epochs = Vec::new();
+    for entry in std::fs::read_dir(&o.output_dir).map_err(io_err(&o.output_dir))? {
+        let path = entry.map_err(io_err(&o.output_dir))?.path();
+        let file = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if let Some(n) = numbered(&file, "step", 6) {
+            steps.push((n, path));
+        } else if let Some(n) = numbered(&file, "epoch", 4) {
+            epochs.push((n, path));
+        }
+    }
+    let mut remove: Vec<PathBuf> = Vec::new();
+    if o.save_last_n_steps > 0 {
+        remove.extend(steps.into_iter().filter(|(n, _)| n + o.save_last_n_steps <= step).map(|(_, p)| p));
+    }
+    if o.save_last_n_epochs > 0 && epochs.len() > o.save_last_n_epochs {
+        epochs.sort();
+        let excess = epochs.len() - o.save_last_n_epochs;
+        remove.extend(epochs.into_iter().take(excess).map(|(_, p)| p));
+    }
+    for path in remove {
+        std::fs::remove_file(&path).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
 /// Folder of the TensorBoard event files in `output_dir`.
 const LOGS_DIR: &str = "logs";
 
@@ -729,6 +767,7 @@ fn run<B: AutodiffBackend>(
             if config.output.save_state {
                 saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &guard, &timesteps, &noise)?;
             }
+            prune_saves(&config.output, progress.step)?;
         }
     }
 

@@ -675,3 +675,36 @@ fn validation_loss_is_measured_without_touching_the_training_run() {
     let (train_set, validation) = trainer::train::training_datasets(&c).unwrap();
     assert_eq!((train_set.images().len(), validation.unwrap().images().len()), (8, 2));
 }
+
+#[test]
+fn save_last_n_keeps_only_the_latest_intermediate_saves() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = quick_config(dir.path(), 7);
+    c.data.demo_images = 4;
+    c.train.train_batch_size = 2;
+    c.output.sample_steps = 1;
+    c.output.save_state = false;
+    c.output.save_every_n_steps = 1;
+    c.output.save_last_n_steps = 3;
+    c.output.save_every_n_epochs = 1;
+    c.output.save_last_n_epochs = 2;
+    // Someone else's file in the folder stays.
+    std::fs::write(dir.path().join("demo_lora-step-notes.safetensors"), b"x").unwrap();
+    train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".safetensors"))
+        .collect();
+    files.sort();
+    let batches = trainer::train::open_dataset(&c).unwrap().plan_epoch(0).len();
+    // Epoch saves replace the step saves of the steps that end an epoch.
+    let epoch_steps: Vec<usize> = (1..7).filter(|s| s % batches == 0).collect();
+    let mut expected: Vec<String> = (4..7).filter(|s| !epoch_steps.contains(s)).map(|s| format!("demo_lora-step{s:06}.safetensors")).collect();
+    let epochs: Vec<usize> = epoch_steps.iter().map(|s| s / batches).collect();
+    expected.extend(epochs.iter().rev().take(2).map(|e| format!("demo_lora-epoch{e:04}.safetensors")));
+    expected.extend(["demo_lora-step-notes.safetensors".to_string(), "demo_lora.safetensors".to_string()]);
+    expected.sort();
+    assert_eq!(files, expected, "{batches} batches per epoch");
+}
