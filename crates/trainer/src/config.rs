@@ -604,6 +604,21 @@ impl TrainConfig {
         if self.output.sample_steps == 0 {
             return bad("output.sample_steps must be at least 1");
         }
+        // Per-prompt options (`--w 768 --l 7`) are checked here, not at the first sample.
+        let defaults = crate::generate::GenerateOptions {
+            prompts: Vec::new(),
+            negative_prompt: String::new(),
+            sampler: self.output.sample_sampler.clone(),
+            steps: self.output.sample_steps,
+            cfg_scale: self.output.sample_cfg,
+            seed: self.output.sample_seed,
+            width: 0,
+            height: 0,
+            clip_skip: self.model.clip_skip,
+        };
+        for prompt in &self.output.sample_prompts {
+            crate::generate::parse_sample_prompt(prompt, &defaults)?;
+        }
         if !(self.output.log_interval_s.is_finite() && self.output.log_interval_s >= 0.0) {
             return bad("output.log_interval_s must be 0 (every step) or a positive number of seconds");
         }

@@ -189,10 +189,91 @@ pub fn decode<B: Backend>(c: &Components<B>, latents: Tensor<B, 4>) -> Result<Ve
         .collect())
 }
 
+/// A sample prompt with kohya's per-prompt options (sd-scripts' sample prompt files):
+/// `PROMPT --n NEGATIVE --w WIDTH --h HEIGHT --d SEED --l CFG_SCALE --s STEPS --ss SAMPLER`,
+/// each option optional and in any order. Returns `defaults` with the prompt as its only
+/// prompt and the options applied; an unknown option or a bad value is an error naming
+/// the prompt.
+///
+/// ```
+/// use trainer::generate::{parse_sample_prompt, GenerateOptions};
+/// let defaults = GenerateOptions {
+///     prompts: vec![],
+///     negative_prompt: String::new(),
+///     sampler: "ddim".into(),
+///     steps: 20,
+///     cfg_scale: 5.0,
+///     seed: 1,
+///     width: 512,
+///     height: 512,
+///     clip_skip: 1,
+/// };
+/// let o = parse_sample_prompt("a lighthouse at dusk, mystyle --n blurry, lowres --w 768 --d 42 --l 7.5", &defaults)?;
+/// assert_eq!(o.prompts, ["a lighthouse at dusk, mystyle"]);
+/// assert_eq!((o.negative_prompt.as_str(), o.width, o.height, o.seed, o.cfg_scale, o.steps), ("blurry, lowres", 768, 512, 42, 7.5, 20));
+/// # Ok::<(), trainer::TrainError>(())
+/// ```
+pub fn parse_sample_prompt(text: &str, defaults: &GenerateOptions) -> Result<GenerateOptions, TrainError> {
+    let mut parts = text.split(" --");
+    let mut o = GenerateOptions { prompts: vec![parts.next().unwrap_or_default().trim().to_string()], ..defaults.clone() };
+    for part in parts {
+        let (key, value) = part.split_once(char::is_whitespace).unwrap_or((part, ""));
+        let value = value.trim();
+        let bad = |what: &str| TrainError::Config {
+            origin: format!("sample prompt `{text}`"),
+            reason: format!("--{key} {value}: {what}"),
+        };
+        let number = |what: &str| value.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| bad(what));
+        match key.to_ascii_lowercase().as_str() {
+            "n" => o.negative_prompt = value.to_string(),
+            "w" => o.width = number("expected a width in pixels")? as usize,
+            "h" => o.height = number("expected a height in pixels")? as usize,
+            "d" => o.seed = value.parse().map_err(|_| bad("expected a seed (a whole number)"))?,
+            "l" => o.cfg_scale = number("expected a guidance scale")? as f32,
+            "s" => o.steps = (number("expected a number of steps")? as usize).max(1),
+            "ss" => {
+                value.parse::<SamplerSpec>().map_err(|e| bad(&e.to_string()))?;
+                o.sampler = value.to_string();
+            }
+            _ => return Err(bad("unknown option (known: --n, --w, --h, --d, --l, --s, --ss)")),
+        }
+    }
+    Ok(o)
+}
+
+/// Generates one image per sample prompt ([`parse_sample_prompt`]), in prompt order:
+/// prompts whose options agree are sampled together in one batch (so plain prompts make
+/// one batch, as [`denoise`] runs them).
+pub fn sample_images<B: Backend>(c: &Components<B>, prompts: &[String], defaults: &GenerateOptions, device: &B::Device) -> Result<Vec<RgbImage>, TrainError> {
+    let parsed = prompts.iter().map(|p| parse_sample_prompt(p, defaults)).collect::<Result<Vec<_>, _>>()?;
+    // Groups of prompts with the same options, in order of first appearance.
+    let mut groups: Vec<(GenerateOptions, Vec<usize>)> = Vec::new();
+    for (i, o) in parsed.into_iter().enumerate() {
+        let same = |g: &GenerateOptions| GenerateOptions { prompts: vec![], ..g.clone() } == GenerateOptions { prompts: vec![], ..o.clone() };
+        match groups.iter_mut().find(|(g, _)| same(g)) {
+            Some((g, members)) => {
+                g.prompts.extend(o.prompts);
+                members.push(i);
+            }
+            None => groups.push((o, vec![i])),
+        }
+    }
+    let mut images: Vec<Option<RgbImage>> = vec![None; prompts.len()];
+    for (opts, members) in groups {
+        let z = initial_latents(c, &opts, device)?;
+        for (i, img) in members.into_iter().zip(decode(c, denoise(c, &opts, z, device)?)?) {
+            images[i] = Some(img);
+        }
+    }
+    Ok(images.into_iter().flatten().collect())
+}
+
 /// Lays images out in a grid with `cols` columns.
 pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
     let cols = cols.max(1);
-    let (w, h) = images.first().map_or((1, 1), |i| i.dimensions());
+    // Cells fit the largest image (sample prompts may set their own sizes).
+    let w = images.iter().map(|i| i.width()).max().unwrap_or(1);
+    let h = images.iter().map(|i| i.height()).max().unwrap_or(1);
     let rows = images.len().div_ceil(cols).max(1);
     let mut out = RgbImage::from_pixel(w * cols as u32, h * rows as u32, image::Rgb([255, 255, 255]));
     for (k, img) in images.iter().enumerate() {

@@ -22,7 +22,7 @@ use sd_sched::training::{offset_noise, pyramid_noise, pyramid_ratios, TimestepSa
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
-use crate::generate::{decode, denoise, grid, initial_latents, merge_adapters, save_png, to_precision, GenerateOptions};
+use crate::generate::{grid, merge_adapters, save_png, to_precision, GenerateOptions};
 use crate::models::{load_components, Components};
 use crate::state::{
     adapter_params, export_moments, export_prodigy, host_params, import_moments, import_prodigy, restore_adapter_params,
@@ -186,7 +186,7 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
 ) -> Result<image::RgbImage, TrainError> {
     let o = &config.output;
     let opts = GenerateOptions {
-        prompts: o.sample_prompts.clone(),
+        prompts: Vec::new(),
         negative_prompt: String::new(),
         sampler: o.sample_sampler.clone(),
         steps: o.sample_steps,
@@ -196,8 +196,7 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
         height: size.1,
         clip_skip: config.model.clip_skip,
     };
-    let z = initial_latents(c, &opts, device)?;
-    let images = decode(c, denoise(c, &opts, z, device)?)?;
+    let images = crate::generate::sample_images(c, &o.sample_prompts, &opts, device)?;
     Ok(grid(&images, images.len().min(4)))
 }
 

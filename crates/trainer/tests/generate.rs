@@ -126,3 +126,39 @@ fn half_precision_generation_follows_f32() {
         assert!(err > low && err < high, "{dtype:?}: relative difference {err}");
     }
 }
+
+#[test]
+fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
+    use trainer::generate::{decode, grid, sample_images};
+    let device = Default::default();
+    let c = load_components::<B>("tiny", 0, &device).unwrap();
+    let defaults = GenerateOptions { prompts: vec![], ..opts("ddim") };
+    let prompts: Vec<String> = ["a red circle, demostyle", "a green circle --d 5 --w 64 --n blurry --l 3 --s 3", "a blue square"].map(String::from).to_vec();
+    let images = sample_images(&c, &prompts, &defaults, &device).unwrap();
+    assert_eq!(images.iter().map(|i| i.dimensions()).collect::<Vec<_>>(), [(32, 32), (64, 32), (32, 32)]);
+    // The plain prompts are sampled together, as one batch of them would be ...
+    let plain = GenerateOptions { prompts: vec![prompts[0].clone(), prompts[2].clone()], ..defaults.clone() };
+    let batch = decode(&c, denoise(&c, &plain, initial_latents(&c, &plain, &device).unwrap(), &device).unwrap()).unwrap();
+    assert!(images[0] == batch[0] && images[2] == batch[1]);
+    // ... and the one with options alone, with them.
+    let own = GenerateOptions {
+        prompts: vec!["a green circle".into()],
+        seed: 5,
+        width: 64,
+        negative_prompt: "blurry".into(),
+        cfg_scale: 3.0,
+        steps: 3,
+        ..defaults.clone()
+    };
+    let alone = decode(&c, denoise(&c, &own, initial_latents(&c, &own, &device).unwrap(), &device).unwrap()).unwrap();
+    assert!(images[1] == alone[0]);
+    // Mixed sizes share a grid of the largest cell.
+    assert_eq!(grid(&images, 3).dimensions(), (3 * 64, 32));
+    // Bad options are configuration errors naming the prompt.
+    for bad in ["x --q 3", "x --w wide", "x --ss nosuchsampler"] {
+        let mut config = trainer::TrainConfig::default();
+        config.output.sample_prompts = vec![bad.into()];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(&format!("sample prompt `{bad}`")), "{err}");
+    }
+}
