@@ -154,9 +154,11 @@ impl<B: Backend> TrainingSchedule<B> {
 /// Debiased-estimation loss weights (Yu et al. 2024, "Debias the Training of Diffusion
 /// Models"; kohya's `--debiased_estimation_loss`): `1 / sqrt(SNR)` for ε- and
 /// x₀-prediction, `1 / (SNR + 1)` for v-prediction, with the SNR capped at 1000 (it is
-/// infinite at timestep 0 of some schedules).
+/// infinite at timestep 0 of some schedules) and, unlike kohya's, floored at 1e-3: the last
+/// timestep of a zero-terminal-SNR schedule has SNR 0, where `1 / sqrt(SNR)` is infinite and
+/// the loss would be NaN (ordinary schedules never go below about 5e-3).
 pub fn debiased_weights<B: Backend>(snr: Tensor<B, 1>, prediction: PredictionType) -> Tensor<B, 1> {
-    let snr = snr.clamp_max(1000.0);
+    let snr = snr.clamp(1e-3, 1000.0);
     match prediction {
         PredictionType::VPrediction => snr.add_scalar(1.0).recip(),
         PredictionType::Epsilon | PredictionType::Sample => snr.sqrt().recip(),

@@ -54,11 +54,12 @@ fn pyramid_noise_has_unit_std_more_low_frequency_energy_and_checks_its_arguments
 
 #[test]
 fn debiased_weights_are_kohyas() {
-    let snr = [0.01f32, 0.5, 1.0, 4.0, 250.0, 5000.0];
+    let snr = [0.0f32, 0.01, 0.5, 1.0, 4.0, 250.0, 5000.0];
     let t = Tensor::<B, 1>::from_data(TensorData::new(snr.to_vec(), [snr.len()]), &Default::default());
     for (prediction, weight) in [
-        (PredictionType::Epsilon, (|s: f64| 1.0 / s.min(1000.0).sqrt()) as fn(f64) -> f64),
-        (PredictionType::VPrediction, |s: f64| 1.0 / (s.min(1000.0) + 1.0)),
+        // kohya's, with SNR 0 (zero terminal SNR) floored to 1e-3 instead of an infinite weight.
+        (PredictionType::Epsilon, (|s: f64| 1.0 / s.clamp(1e-3, 1000.0).sqrt()) as fn(f64) -> f64),
+        (PredictionType::VPrediction, |s: f64| 1.0 / (s.clamp(1e-3, 1000.0) + 1.0)),
     ] {
         let ours: Vec<f32> = debiased_weights(t.clone(), prediction).into_data().to_vec().unwrap();
         for (s, w) in snr.iter().zip(ours) {

@@ -239,6 +239,9 @@ pub struct TrainSection {
     pub ip_noise_gamma: f64,
     /// Weight each sample's loss by `1/sqrt(SNR)` (ε) or `1/(SNR + 1)` (v-prediction).
     pub debiased_estimation_loss: bool,
+    /// Rescale the training noise schedule to zero terminal SNR (Lin et al. 2023; kohya's
+    /// `zero_terminal_snr`), for v-prediction models.
+    pub zero_terminal_snr: bool,
     /// Lowest timestep sampled.
     pub min_timestep: usize,
     /// One past the highest timestep sampled.
@@ -390,6 +393,7 @@ impl Default for TrainConfig {
                 multires_noise_discount: 0.3,
                 ip_noise_gamma: 0.0,
                 debiased_estimation_loss: false,
+                zero_terminal_snr: false,
                 min_timestep: 0,
                 max_timestep: 1000,
                 seed: 42,

@@ -474,6 +474,7 @@ fn run<B: AutodiffBackend>(
         Prediction::Epsilon => schedule_cfg.prediction_type = PredictionType::Epsilon,
         Prediction::VPrediction => schedule_cfg.prediction_type = PredictionType::VPrediction,
     }
+    schedule_cfg.rescale_betas_zero_snr |= t.zero_terminal_snr;
     let schedule = TrainingSchedule::<B>::new(&NoiseSchedule::new(&schedule_cfg)?, device);
     let mut validator = match validation {
         Some(dataset) => Some(Validator {

@@ -708,3 +708,24 @@ fn save_last_n_keeps_only_the_latest_intermediate_saves() {
     expected.sort();
     assert_eq!(files, expected, "{batches} batches per epoch");
 }
+
+#[test]
+fn zero_terminal_snr_trains_at_the_last_timestep() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    for prediction in [trainer::config::Prediction::VPrediction, trainer::config::Prediction::Epsilon] {
+        let mut c = quick_config(dir.path(), 2);
+        c.output.sample_steps = 1;
+        c.train.zero_terminal_snr = true;
+        c.train.prediction = prediction;
+        c.train.debiased_estimation_loss = true;
+        // Only t = 999, where the rescaled schedule's SNR is exactly 0.
+        (c.train.min_timestep, c.train.max_timestep) = (999, 1000);
+        let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+        assert!(report.losses.iter().all(|l| l.is_finite()), "{prediction:?}: {:?}", report.losses);
+        let mut plain = c.clone();
+        plain.train.zero_terminal_snr = false;
+        let other = train::<B>(&plain, &Default::default(), &mut |_| true).unwrap();
+        assert_ne!(other.losses[0], report.losses[0], "{prediction:?}: the rescaled schedule changes the noised input");
+    }
+}
