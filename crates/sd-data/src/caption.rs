@@ -1,5 +1,6 @@
-//! Caption transforms as in kohya sd-scripts `process_caption`: trigger word, caption dropout,
-//! tag shuffle with `keep_tokens`, tag dropout.
+//! Caption transforms as in kohya sd-scripts `process_caption`: prefix and suffix, trigger
+//! word, caption dropout, tag shuffle with `keep_tokens` or `keep_tokens_separator`, tag
+//! dropout.
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -21,6 +22,12 @@ pub struct CaptionTransform<'a> {
     pub caption_dropout_rate: f32,
     /// Tag inserted first unless the caption already starts with it.
     pub trigger_word: Option<&'a str>,
+    /// Text put in front of the caption, followed by a space.
+    pub prefix: Option<&'a str>,
+    /// Text put after the caption, after a space.
+    pub suffix: Option<&'a str>,
+    /// Marker of the kept tags inside the caption (`keep_tokens_separator`).
+    pub keep_separator: Option<&'a str>,
 }
 
 impl<'a> CaptionTransform<'a> {
@@ -37,7 +44,45 @@ impl<'a> CaptionTransform<'a> {
                 .as_deref()
                 .map(str::trim)
                 .filter(|t| !t.is_empty()),
+            prefix: s.caption_prefix.as_deref().filter(|t| !t.is_empty()),
+            suffix: s.caption_suffix.as_deref().filter(|t| !t.is_empty()),
+            keep_separator: s.keep_tokens_separator.as_deref().filter(|t| !t.is_empty()),
         }
+    }
+
+    /// The caption with the prefix and suffix (kohya: joined with a space).
+    fn framed(&self, caption: &str) -> String {
+        let mut out = String::new();
+        if let Some(p) = self.prefix {
+            out.push_str(p);
+            out.push(' ');
+        }
+        out.push_str(caption);
+        if let Some(s) = self.suffix {
+            out.push(' ');
+            out.push_str(s);
+        }
+        out
+    }
+
+    /// The tags of a framed caption as (kept first, movable, kept last): split at the
+    /// keep separator when the caption has one, else the first `keep_tokens` are kept
+    /// (after the trigger word is inserted).
+    fn parts<'c>(&self, caption: &'c str) -> (Vec<&'c str>, Vec<&'c str>, Vec<&'c str>)
+    where
+        'a: 'c,
+    {
+        if let Some(sep) = self.keep_separator.filter(|sep| caption.contains(*sep)) {
+            let mut pieces = caption.splitn(3, sep);
+            let fixed = self.with_trigger(self.tags(pieces.next().unwrap_or_default()));
+            let flex = self.tags(pieces.next().unwrap_or_default());
+            let last = self.tags(pieces.next().unwrap_or_default());
+            return (fixed, flex, last);
+        }
+        let tags = self.with_trigger(self.tags(caption));
+        let keep = self.keep_tokens.min(tags.len());
+        let (fixed, flex) = tags.split_at(keep);
+        (fixed.to_vec(), flex.to_vec(), Vec::new())
     }
 
     /// Whether [`apply`](Self::apply) is deterministic (no shuffling or dropout).
@@ -64,11 +109,19 @@ impl<'a> CaptionTransform<'a> {
         }
     }
 
-    /// The caption with the deterministic part of the transform only (trigger word).
+    /// The caption with the deterministic part of the transform only (prefix and suffix,
+    /// trigger word, the keep separator removed).
     pub fn fixed(&self, caption: &str) -> String {
+        let framed = self.framed(caption);
+        if self.keep_separator.is_some_and(|sep| framed.contains(sep)) {
+            let (mut tags, flex, last) = self.parts(&framed);
+            tags.extend(flex);
+            tags.extend(last);
+            return tags.join(&self.joiner());
+        }
         match self.trigger_word {
-            None => caption.trim().to_string(),
-            Some(_) => self.with_trigger(self.tags(caption)).join(&self.joiner()),
+            None => framed.trim().to_string(),
+            Some(_) => self.with_trigger(self.tags(&framed)).join(&self.joiner()),
         }
     }
 
@@ -91,18 +144,16 @@ impl<'a> CaptionTransform<'a> {
             return String::new();
         }
         if self.shuffle || self.tag_dropout_rate > 0.0 {
-            let tags = self.with_trigger(self.tags(caption));
-            let keep = self.keep_tokens.min(tags.len());
-            let (fixed, flex) = tags.split_at(keep);
-            let mut flex = flex.to_vec();
+            let framed = self.framed(caption);
+            let (mut out, mut flex, last) = self.parts(&framed);
             if self.shuffle {
                 flex.shuffle(rng);
             }
             if self.tag_dropout_rate > 0.0 {
                 flex.retain(|_| rng.random::<f32>() >= self.tag_dropout_rate);
             }
-            let mut out = fixed.to_vec();
             out.extend(flex);
+            out.extend(last);
             out.join(&self.joiner())
         } else {
             self.fixed(caption)

@@ -91,6 +91,15 @@ pub struct SubsetConfig {
     pub caption_column: String,
     /// Trigger word put in front of every caption as the first tag (counts towards `keep_tokens`).
     pub trigger_word: Option<String>,
+    /// Text put in front of every caption, followed by a space (kohya's `caption_prefix`).
+    pub caption_prefix: Option<String>,
+    /// Text put after every caption, after a space (kohya's `caption_suffix`).
+    pub caption_suffix: Option<String>,
+    /// Marks the kept tags in the caption itself (kohya's `keep_tokens_separator`, e.g.
+    /// `|||`): the tags before it stay first, those after a second one stay last, and only
+    /// those between are shuffled and dropped; it replaces `keep_tokens` for captions that
+    /// contain it. It never reaches the text encoder.
+    pub keep_tokens_separator: Option<String>,
     /// What to do when an image has no caption.
     pub missing_caption: MissingCaption,
     /// Shuffle the caption's tags (those after the first `keep_tokens`).
@@ -120,6 +129,9 @@ impl Default for SubsetConfig {
             caption_separator: ",".into(),
             caption_column: "text".into(),
             trigger_word: None,
+            caption_prefix: None,
+            caption_suffix: None,
+            keep_tokens_separator: None,
             missing_caption: MissingCaption::ClassTokens,
             shuffle_caption: false,
             keep_tokens: 0,

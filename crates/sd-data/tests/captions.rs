@@ -1,4 +1,5 @@
-//! Seeded caption transforms: trigger word, keep_tokens, shuffle, tag dropout, caption dropout.
+//! Seeded caption transforms: prefix and suffix, trigger word, keep_tokens and
+//! keep_tokens_separator, shuffle, tag dropout, caption dropout.
 
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -27,6 +28,42 @@ fn no_transform_keeps_caption() {
         "a photo of sks,  dog"
     );
     assert!(t.is_fixed());
+}
+
+#[test]
+fn prefix_suffix_and_keep_tokens_separator_as_kohya() {
+    // kohya: prefix + " " + caption + " " + suffix, before anything else.
+    let framed = subset(|s| (s.caption_prefix, s.caption_suffix) = (Some("sks style,".into()), Some(", masterpiece".into())));
+    let t = CaptionTransform::from_subset(&framed);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    assert_eq!(t.apply("a dog, grass", &mut rng), "sks style, a dog, grass , masterpiece");
+    // Tags before `|||` stay first, tags after a second `|||` stay last; only those between move.
+    let sep = subset(|s| {
+        s.keep_tokens_separator = Some("|||".into());
+        s.shuffle_caption = true;
+        s.keep_tokens = 5; // ignored for captions with the separator
+    });
+    let t = CaptionTransform::from_subset(&sep);
+    let caption = "sks, 1girl ||| red, green, blue, yellow, cyan ||| best quality, detailed";
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..20 {
+        let out = t.apply(caption, &mut ChaCha8Rng::seed_from_u64(seed));
+        let tags: Vec<&str> = out.split(", ").collect();
+        assert_eq!(&tags[..2], ["sks", "1girl"], "{out}");
+        assert_eq!(&tags[7..], ["best quality", "detailed"], "{out}");
+        assert_eq!(sorted(tags[2..7].to_vec()), ["blue", "cyan", "green", "red", "yellow"]);
+        seen.insert(out);
+    }
+    assert!(seen.len() > 5, "the middle tags are shuffled");
+    // Without the separator in a caption, keep_tokens applies; without shuffling the
+    // separator is still removed (kohya would pass it to the text encoder).
+    let out = t.apply("a, b, c, d, e, f, g", &mut ChaCha8Rng::seed_from_u64(1));
+    assert!(out.starts_with("a, b, c, d, e, "), "{out}");
+    let plain = subset(|s| s.keep_tokens_separator = Some("|||".into()));
+    let t = CaptionTransform::from_subset(&plain);
+    assert!(t.is_fixed());
+    assert_eq!(t.fixed("sks ||| red, blue ||| best"), "sks, red, blue, best");
+    assert_eq!(t.apply("sks ||| red, blue", &mut rng), "sks, red, blue");
 }
 
 #[test]

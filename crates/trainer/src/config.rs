@@ -43,6 +43,13 @@ pub struct DataSection {
     pub shuffle_caption: bool,
     /// Leading caption tags kept in place by shuffling and tag dropout.
     pub keep_tokens: usize,
+    /// Marker of the kept tags inside captions, e.g. `|||` (kohya's
+    /// `keep_tokens_separator`; empty: none).
+    pub keep_tokens_separator: String,
+    /// Text put in front of every caption (kohya's `caption_prefix`; empty: none).
+    pub caption_prefix: String,
+    /// Text put after every caption (kohya's `caption_suffix`; empty: none).
+    pub caption_suffix: String,
     /// Probability of training a sample with an empty caption.
     pub caption_dropout_rate: f32,
     /// Probability of dropping each (non-kept) caption tag.
@@ -339,6 +346,9 @@ impl Default for TrainConfig {
                 caption_extension: ".txt".into(),
                 shuffle_caption: false,
                 keep_tokens: 0,
+                keep_tokens_separator: String::new(),
+                caption_prefix: String::new(),
+                caption_suffix: String::new(),
                 caption_dropout_rate: 0.0,
                 caption_tag_dropout_rate: 0.0,
                 enable_bucket: true,

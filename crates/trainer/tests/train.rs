@@ -470,6 +470,19 @@ fn kohya_folders_repeats_regularization_and_caption_options() {
     let orders: std::collections::HashSet<&str> = train.iter().filter(|s| s.caption.contains("red")).map(|s| s.caption.as_str()).collect();
     assert!(orders.len() > 1, "shuffle_caption varies the tag order: {orders:?}");
 
+    // kohya's caption prefix and suffix and the keep-tokens separator reach the samples.
+    write_image(&train_dir.join("5_mystyle"), "c", "mystyle ||| green, hexagon ||| flat colours", 120);
+    let mut framed = config.clone();
+    (framed.data.caption_prefix, framed.data.caption_suffix) = ("by artist,".into(), ", masterpiece".into());
+    framed.data.keep_tokens_separator = "|||".into();
+    let dataset = trainer::train::open_dataset(&framed).unwrap();
+    let captions: Vec<String> = (0..3).flat_map(|e| dataset.plan_epoch(e)).flat_map(|p| p.samples).filter(|s| s.loss_weight == 1.0).map(|s| s.caption).collect();
+    // The prefix is the first tag, which keep_tokens = 1 keeps first; elsewhere the suffix is
+    // just another tag to shuffle, as in kohya.
+    assert!(captions.iter().all(|c| c.starts_with("by artist, ") && c.contains("masterpiece")), "{captions:?}");
+    let hexagon: Vec<&String> = captions.iter().filter(|c| c.contains("hexagon")).collect();
+    assert!(!hexagon.is_empty() && hexagon.iter().all(|c| c.starts_with("by artist, mystyle, ") && c.ends_with(", flat colours, masterpiece") && !c.contains("|||")), "{hexagon:?}");
+
     // A plain folder takes num_repeats; a missing reg folder is a typed error naming it.
     let plain = root.path().join("plain");
     write_image(&plain, "p", "x", 5);
