@@ -107,7 +107,8 @@ pub struct LoraSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LrScheduler {
-    /// Constant after warmup.
+    /// Constant after warmup (also read as kohya's / diffusers' `constant_with_warmup`).
+    #[serde(alias = "constant_with_warmup")]
     Constant,
     /// Linear decay to 0.
     Linear,
@@ -115,6 +116,9 @@ pub enum LrScheduler {
     Cosine,
     /// Cosine with `lr_cycles` hard restarts.
     CosineWithRestarts,
+    /// Polynomial decay to 1e-7 with exponent `lr_scheduler_power` (diffusers'
+    /// `polynomial`; power 1 is linear).
+    Polynomial,
 }
 
 /// The optimizer of the adapters.
@@ -199,6 +203,8 @@ pub struct TrainSection {
     pub lr_warmup_steps: usize,
     /// Restarts of `cosine_with_restarts`.
     pub lr_cycles: usize,
+    /// Exponent of the `polynomial` schedule.
+    pub lr_scheduler_power: f64,
     /// AdamW β₁.
     pub adam_beta1: f32,
     /// AdamW β₂.
@@ -382,6 +388,7 @@ impl Default for TrainConfig {
                 lr_scheduler: LrScheduler::Cosine,
                 lr_warmup_steps: 20,
                 lr_cycles: 1,
+                lr_scheduler_power: 1.0,
                 adam_beta1: 0.9,
                 adam_beta2: 0.999,
                 adam_epsilon: 1e-8,
@@ -597,6 +604,9 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             return bad("data.validation_split must be at least 0 (none) and below 1");
+        }
+        if !(self.train.lr_scheduler_power.is_finite() && self.train.lr_scheduler_power > 0.0) {
+            return bad("train.lr_scheduler_power must be positive");
         }
         let discount_ok = t.multires_noise_discount.is_finite() && t.multires_noise_discount > 0.0;
         if !(discount_ok && t.ip_noise_gamma.is_finite() && t.ip_noise_gamma >= 0.0) {

@@ -92,8 +92,16 @@ pub fn learning_rate(cfg: &crate::config::TrainSection, step: usize) -> f64 {
             }
             base * 0.5 * (1.0 + (std::f64::consts::PI * ((cycles * progress) % 1.0)).cos())
         }
+        LrScheduler::Polynomial => {
+            // diffusers' `get_polynomial_decay_schedule_with_warmup` (lr_end 1e-7).
+            let end = POLYNOMIAL_LR_END.min(base);
+            (base - end) * (1.0 - progress).powf(cfg.lr_scheduler_power) + end
+        }
     }
 }
+
+/// The learning rate the `polynomial` schedule ends at (diffusers' default `lr_end`).
+const POLYNOMIAL_LR_END: f64 = 1e-7;
 
 /// Maps an I/O error to [`TrainError::Io`] naming `path`.
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {

@@ -133,7 +133,7 @@ fn learning_rate_schedules() {
     t.max_train_steps = 110;
     t.lr_warmup_steps = 10;
     t.learning_rate = 1.0;
-    for sched in [LrScheduler::Constant, LrScheduler::Linear, LrScheduler::Cosine, LrScheduler::CosineWithRestarts] {
+    for sched in [LrScheduler::Constant, LrScheduler::Linear, LrScheduler::Cosine, LrScheduler::CosineWithRestarts, LrScheduler::Polynomial] {
         t.lr_scheduler = sched;
         t.lr_cycles = 2;
         // Linear warmup to the peak.
@@ -149,6 +149,19 @@ fn learning_rate_schedules() {
     t.lr_scheduler = LrScheduler::CosineWithRestarts;
     // The second cycle restarts at the peak halfway through.
     assert!(learning_rate(&t, 59) < 0.01 && learning_rate(&t, 60) > 0.99);
+    // diffusers' polynomial decay: (peak − 1e-7) · (1 − progress)^power + 1e-7; power 1 is
+    // the linear schedule but for the floor.
+    t.lr_scheduler = LrScheduler::Polynomial;
+    t.lr_scheduler_power = 2.0;
+    let progress = 50.0 / 100.0;
+    assert!((learning_rate(&t, 60) - ((1.0 - 1e-7) * (1.0f64 - progress).powi(2) + 1e-7)).abs() < 1e-12);
+    assert!((learning_rate(&t, 110) - 1e-7).abs() < 1e-15, "ends at lr_end");
+    // kohya's / diffusers' names read as ours.
+    let parsed = TrainConfig::load(None, &["train.lr_scheduler=\"constant_with_warmup\"".into()]).unwrap();
+    assert_eq!(parsed.train.lr_scheduler, LrScheduler::Constant);
+    let parsed = TrainConfig::load(None, &["train.lr_scheduler=\"polynomial\"".into(), "train.lr_scheduler_power=0.5".into()]).unwrap();
+    assert_eq!((parsed.train.lr_scheduler, parsed.train.lr_scheduler_power), (LrScheduler::Polynomial, 0.5));
+    assert!(TrainConfig::load(None, &["train.lr_scheduler_power=0".into()]).is_err());
 }
 
 #[test]
