@@ -402,6 +402,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         if config.data.train_data_dir == "demo" { "the demo images".to_string() } else { config.data.train_data_dir.clone() },
         config.output.output_dir.display()
     );
+    eprintln!("{}", trainer::train::data_summary(&config)?);
     if !config.lora.network_weights.is_empty() {
         eprintln!("starting from the LoRA {}", config.lora.network_weights);
     }

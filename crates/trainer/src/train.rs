@@ -189,6 +189,36 @@ pub fn training_datasets(config: &TrainConfig) -> Result<(Dataset, Option<Datase
     Ok((train, Some(validation)))
 }
 
+/// What a run of `config` trains on, in a few lines for people: images, samples and
+/// batches per epoch, the buckets, the held-out validation images, files skipped as bad,
+/// and the steps as epochs. Opens the data set.
+pub fn data_summary(config: &TrainConfig) -> Result<String, TrainError> {
+    let (dataset, validation) = training_datasets(config)?;
+    let t = &with_epoch_steps(config)?.train;
+    let batches = dataset.plan_epoch(0).len();
+    let buckets: Vec<String> = dataset.bucket_table().iter().map(|((w, h), n)| format!("{w}x{h}: {n}")).collect();
+    let mut out = format!(
+        "data: {} images, {} samples per epoch in {batches} batches of up to {}; buckets (WxH: samples) {}",
+        dataset.images().len(),
+        dataset.samples_per_epoch(),
+        t.train_batch_size,
+        buckets.join(", ")
+    );
+    if let Some(v) = validation {
+        out.push_str(&format!("\nvalidation: {} held-out images", v.images().len()));
+    }
+    if let Some(skipped) = dataset.skipped_summary() {
+        out.push_str(&format!("\n{skipped}"));
+    }
+    let epochs = (t.max_train_steps * t.gradient_accumulation_steps) as f64 / batches.max(1) as f64;
+    let each = match t.gradient_accumulation_steps {
+        1 => String::new(),
+        n => format!(" of {n} batches each"),
+    };
+    out.push_str(&format!("\n{} optimizer steps{each}: {epochs:.1} epochs", t.max_train_steps));
+    Ok(out)
+}
+
 fn generate_grid<B: burn::tensor::backend::Backend>(
     c: &Components<B>,
     config: &TrainConfig,

@@ -755,3 +755,19 @@ fn zero_terminal_snr_trains_at_the_last_timestep() {
         assert_ne!(other.losses[0], report.losses[0], "{prediction:?}: the rescaled schedule changes the noised input");
     }
 }
+
+#[test]
+fn data_summary_counts_images_batches_buckets_and_epochs() {
+    let mut c = TrainConfig::default();
+    c.data.demo_images = 12;
+    c.train.train_batch_size = 2;
+    c.train.max_train_epochs = 3;
+    c.train.gradient_accumulation_steps = 2;
+    c.data.validation_split = 0.25;
+    let summary = trainer::train::data_summary(&c).unwrap();
+    let batches = trainer::train::training_datasets(&c).unwrap().0.plan_epoch(0).len();
+    assert!(summary.starts_with(&format!("data: 9 images, 9 samples per epoch in {batches} batches of up to 2; buckets (WxH: samples) ")), "{summary}");
+    assert!(summary.contains("validation: 3 held-out images"), "{summary}");
+    let steps = (3 * batches).div_ceil(2);
+    assert!(summary.ends_with(&format!("{steps} optimizer steps of 2 batches each: {:.1} epochs", (steps * 2) as f64 / batches as f64)), "{summary}");
+}
