@@ -144,6 +144,28 @@ impl<B: Backend> TrainingSchedule<B> {
         min_snr_weights(self.snr(timesteps), gamma, self.prediction_type)
     }
 
+    /// Per-sample thresholds `c` of the pseudo-Huber losses ([`HuberSchedule`], kohya's
+    /// `get_huber_threshold_if_needed`): `exp(−α·t)·scale` with `α = −ln(c)/T`
+    /// (exponential), `(1 − c)/(1 + σₜ)² + c` with `σₜ = sqrt((1 − ᾱₜ)/ᾱₜ)` (snr; no scale, as
+    /// kohya's), or `c·scale` (constant).
+    pub fn huber_thresholds(&self, timesteps: Tensor<B, 1, Int>, schedule: HuberSchedule, c: f64, scale: f64) -> Tensor<B, 1> {
+        match schedule {
+            HuberSchedule::Exponential => {
+                let alpha = -c.ln() / self.num_train_timesteps as f64;
+                timesteps.float().mul_scalar(-alpha as f32).exp().mul_scalar(scale as f32)
+            }
+            HuberSchedule::Snr => {
+                let a = self.alphas_cumprod(timesteps);
+                let sigma = a.clone().neg().add_scalar(1.0).div(a).sqrt();
+                sigma.add_scalar(1.0).powi_scalar(2).recip().mul_scalar((1.0 - c) as f32).add_scalar(c as f32)
+            }
+            HuberSchedule::Constant => {
+                let n = timesteps.dims()[0];
+                Tensor::full([n], (c * scale) as f32, &timesteps.device())
+            }
+        }
+    }
+
     /// Per-sample debiased-estimation loss weights for `timesteps`
     /// ([`debiased_weights`] of their SNR).
     pub fn debiased_weights(&self, timesteps: Tensor<B, 1, Int>) -> Tensor<B, 1> {
@@ -210,6 +232,64 @@ pub fn offset_noise<B: Backend>(
     let dims = noise.dims();
     let shift = source.sample([dims[0], dims[1], 1, 1], &noise.device())?;
     Ok(noise + shift.mul_scalar(offset as f32).expand(dims))
+}
+
+/// How the pseudo-Huber threshold `c` follows the timestep
+/// ([`TrainingSchedule::huber_thresholds`]; kohya's `huber_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HuberSchedule {
+    /// `c` at the last timestep, growing exponentially to `scale` at timestep 0.
+    Exponential,
+    /// From 1 at high SNR to `c` at low SNR.
+    Snr,
+    /// `c · scale` everywhere.
+    Constant,
+}
+
+/// The element-wise training loss between `pred` and `target` (kohya's `loss_type`,
+/// `conditional_loss` without reduction): [`LossType::L2`] `(p − t)²`, [`LossType::L1`]
+/// `|p − t|`, and the pseudo-Huber losses with one threshold `c` per sample (`[B]`):
+/// [`LossType::Huber`] `2c·(sqrt((p − t)² + c²) − c)` and [`LossType::SmoothL1`]
+/// `2·(sqrt((p − t)² + c²) − c)`, quadratic for small errors and linear for large ones
+/// (less pull from outliers in the data). The pseudo-Huber forms are evaluated without
+/// kohya's cancellation for small errors (to the same values in exact arithmetic).
+pub fn elementwise_loss<B: Backend>(pred: Tensor<B, 4>, target: Tensor<B, 4>, loss: LossType, c: Option<Tensor<B, 1>>) -> Result<Tensor<B, 4>> {
+    let diff = pred - target;
+    let dims = diff.dims();
+    let pseudo_huber = |c: Option<Tensor<B, 1>>| -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let c = c.ok_or(SchedError::InvalidArgument { name: "c", reason: "the pseudo-Huber losses need a threshold per sample".into() })?;
+        if c.dims()[0] != dims[0] {
+            return Err(SchedError::InvalidArgument { name: "c", reason: format!("{} thresholds for a batch of {}", c.dims()[0], dims[0]) });
+        }
+        let c = c.reshape([dims[0], 1, 1, 1]).expand(dims);
+        // sqrt(d² + c²) − c as d² / (sqrt(d² + c²) + c): the same value without the
+        // cancellation that loses most digits of small errors in f32.
+        let square = diff.clone().powi_scalar(2);
+        let root = square.clone().add(c.clone().powi_scalar(2)).sqrt();
+        Ok((square.div(root.add(c.clone())), c))
+    };
+    Ok(match loss {
+        LossType::L2 => diff.powi_scalar(2),
+        LossType::L1 => diff.abs(),
+        LossType::Huber => {
+            let (excess, c) = pseudo_huber(c)?;
+            excess.mul(c).mul_scalar(2.0)
+        }
+        LossType::SmoothL1 => pseudo_huber(c)?.0.mul_scalar(2.0),
+    })
+}
+
+/// The training loss's element-wise form ([`elementwise_loss`]; kohya's `loss_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossType {
+    /// Squared error (the usual MSE).
+    L2,
+    /// Absolute error.
+    L1,
+    /// Pseudo-Huber, scaled by the threshold `c`.
+    Huber,
+    /// Pseudo-Huber without the `c` factor.
+    SmoothL1,
 }
 
 /// Multi-resolution ("pyramid") noise (Whitaker 2023; kohya's `--multires_noise_iterations`

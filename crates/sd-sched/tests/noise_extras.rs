@@ -68,3 +68,49 @@ fn debiased_weights_are_kohyas() {
         }
     }
 }
+
+#[test]
+fn losses_and_huber_thresholds_are_kohyas() {
+    use sd_sched::training::{elementwise_loss, HuberSchedule, LossType, TrainingSchedule};
+    use sd_sched::{NoiseSchedule, SchedulerConfig};
+    let device = Default::default();
+    let (pred, target) = ([0.5f32, -2.0, 0.01, 3.0], [0.0f32, 1.0, 0.0, -1.0]);
+    let t4 = |v: [f32; 4]| Tensor::<B, 4>::from_data(TensorData::new(v.to_vec(), [2, 1, 1, 2]), &device);
+    let c = [0.1f32, 0.5];
+    let c_t = Tensor::<B, 1>::from_data(TensorData::new(c.to_vec(), [2]), &device);
+    type Reference = fn(f64, f64) -> f64;
+    let cases: [(LossType, Reference); 4] = [
+        (LossType::L2, |d, _| d * d),
+        (LossType::L1, |d, _| d.abs()),
+        (LossType::Huber, |d, c| 2.0 * c * ((d * d + c * c).sqrt() - c)),
+        (LossType::SmoothL1, |d, c| 2.0 * ((d * d + c * c).sqrt() - c)),
+    ];
+    for (loss, reference) in cases {
+        let ours: Vec<f32> = elementwise_loss(t4(pred), t4(target), loss, Some(c_t.clone())).unwrap().into_data().to_vec().unwrap();
+        for (i, v) in ours.iter().enumerate() {
+            let expected = reference(f64::from(pred[i] - target[i]), f64::from(c[i / 2])) as f32;
+            assert!((v - expected).abs() <= 1e-6 * expected.abs().max(1e-3), "{loss:?} {i}: {v} vs {expected}");
+        }
+    }
+    assert!(elementwise_loss(t4(pred), t4(target), LossType::Huber, None).is_err());
+
+    let schedule = NoiseSchedule::new(&SchedulerConfig::sd15()).unwrap();
+    let train = TrainingSchedule::<B>::new(&schedule, &device);
+    let steps = [0i64, 250, 999];
+    let ts = Tensor::<B, 1, burn::tensor::Int>::from_ints(steps.as_slice(), &device);
+    let (c, scale) = (0.1f64, 2.0f64);
+    let check = |kind: HuberSchedule, reference: &dyn Fn(usize) -> f64| {
+        let ours: Vec<f32> = train.huber_thresholds(ts.clone(), kind, c, scale).into_data().to_vec().unwrap();
+        for (v, &t) in ours.iter().zip(&steps) {
+            let expected = reference(t as usize) as f32;
+            assert!((v - expected).abs() <= 2e-6 * expected.abs(), "{kind:?} t={t}: {v} vs {expected}");
+        }
+    };
+    check(HuberSchedule::Exponential, &|t| (c.ln() / 1000.0 * t as f64).exp() * scale);
+    check(HuberSchedule::Snr, &|t| {
+        let a = f64::from(schedule.alphas_cumprod()[t]);
+        let sigma = ((1.0 - a) / a).sqrt();
+        (1.0 - c) / (1.0 + sigma).powi(2) + c
+    });
+    check(HuberSchedule::Constant, &|_| c * scale);
+}

@@ -132,6 +132,32 @@ pub enum Optimizer {
     Prodigy,
 }
 
+/// The training loss (kohya's `loss_type`; see `sd_sched::training::elementwise_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Mean squared error.
+    L2,
+    /// Mean absolute error.
+    L1,
+    /// Pseudo-Huber scaled by its threshold.
+    Huber,
+    /// Pseudo-Huber without the threshold factor.
+    SmoothL1,
+}
+
+/// How the pseudo-Huber threshold follows the timestep (kohya's `huber_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HuberScheduleKind {
+    /// From 1 at high SNR to `huber_c` at low SNR.
+    Snr,
+    /// `huber_c` at the last timestep, growing exponentially to `huber_scale` at timestep 0.
+    Exponential,
+    /// `huber_c · huber_scale` everywhere.
+    Constant,
+}
+
 /// What to do when a step's loss is NaN or infinite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -252,6 +278,14 @@ pub struct TrainSection {
     pub ip_noise_gamma: f64,
     /// Weight each sample's loss by `1/sqrt(SNR)` (ε) or `1/(SNR + 1)` (v-prediction).
     pub debiased_estimation_loss: bool,
+    /// The loss: `l2` (MSE), `l1`, `huber` or `smooth_l1` (scheduled pseudo-Huber).
+    pub loss_type: LossKind,
+    /// How the pseudo-Huber threshold follows the timestep.
+    pub huber_schedule: HuberScheduleKind,
+    /// The pseudo-Huber threshold `c`.
+    pub huber_c: f64,
+    /// Scale of the `exponential` and `constant` thresholds.
+    pub huber_scale: f64,
     /// Rescale the training noise schedule to zero terminal SNR (Lin et al. 2023; kohya's
     /// `zero_terminal_snr`), for v-prediction models.
     pub zero_terminal_snr: bool,
@@ -411,6 +445,10 @@ impl Default for TrainConfig {
                 ip_noise_gamma: 0.0,
                 debiased_estimation_loss: false,
                 zero_terminal_snr: false,
+                loss_type: LossKind::L2,
+                huber_schedule: HuberScheduleKind::Snr,
+                huber_c: 0.1,
+                huber_scale: 1.0,
                 min_timestep: 0,
                 max_timestep: 1000,
                 seed: 42,
@@ -607,6 +645,9 @@ impl TrainConfig {
         }
         if !(self.train.lr_scheduler_power.is_finite() && self.train.lr_scheduler_power > 0.0) {
             return bad("train.lr_scheduler_power must be positive");
+        }
+        if !(self.train.huber_c > 0.0 && self.train.huber_c <= 1.0 && self.train.huber_scale.is_finite() && self.train.huber_scale > 0.0) {
+            return bad("train.huber_c must be in (0, 1] and train.huber_scale positive");
         }
         let discount_ok = t.multires_noise_discount.is_finite() && t.multires_noise_discount > 0.0;
         if !(discount_ok && t.ip_noise_gamma.is_finite() && t.ip_noise_gamma >= 0.0) {

@@ -18,7 +18,7 @@ use lora_core::{sites, AdapterSet, LoraConfig};
 use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
 use sd_model::targets::{attach_new_adapters, Selection};
 use sd_model::DiagonalGaussian;
-use sd_sched::training::{offset_noise, pyramid_noise, pyramid_ratios, TimestepSampler, TrainingSchedule};
+use sd_sched::training::{elementwise_loss, offset_noise, pyramid_noise, pyramid_ratios, HuberSchedule, LossType, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
@@ -405,6 +405,31 @@ fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), Trai
     Ok(())
 }
 
+/// sd-sched's loss for the configured one.
+fn loss_kind(kind: crate::config::LossKind) -> LossType {
+    match kind {
+        crate::config::LossKind::L2 => LossType::L2,
+        crate::config::LossKind::L1 => LossType::L1,
+        crate::config::LossKind::Huber => LossType::Huber,
+        crate::config::LossKind::SmoothL1 => LossType::SmoothL1,
+    }
+}
+
+/// The pseudo-Huber thresholds of a batch's timesteps (`None` for the other losses).
+fn huber_thresholds<B: burn::tensor::backend::Backend>(
+    schedule: &TrainingSchedule<B>,
+    timesteps: Tensor<B, 1, burn::tensor::Int>,
+    t: &crate::config::TrainSection,
+) -> Option<Tensor<B, 1>> {
+    use crate::config::HuberScheduleKind;
+    let kind = match t.huber_schedule {
+        HuberScheduleKind::Snr => HuberSchedule::Snr,
+        HuberScheduleKind::Exponential => HuberSchedule::Exponential,
+        HuberScheduleKind::Constant => HuberSchedule::Constant,
+    };
+    matches!(loss_kind(t.loss_type), LossType::Huber | LossType::SmoothL1).then(|| schedule.huber_thresholds(timesteps, kind, t.huber_c, t.huber_scale))
+}
+
 /// Folder of the TensorBoard event files in `output_dir`.
 const LOGS_DIR: &str = "logs";
 
@@ -678,9 +703,14 @@ fn run<B: AutodiffBackend>(
             }
             // The loss to backpropagate: f16 scales it so that small gradients do not
             // underflow (unscaled below).
+            let thresholds = huber_thresholds(&schedule, ts.clone(), t);
             let loss_of = |pred: Tensor<B, 4>| {
-                let per_sample = MseLoss::new()
-                    .forward_no_reduction(pred, target)
+                let elementwise = match loss_kind(t.loss_type) {
+                    LossType::L2 => MseLoss::new().forward_no_reduction(pred, target),
+                    kind => elementwise_loss(pred, target, kind, thresholds)
+                        .unwrap_or_else(|e| unreachable!("the thresholds are made for this batch: {e}")),
+                };
+                let per_sample = elementwise
                     .reshape([n as i32, -1])
                     .mean_dim(1)
                     .reshape([n]);

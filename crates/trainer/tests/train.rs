@@ -771,3 +771,32 @@ fn data_summary_counts_images_batches_buckets_and_epochs() {
     let steps = (3 * batches).div_ceil(2);
     assert!(summary.ends_with(&format!("{steps} optimizer steps of 2 batches each: {:.1} epochs", (steps * 2) as f64 / batches as f64)), "{summary}");
 }
+
+#[test]
+fn l1_and_scheduled_pseudo_huber_losses_train() {
+    use trainer::config::{HuberScheduleKind, LossKind};
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let first_loss = |kind: LossKind, schedule: HuberScheduleKind| {
+        let mut c = quick_config(dir.path(), 1);
+        c.output.sample_steps = 1;
+        (c.train.loss_type, c.train.huber_schedule) = (kind, schedule);
+        train::<B>(&c, &Default::default(), &mut |_| true).unwrap().losses[0]
+    };
+    let l2 = first_loss(LossKind::L2, HuberScheduleKind::Snr);
+    let mut seen = vec![l2];
+    for (kind, schedule) in [
+        (LossKind::L1, HuberScheduleKind::Snr),
+        (LossKind::Huber, HuberScheduleKind::Snr),
+        (LossKind::Huber, HuberScheduleKind::Exponential),
+        (LossKind::SmoothL1, HuberScheduleKind::Constant),
+    ] {
+        let loss = first_loss(kind, schedule);
+        assert!(loss.is_finite() && loss > 0.0 && !seen.contains(&loss), "{kind:?} {schedule:?}: {loss} ({seen:?})");
+        seen.push(loss);
+    }
+    let parsed = TrainConfig::load(None, &["train.loss_type=\"smooth_l1\"".into(), "train.huber_schedule=\"exponential\"".into()]).unwrap();
+    assert_eq!((parsed.train.loss_type, parsed.train.huber_schedule), (LossKind::SmoothL1, HuberScheduleKind::Exponential));
+    let err = TrainConfig::load(None, &["train.huber_c=0".into()]).unwrap_err();
+    assert!(err.to_string().contains("huber_c"), "{err}");
+}
