@@ -76,7 +76,8 @@ impl<'a> CaptionTransform<'a> {
             let mut pieces = caption.splitn(3, sep);
             let fixed = self.with_trigger(self.tags(pieces.next().unwrap_or_default()));
             let flex = self.tags(pieces.next().unwrap_or_default());
-            let last = self.tags(pieces.next().unwrap_or_default());
+            // Separators past the second are dropped too: none reaches the text encoder.
+            let last = pieces.next().unwrap_or_default().split(sep).flat_map(|part| self.tags(part)).collect();
             return (fixed, flex, last);
         }
         let tags = self.with_trigger(self.tags(caption));

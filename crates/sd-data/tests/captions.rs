@@ -64,6 +64,8 @@ fn prefix_suffix_and_keep_tokens_separator_as_kohya() {
     assert!(t.is_fixed());
     assert_eq!(t.fixed("sks ||| red, blue ||| best"), "sks, red, blue, best");
     assert_eq!(t.apply("sks ||| red, blue", &mut rng), "sks, red, blue");
+    // Further separators are dropped as well.
+    assert_eq!(t.fixed("a ||| b ||| c ||| d"), "a, b, c, d");
 }
 
 #[test]

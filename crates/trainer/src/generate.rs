@@ -214,6 +214,12 @@ pub fn decode<B: Backend>(c: &Components<B>, latents: Tensor<B, 4>) -> Result<Ve
 /// # Ok::<(), trainer::TrainError>(())
 /// ```
 pub fn parse_sample_prompt(text: &str, defaults: &GenerateOptions) -> Result<GenerateOptions, TrainError> {
+    Ok(parse_prompt_options(text, defaults)?.0)
+}
+
+/// [`parse_sample_prompt`], and whether the prompt sets its own seed (`--d`).
+fn parse_prompt_options(text: &str, defaults: &GenerateOptions) -> Result<(GenerateOptions, bool), TrainError> {
+    let mut seeded = false;
     let mut parts = text.split(" --");
     let mut o = GenerateOptions { prompts: vec![parts.next().unwrap_or_default().trim().to_string()], ..defaults.clone() };
     for part in parts {
@@ -228,7 +234,10 @@ pub fn parse_sample_prompt(text: &str, defaults: &GenerateOptions) -> Result<Gen
             "n" => o.negative_prompt = value.to_string(),
             "w" => o.width = number("expected a width in pixels")? as usize,
             "h" => o.height = number("expected a height in pixels")? as usize,
-            "d" => o.seed = value.parse().map_err(|_| bad("expected a seed (a whole number)"))?,
+            "d" => {
+                o.seed = value.parse().map_err(|_| bad("expected a seed (a whole number)"))?;
+                seeded = true;
+            }
             "l" => o.cfg_scale = number("expected a guidance scale")? as f32,
             "s" => o.steps = (number("expected a number of steps")? as usize).max(1),
             "ss" => {
@@ -238,28 +247,38 @@ pub fn parse_sample_prompt(text: &str, defaults: &GenerateOptions) -> Result<Gen
             _ => return Err(bad("unknown option (known: --n, --w, --h, --d, --l, --s, --ss)")),
         }
     }
-    Ok(o)
+    Ok((o, seeded))
 }
 
 /// Generates one image per sample prompt ([`parse_sample_prompt`]), in prompt order:
 /// prompts whose options agree are sampled together in one batch (so plain prompts make
-/// one batch, as [`denoise`] runs them).
+/// one batch, as [`denoise`] runs them), except that a prompt with its own seed (`--d`) is
+/// sampled alone, so that it gets that seed's noise wherever it stands (as in kohya).
+/// Sizes are rounded down to the model's size step (64 px for SD; kohya rounds to 8).
 pub fn sample_images<B: Backend>(c: &Components<B>, prompts: &[String], defaults: &GenerateOptions, device: &B::Device) -> Result<Vec<RgbImage>, TrainError> {
-    let parsed = prompts.iter().map(|p| parse_sample_prompt(p, defaults)).collect::<Result<Vec<_>, _>>()?;
-    // Groups of prompts with the same options, in order of first appearance.
-    let mut groups: Vec<(GenerateOptions, Vec<usize>)> = Vec::new();
-    for (i, o) in parsed.into_iter().enumerate() {
+    let step = c.vae.downsample_factor() * c.unet.size_multiple();
+    let fit = |v: usize| (v - v % step).max(step);
+    let mut parsed = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let (mut o, seeded) = parse_prompt_options(p, defaults)?;
+        (o.width, o.height) = (fit(o.width), fit(o.height));
+        parsed.push((o, seeded));
+    }
+    // Groups of prompts with the same options, in order of first appearance; a prompt
+    // with its own seed is a group of its own (a batch would shift its sampler's draws).
+    let mut groups: Vec<(GenerateOptions, Vec<usize>, bool)> = Vec::new();
+    for (i, (o, seeded)) in parsed.into_iter().enumerate() {
         let same = |g: &GenerateOptions| GenerateOptions { prompts: vec![], ..g.clone() } == GenerateOptions { prompts: vec![], ..o.clone() };
-        match groups.iter_mut().find(|(g, _)| same(g)) {
-            Some((g, members)) => {
+        match groups.iter_mut().find(|(g, _, alone)| !seeded && !alone && same(g)) {
+            Some((g, members, _)) => {
                 g.prompts.extend(o.prompts);
                 members.push(i);
             }
-            None => groups.push((o, vec![i])),
+            None => groups.push((o, vec![i], seeded)),
         }
     }
     let mut images: Vec<Option<RgbImage>> = vec![None; prompts.len()];
-    for (opts, members) in groups {
+    for (opts, members, _) in groups {
         let z = initial_latents(c, &opts, device)?;
         for (i, img) in members.into_iter().zip(decode(c, denoise(c, &opts, z, device)?)?) {
             images[i] = Some(img);

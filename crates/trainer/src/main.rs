@@ -337,6 +337,8 @@ enum Command {
 struct ProgressView {
     bar: Option<indicatif::ProgressBar>,
     last_line: Option<Instant>,
+    /// Steps done before this process (a resumed run), for its rate.
+    done_before: Option<usize>,
 }
 
 /// Seconds between the plain progress lines of a log.
@@ -351,12 +353,13 @@ impl ProgressView {
                 .progress_chars("#>.");
             indicatif::ProgressBar::new(total as u64).with_style(style)
         });
-        Self { bar, last_line: None }
+        Self { bar, last_line: None, done_before: None }
     }
 
     /// Shows step `info`; `false` once Ctrl-C asked to stop.
     fn step(&mut self, info: &StepInfo) -> bool {
-        let rate = info.step as f64 / info.elapsed_s.max(1e-9);
+        let done_before = *self.done_before.get_or_insert(info.step - 1);
+        let rate = (info.step - done_before) as f64 / info.elapsed_s.max(1e-9);
         let message = format!("loss {:.4} lr {:.2e} {rate:.1} it/s", info.loss, info.lr);
         match &self.bar {
             Some(bar) => {

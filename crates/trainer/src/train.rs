@@ -268,6 +268,7 @@ pub fn train<B: AutodiffBackend>(
 /// rounding: a step here may take micro-batches from two epochs). Opens the data set to
 /// count its batches.
 pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError> {
+    config.validate()?;
     let mut config = config.clone();
     let t = &config.train;
     if t.max_train_epochs > 0 {
@@ -367,8 +368,8 @@ fn load_network_weights<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Removes intermediate saves beyond `output.save_last_n_steps` (step saves of steps up to
-/// `step − N`) and `output.save_last_n_epochs` (all but the last N epoch saves). Only files
+/// Removes intermediate saves beyond `output.save_last_n_steps` (step saves of steps
+/// before `step − N`, as kohya) and `output.save_last_n_epochs` (all but the last N epoch saves). Only files
 /// named as this run names its saves are touched.
 fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), TrainError> {
     if o.save_last_n_steps == 0 && o.save_last_n_epochs == 0 {
@@ -377,7 +378,8 @@ fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), Trai
     // `<name>-step000123.safetensors` / `<name>-epoch0004.safetensors` → (kind, number).
     let numbered = |file: &str, kind: &str, digits: usize| -> Option<usize> {
         let rest = file.strip_prefix(&format!("{}-{kind}", o.output_name))?.strip_suffix(".safetensors")?;
-        (rest.len() == digits && rest.bytes().all(|b| b.is_ascii_digit())).then(|| rest.parse().ok()).flatten()
+        // `{:06}` writes more digits past 999999.
+        (rest.len() >= digits && rest.bytes().all(|b| b.is_ascii_digit())).then(|| rest.parse().ok()).flatten()
     };
     let mut steps = Vec::new();
     let mut epochs = Vec::new();
@@ -392,7 +394,8 @@ fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), Trai
     }
     let mut remove: Vec<PathBuf> = Vec::new();
     if o.save_last_n_steps > 0 {
-        remove.extend(steps.into_iter().filter(|(n, _)| n + o.save_last_n_steps <= step).map(|(_, p)| p));
+        // kohya keeps the saves of steps `step − N` and later.
+        remove.extend(steps.into_iter().filter(|(n, _)| n + o.save_last_n_steps < step).map(|(_, p)| p));
     }
     if o.save_last_n_epochs > 0 && epochs.len() > o.save_last_n_epochs {
         epochs.sort();

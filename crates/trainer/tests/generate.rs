@@ -152,6 +152,16 @@ fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
     };
     let alone = decode(&c, denoise(&c, &own, initial_latents(&c, &own, &device).unwrap(), &device).unwrap()).unwrap();
     assert!(images[1] == alone[0]);
+    // A prompt with its own seed gets that seed's noise wherever it stands, also with a
+    // stochastic sampler; sizes round down to the model's size step, as kohya rounds.
+    let euler_a = GenerateOptions { sampler: "euler_a".into(), ..defaults.clone() };
+    let seeded: Vec<String> = ["a --d 9", "b", "a --d 9", "c --w 70"].map(String::from).to_vec();
+    let with_seeds = sample_images(&c, &seeded, &euler_a, &device).unwrap();
+    assert!(with_seeds[0] == with_seeds[2], "the same prompt and seed, the same image");
+    let alone = sample_images(&c, &seeded[..1], &euler_a, &device).unwrap();
+    assert!(with_seeds[0] == alone[0]);
+    let step = (c.vae.downsample_factor() * c.unet.size_multiple()) as u32;
+    assert_eq!(with_seeds[3].width(), (70 - 70 % step).max(step), "{:?}", with_seeds[3].dimensions());
     // Mixed sizes share a grid of the largest cell.
     assert_eq!(grid(&images, 3).dimensions(), (3 * 64, 32));
     // Bad options are configuration errors naming the prompt.

@@ -657,6 +657,9 @@ fn max_train_epochs_sets_the_steps() {
     assert_eq!(report.losses.len(), batches, "one epoch: one step per batch");
     let written = TrainConfig::load(Some(&report.config), &[]).unwrap();
     assert_eq!((written.train.max_train_epochs, written.train.max_train_steps), (1, batches));
+    // A bad configuration is an error here too, not a division by zero.
+    config.train.gradient_accumulation_steps = 0;
+    assert!(trainer::train::with_epoch_steps(&config).is_err());
 }
 
 #[test]
@@ -727,7 +730,8 @@ fn save_last_n_keeps_only_the_latest_intermediate_saves() {
     let batches = trainer::train::open_dataset(&c).unwrap().plan_epoch(0).len();
     // Epoch saves replace the step saves of the steps that end an epoch.
     let epoch_steps: Vec<usize> = (1..7).filter(|s| s % batches == 0).collect();
-    let mut expected: Vec<String> = (4..7).filter(|s| !epoch_steps.contains(s)).map(|s| format!("demo_lora-step{s:06}.safetensors")).collect();
+    // kohya keeps the saves of steps `last save − 3` and later: 3, 4, 5, 6.
+    let mut expected: Vec<String> = (3..7).filter(|s| !epoch_steps.contains(s)).map(|s| format!("demo_lora-step{s:06}.safetensors")).collect();
     let epochs: Vec<usize> = epoch_steps.iter().map(|s| s / batches).collect();
     expected.extend(epochs.iter().rev().take(2).map(|e| format!("demo_lora-epoch{e:04}.safetensors")));
     expected.extend(["demo_lora-step-notes.safetensors".to_string(), "demo_lora.safetensors".to_string()]);
