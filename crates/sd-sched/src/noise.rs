@@ -77,6 +77,19 @@ impl SeededNoise {
         &mut self.rng
     }
 
+    /// One draw uniform in `[0, 1)` from the same stream.
+    ///
+    /// ```
+    /// let mut noise = sd_sched::SeededNoise::new(3);
+    /// let u = noise.uniform();
+    /// assert!((0.0..1.0).contains(&u));
+    /// assert_eq!(u, sd_sched::SeededNoise::new(3).uniform());
+    /// ```
+    pub fn uniform(&mut self) -> f64 {
+        use rand::Rng;
+        self.rng.random()
+    }
+
     /// Where the stream stands, to save with a training checkpoint.
     pub fn state(&self) -> RngState {
         RngState::of(&self.rng)

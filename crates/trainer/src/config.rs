@@ -276,6 +276,10 @@ pub struct TrainSection {
     /// Input perturbation: the noised latents get `γ·N(0, 1)` more noise than the target
     /// has (0 = off; 0.1 typical).
     pub ip_noise_gamma: f64,
+    /// Draw the noise offset per micro-batch uniformly in `[0, noise_offset)`.
+    pub noise_offset_random_strength: bool,
+    /// Draw the input perturbation's γ per micro-batch uniformly in `[0, ip_noise_gamma)`.
+    pub ip_noise_gamma_random_strength: bool,
     /// Weight each sample's loss by `1/sqrt(SNR)` (ε) or `1/(SNR + 1)` (v-prediction).
     pub debiased_estimation_loss: bool,
     /// The loss: `l2` (MSE), `l1`, `huber` or `smooth_l1` (scheduled pseudo-Huber).
@@ -443,6 +447,8 @@ impl Default for TrainConfig {
                 multires_noise_iterations: 0,
                 multires_noise_discount: 0.3,
                 ip_noise_gamma: 0.0,
+                noise_offset_random_strength: false,
+                ip_noise_gamma_random_strength: false,
                 debiased_estimation_loss: false,
                 zero_terminal_snr: false,
                 loss_type: LossKind::L2,

@@ -682,7 +682,12 @@ fn run<B: AutodiffBackend>(
             let n = latents.dims()[0];
             let ts = timesteps.sample::<B>(n, device);
             let eps: Tensor<B, 4> = noise.sample(latents.dims(), device)?;
-            let eps = offset_noise(eps, t.noise_offset, &mut noise)?;
+            // kohya's `*_random_strength`: a strength drawn uniformly in [0, max) per micro-batch,
+            // from the run's noise stream (drawn only when asked for: other runs' streams stay).
+            let mut strength = |max: f64, random: bool| if random && max != 0.0 { max * noise.uniform() } else { max };
+            let offset = strength(t.noise_offset, t.noise_offset_random_strength);
+            let ip_gamma = strength(t.ip_noise_gamma, t.ip_noise_gamma_random_strength);
+            let eps = offset_noise(eps, offset, &mut noise)?;
             let eps = match t.multires_noise_iterations {
                 0 => eps,
                 levels => {
@@ -691,7 +696,7 @@ fn run<B: AutodiffBackend>(
                 }
             };
             // Input perturbation: the model sees more noise than its target holds.
-            let input_noise = match t.ip_noise_gamma {
+            let input_noise = match ip_gamma {
                 0.0 => eps.clone(),
                 gamma => eps.clone() + NoiseSource::<B>::sample(&mut noise, latents.dims(), device)?.mul_scalar(gamma as f32),
             };

@@ -300,6 +300,8 @@ fn resume_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     // Every extra noise draw and weight must replay in a resumed run too.
     c.train.multires_noise_iterations = 3;
     c.train.ip_noise_gamma = 0.1;
+    c.train.noise_offset_random_strength = true;
+    c.train.ip_noise_gamma_random_strength = true;
     c.train.debiased_estimation_loss = true;
     c.train.max_grad_norm = 0.05;
     c.train.text_encoder_lr = 5e-4;
@@ -632,6 +634,13 @@ fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
         let loss = first_loss(edit);
         assert!(loss.is_finite() && loss != plain, "{name}: {loss} vs {plain}");
     }
+    // Random strengths draw a different offset / γ than the fixed maximum.
+    let offset = first_loss(&|c| c.train.noise_offset = 0.5);
+    let random_offset = first_loss(&|c| (c.train.noise_offset, c.train.noise_offset_random_strength) = (0.5, true));
+    assert!(random_offset.is_finite() && random_offset != offset);
+    let gamma = first_loss(&|c| c.train.ip_noise_gamma = 0.5);
+    let random_gamma = first_loss(&|c| (c.train.ip_noise_gamma, c.train.ip_noise_gamma_random_strength) = (0.5, true));
+    assert!(random_gamma.is_finite() && random_gamma != gamma);
     let err = TrainConfig::load(None, &["train.ip_noise_gamma=-1".into()]).unwrap_err();
     assert!(err.to_string().contains("ip_noise_gamma"), "{err}");
 }
