@@ -182,12 +182,7 @@ pub fn attach_adapters<B: Backend>(
     if let Some(e) = first_error {
         return Err(e);
     }
-    let unknown: Vec<String> = set
-        .iter()
-        .map(|(k, _)| k)
-        .filter(|k| k.component == component && !seen.contains(*k))
-        .map(|k| k.to_string())
-        .collect();
+    let unknown = unvisited(set, component, &seen);
     if !unknown.is_empty() {
         return Err(LoraError::UnknownKeys {
             path: "<adapter set>".into(),
@@ -254,7 +249,7 @@ pub fn load_adapter_weights<B: Backend>(model: &mut impl LoraSites<B>, set: &Ada
     if let Some(e) = first_error {
         return Err(e);
     }
-    let unknown: Vec<String> = set.iter().map(|(k, _)| k).filter(|k| k.component == component && !seen.contains(*k)).map(|k| k.to_string()).collect();
+    let unknown = unvisited(set, component, &seen);
     if !unknown.is_empty() {
         return Err(LoraError::Unsupported(format!(
             "{} adapter(s) of the weights have no attached adapter to load into (are they outside the trained targets?), e.g. {}",
@@ -263,6 +258,12 @@ pub fn load_adapter_weights<B: Backend>(model: &mut impl LoraSites<B>, set: &Ada
         )));
     }
     Ok(kept)
+}
+
+/// The keys of `set`'s adapters of `component` that a visit of the model's sites did not
+/// reach (`seen`).
+fn unvisited(set: &AdapterSet, component: Component, seen: &std::collections::HashSet<AdapterKey>) -> Vec<String> {
+    set.iter().map(|(k, _)| k).filter(|k| k.component == component && !seen.contains(*k)).map(|k| k.to_string()).collect()
 }
 
 /// Collects the adapters attached to `model` into `set` (for saving a trained LoRA).

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
 use trainer::generate::{decode, denoise, grid, initial_latents, latents_from_noise, save_png, GenerateOptions};
 use trainer::models::load_components;
-use trainer::train::{resume, train, StepInfo};
+use trainer::train::{resume_on, train_on, StepInfo};
 use trainer::TrainConfig;
 
 #[derive(Parser)]
@@ -405,7 +405,9 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         if config.data.train_data_dir == "demo" { "the demo images".to_string() } else { config.data.train_data_dir.clone() },
         config.output.output_dir.display()
     );
-    eprintln!("{}", trainer::train::data_summary(&config)?);
+    // The data is scanned once, for the summary and the run.
+    let data = trainer::train::training_datasets(&config)?;
+    eprintln!("{}", trainer::train::data_summary(&config, &data)?);
     if !config.lora.network_weights.is_empty() {
         eprintln!("starting from the LoRA {}", config.lora.network_weights);
     }
@@ -426,9 +428,9 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     let report = match resume_from {
         Some(dir) => {
             eprintln!("resuming from {}", dir.display());
-            resume::<B>(&config, dir, device, &mut |info| view.step(info))?
+            resume_on::<B>(&config, dir, data, device, &mut |info| view.step(info))?
         }
-        None => train::<B>(&config, device, &mut |info| view.step(info))?,
+        None => train_on::<B>(&config, data, device, &mut |info| view.step(info))?,
     };
     let first = report.losses.iter().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
     let last = report.losses.iter().rev().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;

@@ -178,9 +178,14 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     Ok(Dataset::open(&ds)?)
 }
 
+/// The data of a run: the training dataset and, with `data.validation_split`, the
+/// validation dataset held out of it ([`training_datasets`]).
+pub type TrainingData = (Dataset, Option<Dataset>);
+
 /// The training dataset and, with `data.validation_split`, the validation dataset held out
-/// of it (seeded by `train.seed`).
-pub fn training_datasets(config: &TrainConfig) -> Result<(Dataset, Option<Dataset>), TrainError> {
+/// of it (seeded by `train.seed`). Opening scans every image (sizes, content hashes): open
+/// once and hand the result to [`data_summary`] and [`train_on`] / [`resume_on`].
+pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainError> {
     let dataset = open_dataset(config)?;
     if config.data.validation_split == 0.0 {
         return Ok((dataset, None));
@@ -189,12 +194,12 @@ pub fn training_datasets(config: &TrainConfig) -> Result<(Dataset, Option<Datase
     Ok((train, Some(validation)))
 }
 
-/// What a run of `config` trains on, in a few lines for people: images, samples and
-/// batches per epoch, the buckets, the held-out validation images, files skipped as bad,
-/// and the steps as epochs. Opens the data set.
-pub fn data_summary(config: &TrainConfig) -> Result<String, TrainError> {
-    let (dataset, validation) = training_datasets(config)?;
-    let t = &with_epoch_steps(config)?.train;
+/// What a run of `config` trains on `data` ([`training_datasets`]), in a few lines for
+/// people: images, samples and batches per epoch, the buckets, the held-out validation
+/// images, files skipped as bad, and the steps as epochs.
+pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String, TrainError> {
+    let (dataset, validation) = data;
+    let t = &steps_for(config, dataset)?.train;
     let batches = dataset.plan_epoch(0).len();
     let buckets: Vec<String> = dataset.bucket_table().iter().map(|((w, h), n)| format!("{w}x{h}: {n}")).collect();
     let mut out = format!(
@@ -259,7 +264,18 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
-    run::<B>(&with_epoch_steps(config)?, None, device, on_step)
+    config.validate()?;
+    train_on::<B>(config, training_datasets(config)?, device, on_step)
+}
+
+/// [`train`] on data already opened with [`training_datasets`] (for `config`).
+pub fn train_on<B: AutodiffBackend>(
+    config: &TrainConfig,
+    data: TrainingData,
+    device: &B::Device,
+    on_step: &mut dyn FnMut(&StepInfo) -> bool,
+) -> Result<TrainReport, TrainError> {
+    run::<B>(&steps_for(config, &data.0)?, data, None, device, on_step)
 }
 
 /// `config` with `train.max_train_steps` set from `train.max_train_epochs` when that is
@@ -269,10 +285,19 @@ pub fn train<B: AutodiffBackend>(
 /// count its batches.
 pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError> {
     config.validate()?;
+    match config.train.max_train_epochs {
+        0 => Ok(config.clone()),
+        _ => steps_for(config, &training_datasets(config)?.0),
+    }
+}
+
+/// [`with_epoch_steps`] with the training dataset at hand.
+fn steps_for(config: &TrainConfig, dataset: &Dataset) -> Result<TrainConfig, TrainError> {
+    config.validate()?;
     let mut config = config.clone();
     let t = &config.train;
     if t.max_train_epochs > 0 {
-        let batches = training_datasets(&config)?.0.plan_epoch(0).len();
+        let batches = dataset.plan_epoch(0).len();
         if batches == 0 {
             return Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() });
         }
@@ -294,7 +319,19 @@ pub fn resume<B: AutodiffBackend>(
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
-    let config = &with_epoch_steps(config)?;
+    config.validate()?;
+    resume_on::<B>(config, state_dir, training_datasets(config)?, device, on_step)
+}
+
+/// [`resume`] on data already opened with [`training_datasets`] (for `config`).
+pub fn resume_on<B: AutodiffBackend>(
+    config: &TrainConfig,
+    state_dir: &Path,
+    data: TrainingData,
+    device: &B::Device,
+    on_step: &mut dyn FnMut(&StepInfo) -> bool,
+) -> Result<TrainReport, TrainError> {
+    let config = &steps_for(config, &data.0)?;
     let state = TrainingState::load(state_dir)?;
     let fingerprint = fingerprint(config);
     if state.info.fingerprint != fingerprint {
@@ -347,7 +384,7 @@ pub fn resume<B: AutodiffBackend>(
             copy_event_files(&earlier, &logs)?;
         }
     }
-    run::<B>(config, Some(state), device, on_step)
+    run::<B>(config, data, Some(state), device, on_step)
 }
 
 /// Starts the attached adapters from the LoRA file `path` (`lora.network_weights`).
@@ -433,6 +470,11 @@ fn huber_thresholds<B: burn::tensor::backend::Backend>(
     matches!(loss_kind(t.loss_type), LossType::Huber | LossType::SmoothL1).then(|| schedule.huber_thresholds(timesteps, kind, t.huber_c, t.huber_scale))
 }
 
+/// Runs `write` on the event file, an I/O error naming the file.
+fn tensorboard(events: &mut EventWriter, write: impl FnOnce(&mut EventWriter) -> std::io::Result<()>) -> Result<(), TrainError> {
+    write(events).map_err(|source| TrainError::Io { path: events.path().to_path_buf(), source })
+}
+
 /// Folder of the TensorBoard event files in `output_dir`.
 const LOGS_DIR: &str = "logs";
 
@@ -493,6 +535,7 @@ fn resume_metrics(path: &Path, step: usize) -> Result<Vec<f32>, TrainError> {
 
 fn run<B: AutodiffBackend>(
     config: &TrainConfig,
+    (dataset, validation): TrainingData,
     state: Option<TrainingState>,
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
@@ -536,7 +579,6 @@ fn run<B: AutodiffBackend>(
         load_network_weights(Path::new(&l.network_weights), &mut unet, &mut text_encoder, device)?;
     }
 
-    let (dataset, validation) = training_datasets(config)?;
     let mut schedule_cfg = frozen.scheduler.clone();
     match t.prediction {
         Prediction::Auto => {}
@@ -623,8 +665,7 @@ fn run<B: AutodiffBackend>(
             // TensorBoard drops what earlier files in the folder logged from this run's
             // first step on: an earlier run's curves (a new run), or the steps an
             // interrupted run logged after the state it saved last (a resumed one).
-            let path = events.path().to_path_buf();
-            events.restart(progress.step as u64 + 1, start_wall).map_err(io_err(&path))?;
+            tensorboard(&mut events, |e| e.restart(progress.step as u64 + 1, start_wall))?;
             Some(events)
         }
         false => None,
@@ -834,9 +875,8 @@ fn run<B: AutodiffBackend>(
             let loss = v.loss(&unet, train_te.then_some(&text_encoder), &frozen, config, device)?;
             v.log.record(progress.step, loss)?;
             if let Some(events) = events.as_mut() {
-                let path = events.path().to_path_buf();
                 let wall_time = start_wall + start.elapsed().as_secs_f64();
-                events.scalars(progress.step as u64, wall_time, &[("loss/validation", loss)]).and_then(|()| events.flush()).map_err(io_err(&path))?;
+                tensorboard(events, |e| e.scalars(progress.step as u64, wall_time, &[("loss/validation", loss)]).and_then(|()| e.flush()))?;
             }
         }
         if let Some(name) = name {
@@ -975,14 +1015,12 @@ impl ReadBack<'_> {
                 values.extend(te_d_lr.map(|v| ("d*lr/text_encoder", v)));
                 values.extend(grad_norm.is_finite().then_some(("grad_norm", grad_norm)));
                 values.extend(self.fp16.then_some(("loss_scale", loss_scale)));
-                let path = events.path().to_path_buf();
-                events.scalars(p.step as u64, self.start_wall + elapsed_s, &values).map_err(io_err(&path))?;
+                tensorboard(events, |e| e.scalars(p.step as u64, self.start_wall + elapsed_s, &values))?;
             }
             go_on &= on_step(&info);
         }
         if let Some(events) = self.events {
-            let path = events.path().to_path_buf();
-            events.flush().map_err(io_err(&path))?;
+            tensorboard(events, EventWriter::flush)?;
         }
         Ok(go_on)
     }

@@ -777,7 +777,7 @@ fn data_summary_counts_images_batches_buckets_and_epochs() {
     c.train.max_train_epochs = 3;
     c.train.gradient_accumulation_steps = 2;
     c.data.validation_split = 0.25;
-    let summary = trainer::train::data_summary(&c).unwrap();
+    let summary = trainer::train::data_summary(&c, &trainer::train::training_datasets(&c).unwrap()).unwrap();
     let batches = trainer::train::training_datasets(&c).unwrap().0.plan_epoch(0).len();
     assert!(summary.starts_with(&format!("data: 9 images, 9 samples per epoch in {batches} batches of up to 2; buckets (WxH: samples) ")), "{summary}");
     assert!(summary.contains("validation: 3 held-out images"), "{summary}");
