@@ -125,6 +125,32 @@ pub fn serialize(
     Ok(bytes)
 }
 
+/// The two hashes of a safetensors file that sd-webui-additional-networks defined and A1111
+/// and Civitai (AutoV3) use for LoRAs: the SHA-256 of everything after the header (the
+/// tensors' bytes, so metadata does not change it), as 64 hex digits, and the first 8 hex
+/// digits of the SHA-256 of the file's bytes `0x100000 .. 0x110000` (the "legacy" hash;
+/// those of the empty string for a smaller file).
+///
+/// ```
+/// use lora_core::tensor_io::addnet_hashes;
+/// let mut file = 2u64.to_le_bytes().to_vec();
+/// file.extend_from_slice(b"{}abc");
+/// let (model, legacy) = addnet_hashes(&file).unwrap();
+/// assert_eq!(model, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"); // sha256("abc")
+/// assert_eq!(legacy, "e3b0c442"); // sha256("")
+/// ```
+pub fn addnet_hashes(bytes: &[u8]) -> Result<(String, String)> {
+    use sha2::{Digest, Sha256};
+    let truncated = || LoraError::Data("safetensors header: truncated".into());
+    let len_bytes: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(truncated)?;
+    let data_start = usize::try_from(u64::from_le_bytes(len_bytes)).ok().and_then(|n| n.checked_add(8)).filter(|&s| s <= bytes.len()).ok_or_else(truncated)?;
+    let hex = |digest: &[u8]| digest.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let model = hex(&Sha256::digest(&bytes[data_start..]));
+    let legacy_range = bytes.get(0x100000..bytes.len().min(0x110000)).unwrap_or(&[]);
+    let legacy = hex(&Sha256::digest(legacy_range))[..8].to_owned();
+    Ok((model, legacy))
+}
+
 /// Rewrites a serialized file's JSON header with its keys (and metadata keys) sorted, so
 /// the same tensors and metadata always give the same bytes (`HashMap` order is random).
 fn canonicalize_header(bytes: &mut [u8]) -> Result<()> {

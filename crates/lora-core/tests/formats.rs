@@ -335,3 +335,40 @@ fn serialized_files_are_byte_deterministic() {
     assert_eq!(st.names().len(), 2);
     assert_eq!(meta.len(), 16);
 }
+
+/// `sshs_model_hash` is the SHA-256 of the tensor bytes (what A1111 computes for a LoRA when
+/// the key is missing) and `sshs_legacy_hash` that of bytes 0x100000.. of the file written
+/// with only the `ss_*` metadata; other metadata does not change them, tensors do.
+#[test]
+fn kohya_files_carry_addnet_hashes() {
+    use sha2::{Digest, Sha256};
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let meta_of = |bytes: &[u8]| safetensors::SafeTensors::read_metadata(bytes).unwrap().1.metadata().clone().unwrap();
+    let mut set = sample_set(3);
+    set.metadata.insert("sshs_model_hash".into(), "stale".into());
+    let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+    let meta = meta_of(&bytes);
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(meta["sshs_model_hash"], hex(&Sha256::digest(&bytes[8 + header..])));
+    assert_eq!(meta["sshs_legacy_hash"], hex(&Sha256::digest(b""))[..8], "the file is under 1 MiB");
+    set.metadata.insert("modelspec.title".into(), "renamed".into());
+    assert_eq!(meta_of(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap())["sshs_model_hash"], meta["sshs_model_hash"]);
+    let f16 = meta_of(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F16).unwrap());
+    assert_ne!(f16["sshs_model_hash"], meta["sshs_model_hash"]);
+
+    // Past 1 MiB the legacy hash covers 64 KiB of tensor data, found in the ss_-only file.
+    let mut big = AdapterSet::new();
+    let mut rng = Rng::new(5);
+    big.insert(AdapterKey::new(Component::Unet, UNET_PATHS[4]), random_weights(&mut rng, 320, 1280, 256, None, 1.0)).unwrap();
+    big.metadata.insert("ss_output_name".into(), "big".into());
+    big.metadata.insert("modelspec.title".into(), "a long title ".repeat(50));
+    let bytes = big.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+    let meta = meta_of(&bytes);
+    // The ss_-only file, written by the safetensors crate from the tensors as read back.
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let training: std::collections::HashMap<String, String> = meta.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert!(training.contains_key("ss_network_dim") && training.len() == 4, "{training:?}");
+    let plain = safetensors::serialize(st.tensors(), Some(training)).unwrap();
+    assert_eq!(meta["sshs_legacy_hash"], hex(&Sha256::digest(&plain[0x100000..0x110000]))[..8]);
+    assert_ne!(meta["sshs_legacy_hash"], hex(&Sha256::digest(&bytes[0x100000..0x110000]))[..8], "the title shifts the full file");
+}

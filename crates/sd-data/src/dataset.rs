@@ -54,6 +54,24 @@ pub struct BatchPlan {
     pub samples: Vec<SamplePlan>,
 }
 
+/// One image folder of a [`Dataset`] ([`Dataset::folders`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FolderSummary {
+    /// The folder's last path component (e.g. `10_mystyle`).
+    pub name: String,
+    /// Repeats per epoch as configured.
+    pub num_repeats: u32,
+    /// Usable images in the folder.
+    pub images: usize,
+    /// A regularization folder.
+    pub is_reg: bool,
+}
+
+/// The last component of a subset's folder, as kohya names folders in metadata.
+fn folder_name(dir: &std::path::Path) -> String {
+    dir.file_name().map_or_else(|| "unnamed".to_owned(), |n| n.to_string_lossy().into_owned())
+}
+
 /// A scanned dataset with every image assigned to a bucket.
 ///
 /// ```
@@ -311,6 +329,61 @@ impl Dataset {
             }
         }
         table
+    }
+
+    /// Each image folder (subset) as kohya's sd-scripts record it in a LoRA's metadata
+    /// (`ss_dataset_dirs`, `ss_reg_dataset_dirs`): its name (the folder's last component;
+    /// `unnamed` when empty), configured repeats and usable images, in subset order.
+    ///
+    /// ```
+    /// use sd_data::{demo, Dataset, DatasetConfig, SubsetConfig};
+    /// let samples = demo::generate(&demo::DemoConfig { count: 5, ..Default::default() });
+    /// let subset = SubsetConfig { image_dir: "train/10_mystyle".into(), num_repeats: Some(10), ..Default::default() };
+    /// let ds = Dataset::from_memory(&DatasetConfig::demo(""), subset, demo::into_memory_images(samples)).unwrap();
+    /// let folders = ds.folders();
+    /// assert_eq!((folders[0].name.as_str(), folders[0].num_repeats, folders[0].images), ("10_mystyle", 10, 5));
+    /// ```
+    pub fn folders(&self) -> Vec<FolderSummary> {
+        let mut folders: Vec<FolderSummary> = self
+            .subsets
+            .iter()
+            .map(|s| FolderSummary {
+                name: folder_name(&s.config.image_dir),
+                num_repeats: s.num_repeats,
+                images: 0,
+                is_reg: s.config.is_reg,
+            })
+            .collect();
+        for img in &self.images {
+            folders[img.subset].images += 1;
+        }
+        folders
+    }
+
+    /// How often each tag occurs in each folder's captions, as kohya's `ss_tag_frequency`
+    /// counts them (UIs such as A1111 show it as the LoRA's training tags): every image's
+    /// caption file as written, split at commas, trimmed and lower-cased, once per image
+    /// (repeats are not counted), keyed by folder name as [`folders`](Self::folders) names
+    /// them (folders of the same name share one table).
+    ///
+    /// ```
+    /// use sd_data::{Dataset, DatasetConfig, SubsetConfig};
+    /// let img = || image::RgbImage::new(64, 64);
+    /// let images = vec![("a".into(), img(), "mystyle, Red, circle".into()), ("b".into(), img(), "mystyle, red,, square".into())];
+    /// let subset = SubsetConfig { image_dir: "5_mystyle".into(), ..Default::default() };
+    /// let ds = Dataset::from_memory(&DatasetConfig::demo(""), subset, images).unwrap();
+    /// let tags = &ds.tag_frequency()["5_mystyle"];
+    /// assert_eq!((tags["mystyle"], tags["red"], tags["circle"], tags.len()), (2, 2, 1, 4));
+    /// ```
+    pub fn tag_frequency(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
+        let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        for img in &self.images {
+            let folder = out.entry(folder_name(&self.subsets[img.subset].config.image_dir)).or_default();
+            for tag in img.caption.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                *folder.entry(tag.to_lowercase()).or_insert(0) += 1;
+            }
+        }
+        out
     }
 
     /// Whether every caption is the same in every epoch, which makes a text-embedding cache valid.

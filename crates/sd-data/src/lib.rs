@@ -50,7 +50,7 @@ pub use cache::{
 };
 pub use caption::CaptionTransform;
 pub use config::{DatasetConfig, MissingCaption, Resolution, SubsetConfig};
-pub use dataset::{BatchPlan, Dataset, SamplePlan};
+pub use dataset::{BatchPlan, Dataset, FolderSummary, SamplePlan};
 pub use error::{BoxError, DataError, Result};
 pub use loader::{Loader, LoaderOptions};
 pub use scan::{parse_kohya_folder_name, scan, ImageRecord, ImageSource, ResolvedSubset, Scan};

@@ -600,3 +600,29 @@ fn validation_split_holds_out_training_images_without_augmentation() {
     let err = Dataset::open(&config(one.path())).unwrap().split_validation(0.5, 0).unwrap_err();
     assert!(err.to_string().contains("at least 2"), "{err}");
 }
+
+/// What kohya records in a LoRA's metadata: folders with repeats and image counts
+/// (regularization folders marked), and per-folder tag counts from the caption files.
+#[test]
+fn folders_and_tag_frequency_as_kohya_records_them() {
+    let d = tempfile::tempdir().unwrap();
+    let train = d.path().join("train");
+    save(&train.join("10_sks dog/1.png"), 64, 64, 1);
+    let a = save(&train.join("3_cat/a.png"), 64, 64, 2);
+    caption(&a, "txt", "A cat, sitting, , cat ");
+    let b = save(&train.join("3_cat/b.png"), 64, 64, 3);
+    caption(&b, "txt", "a cat,standing");
+    save(&d.path().join("reg/1_dog/r.png"), 64, 64, 4);
+    let mut cfg = config(&train);
+    cfg.subsets.push(SubsetConfig { is_reg: true, ..SubsetConfig::new(d.path().join("reg")) });
+    let ds = Dataset::open(&cfg).unwrap();
+    let folders: Vec<(String, u32, usize, bool)> = ds.folders().into_iter().map(|f| (f.name, f.num_repeats, f.images, f.is_reg)).collect();
+    assert_eq!(folders, [("10_sks dog".into(), 10, 1, false), ("3_cat".into(), 3, 2, false), ("1_dog".into(), 1, 1, true)]);
+    let tags = ds.tag_frequency();
+    assert_eq!(tags.len(), 3);
+    let cat: Vec<(&str, usize)> = tags["3_cat"].iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(cat, [("a cat", 2), ("cat", 1), ("sitting", 1), ("standing", 1)]);
+    // Images without a caption file count their class tokens, as kohya's do.
+    assert_eq!(tags["10_sks dog"]["sks dog"], 1);
+    assert_eq!(tags["1_dog"]["dog"], 1);
+}

@@ -210,6 +210,47 @@ impl<B: Backend> ClipTextModel<B> {
         }
         Ok(tm.final_layer_norm.forward(x))
     }
+
+    /// Encodes long prompts given as rows of `chunk_len` ids, `[batch, chunks × chunk_len]`
+    /// from [`ClipTokenizer::encode_chunked`](crate::tokenizer::ClipTokenizer::encode_chunked),
+    /// to hidden states `[batch, chunks × (chunk_len − 2) + 2, hidden]`, as kohya's sd-scripts
+    /// do for `max_token_length` 150 and 225.
+    ///
+    /// Each row goes through the encoder on its own (its positions start at 0); the result
+    /// keeps the first row's start-token state, every row's states between its first and
+    /// last position, and the last row's last state. One row is [`forward`](Self::forward).
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::tensor::{Int, Tensor};
+    /// use sd_model::{ClipTextConfig, ClipTextModel};
+    ///
+    /// let device = Default::default();
+    /// let model = ClipTextModel::<Flex>::new(&ClipTextConfig::tiny(), &device).unwrap();
+    /// let ids = Tensor::<Flex, 2, Int>::zeros([2, 3 * 77], &device);
+    /// let hidden = model.forward_chunked(ids, 77, 1).unwrap();
+    /// assert_eq!(hidden.dims(), [2, 227, 32]);
+    /// ```
+    pub fn forward_chunked(&self, input_ids: Tensor<B, 2, Int>, chunk_len: usize, clip_skip: usize) -> Result<Tensor<B, 3>> {
+        let [batch, seq] = input_ids.dims();
+        if chunk_len < 3 || seq % chunk_len != 0 {
+            return Err(SdModelError::BadInput {
+                what: "input_ids".into(),
+                reason: format!("sequence length {seq} is not a whole number of rows of {chunk_len} ids (at least 3)"),
+            });
+        }
+        let chunks = seq / chunk_len;
+        if chunks <= 1 {
+            return self.forward(input_ids, clip_skip);
+        }
+        let hidden = self.forward(input_ids.reshape([batch * chunks, chunk_len]), clip_skip)?;
+        let d = hidden.dims()[2];
+        let rows = hidden.reshape([batch, chunks, chunk_len, d]);
+        let first = rows.clone().slice([0..batch, 0..1, 0..1]).reshape([batch, 1, d]);
+        let inner = rows.clone().slice([0..batch, 0..chunks, 1..chunk_len - 1]).reshape([batch, chunks * (chunk_len - 2), d]);
+        let last = rows.slice([0..batch, chunks - 1..chunks, chunk_len - 1..chunk_len]).reshape([batch, 1, d]);
+        Ok(Tensor::cat(vec![first, inner, last], 1))
+    }
 }
 
 impl<B: Backend> lora_core::LoraSites<B> for ClipTextModel<B> {

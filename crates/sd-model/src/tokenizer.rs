@@ -282,6 +282,63 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// Encodes a prompt of up to `chunks × (max_length − 2)` tokens (150 or 225 with kohya's
+    /// `max_token_length`) as `chunks` rows of [`max_length`](Self::max_length) ids, laid out
+    /// as kohya's sd-scripts lay out long captions, concatenated.
+    ///
+    /// The prompt is framed as one long sequence (start token, the first
+    /// `chunks × (max_length − 2)` BPE ids, end token, pad tokens), and row `k` takes that
+    /// sequence's ids `1 + k(max_length − 2) ..` plus its start token and its very last id.
+    /// When the pad token is not the end token (SD 2.x) a row whose second-to-last id is a
+    /// word gets the end token last, and a row with no words starts `<start> <end>`. Encode
+    /// each row with the text encoder and join the results with
+    /// [`ClipTextModel::forward_chunked`](crate::ClipTextModel::forward_chunked).
+    /// `chunks = 1` (or 0), or a `max_length` of 2 (no room for words), is
+    /// [`encode`](Self::encode).
+    ///
+    /// ```
+    /// use sd_model::tokenizer::{ClipTokenizer, BOS_TOKEN_ID, EOS_TOKEN_ID};
+    ///
+    /// let tokenizer = ClipTokenizer::bundled()?;
+    /// let prompt = "masterpiece, ".repeat(40); // 80 tokens: more than one row holds
+    /// let ids = tokenizer.encode_chunked(&prompt, 2)?;
+    /// assert_eq!(ids.len(), 2 * 77);
+    /// let words = tokenizer.encode_unpadded(&prompt)?;
+    /// assert_eq!(&ids[1..76], &words[..75]);
+    /// assert_eq!((ids[77], &ids[78..83]), (BOS_TOKEN_ID, &words[75..]));
+    /// assert_eq!(ids[83], EOS_TOKEN_ID);
+    /// # Ok::<(), sd_model::tokenizer::TokenizerError>(())
+    /// ```
+    pub fn encode_chunked(&self, prompt: &str, chunks: usize) -> Result<Vec<u32>> {
+        if chunks <= 1 || self.max_length < 3 {
+            return self.encode(prompt);
+        }
+        let inner = self.max_length - 2;
+        let mut long = self.encode_unpadded(prompt)?;
+        long.truncate(chunks * inner);
+        long.insert(0, self.bos_id);
+        long.push(self.eos_id);
+        long.resize(chunks * inner + 2, self.pad_id);
+        let last = long[long.len() - 1];
+        let mut ids = Vec::with_capacity(chunks * self.max_length);
+        for words in long[1..long.len() - 1].chunks(inner) {
+            let start = ids.len();
+            ids.push(self.bos_id);
+            ids.extend_from_slice(words);
+            ids.push(last);
+            // No-ops when the pad token is the end token (SD 1.x).
+            let row = &mut ids[start..];
+            let before_last = row[row.len() - 2];
+            if before_last != self.eos_id && before_last != self.pad_id {
+                row[self.max_length - 1] = self.eos_id;
+            }
+            if row[1] == self.pad_id {
+                row[1] = self.eos_id;
+            }
+        }
+        Ok(ids)
+    }
+
     /// [`encode`](Self::encode) for each prompt, in order.
     pub fn encode_batch<S: AsRef<str>>(&self, prompts: &[S]) -> Result<Vec<Vec<u32>>> {
         prompts.iter().map(|p| self.encode(p.as_ref())).collect()

@@ -403,3 +403,107 @@ proptest! {
         prop_assert_eq!(&tokenizer.encode_unpadded(&prompt.to_ascii_uppercase()).unwrap(), &ids);
     }
 }
+
+/// A prompt of exactly `n` tokens, most of them distinct (so a shifted row shows).
+fn prompt_of(tokenizer: &ClipTokenizer, n: usize) -> (String, Vec<u32>) {
+    let words = ["red", "cat", "sitting", "on", "blue", "chair", "in", "garden", "girl", "sky", "tree", "house", "dog"];
+    let prompt: Vec<&str> = (0..n).map(|i| words[i % words.len()]).collect();
+    let prompt = prompt.join(" ");
+    let ids = tokenizer.encode_unpadded(&prompt).unwrap();
+    assert_eq!(ids.len(), n, "each word is one token");
+    (prompt, ids)
+}
+
+fn row(words: &[u32], last: u32, fill: u32) -> Vec<u32> {
+    let mut row = vec![BOS_TOKEN_ID];
+    row.extend_from_slice(words);
+    row.push(last);
+    row.resize(77, fill);
+    row
+}
+
+#[test]
+fn encode_chunked_lays_out_long_prompts_as_kohya_does_for_sd1() {
+    let tokenizer = bundled();
+    let (prompt, w) = prompt_of(&tokenizer, 80);
+    let ids = tokenizer.encode_chunked(&prompt, 2).unwrap();
+    let mut row0 = row(&w[..75], EOS_TOKEN_ID, EOS_TOKEN_ID);
+    assert_eq!(&ids[..77], &row0[..]);
+    assert_eq!(&ids[77..], &row(&w[75..], EOS_TOKEN_ID, EOS_TOKEN_ID)[..]);
+    // The first row is what `encode` gives; an empty row is start + end tokens.
+    assert_eq!(tokenizer.encode(&prompt).unwrap(), row0);
+    let ids = tokenizer.encode_chunked(&prompt, 3).unwrap();
+    assert_eq!(ids.len(), 3 * 77);
+    assert_eq!(&ids[154..], &row(&[], EOS_TOKEN_ID, EOS_TOKEN_ID)[..]);
+    // Past chunks × 75 tokens the prompt is cut.
+    let (long, w) = prompt_of(&tokenizer, 170);
+    let ids = tokenizer.encode_chunked(&long, 2).unwrap();
+    row0 = row(&w[..75], EOS_TOKEN_ID, EOS_TOKEN_ID);
+    assert_eq!(&ids[..77], &row0[..]);
+    assert_eq!(&ids[77..], &row(&w[75..150], EOS_TOKEN_ID, EOS_TOKEN_ID)[..]);
+    assert_eq!(tokenizer.encode_chunked(&long, 1).unwrap(), tokenizer.encode(&long).unwrap());
+}
+
+#[test]
+fn encode_chunked_ends_and_fills_rows_as_kohya_does_for_sd2() {
+    let tokenizer = bundled().with_pad_token_id(0).unwrap();
+    // A full first row ends with the end token, a partial one with its own end token + pads.
+    let (prompt, w) = prompt_of(&tokenizer, 80);
+    let ids = tokenizer.encode_chunked(&prompt, 2).unwrap();
+    assert_eq!(&ids[..77], &row(&w[..75], EOS_TOKEN_ID, 0)[..]);
+    assert_eq!(&ids[77..], &row(&w[75..], EOS_TOKEN_ID, 0)[..]);
+    // A row without words is `<start> <end> <pad>...`, like an empty prompt.
+    let (short, w) = prompt_of(&tokenizer, 10);
+    let ids = tokenizer.encode_chunked(&short, 3).unwrap();
+    assert_eq!(&ids[..77], &row(&w, EOS_TOKEN_ID, 0)[..]);
+    assert_eq!(&ids[..77], &tokenizer.encode(&short).unwrap()[..]);
+    for empty in [&ids[77..154], &ids[154..]] {
+        assert_eq!(empty, &tokenizer.encode("").unwrap()[..]);
+    }
+    // Exactly two rows of words: both end with the end token, as a cut-off prompt does.
+    for n in [150, 160] {
+        let (long, w) = prompt_of(&tokenizer, n);
+        let ids = tokenizer.encode_chunked(&long, 2).unwrap();
+        assert_eq!(&ids[77..], &row(&w[75..150], EOS_TOKEN_ID, 0)[..], "{n} tokens");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Every row is framed like `encode`'s output, the rows hold the prompt's first
+    /// `chunks × 75` ids in order (a row's first word is the end token where it is the pad
+    /// token: kohya's rule for empty rows), and the first row is `encode`'s unless its last
+    /// word is a pad or end token (kohya's rule then keeps a pad there).
+    #[test]
+    fn encode_chunked_rows_hold_the_prompt_in_order(
+        prompt in prompt_strategy(),
+        repeat in 1usize..12,
+        chunks in 1usize..4,
+        pad in prop_oneof![Just(0u32), Just(EOS_TOKEN_ID)],
+    ) {
+        let tokenizer = bundled().with_pad_token_id(pad).unwrap();
+        let prompt = vec![prompt; repeat].join(" ");
+        let words = tokenizer.encode_unpadded(&prompt).unwrap();
+        let ids = tokenizer.encode_chunked(&prompt, chunks).unwrap();
+        prop_assert_eq!(ids.len(), chunks * 77);
+        let kept = words.len().min(chunks * 75);
+        let mut inner = Vec::new();
+        for r in ids.chunks(77) {
+            prop_assert_eq!(r[0], BOS_TOKEN_ID);
+            inner.extend_from_slice(&r[1..76]);
+        }
+        let mut expected = words[..kept].to_vec();
+        for first in expected.iter_mut().step_by(75) {
+            if *first == pad {
+                *first = EOS_TOKEN_ID;
+            }
+        }
+        prop_assert_eq!(&inner[..kept], &expected[..]);
+        prop_assert!(inner[kept..].iter().all(|&id| id == pad || id == EOS_TOKEN_ID));
+        let encoded = tokenizer.encode(&prompt).unwrap();
+        if words.len() < 75 || ![pad, EOS_TOKEN_ID].contains(&words[74]) {
+            prop_assert_eq!(&ids[..77], &encoded[..]);
+        }
+    }
+}

@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 
+/// Most rows of 75 tokens `model.max_token_length` may ask for (A1111 prompts rarely need
+/// more than 8; each row costs the UNet's cross-attention 75 more keys).
+pub const MAX_TOKEN_ROWS: usize = 8;
+
 /// Where the base model comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -17,6 +21,10 @@ pub struct ModelSection {
     pub tiny_seed: u64,
     /// CLIP skip (1 = last layer, 2 = penultimate).
     pub clip_skip: usize,
+    /// Caption and prompt tokens the text encoder sees (kohya's `max_token_length`): 75, or
+    /// 150 / 225 (any multiple of 75) to encode longer captions in rows of 75 tokens whose
+    /// hidden states are joined (sd-scripts' layout).
+    pub max_token_length: usize,
 }
 
 /// The training images.
@@ -352,6 +360,21 @@ pub struct OutputSection {
     /// With `data.validation_split`: measure the validation loss every N steps as well as
     /// at the end (0 = only at the end).
     pub validate_every_n_steps: usize,
+    /// Write only the metadata loading needs (kohya's `no_metadata`): no training settings,
+    /// dataset folders or tag counts in the LoRA file (the model spec and hashes stay).
+    pub no_metadata: bool,
+    /// Free text stored as `ss_training_comment` (kohya's `training_comment`).
+    pub training_comment: String,
+    /// `modelspec.title` (default: `output_name`), as kohya's `metadata_title`.
+    pub metadata_title: String,
+    /// `modelspec.author` (kohya's `metadata_author`; empty: not written).
+    pub metadata_author: String,
+    /// `modelspec.description` (kohya's `metadata_description`).
+    pub metadata_description: String,
+    /// `modelspec.license` (kohya's `metadata_license`).
+    pub metadata_license: String,
+    /// `modelspec.tags`, comma-separated (kohya's `metadata_tags`).
+    pub metadata_tags: String,
 }
 
 /// The whole training configuration.
@@ -378,6 +401,7 @@ impl Default for TrainConfig {
                 pretrained: "tiny".into(),
                 tiny_seed: 0,
                 clip_skip: 1,
+                max_token_length: 75,
             },
             data: DataSection {
                 train_data_dir: "demo".into(),
@@ -484,6 +508,13 @@ impl Default for TrainConfig {
                 log_interval_s: 1.0,
                 tensorboard: true,
                 validate_every_n_steps: 0,
+                no_metadata: false,
+                training_comment: String::new(),
+                metadata_title: String::new(),
+                metadata_author: String::new(),
+                metadata_description: String::new(),
+                metadata_license: String::new(),
+                metadata_tags: String::new(),
             },
         }
     }
@@ -672,6 +703,10 @@ impl TrainConfig {
         if self.model.clip_skip == 0 {
             return bad("model.clip_skip must be at least 1");
         }
+        let tokens = self.model.max_token_length;
+        if tokens == 0 || !tokens.is_multiple_of(75) || tokens > 75 * MAX_TOKEN_ROWS {
+            return bad(&format!("model.max_token_length must be 75, 150 or 225 (a multiple of 75 up to {}), got {tokens}", 75 * MAX_TOKEN_ROWS));
+        }
         if self.output.sample_steps == 0 {
             return bad("output.sample_steps must be at least 1");
         }
@@ -686,6 +721,7 @@ impl TrainConfig {
             width: 0,
             height: 0,
             clip_skip: self.model.clip_skip,
+            max_token_length: self.model.max_token_length,
         };
         for prompt in &self.output.sample_prompts {
             crate::generate::parse_sample_prompt(prompt, &defaults)?;

@@ -32,6 +32,9 @@ pub struct GenerateOptions {
     pub height: usize,
     /// CLIP skip.
     pub clip_skip: usize,
+    /// Prompt tokens the text encoder sees (kohya's `max_token_length`): 75, or 150 / 225 to
+    /// encode longer prompts in rows of 75 ([`encode_prompts`]).
+    pub max_token_length: usize,
 }
 
 /// Folds every LoRA adapter attached to the UNet and the text encoder into their weights and
@@ -80,9 +83,17 @@ pub fn to_precision<B: Backend>(mut c: Components<B>, dtype: burn::tensor::Float
     c
 }
 
-/// Token ids `[N, 77]` of `prompts`, checked against a text-encoder vocabulary of `vocab`.
-pub fn prompt_ids<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, prompts: &[String], device: &B::Device) -> Result<Tensor<B, 2, Int>, TrainError> {
-    let ids = tokenizer.encode_batch(prompts)?;
+/// Rows of `tokenizer.max_length()` ids that hold `max_token_length` prompt tokens (75 per
+/// row for CLIP; at least one row).
+pub fn token_rows(tokenizer: &ClipTokenizer, max_token_length: usize) -> usize {
+    (max_token_length / tokenizer.max_length().saturating_sub(2).max(1)).max(1)
+}
+
+/// Token ids `[N, rows × 77]` of `prompts` (rows: [`token_rows`]), checked against a
+/// text-encoder vocabulary of `vocab`.
+pub fn prompt_ids<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, prompts: &[String], max_token_length: usize, device: &B::Device) -> Result<Tensor<B, 2, Int>, TrainError> {
+    let rows = token_rows(tokenizer, max_token_length);
+    let ids = prompts.iter().map(|p| tokenizer.encode_chunked(p, rows)).collect::<Result<Vec<_>, _>>()?;
     if let Some(bad) = ids.iter().flatten().find(|i| **i as usize >= vocab) {
         return Err(TrainError::Config {
             origin: "tokenizer".into(),
@@ -90,15 +101,42 @@ pub fn prompt_ids<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, prompts: 
         });
     }
     let n = ids.len();
-    let len = ids.first().map_or(77, Vec::len);
+    let len = ids.first().map_or(tokenizer.max_length() * rows, Vec::len);
     let flat: Vec<i32> = ids.into_iter().flatten().map(|i| i as i32).collect();
     Ok(Tensor::from_data(TensorData::new(flat, [n, len]), device))
 }
 
-/// Encodes prompts to text embeddings `[N, 77, D]`.
-pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
-    let ids = prompt_ids(&c.tokenizer, c.text_encoder.vocab_size(), prompts, device)?;
-    Ok(c.text_encoder.forward(ids, clip_skip)?)
+/// Encodes prompts to text embeddings `[N, 77, D]`, or with a `max_token_length` of 150 /
+/// 225 `[N, 152 | 227, D]` as kohya's sd-scripts do
+/// ([`sd_model::ClipTextModel::forward_chunked`]).
+pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, max_token_length: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
+    encode_with(&c.text_encoder, &c.tokenizer, prompts, clip_skip, max_token_length, device)
+}
+
+/// [`encode_prompts`] with a given text encoder (one being trained, say).
+pub fn encode_with<B: Backend>(
+    text_encoder: &sd_model::ClipTextModel<B>,
+    tokenizer: &ClipTokenizer,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, TrainError> {
+    let ids = prompt_ids(tokenizer, text_encoder.vocab_size(), prompts, max_token_length, device)?;
+    Ok(text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?)
+}
+
+/// How many of `prompts` have more tokens than `max_token_length` (their tail is not seen
+/// by the text encoder), and the largest token count.
+pub fn overlong_prompts<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Item = &'a str>, max_token_length: usize) -> Result<(usize, usize), TrainError> {
+    let limit = token_rows(tokenizer, max_token_length) * tokenizer.max_length().saturating_sub(2);
+    let (mut over, mut longest) = (0, 0);
+    for p in prompts {
+        let n = tokenizer.encode_unpadded(p)?.len();
+        over += usize::from(n > limit);
+        longest = longest.max(n);
+    }
+    Ok((over, longest))
 }
 
 /// Runs the sampler from `latents` (already scaled by the sampler's initial sigma).
@@ -109,8 +147,8 @@ pub fn denoise<B: Backend>(
     device: &B::Device,
 ) -> Result<Tensor<B, 4>, TrainError> {
     let n = opts.prompts.len();
-    let cond = encode_prompts(c, &opts.prompts, opts.clip_skip, device)?;
-    let uncond = encode_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, device)?;
+    let cond = encode_prompts(c, &opts.prompts, opts.clip_skip, opts.max_token_length, device)?;
+    let uncond = encode_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, opts.max_token_length, device)?;
     let context = Tensor::cat(vec![uncond, cond], 0);
     let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
     sampler.set_timesteps(opts.steps)?;
@@ -207,6 +245,7 @@ pub fn decode<B: Backend>(c: &Components<B>, latents: Tensor<B, 4>) -> Result<Ve
 ///     width: 512,
 ///     height: 512,
 ///     clip_skip: 1,
+///     max_token_length: 75,
 /// };
 /// let o = parse_sample_prompt("a lighthouse at dusk, mystyle --n blurry, lowres --w 768 --d 42 --l 7.5", &defaults)?;
 /// assert_eq!(o.prompts, ["a lighthouse at dusk, mystyle"]);

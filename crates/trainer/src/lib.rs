@@ -12,6 +12,7 @@ pub mod config;
 pub mod device_check;
 mod error;
 pub mod generate;
+pub mod metadata;
 pub mod models;
 pub mod plot;
 pub mod state;

@@ -190,6 +190,14 @@ enum Command {
         /// Height in pixels.
         #[arg(long, default_value_t = 512)]
         height: usize,
+        /// CLIP skip: 1 uses the text encoder's last layer, 2 the penultimate (A1111's "Clip
+        /// skip"; anime models and LoRAs trained with `model.clip_skip = 2` want 2).
+        #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        clip_skip: usize,
+        /// Prompt tokens the text encoder sees: 75, or 150 / 225 for longer prompts, encoded
+        /// in rows of 75 tokens as a LoRA trained with `model.max_token_length` saw them.
+        #[arg(long, default_value_t = 75, value_parser = parse_max_token_length)]
+        max_token_length: usize,
         /// Output PNG (a grid when there are several prompts).
         #[arg(long, default_value = "outputs/generate.png")]
         out: PathBuf,
@@ -512,6 +520,13 @@ fn run_generate<B: Backend>(
 ) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
+    let prompts = opts.prompts.iter().chain([&opts.negative_prompt]).map(String::as_str);
+    if let (over @ 1.., longest) = trainer::generate::overlong_prompts(&c.tokenizer, prompts, opts.max_token_length)? {
+        eprintln!(
+            "note: {over} prompt(s) have more than {} tokens (the longest {longest}); the text encoder does not see the rest (--max-token-length 150 or 225 keeps it)",
+            opts.max_token_length
+        );
+    }
     if !loras.files.is_empty() {
         let applied = sd_model::lora::apply_lora_files(&mut c.unet, Some(&mut c.text_encoder), loras.files, false, device)?;
         let how = if loras.merged {
@@ -751,6 +766,15 @@ fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: 
     Ok(())
 }
 
+/// `--max-token-length`: a multiple of 75 up to `trainer::config::MAX_TOKEN_ROWS` rows.
+fn parse_max_token_length(value: &str) -> Result<usize, String> {
+    let rows = trainer::config::MAX_TOKEN_ROWS;
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 && n.is_multiple_of(75) && n <= 75 * rows => Ok(n),
+        _ => Err(format!("expected 75, 150 or 225 (a multiple of 75 up to {})", 75 * rows)),
+    }
+}
+
 /// Runs a command on backend `B`.
 fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
@@ -758,8 +782,8 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, out, init_latents, save_latents } => {
-            let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip: 1 };
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, save_latents } => {
+            let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip, max_token_length };
             let files = GenerateFiles { out, init_latents, save_latents };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)

@@ -26,6 +26,26 @@ pub struct Components<B: Backend> {
     pub base_version: String,
 }
 
+/// The tokenizer of `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint),
+/// without loading any weights: a folder's own `tokenizer/`, CLIP's otherwise.
+pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
+    if pretrained == "tiny" {
+        return Ok(ClipTokenizer::bundled()?);
+    }
+    let source = ModelSource::detect(pretrained)?;
+    let sd2 = source.text_encoder_config()?.hidden_size == 1024;
+    tokenizer_of(&source, sd2)
+}
+
+fn tokenizer_of(source: &ModelSource, sd2: bool) -> Result<ClipTokenizer, TrainError> {
+    Ok(match source {
+        ModelSource::Diffusers(dir) => ClipTokenizer::from_model_dir(dir)?,
+        // Single files carry no tokenizer: SD2.x pads with id 0.
+        ModelSource::SingleFile(_) if sd2 => ClipTokenizer::bundled()?.with_pad_token_id(0)?,
+        ModelSource::SingleFile(_) => ClipTokenizer::bundled()?,
+    })
+}
+
 /// Loads `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint).
 ///
 /// `tiny` is the built-in demo model: tiny configs with random weights drawn from
@@ -46,23 +66,12 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     }
     let source = ModelSource::detect(pretrained)?;
     let options = LoadOptions::default();
-    let text_config = source.text_encoder_config()?;
-    let sd2 = text_config.hidden_size == 1024;
-    let (tokenizer, scheduler) = match &source {
-        ModelSource::Diffusers(dir) => {
-            let tokenizer = ClipTokenizer::from_model_dir(dir)?;
-            let scheduler = if dir.join("scheduler/scheduler_config.json").is_file() {
-                SchedulerConfig::from_model_dir(dir)?
-            } else {
-                SchedulerConfig::sd15()
-            };
-            (tokenizer, scheduler)
-        }
-        // Single files carry neither: SD2.x pads with id 0; SD1.x/2.x share the schedule.
-        ModelSource::SingleFile(_) => {
-            let tok = ClipTokenizer::bundled()?;
-            (if sd2 { tok.with_pad_token_id(0)? } else { tok }, SchedulerConfig::sd15())
-        }
+    let sd2 = source.text_encoder_config()?.hidden_size == 1024;
+    let tokenizer = tokenizer_of(&source, sd2)?;
+    let scheduler = match &source {
+        ModelSource::Diffusers(dir) if dir.join("scheduler/scheduler_config.json").is_file() => SchedulerConfig::from_model_dir(dir)?,
+        // Single files carry no scheduler config: SD1.x/2.x share the schedule.
+        _ => SchedulerConfig::sd15(),
     };
     // Stored dense: on CUDA, uploaded weights have padded rows (`lora_core::precision::pack_all`).
     use lora_core::precision::pack_all;

@@ -133,6 +133,8 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         });
         let subset = SubsetConfig {
             flip_aug: d.flip_aug,
+            // Names the folder in LoRA metadata (in-memory images have no folder).
+            image_dir: "demo".into(),
             ..SubsetConfig::default()
         };
         return Ok(Dataset::from_memory(&ds, subset, demo::into_memory_images(samples))?);
@@ -196,7 +198,8 @@ pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainErro
 
 /// What a run of `config` trains on `data` ([`training_datasets`]), in a few lines for
 /// people: images, samples and batches per epoch, the buckets, the held-out validation
-/// images, files skipped as bad, and the steps as epochs.
+/// images, files skipped as bad, captions longer than `model.max_token_length` (tokenized
+/// with the model's tokenizer) and the steps as epochs.
 pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String, TrainError> {
     let (dataset, validation) = data;
     let t = &steps_for(config, dataset)?.train;
@@ -214,6 +217,16 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
     }
     if let Some(skipped) = dataset.skipped_summary() {
         out.push_str(&format!("\n{skipped}"));
+    }
+    let tokens = config.model.max_token_length;
+    let tokenizer = crate::models::load_tokenizer(&config.model.pretrained)?;
+    let captions: Vec<String> = (0..dataset.images().len()).map(|i| dataset.fixed_caption(i)).collect();
+    if let (over @ 1.., longest) = crate::generate::overlong_prompts(&tokenizer, captions.iter().map(String::as_str), tokens)? {
+        let hint = if tokens < 225 { "; model.max_token_length = 150 or 225 keeps more" } else { "" };
+        out.push_str(&format!(
+            "\nnote: {over} of {} captions have more than {tokens} tokens (the longest {longest}): the text encoder does not see the rest{hint}",
+            captions.len()
+        ));
     }
     let epochs = (t.max_train_steps * t.gradient_accumulation_steps) as f64 / batches.max(1) as f64;
     let each = match t.gradient_accumulation_steps {
@@ -241,6 +254,7 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
         width: size.0,
         height: size.1,
         clip_skip: config.model.clip_skip,
+        max_token_length: config.model.max_token_length,
     };
     let images = crate::generate::sample_images(c, &o.sample_prompts, &opts, device)?;
     Ok(grid(&images, images.len().min(4)))
@@ -677,7 +691,16 @@ fn run<B: AutodiffBackend>(
     let mut plans = dataset.plan_epoch(progress.epoch);
     let mut sample_size = None;
     let mut interrupted = false;
-    let mut saver = Saver { config, frozen: &frozen };
+    let base = crate::metadata::BaseModel {
+        version: &frozen.base_version,
+        v_prediction: schedule_cfg.prediction_type == PredictionType::VPrediction,
+    };
+    let mut saver = Saver::<B> {
+        config,
+        metadata: crate::metadata::RunMetadata::new(config, &dataset, base, std::time::SystemTime::now()),
+        batches_in_epoch: plans.len(),
+        _backend: std::marker::PhantomData,
+    };
     // Steps queued but not yet read back.
     let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::new();
     // Clipping, skipping and the loss scale are decided on the device (`StepGuard`), so
@@ -707,7 +730,7 @@ fn run<B: AutodiffBackend>(
             }
             let plan = &plans[progress.batch_in_epoch];
             progress.batch_in_epoch += 1;
-            let (posterior, context, loss_weights) = cache.batch(&dataset, &frozen, plan, config.model.clip_skip, !train_te, device)?;
+            let (posterior, context, loss_weights) = cache.batch(&dataset, &frozen, plan, &config.model, !train_te, device)?;
             sample_size.get_or_insert((plan.bucket.0 as usize, plan.bucket.1 as usize));
             let eps = noise.sample(posterior.mean.dims(), device)?;
             let latents = Tensor::<B, 4>::from_inner(frozen.vae.scale_latents(posterior.sample(eps)?));
@@ -715,8 +738,8 @@ fn run<B: AutodiffBackend>(
                 Some(c) => Tensor::<B, 3>::from_inner(c),
                 None => {
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    let ids = crate::generate::prompt_ids::<B>(&frozen.tokenizer, text_encoder.vocab_size(), &captions, device)?;
-                    text_encoder.forward(ids, config.model.clip_skip)?
+                    let m = &config.model;
+                    crate::generate::encode_with(&text_encoder, &frozen.tokenizer, &captions, m.clip_skip, m.max_token_length, device)?
                 }
             };
 
@@ -882,7 +905,7 @@ fn run<B: AutodiffBackend>(
         if let Some(name) = name {
             // What is saved are the optimizers' f32 values, not the models' working copies.
             let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
-            saver.save(&mut unet, &mut te, &out.join(format!("{name}.safetensors")))?;
+            saver.save(&mut unet, &mut te, &progress, &out.join(format!("{name}.safetensors")))?;
             if config.output.save_state {
                 saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &guard, &timesteps, &noise)?;
             }
@@ -893,7 +916,7 @@ fn run<B: AutodiffBackend>(
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
     {
         let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
-        saver.save(&mut unet, &mut te, &lora_path)?;
+        saver.save(&mut unet, &mut te, &progress, &lora_path)?;
         if config.output.save_state {
             saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &guard, &timesteps, &noise)?;
         }
@@ -1071,13 +1094,14 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
         let mut total = Tensor::<B, 1>::zeros([1], device);
         let mut count = 0usize;
         for (b, plan) in self.dataset.plan_epoch(0).iter().enumerate() {
-            let (posterior, context, _) = self.cache.batch(&self.dataset, frozen, plan, config.model.clip_skip, text_encoder.is_none(), device)?;
+            let (posterior, context, _) = self.cache.batch(&self.dataset, frozen, plan, &config.model, text_encoder.is_none(), device)?;
             let latents = frozen.vae.scale_latents(posterior.mean.clone());
             let context = match (context, &text_encoder) {
                 (Some(c), _) => c,
                 (None, Some(te)) => {
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    te.forward(crate::generate::prompt_ids::<B>(&frozen.tokenizer, te.vocab_size(), &captions, device)?, config.model.clip_skip)?
+                    let m = &config.model;
+                    crate::generate::encode_with(te, &frozen.tokenizer, &captions, m.clip_skip, m.max_token_length, device)?
                 }
                 (None, None) => unreachable!("the cache encodes captions when the text encoder is frozen"),
             };
@@ -1134,12 +1158,17 @@ impl ValidationLog {
 /// Writes LoRA files and training states.
 struct Saver<'a, B: AutodiffBackend> {
     config: &'a TrainConfig,
-    frozen: &'a Components<B::InnerBackend>,
+    metadata: crate::metadata::RunMetadata,
+    /// Batches per epoch, to count completed epochs.
+    batches_in_epoch: usize,
+    _backend: std::marker::PhantomData<B>,
 }
 
 impl<B: AutodiffBackend> Saver<'_, B> {
-    fn save(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, te: &mut sd_model::ClipTextModel<B>, path: &Path) -> Result<(), TrainError> {
-        save_lora(unet, te, self.frozen, self.config, path)
+    fn save(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, te: &mut sd_model::ClipTextModel<B>, progress: &Progress, path: &Path) -> Result<(), TrainError> {
+        let epochs = completed_epochs(progress, self.batches_in_epoch);
+        let metadata = self.metadata.at_save(progress.step, epochs, std::time::SystemTime::now());
+        save_lora(unet, te, metadata, self.config, path)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1206,7 +1235,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         dataset: &Dataset,
         c: &Components<B>,
         plan: &sd_data::BatchPlan,
-        clip_skip: usize,
+        text: &crate::config::ModelSection,
         with_embeddings: bool,
         device: &B::Device,
     ) -> Result<EncodedBatch<B>, TrainError> {
@@ -1225,7 +1254,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         if with_embeddings {
             for s in &plan.samples {
                 if !self.embeddings.contains_key(&s.caption) {
-                    let embeds = crate::generate::encode_prompts(c, std::slice::from_ref(&s.caption), clip_skip, device)?;
+                    let embeds = crate::generate::encode_prompts(c, std::slice::from_ref(&s.caption), text.clip_skip, text.max_token_length, device)?;
                     self.embeddings.insert(s.caption.clone(), embeds);
                 }
             }
@@ -1249,24 +1278,19 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
     }
 }
 
-/// Writes the UNet's adapters to `path` in the configured format and precision.
+/// Writes the UNet's adapters to `path` in the configured format and precision, with the
+/// run's metadata ([`crate::metadata`]).
 fn save_lora<B: AutodiffBackend>(
     unet: &mut sd_model::UNet2DConditionModel<B>,
     text_encoder: &mut sd_model::ClipTextModel<B>,
-    frozen: &Components<B::InnerBackend>,
+    metadata: std::collections::BTreeMap<String, String>,
     config: &TrainConfig,
     path: &Path,
 ) -> Result<(), TrainError> {
     let mut set = AdapterSet::new();
     sites::collect_adapters(unet, &mut set)?;
     sites::collect_adapters(text_encoder, &mut set)?;
-    let meta = &mut set.metadata;
-    meta.insert("ss_base_model_version".into(), frozen.base_version.clone());
-    meta.insert("ss_sd_model_name".into(), config.model.pretrained.clone());
-    meta.insert("ss_learning_rate".into(), config.train.learning_rate.to_string());
-    meta.insert("ss_max_train_steps".into(), config.train.max_train_steps.to_string());
-    meta.insert("ss_seed".into(), config.train.seed.to_string());
-    meta.insert("ss_training_comment".into(), "trained with sd-lora-rs".into());
+    set.metadata.extend(metadata);
     set.save(path, config.output.save_format, config.output.save_precision)?;
     Ok(())
 }

@@ -21,6 +21,7 @@ fn opts(sampler: &str) -> GenerateOptions {
         width: 32,
         height: 32,
         clip_skip: 1,
+        max_token_length: 75,
     }
 }
 
@@ -171,4 +172,31 @@ fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains(&format!("sample prompt `{bad}`")), "{err}");
     }
+}
+
+/// With `max_token_length = 150` prompts are encoded in two rows: a short prompt keeps its
+/// states (the encoder is causal), a long one gets its tail seen, and sampling uses them.
+#[test]
+fn long_prompts_are_encoded_in_rows_of_75_tokens() {
+    use trainer::generate::{encode_prompts, overlong_prompts};
+    let device = Default::default();
+    let c = load_components::<B>("tiny", 0, &device).unwrap();
+    let long = "a lighthouse, ".repeat(30); // 90 tokens
+    let prompts = vec!["a red circle".to_string(), long.clone()];
+    let one_row = encode_prompts(&c, &prompts, 1, 75, &device).unwrap();
+    let two_rows = encode_prompts(&c, &prompts, 1, 150, &device).unwrap();
+    assert_eq!((one_row.dims(), two_rows.dims()), ([2, 77, 32], [2, 152, 32]));
+    let diff = |a: Tensor<B, 3>, b: Tensor<B, 3>| (a - b).abs().max().into_scalar();
+    assert!(diff(one_row.clone().slice([0..2, 0..76]), two_rows.clone().slice([0..2, 0..76])) < 1e-6);
+    assert!(diff(one_row.slice([1..2, 76..77]), two_rows.slice([1..2, 76..77])) > 1e-3, "the long prompt's 76th token replaces its end token");
+    assert_eq!(overlong_prompts(&c.tokenizer, prompts.iter().map(String::as_str), 75).unwrap(), (1, 90));
+    assert_eq!(overlong_prompts(&c.tokenizer, prompts.iter().map(String::as_str), 150).unwrap(), (0, 90));
+
+    let o = GenerateOptions { prompts, negative_prompt: "blurry, ".repeat(40), ..opts("ddim") };
+    let o150 = GenerateOptions { max_token_length: 150, ..o.clone() };
+    let run = |o: &GenerateOptions| values(denoise(&c, o, initial_latents(&c, o, &device).unwrap(), &device).unwrap());
+    let (a, b) = (run(&o), run(&o150));
+    assert!(b.iter().all(|v| v.is_finite()));
+    assert!(rel(&a, &b) > 1e-4, "the longer encoding changes the samples");
+    assert_eq!(b, run(&o150));
 }

@@ -22,6 +22,32 @@ fn tiny_index() -> lora_core::ModuleIndex {
     sd_model::lora::module_index(&mut unet, None).unwrap()
 }
 
+/// The metadata of a LoRA file.
+fn lora_metadata(path: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default().into_iter().collect()
+}
+
+/// Two LoRA files hold the same tensor bytes and the same metadata except the run's
+/// clock readings and session id.
+fn assert_same_lora(a: &std::path::Path, b: &std::path::Path) {
+    let data = |p: &std::path::Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + header..].to_vec()
+    };
+    assert!(data(a) == data(b), "the tensors of {} and {} differ", a.display(), b.display());
+    let stable = |p| {
+        let mut m = lora_metadata(p);
+        for k in ["ss_session_id", "ss_training_started_at", "ss_training_finished_at", "modelspec.date"] {
+            assert!(m.remove(k).is_some(), "{k}");
+        }
+        m
+    };
+    assert_eq!(stable(a), stable(b));
+}
+
 fn quick_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     let mut c = TrainConfig::default();
     c.output.output_dir = dir.to_path_buf();
@@ -235,6 +261,7 @@ fn lora_pulls_samples_towards_the_training_image() {
         width: w * f,
         height: h * f,
         clip_skip: 1,
+        max_token_length: 75,
     };
     let distance = |c: &trainer::models::Components<I>| -> f32 {
         let z = denoise(c, &opts, initial_latents(c, &opts, &device).unwrap(), &device).unwrap();
@@ -351,9 +378,7 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     assert_eq!(second.losses.len(), 20);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
-    let a = std::fs::read(&straight.lora).unwrap();
-    let b = std::fs::read(&second.lora).unwrap();
-    assert!(a == b, "the resumed LoRA differs from the uninterrupted one");
+    assert_same_lora(&straight.lora, &second.lora);
     let metrics = std::fs::read_to_string(&second.metrics).unwrap();
     assert_eq!(metrics.lines().count(), 20, "metrics.jsonl continues where it stopped");
 
@@ -545,7 +570,7 @@ fn prodigy_trains_and_resumes_bit_for_bit() {
     let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
-    assert!(std::fs::read(&straight.lora).unwrap() == std::fs::read(&second.lora).unwrap(), "the resumed LoRA differs");
+    assert_same_lora(&straight.lora, &second.lora);
 
     // A Prodigy state does not resume with AdamW (and the other way round).
     let mut adamw = prodigy(dir.path(), 12);
@@ -812,4 +837,119 @@ fn l1_and_scheduled_pseudo_huber_losses_train() {
     assert_eq!((parsed.train.loss_type, parsed.train.huber_schedule), (LossKind::SmoothL1, HuberScheduleKind::Exponential));
     let err = TrainConfig::load(None, &["train.huber_c=0".into()]).unwrap_err();
     assert!(err.to_string().contains("huber_c"), "{err}");
+}
+
+/// kohya's `max_token_length`: captions past 75 tokens are noted in the summary and, with
+/// 150, reach the text encoder (frozen and cached, or trained), the validation loss and the
+/// samples; other lengths are rejected naming the key.
+#[test]
+fn long_captions_train_with_max_token_length() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let long: Vec<String> = (0..40).map(|i| format!("tag{}", i % 7)).collect();
+    write_image(&data, "a", &format!("mystyle, {}", long.join(", ")), 30);
+    write_image(&data, "b", "mystyle, a short caption", 220);
+    write_image(&data, "c", "mystyle, another one", 120);
+    let mut config = quick_config(&root.path().join("out75"), 2);
+    config.data.train_data_dir = data.display().to_string();
+    config.data.resolution = 64;
+    config.train.train_batch_size = 3;
+    config.output.sample_prompts = vec![format!("mystyle, {}", long.join(", "))];
+    let summary = trainer::train::data_summary(&config, &trainer::train::training_datasets(&config).unwrap()).unwrap();
+    assert!(summary.contains("note: 1 of 3 captions have more than 75 tokens (the longest 122)"), "{summary}");
+    assert!(summary.contains("model.max_token_length = 150 or 225"), "{summary}");
+    let short = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+
+    let mut long_config = config.clone();
+    long_config.model.max_token_length = 150;
+    long_config.output.output_dir = root.path().join("out150");
+    long_config.data.validation_split = 0.34;
+    long_config.train.train_batch_size = 2;
+    let summary = trainer::train::data_summary(&long_config, &trainer::train::training_datasets(&long_config).unwrap()).unwrap();
+    assert!(!summary.contains("note:"), "{summary}");
+    let frozen = train::<B>(&long_config, &Default::default(), &mut |_| true).unwrap();
+    assert!(frozen.sample_grid.is_some() && frozen.losses.iter().all(|l| l.is_finite()));
+    assert!(!frozen.validation.is_empty());
+    long_config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    long_config.output.output_dir = root.path().join("out150te");
+    let trained = train::<B>(&long_config, &Default::default(), &mut |_| true).unwrap();
+    // The text encoder's adapters start at zero: the first step's loss is the frozen run's.
+    assert_eq!(trained.losses[0], frozen.losses[0]);
+    assert!(trained.validation.iter().all(|(_, l)| l.is_finite()));
+
+    // The same batch with 150 tokens conditions the UNet on the whole long caption.
+    long_config.data.validation_split = 0.0;
+    long_config.train.train_batch_size = 3;
+    long_config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::None;
+    long_config.output.output_dir = root.path().join("out150all");
+    let all = train::<B>(&long_config, &Default::default(), &mut |_| true).unwrap();
+    assert_ne!(all.losses[0], short.losses[0]);
+
+    for bad in [0, 100, 76, 75 * 9] {
+        config.model.max_token_length = bad;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("model.max_token_length"), "{bad}: {err}");
+    }
+}
+
+/// LoRA files carry kohya's training metadata (dataset folders, tag counts, settings, the
+/// step and epoch of each save), the model spec and the A1111 hash; `no_metadata` keeps
+/// only what loading needs.
+#[test]
+fn lora_files_carry_kohya_metadata_and_the_model_spec() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let train_dir = root.path().join("train");
+    write_image(&train_dir.join("3_mystyle"), "a", "mystyle, Red, circle", 10);
+    write_image(&train_dir.join("3_mystyle"), "b", "mystyle, blue, circle", 200);
+    write_image(&root.path().join("reg/1_style"), "r", "a picture", 90);
+    let mut config = quick_config(&root.path().join("out"), 4);
+    config.data.train_data_dir = train_dir.display().to_string();
+    config.data.reg_data_dir = root.path().join("reg").display().to_string();
+    config.train.train_batch_size = 2;
+    config.output.save_every_n_steps = 2;
+    config.output.training_comment = "trigger: mystyle".into();
+    config.output.metadata_author = "me".into();
+    config.model.clip_skip = 2;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let meta = lora_metadata(&report.lora);
+    let json = |k: &str| serde_json::from_str::<serde_json::Value>(&meta[k]).unwrap_or_else(|e| panic!("{k}: {e}"));
+    assert_eq!(json("ss_tag_frequency"), serde_json::json!({ "3_mystyle": { "mystyle": 2, "red": 1, "blue": 1, "circle": 2 }, "1_style": { "a picture": 1 } }));
+    assert_eq!(json("ss_dataset_dirs"), serde_json::json!({ "3_mystyle": { "n_repeats": 3, "img_count": 2 } }));
+    assert_eq!(json("ss_reg_dataset_dirs"), serde_json::json!({ "1_style": { "n_repeats": 1, "img_count": 1 } }));
+    for (k, v) in [
+        ("ss_output_name", "demo_lora"),
+        ("ss_num_train_images", "6"),
+        ("ss_num_reg_images", "1"),
+        ("ss_steps", "4"),
+        ("ss_clip_skip", "2"),
+        ("ss_network_dim", "8"),
+        ("ss_base_model_version", "tiny"),
+        ("ss_v2", "False"),
+        ("ss_training_comment", "trigger: mystyle"),
+        ("ss_lr_scheduler", "cosine"),
+        ("modelspec.sai_model_spec", "1.0.1"),
+        ("modelspec.title", "demo_lora"),
+        ("modelspec.author", "me"),
+        ("modelspec.encoder_layer", "2"),
+        ("modelspec.prediction_type", "epsilon"),
+    ] {
+        assert_eq!(meta.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    assert!(meta["sshs_model_hash"].len() == 64 && meta["sshs_legacy_hash"].len() == 8);
+    let started: f64 = meta["ss_training_started_at"].parse().unwrap();
+    assert!(meta["ss_training_finished_at"].parse::<f64>().unwrap() >= started);
+    assert!(meta["modelspec.date"].starts_with("20") && meta["modelspec.date"].ends_with('Z'), "{}", meta["modelspec.date"]);
+    // An intermediate save records its own step.
+    let early = root.path().join("out/demo_lora-step000002.safetensors");
+    assert_eq!(lora_metadata(&early)["ss_steps"], "2");
+
+    config.output.no_metadata = true;
+    config.output.output_dir = root.path().join("bare");
+    let bare = lora_metadata(&train::<B>(&config, &Default::default(), &mut |_| true).unwrap().lora);
+    assert!(!bare.contains_key("ss_tag_frequency") && !bare.contains_key("ss_training_comment") && !bare.contains_key("ss_steps"), "{bare:?}");
+    for k in ["ss_network_dim", "ss_network_alpha", "ss_base_model_version", "modelspec.architecture", "sshs_model_hash"] {
+        assert!(bare.contains_key(k), "{k}");
+    }
 }

@@ -110,5 +110,14 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
     let mut metadata: HashMap<String, String> = set.metadata.clone().into_iter().collect();
     metadata.extend(network_metadata(set));
     metadata.insert("format".into(), "pt".into());
+    // kohya's precomputed hashes, which A1111 reads instead of hashing the file (its LoRA
+    // hash, Civitai's AutoV3) and sd-webui-additional-networks uses. They are taken, as
+    // sd-scripts takes them, from the file written with only the `ss_*` metadata, so that
+    // editing other metadata later leaves them valid.
+    metadata.retain(|k, _| !k.starts_with("sshs_"));
+    let training: HashMap<String, String> = metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let (model_hash, legacy_hash) = tensor_io::addnet_hashes(&tensor_io::serialize(&tensors, dtype, training)?)?;
+    metadata.insert("sshs_model_hash".into(), model_hash);
+    metadata.insert("sshs_legacy_hash".into(), legacy_hash);
     tensor_io::serialize(&tensors, dtype, metadata)
 }

@@ -1,0 +1,238 @@
+//! Training metadata written into LoRA files: kohya's `ss_*` keys and the SAI model spec's
+//! `modelspec.*` keys.
+//!
+//! UIs read them: A1111's LoRA cards show the training tags (`ss_tag_frequency`), the
+//! output name as the alias (`ss_output_name`) and the base model version, and put the
+//! LoRA hash (`sshs_model_hash`, added by `lora_core` when the file is written) in image
+//! infotext; Civitai fills in an upload's resources from them. The values are strings,
+//! written as sd-scripts writes them (Python's `True`/`False`, JSON for the tables), so
+//! tools that parse kohya files read ours. `output.no_metadata` keeps only what loading
+//! needs (kohya's minimum set) and the model spec.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::json;
+use sd_data::Dataset;
+
+use crate::config::{Optimizer, TrainConfig};
+
+/// The metadata of a training run, fixed when it starts; [`RunMetadata::at_save`] adds the
+/// keys of one save.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunMetadata {
+    keys: BTreeMap<String, String>,
+}
+
+/// What the metadata needs to know about the model being trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseModel<'a> {
+    /// `sd_v1`, `sd_v2` or `tiny` ([`crate::models::Components::base_version`]).
+    pub version: &'a str,
+    /// Whether the model predicts v (after `train.prediction`).
+    pub v_prediction: bool,
+}
+
+impl RunMetadata {
+    /// The metadata of a run of `config` on `dataset` (the training images, without the
+    /// validation split) that starts at `started`.
+    ///
+    /// ```
+    /// use trainer::metadata::{BaseModel, RunMetadata};
+    /// use trainer::TrainConfig;
+    ///
+    /// let config = TrainConfig::default();
+    /// let dataset = trainer::train::open_dataset(&config).unwrap();
+    /// let base = BaseModel { version: "sd_v1", v_prediction: false };
+    /// let run = RunMetadata::new(&config, &dataset, base, std::time::SystemTime::now());
+    /// let keys = run.at_save(100, 4, std::time::SystemTime::now());
+    /// assert_eq!(keys["ss_output_name"], "demo_lora");
+    /// assert_eq!(keys["modelspec.architecture"], "stable-diffusion-v1/lora");
+    /// assert_eq!((keys["ss_steps"].as_str(), keys["ss_epoch"].as_str()), ("100", "4"));
+    /// ```
+    pub fn new(config: &TrainConfig, dataset: &Dataset, base: BaseModel<'_>, started: SystemTime) -> Self {
+        let mut keys = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            keys.insert(k.to_owned(), v);
+        };
+        put("ss_v2", py_bool(base.version == "sd_v2"));
+        put("ss_base_model_version", base.version.to_owned());
+        if !config.output.no_metadata {
+            for (k, v) in training_keys(config, dataset, started) {
+                put(&k, v);
+            }
+        }
+        for (k, v) in model_spec(config, dataset.config().resolution, base, started) {
+            put(&k, v);
+        }
+        Self { keys }
+    }
+
+    /// The keys to write with a LoRA saved after `step` optimizer steps and `epoch`
+    /// completed epochs, at `now`.
+    pub fn at_save(&self, step: usize, epoch: u64, now: SystemTime) -> BTreeMap<String, String> {
+        let mut keys = self.keys.clone();
+        if keys.contains_key("ss_training_started_at") {
+            keys.insert("ss_training_finished_at".into(), unix_seconds(now));
+            keys.insert("ss_steps".into(), step.to_string());
+            keys.insert("ss_epoch".into(), epoch.to_string());
+        }
+        keys
+    }
+}
+
+/// Python's `str(bool)`, as sd-scripts writes flags.
+fn py_bool(b: bool) -> String {
+    if b { "True" } else { "False" }.to_owned()
+}
+
+/// A config enum's name as the configuration spells it (`cosine`, `l2`, ...).
+fn name_of<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// Seconds since the Unix epoch, as Python's `str(time.time())`.
+fn unix_seconds(t: SystemTime) -> String {
+    let s = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    format!("{s:.6}")
+}
+
+/// The `ss_*` keys of sd-scripts' `train_network.py` that apply to our runs.
+fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -> Vec<(String, String)> {
+    let (d, l, t, o) = (&config.data, &config.lora, &config.train, &config.output);
+    let ds = dataset.config();
+    let folders = dataset.folders();
+    let dirs = |reg: bool| -> serde_json::Value {
+        let map: serde_json::Map<String, serde_json::Value> = folders
+            .iter()
+            .filter(|f| f.is_reg == reg)
+            .map(|f| (f.name.clone(), json!({ "n_repeats": f.num_repeats, "img_count": f.images })))
+            .collect();
+        serde_json::Value::Object(map)
+    };
+    let images = |reg: bool| -> usize { folders.iter().filter(|f| f.is_reg == reg).map(|f| f.images * f.num_repeats as usize).sum() };
+    let batches = dataset.plan_epoch(0).len().max(1);
+    let buckets: serde_json::Map<String, serde_json::Value> = dataset
+        .bucket_table()
+        .into_iter()
+        .enumerate()
+        .map(|(i, ((w, h), n))| (i.to_string(), json!({ "resolution": [w, h], "count": n })))
+        .collect();
+    let train_te = l.text_encoder_targets != sd_model::targets::TextEncoderTargets::None;
+    let te_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
+    let optimizer = match t.optimizer {
+        Optimizer::Adamw => format!("AdamW(weight_decay={},betas=({}, {}),eps={})", t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon),
+        Optimizer::Prodigy => format!("Prodigy(d_coef={},use_bias_correction={},weight_decay={})", t.prodigy_d_coef, py_bool(t.prodigy_use_bias_correction), t.adam_weight_decay),
+    };
+    let model_name = std::path::Path::new(&config.model.pretrained).file_name().map_or_else(|| config.model.pretrained.clone(), |n| n.to_string_lossy().into_owned());
+    let session = started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32) ^ std::process::id();
+    let mut keys = vec![
+        ("ss_session_id", session.to_string()),
+        ("ss_training_started_at", unix_seconds(started)),
+        ("ss_output_name", o.output_name.clone()),
+        ("ss_sd_model_name", model_name),
+        ("ss_learning_rate", t.learning_rate.to_string()),
+        ("ss_unet_lr", t.learning_rate.to_string()),
+        ("ss_text_encoder_lr", if train_te { te_lr.to_string() } else { "None".into() }),
+        ("ss_num_train_images", images(false).to_string()),
+        ("ss_num_reg_images", images(true).to_string()),
+        ("ss_num_batches_per_epoch", batches.to_string()),
+        ("ss_num_epochs", (t.max_train_steps * t.gradient_accumulation_steps).div_ceil(batches).to_string()),
+        ("ss_batch_size_per_device", t.train_batch_size.to_string()),
+        ("ss_total_batch_size", (t.train_batch_size * t.gradient_accumulation_steps).to_string()),
+        ("ss_gradient_checkpointing", py_bool(t.gradient_checkpointing)),
+        ("ss_gradient_accumulation_steps", t.gradient_accumulation_steps.to_string()),
+        ("ss_max_train_steps", t.max_train_steps.to_string()),
+        ("ss_lr_warmup_steps", t.lr_warmup_steps.to_string()),
+        ("ss_lr_scheduler", name_of(&t.lr_scheduler)),
+        ("ss_network_dropout", l.dropout.to_string()),
+        ("ss_mixed_precision", name_of(&t.mixed_precision)),
+        ("ss_full_fp16", py_bool(false)),
+        ("ss_clip_skip", config.model.clip_skip.to_string()),
+        ("ss_max_token_length", match config.model.max_token_length {
+            75 => "None".into(),
+            n => n.to_string(),
+        }),
+        ("ss_cache_latents", py_bool(true)),
+        ("ss_seed", t.seed.to_string()),
+        ("ss_optimizer", optimizer),
+        ("ss_max_grad_norm", t.max_grad_norm.to_string()),
+        ("ss_noise_offset", t.noise_offset.to_string()),
+        ("ss_noise_offset_random_strength", py_bool(t.noise_offset_random_strength)),
+        ("ss_multires_noise_iterations", t.multires_noise_iterations.to_string()),
+        ("ss_multires_noise_discount", t.multires_noise_discount.to_string()),
+        ("ss_ip_noise_gamma", t.ip_noise_gamma.to_string()),
+        ("ss_ip_noise_gamma_random_strength", py_bool(t.ip_noise_gamma_random_strength)),
+        ("ss_min_snr_gamma", t.min_snr_gamma.to_string()),
+        ("ss_debiased_estimation", py_bool(t.debiased_estimation_loss)),
+        ("ss_zero_terminal_snr", py_bool(t.zero_terminal_snr)),
+        ("ss_loss_type", name_of(&t.loss_type)),
+        ("ss_huber_schedule", name_of(&t.huber_schedule)),
+        ("ss_huber_c", t.huber_c.to_string()),
+        ("ss_prior_loss_weight", d.prior_loss_weight.to_string()),
+        ("ss_caption_dropout_rate", d.caption_dropout_rate.to_string()),
+        ("ss_caption_tag_dropout_rate", d.caption_tag_dropout_rate.to_string()),
+        // The data set's own values: `max_bucket_reso = 0` resolved, or a dataset_config file's.
+        ("ss_resolution", format!("({}, {})", ds.resolution.width, ds.resolution.height)),
+        ("ss_enable_bucket", py_bool(ds.enable_bucket)),
+        ("ss_min_bucket_reso", ds.min_bucket_reso.to_string()),
+        ("ss_max_bucket_reso", ds.max_bucket_reso.to_string()),
+        ("ss_bucket_no_upscale", py_bool(ds.bucket_no_upscale)),
+        ("ss_flip_aug", py_bool(d.flip_aug)),
+        ("ss_random_crop", py_bool(d.random_crop)),
+        ("ss_shuffle_caption", py_bool(d.shuffle_caption)),
+        ("ss_keep_tokens", d.keep_tokens.to_string()),
+        ("ss_dataset_dirs", dirs(false).to_string()),
+        ("ss_reg_dataset_dirs", dirs(true).to_string()),
+        ("ss_tag_frequency", json!(dataset.tag_frequency()).to_string()),
+        ("ss_bucket_info", json!({ "buckets": buckets }).to_string()),
+    ];
+    if !o.training_comment.is_empty() {
+        keys.push(("ss_training_comment", o.training_comment.clone()));
+    }
+    keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// The SAI model spec (1.0.1) keys sd-scripts writes for an SD 1.x / 2.x LoRA.
+fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseModel<'_>, started: SystemTime) -> Vec<(String, String)> {
+    let o = &config.output;
+    let architecture = match (base.version, base.v_prediction) {
+        ("sd_v1", _) => "stable-diffusion-v1/lora",
+        ("sd_v2", false) => "stable-diffusion-v2-512/lora",
+        ("sd_v2", true) => "stable-diffusion-v2-768-v/lora",
+        // The built-in demo model fits no real architecture: no UI should offer it for one.
+        _ => "sd-lora-rs-tiny/lora",
+    };
+    let title = if o.metadata_title.is_empty() { &o.output_name } else { &o.metadata_title };
+    let date = time::OffsetDateTime::from(started);
+    let mut keys = vec![
+        ("modelspec.sai_model_spec", "1.0.1".to_owned()),
+        ("modelspec.architecture", architecture.to_owned()),
+        ("modelspec.implementation", "diffusers".to_owned()),
+        ("modelspec.implementation_version", format!("sd-lora-rs/{}", env!("CARGO_PKG_VERSION"))),
+        ("modelspec.title", title.clone()),
+        ("modelspec.resolution", format!("{}x{}", resolution.width, resolution.height)),
+        (
+            "modelspec.date",
+            format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", date.year(), u8::from(date.month()), date.day(), date.hour(), date.minute(), date.second()),
+        ),
+        ("modelspec.prediction_type", if base.v_prediction { "v" } else { "epsilon" }.to_owned()),
+        ("modelspec.encoder_layer", config.model.clip_skip.to_string()),
+    ];
+    let t = &config.train;
+    if t.min_timestep != 0 || t.max_timestep != 1000 {
+        keys.push(("modelspec.timestep_range", format!("{},{}", t.min_timestep, t.max_timestep)));
+    }
+    for (k, v) in [
+        ("modelspec.author", &o.metadata_author),
+        ("modelspec.description", &o.metadata_description),
+        ("modelspec.license", &o.metadata_license),
+        ("modelspec.tags", &o.metadata_tags),
+    ] {
+        if !v.is_empty() {
+            keys.push((k, v.clone()));
+        }
+    }
+    keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
