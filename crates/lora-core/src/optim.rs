@@ -57,6 +57,9 @@ use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Shap
 
 use crate::error::{LoraError, Result};
 
+mod max_norm;
+pub use max_norm::{norm_pairs, MaxNormStats, NormPair, RankAxis};
+
 /// Entries of the first bias-correction tables (grown as step counts reach them).
 const BIAS_TABLE_MIN: usize = 1024;
 
@@ -265,6 +268,8 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     working: Option<DType>,
     /// Prodigy's step sizes instead of the learning rate's ([`FlatAdamW::with_prodigy`]).
     prodigy: Option<Prodigy<B>>,
+    /// The element-to-adapter index of the last [`FlatAdamW::apply_max_norm`].
+    max_norm_index: Option<max_norm::PairIndex<B>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -288,6 +293,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             last_mask: None,
             working: None,
             prodigy: None,
+            max_norm_index: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {

@@ -26,6 +26,7 @@ mod embeddings;
 mod error;
 pub mod keymap;
 pub mod norm;
+pub mod prompt;
 pub mod load;
 pub mod lora;
 mod resnet;

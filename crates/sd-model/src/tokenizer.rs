@@ -272,14 +272,7 @@ impl ClipTokenizer {
     /// Encodes a prompt to exactly [`max_length`](Self::max_length) ids: start token, the first
     /// `max_length - 2` BPE ids, end token, then pad tokens.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
-        let mut body = self.encode_unpadded(prompt)?;
-        body.truncate(self.max_length - 2);
-        let mut ids = Vec::with_capacity(self.max_length);
-        ids.push(self.bos_id);
-        ids.extend_from_slice(&body);
-        ids.push(self.eos_id);
-        ids.resize(self.max_length, self.pad_id);
-        Ok(ids)
+        Ok(self.frame_chunked(self.encode_unpadded(prompt)?, 1))
     }
 
     /// Encodes a prompt of up to `chunks × (max_length − 2)` tokens (150 or 225 with kohya's
@@ -310,11 +303,22 @@ impl ClipTokenizer {
     /// # Ok::<(), sd_model::tokenizer::TokenizerError>(())
     /// ```
     pub fn encode_chunked(&self, prompt: &str, chunks: usize) -> Result<Vec<u32>> {
+        Ok(self.frame_chunked(self.encode_unpadded(prompt)?, chunks))
+    }
+
+    /// Frames BPE ids as [`encode_chunked`](Self::encode_chunked) frames a prompt's.
+    pub(crate) fn frame_chunked(&self, mut words: Vec<u32>, chunks: usize) -> Vec<u32> {
         if chunks <= 1 || self.max_length < 3 {
-            return self.encode(prompt);
+            words.truncate(self.max_length - 2);
+            let mut ids = Vec::with_capacity(self.max_length);
+            ids.push(self.bos_id);
+            ids.extend_from_slice(&words);
+            ids.push(self.eos_id);
+            ids.resize(self.max_length, self.pad_id);
+            return ids;
         }
         let inner = self.max_length - 2;
-        let mut long = self.encode_unpadded(prompt)?;
+        let mut long = words;
         long.truncate(chunks * inner);
         long.insert(0, self.bos_id);
         long.push(self.eos_id);
@@ -336,7 +340,7 @@ impl ClipTokenizer {
                 row[1] = self.eos_id;
             }
         }
-        Ok(ids)
+        ids
     }
 
     /// [`encode`](Self::encode) for each prompt, in order.

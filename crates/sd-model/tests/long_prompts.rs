@@ -1,5 +1,5 @@
 //! Long prompts (kohya's `max_token_length`): `ClipTokenizer::encode_chunked` rows encoded by
-//! `ClipTextModel::forward_chunked`.
+//! `ClipTextModel::forward_chunked`; A1111 emphasis (`encode_weighted`, `apply_weights`).
 
 use burn::backend::Flex;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
@@ -74,4 +74,56 @@ fn ragged_rows_are_rejected() {
         let err = model.forward_chunked(ids, chunk, 1).unwrap_err().to_string();
         assert!(err.contains("input_ids"), "{seq}/{chunk}: {err}");
     }
+}
+
+/// Emphasis only weights: the ids are those of the prompt without brackets, the weights sit
+/// on the emphasised tokens, `BREAK` starts a new row, and plain prompts are unchanged.
+#[test]
+fn weighted_prompts_keep_the_ids_and_place_the_weights() {
+    use sd_model::tokenizer::{BOS_TOKEN_ID, EOS_TOKEN_ID};
+    let tokenizer = ClipTokenizer::bundled().unwrap();
+    for (prompt, rows) in [("a photo of a cat", 1), ("masterpiece, (best quality), a cat", 2), ("", 3)] {
+        let plain = prompt.replace(['(', ')'], "");
+        let (ids, weights) = tokenizer.encode_weighted(prompt, rows).unwrap();
+        assert_eq!(ids, tokenizer.encode_chunked(&plain, rows).unwrap(), "{prompt}");
+        assert_eq!(weights.len(), 75 * rows + 2);
+        if prompt == plain {
+            assert!(weights.iter().all(|w| *w == 1.0), "{prompt}");
+        }
+    }
+    let (ids, weights) = tokenizer.encode_weighted("a ((red:1.5) car) [on] grass", 1).unwrap();
+    assert_eq!(ids, tokenizer.encode("a red car on grass").unwrap());
+    let expected = [1.0, 1.0, 1.5 * 1.1, 1.1, 1.0 / 1.1, 1.0, 1.0, 1.0];
+    for (w, e) in weights.iter().zip(expected) {
+        assert!((w - e).abs() < 1e-6, "{weights:?}");
+    }
+    // `BREAK` ends the row with an end token; the next words start the next row.
+    let (ids, weights) = tokenizer.encode_weighted("a cat BREAK (a dog)", 2).unwrap();
+    let (cat, dog) = (tokenizer.encode_unpadded("a cat").unwrap(), tokenizer.encode_unpadded("a dog").unwrap());
+    assert_eq!((ids[0], &ids[1..3], ids[3]), (BOS_TOKEN_ID, &cat[..], EOS_TOKEN_ID));
+    assert_eq!((ids[77], &ids[78..80], ids[80]), (BOS_TOKEN_ID, &dog[..], EOS_TOKEN_ID));
+    assert_eq!((weights[76], weights[77]), (1.1, 1.1), "row 2's words are states 76 and 77");
+}
+
+/// Weights scale their states and the prompt's mean state is restored; all-one weights
+/// change nothing.
+#[test]
+fn apply_weights_scales_states_and_keeps_the_mean() {
+    use sd_model::prompt::apply_weights;
+    let device = Default::default();
+    let hidden = Tensor::<B, 3>::random([2, 4, 8], Distribution::Uniform(0.5, 1.5), &device);
+    let same = apply_weights(hidden.clone(), &[1.0; 8]);
+    assert_eq!(max_abs_diff(same, hidden.clone()), 0.0);
+    let weights = [1.0, 1.5, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0];
+    let out = apply_weights(hidden.clone(), &weights);
+    let mean = |t: Tensor<B, 3>| t.mean_dim(2).mean_dim(1).into_data().to_vec::<f32>().unwrap();
+    for (a, b) in mean(out.clone()).iter().zip(mean(hidden.clone())) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    // State 1 of prompt 0 relative to state 0: 1.5 times what it was.
+    let ratio = |t: Tensor<B, 3>| {
+        let v = t.slice([0..1, 0..2, 0..1]).into_data().to_vec::<f32>().unwrap();
+        v[1] / v[0]
+    };
+    assert!((ratio(out) / ratio(hidden) - 1.5).abs() < 1e-5);
 }

@@ -265,6 +265,10 @@ pub struct TrainSection {
     /// Clip the global L2 norm of all adapter gradients (UNet and text encoder together)
     /// to this value (0 = off).
     pub max_grad_norm: f32,
+    /// kohya's `scale_weight_norms`: after each step, scale down every adapter whose update
+    /// `‖ΔW‖` exceeds this (0 = off; 1 is common): max-norm regularization, which keeps
+    /// single layers from running away.
+    pub scale_weight_norms: f64,
     /// `no` (f32), `bf16` or `fp16`: precision of the frozen base weights; the VAE always
     /// runs in f32.
     pub mixed_precision: MixedPrecision,
@@ -360,6 +364,9 @@ pub struct OutputSection {
     /// With `data.validation_split`: measure the validation loss every N steps as well as
     /// at the end (0 = only at the end).
     pub validate_every_n_steps: usize,
+    /// Also sample before the first step (kohya's `sample_at_first`), to
+    /// `samples-step000000.png`: the base model's images to compare the later grids with.
+    pub sample_at_first: bool,
     /// Write only the metadata loading needs (kohya's `no_metadata`): no training settings,
     /// dataset folders or tag counts in the LoRA file (the model spec and hashes stay).
     pub no_metadata: bool,
@@ -463,6 +470,7 @@ impl Default for TrainConfig {
                 prodigy_use_bias_correction: false,
                 prodigy_safeguard_warmup: false,
                 max_grad_norm: 1.0,
+                scale_weight_norms: 0.0,
                 mixed_precision: MixedPrecision::No,
                 gradient_checkpointing: false,
                 prediction: Prediction::Auto,
@@ -508,6 +516,7 @@ impl Default for TrainConfig {
                 log_interval_s: 1.0,
                 tensorboard: true,
                 validate_every_n_steps: 0,
+                sample_at_first: false,
                 no_metadata: false,
                 training_comment: String::new(),
                 metadata_title: String::new(),
@@ -676,6 +685,9 @@ impl TrainConfig {
         let growth_ok = t.prodigy_growth_rate >= 1.0; // NaN fails
         if !prodigy.iter().all(|v| v.is_finite() && *v > 0.0) || !growth_ok || !(0.0..1.0).contains(&t.prodigy_beta3) {
             return bad("train.prodigy_d_coef and train.prodigy_d0 must be positive, train.prodigy_growth_rate at least 1 (inf: no limit), train.prodigy_beta3 in [0, 1) (0: sqrt(adam_beta2))");
+        }
+        if !(t.scale_weight_norms.is_finite() && t.scale_weight_norms >= 0.0) {
+            return bad("train.scale_weight_norms must be 0 (off) or a positive norm");
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             return bad("data.validation_split must be at least 0 (none) and below 1");

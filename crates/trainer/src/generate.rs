@@ -94,6 +94,11 @@ pub fn token_rows(tokenizer: &ClipTokenizer, max_token_length: usize) -> usize {
 pub fn prompt_ids<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, prompts: &[String], max_token_length: usize, device: &B::Device) -> Result<Tensor<B, 2, Int>, TrainError> {
     let rows = token_rows(tokenizer, max_token_length);
     let ids = prompts.iter().map(|p| tokenizer.encode_chunked(p, rows)).collect::<Result<Vec<_>, _>>()?;
+    ids_tensor(tokenizer, vocab, ids, rows, device)
+}
+
+/// Rows of ids as a `[N, rows × 77]` tensor, checked against the vocabulary.
+fn ids_tensor<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, ids: Vec<Vec<u32>>, rows: usize, device: &B::Device) -> Result<Tensor<B, 2, Int>, TrainError> {
     if let Some(bad) = ids.iter().flatten().find(|i| **i as usize >= vocab) {
         return Err(TrainError::Config {
             origin: "tokenizer".into(),
@@ -106,14 +111,27 @@ pub fn prompt_ids<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, prompts: 
     Ok(Tensor::from_data(TensorData::new(flat, [n, len]), device))
 }
 
-/// Encodes prompts to text embeddings `[N, 77, D]`, or with a `max_token_length` of 150 /
-/// 225 `[N, 152 | 227, D]` as kohya's sd-scripts do
-/// ([`sd_model::ClipTextModel::forward_chunked`]).
+/// Encodes prompts for sampling to text embeddings `[N, 77, D]` (or, with a
+/// `max_token_length` of 150 / 225, `[N, 152 | 227, D]` as kohya's sd-scripts do:
+/// [`sd_model::ClipTextModel::forward_chunked`]), with A1111's emphasis syntax: `(word)`,
+/// `[word]`, `(word:1.3)`, `BREAK` ([`sd_model::prompt`]), as kohya's sample prompts and
+/// A1111 read it. Captions for training go through [`encode_with`], which takes them
+/// literally.
 pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, max_token_length: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
-    encode_with(&c.text_encoder, &c.tokenizer, prompts, clip_skip, max_token_length, device)
+    let rows = token_rows(&c.tokenizer, max_token_length);
+    let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
+    for p in prompts {
+        let (i, w) = c.tokenizer.encode_weighted(p, rows)?;
+        ids.push(i);
+        weights.extend(w);
+    }
+    let ids = ids_tensor(&c.tokenizer, c.text_encoder.vocab_size(), ids, rows, device)?;
+    let hidden = c.text_encoder.forward_chunked(ids, c.tokenizer.max_length(), clip_skip)?;
+    Ok(sd_model::prompt::apply_weights(hidden, &weights))
 }
 
-/// [`encode_prompts`] with a given text encoder (one being trained, say).
+/// Encodes captions literally (no emphasis syntax) with a given text encoder (one being
+/// trained, say); otherwise as [`encode_prompts`].
 pub fn encode_with<B: Backend>(
     text_encoder: &sd_model::ClipTextModel<B>,
     tokenizer: &ClipTokenizer,

@@ -158,6 +158,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_seed", t.seed.to_string()),
         ("ss_optimizer", optimizer),
         ("ss_max_grad_norm", t.max_grad_norm.to_string()),
+        ("ss_scale_weight_norms", if t.scale_weight_norms > 0.0 { t.scale_weight_norms.to_string() } else { "None".into() }),
         ("ss_noise_offset", t.noise_offset.to_string()),
         ("ss_noise_offset_random_strength", py_bool(t.noise_offset_random_strength)),
         ("ss_multires_noise_iterations", t.multires_noise_iterations.to_string()),

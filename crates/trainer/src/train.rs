@@ -686,6 +686,7 @@ fn run<B: AutodiffBackend>(
     };
     let unet_params = adapter_params(&mut unet, "unet");
     let te_params = adapter_params(&mut text_encoder, "text_encoder");
+    let (unet_norm_pairs, te_norm_pairs) = (lora_core::optim::norm_pairs(&mut unet), lora_core::optim::norm_pairs(&mut text_encoder));
 
     let mut cache = EncodeCache::default();
     let mut plans = dataset.plan_epoch(progress.epoch);
@@ -710,6 +711,12 @@ fn run<B: AutodiffBackend>(
     let mut last_read = Instant::now();
     let first_step = progress.step;
     let mut epochs_completed = completed_epochs(&progress, plans.len());
+    if config.output.sample_at_first && first_step == 0 && !config.output.sample_prompts.is_empty() {
+        // kohya's `sample_at_first`: what the prompts give before any training (the base
+        // model, or the starting `network_weights`), to compare the later grids with.
+        let size = (config.data.resolution as usize, config.data.resolution as usize);
+        sample_grid_now(&unet, &text_encoder, &frozen, config, size, &out.join("samples-step000000.png"), device)?;
+    }
     for step in first_step..t.max_train_steps {
         B::seed(device, step_seed(t.seed, step));
         let lr = learning_rate(t, step);
@@ -836,7 +843,13 @@ fn run<B: AutodiffBackend>(
         // Prodigy's step sizes after the step (its estimate times the learning rate).
         let d_lr = optim.prodigy_d().map(|d| d.mul_scalar(lr));
         let te_d_lr = te_lr.and_then(|te_lr| te_optim.prodigy_d().map(|d| d.mul_scalar(te_lr)));
-        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, d_lr, te_d_lr, record: check.record });
+        let mut max_norm = None;
+        if t.scale_weight_norms > 0.0 {
+            let te_pairs = if train_te { &te_norm_pairs[..] } else { &[] };
+            let (u, te, stats) = apply_max_norm(t.scale_weight_norms as f32, (unet, &mut optim, &unet_norm_pairs), (text_encoder, &mut te_optim, te_pairs))?;
+            (unet, text_encoder, max_norm) = (u, te, Some(stats));
+        }
+        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, d_lr, te_d_lr, max_norm, record: check.record });
 
         let last = progress.step == t.max_train_steps;
         let sample_every = config.output.sample_every_n_steps;
@@ -880,18 +893,9 @@ fn run<B: AutodiffBackend>(
             }
         }
         if sample {
-            let mut current = Components {
-                unet: unet.valid(),
-                tokenizer: frozen.tokenizer.clone(),
-                text_encoder: text_encoder.valid(),
-                vae: frozen.vae.clone(),
-                scheduler: frozen.scheduler.clone(),
-                base_version: frozen.base_version.clone(),
-            };
-            merge_adapters(&mut current);
             let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
             let path = out.join(format!("samples-step{:06}.png", progress.step));
-            save_png(&generate_grid(&current, config, size, device)?, &path)?;
+            sample_grid_now(&unet, &text_encoder, &frozen, config, size, &path, device)?;
         }
         let every = config.output.validate_every_n_steps;
         if let Some(v) = validator.as_mut().filter(|_| last || (every > 0 && progress.step.is_multiple_of(every))) {
@@ -982,6 +986,8 @@ struct PendingStep<B: burn::tensor::backend::Backend> {
     /// rate), on the device.
     d_lr: Option<Tensor<B, 1>>,
     te_d_lr: Option<Tensor<B, 1>>,
+    /// With `train.scale_weight_norms`: `[adapters scaled, mean norm, largest norm]`.
+    max_norm: Option<Tensor<B, 1>>,
     record: Tensor<B, 1>,
 }
 
@@ -1006,9 +1012,10 @@ impl ReadBack<'_> {
     fn steps<B: burn::tensor::backend::Backend>(mut self, pending: Vec<PendingStep<B>>, on_step: &mut dyn FnMut(&StepInfo) -> bool) -> Result<bool, TrainError> {
         let records = read_records(pending.iter().map(|p| p.record.clone()).collect())?;
         let mut step_sizes = read_step_sizes(&pending)?.into_iter();
+        let max_norms = read_max_norms(&pending)?;
         let elapsed_s = self.start.elapsed().as_secs_f64();
         let mut go_on = true;
-        for (p, r) in pending.iter().zip(records) {
+        for ((p, r), max_norm) in pending.iter().zip(records).zip(max_norms) {
             let StepRecord { loss, grad_norm, loss_scale, outcome } = r;
             if outcome == StepOutcome::NonFinite && self.t.on_non_finite == crate::config::OnNonFinite::Stop {
                 return Err(TrainError::NonFinite { step: p.step, loss, grad_norm });
@@ -1019,13 +1026,18 @@ impl ReadBack<'_> {
             let info = StepInfo { step: p.step, total: self.t.max_train_steps, loss, lr: p.lr, elapsed_s };
             writeln!(
                 self.metrics,
-                "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},{}\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
+                "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},{}{}\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
                 info.step,
                 p.epoch,
                 json_f32(loss),
                 json_f32(grad_norm),
                 info.lr,
                 d_lr.map_or(String::new(), |v| format!("\"d_lr\":{},", json_f32(v))),
+                max_norm.map_or(String::new(), |[n, mean, max]| format!(
+                    "\"keys_scaled\":{n},\"average_key_norm\":{},\"max_key_norm\":{},",
+                    json_f32(mean),
+                    json_f32(max)
+                )),
                 loss_scale,
                 outcome != StepOutcome::Applied,
                 info.elapsed_s
@@ -1038,6 +1050,9 @@ impl ReadBack<'_> {
                 values.extend(te_d_lr.map(|v| ("d*lr/text_encoder", v)));
                 values.extend(grad_norm.is_finite().then_some(("grad_norm", grad_norm)));
                 values.extend(self.fp16.then_some(("loss_scale", loss_scale)));
+                if let Some([n, mean, max]) = max_norm {
+                    values.extend([("max_norm/keys_scaled", n), ("max_norm/average_key_norm", mean), ("max_norm/max_key_norm", max)]);
+                }
                 tensorboard(events, |e| e.scalars(p.step as u64, self.start_wall + elapsed_s, &values))?;
             }
             go_on &= on_step(&info);
@@ -1051,6 +1066,36 @@ impl ReadBack<'_> {
 
 /// Prodigy's step sizes of `pending` steps, in order (UNet, then text encoder, per step),
 /// in one read; nothing to read without Prodigy.
+/// Each pending step's max-norm statistics (`train.scale_weight_norms`), in one read.
+fn read_max_norms<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]) -> Result<Vec<Option<[f32; 3]>>, TrainError> {
+    let stats: Vec<Tensor<B, 1>> = pending.iter().filter_map(|p| p.max_norm.clone()).collect();
+    if stats.is_empty() {
+        return Ok(vec![None; pending.len()]);
+    }
+    let data = Tensor::cat(stats, 0).into_data().convert::<f32>();
+    let values = data.to_vec::<f32>().map_err(|e| lora_core::LoraError::Unsupported(format!("reading the max-norm statistics: {e:?}")))?;
+    let mut chunks = values.chunks_exact(3).map(|c| [c[0], c[1], c[2]]);
+    Ok(pending.iter().map(|p| p.max_norm.as_ref().and_then(|_| chunks.next())).collect())
+}
+
+/// kohya's max-norm regularization of every adapter after a step, on the device: the
+/// UNet's and (when trained) the text encoder's, with statistics over both
+/// (`[adapters scaled, mean norm, largest norm]`).
+#[allow(clippy::type_complexity)]
+fn apply_max_norm<B: AutodiffBackend>(
+    max_norm: f32,
+    (unet, optim, unet_pairs): (sd_model::UNet2DConditionModel<B>, &mut FlatAdamW<B>, &[lora_core::optim::NormPair]),
+    (te, te_optim, te_pairs): (sd_model::ClipTextModel<B>, &mut FlatAdamW<B>, &[lora_core::optim::NormPair]),
+) -> Result<(sd_model::UNet2DConditionModel<B>, sd_model::ClipTextModel<B>, Tensor<B::InnerBackend, 1>), TrainError> {
+    let (unet, a) = optim.apply_max_norm(unet, unet_pairs, max_norm)?;
+    let (te, b) = te_optim.apply_max_norm(te, te_pairs, max_norm)?;
+    let count = (a.count + b.count).max(1) as f32;
+    let sums = a.values.clone().slice(0..2) + b.values.clone().slice(0..2);
+    let largest = a.values.slice(2..3).max_pair(b.values.slice(2..3));
+    let mean = sums.clone().slice(1..2).div_scalar(count);
+    Ok((unet, te, Tensor::cat(vec![sums.slice(0..1), mean, largest], 0)))
+}
+
 fn read_step_sizes<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]) -> Result<Vec<f32>, TrainError> {
     let sizes: Vec<Tensor<B, 1>> = pending.iter().flat_map(|p| [p.d_lr.clone(), p.te_d_lr.clone()]).flatten().collect();
     if sizes.is_empty() {
@@ -1155,6 +1200,21 @@ impl ValidationLog {
     }
 }
 
+/// Writes the sample grid of the adapters as they are now, merged into inference copies.
+fn sample_grid_now<B: AutodiffBackend>(
+    unet: &sd_model::UNet2DConditionModel<B>,
+    text_encoder: &sd_model::ClipTextModel<B>,
+    frozen: &Components<B::InnerBackend>,
+    config: &TrainConfig,
+    size: (usize, usize),
+    path: &Path,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    let mut current = Components { unet: unet.valid(), text_encoder: text_encoder.valid(), ..frozen.clone() };
+    merge_adapters(&mut current);
+    save_png(&generate_grid(&current, config, size, device)?, path)
+}
+
 /// Writes LoRA files and training states.
 struct Saver<'a, B: AutodiffBackend> {
     config: &'a TrainConfig,
@@ -1254,7 +1314,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         if with_embeddings {
             for s in &plan.samples {
                 if !self.embeddings.contains_key(&s.caption) {
-                    let embeds = crate::generate::encode_prompts(c, std::slice::from_ref(&s.caption), text.clip_skip, text.max_token_length, device)?;
+                    let embeds = crate::generate::encode_with(&c.text_encoder, &c.tokenizer, std::slice::from_ref(&s.caption), text.clip_skip, text.max_token_length, device)?;
                     self.embeddings.insert(s.caption.clone(), embeds);
                 }
             }

@@ -200,3 +200,24 @@ fn long_prompts_are_encoded_in_rows_of_75_tokens() {
     assert!(rel(&a, &b) > 1e-4, "the longer encoding changes the samples");
     assert_eq!(b, run(&o150));
 }
+
+/// Sample prompts read A1111 emphasis; plain prompts encode as captions do.
+#[test]
+fn prompt_emphasis_weights_the_text_embedding() {
+    use trainer::generate::{encode_prompts, encode_with};
+    let device = Default::default();
+    let c = load_components::<B>("tiny", 0, &device).unwrap();
+    let encode = |p: &str| encode_prompts(&c, &[p.to_string()], 1, 75, &device).unwrap();
+    let plain = encode("a red circle");
+    let literal = encode_with(&c.text_encoder, &c.tokenizer, &["a red circle".to_string()], 1, 75, &device).unwrap();
+    assert_eq!((plain.clone() - literal).abs().max().into_scalar(), 0.0);
+    let weighted = encode("a (red:1.5) circle");
+    let diff = (weighted.clone() - plain.clone()).abs().max().into_scalar();
+    assert!(diff > 1e-3, "emphasis changes the embedding ({diff})");
+    let mean = |t: Tensor<B, 3>| t.mean().into_scalar();
+    assert!((mean(weighted) - mean(plain)).abs() < 1e-5, "the mean is kept");
+    let o = GenerateOptions { prompts: vec!["a (red:1.5) circle".into()], ..opts("ddim") };
+    let p = GenerateOptions { prompts: vec!["a red circle".into()], ..opts("ddim") };
+    let run = |o: &GenerateOptions| values(denoise(&c, o, initial_latents(&c, o, &device).unwrap(), &device).unwrap());
+    assert!(rel(&run(&o), &run(&p)) > 1e-5);
+}

@@ -953,3 +953,59 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
         assert!(bare.contains_key(k), "{k}");
     }
 }
+
+/// kohya's `scale_weight_norms`: every adapter written (UNet and text encoder) has an
+/// update norm at most the limit, the steps' statistics reach metrics.jsonl, and off
+/// means no statistics.
+#[test]
+fn scale_weight_norms_keeps_every_adapter_under_the_limit() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 4);
+    config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    config.train.learning_rate = 1e-2;
+    let free = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let metrics = std::fs::read_to_string(&free.metrics).unwrap();
+    assert!(!metrics.contains("keys_scaled"));
+    let norms = |path: &std::path::Path| -> Vec<f64> {
+        let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
+        let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &Default::default()).unwrap();
+        let index = sd_model::lora::module_index(&mut unet, Some(&mut te)).unwrap();
+        let (set, _) = AdapterSet::load(path, &index, ReadOptions::default()).unwrap();
+        set.iter().map(|(_, w)| w.delta().data.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()).collect()
+    };
+    let free_norms = norms(&free.lora);
+    let limit = free_norms.iter().cloned().fold(0.0, f64::max) / 2.0;
+    assert!(free_norms.iter().filter(|n| **n > limit).count() >= 1);
+
+    config.train.scale_weight_norms = limit;
+    config.output.output_dir = dir.path().join("limited");
+    let limited = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let limited_norms = norms(&limited.lora);
+    assert!(limited_norms.iter().all(|n| *n <= limit * (1.0 + 1e-4)), "{limited_norms:?} over {limit}");
+    let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&limited.metrics).unwrap().lines().last().unwrap()).unwrap();
+    assert!(last["keys_scaled"].as_f64().unwrap() >= 1.0, "{last}");
+    let max_key = last["max_key_norm"].as_f64().unwrap();
+    assert!(max_key <= limit * (1.0 + 1e-4) && last["average_key_norm"].as_f64().unwrap() <= max_key, "{last}");
+    assert!((limited_norms.iter().cloned().fold(0.0, f64::max) - max_key).abs() <= 1e-3 * max_key, "the statistics describe the saved adapters");
+
+    config.train.scale_weight_norms = -1.0;
+    assert!(config.validate().unwrap_err().to_string().contains("train.scale_weight_norms"));
+}
+
+/// kohya's `sample_at_first`: a grid before the first step, and the run is otherwise the
+/// same, loss for loss.
+#[test]
+fn sample_at_first_writes_the_untrained_grid_and_changes_nothing_else() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(&dir.path().join("plain"), 2);
+    let plain = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert!(!dir.path().join("plain/samples-step000000.png").exists());
+    config.output.sample_at_first = true;
+    config.output.output_dir = dir.path().join("first");
+    let first = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let grid = image::open(dir.path().join("first/samples-step000000.png")).unwrap();
+    assert_eq!(grid.width(), image::open(first.sample_grid.unwrap()).unwrap().width());
+    assert_eq!(plain.losses, first.losses);
+}

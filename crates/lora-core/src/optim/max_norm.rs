@@ -1,0 +1,209 @@
+//! Max-norm regularization of adapters (kohya's `scale_weight_norms`), on a [`FlatAdamW`]'s
+//! values.
+//!
+//! After an optimizer step, each adapter whose update `ΔW = scale · up · down` has a
+//! Frobenius norm above `max_norm` gets both factors multiplied by
+//! `sqrt(max_norm / ‖ΔW‖)`, which brings `‖ΔW‖` down to `max_norm`; the others keep their
+//! values. This is sd-scripts' `apply_max_norm_regularization`, including its statistics
+//! (adapters scaled, mean and largest norm after scaling). The norms come from the two
+//! `rank × rank` Gram matrices, `‖U D‖² = Σ (UᵀU) ∘ (D Dᵀ)`, so `ΔW` is never formed, and
+//! everything happens on the device: the training loop does not wait for it. The moments
+//! are left as they are, as in sd-scripts.
+
+use burn::module::{AutodiffModule, ParamId};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use super::FlatAdamW;
+use crate::error::{LoraError, Result};
+use crate::sites::{LoraSiteMut, LoraSites};
+
+/// Which axis of a factor's weight is the rank axis, once the weight is viewed as a matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankAxis {
+    /// `[rank, rest]` (a conv adapter's down weight, a linear adapter's up weight in burn's
+    /// `[in, out]` layout).
+    First,
+    /// `[rest, rank]` (a linear adapter's down weight, a conv adapter's 1x1 up weight).
+    Last,
+}
+
+/// One adapter's two factors, by parameter id ([`norm_pairs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NormPair {
+    /// The module path (for errors).
+    pub path: String,
+    /// The down factor's parameter.
+    pub down: ParamId,
+    /// Where its rank axis is.
+    pub down_rank: RankAxis,
+    /// The up factor's parameter.
+    pub up: ParamId,
+    /// Where its rank axis is.
+    pub up_rank: RankAxis,
+    /// The adapter's `alpha / rank` (or rsLoRA's `alpha / sqrt(rank)`).
+    pub scale: f32,
+}
+
+/// The attached adapters of `model`, in visiting order.
+pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
+    let mut pairs = Vec::new();
+    model.visit_lora_sites(&mut |path, site| match site {
+        LoraSiteMut::Linear(l) => {
+            if let Some(a) = &l.adapter {
+                pairs.push(NormPair {
+                    path: path.to_owned(),
+                    down: a.down.weight.id,
+                    down_rank: RankAxis::Last,
+                    up: a.up.weight.id,
+                    up_rank: RankAxis::First,
+                    scale: a.scale,
+                });
+            }
+        }
+        LoraSiteMut::Conv(c) => {
+            if let Some(a) = &c.adapter {
+                pairs.push(NormPair {
+                    path: path.to_owned(),
+                    down: a.down.weight.id,
+                    down_rank: RankAxis::First,
+                    up: a.up.weight.id,
+                    up_rank: RankAxis::Last,
+                    scale: a.scale,
+                });
+            }
+        }
+    });
+    pairs
+}
+
+/// What one [`FlatAdamW::apply_max_norm`] did, on the device (read it when convenient).
+#[derive(Debug, Clone)]
+pub struct MaxNormStats<B: Backend> {
+    /// `[adapters scaled, sum of the norms after scaling, largest norm after scaling]`.
+    pub values: Tensor<B, 1>,
+    /// Number of adapters (the mean norm is the sum over this).
+    pub count: usize,
+}
+
+/// The per-element pair index of a [`FlatAdamW`]'s flat values, for one list of pairs.
+#[derive(Debug, Clone)]
+pub(super) struct PairIndex<B: AutodiffBackend> {
+    pairs: Vec<(ParamId, ParamId)>,
+    index: Tensor<B::InnerBackend, 1, Int>,
+}
+
+impl<B: AutodiffBackend> FlatAdamW<B> {
+    /// Max-norm regularization (kohya's `scale_weight_norms`): every adapter of `pairs`
+    /// whose update `ΔW = scale · up · down` has a Frobenius norm above `max_norm` gets both
+    /// factors multiplied by `sqrt(max_norm / ‖ΔW‖)`, which brings `‖ΔW‖` to `max_norm`;
+    /// the others keep their values, and the moments are left alone (sd-scripts'
+    /// `apply_max_norm_regularization`, with its statistics). The norms come from two
+    /// `rank × rank` Gram matrices per adapter, `‖U D‖² = Σ (UᵀU) ∘ (D Dᵀ)`, so `ΔW` is
+    /// never formed, and nothing is read back to the host. The values are then written into
+    /// `module`, in the working dtype. Errors when `max_norm` is not positive or a pair's
+    /// tensors are not trained by this optimizer.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use lora_core::optim::{norm_pairs, AdamWSettings, FlatAdamW};
+    /// use lora_core::{LoraConfig, LoraLinear, LoraSiteMut, LoraSites, Component};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// #[derive(burn::module::Module, Debug)]
+    /// struct Net<B: burn::tensor::backend::Backend> { proj: LoraLinear<B> }
+    /// impl<B: burn::tensor::backend::Backend> LoraSites<B> for Net<B> {
+    ///     fn component(&self) -> Component { Component::Unet }
+    ///     fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+    ///         f("proj", LoraSiteMut::Linear(&mut self.proj));
+    ///     }
+    /// }
+    /// let device = Default::default();
+    /// let mut net = Net { proj: LoraLinear::new(LinearConfig::new(16, 16).init::<B>(&device)) };
+    /// net.proj.attach_new(&LoraConfig::new(4), &device).unwrap();
+    /// let a = net.proj.adapter.as_mut().unwrap();
+    /// a.up.weight = a.up.weight.clone().map(|w| w.random_like(Distribution::Normal(0.0, 1.0)).require_grad());
+    /// let mut optim = FlatAdamW::new(AdamWSettings::default(), &net, &device);
+    /// let pairs = norm_pairs(&mut net);
+    /// let (net, stats) = optim.apply_max_norm(net, &pairs, 0.5).unwrap();
+    /// let norm: f32 = net.proj.adapter.as_ref().unwrap().delta_weight(1.0).powf_scalar(2.0).sum().sqrt().into_scalar();
+    /// assert!((norm - 0.5).abs() < 1e-4);
+    /// assert_eq!(stats.values.into_data().to_vec::<f32>().unwrap()[0], 1.0); // one adapter scaled
+    /// ```
+    pub fn apply_max_norm<M: AutodiffModule<B>>(&mut self, module: M, pairs: &[NormPair], max_norm: f32) -> Result<(M, MaxNormStats<B::InnerBackend>)> {
+        if !(max_norm.is_finite() && max_norm > 0.0) {
+            return Err(LoraError::Data(format!("max_norm must be positive, got {max_norm}")));
+        }
+        let device = self.params.device();
+        if pairs.is_empty() {
+            return Ok((module, MaxNormStats { values: Tensor::zeros([3], &device), count: 0 }));
+        }
+        let mut squares = Vec::with_capacity(pairs.len());
+        for pair in pairs {
+            let gram_down = self.gram(pair.down, pair.down_rank, &pair.path)?;
+            let gram_up = self.gram(pair.up, pair.up_rank, &pair.path)?;
+            if gram_down.dims() != gram_up.dims() {
+                return Err(LoraError::Data(format!("`{}`: the down and up factors' ranks differ", pair.path)));
+            }
+            squares.push((gram_down * gram_up).sum().mul_scalar(pair.scale * pair.scale));
+        }
+        // Rounding can make a zero norm's square slightly negative.
+        let norms = Tensor::cat(squares, 0).clamp_min(0.0).sqrt();
+        // sd-scripts' arithmetic: norms below half the limit count as half the limit,
+        // which leaves their ratio at 1.
+        let clamped = norms.clone().clamp_min(max_norm / 2.0);
+        let ratio = clamped.clone().clamp_max(max_norm) / clamped;
+        let scaled = ratio.clone().lower_elem(1.0).int().sum().float();
+        let after = norms * ratio.clone();
+        let values = Tensor::cat(vec![scaled, after.clone().sum(), after.max()], 0);
+        let factors = Tensor::cat(vec![ratio.sqrt(), Tensor::ones([1], &device)], 0);
+        let index = self.pair_index(pairs, &device)?;
+        self.params = self.params.clone() * factors.select(0, index);
+        let module = self.scatter(module, self.working_values());
+        Ok((module, MaxNormStats { values, count: pairs.len() }))
+    }
+
+    /// The `rank × rank` Gram matrix of one trained tensor viewed as a matrix.
+    fn gram(&self, id: ParamId, rank_axis: RankAxis, path: &str) -> Result<Tensor<B::InnerBackend, 2>> {
+        let slot = self.slots.get(&id).ok_or_else(|| LoraError::Data(format!("`{path}`: an adapter tensor is not trained by this optimizer")))?;
+        let values = self.params.clone().slice(slot.offset..slot.offset + slot.len);
+        let rank = match rank_axis {
+            RankAxis::First => slot.shape.first(),
+            RankAxis::Last => slot.shape[1..].iter().rev().find(|d| **d != 1).or(slot.shape.last()),
+        }
+        .copied()
+        .filter(|r| *r > 0 && slot.len.is_multiple_of(*r))
+        .ok_or_else(|| LoraError::Data(format!("`{path}`: adapter weight of shape {:?}", slot.shape)))?;
+        Ok(match rank_axis {
+            RankAxis::First => {
+                let m = values.reshape([rank, slot.len / rank]);
+                m.clone().matmul(m.transpose())
+            }
+            RankAxis::Last => {
+                let m = values.reshape([slot.len / rank, rank]);
+                m.clone().transpose().matmul(m)
+            }
+        })
+    }
+
+    /// Each flat element's pair (or `pairs.len()` outside every pair), built once per list.
+    fn pair_index(&mut self, pairs: &[NormPair], device: &burn::tensor::Device<B::InnerBackend>) -> Result<Tensor<B::InnerBackend, 1, Int>> {
+        let ids: Vec<(ParamId, ParamId)> = pairs.iter().map(|p| (p.down, p.up)).collect();
+        if let Some(cached) = self.max_norm_index.as_ref().filter(|c| c.pairs == ids) {
+            return Ok(cached.index.clone());
+        }
+        let mut index = vec![pairs.len() as i64; self.len()];
+        for (k, (down, up)) in ids.iter().enumerate() {
+            for id in [down, up] {
+                let slot = &self.slots[id];
+                index[slot.offset..slot.offset + slot.len].fill(k as i64);
+            }
+        }
+        let len = index.len();
+        let index = Tensor::from_data(TensorData::new(index, [len]), device);
+        self.max_norm_index = Some(PairIndex { pairs: ids, index: index.clone() });
+        Ok(index)
+    }
+}

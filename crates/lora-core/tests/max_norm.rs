@@ -1,0 +1,139 @@
+//! Max-norm regularization (`FlatAdamW::apply_max_norm`, kohya's `scale_weight_norms`)
+//! against the definition computed on the host from each adapter's full `ΔW`.
+
+mod common;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::{AutodiffModule, Module};
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::LinearConfig;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, FloatDType, Tensor};
+use common::{random_weights, Rng};
+use lora_core::optim::{norm_pairs, AdamWSettings, FlatAdamW};
+use lora_core::{Component, LoraConv2d, LoraLinear, LoraSiteMut, LoraSites};
+
+type AD = Autodiff<Flex>;
+
+#[derive(Module, Debug)]
+struct Net<B: Backend> {
+    big: LoraLinear<B>,
+    conv: LoraConv2d<B>,
+    small: LoraLinear<B>,
+}
+
+impl<B: Backend> LoraSites<B> for Net<B> {
+    fn component(&self) -> Component {
+        Component::Unet
+    }
+
+    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+        f("big", LoraSiteMut::Linear(&mut self.big));
+        f("conv", LoraSiteMut::Conv(&mut self.conv));
+        f("small", LoraSiteMut::Linear(&mut self.small));
+    }
+}
+
+/// Three adapters with update norms far above, about at and far below 1; the first layer's
+/// base stays trainable (an optimizer tensor outside every adapter).
+fn net() -> Net<AD> {
+    let device = Default::default();
+    let mut rng = Rng::new(11);
+    let mut net = Net {
+        big: LoraLinear::new(LinearConfig::new(16, 24).init(&device)),
+        conv: LoraConv2d::new(Conv2dConfig::new([8, 8], [3, 3]).init(&device).no_grad()),
+        small: LoraLinear::new(LinearConfig::new(8, 8).init(&device).no_grad()),
+    };
+    net.big.attach_weights(&random_weights(&mut rng, 16, 24, 4, None, 4.0), "big", &device).unwrap();
+    net.conv.attach_weights(&random_weights(&mut rng, 8, 8, 2, Some([3, 3]), 0.12), "conv", &device).unwrap();
+    let mut small = random_weights(&mut rng, 8, 8, 2, None, 2.0);
+    small.up.data.iter_mut().for_each(|v| *v *= 0.01);
+    net.small.attach_weights(&small, "small", &device).unwrap();
+    net
+}
+
+/// Each adapter's `‖ΔW‖` and its factors (down, up) as flat host vectors.
+fn adapters(net: &Net<AD>) -> Vec<(f32, Vec<f32>, Vec<f32>)> {
+    let host = |t: Tensor<Flex, 2>| t.into_data().to_vec::<f32>().unwrap();
+    let norm = |d: Vec<f32>| d.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() as f32;
+    let mut out = Vec::new();
+    for l in [&net.big, &net.small] {
+        let a = l.adapter.as_ref().unwrap().valid();
+        out.push((norm(host(a.delta_weight(1.0))), host(a.down.weight.val()), host(a.up.weight.val())));
+    }
+    let c = net.conv.adapter.as_ref().unwrap().valid();
+    let flat4 = |t: Tensor<Flex, 4>| t.into_data().to_vec::<f32>().unwrap();
+    out.insert(1, (norm(flat4(c.delta_weight(1.0))), flat4(c.down.weight.val()), flat4(c.up.weight.val())));
+    out
+}
+
+#[test]
+fn adapters_over_the_limit_are_scaled_to_it_as_sd_scripts_does() {
+    let device = Default::default();
+    let mut model = net();
+    let before = adapters(&model);
+    let norms: Vec<f32> = before.iter().map(|a| a.0).collect();
+    assert!(norms[0] > 2.0 && (0.5..2.0).contains(&norms[1]) && norms[2] < 0.5, "{norms:?}");
+    let base_before = model.big.base.weight.val().into_data();
+    let max_norm = 1.0;
+    let mut optim = FlatAdamW::new(AdamWSettings::default(), &model, &device);
+    let pairs = norm_pairs(&mut model);
+    let (model, stats) = optim.apply_max_norm(model, &pairs, max_norm).unwrap();
+    let after = adapters(&model);
+    // sd-scripts: ratio = min(max(n, m/2), m) / max(n, m/2); both factors times sqrt(ratio).
+    let mut expected_stats = [0.0f32, 0.0, 0.0];
+    for ((n, down, up), (n_after, down_after, up_after)) in before.iter().zip(&after) {
+        let clamped = n.max(max_norm / 2.0);
+        let ratio = clamped.min(max_norm) / clamped;
+        for (old, new) in [(down, down_after), (up, up_after)] {
+            for (o, v) in old.iter().zip(new) {
+                assert!((o * ratio.sqrt() - v).abs() <= 1e-6 * o.abs().max(1e-3), "{o} * {} vs {v}", ratio.sqrt());
+            }
+        }
+        if ratio == 1.0 {
+            assert_eq!((down, up), (down_after, up_after), "an adapter under the limit keeps its bits");
+        }
+        assert!((n_after - n * ratio).abs() <= 1e-5 * n, "{n_after} vs {}", n * ratio);
+        expected_stats[0] += f32::from(ratio < 1.0);
+        expected_stats[1] += n * ratio;
+        expected_stats[2] = expected_stats[2].max(n * ratio);
+    }
+    assert_eq!(expected_stats[0], 1.0, "only the big adapter is over the limit");
+    let got = stats.values.into_data().to_vec::<f32>().unwrap();
+    assert_eq!(stats.count, 3);
+    assert_eq!(got[0], expected_stats[0]);
+    for k in 1..3 {
+        assert!((got[k] - expected_stats[k]).abs() <= 1e-5 * expected_stats[k], "{got:?} vs {expected_stats:?}");
+    }
+    model.big.base.weight.val().into_data().assert_eq(&base_before, true);
+    // Applying it again changes nothing that matters: every norm is at most the limit.
+    let (model, _) = optim.apply_max_norm(model, &pairs, max_norm).unwrap();
+    for (a, b) in adapters(&model).iter().zip(&after) {
+        assert!((a.0 - b.0).abs() <= 1e-6 && a.0 <= max_norm * (1.0 + 1e-6));
+    }
+    // The optimizer's values are what was written: a later step starts from them.
+    let saved = optim.to_master(model.clone());
+    assert_eq!(adapters(&saved)[0].1, adapters(&model)[0].1);
+}
+
+#[test]
+fn working_copies_get_the_scaled_values_and_bad_input_is_an_error() {
+    let device = Default::default();
+    let mut model = net();
+    let pairs = norm_pairs(&mut model);
+    let mut optim = FlatAdamW::new(AdamWSettings::default(), &model, &device).with_working_dtype(FloatDType::BF16);
+    let model = optim.to_working(model);
+    let (model, _) = optim.apply_max_norm(model, &pairs, 1.0).unwrap();
+    let a = model.big.adapter.as_ref().unwrap();
+    assert_eq!(a.up.weight.val().dtype(), DType::BF16);
+    let master = optim.to_master(model.clone());
+    let norm: f32 = master.big.adapter.as_ref().unwrap().delta_weight(1.0).powf_scalar(2.0).sum().sqrt().into_scalar();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    for bad in [0.0, -1.0, f32::NAN] {
+        assert!(optim.apply_max_norm(model.clone(), &pairs, bad).is_err(), "{bad}");
+    }
+    // Pairs of another model's tensors are not this optimizer's.
+    let other = norm_pairs(&mut net());
+    let err = optim.apply_max_norm(model, &other, 1.0).unwrap_err().to_string();
+    assert!(err.contains("`big`"), "{err}");
+}

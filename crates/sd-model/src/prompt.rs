@@ -1,0 +1,308 @@
+//! Prompt emphasis as AUTOMATIC1111's web UI and kohya's sample prompts write it:
+//! `(word)` multiplies the attention to `word` by 1.1, `[word]` divides it by 1.1,
+//! `(word:1.5)` sets a factor, brackets nest, `\(` `\)` `\[` `\]` are literal brackets, and
+//! `BREAK` starts a new row of 75 tokens.
+//!
+//! [`parse_prompt_attention`] splits a prompt into text pieces with weights, exactly as
+//! A1111's `parse_prompt_attention` does; [`ClipTokenizer::encode_weighted`] tokenizes the
+//! pieces into the rows of [`ClipTokenizer::encode_chunked`] with one weight per joined
+//! hidden state; [`apply_weights`] scales the text encoder's states by them and restores
+//! their mean, as kohya's long-prompt-weighting pipeline does for sample images.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::tokenizer::{ClipTokenizer, Result};
+
+/// One piece of a parsed prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptPiece {
+    /// Text with its attention weight.
+    Text(String, f64),
+    /// `BREAK`: the next text starts a new row.
+    Break,
+}
+
+const ROUND: f64 = 1.1;
+const SQUARE: f64 = 1.0 / 1.1;
+
+/// Splits a prompt into weighted text pieces, as A1111's `parse_prompt_attention` does:
+/// unbalanced brackets still apply to the rest of the prompt, an unknown `:` is text, and
+/// neighbouring pieces of the same weight are merged. An empty prompt is one empty piece.
+///
+/// ```
+/// use sd_model::prompt::{parse_prompt_attention, PromptPiece::Text};
+/// assert_eq!(parse_prompt_attention("an (important) word"), [
+///     Text("an ".into(), 1.0), Text("important".into(), 1.1), Text(" word".into(), 1.0),
+/// ]);
+/// assert_eq!(parse_prompt_attention(r"\(literal\]"), [Text("(literal]".into(), 1.0)]);
+/// ```
+pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
+    let mut pieces: Vec<PromptPiece> = Vec::new();
+    let mut round: Vec<usize> = Vec::new();
+    let mut square: Vec<usize> = Vec::new();
+    let multiply = |pieces: &mut Vec<PromptPiece>, from: usize, factor: f64| {
+        for piece in &mut pieces[from..] {
+            if let PromptPiece::Text(_, w) = piece {
+                *w *= factor;
+            }
+        }
+    };
+    for token in lex(prompt) {
+        match token {
+            Lexeme::Escaped(text) => pieces.push(PromptPiece::Text(text.to_owned(), 1.0)),
+            Lexeme::Open('(') => round.push(pieces.len()),
+            Lexeme::Open(_) => square.push(pieces.len()),
+            Lexeme::Weight(w, _) if !round.is_empty() => {
+                let from = round.pop().unwrap_or_default();
+                multiply(&mut pieces, from, w);
+            }
+            Lexeme::Close(')') if !round.is_empty() => {
+                let from = round.pop().unwrap_or_default();
+                multiply(&mut pieces, from, ROUND);
+            }
+            Lexeme::Close(']') if !square.is_empty() => {
+                let from = square.pop().unwrap_or_default();
+                multiply(&mut pieces, from, SQUARE);
+            }
+            other => {
+                for (i, part) in split_breaks(other.text()).into_iter().enumerate() {
+                    if i > 0 {
+                        pieces.push(PromptPiece::Break);
+                    }
+                    pieces.push(PromptPiece::Text(part, 1.0));
+                }
+            }
+        }
+    }
+    for from in round {
+        multiply(&mut pieces, from, ROUND);
+    }
+    for from in square {
+        multiply(&mut pieces, from, SQUARE);
+    }
+    if pieces.is_empty() {
+        pieces.push(PromptPiece::Text(String::new(), 1.0));
+    }
+    // Neighbours of the same weight become one piece (A1111 merges by weight alone).
+    let mut merged: Vec<PromptPiece> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        match (merged.last_mut(), piece) {
+            (Some(PromptPiece::Text(text, w)), PromptPiece::Text(next, v)) if *w == v => text.push_str(&next),
+            (_, piece) => merged.push(piece),
+        }
+    }
+    merged
+}
+
+/// The pieces of A1111's prompt regex, in its order of alternatives.
+#[derive(Debug, Clone, PartialEq)]
+enum Lexeme<'a> {
+    /// `\(`, `\)`, `\[`, `\]` or `\\`: the character itself; a lone `\`: nothing (as in
+    /// A1111, which drops it).
+    Escaped(&'a str),
+    /// `(` or `[`.
+    Open(char),
+    /// `:1.5)` (a weight closing a round bracket; text where no round bracket is open).
+    Weight(f64, &'a str),
+    /// `)` or `]`.
+    Close(char),
+    /// Any other run of text, or a `:` that is not a weight.
+    Text(&'a str),
+}
+
+impl<'a> Lexeme<'a> {
+    /// The text a lexeme stands for when it acts as plain text.
+    fn text(&self) -> String {
+        match self {
+            Self::Open(c) | Self::Close(c) => c.to_string(),
+            Self::Escaped(t) | Self::Weight(_, t) | Self::Text(t) => (*t).to_owned(),
+        }
+    }
+}
+
+/// A1111's tokenization of a prompt. A weight whose number does not parse (`:1.2.3)`) is
+/// text, as Python's `float` would raise there and A1111 never produces such a prompt.
+fn lex(s: &str) -> Vec<Lexeme<'_>> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        let (lexeme, len) = match c {
+            '\\' => match rest[1..].chars().next() {
+                Some('(' | ')' | '[' | ']' | '\\') => (Lexeme::Escaped(&rest[1..2]), 2),
+                _ => (Lexeme::Escaped(""), 1),
+            },
+            '(' | '[' => (Lexeme::Open(c), 1),
+            ')' | ']' => (Lexeme::Close(c), 1),
+            ':' => match weight(rest) {
+                Some((w, len)) => (Lexeme::Weight(w, &rest[..len]), len),
+                None => (Lexeme::Text(":"), 1),
+            },
+            _ => {
+                let len = rest.find(['\\', '(', ')', '[', ']', ':']).unwrap_or(rest.len());
+                (Lexeme::Text(&rest[..len]), len)
+            }
+        };
+        out.push(lexeme);
+        rest = &rest[len..];
+    }
+    out
+}
+
+/// `:\s*([+-]?[.\d]+)\s*\)` at the start of `s`: the weight and the match length.
+fn weight(s: &str) -> Option<(f64, usize)> {
+    let after_colon = &s[1..];
+    let body = after_colon.trim_start();
+    let sign = usize::from(body.starts_with(['+', '-']));
+    let digits = body[sign..].find(|c: char| !(c == '.' || c.is_ascii_digit())).unwrap_or(body.len() - sign);
+    if digits == 0 {
+        return None;
+    }
+    let number = &body[..sign + digits];
+    let tail = body[sign + digits..].trim_start();
+    let close = tail.strip_prefix(')')?;
+    Some((number.parse().ok()?, s.len() - close.len()))
+}
+
+/// Splits at `\s*\bBREAK\b\s*` (the word BREAK in capitals, with the spaces around it).
+fn split_breaks(text: String) -> Vec<String> {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut search = 0;
+    while let Some(found) = text[search..].find("BREAK").map(|i| i + search) {
+        let end = found + "BREAK".len();
+        let before_ok = text[..found].chars().next_back().is_none_or(|c| !word(c));
+        let after_ok = text[end..].chars().next().is_none_or(|c| !word(c));
+        if before_ok && after_ok {
+            parts.push(text[start..found].trim_end().to_owned());
+            start = end + (text[end..].len() - text[end..].trim_start().len());
+            search = start;
+        } else {
+            search = end;
+        }
+    }
+    parts.push(text[start..].to_owned());
+    parts
+}
+
+impl ClipTokenizer {
+    /// Encodes a prompt with A1111 emphasis ([`parse_prompt_attention`]) into the rows of
+    /// [`encode_chunked`](Self::encode_chunked) (`rows × max_length` ids), and the weight of
+    /// each state [`crate::ClipTextModel::forward_chunked`] returns for them
+    /// (`rows × (max_length − 2) + 2`; 1 at the start, end and pad tokens).
+    ///
+    /// Each piece is tokenized on its own, as A1111 does; `BREAK` pads to the next row with
+    /// an end token and pad tokens. A prompt without brackets or `BREAK` gives the ids of
+    /// `encode_chunked` and weights of 1.
+    ///
+    /// ```
+    /// use sd_model::tokenizer::ClipTokenizer;
+    /// let tokenizer = ClipTokenizer::bundled()?;
+    /// let (ids, weights) = tokenizer.encode_weighted("a (red:1.5) car", 1)?;
+    /// assert_eq!(ids, tokenizer.encode("a red car")?);
+    /// assert_eq!(&weights[..5], &[1.0, 1.0, 1.5, 1.0, 1.0]);
+    /// # Ok::<(), sd_model::tokenizer::TokenizerError>(())
+    /// ```
+    pub fn encode_weighted(&self, prompt: &str, rows: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        let rows = rows.max(1);
+        let inner = self.max_length().saturating_sub(2).max(1);
+        let (mut words, mut weights) = (Vec::new(), Vec::new());
+        for piece in parse_prompt_attention(prompt) {
+            match piece {
+                PromptPiece::Text(text, w) => {
+                    let ids = self.encode_unpadded(&text)?;
+                    weights.extend(std::iter::repeat_n(w as f32, ids.len()));
+                    words.extend(ids);
+                }
+                PromptPiece::Break => {
+                    let filled = words.len() % inner;
+                    if filled != 0 || words.is_empty() {
+                        let fill = inner - filled;
+                        words.push(self.eos_token_id());
+                        words.extend(std::iter::repeat_n(self.pad_token_id(), fill - 1));
+                        weights.extend(std::iter::repeat_n(1.0, fill));
+                    }
+                }
+            }
+        }
+        let ids = self.frame_chunked(words, rows);
+        weights.truncate(rows * inner);
+        weights.resize(rows * inner, 1.0);
+        let mut joined = Vec::with_capacity(rows * inner + 2);
+        joined.push(1.0);
+        joined.extend(weights);
+        joined.push(1.0);
+        Ok((ids, joined))
+    }
+}
+
+/// Scales hidden states `[batch, len, dim]` by per-state `weights` (`batch × len`, from
+/// [`ClipTokenizer::encode_weighted`]) and then by one factor per prompt that restores the
+/// prompt's mean state value, as kohya's sample pipeline does. All-one weights return the
+/// states unchanged.
+pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> Tensor<B, 3> {
+    if weights.iter().all(|w| *w == 1.0) {
+        return hidden;
+    }
+    let [batch, len, _] = hidden.dims();
+    let device = hidden.device();
+    let w = Tensor::<B, 3>::from_data(TensorData::new(weights.to_vec(), [batch, len, 1]), &device).cast(hidden.dtype());
+    let mean = |t: Tensor<B, 3>| t.mean_dim(2).mean_dim(1);
+    let before = mean(hidden.clone());
+    let weighted = hidden * w;
+    let after = mean(weighted.clone());
+    weighted * (before / after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PromptPiece::{Break, Text};
+
+    fn approx(got: Vec<PromptPiece>, want: &[(&str, f64)]) {
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (g, (text, w)) in got.iter().zip(want) {
+            match g {
+                Text(t, v) => {
+                    assert_eq!(t, text);
+                    assert!((v - w).abs() < 1e-12, "{t}: {v} vs {w}");
+                }
+                Break => assert_eq!(*text, "BREAK"),
+            }
+        }
+    }
+
+    /// The examples of A1111's `parse_prompt_attention` docstring.
+    #[test]
+    fn a1111_docstring_examples() {
+        approx(parse_prompt_attention("normal text"), &[("normal text", 1.0)]);
+        approx(parse_prompt_attention("an (important) word"), &[("an ", 1.0), ("important", 1.1), (" word", 1.0)]);
+        approx(parse_prompt_attention("(unbalanced"), &[("unbalanced", 1.1)]);
+        approx(parse_prompt_attention(r"\(literal\]"), &[("(literal]", 1.0)]);
+        approx(parse_prompt_attention("(unnecessary)(parens)"), &[("unnecessaryparens", 1.1)]);
+        approx(
+            parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))."),
+            &[
+                ("a ", 1.0),
+                ("house", 1.5730000000000004),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641000000000006),
+                (".", 1.1),
+            ],
+        );
+        approx(parse_prompt_attention("[unbalanced"), &[("unbalanced", 1.0 / 1.1)]);
+        approx(parse_prompt_attention("a BREAK b"), &[("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]);
+        approx(parse_prompt_attention("BREAKING news"), &[("BREAKING news", 1.0)]);
+        approx(parse_prompt_attention("x:y (z: 2 ) w:"), &[("x:y ", 1.0), ("z", 2.0), (" w:", 1.0)]);
+        approx(parse_prompt_attention(""), &[("", 1.0)]);
+        // A weight with no bracket open is text; a lone backslash is dropped.
+        approx(parse_prompt_attention("a:1.5) b"), &[("a:1.5) b", 1.0)]);
+        approx(parse_prompt_attention(r"a\b \ c\\"), &[(r"ab  c\", 1.0)]);
+        approx(parse_prompt_attention("(a) ) [b"), &[("a", 1.1), (" ) ", 1.0), ("b", 1.0 / 1.1)]);
+    }
+}
