@@ -1,26 +1,46 @@
-//! Prompt emphasis as AUTOMATIC1111's web UI and kohya's sample prompts write it:
-//! `(word)` multiplies the attention to `word` by 1.1, `[word]` divides it by 1.1,
-//! `(word:1.5)` sets a factor, brackets nest, `\(` `\)` `\[` `\]` are literal brackets, and
-//! `BREAK` starts a new row of 75 tokens.
+//! Prompt emphasis in AUTOMATIC1111's syntax: `(word)` multiplies the attention to `word`
+//! by 1.1, `[word]` divides it by 1.1, `(word:1.5)` sets a factor, brackets nest,
+//! `\(` `\)` `\[` `\]` are literal brackets, and `BREAK` starts a new row of 75 tokens.
 //!
-//! [`parse_prompt_attention`] splits a prompt into text pieces with weights, exactly as
-//! A1111's `parse_prompt_attention` does; [`ClipTokenizer::encode_weighted`] tokenizes the
-//! pieces into the rows of [`ClipTokenizer::encode_chunked`] with one weight per joined
-//! hidden state; [`apply_weights`] scales the text encoder's states by them and restores
-//! their mean, as kohya's long-prompt-weighting pipeline does for sample images.
+//! [`parse_prompt_attention`] splits a prompt into text pieces with weights exactly as
+//! A1111's `parse_prompt_attention` does; [`ClipTokenizer::weighted_words`] tokenizes the
+//! pieces (each on its own, as A1111 does) and [`ClipTokenizer::encode_weighted`] lays them
+//! out in the rows of [`ClipTokenizer::encode_chunked`] with one weight per joined hidden
+//! state; [`apply_weights`] scales the text encoder's states by them and restores each
+//! prompt's mean, as kohya's sample pipeline does.
+//!
+//! Where this differs from the UIs: A1111 keeps all 77 states of each row and breaks rows
+//! at a comma near their end; kohya's sample pipeline (`lpw_stable_diffusion`) keeps 77
+//! states per row too, has no `BREAK` and reads a weight only right after the colon
+//! (`(x:1.2)`, not `(x: 1.2)`). Here rows are joined as kohya's training joins them
+//! ([`crate::ClipTextModel::forward_chunked`]), so sampling sees contexts laid out as in
+//! training.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use crate::tokenizer::{ClipTokenizer, Result};
 
-/// One piece of a parsed prompt.
+/// One piece of a parsed prompt: text and its attention weight. `BREAK` is the piece
+/// `("BREAK", -1.0)`, as in A1111: brackets around it multiply its weight like any other's,
+/// which turns it into the word "BREAK" ([`PromptPiece::is_break`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum PromptPiece {
-    /// Text with its attention weight.
-    Text(String, f64),
-    /// `BREAK`: the next text starts a new row.
-    Break,
+pub struct PromptPiece {
+    /// The text.
+    pub text: String,
+    /// Its weight.
+    pub weight: f64,
+}
+
+impl PromptPiece {
+    fn new(text: impl Into<String>, weight: f64) -> Self {
+        Self { text: text.into(), weight }
+    }
+
+    /// Whether the piece starts a new row (A1111's test: the text `BREAK` at weight −1).
+    pub fn is_break(&self) -> bool {
+        self.text == "BREAK" && self.weight == -1.0
+    }
 }
 
 const ROUND: f64 = 1.1;
@@ -31,11 +51,10 @@ const SQUARE: f64 = 1.0 / 1.1;
 /// neighbouring pieces of the same weight are merged. An empty prompt is one empty piece.
 ///
 /// ```
-/// use sd_model::prompt::{parse_prompt_attention, PromptPiece::Text};
-/// assert_eq!(parse_prompt_attention("an (important) word"), [
-///     Text("an ".into(), 1.0), Text("important".into(), 1.1), Text(" word".into(), 1.0),
-/// ]);
-/// assert_eq!(parse_prompt_attention(r"\(literal\]"), [Text("(literal]".into(), 1.0)]);
+/// use sd_model::prompt::parse_prompt_attention;
+/// let pieces: Vec<(String, f64)> = parse_prompt_attention("an (important) word").into_iter().map(|p| (p.text, p.weight)).collect();
+/// assert_eq!(pieces, [("an ".into(), 1.0), ("important".into(), 1.1), (" word".into(), 1.0)]);
+/// assert_eq!(parse_prompt_attention(r"\(literal\]")[0].text, "(literal]");
 /// ```
 pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
     let mut pieces: Vec<PromptPiece> = Vec::new();
@@ -43,14 +62,12 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
     let mut square: Vec<usize> = Vec::new();
     let multiply = |pieces: &mut Vec<PromptPiece>, from: usize, factor: f64| {
         for piece in &mut pieces[from..] {
-            if let PromptPiece::Text(_, w) = piece {
-                *w *= factor;
-            }
+            piece.weight *= factor;
         }
     };
     for token in lex(prompt) {
         match token {
-            Lexeme::Escaped(text) => pieces.push(PromptPiece::Text(text.to_owned(), 1.0)),
+            Lexeme::Escaped(text) => pieces.push(PromptPiece::new(text, 1.0)),
             Lexeme::Open('(') => round.push(pieces.len()),
             Lexeme::Open(_) => square.push(pieces.len()),
             Lexeme::Weight(w, _) if !round.is_empty() => {
@@ -68,9 +85,9 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
             other => {
                 for (i, part) in split_breaks(other.text()).into_iter().enumerate() {
                     if i > 0 {
-                        pieces.push(PromptPiece::Break);
+                        pieces.push(PromptPiece::new("BREAK", -1.0));
                     }
-                    pieces.push(PromptPiece::Text(part, 1.0));
+                    pieces.push(PromptPiece::new(part, 1.0));
                 }
             }
         }
@@ -82,14 +99,14 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
         multiply(&mut pieces, from, SQUARE);
     }
     if pieces.is_empty() {
-        pieces.push(PromptPiece::Text(String::new(), 1.0));
+        pieces.push(PromptPiece::new("", 1.0));
     }
     // Neighbours of the same weight become one piece (A1111 merges by weight alone).
     let mut merged: Vec<PromptPiece> = Vec::with_capacity(pieces.len());
     for piece in pieces {
-        match (merged.last_mut(), piece) {
-            (Some(PromptPiece::Text(text, w)), PromptPiece::Text(next, v)) if *w == v => text.push_str(&next),
-            (_, piece) => merged.push(piece),
+        match merged.last_mut() {
+            Some(last) if last.weight == piece.weight => last.text.push_str(&piece.text),
+            _ => merged.push(piece),
         }
     }
     merged
@@ -186,15 +203,50 @@ fn split_breaks(text: String) -> Vec<String> {
     parts
 }
 
+/// A prompt's BPE ids and their weights before framing ([`ClipTokenizer::weighted_words`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedWords {
+    /// The ids, `BREAK`s expanded to an end token and pad tokens up to the next row.
+    pub ids: Vec<u32>,
+    /// One weight per id.
+    pub weights: Vec<f32>,
+    /// Rows of `max_length − 2` ids the prompt needs (at least 1; a `BREAK` at the end
+    /// adds none).
+    pub rows: usize,
+}
+
 impl ClipTokenizer {
-    /// Encodes a prompt with A1111 emphasis ([`parse_prompt_attention`]) into the rows of
-    /// [`encode_chunked`](Self::encode_chunked) (`rows × max_length` ids), and the weight of
-    /// each state [`crate::ClipTextModel::forward_chunked`] returns for them
-    /// (`rows × (max_length − 2) + 2`; 1 at the start, end and pad tokens).
-    ///
-    /// Each piece is tokenized on its own, as A1111 does; `BREAK` pads to the next row with
-    /// an end token and pad tokens. A prompt without brackets or `BREAK` gives the ids of
-    /// `encode_chunked` and weights of 1.
+    /// Tokenizes a prompt with A1111 emphasis ([`parse_prompt_attention`]): each piece on
+    /// its own, as A1111 does, with its weight; a `BREAK` fills the current row with an end
+    /// token and pad tokens (a whole row when the current one is empty, as A1111 starts an
+    /// empty chunk).
+    pub fn weighted_words(&self, prompt: &str) -> Result<WeightedWords> {
+        let inner = self.max_length().saturating_sub(2).max(1);
+        let (mut ids, mut weights) = (Vec::new(), Vec::new());
+        let mut content = 0;
+        for piece in parse_prompt_attention(prompt) {
+            if piece.is_break() {
+                let fill = inner - ids.len() % inner;
+                ids.push(self.eos_token_id());
+                ids.extend(std::iter::repeat_n(self.pad_token_id(), fill - 1));
+                weights.extend(std::iter::repeat_n(1.0, fill));
+                continue;
+            }
+            let words = self.encode_unpadded(&piece.text)?;
+            weights.extend(std::iter::repeat_n(piece.weight as f32, words.len()));
+            ids.extend(words);
+            content = ids.len();
+        }
+        Ok(WeightedWords { ids, weights, rows: content.div_ceil(inner).max(1) })
+    }
+
+    /// Encodes a prompt with A1111 emphasis ([`weighted_words`](Self::weighted_words)) into
+    /// the rows of [`encode_chunked`](Self::encode_chunked) (`rows × max_length` ids; what
+    /// does not fit is cut), and the weight of each state
+    /// [`crate::ClipTextModel::forward_chunked`] returns for them
+    /// (`rows × (max_length − 2) + 2`; 1 at the start, end and pad tokens). A prompt
+    /// without brackets, backslashes or `BREAK` gives the ids of `encode_chunked` and
+    /// weights of 1.
     ///
     /// ```
     /// use sd_model::tokenizer::ClipTokenizer;
@@ -207,26 +259,8 @@ impl ClipTokenizer {
     pub fn encode_weighted(&self, prompt: &str, rows: usize) -> Result<(Vec<u32>, Vec<f32>)> {
         let rows = rows.max(1);
         let inner = self.max_length().saturating_sub(2).max(1);
-        let (mut words, mut weights) = (Vec::new(), Vec::new());
-        for piece in parse_prompt_attention(prompt) {
-            match piece {
-                PromptPiece::Text(text, w) => {
-                    let ids = self.encode_unpadded(&text)?;
-                    weights.extend(std::iter::repeat_n(w as f32, ids.len()));
-                    words.extend(ids);
-                }
-                PromptPiece::Break => {
-                    let filled = words.len() % inner;
-                    if filled != 0 || words.is_empty() {
-                        let fill = inner - filled;
-                        words.push(self.eos_token_id());
-                        words.extend(std::iter::repeat_n(self.pad_token_id(), fill - 1));
-                        weights.extend(std::iter::repeat_n(1.0, fill));
-                    }
-                }
-            }
-        }
-        let ids = self.frame_chunked(words, rows);
+        let WeightedWords { ids, mut weights, .. } = self.weighted_words(prompt)?;
+        let ids = self.frame_chunked(ids, rows);
         weights.truncate(rows * inner);
         weights.resize(rows * inner, 1.0);
         let mut joined = Vec::with_capacity(rows * inner + 2);
@@ -239,41 +273,43 @@ impl ClipTokenizer {
 
 /// Scales hidden states `[batch, len, dim]` by per-state `weights` (`batch × len`, from
 /// [`ClipTokenizer::encode_weighted`]) and then by one factor per prompt that restores the
-/// prompt's mean state value, as kohya's sample pipeline does. All-one weights return the
-/// states unchanged.
-pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> Tensor<B, 3> {
-    if weights.iter().all(|w| *w == 1.0) {
-        return hidden;
-    }
+/// prompt's mean state value, as kohya's sample pipeline does (the means in f32, whatever
+/// the states' dtype). All-one weights return the states unchanged; a weight count that
+/// is not `batch × len` is an error.
+pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate::Result<Tensor<B, 3>> {
     let [batch, len, _] = hidden.dims();
-    let device = hidden.device();
-    let w = Tensor::<B, 3>::from_data(TensorData::new(weights.to_vec(), [batch, len, 1]), &device).cast(hidden.dtype());
+    if weights.len() != batch * len {
+        return Err(crate::SdModelError::BadInput {
+            what: "prompt weights".into(),
+            reason: format!("{} weights for {batch} prompts of {len} states", weights.len()),
+        });
+    }
+    if weights.iter().all(|w| *w == 1.0) {
+        return Ok(hidden);
+    }
+    let dtype = hidden.dtype();
+    let hidden = hidden.cast(FloatDType::F32);
+    let w = Tensor::<B, 3>::from_data(TensorData::new(weights.to_vec(), [batch, len, 1]), &hidden.device());
     let mean = |t: Tensor<B, 3>| t.mean_dim(2).mean_dim(1);
     let before = mean(hidden.clone());
     let weighted = hidden * w;
     let after = mean(weighted.clone());
-    weighted * (before / after)
+    Ok((weighted * (before / after)).cast(FloatDType::from(dtype)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use PromptPiece::{Break, Text};
 
     fn approx(got: Vec<PromptPiece>, want: &[(&str, f64)]) {
         assert_eq!(got.len(), want.len(), "{got:?}");
         for (g, (text, w)) in got.iter().zip(want) {
-            match g {
-                Text(t, v) => {
-                    assert_eq!(t, text);
-                    assert!((v - w).abs() < 1e-12, "{t}: {v} vs {w}");
-                }
-                Break => assert_eq!(*text, "BREAK"),
-            }
+            assert_eq!(g.text, *text);
+            assert!((g.weight - w).abs() < 1e-12, "{}: {} vs {w}", g.text, g.weight);
         }
     }
 
-    /// The examples of A1111's `parse_prompt_attention` docstring.
+    /// The examples of A1111's `parse_prompt_attention` docstring, and its corner cases.
     #[test]
     fn a1111_docstring_examples() {
         approx(parse_prompt_attention("normal text"), &[("normal text", 1.0)]);
@@ -296,7 +332,6 @@ mod tests {
             ],
         );
         approx(parse_prompt_attention("[unbalanced"), &[("unbalanced", 1.0 / 1.1)]);
-        approx(parse_prompt_attention("a BREAK b"), &[("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]);
         approx(parse_prompt_attention("BREAKING news"), &[("BREAKING news", 1.0)]);
         approx(parse_prompt_attention("x:y (z: 2 ) w:"), &[("x:y ", 1.0), ("z", 2.0), (" w:", 1.0)]);
         approx(parse_prompt_attention(""), &[("", 1.0)]);
@@ -304,5 +339,16 @@ mod tests {
         approx(parse_prompt_attention("a:1.5) b"), &[("a:1.5) b", 1.0)]);
         approx(parse_prompt_attention(r"a\b \ c\\"), &[(r"ab  c\", 1.0)]);
         approx(parse_prompt_attention("(a) ) [b"), &[("a", 1.1), (" ) ", 1.0), ("b", 1.0 / 1.1)]);
+    }
+
+    /// `BREAK` is `("BREAK", -1)`; inside brackets its weight changes and it is a word.
+    #[test]
+    fn breaks_as_a1111_parses_them() {
+        let a = parse_prompt_attention("a BREAK BREAK b");
+        approx(a.clone(), &[("a", 1.0), ("BREAK", -1.0), ("", 1.0), ("BREAK", -1.0), ("b", 1.0)]);
+        assert_eq!(a.iter().filter(|p| p.is_break()).count(), 2);
+        let bracketed = parse_prompt_attention("(a BREAK b");
+        approx(bracketed.clone(), &[("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]);
+        assert!(!bracketed.iter().any(PromptPiece::is_break));
     }
 }

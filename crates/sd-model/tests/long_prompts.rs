@@ -97,7 +97,14 @@ fn weighted_prompts_keep_the_ids_and_place_the_weights() {
     for (w, e) in weights.iter().zip(expected) {
         assert!((w - e).abs() < 1e-6, "{weights:?}");
     }
-    // `BREAK` ends the row with an end token; the next words start the next row.
+    // `BREAK` ends the row with an end token; the next words start the next row; on an
+    // empty row it makes an empty row (A1111's empty chunk), at the end nothing.
+    for (prompt, rows) in [("a BREAK b", 2), ("a BREAK BREAK b", 3), ("BREAK a", 2), ("a BREAK", 1), ("(a BREAK b)", 1)] {
+        assert_eq!(tokenizer.weighted_words(prompt).unwrap().rows, rows, "{prompt}");
+    }
+    let (ids, _) = tokenizer.encode_weighted("a BREAK BREAK b", 3).unwrap();
+    assert_eq!(&ids[77..80], &[BOS_TOKEN_ID, EOS_TOKEN_ID, EOS_TOKEN_ID]);
+    assert_eq!(ids[155], tokenizer.encode_unpadded("b").unwrap()[0]);
     let (ids, weights) = tokenizer.encode_weighted("a cat BREAK (a dog)", 2).unwrap();
     let (cat, dog) = (tokenizer.encode_unpadded("a cat").unwrap(), tokenizer.encode_unpadded("a dog").unwrap());
     assert_eq!((ids[0], &ids[1..3], ids[3]), (BOS_TOKEN_ID, &cat[..], EOS_TOKEN_ID));
@@ -112,10 +119,11 @@ fn apply_weights_scales_states_and_keeps_the_mean() {
     use sd_model::prompt::apply_weights;
     let device = Default::default();
     let hidden = Tensor::<B, 3>::random([2, 4, 8], Distribution::Uniform(0.5, 1.5), &device);
-    let same = apply_weights(hidden.clone(), &[1.0; 8]);
+    let same = apply_weights(hidden.clone(), &[1.0; 8]).unwrap();
+    assert!(apply_weights(hidden.clone(), &[1.0; 7]).is_err(), "one weight per state");
     assert_eq!(max_abs_diff(same, hidden.clone()), 0.0);
     let weights = [1.0, 1.5, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0];
-    let out = apply_weights(hidden.clone(), &weights);
+    let out = apply_weights(hidden.clone(), &weights).unwrap();
     let mean = |t: Tensor<B, 3>| t.mean_dim(2).mean_dim(1).into_data().to_vec::<f32>().unwrap();
     for (a, b) in mean(out.clone()).iter().zip(mean(hidden.clone())) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");

@@ -32,8 +32,8 @@ pub struct GenerateOptions {
     pub height: usize,
     /// CLIP skip.
     pub clip_skip: usize,
-    /// Prompt tokens the text encoder sees (kohya's `max_token_length`): 75, or 150 / 225 to
-    /// encode longer prompts in rows of 75 ([`encode_prompts`]).
+    /// kohya's `max_token_length` of the LoRA: 75, or 150 / 225 to lay prompts out in 2 or
+    /// 3 rows of 75 tokens as training did; longer prompts get more rows ([`prompt_rows`]).
     pub max_token_length: usize,
 }
 
@@ -111,14 +111,25 @@ fn ids_tensor<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, ids: Vec<Vec<
     Ok(Tensor::from_data(TensorData::new(flat, [n, len]), device))
 }
 
-/// Encodes prompts for sampling to text embeddings `[N, 77, D]` (or, with a
-/// `max_token_length` of 150 / 225, `[N, 152 | 227, D]` as kohya's sd-scripts do:
-/// [`sd_model::ClipTextModel::forward_chunked`]), with A1111's emphasis syntax: `(word)`,
-/// `[word]`, `(word:1.3)`, `BREAK` ([`sd_model::prompt`]), as kohya's sample prompts and
-/// A1111 read it. Captions for training go through [`encode_with`], which takes them
-/// literally.
-pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, max_token_length: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
-    let rows = token_rows(&c.tokenizer, max_token_length);
+/// Rows of 75 tokens to sample `prompts` (with their negative prompt) with: as many as the
+/// longest needs after A1111 emphasis and `BREAK`s (as A1111 adds rows), at least the
+/// rows of `max_token_length` (the layout a LoRA trained with it saw), at most
+/// [`crate::config::MAX_TOKEN_ROWS`] (the rest is cut). All prompts of a batch must share it.
+pub fn prompt_rows<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Item = &'a str>, max_token_length: usize) -> Result<usize, TrainError> {
+    let mut rows = token_rows(tokenizer, max_token_length);
+    for p in prompts {
+        rows = rows.max(tokenizer.weighted_words(p)?.rows);
+    }
+    Ok(rows.min(crate::config::MAX_TOKEN_ROWS.max(token_rows(tokenizer, max_token_length))))
+}
+
+/// Encodes prompts for sampling to text embeddings `[N, 75 × rows + 2, D]` (`[N, 77, D]`
+/// for one row; rows joined as kohya's sd-scripts join them in training:
+/// [`sd_model::ClipTextModel::forward_chunked`]; `rows` from [`prompt_rows`]), reading
+/// A1111's emphasis syntax: `(word)`, `[word]`, `(word:1.3)`, `BREAK`
+/// ([`sd_model::prompt`]). Captions for training go through [`encode_with`], which takes
+/// them literally.
+pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
     let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
     for p in prompts {
         let (i, w) = c.tokenizer.encode_weighted(p, rows)?;
@@ -127,7 +138,7 @@ pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_sk
     }
     let ids = ids_tensor(&c.tokenizer, c.text_encoder.vocab_size(), ids, rows, device)?;
     let hidden = c.text_encoder.forward_chunked(ids, c.tokenizer.max_length(), clip_skip)?;
-    Ok(sd_model::prompt::apply_weights(hidden, &weights))
+    Ok(sd_model::prompt::apply_weights(hidden, &weights)?)
 }
 
 /// Encodes captions literally (no emphasis syntax) with a given text encoder (one being
@@ -165,8 +176,10 @@ pub fn denoise<B: Backend>(
     device: &B::Device,
 ) -> Result<Tensor<B, 4>, TrainError> {
     let n = opts.prompts.len();
-    let cond = encode_prompts(c, &opts.prompts, opts.clip_skip, opts.max_token_length, device)?;
-    let uncond = encode_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, opts.max_token_length, device)?;
+    let all = opts.prompts.iter().chain([&opts.negative_prompt]).map(String::as_str);
+    let rows = prompt_rows(&c.tokenizer, all, opts.max_token_length)?;
+    let cond = encode_prompts(c, &opts.prompts, opts.clip_skip, rows, device)?;
+    let uncond = encode_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, rows, device)?;
     let context = Tensor::cat(vec![uncond, cond], 0);
     let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
     sampler.set_timesteps(opts.steps)?;

@@ -194,8 +194,10 @@ enum Command {
         /// skip"; anime models and LoRAs trained with `model.clip_skip = 2` want 2).
         #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         clip_skip: usize,
-        /// Prompt tokens the text encoder sees: 75, or 150 / 225 for longer prompts, encoded
-        /// in rows of 75 tokens as a LoRA trained with `model.max_token_length` saw them.
+        /// The LoRA's `model.max_token_length`: 75, or 150 / 225 to lay prompts out in 2 or 3
+        /// rows of 75 tokens as its training did. Longer prompts get more rows anyway, as in
+        /// A1111 (up to 600 tokens). Prompts read A1111's emphasis: (word), [word],
+        /// (word:1.3), BREAK.
         #[arg(long, default_value_t = 75, value_parser = parse_max_token_length)]
         max_token_length: usize,
         /// Output PNG (a grid when there are several prompts).
@@ -520,12 +522,11 @@ fn run_generate<B: Backend>(
 ) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
-    let prompts = opts.prompts.iter().chain([&opts.negative_prompt]).map(String::as_str);
-    if let (over @ 1.., longest) = trainer::generate::overlong_prompts(&c.tokenizer, prompts, opts.max_token_length)? {
-        eprintln!(
-            "note: {over} prompt(s) have more than {} tokens (the longest {longest}); the text encoder does not see the rest (--max-token-length 150 or 225 keeps it)",
-            opts.max_token_length
-        );
+    let limit = trainer::config::MAX_TOKEN_ROWS * 75;
+    for p in opts.prompts.iter().chain([&opts.negative_prompt]) {
+        if c.tokenizer.weighted_words(p)?.rows > trainer::config::MAX_TOKEN_ROWS {
+            eprintln!("note: a prompt has more than {limit} tokens; the text encoder does not see the rest: {p:?}");
+        }
     }
     if !loras.files.is_empty() {
         let applied = sd_model::lora::apply_lora_files(&mut c.unet, Some(&mut c.text_encoder), loras.files, false, device)?;

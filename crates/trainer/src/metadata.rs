@@ -57,7 +57,9 @@ impl RunMetadata {
             keys.insert(k.to_owned(), v);
         };
         put("ss_v2", py_bool(base.version == "sd_v2"));
-        put("ss_base_model_version", base.version.to_owned());
+        // sd-scripts marks v-prediction models: `sd_v2_v`, `sd_v1_v`.
+        let suffix = if base.v_prediction && base.version != "tiny" { "_v" } else { "" };
+        put("ss_base_model_version", format!("{}{suffix}", base.version));
         if !config.output.no_metadata {
             for (k, v) in training_keys(config, dataset, started) {
                 put(&k, v);
@@ -73,6 +75,8 @@ impl RunMetadata {
     /// completed epochs, at `now`.
     pub fn at_save(&self, step: usize, epoch: u64, now: SystemTime) -> BTreeMap<String, String> {
         let mut keys = self.keys.clone();
+        // The model spec's date is the file's (sd-scripts stamps it at each save).
+        keys.insert("modelspec.date".into(), iso_date(now));
         if keys.contains_key("ss_training_started_at") {
             keys.insert("ss_training_finished_at".into(), unix_seconds(now));
             keys.insert("ss_steps".into(), step.to_string());
@@ -96,6 +100,12 @@ fn name_of<T: Serialize>(value: &T) -> String {
 fn unix_seconds(t: SystemTime) -> String {
     let s = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     format!("{s:.6}")
+}
+
+/// An ISO-8601 UTC time to the second, as the model spec's `modelspec.date`.
+fn iso_date(t: SystemTime) -> String {
+    let d = time::OffsetDateTime::from(t);
+    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", d.year(), u8::from(d.month()), d.day(), d.hour(), d.minute(), d.second())
 }
 
 /// The `ss_*` keys of sd-scripts' `train_network.py` that apply to our runs.
@@ -206,7 +216,6 @@ fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseM
         _ => "sd-lora-rs-tiny/lora",
     };
     let title = if o.metadata_title.is_empty() { &o.output_name } else { &o.metadata_title };
-    let date = time::OffsetDateTime::from(started);
     let mut keys = vec![
         ("modelspec.sai_model_spec", "1.0.1".to_owned()),
         ("modelspec.architecture", architecture.to_owned()),
@@ -214,10 +223,7 @@ fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseM
         ("modelspec.implementation_version", format!("sd-lora-rs/{}", env!("CARGO_PKG_VERSION"))),
         ("modelspec.title", title.clone()),
         ("modelspec.resolution", format!("{}x{}", resolution.width, resolution.height)),
-        (
-            "modelspec.date",
-            format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", date.year(), u8::from(date.month()), date.day(), date.hour(), date.minute(), date.second()),
-        ),
+        ("modelspec.date", iso_date(started)),
         ("modelspec.prediction_type", if base.v_prediction { "v" } else { "epsilon" }.to_owned()),
         ("modelspec.encoder_layer", config.model.clip_skip.to_string()),
     ];

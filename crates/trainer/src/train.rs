@@ -714,8 +714,9 @@ fn run<B: AutodiffBackend>(
     if config.output.sample_at_first && first_step == 0 && !config.output.sample_prompts.is_empty() {
         // kohya's `sample_at_first`: what the prompts give before any training (the base
         // model, or the starting `network_weights`), to compare the later grids with.
-        let size = (config.data.resolution as usize, config.data.resolution as usize);
-        sample_grid_now(&unet, &text_encoder, &frozen, config, size, &out.join("samples-step000000.png"), device)?;
+        // The first batch's bucket, as the later grids use.
+        let (w, h) = plans[progress.batch_in_epoch.min(plans.len() - 1)].bucket;
+        sample_grid_now(&unet, &text_encoder, &frozen, config, (w as usize, h as usize), &out.join("samples-step000000.png"), device)?;
     }
     for step in first_step..t.max_train_steps {
         B::seed(device, step_seed(t.seed, step));
@@ -1051,7 +1052,8 @@ impl ReadBack<'_> {
                 values.extend(grad_norm.is_finite().then_some(("grad_norm", grad_norm)));
                 values.extend(self.fp16.then_some(("loss_scale", loss_scale)));
                 if let Some([n, mean, max]) = max_norm {
-                    values.extend([("max_norm/keys_scaled", n), ("max_norm/average_key_norm", mean), ("max_norm/max_key_norm", max)]);
+                    // sd-scripts' tags.
+                    values.extend([("max_norm/keys_scaled", n), ("norm/avg_key_norm", mean), ("max_norm/max_key_norm", max)]);
                 }
                 tensorboard(events, |e| e.scalars(p.step as u64, self.start_wall + elapsed_s, &values))?;
             }
@@ -1064,8 +1066,6 @@ impl ReadBack<'_> {
     }
 }
 
-/// Prodigy's step sizes of `pending` steps, in order (UNet, then text encoder, per step),
-/// in one read; nothing to read without Prodigy.
 /// Each pending step's max-norm statistics (`train.scale_weight_norms`), in one read.
 fn read_max_norms<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]) -> Result<Vec<Option<[f32; 3]>>, TrainError> {
     let stats: Vec<Tensor<B, 1>> = pending.iter().filter_map(|p| p.max_norm.clone()).collect();
@@ -1096,6 +1096,8 @@ fn apply_max_norm<B: AutodiffBackend>(
     Ok((unet, te, Tensor::cat(vec![sums.slice(0..1), mean, largest], 0)))
 }
 
+/// Prodigy's step sizes of `pending` steps, in order (UNet, then text encoder, per step),
+/// in one read; nothing to read without Prodigy.
 fn read_step_sizes<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]) -> Result<Vec<f32>, TrainError> {
     let sizes: Vec<Tensor<B, 1>> = pending.iter().flat_map(|p| [p.d_lr.clone(), p.te_d_lr.clone()]).flatten().collect();
     if sizes.is_empty() {

@@ -174,31 +174,39 @@ fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
     }
 }
 
-/// With `max_token_length = 150` prompts are encoded in two rows: a short prompt keeps its
-/// states (the encoder is causal), a long one gets its tail seen, and sampling uses them.
+/// Prompts are encoded in rows of 75 tokens: a short prompt keeps its states in a longer
+/// layout (the encoder is causal), a long one gets the rows it needs (as in A1111), at
+/// least those of `max_token_length`, and all prompts of a batch share them.
 #[test]
 fn long_prompts_are_encoded_in_rows_of_75_tokens() {
-    use trainer::generate::{encode_prompts, overlong_prompts};
+    use trainer::generate::{encode_prompts, overlong_prompts, prompt_rows};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let long = "a lighthouse, ".repeat(30); // 90 tokens
     let prompts = vec!["a red circle".to_string(), long.clone()];
-    let one_row = encode_prompts(&c, &prompts, 1, 75, &device).unwrap();
-    let two_rows = encode_prompts(&c, &prompts, 1, 150, &device).unwrap();
+    let one_row = encode_prompts(&c, &prompts, 1, 1, &device).unwrap();
+    let two_rows = encode_prompts(&c, &prompts, 1, 2, &device).unwrap();
     assert_eq!((one_row.dims(), two_rows.dims()), ([2, 77, 32], [2, 152, 32]));
     let diff = |a: Tensor<B, 3>, b: Tensor<B, 3>| (a - b).abs().max().into_scalar();
     assert!(diff(one_row.clone().slice([0..2, 0..76]), two_rows.clone().slice([0..2, 0..76])) < 1e-6);
     assert!(diff(one_row.slice([1..2, 76..77]), two_rows.slice([1..2, 76..77])) > 1e-3, "the long prompt's 76th token replaces its end token");
     assert_eq!(overlong_prompts(&c.tokenizer, prompts.iter().map(String::as_str), 75).unwrap(), (1, 90));
     assert_eq!(overlong_prompts(&c.tokenizer, prompts.iter().map(String::as_str), 150).unwrap(), (0, 90));
+    let rows = |ps: &[&str], mtl| prompt_rows(&c.tokenizer, ps.iter().copied(), mtl).unwrap();
+    assert_eq!((rows(&["a red circle"], 75), rows(&["a red circle"], 150), rows(&["a red circle", &long], 75)), (1, 2, 2));
+    assert_eq!((rows(&["a BREAK b"], 75), rows(&["a BREAK"], 75), rows(&[&"x ".repeat(1000)], 75)), (2, 1, 8));
 
+    let run = |o: &GenerateOptions| values(denoise(&c, o, initial_latents(&c, o, &device).unwrap(), &device).unwrap());
+    // A short prompt in the layout of a LoRA trained with 150 tokens: other samples.
+    let short = GenerateOptions { prompts: vec!["a red circle".into()], ..opts("ddim") };
+    let short150 = GenerateOptions { max_token_length: 150, ..short.clone() };
+    assert!(rel(&run(&short), &run(&short150)) > 1e-4, "the longer layout changes the samples");
+    // A long prompt (or negative prompt) gets two rows either way.
     let o = GenerateOptions { prompts, negative_prompt: "blurry, ".repeat(40), ..opts("ddim") };
     let o150 = GenerateOptions { max_token_length: 150, ..o.clone() };
-    let run = |o: &GenerateOptions| values(denoise(&c, o, initial_latents(&c, o, &device).unwrap(), &device).unwrap());
     let (a, b) = (run(&o), run(&o150));
     assert!(b.iter().all(|v| v.is_finite()));
-    assert!(rel(&a, &b) > 1e-4, "the longer encoding changes the samples");
-    assert_eq!(b, run(&o150));
+    assert_eq!(a, b);
 }
 
 /// Sample prompts read A1111 emphasis; plain prompts encode as captions do.
@@ -207,7 +215,7 @@ fn prompt_emphasis_weights_the_text_embedding() {
     use trainer::generate::{encode_prompts, encode_with};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
-    let encode = |p: &str| encode_prompts(&c, &[p.to_string()], 1, 75, &device).unwrap();
+    let encode = |p: &str| encode_prompts(&c, &[p.to_string()], 1, 1, &device).unwrap();
     let plain = encode("a red circle");
     let literal = encode_with(&c.text_encoder, &c.tokenizer, &["a red circle".to_string()], 1, 75, &device).unwrap();
     assert_eq!((plain.clone() - literal).abs().max().into_scalar(), 0.0);
