@@ -116,11 +116,12 @@ fn ids_tensor<B: Backend>(tokenizer: &ClipTokenizer, vocab: usize, ids: Vec<Vec<
 /// rows of `max_token_length` (the layout a LoRA trained with it saw), at most
 /// [`crate::config::MAX_TOKEN_ROWS`] (the rest is cut). All prompts of a batch must share it.
 pub fn prompt_rows<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Item = &'a str>, max_token_length: usize) -> Result<usize, TrainError> {
-    let mut rows = token_rows(tokenizer, max_token_length);
+    let least = token_rows(tokenizer, max_token_length);
+    let mut rows = least;
     for p in prompts {
         rows = rows.max(tokenizer.weighted_words(p)?.rows);
     }
-    Ok(rows.min(crate::config::MAX_TOKEN_ROWS.max(token_rows(tokenizer, max_token_length))))
+    Ok(rows.min(crate::config::MAX_TOKEN_ROWS.max(least)))
 }
 
 /// Encodes prompts for sampling to text embeddings `[N, 75 × rows + 2, D]` (`[N, 77, D]`

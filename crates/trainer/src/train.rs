@@ -696,11 +696,10 @@ fn run<B: AutodiffBackend>(
         version: &frozen.base_version,
         v_prediction: schedule_cfg.prediction_type == PredictionType::VPrediction,
     };
-    let mut saver = Saver::<B> {
+    let mut saver = Saver {
         config,
         metadata: crate::metadata::RunMetadata::new(config, &dataset, base, std::time::SystemTime::now()),
         batches_in_epoch: plans.len(),
-        _backend: std::marker::PhantomData,
     };
     // Steps queued but not yet read back.
     let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::new();
@@ -715,8 +714,8 @@ fn run<B: AutodiffBackend>(
         // kohya's `sample_at_first`: what the prompts give before any training (the base
         // model, or the starting `network_weights`), to compare the later grids with.
         // The first batch's bucket, as the later grids use.
-        let (w, h) = plans[progress.batch_in_epoch.min(plans.len() - 1)].bucket;
-        sample_grid_now(&unet, &text_encoder, &frozen, config, (w as usize, h as usize), &out.join("samples-step000000.png"), device)?;
+        let size = plans.first().map_or((config.data.resolution, config.data.resolution), |p| p.bucket);
+        sample_grid_now(&unet, &text_encoder, &frozen, config, (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
     }
     for step in first_step..t.max_train_steps {
         B::seed(device, step_seed(t.seed, step));
@@ -1218,23 +1217,22 @@ fn sample_grid_now<B: AutodiffBackend>(
 }
 
 /// Writes LoRA files and training states.
-struct Saver<'a, B: AutodiffBackend> {
+struct Saver<'a> {
     config: &'a TrainConfig,
     metadata: crate::metadata::RunMetadata,
     /// Batches per epoch, to count completed epochs.
     batches_in_epoch: usize,
-    _backend: std::marker::PhantomData<B>,
 }
 
-impl<B: AutodiffBackend> Saver<'_, B> {
-    fn save(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, te: &mut sd_model::ClipTextModel<B>, progress: &Progress, path: &Path) -> Result<(), TrainError> {
+impl Saver<'_> {
+    fn save<B: AutodiffBackend>(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, te: &mut sd_model::ClipTextModel<B>, progress: &Progress, path: &Path) -> Result<(), TrainError> {
         let epochs = completed_epochs(progress, self.batches_in_epoch);
         let metadata = self.metadata.at_save(progress.step, epochs, std::time::SystemTime::now());
         save_lora(unet, te, metadata, self.config, path)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn save_state(
+    fn save_state<B: AutodiffBackend>(
         &mut self,
         unet: &mut sd_model::UNet2DConditionModel<B>,
         te: &mut sd_model::ClipTextModel<B>,

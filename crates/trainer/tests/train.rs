@@ -16,6 +16,13 @@ fn seeded() -> std::sync::MutexGuard<'static, ()> {
     SEEDED.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The tiny UNet's and text encoder's module paths, to read kohya files back.
+fn tiny_index_with_text_encoder() -> lora_core::ModuleIndex {
+    let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
+    let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &Default::default()).unwrap();
+    sd_model::lora::module_index(&mut unet, Some(&mut te)).unwrap()
+}
+
 /// The tiny UNet's module paths, to read kohya files back.
 fn tiny_index() -> lora_core::ModuleIndex {
     let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
@@ -213,9 +220,7 @@ fn text_encoder_adapters_train_and_save_with_the_unet_ones() {
     config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::AttnMlp;
     config.train.text_encoder_lr = 5e-4;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
-    let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
-    let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &Default::default()).unwrap();
-    let index = sd_model::lora::module_index(&mut unet, Some(&mut te)).unwrap();
+    let index = tiny_index_with_text_encoder();
     let (set, _) = AdapterSet::load(&report.lora, &index, ReadOptions::default()).unwrap();
     let te_adapters: Vec<_> = set.iter().filter(|(k, _)| k.component == lora_core::Component::TextEncoder).collect();
     assert_eq!(te_adapters.len(), 3 * 6, "q/k/v/out + fc1/fc2 of 3 layers");
@@ -451,10 +456,7 @@ fn gradient_checkpointing_trains_the_same_way() {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "losses {:?} vs {:?}", plain.losses, checkpointed.losses);
     }
     // The trained adapters (UNet and text encoder) agree to rounding.
-    let device = Default::default();
-    let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &device).unwrap();
-    let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &device).unwrap();
-    let index = sd_model::lora::module_index(&mut unet, Some(&mut te)).unwrap();
+    let index = tiny_index_with_text_encoder();
     let (a, _) = AdapterSet::from_bytes(&plain_lora, &plain.lora, &index, ReadOptions::default()).unwrap();
     let (b, _) = AdapterSet::load(&checkpointed.lora, &index, ReadOptions::default()).unwrap();
     let mut compared = 0;
@@ -590,9 +592,7 @@ fn prodigy_trains_and_resumes_bit_for_bit() {
 fn network_weights_start_from_an_existing_lora() {
     let _guard = seeded();
     let load = |path: &std::path::Path| {
-        let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
-        let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &Default::default()).unwrap();
-        let index = sd_model::lora::module_index(&mut unet, Some(&mut te)).unwrap();
+        let index = tiny_index_with_text_encoder();
         AdapterSet::load(path, &index, ReadOptions::default()).unwrap().0
     };
     let first_dir = tempfile::tempdir().unwrap();
@@ -968,9 +968,7 @@ fn scale_weight_norms_keeps_every_adapter_under_the_limit() {
     let metrics = std::fs::read_to_string(&free.metrics).unwrap();
     assert!(!metrics.contains("keys_scaled"));
     let norms = |path: &std::path::Path| -> Vec<f64> {
-        let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
-        let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &Default::default()).unwrap();
-        let index = sd_model::lora::module_index(&mut unet, Some(&mut te)).unwrap();
+        let index = tiny_index_with_text_encoder();
         let (set, _) = AdapterSet::load(path, &index, ReadOptions::default()).unwrap();
         set.iter().map(|(_, w)| w.delta().data.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()).collect()
     };

@@ -48,31 +48,20 @@ pub struct NormPair {
 /// The attached adapters of `model`, in visiting order.
 pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
     let mut pairs = Vec::new();
-    model.visit_lora_sites(&mut |path, site| match site {
-        LoraSiteMut::Linear(l) => {
-            if let Some(a) = &l.adapter {
-                pairs.push(NormPair {
-                    path: path.to_owned(),
-                    down: a.down.weight.id,
-                    down_rank: RankAxis::Last,
-                    up: a.up.weight.id,
-                    up_rank: RankAxis::First,
-                    scale: a.scale,
-                });
-            }
-        }
-        LoraSiteMut::Conv(c) => {
-            if let Some(a) = &c.adapter {
-                pairs.push(NormPair {
-                    path: path.to_owned(),
-                    down: a.down.weight.id,
-                    down_rank: RankAxis::First,
-                    up: a.up.weight.id,
-                    up_rank: RankAxis::Last,
-                    scale: a.scale,
-                });
-            }
-        }
+    model.visit_lora_sites(&mut |path, site| {
+        // burn's layouts: linear down `[in, rank]` / up `[rank, out]`; conv down
+        // `[rank, in, kh, kw]` / up `[out, rank, 1, 1]`.
+        let (down, up, scale, down_rank, up_rank) = match site {
+            LoraSiteMut::Linear(l) => match &l.adapter {
+                Some(a) => (a.down.weight.id, a.up.weight.id, a.scale, RankAxis::Last, RankAxis::First),
+                None => return,
+            },
+            LoraSiteMut::Conv(c) => match &c.adapter {
+                Some(a) => (a.down.weight.id, a.up.weight.id, a.scale, RankAxis::First, RankAxis::Last),
+                None => return,
+            },
+        };
+        pairs.push(NormPair { path: path.to_owned(), down, down_rank, up, up_rank, scale });
     });
     pairs
 }
