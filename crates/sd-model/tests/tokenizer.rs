@@ -494,7 +494,8 @@ proptest! {
             inner.extend_from_slice(&r[1..76]);
         }
         let mut expected = words[..kept].to_vec();
-        for first in expected.iter_mut().step_by(75) {
+        // One row is `encode`'s framing, without kohya's row fix-ups.
+        for first in expected.iter_mut().step_by(75).filter(|_| chunks > 1) {
             if *first == pad {
                 *first = EOS_TOKEN_ID;
             }
@@ -502,7 +503,8 @@ proptest! {
         prop_assert_eq!(&inner[..kept], &expected[..]);
         prop_assert!(inner[kept..].iter().all(|&id| id == pad || id == EOS_TOKEN_ID));
         let encoded = tokenizer.encode(&prompt).unwrap();
-        if words.len() < 75 || ![pad, EOS_TOKEN_ID].contains(&words[74]) {
+        let fixed_up_start = chunks > 1 && words.first() == Some(&pad);
+        if !fixed_up_start && (words.len() < 75 || ![pad, EOS_TOKEN_ID].contains(&words[74])) {
             prop_assert_eq!(&ids[..77], &encoded[..]);
         }
     }
