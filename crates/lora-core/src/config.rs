@@ -56,6 +56,12 @@ impl LoraConfig {
         }
     }
 
+    /// Sets the rank (alpha is unchanged).
+    pub fn with_rank(mut self, rank: usize) -> Self {
+        self.rank = rank;
+        self
+    }
+
     /// Sets alpha.
     pub fn with_alpha(mut self, alpha: f32) -> Self {
         self.alpha = alpha;

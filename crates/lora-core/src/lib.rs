@@ -12,6 +12,8 @@
 //! - [`kernels`]: where the frozen base convolutions run (a backward pass that keeps no
 //!   input for a frozen weight; cuDNN on CUDA with the `cuda` feature);
 //! - [`optim`]: AdamW over all adapter tensors at once ([`optim::FlatAdamW`]);
+//! - [`resize`]: trained adapters at a lower rank, fixed or chosen per adapter from its
+//!   singular values (kohya's `resize_lora.py`);
 //! - [`guard`]: gradient clipping, non-finite skips and f16 loss scaling decided on the
 //!   device ([`guard::StepGuard`]), so that a training loop needs no host read per step.
 //!
@@ -48,6 +50,7 @@ pub mod kernels;
 mod linear;
 pub mod optim;
 pub mod precision;
+pub mod resize;
 pub mod sites;
 pub mod tensor_io;
 mod weights;

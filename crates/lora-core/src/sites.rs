@@ -126,6 +126,15 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     pub fn is_conv(&self) -> bool {
         matches!(self, Self::Conv(_))
     }
+
+    /// The kernel size `[kh, kw]`: `[1, 1]` for a linear layer. kohya gives layers with a
+    /// larger kernel their own rank (`conv_dim`); 1x1 convolutions count as linear.
+    pub fn kernel_size(&self) -> [usize; 2] {
+        match self {
+            Self::Linear(_) => [1, 1],
+            Self::Conv(c) => c.base.kernel_size,
+        }
+    }
 }
 
 /// A model (component) whose adapter-capable layers can be visited by module path.

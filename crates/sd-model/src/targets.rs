@@ -46,6 +46,17 @@ const ATTN: [&str; 4] = [".to_q", ".to_k", ".to_v", ".to_out.0"];
 const MLP: [&str; 4] = [".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out"];
 
 impl UnetTargets {
+    /// The preset's name in configs and on the command line (what `from_str` reads).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Attn => "attn",
+            Self::AttnMlp => "attn-mlp",
+            Self::AllLinear => "all-linear",
+            Self::Conv => "conv",
+            Self::None => "none",
+        }
+    }
+
     /// Whether the site at `path` (a linear layer unless `is_conv`) is in the preset.
     pub fn matches(self, path: &str, is_conv: bool) -> bool {
         let in_transformer = path.contains(".attentions.");
@@ -197,7 +208,54 @@ pub fn attach_new_adapters<B: burn::tensor::backend::Backend, P: Preset>(
     config: &LoraConfig,
     device: &B::Device,
 ) -> Result<Vec<String>> {
-    let mut attached = Vec::new();
+    let configs = KernelConfigs { linear: config, spatial: config };
+    Ok(attach_new_adapters_by_kernel(model, selection, configs, device)?.paths)
+}
+
+/// The adapter settings of each kind of layer, as kohya's LoCon: `linear` for linear layers
+/// and 1x1 convolutions (`network_dim` / `network_alpha`), `spatial` for convolutions with
+/// a larger kernel (`conv_dim` / `conv_alpha`).
+#[derive(Debug, Clone, Copy)]
+pub struct KernelConfigs<'a> {
+    /// Linear layers and 1x1 convolutions.
+    pub linear: &'a LoraConfig,
+    /// Convolutions whose kernel is larger than 1x1 (the ResNet blocks' `conv1` / `conv2`,
+    /// the down- and upsamplers).
+    pub spatial: &'a LoraConfig,
+}
+
+/// What [`attach_new_adapters_by_kernel`] attached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// Module paths of all new adapters, in visiting order.
+    pub paths: Vec<String>,
+    /// How many of them sit on convolutions with a kernel larger than 1x1.
+    pub spatial: usize,
+}
+
+/// [`attach_new_adapters`] with settings per kind of layer (`configs`): a LoCon with its own
+/// rank and alpha for the 3x3 convolutions.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use lora_core::LoraConfig;
+/// use sd_model::targets::{attach_new_adapters_by_kernel, KernelConfigs, Selection, UnetTargets};
+/// use sd_model::{UNet2DConditionModel, UnetConfig};
+///
+/// let device = Default::default();
+/// let mut unet = UNet2DConditionModel::<Flex>::new(&UnetConfig::tiny(), &device).unwrap();
+/// let (linear, spatial) = (LoraConfig::new(4), LoraConfig::new(2).with_alpha(1.0));
+/// let configs = KernelConfigs { linear: &linear, spatial: &spatial };
+/// let attached = attach_new_adapters_by_kernel(&mut unet, &Selection::new(UnetTargets::Conv), configs, &device).unwrap();
+/// assert!(attached.spatial > 0 && attached.spatial < attached.paths.len());
+/// ```
+pub fn attach_new_adapters_by_kernel<B: burn::tensor::backend::Backend, P: Preset>(
+    model: &mut impl LoraSites<B>,
+    selection: &Selection<P>,
+    configs: KernelConfigs<'_>,
+    device: &B::Device,
+) -> Result<Attached> {
+    let mut attached = Attached::default();
     let mut all = Vec::new();
     let mut error = None;
     model.visit_lora_sites(&mut |path, mut site: LoraSiteMut<'_, B>| {
@@ -205,13 +263,21 @@ pub fn attach_new_adapters<B: burn::tensor::backend::Backend, P: Preset>(
         if error.is_some() || !selection.selects(path, site.is_conv()) {
             return;
         }
+        let spatial = site.kernel_size() != [1, 1];
+        let config = if spatial { configs.spatial } else { configs.linear };
         match site.attach_new(config, device) {
-            Ok(()) => attached.push(path.to_string()),
-            Err(e) => error = Some(e),
+            Ok(()) => {
+                attached.paths.push(path.to_string());
+                attached.spatial += usize::from(spatial);
+            }
+            Err(e) => error = Some(SdModelError::BadInput {
+                what: format!("LoRA adapter for `{path}`"),
+                reason: e.to_string(),
+            }),
         }
     });
     if let Some(e) = error {
-        return Err(e.into());
+        return Err(e);
     }
     if let Some(p) = selection.include.iter().find(|p| !all.iter().any(|path| glob_match(p, path))) {
         return Err(SdModelError::BadInput {

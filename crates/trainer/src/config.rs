@@ -98,6 +98,12 @@ pub struct LoraSection {
     pub rslora: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
+    /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
+    /// `conv_dim`, LoCon); 0: `rank`.
+    pub conv_rank: usize,
+    /// Alpha of those adapters (kohya's `conv_alpha`); 0: `alpha` when `conv_rank` is 0,
+    /// else 1 (kohya's default when `conv_dim` is given without `conv_alpha`).
+    pub conv_alpha: f32,
     /// Extra module-path globs to target.
     pub include: Vec<String>,
     /// Module-path globs never to target.
@@ -109,6 +115,41 @@ pub struct LoraSection {
     /// targets, at `rank`; they bring their own alpha.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub network_weights: String,
+}
+
+impl LoraSection {
+    /// The adapter settings of linear layers and 1x1 convolutions.
+    pub fn linear_config(&self) -> lora_core::LoraConfig {
+        lora_core::LoraConfig::new(self.rank).with_alpha(self.alpha).with_dropout(self.dropout).with_rslora(self.rslora)
+    }
+
+    /// The adapter settings of convolutions with a larger kernel: `conv_rank` and
+    /// `conv_alpha` as kohya reads `conv_dim` and `conv_alpha`, each unset value falling back
+    /// as documented on the fields.
+    ///
+    /// ```
+    /// use trainer::config::TrainConfig;
+    /// let mut lora = TrainConfig::default().lora;
+    /// assert_eq!(lora.spatial_config(), lora.linear_config());
+    /// lora.conv_rank = 4;
+    /// assert_eq!((lora.spatial_config().rank, lora.spatial_config().alpha), (4, 1.0));
+    /// lora.conv_alpha = 2.0;
+    /// assert_eq!(lora.spatial_config().scale(), 0.5);
+    /// ```
+    pub fn spatial_config(&self) -> lora_core::LoraConfig {
+        let rank = if self.conv_rank > 0 { self.conv_rank } else { self.rank };
+        let alpha = match (self.conv_alpha > 0.0, self.conv_rank > 0) {
+            (true, _) => self.conv_alpha,
+            (false, true) => 1.0,
+            (false, false) => self.alpha,
+        };
+        self.linear_config().with_rank(rank).with_alpha(alpha)
+    }
+
+    /// Whether the 3x3 convolutions get settings of their own.
+    pub fn has_conv_settings(&self) -> bool {
+        self.conv_rank > 0 || self.conv_alpha > 0.0
+    }
 }
 
 /// Learning-rate schedules (each with linear warmup).
@@ -442,6 +483,8 @@ impl Default for TrainConfig {
                 dropout: 0.0,
                 rslora: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
+                conv_rank: 0,
+                conv_alpha: 0.0,
                 include: vec![],
                 exclude: vec![],
                 text_encoder_targets: sd_model::targets::TextEncoderTargets::None,
@@ -707,6 +750,9 @@ impl TrainConfig {
         }
         if self.lora.rank == 0 {
             return bad("lora.rank must be at least 1");
+        }
+        if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
+            return bad("lora.conv_alpha must be 0 (the default) or positive");
         }
         let weights = std::path::Path::new(&self.lora.network_weights);
         if !self.lora.network_weights.is_empty() && !weights.is_file() {

@@ -339,6 +339,39 @@ enum Command {
         #[arg(long, default_value = "f16")]
         dtype: SaveDtype,
     },
+    /// Change the rank of a trained LoRA (kohya's resize_lora.py): each adapter keeps its
+    /// update's largest singular values, at a fixed rank or, with --dynamic-method, at the
+    /// smallest rank that keeps a share of it.
+    Resize {
+        /// Input LoRA (kohya or diffusers/PEFT layout).
+        input: PathBuf,
+        /// Output LoRA (must not exist yet).
+        output: PathBuf,
+        /// New rank of linear layers and 1x1 convolutions; with --dynamic-method, the
+        /// largest rank kept. Never above an adapter's own rank.
+        #[arg(long)]
+        rank: usize,
+        /// New rank of 3x3 convolutions (LoCon); default: --rank.
+        #[arg(long)]
+        conv_rank: Option<usize>,
+        /// Choose each adapter's rank from its singular values: sv_fro (keep this share of
+        /// the update's Frobenius norm), sv_cumulative (of the singular values' sum) or
+        /// sv_ratio (keep values at least 1/PARAM of the largest).
+        #[arg(long, requires = "dynamic_param")]
+        dynamic_method: Option<String>,
+        /// The parameter of --dynamic-method, e.g. 0.9 for sv_fro.
+        #[arg(long, requires = "dynamic_method")]
+        dynamic_param: Option<f64>,
+        /// Output layout: kohya or peft; default: the input's.
+        #[arg(long)]
+        to: Option<AdapterFormat>,
+        /// Tensor precision: f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: SaveDtype,
+        /// Print what each adapter kept.
+        #[arg(long)]
+        verbose: bool,
+    },
 }
 
 /// What `trainer train` shows per step: a progress bar on a terminal; where stderr is a
@@ -571,10 +604,15 @@ fn sd_module_index() -> Result<ModuleIndex> {
         (sd_model::UnetConfig::sd21(), sd_model::ClipTextConfig::sd21()),
         (sd_model::UnetConfig::tiny(), sd_model::ClipTextConfig::tiny()),
     ] {
-        let levels = unet_cfg.block_out_channels.len();
-        // Narrow widths: only the module tree matters.
+        // Narrow widths: only the module tree matters. Levels of equal width stay equal
+        // and the others differ, so that the ResNet blocks that change width keep their
+        // `conv_shortcut` (a LoCon adapts it).
+        let mut distinct = unet_cfg.block_out_channels.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let narrow = unet_cfg.block_out_channels.iter().map(|c| 8 * (1 + distinct.binary_search(c).unwrap_or(0))).collect();
         let unet_cfg = sd_model::UnetConfig {
-            block_out_channels: vec![8; levels],
+            block_out_channels: narrow,
             norm_num_groups: 4,
             attention_head_dim: sd_model::PerBlock::All(1),
             cross_attention_dim: 4,
@@ -594,6 +632,48 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     let (set, report) = AdapterSet::load(input, &index, ReadOptions::default())?;
     set.save(output, to, dtype)?;
     println!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
+    Ok(())
+}
+
+fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora_core::resize::ResizeSettings, to: Option<AdapterFormat>, dtype: SaveDtype, verbose: bool) -> Result<()> {
+    if output.exists() {
+        anyhow::bail!("{} already exists; choose a new output path", output.display());
+    }
+    let index = sd_module_index()?;
+    let (set, report) = AdapterSet::load(input, &index, ReadOptions::default())?;
+    let resized = lora_core::resize::resize_set(&set, settings).with_context(|| format!("resizing {}", input.display()))?;
+    let format = to.unwrap_or(report.format);
+    resized.set.save(output, format, dtype)?;
+    if verbose {
+        for (key, kept) in &resized.modules {
+            println!(
+                "{:75} | rank {:>3} -> {:>3} | sum(S) retained {:>6.1}%, fro retained {:>6.1}%, max(S) ratio {:.1}",
+                key.kohya_name(),
+                kept.old_rank,
+                kept.new_rank,
+                100.0 * kept.sum_retained,
+                100.0 * kept.fro_retained,
+                kept.max_ratio
+            );
+        }
+    }
+    let ranks = |f: &dyn Fn(&lora_core::resize::Retained) -> usize| {
+        let (lo, hi) = resized.modules.values().map(f).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
+        if lo == hi { lo.to_string() } else { format!("{lo}..{hi}") }
+    };
+    let worst = resized.modules.values().map(|r| r.fro_retained).fold(1.0, f64::min);
+    println!(
+        "{} ({:?}, {} adapters, rank {}) -> {} ({format:?}, {dtype:?}, rank {}, {}): Frobenius norm kept {:.1}% on average, {:.1}% at least",
+        input.display(),
+        report.format,
+        set.len(),
+        ranks(&|r| r.old_rank),
+        output.display(),
+        ranks(&|r| r.new_rank),
+        settings.rule.describe(),
+        100.0 * resized.mean_fro_retained(),
+        100.0 * worst
+    );
     Ok(())
 }
 
@@ -790,6 +870,14 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
+        Command::Resize { input, output, rank, conv_rank, dynamic_method, dynamic_param, to, dtype, verbose } => {
+            let rule = match (dynamic_method, dynamic_param) {
+                (Some(method), Some(param)) => lora_core::resize::RankRule::parse(&method, param)?,
+                _ => lora_core::resize::RankRule::Fixed,
+            };
+            let settings = lora_core::resize::ResizeSettings { rank, conv_rank: conv_rank.unwrap_or(rank), rule };
+            run_resize(&input, &output, &settings, to, dtype, verbose)
+        }
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
         Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
             unet_config,

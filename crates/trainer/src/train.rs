@@ -14,9 +14,9 @@ use lora_core::optim::FlatAdamW;
 use sd_model::checkpoint::CheckpointOptions;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
-use lora_core::{sites, AdapterSet, LoraConfig};
+use lora_core::{sites, AdapterSet};
 use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
-use sd_model::targets::{attach_new_adapters, Selection};
+use sd_model::targets::{attach_new_adapters, attach_new_adapters_by_kernel, KernelConfigs, Selection};
 use sd_model::DiagonalGaussian;
 use sd_sched::training::{elementwise_loss, offset_noise, pyramid_noise, pyramid_ratios, HuberSchedule, LossType, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
@@ -412,7 +412,7 @@ fn load_network_weights<B: AutodiffBackend>(
     let (set, _) = AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?;
     let in_file = |e: lora_core::LoraError| TrainError::Config {
         origin: format!("lora.network_weights = {}", path.display()),
-        reason: format!("{e}; the file's adapters must be among lora.unet_targets / include / text_encoder_targets, at lora.rank"),
+        reason: format!("{e}; the file's adapters must be among lora.unet_targets / include / text_encoder_targets, at lora.rank (lora.conv_rank for 3x3 convolutions)"),
     };
     sites::load_adapter_weights(unet, &set, device).map_err(in_file)?;
     sites::load_adapter_weights(text_encoder, &set, device).map_err(in_file)?;
@@ -573,13 +573,21 @@ fn run<B: AutodiffBackend>(
     let mut unet = <sd_model::UNet2DConditionModel<B> as AutodiffModule<B>>::from_inner(frozen.unet.clone()).no_grad();
     B::seed(device, t.seed);
     let l = &config.lora;
-    let lora = LoraConfig::new(l.rank).with_alpha(l.alpha).with_dropout(l.dropout).with_rslora(l.rslora);
+    let (lora, spatial) = (l.linear_config(), l.spatial_config());
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
-    let targets = attach_new_adapters(&mut unet, &selection, &lora, device)?;
-    if targets.is_empty() {
+    let configs = KernelConfigs { linear: &lora, spatial: &spatial };
+    let attached = attach_new_adapters_by_kernel(&mut unet, &selection, configs, device)?;
+    if attached.paths.is_empty() {
         return Err(TrainError::Config {
             origin: "lora".into(),
             reason: "the target selection matches no UNet layer".into(),
+        });
+    }
+    if l.has_conv_settings() && attached.spatial == 0 {
+        // kohya's `conv_dim` adds the ResNet convolutions itself; here the targets say it.
+        return Err(TrainError::Config {
+            origin: "lora.conv_rank / lora.conv_alpha".into(),
+            reason: format!("set for 3x3 convolutions, but lora.unet_targets = \"{}\" (with include / exclude) selects none; use unet_targets = \"conv\" (kohya's LoCon set)", l.unet_targets.name()),
         });
     }
 

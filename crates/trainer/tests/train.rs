@@ -212,6 +212,41 @@ fn stopping_early_saves_the_lora_trained_so_far() {
     assert!(set.iter().any(|(_, w)| w.up.data.iter().any(|v| *v != 0.0)));
 }
 
+/// kohya's LoCon settings: 3x3 convolutions get `conv_rank` / `conv_alpha`, linear layers
+/// and 1x1 convolutions `rank` / `alpha`; the file says so in `ss_network_args`. Setting
+/// them with targets that hold no 3x3 convolution is an error naming the keys.
+#[test]
+fn conv_rank_and_alpha_reach_the_3x3_convolutions_only() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 2);
+    config.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+    (config.lora.rank, config.lora.alpha) = (8, 4.0);
+    (config.lora.conv_rank, config.lora.conv_alpha) = (2, 1.5);
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&report.lora, &tiny_index(), ReadOptions::default()).unwrap();
+    let spatial = |w: &lora_core::LoraWeights| w.is_conv() && w.down.shape[2..] != [1, 1];
+    let (convs, rest): (Vec<_>, Vec<_>) = set.iter().partition(|(_, w)| spatial(w));
+    assert!(!convs.is_empty() && !rest.is_empty());
+    for (key, w) in &convs {
+        assert_eq!((w.rank(), w.alpha), (2, 1.5), "{key}");
+    }
+    for (key, w) in &rest {
+        assert_eq!((w.rank(), w.alpha), (8, 4.0), "{key}");
+    }
+    assert!(rest.iter().any(|(k, _)| k.path.ends_with("time_emb_proj")), "linear layers of the ResNet blocks take the linear rank");
+    let args: serde_json::Value = serde_json::from_str(&lora_metadata(&report.lora)["ss_network_args"]).unwrap();
+    assert_eq!((args["conv_dim"].as_str(), args["conv_alpha"].as_str()), (Some("2"), Some("1.5")));
+
+    config.lora.unet_targets = sd_model::targets::UnetTargets::AttnMlp;
+    match train::<B>(&config, &Default::default(), &mut |_| true) {
+        Err(TrainError::Config { origin, reason }) => {
+            assert!(origin.contains("lora.conv_rank") && reason.contains("unet_targets = \"conv\""), "{origin}: {reason}");
+        }
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
+
 #[test]
 fn text_encoder_adapters_train_and_save_with_the_unet_ones() {
     let _guard = seeded();

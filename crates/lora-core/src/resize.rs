@@ -1,0 +1,330 @@
+//! Changing the rank of trained adapters (kohya's `networks/resize_lora.py`).
+//!
+//! An adapter's update `ΔW = scale · up · down` has rank at most `r`; the best update of a
+//! lower rank `k` (in the Frobenius and spectral norms) keeps its `k` largest singular
+//! values. People train at a generous rank and resize afterwards: to a fixed rank, or per
+//! adapter to the smallest rank that keeps a share of the update ([`RankRule`]).
+//!
+//! The singular values come from the factors, never from `ΔW` itself: with thin QR
+//! factorisations `up = Q₁R₁` and `downᵀ = Q₂R₂`, `up · down = Q₁ (R₁R₂ᵀ) Q₂ᵀ`, so the SVD
+//! of the `r × r` core `R₁R₂ᵀ = U S Vᵀ` gives `up · down = (Q₁U) S (Q₂V)ᵀ` exactly. That is
+//! `O((out + in·kh·kw) · r²)` work per adapter instead of an SVD of the full
+//! `out × in·kh·kw` matrix, in f64 on the host.
+//!
+//! ```
+//! use lora_core::resize::{resize_adapter, RankRule};
+//! use lora_core::{HostTensor, LoraWeights};
+//!
+//! // A rank-2 adapter whose update is really rank 1 (both `down` rows are equal).
+//! let down = HostTensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]).unwrap();
+//! let up = HostTensor::new(vec![2, 2], vec![1.0, 0.5, 2.0, -1.0]).unwrap();
+//! let w = LoraWeights::new(down, up, 1.0, "example").unwrap();
+//! let (small, kept) = resize_adapter(&w, 2, RankRule::SvFro(0.999), "example").unwrap();
+//! assert_eq!(small.rank(), 1);
+//! assert!(kept.fro_retained > 0.999);
+//! // The same update, at the same scale (alpha / rank is kept).
+//! for (a, b) in small.delta().data.iter().zip(&w.delta().data) {
+//!     assert!((a - b).abs() < 1e-5);
+//! }
+//! assert_eq!(small.scale(), w.scale());
+//! ```
+
+use std::collections::BTreeMap;
+
+use nalgebra::{DMatrix, SVD};
+
+use crate::{AdapterKey, AdapterSet, HostTensor, LoraError, LoraWeights, Result};
+
+/// How the new rank of each adapter is chosen; the result never exceeds the maximum rank
+/// given with it nor the adapter's own rank, and is at least 1.
+///
+/// The dynamic rules are kohya's `--dynamic_method` values, with one difference: kohya's
+/// script keeps one singular value more than its criterion asks (its index is increased
+/// twice); these keep the smallest rank that meets it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RankRule {
+    /// The maximum rank (kohya without `--dynamic_method`).
+    Fixed,
+    /// The singular values at least `1 / ratio` of the largest one (`sv_ratio`; the ratio
+    /// is at least 1).
+    SvRatio(f64),
+    /// The smallest rank whose singular values sum to at least this fraction of their
+    /// total (`sv_cumulative`; in (0, 1]).
+    SvCumulative(f64),
+    /// The smallest rank that keeps at least this fraction of the update's Frobenius norm
+    /// (`sv_fro`; in (0, 1]).
+    SvFro(f64),
+}
+
+impl RankRule {
+    /// kohya's name of the rule (`fixed` for [`RankRule::Fixed`]) and its parameter.
+    pub fn describe(self) -> String {
+        match self {
+            Self::Fixed => "fixed".into(),
+            Self::SvRatio(t) => format!("sv_ratio: {t}"),
+            Self::SvCumulative(t) => format!("sv_cumulative: {t}"),
+            Self::SvFro(t) => format!("sv_fro: {t}"),
+        }
+    }
+
+    /// Parses kohya's `--dynamic_method` name with its `--dynamic_param`.
+    ///
+    /// ```
+    /// use lora_core::resize::RankRule;
+    /// assert_eq!(RankRule::parse("sv_fro", 0.9).unwrap(), RankRule::SvFro(0.9));
+    /// assert!(RankRule::parse("sv_fro", 1.5).is_err());
+    /// assert!(RankRule::parse("svd", 0.9).is_err());
+    /// ```
+    pub fn parse(method: &str, param: f64) -> Result<Self> {
+        let rule = match method {
+            "sv_ratio" => Self::SvRatio(param),
+            "sv_cumulative" => Self::SvCumulative(param),
+            "sv_fro" => Self::SvFro(param),
+            other => {
+                return Err(LoraError::InvalidConfig(format!(
+                    "unknown rank rule `{other}`; expected sv_ratio, sv_cumulative or sv_fro"
+                )))
+            }
+        };
+        rule.validate()?;
+        Ok(rule)
+    }
+
+    /// Checks the parameter's range.
+    pub fn validate(self) -> Result<()> {
+        let ok = match self {
+            Self::Fixed => true,
+            Self::SvRatio(t) => t.is_finite() && t >= 1.0,
+            Self::SvCumulative(t) | Self::SvFro(t) => t > 0.0 && t <= 1.0,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(LoraError::InvalidConfig(format!(
+                "{}: sv_ratio takes a ratio of at least 1, sv_cumulative and sv_fro a fraction in (0, 1]",
+                self.describe()
+            )))
+        }
+    }
+}
+
+/// The target ranks of [`resize_set`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResizeSettings {
+    /// The (maximum) rank of linear adapters and 1x1 convolutions (kohya's `--new_rank`).
+    pub rank: usize,
+    /// The (maximum) rank of adapters on larger kernels (kohya's `--new_conv_rank`).
+    pub conv_rank: usize,
+    /// How each adapter's rank is chosen below those.
+    pub rule: RankRule,
+}
+
+/// What resizing kept of one adapter's update, as kohya's `--verbose` reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retained {
+    /// The adapter's rank before.
+    pub old_rank: usize,
+    /// Its rank after.
+    pub new_rank: usize,
+    /// `‖kept singular values‖₂ / ‖all‖₂`: the share of the update's Frobenius norm kept
+    /// (1 for a zero update).
+    pub fro_retained: f64,
+    /// The kept singular values' sum over the sum of all (1 for a zero update).
+    pub sum_retained: f64,
+    /// The largest kept singular value over the smallest kept one (1 for a zero update).
+    pub max_ratio: f64,
+}
+
+/// The result of [`resize_set`]: the resized adapters and what each kept.
+#[derive(Debug, Clone)]
+pub struct Resized {
+    /// The adapters at their new ranks, with the input's metadata and kohya's note in
+    /// `ss_training_comment`.
+    pub set: AdapterSet,
+    /// Per adapter, in key order.
+    pub modules: BTreeMap<AdapterKey, Retained>,
+}
+
+impl Resized {
+    /// The mean of [`Retained::fro_retained`] over all adapters (kohya's "average Frobenius
+    /// norm retention"); 1 for an empty set.
+    pub fn mean_fro_retained(&self) -> f64 {
+        if self.modules.is_empty() {
+            return 1.0;
+        }
+        self.modules.values().map(|r| r.fro_retained).sum::<f64>() / self.modules.len() as f64
+    }
+}
+
+/// Resizes every adapter of `set` (see the [module docs](self)). Adapters on kernels larger
+/// than 1x1 take `settings.conv_rank`, the others `settings.rank`. The metadata is kept,
+/// with `ss_training_comment` prefixed as kohya's script prefixes it; file writers
+/// recompute `ss_network_dim` / `ss_network_alpha` and the hashes from the new adapters.
+pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized> {
+    settings.rule.validate()?;
+    if settings.rank == 0 || settings.conv_rank == 0 {
+        return Err(LoraError::InvalidConfig("the new ranks must be at least 1".into()));
+    }
+    let work: Vec<(&AdapterKey, &LoraWeights)> = set.iter().collect();
+    let one = |(key, w): &(&AdapterKey, &LoraWeights)| {
+        let spatial = w.is_conv() && w.down.shape[2..] != [1, 1];
+        let max_rank = if spatial { settings.conv_rank } else { settings.rank };
+        resize_adapter(w, max_rank, settings.rule, &key.to_string())
+    };
+    // The adapters are independent: one share of them per core (in order, so that the
+    // first error is the first adapter's).
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(work.len()).max(1);
+    let share = work.len().div_ceil(threads).max(1);
+    let results: Vec<Result<(LoraWeights, Retained)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = work.chunks(share).map(|chunk| scope.spawn(move || chunk.iter().map(one).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    let mut out = AdapterSet::new();
+    let mut modules = BTreeMap::new();
+    for ((key, _), result) in work.iter().zip(results) {
+        let (resized, retained) = result?;
+        out.insert((*key).clone(), resized)?;
+        modules.insert((*key).clone(), retained);
+    }
+    out.metadata = set.metadata.clone();
+    let old = set.iter().map(|(_, w)| w.rank()).max().unwrap_or(0);
+    let comment = set.metadata.get("ss_training_comment").cloned().unwrap_or_default();
+    let note = match settings.rule {
+        RankRule::Fixed if settings.conv_rank != settings.rank => {
+            format!("dimension is resized from {old} to {} (conv: {})", settings.rank, settings.conv_rank)
+        }
+        RankRule::Fixed => format!("dimension is resized from {old} to {}", settings.rank),
+        rule => format!("Dynamic resize with {} from {old}", rule.describe()),
+    };
+    out.metadata.insert("ss_training_comment".into(), format!("{note}; {comment}"));
+    Ok(Resized { set: out, modules })
+}
+
+/// One adapter at rank `k ≤ max_rank` chosen by `rule` (see the [module docs](self)), with
+/// the same scale (`alpha / rank`): its update is the best rank-`k` approximation of the
+/// old one. All singular values go into `up`, as in kohya's script. `key` names the adapter
+/// in errors.
+pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, key: &str) -> Result<(LoraWeights, Retained)> {
+    weights.validate(key)?;
+    rule.validate()?;
+    if max_rank == 0 {
+        return Err(LoraError::InvalidConfig("the new rank must be at least 1".into()));
+    }
+    let finite = |t: &HostTensor| t.data.iter().all(|v| v.is_finite());
+    if !(finite(&weights.down) && finite(&weights.up)) {
+        return Err(LoraError::Data(format!("`{key}`: the adapter holds NaN or infinite values; it cannot be resized")));
+    }
+    let (r, out) = (weights.rank(), weights.out_features());
+    let cols = weights.down.numel() / r;
+    // `up` is `[out, r]` row-major; `down` is `[r, cols]` row-major, i.e. `downᵀ` column-major.
+    let up = DMatrix::from_row_iterator(out, r, weights.up.data.iter().map(|&v| f64::from(v)));
+    let down_t = DMatrix::from_iterator(cols, r, weights.down.data.iter().map(|&v| f64::from(v)));
+    let (q1, r1) = up.qr().unpack();
+    let (q2, r2) = down_t.qr().unpack();
+    let core = r1 * r2.transpose();
+    let svd = SVD::try_new(core, true, true, f64::EPSILON, 10_000)
+        .ok_or_else(|| LoraError::Data(format!("`{key}`: the singular value decomposition did not converge")))?;
+    let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
+        unreachable!("both factors were asked for");
+    };
+    let s = svd.singular_values.as_slice();
+    let k = chosen_rank(s, max_rank, rule);
+    let mut new_up = q1 * u.columns(0, k);
+    for (j, mut column) in new_up.column_iter_mut().enumerate() {
+        column *= s[j];
+    }
+    let new_down_t = q2 * v_t.rows(0, k).transpose();
+    let narrow = |m: DMatrix<f64>| m.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    // Column-major `[out, k]` transposed is row-major; `new_down_t` column-major is `down` row-major.
+    let up_data = narrow(new_up.transpose());
+    let down_data = narrow(new_down_t);
+    let mut down_shape = weights.down.shape.clone();
+    down_shape[0] = k;
+    let mut up_shape = weights.up.shape.clone();
+    up_shape[1] = k;
+    let resized = LoraWeights::new(
+        HostTensor::new(down_shape, down_data)?,
+        HostTensor::new(up_shape, up_data)?,
+        weights.scale() * k as f32,
+        key,
+    )?;
+    Ok((resized, retained(s, r, k)))
+}
+
+/// The rank `rule` picks for the descending singular values `s`, within `[1, max_rank]`
+/// and at most `s.len()`; a zero update gets rank 1.
+fn chosen_rank(s: &[f64], max_rank: usize, rule: RankRule) -> usize {
+    let limit = max_rank.min(s.len()).max(1);
+    let Some(&largest) = s.first().filter(|&&v| v > 0.0) else {
+        return 1;
+    };
+    let wanted = match rule {
+        RankRule::Fixed => limit,
+        RankRule::SvRatio(t) => s.iter().filter(|&&v| v * t >= largest).count(),
+        RankRule::SvCumulative(t) => first_reaching(s.iter().copied(), t),
+        RankRule::SvFro(t) => first_reaching(s.iter().map(|v| v * v), t * t),
+    };
+    wanted.clamp(1, limit)
+}
+
+/// How many leading `values` it takes for their running sum to reach `fraction` of the
+/// total (with a relative slack of 1e-12, so that a fraction of 1 is met despite rounding).
+fn first_reaching(values: impl Iterator<Item = f64> + Clone, fraction: f64) -> usize {
+    let total: f64 = values.clone().sum();
+    let target = fraction * total * (1.0 - 1e-12);
+    let mut acc = 0.0;
+    let mut count = 0;
+    for v in values {
+        acc += v;
+        count += 1;
+        if acc >= target {
+            break;
+        }
+    }
+    count
+}
+
+fn retained(s: &[f64], old_rank: usize, k: usize) -> Retained {
+    let share = |f: &dyn Fn(f64) -> f64| {
+        let total: f64 = s.iter().map(|&v| f(v)).sum();
+        if total > 0.0 {
+            s[..k].iter().map(|&v| f(v)).sum::<f64>() / total
+        } else {
+            1.0
+        }
+    };
+    let fro_retained = share(&|v| v * v).sqrt();
+    let sum_retained = share(&|v| v.abs());
+    let max_ratio = if s[k - 1] > 0.0 { s[0] / s[k - 1] } else { 1.0 };
+    Retained {
+        old_rank,
+        new_rank: k,
+        fro_retained,
+        sum_retained,
+        max_ratio,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_pick_the_smallest_rank_meeting_them() {
+        let s = [4.0, 2.0, 1.0, 0.5];
+        assert_eq!(chosen_rank(&s, 8, RankRule::Fixed), 4);
+        assert_eq!(chosen_rank(&s, 3, RankRule::Fixed), 3);
+        // 4/2 = 2: values ≥ 2 are kept.
+        assert_eq!(chosen_rank(&s, 8, RankRule::SvRatio(2.0)), 2);
+        assert_eq!(chosen_rank(&s, 8, RankRule::SvRatio(1.0)), 1);
+        // Sums 4, 6, 7, 7.5 of 7.5: 0.8 → 6/7.5 = 0.8 reached at 2.
+        assert_eq!(chosen_rank(&s, 8, RankRule::SvCumulative(0.8)), 2);
+        assert_eq!(chosen_rank(&s, 8, RankRule::SvCumulative(0.81)), 3);
+        assert_eq!(chosen_rank(&s, 8, RankRule::SvCumulative(1.0)), 4);
+        // Squares 16, 4, 1, 0.25 of 21.25: 0.9² · 21.25 = 17.2 → 2.
+        assert_eq!(chosen_rank(&s, 8, RankRule::SvFro(0.9)), 2);
+        assert_eq!(chosen_rank(&s, 1, RankRule::SvFro(0.99)), 1);
+        assert_eq!(chosen_rank(&[0.0, 0.0], 8, RankRule::SvFro(0.9)), 1);
+        assert_eq!(chosen_rank(&[0.0, 0.0], 8, RankRule::Fixed), 1);
+    }
+}

@@ -1,0 +1,95 @@
+//! The `trainer` binary's file commands, run as a user runs them.
+
+use std::path::Path;
+use std::process::Command;
+
+use burn::backend::{Autodiff, Flex};
+use lora_core::{AdapterFormat, AdapterSet, ReadOptions};
+use trainer::train::train;
+use trainer::TrainConfig;
+
+type B = Autodiff<Flex>;
+
+fn trainer(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn tiny_index() -> lora_core::ModuleIndex {
+    let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &Default::default()).unwrap();
+    sd_model::lora::module_index(&mut unet, None).unwrap()
+}
+
+fn load(path: &Path) -> (AdapterSet, AdapterFormat) {
+    let (set, report) = AdapterSet::load(path, &tiny_index(), ReadOptions::default()).unwrap();
+    (set, report.format)
+}
+
+/// `trainer resize` on a LoCon trained here: fixed ranks per kind of layer, a dynamic
+/// rule, the input's layout kept or changed, and the errors a user can run into.
+#[test]
+fn resize_lowers_ranks_and_refuses_bad_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = TrainConfig::default();
+    config.output.output_dir = dir.path().join("run");
+    config.train.max_train_steps = 3;
+    config.train.lr_warmup_steps = 0;
+    config.data.demo_images = 4;
+    config.output.sample_prompts.truncate(1);
+    config.output.sample_steps = 2;
+    config.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+    (config.lora.rank, config.lora.alpha, config.lora.conv_rank, config.lora.conv_alpha) = (8, 4.0, 4, 2.0);
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let input = report.lora.to_str().unwrap().to_string();
+    let (trained, _) = load(&report.lora);
+    let spatial = |w: &lora_core::LoraWeights| w.is_conv() && w.down.shape[2..] != [1, 1];
+
+    // `convert` reads every LoCon key, `conv_shortcut` of the blocks that change width
+    // included (its module index once lacked them).
+    let converted = dir.path().join("converted.safetensors");
+    let (ok, text) = trainer(&["convert", &input, converted.to_str().unwrap(), "--to", "peft", "--dtype", "f32"]);
+    assert!(ok, "{text}");
+    assert!(trained.iter().any(|(k, _)| k.path.ends_with("conv_shortcut")));
+    assert_eq!(load(&converted).0.len(), trained.len());
+
+    let fixed = dir.path().join("fixed.safetensors");
+    let (ok, text) = trainer(&["resize", &input, fixed.to_str().unwrap(), "--rank", "2", "--conv-rank", "1", "--dtype", "f32"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("rank 4..8") && text.contains("rank 1..2"), "{text}");
+    let (small, format) = load(&fixed);
+    assert_eq!(format, AdapterFormat::Kohya);
+    assert_eq!(small.len(), trained.len());
+    for (key, w) in small.iter() {
+        let before = trained.get(key).unwrap();
+        assert_eq!(w.rank(), if spatial(w) { 1 } else { 2 }, "{key}");
+        assert!((w.scale() - before.scale()).abs() < 1e-6, "{key}: the scale is kept");
+    }
+
+    let dynamic = dir.path().join("dynamic.safetensors");
+    let args = ["resize", &input, dynamic.to_str().unwrap(), "--rank", "8", "--dynamic-method", "sv_fro", "--dynamic-param", "0.5", "--to", "peft", "--verbose"];
+    let (ok, text) = trainer(&args);
+    assert!(ok, "{text}");
+    assert!(text.contains("fro retained") && text.contains("sv_fro: 0.5"), "{text}");
+    let (picked, format) = load(&dynamic);
+    assert_eq!(format, AdapterFormat::Peft);
+    assert!(picked.iter().all(|(k, w)| w.rank() <= trained.get(k).unwrap().rank()));
+    assert!(picked.iter().any(|(k, w)| w.rank() < trained.get(k).unwrap().rank()), "half the norm needs fewer ranks somewhere");
+
+    // The output exists now: nothing is overwritten.
+    let before = std::fs::read(&fixed).unwrap();
+    let (ok, text) = trainer(&["resize", &input, fixed.to_str().unwrap(), "--rank", "2"]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    assert_eq!(std::fs::read(&fixed).unwrap(), before);
+    let other = dir.path().join("other.safetensors");
+    let other = other.to_str().unwrap();
+    let (ok, text) = trainer(&["resize", &input, other, "--rank", "4", "--dynamic-method", "sv_fro", "--dynamic-param", "2"]);
+    assert!(!ok && text.contains("sv_fro: 2"), "{text}");
+    let (ok, text) = trainer(&["resize", &input, other, "--rank", "4", "--dynamic-method", "svd", "--dynamic-param", "0.9"]);
+    assert!(!ok && text.contains("unknown rank rule `svd`"), "{text}");
+    let (ok, text) = trainer(&["resize", &input, other, "--rank", "4", "--dynamic-method", "sv_fro"]);
+    assert!(!ok && text.contains("--dynamic-param"), "{text}");
+    let (ok, text) = trainer(&["resize", "missing.safetensors", other, "--rank", "4"]);
+    assert!(!ok && text.contains("missing.safetensors"), "{text}");
+    assert!(!Path::new(other).exists());
+}
