@@ -113,7 +113,6 @@ pub struct LoraSection {
     /// An existing LoRA (kohya or diffusers/PEFT file) to start from instead of fresh
     /// adapters (kohya's `network_weights`; empty: none). Its adapters must be among the
     /// targets, at `rank`; they bring their own alpha.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub network_weights: String,
 }
 

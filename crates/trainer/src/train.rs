@@ -508,11 +508,12 @@ fn copy_event_files(from: &Path, to: &Path) -> Result<(), TrainError> {
 
 /// The settings a resumed run must share with the state it resumes (as TOML lines).
 fn fingerprint(config: &TrainConfig) -> String {
-    // The starting file does not matter once the state holds the adapters (and states
-    // from before the key existed must still match).
-    let mut lora = config.lora.clone();
-    lora.network_weights.clear();
-    let lora = toml::to_string(&lora).unwrap_or_default();
+    // The starting file does not matter once the state holds the adapters, and keys added
+    // later leave no line at their default, so that states written before they existed
+    // still match.
+    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 0.0"];
+    let lora = toml::to_string(&config.lora).unwrap_or_default();
+    let lora: String = lora.lines().filter(|l| !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}", config.model.pretrained, config.model.tiny_seed)
 }
 
@@ -1361,4 +1362,26 @@ fn save_lora<B: AutodiffBackend>(
     set.metadata.extend(metadata);
     set.save(path, config.output.save_format, config.output.save_precision)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state's fingerprint of the `[lora]` section as written before `network_weights`,
+    /// `conv_rank` and `conv_alpha` existed still matches a configuration that leaves them
+    /// at their defaults; set, they count.
+    #[test]
+    fn fingerprints_ignore_later_keys_at_their_defaults() {
+        let mut config = TrainConfig::default();
+        let before = "model.pretrained = \"tiny\"\nmodel.tiny_seed = 0\nrank = 8\nalpha = 8.0\ndropout = 0.0\nrslora = false\nunet_targets = \"attn-mlp\"\ninclude = []\nexclude = []\ntext_encoder_targets = \"none\"\n";
+        assert_eq!(fingerprint(&config), before);
+        config.lora.network_weights = "start.safetensors".into();
+        assert_eq!(fingerprint(&config), before);
+        config.lora.conv_rank = 4;
+        assert!(fingerprint(&config).contains("\nconv_rank = 4\n"));
+        config.lora.conv_rank = 0;
+        config.lora.conv_alpha = 2.0;
+        assert!(fingerprint(&config).contains("\nconv_alpha = 2.0\n"));
+    }
 }

@@ -670,6 +670,16 @@ fn network_weights_start_from_an_existing_lora() {
     missing.lora.network_weights = dir.path().join("nope.safetensors").display().to_string();
     let err = train::<B>(&missing, &Default::default(), &mut |_| true).unwrap_err().to_string();
     assert!(err.contains("nope.safetensors"), "{err}");
+
+    // The key is read from configuration files and `--set` (it once was not: an empty
+    // value left it out of the defaults that valid keys are taken from).
+    let file = dir.path().join("start.toml");
+    std::fs::write(&file, format!("[lora]\nnetwork_weights = {:?}\n", trained.lora.display().to_string())).unwrap();
+    let loaded = TrainConfig::load(Some(&file), &[]).unwrap();
+    assert_eq!(loaded.lora.network_weights, trained.lora.display().to_string());
+    let set = format!("lora.network_weights={}", dir.path().join("nope.safetensors").display());
+    let err = TrainConfig::load(None, &[set]).unwrap_err().to_string();
+    assert!(err.contains("no file at") && err.contains("nope.safetensors"), "{err}");
 }
 
 #[test]
