@@ -391,7 +391,7 @@ impl TextEmbeddingCache {
         if !ds.captions_are_fixed() {
             return Err(DataError::config(
                 "shuffle_caption",
-                "text-embedding caching needs fixed captions: turn off shuffle_caption, caption_dropout_rate and caption_tag_dropout_rate",
+                "text-embedding caching needs fixed captions: turn off shuffle_caption, caption_dropout_rate, caption_dropout_every_n_epochs and caption_tag_dropout_rate",
             ));
         }
         let identity = encoder.identity();

@@ -108,6 +108,9 @@ pub struct SubsetConfig {
     pub keep_tokens: usize,
     /// Probability of replacing the whole caption with the empty string (unconditional training).
     pub caption_dropout_rate: f32,
+    /// Empty every caption in every N-th epoch (epochs counted from 1, as kohya's
+    /// `caption_dropout_every_n_epochs`; 0 = never).
+    pub caption_dropout_every_n_epochs: usize,
     /// Probability of dropping each (non-kept) tag.
     pub caption_tag_dropout_rate: f32,
     /// Randomly flip images horizontally (p = 0.5).
@@ -136,6 +139,7 @@ impl Default for SubsetConfig {
             shuffle_caption: false,
             keep_tokens: 0,
             caption_dropout_rate: 0.0,
+            caption_dropout_every_n_epochs: 0,
             caption_tag_dropout_rate: 0.0,
             flip_aug: false,
             random_crop: false,
@@ -157,6 +161,7 @@ impl SubsetConfig {
     pub fn captions_are_fixed(&self) -> bool {
         !self.shuffle_caption
             && self.caption_dropout_rate == 0.0
+            && self.caption_dropout_every_n_epochs == 0
             && self.caption_tag_dropout_rate == 0.0
     }
 

@@ -256,6 +256,7 @@ impl Dataset {
                     random_crop: false,
                     shuffle_caption: false,
                     caption_dropout_rate: 0.0,
+                    caption_dropout_every_n_epochs: 0,
                     caption_tag_dropout_rate: 0.0,
                     ..s.config.clone()
                 },
@@ -412,9 +413,12 @@ impl Dataset {
         self.images[i].source.display_path()
     }
 
-    /// The batches of `epoch`, fully determined by `seed` and `epoch`: captions, flips and crops
-    /// are drawn per sample, samples are shuffled within each bucket and chunked into batches
-    /// of `batch_size` (the last one per bucket may be smaller), and the batch order is shuffled.
+    /// The batches of `epoch` (counted from 0), fully determined by `seed` and `epoch`:
+    /// captions, flips and crops are drawn per sample, samples are shuffled within each bucket
+    /// and chunked into batches of `batch_size` (the last one per bucket may be smaller), and
+    /// the batch order is shuffled. A subset's `caption_dropout_every_n_epochs` empties its
+    /// captions in epochs `N − 1`, `2N − 1`, … (kohya's N-th, 2N-th, … epoch), drawing the
+    /// same random numbers as any other epoch.
     pub fn plan_epoch(&self, epoch: u64) -> Vec<BatchPlan> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
         rng.set_stream(epoch);
@@ -422,9 +426,14 @@ impl Dataset {
         for (i, img) in self.images.iter().enumerate() {
             let subset = &self.subsets[img.subset];
             let transform = CaptionTransform::from_subset(&subset.config);
+            let every = subset.config.caption_dropout_every_n_epochs;
+            let drop_all = every > 0 && (epoch + 1).is_multiple_of(every as u64);
             let a = &self.assignments[i];
             for _ in 0..self.repeats[i] {
-                let caption = transform.apply(&img.caption, &mut rng);
+                let mut caption = transform.apply(&img.caption, &mut rng);
+                if drop_all {
+                    caption.clear();
+                }
                 let flip = subset.config.flip_aug && rng.random::<bool>();
                 let crop = if subset.config.random_crop {
                     crop_offset(a.resized, a.bucket, Some(&mut rng))

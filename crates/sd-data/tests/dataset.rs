@@ -181,6 +181,41 @@ fn plans_are_seeded() {
     assert!((100..200).contains(&flips), "{flips} flips of 300");
 }
 
+/// `caption_dropout_every_n_epochs = 2` empties every caption of epochs 2, 4, … (indices
+/// 1, 3, …) and changes nothing else: the other epochs, and the shuffles, flips and batch
+/// order of the emptied ones, are those of a plan without the option.
+#[test]
+fn every_nth_epoch_has_empty_captions_and_the_same_draws() {
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..5 {
+        let p = save(&d.path().join(format!("3_x/{i}.png")), 64, 64 + 32 * (i % 2), i as u8);
+        caption(&p, "txt", &format!("img {i}, a, b, c"));
+    }
+    let mut cfg = config(d.path());
+    cfg.batch_size = 2;
+    cfg.subsets[0].flip_aug = true;
+    cfg.subsets[0].shuffle_caption = true;
+    let plain = Dataset::open(&cfg).unwrap();
+    cfg.subsets[0].caption_dropout_every_n_epochs = 2;
+    assert!(!cfg.subsets[0].captions_are_fixed());
+    let every = Dataset::open(&cfg).unwrap();
+    for epoch in 0..4u64 {
+        let (a, b) = (plain.plan_epoch(epoch), every.plan_epoch(epoch));
+        if epoch % 2 == 0 {
+            assert_eq!(a, b, "epoch index {epoch}");
+            continue;
+        }
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.samples.len(), y.samples.len());
+            for (s, t) in x.samples.iter().zip(&y.samples) {
+                assert!(!s.caption.is_empty() && t.caption.is_empty(), "epoch index {epoch}");
+                assert_eq!((s.image, s.flip, s.crop), (t.image, t.flip, t.crop));
+            }
+        }
+    }
+}
+
 #[test]
 fn regularization_images_are_balanced_and_weighted() {
     let d = tempfile::tempdir().unwrap();

@@ -60,6 +60,9 @@ pub struct DataSection {
     pub caption_suffix: String,
     /// Probability of training a sample with an empty caption.
     pub caption_dropout_rate: f32,
+    /// Empty every caption in every N-th epoch (kohya's `caption_dropout_every_n_epochs`;
+    /// 0 = never).
+    pub caption_dropout_every_n_epochs: usize,
     /// Probability of dropping each (non-kept) caption tag.
     pub caption_tag_dropout_rate: f32,
     /// Aspect-ratio buckets (off: every image is resized and cropped to the square).
@@ -465,6 +468,7 @@ impl Default for TrainConfig {
                 caption_prefix: String::new(),
                 caption_suffix: String::new(),
                 caption_dropout_rate: 0.0,
+                caption_dropout_every_n_epochs: 0,
                 caption_tag_dropout_rate: 0.0,
                 enable_bucket: true,
                 min_bucket_reso: 256,

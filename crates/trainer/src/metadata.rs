@@ -183,6 +183,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_huber_c", t.huber_c.to_string()),
         ("ss_prior_loss_weight", d.prior_loss_weight.to_string()),
         ("ss_caption_dropout_rate", d.caption_dropout_rate.to_string()),
+        ("ss_caption_dropout_every_n_epochs", d.caption_dropout_every_n_epochs.to_string()),
         ("ss_caption_tag_dropout_rate", d.caption_tag_dropout_rate.to_string()),
         // The data set's own values: `max_bucket_reso = 0` resolved, or a dataset_config file's.
         ("ss_resolution", format!("({}, {})", ds.resolution.width, ds.resolution.height)),

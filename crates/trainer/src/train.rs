@@ -168,6 +168,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         caption_prefix: Some(d.caption_prefix.clone()).filter(|v| !v.is_empty()),
         caption_suffix: Some(d.caption_suffix.clone()).filter(|v| !v.is_empty()),
         caption_dropout_rate: d.caption_dropout_rate,
+        caption_dropout_every_n_epochs: d.caption_dropout_every_n_epochs,
         caption_tag_dropout_rate: d.caption_tag_dropout_rate,
         flip_aug: d.flip_aug,
         random_crop: d.random_crop,
