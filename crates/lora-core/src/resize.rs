@@ -7,7 +7,8 @@
 //!
 //! The singular values come from the factors, never from `ΔW` itself: with thin QR
 //! factorisations `up = Q₁R₁` and `downᵀ = Q₂R₂`, `up · down = Q₁ (R₁R₂ᵀ) Q₂ᵀ`, so the SVD
-//! of the `r × r` core `R₁R₂ᵀ = U S Vᵀ` gives `up · down = (Q₁U) S (Q₂V)ᵀ` exactly. That is
+//! of the (at most `r × r`) core `R₁R₂ᵀ = U S Vᵀ` gives `up · down = (Q₁U) S (Q₂V)ᵀ`
+//! exactly. That is
 //! `O((out + in·kh·kw) · r²)` work per adapter instead of an SVD of the full
 //! `out × in·kh·kw` matrix, in f64 on the host.
 //!
@@ -108,12 +109,22 @@ impl RankRule {
     }
 }
 
+/// What kohya's script writes as `ss_network_dim` / `ss_network_alpha` after a dynamic
+/// resize (the ranks differ per adapter).
+pub const DYNAMIC: &str = "Dynamic";
+
+/// kohya's threshold below which an update counts as zero: a largest singular value of
+/// `up · down` (without the scale) at most this gives rank 1.
+pub const MIN_SINGULAR_VALUE: f64 = 1e-6;
+
 /// The target ranks of [`resize_set`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ResizeSettings {
     /// The (maximum) rank of linear adapters and 1x1 convolutions (kohya's `--new_rank`).
     pub rank: usize,
-    /// The (maximum) rank of adapters on larger kernels (kohya's `--new_conv_rank`).
+    /// The (maximum) rank of adapters on larger kernels (kohya's `--new_conv_rank`; kohya's
+    /// script also gives it to 1x1 convolutions, which here count as linear layers, as
+    /// kohya's training counts them).
     pub conv_rank: usize,
     /// How each adapter's rank is chosen below those.
     pub rule: RankRule,
@@ -158,8 +169,10 @@ impl Resized {
 
 /// Resizes every adapter of `set` (see the [module docs](self)). Adapters on kernels larger
 /// than 1x1 take `settings.conv_rank`, the others `settings.rank`. The metadata is kept,
-/// with `ss_training_comment` prefixed as kohya's script prefixes it; file writers
-/// recompute `ss_network_dim` / `ss_network_alpha` and the hashes from the new adapters.
+/// with `ss_training_comment` prefixed as kohya's script prefixes it; after a dynamic rule
+/// `ss_network_dim` and `ss_network_alpha` say `Dynamic`, as kohya's script writes them
+/// (the kohya writer keeps that instead of its most common rank), else the writers
+/// recompute them, and always the hashes, from the new adapters.
 pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized> {
     settings.rule.validate()?;
     if settings.rank == 0 || settings.conv_rank == 0 {
@@ -197,6 +210,12 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
         rule => format!("Dynamic resize with {} from {old}", rule.describe()),
     };
     out.metadata.insert("ss_training_comment".into(), format!("{note}; {comment}"));
+    for key in ["ss_network_dim", "ss_network_alpha"] {
+        match settings.rule {
+            RankRule::Fixed => out.metadata.remove(key),
+            _ => out.metadata.insert(key.into(), DYNAMIC.into()),
+        };
+    }
     Ok(Resized { set: out, modules })
 }
 
@@ -252,10 +271,10 @@ pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, ke
 }
 
 /// The rank `rule` picks for the descending singular values `s`, within `[1, max_rank]`
-/// and at most `s.len()`; a zero update gets rank 1.
+/// and at most `s.len()`; a zero update ([`MIN_SINGULAR_VALUE`]) gets rank 1.
 fn chosen_rank(s: &[f64], max_rank: usize, rule: RankRule) -> usize {
     let limit = max_rank.min(s.len()).max(1);
-    let Some(&largest) = s.first().filter(|&&v| v > 0.0) else {
+    let Some(&largest) = s.first().filter(|&&v| v > MIN_SINGULAR_VALUE) else {
         return 1;
     };
     let wanted = match rule {
@@ -326,5 +345,7 @@ mod tests {
         assert_eq!(chosen_rank(&s, 1, RankRule::SvFro(0.99)), 1);
         assert_eq!(chosen_rank(&[0.0, 0.0], 8, RankRule::SvFro(0.9)), 1);
         assert_eq!(chosen_rank(&[0.0, 0.0], 8, RankRule::Fixed), 1);
+        assert_eq!(chosen_rank(&[1e-7, 1e-8], 8, RankRule::Fixed), 1, "kohya's zero threshold");
+        assert_eq!(chosen_rank(&[2e-6, 1e-6], 8, RankRule::Fixed), 2);
     }
 }

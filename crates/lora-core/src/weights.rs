@@ -115,6 +115,14 @@ impl LoraWeights {
         if d[0] == 0 {
             return Err(bad("rank is 0".into()));
         }
+        if d.contains(&0) || u.contains(&0) {
+            return Err(bad(format!("down {d:?} and up {u:?} must not have a dimension of size 0")));
+        }
+        for (name, t) in [("down", &self.down), ("up", &self.up)] {
+            if t.data.len() != t.shape.iter().product::<usize>() {
+                return Err(bad(format!("{name} has {} values for shape {:?}", t.data.len(), t.shape)));
+            }
+        }
         if !self.alpha.is_finite() {
             return Err(bad(format!("alpha must be finite, got {}", self.alpha)));
         }

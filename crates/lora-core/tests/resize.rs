@@ -50,18 +50,18 @@ proptest! {
 
     /// For every target rank the resized update is the best one of that rank: its error is
     /// the norm of the dropped singular values of the dense `ΔW`, the kept share is what
-    /// `Retained` reports, the scale is unchanged and the layout is the input's.
+    /// `Retained` reports, the scale is unchanged and the layout is the input's. Ranks
+    /// above `out` or `in·kh·kw` (a rank-deficient adapter, non-square QR factors) included.
     #[test]
     fn resizing_keeps_the_leading_singular_values(
         rank in 1usize..7, d_in in 3usize..10, d_out in 3usize..10, kernel in prop::sample::select(vec![1usize, 3]),
         alpha in 0.5f32..8.0, seed in any::<u64>(), target in 1usize..8,
     ) {
-        let rank = rank.min(d_out).min(d_in * kernel * kernel);
         let w = adapter(rank, d_in, d_out, kernel, alpha, seed);
         let full = dense(&w);
         let s = singular_values(&full);
         let (small, kept) = resize_adapter(&w, target, RankRule::Fixed, "test").unwrap();
-        let k = target.min(rank);
+        let k = target.min(rank).min(d_out).min(d_in * kernel * kernel);
         prop_assert_eq!(small.rank(), k);
         prop_assert_eq!(kept.new_rank, k);
         prop_assert_eq!(kept.old_rank, rank);
@@ -119,12 +119,13 @@ fn sets_resize_linear_and_conv_adapters_to_their_own_ranks() {
     let resized = resize_set(&set, &settings).unwrap();
     assert_eq!(resized.set.get(&linear).unwrap().rank(), 4);
     assert_eq!(resized.set.get(&conv).unwrap().rank(), 2);
-    assert_eq!(resized.set.get(&one_by_one).unwrap().rank(), 4, "1x1 convolutions count as linear, as in kohya");
+    assert_eq!(resized.set.get(&one_by_one).unwrap().rank(), 4, "1x1 convolutions count as linear, as kohya's training counts them");
     assert_eq!(resized.set.get(&one_by_one).unwrap().up.shape, vec![10, 4, 1, 1]);
     assert_eq!(resized.modules.len(), 3);
     assert!(resized.mean_fro_retained() > 0.0 && resized.mean_fro_retained() < 1.0);
     assert_eq!(resized.set.metadata["ss_base_model_version"], "sd_v1");
     assert_eq!(resized.set.metadata["ss_training_comment"], "dimension is resized from 8 to 4 (conv: 2); trigger: mystyle");
+    assert!(!resized.set.metadata.contains_key("ss_network_dim"), "the writers recompute it");
 
     let dynamic = ResizeSettings { rank: 16, conv_rank: 16, rule: RankRule::SvFro(1.0) };
     let kept = resize_set(&set, &dynamic).unwrap();
@@ -132,6 +133,15 @@ fn sets_resize_linear_and_conv_adapters_to_their_own_ranks() {
         assert_eq!(kept.set.get(key).unwrap().rank(), w.rank(), "{key}: keeping all of the norm keeps the rank");
     }
     assert!(kept.set.metadata["ss_training_comment"].starts_with("Dynamic resize with sv_fro: 1 from 8; "));
+    // kohya's marker survives the kohya writer, which otherwise writes the most common rank.
+    assert_eq!(kept.set.metadata["ss_network_dim"], "Dynamic");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dynamic.safetensors");
+    kept.set.save(&path, lora_core::AdapterFormat::Kohya, lora_core::SaveDtype::F32).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!((meta["ss_network_dim"].as_str(), meta["ss_network_alpha"].as_str()), ("Dynamic", "Dynamic"));
 }
 
 /// A zero update (a fresh adapter) becomes rank 1; bad settings and non-finite weights are
@@ -151,6 +161,14 @@ fn zero_updates_bad_settings_and_non_finite_weights() {
         assert!(err.contains(&rule.describe()), "{err}");
     }
     assert!(resize_adapter(&w, 0, RankRule::Fixed, "k").is_err());
+    let mut empty = w.clone();
+    (empty.down.shape, empty.down.data) = (vec![4, 0], vec![]);
+    let err = resize_adapter(&empty, 2, RankRule::Fixed, "lora_unet_empty").unwrap_err().to_string();
+    assert!(err.contains("lora_unet_empty") && err.contains("size 0"), "{err}");
+    let mut short = w.clone();
+    short.up.data.pop();
+    let err = resize_adapter(&short, 2, RankRule::Fixed, "lora_unet_short").unwrap_err().to_string();
+    assert!(err.contains("lora_unet_short") && err.contains("23 values for shape [6, 4]"), "{err}");
     let mut bad = w.clone();
     bad.down.data[3] = f32::NAN;
     let err = resize_adapter(&bad, 2, RankRule::Fixed, "lora_unet_x").unwrap_err().to_string();

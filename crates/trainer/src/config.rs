@@ -93,7 +93,7 @@ pub struct DataSection {
 pub struct LoraSection {
     /// Rank (`network_dim`).
     pub rank: usize,
-    /// Alpha (`network_alpha`).
+    /// Alpha (`network_alpha`); 0 reads as `rank` (scale 1), as kohya reads it.
     pub alpha: f32,
     /// Dropout on the adapter inputs.
     pub dropout: f64,
@@ -102,10 +102,10 @@ pub struct LoraSection {
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
-    /// `conv_dim`, LoCon); 0: `rank`.
+    /// `conv_dim`, LoCon); 0: `rank` and `alpha`.
     pub conv_rank: usize,
-    /// Alpha of those adapters (kohya's `conv_alpha`); 0: `alpha` when `conv_rank` is 0,
-    /// else 1 (kohya's default when `conv_dim` is given without `conv_alpha`).
+    /// Alpha of those adapters when `conv_rank` is set (kohya's `conv_alpha`, whose default
+    /// is 1); 0 reads as `conv_rank` (scale 1), as kohya reads it.
     pub conv_alpha: f32,
     /// Extra module-path globs to target.
     pub include: Vec<String>,
@@ -122,12 +122,13 @@ pub struct LoraSection {
 impl LoraSection {
     /// The adapter settings of linear layers and 1x1 convolutions.
     pub fn linear_config(&self) -> lora_core::LoraConfig {
-        lora_core::LoraConfig::new(self.rank).with_alpha(self.alpha).with_dropout(self.dropout).with_rslora(self.rslora)
+        let alpha = if self.alpha == 0.0 { self.rank as f32 } else { self.alpha };
+        lora_core::LoraConfig::new(self.rank).with_alpha(alpha).with_dropout(self.dropout).with_rslora(self.rslora)
     }
 
-    /// The adapter settings of convolutions with a larger kernel: `conv_rank` and
-    /// `conv_alpha` as kohya reads `conv_dim` and `conv_alpha`, each unset value falling back
-    /// as documented on the fields.
+    /// The adapter settings of convolutions with a larger kernel: those of linear layers
+    /// unless `conv_rank` is set, then `conv_rank` and `conv_alpha` as kohya reads
+    /// `conv_dim` and `conv_alpha`.
     ///
     /// ```
     /// use trainer::config::TrainConfig;
@@ -137,20 +138,20 @@ impl LoraSection {
     /// assert_eq!((lora.spatial_config().rank, lora.spatial_config().alpha), (4, 1.0));
     /// lora.conv_alpha = 2.0;
     /// assert_eq!(lora.spatial_config().scale(), 0.5);
+    /// lora.conv_alpha = 0.0; // kohya: alpha = rank
+    /// assert_eq!(lora.spatial_config().scale(), 1.0);
     /// ```
     pub fn spatial_config(&self) -> lora_core::LoraConfig {
-        let rank = if self.conv_rank > 0 { self.conv_rank } else { self.rank };
-        let alpha = match (self.conv_alpha > 0.0, self.conv_rank > 0) {
-            (true, _) => self.conv_alpha,
-            (false, true) => 1.0,
-            (false, false) => self.alpha,
-        };
-        self.linear_config().with_rank(rank).with_alpha(alpha)
+        if self.conv_rank == 0 {
+            return self.linear_config();
+        }
+        let alpha = if self.conv_alpha == 0.0 { self.conv_rank as f32 } else { self.conv_alpha };
+        self.linear_config().with_rank(self.conv_rank).with_alpha(alpha)
     }
 
-    /// Whether the 3x3 convolutions get settings of their own.
+    /// Whether the 3x3 convolutions get a rank of their own.
     pub fn has_conv_settings(&self) -> bool {
-        self.conv_rank > 0 || self.conv_alpha > 0.0
+        self.conv_rank > 0
     }
 }
 
@@ -487,7 +488,7 @@ impl Default for TrainConfig {
                 rslora: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
-                conv_alpha: 0.0,
+                conv_alpha: 1.0,
                 include: vec![],
                 exclude: vec![],
                 text_encoder_targets: sd_model::targets::TextEncoderTargets::None,
@@ -755,7 +756,7 @@ impl TrainConfig {
             return bad("lora.rank must be at least 1");
         }
         if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
-            return bad("lora.conv_alpha must be 0 (the default) or positive");
+            return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");
         }
         let weights = std::path::Path::new(&self.lora.network_weights);
         if !self.lora.network_weights.is_empty() && !weights.is_file() {

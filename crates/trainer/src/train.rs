@@ -512,7 +512,7 @@ fn fingerprint(config: &TrainConfig) -> String {
     // The starting file does not matter once the state holds the adapters, and keys added
     // later leave no line at their default, so that states written before they existed
     // still match.
-    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 0.0"];
+    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 1.0"];
     let lora = toml::to_string(&config.lora).unwrap_or_default();
     let lora: String = lora.lines().filter(|l| !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}", config.model.pretrained, config.model.tiny_seed)
@@ -579,16 +579,10 @@ fn run<B: AutodiffBackend>(
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
     let configs = KernelConfigs { linear: &lora, spatial: &spatial };
     let attached = attach_new_adapters_by_kernel(&mut unet, &selection, configs, device)?;
-    if attached.paths.is_empty() {
-        return Err(TrainError::Config {
-            origin: "lora".into(),
-            reason: "the target selection matches no UNet layer".into(),
-        });
-    }
     if l.has_conv_settings() && attached.spatial == 0 {
         // kohya's `conv_dim` adds the ResNet convolutions itself; here the targets say it.
         return Err(TrainError::Config {
-            origin: "lora.conv_rank / lora.conv_alpha".into(),
+            origin: "lora.conv_rank".into(),
             reason: format!("set for 3x3 convolutions, but lora.unet_targets = \"{}\" (with include / exclude) selects none; use unet_targets = \"conv\" (kohya's LoCon set)", l.unet_targets.name()),
         });
     }
@@ -598,6 +592,12 @@ fn run<B: AutodiffBackend>(
     let te_selection = Selection::new(l.text_encoder_targets);
     let te_targets = attach_new_adapters(&mut text_encoder, &te_selection, &lora, device)?;
     let train_te = !te_targets.is_empty();
+    if attached.paths.is_empty() && !train_te {
+        return Err(TrainError::Config {
+            origin: "lora".into(),
+            reason: "the targets select no layer: lora.unet_targets (with include / exclude) matches no UNet layer and lora.text_encoder_targets is \"none\"".into(),
+        });
+    }
     if !l.network_weights.is_empty() && state.is_none() {
         // A resumed run's state holds the adapters: the file only starts a new run.
         load_network_weights(Path::new(&l.network_weights), &mut unet, &mut text_encoder, device)?;
@@ -1381,7 +1381,6 @@ mod tests {
         assert_eq!(fingerprint(&config), before);
         config.lora.conv_rank = 4;
         assert!(fingerprint(&config).contains("\nconv_rank = 4\n"));
-        config.lora.conv_rank = 0;
         config.lora.conv_alpha = 2.0;
         assert!(fingerprint(&config).contains("\nconv_alpha = 2.0\n"));
     }

@@ -247,6 +247,27 @@ fn conv_rank_and_alpha_reach_the_3x3_convolutions_only() {
     }
 }
 
+/// `unet_targets = "none"` trains the text encoder alone (it once stopped with "matches no
+/// UNet layer"); with no target in either model the error names both keys.
+#[test]
+fn text_encoder_only_training() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 2);
+    config.lora.unet_targets = sd_model::targets::UnetTargets::None;
+    config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    let (set, _) = AdapterSet::load(&report.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    assert_eq!(set.len(), 3 * 4, "q/k/v/out of 3 layers");
+    assert!(set.iter().all(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    assert!(set.iter().any(|(_, w)| w.up.data.iter().any(|v| *v != 0.0)), "the adapters were updated");
+
+    config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::None;
+    let err = train::<B>(&config, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("unet_targets") && err.contains("text_encoder_targets"), "{err}");
+}
+
 #[test]
 fn text_encoder_adapters_train_and_save_with_the_unet_ones() {
     let _guard = seeded();

@@ -108,7 +108,15 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
         tensors.push((alpha_key.clone(), alpha));
     }
     let mut metadata: HashMap<String, String> = set.metadata.clone().into_iter().collect();
-    metadata.extend(network_metadata(set));
+    let mut network = network_metadata(set);
+    // A resize with a dynamic rule (`crate::resize`) marks the ranks as per adapter, as
+    // kohya's script does; one number would be wrong for most adapters.
+    for key in ["ss_network_dim", "ss_network_alpha"] {
+        if set.metadata.get(key).map(String::as_str) == Some(crate::resize::DYNAMIC) {
+            network.remove(key);
+        }
+    }
+    metadata.extend(network);
     metadata.insert("format".into(), "pt".into());
     // kohya's precomputed hashes, which A1111 reads instead of hashing the file (its LoRA
     // hash, Civitai's AutoV3) and sd-webui-additional-networks uses. They are taken, as
