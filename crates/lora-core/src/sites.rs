@@ -59,6 +59,14 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             });
         }
         self.attach_weights(weights, key, device)?;
+        self.set_dropout(dropout.prob);
+        Ok(())
+    }
+
+    /// Sets the attached adapter's input dropout probability (adapters read from files
+    /// have none); does nothing without an adapter.
+    pub fn set_dropout(&mut self, prob: f64) {
+        let dropout = burn::nn::DropoutConfig::new(prob).init();
         match self {
             Self::Linear(l) => {
                 if let Some(a) = l.adapter.as_mut() {
@@ -71,7 +79,6 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                 }
             }
         }
-        Ok(())
     }
 
     /// Attaches a freshly initialised adapter.

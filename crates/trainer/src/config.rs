@@ -117,6 +117,9 @@ pub struct LoraSection {
     /// adapters (kohya's `network_weights`; empty: none). Its adapters must be among the
     /// targets, at `rank`; they bring their own alpha.
     pub network_weights: String,
+    /// Take the adapters' modules, ranks and alphas from `network_weights` instead of the
+    /// targets, `rank`, `alpha` and `conv_*` (kohya's `dim_from_weights`).
+    pub dim_from_weights: bool,
 }
 
 impl LoraSection {
@@ -493,6 +496,7 @@ impl Default for TrainConfig {
                 exclude: vec![],
                 text_encoder_targets: sd_model::targets::TextEncoderTargets::None,
                 network_weights: String::new(),
+                dim_from_weights: false,
             },
             train: TrainSection {
                 max_train_steps: 300,
@@ -761,6 +765,9 @@ impl TrainConfig {
         let weights = std::path::Path::new(&self.lora.network_weights);
         if !self.lora.network_weights.is_empty() && !weights.is_file() {
             return bad(&format!("lora.network_weights: there is no file at {}", weights.display()));
+        }
+        if self.lora.dim_from_weights && self.lora.network_weights.is_empty() {
+            return bad("lora.dim_from_weights takes the adapters from lora.network_weights, which is not set");
         }
         if self.model.clip_skip == 0 {
             return bad("model.clip_skip must be at least 1");

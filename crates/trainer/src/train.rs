@@ -14,6 +14,7 @@ use lora_core::optim::FlatAdamW;
 use sd_model::checkpoint::CheckpointOptions;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
+use lora_core::sites::LoraSites;
 use lora_core::{sites, AdapterSet};
 use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
 use sd_model::targets::{attach_new_adapters, attach_new_adapters_by_kernel, KernelConfigs, Selection};
@@ -403,6 +404,61 @@ pub fn resume_on<B: AutodiffBackend>(
 }
 
 /// Starts the attached adapters from the LoRA file `path` (`lora.network_weights`).
+/// Fresh adapters on the targets of the `[lora]` section; returns whether the text encoder
+/// has any.
+fn attach_configured_adapters<B: AutodiffBackend>(
+    l: &crate::config::LoraSection,
+    unet: &mut sd_model::UNet2DConditionModel<B>,
+    text_encoder: &mut sd_model::ClipTextModel<B>,
+    device: &B::Device,
+) -> Result<bool, TrainError> {
+    let (lora, spatial) = (l.linear_config(), l.spatial_config());
+    let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
+    let configs = KernelConfigs { linear: &lora, spatial: &spatial };
+    let attached = attach_new_adapters_by_kernel(unet, &selection, configs, device)?;
+    if l.has_conv_settings() && attached.spatial == 0 {
+        // kohya's `conv_dim` adds the ResNet convolutions itself; here the targets say it.
+        return Err(TrainError::Config {
+            origin: "lora.conv_rank".into(),
+            reason: format!("set for 3x3 convolutions, but lora.unet_targets = \"{}\" (with include / exclude) selects none; use unet_targets = \"conv\" (kohya's LoCon set)", l.unet_targets.name()),
+        });
+    }
+    let te_targets = attach_new_adapters(text_encoder, &Selection::new(l.text_encoder_targets), &lora, device)?;
+    if attached.paths.is_empty() && te_targets.is_empty() {
+        return Err(TrainError::Config {
+            origin: "lora".into(),
+            reason: "the targets select no layer: lora.unet_targets (with include / exclude) matches no UNet layer and lora.text_encoder_targets is \"none\"".into(),
+        });
+    }
+    Ok(!te_targets.is_empty())
+}
+
+/// `lora.dim_from_weights`: the adapters of `lora.network_weights`, with their modules,
+/// ranks, alphas and values (kohya's `dim_from_weights`), and `lora.dropout`; returns
+/// whether the text encoder has any.
+fn adapters_from_weights<B: AutodiffBackend>(
+    l: &crate::config::LoraSection,
+    unet: &mut sd_model::UNet2DConditionModel<B>,
+    text_encoder: &mut sd_model::ClipTextModel<B>,
+    device: &B::Device,
+) -> Result<bool, TrainError> {
+    let path = Path::new(&l.network_weights);
+    let index = sd_model::lora::module_index(unet, Some(text_encoder))?;
+    let (set, _) = AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?;
+    let in_file = |e: lora_core::LoraError| TrainError::Config {
+        origin: format!("lora.network_weights = {} (with lora.dim_from_weights)", path.display()),
+        reason: e.to_string(),
+    };
+    let on_unet = sites::attach_adapters(unet, &set, 1.0, device).map_err(in_file)?;
+    let on_te = sites::attach_adapters(text_encoder, &set, 1.0, device).map_err(in_file)?;
+    if on_unet + on_te == 0 {
+        return Err(in_file(lora_core::LoraError::Unsupported("the file holds no adapter".into())));
+    }
+    unet.visit_lora_sites(&mut |_, mut site| site.set_dropout(l.dropout));
+    text_encoder.visit_lora_sites(&mut |_, mut site| site.set_dropout(l.dropout));
+    Ok(on_te > 0)
+}
+
 fn load_network_weights<B: AutodiffBackend>(
     path: &Path,
     unet: &mut sd_model::UNet2DConditionModel<B>,
@@ -512,7 +568,7 @@ fn fingerprint(config: &TrainConfig) -> String {
     // The starting file does not matter once the state holds the adapters, and keys added
     // later leave no line at their default, so that states written before they existed
     // still match.
-    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 1.0"];
+    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 1.0", "dim_from_weights = false"];
     let lora = toml::to_string(&config.lora).unwrap_or_default();
     let lora: String = lora.lines().filter(|l| !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}", config.model.pretrained, config.model.tiny_seed)
@@ -575,33 +631,19 @@ fn run<B: AutodiffBackend>(
     let mut unet = <sd_model::UNet2DConditionModel<B> as AutodiffModule<B>>::from_inner(frozen.unet.clone()).no_grad();
     B::seed(device, t.seed);
     let l = &config.lora;
-    let (lora, spatial) = (l.linear_config(), l.spatial_config());
-    let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
-    let configs = KernelConfigs { linear: &lora, spatial: &spatial };
-    let attached = attach_new_adapters_by_kernel(&mut unet, &selection, configs, device)?;
-    if l.has_conv_settings() && attached.spatial == 0 {
-        // kohya's `conv_dim` adds the ResNet convolutions itself; here the targets say it.
-        return Err(TrainError::Config {
-            origin: "lora.conv_rank".into(),
-            reason: format!("set for 3x3 convolutions, but lora.unet_targets = \"{}\" (with include / exclude) selects none; use unet_targets = \"conv\" (kohya's LoCon set)", l.unet_targets.name()),
-        });
-    }
-
     // Text-encoder adapters, if any: the encoder then runs on the autodiff backend too.
     let mut text_encoder = <sd_model::ClipTextModel<B> as AutodiffModule<B>>::from_inner(frozen.text_encoder.clone()).no_grad();
-    let te_selection = Selection::new(l.text_encoder_targets);
-    let te_targets = attach_new_adapters(&mut text_encoder, &te_selection, &lora, device)?;
-    let train_te = !te_targets.is_empty();
-    if attached.paths.is_empty() && !train_te {
-        return Err(TrainError::Config {
-            origin: "lora".into(),
-            reason: "the targets select no layer: lora.unet_targets (with include / exclude) matches no UNet layer and lora.text_encoder_targets is \"none\"".into(),
-        });
-    }
-    if !l.network_weights.is_empty() && state.is_none() {
-        // A resumed run's state holds the adapters: the file only starts a new run.
-        load_network_weights(Path::new(&l.network_weights), &mut unet, &mut text_encoder, device)?;
-    }
+    let train_te = if l.dim_from_weights {
+        // The file gives the structure, on a resume too (the state then gives the values).
+        adapters_from_weights(l, &mut unet, &mut text_encoder, device)?
+    } else {
+        let train_te = attach_configured_adapters(l, &mut unet, &mut text_encoder, device)?;
+        if !l.network_weights.is_empty() && state.is_none() {
+            // A resumed run's state holds the adapters: the file only starts a new run.
+            load_network_weights(Path::new(&l.network_weights), &mut unet, &mut text_encoder, device)?;
+        }
+        train_te
+    };
 
     let mut schedule_cfg = frozen.scheduler.clone();
     match t.prediction {

@@ -703,6 +703,43 @@ fn network_weights_start_from_an_existing_lora() {
     assert!(err.contains("no file at") && err.contains("nope.safetensors"), "{err}");
 }
 
+/// `lora.dim_from_weights`: the file's modules, ranks and alphas, whatever the targets and
+/// rank say (a LoRA of rank 2 on the UNet's attention and the text encoder, continued by a
+/// configuration asking for rank 8 on attn-mlp without the text encoder); a resumed run
+/// rebuilds them from the file too.
+#[test]
+fn dim_from_weights_takes_the_files_modules_and_ranks() {
+    let _guard = seeded();
+    let index = tiny_index_with_text_encoder();
+    let load = |path: &std::path::Path| AdapterSet::load(path, &index, ReadOptions::default()).unwrap().0;
+    let first_dir = tempfile::tempdir().unwrap();
+    let mut first = quick_config(first_dir.path(), 2);
+    first.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
+    first.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    (first.lora.rank, first.lora.alpha) = (2, 1.0);
+    first.output.save_precision = lora_core::SaveDtype::F32;
+    let trained = load(&train::<B>(&first, &Default::default(), &mut |_| true).unwrap().lora);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut next = quick_config(dir.path(), 3);
+    next.lora.network_weights = first_dir.path().join("demo_lora.safetensors").display().to_string();
+    next.lora.dim_from_weights = true;
+    next.output.save_precision = lora_core::SaveDtype::F32;
+    let continued = load(&train::<B>(&next, &Default::default(), &mut |info| info.step < 2).unwrap().lora);
+    let shape = |set: &AdapterSet| set.iter().map(|(k, w)| (k.clone(), w.rank(), w.alpha)).collect::<Vec<_>>();
+    assert_eq!(shape(&continued), shape(&trained));
+    assert!(continued.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    assert!(continued.iter().any(|(k, w)| w.up.data != trained.get(k).unwrap().up.data), "the adapters trained on");
+
+    let resumed = trainer::train::resume::<B>(&next, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(resumed.losses.len(), 3);
+    assert_eq!(shape(&load(&resumed.lora)), shape(&trained));
+
+    next.lora.network_weights.clear();
+    let err = train::<B>(&next, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("dim_from_weights") && err.contains("network_weights"), "{err}");
+}
+
 #[test]
 fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
     let _guard = seeded();
