@@ -36,6 +36,14 @@ pub struct LoraConfig {
     /// Dropout probability applied to the adapter's input while training.
     #[serde(default)]
     pub dropout: f64,
+    /// kohya's rank dropout while training: each sample drops each of the `rank` components
+    /// of `down(x)` with this probability, the rest scaled by `1 / (1 − p)`.
+    #[serde(default)]
+    pub rank_dropout: f64,
+    /// kohya's module dropout while training: each pass skips the whole adapter with this
+    /// probability.
+    #[serde(default)]
+    pub module_dropout: f64,
     /// rsLoRA: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
     #[serde(default)]
     pub rslora: bool,
@@ -51,6 +59,8 @@ impl LoraConfig {
             rank,
             alpha: rank as f32,
             dropout: 0.0,
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
             rslora: false,
             init: LoraInit::default(),
         }
@@ -71,6 +81,18 @@ impl LoraConfig {
     /// Sets the dropout probability.
     pub fn with_dropout(mut self, dropout: f64) -> Self {
         self.dropout = dropout;
+        self
+    }
+
+    /// Sets kohya's rank dropout probability (see [`LoraConfig::rank_dropout`]).
+    pub fn with_rank_dropout(mut self, p: f64) -> Self {
+        self.rank_dropout = p;
+        self
+    }
+
+    /// Sets kohya's module dropout probability (see [`LoraConfig::module_dropout`]).
+    pub fn with_module_dropout(mut self, p: f64) -> Self {
+        self.module_dropout = p;
         self
     }
 
@@ -113,11 +135,10 @@ impl LoraConfig {
                 self.alpha
             )));
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(LoraError::InvalidConfig(format!(
-                "dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
+        for (name, p) in [("dropout", self.dropout), ("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(LoraError::InvalidConfig(format!("{name} must be in [0, 1), got {p}")));
+            }
         }
         Ok(())
     }

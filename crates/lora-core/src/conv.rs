@@ -27,6 +27,10 @@ pub struct Conv2dAdapter<B: Backend> {
     pub dropout: Dropout,
     /// `alpha / rank` (or `alpha / sqrt(rank)` for rsLoRA).
     pub scale: f32,
+    /// kohya's rank dropout probability ([`LoraConfig::rank_dropout`]; autodiff backends only).
+    pub rank_dropout: f64,
+    /// kohya's module dropout probability ([`LoraConfig::module_dropout`]; autodiff backends only).
+    pub module_dropout: f64,
 }
 
 fn check_base<B: Backend>(base: &Conv2d<B>, key: &str) -> Result<()> {
@@ -66,6 +70,8 @@ impl<B: Backend> Conv2dAdapter<B> {
             up,
             dropout: DropoutConfig::new(config.dropout).init(),
             scale: config.scale(),
+            rank_dropout: config.rank_dropout,
+            module_dropout: config.module_dropout,
         })
     }
 
@@ -114,6 +120,8 @@ impl<B: Backend> Conv2dAdapter<B> {
             up: up_conv,
             dropout: DropoutConfig::new(0.0).init(),
             scale: weights.scale(),
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
         })
     }
 
@@ -132,10 +140,16 @@ impl<B: Backend> Conv2dAdapter<B> {
     }
 
     /// `factor · scale · up(down(dropout(x)))`, computed in `x`'s dtype: with a half-precision
-    /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]).
+    /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]). While
+    /// training, kohya's rank and module dropout multiply `down(…)` per sample.
     pub fn forward(&self, x: Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
         let dtype = x.dtype();
         let h = conv_in_dtype(&self.down, self.dropout.forward(x), dtype);
+        let [samples, rank, _, _] = h.dims();
+        let h = match crate::rank_dropout::mask::<B>(self.rank_dropout, self.module_dropout, samples, rank, &h.device()) {
+            Some(mask) => h * cast_to(mask, dtype).reshape([samples, rank, 1, 1]),
+            None => h,
+        };
         conv_in_dtype(&self.up, h * (factor * self.scale), dtype)
     }
 

@@ -50,6 +50,7 @@ pub mod kernels;
 mod linear;
 pub mod optim;
 pub mod precision;
+mod rank_dropout;
 pub mod resize;
 pub mod sites;
 pub mod tensor_io;

@@ -60,6 +60,14 @@ pub struct LinearAdapter<B: Backend> {
     pub dropout: Dropout,
     /// `alpha / rank` (or `alpha / sqrt(rank)` for rsLoRA).
     pub scale: f32,
+    /// kohya's rank dropout probability ([`LoraConfig::rank_dropout`]; autodiff backends only).
+    pub rank_dropout: f64,
+    /// kohya's module dropout probability ([`LoraConfig::module_dropout`]; autodiff backends only).
+    pub module_dropout: f64,
+    /// How many samples the rows of a 2-d input hold, for rank dropout's per-sample masks
+    /// (set per batch with [`crate::LoraSiteMut::set_samples`]; inputs of three or more
+    /// dimensions take their first); 0: each row is a sample.
+    pub samples: usize,
 }
 
 impl<B: Backend> LinearAdapter<B> {
@@ -79,6 +87,9 @@ impl<B: Backend> LinearAdapter<B> {
             up,
             dropout: DropoutConfig::new(config.dropout).init(),
             scale: config.scale(),
+            rank_dropout: config.rank_dropout,
+            module_dropout: config.module_dropout,
+            samples: 0,
         })
     }
 
@@ -107,6 +118,9 @@ impl<B: Backend> LinearAdapter<B> {
             },
             dropout: DropoutConfig::new(0.0).init(),
             scale: weights.scale(),
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            samples: 0,
         })
     }
 
@@ -133,7 +147,8 @@ impl<B: Backend> LinearAdapter<B> {
     }
 
     /// `factor · scale · up(down(dropout(x)))`, computed in `x`'s dtype: with a half-precision
-    /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]).
+    /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]). While
+    /// training, kohya's rank and module dropout multiply `down(…)` per sample.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, factor: f32) -> Tensor<B, D> {
         let dtype = x.dtype();
         let down = cast_to(self.down.weight.val(), dtype);
@@ -143,7 +158,29 @@ impl<B: Backend> LinearAdapter<B> {
         // rows × r, and with f32 adapter weights it joins their cast (burn's fusion).
         let up = cast_to(self.up.weight.val().mul_scalar(factor * self.scale), dtype);
         let h = crate::kernels::linear_weight(self.dropout.forward(x), down);
+        let h = self.rank_dropout(h);
         crate::kernels::linear_weight(h, up)
+    }
+
+    /// Whether kohya's rank or module dropout is set (the layer then takes the plain
+    /// composed path while training).
+    pub fn has_rank_or_module_dropout(&self) -> bool {
+        self.rank_dropout > 0.0 || self.module_dropout > 0.0
+    }
+
+    /// `h = down(x)` `[.., rank]` times the rank / module dropout mask of its samples.
+    fn rank_dropout<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = h.dims();
+        let rank = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let leading = (D >= 3).then(|| dims[0]);
+        let groups = crate::rank_dropout::groups(rows, leading, self.samples);
+        let Some(mask) = crate::rank_dropout::mask::<B>(self.rank_dropout, self.module_dropout, groups, rank, &h.device()) else {
+            return h;
+        };
+        // One mask row per sample, repeated over the sample's rows.
+        let mask = cast_to(mask, h.dtype()).reshape([groups, 1, rank]).expand([groups, rows / groups, rank]).reshape(dims);
+        h * mask
     }
 
     /// `ΔW` in burn layout `[in, out]`, times `factor`, in f32 (whatever the adapter weights'
@@ -348,6 +385,11 @@ impl<B: Backend> LoraLinear<B> {
     fn forward_plus<const D: usize>(&self, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
         let fusion = D >= 2 && !crate::kernels::on_flex::<B>();
         match &self.adapter {
+            Some(adapter) if !self.merged && self.multiplier != 0.0 && adapter.has_rank_or_module_dropout() && B::ad_enabled(&x.device()) => {
+                // Per-sample masks need the input's own shape: the composed path.
+                let delta = adapter.forward(x.clone(), self.multiplier);
+                plus(crate::kernels::linear(&self.base, x) + delta, extra)
+            }
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 if fusion && fused_applies(Some(adapter)) {
                     return self.forward_fused(Some(adapter), x, extra);

@@ -41,13 +41,14 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     }
 
     /// Sets the attached adapter's weights and scale from `weights` (continuing training from
-    /// a file), keeping its dropout: an error when no adapter is attached or the ranks
+    /// a file), keeping its dropout probabilities: an error when no adapter is attached or the ranks
     /// differ; the layouts are checked as [`attach_weights`](Self::attach_weights) checks
     /// them. `key` names the adapter in errors.
     pub fn load_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        let keep = |rank: usize, input: f64, rank_p: f64, module_p: f64| (rank, LoraConfig::new(rank).with_dropout(input).with_rank_dropout(rank_p).with_module_dropout(module_p));
         let attached = match self {
-            Self::Linear(l) => l.adapter.as_ref().map(|a| (a.rank(), a.dropout.clone())),
-            Self::Conv(c) => c.adapter.as_ref().map(|a| (a.rank(), a.dropout.clone())),
+            Self::Linear(l) => l.adapter.as_ref().map(|a| keep(a.rank(), a.dropout.prob, a.rank_dropout, a.module_dropout)),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| keep(a.rank(), a.dropout.prob, a.rank_dropout, a.module_dropout)),
         };
         let Some((rank, dropout)) = attached else {
             return Err(LoraError::Unsupported(format!("{key}: no adapter is attached to load weights into")));
@@ -59,24 +60,36 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             });
         }
         self.attach_weights(weights, key, device)?;
-        self.set_dropout(dropout.prob);
+        self.set_dropout(&dropout);
         Ok(())
     }
 
-    /// Sets the attached adapter's input dropout probability (adapters read from files
-    /// have none); does nothing without an adapter.
-    pub fn set_dropout(&mut self, prob: f64) {
-        let dropout = burn::nn::DropoutConfig::new(prob).init();
+    /// Sets the attached adapter's dropout probabilities from `config` (input dropout,
+    /// kohya's rank and module dropout; adapters read from files have none); does nothing
+    /// without an adapter.
+    pub fn set_dropout(&mut self, config: &LoraConfig) {
+        let dropout = burn::nn::DropoutConfig::new(config.dropout).init();
         match self {
             Self::Linear(l) => {
                 if let Some(a) = l.adapter.as_mut() {
-                    a.dropout = dropout;
+                    (a.dropout, a.rank_dropout, a.module_dropout) = (dropout, config.rank_dropout, config.module_dropout);
                 }
             }
             Self::Conv(c) => {
                 if let Some(a) = c.adapter.as_mut() {
-                    a.dropout = dropout;
+                    (a.dropout, a.rank_dropout, a.module_dropout) = (dropout, config.rank_dropout, config.module_dropout);
                 }
+            }
+        }
+    }
+
+    /// Tells a linear adapter how many samples the rows of its 2-d inputs hold (the batch
+    /// size, for rank dropout's per-sample masks: a UNet's transformer layers see
+    /// `[batch · tokens, channels]`); conv adapters read it from their input.
+    pub fn set_samples(&mut self, samples: usize) {
+        if let Self::Linear(l) = self {
+            if let Some(a) = l.adapter.as_mut() {
+                a.samples = samples;
             }
         }
     }

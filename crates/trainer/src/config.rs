@@ -97,6 +97,12 @@ pub struct LoraSection {
     pub alpha: f32,
     /// Dropout on the adapter inputs.
     pub dropout: f64,
+    /// kohya's rank dropout (`network_args` `rank_dropout`): per sample, each rank
+    /// component of `down(x)` is dropped with this probability.
+    pub rank_dropout: f64,
+    /// kohya's module dropout (`network_args` `module_dropout`): each adapter is skipped
+    /// in a pass with this probability.
+    pub module_dropout: f64,
     /// rsLoRA scaling (`alpha / sqrt(rank)`).
     pub rslora: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
@@ -126,7 +132,12 @@ impl LoraSection {
     /// The adapter settings of linear layers and 1x1 convolutions.
     pub fn linear_config(&self) -> lora_core::LoraConfig {
         let alpha = if self.alpha == 0.0 { self.rank as f32 } else { self.alpha };
-        lora_core::LoraConfig::new(self.rank).with_alpha(alpha).with_dropout(self.dropout).with_rslora(self.rslora)
+        lora_core::LoraConfig::new(self.rank)
+            .with_alpha(alpha)
+            .with_dropout(self.dropout)
+            .with_rank_dropout(self.rank_dropout)
+            .with_module_dropout(self.module_dropout)
+            .with_rslora(self.rslora)
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -488,6 +499,8 @@ impl Default for TrainConfig {
                 rank: 8,
                 alpha: 8.0,
                 dropout: 0.0,
+                rank_dropout: 0.0,
+                module_dropout: 0.0,
                 rslora: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
@@ -758,6 +771,10 @@ impl TrainConfig {
         }
         if self.lora.rank == 0 {
             return bad("lora.rank must be at least 1");
+        }
+        let l = &self.lora;
+        if ![l.dropout, l.rank_dropout, l.module_dropout].iter().all(|p| (0.0..1.0).contains(p)) {
+            return bad("lora.dropout, lora.rank_dropout and lora.module_dropout must be in [0, 1)");
         }
         if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
             return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");

@@ -454,8 +454,9 @@ fn adapters_from_weights<B: AutodiffBackend>(
     if on_unet + on_te == 0 {
         return Err(in_file(lora_core::LoraError::Unsupported("the file holds no adapter".into())));
     }
-    unet.visit_lora_sites(&mut |_, mut site| site.set_dropout(l.dropout));
-    text_encoder.visit_lora_sites(&mut |_, mut site| site.set_dropout(l.dropout));
+    let dropout = l.linear_config();
+    unet.visit_lora_sites(&mut |_, mut site| site.set_dropout(&dropout));
+    text_encoder.visit_lora_sites(&mut |_, mut site| site.set_dropout(&dropout));
     Ok(on_te > 0)
 }
 
@@ -568,7 +569,7 @@ fn fingerprint(config: &TrainConfig) -> String {
     // The starting file does not matter once the state holds the adapters, and keys added
     // later leave no line at their default, so that states written before they existed
     // still match.
-    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 1.0", "dim_from_weights = false"];
+    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 1.0", "dim_from_weights = false", "rank_dropout = 0.0", "module_dropout = 0.0"];
     let lora = toml::to_string(&config.lora).unwrap_or_default();
     let lora: String = lora.lines().filter(|l| !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}", config.model.pretrained, config.model.tiny_seed)
@@ -847,6 +848,11 @@ fn run<B: AutodiffBackend>(
                     .reshape([n]);
                 guard.scale_loss((per_sample * weights).mean() / t.gradient_accumulation_steps as f32)
             };
+            if config.lora.rank_dropout > 0.0 {
+                // The UNet's transformer layers see `[n · tokens, channels]` rows: rank
+                // dropout's masks are per sample.
+                unet.visit_lora_sites(&mut |_, mut site| site.set_samples(n));
+            }
             if t.gradient_checkpointing {
                 let options = CheckpointOptions { context_grad: train_te, ..Default::default() };
                 let step = unet.forward_backward_checkpointed(noisy, ts.float(), context.clone(), options, loss_of)?;

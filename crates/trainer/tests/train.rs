@@ -740,6 +740,37 @@ fn dim_from_weights_takes_the_files_modules_and_ranks() {
     assert!(err.contains("dim_from_weights") && err.contains("network_weights"), "{err}");
 }
 
+/// kohya's rank and module dropout change the run from its second step (the first sees
+/// zero `up` weights), reproducibly, with and without gradient checkpointing, and are
+/// read from `--set`.
+#[test]
+fn rank_and_module_dropout_train_reproducibly() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let losses = |edit: &dyn Fn(&mut TrainConfig)| {
+        let mut c = quick_config(dir.path(), 3);
+        c.output.sample_steps = 1;
+        c.train.learning_rate = 1e-2;
+        edit(&mut c);
+        train::<B>(&c, &Default::default(), &mut |_| true).unwrap().losses
+    };
+    let plain = losses(&|_| {});
+    let dropped = losses(&|c| (c.lora.rank_dropout, c.lora.module_dropout) = (0.5, 0.3));
+    assert_eq!(plain[0].to_bits(), dropped[0].to_bits());
+    assert_ne!(plain[1..], dropped[1..]);
+    assert_eq!(dropped, losses(&|c| (c.lora.rank_dropout, c.lora.module_dropout) = (0.5, 0.3)), "seeded");
+    let checkpointed = losses(&|c| {
+        (c.lora.rank_dropout, c.lora.module_dropout) = (0.5, 0.3);
+        c.train.gradient_checkpointing = true;
+    });
+    assert!(checkpointed.iter().all(|l| l.is_finite()));
+
+    let c = TrainConfig::load(None, &["lora.rank_dropout=0.1".into(), "lora.module_dropout=0.05".into()]).unwrap();
+    assert_eq!((c.lora.linear_config().rank_dropout, c.lora.linear_config().module_dropout), (0.1, 0.05));
+    let err = TrainConfig::load(None, &["lora.rank_dropout=1.0".into()]).unwrap_err().to_string();
+    assert!(err.contains("lora.rank_dropout"), "{err}");
+}
+
 #[test]
 fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
     let _guard = seeded();
