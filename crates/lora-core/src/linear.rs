@@ -173,14 +173,18 @@ impl<B: Backend> LinearAdapter<B> {
         let dims = h.dims();
         let rank = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
+        if rows == 0 {
+            return h;
+        }
         let leading = (D >= 3).then(|| dims[0]);
-        let groups = crate::rank_dropout::groups(rows, leading, self.samples);
+        // Module dropout alone needs one draw per pass, not one per sample.
+        let groups = if self.rank_dropout > 0.0 { crate::rank_dropout::groups(rows, leading, self.samples) } else { 1 };
         let Some(mask) = crate::rank_dropout::mask::<B>(self.rank_dropout, self.module_dropout, groups, rank, &h.device()) else {
             return h;
         };
-        // One mask row per sample, repeated over the sample's rows.
-        let mask = cast_to(mask, h.dtype()).reshape([groups, 1, rank]).expand([groups, rows / groups, rank]).reshape(dims);
-        h * mask
+        // One mask row per sample, broadcast over the sample's rows.
+        let mask = cast_to(mask, h.dtype()).reshape([groups, 1, rank]);
+        (h.reshape([groups, rows / groups, rank]) * mask).reshape(dims)
     }
 
     /// `ΔW` in burn layout `[in, out]`, times `factor`, in f32 (whatever the adapter weights'

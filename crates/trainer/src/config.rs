@@ -776,6 +776,12 @@ impl TrainConfig {
         if ![l.dropout, l.rank_dropout, l.module_dropout].iter().all(|p| (0.0..1.0).contains(p)) {
             return bad("lora.dropout, lora.rank_dropout and lora.module_dropout must be in [0, 1)");
         }
+        if t.gradient_checkpointing && [l.dropout, l.rank_dropout, l.module_dropout].iter().any(|p| *p > 0.0) {
+            // The checkpointed forward pass runs without a graph (no dropout) and each
+            // block's recomputation draws its own masks: the gradients would belong to no
+            // single masked pass.
+            return bad("train.gradient_checkpointing cannot be combined with lora.dropout, lora.rank_dropout or lora.module_dropout: the recomputed blocks would draw other dropout masks than the forward pass; turn one of them off");
+        }
         if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
             return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");
         }

@@ -203,6 +203,9 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
     if !o.training_comment.is_empty() {
         keys.push(("ss_training_comment", o.training_comment.clone()));
     }
+    if let Some(args) = network_args(l) {
+        keys.push(("ss_network_args", args));
+    }
     keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
@@ -243,4 +246,17 @@ fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseM
         }
     }
     keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// kohya's `ss_network_args`: the `network_args` a kohya run would have been given for
+/// these settings, as strings (the kohya writer adds `conv_dim` / `conv_alpha` from the
+/// adapters themselves).
+fn network_args(l: &crate::config::LoraSection) -> Option<String> {
+    let mut args = serde_json::Map::new();
+    for (key, p) in [("rank_dropout", l.rank_dropout), ("module_dropout", l.module_dropout)] {
+        if p > 0.0 {
+            args.insert(key.into(), p.to_string().into());
+        }
+    }
+    (!args.is_empty()).then(|| serde_json::Value::Object(args).to_string())
 }

@@ -403,7 +403,6 @@ pub fn resume_on<B: AutodiffBackend>(
     run::<B>(config, data, Some(state), device, on_step)
 }
 
-/// Starts the attached adapters from the LoRA file `path` (`lora.network_weights`).
 /// Fresh adapters on the targets of the `[lora]` section; returns whether the text encoder
 /// has any.
 fn attach_configured_adapters<B: AutodiffBackend>(
@@ -460,6 +459,7 @@ fn adapters_from_weights<B: AutodiffBackend>(
     Ok(on_te > 0)
 }
 
+/// Starts the attached adapters from the LoRA file `path` (`lora.network_weights`).
 fn load_network_weights<B: AutodiffBackend>(
     path: &Path,
     unet: &mut sd_model::UNet2DConditionModel<B>,
@@ -572,7 +572,15 @@ fn fingerprint(config: &TrainConfig) -> String {
     let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 1.0", "dim_from_weights = false", "rank_dropout = 0.0", "module_dropout = 0.0"];
     let lora = toml::to_string(&config.lora).unwrap_or_default();
     let lora: String = lora.lines().filter(|l| !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
-    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}", config.model.pretrained, config.model.tiny_seed)
+    // With `dim_from_weights` the file gives the adapters' alphas on a resume too: it must
+    // be the file the state was trained from (its tensors' hash, as A1111's LoRA hash).
+    let file = if config.lora.dim_from_weights {
+        let hash = std::fs::read(&config.lora.network_weights).ok().and_then(|bytes| lora_core::tensor_io::addnet_hashes(&bytes).ok());
+        format!("network_weights tensors = {}\n", hash.map_or_else(|| "unreadable".into(), |(model, _)| model))
+    } else {
+        String::new()
+    };
+    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}{file}", config.model.pretrained, config.model.tiny_seed)
 }
 
 /// Seed of burn's backend RNG (adapter dropout) at optimizer step `step`: reseeding every

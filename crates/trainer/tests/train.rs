@@ -223,6 +223,7 @@ fn conv_rank_and_alpha_reach_the_3x3_convolutions_only() {
     config.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
     (config.lora.rank, config.lora.alpha) = (8, 4.0);
     (config.lora.conv_rank, config.lora.conv_alpha) = (2, 1.5);
+    config.lora.rank_dropout = 0.1;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
     let (set, _) = AdapterSet::load(&report.lora, &tiny_index(), ReadOptions::default()).unwrap();
     let spatial = |w: &lora_core::LoraWeights| w.is_conv() && w.down.shape[2..] != [1, 1];
@@ -237,6 +238,7 @@ fn conv_rank_and_alpha_reach_the_3x3_convolutions_only() {
     assert!(rest.iter().any(|(k, _)| k.path.ends_with("time_emb_proj")), "linear layers of the ResNet blocks take the linear rank");
     let args: serde_json::Value = serde_json::from_str(&lora_metadata(&report.lora)["ss_network_args"]).unwrap();
     assert_eq!((args["conv_dim"].as_str(), args["conv_alpha"].as_str()), (Some("2"), Some("1.5")));
+    assert_eq!(args["rank_dropout"].as_str(), Some("0.1"), "the run's other network args stay: {args}");
 
     config.lora.unet_targets = sd_model::targets::UnetTargets::AttnMlp;
     match train::<B>(&config, &Default::default(), &mut |_| true) {
@@ -731,6 +733,17 @@ fn dim_from_weights_takes_the_files_modules_and_ranks() {
     assert!(continued.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
     assert!(continued.iter().any(|(k, w)| w.up.data != trained.get(k).unwrap().up.data), "the adapters trained on");
 
+    // A state holds the adapters' values, the file their alphas: a changed file is refused.
+    let copy = dir.path().join("copy.safetensors");
+    std::fs::copy(&next.lora.network_weights, &copy).unwrap();
+    let mut changed = next.clone();
+    changed.lora.network_weights = copy.display().to_string();
+    let mut set = load(&copy);
+    let first_key = set.iter().next().map(|(k, _)| k.clone()).unwrap();
+    set.remove(&first_key);
+    set.save(&copy, lora_core::AdapterFormat::Kohya, lora_core::SaveDtype::F32).unwrap();
+    let err = trainer::train::resume::<B>(&changed, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("network_weights tensors"), "{err}");
     let resumed = trainer::train::resume::<B>(&next, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
     assert_eq!(resumed.losses.len(), 3);
     assert_eq!(shape(&load(&resumed.lora)), shape(&trained));
@@ -741,8 +754,8 @@ fn dim_from_weights_takes_the_files_modules_and_ranks() {
 }
 
 /// kohya's rank and module dropout change the run from its second step (the first sees
-/// zero `up` weights), reproducibly, with and without gradient checkpointing, and are
-/// read from `--set`.
+/// zero `up` weights), reproducibly, and are read from `--set`; with gradient
+/// checkpointing (whose recomputed blocks would draw other masks) they are refused.
 #[test]
 fn rank_and_module_dropout_train_reproducibly() {
     let _guard = seeded();
@@ -759,11 +772,11 @@ fn rank_and_module_dropout_train_reproducibly() {
     assert_eq!(plain[0].to_bits(), dropped[0].to_bits());
     assert_ne!(plain[1..], dropped[1..]);
     assert_eq!(dropped, losses(&|c| (c.lora.rank_dropout, c.lora.module_dropout) = (0.5, 0.3)), "seeded");
-    let checkpointed = losses(&|c| {
-        (c.lora.rank_dropout, c.lora.module_dropout) = (0.5, 0.3);
-        c.train.gradient_checkpointing = true;
-    });
-    assert!(checkpointed.iter().all(|l| l.is_finite()));
+    for (key, p) in [("lora.dropout", "0.1"), ("lora.rank_dropout", "0.1"), ("lora.module_dropout", "0.1")] {
+        let sets = [format!("{key}={p}"), "train.gradient_checkpointing=true".into()];
+        let err = TrainConfig::load(None, &sets).unwrap_err().to_string();
+        assert!(err.contains("gradient_checkpointing") && err.contains(key), "{err}");
+    }
 
     let c = TrainConfig::load(None, &["lora.rank_dropout=0.1".into(), "lora.module_dropout=0.05".into()]).unwrap();
     assert_eq!((c.lora.linear_config().rank_dropout, c.lora.linear_config().module_dropout), (0.1, 0.05));

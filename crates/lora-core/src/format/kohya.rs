@@ -73,8 +73,15 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
             .find(|(_, w)| w.rank() == dim)
             .map(|(_, w)| format_alpha(w.alpha))
             .unwrap_or_default();
-        let args = serde_json::json!({ "conv_dim": dim.to_string(), "conv_alpha": alpha });
-        meta.insert("ss_network_args".into(), args.to_string());
+        // Other network args the caller recorded (kohya writes all it was given, e.g.
+        // `rank_dropout`) stay, with these added.
+        let mut args = match set.metadata.get("ss_network_args").map(|s| serde_json::from_str::<serde_json::Value>(s)) {
+            Some(Ok(serde_json::Value::Object(args))) => args,
+            _ => serde_json::Map::new(),
+        };
+        args.insert("conv_dim".into(), dim.to_string().into());
+        args.insert("conv_alpha".into(), alpha.into());
+        meta.insert("ss_network_args".into(), serde_json::Value::Object(args).to_string());
     }
     meta
 }
