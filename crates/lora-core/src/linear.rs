@@ -387,13 +387,11 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `base(x)`, plus the adapter's contribution, plus `extra`, in that order.
     fn forward_plus<const D: usize>(&self, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
-        let fusion = D >= 2 && !crate::kernels::on_flex::<B>();
+        // kohya's rank / module dropout while training: per-sample masks need the input's
+        // own shape, so the composed path below (none of the fused or row-wise ones).
+        let masked = !self.merged && self.adapter.as_ref().is_some_and(|a| a.has_rank_or_module_dropout()) && B::ad_enabled(&x.device());
+        let fusion = D >= 2 && !crate::kernels::on_flex::<B>() && !masked;
         match &self.adapter {
-            Some(adapter) if !self.merged && self.multiplier != 0.0 && adapter.has_rank_or_module_dropout() && B::ad_enabled(&x.device()) => {
-                // Per-sample masks need the input's own shape: the composed path.
-                let delta = adapter.forward(x.clone(), self.multiplier);
-                plus(crate::kernels::linear(&self.base, x) + delta, extra)
-            }
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 if fusion && fused_applies(Some(adapter)) {
                     return self.forward_fused(Some(adapter), x, extra);

@@ -433,8 +433,8 @@ fn attach_configured_adapters<B: AutodiffBackend>(
 }
 
 /// `lora.dim_from_weights`: the adapters of `lora.network_weights`, with their modules,
-/// ranks, alphas and values (kohya's `dim_from_weights`), and `lora.dropout`; returns
-/// whether the text encoder has any.
+/// ranks, alphas and values (kohya's `dim_from_weights`), and the `[lora]` dropouts;
+/// returns whether the text encoder has any.
 fn adapters_from_weights<B: AutodiffBackend>(
     l: &crate::config::LoraSection,
     unet: &mut sd_model::UNet2DConditionModel<B>,
@@ -442,8 +442,7 @@ fn adapters_from_weights<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<bool, TrainError> {
     let path = Path::new(&l.network_weights);
-    let index = sd_model::lora::module_index(unet, Some(text_encoder))?;
-    let (set, _) = AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?;
+    let set = read_network_weights(path, unet, text_encoder)?;
     let in_file = |e: lora_core::LoraError| TrainError::Config {
         origin: format!("lora.network_weights = {} (with lora.dim_from_weights)", path.display()),
         reason: e.to_string(),
@@ -459,6 +458,12 @@ fn adapters_from_weights<B: AutodiffBackend>(
     Ok(on_te > 0)
 }
 
+/// The LoRA file `path` (`lora.network_weights`), its keys resolved against both models.
+fn read_network_weights<B: AutodiffBackend>(path: &Path, unet: &mut sd_model::UNet2DConditionModel<B>, text_encoder: &mut sd_model::ClipTextModel<B>) -> Result<AdapterSet, TrainError> {
+    let index = sd_model::lora::module_index(unet, Some(text_encoder))?;
+    Ok(AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?.0)
+}
+
 /// Starts the attached adapters from the LoRA file `path` (`lora.network_weights`).
 fn load_network_weights<B: AutodiffBackend>(
     path: &Path,
@@ -466,8 +471,7 @@ fn load_network_weights<B: AutodiffBackend>(
     text_encoder: &mut sd_model::ClipTextModel<B>,
     device: &B::Device,
 ) -> Result<(), TrainError> {
-    let index = sd_model::lora::module_index(unet, Some(text_encoder))?;
-    let (set, _) = AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?;
+    let set = read_network_weights(path, unet, text_encoder)?;
     let in_file = |e: lora_core::LoraError| TrainError::Config {
         origin: format!("lora.network_weights = {}", path.display()),
         reason: format!("{e}; the file's adapters must be among lora.unet_targets / include / text_encoder_targets, at lora.rank (lora.conv_rank for 3x3 convolutions)"),
