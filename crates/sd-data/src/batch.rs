@@ -5,8 +5,8 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::dataset::{BatchPlan, Dataset, SamplePlan};
 use crate::error::{DataError, Result};
-use crate::image_io::{decode_image, write_pixels};
-use crate::scan::ImageSource;
+use crate::image_io::{decode_image, decode_image_with_alpha, decode_mask, write_mask, write_pixels};
+use crate::scan::{ImageSource, MaskSource};
 
 /// A dense row-major `f32` tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -134,6 +134,11 @@ pub struct Batch {
     pub flipped: Vec<bool>,
     /// Index of each sample's image in [`Dataset::images`].
     pub images: Vec<usize>,
+    /// Loss masks `[N, 1, h, w]` in `[0, 1]` when the dataset has any
+    /// ([`Dataset::has_masks`]; samples without one are all ones, as kohya fills them): at
+    /// pixel size in pixel batches, at latent size in batches from the latent cache. Bring
+    /// them to the loss's size with [`crate::image_io::area_resize`].
+    pub masks: Option<HostTensor>,
 }
 
 impl Batch {
@@ -187,6 +192,7 @@ impl Batch {
             target_sizes_hw: s.iter().map(|p| (p.bucket.1, p.bucket.0)).collect(),
             flipped: s.iter().map(|p| p.flip).collect(),
             images: s.iter().map(|p| p.image).collect(),
+            masks: None,
         }
     }
 }
@@ -205,61 +211,154 @@ impl Dataset {
             }
             ImageSource::Memory { image, .. } => (**image).clone(),
         };
-        if img.dimensions() != (rec.width, rec.height) {
-            return Err(DataError::CorruptImage {
-                path: rec.source.display_path(),
-                message: format!(
-                    "is {}x{} now but was {}x{} when the dataset was scanned",
-                    img.width(),
-                    img.height(),
-                    rec.width,
-                    rec.height
-                ),
-            });
-        }
+        check_size(rec, img.dimensions())?;
         Ok(img)
     }
 
-    /// Decodes, resizes, crops and flips every sample of `plan` into a `[N, 3, H, W]` pixel batch.
+    /// Decodes, resizes, crops and flips every sample of `plan` into a `[N, 3, H, W]` pixel
+    /// batch, with `[N, 1, H, W]` loss masks when the dataset has any.
     pub fn load_pixels(&self, plan: &BatchPlan) -> Result<Batch> {
         let (w, h) = plan.bucket;
-        let per = 3 * w as usize * h as usize;
-        let mut data = vec![0.0f32; per * plan.samples.len()];
-        for (s, out) in plan.samples.iter().zip(data.chunks_mut(per)) {
+        let plane = w as usize * h as usize;
+        let n = plan.samples.len();
+        let mut data = vec![0.0f32; 3 * plane * n];
+        let mut masks = self.has_masks().then(|| vec![1.0f32; plane * n]);
+        for (k, (s, out)) in plan.samples.iter().zip(data.chunks_mut(3 * plane)).enumerate() {
             if s.bucket != plan.bucket {
                 return Err(bad_plan(format!(
                     "sample bucket {:?} differs from the batch bucket {:?}",
                     s.bucket, plan.bucket
                 )));
             }
-            self.fill_sample(s, out)?;
+            let mask = masks.as_mut().map(|m| &mut m[k * plane..(k + 1) * plane]);
+            self.fill_sample(s, out, mask)?;
         }
-        let pixels = HostTensor::new(data, vec![plan.samples.len(), 3, h as usize, w as usize])?;
-        Ok(Batch::from_plan(self, plan, BatchData::Pixels(pixels)))
+        let pixels = HostTensor::new(data, vec![n, 3, h as usize, w as usize])?;
+        let mut batch = Batch::from_plan(self, plan, BatchData::Pixels(pixels));
+        batch.masks = match masks {
+            Some(m) => Some(HostTensor::new(m, vec![n, 1, h as usize, w as usize])?),
+            None => None,
+        };
+        Ok(batch)
     }
 
     /// One sample's pixels as `[1, 3, H, W]` in `[-1, 1]`.
     pub fn sample_pixels(&self, s: &SamplePlan) -> Result<HostTensor> {
         let (w, h) = s.bucket;
         let mut data = vec![0.0; 3 * w as usize * h as usize];
-        self.fill_sample(s, &mut data)?;
+        self.fill_sample(s, &mut data, None)?;
         HostTensor::new(data, vec![1, 3, h as usize, w as usize])
     }
 
-    fn fill_sample(&self, s: &SamplePlan, out: &mut [f32]) -> Result<()> {
-        let fits = |crop: u32, bucket: u32, resized: u32| {
-            bucket > 0 && crop.checked_add(bucket).is_some_and(|e| e <= resized)
-        };
-        if !fits(s.crop.0, s.bucket.0, s.resized.0) || !fits(s.crop.1, s.bucket.1, s.resized.1) {
-            return Err(bad_plan(format!(
-                "crop {:?} of bucket {:?} does not fit the resized image {:?}",
-                s.crop, s.bucket, s.resized
-            )));
+    /// One sample's loss mask as `[1, 1, H, W]` in `[0, 1]` with the sample's resize, crop
+    /// and flip, or `None` when its image has no mask.
+    pub fn sample_mask(&self, s: &SamplePlan) -> Result<Option<HostTensor>> {
+        let rec = self
+            .images()
+            .get(s.image)
+            .ok_or_else(|| bad_plan(format!("image index {} is out of range", s.image)))?;
+        if rec.mask.is_none() {
+            return Ok(None);
         }
-        let img = self.decode(s.image)?;
+        check_crop(s)?;
+        let (w, h) = s.bucket;
+        let mut data = vec![1.0; w as usize * h as usize];
+        let mask = self.decode_mask(s.image, None)?;
+        if let Some(mask) = mask {
+            write_mask(&mask, s.resized, s.crop, s.bucket, s.flip, &mut data);
+        }
+        HostTensor::new(data, vec![1, 1, h as usize, w as usize]).map(Some)
+    }
+
+    fn fill_sample(&self, s: &SamplePlan, out: &mut [f32], mask_out: Option<&mut [f32]>) -> Result<()> {
+        check_crop(s)?;
+        let wants_alpha = mask_out.is_some() && self.images()[s.image].mask == Some(MaskSource::Alpha);
+        let (img, alpha) = if wants_alpha {
+            self.decode_with_alpha(s.image)?
+        } else {
+            (self.decode(s.image)?, None)
+        };
         write_pixels(&img, s.resized, s.crop, s.bucket, s.flip, out);
+        if let Some(mask_out) = mask_out {
+            // A sample without a mask keeps the ones it was given.
+            if let Some(mask) = self.decode_mask(s.image, alpha)? {
+                write_mask(&mask, s.resized, s.crop, s.bucket, s.flip, mask_out);
+            }
+        }
         Ok(())
     }
+
+    /// Image `i` with its alpha plane (`None`: opaque), checked as [`Dataset::decode`] is.
+    fn decode_with_alpha(&self, i: usize) -> Result<(image::RgbImage, Option<image::GrayImage>)> {
+        let rec = &self.images()[i];
+        let (img, alpha) = match &rec.source {
+            ImageSource::File(path) => {
+                let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+                decode_image_with_alpha(&bytes, path)?
+            }
+            ImageSource::Memory { image, .. } => ((**image).clone(), None),
+        };
+        check_size(rec, img.dimensions())?;
+        Ok((img, alpha))
+    }
+
+    /// Image `i`'s mask plane at the image's size: `alpha` when the mask is the alpha channel
+    /// and it was decoded already, else read; `None` when the image has no mask or its
+    /// alpha mask is opaque.
+    fn decode_mask(&self, i: usize, alpha: Option<image::GrayImage>) -> Result<Option<image::GrayImage>> {
+        let rec = &self.images()[i];
+        match &rec.mask {
+            None => Ok(None),
+            Some(MaskSource::Alpha) => match alpha {
+                Some(a) => Ok(Some(a)),
+                None => Ok(self.decode_with_alpha(i)?.1),
+            },
+            Some(MaskSource::File { path, .. }) => {
+                let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+                let mask = decode_mask(&bytes, path)?;
+                if mask.dimensions() != (rec.width, rec.height) {
+                    return Err(DataError::Mask {
+                        path: rec.source.display_path(),
+                        message: format!(
+                            "the mask {} is {}x{} px now but the image is {}x{} px",
+                            path.display(),
+                            mask.width(),
+                            mask.height(),
+                            rec.width,
+                            rec.height
+                        ),
+                    });
+                }
+                Ok(Some(mask))
+            }
+        }
+    }
+}
+
+fn check_crop(s: &SamplePlan) -> Result<()> {
+    let fits = |crop: u32, bucket: u32, resized: u32| {
+        bucket > 0 && crop.checked_add(bucket).is_some_and(|e| e <= resized)
+    };
+    if !fits(s.crop.0, s.bucket.0, s.resized.0) || !fits(s.crop.1, s.bucket.1, s.resized.1) {
+        return Err(bad_plan(format!(
+            "crop {:?} of bucket {:?} does not fit the resized image {:?}",
+            s.crop, s.bucket, s.resized
+        )));
+    }
+    Ok(())
+}
+
+fn check_size(rec: &crate::scan::ImageRecord, dims: (u32, u32)) -> Result<()> {
+    if dims != (rec.width, rec.height) {
+        return Err(DataError::CorruptImage {
+            path: rec.source.display_path(),
+            message: format!(
+                "is {}x{} now but was {}x{} when the dataset was scanned",
+                dims.0, dims.1, rec.width, rec.height
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn bad_plan(message: String) -> DataError {

@@ -58,6 +58,9 @@ pub struct LatentKey {
     pub flip: bool,
     /// [`LatentEncoder::identity`].
     pub encoder: String,
+    /// [`crate::MaskSource::identity`] of the image's loss mask, which the entry then holds
+    /// too (at the latent's size).
+    pub mask: Option<String>,
 }
 
 impl LatentKey {
@@ -70,12 +73,15 @@ impl LatentKey {
             crop: s.crop,
             flip: s.flip,
             encoder: encoder.to_string(),
+            mask: ds.images()[s.image].mask.as_ref().map(|m| m.identity()),
         }
     }
 
     fn canonical(&self) -> String {
+        // Keys without a mask are spelled as before masks existed: their entries stay valid.
+        let mask = self.mask.as_ref().map_or(String::new(), |m| format!("|mask={m}"));
         format!(
-            "{CACHE_FORMAT}|latent|{}|bucket={}x{}|resized={}x{}|crop={},{}|flip={}|encoder={}",
+            "{CACHE_FORMAT}|latent|{}|bucket={}x{}|resized={}x{}|crop={},{}|flip={}|encoder={}{mask}",
             self.content_hash,
             self.bucket.0,
             self.bucket.1,
@@ -203,15 +209,33 @@ impl LatentCache {
 
     /// The cached latent `[1, C, h, w]`, or `None` on a miss.
     pub fn load(&self, key: &LatentKey) -> Option<HostTensor> {
-        self.store.load(&key.canonical())?.remove("latent")
+        self.load_with_mask(key).map(|(latent, _)| latent)
+    }
+
+    /// The cached latent `[1, C, h, w]` and, for a key with a mask, the mask
+    /// `[1, 1, h, w]`; `None` on a miss (a key with a mask whose entry lacks it is a miss).
+    pub fn load_with_mask(&self, key: &LatentKey) -> Option<(HostTensor, Option<HostTensor>)> {
+        let mut entry = self.store.load(&key.canonical())?;
+        let latent = entry.remove("latent")?;
+        let mask = match key.mask {
+            Some(_) => Some(entry.remove("mask")?),
+            None => None,
+        };
+        Some((latent, mask))
     }
 
     /// Stores a latent `[1, C, h, w]`.
     pub fn store(&self, key: &LatentKey, latent: &HostTensor) -> Result<()> {
-        self.store.store(
-            &key.canonical(),
-            &BTreeMap::from([("latent".to_string(), latent.clone())]),
-        )
+        self.store_with_mask(key, latent, None)
+    }
+
+    /// Stores a latent `[1, C, h, w]` with its loss mask `[1, 1, h, w]`.
+    pub fn store_with_mask(&self, key: &LatentKey, latent: &HostTensor, mask: Option<&HostTensor>) -> Result<()> {
+        let mut entry = BTreeMap::from([("latent".to_string(), latent.clone())]);
+        if let Some(mask) = mask {
+            entry.insert("mask".to_string(), mask.clone());
+        }
+        self.store.store(&key.canonical(), &entry)
     }
 
     /// Encodes every sample variant the dataset can produce — each image in its bucket with the
@@ -256,7 +280,7 @@ impl LatentCache {
                     loss_weight: 1.0,
                 };
                 if self
-                    .load(&LatentKey::for_sample(ds, &s, &identity))
+                    .load_with_mask(&LatentKey::for_sample(ds, &s, &identity))
                     .is_some()
                 {
                     stats.hits += 1;
@@ -308,22 +332,31 @@ impl LatentCache {
                 .into(),
             });
         }
+        let latent_hw = (latents.shape[2], latents.shape[3]);
         for (k, s) in plan.samples.iter().enumerate() {
             let row = latents.row(k).ok_or_else(|| DataError::Shape {
                 shape: latents.shape.clone(),
                 message: format!("has no row {k}"),
             })?;
-            self.store(&LatentKey::for_sample(ds, s, identity), &row)?;
+            let key = LatentKey::for_sample(ds, s, identity);
+            // The mask is stored at the latent's size, as the loss uses it.
+            let mask = match (&key.mask, &batch.masks) {
+                (Some(_), Some(masks)) => Some(mask_at(masks, k, latent_hw)?),
+                _ => None,
+            };
+            self.store_with_mask(&key, &row, mask.as_ref())?;
         }
         Ok(())
     }
 
-    /// A batch of cached latents for `plan`; a missing entry is an error naming its file.
+    /// A batch of cached latents for `plan`, with loss masks at the latents' size when the
+    /// dataset has any; a missing entry is an error naming its file.
     pub fn load_batch(&self, ds: &Dataset, plan: &BatchPlan, identity: &str) -> Result<Batch> {
         let mut rows = Vec::with_capacity(plan.samples.len());
+        let mut masks = Vec::with_capacity(plan.samples.len());
         for s in &plan.samples {
             let key = LatentKey::for_sample(ds, s, identity);
-            let row = self.load(&key).ok_or_else(|| DataError::Cache {
+            let (row, mask) = self.load_with_mask(&key).ok_or_else(|| DataError::Cache {
                 path: self.path(&key),
                 message: format!(
                     "no valid latent for {} (bucket {}x{}, flip {}); run the caching pass first",
@@ -333,11 +366,39 @@ impl LatentCache {
                     s.flip
                 ),
             })?;
+            let &[_, _, h, w] = row.shape.as_slice() else {
+                return Err(DataError::Cache {
+                    path: self.path(&key),
+                    message: format!("holds a latent of shape {:?}; expected [1, C, h, w]", row.shape),
+                });
+            };
+            // Samples without a mask weigh the whole latent, as kohya fills them with ones.
+            masks.push(mask.unwrap_or_else(|| HostTensor {
+                data: vec![1.0; h * w],
+                shape: vec![1, 1, h, w],
+            }));
             rows.push(row);
         }
         let latents = HostTensor::stack_rows(&rows)?;
-        Ok(Batch::from_plan(ds, plan, BatchData::Latents(latents)))
+        let mut batch = Batch::from_plan(ds, plan, BatchData::Latents(latents));
+        if ds.has_masks() {
+            batch.masks = Some(HostTensor::stack_rows(&masks)?);
+        }
+        Ok(batch)
     }
+}
+
+/// Row `k` of `[N, 1, H, W]` masks area-resampled to `[1, 1, h, w]`.
+fn mask_at(masks: &HostTensor, k: usize, (h, w): (usize, usize)) -> Result<HostTensor> {
+    let row = masks.row(k).ok_or_else(|| DataError::Shape {
+        shape: masks.shape.clone(),
+        message: format!("has no row {k}"),
+    })?;
+    let (src_h, src_w) = (row.shape[2], row.shape[3]);
+    HostTensor::new(
+        crate::image_io::area_resize(&row.data, (src_h, src_w), (h, w)),
+        vec![1, 1, h, w],
+    )
 }
 
 /// Text-embedding cache directory. Valid only while the text encoder is frozen and captions are

@@ -117,6 +117,16 @@ pub struct SubsetConfig {
     pub flip_aug: bool,
     /// Crop at a random offset instead of the center.
     pub random_crop: bool,
+    /// Weigh the loss by each image's alpha channel (kohya's `alpha_mask`): transparent
+    /// areas do not train, half-transparent ones half; images without alpha count fully.
+    pub alpha_mask: bool,
+    /// A folder of loss masks, one per image with the image's name (any image extension) at
+    /// the same place relative to the folder as the image is in `image_dir`, or at its top
+    /// (kohya's masked loss with `conditioning_data_dir`, also read under that name). A mask
+    /// has its image's size; its grey value (red channel) weighs the loss: white trains
+    /// fully, black not at all.
+    #[serde(alias = "conditioning_data_dir")]
+    pub mask_dir: Option<PathBuf>,
 }
 
 impl Default for SubsetConfig {
@@ -143,6 +153,8 @@ impl Default for SubsetConfig {
             caption_tag_dropout_rate: 0.0,
             flip_aug: false,
             random_crop: false,
+            alpha_mask: false,
+            mask_dir: None,
         }
     }
 }
@@ -186,6 +198,20 @@ impl SubsetConfig {
                 return Err(DataError::config(
                     &key("loss_weight"),
                     format!("must be finite and >= 0, got {w}"),
+                ));
+            }
+        }
+        if self.alpha_mask && self.mask_dir.is_some() {
+            return Err(DataError::config(
+                &key("mask_dir"),
+                "a subset takes its loss masks from `alpha_mask` or from `mask_dir`, not both",
+            ));
+        }
+        if let Some(dir) = &self.mask_dir {
+            if !dir.is_dir() {
+                return Err(DataError::config(
+                    &key("mask_dir"),
+                    format!("{} does not exist or is not a directory", dir.display()),
                 ));
             }
         }

@@ -316,6 +316,12 @@ impl Dataset {
         })
     }
 
+    /// Whether any image has a loss mask (a subset with `alpha_mask` or `mask_dir`): then
+    /// batches carry [`crate::Batch::masks`].
+    pub fn has_masks(&self) -> bool {
+        self.images.iter().any(|i| i.mask.is_some())
+    }
+
     /// Samples per epoch (images times repeats).
     pub fn samples_per_epoch(&self) -> usize {
         self.repeats.iter().map(|&r| r as usize).sum()

@@ -61,6 +61,15 @@ pub enum DataError {
         /// Why no fallback was used.
         why: String,
     },
+    /// An image's loss mask (`alpha_mask`, or a file in `mask_dir`) is missing or does not
+    /// fit the image.
+    #[error("loss mask of image {path}: {message}")]
+    Mask {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong (the mask files looked for, or the mismatched sizes).
+        message: String,
+    },
     /// No usable image was found.
     #[error("dataset is empty: no usable images in {dirs}")]
     EmptyDataset {
@@ -149,6 +158,7 @@ impl DataError {
             | Self::ImageTooSmall { path, .. }
             | Self::CaptionNotUtf8 { path, .. }
             | Self::MissingCaption { path, .. }
+            | Self::Mask { path, .. }
             | Self::UnknownFolderName { path, .. }
             | Self::NotADirectory { path }
             | Self::Metadata { path, .. }

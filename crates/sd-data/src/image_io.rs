@@ -4,7 +4,7 @@ use std::io::Cursor;
 use std::path::Path;
 
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use sha2::{Digest, Sha256};
 
 use crate::bucket::Reso;
@@ -56,15 +56,39 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> DataError {
     }
 }
 
-/// Decodes an encoded image and applies its EXIF orientation.
-pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+fn decode_dynamic(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
     let mut decoder = reader(bytes, path)?
         .into_decoder()
         .map_err(|e| corrupt(path, e))?;
     let orientation = decoder.orientation().map_err(|e| corrupt(path, e))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(path, e))?;
     img.apply_orientation(orientation);
-    Ok(img.into_rgb8())
+    Ok(img)
+}
+
+/// Decodes an encoded image and applies its EXIF orientation.
+pub fn decode_image(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+    Ok(decode_dynamic(bytes, path)?.into_rgb8())
+}
+
+/// Decodes an encoded image with its alpha channel (EXIF orientation applied): the RGB
+/// pixels as [`decode_image`] gives them, and the alpha plane, `None` when the image has
+/// none (then it is opaque everywhere).
+pub fn decode_image_with_alpha(bytes: &[u8], path: &Path) -> Result<(RgbImage, Option<GrayImage>)> {
+    let img = decode_dynamic(bytes, path)?;
+    let alpha = img.color().has_alpha().then(|| {
+        let rgba = img.to_rgba8();
+        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| image::Luma([rgba.get_pixel(x, y)[3]]))
+    });
+    Ok((img.into_rgb8(), alpha))
+}
+
+/// Decodes a mask image (EXIF orientation applied) into one plane: the red channel, which
+/// is the grey value of a greyscale mask (kohya's masked loss reads the red channel of its
+/// conditioning images).
+pub fn decode_mask(bytes: &[u8], path: &Path) -> Result<GrayImage> {
+    let rgb = decode_dynamic(bytes, path)?.into_rgb8();
+    Ok(GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| image::Luma([rgb.get_pixel(x, y)[0]])))
 }
 
 /// Size after EXIF orientation, from the header only (no pixel decoding).
@@ -79,6 +103,51 @@ pub fn probe_size(bytes: &[u8], path: &Path) -> Result<Reso> {
         O::Rotate90 | O::Rotate270 | O::Rotate90FlipH | O::Rotate270FlipH => (h, w),
         _ => (w, h),
     })
+}
+
+/// Resizes a mask plane to `resized` (bilinear: unlike Lanczos it does not ring at hard
+/// mask edges), crops `bucket` at `crop` = `(left, top)`, optionally mirrors it, and writes
+/// it as `f32` in `[0, 1]` to `out` (length `w * h`), the geometry of [`write_pixels`].
+pub fn write_mask(mask: &GrayImage, resized: Reso, crop: Reso, bucket: Reso, flip: bool, out: &mut [f32]) {
+    let owned;
+    let src = if mask.dimensions() == resized {
+        mask
+    } else {
+        owned = image::imageops::resize(mask, resized.0, resized.1, FilterType::Triangle);
+        &owned
+    };
+    let bw = bucket.0 as usize;
+    debug_assert_eq!(out.len(), bw * bucket.1 as usize);
+    for (y, row) in out.chunks_mut(bw).enumerate() {
+        for (x, v) in row.iter_mut().enumerate() {
+            let sx = if flip { bw - 1 - x } else { x };
+            *v = f32::from(src.get_pixel(crop.0 + sx as u32, crop.1 + y as u32)[0]) / 255.0;
+        }
+    }
+}
+
+/// Area resampling of an `h × w` plane (row major) to `out_h × out_w`, as PyTorch's
+/// `interpolate(mode="area")` (adaptive average pooling): output cell `(i, j)` is the mean
+/// of input rows `⌊i·h/out_h⌋ .. ⌈(i+1)·h/out_h⌉` and the matching columns. kohya brings
+/// loss masks to the latent size this way.
+///
+/// ```
+/// let plane = [1.0, 0.0, 0.0, 0.0, /**/ 1.0, 1.0, 0.0, 0.0];
+/// assert_eq!(sd_data::image_io::area_resize(&plane, (2, 4), (1, 2)), vec![0.75, 0.0]);
+/// ```
+pub fn area_resize(plane: &[f32], (h, w): (usize, usize), (out_h, out_w): (usize, usize)) -> Vec<f32> {
+    assert_eq!(plane.len(), h * w, "area_resize: the plane is not {h}x{w}");
+    let span = |i: usize, n: usize, out: usize| (i * n / out, ((i + 1) * n).div_ceil(out));
+    let mut out = Vec::with_capacity(out_h * out_w);
+    for i in 0..out_h {
+        let (y0, y1) = span(i, h, out_h);
+        for j in 0..out_w {
+            let (x0, x1) = span(j, w, out_w);
+            let sum: f64 = (y0..y1).flat_map(|y| &plane[y * w + x0..y * w + x1]).map(|&v| f64::from(v)).sum();
+            out.push((sum / ((y1 - y0) * (x1 - x0)) as f64) as f32);
+        }
+    }
+    out
 }
 
 /// Resizes `img` to `resized` (Lanczos3), crops `bucket` at `crop` = `(left, top)`, optionally

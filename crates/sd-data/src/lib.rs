@@ -53,4 +53,6 @@ pub use config::{DatasetConfig, MissingCaption, Resolution, SubsetConfig};
 pub use dataset::{BatchPlan, Dataset, FolderSummary, SamplePlan};
 pub use error::{BoxError, DataError, Result};
 pub use loader::{Loader, LoaderOptions};
-pub use scan::{parse_kohya_folder_name, scan, ImageRecord, ImageSource, ResolvedSubset, Scan};
+pub use scan::{
+    parse_kohya_folder_name, scan, ImageRecord, ImageSource, MaskSource, ResolvedSubset, Scan,
+};

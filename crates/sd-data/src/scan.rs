@@ -50,6 +50,30 @@ pub struct ResolvedSubset {
     pub loss_weight: f32,
 }
 
+/// Where an image's loss mask comes from (kohya's `alpha_mask` and masked loss).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MaskSource {
+    /// The image's own alpha channel (opaque everywhere when it has none).
+    Alpha,
+    /// A mask file of the image's size; its red channel (grey value) / 255 is the weight.
+    File {
+        /// The mask file.
+        path: PathBuf,
+        /// Hash of the encoded mask file.
+        content_hash: String,
+    },
+}
+
+impl MaskSource {
+    /// A string that changes whenever the mask would: part of latent-cache keys.
+    pub fn identity(&self) -> String {
+        match self {
+            Self::Alpha => "alpha".into(),
+            Self::File { content_hash, .. } => format!("file:{content_hash}"),
+        }
+    }
+}
+
 /// One usable image found by a scan.
 #[derive(Clone, Debug)]
 pub struct ImageRecord {
@@ -65,6 +89,8 @@ pub struct ImageRecord {
     pub content_hash: String,
     /// Index into [`Scan::subsets`].
     pub subset: usize,
+    /// The loss mask, when the subset has `alpha_mask` or `mask_dir`.
+    pub mask: Option<MaskSource>,
 }
 
 /// Result of scanning the configured folders: usable images and every bad file.
@@ -132,11 +158,18 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// A candidate image before decoding: path, subset, caption outcome.
+/// A candidate image before decoding: path, subset, caption and mask outcomes.
 struct Candidate {
     path: PathBuf,
     subset: usize,
     caption: Result<String>,
+    mask: Result<Option<PendingMask>>,
+}
+
+/// A mask found by the scan, before its file (if any) is read.
+enum PendingMask {
+    Alpha,
+    File(PathBuf),
 }
 
 struct Scanner<'a> {
@@ -144,6 +177,10 @@ struct Scanner<'a> {
     subsets: Vec<ResolvedSubset>,
     candidates: Vec<Candidate>,
     problems: Vec<DataError>,
+    /// The configured `image_dir` being scanned: masks mirror paths relative to it.
+    root: PathBuf,
+    /// The subset's `mask_dir` (canonical), which is never scanned for training images.
+    mask_dir: Option<PathBuf>,
 }
 
 impl Scanner<'_> {
@@ -179,6 +216,11 @@ impl Scanner<'_> {
         if !dir.is_dir() {
             return Err(DataError::NotADirectory { path: dir.clone() });
         }
+        self.root = dir.clone();
+        self.mask_dir = match &cfg.mask_dir {
+            Some(m) => Some(m.canonicalize().map_err(|e| DataError::io(m, e))?),
+            None => None,
+        };
         let own_name = dir
             .file_name()
             .and_then(|n| n.to_str())
@@ -188,7 +230,10 @@ impl Scanner<'_> {
             return self.scan_metadata(dir, idx);
         }
         let entries = sorted_entries(dir)?;
-        let subdirs: Vec<&PathBuf> = entries.iter().filter(|p| p.is_dir()).collect();
+        let subdirs: Vec<&PathBuf> = entries
+            .iter()
+            .filter(|p| p.is_dir() && !self.is_mask_dir(p))
+            .collect();
         let kohya_parent = subdirs.iter().any(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
@@ -241,7 +286,7 @@ impl Scanner<'_> {
         }
         for p in sorted_entries(dir)? {
             if p.is_dir() {
-                if recursive {
+                if recursive && !self.is_mask_dir(&p) {
                     self.collect_images(&p, idx, recursive, visited)?;
                 }
             } else if is_image_path(&p) {
@@ -251,13 +296,69 @@ impl Scanner<'_> {
         Ok(())
     }
 
+    /// Whether `dir` is the subset's mask folder (masks are not training images).
+    fn is_mask_dir(&self, dir: &Path) -> bool {
+        self.mask_dir
+            .as_ref()
+            .is_some_and(|m| dir.canonicalize().is_ok_and(|d| &d == m))
+    }
+
     fn add_candidate(&mut self, path: &Path, idx: usize) {
         let caption = self.caption_for(path, idx);
+        let mask = self.mask_for(path, idx);
         self.candidates.push(Candidate {
             path: path.to_path_buf(),
             subset: idx,
             caption,
+            mask,
         });
+    }
+
+    /// The image's mask: its alpha channel, or the file of its name in `mask_dir`, first at
+    /// the image's place relative to `image_dir`, then at the folder's top (kohya's layout).
+    fn mask_for(&self, image: &Path, idx: usize) -> Result<Option<PendingMask>> {
+        let cfg = &self.subsets[idx].config;
+        if cfg.alpha_mask {
+            return Ok(Some(PendingMask::Alpha));
+        }
+        let Some(mask_dir) = &cfg.mask_dir else {
+            return Ok(None);
+        };
+        let Some(stem) = image.file_stem() else {
+            return Err(DataError::Mask {
+                path: image.to_path_buf(),
+                message: "the image has no file name to look its mask up by".into(),
+            });
+        };
+        let relative = image
+            .strip_prefix(&self.root)
+            .ok()
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty());
+        let mut places = Vec::new();
+        if let Some(rel) = relative {
+            places.push(mask_dir.join(rel));
+        }
+        places.push(mask_dir.clone());
+        let mut tried = Vec::new();
+        for place in places {
+            for ext in crate::image_io::IMAGE_EXTENSIONS {
+                for ext in [ext.to_string(), ext.to_ascii_uppercase()] {
+                    let mut name = stem.to_os_string();
+                    name.push(".");
+                    name.push(&ext);
+                    let candidate = place.join(name);
+                    if candidate.is_file() {
+                        return Ok(Some(PendingMask::File(candidate)));
+                    }
+                }
+            }
+            tried.push(place.join(stem).display().to_string() + ".*");
+        }
+        Err(DataError::Mask {
+            path: image.to_path_buf(),
+            message: format!("no mask image found (looked for {})", tried.join(", ")),
+        })
     }
 
     fn caption_for(&self, image: &Path, idx: usize) -> Result<String> {
@@ -336,10 +437,12 @@ impl Scanner<'_> {
                     .fallback_caption(&path, idx, format!("`{column}` in {}", meta_path.display())),
                 Some(other) => Err(bad(format!("`{column}` must be a string, got {other}"))),
             };
+            let mask = self.mask_for(&path, idx);
             self.candidates.push(Candidate {
                 path,
                 subset: idx,
                 caption,
+                mask,
             });
         }
         Ok(())
@@ -359,6 +462,54 @@ fn read_caption_file(path: &Path) -> Result<Option<String>> {
         .map(str::trim)
         .find(|l| !l.is_empty())
         .map(str::to_string))
+}
+
+/// What the inspection of one candidate gives: width, height, content hash and mask.
+type Inspected = (u32, u32, String, Option<MaskSource>);
+
+/// Reads, hashes and checks one candidate's image and mask files.
+fn inspect(c: &Candidate, verify: bool, min_side: u32) -> Result<Inspected> {
+    let (w, h, hash) = inspect_file(&c.path, verify, min_side)?;
+    let mask = match &c.mask {
+        Err(e) => return Err(clone_mask_error(e, &c.path)),
+        Ok(None) => None,
+        Ok(Some(PendingMask::Alpha)) => Some(MaskSource::Alpha),
+        Ok(Some(PendingMask::File(path))) => Some(inspect_mask(path, &c.path, (w, h), verify)?),
+    };
+    Ok((w, h, hash, mask))
+}
+
+/// The scan's mask error for an image (errors are not `Clone`; mask errors are `Mask`).
+fn clone_mask_error(e: &DataError, image: &Path) -> DataError {
+    match e {
+        DataError::Mask { path, message } => DataError::Mask { path: path.clone(), message: message.clone() },
+        other => DataError::Mask { path: image.to_path_buf(), message: other.to_string() },
+    }
+}
+
+/// Reads and hashes a mask file and checks that it has the image's size.
+fn inspect_mask(path: &Path, image: &Path, size: (u32, u32), verify: bool) -> Result<MaskSource> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let (w, h) = if verify {
+        crate::image_io::decode_mask(&bytes, path)?.dimensions()
+    } else {
+        probe_size(&bytes, path)?
+    };
+    if (w, h) != size {
+        return Err(DataError::Mask {
+            path: image.to_path_buf(),
+            message: format!(
+                "the mask {} is {w}x{h} px but the image is {}x{} px; a mask must have its image's size",
+                path.display(),
+                size.0,
+                size.1
+            ),
+        });
+    }
+    Ok(MaskSource::File {
+        path: path.to_path_buf(),
+        content_hash: content_hash(&bytes),
+    })
 }
 
 /// Reads, hashes and checks one image file; returns `(width, height, hash)`.
@@ -389,6 +540,8 @@ pub fn scan(config: &DatasetConfig) -> Result<Scan> {
         subsets: Vec::new(),
         candidates: Vec::new(),
         problems: Vec::new(),
+        root: PathBuf::new(),
+        mask_dir: None,
     };
     for cfg in &config.subsets {
         s.scan_subset(cfg)?;
@@ -403,13 +556,14 @@ pub fn scan(config: &DatasetConfig) -> Result<Scan> {
     let mut images = Vec::with_capacity(candidates.len());
     for (cand, result) in candidates.into_iter().zip(checked) {
         match (result, cand.caption) {
-            (Ok((width, height, content_hash)), Ok(caption)) => images.push(ImageRecord {
+            (Ok((width, height, content_hash, mask)), Ok(caption)) => images.push(ImageRecord {
                 source: ImageSource::File(cand.path),
                 caption,
                 width,
                 height,
                 content_hash,
                 subset: cand.subset,
+                mask,
             }),
             (Err(e), _) | (Ok(_), Err(e)) => problems.push(e),
         }
@@ -427,7 +581,7 @@ fn inspect_parallel(
     cands: &[Candidate],
     verify: bool,
     min_side: u32,
-) -> Vec<Result<(u32, u32, String)>> {
+) -> Vec<Result<Inspected>> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(cands.len().max(1));
@@ -438,7 +592,7 @@ fn inspect_parallel(
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .map(|c| inspect_file(&c.path, verify, min_side))
+                        .map(|c| inspect(c, verify, min_side))
                         .collect::<Vec<_>>()
                 })
             })
@@ -476,8 +630,16 @@ pub fn scan_memory(
         subsets: Vec::new(),
         candidates: Vec::new(),
         problems: Vec::new(),
+        root: PathBuf::new(),
+        mask_dir: None,
     };
     let idx = s.resolve(&subset, &subset.image_dir, None);
+    if subset.mask_dir.is_some() {
+        return Err(DataError::config(
+            "mask_dir",
+            "in-memory images have no files to find masks for; use alpha_mask or image folders",
+        ));
+    }
     let subsets = s.subsets;
     let mut records = Vec::new();
     let mut problems = Vec::new();
@@ -502,6 +664,8 @@ pub fn scan_memory(
             width: w,
             height: h,
             subset: idx,
+            // In-memory images are RGB: an alpha mask is opaque everywhere.
+            mask: subset.alpha_mask.then_some(MaskSource::Alpha),
         });
     }
     Ok(Scan {

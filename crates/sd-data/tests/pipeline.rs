@@ -519,6 +519,7 @@ fn loader_prefetches_ahead_and_is_bounded() {
                 target_sizes_hw: vec![],
                 flipped: vec![],
                 images: vec![],
+                masks: None,
             })
         },
     );

@@ -45,6 +45,13 @@ pub struct DataSection {
     pub flip_aug: bool,
     /// Crop at a random offset instead of the centre.
     pub random_crop: bool,
+    /// Weigh the loss by each image's alpha channel (kohya's `alpha_mask`), in the
+    /// training and regularization folders: transparent areas do not train.
+    pub alpha_mask: bool,
+    /// A folder of loss masks for the training images (kohya's `masked_loss` with
+    /// `conditioning_data_dir`; empty: none): one image of the same name and size per
+    /// training image, white = train, black = ignore.
+    pub mask_dir: String,
     /// Caption file extension tried first (`.txt` and `.caption` are tried after it).
     pub caption_extension: String,
     /// Shuffle the comma-separated caption tags after the first `keep_tokens`.
@@ -476,6 +483,8 @@ impl Default for TrainConfig {
                 skip_bad_images: false,
                 flip_aug: false,
                 random_crop: false,
+                alpha_mask: false,
+                mask_dir: String::new(),
                 caption_extension: ".txt".into(),
                 shuffle_caption: false,
                 keep_tokens: 0,
@@ -752,6 +761,12 @@ impl TrainConfig {
         }
         if !(t.scale_weight_norms.is_finite() && t.scale_weight_norms >= 0.0) {
             return bad("train.scale_weight_norms must be 0 (off) or a positive norm");
+        }
+        if self.data.alpha_mask && !self.data.mask_dir.is_empty() {
+            return bad("data.alpha_mask and data.mask_dir both give loss masks; set one of them");
+        }
+        if !self.data.mask_dir.is_empty() && (self.data.train_data_dir == "demo" || !self.data.dataset_config.is_empty()) {
+            return bad("data.mask_dir needs data.train_data_dir to be an image folder (with data.dataset_config, set `mask_dir` on its subsets)");
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             return bad("data.validation_split must be at least 0 (none) and below 1");

@@ -134,6 +134,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         });
         let subset = SubsetConfig {
             flip_aug: d.flip_aug,
+            alpha_mask: d.alpha_mask,
             // Names the folder in LoRA metadata (in-memory images have no folder).
             image_dir: "demo".into(),
             ..SubsetConfig::default()
@@ -173,6 +174,9 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         caption_tag_dropout_rate: d.caption_tag_dropout_rate,
         flip_aug: d.flip_aug,
         random_crop: d.random_crop,
+        alpha_mask: d.alpha_mask,
+        // Masks are for the training images; regularization images train whole.
+        mask_dir: (!is_reg && !d.mask_dir.is_empty()).then(|| d.mask_dir.clone().into()),
         ..SubsetConfig::new(dir)
     };
     ds.subsets = vec![subset(&d.train_data_dir, false)];
@@ -802,7 +806,8 @@ fn run<B: AutodiffBackend>(
             }
             let plan = &plans[progress.batch_in_epoch];
             progress.batch_in_epoch += 1;
-            let (posterior, context, loss_weights) = cache.batch(&dataset, &frozen, plan, &config.model, !train_te, device)?;
+            let EncodedBatch { posterior, context, loss_weights, masks } = cache.batch(&dataset, &frozen, plan, &config.model, !train_te, device)?;
+            let masks = masks.map(Tensor::<B, 4>::from_inner);
             sample_size.get_or_insert((plan.bucket.0 as usize, plan.bucket.1 as usize));
             let eps = noise.sample(posterior.mean.dims(), device)?;
             let latents = Tensor::<B, 4>::from_inner(frozen.vae.scale_latents(posterior.sample(eps)?));
@@ -853,6 +858,12 @@ fn run<B: AutodiffBackend>(
                     LossType::L2 => MseLoss::new().forward_no_reduction(pred, target),
                     kind => elementwise_loss(pred, target, kind, thresholds)
                         .unwrap_or_else(|e| unreachable!("the thresholds are made for this batch: {e}")),
+                };
+                // kohya's masked loss: each latent element weighed by its mask, still
+                // averaged over all of them (a half-masked image trains half as much).
+                let elementwise = match masks {
+                    Some(m) => elementwise.clone() * m.cast(elementwise.dtype()),
+                    None => elementwise,
                 };
                 let per_sample = elementwise
                     .reshape([n as i32, -1])
@@ -1190,7 +1201,8 @@ struct Validator<B: burn::tensor::backend::Backend> {
 
 impl<B: burn::tensor::backend::Backend> Validator<B> {
     /// The mean over the validation images and [`VALIDATION_TIMESTEPS`] timesteps of the
-    /// unweighted MSE between prediction and target. Everything random is fixed (the VAE
+    /// unweighted MSE between prediction and target (weighed by the loss masks when the
+    /// data has them). Everything random is fixed (the VAE
     /// posterior's mean, seeded noise per batch and timestep, no dropout) and nothing is
     /// drawn from the training streams, so evaluations compare with each other and leave
     /// the training run as it would be without them.
@@ -1210,7 +1222,7 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
         let mut total = Tensor::<B, 1>::zeros([1], device);
         let mut count = 0usize;
         for (b, plan) in self.dataset.plan_epoch(0).iter().enumerate() {
-            let (posterior, context, _) = self.cache.batch(&self.dataset, frozen, plan, &config.model, text_encoder.is_none(), device)?;
+            let EncodedBatch { posterior, context, masks, .. } = self.cache.batch(&self.dataset, frozen, plan, &config.model, text_encoder.is_none(), device)?;
             let latents = frozen.vae.scale_latents(posterior.mean.clone());
             let context = match (context, &text_encoder) {
                 (Some(c), _) => c,
@@ -1229,7 +1241,13 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
                 let noisy = self.schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
                 let target = self.schedule.target(latents.clone(), eps, ts.clone());
                 let pred = unet.forward(noisy, ts.float(), context.clone())?;
-                let error = (pred.cast(burn::tensor::FloatDType::F32) - target.cast(burn::tensor::FloatDType::F32)).powf_scalar(2.0).mean();
+                let error = (pred.cast(burn::tensor::FloatDType::F32) - target.cast(burn::tensor::FloatDType::F32)).powf_scalar(2.0);
+                // Masked data: the error where the masks let training in.
+                let error = match &masks {
+                    Some(m) => error * m.clone(),
+                    None => error,
+                }
+                .mean();
                 total = total + error.mul_scalar(n as f32);
                 count += n;
             }
@@ -1351,13 +1369,22 @@ impl Saver<'_> {
 struct EncodeCache<B: burn::tensor::backend::Backend> {
     posteriors: HashMap<SampleKey, (Tensor<B, 4>, Tensor<B, 4>)>,
     embeddings: HashMap<String, Tensor<B, 3>>,
+    /// Loss masks `[1, 1, h, w]` at the latents' size, when the dataset has masks.
+    masks: HashMap<SampleKey, Tensor<B, 4>>,
 }
 
 /// Image index, bucket, crop and flip: what fixes a sample's pixels.
 type SampleKey = (usize, (u32, u32), (u32, u32), bool);
 
-/// The posterior, text embeddings and loss weights of a batch.
-type EncodedBatch<B> = (DiagonalGaussian<B>, Option<Tensor<B, 3>>, Vec<f32>);
+/// What the loss of a batch needs besides the model: the posterior, the text embeddings
+/// (when cached), the loss weights and the loss masks `[n, 1, h, w]` (when the data has
+/// masks).
+struct EncodedBatch<B: burn::tensor::backend::Backend> {
+    posterior: DiagonalGaussian<B>,
+    context: Option<Tensor<B, 3>>,
+    loss_weights: Vec<f32>,
+    masks: Option<Tensor<B, 4>>,
+}
 
 impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
     fn batch(
@@ -1373,10 +1400,15 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         // Each sample is encoded on its own: results then do not depend on which batch a
         // sample first appeared in, which keeps resumed runs bit-identical.
         if plan.samples.iter().any(|s| !self.posteriors.contains_key(&key(s))) {
-            let pixels = dataset.load_pixels(plan)?.to_tensor::<B>(device)?;
+            let batch = dataset.load_pixels(plan)?;
+            let pixels = batch.to_tensor::<B>(device)?;
             for (i, s) in plan.samples.iter().enumerate() {
                 if let std::collections::hash_map::Entry::Vacant(slot) = self.posteriors.entry(key(s)) {
                     let posterior = c.vae.encode(pixels.clone().slice(i..i + 1))?;
+                    if let Some(masks) = &batch.masks {
+                        let [_, _, h, w] = posterior.mean.dims();
+                        self.masks.insert(key(s), latent_mask(masks, i, (h, w), device)?);
+                    }
                     slot.insert((posterior.mean, posterior.logvar));
                 }
             }
@@ -1402,10 +1434,20 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
             mean: Tensor::cat(means, 0),
             logvar: Tensor::cat(logvars, 0),
         };
-        let weights = plan.samples.iter().map(|s| s.loss_weight).collect();
+        let loss_weights = plan.samples.iter().map(|s| s.loss_weight).collect();
         let context = with_embeddings.then(|| Tensor::cat(contexts, 0));
-        Ok((posterior, context, weights))
+        let masks = dataset.has_masks().then(|| Tensor::cat(plan.samples.iter().map(|s| self.masks[&key(s)].clone()).collect(), 0));
+        Ok(EncodedBatch { posterior, context, loss_weights, masks })
     }
+}
+
+/// Sample `i`'s loss mask of a pixel batch, area-resampled to the latent size `(h, w)` as
+/// kohya's masked loss does, as a `[1, 1, h, w]` tensor.
+fn latent_mask<B: burn::tensor::backend::Backend>(masks: &sd_data::HostTensor, i: usize, (h, w): (usize, usize), device: &B::Device) -> Result<Tensor<B, 4>, TrainError> {
+    let row = masks.row(i).ok_or_else(|| TrainError::Config { origin: "data".into(), reason: format!("the batch's masks have no row {i}") })?;
+    let (src_h, src_w) = (row.shape[2], row.shape[3]);
+    let plane = sd_data::image_io::area_resize(&row.data, (src_h, src_w), (h, w));
+    Ok(Tensor::<B, 1>::from_floats(plane.as_slice(), device).reshape([1, 1, h, w]))
 }
 
 /// Writes the UNet's adapters to `path` in the configured format and precision, with the

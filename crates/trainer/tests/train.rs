@@ -1154,3 +1154,67 @@ fn sample_at_first_writes_the_untrained_grid_and_changes_nothing_else() {
     assert_eq!(grid.width(), image::open(first.sample_grid.unwrap()).unwrap().width());
     assert_eq!(plain.losses, first.losses);
 }
+
+/// Writes `name.png`, 64 px with the pixels of [`write_image`] and an alpha channel from
+/// `alpha(x)`, and its caption.
+fn write_rgba_image(dir: &std::path::Path, name: &str, alpha: impl Fn(u32) -> u8) {
+    std::fs::create_dir_all(dir).unwrap();
+    let img = image::RgbaImage::from_fn(64, 64, |x, y| image::Rgba([40, (x * 4) as u8, (y * 4) as u8, alpha(x)]));
+    img.save(dir.join(format!("{name}.png"))).unwrap();
+    std::fs::write(dir.join(format!("{name}.txt")), "masked").unwrap();
+}
+
+/// kohya's masked loss: the loss is linear in the mask, so masks that split the image in
+/// two give losses that add up to the unmasked one; an opaque alpha changes nothing, a
+/// transparent one trains nothing. Masks from a folder work the same way.
+#[test]
+fn masked_loss_trains_only_where_the_mask_lets_it() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let first_loss = |folder: &str, alpha: &dyn Fn(u32) -> u8, edit: &dyn Fn(&mut TrainConfig)| {
+        let dir = root.path().join(folder);
+        write_rgba_image(&dir, "a", alpha);
+        let mut c = quick_config(&root.path().join(format!("out-{folder}")), 1);
+        c.data.train_data_dir = dir.display().to_string();
+        c.data.min_bucket_reso = 64;
+        c.train.train_batch_size = 1;
+        c.output.sample_prompts.clear();
+        edit(&mut c);
+        let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+        (report.losses[0], lora_metadata(&report.lora)["ss_masked_loss"].clone())
+    };
+    let alpha_mask = |c: &mut TrainConfig| c.data.alpha_mask = true;
+    let (plain, flag) = first_loss("plain", &|_| 255, &|_| {});
+    assert_eq!(flag, "False");
+    let (opaque, flag) = first_loss("opaque", &|_| 255, &alpha_mask);
+    assert_eq!((opaque.to_bits(), flag.as_str()), (plain.to_bits(), "True"));
+    let (left, _) = first_loss("left", &|x| if x < 32 { 255 } else { 0 }, &alpha_mask);
+    let (right, _) = first_loss("right", &|x| if x < 32 { 0 } else { 255 }, &alpha_mask);
+    assert!(left > 0.0 && right > 0.0 && left < plain && right < plain, "{left} {right} {plain}");
+    assert!(((left + right) - plain).abs() <= 1e-5 * plain, "{left} + {right} != {plain}");
+    let (clear, _) = first_loss("clear", &|_| 0, &alpha_mask);
+    assert_eq!(clear, 0.0);
+    // Without alpha_mask the alpha channel is not a mask.
+    assert_eq!(first_loss("unmasked", &|x| if x < 32 { 255 } else { 0 }, &|_| {}).0.to_bits(), plain.to_bits());
+
+    // A mask folder: grey value 255 where the left half of the alpha above was opaque.
+    let masks = root.path().join("masks");
+    std::fs::create_dir_all(&masks).unwrap();
+    image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }])).save(masks.join("a.png")).unwrap();
+    let mask_dir = masks.display().to_string();
+    let (from_file, flag) = first_loss("file", &|_| 255, &|c| c.data.mask_dir = mask_dir.clone());
+    assert_eq!(flag, "True");
+    assert!((from_file - left).abs() <= 1e-6 * plain, "{from_file} vs {left}");
+
+    // A missing mask names the image; masks and the demo data do not mix.
+    std::fs::remove_file(masks.join("a.png")).unwrap();
+    let mut c = quick_config(root.path(), 1);
+    c.data.train_data_dir = root.path().join("file").display().to_string();
+    c.data.mask_dir = mask_dir.clone();
+    let err = train::<B>(&c, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("a.png") && err.contains("mask"), "{err}");
+    let err = TrainConfig::load(None, &[format!("data.mask_dir={mask_dir}")]).unwrap_err().to_string();
+    assert!(err.contains("data.mask_dir"), "{err}");
+    let err = TrainConfig::load(None, &["data.alpha_mask=true".into(), "data.mask_dir=x".into(), "data.train_data_dir=y".into()]).unwrap_err().to_string();
+    assert!(err.contains("alpha_mask"), "{err}");
+}
