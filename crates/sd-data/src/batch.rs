@@ -263,7 +263,10 @@ impl Dataset {
         check_crop(s)?;
         let (w, h) = s.bucket;
         let mut data = vec![1.0; w as usize * h as usize];
-        let mask = self.decode_mask(s.image, None)?;
+        let mask = match rec.mask {
+            Some(MaskSource::Alpha) => self.decode_with_alpha(s.image)?.1,
+            _ => self.decode_mask(s.image)?,
+        };
         if let Some(mask) = mask {
             write_mask(&mask, s.resized, s.crop, s.bucket, s.flip, &mut data);
         }
@@ -272,18 +275,24 @@ impl Dataset {
 
     fn fill_sample(&self, s: &SamplePlan, out: &mut [f32], mask_out: Option<&mut [f32]>) -> Result<()> {
         check_crop(s)?;
-        let wants_alpha = mask_out.is_some() && self.images()[s.image].mask == Some(MaskSource::Alpha);
-        let (img, alpha) = if wants_alpha {
-            self.decode_with_alpha(s.image)?
-        } else {
-            (self.decode(s.image)?, None)
+        let rec = self
+            .images()
+            .get(s.image)
+            .ok_or_else(|| bad_plan(format!("image index {} is out of range", s.image)))?;
+        let Some(mask_out) = mask_out else {
+            write_pixels(&self.decode(s.image)?, s.resized, s.crop, s.bucket, s.flip, out);
+            return Ok(());
+        };
+        // One decode gives the pixels and, for alpha masks, the alpha plane.
+        let (img, mask) = match &rec.mask {
+            Some(MaskSource::Alpha) => self.decode_with_alpha(s.image)?,
+            Some(MaskSource::File { .. }) => (self.decode(s.image)?, self.decode_mask(s.image)?),
+            None => (self.decode(s.image)?, None),
         };
         write_pixels(&img, s.resized, s.crop, s.bucket, s.flip, out);
-        if let Some(mask_out) = mask_out {
-            // A sample without a mask keeps the ones it was given.
-            if let Some(mask) = self.decode_mask(s.image, alpha)? {
-                write_mask(&mask, s.resized, s.crop, s.bucket, s.flip, mask_out);
-            }
+        // A sample without a mask (or an opaque alpha) keeps the ones it was given.
+        if let Some(mask) = mask {
+            write_mask(&mask, s.resized, s.crop, s.bucket, s.flip, mask_out);
         }
         Ok(())
     }
@@ -302,17 +311,11 @@ impl Dataset {
         Ok((img, alpha))
     }
 
-    /// Image `i`'s mask plane at the image's size: `alpha` when the mask is the alpha channel
-    /// and it was decoded already, else read; `None` when the image has no mask or its
-    /// alpha mask is opaque.
-    fn decode_mask(&self, i: usize, alpha: Option<image::GrayImage>) -> Result<Option<image::GrayImage>> {
+    /// Image `i`'s mask file at the image's size; `None` when its mask is not a file.
+    fn decode_mask(&self, i: usize) -> Result<Option<image::GrayImage>> {
         let rec = &self.images()[i];
         match &rec.mask {
-            None => Ok(None),
-            Some(MaskSource::Alpha) => match alpha {
-                Some(a) => Ok(Some(a)),
-                None => Ok(self.decode_with_alpha(i)?.1),
-            },
+            None | Some(MaskSource::Alpha) => Ok(None),
             Some(MaskSource::File { path, .. }) => {
                 let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
                 let mask = decode_mask(&bytes, path)?;

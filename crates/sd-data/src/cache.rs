@@ -221,6 +221,12 @@ impl LatentCache {
             Some(_) => Some(entry.remove("mask")?),
             None => None,
         };
+        // A mask that does not fit its latent is a damaged entry: a miss.
+        if let (Some(m), [_, _, h, w]) = (&mask, latent.shape.as_slice()) {
+            if m.shape != [1, 1, *h, *w] {
+                return None;
+            }
+        }
         Some((latent, mask))
     }
 

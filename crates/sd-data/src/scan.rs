@@ -221,6 +221,12 @@ impl Scanner<'_> {
             Some(m) => Some(m.canonicalize().map_err(|e| DataError::io(m, e))?),
             None => None,
         };
+        if self.mask_dir.is_some() && self.is_mask_dir(dir) {
+            return Err(DataError::config(
+                "mask_dir",
+                format!("{} is the image folder itself: every image would be its own mask", dir.display()),
+            ));
+        }
         let own_name = dir
             .file_name()
             .and_then(|n| n.to_str())
@@ -330,11 +336,15 @@ impl Scanner<'_> {
                 message: "the image has no file name to look its mask up by".into(),
             });
         };
+        // Only plain folder names are mirrored: `..` in a metadata.jsonl `file_name` must
+        // not lead out of the mask folder.
         let relative = image
             .strip_prefix(&self.root)
             .ok()
             .and_then(Path::parent)
-            .filter(|p| !p.as_os_str().is_empty());
+            .filter(|p| !p.as_os_str().is_empty())
+            .filter(|p| p.components().all(|c| matches!(c, std::path::Component::Normal(_))));
+        let itself = image.canonicalize().ok();
         let mut places = Vec::new();
         if let Some(rel) = relative {
             places.push(mask_dir.join(rel));
@@ -348,7 +358,9 @@ impl Scanner<'_> {
                     name.push(".");
                     name.push(&ext);
                     let candidate = place.join(name);
-                    if candidate.is_file() {
+                    // An image is never its own mask (a mask folder that mirrors into the
+                    // image folder).
+                    if candidate.is_file() && candidate.canonicalize().ok() != itself {
                         return Ok(Some(PendingMask::File(candidate)));
                     }
                 }
@@ -554,7 +566,24 @@ pub fn scan(config: &DatasetConfig) -> Result<Scan> {
     } = s;
     let checked = inspect_parallel(&candidates, config.verify_images, config.min_image_size);
     let mut images = Vec::with_capacity(candidates.len());
+    // Mask file -> the image that uses it: a mask at the mask folder's top can match
+    // same-named images of several folders, and would then mask each of them alike.
+    let mut mask_users: std::collections::HashMap<PathBuf, PathBuf> = std::collections::HashMap::new();
     for (cand, result) in candidates.into_iter().zip(checked) {
+        if let Ok((_, _, _, Some(MaskSource::File { path, .. }))) = &result {
+            if let Some(first) = mask_users.get(path) {
+                problems.push(DataError::Mask {
+                    path: cand.path,
+                    message: format!(
+                        "the mask {} is also the mask of {}; put each image's mask at its place relative to image_dir",
+                        path.display(),
+                        first.display()
+                    ),
+                });
+                continue;
+            }
+            mask_users.insert(path.clone(), cand.path.clone());
+        }
         match (result, cand.caption) {
             (Ok((width, height, content_hash, mask)), Ok(caption)) => images.push(ImageRecord {
                 source: ImageSource::File(cand.path),

@@ -144,6 +144,67 @@ fn masks_are_resized_and_cropped_with_their_image() {
 }
 
 #[test]
+fn masks_are_cropped_vertically_with_their_image() {
+    // 128x192 resizes to 64x96 and the center crop keeps rows 16..80: the edge at row 96 of
+    // the original (48 resized) lands on row 32. Each half of the mask also has its own
+    // value left and right, which a flip swaps.
+    let dir = tempfile::tempdir().unwrap();
+    let value = |x: u32, y: u32| match (x < 64, y < 96) {
+        (true, true) => 0,
+        (false, true) => 60,
+        (true, false) => 180,
+        (false, false) => 255,
+    };
+    fs::create_dir_all(dir.path().join("img")).unwrap();
+    RgbImage::from_fn(128, 192, |x, y| Rgb([value(x, y); 3])).save(dir.path().join("img/t.png")).unwrap();
+    save_mask(&dir.path().join("masks/t.png"), 128, 192, value);
+    let ds = Dataset::open(&config(&dir.path().join("img"), |s| s.mask_dir = Some(dir.path().join("masks")))).unwrap();
+    for flip in [false, true] {
+        let mut s = sample_of(&ds, "t.png");
+        s.flip = flip;
+        assert_eq!(s.crop, (0, 16));
+        let pixels = ds.sample_pixels(&s).unwrap();
+        let mask = ds.sample_mask(&s).unwrap().unwrap();
+        for (y, x) in [(5, 5), (5, 58), (58, 5), (58, 58), (29, 10), (35, 50)] {
+            let (sx, sy) = (if flip { 63 - x } else { x }, y + 16);
+            let want = f32::from(value(2 * sx as u32, 2 * sy as u32)) / 255.0;
+            assert!((mask.data[y * 64 + x] - want).abs() < 0.02, "flip {flip} ({x}, {y}): {} vs {want}", mask.data[y * 64 + x]);
+            assert!(((pixels.data[y * 64 + x] + 1.0) / 2.0 - want).abs() < 0.05, "pixels, flip {flip} ({x}, {y})");
+        }
+    }
+}
+
+#[test]
+fn alpha_masks_are_resized_with_their_image() {
+    // 128x128 halves to the 64x64 bucket: the alpha quarters keep their places.
+    let dir = tempfile::tempdir().unwrap();
+    save_rgba(&dir.path().join("a.png"), 128, 128);
+    let ds = Dataset::open(&config(dir.path(), |s| s.alpha_mask = true)).unwrap();
+    let mask = ds.sample_mask(&sample_of(&ds, "a.png")).unwrap().unwrap();
+    for (x, want) in [(4, 0.0), (24, 128.0 / 255.0), (40, 1.0), (60, 1.0)] {
+        assert!((mask.data[30 * 64 + x] - want).abs() < 1e-3, "column {x}: {}", mask.data[30 * 64 + x]);
+    }
+}
+
+#[test]
+fn a_mask_serves_one_image_and_never_the_image_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("train");
+    save_rgb(&root.join("10_cat/a.png"), 64, 64, 1);
+    save_rgb(&root.join("5_dog/a.png"), 64, 64, 2);
+    save_mask(&dir.path().join("masks/a.png"), 64, 64, |_, _| 255);
+    // Both images would fall back to the same top-level mask.
+    let err = Dataset::open(&config(&root, |s| s.mask_dir = Some(dir.path().join("masks")))).unwrap_err();
+    assert!(matches!(err, DataError::Mask { .. }) && err.to_string().contains("also the mask of"), "{err}");
+    // The image folder as its own mask folder is refused; the folder above it holds no
+    // mask for it (its images are not their own masks).
+    let err = Dataset::open(&config(&root, |s| s.mask_dir = Some(root.clone()))).unwrap_err();
+    assert!(err.to_string().contains("its own mask"), "{err}");
+    let err = Dataset::open(&config(&root.join("10_cat"), |s| s.mask_dir = Some(root.clone()))).unwrap_err();
+    assert!(matches!(&err, DataError::Mask { path, .. } if path.ends_with("10_cat/a.png")), "{err}");
+}
+
+#[test]
 fn mask_folders_mirror_the_image_folders_and_are_not_training_images() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("train");
@@ -261,21 +322,44 @@ fn the_latent_cache_keeps_masks_at_the_latent_size() {
     let dir = tempfile::tempdir().unwrap();
     save_rgba(&dir.path().join("img/a.png"), 64, 64);
     let cache = LatentCache::open(dir.path().join("cache")).unwrap();
-    let plain = Dataset::open(&config(&dir.path().join("img"), |_| {})).unwrap();
-    let masked = Dataset::open(&config(&dir.path().join("img"), |s| s.alpha_mask = true)).unwrap();
-    assert_eq!(cache.cache_dataset(&plain, &Pool, 4).unwrap().misses, 1);
+    // A 64x32 bucket (the 64x64 image is cropped to rows 16..48), flipped and not.
+    let wide = |c: &mut DatasetConfig| c.resolution = Resolution { width: 64, height: 32 };
+    let plain = Dataset::open(&{
+        let mut c = config(&dir.path().join("img"), |s| s.flip_aug = true);
+        wide(&mut c);
+        c
+    })
+    .unwrap();
+    let masked = Dataset::open(&{
+        let mut c = config(&dir.path().join("img"), |s| (s.alpha_mask, s.flip_aug) = (true, true));
+        wide(&mut c);
+        c
+    })
+    .unwrap();
+    assert_eq!(cache.cache_dataset(&plain, &Pool, 4).unwrap().misses, 2);
     // The mask is part of the key: turning masks on caches again, with the mask.
-    assert_eq!(cache.cache_dataset(&masked, &Pool, 4).unwrap().misses, 1);
-    assert_eq!(cache.cache_dataset(&masked, &Pool, 4).unwrap().hits, 1);
+    assert_eq!(cache.cache_dataset(&masked, &Pool, 4).unwrap().misses, 2);
+    assert_eq!(cache.cache_dataset(&masked, &Pool, 4).unwrap().hits, 2);
 
-    let plan = &masked.plan_epoch(0)[0];
-    let batch = cache.load_batch(&masked, plan, "pool").unwrap();
-    let masks = batch.masks.unwrap();
-    assert_eq!(masks.shape, vec![1, 1, 8, 8]);
-    let pixel_masks = masked.load_pixels(plan).unwrap().masks.unwrap();
-    assert_eq!(masks.data, area_resize(&pixel_masks.data, (64, 64), (8, 8)));
-    // 0, 128/255 and 1 by column quarter, as the alpha channel.
-    assert_eq!(masks.data[..8], [0.0, 0.0, 128.0 / 255.0, 128.0 / 255.0, 1.0, 1.0, 1.0, 1.0]);
+    let quarters = [0.0, 0.0, 128.0 / 255.0, 128.0 / 255.0, 1.0, 1.0, 1.0, 1.0];
+    for flip in [false, true] {
+        let mut s = sample_of(&masked, "a.png");
+        s.flip = flip;
+        let plan = sd_data::BatchPlan { bucket: s.bucket, samples: vec![s] };
+        let batch = cache.load_batch(&masked, &plan, "pool").unwrap();
+        let masks = batch.masks.unwrap();
+        assert_eq!(masks.shape, vec![1, 1, 4, 8]);
+        let pixel_masks = masked.load_pixels(&plan).unwrap().masks.unwrap();
+        assert_eq!(masks.data, area_resize(&pixel_masks.data, (32, 64), (4, 8)));
+        // 0, 128/255 and 1 by column quarter, as the alpha channel; mirrored when flipped.
+        let mut want = quarters;
+        if flip {
+            want.reverse();
+        }
+        for row in masks.data.chunks(8) {
+            assert_eq!(row, want, "flip {flip}");
+        }
+    }
     assert!(cache.load_batch(&plain, &plain.plan_epoch(0)[0], "pool").unwrap().masks.is_none());
 }
 

@@ -768,6 +768,9 @@ impl TrainConfig {
         if !self.data.mask_dir.is_empty() && (self.data.train_data_dir == "demo" || !self.data.dataset_config.is_empty()) {
             return bad("data.mask_dir needs data.train_data_dir to be an image folder (with data.dataset_config, set `mask_dir` on its subsets)");
         }
+        if self.data.alpha_mask && !self.data.dataset_config.is_empty() {
+            return bad("data.alpha_mask does not reach the subsets of data.dataset_config: set `alpha_mask` on them");
+        }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             return bad("data.validation_split must be at least 0 (none) and below 1");
         }

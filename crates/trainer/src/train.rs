@@ -1244,7 +1244,7 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
                 let error = (pred.cast(burn::tensor::FloatDType::F32) - target.cast(burn::tensor::FloatDType::F32)).powf_scalar(2.0);
                 // Masked data: the error where the masks let training in.
                 let error = match &masks {
-                    Some(m) => error * m.clone(),
+                    Some(m) => error * m.clone().cast(burn::tensor::FloatDType::F32),
                     None => error,
                 }
                 .mean();
