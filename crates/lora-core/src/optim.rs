@@ -270,6 +270,9 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     prodigy: Option<Prodigy<B>>,
     /// The element-to-adapter index of the last [`FlatAdamW::apply_max_norm`].
     max_norm_index: Option<max_norm::PairIndex<B>>,
+    /// Per trained scalar, the factor on the learning rate of its tensor
+    /// ([`FlatAdamW::with_lr_scales`]); `None`: 1 everywhere.
+    lr_scales: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -294,6 +297,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             working: None,
             prodigy: None,
             max_norm_index: None,
+            lr_scales: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -347,6 +351,48 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     pub fn with_working_dtype(mut self, dtype: FloatDType) -> Self {
         let dtype = DType::from(dtype);
         self.working = (dtype != self.params.dtype()).then_some(dtype);
+        self
+    }
+
+    /// A learning rate per tensor: each step moves the tensor with id `id` at the step's
+    /// learning rate times `scale(id)`, as torch's parameter groups with their own `lr`
+    /// (kohya's block-wise learning rates, LoRA+'s faster `up` weights). Weight decay
+    /// scales with it, as in torch's AdamW. With Prodigy the factor multiplies the step
+    /// size `d·lr` of its tensor, in the update and in the estimate of `d`: factors of 1
+    /// are plain Prodigy (prodigyopt accepts no other factors than 0 and 1).
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::optim::GradientsParams;
+    /// use burn::tensor::{Distribution, Tensor};
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let mut layer = LinearConfig::new(4, 2).init::<B>(&device);
+    /// let frozen_bias = layer.bias.as_ref().unwrap().id;
+    /// let mut optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device)
+    ///     .with_lr_scales(|id| if id == frozen_bias { 0.0 } else { 16.0 });
+    /// let x = Tensor::<B, 2>::random([3, 4], Distribution::Default, &device);
+    /// let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
+    /// let grads = optim.gather_grads(&layer, grads);
+    /// let bias = layer.bias.as_ref().unwrap().val();
+    /// layer = optim.step(1e-3, layer, grads);
+    /// let moved: f32 = (layer.bias.as_ref().unwrap().val() - bias).abs().max().into_scalar();
+    /// assert_eq!(moved, 0.0);
+    /// ```
+    pub fn with_lr_scales(mut self, scale: impl Fn(ParamId) -> f32) -> Self {
+        let mut values = vec![1.0f32; self.len()];
+        for id in &self.order {
+            let slot = &self.slots[id];
+            values[slot.offset..slot.offset + slot.len].fill(scale(*id));
+        }
+        // All ones take the unscaled path: bit for bit the optimizer without scales.
+        self.lr_scales = values.iter().any(|v| *v != 1.0).then(|| {
+            let len = values.len();
+            Tensor::from_data(TensorData::new(values, [len]), &self.params.device())
+        });
         self
     }
 
@@ -587,6 +633,15 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let m_hat = m.clone().div(self.bias.beta_1.clone().select(0, time.clone()));
         let v_hat = v.clone().div(self.bias.beta_2.clone().select(0, time));
         let delta = m_hat.div(v_hat.sqrt().add_scalar(s.epsilon));
+        if let Some(scales) = &self.lr_scales {
+            // Per-tensor learning rates: `p·(1 − lr·wd) − lr·δ` with each element's `lr`.
+            let lr = scales.clone().mul_scalar(lr);
+            let decayed = match s.weight_decay {
+                0.0 => param,
+                wd => param.clone() - param.mul(lr.clone().mul_scalar(wd)),
+            };
+            return (m, v, decayed - delta.mul(lr));
+        }
         let decay = lr * s.weight_decay as f64;
         let decayed = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
         (m, v, decayed - delta.mul_scalar(lr))
@@ -629,10 +684,29 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         // `d / d₀` keeps the sums away from tiny values.
         let ratio = d.clone().div_scalar(p.d0);
         let params = self.params.clone();
-        let dot = grad.clone().mul(state.p0.clone().sub(params.clone())).sum();
+        // Each element's step size: `d·lr` times its tensor's factor.
+        let step_size = |dlr: Tensor<B::InnerBackend, 1>| match &self.lr_scales {
+            None => full(dlr),
+            Some(scales) => scales.clone().mul(full(dlr)),
+        };
+        let scaled_grad = match &self.lr_scales {
+            None => grad.clone(),
+            Some(scales) => grad.clone().mul(scales.clone()),
+        };
+        let dot = scaled_grad.clone().mul(state.p0.clone().sub(params.clone())).sum();
         let numerator = d_numerator.mul_scalar(beta_3).add(ratio.clone().mul(dlr.clone()).mul(dot));
-        let s_scale = if p.safeguard_warmup { ratio.mul(d.clone()) } else { ratio.mul(dlr.clone()) };
-        let mut s = state.s.clone().mul_scalar(beta_3).add(grad.clone().mul(full(s_scale)));
+        let mut s = match p.safeguard_warmup {
+            // Tensors at a factor of 0 are left out of the sums, as prodigyopt leaves out
+            // groups at a learning rate of 0.
+            true => {
+                let live = match &self.lr_scales {
+                    None => grad.clone(),
+                    Some(scales) => grad.clone().mask_fill(scales.clone().equal_elem(0.0), 0.0),
+                };
+                state.s.clone().mul_scalar(beta_3).add(live.mul(full(ratio.mul(d.clone()))))
+            }
+            false => state.s.clone().mul_scalar(beta_3).add(scaled_grad.mul(full(ratio.mul(dlr.clone())))),
+        };
         let mut m = self.moment_1.clone().mul_scalar(a.beta_1).add(grad.clone().mul(full(d.clone().mul_scalar((1.0 - beta_1) as f32))));
         let mut v = self.moment_2.clone().mul_scalar(a.beta_2).add(grad.square().mul(full(d.clone().square().mul_scalar((1.0 - beta_2) as f32))));
         // Tensors without a gradient keep their sums and moments, and count in no sum.
@@ -651,11 +725,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let new_d_max = d_max.max_pair(d_hat);
         let new_d = new_d_max.clone().min_pair(new_d.mul_scalar(p.growth_rate));
         let denom = v.clone().sqrt().add(full(new_d.clone().mul_scalar(a.epsilon)));
+        let step = step_size(dlr);
         let decayed = match a.weight_decay {
             0.0 => params.clone(),
-            decay => params.clone().sub(params.clone().mul(full(dlr.clone().mul_scalar(decay)))),
+            decay => params.clone().sub(params.clone().mul(step.clone().mul_scalar(decay))),
         };
-        let new_params = decayed.sub(m.clone().div(denom).mul(full(dlr)));
+        let new_params = decayed.sub(m.clone().div(denom).mul(step));
         let new_scalars = Tensor::cat(vec![new_d, new_d_max, numerator, k.add_scalar(1.0)], 0);
 
         // Commit: sums and moments where the step happens, values and scalars where it

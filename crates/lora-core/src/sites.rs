@@ -142,6 +142,16 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
+    /// The parameter ids of the attached adapter's `down` and `up` weights (kohya's
+    /// `lora_down` / `lora_up`, PEFT's `lora_A` / `lora_B`), to give them their own
+    /// learning rates ([`crate::optim::FlatAdamW::with_lr_scales`]); `None` without one.
+    pub fn adapter_param_ids(&self) -> Option<(burn::module::ParamId, burn::module::ParamId)> {
+        match self {
+            Self::Linear(l) => l.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
+        }
+    }
+
     /// Whether the layer is a convolution.
     pub fn is_conv(&self) -> bool {
         matches!(self, Self::Conv(_))

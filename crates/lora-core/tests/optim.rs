@@ -352,3 +352,104 @@ fn working_copies_train_as_casting_layers_do_to_the_bit() {
     assert_eq!(adapter_values(&b), rounded);
     assert!(b.first.adapter.as_ref().unwrap().up.weight.val().is_require_grad());
 }
+
+/// `grads` restricted to the tensors `keep` selects.
+fn only(grads: &GradientsParams, module: &Net<AD>, keep: &dyn Fn(burn::module::ParamId) -> bool) -> GradientsParams {
+    let all = copy(grads, module);
+    let mut out = GradientsParams::new();
+    struct Keep<'a> {
+        from: &'a GradientsParams,
+        keep: &'a dyn Fn(burn::module::ParamId) -> bool,
+        to: &'a mut GradientsParams,
+    }
+    impl burn::module::ModuleVisitor<AD> for Keep<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AD, D>>) {
+            if let (true, Some(t)) = ((self.keep)(param.id), self.from.get::<Flex, D>(param.id)) {
+                self.to.register(param.id, t);
+            }
+        }
+    }
+    module.visit(&mut Keep { from: &all, keep, to: &mut out });
+    out
+}
+
+/// Per-tensor learning rates are torch's parameter groups: one optimizer with factors
+/// moves each tensor as a step at `lr · factor` of that tensor alone does (weight decay
+/// included), a factor of 0 leaves a tensor where it is, and factors of 1 are the
+/// optimizer without factors to the bit.
+#[test]
+fn learning_rate_factors_act_as_parameter_groups() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let mut a = net(3);
+    values(&a);
+    let mut b = a.clone();
+    let mut c = a.clone();
+    let (w, bias, conv) = (a.first.weight.id, a.first.bias.as_ref().unwrap().id, a.conv.weight.id);
+    let factor = move |id: burn::module::ParamId| {
+        if id == w {
+            4.0
+        } else if id == bias {
+            0.5
+        } else if id == conv {
+            0.0
+        } else {
+            1.0
+        }
+    };
+    let mut groups = FlatAdamW::new(SETTINGS, &a, &device);
+    let mut scaled = FlatAdamW::new(SETTINGS, &b, &device).with_lr_scales(factor);
+    let mut ones = FlatAdamW::new(SETTINGS, &c, &device).with_lr_scales(|_| 1.0);
+    let mut plain = FlatAdamW::new(SETTINGS, &c, &device);
+    let mut d = c.clone();
+    let conv_start = values(&b);
+    for step in 0..5 {
+        let g = grads(&a, step);
+        // The reference: one step per group, each with only its tensors' gradients.
+        for f in [4.0f32, 0.5, 0.0, 1.0] {
+            let part = only(&g, &a, &|id| factor(id) == f);
+            let part = groups.gather_grads(&a, part);
+            a = groups.step(lr(step) * f as f64, a, part);
+        }
+        let gb = scaled.gather_grads(&b, copy(&g, &b));
+        b = scaled.step(lr(step), b, gb);
+        let gc = ones.gather_grads(&c, copy(&g, &c));
+        c = ones.step(lr(step), c, gc);
+        let gd = plain.gather_grads(&d, copy(&g, &d));
+        d = plain.step(lr(step), d, gd);
+        for (x, y) in values(&a).iter().zip(values(&b)) {
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "step {step}: {x} vs {y}");
+        }
+        assert_eq!(values(&c), values(&d), "factors of 1, step {step}");
+    }
+    let conv_now = b.conv.weight.val().into_data().to_vec::<f32>().unwrap();
+    assert_eq!(conv_now, conv_start[conv_start.len() - conv_now.len()..], "a factor of 0 freezes");
+    assert_ne!(values(&b), values(&d), "the factors change the trajectory");
+}
+
+/// With Prodigy the factor multiplies the step size `d·lr`: factors of `k` everywhere are a
+/// learning rate `k` times as large.
+#[test]
+fn prodigy_takes_the_factors_into_its_step_size() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let mut a = net(4);
+    values(&a);
+    let mut b = a.clone();
+    let prodigy = lora_core::optim::ProdigySettings::default();
+    let mut by_lr = FlatAdamW::new(SETTINGS, &a, &device).with_prodigy(prodigy);
+    let mut by_factor = FlatAdamW::new(SETTINGS, &b, &device).with_prodigy(prodigy).with_lr_scales(|_| 3.0);
+    for step in 0..4 {
+        let g = grads(&a, step);
+        let ga = by_lr.gather_grads(&a, copy(&g, &a));
+        a = by_lr.step(3.0, a, ga);
+        let gb = by_factor.gather_grads(&b, copy(&g, &b));
+        b = by_factor.step(1.0, b, gb);
+        for (x, y) in values(&a).iter().zip(values(&b)) {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "step {step}: {x} vs {y}");
+        }
+    }
+    let d = |o: &FlatAdamW<AD>| o.prodigy_d().unwrap().into_scalar();
+    // `d` comes from `p₀ − p`, differences of nearly equal values: their rounding shows.
+    assert!((d(&by_lr) - d(&by_factor)).abs() <= 1e-2 * d(&by_lr), "{} vs {}", d(&by_lr), d(&by_factor));
+}

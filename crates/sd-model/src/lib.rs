@@ -17,6 +17,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod blocks;
 pub mod checkpoint;
 pub mod autodiff_ext;
 pub use autodiff_ext::{custom_backward, set_custom_backward};

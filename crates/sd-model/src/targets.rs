@@ -255,6 +255,31 @@ pub fn attach_new_adapters_by_kernel<B: burn::tensor::backend::Backend, P: Prese
     configs: KernelConfigs<'_>,
     device: &B::Device,
 ) -> Result<Attached> {
+    attach_new_adapters_with(model, selection, &mut |_, kernel| Some(if kernel != [1, 1] { configs.spatial.clone() } else { configs.linear.clone() }), device)
+}
+
+/// [`attach_new_adapters`] with settings per layer: `config(path, kernel_size)` gives the
+/// selected layer at `path` its adapter settings, or `None` to leave it without one
+/// (kohya's block-wise ranks, where a rank of 0 trains nothing in a block).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use lora_core::LoraConfig;
+/// use sd_model::targets::{attach_new_adapters_with, Selection, UnetTargets};
+/// use sd_model::{UNet2DConditionModel, UnetConfig};
+///
+/// let device = Default::default();
+/// let mut unet = UNet2DConditionModel::<Flex>::new(&UnetConfig::tiny(), &device).unwrap();
+/// let mut by_path = |path: &str, _kernel: [usize; 2]| (!path.starts_with("mid_block.")).then(|| LoraConfig::new(4));
+/// let attached = attach_new_adapters_with(&mut unet, &Selection::new(UnetTargets::Attn), &mut by_path, &device).unwrap();
+/// assert!(!attached.paths.is_empty() && attached.paths.iter().all(|p| !p.starts_with("mid_block.")));
+/// ```
+pub fn attach_new_adapters_with<B: burn::tensor::backend::Backend, P: Preset>(
+    model: &mut impl LoraSites<B>,
+    selection: &Selection<P>,
+    config: &mut dyn FnMut(&str, [usize; 2]) -> Option<LoraConfig>,
+    device: &B::Device,
+) -> Result<Attached> {
     let mut attached = Attached::default();
     let mut all = Vec::new();
     let mut error = None;
@@ -264,8 +289,8 @@ pub fn attach_new_adapters_by_kernel<B: burn::tensor::backend::Backend, P: Prese
             return;
         }
         let spatial = site.kernel_size() != [1, 1];
-        let config = if spatial { configs.spatial } else { configs.linear };
-        match site.attach_new(config, device) {
+        let Some(config) = config(path, site.kernel_size()) else { return };
+        match site.attach_new(&config, device) {
             Ok(()) => {
                 attached.paths.push(path.to_string());
                 attached.spatial += usize::from(spatial);

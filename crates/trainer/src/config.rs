@@ -133,6 +133,34 @@ pub struct LoraSection {
     /// Take the adapters' modules, ranks and alphas from `network_weights` instead of the
     /// targets, `rank`, `alpha` and `conv_*` (kohya's `dim_from_weights`).
     pub dim_from_weights: bool,
+    /// kohya's block-wise learning rates for the UNet's down blocks: up to 12 weights
+    /// separated by commas (blocks 0–11; missing ones are 1), or a curve: `cosine`,
+    /// `sine`, `linear`, `reverse_linear` or `zeros`, optionally `+BASE` (empty: all 1).
+    pub down_lr_weight: String,
+    /// The middle block's weight (kohya's `mid_lr_weight`; empty: 1).
+    pub mid_lr_weight: String,
+    /// The up blocks' weights (kohya's `up_lr_weight`, blocks 13–24), as `down_lr_weight`.
+    pub up_lr_weight: String,
+    /// Block weights at or below this are 0, and their blocks get no adapters (kohya's
+    /// `block_lr_zero_threshold`).
+    pub block_lr_zero_threshold: f64,
+    /// Ranks of the linear layers and 1x1 convolutions per block: 25 numbers separated by
+    /// commas (kohya's `block_dims`; 0: no adapters in the block; empty: `rank`).
+    pub block_dims: String,
+    /// Their alphas per block (kohya's `block_alphas`; empty: `alpha`).
+    pub block_alphas: String,
+    /// Ranks of the 3x3 convolutions per block (kohya's `conv_block_dims`; empty: `conv_rank`).
+    pub conv_block_dims: String,
+    /// Their alphas per block (kohya's `conv_block_alphas`; empty: `conv_alpha`).
+    pub conv_block_alphas: String,
+    /// LoRA+ (kohya's `loraplus_lr_ratio`): the `up` weights train at this multiple of the
+    /// learning rate (0: off; the paper suggests 16).
+    pub loraplus_lr_ratio: f64,
+    /// LoRA+ for the UNet's adapters only (kohya's `loraplus_unet_lr_ratio`; 0: `loraplus_lr_ratio`).
+    pub loraplus_unet_lr_ratio: f64,
+    /// LoRA+ for the text encoder's adapters only (kohya's
+    /// `loraplus_text_encoder_lr_ratio`; 0: `loraplus_lr_ratio`).
+    pub loraplus_text_encoder_lr_ratio: f64,
 }
 
 impl LoraSection {
@@ -172,7 +200,45 @@ impl LoraSection {
 
     /// Whether the 3x3 convolutions get a rank of their own.
     pub fn has_conv_settings(&self) -> bool {
-        self.conv_rank > 0
+        self.conv_rank > 0 || !self.conv_block_dims.trim().is_empty()
+    }
+
+    /// kohya's block-wise settings of this section, in kohya's syntax.
+    pub fn block_spec(&self) -> sd_model::blocks::BlockSpec<'_> {
+        sd_model::blocks::BlockSpec {
+            down_lr_weight: &self.down_lr_weight,
+            mid_lr_weight: &self.mid_lr_weight,
+            up_lr_weight: &self.up_lr_weight,
+            block_lr_zero_threshold: self.block_lr_zero_threshold,
+            block_dims: &self.block_dims,
+            block_alphas: &self.block_alphas,
+            conv_block_dims: &self.conv_block_dims,
+            conv_block_alphas: &self.conv_block_alphas,
+        }
+    }
+
+    /// The block-wise settings resolved per block (`None` when none is set); errors name
+    /// the key.
+    ///
+    /// ```
+    /// use trainer::config::TrainConfig;
+    /// let mut lora = TrainConfig::default().lora;
+    /// assert!(lora.block_plan().unwrap().is_none());
+    /// lora.up_lr_weight = "sine+0.5".into();
+    /// let plan = lora.block_plan().unwrap().unwrap();
+    /// assert_eq!(plan.lr_factor("up_blocks.0.attentions.0.proj_in"), 0.5);
+    /// ```
+    pub fn block_plan(&self) -> Result<Option<sd_model::blocks::BlockPlan>, TrainError> {
+        sd_model::blocks::BlockPlan::new(&self.block_spec(), &self.linear_config(), &self.spatial_config(), self.conv_alpha).map_err(|e| TrainError::Config {
+            origin: "lora".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// LoRA+'s factors on the `up` weights' learning rate: `(unet, text_encoder)`, 1 when off.
+    pub fn loraplus_ratios(&self) -> (f64, f64) {
+        let pick = |own: f64| if own > 0.0 { own } else if self.loraplus_lr_ratio > 0.0 { self.loraplus_lr_ratio } else { 1.0 };
+        (pick(self.loraplus_unet_lr_ratio), pick(self.loraplus_text_encoder_lr_ratio))
     }
 }
 
@@ -519,6 +585,17 @@ impl Default for TrainConfig {
                 text_encoder_targets: sd_model::targets::TextEncoderTargets::None,
                 network_weights: String::new(),
                 dim_from_weights: false,
+                down_lr_weight: String::new(),
+                mid_lr_weight: String::new(),
+                up_lr_weight: String::new(),
+                block_lr_zero_threshold: 0.0,
+                block_dims: String::new(),
+                block_alphas: String::new(),
+                conv_block_dims: String::new(),
+                conv_block_alphas: String::new(),
+                loraplus_lr_ratio: 0.0,
+                loraplus_unet_lr_ratio: 0.0,
+                loraplus_text_encoder_lr_ratio: 0.0,
             },
             train: TrainSection {
                 max_train_steps: 300,
@@ -806,6 +883,15 @@ impl TrainConfig {
         let weights = std::path::Path::new(&self.lora.network_weights);
         if !self.lora.network_weights.is_empty() && !weights.is_file() {
             return bad(&format!("lora.network_weights: there is no file at {}", weights.display()));
+        }
+        let l = &self.lora;
+        if ![l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio, l.block_lr_zero_threshold].iter().all(|r| r.is_finite() && *r >= 0.0) {
+            return bad("lora.loraplus_lr_ratio, lora.loraplus_unet_lr_ratio, lora.loraplus_text_encoder_lr_ratio (0: off) and lora.block_lr_zero_threshold must be 0 or positive");
+        }
+        self.lora.block_plan()?;
+        let block_ranks = [&l.block_dims, &l.block_alphas, &l.conv_block_dims, &l.conv_block_alphas].iter().any(|t| !t.trim().is_empty());
+        if l.dim_from_weights && block_ranks {
+            return bad("lora.dim_from_weights takes the ranks and alphas from lora.network_weights; lora.block_dims, block_alphas, conv_block_dims and conv_block_alphas cannot apply");
         }
         if self.lora.dim_from_weights && self.lora.network_weights.is_empty() {
             return bad("lora.dim_from_weights takes the adapters from lora.network_weights, which is not set");

@@ -253,10 +253,29 @@ fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseM
 /// adapters themselves).
 fn network_args(l: &crate::config::LoraSection) -> Option<String> {
     let mut args = serde_json::Map::new();
-    for (key, p) in [("rank_dropout", l.rank_dropout), ("module_dropout", l.module_dropout)] {
+    let ratios = [("loraplus_lr_ratio", l.loraplus_lr_ratio), ("loraplus_unet_lr_ratio", l.loraplus_unet_lr_ratio), ("loraplus_text_encoder_lr_ratio", l.loraplus_text_encoder_lr_ratio)];
+    for (key, p) in [("rank_dropout", l.rank_dropout), ("module_dropout", l.module_dropout)].into_iter().chain(ratios) {
         if p > 0.0 {
             args.insert(key.into(), p.to_string().into());
         }
+    }
+    // The block-wise settings as they were given, in kohya's syntax.
+    let blocks = [
+        ("down_lr_weight", &l.down_lr_weight),
+        ("mid_lr_weight", &l.mid_lr_weight),
+        ("up_lr_weight", &l.up_lr_weight),
+        ("block_dims", &l.block_dims),
+        ("block_alphas", &l.block_alphas),
+        ("conv_block_dims", &l.conv_block_dims),
+        ("conv_block_alphas", &l.conv_block_alphas),
+    ];
+    for (key, text) in blocks {
+        if !text.trim().is_empty() {
+            args.insert(key.into(), text.trim().into());
+        }
+    }
+    if l.block_lr_zero_threshold > 0.0 {
+        args.insert("block_lr_zero_threshold".into(), l.block_lr_zero_threshold.to_string().into());
     }
     (!args.is_empty()).then(|| serde_json::Value::Object(args).to_string())
 }

@@ -17,7 +17,7 @@ use burn::tensor::Tensor;
 use lora_core::sites::LoraSites;
 use lora_core::{sites, AdapterSet};
 use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
-use sd_model::targets::{attach_new_adapters, attach_new_adapters_by_kernel, KernelConfigs, Selection};
+use sd_model::targets::{attach_new_adapters, attach_new_adapters_by_kernel, attach_new_adapters_with, KernelConfigs, Selection};
 use sd_model::DiagonalGaussian;
 use sd_sched::training::{elementwise_loss, offset_noise, pyramid_noise, pyramid_ratios, HuberSchedule, LossType, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
@@ -417,12 +417,15 @@ fn attach_configured_adapters<B: AutodiffBackend>(
 ) -> Result<bool, TrainError> {
     let (lora, spatial) = (l.linear_config(), l.spatial_config());
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
-    let configs = KernelConfigs { linear: &lora, spatial: &spatial };
-    let attached = attach_new_adapters_by_kernel(unet, &selection, configs, device)?;
+    let attached = match l.block_plan()? {
+        // kohya's block-wise ranks: per block, or none where its learning rate is 0.
+        Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel), device)?,
+        None => attach_new_adapters_by_kernel(unet, &selection, KernelConfigs { linear: &lora, spatial: &spatial }, device)?,
+    };
     if l.has_conv_settings() && attached.spatial == 0 {
         // kohya's `conv_dim` adds the ResNet convolutions itself; here the targets say it.
         return Err(TrainError::Config {
-            origin: "lora.conv_rank".into(),
+            origin: "lora.conv_rank / lora.conv_block_dims".into(),
             reason: format!("set for 3x3 convolutions, but lora.unet_targets = \"{}\" (with include / exclude) selects none; use unet_targets = \"conv\" (kohya's LoCon set)", l.unet_targets.name()),
         });
     }
@@ -434,6 +437,20 @@ fn attach_configured_adapters<B: AutodiffBackend>(
         });
     }
     Ok(!te_targets.is_empty())
+}
+
+/// The learning-rate factor of each adapter tensor of `model`: `block(path)` for both of
+/// an adapter's weights, times `up_ratio` (LoRA+) for its `up` weights.
+fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: impl Fn(&str) -> f64, up_ratio: f64) -> HashMap<burn::module::ParamId, f32> {
+    let mut factors = HashMap::new();
+    model.visit_lora_sites(&mut |path, site| {
+        if let Some((down, up)) = site.adapter_param_ids() {
+            let factor = block(path);
+            factors.insert(down, factor as f32);
+            factors.insert(up, (factor * up_ratio) as f32);
+        }
+    });
+    factors
 }
 
 /// `lora.dim_from_weights`: the adapters of `lora.network_weights`, with their modules,
@@ -478,7 +495,7 @@ fn load_network_weights<B: AutodiffBackend>(
     let set = read_network_weights(path, unet, text_encoder)?;
     let in_file = |e: lora_core::LoraError| TrainError::Config {
         origin: format!("lora.network_weights = {}", path.display()),
-        reason: format!("{e}; the file's adapters must be among lora.unet_targets / include / text_encoder_targets, at lora.rank (lora.conv_rank for 3x3 convolutions)"),
+        reason: format!("{e}; the file's adapters must be among lora.unet_targets / include / text_encoder_targets, at the configured ranks (lora.rank, lora.conv_rank for 3x3 convolutions, or the block_dims)"),
     };
     sites::load_adapter_weights(unet, &set, device).map_err(in_file)?;
     sites::load_adapter_weights(text_encoder, &set, device).map_err(in_file)?;
@@ -577,7 +594,26 @@ fn fingerprint(config: &TrainConfig) -> String {
     // The starting file does not matter once the state holds the adapters, and keys added
     // later leave no line at their default, so that states written before they existed
     // still match.
-    let later = ["network_weights = ", "conv_rank = 0", "conv_alpha = 1.0", "dim_from_weights = false", "rank_dropout = 0.0", "module_dropout = 0.0"];
+    let later = [
+        "network_weights = ",
+        "conv_rank = 0",
+        "conv_alpha = 1.0",
+        "dim_from_weights = false",
+        "rank_dropout = 0.0",
+        "module_dropout = 0.0",
+        "down_lr_weight = \"\"",
+        "mid_lr_weight = \"\"",
+        "up_lr_weight = \"\"",
+        "block_lr_zero_threshold = 0.0",
+        "block_dims = \"\"",
+        "block_alphas = \"\"",
+        "conv_block_dims = \"\"",
+        "conv_block_alphas = \"\"",
+        // Learning-rate settings, which a resume may change as it may train.learning_rate.
+        "loraplus_lr_ratio = ",
+        "loraplus_unet_lr_ratio = ",
+        "loraplus_text_encoder_lr_ratio = ",
+    ];
     let lora = toml::to_string(&config.lora).unwrap_or_default();
     let lora: String = lora.lines().filter(|l| !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
     // With `dim_from_weights` the file gives the adapters' alphas on a resume too: it must
@@ -703,6 +739,13 @@ fn run<B: AutodiffBackend>(
     // the adapters' current (restored) values.
     let mut optim = FlatAdamW::new(adamw, &unet, device);
     let mut te_optim = FlatAdamW::new(adamw, &text_encoder, device);
+    // kohya's block-wise learning rates and LoRA+: a factor per adapter tensor.
+    let (unet_plus, te_plus) = config.lora.loraplus_ratios();
+    let plan = config.lora.block_plan()?;
+    let unet_factors = lr_factors(&mut unet, |path| plan.as_ref().map_or(1.0, |p| p.lr_factor(path)), unet_plus);
+    let te_factors = lr_factors(&mut text_encoder, |_| 1.0, te_plus);
+    optim = optim.with_lr_scales(|id| unet_factors.get(&id).copied().unwrap_or(1.0));
+    te_optim = te_optim.with_lr_scales(|id| te_factors.get(&id).copied().unwrap_or(1.0));
     if let Some(prodigy) = prodigy {
         // Each model's adapters get their own estimate of the step size.
         (optim, te_optim) = (optim.with_prodigy(prodigy), te_optim.with_prodigy(prodigy));

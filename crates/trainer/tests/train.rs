@@ -1220,3 +1220,84 @@ fn masked_loss_trains_only_where_the_mask_lets_it() {
     let err = TrainConfig::load(None, &["data.alpha_mask=true".into(), "data.dataset_config=d.json".into()]).unwrap_err().to_string();
     assert!(err.contains("dataset_config"), "{err}");
 }
+
+/// kohya's block-wise ranks and learning rates and LoRA+, read off the adapters after one
+/// AdamW step: a zero-initialised `up` weight moves by the learning rate times its
+/// factor (Adam's first step is `±lr` per element).
+#[test]
+fn block_ranks_block_learning_rates_and_loraplus() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 1);
+    config.train.lr_warmup_steps = 0;
+    config.output.sample_prompts.clear();
+    config.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+    // Ranks: 2 in the down path, 4 in the middle, 3 in the up path; 3x3 convolutions rank 1
+    // in the up path only.
+    let per_block = |down: &str, mid: &str, up: &str| {
+        let mut v = vec!["0"];
+        v.extend([down; 11]);
+        v.push(mid);
+        v.extend([up; 12]);
+        v.join(",")
+    };
+    config.lora.block_dims = per_block("2", "4", "3");
+    config.lora.block_alphas = per_block("1", "0", "1.5");
+    config.lora.conv_block_dims = per_block("0", "0", "1");
+    // All twelve up blocks at 0.5 (a shorter list would end in ones, as kohya's).
+    config.lora.up_lr_weight = ["0.5"; 12].join(",");
+    // LoRA+ on the text encoder from the shared ratio (the UNet has its own).
+    config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    config.lora.loraplus_lr_ratio = 2.0;
+    config.lora.mid_lr_weight = "0".into();
+    config.lora.loraplus_unet_lr_ratio = 4.0;
+    let lr = config.train.learning_rate as f32;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&report.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    let block = |path: &str| sd_model::blocks::kohya_block(path);
+    let (mut down, mut up, mut te) = (0, 0, 0);
+    for (key, w) in set.iter() {
+        if key.component == lora_core::Component::TextEncoder {
+            te += 1;
+            let max = w.up.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!((max - 2.0 * lr).abs() <= 2e-3 * lr, "{key}: {max} vs {}", 2.0 * lr);
+            continue;
+        }
+        let spatial = w.is_conv() && w.down.shape[2..] != [1, 1];
+        let b = block(&key.path);
+        assert_ne!(b, Some(12), "the middle block's weight is 0: no adapters there ({key})");
+        let moved: Vec<f32> = w.up.data.iter().map(|v| v.abs()).filter(|v| *v > 0.0).collect();
+        assert!(!moved.is_empty(), "{key}");
+        let (rank, alpha, factor) = match b {
+            Some(1..=11) => {
+                down += 1;
+                assert!(!spatial, "no 3x3 adapters in the down path: {key}");
+                (2, 1.0, 1.0)
+            }
+            Some(13..) if spatial => (1, 1.0, 0.5),
+            Some(13..) => {
+                up += 1;
+                (3, 1.5, 0.5)
+            }
+            _ => (config.lora.rank, config.lora.alpha, 1.0),
+        };
+        assert_eq!((w.rank(), w.alpha), (rank, alpha), "{key}");
+        // LoRA+ times the block's weight: Adam's first step moves each element by the
+        // learning rate, less where a gradient is as small as ε (the file holds f16).
+        let want = lr * factor * 4.0;
+        let max = moved.iter().fold(0.0f32, |m, v| m.max(*v));
+        let half = moved.iter().filter(|v| **v > 0.5 * want).count();
+        assert!((max - want).abs() <= 2e-3 * want && 2 * half > moved.len(), "{key}: max {max} vs {want}, {half} of {} above half", moved.len());
+    }
+    assert!(down > 0 && up > 0 && te > 0, "{down} {up} {te}");
+    let args: serde_json::Value = serde_json::from_str(&lora_metadata(&report.lora)["ss_network_args"]).unwrap();
+    assert_eq!((args["up_lr_weight"].as_str(), args["loraplus_unet_lr_ratio"].as_str()), (Some(&config.lora.up_lr_weight[..]), Some("4")));
+
+    // Bad block settings name their key.
+    for (key, value) in [("block_dims", "1,2"), ("up_lr_weight", "wave"), ("conv_block_alphas", &per_block("1", "1", "1")[..])] {
+        let err = TrainConfig::load(None, &[format!("lora.{key}={value:?}")]).unwrap_err().to_string();
+        assert!(err.contains(key) || err.contains("conv_block_dims"), "{key}: {err}");
+    }
+    let err = TrainConfig::load(None, &["lora.loraplus_lr_ratio=-1".into()]).unwrap_err().to_string();
+    assert!(err.contains("loraplus"), "{err}");
+}
