@@ -171,6 +171,51 @@ impl<B: Backend> TrainingSchedule<B> {
     pub fn debiased_weights(&self, timesteps: Tensor<B, 1, Int>) -> Tensor<B, 1> {
         debiased_weights(self.snr(timesteps), self.prediction_type)
     }
+
+    /// Per-sample [`v_pred_noise_like_weights`] for `timesteps`.
+    pub fn v_pred_noise_like_weights(&self, timesteps: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        v_pred_noise_like_weights(self.snr(timesteps))
+    }
+
+    /// Per-sample [`v_pred_like_weights`] for `timesteps`.
+    pub fn v_pred_like_weights(&self, timesteps: Tensor<B, 1, Int>, lambda: f64) -> Tensor<B, 1> {
+        v_pred_like_weights(self.snr(timesteps), lambda)
+    }
+}
+
+/// kohya's `scale_v_pred_loss_like_noise_pred` for v-prediction: `SNR / (SNR + 1)`, which
+/// turns the v-prediction loss into the ε-prediction loss's scale over the timesteps
+/// (`‖v − v̂‖² · SNR/(SNR+1) = ‖ε − ε̂‖²`). The SNR is capped at 1000, as kohya's.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// let snr = Tensor::<Flex, 1>::from_floats([1.0, 3.0, 1e9], &Default::default());
+/// let w: Vec<f32> = sd_sched::training::v_pred_noise_like_weights(snr).into_data().to_vec().unwrap();
+/// assert_eq!(w[..2], [0.5, 0.75]);
+/// assert!((w[2] - 1000.0 / 1001.0).abs() < 1e-6);
+/// ```
+pub fn v_pred_noise_like_weights<B: Backend>(snr: Tensor<B, 1>) -> Tensor<B, 1> {
+    let snr = snr.clamp_max(1000.0);
+    snr.clone().div(snr.add_scalar(1.0))
+}
+
+/// kohya's `v_pred_like_loss` for ε-prediction: the loss plus `λ` times a v-prediction-like
+/// loss, `loss · (1 + λ · (SNR + 1) / SNR)`, which weighs the low-SNR (noisy) timesteps
+/// more. The SNR is capped at 1000, as kohya's, and floored at 1e-3 (kohya's divides by
+/// zero at the last timestep of a zero-terminal-SNR schedule).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// let snr = Tensor::<Flex, 1>::from_floats([1.0, 0.0], &Default::default());
+/// let w: Vec<f32> = sd_sched::training::v_pred_like_weights(snr, 0.5).into_data().to_vec().unwrap();
+/// assert_eq!(w[0], 2.0); // 1 + 0.5 · 2 / 1
+/// assert!(w[1].is_finite());
+/// ```
+pub fn v_pred_like_weights<B: Backend>(snr: Tensor<B, 1>, lambda: f64) -> Tensor<B, 1> {
+    let snr = snr.clamp(1e-3, 1000.0);
+    snr.clone().add_scalar(1.0).div(snr).mul_scalar(lambda as f32).add_scalar(1.0)
 }
 
 /// Debiased-estimation loss weights (Yu et al. 2024, "Debias the Training of Diffusion

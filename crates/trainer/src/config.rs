@@ -54,6 +54,9 @@ pub struct DataSection {
     pub mask_dir: String,
     /// Caption file extension tried first (`.txt` and `.caption` are tried after it).
     pub caption_extension: String,
+    /// Read A1111's emphasis syntax in captions, `(word:1.2)`, `[word]`, `BREAK` (kohya's
+    /// `weighted_captions`); off, captions are taken literally.
+    pub weighted_captions: bool,
     /// Shuffle the comma-separated caption tags after the first `keep_tokens`.
     pub shuffle_caption: bool,
     /// Leading caption tags kept in place by shuffling and tag dropout.
@@ -425,6 +428,12 @@ pub struct TrainSection {
     pub ip_noise_gamma_random_strength: bool,
     /// Weight each sample's loss by `1/sqrt(SNR)` (ε) or `1/(SNR + 1)` (v-prediction).
     pub debiased_estimation_loss: bool,
+    /// v-prediction: weigh each sample's loss by `SNR / (SNR + 1)`, the scale of the
+    /// ε-prediction loss (kohya's `scale_v_pred_loss_like_noise_pred`).
+    pub scale_v_pred_loss_like_noise_pred: bool,
+    /// ε-prediction: add this multiple of a v-prediction-like loss, `loss · (SNR + 1) / SNR`
+    /// (kohya's `v_pred_like_loss`; 0: off).
+    pub v_pred_like_loss: f64,
     /// The loss: `l2` (MSE), `l1`, `huber` or `smooth_l1` (scheduled pseudo-Huber).
     pub loss_type: LossKind,
     /// How the pseudo-Huber threshold follows the timestep.
@@ -552,6 +561,7 @@ impl Default for TrainConfig {
                 alpha_mask: false,
                 mask_dir: String::new(),
                 caption_extension: ".txt".into(),
+                weighted_captions: false,
                 shuffle_caption: false,
                 keep_tokens: 0,
                 keep_tokens_separator: String::new(),
@@ -632,6 +642,8 @@ impl Default for TrainConfig {
                 noise_offset_random_strength: false,
                 ip_noise_gamma_random_strength: false,
                 debiased_estimation_loss: false,
+                scale_v_pred_loss_like_noise_pred: false,
+                v_pred_like_loss: 0.0,
                 zero_terminal_snr: false,
                 loss_type: LossKind::L2,
                 huber_schedule: HuberScheduleKind::Snr,
@@ -860,6 +872,9 @@ impl TrainConfig {
         let discount_ok = t.multires_noise_discount.is_finite() && t.multires_noise_discount > 0.0;
         if !(discount_ok && t.ip_noise_gamma.is_finite() && t.ip_noise_gamma >= 0.0) {
             return bad("train.multires_noise_discount must be positive and train.ip_noise_gamma 0 (off) or positive");
+        }
+        if !(t.v_pred_like_loss.is_finite() && t.v_pred_like_loss >= 0.0) {
+            return bad("train.v_pred_like_loss must be 0 (off) or positive");
         }
         if t.min_timestep >= t.max_timestep || t.max_timestep > 1000 {
             return bad("train.min_timestep must be below train.max_timestep, which is at most 1000");

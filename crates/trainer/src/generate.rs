@@ -129,7 +129,7 @@ pub fn prompt_rows<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Ite
 /// [`sd_model::ClipTextModel::forward_chunked`]; `rows` from [`prompt_rows`]), reading
 /// A1111's emphasis syntax: `(word)`, `[word]`, `(word:1.3)`, `BREAK`
 /// ([`sd_model::prompt`]). Captions for training go through [`encode_with`], which takes
-/// them literally.
+/// them literally, or with `data.weighted_captions` [`encode_weighted_with`].
 pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
     let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
     for p in prompts {
@@ -154,6 +154,30 @@ pub fn encode_with<B: Backend>(
 ) -> Result<Tensor<B, 3>, TrainError> {
     let ids = prompt_ids(tokenizer, text_encoder.vocab_size(), prompts, max_token_length, device)?;
     Ok(text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?)
+}
+
+/// Encodes captions with A1111's emphasis syntax (kohya's `weighted_captions`), with a
+/// given text encoder, in the rows of `max_token_length` (longer captions are cut, as in
+/// [`encode_with`]): `(word:1.2)` scales the word's embedding, keeping the embedding's mean
+/// as kohya does ([`sd_model::prompt::apply_weights`]).
+pub fn encode_weighted_with<B: Backend>(
+    text_encoder: &sd_model::ClipTextModel<B>,
+    tokenizer: &ClipTokenizer,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, TrainError> {
+    let rows = token_rows(tokenizer, max_token_length);
+    let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
+    for p in prompts {
+        let (i, w) = tokenizer.encode_weighted(p, rows)?;
+        ids.push(i);
+        weights.extend(w);
+    }
+    let ids = ids_tensor(tokenizer, text_encoder.vocab_size(), ids, rows, device)?;
+    let hidden = text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?;
+    Ok(sd_model::prompt::apply_weights(hidden, &weights)?)
 }
 
 /// How many of `prompts` have more tokens than `max_token_length` (their tail is not seen

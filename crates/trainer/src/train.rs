@@ -705,6 +705,13 @@ fn run<B: AutodiffBackend>(
         Prediction::VPrediction => schedule_cfg.prediction_type = PredictionType::VPrediction,
     }
     schedule_cfg.rescale_betas_zero_snr |= t.zero_terminal_snr;
+    if t.scale_v_pred_loss_like_noise_pred && schedule_cfg.prediction_type != PredictionType::VPrediction {
+        // As kohya refuses it: the weights turn a v-prediction loss into an ε one.
+        return Err(TrainError::Config {
+            origin: "train.scale_v_pred_loss_like_noise_pred".into(),
+            reason: format!("is for v-prediction models, and this one predicts {:?} (set train.prediction = \"v_prediction\" if it is a v-prediction model)", schedule_cfg.prediction_type),
+        });
+    }
     let schedule = TrainingSchedule::<B>::new(&NoiseSchedule::new(&schedule_cfg)?, device);
     let mut validator = match validation {
         Some(dataset) => Some(Validator {
@@ -849,7 +856,7 @@ fn run<B: AutodiffBackend>(
             }
             let plan = &plans[progress.batch_in_epoch];
             progress.batch_in_epoch += 1;
-            let EncodedBatch { posterior, context, loss_weights, masks } = cache.batch(&dataset, &frozen, plan, &config.model, !train_te, device)?;
+            let EncodedBatch { posterior, context, loss_weights, masks } = cache.batch(&dataset, &frozen, plan, config, !train_te, device)?;
             let masks = masks.map(Tensor::<B, 4>::from_inner);
             sample_size.get_or_insert((plan.bucket.0 as usize, plan.bucket.1 as usize));
             let eps = noise.sample(posterior.mean.dims(), device)?;
@@ -858,8 +865,7 @@ fn run<B: AutodiffBackend>(
                 Some(c) => Tensor::<B, 3>::from_inner(c),
                 None => {
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    let m = &config.model;
-                    crate::generate::encode_with(&text_encoder, &frozen.tokenizer, &captions, m.clip_skip, m.max_token_length, device)?
+                    encode_captions(&text_encoder, &frozen.tokenizer, &captions, config, device)?
                 }
             };
 
@@ -892,6 +898,12 @@ fn run<B: AutodiffBackend>(
             }
             if t.debiased_estimation_loss {
                 weights = weights * schedule.debiased_weights(ts.clone());
+            }
+            if t.scale_v_pred_loss_like_noise_pred {
+                weights = weights * schedule.v_pred_noise_like_weights(ts.clone());
+            }
+            if t.v_pred_like_loss > 0.0 {
+                weights = weights * schedule.v_pred_like_weights(ts.clone(), t.v_pred_like_loss);
             }
             // The loss to backpropagate: f16 scales it so that small gradients do not
             // underflow (unscaled below).
@@ -1265,14 +1277,13 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
         let mut total = Tensor::<B, 1>::zeros([1], device);
         let mut count = 0usize;
         for (b, plan) in self.dataset.plan_epoch(0).iter().enumerate() {
-            let EncodedBatch { posterior, context, masks, .. } = self.cache.batch(&self.dataset, frozen, plan, &config.model, text_encoder.is_none(), device)?;
+            let EncodedBatch { posterior, context, masks, .. } = self.cache.batch(&self.dataset, frozen, plan, config, text_encoder.is_none(), device)?;
             let latents = frozen.vae.scale_latents(posterior.mean.clone());
             let context = match (context, &text_encoder) {
                 (Some(c), _) => c,
                 (None, Some(te)) => {
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    let m = &config.model;
-                    crate::generate::encode_with(te, &frozen.tokenizer, &captions, m.clip_skip, m.max_token_length, device)?
+                    encode_captions(te, &frozen.tokenizer, &captions, config, device)?
                 }
                 (None, None) => unreachable!("the cache encodes captions when the text encoder is frozen"),
             };
@@ -1435,7 +1446,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         dataset: &Dataset,
         c: &Components<B>,
         plan: &sd_data::BatchPlan,
-        text: &crate::config::ModelSection,
+        config: &TrainConfig,
         with_embeddings: bool,
         device: &B::Device,
     ) -> Result<EncodedBatch<B>, TrainError> {
@@ -1459,7 +1470,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         if with_embeddings {
             for s in &plan.samples {
                 if !self.embeddings.contains_key(&s.caption) {
-                    let embeds = crate::generate::encode_with(&c.text_encoder, &c.tokenizer, std::slice::from_ref(&s.caption), text.clip_skip, text.max_token_length, device)?;
+                    let embeds = encode_captions(&c.text_encoder, &c.tokenizer, std::slice::from_ref(&s.caption), config, device)?;
                     self.embeddings.insert(s.caption.clone(), embeds);
                 }
             }
@@ -1481,6 +1492,22 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         let context = with_embeddings.then(|| Tensor::cat(contexts, 0));
         let masks = dataset.has_masks().then(|| Tensor::cat(plan.samples.iter().map(|s| self.masks[&key(s)].clone()).collect(), 0));
         Ok(EncodedBatch { posterior, context, loss_weights, masks })
+    }
+}
+
+/// Text embeddings of training captions: literal, or with A1111's emphasis when
+/// `data.weighted_captions` is on.
+fn encode_captions<B: burn::tensor::backend::Backend>(
+    text_encoder: &sd_model::ClipTextModel<B>,
+    tokenizer: &sd_model::tokenizer::ClipTokenizer,
+    captions: &[String],
+    config: &TrainConfig,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, TrainError> {
+    let m = &config.model;
+    match config.data.weighted_captions {
+        true => crate::generate::encode_weighted_with(text_encoder, tokenizer, captions, m.clip_skip, m.max_token_length, device),
+        false => crate::generate::encode_with(text_encoder, tokenizer, captions, m.clip_skip, m.max_token_length, device),
     }
 }
 

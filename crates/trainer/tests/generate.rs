@@ -229,3 +229,24 @@ fn prompt_emphasis_weights_the_text_embedding() {
     let run = |o: &GenerateOptions| values(denoise(&c, o, initial_latents(&c, o, &device).unwrap(), &device).unwrap());
     assert!(rel(&run(&o), &run(&p)) > 1e-5);
 }
+
+/// kohya's `weighted_captions`: captions read with emphasis in the rows of
+/// `max_token_length`, as prompts are; a caption without emphasis encodes as it does
+/// literally, and a weighted one as the same caption does for sampling.
+#[test]
+fn weighted_captions_encode_as_weighted_prompts() {
+    use trainer::generate::{encode_prompts, encode_weighted_with, encode_with};
+    let device = Default::default();
+    let c = load_components::<B>("tiny", 0, &device).unwrap();
+    let captions = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let weighted = |p: &[&str], tokens: usize| encode_weighted_with(&c.text_encoder, &c.tokenizer, &captions(p), 1, tokens, &device).unwrap();
+    let plain = weighted(&["a red circle", "a blue square"], 75);
+    let literal = encode_with(&c.text_encoder, &c.tokenizer, &captions(&["a red circle", "a blue square"]), 1, 75, &device).unwrap();
+    assert_eq!((plain - literal).abs().max().into_scalar(), 0.0);
+    let emphasis = weighted(&["a (red:1.5) circle"], 150);
+    assert_eq!(emphasis.dims()[1], 152, "two rows for max_token_length = 150");
+    let as_prompt = encode_prompts(&c, &captions(&["a (red:1.5) circle"]), 1, 2, &device).unwrap();
+    assert_eq!((emphasis.clone() - as_prompt).abs().max().into_scalar(), 0.0);
+    let literal = encode_with(&c.text_encoder, &c.tokenizer, &captions(&["a (red:1.5) circle"]), 1, 150, &device).unwrap();
+    assert!((emphasis - literal).abs().max().into_scalar() > 1e-3, "off, the parentheses are tokens");
+}

@@ -815,6 +815,22 @@ fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
     assert!(random_gamma.is_finite() && random_gamma != gamma);
     let err = TrainConfig::load(None, &["train.ip_noise_gamma=-1".into()]).unwrap_err();
     assert!(err.to_string().contains("ip_noise_gamma"), "{err}");
+
+    // kohya's v-prediction loss scalings: SNR/(SNR+1) < 1 lowers a v-prediction loss;
+    // 1 + λ(SNR+1)/SNR > 1 raises an ε-prediction loss.
+    let v = |c: &mut TrainConfig| c.train.prediction = trainer::config::Prediction::VPrediction;
+    let plain_v = first_loss(&v);
+    let scaled_v = first_loss(&|c| {
+        v(c);
+        c.train.scale_v_pred_loss_like_noise_pred = true;
+    });
+    assert!(scaled_v > 0.0 && scaled_v < plain_v, "{scaled_v} vs {plain_v}");
+    let v_like = first_loss(&|c| c.train.v_pred_like_loss = 0.5);
+    assert!(v_like > plain * 1.5, "{v_like} vs {plain}");
+    let mut c = quick_config(dir.path(), 1);
+    c.train.scale_v_pred_loss_like_noise_pred = true;
+    let err = train::<B>(&c, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("v-prediction"), "{err}");
 }
 
 #[test]
@@ -1300,4 +1316,26 @@ fn block_ranks_block_learning_rates_and_loraplus() {
     }
     let err = TrainConfig::load(None, &["lora.loraplus_lr_ratio=-1".into()]).unwrap_err().to_string();
     assert!(err.contains("loraplus"), "{err}");
+}
+
+/// `data.weighted_captions` reaches the training captions: emphasis changes the loss, and
+/// a caption without it trains as it does literally.
+#[test]
+fn weighted_captions_read_emphasis_in_training() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let first_loss = |caption: &str, weighted: bool| {
+        let dir = root.path().join(format!("{}-{weighted}", caption.len()));
+        write_image(&dir, "a", caption, 60);
+        let mut c = quick_config(&root.path().join("out"), 1);
+        c.data.train_data_dir = dir.display().to_string();
+        (c.data.min_bucket_reso, c.train.train_batch_size) = (64, 1);
+        c.output.sample_prompts.clear();
+        c.data.weighted_captions = weighted;
+        train::<B>(&c, &Default::default(), &mut |_| true).unwrap().losses[0]
+    };
+    let literal = first_loss("mystyle, red circle", false);
+    assert_eq!(first_loss("mystyle, red circle", true).to_bits(), literal.to_bits());
+    let emphasis = first_loss("(mystyle:1.5), red circle", true);
+    assert!(emphasis.is_finite() && emphasis != first_loss("(mystyle:1.5), red circle", false));
 }
