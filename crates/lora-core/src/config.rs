@@ -36,6 +36,11 @@ pub struct LoraConfig {
     /// Dropout probability applied to the adapter's input while training.
     #[serde(default)]
     pub dropout: f64,
+    /// kohya's `network_dropout` while training: dropout on `down(x)`, each of its elements
+    /// dropped with this probability and the rest scaled by `1 / (1 − p)` (kohya's "neuron
+    /// dropout"; `dropout` acts on the input instead).
+    #[serde(default)]
+    pub network_dropout: f64,
     /// kohya's rank dropout while training: each sample drops each of the `rank` components
     /// of `down(x)` with this probability, the rest scaled by `1 / (1 − p)`.
     #[serde(default)]
@@ -59,6 +64,7 @@ impl LoraConfig {
             rank,
             alpha: rank as f32,
             dropout: 0.0,
+            network_dropout: 0.0,
             rank_dropout: 0.0,
             module_dropout: 0.0,
             rslora: false,
@@ -81,6 +87,12 @@ impl LoraConfig {
     /// Sets the dropout probability.
     pub fn with_dropout(mut self, dropout: f64) -> Self {
         self.dropout = dropout;
+        self
+    }
+
+    /// Sets kohya's network dropout probability (see [`LoraConfig::network_dropout`]).
+    pub fn with_network_dropout(mut self, p: f64) -> Self {
+        self.network_dropout = p;
         self
     }
 
@@ -135,7 +147,7 @@ impl LoraConfig {
                 self.alpha
             )));
         }
-        for (name, p) in [("dropout", self.dropout), ("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
+        for (name, p) in [("dropout", self.dropout), ("network_dropout", self.network_dropout), ("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
             if !(0.0..1.0).contains(&p) {
                 return Err(LoraError::InvalidConfig(format!("{name} must be in [0, 1), got {p}")));
             }

@@ -27,6 +27,9 @@ pub struct Conv2dAdapter<B: Backend> {
     pub dropout: Dropout,
     /// `alpha / rank` (or `alpha / sqrt(rank)` for rsLoRA).
     pub scale: f32,
+    /// kohya's network dropout on `down(x)` ([`LoraConfig::network_dropout`]; active only
+    /// on autodiff backends).
+    pub network_dropout: Dropout,
     /// kohya's rank dropout probability ([`LoraConfig::rank_dropout`]; autodiff backends only).
     pub rank_dropout: f64,
     /// kohya's module dropout probability ([`LoraConfig::module_dropout`]; autodiff backends only).
@@ -69,6 +72,7 @@ impl<B: Backend> Conv2dAdapter<B> {
             down,
             up,
             dropout: DropoutConfig::new(config.dropout).init(),
+            network_dropout: DropoutConfig::new(config.network_dropout).init(),
             scale: config.scale(),
             rank_dropout: config.rank_dropout,
             module_dropout: config.module_dropout,
@@ -119,6 +123,7 @@ impl<B: Backend> Conv2dAdapter<B> {
             down: down_conv,
             up: up_conv,
             dropout: DropoutConfig::new(0.0).init(),
+            network_dropout: DropoutConfig::new(0.0).init(),
             scale: weights.scale(),
             rank_dropout: 0.0,
             module_dropout: 0.0,
@@ -141,10 +146,11 @@ impl<B: Backend> Conv2dAdapter<B> {
 
     /// `factor · scale · up(down(dropout(x)))`, computed in `x`'s dtype: with a half-precision
     /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]). While
-    /// training, kohya's rank and module dropout multiply `down(…)` per sample.
+    /// training, kohya's network dropout drops elements of `down(…)`, and its rank and
+    /// module dropout multiply it per sample.
     pub fn forward(&self, x: Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
         let dtype = x.dtype();
-        let h = conv_in_dtype(&self.down, self.dropout.forward(x), dtype);
+        let h = self.network_dropout.forward(conv_in_dtype(&self.down, self.dropout.forward(x), dtype));
         let [samples, rank, _, _] = h.dims();
         let h = match crate::rank_dropout::mask::<B>(self.rank_dropout, self.module_dropout, samples, rank, &h.device()) {
             Some(mask) => h * cast_to(mask, dtype).reshape([samples, rank, 1, 1]),

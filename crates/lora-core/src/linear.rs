@@ -60,6 +60,9 @@ pub struct LinearAdapter<B: Backend> {
     pub dropout: Dropout,
     /// `alpha / rank` (or `alpha / sqrt(rank)` for rsLoRA).
     pub scale: f32,
+    /// kohya's network dropout on `down(x)` ([`LoraConfig::network_dropout`]; active only
+    /// on autodiff backends).
+    pub network_dropout: Dropout,
     /// kohya's rank dropout probability ([`LoraConfig::rank_dropout`]; autodiff backends only).
     pub rank_dropout: f64,
     /// kohya's module dropout probability ([`LoraConfig::module_dropout`]; autodiff backends only).
@@ -86,6 +89,7 @@ impl<B: Backend> LinearAdapter<B> {
             down,
             up,
             dropout: DropoutConfig::new(config.dropout).init(),
+            network_dropout: DropoutConfig::new(config.network_dropout).init(),
             scale: config.scale(),
             rank_dropout: config.rank_dropout,
             module_dropout: config.module_dropout,
@@ -117,6 +121,7 @@ impl<B: Backend> LinearAdapter<B> {
                 bias: None,
             },
             dropout: DropoutConfig::new(0.0).init(),
+            network_dropout: DropoutConfig::new(0.0).init(),
             scale: weights.scale(),
             rank_dropout: 0.0,
             module_dropout: 0.0,
@@ -148,7 +153,8 @@ impl<B: Backend> LinearAdapter<B> {
 
     /// `factor · scale · up(down(dropout(x)))`, computed in `x`'s dtype: with a half-precision
     /// base the f32 adapter weights are cast on the fly (see [`crate::precision`]). While
-    /// training, kohya's rank and module dropout multiply `down(…)` per sample.
+    /// training, kohya's network dropout drops elements of `down(…)`, and its rank and
+    /// module dropout multiply it per sample.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, factor: f32) -> Tensor<B, D> {
         let dtype = x.dtype();
         let down = cast_to(self.down.weight.val(), dtype);
@@ -158,14 +164,14 @@ impl<B: Backend> LinearAdapter<B> {
         // rows × r, and with f32 adapter weights it joins their cast (burn's fusion).
         let up = cast_to(self.up.weight.val().mul_scalar(factor * self.scale), dtype);
         let h = crate::kernels::linear_weight(self.dropout.forward(x), down);
-        let h = self.rank_dropout(h);
+        let h = self.rank_dropout(self.network_dropout.forward(h));
         crate::kernels::linear_weight(h, up)
     }
 
-    /// Whether kohya's rank or module dropout is set (the layer then takes the plain
-    /// composed path while training).
+    /// Whether kohya's network, rank or module dropout is set (the layer then takes the
+    /// plain composed path while training).
     pub fn has_rank_or_module_dropout(&self) -> bool {
-        self.rank_dropout > 0.0 || self.module_dropout > 0.0
+        self.network_dropout.prob > 0.0 || self.rank_dropout > 0.0 || self.module_dropout > 0.0
     }
 
     /// `h = down(x)` `[.., rank]` times the rank / module dropout mask of its samples.

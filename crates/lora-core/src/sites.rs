@@ -45,10 +45,13 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// differ; the layouts are checked as [`attach_weights`](Self::attach_weights) checks
     /// them. `key` names the adapter in errors.
     pub fn load_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        let keep = |rank: usize, input: f64, rank_p: f64, module_p: f64| (rank, LoraConfig::new(rank).with_dropout(input).with_rank_dropout(rank_p).with_module_dropout(module_p));
+        let keep = |rank: usize, [input, network, rank_p, module_p]: [f64; 4]| {
+            let config = LoraConfig::new(rank).with_dropout(input).with_network_dropout(network);
+            (rank, config.with_rank_dropout(rank_p).with_module_dropout(module_p))
+        };
         let attached = match self {
-            Self::Linear(l) => l.adapter.as_ref().map(|a| keep(a.rank(), a.dropout.prob, a.rank_dropout, a.module_dropout)),
-            Self::Conv(c) => c.adapter.as_ref().map(|a| keep(a.rank(), a.dropout.prob, a.rank_dropout, a.module_dropout)),
+            Self::Linear(l) => l.adapter.as_ref().map(|a| keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout])),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout])),
         };
         let Some((rank, dropout)) = attached else {
             return Err(LoraError::Unsupported(format!("{key}: no adapter is attached to load weights into")));
@@ -65,19 +68,20 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     }
 
     /// Sets the attached adapter's dropout probabilities from `config` (input dropout,
-    /// kohya's rank and module dropout; adapters read from files have none); does nothing
+    /// kohya's network, rank and module dropout; adapters read from files have none); does nothing
     /// without an adapter.
     pub fn set_dropout(&mut self, config: &LoraConfig) {
         let dropout = burn::nn::DropoutConfig::new(config.dropout).init();
+        let network = burn::nn::DropoutConfig::new(config.network_dropout).init();
         match self {
             Self::Linear(l) => {
                 if let Some(a) = l.adapter.as_mut() {
-                    (a.dropout, a.rank_dropout, a.module_dropout) = (dropout, config.rank_dropout, config.module_dropout);
+                    (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
                 }
             }
             Self::Conv(c) => {
                 if let Some(a) = c.adapter.as_mut() {
-                    (a.dropout, a.rank_dropout, a.module_dropout) = (dropout, config.rank_dropout, config.module_dropout);
+                    (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
                 }
             }
         }

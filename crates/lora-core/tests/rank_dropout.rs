@@ -135,3 +135,46 @@ fn probabilities_are_checked() {
     let err = layer.attach_new(&LoraConfig::new(2).with_module_dropout(-0.1), &device).unwrap_err().to_string();
     assert!(err.contains("module_dropout"), "{err}");
 }
+
+/// kohya's network dropout drops single elements of `down(x)` (not whole samples' rank
+/// components), scaling the rest by `1 / (1 − p)`, in linear and conv adapters; without
+/// autodiff nothing is dropped; `set_dropout` sets it and its range is checked.
+#[test]
+fn network_dropout_drops_elements_of_down_x() {
+    let device = Default::default();
+    B::seed(&device, 11);
+    let p = 0.5;
+    let layer = linear(&LoraConfig::new(R).with_network_dropout(p));
+    let (samples, tokens) = (8, 6);
+    let x = Tensor::<B, 3>::random([samples, tokens, R], Distribution::Uniform(0.5, 1.5), &device);
+    let rows = linear_factors(&layer, x.clone());
+    let values: Vec<f32> = rows.iter().flatten().copied().collect();
+    assert_in(&values, &[0.0, 2.0]);
+    let zeros = values.iter().filter(|v| **v == 0.0).count();
+    // 384 draws at p = 0.5: mean 192, sd ≈ 9.8.
+    assert!((140..=244).contains(&zeros), "{zeros} of {}", values.len());
+    // Not one mask per sample: the rows of a sample differ.
+    assert!(rows.chunks(tokens).any(|sample| sample.iter().any(|r| r != &sample[0])));
+    let inner = burn::module::AutodiffModule::valid(&layer);
+    let update = inner.forward(x.clone().inner()) - inner.base.forward(x.clone().inner());
+    let ratio: Vec<f32> = (update / x.inner().mul_scalar(layer.adapter.as_ref().unwrap().scale)).into_data().to_vec().unwrap();
+    assert_in(&ratio, &[1.0]);
+
+    let mut conv = LoraConv2d::new(Conv2dConfig::new([R, R], [1, 1]).init::<B>(&device));
+    conv.attach_new(&LoraConfig::new(R), &device).unwrap();
+    lora_core::LoraSiteMut::Conv(&mut conv).set_dropout(&LoraConfig::new(R).with_network_dropout(p));
+    let adapter = conv.adapter.as_mut().unwrap();
+    adapter.down.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
+    adapter.up.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
+    let scale = adapter.scale;
+    let x = Tensor::<B, 4>::random([2, R, 4, 4], Distribution::Uniform(0.5, 1.5), &device);
+    let update = conv.forward(x.clone()) - conv.base.forward(x.clone());
+    let values: Vec<f32> = (update / x.mul_scalar(scale)).into_data().to_vec().unwrap();
+    assert_in(&values, &[0.0, 2.0]);
+    // Pixels of one channel differ: elementwise, not per channel.
+    assert!(values.chunks(16).any(|c| c.iter().any(|v| v != &c[0])));
+
+    let mut plain = LoraLinear::new(LinearConfig::new(R, R).init::<Flex>(&device));
+    let err = plain.attach_new(&LoraConfig::new(2).with_network_dropout(1.0), &device).unwrap_err().to_string();
+    assert!(err.contains("network_dropout"), "{err}");
+}

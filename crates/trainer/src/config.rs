@@ -107,6 +107,9 @@ pub struct LoraSection {
     pub alpha: f32,
     /// Dropout on the adapter inputs.
     pub dropout: f64,
+    /// kohya's `network_dropout`: dropout on each adapter's `down(x)` ("neuron dropout";
+    /// `dropout` acts on the input instead).
+    pub network_dropout: f64,
     /// kohya's rank dropout (`network_args` `rank_dropout`): per sample, each rank
     /// component of `down(x)` is dropped with this probability.
     pub rank_dropout: f64,
@@ -173,6 +176,7 @@ impl LoraSection {
         lora_core::LoraConfig::new(self.rank)
             .with_alpha(alpha)
             .with_dropout(self.dropout)
+            .with_network_dropout(self.network_dropout)
             .with_rank_dropout(self.rank_dropout)
             .with_module_dropout(self.module_dropout)
             .with_rslora(self.rslora)
@@ -584,6 +588,7 @@ impl Default for TrainConfig {
                 rank: 8,
                 alpha: 8.0,
                 dropout: 0.0,
+                network_dropout: 0.0,
                 rank_dropout: 0.0,
                 module_dropout: 0.0,
                 rslora: false,
@@ -883,14 +888,15 @@ impl TrainConfig {
             return bad("lora.rank must be at least 1");
         }
         let l = &self.lora;
-        if ![l.dropout, l.rank_dropout, l.module_dropout].iter().all(|p| (0.0..1.0).contains(p)) {
-            return bad("lora.dropout, lora.rank_dropout and lora.module_dropout must be in [0, 1)");
+        let dropouts = [l.dropout, l.network_dropout, l.rank_dropout, l.module_dropout];
+        if !dropouts.iter().all(|p| (0.0..1.0).contains(p)) {
+            return bad("lora.dropout, lora.network_dropout, lora.rank_dropout and lora.module_dropout must be in [0, 1)");
         }
-        if t.gradient_checkpointing && [l.dropout, l.rank_dropout, l.module_dropout].iter().any(|p| *p > 0.0) {
+        if t.gradient_checkpointing && dropouts.iter().any(|p| *p > 0.0) {
             // The checkpointed forward pass runs without a graph (no dropout) and each
             // block's recomputation draws its own masks: the gradients would belong to no
             // single masked pass.
-            return bad("train.gradient_checkpointing cannot be combined with lora.dropout, lora.rank_dropout or lora.module_dropout: the recomputed blocks would draw other dropout masks than the forward pass; turn one of them off");
+            return bad("train.gradient_checkpointing cannot be combined with lora.dropout, lora.network_dropout, lora.rank_dropout or lora.module_dropout: the recomputed blocks would draw other dropout masks than the forward pass; turn one of them off");
         }
         if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
             return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");

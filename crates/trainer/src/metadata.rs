@@ -156,7 +156,8 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_max_train_steps", t.max_train_steps.to_string()),
         ("ss_lr_warmup_steps", t.lr_warmup_steps.to_string()),
         ("ss_lr_scheduler", name_of(&t.lr_scheduler)),
-        ("ss_network_dropout", l.dropout.to_string()),
+        // kohya's `network_dropout` (on `down(x)`); `lora.dropout`, on the input, is PEFT's.
+        ("ss_network_dropout", if l.network_dropout > 0.0 { l.network_dropout.to_string() } else { "None".into() }),
         ("ss_mixed_precision", name_of(&t.mixed_precision)),
         ("ss_full_fp16", py_bool(false)),
         ("ss_clip_skip", config.model.clip_skip.to_string()),

@@ -601,6 +601,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "dim_from_weights = false",
         "rank_dropout = 0.0",
         "module_dropout = 0.0",
+        "network_dropout = 0.0",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",

@@ -772,7 +772,11 @@ fn rank_and_module_dropout_train_reproducibly() {
     assert_eq!(plain[0].to_bits(), dropped[0].to_bits());
     assert_ne!(plain[1..], dropped[1..]);
     assert_eq!(dropped, losses(&|c| (c.lora.rank_dropout, c.lora.module_dropout) = (0.5, 0.3)), "seeded");
-    for (key, p) in [("lora.dropout", "0.1"), ("lora.rank_dropout", "0.1"), ("lora.module_dropout", "0.1")] {
+    // kohya's network dropout (on down(x)): from the second step on (the first `up` is 0).
+    let network = losses(&|c| c.lora.network_dropout = 0.5);
+    assert_eq!(plain[0].to_bits(), network[0].to_bits());
+    assert!(network[1..] != plain[1..] && network[1..] != dropped[1..]);
+    for (key, p) in [("lora.dropout", "0.1"), ("lora.network_dropout", "0.1"), ("lora.rank_dropout", "0.1"), ("lora.module_dropout", "0.1")] {
         let sets = [format!("{key}={p}"), "train.gradient_checkpointing=true".into()];
         let err = TrainConfig::load(None, &sets).unwrap_err().to_string();
         assert!(err.contains("gradient_checkpointing") && err.contains(key), "{err}");
