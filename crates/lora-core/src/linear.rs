@@ -170,7 +170,7 @@ impl<B: Backend> LinearAdapter<B> {
 
     /// Whether kohya's network, rank or module dropout is set (the layer then takes the
     /// plain composed path while training).
-    pub fn has_rank_or_module_dropout(&self) -> bool {
+    pub fn has_kohya_dropout(&self) -> bool {
         self.network_dropout.prob > 0.0 || self.rank_dropout > 0.0 || self.module_dropout > 0.0
     }
 
@@ -395,7 +395,7 @@ impl<B: Backend> LoraLinear<B> {
     fn forward_plus<const D: usize>(&self, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
         // kohya's rank / module dropout while training: per-sample masks need the input's
         // own shape, so the composed path below (none of the fused or row-wise ones).
-        let masked = !self.merged && self.adapter.as_ref().is_some_and(|a| a.has_rank_or_module_dropout()) && B::ad_enabled(&x.device());
+        let masked = !self.merged && self.adapter.as_ref().is_some_and(|a| a.has_kohya_dropout()) && B::ad_enabled(&x.device());
         let fusion = D >= 2 && !crate::kernels::on_flex::<B>() && !masked;
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {

@@ -297,6 +297,33 @@ pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate
     Ok((weighted * (before / after)).cast(FloatDType::from(dtype)))
 }
 
+/// Scales hidden states `[batch, len, dim]` by per-state `weights` (`batch × len`), and
+/// nothing else: kohya's training does this with weighted captions (its
+/// `encode_tokens_with_weights`), while its sample pipeline and A1111 also restore the
+/// mean ([`apply_weights`]). A weight count that is not `batch × len` is an error.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+/// let hidden = Tensor::<Flex, 3>::ones([1, 2, 3], &Default::default());
+/// let scaled = sd_model::prompt::scale_states(hidden, &[1.0, 1.5]).unwrap();
+/// assert_eq!(scaled.into_data().to_vec::<f32>().unwrap(), [1.0, 1.0, 1.0, 1.5, 1.5, 1.5]);
+/// ```
+pub fn scale_states<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate::Result<Tensor<B, 3>> {
+    let [batch, len, _] = hidden.dims();
+    if weights.len() != batch * len {
+        return Err(crate::SdModelError::BadInput {
+            what: "caption weights".into(),
+            reason: format!("{} weights for {batch} captions of {len} states", weights.len()),
+        });
+    }
+    if weights.iter().all(|w| *w == 1.0) {
+        return Ok(hidden);
+    }
+    let w = Tensor::<B, 3>::from_data(TensorData::new(weights.to_vec(), [batch, len, 1]), &hidden.device());
+    Ok(hidden.clone() * w.cast(FloatDType::from(hidden.dtype())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

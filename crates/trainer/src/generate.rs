@@ -158,8 +158,9 @@ pub fn encode_with<B: Backend>(
 
 /// Encodes captions with A1111's emphasis syntax (kohya's `weighted_captions`), with a
 /// given text encoder, in the rows of `max_token_length` (longer captions are cut, as in
-/// [`encode_with`]): `(word:1.2)` scales the word's embedding, keeping the embedding's mean
-/// as kohya does ([`sd_model::prompt::apply_weights`]).
+/// [`encode_with`]): `(word:1.2)` scales the word's hidden states, and nothing else, as
+/// kohya's training does ([`sd_model::prompt::scale_states`]; sample prompts also keep the
+/// mean). `BREAK` is a plain word here, as in kohya's training (it would start a new row).
 pub fn encode_weighted_with<B: Backend>(
     text_encoder: &sd_model::ClipTextModel<B>,
     tokenizer: &ClipTokenizer,
@@ -171,13 +172,15 @@ pub fn encode_weighted_with<B: Backend>(
     let rows = token_rows(tokenizer, max_token_length);
     let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
     for p in prompts {
-        let (i, w) = tokenizer.encode_weighted(p, rows)?;
+        // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the
+        // keyword.
+        let (i, w) = tokenizer.encode_weighted(&p.replace("BREAK", "break"), rows)?;
         ids.push(i);
         weights.extend(w);
     }
     let ids = ids_tensor(tokenizer, text_encoder.vocab_size(), ids, rows, device)?;
     let hidden = text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?;
-    Ok(sd_model::prompt::apply_weights(hidden, &weights)?)
+    Ok(sd_model::prompt::scale_states(hidden, &weights)?)
 }
 
 /// How many of `prompts` have more tokens than `max_token_length` (their tail is not seen

@@ -706,6 +706,13 @@ fn run<B: AutodiffBackend>(
         Prediction::VPrediction => schedule_cfg.prediction_type = PredictionType::VPrediction,
     }
     schedule_cfg.rescale_betas_zero_snr |= t.zero_terminal_snr;
+    if t.v_pred_like_loss > 0.0 && schedule_cfg.prediction_type == PredictionType::VPrediction {
+        // As kohya refuses it: the added term is what a v-prediction loss already is.
+        return Err(TrainError::Config {
+            origin: "train.v_pred_like_loss".into(),
+            reason: "is for ε-prediction models, and this one predicts v".into(),
+        });
+    }
     if t.scale_v_pred_loss_like_noise_pred && schedule_cfg.prediction_type != PredictionType::VPrediction {
         // As kohya refuses it: the weights turn a v-prediction loss into an ε one.
         return Err(TrainError::Config {
