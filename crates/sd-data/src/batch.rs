@@ -167,6 +167,24 @@ impl Batch {
         }
     }
 
+    /// Sample `k`'s loss mask area-resampled to `(h, w)`, the latents' size, as a
+    /// `[1, 1, h, w]` tensor (kohya brings masks to the loss's size this way); `None` when
+    /// the batch has no masks.
+    pub fn mask_at(&self, k: usize, (h, w): (usize, usize)) -> Option<Result<HostTensor>> {
+        let masks = self.masks.as_ref()?;
+        let resized = masks.row(k).and_then(|row| match row.shape.as_slice() {
+            &[1, 1, src_h, src_w] => Some(crate::image_io::area_resize(&row.data, (src_h, src_w), (h, w))),
+            _ => None,
+        });
+        Some(match resized {
+            Some(plane) => HostTensor::new(plane, vec![1, 1, h, w]),
+            None => Err(DataError::Shape {
+                shape: masks.shape.clone(),
+                message: format!("has no mask row {k} of shape [1, 1, H, W]"),
+            }),
+        })
+    }
+
     /// The latents, if this is a latent batch.
     pub fn latents(&self) -> Option<&HostTensor> {
         match &self.data {
@@ -200,19 +218,28 @@ impl Batch {
 impl Dataset {
     /// Decodes image `i` (applying EXIF orientation); in-memory images are cloned.
     pub fn decode(&self, i: usize) -> Result<image::RgbImage> {
+        Ok(self.decode_parts(i, false)?.0)
+    }
+
+    /// Image `i` and, with `with_alpha`, its alpha plane (`None`: opaque), checked against
+    /// the size the scan saw.
+    fn decode_parts(&self, i: usize, with_alpha: bool) -> Result<(image::RgbImage, Option<image::GrayImage>)> {
         let rec = self
             .images()
             .get(i)
             .ok_or_else(|| bad_plan(format!("image index {i} is out of range")))?;
-        let img = match &rec.source {
+        let (img, alpha) = match &rec.source {
             ImageSource::File(path) => {
                 let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-                decode_image(&bytes, path)?
+                match with_alpha {
+                    true => decode_image_with_alpha(&bytes, path)?,
+                    false => (decode_image(&bytes, path)?, None),
+                }
             }
-            ImageSource::Memory { image, .. } => (**image).clone(),
+            ImageSource::Memory { image, .. } => ((**image).clone(), None),
         };
         check_size(rec, img.dimensions())?;
-        Ok(img)
+        Ok((img, alpha))
     }
 
     /// Decodes, resizes, crops and flips every sample of `plan` into a `[N, 3, H, W]` pixel
@@ -264,7 +291,7 @@ impl Dataset {
         let (w, h) = s.bucket;
         let mut data = vec![1.0; w as usize * h as usize];
         let mask = match rec.mask {
-            Some(MaskSource::Alpha) => self.decode_with_alpha(s.image)?.1,
+            Some(MaskSource::Alpha) => self.decode_parts(s.image, true)?.1,
             _ => self.decode_mask(s.image)?,
         };
         if let Some(mask) = mask {
@@ -285,7 +312,7 @@ impl Dataset {
         };
         // One decode gives the pixels and, for alpha masks, the alpha plane.
         let (img, mask) = match &rec.mask {
-            Some(MaskSource::Alpha) => self.decode_with_alpha(s.image)?,
+            Some(MaskSource::Alpha) => self.decode_parts(s.image, true)?,
             Some(MaskSource::File { .. }) => (self.decode(s.image)?, self.decode_mask(s.image)?),
             None => (self.decode(s.image)?, None),
         };
@@ -295,20 +322,6 @@ impl Dataset {
             write_mask(&mask, s.resized, s.crop, s.bucket, s.flip, mask_out);
         }
         Ok(())
-    }
-
-    /// Image `i` with its alpha plane (`None`: opaque), checked as [`Dataset::decode`] is.
-    fn decode_with_alpha(&self, i: usize) -> Result<(image::RgbImage, Option<image::GrayImage>)> {
-        let rec = &self.images()[i];
-        let (img, alpha) = match &rec.source {
-            ImageSource::File(path) => {
-                let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-                decode_image_with_alpha(&bytes, path)?
-            }
-            ImageSource::Memory { image, .. } => ((**image).clone(), None),
-        };
-        check_size(rec, img.dimensions())?;
-        Ok((img, alpha))
     }
 
     /// Image `i`'s mask file at the image's size; `None` when its mask is not a file.

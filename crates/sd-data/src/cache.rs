@@ -346,9 +346,9 @@ impl LatentCache {
             })?;
             let key = LatentKey::for_sample(ds, s, identity);
             // The mask is stored at the latent's size, as the loss uses it.
-            let mask = match (&key.mask, &batch.masks) {
-                (Some(_), Some(masks)) => Some(mask_at(masks, k, latent_hw)?),
-                _ => None,
+            let mask = match &key.mask {
+                Some(_) => batch.mask_at(k, latent_hw).transpose()?,
+                None => None,
             };
             self.store_with_mask(&key, &row, mask.as_ref())?;
         }
@@ -392,19 +392,6 @@ impl LatentCache {
         }
         Ok(batch)
     }
-}
-
-/// Row `k` of `[N, 1, H, W]` masks area-resampled to `[1, 1, h, w]`.
-fn mask_at(masks: &HostTensor, k: usize, (h, w): (usize, usize)) -> Result<HostTensor> {
-    let row = masks.row(k).ok_or_else(|| DataError::Shape {
-        shape: masks.shape.clone(),
-        message: format!("has no row {k}"),
-    })?;
-    let (src_h, src_w) = (row.shape[2], row.shape[3]);
-    HostTensor::new(
-        crate::image_io::area_resize(&row.data, (src_h, src_w), (h, w)),
-        vec![1, 1, h, w],
-    )
 }
 
 /// Text-embedding cache directory. Valid only while the text encoder is frozen and captions are

@@ -105,17 +105,20 @@ pub fn probe_size(bytes: &[u8], path: &Path) -> Result<Reso> {
     })
 }
 
+/// `img` at `size`: itself when it has that size, else resized with `filter`.
+fn resized_to<P: image::Pixel + 'static>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, size: Reso, filter: FilterType) -> std::borrow::Cow<'_, image::ImageBuffer<P, Vec<P::Subpixel>>> {
+    if img.dimensions() == size {
+        std::borrow::Cow::Borrowed(img)
+    } else {
+        std::borrow::Cow::Owned(image::imageops::resize(img, size.0, size.1, filter))
+    }
+}
+
 /// Resizes a mask plane to `resized` (bilinear: unlike Lanczos it does not ring at hard
 /// mask edges), crops `bucket` at `crop` = `(left, top)`, optionally mirrors it, and writes
 /// it as `f32` in `[0, 1]` to `out` (length `w * h`), the geometry of [`write_pixels`].
 pub fn write_mask(mask: &GrayImage, resized: Reso, crop: Reso, bucket: Reso, flip: bool, out: &mut [f32]) {
-    let owned;
-    let src = if mask.dimensions() == resized {
-        mask
-    } else {
-        owned = image::imageops::resize(mask, resized.0, resized.1, FilterType::Triangle);
-        &owned
-    };
+    let src = resized_to(mask, resized, FilterType::Triangle);
     let bw = bucket.0 as usize;
     debug_assert_eq!(out.len(), bw * bucket.1 as usize);
     for (y, row) in out.chunks_mut(bw).enumerate() {
@@ -160,13 +163,7 @@ pub fn write_pixels(
     flip: bool,
     out: &mut [f32],
 ) {
-    let owned;
-    let src = if img.dimensions() == resized {
-        img
-    } else {
-        owned = image::imageops::resize(img, resized.0, resized.1, FilterType::Lanczos3);
-        &owned
-    };
+    let src = resized_to(img, resized, FilterType::Lanczos3);
     let (bw, bh) = (bucket.0 as usize, bucket.1 as usize);
     let plane = bw * bh;
     debug_assert_eq!(out.len(), 3 * plane);

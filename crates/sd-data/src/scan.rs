@@ -163,7 +163,8 @@ struct Candidate {
     path: PathBuf,
     subset: usize,
     caption: Result<String>,
-    mask: Result<Option<PendingMask>>,
+    /// The mask, or why the image has none (a [`DataError::Mask`] message).
+    mask: std::result::Result<Option<PendingMask>, String>,
 }
 
 /// A mask found by the scan, before its file (if any) is read.
@@ -322,7 +323,7 @@ impl Scanner<'_> {
 
     /// The image's mask: its alpha channel, or the file of its name in `mask_dir`, first at
     /// the image's place relative to `image_dir`, then at the folder's top (kohya's layout).
-    fn mask_for(&self, image: &Path, idx: usize) -> Result<Option<PendingMask>> {
+    fn mask_for(&self, image: &Path, idx: usize) -> std::result::Result<Option<PendingMask>, String> {
         let cfg = &self.subsets[idx].config;
         if cfg.alpha_mask {
             return Ok(Some(PendingMask::Alpha));
@@ -331,10 +332,7 @@ impl Scanner<'_> {
             return Ok(None);
         };
         let Some(stem) = image.file_stem() else {
-            return Err(DataError::Mask {
-                path: image.to_path_buf(),
-                message: "the image has no file name to look its mask up by".into(),
-            });
+            return Err("the image has no file name to look its mask up by".into());
         };
         // Only plain folder names are mirrored: `..` in a metadata.jsonl `file_name` must
         // not lead out of the mask folder.
@@ -367,10 +365,7 @@ impl Scanner<'_> {
             }
             tried.push(place.join(stem).display().to_string() + ".*");
         }
-        Err(DataError::Mask {
-            path: image.to_path_buf(),
-            message: format!("no mask image found (looked for {})", tried.join(", ")),
-        })
+        Err(format!("no mask image found (looked for {})", tried.join(", ")))
     }
 
     fn caption_for(&self, image: &Path, idx: usize) -> Result<String> {
@@ -483,20 +478,12 @@ type Inspected = (u32, u32, String, Option<MaskSource>);
 fn inspect(c: &Candidate, verify: bool, min_side: u32) -> Result<Inspected> {
     let (w, h, hash) = inspect_file(&c.path, verify, min_side)?;
     let mask = match &c.mask {
-        Err(e) => return Err(clone_mask_error(e, &c.path)),
+        Err(message) => return Err(DataError::Mask { path: c.path.clone(), message: message.clone() }),
         Ok(None) => None,
         Ok(Some(PendingMask::Alpha)) => Some(MaskSource::Alpha),
         Ok(Some(PendingMask::File(path))) => Some(inspect_mask(path, &c.path, (w, h), verify)?),
     };
     Ok((w, h, hash, mask))
-}
-
-/// The scan's mask error for an image (errors are not `Clone`; mask errors are `Mask`).
-fn clone_mask_error(e: &DataError, image: &Path) -> DataError {
-    match e {
-        DataError::Mask { path, message } => DataError::Mask { path: path.clone(), message: message.clone() },
-        other => DataError::Mask { path: image.to_path_buf(), message: other.to_string() },
-    }
 }
 
 /// Reads and hashes a mask file and checks that it has the image's size.

@@ -277,6 +277,21 @@ impl ClipTokenizer {
 /// the states' dtype). All-one weights return the states unchanged; a weight count that
 /// is not `batch × len` is an error.
 pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate::Result<Tensor<B, 3>> {
+    check_weights(&hidden, weights)?;
+    if weights.iter().all(|w| *w == 1.0) {
+        return Ok(hidden);
+    }
+    let dtype = hidden.dtype();
+    let hidden = hidden.cast(FloatDType::F32);
+    let mean = |t: Tensor<B, 3>| t.mean_dim(2).mean_dim(1);
+    let before = mean(hidden.clone());
+    let weighted = scale_states(hidden, weights)?;
+    let after = mean(weighted.clone());
+    Ok((weighted * (before / after)).cast(FloatDType::from(dtype)))
+}
+
+/// `weights` must hold one weight per hidden state.
+fn check_weights<B: Backend>(hidden: &Tensor<B, 3>, weights: &[f32]) -> crate::Result<()> {
     let [batch, len, _] = hidden.dims();
     if weights.len() != batch * len {
         return Err(crate::SdModelError::BadInput {
@@ -284,17 +299,7 @@ pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate
             reason: format!("{} weights for {batch} prompts of {len} states", weights.len()),
         });
     }
-    if weights.iter().all(|w| *w == 1.0) {
-        return Ok(hidden);
-    }
-    let dtype = hidden.dtype();
-    let hidden = hidden.cast(FloatDType::F32);
-    let w = Tensor::<B, 3>::from_data(TensorData::new(weights.to_vec(), [batch, len, 1]), &hidden.device());
-    let mean = |t: Tensor<B, 3>| t.mean_dim(2).mean_dim(1);
-    let before = mean(hidden.clone());
-    let weighted = hidden * w;
-    let after = mean(weighted.clone());
-    Ok((weighted * (before / after)).cast(FloatDType::from(dtype)))
+    Ok(())
 }
 
 /// Scales hidden states `[batch, len, dim]` by per-state `weights` (`batch × len`), and
@@ -310,13 +315,8 @@ pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate
 /// assert_eq!(scaled.into_data().to_vec::<f32>().unwrap(), [1.0, 1.0, 1.0, 1.5, 1.5, 1.5]);
 /// ```
 pub fn scale_states<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate::Result<Tensor<B, 3>> {
+    check_weights(&hidden, weights)?;
     let [batch, len, _] = hidden.dims();
-    if weights.len() != batch * len {
-        return Err(crate::SdModelError::BadInput {
-            what: "caption weights".into(),
-            reason: format!("{} weights for {batch} captions of {len} states", weights.len()),
-        });
-    }
     if weights.iter().all(|w| *w == 1.0) {
         return Ok(hidden);
     }

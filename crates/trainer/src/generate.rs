@@ -131,15 +131,27 @@ pub fn prompt_rows<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Ite
 /// ([`sd_model::prompt`]). Captions for training go through [`encode_with`], which takes
 /// them literally, or with `data.weighted_captions` [`encode_weighted_with`].
 pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
+    let (hidden, weights) = weighted_hidden(&c.text_encoder, &c.tokenizer, prompts.iter().map(String::as_str), clip_skip, rows, device)?;
+    Ok(sd_model::prompt::apply_weights(hidden, &weights)?)
+}
+
+/// The hidden states of prompts read with emphasis, in `rows` rows, and their weights.
+fn weighted_hidden<'a, B: Backend>(
+    text_encoder: &sd_model::ClipTextModel<B>,
+    tokenizer: &ClipTokenizer,
+    prompts: impl ExactSizeIterator<Item = &'a str>,
+    clip_skip: usize,
+    rows: usize,
+    device: &B::Device,
+) -> Result<(Tensor<B, 3>, Vec<f32>), TrainError> {
     let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
     for p in prompts {
-        let (i, w) = c.tokenizer.encode_weighted(p, rows)?;
+        let (i, w) = tokenizer.encode_weighted(p, rows)?;
         ids.push(i);
         weights.extend(w);
     }
-    let ids = ids_tensor(&c.tokenizer, c.text_encoder.vocab_size(), ids, rows, device)?;
-    let hidden = c.text_encoder.forward_chunked(ids, c.tokenizer.max_length(), clip_skip)?;
-    Ok(sd_model::prompt::apply_weights(hidden, &weights)?)
+    let ids = ids_tensor(tokenizer, text_encoder.vocab_size(), ids, rows, device)?;
+    Ok((text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?, weights))
 }
 
 /// Encodes captions literally (no emphasis syntax) with a given text encoder (one being
@@ -169,17 +181,10 @@ pub fn encode_weighted_with<B: Backend>(
     max_token_length: usize,
     device: &B::Device,
 ) -> Result<Tensor<B, 3>, TrainError> {
+    // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the keyword.
+    let captions: Vec<String> = prompts.iter().map(|p| p.replace("BREAK", "break")).collect();
     let rows = token_rows(tokenizer, max_token_length);
-    let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
-    for p in prompts {
-        // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the
-        // keyword.
-        let (i, w) = tokenizer.encode_weighted(&p.replace("BREAK", "break"), rows)?;
-        ids.push(i);
-        weights.extend(w);
-    }
-    let ids = ids_tensor(tokenizer, text_encoder.vocab_size(), ids, rows, device)?;
-    let hidden = text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?;
+    let (hidden, weights) = weighted_hidden(text_encoder, tokenizer, captions.iter().map(String::as_str), clip_skip, rows, device)?;
     Ok(sd_model::prompt::scale_states(hidden, &weights)?)
 }
 

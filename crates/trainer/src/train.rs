@@ -925,7 +925,10 @@ fn run<B: AutodiffBackend>(
                 // kohya's masked loss: each latent element weighed by its mask, still
                 // averaged over all of them (a half-masked image trains half as much).
                 let elementwise = match masks {
-                    Some(m) => elementwise.clone() * m.cast(elementwise.dtype()),
+                    Some(m) => {
+                        let dtype = elementwise.dtype();
+                        elementwise * m.cast(dtype)
+                    }
                     None => elementwise,
                 };
                 let per_sample = elementwise
@@ -1467,9 +1470,9 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
             for (i, s) in plan.samples.iter().enumerate() {
                 if let std::collections::hash_map::Entry::Vacant(slot) = self.posteriors.entry(key(s)) {
                     let posterior = c.vae.encode(pixels.clone().slice(i..i + 1))?;
-                    if let Some(masks) = &batch.masks {
-                        let [_, _, h, w] = posterior.mean.dims();
-                        self.masks.insert(key(s), latent_mask(masks, i, (h, w), device)?);
+                    let [_, _, h, w] = posterior.mean.dims();
+                    if let Some(mask) = batch.mask_at(i, (h, w)) {
+                        self.masks.insert(key(s), mask?.to_tensor(device)?);
                     }
                     slot.insert((posterior.mean, posterior.logvar));
                 }
@@ -1517,15 +1520,6 @@ fn encode_captions<B: burn::tensor::backend::Backend>(
         true => crate::generate::encode_weighted_with(text_encoder, tokenizer, captions, m.clip_skip, m.max_token_length, device),
         false => crate::generate::encode_with(text_encoder, tokenizer, captions, m.clip_skip, m.max_token_length, device),
     }
-}
-
-/// Sample `i`'s loss mask of a pixel batch, area-resampled to the latent size `(h, w)` as
-/// kohya's masked loss does, as a `[1, 1, h, w]` tensor.
-fn latent_mask<B: burn::tensor::backend::Backend>(masks: &sd_data::HostTensor, i: usize, (h, w): (usize, usize), device: &B::Device) -> Result<Tensor<B, 4>, TrainError> {
-    let row = masks.row(i).ok_or_else(|| TrainError::Config { origin: "data".into(), reason: format!("the batch's masks have no row {i}") })?;
-    let (src_h, src_w) = (row.shape[2], row.shape[3]);
-    let plane = sd_data::image_io::area_resize(&row.data, (src_h, src_w), (h, w));
-    Ok(Tensor::<B, 1>::from_floats(plane.as_slice(), device).reshape([1, 1, h, w]))
 }
 
 /// Writes the UNet's adapters to `path` in the configured format and precision, with the
