@@ -55,6 +55,14 @@ pub struct LoraConfig {
     /// Initialisation of the down projection.
     #[serde(default)]
     pub init: LoraInit,
+    /// DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's `use_dora`, LyCORIS'
+    /// `dora_wd`): the adapter also learns a magnitude per output feature, `m`, and the
+    /// layer's weight becomes `m · (W + ΔW) / ‖W + ΔW‖` (the norm of each output's row).
+    /// `m` starts at `‖W‖`, so a fresh adapter still leaves the output unchanged. It needs
+    /// the base weight: it takes effect through [`crate::LoraLinear::attach_new`] and
+    /// [`crate::LoraConv2d::attach_new`].
+    #[serde(default)]
+    pub dora: bool,
 }
 
 impl LoraConfig {
@@ -69,6 +77,7 @@ impl LoraConfig {
             module_dropout: 0.0,
             rslora: false,
             init: LoraInit::default(),
+            dora: false,
         }
     }
 
@@ -111,6 +120,12 @@ impl LoraConfig {
     /// Turns rsLoRA scaling on or off.
     pub fn with_rslora(mut self, rslora: bool) -> Self {
         self.rslora = rslora;
+        self
+    }
+
+    /// Turns DoRA on or off (see [`LoraConfig::dora`]).
+    pub fn with_dora(mut self, dora: bool) -> Self {
+        self.dora = dora;
         self
     }
 

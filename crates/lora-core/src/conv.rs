@@ -8,7 +8,7 @@ use burn::tensor::ops::PaddedConvOptions;
 use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::linear::{down_initializer, fold_delta};
+use crate::linear::{down_initializer, fold_delta, update_frozen};
 use crate::precision::cast_to;
 use crate::{HostTensor, LoraConfig, LoraError, LoraWeights, Result};
 
@@ -34,6 +34,9 @@ pub struct Conv2dAdapter<B: Backend> {
     pub rank_dropout: f64,
     /// kohya's module dropout probability ([`LoraConfig::module_dropout`]; autodiff backends only).
     pub module_dropout: f64,
+    /// DoRA's magnitude `m`, `[out]`, trained (see [`LoraConfig::dora`]); `None` for plain
+    /// LoRA. Set from the base kernel by [`LoraConv2d::attach_new`].
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
 fn check_base<B: Backend>(base: &Conv2d<B>, key: &str) -> Result<()> {
@@ -76,11 +79,13 @@ impl<B: Backend> Conv2dAdapter<B> {
             scale: config.scale(),
             rank_dropout: config.rank_dropout,
             module_dropout: config.module_dropout,
+            magnitude: None,
         })
     }
 
     /// Builds an adapter for `base` from file weights (`down [rank, in, kh, kw]`,
-    /// `up [out, rank, 1, 1]`; 2-d weights are accepted for 1x1 kernels).
+    /// `up [out, rank, 1, 1]`; 2-d weights are accepted, `down` with the kernel flattened
+    /// into its columns, `[rank, in·kh·kw]`, as LyCORIS stores it).
     pub fn from_weights(
         weights: &LoraWeights,
         base: &Conv2d<B>,
@@ -92,9 +97,10 @@ impl<B: Backend> Conv2dAdapter<B> {
         let [out_ch, in_ch, kh, kw] = base.weight.dims();
         let rank = weights.rank();
         let mut down_shape = weights.down.shape.clone();
-        if down_shape.len() == 2 {
-            // A linear-layout adapter fits a 1x1 conv (diffusers stores proj_in both ways).
-            down_shape.extend([1, 1]);
+        if down_shape.len() == 2 && down_shape[1] == in_ch * kh * kw {
+            // A linear-layout adapter fits a 1x1 conv (diffusers stores proj_in both ways);
+            // a flattened kernel (LyCORIS) unflattens.
+            down_shape = vec![rank, in_ch, kh, kw];
         }
         let want_down = vec![rank, in_ch, kh, kw];
         let want_up = vec![out_ch, rank, 1, 1];
@@ -119,6 +125,10 @@ impl<B: Backend> Conv2dAdapter<B> {
             .with_bias(false)
             .init::<B>(device);
         up_conv.weight = Param::from_tensor(up);
+        let magnitude = match &weights.magnitude {
+            Some(m) => Some(Param::from_tensor(m.to_tensor::<B, 1>(device)?)),
+            None => None,
+        };
         Ok(Self {
             down: down_conv,
             up: up_conv,
@@ -127,16 +137,45 @@ impl<B: Backend> Conv2dAdapter<B> {
             scale: weights.scale(),
             rank_dropout: 0.0,
             module_dropout: 0.0,
+            magnitude,
         })
     }
 
     /// The adapter in file layout (4-d tensors); `alpha = scale · rank`.
     pub fn to_weights(&self) -> Result<LoraWeights> {
+        let magnitude = match &self.magnitude {
+            Some(m) => Some(HostTensor::from_tensor(m.val())?),
+            None => None,
+        };
         Ok(LoraWeights {
             down: HostTensor::from_tensor(self.down.weight.val())?,
             up: HostTensor::from_tensor(self.up.weight.val())?,
             alpha: self.scale * self.rank() as f32,
+            magnitude,
         })
+    }
+
+    /// Whether this is a DoRA adapter.
+    pub fn is_dora(&self) -> bool {
+        self.magnitude.is_some()
+    }
+
+    /// DoRA's gain per output channel, `m / ‖W + ΔW‖` `[out]` in f32 (the norm over each
+    /// output's `[in, kh, kw]` kernel), for the base kernel `weight`; `None` for plain LoRA.
+    /// The norm is a constant to autodiff, as in [`crate::LinearAdapter::dora_gain`].
+    pub fn dora_gain(&self, weight: Tensor<B, 4>) -> Option<Tensor<B, 1>> {
+        let m = self.magnitude.as_ref()?;
+        let norm = kernel_norms(weight, self.delta_weight_detached());
+        Some(cast_to(m.val(), DType::F32) / norm)
+    }
+
+    /// [`delta_weight`](Self::delta_weight) at factor 1, outside any autodiff graph.
+    fn delta_weight_detached(&self) -> Tensor<B, 4> {
+        let [rank, in_ch, kh, kw] = self.down.weight.dims();
+        let out_ch = self.up.weight.dims()[0];
+        let up = cast_to(self.up.weight.val().detach(), DType::F32).reshape([out_ch, rank]);
+        let down = cast_to(self.down.weight.val().detach(), DType::F32).reshape([rank, in_ch * kh * kw]);
+        up.matmul(down).mul_scalar(self.scale).reshape([out_ch, in_ch, kh, kw])
     }
 
     /// Rank `r`.
@@ -149,10 +188,16 @@ impl<B: Backend> Conv2dAdapter<B> {
     /// training, kohya's network dropout drops elements of `down(…)`, and its rank and
     /// module dropout multiply it per sample.
     pub fn forward(&self, x: Tensor<B, 4>, factor: f32) -> Tensor<B, 4> {
+        self.forward_dropped(self.dropout.forward(x), factor, self.module_dropout)
+    }
+
+    /// [`forward`](Self::forward) on an input that has been through the input dropout,
+    /// with module dropout at `module_p`.
+    fn forward_dropped(&self, x: Tensor<B, 4>, factor: f32, module_p: f64) -> Tensor<B, 4> {
         let dtype = x.dtype();
-        let h = self.network_dropout.forward(conv_in_dtype(&self.down, self.dropout.forward(x), dtype));
+        let h = self.network_dropout.forward(conv_in_dtype(&self.down, x, dtype));
         let [samples, rank, _, _] = h.dims();
-        let h = match crate::rank_dropout::mask::<B>(self.rank_dropout, self.module_dropout, samples, rank, &h.device()) {
+        let h = match crate::rank_dropout::mask::<B>(self.rank_dropout, module_p, samples, rank, &h.device()) {
             Some(mask) => h * cast_to(mask, dtype).reshape([samples, rank, 1, 1]),
             None => h,
         };
@@ -170,6 +215,28 @@ impl<B: Backend> Conv2dAdapter<B> {
             .mul_scalar(factor * self.scale)
             .reshape([out_ch, in_ch, kh, kw])
     }
+}
+
+/// `‖W + ΔW‖` per output channel (over `[in, kh, kw]`), `[out]`, in f32, plus f32's epsilon.
+fn kernel_norms<B: Backend>(weight: Tensor<B, 4>, delta: Tensor<B, 4>) -> Tensor<B, 1> {
+    let [out_ch, in_ch, kh, kw] = weight.dims();
+    let w = cast_to(weight.detach(), DType::F32) + delta;
+    w.reshape([out_ch, in_ch * kh * kw]).powi_scalar(2).sum_dim(1).sqrt().reshape([out_ch]).add_scalar(f32::EPSILON)
+}
+
+/// `v` `[c]` cast to `dtype` and shaped `[1, c, 1, 1]`, to scale channels.
+fn per_channel<B: Backend>(v: Tensor<B, 1>, dtype: DType) -> Tensor<B, 4> {
+    let c = v.dims()[0];
+    cast_to(v, dtype).reshape([1, c, 1, 1])
+}
+
+/// What the base convolution adds to its output besides its bias.
+enum Addend<B: Backend> {
+    None,
+    /// `[N, K, OH, OW]` or `[N, K, 1, 1]`.
+    Full(Tensor<B, 4>),
+    /// `[N, K]` at every pixel.
+    Channels(Tensor<B, 2>),
 }
 
 /// A frozen 2-d convolution with an optional LoCon adapter; the conv counterpart of
@@ -200,6 +267,9 @@ pub struct LoraConv2d<B: Backend> {
     pub multiplier: f32,
     /// Whether the adapter is currently folded into `base`.
     merged: bool,
+    /// The base kernel a merged DoRA adapter replaced, restored by unmerging (as
+    /// [`crate::LoraLinear`]'s).
+    merged_base: Option<Tensor<B, 4>>,
 }
 
 impl<B: Backend> LoraConv2d<B> {
@@ -210,12 +280,19 @@ impl<B: Backend> LoraConv2d<B> {
             adapter: None,
             multiplier: 1.0,
             merged: false,
+            merged_base: None,
         }
     }
 
-    /// Attaches a freshly initialised adapter, replacing any previous one.
+    /// Attaches a freshly initialised adapter, replacing any previous one. With
+    /// [`LoraConfig::dora`], its magnitude starts at the base kernel's norms.
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
-        let adapter = Conv2dAdapter::new(config, &self.base, device)?;
+        let mut adapter = Conv2dAdapter::new(config, &self.base, device)?;
+        self.detach();
+        if config.dora {
+            let norms = kernel_norms(self.base.weight.val(), adapter.delta_weight_detached());
+            adapter.magnitude = Some(Param::from_tensor(norms.detach().to_device(device)));
+        }
         self.attach(adapter, "<new>")
     }
 
@@ -268,14 +345,31 @@ impl<B: Backend> LoraConv2d<B> {
         self.merged
     }
 
-    /// Folds `multiplier · ΔW` into the base kernel; `forward` then skips the adapter.
+    /// Folds `multiplier · ΔW` into the base kernel; `forward` then skips the adapter. A
+    /// DoRA adapter merges as in [`crate::LoraLinear::merge_in_place`] (keeping the base
+    /// kernel outside the module's parameters until unmerged).
     pub fn merge_in_place(&mut self) {
         if self.merged {
             return;
         }
         if let Some(adapter) = &self.adapter {
-            let delta = adapter.delta_weight(self.multiplier);
-            self.base.weight = fold_delta(self.base.weight.clone(), delta, 1.0);
+            let k = self.multiplier;
+            match adapter.dora_gain(self.base.weight.val()) {
+                Some(gain) => {
+                    let delta = adapter.delta_weight(1.0).detach();
+                    let g = gain.detach().reshape([delta.dims()[0], 1, 1, 1]);
+                    self.merged_base = Some(self.base.weight.val());
+                    self.base.weight = update_frozen(self.base.weight.clone(), |w| {
+                        let dtype = w.dtype();
+                        let merged = cast_to(w, DType::F32) * g.clone().sub_scalar(1.0).mul_scalar(k).add_scalar(1.0) + delta * g.mul_scalar(k);
+                        cast_to(merged, dtype)
+                    });
+                }
+                None => {
+                    let delta = adapter.delta_weight(k);
+                    self.base.weight = fold_delta(self.base.weight.clone(), delta, 1.0);
+                }
+            }
             self.merged = true;
         }
     }
@@ -286,6 +380,7 @@ impl<B: Backend> LoraConv2d<B> {
         self.merge_in_place();
         self.adapter = None;
         self.merged = false;
+        self.merged_base = None;
     }
 
     /// Subtracts the merged update again.
@@ -293,7 +388,9 @@ impl<B: Backend> LoraConv2d<B> {
         if !self.merged {
             return;
         }
-        if let Some(adapter) = &self.adapter {
+        if let Some(base) = self.merged_base.take() {
+            self.base.weight = update_frozen(self.base.weight.clone(), |_| base);
+        } else if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
         }
@@ -314,8 +411,12 @@ impl<B: Backend> LoraConv2d<B> {
     }
 
     /// Recovers the unmerged layer from a merged `Conv2d` and the adapter merged into it
-    /// at strength `multiplier`.
+    /// at strength `multiplier`. Not for DoRA adapters (an error, as
+    /// [`crate::LoraLinear::unmerge`]).
     pub fn unmerge(merged: Conv2d<B>, adapter: Conv2dAdapter<B>, multiplier: f32) -> Result<Self> {
+        if adapter.is_dora() {
+            return Err(LoraError::Unsupported("unmerging a DoRA adapter from a plain merged convolution (the base kernel's norms are lost); use LoraConv2d::unmerge_in_place".into()));
+        }
         let mut layer = Self::new(merged);
         layer.multiplier = multiplier;
         layer.attach(adapter, "<unmerge>")?;
@@ -326,17 +427,64 @@ impl<B: Backend> LoraConv2d<B> {
 
     /// `base(x)` plus the adapter's contribution (unless merged or absent).
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.with_delta(x, |base, x| crate::kernels::conv2d(base, x))
+        self.with_delta(x, Addend::None)
     }
 
-    /// `base_op(base, x)` plus the adapter's contribution (unless merged or absent).
-    fn with_delta(&self, x: Tensor<B, 4>, base_op: impl FnOnce(&Conv2d<B>, Tensor<B, 4>) -> Tensor<B, 4>) -> Tensor<B, 4> {
+    /// The base convolution plus `addend`, plus the adapter's contribution (unless merged or
+    /// absent).
+    fn with_delta(&self, x: Tensor<B, 4>, addend: Addend<B>) -> Tensor<B, 4> {
+        let base_op = |x: Tensor<B, 4>, addend: Addend<B>| match addend {
+            Addend::None => crate::kernels::conv2d(&self.base, x),
+            Addend::Full(a) => crate::kernels::conv2d_add(&self.base, x, a),
+            Addend::Channels(c) => crate::kernels::conv2d_add_channels(&self.base, x, c),
+        };
         match &self.adapter {
+            Some(adapter) if !self.merged && self.multiplier != 0.0 && adapter.is_dora() => self.forward_dora(adapter, x, addend),
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 let delta = adapter.forward(x.clone(), self.multiplier);
-                base_op(&self.base, x) + delta
+                base_op(x, addend) + delta
             }
-            _ => base_op(&self.base, x),
+            _ => base_op(x, addend),
+        }
+    }
+
+    /// The layer with a DoRA adapter at multiplier `k`: `conv(x, W) + b + k·((g − 1) ⊙
+    /// conv(x, W) + g ⊙ Δ(x)) + addend`, with the gain on the output channels (as
+    /// [`crate::LoraLinear`]'s DoRA path).
+    fn forward_dora(&self, adapter: &Conv2dAdapter<B>, x: Tensor<B, 4>, addend: Addend<B>) -> Tensor<B, 4> {
+        let dtype = x.dtype();
+        let k = self.multiplier;
+        let gain = adapter.dora_gain(self.base.weight.val()).expect("a DoRA adapter");
+        // The kernel alone: the gain scales `x * W`, not the bias or the addend.
+        let mut kernel = self.base.clone();
+        kernel.bias = None;
+        let xw = crate::kernels::conv2d(&kernel, x.clone());
+        // Input dropout reaches the update's base term too, as PEFT's (see `LoraLinear`).
+        let (x_branch, xw_update) = match adapter.dropout.prob > 0.0 && B::ad_enabled(&x.device()) {
+            true => {
+                let dropped = adapter.dropout.forward(x);
+                (dropped.clone(), crate::kernels::conv2d(&kernel, dropped))
+            }
+            false => (x, xw.clone()),
+        };
+        let branch = adapter.forward_dropped(x_branch, 1.0, 0.0);
+        let update = xw_update * per_channel(gain.clone().sub_scalar(1.0).mul_scalar(k), dtype) + branch * per_channel(gain.mul_scalar(k), dtype);
+        let update = match crate::rank_dropout::mask::<B>(0.0, adapter.module_dropout, 1, 1, &update.device()) {
+            Some(keep) => update * cast_to(keep, dtype).reshape([1, 1, 1, 1]),
+            None => update,
+        };
+        let y = xw + update;
+        let y = match &self.base.bias {
+            Some(bias) => y + per_channel(bias.val(), dtype),
+            None => y,
+        };
+        match addend {
+            Addend::None => y,
+            Addend::Full(a) => y + a,
+            Addend::Channels(c) => {
+                let [n, ch] = c.dims();
+                y + c.reshape([n, ch, 1, 1])
+            }
         }
     }
 
@@ -358,7 +506,7 @@ impl<B: Backend> LoraConv2d<B> {
     /// assert!(err < 1e-5);
     /// ```
     pub fn forward_add(&self, x: Tensor<B, 4>, addend: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.with_delta(x, |base, x| crate::kernels::conv2d_add(base, x, addend))
+        self.with_delta(x, Addend::Full(addend))
     }
 
     /// `forward(x)` plus `per_channel [N, K]` at every pixel (see
@@ -379,7 +527,7 @@ impl<B: Backend> LoraConv2d<B> {
     /// assert!(err < 1e-5);
     /// ```
     pub fn forward_add_channels(&self, x: Tensor<B, 4>, per_channel: Tensor<B, 2>) -> Tensor<B, 4> {
-        self.with_delta(x, |base, x| crate::kernels::conv2d_add_channels(base, x, per_channel))
+        self.with_delta(x, Addend::Channels(per_channel))
     }
 }
 

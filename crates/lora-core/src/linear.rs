@@ -71,6 +71,9 @@ pub struct LinearAdapter<B: Backend> {
     /// (set per batch with [`crate::LoraSiteMut::set_samples`]; inputs of three or more
     /// dimensions take their first); 0: each row is a sample.
     pub samples: usize,
+    /// DoRA's magnitude `m`, `[out]`, trained (see [`LoraConfig::dora`]); `None` for plain
+    /// LoRA. Set from the base weight by [`LoraLinear::attach_new`].
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
 impl<B: Backend> LinearAdapter<B> {
@@ -94,6 +97,7 @@ impl<B: Backend> LinearAdapter<B> {
             rank_dropout: config.rank_dropout,
             module_dropout: config.module_dropout,
             samples: 0,
+            magnitude: None,
         })
     }
 
@@ -111,6 +115,10 @@ impl<B: Backend> LinearAdapter<B> {
         }
         let down: Tensor<B, 2> = weights.down.to_tensor(device)?;
         let up: Tensor<B, 2> = weights.up.to_tensor(device)?;
+        let magnitude = match &weights.magnitude {
+            Some(m) => Some(Param::from_tensor(m.to_tensor::<B, 1>(device)?)),
+            None => None,
+        };
         Ok(Self {
             down: Linear {
                 weight: Param::from_tensor(down.transpose()),
@@ -126,6 +134,7 @@ impl<B: Backend> LinearAdapter<B> {
             rank_dropout: 0.0,
             module_dropout: 0.0,
             samples: 0,
+            magnitude,
         })
     }
 
@@ -134,11 +143,38 @@ impl<B: Backend> LinearAdapter<B> {
         let down = HostTensor::from_tensor(self.down.weight.val().transpose())?;
         let up = HostTensor::from_tensor(self.up.weight.val().transpose())?;
         let rank = self.rank();
+        let magnitude = match &self.magnitude {
+            Some(m) => Some(HostTensor::from_tensor(m.val())?),
+            None => None,
+        };
         Ok(LoraWeights {
             down,
             up,
             alpha: self.scale * rank as f32,
+            magnitude,
         })
+    }
+
+    /// Whether this is a DoRA adapter.
+    pub fn is_dora(&self) -> bool {
+        self.magnitude.is_some()
+    }
+
+    /// DoRA's gain per output, `m / ‖W + ΔW‖` `[out]` in f32, for the base weight `weight`
+    /// (burn layout `[in, out]`); `None` for plain LoRA. The norm is a constant to autodiff,
+    /// as in the DoRA paper (§4.3) and PEFT: the gradient reaches `m` through the gain and
+    /// `down` / `up` through the adapter's own branch only, and the backward pass stores no
+    /// `[in, out]` matrix.
+    pub fn dora_gain(&self, weight: Tensor<B, 2>) -> Option<Tensor<B, 1>> {
+        let m = self.magnitude.as_ref()?;
+        let norm = column_norms(weight, self.delta_weight_detached());
+        Some(cast_to(m.val(), DType::F32) / norm)
+    }
+
+    /// [`delta_weight`](Self::delta_weight) at factor 1, outside any autodiff graph.
+    fn delta_weight_detached(&self) -> Tensor<B, 2> {
+        let f32 = |w: Tensor<B, 2>| cast_to(w.detach(), DType::F32);
+        f32(self.down.weight.val()).matmul(f32(self.up.weight.val())).mul_scalar(self.scale)
     }
 
     /// Rank `r`.
@@ -156,6 +192,12 @@ impl<B: Backend> LinearAdapter<B> {
     /// training, kohya's network dropout drops elements of `down(…)`, and its rank and
     /// module dropout multiply it per sample.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, factor: f32) -> Tensor<B, D> {
+        self.forward_dropped(self.dropout.forward(x), factor, self.module_dropout)
+    }
+
+    /// [`forward`](Self::forward) on an input that has been through the input dropout,
+    /// with module dropout at `module_p` (DoRA applies its own to the whole layer update).
+    fn forward_dropped<const D: usize>(&self, x: Tensor<B, D>, factor: f32, module_p: f64) -> Tensor<B, D> {
         let dtype = x.dtype();
         let down = cast_to(self.down.weight.val(), dtype);
         // The scale goes on the `[r, out]` up weight rather than the `[rows, r]` activation:
@@ -163,8 +205,8 @@ impl<B: Backend> LinearAdapter<B> {
         // launch of its own each way, but this one reads a few thousand values instead of
         // rows × r, and with f32 adapter weights it joins their cast (burn's fusion).
         let up = cast_to(self.up.weight.val().mul_scalar(factor * self.scale), dtype);
-        let h = crate::kernels::linear_weight(self.dropout.forward(x), down);
-        let h = self.rank_dropout(self.network_dropout.forward(h));
+        let h = crate::kernels::linear_weight(x, down);
+        let h = self.rank_dropout(self.network_dropout.forward(h), module_p);
         crate::kernels::linear_weight(h, up)
     }
 
@@ -174,8 +216,9 @@ impl<B: Backend> LinearAdapter<B> {
         self.network_dropout.prob > 0.0 || self.rank_dropout > 0.0 || self.module_dropout > 0.0
     }
 
-    /// `h = down(x)` `[.., rank]` times the rank / module dropout mask of its samples.
-    fn rank_dropout<const D: usize>(&self, h: Tensor<B, D>) -> Tensor<B, D> {
+    /// `h = down(x)` `[.., rank]` times the rank / module dropout mask of its samples
+    /// (module dropout at `module_p`).
+    fn rank_dropout<const D: usize>(&self, h: Tensor<B, D>, module_p: f64) -> Tensor<B, D> {
         let dims = h.dims();
         let rank = dims[D - 1];
         let rows = dims[..D - 1].iter().product::<usize>();
@@ -185,7 +228,7 @@ impl<B: Backend> LinearAdapter<B> {
         let leading = (D >= 3).then(|| dims[0]);
         // Module dropout alone needs one draw per pass, not one per sample.
         let groups = if self.rank_dropout > 0.0 { crate::rank_dropout::groups(rows, leading, self.samples) } else { 1 };
-        let Some(mask) = crate::rank_dropout::mask::<B>(self.rank_dropout, self.module_dropout, groups, rank, &h.device()) else {
+        let Some(mask) = crate::rank_dropout::mask::<B>(self.rank_dropout, module_p, groups, rank, &h.device()) else {
             return h;
         };
         // One mask row per sample, broadcast over the sample's rows.
@@ -199,6 +242,22 @@ impl<B: Backend> LinearAdapter<B> {
         let f32 = |w: Tensor<B, 2>| cast_to(w, DType::F32);
         f32(self.down.weight.val()).matmul(f32(self.up.weight.val())).mul_scalar(factor * self.scale)
     }
+}
+
+/// `‖W + ΔW‖` per output (column of burn's `[in, out]` layout), `[out]`, in f32, plus f32's
+/// epsilon against a zero column (as LyCORIS). `delta` is f32.
+pub(crate) fn column_norms<B: Backend>(weight: Tensor<B, 2>, delta: Tensor<B, 2>) -> Tensor<B, 1> {
+    let d_out = weight.dims()[1];
+    let w = cast_to(weight.detach(), DType::F32) + delta;
+    w.powi_scalar(2).sum_dim(0).sqrt().reshape([d_out]).add_scalar(f32::EPSILON)
+}
+
+/// `v` `[n]` cast to `dtype` and shaped `[1, …, 1, n]` to scale the last axis of a `D`-d
+/// tensor.
+pub(crate) fn on_last_axis<B: Backend, const D: usize>(v: Tensor<B, 1>, dtype: DType) -> Tensor<B, D> {
+    let mut shape = [1; D];
+    shape[D - 1] = v.dims()[0];
+    cast_to(v, dtype).reshape(shape)
 }
 
 /// A linear layer whose weights are frozen, with an optional LoRA adapter.
@@ -234,6 +293,10 @@ pub struct LoraLinear<B: Backend> {
     pub multiplier: f32,
     /// Whether the adapter is currently folded into `base`.
     merged: bool,
+    /// The base weight a merged DoRA adapter replaced, restored by unmerging (a DoRA
+    /// merge is not undone by subtracting, and solving for the base would divide by
+    /// `1 + k·(g − 1)`, which can be 0).
+    merged_base: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> LoraLinear<B> {
@@ -244,6 +307,7 @@ impl<B: Backend> LoraLinear<B> {
             adapter: None,
             multiplier: 1.0,
             merged: false,
+            merged_base: None,
         }
     }
 
@@ -253,10 +317,17 @@ impl<B: Backend> LoraLinear<B> {
         (i, o)
     }
 
-    /// Attaches a freshly initialised adapter, replacing any previous one.
+    /// Attaches a freshly initialised adapter, replacing any previous one. With
+    /// [`LoraConfig::dora`], its magnitude starts at the base weight's norms, so the layer's
+    /// output is unchanged.
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
         let (i, o) = self.features();
-        let adapter = LinearAdapter::new(config, i, o, device)?;
+        let mut adapter = LinearAdapter::new(config, i, o, device)?;
+        self.detach();
+        if config.dora {
+            let norms = column_norms(self.base.weight.val(), adapter.delta_weight_detached());
+            adapter.magnitude = Some(Param::from_tensor(norms.detach().to_device(device)));
+        }
         self.attach(adapter, "<new>")
     }
 
@@ -307,14 +378,35 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Folds `multiplier · ΔW` into the base weight; `forward` then skips the adapter.
-    /// Does nothing without an adapter or when already merged.
+    /// A DoRA adapter at multiplier `k` gives `W + k · (g ⊙ (W + ΔW) − W)` with its gain
+    /// `g = m / ‖W + ΔW‖` (the weight moves from the base toward DoRA's, as ComfyUI and
+    /// Forge apply a strength); unmerging then restores the kept base weight exactly. That
+    /// copy is outside the module's parameters: casting or loading the module while a DoRA
+    /// adapter is merged leaves it as it was (unmerge first, or [`bake`](Self::bake)). Does
+    /// nothing without an adapter or when already merged.
     pub fn merge_in_place(&mut self) {
         if self.merged {
             return;
         }
         if let Some(adapter) = &self.adapter {
-            let delta = adapter.delta_weight(self.multiplier);
-            self.base.weight = fold_delta(self.base.weight.clone(), delta, 1.0);
+            let k = self.multiplier;
+            match adapter.dora_gain(self.base.weight.val()) {
+                Some(gain) => {
+                    let delta = adapter.delta_weight(1.0).detach();
+                    let g = gain.detach().reshape([1, delta.dims()[1]]);
+                    self.merged_base = Some(self.base.weight.val());
+                    self.base.weight = update_frozen(self.base.weight.clone(), |w| {
+                        let dtype = w.dtype();
+                        let w = cast_to(w, DType::F32);
+                        let merged = w.clone() * (g.clone().sub_scalar(1.0).mul_scalar(k).add_scalar(1.0)) + delta * g.mul_scalar(k);
+                        cast_to(merged, dtype)
+                    });
+                }
+                None => {
+                    let delta = adapter.delta_weight(k);
+                    self.base.weight = fold_delta(self.base.weight.clone(), delta, 1.0);
+                }
+            }
             self.merged = true;
         }
     }
@@ -325,6 +417,7 @@ impl<B: Backend> LoraLinear<B> {
         self.merge_in_place();
         self.adapter = None;
         self.merged = false;
+        self.merged_base = None;
     }
 
     /// Subtracts the merged update again, restoring the base weight (up to rounding).
@@ -332,7 +425,9 @@ impl<B: Backend> LoraLinear<B> {
         if !self.merged {
             return;
         }
-        if let Some(adapter) = &self.adapter {
+        if let Some(base) = self.merged_base.take() {
+            self.base.weight = update_frozen(self.base.weight.clone(), |_| base);
+        } else if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
         }
@@ -353,8 +448,13 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Recovers the unmerged layer from a merged `Linear` and the adapter that was merged
-    /// into it at strength `multiplier`.
+    /// into it at strength `multiplier`. Not for DoRA adapters (an error): their merged
+    /// weight does not determine the base weight's norms; keep the `LoraLinear` and call
+    /// [`unmerge_in_place`](Self::unmerge_in_place).
     pub fn unmerge(merged: Linear<B>, adapter: LinearAdapter<B>, multiplier: f32) -> Result<Self> {
+        if adapter.is_dora() {
+            return Err(LoraError::Unsupported("unmerging a DoRA adapter from a plain merged layer (the base weight's norms are lost); use LoraLinear::unmerge_in_place".into()));
+        }
         let mut layer = Self::new(merged);
         layer.multiplier = multiplier;
         layer.attach(adapter, "<unmerge>")?;
@@ -398,6 +498,7 @@ impl<B: Backend> LoraLinear<B> {
         let masked = !self.merged && self.adapter.as_ref().is_some_and(|a| a.has_kohya_dropout()) && B::ad_enabled(&x.device());
         let fusion = D >= 2 && !crate::kernels::on_flex::<B>() && !masked;
         match &self.adapter {
+            Some(adapter) if !self.merged && self.multiplier != 0.0 && adapter.is_dora() => self.forward_dora(adapter, x, extra),
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
                 if fusion && fused_applies(Some(adapter)) {
                     return self.forward_fused(Some(adapter), x, extra);
@@ -433,6 +534,39 @@ impl<B: Backend> LoraLinear<B> {
         let y = self.forward_plus(x.reshape([rows, dims[D - 1]]), extra);
         dims[D - 1] = y.dims()[1];
         y.reshape(dims)
+    }
+
+    /// [`forward_plus`](Self::forward_plus) with a DoRA adapter at multiplier `k`:
+    /// `x·W + b + k·((g − 1) ⊙ x·W + g ⊙ Δ(x))`, PEFT's order (the base product once, the
+    /// gain `g = m / ‖W + ΔW‖` on the outputs; no `[in, out]` weight in the graph). At `k = 1`
+    /// it is `x · (g ⊙ (W + ΔW)) + b`. Module dropout skips the whole update.
+    fn forward_dora<const D: usize>(&self, adapter: &LinearAdapter<B>, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let k = self.multiplier;
+        let weight = self.base.weight.val();
+        let gain = adapter.dora_gain(weight.clone()).expect("a DoRA adapter");
+        let xw = crate::kernels::linear_weight(x.clone(), weight.clone());
+        // With input dropout while training, the update's base term takes the dropped input
+        // too, as PEFT's: `x·W + b + (g − 1) ⊙ x'·W + g ⊙ Δ(x')`.
+        let (x_branch, xw_update) = match adapter.dropout.prob > 0.0 && B::ad_enabled(&x.device()) {
+            true => {
+                let dropped = adapter.dropout.forward(x);
+                (dropped.clone(), crate::kernels::linear_weight(dropped, weight))
+            }
+            false => (x, xw.clone()),
+        };
+        let branch = adapter.forward_dropped(x_branch, 1.0, 0.0);
+        let update = xw_update * on_last_axis::<B, D>(gain.clone().sub_scalar(1.0).mul_scalar(k), dtype) + branch * on_last_axis::<B, D>(gain.mul_scalar(k), dtype);
+        let update = match crate::rank_dropout::mask::<B>(0.0, adapter.module_dropout, 1, 1, &update.device()) {
+            Some(keep) => update * cast_to(keep, dtype).reshape([1; D]),
+            None => update,
+        };
+        let y = xw + update;
+        let y = match &self.base.bias {
+            Some(bias) => y + on_last_axis::<B, D>(bias.val(), dtype),
+            None => y,
+        };
+        plus(y, extra)
     }
 
     /// [`forward`](Self::forward) with the adapter, as three 2-D matmuls in an order that

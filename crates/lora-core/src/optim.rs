@@ -273,6 +273,10 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     /// Per trained scalar, the factor on the learning rate of its tensor
     /// ([`FlatAdamW::with_lr_scales`]); `None`: 1 everywhere.
     lr_scales: Option<Tensor<B::InnerBackend, 1>>,
+    /// Tensors whose module copies stay in the master dtype ([`FlatAdamW::with_master_copies`]).
+    master_copies: Vec<ParamId>,
+    /// Lion's update instead of Adam's ([`FlatAdamW::with_lion`]).
+    lion: bool,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -298,6 +302,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             prodigy: None,
             max_norm_index: None,
             lr_scales: None,
+            master_copies: Vec::new(),
+            lion: false,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -423,11 +429,53 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// assert!(d > 1e-6, "the estimate grew from d0: {d}");
     /// ```
     pub fn with_prodigy(mut self, settings: ProdigySettings) -> Self {
+        self.lion = false;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, settings.d0, 0.0, 0.0], [4]), &device);
         let s = Tensor::zeros([self.len()], &device);
         self.prodigy = Some(Prodigy { settings, p0: self.params.clone(), s, scalars, bias: None });
         self
+    }
+
+    /// Lion's update (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"; the
+    /// `lion-pytorch` package kohya uses) instead of Adam's: each value moves by the learning
+    /// rate times the sign of `β₁·m + (1 − β₁)·g`, after the decoupled weight decay
+    /// `p·(1 − lr·wd)`, and then `m = β₂·m + (1 − β₂)·g`. β₁, β₂ and the weight decay come
+    /// from the [`AdamWSettings`] (ε is unused; the paper's betas are 0.9 and 0.99); the
+    /// second moment stays zero. Every step is the same size, so Lion wants a learning rate
+    /// 3–10 times smaller than AdamW's and a weight decay as many times larger. Replaces
+    /// [`with_prodigy`](Self::with_prodigy). Checked step by step against `lion-pytorch`.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::optim::GradientsParams;
+    /// use burn::tensor::Tensor;
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let layer = LinearConfig::new(4, 2).with_bias(false).init::<B>(&device);
+    /// let settings = AdamWSettings { weight_decay: 0.0, ..AdamWSettings::default() };
+    /// let mut optim = FlatAdamW::new(settings, &layer, &device).with_lion();
+    /// let x = Tensor::<B, 2>::ones([3, 4], &device);
+    /// let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
+    /// let grads = optim.gather_grads(&layer, grads);
+    /// let before = layer.weight.val();
+    /// let layer = optim.step(1e-2, layer, grads);
+    /// // Every value moved by exactly the learning rate (against its gradient's sign).
+    /// let moved: Vec<f32> = (before - layer.weight.val()).abs().into_data().to_vec().unwrap();
+    /// assert!(moved.iter().all(|d| (d - 1e-2).abs() < 1e-6), "{moved:?}");
+    /// ```
+    pub fn with_lion(mut self) -> Self {
+        self.prodigy = None;
+        self.lion = true;
+        self
+    }
+
+    /// Whether this optimizer takes Lion's update ([`with_lion`](Self::with_lion)).
+    pub fn is_lion(&self) -> bool {
+        self.lion
     }
 
     /// Prodigy's current step-size estimate `d` (shape `[1]`, on the device: no read);
@@ -469,7 +517,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// `module` with its trained tensors set to the optimizer's values in the working dtype
     /// ([`with_working_dtype`](Self::with_working_dtype); the values themselves without one).
     pub fn to_working<M: AutodiffModule<B>>(&self, module: M) -> M {
-        self.scatter(module, self.working_values())
+        self.scatter_working(module)
     }
 
     /// `module` with its trained tensors set to the optimizer's values in their own dtype
@@ -478,22 +526,60 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.scatter(module, self.params.clone())
     }
 
-    /// The trained values in the working dtype.
-    fn working_values(&self) -> Tensor<B::InnerBackend, 1> {
-        match self.working {
-            Some(dtype) => self.params.clone().cast(FloatDType::from(dtype)),
-            None => self.params.clone(),
+    /// `module` with its trained tensors set to the working copies, those of
+    /// [`with_master_copies`](Self::with_master_copies) in the master dtype.
+    fn scatter_working<M: AutodiffModule<B>>(&self, module: M) -> M {
+        let Some(dtype) = self.working else {
+            return self.scatter(module, self.params.clone());
+        };
+        let module = self.scatter(module, self.params.clone().cast(FloatDType::from(dtype)));
+        if self.master_copies.is_empty() {
+            return module;
         }
+        self.scatter_where(module, self.params.clone(), |id| self.master_copies.contains(&id))
+    }
+
+    /// With [`with_working_dtype`](Self::with_working_dtype), the module's copies of the
+    /// tensors for which `keep` holds stay in the master dtype (f32). For DoRA's magnitudes:
+    /// rounded to bf16, a magnitude `m ≈ ‖W‖` would move the gain `m / ‖W‖` off 1 by up to
+    /// 2⁻⁹, more than training moves it. The layer must take such a tensor in f32 (DoRA's
+    /// gain is computed in f32).
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::tensor::{DType, FloatDType};
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let layer = LinearConfig::new(4, 2).init::<B>(&device);
+    /// let bias = layer.bias.as_ref().unwrap().id;
+    /// let optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device)
+    ///     .with_working_dtype(FloatDType::BF16)
+    ///     .with_master_copies(|id| id == bias);
+    /// let layer = optim.to_working(layer);
+    /// assert_eq!(layer.weight.val().dtype(), DType::BF16);
+    /// assert_eq!(layer.bias.unwrap().val().dtype(), DType::F32);
+    /// ```
+    pub fn with_master_copies(mut self, keep: impl Fn(ParamId) -> bool) -> Self {
+        self.master_copies = self.order.iter().copied().filter(|id| keep(*id)).collect();
+        self
     }
 
     /// `module` with its trained tensors set to slices of `flat`.
     fn scatter<M: AutodiffModule<B>>(&self, module: M, flat: Tensor<B::InnerBackend, 1>) -> M {
+        self.scatter_where(module, flat, |_| true)
+    }
+
+    /// [`scatter`](Self::scatter) for the tensors whose id passes `which`.
+    fn scatter_where<M: AutodiffModule<B>>(&self, module: M, flat: Tensor<B::InnerBackend, 1>, which: impl Fn(ParamId) -> bool) -> M {
         if self.is_empty() {
             return module;
         }
         // All pieces in one operation on a fusion backend (`kernels::split_flat`).
         let pieces = crate::kernels::split_flat(flat, &self.shapes);
-        let pieces = self.order.iter().copied().zip(pieces).collect();
+        let pieces = self.order.iter().copied().zip(pieces).filter(|(id, _)| which(*id)).collect();
         let mut scatter = Scatter::<B> { slots: &self.slots, pieces, replaced: Vec::with_capacity(self.shapes.len()) };
         let module = module.map(&mut scatter);
         // The old values, released together (one operation on a fusion backend, not one each).
@@ -582,13 +668,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     fn step_masked<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) -> M {
         let Some(grad) = grads.values else { return module };
         if !grads.present.iter().any(|p| *p) {
-            return self.scatter(module, self.working_values());
+            return self.scatter_working(module);
         }
         let len = self.len();
         if self.prodigy.is_some() {
             let present = self.present_mask(&grads.present);
             self.prodigy_step(lr, grad, present, apply);
-            return self.scatter(module, self.working_values());
+            return self.scatter_working(module);
         }
         // Where this step updates: tensors with a gradient, if the device says so.
         let mask = match (self.present_mask(&grads.present), apply) {
@@ -613,12 +699,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         }
         self.time = time;
         // On a fusion backend the working copies' cast joins the update's kernel.
-        self.scatter(module, self.working_values())
+        self.scatter_working(module)
     }
 
     /// burn's `AdamW` step on the flat vectors with step counts `time`, operation for
     /// operation (the bias corrections are the host's `1 - β.powi(t)`, looked up per
-    /// element): new moments and parameters.
+    /// element), or Lion's ([`with_lion`](Self::with_lion)): new moments and parameters.
     #[allow(clippy::type_complexity)]
     fn update(
         &self,
@@ -628,11 +714,21 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         param: Tensor<B::InnerBackend, 1>,
     ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
         let s = &self.settings;
-        let m = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(1.0 - s.beta_1));
-        let v = self.moment_2.clone().mul_scalar(s.beta_2).add(grad.square().mul_scalar(1.0 - s.beta_2));
-        let m_hat = m.clone().div(self.bias.beta_1.clone().select(0, time.clone()));
-        let v_hat = v.clone().div(self.bias.beta_2.clone().select(0, time));
-        let delta = m_hat.div(v_hat.sqrt().add_scalar(s.epsilon));
+        let (m, v, delta) = if self.lion {
+            // lion-pytorch: the direction from the old moment, then the moment's update, with
+            // `1 − β` from the settings' decimal values (as Python computes it).
+            let complement = |b: f32| (1.0 - decimal(b)) as f32;
+            let direction = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(complement(s.beta_1))).sign();
+            let m = self.moment_1.clone().mul_scalar(s.beta_2).add(grad.mul_scalar(complement(s.beta_2)));
+            (m, self.moment_2.clone(), direction)
+        } else {
+            let m = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(1.0 - s.beta_1));
+            let v = self.moment_2.clone().mul_scalar(s.beta_2).add(grad.square().mul_scalar(1.0 - s.beta_2));
+            let m_hat = m.clone().div(self.bias.beta_1.clone().select(0, time.clone()));
+            let v_hat = v.clone().div(self.bias.beta_2.clone().select(0, time));
+            let delta = m_hat.div(v_hat.sqrt().add_scalar(s.epsilon));
+            (m, v, delta)
+        };
         if let Some(scales) = &self.lr_scales {
             // Per-tensor learning rates: `p·(1 − lr·wd) − lr·δ` with each element's `lr`.
             let lr = scales.clone().mul_scalar(lr);
@@ -642,7 +738,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             };
             return (m, v, decayed - delta.mul(lr));
         }
-        let decay = lr * s.weight_decay as f64;
+        // burn's AdamW takes the f32 decay as it is; lion-pytorch its decimal value.
+        let decay = lr * if self.lion { decimal(s.weight_decay) } else { f64::from(s.weight_decay) };
         let decayed = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
         (m, v, decayed - delta.mul_scalar(lr))
     }

@@ -12,6 +12,9 @@
 //! `O((out + in·kh·kw) · r²)` work per adapter instead of an SVD of the full
 //! `out × in·kh·kw` matrix, in f64 on the host.
 //!
+//! A DoRA adapter keeps its magnitude: its weight `m · (W + ΔW') / ‖W + ΔW'‖` then uses the
+//! low-rank `ΔW'` in the direction, which the norm renormalises.
+//!
 //! ```
 //! use lora_core::resize::{resize_adapter, RankRule};
 //! use lora_core::{HostTensor, LoraWeights};
@@ -267,6 +270,10 @@ pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, ke
         weights.scale() * k as f32,
         key,
     )?;
+    let resized = match &weights.magnitude {
+        Some(m) => resized.with_magnitude(m.clone(), key)?,
+        None => resized,
+    };
     Ok((resized, retained(s, r, k)))
 }
 

@@ -31,6 +31,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                         down: squeeze(&weights.down),
                         up: squeeze(&weights.up),
                         alpha: weights.alpha,
+                        magnitude: weights.magnitude.clone(),
                     };
                     return l.attach_weights(&w, key, device);
                 }
@@ -50,10 +51,10 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             (rank, config.with_rank_dropout(rank_p).with_module_dropout(module_p))
         };
         let attached = match self {
-            Self::Linear(l) => l.adapter.as_ref().map(|a| keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout])),
-            Self::Conv(c) => c.adapter.as_ref().map(|a| keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout])),
+            Self::Linear(l) => l.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout]), a.is_dora())),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout]), a.is_dora())),
         };
-        let Some((rank, dropout)) = attached else {
+        let Some(((rank, dropout), dora)) = attached else {
             return Err(LoraError::Unsupported(format!("{key}: no adapter is attached to load weights into")));
         };
         if weights.rank() != rank {
@@ -61,6 +62,10 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                 key: key.to_string(),
                 reason: format!("rank {} in the weights, {rank} in the attached adapter", weights.rank()),
             });
+        }
+        if weights.is_dora() != dora {
+            let kind = |dora: bool| if dora { "DoRA" } else { "plain LoRA" };
+            return Err(LoraError::Unsupported(format!("{key}: the weights are {}, the attached adapter is {}", kind(weights.is_dora()), kind(dora))));
         }
         self.attach_weights(weights, key, device)?;
         self.set_dropout(&dropout);
@@ -153,6 +158,15 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
             Self::Conv(c) => c.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
+        }
+    }
+
+    /// The parameter id of the attached adapter's DoRA magnitude; `None` without a DoRA
+    /// adapter.
+    pub fn magnitude_param_id(&self) -> Option<burn::module::ParamId> {
+        match self {
+            Self::Linear(l) => l.adapter.as_ref().and_then(|a| a.magnitude.as_ref()).map(|m| m.id),
+            Self::Conv(c) => c.adapter.as_ref().and_then(|a| a.magnitude.as_ref()).map(|m| m.id),
         }
     }
 

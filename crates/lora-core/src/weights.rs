@@ -61,7 +61,8 @@ impl HostTensor {
 /// - conv layers: `down` is `[rank, in, kh, kw]`, `up` is `[out, rank, 1, 1]`.
 ///
 /// The update is `ΔW = (alpha / rank) · up · down` (contracting over the rank), the
-/// convention of every reader of these files.
+/// convention of every reader of these files. A DoRA adapter also has a `magnitude`
+/// (see [`crate::LoraConfig::dora`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraWeights {
     /// Down projection (`lora_down` / `lora_A`).
@@ -70,14 +71,41 @@ pub struct LoraWeights {
     pub up: HostTensor,
     /// Scale numerator; the scale is `alpha / rank`.
     pub alpha: f32,
+    /// DoRA's magnitude `m`, one value per output feature or channel, shape `[out]`
+    /// (PEFT's `lora_magnitude_vector`; kohya-layout files store it as `dora_scale` of
+    /// shape `[out, 1]` or `[out, 1, 1, 1]`, as LyCORIS writes it). `None` for plain LoRA.
+    pub magnitude: Option<HostTensor>,
 }
 
 impl LoraWeights {
-    /// Builds and validates an adapter (see [`LoraWeights::validate`]).
+    /// Builds and validates a plain LoRA adapter (see [`LoraWeights::validate`]).
     pub fn new(down: HostTensor, up: HostTensor, alpha: f32, key: &str) -> Result<Self> {
-        let w = Self { down, up, alpha };
+        let w = Self { down, up, alpha, magnitude: None };
         w.validate(key)?;
         Ok(w)
+    }
+
+    /// The adapter with DoRA's `magnitude` (`[out]`), validated.
+    ///
+    /// ```
+    /// use lora_core::{HostTensor, LoraWeights};
+    /// let down = HostTensor::new(vec![1, 3], vec![0.1, 0.2, 0.3])?;
+    /// let up = HostTensor::new(vec![2, 1], vec![0.5, -0.5])?;
+    /// let plain = LoraWeights::new(down, up, 1.0, "k")?;
+    /// let dora = plain.clone().with_magnitude(HostTensor::new(vec![2], vec![1.0, 2.0])?, "k")?;
+    /// assert!(dora.is_dora() && !plain.is_dora());
+    /// assert!(plain.with_magnitude(HostTensor::new(vec![3], vec![1.0; 3])?, "k").is_err(), "one value per output");
+    /// # Ok::<(), lora_core::LoraError>(())
+    /// ```
+    pub fn with_magnitude(mut self, magnitude: HostTensor, key: &str) -> Result<Self> {
+        self.magnitude = Some(magnitude);
+        self.validate(key)?;
+        Ok(self)
+    }
+
+    /// Whether this is a DoRA adapter (it has a magnitude).
+    pub fn is_dora(&self) -> bool {
+        self.magnitude.is_some()
     }
 
     /// Checks ranks and layouts; `key` names the adapter in errors.
@@ -125,6 +153,14 @@ impl LoraWeights {
         }
         if !self.alpha.is_finite() {
             return Err(bad(format!("alpha must be finite, got {}", self.alpha)));
+        }
+        if let Some(m) = &self.magnitude {
+            if m.shape != [u[0]] || m.data.len() != u[0] {
+                return Err(bad(format!("DoRA magnitude must be [{}] (one value per output), got {:?}", u[0], m.shape)));
+            }
+            if let Some(v) = m.data.iter().find(|v| !v.is_finite()) {
+                return Err(bad(format!("DoRA magnitude must be finite, got {v}")));
+            }
         }
         Ok(())
     }
@@ -188,6 +224,7 @@ impl LoraWeights {
             down: self.down.clone(),
             up,
             alpha: self.rank() as f32,
+            magnitude: self.magnitude.clone(),
         }
     }
 }
@@ -197,10 +234,26 @@ impl LoraWeights {
     /// concatenated (`down = [D₁; D₂; …]`, `up = [c₁U₁, c₂U₂, …]` with `cᵢ = strengthᵢ ·
     /// scaleᵢ`) and alpha is the total rank, so `ΔW = Σ strengthᵢ · ΔWᵢ` exactly. This is how
     /// several LoRA files apply to one layer at once.
+    ///
+    /// A DoRA adapter's update is not linear in its weights (it rescales the whole layer), so
+    /// it combines only with itself at strength 1 (returned as it is); otherwise this is an
+    /// [`LoraError::Unsupported`] naming `key`. Attach it alone, at its strength as the
+    /// layer's multiplier, or bake it into the base weights first.
     pub fn combine(parts: &[(&LoraWeights, f32)], key: &str) -> Result<LoraWeights> {
         let Some((first, _)) = parts.first() else {
             return Err(LoraError::Data(format!("`{key}`: nothing to combine")));
         };
+        if parts.iter().any(|(w, _)| w.is_dora()) {
+            return match parts {
+                [(w, s)] if *s == 1.0 => Ok((*w).clone()),
+                [(_, s)] => Err(LoraError::Unsupported(format!(
+                    "`{key}`: a DoRA adapter cannot be folded into a combination at strength {s} (it rescales the whole layer); apply its file alone, at that strength"
+                ))),
+                _ => Err(LoraError::Unsupported(format!(
+                    "`{key}`: a DoRA adapter cannot be combined with other adapters on the same layer (it rescales the whole layer); merge one of the files into the checkpoint first"
+                ))),
+            };
+        }
         let conv = parts.iter().any(|(w, _)| w.is_conv());
         // Bring 2-d (linear) adapters to 4-d 1x1 form when mixed with conv ones.
         let as4 = |t: &HostTensor| -> HostTensor {

@@ -11,6 +11,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Bool, Tensor, TensorData};
 use lora_core::optim::{AdamWSettings, FlatAdamW, ProdigySettings};
 
+mod common;
+
 type AD = Autodiff<Flex>;
 
 #[derive(Module, Debug)]
@@ -21,16 +23,7 @@ struct Pair<B: burn::tensor::backend::Backend> {
 
 /// The fixture's tensors by name.
 fn fixture() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/prodigy.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-            (name, (view.shape().to_vec(), values))
-        })
-        .collect()
+    common::f32_fixture("prodigy.safetensors")
 }
 
 struct Case {

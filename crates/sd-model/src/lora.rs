@@ -75,6 +75,12 @@ pub fn module_index<B: Backend>(
 /// update is exactly the weighted sum) and attaches the result to the UNet and the text
 /// encoder. Text-encoder adapters without a text encoder, or keys matching no module, are
 /// an error unless `lenient` (then they are reported in [`AppliedLoras::skipped`]).
+///
+/// DoRA adapters do not combine (each rescales its whole layer): each is attached alone,
+/// at its file's strength as the layer's multiplier, which moves the layer from its base
+/// weight toward the adapter's (ComfyUI's and Forge's convention). A DoRA adapter on a
+/// layer that another file also adapts is an error naming the layer (bake one file into
+/// the checkpoint first). A single file is attached as it is, at its strength.
 pub fn apply_lora_files<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
     mut text_encoder: Option<&mut ClipTextModel<B>>,
@@ -98,12 +104,50 @@ pub fn apply_lora_files<B: Backend>(
         }
         sets.push((set, file.strength));
     }
-    let refs: Vec<(&AdapterSet, f32)> = sets.iter().map(|(s, m)| (s, *m)).collect();
-    let combined = AdapterSet::combine(&refs)?;
-    // Strengths are folded into the combined weights, so the sites run at multiplier 1.
-    applied.unet = sites::attach_adapters(unet, &combined, 1.0, device)?;
-    if let Some(te) = text_encoder {
-        applied.text_encoder = sites::attach_adapters(te, &combined, 1.0, device)?;
+    // (adapters, the multiplier to attach them at)
+    let groups: Vec<(AdapterSet, f32)> = match sets.as_slice() {
+        [(set, strength)] => vec![(set.clone(), *strength)],
+        _ => {
+            let (plain, dora) = split_dora(&sets)?;
+            let refs: Vec<(&AdapterSet, f32)> = plain.iter().map(|(s, m)| (s, *m)).collect();
+            // Strengths are folded into the combined weights, so the sites run at multiplier 1.
+            std::iter::once((AdapterSet::combine(&refs)?, 1.0)).chain(dora).collect()
+        }
+    };
+    for (set, multiplier) in &groups {
+        applied.unet += sites::attach_adapters(unet, set, *multiplier, device)?;
+        if let Some(te) = text_encoder.as_deref_mut() {
+            applied.text_encoder += sites::attach_adapters(te, set, *multiplier, device)?;
+        }
     }
     Ok(applied)
+}
+
+/// Each file's plain adapters and its DoRA adapters apart (with the file's strength); a
+/// DoRA adapter's layer must be in no other file.
+#[allow(clippy::type_complexity)]
+fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec<(AdapterSet, f32)>)> {
+    let (mut plain, mut dora) = (Vec::new(), Vec::new());
+    for (i, (set, strength)) in sets.iter().enumerate() {
+        let (mut p, mut d) = (AdapterSet::new(), AdapterSet::new());
+        p.metadata = set.metadata.clone();
+        for (key, w) in set.iter() {
+            if !w.is_dora() {
+                p.insert(key.clone(), w.clone())?;
+                continue;
+            }
+            if sets.iter().enumerate().any(|(j, (other, _))| j != i && other.get(key).is_some()) {
+                return Err(lora_core::LoraError::Unsupported(format!(
+                    "`{key}`: a DoRA adapter cannot be combined with another file's adapter on the same layer (it rescales the whole layer); merge one of the files into the checkpoint first"
+                ))
+                .into());
+            }
+            d.insert(key.clone(), w.clone())?;
+        }
+        plain.push((p, *strength));
+        if !d.is_empty() {
+            dora.push((d, *strength));
+        }
+    }
+    Ok((plain, dora))
 }

@@ -279,6 +279,59 @@ pub fn offset_noise<B: Backend>(
     Ok(noise + shift.mul_scalar(offset as f32).expand(dims))
 }
 
+/// kohya's adaptive noise offset (`adaptive_noise_scale`): [`offset_noise`] with a
+/// strength per sample and channel, `max(0, offset + scale · |mean(latents)|)` (the mean over
+/// the latent's pixels), so channels whose mean is far from zero get a larger shift. It
+/// draws what [`offset_noise`] draws; `offset = 0` returns the noise unchanged, as kohya
+/// applies nothing without a noise offset. `latents` are the scaled latents, `[B, C, H, W]`
+/// as `noise`.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Tensor, TensorData};
+/// use sd_sched::training::adaptive_offset_noise;
+/// use sd_sched::TensorQueue;
+///
+/// let device = Default::default();
+/// let noise = Tensor::<Flex, 4>::zeros([1, 2, 2, 2], &device);
+/// // Channel means -1 and 0.5.
+/// let latents = Tensor::<Flex, 4>::from_data(TensorData::new(vec![-1.0f32, -1.0, -1.0, -1.0, 0.0, 1.0, 0.0, 1.0], [1, 2, 2, 2]), &device);
+/// let mut unit = TensorQueue::new([Tensor::<Flex, 4>::ones([1, 2, 1, 1], &device)]);
+/// let out = adaptive_offset_noise(noise, latents, 0.1, 0.2, &mut unit)?;
+/// let v: Vec<f32> = out.into_data().to_vec().unwrap();
+/// assert!((v[0] - 0.3).abs() < 1e-6 && (v[4] - 0.2).abs() < 1e-6);
+/// # Ok::<(), sd_sched::SchedError>(())
+/// ```
+pub fn adaptive_offset_noise<B: Backend>(
+    noise: Tensor<B, 4>,
+    latents: Tensor<B, 4>,
+    offset: f64,
+    scale: f64,
+    source: &mut dyn NoiseSource<B>,
+) -> Result<Tensor<B, 4>> {
+    for (name, v) in [("offset", offset), ("scale", scale)] {
+        if !v.is_finite() {
+            return Err(SchedError::InvalidArgument {
+                name,
+                reason: format!("must be finite, got {v}"),
+            });
+        }
+    }
+    if offset == 0.0 {
+        return Ok(noise);
+    }
+    if latents.dims() != noise.dims() {
+        return Err(SchedError::InvalidArgument {
+            name: "latents",
+            reason: format!("shape {:?} differs from the noise's {:?}", latents.dims(), noise.dims()),
+        });
+    }
+    let dims = noise.dims();
+    let strength = latents.mean_dim(3).mean_dim(2).abs().mul_scalar(scale as f32).add_scalar(offset as f32).clamp_min(0.0);
+    let shift = source.sample([dims[0], dims[1], 1, 1], &noise.device())?;
+    Ok(noise + (shift * strength).expand(dims))
+}
+
 /// How the pseudo-Huber threshold `c` follows the timestep
 /// ([`TrainingSchedule::huber_thresholds`]; kohya's `huber_schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@ mod common;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
 use proptest::prelude::*;
-use sd_sched::training::{min_snr_weights, offset_noise, TimestepSampler, TrainingSchedule};
+use sd_sched::training::{adaptive_offset_noise, min_snr_weights, offset_noise, TimestepSampler, TrainingSchedule};
 use sd_sched::{
     BetaSchedule, NoiseSchedule, NoiseSource, PredictionType, SchedError, SchedulerConfig,
     SeededNoise, TensorQueue,
@@ -224,6 +224,39 @@ fn offset_noise_shifts_each_channel_by_a_constant() {
         to_vec(offset_noise(noise.clone(), 0.0, &mut none).unwrap()),
         to_vec(noise)
     );
+}
+
+/// kohya's adaptive noise offset: each sample's channel is shifted by its draw times
+/// `max(0, offset + scale · |mean|)`; with `scale = 0` it is the plain offset, bit for bit.
+#[test]
+fn adaptive_offset_noise_scales_each_channel_by_its_mean() {
+    let device = Default::default();
+    let (n, c, h, w) = (2, 3, 4, 5);
+    let noise = Tensor::<B, 4>::from_data(TensorData::new((0..n * c * h * w).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), [n, c, h, w]), &device);
+    // Channel means near −2.5, −1.5, …, 2.5: some clamp to a strength of 0 below.
+    let latents_data: Vec<f32> = (0..n * c * h * w).map(|i| (i as f32 * 0.11).cos() * 0.5 + (i / (h * w)) as f32 - 2.5).collect();
+    let latents = Tensor::<B, 4>::from_data(TensorData::new(latents_data.clone(), [n, c, h, w]), &device);
+    let shift: Vec<f32> = (0..n * c).map(|i| i as f32 * 0.5 - 1.2).collect();
+    let draws = || TensorQueue::new([Tensor::<B, 4>::from_data(TensorData::new(shift.clone(), [n, c, 1, 1]), &device)]);
+    let (offset, scale) = (0.1, -0.15);
+    let out = to_vec(adaptive_offset_noise(noise.clone(), latents.clone(), offset, scale, &mut draws()).unwrap());
+    let base = to_vec(noise.clone());
+    let mut clamped = 0;
+    for (bc, (got, was)) in out.chunks(h * w).zip(base.chunks(h * w)).enumerate() {
+        let mean = latents_data[bc * h * w..(bc + 1) * h * w].iter().map(|v| *v as f64).sum::<f64>() / (h * w) as f64;
+        let strength = (offset + scale * mean.abs()).max(0.0);
+        clamped += usize::from(strength == 0.0);
+        for (g, v) in got.iter().zip(was) {
+            let want = *v as f64 + strength * shift[bc] as f64;
+            assert!((*g as f64 - want).abs() < 1e-5, "channel {bc}: {g} vs {want}");
+        }
+    }
+    assert!(clamped > 0 && clamped < n * c, "{clamped} of {} channels clamped", n * c);
+    let plain = to_vec(offset_noise(noise.clone(), offset, &mut draws()).unwrap());
+    let zero_scale = to_vec(adaptive_offset_noise(noise.clone(), latents.clone(), offset, 0.0, &mut draws()).unwrap());
+    assert_eq!(plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), zero_scale.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    let mut none = sd_sched::NoNoise;
+    assert_eq!(to_vec(adaptive_offset_noise(noise.clone(), latents, 0.0, 0.5, &mut none).unwrap()), base, "no offset: no change, no draw");
 }
 
 #[test]

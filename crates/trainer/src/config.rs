@@ -118,6 +118,11 @@ pub struct LoraSection {
     pub module_dropout: f64,
     /// rsLoRA scaling (`alpha / sqrt(rank)`).
     pub rslora: bool,
+    /// DoRA (weight-decomposed LoRA; LyCORIS' `dora_wd`, PEFT's `use_dora`): each adapter
+    /// also learns a magnitude per output feature (see `lora_core::LoraConfig::dora`). Saved
+    /// as LyCORIS' `dora_scale` (kohya layout, read by ComfyUI and Forge) or PEFT's
+    /// `lora_magnitude_vector`.
+    pub dora: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
@@ -180,6 +185,7 @@ impl LoraSection {
             .with_rank_dropout(self.rank_dropout)
             .with_module_dropout(self.module_dropout)
             .with_rslora(self.rslora)
+            .with_dora(self.dora)
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -276,6 +282,10 @@ pub enum Optimizer {
     /// AdamW with Prodigy's own step-size estimate, which the scheduled learning rate
     /// multiplies (set `learning_rate = 1.0`); see `lora_core::optim::ProdigySettings`.
     Prodigy,
+    /// Lion (the `lion-pytorch` package, kohya's `Lion`): every value moves by the learning
+    /// rate times a sign, so it wants a learning rate 3–10 times smaller than AdamW's; see
+    /// `lora_core::optim::FlatAdamW::with_lion`.
+    Lion,
 }
 
 /// The training loss (kohya's `loss_type`; see `sd_sched::training::elementwise_loss`).
@@ -385,9 +395,14 @@ pub struct TrainSection {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
-    /// `adamw`, or `prodigy` (AdamW with Prodigy's step sizes; β, ε and weight decay are
-    /// the `adam_*` keys).
+    /// `adamw`, `prodigy` (AdamW with Prodigy's step sizes; β, ε and weight decay are the
+    /// `adam_*` keys) or `lion` (β from `lion_beta1` / `lion_beta2`, weight decay from
+    /// `adam_weight_decay`).
     pub optimizer: Optimizer,
+    /// Lion's β₁ (the sign of `β₁·m + (1 − β₁)·g` is the step; lion-pytorch's default 0.9).
+    pub lion_beta1: f32,
+    /// Lion's β₂ (the momentum's decay; lion-pytorch's default 0.99).
+    pub lion_beta2: f32,
     /// Prodigy's multiplier of its estimate (`d_coef`).
     pub prodigy_d_coef: f32,
     /// Prodigy's initial estimate (`d0`).
@@ -419,6 +434,10 @@ pub struct TrainSection {
     pub min_snr_gamma: f64,
     /// Offset noise strength (0 = off; 0.05–0.1 typical).
     pub noise_offset: f64,
+    /// kohya's `adaptive_noise_scale`: each sample's channel gets a noise offset of
+    /// `max(0, noise_offset + adaptive_noise_scale · |mean of its latent|)` (0 = off; needs
+    /// `noise_offset`; kohya suggests a value near `noise_offset`, e.g. 0.05).
+    pub adaptive_noise_scale: f64,
     /// Levels of multi-resolution (pyramid) noise added to the noise (0 = off; 6–10 typical).
     pub multires_noise_iterations: usize,
     /// Weight decay per level of multi-resolution noise (0.3 typical).
@@ -592,6 +611,7 @@ impl Default for TrainConfig {
                 rank_dropout: 0.0,
                 module_dropout: 0.0,
                 rslora: false,
+                dora: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
                 conv_alpha: 1.0,
@@ -628,6 +648,8 @@ impl Default for TrainConfig {
                 adam_epsilon: 1e-8,
                 adam_weight_decay: 1e-2,
                 optimizer: Optimizer::Adamw,
+                lion_beta1: 0.9,
+                lion_beta2: 0.99,
                 prodigy_d_coef: 1.0,
                 prodigy_d0: 1e-6,
                 prodigy_growth_rate: f32::INFINITY,
@@ -641,6 +663,7 @@ impl Default for TrainConfig {
                 prediction: Prediction::Auto,
                 min_snr_gamma: 5.0,
                 noise_offset: 0.0,
+                adaptive_noise_scale: 0.0,
                 multires_noise_iterations: 0,
                 multires_noise_discount: 0.3,
                 ip_noise_gamma: 0.0,
@@ -853,6 +876,9 @@ impl TrainConfig {
         if !prodigy.iter().all(|v| v.is_finite() && *v > 0.0) || !growth_ok || !(0.0..1.0).contains(&t.prodigy_beta3) {
             return bad("train.prodigy_d_coef and train.prodigy_d0 must be positive, train.prodigy_growth_rate at least 1 (inf: no limit), train.prodigy_beta3 in [0, 1) (0: sqrt(adam_beta2))");
         }
+        if ![t.lion_beta1, t.lion_beta2].iter().all(|b| (0.0..=1.0).contains(b)) {
+            return bad("train.lion_beta1 and train.lion_beta2 must be in [0, 1]");
+        }
         if !(t.scale_weight_norms.is_finite() && t.scale_weight_norms >= 0.0) {
             return bad("train.scale_weight_norms must be 0 (off) or a positive norm");
         }
@@ -877,6 +903,12 @@ impl TrainConfig {
         let discount_ok = t.multires_noise_discount.is_finite() && t.multires_noise_discount > 0.0;
         if !(discount_ok && t.ip_noise_gamma.is_finite() && t.ip_noise_gamma >= 0.0) {
             return bad("train.multires_noise_discount must be positive and train.ip_noise_gamma 0 (off) or positive");
+        }
+        if !(t.noise_offset.is_finite() && t.adaptive_noise_scale.is_finite()) {
+            return bad("train.noise_offset and train.adaptive_noise_scale must be finite numbers");
+        }
+        if t.adaptive_noise_scale != 0.0 && t.noise_offset == 0.0 {
+            return bad("train.adaptive_noise_scale needs train.noise_offset (it scales the offset per channel; kohya refuses it without one)");
         }
         if !(t.v_pred_like_loss.is_finite() && t.v_pred_like_loss >= 0.0) {
             return bad("train.v_pred_like_loss must be 0 (off) or positive");
@@ -949,13 +981,17 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// The optimizer settings of the `[train]` section: AdamW's, and Prodigy's when
-    /// `optimizer = "prodigy"`.
+    /// The optimizer settings of the `[train]` section: AdamW's (Lion's betas with
+    /// `optimizer = "lion"`), and Prodigy's when `optimizer = "prodigy"`.
     pub fn optimizer_settings(&self) -> (lora_core::optim::AdamWSettings, Option<lora_core::optim::ProdigySettings>) {
         let t = &self.train;
+        let (beta_1, beta_2) = match t.optimizer {
+            Optimizer::Lion => (t.lion_beta1, t.lion_beta2),
+            _ => (t.adam_beta1, t.adam_beta2),
+        };
         let adamw = lora_core::optim::AdamWSettings {
-            beta_1: t.adam_beta1,
-            beta_2: t.adam_beta2,
+            beta_1,
+            beta_2,
             epsilon: t.adam_epsilon,
             weight_decay: t.adam_weight_decay,
         };

@@ -159,8 +159,9 @@ enum Command {
         /// Negative prompt.
         #[arg(long, default_value = "")]
         negative_prompt: String,
-        /// LoRA files as FILE[:STRENGTH]; repeatable. They are merged into the weights
-        /// (sums in f32, rounded once), as A1111 and ComfyUI apply LoRAs.
+        /// LoRA files as FILE[:STRENGTH]; repeatable (kohya or diffusers/PEFT layout, LoCon,
+        /// DoRA, LyCORIS LoHa / LoKr). They are merged into the weights (sums in f32, rounded
+        /// once), as A1111 and ComfyUI apply LoRAs.
         #[arg(long)]
         lora: Vec<sd_model::lora::LoraFile>,
         /// Keep the LoRAs as adapters beside the weights instead of merging them in (slower:
@@ -326,7 +327,7 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Convert a LoRA file between the kohya and diffusers/PEFT layouts.
+    /// Convert a LoRA file between the kohya and diffusers/PEFT layouts (a LyCORIS LoHa / LoKr file becomes the plain LoRA with its update).
     Convert {
         /// Input LoRA.
         input: PathBuf,
@@ -457,6 +458,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     if config.train.optimizer == trainer::config::Optimizer::Prodigy && config.train.learning_rate < 0.1 {
         eprintln!(
             "note: with train.optimizer = \"prodigy\" the learning rate multiplies Prodigy's own step size; 1.0 is usual (it is {})",
+            config.train.learning_rate
+        );
+    }
+    if config.train.optimizer == trainer::config::Optimizer::Lion && config.train.learning_rate >= 1e-3 {
+        eprintln!(
+            "note: with train.optimizer = \"lion\" every value moves by the learning rate each step; 3-10 times less than AdamW's is usual (it is {})",
             config.train.learning_rate
         );
     }

@@ -134,6 +134,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
     let optimizer = match t.optimizer {
         Optimizer::Adamw => format!("AdamW(weight_decay={},betas=({}, {}),eps={})", t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon),
         Optimizer::Prodigy => format!("Prodigy(d_coef={},use_bias_correction={},weight_decay={})", t.prodigy_d_coef, py_bool(t.prodigy_use_bias_correction), t.adam_weight_decay),
+        Optimizer::Lion => format!("Lion(weight_decay={},betas=({}, {}))", t.adam_weight_decay, t.lion_beta1, t.lion_beta2),
     };
     let model_name = std::path::Path::new(&config.model.pretrained).file_name().map_or_else(|| config.model.pretrained.clone(), |n| n.to_string_lossy().into_owned());
     let session = started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32) ^ std::process::id();
@@ -171,6 +172,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_max_grad_norm", t.max_grad_norm.to_string()),
         ("ss_scale_weight_norms", if t.scale_weight_norms > 0.0 { t.scale_weight_norms.to_string() } else { "None".into() }),
         ("ss_noise_offset", t.noise_offset.to_string()),
+        ("ss_adaptive_noise_scale", if t.adaptive_noise_scale != 0.0 { t.adaptive_noise_scale.to_string() } else { "None".into() }),
         ("ss_noise_offset_random_strength", py_bool(t.noise_offset_random_strength)),
         ("ss_multires_noise_iterations", t.multires_noise_iterations.to_string()),
         ("ss_multires_noise_discount", t.multires_noise_discount.to_string()),

@@ -31,18 +31,21 @@ pub enum AdapterParam<B: Backend> {
     Matrix(ParamId, Tensor<B, 2>),
     /// A conv adapter kernel.
     Kernel(ParamId, Tensor<B, 4>),
+    /// A DoRA magnitude.
+    Vector(ParamId, Tensor<B, 1>),
 }
 
 impl<B: Backend> AdapterParam<B> {
     /// The parameter id (what optimizers and gradients are keyed by).
     pub fn id(&self) -> ParamId {
         match self {
-            Self::Matrix(id, _) | Self::Kernel(id, _) => *id,
+            Self::Matrix(id, _) | Self::Kernel(id, _) | Self::Vector(id, _) => *id,
         }
     }
 }
 
-/// The adapters' trainable tensors of `model`, keyed `<prefix>.<module path>.down|up`.
+/// The adapters' trainable tensors of `model`, keyed `<prefix>.<module path>.down|up`
+/// (and `.magnitude` for DoRA).
 pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -> Vec<(String, AdapterParam<B>)> {
     let mut out = Vec::new();
     model.visit_lora_sites(&mut |path, site| match site {
@@ -50,12 +53,18 @@ pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -
             if let Some(a) = &l.adapter {
                 out.push((format!("{prefix}.{path}.down"), AdapterParam::Matrix(a.down.weight.id, a.down.weight.val())));
                 out.push((format!("{prefix}.{path}.up"), AdapterParam::Matrix(a.up.weight.id, a.up.weight.val())));
+                if let Some(m) = &a.magnitude {
+                    out.push((format!("{prefix}.{path}.magnitude"), AdapterParam::Vector(m.id, m.val())));
+                }
             }
         }
         LoraSiteMut::Conv(c) => {
             if let Some(a) = &c.adapter {
                 out.push((format!("{prefix}.{path}.down"), AdapterParam::Kernel(a.down.weight.id, a.down.weight.val())));
                 out.push((format!("{prefix}.{path}.up"), AdapterParam::Kernel(a.up.weight.id, a.up.weight.val())));
+                if let Some(m) = &a.magnitude {
+                    out.push((format!("{prefix}.{path}.magnitude"), AdapterParam::Vector(m.id, m.val())));
+                }
             }
         }
     });
@@ -102,17 +111,23 @@ fn saved_tensor<'a>(saved: &'a HashMap<String, HostTensor>, key: &str) -> Result
 
 fn restore_site<B: Backend>(site: LoraSiteMut<'_, B>, key: &str, saved: &HashMap<String, HostTensor>, device: &B::Device) -> Result<usize, TrainError> {
     let (down, up) = (format!("{key}.down"), format!("{key}.up"));
-    match site {
+    let magnitude = match site {
         LoraSiteMut::Linear(l) => {
             let Some(a) = l.adapter.as_mut() else { return Ok(0) };
             a.down.weight = Param::from_tensor(upload::<B, 2>(&down, saved_tensor(saved, &down)?, a.down.weight.dims(), device)?);
             a.up.weight = Param::from_tensor(upload::<B, 2>(&up, saved_tensor(saved, &up)?, a.up.weight.dims(), device)?);
+            a.magnitude.as_mut()
         }
         LoraSiteMut::Conv(c) => {
             let Some(a) = c.adapter.as_mut() else { return Ok(0) };
             a.down.weight = Param::from_tensor(upload::<B, 4>(&down, saved_tensor(saved, &down)?, a.down.weight.dims(), device)?);
             a.up.weight = Param::from_tensor(upload::<B, 4>(&up, saved_tensor(saved, &up)?, a.up.weight.dims(), device)?);
+            a.magnitude.as_mut()
         }
+    };
+    if let Some(m) = magnitude {
+        let key = format!("{key}.magnitude");
+        *m = Param::from_tensor(upload::<B, 1>(&key, saved_tensor(saved, &key)?, m.dims(), device)?);
     }
     Ok(1)
 }
@@ -123,6 +138,7 @@ pub fn host_params<B: Backend>(params: Vec<(String, AdapterParam<B>)>, out: &mut
         let host = match p {
             AdapterParam::Matrix(_, t) => HostTensor::from_tensor(t)?,
             AdapterParam::Kernel(_, t) => HostTensor::from_tensor(t)?,
+            AdapterParam::Vector(_, t) => HostTensor::from_tensor(t)?,
         };
         out.insert(key, host);
     }
@@ -144,6 +160,10 @@ pub fn export_moments<B: AutodiffBackend>(
                 None => continue,
             },
             AdapterParam::Kernel(id, _) => match optim.moments::<4>(*id) {
+                Some((t, m1, m2)) => (t, HostTensor::from_tensor(m1)?, HostTensor::from_tensor(m2)?),
+                None => continue,
+            },
+            AdapterParam::Vector(id, _) => match optim.moments::<1>(*id) {
                 Some((t, m1, m2)) => (t, HostTensor::from_tensor(m1)?, HostTensor::from_tensor(m2)?),
                 None => continue,
             },
@@ -179,6 +199,11 @@ pub fn import_moments<B: AutodiffBackend>(
             AdapterParam::Kernel(id, t) => {
                 let m1 = upload::<B::InnerBackend, 4>(&k1, saved_tensor(moments, &k1)?, t.dims(), device)?;
                 let m2 = upload::<B::InnerBackend, 4>(&k2, saved_tensor(moments, &k2)?, t.dims(), device)?;
+                optim.set_moments(*id, time, m1, m2)
+            }
+            AdapterParam::Vector(id, t) => {
+                let m1 = upload::<B::InnerBackend, 1>(&k1, saved_tensor(moments, &k1)?, t.dims(), device)?;
+                let m2 = upload::<B::InnerBackend, 1>(&k2, saved_tensor(moments, &k2)?, t.dims(), device)?;
                 optim.set_moments(*id, time, m1, m2)
             }
         };

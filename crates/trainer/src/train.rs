@@ -19,7 +19,7 @@ use lora_core::{sites, AdapterSet};
 use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
 use sd_model::targets::{attach_new_adapters, attach_new_adapters_by_kernel, attach_new_adapters_with, KernelConfigs, Selection};
 use sd_model::DiagonalGaussian;
-use sd_sched::training::{elementwise_loss, offset_noise, pyramid_noise, pyramid_ratios, HuberSchedule, LossType, TimestepSampler, TrainingSchedule};
+use sd_sched::training::{adaptive_offset_noise, elementwise_loss, offset_noise, pyramid_noise, pyramid_ratios, HuberSchedule, LossType, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
@@ -355,17 +355,17 @@ pub fn resume_on<B: AutodiffBackend>(
     let state = TrainingState::load(state_dir)?;
     let fingerprint = fingerprint(config);
     if state.info.fingerprint != fingerprint {
-        let differs = state
-            .info
-            .fingerprint
-            .lines()
-            .zip(fingerprint.lines())
-            .find(|(a, b)| a != b)
-            .map(|(a, b)| format!("the state has `{a}`, the configuration `{b}`"))
+        // The first line that differs; a line only one side has (a setting at its
+        // default leaves none) is compared with nothing.
+        let (saved, now): (Vec<&str>, Vec<&str>) = (state.info.fingerprint.lines().collect(), fingerprint.lines().collect());
+        let shown = |l: Option<&&str>| l.map_or_else(|| "nothing".to_string(), |l| format!("`{l}`"));
+        let differs = (0..saved.len().max(now.len()))
+            .find(|&i| saved.get(i) != now.get(i))
+            .map(|i| format!("the state has {}, the configuration {}", shown(saved.get(i)), shown(now.get(i))))
             .unwrap_or_else(|| "the settings differ".into());
         return Err(TrainError::Config {
             origin: state_dir.display().to_string(),
-            reason: format!("cannot resume with a different model or [lora] section: {differs}"),
+            reason: format!("cannot resume with a different model, [lora] section or optimizer: {differs}"),
         });
     }
     if state.info.step >= config.train.max_train_steps {
@@ -448,9 +448,19 @@ fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: i
             let factor = block(path);
             factors.insert(down, factor as f32);
             factors.insert(up, (factor * up_ratio) as f32);
+            if let Some(magnitude) = site.magnitude_param_id() {
+                factors.insert(magnitude, factor as f32);
+            }
         }
     });
     factors
+}
+
+/// The parameter ids of `model`'s DoRA magnitudes.
+fn magnitude_ids<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>) -> std::collections::HashSet<burn::module::ParamId> {
+    let mut ids = std::collections::HashSet::new();
+    model.visit_lora_sites(&mut |_, site| ids.extend(site.magnitude_param_id()));
+    ids
 }
 
 /// `lora.dim_from_weights`: the adapters of `lora.network_weights`, with their modules,
@@ -602,6 +612,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "rank_dropout = 0.0",
         "module_dropout = 0.0",
         "network_dropout = 0.0",
+        "dora = false",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",
@@ -625,7 +636,13 @@ fn fingerprint(config: &TrainConfig) -> String {
     } else {
         String::new()
     };
-    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}{file}", config.model.pretrained, config.model.tiny_seed)
+    // Lion's moment is not AdamW's: a state resumes with the optimizer it was trained with
+    // (Prodigy's own state says so; AdamW states, written before Lion existed, have no line).
+    let optimizer = match config.train.optimizer {
+        crate::config::Optimizer::Lion => "train.optimizer = \"lion\"\n",
+        _ => "",
+    };
+    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}{file}{optimizer}", config.model.pretrained, config.model.tiny_seed)
 }
 
 /// Seed of burn's backend RNG (adapter dropout) at optimizer step `step`: reseeding every
@@ -765,10 +782,16 @@ fn run<B: AutodiffBackend>(
         // Each model's adapters get their own estimate of the step size.
         (optim, te_optim) = (optim.with_prodigy(prodigy), te_optim.with_prodigy(prodigy));
     }
+    if config.train.optimizer == crate::config::Optimizer::Lion {
+        (optim, te_optim) = (optim.with_lion(), te_optim.with_lion());
+    }
     if let Some(dtype) = base_dtype {
         // f32 master values in the optimizers, bf16/f16 copies in the models: the LoRA
         // layers then cast nothing per pass (the same numbers; see `with_working_dtype`).
         (optim, te_optim) = (optim.with_working_dtype(dtype), te_optim.with_working_dtype(dtype));
+        // DoRA's magnitudes stay f32 in the models (see `FlatAdamW::with_master_copies`).
+        let (unet_m, te_m) = (magnitude_ids(&mut unet), magnitude_ids(&mut text_encoder));
+        (optim, te_optim) = (optim.with_master_copies(|id| unet_m.contains(&id)), te_optim.with_master_copies(|id| te_m.contains(&id)));
     }
     if let Some(state) = state {
         let times = &state.info.optimizer_time;
@@ -885,7 +908,10 @@ fn run<B: AutodiffBackend>(
             let mut strength = |max: f64, random: bool| if random && max != 0.0 { max * noise.uniform() } else { max };
             let offset = strength(t.noise_offset, t.noise_offset_random_strength);
             let ip_gamma = strength(t.ip_noise_gamma, t.ip_noise_gamma_random_strength);
-            let eps = offset_noise(eps, offset, &mut noise)?;
+            let eps = match t.adaptive_noise_scale {
+                0.0 => offset_noise(eps, offset, &mut noise)?,
+                scale => adaptive_offset_noise(eps, latents.clone(), offset, scale, &mut noise)?,
+            };
             let eps = match t.multires_noise_iterations {
                 0 => eps,
                 levels => {

@@ -647,6 +647,53 @@ fn prodigy_trains_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn lion_trains_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    let lion = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.optimizer = trainer::config::Optimizer::Lion;
+        c.train.learning_rate = 1e-4;
+        c.train.adam_weight_decay = 0.1;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&lion(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    assert!(lora_metadata(&straight.lora)["ss_optimizer"].starts_with("Lion(weight_decay=0.1,betas=(0.9, 0.99))"));
+    // Lion's step, not AdamW's (whose first steps are also about the learning rate in size):
+    // the `up` weights (zero at the start) differ from an AdamW run's.
+    let adamw_dir = tempfile::tempdir().unwrap();
+    let mut adamw = lion(adamw_dir.path(), 6);
+    adamw.train.optimizer = trainer::config::Optimizer::Adamw;
+    let adamw = train::<B>(&adamw, &Default::default(), &mut |_| true).unwrap();
+    let index = tiny_index_with_text_encoder();
+    let ups = |p: &std::path::Path| {
+        let (set, _) = AdapterSet::load(p, &index, ReadOptions::default()).unwrap();
+        set.iter().flat_map(|(_, w)| w.up.data.clone()).collect::<Vec<f32>>()
+    };
+    let (lion_up, adamw_up) = (ups(&straight.lora), ups(&adamw.lora));
+    assert!(lion_up.iter().any(|v| *v != 0.0));
+    let diff = lion_up.iter().zip(&adamw_up).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff > 1e-5, "Lion and AdamW gave the same adapters");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = lion(dir.path(), 6);
+    train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
+    let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &second.lora);
+
+    // A Lion state does not resume with AdamW.
+    let mut adamw = lion(dir.path(), 8);
+    adamw.train.optimizer = trainer::config::Optimizer::Adamw;
+    let err = trainer::train::resume::<B>(&adamw, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("lion"), "{err}");
+    let err = TrainConfig::load(None, &["train.lion_beta2=1.5".into()]).unwrap_err();
+    assert!(err.to_string().contains("lion_beta2"), "{err}");
+}
+
+#[test]
 fn network_weights_start_from_an_existing_lora() {
     let _guard = seeded();
     let load = |path: &std::path::Path| {
@@ -819,6 +866,12 @@ fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
     assert!(random_gamma.is_finite() && random_gamma != gamma);
     let err = TrainConfig::load(None, &["train.ip_noise_gamma=-1".into()]).unwrap_err();
     assert!(err.to_string().contains("ip_noise_gamma"), "{err}");
+    // kohya's adaptive noise offset: per-channel strengths from the latents' means, the
+    // same draws as the plain offset (so a scale of 0 is the plain offset).
+    let adaptive = first_loss(&|c| (c.train.noise_offset, c.train.adaptive_noise_scale) = (0.5, 0.5));
+    assert!(adaptive.is_finite() && adaptive != offset, "{adaptive} vs {offset}");
+    let err = TrainConfig::load(None, &["train.adaptive_noise_scale=0.05".into()]).unwrap_err();
+    assert!(err.to_string().contains("adaptive_noise_scale") && err.to_string().contains("noise_offset"), "{err}");
 
     // kohya's v-prediction loss scalings: SNR/(SNR+1) < 1 lowers a v-prediction loss;
     // 1 + λ(SNR+1)/SNR > 1 raises an ε-prediction loss.
@@ -1348,4 +1401,79 @@ fn weighted_captions_read_emphasis_in_training() {
     // The same tokens as the literal caption, one of them weighted.
     let emphasis = first_loss("(mystyle:1.5), red circle", true);
     assert!(emphasis.is_finite() && emphasis != literal, "{emphasis} vs {literal}");
+}
+
+/// `lora.dora`: every adapter (linear, 3x3 conv, text encoder) is saved with its magnitude
+/// as LyCORIS' `dora_scale`; a stopped run resumes bit for bit (the magnitudes and their
+/// moments are in the state); a bf16 base trains; the file applies at a strength in
+/// generation, and a second file on the same layers is refused.
+#[test]
+fn dora_trains_resumes_and_applies() {
+    let _guard = seeded();
+    let dora_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.dora = true;
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+        (c.lora.conv_rank, c.lora.conv_alpha) = (2, 1.0);
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&dora_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    assert!(set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    assert!(set.iter().any(|(_, w)| w.is_conv() && w.down.shape[2..] == [3, 3]));
+    for (key, w) in set.iter() {
+        assert!(w.is_dora(), "{key} has no magnitude");
+    }
+    let meta = lora_metadata(&straight.lora);
+    assert_eq!(meta["ss_network_module"], "lycoris.kohya");
+    assert!(meta["ss_network_args"].contains("\"dora_wd\":\"True\""), "{}", meta["ss_network_args"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dora_config(dir.path(), 6);
+    train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
+    let resumed = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&resumed.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &resumed.lora);
+    // A plain-LoRA configuration cannot resume a DoRA state.
+    let mut plain = dora_config(dir.path(), 8);
+    plain.lora.dora = false;
+    let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("dora"), "{err}");
+
+    let bf16_dir = tempfile::tempdir().unwrap();
+    let mut bf16 = dora_config(bf16_dir.path(), 2);
+    bf16.train.mixed_precision = trainer::config::MixedPrecision::Bf16;
+    let report = train::<B>(&bf16, &Default::default(), &mut |_| true).unwrap();
+    assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+
+    let device = Default::default();
+    let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &device).unwrap();
+    let mut te = sd_model::ClipTextModel::<Flex>::new(&sd_model::ClipTextConfig::tiny(), &device).unwrap();
+    let file: sd_model::lora::LoraFile = format!("{}:0.5", straight.lora.display()).parse().unwrap();
+    let applied = sd_model::lora::apply_lora_files(&mut unet, Some(&mut te), std::slice::from_ref(&file), false, &device).unwrap();
+    assert_eq!(applied.unet + applied.text_encoder, set.len());
+    let err = sd_model::lora::apply_lora_files(&mut unet, Some(&mut te), &[file.clone(), file], false, &device).unwrap_err();
+    assert!(err.to_string().contains("DoRA"), "{err}");
+
+    // At strength 0.5 the UNet's output moves off the base model's; merged, it is the same.
+    let run = |unet: &sd_model::UNet2DConditionModel<Flex>| {
+        let x = burn::tensor::Tensor::<Flex, 4>::ones([1, 4, 8, 8], &device).mul_scalar(0.3);
+        let t = burn::tensor::Tensor::<Flex, 1>::from_floats([500.0], &device);
+        let ctx = burn::tensor::Tensor::<Flex, 3>::ones([1, 77, sd_model::UnetConfig::tiny().cross_attention_dim], &device).mul_scalar(0.1);
+        unet.forward(x, t, ctx).unwrap().into_data().to_vec::<f32>().unwrap()
+    };
+    // The trained-on tiny model (seeded: both copies hold the same weights).
+    let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let mut half = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let file: sd_model::lora::LoraFile = format!("{}:0.5", straight.lora.display()).parse().unwrap();
+    sd_model::lora::apply_lora_files(&mut half, None, &[file], true, &device).unwrap();
+    let (plain, with) = (run(&base), run(&half));
+    assert!(plain.iter().zip(&with).any(|(a, b)| (a - b).abs() > 1e-6), "the DoRA LoRA changes nothing");
+    lora_core::sites::bake_adapters(&mut half);
+    let merged = run(&half);
+    let err = merged.iter().zip(&with).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err < 1e-4, "merged vs attached: {err}");
 }

@@ -11,6 +11,9 @@ const SUFFIXES: &[(&str, Role)] = &[
     (".lora_down.weight", Role::Down),
     (".lora_up.weight", Role::Up),
     (".alpha", Role::Alpha),
+    // DoRA's magnitude, as LyCORIS writes it (with `wd_on_out`, its default; read by
+    // ComfyUI and Forge).
+    (".dora_scale", Role::Magnitude),
 ];
 
 pub(super) fn read(
@@ -19,7 +22,9 @@ pub(super) fn read(
     index: &ModuleIndex,
     options: ReadOptions,
 ) -> Result<(AdapterSet, ReadReport)> {
-    let (parts, mut unknown, metadata) = group(bytes, path, SUFFIXES)?;
+    // LyCORIS' LoHa and LoKr modules share the layout and are read as LoRAs.
+    let suffixes: Vec<(&str, Role)> = SUFFIXES.iter().copied().chain(super::lycoris::SUFFIXES.iter().map(|(s, p)| (*s, Role::Lycoris(*p)))).collect();
+    let (parts, mut unknown, metadata) = group(bytes, path, &suffixes)?;
     let mut set = AdapterSet::new();
     set.metadata = metadata.into_iter().collect();
     for (name, part) in parts {
@@ -27,7 +32,7 @@ pub(super) fn read(
             unknown.extend(part.keys);
             continue;
         };
-        let weights = finish(part, &name, path, ("lora_down", "lora_up"))?;
+        let weights = finish(part, &name, path, ("lora_down", "lora_up"), AdapterFormat::Kohya)?;
         set.insert(key, weights)?;
     }
     let skipped = settle_unknown(unknown, path, options)?;
@@ -60,6 +65,18 @@ fn mode<T: Ord + Copy>(values: impl Iterator<Item = T>) -> Option<T> {
 fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
     let mut meta = HashMap::new();
     meta.insert("ss_network_module".into(), "networks.lora".into());
+    // The recorded network args, with ours added (kohya writes all it was given, e.g.
+    // `rank_dropout`).
+    let mut args = match set.metadata.get("ss_network_args").map(|s| serde_json::from_str::<serde_json::Value>(s)) {
+        Some(Ok(serde_json::Value::Object(args))) => args,
+        _ => serde_json::Map::new(),
+    };
+    if set.iter().any(|(_, w)| w.is_dora()) {
+        // kohya's own module has no DoRA: such files come from LyCORIS, which records this.
+        meta.insert("ss_network_module".into(), "lycoris.kohya".into());
+        args.insert("algo".into(), "lora".into());
+        args.insert("dora_wd".into(), "True".into());
+    }
     let linear = || set.iter().filter(|(_, w)| !w.is_conv() || w.down.shape[2..] == [1, 1]);
     let conv = || set.iter().filter(|(_, w)| w.is_conv() && w.down.shape[2..] != [1, 1]);
     if let Some(dim) = mode(linear().map(|(_, w)| w.rank())) {
@@ -73,14 +90,10 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
             .find(|(_, w)| w.rank() == dim)
             .map(|(_, w)| format_alpha(w.alpha))
             .unwrap_or_default();
-        // Other network args the caller recorded (kohya writes all it was given, e.g.
-        // `rank_dropout`) stay, with these added.
-        let mut args = match set.metadata.get("ss_network_args").map(|s| serde_json::from_str::<serde_json::Value>(s)) {
-            Some(Ok(serde_json::Value::Object(args))) => args,
-            _ => serde_json::Map::new(),
-        };
         args.insert("conv_dim".into(), dim.to_string().into());
         args.insert("conv_alpha".into(), alpha.into());
+    }
+    if !args.is_empty() {
         meta.insert("ss_network_args".into(), serde_json::Value::Object(args).to_string());
     }
     meta
@@ -107,12 +120,28 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
             )
         })
         .collect();
-    let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(set.len() * 3);
-    for ((key, w), (alpha_key, alpha)) in set.iter().zip(&alphas) {
+    // DoRA magnitudes in LyCORIS' layout: `[out, 1]`, or `[out, 1, 1, 1]` for convolutions.
+    let magnitudes: Vec<Option<HostTensor>> = set
+        .iter()
+        .map(|(_, w)| {
+            w.magnitude.as_ref().map(|m| {
+                let mut shape = vec![m.numel(), 1];
+                if w.is_conv() {
+                    shape.extend([1, 1]);
+                }
+                HostTensor { shape, data: m.data.clone() }
+            })
+        })
+        .collect();
+    let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(set.len() * 4);
+    for (((key, w), (alpha_key, alpha)), magnitude) in set.iter().zip(&alphas).zip(&magnitudes) {
         let name = key.kohya_name();
         tensors.push((format!("{name}.lora_down.weight"), &w.down));
         tensors.push((format!("{name}.lora_up.weight"), &w.up));
         tensors.push((alpha_key.clone(), alpha));
+        if let Some(m) = magnitude {
+            tensors.push((format!("{name}.dora_scale"), m));
+        }
     }
     let mut metadata: HashMap<String, String> = set.metadata.clone().into_iter().collect();
     let mut network = network_metadata(set);

@@ -3,6 +3,7 @@
 //! See `docs/lora-formats.md` in the repository for both layouts with worked key examples.
 
 mod kohya;
+mod lycoris;
 mod peft;
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +61,9 @@ struct Parts {
     down: Option<HostTensor>,
     up: Option<HostTensor>,
     alpha: Option<f32>,
+    magnitude: Option<HostTensor>,
+    /// LyCORIS LoHa / LoKr tensors (kohya layout).
+    lycoris: lycoris::Tensors,
     keys: Vec<String>,
 }
 
@@ -69,6 +73,10 @@ enum Role {
     Down,
     Up,
     Alpha,
+    /// DoRA's magnitude (`dora_scale`, `lora_magnitude_vector`).
+    Magnitude,
+    /// A LyCORIS LoHa / LoKr tensor.
+    Lycoris(lycoris::Part),
 }
 
 /// Splits `key` into (module name, role) using `suffixes`.
@@ -97,6 +105,8 @@ fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped
         match role {
             Role::Down => entry.down = Some(tensor),
             Role::Up => entry.up = Some(tensor),
+            Role::Magnitude => entry.magnitude = Some(tensor),
+            Role::Lycoris(part) => entry.lycoris.insert(part, tensor),
             Role::Alpha => {
                 if tensor.numel() != 1 {
                     return Err(LoraError::BadTensor {
@@ -113,7 +123,10 @@ fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped
 }
 
 /// Turns collected parts into validated weights; `missing` names the up/down tensors in errors.
-fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str)) -> Result<LoraWeights> {
+fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str), format: AdapterFormat) -> Result<LoraWeights> {
+    if !parts.lycoris.is_empty() {
+        return finish_lycoris(parts, name, path);
+    }
     let (down, up) = match (parts.down, parts.up) {
         (Some(d), Some(u)) => (d, u),
         (None, _) => {
@@ -132,17 +145,62 @@ fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str)) -> Resul
         }
     };
     let rank = down.shape.first().copied().unwrap_or(0) as f32;
+    let bad = |reason: String| LoraError::BadTensor {
+        path: path.to_path_buf(),
+        key: name.to_string(),
+        reason,
+    };
+    let magnitude = parts.magnitude.map(|m| output_magnitude(m, up.shape.first().copied().unwrap_or(0), format)).transpose().map_err(bad)?;
     let weights = LoraWeights {
         down,
         up,
         alpha: parts.alpha.unwrap_or(rank),
+        magnitude,
     };
-    weights.validate(name).map_err(|e| LoraError::BadTensor {
+    weights.validate(name).map_err(|e| bad(e.to_string()))?;
+    Ok(weights)
+}
+
+/// A LyCORIS LoHa / LoKr module as the LoRA with its update (see [`lycoris`]), with its
+/// DoRA magnitude if any.
+fn finish_lycoris(parts: Parts, name: &str, path: &Path) -> Result<LoraWeights> {
+    let bad = |reason: String| LoraError::BadTensor {
         path: path.to_path_buf(),
         key: name.to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(weights)
+        reason,
+    };
+    if parts.down.is_some() || parts.up.is_some() {
+        return Err(bad("the module has both LoRA (`lora_down` / `lora_up`) and LyCORIS tensors".into()));
+    }
+    let weights = parts.lycoris.to_lora(parts.alpha, name, path)?;
+    match parts.magnitude {
+        Some(m) => {
+            let m = output_magnitude(m, weights.out_features(), AdapterFormat::Kohya).map_err(bad)?;
+            weights.with_magnitude(m, name).map_err(|e| bad(e.to_string()))
+        }
+        None => Ok(weights),
+    }
+}
+
+/// A DoRA magnitude from a file as `[out]`: PEFT's `[out]` (linear) or `[1, out, 1, 1]`
+/// (conv), LyCORIS' `[out, 1]` / `[out, 1, 1, 1]` (norms over each output's inputs, also in
+/// diffusers' conversions of such files). LyCORIS' other layout (`wd_on_out = False`:
+/// `[1, in]` / `[1, in, 1, 1]`, norms over each input's outputs) is a different
+/// decomposition and an error. Only `[1, c, 1, 1]` is ambiguous, PEFT's for `c` outputs and
+/// LyCORIS' for `c` inputs: PEFT-layout files read it as PEFT's.
+fn output_magnitude(m: HostTensor, out: usize, format: AdapterFormat) -> std::result::Result<HostTensor, String> {
+    let leading = m.shape.first() == Some(&out) && m.shape[1..].iter().all(|&d| d == 1);
+    let peft_conv = m.shape == [1, out, 1, 1];
+    if leading || (format == AdapterFormat::Peft && peft_conv) {
+        return Ok(HostTensor { shape: vec![out], data: m.data });
+    }
+    if m.shape.first() == Some(&1) && m.shape.len() > 1 {
+        return Err(format!(
+            "DoRA magnitude of shape {:?} is per input feature (LyCORIS' `wd_on_out = False`), which is not supported; expected [{out}] or [{out}, 1]",
+            m.shape
+        ));
+    }
+    Err(format!("DoRA magnitude must be [{out}] or [{out}, 1] (one value per output), got {:?}", m.shape))
 }
 
 /// Fails in strict mode when anything is unknown; otherwise reports the skipped keys.

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{finish, group, settle_unknown, AdapterFormat, ReadOptions, ReadReport, Role};
 use crate::tensor_io::{self, SaveDtype};
-use crate::{AdapterKey, AdapterSet, Component, HostTensor, ModuleIndex, Result};
+use crate::{AdapterKey, AdapterSet, Component, HostTensor, LoraWeights, ModuleIndex, Result};
 
 const SUFFIXES: &[(&str, Role)] = &[
     (".lora_A.weight", Role::Down),
@@ -15,6 +15,9 @@ const SUFFIXES: &[(&str, Role)] = &[
     (".lora.up.weight", Role::Up),
     // Written by some converters; absent means alpha = rank.
     (".alpha", Role::Alpha),
+    // DoRA's magnitude: PEFT's key, and diffusers' conversion of kohya files.
+    (".lora_magnitude_vector", Role::Magnitude),
+    (".lora_magnitude_vector.weight", Role::Magnitude),
 ];
 
 /// Splits `unet.<path>` / `text_encoder.<path>` / `text_encoder_2.<path>`; PEFT's own
@@ -51,7 +54,7 @@ pub(super) fn read(
                 continue;
             }
         };
-        let weights = finish(part, &name, path, ("lora_A", "lora_B"))?;
+        let weights = finish(part, &name, path, ("lora_A", "lora_B"), AdapterFormat::Peft)?;
         set.insert(key, weights)?;
     }
     let skipped = settle_unknown(unknown, path, options)?;
@@ -67,18 +70,21 @@ pub(super) fn read(
 pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
     // PEFT files carry no alpha and loaders assume alpha = rank, so the scale is folded
     // into B: ΔW stays exactly what it was.
-    let folded: Vec<(AdapterKey, HostTensor, HostTensor)> = set
-        .iter()
-        .map(|(k, w)| {
-            let f = w.with_scale_folded();
-            (k.clone(), f.down, f.up)
-        })
-        .collect();
-    let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(folded.len() * 2);
-    for (key, down, up) in &folded {
+    let mut folded: Vec<(AdapterKey, LoraWeights)> = set.iter().map(|(k, w)| (k.clone(), w.with_scale_folded())).collect();
+    // DoRA magnitudes in PEFT's layout: `[out]`, or `[1, out, 1, 1]` for convolutions.
+    for (_, w) in &mut folded {
+        if let (true, Some(m)) = (w.is_conv(), w.magnitude.as_mut()) {
+            m.shape = vec![1, m.numel(), 1, 1];
+        }
+    }
+    let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(folded.len() * 3);
+    for (key, w) in &folded {
         let name = key.peft_name();
-        tensors.push((format!("{name}.lora_A.weight"), down));
-        tensors.push((format!("{name}.lora_B.weight"), up));
+        tensors.push((format!("{name}.lora_A.weight"), &w.down));
+        tensors.push((format!("{name}.lora_B.weight"), &w.up));
+        if let Some(m) = &w.magnitude {
+            tensors.push((format!("{name}.lora_magnitude_vector"), m));
+        }
     }
     let mut metadata: HashMap<String, String> = set
         .metadata

@@ -150,7 +150,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let factors = Tensor::cat(vec![ratio.sqrt(), Tensor::ones([1], &device)], 0);
         let index = self.pair_index(pairs, &device)?;
         self.params = self.params.clone() * factors.select(0, index);
-        let module = self.scatter(module, self.working_values());
+        let module = self.scatter_working(module);
         Ok((module, MaxNormStats { values, count: pairs.len() }))
     }
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the lora-core integration tests.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use lora_core::{HostTensor, LoraWeights};
@@ -100,4 +102,18 @@ pub fn numerical_rank(data: &[f32], rows: usize, cols: usize, tol: f64) -> usize
             }
         }
     }
+}
+
+/// The f32 tensors of `tests/fixtures/<name>` by key: (shape, values).
+pub fn f32_fixture(name: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
 }

@@ -1,0 +1,126 @@
+//! LyCORIS LoHa and LoKr files read as LoRAs: their updates against the `lycoris-lora`
+//! package's (fixtures from `xtask/fixtures/lora_core_lycoris.py`), attached to linear and
+//! conv layers, written back, and the errors for what is not supported.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::backend::Flex;
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::{LinearConfig, PaddingConfig2d};
+use burn::tensor::Tensor;
+use lora_core::{AdapterFormat, AdapterKey, AdapterSet, Component, HostTensor, LoraConv2d, LoraLinear, ModuleIndex, ReadOptions, SaveDtype};
+
+const MODULES: [&str; 4] = ["lin_loha", "conv_loha", "lin_lokr", "conv_lokr"];
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn tensors(name: &str) -> HashMap<String, HostTensor> {
+    let path = fixture(name);
+    let bytes = std::fs::read(&path).unwrap();
+    let (st, _) = lora_core::tensor_io::parse(&bytes, &path).unwrap();
+    st.iter().map(|(k, v)| (k.to_string(), lora_core::tensor_io::decode(&v, k, &path).unwrap())).collect()
+}
+
+fn index() -> ModuleIndex {
+    let mut index = ModuleIndex::new();
+    index.add(Component::Unet, MODULES).unwrap();
+    index
+}
+
+/// Max |a − b| over max |b|.
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let peak = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / peak
+}
+
+fn key(path: &str) -> AdapterKey {
+    AdapterKey::new(Component::Unet, path)
+}
+
+/// Each module's update as a LoRA equals LyCORIS' (the rank is the product of the halves'
+/// ranks, the scale LyCORIS' alpha / rank), and survives a write and a read.
+#[test]
+fn loha_and_lokr_read_as_their_updates() {
+    let want = tensors("lycoris_delta.safetensors");
+    let (set, report) = AdapterSet::load(fixture("lycoris.safetensors"), &index(), ReadOptions::default()).unwrap();
+    assert_eq!(report.format, AdapterFormat::Kohya);
+    assert_eq!(set.len(), 4);
+    let ranks: Vec<usize> = MODULES.iter().map(|m| set.get(&key(m)).unwrap().rank()).collect();
+    // LoHa 3·3 and 2·2; LoKr: identity 2 (the full w1's smaller side) times w2's 3, and 2 · 3.
+    assert_eq!(ranks, [9, 4, 6, 6]);
+    for m in MODULES {
+        let err = rel(&set.get(&key(m)).unwrap().delta().data, &want[m].data);
+        assert!(err < 1e-5, "{m}: relative error {err}");
+    }
+    let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+    let (back, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index(), ReadOptions::default()).unwrap();
+    for m in MODULES {
+        let err = rel(&back.get(&key(m)).unwrap().delta().data, &want[m].data);
+        assert!(err < 1e-5, "{m} written as a LoRA and read back: relative error {err}");
+    }
+}
+
+/// Attached to layers, the updates merge into the weights as LyCORIS' do: the conv layer
+/// unflattens the kernel of LyCORIS' `[rank, in·kh·kw]` layout.
+#[test]
+fn attached_to_layers_they_merge_to_the_update() {
+    let want = tensors("lycoris_delta.safetensors");
+    let (set, _) = AdapterSet::load(fixture("lycoris.safetensors"), &index(), ReadOptions::default()).unwrap();
+    let device = Default::default();
+    for m in ["lin_loha", "lin_lokr"] {
+        let mut layer = LoraLinear::new(LinearConfig::new(12, 10).init::<Flex>(&device));
+        let base: Vec<f32> = layer.base.weight.val().transpose().into_data().to_vec().unwrap();
+        layer.attach_weights(set.get(&key(m)).unwrap(), m, &device).unwrap();
+        let merged: Vec<f32> = layer.merged().weight.val().transpose().into_data().to_vec().unwrap();
+        let delta: Vec<f32> = merged.iter().zip(&base).map(|(a, b)| a - b).collect();
+        assert!(rel(&delta, &want[m].data) < 1e-5, "{m}");
+    }
+    for m in ["conv_loha", "conv_lokr"] {
+        let conv = Conv2dConfig::new([4, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init::<Flex>(&device);
+        let mut layer = LoraConv2d::new(conv);
+        let base: Vec<f32> = layer.base.weight.val().into_data().to_vec().unwrap();
+        layer.attach_weights(set.get(&key(m)).unwrap(), m, &device).unwrap();
+        let merged: Vec<f32> = layer.merged().weight.val().into_data().to_vec().unwrap();
+        let delta: Vec<f32> = merged.iter().zip(&base).map(|(a, b)| a - b).collect();
+        assert!(rel(&delta, &want[m].data) < 1e-5, "{m}");
+        // The attached adapter computes the same output as the merged kernel.
+        let x = Tensor::<Flex, 4>::ones([1, 4, 5, 5], &device);
+        let (a, b): (Vec<f32>, Vec<f32>) = (layer.forward(x.clone()).into_data().to_vec().unwrap(), layer.merged().forward(x).into_data().to_vec().unwrap());
+        assert!(rel(&a, &b) < 1e-5, "{m}: attached vs merged");
+    }
+    // A flattened kernel that does not fit the layer is an error naming the adapter.
+    let conv = Conv2dConfig::new([4, 6], [1, 1]).init::<Flex>(&device);
+    let mut layer = LoraConv2d::new(conv);
+    let err = layer.attach_weights(set.get(&key("conv_loha")).unwrap(), "conv_loha", &device).unwrap_err().to_string();
+    assert!(err.contains("conv_loha"), "{err}");
+}
+
+/// Tucker-decomposed convolutions, incomplete LoHa / LoKr halves, and a module with both
+/// LoRA and LyCORIS tensors are errors naming the file and the module.
+#[test]
+fn unsupported_or_broken_lycoris_modules_are_errors() {
+    let file = tensors("lycoris.safetensors");
+    type Edit<'a> = &'a dyn Fn(&mut Vec<(String, HostTensor)>);
+    let write = |edit: Edit| {
+        let mut t: Vec<(String, HostTensor)> = file.iter().filter(|(k, _)| k.starts_with("lora_unet_lin_loha.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        edit(&mut t);
+        let refs: Vec<(String, &HostTensor)> = t.iter().map(|(k, v)| (k.clone(), v)).collect();
+        lora_core::tensor_io::serialize(&refs, SaveDtype::F32, HashMap::new()).unwrap()
+    };
+    let read = |bytes: Vec<u8>| AdapterSet::from_bytes(&bytes, Path::new("ly.safetensors"), &index(), ReadOptions::default()).map(|_| ()).unwrap_err().to_string();
+    let cases: [(&str, Edit); 3] = [
+        ("Tucker", &|t| t.push(("lora_unet_lin_loha.hada_t1".into(), HostTensor::new(vec![3, 3, 1, 1], vec![0.0; 9]).unwrap()))),
+        ("hada_w2_b", &|t| t.retain(|(k, _)| !k.ends_with("hada_w2_b"))),
+        ("both LoRA", &|t| t.push(("lora_unet_lin_loha.lora_down.weight".into(), HostTensor::new(vec![1, 12], vec![0.0; 12]).unwrap()))),
+    ];
+    for (expect, edit) in cases {
+        let err = read(write(edit));
+        assert!(err.contains(expect) && err.contains("ly.safetensors") && err.contains("lin_loha"), "{expect}: {err}");
+    }
+}
