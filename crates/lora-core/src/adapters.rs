@@ -98,6 +98,9 @@ impl fmt::Display for AdapterKey {
 #[derive(Debug, Clone, Default)]
 pub struct ModuleIndex {
     by_kohya: HashMap<String, AdapterKey>,
+    /// Kernel sizes of the convolutions larger than 1x1, for adapters stored with the
+    /// kernel flattened (LyCORIS).
+    kernels: HashMap<AdapterKey, [usize; 2]>,
 }
 
 impl ModuleIndex {
@@ -128,6 +131,18 @@ impl ModuleIndex {
             self.by_kohya.insert(name, key);
         }
         Ok(())
+    }
+
+    /// Records that the module at `key` is a convolution with kernel `[kh, kw]` (what
+    /// [`crate::sites::add_to_index`] does for each conv site): adapter files that store
+    /// its kernel flattened (LyCORIS' LoHa / LoKr) are then read in the conv layout.
+    pub fn set_kernel(&mut self, key: AdapterKey, kernel: [usize; 2]) {
+        self.kernels.insert(key, kernel);
+    }
+
+    /// The kernel recorded for `key` with [`set_kernel`](Self::set_kernel).
+    pub fn kernel(&self, key: &AdapterKey) -> Option<[usize; 2]> {
+        self.kernels.get(key).copied()
     }
 
     /// Number of module paths.

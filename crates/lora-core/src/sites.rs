@@ -202,9 +202,18 @@ pub fn site_paths<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<String> {
 }
 
 /// Adds a model's site paths to a [`ModuleIndex`] under its component.
+/// Convolutions larger than 1x1 get their kernel recorded ([`ModuleIndex::set_kernel`]).
 pub fn add_to_index<B: Backend>(index: &mut ModuleIndex, model: &mut impl LoraSites<B>) -> Result<()> {
     let component = model.component();
-    index.add(component, site_paths(model))
+    let mut sites = Vec::new();
+    model.visit_lora_sites(&mut |path, site| sites.push((path.to_string(), site.kernel_size())));
+    index.add(component, sites.iter().map(|(path, _)| path))?;
+    for (path, kernel) in sites {
+        if kernel != [1, 1] {
+            index.set_kernel(AdapterKey::new(component, path), kernel);
+        }
+    }
+    Ok(())
 }
 
 /// Attaches every adapter of `set` that belongs to `model`'s component, at strength

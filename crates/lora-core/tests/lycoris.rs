@@ -13,7 +13,7 @@ use burn::nn::{LinearConfig, PaddingConfig2d};
 use burn::tensor::Tensor;
 use lora_core::{AdapterFormat, AdapterKey, AdapterSet, Component, HostTensor, LoraConv2d, LoraLinear, ModuleIndex, ReadOptions, SaveDtype};
 
-const MODULES: [&str; 4] = ["lin_loha", "conv_loha", "lin_lokr", "conv_lokr"];
+const MODULES: [&str; 7] = ["lin_loha", "conv_loha", "lin_lokr", "conv_lokr", "lin_lokr2", "conv_lokr2", "lin_loha_big"];
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -32,6 +32,15 @@ fn index() -> ModuleIndex {
     index
 }
 
+/// [`index`] knowing the convolutions' kernels, as a model's index does.
+fn index_with_kernels() -> ModuleIndex {
+    let mut index = index();
+    for m in MODULES.iter().filter(|m| m.starts_with("conv")) {
+        index.set_kernel(key(m), [3, 3]);
+    }
+    index
+}
+
 /// Max |a − b| over max |b|.
 fn rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -44,25 +53,37 @@ fn key(path: &str) -> AdapterKey {
 }
 
 /// Each module's update as a LoRA equals LyCORIS' (the rank is the product of the halves'
-/// ranks, the scale LyCORIS' alpha / rank), and survives a write and a read.
+/// ranks, or `ΔW` itself where that would exceed the layer; the scale alpha / rank), and
+/// survives a write and a read. With the kernels known, convolutions come in the conv
+/// layout, which A1111 and kohya read back.
 #[test]
 fn loha_and_lokr_read_as_their_updates() {
     let want = tensors("lycoris_delta.safetensors");
-    let (set, report) = AdapterSet::load(fixture("lycoris.safetensors"), &index(), ReadOptions::default()).unwrap();
-    assert_eq!(report.format, AdapterFormat::Kohya);
-    assert_eq!(set.len(), 4);
-    let ranks: Vec<usize> = MODULES.iter().map(|m| set.get(&key(m)).unwrap().rank()).collect();
-    // LoHa 3·3 and 2·2; LoKr: identity 2 (the full w1's smaller side) times w2's 3, and 2 · 3.
-    assert_eq!(ranks, [9, 4, 6, 6]);
-    for m in MODULES {
-        let err = rel(&set.get(&key(m)).unwrap().delta().data, &want[m].data);
-        assert!(err < 1e-5, "{m}: relative error {err}");
-    }
-    let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
-    let (back, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index(), ReadOptions::default()).unwrap();
-    for m in MODULES {
-        let err = rel(&back.get(&key(m)).unwrap().delta().data, &want[m].data);
-        assert!(err < 1e-5, "{m} written as a LoRA and read back: relative error {err}");
+    for (index, conv_layout) in [(index(), false), (index_with_kernels(), true)] {
+        let (set, report) = AdapterSet::load(fixture("lycoris.safetensors"), &index, ReadOptions::default()).unwrap();
+        assert_eq!(report.format, AdapterFormat::Kohya);
+        assert_eq!(set.len(), MODULES.len());
+        let ranks: Vec<usize> = MODULES.iter().map(|m| set.get(&key(m)).unwrap().rank()).collect();
+        // LoHa 3·3 and 2·2; LoKr: identity 2 (the full w1's smaller side) times w2's 3; the
+        // full/full conv LoKr's rank 2·3 is not below min(6, 36): ΔW beside I₆; 1·1; 2·2;
+        // the rank-4 LoHa's 16 exceeds min(10, 12): ΔW beside I₁₀.
+        assert_eq!(ranks, [9, 4, 6, 6, 1, 4, 10]);
+        for m in MODULES {
+            let w = set.get(&key(m)).unwrap();
+            let conv = m.starts_with("conv");
+            assert_eq!(w.is_conv(), conv && conv_layout, "{m}: {:?}", w.down.shape);
+            if conv && conv_layout {
+                assert_eq!((&w.down.shape[1..], &w.up.shape[1..]), (&[4, 3, 3][..], &[w.rank(), 1, 1][..]), "{m}");
+            }
+            let err = rel(&w.delta().data, &want[m].data);
+            assert!(err < 1e-5, "{m}: relative error {err}");
+        }
+        let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+        let (back, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+        for m in MODULES {
+            let err = rel(&back.get(&key(m)).unwrap().delta().data, &want[m].data);
+            assert!(err < 1e-5, "{m} written as a LoRA and read back: relative error {err}");
+        }
     }
 }
 
@@ -73,7 +94,7 @@ fn attached_to_layers_they_merge_to_the_update() {
     let want = tensors("lycoris_delta.safetensors");
     let (set, _) = AdapterSet::load(fixture("lycoris.safetensors"), &index(), ReadOptions::default()).unwrap();
     let device = Default::default();
-    for m in ["lin_loha", "lin_lokr"] {
+    for m in ["lin_loha", "lin_lokr", "lin_lokr2", "lin_loha_big"] {
         let mut layer = LoraLinear::new(LinearConfig::new(12, 10).init::<Flex>(&device));
         let base: Vec<f32> = layer.base.weight.val().transpose().into_data().to_vec().unwrap();
         layer.attach_weights(set.get(&key(m)).unwrap(), m, &device).unwrap();
@@ -81,7 +102,7 @@ fn attached_to_layers_they_merge_to_the_update() {
         let delta: Vec<f32> = merged.iter().zip(&base).map(|(a, b)| a - b).collect();
         assert!(rel(&delta, &want[m].data) < 1e-5, "{m}");
     }
-    for m in ["conv_loha", "conv_lokr"] {
+    for m in ["conv_loha", "conv_lokr", "conv_lokr2"] {
         let conv = Conv2dConfig::new([4, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init::<Flex>(&device);
         let mut layer = LoraConv2d::new(conv);
         let base: Vec<f32> = layer.base.weight.val().into_data().to_vec().unwrap();
@@ -114,10 +135,17 @@ fn unsupported_or_broken_lycoris_modules_are_errors() {
         lora_core::tensor_io::serialize(&refs, SaveDtype::F32, HashMap::new()).unwrap()
     };
     let read = |bytes: Vec<u8>| AdapterSet::from_bytes(&bytes, Path::new("ly.safetensors"), &index(), ReadOptions::default()).map(|_| ()).unwrap_err().to_string();
-    let cases: [(&str, Edit); 3] = [
+    let cases: [(&str, Edit); 5] = [
         ("Tucker", &|t| t.push(("lora_unet_lin_loha.hada_t1".into(), HostTensor::new(vec![3, 3, 1, 1], vec![0.0; 9]).unwrap()))),
         ("hada_w2_b", &|t| t.retain(|(k, _)| !k.ends_with("hada_w2_b"))),
         ("both LoRA", &|t| t.push(("lora_unet_lin_loha.lora_down.weight".into(), HostTensor::new(vec![1, 12], vec![0.0; 12]).unwrap()))),
+        ("mixes LoHa", &|t| t.push(("lora_unet_lin_loha.lokr_w1".into(), HostTensor::new(vec![2, 2], vec![0.0; 4]).unwrap()))),
+        // Halves whose Kronecker product would be absurdly large fail before allocating it.
+        ("larger than any layer", &|t| {
+            t.retain(|(k, _)| k.ends_with("alpha"));
+            t.push(("lora_unet_lin_loha.lokr_w1".into(), HostTensor::new(vec![1, 20000], vec![0.0; 20000]).unwrap()));
+            t.push(("lora_unet_lin_loha.lokr_w2".into(), HostTensor::new(vec![20000, 1], vec![0.0; 20000]).unwrap()));
+        }),
     ];
     for (expect, edit) in cases {
         let err = read(write(edit));

@@ -32,7 +32,11 @@ pub(super) fn read(
             unknown.extend(part.keys);
             continue;
         };
-        let weights = finish(part, &name, path, ("lora_down", "lora_up"), AdapterFormat::Kohya)?;
+        let mut weights = finish(part, &name, path, ("lora_down", "lora_up"), AdapterFormat::Kohya)?;
+        if let Some(kernel) = index.kernel(&key) {
+            // LyCORIS stores a convolution's kernel flattened into the columns.
+            weights = super::lycoris::unflatten(weights, kernel);
+        }
         set.insert(key, weights)?;
     }
     let skipped = settle_unknown(unknown, path, options)?;

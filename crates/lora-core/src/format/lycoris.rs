@@ -10,12 +10,15 @@
 //!   the identity on the smaller side of a full `Wₖ`), `W₁ ⊗ W₂ = (U₁ ⊗ U₂)(V₁ ⊗ V₂)`: a
 //!   LoRA of rank `rank(U₁)·rank(U₂)`.
 //!
-//! The scale is LyCORIS': `alpha / rank` with the rank of the LoHa halves or of LoKr's
-//! low-rank half (`lokr_w2_b` first, as ComfyUI), 1 for a LoKr whose halves are both full
-//! or a file without an alpha. A convolution's kernel is flattened into the columns
-//! (`[rank, in·kh·kw]`, LyCORIS' non-Tucker layout), which the conv layer unflattens when
-//! the adapter is attached. Tucker-decomposed convolutions (`hada_t1`, `lokr_t2`) are not
-//! supported.
+//! When that rank is not below `min(out, in·kh·kw)`, the LoRA is `ΔW` itself beside an
+//! identity instead (no more than the layer's own weight). The scale is `alpha / rank` as
+//! ComfyUI and A1111 apply it, with the rank of the LoHa halves or of LoKr's low-rank half
+//! (`lokr_w2_b` first), and 1 for a LoKr whose halves are both full or a file without an
+//! alpha; it is folded into `up`. A convolution's kernel is flattened into the columns
+//! (`[rank, in·kh·kw]`, LyCORIS' non-Tucker layout); the reader puts it back in the conv
+//! layout where the [`crate::ModuleIndex`] knows the kernel ([`crate::ModuleIndex::set_kernel`]),
+//! and the conv layer unflattens it when attached otherwise. Tucker-decomposed
+//! convolutions (`hada_t1`, `lokr_t2`) are not supported.
 
 use std::path::Path;
 
@@ -83,6 +86,18 @@ impl Mat {
         self.data[r * self.cols + c]
     }
 
+    /// `self · other` (accumulated in f64).
+    fn matmul(&self, other: &Mat) -> Mat {
+        let mut data = vec![0.0; self.rows * other.cols];
+        for r in 0..self.rows {
+            for c in 0..other.cols {
+                let acc: f64 = (0..self.cols).map(|k| f64::from(self.at(r, k)) * f64::from(other.at(k, c))).sum();
+                data[r * other.cols + c] = acc as f32;
+            }
+        }
+        Mat { rows: self.rows, cols: other.cols, data }
+    }
+
     /// `self ⊗ other`.
     fn kron(&self, other: &Mat) -> Mat {
         let (rows, cols) = (self.rows * other.rows, self.cols * other.cols);
@@ -132,60 +147,143 @@ impl Tensors {
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
             return Err(bad("Tucker-decomposed LyCORIS convolutions (`hada_t1` / `lokr_t2`) are not supported".into()));
         }
-        let loha_parts = [Part::HadaW1A, Part::HadaW1B, Part::HadaW2A, Part::HadaW2B];
-        let (up, down, rank_for_scale) = if loha_parts.iter().any(|p| self.get(*p).is_some()) {
-            let [w1a, w1b, w2a, w2b] = loha_parts.map(|p| self.get(p).and_then(Mat::of));
-            let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (w1a, w1b, w2a, w2b) else {
-                return Err(bad("a LoHa needs `hada_w1_a`, `hada_w1_b`, `hada_w2_a` and `hada_w2_b`, each at least 2-d".into()));
-            };
-            let rank = w1b.rows;
-            let (up, down) = loha(&w1a, &w1b, &w2a, &w2b).map_err(bad)?;
-            (up, down, Some(rank))
-        } else {
-            let half = |full: Part, a: Part, b: Part, what: &str| -> std::result::Result<(Mat, Mat, Option<usize>), String> {
-                match (self.get(full), self.get(a), self.get(b)) {
-                    (Some(w), None, None) => {
-                        let w = Mat::of(w).ok_or(format!("`{what}` must be at least 2-d"))?;
-                        // The identity on the smaller side keeps the rank low.
-                        Ok(if w.rows <= w.cols { (Mat::identity(w.rows), w, None) } else { let cols = w.cols; (w, Mat::identity(cols), None) })
-                    }
-                    (None, Some(a), Some(b)) => {
-                        let (a, b) = (Mat::of(a), Mat::of(b));
-                        let (Some(a), Some(b)) = (a, b) else { return Err(format!("`{what}_a` and `{what}_b` must be at least 2-d")) };
-                        if a.cols != b.rows {
-                            return Err(format!("`{what}_a` is [{}, {}] but `{what}_b` has {} rows", a.rows, a.cols, b.rows));
-                        }
-                        let rank = b.rows;
-                        Ok((a, b, Some(rank)))
-                    }
-                    _ => Err(format!("a LoKr needs either `{what}` or both `{what}_a` and `{what}_b`")),
-                }
-            };
-            let (u1, v1, r1) = half(Part::LokrW1, Part::LokrW1A, Part::LokrW1B, "lokr_w1").map_err(bad)?;
-            let (u2, v2, r2) = half(Part::LokrW2, Part::LokrW2A, Part::LokrW2B, "lokr_w2").map_err(bad)?;
-            (u1.kron(&u2), v1.kron(&v2), r2.or(r1))
-        };
-        let rank = down.rows;
-        // LyCORIS' scale: alpha / rank of the low-rank part; 1 without one or without alpha.
+        let is_loha = |p: &Part| matches!(p, Part::HadaW1A | Part::HadaW1B | Part::HadaW2A | Part::HadaW2B);
+        let (loha_parts, lokr_parts) = (self.found.iter().filter(|(p, _)| is_loha(p)).count(), self.found.iter().filter(|(p, _)| !is_loha(p)).count());
+        if loha_parts > 0 && lokr_parts > 0 {
+            return Err(bad("the module mixes LoHa (`hada_*`) and LoKr (`lokr_*`) tensors".into()));
+        }
+        let (factors, rank_for_scale) = if loha_parts > 0 { self.loha_factors().map_err(bad)? } else { self.lokr_factors().map_err(bad)? };
+        // ComfyUI's and A1111's scale: alpha / rank of the low-rank part (alpha 0 gives 0, as
+        // for a plain LoRA); 1 without a low-rank part or without alpha.
         let scale = match (alpha, rank_for_scale) {
-            (Some(alpha), Some(r)) if alpha != 0.0 => alpha / r as f32,
+            (Some(alpha), Some(r)) => alpha / r as f32,
             _ => 1.0,
         };
+        let (up, down) = factors.into_lora(scale).map_err(bad)?;
+        let rank = down.rows;
         let up = HostTensor::new(vec![up.rows, up.cols], up.data)?;
         let down = HostTensor::new(vec![down.rows, down.cols], down.data)?;
-        LoraWeights::new(down, up, scale * rank as f32, name).map_err(|e| bad(e.to_string()))
+        // The scale is in `up`: alpha = rank.
+        LoraWeights::new(down, up, rank as f32, name).map_err(|e| bad(e.to_string()))
+    }
+
+    /// LoHa's four halves, and their rank (for the scale).
+    fn loha_factors(&self) -> std::result::Result<(Factors, Option<usize>), String> {
+        let [w1a, w1b, w2a, w2b] = [Part::HadaW1A, Part::HadaW1B, Part::HadaW2A, Part::HadaW2B].map(|p| self.get(p).and_then(Mat::of));
+        let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (w1a, w1b, w2a, w2b) else {
+            return Err("a LoHa needs `hada_w1_a`, `hada_w1_b`, `hada_w2_a` and `hada_w2_b`, each at least 2-d".into());
+        };
+        let out = w1a.rows;
+        if w1a.cols != w1b.rows || w2a.cols != w2b.rows || w2a.rows != out || w2b.cols != w1b.cols {
+            return Err(format!(
+                "LoHa halves do not fit: hada_w1_a [{}, {}], hada_w1_b [{}, {}], hada_w2_a [{}, {}], hada_w2_b [{}, {}]",
+                w1a.rows, w1a.cols, w1b.rows, w1b.cols, w2a.rows, w2a.cols, w2b.rows, w2b.cols
+            ));
+        }
+        let rank = w1b.rows;
+        Ok((Factors::Loha([w1a, w1b, w2a, w2b]), Some(rank)))
+    }
+
+    /// LoKr's two halves as `U·V` each, and the rank of the low-rank half (for the scale;
+    /// `lokr_w2_b`'s first, as ComfyUI and A1111 read it).
+    fn lokr_factors(&self) -> std::result::Result<(Factors, Option<usize>), String> {
+        let half = |full: Part, a: Part, b: Part, what: &str| -> std::result::Result<(Mat, Mat, Option<usize>), String> {
+            match (self.get(full), self.get(a), self.get(b)) {
+                (Some(w), None, None) => {
+                    let w = Mat::of(w).ok_or(format!("`{what}` must be at least 2-d"))?;
+                    // The identity on the smaller side keeps the rank low.
+                    Ok(if w.rows <= w.cols {
+                        (Mat::identity(w.rows), w, None)
+                    } else {
+                        let cols = w.cols;
+                        (w, Mat::identity(cols), None)
+                    })
+                }
+                (None, Some(a), Some(b)) => {
+                    let (Some(a), Some(b)) = (Mat::of(a), Mat::of(b)) else { return Err(format!("`{what}_a` and `{what}_b` must be at least 2-d")) };
+                    if a.cols != b.rows {
+                        return Err(format!("`{what}_a` is [{}, {}] but `{what}_b` has {} rows", a.rows, a.cols, b.rows));
+                    }
+                    let rank = b.rows;
+                    Ok((a, b, Some(rank)))
+                }
+                _ => Err(format!("a LoKr needs either `{what}` or both `{what}_a` and `{what}_b`")),
+            }
+        };
+        let (u1, v1, r1) = half(Part::LokrW1, Part::LokrW1A, Part::LokrW1B, "lokr_w1")?;
+        let (u2, v2, r2) = half(Part::LokrW2, Part::LokrW2A, Part::LokrW2B, "lokr_w2")?;
+        Ok((Factors::Lokr([u1, v1, u2, v2]), r2.or(r1)))
     }
 }
 
-/// LoHa's halves as one LoRA: `(up [out, r₁r₂], down [r₁r₂, cols])`.
-fn loha(w1a: &Mat, w1b: &Mat, w2a: &Mat, w2b: &Mat) -> std::result::Result<(Mat, Mat), String> {
-    let (out, cols) = (w1a.rows, w1b.cols);
-    if w1a.cols != w1b.rows || w2a.cols != w2b.rows || w2a.rows != out || w2b.cols != cols {
-        return Err(format!(
-            "LoHa halves do not fit: hada_w1_a [{}, {}], hada_w1_b [{}, {}], hada_w2_a [{}, {}], hada_w2_b [{}, {}]",
-            w1a.rows, w1a.cols, w1b.rows, w1b.cols, w2a.rows, w2a.cols, w2b.rows, w2b.cols
-        ));
+/// Largest update (values of `ΔW`) a LyCORIS module may have: far above any Stable
+/// Diffusion layer's (SD1.5's largest, a 1280-channel 3x3 convolution, has 14.7 M), so a
+/// broken or hostile file fails before it allocates.
+const MAX_UPDATE: usize = 1 << 28;
+
+/// A module's update in factored form.
+enum Factors {
+    /// `(A₁B₁) ⊙ (A₂B₂)`: `[A₁, B₁, A₂, B₂]`.
+    Loha([Mat; 4]),
+    /// `(U₁V₁) ⊗ (U₂V₂)`: `[U₁, V₁, U₂, V₂]`.
+    Lokr([Mat; 4]),
+}
+
+impl Factors {
+    /// `(up, down)` with `scale · up · down = ΔW`: the low-rank form when its rank is below
+    /// `min(out, cols)`, else `ΔW` itself beside an identity (a higher rank would cost more
+    /// than the layer's own weight).
+    fn into_lora(self, scale: f32) -> std::result::Result<(Mat, Mat), String> {
+        let (out, cols, rank) = match &self {
+            Factors::Loha([a1, b1, a2, _]) => (Some(a1.rows), Some(b1.cols), a1.cols.checked_mul(a2.cols)),
+            Factors::Lokr([u1, v1, u2, v2]) => (u1.rows.checked_mul(u2.rows), v1.cols.checked_mul(v2.cols), u1.cols.checked_mul(u2.cols)),
+        };
+        let (Some(out), Some(cols), Some(rank)) = (out, cols, rank) else {
+            return Err("the update's size overflows".into());
+        };
+        if out.checked_mul(cols).is_none_or(|n| n > MAX_UPDATE) {
+            return Err(format!("the update would be [{out}, {cols}], larger than any layer this reads ({MAX_UPDATE} values)"));
+        }
+        let (mut up, down) = if rank < out.min(cols) {
+            match self {
+                Factors::Loha([a1, b1, a2, b2]) => loha(&a1, &b1, &a2, &b2),
+                Factors::Lokr([u1, v1, u2, v2]) => (u1.kron(&u2), v1.kron(&v2)),
+            }
+        } else {
+            let delta = match self {
+                Factors::Loha([a1, b1, a2, b2]) => {
+                    let (x, y) = (a1.matmul(&b1), a2.matmul(&b2));
+                    Mat { rows: out, cols, data: x.data.iter().zip(&y.data).map(|(p, q)| p * q).collect() }
+                }
+                Factors::Lokr([u1, v1, u2, v2]) => u1.matmul(&v1).kron(&u2.matmul(&v2)),
+            };
+            if out <= cols { (Mat::identity(out), delta) } else { (delta, Mat::identity(cols)) }
+        };
+        for v in &mut up.data {
+            *v *= scale;
+        }
+        Ok((up, down))
     }
+}
+
+/// A 2-d adapter of a convolution with kernel `[kh, kw]` (LyCORIS' flattened `down`
+/// `[rank, in·kh·kw]`) in the conv layout: `down [rank, in, kh, kw]`, `up [out, rank, 1, 1]`.
+/// Anything else is returned as it is.
+pub(super) fn unflatten(w: LoraWeights, [kh, kw]: [usize; 2]) -> LoraWeights {
+    let k = kh * kw;
+    if w.down.shape.len() != 2 || k <= 1 || !w.down.shape[1].is_multiple_of(k) {
+        return w;
+    }
+    let (rank, out) = (w.down.shape[0], w.up.shape[0]);
+    let down = HostTensor { shape: vec![rank, w.down.shape[1] / k, kh, kw], data: w.down.data };
+    let up = HostTensor { shape: vec![out, rank, 1, 1], data: w.up.data };
+    LoraWeights { down, up, ..w }
+}
+
+/// LoHa's halves as one LoRA: `(up [out, r₁r₂], down [r₁r₂, cols])` (shapes checked by
+/// the caller).
+fn loha(w1a: &Mat, w1b: &Mat, w2a: &Mat, w2b: &Mat) -> (Mat, Mat) {
+    let (out, cols) = (w1a.rows, w1b.cols);
     let (r1, r2) = (w1a.cols, w2a.cols);
     let rank = r1 * r2;
     let mut up = vec![0.0; out * rank];
@@ -205,5 +303,5 @@ fn loha(w1a: &Mat, w1b: &Mat, w2a: &Mat, w2b: &Mat) -> std::result::Result<(Mat,
             }
         }
     }
-    Ok((Mat { rows: out, cols: rank, data: up }, Mat { rows: rank, cols, data: down }))
+    (Mat { rows: out, cols: rank, data: up }, Mat { rows: rank, cols, data: down })
 }
