@@ -274,7 +274,7 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     /// ([`FlatAdamW::with_lr_scales`]); `None`: 1 everywhere.
     lr_scales: Option<Tensor<B::InnerBackend, 1>>,
     /// Tensors whose module copies stay in the master dtype ([`FlatAdamW::with_master_copies`]).
-    master_copies: Vec<ParamId>,
+    master_copies: std::collections::HashSet<ParamId>,
     /// Lion's update instead of Adam's ([`FlatAdamW::with_lion`]).
     lion: bool,
 }
@@ -302,7 +302,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             prodigy: None,
             max_norm_index: None,
             lr_scales: None,
-            master_copies: Vec::new(),
+            master_copies: Default::default(),
             lion: false,
         };
         if len > 0 {
@@ -532,10 +532,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let Some(dtype) = self.working else {
             return self.scatter(module, self.params.clone());
         };
-        let module = self.scatter(module, self.params.clone().cast(FloatDType::from(dtype)));
+        let working = self.params.clone().cast(FloatDType::from(dtype));
         if self.master_copies.is_empty() {
-            return module;
+            return self.scatter(module, working);
         }
+        // Each tensor is written once: the kept ones from the master values, the rest cast.
+        let module = self.scatter_where(module, working, |id| !self.master_copies.contains(&id));
         self.scatter_where(module, self.params.clone(), |id| self.master_copies.contains(&id))
     }
 
