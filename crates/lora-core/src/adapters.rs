@@ -98,6 +98,9 @@ impl fmt::Display for AdapterKey {
 #[derive(Debug, Clone, Default)]
 pub struct ModuleIndex {
     by_kohya: HashMap<String, AdapterKey>,
+    /// Other names files use for the same modules (kohya's SDXL files name the UNet's
+    /// modules as the original SGM code does: `lora_unet_input_blocks_4_1_...`).
+    aliases: HashMap<String, AdapterKey>,
     /// Kernel sizes of the convolutions larger than 1x1, for adapters stored with the
     /// kernel flattened (LyCORIS).
     kernels: HashMap<AdapterKey, [usize; 2]>,
@@ -130,6 +133,40 @@ impl ModuleIndex {
             }
             self.by_kohya.insert(name, key);
         }
+        Ok(())
+    }
+
+    /// Makes the kohya module name `name` (with its `lora_unet_` / `lora_te_` prefix)
+    /// resolve to `key`, a module already added, as a second name for it. Fails if `name`
+    /// already names another module.
+    ///
+    /// ```
+    /// use lora_core::{AdapterKey, Component, ModuleIndex};
+    /// let mut index = ModuleIndex::new();
+    /// let path = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
+    /// index.add(Component::Unet, [path]).unwrap();
+    /// let key = AdapterKey::new(Component::Unet, path);
+    /// index.add_alias("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", key.clone()).unwrap();
+    /// assert_eq!(index.resolve_kohya("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"), Some(&key));
+    /// assert_eq!(index.len(), 1);
+    /// ```
+    pub fn add_alias(&mut self, name: impl Into<String>, key: AdapterKey) -> Result<()> {
+        let name = name.into();
+        if !self.contains(&key) {
+            return Err(LoraError::Unsupported(format!("alias `{name}`: `{key}` is not a module of the index")));
+        }
+        let taken = self.by_kohya.get(&name).or_else(|| self.aliases.get(&name));
+        if let Some(prev) = taken {
+            if prev != &key {
+                return Err(LoraError::AmbiguousModuleName {
+                    kohya: name,
+                    first: prev.path.clone(),
+                    second: key.path,
+                });
+            }
+            return Ok(());
+        }
+        self.aliases.insert(name, key);
         Ok(())
     }
 
@@ -168,7 +205,7 @@ impl ModuleIndex {
         if let Some(rest) = name.strip_prefix("lora_te1_") {
             return self.by_kohya.get(&format!("lora_te_{rest}"));
         }
-        self.by_kohya.get(name)
+        self.by_kohya.get(name).or_else(|| self.aliases.get(name))
     }
 
     /// The component of a bare module path when it belongs to exactly one component.

@@ -24,20 +24,35 @@ use burn::tensor::{DType, Tensor};
 use lora_core::precision::cast_to;
 use lora_core::LoraConv2d;
 
-use crate::embeddings::timestep_embedding;
 use crate::resnet::{Downsample2D, ResnetBlock2D, SiluTemb, Upsample2D};
 use crate::transformer::Transformer2DModel;
-use crate::{Result, UNet2DConditionModel};
+use crate::{AddedConditions, Result, UNet2DConditionModel};
 
 /// Options of [`UNet2DConditionModel::forward_backward_checkpointed`].
-#[derive(Default)]
-pub struct CheckpointOptions<'a> {
+pub struct CheckpointOptions<'a, B: Backend> {
     /// Also return `∂loss/∂encoder_hidden_states`, to backpropagate into a text encoder
     /// that is being trained.
     pub context_grad: bool,
+    /// SDXL's added conditioning (required by a UNet that has it, see
+    /// [`UNet2DConditionModel::forward_added`]).
+    pub added: Option<AddedConditions<B>>,
+    /// Also return `∂loss/∂text_embeds` of [`added`](Self::added), to backpropagate into
+    /// the second text encoder's pooled output.
+    pub added_grad: bool,
     /// Called in the backward pass right after each block's forward pass has been rebuilt,
     /// when that block's activations are all alive (for memory probes).
     pub after_recompute: Option<&'a mut dyn FnMut()>,
+}
+
+impl<B: Backend> Default for CheckpointOptions<'_, B> {
+    fn default() -> Self {
+        Self {
+            context_grad: false,
+            added: None,
+            added_grad: false,
+            after_recompute: None,
+        }
+    }
 }
 
 /// What [`UNet2DConditionModel::forward_backward_checkpointed`] returns.
@@ -50,6 +65,9 @@ pub struct CheckpointedStep<B: AutodiffBackend> {
     /// `∂loss/∂encoder_hidden_states`, in their dtype, when
     /// [`CheckpointOptions::context_grad`] asked for it.
     pub context_grad: Option<Tensor<B::InnerBackend, 3>>,
+    /// `∂loss/∂text_embeds`, in their dtype, when [`CheckpointOptions::added_grad`] asked
+    /// for it (zeros if no gradient reached them).
+    pub text_embeds_grad: Option<Tensor<B::InnerBackend, 2>>,
 }
 
 impl<B: AutodiffBackend> UNet2DConditionModel<B> {
@@ -89,17 +107,30 @@ impl<B: AutodiffBackend> UNet2DConditionModel<B> {
         latents: Tensor<B, 4>,
         timesteps: Tensor<B, 1>,
         context: Tensor<B, 3>,
-        mut options: CheckpointOptions<'_>,
+        mut options: CheckpointOptions<'_, B>,
         loss: impl FnOnce(Tensor<B, 4>) -> Tensor<B, 1>,
     ) -> Result<CheckpointedStep<B>> {
         self.check_inputs(&latents, &timesteps, &context)?;
         let (io_dtype, context_dtype) = (latents.dtype(), context.dtype());
         let dtype = self.conv_in.base.weight.val().dtype();
+        // SDXL's pooled text embedding enters as a leaf of the time embedding's graph; its
+        // gradient goes back to the caller, as the text embeddings' does.
+        let added_grad = options.added_grad && options.added.is_some();
+        let mut text_leaf = None;
+        let added = options.added.take().map(|a| {
+            let leaf = leaf::<B, 2>(a.text_embeds.clone().inner(), added_grad);
+            text_leaf = Some((leaf.clone(), a.text_embeds.dtype()));
+            AddedConditions {
+                text_embeds: leaf,
+                time_ids: Tensor::from_inner(a.time_ids.inner()),
+            }
+        });
         // The time embedding is tiny: it keeps its ordinary graph, backpropagated last.
-        let t = timestep_embedding(timesteps, self.time_proj.dim, self.time_proj.flip_sin_to_cos, self.time_proj.freq_shift);
         // Its SiLU, shared by all ResNet blocks, belongs to this graph too.
-        let temb = burn::tensor::activation::silu(self.time_embedding.forward(cast_to(t, dtype)));
-        let temb_grad = trainable(|v| self.time_embedding.visit(v));
+        let temb = burn::tensor::activation::silu(self.time_embedding_input(timesteps, added)?);
+        let temb_grad = trainable(|v| self.time_embedding.visit(v))
+            || self.add_embedding.as_ref().is_some_and(|m| trainable(|v| m.visit(v)))
+            || added_grad;
         let temb_inner = temb.clone().inner();
         let context = cast_to(context.inner(), dtype);
         let context_grad = options.context_grad;
@@ -170,11 +201,22 @@ impl<B: AutodiffBackend> UNet2DConditionModel<B> {
             accumulate(&mut temb_sum, temb_leaf.grad_remove(&mut grads).map(|g| cast_to(g, DType::F32)));
             accumulate(&mut context_sum, context_leaf.grad_remove(&mut grads).map(|g| cast_to(g, DType::F32)));
         }
+        let mut text_embeds_grad = None;
         if let Some(g) = temb_sum {
             let g = cast_to(g, temb.dtype());
             let mut grads = (temb * Tensor::from_inner(g)).sum().backward();
             self.time_embedding.visit(&mut CollectGrads::<B> { grads: &mut grads, out: &mut params });
+            if let Some(add) = &self.add_embedding {
+                add.visit(&mut CollectGrads::<B> { grads: &mut grads, out: &mut params });
+            }
+            if let Some((leaf, _)) = &text_leaf {
+                text_embeds_grad = leaf.grad_remove(&mut grads);
+            }
         }
+        let text_embeds_grad = match (added_grad, text_leaf) {
+            (true, Some((leaf, te_dtype))) => Some(cast_to(text_embeds_grad.unwrap_or_else(|| leaf.inner().zeros_like()), te_dtype)),
+            _ => None,
+        };
         let context_grad = context_grad.then(|| match context_sum {
             Some(g) => cast_to(g, context_dtype),
             None => cast_to(context.zeros_like(), context_dtype),
@@ -183,6 +225,7 @@ impl<B: AutodiffBackend> UNet2DConditionModel<B> {
             loss: loss_value,
             grads: params,
             context_grad,
+            text_embeds_grad,
         })
     }
 }

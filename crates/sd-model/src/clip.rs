@@ -1,4 +1,5 @@
-//! The CLIP text encoder, as transformers' `CLIPTextModel`.
+//! The CLIP text encoder, as transformers' `CLIPTextModel` and (with the pooled-output
+//! projection SDXL's second encoder has) `CLIPTextModelWithProjection`.
 //!
 //! Module paths match transformers (`text_model.encoder.layers.0.self_attn.q_proj`) so
 //! checkpoints load without renaming and LoRA keys resolve to the right layers. Every
@@ -113,7 +114,8 @@ pub struct ClipTextTransformer<B: Backend> {
     pub final_layer_norm: LayerNorm<B>,
 }
 
-/// The CLIP text encoder (`CLIPTextModel`).
+/// The CLIP text encoder (`CLIPTextModel`, or `CLIPTextModelWithProjection` when its config
+/// says so: see [`ClipTextConfig::text_projection_dim`]).
 ///
 /// ```
 /// use burn::backend::Flex;
@@ -130,6 +132,23 @@ pub struct ClipTextTransformer<B: Backend> {
 pub struct ClipTextModel<B: Backend> {
     /// The transformer.
     pub text_model: ClipTextTransformer<B>,
+    /// The bias-free projection of the pooled output (`CLIPTextModelWithProjection`).
+    pub text_projection: Option<LoraLinear<B>>,
+    /// Which of the pipeline's encoders this is, for adapter files (`lora_te_` /
+    /// `text_encoder.` or, for SDXL's second, `lora_te2_` / `text_encoder_2.`).
+    #[module(skip)]
+    pub component: lora_core::Component,
+}
+
+/// What [`ClipTextModel::forward_pooled`] returns.
+#[derive(Debug, Clone)]
+pub struct ClipOutput<B: Backend> {
+    /// The hidden states `[batch, seq, hidden]` that `clip_skip` selects.
+    pub hidden: Tensor<B, 3>,
+    /// The final-normed last-layer state at each row's end token `[batch, hidden]`,
+    /// projected by `text_projection` when the model has one (`[batch, projection]`):
+    /// transformers' `pooler_output`, or `text_embeds` with the projection.
+    pub pooled: Tensor<B, 2>,
 }
 
 impl<B: Backend> ClipTextModel<B> {
@@ -165,7 +184,18 @@ impl<B: Backend> ClipTextModel<B> {
                 encoder: ClipEncoder { layers },
                 final_layer_norm: ln(),
             },
+            text_projection: config
+                .text_projection_dim()
+                .map(|p| LoraLinear::new(LinearConfig::new(d, p).with_bias(false).init(device))),
+            component: lora_core::Component::TextEncoder,
         })
+    }
+
+    /// The model as the pipeline's `component` encoder (SDXL's second encoder is
+    /// [`Component::TextEncoder2`](lora_core::Component::TextEncoder2)).
+    pub fn with_component(mut self, component: lora_core::Component) -> Self {
+        self.component = component;
+        self
     }
 
     /// Size of the token vocabulary (rows of the token embedding).
@@ -183,6 +213,48 @@ impl<B: Backend> ClipTextModel<B> {
     /// `clip_skip` follows A1111 / kohya: 1 uses the last layer, 2 the penultimate one, ...;
     /// the final LayerNorm is applied to the selected layer's output either way.
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize) -> Result<Tensor<B, 3>> {
+        let x = self.hidden_states(input_ids, clip_skip, false)?.0;
+        Ok(self.text_model.final_layer_norm.forward(x))
+    }
+
+    /// Encodes token ids to the hidden states that `clip_skip` selects, with the final
+    /// LayerNorm only when `final_norm` (SDXL conditions on the penultimate layer's raw
+    /// states), and the pooled output (see [`ClipOutput::pooled`]), as SDXL pipelines use
+    /// both encoders.
+    ///
+    /// The pooled row is the first position holding the row's largest id, CLIP's end token
+    /// (transformers' rule for CLIP configs, whichever token pads the row).
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::tensor::{Int, Tensor};
+    /// use sd_model::{ClipTextConfig, ClipTextModel};
+    ///
+    /// let device = Default::default();
+    /// let model = ClipTextModel::<Flex>::new(&ClipTextConfig::tiny_sdxl_text_encoder_2(), &device).unwrap();
+    /// let ids = Tensor::<Flex, 2, Int>::from_ints([[49406, 320, 49407, 0, 0]], &device);
+    /// let out = model.forward_pooled(ids, 2, false).unwrap();
+    /// assert_eq!(out.hidden.dims(), [1, 5, 32]);
+    /// assert_eq!(out.pooled.dims(), [1, 32]);
+    /// ```
+    pub fn forward_pooled(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize, final_norm: bool) -> Result<ClipOutput<B>> {
+        let end = end_token_index(input_ids.clone());
+        let (selected, last) = self.hidden_states(input_ids, clip_skip, true)?;
+        let norm = &self.text_model.final_layer_norm;
+        let hidden = if final_norm { norm.forward(selected) } else { selected };
+        let last = norm.forward(last.expect("asked for the last layer"));
+        let [batch, _, d] = last.dims();
+        let pooled = last.gather(1, end.reshape([batch, 1, 1]).expand([batch, 1, d])).reshape([batch, d]);
+        let pooled = match &self.text_projection {
+            Some(p) => p.forward(pooled),
+            None => pooled,
+        };
+        Ok(ClipOutput { hidden, pooled })
+    }
+
+    /// The raw output of the layer `clip_skip` selects and, when `last` and that is not
+    /// the last layer, the last layer's raw output too.
+    fn hidden_states(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize, last: bool) -> Result<(Tensor<B, 3>, Option<Tensor<B, 3>>)> {
         let tm = &self.text_model;
         let [batch, seq] = input_ids.dims();
         let max_pos = tm.embeddings.position_embedding.weight.dims()[0];
@@ -205,10 +277,18 @@ impl<B: Backend> ClipTextModel<B> {
             .expand([batch, seq]);
         let mut x = tm.embeddings.token_embedding.forward(input_ids)
             + tm.embeddings.position_embedding.forward(positions);
-        for layer in &tm.encoder.layers[..n + 1 - clip_skip] {
+        let used = n + 1 - clip_skip;
+        for layer in &tm.encoder.layers[..used] {
             x = layer.forward(x);
         }
-        Ok(tm.final_layer_norm.forward(x))
+        if !last {
+            return Ok((x, None));
+        }
+        let mut y = x.clone();
+        for layer in &tm.encoder.layers[used..] {
+            y = layer.forward(y);
+        }
+        Ok((x, Some(y)))
     }
 
     /// Encodes long prompts given as rows of `chunk_len` ids, `[batch, chunks × chunk_len]`
@@ -253,9 +333,20 @@ impl<B: Backend> ClipTextModel<B> {
     }
 }
 
+/// Per row, the first position of the row's largest id `[batch]`: scoring the matches by
+/// `seq - position` makes the first one the unique maximum.
+fn end_token_index<B: Backend>(input_ids: Tensor<B, 2, Int>) -> Tensor<B, 1, Int> {
+    let [batch, seq] = input_ids.dims();
+    let device = input_ids.device();
+    let max = input_ids.clone().max_dim(1);
+    let is_max = input_ids.equal(max.expand([batch, seq])).int();
+    let score = Tensor::<B, 1, Int>::arange(0..seq as i64, &device).neg().add_scalar(seq as i64).reshape([1, seq]);
+    (is_max * score).argmax(1).reshape([batch])
+}
+
 impl<B: Backend> lora_core::LoraSites<B> for ClipTextModel<B> {
     fn component(&self) -> lora_core::Component {
-        lora_core::Component::TextEncoder
+        self.component
     }
 
     /// The q/k/v/out projections and both MLP layers of every encoder layer (kohya's

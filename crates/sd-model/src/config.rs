@@ -39,7 +39,18 @@ pub struct ClipTextConfig {
     /// LayerNorm epsilon.
     #[serde(default = "default_ln_eps")]
     pub layer_norm_eps: f64,
+    /// transformers' model classes for this config; `CLIPTextModelWithProjection` (SDXL's
+    /// second encoder) adds the bias-free `text_projection` of the pooled output.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Width of `text_projection` (used only with `CLIPTextModelWithProjection`; plain
+    /// `CLIPTextModel` configs carry it too, without the layer).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
+
+/// transformers' class name of a CLIP text encoder with the pooled-output projection.
+pub const CLIP_WITH_PROJECTION: &str = "CLIPTextModelWithProjection";
 
 fn default_ln_eps() -> f64 {
     1e-5
@@ -57,6 +68,8 @@ impl ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: HiddenAct::QuickGelu,
             layer_norm_eps: 1e-5,
+            architectures: vec![],
+            projection_dim: None,
         }
     }
 
@@ -71,7 +84,47 @@ impl ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: HiddenAct::Gelu,
             layer_norm_eps: 1e-5,
+            architectures: vec![],
+            projection_dim: None,
         }
+    }
+
+    /// SDXL's second encoder: OpenCLIP ViT-bigG/14's text tower, all 32 layers, with the
+    /// 1280-wide projection of the pooled output (SDXL's first encoder is [`sd15`](Self::sd15)).
+    pub fn sdxl_text_encoder_2() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            max_position_embeddings: 77,
+            hidden_act: HiddenAct::Gelu,
+            layer_norm_eps: 1e-5,
+            architectures: vec![CLIP_WITH_PROJECTION.into()],
+            projection_dim: Some(1280),
+        }
+    }
+
+    /// A tiny SDXL-like second encoder for tests: [`tiny`](Self::tiny)'s width with 4 GELU
+    /// layers and a 32-wide projection.
+    pub fn tiny_sdxl_text_encoder_2() -> Self {
+        Self {
+            num_hidden_layers: 4,
+            hidden_act: HiddenAct::Gelu,
+            architectures: vec![CLIP_WITH_PROJECTION.into()],
+            projection_dim: Some(32),
+            ..Self::tiny()
+        }
+    }
+
+    /// Width of the pooled-output projection, for a `CLIPTextModelWithProjection` (512,
+    /// transformers' default, when the config does not say).
+    pub fn text_projection_dim(&self) -> Option<usize> {
+        self.architectures
+            .iter()
+            .any(|a| a == CLIP_WITH_PROJECTION)
+            .then(|| self.projection_dim.unwrap_or(512))
     }
 
     /// A tiny SD1-like encoder for tests and the demo (full CLIP vocabulary, so the real
@@ -86,6 +139,8 @@ impl ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: HiddenAct::QuickGelu,
             layer_norm_eps: 1e-5,
+            architectures: vec![],
+            projection_dim: None,
         }
     }
 
@@ -105,6 +160,9 @@ impl ClipTextConfig {
             return Err(bad(
                 "vocab_size, max_position_embeddings and num_hidden_layers must be positive".into(),
             ));
+        }
+        if self.text_projection_dim() == Some(0) {
+            return Err(bad("projection_dim must be positive".into()));
         }
         Ok(())
     }
@@ -310,7 +368,7 @@ impl PerBlock {
     }
 }
 
-/// The UNet, as diffusers' `UNet2DConditionModel` config (SD1.x / SD2.x subset).
+/// The UNet, as diffusers' `UNet2DConditionModel` config (the SD1.x, SD2.x and SDXL subset).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnetConfig {
     /// Latent channels in.
@@ -361,9 +419,17 @@ pub struct UnetConfig {
     /// Transformer blocks per attention (1 for SD1.x / SD2.x).
     #[serde(default = "transformer_layers")]
     pub transformer_layers_per_block: PerBlock,
-    /// Must be absent or null (SDXL's extra conditioning is not supported).
+    /// Absent or null, or `text_time` for SDXL's added conditioning: a pooled text
+    /// embedding and the size / crop time ids, embedded into the time embedding.
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal embedding of each time id (`text_time`; 256 for SDXL).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of the added embedding's MLP (`text_time`): the pooled text embedding's
+    /// width plus the time ids times `addition_time_embed_dim` (SDXL base: 1280 + 6 × 256).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Must be absent or null.
     #[serde(default)]
     pub class_embed_type: Option<String>,
@@ -411,6 +477,8 @@ impl UnetConfig {
             freq_shift: 0.0,
             transformer_layers_per_block: PerBlock::All(1),
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
             class_embed_type: None,
         }
     }
@@ -441,6 +509,49 @@ impl UnetConfig {
             attention_head_dim: PerBlock::All(4),
             ..Self::sd15()
         }
+    }
+
+    /// SDXL 1.0 base (1024 px): 3 levels of 320/640/1280 channels, no attention on the
+    /// first, 1/2/10 transformer blocks on the others, 64-wide heads, text width 2048 (both
+    /// encoders' states side by side) and the `text_time` added conditioning.
+    pub fn sdxl() -> Self {
+        Self {
+            sample_size: 128,
+            down_block_types: vec!["DownBlock2D".into(), "CrossAttnDownBlock2D".into(), "CrossAttnDownBlock2D".into()],
+            up_block_types: vec!["CrossAttnUpBlock2D".into(), "CrossAttnUpBlock2D".into(), "UpBlock2D".into()],
+            block_out_channels: vec![320, 640, 1280],
+            cross_attention_dim: 2048,
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20]),
+            use_linear_projection: true,
+            transformer_layers_per_block: PerBlock::Each(vec![1, 2, 10]),
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            ..Self::sd15()
+        }
+    }
+
+    /// A tiny SDXL-like UNet for tests: 3 levels of 16/32/64 channels, attention on the
+    /// lower two with 1 and 2 transformer blocks, text width 64 (two 32-wide encoders), a
+    /// 32-wide pooled embedding and 8-wide time-id embeddings.
+    pub fn tiny_sdxl() -> Self {
+        Self {
+            sample_size: 16,
+            block_out_channels: vec![16, 32, 64],
+            layers_per_block: 1,
+            norm_num_groups: 8,
+            cross_attention_dim: 64,
+            attention_head_dim: PerBlock::Each(vec![2, 2, 4]),
+            transformer_layers_per_block: PerBlock::Each(vec![1, 1, 2]),
+            addition_time_embed_dim: Some(8),
+            projection_class_embeddings_input_dim: Some(32 + 6 * 8),
+            ..Self::sdxl()
+        }
+    }
+
+    /// Whether the UNet takes SDXL's added conditioning (`addition_embed_type = "text_time"`).
+    pub fn has_text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
     }
 
     /// Heads of down block `i`.
@@ -484,8 +595,19 @@ impl UnetConfig {
         if !self.block_out_channels[0].is_multiple_of(2) {
             return Err(bad("block_out_channels[0] must be even (sinusoidal embedding)".into()));
         }
-        if let Some(t) = &self.addition_embed_type {
-            return Err(bad(format!("addition_embed_type `{t}` (SDXL-style conditioning) is not supported")));
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                let (Some(dim), Some(input)) = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim) else {
+                    return Err(bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into()));
+                };
+                if dim == 0 || !dim.is_multiple_of(2) || input <= dim {
+                    return Err(bad(format!(
+                        "addition_time_embed_dim {dim} must be positive and even, and projection_class_embeddings_input_dim {input} larger than it"
+                    )));
+                }
+            }
+            Some(t) => return Err(bad(format!("addition_embed_type `{t}` is not supported (only `text_time`, SDXL's)"))),
         }
         if let Some(t) = &self.class_embed_type {
             return Err(bad(format!("class_embed_type `{t}` is not supported")));

@@ -8,6 +8,9 @@
 //! | `cond_stage_model.transformer.text_model.` (SD1, OpenAI CLIP) | text encoder | prefix → `text_model.` |
 //! | `cond_stage_model.transformer.` without `text_model.` (older exports) | text encoder | prefix → `text_model.` |
 //! | `cond_stage_model.model.` (SD2, OpenCLIP) | text encoder | see [`open_clip_key`] |
+//! | `conditioner.embedders.0.transformer.text_model.` (SDXL, OpenAI CLIP) | text encoder | prefix → `text_model.` |
+//! | `conditioner.embedders.1.model.` (SDXL, OpenCLIP bigG) | second text encoder | see [`open_clip_key_at`]; `text_projection` transposed |
+//! | `model.diffusion_model.` | UNet | see [`UnetLayout::ldm_key`]; SDXL's `label_emb.0.{0,2}` → `add_embedding.linear_{1,2}` |
 //! | `first_stage_model.` | VAE | see [`ldm_vae_key`] |
 //!
 //! Keys a checkpoint may carry that the model has no use for (position-id buffers,
@@ -23,6 +26,9 @@ pub struct TensorSource {
     pub rows: Option<(usize, usize)>,
     /// Drop trailing 1x1 dimensions (LDM VAE attention stores linear weights as 1x1 convs).
     pub squeeze_1x1: bool,
+    /// The file holds the transpose of the PyTorch weight (OpenCLIP's `text_projection`,
+    /// applied as `x @ P`, is `nn.Linear`'s weight transposed).
+    pub transpose: bool,
 }
 
 impl TensorSource {
@@ -32,6 +38,7 @@ impl TensorSource {
             key: key.into(),
             rows: None,
             squeeze_1x1: false,
+            transpose: false,
         }
     }
 }
@@ -48,6 +55,8 @@ pub fn is_ignored_single_file_key(key: &str) -> bool {
         || key.starts_with("cond_stage_model.model.text_projection")
         || key.starts_with("cond_stage_model.model.logit_scale")
         || key.starts_with("cond_stage_model.model.attn_mask")
+        || key.starts_with("conditioner.embedders.1.model.logit_scale")
+        || key.starts_with("conditioner.embedders.1.model.attn_mask")
         || matches!(key, "alphas_cumprod" | "alphas_cumprod_prev" | "betas" | "log_one_minus_alphas_cumprod"
             | "model_ema.decay" | "model_ema.num_updates" | "posterior_log_variance_clipped"
             | "posterior_mean_coef1" | "posterior_mean_coef2" | "posterior_variance"
@@ -62,14 +71,42 @@ pub fn sd1_text_key(key: &str) -> Option<String> {
     Some(format!("text_model.{rest}"))
 }
 
+/// SDXL's first text encoder key: `conditioner.embedders.0.transformer.[text_model.]X` →
+/// `text_model.X`.
+pub fn sdxl_text_key(key: &str) -> Option<String> {
+    let rest = key.strip_prefix(SDXL_TEXT_PREFIX)?;
+    let rest = rest.strip_prefix("text_model.").unwrap_or(rest);
+    Some(format!("text_model.{rest}"))
+}
+
+/// Prefix of SDXL's first text encoder in single files.
+pub const SDXL_TEXT_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Prefix of SDXL's second (OpenCLIP) text encoder in single files.
+pub const SDXL_TEXT_2_PREFIX: &str = "conditioner.embedders.1.model.";
+/// Prefix of SD2's OpenCLIP text encoder in single files.
+pub const SD2_TEXT_PREFIX: &str = "cond_stage_model.model.";
+
 /// SD2 (OpenCLIP) text-encoder key → our paths, with `width` the hidden size (to split the
 /// fused `in_proj` into q, k, v) and `layers` the number of layers the model keeps.
 /// Returns an empty list for keys of modules the model does not keep (the last layer) and
 /// `None` for keys that are not OpenCLIP text-encoder keys at all.
 pub fn open_clip_key(key: &str, width: usize, layers: usize) -> Option<Vec<(String, TensorSource)>> {
-    let rest = key.strip_prefix("cond_stage_model.model.")?;
+    open_clip_key_at(SD2_TEXT_PREFIX, key, width, layers)
+}
+
+/// [`open_clip_key`] for an OpenCLIP text tower under `prefix` (SD2's
+/// `cond_stage_model.model.`, SDXL's `conditioner.embedders.1.model.`). Its
+/// `text_projection` maps to our `text_projection.weight`, transposed (callers that have no
+/// projection list it as ignored).
+pub fn open_clip_key_at(prefix: &str, key: &str, width: usize, layers: usize) -> Option<Vec<(String, TensorSource)>> {
+    let rest = key.strip_prefix(prefix)?;
     let one = |path: String| vec![(path, TensorSource::plain(key))];
     match rest {
+        "text_projection" => {
+            let mut src = TensorSource::plain(key);
+            src.transpose = true;
+            return Some(vec![("text_projection.weight".into(), src)]);
+        }
         "token_embedding.weight" => return Some(one("text_model.embeddings.token_embedding.weight".into())),
         "positional_embedding" => return Some(one("text_model.embeddings.position_embedding.weight".into())),
         "ln_final.weight" => return Some(one("text_model.final_layer_norm.weight".into())),
@@ -94,6 +131,7 @@ pub fn open_clip_key(key: &str, width: usize, layers: usize) -> Option<Vec<(Stri
                         key: key.to_string(),
                         rows: Some((n * width, (n + 1) * width)),
                         squeeze_1x1: false,
+                        transpose: false,
                     };
                     (format!("{base}.self_attn.{proj}.{kind}"), src)
                 })
@@ -125,6 +163,7 @@ pub fn ldm_vae_key(key: &str, levels: usize) -> Option<(String, TensorSource)> {
             key: key.to_string(),
             rows: None,
             squeeze_1x1,
+            transpose: false,
         },
     ))
 }
@@ -266,6 +305,12 @@ impl UnetLayout {
                 ("2", p) => format!("time_embedding.linear_2.{p}"),
                 _ => return None,
             }),
+            // SDXL's added conditioning MLP (`label_emb.0` is a Sequential in SGM).
+            "label_emb" => Some(match tail.strip_prefix("0.")?.split_once('.')? {
+                ("0", p) => format!("add_embedding.linear_1.{p}"),
+                ("2", p) => format!("add_embedding.linear_2.{p}"),
+                _ => return None,
+            }),
             "out" => Some(match tail.split_once('.')? {
                 ("0", p) => format!("conv_norm_out.{p}"),
                 ("2", p) => format!("conv_out.{p}"),
@@ -318,6 +363,88 @@ impl UnetLayout {
             }
             _ => None,
         }
+    }
+}
+
+impl UnetLayout {
+    /// Our module path (diffusers') → the original SGM / LDM module path without
+    /// `model.diffusion_model.`, the inverse of [`ldm_key`](Self::ldm_key) for modules
+    /// (kohya's SDXL LoRA files name the UNet's modules so:
+    /// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` at 2 ResNets per level is
+    /// `input_blocks.4.1.transformer_blocks.0.attn1.to_q`). `None` for a path with no LDM name.
+    ///
+    /// ```
+    /// use sd_model::keymap::UnetLayout;
+    /// let sdxl = UnetLayout { layers: 2, down_attention: vec![false, true, true], up_attention: vec![true, true, false] };
+    /// assert_eq!(sdxl.ldm_module_path("down_blocks.1.attentions.0.proj_in").unwrap(), "input_blocks.4.1.proj_in");
+    /// assert_eq!(sdxl.ldm_module_path("up_blocks.1.upsamplers.0.conv").unwrap(), "output_blocks.5.2.conv");
+    /// assert_eq!(sdxl.ldm_module_path("add_embedding.linear_2").unwrap(), "label_emb.0.2");
+    /// ```
+    pub fn ldm_module_path(&self, path: &str) -> Option<String> {
+        let fixed = match path {
+            "conv_in" => Some("input_blocks.0.0"),
+            "time_embedding.linear_1" => Some("time_embed.0"),
+            "time_embedding.linear_2" => Some("time_embed.2"),
+            "add_embedding.linear_1" => Some("label_emb.0.0"),
+            "add_embedding.linear_2" => Some("label_emb.0.2"),
+            "conv_norm_out" => Some("out.0"),
+            "conv_out" => Some("out.2"),
+            _ => None,
+        };
+        if let Some(p) = fixed {
+            return Some(p.to_string());
+        }
+        let per_level = self.layers + 1;
+        let resnet = |rest: &str| -> Option<String> {
+            Some(match rest {
+                "norm1" => "in_layers.0",
+                "conv1" => "in_layers.2",
+                "time_emb_proj" => "emb_layers.1",
+                "norm2" => "out_layers.0",
+                "conv2" => "out_layers.3",
+                "conv_shortcut" => "skip_connection",
+                _ => return None,
+            }
+            .to_string())
+        };
+        let parts: Vec<&str> = path.splitn(5, '.').collect();
+        let tail = |from: usize| parts[from..].join(".");
+        match parts.as_slice() {
+            ["mid_block", "resnets", k, ..] if parts.len() == 4 => {
+                let k: usize = k.parse().ok()?;
+                (k < 2).then_some(())?;
+                Some(format!("middle_block.{}.{}", 2 * k, resnet(parts[3])?))
+            }
+            ["mid_block", "attentions", "0", ..] if parts.len() > 3 => Some(format!("middle_block.1.{}", tail(3))),
+            [side @ ("down_blocks" | "up_blocks"), i, kind, j, ..] if parts.len() == 5 => {
+                let (i, j): (usize, usize) = (i.parse().ok()?, j.parse().ok()?);
+                let down = *side == "down_blocks";
+                let attention = if down { &self.down_attention } else { &self.up_attention };
+                let has_attn = *attention.get(i)?;
+                let resnets = if down { self.layers } else { per_level };
+                let n = |j: usize| if down { 1 + i * per_level + j } else { i * per_level + j };
+                match *kind {
+                    "resnets" if j < resnets => Some(format!("{}.{}.0.{}", block_list(down), n(j), resnet(parts[4])?)),
+                    "attentions" if has_attn && j < resnets => Some(format!("{}.{}.1.{}", block_list(down), n(j), parts[4])),
+                    "downsamplers" if down && j == 0 && parts[4] == "conv" && i + 1 < attention.len() => {
+                        Some(format!("input_blocks.{}.0.op", n(self.layers)))
+                    }
+                    "upsamplers" if !down && j == 0 && parts[4] == "conv" && i + 1 < attention.len() => {
+                        Some(format!("output_blocks.{}.{}.conv", n(self.layers), if has_attn { 2 } else { 1 }))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+fn block_list(down: bool) -> &'static str {
+    if down {
+        "input_blocks"
+    } else {
+        "output_blocks"
     }
 }
 

@@ -1,7 +1,9 @@
 //! # sd-model
 //!
-//! The Stable Diffusion graph on [burn](https://burn.dev), generic over backends:
-//! the CLIP tokenizer ([`tokenizer`]) and text encoder ([`ClipTextModel`]), the VAE
+//! The Stable Diffusion graph on [burn](https://burn.dev), generic over backends, for
+//! SD1.x, SD2.x and SDXL: the CLIP tokenizer ([`tokenizer`]) and text encoders
+//! ([`ClipTextModel`], with SDXL's pooled projection), the UNet
+//! ([`UNet2DConditionModel`], with SDXL's added conditioning), the VAE
 //! ([`AutoencoderKl`]), their configs with presets (`sd15()`, `sd21()`, `tiny()`), and
 //! loading of real checkpoints ([`load`]) in the diffusers folder layout and as single
 //! `.safetensors` files.
@@ -46,11 +48,11 @@ pub(crate) static KERNEL_SWITCHES: std::sync::Mutex<()> = std::sync::Mutex::new(
 #[cfg(all(test, feature = "vulkan-test"))]
 mod bucket_tests;
 
-pub use clip::{ClipAttention, ClipEmbeddings, ClipEncoder, ClipEncoderLayer, ClipMlp, ClipTextModel, ClipTextTransformer};
+pub use clip::{ClipAttention, ClipEmbeddings, ClipOutput, ClipEncoder, ClipEncoderLayer, ClipMlp, ClipTextModel, ClipTextTransformer};
 pub use config::{ClipTextConfig, HiddenAct, PerBlock, UnetConfig, VaeConfig};
 pub use embeddings::{timestep_embedding, TimestepEmbedding};
 pub use transformer::{Attention, BasicTransformerBlock, FeedForward, Geglu, Projection, Transformer2DModel};
-pub use unet::{TimeProj, UNet2DConditionModel};
+pub use unet::{AddedConditions, TimeProj, UNet2DConditionModel};
 pub use unet_blocks::{UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
 pub use error::{KeyMismatch, Result, SdModelError};
 pub use resnet::{Downsample2D, ResnetBlock2D, SiluTemb, Upsample2D};

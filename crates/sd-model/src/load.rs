@@ -144,6 +144,12 @@ impl WeightFile {
         if src.squeeze_1x1 && shape.len() == 4 && shape[2] == 1 && shape[3] == 1 {
             shape.truncate(2);
         }
+        if src.transpose {
+            if shape.len() != 2 {
+                return None;
+            }
+            shape.reverse();
+        }
         Some(shape)
     }
 
@@ -176,9 +182,27 @@ impl WeightFile {
         }
         debug_assert_eq!(len, shape.iter().product::<usize>() * elem);
         let mmap = Arc::clone(&self.mmap);
-        let read = move || Ok(TensorData::from_bytes_vec(mmap[start..start + len].to_vec(), shape.clone(), dtype));
+        let transpose = src.transpose;
+        let read = move || {
+            let bytes = &mmap[start..start + len];
+            let bytes = if transpose { transpose_bytes(bytes, shape[1], shape[0], elem) } else { bytes.to_vec() };
+            Ok(TensorData::from_bytes_vec(bytes, shape.clone(), dtype))
+        };
         Ok((dtype, Rc::new(read)))
     }
+}
+
+/// The row-major `[rows, cols]` matrix of `elem`-byte values in `bytes`, transposed.
+fn transpose_bytes(bytes: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
+    let mut out = vec![0u8; bytes.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let from = (r * cols + c) * elem;
+            let to = (c * rows + r) * elem;
+            out[to..to + elem].copy_from_slice(&bytes[from..from + elem]);
+        }
+    }
+    out
 }
 
 /// Converts PyTorch-layout tensors to burn's (transposed linear weights) and casts them to
@@ -400,6 +424,23 @@ impl ModelSource {
         }
     }
 
+    /// The second text encoder's config (SDXL), or `None` for a model with one encoder: the
+    /// folder's `text_encoder_2/config.json`, or embedded in / inferred from a single file
+    /// (`conditioner.embedders.1.model.*`, OpenCLIP).
+    pub fn text_encoder_2_config(&self) -> Result<Option<ClipTextConfig>> {
+        match self {
+            Self::Diffusers(dir) => {
+                let path = dir.join("text_encoder_2/config.json");
+                if path.is_file() {
+                    Ok(Some(read_clip_config(&path)?))
+                } else {
+                    Ok(None)
+                }
+            }
+            Self::SingleFile(path) => infer_clip_2_config(&WeightFile::open(path)?),
+        }
+    }
+
     /// The VAE config: the folder's `vae/config.json`, or inferred from a single file.
     pub fn vae_config(&self) -> Result<VaeConfig> {
         match self {
@@ -444,6 +485,23 @@ impl ModelSource {
             }
         }
         Ok(model)
+    }
+
+    /// Builds the second text encoder (SDXL's) from its config and loads its weights, or
+    /// `None` for a model with one encoder.
+    pub fn load_text_encoder_2<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<Option<ClipTextModel<B>>> {
+        let Some(config) = self.text_encoder_2_config()? else {
+            return Ok(None);
+        };
+        let mut model = ClipTextModel::new(&config, device)?.with_component(lora_core::Component::TextEncoder2);
+        match self {
+            Self::Diffusers(dir) => {
+                let file = WeightFile::open(Self::component_file(dir, "text_encoder_2", "model", options)?)?;
+                apply_mapping(&mut model, &file, identity_mapping(&file), vec![], "text_encoder_2", options.dtype)?;
+            }
+            Self::SingleFile(path) => load_text_encoder_2_single_file(&mut model, &WeightFile::open(path)?, options.dtype)?,
+        }
+        Ok(Some(model))
     }
 
     /// Builds the VAE from its config and loads its weights.
@@ -512,13 +570,20 @@ pub fn load_text_encoder_single_file<B: Backend>(model: &mut ClipTextModel<B>, f
     apply_mapping(model, file, mapping, unexpected, "text_encoder", dtype)
 }
 
-/// The text-encoder keys of a single file (SD1 or SD2 layout) mapped to our paths, and the
-/// text-encoder keys that map nowhere.
+/// The text-encoder keys of a single file (SD1, SD2 or SDXL's first encoder) mapped to our
+/// paths, and the text-encoder keys that map nowhere.
 pub fn text_encoder_single_file_mapping<B: Backend>(model: &ClipTextModel<B>, file: &WeightFile) -> (Mapping, Vec<String>) {
     let width = model.text_model.embeddings.token_embedding.weight.dims()[1];
     let layers = model.num_layers();
     let mut mapping = Vec::new();
     let mut unexpected = Vec::new();
+    for key in file.keys().filter(|k| k.starts_with("conditioner.embedders.0.")) {
+        match keymap::sdxl_text_key(key) {
+            Some(path) if !keymap::is_ignored_single_file_key(key) => mapping.push((path, TensorSource::plain(key))),
+            Some(_) => {}
+            None => unexpected.push(key.to_string()),
+        }
+    }
     for key in file.keys().filter(|k| k.starts_with("cond_stage_model.")) {
         if keymap::is_ignored_single_file_key(key) {
             continue;
@@ -532,6 +597,32 @@ pub fn text_encoder_single_file_mapping<B: Backend>(model: &ClipTextModel<B>, fi
             mapping.push((path, TensorSource::plain(key)));
         } else {
             unexpected.push(key.to_string());
+        }
+    }
+    (mapping, unexpected)
+}
+
+/// Loads SDXL's second text encoder from a single-file checkpoint
+/// (`conditioner.embedders.1.model.*`, OpenCLIP layout).
+pub fn load_text_encoder_2_single_file<B: Backend>(model: &mut ClipTextModel<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    let (mapping, unexpected) = text_encoder_2_single_file_mapping(model, file);
+    apply_mapping(model, file, mapping, unexpected, "text_encoder_2", dtype)
+}
+
+/// The keys of SDXL's second text encoder in a single file mapped to our paths, and its
+/// keys that map nowhere. Every layer is kept (SDXL reads the penultimate one itself).
+pub fn text_encoder_2_single_file_mapping<B: Backend>(model: &ClipTextModel<B>, file: &WeightFile) -> (Mapping, Vec<String>) {
+    let width = model.text_model.embeddings.token_embedding.weight.dims()[1];
+    let layers = model.num_layers();
+    let mut mapping = Vec::new();
+    let mut unexpected = Vec::new();
+    for key in file.keys().filter(|k| k.starts_with("conditioner.embedders.1.")) {
+        if keymap::is_ignored_single_file_key(key) {
+            continue;
+        }
+        match keymap::open_clip_key_at(keymap::SDXL_TEXT_2_PREFIX, key, width, layers) {
+            Some(pairs) if !pairs.is_empty() => mapping.extend(pairs),
+            _ => unexpected.push(key.to_string()),
         }
     }
     (mapping, unexpected)
@@ -570,6 +661,9 @@ fn count_indexed(file: &WeightFile, prefix: &str) -> usize {
 /// transformers `config.json` fields). Files written by this project do; downloaded
 /// checkpoints do not, and their config is inferred from tensor shapes.
 pub const TEXT_ENCODER_CONFIG_KEY: &str = "sd_model:text_encoder_config";
+/// SDXL's latent scale (`scaling_factor` of its VAE config; SD1.x / SD2.x use 0.18215).
+pub const SDXL_VAE_SCALING_FACTOR: f64 = 0.13025;
+
 /// Header key for an embedded VAE config (diffusers `config.json` fields).
 pub const VAE_CONFIG_KEY: &str = "sd_model:vae_config";
 
@@ -596,12 +690,24 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
             max_position_embeddings: file.shape("cond_stage_model.model.positional_embedding").map_or(77, |s| s[0]),
             hidden_act: HiddenAct::Gelu,
             layer_norm_eps: 1e-5,
+            architectures: vec![],
+            projection_dim: None,
         });
     }
-    let prefix = ["cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."]
-        .into_iter()
-        .find(|p| file.contains(&format!("{p}embeddings.token_embedding.weight")))
-        .ok_or_else(|| layout_error(file, "no text encoder found (expected cond_stage_model.transformer.* or cond_stage_model.model.*)"))?;
+    let prefix = [
+        "cond_stage_model.transformer.text_model.",
+        "cond_stage_model.transformer.",
+        "conditioner.embedders.0.transformer.text_model.",
+        "conditioner.embedders.0.transformer.",
+    ]
+    .into_iter()
+    .find(|p| file.contains(&format!("{p}embeddings.token_embedding.weight")))
+    .ok_or_else(|| {
+        layout_error(
+            file,
+            "no text encoder found (expected cond_stage_model.transformer.*, cond_stage_model.model.* or conditioner.embedders.0.transformer.*)",
+        )
+    })?;
     let emb = file.shape(&format!("{prefix}embeddings.token_embedding.weight")).unwrap_or(&[49408, 768]);
     let hidden = emb[1];
     Ok(ClipTextConfig {
@@ -617,11 +723,48 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
             .map_or(77, |s| s[0]),
         hidden_act: HiddenAct::QuickGelu,
         layer_norm_eps: 1e-5,
+        architectures: vec![],
+        projection_dim: None,
     })
 }
 
+/// Header key for an embedded config of SDXL's second text encoder.
+pub const TEXT_ENCODER_2_CONFIG_KEY: &str = "sd_model:text_encoder_2_config";
+
+/// The config of SDXL's second text encoder in a single file: embedded in its header, else
+/// OpenCLIP (bigG for SDXL) inferred from tensor shapes under `conditioner.embedders.1.model.`
+/// with all its layers and the projection; `None` when the file has no second encoder.
+pub fn infer_clip_2_config(file: &WeightFile) -> Result<Option<ClipTextConfig>> {
+    if let Some(config) = file.embedded_config::<ClipTextConfig>(TEXT_ENCODER_2_CONFIG_KEY)? {
+        config.validate(&file.path.display().to_string())?;
+        return Ok(Some(config));
+    }
+    let p = keymap::SDXL_TEXT_2_PREFIX;
+    let Some(shape) = file.shape(&format!("{p}token_embedding.weight")) else {
+        return Ok(None);
+    };
+    let hidden = shape[1];
+    let config = ClipTextConfig {
+        vocab_size: shape[0],
+        hidden_size: hidden,
+        intermediate_size: file
+            .shape(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))
+            .map_or(hidden * 4, |s| s[0]),
+        num_hidden_layers: count_indexed(file, &format!("{p}transformer.resblocks.")),
+        num_attention_heads: hidden / 64,
+        max_position_embeddings: file.shape(&format!("{p}positional_embedding")).map_or(77, |s| s[0]),
+        hidden_act: HiddenAct::Gelu,
+        layer_norm_eps: 1e-5,
+        architectures: vec![crate::config::CLIP_WITH_PROJECTION.into()],
+        projection_dim: Some(file.shape(&format!("{p}text_projection")).map_or(hidden, |s| s[1])),
+    };
+    config.validate(&file.path.display().to_string())?;
+    Ok(Some(config))
+}
+
 /// The VAE config of a single file: embedded in its header, else inferred from tensor
-/// shapes (levels, channels, blocks per level; SD's 32 GroupNorm groups).
+/// shapes (levels, channels, blocks per level; SD's 32 GroupNorm groups), with SDXL's latent
+/// scale ([`SDXL_VAE_SCALING_FACTOR`]) in an SDXL checkpoint.
 pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
     if let Some(config) = file.embedded_config::<VaeConfig>(VAE_CONFIG_KEY)? {
         config.validate(&file.path.display().to_string())?;
@@ -641,7 +784,11 @@ pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
     let latent2 = file
         .shape("first_stage_model.encoder.conv_out.weight")
         .map_or(8, |s| s[0]);
+    // SDXL's VAE has the same shapes as SD's but another latent scale.
+    let sdxl = file.contains(&format!("{}label_emb.0.0.weight", keymap::LDM_UNET_PREFIX))
+        || file.keys().any(|k| k.starts_with("conditioner.embedders."));
     Ok(VaeConfig {
+        scaling_factor: if sdxl { SDXL_VAE_SCALING_FACTOR } else { VaeConfig::sd15().scaling_factor },
         block_out_channels,
         layers_per_block: count_indexed(file, "first_stage_model.encoder.down.0.block."),
         latent_channels: latent2 / 2,
@@ -681,12 +828,14 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
     let mut up = Vec::new();
     let mut context_dim = 768;
     let mut linear = false;
+    let mut depths = Vec::with_capacity(levels);
     for i in 0..levels {
         let n = 1 + i * (layers + 1);
         let c = shape(&format!("input_blocks.{n}.0.out_layers.3.weight"))
             .ok_or_else(|| layout_error(file, &format!("{p}input_blocks.{n}.0.out_layers.3.weight is missing")))?[0];
         channels.push(c);
         let attn = format!("input_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight");
+        depths.push(count_indexed(file, &format!("{p}input_blocks.{n}.1.transformer_blocks.")).max(1));
         if let Some(s) = shape(&attn) {
             context_dim = s[1];
             linear = shape(&format!("input_blocks.{n}.1.proj_in.weight")).is_some_and(|s| s.len() == 2);
@@ -700,16 +849,38 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
         let cross = shape(&format!("output_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight")).is_some();
         up.push(if cross { "CrossAttnUpBlock2D" } else { "UpBlock2D" }.to_string());
     }
-    let sd2 = context_dim == 1024;
-    let heads = if sd2 {
+    // SDXL: the added-conditioning MLP, 64-wide heads, several transformer blocks per level
+    // (the middle block has as many as the last level).
+    let label_emb = shape("label_emb.0.0.weight");
+    let sd2 = context_dim == 1024 && label_emb.is_none();
+    let heads = if sd2 || label_emb.is_some() {
         PerBlock::Each(channels.iter().map(|c| c / 64).collect())
     } else {
         PerBlock::All(8)
     };
+    let mid_depth = count_indexed(file, &format!("{p}middle_block.1.transformer_blocks.")).max(1);
+    if depths.last() != Some(&mid_depth) {
+        return Err(layout_error(file, &format!("the middle block has {mid_depth} transformer blocks but the last level {:?}", depths.last())));
+    }
+    let (addition_embed_type, addition_time_embed_dim, projection_class_embeddings_input_dim) = match &label_emb {
+        // SDXL embeds each time id 256 wide.
+        Some(s) => (Some("text_time".to_string()), Some(256), Some(s[1])),
+        None => (None, None, None),
+    };
     let config = UnetConfig {
         in_channels: conv_in[1],
         out_channels: shape("out.2.weight").map_or(4, |s| s[0]),
-        sample_size: if sd2 { 96 } else { 64 },
+        sample_size: if label_emb.is_some() {
+            128
+        } else if sd2 {
+            96
+        } else {
+            64
+        },
+        transformer_layers_per_block: if depths.iter().all(|d| *d == 1) { PerBlock::All(1) } else { PerBlock::Each(depths) },
+        addition_embed_type,
+        addition_time_embed_dim,
+        projection_class_embeddings_input_dim,
         down_block_types: down,
         up_block_types: up,
         block_out_channels: channels,

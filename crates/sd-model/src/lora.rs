@@ -52,7 +52,7 @@ impl FromStr for LoraFile {
 pub struct AppliedLoras {
     /// UNet layers that received an adapter.
     pub unet: usize,
-    /// Text-encoder layers that received an adapter.
+    /// Text-encoder layers that received an adapter (both encoders, for SDXL).
     pub text_encoder: usize,
     /// Keys skipped in lenient mode, per file.
     pub skipped: Vec<(PathBuf, Vec<String>)>,
@@ -63,10 +63,27 @@ pub fn module_index<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
     text_encoder: Option<&mut ClipTextModel<B>>,
 ) -> Result<ModuleIndex> {
+    module_index_of(unet, &mut text_encoder.into_iter().collect::<Vec<_>>())
+}
+
+/// The module index of the UNet and any number of text encoders (SDXL's two, each under
+/// its [`component`](ClipTextModel::component)). The UNet's modules also answer to their
+/// original SGM names (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), which
+/// kohya's SDXL files use.
+pub fn module_index_of<B: Backend>(unet: &mut UNet2DConditionModel<B>, text_encoders: &mut [&mut ClipTextModel<B>]) -> Result<ModuleIndex> {
     let mut index = ModuleIndex::new();
     sites::add_to_index(&mut index, unet)?;
-    if let Some(te) = text_encoder {
-        sites::add_to_index(&mut index, te)?;
+    let layout = crate::keymap::UnetLayout::of(unet);
+    let mut paths = Vec::new();
+    lora_core::LoraSites::visit_lora_sites(unet, &mut |path, _| paths.push(path.to_string()));
+    for path in paths {
+        if let Some(ldm) = layout.ldm_module_path(&path) {
+            let key = lora_core::AdapterKey::new(lora_core::Component::Unet, path);
+            index.add_alias(format!("lora_unet_{}", ldm.replace('.', "_")), key)?;
+        }
+    }
+    for te in text_encoders.iter_mut() {
+        sites::add_to_index(&mut index, &mut **te)?;
     }
     Ok(index)
 }
@@ -83,7 +100,19 @@ pub fn module_index<B: Backend>(
 /// the checkpoint first). A single file is attached as it is, at its strength.
 pub fn apply_lora_files<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
-    mut text_encoder: Option<&mut ClipTextModel<B>>,
+    text_encoder: Option<&mut ClipTextModel<B>>,
+    files: &[LoraFile],
+    lenient: bool,
+    device: &B::Device,
+) -> Result<AppliedLoras> {
+    apply_lora_files_to(unet, &mut text_encoder.into_iter().collect::<Vec<_>>(), files, lenient, device)
+}
+
+/// [`apply_lora_files`] for any number of text encoders (SDXL's two, each taking the
+/// adapters of its [`component`](ClipTextModel::component)).
+pub fn apply_lora_files_to<B: Backend>(
+    unet: &mut UNet2DConditionModel<B>,
+    text_encoders: &mut [&mut ClipTextModel<B>],
     files: &[LoraFile],
     lenient: bool,
     device: &B::Device,
@@ -94,7 +123,7 @@ pub fn apply_lora_files<B: Backend>(
             reason: "no file given".into(),
         });
     }
-    let index = module_index(unet, text_encoder.as_deref_mut())?;
+    let index = module_index_of(unet, text_encoders)?;
     let mut applied = AppliedLoras::default();
     let mut sets = Vec::with_capacity(files.len());
     for file in files {
@@ -116,8 +145,8 @@ pub fn apply_lora_files<B: Backend>(
     };
     for (set, multiplier) in &groups {
         applied.unet += sites::attach_adapters(unet, set, *multiplier, device)?;
-        if let Some(te) = text_encoder.as_deref_mut() {
-            applied.text_encoder += sites::attach_adapters(te, set, *multiplier, device)?;
+        for te in text_encoders.iter_mut() {
+            applied.text_encoder += sites::attach_adapters(&mut **te, set, *multiplier, device)?;
         }
     }
     Ok(applied)

@@ -9,7 +9,7 @@ use lora_core::tensor_io::{self, SaveDtype};
 use lora_core::HostTensor;
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::load::{text_encoder_single_file_mapping, unet_single_file_mapping, WeightFile};
+use crate::load::{text_encoder_2_single_file_mapping, text_encoder_single_file_mapping, unet_single_file_mapping, WeightFile};
 use crate::{ClipTextModel, Result, SdModelError, UNet2DConditionModel};
 
 fn data_error(what: &str, reason: String) -> SdModelError {
@@ -65,11 +65,32 @@ pub fn merge_into_single_file<B: Backend>(
     out: &Path,
     dtype: Option<SaveDtype>,
 ) -> Result<()> {
-    let mut ours = checkpoint_tensors(unet)?;
-    ours.extend(checkpoint_tensors(text_encoder)?);
-    let mut by_key: BTreeMap<String, Vec<(String, crate::keymap::TensorSource)>> = BTreeMap::new();
-    for (path, src) in unet_single_file_mapping(unet, source).0.into_iter().chain(text_encoder_single_file_mapping(text_encoder, source).0) {
-        by_key.entry(src.key.clone()).or_default().push((path, src));
+    merge_into_single_file_with(source, unet, &[text_encoder], out, dtype)
+}
+
+/// [`merge_into_single_file`] with any number of text encoders (SDXL's two: each is
+/// written under its [`component`](ClipTextModel::component)'s keys).
+pub fn merge_into_single_file_with<B: Backend>(
+    source: &WeightFile,
+    unet: &UNet2DConditionModel<B>,
+    text_encoders: &[&ClipTextModel<B>],
+    out: &Path,
+    dtype: Option<SaveDtype>,
+) -> Result<()> {
+    // (our tensors, their sources) per component: the encoders share parameter names.
+    let mut parts = vec![(checkpoint_tensors(unet)?, unet_single_file_mapping(unet, source).0)];
+    for te in text_encoders {
+        let mapping = match te.component {
+            lora_core::Component::TextEncoder2 => text_encoder_2_single_file_mapping(te, source).0,
+            _ => text_encoder_single_file_mapping(te, source).0,
+        };
+        parts.push((checkpoint_tensors(*te)?, mapping));
+    }
+    let mut by_key: BTreeMap<String, Vec<(usize, String, crate::keymap::TensorSource)>> = BTreeMap::new();
+    for (i, (_, mapping)) in parts.iter().enumerate() {
+        for (path, src) in mapping {
+            by_key.entry(src.key.clone()).or_default().push((i, path.clone(), src.clone()));
+        }
     }
     let mut keys: Vec<&str> = source.keys().collect();
     keys.sort();
@@ -79,18 +100,31 @@ pub fn merge_into_single_file<B: Backend>(
         let shape = source.shape(key).unwrap_or_default().to_vec();
         let bytes = match by_key.get(key) {
             None => raw.to_vec(),
-            Some(parts) => {
+            Some(sources) => {
                 let numel: usize = shape.iter().product();
                 let row = numel / shape.first().copied().unwrap_or(1).max(1);
                 let mut values = vec![0f32; numel];
-                for (path, src) in parts {
-                    let t = ours.get(path).ok_or_else(|| data_error("model", format!("no parameter `{path}` for `{key}`")))?;
+                for (i, path, src) in sources {
+                    let t = parts[*i].0.get(path).ok_or_else(|| data_error("model", format!("no parameter `{path}` for `{key}`")))?;
                     let start = src.rows.map_or(0, |(r0, _)| r0 * row);
                     let end = start + t.data.len();
                     if end > numel {
                         return Err(data_error("model", format!("`{path}` does not fit `{key}` {shape:?}")));
                     }
-                    values[start..end].copy_from_slice(&t.data);
+                    if src.transpose {
+                        // The file holds the transpose of our `[rows, cols]` weight.
+                        let (rows, cols) = match t.shape.as_slice() {
+                            [r, c] if shape.as_slice() == [*c, *r] => (*r, *c),
+                            other => return Err(data_error("model", format!("`{path}` {other:?} is not the transpose of `{key}` {shape:?}"))),
+                        };
+                        for r in 0..rows {
+                            for c in 0..cols {
+                                values[c * rows + r] = t.data[r * cols + c];
+                            }
+                        }
+                    } else {
+                        values[start..end].copy_from_slice(&t.data);
+                    }
                 }
                 if let Some(d) = dtype {
                     tensor_dtype = match d {

@@ -1,10 +1,10 @@
-//! The denoising UNet, as diffusers' `UNet2DConditionModel` (SD1.x / SD2.x).
+//! The denoising UNet, as diffusers' `UNet2DConditionModel` (SD1.x, SD2.x and SDXL).
 
 use lora_core::precision::cast_to;
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use lora_core::{Component, LoraConv2d, LoraSiteMut, LoraSites};
 
 use crate::config::UnetConfig;
@@ -23,6 +23,36 @@ pub struct TimeProj {
     pub flip_sin_to_cos: bool,
     /// Frequency shift.
     pub freq_shift: f64,
+}
+
+/// SDXL's added conditioning (diffusers' `added_cond_kwargs` for `text_time`).
+#[derive(Debug, Clone)]
+pub struct AddedConditions<B: Backend> {
+    /// The second text encoder's projected pooled output `[B, pooled]` (`text_embeds`).
+    pub text_embeds: Tensor<B, 2>,
+    /// The time ids `[B, n]`: for SDXL base `[original height, original width, crop top,
+    /// crop left, target height, target width]` in pixels (see [`AddedConditions::sdxl_time_ids`]).
+    pub time_ids: Tensor<B, 2>,
+}
+
+impl<B: Backend> AddedConditions<B> {
+    /// SDXL base's time ids `[B, 6]`, one row per sample: original size `(h, w)`, crop
+    /// top-left `(top, left)` and target size `(h, w)`, in pixels.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use sd_model::AddedConditions;
+    ///
+    /// let ids = AddedConditions::<Flex>::sdxl_time_ids(&[((1024, 768), (0, 32), (1024, 704))], &Default::default());
+    /// assert_eq!(ids.to_data().to_vec::<f32>().unwrap(), [1024.0, 768.0, 0.0, 32.0, 1024.0, 704.0]);
+    /// ```
+    pub fn sdxl_time_ids(rows: &[((u32, u32), (u32, u32), (u32, u32))], device: &B::Device) -> Tensor<B, 2> {
+        let values: Vec<f32> = rows
+            .iter()
+            .flat_map(|&((oh, ow), (top, left), (th, tw))| [oh, ow, top, left, th, tw].map(|v| v as f32))
+            .collect();
+        Tensor::<B, 1>::from_floats(values.as_slice(), device).reshape([rows.len(), 6])
+    }
 }
 
 /// The UNet (`UNet2DConditionModel`).
@@ -58,6 +88,11 @@ pub struct UNet2DConditionModel<B: Backend> {
     /// Sinusoidal timestep projection settings.
     #[module(skip)]
     pub time_proj: TimeProj,
+    /// SDXL's MLP of the added conditioning (`text_time`), added to the time embedding.
+    pub add_embedding: Option<TimestepEmbedding<B>>,
+    /// Sinusoidal projection of each time id (`text_time`).
+    #[module(skip)]
+    pub add_time_proj: Option<TimeProj>,
     /// Width of the text embeddings.
     pub cross_attention_dim: usize,
 }
@@ -112,7 +147,17 @@ impl<B: Backend> UNet2DConditionModel<B> {
                 freq_shift: config.freq_shift,
             },
             cross_attention_dim: config.cross_attention_dim,
+            add_embedding: None,
+            add_time_proj: None,
         };
+        if let (true, Some(dim), Some(input)) = (config.has_text_time(), config.addition_time_embed_dim, config.projection_class_embeddings_input_dim) {
+            model.add_embedding = Some(TimestepEmbedding::new(input, temb, device));
+            model.add_time_proj = Some(TimeProj {
+                dim,
+                flip_sin_to_cos: config.flip_sin_to_cos,
+                freq_shift: config.freq_shift,
+            });
+        }
         if config.upcast_attention {
             model.for_each_attention(&mut |a| a.upcast = true);
         }
@@ -142,14 +187,44 @@ impl<B: Backend> UNet2DConditionModel<B> {
 
     /// Predicts the model output (noise, velocity or sample, as trained) for `latents`
     /// `[B, C, h, w]` at `timesteps` `[B]` given text embeddings `[B, M, cross_attention_dim]`.
+    /// An SDXL UNet also needs [`forward_added`](Self::forward_added)'s added conditioning.
     pub fn forward(&self, latents: Tensor<B, 4>, timesteps: Tensor<B, 1>, context: Tensor<B, 3>) -> Result<Tensor<B, 4>> {
+        self.forward_added(latents, timesteps, context, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's added conditioning, which a UNet with an
+    /// `add_embedding` requires and any other refuses.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::tensor::Tensor;
+    /// use sd_model::{AddedConditions, UNet2DConditionModel, UnetConfig};
+    ///
+    /// let device = Default::default();
+    /// let unet = UNet2DConditionModel::<Flex>::new(&UnetConfig::tiny_sdxl(), &device).unwrap();
+    /// let latents = Tensor::<Flex, 4>::zeros([1, 4, 8, 8], &device);
+    /// let t = Tensor::<Flex, 1>::from_floats([500.0], &device);
+    /// let text = Tensor::<Flex, 3>::zeros([1, 77, 64], &device);
+    /// let added = AddedConditions {
+    ///     text_embeds: Tensor::zeros([1, 32], &device),
+    ///     time_ids: AddedConditions::sdxl_time_ids(&[((64, 64), (0, 0), (64, 64))], &device),
+    /// };
+    /// assert_eq!(unet.forward_added(latents.clone(), t.clone(), text.clone(), Some(added)).unwrap().dims(), [1, 4, 8, 8]);
+    /// assert!(unet.forward(latents, t, text).is_err());
+    /// ```
+    pub fn forward_added(
+        &self,
+        latents: Tensor<B, 4>,
+        timesteps: Tensor<B, 1>,
+        context: Tensor<B, 3>,
+        added: Option<AddedConditions<B>>,
+    ) -> Result<Tensor<B, 4>> {
         self.check_inputs(&latents, &timesteps, &context)?;
         // Inputs and output keep the caller's dtype; the network runs in its weights' dtype
         // (a bf16/f16 base for mixed-precision training).
         let io_dtype = latents.dtype();
         let dtype = self.conv_in.base.weight.val().dtype();
-        let t = timestep_embedding(timesteps, self.time_proj.dim, self.time_proj.flip_sin_to_cos, self.time_proj.freq_shift);
-        let temb = SiluTemb::new(self.time_embedding.forward(cast_to(t, dtype)));
+        let temb = SiluTemb::new(self.time_embedding_input(timesteps, added)?);
         let context = cast_to(context, dtype);
         let mut x = self.conv_in.forward(cast_to(latents, dtype));
         let mut skips = vec![x.clone()];
@@ -161,6 +236,62 @@ impl<B: Backend> UNet2DConditionModel<B> {
             x = block.forward(x, &temb, &context, &mut skips);
         }
         Ok(cast_to(self.conv_out.forward(crate::norm::group_norm(&self.conv_norm_out, x, true)), io_dtype))
+    }
+
+    /// The embedding every ResNet block takes (before its SiLU) `[B, temb]`, in the
+    /// weights' dtype: the time MLP of the sinusoidal timestep embedding, plus for SDXL the
+    /// added MLP of `[text_embeds, sinusoidal embedding of each time id]`.
+    pub fn time_embedding_input(&self, timesteps: Tensor<B, 1>, added: Option<AddedConditions<B>>) -> Result<Tensor<B, 2>> {
+        let dtype = self.conv_in.base.weight.val().dtype();
+        let [batch] = timesteps.dims();
+        let t = timestep_embedding(timesteps, self.time_proj.dim, self.time_proj.flip_sin_to_cos, self.time_proj.freq_shift);
+        let temb = self.time_embedding.forward(cast_to(t, dtype));
+        match (&self.add_embedding, self.add_time_proj, added) {
+            (None, _, None) => Ok(temb),
+            (Some(mlp), Some(proj), Some(added)) => {
+                self.check_added(batch, &added)?;
+                let [_, n] = added.time_ids.dims();
+                // Each time id gets its own sinusoidal embedding, computed in f32 as diffusers does.
+                let ids = cast_to(added.time_ids, DType::F32).reshape([batch * n]);
+                let ids = timestep_embedding(ids, proj.dim, proj.flip_sin_to_cos, proj.freq_shift).reshape([batch, n * proj.dim]);
+                let input = Tensor::cat(vec![cast_to(added.text_embeds, dtype), cast_to(ids, dtype)], 1);
+                Ok(temb + mlp.forward(input))
+            }
+            (Some(_), _, None) => Err(SdModelError::BadInput {
+                what: "added conditions".into(),
+                reason: "this UNet (addition_embed_type `text_time`, SDXL) needs text_embeds and time_ids".into(),
+            }),
+            (_, _, Some(_)) => Err(SdModelError::BadInput {
+                what: "added conditions".into(),
+                reason: "this UNet has no added conditioning (no addition_embed_type); pass none".into(),
+            }),
+        }
+    }
+
+    /// Whether the UNet takes SDXL's added conditioning.
+    pub fn has_added_conditions(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    fn check_added(&self, batch: usize, added: &AddedConditions<B>) -> Result<()> {
+        let (Some(mlp), Some(proj)) = (&self.add_embedding, self.add_time_proj) else {
+            return Ok(());
+        };
+        let input = mlp.linear_1.base.weight.dims()[0];
+        let [tb, pooled] = added.text_embeds.dims();
+        let [ib, n] = added.time_ids.dims();
+        if tb != batch || ib != batch || pooled + n * proj.dim != input {
+            return Err(SdModelError::BadInput {
+                what: "added conditions".into(),
+                reason: format!(
+                    "text_embeds {:?} and time_ids {:?} must have {batch} rows, and pooled width + time ids × {} must be {input}",
+                    added.text_embeds.dims(),
+                    added.time_ids.dims(),
+                    proj.dim
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub(crate) fn check_inputs(&self, latents: &Tensor<B, 4>, timesteps: &Tensor<B, 1>, context: &Tensor<B, 3>) -> Result<()> {
@@ -231,6 +362,10 @@ impl<B: Backend> LoraSites<B> for UNet2DConditionModel<B> {
         f("conv_in", LoraSiteMut::Conv(&mut self.conv_in));
         f("time_embedding.linear_1", LoraSiteMut::Linear(&mut self.time_embedding.linear_1));
         f("time_embedding.linear_2", LoraSiteMut::Linear(&mut self.time_embedding.linear_2));
+        if let Some(add) = &mut self.add_embedding {
+            f("add_embedding.linear_1", LoraSiteMut::Linear(&mut add.linear_1));
+            f("add_embedding.linear_2", LoraSiteMut::Linear(&mut add.linear_2));
+        }
         let level = |p: String, resnets: &mut Vec<ResnetBlock2D<B>>, attns: &mut Vec<Transformer2DModel<B>>, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)| {
             for (j, r) in resnets.iter_mut().enumerate() {
                 visit_resnet(&format!("{p}.resnets.{j}"), r, f);

@@ -192,3 +192,81 @@ fn corrupt_and_missing_files_are_typed_errors() {
     let err = ModelSource::detect(dir.path()).unwrap().vae_config().unwrap_err();
     assert!(matches!(err, SdModelError::InvalidConfig { .. }) && err.to_string().contains("config.json"), "{err}");
 }
+
+/// The full-size SDXL 1.0 base checkpoint (manifests from `xtask/fixtures/sd_model_sdxl.py`):
+/// every config is inferred from the single file's shapes, and its UNet and both text
+/// encoders map key for key, shape for shape, onto the diffusers layout. (The models
+/// themselves are 3.3 B parameters; the module trees are checked at reduced width below.)
+#[test]
+fn sdxl_single_file_configs_and_key_maps_are_exact() {
+    use sd_model::keymap::{self, UnetLayout};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sdxl.safetensors");
+    let single = manifest("sdxl_single_file");
+    write_sparse(&path, &single);
+    let source = ModelSource::detect(&path).unwrap();
+    assert_eq!(source.unet_config().unwrap(), UnetConfig::sdxl());
+    assert_eq!(source.text_encoder_config().unwrap(), ClipTextConfig::sd15());
+    assert_eq!(source.text_encoder_2_config().unwrap(), Some(ClipTextConfig::sdxl_text_encoder_2()));
+    assert_eq!(source.vae_config().unwrap(), VaeConfig { scaling_factor: 0.13025, ..VaeConfig::sd15() });
+
+    let shapes: std::collections::HashMap<&str, &Vec<usize>> = single.iter().map(|(k, s)| (k.as_str(), s)).collect();
+    let mapped = |pairs: Vec<(String, keymap::TensorSource)>| -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<(String, Vec<usize>)> = pairs
+            .into_iter()
+            .map(|(ours, src)| {
+                let mut shape = shapes[src.key.as_str()].clone();
+                if let Some((a, b)) = src.rows {
+                    shape[0] = b - a;
+                }
+                if src.transpose {
+                    shape.reverse();
+                }
+                (ours, shape)
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let layout = UnetLayout { layers: 2, down_attention: vec![false, true, true], up_attention: vec![true, true, false] };
+    let unet: Vec<_> = single
+        .iter()
+        .filter(|(k, _)| k.starts_with(keymap::LDM_UNET_PREFIX))
+        .map(|(k, _)| (layout.ldm_key(k).unwrap_or_else(|| panic!("{k}")), keymap::TensorSource::plain(k.clone())))
+        .collect();
+    assert_eq!(mapped(unet), manifest("sdxl_diffusers_unet"));
+    let te1: Vec<_> = single
+        .iter()
+        .filter(|(k, _)| k.starts_with(keymap::SDXL_TEXT_PREFIX) && !keymap::is_ignored_single_file_key(k))
+        .map(|(k, _)| (keymap::sdxl_text_key(k).unwrap(), keymap::TensorSource::plain(k.clone())))
+        .collect();
+    assert_eq!(mapped(te1), manifest("sd15_diffusers_text_encoder"));
+    let te2: Vec<_> = single
+        .iter()
+        .filter(|(k, _)| k.starts_with(keymap::SDXL_TEXT_2_PREFIX) && !keymap::is_ignored_single_file_key(k))
+        .flat_map(|(k, _)| keymap::open_clip_key_at(keymap::SDXL_TEXT_2_PREFIX, k, 1280, 32).unwrap_or_else(|| panic!("{k}")))
+        .collect();
+    assert_eq!(mapped(te2), manifest("sdxl_diffusers_text_encoder_2"));
+}
+
+/// Our SDXL UNet and second text encoder have exactly diffusers' / transformers' parameter
+/// names (built at reduced width; the full-size shapes are checked above).
+#[test]
+fn sdxl_module_trees_have_the_diffusers_names() {
+    let names = |name: &str| manifest(name).into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let narrow = UnetConfig {
+        block_out_channels: vec![32, 64, 128],
+        norm_num_groups: 8,
+        attention_head_dim: sd_model::PerBlock::Each(vec![1, 2, 4]),
+        cross_attention_dim: 16,
+        projection_class_embeddings_input_dim: Some(8 + 6 * 256),
+        ..UnetConfig::sdxl()
+    };
+    let unet = UNet2DConditionModel::<B>::new(&narrow, &Default::default()).unwrap();
+    let ours: Vec<String> = sd_model::save::checkpoint_tensors(&unet).unwrap().into_keys().collect();
+    assert_eq!(ours, names("sdxl_diffusers_unet"));
+    let narrow = ClipTextConfig { hidden_size: 64, intermediate_size: 16, num_attention_heads: 1, vocab_size: 8, projection_dim: Some(16), ..ClipTextConfig::sdxl_text_encoder_2() };
+    let te = ClipTextModel::<B>::new(&narrow, &Default::default()).unwrap();
+    let ours: Vec<String> = sd_model::save::checkpoint_tensors(&te).unwrap().into_keys().collect();
+    assert_eq!(ours, names("sdxl_diffusers_text_encoder_2"));
+}

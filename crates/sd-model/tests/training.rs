@@ -220,3 +220,62 @@ fn a_frozen_model_gets_gradients_for_its_adapters_only() {
     let grads = GradientsParams::from_grads(loss.backward(), &unet);
     assert_eq!(grads.len(), 2 * n, "down and up of each adapter, nothing else");
 }
+
+/// SDXL's added conditioning under checkpointing: a full fine-tune of the tiny SDXL UNet
+/// (adapters on the added-conditioning MLP too) gives plain autodiff's loss, parameter
+/// gradients and gradients of both text inputs (the states and the pooled embedding).
+#[test]
+fn sdxl_added_conditioning_with_and_without_checkpointing() {
+    use burn::module::Module;
+    use sd_model::AddedConditions;
+    type B = Autodiff<Flex>;
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Default::default();
+    <B as burn::tensor::backend::Backend>::seed(&device, 11);
+    let mut unet = UNet2DConditionModel::<B>::new(&UnetConfig::tiny_sdxl(), &device).unwrap();
+    let selection = Selection::new(UnetTargets::AttnMlp).include(["add_embedding.*", "time_embedding.*", "*.resnets.*"]);
+    attach_new_adapters(&mut unet, &selection, &LoraConfig::new(2), &device).unwrap();
+    unet.visit_lora_sites(&mut |_, site| {
+        if let lora_core::LoraSiteMut::Linear(l) = site {
+            if let Some(a) = l.adapter.as_mut() {
+                a.up.weight = random(a.up.weight.dims(), &device);
+            }
+        }
+    });
+    assert!(unet.add_embedding.as_ref().unwrap().linear_1.adapter.is_some());
+    let x = Tensor::<B, 4>::random([2, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+    let t = Tensor::<B, 1>::from_floats([10.0, 900.0], &device);
+    let ctx = Tensor::<B, 3>::random([2, 77, 64], Distribution::Normal(0.0, 1.0), &device);
+    let pooled = Tensor::<B, 2>::random([2, 32], Distribution::Normal(0.0, 1.0), &device);
+    let time_ids = AddedConditions::<B>::sdxl_time_ids(&[((512, 512), (0, 0), (512, 512)), ((768, 1024), (16, 32), (1024, 1024))], &device);
+
+    let (ctx_leaf, pooled_leaf) = (ctx.clone().require_grad(), pooled.clone().require_grad());
+    let added = AddedConditions { text_embeds: pooled_leaf.clone(), time_ids: time_ids.clone() };
+    let loss = loss_fn(x.clone())(unet.forward_added(x.clone(), t.clone(), ctx_leaf.clone(), Some(added)).unwrap());
+    let mut grads = loss.backward();
+    let ctx_grad = ctx_leaf.grad_remove(&mut grads).unwrap().into_data().to_vec::<f32>().unwrap();
+    let pooled_grad = pooled_leaf.grad_remove(&mut grads).unwrap().into_data().to_vec::<f32>().unwrap();
+    let plain = GradientsParams::from_grads(grads, &unet);
+    let loss = loss.inner().into_data().to_vec::<f32>().unwrap();
+
+    let options = CheckpointOptions {
+        context_grad: true,
+        added: Some(AddedConditions { text_embeds: pooled, time_ids }),
+        added_grad: true,
+        ..Default::default()
+    };
+    let step = unet.forward_backward_checkpointed(x.clone(), t, ctx, options, loss_fn(x)).unwrap();
+    assert_eq!(step.grads.len(), plain.len(), "the same parameters get gradients");
+    let loss_c = step.loss.into_data().to_vec::<f32>().unwrap();
+    assert!(rel_err(&loss_c, &loss) <= 2e-6, "loss {loss_c:?} vs {loss:?}");
+    let mut compare = Compare { plain: &plain, checkpointed: &step.grads, tolerance: 2e-6, compared: 0 };
+    unet.visit(&mut compare);
+    assert_eq!(compare.compared, plain.len());
+    let add = unet.add_embedding.as_ref().unwrap().linear_1.adapter.as_ref().unwrap();
+    assert!(step.grads.get::<Flex, 2>(add.down.weight.id).is_some(), "the added MLP's adapter is trained");
+    let ctx_c = step.context_grad.unwrap().into_data().to_vec::<f32>().unwrap();
+    assert!(rel_err(&ctx_c, &ctx_grad) <= 2e-6, "context grad {}", rel_err(&ctx_c, &ctx_grad));
+    let pooled_c = step.text_embeds_grad.unwrap().into_data().to_vec::<f32>().unwrap();
+    assert!(pooled_grad.iter().any(|g| *g != 0.0));
+    assert!(rel_err(&pooled_c, &pooled_grad) <= 2e-6, "pooled grad {}", rel_err(&pooled_c, &pooled_grad));
+}

@@ -409,8 +409,8 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
                 }
             };
             let options = CheckpointOptions {
-                context_grad: false,
                 after_recompute: Some(&mut after_recompute),
+                ..Default::default()
             };
             let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), options, |pred| {
                 guard.scale_loss((pred - latents.clone()).powf_scalar(2.0).mean())
