@@ -225,6 +225,12 @@ pub struct AdapterSet {
     adapters: BTreeMap<AdapterKey, LoraWeights>,
     /// String metadata written to and read from the safetensors header.
     pub metadata: BTreeMap<String, String>,
+    /// Module names to write in the kohya layout instead of [`AdapterKey::kohya_name`]
+    /// (with their `lora_unet_` / `lora_te1_` prefix): kohya's SDXL files name the UNet's
+    /// modules by their original SGM paths and the first encoder `lora_te1_`. Reading a
+    /// kohya file records the names it used where they differ, so a file keeps its names
+    /// through `convert`, `resize` and `combine`.
+    pub kohya_names: BTreeMap<AdapterKey, String>,
 }
 
 impl AdapterSet {
@@ -245,9 +251,16 @@ impl AdapterSet {
         self.adapters.get(key)
     }
 
-    /// Removes and returns the adapter at `key`.
+    /// Removes and returns the adapter at `key` (and its kohya name).
     pub fn remove(&mut self, key: &AdapterKey) -> Option<LoraWeights> {
+        self.kohya_names.remove(key);
         self.adapters.remove(key)
+    }
+
+    /// The name of `key`'s module in the kohya layout: its recorded name
+    /// ([`kohya_names`](Self::kohya_names)) or [`AdapterKey::kohya_name`].
+    pub fn kohya_name_of(&self, key: &AdapterKey) -> String {
+        self.kohya_names.get(key).cloned().unwrap_or_else(|| key.kohya_name())
     }
 
     /// Adapters in key order.
@@ -274,6 +287,10 @@ impl AdapterSet {
         let mut out = AdapterSet::new();
         if let Some((first, _)) = sets.first() {
             out.metadata = first.metadata.clone();
+        }
+        // Every file's recorded names (the first file's where they differ).
+        for (set, _) in sets.iter().rev() {
+            out.kohya_names.extend(set.kohya_names.clone());
         }
         for key in keys {
             let parts: Vec<(&LoraWeights, f32)> = sets

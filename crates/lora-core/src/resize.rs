@@ -203,6 +203,7 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
         modules.insert((*key).clone(), retained);
     }
     out.metadata = set.metadata.clone();
+    out.kohya_names = set.kohya_names.clone();
     let old = set.iter().map(|(_, w)| w.rank()).max().unwrap_or(0);
     let comment = set.metadata.get("ss_training_comment").cloned().unwrap_or_default();
     let note = match settings.rule {

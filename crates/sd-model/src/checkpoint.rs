@@ -73,7 +73,8 @@ pub struct CheckpointedStep<B: AutodiffBackend> {
 impl<B: AutodiffBackend> UNet2DConditionModel<B> {
     /// One forward and backward pass with gradient checkpointing (see [the module
     /// docs](crate::checkpoint)): predicts for `latents`, `timesteps` and
-    /// `encoder_hidden_states` exactly as [`forward`](Self::forward) does, hands the
+    /// `encoder_hidden_states` (and SDXL's [`CheckpointOptions::added`]) exactly as
+    /// [`forward_added`](Self::forward_added) does, hands the
     /// prediction to `loss` and returns the loss with the gradients of every trainable
     /// parameter. The gradients equal those of `loss(unet.forward(..)).backward()` up to
     /// rounding; the latents get none.

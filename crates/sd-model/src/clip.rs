@@ -135,7 +135,9 @@ pub struct ClipTextModel<B: Backend> {
     /// The bias-free projection of the pooled output (`CLIPTextModelWithProjection`).
     pub text_projection: Option<LoraLinear<B>>,
     /// Which of the pipeline's encoders this is, for adapter files (`lora_te_` /
-    /// `text_encoder.` or, for SDXL's second, `lora_te2_` / `text_encoder_2.`).
+    /// `text_encoder.` or, for SDXL's second, `lora_te2_` / `text_encoder_2.`): the second
+    /// when the model has the projection, else the first ([`with_component`](Self::with_component)
+    /// says otherwise).
     #[module(skip)]
     pub component: lora_core::Component,
 }
@@ -187,7 +189,11 @@ impl<B: Backend> ClipTextModel<B> {
             text_projection: config
                 .text_projection_dim()
                 .map(|p| LoraLinear::new(LinearConfig::new(d, p).with_bias(false).init(device))),
-            component: lora_core::Component::TextEncoder,
+            // SDXL's second encoder is the one with the projection.
+            component: match config.text_projection_dim() {
+                Some(_) => lora_core::Component::TextEncoder2,
+                None => lora_core::Component::TextEncoder,
+            },
         })
     }
 
@@ -223,7 +229,9 @@ impl<B: Backend> ClipTextModel<B> {
     /// both encoders.
     ///
     /// The pooled row is the first position holding the row's largest id, CLIP's end token
-    /// (transformers' rule for CLIP configs, whichever token pads the row).
+    /// (transformers' rule for configs with the legacy `eos_token_id = 2`, SD's and SDXL's,
+    /// and OpenCLIP's; the same position as the first end token for rows that hold one),
+    /// whichever token pads the row.
     ///
     /// ```
     /// use burn::backend::Flex;
@@ -313,24 +321,64 @@ impl<B: Backend> ClipTextModel<B> {
     /// ```
     pub fn forward_chunked(&self, input_ids: Tensor<B, 2, Int>, chunk_len: usize, clip_skip: usize) -> Result<Tensor<B, 3>> {
         let [batch, seq] = input_ids.dims();
-        if chunk_len < 3 || seq % chunk_len != 0 {
-            return Err(SdModelError::BadInput {
-                what: "input_ids".into(),
-                reason: format!("sequence length {seq} is not a whole number of rows of {chunk_len} ids (at least 3)"),
-            });
-        }
-        let chunks = seq / chunk_len;
+        let chunks = row_count(seq, chunk_len)?;
         if chunks <= 1 {
             return self.forward(input_ids, clip_skip);
         }
         let hidden = self.forward(input_ids.reshape([batch * chunks, chunk_len]), clip_skip)?;
-        let d = hidden.dims()[2];
-        let rows = hidden.reshape([batch, chunks, chunk_len, d]);
-        let first = rows.clone().slice([0..batch, 0..1, 0..1]).reshape([batch, 1, d]);
-        let inner = rows.clone().slice([0..batch, 0..chunks, 1..chunk_len - 1]).reshape([batch, chunks * (chunk_len - 2), d]);
-        let last = rows.slice([0..batch, chunks - 1..chunks, chunk_len - 1..chunk_len]).reshape([batch, 1, d]);
-        Ok(Tensor::cat(vec![first, inner, last], 1))
+        Ok(join_rows(hidden, batch, chunks))
     }
+
+    /// [`forward_chunked`](Self::forward_chunked) as [`forward_pooled`](Self::forward_pooled)
+    /// encodes (the final norm only when `final_norm`): the rows' states joined, and the
+    /// pooled output of each prompt's first row, as kohya's sd-scripts pool SDXL's long
+    /// prompts.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::tensor::{Int, Tensor};
+    /// use sd_model::{ClipTextConfig, ClipTextModel};
+    ///
+    /// let device = Default::default();
+    /// let model = ClipTextModel::<Flex>::new(&ClipTextConfig::tiny_sdxl_text_encoder_2(), &device).unwrap();
+    /// let ids = Tensor::<Flex, 2, Int>::zeros([2, 2 * 77], &device);
+    /// let out = model.forward_chunked_pooled(ids, 77, 2, false).unwrap();
+    /// assert_eq!((out.hidden.dims(), out.pooled.dims()), ([2, 152, 32], [2, 32]));
+    /// ```
+    pub fn forward_chunked_pooled(&self, input_ids: Tensor<B, 2, Int>, chunk_len: usize, clip_skip: usize, final_norm: bool) -> Result<ClipOutput<B>> {
+        let [batch, seq] = input_ids.dims();
+        let chunks = row_count(seq, chunk_len)?;
+        if chunks <= 1 {
+            return self.forward_pooled(input_ids, clip_skip, final_norm);
+        }
+        let out = self.forward_pooled(input_ids.reshape([batch * chunks, chunk_len]), clip_skip, final_norm)?;
+        let p = out.pooled.dims()[1];
+        let pooled = out.pooled.reshape([batch, chunks, p]).slice([0..batch, 0..1, 0..p]).reshape([batch, p]);
+        Ok(ClipOutput { hidden: join_rows(out.hidden, batch, chunks), pooled })
+    }
+}
+
+/// How many rows of `chunk_len` ids a sequence of `seq` ids holds (a whole number of rows
+/// of at least 3 ids).
+fn row_count(seq: usize, chunk_len: usize) -> Result<usize> {
+    if chunk_len < 3 || !seq.is_multiple_of(chunk_len) {
+        return Err(SdModelError::BadInput {
+            what: "input_ids".into(),
+            reason: format!("sequence length {seq} is not a whole number of rows of {chunk_len} ids (at least 3)"),
+        });
+    }
+    Ok(seq / chunk_len)
+}
+
+/// The states of `batch × chunks` rows `[batch · chunks, len, d]` joined per prompt: the first
+/// row's start state, every row's inner states, the last row's end state.
+fn join_rows<B: Backend>(hidden: Tensor<B, 3>, batch: usize, chunks: usize) -> Tensor<B, 3> {
+    let [_, chunk_len, d] = hidden.dims();
+    let rows = hidden.reshape([batch, chunks, chunk_len, d]);
+    let first = rows.clone().slice([0..batch, 0..1, 0..1]).reshape([batch, 1, d]);
+    let inner = rows.clone().slice([0..batch, 0..chunks, 1..chunk_len - 1]).reshape([batch, chunks * (chunk_len - 2), d]);
+    let last = rows.slice([0..batch, chunks - 1..chunks, chunk_len - 1..chunk_len]).reshape([batch, 1, d]);
+    Tensor::cat(vec![first, inner, last], 1)
 }
 
 /// Per row, the first position of the row's largest id `[batch]`: scoring the matches by

@@ -405,10 +405,11 @@ pub struct UnetConfig {
     #[serde(default)]
     pub num_attention_heads: Option<PerBlock>,
     /// `proj_in`/`proj_out` are linear layers (SD2.x) instead of 1x1 convs (SD1.x).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_false")]
     pub use_linear_projection: bool,
-    /// Compute attention scores in f32 even for half-precision models (SD2.1).
-    #[serde(default)]
+    /// Compute attention scores in f32 even for half-precision models (SD2.1; SDXL's config
+    /// says `null`, read as false).
+    #[serde(default, deserialize_with = "null_as_false")]
     pub upcast_attention: bool,
     /// Sinusoidal embedding order: `cos, sin` when true.
     #[serde(default = "yes")]
@@ -433,6 +434,14 @@ pub struct UnetConfig {
     /// Must be absent or null.
     #[serde(default)]
     pub class_embed_type: Option<String>,
+    /// Must be absent or null (distilled SDXL variants such as SSD-1B set it: not supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_transformer_layers_per_block: Option<serde_json::Value>,
+}
+
+/// A JSON `null` (diffusers writes some flags so) as `false`.
+fn null_as_false<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 fn sixty_four() -> usize {
@@ -480,6 +489,7 @@ impl UnetConfig {
             addition_time_embed_dim: None,
             projection_class_embeddings_input_dim: None,
             class_embed_type: None,
+            reverse_transformer_layers_per_block: None,
         }
     }
 
@@ -611,6 +621,19 @@ impl UnetConfig {
         }
         if let Some(t) = &self.class_embed_type {
             return Err(bad(format!("class_embed_type `{t}` is not supported")));
+        }
+        if self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(bad("reverse_transformer_layers_per_block (distilled SDXL variants) is not supported".into()));
+        }
+        for (name, per_block) in [("attention_head_dim", Some(&self.attention_head_dim)), ("num_attention_heads", self.num_attention_heads.as_ref()), ("transformer_layers_per_block", Some(&self.transformer_layers_per_block))] {
+            if let Some(PerBlock::Each(v)) = per_block {
+                if v.len() != n {
+                    return Err(bad(format!("{name} lists {} values for {n} levels", v.len())));
+                }
+            }
+        }
+        if (0..n).any(|i| self.transformer_layers_per_block.get(i) == 0) {
+            return Err(bad("transformer_layers_per_block must be at least 1".into()));
         }
         if self.layers_per_block == 0 || self.cross_attention_dim == 0 {
             return Err(bad("layers_per_block and cross_attention_dim must be positive".into()));

@@ -4,7 +4,7 @@
 //! SD1.x, SD2.x and SDXL: the CLIP tokenizer ([`tokenizer`]) and text encoders
 //! ([`ClipTextModel`], with SDXL's pooled projection), the UNet
 //! ([`UNet2DConditionModel`], with SDXL's added conditioning), the VAE
-//! ([`AutoencoderKl`]), their configs with presets (`sd15()`, `sd21()`, `tiny()`), and
+//! ([`AutoencoderKl`]), their configs with presets (`sd15()`, `sd21()`, `sdxl()`, `tiny()`), and
 //! loading of real checkpoints ([`load`]) in the diffusers folder layout and as single
 //! `.safetensors` files.
 //!
@@ -52,7 +52,7 @@ pub use clip::{ClipAttention, ClipEmbeddings, ClipOutput, ClipEncoder, ClipEncod
 pub use config::{ClipTextConfig, HiddenAct, PerBlock, UnetConfig, VaeConfig};
 pub use embeddings::{timestep_embedding, TimestepEmbedding};
 pub use transformer::{Attention, BasicTransformerBlock, FeedForward, Geglu, Projection, Transformer2DModel};
-pub use unet::{AddedConditions, TimeProj, UNet2DConditionModel};
+pub use unet::{AddedConditions, SdxlSizes, TimeProj, UNet2DConditionModel};
 pub use unet_blocks::{UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
 pub use error::{KeyMismatch, Result, SdModelError};
 pub use resnet::{Downsample2D, ResnetBlock2D, SiluTemb, Upsample2D};

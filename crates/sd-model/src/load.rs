@@ -2,10 +2,14 @@
 //!
 //! Two layouts are supported:
 //! - a **diffusers folder** (`model_index.json`, `text_encoder/model.safetensors`,
-//!   `vae/diffusion_pytorch_model.safetensors`, `unet/...`, with `*.fp16.safetensors`
-//!   variants), whose keys are our module paths;
+//!   SDXL's `text_encoder_2/model.safetensors`, `vae/diffusion_pytorch_model.safetensors`,
+//!   `unet/...`, with `*.fp16.safetensors` variants), whose keys are our module paths;
 //! - a **single-file checkpoint** as people download them (`model.diffusion_model.*`,
-//!   `first_stage_model.*`, `cond_stage_model.*`), mapped by [`crate::keymap`].
+//!   `first_stage_model.*`, `cond_stage_model.*`, SDXL's `conditioner.embedders.{0,1}.*`),
+//!   mapped by [`crate::keymap`].
+//!
+//! SDXL refiners (one OpenCLIP encoder, aesthetic-score conditioning) and class-conditioned
+//! UNets (SD2.1 unCLIP) are refused with an error saying so.
 //!
 //! Files are memory-mapped and each tensor is read when it is applied, converted to the
 //! precision asked for (f32, f16 or bf16, whatever the file holds). Missing, unexpected and
@@ -419,6 +423,10 @@ impl ModelSource {
     /// single file's tensor shapes (SD1 OpenAI CLIP or SD2 OpenCLIP).
     pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
         match self {
+            Self::Diffusers(dir) if !dir.join("text_encoder").is_dir() && dir.join("text_encoder_2").is_dir() => Err(SdModelError::Layout {
+                path: dir.clone(),
+                reason: "text_encoder_2/ without text_encoder/: an SDXL refiner (aesthetic-score conditioning, one OpenCLIP encoder) is not supported".into(),
+            }),
             Self::Diffusers(dir) => read_clip_config(&dir.join("text_encoder/config.json")),
             Self::SingleFile(path) => infer_clip_config(&WeightFile::open(path)?),
         }
@@ -474,7 +482,7 @@ impl ModelSource {
     /// Builds the text encoder from its config and loads its weights.
     pub fn load_text_encoder<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<ClipTextModel<B>> {
         let config = self.text_encoder_config()?;
-        let mut model = ClipTextModel::new(&config, device)?;
+        let mut model = ClipTextModel::new(&config, device)?.with_component(lora_core::Component::TextEncoder);
         match self {
             Self::Diffusers(dir) => {
                 let file = WeightFile::open(Self::component_file(dir, "text_encoder", "model", options)?)?;
@@ -649,6 +657,14 @@ fn layout_error(file: &WeightFile, reason: &str) -> SdModelError {
     }
 }
 
+/// The shape of `key`, which must be present with `D` dimensions.
+fn dims<const D: usize>(file: &WeightFile, key: &str) -> Result<[usize; D]> {
+    match file.shape(key) {
+        Some(s) => s.try_into().map_err(|_| layout_error(file, &format!("`{key}` has shape {s:?}, expected {D} dimensions"))),
+        None => Err(layout_error(file, &format!("`{key}` is missing"))),
+    }
+}
+
 /// Counts `prefix{N}.` indices present in the file.
 fn count_indexed(file: &WeightFile, prefix: &str) -> usize {
     file.keys()
@@ -739,24 +755,26 @@ pub fn infer_clip_2_config(file: &WeightFile) -> Result<Option<ClipTextConfig>> 
         config.validate(&file.path.display().to_string())?;
         return Ok(Some(config));
     }
+    if file.keys().any(|k| k.starts_with("conditioner.embedders.0.model.")) {
+        return Err(layout_error(file, "an SDXL refiner (aesthetic-score conditioning, one OpenCLIP encoder) is not supported"));
+    }
     let p = keymap::SDXL_TEXT_2_PREFIX;
-    let Some(shape) = file.shape(&format!("{p}token_embedding.weight")) else {
+    let token_embedding = format!("{p}token_embedding.weight");
+    if !file.contains(&token_embedding) {
         return Ok(None);
-    };
-    let hidden = shape[1];
+    }
+    let [vocab_size, hidden] = dims(file, &token_embedding)?;
     let config = ClipTextConfig {
-        vocab_size: shape[0],
+        vocab_size,
         hidden_size: hidden,
-        intermediate_size: file
-            .shape(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))
-            .map_or(hidden * 4, |s| s[0]),
+        intermediate_size: dims::<2>(file, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
         num_hidden_layers: count_indexed(file, &format!("{p}transformer.resblocks.")),
         num_attention_heads: hidden / 64,
-        max_position_embeddings: file.shape(&format!("{p}positional_embedding")).map_or(77, |s| s[0]),
+        max_position_embeddings: dims::<2>(file, &format!("{p}positional_embedding"))?[0],
         hidden_act: HiddenAct::Gelu,
         layer_norm_eps: 1e-5,
         architectures: vec![crate::config::CLIP_WITH_PROJECTION.into()],
-        projection_dim: Some(file.shape(&format!("{p}text_projection")).map_or(hidden, |s| s[1])),
+        projection_dim: Some(dims::<2>(file, &format!("{p}text_projection"))?[1]),
     };
     config.validate(&file.path.display().to_string())?;
     Ok(Some(config))
@@ -785,8 +803,7 @@ pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
         .shape("first_stage_model.encoder.conv_out.weight")
         .map_or(8, |s| s[0]);
     // SDXL's VAE has the same shapes as SD's but another latent scale.
-    let sdxl = file.contains(&format!("{}label_emb.0.0.weight", keymap::LDM_UNET_PREFIX))
-        || file.keys().any(|k| k.starts_with("conditioner.embedders."));
+    let sdxl = file.keys().any(|k| k.starts_with("conditioner.embedders."));
     Ok(VaeConfig {
         scaling_factor: if sdxl { SDXL_VAE_SCALING_FACTOR } else { VaeConfig::sd15().scaling_factor },
         block_out_channels,
@@ -851,20 +868,34 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
     }
     // SDXL: the added-conditioning MLP, 64-wide heads, several transformer blocks per level
     // (the middle block has as many as the last level).
-    let label_emb = shape("label_emb.0.0.weight");
-    let sd2 = context_dim == 1024 && label_emb.is_none();
+    let label_emb = match shape("label_emb.0.0.weight") {
+        // diffusers' rule: `label_emb` is SDXL's `text_time` conditioning with SDXL's text
+        // widths; otherwise it is a class / ADM embedding (SD2.1 unCLIP).
+        Some(s) if context_dim == 2048 && s.len() == 2 => Some(s[1]),
+        Some(_) if context_dim == 1280 => {
+            return Err(layout_error(file, "an SDXL refiner (aesthetic-score conditioning, one OpenCLIP encoder) is not supported"));
+        }
+        Some(_) => return Err(layout_error(file, "class / ADM conditioning (`label_emb`, e.g. SD2.1 unCLIP) is not supported")),
+        None => None,
+    };
+    let sd2 = context_dim == 1024;
     let heads = if sd2 || label_emb.is_some() {
         PerBlock::Each(channels.iter().map(|c| c / 64).collect())
     } else {
         PerBlock::All(8)
     };
     let mid_depth = count_indexed(file, &format!("{p}middle_block.1.transformer_blocks.")).max(1);
-    if depths.last() != Some(&mid_depth) {
-        return Err(layout_error(file, &format!("the middle block has {mid_depth} transformer blocks but the last level {:?}", depths.last())));
+    // The middle block takes the last level's depth: a last level without attention (SD1.x)
+    // holds it for the middle block.
+    let last = depths.len() - 1;
+    if down[last] == "DownBlock2D" {
+        depths[last] = mid_depth;
+    } else if depths[last] != mid_depth {
+        return Err(layout_error(file, &format!("the middle block has {mid_depth} transformer blocks but the last level {}", depths[last])));
     }
-    let (addition_embed_type, addition_time_embed_dim, projection_class_embeddings_input_dim) = match &label_emb {
+    let (addition_embed_type, addition_time_embed_dim, projection_class_embeddings_input_dim) = match label_emb {
         // SDXL embeds each time id 256 wide.
-        Some(s) => (Some("text_time".to_string()), Some(256), Some(s[1])),
+        Some(input) => (Some("text_time".to_string()), Some(256), Some(input)),
         None => (None, None, None),
     };
     let config = UnetConfig {

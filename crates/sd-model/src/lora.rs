@@ -72,7 +72,16 @@ pub fn module_index<B: Backend>(
 /// kohya's SDXL files use.
 pub fn module_index_of<B: Backend>(unet: &mut UNet2DConditionModel<B>, text_encoders: &mut [&mut ClipTextModel<B>]) -> Result<ModuleIndex> {
     let mut index = ModuleIndex::new();
-    sites::add_to_index(&mut index, unet)?;
+    extend_index(&mut index, unet, text_encoders)?;
+    Ok(index)
+}
+
+/// Adds the modules of a UNet (with their SGM names) and text encoders to `index`, as
+/// [`module_index_of`] does: one index can then resolve the names of several model
+/// families' files.
+pub fn extend_index<B: Backend>(index: &mut ModuleIndex, unet: &mut UNet2DConditionModel<B>, text_encoders: &mut [&mut ClipTextModel<B>]) -> Result<()> {
+    distinct_components(text_encoders.iter().map(|te| te.component))?;
+    sites::add_to_index(index, unet)?;
     let layout = crate::keymap::UnetLayout::of(unet);
     let mut paths = Vec::new();
     lora_core::LoraSites::visit_lora_sites(unet, &mut |path, _| paths.push(path.to_string()));
@@ -83,9 +92,48 @@ pub fn module_index_of<B: Backend>(unet: &mut UNet2DConditionModel<B>, text_enco
         }
     }
     for te in text_encoders.iter_mut() {
-        sites::add_to_index(&mut index, &mut **te)?;
+        sites::add_to_index(index, &mut **te)?;
     }
-    Ok(index)
+    Ok(())
+}
+
+/// Text encoders must be different components: two of one would share its adapters.
+pub(crate) fn distinct_components(components: impl Iterator<Item = lora_core::Component>) -> Result<()> {
+    let mut seen = Vec::new();
+    for c in components {
+        if seen.contains(&c) {
+            return Err(SdModelError::BadInput {
+                what: "text encoders".into(),
+                reason: format!("two text encoders are both {c:?} (see ClipTextModel::with_component)"),
+            });
+        }
+        seen.push(c);
+    }
+    Ok(())
+}
+
+/// Names `set`'s adapters in the kohya layout as kohya's SDXL files do (for an SDXL
+/// UNet): UNet modules by their original SGM paths
+/// (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, see
+/// [`UnetLayout::ldm_module_path`](crate::keymap::UnetLayout::ldm_module_path)) and the
+/// first text encoder as `lora_te1_` ([`AdapterSet::kohya_names`]); returns how many were
+/// named. sd-scripts, ComfyUI and AUTOMATIC1111 read SDXL LoRAs by these names.
+pub fn use_sdxl_kohya_names<B: Backend>(set: &mut AdapterSet, unet: &UNet2DConditionModel<B>) -> usize {
+    let layout = crate::keymap::UnetLayout::of(unet);
+    let mut names = Vec::new();
+    for (key, _) in set.iter() {
+        let name = match key.component {
+            lora_core::Component::Unet => layout.ldm_module_path(&key.path).map(|p| format!("lora_unet_{}", p.replace('.', "_"))),
+            lora_core::Component::TextEncoder => Some(format!("lora_te1_{}", key.path.replace('.', "_"))),
+            lora_core::Component::TextEncoder2 => None,
+        };
+        if let Some(name) = name {
+            names.push((key.clone(), name));
+        }
+    }
+    let n = names.len();
+    set.kohya_names.extend(names);
+    n
 }
 
 /// Reads every file, combines them (ranks concatenated, each at its strength, so the

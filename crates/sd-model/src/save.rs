@@ -55,7 +55,8 @@ fn encode(dtype: Dtype, values: &[f32]) -> Option<Vec<u8>> {
 }
 
 /// Writes `source` to `out` with the UNet's and text encoder's tensors replaced by the
-/// given models' weights, in the file's own key layout; replaced tensors keep their dtype
+/// given models' weights, in the file's own key layout (an SDXL file's second encoder is
+/// copied as it is: see [`merge_into_single_file_with`]); replaced tensors keep their dtype
 /// unless `dtype` says otherwise. Every other tensor (VAE, EMA, buffers) and the header
 /// metadata are copied unchanged.
 pub fn merge_into_single_file<B: Backend>(
@@ -77,6 +78,7 @@ pub fn merge_into_single_file_with<B: Backend>(
     out: &Path,
     dtype: Option<SaveDtype>,
 ) -> Result<()> {
+    crate::lora::distinct_components(text_encoders.iter().map(|te| te.component))?;
     // (our tensors, their sources) per component: the encoders share parameter names.
     let mut parts = vec![(checkpoint_tensors(unet)?, unet_single_file_mapping(unet, source).0)];
     for te in text_encoders {
@@ -85,6 +87,13 @@ pub fn merge_into_single_file_with<B: Backend>(
             _ => text_encoder_single_file_mapping(te, source).0,
         };
         parts.push((checkpoint_tensors(*te)?, mapping));
+    }
+    // Every tensor of every model must find its place in the file.
+    for (ours, mapping) in &parts {
+        let mapped: std::collections::HashSet<&str> = mapping.iter().map(|(path, _)| path.as_str()).collect();
+        if let Some(lost) = ours.keys().find(|k| !mapped.contains(k.as_str())) {
+            return Err(data_error("source", format!("`{lost}` has no place in {} (a different model?)", source.path().display())));
+        }
     }
     let mut by_key: BTreeMap<String, Vec<(usize, String, crate::keymap::TensorSource)>> = BTreeMap::new();
     for (i, (_, mapping)) in parts.iter().enumerate() {
@@ -110,6 +119,9 @@ pub fn merge_into_single_file_with<B: Backend>(
                     let end = start + t.data.len();
                     if end > numel {
                         return Err(data_error("model", format!("`{path}` does not fit `{key}` {shape:?}")));
+                    }
+                    if src.rows.is_none() && !src.transpose && t.data.len() != numel {
+                        return Err(data_error("model", format!("`{path}` does not fill `{key}` {shape:?}")));
                     }
                     if src.transpose {
                         // The file holds the transpose of our `[rows, cols]` weight.

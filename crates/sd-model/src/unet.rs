@@ -32,8 +32,13 @@ pub struct AddedConditions<B: Backend> {
     pub text_embeds: Tensor<B, 2>,
     /// The time ids `[B, n]`: for SDXL base `[original height, original width, crop top,
     /// crop left, target height, target width]` in pixels (see [`AddedConditions::sdxl_time_ids`]).
+    /// Keep them f32: they are embedded in f32, and bf16 cannot hold sizes such as 833.
     pub time_ids: Tensor<B, 2>,
 }
+
+/// One image's SDXL size conditioning, in pixels: original size `(height, width)`, crop
+/// top-left corner `(top, left)` and target size `(height, width)`.
+pub type SdxlSizes = ((u32, u32), (u32, u32), (u32, u32));
 
 impl<B: Backend> AddedConditions<B> {
     /// SDXL base's time ids `[B, 6]`, one row per sample: original size `(h, w)`, crop
@@ -46,7 +51,7 @@ impl<B: Backend> AddedConditions<B> {
     /// let ids = AddedConditions::<Flex>::sdxl_time_ids(&[((1024, 768), (0, 32), (1024, 704))], &Default::default());
     /// assert_eq!(ids.to_data().to_vec::<f32>().unwrap(), [1024.0, 768.0, 0.0, 32.0, 1024.0, 704.0]);
     /// ```
-    pub fn sdxl_time_ids(rows: &[((u32, u32), (u32, u32), (u32, u32))], device: &B::Device) -> Tensor<B, 2> {
+    pub fn sdxl_time_ids(rows: &[SdxlSizes], device: &B::Device) -> Tensor<B, 2> {
         let values: Vec<f32> = rows
             .iter()
             .flat_map(|&((oh, ow), (top, left), (th, tw))| [oh, ow, top, left, th, tw].map(|v| v as f32))

@@ -270,3 +270,56 @@ fn sdxl_module_trees_have_the_diffusers_names() {
     let ours: Vec<String> = sd_model::save::checkpoint_tensors(&te).unwrap().into_keys().collect();
     assert_eq!(ours, names("sdxl_diffusers_text_encoder_2"));
 }
+
+/// SDXL 1.0 base's `unet/config.json` as diffusers ships it (`null`s included) reads as
+/// the preset; refiners and class-conditioned UNets are refused, naming what they are.
+#[test]
+fn real_sdxl_configs_read_and_unsupported_relatives_are_refused() {
+    let config: UnetConfig = serde_json::from_str(
+        r#"{"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+        "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": false,
+        "class_embed_type": null, "class_embeddings_concat": false, "conv_in_kernel": 3, "conv_out_kernel": 3,
+        "cross_attention_dim": 2048, "cross_attention_norm": null,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+        "dual_cross_attention": false, "encoder_hid_dim": null, "encoder_hid_dim_type": null, "flip_sin_to_cos": true,
+        "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": null,
+        "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+        "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false, "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": false,
+        "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": null, "time_embedding_act_fn": null,
+        "time_embedding_dim": null, "time_embedding_type": "positional", "timestep_post_act": null,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": null,
+        "use_linear_projection": true}"#,
+    )
+    .unwrap();
+    assert_eq!(config, UnetConfig::sdxl());
+    let mut distilled = UnetConfig::sdxl();
+    distilled.reverse_transformer_layers_per_block = Some(serde_json::json!([[4, 4, 10], [0, 1, 1], [0, 0, 0]]));
+    assert!(distilled.validate("x").unwrap_err().to_string().contains("reverse_transformer_layers_per_block"));
+    let mut short = UnetConfig::sdxl();
+    short.transformer_layers_per_block = sd_model::PerBlock::Each(vec![1, 2]);
+    assert!(short.validate("x").unwrap_err().to_string().contains("2 values for 3 levels"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = |name: &str, tensors: Vec<(String, Vec<usize>)>| {
+        let path = dir.path().join(name);
+        write_sparse(&path, &tensors);
+        ModelSource::detect(&path).unwrap()
+    };
+    // SD2.1 unCLIP: SD2's text width with a class embedding.
+    let mut unclip = manifest("sd21_single_file");
+    unclip.push(("model.diffusion_model.label_emb.0.0.weight".into(), vec![1280, 2048]));
+    let err = source("unclip.safetensors", unclip).unet_config().unwrap_err();
+    assert!(err.to_string().contains("unCLIP"), "{err}");
+    // An SDXL refiner: its one OpenCLIP encoder sits at `conditioner.embedders.0.model`.
+    let mut refiner = manifest("sdxl_single_file");
+    refiner.push(("conditioner.embedders.0.model.token_embedding.weight".into(), vec![49408, 1280]));
+    let err = source("refiner.safetensors", refiner).text_encoder_2_config().unwrap_err();
+    assert!(err.to_string().contains("refiner"), "{err}");
+    std::fs::create_dir_all(dir.path().join("refiner/text_encoder_2")).unwrap();
+    std::fs::write(dir.path().join("refiner/model_index.json"), "{}").unwrap();
+    let err = ModelSource::detect(dir.path().join("refiner")).unwrap().text_encoder_config().unwrap_err();
+    assert!(err.to_string().contains("refiner"), "{err}");
+}

@@ -179,9 +179,13 @@ fn kohya_sdxl_lora_matches_diffusers_and_bakes_into_the_single_file() {
         merge_into_single_file_with(&WeightFile::open(path).unwrap(), &m.unet, &[&m.te1, &m.te2], &out, Some(lora_core::SaveDtype::F32)).unwrap();
         let merged = load::<B>(&ModelSource::detect(&out).unwrap());
         assert_close(unet_out(&merged.unet), "lora_unet_out");
-        let (_, _, h2, p2) = encode(&merged);
+        let (h1, _, h2, p2) = encode(&merged);
+        assert_close(h1, "lora_te1_hidden_penultimate");
         assert_close(h2, "lora_te2_hidden_penultimate");
         assert_close(p2, "lora_te2_text_embeds");
+        // Two encoders of one kind would share their adapters and keys: refused.
+        let err = merge_into_single_file_with(&WeightFile::open(path).unwrap(), &m.unet, &[&m.te1, &m.te1], &dir.path().join("x.safetensors"), None).unwrap_err();
+        assert!(err.to_string().contains("two text encoders"), "{err}");
         let base = checkpoint_tensors(&load::<B>(source).te2).unwrap();
         let baked = checkpoint_tensors(&merged.te2).unwrap();
         assert_eq!(base["text_projection.weight"].data, baked["text_projection.weight"].data, "untouched by the LoRA");
@@ -277,4 +281,27 @@ fn configs_and_presets() {
     let added = AddedConditions { text_embeds: Tensor::zeros([1, 32], &device), time_ids: Tensor::zeros([1, 6], &device) };
     let err = unet.forward_added(Tensor::zeros([1, 4, 8, 8], &device), Tensor::zeros([1], &device), Tensor::zeros([1, 77, 32], &device), Some(added));
     assert!(err.unwrap_err().to_string().contains("no added conditioning"));
+}
+
+/// kohya's SDXL names (SGM UNet paths, `lora_te1_` / `lora_te2_`) are kept when a file is
+/// read and written again, and given to adapters that come from the model.
+#[test]
+fn sdxl_kohya_names_survive_reading_and_writing() {
+    use lora_core::{AdapterFormat, AdapterSet, ReadOptions, SaveDtype};
+    let mut m = load::<B>(&sources()[0]);
+    let index = sd_model::lora::module_index_of(&mut m.unet, &mut [&mut m.te1, &mut m.te2]).unwrap();
+    let path = fixtures().join("lora_kohya.safetensors");
+    let (set, _) = AdapterSet::load(&path, &index, ReadOptions { lenient: false }).unwrap();
+    let names = |bytes: &[u8]| -> std::collections::BTreeSet<String> {
+        safetensors::SafeTensors::deserialize(bytes).unwrap().names().into_iter().map(String::from).collect()
+    };
+    let original = names(&std::fs::read(&path).unwrap());
+    assert_eq!(names(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap()), original);
+    let mut fresh = AdapterSet::new();
+    for (key, weights) in set.iter() {
+        fresh.insert(key.clone(), weights.clone()).unwrap();
+    }
+    assert_ne!(names(&fresh.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap()), original);
+    assert_eq!(sd_model::lora::use_sdxl_kohya_names(&mut fresh, &m.unet), 194 + 18);
+    assert_eq!(names(&fresh.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap()), original);
 }

@@ -337,6 +337,17 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
     let latents = Tensor::<B, 4>::random([n, opts.unet.in_channels, side, side], Distribution::Normal(0.0, 1.0), device);
     let timesteps = Tensor::<B, 1>::from_floats(vec![500.0; n].as_slice(), device);
     let context = Tensor::<B, 3>::random([n, 77, opts.unet.cross_attention_dim], Distribution::Normal(0.0, 1.0), device);
+    // SDXL's added conditioning: a pooled embedding and the time ids of a square image.
+    let added = match crate::device_check::pooled_width(&opts.unet)? {
+        Some(pooled) => {
+            let size = (opts.resolution as u32, opts.resolution as u32);
+            Some(sd_model::AddedConditions {
+                text_embeds: Tensor::<B, 2>::random([n, pooled], Distribution::Normal(0.0, 1.0), device),
+                time_ids: sd_model::AddedConditions::sdxl_time_ids(&vec![(size, (0, 0), size); n], device),
+            })
+        }
+        None => None,
+    };
     // The trainer's optimizer: all adapter tensors in one AdamW update.
     let mut optim = FlatAdamW::new(AdamWSettings::default(), &unet, device);
     if opts.precision != crate::device_check::Precision::F32 {
@@ -410,6 +421,7 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
             };
             let options = CheckpointOptions {
                 after_recompute: Some(&mut after_recompute),
+                added: added.clone(),
                 ..Default::default()
             };
             let step = unet.forward_backward_checkpointed(latents.clone(), timesteps.clone(), context.clone(), options, |pred| {
@@ -423,7 +435,7 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
             let check = guard.check(guard.unscale(step.loss), grads.sq_norm());
             unet = optim.step_if(1e-4, unet, check.scale(grads), check.apply);
         } else if opts.train {
-            let pred = unet.forward(latents.clone(), timesteps.clone(), context.clone())?;
+            let pred = unet.forward_added(latents.clone(), timesteps.clone(), context.clone(), added.clone())?;
             let loss = guard.scale_loss((pred - latents.clone()).powf_scalar(2.0).mean());
             let value = guard.unscale(loss.clone().inner());
             sample()?;
@@ -433,7 +445,8 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
             let check = guard.check(value, grads.sq_norm());
             unet = optim.step_if(1e-4, unet, check.scale(grads), check.apply);
         } else if let Some(valid) = &frozen {
-            let out = valid.forward(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner())?;
+            let inner = added.clone().map(|a| sd_model::AddedConditions { text_embeds: a.text_embeds.inner(), time_ids: a.time_ids.inner() });
+            let out = valid.forward_added(latents.clone().inner(), timesteps.clone().inner(), context.clone().inner(), inner)?;
             sample()?;
             drop(out);
         }

@@ -14,8 +14,9 @@ pub const MAX_TOKEN_ROWS: usize = 8;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    /// `tiny` (the built-in demo model, seeded random weights) or a diffusers folder / single
-    /// `.safetensors` checkpoint.
+    /// `tiny` (the built-in demo model, seeded random weights), `tiny-sdxl` (its SDXL-shaped
+    /// sibling) or a diffusers folder / single `.safetensors` checkpoint (SD1.x, SD2.x or
+    /// SDXL).
     pub pretrained: String,
     /// Seed of the tiny model's random weights (the same seed gives the same model).
     pub tiny_seed: u64,

@@ -106,15 +106,29 @@ impl FromStr for Precision {
     }
 }
 
-/// The UNet config behind a `--unet-config` value: `sd15`, `sd21`, `tiny` or the path of a
-/// diffusers `unet/config.json`.
+/// The UNet config behind a `--unet-config` value: `sd15`, `sd21`, `sdxl`, `tiny`,
+/// `tiny-sdxl` or the path of a diffusers `unet/config.json`.
 pub fn unet_config_by_name(name: &str) -> Result<UnetConfig, TrainError> {
     Ok(match name {
         "sd15" => UnetConfig::sd15(),
         "sd21" => UnetConfig::sd21(),
+        "sdxl" => UnetConfig::sdxl(),
         "tiny" => UnetConfig::tiny(),
+        "tiny-sdxl" => UnetConfig::tiny_sdxl(),
         path => sd_model::config::read_unet_config(std::path::Path::new(path))?,
     })
+}
+
+/// The pooled text embedding's width of an SDXL-style UNet (six time ids, as SDXL base
+/// takes), `None` for a UNet without added conditioning.
+pub fn pooled_width(unet: &UnetConfig) -> Result<Option<usize>, TrainError> {
+    match (unet.has_text_time(), unet.addition_time_embed_dim, unet.projection_class_embeddings_input_dim) {
+        (true, Some(dim), Some(input)) => input.checked_sub(6 * dim).filter(|w| *w > 0).map(Some).ok_or_else(|| TrainError::Config {
+            origin: "unet config".into(),
+            reason: format!("projection_class_embeddings_input_dim {input} leaves no room for a pooled embedding beside 6 time ids of {dim}"),
+        }),
+        _ => Ok(None),
+    }
 }
 
 /// What to compare.
@@ -397,12 +411,18 @@ fn apply_precision<B: Backend>(unet: UNet2DConditionModel<B>, precision: Precisi
 fn forward_backward<B: AutodiffBackend>(
     unet: &mut UNet2DConditionModel<B>,
     inputs: [&TensorData; 4],
+    added: Option<&(TensorData, TensorData)>,
     adapter: &str,
     checkpointing: bool,
     device: &B::Device,
 ) -> Result<Outcome, TrainError> {
     let start = Instant::now();
     let [latents, timesteps, context, target] = inputs;
+    // SDXL's added conditioning (pooled embedding, time ids).
+    let added = added.map(|(pooled, ids)| sd_model::AddedConditions {
+        text_embeds: Tensor::<B, 2>::from_data(pooled.clone(), device),
+        time_ids: Tensor::<B, 2>::from_data(ids.clone(), device),
+    });
     let latents = Tensor::<B, 4>::from_data(latents.clone(), device);
     let timesteps = Tensor::<B, 1>::from_data(timesteps.clone(), device);
     let context = Tensor::<B, 3>::from_data(context.clone(), device);
@@ -410,14 +430,15 @@ fn forward_backward<B: AutodiffBackend>(
     let (_, up, down) = adapter_weights(unet, Some(adapter)).ok_or_else(|| bad(format!("no adapter at `{adapter}`")))?;
     let (pred, grad_up, grad_down) = if checkpointing {
         let mut seen = None;
-        let step = unet.forward_backward_checkpointed(latents, timesteps, context, CheckpointOptions::default(), |pred| {
+        let options = CheckpointOptions { added, ..Default::default() };
+        let step = unet.forward_backward_checkpointed(latents, timesteps, context, options, |pred| {
             seen = Some(pred.clone().inner());
             (pred - target).powf_scalar(2.0).mean()
         })?;
         let pred = seen.ok_or_else(|| bad("the checkpointed pass gave no prediction"))?;
         (pred, step.grads.get::<B::InnerBackend, 2>(up.id), step.grads.get::<B::InnerBackend, 2>(down.id))
     } else {
-        let pred = unet.forward(latents, timesteps, context)?;
+        let pred = unet.forward_added(latents, timesteps, context, added)?;
         let loss = (pred.clone() - target).powf_scalar(2.0).mean();
         let grads = loss.backward();
         (pred.inner(), up.grad(&grads), down.grad(&grads))
@@ -480,10 +501,19 @@ pub fn run<R: AutodiffBackend, T: AutodiffBackend>(
     let target = Tensor::<R, 4>::random([n, opts.unet.out_channels, side, side], Distribution::Normal(0.0, 1.0), reference_device);
     let data = [latents.into_data(), timesteps.into_data(), context.into_data(), target.into_data()];
     let inputs = [&data[0], &data[1], &data[2], &data[3]];
+    let added = match pooled_width(&opts.unet)? {
+        Some(pooled) => {
+            let pooled = Tensor::<R, 2>::random([n, pooled], Distribution::Normal(0.0, 1.0), reference_device);
+            let size = (opts.resolution as u32, opts.resolution as u32);
+            let ids = sd_model::AddedConditions::<R>::sdxl_time_ids(&vec![(size, (0, 0), size); n], reference_device);
+            Some((pooled.into_data(), ids.into_data()))
+        }
+        None => None,
+    };
 
-    let want = forward_backward(&mut reference, inputs, &adapter, false, reference_device)?;
+    let want = forward_backward(&mut reference, inputs, added.as_ref(), &adapter, false, reference_device)?;
     drop(reference);
-    let got = forward_backward(&mut tested, inputs, &adapter, opts.grad_checkpointing, device)?;
+    let got = forward_backward(&mut tested, inputs, added.as_ref(), &adapter, opts.grad_checkpointing, device)?;
 
     let tolerance = opts.tolerance();
     let output = compare(&want.output, &got.output);

@@ -55,7 +55,8 @@ pub struct GenerateOptions {
 /// assert_eq!(merge_adapters(&mut c), 0); // no adapters attached
 /// ```
 pub fn merge_adapters<B: Backend>(c: &mut Components<B>) -> usize {
-    lora_core::sites::bake_adapters(&mut c.unet) + lora_core::sites::bake_adapters(&mut c.text_encoder)
+    let second = c.text_encoder_2.as_mut().map_or(0, |te| lora_core::sites::bake_adapters(te));
+    lora_core::sites::bake_adapters(&mut c.unet) + lora_core::sites::bake_adapters(&mut c.text_encoder) + second
 }
 
 /// The UNet and the text encoder with their parameters (adapters included) in `dtype`; the
@@ -80,7 +81,95 @@ pub fn merge_adapters<B: Backend>(c: &mut Components<B>) -> usize {
 pub fn to_precision<B: Backend>(mut c: Components<B>, dtype: burn::tensor::FloatDType) -> Components<B> {
     c.unet = lora_core::precision::cast_all(c.unet, dtype);
     c.text_encoder = lora_core::precision::cast_all(c.text_encoder, dtype);
+    c.text_encoder_2 = c.text_encoder_2.map(|te| lora_core::precision::cast_all(te, dtype));
     c
+}
+
+/// The text encoders a prompt goes through, with their tokenizers: one for SD1.x / SD2.x,
+/// SDXL's two.
+pub struct TextEncoders<'a, B: Backend> {
+    /// The (first) encoder and its tokenizer.
+    pub first: (&'a sd_model::ClipTextModel<B>, &'a ClipTokenizer),
+    /// SDXL's second encoder (with the pooled projection) and its tokenizer.
+    pub second: Option<(&'a sd_model::ClipTextModel<B>, &'a ClipTokenizer)>,
+}
+
+// By hand: derived impls would ask `B: Copy`.
+impl<B: Backend> Clone for TextEncoders<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for TextEncoders<'_, B> {}
+
+impl<'a, B: Backend> TextEncoders<'a, B> {
+    /// The encoders of a model.
+    pub fn of(c: &'a Components<B>) -> Self {
+        Self {
+            first: (&c.text_encoder, &c.tokenizer),
+            second: c.text_encoder_2.as_ref().zip(c.tokenizer_2.as_ref()),
+        }
+    }
+}
+
+/// What the UNet is conditioned on: the text states `[N, tokens, D]` and, for SDXL, the
+/// second encoder's pooled embedding `[N, P]`.
+#[derive(Debug, Clone)]
+pub struct TextConditioning<B: Backend> {
+    /// Text states (SDXL: both encoders' penultimate-layer states side by side).
+    pub context: Tensor<B, 3>,
+    /// SDXL's pooled embedding (`text_embeds`).
+    pub pooled: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> TextConditioning<B> {
+    /// Conditionings of several batches stacked along the batch.
+    pub fn cat(parts: Vec<Self>) -> Self {
+        let pooled = parts.iter().map(|p| p.pooled.clone()).collect::<Option<Vec<_>>>().map(|p| Tensor::cat(p, 0));
+        Self { context: Tensor::cat(parts.into_iter().map(|p| p.context).collect(), 0), pooled }
+    }
+
+    /// SDXL's added conditioning for images of `(height, width)` pixels (original and
+    /// target size, no crop, as diffusers' pipelines sample), when there is a pooled
+    /// embedding.
+    pub fn added(&self, (height, width): (usize, usize)) -> Option<sd_model::AddedConditions<B>> {
+        let pooled = self.pooled.clone()?;
+        let n = pooled.dims()[0];
+        let size = (height as u32, width as u32);
+        let time_ids = sd_model::AddedConditions::sdxl_time_ids(&vec![(size, (0, 0), size); n], &pooled.device());
+        Some(sd_model::AddedConditions { text_embeds: pooled, time_ids })
+    }
+}
+
+/// Encodes rows of ids (`ids` for the first tokenizer, `ids_2` for SDXL's second) to the
+/// UNet's conditioning. SDXL conditions on both encoders' penultimate layers without the
+/// final norm (whatever `clip_skip` says, as kohya's sd-scripts do) and on the second
+/// encoder's pooled output of each prompt's first row.
+fn condition<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    ids: Vec<Vec<u32>>,
+    ids_2: Option<Vec<Vec<u32>>>,
+    clip_skip: usize,
+    rows: usize,
+    device: &B::Device,
+) -> Result<TextConditioning<B>, TrainError> {
+    let (te, tok) = encoders.first;
+    let ids = ids_tensor(tok, te.vocab_size(), ids, rows, device)?;
+    match (encoders.second, ids_2) {
+        (Some((te2, tok2)), Some(ids_2)) => {
+            let one = te.forward_chunked_pooled(ids, tok.max_length(), 2, false)?;
+            let ids_2 = ids_tensor(tok2, te2.vocab_size(), ids_2, rows, device)?;
+            let two = te2.forward_chunked_pooled(ids_2, tok2.max_length(), 2, false)?;
+            Ok(TextConditioning { context: Tensor::cat(vec![one.hidden, two.hidden], 2), pooled: Some(two.pooled) })
+        }
+        _ => Ok(TextConditioning { context: te.forward_chunked(ids, tok.max_length(), clip_skip)?, pooled: None }),
+    }
+}
+
+/// The ids of `prompts` for SDXL's second tokenizer (which pads differently), when there is one.
+fn second_ids(encoders: TextEncoders<'_, impl Backend>, encode: impl Fn(&ClipTokenizer) -> Result<Vec<Vec<u32>>, TrainError>) -> Result<Option<Vec<Vec<u32>>>, TrainError> {
+    encoders.second.map(|(_, tok)| encode(tok)).transpose()
 }
 
 /// Rows of `tokenizer.max_length()` ids that hold `max_token_length` prompt tokens (75 per
@@ -129,33 +218,55 @@ pub fn prompt_rows<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Ite
 /// [`sd_model::ClipTextModel::forward_chunked`]; `rows` from [`prompt_rows`]), reading
 /// A1111's emphasis syntax: `(word)`, `[word]`, `(word:1.3)`, `BREAK`
 /// ([`sd_model::prompt`]). Captions for training go through [`encode_with`], which takes
-/// them literally, or with `data.weighted_captions` [`encode_weighted_with`].
+/// them literally, or with `data.weighted_captions` [`encode_weighted_with`]. For SDXL this
+/// is the states only: [`condition_prompts`] gives the pooled embedding too.
 pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<Tensor<B, 3>, TrainError> {
-    let (hidden, weights) = weighted_hidden(&c.text_encoder, &c.tokenizer, prompts.iter().map(String::as_str), clip_skip, rows, device)?;
-    Ok(sd_model::prompt::apply_weights(hidden, &weights)?)
+    Ok(condition_prompts(c, prompts, clip_skip, rows, device)?.context)
 }
 
-/// The hidden states of prompts read with emphasis, in `rows` rows, and their weights.
-fn weighted_hidden<'a, B: Backend>(
-    text_encoder: &sd_model::ClipTextModel<B>,
-    tokenizer: &ClipTokenizer,
-    prompts: impl ExactSizeIterator<Item = &'a str>,
+/// [`encode_prompts`] with SDXL's pooled embedding: the whole conditioning of `prompts`.
+///
+/// SDXL: each encoder's states are weighted and get their own mean back, as AUTOMATIC1111
+/// weighs them; the pooled embedding is not weighted. An empty negative prompt is encoded
+/// as the text `""` (as kohya's sd-scripts and ComfyUI sample), not as zeros (diffusers'
+/// `force_zeros_for_empty_prompt`).
+pub fn condition_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<TextConditioning<B>, TrainError> {
+    let (cond, weights) = weighted_condition(TextEncoders::of(c), prompts, clip_skip, rows, device)?;
+    let context = match cond.pooled {
+        Some(_) => {
+            let [n, tokens, d] = cond.context.dims();
+            let first = c.text_encoder.text_model.final_layer_norm.gamma.dims()[0];
+            let one = cond.context.clone().slice([0..n, 0..tokens, 0..first]);
+            let two = cond.context.slice([0..n, 0..tokens, first..d]);
+            Tensor::cat(vec![sd_model::prompt::apply_weights(one, &weights)?, sd_model::prompt::apply_weights(two, &weights)?], 2)
+        }
+        None => sd_model::prompt::apply_weights(cond.context, &weights)?,
+    };
+    Ok(TextConditioning { context, pooled: cond.pooled })
+}
+
+/// The conditioning of prompts read with emphasis, in `rows` rows, and the tokens' weights
+/// (both tokenizers split a prompt alike: the weights hold for both encoders' states).
+fn weighted_condition<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    prompts: &[String],
     clip_skip: usize,
     rows: usize,
     device: &B::Device,
-) -> Result<(Tensor<B, 3>, Vec<f32>), TrainError> {
+) -> Result<(TextConditioning<B>, Vec<f32>), TrainError> {
     let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
     for p in prompts {
-        let (i, w) = tokenizer.encode_weighted(p, rows)?;
+        let (i, w) = encoders.first.1.encode_weighted(p, rows)?;
         ids.push(i);
         weights.extend(w);
     }
-    let ids = ids_tensor(tokenizer, text_encoder.vocab_size(), ids, rows, device)?;
-    Ok((text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?, weights))
+    let ids_2 = second_ids(encoders, |tok| Ok(prompts.iter().map(|p| tok.encode_weighted(p, rows).map(|(i, _)| i)).collect::<Result<_, _>>()?))?;
+    Ok((condition(encoders, ids, ids_2, clip_skip, rows, device)?, weights))
 }
 
 /// Encodes captions literally (no emphasis syntax) with a given text encoder (one being
-/// trained, say); otherwise as [`encode_prompts`].
+/// trained, say); otherwise as [`encode_prompts`]. One encoder: SDXL's conditioning
+/// is [`condition_with`]'s.
 pub fn encode_with<B: Backend>(
     text_encoder: &sd_model::ClipTextModel<B>,
     tokenizer: &ClipTokenizer,
@@ -164,8 +275,24 @@ pub fn encode_with<B: Backend>(
     max_token_length: usize,
     device: &B::Device,
 ) -> Result<Tensor<B, 3>, TrainError> {
-    let ids = prompt_ids(tokenizer, text_encoder.vocab_size(), prompts, max_token_length, device)?;
-    Ok(text_encoder.forward_chunked(ids, tokenizer.max_length(), clip_skip)?)
+    let encoders = TextEncoders { first: (text_encoder, tokenizer), second: None };
+    Ok(condition_with(encoders, prompts, clip_skip, max_token_length, device)?.context)
+}
+
+/// [`encode_with`] through one or two encoders ([`TextEncoders`]): the whole conditioning
+/// of literal captions.
+pub fn condition_with<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<TextConditioning<B>, TrainError> {
+    let rows = token_rows(encoders.first.1, max_token_length);
+    let chunked = |tok: &ClipTokenizer| -> Result<Vec<Vec<u32>>, TrainError> { Ok(prompts.iter().map(|p| tok.encode_chunked(p, rows)).collect::<Result<_, _>>()?) };
+    let ids = chunked(encoders.first.1)?;
+    let ids_2 = second_ids(encoders, chunked)?;
+    condition(encoders, ids, ids_2, clip_skip, rows, device)
 }
 
 /// Encodes captions with A1111's emphasis syntax (kohya's `weighted_captions`), with a
@@ -173,6 +300,7 @@ pub fn encode_with<B: Backend>(
 /// [`encode_with`]): `(word:1.2)` scales the word's hidden states, and nothing else, as
 /// kohya's training does ([`sd_model::prompt::scale_states`]; sample prompts also keep the
 /// mean). `BREAK` is a plain word here, as in kohya's training (it would start a new row).
+/// One encoder: SDXL's conditioning is [`condition_weighted_with`]'s.
 pub fn encode_weighted_with<B: Backend>(
     text_encoder: &sd_model::ClipTextModel<B>,
     tokenizer: &ClipTokenizer,
@@ -181,11 +309,24 @@ pub fn encode_weighted_with<B: Backend>(
     max_token_length: usize,
     device: &B::Device,
 ) -> Result<Tensor<B, 3>, TrainError> {
+    let encoders = TextEncoders { first: (text_encoder, tokenizer), second: None };
+    Ok(condition_weighted_with(encoders, prompts, clip_skip, max_token_length, device)?.context)
+}
+
+/// [`encode_weighted_with`] through one or two encoders ([`TextEncoders`]); the pooled
+/// embedding is not weighted (kohya's SDXL training leaves it as it is).
+pub fn condition_weighted_with<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<TextConditioning<B>, TrainError> {
     // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the keyword.
     let captions: Vec<String> = prompts.iter().map(|p| p.replace("BREAK", "break")).collect();
-    let rows = token_rows(tokenizer, max_token_length);
-    let (hidden, weights) = weighted_hidden(text_encoder, tokenizer, captions.iter().map(String::as_str), clip_skip, rows, device)?;
-    Ok(sd_model::prompt::scale_states(hidden, &weights)?)
+    let rows = token_rows(encoders.first.1, max_token_length);
+    let (cond, weights) = weighted_condition(encoders, &captions, clip_skip, rows, device)?;
+    Ok(TextConditioning { context: sd_model::prompt::scale_states(cond.context, &weights)?, pooled: cond.pooled })
 }
 
 /// How many of `prompts` have more tokens than `max_token_length` (their tail is not seen
@@ -211,9 +352,14 @@ pub fn denoise<B: Backend>(
     let n = opts.prompts.len();
     let all = opts.prompts.iter().chain([&opts.negative_prompt]).map(String::as_str);
     let rows = prompt_rows(&c.tokenizer, all, opts.max_token_length)?;
-    let cond = encode_prompts(c, &opts.prompts, opts.clip_skip, rows, device)?;
-    let uncond = encode_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, rows, device)?;
-    let context = Tensor::cat(vec![uncond, cond], 0);
+    let cond = condition_prompts(c, &opts.prompts, opts.clip_skip, rows, device)?;
+    let uncond = condition_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, rows, device)?;
+    let both = TextConditioning::cat(vec![uncond, cond]);
+    let [_, _, h, w] = latents.dims();
+    let f = c.vae.downsample_factor();
+    // SDXL: the image's size as original and target size, no crop (diffusers' default).
+    let added = both.added((h * f, w * f));
+    let context = both.context;
     let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
     sampler.set_timesteps(opts.steps)?;
     // Stochastic samplers draw from a stream seeded apart from the initial noise.
@@ -222,7 +368,7 @@ pub fn denoise<B: Backend>(
     for (i, t) in timesteps.iter().enumerate() {
         let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), i)?;
         let t = Tensor::<B, 1>::from_floats(vec![*t; 2 * n].as_slice(), device);
-        let out = c.unet.forward(input, t, context.clone())?;
+        let out = c.unet.forward_added(input, t, context.clone(), added.clone())?;
         let mut halves = out.split(n, 0).into_iter();
         let (u, cnd) = match (halves.next(), halves.next()) {
             (Some(u), Some(c)) => (u, c),

@@ -147,7 +147,7 @@ enum Command {
     },
     /// Generate images from prompts, optionally with LoRAs.
     Generate {
-        /// `tiny`, a diffusers folder or a single-file checkpoint.
+        /// `tiny`, `tiny-sdxl`, a diffusers folder or a single-file checkpoint.
         #[arg(long, default_value = "tiny")]
         model: String,
         /// Seed of the tiny model's weights.
@@ -185,14 +185,15 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Width in pixels.
+        /// Width in pixels (SDXL models want 1024).
         #[arg(long, default_value_t = 512)]
         width: usize,
-        /// Height in pixels.
+        /// Height in pixels (SDXL models want 1024).
         #[arg(long, default_value_t = 512)]
         height: usize,
         /// CLIP skip: 1 uses the text encoder's last layer, 2 the penultimate (A1111's "Clip
-        /// skip"; anime models and LoRAs trained with `model.clip_skip = 2` want 2).
+        /// skip"; anime models and LoRAs trained with `model.clip_skip = 2` want 2). SDXL
+        /// always reads the penultimate layers and takes only 1.
         #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         clip_skip: usize,
         /// The LoRA's `model.max_token_length`: 75, or 150 / 225 to lay prompts out in 2 or 3
@@ -231,7 +232,7 @@ enum Command {
     /// Time a LoRA training step or a CFG inference step of the UNet (random weights).
     /// Prints one JSON object as the last line.
     Bench {
-        /// `sd15`, `sd21`, `tiny` or a diffusers `unet/config.json`.
+        /// `sd15`, `sd21`, `sdxl`, `tiny`, `tiny-sdxl` or a diffusers `unet/config.json`.
         #[arg(long, default_value = "sd15")]
         unet_config: String,
         /// Images per step.
@@ -299,7 +300,7 @@ enum Command {
     /// random-weight UNet, as relative errors. Prints one JSON object as the last line and
     /// fails when an error is over the tolerance.
     DeviceCheck {
-        /// `sd15`, `sd21`, `tiny` or a diffusers `unet/config.json`.
+        /// `sd15`, `sd21`, `sdxl`, `tiny`, `tiny-sdxl` or a diffusers `unet/config.json`.
         #[arg(long, default_value = "tiny")]
         unet_config: String,
         /// Images in the batch.
@@ -562,6 +563,9 @@ fn run_generate<B: Backend>(
 ) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
+    if c.is_sdxl() && opts.clip_skip != 1 {
+        anyhow::bail!("--clip-skip {}: SDXL always reads both encoders' penultimate layers; leave it at 1", opts.clip_skip);
+    }
     let limit = trainer::config::MAX_TOKEN_ROWS * 75;
     for p in opts.prompts.iter().chain([&opts.negative_prompt]) {
         if c.tokenizer.weighted_words(p)?.rows > trainer::config::MAX_TOKEN_ROWS {
@@ -569,7 +573,9 @@ fn run_generate<B: Backend>(
         }
     }
     if !loras.files.is_empty() {
-        let applied = sd_model::lora::apply_lora_files(&mut c.unet, Some(&mut c.text_encoder), loras.files, false, device)?;
+        let mut encoders = vec![&mut c.text_encoder];
+        encoders.extend(c.text_encoder_2.as_mut());
+        let applied = sd_model::lora::apply_lora_files_to(&mut c.unet, &mut encoders, loras.files, false, device)?;
         let how = if loras.merged {
             trainer::generate::merge_adapters(&mut c);
             "merged into"
@@ -600,43 +606,79 @@ fn run_generate<B: Backend>(
     Ok(())
 }
 
-/// The module paths of the SD1.x, SD2.x and tiny UNets and text encoders, for resolving
-/// kohya names without loading a model.
-fn sd_module_index() -> Result<ModuleIndex> {
+/// The module paths of the SD1.x, SD2.x, SDXL and tiny UNets and text encoders (the UNets'
+/// also by their SGM names), for resolving kohya names without loading a model: one index
+/// per family of layouts whose SGM names agree (two ResNets per level: SD1.x, SD2.x, SDXL;
+/// one: the tiny models).
+fn sd_module_indexes() -> Result<Vec<ModuleIndex>> {
     type B = burn::backend::Flex;
     let device = Default::default();
-    let mut index = ModuleIndex::new();
-    for (unet_cfg, te_cfg) in [
-        (sd_model::UnetConfig::sd15(), sd_model::ClipTextConfig::sd15()),
-        (sd_model::UnetConfig::sd21(), sd_model::ClipTextConfig::sd21()),
-        (sd_model::UnetConfig::tiny(), sd_model::ClipTextConfig::tiny()),
-    ] {
-        // Narrow widths: only the module tree matters. Levels of equal width stay equal
-        // and the others differ, so that the ResNet blocks that change width keep their
-        // `conv_shortcut` (a LoCon adapts it).
-        let mut distinct = unet_cfg.block_out_channels.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let narrow = unet_cfg.block_out_channels.iter().map(|c| 8 * (1 + distinct.binary_search(c).unwrap_or(0))).collect();
-        let unet_cfg = sd_model::UnetConfig {
-            block_out_channels: narrow,
-            norm_num_groups: 4,
-            attention_head_dim: sd_model::PerBlock::All(1),
-            cross_attention_dim: 4,
-            ..unet_cfg
-        };
-        let te_cfg = sd_model::ClipTextConfig { hidden_size: 4, intermediate_size: 4, vocab_size: 4, num_attention_heads: 1, ..te_cfg };
-        let mut unet = sd_model::UNet2DConditionModel::<B>::new(&unet_cfg, &device)?;
-        let mut te = sd_model::ClipTextModel::<B>::new(&te_cfg, &device)?;
-        lora_core::sites::add_to_index(&mut index, &mut unet)?;
-        lora_core::sites::add_to_index(&mut index, &mut te)?;
+    let families = [
+        vec![
+            (sd_model::UnetConfig::sd15(), sd_model::ClipTextConfig::sd15()),
+            (sd_model::UnetConfig::sd21(), sd_model::ClipTextConfig::sd21()),
+            (sd_model::UnetConfig::sdxl(), sd_model::ClipTextConfig::sd15()),
+        ],
+        vec![
+            (sd_model::UnetConfig::tiny(), sd_model::ClipTextConfig::tiny()),
+            (sd_model::UnetConfig::tiny_sdxl(), sd_model::ClipTextConfig::tiny()),
+        ],
+    ];
+    let mut indexes = Vec::new();
+    for family in families {
+        let mut index = ModuleIndex::new();
+        for (unet_cfg, te_cfg) in family {
+            // Narrow widths: only the module tree matters. Levels of equal width stay equal
+            // and the others differ, so that the ResNet blocks that change width keep their
+            // `conv_shortcut` (a LoCon adapts it).
+            let mut distinct = unet_cfg.block_out_channels.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let narrow = unet_cfg.block_out_channels.iter().map(|c| 8 * (1 + distinct.binary_search(c).unwrap_or(0))).collect();
+            let unet_cfg = sd_model::UnetConfig {
+                block_out_channels: narrow,
+                norm_num_groups: 4,
+                attention_head_dim: sd_model::PerBlock::All(1),
+                num_attention_heads: None,
+                cross_attention_dim: 4,
+                addition_time_embed_dim: unet_cfg.addition_time_embed_dim.map(|_| 2),
+                projection_class_embeddings_input_dim: unet_cfg.projection_class_embeddings_input_dim.map(|_| 4 + 6 * 2),
+                ..unet_cfg
+            };
+            let narrow_te = |cfg: sd_model::ClipTextConfig| sd_model::ClipTextConfig { hidden_size: 4, intermediate_size: 4, vocab_size: 4, num_attention_heads: 1, projection_dim: Some(4), ..cfg };
+            let mut unet = sd_model::UNet2DConditionModel::<B>::new(&unet_cfg, &device)?;
+            let mut te = sd_model::ClipTextModel::<B>::new(&narrow_te(te_cfg), &device)?;
+            let mut encoders = vec![&mut te];
+            // SDXL's second encoder (the tiny one's has fewer layers than bigG's 32).
+            let mut te2 = match unet_cfg.has_text_time() {
+                true => Some(sd_model::ClipTextModel::<B>::new(&narrow_te(sd_model::ClipTextConfig::sdxl_text_encoder_2()), &device)?),
+                false => None,
+            };
+            encoders.extend(te2.as_mut());
+            sd_model::lora::extend_index(&mut index, &mut unet, &mut encoders)?;
+        }
+        indexes.push(index);
     }
-    Ok(index)
+    Ok(indexes)
+}
+
+/// Reads an adapter file with the first of [`sd_module_indexes`] that knows every key (the
+/// first's error when none does).
+fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::ReadReport)> {
+    let mut first_error = None;
+    for index in sd_module_indexes()? {
+        match AdapterSet::load(input, &index, ReadOptions::default()) {
+            Ok(read) => return Ok(read),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.map_or_else(|| anyhow::anyhow!("no module index"), anyhow::Error::from))
 }
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFormat, dtype: SaveDtype) -> Result<()> {
-    let index = sd_module_index()?;
-    let (set, report) = AdapterSet::load(input, &index, ReadOptions::default())?;
+    let (set, report) = load_adapters(input)?;
     set.save(output, to, dtype)?;
     println!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
     Ok(())
@@ -646,8 +688,7 @@ fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora
     if output.exists() {
         anyhow::bail!("{} already exists; choose a new output path", output.display());
     }
-    let index = sd_module_index()?;
-    let (set, report) = AdapterSet::load(input, &index, ReadOptions::default())?;
+    let (set, report) = load_adapters(input)?;
     let resized = lora_core::resize::resize_set(&set, settings).with_context(|| format!("resizing {}", input.display()))?;
     let format = to.unwrap_or(report.format);
     resized.set.save(output, format, dtype)?;
@@ -708,23 +749,34 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
     let options = LoadOptions::default();
     let mut unet = source.load_unet::<B>(device, &options)?;
     let mut te = source.load_text_encoder::<B>(device, &options)?;
-    let applied = sd_model::lora::apply_lora_files(&mut unet, Some(&mut te), loras, false, device)?;
+    let mut te2 = source.load_text_encoder_2::<B>(device, &options)?;
+    let mut encoders = vec![&mut te];
+    encoders.extend(te2.as_mut());
+    let applied = sd_model::lora::apply_lora_files_to(&mut unet, &mut encoders, loras, false, device)?;
     lora_core::sites::bake_adapters(&mut unet);
     lora_core::sites::bake_adapters(&mut te);
+    if let Some(te2) = te2.as_mut() {
+        lora_core::sites::bake_adapters(te2);
+    }
     match &source {
         ModelSource::SingleFile(path) => {
-            sd_model::save::merge_into_single_file(&WeightFile::open(path)?, &unet, &te, out, dtype)?;
+            let mut encoders = vec![&te];
+            encoders.extend(te2.as_ref());
+            sd_model::save::merge_into_single_file_with(&WeightFile::open(path)?, &unet, &encoders, out, dtype)?;
         }
         ModelSource::Diffusers(dir) => {
             // Everything but the rewritten weights is copied as it is (configs, tokenizer, VAE, ...).
             let rewritten = |p: &std::path::Path| {
                 let parent = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
-                matches!(parent, Some("unet" | "text_encoder")) && p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
+                matches!(parent, Some("unet" | "text_encoder" | "text_encoder_2")) && p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
             };
             copy_tree(dir, out, &rewritten)?;
             let dtype = dtype.unwrap_or(SaveDtype::F16);
             sd_model::save::save_diffusers_component(&unet, &out.join("unet/diffusion_pytorch_model.safetensors"), dtype)?;
             sd_model::save::save_diffusers_component(&te, &out.join("text_encoder/model.safetensors"), dtype)?;
+            if let Some(te2) = &te2 {
+                sd_model::save::save_diffusers_component(te2, &out.join("text_encoder_2/model.safetensors"), dtype)?;
+            }
         }
     }
     println!("merged {} UNet and {} text-encoder adapters into {}", applied.unet, applied.text_encoder, out.display());
@@ -751,12 +803,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     use trainer::bench::{gib, peak_rss_gib, run_hooked, BenchHooks, BenchOptions, BenchResult};
     let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step } = args;
     let (unet_config, device, precision, mode) = (unet_config.as_str(), device.as_str(), precision.as_str(), mode.as_str());
-    let unet = match unet_config {
-        "sd15" => sd_model::UnetConfig::sd15(),
-        "sd21" => sd_model::UnetConfig::sd21(),
-        "tiny" => sd_model::UnetConfig::tiny(),
-        path => sd_model::config::read_unet_config(std::path::Path::new(path))?,
-    };
+    let unet = trainer::device_check::unet_config_by_name(unet_config)?;
     let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
     sd_model::set_custom_backward(!plain_autodiff);
     let train = match mode {

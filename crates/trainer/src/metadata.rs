@@ -28,7 +28,8 @@ pub struct RunMetadata {
 /// What the metadata needs to know about the model being trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseModel<'a> {
-    /// `sd_v1`, `sd_v2` or `tiny` ([`crate::models::Components::base_version`]).
+    /// `sd_v1`, `sd_v2`, `sdxl_base_v1-0`, `tiny` or `tiny_sdxl`
+    /// ([`crate::models::Components::base_version`]).
     pub version: &'a str,
     /// Whether the model predicts v (after `train.prediction`).
     pub v_prediction: bool,
@@ -57,8 +58,8 @@ impl RunMetadata {
             keys.insert(k.to_owned(), v);
         };
         put("ss_v2", py_bool(base.version == "sd_v2"));
-        // sd-scripts marks v-prediction models: `sd_v2_v`, `sd_v1_v`.
-        let suffix = if base.v_prediction && base.version != "tiny" { "_v" } else { "" };
+        // sd-scripts marks v-prediction SD1.x / SD2.x models: `sd_v2_v`, `sd_v1_v`.
+        let suffix = if base.v_prediction && matches!(base.version, "sd_v1" | "sd_v2") { "_v" } else { "" };
         put("ss_base_model_version", format!("{}{suffix}", base.version));
         if !config.output.no_metadata {
             for (k, v) in training_keys(config, dataset, started) {
@@ -212,21 +213,27 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
     keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
-/// The SAI model spec (1.0.1) keys sd-scripts writes for an SD 1.x / 2.x LoRA.
+/// The SAI model spec (1.0.1) keys sd-scripts writes for an SD 1.x / 2.x / SDXL LoRA.
 fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseModel<'_>, started: SystemTime) -> Vec<(String, String)> {
     let o = &config.output;
     let architecture = match (base.version, base.v_prediction) {
         ("sd_v1", _) => "stable-diffusion-v1/lora",
         ("sd_v2", false) => "stable-diffusion-v2-512/lora",
         ("sd_v2", true) => "stable-diffusion-v2-768-v/lora",
+        (crate::models::SDXL_BASE_VERSION, _) => "stable-diffusion-xl-v1-base/lora",
         // The built-in demo model fits no real architecture: no UI should offer it for one.
         _ => "sd-lora-rs-tiny/lora",
+    };
+    let implementation = match base.version {
+        crate::models::SDXL_BASE_VERSION => "https://github.com/Stability-AI/generative-models",
+        _ => "diffusers",
     };
     let title = if o.metadata_title.is_empty() { &o.output_name } else { &o.metadata_title };
     let mut keys = vec![
         ("modelspec.sai_model_spec", "1.0.1".to_owned()),
         ("modelspec.architecture", architecture.to_owned()),
-        ("modelspec.implementation", "diffusers".to_owned()),
+        // kohya's rule: SDXL LoRAs (named by SGM paths) are Stability AI's implementation.
+        ("modelspec.implementation", implementation.to_owned()),
         ("modelspec.implementation_version", format!("sd-lora-rs/{}", env!("CARGO_PKG_VERSION"))),
         ("modelspec.title", title.clone()),
         ("modelspec.resolution", format!("{}x{}", resolution.width, resolution.height)),

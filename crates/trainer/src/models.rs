@@ -1,4 +1,5 @@
-//! The three components of a Stable Diffusion model, loaded or built for the demo.
+//! The components of a Stable Diffusion model (SD1.x, SD2.x or SDXL), loaded or built for
+//! the demo.
 
 use burn::tensor::backend::Backend;
 use sd_model::load::{LoadOptions, ModelSource};
@@ -8,28 +9,56 @@ use sd_sched::SchedulerConfig;
 
 use crate::TrainError;
 
-/// Text encoder, VAE, UNet, tokenizer and scheduler config of one model. Cloning shares the
-/// weights' tensors (burn tensors are values).
+/// Text encoder(s), VAE, UNet, tokenizer(s) and scheduler config of one model. Cloning
+/// shares the weights' tensors (burn tensors are values).
 #[derive(Clone)]
 pub struct Components<B: Backend> {
     /// Tokenizer.
     pub tokenizer: ClipTokenizer,
-    /// Text encoder.
+    /// Text encoder (SDXL's first, OpenAI CLIP ViT-L).
     pub text_encoder: ClipTextModel<B>,
+    /// SDXL's second tokenizer (it pads with id 0).
+    pub tokenizer_2: Option<ClipTokenizer>,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG, with the pooled projection).
+    pub text_encoder_2: Option<ClipTextModel<B>>,
     /// VAE.
     pub vae: AutoencoderKl<B>,
     /// UNet.
     pub unet: UNet2DConditionModel<B>,
     /// Noise schedule and prediction type.
     pub scheduler: SchedulerConfig,
-    /// `sd_v1`, `sd_v2` or `tiny` (kohya's `ss_base_model_version`).
+    /// `sd_v1`, `sd_v2`, `sdxl_base_v1-0`, `tiny` or `tiny_sdxl` (kohya's
+    /// `ss_base_model_version`).
     pub base_version: String,
+}
+
+/// kohya's `ss_base_model_version` of SDXL models.
+pub const SDXL_BASE_VERSION: &str = "sdxl_base_v1-0";
+
+impl<B: Backend> Components<B> {
+    /// Whether this is an SDXL model (two text encoders, the UNet's added conditioning).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+}
+
+/// The built-in tiny models: `tiny` (SD1-like, the demo's) and `tiny-sdxl`.
+pub const TINY_MODELS: [&str; 2] = ["tiny", "tiny-sdxl"];
+
+/// Whether `pretrained` is an SDXL model (`tiny-sdxl`, or a second text encoder in the
+/// folder or file), read from configs and file headers without loading weights.
+pub fn is_sdxl(pretrained: &str) -> Result<bool, TrainError> {
+    match pretrained {
+        "tiny-sdxl" => Ok(true),
+        "tiny" => Ok(false),
+        path => Ok(ModelSource::detect(path)?.text_encoder_2_config()?.is_some()),
+    }
 }
 
 /// The tokenizer of `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint),
 /// without loading any weights: a folder's own `tokenizer/`, CLIP's otherwise.
 pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
-    if pretrained == "tiny" {
+    if TINY_MODELS.contains(&pretrained) {
         return Ok(ClipTokenizer::bundled()?);
     }
     let source = ModelSource::detect(pretrained)?;
@@ -46,41 +75,80 @@ fn tokenizer_of(source: &ModelSource, sd2: bool) -> Result<ClipTokenizer, TrainE
     })
 }
 
-/// Loads `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint).
+/// Loads `pretrained` (`tiny`, `tiny-sdxl`, a diffusers folder or a single-file checkpoint).
 ///
 /// `tiny` is the built-in demo model: tiny configs with random weights drawn from
-/// `tiny_seed`, so the same seed always gives the same model and no download is needed.
+/// `tiny_seed`, so the same seed always gives the same model and no download is needed;
+/// `tiny-sdxl` is its SDXL-shaped sibling (two text encoders, the added conditioning).
 /// The weights come from burn's backend RNG, which is global to the process: build models
 /// from one thread at a time for reproducible results.
 pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B::Device) -> Result<Components<B>, TrainError> {
-    if pretrained == "tiny" {
+    use lora_core::precision::pack_all;
+    if TINY_MODELS.contains(&pretrained) {
+        let sdxl = pretrained == "tiny-sdxl";
         B::seed(device, tiny_seed);
+        let text_encoder = pack_all(ClipTextModel::new(&ClipTextConfig::tiny(), device)?);
+        let unet_config = if sdxl { UnetConfig::tiny_sdxl() } else { UnetConfig::tiny() };
+        let vae_config = VaeConfig {
+            scaling_factor: if sdxl { sd_model::load::SDXL_VAE_SCALING_FACTOR } else { VaeConfig::tiny().scaling_factor },
+            ..VaeConfig::tiny()
+        };
+        let vae = pack_all(AutoencoderKl::new(&vae_config, device)?);
+        let unet = pack_all(UNet2DConditionModel::new(&unet_config, device)?);
+        let text_encoder_2 = match sdxl {
+            true => Some(pack_all(
+                ClipTextModel::new(&ClipTextConfig::tiny_sdxl_text_encoder_2(), device)?.with_component(lora_core::Component::TextEncoder2),
+            )),
+            false => None,
+        };
         return Ok(Components {
             tokenizer: ClipTokenizer::bundled()?,
-            text_encoder: lora_core::precision::pack_all(ClipTextModel::new(&ClipTextConfig::tiny(), device)?),
-            vae: lora_core::precision::pack_all(AutoencoderKl::new(&VaeConfig::tiny(), device)?),
-            unet: lora_core::precision::pack_all(UNet2DConditionModel::new(&UnetConfig::tiny(), device)?),
+            text_encoder,
+            tokenizer_2: if sdxl { Some(ClipTokenizer::bundled()?.with_pad_token_id(0)?) } else { None },
+            text_encoder_2,
+            vae,
+            unet,
             scheduler: SchedulerConfig::sd15(),
-            base_version: "tiny".into(),
+            base_version: if sdxl { "tiny_sdxl" } else { "tiny" }.into(),
         });
     }
     let source = ModelSource::detect(pretrained)?;
     let options = LoadOptions::default();
     let sd2 = source.text_encoder_config()?.hidden_size == 1024;
     let tokenizer = tokenizer_of(&source, sd2)?;
+    let text_encoder_2 = source.load_text_encoder_2(device, &options)?.map(pack_all);
+    let tokenizer_2 = match (&text_encoder_2, &source) {
+        (None, _) => None,
+        (Some(_), ModelSource::Diffusers(dir)) if dir.join("tokenizer_2").is_dir() => Some(ClipTokenizer::from_dir(dir.join("tokenizer_2"))?),
+        // SDXL's second tokenizer is CLIP's, padding with id 0 (`!`).
+        (Some(_), _) => Some(ClipTokenizer::bundled()?.with_pad_token_id(0)?),
+    };
     let scheduler = match &source {
         ModelSource::Diffusers(dir) if dir.join("scheduler/scheduler_config.json").is_file() => SchedulerConfig::from_model_dir(dir)?,
         // Single files carry no scheduler config: SD1.x/2.x share the schedule.
         _ => SchedulerConfig::sd15(),
     };
     // Stored dense: on CUDA, uploaded weights have padded rows (`lora_core::precision::pack_all`).
-    use lora_core::precision::pack_all;
+    let base_version = match (&text_encoder_2, sd2) {
+        (Some(_), _) => SDXL_BASE_VERSION,
+        (None, true) => "sd_v2",
+        (None, false) => "sd_v1",
+    };
+    let unet = pack_all(source.load_unet(device, &options)?);
+    if unet.has_added_conditions() != text_encoder_2.is_some() {
+        return Err(TrainError::Config {
+            origin: pretrained.into(),
+            reason: "an SDXL-style model needs both a second text encoder and a UNet with added conditioning (SDXL refiners, with one encoder, are not supported)".into(),
+        });
+    }
     Ok(Components {
         tokenizer,
         text_encoder: pack_all(source.load_text_encoder(device, &options)?),
+        tokenizer_2,
+        text_encoder_2,
         vae: pack_all(source.load_vae(device, &options)?),
-        unet: pack_all(source.load_unet(device, &options)?),
+        unet,
         scheduler,
-        base_version: if sd2 { "sd_v2" } else { "sd_v1" }.into(),
+        base_version: base_version.into(),
     })
 }

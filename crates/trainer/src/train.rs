@@ -23,7 +23,7 @@ use sd_sched::training::{adaptive_offset_noise, elementwise_loss, offset_noise, 
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
-use crate::generate::{grid, merge_adapters, save_png, to_precision, GenerateOptions};
+use crate::generate::{grid, merge_adapters, save_png, to_precision, GenerateOptions, TextConditioning, TextEncoders};
 use crate::models::{load_components, Components};
 use crate::state::{
     adapter_params, export_moments, export_prodigy, host_params, import_moments, import_prodigy, restore_adapter_params,
@@ -489,10 +489,57 @@ fn adapters_from_weights<B: AutodiffBackend>(
     Ok(on_te > 0)
 }
 
-/// The LoRA file `path` (`lora.network_weights`), its keys resolved against both models.
+/// The LoRA file `path` (`lora.network_weights`), its keys resolved against the models
+/// (SDXL's second encoder too, whose adapters cannot train here yet: an error).
 fn read_network_weights<B: AutodiffBackend>(path: &Path, unet: &mut sd_model::UNet2DConditionModel<B>, text_encoder: &mut sd_model::ClipTextModel<B>) -> Result<AdapterSet, TrainError> {
-    let index = sd_model::lora::module_index(unet, Some(text_encoder))?;
-    Ok(AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?.0)
+    let mut encoders = vec![text_encoder];
+    // SDXL: an index that knows the second encoder's modules (its weights are not needed).
+    let mut second = unet.has_added_conditions().then(|| {
+        let config = sd_model::ClipTextConfig { hidden_size: 4, intermediate_size: 4, vocab_size: 4, num_attention_heads: 1, projection_dim: Some(4), ..sd_model::ClipTextConfig::sdxl_text_encoder_2() };
+        sd_model::ClipTextModel::<B>::new(&config, &unet.conv_in.base.weight.device())
+    });
+    if let Some(te2) = second.as_mut() {
+        encoders.push(te2.as_mut().map_err(|e| TrainError::Config { origin: "model".into(), reason: e.to_string() })?);
+    }
+    let index = sd_model::lora::module_index_of(unet, &mut encoders)?;
+    let set = AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?.0;
+    if set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder2) {
+        return Err(TrainError::Config {
+            origin: format!("lora.network_weights = {}", path.display()),
+            reason: sdxl_text_encoder_error().to_string(),
+        });
+    }
+    Ok(set)
+}
+
+/// Training SDXL's text encoders is not supported yet.
+fn sdxl_text_encoder_error() -> TrainError {
+    TrainError::Config {
+        origin: "lora.text_encoder_targets".into(),
+        reason: "training SDXL's text encoders is not supported yet: train the UNet only (text_encoder_targets = \"none\", and no text-encoder adapters in network_weights)".into(),
+    }
+}
+
+/// The settings SDXL cannot train with here yet.
+fn check_sdxl_settings(config: &TrainConfig) -> Result<(), TrainError> {
+    if config.lora.text_encoder_targets != sd_model::targets::TextEncoderTargets::None {
+        return Err(sdxl_text_encoder_error());
+    }
+    if config.lora.block_plan()?.is_some() {
+        // kohya numbers SDXL's blocks otherwise than SD1.x's 25.
+        return Err(TrainError::Config {
+            origin: "lora".into(),
+            reason: "block-wise ranks and learning rates (block_dims, block_alphas, conv_block_*, down/mid/up_lr_weight) are not supported for SDXL yet".into(),
+        });
+    }
+    if config.model.clip_skip != 1 {
+        // As in kohya's sd-scripts, where it is ignored with a warning.
+        return Err(TrainError::Config {
+            origin: "model.clip_skip".into(),
+            reason: "SDXL always conditions on both encoders' penultimate layers; leave clip_skip at 1".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Starts the attached adapters from the LoRA file `path` (`lora.network_weights`).
@@ -684,6 +731,11 @@ fn run<B: AutodiffBackend>(
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
     config.validate()?;
+    // Before anything loads or is written: what SDXL cannot train here yet.
+    let sdxl = crate::models::is_sdxl(&config.model.pretrained)?;
+    if sdxl {
+        check_sdxl_settings(config)?;
+    }
     let start = Instant::now();
     let out = &config.output.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
@@ -715,6 +767,10 @@ fn run<B: AutodiffBackend>(
         }
         train_te
     };
+    if frozen.is_sdxl() && train_te {
+        // Text-encoder adapters from `network_weights` (with `dim_from_weights`).
+        return Err(sdxl_text_encoder_error());
+    }
 
     let mut schedule_cfg = frozen.scheduler.clone();
     match t.prediction {
@@ -892,11 +948,19 @@ fn run<B: AutodiffBackend>(
             sample_size.get_or_insert((plan.bucket.0 as usize, plan.bucket.1 as usize));
             let eps = noise.sample(posterior.mean.dims(), device)?;
             let latents = Tensor::<B, 4>::from_inner(frozen.vae.scale_latents(posterior.sample(eps)?));
-            let context = match context {
-                Some(c) => Tensor::<B, 3>::from_inner(c),
+            let (context, added) = match context {
+                Some(c) => {
+                    let added = c.pooled.map(|p| sd_model::AddedConditions {
+                        text_embeds: Tensor::<B, 2>::from_inner(p),
+                        time_ids: time_ids(&dataset, plan, device),
+                    });
+                    (Tensor::<B, 3>::from_inner(c.context), added)
+                }
                 None => {
+                    // A text encoder in training (SD1.x / SD2.x only): encoded with its graph.
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    encode_captions(&text_encoder, &frozen.tokenizer, &captions, config, device)?
+                    let encoders = TextEncoders { first: (&text_encoder, &frozen.tokenizer), second: None };
+                    (encode_captions(encoders, &captions, config, device)?.context, None)
                 }
             };
 
@@ -969,7 +1033,7 @@ fn run<B: AutodiffBackend>(
                 unet.visit_lora_sites(&mut |_, mut site| site.set_samples(n));
             }
             if t.gradient_checkpointing {
-                let options = CheckpointOptions { context_grad: train_te, ..Default::default() };
+                let options = CheckpointOptions { context_grad: train_te, added, ..Default::default() };
                 let step = unet.forward_backward_checkpointed(noisy, ts.float(), context.clone(), options, loss_of)?;
                 step_loss = step_loss + guard.unscale(step.loss);
                 if let (true, Some(grad)) = (train_te, step.context_grad) {
@@ -979,7 +1043,7 @@ fn run<B: AutodiffBackend>(
                 }
                 accumulator.accumulate(&unet, step.grads);
             } else {
-                let loss = loss_of(unet.forward(noisy, ts.float(), context)?);
+                let loss = loss_of(unet.forward_added(noisy, ts.float(), context, added)?);
                 step_loss = step_loss + guard.unscale(loss.clone().inner());
                 let mut grads = loss.backward();
                 if train_te {
@@ -1316,14 +1380,16 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
         for (b, plan) in self.dataset.plan_epoch(0).iter().enumerate() {
             let EncodedBatch { posterior, context, masks, .. } = self.cache.batch(&self.dataset, frozen, plan, config, text_encoder.is_none(), device)?;
             let latents = frozen.vae.scale_latents(posterior.mean.clone());
-            let context = match (context, &text_encoder) {
+            let cond = match (context, &text_encoder) {
                 (Some(c), _) => c,
                 (None, Some(te)) => {
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    encode_captions(te, &frozen.tokenizer, &captions, config, device)?
+                    encode_captions(TextEncoders { first: (te, &frozen.tokenizer), second: None }, &captions, config, device)?
                 }
                 (None, None) => unreachable!("the cache encodes captions when the text encoder is frozen"),
             };
+            let added = cond.pooled.map(|p| sd_model::AddedConditions { text_embeds: p, time_ids: time_ids(&self.dataset, plan, device) });
+            let context = cond.context;
             let n = latents.dims()[0];
             for (k, &step) in timesteps.iter().enumerate() {
                 let mut noise = SeededNoise::new(t.seed ^ 0x7a11_da7e ^ (((b as u64) << 8) | k as u64));
@@ -1331,7 +1397,7 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
                 let ts = Tensor::<B, 1, burn::tensor::Int>::from_ints(vec![step; n].as_slice(), device);
                 let noisy = self.schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
                 let target = self.schedule.target(latents.clone(), eps, ts.clone());
-                let pred = unet.forward(noisy, ts.float(), context.clone())?;
+                let pred = unet.forward_added(noisy, ts.float(), context.clone(), added.clone())?;
                 let error = (pred.cast(burn::tensor::FloatDType::F32) - target.cast(burn::tensor::FloatDType::F32)).powf_scalar(2.0);
                 // Masked data: the error where the masks let training in.
                 let error = match &masks {
@@ -1459,20 +1525,24 @@ impl Saver<'_> {
 #[derive(Default)]
 struct EncodeCache<B: burn::tensor::backend::Backend> {
     posteriors: HashMap<SampleKey, (Tensor<B, 4>, Tensor<B, 4>)>,
-    embeddings: HashMap<String, Tensor<B, 3>>,
+    embeddings: HashMap<String, TextConditioning<B>>,
     /// Loss masks `[1, 1, h, w]` at the latents' size, when the dataset has masks.
     masks: HashMap<SampleKey, Tensor<B, 4>>,
 }
 
+/// Captions whose text conditioning [`EncodeCache`] keeps (at most about 320 MB of SDXL's
+/// states in bf16).
+const EMBEDDING_CACHE_LIMIT: usize = 1024;
+
 /// Image index, bucket, crop and flip: what fixes a sample's pixels.
 type SampleKey = (usize, (u32, u32), (u32, u32), bool);
 
-/// What the loss of a batch needs besides the model: the posterior, the text embeddings
+/// What the loss of a batch needs besides the model: the posterior, the text conditioning
 /// (when cached), the loss weights and the loss masks `[n, 1, h, w]` (when the data has
 /// masks).
 struct EncodedBatch<B: burn::tensor::backend::Backend> {
     posterior: DiagonalGaussian<B>,
-    context: Option<Tensor<B, 3>>,
+    context: Option<TextConditioning<B>>,
     loss_weights: Vec<f32>,
     masks: Option<Tensor<B, 4>>,
 }
@@ -1504,21 +1574,25 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
                 }
             }
         }
-        if with_embeddings {
-            for s in &plan.samples {
-                if !self.embeddings.contains_key(&s.caption) {
-                    let embeds = encode_captions(&c.text_encoder, &c.tokenizer, std::slice::from_ref(&s.caption), config, device)?;
-                    self.embeddings.insert(s.caption.clone(), embeds);
-                }
-            }
-        }
         let (mut means, mut logvars, mut contexts) = (vec![], vec![], vec![]);
         for s in &plan.samples {
             let (m, l) = &self.posteriors[&key(s)];
             means.push(m.clone());
             logvars.push(l.clone());
             if with_embeddings {
-                contexts.push(self.embeddings[&s.caption].clone());
+                let embeds = match self.embeddings.get(&s.caption) {
+                    Some(e) => e.clone(),
+                    None => {
+                        let e = encode_captions(TextEncoders::of(c), std::slice::from_ref(&s.caption), config, device)?;
+                        // Shuffled or dropped tags make new captions all along: past the
+                        // limit they are encoded per step (the same numbers, no memory).
+                        if self.embeddings.len() < EMBEDDING_CACHE_LIMIT {
+                            self.embeddings.insert(s.caption.clone(), e.clone());
+                        }
+                        e
+                    }
+                };
+                contexts.push(embeds);
             }
         }
         let posterior = DiagonalGaussian {
@@ -1526,26 +1600,47 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
             logvar: Tensor::cat(logvars, 0),
         };
         let loss_weights = plan.samples.iter().map(|s| s.loss_weight).collect();
-        let context = with_embeddings.then(|| Tensor::cat(contexts, 0));
+        let context = with_embeddings.then(|| TextConditioning::cat(contexts));
         let masks = dataset.has_masks().then(|| Tensor::cat(plan.samples.iter().map(|s| self.masks[&key(s)].clone()).collect(), 0));
         Ok(EncodedBatch { posterior, context, loss_weights, masks })
     }
 }
 
-/// Text embeddings of training captions: literal, or with A1111's emphasis when
+/// The text conditioning of training captions: literal, or with A1111's emphasis when
 /// `data.weighted_captions` is on.
 fn encode_captions<B: burn::tensor::backend::Backend>(
-    text_encoder: &sd_model::ClipTextModel<B>,
-    tokenizer: &sd_model::tokenizer::ClipTokenizer,
+    encoders: TextEncoders<'_, B>,
     captions: &[String],
     config: &TrainConfig,
     device: &B::Device,
-) -> Result<Tensor<B, 3>, TrainError> {
+) -> Result<TextConditioning<B>, TrainError> {
     let m = &config.model;
     match config.data.weighted_captions {
-        true => crate::generate::encode_weighted_with(text_encoder, tokenizer, captions, m.clip_skip, m.max_token_length, device),
-        false => crate::generate::encode_with(text_encoder, tokenizer, captions, m.clip_skip, m.max_token_length, device),
+        true => crate::generate::condition_weighted_with(encoders, captions, m.clip_skip, m.max_token_length, device),
+        false => crate::generate::condition_with(encoders, captions, m.clip_skip, m.max_token_length, device),
     }
+}
+
+/// SDXL's time ids of a batch `[n, 6]` ([`sdxl_sizes`] of each sample).
+fn time_ids<B: burn::tensor::backend::Backend>(dataset: &Dataset, plan: &sd_data::BatchPlan, device: &B::Device) -> Tensor<B, 2> {
+    let rows: Vec<_> = plan
+        .samples
+        .iter()
+        .map(|s| {
+            let image = &dataset.images()[s.image];
+            sdxl_sizes((image.height, image.width), s)
+        })
+        .collect();
+    sd_model::AddedConditions::sdxl_time_ids(&rows, device)
+}
+
+/// A sample's SDXL size conditioning: the image's original size `(h, w)`, the top-left
+/// corner `(top, left)` of its crop in the resized frame (mirrored when flipped), and the
+/// bucket `(h, w)`. The crop is the one actually taken, as in the SDXL paper and diffusers'
+/// SDXL training scripts (kohya's sd-scripts instead give where the whole image would sit
+/// fitted inside the bucket).
+fn sdxl_sizes(original_hw: (u32, u32), s: &sd_data::SamplePlan) -> sd_model::SdxlSizes {
+    (original_hw, s.crop_top_left(), (s.bucket.1, s.bucket.0))
 }
 
 /// Writes the UNet's adapters to `path` in the configured format and precision, with the
@@ -1560,6 +1655,10 @@ fn save_lora<B: AutodiffBackend>(
     let mut set = AdapterSet::new();
     sites::collect_adapters(unet, &mut set)?;
     sites::collect_adapters(text_encoder, &mut set)?;
+    if unet.has_added_conditions() {
+        // kohya's SDXL files name the UNet's modules by their SGM paths.
+        sd_model::lora::use_sdxl_kohya_names(&mut set, unet);
+    }
     set.metadata.extend(metadata);
     set.save(path, config.output.save_format, config.output.save_precision)?;
     Ok(())
@@ -1572,6 +1671,24 @@ mod tests {
     /// A state's fingerprint of the `[lora]` section as written before `network_weights`,
     /// `conv_rank` and `conv_alpha` existed still matches a configuration that leaves them
     /// at their defaults; set, they count.
+    /// A wide image resized into a taller-than-wide bucket, cropped 40 px from the left, and
+    /// flipped: heights come first, the crop mirrors, the bucket is the target.
+    #[test]
+    fn sdxl_sizes_are_height_first_with_the_mirrored_crop() {
+        let mut s = sd_data::SamplePlan {
+            image: 0,
+            caption: String::new(),
+            bucket: (832, 1216),
+            resized: (1000, 1216),
+            crop: (40, 0),
+            flip: false,
+            loss_weight: 1.0,
+        };
+        assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 40), (1216, 832)));
+        s.flip = true;
+        assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 1000 - 40 - 832), (1216, 832)));
+    }
+
     #[test]
     fn fingerprints_ignore_later_keys_at_their_defaults() {
         let mut config = TrainConfig::default();

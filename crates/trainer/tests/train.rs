@@ -154,10 +154,12 @@ fn config_errors_name_the_key_and_suggest_the_nearest() {
 }
 
 #[test]
-fn the_example_config_is_valid() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sd15-style.toml");
-    let c = TrainConfig::load(Some(&path), &[]).unwrap();
-    assert_eq!(c.lora.unet_targets, sd_model::targets::UnetTargets::AttnMlp);
+fn the_example_configs_are_valid() {
+    for name in ["sd15-style", "sdxl-style"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../examples/{name}.toml"));
+        let c = TrainConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.lora.unet_targets, sd_model::targets::UnetTargets::AttnMlp);
+    }
 }
 
 #[test]

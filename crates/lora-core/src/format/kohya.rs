@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::{finish, group, key_list, settle_unknown, AdapterFormat, ReadOptions, ReadReport, Role};
+use super::{finish, group, settle_unknown, AdapterFormat, ReadOptions, ReadReport, Role};
 use crate::tensor_io::{self, SaveDtype};
 use crate::{AdapterSet, HostTensor, ModuleIndex, Result};
 
@@ -36,6 +36,9 @@ pub(super) fn read(
         if let Some(kernel) = index.kernel(&key) {
             // LyCORIS stores a convolution's kernel flattened into the columns.
             weights = super::lycoris::unflatten(weights, kernel);
+        }
+        if name != key.kohya_name() {
+            set.kohya_names.insert(key.clone(), name);
         }
         set.insert(key, weights)?;
     }
@@ -116,7 +119,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
         .iter()
         .map(|(k, w)| {
             (
-                format!("{}.alpha", key_list(k, AdapterFormat::Kohya)),
+                format!("{}.alpha", set.kohya_name_of(k)),
                 HostTensor {
                     shape: vec![],
                     data: vec![w.alpha],
@@ -139,7 +142,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
         .collect();
     let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(set.len() * 4);
     for (((key, w), (alpha_key, alpha)), magnitude) in set.iter().zip(&alphas).zip(&magnitudes) {
-        let name = key.kohya_name();
+        let name = set.kohya_name_of(key);
         tensors.push((format!("{name}.lora_down.weight"), &w.down));
         tensors.push((format!("{name}.lora_up.weight"), &w.up));
         tensors.push((alpha_key.clone(), alpha));

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::tensor_io::{self, SaveDtype};
-use crate::{AdapterKey, AdapterSet, HostTensor, LoraError, LoraWeights, ModuleIndex, Result};
+use crate::{AdapterSet, HostTensor, LoraError, LoraWeights, ModuleIndex, Result};
 
 /// How many unknown keys an error message lists.
 const SHOW_UNKNOWN: usize = 5;
@@ -283,10 +283,3 @@ impl AdapterSet {
     }
 }
 
-/// The file keys of one adapter, for error messages and reports.
-fn key_list(key: &AdapterKey, format: AdapterFormat) -> String {
-    match format {
-        AdapterFormat::Kohya => key.kohya_name(),
-        AdapterFormat::Peft => key.peft_name(),
-    }
-}
