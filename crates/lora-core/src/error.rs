@@ -120,6 +120,19 @@ pub enum LoraError {
         second: String,
     },
 
+    /// Two keys of an adapter file name one module (e.g. its diffusers and its SGM name).
+    #[error("{path}: `{first}` and `{second}` both name the module `{module}`")]
+    DuplicateModule {
+        /// The file.
+        path: PathBuf,
+        /// One name.
+        first: String,
+        /// The other name.
+        second: String,
+        /// The module (`component.path`).
+        module: String,
+    },
+
     /// A tensor could not be read back from the backend.
     #[error("tensor data error: {0}")]
     Data(String),

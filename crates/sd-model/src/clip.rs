@@ -246,8 +246,10 @@ impl<B: Backend> ClipTextModel<B> {
     /// assert_eq!(out.pooled.dims(), [1, 32]);
     /// ```
     pub fn forward_pooled(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize, final_norm: bool) -> Result<ClipOutput<B>> {
-        let end = end_token_index(input_ids.clone());
+        let ids = input_ids.clone();
+        // The ids are checked (length, clip_skip) before they are read.
         let (selected, last) = self.hidden_states(input_ids, clip_skip, true)?;
+        let end = end_token_index(ids);
         let norm = &self.text_model.final_layer_norm;
         let hidden = if final_norm { norm.forward(selected) } else { selected };
         let last = norm.forward(last.expect("asked for the last layer"));

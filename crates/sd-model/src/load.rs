@@ -657,6 +657,11 @@ fn layout_error(file: &WeightFile, reason: &str) -> SdModelError {
     }
 }
 
+/// Dimension `i` of a shape, 0 when it has none (the config checks then refuse it).
+fn dim_at(shape: &[usize], i: usize) -> usize {
+    shape.get(i).copied().unwrap_or(0)
+}
+
 /// The shape of `key`, which must be present with `D` dimensions.
 fn dims<const D: usize>(file: &WeightFile, key: &str) -> Result<[usize; D]> {
     match file.shape(key) {
@@ -691,19 +696,19 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
         return Ok(config);
     }
     if let Some(shape) = file.shape("cond_stage_model.model.token_embedding.weight") {
-        let hidden = shape[1];
+        let hidden = dim_at(shape, 1);
         let total = count_indexed(file, "cond_stage_model.model.transformer.resblocks.");
         let inter = file
             .shape("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight")
-            .map_or(hidden * 4, |s| s[0]);
+            .map_or(hidden * 4, |s| dim_at(s, 0));
         return Ok(ClipTextConfig {
-            vocab_size: shape[0],
+            vocab_size: dim_at(shape, 0),
             hidden_size: hidden,
             intermediate_size: inter,
             // SD2 conditions on the penultimate OpenCLIP layer: diffusers keeps 23 of 24.
             num_hidden_layers: total.saturating_sub(1).max(1),
             num_attention_heads: hidden / 64,
-            max_position_embeddings: file.shape("cond_stage_model.model.positional_embedding").map_or(77, |s| s[0]),
+            max_position_embeddings: file.shape("cond_stage_model.model.positional_embedding").map_or(77, |s| dim_at(s, 0)),
             hidden_act: HiddenAct::Gelu,
             layer_norm_eps: 1e-5,
             architectures: vec![],
@@ -725,18 +730,18 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
         )
     })?;
     let emb = file.shape(&format!("{prefix}embeddings.token_embedding.weight")).unwrap_or(&[49408, 768]);
-    let hidden = emb[1];
+    let hidden = dim_at(emb, 1);
     Ok(ClipTextConfig {
-        vocab_size: emb[0],
+        vocab_size: dim_at(emb, 0),
         hidden_size: hidden,
         intermediate_size: file
             .shape(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"))
-            .map_or(hidden * 4, |s| s[0]),
+            .map_or(hidden * 4, |s| dim_at(s, 0)),
         num_hidden_layers: count_indexed(file, &format!("{prefix}encoder.layers.")),
         num_attention_heads: hidden / 64,
         max_position_embeddings: file
             .shape(&format!("{prefix}embeddings.position_embedding.weight"))
-            .map_or(77, |s| s[0]),
+            .map_or(77, |s| dim_at(s, 0)),
         hidden_act: HiddenAct::QuickGelu,
         layer_norm_eps: 1e-5,
         architectures: vec![],
@@ -795,15 +800,17 @@ pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
     let block_out_channels = (0..levels)
         .map(|i| {
             file.shape(&format!("first_stage_model.encoder.down.{i}.block.0.conv1.weight"))
-                .map(|s| s[0])
+                .map(|s| dim_at(s, 0))
                 .ok_or_else(|| layout_error(file, &format!("first_stage_model.encoder.down.{i}.block.0.conv1.weight is missing")))
         })
         .collect::<Result<Vec<_>>>()?;
     let latent2 = file
         .shape("first_stage_model.encoder.conv_out.weight")
-        .map_or(8, |s| s[0]);
+        .map_or(8, |s| dim_at(s, 0));
     // SDXL's VAE has the same shapes as SD's but another latent scale.
-    let sdxl = file.keys().any(|k| k.starts_with("conditioner.embedders."));
+    let context = file.shape(&format!("{}middle_block.1.transformer_blocks.0.attn2.to_k.weight", keymap::LDM_UNET_PREFIX));
+    let sdxl = file.keys().any(|k| k.starts_with("conditioner.embedders."))
+        || (file.contains(&format!("{}label_emb.0.0.weight", keymap::LDM_UNET_PREFIX)) && context.is_some_and(|s| dim_at(s, 1) == 2048));
     Ok(VaeConfig {
         scaling_factor: if sdxl { SDXL_VAE_SCALING_FACTOR } else { VaeConfig::sd15().scaling_factor },
         block_out_channels,
@@ -848,13 +855,12 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
     let mut depths = Vec::with_capacity(levels);
     for i in 0..levels {
         let n = 1 + i * (layers + 1);
-        let c = shape(&format!("input_blocks.{n}.0.out_layers.3.weight"))
-            .ok_or_else(|| layout_error(file, &format!("{p}input_blocks.{n}.0.out_layers.3.weight is missing")))?[0];
+        let c = dims::<4>(file, &format!("{p}input_blocks.{n}.0.out_layers.3.weight"))?[0];
         channels.push(c);
         let attn = format!("input_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight");
         depths.push(count_indexed(file, &format!("{p}input_blocks.{n}.1.transformer_blocks.")).max(1));
         if let Some(s) = shape(&attn) {
-            context_dim = s[1];
+            context_dim = dim_at(&s, 1);
             linear = shape(&format!("input_blocks.{n}.1.proj_in.weight")).is_some_and(|s| s.len() == 2);
             down.push("CrossAttnDownBlock2D".to_string());
         } else {
@@ -899,8 +905,8 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
         None => (None, None, None),
     };
     let config = UnetConfig {
-        in_channels: conv_in[1],
-        out_channels: shape("out.2.weight").map_or(4, |s| s[0]),
+        in_channels: dim_at(&conv_in, 1),
+        out_channels: shape("out.2.weight").map_or(4, |s| dim_at(&s, 0)),
         sample_size: if label_emb.is_some() {
             128
         } else if sd2 {

@@ -305,3 +305,24 @@ fn sdxl_kohya_names_survive_reading_and_writing() {
     assert_eq!(sd_model::lora::use_sdxl_kohya_names(&mut fresh, &m.unet), 194 + 18);
     assert_eq!(names(&fresh.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap()), original);
 }
+
+/// A file that names one module twice (its SGM and its diffusers name) is refused.
+#[test]
+fn a_module_named_twice_is_an_error() {
+    use lora_core::{AdapterSet, LoraError, ReadOptions};
+    let mut m = load::<B>(&sources()[0]);
+    let index = sd_model::lora::module_index_of(&mut m.unet, &mut [&mut m.te1, &mut m.te2]).unwrap();
+    let bytes = std::fs::read(fixtures().join("lora_kohya.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        if let Some(rest) = name.strip_prefix("lora_unet_middle_block_1_proj_in") {
+            views.push((format!("lora_unet_mid_block_attentions_0_proj_in{rest}"), view.clone()));
+        }
+        views.push((name, view));
+    }
+    let doubled = safetensors::serialize(views, None).unwrap();
+    let err = AdapterSet::from_bytes(&doubled, Path::new("doubled.safetensors"), &index, ReadOptions { lenient: false }).unwrap_err();
+    assert!(matches!(err, LoraError::DuplicateModule { .. }), "{err}");
+    assert!(err.to_string().contains("mid_block.attentions.0.proj_in"), "{err}");
+}

@@ -62,6 +62,8 @@ pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
         return Ok(ClipTokenizer::bundled()?);
     }
     let source = ModelSource::detect(pretrained)?;
+    // First: an unsupported SDXL relative (a refiner) is refused by what it is.
+    source.text_encoder_2_config()?;
     let sd2 = source.text_encoder_config()?.hidden_size == 1024;
     tokenizer_of(&source, sd2)
 }
@@ -114,6 +116,8 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     }
     let source = ModelSource::detect(pretrained)?;
     let options = LoadOptions::default();
+    // First: an unsupported SDXL relative (a refiner) is refused by what it is.
+    source.text_encoder_2_config()?;
     let sd2 = source.text_encoder_config()?.hidden_size == 1024;
     let tokenizer = tokenizer_of(&source, sd2)?;
     let text_encoder_2 = source.load_text_encoder_2(device, &options)?.map(pack_all);
@@ -123,6 +127,15 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
         // SDXL's second tokenizer is CLIP's, padding with id 0 (`!`).
         (Some(_), _) => Some(ClipTokenizer::bundled()?.with_pad_token_id(0)?),
     };
+    if let Some(second) = &tokenizer_2 {
+        // Both encoders' states are joined token by token.
+        if second.max_length() != tokenizer.max_length() {
+            return Err(TrainError::Config {
+                origin: pretrained.into(),
+                reason: format!("tokenizer_2 reads {} tokens a row but tokenizer {}: they must agree", second.max_length(), tokenizer.max_length()),
+            });
+        }
+    }
     let scheduler = match &source {
         ModelSource::Diffusers(dir) if dir.join("scheduler/scheduler_config.json").is_file() => SchedulerConfig::from_model_dir(dir)?,
         // Single files carry no scheduler config: SD1.x/2.x share the schedule.

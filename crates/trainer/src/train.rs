@@ -797,8 +797,8 @@ fn run<B: AutodiffBackend>(
     let mut validator = match validation {
         Some(dataset) => Some(Validator {
             schedule: TrainingSchedule::new(&NoiseSchedule::new(&schedule_cfg)?, device),
+            cache: EncodeCache::for_dataset(&dataset),
             dataset,
-            cache: EncodeCache::default(),
             log: ValidationLog::open(&out.join("validation.jsonl"), state.as_ref().map(|s| s.info.step))?,
         }),
         None => None,
@@ -894,7 +894,7 @@ fn run<B: AutodiffBackend>(
     let te_params = adapter_params(&mut text_encoder, "text_encoder");
     let (unet_norm_pairs, te_norm_pairs) = (lora_core::optim::norm_pairs(&mut unet), lora_core::optim::norm_pairs(&mut text_encoder));
 
-    let mut cache = EncodeCache::default();
+    let mut cache = EncodeCache::for_dataset(&dataset);
     let mut plans = dataset.plan_epoch(progress.epoch);
     let mut sample_size = None;
     let mut interrupted = false;
@@ -1522,16 +1522,18 @@ impl Saver<'_> {
 /// In-memory cache of the frozen encoders' outputs: the VAE posterior per (image, bucket,
 /// crop, flip) and the text embedding per caption. Both encoders are frozen, so each is
 /// computed once per distinct input and training steps only run the UNet.
-#[derive(Default)]
 struct EncodeCache<B: burn::tensor::backend::Backend> {
+    /// How many captions' conditioning to keep: fixed captions (one per image) all are;
+    /// shuffled or dropped tags make new captions every step, and past the limit those are
+    /// encoded per step (the same numbers, no memory).
+    embedding_limit: usize,
     posteriors: HashMap<SampleKey, (Tensor<B, 4>, Tensor<B, 4>)>,
     embeddings: HashMap<String, TextConditioning<B>>,
     /// Loss masks `[1, 1, h, w]` at the latents' size, when the dataset has masks.
     masks: HashMap<SampleKey, Tensor<B, 4>>,
 }
 
-/// Captions whose text conditioning [`EncodeCache`] keeps (at most about 320 MB of SDXL's
-/// states in bf16).
+/// Captions whose text conditioning [`EncodeCache`] keeps at least (beyond one per image).
 const EMBEDDING_CACHE_LIMIT: usize = 1024;
 
 /// Image index, bucket, crop and flip: what fixes a sample's pixels.
@@ -1548,6 +1550,16 @@ struct EncodedBatch<B: burn::tensor::backend::Backend> {
 }
 
 impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
+    /// An empty cache for the captions of `dataset`.
+    fn for_dataset(dataset: &Dataset) -> Self {
+        Self {
+            embedding_limit: dataset.images().len().max(EMBEDDING_CACHE_LIMIT),
+            posteriors: HashMap::new(),
+            embeddings: HashMap::new(),
+            masks: HashMap::new(),
+        }
+    }
+
     fn batch(
         &mut self,
         dataset: &Dataset,
@@ -1584,9 +1596,7 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
                     Some(e) => e.clone(),
                     None => {
                         let e = encode_captions(TextEncoders::of(c), std::slice::from_ref(&s.caption), config, device)?;
-                        // Shuffled or dropped tags make new captions all along: past the
-                        // limit they are encoded per step (the same numbers, no memory).
-                        if self.embeddings.len() < EMBEDDING_CACHE_LIMIT {
+                        if self.embeddings.len() < self.embedding_limit {
                             self.embeddings.insert(s.caption.clone(), e.clone());
                         }
                         e
@@ -1668,10 +1678,7 @@ fn save_lora<B: AutodiffBackend>(
 mod tests {
     use super::*;
 
-    /// A state's fingerprint of the `[lora]` section as written before `network_weights`,
-    /// `conv_rank` and `conv_alpha` existed still matches a configuration that leaves them
-    /// at their defaults; set, they count.
-    /// A wide image resized into a taller-than-wide bucket, cropped 40 px from the left, and
+    /// A tall image resized to the bucket's height, cropped 40 px from the left, and
     /// flipped: heights come first, the crop mirrors, the bucket is the target.
     #[test]
     fn sdxl_sizes_are_height_first_with_the_mirrored_crop() {
@@ -1689,6 +1696,9 @@ mod tests {
         assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 1000 - 40 - 832), (1216, 832)));
     }
 
+    /// A state's fingerprint of the `[lora]` section as written before `network_weights`,
+    /// `conv_rank` and `conv_alpha` existed still matches a configuration that leaves them
+    /// at their defaults; set, they count.
     #[test]
     fn fingerprints_ignore_later_keys_at_their_defaults() {
         let mut config = TrainConfig::default();

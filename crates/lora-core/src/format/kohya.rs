@@ -37,6 +37,15 @@ pub(super) fn read(
             // LyCORIS stores a convolution's kernel flattened into the columns.
             weights = super::lycoris::unflatten(weights, kernel);
         }
+        if set.get(&key).is_some() {
+            // Two names of one module (e.g. its diffusers and its SGM name).
+            return Err(crate::LoraError::DuplicateModule {
+                path: path.to_path_buf(),
+                first: set.kohya_name_of(&key),
+                second: name,
+                module: key.to_string(),
+            });
+        }
         if name != key.kohya_name() {
             set.kohya_names.insert(key.clone(), name);
         }
