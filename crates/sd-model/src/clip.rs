@@ -219,8 +219,8 @@ impl<B: Backend> ClipTextModel<B> {
     /// `clip_skip` follows A1111 / kohya: 1 uses the last layer, 2 the penultimate one, ...;
     /// the final LayerNorm is applied to the selected layer's output either way.
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize) -> Result<Tensor<B, 3>> {
-        let x = self.hidden_states(input_ids, clip_skip, false)?.0;
-        Ok(self.text_model.final_layer_norm.forward(x))
+        let (x, used) = self.embed(input_ids, clip_skip)?;
+        Ok(self.text_model.final_layer_norm.forward(self.run_layers(x, 0..used)))
     }
 
     /// Encodes token ids to the hidden states that `clip_skip` selects, with the final
@@ -248,11 +248,12 @@ impl<B: Backend> ClipTextModel<B> {
     pub fn forward_pooled(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize, final_norm: bool) -> Result<ClipOutput<B>> {
         let ids = input_ids.clone();
         // The ids are checked (length, clip_skip) before they are read.
-        let (selected, last) = self.hidden_states(input_ids, clip_skip, true)?;
+        let (x, used) = self.embed(input_ids, clip_skip)?;
         let end = end_token_index(ids);
+        let selected = self.run_layers(x, 0..used);
         let norm = &self.text_model.final_layer_norm;
+        let last = norm.forward(self.run_layers(selected.clone(), used..self.num_layers()));
         let hidden = if final_norm { norm.forward(selected) } else { selected };
-        let last = norm.forward(last.expect("asked for the last layer"));
         let [batch, _, d] = last.dims();
         let pooled = last.gather(1, end.reshape([batch, 1, 1]).expand([batch, 1, d])).reshape([batch, d]);
         let pooled = match &self.text_projection {
@@ -262,9 +263,9 @@ impl<B: Backend> ClipTextModel<B> {
         Ok(ClipOutput { hidden, pooled })
     }
 
-    /// The raw output of the layer `clip_skip` selects and, when `last` and that is not
-    /// the last layer, the last layer's raw output too.
-    fn hidden_states(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize, last: bool) -> Result<(Tensor<B, 3>, Option<Tensor<B, 3>>)> {
+    /// The token and position embeddings of checked ids, and how many layers `clip_skip`
+    /// runs.
+    fn embed(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize) -> Result<(Tensor<B, 3>, usize)> {
         let tm = &self.text_model;
         let [batch, seq] = input_ids.dims();
         let max_pos = tm.embeddings.position_embedding.weight.dims()[0];
@@ -285,20 +286,13 @@ impl<B: Backend> ClipTextModel<B> {
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
             .reshape([1, seq])
             .expand([batch, seq]);
-        let mut x = tm.embeddings.token_embedding.forward(input_ids)
-            + tm.embeddings.position_embedding.forward(positions);
-        let used = n + 1 - clip_skip;
-        for layer in &tm.encoder.layers[..used] {
-            x = layer.forward(x);
-        }
-        if !last {
-            return Ok((x, None));
-        }
-        let mut y = x.clone();
-        for layer in &tm.encoder.layers[used..] {
-            y = layer.forward(y);
-        }
-        Ok((x, Some(y)))
+        let x = tm.embeddings.token_embedding.forward(input_ids) + tm.embeddings.position_embedding.forward(positions);
+        Ok((x, n + 1 - clip_skip))
+    }
+
+    /// `x` through the encoder layers `layers`.
+    fn run_layers(&self, x: Tensor<B, 3>, layers: std::ops::Range<usize>) -> Tensor<B, 3> {
+        self.text_model.encoder.layers[layers].iter().fold(x, |x, layer| layer.forward(x))
     }
 
     /// Encodes long prompts given as rows of `chunk_len` ids, `[batch, chunks × chunk_len]`

@@ -118,6 +118,26 @@ impl ClipTextConfig {
         }
     }
 
+    /// The same module tree (layers, projection) at width 4: a model of it is cheap to
+    /// build, for what needs only the module paths (e.g. a [`lora_core::ModuleIndex`] to read
+    /// adapter files without loading weights).
+    ///
+    /// ```
+    /// use sd_model::ClipTextConfig;
+    /// let narrow = ClipTextConfig::sdxl_text_encoder_2().narrow();
+    /// assert_eq!((narrow.hidden_size, narrow.num_hidden_layers, narrow.text_projection_dim()), (4, 32, Some(4)));
+    /// ```
+    pub fn narrow(&self) -> Self {
+        Self {
+            hidden_size: 4,
+            intermediate_size: 4,
+            vocab_size: 4,
+            num_attention_heads: 1,
+            projection_dim: Some(4),
+            ..self.clone()
+        }
+    }
+
     /// Width of the pooled-output projection, for a `CLIPTextModelWithProjection` (512,
     /// transformers' default, when the config does not say).
     pub fn text_projection_dim(&self) -> Option<usize> {

@@ -645,13 +645,12 @@ fn sd_module_indexes() -> Result<Vec<ModuleIndex>> {
                 projection_class_embeddings_input_dim: unet_cfg.projection_class_embeddings_input_dim.map(|_| 4 + 6 * 2),
                 ..unet_cfg
             };
-            let narrow_te = |cfg: sd_model::ClipTextConfig| sd_model::ClipTextConfig { hidden_size: 4, intermediate_size: 4, vocab_size: 4, num_attention_heads: 1, projection_dim: Some(4), ..cfg };
             let mut unet = sd_model::UNet2DConditionModel::<B>::new(&unet_cfg, &device)?;
-            let mut te = sd_model::ClipTextModel::<B>::new(&narrow_te(te_cfg), &device)?;
+            let mut te = sd_model::ClipTextModel::<B>::new(&te_cfg.narrow(), &device)?;
             let mut encoders = vec![&mut te];
             // SDXL's second encoder (the tiny one's has fewer layers than bigG's 32).
             let mut te2 = match unet_cfg.has_text_time() {
-                true => Some(sd_model::ClipTextModel::<B>::new(&narrow_te(sd_model::ClipTextConfig::sdxl_text_encoder_2()), &device)?),
+                true => Some(sd_model::ClipTextModel::<B>::new(&sd_model::ClipTextConfig::sdxl_text_encoder_2().narrow(), &device)?),
                 false => None,
             };
             encoders.extend(te2.as_mut());

@@ -494,10 +494,9 @@ fn adapters_from_weights<B: AutodiffBackend>(
 fn read_network_weights<B: AutodiffBackend>(path: &Path, unet: &mut sd_model::UNet2DConditionModel<B>, text_encoder: &mut sd_model::ClipTextModel<B>) -> Result<AdapterSet, TrainError> {
     let mut encoders = vec![text_encoder];
     // SDXL: an index that knows the second encoder's modules (its weights are not needed).
-    let mut second = unet.has_added_conditions().then(|| {
-        let config = sd_model::ClipTextConfig { hidden_size: 4, intermediate_size: 4, vocab_size: 4, num_attention_heads: 1, projection_dim: Some(4), ..sd_model::ClipTextConfig::sdxl_text_encoder_2() };
-        sd_model::ClipTextModel::<B>::new(&config, &unet.conv_in.base.weight.device())
-    });
+    let mut second = unet
+        .has_added_conditions()
+        .then(|| sd_model::ClipTextModel::<B>::new(&sd_model::ClipTextConfig::sdxl_text_encoder_2().narrow(), &unet.conv_in.base.weight.device()));
     if let Some(te2) = second.as_mut() {
         encoders.push(te2.as_mut().map_err(|e| TrainError::Config { origin: "model".into(), reason: e.to_string() })?);
     }
