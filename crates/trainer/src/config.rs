@@ -146,18 +146,22 @@ pub struct LoraSection {
     /// targets, `rank`, `alpha` and `conv_*` (kohya's `dim_from_weights`).
     pub dim_from_weights: bool,
     /// kohya's block-wise learning rates for the UNet's down blocks: up to 12 weights
-    /// separated by commas (blocks 0–11; missing ones are 1), or a curve: `cosine`,
-    /// `sine`, `linear`, `reverse_linear` or `zeros`, optionally `+BASE` (empty: all 1).
+    /// separated by commas (blocks 0–11; SDXL: 9, blocks 1–9; missing ones are 1), or a
+    /// curve: `cosine`, `sine`, `linear`, `reverse_linear` or `zeros`, optionally `+BASE`
+    /// (empty: all 1). See `sd_model::blocks` for both numberings.
     pub down_lr_weight: String,
-    /// The middle block's weight (kohya's `mid_lr_weight`; empty: 1).
+    /// The middle block's weight (kohya's `mid_lr_weight`; SDXL: up to 3, for its ResNet,
+    /// transformer and ResNet; empty: 1).
     pub mid_lr_weight: String,
-    /// The up blocks' weights (kohya's `up_lr_weight`, blocks 13–24), as `down_lr_weight`.
+    /// The up blocks' weights (kohya's `up_lr_weight`, blocks 13–24; SDXL: 13–21), as
+    /// `down_lr_weight`.
     pub up_lr_weight: String,
     /// Block weights at or below this are 0, and their blocks get no adapters (kohya's
     /// `block_lr_zero_threshold`).
     pub block_lr_zero_threshold: f64,
     /// Ranks of the linear layers and 1x1 convolutions per block: 25 numbers separated by
-    /// commas (kohya's `block_dims`; 0: no adapters in the block; empty: `rank`).
+    /// commas, 23 for SDXL (kohya's `block_dims`; 0: no adapters in the block; empty:
+    /// `rank`).
     pub block_dims: String,
     /// Their alphas per block (kohya's `block_alphas`; empty: `alpha`).
     pub block_alphas: String,
@@ -217,9 +221,11 @@ impl LoraSection {
         self.conv_rank > 0 || !self.conv_block_dims.trim().is_empty()
     }
 
-    /// kohya's block-wise settings of this section, in kohya's syntax.
-    pub fn block_spec(&self) -> sd_model::blocks::BlockSpec<'_> {
+    /// kohya's block-wise settings of this section, in kohya's syntax, read in `layout`'s
+    /// numbering (SD1.x / SD2.x's 25 blocks or SDXL's 23).
+    pub fn block_spec(&self, layout: sd_model::blocks::BlockLayout) -> sd_model::blocks::BlockSpec<'_> {
         sd_model::blocks::BlockSpec {
+            layout,
             down_lr_weight: &self.down_lr_weight,
             mid_lr_weight: &self.mid_lr_weight,
             up_lr_weight: &self.up_lr_weight,
@@ -231,19 +237,23 @@ impl LoraSection {
         }
     }
 
-    /// The block-wise settings resolved per block (`None` when none is set); errors name
-    /// the key.
+    /// The block-wise settings resolved per block of `layout` (`None` when none is set);
+    /// errors name the key.
     ///
     /// ```
+    /// use sd_model::blocks::BlockLayout;
     /// use trainer::config::TrainConfig;
     /// let mut lora = TrainConfig::default().lora;
-    /// assert!(lora.block_plan().unwrap().is_none());
+    /// assert!(lora.block_plan(BlockLayout::Sd).unwrap().is_none());
     /// lora.up_lr_weight = "sine+0.5".into();
-    /// let plan = lora.block_plan().unwrap().unwrap();
+    /// let plan = lora.block_plan(BlockLayout::Sd).unwrap().unwrap();
+    /// assert_eq!(plan.lr_factor("up_blocks.0.attentions.0.proj_in"), 0.5);
+    /// // SDXL's up path has 9 blocks, its first level 3 of them.
+    /// let plan = lora.block_plan(BlockLayout::Sdxl).unwrap().unwrap();
     /// assert_eq!(plan.lr_factor("up_blocks.0.attentions.0.proj_in"), 0.5);
     /// ```
-    pub fn block_plan(&self) -> Result<Option<sd_model::blocks::BlockPlan>, TrainError> {
-        sd_model::blocks::BlockPlan::new(&self.block_spec(), &self.linear_config(), &self.spatial_config(), self.conv_alpha).map_err(|e| TrainError::Config {
+    pub fn block_plan(&self, layout: sd_model::blocks::BlockLayout) -> Result<Option<sd_model::blocks::BlockPlan>, TrainError> {
+        sd_model::blocks::BlockPlan::new(&self.block_spec(layout), &self.linear_config(), &self.spatial_config(), self.conv_alpha).map_err(|e| TrainError::Config {
             origin: "lora".into(),
             reason: e.to_string(),
         })
@@ -854,6 +864,20 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// The block-wise settings checked in the numbering of `model.pretrained` (SDXL's 23
+    /// blocks or SD1.x / SD2.x's 25). A model that cannot be read here (yet) is reported
+    /// when training starts; its settings only need to fit one of the numberings.
+    fn check_block_settings(&self) -> Result<(), TrainError> {
+        use sd_model::blocks::BlockLayout;
+        match crate::models::is_sdxl(&self.model.pretrained) {
+            Ok(sdxl) => self.lora.block_plan(if sdxl { BlockLayout::Sdxl } else { BlockLayout::Sd }).map(drop),
+            Err(_) => match self.lora.block_plan(BlockLayout::Sd) {
+                Ok(_) => Ok(()),
+                Err(e) => self.lora.block_plan(BlockLayout::Sdxl).map(drop).map_err(|_| e),
+            },
+        }
+    }
+
     /// Checks value ranges.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |reason: &str| {
@@ -942,7 +966,7 @@ impl TrainConfig {
         if ![l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio, l.block_lr_zero_threshold].iter().all(|r| r.is_finite() && *r >= 0.0) {
             return bad("lora.loraplus_lr_ratio, lora.loraplus_unet_lr_ratio, lora.loraplus_text_encoder_lr_ratio (0: off) and lora.block_lr_zero_threshold must be 0 or positive");
         }
-        self.lora.block_plan()?;
+        self.check_block_settings()?;
         let block_ranks = [&l.block_dims, &l.block_alphas, &l.conv_block_dims, &l.conv_block_alphas].iter().any(|t| !t.trim().is_empty());
         if l.dim_from_weights && block_ranks {
             return bad("lora.dim_from_weights takes the ranks and alphas from lora.network_weights; lora.block_dims, block_alphas, conv_block_dims and conv_block_alphas cannot apply");

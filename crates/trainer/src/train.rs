@@ -417,7 +417,7 @@ fn attach_configured_adapters<B: AutodiffBackend>(
 ) -> Result<bool, TrainError> {
     let (lora, spatial) = (l.linear_config(), l.spatial_config());
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
-    let attached = match l.block_plan()? {
+    let attached = match l.block_plan(sd_model::blocks::BlockLayout::of(unet))? {
         // kohya's block-wise ranks: per block, or none where its learning rate is 0.
         Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel), device)?,
         None => attach_new_adapters_by_kernel(unet, &selection, KernelConfigs { linear: &lora, spatial: &spatial }, device)?,
@@ -523,13 +523,6 @@ fn sdxl_text_encoder_error() -> TrainError {
 fn check_sdxl_settings(config: &TrainConfig) -> Result<(), TrainError> {
     if config.lora.text_encoder_targets != sd_model::targets::TextEncoderTargets::None {
         return Err(sdxl_text_encoder_error());
-    }
-    if config.lora.block_plan()?.is_some() {
-        // kohya numbers SDXL's blocks otherwise than SD1.x's 25.
-        return Err(TrainError::Config {
-            origin: "lora".into(),
-            reason: "block-wise ranks and learning rates (block_dims, block_alphas, conv_block_*, down/mid/up_lr_weight) are not supported for SDXL yet".into(),
-        });
     }
     if config.model.clip_skip != 1 {
         // As in kohya's sd-scripts, where it is ignored with a warning.
@@ -828,7 +821,7 @@ fn run<B: AutodiffBackend>(
     let mut te_optim = FlatAdamW::new(adamw, &text_encoder, device);
     // kohya's block-wise learning rates and LoRA+: a factor per adapter tensor.
     let (unet_plus, te_plus) = config.lora.loraplus_ratios();
-    let plan = config.lora.block_plan()?;
+    let plan = config.lora.block_plan(sd_model::blocks::BlockLayout::of(&unet))?;
     let unet_factors = lr_factors(&mut unet, |path| plan.as_ref().map_or(1.0, |p| p.lr_factor(path)), unet_plus);
     let te_factors = lr_factors(&mut text_encoder, |_| 1.0, te_plus);
     optim = optim.with_lr_scales(|id| unet_factors.get(&id).copied().unwrap_or(1.0));

@@ -1,6 +1,7 @@
 //! SDXL LoRA training and sampling on the built-in `tiny-sdxl` model: both text encoders
 //! condition the UNet (states and pooled embedding), each sample's size and crop go in as
-//! time ids, files carry kohya's SDXL names, and the unsupported settings are typed errors.
+//! time ids, files carry kohya's SDXL names, block-wise settings follow kohya's SDXL
+//! numbering, and the unsupported settings are typed errors.
 
 use burn::backend::{Autodiff, Flex};
 use lora_core::{AdapterFormat, AdapterSet, ReadOptions};
@@ -140,13 +141,71 @@ fn unsupported_sdxl_settings_are_typed_errors() {
     let err = train::<B>(&config, &Default::default(), &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("lora.text_encoder_targets") && err.to_string().contains("SDXL"), "{err}");
     let mut config = sdxl_config(dir.path(), 1);
-    config.lora.mid_lr_weight = "0.5".into();
-    let err = train::<B>(&config, &Default::default(), &mut |_| true).unwrap_err();
-    assert!(err.to_string().contains("block-wise"), "{err}");
-    let mut config = sdxl_config(dir.path(), 1);
     config.model.clip_skip = 2;
     let err = train::<B>(&config, &Default::default(), &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("model.clip_skip"), "{err}");
+}
+
+/// kohya's block-wise settings in SDXL's numbering (23 blocks: the embeddings, 9 down,
+/// the middle block's 3 layers, 9 up, the output), read off the adapters after one AdamW
+/// step: a zero-initialised `up` weight moves by the learning rate times its block's
+/// weight.
+#[test]
+fn sdxl_block_ranks_and_learning_rates_use_kohyas_sdxl_numbering() {
+    use sd_model::blocks::BlockLayout;
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = sdxl_config(dir.path(), 1);
+    config.train.lr_warmup_steps = 0;
+    config.output.sample_prompts.clear();
+    config.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+    let per_block = |edge: &str, down: &str, mid: &str, up: &str| {
+        let mut v = vec![edge];
+        v.extend([down; 9]);
+        v.extend([mid; 3]);
+        v.extend([up; 9]);
+        v.push(edge);
+        v.join(",")
+    };
+    config.lora.block_dims = per_block("0", "2", "4", "3");
+    config.lora.block_alphas = per_block("0", "1", "0", "1.5");
+    // The middle block's transformer (block 11) does not train; its ResNets do.
+    config.lora.mid_lr_weight = "1,0".into();
+    // The first up block (`output_blocks.0`, 13) at half the rate; a short list ends in ones.
+    config.lora.up_lr_weight = "0.5".into();
+    let lr = config.train.learning_rate as f32;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&report.lora, &tiny_sdxl_index(), ReadOptions::default()).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for (key, w) in set.iter() {
+        let spatial = w.is_conv() && w.down.shape[2..] != [1, 1];
+        let block = BlockLayout::Sdxl.block(&key.path).unwrap_or_else(|| panic!("{key}: every UNet site has an SDXL block"));
+        assert_ne!(block, 11, "the middle transformer's weight is 0: {key}");
+        seen.insert(block);
+        let (rank, alpha) = match block {
+            _ if spatial => (config.lora.rank, config.lora.alpha),
+            1..=9 => (2, 1.0),
+            10 | 12 => (4, 4.0),
+            13..=21 => (3, 1.5),
+            other => panic!("{key}: block {other} has rank 0"),
+        };
+        assert_eq!((w.rank(), w.alpha), (rank, alpha), "{key} (block {block})");
+        let want = lr * if block == 13 { 0.5 } else { 1.0 };
+        let moved: Vec<f32> = w.up.data.iter().map(|v| v.abs()).filter(|v| *v > 0.0).collect();
+        let max = moved.iter().fold(0.0f32, |m, v| m.max(*v));
+        let half = moved.iter().filter(|v| **v > 0.5 * want).count();
+        assert!((max - want).abs() <= 2e-3 * want && 2 * half > moved.len(), "{key}: max {max} vs {want}, {half} of {} above half", moved.len());
+    }
+    // (The tiny SDXL has one ResNet per level: some blocks are empty.)
+    assert!([10, 12, 13].iter().all(|b| seen.contains(b)), "{seen:?}");
+    assert!(seen.iter().any(|b| (1..=9).contains(b)) && seen.iter().any(|b| (14..=21).contains(b)), "{seen:?}");
+
+    // SD1.x's 25-entry lists do not fit SDXL: the error says how many do, at load time.
+    let sd_dims = ["4"; 25].join(",");
+    let err = TrainConfig::load(None, &["model.pretrained=\"tiny-sdxl\"".into(), format!("lora.block_dims={sd_dims:?}")]).unwrap_err().to_string();
+    assert!(err.contains("lora.block_dims") && err.contains("23"), "{err}");
+    let err = TrainConfig::load(None, &["model.pretrained=\"tiny-sdxl\"".into(), "lora.mid_lr_weight=\"1,1,1,1\"".into()]).unwrap_err().to_string();
+    assert!(err.contains("lora.mid_lr_weight") && err.contains("3 blocks"), "{err}");
 }
 
 #[test]
