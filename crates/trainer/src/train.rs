@@ -407,12 +407,12 @@ pub fn resume_on<B: AutodiffBackend>(
     run::<B>(config, data, Some(state), device, on_step)
 }
 
-/// Fresh adapters on the targets of the `[lora]` section; returns whether the text encoder
-/// has any.
+/// Fresh adapters on the targets of the `[lora]` section; returns whether the text encoders
+/// have any.
 fn attach_configured_adapters<B: AutodiffBackend>(
     l: &crate::config::LoraSection,
     unet: &mut sd_model::UNet2DConditionModel<B>,
-    text_encoder: &mut sd_model::ClipTextModel<B>,
+    encoders: &mut [sd_model::ClipTextModel<B>],
     device: &B::Device,
 ) -> Result<bool, TrainError> {
     let (lora, spatial) = (l.linear_config(), l.spatial_config());
@@ -429,14 +429,18 @@ fn attach_configured_adapters<B: AutodiffBackend>(
             reason: format!("set for 3x3 convolutions, but lora.unet_targets = \"{}\" (with include / exclude) selects none; use unet_targets = \"conv\" (kohya's LoCon set)", l.unet_targets.name()),
         });
     }
-    let te_targets = attach_new_adapters(text_encoder, &Selection::new(l.text_encoder_targets), &lora, device)?;
-    if attached.paths.is_empty() && te_targets.is_empty() {
+    let mut te_targets = 0;
+    for te in encoders.iter_mut() {
+        // SDXL: both encoders, as kohya's sd-scripts target them.
+        te_targets += attach_new_adapters(te, &Selection::new(l.text_encoder_targets), &lora, device)?.len();
+    }
+    if attached.paths.is_empty() && te_targets == 0 {
         return Err(TrainError::Config {
             origin: "lora".into(),
             reason: "the targets select no layer: lora.unet_targets (with include / exclude) matches no UNet layer and lora.text_encoder_targets is \"none\"".into(),
         });
     }
-    Ok(!te_targets.is_empty())
+    Ok(te_targets > 0)
 }
 
 /// The learning-rate factor of each adapter tensor of `model`: `block(path)` for both of
@@ -465,65 +469,44 @@ fn magnitude_ids<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>) -> st
 
 /// `lora.dim_from_weights`: the adapters of `lora.network_weights`, with their modules,
 /// ranks, alphas and values (kohya's `dim_from_weights`), and the `[lora]` dropouts;
-/// returns whether the text encoder has any.
+/// returns whether the text encoders have any.
 fn adapters_from_weights<B: AutodiffBackend>(
     l: &crate::config::LoraSection,
     unet: &mut sd_model::UNet2DConditionModel<B>,
-    text_encoder: &mut sd_model::ClipTextModel<B>,
+    encoders: &mut [sd_model::ClipTextModel<B>],
     device: &B::Device,
 ) -> Result<bool, TrainError> {
     let path = Path::new(&l.network_weights);
-    let set = read_network_weights(path, unet, text_encoder)?;
+    let set = read_network_weights(path, unet, encoders)?;
     let in_file = |e: lora_core::LoraError| TrainError::Config {
         origin: format!("lora.network_weights = {} (with lora.dim_from_weights)", path.display()),
         reason: e.to_string(),
     };
     let on_unet = sites::attach_adapters(unet, &set, 1.0, device).map_err(in_file)?;
-    let on_te = sites::attach_adapters(text_encoder, &set, 1.0, device).map_err(in_file)?;
+    let mut on_te = 0;
+    for te in encoders.iter_mut() {
+        on_te += sites::attach_adapters(te, &set, 1.0, device).map_err(in_file)?;
+    }
     if on_unet + on_te == 0 {
         return Err(in_file(lora_core::LoraError::Unsupported("the file holds no adapter".into())));
     }
     let dropout = l.linear_config();
     unet.visit_lora_sites(&mut |_, mut site| site.set_dropout(&dropout));
-    text_encoder.visit_lora_sites(&mut |_, mut site| site.set_dropout(&dropout));
+    for te in encoders.iter_mut() {
+        te.visit_lora_sites(&mut |_, mut site| site.set_dropout(&dropout));
+    }
     Ok(on_te > 0)
 }
 
-/// The LoRA file `path` (`lora.network_weights`), its keys resolved against the models
-/// (SDXL's second encoder too, whose adapters cannot train here yet: an error).
-fn read_network_weights<B: AutodiffBackend>(path: &Path, unet: &mut sd_model::UNet2DConditionModel<B>, text_encoder: &mut sd_model::ClipTextModel<B>) -> Result<AdapterSet, TrainError> {
-    let mut encoders = vec![text_encoder];
-    // SDXL: an index that knows the second encoder's modules (its weights are not needed).
-    let mut second = unet
-        .has_added_conditions()
-        .then(|| sd_model::ClipTextModel::<B>::new(&sd_model::ClipTextConfig::sdxl_text_encoder_2().narrow(), &unet.conv_in.base.weight.device()));
-    if let Some(te2) = second.as_mut() {
-        encoders.push(te2.as_mut().map_err(|e| TrainError::Config { origin: "model".into(), reason: e.to_string() })?);
-    }
+/// The LoRA file `path` (`lora.network_weights`), its keys resolved against the models.
+fn read_network_weights<B: AutodiffBackend>(path: &Path, unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>]) -> Result<AdapterSet, TrainError> {
+    let mut encoders: Vec<&mut sd_model::ClipTextModel<B>> = encoders.iter_mut().collect();
     let index = sd_model::lora::module_index_of(unet, &mut encoders)?;
-    let set = AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?.0;
-    if set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder2) {
-        return Err(TrainError::Config {
-            origin: format!("lora.network_weights = {}", path.display()),
-            reason: sdxl_text_encoder_error().to_string(),
-        });
-    }
-    Ok(set)
-}
-
-/// Training SDXL's text encoders is not supported yet.
-fn sdxl_text_encoder_error() -> TrainError {
-    TrainError::Config {
-        origin: "lora.text_encoder_targets".into(),
-        reason: "training SDXL's text encoders is not supported yet: train the UNet only (text_encoder_targets = \"none\", and no text-encoder adapters in network_weights)".into(),
-    }
+    Ok(AdapterSet::load(path, &index, lora_core::ReadOptions { lenient: false })?.0)
 }
 
 /// The settings SDXL cannot train with here yet.
 fn check_sdxl_settings(config: &TrainConfig) -> Result<(), TrainError> {
-    if config.lora.text_encoder_targets != sd_model::targets::TextEncoderTargets::None {
-        return Err(sdxl_text_encoder_error());
-    }
     if config.model.clip_skip != 1 {
         // As in kohya's sd-scripts, where it is ignored with a warning.
         return Err(TrainError::Config {
@@ -538,16 +521,18 @@ fn check_sdxl_settings(config: &TrainConfig) -> Result<(), TrainError> {
 fn load_network_weights<B: AutodiffBackend>(
     path: &Path,
     unet: &mut sd_model::UNet2DConditionModel<B>,
-    text_encoder: &mut sd_model::ClipTextModel<B>,
+    encoders: &mut [sd_model::ClipTextModel<B>],
     device: &B::Device,
 ) -> Result<(), TrainError> {
-    let set = read_network_weights(path, unet, text_encoder)?;
+    let set = read_network_weights(path, unet, encoders)?;
     let in_file = |e: lora_core::LoraError| TrainError::Config {
         origin: format!("lora.network_weights = {}", path.display()),
         reason: format!("{e}; the file's adapters must be among lora.unet_targets / include / text_encoder_targets, at the configured ranks (lora.rank, lora.conv_rank for 3x3 convolutions, or the block_dims)"),
     };
     sites::load_adapter_weights(unet, &set, device).map_err(in_file)?;
-    sites::load_adapter_weights(text_encoder, &set, device).map_err(in_file)?;
+    for te in encoders.iter_mut() {
+        sites::load_adapter_weights(te, &set, device).map_err(in_file)?;
+    }
     Ok(())
 }
 
@@ -746,23 +731,23 @@ fn run<B: AutodiffBackend>(
     let mut unet = <sd_model::UNet2DConditionModel<B> as AutodiffModule<B>>::from_inner(frozen.unet.clone()).no_grad();
     B::seed(device, t.seed);
     let l = &config.lora;
-    // Text-encoder adapters, if any: the encoder then runs on the autodiff backend too.
-    let mut text_encoder = <sd_model::ClipTextModel<B> as AutodiffModule<B>>::from_inner(frozen.text_encoder.clone()).no_grad();
+    // Text-encoder adapters, if any: the encoders (SDXL's two) then run on the autodiff
+    // backend too.
+    let mut encoders: Vec<sd_model::ClipTextModel<B>> = std::iter::once(&frozen.text_encoder)
+        .chain(frozen.text_encoder_2.as_ref())
+        .map(|te| <sd_model::ClipTextModel<B> as AutodiffModule<B>>::from_inner(te.clone()).no_grad())
+        .collect();
     let train_te = if l.dim_from_weights {
         // The file gives the structure, on a resume too (the state then gives the values).
-        adapters_from_weights(l, &mut unet, &mut text_encoder, device)?
+        adapters_from_weights(l, &mut unet, &mut encoders, device)?
     } else {
-        let train_te = attach_configured_adapters(l, &mut unet, &mut text_encoder, device)?;
+        let train_te = attach_configured_adapters(l, &mut unet, &mut encoders, device)?;
         if !l.network_weights.is_empty() && state.is_none() {
             // A resumed run's state holds the adapters: the file only starts a new run.
-            load_network_weights(Path::new(&l.network_weights), &mut unet, &mut text_encoder, device)?;
+            load_network_weights(Path::new(&l.network_weights), &mut unet, &mut encoders, device)?;
         }
         train_te
     };
-    if frozen.is_sdxl() && train_te {
-        // Text-encoder adapters from `network_weights` (with `dim_from_weights`).
-        return Err(sdxl_text_encoder_error());
-    }
 
     let mut schedule_cfg = frozen.scheduler.clone();
     match t.prediction {
@@ -813,41 +798,59 @@ fn run<B: AutodiffBackend>(
     let mut losses = Vec::with_capacity(t.max_train_steps);
     if let Some(state) = &state {
         restore_adapter_params(&mut unet, "unet", &state.adapters, device)?;
-        restore_adapter_params(&mut text_encoder, "text_encoder", &state.adapters, device)?;
+        for (i, te) in encoders.iter_mut().enumerate() {
+            restore_adapter_params(te, encoder_key(i), &state.adapters, device)?;
+        }
     }
     // All adapter tensors of a model in one AdamW update (lora_core::optim), starting from
     // the adapters' current (restored) values.
     let mut optim = FlatAdamW::new(adamw, &unet, device);
-    let mut te_optim = FlatAdamW::new(adamw, &text_encoder, device);
+    let mut te_optims: Vec<FlatAdamW<B>> = encoders.iter().map(|te| FlatAdamW::new(adamw, te, device)).collect();
     // kohya's block-wise learning rates and LoRA+: a factor per adapter tensor.
     let (unet_plus, te_plus) = config.lora.loraplus_ratios();
     let plan = config.lora.block_plan(sd_model::blocks::BlockLayout::of(&unet))?;
     let unet_factors = lr_factors(&mut unet, |path| plan.as_ref().map_or(1.0, |p| p.lr_factor(path)), unet_plus);
-    let te_factors = lr_factors(&mut text_encoder, |_| 1.0, te_plus);
     optim = optim.with_lr_scales(|id| unet_factors.get(&id).copied().unwrap_or(1.0));
-    te_optim = te_optim.with_lr_scales(|id| te_factors.get(&id).copied().unwrap_or(1.0));
+    // Each encoder's optimizer is built the same way as the UNet's.
+    let configure = |mut o: FlatAdamW<B>, te: &mut sd_model::ClipTextModel<B>| {
+        let factors = lr_factors(te, |_| 1.0, te_plus);
+        o = o.with_lr_scales(|id| factors.get(&id).copied().unwrap_or(1.0));
+        if let Some(prodigy) = prodigy {
+            // Each model's adapters get their own estimate of the step size.
+            o = o.with_prodigy(prodigy);
+        }
+        if config.train.optimizer == crate::config::Optimizer::Lion {
+            o = o.with_lion();
+        }
+        if let Some(dtype) = base_dtype {
+            // f32 master values in the optimizers, bf16/f16 copies in the models: the LoRA
+            // layers then cast nothing per pass (the same numbers; see `with_working_dtype`).
+            // DoRA's magnitudes stay f32 in the models (see `FlatAdamW::with_master_copies`).
+            let magnitudes = magnitude_ids(te);
+            o = o.with_working_dtype(dtype).with_master_copies(|id| magnitudes.contains(&id));
+        }
+        o
+    };
+    te_optims = te_optims.into_iter().zip(encoders.iter_mut()).map(|(o, te)| configure(o, te)).collect();
     if let Some(prodigy) = prodigy {
-        // Each model's adapters get their own estimate of the step size.
-        (optim, te_optim) = (optim.with_prodigy(prodigy), te_optim.with_prodigy(prodigy));
+        optim = optim.with_prodigy(prodigy);
     }
     if config.train.optimizer == crate::config::Optimizer::Lion {
-        (optim, te_optim) = (optim.with_lion(), te_optim.with_lion());
+        optim = optim.with_lion();
     }
     if let Some(dtype) = base_dtype {
-        // f32 master values in the optimizers, bf16/f16 copies in the models: the LoRA
-        // layers then cast nothing per pass (the same numbers; see `with_working_dtype`).
-        (optim, te_optim) = (optim.with_working_dtype(dtype), te_optim.with_working_dtype(dtype));
-        // DoRA's magnitudes stay f32 in the models (see `FlatAdamW::with_master_copies`).
-        let (unet_m, te_m) = (magnitude_ids(&mut unet), magnitude_ids(&mut text_encoder));
-        (optim, te_optim) = (optim.with_master_copies(|id| unet_m.contains(&id)), te_optim.with_master_copies(|id| te_m.contains(&id)));
+        let unet_m = magnitude_ids(&mut unet);
+        optim = optim.with_working_dtype(dtype).with_master_copies(|id| unet_m.contains(&id));
     }
     if let Some(state) = state {
         let times = &state.info.optimizer_time;
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
-        import_moments(&mut te_optim, &adapter_params(&mut text_encoder, "text_encoder"), &state.moments, times, device)?;
         let state_dir = out.join("state");
         import_prodigy(&mut optim, "unet", &state.moments, &state_dir, device)?;
-        import_prodigy(&mut te_optim, "text_encoder", &state.moments, &state_dir, device)?;
+        for (i, (o, te)) in te_optims.iter_mut().zip(encoders.iter_mut()).enumerate() {
+            import_moments(o, &adapter_params(te, encoder_key(i)), &state.moments, times, device)?;
+            import_prodigy(o, encoder_key(i), &state.moments, &state_dir, device)?;
+        }
         let origin = out.join("state.json");
         timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
         noise = SeededNoise::from_state(&state.info.noise_rng.to_state(&origin)?);
@@ -859,7 +862,8 @@ fn run<B: AutodiffBackend>(
         guard.set_state(state.info.loss_scale, state.info.good_steps);
         losses = resume_metrics(&metrics_path, progress.step)?;
     }
-    (unet, text_encoder) = (optim.to_working(unet), te_optim.to_working(text_encoder));
+    unet = optim.to_working(unet);
+    encoders = encoders.into_iter().zip(&te_optims).map(|(te, o)| o.to_working(te)).collect();
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -883,8 +887,10 @@ fn run<B: AutodiffBackend>(
         false => None,
     };
     let unet_params = adapter_params(&mut unet, "unet");
-    let te_params = adapter_params(&mut text_encoder, "text_encoder");
-    let (unet_norm_pairs, te_norm_pairs) = (lora_core::optim::norm_pairs(&mut unet), lora_core::optim::norm_pairs(&mut text_encoder));
+    let te_param_count: usize = encoders.iter_mut().enumerate().map(|(i, te)| adapter_params(te, encoder_key(i)).len()).sum();
+    let unet_norm_pairs = lora_core::optim::norm_pairs(&mut unet);
+    // Without text-encoder training, max-norm leaves the (untrained) encoders alone.
+    let te_norm_pairs: Vec<Vec<lora_core::optim::NormPair>> = encoders.iter_mut().map(|te| if train_te { lora_core::optim::norm_pairs(te) } else { Vec::new() }).collect();
 
     let mut cache = EncodeCache::for_dataset(&dataset);
     let mut plans = dataset.plan_epoch(progress.epoch);
@@ -913,13 +919,13 @@ fn run<B: AutodiffBackend>(
         // model, or the starting `network_weights`), to compare the later grids with.
         // The first batch's bucket, as the later grids use.
         let size = plans.first().map_or((config.data.resolution, config.data.resolution), |p| p.bucket);
-        sample_grid_now(&unet, &text_encoder, &frozen, config, (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
+        sample_grid_now(&unet, &encoders, &frozen, config, (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
     }
     for step in first_step..t.max_train_steps {
         B::seed(device, step_seed(t.seed, step));
         let lr = learning_rate(t, step);
         let mut accumulator = GradientsAccumulator::<sd_model::UNet2DConditionModel<B>>::new();
-        let mut te_accumulator = GradientsAccumulator::<sd_model::ClipTextModel<B>>::new();
+        let mut te_accumulators: Vec<_> = encoders.iter().map(|_| GradientsAccumulator::<sd_model::ClipTextModel<B>>::new()).collect();
         let mut step_loss = Tensor::<B::InnerBackend, 1>::zeros([1], device);
         for _ in 0..t.gradient_accumulation_steps {
             if progress.batch_in_epoch >= plans.len() {
@@ -949,10 +955,11 @@ fn run<B: AutodiffBackend>(
                     (Tensor::<B, 3>::from_inner(c.context), added)
                 }
                 None => {
-                    // A text encoder in training (SD1.x / SD2.x only): encoded with its graph.
+                    // Text encoders in training: encoded with their graph.
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    let encoders = TextEncoders { first: (&text_encoder, &frozen.tokenizer), second: None };
-                    (encode_captions(encoders, &captions, config, device)?.context, None)
+                    let c = encode_captions(text_encoders(&encoders, &frozen), &captions, config, device)?;
+                    let added = c.pooled.map(|p| sd_model::AddedConditions { text_embeds: p, time_ids: time_ids(&dataset, plan, device) });
+                    (c.context, added)
                 }
             };
 
@@ -1025,13 +1032,27 @@ fn run<B: AutodiffBackend>(
                 unet.visit_lora_sites(&mut |_, mut site| site.set_samples(n));
             }
             if t.gradient_checkpointing {
-                let options = CheckpointOptions { context_grad: train_te, added, ..Default::default() };
+                let pooled = added.as_ref().map(|a| a.text_embeds.clone());
+                let options = CheckpointOptions { context_grad: train_te, added, added_grad: train_te && pooled.is_some(), ..Default::default() };
                 let step = unet.forward_backward_checkpointed(noisy, ts.float(), context.clone(), options, loss_of)?;
                 step_loss = step_loss + guard.unscale(step.loss);
-                if let (true, Some(grad)) = (train_te, step.context_grad) {
-                    // The text encoder's backward pass, from the gradient its output got.
-                    let mut grads = (context * Tensor::from_inner(grad)).sum().backward();
-                    te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
+                if train_te {
+                    // The text encoders' backward pass, from the gradients their outputs
+                    // got: the states and (SDXL) the pooled embedding.
+                    let mut surrogate = step.context_grad.map(|grad| (context * Tensor::from_inner(grad)).sum());
+                    if let (Some(p), Some(grad)) = (pooled, step.text_embeds_grad) {
+                        let term = (p * Tensor::from_inner(grad)).sum();
+                        surrogate = Some(match surrogate {
+                            Some(s) => s + term,
+                            None => term,
+                        });
+                    }
+                    if let Some(surrogate) = surrogate {
+                        let mut grads = surrogate.backward();
+                        for (acc, te) in te_accumulators.iter_mut().zip(&encoders) {
+                            acc.accumulate(te, GradientsParams::from_module(&mut grads, te));
+                        }
+                    }
                 }
                 accumulator.accumulate(&unet, step.grads);
             } else {
@@ -1039,44 +1060,49 @@ fn run<B: AutodiffBackend>(
                 step_loss = step_loss + guard.unscale(loss.clone().inner());
                 let mut grads = loss.backward();
                 if train_te {
-                    te_accumulator.accumulate(&text_encoder, GradientsParams::from_module(&mut grads, &text_encoder));
+                    for (acc, te) in te_accumulators.iter_mut().zip(&encoders) {
+                        acc.accumulate(te, GradientsParams::from_module(&mut grads, te));
+                    }
                 }
                 accumulator.accumulate(&unet, GradientsParams::from_module(&mut grads, &unet));
             }
         }
-        let (grads, te_grads) = (accumulator.grads(), te_accumulator.grads());
+        let (grads, te_grads) = (accumulator.grads(), te_accumulators.iter_mut().map(GradientsAccumulator::grads).collect::<Vec<_>>());
         // Only adapters may train; anything else with a gradient would be updated by AdamW
         // but never saved.
-        if grads.len() > unet_params.len() || te_grads.len() > te_params.len() {
+        let te_grad_count: usize = te_grads.iter().map(GradientsParams::len).sum();
+        if grads.len() > unet_params.len() || te_grad_count > te_param_count {
             return Err(TrainError::Config {
                 origin: "model".into(),
                 reason: format!(
                     "{} UNet and {} text-encoder tensors have gradients but only {} and {} are adapter weights",
                     grads.len(),
-                    te_grads.len(),
+                    te_grad_count,
                     unet_params.len(),
-                    te_params.len()
+                    te_param_count
                 ),
             });
         }
-        let (grads, te_grads) = (optim.gather_grads(&unet, grads), te_optim.gather_grads(&text_encoder, te_grads));
+        let grads = optim.gather_grads(&unet, grads);
+        let te_grads: Vec<_> = te_grads.into_iter().zip(te_optims.iter().zip(&encoders)).map(|(g, (o, te))| o.gather_grads(te, g)).collect();
         // Clipping, the non-finite skip and the loss scale, decided on the device: the
         // next step is queued without waiting for this one.
-        let check = guard.check(step_loss, grads.sq_norm() + te_grads.sq_norm());
+        let sq_norm = te_grads.iter().fold(grads.sq_norm(), |sum, g| sum + g.sq_norm());
+        let check = guard.check(step_loss, sq_norm);
         unet = optim.step_if(lr, unet, check.scale(grads), check.apply.clone());
-        if train_te {
-            text_encoder = te_optim.step_if(lr * te_base_lr / t.learning_rate, text_encoder, check.scale(te_grads), check.apply.clone());
+        let te_lr = train_te.then(|| lr * te_base_lr / t.learning_rate);
+        if let Some(te_lr) = te_lr {
+            let steps = encoders.into_iter().zip(te_optims.iter_mut()).zip(te_grads);
+            encoders = steps.map(|((te, o), g)| o.step_if(te_lr, te, check.scale(g), check.apply.clone())).collect();
         }
         progress.step = step + 1;
-        let te_lr = train_te.then(|| lr * te_base_lr / t.learning_rate);
         // Prodigy's step sizes after the step (its estimate times the learning rate).
         let d_lr = optim.prodigy_d().map(|d| d.mul_scalar(lr));
-        let te_d_lr = te_lr.and_then(|te_lr| te_optim.prodigy_d().map(|d| d.mul_scalar(te_lr)));
+        let te_d_lr: Vec<_> = te_lr.map_or(Vec::new(), |te_lr| te_optims.iter().filter_map(|o| o.prodigy_d().map(|d| d.mul_scalar(te_lr))).collect());
         let mut max_norm = None;
         if t.scale_weight_norms > 0.0 {
-            let te_pairs = if train_te { &te_norm_pairs[..] } else { &[] };
-            let (u, te, stats) = apply_max_norm(t.scale_weight_norms as f32, (unet, &mut optim, &unet_norm_pairs), (text_encoder, &mut te_optim, te_pairs))?;
-            (unet, text_encoder, max_norm) = (u, te, Some(stats));
+            let (u, tes, stats) = apply_max_norm(t.scale_weight_norms as f32, (unet, &mut optim, &unet_norm_pairs), encoders, &mut te_optims, &te_norm_pairs)?;
+            (unet, encoders, max_norm) = (u, tes, Some(stats));
         }
         pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, d_lr, te_d_lr, max_norm, record: check.record });
 
@@ -1124,11 +1150,11 @@ fn run<B: AutodiffBackend>(
         if sample {
             let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
             let path = out.join(format!("samples-step{:06}.png", progress.step));
-            sample_grid_now(&unet, &text_encoder, &frozen, config, size, &path, device)?;
+            sample_grid_now(&unet, &encoders, &frozen, config, size, &path, device)?;
         }
         let every = config.output.validate_every_n_steps;
         if let Some(v) = validator.as_mut().filter(|_| last || (every > 0 && progress.step.is_multiple_of(every))) {
-            let loss = v.loss(&unet, train_te.then_some(&text_encoder), &frozen, config, device)?;
+            let loss = v.loss(&unet, train_te.then_some(&encoders[..]), &frozen, config, device)?;
             v.log.record(progress.step, loss)?;
             if let Some(events) = events.as_mut() {
                 let wall_time = start_wall + start.elapsed().as_secs_f64();
@@ -1137,10 +1163,10 @@ fn run<B: AutodiffBackend>(
         }
         if let Some(name) = name {
             // What is saved are the optimizers' f32 values, not the models' working copies.
-            let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
-            saver.save(&mut unet, &mut te, &progress, &out.join(format!("{name}.safetensors")))?;
+            let (mut unet, mut tes) = (optim.to_master(unet.clone()), masters(&encoders, &te_optims));
+            saver.save(&mut unet, &mut tes, &progress, &out.join(format!("{name}.safetensors")))?;
             if config.output.save_state {
-                saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &guard, &timesteps, &noise)?;
+                saver.save_state(&mut unet, &mut tes, &optim, &te_optims, &progress, &guard, &timesteps, &noise)?;
             }
             prune_saves(&config.output, progress.step)?;
         }
@@ -1148,17 +1174,17 @@ fn run<B: AutodiffBackend>(
 
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
     {
-        let (mut unet, mut te) = (optim.to_master(unet.clone()), te_optim.to_master(text_encoder.clone()));
-        saver.save(&mut unet, &mut te, &progress, &lora_path)?;
+        let (mut unet, mut tes) = (optim.to_master(unet.clone()), masters(&encoders, &te_optims));
+        saver.save(&mut unet, &mut tes, &progress, &lora_path)?;
         if config.output.save_state {
-            saver.save_state(&mut unet, &mut te, &optim, &te_optim, &progress, &guard, &timesteps, &noise)?;
+            saver.save_state(&mut unet, &mut tes, &optim, &te_optims, &progress, &guard, &timesteps, &noise)?;
         }
     }
 
     let grid_path = if interrupted {
         None
     } else {
-        let mut with_lora = Components { unet: unet.valid(), text_encoder: text_encoder.valid(), ..frozen };
+        let mut with_lora = with_trained(&unet, &encoders, frozen);
         merge_adapters(&mut with_lora);
         let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
         let path = out.join("samples.png");
@@ -1211,10 +1237,10 @@ struct PendingStep<B: burn::tensor::backend::Backend> {
     lr: f64,
     /// The text encoder's learning rate, when it has adapters.
     te_lr: Option<f64>,
-    /// With Prodigy: the UNet's and the text encoder's step sizes (estimate times learning
+    /// With Prodigy: the UNet's and the text encoders' step sizes (estimate times learning
     /// rate), on the device.
     d_lr: Option<Tensor<B, 1>>,
-    te_d_lr: Option<Tensor<B, 1>>,
+    te_d_lr: Vec<Tensor<B, 1>>,
     /// With `train.scale_weight_norms`: `[adapters scaled, mean norm, largest norm]`.
     max_norm: Option<Tensor<B, 1>>,
     record: Tensor<B, 1>,
@@ -1251,7 +1277,7 @@ impl ReadBack<'_> {
             }
             self.losses.push(loss);
             let d_lr = p.d_lr.as_ref().and_then(|_| step_sizes.next());
-            let te_d_lr = p.te_d_lr.as_ref().and_then(|_| step_sizes.next());
+            let te_d_lr: Vec<f32> = p.te_d_lr.iter().filter_map(|_| step_sizes.next()).collect();
             let info = StepInfo { step: p.step, total: self.t.max_train_steps, loss, lr: p.lr, elapsed_s };
             writeln!(
                 self.metrics,
@@ -1276,7 +1302,7 @@ impl ReadBack<'_> {
                 let mut values = vec![("loss", loss), ("lr/unet", p.lr as f32)];
                 values.extend(p.te_lr.map(|lr| ("lr/text_encoder", lr as f32)));
                 values.extend(d_lr.map(|v| ("d*lr/unet", v)));
-                values.extend(te_d_lr.map(|v| ("d*lr/text_encoder", v)));
+                values.extend(te_d_lr.into_iter().enumerate().map(|(i, v)| (["d*lr/text_encoder", "d*lr/text_encoder_2"][i.min(1)], v)));
                 values.extend(grad_norm.is_finite().then_some(("grad_norm", grad_norm)));
                 values.extend(self.fp16.then_some(("loss_scale", loss_scale)));
                 if let Some([n, mean, max]) = max_norm {
@@ -1313,21 +1339,29 @@ fn read_max_norms<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>])
 fn apply_max_norm<B: AutodiffBackend>(
     max_norm: f32,
     (unet, optim, unet_pairs): (sd_model::UNet2DConditionModel<B>, &mut FlatAdamW<B>, &[lora_core::optim::NormPair]),
-    (te, te_optim, te_pairs): (sd_model::ClipTextModel<B>, &mut FlatAdamW<B>, &[lora_core::optim::NormPair]),
-) -> Result<(sd_model::UNet2DConditionModel<B>, sd_model::ClipTextModel<B>, Tensor<B::InnerBackend, 1>), TrainError> {
-    let (unet, a) = optim.apply_max_norm(unet, unet_pairs, max_norm)?;
-    let (te, b) = te_optim.apply_max_norm(te, te_pairs, max_norm)?;
-    let count = (a.count + b.count).max(1) as f32;
-    let sums = a.values.clone().slice(0..2) + b.values.clone().slice(0..2);
-    let largest = a.values.slice(2..3).max_pair(b.values.slice(2..3));
-    let mean = sums.clone().slice(1..2).div_scalar(count);
-    Ok((unet, te, Tensor::cat(vec![sums.slice(0..1), mean, largest], 0)))
+    encoders: Vec<sd_model::ClipTextModel<B>>,
+    te_optims: &mut [FlatAdamW<B>],
+    te_pairs: &[Vec<lora_core::optim::NormPair>],
+) -> Result<(sd_model::UNet2DConditionModel<B>, Vec<sd_model::ClipTextModel<B>>, Tensor<B::InnerBackend, 1>), TrainError> {
+    let (unet, mut stats) = optim.apply_max_norm(unet, unet_pairs, max_norm)?;
+    let mut scaled = Vec::with_capacity(encoders.len());
+    for ((te, o), pairs) in encoders.into_iter().zip(te_optims.iter_mut()).zip(te_pairs) {
+        let (te, s) = o.apply_max_norm(te, pairs, max_norm)?;
+        scaled.push(te);
+        let sums = stats.values.clone().slice(0..2) + s.values.clone().slice(0..2);
+        let largest = stats.values.slice(2..3).max_pair(s.values.slice(2..3));
+        stats = lora_core::optim::MaxNormStats { values: Tensor::cat(vec![sums, largest], 0), count: stats.count + s.count };
+    }
+    let count = stats.count.max(1) as f32;
+    let v = stats.values;
+    let mean = v.clone().slice(1..2).div_scalar(count);
+    Ok((unet, scaled, Tensor::cat(vec![v.clone().slice(0..1), mean, v.slice(2..3)], 0)))
 }
 
 /// Prodigy's step sizes of `pending` steps, in order (UNet, then text encoder, per step),
 /// in one read; nothing to read without Prodigy.
 fn read_step_sizes<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]) -> Result<Vec<f32>, TrainError> {
-    let sizes: Vec<Tensor<B, 1>> = pending.iter().flat_map(|p| [p.d_lr.clone(), p.te_d_lr.clone()]).flatten().collect();
+    let sizes: Vec<Tensor<B, 1>> = pending.iter().flat_map(|p| p.d_lr.iter().chain(&p.te_d_lr).cloned()).collect();
     if sizes.is_empty() {
         return Ok(Vec::new());
     }
@@ -1357,26 +1391,26 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
     fn loss<A: AutodiffBackend<InnerBackend = B>>(
         &mut self,
         unet: &sd_model::UNet2DConditionModel<A>,
-        text_encoder: Option<&sd_model::ClipTextModel<A>>,
+        text_encoders: Option<&[sd_model::ClipTextModel<A>]>,
         frozen: &Components<B>,
         config: &TrainConfig,
         device: &B::Device,
     ) -> Result<f32, TrainError> {
         let t = &config.train;
         let unet = unet.valid();
-        let text_encoder = text_encoder.map(|te| te.valid());
+        let text_encoders: Option<Vec<sd_model::ClipTextModel<B>>> = text_encoders.map(|tes| tes.iter().map(|te| te.valid()).collect());
         let span = t.max_timestep - t.min_timestep;
         let timesteps: Vec<i64> = (0..VALIDATION_TIMESTEPS).map(|k| (t.min_timestep + (2 * k + 1) * span / (2 * VALIDATION_TIMESTEPS)) as i64).collect();
         let mut total = Tensor::<B, 1>::zeros([1], device);
         let mut count = 0usize;
         for (b, plan) in self.dataset.plan_epoch(0).iter().enumerate() {
-            let EncodedBatch { posterior, context, masks, .. } = self.cache.batch(&self.dataset, frozen, plan, config, text_encoder.is_none(), device)?;
+            let EncodedBatch { posterior, context, masks, .. } = self.cache.batch(&self.dataset, frozen, plan, config, text_encoders.is_none(), device)?;
             let latents = frozen.vae.scale_latents(posterior.mean.clone());
-            let cond = match (context, &text_encoder) {
+            let cond = match (context, &text_encoders) {
                 (Some(c), _) => c,
-                (None, Some(te)) => {
+                (None, Some(tes)) => {
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    encode_captions(TextEncoders { first: (te, &frozen.tokenizer), second: None }, &captions, config, device)?
+                    encode_captions(text_encoders_of(tes, frozen), &captions, config, device)?
                 }
                 (None, None) => unreachable!("the cache encodes captions when the text encoder is frozen"),
             };
@@ -1441,14 +1475,14 @@ impl ValidationLog {
 /// Writes the sample grid of the adapters as they are now, merged into inference copies.
 fn sample_grid_now<B: AutodiffBackend>(
     unet: &sd_model::UNet2DConditionModel<B>,
-    text_encoder: &sd_model::ClipTextModel<B>,
+    encoders: &[sd_model::ClipTextModel<B>],
     frozen: &Components<B::InnerBackend>,
     config: &TrainConfig,
     size: (usize, usize),
     path: &Path,
     device: &B::Device,
 ) -> Result<(), TrainError> {
-    let mut current = Components { unet: unet.valid(), text_encoder: text_encoder.valid(), ..frozen.clone() };
+    let mut current = with_trained(unet, encoders, frozen.clone());
     merge_adapters(&mut current);
     save_png(&generate_grid(&current, config, size, device)?, path)
 }
@@ -1462,34 +1496,39 @@ struct Saver<'a> {
 }
 
 impl Saver<'_> {
-    fn save<B: AutodiffBackend>(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, te: &mut sd_model::ClipTextModel<B>, progress: &Progress, path: &Path) -> Result<(), TrainError> {
+    fn save<B: AutodiffBackend>(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>], progress: &Progress, path: &Path) -> Result<(), TrainError> {
         let epochs = completed_epochs(progress, self.batches_in_epoch);
         let metadata = self.metadata.at_save(progress.step, epochs, std::time::SystemTime::now());
-        save_lora(unet, te, metadata, self.config, path)
+        save_lora(unet, encoders, metadata, self.config, path)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn save_state<B: AutodiffBackend>(
         &mut self,
         unet: &mut sd_model::UNet2DConditionModel<B>,
-        te: &mut sd_model::ClipTextModel<B>,
+        encoders: &mut [sd_model::ClipTextModel<B>],
         unet_optim: &FlatAdamW<B>,
-        te_optim: &FlatAdamW<B>,
+        te_optims: &[FlatAdamW<B>],
         progress: &Progress,
         guard: &StepGuard<B::InnerBackend>,
         timesteps: &TimestepSampler,
         noise: &SeededNoise,
     ) -> Result<(), TrainError> {
-        let (unet_params, te_params) = (adapter_params(unet, "unet"), adapter_params(te, "text_encoder"));
+        let unet_params = adapter_params(unet, "unet");
+        let te_params: Vec<_> = encoders.iter_mut().enumerate().map(|(i, te)| adapter_params(te, encoder_key(i))).collect();
         let mut moments = HashMap::new();
         let mut times = std::collections::BTreeMap::new();
         export_moments(unet_optim, &unet_params, &mut moments, &mut times)?;
-        export_moments(te_optim, &te_params, &mut moments, &mut times)?;
         export_prodigy(unet_optim, "unet", &mut moments)?;
-        export_prodigy(te_optim, "text_encoder", &mut moments)?;
+        for (i, (o, params)) in te_optims.iter().zip(&te_params).enumerate() {
+            export_moments(o, params, &mut moments, &mut times)?;
+            export_prodigy(o, encoder_key(i), &mut moments)?;
+        }
         let mut adapters = HashMap::new();
         host_params(unet_params, &mut adapters)?;
-        host_params(te_params, &mut adapters)?;
+        for params in te_params {
+            host_params(params, &mut adapters)?;
+        }
         let (loss_scale, good_steps) = guard.state()?;
         let state = TrainingState {
             info: StateInfo {
@@ -1508,6 +1547,46 @@ impl Saver<'_> {
             moments,
         };
         state.save(&self.config.output.output_dir.join("state"))
+    }
+}
+
+/// The state-file prefix of text encoder `i` (SDXL's second is `text_encoder_2`).
+fn encoder_key(i: usize) -> &'static str {
+    match i {
+        0 => "text_encoder",
+        _ => "text_encoder_2",
+    }
+}
+
+/// Encoders in training (first, and SDXL's second) with the tokenizers of `frozen`.
+fn text_encoders_of<'a, B: burn::tensor::backend::Backend, F: burn::tensor::backend::Backend>(
+    encoders: &'a [sd_model::ClipTextModel<B>],
+    frozen: &'a Components<F>,
+) -> TextEncoders<'a, B> {
+    TextEncoders {
+        first: (&encoders[0], &frozen.tokenizer),
+        second: encoders.get(1).zip(frozen.tokenizer_2.as_ref()),
+    }
+}
+
+/// [`text_encoders_of`] on the training (autodiff) backend.
+fn text_encoders<'a, B: AutodiffBackend>(encoders: &'a [sd_model::ClipTextModel<B>], frozen: &'a Components<B::InnerBackend>) -> TextEncoders<'a, B> {
+    text_encoders_of(encoders, frozen)
+}
+
+/// The encoders' f32 master values from their optimizers (what is saved).
+fn masters<B: AutodiffBackend>(encoders: &[sd_model::ClipTextModel<B>], optims: &[FlatAdamW<B>]) -> Vec<sd_model::ClipTextModel<B>> {
+    encoders.iter().zip(optims).map(|(te, o)| o.to_master(te.clone())).collect()
+}
+
+/// `frozen` with the UNet and the text encoders as they train (adapters attached), on the
+/// inner backend.
+fn with_trained<B: AutodiffBackend>(unet: &sd_model::UNet2DConditionModel<B>, encoders: &[sd_model::ClipTextModel<B>], frozen: Components<B::InnerBackend>) -> Components<B::InnerBackend> {
+    Components {
+        unet: unet.valid(),
+        text_encoder: encoders[0].valid(),
+        text_encoder_2: encoders.get(1).map(|te| te.valid()),
+        ..frozen
     }
 }
 
@@ -1645,18 +1724,20 @@ fn sdxl_sizes(original_hw: (u32, u32), s: &sd_data::SamplePlan) -> sd_model::Sdx
     (original_hw, s.crop_top_left(), (s.bucket.1, s.bucket.0))
 }
 
-/// Writes the UNet's adapters to `path` in the configured format and precision, with the
-/// run's metadata ([`crate::metadata`]).
+/// Writes the adapters of the UNet and the text encoders to `path` in the configured
+/// format and precision, with the run's metadata ([`crate::metadata`]).
 fn save_lora<B: AutodiffBackend>(
     unet: &mut sd_model::UNet2DConditionModel<B>,
-    text_encoder: &mut sd_model::ClipTextModel<B>,
+    encoders: &mut [sd_model::ClipTextModel<B>],
     metadata: std::collections::BTreeMap<String, String>,
     config: &TrainConfig,
     path: &Path,
 ) -> Result<(), TrainError> {
     let mut set = AdapterSet::new();
     sites::collect_adapters(unet, &mut set)?;
-    sites::collect_adapters(text_encoder, &mut set)?;
+    for te in encoders.iter_mut() {
+        sites::collect_adapters(te, &mut set)?;
+    }
     if unet.has_added_conditions() {
         // kohya's SDXL files name the UNet's modules by their SGM paths.
         sd_model::lora::use_sdxl_kohya_names(&mut set, unet);

@@ -1,7 +1,7 @@
 //! SDXL LoRA training and sampling on the built-in `tiny-sdxl` model: both text encoders
 //! condition the UNet (states and pooled embedding), each sample's size and crop go in as
-//! time ids, files carry kohya's SDXL names, block-wise settings follow kohya's SDXL
-//! numbering, and the unsupported settings are typed errors.
+//! time ids, both text encoders can train, files carry kohya's SDXL names, block-wise
+//! settings follow kohya's SDXL numbering, and the unsupported settings are typed errors.
 
 use burn::backend::{Autodiff, Flex};
 use lora_core::{AdapterFormat, AdapterSet, ReadOptions};
@@ -137,13 +137,105 @@ fn unsupported_sdxl_settings_are_typed_errors() {
     let _guard = seeded();
     let dir = tempfile::tempdir().unwrap();
     let mut config = sdxl_config(dir.path(), 1);
-    config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
-    let err = train::<B>(&config, &Default::default(), &mut |_| true).unwrap_err();
-    assert!(err.to_string().contains("lora.text_encoder_targets") && err.to_string().contains("SDXL"), "{err}");
-    let mut config = sdxl_config(dir.path(), 1);
     config.model.clip_skip = 2;
     let err = train::<B>(&config, &Default::default(), &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("model.clip_skip"), "{err}");
+}
+
+/// The last layer of encoder `component` in `set` (its adapters' largest layer index).
+fn last_layer(set: &AdapterSet, component: lora_core::Component) -> usize {
+    set.iter()
+        .filter(|(k, _)| k.component == component)
+        .filter_map(|(k, _)| k.path.strip_prefix("text_model.encoder.layers.")?.split('.').next()?.parse().ok())
+        .max()
+        .unwrap()
+}
+
+/// The largest |up| of the adapters of `component` in `set` whose layer index is (`last`)
+/// or is not (`!last`) `layer`.
+fn largest_up(set: &AdapterSet, component: lora_core::Component, layer: usize, last: bool) -> f32 {
+    let prefix = format!("text_model.encoder.layers.{layer}.");
+    set.iter()
+        .filter(|(k, _)| k.component == component && k.path.starts_with(&prefix) == last)
+        .flat_map(|(_, w)| w.up.data.iter().map(|v| v.abs()))
+        .fold(0.0, f32::max)
+}
+
+/// Both SDXL text encoders train (as kohya's sd-scripts train them): the first through
+/// its penultimate states, the second through those and its pooled embedding, whose
+/// last layer only the pooled embedding reaches. Checkpointing gives the same training,
+/// the file names the encoders `lora_te1_` / `lora_te2_`, a run resumes bit for bit, and
+/// the file starts a new run (`dim_from_weights`).
+#[test]
+fn sdxl_text_encoders_train_through_states_and_pooled_embedding() {
+    use lora_core::Component::{TextEncoder, TextEncoder2};
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = sdxl_config(dir.path(), 2);
+    config.output.sample_prompts.clear();
+    config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::AttnMlp;
+    config.train.text_encoder_lr = 5e-4;
+    let plain = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let names = tensor_names(&plain.lora);
+    assert!(names.iter().any(|n| n.starts_with("lora_te1_text_model_encoder_layers_0_")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("lora_te2_text_model_encoder_layers_0_")), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("lora_te_")), "{names:?}");
+    let (set, _) = AdapterSet::load(&plain.lora, &tiny_sdxl_index(), ReadOptions::default()).unwrap();
+    let (last1, last2) = (last_layer(&set, TextEncoder), last_layer(&set, TextEncoder2));
+    // The first encoder's last layer feeds nothing SDXL uses; the second's feeds the
+    // pooled embedding only.
+    assert_eq!(largest_up(&set, TextEncoder, last1, true), 0.0);
+    assert!(largest_up(&set, TextEncoder, last1, false) > 0.0);
+    assert!(largest_up(&set, TextEncoder2, last2, true) > 0.0, "no gradient reached the pooled embedding's layer");
+    assert!(largest_up(&set, TextEncoder2, last2, false) > 0.0);
+
+    // Gradient checkpointing: the same training, the pooled embedding's gradient included.
+    config.train.gradient_checkpointing = true;
+    let checkpointed = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    for (a, b) in plain.losses.iter().zip(&checkpointed.losses) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "losses {:?} vs {:?}", plain.losses, checkpointed.losses);
+    }
+    let (again, _) = AdapterSet::load(&checkpointed.lora, &tiny_sdxl_index(), ReadOptions::default()).unwrap();
+    assert_eq!(set.len(), again.len());
+    for ((ka, wa), (kb, wb)) in set.iter().zip(again.iter()) {
+        assert_eq!(ka, kb);
+        let peak = wa.up.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = wa.up.data.iter().zip(&wb.up.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-3 * peak.max(1e-6), "{ka:?}: {diff} of {peak}");
+    }
+
+    // An interrupted run resumes to the same adapters, both encoders' optimizer states
+    // included.
+    config.train.gradient_checkpointing = false;
+    config.train.max_train_steps = 3;
+    config.output.save_state = true;
+    let straight_dir = tempfile::tempdir().unwrap();
+    config.output.output_dir = straight_dir.path().to_path_buf();
+    let straight = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let resumed_dir = tempfile::tempdir().unwrap();
+    config.output.output_dir = resumed_dir.path().to_path_buf();
+    let first = train::<B>(&config, &Default::default(), &mut |info| info.step < 2).unwrap();
+    assert!(first.interrupted);
+    let second = trainer::train::resume::<B>(&config, &resumed_dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses));
+    let data = |p: &std::path::Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + header..].to_vec()
+    };
+    assert!(data(&second.lora) == data(&straight.lora), "the same adapters");
+
+    // The file starts a new run with its modules, both encoders' included.
+    let next_dir = tempfile::tempdir().unwrap();
+    let mut next = sdxl_config(next_dir.path(), 1);
+    next.output.sample_prompts.clear();
+    next.lora.network_weights = plain.lora.display().to_string();
+    next.lora.dim_from_weights = true;
+    let continued = train::<B>(&next, &Default::default(), &mut |_| true).unwrap();
+    let (from_file, _) = AdapterSet::load(&continued.lora, &tiny_sdxl_index(), ReadOptions::default()).unwrap();
+    assert_eq!(from_file.len(), set.len());
+    assert!(from_file.iter().any(|(k, _)| k.component == TextEncoder2));
 }
 
 /// kohya's block-wise settings in SDXL's numbering (23 blocks: the embeddings, 9 down,
