@@ -83,6 +83,8 @@ fn parse_args() -> Result<Args, String> {
 
 fn build_config(a: &Args) -> Result<DatasetConfig, sd_data::DataError> {
     let mut c = match &a.config {
+        // kohya sd-scripts' TOML, or sd-data's JSON.
+        Some(path) if path.extension().is_some_and(|e| e == "toml") => DatasetConfig::from_kohya_toml_file(path, &DatasetConfig::default())?,
         Some(path) => DatasetConfig::from_json_file(path)?,
         None => DatasetConfig::default(),
     };

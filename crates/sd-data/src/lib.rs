@@ -40,6 +40,7 @@ mod dataset;
 pub mod demo;
 mod error;
 pub mod image_io;
+mod kohya_config;
 mod loader;
 pub mod scan;
 

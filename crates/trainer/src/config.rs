@@ -93,8 +93,11 @@ pub struct DataSection {
     /// Fraction of the training images held out to measure a validation loss (kohya's
     /// `validation_split`; 0 = none). Never regularization images.
     pub validation_split: f64,
-    /// A full sd-data dataset config (JSON, several subsets; see docs/datasets.md) that
-    /// replaces every other `[data]` setting except `demo_images` (`""` = none).
+    /// A dataset config file that replaces `train_data_dir` and `reg_data_dir` (`""` =
+    /// none): kohya sd-scripts' (`.toml`: `[general]`, `[[datasets]]`,
+    /// `[[datasets.subsets]]`), whose left-out options come from this section, or
+    /// sd-data's (`.json`), which replaces every other `[data]` setting. See
+    /// docs/datasets.md.
     pub dataset_config: String,
 }
 
@@ -913,8 +916,9 @@ impl TrainConfig {
         if !self.data.mask_dir.is_empty() && (self.data.train_data_dir == "demo" || !self.data.dataset_config.is_empty()) {
             return bad("data.mask_dir needs data.train_data_dir to be an image folder (with data.dataset_config, set `mask_dir` on its subsets)");
         }
-        if self.data.alpha_mask && !self.data.dataset_config.is_empty() {
-            return bad("data.alpha_mask does not reach the subsets of data.dataset_config: set `alpha_mask` on them");
+        let kohya_dataset = Path::new(&self.data.dataset_config).extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        if self.data.alpha_mask && !self.data.dataset_config.is_empty() && !kohya_dataset {
+            return bad("data.alpha_mask does not reach the subsets of a .json data.dataset_config: set `alpha_mask` on them");
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             return bad("data.validation_split must be at least 0 (none) and below 1");

@@ -124,7 +124,8 @@ fn has_kohya_folders(dir: &Path) -> bool {
 /// Builds the dataset the configuration asks for.
 pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     let d = &config.data;
-    if d.train_data_dir == "demo" {
+    // A dataset config replaces the folders (the default `train_data_dir` is the demo).
+    if d.train_data_dir == "demo" && d.dataset_config.is_empty() {
         let mut ds = DatasetConfig::demo("demo");
         ds.batch_size = config.train.train_batch_size;
         ds.seed = config.train.seed;
@@ -140,13 +141,6 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
             ..SubsetConfig::default()
         };
         return Ok(Dataset::from_memory(&ds, subset, demo::into_memory_images(samples))?);
-    }
-    if !d.dataset_config.is_empty() {
-        // The file describes the data completely; batch size and seed follow [train].
-        let mut ds = DatasetConfig::from_json_file(Path::new(&d.dataset_config))?;
-        ds.batch_size = config.train.train_batch_size;
-        ds.seed = config.train.seed;
-        return Ok(Dataset::open(&ds)?);
     }
     let mut ds = DatasetConfig::single(&d.train_data_dir);
     ds.resolution = Resolution::square(d.resolution);
@@ -179,6 +173,35 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         mask_dir: (!is_reg && !d.mask_dir.is_empty()).then(|| d.mask_dir.clone().into()),
         ..SubsetConfig::new(dir)
     };
+    if !d.dataset_config.is_empty() {
+        let path = Path::new(&d.dataset_config);
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
+            // kohya's dataset config: what it leaves out comes from [data] (sd-scripts fills
+            // it from its command line), a subset's folder read as sd-scripts reads it (its
+            // own images, `num_repeats` times).
+            ds.subsets = vec![SubsetConfig {
+                num_repeats: Some(d.num_repeats),
+                recursive: false,
+                ..subset("", false)
+            }];
+            let kohya = DatasetConfig::from_kohya_toml_file(path, &ds)?;
+            if kohya.batch_size != config.train.train_batch_size {
+                return Err(TrainError::Config {
+                    origin: format!("data.dataset_config = {}", path.display()),
+                    reason: format!(
+                        "sets batch_size = {} but train.train_batch_size is {}: set train.train_batch_size = {0} (the trainer takes one batch size, from [train])",
+                        kohya.batch_size, config.train.train_batch_size
+                    ),
+                });
+            }
+            return Ok(Dataset::open(&kohya)?);
+        }
+        // The file describes the data completely; batch size and seed follow [train].
+        let mut ds = DatasetConfig::from_json_file(path)?;
+        ds.batch_size = config.train.train_batch_size;
+        ds.seed = config.train.seed;
+        return Ok(Dataset::open(&ds)?);
+    }
     ds.subsets = vec![subset(&d.train_data_dir, false)];
     if !d.reg_data_dir.is_empty() {
         ds.subsets.push(subset(&d.reg_data_dir, true));

@@ -598,6 +598,68 @@ fn kohya_folders_repeats_regularization_and_caption_options() {
     assert!(err.to_string().contains("nope"), "{err}");
 }
 
+/// `data.dataset_config` with kohya's TOML: sd-scripts' precedence (subset over dataset
+/// over `[general]` over the `[data]` section), its folder reading (a subset's own images,
+/// `num_repeats` times), one batch size with `[train]`; a JSON config replaces the default
+/// demo data too. The run trains on the file's folders.
+#[test]
+fn kohya_dataset_config_toml_trains_on_its_subsets() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let style = root.path().join("img/style");
+    write_image(&style, "a", "red, circle", 10);
+    write_image(&style, "b", "blue, square", 200);
+    // sd-scripts reads a subset's folder itself, not its sub-folders.
+    write_image(&style.join("old"), "c", "old, picture", 120);
+    write_image(&root.path().join("img/reg"), "r", "a picture", 90);
+    let toml = root.path().join("dataset.toml");
+    let text = format!(
+        "[general]\nkeep_tokens = 1\ncaption_prefix = \"mystyle,\"\n\n[[datasets]]\nresolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 16\nbatch_size = 2\nshuffle_caption = true\n\n  [[datasets.subsets]]\n  image_dir = {:?}\n  num_repeats = 3\n\n  [[datasets.subsets]]\n  image_dir = {:?}\n  is_reg = true\n  shuffle_caption = false\n",
+        style.display().to_string(),
+        root.path().join("img/reg").display().to_string()
+    );
+    std::fs::write(&toml, text).unwrap();
+    let mut config = quick_config(&root.path().join("out"), 2);
+    config.data.dataset_config = toml.display().to_string();
+    config.data.prior_loss_weight = 0.5;
+    config.data.flip_aug = true;
+    config.train.train_batch_size = 2;
+    config.output.sample_prompts.clear();
+    let dataset = trainer::train::open_dataset(&config).unwrap();
+    let folders = dataset.folders();
+    assert_eq!(folders.iter().map(|f| (f.num_repeats, f.images, f.is_reg)).collect::<Vec<_>>(), vec![(3, 2, false), (1, 1, true)], "{folders:?}");
+    let subsets = &dataset.config().subsets;
+    // [data] gives what the file leaves out (flip_aug), [general] what the datasets leave
+    // out (keep_tokens, caption_prefix), the dataset what its subsets leave out.
+    assert!(subsets.iter().all(|s| s.flip_aug && s.keep_tokens == 1 && s.caption_prefix.as_deref() == Some("mystyle,")));
+    assert_eq!((subsets[0].shuffle_caption, subsets[1].shuffle_caption), (true, false));
+    assert_eq!(dataset.config().resolution.width, 64);
+    let samples: Vec<_> = dataset.plan_epoch(0).into_iter().flat_map(|p| p.samples).collect();
+    assert!(samples.iter().all(|s| s.caption.starts_with("mystyle, ")), "{samples:?}");
+    // As in sd-scripts, regularization images repeat to match the 2 x 3 training samples.
+    assert_eq!(samples.iter().filter(|s| s.loss_weight == 0.5).count(), 6);
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(report.losses.len(), 2);
+    let meta = lora_metadata(&report.lora);
+    assert!(meta["ss_dataset_dirs"].contains("style") && meta["ss_reg_dataset_dirs"].contains("reg"), "{meta:?}");
+
+    // One batch size: the file's must agree with [train]'s.
+    config.train.train_batch_size = 1;
+    let Err(err) = trainer::train::open_dataset(&config) else { panic!("batch sizes that differ must be an error") };
+    assert!(err.to_string().contains("batch_size = 2") && err.to_string().contains("train.train_batch_size"), "{err}");
+    // sd-scripts options this trainer lacks are named.
+    std::fs::write(&toml, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"x\"\n  color_aug = true\n").unwrap();
+    let Err(err) = trainer::train::open_dataset(&config) else { panic!("color_aug must be refused") };
+    assert!(err.to_string().contains("dataset.toml") && err.to_string().contains("datasets[0].subsets[0].color_aug"), "{err}");
+
+    // A JSON config replaces the default demo data as well.
+    let json = root.path().join("dataset.json");
+    std::fs::write(&json, format!("{{\"subsets\": [{{\"image_dir\": {:?}, \"recursive\": false}}], \"resolution\": 64, \"min_bucket_reso\": 32, \"bucket_reso_steps\": 16}}", style.display().to_string())).unwrap();
+    config.data.dataset_config = json.display().to_string();
+    let dataset = trainer::train::open_dataset(&config).unwrap();
+    assert_eq!(dataset.images().len(), 2);
+}
+
 #[test]
 fn prodigy_trains_and_resumes_bit_for_bit() {
     let _guard = seeded();

@@ -1,0 +1,232 @@
+//! kohya sd-scripts' dataset config files (`--dataset_config`, TOML).
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::config::{DatasetConfig, SubsetConfig};
+use crate::error::{DataError, Result};
+
+/// sd-scripts options this crate does not implement, with what to do instead.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("color_aug", "color augmentation is not supported (sd-scripts deprecated it)"),
+    ("face_crop_aug_range", "face-crop augmentation is not supported"),
+    ("secondary_separator", "a secondary caption separator is not supported"),
+    ("enable_wildcard", "caption wildcards are not supported"),
+    ("token_warmup_min", "token warmup is not supported"),
+    ("token_warmup_step", "token warmup is not supported"),
+    ("custom_attributes", "custom attributes are not supported"),
+    ("resize_interpolation", "images are always resized with Lanczos"),
+    ("cache_info", "the image scan is not cached"),
+    ("metadata_file", "fine-tuning datasets (metadata files) are not supported; a folder with a Hugging Face metadata.jsonl is read as image_dir"),
+    ("network_multiplier", "per-dataset network multipliers are not supported"),
+    ("debug_dataset", "there is no dataset debugging mode"),
+    ("validation_split", "set the trainer's data.validation_split instead"),
+    ("validation_seed", "the validation split is seeded by the training seed"),
+    ("max_token_length", "set the trainer's model.max_token_length instead"),
+];
+
+/// Where in the file a table is, for messages.
+#[derive(Clone, Copy)]
+enum Section {
+    General,
+    Dataset(usize),
+    Subset(usize, usize),
+}
+
+impl Section {
+    fn key(self, key: &str) -> String {
+        match self {
+            Self::General => format!("general.{key}"),
+            Self::Dataset(i) => format!("datasets[{i}].{key}"),
+            Self::Subset(i, j) => format!("datasets[{i}].subsets[{j}].{key}"),
+        }
+    }
+}
+
+/// The field names of a serialised struct.
+fn field_names(value: &Value) -> Vec<String> {
+    value.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+}
+
+impl DatasetConfig {
+    /// Reads sd-scripts' dataset config from the TOML file `path` ([`from_kohya_toml`](Self::from_kohya_toml)).
+    pub fn from_kohya_toml_file(path: &Path, defaults: &DatasetConfig) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        Self::from_kohya_toml(&text, path, defaults)
+    }
+
+    /// Reads sd-scripts' dataset config `text` (from `path`, for messages). Values the file
+    /// leaves out come from `defaults`: its dataset options, and for the subsets its first
+    /// subset's options (or [`SubsetConfig::default`]) but the folder, which every subset
+    /// must name (`image_dir`). The result is validated.
+    ///
+    /// kohya sd-scripts' dataset config files (`--dataset_config`, TOML): `[general]` options
+    /// for everything, `[[datasets]]` with their options, and each dataset's
+    /// `[[datasets.subsets]]` (image folders).
+    ///
+    /// As in sd-scripts, a subset's value wins over its dataset's, which wins over
+    /// `[general]`'s, which wins over the defaults the caller gives (sd-scripts takes them from
+    /// its command line). The datasets must agree on the dataset options (resolution,
+    /// buckets, batch size): they become one [`DatasetConfig`] with all their subsets.
+    /// Options sd-scripts has and this crate does not (`color_aug`, `face_crop_aug_range`,
+    /// `token_warmup_step`, fine-tuning `metadata_file`s, ...) are errors naming the option.
+    ///
+    /// ```
+    /// use sd_data::DatasetConfig;
+    /// let toml = r#"
+    /// [general]
+    /// shuffle_caption = true
+    /// caption_extension = ".txt"
+    /// keep_tokens = 1
+    ///
+    /// [[datasets]]
+    /// resolution = 768
+    /// batch_size = 2
+    ///
+    ///   [[datasets.subsets]]
+    ///   image_dir = "img/style"
+    ///   num_repeats = 10
+    ///
+    ///   [[datasets.subsets]]
+    ///   image_dir = "img/reg"
+    ///   is_reg = true
+    ///   keep_tokens = 0
+    /// "#;
+    /// let config = DatasetConfig::from_kohya_toml(toml, "dataset.toml".as_ref(), &DatasetConfig::default()).unwrap();
+    /// assert_eq!((config.resolution.width, config.batch_size), (768, 2));
+    /// assert_eq!(config.subsets[0].num_repeats, Some(10));
+    /// assert!(config.subsets[0].shuffle_caption && config.subsets[1].is_reg);
+    /// assert_eq!((config.subsets[0].keep_tokens, config.subsets[1].keep_tokens), (1, 0));
+    /// ```
+    pub fn from_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<Self> {
+        // Errors name the file, and the key as the file spells its place.
+        read_kohya_toml(text, path, defaults).map_err(|e| match e {
+            DataError::Config { key, message } => DataError::ConfigFile { path: path.to_path_buf(), message: format!("`{key}` {message}") },
+            other => other,
+        })
+    }
+}
+
+fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<DatasetConfig> {
+    let file_error = |message: String| DataError::ConfigFile { path: path.to_path_buf(), message };
+    let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+    let doc = serde_json::to_value(doc).map_err(|e| file_error(e.to_string()))?;
+    let doc = doc.as_object().cloned().unwrap_or_default();
+    if let Some(key) = doc.keys().find(|k| *k != "general" && *k != "datasets") {
+        return Err(file_error(format!("unknown top-level key `{key}` (expected [general] and [[datasets]])")));
+    }
+    let general = table(&doc, "general", path)?.unwrap_or_default();
+    let datasets = match doc.get("datasets") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        _ => return Err(file_error("list the data in [[datasets]] with their [[datasets.subsets]]".into())),
+    };
+
+    let mut dataset_defaults = serde_json::to_value(DatasetConfig { subsets: Vec::new(), ..defaults.clone() }).map_err(|e| file_error(e.to_string()))?;
+    let mut subset_defaults = serde_json::to_value(defaults.subsets.first().cloned().unwrap_or_default()).map_err(|e| file_error(e.to_string()))?;
+    let (dataset_keys, subset_keys) = {
+        let mut d = field_names(&dataset_defaults);
+        d.retain(|k| k != "subsets");
+        (d, field_names(&subset_defaults))
+    };
+    if let (Some(d), Some(s)) = (dataset_defaults.as_object_mut(), subset_defaults.as_object_mut()) {
+        d.remove("subsets");
+        s.remove("image_dir");
+    }
+    let route = |section: Section, table: &Map<String, Value>, dataset: &mut Value, subset: &mut Value| -> Result<()> {
+        for (key, value) in table {
+            let key = if key == "conditioning_data_dir" { "mask_dir" } else { key.as_str() };
+            if let Some((_, why)) = UNSUPPORTED.iter().find(|(k, _)| *k == key) {
+                return Err(DataError::config(&section.key(key), format!("(sd-scripts' option) is not supported: {why}")));
+            }
+            let target = if dataset_keys.iter().any(|k| k == key) {
+                if let Section::Subset(..) = section {
+                    return Err(DataError::config(&section.key(key), "is a dataset option: set it in its [[datasets]] entry or in [general]"));
+                }
+                &mut *dataset
+            } else if subset_keys.iter().any(|k| k == key) {
+                &mut *subset
+            } else {
+                return Err(DataError::config(&section.key(key), "is not a dataset option (see docs/datasets.md for the options)"));
+            };
+            if let Some(obj) = target.as_object_mut() {
+                obj.insert(key.to_string(), value.clone());
+            }
+        }
+        Ok(())
+    };
+
+    let mut merged: Option<(Value, usize)> = None;
+    let mut subsets = Vec::new();
+    for (i, entry) in datasets.iter().enumerate() {
+        let Value::Object(entry) = entry else {
+            return Err(DataError::config(&format!("datasets[{i}]"), "must be a table"));
+        };
+        let (mut dataset, mut subset_base) = (dataset_defaults.clone(), subset_defaults.clone());
+        route(Section::General, &general, &mut dataset, &mut subset_base)?;
+        let mut own = entry.clone();
+        let listed = own.remove("subsets");
+        route(Section::Dataset(i), &own, &mut dataset, &mut subset_base)?;
+        let listed = match listed {
+            Some(Value::Array(a)) if !a.is_empty() => a,
+            _ => return Err(DataError::config(&format!("datasets[{i}].subsets"), "list the dataset's image folders in [[datasets.subsets]]")),
+        };
+        for (j, s) in listed.iter().enumerate() {
+            let Value::Object(s) = s else {
+                return Err(DataError::config(&format!("datasets[{i}].subsets[{j}]"), "must be a table"));
+            };
+            if !s.contains_key("image_dir") {
+                return Err(DataError::config(&Section::Subset(i, j).key("image_dir"), "is required: the folder of the subset's images"));
+            }
+            let mut subset = subset_base.clone();
+            let mut ignored = Value::Object(Map::new());
+            route(Section::Subset(i, j), s, &mut ignored, &mut subset)?;
+            subsets.push(typed::<SubsetConfig>(subset, Section::Subset(i, j), &subset_defaults)?);
+        }
+        match &merged {
+            None => merged = Some((dataset, i)),
+            Some((first, k)) if *first != dataset => {
+                let key = dataset_keys.iter().find(|key| first.get(key.as_str()) != dataset.get(key.as_str())).cloned().unwrap_or_default();
+                return Err(DataError::config(
+                    &format!("datasets[{i}].{key}"),
+                    format!("differs from datasets[{k}]'s: sd-scripts batches each dataset apart, this trainer takes one resolution, bucket setting and batch size for all (give them the same, or train them separately)"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let (dataset, i) = merged.unwrap_or_else(|| (dataset_defaults.clone(), 0));
+    let mut config = typed::<DatasetConfig>(dataset, Section::Dataset(i), &dataset_defaults)?;
+    config.subsets = subsets;
+    config.validate()?;
+    Ok(config)
+}
+
+/// A `[general]`-like table of the document, if present.
+fn table(doc: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<Map<String, Value>>> {
+    match doc.get(key) {
+        None => Ok(None),
+        Some(Value::Object(t)) => Ok(Some(t.clone())),
+        Some(_) => Err(DataError::ConfigFile { path: path.to_path_buf(), message: format!("`{key}` must be a table ([{key}])") }),
+    }
+}
+
+/// `value` as `T`; on a type error, the first key whose value alone fails (on `defaults`)
+/// is named.
+fn typed<T: serde::de::DeserializeOwned>(value: Value, section: Section, defaults: &Value) -> Result<T> {
+    serde_json::from_value::<T>(value.clone()).map_err(|e| {
+        let culprit = value.as_object().and_then(|obj| {
+            obj.iter().find_map(|(key, v)| {
+                let mut alone = defaults.clone();
+                let slot = alone.as_object_mut()?;
+                slot.insert(key.clone(), v.clone());
+                slot.entry("image_dir").or_insert_with(|| Value::String(String::new()));
+                serde_json::from_value::<T>(alone).err().map(|err| (key.clone(), err))
+            })
+        });
+        match culprit {
+            Some((key, err)) => DataError::config(&section.key(&key), format!("has the wrong type: {err}")),
+            None => DataError::config(section.key("").trim_end_matches('.'), format!("is malformed: {e}")),
+        }
+    })
+}

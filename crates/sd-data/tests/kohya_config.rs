@@ -1,0 +1,126 @@
+//! kohya sd-scripts' dataset config (TOML) read into a `DatasetConfig`: sd-scripts'
+//! precedence, the defaults the caller gives, and typed errors naming the file and key.
+
+use std::path::Path;
+
+use sd_data::{DataError, DatasetConfig, Resolution, SubsetConfig};
+
+fn read(text: &str, defaults: &DatasetConfig) -> Result<DatasetConfig, DataError> {
+    DatasetConfig::from_kohya_toml(text, Path::new("my/dataset.toml"), defaults)
+}
+
+fn message(text: &str) -> String {
+    match read(text, &DatasetConfig::default()) {
+        Err(DataError::ConfigFile { path, message }) => {
+            assert_eq!(path, Path::new("my/dataset.toml"));
+            message
+        }
+        other => panic!("expected a ConfigFile error, got {other:?}"),
+    }
+}
+
+#[test]
+fn subsets_override_datasets_which_override_general_which_override_the_defaults() {
+    let defaults = DatasetConfig {
+        enable_bucket: false,
+        resolution: Resolution::square(1024),
+        subsets: vec![SubsetConfig {
+            flip_aug: true,
+            caption_extension: ".caption".into(),
+            num_repeats: Some(1),
+            ..SubsetConfig::default()
+        }],
+        ..DatasetConfig::default()
+    };
+    let text = r#"
+        [general]
+        keep_tokens = 2
+        caption_extension = ".txt"
+        caption_dropout_rate = 0.1
+
+        [[datasets]]
+        resolution = [768, 512]
+        keep_tokens = 1
+
+          [[datasets.subsets]]
+          image_dir = "a"
+          num_repeats = 4
+          class_tokens = "sks style"
+
+          [[datasets.subsets]]
+          image_dir = "b"
+          keep_tokens = 3
+          flip_aug = false
+          conditioning_data_dir = "."
+
+        [[datasets]]
+        resolution = [768, 512]
+
+          [[datasets.subsets]]
+          image_dir = "c"
+          is_reg = true
+    "#;
+    let c = read(text, &defaults).unwrap();
+    // Dataset options: the file's, else the defaults'.
+    assert_eq!((c.resolution.width, c.resolution.height, c.enable_bucket), (768, 512, false));
+    let dirs: Vec<_> = c.subsets.iter().map(|s| s.image_dir.to_str().unwrap()).collect();
+    assert_eq!(dirs, ["a", "b", "c"]);
+    let keep: Vec<_> = c.subsets.iter().map(|s| s.keep_tokens).collect();
+    assert_eq!(keep, [1, 3, 2], "subset > dataset > general");
+    assert!(c.subsets.iter().all(|s| s.caption_extension == ".txt" && s.caption_dropout_rate == 0.1));
+    assert_eq!(c.subsets.iter().map(|s| s.flip_aug).collect::<Vec<_>>(), [true, false, true], "the defaults' subset template");
+    assert_eq!(c.subsets.iter().map(|s| s.num_repeats).collect::<Vec<_>>(), [Some(4), Some(1), Some(1)]);
+    assert_eq!(c.subsets[0].class_tokens.as_deref(), Some("sks style"));
+    assert!(c.subsets[2].is_reg && !c.subsets[0].is_reg);
+    // `conditioning_data_dir` is the mask folder (sd-scripts' masked loss).
+    assert_eq!(c.subsets[1].mask_dir.as_deref(), Some(Path::new(".")));
+}
+
+#[test]
+fn datasets_must_agree_on_dataset_options() {
+    let text = r#"
+        [[datasets]]
+        resolution = 512
+          [[datasets.subsets]]
+          image_dir = "a"
+        [[datasets]]
+        resolution = 768
+          [[datasets.subsets]]
+          image_dir = "b"
+    "#;
+    let m = message(text);
+    assert!(m.contains("`datasets[1].resolution`") && m.contains("datasets[0]"), "{m}");
+    // Agreeing ones, with the value in [general], merge.
+    let text = text.replace("resolution = 512", "").replace("resolution = 768", "");
+    let c = read(&format!("[general]\nresolution = 640\n{text}"), &DatasetConfig::default()).unwrap();
+    assert_eq!((c.resolution.width, c.subsets.len()), (640, 2));
+}
+
+#[test]
+fn bad_files_are_errors_naming_the_key() {
+    let subset = |extra: &str| format!("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  {extra}\n");
+    let cases = [
+        (subset("color_aug = true"), "`datasets[0].subsets[0].color_aug` (sd-scripts' option) is not supported"),
+        (subset("token_warmup_step = 0.5"), "`datasets[0].subsets[0].token_warmup_step`"),
+        (subset("metadata_file = \"meta.json\""), "fine-tuning"),
+        (subset("resolution = 512"), "`datasets[0].subsets[0].resolution` is a dataset option"),
+        (subset("num_repeat = 2"), "`datasets[0].subsets[0].num_repeat` is not a dataset option"),
+        (subset("num_repeats = \"ten\""), "`datasets[0].subsets[0].num_repeats` has the wrong type"),
+        (subset("num_repeats = 0"), "num_repeats"),
+        (subset("caption_dropout_rate = 2.0"), "caption_dropout_rate"),
+        ("[general]\nvalidation_split = 0.1\n".to_string() + &subset(""), "`general.validation_split`"),
+        ("[[datasets]]\nbatch_size = \"x\"\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].batch_size` has the wrong type"),
+        ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2\n".into(), "`datasets[0].subsets[0].image_dir` is required"),
+        ("[[datasets]]\nresolution = 512\n".into(), "`datasets[0].subsets`"),
+        ("[general]\nresolution = 512\n".into(), "[[datasets]]"),
+        ("[dataset]\nresolution = 512\n".into(), "unknown top-level key `dataset`"),
+        ("general = 3\n".into(), "must be a table"),
+        ("[[datasets]\n".into(), "TOML parse error"),
+    ];
+    for (text, want) in cases {
+        let m = message(&text);
+        assert!(m.contains(want), "{text}: {m}");
+    }
+    let missing = DatasetConfig::from_kohya_toml_file(Path::new("no/such.toml"), &DatasetConfig::default()).unwrap_err();
+    assert!(missing.to_string().contains("no/such.toml"), "{missing}");
+}
