@@ -127,6 +127,10 @@ pub struct SubsetConfig {
     /// fully, black not at all.
     #[serde(alias = "conditioning_data_dir")]
     pub mask_dir: Option<PathBuf>,
+    /// Read kohya folder names: an `N_name` folder's repeats and class tokens, and a folder
+    /// of `N_name` folders as their parent. Off, the folder is only its images (as
+    /// sd-scripts reads a subset of its dataset configs).
+    pub folder_names: bool,
 }
 
 impl Default for SubsetConfig {
@@ -155,6 +159,7 @@ impl Default for SubsetConfig {
             random_crop: false,
             alpha_mask: false,
             mask_dir: None,
+            folder_names: true,
         }
     }
 }

@@ -122,8 +122,17 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
         _ => return Err(file_error("list the data in [[datasets]] with their [[datasets.subsets]]".into())),
     };
 
-    let mut dataset_defaults = serde_json::to_value(DatasetConfig { subsets: Vec::new(), ..defaults.clone() }).map_err(|e| file_error(e.to_string()))?;
-    let mut subset_defaults = serde_json::to_value(defaults.subsets.first().cloned().unwrap_or_default()).map_err(|e| file_error(e.to_string()))?;
+    let to_value = |v: serde_json::Result<Value>| v.map_err(|e| file_error(e.to_string()));
+    let mut dataset_defaults = to_value(serde_json::to_value(DatasetConfig { subsets: Vec::new(), ..defaults.clone() }))?;
+    // sd-scripts reads a subset's folder as it is: its own images (not its sub-folders), no
+    // repeats or class tokens from its name (so `num_repeats` is 1 unless given).
+    let template = SubsetConfig {
+        recursive: false,
+        folder_names: false,
+        ..defaults.subsets.first().cloned().unwrap_or_default()
+    };
+    let typing_defaults = to_value(serde_json::to_value(&template))?;
+    let mut subset_defaults = typing_defaults.clone();
     let (dataset_keys, subset_keys) = {
         let mut d = field_names(&dataset_defaults);
         d.retain(|k| k != "subsets");
@@ -134,6 +143,9 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
         s.remove("image_dir");
     }
     let route = |section: Section, table: &Map<String, Value>, dataset: &mut Value, subset: &mut Value| -> Result<()> {
+        if table.contains_key("conditioning_data_dir") && table.contains_key("mask_dir") {
+            return Err(DataError::config(&section.key("conditioning_data_dir"), "and `mask_dir` both name the mask folder: set one"));
+        }
         for (key, value) in table {
             let key = if key == "conditioning_data_dir" { "mask_dir" } else { key.as_str() };
             if let Some((_, why)) = UNSUPPORTED.iter().find(|(k, _)| *k == key) {
@@ -156,7 +168,7 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
         Ok(())
     };
 
-    let mut merged: Option<(Value, usize)> = None;
+    let mut merged: Option<(DatasetConfig, usize)> = None;
     let mut subsets = Vec::new();
     for (i, entry) in datasets.iter().enumerate() {
         let Value::Object(entry) = entry else {
@@ -171,6 +183,7 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             Some(Value::Array(a)) if !a.is_empty() => a,
             _ => return Err(DataError::config(&format!("datasets[{i}].subsets"), "list the dataset's image folders in [[datasets.subsets]]")),
         };
+        let mut own_subsets = Vec::new();
         for (j, s) in listed.iter().enumerate() {
             let Value::Object(s) = s else {
                 return Err(DataError::config(&format!("datasets[{i}].subsets[{j}]"), "must be a table"));
@@ -181,12 +194,20 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             let mut subset = subset_base.clone();
             let mut ignored = Value::Object(Map::new());
             route(Section::Subset(i, j), s, &mut ignored, &mut subset)?;
-            subsets.push(typed::<SubsetConfig>(subset, Section::Subset(i, j), &subset_defaults)?);
+            own_subsets.push(typed::<SubsetConfig>(subset, Section::Subset(i, j), &typing_defaults)?);
         }
+        let dataset = typed::<DatasetConfig>(dataset, Section::Dataset(i), &dataset_defaults)?;
+        // Checked per dataset, so that messages name the subset as the file places it.
+        DatasetConfig { subsets: own_subsets.clone(), ..dataset.clone() }.validate().map_err(|e| match e {
+            DataError::Config { key, message } => DataError::Config { key: format!("datasets[{i}].{key}"), message },
+            other => other,
+        })?;
+        subsets.extend(own_subsets);
         match &merged {
             None => merged = Some((dataset, i)),
             Some((first, k)) if *first != dataset => {
-                let key = dataset_keys.iter().find(|key| first.get(key.as_str()) != dataset.get(key.as_str())).cloned().unwrap_or_default();
+                let (a, b) = (serde_json::to_value(first).unwrap_or_default(), serde_json::to_value(&dataset).unwrap_or_default());
+                let key = dataset_keys.iter().find(|key| a.get(key.as_str()) != b.get(key.as_str())).cloned().unwrap_or_default();
                 return Err(DataError::config(
                     &format!("datasets[{i}].{key}"),
                     format!("differs from datasets[{k}]'s: sd-scripts batches each dataset apart, this trainer takes one resolution, bucket setting and batch size for all (give them the same, or train them separately)"),
@@ -195,8 +216,9 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             Some(_) => {}
         }
     }
-    let (dataset, i) = merged.unwrap_or_else(|| (dataset_defaults.clone(), 0));
-    let mut config = typed::<DatasetConfig>(dataset, Section::Dataset(i), &dataset_defaults)?;
+    let Some((mut config, _)) = merged else {
+        return Err(DataError::config("datasets", "list the data in [[datasets]]"));
+    };
     config.subsets = subsets;
     config.validate()?;
     Ok(config)
@@ -218,9 +240,7 @@ fn typed<T: serde::de::DeserializeOwned>(value: Value, section: Section, default
         let culprit = value.as_object().and_then(|obj| {
             obj.iter().find_map(|(key, v)| {
                 let mut alone = defaults.clone();
-                let slot = alone.as_object_mut()?;
-                slot.insert(key.clone(), v.clone());
-                slot.entry("image_dir").or_insert_with(|| Value::String(String::new()));
+                alone.as_object_mut()?.insert(key.clone(), v.clone());
                 serde_json::from_value::<T>(alone).err().map(|err| (key.clone(), err))
             })
         });

@@ -231,7 +231,8 @@ impl Scanner<'_> {
         let own_name = dir
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| parse_kohya_folder_name(n).ok());
+            .and_then(|n| parse_kohya_folder_name(n).ok())
+            .filter(|_| cfg.folder_names);
         if dir.join(METADATA_FILE).is_file() {
             let idx = self.resolve(cfg, dir, own_name);
             return self.scan_metadata(dir, idx);
@@ -241,11 +242,12 @@ impl Scanner<'_> {
             .iter()
             .filter(|p| p.is_dir() && !self.is_mask_dir(p))
             .collect();
-        let kohya_parent = subdirs.iter().any(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(looks_kohya)
-        });
+        let kohya_parent = cfg.folder_names
+            && subdirs.iter().any(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(looks_kohya)
+            });
         if !kohya_parent {
             let idx = self.resolve(cfg, dir, own_name);
             let mut visited = HashSet::new();

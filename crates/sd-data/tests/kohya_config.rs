@@ -69,7 +69,8 @@ fn subsets_override_datasets_which_override_general_which_override_the_defaults(
     assert_eq!(keep, [1, 3, 2], "subset > dataset > general");
     assert!(c.subsets.iter().all(|s| s.caption_extension == ".txt" && s.caption_dropout_rate == 0.1));
     assert_eq!(c.subsets.iter().map(|s| s.flip_aug).collect::<Vec<_>>(), [true, false, true], "the defaults' subset template");
-    assert_eq!(c.subsets.iter().map(|s| s.num_repeats).collect::<Vec<_>>(), [Some(4), Some(1), Some(1)]);
+    assert_eq!(c.subsets.iter().map(|s| s.num_repeats).collect::<Vec<_>>(), [Some(4), Some(1), Some(1)], "the defaults' num_repeats");
+    assert!(c.subsets.iter().all(|s| !s.recursive && !s.folder_names), "sd-scripts' folder reading");
     assert_eq!(c.subsets[0].class_tokens.as_deref(), Some("sks style"));
     assert!(c.subsets[2].is_reg && !c.subsets[0].is_reg);
     // `conditioning_data_dir` is the mask folder (sd-scripts' masked loss).
@@ -90,6 +91,9 @@ fn datasets_must_agree_on_dataset_options() {
     "#;
     let m = message(text);
     assert!(m.contains("`datasets[1].resolution`") && m.contains("datasets[0]"), "{m}");
+    // The same value spelt otherwise is the same.
+    let same = text.replace("resolution = 512", "resolution = [768, 768]");
+    assert_eq!(read(&same, &DatasetConfig::default()).unwrap().subsets.len(), 2);
     // Agreeing ones, with the value in [general], merge.
     let text = text.replace("resolution = 512", "").replace("resolution = 768", "");
     let c = read(&format!("[general]\nresolution = 640\n{text}"), &DatasetConfig::default()).unwrap();
@@ -110,6 +114,10 @@ fn bad_files_are_errors_naming_the_key() {
         (subset("caption_dropout_rate = 2.0"), "caption_dropout_rate"),
         ("[general]\nvalidation_split = 0.1\n".to_string() + &subset(""), "`general.validation_split`"),
         ("[[datasets]]\nbatch_size = \"x\"\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].batch_size` has the wrong type"),
+        ("[[datasets]]\nenable_bucket = \"yes\"\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].enable_bucket` has the wrong type"),
+        (subset("conditioning_data_dir = \".\"\n  mask_dir = \".\""), "`datasets[0].subsets[0].conditioning_data_dir` and `mask_dir`"),
+        // Checks after typing name the subset as the file places it.
+        (format!("{}{}", subset(""), subset("num_repeats = 0")), "`datasets[1].subsets[0].num_repeats`"),
         ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2\n".into(), "`datasets[0].subsets[0].image_dir` is required"),
         ("[[datasets]]\nresolution = 512\n".into(), "`datasets[0].subsets`"),
         ("[general]\nresolution = 512\n".into(), "[[datasets]]"),
@@ -123,4 +131,37 @@ fn bad_files_are_errors_naming_the_key() {
     }
     let missing = DatasetConfig::from_kohya_toml_file(Path::new("no/such.toml"), &DatasetConfig::default()).unwrap_err();
     assert!(missing.to_string().contains("no/such.toml"), "{missing}");
+}
+
+/// sd-scripts reads a subset's folder as it is: its own images, no repeats or class tokens
+/// from its name, no `N_name` children; `folder_names = true` reads them as sd-data does.
+#[test]
+fn subsets_read_their_folders_as_sd_scripts_does() {
+    let root = tempfile::tempdir().unwrap();
+    let image = |dir: &Path, name: &str| {
+        std::fs::create_dir_all(dir).unwrap();
+        image::RgbImage::from_pixel(64, 64, image::Rgb([90, 120, 30])).save(dir.join(format!("{name}.png"))).unwrap();
+        std::fs::write(dir.join(format!("{name}.txt")), "a tag").unwrap();
+    };
+    let named = root.path().join("10_style");
+    image(&named, "a");
+    let parent = root.path().join("train");
+    image(&parent, "loose");
+    image(&parent.join("5_child"), "b");
+    let toml = |extra: &str| {
+        format!(
+            "[general]\nresolution = 64\nmin_bucket_reso = 64\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = {:?}\n  {extra}\n  [[datasets.subsets]]\n  image_dir = {:?}\n  {extra}\n",
+            named.display().to_string(),
+            parent.display().to_string()
+        )
+    };
+    let open = |text: &str| sd_data::Dataset::open(&read(text, &DatasetConfig::default()).unwrap()).unwrap();
+    let ds = open(&toml(""));
+    let folders: Vec<_> = ds.folders().into_iter().map(|f| (f.name, f.num_repeats, f.images)).collect();
+    assert_eq!(folders, [("10_style".to_string(), 1, 1), ("train".to_string(), 1, 1)]);
+    assert!(ds.config().subsets.iter().all(|s| s.class_tokens.is_none()));
+    let ds = open(&toml("folder_names = true\n  recursive = true"));
+    let mut folders: Vec<_> = ds.folders().into_iter().map(|f| (f.name, f.num_repeats, f.images)).collect();
+    folders.sort();
+    assert_eq!(folders, [("10_style".to_string(), 10, 1), ("5_child".to_string(), 5, 1), ("train".to_string(), 1, 1)]);
 }

@@ -116,7 +116,9 @@ impl BlockLayout {
 
     /// The block of the UNet layer at `path` (diffusers module path). `None` for layers in
     /// no block (SD1.x / SD2.x: `conv_in`, the time embedding, `conv_out`) and for positions
-    /// past the family's layout (a UNet config with more layers per block).
+    /// past the family's layout (a UNet config with more layers per block). The numbering
+    /// is that of the family's own layout (two ResNets per down level); a UNet with another
+    /// number (e.g. the tiny test models) keeps each layer's position in its level.
     pub fn block(self, path: &str) -> Option<usize> {
         match self {
             Self::Sd => sd_block(path),
@@ -272,7 +274,8 @@ pub fn lr_weights(layout: BlockLayout, down: &str, mid: &str, up: &str, zero_thr
                 };
                 return Err(bad("mid_lr_weight", format!("has {} entries; {what}", values.len())));
             }
-            values.into_iter().map(cut).chain(std::iter::repeat(1.0)).take(layout.mid()).collect()
+            // As kohya: filled with ones, then cut.
+            values.into_iter().chain(std::iter::repeat(1.0)).take(layout.mid()).map(cut).collect()
         }
     };
     let mut weights = vec![1.0; layout.down_start()];
@@ -609,6 +612,9 @@ mod tests {
         // A short middle list ends in ones.
         assert_eq!(&w[10..13], &[0.5, 1.0, 1.0]);
         assert_eq!(&w[13..22], &[0.25; 9]);
+        // As kohya, a short middle list is filled with ones before the threshold cuts.
+        let w = lr_weights(sdxl, "", "0.5", "", 1.0).unwrap().unwrap();
+        assert_eq!(&w[10..13], &[0.0; 3]);
         let w = lr_weights(sdxl, "1,2,3,4,5,6,7,8,9", "", "", 0.0).unwrap().unwrap();
         assert_eq!(&w[..11], &[1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 1.0]);
         for (down, mid, want) in [("1,2,3,4,5,6,7,8,9,10", "", "9 blocks"), ("", "1,1,1,1", "3 blocks"), ("", "1,2", "")] {

@@ -177,13 +177,9 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         let path = Path::new(&d.dataset_config);
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
             // kohya's dataset config: what it leaves out comes from [data] (sd-scripts fills
-            // it from its command line), a subset's folder read as sd-scripts reads it (its
-            // own images, `num_repeats` times).
-            ds.subsets = vec![SubsetConfig {
-                num_repeats: Some(d.num_repeats),
-                recursive: false,
-                ..subset("", false)
-            }];
+            // it from its command line, `num_repeats` from `--dataset_repeats`).
+            // (An explicit 1 would override `N_name` folders read with `folder_names = true`.)
+            ds.subsets = vec![SubsetConfig { num_repeats: Some(d.num_repeats).filter(|n| *n != 1), ..subset("", false) }];
             let kohya = DatasetConfig::from_kohya_toml_file(path, &ds)?;
             if kohya.batch_size != config.train.train_batch_size {
                 return Err(TrainError::Config {
@@ -910,7 +906,7 @@ fn run<B: AutodiffBackend>(
         false => None,
     };
     let unet_params = adapter_params(&mut unet, "unet");
-    let te_param_count: usize = encoders.iter_mut().enumerate().map(|(i, te)| adapter_params(te, encoder_key(i)).len()).sum();
+    let te_param_counts: Vec<usize> = encoders.iter_mut().enumerate().map(|(i, te)| adapter_params(te, encoder_key(i)).len()).collect();
     let unet_norm_pairs = lora_core::optim::norm_pairs(&mut unet);
     // Without text-encoder training, max-norm leaves the (untrained) encoders alone.
     let te_norm_pairs: Vec<Vec<lora_core::optim::NormPair>> = encoders.iter_mut().map(|te| if train_te { lora_core::optim::norm_pairs(te) } else { Vec::new() }).collect();
@@ -1093,16 +1089,16 @@ fn run<B: AutodiffBackend>(
         let (grads, te_grads) = (accumulator.grads(), te_accumulators.iter_mut().map(GradientsAccumulator::grads).collect::<Vec<_>>());
         // Only adapters may train; anything else with a gradient would be updated by AdamW
         // but never saved.
-        let te_grad_count: usize = te_grads.iter().map(GradientsParams::len).sum();
-        if grads.len() > unet_params.len() || te_grad_count > te_param_count {
+        let te_overflow = te_grads.iter().zip(&te_param_counts).any(|(g, n)| g.len() > *n);
+        if grads.len() > unet_params.len() || te_overflow {
             return Err(TrainError::Config {
                 origin: "model".into(),
                 reason: format!(
-                    "{} UNet and {} text-encoder tensors have gradients but only {} and {} are adapter weights",
+                    "{} UNet and {:?} text-encoder tensors have gradients but only {} and {:?} are adapter weights",
                     grads.len(),
-                    te_grad_count,
+                    te_grads.iter().map(GradientsParams::len).collect::<Vec<_>>(),
                     unet_params.len(),
-                    te_param_count
+                    te_param_counts
                 ),
             });
         }
