@@ -1,6 +1,6 @@
 //! Caption transforms as in kohya sd-scripts `process_caption`: prefix and suffix, trigger
-//! word, caption dropout, tag shuffle with `keep_tokens` or `keep_tokens_separator`, tag
-//! dropout.
+//! word, caption dropout, wildcards, tag shuffle with `keep_tokens` or
+//! `keep_tokens_separator`, tag dropout, the secondary separator.
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -28,6 +28,12 @@ pub struct CaptionTransform<'a> {
     pub suffix: Option<&'a str>,
     /// Marker of the kept tags inside the caption (`keep_tokens_separator`).
     pub keep_separator: Option<&'a str>,
+    /// Joins tags into one for shuffling and dropout, replaced by `separator` at the end
+    /// (kohya's `secondary_separator`, e.g. `;;;`).
+    pub secondary_separator: Option<&'a str>,
+    /// kohya's `enable_wildcard`: one line of a multi-line caption per sample, and each
+    /// `{a|b|c}` replaced by one of its options (`{{` and `}}` are literal braces).
+    pub wildcard: bool,
 }
 
 impl<'a> CaptionTransform<'a> {
@@ -47,6 +53,8 @@ impl<'a> CaptionTransform<'a> {
             prefix: s.caption_prefix.as_deref().filter(|t| !t.is_empty()),
             suffix: s.caption_suffix.as_deref().filter(|t| !t.is_empty()),
             keep_separator: s.keep_tokens_separator.as_deref().filter(|t| !t.is_empty()),
+            secondary_separator: s.secondary_separator.as_deref().filter(|t| !t.is_empty()),
+            wildcard: s.enable_wildcard,
         }
     }
 
@@ -86,9 +94,9 @@ impl<'a> CaptionTransform<'a> {
         (fixed.to_vec(), flex.to_vec(), Vec::new())
     }
 
-    /// Whether [`apply`](Self::apply) is deterministic (no shuffling or dropout).
+    /// Whether [`apply`](Self::apply) is deterministic (no shuffling, dropout or wildcards).
     pub fn is_fixed(&self) -> bool {
-        !self.shuffle && self.tag_dropout_rate <= 0.0 && self.caption_dropout_rate <= 0.0
+        !self.shuffle && self.tag_dropout_rate <= 0.0 && self.caption_dropout_rate <= 0.0 && !self.wildcard
     }
 
     /// Splits a caption into trimmed, non-empty tags.
@@ -111,8 +119,20 @@ impl<'a> CaptionTransform<'a> {
     }
 
     /// The caption with the deterministic part of the transform only (prefix and suffix,
-    /// trigger word, the keep separator removed).
+    /// trigger word, the keep separator removed, the secondary separator replaced).
     pub fn fixed(&self, caption: &str) -> String {
+        self.unjoined(self.fixed_tags(caption))
+    }
+
+    /// The secondary separator replaced by the separator, as kohya does last.
+    fn unjoined(&self, caption: String) -> String {
+        match self.secondary_separator {
+            Some(sep) => caption.replace(sep, self.separator),
+            None => caption,
+        }
+    }
+
+    fn fixed_tags(&self, caption: &str) -> String {
         let framed = self.framed(caption);
         if self.keep_separator.is_some_and(|sep| framed.contains(sep)) {
             let (mut tags, flex, last) = self.parts(&framed);
@@ -144,6 +164,19 @@ impl<'a> CaptionTransform<'a> {
         if self.caption_dropout_rate > 0.0 && rng.random::<f32>() < self.caption_dropout_rate {
             return String::new();
         }
+        let chosen;
+        let caption = if self.wildcard {
+            chosen = wildcards(caption, rng);
+            chosen.as_str()
+        } else {
+            caption
+        };
+        let out = self.shuffled(caption, rng);
+        self.unjoined(out)
+    }
+
+    /// Shuffle and tag dropout, or the deterministic transform without them.
+    fn shuffled<R: Rng + ?Sized>(&self, caption: &str, rng: &mut R) -> String {
         if self.shuffle || self.tag_dropout_rate > 0.0 {
             let framed = self.framed(caption);
             let (mut out, mut flex, last) = self.parts(&framed);
@@ -157,7 +190,7 @@ impl<'a> CaptionTransform<'a> {
             out.extend(last);
             out.join(&self.joiner())
         } else {
-            self.fixed(caption)
+            self.fixed_tags(caption)
         }
     }
 
@@ -171,5 +204,116 @@ impl<'a> CaptionTransform<'a> {
             }
         }
         tags
+    }
+}
+
+/// One piece of a caption for [`wildcards`]: kohya first turns `{{` and `}}` into
+/// placeholders (left to right), then replaces each `{options}` (at least one character, no
+/// `}`) by one of its `|`-separated options.
+#[derive(Clone, Copy, PartialEq)]
+enum Piece {
+    Open,
+    Close,
+    Char(char),
+}
+
+/// kohya's `enable_wildcard` on `caption`: a random line of a multi-line caption, then each
+/// `{a|b|c}` replaced by a random option; `{{` and `}}` stand for literal braces. One draw
+/// per choice, in order.
+pub(crate) fn wildcards<R: Rng + ?Sized>(caption: &str, rng: &mut R) -> String {
+    let lines: Vec<&str> = caption.split('\n').collect();
+    let line = if lines.len() > 1 { lines[rng.random_range(0..lines.len())] } else { caption };
+    let chars: Vec<char> = line.chars().collect();
+    let mut pieces = Vec::with_capacity(chars.len());
+    let mut i = 0;
+    while i < chars.len() {
+        match (chars[i], chars.get(i + 1)) {
+            ('{', Some('{')) | ('}', Some('}')) => {
+                pieces.push(Piece::Char(chars[i]));
+                i += 2;
+            }
+            ('{', _) => {
+                pieces.push(Piece::Open);
+                i += 1;
+            }
+            ('}', _) => {
+                pieces.push(Piece::Close);
+                i += 1;
+            }
+            (c, _) => {
+                pieces.push(Piece::Char(c));
+                i += 1;
+            }
+        }
+    }
+    let text = |p: &[Piece]| -> String {
+        p.iter()
+            .map(|p| match p {
+                Piece::Open => '{',
+                Piece::Close => '}',
+                Piece::Char(c) => *c,
+            })
+            .collect()
+    };
+    let mut out = String::with_capacity(line.len());
+    let mut i = 0;
+    while i < pieces.len() {
+        let close = (pieces[i] == Piece::Open).then(|| pieces[i + 1..].iter().position(|p| *p == Piece::Close)).flatten();
+        match close {
+            Some(len) if len > 0 => {
+                let group = text(&pieces[i + 1..i + 1 + len]);
+                let options: Vec<&str> = group.split('|').collect();
+                out.push_str(options[rng.random_range(0..options.len())]);
+                i += len + 2;
+            }
+            _ => {
+                out.push_str(&text(&pieces[i..i + 1]));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn all_outputs(caption: &str) -> std::collections::BTreeSet<String> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        (0..200).map(|_| wildcards(caption, &mut rng)).collect()
+    }
+
+    #[test]
+    fn wildcards_pick_lines_and_options_as_kohya() {
+        let got = all_outputs("a {red|blue} {cat|dog}");
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), ["a blue cat", "a blue dog", "a red cat", "a red dog"]);
+        let got = all_outputs("first line\nsecond {x|y}");
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), ["first line", "second x", "second y"]);
+        // Escaped braces are literal; an empty group and an unclosed brace stay as they are.
+        assert_eq!(all_outputs("{{a|b}} {} {c").into_iter().collect::<Vec<_>>(), ["{a|b} {} {c"]);
+        // An escaped brace inside a group is part of the option; empty options count.
+        let got = all_outputs("{x{{y|}");
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), ["", "x{y"]);
+        // No choice, no draw.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let before = rng.clone();
+        assert_eq!(wildcards("plain, tags", &mut rng), "plain, tags");
+        assert_eq!(rng, before);
+    }
+
+    #[test]
+    fn the_secondary_separator_keeps_tags_together_and_becomes_the_separator() {
+        let subset = SubsetConfig { shuffle_caption: true, secondary_separator: Some(";;;".into()), ..Default::default() };
+        let t = CaptionTransform::from_subset(&subset);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..20 {
+            let out = t.apply("red;;;shiny, circle, flat", &mut rng);
+            assert!(out.contains("red,shiny") && !out.contains(";;;"), "{out}");
+        }
+        assert_eq!(t.fixed("red;;;shiny, circle"), "red,shiny, circle");
+        let wild = SubsetConfig { enable_wildcard: true, ..Default::default() };
+        assert!(!CaptionTransform::from_subset(&wild).is_fixed() && !wild.captions_are_fixed());
     }
 }

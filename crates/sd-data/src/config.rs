@@ -127,6 +127,13 @@ pub struct SubsetConfig {
     /// fully, black not at all.
     #[serde(alias = "conditioning_data_dir")]
     pub mask_dir: Option<PathBuf>,
+    /// Joins tags into one for shuffling and dropout; replaced by `caption_separator` in
+    /// the caption the model sees (kohya's `secondary_separator`, e.g. `;;;`).
+    pub secondary_separator: Option<String>,
+    /// kohya's `enable_wildcard`: a caption file's non-empty lines are all read and one is
+    /// picked per sample, and each `{a|b|c}` is replaced by one of its options per sample
+    /// (`{{` and `}}` are literal braces). Off, a caption is its file's first non-empty line.
+    pub enable_wildcard: bool,
     /// Read kohya folder names: an `N_name` folder's repeats and class tokens, and a folder
     /// of `N_name` folders as their parent. Off, the folder is only its images (as
     /// sd-scripts reads a subset of its dataset configs).
@@ -159,6 +166,8 @@ impl Default for SubsetConfig {
             random_crop: false,
             alpha_mask: false,
             mask_dir: None,
+            secondary_separator: None,
+            enable_wildcard: false,
             folder_names: true,
         }
     }
@@ -177,6 +186,7 @@ impl SubsetConfig {
     /// which is what makes caching text embeddings valid.
     pub fn captions_are_fixed(&self) -> bool {
         !self.shuffle_caption
+            && !self.enable_wildcard
             && self.caption_dropout_rate == 0.0
             && self.caption_dropout_every_n_epochs == 0
             && self.caption_tag_dropout_rate == 0.0

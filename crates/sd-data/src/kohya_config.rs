@@ -11,8 +11,6 @@ use crate::error::{DataError, Result};
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("color_aug", "color augmentation is not supported (sd-scripts deprecated it)"),
     ("face_crop_aug_range", "face-crop augmentation is not supported"),
-    ("secondary_separator", "a secondary caption separator is not supported"),
-    ("enable_wildcard", "caption wildcards are not supported"),
     ("token_warmup_min", "token warmup is not supported"),
     ("token_warmup_step", "token warmup is not supported"),
     ("custom_attributes", "custom attributes are not supported"),

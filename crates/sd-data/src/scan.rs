@@ -383,7 +383,7 @@ impl Scanner<'_> {
             let cap = image.with_extension(&ext[1..]);
             tried.push(cap.display().to_string());
             if cap.is_file() {
-                if let Some(text) = read_caption_file(&cap)? {
+                if let Some(text) = read_caption_file(&cap, cfg.enable_wildcard)? {
                     return Ok(text);
                 }
             }
@@ -458,19 +458,21 @@ impl Scanner<'_> {
     }
 }
 
-/// Reads a caption file: the first non-empty line (kohya), `None` when there is none.
-fn read_caption_file(path: &Path) -> Result<Option<String>> {
+/// Reads a caption file: the first non-empty line (kohya), or with `all_lines` (kohya's
+/// `enable_wildcard`) every non-empty line, joined by newlines; `None` when there is none.
+fn read_caption_file(path: &Path, all_lines: bool) -> Result<Option<String>> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let text = String::from_utf8(bytes).map_err(|e| DataError::CaptionNotUtf8 {
         path: path.to_path_buf(),
         valid_up_to: e.utf8_error().valid_up_to(),
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .map(str::to_string))
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    if all_lines {
+        let joined = lines.collect::<Vec<_>>().join("\n");
+        return Ok((!joined.is_empty()).then_some(joined));
+    }
+    Ok(lines.next().map(str::to_string))
 }
 
 /// What the inspection of one candidate gives: width, height, content hash and mask.

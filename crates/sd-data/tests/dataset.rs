@@ -216,6 +216,25 @@ fn every_nth_epoch_has_empty_captions_and_the_same_draws() {
     }
 }
 
+/// kohya's `enable_wildcard` reads every line of a caption file and picks per sample; its
+/// `secondary_separator` keeps joined tags together and ends as the separator. Without
+/// them a caption is its first line and plans are unchanged.
+#[test]
+fn wildcards_pick_a_line_and_options_per_sample() {
+    let d = tempfile::tempdir().unwrap();
+    let p = save(&d.path().join("2_x/a.png"), 64, 64, 1);
+    caption(&p, "txt", "\na {red|blue} circle;;;round\n\nsecond line, plain\n");
+    let mut cfg = config(d.path());
+    let first_line = Dataset::open(&cfg).unwrap();
+    assert_eq!(first_line.images()[0].caption, "a {red|blue} circle;;;round");
+    cfg.subsets[0].enable_wildcard = true;
+    cfg.subsets[0].secondary_separator = Some(";;;".into());
+    let wild = Dataset::open(&cfg).unwrap();
+    assert_eq!(wild.images()[0].caption, "a {red|blue} circle;;;round\nsecond line, plain");
+    let captions: std::collections::BTreeSet<String> = (0..20).flat_map(|e| wild.plan_epoch(e)).flat_map(|p| p.samples).map(|s| s.caption).collect();
+    assert_eq!(captions.into_iter().collect::<Vec<_>>(), ["a blue circle,round", "a red circle,round", "second line, plain"]);
+}
+
 #[test]
 fn regularization_images_are_balanced_and_weighted() {
     let d = tempfile::tempdir().unwrap();

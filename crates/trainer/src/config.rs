@@ -69,6 +69,12 @@ pub struct DataSection {
     pub caption_prefix: String,
     /// Text put after every caption (kohya's `caption_suffix`; empty: none).
     pub caption_suffix: String,
+    /// Joins caption tags into one for shuffling and dropout, e.g. `;;;` (kohya's
+    /// `secondary_separator`; empty: none); it becomes a comma in the caption trained on.
+    pub secondary_separator: String,
+    /// kohya's `enable_wildcard`: every non-empty line of a caption file is read and each
+    /// sample takes one, and `{a|b|c}` takes one of its options.
+    pub enable_wildcard: bool,
     /// Probability of training a sample with an empty caption.
     pub caption_dropout_rate: f32,
     /// Empty every caption in every N-th epoch (kohya's `caption_dropout_every_n_epochs`;
@@ -518,6 +524,9 @@ pub struct OutputSection {
     pub save_state: bool,
     /// Write a sample grid every N steps (0 = only at the end).
     pub sample_every_n_steps: usize,
+    /// Write a sample grid at the end of every N-th epoch instead (kohya's
+    /// `sample_every_n_epochs`, which then overrides `sample_every_n_steps`; 0 = off).
+    pub sample_every_n_epochs: usize,
     /// Prompts of the sample grid.
     pub sample_prompts: Vec<String>,
     /// Sampler of the sample grid (any `sd-sched` name).
@@ -604,6 +613,8 @@ impl Default for TrainConfig {
                 keep_tokens_separator: String::new(),
                 caption_prefix: String::new(),
                 caption_suffix: String::new(),
+                secondary_separator: String::new(),
+                enable_wildcard: false,
                 caption_dropout_rate: 0.0,
                 caption_dropout_every_n_epochs: 0,
                 caption_tag_dropout_rate: 0.0,
@@ -707,6 +718,7 @@ impl Default for TrainConfig {
                 save_last_n_epochs: 0,
                 save_state: true,
                 sample_every_n_steps: 0,
+                sample_every_n_epochs: 0,
                 sample_prompts: vec![
                     "a large red circle over a blue field, demostyle".into(),
                     "a small yellow square over a green field, demostyle".into(),

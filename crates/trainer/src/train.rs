@@ -163,6 +163,8 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         keep_tokens_separator: Some(d.keep_tokens_separator.clone()).filter(|v| !v.is_empty()),
         caption_prefix: Some(d.caption_prefix.clone()).filter(|v| !v.is_empty()),
         caption_suffix: Some(d.caption_suffix.clone()).filter(|v| !v.is_empty()),
+        secondary_separator: Some(d.secondary_separator.clone()).filter(|v| !v.is_empty()),
+        enable_wildcard: d.enable_wildcard,
         caption_dropout_rate: d.caption_dropout_rate,
         caption_dropout_every_n_epochs: d.caption_dropout_every_n_epochs,
         caption_tag_dropout_rate: d.caption_tag_dropout_rate,
@@ -1126,12 +1128,17 @@ fn run<B: AutodiffBackend>(
         pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, d_lr, te_d_lr, max_norm, record: check.record });
 
         let last = progress.step == t.max_train_steps;
-        let sample_every = config.output.sample_every_n_steps;
-        let sample = sample_every > 0 && progress.step.is_multiple_of(sample_every) && !last;
         // An epoch is complete once its last batch is used.
         let completed = completed_epochs(&progress, plans.len());
         let epoch_ended = completed > epochs_completed;
         epochs_completed = completed;
+        // As kohya: sampling by epochs, when set, replaces sampling by steps.
+        let sample = match (config.output.sample_every_n_epochs, config.output.sample_every_n_steps) {
+            (0, 0) => None,
+            (0, every) => progress.step.is_multiple_of(every).then(|| format!("samples-step{:06}.png", progress.step)),
+            (every, _) => (epoch_ended && (completed as usize).is_multiple_of(every)).then(|| format!("samples-epoch{completed:04}.png")),
+        }
+        .filter(|_| !last);
         let every_epochs = config.output.save_every_n_epochs;
         let mut name = None;
         if config.output.save_every_n_steps > 0 && progress.step.is_multiple_of(config.output.save_every_n_steps) {
@@ -1142,7 +1149,7 @@ fn run<B: AutodiffBackend>(
         }
         let name = name.filter(|_| !last);
         // Read before anything is written (a non-finite step may have to stop the run).
-        if last || sample || name.is_some() || last_read.elapsed() >= read_interval {
+        if last || sample.is_some() || name.is_some() || last_read.elapsed() >= read_interval {
             let read = ReadBack {
                 t,
                 start,
@@ -1166,10 +1173,9 @@ fn run<B: AutodiffBackend>(
                 break;
             }
         }
-        if sample {
+        if let Some(file) = &sample {
             let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
-            let path = out.join(format!("samples-step{:06}.png", progress.step));
-            sample_grid_now(&unet, &encoders, &frozen, config, size, &path, device)?;
+            sample_grid_now(&unet, &encoders, &frozen, config, size, &out.join(file), device)?;
         }
         let every = config.output.validate_every_n_steps;
         if let Some(v) = validator.as_mut().filter(|_| last || (every > 0 && progress.step.is_multiple_of(every))) {

@@ -660,6 +660,30 @@ fn kohya_dataset_config_toml_trains_on_its_subsets() {
     assert_eq!(dataset.images().len(), 2);
 }
 
+/// kohya's `sample_every_n_epochs`: a grid at the end of every N-th epoch, replacing the
+/// grids by steps.
+#[test]
+fn sample_grids_every_n_epochs_replace_those_every_n_steps() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 1);
+    config.output.sample_prompts.truncate(1);
+    config.output.sample_steps = 2;
+    let batches = trainer::train::open_dataset(&config).unwrap().plan_epoch(0).len();
+    // Two epochs and one step into the third: grids after epochs 1 and 2, none by step.
+    config.train.max_train_steps = 2 * batches + 1;
+    config.output.sample_every_n_steps = 1;
+    config.output.sample_every_n_epochs = 1;
+    train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let mut grids: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("samples"))
+        .collect();
+    grids.sort();
+    assert_eq!(grids, ["samples-epoch0001.png", "samples-epoch0002.png", "samples.png"]);
+}
+
 #[test]
 fn prodigy_trains_and_resumes_bit_for_bit() {
     let _guard = seeded();
