@@ -147,7 +147,8 @@ impl<'a> CaptionTransform<'a> {
     }
 
     /// Applies the transform, drawing randomness from `rng` in a fixed order: caption dropout,
-    /// then the shuffle, then one draw per non-kept tag for tag dropout.
+    /// then (with wildcards) one draw per choice of a line or an option, then the shuffle,
+    /// then one draw per non-kept tag for tag dropout.
     ///
     /// ```
     /// use rand::SeedableRng;

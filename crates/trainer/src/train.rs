@@ -247,7 +247,8 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
     }
     let tokens = config.model.max_token_length;
     let tokenizer = crate::models::load_tokenizer(&config.model.pretrained)?;
-    let captions: Vec<String> = (0..dataset.images().len()).map(|i| dataset.fixed_caption(i)).collect();
+    // With wildcards a caption holds several lines, of which a sample sees one.
+    let captions: Vec<String> = (0..dataset.images().len()).flat_map(|i| dataset.fixed_caption(i).split('\n').map(String::from).collect::<Vec<_>>()).collect();
     if let (over @ 1.., longest) = crate::generate::overlong_prompts(&tokenizer, captions.iter().map(String::as_str), tokens)? {
         let hint = if tokens < 225 { "; model.max_token_length = 150 or 225 keeps more" } else { "" };
         out.push_str(&format!(
