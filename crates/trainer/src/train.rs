@@ -482,6 +482,32 @@ fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: i
     factors
 }
 
+/// One model's adapter optimizer, built alike for every model: `factors` (kohya's block
+/// weights and LoRA+, per tensor), Prodigy's own step-size estimate (one per model) or
+/// Lion, and with mixed precision f32 master values whose copies in the model are bf16/f16,
+/// so that the LoRA layers cast nothing per pass (DoRA's magnitudes stay f32 in the model:
+/// `FlatAdamW::with_master_copies`).
+fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B>>(
+    model: &mut M,
+    factors: &HashMap<burn::module::ParamId, f32>,
+    config: &TrainConfig,
+    device: &B::Device,
+) -> FlatAdamW<B> {
+    let (adamw, prodigy) = config.optimizer_settings();
+    let mut optim = FlatAdamW::new(adamw, &*model, device).with_lr_scales(|id| factors.get(&id).copied().unwrap_or(1.0));
+    if let Some(prodigy) = prodigy {
+        optim = optim.with_prodigy(prodigy);
+    }
+    if config.train.optimizer == crate::config::Optimizer::Lion {
+        optim = optim.with_lion();
+    }
+    if let Some(dtype) = config.train.mixed_precision.base_dtype() {
+        let magnitudes = magnitude_ids(model);
+        optim = optim.with_working_dtype(dtype).with_master_copies(|id| magnitudes.contains(&id));
+    }
+    optim
+}
+
 /// The parameter ids of `model`'s DoRA magnitudes.
 fn magnitude_ids<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>) -> std::collections::HashSet<burn::module::ParamId> {
     let mut ids = std::collections::HashSet::new();
@@ -804,7 +830,6 @@ fn run<B: AutodiffBackend>(
     };
     let mut timesteps = TimestepSampler::new(t.min_timestep, t.max_timestep, schedule.num_train_timesteps(), t.seed)?;
     let mut noise = SeededNoise::new(t.seed ^ 0x5eed);
-    let (adamw, prodigy) = config.optimizer_settings();
     let te_base_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
 
     let metrics_path = out.join("metrics.jsonl");
@@ -826,44 +851,18 @@ fn run<B: AutodiffBackend>(
     }
     // All adapter tensors of a model in one AdamW update (lora_core::optim), starting from
     // the adapters' current (restored) values.
-    let mut optim = FlatAdamW::new(adamw, &unet, device);
-    let mut te_optims: Vec<FlatAdamW<B>> = encoders.iter().map(|te| FlatAdamW::new(adamw, te, device)).collect();
     // kohya's block-wise learning rates and LoRA+: a factor per adapter tensor.
     let (unet_plus, te_plus) = config.lora.loraplus_ratios();
     let plan = config.lora.block_plan(sd_model::blocks::BlockLayout::of(&unet))?;
     let unet_factors = lr_factors(&mut unet, |path| plan.as_ref().map_or(1.0, |p| p.lr_factor(path)), unet_plus);
-    optim = optim.with_lr_scales(|id| unet_factors.get(&id).copied().unwrap_or(1.0));
-    // Each encoder's optimizer is built the same way as the UNet's.
-    let configure = |mut o: FlatAdamW<B>, te: &mut sd_model::ClipTextModel<B>| {
-        let factors = lr_factors(te, |_| 1.0, te_plus);
-        o = o.with_lr_scales(|id| factors.get(&id).copied().unwrap_or(1.0));
-        if let Some(prodigy) = prodigy {
-            // Each model's adapters get their own estimate of the step size.
-            o = o.with_prodigy(prodigy);
-        }
-        if config.train.optimizer == crate::config::Optimizer::Lion {
-            o = o.with_lion();
-        }
-        if let Some(dtype) = base_dtype {
-            // f32 master values in the optimizers, bf16/f16 copies in the models: the LoRA
-            // layers then cast nothing per pass (the same numbers; see `with_working_dtype`).
-            // DoRA's magnitudes stay f32 in the models (see `FlatAdamW::with_master_copies`).
-            let magnitudes = magnitude_ids(te);
-            o = o.with_working_dtype(dtype).with_master_copies(|id| magnitudes.contains(&id));
-        }
-        o
-    };
-    te_optims = te_optims.into_iter().zip(encoders.iter_mut()).map(|(o, te)| configure(o, te)).collect();
-    if let Some(prodigy) = prodigy {
-        optim = optim.with_prodigy(prodigy);
-    }
-    if config.train.optimizer == crate::config::Optimizer::Lion {
-        optim = optim.with_lion();
-    }
-    if let Some(dtype) = base_dtype {
-        let unet_m = magnitude_ids(&mut unet);
-        optim = optim.with_working_dtype(dtype).with_master_copies(|id| unet_m.contains(&id));
-    }
+    let mut optim = model_optimizer(&mut unet, &unet_factors, config, device);
+    let mut te_optims: Vec<FlatAdamW<B>> = encoders
+        .iter_mut()
+        .map(|te| {
+            let factors = lr_factors(te, |_| 1.0, te_plus);
+            model_optimizer(te, &factors, config, device)
+        })
+        .collect();
     if let Some(state) = state {
         let times = &state.info.optimizer_time;
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
@@ -979,7 +978,7 @@ fn run<B: AutodiffBackend>(
                 None => {
                     // Text encoders in training: encoded with their graph.
                     let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
-                    let c = encode_captions(text_encoders(&encoders, &frozen), &captions, config, device)?;
+                    let c = encode_captions(text_encoders_of(&encoders, &frozen), &captions, config, device)?;
                     let added = c.pooled.map(|p| sd_model::AddedConditions { text_embeds: p, time_ids: time_ids(&dataset, plan, device) });
                     (c.context, added)
                 }
@@ -1593,11 +1592,6 @@ fn text_encoders_of<'a, B: burn::tensor::backend::Backend, F: burn::tensor::back
         first: (&encoders[0], &frozen.tokenizer),
         second: encoders.get(1).zip(frozen.tokenizer_2.as_ref()),
     }
-}
-
-/// [`text_encoders_of`] on the training (autodiff) backend.
-fn text_encoders<'a, B: AutodiffBackend>(encoders: &'a [sd_model::ClipTextModel<B>], frozen: &'a Components<B::InnerBackend>) -> TextEncoders<'a, B> {
-    text_encoders_of(encoders, frozen)
 }
 
 /// The encoders' f32 master values from their optimizers (what is saved).
