@@ -527,7 +527,7 @@ pub struct OutputSection {
     /// Write a sample grid at the end of every N-th epoch instead (kohya's
     /// `sample_every_n_epochs`, which then overrides `sample_every_n_steps`; 0 = off).
     pub sample_every_n_epochs: usize,
-    /// Prompts of the sample grid.
+    /// Prompts of the sample grid (empty: no sample images).
     pub sample_prompts: Vec<String>,
     /// Sampler of the sample grid (any `sd-sched` name).
     pub sample_sampler: String,
@@ -823,6 +823,16 @@ fn check_keys(value: &toml::Value, origin: &str) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Whether a TOML tree is a kohya sd-scripts training config (its options at the top
+/// level or in tables like `[model_arguments]`), which has no section of this trainer's.
+fn looks_like_kohya(value: &toml::Value) -> bool {
+    const KOHYA: [&str; 4] = ["pretrained_model_name_or_path", "network_module", "network_dim", "train_data_dir"];
+    let toml::Value::Table(table) = value else { return false };
+    let ours = ["model", "data", "lora", "train", "output"];
+    let has = |t: &toml::Table| KOHYA.iter().any(|k| t.contains_key(*k));
+    !table.keys().any(|k| ours.contains(&k.as_str())) && (has(table) || table.values().any(|v| v.as_table().is_some_and(has)))
+}
+
 /// Sets `section.key = value` in a TOML tree; `value` is parsed as TOML (`3e-4`, `true`,
 /// `"text"`, `[1, 2]`) and taken as a plain string when it does not parse.
 fn set_key(tree: &mut toml::Value, assignment: &str) -> Result<(), TrainError> {
@@ -864,6 +874,15 @@ impl TrainConfig {
                 origin: path.display().to_string(),
                 reason: e.to_string(),
             })?;
+            if looks_like_kohya(&user) {
+                return Err(TrainError::Config {
+                    origin: path.display().to_string(),
+                    reason: format!(
+                        "this is a kohya sd-scripts training config, not this trainer's; convert it with `trainer import-kohya {} --out my-lora.toml` and train with `--config my-lora.toml`",
+                        path.display()
+                    ),
+                });
+            }
             check_keys(&user, &path.display().to_string())?;
             merge(&mut tree, user);
         }

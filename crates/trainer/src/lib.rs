@@ -1,9 +1,10 @@
 //! # trainer
 //!
-//! The thin composition layer of the workspace: configuration ([`config`]), the LoRA
-//! training loop ([`train`]), text-to-image generation ([`generate`]) and model loading
-//! ([`models`]) on top of [`lora_core`], [`sd_model`], [`sd_sched`] and [`sd_data`]. The
-//! `trainer` binary is a command-line front end to this library.
+//! The thin composition layer of the workspace: configuration ([`config`], and kohya
+//! sd-scripts configs read into it by [`kohya`]), the LoRA training loop ([`train`]),
+//! text-to-image generation ([`generate`]) and model loading ([`models`]) on top of
+//! [`lora_core`], [`sd_model`], [`sd_sched`] and [`sd_data`]. The `trainer` binary is a
+//! command-line front end to this library.
 #![deny(missing_docs)]
 
 pub mod bench;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod device_check;
 mod error;
 pub mod generate;
+pub mod kohya;
 pub mod metadata;
 pub mod models;
 pub mod plot;

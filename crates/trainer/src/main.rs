@@ -328,6 +328,19 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Convert a kohya sd-scripts training config (its `--config_file` TOML, also written by
+    /// the kohya_ss GUI) into this trainer's config, e.g. `trainer import-kohya
+    /// my_lora.toml --out my-style.toml`, then `trainer train --config my-style.toml`.
+    /// Options with no effect here, and approximations, are listed as notes; options that
+    /// would train differently and have no counterpart are errors naming them.
+    ImportKohya {
+        /// The sd-scripts config (`.toml`).
+        input: PathBuf,
+        /// Where to write this trainer's config (must not exist); without it, the config is
+        /// printed.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Convert a LoRA file between the kohya and diffusers/PEFT layouts (a LyCORIS LoHa / LoKr file becomes the plain LoRA with its update).
     Convert {
         /// Input LoRA.
@@ -900,6 +913,29 @@ fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: 
     Ok(())
 }
 
+/// `trainer import-kohya`: the converted config to `out` (never over an existing file) or
+/// standard output, the notes to standard error.
+fn run_import_kohya(input: &std::path::Path, out: Option<&std::path::Path>) -> Result<()> {
+    let import = trainer::kohya::import_kohya_config_file(input)?;
+    let text = import.to_toml(input);
+    for note in &import.notes {
+        eprintln!("note: {note}");
+    }
+    match out {
+        None => print!("{text}"),
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (the converted config is never written over an existing file)", path.display()))?;
+            std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            eprintln!("wrote {}; train with: trainer train --config {}", path.display(), path.display());
+        }
+    }
+    Ok(())
+}
+
 /// `--max-token-length`: a multiple of 75 up to `trainer::config::MAX_TOKEN_ROWS` rows.
 fn parse_max_token_length(value: &str) -> Result<usize, String> {
     let rows = trainer::config::MAX_TOKEN_ROWS;
@@ -923,6 +959,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
+        Command::ImportKohya { input, out } => run_import_kohya(&input, out.as_deref()),
         Command::Resize { input, output, rank, conv_rank, dynamic_method, dynamic_param, to, dtype, verbose } => {
             let rule = match (dynamic_method, dynamic_param) {
                 (Some(method), Some(param)) => lora_core::resize::RankRule::parse(&method, param)?,

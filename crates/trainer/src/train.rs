@@ -53,7 +53,8 @@ pub struct StepInfo {
 pub struct TrainReport {
     /// The LoRA file.
     pub lora: PathBuf,
-    /// Sample grid from the trained LoRA (not written when training was interrupted).
+    /// Sample grid from the trained LoRA (not written when training was interrupted or
+    /// `output.sample_prompts` is empty).
     pub sample_grid: Option<PathBuf>,
     /// Per-step metrics, one JSON object per line.
     pub metrics: PathBuf,
@@ -1138,7 +1139,7 @@ fn run<B: AutodiffBackend>(
             (0, every) => progress.step.is_multiple_of(every).then(|| format!("samples-step{:06}.png", progress.step)),
             (every, _) => (epoch_ended && (completed as usize).is_multiple_of(every)).then(|| format!("samples-epoch{completed:04}.png")),
         }
-        .filter(|_| !last);
+        .filter(|_| !last && !config.output.sample_prompts.is_empty());
         let every_epochs = config.output.save_every_n_epochs;
         let mut name = None;
         if config.output.save_every_n_steps > 0 && progress.step.is_multiple_of(config.output.save_every_n_steps) {
@@ -1206,7 +1207,7 @@ fn run<B: AutodiffBackend>(
         }
     }
 
-    let grid_path = if interrupted {
+    let grid_path = if interrupted || config.output.sample_prompts.is_empty() {
         None
     } else {
         let mut with_lora = with_trained(&unet, &encoders, frozen);

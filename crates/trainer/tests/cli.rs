@@ -93,3 +93,38 @@ fn resize_lowers_ranks_and_refuses_bad_requests() {
     assert!(!ok && text.contains("missing.safetensors"), "{text}");
     assert!(!Path::new(other).exists());
 }
+
+/// A kohya sd-scripts config converted with `trainer import-kohya` trains as it is: the
+/// LoRA under sd-scripts' default name, no sample grid without sample prompts; the
+/// converted file is never written over, and `train --config` on the kohya file says how
+/// to convert it.
+#[test]
+fn an_imported_kohya_config_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let kohya = dir.path().join("kohya.toml");
+    let run = dir.path().join("run");
+    std::fs::write(
+        &kohya,
+        format!(
+            "[model_arguments]\npretrained_model_name_or_path = \"tiny\"\n[dataset_arguments]\ntrain_data_dir = \"demo\"\nresolution = \"64,64\"\ncache_latents = true\n\
+             [training_arguments]\noutput_dir = \"{}\"\nmax_train_steps = 2\nnetwork_dim = 4\nunet_lr = 1e-3\nnetwork_train_unet_only = true\noptimizer_type = \"AdamW8bit\"\nseed = 3\n",
+            run.display()
+        ),
+    )
+    .unwrap();
+    let ours = dir.path().join("ours.toml");
+    let (ok, text) = trainer(&["import-kohya", kohya.to_str().unwrap(), "--out", ours.to_str().unwrap()]);
+    assert!(ok && text.contains("AdamW8bit") && text.contains("cache_latents"), "{text}");
+    let written = std::fs::read_to_string(&ours).unwrap();
+    let (ok, text) = trainer(&["import-kohya", kohya.to_str().unwrap(), "--out", ours.to_str().unwrap()]);
+    assert!(!ok && text.contains("never written over"), "{text}");
+    assert_eq!(std::fs::read_to_string(&ours).unwrap(), written);
+
+    let (ok, text) = trainer(&["train", "--config", kohya.to_str().unwrap()]);
+    assert!(!ok && text.contains("trainer import-kohya"), "{text}");
+    let (ok, text) = trainer(&["train", "--config", ours.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let (set, _) = load(&run.join("last.safetensors"));
+    assert_eq!(set.iter().next().unwrap().1.rank(), 4);
+    assert!(!run.join("samples.png").exists(), "no sample prompts, no samples");
+}

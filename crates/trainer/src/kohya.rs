@@ -1,0 +1,1123 @@
+//! kohya sd-scripts training configs (the `--config_file` TOML of `train_network.py` and
+//! `sdxl_train_network.py`, which the kohya_ss GUI also writes) read into a
+//! [`TrainConfig`], for `trainer import-kohya`.
+//!
+//! Each sd-scripts option maps to the setting that trains the same way here, starting from
+//! sd-scripts' defaults (not this trainer's: `learning_rate` 2e-6, 1600 steps, no min-SNR
+//! weighting, a `constant` schedule, buckets off, rank 4 with alpha 1, text-encoder adapters
+//! unless `network_train_unet_only`, ...). Options that change only speed, memory or logging
+//! are listed in one note; options that would train differently and have no counterpart
+//! here (another network module, an optimizer or scheduler this trainer lacks, color
+//! augmentation, ...) are errors naming the option; unknown options are errors with the
+//! nearest known name.
+//!
+//! ```
+//! use std::path::Path;
+//! use trainer::kohya::import_kohya_config;
+//! let text = r#"
+//! [model_arguments]
+//! pretrained_model_name_or_path = "models/v1-5.safetensors"
+//! [dataset_arguments]
+//! train_data_dir = "train"
+//! resolution = "512,512"
+//! [training_arguments]
+//! output_dir = "out"
+//! network_dim = 16
+//! network_alpha = 8
+//! network_args = ["conv_dim=4", "conv_alpha=1"]
+//! optimizer_type = "AdamW8bit"
+//! unet_lr = 1e-4
+//! text_encoder_lr = 5e-5
+//! max_train_epochs = 10
+//! "#;
+//! let import = import_kohya_config(text, Path::new("config.toml")).unwrap();
+//! let c = &import.config;
+//! assert_eq!((c.lora.rank, c.lora.alpha, c.lora.conv_rank), (16, 8.0, 4));
+//! assert_eq!((c.train.learning_rate, c.train.text_encoder_lr), (1e-4, 5e-5));
+//! assert_eq!(c.train.min_snr_gamma, 0.0); // sd-scripts' default: off
+//! assert!(import.notes.iter().any(|n| n.contains("AdamW8bit")));
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use sd_model::targets::{TextEncoderTargets, UnetTargets};
+
+use crate::config::{nearest, HuberScheduleKind, LossKind, LrScheduler, MixedPrecision, Optimizer, Prediction, TrainConfig};
+use crate::TrainError;
+
+/// A kohya config read into this trainer's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KohyaImport {
+    /// The settings: the file's, and sd-scripts' defaults where it sets nothing.
+    pub config: TrainConfig,
+    /// What the conversion left out or approximated, one sentence each.
+    pub notes: Vec<String>,
+}
+
+impl KohyaImport {
+    /// The settings as this trainer's TOML, headed by comments naming `source` and the
+    /// notes.
+    pub fn to_toml(&self, source: &Path) -> String {
+        let mut out = format!("# Converted by `trainer import-kohya` from {}\n", source.display());
+        if !self.notes.is_empty() {
+            out.push_str("#\n# Notes:\n");
+            for note in &self.notes {
+                out.push_str(&format!("# - {}\n", note.replace('\n', "\n#   ")));
+            }
+        }
+        out.push('\n');
+        out.push_str(&self.config.to_toml());
+        out
+    }
+}
+
+/// Options that change how fast kohya runs, how much memory it takes, or where it logs,
+/// not what it trains.
+const NO_EFFECT: &[&str] = &[
+    "xformers",
+    "sdpa",
+    "mem_eff_attn",
+    "torch_compile",
+    "dynamo_backend",
+    "max_data_loader_n_workers",
+    "persistent_data_loader_workers",
+    "cache_latents",
+    "cache_latents_to_disk",
+    "vae_batch_size",
+    "skip_cache_check",
+    "cache_text_encoder_outputs",
+    "cache_text_encoder_outputs_to_disk",
+    "text_encoder_batch_size",
+    "lowram",
+    "highvram",
+    "disable_mmap_load_safetensors",
+    "ddp_timeout",
+    "ddp_gradient_as_bucket_view",
+    "ddp_static_graph",
+    "huggingface_repo_id",
+    "huggingface_repo_type",
+    "huggingface_path_in_repo",
+    "huggingface_token",
+    "huggingface_repo_visibility",
+    "save_state_to_huggingface",
+    "resume_from_huggingface",
+    "async_upload",
+    "log_with",
+    "logging_dir",
+    "log_prefix",
+    "log_tracker_name",
+    "log_tracker_config",
+    "wandb_run_name",
+    "wandb_api_key",
+    "log_config",
+    "tokenizer_cache_dir",
+    "config_file",
+    "output_config",
+    "use_safetensors",
+    "no_half_vae",
+    "fused_backward_pass",
+    "blocks_to_swap",
+    "cpu_offload_checkpointing",
+    "deepspeed",
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_optimizer_nvme_path",
+    "offload_param_device",
+    "offload_param_nvme_path",
+    "zero3_init_flag",
+    "zero3_save_16bit_model",
+    "fp16_master_weights_and_gradients",
+    "console_log_level",
+    "console_log_file",
+    "console_log_simple",
+    "save_last_n_epochs_state",
+    "save_last_n_steps_state",
+    "max_validation_steps",
+    "validation_seed",
+    // SD3 / FLUX only (sd-scripts writes their defaults into every config).
+    "weighting_scheme",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+];
+
+/// Options with no counterpart here, and why; they are errors unless left at sd-scripts'
+/// default (an empty or zero value, `false`, or `token_warmup_min = 1`).
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("color_aug", "color augmentation is not supported"),
+    ("face_crop_aug_range", "face-crop augmentation is not supported"),
+    ("token_warmup_min", "token warmup is not supported"),
+    ("token_warmup_step", "token warmup is not supported"),
+    ("in_json", "fine-tuning metadata files are not supported (a folder with a Hugging Face metadata.jsonl is read as train_data_dir)"),
+    ("dataset_repeats", "fine-tuning metadata files are not supported"),
+    ("dataset_class", "custom dataset classes are not supported"),
+    ("debug_dataset", "there is no dataset debugging mode"),
+    ("base_weights", "LoRAs merged into the base before training are not supported: merge them with `trainer merge` and train on the merged checkpoint"),
+    ("base_weights_multiplier", "LoRAs merged into the base before training are not supported"),
+    ("lr_scheduler_type", "custom learning-rate schedulers are not supported"),
+    ("lr_scheduler_args", "custom learning-rate schedulers are not supported"),
+    ("lr_decay_steps", "warmup-stable-decay schedules are not supported"),
+    ("lr_scheduler_min_lr_ratio", "schedules with a minimum learning rate are not supported"),
+    ("lr_scheduler_timescale", "inverse-square-root schedules are not supported"),
+    ("save_n_epoch_ratio", "use save_every_n_epochs"),
+    ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights"),
+    ("validate_every_n_epochs", "validation runs every validate_every_n_steps steps here"),
+    ("skip_until_initial_step", "starting part-way through the data is not supported"),
+    ("initial_epoch", "starting part-way through the data is not supported"),
+    ("initial_step", "starting part-way through the data is not supported"),
+    ("masked_loss_weight", "masked-loss weights are not supported"),
+];
+
+/// sd-scripts' sampler names that this trainer has under another name, or approximates.
+fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
+    let name = kohya.trim().to_ascii_lowercase();
+    let (ours, exact) = match name.trim_start_matches("k_") {
+        "ddim" => ("ddim", true),
+        "pndm" => ("pndm", true),
+        "euler" => ("euler", true),
+        "euler_a" => ("euler_a", true),
+        "dpmsolver++" => ("dpmpp_2m", true),
+        "dpmsolver" | "dpmsingle" => ("dpmpp_2m", false),
+        "lms" | "heun" | "dpm_2" => ("euler", false),
+        "dpm_2_a" => ("euler_a", false),
+        // Our own names (a config written for both) pass through.
+        _ => return kohya.trim().to_string(),
+    };
+    if !exact {
+        notes.push(format!("sample sampler `{kohya}` has no twin here; samples use `{ours}` (only the sample images differ)"));
+    }
+    ours.to_string()
+}
+
+/// A value of an `optimizer_args` / `network_args` entry, read as Python's
+/// `ast.literal_eval` would (what sd-scripts does).
+#[derive(Debug, Clone, PartialEq)]
+enum PyValue {
+    Bool(bool),
+    Number(f64),
+    Tuple(Vec<f64>),
+    Text(String),
+}
+
+impl PyValue {
+    fn parse(raw: &str) -> Self {
+        let raw = raw.trim();
+        match raw {
+            "True" | "true" => return Self::Bool(true),
+            "False" | "false" => return Self::Bool(false),
+            _ => {}
+        }
+        if let Ok(v) = raw.parse::<f64>() {
+            return Self::Number(v);
+        }
+        let inner = raw.trim_start_matches(['(', '[']).trim_end_matches([')', ']']);
+        let parts: Vec<&str> = inner.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+        if parts.len() > 1 {
+            if let Ok(numbers) = parts.iter().map(|p| p.parse::<f64>()).collect::<Result<Vec<_>, _>>() {
+                return Self::Tuple(numbers);
+            }
+        }
+        Self::Text(raw.trim_matches(['"', '\'']).to_string())
+    }
+}
+
+/// `key=value` entries of a list option (`optimizer_args`, `network_args`).
+fn key_values(entries: &[String], option: &str, origin: &str) -> Result<Vec<(String, String)>, TrainError> {
+    entries
+        .iter()
+        .map(|e| {
+            e.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).ok_or_else(|| TrainError::Config {
+                origin: origin.into(),
+                reason: format!("`{option}`: `{e}` is not KEY=VALUE"),
+            })
+        })
+        .collect()
+}
+
+/// The file's options, flattened as sd-scripts flattens them (the tables' keys, one level
+/// down, and top-level keys), taken one by one.
+struct Options {
+    origin: String,
+    values: BTreeMap<String, toml::Value>,
+    /// Every option name asked for, for "did you mean".
+    known: Vec<&'static str>,
+}
+
+impl Options {
+    fn parse(text: &str, origin: &str) -> Result<Self, TrainError> {
+        let bad = |reason: String| TrainError::Config { origin: origin.into(), reason };
+        let table: toml::Table = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut values = BTreeMap::new();
+        let mut place: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in table {
+            let entries = match value {
+                toml::Value::Table(t) => t.into_iter().map(|(k, v)| (k, v, format!("[{name}]"))).collect(),
+                v => vec![(name, v, "the top level".to_string())],
+            };
+            for (key, value, at) in entries {
+                if let Some(first) = place.insert(key.clone(), at.clone()) {
+                    return Err(bad(format!("`{key}` is set twice, in {first} and in {at}")));
+                }
+                values.insert(key, value);
+            }
+        }
+        Ok(Self {
+            origin: origin.into(),
+            values,
+            known: Vec::new(),
+        })
+    }
+
+    fn err(&self, key: &str, reason: impl std::fmt::Display) -> TrainError {
+        TrainError::Config {
+            origin: self.origin.clone(),
+            reason: format!("`{key}` {reason}"),
+        }
+    }
+
+    fn take(&mut self, key: &'static str) -> Option<toml::Value> {
+        self.known.push(key);
+        self.values.remove(key)
+    }
+
+    /// A string option; empty strings read as unset (the kohya_ss GUI writes them so).
+    fn string(&mut self, key: &'static str) -> Result<Option<String>, TrainError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok((!s.is_empty()).then_some(s)),
+            Some(other) => Err(self.err(key, format!("must be a string, not `{other}`"))),
+        }
+    }
+
+    /// A number (a numeric string too, as the GUI sometimes writes them).
+    fn float(&mut self, key: &'static str) -> Result<Option<f64>, TrainError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(toml::Value::Float(v)) => Ok(Some(v)),
+            Some(toml::Value::Integer(v)) => Ok(Some(v as f64)),
+            Some(toml::Value::String(s)) if s.trim().is_empty() => Ok(None),
+            Some(toml::Value::String(s)) => s.trim().parse().map(Some).map_err(|_| self.err(key, format!("must be a number, not \"{s}\""))),
+            Some(other) => Err(self.err(key, format!("must be a number, not `{other}`"))),
+        }
+    }
+
+    /// A whole number that is not negative.
+    fn count(&mut self, key: &'static str) -> Result<Option<usize>, TrainError> {
+        match self.float(key)? {
+            None => Ok(None),
+            Some(v) if v >= 0.0 && v.fract() == 0.0 && v < 1e15 => Ok(Some(v as usize)),
+            Some(v) => Err(self.err(key, format!("must be a whole number of at least 0, not {v}"))),
+        }
+    }
+
+    fn flag(&mut self, key: &'static str) -> Result<bool, TrainError> {
+        match self.take(key) {
+            None => Ok(false),
+            Some(toml::Value::Boolean(b)) => Ok(b),
+            Some(other) => Err(self.err(key, format!("must be true or false, not `{other}`"))),
+        }
+    }
+
+    /// A list of strings (sd-scripts' `nargs="*"` options), or one string of entries
+    /// separated by spaces (as the GUI writes them).
+    fn list(&mut self, key: &'static str) -> Result<Vec<String>, TrainError> {
+        match self.take(key) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::String(s)) => Ok(s.split_whitespace().map(str::to_string).collect()),
+            Some(toml::Value::Array(items)) => items
+                .into_iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s),
+                    other => Err(self.err(key, format!("must be a list of strings; `{other}` is not one"))),
+                })
+                .collect(),
+            Some(other) => Err(self.err(key, format!("must be a list of strings, not `{other}`"))),
+        }
+    }
+
+    /// Whether a present option holds its "unset" value.
+    fn is_default(key: &str, value: &toml::Value) -> bool {
+        match value {
+            toml::Value::Boolean(b) => !b,
+            toml::Value::String(s) => s.is_empty(),
+            toml::Value::Integer(v) => *v == 0 || (key == "token_warmup_min" && *v == 1),
+            toml::Value::Float(v) => *v == 0.0 || (key == "token_warmup_min" && *v == 1.0),
+            toml::Value::Array(a) => a.is_empty(),
+            _ => false,
+        }
+    }
+}
+
+/// Reads the kohya config file at `path` ([`import_kohya_config`]).
+pub fn import_kohya_config_file(path: &Path) -> Result<KohyaImport, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    import_kohya_config(&text, path)
+}
+
+/// Reads a kohya sd-scripts training config (`text`, from the file `origin`, named in
+/// errors) into this trainer's settings; see the [module docs](self). A `sample_prompts`
+/// file it names is read too (relative paths from the working directory, as sd-scripts
+/// reads them): `.txt` (one prompt per line, `#` comments), `.toml` or `.json`.
+pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, TrainError> {
+    let mut o = Options::parse(text, &origin.display().to_string())?;
+    let mut notes = Vec::new();
+    let mut c = TrainConfig::default();
+
+    read_model(&mut o, &mut c, &mut notes)?;
+    read_data(&mut o, &mut c, &mut notes)?;
+    read_network(&mut o, &mut c, &mut notes)?;
+    read_training(&mut o, &mut c, &mut notes)?;
+    read_optimizer(&mut o, &mut c, &mut notes)?;
+    read_output(&mut o, &mut c, &mut notes)?;
+
+    let mut ignored = Vec::new();
+    for key in NO_EFFECT {
+        if o.take(key).is_some() {
+            ignored.push(*key);
+        }
+    }
+    if !ignored.is_empty() {
+        notes.push(format!(
+            "ignored (speed, memory, caching or logging options, which change nothing trained here; TensorBoard logs go to OUTPUT_DIR/logs): {}",
+            ignored.join(", ")
+        ));
+    }
+    for (key, why) in UNSUPPORTED {
+        if let Some(value) = o.take(key) {
+            if !Options::is_default(key, &value) {
+                return Err(o.err(key, format!("= {value}: {why}")));
+            }
+        }
+    }
+    if let Some(key) = o.values.keys().next().cloned() {
+        let hint = nearest(&key, o.known.iter().copied()).map(|n| format!("; did you mean `{n}`?")).unwrap_or_default();
+        return Err(o.err(&key, format!("is not an sd-scripts training option this importer knows{hint}")));
+    }
+    c.validate().map_err(|e| TrainError::Config {
+        origin: o.origin.clone(),
+        reason: format!("the converted settings are not valid: {e}"),
+    })?;
+    Ok(KohyaImport { config: c, notes })
+}
+
+fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    c.model.pretrained = o.string("pretrained_model_name_or_path")?.ok_or_else(|| o.err("pretrained_model_name_or_path", "is missing: it names the base model"))?;
+    if o.flag("v2")? {
+        notes.push("v2: the model family (SD1.x, SD2.x or SDXL) is read from the checkpoint".into());
+    }
+    c.train.prediction = if o.flag("v_parameterization")? { Prediction::VPrediction } else { Prediction::Epsilon };
+    if let Some(vae) = o.string("vae")? {
+        notes.push(format!("vae = \"{vae}\" is not used: the checkpoint's own VAE encodes the images (a fine-tuned VAE encodes them almost alike)"));
+    }
+    c.model.clip_skip = o.count("clip_skip")?.unwrap_or(1);
+    c.model.max_token_length = o.count("max_token_length")?.unwrap_or(75);
+    Ok(())
+}
+
+/// `resolution` as sd-scripts writes it: `512`, `"512"` or `"512,512"`.
+fn read_resolution(o: &mut Options) -> Result<Option<u32>, TrainError> {
+    let key = "resolution";
+    let text = match o.take(key) {
+        None => return Ok(None),
+        Some(toml::Value::Integer(v)) => v.to_string(),
+        Some(toml::Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(toml::Value::String(s)) => s,
+        Some(toml::Value::Array(a)) => a.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        Some(other) => return Err(o.err(key, format!("must be a size like \"512\" or \"512,512\", not `{other}`"))),
+    };
+    let sides: Vec<Option<u32>> = text.trim_matches(['(', ')', '[', ']']).split(',').map(|s| s.trim().parse().ok()).collect();
+    match sides[..] {
+        [Some(side)] | [Some(side), Some(_)] if side > 0 && sides.iter().all(|s| *s == Some(side)) => Ok(Some(side)),
+        [Some(_), Some(_)] => Err(o.err(key, format!("= \"{text}\": only square training resolutions are supported (buckets still train other aspect ratios)"))),
+        _ => Err(o.err(key, format!("= \"{text}\" is not a size like \"512\" or \"512,512\""))),
+    }
+}
+
+fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let d = &mut c.data;
+    let folder = o.string("train_data_dir")?;
+    d.dataset_config = o.string("dataset_config")?.unwrap_or_default();
+    match (&folder, d.dataset_config.is_empty()) {
+        (Some(f), _) => d.train_data_dir = f.clone(),
+        (None, false) => {}
+        (None, true) => return Err(o.err("train_data_dir", "is missing (and so is dataset_config): one of them names the images")),
+    }
+    d.resolution = match read_resolution(o)? {
+        Some(side) => side,
+        None if d.dataset_config.is_empty() => return Err(o.err("resolution", "is missing: it sets the training size, e.g. \"512,512\"")),
+        None => {
+            notes.push("resolution is not set: 512 is used for the dataset_config's datasets that set none".into());
+            512
+        }
+    };
+    d.reg_data_dir = o.string("reg_data_dir")?.unwrap_or_default();
+    d.prior_loss_weight = o.float("prior_loss_weight")?.unwrap_or(1.0) as f32;
+    let extension = o.string("caption_extension")?;
+    let misspelt = o.string("caption_extention")?;
+    d.caption_extension = extension.or(misspelt).unwrap_or_else(|| ".caption".into());
+    if let Some(sep) = o.string("caption_separator")?.filter(|s| s != ",") {
+        return Err(o.err("caption_separator", format!("= \"{sep}\": captions are split at commas here")));
+    }
+    d.shuffle_caption = o.flag("shuffle_caption")?;
+    d.keep_tokens = o.count("keep_tokens")?.unwrap_or(0);
+    d.keep_tokens_separator = o.string("keep_tokens_separator")?.unwrap_or_default();
+    d.secondary_separator = o.string("secondary_separator")?.unwrap_or_default();
+    d.enable_wildcard = o.flag("enable_wildcard")?;
+    d.caption_prefix = o.string("caption_prefix")?.unwrap_or_default();
+    d.caption_suffix = o.string("caption_suffix")?.unwrap_or_default();
+    d.weighted_captions = o.flag("weighted_captions")?;
+    d.caption_dropout_rate = o.float("caption_dropout_rate")?.unwrap_or(0.0) as f32;
+    d.caption_dropout_every_n_epochs = o.count("caption_dropout_every_n_epochs")?.unwrap_or(0);
+    d.caption_tag_dropout_rate = o.float("caption_tag_dropout_rate")?.unwrap_or(0.0) as f32;
+    d.flip_aug = o.flag("flip_aug")?;
+    d.random_crop = o.flag("random_crop")?;
+    d.enable_bucket = o.flag("enable_bucket")?;
+    d.min_bucket_reso = o.count("min_bucket_reso")?.unwrap_or(256) as u32;
+    d.max_bucket_reso = o.count("max_bucket_reso")?.unwrap_or(1024) as u32;
+    d.bucket_reso_steps = o.count("bucket_reso_steps")?.unwrap_or(64) as u32;
+    d.bucket_no_upscale = o.flag("bucket_no_upscale")?;
+    if let Some(how) = o.string("resize_interpolation")?.filter(|h| !h.eq_ignore_ascii_case("lanczos")) {
+        notes.push(format!("resize_interpolation = \"{how}\": images are resized with Lanczos here"));
+    }
+    d.alpha_mask = o.flag("alpha_mask")?;
+    let masked = o.flag("masked_loss")?;
+    let masks = o.string("conditioning_data_dir")?;
+    match (masked, masks) {
+        (true, Some(dir)) if !d.alpha_mask => d.mask_dir = dir,
+        (true, None) if !d.alpha_mask => return Err(o.err("masked_loss", "needs conditioning_data_dir (the mask images) or alpha_mask")),
+        (true, Some(_)) => return Err(o.err("conditioning_data_dir", "and alpha_mask both give loss masks; set one of them")),
+        _ => {}
+    }
+    d.validation_split = o.float("validation_split")?.unwrap_or(0.0);
+    Ok(())
+}
+
+/// The `network_args` of kohya's `networks.lora` (and LyCORIS' `lycoris.kohya`).
+fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let module = o.string("network_module")?.unwrap_or_else(|| "networks.lora".into());
+    let lycoris = match module.as_str() {
+        "networks.lora" => false,
+        "lycoris.kohya" => true,
+        other => {
+            return Err(o.err(
+                "network_module",
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim) and LyCORIS' lycoris.kohya with algo = lora or locon (DoRA with dora_wd)"),
+            ))
+        }
+    };
+    let l = &mut c.lora;
+    l.rank = o.count("network_dim")?.unwrap_or(4);
+    l.alpha = o.float("network_alpha")?.unwrap_or(1.0) as f32;
+    l.dropout = 0.0;
+    l.network_dropout = o.float("network_dropout")?.unwrap_or(0.0);
+    l.network_weights = o.string("network_weights")?.unwrap_or_default();
+    l.dim_from_weights = o.flag("dim_from_weights")?;
+    let unet_only = o.flag("network_train_unet_only")?;
+    let te_only = o.flag("network_train_text_encoder_only")?;
+    l.text_encoder_targets = if unet_only { TextEncoderTargets::None } else { TextEncoderTargets::AttnMlp };
+    l.unet_targets = if te_only { UnetTargets::None } else { UnetTargets::AttnMlp };
+
+    let args = o.list("network_args")?;
+    let mut ignored = Vec::new();
+    for (key, value) in key_values(&args, "network_args", &o.origin)? {
+        let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
+        let number = || value.parse::<f64>().map_err(|_| bad("expected a number"));
+        let py = PyValue::parse(&value);
+        match key.as_str() {
+            "conv_dim" => {
+                let dim = number()?;
+                if dim < 1.0 || dim.fract() != 0.0 {
+                    return Err(bad("expected a rank of at least 1"));
+                }
+                l.conv_rank = dim as usize;
+            }
+            "conv_alpha" => l.conv_alpha = number()? as f32,
+            "rank_dropout" => l.rank_dropout = number()?,
+            "module_dropout" => l.module_dropout = number()?,
+            "down_lr_weight" => l.down_lr_weight = value.clone(),
+            "mid_lr_weight" => l.mid_lr_weight = value.clone(),
+            "up_lr_weight" => l.up_lr_weight = value.clone(),
+            "block_lr_zero_threshold" => l.block_lr_zero_threshold = number()?,
+            "block_dims" => l.block_dims = value.clone(),
+            "block_alphas" => l.block_alphas = value.clone(),
+            "conv_block_dims" => l.conv_block_dims = value.clone(),
+            "conv_block_alphas" => l.conv_block_alphas = value.clone(),
+            "loraplus_lr_ratio" => l.loraplus_lr_ratio = number()?,
+            "loraplus_unet_lr_ratio" => l.loraplus_unet_lr_ratio = number()?,
+            "loraplus_text_encoder_lr_ratio" => l.loraplus_text_encoder_lr_ratio = number()?,
+            "algo" if lycoris => {
+                if !matches!(value.to_ascii_lowercase().as_str(), "lora" | "locon") {
+                    return Err(bad("only LyCORIS' lora and locon algorithms are trained here (LoHa and LoKr files load in `trainer generate`)"));
+                }
+            }
+            "preset" if lycoris => {
+                if !matches!(value.as_str(), "full" | "attn-mlp") {
+                    return Err(bad("only LyCORIS' `full` and `attn-mlp` presets are supported"));
+                }
+            }
+            "dora_wd" if lycoris => l.dora = py == PyValue::Bool(true),
+            "use_tucker" | "use_scalar" | "train_norm" | "rank_dropout_scale" | "weight_decompose" if lycoris => {
+                if py != PyValue::Bool(false) {
+                    return Err(bad("this LyCORIS option is not supported"));
+                }
+            }
+            "bypass_mode" | "use_cp" if lycoris && py == PyValue::Bool(false) => {}
+            "dropout" if lycoris && py == PyValue::Number(0.0) => {}
+            _ if lycoris => return Err(bad("this LyCORIS option is not supported")),
+            // networks.lora reads only the options above and ignores the rest.
+            _ => ignored.push(format!("{key}={value}")),
+        }
+    }
+    if !ignored.is_empty() {
+        notes.push(format!("network_args that networks.lora ignores are ignored here too: {}", ignored.join(", ")));
+    }
+    if lycoris {
+        notes.push("lycoris.kohya trains as networks.lora does here: adapters on the transformer blocks' linear layers (and, with conv_dim, on the ResNet blocks and samplers); LyCORIS' `full` preset also adapts conv_in, conv_out and the time embedding, which are left out".into());
+    }
+    if l.conv_rank > 0 && l.unet_targets != UnetTargets::None {
+        // networks.lora adds the ResNet blocks and samplers only when conv_dim is set.
+        l.unet_targets = UnetTargets::Conv;
+    }
+    Ok(())
+}
+
+fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let t = &mut c.train;
+    t.max_train_steps = o.count("max_train_steps")?.unwrap_or(1600);
+    t.max_train_epochs = o.count("max_train_epochs")?.unwrap_or(0);
+    t.train_batch_size = o.count("train_batch_size")?.unwrap_or(1);
+    t.gradient_accumulation_steps = o.count("gradient_accumulation_steps")?.unwrap_or(1);
+
+    // Learning rates: `unet_lr` / `text_encoder_lr` fall back on `learning_rate`, and an lr of
+    // 0 leaves that model untrained (kohya drops its parameter groups).
+    let default_lr = o.float("learning_rate")?.unwrap_or(2e-6);
+    let unet_lr = o.float("unet_lr")?.unwrap_or(default_lr);
+    let te_lr = read_text_encoder_lr(o)?.unwrap_or(default_lr);
+    if unet_lr == 0.0 {
+        c.lora.unet_targets = UnetTargets::None;
+    }
+    if te_lr == 0.0 {
+        c.lora.text_encoder_targets = TextEncoderTargets::None;
+    }
+    if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
+        return Err(o.err("unet_lr", "and text_encoder_lr (or network_train_unet_only / network_train_text_encoder_only) leave nothing to train"));
+    }
+    t.learning_rate = if unet_lr > 0.0 { unet_lr } else { te_lr };
+    t.text_encoder_lr = if te_lr > 0.0 { te_lr } else { 0.0 };
+
+    let scheduler = o.string("lr_scheduler")?.unwrap_or_else(|| "constant".into());
+    t.lr_scheduler = match scheduler.as_str() {
+        "constant" | "constant_with_warmup" => LrScheduler::Constant,
+        "linear" => LrScheduler::Linear,
+        "cosine" => LrScheduler::Cosine,
+        "cosine_with_restarts" => LrScheduler::CosineWithRestarts,
+        "polynomial" => LrScheduler::Polynomial,
+        other => {
+            return Err(o.err(
+                "lr_scheduler",
+                format!("= \"{other}\" is not supported (constant, constant_with_warmup, linear, cosine, cosine_with_restarts and polynomial are)"),
+            ))
+        }
+    };
+    t.lr_warmup_steps = match o.float("lr_warmup_steps")? {
+        None => 0,
+        Some(w) if w >= 0.0 && w.fract() == 0.0 => w as usize,
+        // sd-scripts reads a fraction as a share of the steps.
+        Some(w) if (0.0..1.0).contains(&w) && t.max_train_epochs == 0 => (w * t.max_train_steps as f64) as usize,
+        Some(w) if (0.0..1.0).contains(&w) => {
+            return Err(o.err("lr_warmup_steps", format!("= {w} (a share of the steps) needs max_train_steps: with max_train_epochs the step count depends on the data; give a number of steps")));
+        }
+        Some(w) => return Err(o.err("lr_warmup_steps", format!("= {w}: expected a number of steps or a fraction below 1"))),
+    };
+    if scheduler == "constant" && t.lr_warmup_steps > 0 {
+        notes.push(format!("lr_scheduler = \"constant\" with {} warmup steps (sd-scripts refuses warmup there): trained as constant_with_warmup", t.lr_warmup_steps));
+    }
+    t.lr_cycles = o.count("lr_scheduler_num_cycles")?.unwrap_or(1);
+    t.lr_scheduler_power = o.float("lr_scheduler_power")?.unwrap_or(1.0);
+    t.max_grad_norm = o.float("max_grad_norm")?.unwrap_or(1.0) as f32;
+    t.scale_weight_norms = o.float("scale_weight_norms")?.unwrap_or(0.0);
+    t.mixed_precision = match o.string("mixed_precision")?.as_deref() {
+        None | Some("no") => MixedPrecision::No,
+        Some("fp16") => MixedPrecision::Fp16,
+        Some("bf16") => MixedPrecision::Bf16,
+        Some(other) => return Err(o.err("mixed_precision", format!("= \"{other}\": expected \"no\", \"fp16\" or \"bf16\""))),
+    };
+    for (key, dtype) in [("full_fp16", "fp16"), ("full_bf16", "bf16")] {
+        if o.flag(key)? {
+            notes.push(format!("{key}: the adapters keep f32 master weights here (the frozen model runs in {dtype} with mixed_precision = \"{dtype}\")"));
+        }
+    }
+    for key in ["fp8_base", "fp8_base_unet"] {
+        if o.flag(key)? {
+            notes.push(format!("{key}: there are no fp8 weights here; the frozen model runs in mixed_precision's dtype"));
+        }
+    }
+    t.gradient_checkpointing = o.flag("gradient_checkpointing")?;
+    t.min_snr_gamma = o.float("min_snr_gamma")?.unwrap_or(0.0);
+    t.noise_offset = o.float("noise_offset")?.unwrap_or(0.0);
+    t.noise_offset_random_strength = o.flag("noise_offset_random_strength")?;
+    t.adaptive_noise_scale = o.float("adaptive_noise_scale")?.unwrap_or(0.0);
+    t.multires_noise_iterations = o.count("multires_noise_iterations")?.unwrap_or(0);
+    t.multires_noise_discount = o.float("multires_noise_discount")?.unwrap_or(0.3);
+    t.ip_noise_gamma = o.float("ip_noise_gamma")?.unwrap_or(0.0);
+    t.ip_noise_gamma_random_strength = o.flag("ip_noise_gamma_random_strength")?;
+    t.debiased_estimation_loss = o.flag("debiased_estimation_loss")?;
+    t.scale_v_pred_loss_like_noise_pred = o.flag("scale_v_pred_loss_like_noise_pred")?;
+    t.v_pred_like_loss = o.float("v_pred_like_loss")?.unwrap_or(0.0);
+    t.zero_terminal_snr = o.flag("zero_terminal_snr")?;
+    t.loss_type = match o.string("loss_type")?.as_deref() {
+        None | Some("l2") => LossKind::L2,
+        Some("l1") => LossKind::L1,
+        Some("huber") => LossKind::Huber,
+        Some("smooth_l1") => LossKind::SmoothL1,
+        Some(other) => return Err(o.err("loss_type", format!("= \"{other}\": expected l2, l1, huber or smooth_l1"))),
+    };
+    t.huber_schedule = match o.string("huber_schedule")?.as_deref() {
+        None | Some("snr") => HuberScheduleKind::Snr,
+        Some("exponential") => HuberScheduleKind::Exponential,
+        Some("constant") => HuberScheduleKind::Constant,
+        Some(other) => return Err(o.err("huber_schedule", format!("= \"{other}\": expected snr, exponential or constant"))),
+    };
+    t.huber_c = o.float("huber_c")?.unwrap_or(0.1);
+    t.huber_scale = o.float("huber_scale")?.unwrap_or(1.0);
+    t.min_timestep = o.count("min_timestep")?.unwrap_or(0);
+    t.max_timestep = o.count("max_timestep")?.unwrap_or(1000);
+    match o.count("seed")? {
+        Some(seed) => t.seed = seed as u64,
+        None => notes.push(format!("seed is not set (sd-scripts then draws one): {} is used", t.seed)),
+    }
+    Ok(())
+}
+
+/// `text_encoder_lr`: one number, or a list of one per text encoder (SDXL), which must
+/// agree here.
+fn read_text_encoder_lr(o: &mut Options) -> Result<Option<f64>, TrainError> {
+    let key = "text_encoder_lr";
+    match o.take(key) {
+        Some(toml::Value::Array(items)) => {
+            let lrs: Vec<f64> = items
+                .iter()
+                .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+                .collect::<Option<_>>()
+                .ok_or_else(|| o.err(key, "must be a number or a list of numbers"))?;
+            match lrs[..] {
+                [] => Ok(None),
+                [lr] => Ok(Some(lr)),
+                [first, ..] if lrs.iter().all(|lr| *lr == first) => Ok(Some(first)),
+                _ => Err(o.err(key, format!("= {lrs:?}: both text encoders train at one learning rate here"))),
+            }
+        }
+        Some(value) => {
+            o.values.insert(key.to_string(), value);
+            o.float(key)
+        }
+        None => Ok(None),
+    }
+}
+
+fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let named = o.string("optimizer_type")?;
+    let use_8bit_adam = o.flag("use_8bit_adam")?;
+    let use_lion = o.flag("use_lion_optimizer")?;
+    let name = named.unwrap_or_else(|| {
+        if use_lion {
+            "Lion".into()
+        } else if use_8bit_adam {
+            "AdamW8bit".into()
+        } else {
+            "AdamW".into()
+        }
+    });
+    // sd-scripts also takes a class path, e.g. `bitsandbytes.optim.AdamW8bit`.
+    let short = name.rsplit('.').next().unwrap_or(&name).to_ascii_lowercase();
+    let t = &mut c.train;
+    let (optimizer, quantized) = match short.as_str() {
+        "adamw" => (Optimizer::Adamw, false),
+        "adamw8bit" | "pagedadamw8bit" | "pagedadamw" | "pagedadamw32bit" => (Optimizer::Adamw, true),
+        "lion" => (Optimizer::Lion, false),
+        "lion8bit" | "pagedlion8bit" => (Optimizer::Lion, true),
+        "prodigy" => (Optimizer::Prodigy, false),
+        _ => {
+            return Err(o.err(
+                "optimizer_type",
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit) and Prodigy are"),
+            ))
+        }
+    };
+    if quantized {
+        notes.push(format!("optimizer_type = \"{name}\": the same update with f32 moments (a LoRA's optimizer state is small; no 8-bit or paged state here)"));
+    }
+    t.optimizer = optimizer;
+    // Each package's defaults: torch / bitsandbytes AdamW decay 0.01, Lion and Prodigy none.
+    t.adam_weight_decay = if optimizer == Optimizer::Adamw { 0.01 } else { 0.0 };
+    let args = o.list("optimizer_args")?;
+    for (key, value) in key_values(&args, "optimizer_args", &o.origin)? {
+        let bad = |what: &str| o.err("optimizer_args", format!("`{key}={value}`: {what}"));
+        let py = PyValue::parse(&value);
+        let number = || match py {
+            PyValue::Number(v) => Ok(v),
+            _ => Err(bad("expected a number")),
+        };
+        let flag = || match py {
+            PyValue::Bool(b) => Ok(b),
+            _ => Err(bad("expected True or False")),
+        };
+        match (key.as_str(), optimizer) {
+            ("weight_decay", _) => t.adam_weight_decay = number()? as f32,
+            ("betas", _) => {
+                let PyValue::Tuple(b) = &py else { return Err(bad("expected two numbers, e.g. 0.9,0.999")) };
+                let [b1, b2] = b[..] else { return Err(bad("expected two numbers, e.g. 0.9,0.999")) };
+                match optimizer {
+                    Optimizer::Lion => (t.lion_beta1, t.lion_beta2) = (b1 as f32, b2 as f32),
+                    _ => (t.adam_beta1, t.adam_beta2) = (b1 as f32, b2 as f32),
+                }
+            }
+            ("eps", Optimizer::Adamw | Optimizer::Prodigy) => t.adam_epsilon = number()? as f32,
+            ("d_coef", Optimizer::Prodigy) => t.prodigy_d_coef = number()? as f32,
+            ("d0", Optimizer::Prodigy) => t.prodigy_d0 = number()? as f32,
+            ("growth_rate", Optimizer::Prodigy) => t.prodigy_growth_rate = number()? as f32,
+            ("beta3", Optimizer::Prodigy) => t.prodigy_beta3 = number()? as f32,
+            ("use_bias_correction", Optimizer::Prodigy) => t.prodigy_use_bias_correction = flag()?,
+            ("safeguard_warmup", Optimizer::Prodigy) => t.prodigy_safeguard_warmup = flag()?,
+            ("decouple", Optimizer::Prodigy) => {
+                if !flag()? {
+                    return Err(bad("Prodigy's weight decay is always decoupled (AdamW-style) here"));
+                }
+            }
+            // Options that change nothing in the update (bitsandbytes' and torch's
+            // implementation switches) at their neutral values.
+            ("amsgrad" | "maximize", _) if py == PyValue::Bool(false) => {}
+            ("foreach" | "fused" | "capturable" | "differentiable" | "use_triton" | "fsdp_in_use", _) => {}
+            ("percentile_clipping", _) if py == PyValue::Number(100.0) => {}
+            ("block_wise" | "min_8bit_size" | "optim_bits" | "is_paged", _) if quantized => {}
+            ("slice_p", Optimizer::Prodigy) if py == PyValue::Number(1.0) => {}
+            _ => return Err(bad("not supported for this optimizer here")),
+        }
+    }
+    Ok(())
+}
+
+fn read_output(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let out = &mut c.output;
+    out.output_name = o.string("output_name")?.unwrap_or_else(|| "last".into());
+    out.output_dir = o.string("output_dir")?.ok_or_else(|| o.err("output_dir", "is missing: it names the folder the LoRA is written to"))?.into();
+    if let Some(kind) = o.string("save_model_as")?.filter(|k| k != "safetensors") {
+        notes.push(format!("save_model_as = \"{kind}\": LoRAs are written as .safetensors here"));
+    }
+    out.save_format = lora_core::AdapterFormat::Kohya;
+    out.save_precision = match o.string("save_precision")?.as_deref() {
+        None | Some("float") => lora_core::SaveDtype::F32,
+        Some("fp16") => lora_core::SaveDtype::F16,
+        Some("bf16") => lora_core::SaveDtype::Bf16,
+        Some(other) => return Err(o.err("save_precision", format!("= \"{other}\": expected float, fp16 or bf16"))),
+    };
+    out.save_every_n_steps = o.count("save_every_n_steps")?.unwrap_or(0);
+    out.save_every_n_epochs = o.count("save_every_n_epochs")?.unwrap_or(0);
+    out.save_last_n_steps = o.count("save_last_n_steps")?.unwrap_or(0);
+    out.save_last_n_epochs = o.count("save_last_n_epochs")?.unwrap_or(0);
+    out.save_state = o.flag("save_state")? | o.flag("save_state_on_train_end")?;
+    out.sample_every_n_steps = o.count("sample_every_n_steps")?.unwrap_or(0);
+    out.sample_every_n_epochs = o.count("sample_every_n_epochs")?.unwrap_or(0);
+    out.sample_at_first = o.flag("sample_at_first")?;
+    out.sample_sampler = sampler_name(&o.string("sample_sampler")?.unwrap_or_else(|| "ddim".into()), notes);
+    // sd-scripts' sampling defaults (per prompt: 30 steps, scale 7.5).
+    out.sample_steps = 30;
+    out.sample_cfg = 7.5;
+    out.sample_prompts = match o.string("sample_prompts")? {
+        Some(file) => read_prompt_file(Path::new(&file), notes).map_err(|reason| o.err("sample_prompts", format!("= \"{file}\": {reason}")))?,
+        None => Vec::new(),
+    };
+    out.validate_every_n_steps = o.count("validate_every_n_steps")?.unwrap_or(0);
+    out.no_metadata = o.flag("no_metadata")?;
+    out.training_comment = o.string("training_comment")?.unwrap_or_default();
+    out.metadata_title = o.string("metadata_title")?.unwrap_or_default();
+    out.metadata_author = o.string("metadata_author")?.unwrap_or_default();
+    out.metadata_description = o.string("metadata_description")?.unwrap_or_default();
+    out.metadata_license = o.string("metadata_license")?.unwrap_or_default();
+    out.metadata_tags = o.string("metadata_tags")?.unwrap_or_default();
+    Ok(())
+}
+
+/// The prompts of an sd-scripts prompt file as this trainer's prompt lines (the prompt
+/// and its ` --n`, ` --w`, ... options).
+fn read_prompt_file(path: &Path, notes: &mut Vec<String>) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the prompt file: {e}"))?;
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+    let entries: Vec<serde_json::Value> = match extension.as_str() {
+        "txt" => text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| serde_json::Value::String(l.trim().to_string()))
+            .collect(),
+        "toml" => {
+            let table: toml::Table = toml::from_str(&text).map_err(|e| format!("not valid TOML: {e}"))?;
+            let prompt = table.get("prompt").and_then(toml::Value::as_table).ok_or("expected a [prompt] table with [[prompt.subset]] entries")?;
+            let subsets = prompt.get("subset").and_then(toml::Value::as_array).ok_or("expected [[prompt.subset]] entries")?;
+            let common: serde_json::Map<String, serde_json::Value> = prompt
+                .iter()
+                .filter(|(k, _)| *k != "subset")
+                .map(|(k, v)| Ok((k.clone(), serde_json::to_value(v).map_err(|e| e.to_string())?)))
+                .collect::<Result<_, String>>()?;
+            subsets
+                .iter()
+                .map(|s| {
+                    let mut entry = common.clone();
+                    let own = serde_json::to_value(s).map_err(|e| e.to_string())?;
+                    entry.extend(own.as_object().cloned().ok_or("each [[prompt.subset]] must be a table")?);
+                    Ok(serde_json::Value::Object(entry))
+                })
+                .collect::<Result<_, String>>()?
+        }
+        "json" => match serde_json::from_str(&text).map_err(|e| format!("not valid JSON: {e}"))? {
+            serde_json::Value::Array(items) => items,
+            _ => return Err("expected a JSON list of prompts".into()),
+        },
+        _ => return Err("expected a .txt, .toml or .json prompt file".into()),
+    };
+    entries.iter().enumerate().map(|(i, e)| prompt_line(e, notes).map_err(|r| format!("prompt {}: {r}", i + 1))).collect()
+}
+
+/// One prompt (a prompt-file line or a prompt table) as a line with this trainer's options.
+fn prompt_line(entry: &serde_json::Value, notes: &mut Vec<String>) -> Result<String, String> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let prompt = match entry {
+        serde_json::Value::String(line) => {
+            let mut parts = line.split(" --");
+            let prompt = parts.next().unwrap_or_default().trim().to_string();
+            for part in parts {
+                let (key, value) = part.split_once(char::is_whitespace).unwrap_or((part, ""));
+                fields.push((key.to_ascii_lowercase(), value.trim().to_string()));
+            }
+            prompt
+        }
+        serde_json::Value::Object(map) => {
+            let text = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+            let mut prompt = String::new();
+            for (key, value) in map {
+                let short = match key.as_str() {
+                    "prompt" => {
+                        prompt = text(value);
+                        continue;
+                    }
+                    "negative_prompt" => "n",
+                    "width" => "w",
+                    "height" => "h",
+                    "seed" => "d",
+                    "scale" => "l",
+                    "sample_steps" => "s",
+                    "sample_sampler" => "ss",
+                    "enum" => continue,
+                    other => other,
+                };
+                fields.push((short.to_string(), text(value)));
+            }
+            // The order prompt lines usually have, not the table's (alphabetical) one.
+            let order = ["n", "w", "h", "d", "l", "s", "ss"];
+            fields.sort_by_key(|(k, _)| order.iter().position(|o| o == k).unwrap_or(order.len()));
+            prompt
+        }
+        _ => return Err("expected a prompt line or a table of prompt settings".into()),
+    };
+    let mut line = prompt;
+    for (key, value) in fields {
+        match key.as_str() {
+            "n" | "w" | "h" | "d" | "l" | "s" => line.push_str(&format!(" --{key} {value}")),
+            "ss" => line.push_str(&format!(" --ss {}", sampler_name(&value, notes))),
+            other => notes.push(format!("sample prompt option `{other}` ({value}) is not supported and was left out")),
+        }
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+pretrained_model_name_or_path = "base.safetensors"
+train_data_dir = "images"
+resolution = 512
+output_dir = "out"
+"#;
+
+    fn import(text: &str) -> Result<KohyaImport, TrainError> {
+        import_kohya_config(text, Path::new("kohya.toml"))
+    }
+
+    fn error(text: &str) -> String {
+        import(text).unwrap_err().to_string()
+    }
+
+    /// Left unset, every option takes sd-scripts' default, not this trainer's.
+    #[test]
+    fn unset_options_take_sd_scripts_defaults() {
+        let i = import(MINIMAL).unwrap();
+        let (c, ours) = (&i.config, TrainConfig::default());
+        assert_eq!((c.train.learning_rate, c.train.text_encoder_lr), (2e-6, 2e-6));
+        assert_eq!((c.train.max_train_steps, c.train.train_batch_size, c.train.lr_warmup_steps), (1600, 1, 0));
+        assert_eq!((c.train.lr_scheduler, c.train.min_snr_gamma, c.train.prediction), (LrScheduler::Constant, 0.0, Prediction::Epsilon));
+        assert_eq!((c.lora.rank, c.lora.alpha, c.lora.unet_targets, c.lora.text_encoder_targets), (4, 1.0, UnetTargets::AttnMlp, TextEncoderTargets::AttnMlp));
+        assert_eq!((c.data.enable_bucket, c.data.max_bucket_reso, c.data.caption_extension.as_str()), (false, 1024, ".caption"));
+        assert_eq!((c.output.output_name.as_str(), c.output.save_precision, c.output.save_state), ("last", lora_core::SaveDtype::F32, false));
+        assert!(c.output.sample_prompts.is_empty());
+        assert_eq!((c.output.sample_steps, c.output.sample_cfg), (30, 7.5));
+        // Those that agree stay as they are.
+        assert_eq!((c.train.max_grad_norm, c.train.adam_weight_decay, c.data.min_bucket_reso), (1.0, ours.train.adam_weight_decay, 256));
+        assert!(i.notes.iter().any(|n| n.contains("seed is not set")), "{:?}", i.notes);
+    }
+
+    /// A GUI-style config with tables, LoCon, an 8-bit optimizer with arguments, a warmup
+    /// fraction and a prompt file; the written TOML loads back as the same settings.
+    #[test]
+    fn a_gui_config_converts_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let prompts = dir.path().join("prompts.txt");
+        std::fs::write(&prompts, "# mine\nmystyle, a castle --n blurry --w 512 --h 768 --d 5\n\nmystyle, a cat --ss k_euler_a --g 3\n").unwrap();
+        let text = format!(
+            r#"
+[model_arguments]
+pretrained_model_name_or_path = "base.safetensors"
+v_parameterization = true
+[additional_network_arguments]
+network_module = "networks.lora"
+network_dim = 32
+network_alpha = 16
+network_args = ["conv_dim=8", "conv_alpha=4", "down_lr_weight=sine+0.5", "loraplus_lr_ratio=16"]
+unet_lr = 1e-4
+[optimizer_arguments]
+optimizer_type = "AdamW8bit"
+optimizer_args = ["weight_decay=0.1", "betas=0.9,0.99"]
+learning_rate = 3e-4
+lr_scheduler = "cosine_with_restarts"
+lr_scheduler_num_cycles = 3
+lr_warmup_steps = 0.05
+[dataset_arguments]
+train_data_dir = "img"
+resolution = "768,768"
+enable_bucket = true
+cache_latents = true
+xformers = true
+color_aug = false
+token_warmup_min = 1
+[training_arguments]
+output_dir = "out"
+output_name = "mystyle"
+save_precision = "bf16"
+max_train_steps = 2000
+mixed_precision = "bf16"
+seed = 7
+min_snr_gamma = 5
+sample_prompts = "{}"
+sample_sampler = "euler_a"
+"#,
+            prompts.display()
+        );
+        let i = import(&text).unwrap();
+        let c = &i.config;
+        assert_eq!((c.lora.rank, c.lora.alpha, c.lora.unet_targets, c.lora.conv_rank, c.lora.conv_alpha), (32, 16.0, UnetTargets::Conv, 8, 4.0));
+        assert_eq!((c.lora.down_lr_weight.as_str(), c.lora.loraplus_lr_ratio), ("sine+0.5", 16.0));
+        // unet_lr wins for the UNet; the text encoder falls back on learning_rate.
+        assert_eq!((c.train.learning_rate, c.train.text_encoder_lr), (1e-4, 3e-4));
+        assert_eq!((c.train.optimizer, c.train.adam_weight_decay, c.train.adam_beta2), (Optimizer::Adamw, 0.1, 0.99));
+        assert_eq!((c.train.lr_scheduler, c.train.lr_cycles, c.train.lr_warmup_steps), (LrScheduler::CosineWithRestarts, 3, 100));
+        assert_eq!((c.train.prediction, c.train.mixed_precision, c.train.seed), (Prediction::VPrediction, MixedPrecision::Bf16, 7));
+        assert_eq!((c.data.resolution, c.data.enable_bucket, c.output.save_precision), (768, true, lora_core::SaveDtype::Bf16));
+        assert_eq!(c.output.sample_prompts, ["mystyle, a castle --n blurry --w 512 --h 768 --d 5", "mystyle, a cat --ss euler_a"]);
+        for expected in ["AdamW8bit", "option `g`", "xformers, cache_latents"] {
+            assert!(i.notes.iter().any(|n| n.contains(expected)), "no note on {expected}: {:?}", i.notes);
+        }
+        let path = dir.path().join("ours.toml");
+        std::fs::write(&path, i.to_toml(Path::new("kohya.toml"))).unwrap();
+        assert_eq!(&TrainConfig::load(Some(&path), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn learning_rates_of_zero_leave_a_model_untrained() {
+        let c = import(&format!("{MINIMAL}text_encoder_lr = 0.0\nunet_lr = 1e-4")).unwrap().config;
+        assert_eq!((c.lora.text_encoder_targets, c.train.learning_rate), (TextEncoderTargets::None, 1e-4));
+        let c = import(&format!("{MINIMAL}unet_lr = 0\ntext_encoder_lr = [5e-5, 5e-5]")).unwrap().config;
+        assert_eq!((c.lora.unet_targets, c.lora.text_encoder_targets, c.train.learning_rate), (UnetTargets::None, TextEncoderTargets::AttnMlp, 5e-5));
+        let c = import(&format!("{MINIMAL}network_train_unet_only = true")).unwrap().config;
+        assert_eq!(c.lora.text_encoder_targets, TextEncoderTargets::None);
+        let e = error(&format!("{MINIMAL}network_train_unet_only = true\nunet_lr = 0"));
+        assert!(e.contains("nothing to train"), "{e}");
+        let e = error(&format!("{MINIMAL}text_encoder_lr = [1e-5, 2e-5]"));
+        assert!(e.contains("`text_encoder_lr`") && e.contains("one learning rate"), "{e}");
+    }
+
+    #[test]
+    fn prodigy_lion_and_lycoris_options_map() {
+        let p = import(&format!(
+            "{MINIMAL}optimizer_type = \"prodigyopt.Prodigy\"\nlearning_rate = 1.0\noptimizer_args = [\"decouple=True\", \"d_coef=0.8\", \"use_bias_correction=True\", \"safeguard_warmup=True\", \"betas=(0.9,0.99)\"]"
+        ))
+        .unwrap()
+        .config;
+        let t = &p.train;
+        assert_eq!((t.optimizer, t.prodigy_d_coef, t.adam_beta2, t.adam_weight_decay), (Optimizer::Prodigy, 0.8, 0.99, 0.0));
+        assert!(t.prodigy_use_bias_correction && t.prodigy_safeguard_warmup);
+        let l = import(&format!("{MINIMAL}use_lion_optimizer = true\noptimizer_args = \"betas=0.95,0.98 weight_decay=0.5\"")).unwrap().config;
+        assert_eq!((l.train.optimizer, l.train.lion_beta1, l.train.lion_beta2, l.train.adam_weight_decay), (Optimizer::Lion, 0.95, 0.98, 0.5));
+        let d = import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"conv_dim=4\", \"dora_wd=True\"]")).unwrap();
+        assert!(d.config.lora.dora && d.config.lora.unet_targets == UnetTargets::Conv);
+        assert!(d.notes.iter().any(|n| n.contains("lycoris.kohya")));
+    }
+
+    #[test]
+    fn prompt_tables_become_prompt_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_file = dir.path().join("p.toml");
+        std::fs::write(&toml_file, "[prompt]\nwidth = 640\nscale = 6\n[[prompt.subset]]\nprompt = \"a\"\nseed = 3\n[[prompt.subset]]\nprompt = \"b\"\nnegative_prompt = \"ugly\"\nwidth = 512\n").unwrap();
+        let c = import(&format!("{MINIMAL}sample_prompts = \"{}\"", toml_file.display())).unwrap().config;
+        assert_eq!(c.output.sample_prompts, ["a --w 640 --d 3 --l 6", "b --n ugly --w 512 --l 6"]);
+        let json_file = dir.path().join("p.json");
+        std::fs::write(&json_file, r#"[{"prompt": "c", "sample_steps": 12, "sample_sampler": "dpmsolver++"}, "d --h 256"]"#).unwrap();
+        let c = import(&format!("{MINIMAL}sample_prompts = \"{}\"", json_file.display())).unwrap().config;
+        assert_eq!(c.output.sample_prompts, ["c --s 12 --ss dpmpp_2m", "d --h 256"]);
+        let e = error(&format!("{MINIMAL}sample_prompts = \"{}\"", dir.path().join("none.txt").display()));
+        assert!(e.contains("`sample_prompts`") && e.contains("none.txt"), "{e}");
+    }
+
+    /// Each bad input is an error naming the option and what was expected.
+    #[test]
+    fn bad_options_are_errors_naming_them() {
+        let cases = [
+            ("network_dims = 8", "`network_dims` is not an sd-scripts training option this importer knows; did you mean `network_dim`?"),
+            ("color_aug = true", "`color_aug` = true: color augmentation"),
+            ("optimizer_type = \"DAdaptAdam\"", "`optimizer_type` = \"DAdaptAdam\" is not supported"),
+            ("network_module = \"networks.dylora\"", "`network_module` = \"networks.dylora\" is not supported"),
+            ("network_dim = \"abc\"", "`network_dim` must be a number"),
+            ("network_dim = 4.5", "`network_dim` must be a whole number"),
+            ("optimizer_args = [\"weight_decay\"]", "`optimizer_args`: `weight_decay` is not KEY=VALUE"),
+            ("optimizer_args = [\"amsgrad=True\"]", "`amsgrad=True`: not supported"),
+            ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" is not supported"),
+            ("lr_warmup_steps = 0.1\nmax_train_epochs = 4", "`lr_warmup_steps` = 0.1 (a share of the steps) needs max_train_steps"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\"]", "`algo=loha`: only LyCORIS' lora and locon"),
+            ("mixed_precision = \"fp8\"", "`mixed_precision` = \"fp8\""),
+            ("masked_loss = true", "`masked_loss` needs conditioning_data_dir"),
+        ];
+        for (extra, expected) in cases {
+            let e = error(&format!("{MINIMAL}{extra}"));
+            assert!(e.starts_with("kohya.toml: ") && e.contains(expected), "{extra}: {e}");
+        }
+        let e = error("[a]\nseed = 1\n[b]\nseed = 2\n");
+        assert!(e.contains("`seed` is set twice, in [a] and in [b]"), "{e}");
+        let e = error(&MINIMAL.replace("resolution = 512", "resolution = \"512,768\""));
+        assert!(e.contains("only square"), "{e}");
+        let e = error(&MINIMAL.replace("pretrained_model_name_or_path", "#"));
+        assert!(e.contains("`pretrained_model_name_or_path` is missing"), "{e}");
+    }
+
+    /// `trainer train --config` on a kohya config says how to convert it.
+    #[test]
+    fn our_loader_points_kohya_configs_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kohya.toml");
+        std::fs::write(&path, format!("[model_arguments]\n{MINIMAL}")).unwrap();
+        let e = TrainConfig::load(Some(&path), &[]).unwrap_err().to_string();
+        assert!(e.contains("trainer import-kohya"), "{e}");
+    }
+}
