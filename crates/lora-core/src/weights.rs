@@ -73,7 +73,8 @@ pub struct LoraWeights {
     pub alpha: f32,
     /// DoRA's magnitude `m`, one value per output feature or channel, shape `[out]`
     /// (PEFT's `lora_magnitude_vector`; kohya-layout files store it as `dora_scale` of
-    /// shape `[out, 1]` or `[out, 1, 1, 1]`, as LyCORIS writes it). `None` for plain LoRA.
+    /// shape `[out, 1]` or `[out, 1, 1, 1]`, as LyCORIS writes it with `wd_on_output`;
+    /// its default, one value per input feature, is not supported). `None` for plain LoRA.
     pub magnitude: Option<HostTensor>,
 }
 

@@ -140,6 +140,16 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
         d.remove("subsets");
         s.remove("image_dir");
     }
+    // A value's type is checked where the file sets it, so that an error names that place
+    // (`general.keep_tokens`), not the subset the value reaches.
+    let check_type = |section: Section, key: &str, value: &Value, in_dataset: bool| -> Result<()> {
+        let mut alone = if in_dataset { dataset_defaults.clone() } else { typing_defaults.clone() };
+        if let Some(obj) = alone.as_object_mut() {
+            obj.insert(key.to_string(), value.clone());
+        }
+        let typed = if in_dataset { serde_json::from_value::<DatasetConfig>(alone).map(drop) } else { serde_json::from_value::<SubsetConfig>(alone).map(drop) };
+        typed.map_err(|err| DataError::config(&section.key(key), format!("has the wrong type: {err}")))
+    };
     let route = |section: Section, table: &Map<String, Value>, dataset: &mut Value, subset: &mut Value| -> Result<()> {
         if table.contains_key("conditioning_data_dir") && table.contains_key("mask_dir") {
             return Err(DataError::config(&section.key("conditioning_data_dir"), "and `mask_dir` both name the mask folder: set one"));
@@ -149,7 +159,8 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             if let Some((_, why)) = UNSUPPORTED.iter().find(|(k, _)| *k == key) {
                 return Err(DataError::config(&section.key(key), format!("(sd-scripts' option) is not supported: {why}")));
             }
-            let target = if dataset_keys.iter().any(|k| k == key) {
+            let in_dataset = dataset_keys.iter().any(|k| k == key);
+            let target = if in_dataset {
                 if let Section::Subset(..) = section {
                     return Err(DataError::config(&section.key(key), "is a dataset option: set it in its [[datasets]] entry or in [general]"));
                 }
@@ -159,6 +170,7 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             } else {
                 return Err(DataError::config(&section.key(key), "is not a dataset option (see docs/datasets.md for the options)"));
             };
+            check_type(section, key, value, in_dataset)?;
             if let Some(obj) = target.as_object_mut() {
                 obj.insert(key.to_string(), value.clone());
             }

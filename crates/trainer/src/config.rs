@@ -403,6 +403,9 @@ pub struct TrainSection {
     pub lr_scheduler: LrScheduler,
     /// Linear warmup steps.
     pub lr_warmup_steps: usize,
+    /// Linear warmup as a share of `max_train_steps` instead (sd-scripts' float
+    /// `lr_warmup_steps`; 0 = use `lr_warmup_steps`): `⌊ratio · max_train_steps⌋` steps.
+    pub lr_warmup_ratio: f64,
     /// Restarts of `cosine_with_restarts`.
     pub lr_cycles: usize,
     /// Exponent of the `polynomial` schedule.
@@ -496,6 +499,25 @@ pub struct TrainSection {
     pub seed: u64,
     /// `stop` or `skip` when the loss is not finite.
     pub on_non_finite: OnNonFinite,
+}
+
+impl TrainSection {
+    /// The warmup's length in steps: `lr_warmup_ratio` of `max_train_steps` when set, else
+    /// `lr_warmup_steps`.
+    ///
+    /// ```
+    /// let mut train = trainer::TrainConfig::default().train;
+    /// assert_eq!(train.warmup_steps(), train.lr_warmup_steps);
+    /// (train.max_train_steps, train.lr_warmup_ratio) = (1000, 0.05);
+    /// assert_eq!(train.warmup_steps(), 50);
+    /// ```
+    pub fn warmup_steps(&self) -> usize {
+        if self.lr_warmup_ratio > 0.0 {
+            (self.lr_warmup_ratio * self.max_train_steps as f64) as usize
+        } else {
+            self.lr_warmup_steps
+        }
+    }
 }
 
 /// Outputs.
@@ -666,6 +688,7 @@ impl Default for TrainConfig {
                 text_encoder_lr: 0.0,
                 lr_scheduler: LrScheduler::Cosine,
                 lr_warmup_steps: 20,
+                lr_warmup_ratio: 0.0,
                 lr_cycles: 1,
                 lr_scheduler_power: 1.0,
                 adam_beta1: 0.9,
@@ -953,6 +976,9 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             return bad("data.validation_split must be at least 0 (none) and below 1");
+        }
+        if !(0.0..1.0).contains(&t.lr_warmup_ratio) {
+            return bad("train.lr_warmup_ratio must be at least 0 (off: train.lr_warmup_steps) and below 1");
         }
         if !(self.train.lr_scheduler_power.is_finite() && self.train.lr_scheduler_power > 0.0) {
             return bad("train.lr_scheduler_power must be positive");

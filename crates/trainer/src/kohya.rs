@@ -134,8 +134,24 @@ const NO_EFFECT: &[&str] = &[
     "save_last_n_epochs_state",
     "save_last_n_steps_state",
     "max_validation_steps",
-    "validation_seed",
-    // SD3 / FLUX only (sd-scripts writes their defaults into every config).
+    "cache_info",
+    // Read only by learning-rate schedulers that are refused below.
+    "lr_decay_steps",
+    "lr_scheduler_min_lr_ratio",
+    "lr_scheduler_timescale",
+    // Model-spec metadata this trainer does not write.
+    "metadata_usage_hint",
+    "metadata_thumbnail",
+    "metadata_merged_from",
+    "metadata_trigger_phrase",
+    "metadata_preprocessor",
+    "metadata_is_negative_embedding",
+    // The kohya_ss GUI's own keys, which sd-scripts ignores (the GUI turns `epoch` into
+    // max_train_steps itself).
+    "epoch",
+    "noise_offset_type",
+    "stop_text_encoder_training",
+    // SD3 / FLUX only.
     "weighting_scheme",
     "logit_mean",
     "logit_std",
@@ -143,11 +159,10 @@ const NO_EFFECT: &[&str] = &[
 ];
 
 /// Options with no counterpart here, and why; they are errors unless left at sd-scripts'
-/// default (an empty or zero value, `false`, or `token_warmup_min = 1`).
+/// default (an empty or zero value, `false`, or `dataset_repeats = 1`).
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("color_aug", "color augmentation is not supported"),
     ("face_crop_aug_range", "face-crop augmentation is not supported"),
-    ("token_warmup_min", "token warmup is not supported"),
     ("token_warmup_step", "token warmup is not supported"),
     ("in_json", "fine-tuning metadata files are not supported (a folder with a Hugging Face metadata.jsonl is read as train_data_dir)"),
     ("dataset_repeats", "fine-tuning metadata files are not supported"),
@@ -157,16 +172,20 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("base_weights_multiplier", "LoRAs merged into the base before training are not supported"),
     ("lr_scheduler_type", "custom learning-rate schedulers are not supported"),
     ("lr_scheduler_args", "custom learning-rate schedulers are not supported"),
-    ("lr_decay_steps", "warmup-stable-decay schedules are not supported"),
-    ("lr_scheduler_min_lr_ratio", "schedules with a minimum learning rate are not supported"),
-    ("lr_scheduler_timescale", "inverse-square-root schedules are not supported"),
-    ("save_n_epoch_ratio", "use save_every_n_epochs"),
     ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights"),
-    ("validate_every_n_epochs", "validation runs every validate_every_n_steps steps here"),
     ("skip_until_initial_step", "starting part-way through the data is not supported"),
     ("initial_epoch", "starting part-way through the data is not supported"),
     ("initial_step", "starting part-way through the data is not supported"),
-    ("masked_loss_weight", "masked-loss weights are not supported"),
+    ("train_inpainting", "inpainting models are not supported"),
+];
+
+/// Options that change only what is saved or measured, which this trainer does its own
+/// way, and what it does instead.
+const NOTED: &[(&str, &str)] = &[
+    ("save_n_epoch_ratio", "use output.save_every_n_epochs for saves during training"),
+    ("validate_every_n_epochs", "the validation loss is measured every output.validate_every_n_steps steps and at the end"),
+    ("validation_seed", "the held-out images are chosen by the training seed, so they may differ from sd-scripts'"),
+    ("token_warmup_min", "token warmup is off without token_warmup_step"),
 ];
 
 /// sd-scripts' sampler names that this trainer has under another name, or approximates.
@@ -181,8 +200,12 @@ fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
         "dpmsolver" | "dpmsingle" => ("dpmpp_2m", false),
         "lms" | "heun" | "dpm_2" => ("euler", false),
         "dpm_2_a" => ("euler_a", false),
-        // Our own names (a config written for both) pass through.
-        _ => return kohya.trim().to_string(),
+        // This trainer's own names pass through; sd-scripts samples unknown names with DDIM.
+        _ if kohya.trim().parse::<sd_sched::SamplerSpec>().is_ok() => return kohya.trim().to_string(),
+        _ => {
+            notes.push(format!("sample sampler `{kohya}` is unknown: sd-scripts then samples with DDIM, and so do these samples"));
+            return "ddim".into();
+        }
     };
     if !exact {
         notes.push(format!("sample sampler `{kohya}` has no twin here; samples use `{ours}` (only the sample images differ)"));
@@ -341,8 +364,8 @@ impl Options {
         match value {
             toml::Value::Boolean(b) => !b,
             toml::Value::String(s) => s.is_empty(),
-            toml::Value::Integer(v) => *v == 0 || (key == "token_warmup_min" && *v == 1),
-            toml::Value::Float(v) => *v == 0.0 || (key == "token_warmup_min" && *v == 1.0),
+            toml::Value::Integer(v) => *v == 0 || (key == "dataset_repeats" && *v == 1),
+            toml::Value::Float(v) => *v == 0.0 || (key == "dataset_repeats" && *v == 1.0),
             toml::Value::Array(a) => a.is_empty(),
             _ => false,
         }
@@ -370,9 +393,9 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
     read_model(&mut o, &mut c, &mut notes)?;
     read_data(&mut o, &mut c, &mut notes)?;
     read_network(&mut o, &mut c, &mut notes)?;
-    read_training(&mut o, &mut c, &mut notes)?;
+    let network_dtype = read_training(&mut o, &mut c, &mut notes)?;
     read_optimizer(&mut o, &mut c, &mut notes)?;
-    read_output(&mut o, &mut c, &mut notes)?;
+    read_output(&mut o, &mut c, network_dtype, &mut notes)?;
 
     let mut ignored = Vec::new();
     for key in NO_EFFECT {
@@ -385,6 +408,11 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
             "ignored (speed, memory, caching or logging options, which change nothing trained here; TensorBoard logs go to OUTPUT_DIR/logs): {}",
             ignored.join(", ")
         ));
+    }
+    for (key, instead) in NOTED {
+        if let Some(value) = o.take(key).filter(|v| !Options::is_default(key, v)) {
+            notes.push(format!("{key} = {value} is not used: {instead}"));
+        }
     }
     for (key, why) in UNSUPPORTED {
         if let Some(value) = o.take(key) {
@@ -406,6 +434,13 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
 
 fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
     c.model.pretrained = o.string("pretrained_model_name_or_path")?.ok_or_else(|| o.err("pretrained_model_name_or_path", "is missing: it names the base model"))?;
+    let local = matches!(c.model.pretrained.as_str(), "tiny" | "tiny-sdxl") || Path::new(&c.model.pretrained).exists();
+    if !local {
+        notes.push(format!(
+            "pretrained_model_name_or_path = \"{}\" is not a file or folder here (Hugging Face repo ids are not downloaded): set model.pretrained to a local diffusers folder or .safetensors checkpoint",
+            c.model.pretrained
+        ));
+    }
     if o.flag("v2")? {
         notes.push("v2: the model family (SD1.x, SD2.x or SDXL) is read from the checkpoint".into());
     }
@@ -414,6 +449,10 @@ fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> 
         notes.push(format!("vae = \"{vae}\" is not used: the checkpoint's own VAE encodes the images (a fine-tuned VAE encodes them almost alike)"));
     }
     c.model.clip_skip = o.count("clip_skip")?.unwrap_or(1);
+    if c.model.clip_skip > 1 && crate::models::is_sdxl(&c.model.pretrained).unwrap_or(false) {
+        notes.push(format!("clip_skip = {} is not used: SDXL reads both text encoders' penultimate layers (sd-scripts only warns)", c.model.clip_skip));
+        c.model.clip_skip = 1;
+    }
     c.model.max_token_length = o.count("max_token_length")?.unwrap_or(75);
     Ok(())
 }
@@ -457,8 +496,15 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     d.reg_data_dir = o.string("reg_data_dir")?.unwrap_or_default();
     d.prior_loss_weight = o.float("prior_loss_weight")?.unwrap_or(1.0) as f32;
     let extension = o.string("caption_extension")?;
+    // sd-scripts lets its old misspelling win.
     let misspelt = o.string("caption_extention")?;
-    d.caption_extension = extension.or(misspelt).unwrap_or_else(|| ".caption".into());
+    d.caption_extension = match misspelt.or(extension) {
+        Some(e) => e,
+        None => {
+            notes.push("caption_extension is not set: sd-scripts then reads only .caption files (an image without one trains on its folder's class tokens); this trainer also reads a .txt caption when there is no .caption file".into());
+            ".caption".into()
+        }
+    };
     if let Some(sep) = o.string("caption_separator")?.filter(|s| s != ",") {
         return Err(o.err("caption_separator", format!("= \"{sep}\": captions are split at commas here")));
     }
@@ -484,31 +530,44 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
         notes.push(format!("resize_interpolation = \"{how}\": images are resized with Lanczos here"));
     }
     d.alpha_mask = o.flag("alpha_mask")?;
+    // sd-scripts reads mask folders from a dataset config's subsets (`conditioning_data_dir`,
+    // which the dataset config here reads too), never from the command line.
     let masked = o.flag("masked_loss")?;
     let masks = o.string("conditioning_data_dir")?;
     match (masked, masks) {
-        (true, Some(dir)) if !d.alpha_mask => d.mask_dir = dir,
-        (true, None) if !d.alpha_mask => return Err(o.err("masked_loss", "needs conditioning_data_dir (the mask images) or alpha_mask")),
-        (true, Some(_)) => return Err(o.err("conditioning_data_dir", "and alpha_mask both give loss masks; set one of them")),
-        _ => {}
+        (true, None) if !d.alpha_mask && d.dataset_config.is_empty() => notes.push("masked_loss without alpha_mask or a dataset config with mask folders: no masks, so it trains unmasked, as sd-scripts does".into()),
+        (_, None) => {}
+        (true, Some(dir)) if !d.alpha_mask && d.dataset_config.is_empty() => {
+            notes.push(format!("masked_loss with conditioning_data_dir = \"{dir}\" outside a dataset config: sd-scripts reads no masks from it (it trains unmasked); this trainer trains with them (data.mask_dir)"));
+            d.mask_dir = dir;
+        }
+        (true, Some(_)) if d.alpha_mask => return Err(o.err("conditioning_data_dir", "and alpha_mask both give loss masks; set one of them")),
+        (_, Some(dir)) => notes.push(format!("conditioning_data_dir = \"{dir}\" is not read (masks come from alpha_mask or the dataset config's subsets)")),
     }
     d.validation_split = o.float("validation_split")?.unwrap_or(0.0);
     Ok(())
 }
 
-/// The `network_args` of kohya's `networks.lora` (and LyCORIS' `lycoris.kohya`).
+/// The `network_args` of kohya's `networks.lora`.
 fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
     let module = o.string("network_module")?.unwrap_or_else(|| "networks.lora".into());
-    let lycoris = match module.as_str() {
-        "networks.lora" => false,
-        "lycoris.kohya" => true,
+    match module.as_str() {
+        "networks.lora" => {}
+        "lycoris.kohya" => {
+            // LyCORIS' presets and defaults (3x3 convolutions at network_dim, conv_in and
+            // conv_out, DoRA per input feature) are not networks.lora's.
+            return Err(o.err(
+                "network_module",
+                "= \"lycoris.kohya\" is not converted: LyCORIS' presets and defaults differ from networks.lora's; convert the config without it (and its network_args), then set lora.unet_targets = \"conv\", lora.conv_rank / conv_alpha and lora.dora in the result for a LoCon or DoRA",
+            ));
+        }
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim) and LyCORIS' lycoris.kohya with algo = lora or locon (DoRA with dora_wd)"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim)"),
             ))
         }
-    };
+    }
     let l = &mut c.lora;
     l.rank = o.count("network_dim")?.unwrap_or(4);
     l.alpha = o.float("network_alpha")?.unwrap_or(1.0) as f32;
@@ -523,17 +582,17 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
 
     let args = o.list("network_args")?;
     let mut ignored = Vec::new();
+    let mut conv_dim = None;
     for (key, value) in key_values(&args, "network_args", &o.origin)? {
         let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
         let number = || value.parse::<f64>().map_err(|_| bad("expected a number"));
-        let py = PyValue::parse(&value);
         match key.as_str() {
             "conv_dim" => {
                 let dim = number()?;
-                if dim < 1.0 || dim.fract() != 0.0 {
-                    return Err(bad("expected a rank of at least 1"));
+                if dim < 0.0 || dim.fract() != 0.0 {
+                    return Err(bad("expected a rank"));
                 }
-                l.conv_rank = dim as usize;
+                conv_dim = Some(dim as usize);
             }
             "conv_alpha" => l.conv_alpha = number()? as f32,
             "rank_dropout" => l.rank_dropout = number()?,
@@ -549,25 +608,6 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
             "loraplus_lr_ratio" => l.loraplus_lr_ratio = number()?,
             "loraplus_unet_lr_ratio" => l.loraplus_unet_lr_ratio = number()?,
             "loraplus_text_encoder_lr_ratio" => l.loraplus_text_encoder_lr_ratio = number()?,
-            "algo" if lycoris => {
-                if !matches!(value.to_ascii_lowercase().as_str(), "lora" | "locon") {
-                    return Err(bad("only LyCORIS' lora and locon algorithms are trained here (LoHa and LoKr files load in `trainer generate`)"));
-                }
-            }
-            "preset" if lycoris => {
-                if !matches!(value.as_str(), "full" | "attn-mlp") {
-                    return Err(bad("only LyCORIS' `full` and `attn-mlp` presets are supported"));
-                }
-            }
-            "dora_wd" if lycoris => l.dora = py == PyValue::Bool(true),
-            "use_tucker" | "use_scalar" | "train_norm" | "rank_dropout_scale" | "weight_decompose" if lycoris => {
-                if py != PyValue::Bool(false) {
-                    return Err(bad("this LyCORIS option is not supported"));
-                }
-            }
-            "bypass_mode" | "use_cp" if lycoris && py == PyValue::Bool(false) => {}
-            "dropout" if lycoris && py == PyValue::Number(0.0) => {}
-            _ if lycoris => return Err(bad("this LyCORIS option is not supported")),
             // networks.lora reads only the options above and ignores the rest.
             _ => ignored.push(format!("{key}={value}")),
         }
@@ -575,17 +615,21 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     if !ignored.is_empty() {
         notes.push(format!("network_args that networks.lora ignores are ignored here too: {}", ignored.join(", ")));
     }
-    if lycoris {
-        notes.push("lycoris.kohya trains as networks.lora does here: adapters on the transformer blocks' linear layers (and, with conv_dim, on the ResNet blocks and samplers); LyCORIS' `full` preset also adapts conv_in, conv_out and the time embedding, which are left out".into());
-    }
-    if l.conv_rank > 0 && l.unet_targets != UnetTargets::None {
-        // networks.lora adds the ResNet blocks and samplers only when conv_dim is set.
+    // networks.lora adds the ResNet blocks and samplers only when conv_dim is set; at 0
+    // their linear and 1x1 layers train (at network_dim) and the 3x3 convolutions do not.
+    if let Some(dim) = conv_dim.filter(|_| l.unet_targets != UnetTargets::None) {
         l.unet_targets = UnetTargets::Conv;
+        l.conv_rank = dim;
+        if dim == 0 {
+            l.exclude.extend(["*.resnets.*.conv1", "*.resnets.*.conv2", "*samplers.*.conv"].map(String::from));
+        }
     }
     Ok(())
 }
 
-fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+/// The training options; returns the dtype of sd-scripts' `full_fp16` / `full_bf16`
+/// networks, which their files keep when `save_precision` is unset.
+fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<Option<lora_core::SaveDtype>, TrainError> {
     let t = &mut c.train;
     t.max_train_steps = o.count("max_train_steps")?.unwrap_or(1600);
     t.max_train_epochs = o.count("max_train_epochs")?.unwrap_or(0);
@@ -596,7 +640,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     // 0 leaves that model untrained (kohya drops its parameter groups).
     let default_lr = o.float("learning_rate")?.unwrap_or(2e-6);
     let unet_lr = o.float("unet_lr")?.unwrap_or(default_lr);
-    let te_lr = read_text_encoder_lr(o)?.unwrap_or(default_lr);
+    let te_lr = read_text_encoder_lr(o, notes)?.unwrap_or(default_lr);
     if unet_lr == 0.0 {
         c.lora.unet_targets = UnetTargets::None;
     }
@@ -623,18 +667,15 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
             ))
         }
     };
-    t.lr_warmup_steps = match o.float("lr_warmup_steps")? {
-        None => 0,
-        Some(w) if w >= 0.0 && w.fract() == 0.0 => w as usize,
-        // sd-scripts reads a fraction as a share of the steps.
-        Some(w) if (0.0..1.0).contains(&w) && t.max_train_epochs == 0 => (w * t.max_train_steps as f64) as usize,
-        Some(w) if (0.0..1.0).contains(&w) => {
-            return Err(o.err("lr_warmup_steps", format!("= {w} (a share of the steps) needs max_train_steps: with max_train_epochs the step count depends on the data; give a number of steps")));
-        }
-        Some(w) => return Err(o.err("lr_warmup_steps", format!("= {w}: expected a number of steps or a fraction below 1"))),
+    // sd-scripts reads a TOML integer as steps and a float as a share of all steps.
+    (t.lr_warmup_steps, t.lr_warmup_ratio) = match o.take("lr_warmup_steps") {
+        None => (0, 0.0),
+        Some(toml::Value::Integer(w)) if w >= 0 => (w as usize, 0.0),
+        Some(toml::Value::Float(w)) if (0.0..1.0).contains(&w) => (0, w),
+        Some(other) => return Err(o.err("lr_warmup_steps", format!("= {other}: expected a whole number of steps or a share of the steps below 1 (a float)"))),
     };
-    if scheduler == "constant" && t.lr_warmup_steps > 0 {
-        notes.push(format!("lr_scheduler = \"constant\" with {} warmup steps (sd-scripts refuses warmup there): trained as constant_with_warmup", t.lr_warmup_steps));
+    if scheduler == "constant" && (t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0) {
+        notes.push("lr_scheduler = \"constant\" with warmup (sd-scripts refuses warmup there): trained as constant_with_warmup".into());
     }
     t.lr_cycles = o.count("lr_scheduler_num_cycles")?.unwrap_or(1);
     t.lr_scheduler_power = o.float("lr_scheduler_power")?.unwrap_or(1.0);
@@ -646,9 +687,11 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
         Some("bf16") => MixedPrecision::Bf16,
         Some(other) => return Err(o.err("mixed_precision", format!("= \"{other}\": expected \"no\", \"fp16\" or \"bf16\""))),
     };
-    for (key, dtype) in [("full_fp16", "fp16"), ("full_bf16", "bf16")] {
+    let mut full = None;
+    for (key, dtype, save) in [("full_fp16", "fp16", lora_core::SaveDtype::F16), ("full_bf16", "bf16", lora_core::SaveDtype::Bf16)] {
         if o.flag(key)? {
             notes.push(format!("{key}: the adapters keep f32 master weights here (the frozen model runs in {dtype} with mixed_precision = \"{dtype}\")"));
+            full = Some(save);
         }
     }
     for key in ["fp8_base", "fp8_base_unet"] {
@@ -690,12 +733,12 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
         Some(seed) => t.seed = seed as u64,
         None => notes.push(format!("seed is not set (sd-scripts then draws one): {} is used", t.seed)),
     }
-    Ok(())
+    Ok(full)
 }
 
-/// `text_encoder_lr`: one number, or a list of one per text encoder (SDXL), which must
-/// agree here.
-fn read_text_encoder_lr(o: &mut Options) -> Result<Option<f64>, TrainError> {
+/// `text_encoder_lr`: one number, or a list of one per text encoder (SDXL), of which
+/// networks.lora uses the first.
+fn read_text_encoder_lr(o: &mut Options, notes: &mut Vec<String>) -> Result<Option<f64>, TrainError> {
     let key = "text_encoder_lr";
     match o.take(key) {
         Some(toml::Value::Array(items)) => {
@@ -704,12 +747,11 @@ fn read_text_encoder_lr(o: &mut Options) -> Result<Option<f64>, TrainError> {
                 .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
                 .collect::<Option<_>>()
                 .ok_or_else(|| o.err(key, "must be a number or a list of numbers"))?;
-            match lrs[..] {
-                [] => Ok(None),
-                [lr] => Ok(Some(lr)),
-                [first, ..] if lrs.iter().all(|lr| *lr == first) => Ok(Some(first)),
-                _ => Err(o.err(key, format!("= {lrs:?}: both text encoders train at one learning rate here"))),
+            // networks.lora takes the first for every text encoder.
+            if lrs.iter().any(|lr| *lr != lrs[0]) {
+                notes.push(format!("text_encoder_lr = {lrs:?}: networks.lora trains every text encoder at the first, {}, and so does this trainer", lrs[0]));
             }
+            Ok(lrs.first().copied())
         }
         Some(value) => {
             o.values.insert(key.to_string(), value);
@@ -752,8 +794,9 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>)
         notes.push(format!("optimizer_type = \"{name}\": the same update with f32 moments (a LoRA's optimizer state is small; no 8-bit or paged state here)"));
     }
     t.optimizer = optimizer;
-    // Each package's defaults: torch / bitsandbytes AdamW decay 0.01, Lion and Prodigy none.
-    t.adam_weight_decay = if optimizer == Optimizer::Adamw { 0.01 } else { 0.0 };
+    // Each package's defaults: torch / bitsandbytes AdamW decay 0.01, transformers' AdamW,
+    // Lion and Prodigy none.
+    t.adam_weight_decay = if optimizer == Optimizer::Adamw && !name.starts_with("transformers.") { 0.01 } else { 0.0 };
     let args = o.list("optimizer_args")?;
     for (key, value) in key_values(&args, "optimizer_args", &o.origin)? {
         let bad = |what: &str| o.err("optimizer_args", format!("`{key}={value}`: {what}"));
@@ -801,7 +844,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>)
     Ok(())
 }
 
-fn read_output(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_core::SaveDtype>, notes: &mut Vec<String>) -> Result<(), TrainError> {
     let out = &mut c.output;
     out.output_name = o.string("output_name")?.unwrap_or_else(|| "last".into());
     out.output_dir = o.string("output_dir")?.ok_or_else(|| o.err("output_dir", "is missing: it names the folder the LoRA is written to"))?.into();
@@ -810,7 +853,8 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) ->
     }
     out.save_format = lora_core::AdapterFormat::Kohya;
     out.save_precision = match o.string("save_precision")?.as_deref() {
-        None | Some("float") => lora_core::SaveDtype::F32,
+        None => network_dtype.unwrap_or(lora_core::SaveDtype::F32),
+        Some("float") => lora_core::SaveDtype::F32,
         Some("fp16") => lora_core::SaveDtype::F16,
         Some("bf16") => lora_core::SaveDtype::Bf16,
         Some(other) => return Err(o.err("save_precision", format!("= \"{other}\": expected float, fp16 or bf16"))),
@@ -915,13 +959,21 @@ fn prompt_line(entry: &serde_json::Value, notes: &mut Vec<String>) -> Result<Str
                 };
                 fields.push((short.to_string(), text(value)));
             }
-            // The order prompt lines usually have, not the table's (alphabetical) one.
-            let order = ["n", "w", "h", "d", "l", "s", "ss"];
-            fields.sort_by_key(|(k, _)| order.iter().position(|o| o == k).unwrap_or(order.len()));
             prompt
         }
         _ => return Err("expected a prompt line or a table of prompt settings".into()),
     };
+    // sd-scripts samples at 512 x 512 unless a prompt says otherwise.
+    for side in ["w", "h"] {
+        if !fields.iter().any(|(k, _)| k == side) {
+            fields.push((side.to_string(), "512".into()));
+        }
+    }
+    if entry.is_object() {
+        // The order prompt lines usually have, not the table's (alphabetical) one.
+        let order = ["n", "w", "h", "d", "l", "s", "ss"];
+        fields.sort_by_key(|(k, _)| order.iter().position(|o| o == k).unwrap_or(order.len()));
+    }
     let mut line = prompt;
     for (key, value) in fields {
         match key.as_str() {
@@ -995,6 +1047,8 @@ learning_rate = 3e-4
 lr_scheduler = "cosine_with_restarts"
 lr_scheduler_num_cycles = 3
 lr_warmup_steps = 0.05
+epoch = 10
+noise_offset_type = "Original"
 [dataset_arguments]
 train_data_dir = "img"
 resolution = "768,768"
@@ -1023,16 +1077,81 @@ sample_sampler = "euler_a"
         // unet_lr wins for the UNet; the text encoder falls back on learning_rate.
         assert_eq!((c.train.learning_rate, c.train.text_encoder_lr), (1e-4, 3e-4));
         assert_eq!((c.train.optimizer, c.train.adam_weight_decay, c.train.adam_beta2), (Optimizer::Adamw, 0.1, 0.99));
-        assert_eq!((c.train.lr_scheduler, c.train.lr_cycles, c.train.lr_warmup_steps), (LrScheduler::CosineWithRestarts, 3, 100));
+        assert_eq!((c.train.lr_scheduler, c.train.lr_cycles, c.train.lr_warmup_ratio, c.train.warmup_steps()), (LrScheduler::CosineWithRestarts, 3, 0.05, 100));
         assert_eq!((c.train.prediction, c.train.mixed_precision, c.train.seed), (Prediction::VPrediction, MixedPrecision::Bf16, 7));
         assert_eq!((c.data.resolution, c.data.enable_bucket, c.output.save_precision), (768, true, lora_core::SaveDtype::Bf16));
-        assert_eq!(c.output.sample_prompts, ["mystyle, a castle --n blurry --w 512 --h 768 --d 5", "mystyle, a cat --ss euler_a"]);
+        assert_eq!(c.output.sample_prompts, ["mystyle, a castle --n blurry --w 512 --h 768 --d 5", "mystyle, a cat --ss euler_a --w 512 --h 512"]);
         for expected in ["AdamW8bit", "option `g`", "xformers, cache_latents"] {
             assert!(i.notes.iter().any(|n| n.contains(expected)), "no note on {expected}: {:?}", i.notes);
         }
         let path = dir.path().join("ours.toml");
         std::fs::write(&path, i.to_toml(Path::new("kohya.toml"))).unwrap();
         assert_eq!(&TrainConfig::load(Some(&path), &[]).unwrap(), c);
+    }
+
+    /// A config as the kohya_ss GUI writes it for sd-scripts (sorted keys, its own `epoch`
+    /// and `noise_offset_type`, lists written even when empty, no zeros).
+    #[test]
+    fn a_kohya_ss_gui_config_converts() {
+        let text = r#"
+bucket_no_upscale = true
+bucket_reso_steps = 64
+cache_latents = true
+cache_latents_to_disk = true
+caption_extension = ".txt"
+clip_skip = 1
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 10
+gradient_accumulation_steps = 1
+huber_c = 0.1
+huber_scale = 1
+huber_schedule = "snr"
+learning_rate = 0.0001
+loss_type = "l2"
+lr_scheduler = "cosine"
+lr_scheduler_args = []
+lr_scheduler_num_cycles = 10
+lr_scheduler_power = 1
+lr_warmup_steps = 0.1
+max_bucket_reso = 2048
+max_data_loader_n_workers = 0
+max_grad_norm = 1
+max_timestep = 1000
+max_token_length = 75
+max_train_steps = 1500
+min_bucket_reso = 256
+mixed_precision = "fp16"
+network_alpha = 16
+network_args = []
+network_dim = 32
+network_module = "networks.lora"
+noise_offset_type = "Original"
+optimizer_type = "AdamW8bit"
+output_dir = "out/model"
+output_name = "my_style"
+persistent_data_loader_workers = 1
+pretrained_model_name_or_path = "runwayml/stable-diffusion-v1-5"
+prior_loss_weight = 1
+resolution = "512,512"
+sample_sampler = "euler_a"
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+save_precision = "fp16"
+sdpa = true
+text_encoder_lr = [ 5e-5,]
+train_batch_size = 2
+train_data_dir = "data/img"
+unet_lr = 0.0001
+wandb_run_name = "my_style"
+"#;
+        let i = import(text).unwrap();
+        let (c, t) = (&i.config, &i.config.train);
+        assert_eq!((c.lora.rank, c.lora.alpha, c.lora.text_encoder_targets), (32, 16.0, TextEncoderTargets::AttnMlp));
+        assert_eq!((t.learning_rate, t.text_encoder_lr, t.lr_warmup_ratio, t.warmup_steps()), (1e-4, 5e-5, 0.1, 150));
+        assert_eq!((t.max_train_steps, t.train_batch_size, t.mixed_precision, t.lr_scheduler), (1500, 2, MixedPrecision::Fp16, LrScheduler::Cosine));
+        assert_eq!((c.data.resolution, c.data.max_bucket_reso, c.data.bucket_no_upscale), (512, 2048, true));
+        assert!(i.notes.iter().any(|n| n.contains("epoch, noise_offset_type")), "{:?}", i.notes);
     }
 
     #[test]
@@ -1045,8 +1164,6 @@ sample_sampler = "euler_a"
         assert_eq!(c.lora.text_encoder_targets, TextEncoderTargets::None);
         let e = error(&format!("{MINIMAL}network_train_unet_only = true\nunet_lr = 0"));
         assert!(e.contains("nothing to train"), "{e}");
-        let e = error(&format!("{MINIMAL}text_encoder_lr = [1e-5, 2e-5]"));
-        assert!(e.contains("`text_encoder_lr`") && e.contains("one learning rate"), "{e}");
     }
 
     #[test]
@@ -1061,9 +1178,15 @@ sample_sampler = "euler_a"
         assert!(t.prodigy_use_bias_correction && t.prodigy_safeguard_warmup);
         let l = import(&format!("{MINIMAL}use_lion_optimizer = true\noptimizer_args = \"betas=0.95,0.98 weight_decay=0.5\"")).unwrap().config;
         assert_eq!((l.train.optimizer, l.train.lion_beta1, l.train.lion_beta2, l.train.adam_weight_decay), (Optimizer::Lion, 0.95, 0.98, 0.5));
-        let d = import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"conv_dim=4\", \"dora_wd=True\"]")).unwrap();
-        assert!(d.config.lora.dora && d.config.lora.unet_targets == UnetTargets::Conv);
-        assert!(d.notes.iter().any(|n| n.contains("lycoris.kohya")));
+        // conv_dim = 0 trains the ResNet blocks' linear and 1x1 layers, not their 3x3 convolutions.
+        let z = import(&format!("{MINIMAL}network_args = [\"conv_dim=0\"]")).unwrap().config;
+        let selection = sd_model::targets::Selection::new(z.lora.unet_targets).exclude(z.lora.exclude.clone());
+        assert!(selection.selects("down_blocks.0.resnets.0.time_emb_proj", false) && selection.selects("down_blocks.1.resnets.0.conv_shortcut", true));
+        assert!(!selection.selects("down_blocks.0.resnets.0.conv1", true) && !selection.selects("down_blocks.0.downsamplers.0.conv", true));
+        // A warmup as whole steps, and sd-scripts' list of text-encoder rates (the first wins).
+        let w = import(&format!("{MINIMAL}lr_warmup_steps = 50\nmax_train_epochs = 3\ntext_encoder_lr = [1e-5, 2e-5]")).unwrap();
+        assert_eq!((w.config.train.lr_warmup_steps, w.config.train.lr_warmup_ratio, w.config.train.text_encoder_lr), (50, 0.0, 1e-5));
+        assert!(w.notes.iter().any(|n| n.contains("text_encoder_lr")), "{:?}", w.notes);
     }
 
     #[test]
@@ -1072,11 +1195,11 @@ sample_sampler = "euler_a"
         let toml_file = dir.path().join("p.toml");
         std::fs::write(&toml_file, "[prompt]\nwidth = 640\nscale = 6\n[[prompt.subset]]\nprompt = \"a\"\nseed = 3\n[[prompt.subset]]\nprompt = \"b\"\nnegative_prompt = \"ugly\"\nwidth = 512\n").unwrap();
         let c = import(&format!("{MINIMAL}sample_prompts = \"{}\"", toml_file.display())).unwrap().config;
-        assert_eq!(c.output.sample_prompts, ["a --w 640 --d 3 --l 6", "b --n ugly --w 512 --l 6"]);
+        assert_eq!(c.output.sample_prompts, ["a --w 640 --h 512 --d 3 --l 6", "b --n ugly --w 512 --h 512 --l 6"]);
         let json_file = dir.path().join("p.json");
         std::fs::write(&json_file, r#"[{"prompt": "c", "sample_steps": 12, "sample_sampler": "dpmsolver++"}, "d --h 256"]"#).unwrap();
         let c = import(&format!("{MINIMAL}sample_prompts = \"{}\"", json_file.display())).unwrap().config;
-        assert_eq!(c.output.sample_prompts, ["c --s 12 --ss dpmpp_2m", "d --h 256"]);
+        assert_eq!(c.output.sample_prompts, ["c --w 512 --h 512 --s 12 --ss dpmpp_2m", "d --h 256 --w 512"]);
         let e = error(&format!("{MINIMAL}sample_prompts = \"{}\"", dir.path().join("none.txt").display()));
         assert!(e.contains("`sample_prompts`") && e.contains("none.txt"), "{e}");
     }
@@ -1094,10 +1217,11 @@ sample_sampler = "euler_a"
             ("optimizer_args = [\"weight_decay\"]", "`optimizer_args`: `weight_decay` is not KEY=VALUE"),
             ("optimizer_args = [\"amsgrad=True\"]", "`amsgrad=True`: not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" is not supported"),
-            ("lr_warmup_steps = 0.1\nmax_train_epochs = 4", "`lr_warmup_steps` = 0.1 (a share of the steps) needs max_train_steps"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\"]", "`algo=loha`: only LyCORIS' lora and locon"),
+            ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\"]", "`network_module` = \"lycoris.kohya\" is not converted"),
+            ("train_inpainting = true", "`train_inpainting` = true: inpainting"),
             ("mixed_precision = \"fp8\"", "`mixed_precision` = \"fp8\""),
-            ("masked_loss = true", "`masked_loss` needs conditioning_data_dir"),
+            ("alpha_mask = true\nmasked_loss = true\nconditioning_data_dir = \"m\"", "`conditioning_data_dir` and alpha_mask both"),
         ];
         for (extra, expected) in cases {
             let e = error(&format!("{MINIMAL}{extra}"));

@@ -156,7 +156,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_gradient_checkpointing", py_bool(t.gradient_checkpointing)),
         ("ss_gradient_accumulation_steps", t.gradient_accumulation_steps.to_string()),
         ("ss_max_train_steps", t.max_train_steps.to_string()),
-        ("ss_lr_warmup_steps", t.lr_warmup_steps.to_string()),
+        ("ss_lr_warmup_steps", t.warmup_steps().to_string()),
         ("ss_lr_scheduler", name_of(&t.lr_scheduler)),
         // kohya's `network_dropout` (on `down(x)`); `lora.dropout`, on the input, is PEFT's.
         ("ss_network_dropout", if l.network_dropout > 0.0 { l.network_dropout.to_string() } else { "None".into() }),

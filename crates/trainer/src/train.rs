@@ -78,11 +78,12 @@ pub struct TrainReport {
 /// Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule.
 pub fn learning_rate(cfg: &crate::config::TrainSection, step: usize) -> f64 {
     let base = cfg.learning_rate;
-    if step < cfg.lr_warmup_steps {
-        return base * (step + 1) as f64 / cfg.lr_warmup_steps as f64;
+    let warmup = cfg.warmup_steps();
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
     }
-    let decay_steps = cfg.max_train_steps.saturating_sub(cfg.lr_warmup_steps).max(1);
-    let progress = ((step - cfg.lr_warmup_steps) as f64 / decay_steps as f64).min(1.0);
+    let decay_steps = cfg.max_train_steps.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / decay_steps as f64).min(1.0);
     match cfg.lr_scheduler {
         LrScheduler::Constant => base,
         LrScheduler::Linear => base * (1.0 - progress),

@@ -197,6 +197,10 @@ fn learning_rate_schedules() {
     let parsed = TrainConfig::load(None, &["train.lr_scheduler=\"polynomial\"".into(), "train.lr_scheduler_power=0.5".into()]).unwrap();
     assert_eq!((parsed.train.lr_scheduler, parsed.train.lr_scheduler_power), (LrScheduler::Polynomial, 0.5));
     assert!(TrainConfig::load(None, &["train.lr_scheduler_power=0".into()]).is_err());
+    // A warmup as a share of the steps (sd-scripts' float lr_warmup_steps) replaces the count.
+    t.lr_warmup_ratio = 0.1;
+    assert!((learning_rate(&t, 0) - 1.0 / 11.0).abs() < 1e-12 && (learning_rate(&t, 10) - 1.0).abs() < 1e-12);
+    assert!(TrainConfig::load(None, &["train.lr_warmup_ratio=1.0".into()]).is_err());
 }
 
 #[test]
