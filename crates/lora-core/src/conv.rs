@@ -381,6 +381,8 @@ impl<B: Backend> LoraConv2d<B> {
         self.adapter = None;
         self.merged = false;
         self.merged_base = None;
+        // A plain layer again: an adapter attached later runs at full strength.
+        self.multiplier = 1.0;
     }
 
     /// Subtracts the merged update again.

@@ -412,12 +412,28 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Folds the adapter into the base weights for good and drops it: the layer becomes a
-    /// plain frozen layer with `W + multiplier · ΔW` (for exporting a merged checkpoint).
+    /// plain frozen layer with `W + multiplier · ΔW` (for exporting a merged checkpoint, or
+    /// a base to train a new adapter on), at multiplier 1 for the next adapter.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::nn::LinearConfig;
+    /// use lora_core::{LoraConfig, LoraLinear};
+    /// let device = Default::default();
+    /// let mut layer = LoraLinear::<Flex>::new(LinearConfig::new(4, 3).init(&device));
+    /// layer.attach_new(&LoraConfig::new(2), &device).unwrap();
+    /// layer.set_multiplier(0.5);
+    /// layer.bake();
+    /// assert!(layer.adapter.is_none());
+    /// assert_eq!(layer.multiplier, 1.0);
+    /// ```
     pub fn bake(&mut self) {
         self.merge_in_place();
         self.adapter = None;
         self.merged = false;
         self.merged_base = None;
+        // A plain layer again: an adapter attached later runs at full strength.
+        self.multiplier = 1.0;
     }
 
     /// Subtracts the merged update again, restoring the base weight (up to rounding).

@@ -102,7 +102,19 @@ pub fn decode(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTenso
     })
 }
 
-/// Serialises named host tensors in `dtype` with string metadata.
+/// Serialises named host tensors in `dtype` with string metadata (none at all, e.g. the
+/// moments of an optimizer that has taken no step, is a valid file too).
+///
+/// ```
+/// use lora_core::tensor_io::{parse, serialize};
+/// use lora_core::{HostTensor, SaveDtype};
+/// let t = HostTensor::new(vec![2], vec![1.0, 2.0]).unwrap();
+/// let bytes = serialize(&[("w".into(), &t)], SaveDtype::F32, [("k".to_string(), "v".to_string())].into()).unwrap();
+/// let (file, metadata) = parse(&bytes, "a.safetensors".as_ref()).unwrap();
+/// assert_eq!((file.len(), metadata["k"].as_str()), (1, "v"));
+/// let empty = serialize(&[], SaveDtype::F32, Default::default()).unwrap();
+/// assert_eq!(parse(&empty, "b.safetensors".as_ref()).unwrap().0.len(), 0);
+/// ```
 pub fn serialize(
     tensors: &[(String, &HostTensor)],
     dtype: SaveDtype,
@@ -120,7 +132,10 @@ pub fn serialize(
                 .map_err(|e| LoraError::Data(format!("tensor `{k}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| LoraError::Data(e.to_string()))?;
+    // safetensors 0.7 writes a broken header for no tensors with an empty metadata map
+    // (`{},"__metadata__":{}}`): an empty map is left out.
+    let metadata = (!metadata.is_empty()).then_some(metadata);
+    let mut bytes = safetensors::serialize(views, metadata).map_err(|e| LoraError::Data(e.to_string()))?;
     canonicalize_header(&mut bytes)?;
     Ok(bytes)
 }

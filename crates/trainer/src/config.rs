@@ -26,6 +26,10 @@ pub struct ModelSection {
     /// 150 / 225 (any multiple of 75) to encode longer captions in rows of 75 tokens whose
     /// hidden states are joined (sd-scripts' layout).
     pub max_token_length: usize,
+    /// LoRA files merged into the base model before training (kohya's `base_weights`), as
+    /// `FILE[:STRENGTH]` (strength 1 by default): the new LoRA learns what they leave out,
+    /// and is saved without them.
+    pub base_weights: Vec<String>,
 }
 
 /// The training images.
@@ -617,6 +621,7 @@ impl Default for TrainConfig {
                 tiny_seed: 0,
                 clip_skip: 1,
                 max_token_length: 75,
+                base_weights: vec![],
             },
             data: DataSection {
                 train_data_dir: "demo".into(),
@@ -1018,6 +1023,12 @@ impl TrainConfig {
         }
         if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
             return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");
+        }
+        for entry in &self.model.base_weights {
+            let file: sd_model::lora::LoraFile = entry.parse().map_err(|e: String| TrainError::Config { origin: "model.base_weights".into(), reason: e })?;
+            if !file.path.is_file() {
+                return bad(&format!("model.base_weights: there is no file at {}", file.path.display()));
+            }
         }
         let weights = std::path::Path::new(&self.lora.network_weights);
         if !self.lora.network_weights.is_empty() && !weights.is_file() {

@@ -168,8 +168,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("dataset_repeats", "fine-tuning metadata files are not supported"),
     ("dataset_class", "custom dataset classes are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
-    ("base_weights", "LoRAs merged into the base before training are not supported: merge them with `trainer merge` and train on the merged checkpoint"),
-    ("base_weights_multiplier", "LoRAs merged into the base before training are not supported"),
     ("lr_scheduler_type", "custom learning-rate schedulers are not supported"),
     ("lr_scheduler_args", "custom learning-rate schedulers are not supported"),
     ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights"),
@@ -454,6 +452,25 @@ fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> 
         c.model.clip_skip = 1;
     }
     c.model.max_token_length = o.count("max_token_length")?.unwrap_or(75);
+    // Each base LoRA at its multiplier (1 where the list is shorter), as `FILE:STRENGTH`.
+    let bases = match o.take("base_weights") {
+        Some(toml::Value::String(file)) => vec![file],
+        Some(v) => {
+            o.values.insert("base_weights".into(), v);
+            o.list("base_weights")?
+        }
+        None => Vec::new(),
+    };
+    let multipliers = match o.take("base_weights_multiplier") {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+            .collect::<Option<Vec<f64>>>()
+            .ok_or_else(|| o.err("base_weights_multiplier", "must be a list of numbers"))?,
+        Some(v) => vec![v.as_float().or_else(|| v.as_integer().map(|i| i as f64)).ok_or_else(|| o.err("base_weights_multiplier", "must be a list of numbers"))?],
+    };
+    c.model.base_weights = bases.iter().enumerate().map(|(i, f)| format!("{f}:{}", multipliers.get(i).copied().unwrap_or(1.0))).collect();
     Ok(())
 }
 
@@ -1187,6 +1204,19 @@ wandb_run_name = "my_style"
         let w = import(&format!("{MINIMAL}lr_warmup_steps = 50\nmax_train_epochs = 3\ntext_encoder_lr = [1e-5, 2e-5]")).unwrap();
         assert_eq!((w.config.train.lr_warmup_steps, w.config.train.lr_warmup_ratio, w.config.train.text_encoder_lr), (50, 0.0, 1e-5));
         assert!(w.notes.iter().any(|n| n.contains("text_encoder_lr")), "{:?}", w.notes);
+    }
+
+    #[test]
+    fn base_weights_take_their_multipliers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+        std::fs::write(&a, b"").unwrap();
+        std::fs::write(&b, b"").unwrap();
+        let text = format!("{MINIMAL}base_weights = [\"{}\", \"{}\"]\nbase_weights_multiplier = [0.5]", a.display(), b.display());
+        let c = import(&text).unwrap().config;
+        assert_eq!(c.model.base_weights, [format!("{}:0.5", a.display()), format!("{}:1", b.display())]);
+        let e = error(&format!("{MINIMAL}base_weights = \"{}\"", dir.path().join("none.safetensors").display()));
+        assert!(e.contains("model.base_weights") && e.contains("none.safetensors"), "{e}");
     }
 
     #[test]

@@ -716,7 +716,29 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::Lion => "train.optimizer = \"lion\"\n",
         _ => "",
     };
-    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{lora}{file}{optimizer}", config.model.pretrained, config.model.tiny_seed)
+    // The merged base is part of the model (states from before the key have no line).
+    let base = match &config.model.base_weights[..] {
+        [] => String::new(),
+        files => format!("model.base_weights = {files:?}\n"),
+    };
+    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{base}{lora}{file}{optimizer}", config.model.pretrained, config.model.tiny_seed)
+}
+
+/// Merges `model.base_weights` (`FILE[:STRENGTH]` each) into the frozen model, as kohya's
+/// `base_weights` does: their updates are added to the weights, and no adapter of theirs
+/// remains.
+fn merge_base_weights<B: burn::tensor::backend::Backend>(c: &mut Components<B>, entries: &[String], device: &B::Device) -> Result<(), TrainError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let files = entries
+        .iter()
+        .map(|e| e.parse::<sd_model::lora::LoraFile>().map_err(|reason| TrainError::Config { origin: "model.base_weights".into(), reason }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut encoders: Vec<&mut sd_model::ClipTextModel<B>> = std::iter::once(&mut c.text_encoder).chain(c.text_encoder_2.as_mut()).collect();
+    sd_model::lora::apply_lora_files_to(&mut c.unet, &mut encoders, &files, false, device)?;
+    crate::generate::merge_adapters(c);
+    Ok(())
 }
 
 /// Seed of burn's backend RNG (adapter dropout) at optimizer step `step`: reseeding every
@@ -774,6 +796,8 @@ fn run<B: AutodiffBackend>(
     // Frozen parts run on the inner (non-autodiff) backend; only the UNet (and the text
     // encoder when it has adapters) is differentiated. The VAE stays in f32.
     let mut frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
+    // Merged in f32, before the weights are rounded to the training precision.
+    merge_base_weights(&mut frozen, &config.model.base_weights, device)?;
     if let Some(dtype) = base_dtype {
         frozen = to_precision(frozen, dtype);
     }

@@ -1569,3 +1569,52 @@ fn dora_trains_resumes_and_applies() {
     let err = merged.iter().zip(&with).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(err < 1e-4, "merged vs attached: {err}");
 }
+
+/// `model.base_weights` (kohya's `base_weights`): a LoRA merged into the frozen model before
+/// training acts as that LoRA attached at full strength (the first step's loss is the one a
+/// run starting from it as `network_weights` sees), at strength 0 changes nothing, and a
+/// resume must keep it.
+#[test]
+fn base_weights_are_merged_before_training() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = quick_config(&dir.path().join("first"), 4);
+    first.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    first.train.learning_rate = 1e-2;
+    first.output.save_precision = lora_core::SaveDtype::F32;
+    let trained = train::<B>(&first, &Default::default(), &mut |_| true).unwrap();
+    let file = trained.lora.display().to_string();
+    let first_loss = |config: &TrainConfig| train::<B>(config, &Default::default(), &mut |_| true).unwrap_or_else(|e| panic!("{}: {e}", config.output.output_dir.display())).losses[0];
+
+    let plain = quick_config(&dir.path().join("plain"), 1);
+    let mut started = plain.clone();
+    started.output.output_dir = dir.path().join("started");
+    started.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    started.lora.network_weights = file.clone();
+    let mut based = plain.clone();
+    based.output.output_dir = dir.path().join("based");
+    based.model.base_weights = vec![file.clone()];
+    let mut zero = based.clone();
+    zero.output.output_dir = dir.path().join("zero");
+    zero.model.base_weights = vec![format!("{file}:0")];
+    let (p, s, b, z) = (first_loss(&plain), first_loss(&started), first_loss(&based), first_loss(&zero));
+    assert_eq!(z, p, "strength 0 leaves the model as it was");
+    // The new adapters train at full strength whatever the base LoRA's (they once took its
+    // multiplier, here 0, and did not train).
+    let index = tiny_index_with_text_encoder();
+    let (set, _) = AdapterSet::load(zero.output.output_dir.join("demo_lora.safetensors"), &index, ReadOptions::default()).unwrap();
+    assert!(set.iter().any(|(_, w)| w.up.data.iter().any(|v| *v != 0.0)), "the adapters trained");
+    assert!((b - s).abs() <= 1e-5 * s.abs(), "merged {b} vs attached {s}");
+    assert!((b - p).abs() > 50.0 * (b - s).abs(), "the base LoRA changes the model: {b} vs {p} (attached: {s})");
+
+    let state = based.output.output_dir.join("state");
+    let mut other = based.clone();
+    other.model.base_weights.clear();
+    other.train.max_train_steps = 2;
+    let err = trainer::train::resume::<B>(&other, &state, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("base_weights"), "{err}");
+    let mut missing = plain.clone();
+    missing.model.base_weights = vec![dir.path().join("nope.safetensors:0.5").display().to_string()];
+    let err = missing.validate().unwrap_err().to_string();
+    assert!(err.contains("model.base_weights") && err.contains("nope.safetensors"), "{err}");
+}
