@@ -154,8 +154,8 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
         if table.contains_key("conditioning_data_dir") && table.contains_key("mask_dir") {
             return Err(DataError::config(&section.key("conditioning_data_dir"), "and `mask_dir` both name the mask folder: set one"));
         }
-        for (key, value) in table {
-            let key = if key == "conditioning_data_dir" { "mask_dir" } else { key.as_str() };
+        for (written, value) in table {
+            let key = if written == "conditioning_data_dir" { "mask_dir" } else { written.as_str() };
             if let Some((_, why)) = UNSUPPORTED.iter().find(|(k, _)| *k == key) {
                 return Err(DataError::config(&section.key(key), format!("(sd-scripts' option) is not supported: {why}")));
             }
@@ -170,7 +170,10 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             } else {
                 return Err(DataError::config(&section.key(key), "is not a dataset option (see docs/datasets.md for the options)"));
             };
-            check_type(section, key, value, in_dataset)?;
+            check_type(section, key, value, in_dataset).map_err(|e| match e {
+                DataError::Config { message, .. } => DataError::config(&section.key(written), message),
+                other => other,
+            })?;
             if let Some(obj) = target.as_object_mut() {
                 obj.insert(key.to_string(), value.clone());
             }

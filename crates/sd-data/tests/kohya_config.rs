@@ -116,6 +116,7 @@ fn bad_files_are_errors_naming_the_key() {
         // A value's type is checked where the file sets it.
         ("[general]\nkeep_tokens = \"one\"\n".to_string() + &subset(""), "`general.keep_tokens` has the wrong type"),
         ("[general]\nbatch_size = 1.5\n".to_string() + &subset(""), "`general.batch_size` has the wrong type"),
+        (subset("conditioning_data_dir = 5"), "`datasets[0].subsets[0].conditioning_data_dir` has the wrong type"),
         ("[[datasets]]\nbatch_size = \"x\"\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].batch_size` has the wrong type"),
         ("[[datasets]]\nenable_bucket = \"yes\"\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].enable_bucket` has the wrong type"),
         (subset("conditioning_data_dir = \".\"\n  mask_dir = \".\""), "`datasets[0].subsets[0].conditioning_data_dir` and `mask_dir`"),

@@ -390,8 +390,9 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
 
     read_model(&mut o, &mut c, &mut notes)?;
     read_data(&mut o, &mut c, &mut notes)?;
-    read_network(&mut o, &mut c, &mut notes)?;
+    let conv_dim = read_network(&mut o, &mut c, &mut notes)?;
     let network_dtype = read_training(&mut o, &mut c, &mut notes)?;
+    conv_targets(&mut c.lora, conv_dim, &mut notes);
     read_optimizer(&mut o, &mut c, &mut notes)?;
     read_output(&mut o, &mut c, network_dtype, &mut notes)?;
 
@@ -470,6 +471,10 @@ fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> 
             .ok_or_else(|| o.err("base_weights_multiplier", "must be a list of numbers"))?,
         Some(v) => vec![v.as_float().or_else(|| v.as_integer().map(|i| i as f64)).ok_or_else(|| o.err("base_weights_multiplier", "must be a list of numbers"))?],
     };
+    let bases: Vec<String> = bases.into_iter().filter(|f| !f.trim().is_empty()).collect();
+    if let Some(missing) = bases.iter().find(|f| !Path::new(f).is_file()) {
+        return Err(o.err("base_weights", format!("names \"{missing}\", which is not a file here")));
+    }
     c.model.base_weights = bases.iter().enumerate().map(|(i, f)| format!("{f}:{}", multipliers.get(i).copied().unwrap_or(1.0))).collect();
     Ok(())
 }
@@ -558,15 +563,21 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
             notes.push(format!("masked_loss with conditioning_data_dir = \"{dir}\" outside a dataset config: sd-scripts reads no masks from it (it trains unmasked); this trainer trains with them (data.mask_dir)"));
             d.mask_dir = dir;
         }
-        (true, Some(_)) if d.alpha_mask => return Err(o.err("conditioning_data_dir", "and alpha_mask both give loss masks; set one of them")),
         (_, Some(dir)) => notes.push(format!("conditioning_data_dir = \"{dir}\" is not read (masks come from alpha_mask or the dataset config's subsets)")),
+    }
+    // sd-scripts refuses mask folders in a dataset config without masked_loss; sd-data
+    // trains with them.
+    let config_masks = std::fs::read_to_string(&d.dataset_config).is_ok_and(|t| t.contains("conditioning_data_dir"));
+    if config_masks && !masked {
+        notes.push("the dataset config names conditioning_data_dir (mask folders) and masked_loss is not set: sd-scripts refuses that; this trainer trains with the masks".into());
     }
     d.validation_split = o.float("validation_split")?.unwrap_or(0.0);
     Ok(())
 }
 
-/// The `network_args` of kohya's `networks.lora`.
-fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+/// The `network_args` of kohya's `networks.lora`; returns `conv_dim`, which
+/// [`conv_targets`] applies once the learning rates say whether the UNet trains.
+fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<Option<usize>, TrainError> {
     let module = o.string("network_module")?.unwrap_or_else(|| "networks.lora".into());
     match module.as_str() {
         "networks.lora" => {}
@@ -591,6 +602,9 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     l.dropout = 0.0;
     l.network_dropout = o.float("network_dropout")?.unwrap_or(0.0);
     l.network_weights = o.string("network_weights")?.unwrap_or_default();
+    if !l.network_weights.is_empty() && !Path::new(&l.network_weights).is_file() {
+        return Err(o.err("network_weights", format!("= \"{}\" is not a file here", l.network_weights)));
+    }
     l.dim_from_weights = o.flag("dim_from_weights")?;
     let unet_only = o.flag("network_train_unet_only")?;
     let te_only = o.flag("network_train_text_encoder_only")?;
@@ -632,16 +646,33 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     if !ignored.is_empty() {
         notes.push(format!("network_args that networks.lora ignores are ignored here too: {}", ignored.join(", ")));
     }
-    // networks.lora adds the ResNet blocks and samplers only when conv_dim is set; at 0
-    // their linear and 1x1 layers train (at network_dim) and the 3x3 convolutions do not.
-    if let Some(dim) = conv_dim.filter(|_| l.unet_targets != UnetTargets::None) {
-        l.unet_targets = UnetTargets::Conv;
-        l.conv_rank = dim;
-        if dim == 0 {
-            l.exclude.extend(["*.resnets.*.conv1", "*.resnets.*.conv2", "*samplers.*.conv"].map(String::from));
-        }
+    Ok(conv_dim)
+}
+
+/// networks.lora's targets beyond the transformer blocks: the ResNet blocks and samplers
+/// join when `conv_dim` is set (at 0 their linear and 1x1 layers train, at network_dim, and
+/// their 3x3 convolutions do not) or when block-wise settings give `conv_block_dims`, which
+/// networks.lora reads only with `block_dims` or a block learning-rate weight.
+fn conv_targets(l: &mut crate::config::LoraSection, conv_dim: Option<usize>, notes: &mut Vec<String>) {
+    let block_wise = [&l.block_dims, &l.down_lr_weight, &l.mid_lr_weight, &l.up_lr_weight].iter().any(|v| !v.trim().is_empty());
+    let conv_blocks = !l.conv_block_dims.is_empty() || !l.conv_block_alphas.is_empty();
+    if conv_blocks && !block_wise {
+        notes.push("conv_block_dims / conv_block_alphas without block_dims or a block learning-rate weight are ignored, as networks.lora ignores them".into());
+        (l.conv_block_dims, l.conv_block_alphas) = (String::new(), String::new());
     }
-    Ok(())
+    if l.unet_targets == UnetTargets::None {
+        // No UNet adapters (a learning rate of 0, or text-encoder-only training).
+        (l.conv_block_dims, l.conv_block_alphas) = (String::new(), String::new());
+        return;
+    }
+    if conv_dim.is_none() && l.conv_block_dims.trim().is_empty() {
+        return;
+    }
+    l.unet_targets = UnetTargets::Conv;
+    l.conv_rank = conv_dim.unwrap_or(0);
+    if conv_dim == Some(0) && l.conv_block_dims.trim().is_empty() {
+        l.exclude.extend(["*.resnets.*.conv1", "*.resnets.*.conv2", "*samplers.*.conv"].map(String::from));
+    }
 }
 
 /// The training options; returns the dtype of sd-scripts' `full_fp16` / `full_bf16`
@@ -665,7 +696,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
         c.lora.text_encoder_targets = TextEncoderTargets::None;
     }
     if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
-        return Err(o.err("unet_lr", "and text_encoder_lr (or network_train_unet_only / network_train_text_encoder_only) leave nothing to train"));
+        return Err(o.err("learning_rate", "/ unet_lr / text_encoder_lr (with network_train_unet_only / network_train_text_encoder_only) leave nothing to train"));
     }
     t.learning_rate = if unet_lr > 0.0 { unet_lr } else { te_lr };
     t.text_encoder_lr = if te_lr > 0.0 { te_lr } else { 0.0 };
@@ -1181,6 +1212,9 @@ wandb_run_name = "my_style"
         assert_eq!(c.lora.text_encoder_targets, TextEncoderTargets::None);
         let e = error(&format!("{MINIMAL}network_train_unet_only = true\nunet_lr = 0"));
         assert!(e.contains("nothing to train"), "{e}");
+        // LoCon settings go with the UNet's adapters.
+        let c = import(&format!("{MINIMAL}unet_lr = 0\nnetwork_args = [\"conv_dim=4\", \"block_dims=2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2\", \"conv_block_dims=1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1\"]")).unwrap().config;
+        assert_eq!((c.lora.unet_targets, c.lora.conv_rank, c.lora.conv_block_dims.as_str()), (UnetTargets::None, 0, ""));
     }
 
     #[test]
@@ -1200,6 +1234,14 @@ wandb_run_name = "my_style"
         let selection = sd_model::targets::Selection::new(z.lora.unet_targets).exclude(z.lora.exclude.clone());
         assert!(selection.selects("down_blocks.0.resnets.0.time_emb_proj", false) && selection.selects("down_blocks.1.resnets.0.conv_shortcut", true));
         assert!(!selection.selects("down_blocks.0.resnets.0.conv1", true) && !selection.selects("down_blocks.0.downsamplers.0.conv", true));
+        // conv_block_dims alone switches on the 3x3 convolutions with block-wise settings,
+        // and is ignored without them, as in networks.lora.
+        let dims = "conv_block_dims=1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1";
+        let c = import(&format!("{MINIMAL}network_args = [\"{dims}\", \"up_lr_weight=sine\"]")).unwrap().config;
+        assert_eq!((c.lora.unet_targets, c.lora.conv_rank), (UnetTargets::Conv, 0));
+        let i = import(&format!("{MINIMAL}network_args = [\"{dims}\"]")).unwrap();
+        assert_eq!((i.config.lora.unet_targets, i.config.lora.conv_block_dims.as_str()), (UnetTargets::AttnMlp, ""));
+        assert!(i.notes.iter().any(|n| n.contains("conv_block_dims")), "{:?}", i.notes);
         // A warmup as whole steps, and sd-scripts' list of text-encoder rates (the first wins).
         let w = import(&format!("{MINIMAL}lr_warmup_steps = 50\nmax_train_epochs = 3\ntext_encoder_lr = [1e-5, 2e-5]")).unwrap();
         assert_eq!((w.config.train.lr_warmup_steps, w.config.train.lr_warmup_ratio, w.config.train.text_encoder_lr), (50, 0.0, 1e-5));
@@ -1216,7 +1258,12 @@ wandb_run_name = "my_style"
         let c = import(&text).unwrap().config;
         assert_eq!(c.model.base_weights, [format!("{}:0.5", a.display()), format!("{}:1", b.display())]);
         let e = error(&format!("{MINIMAL}base_weights = \"{}\"", dir.path().join("none.safetensors").display()));
-        assert!(e.contains("model.base_weights") && e.contains("none.safetensors"), "{e}");
+        assert!(e.contains("`base_weights` names") && e.contains("none.safetensors"), "{e}");
+        assert!(import(&format!("{MINIMAL}base_weights = \"\"")).unwrap().config.model.base_weights.is_empty());
+        // Masks: sd-scripts ignores a top-level mask folder next to alpha_mask.
+        let i = import(&format!("{MINIMAL}alpha_mask = true\nmasked_loss = true\nconditioning_data_dir = \"m\"")).unwrap();
+        assert!(i.config.data.alpha_mask && i.config.data.mask_dir.is_empty());
+        assert!(i.notes.iter().any(|n| n.contains("is not read")), "{:?}", i.notes);
     }
 
     #[test]
@@ -1251,7 +1298,6 @@ wandb_run_name = "my_style"
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\"]", "`network_module` = \"lycoris.kohya\" is not converted"),
             ("train_inpainting = true", "`train_inpainting` = true: inpainting"),
             ("mixed_precision = \"fp8\"", "`mixed_precision` = \"fp8\""),
-            ("alpha_mask = true\nmasked_loss = true\nconditioning_data_dir = \"m\"", "`conditioning_data_dir` and alpha_mask both"),
         ];
         for (extra, expected) in cases {
             let e = error(&format!("{MINIMAL}{extra}"));

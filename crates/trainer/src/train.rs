@@ -716,11 +716,18 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::Lion => "train.optimizer = \"lion\"\n",
         _ => "",
     };
-    // The merged base is part of the model (states from before the key have no line).
-    let base = match &config.model.base_weights[..] {
-        [] => String::new(),
-        files => format!("model.base_weights = {files:?}\n"),
-    };
+    // The merged base is part of the model: each file's strength and tensors (states from
+    // before the key have no line).
+    let base: String = config
+        .model
+        .base_weights
+        .iter()
+        .map(|entry| {
+            let (path, strength) = entry.parse::<sd_model::lora::LoraFile>().map_or_else(|_| (entry.into(), 1.0), |f| (f.path, f.strength));
+            let hash = std::fs::read(&path).ok().and_then(|bytes| lora_core::tensor_io::addnet_hashes(&bytes).ok());
+            format!("model.base_weights tensors = {} strength = {strength}\n", hash.map_or_else(|| "unreadable".into(), |(model, _)| model))
+        })
+        .collect();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{base}{lora}{file}{optimizer}", config.model.pretrained, config.model.tiny_seed)
 }
 
