@@ -37,6 +37,13 @@ pub struct GenerateOptions {
     pub max_token_length: usize,
 }
 
+/// Attaches LoRA files (`FILE[:STRENGTH]`) to the UNet and every text encoder of `c`
+/// ([`sd_model::lora::apply_lora_files_to`]); [`merge_adapters`] then folds them in.
+pub fn attach_lora_files<B: Backend>(c: &mut Components<B>, files: &[sd_model::lora::LoraFile], device: &B::Device) -> Result<sd_model::lora::AppliedLoras, TrainError> {
+    let mut encoders: Vec<&mut sd_model::ClipTextModel<B>> = std::iter::once(&mut c.text_encoder).chain(c.text_encoder_2.as_mut()).collect();
+    Ok(sd_model::lora::apply_lora_files_to(&mut c.unet, &mut encoders, files, false, device)?)
+}
+
 /// Folds every LoRA adapter attached to the UNet and the text encoder into their weights and
 /// drops the adapters; returns how many were merged. Sampling then runs the base model's
 /// layers only: an unmerged adapter costs every adapted layer two more matmuls, a scale and

@@ -332,6 +332,23 @@ impl Options {
         }
     }
 
+    /// A number or a list of numbers (sd-scripts' `nargs="*"` float options); empty when
+    /// unset.
+    fn numbers(&mut self, key: &'static str) -> Result<Vec<f64>, TrainError> {
+        match self.take(key) {
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+                .collect::<Option<_>>()
+                .ok_or_else(|| self.err(key, "must be a number or a list of numbers")),
+            Some(value) => {
+                self.values.insert(key.to_string(), value);
+                Ok(self.float(key)?.into_iter().collect())
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
     fn flag(&mut self, key: &'static str) -> Result<bool, TrainError> {
         match self.take(key) {
             None => Ok(false),
@@ -462,15 +479,7 @@ fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> 
         }
         None => Vec::new(),
     };
-    let multipliers = match o.take("base_weights_multiplier") {
-        None => Vec::new(),
-        Some(toml::Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
-            .collect::<Option<Vec<f64>>>()
-            .ok_or_else(|| o.err("base_weights_multiplier", "must be a list of numbers"))?,
-        Some(v) => vec![v.as_float().or_else(|| v.as_integer().map(|i| i as f64)).ok_or_else(|| o.err("base_weights_multiplier", "must be a list of numbers"))?],
-    };
+    let multipliers = o.numbers("base_weights_multiplier")?;
     let bases: Vec<String> = bases.into_iter().filter(|f| !f.trim().is_empty()).collect();
     if let Some(missing) = bases.iter().find(|f| !Path::new(f).is_file()) {
         return Err(o.err("base_weights", format!("names \"{missing}\", which is not a file here")));
@@ -787,26 +796,12 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
 /// `text_encoder_lr`: one number, or a list of one per text encoder (SDXL), of which
 /// networks.lora uses the first.
 fn read_text_encoder_lr(o: &mut Options, notes: &mut Vec<String>) -> Result<Option<f64>, TrainError> {
-    let key = "text_encoder_lr";
-    match o.take(key) {
-        Some(toml::Value::Array(items)) => {
-            let lrs: Vec<f64> = items
-                .iter()
-                .map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
-                .collect::<Option<_>>()
-                .ok_or_else(|| o.err(key, "must be a number or a list of numbers"))?;
-            // networks.lora takes the first for every text encoder.
-            if lrs.iter().any(|lr| *lr != lrs[0]) {
-                notes.push(format!("text_encoder_lr = {lrs:?}: networks.lora trains every text encoder at the first, {}, and so does this trainer", lrs[0]));
-            }
-            Ok(lrs.first().copied())
-        }
-        Some(value) => {
-            o.values.insert(key.to_string(), value);
-            o.float(key)
-        }
-        None => Ok(None),
+    let lrs = o.numbers("text_encoder_lr")?;
+    // networks.lora takes the first for every text encoder.
+    if lrs.iter().any(|lr| *lr != lrs[0]) {
+        notes.push(format!("text_encoder_lr = {lrs:?}: networks.lora trains every text encoder at the first, {}, and so does this trainer", lrs[0]));
     }
+    Ok(lrs.first().copied())
 }
 
 fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {

@@ -586,9 +586,7 @@ fn run_generate<B: Backend>(
         }
     }
     if !loras.files.is_empty() {
-        let mut encoders = vec![&mut c.text_encoder];
-        encoders.extend(c.text_encoder_2.as_mut());
-        let applied = sd_model::lora::apply_lora_files_to(&mut c.unet, &mut encoders, loras.files, false, device)?;
+        let applied = trainer::generate::attach_lora_files(&mut c, loras.files, device)?;
         let how = if loras.merged {
             trainer::generate::merge_adapters(&mut c);
             "merged into"

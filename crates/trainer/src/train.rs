@@ -705,8 +705,7 @@ fn fingerprint(config: &TrainConfig) -> String {
     // With `dim_from_weights` the file gives the adapters' alphas on a resume too: it must
     // be the file the state was trained from (its tensors' hash, as A1111's LoRA hash).
     let file = if config.lora.dim_from_weights {
-        let hash = std::fs::read(&config.lora.network_weights).ok().and_then(|bytes| lora_core::tensor_io::addnet_hashes(&bytes).ok());
-        format!("network_weights tensors = {}\n", hash.map_or_else(|| "unreadable".into(), |(model, _)| model))
+        format!("network_weights tensors = {}\n", tensors_hash(Path::new(&config.lora.network_weights)))
     } else {
         String::new()
     };
@@ -724,11 +723,17 @@ fn fingerprint(config: &TrainConfig) -> String {
         .iter()
         .map(|entry| {
             let (path, strength) = entry.parse::<sd_model::lora::LoraFile>().map_or_else(|_| (entry.into(), 1.0), |f| (f.path, f.strength));
-            let hash = std::fs::read(&path).ok().and_then(|bytes| lora_core::tensor_io::addnet_hashes(&bytes).ok());
-            format!("model.base_weights tensors = {} strength = {strength}\n", hash.map_or_else(|| "unreadable".into(), |(model, _)| model))
+            format!("model.base_weights tensors = {} strength = {strength}\n", tensors_hash(&path))
         })
         .collect();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{base}{lora}{file}{optimizer}", config.model.pretrained, config.model.tiny_seed)
+}
+
+/// The SHA-256 of a LoRA file's tensors (A1111's LoRA hash), or `unreadable`, for
+/// [`fingerprint`].
+fn tensors_hash(path: &Path) -> String {
+    let hash = std::fs::read(path).ok().and_then(|bytes| lora_core::tensor_io::addnet_hashes(&bytes).ok());
+    hash.map_or_else(|| "unreadable".into(), |(model, _)| model)
 }
 
 /// Merges `model.base_weights` (`FILE[:STRENGTH]` each) into the frozen model, as kohya's
@@ -742,8 +747,7 @@ fn merge_base_weights<B: burn::tensor::backend::Backend>(c: &mut Components<B>, 
         .iter()
         .map(|e| e.parse::<sd_model::lora::LoraFile>().map_err(|reason| TrainError::Config { origin: "model.base_weights".into(), reason }))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut encoders: Vec<&mut sd_model::ClipTextModel<B>> = std::iter::once(&mut c.text_encoder).chain(c.text_encoder_2.as_mut()).collect();
-    sd_model::lora::apply_lora_files_to(&mut c.unet, &mut encoders, &files, false, device)?;
+    crate::generate::attach_lora_files(c, &files, device)?;
     crate::generate::merge_adapters(c);
     Ok(())
 }
