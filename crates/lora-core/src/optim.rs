@@ -57,7 +57,9 @@ use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Shap
 
 use crate::error::{LoraError, Result};
 
+mod adafactor;
 mod max_norm;
+pub use adafactor::{AdafactorSettings, AdafactorState};
 pub use max_norm::{norm_pairs, MaxNormStats, NormPair, RankAxis};
 
 /// Entries of the first bias-correction tables (grown as step counts reach them).
@@ -277,6 +279,8 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     master_copies: std::collections::HashSet<ParamId>,
     /// Lion's update instead of Adam's ([`FlatAdamW::with_lion`]).
     lion: bool,
+    /// Adafactor's update instead of Adam's ([`FlatAdamW::with_adafactor`]).
+    adafactor: Option<adafactor::Adafactor<B>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -304,6 +308,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             lr_scales: None,
             master_copies: Default::default(),
             lion: false,
+            adafactor: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -430,6 +435,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// ```
     pub fn with_prodigy(mut self, settings: ProdigySettings) -> Self {
         self.lion = false;
+        self.adafactor = None;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, settings.d0, 0.0, 0.0], [4]), &device);
         let s = Tensor::zeros([self.len()], &device);
@@ -444,7 +450,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// from the [`AdamWSettings`] (ε is unused; the paper's betas are 0.9 and 0.99); the
     /// second moment stays zero. Every step is the same size, so Lion wants a learning rate
     /// 3–10 times smaller than AdamW's and a weight decay as many times larger. Replaces
-    /// [`with_prodigy`](Self::with_prodigy). Checked step by step against `lion-pytorch`.
+    /// [`with_prodigy`](Self::with_prodigy) and [`with_adafactor`](Self::with_adafactor).
+    /// Checked step by step against `lion-pytorch`.
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};
@@ -469,6 +476,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// ```
     pub fn with_lion(mut self) -> Self {
         self.prodigy = None;
+        self.adafactor = None;
         self.lion = true;
         self
     }
@@ -690,6 +698,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             Some(mask) => self.time.clone().add(mask.clone().int()),
         };
         self.raise_time_bound(self.time_bound + 1);
+        if self.adafactor.is_some() {
+            self.adafactor_step(lr, time.clone(), grad, mask);
+            self.time = time;
+            return self.scatter_working(module);
+        }
         let (m, v, params) = self.update(lr, time.clone(), grad, self.params.clone());
         match mask {
             None => (self.moment_1, self.moment_2, self.params) = (m, v, params),

@@ -295,6 +295,16 @@ pub enum LrScheduler {
     /// Polynomial decay to 1e-7 with exponent `lr_scheduler_power` (diffusers'
     /// `polynomial`; power 1 is linear).
     Polynomial,
+    /// Cosine decay to `lr_scheduler_min_lr_ratio` of the rate (transformers'
+    /// `cosine_with_min_lr`; `lr_cycles` half-waves, as sd-scripts passes them).
+    CosineWithMinLr,
+    /// `1/√((step − warmup + timescale) / timescale)` of the rate after warmup
+    /// (transformers' `inverse_sqrt`; timescale `lr_scheduler_timescale`).
+    InverseSqrt,
+    /// Warmup, a stable stretch at the full rate, then a cosine decay over the last
+    /// `lr_decay_steps` steps to `lr_scheduler_min_lr_ratio` of the rate (transformers'
+    /// `warmup_stable_decay`).
+    WarmupStableDecay,
 }
 
 /// The optimizer of the adapters.
@@ -310,6 +320,11 @@ pub enum Optimizer {
     /// rate times a sign, so it wants a learning rate 3–10 times smaller than AdamW's; see
     /// `lora_core::optim::FlatAdamW::with_lion`.
     Lion,
+    /// Adafactor (the `transformers` package's, kohya's `Adafactor`): factored second
+    /// moments, updates clipped per tensor, and optionally its own relative step size
+    /// instead of the learning rate (`adafactor_relative_step`); see
+    /// `lora_core::optim::FlatAdamW::with_adafactor`.
+    Adafactor,
 }
 
 /// The training loss (kohya's `loss_type`; see `sd_sched::training::elementwise_loss`).
@@ -414,6 +429,17 @@ pub struct TrainSection {
     pub lr_cycles: usize,
     /// Exponent of the `polynomial` schedule.
     pub lr_scheduler_power: f64,
+    /// The share of the learning rate `cosine_with_min_lr` and `warmup_stable_decay` decay
+    /// to (kohya's `lr_scheduler_min_lr_ratio`).
+    pub lr_scheduler_min_lr_ratio: f64,
+    /// Steps of `warmup_stable_decay`'s decay (kohya's integer `lr_decay_steps`).
+    pub lr_decay_steps: usize,
+    /// Those steps as a share of `max_train_steps` instead (kohya's float `lr_decay_steps`;
+    /// 0 = use `lr_decay_steps`).
+    pub lr_decay_ratio: f64,
+    /// `inverse_sqrt`'s timescale in steps (kohya's `lr_scheduler_timescale`; 0 = the
+    /// warmup steps, or 10 000 without warmup, as in transformers).
+    pub lr_scheduler_timescale: usize,
     /// AdamW β₁.
     pub adam_beta1: f32,
     /// AdamW β₂.
@@ -423,7 +449,8 @@ pub struct TrainSection {
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
     /// `adamw`, `prodigy` (AdamW with Prodigy's step sizes; β, ε and weight decay are the
-    /// `adam_*` keys) or `lion` (β from `lion_beta1` / `lion_beta2`, weight decay from
+    /// `adam_*` keys), `lion` (β from `lion_beta1` / `lion_beta2`, weight decay from
+    /// `adam_weight_decay`) or `adafactor` (the `adafactor_*` keys, weight decay from
     /// `adam_weight_decay`).
     pub optimizer: Optimizer,
     /// Lion's β₁ (the sign of `β₁·m + (1 − β₁)·g` is the step; lion-pytorch's default 0.9).
@@ -442,6 +469,26 @@ pub struct TrainSection {
     pub prodigy_use_bias_correction: bool,
     /// Prodigy's `safeguard_warmup` (for warmup schedules).
     pub prodigy_safeguard_warmup: bool,
+    /// Adafactor's `relative_step`: ignore the learning rate, its schedule and warmup, and
+    /// step by `min(1e-2, 1/√t)` (times the values' RMS with `adafactor_scale_parameter`).
+    pub adafactor_relative_step: bool,
+    /// Adafactor's `scale_parameter`: each tensor's step times its RMS (at least
+    /// `adafactor_eps2`).
+    pub adafactor_scale_parameter: bool,
+    /// Adafactor's `warmup_init` (with `adafactor_relative_step`): `min(1e-6·t, 1/√t)`.
+    pub adafactor_warmup_init: bool,
+    /// Adafactor's `beta1`: a first moment of the updates (0 = none, transformers' `None`).
+    pub adafactor_beta1: f32,
+    /// Adafactor's `clip_threshold`: largest RMS of a tensor's update before the
+    /// learning rate.
+    pub adafactor_clip_threshold: f32,
+    /// Adafactor's `decay_rate`: step `t` keeps `1 − t^decay_rate` of the second moments.
+    pub adafactor_decay_rate: f32,
+    /// Adafactor's `eps[0]` (added to the squared gradients) and `eps[1]` (floor of the
+    /// values' RMS in `adafactor_scale_parameter`).
+    pub adafactor_eps1: f64,
+    /// See `adafactor_eps1`.
+    pub adafactor_eps2: f64,
     /// Clip the global L2 norm of all adapter gradients (UNet and text encoder together)
     /// to this value (0 = off).
     pub max_grad_norm: f32,
@@ -521,6 +568,41 @@ impl TrainSection {
         } else {
             self.lr_warmup_steps
         }
+    }
+
+    /// The steps of `warmup_stable_decay`'s decay: `lr_decay_steps`, or
+    /// `⌊lr_decay_ratio · max_train_steps⌋` when that is set (as sd-scripts reads a float
+    /// `lr_decay_steps`).
+    pub fn decay_steps(&self) -> usize {
+        if self.lr_decay_ratio > 0.0 {
+            (self.lr_decay_ratio * self.max_train_steps as f64) as usize
+        } else {
+            self.lr_decay_steps
+        }
+    }
+
+    /// Adafactor's settings with `optimizer = "adafactor"` (`None` otherwise): the
+    /// `adafactor_*` keys, and `adam_weight_decay` as its weight decay.
+    ///
+    /// ```
+    /// let mut train = trainer::config::TrainConfig::default().train;
+    /// assert!(train.adafactor_settings().is_none());
+    /// train.optimizer = trainer::config::Optimizer::Adafactor;
+    /// let settings = train.adafactor_settings().unwrap();
+    /// assert!(!settings.relative_step && !settings.scale_parameter && settings.beta_1.is_none());
+    /// ```
+    pub fn adafactor_settings(&self) -> Option<lora_core::optim::AdafactorSettings> {
+        (self.optimizer == Optimizer::Adafactor).then_some(lora_core::optim::AdafactorSettings {
+            eps_1: self.adafactor_eps1 as f32,
+            eps_2: self.adafactor_eps2 as f32,
+            clip_threshold: self.adafactor_clip_threshold,
+            decay_rate: self.adafactor_decay_rate,
+            beta_1: (self.adafactor_beta1 > 0.0).then_some(self.adafactor_beta1),
+            weight_decay: self.adam_weight_decay,
+            scale_parameter: self.adafactor_scale_parameter,
+            relative_step: self.adafactor_relative_step,
+            warmup_init: self.adafactor_warmup_init,
+        })
     }
 }
 
@@ -696,6 +778,10 @@ impl Default for TrainConfig {
                 lr_warmup_ratio: 0.0,
                 lr_cycles: 1,
                 lr_scheduler_power: 1.0,
+                lr_scheduler_min_lr_ratio: 0.0,
+                lr_decay_steps: 0,
+                lr_decay_ratio: 0.0,
+                lr_scheduler_timescale: 0,
                 adam_beta1: 0.9,
                 adam_beta2: 0.999,
                 adam_epsilon: 1e-8,
@@ -709,6 +795,14 @@ impl Default for TrainConfig {
                 prodigy_beta3: 0.0,
                 prodigy_use_bias_correction: false,
                 prodigy_safeguard_warmup: false,
+                adafactor_relative_step: false,
+                adafactor_scale_parameter: false,
+                adafactor_warmup_init: false,
+                adafactor_beta1: 0.0,
+                adafactor_clip_threshold: 1.0,
+                adafactor_decay_rate: -0.8,
+                adafactor_eps1: 1e-30,
+                adafactor_eps2: 1e-3,
                 max_grad_norm: 1.0,
                 scale_weight_norms: 0.0,
                 mixed_precision: MixedPrecision::No,
@@ -966,6 +1060,17 @@ impl TrainConfig {
         if ![t.lion_beta1, t.lion_beta2].iter().all(|b| (0.0..=1.0).contains(b)) {
             return bad("train.lion_beta1 and train.lion_beta2 must be in [0, 1]");
         }
+        if t.adafactor_warmup_init && !t.adafactor_relative_step && t.optimizer == Optimizer::Adafactor {
+            return bad("train.adafactor_warmup_init needs train.adafactor_relative_step = true (as in transformers)");
+        }
+        let clip_ok = t.adafactor_clip_threshold.is_finite() && t.adafactor_clip_threshold > 0.0;
+        let decay_ok = t.adafactor_decay_rate.is_finite() && t.adafactor_decay_rate < 0.0;
+        if !((0.0..1.0).contains(&t.adafactor_beta1) && clip_ok && decay_ok) {
+            return bad("train.adafactor_beta1 must be in [0, 1) (0: no first moment), train.adafactor_clip_threshold positive, train.adafactor_decay_rate negative (-0.8 is usual)");
+        }
+        if !(t.adafactor_eps1.is_finite() && t.adafactor_eps1 >= 0.0 && t.adafactor_eps2.is_finite() && t.adafactor_eps2 > 0.0) {
+            return bad("train.adafactor_eps1 must be at least 0 and train.adafactor_eps2 positive");
+        }
         if !(t.scale_weight_norms.is_finite() && t.scale_weight_norms >= 0.0) {
             return bad("train.scale_weight_norms must be 0 (off) or a positive norm");
         }
@@ -984,6 +1089,12 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&t.lr_warmup_ratio) {
             return bad("train.lr_warmup_ratio must be at least 0 (off: train.lr_warmup_steps) and below 1");
+        }
+        if !(0.0..=1.0).contains(&self.train.lr_scheduler_min_lr_ratio) || !(0.0..1.0).contains(&self.train.lr_decay_ratio) {
+            return bad("train.lr_scheduler_min_lr_ratio must be in [0, 1] and train.lr_decay_ratio in [0, 1)");
+        }
+        if self.train.lr_scheduler == LrScheduler::WarmupStableDecay && self.train.decay_steps() == 0 {
+            return bad("train.lr_scheduler = \"warmup_stable_decay\" needs train.lr_decay_steps (or lr_decay_ratio): the steps of its final decay");
         }
         if !(self.train.lr_scheduler_power.is_finite() && self.train.lr_scheduler_power > 0.0) {
             return bad("train.lr_scheduler_power must be positive");
@@ -1079,7 +1190,8 @@ impl TrainConfig {
     }
 
     /// The optimizer settings of the `[train]` section: AdamW's (Lion's betas with
-    /// `optimizer = "lion"`), and Prodigy's when `optimizer = "prodigy"`.
+    /// `optimizer = "lion"`), and Prodigy's when `optimizer = "prodigy"` (Adafactor's:
+    /// [`TrainSection::adafactor_settings`]).
     pub fn optimizer_settings(&self) -> (lora_core::optim::AdamWSettings, Option<lora_core::optim::ProdigySettings>) {
         let t = &self.train;
         let (beta_1, beta_2) = match t.optimizer {

@@ -135,10 +135,6 @@ const NO_EFFECT: &[&str] = &[
     "save_last_n_steps_state",
     "max_validation_steps",
     "cache_info",
-    // Read only by learning-rate schedulers that are refused below.
-    "lr_decay_steps",
-    "lr_scheduler_min_lr_ratio",
-    "lr_scheduler_timescale",
     // Model-spec metadata this trainer does not write.
     "metadata_usage_hint",
     "metadata_thumbnail",
@@ -332,6 +328,17 @@ impl Options {
         }
     }
 
+    /// A step count as sd-scripts reads `lr_warmup_steps` / `lr_decay_steps`: a TOML
+    /// integer is steps, a float below 1 a share of all steps; `(steps, share)`.
+    fn steps_or_share(&mut self, key: &'static str) -> Result<Option<(usize, f64)>, TrainError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(toml::Value::Integer(n)) if n >= 0 => Ok(Some((n as usize, 0.0))),
+            Some(toml::Value::Float(share)) if (0.0..1.0).contains(&share) => Ok(Some((0, share))),
+            Some(other) => Err(self.err(key, format!("= {other}: expected a whole number of steps or a share of the steps below 1 (a float)"))),
+        }
+    }
+
     /// A number or a list of numbers (sd-scripts' `nargs="*"` float options); empty when
     /// unset.
     fn numbers(&mut self, key: &'static str) -> Result<Vec<f64>, TrainError> {
@@ -408,9 +415,9 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
     read_model(&mut o, &mut c, &mut notes)?;
     read_data(&mut o, &mut c, &mut notes)?;
     let conv_dim = read_network(&mut o, &mut c, &mut notes)?;
-    let network_dtype = read_training(&mut o, &mut c, &mut notes)?;
+    let (network_dtype, scheduler) = read_training(&mut o, &mut c, &mut notes)?;
     conv_targets(&mut c.lora, conv_dim, &mut notes);
-    read_optimizer(&mut o, &mut c, &mut notes)?;
+    read_optimizer(&mut o, &mut c, &scheduler, &mut notes)?;
     read_output(&mut o, &mut c, network_dtype, &mut notes)?;
 
     let mut ignored = Vec::new();
@@ -686,7 +693,9 @@ fn conv_targets(l: &mut crate::config::LoraSection, conv_dim: Option<usize>, not
 
 /// The training options; returns the dtype of sd-scripts' `full_fp16` / `full_bf16`
 /// networks, which their files keep when `save_precision` is unset.
-fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<Option<lora_core::SaveDtype>, TrainError> {
+/// The training options; returns the `full_fp16` / `full_bf16` dtype and the
+/// `lr_scheduler` as written (`adafactor` is checked with the optimizer).
+fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(Option<lora_core::SaveDtype>, String), TrainError> {
     let t = &mut c.train;
     t.max_train_steps = o.count("max_train_steps")?.unwrap_or(1600);
     t.max_train_epochs = o.count("max_train_epochs")?.unwrap_or(0);
@@ -712,25 +721,36 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
 
     let scheduler = o.string("lr_scheduler")?.unwrap_or_else(|| "constant".into());
     t.lr_scheduler = match scheduler.as_str() {
-        "constant" | "constant_with_warmup" => LrScheduler::Constant,
+        // `adafactor` (Adafactor's relative step) is checked with the optimizer.
+        "constant" | "constant_with_warmup" | "adafactor" => LrScheduler::Constant,
         "linear" => LrScheduler::Linear,
         "cosine" => LrScheduler::Cosine,
         "cosine_with_restarts" => LrScheduler::CosineWithRestarts,
         "polynomial" => LrScheduler::Polynomial,
+        "cosine_with_min_lr" => LrScheduler::CosineWithMinLr,
+        "inverse_sqrt" => LrScheduler::InverseSqrt,
+        "warmup_stable_decay" => LrScheduler::WarmupStableDecay,
         other => {
             return Err(o.err(
                 "lr_scheduler",
-                format!("= \"{other}\" is not supported (constant, constant_with_warmup, linear, cosine, cosine_with_restarts and polynomial are)"),
+                format!("= \"{other}\" is not supported (constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, cosine_with_min_lr, inverse_sqrt, warmup_stable_decay and, with Adafactor, adafactor are)"),
             ))
         }
     };
-    // sd-scripts reads a TOML integer as steps and a float as a share of all steps.
-    (t.lr_warmup_steps, t.lr_warmup_ratio) = match o.take("lr_warmup_steps") {
-        None => (0, 0.0),
-        Some(toml::Value::Integer(w)) if w >= 0 => (w as usize, 0.0),
-        Some(toml::Value::Float(w)) if (0.0..1.0).contains(&w) => (0, w),
-        Some(other) => return Err(o.err("lr_warmup_steps", format!("= {other}: expected a whole number of steps or a share of the steps below 1 (a float)"))),
+    // The newer schedules' options, which transformers requires as sd-scripts passes them.
+    let min_lr_ratio = o.float("lr_scheduler_min_lr_ratio")?;
+    if t.lr_scheduler == LrScheduler::CosineWithMinLr && min_lr_ratio.is_none() {
+        return Err(o.err("lr_scheduler_min_lr_ratio", "is missing: lr_scheduler = \"cosine_with_min_lr\" needs it (transformers refuses the schedule without it)"));
+    }
+    t.lr_scheduler_min_lr_ratio = min_lr_ratio.unwrap_or(0.0);
+    t.lr_scheduler_timescale = o.count("lr_scheduler_timescale")?.unwrap_or(0);
+    (t.lr_decay_steps, t.lr_decay_ratio) = match o.steps_or_share("lr_decay_steps")? {
+        None if t.lr_scheduler == LrScheduler::WarmupStableDecay => {
+            return Err(o.err("lr_decay_steps", "is missing: lr_scheduler = \"warmup_stable_decay\" needs it (sd-scripts refuses the schedule without it)"))
+        }
+        decay => decay.unwrap_or((0, 0.0)),
     };
+    (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
     if scheduler == "constant" && (t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0) {
         notes.push("lr_scheduler = \"constant\" with warmup (sd-scripts refuses warmup there): trained as constant_with_warmup".into());
     }
@@ -790,7 +810,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
         Some(seed) => t.seed = seed as u64,
         None => notes.push(format!("seed is not set (sd-scripts then draws one): {} is used", t.seed)),
     }
-    Ok(full)
+    Ok((full, scheduler))
 }
 
 /// `text_encoder_lr`: one number, or a list of one per text encoder (SDXL), of which
@@ -804,7 +824,7 @@ fn read_text_encoder_lr(o: &mut Options, notes: &mut Vec<String>) -> Result<Opti
     Ok(lrs.first().copied())
 }
 
-fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: &mut Vec<String>) -> Result<(), TrainError> {
     let named = o.string("optimizer_type")?;
     let use_8bit_adam = o.flag("use_8bit_adam")?;
     let use_lion = o.flag("use_lion_optimizer")?;
@@ -826,10 +846,11 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>)
         "lion" => (Optimizer::Lion, false),
         "lion8bit" | "pagedlion8bit" => (Optimizer::Lion, true),
         "prodigy" => (Optimizer::Prodigy, false),
+        "adafactor" => (Optimizer::Adafactor, false),
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit) and Prodigy are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy and Adafactor are"),
             ))
         }
     };
@@ -838,8 +859,10 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>)
     }
     t.optimizer = optimizer;
     // Each package's defaults: torch / bitsandbytes AdamW decay 0.01, transformers' AdamW,
-    // Lion and Prodigy none.
+    // Lion, Prodigy and Adafactor none.
     t.adam_weight_decay = if optimizer == Optimizer::Adamw && !name.starts_with("transformers.") { 0.01 } else { 0.0 };
+    // transformers' Adafactor defaults, with sd-scripts' explicit `relative_step = True`.
+    (t.adafactor_relative_step, t.adafactor_scale_parameter, t.adafactor_warmup_init) = (true, true, false);
     let args = o.list("optimizer_args")?;
     for (key, value) in key_values(&args, "optimizer_args", &o.origin)? {
         let bad = |what: &str| o.err("optimizer_args", format!("`{key}={value}`: {what}"));
@@ -881,8 +904,61 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>)
             ("percentile_clipping", _) if py == PyValue::Number(100.0) => {}
             ("block_wise" | "min_8bit_size" | "optim_bits" | "is_paged", _) if quantized => {}
             ("slice_p", Optimizer::Prodigy) if py == PyValue::Number(1.0) => {}
+            ("relative_step", Optimizer::Adafactor) => t.adafactor_relative_step = flag()?,
+            ("scale_parameter", Optimizer::Adafactor) => t.adafactor_scale_parameter = flag()?,
+            ("warmup_init", Optimizer::Adafactor) => t.adafactor_warmup_init = flag()?,
+            ("clip_threshold", Optimizer::Adafactor) => t.adafactor_clip_threshold = number()? as f32,
+            ("decay_rate", Optimizer::Adafactor) => t.adafactor_decay_rate = number()? as f32,
+            ("beta1", Optimizer::Adafactor) => {
+                t.adafactor_beta1 = match py {
+                    PyValue::Text(ref none) if none == "None" => 0.0,
+                    _ => number()? as f32,
+                }
+            }
+            ("eps", Optimizer::Adafactor) => {
+                let PyValue::Tuple(e) = &py else { return Err(bad("expected two numbers, e.g. 1e-30,1e-3")) };
+                let [e1, e2] = e[..] else { return Err(bad("expected two numbers, e.g. 1e-30,1e-3")) };
+                (t.adafactor_eps1, t.adafactor_eps2) = (e1, e2);
+            }
             _ => return Err(bad("not supported for this optimizer here")),
         }
+    }
+    adafactor_schedule(o, c, scheduler, notes)
+}
+
+/// sd-scripts' handling of Adafactor's relative step: it turns `warmup_init` into
+/// `relative_step`, replaces the schedule with its `adafactor` one, refuses a warmup and
+/// drops the learning rates; and it refuses `lr_scheduler = "adafactor"` otherwise.
+fn adafactor_schedule(o: &Options, c: &mut TrainConfig, scheduler: &str, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let t = &mut c.train;
+    if t.optimizer != Optimizer::Adafactor {
+        if scheduler == "adafactor" {
+            return Err(o.err("lr_scheduler", "= \"adafactor\" needs optimizer_type = \"Adafactor\" (sd-scripts refuses it otherwise)"));
+        }
+        return Ok(());
+    }
+    if t.adafactor_warmup_init && !t.adafactor_relative_step {
+        notes.push("optimizer_args warmup_init=True turns relative_step on, as in sd-scripts".into());
+        t.adafactor_relative_step = true;
+    }
+    if !t.adafactor_relative_step {
+        if scheduler == "adafactor" {
+            return Err(o.err("lr_scheduler", "= \"adafactor\" needs Adafactor's relative_step=True (sd-scripts fails otherwise); use constant_with_warmup"));
+        }
+        return Ok(());
+    }
+    if t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0 {
+        return Err(o.err("lr_warmup_steps", "must be 0 with Adafactor's relative_step=True (sd-scripts' adafactor schedule refuses a warmup)"));
+    }
+    if scheduler != "adafactor" {
+        notes.push(format!("lr_scheduler = \"{scheduler}\": sd-scripts replaces it with Adafactor's relative step (relative_step=True), and so does this trainer"));
+    }
+    notes.push("Adafactor with relative_step=True: the learning rates are not used (min(1e-2, 1/sqrt(step)) instead), as in sd-scripts".into());
+    let l = &c.lora;
+    let per_group = [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0)
+        || [&l.down_lr_weight, &l.mid_lr_weight, &l.up_lr_weight].iter().any(|w| !w.is_empty());
+    if per_group {
+        notes.push("Adafactor with relative_step=True: sd-scripts drops the parameter groups' learning rates, so LoRA+ and block learning-rate weights do nothing there; here they scale Adafactor's step".into());
     }
     Ok(())
 }
@@ -1243,6 +1319,62 @@ wandb_run_name = "my_style"
         assert!(w.notes.iter().any(|n| n.contains("text_encoder_lr")), "{:?}", w.notes);
     }
 
+    /// Adafactor as kohya's presets use it: with a learning rate (relative_step off), or
+    /// with its relative step and the `adafactor` schedule, which sd-scripts gives it
+    /// anyway and which refuses a warmup.
+    #[test]
+    fn adafactor_options_map() {
+        // The kohya_ss GUI's SDXL preset: a learning rate, no relative step or scaling.
+        let gui = "optimizer_type = \"Adafactor\"\noptimizer_args = [\"scale_parameter=False\", \"relative_step=False\", \"warmup_init=False\"]\nlearning_rate = 4e-7\nlr_scheduler = \"constant_with_warmup\"\nlr_warmup_steps = 8";
+        let i = import(&format!("{MINIMAL}{gui}")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.optimizer, t.adafactor_relative_step, t.adafactor_scale_parameter, t.adafactor_warmup_init), (Optimizer::Adafactor, false, false, false));
+        assert_eq!((t.learning_rate, t.lr_warmup_steps, t.adam_weight_decay, t.adafactor_beta1), (4e-7, 8, 0.0, 0.0));
+        // The written TOML loads back as the same settings.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("adafactor.toml");
+        std::fs::write(&path, i.to_toml(Path::new("kohya.toml"))).unwrap();
+        assert_eq!(TrainConfig::load(Some(&path), &[]).unwrap().train, i.config.train);
+        // sd-scripts' default is the relative step: the schedule and learning rates go.
+        let i = import(&format!("{MINIMAL}optimizer_type = \"adafactor\"\nlr_scheduler = \"cosine\"\noptimizer_args = [\"beta1=0.9\", \"eps=1e-30,1e-2\", \"clip_threshold=0.5\", \"decay_rate=-0.5\", \"weight_decay=0.1\"]")).unwrap();
+        let t = &i.config.train;
+        assert!(t.adafactor_relative_step && t.adafactor_scale_parameter && !t.adafactor_warmup_init);
+        assert_eq!((t.adafactor_beta1, t.adafactor_eps1, t.adafactor_eps2, t.adafactor_clip_threshold, t.adafactor_decay_rate, t.adam_weight_decay), (0.9, 1e-30, 1e-2, 0.5, -0.5, 0.1));
+        assert!(i.notes.iter().any(|n| n.contains("lr_scheduler = \"cosine\"")), "{:?}", i.notes);
+        assert!(i.notes.iter().any(|n| n.contains("learning rates are not used")), "{:?}", i.notes);
+        // warmup_init turns the relative step on, as sd-scripts does.
+        let i = import(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\nlr_scheduler = \"adafactor\"\noptimizer_args = [\"relative_step=False\", \"warmup_init=True\", \"beta1=None\"]")).unwrap();
+        assert!(i.config.train.adafactor_relative_step && i.config.train.adafactor_warmup_init);
+        assert!(i.notes.iter().any(|n| n.contains("warmup_init")), "{:?}", i.notes);
+        // What sd-scripts refuses.
+        let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\nlr_warmup_steps = 10"));
+        assert!(e.contains("lr_warmup_steps") && e.contains("relative_step"), "{e}");
+        let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\nlr_scheduler = \"adafactor\"\noptimizer_args = [\"relative_step=False\"]"));
+        assert!(e.contains("lr_scheduler"), "{e}");
+        let e = error(&format!("{MINIMAL}lr_scheduler = \"adafactor\""));
+        assert!(e.contains("optimizer_type = \"Adafactor\""), "{e}");
+        let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\noptimizer_args = [\"eps=1e-30\"]"));
+        assert!(e.contains("eps=1e-30"), "{e}");
+    }
+
+    /// transformers' newer schedules with the options sd-scripts passes them, and the
+    /// options they need.
+    #[test]
+    fn newer_schedules_map_with_their_options() {
+        let c = import(&format!("{MINIMAL}lr_scheduler = \"cosine_with_min_lr\"\nlr_scheduler_min_lr_ratio = 0.1\nlr_scheduler_num_cycles = 2")).unwrap().config;
+        assert_eq!((c.train.lr_scheduler, c.train.lr_scheduler_min_lr_ratio, c.train.lr_cycles), (LrScheduler::CosineWithMinLr, 0.1, 2));
+        let c = import(&format!("{MINIMAL}lr_scheduler = \"warmup_stable_decay\"\nlr_decay_steps = 0.2\nlr_warmup_steps = 10")).unwrap().config;
+        assert_eq!((c.train.lr_scheduler, c.train.lr_decay_ratio, c.train.decay_steps()), (LrScheduler::WarmupStableDecay, 0.2, 320));
+        let c = import(&format!("{MINIMAL}lr_scheduler = \"inverse_sqrt\"\nlr_scheduler_timescale = 100")).unwrap().config;
+        assert_eq!((c.train.lr_scheduler, c.train.lr_scheduler_timescale), (LrScheduler::InverseSqrt, 100));
+        let e = error(&format!("{MINIMAL}lr_scheduler = \"cosine_with_min_lr\""));
+        assert!(e.contains("`lr_scheduler_min_lr_ratio` is missing"), "{e}");
+        let e = error(&format!("{MINIMAL}lr_scheduler = \"warmup_stable_decay\""));
+        assert!(e.contains("`lr_decay_steps` is missing"), "{e}");
+        let e = error(&format!("{MINIMAL}lr_scheduler = \"warmup_stable_decay\"\nlr_decay_steps = 1.5"));
+        assert!(e.contains("`lr_decay_steps` = 1.5"), "{e}");
+    }
+
     #[test]
     fn base_weights_take_their_multipliers() {
         let dir = tempfile::tempdir().unwrap();
@@ -1288,7 +1420,8 @@ wandb_run_name = "my_style"
             ("network_dim = 4.5", "`network_dim` must be a whole number"),
             ("optimizer_args = [\"weight_decay\"]", "`optimizer_args`: `weight_decay` is not KEY=VALUE"),
             ("optimizer_args = [\"amsgrad=True\"]", "`amsgrad=True`: not supported"),
-            ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" is not supported"),
+            ("lr_scheduler = \"piecewise_constant\"", "`lr_scheduler` = \"piecewise_constant\" is not supported"),
+            ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\"]", "`network_module` = \"lycoris.kohya\" is not converted"),
             ("train_inpainting = true", "`train_inpainting` = true: inpainting"),

@@ -481,6 +481,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
             config.train.learning_rate
         );
     }
+    if config.train.adafactor_settings().is_some_and(|a| a.relative_step) {
+        eprintln!(
+            "note: with train.adafactor_relative_step Adafactor sets its own step size, min(1e-2, 1/sqrt(step)){}; train.learning_rate, text_encoder_lr, lr_scheduler and the warmup are not used",
+            if config.train.adafactor_scale_parameter { " times each tensor's RMS" } else { "" }
+        );
+    }
     // A second Ctrl-C while saving falls through to the default (immediate exit).
     let _ = ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {

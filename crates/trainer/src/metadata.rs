@@ -136,6 +136,13 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         Optimizer::Adamw => format!("AdamW(weight_decay={},betas=({}, {}),eps={})", t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon),
         Optimizer::Prodigy => format!("Prodigy(d_coef={},use_bias_correction={},weight_decay={})", t.prodigy_d_coef, py_bool(t.prodigy_use_bias_correction), t.adam_weight_decay),
         Optimizer::Lion => format!("Lion(weight_decay={},betas=({}, {}))", t.adam_weight_decay, t.lion_beta1, t.lion_beta2),
+        Optimizer::Adafactor => format!(
+            "Adafactor(scale_parameter={},relative_step={},warmup_init={},weight_decay={})",
+            py_bool(t.adafactor_scale_parameter),
+            py_bool(t.adafactor_relative_step),
+            py_bool(t.adafactor_warmup_init),
+            t.adam_weight_decay
+        ),
     };
     let model_name = std::path::Path::new(&config.model.pretrained).file_name().map_or_else(|| config.model.pretrained.clone(), |n| n.to_string_lossy().into_owned());
     let session = started.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32) ^ std::process::id();
@@ -157,7 +164,8 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_gradient_accumulation_steps", t.gradient_accumulation_steps.to_string()),
         ("ss_max_train_steps", t.max_train_steps.to_string()),
         ("ss_lr_warmup_steps", t.warmup_steps().to_string()),
-        ("ss_lr_scheduler", name_of(&t.lr_scheduler)),
+        // sd-scripts names Adafactor's relative step as its schedule.
+        ("ss_lr_scheduler", if t.adafactor_settings().is_some_and(|a| a.relative_step) { "adafactor".into() } else { name_of(&t.lr_scheduler) }),
         // kohya's `network_dropout` (on `down(x)`); `lora.dropout`, on the input, is PEFT's.
         ("ss_network_dropout", if l.network_dropout > 0.0 { l.network_dropout.to_string() } else { "None".into() }),
         ("ss_mixed_precision", name_of(&t.mixed_precision)),

@@ -252,6 +252,51 @@ pub fn import_prodigy<B: AutodiffBackend>(
     optim.set_prodigy_state(lora_core::optim::ProdigyState { p0, s, scalars }).map_err(|e| mismatch(&key("p0"), e.to_string()))
 }
 
+/// Copies Adafactor's factored second moments out of `optim` (nothing for the other
+/// optimizers) into `moments`, as `adafactor.<name>.rows` and `.cols` (flat, in the
+/// optimizer's order).
+pub fn export_adafactor<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
+    let Some(state) = optim.adafactor_state() else { return Ok(()) };
+    moments.insert(format!("adafactor.{name}.rows"), HostTensor::from_tensor(state.rows)?);
+    moments.insert(format!("adafactor.{name}.cols"), HostTensor::from_tensor(state.cols)?);
+    Ok(())
+}
+
+/// Gives an Adafactor `optim` its saved factored moments; an error when the state and the
+/// configured optimizer disagree (`origin`: the state's folder).
+pub fn import_adafactor<B: AutodiffBackend>(
+    optim: &mut FlatAdamW<B>,
+    name: &str,
+    moments: &HashMap<String, HostTensor>,
+    origin: &Path,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    let key = |part: &str| format!("adafactor.{name}.{part}");
+    let saved = moments.contains_key(&key("rows"));
+    let Some(current) = optim.adafactor_state() else {
+        if saved && !optim.is_empty() {
+            return Err(TrainError::Config {
+                origin: origin.display().to_string(),
+                reason: "the state was trained with train.optimizer = \"adafactor\"; resume with the same optimizer".into(),
+            });
+        }
+        return Ok(());
+    };
+    if optim.is_empty() {
+        return Ok(());
+    }
+    if !saved {
+        return Err(TrainError::Config {
+            origin: origin.display().to_string(),
+            reason: "the state was not trained with train.optimizer = \"adafactor\"; resume with the optimizer it was trained with".into(),
+        });
+    }
+    let (rows, cols) = (current.rows.dims()[0], current.cols.dims()[0]);
+    let rows = upload::<B::InnerBackend, 1>(&key("rows"), saved_tensor(moments, &key("rows"))?, [rows], device)?;
+    let cols = upload::<B::InnerBackend, 1>(&key("cols"), saved_tensor(moments, &key("cols"))?, [cols], device)?;
+    optim.set_adafactor_state(lora_core::optim::AdafactorState { rows, cols }).map_err(|e| mismatch(&key("rows"), e.to_string()))
+}
+
 /// A ChaCha stream position in JSON-friendly form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngStateJson {

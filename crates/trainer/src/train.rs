@@ -26,7 +26,7 @@ use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::generate::{grid, merge_adapters, save_png, to_precision, GenerateOptions, TextConditioning, TextEncoders};
 use crate::models::{load_components, Components};
 use crate::state::{
-    adapter_params, export_moments, export_prodigy, host_params, import_moments, import_prodigy, restore_adapter_params,
+    adapter_params, export_adafactor, export_moments, export_prodigy, host_params, import_adafactor, import_moments, import_prodigy, restore_adapter_params,
     StateInfo, TrainingState,
 };
 use crate::tensorboard::EventWriter;
@@ -75,16 +75,47 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
-/// Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule.
+/// Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule;
+/// with Adafactor's `relative_step`, its own step size for the step (which replaces them).
 pub fn learning_rate(cfg: &crate::config::TrainSection, step: usize) -> f64 {
+    if let Some(adafactor) = cfg.adafactor_settings().filter(|a| a.relative_step) {
+        return adafactor.step_size(cfg.learning_rate, step + 1);
+    }
     let base = cfg.learning_rate;
     let warmup = cfg.warmup_steps();
+    // Share of the rate that `cosine_with_min_lr` and `warmup_stable_decay` keep.
+    let floor = cfg.lr_scheduler_min_lr_ratio;
+    let keep_floor = |factor: f64| (factor * (1.0 - floor) + floor).max(0.0);
     if step < warmup {
-        return base * (step + 1) as f64 / warmup as f64;
+        let factor = (step + 1) as f64 / warmup as f64;
+        // transformers' warmup_stable_decay warms up from the floor.
+        return base * if cfg.lr_scheduler == LrScheduler::WarmupStableDecay { keep_floor(factor) } else { factor };
     }
     let decay_steps = cfg.max_train_steps.saturating_sub(warmup).max(1);
     let progress = ((step - warmup) as f64 / decay_steps as f64).min(1.0);
+    // sd-scripts passes `lr_scheduler_num_cycles / 2` waves: a half-wave per cycle.
+    let half_waves = |p: f64| 0.5 * (1.0 + (std::f64::consts::PI * cfg.lr_cycles.max(1) as f64 * p).cos());
     match cfg.lr_scheduler {
+        LrScheduler::CosineWithMinLr => base * keep_floor(half_waves(progress)),
+        LrScheduler::InverseSqrt => {
+            let timescale = match (cfg.lr_scheduler_timescale, warmup) {
+                (0, 0) => 10_000,
+                (0, w) => w,
+                (t, _) => t,
+            } as f64;
+            base / (((step - warmup) as f64 + timescale) / timescale).sqrt()
+        }
+        LrScheduler::WarmupStableDecay => {
+            let decay = cfg.decay_steps();
+            let stable_end = cfg.max_train_steps.saturating_sub(decay).max(warmup);
+            if step < stable_end {
+                base
+            } else if step < stable_end + decay {
+                base * keep_floor(half_waves((step - stable_end) as f64 / decay.max(1) as f64))
+            } else {
+                base * floor
+            }
+        }
         LrScheduler::Constant => base,
         LrScheduler::Linear => base * (1.0 - progress),
         LrScheduler::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
@@ -494,7 +525,7 @@ fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B
     factors: &HashMap<burn::module::ParamId, f32>,
     config: &TrainConfig,
     device: &B::Device,
-) -> FlatAdamW<B> {
+) -> Result<FlatAdamW<B>, TrainError> {
     let (adamw, prodigy) = config.optimizer_settings();
     let mut optim = FlatAdamW::new(adamw, &*model, device).with_lr_scales(|id| factors.get(&id).copied().unwrap_or(1.0));
     if let Some(prodigy) = prodigy {
@@ -503,11 +534,14 @@ fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B
     if config.train.optimizer == crate::config::Optimizer::Lion {
         optim = optim.with_lion();
     }
+    if let Some(adafactor) = config.train.adafactor_settings() {
+        optim = optim.with_adafactor(adafactor).map_err(|e| TrainError::Config { origin: "train.adafactor_*".into(), reason: e.to_string() })?;
+    }
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
         let magnitudes = magnitude_ids(model);
         optim = optim.with_working_dtype(dtype).with_master_copies(|id| magnitudes.contains(&id));
     }
-    optim
+    Ok(optim)
 }
 
 /// The parameter ids of `model`'s DoRA magnitudes.
@@ -709,10 +743,12 @@ fn fingerprint(config: &TrainConfig) -> String {
     } else {
         String::new()
     };
-    // Lion's moment is not AdamW's: a state resumes with the optimizer it was trained with
-    // (Prodigy's own state says so; AdamW states, written before Lion existed, have no line).
+    // Lion's and Adafactor's moments are not AdamW's: a state resumes with the optimizer it
+    // was trained with (Prodigy's own state says so; AdamW states, written before Lion
+    // existed, have no line).
     let optimizer = match config.train.optimizer {
         crate::config::Optimizer::Lion => "train.optimizer = \"lion\"\n",
+        crate::config::Optimizer::Adafactor => "train.optimizer = \"adafactor\"\n",
         _ => "",
     };
     // The merged base is part of the model: each file's strength and tensors (states from
@@ -892,22 +928,24 @@ fn run<B: AutodiffBackend>(
     let (unet_plus, te_plus) = config.lora.loraplus_ratios();
     let plan = config.lora.block_plan(sd_model::blocks::BlockLayout::of(&unet))?;
     let unet_factors = lr_factors(&mut unet, |path| plan.as_ref().map_or(1.0, |p| p.lr_factor(path)), unet_plus);
-    let mut optim = model_optimizer(&mut unet, &unet_factors, config, device);
+    let mut optim = model_optimizer(&mut unet, &unet_factors, config, device)?;
     let mut te_optims: Vec<FlatAdamW<B>> = encoders
         .iter_mut()
         .map(|te| {
             let factors = lr_factors(te, |_| 1.0, te_plus);
             model_optimizer(te, &factors, config, device)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     if let Some(state) = state {
         let times = &state.info.optimizer_time;
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
         let state_dir = out.join("state");
         import_prodigy(&mut optim, "unet", &state.moments, &state_dir, device)?;
+        import_adafactor(&mut optim, "unet", &state.moments, &state_dir, device)?;
         for (i, (o, te)) in te_optims.iter_mut().zip(encoders.iter_mut()).enumerate() {
             import_moments(o, &adapter_params(te, encoder_key(i)), &state.moments, times, device)?;
             import_prodigy(o, encoder_key(i), &state.moments, &state_dir, device)?;
+            import_adafactor(o, encoder_key(i), &state.moments, &state_dir, device)?;
         }
         let origin = out.join("state.json");
         timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
@@ -1148,7 +1186,9 @@ fn run<B: AutodiffBackend>(
         let sq_norm = te_grads.iter().fold(grads.sq_norm(), |sum, g| sum + g.sq_norm());
         let check = guard.check(step_loss, sq_norm);
         unet = optim.step_if(lr, unet, check.scale(grads), check.apply.clone());
-        let te_lr = train_te.then(|| lr * te_base_lr / t.learning_rate);
+        // Adafactor's relative step replaces every learning rate (as in sd-scripts).
+        let relative = t.adafactor_settings().is_some_and(|a| a.relative_step);
+        let te_lr = train_te.then(|| if relative { lr } else { lr * te_base_lr / t.learning_rate });
         if let Some(te_lr) = te_lr {
             let steps = encoders.into_iter().zip(te_optims.iter_mut()).zip(te_grads);
             encoders = steps.map(|((te, o), g)| o.step_if(te_lr, te, check.scale(g), check.apply.clone())).collect();
@@ -1582,9 +1622,11 @@ impl Saver<'_> {
         let mut times = std::collections::BTreeMap::new();
         export_moments(unet_optim, &unet_params, &mut moments, &mut times)?;
         export_prodigy(unet_optim, "unet", &mut moments)?;
+        export_adafactor(unet_optim, "unet", &mut moments)?;
         for (i, (o, params)) in te_optims.iter().zip(&te_params).enumerate() {
             export_moments(o, params, &mut moments, &mut times)?;
             export_prodigy(o, encoder_key(i), &mut moments)?;
+            export_adafactor(o, encoder_key(i), &mut moments)?;
         }
         let mut adapters = HashMap::new();
         host_params(unet_params, &mut adapters)?;

@@ -203,6 +203,48 @@ fn learning_rate_schedules() {
     assert!(TrainConfig::load(None, &["train.lr_warmup_ratio=1.0".into()]).is_err());
 }
 
+/// transformers' newer schedules, as sd-scripts configures them (values from their
+/// definitions in transformers 4.57's `optimization.py`, at this trainer's warmup).
+#[test]
+fn min_lr_inverse_sqrt_and_warmup_stable_decay_schedules() {
+    let mut t: TrainSection = TrainConfig::default().train;
+    (t.max_train_steps, t.lr_warmup_steps, t.learning_rate, t.lr_cycles) = (110, 10, 2.0, 1);
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    // Cosine to 20% of the rate: the peak after warmup, half-way at 60%, the floor at the end.
+    t.lr_scheduler = LrScheduler::CosineWithMinLr;
+    t.lr_scheduler_min_lr_ratio = 0.2;
+    assert!(close(learning_rate(&t, 0), 0.2) && close(learning_rate(&t, 10), 2.0));
+    assert!(close(learning_rate(&t, 60), 2.0 * 0.6), "{}", learning_rate(&t, 60));
+    assert!(close(learning_rate(&t, 110), 2.0 * 0.2));
+    // Two cycles (sd-scripts' num_cycles = 2): a full wave, back at the peak at the end.
+    t.lr_cycles = 2;
+    assert!(close(learning_rate(&t, 60), 2.0 * 0.2) && close(learning_rate(&t, 110), 2.0));
+    t.lr_cycles = 1;
+    // Inverse square root with the warmup as the timescale: half the rate 3 timescales on.
+    t.lr_scheduler = LrScheduler::InverseSqrt;
+    assert!(close(learning_rate(&t, 10), 2.0) && close(learning_rate(&t, 40), 1.0));
+    t.lr_scheduler_timescale = 5;
+    assert!(close(learning_rate(&t, 25), 1.0));
+    // Warmup from the floor, stable at the peak, a cosine over the last 20 steps to the floor.
+    t.lr_scheduler = LrScheduler::WarmupStableDecay;
+    t.lr_decay_steps = 20;
+    assert!(close(learning_rate(&t, 0), 2.0 * (0.1 * 0.8 + 0.2)));
+    assert!(close(learning_rate(&t, 10), 2.0) && close(learning_rate(&t, 89), 2.0));
+    assert!(close(learning_rate(&t, 90), 2.0) && close(learning_rate(&t, 100), 2.0 * (0.5 * 0.8 + 0.2)));
+    assert!(close(learning_rate(&t, 110), 2.0 * 0.2));
+    // The decay as a share of the steps, as sd-scripts reads a float lr_decay_steps.
+    t.lr_decay_ratio = 0.5;
+    assert_eq!(t.decay_steps(), 55);
+    assert!(close(learning_rate(&t, 54), 2.0) && learning_rate(&t, 56) < 2.0);
+    // The names, and what they need.
+    let parsed = TrainConfig::load(None, &["train.lr_scheduler=\"cosine_with_min_lr\"".into(), "train.lr_scheduler_min_lr_ratio=0.1".into()]).unwrap();
+    assert_eq!(parsed.train.lr_scheduler, LrScheduler::CosineWithMinLr);
+    let err = TrainConfig::load(None, &["train.lr_scheduler=\"warmup_stable_decay\"".into()]).unwrap_err();
+    assert!(err.to_string().contains("lr_decay_steps"), "{err}");
+    let err = TrainConfig::load(None, &["train.lr_scheduler_min_lr_ratio=1.5".into()]).unwrap_err();
+    assert!(err.to_string().contains("lr_scheduler_min_lr_ratio"), "{err}");
+}
+
 #[test]
 fn stopping_early_saves_the_lora_trained_so_far() {
     let _guard = seeded();
@@ -783,6 +825,58 @@ fn lion_trains_and_resumes_bit_for_bit() {
     assert!(err.to_string().contains("lion"), "{err}");
     let err = TrainConfig::load(None, &["train.lion_beta2=1.5".into()]).unwrap_err();
     assert!(err.to_string().contains("lion_beta2"), "{err}");
+}
+
+#[test]
+fn adafactor_trains_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    // transformers' defaults (the relative step, scaled by the values' RMS), a first moment
+    // and weight decay: every part of the state must survive a resume.
+    let adafactor = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.optimizer = trainer::config::Optimizer::Adafactor;
+        (c.train.adafactor_relative_step, c.train.adafactor_scale_parameter) = (true, true);
+        c.train.adafactor_beta1 = 0.9;
+        c.train.adam_weight_decay = 0.01;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&adafactor(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let metadata = lora_metadata(&straight.lora);
+    assert!(metadata["ss_optimizer"].starts_with("Adafactor(scale_parameter=True,relative_step=True,warmup_init=False"));
+    assert_eq!(metadata["ss_lr_scheduler"], "adafactor", "sd-scripts' name for the relative step");
+    // The relative step replaces the learning rate and its schedule (min(1e-2, 1/sqrt(t))).
+    let metrics = std::fs::read_to_string(&straight.metrics).unwrap();
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(m["lr"].as_f64(), Some(1e-2), "{line}");
+    }
+    let index = tiny_index_with_text_encoder();
+    let ups = |p: &std::path::Path| {
+        let (set, _) = AdapterSet::load(p, &index, ReadOptions::default()).unwrap();
+        set.iter().flat_map(|(_, w)| w.up.data.clone()).collect::<Vec<f32>>()
+    };
+    assert!(ups(&straight.lora).iter().filter(|v| **v != 0.0).count() > 100, "the up weights trained");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = adafactor(dir.path(), 6);
+    train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
+    let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &second.lora);
+
+    // An Adafactor state does not resume with AdamW.
+    let mut adamw = adafactor(dir.path(), 8);
+    adamw.train.optimizer = trainer::config::Optimizer::Adamw;
+    let err = trainer::train::resume::<B>(&adamw, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("adafactor"), "{err}");
+    // Settings transformers refuses name their key.
+    let err = TrainConfig::load(None, &["train.optimizer=\"adafactor\"".into(), "train.adafactor_warmup_init=true".into()]).unwrap_err();
+    assert!(err.to_string().contains("adafactor_warmup_init"), "{err}");
+    let err = TrainConfig::load(None, &["train.adafactor_decay_rate=0.8".into()]).unwrap_err();
+    assert!(err.to_string().contains("adafactor_decay_rate"), "{err}");
 }
 
 #[test]
