@@ -74,8 +74,12 @@ pub struct DataSection {
     /// Text put after every caption (kohya's `caption_suffix`; empty: none).
     pub caption_suffix: String,
     /// Joins caption tags into one for shuffling and dropout, e.g. `;;;` (kohya's
-    /// `secondary_separator`; empty: none); it becomes a comma in the caption trained on.
+    /// `secondary_separator`; empty: none); it becomes `caption_separator` in the caption
+    /// trained on.
     pub secondary_separator: String,
+    /// What separates a caption's tags for shuffling, tag dropout and `keep_tokens`
+    /// (kohya's `caption_separator`, `,` by default).
+    pub caption_separator: String,
     /// kohya's `enable_wildcard`: every non-empty line of a caption file is read and each
     /// sample takes one, and `{a|b|c}` takes one of its options.
     pub enable_wildcard: bool,
@@ -723,6 +727,7 @@ impl Default for TrainConfig {
                 caption_prefix: String::new(),
                 caption_suffix: String::new(),
                 secondary_separator: String::new(),
+                caption_separator: ",".into(),
                 enable_wildcard: false,
                 caption_dropout_rate: 0.0,
                 caption_dropout_every_n_epochs: 0,
@@ -1095,6 +1100,9 @@ impl TrainConfig {
         }
         if self.train.lr_scheduler == LrScheduler::WarmupStableDecay && self.train.decay_steps() == 0 {
             return bad("train.lr_scheduler = \"warmup_stable_decay\" needs train.lr_decay_steps (or lr_decay_ratio): the steps of its final decay");
+        }
+        if self.data.caption_separator.is_empty() {
+            return bad("data.caption_separator must not be empty (\",\" splits captions into tags)");
         }
         if !(self.train.lr_scheduler_power.is_finite() && self.train.lr_scheduler_power > 0.0) {
             return bad("train.lr_scheduler_power must be positive");

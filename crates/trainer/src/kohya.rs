@@ -543,9 +543,7 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
             ".caption".into()
         }
     };
-    if let Some(sep) = o.string("caption_separator")?.filter(|s| s != ",") {
-        return Err(o.err("caption_separator", format!("= \"{sep}\": captions are split at commas here")));
-    }
+    d.caption_separator = o.string("caption_separator")?.unwrap_or_else(|| ",".into());
     d.shuffle_caption = o.flag("shuffle_caption")?;
     d.keep_tokens = o.count("keep_tokens")?.unwrap_or(0);
     d.keep_tokens_separator = o.string("keep_tokens_separator")?.unwrap_or_default();
@@ -1355,6 +1353,16 @@ wandb_run_name = "my_style"
         assert!(e.contains("optimizer_type = \"Adafactor\""), "{e}");
         let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\noptimizer_args = [\"eps=1e-30\"]"));
         assert!(e.contains("eps=1e-30"), "{e}");
+    }
+
+    /// `caption_separator` reaches the data settings; this trainer refuses an empty one.
+    #[test]
+    fn caption_separator_maps() {
+        let c = import(&format!("{MINIMAL}caption_separator = \"|\"\nshuffle_caption = true")).unwrap().config;
+        assert_eq!((c.data.caption_separator.as_str(), c.data.shuffle_caption), ("|", true));
+        assert_eq!(import(MINIMAL).unwrap().config.data.caption_separator, ",");
+        let e = TrainConfig::load(None, &["data.caption_separator=\"\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("data.caption_separator"), "{e}");
     }
 
     /// transformers' newer schedules with the options sd-scripts passes them, and the

@@ -168,6 +168,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         });
         let subset = SubsetConfig {
             flip_aug: d.flip_aug,
+            caption_separator: d.caption_separator.clone(),
             alpha_mask: d.alpha_mask,
             // Names the folder in LoRA metadata (in-memory images have no folder).
             image_dir: "demo".into(),
@@ -197,6 +198,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         caption_prefix: Some(d.caption_prefix.clone()).filter(|v| !v.is_empty()),
         caption_suffix: Some(d.caption_suffix.clone()).filter(|v| !v.is_empty()),
         secondary_separator: Some(d.secondary_separator.clone()).filter(|v| !v.is_empty()),
+        caption_separator: d.caption_separator.clone(),
         enable_wildcard: d.enable_wildcard,
         caption_dropout_rate: d.caption_dropout_rate,
         caption_dropout_every_n_epochs: d.caption_dropout_every_n_epochs,
@@ -1882,5 +1884,21 @@ mod tests {
         assert!(fingerprint(&config).contains("\nconv_rank = 4\n"));
         config.lora.conv_alpha = 2.0;
         assert!(fingerprint(&config).contains("\nconv_alpha = 2.0\n"));
+    }
+
+    /// `data.caption_separator` reaches the folders' tag handling: with every droppable
+    /// tag dropped, `|` leaves the kept first tag, `,` the caption whole (one tag).
+    #[test]
+    fn the_caption_separator_splits_the_folders_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        image::RgbImage::from_pixel(64, 64, image::Rgb([120, 30, 200])).save(dir.path().join("a.png")).unwrap();
+        std::fs::write(dir.path().join("a.txt"), "mystyle|red|circle").unwrap();
+        let mut config = TrainConfig::default();
+        config.data.train_data_dir = dir.path().display().to_string();
+        (config.data.keep_tokens, config.data.caption_tag_dropout_rate) = (1, 1.0);
+        let caption = |config: &TrainConfig| open_dataset(config).unwrap().plan_epoch(0)[0].samples[0].caption.clone();
+        assert_eq!(caption(&config), "mystyle|red|circle");
+        config.data.caption_separator = "|".into();
+        assert_eq!(caption(&config), "mystyle");
     }
 }
