@@ -1,9 +1,9 @@
 //! `FlatAdamW::with_adafactor` against the `transformers` package's `Adafactor`: the
 //! trajectories of `xtask/fixtures/lora_core_adafactor.py` replayed with the recorded
-//! gradients (factored 2-d and 4-d tensors, an unfactored 1-d one, tensors without a
-//! gradient in a step, a learning-rate schedule, the relative step with and without its
-//! warmup, a first moment, weight decay and clipping), with per-tensor learning rates,
-//! a refused step and a state carried to a new optimizer.
+//! gradients (factored 2-d and 4-d tensors, unfactored 1-d ones, tensors of one shape
+//! of which one lacks a gradient in a step, a learning-rate schedule, the relative step
+//! with and without its warmup, a first moment, weight decay and clipping), with
+//! per-tensor learning rates, a refused step and a state carried to a new optimizer.
 
 use std::collections::HashMap;
 
@@ -24,11 +24,13 @@ struct Net<B: burn::tensor::backend::Backend> {
     b: Param<Tensor<B, 2>>,
     c: Param<Tensor<B, 1>>,
     k: Param<Tensor<B, 4>>,
+    a2: Param<Tensor<B, 2>>,
+    c2: Param<Tensor<B, 1>>,
 }
 
 type Fixture = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-const NAMES: [&str; 4] = ["a", "b", "c", "k"];
+const NAMES: [&str; 6] = ["a", "b", "c", "k", "a2", "c2"];
 
 fn fixture() -> Fixture {
     common::f32_fixture("adafactor.safetensors")
@@ -61,6 +63,8 @@ fn values(net: &Net<AD>, name: &str) -> Vec<f32> {
         "a" => net.a.val().inner().into_data(),
         "b" => net.b.val().inner().into_data(),
         "c" => net.c.val().inner().into_data(),
+        "a2" => net.a2.val().inner().into_data(),
+        "c2" => net.c2.val().inner().into_data(),
         _ => net.k.val().inner().into_data(),
     };
     data.to_vec().unwrap()
@@ -81,12 +85,18 @@ fn step_grads(f: &Fixture, case: &str, step: usize, net: &Net<AD>) -> GradientsP
     if let Some(g) = get("k") {
         grads.register(net.k.id, tensor::<4>(g));
     }
+    if let Some(g) = get("a2") {
+        grads.register(net.a2.id, tensor::<2>(g));
+    }
+    if let Some(g) = get("c2") {
+        grads.register(net.c2.id, tensor::<1>(g));
+    }
     grads
 }
 
 fn start(f: &Fixture, case: &str, settings: AdafactorSettings) -> (Net<AD>, FlatAdamW<AD>) {
     let init = |t: &str| &f[&format!("{case}.init.{t}")];
-    let net = Net::<AD> { a: param(init("a")), b: param(init("b")), c: param(init("c")), k: param(init("k")) };
+    let net = Net::<AD> { a: param(init("a")), b: param(init("b")), c: param(init("c")), k: param(init("k")), a2: param(init("a2")), c2: param(init("c2")) };
     let optim = FlatAdamW::new(AdamWSettings::default(), &net, &Default::default()).with_adafactor(settings).unwrap();
     (net, optim)
 }
@@ -179,10 +189,10 @@ fn state_carries_over() {
             net = optim.step(lr(&f, case, step), net, grads);
         }
         let mut resumed = FlatAdamW::new(AdamWSettings::default(), &net, &Default::default()).with_adafactor(settings).unwrap();
-        let ids = [net.a.id, net.b.id, net.c.id, net.k.id];
+        let ids = [net.a.id, net.b.id, net.c.id, net.k.id, net.a2.id, net.c2.id];
         for (i, id) in ids.into_iter().enumerate() {
             match i {
-                2 => {
+                2 | 5 => {
                     let (t, m, v) = optim.moments::<1>(id).unwrap();
                     resumed.set_moments(id, t, m, v).unwrap();
                 }
@@ -214,6 +224,8 @@ fn bad_settings_are_errors() {
         b: param(&(vec![2, 2], vec![0.0; 4])),
         c: param(&(vec![2], vec![0.0; 2])),
         k: param(&(vec![1, 1, 2, 2], vec![0.0; 4])),
+        a2: param(&(vec![2, 2], vec![0.0; 4])),
+        c2: param(&(vec![2], vec![0.0; 2])),
     };
     let plain = AdafactorSettings::default();
     for (settings, word) in [

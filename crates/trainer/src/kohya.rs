@@ -742,12 +742,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     }
     t.lr_scheduler_min_lr_ratio = min_lr_ratio.unwrap_or(0.0);
     t.lr_scheduler_timescale = o.count("lr_scheduler_timescale")?.unwrap_or(0);
-    (t.lr_decay_steps, t.lr_decay_ratio) = match o.steps_or_share("lr_decay_steps")? {
-        None if t.lr_scheduler == LrScheduler::WarmupStableDecay => {
-            return Err(o.err("lr_decay_steps", "is missing: lr_scheduler = \"warmup_stable_decay\" needs it (sd-scripts refuses the schedule without it)"))
-        }
-        decay => decay.unwrap_or((0, 0.0)),
-    };
+    (t.lr_decay_steps, t.lr_decay_ratio) = o.steps_or_share("lr_decay_steps")?.unwrap_or((0, 0.0));
     (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
     if scheduler == "constant" && (t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0) {
         notes.push("lr_scheduler = \"constant\" with warmup (sd-scripts refuses warmup there): trained as constant_with_warmup".into());
@@ -873,6 +868,11 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             PyValue::Bool(b) => Ok(b),
             _ => Err(bad("expected True or False")),
         };
+        // transformers' Adafactor takes no other keyword (sd-scripts fails on one).
+        const ADAFACTOR: &[&str] = &["relative_step", "scale_parameter", "warmup_init", "clip_threshold", "decay_rate", "beta1", "eps", "weight_decay"];
+        if optimizer == Optimizer::Adafactor && !ADAFACTOR.contains(&key.as_str()) {
+            return Err(bad("not an argument of transformers' Adafactor"));
+        }
         match (key.as_str(), optimizer) {
             ("weight_decay", _) => t.adam_weight_decay = number()? as f32,
             ("betas", _) => {
@@ -1353,6 +1353,8 @@ wandb_run_name = "my_style"
         assert!(e.contains("optimizer_type = \"Adafactor\""), "{e}");
         let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\noptimizer_args = [\"eps=1e-30\"]"));
         assert!(e.contains("eps=1e-30"), "{e}");
+        let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\noptimizer_args = [\"betas=0.9,0.99\"]"));
+        assert!(e.contains("not an argument of transformers' Adafactor"), "{e}");
     }
 
     /// `caption_separator` reaches the data settings; this trainer refuses an empty one.
@@ -1377,8 +1379,6 @@ wandb_run_name = "my_style"
         assert_eq!((c.train.lr_scheduler, c.train.lr_scheduler_timescale), (LrScheduler::InverseSqrt, 100));
         let e = error(&format!("{MINIMAL}lr_scheduler = \"cosine_with_min_lr\""));
         assert!(e.contains("`lr_scheduler_min_lr_ratio` is missing"), "{e}");
-        let e = error(&format!("{MINIMAL}lr_scheduler = \"warmup_stable_decay\""));
-        assert!(e.contains("`lr_decay_steps` is missing"), "{e}");
         let e = error(&format!("{MINIMAL}lr_scheduler = \"warmup_stable_decay\"\nlr_decay_steps = 1.5"));
         assert!(e.contains("`lr_decay_steps` = 1.5"), "{e}");
     }

@@ -106,12 +106,15 @@ pub fn learning_rate(cfg: &crate::config::TrainSection, step: usize) -> f64 {
             base / (((step - warmup) as f64 + timescale) / timescale).sqrt()
         }
         LrScheduler::WarmupStableDecay => {
+            // The decay takes the last `decay` steps, as in transformers, also when it
+            // begins before the warmup ends (it then starts part-way through).
             let decay = cfg.decay_steps();
-            let stable_end = cfg.max_train_steps.saturating_sub(decay).max(warmup);
-            if step < stable_end {
+            let start = cfg.max_train_steps as f64 - decay as f64;
+            let step = step as f64;
+            if step < start {
                 base
-            } else if step < stable_end + decay {
-                base * keep_floor(half_waves((step - stable_end) as f64 / decay.max(1) as f64))
+            } else if step < start + decay as f64 {
+                base * keep_floor(half_waves((step - start) / decay.max(1) as f64))
             } else {
                 base * floor
             }

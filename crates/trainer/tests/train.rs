@@ -210,6 +210,8 @@ fn min_lr_inverse_sqrt_and_warmup_stable_decay_schedules() {
     let mut t: TrainSection = TrainConfig::default().train;
     (t.max_train_steps, t.lr_warmup_steps, t.learning_rate, t.lr_cycles) = (110, 10, 2.0, 1);
     let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+    let half_wave = |p: f64| 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+    let keep = |f: f64| f * 0.8 + 0.2;
     // Cosine to 20% of the rate: the peak after warmup, half-way at 60%, the floor at the end.
     t.lr_scheduler = LrScheduler::CosineWithMinLr;
     t.lr_scheduler_min_lr_ratio = 0.2;
@@ -239,8 +241,13 @@ fn min_lr_inverse_sqrt_and_warmup_stable_decay_schedules() {
     // The names, and what they need.
     let parsed = TrainConfig::load(None, &["train.lr_scheduler=\"cosine_with_min_lr\"".into(), "train.lr_scheduler_min_lr_ratio=0.1".into()]).unwrap();
     assert_eq!(parsed.train.lr_scheduler, LrScheduler::CosineWithMinLr);
-    let err = TrainConfig::load(None, &["train.lr_scheduler=\"warmup_stable_decay\"".into()]).unwrap_err();
-    assert!(err.to_string().contains("lr_decay_steps"), "{err}");
+    // A decay longer than the steps after warmup starts part-way (transformers' arithmetic).
+    (t.lr_decay_ratio, t.lr_decay_steps, t.max_train_steps, t.lr_warmup_steps) = (0.0, 80, 100, 30);
+    assert!(close(learning_rate(&t, 30), 2.0 * keep(half_wave(10.0 / 80.0))), "{}", learning_rate(&t, 30));
+    assert!(close(learning_rate(&t, 99), 2.0 * keep(half_wave(79.0 / 80.0))));
+    // Without a decay (sd-scripts' default lr_decay_steps = 0) it stays at the peak.
+    t.lr_decay_steps = 0;
+    assert!(close(learning_rate(&t, 99), 2.0));
     let err = TrainConfig::load(None, &["train.lr_scheduler_min_lr_ratio=1.5".into()]).unwrap_err();
     assert!(err.to_string().contains("lr_scheduler_min_lr_ratio"), "{err}");
 }

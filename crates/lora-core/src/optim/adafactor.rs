@@ -9,12 +9,16 @@
 //! step against it.
 //!
 //! The per-tensor quantities (the row and column means, the root mean squares of the
-//! update and of the values) are segment sums over the flat vectors: each value knows its
-//! row, column and tensor, and one `select_assign` adds them all up, so a step costs the
-//! same few operations whatever the number of tensors.
+//! update and of the values) are reductions over each tensor. A LoRA's several hundred
+//! adapter tensors come in a few shapes, so the step gathers the flat vectors into shape
+//! groups (one gather each), reduces each group as one batched tensor (a few operations
+//! per shape, not per tensor) and gathers the update back into flat order. (burn's
+//! scatter-add ops, `select_assign` and `scatter`, run one GPU thread per indexed axis:
+//! on a flat vector that is one thread for all values, so segment sums with them would
+//! be serial.)
 
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use super::{FlatAdamW, FlatMask, BIAS_TABLE_MIN};
 use crate::error::{LoraError, Result};
@@ -103,40 +107,57 @@ impl AdafactorSettings {
     }
 }
 
-/// Adafactor's running means of the squared gradients, in flat order: one per row and
-/// one per column of every tensor of two or more dimensions (its last two dimensions;
-/// leading ones count as separate matrices), for saving and resuming a run
-/// ([`FlatAdamW::adafactor_state`]). Tensors of one dimension keep theirs per value in
-/// the second moments ([`FlatAdamW::moments`]).
+/// Adafactor's running means of the squared gradients: one per row and one per column of
+/// every tensor of two or more dimensions (its last two dimensions; leading ones count as
+/// separate matrices), in the optimizer's shape groups (an order fixed by its tensors), for
+/// saving and resuming a run ([`FlatAdamW::adafactor_state`]). Tensors of one dimension
+/// keep theirs per value in the second moments ([`FlatAdamW::moments`]).
 #[derive(Debug, Clone)]
 pub struct AdafactorState<B: AutodiffBackend> {
-    /// Per row (`exp_avg_sq_row`), plus one unused entry at the end.
+    /// Per row (`exp_avg_sq_row`).
     pub rows: Tensor<B::InnerBackend, 1>,
-    /// Per column (`exp_avg_sq_col`), plus one unused entry at the end.
+    /// Per column (`exp_avg_sq_col`).
     pub cols: Tensor<B::InnerBackend, 1>,
 }
 
-/// Where each flat value sits among the rows, columns, matrices and tensors. The values
-/// of one-dimensional tensors point at an extra last row and column, which no result
-/// reads.
+/// Tensors of one shape `[.., rows, cols]` (`matrices` of them per tensor), contiguous in
+/// the grouped order; one-dimensional tensors of one length form unfactored groups.
+#[derive(Debug, Clone)]
+struct Group<B: AutodiffBackend> {
+    tensors: usize,
+    matrices: usize,
+    rows: usize,
+    cols: usize,
+    factored: bool,
+    /// Where the group's values start in the grouped order, and its rows and columns in
+    /// the states.
+    offset: usize,
+    row_offset: usize,
+    col_offset: usize,
+    /// The flat position of each tensor's first value (its step count and whether it has
+    /// a gradient).
+    firsts: Tensor<B::InnerBackend, 1, Int>,
+}
+
+impl<B: AutodiffBackend> Group<B> {
+    fn values_per_tensor(&self) -> usize {
+        self.matrices * self.rows * self.cols
+    }
+
+    fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.tensors * self.values_per_tensor()
+    }
+}
+
+/// The shape groups and the permutations between flat and grouped order.
 #[derive(Debug, Clone)]
 struct Layout<B: AutodiffBackend> {
-    /// Per value: its row, column and tensor.
-    row_of: Tensor<B::InnerBackend, 1, Int>,
-    col_of: Tensor<B::InnerBackend, 1, Int>,
-    tensor_of: Tensor<B::InnerBackend, 1, Int>,
-    /// Per value: whether its tensor is factored (two or more dimensions).
+    groups: Vec<Group<B>>,
+    /// Grouped position → flat position, and back.
+    to_grouped: Tensor<B::InnerBackend, 1, Int>,
+    to_flat: Tensor<B::InnerBackend, 1, Int>,
+    /// Per flat value: whether its tensor is factored.
     factored: Tensor<B::InnerBackend, 1, Bool>,
-    /// Per row / column: one of its values (for its step count) and its length.
-    row_first: Tensor<B::InnerBackend, 1, Int>,
-    col_first: Tensor<B::InnerBackend, 1, Int>,
-    row_len: Tensor<B::InnerBackend, 1>,
-    col_len: Tensor<B::InnerBackend, 1>,
-    /// Per row: its matrix; per matrix: its number of rows.
-    row_matrix: Tensor<B::InnerBackend, 1, Int>,
-    matrix_rows: Tensor<B::InnerBackend, 1>,
-    /// Per tensor: the square root of its number of values.
-    tensor_sqrt_len: Tensor<B::InnerBackend, 1>,
 }
 
 /// Adafactor's settings, layout, state and step-count tables.
@@ -146,18 +167,24 @@ pub(super) struct Adafactor<B: AutodiffBackend> {
     layout: Layout<B>,
     rows: Tensor<B::InnerBackend, 1>,
     cols: Tensor<B::InnerBackend, 1>,
-    /// `1 − t^decay_rate` and the relative step size for `t = 0..len` (entry 0 unused),
-    /// computed on the host in f64 as `transformers` computes them.
+    /// `β₂ₜ = 1 − t^decay_rate`, `1 − β₂ₜ` and the relative step size for `t = 0..len`
+    /// (entry 0 unused), computed on the host in f64 as `transformers` computes them.
     decay: Tensor<B::InnerBackend, 1>,
+    fresh: Tensor<B::InnerBackend, 1>,
     relative: Tensor<B::InnerBackend, 1>,
     table_len: usize,
 }
 
+/// The step-count tables of [`Adafactor`].
+type Tables<B> = (Tensor<<B as AutodiffBackend>::InnerBackend, 1>, Tensor<<B as AutodiffBackend>::InnerBackend, 1>, Tensor<<B as AutodiffBackend>::InnerBackend, 1>);
+
 impl<B: AutodiffBackend> Adafactor<B> {
-    fn tables(settings: &AdafactorSettings, len: usize, device: &Device<B::InnerBackend>) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
-        let decay: Vec<f32> = (0..len).map(|t| if t == 0 { 0.0 } else { (1.0 - (t as f64).powf(f64::from(settings.decay_rate))) as f32 }).collect();
+    fn tables(settings: &AdafactorSettings, len: usize, device: &Device<B::InnerBackend>) -> Tables<B> {
+        let power = |t: usize| if t == 0 { 1.0 } else { (t as f64).powf(f64::from(settings.decay_rate)) };
+        let decay: Vec<f32> = (0..len).map(|t| (1.0 - power(t)) as f32).collect();
+        let fresh: Vec<f32> = (0..len).map(|t| power(t) as f32).collect();
         let relative: Vec<f32> = (0..len).map(|t| settings.step_size(1.0, t) as f32).collect();
-        (Tensor::from_data(TensorData::new(decay, [len]), device), Tensor::from_data(TensorData::new(relative, [len]), device))
+        (floats::<B>(decay, device), floats::<B>(fresh, device), floats::<B>(relative, device))
     }
 
     /// Grows the tables so that step counts up to `bound` can be looked up.
@@ -167,7 +194,7 @@ impl<B: AutodiffBackend> Adafactor<B> {
         }
         let len = (bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
         let device = self.rows.device();
-        (self.decay, self.relative) = Self::tables(&self.settings, len, &device);
+        (self.decay, self.fresh, self.relative) = Self::tables(&self.settings, len, &device);
         self.table_len = len;
     }
 }
@@ -181,11 +208,6 @@ fn ints<B: AutodiffBackend>(values: Vec<i64>, device: &Device<B::InnerBackend>) 
 fn floats<B: AutodiffBackend>(values: Vec<f32>, device: &Device<B::InnerBackend>) -> Tensor<B::InnerBackend, 1> {
     let len = values.len();
     Tensor::from_data(TensorData::new(values, [len]), device)
-}
-
-/// `1 − x`.
-fn complement<B: AutodiffBackend>(x: Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1> {
-    x.neg().add_scalar(1.0)
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -230,80 +252,66 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.lion = false;
         let device = self.params.device();
         let len = self.len();
-        let (mut row_of, mut col_of, mut tensor_of) = (vec![0i64; len], vec![0i64; len], vec![0i64; len]);
-        let mut factored = vec![false; len];
-        let (mut row_first, mut col_first, mut row_len, mut col_len) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut row_matrix, mut matrix_rows, mut tensor_sqrt_len) = (Vec::new(), Vec::new(), Vec::new());
-        // First pass: the factored tensors' rows and columns; the unfactored values point
-        // at the extra entries, which the second pass appends.
-        let mut unfactored = Vec::new();
-        for (k, id) in self.order.iter().enumerate() {
+        // Tensors by shape: `(matrices, rows, cols, factored)` → their flat offsets.
+        let mut by_shape: std::collections::BTreeMap<(bool, usize, usize, usize), Vec<usize>> = Default::default();
+        for id in &self.order {
             let slot = &self.slots[id];
-            tensor_sqrt_len.push((slot.len as f64).sqrt() as f32);
-            let range = slot.offset..slot.offset + slot.len;
-            tensor_of[range.clone()].fill(k as i64);
-            let d = slot.shape.len();
-            if d < 2 {
-                unfactored.push(range);
+            if slot.len == 0 {
                 continue;
             }
-            let (r, c) = (slot.shape[d - 2], slot.shape[d - 1]);
-            let matrices = slot.len.checked_div(r * c).unwrap_or(0);
-            for m in 0..matrices {
-                let (row_base, col_base, start) = (row_first.len(), col_first.len(), slot.offset + m * r * c);
-                for i in 0..r {
-                    row_first.push(start + i * c);
-                    row_len.push(c as f32);
-                    row_matrix.push(matrix_rows.len() as i64);
+            let d = slot.shape.len();
+            let key = match d {
+                0 | 1 => (false, 1, 1, slot.len),
+                _ => {
+                    let (r, c) = (slot.shape[d - 2], slot.shape[d - 1]);
+                    (true, slot.len / (r * c), r, c)
                 }
-                for j in 0..c {
-                    col_first.push(start + j);
-                    col_len.push(r as f32);
-                }
-                matrix_rows.push(r as f32);
-                for i in 0..r {
-                    for j in 0..c {
-                        let e = start + i * c + j;
-                        row_of[e] = (row_base + i) as i64;
-                        col_of[e] = (col_base + j) as i64;
-                        factored[e] = true;
-                    }
-                }
+            };
+            by_shape.entry(key).or_default().push(slot.offset);
+        }
+        let (mut to_grouped, mut factored) = (Vec::with_capacity(len), vec![false; len]);
+        let (mut groups, mut n_rows, mut n_cols) = (Vec::new(), 0, 0);
+        for ((is_factored, matrices, rows, cols), offsets) in by_shape {
+            let per_tensor = matrices * rows * cols;
+            let group = Group {
+                tensors: offsets.len(),
+                matrices,
+                rows,
+                cols,
+                factored: is_factored,
+                offset: to_grouped.len(),
+                row_offset: n_rows,
+                col_offset: n_cols,
+                firsts: ints::<B>(offsets.iter().map(|o| *o as i64).collect(), &device),
+            };
+            for o in &offsets {
+                to_grouped.extend((*o..*o + per_tensor).map(|e| e as i64));
+                factored[*o..*o + per_tensor].fill(is_factored);
             }
+            if is_factored {
+                n_rows += offsets.len() * matrices * rows;
+                n_cols += offsets.len() * matrices * cols;
+            }
+            groups.push(group);
         }
-        let (spare_row, spare_col) = (row_first.len() as i64, col_first.len() as i64);
-        for range in unfactored {
-            row_of[range.clone()].fill(spare_row);
-            col_of[range].fill(spare_col);
+        let mut to_flat = vec![0i64; len];
+        for (g, f) in to_grouped.iter().enumerate() {
+            to_flat[*f as usize] = g as i64;
         }
-        row_first.push(0);
-        col_first.push(0);
-        row_len.push(1.0);
-        col_len.push(1.0);
-        row_matrix.push(matrix_rows.len() as i64);
-        matrix_rows.push(1.0);
-        let to_i64 = |v: Vec<usize>| v.into_iter().map(|x| x as i64).collect::<Vec<_>>();
-        let (n_rows, n_cols) = (row_first.len(), col_first.len());
         let layout = Layout {
-            row_of: ints::<B>(row_of, &device),
-            col_of: ints::<B>(col_of, &device),
-            tensor_of: ints::<B>(tensor_of, &device),
+            groups,
+            to_grouped: ints::<B>(to_grouped, &device),
+            to_flat: ints::<B>(to_flat, &device),
             factored: Tensor::from_data(TensorData::new(factored, [len]), &device),
-            row_first: ints::<B>(to_i64(row_first), &device),
-            col_first: ints::<B>(to_i64(col_first), &device),
-            row_len: floats::<B>(row_len, &device),
-            col_len: floats::<B>(col_len, &device),
-            row_matrix: ints::<B>(row_matrix, &device),
-            matrix_rows: floats::<B>(matrix_rows, &device),
-            tensor_sqrt_len: floats::<B>(tensor_sqrt_len, &device),
         };
-        let (decay, relative) = Adafactor::<B>::tables(&settings, BIAS_TABLE_MIN, &device);
+        let (decay, fresh, relative) = Adafactor::<B>::tables(&settings, BIAS_TABLE_MIN, &device);
         self.adafactor = Some(Adafactor {
             settings,
             layout,
             rows: Tensor::zeros([n_rows], &device),
             cols: Tensor::zeros([n_cols], &device),
             decay,
+            fresh,
             relative,
             table_len: BIAS_TABLE_MIN,
         });
@@ -346,48 +354,67 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let Some(mut state) = self.adafactor.take() else { return };
         state.cover(self.time_bound);
         let s = state.settings;
-        let l = &state.layout;
         let device = self.params.device();
-        let (n_rows, n_cols, n_tensors) = (state.rows.dims()[0], state.cols.dims()[0], l.tensor_sqrt_len.dims()[0]);
-        let matrices = l.matrix_rows.dims()[0];
-        let sum_into = |n: usize, index: &Tensor<B::InnerBackend, 1, Int>, values: Tensor<B::InnerBackend, 1>| {
-            Tensor::<B::InnerBackend, 1>::zeros([n], &device).select_assign(0, index.clone(), values, IndexingUpdateOp::Add)
-        };
-        // `update = g² + ε₁`, its means per row and column, and the decayed running means
-        // (each row and column at its tensor's step count).
+        // `update = g² + ε₁`; the unfactored tensors' running means and updates, per value.
         let squared = grad.clone().square().add_scalar(s.eps_1);
-        let row_mean = sum_into(n_rows, &l.row_of, squared.clone()).div(l.row_len.clone());
-        let col_mean = sum_into(n_cols, &l.col_of, squared.clone()).div(l.col_len.clone());
-        let decay_of = |t: Tensor<B::InnerBackend, 1, Int>| state.decay.clone().select(0, t);
-        let row_decay = decay_of(time.clone().select(0, l.row_first.clone()));
-        let col_decay = decay_of(time.clone().select(0, l.col_first.clone()));
-        let value_decay = decay_of(time.clone());
-        let rows = state.rows.clone().mul(row_decay.clone()).add(row_mean.mul(complement::<B>(row_decay)));
-        let cols = state.cols.clone().mul(col_decay.clone()).add(col_mean.mul(complement::<B>(col_decay)));
-        let v = self.moment_2.clone().mul(value_decay.clone()).add(squared.mul(complement::<B>(value_decay)));
-        // `_approx_sq_grad`: rsqrt(row / mean of the matrix's rows) · rsqrt(col).
-        let matrix_mean = sum_into(matrices, &l.row_matrix, rows.clone()).div(l.matrix_rows.clone());
-        let row_factor = rows.clone().div(matrix_mean.select(0, l.row_matrix.clone())).sqrt().recip();
-        let col_factor = cols.clone().sqrt().recip();
-        let factored = row_factor.select(0, l.row_of.clone()).mul(col_factor.select(0, l.col_of.clone())).mul(grad.clone());
-        let update = v.clone().sqrt().recip().mul(grad).mask_where(l.factored.clone(), factored);
-        // Clipped to a root mean square of `clip_threshold` per tensor.
-        let rms = |x: Tensor<B::InnerBackend, 1>| sum_into(n_tensors, &l.tensor_of, x.square()).sqrt().div(l.tensor_sqrt_len.clone());
-        let clip = rms(update.clone()).div_scalar(s.clip_threshold).clamp_min(1.0);
-        let update = update.div(clip.select(0, l.tensor_of.clone()));
-        // Each value's learning rate.
-        let mut step = match s.relative_step {
-            true => state.relative.clone().select(0, time),
-            false => Tensor::full([self.len()], lr, &device),
-        };
-        if s.scale_parameter {
-            let scale = rms(self.params.clone()).clamp_min(s.eps_2);
-            step = step.mul(scale.select(0, l.tensor_of.clone()));
+        let v = self.moment_2.clone().mul(state.decay.clone().select(0, time.clone())).add(squared.clone().mul(state.fresh.clone().select(0, time.clone())));
+        let unfactored = v.clone().sqrt().recip().mul(grad.clone());
+        // Into the shape groups.
+        let grouped = |x: Tensor<B::InnerBackend, 1>| x.select(0, state.layout.to_grouped.clone());
+        let (squared, grad, unfactored) = (grouped(squared), grouped(grad), grouped(unfactored));
+        let params = grouped(self.params.clone());
+        let (mut updates, mut steps, mut rows, mut cols) = (vec![], vec![], vec![], vec![]);
+        for g in &state.layout.groups {
+            let (n, m, r, c, len) = (g.tensors, g.matrices, g.rows, g.cols, g.values_per_tensor());
+            // Each tensor's step count, and whether it takes this step.
+            let t = time.clone().select(0, g.firsts.clone());
+            let takes = mask.as_ref().map(|mask| mask.clone().int().select(0, g.firsts.clone()).equal_elem(1));
+            let update = if g.factored {
+                let per_tensor = |x: Tensor<B::InnerBackend, 1>| x.reshape([n, 1, 1]);
+                let (beta, fresh) = (per_tensor(state.decay.clone().select(0, t.clone())), per_tensor(state.fresh.clone().select(0, t.clone())));
+                let sq = squared.clone().slice(g.range()).reshape([n * m, r, c]);
+                let row_mean = sq.clone().mean_dim(2).reshape([n, m * r, 1]);
+                let col_mean = sq.mean_dim(1).reshape([n, m * c, 1]);
+                let old_rows = state.rows.clone().slice(g.row_offset..g.row_offset + n * m * r).reshape([n, m * r, 1]);
+                let old_cols = state.cols.clone().slice(g.col_offset..g.col_offset + n * m * c).reshape([n, m * c, 1]);
+                let mut new_rows = old_rows.clone().mul(beta.clone()).add(row_mean.mul(fresh.clone()));
+                let mut new_cols = old_cols.clone().mul(beta).add(col_mean.mul(fresh));
+                if let Some(takes) = &takes {
+                    new_rows = old_rows.mask_where(takes.clone().reshape([n, 1, 1]).expand([n, m * r, 1]), new_rows);
+                    new_cols = old_cols.mask_where(takes.clone().reshape([n, 1, 1]).expand([n, m * c, 1]), new_cols);
+                }
+                rows.push(new_rows.clone().reshape([n * m * r]));
+                cols.push(new_cols.clone().reshape([n * m * c]));
+                // `_approx_sq_grad`: rsqrt(row / mean of the matrix's rows) · rsqrt(col).
+                let new_rows = new_rows.reshape([n * m, r]);
+                let mean = new_rows.clone().mean_dim(1);
+                let row_factor = new_rows.div(mean).sqrt().recip().reshape([n * m, r, 1]);
+                let col_factor = new_cols.reshape([n * m, 1, c]).sqrt().recip();
+                row_factor.mul(col_factor).mul(grad.clone().slice(g.range()).reshape([n * m, r, c])).reshape([n, len])
+            } else {
+                unfactored.clone().slice(g.range()).reshape([n, len])
+            };
+            // Clipped to a root mean square of `clip_threshold` per tensor.
+            let rms = |x: Tensor<B::InnerBackend, 2>| x.square().sum_dim(1).sqrt().div_scalar((len as f64).sqrt());
+            let clip = rms(update.clone()).div_scalar(s.clip_threshold).clamp_min(1.0);
+            let update = update.div(clip);
+            // Each tensor's learning rate.
+            let mut step = match s.relative_step {
+                true => state.relative.clone().select(0, t).reshape([n, 1]),
+                false => Tensor::full([n, 1], lr, &device),
+            };
+            if s.scale_parameter {
+                step = step.mul(rms(params.clone().slice(g.range()).reshape([n, len])).clamp_min(s.eps_2));
+            }
+            updates.push(update.mul(step.clone()).reshape([n * len]));
+            steps.push(step.expand([n, len]).reshape([n * len]));
         }
+        // Back into flat order.
+        let flat = |parts: Vec<Tensor<B::InnerBackend, 1>>| Tensor::cat(parts, 0).select(0, state.layout.to_flat.clone());
+        let (mut update, mut step) = (flat(updates), flat(steps));
         if let Some(scales) = &self.lr_scales {
-            step = step.mul(scales.clone());
+            (update, step) = (update.mul(scales.clone()), step.mul(scales.clone()));
         }
-        let update = update.mul(step.clone());
         let (m, update) = match s.beta_1 {
             Some(b) => {
                 let m = self.moment_1.clone().mul_scalar(b).add(update.mul_scalar(1.0 - b));
@@ -402,16 +429,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         };
         let new_params = decayed.sub(update);
         // The factored tensors' per-value second moments stay zero.
-        let v = v.mask_fill(l.factored.clone(), 0.0);
+        let v = v.mask_fill(state.layout.factored.clone(), 0.0);
+        if !rows.is_empty() {
+            (state.rows, state.cols) = (Tensor::cat(rows, 0), Tensor::cat(cols, 0));
+        }
         match mask {
-            None => {
-                (self.moment_1, self.moment_2, self.params) = (m, v, new_params);
-                (state.rows, state.cols) = (rows, cols);
-            }
+            None => (self.moment_1, self.moment_2, self.params) = (m, v, new_params),
             Some(mask) => {
-                let at = |index: &Tensor<B::InnerBackend, 1, Int>| mask.clone().int().select(0, index.clone()).equal_elem(1);
-                state.rows = state.rows.clone().mask_where(at(&l.row_first), rows);
-                state.cols = state.cols.clone().mask_where(at(&l.col_first), cols);
                 self.moment_1 = self.moment_1.clone().mask_where(mask.clone(), m);
                 self.moment_2 = self.moment_2.clone().mask_where(mask.clone(), v);
                 self.params = self.params.clone().mask_where(mask, new_params);
