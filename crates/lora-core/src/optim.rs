@@ -58,8 +58,10 @@ use burn::tensor::{Bool, DType, Device, ElementConversion, FloatDType, Int, Shap
 use crate::error::{LoraError, Result};
 
 mod adafactor;
+mod dadapt;
 mod max_norm;
 pub use adafactor::{AdafactorSettings, AdafactorState};
+pub use dadapt::{DAdaptSettings, DAdaptState};
 pub use max_norm::{norm_pairs, MaxNormStats, NormPair, RankAxis};
 
 /// Entries of the first bias-correction tables (grown as step counts reach them).
@@ -281,6 +283,8 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     lion: bool,
     /// Adafactor's update instead of Adam's ([`FlatAdamW::with_adafactor`]).
     adafactor: Option<adafactor::Adafactor<B>>,
+    /// DAdaptAdam's step sizes ([`FlatAdamW::with_dadapt_adam`]).
+    dadapt: Option<dadapt::DAdapt<B>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -309,6 +313,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             master_copies: Default::default(),
             lion: false,
             adafactor: None,
+            dadapt: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -436,6 +441,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     pub fn with_prodigy(mut self, settings: ProdigySettings) -> Self {
         self.lion = false;
         self.adafactor = None;
+        self.dadapt = None;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, settings.d0, 0.0, 0.0], [4]), &device);
         let s = Tensor::zeros([self.len()], &device);
@@ -477,6 +483,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     pub fn with_lion(mut self) -> Self {
         self.prodigy = None;
         self.adafactor = None;
+        self.dadapt = None;
         self.lion = true;
         self
     }
@@ -684,6 +691,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         if self.prodigy.is_some() {
             let present = self.present_mask(&grads.present);
             self.prodigy_step(lr, grad, present, apply);
+            return self.scatter_working(module);
+        }
+        if self.dadapt.is_some() {
+            let present = self.present_mask(&grads.present);
+            self.dadapt_step(lr, grad, present, apply);
             return self.scatter_working(module);
         }
         // Where this step updates: tensors with a gradient, if the device says so.

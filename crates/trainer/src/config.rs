@@ -329,6 +329,11 @@ pub enum Optimizer {
     /// instead of the learning rate (`adafactor_relative_step`); see
     /// `lora_core::optim::FlatAdamW::with_adafactor`.
     Adafactor,
+    /// DAdaptAdam (the `dadaptation` package's, kohya's `DAdaptAdam`): AdamW whose step
+    /// size the optimizer estimates, as Prodigy (its successor) does; set
+    /// `learning_rate = 1.0`. See `lora_core::optim::FlatAdamW::with_dadapt_adam`.
+    #[serde(rename = "dadapt_adam")]
+    DadaptAdam,
 }
 
 /// The training loss (kohya's `loss_type`; see `sd_sched::training::elementwise_loss`).
@@ -454,8 +459,8 @@ pub struct TrainSection {
     pub adam_weight_decay: f32,
     /// `adamw`, `prodigy` (AdamW with Prodigy's step sizes; β, ε and weight decay are the
     /// `adam_*` keys), `lion` (β from `lion_beta1` / `lion_beta2`, weight decay from
-    /// `adam_weight_decay`) or `adafactor` (the `adafactor_*` keys, weight decay from
-    /// `adam_weight_decay`).
+    /// `adam_weight_decay`), `adafactor` (the `adafactor_*` keys, weight decay from
+    /// `adam_weight_decay`) or `dadapt_adam` (the `dadapt_*` keys and the `adam_*` ones).
     pub optimizer: Optimizer,
     /// Lion's β₁ (the sign of `β₁·m + (1 − β₁)·g` is the step; lion-pytorch's default 0.9).
     pub lion_beta1: f32,
@@ -473,6 +478,14 @@ pub struct TrainSection {
     pub prodigy_use_bias_correction: bool,
     /// Prodigy's `safeguard_warmup` (for warmup schedules).
     pub prodigy_safeguard_warmup: bool,
+    /// DAdaptAdam's initial estimate (`d0`).
+    pub dadapt_d0: f32,
+    /// DAdaptAdam's largest growth of the estimate per step (`growth_rate`; `inf` = none).
+    pub dadapt_growth_rate: f32,
+    /// DAdaptAdam's `decouple`: AdamW-style weight decay (`false`: L2 on the gradient).
+    pub dadapt_decouple: bool,
+    /// DAdaptAdam's `use_bias_correction`.
+    pub dadapt_use_bias_correction: bool,
     /// Adafactor's `relative_step`: ignore the learning rate, its schedule and warmup, and
     /// step by `min(1e-2, 1/√t)` (times the values' RMS with `adafactor_scale_parameter`).
     pub adafactor_relative_step: bool,
@@ -583,6 +596,17 @@ impl TrainSection {
         } else {
             self.lr_decay_steps
         }
+    }
+
+    /// DAdaptAdam's own settings with `optimizer = "dadapt_adam"` (`None` otherwise; β, ε
+    /// and weight decay are the `adam_*` keys).
+    pub fn dadapt_settings(&self) -> Option<lora_core::optim::DAdaptSettings> {
+        (self.optimizer == Optimizer::DadaptAdam).then_some(lora_core::optim::DAdaptSettings {
+            d0: self.dadapt_d0,
+            growth_rate: self.dadapt_growth_rate,
+            decouple: self.dadapt_decouple,
+            use_bias_correction: self.dadapt_use_bias_correction,
+        })
     }
 
     /// Adafactor's settings with `optimizer = "adafactor"` (`None` otherwise): the
@@ -800,6 +824,10 @@ impl Default for TrainConfig {
                 prodigy_beta3: 0.0,
                 prodigy_use_bias_correction: false,
                 prodigy_safeguard_warmup: false,
+                dadapt_d0: 1e-6,
+                dadapt_growth_rate: f32::INFINITY,
+                dadapt_decouple: true,
+                dadapt_use_bias_correction: false,
                 adafactor_relative_step: false,
                 adafactor_scale_parameter: false,
                 adafactor_warmup_init: false,
@@ -1064,6 +1092,9 @@ impl TrainConfig {
         }
         if ![t.lion_beta1, t.lion_beta2].iter().all(|b| (0.0..=1.0).contains(b)) {
             return bad("train.lion_beta1 and train.lion_beta2 must be in [0, 1]");
+        }
+        if !(t.dadapt_d0.is_finite() && t.dadapt_d0 > 0.0) || t.dadapt_growth_rate < 1.0 || t.dadapt_growth_rate.is_nan() {
+            return bad("train.dadapt_d0 must be positive and train.dadapt_growth_rate at least 1 (inf: no limit)");
         }
         if t.adafactor_warmup_init && !t.adafactor_relative_step && t.optimizer == Optimizer::Adafactor {
             return bad("train.adafactor_warmup_init needs train.adafactor_relative_step = true (as in transformers)");

@@ -840,10 +840,11 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         "lion8bit" | "pagedlion8bit" => (Optimizer::Lion, true),
         "prodigy" => (Optimizer::Prodigy, false),
         "adafactor" => (Optimizer::Adafactor, false),
+        "dadaptadam" => (Optimizer::DadaptAdam, false),
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy and Adafactor are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor and DAdaptAdam are"),
             ))
         }
     };
@@ -852,8 +853,10 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
     }
     t.optimizer = optimizer;
     // Each package's defaults: torch / bitsandbytes AdamW decay 0.01, transformers' AdamW,
-    // Lion, Prodigy and Adafactor none.
+    // Lion, Prodigy, Adafactor and DAdaptAdam none.
     t.adam_weight_decay = if optimizer == Optimizer::Adamw && !name.starts_with("transformers.") { 0.01 } else { 0.0 };
+    // dadaptation's default: weight decay added to the gradient.
+    t.dadapt_decouple = false;
     // transformers' Adafactor defaults, with sd-scripts' explicit `relative_step = True`.
     (t.adafactor_relative_step, t.adafactor_scale_parameter, t.adafactor_warmup_init) = (true, true, false);
     let args = o.list("optimizer_args")?;
@@ -883,7 +886,12 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
                     _ => (t.adam_beta1, t.adam_beta2) = (b1 as f32, b2 as f32),
                 }
             }
-            ("eps", Optimizer::Adamw | Optimizer::Prodigy) => t.adam_epsilon = number()? as f32,
+            ("eps", Optimizer::Adamw | Optimizer::Prodigy | Optimizer::DadaptAdam) => t.adam_epsilon = number()? as f32,
+            ("decouple", Optimizer::DadaptAdam) => t.dadapt_decouple = flag()?,
+            ("d0", Optimizer::DadaptAdam) => t.dadapt_d0 = number()? as f32,
+            ("growth_rate", Optimizer::DadaptAdam) => t.dadapt_growth_rate = number()? as f32,
+            ("use_bias_correction", Optimizer::DadaptAdam) => t.dadapt_use_bias_correction = flag()?,
+            ("log_every", Optimizer::DadaptAdam) => {}
             ("d_coef", Optimizer::Prodigy) => t.prodigy_d_coef = number()? as f32,
             ("d0", Optimizer::Prodigy) => t.prodigy_d0 = number()? as f32,
             ("growth_rate", Optimizer::Prodigy) => t.prodigy_growth_rate = number()? as f32,
@@ -1357,6 +1365,19 @@ wandb_run_name = "my_style"
         assert!(e.contains("not an argument of transformers' Adafactor"), "{e}");
     }
 
+    /// The kohya_ss GUI's DAdaptAdam preset, and the package's defaults without arguments.
+    #[test]
+    fn dadapt_adam_options_map() {
+        let args = "optimizer_args = [\"decouple=True\", \"weight_decay=0.2\", \"betas=0.9,0.99\", \"growth_rate=1.02\"]";
+        let i = import(&format!("{MINIMAL}optimizer_type = \"DAdaptAdam\"\nlearning_rate = 1.0\nlr_scheduler = \"cosine\"\n{args}")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.optimizer, t.dadapt_decouple, t.adam_weight_decay, t.adam_beta2, t.dadapt_growth_rate), (Optimizer::DadaptAdam, true, 0.2, 0.99, 1.02));
+        let t = import(&format!("{MINIMAL}optimizer_type = \"dadaptation.DAdaptAdam\"\nlearning_rate = 1.0")).unwrap().config.train;
+        assert_eq!((t.dadapt_decouple, t.adam_weight_decay, t.dadapt_d0, t.dadapt_use_bias_correction), (false, 0.0, 1e-6, false));
+        let e = error(&format!("{MINIMAL}optimizer_type = \"DAdaptation\""));
+        assert!(e.contains("is not supported"), "{e}");
+    }
+
     /// `caption_separator` reaches the data settings; this trainer refuses an empty one.
     #[test]
     fn caption_separator_maps() {
@@ -1422,7 +1443,7 @@ wandb_run_name = "my_style"
         let cases = [
             ("network_dims = 8", "`network_dims` is not an sd-scripts training option this importer knows; did you mean `network_dim`?"),
             ("color_aug = true", "`color_aug` = true: color augmentation"),
-            ("optimizer_type = \"DAdaptAdam\"", "`optimizer_type` = \"DAdaptAdam\" is not supported"),
+            ("optimizer_type = \"DAdaptLion\"", "`optimizer_type` = \"DAdaptLion\" is not supported"),
             ("network_module = \"networks.dylora\"", "`network_module` = \"networks.dylora\" is not supported"),
             ("network_dim = \"abc\"", "`network_dim` must be a number"),
             ("network_dim = 4.5", "`network_dim` must be a whole number"),

@@ -469,9 +469,14 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     if !config.lora.network_weights.is_empty() {
         eprintln!("starting from the LoRA {}", config.lora.network_weights);
     }
-    if config.train.optimizer == trainer::config::Optimizer::Prodigy && config.train.learning_rate < 0.1 {
+    let estimates = match config.train.optimizer {
+        trainer::config::Optimizer::Prodigy => Some(("prodigy", "Prodigy")),
+        trainer::config::Optimizer::DadaptAdam => Some(("dadapt_adam", "DAdaptAdam")),
+        _ => None,
+    };
+    if let Some((key, name)) = estimates.filter(|_| config.train.learning_rate < 0.1) {
         eprintln!(
-            "note: with train.optimizer = \"prodigy\" the learning rate multiplies Prodigy's own step size; 1.0 is usual (it is {})",
+            "note: with train.optimizer = \"{key}\" the learning rate multiplies {name}'s own step size; 1.0 is usual (it is {})",
             config.train.learning_rate
         );
     }

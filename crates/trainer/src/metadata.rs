@@ -136,6 +136,14 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         Optimizer::Adamw => format!("AdamW(weight_decay={},betas=({}, {}),eps={})", t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon),
         Optimizer::Prodigy => format!("Prodigy(d_coef={},use_bias_correction={},weight_decay={})", t.prodigy_d_coef, py_bool(t.prodigy_use_bias_correction), t.adam_weight_decay),
         Optimizer::Lion => format!("Lion(weight_decay={},betas=({}, {}))", t.adam_weight_decay, t.lion_beta1, t.lion_beta2),
+        Optimizer::DadaptAdam => format!(
+            "DAdaptAdam(decouple={},weight_decay={},betas=({}, {}),growth_rate={})",
+            py_bool(t.dadapt_decouple),
+            t.adam_weight_decay,
+            t.adam_beta1,
+            t.adam_beta2,
+            t.dadapt_growth_rate
+        ),
         Optimizer::Adafactor => format!(
             "Adafactor(scale_parameter={},relative_step={},warmup_init={},weight_decay={})",
             py_bool(t.adafactor_scale_parameter),

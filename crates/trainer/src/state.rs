@@ -239,11 +239,11 @@ pub fn import_prodigy<B: AutodiffBackend>(
         return Ok(());
     }
     if saved != configured {
-        let (was, is) = if saved { ("prodigy", "adamw") } else { ("adamw", "prodigy") };
-        return Err(TrainError::Config {
-            origin: origin.display().to_string(),
-            reason: format!("the state was trained with train.optimizer = \"{was}\", the configuration says \"{is}\"; resume with the same optimizer"),
-        });
+        let reason = match saved {
+            true => "the state was trained with train.optimizer = \"prodigy\"; resume with the same optimizer",
+            false => "the state was not trained with train.optimizer = \"prodigy\"; resume with the optimizer it was trained with",
+        };
+        return Err(TrainError::Config { origin: origin.display().to_string(), reason: reason.into() });
     }
     let len = optim.len();
     let p0 = upload::<B::InnerBackend, 1>(&key("p0"), saved_tensor(moments, &key("p0"))?, [len], device)?;
@@ -295,6 +295,43 @@ pub fn import_adafactor<B: AutodiffBackend>(
     let rows = upload::<B::InnerBackend, 1>(&key("rows"), saved_tensor(moments, &key("rows"))?, [rows], device)?;
     let cols = upload::<B::InnerBackend, 1>(&key("cols"), saved_tensor(moments, &key("cols"))?, [cols], device)?;
     optim.set_adafactor_state(lora_core::optim::AdafactorState { rows, cols }).map_err(|e| mismatch(&key("rows"), e.to_string()))
+}
+
+/// Copies DAdaptAdam's state out of `optim` (nothing for the other optimizers) into
+/// `moments`, as `dadapt.<name>.s` and `.scalars` (flat, in the optimizer's order).
+pub fn export_dadapt<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
+    let Some(state) = optim.dadapt_state() else { return Ok(()) };
+    moments.insert(format!("dadapt.{name}.s"), HostTensor::from_tensor(state.s)?);
+    moments.insert(format!("dadapt.{name}.scalars"), HostTensor::from_tensor(state.scalars)?);
+    Ok(())
+}
+
+/// Gives a DAdaptAdam `optim` its saved state; an error when the state and the configured
+/// optimizer disagree (`origin`: the state's folder).
+pub fn import_dadapt<B: AutodiffBackend>(
+    optim: &mut FlatAdamW<B>,
+    name: &str,
+    moments: &HashMap<String, HostTensor>,
+    origin: &Path,
+    device: &B::Device,
+) -> Result<(), TrainError> {
+    let key = |part: &str| format!("dadapt.{name}.{part}");
+    let saved = moments.contains_key(&key("scalars"));
+    let configured = optim.dadapt_d().is_some();
+    if optim.is_empty() || (!saved && !configured) {
+        return Ok(());
+    }
+    if saved != configured {
+        let reason = match saved {
+            true => "the state was trained with train.optimizer = \"dadapt_adam\"; resume with the same optimizer",
+            false => "the state was not trained with train.optimizer = \"dadapt_adam\"; resume with the optimizer it was trained with",
+        };
+        return Err(TrainError::Config { origin: origin.display().to_string(), reason: reason.into() });
+    }
+    let len = optim.len();
+    let s = upload::<B::InnerBackend, 1>(&key("s"), saved_tensor(moments, &key("s"))?, [len], device)?;
+    let scalars = upload::<B::InnerBackend, 1>(&key("scalars"), saved_tensor(moments, &key("scalars"))?, [3], device)?;
+    optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars }).map_err(|e| mismatch(&key("s"), e.to_string()))
 }
 
 /// A ChaCha stream position in JSON-friendly form.

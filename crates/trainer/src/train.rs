@@ -26,7 +26,8 @@ use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::generate::{grid, merge_adapters, save_png, to_precision, GenerateOptions, TextConditioning, TextEncoders};
 use crate::models::{load_components, Components};
 use crate::state::{
-    adapter_params, export_adafactor, export_moments, export_prodigy, host_params, import_adafactor, import_moments, import_prodigy, restore_adapter_params,
+    adapter_params, export_adafactor, export_dadapt, export_moments, export_prodigy, host_params, import_adafactor, import_dadapt, import_moments, import_prodigy,
+    restore_adapter_params,
     StateInfo, TrainingState,
 };
 use crate::tensorboard::EventWriter;
@@ -539,6 +540,9 @@ fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B
     if config.train.optimizer == crate::config::Optimizer::Lion {
         optim = optim.with_lion();
     }
+    if let Some(dadapt) = config.train.dadapt_settings() {
+        optim = optim.with_dadapt_adam(dadapt);
+    }
     if let Some(adafactor) = config.train.adafactor_settings() {
         optim = optim.with_adafactor(adafactor).map_err(|e| TrainError::Config { origin: "train.adafactor_*".into(), reason: e.to_string() })?;
     }
@@ -748,12 +752,13 @@ fn fingerprint(config: &TrainConfig) -> String {
     } else {
         String::new()
     };
-    // Lion's and Adafactor's moments are not AdamW's: a state resumes with the optimizer it
-    // was trained with (Prodigy's own state says so; AdamW states, written before Lion
-    // existed, have no line).
+    // Lion's, Adafactor's and DAdaptAdam's moments are not AdamW's: a state resumes with
+    // the optimizer it was trained with (Prodigy's own state says so; AdamW states,
+    // written before Lion existed, have no line).
     let optimizer = match config.train.optimizer {
         crate::config::Optimizer::Lion => "train.optimizer = \"lion\"\n",
         crate::config::Optimizer::Adafactor => "train.optimizer = \"adafactor\"\n",
+        crate::config::Optimizer::DadaptAdam => "train.optimizer = \"dadapt_adam\"\n",
         _ => "",
     };
     // The merged base is part of the model: each file's strength and tensors (states from
@@ -947,10 +952,12 @@ fn run<B: AutodiffBackend>(
         let state_dir = out.join("state");
         import_prodigy(&mut optim, "unet", &state.moments, &state_dir, device)?;
         import_adafactor(&mut optim, "unet", &state.moments, &state_dir, device)?;
+        import_dadapt(&mut optim, "unet", &state.moments, &state_dir, device)?;
         for (i, (o, te)) in te_optims.iter_mut().zip(encoders.iter_mut()).enumerate() {
             import_moments(o, &adapter_params(te, encoder_key(i)), &state.moments, times, device)?;
             import_prodigy(o, encoder_key(i), &state.moments, &state_dir, device)?;
             import_adafactor(o, encoder_key(i), &state.moments, &state_dir, device)?;
+            import_dadapt(o, encoder_key(i), &state.moments, &state_dir, device)?;
         }
         let origin = out.join("state.json");
         timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
@@ -1200,8 +1207,9 @@ fn run<B: AutodiffBackend>(
         }
         progress.step = step + 1;
         // Prodigy's step sizes after the step (its estimate times the learning rate).
-        let d_lr = optim.prodigy_d().map(|d| d.mul_scalar(lr));
-        let te_d_lr: Vec<_> = te_lr.map_or(Vec::new(), |te_lr| te_optims.iter().filter_map(|o| o.prodigy_d().map(|d| d.mul_scalar(te_lr))).collect());
+        let estimate = |o: &FlatAdamW<B>| o.prodigy_d().or_else(|| o.dadapt_d());
+        let d_lr = estimate(&optim).map(|d| d.mul_scalar(lr));
+        let te_d_lr: Vec<_> = te_lr.map_or(Vec::new(), |te_lr| te_optims.iter().filter_map(|o| estimate(o).map(|d| d.mul_scalar(te_lr))).collect());
         let mut max_norm = None;
         if t.scale_weight_norms > 0.0 {
             let (u, tes, stats) = apply_max_norm(t.scale_weight_norms as f32, (unet, &mut optim, &unet_norm_pairs), encoders, &mut te_optims, &te_norm_pairs)?;
@@ -1628,10 +1636,12 @@ impl Saver<'_> {
         export_moments(unet_optim, &unet_params, &mut moments, &mut times)?;
         export_prodigy(unet_optim, "unet", &mut moments)?;
         export_adafactor(unet_optim, "unet", &mut moments)?;
+        export_dadapt(unet_optim, "unet", &mut moments)?;
         for (i, (o, params)) in te_optims.iter().zip(&te_params).enumerate() {
             export_moments(o, params, &mut moments, &mut times)?;
             export_prodigy(o, encoder_key(i), &mut moments)?;
             export_adafactor(o, encoder_key(i), &mut moments)?;
+            export_dadapt(o, encoder_key(i), &mut moments)?;
         }
         let mut adapters = HashMap::new();
         host_params(unet_params, &mut adapters)?;

@@ -835,6 +835,49 @@ fn lion_trains_and_resumes_bit_for_bit() {
 }
 
 #[test]
+fn dadapt_adam_trains_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    let dadapt = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.optimizer = trainer::config::Optimizer::DadaptAdam;
+        (c.train.learning_rate, c.train.text_encoder_lr) = (1.0, 0.5);
+        c.train.adam_weight_decay = 0.1;
+        c.train.dadapt_use_bias_correction = true;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&dadapt(straight_dir.path(), 8), &Default::default(), &mut |_| true).unwrap();
+    assert!(lora_metadata(&straight.lora)["ss_optimizer"].starts_with("DAdaptAdam(decouple=True,weight_decay=0.1"));
+    // The estimate d (the logged step size over the learning rate) starts at d0 and never
+    // falls (its numerics are checked against dadaptation in lora-core's tests).
+    let metrics = std::fs::read_to_string(&straight.metrics).unwrap();
+    let d: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|m| m["d_lr"].as_f64().unwrap() / m["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(d.len(), 8);
+    assert!(d[0] >= 1e-6 * (1.0 - 1e-4) && d.windows(2).all(|w| w[1] >= w[0] * (1.0 - 1e-5)) && d[7] > d[0], "{d:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dadapt(dir.path(), 8);
+    train::<B>(&config, &Default::default(), &mut |info| info.step < 4).unwrap();
+    let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &second.lora);
+
+    // A DAdaptAdam state does not resume with Prodigy (each keeps its own estimate).
+    let mut prodigy = dadapt(dir.path(), 12);
+    prodigy.train.optimizer = trainer::config::Optimizer::Prodigy;
+    let err = trainer::train::resume::<B>(&prodigy, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("dadapt_adam"), "{err}");
+    let err = TrainConfig::load(None, &["train.dadapt_growth_rate=0.5".into()]).unwrap_err();
+    assert!(err.to_string().contains("dadapt_growth_rate"), "{err}");
+}
+
+#[test]
 fn adafactor_trains_and_resumes_bit_for_bit() {
     let _guard = seeded();
     // transformers' defaults (the relative step, scaled by the values' RMS), a first moment

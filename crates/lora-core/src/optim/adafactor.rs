@@ -250,6 +250,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         settings.validate()?;
         self.prodigy = None;
         self.lion = false;
+        self.dadapt = None;
         let device = self.params.device();
         let len = self.len();
         // Tensors by shape: `(matrices, rows, cols, factored)` → their flat offsets.
