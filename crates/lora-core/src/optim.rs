@@ -375,7 +375,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// (kohya's block-wise learning rates, LoRA+'s faster `up` weights). Weight decay
     /// scales with it, as in torch's AdamW. With Prodigy the factor multiplies the step
     /// size `d·lr` of its tensor, in the update and in the estimate of `d`: factors of 1
-    /// are plain Prodigy (prodigyopt accepts no other factors than 0 and 1).
+    /// are plain Prodigy (prodigyopt accepts no other factors than 0 and 1). With
+    /// DAdaptAdam the factor is its `layer_scale` (the weight decay does not scale), and
+    /// with Adafactor it multiplies each tensor's learning rate.
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};
@@ -456,8 +458,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// from the [`AdamWSettings`] (ε is unused; the paper's betas are 0.9 and 0.99); the
     /// second moment stays zero. Every step is the same size, so Lion wants a learning rate
     /// 3–10 times smaller than AdamW's and a weight decay as many times larger. Replaces
-    /// [`with_prodigy`](Self::with_prodigy) and [`with_adafactor`](Self::with_adafactor).
-    /// Checked step by step against `lion-pytorch`.
+    /// [`with_prodigy`](Self::with_prodigy), [`with_adafactor`](Self::with_adafactor) and
+    /// [`with_dadapt_adam`](Self::with_dadapt_adam). Checked step by step against
+    /// `lion-pytorch`.
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};
@@ -505,7 +508,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     }
 
     /// Restores Prodigy's state (resuming a run); an error without Prodigy or when the
-    /// lengths do not fit this optimizer's tensors.
+    /// lengths do not fit this optimizer's tensors. Reads the step count `k` (a sync),
+    /// which the bias-correction table must cover.
     pub fn set_prodigy_state(&mut self, state: ProdigyState<B>) -> Result<()> {
         let len = self.len();
         let Some(prodigy) = self.prodigy.as_mut() else {
@@ -519,7 +523,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 });
             }
         }
+        let k: f32 = state.scalars.clone().slice(3..4).into_scalar().elem();
         (prodigy.p0, prodigy.s, prodigy.scalars) = (state.p0, state.s, state.scalars);
+        self.raise_time_bound(k.max(0.0) as usize);
         Ok(())
     }
 

@@ -40,6 +40,7 @@ fn cases() -> Vec<Case> {
         Case { name: "defaults", adam: adam(0.9, 0.999, 1e-8, 0.0), dadapt: DAdaptSettings::default() },
         Case { name: "kohya", adam: adam(0.9, 0.99, 1e-8, 0.2), dadapt: DAdaptSettings { decouple: true, growth_rate: 1.02, ..Default::default() } },
         Case { name: "coupled", adam: adam(0.8, 0.95, 1e-6, 0.1), dadapt: DAdaptSettings { use_bias_correction: true, d0: 1e-5, ..Default::default() } },
+        Case { name: "scaled", adam: adam(0.9, 0.999, 1e-8, 0.0), dadapt: DAdaptSettings::default() },
     ]
 }
 
@@ -74,7 +75,12 @@ fn start(f: &HashMap<String, (Vec<usize>, Vec<f32>)>, case: &Case) -> (Pair<AD>,
         a: Param::from_tensor(Tensor::from_inner(tensor(&f[&format!("{}.init.a", case.name)])).require_grad()),
         b: Param::from_tensor(Tensor::from_inner(tensor(&f[&format!("{}.init.b", case.name)])).require_grad()),
     };
-    let optim = FlatAdamW::new(case.adam, &pair, &Default::default()).with_dadapt_adam(case.dadapt);
+    let mut optim = FlatAdamW::new(case.adam, &pair, &Default::default()).with_dadapt_adam(case.dadapt).unwrap();
+    if case.name == "scaled" {
+        // The fixture's `layer_scale` of 4 on `b`.
+        let b = pair.b.id;
+        optim = optim.with_lr_scales(|id| if id == b { 4.0 } else { 1.0 });
+    }
     (pair, optim)
 }
 
@@ -107,7 +113,8 @@ fn dadapt_adam_follows_dadaptation() {
 #[test]
 fn a_step_that_does_not_happen_and_a_restored_state_change_nothing() {
     let f = fixture();
-    let case = &cases()[0];
+    // Coupled weight decay and bias correction.
+    let case = &cases()[2];
     let lrs = &f[&format!("{}.lr", case.name)].1;
     let (mut pair, mut optim) = start(&f, case);
     let half = lrs.len() / 2;
@@ -124,7 +131,7 @@ fn a_step_that_does_not_happen_and_a_restored_state_change_nothing() {
 
     // The state carried into a new optimizer (a resumed run) gives the same steps.
     let state = optim.dadapt_state().unwrap();
-    let mut resumed = FlatAdamW::new(case.adam, &pair, &Default::default()).with_dadapt_adam(case.dadapt);
+    let mut resumed = FlatAdamW::new(case.adam, &pair, &Default::default()).with_dadapt_adam(case.dadapt).unwrap();
     for id in [pair.a.id, pair.b.id] {
         let (time, m1, m2) = optim.moments::<2>(id).unwrap();
         resumed.set_moments(id, time, m1, m2).unwrap();

@@ -1093,6 +1093,16 @@ impl TrainConfig {
         if ![t.lion_beta1, t.lion_beta2].iter().all(|b| (0.0..=1.0).contains(b)) {
             return bad("train.lion_beta1 and train.lion_beta2 must be in [0, 1]");
         }
+        // torch's AdamW, prodigyopt and dadaptation refuse these too (the estimates of the
+        // last two divide by `1 − √β₂` and by `ε`).
+        let estimating = matches!(t.optimizer, Optimizer::Prodigy | Optimizer::DadaptAdam);
+        let eps_ok = t.adam_epsilon.is_finite() && (t.adam_epsilon > 0.0 || (t.adam_epsilon == 0.0 && !estimating));
+        if !((0.0..1.0).contains(&t.adam_beta1) && (0.0..1.0).contains(&t.adam_beta2) && eps_ok) {
+            return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1) and train.adam_epsilon at least 0 (positive with prodigy and dadapt_adam)");
+        }
+        if !(t.adam_weight_decay.is_finite() && t.adam_weight_decay >= 0.0) {
+            return bad("train.adam_weight_decay must be at least 0");
+        }
         if !(t.dadapt_d0.is_finite() && t.dadapt_d0 > 0.0) || t.dadapt_growth_rate < 1.0 || t.dadapt_growth_rate.is_nan() {
             return bad("train.dadapt_d0 must be positive and train.dadapt_growth_rate at least 1 (inf: no limit)");
         }

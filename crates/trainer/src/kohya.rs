@@ -855,8 +855,10 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
     // Each package's defaults: torch / bitsandbytes AdamW decay 0.01, transformers' AdamW,
     // Lion, Prodigy, Adafactor and DAdaptAdam none.
     t.adam_weight_decay = if optimizer == Optimizer::Adamw && !name.starts_with("transformers.") { 0.01 } else { 0.0 };
-    // dadaptation's default: weight decay added to the gradient.
-    t.dadapt_decouple = false;
+    if optimizer == Optimizer::DadaptAdam {
+        // dadaptation's default: weight decay added to the gradient.
+        t.dadapt_decouple = false;
+    }
     // transformers' Adafactor defaults, with sd-scripts' explicit `relative_step = True`.
     (t.adafactor_relative_step, t.adafactor_scale_parameter, t.adafactor_warmup_init) = (true, true, false);
     let args = o.list("optimizer_args")?;
@@ -871,10 +873,14 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             PyValue::Bool(b) => Ok(b),
             _ => Err(bad("expected True or False")),
         };
-        // transformers' Adafactor takes no other keyword (sd-scripts fails on one).
+        // transformers' Adafactor and dadaptation's DAdaptAdam take no other keyword
+        // (sd-scripts fails on one).
         const ADAFACTOR: &[&str] = &["relative_step", "scale_parameter", "warmup_init", "clip_threshold", "decay_rate", "beta1", "eps", "weight_decay"];
-        if optimizer == Optimizer::Adafactor && !ADAFACTOR.contains(&key.as_str()) {
-            return Err(bad("not an argument of transformers' Adafactor"));
+        const DADAPT: &[&str] = &["betas", "eps", "weight_decay", "log_every", "decouple", "use_bias_correction", "d0", "growth_rate", "fsdp_in_use"];
+        match optimizer {
+            Optimizer::Adafactor if !ADAFACTOR.contains(&key.as_str()) => return Err(bad("not an argument of transformers' Adafactor")),
+            Optimizer::DadaptAdam if !DADAPT.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptAdam")),
+            _ => {}
         }
         match (key.as_str(), optimizer) {
             ("weight_decay", _) => t.adam_weight_decay = number()? as f32,
@@ -929,7 +935,27 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             _ => return Err(bad("not supported for this optimizer here")),
         }
     }
+    estimate_groups(c, notes);
     adafactor_schedule(o, c, scheduler, notes)
+}
+
+/// Prodigy and DAdaptAdam in sd-scripts: one optimizer, one estimate for every model, which
+/// fails on parameter groups of different learning rates; here each model has its own.
+fn estimate_groups(c: &TrainConfig, notes: &mut Vec<String>) {
+    let (t, l) = (&c.train, &c.lora);
+    let name = match t.optimizer {
+        Optimizer::Prodigy => "Prodigy",
+        Optimizer::DadaptAdam => "DAdaptAdam",
+        _ => return,
+    };
+    let te = l.text_encoder_targets != TextEncoderTargets::None && l.unet_targets != UnetTargets::None && t.text_encoder_lr != t.learning_rate;
+    let factors = [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0)
+        || [&l.down_lr_weight, &l.mid_lr_weight, &l.up_lr_weight].iter().any(|w| !w.is_empty());
+    if te || factors {
+        notes.push(format!(
+            "{name} with different learning rates (text_encoder_lr, LoRA+ or block weights): sd-scripts' {name} refuses parameter groups of other rates; here the UNet and each text encoder keep their own estimate, which the rates and factors multiply"
+        ));
+    }
 }
 
 /// sd-scripts' handling of Adafactor's relative step: it turns `warmup_init` into
@@ -1376,6 +1402,13 @@ wandb_run_name = "my_style"
         assert_eq!((t.dadapt_decouple, t.adam_weight_decay, t.dadapt_d0, t.dadapt_use_bias_correction), (false, 0.0, 1e-6, false));
         let e = error(&format!("{MINIMAL}optimizer_type = \"DAdaptation\""));
         assert!(e.contains("is not supported"), "{e}");
+        let e = error(&format!("{MINIMAL}optimizer_type = \"DAdaptAdam\"\noptimizer_args = [\"amsgrad=False\"]"));
+        assert!(e.contains("not an argument of dadaptation's DAdaptAdam"), "{e}");
+        // sd-scripts' DAdaptAdam fails on a text-encoder rate of its own: a note says so.
+        let i = import(&format!("{MINIMAL}optimizer_type = \"DAdaptAdam\"\nunet_lr = 1.0\ntext_encoder_lr = 0.5")).unwrap();
+        assert!(i.notes.iter().any(|n| n.contains("own estimate")), "{:?}", i.notes);
+        // Other optimizers keep DAdaptAdam's keys at this trainer's defaults.
+        assert!(import(MINIMAL).unwrap().config.train.dadapt_decouple);
     }
 
     /// `caption_separator` reaches the data settings; this trainer refuses an empty one.

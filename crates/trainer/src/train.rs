@@ -522,8 +522,8 @@ fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: i
 }
 
 /// One model's adapter optimizer, built alike for every model: `factors` (kohya's block
-/// weights and LoRA+, per tensor), Prodigy's own step-size estimate (one per model) or
-/// Lion, and with mixed precision f32 master values whose copies in the model are bf16/f16,
+/// weights and LoRA+, per tensor), Prodigy's or DAdaptAdam's own step-size estimate (one
+/// per model), Lion or Adafactor, and with mixed precision f32 master values whose copies in the model are bf16/f16,
 /// so that the LoRA layers cast nothing per pass (DoRA's magnitudes stay f32 in the model:
 /// `FlatAdamW::with_master_copies`).
 fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B>>(
@@ -541,7 +541,7 @@ fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B
         optim = optim.with_lion();
     }
     if let Some(dadapt) = config.train.dadapt_settings() {
-        optim = optim.with_dadapt_adam(dadapt);
+        optim = optim.with_dadapt_adam(dadapt).map_err(|e| TrainError::Config { origin: "train.dadapt_*".into(), reason: e.to_string() })?;
     }
     if let Some(adafactor) = config.train.adafactor_settings() {
         optim = optim.with_adafactor(adafactor).map_err(|e| TrainError::Config { origin: "train.adafactor_*".into(), reason: e.to_string() })?;

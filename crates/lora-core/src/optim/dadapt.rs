@@ -7,7 +7,7 @@
 //! "DAdaptAdam"`), in f32 on the device, checked step by step against it.
 
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
 
 use super::{decimal, prodigy_bias_table, FlatAdamW, FlatMask, BIAS_TABLE_MIN};
 use crate::error::{LoraError, Result};
@@ -31,6 +31,26 @@ pub struct DAdaptSettings {
 impl Default for DAdaptSettings {
     fn default() -> Self {
         Self { d0: 1e-6, growth_rate: f32::INFINITY, decouple: false, use_bias_correction: false }
+    }
+}
+
+impl DAdaptSettings {
+    /// Checks these settings with the [`AdamWSettings`](super::AdamWSettings) they go
+    /// with, as `dadaptation` checks them: a positive `d0`, a growth rate of at least 1,
+    /// betas in `[0, 1)`, a positive ε and a weight decay of at least 0 (the estimate
+    /// divides by `1 − √β₂` and by ε).
+    pub fn validate(&self, adam: &super::AdamWSettings) -> Result<()> {
+        let bad = |what: &str| Err(LoraError::Unsupported(format!("DAdaptAdam: {what}")));
+        if !(self.d0.is_finite() && self.d0 > 0.0) || self.growth_rate.is_nan() || self.growth_rate < 1.0 {
+            return bad("d0 must be positive and growth_rate at least 1");
+        }
+        if !((0.0..1.0).contains(&adam.beta_1) && (0.0..1.0).contains(&adam.beta_2)) {
+            return bad("the betas must be in [0, 1)");
+        }
+        if !(adam.epsilon.is_finite() && adam.epsilon > 0.0 && adam.weight_decay.is_finite() && adam.weight_decay >= 0.0) {
+            return bad("epsilon must be positive and weight_decay at least 0");
+        }
+        Ok(())
     }
 }
 
@@ -64,6 +84,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// a gradient in a step keep their values and state; a learning rate of 0 changes
     /// nothing. Replaces [`with_prodigy`](Self::with_prodigy),
     /// [`with_lion`](Self::with_lion) and [`with_adafactor`](Self::with_adafactor).
+    /// Errors on invalid settings ([`DAdaptSettings::validate`]).
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};
@@ -76,7 +97,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// let device = Default::default();
     /// let mut layer = LinearConfig::new(4, 2).init::<B>(&device);
     /// let settings = AdamWSettings { epsilon: 1e-8, weight_decay: 0.0, ..Default::default() };
-    /// let mut optim = FlatAdamW::new(settings, &layer, &device).with_dadapt_adam(DAdaptSettings::default());
+    /// let mut optim = FlatAdamW::new(settings, &layer, &device).with_dadapt_adam(DAdaptSettings::default()).unwrap();
     /// for _ in 0..3 {
     ///     let x = Tensor::<B, 2>::random([3, 4], Distribution::Default, &device);
     ///     let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
@@ -86,14 +107,15 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// let d: f32 = optim.dadapt_d().unwrap().into_scalar();
     /// assert!(d > 1e-6, "the estimate grew from d0: {d}");
     /// ```
-    pub fn with_dadapt_adam(mut self, settings: DAdaptSettings) -> Self {
+    pub fn with_dadapt_adam(mut self, settings: DAdaptSettings) -> Result<Self> {
+        settings.validate(&self.settings)?;
         self.prodigy = None;
         self.lion = false;
         self.adafactor = None;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, 0.0, 0.0], [3]), &device);
         self.dadapt = Some(DAdapt { settings, s: Tensor::zeros([self.len()], &device), scalars, bias: None });
-        self
+        Ok(self)
     }
 
     /// DAdaptAdam's current estimate `d` (shape `[1]`, on the device: no read); `None`
@@ -108,7 +130,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     }
 
     /// Restores DAdaptAdam's state (resuming a run); an error without DAdaptAdam or when
-    /// the lengths do not fit this optimizer's tensors.
+    /// the lengths do not fit this optimizer's tensors. Reads the step count `k` (a sync),
+    /// which the bias-correction table must cover.
     pub fn set_dadapt_state(&mut self, state: DAdaptState<B>) -> Result<()> {
         let len = self.len();
         let Some(dadapt) = self.dadapt.as_mut() else {
@@ -122,7 +145,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 });
             }
         }
+        let k: f32 = state.scalars.clone().slice(2..3).into_scalar().elem();
         (dadapt.s, dadapt.scalars) = (state.s, state.scalars);
+        self.raise_time_bound(k.max(0.0) as usize);
         Ok(())
     }
 
