@@ -418,6 +418,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// step size `d`, which the learning rate multiplies, measuring the distance from the
     /// current values. Tensors without a gradient in a step keep their values and state, as
     /// in `prodigyopt`; [`step_if`](Self::step_if)'s `false` leaves all of it unchanged.
+    /// Replaces [`with_lion`](Self::with_lion), [`with_adafactor`](Self::with_adafactor)
+    /// and [`with_dadapt_adam`](Self::with_dadapt_adam).
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};

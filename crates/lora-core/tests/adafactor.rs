@@ -119,8 +119,8 @@ fn lr(f: &Fixture, case: &str, step: usize) -> f64 {
     f64::from(f[&format!("{case}.lr")].1[step])
 }
 
-/// Each step's values match transformers' to f32 rounding (the same operations, in
-/// another order: segment sums instead of per-tensor means).
+/// Each step's values match transformers' to f32 rounding (the same operations, with the
+/// per-tensor means batched per shape group).
 #[test]
 fn adafactor_follows_transformers() {
     let f = fixture();

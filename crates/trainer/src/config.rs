@@ -276,6 +276,13 @@ impl LoraSection {
         })
     }
 
+    /// Whether LoRA+ or kohya's block learning-rate weights give some adapter tensors
+    /// their own learning-rate factor.
+    pub fn has_lr_factors(&self) -> bool {
+        [self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0)
+            || [&self.down_lr_weight, &self.mid_lr_weight, &self.up_lr_weight].iter().any(|w| !w.is_empty())
+    }
+
     /// LoRA+'s factors on the `up` weights' learning rate: `(unet, text_encoder)`, 1 when off.
     pub fn loraplus_ratios(&self) -> (f64, f64) {
         let pick = |own: f64| if own > 0.0 { own } else if self.loraplus_lr_ratio > 0.0 { self.loraplus_lr_ratio } else { 1.0 };
@@ -434,7 +441,8 @@ pub struct TrainSection {
     /// Linear warmup as a share of `max_train_steps` instead (sd-scripts' float
     /// `lr_warmup_steps`; 0 = use `lr_warmup_steps`): `⌊ratio · max_train_steps⌋` steps.
     pub lr_warmup_ratio: f64,
-    /// Restarts of `cosine_with_restarts`.
+    /// Restarts of `cosine_with_restarts`; half-waves of `cosine_with_min_lr` and of
+    /// `warmup_stable_decay`'s decay (kohya's `lr_scheduler_num_cycles`).
     pub lr_cycles: usize,
     /// Exponent of the `polynomial` schedule.
     pub lr_scheduler_power: f64,
@@ -607,6 +615,11 @@ impl TrainSection {
             decouple: self.dadapt_decouple,
             use_bias_correction: self.dadapt_use_bias_correction,
         })
+    }
+
+    /// Whether Adafactor's relative step replaces the learning rate and its schedule.
+    pub fn relative_step(&self) -> bool {
+        self.adafactor_settings().is_some_and(|a| a.relative_step)
     }
 
     /// Adafactor's settings with `optimizer = "adafactor"` (`None` otherwise): the
@@ -1238,8 +1251,8 @@ impl TrainConfig {
     }
 
     /// The optimizer settings of the `[train]` section: AdamW's (Lion's betas with
-    /// `optimizer = "lion"`), and Prodigy's when `optimizer = "prodigy"` (Adafactor's:
-    /// [`TrainSection::adafactor_settings`]).
+    /// `optimizer = "lion"`), and Prodigy's when `optimizer = "prodigy"` (Adafactor's and
+    /// DAdaptAdam's: [`TrainSection::adafactor_settings`], [`TrainSection::dadapt_settings`]).
     pub fn optimizer_settings(&self) -> (lora_core::optim::AdamWSettings, Option<lora_core::optim::ProdigySettings>) {
         let t = &self.train;
         let (beta_1, beta_2) = match t.optimizer {

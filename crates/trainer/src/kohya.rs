@@ -690,8 +690,7 @@ fn conv_targets(l: &mut crate::config::LoraSection, conv_dim: Option<usize>, not
 }
 
 /// The training options; returns the dtype of sd-scripts' `full_fp16` / `full_bf16`
-/// networks, which their files keep when `save_precision` is unset.
-/// The training options; returns the `full_fp16` / `full_bf16` dtype and the
+/// networks, which their files keep when `save_precision` is unset, and the
 /// `lr_scheduler` as written (`adafactor` is checked with the optimizer).
 fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(Option<lora_core::SaveDtype>, String), TrainError> {
     let t = &mut c.train;
@@ -735,12 +734,9 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
             ))
         }
     };
-    // The newer schedules' options, which transformers requires as sd-scripts passes them.
-    let min_lr_ratio = o.float("lr_scheduler_min_lr_ratio")?;
-    if t.lr_scheduler == LrScheduler::CosineWithMinLr && min_lr_ratio.is_none() {
-        return Err(o.err("lr_scheduler_min_lr_ratio", "is missing: lr_scheduler = \"cosine_with_min_lr\" needs it (transformers refuses the schedule without it)"));
-    }
-    t.lr_scheduler_min_lr_ratio = min_lr_ratio.unwrap_or(0.0);
+    // The newer schedules' options (`cosine_with_min_lr` without its ratio is checked with
+    // the optimizer: Adafactor's relative step replaces the schedule first).
+    t.lr_scheduler_min_lr_ratio = o.float("lr_scheduler_min_lr_ratio")?.unwrap_or(f64::NAN);
     t.lr_scheduler_timescale = o.count("lr_scheduler_timescale")?.unwrap_or(0);
     (t.lr_decay_steps, t.lr_decay_ratio) = o.steps_or_share("lr_decay_steps")?.unwrap_or((0, 0.0));
     (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
@@ -859,8 +855,10 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         // dadaptation's default: weight decay added to the gradient.
         t.dadapt_decouple = false;
     }
-    // transformers' Adafactor defaults, with sd-scripts' explicit `relative_step = True`.
-    (t.adafactor_relative_step, t.adafactor_scale_parameter, t.adafactor_warmup_init) = (true, true, false);
+    if optimizer == Optimizer::Adafactor {
+        // transformers' Adafactor defaults, with sd-scripts' explicit `relative_step = True`.
+        (t.adafactor_relative_step, t.adafactor_scale_parameter, t.adafactor_warmup_init) = (true, true, false);
+    }
     let args = o.list("optimizer_args")?;
     for (key, value) in key_values(&args, "optimizer_args", &o.origin)? {
         let bad = |what: &str| o.err("optimizer_args", format!("`{key}={value}`: {what}"));
@@ -936,7 +934,16 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         }
     }
     estimate_groups(c, notes);
-    adafactor_schedule(o, c, scheduler, notes)
+    adafactor_schedule(o, c, scheduler, notes)?;
+    // transformers refuses `cosine_with_min_lr` without its ratio (read as NaN when unset).
+    let t = &mut c.train;
+    if t.lr_scheduler_min_lr_ratio.is_nan() {
+        if t.lr_scheduler == LrScheduler::CosineWithMinLr && !t.relative_step() {
+            return Err(o.err("lr_scheduler_min_lr_ratio", "is missing: lr_scheduler = \"cosine_with_min_lr\" needs it (transformers refuses the schedule without it)"));
+        }
+        t.lr_scheduler_min_lr_ratio = 0.0;
+    }
+    Ok(())
 }
 
 /// Prodigy and DAdaptAdam in sd-scripts: one optimizer, one estimate for every model, which
@@ -949,9 +956,7 @@ fn estimate_groups(c: &TrainConfig, notes: &mut Vec<String>) {
         _ => return,
     };
     let te = l.text_encoder_targets != TextEncoderTargets::None && l.unet_targets != UnetTargets::None && t.text_encoder_lr != t.learning_rate;
-    let factors = [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0)
-        || [&l.down_lr_weight, &l.mid_lr_weight, &l.up_lr_weight].iter().any(|w| !w.is_empty());
-    if te || factors {
+    if te || l.has_lr_factors() {
         notes.push(format!(
             "{name} with different learning rates (text_encoder_lr, LoRA+ or block weights): sd-scripts' {name} refuses parameter groups of other rates; here the UNet and each text encoder keep their own estimate, which the rates and factors multiply"
         ));
@@ -987,9 +992,7 @@ fn adafactor_schedule(o: &Options, c: &mut TrainConfig, scheduler: &str, notes: 
     }
     notes.push("Adafactor with relative_step=True: the learning rates are not used (min(1e-2, 1/sqrt(step)) instead), as in sd-scripts".into());
     let l = &c.lora;
-    let per_group = [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0)
-        || [&l.down_lr_weight, &l.mid_lr_weight, &l.up_lr_weight].iter().any(|w| !w.is_empty());
-    if per_group {
+    if l.has_lr_factors() {
         notes.push("Adafactor with relative_step=True: sd-scripts drops the parameter groups' learning rates, so LoRA+ and block learning-rate weights do nothing there; here they scale Adafactor's step".into());
     }
     Ok(())
@@ -1407,8 +1410,13 @@ wandb_run_name = "my_style"
         // sd-scripts' DAdaptAdam fails on a text-encoder rate of its own: a note says so.
         let i = import(&format!("{MINIMAL}optimizer_type = \"DAdaptAdam\"\nunet_lr = 1.0\ntext_encoder_lr = 0.5")).unwrap();
         assert!(i.notes.iter().any(|n| n.contains("own estimate")), "{:?}", i.notes);
-        // Other optimizers keep DAdaptAdam's keys at this trainer's defaults.
-        assert!(import(MINIMAL).unwrap().config.train.dadapt_decouple);
+        // Other optimizers keep DAdaptAdam's and Adafactor's keys at this trainer's defaults.
+        let t = import(MINIMAL).unwrap().config.train;
+        assert!(t.dadapt_decouple && !t.adafactor_relative_step && !t.adafactor_scale_parameter);
+        // Adafactor's relative step replaces a cosine_with_min_lr without its ratio, as in
+        // sd-scripts; without Adafactor that is an error.
+        let i = import(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\nlr_scheduler = \"cosine_with_min_lr\"")).unwrap();
+        assert_eq!(i.config.train.lr_scheduler_min_lr_ratio, 0.0);
     }
 
     /// `caption_separator` reaches the data settings; this trainer refuses an empty one.

@@ -490,7 +490,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     if o.sample_prompts.is_empty() && (o.sample_every_n_steps > 0 || o.sample_every_n_epochs > 0 || o.sample_at_first) {
         eprintln!("note: output.sample_prompts is empty, so no sample images are written (sample_every_n_steps, sample_every_n_epochs and sample_at_first need prompts)");
     }
-    if config.train.adafactor_settings().is_some_and(|a| a.relative_step) {
+    if config.train.relative_step() {
         eprintln!(
             "note: with train.adafactor_relative_step Adafactor sets its own step size, min(1e-2, 1/sqrt(step)){}; train.learning_rate, text_encoder_lr, lr_scheduler and the warmup are not used",
             if config.train.adafactor_scale_parameter { " times each tensor's RMS" } else { "" }

@@ -173,7 +173,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_max_train_steps", t.max_train_steps.to_string()),
         ("ss_lr_warmup_steps", t.warmup_steps().to_string()),
         // sd-scripts names Adafactor's relative step as its schedule.
-        ("ss_lr_scheduler", if t.adafactor_settings().is_some_and(|a| a.relative_step) { "adafactor".into() } else { name_of(&t.lr_scheduler) }),
+        ("ss_lr_scheduler", if t.relative_step() { "adafactor".into() } else { name_of(&t.lr_scheduler) }),
         // kohya's `network_dropout` (on `down(x)`); `lora.dropout`, on the input, is PEFT's.
         ("ss_network_dropout", if l.network_dropout > 0.0 { l.network_dropout.to_string() } else { "None".into() }),
         ("ss_mixed_precision", name_of(&t.mixed_precision)),

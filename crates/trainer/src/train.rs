@@ -1199,14 +1199,14 @@ fn run<B: AutodiffBackend>(
         let check = guard.check(step_loss, sq_norm);
         unet = optim.step_if(lr, unet, check.scale(grads), check.apply.clone());
         // Adafactor's relative step replaces every learning rate (as in sd-scripts).
-        let relative = t.adafactor_settings().is_some_and(|a| a.relative_step);
-        let te_lr = train_te.then(|| if relative { lr } else { lr * te_base_lr / t.learning_rate });
+        let te_lr = train_te.then(|| if t.relative_step() { lr } else { lr * te_base_lr / t.learning_rate });
         if let Some(te_lr) = te_lr {
             let steps = encoders.into_iter().zip(te_optims.iter_mut()).zip(te_grads);
             encoders = steps.map(|((te, o), g)| o.step_if(te_lr, te, check.scale(g), check.apply.clone())).collect();
         }
         progress.step = step + 1;
-        // Prodigy's step sizes after the step (its estimate times the learning rate).
+        // Prodigy's or DAdaptAdam's step sizes after the step (its estimate times the
+        // learning rate).
         let estimate = |o: &FlatAdamW<B>| o.prodigy_d().or_else(|| o.dadapt_d());
         let d_lr = estimate(&optim).map(|d| d.mul_scalar(lr));
         let te_d_lr: Vec<_> = te_lr.map_or(Vec::new(), |te_lr| te_optims.iter().filter_map(|o| estimate(o).map(|d| d.mul_scalar(te_lr))).collect());
@@ -1352,8 +1352,8 @@ struct PendingStep<B: burn::tensor::backend::Backend> {
     lr: f64,
     /// The text encoder's learning rate, when it has adapters.
     te_lr: Option<f64>,
-    /// With Prodigy: the UNet's and the text encoders' step sizes (estimate times learning
-    /// rate), on the device.
+    /// With Prodigy or DAdaptAdam: the UNet's and the text encoders' step sizes (estimate
+    /// times learning rate), on the device.
     d_lr: Option<Tensor<B, 1>>,
     te_d_lr: Vec<Tensor<B, 1>>,
     /// With `train.scale_weight_norms`: `[adapters scaled, mean norm, largest norm]`.
@@ -1473,8 +1473,8 @@ fn apply_max_norm<B: AutodiffBackend>(
     Ok((unet, scaled, Tensor::cat(vec![v.clone().slice(0..1), mean, v.slice(2..3)], 0)))
 }
 
-/// Prodigy's step sizes of `pending` steps, in order (UNet, then text encoder, per step),
-/// in one read; nothing to read without Prodigy.
+/// The estimated step sizes (Prodigy, DAdaptAdam) of `pending` steps, in order (UNet, then
+/// text encoder, per step), in one read; nothing to read without an estimate.
 fn read_step_sizes<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]) -> Result<Vec<f32>, TrainError> {
     let sizes: Vec<Tensor<B, 1>> = pending.iter().flat_map(|p| p.d_lr.iter().chain(&p.te_d_lr).cloned()).collect();
     if sizes.is_empty() {
@@ -1482,7 +1482,7 @@ fn read_step_sizes<B: burn::tensor::backend::Backend>(pending: &[PendingStep<B>]
     }
     let data = Tensor::cat(sizes, 0).into_data();
     let values = data.convert::<f32>().to_vec::<f32>();
-    Ok(values.map_err(|e| lora_core::LoraError::Unsupported(format!("reading Prodigy's step sizes: {e:?}")))?)
+    Ok(values.map_err(|e| lora_core::LoraError::Unsupported(format!("reading the optimizer's estimated step sizes: {e:?}")))?)
 }
 
 /// Timesteps of a validation: `VALIDATION_TIMESTEPS` evenly spaced over the trained range.

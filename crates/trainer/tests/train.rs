@@ -868,7 +868,8 @@ fn dadapt_adam_trains_and_resumes_bit_for_bit() {
     assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
     assert_same_lora(&straight.lora, &second.lora);
 
-    // A DAdaptAdam state does not resume with Prodigy (each keeps its own estimate).
+    // A DAdaptAdam state does not resume with Prodigy (each keeps its own estimate): the
+    // state's fingerprint names the optimizer.
     let mut prodigy = dadapt(dir.path(), 12);
     prodigy.train.optimizer = trainer::config::Optimizer::Prodigy;
     let err = trainer::train::resume::<B>(&prodigy, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
@@ -917,7 +918,8 @@ fn adafactor_trains_and_resumes_bit_for_bit() {
     assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
     assert_same_lora(&straight.lora, &second.lora);
 
-    // An Adafactor state does not resume with AdamW.
+    // An Adafactor state does not resume with AdamW: the state's fingerprint names the
+    // optimizer.
     let mut adamw = adafactor(dir.path(), 8);
     adamw.train.optimizer = trainer::config::Optimizer::Adamw;
     let err = trainer::train::resume::<B>(&adamw, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();

@@ -254,7 +254,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.dadapt = None;
         let device = self.params.device();
         let len = self.len();
-        // Tensors by shape: `(matrices, rows, cols, factored)` → their flat offsets.
+        // Tensors by shape: `(factored, matrices, rows, cols)` → their flat offsets.
         let mut by_shape: std::collections::BTreeMap<(bool, usize, usize, usize), Vec<usize>> = Default::default();
         for id in &self.order {
             let slot = &self.slots[id];
