@@ -40,6 +40,9 @@ pub struct BenchOptions {
     /// training loop's samples run them ([`crate::generate::merge_adapters`]), or (false)
     /// kept beside them, as diffusers + peft run them. Unused by the train step.
     pub lora_merged: bool,
+    /// The adapters' optimizer in the train step: AdamW with burn's defaults, or another
+    /// one with this trainer's default settings for it (as `train.optimizer`).
+    pub optimizer: crate::config::Optimizer,
 }
 
 /// The result, printed as one JSON line.
@@ -82,6 +85,8 @@ pub struct BenchResult {
     /// Whether one more step ran between `cuProfilerStart` and `cuProfilerStop`
     /// (`--cuda-profiler-step`, [`BenchHooks::profiler`]).
     pub profiled_step: bool,
+    /// The train step's optimizer (`--optimizer`, as `train.optimizer` names it).
+    pub optimizer: crate::config::Optimizer,
     /// What ran in cuDNN / cuBLAS.
     pub vendor: VendorUse,
 }
@@ -303,6 +308,7 @@ pub struct BenchHooks<'a> {
 ///     precision: trainer::device_check::Precision::F32,
 ///     grad_checkpointing: false,
 ///     lora_merged: false,
+///     optimizer: trainer::config::Optimizer::Adamw,
 /// };
 /// let mut calls = Vec::new();
 /// let mut profiler = |start: bool| -> Result<(), String> {
@@ -348,8 +354,15 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
         }
         None => None,
     };
-    // The trainer's optimizer: all adapter tensors in one AdamW update.
-    let mut optim = FlatAdamW::new(AdamWSettings::default(), &unet, device);
+    // The trainer's optimizer: all adapter tensors in one update (AdamW unless asked).
+    let mut optim = match opts.optimizer {
+        crate::config::Optimizer::Adamw => FlatAdamW::new(AdamWSettings::default(), &unet, device),
+        other => {
+            let mut config = crate::config::TrainConfig::default();
+            config.train.optimizer = other;
+            crate::train::model_optimizer(&mut unet, &Default::default(), &config, device)?
+        }
+    };
     if opts.precision != crate::device_check::Precision::F32 {
         optim = optim.with_working_dtype(opts.precision.dtype());
         unet = optim.to_working(unet);

@@ -319,10 +319,11 @@ pub enum LrScheduler {
 }
 
 /// The optimizer of the adapters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Optimizer {
     /// AdamW at the scheduled learning rate.
+    #[default]
     Adamw,
     /// AdamW with Prodigy's own step-size estimate, which the scheduled learning rate
     /// multiplies (set `learning_rate = 1.0`); see `lora_core::optim::ProdigySettings`.
@@ -341,6 +342,22 @@ pub enum Optimizer {
     /// `learning_rate = 1.0`. See `lora_core::optim::FlatAdamW::with_dadapt_adam`.
     #[serde(rename = "dadapt_adam")]
     DadaptAdam,
+}
+
+impl std::str::FromStr for Optimizer {
+    type Err = String;
+
+    /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`.
+    ///
+    /// ```
+    /// use trainer::config::Optimizer;
+    /// assert_eq!("dadapt_adam".parse::<Optimizer>(), Ok(Optimizer::DadaptAdam));
+    /// assert!("sgd".parse::<Optimizer>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self, String> {
+        use serde::de::IntoDeserializer;
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor or dadapt_adam)"))
+    }
 }
 
 /// The training loss (kohya's `loss_type`; see `sd_sched::training::elementwise_loss`).

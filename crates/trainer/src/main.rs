@@ -261,6 +261,10 @@ enum Command {
         /// Adapter targets: `attn` or `attn-mlp`.
         #[arg(long, default_value = "attn")]
         lora_targets: sd_model::targets::UnetTargets,
+        /// The train step's optimizer: `adamw` (burn's defaults), or `lion`, `prodigy`,
+        /// `adafactor`, `dadapt_adam` with the trainer's default settings for it.
+        #[arg(long, default_value = "adamw")]
+        optimizer: trainer::config::Optimizer,
         /// `train` or `infer`.
         #[arg(long, default_value = "train")]
         mode: String,
@@ -822,11 +826,12 @@ struct BenchArgs {
     lora_targets: sd_model::targets::UnetTargets,
     lora_unmerged: bool,
     cuda_profiler_step: bool,
+    optimizer: trainer::config::Optimizer,
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     use trainer::bench::{gib, peak_rss_gib, run_hooked, BenchHooks, BenchOptions, BenchResult};
-    let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step } = args;
+    let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step, optimizer } = args;
     let (unet_config, device, precision, mode) = (unet_config.as_str(), device.as_str(), precision.as_str(), mode.as_str());
     let unet = trainer::device_check::unet_config_by_name(unet_config)?;
     let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
@@ -837,7 +842,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         other => anyhow::bail!("--mode {other}: expected train or infer"),
     };
     let lora_merged = !train && !lora_unmerged;
-    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged };
+    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged, optimizer };
     if cuda_profiler_step && device != "cuda" {
         anyhow::bail!("--cuda-profiler-step: only with --device cuda (got --device {device})");
     }
@@ -875,6 +880,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         lora_merged,
         custom_backward: !plain_autodiff,
         profiled_step: cuda_profiler_step,
+        optimizer,
         vendor: trainer::bench::VendorUse::now(),
     };
     println!("{}", serde_json::to_string(&result)?);
@@ -982,7 +988,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             run_resize(&input, &output, &settings, to, dtype, verbose)
         }
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
-        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
+        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, optimizer, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
             unet_config,
             batch,
             resolution,
@@ -995,6 +1001,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             lora_targets,
             lora_unmerged,
             cuda_profiler_step,
+            optimizer,
         }),
         Command::BenchOps { batch, resolution, steps, device, precision } => run_bench_ops(batch, resolution, steps, &device, &precision),
         Command::DeviceCheck { unet_config, batch, resolution, device, precision, grad_checkpointing, tolerance, adapter, seed } => {

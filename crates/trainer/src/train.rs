@@ -526,7 +526,7 @@ fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: i
 /// per model), Lion or Adafactor, and with mixed precision f32 master values whose copies in the model are bf16/f16,
 /// so that the LoRA layers cast nothing per pass (DoRA's magnitudes stay f32 in the model:
 /// `FlatAdamW::with_master_copies`).
-fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B>>(
+pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B>>(
     model: &mut M,
     factors: &HashMap<burn::module::ParamId, f32>,
     config: &TrainConfig,
