@@ -734,9 +734,8 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
             ))
         }
     };
-    // The newer schedules' options (`cosine_with_min_lr` without its ratio is checked with
-    // the optimizer: Adafactor's relative step replaces the schedule first).
-    t.lr_scheduler_min_lr_ratio = o.float("lr_scheduler_min_lr_ratio")?.unwrap_or(f64::NAN);
+    // The newer schedules' options (`lr_scheduler_min_lr_ratio` is read with the optimizer:
+    // Adafactor's relative step replaces the schedule first).
     t.lr_scheduler_timescale = o.count("lr_scheduler_timescale")?.unwrap_or(0);
     (t.lr_decay_steps, t.lr_decay_ratio) = o.steps_or_share("lr_decay_steps")?.unwrap_or((0, 0.0));
     (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
@@ -935,14 +934,13 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
     }
     estimate_groups(c, notes);
     adafactor_schedule(o, c, scheduler, notes)?;
-    // transformers refuses `cosine_with_min_lr` without its ratio (read as NaN when unset).
+    // transformers refuses `cosine_with_min_lr` without its ratio.
     let t = &mut c.train;
-    if t.lr_scheduler_min_lr_ratio.is_nan() {
-        if t.lr_scheduler == LrScheduler::CosineWithMinLr && !t.relative_step() {
-            return Err(o.err("lr_scheduler_min_lr_ratio", "is missing: lr_scheduler = \"cosine_with_min_lr\" needs it (transformers refuses the schedule without it)"));
-        }
-        t.lr_scheduler_min_lr_ratio = 0.0;
+    let ratio = o.float("lr_scheduler_min_lr_ratio")?;
+    if ratio.is_none() && t.lr_scheduler == LrScheduler::CosineWithMinLr && !t.relative_step() {
+        return Err(o.err("lr_scheduler_min_lr_ratio", "is missing: lr_scheduler = \"cosine_with_min_lr\" needs it (transformers refuses the schedule without it)"));
     }
+    t.lr_scheduler_min_lr_ratio = ratio.unwrap_or(0.0);
     Ok(())
 }
 
