@@ -212,126 +212,77 @@ pub fn import_moments<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Copies Prodigy's state out of `optim` (nothing for AdamW) into `moments`, as
-/// `prodigy.<name>.p0`, `.s` and `.scalars` (flat, in the optimizer's order, which the
-/// fingerprinted `[lora]` section fixes).
-pub fn export_prodigy<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
-    let Some(state) = optim.prodigy_state() else { return Ok(()) };
-    moments.insert(format!("prodigy.{name}.p0"), HostTensor::from_tensor(state.p0)?);
-    moments.insert(format!("prodigy.{name}.s"), HostTensor::from_tensor(state.s)?);
-    moments.insert(format!("prodigy.{name}.scalars"), HostTensor::from_tensor(state.scalars)?);
-    Ok(())
-}
-
-/// Gives a Prodigy `optim` its saved state; an error when the state and the configured
-/// optimizer disagree (`origin`: the state's folder).
-pub fn import_prodigy<B: AutodiffBackend>(
-    optim: &mut FlatAdamW<B>,
-    name: &str,
-    moments: &HashMap<String, HostTensor>,
-    origin: &Path,
-    device: &B::Device,
-) -> Result<(), TrainError> {
-    let key = |part: &str| format!("prodigy.{name}.{part}");
-    let saved = moments.contains_key(&key("scalars"));
-    let configured = optim.prodigy_d().is_some();
-    if optim.is_empty() || (!saved && !configured) {
-        return Ok(());
-    }
-    if saved != configured {
-        let reason = match saved {
-            true => "the state was trained with train.optimizer = \"prodigy\"; resume with the same optimizer",
-            false => "the state was not trained with train.optimizer = \"prodigy\"; resume with the optimizer it was trained with",
-        };
-        return Err(TrainError::Config { origin: origin.display().to_string(), reason: reason.into() });
-    }
-    let len = optim.len();
-    let p0 = upload::<B::InnerBackend, 1>(&key("p0"), saved_tensor(moments, &key("p0"))?, [len], device)?;
-    let s = upload::<B::InnerBackend, 1>(&key("s"), saved_tensor(moments, &key("s"))?, [len], device)?;
-    let scalars = upload::<B::InnerBackend, 1>(&key("scalars"), saved_tensor(moments, &key("scalars"))?, [4], device)?;
-    optim.set_prodigy_state(lora_core::optim::ProdigyState { p0, s, scalars }).map_err(|e| mismatch(&key("p0"), e.to_string()))
-}
-
-/// Copies Adafactor's factored second moments out of `optim` (nothing for the other
-/// optimizers) into `moments`, as `adafactor.<name>.rows` and `.cols` (flat, in the
-/// optimizer's order).
-pub fn export_adafactor<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
-    let Some(state) = optim.adafactor_state() else { return Ok(()) };
-    moments.insert(format!("adafactor.{name}.rows"), HostTensor::from_tensor(state.rows)?);
-    moments.insert(format!("adafactor.{name}.cols"), HostTensor::from_tensor(state.cols)?);
-    Ok(())
-}
-
-/// Gives an Adafactor `optim` its saved factored moments; an error when the state and the
-/// configured optimizer disagree (`origin`: the state's folder).
-pub fn import_adafactor<B: AutodiffBackend>(
-    optim: &mut FlatAdamW<B>,
-    name: &str,
-    moments: &HashMap<String, HostTensor>,
-    origin: &Path,
-    device: &B::Device,
-) -> Result<(), TrainError> {
-    let key = |part: &str| format!("adafactor.{name}.{part}");
-    let saved = moments.contains_key(&key("rows"));
-    let Some(current) = optim.adafactor_state() else {
-        if saved && !optim.is_empty() {
-            return Err(TrainError::Config {
-                origin: origin.display().to_string(),
-                reason: "the state was trained with train.optimizer = \"adafactor\"; resume with the same optimizer".into(),
-            });
-        }
-        return Ok(());
+/// Copies the optimizer's own state beyond the moments (Prodigy's, Adafactor's or
+/// DAdaptAdam's; nothing for AdamW and Lion) out of `optim` into `moments`, keyed
+/// `<optimizer>.<name>.<part>` (flat, in the optimizer's order, which the fingerprinted
+/// `[lora]` section fixes).
+pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
+    let mut put = |part: String, t: Tensor<B::InnerBackend, 1>| -> Result<(), TrainError> {
+        moments.insert(part, HostTensor::from_tensor(t)?);
+        Ok(())
     };
-    if optim.is_empty() {
-        return Ok(());
+    if let Some(state) = optim.prodigy_state() {
+        put(format!("prodigy.{name}.p0"), state.p0)?;
+        put(format!("prodigy.{name}.s"), state.s)?;
+        put(format!("prodigy.{name}.scalars"), state.scalars)?;
     }
-    if !saved {
-        return Err(TrainError::Config {
-            origin: origin.display().to_string(),
-            reason: "the state was not trained with train.optimizer = \"adafactor\"; resume with the optimizer it was trained with".into(),
-        });
+    if let Some(state) = optim.adafactor_state() {
+        put(format!("adafactor.{name}.rows"), state.rows)?;
+        put(format!("adafactor.{name}.cols"), state.cols)?;
     }
-    let (rows, cols) = (current.rows.dims()[0], current.cols.dims()[0]);
-    let rows = upload::<B::InnerBackend, 1>(&key("rows"), saved_tensor(moments, &key("rows"))?, [rows], device)?;
-    let cols = upload::<B::InnerBackend, 1>(&key("cols"), saved_tensor(moments, &key("cols"))?, [cols], device)?;
-    optim.set_adafactor_state(lora_core::optim::AdafactorState { rows, cols }).map_err(|e| mismatch(&key("rows"), e.to_string()))
-}
-
-/// Copies DAdaptAdam's state out of `optim` (nothing for the other optimizers) into
-/// `moments`, as `dadapt.<name>.s` and `.scalars` (flat, in the optimizer's order).
-pub fn export_dadapt<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
-    let Some(state) = optim.dadapt_state() else { return Ok(()) };
-    moments.insert(format!("dadapt.{name}.s"), HostTensor::from_tensor(state.s)?);
-    moments.insert(format!("dadapt.{name}.scalars"), HostTensor::from_tensor(state.scalars)?);
+    if let Some(state) = optim.dadapt_state() {
+        put(format!("dadapt.{name}.s"), state.s)?;
+        put(format!("dadapt.{name}.scalars"), state.scalars)?;
+    }
     Ok(())
 }
 
-/// Gives a DAdaptAdam `optim` its saved state; an error when the state and the configured
-/// optimizer disagree (`origin`: the state's folder).
-pub fn import_dadapt<B: AutodiffBackend>(
+/// Gives `optim` the saved state of [`export_optimizer_state`]; an error when the state and
+/// the configured optimizer disagree (`origin`: the state's folder).
+pub fn import_optimizer_state<B: AutodiffBackend>(
     optim: &mut FlatAdamW<B>,
     name: &str,
     moments: &HashMap<String, HostTensor>,
     origin: &Path,
     device: &B::Device,
 ) -> Result<(), TrainError> {
-    let key = |part: &str| format!("dadapt.{name}.{part}");
-    let saved = moments.contains_key(&key("scalars"));
-    let configured = optim.dadapt_d().is_some();
+    let len = optim.len();
+    let vector = |key: &str, len: usize| upload::<B::InnerBackend, 1>(key, saved_tensor(moments, key)?, [len], device);
+    let key = |kind: &str, part: &str| format!("{kind}.{name}.{part}");
+    if same_optimizer(optim, moments, &key("prodigy", "scalars"), optim.prodigy_d().is_some(), "prodigy", origin)? {
+        let (p0, s, scalars) = (vector(&key("prodigy", "p0"), len)?, vector(&key("prodigy", "s"), len)?, vector(&key("prodigy", "scalars"), 4)?);
+        optim.set_prodigy_state(lora_core::optim::ProdigyState { p0, s, scalars }).map_err(|e| mismatch(&key("prodigy", "p0"), e.to_string()))?;
+    }
+    let adafactor = optim.adafactor_state();
+    let restore = same_optimizer(optim, moments, &key("adafactor", "rows"), adafactor.is_some(), "adafactor", origin)?;
+    if let Some(current) = adafactor.filter(|_| restore) {
+        let (rows, cols) = (vector(&key("adafactor", "rows"), current.rows.dims()[0])?, vector(&key("adafactor", "cols"), current.cols.dims()[0])?);
+        optim.set_adafactor_state(lora_core::optim::AdafactorState { rows, cols }).map_err(|e| mismatch(&key("adafactor", "rows"), e.to_string()))?;
+    }
+    if same_optimizer(optim, moments, &key("dadapt", "scalars"), optim.dadapt_d().is_some(), "dadapt_adam", origin)? {
+        let (s, scalars) = (vector(&key("dadapt", "s"), len)?, vector(&key("dadapt", "scalars"), 3)?);
+        optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars }).map_err(|e| mismatch(&key("dadapt", "s"), e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Whether `optim` takes a saved state of the optimizer `kind` (whose key `probe` the
+/// state holds when it was trained with it): `false` when neither the state nor the
+/// configuration (`configured`) has it, or nothing is trained; an error naming `kind` when
+/// only one of them does.
+fn same_optimizer<B: AutodiffBackend>(optim: &FlatAdamW<B>, moments: &HashMap<String, HostTensor>, probe: &str, configured: bool, kind: &str, origin: &Path) -> Result<bool, TrainError> {
+    let saved = moments.contains_key(probe);
     if optim.is_empty() || (!saved && !configured) {
-        return Ok(());
+        return Ok(false);
     }
     if saved != configured {
         let reason = match saved {
-            true => "the state was trained with train.optimizer = \"dadapt_adam\"; resume with the same optimizer",
-            false => "the state was not trained with train.optimizer = \"dadapt_adam\"; resume with the optimizer it was trained with",
+            true => format!("the state was trained with train.optimizer = \"{kind}\"; resume with the same optimizer"),
+            false => format!("the state was not trained with train.optimizer = \"{kind}\"; resume with the optimizer it was trained with"),
         };
-        return Err(TrainError::Config { origin: origin.display().to_string(), reason: reason.into() });
+        return Err(TrainError::Config { origin: origin.display().to_string(), reason });
     }
-    let len = optim.len();
-    let s = upload::<B::InnerBackend, 1>(&key("s"), saved_tensor(moments, &key("s"))?, [len], device)?;
-    let scalars = upload::<B::InnerBackend, 1>(&key("scalars"), saved_tensor(moments, &key("scalars"))?, [3], device)?;
-    optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars }).map_err(|e| mismatch(&key("s"), e.to_string()))
+    Ok(true)
 }
 
 /// A ChaCha stream position in JSON-friendly form.

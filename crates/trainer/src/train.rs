@@ -26,8 +26,7 @@ use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::generate::{grid, merge_adapters, save_png, to_precision, GenerateOptions, TextConditioning, TextEncoders};
 use crate::models::{load_components, Components};
 use crate::state::{
-    adapter_params, export_adafactor, export_dadapt, export_moments, export_prodigy, host_params, import_adafactor, import_dadapt, import_moments, import_prodigy,
-    restore_adapter_params,
+    adapter_params, export_moments, export_optimizer_state, host_params, import_moments, import_optimizer_state, restore_adapter_params,
     StateInfo, TrainingState,
 };
 use crate::tensorboard::EventWriter;
@@ -950,14 +949,10 @@ fn run<B: AutodiffBackend>(
         let times = &state.info.optimizer_time;
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
         let state_dir = out.join("state");
-        import_prodigy(&mut optim, "unet", &state.moments, &state_dir, device)?;
-        import_adafactor(&mut optim, "unet", &state.moments, &state_dir, device)?;
-        import_dadapt(&mut optim, "unet", &state.moments, &state_dir, device)?;
+        import_optimizer_state(&mut optim, "unet", &state.moments, &state_dir, device)?;
         for (i, (o, te)) in te_optims.iter_mut().zip(encoders.iter_mut()).enumerate() {
             import_moments(o, &adapter_params(te, encoder_key(i)), &state.moments, times, device)?;
-            import_prodigy(o, encoder_key(i), &state.moments, &state_dir, device)?;
-            import_adafactor(o, encoder_key(i), &state.moments, &state_dir, device)?;
-            import_dadapt(o, encoder_key(i), &state.moments, &state_dir, device)?;
+            import_optimizer_state(o, encoder_key(i), &state.moments, &state_dir, device)?;
         }
         let origin = out.join("state.json");
         timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
@@ -1634,14 +1629,10 @@ impl Saver<'_> {
         let mut moments = HashMap::new();
         let mut times = std::collections::BTreeMap::new();
         export_moments(unet_optim, &unet_params, &mut moments, &mut times)?;
-        export_prodigy(unet_optim, "unet", &mut moments)?;
-        export_adafactor(unet_optim, "unet", &mut moments)?;
-        export_dadapt(unet_optim, "unet", &mut moments)?;
+        export_optimizer_state(unet_optim, "unet", &mut moments)?;
         for (i, (o, params)) in te_optims.iter().zip(&te_params).enumerate() {
             export_moments(o, params, &mut moments, &mut times)?;
-            export_prodigy(o, encoder_key(i), &mut moments)?;
-            export_adafactor(o, encoder_key(i), &mut moments)?;
-            export_dadapt(o, encoder_key(i), &mut moments)?;
+            export_optimizer_state(o, encoder_key(i), &mut moments)?;
         }
         let mut adapters = HashMap::new();
         host_params(unet_params, &mut adapters)?;
