@@ -793,26 +793,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.raise_time_bound(self.time_bound + 1);
         let (a, p) = (self.settings, state.settings);
         let len = self.len();
-        let device = self.moment_1.device();
         let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
         let (d, d_max, d_numerator, k) = (scalar(0), scalar(1), scalar(2), scalar(3));
         let full = |x: Tensor<B::InnerBackend, 1>| x.expand([len]);
         // The host's scalars in f64 from the settings' decimal values, as prodigyopt's.
         let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
         let beta_3 = p.beta_3.map_or(beta_2.sqrt(), decimal) as f32;
-        // The step size of this step, `d·lr`, with Adam's bias correction for step k + 1
-        // (k never exceeds the steps queued so far, which the table covers).
-        let dlr = match p.use_bias_correction {
-            true => {
-                if state.bias.as_ref().is_none_or(|t| t.dims()[0] <= self.time_bound) {
-                    let len = (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
-                    state.bias = Some(prodigy_bias_table::<B>(a.beta_1, a.beta_2, len, &device));
-                }
-                let table = state.bias.clone().unwrap_or_else(|| Tensor::ones([1], &device));
-                d.clone().mul_scalar(lr).mul(table.select(0, k.clone().int()))
-            }
-            false => d.clone().mul_scalar(lr),
-        };
+        let dlr = self.estimate_step(d.clone(), k.clone(), lr, p.use_bias_correction.then_some(&mut state.bias));
         // `d / d₀` keeps the sums away from tiny values.
         let ratio = d.clone().div_scalar(p.d0);
         let params = self.params.clone();
@@ -867,22 +854,56 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
         // Commit: sums and moments where the step happens, values and scalars where it
         // also made progress.
-        let happens = apply.unwrap_or_else(|| Tensor::<B::InnerBackend, 1, Bool>::from_bool([true].into(), &device));
-        let updates = happens.clone().bool_and(progress);
-        let happens = happens.expand([len]);
-        let moved = match &present {
-            None => updates.clone().expand([len]),
-            Some(mask) => updates.clone().expand([len]).bool_and(mask.clone()),
-        };
-        self.moment_1 = self.moment_1.clone().mask_where(happens.clone(), m);
-        self.moment_2 = self.moment_2.clone().mask_where(happens.clone(), v);
-        self.params = params.mask_where(moved.clone(), new_params);
-        self.time = self.time.clone().add(moved.int());
+        let (happens, updates) = self.commit_estimated(apply, progress, present.as_ref(), (m, v), new_params);
         self.prodigy = Some(Prodigy {
             s: state.s.mask_where(happens, s),
             scalars: state.scalars.mask_where(updates.expand([4]), new_scalars),
             ..state
         });
+    }
+
+    /// The step size `d·lr` of an estimating optimizer (Prodigy, DAdaptAdam) at its step
+    /// count `k`, with Adam's bias correction for step `k + 1` when `bias` holds its table
+    /// (grown here to the steps queued so far, which `k` never exceeds).
+    fn estimate_step(&self, d: Tensor<B::InnerBackend, 1>, k: Tensor<B::InnerBackend, 1>, lr: f64, bias: Option<&mut Option<Tensor<B::InnerBackend, 1>>>) -> Tensor<B::InnerBackend, 1> {
+        let dlr = d.mul_scalar(lr);
+        let Some(bias) = bias else { return dlr };
+        let device = self.moment_1.device();
+        if bias.as_ref().is_none_or(|t| t.dims()[0] <= self.time_bound) {
+            let len = (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
+            *bias = Some(prodigy_bias_table::<B>(self.settings.beta_1, self.settings.beta_2, len, &device));
+        }
+        let table = bias.clone().unwrap_or_else(|| Tensor::ones([1], &device));
+        dlr.mul(table.select(0, k.int()))
+    }
+
+    /// Commits an estimating optimizer's step (Prodigy, DAdaptAdam): the moments `(m, v)`
+    /// where the step happens (`apply`, all without it), the values and step counts where it
+    /// also made `progress`, on the tensors `live` marks (all without it). Returns where
+    /// the step happens (per value) and whether it updates (one value), for the
+    /// optimizer's own state.
+    #[allow(clippy::type_complexity)]
+    fn commit_estimated(
+        &mut self,
+        apply: Option<Tensor<B::InnerBackend, 1, Bool>>,
+        progress: Tensor<B::InnerBackend, 1, Bool>,
+        live: Option<&FlatMask<B>>,
+        (m, v): (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>),
+        new_params: Tensor<B::InnerBackend, 1>,
+    ) -> (FlatMask<B>, Tensor<B::InnerBackend, 1, Bool>) {
+        let len = self.len();
+        let happens = apply.unwrap_or_else(|| Tensor::<B::InnerBackend, 1, Bool>::from_bool([true].into(), &self.moment_1.device()));
+        let updates = happens.clone().bool_and(progress);
+        let happens = happens.expand([len]);
+        let moved = match live {
+            None => updates.clone().expand([len]),
+            Some(live) => updates.clone().expand([len]).bool_and(live.clone()),
+        };
+        self.moment_1 = self.moment_1.clone().mask_where(happens.clone(), m);
+        self.moment_2 = self.moment_2.clone().mask_where(happens.clone(), v);
+        self.params = self.params.clone().mask_where(moved.clone(), new_params);
+        self.time = self.time.clone().add(moved.int());
+        (happens, updates)
     }
 
     /// Records that step counts may reach `bound`, growing the bias tables to cover it.

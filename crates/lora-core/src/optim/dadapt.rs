@@ -9,7 +9,7 @@
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
 
-use super::{decimal, prodigy_bias_table, FlatAdamW, FlatMask, BIAS_TABLE_MIN};
+use super::{decimal, FlatAdamW, FlatMask};
 use crate::error::{LoraError, Result};
 
 /// DAdaptAdam's own settings (β, ε and the weight decay are the
@@ -164,24 +164,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.raise_time_bound(self.time_bound + 1);
         let (a, p) = (self.settings, state.settings);
         let len = self.len();
-        let device = self.moment_1.device();
         let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
         let (d, numerator_weighted, k) = (scalar(0), scalar(1), scalar(2));
         let full = |x: Tensor<B::InnerBackend, 1>| x.expand([len]);
         // Host scalars in f64 from the settings' decimal values, as the package's.
         let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
         let sqrt_beta_2 = beta_2.sqrt();
-        let dlr = match p.use_bias_correction {
-            true => {
-                if state.bias.as_ref().is_none_or(|t| t.dims()[0] <= self.time_bound) {
-                    let len = (self.time_bound + 1).next_power_of_two().max(BIAS_TABLE_MIN);
-                    state.bias = Some(prodigy_bias_table::<B>(a.beta_1, a.beta_2, len, &device));
-                }
-                let table = state.bias.clone().unwrap_or_else(|| Tensor::ones([1], &device));
-                d.clone().mul_scalar(lr).mul(table.select(0, k.clone().int()))
-            }
-            false => d.clone().mul_scalar(lr),
-        };
+        let dlr = self.estimate_step(d.clone(), k.clone(), lr, p.use_bias_correction.then_some(&mut state.bias));
         let params = self.params.clone();
         let grad = match (a.weight_decay, p.decouple) {
             (wd, false) if wd != 0.0 => grad.add(params.clone().mul_scalar(wd)),
@@ -226,17 +215,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
         // Commit: moments and `s` where the step happens, the rest where it also made
         // progress (values only where the step counts).
-        let happens = apply.unwrap_or_else(|| Tensor::<B::InnerBackend, 1, Bool>::from_bool([true].into(), &device));
-        let updates = happens.clone().bool_and(progress);
-        let happens = happens.expand([len]);
-        let moved = match &live {
-            None => updates.clone().expand([len]),
-            Some(live) => updates.clone().expand([len]).bool_and(live.clone()),
-        };
-        self.moment_1 = self.moment_1.clone().mask_where(happens.clone(), m);
-        self.moment_2 = self.moment_2.clone().mask_where(happens.clone(), v);
-        self.params = params.mask_where(moved.clone(), new_params);
-        self.time = self.time.clone().add(moved.int());
+        let (happens, updates) = self.commit_estimated(apply, progress, live.as_ref(), (m, v), new_params);
         self.dadapt = Some(DAdapt {
             s: state.s.mask_where(happens, s),
             scalars: state.scalars.mask_where(updates.expand([3]), new_scalars),
