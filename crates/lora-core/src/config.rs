@@ -17,6 +17,37 @@ pub enum LoraInit {
     Gaussian,
 }
 
+/// The form of the weight update an adapter learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Algo {
+    /// LoRA: `ΔW = scale · up · down` (kohya's `networks.lora`, LyCORIS' `lora` / LoCon).
+    #[default]
+    Lora,
+    /// LyCORIS' LoHa: `ΔW = scale · (w1_a · w1_b) ⊙ (w2_a · w2_b)`, two rank-`r` products
+    /// multiplied entry-wise (an update of rank up to `r²` from `4r` vectors).
+    Loha,
+    /// LyCORIS' LoKr: `ΔW = scale · w1 ⊗ w2`, a Kronecker product of a small matrix `w1` and
+    /// a larger `w2` that is low-rank (`w2_a · w2_b`) unless the rank is large for its size.
+    Lokr,
+}
+
+impl Algo {
+    /// The name kohya's `network_args` and LyCORIS use (`algo=loha`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Lora => "lora",
+            Algo::Loha => "loha",
+            Algo::Lokr => "lokr",
+        }
+    }
+
+    /// Whether this is one of LyCORIS' own forms (LoHa, LoKr).
+    pub fn is_lycoris(self) -> bool {
+        self != Algo::Lora
+    }
+}
+
 /// Hyper-parameters of a LoRA adapter.
 ///
 /// ```
@@ -63,6 +94,23 @@ pub struct LoraConfig {
     /// [`crate::LoraConv2d::attach_new`].
     #[serde(default)]
     pub dora: bool,
+    /// The form of the update: LoRA (the default), or LyCORIS' LoHa or LoKr, trained as
+    /// LyCORIS trains them (see [`crate::lycoris`]). LoHa and LoKr take `rank`, `alpha`,
+    /// `rslora` and `module_dropout`; the other dropouts, `init` and `dora` are LoRA's.
+    #[serde(default)]
+    pub algo: Algo,
+    /// LoKr's factor (LyCORIS' `factor`): each side of the weight is split as `m · n` with
+    /// `m` the divisor closest to this (−1: closest to the square root), `w1` taking the `m`s.
+    #[serde(default = "default_lokr_factor")]
+    pub lokr_factor: i64,
+    /// LoKr: make `w1` low-rank too when the rank is small for it (LyCORIS'
+    /// `decompose_both`).
+    #[serde(default)]
+    pub lokr_decompose_both: bool,
+}
+
+fn default_lokr_factor() -> i64 {
+    -1
 }
 
 impl LoraConfig {
@@ -78,7 +126,28 @@ impl LoraConfig {
             rslora: false,
             init: LoraInit::default(),
             dora: false,
+            algo: Algo::Lora,
+            lokr_factor: -1,
+            lokr_decompose_both: false,
         }
+    }
+
+    /// Sets the form of the update (see [`LoraConfig::algo`]).
+    pub fn with_algo(mut self, algo: Algo) -> Self {
+        self.algo = algo;
+        self
+    }
+
+    /// Sets LoKr's factor (see [`LoraConfig::lokr_factor`]).
+    pub fn with_lokr_factor(mut self, factor: i64) -> Self {
+        self.lokr_factor = factor;
+        self
+    }
+
+    /// Sets LoKr's `decompose_both` (see [`LoraConfig::lokr_decompose_both`]).
+    pub fn with_lokr_decompose_both(mut self, both: bool) -> Self {
+        self.lokr_decompose_both = both;
+        self
     }
 
     /// Sets the rank (alpha is unchanged).
@@ -145,16 +214,12 @@ impl LoraConfig {
         }
     }
 
-    /// Checks that the values are usable; `max_rank` is `min(in, out)` of the target layer.
-    pub fn validate(&self, max_rank: usize) -> Result<()> {
+    /// Checks that the values are usable. A rank above the layer's `min(in, out)` is
+    /// allowed, as kohya, PEFT and LyCORIS allow it (a LoRA's update then has the rank
+    /// `min(in, out)` at most; LoHa's and LoKr's are not bounded by theirs).
+    pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(LoraError::InvalidConfig("rank must be at least 1".into()));
-        }
-        if self.rank > max_rank {
-            return Err(LoraError::InvalidConfig(format!(
-                "rank {} exceeds min(in, out) = {max_rank} of the layer",
-                self.rank
-            )));
         }
         if !self.alpha.is_finite() {
             return Err(LoraError::InvalidConfig(format!(
@@ -165,6 +230,20 @@ impl LoraConfig {
         for (name, p) in [("dropout", self.dropout), ("network_dropout", self.network_dropout), ("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
             if !(0.0..1.0).contains(&p) {
                 return Err(LoraError::InvalidConfig(format!("{name} must be in [0, 1), got {p}")));
+            }
+        }
+        if self.algo.is_lycoris() {
+            let algo = self.algo.name();
+            for (name, p) in [("dropout", self.dropout), ("network_dropout", self.network_dropout), ("rank_dropout", self.rank_dropout)] {
+                if p > 0.0 {
+                    return Err(LoraError::InvalidConfig(format!("{name} is not supported with {algo} (only module_dropout is)")));
+                }
+            }
+            if self.dora {
+                return Err(LoraError::InvalidConfig(format!("dora is not supported with {algo}")));
+            }
+            if self.lokr_factor == 0 || self.lokr_factor < -1 {
+                return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
         }
         Ok(())

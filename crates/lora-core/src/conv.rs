@@ -10,6 +10,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use crate::linear::{down_initializer, fold_delta, update_frozen};
 use crate::precision::cast_to;
+use crate::lycoris::LycorisAdapter;
 use crate::{HostTensor, LoraConfig, LoraError, LoraWeights, Result};
 
 /// The trainable part of a LoRA conv layer.
@@ -62,8 +63,8 @@ impl<B: Backend> Conv2dAdapter<B> {
     /// A freshly initialised adapter for `base` (up is zero).
     pub fn new(config: &LoraConfig, base: &Conv2d<B>, device: &B::Device) -> Result<Self> {
         check_base(base, "<new>")?;
-        let [out_ch, in_ch, _, _] = base.weight.dims();
-        config.validate(in_ch.min(out_ch))?;
+        let out_ch = base.weight.dims()[0];
+        config.validate()?;
         let down = down_config(base, config.rank)
             .with_initializer(down_initializer(config.init, config.rank))
             .init(device);
@@ -152,6 +153,7 @@ impl<B: Backend> Conv2dAdapter<B> {
             up: HostTensor::from_tensor(self.up.weight.val())?,
             alpha: self.scale * self.rank() as f32,
             magnitude,
+            lycoris: None,
         })
     }
 
@@ -263,6 +265,8 @@ pub struct LoraConv2d<B: Backend> {
     pub base: Conv2d<B>,
     /// The adapter, if one is attached.
     pub adapter: Option<Conv2dAdapter<B>>,
+    /// The adapter, if a LyCORIS LoHa or LoKr is attached (never both).
+    pub lycoris: Option<LycorisAdapter<B>>,
     /// Strength of the adapter at run time (1.0 = as trained).
     pub multiplier: f32,
     /// Whether the adapter is currently folded into `base`.
@@ -278,6 +282,7 @@ impl<B: Backend> LoraConv2d<B> {
         Self {
             base: base.no_grad(),
             adapter: None,
+            lycoris: None,
             multiplier: 1.0,
             merged: false,
             merged_base: None,
@@ -287,6 +292,11 @@ impl<B: Backend> LoraConv2d<B> {
     /// Attaches a freshly initialised adapter, replacing any previous one. With
     /// [`LoraConfig::dora`], its magnitude starts at the base kernel's norms.
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
+        if config.algo.is_lycoris() {
+            check_base(&self.base, "<new>")?;
+            let adapter = LycorisAdapter::new(config, self.base.weight.dims(), true, device)?;
+            return self.attach_lycoris(adapter, "<new>");
+        }
         let mut adapter = Conv2dAdapter::new(config, &self.base, device)?;
         self.detach();
         if config.dora {
@@ -314,19 +324,46 @@ impl<B: Backend> LoraConv2d<B> {
             });
         }
         self.unmerge_in_place();
+        self.lycoris = None;
         self.adapter = Some(adapter);
         Ok(())
     }
 
-    /// Attaches an adapter read from a file.
+    /// Attaches a LyCORIS adapter (unmerging and dropping any previous one), checking that
+    /// it fits the base kernel; `key` names it in errors.
+    pub fn attach_lycoris(&mut self, adapter: LycorisAdapter<B>, key: &str) -> Result<()> {
+        check_base(&self.base, key)?;
+        let [out_ch, in_ch, kh, kw] = self.base.weight.dims();
+        let [a_out, a_in, a_kh, a_kw] = adapter.shape();
+        if [a_out, a_in, a_kh, a_kw] != [out_ch, in_ch, kh, kw] {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!("layer is {in_ch}→{out_ch} with kernel {kh}x{kw}, the {} adapter is {a_in}→{a_out} with kernel {a_kh}x{a_kw}", adapter.algo().name()),
+            });
+        }
+        self.unmerge_in_place();
+        self.adapter = None;
+        self.lycoris = Some(adapter);
+        Ok(())
+    }
+
+    /// Attaches an adapter read from a file: a LyCORIS one ([`LoraWeights::lycoris`],
+    /// without DoRA) as its own factors, anything else as a LoRA.
     pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        if let (Some(lycoris), None) = (&weights.lycoris, &weights.magnitude) {
+            check_base(&self.base, key)?;
+            let adapter = LycorisAdapter::from_weights(lycoris, self.base.weight.dims(), true, key, device)?;
+            return self.attach_lycoris(adapter, key);
+        }
         let adapter = Conv2dAdapter::from_weights(weights, &self.base, key, device)?;
         self.attach(adapter, key)
     }
 
-    /// Removes the adapter (unmerging it first) and returns it.
+    /// Removes the adapter (unmerging it first) and returns it if it is a LoRA (a LyCORIS
+    /// adapter is dropped).
     pub fn detach(&mut self) -> Option<Conv2dAdapter<B>> {
         self.unmerge_in_place();
+        self.lycoris = None;
         self.adapter.take()
     }
 
@@ -351,6 +388,10 @@ impl<B: Backend> LoraConv2d<B> {
     pub fn merge_in_place(&mut self) {
         if self.merged {
             return;
+        }
+        if let Some(lycoris) = &self.lycoris {
+            self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<4>(self.multiplier), 1.0);
+            self.merged = true;
         }
         if let Some(adapter) = &self.adapter {
             let k = self.multiplier;
@@ -379,6 +420,7 @@ impl<B: Backend> LoraConv2d<B> {
     pub fn bake(&mut self) {
         self.merge_in_place();
         self.adapter = None;
+        self.lycoris = None;
         self.merged = false;
         self.merged_base = None;
         // A plain layer again: an adapter attached later runs at full strength.
@@ -395,6 +437,8 @@ impl<B: Backend> LoraConv2d<B> {
         } else if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
+        } else if let Some(lycoris) = &self.lycoris {
+            self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<4>(self.multiplier), -1.0);
         }
         self.merged = false;
     }
@@ -440,6 +484,20 @@ impl<B: Backend> LoraConv2d<B> {
             Addend::Full(a) => crate::kernels::conv2d_add(&self.base, x, a),
             Addend::Channels(c) => crate::kernels::conv2d_add_channels(&self.base, x, c),
         };
+        if let Some(lycoris) = self.lycoris.as_ref().filter(|_| !self.merged && self.multiplier != 0.0) {
+            // LyCORIS' forward: one convolution with the updated kernel `W + k·ΔW`.
+            let weight = self.base.weight.val();
+            let delta = lycoris.forward_delta::<4>(self.multiplier, weight.dtype(), &x.device());
+            let y = conv_with_weight(&self.base, x, weight + delta);
+            return match addend {
+                Addend::None => y,
+                Addend::Full(a) => y + a,
+                Addend::Channels(c) => {
+                    let [n, ch] = c.dims();
+                    y + c.reshape([n, ch, 1, 1])
+                }
+            };
+        }
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 && adapter.is_dora() => self.forward_dora(adapter, x, addend),
             Some(adapter) if !self.merged && self.multiplier != 0.0 => {
@@ -559,10 +617,17 @@ fn conv_in_dtype<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, dtype: DType) ->
     if weight.dtype() == dtype {
         return conv.forward(x);
     }
+    conv_with_weight(conv, x, cast_to(weight, dtype))
+}
+
+/// `conv`'s convolution (its stride, padding, dilation, groups and bias) with `weight`
+/// instead of its own kernel; the bias is cast to `x`'s dtype.
+fn conv_with_weight<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, weight: Tensor<B, 4>) -> Tensor<B, 4> {
+    let dtype = x.dtype();
     let [_, _, h, w] = x.dims();
     let (top, bottom) = padding_pair(&conv.padding, 0, h, conv.kernel_size[0], conv.stride[0]);
     let (left, right) = padding_pair(&conv.padding, 1, w, conv.kernel_size[1], conv.stride[1]);
     let options = PaddedConvOptions::asymmetric(conv.stride, [top, left], [bottom, right], conv.dilation, conv.groups);
     let bias = conv.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-    conv2d(x, cast_to(weight, dtype), bias, options)
+    conv2d(x, weight, bias, options)
 }

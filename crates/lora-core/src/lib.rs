@@ -5,7 +5,8 @@
 //!
 //! - [`LoraConfig`]: rank, alpha, dropout, rsLoRA scaling and initialisation;
 //! - [`LoraLinear`] and [`LoraConv2d`] (LoCon): frozen base layers holding an optional
-//!   adapter that can be attached, detached, merged and unmerged in place;
+//!   adapter that can be attached, detached, merged and unmerged in place: a LoRA, or
+//!   LyCORIS' LoHa or LoKr ([`lycoris`], [`Algo`]);
 //! - [`AdapterSet`]: adapters keyed by component and module path, read from and written to
 //!   the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout
 //!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]);
@@ -48,6 +49,7 @@ mod format;
 pub mod guard;
 pub mod kernels;
 mod linear;
+pub mod lycoris;
 pub mod optim;
 pub mod precision;
 mod rank_dropout;
@@ -57,11 +59,12 @@ pub mod tensor_io;
 mod weights;
 
 pub use adapters::{AdapterKey, AdapterSet, Component, ModuleIndex};
-pub use config::{LoraConfig, LoraInit};
+pub use config::{Algo, LoraConfig, LoraInit};
 pub use conv::{Conv2dAdapter, LoraConv2d};
 pub use error::{LoraError, Result};
 pub use format::{detect_format, AdapterFormat, ReadOptions, ReadReport};
 pub use linear::{LinearAdapter, LoraLinear};
 pub use sites::{LoraSiteMut, LoraSites};
 pub use tensor_io::SaveDtype;
-pub use weights::{HostTensor, LoraWeights};
+pub use lycoris::LycorisAdapter;
+pub use weights::{HostTensor, LoraWeights, LycorisWeights};

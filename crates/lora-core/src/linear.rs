@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::precision::cast_to;
 
+use crate::lycoris::LycorisAdapter;
 use crate::{HostTensor, LoraConfig, LoraError, LoraInit, LoraWeights, Result};
 
 /// Initializer of a down projection with fan-in `fan_in` (burn computes the bound itself).
@@ -79,7 +80,7 @@ pub struct LinearAdapter<B: Backend> {
 impl<B: Backend> LinearAdapter<B> {
     /// A freshly initialised adapter for a layer `d_input → d_output` (up is zero).
     pub fn new(config: &LoraConfig, d_input: usize, d_output: usize, device: &B::Device) -> Result<Self> {
-        config.validate(d_input.min(d_output))?;
+        config.validate()?;
         let down = LinearConfig::new(d_input, config.rank)
             .with_bias(false)
             .with_initializer(down_initializer(config.init, config.rank))
@@ -152,6 +153,7 @@ impl<B: Backend> LinearAdapter<B> {
             up,
             alpha: self.scale * rank as f32,
             magnitude,
+            lycoris: None,
         })
     }
 
@@ -287,8 +289,10 @@ pub(crate) fn on_last_axis<B: Backend, const D: usize>(v: Tensor<B, 1>, dtype: D
 pub struct LoraLinear<B: Backend> {
     /// The frozen base layer (its parameters do not require gradients).
     pub base: Linear<B>,
-    /// The adapter, if one is attached.
+    /// The adapter, if a LoRA is attached.
     pub adapter: Option<LinearAdapter<B>>,
+    /// The adapter, if a LyCORIS LoHa or LoKr is attached (never both).
+    pub lycoris: Option<LycorisAdapter<B>>,
     /// Strength of the adapter at run time (1.0 = as trained).
     pub multiplier: f32,
     /// Whether the adapter is currently folded into `base`.
@@ -305,6 +309,7 @@ impl<B: Backend> LoraLinear<B> {
         Self {
             base: base.no_grad(),
             adapter: None,
+            lycoris: None,
             multiplier: 1.0,
             merged: false,
             merged_base: None,
@@ -322,6 +327,10 @@ impl<B: Backend> LoraLinear<B> {
     /// output is unchanged.
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
         let (i, o) = self.features();
+        if config.algo.is_lycoris() {
+            let adapter = LycorisAdapter::new(config, [o, i, 1, 1], false, device)?;
+            return self.attach_lycoris(adapter, "<new>");
+        }
         let mut adapter = LinearAdapter::new(config, i, o, device)?;
         self.detach();
         if config.dora {
@@ -346,19 +355,45 @@ impl<B: Backend> LoraLinear<B> {
             });
         }
         self.unmerge_in_place();
+        self.lycoris = None;
         self.adapter = Some(adapter);
         Ok(())
     }
 
-    /// Attaches an adapter read from a file.
+    /// Attaches a LyCORIS adapter (unmerging and dropping any previous one), checking its
+    /// shape; `key` names it in errors.
+    pub fn attach_lycoris(&mut self, adapter: LycorisAdapter<B>, key: &str) -> Result<()> {
+        let (i, o) = self.features();
+        let [a_out, a_in, kh, kw] = adapter.shape();
+        if (a_out, a_in, kh * kw) != (o, i, 1) {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!("layer is {i}→{o} but the {} adapter is {a_in}→{a_out} with kernel {kh}x{kw}", adapter.algo().name()),
+            });
+        }
+        self.unmerge_in_place();
+        self.adapter = None;
+        self.lycoris = Some(adapter);
+        Ok(())
+    }
+
+    /// Attaches an adapter read from a file: a LyCORIS one ([`LoraWeights::lycoris`],
+    /// without DoRA) as its own factors, anything else as a LoRA.
     pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        if let (Some(lycoris), None) = (&weights.lycoris, &weights.magnitude) {
+            let (i, o) = self.features();
+            let adapter = LycorisAdapter::from_weights(lycoris, [o, i, 1, 1], false, key, device)?;
+            return self.attach_lycoris(adapter, key);
+        }
         let adapter = LinearAdapter::from_weights(weights, key, device)?;
         self.attach(adapter, key)
     }
 
-    /// Removes the adapter (unmerging it first) and returns it.
+    /// Removes the adapter (unmerging it first) and returns it if it is a LoRA (a LyCORIS
+    /// adapter is dropped).
     pub fn detach(&mut self) -> Option<LinearAdapter<B>> {
         self.unmerge_in_place();
+        self.lycoris = None;
         self.adapter.take()
     }
 
@@ -387,6 +422,10 @@ impl<B: Backend> LoraLinear<B> {
     pub fn merge_in_place(&mut self) {
         if self.merged {
             return;
+        }
+        if let Some(lycoris) = &self.lycoris {
+            self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<2>(self.multiplier), 1.0);
+            self.merged = true;
         }
         if let Some(adapter) = &self.adapter {
             let k = self.multiplier;
@@ -430,6 +469,7 @@ impl<B: Backend> LoraLinear<B> {
     pub fn bake(&mut self) {
         self.merge_in_place();
         self.adapter = None;
+        self.lycoris = None;
         self.merged = false;
         self.merged_base = None;
         // A plain layer again: an adapter attached later runs at full strength.
@@ -446,6 +486,8 @@ impl<B: Backend> LoraLinear<B> {
         } else if let Some(adapter) = &self.adapter {
             let delta = adapter.delta_weight(self.multiplier);
             self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
+        } else if let Some(lycoris) = &self.lycoris {
+            self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<2>(self.multiplier), -1.0);
         }
         self.merged = false;
     }
@@ -509,6 +551,9 @@ impl<B: Backend> LoraLinear<B> {
 
     /// `base(x)`, plus the adapter's contribution, plus `extra`, in that order.
     fn forward_plus<const D: usize>(&self, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
+        if let Some(lycoris) = self.lycoris.as_ref().filter(|_| !self.merged && self.multiplier != 0.0) {
+            return self.forward_lycoris(lycoris, x, extra);
+        }
         // kohya's rank / module dropout while training: per-sample masks need the input's
         // own shape, so the composed path below (none of the fused or row-wise ones).
         let masked = !self.merged && self.adapter.as_ref().is_some_and(|a| a.has_kohya_dropout()) && B::ad_enabled(&x.device());
@@ -550,6 +595,20 @@ impl<B: Backend> LoraLinear<B> {
         let y = self.forward_plus(x.reshape([rows, dims[D - 1]]), extra);
         dims[D - 1] = y.dims()[1];
         y.reshape(dims)
+    }
+
+    /// [`forward_plus`](Self::forward_plus) with a LyCORIS adapter: `x · (W + k·ΔW) + b`, one
+    /// product with the updated weight (LyCORIS' own forward; see [`crate::lycoris`]).
+    fn forward_lycoris<const D: usize>(&self, lycoris: &LycorisAdapter<B>, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
+        let weight = self.base.weight.val();
+        let delta = lycoris.forward_delta::<2>(self.multiplier, weight.dtype(), &x.device());
+        let dtype = x.dtype();
+        let y = crate::kernels::linear_weight(x, weight + delta);
+        let y = match &self.base.bias {
+            Some(bias) => y + on_last_axis::<B, D>(bias.val(), dtype),
+            None => y,
+        };
+        plus(y, extra)
     }
 
     /// [`forward_plus`](Self::forward_plus) with a DoRA adapter at multiplier `k`:

@@ -32,6 +32,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                         up: squeeze(&weights.up),
                         alpha: weights.alpha,
                         magnitude: weights.magnitude.clone(),
+                        lycoris: weights.lycoris.clone(),
                     };
                     return l.attach_weights(&w, key, device);
                 }
@@ -50,6 +51,12 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             let config = LoraConfig::new(rank).with_dropout(input).with_network_dropout(network);
             (rank, config.with_rank_dropout(rank_p).with_module_dropout(module_p))
         };
+        if let Some(lycoris) = self.lycoris() {
+            return self.load_lycoris(lycoris, weights, key, device);
+        }
+        if weights.lycoris.is_some() && weights.magnitude.is_none() {
+            return Err(LoraError::Unsupported(format!("{key}: the weights are a {}, the attached adapter is a LoRA", weights.lycoris.as_ref().map_or("", |l| l.algo.name()))));
+        }
         let attached = match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout]), a.is_dora())),
             Self::Conv(c) => c.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout]), a.is_dora())),
@@ -72,21 +79,64 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         Ok(())
     }
 
+    /// What [`load_weights`](Self::load_weights) checks of an attached LyCORIS adapter, if
+    /// one is attached.
+    fn lycoris(&self) -> Option<AttachedLycoris> {
+        let l = match self {
+            Self::Linear(l) => l.lycoris.as_ref(),
+            Self::Conv(c) => c.lycoris.as_ref(),
+        }?;
+        Some(AttachedLycoris {
+            algo: l.algo(),
+            rank: l.rank(),
+            shapes: l.names().iter().zip(&l.factors).map(|(n, p)| (*n, p.dims().to_vec())).collect(),
+            module_dropout: l.module_dropout,
+        })
+    }
+
+    /// [`load_weights`](Self::load_weights) into an attached LyCORIS adapter: the weights
+    /// must be the same algorithm with factors of the same shapes.
+    fn load_lycoris(&mut self, attached: AttachedLycoris, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
+        let AttachedLycoris { algo, rank, shapes, module_dropout } = attached;
+        let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo == algo) else {
+            let kind = weights.lycoris.as_ref().map_or("LoRA", |l| l.algo.name());
+            return Err(LoraError::Unsupported(format!("{key}: the weights are a {kind}, the attached adapter is a {}", algo.name())));
+        };
+        let flat = |shape: &[usize]| shape.first().map(|&rows| vec![rows, shape.iter().product::<usize>() / rows.max(1)]).unwrap_or_default();
+        let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(&t.shape)).unwrap_or_default())).collect();
+        if found != shapes || lycoris.tensors.len() != shapes.len() || lycoris.rank() != rank {
+            return Err(LoraError::ShapeMismatch {
+                key: key.to_string(),
+                reason: format!("the weights' {} factors are {found:?}, the attached adapter's are {shapes:?} (another rank or factor?)", algo.name()),
+            });
+        }
+        self.attach_weights(weights, key, device)?;
+        self.set_dropout(&LoraConfig::new(1).with_module_dropout(module_dropout));
+        Ok(())
+    }
+
     /// Sets the attached adapter's dropout probabilities from `config` (input dropout,
     /// kohya's network, rank and module dropout; adapters read from files have none); does nothing
     /// without an adapter.
     pub fn set_dropout(&mut self, config: &LoraConfig) {
         let dropout = burn::nn::DropoutConfig::new(config.dropout).init();
         let network = burn::nn::DropoutConfig::new(config.network_dropout).init();
+        // A LyCORIS adapter has module dropout only (its config refuses the others).
         match self {
             Self::Linear(l) => {
                 if let Some(a) = l.adapter.as_mut() {
                     (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
                 }
+                if let Some(a) = l.lycoris.as_mut() {
+                    a.module_dropout = config.module_dropout;
+                }
             }
             Self::Conv(c) => {
                 if let Some(a) = c.adapter.as_mut() {
                     (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
+                }
+                if let Some(a) = c.lycoris.as_mut() {
+                    a.module_dropout = config.module_dropout;
                 }
             }
         }
@@ -143,12 +193,30 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
-    /// The attached adapter in file layout, if any.
+    /// The attached adapter in file layout, if any (a LyCORIS one with its own tensors in
+    /// [`LoraWeights::lycoris`]).
     pub fn adapter_weights(&self) -> Option<Result<LoraWeights>> {
         match self {
-            Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()),
-            Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()),
+            Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()).or_else(|| l.lycoris.as_ref().map(|a| a.to_weights("<lycoris adapter>"))),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()).or_else(|| c.lycoris.as_ref().map(|a| a.to_weights("<lycoris adapter>"))),
         }
+    }
+
+    /// Whether an adapter (LoRA or LyCORIS) is attached.
+    pub fn has_adapter(&self) -> bool {
+        match self {
+            Self::Linear(l) => l.adapter.is_some() || l.lycoris.is_some(),
+            Self::Conv(c) => c.adapter.is_some() || c.lycoris.is_some(),
+        }
+    }
+
+    /// The parameter ids of the attached LyCORIS adapter's factors (empty without one).
+    pub fn lycoris_param_ids(&self) -> Vec<burn::module::ParamId> {
+        let lycoris = match self {
+            Self::Linear(l) => l.lycoris.as_ref(),
+            Self::Conv(c) => c.lycoris.as_ref(),
+        };
+        lycoris.map(|a| a.factors.iter().map(|p| p.id).collect()).unwrap_or_default()
     }
 
     /// The parameter ids of the attached adapter's `down` and `up` weights (kohya's
@@ -183,6 +251,15 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             Self::Conv(c) => c.base.kernel_size,
         }
     }
+}
+
+/// An attached LyCORIS adapter as [`LoraSiteMut::load_weights`] checks weights against it.
+struct AttachedLycoris {
+    algo: crate::Algo,
+    rank: Option<usize>,
+    /// Each factor's name and shape (2-d).
+    shapes: Vec<(&'static str, Vec<usize>)>,
+    module_dropout: f64,
 }
 
 /// A model (component) whose adapter-capable layers can be visited by module path.
@@ -308,7 +385,7 @@ pub fn load_adapter_weights<B: Backend>(model: &mut impl LoraSites<B>, set: &Ada
                     first_error = Some(e);
                 }
             }
-            None if site.adapter_weights().is_some() => kept.push(path.to_string()),
+            None if site.has_adapter() => kept.push(path.to_string()),
             _ => {}
         }
     });
@@ -353,7 +430,7 @@ pub fn collect_adapters<B: Backend>(model: &mut impl LoraSites<B>, set: &mut Ada
 pub fn bake_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
     let mut n = 0;
     model.visit_lora_sites(&mut |_, mut site| {
-        if site.adapter_weights().is_some() {
+        if site.has_adapter() {
             site.bake();
             n += 1;
         }

@@ -76,12 +76,58 @@ pub struct LoraWeights {
     /// shape `[out, 1]` or `[out, 1, 1, 1]`, as LyCORIS writes it with `wd_on_output`;
     /// its default, one value per input feature, is not supported). `None` for plain LoRA.
     pub magnitude: Option<HostTensor>,
+    /// A LyCORIS LoHa or LoKr adapter's own tensors, when the adapter is one: `down` and
+    /// `up` then hold the plain LoRA with the same update (for merging, combining and
+    /// every reader of this type), and the kohya-layout writer writes these instead.
+    /// Anything that changes `down` or `up` drops it. `None` for a LoRA.
+    pub lycoris: Option<LycorisWeights>,
+}
+
+/// A LyCORIS LoHa or LoKr adapter's tensors as its files hold them (kohya layout).
+///
+/// LoHa: `hada_w1_a [out, r]`, `hada_w1_b [r, cols]`, `hada_w2_a [out, r]`,
+/// `hada_w2_b [r, cols]`. LoKr: `lokr_w1 [a, c]` or `lokr_w1_a [a, r]` + `lokr_w1_b [r, c]`,
+/// and `lokr_w2 [b, d]` (`[b, d, kh, kw]` for a convolution) or `lokr_w2_a [b, r]` +
+/// `lokr_w2_b [r, d·kh·kw]`, with `out = a·b` and `in = c·d`. `cols` is `in·kh·kw`: a
+/// convolution's kernel is flattened into the columns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LycorisWeights {
+    /// LoHa or LoKr.
+    pub algo: crate::Algo,
+    /// The tensors by LyCORIS name (`hada_w1_a`, …, `lokr_w2_b`), in the order written.
+    pub tensors: Vec<(String, HostTensor)>,
+    /// The file's alpha: the scale is `alpha / rank` with the rank of the low-rank part
+    /// (1 for a LoKr whose halves are both full).
+    pub alpha: f32,
+}
+
+impl LycorisWeights {
+    /// The tensor named `name` (`hada_w1_a`, `lokr_w2`, …), if present.
+    pub fn get(&self, name: &str) -> Option<&HostTensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// The rank of the low-rank part as LyCORIS' readers take it for the scale (LoHa:
+    /// `hada_w1_b`'s rows; LoKr: `lokr_w2_b`'s, else `lokr_w1_b`'s); `None` for a LoKr
+    /// whose halves are both full.
+    pub fn rank(&self) -> Option<usize> {
+        let rows = |name: &str| self.get(name).and_then(|t| t.shape.first().copied());
+        match self.algo {
+            crate::Algo::Loha => rows("hada_w1_b"),
+            _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
+        }
+    }
+
+    /// The scale of the update: `alpha / rank`, or 1 without a low-rank part.
+    pub fn scale(&self) -> f32 {
+        self.rank().map_or(1.0, |r| self.alpha / r as f32)
+    }
 }
 
 impl LoraWeights {
     /// Builds and validates a plain LoRA adapter (see [`LoraWeights::validate`]).
     pub fn new(down: HostTensor, up: HostTensor, alpha: f32, key: &str) -> Result<Self> {
-        let w = Self { down, up, alpha, magnitude: None };
+        let w = Self { down, up, alpha, magnitude: None, lycoris: None };
         w.validate(key)?;
         Ok(w)
     }
@@ -226,6 +272,7 @@ impl LoraWeights {
             up,
             alpha: self.rank() as f32,
             magnitude: self.magnitude.clone(),
+            lycoris: None,
         }
     }
 }

@@ -141,6 +141,17 @@ pub struct LoraSection {
     /// as LyCORIS' `dora_scale` (kohya layout, read by ComfyUI and Forge) or PEFT's
     /// `lora_magnitude_vector`.
     pub dora: bool,
+    /// The form of the adapters: `lora` (the default), or LyCORIS' `loha` or `lokr` (kohya's
+    /// `network_module = "lycoris.kohya"` with `algo`), trained as LyCORIS trains them and
+    /// saved in its layout, which A1111, ComfyUI and Forge load. LoHa and LoKr take `rank`,
+    /// `alpha`, `conv_*`, `rslora` and `module_dropout`, not the other dropouts, DoRA or LoRA+.
+    pub algo: lora_core::Algo,
+    /// LoKr's factor (LyCORIS' `factor`): each side of a weight is split as `m · n`, `m` the
+    /// divisor closest to this; −1: closest to the square root.
+    pub lokr_factor: i64,
+    /// LoKr: the small half `w1` low-rank too where the rank is small for it (LyCORIS'
+    /// `decompose_both`).
+    pub lokr_decompose_both: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
@@ -208,6 +219,9 @@ impl LoraSection {
             .with_module_dropout(self.module_dropout)
             .with_rslora(self.rslora)
             .with_dora(self.dora)
+            .with_algo(self.algo)
+            .with_lokr_factor(self.lokr_factor)
+            .with_lokr_decompose_both(self.lokr_decompose_both)
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -805,6 +819,9 @@ impl Default for TrainConfig {
                 module_dropout: 0.0,
                 rslora: false,
                 dora: false,
+                algo: lora_core::Algo::Lora,
+                lokr_factor: -1,
+                lokr_decompose_both: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
                 conv_alpha: 1.0,
@@ -1213,6 +1230,7 @@ impl TrainConfig {
         if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
             return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");
         }
+        self.check_lycoris()?;
         for entry in &self.model.base_weights {
             let file: sd_model::lora::LoraFile = entry.parse().map_err(|e: String| TrainError::Config { origin: "model.base_weights".into(), reason: e })?;
             if !file.path.is_file() {
@@ -1263,6 +1281,40 @@ impl TrainConfig {
         }
         if !(self.output.log_interval_s.is_finite() && self.output.log_interval_s >= 0.0) {
             return bad("output.log_interval_s must be 0 (every step) or a positive number of seconds");
+        }
+        Ok(())
+    }
+
+    /// What LoHa and LoKr (`lora.algo`) do not train: the LoRA-only settings.
+    fn check_lycoris(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        let algo = l.algo.name();
+        let bad = |reason: String| Err(TrainError::Config { origin: "lora.algo".into(), reason });
+        if !l.algo.is_lycoris() {
+            if l.lokr_factor != -1 || l.lokr_decompose_both {
+                return bad(format!("lora.lokr_factor and lora.lokr_decompose_both are LoKr's; lora.algo is \"{algo}\""));
+            }
+            return Ok(());
+        }
+        for (key, p) in [("lora.dropout", l.dropout), ("lora.network_dropout", l.network_dropout), ("lora.rank_dropout", l.rank_dropout)] {
+            if p > 0.0 {
+                return bad(format!("{key} is LoRA's; with lora.algo = \"{algo}\" only lora.module_dropout applies (as LyCORIS trains it)"));
+            }
+        }
+        if l.dora {
+            return bad(format!("lora.dora trains LoRA adapters; lora.algo = \"{algo}\" has no DoRA here"));
+        }
+        if [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0) {
+            return bad(format!("LoRA+ (lora.loraplus_*) speeds up LoRA's `up` weights; a {algo} has none"));
+        }
+        if l.lokr_factor == 0 || l.lokr_factor < -1 {
+            return bad(format!("lora.lokr_factor must be -1 (square root) or at least 1, got {}", l.lokr_factor));
+        }
+        if self.train.scale_weight_norms > 0.0 {
+            return bad(format!("train.scale_weight_norms scales LoRA's `up` and `down` weights; it does not apply to a {algo}"));
+        }
+        if self.output.save_format == lora_core::AdapterFormat::Peft {
+            return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));
         }
         Ok(())
     }

@@ -414,9 +414,12 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
 
     read_model(&mut o, &mut c, &mut notes)?;
     read_data(&mut o, &mut c, &mut notes)?;
-    let conv_dim = read_network(&mut o, &mut c, &mut notes)?;
+    let network = read_network(&mut o, &mut c, &mut notes)?;
     let (network_dtype, scheduler) = read_training(&mut o, &mut c, &mut notes)?;
-    conv_targets(&mut c.lora, conv_dim, &mut notes);
+    match network {
+        Network::Lora { conv_dim } => conv_targets(&mut c.lora, conv_dim, &mut notes),
+        Network::Lycoris { preset, conv_dim } => lycoris_targets(&mut c.lora, preset, conv_dim),
+    }
     read_optimizer(&mut o, &mut c, &scheduler, &mut notes)?;
     read_output(&mut o, &mut c, network_dtype, &mut notes)?;
 
@@ -589,27 +592,75 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     Ok(())
 }
 
-/// The `network_args` of kohya's `networks.lora`; returns `conv_dim`, which
-/// [`conv_targets`] applies once the learning rates say whether the UNet trains.
-fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<Option<usize>, TrainError> {
+/// What `network_module` and its `network_args` leave for the targets, which apply once
+/// the learning rates say which models train.
+enum Network {
+    /// kohya's `networks.lora`, with `conv_dim` if given ([`conv_targets`]).
+    Lora { conv_dim: Option<usize> },
+    /// LyCORIS' `lycoris.kohya` with its preset and the rank of the 3x3 convolutions (0:
+    /// none) ([`lycoris_targets`]).
+    Lycoris { preset: LycorisPreset, conv_dim: usize },
+}
+
+/// LyCORIS' built-in presets (`preset=...` in `network_args`) for SD / SDXL UNets, whose
+/// blocks kohya's UNet names as diffusers does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LycorisPreset {
+    /// `full` (LyCORIS' default): the transformer, ResNet and sampler blocks, `conv_in`,
+    /// `conv_out`, the time embedding, and the text encoders' attention and MLP.
+    Full,
+    /// `full-lin`: `full` without 3x3 convolutions.
+    FullLin,
+    /// `attn-mlp`: the transformer blocks and the text encoders' attention and MLP.
+    AttnMlp,
+    /// `attn-only`: the attention layers (UNet and text encoders).
+    AttnOnly,
+    /// `unet-only`: `full` without the text encoders.
+    UnetOnly,
+    /// `unet-transformer-only`: the UNet's transformer blocks.
+    UnetTransformerOnly,
+    /// `unet-convblock-only`: the UNet's ResNet and sampler blocks, `conv_in` and `conv_out`.
+    UnetConvblockOnly,
+}
+
+impl LycorisPreset {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "full" => Self::Full,
+            "full-lin" => Self::FullLin,
+            "attn-mlp" => Self::AttnMlp,
+            "attn-only" => Self::AttnOnly,
+            "unet-only" => Self::UnetOnly,
+            "unet-transformer-only" => Self::UnetTransformerOnly,
+            "unet-convblock-only" => Self::UnetConvblockOnly,
+            _ => return None,
+        })
+    }
+
+    /// Whether the preset trains 3x3 convolutions (LyCORIS' `enable_conv`).
+    fn enables_conv(self) -> bool {
+        matches!(self, Self::Full | Self::UnetOnly | Self::UnetConvblockOnly)
+    }
+}
+
+/// LyCORIS' reading of a boolean argument (`str_bool`): anything but "false" is true.
+fn lycoris_bool(value: &str) -> bool {
+    !value.eq_ignore_ascii_case("false")
+}
+
+/// The `network_args` of kohya's `networks.lora`, or of LyCORIS' `lycoris.kohya`.
+fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<Network, TrainError> {
     let module = o.string("network_module")?.unwrap_or_else(|| "networks.lora".into());
-    match module.as_str() {
-        "networks.lora" => {}
-        "lycoris.kohya" => {
-            // LyCORIS' presets and defaults (3x3 convolutions at network_dim, conv_in and
-            // conv_out, DoRA per input feature) are not networks.lora's.
-            return Err(o.err(
-                "network_module",
-                "= \"lycoris.kohya\" is not converted: LyCORIS' presets and defaults differ from networks.lora's; convert the config without it (and its network_args), then set lora.unet_targets = \"conv\", lora.conv_rank / conv_alpha and lora.dora in the result for a LoCon or DoRA",
-            ));
-        }
+    let lycoris = match module.as_str() {
+        "networks.lora" => false,
+        "lycoris.kohya" => true,
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim)"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim) and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
             ))
         }
-    }
+    };
     let l = &mut c.lora;
     l.rank = o.count("network_dim")?.unwrap_or(4);
     l.alpha = o.float("network_alpha")?.unwrap_or(1.0) as f32;
@@ -626,6 +677,9 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     l.unet_targets = if te_only { UnetTargets::None } else { UnetTargets::AttnMlp };
 
     let args = o.list("network_args")?;
+    if lycoris {
+        return read_lycoris_args(o, l, &args, notes);
+    }
     let mut ignored = Vec::new();
     let mut conv_dim = None;
     for (key, value) in key_values(&args, "network_args", &o.origin)? {
@@ -660,7 +714,137 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     if !ignored.is_empty() {
         notes.push(format!("network_args that networks.lora ignores are ignored here too: {}", ignored.join(", ")));
     }
-    Ok(conv_dim)
+    Ok(Network::Lora { conv_dim })
+}
+
+/// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x): `algo` (lora / locon,
+/// loha or lokr), `preset`, `conv_dim` / `conv_alpha` (network_dim / network_alpha when
+/// absent, as LyCORIS reads them), LoKr's `factor` and `decompose_both`, `module_dropout`,
+/// `rs_lora`, and DoRA (`dora_wd`) for LoRA. What LyCORIS trains differently here (its
+/// rank dropout, Tucker convolutions, `use_scalar`, norm layers, ...) is an error naming it.
+fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
+    let mut algo = "lora".to_string();
+    let mut preset = LycorisPreset::Full;
+    let (mut conv_dim, mut conv_alpha, mut dropout) = (None, None, None);
+    let mut ignored = Vec::new();
+    for (key, value) in key_values(args, "network_args", &o.origin)? {
+        let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
+        let number = || value.parse::<f64>().map_err(|_| bad("expected a number"));
+        let on = lycoris_bool(&value);
+        match key.as_str() {
+            "algo" => algo = value.to_ascii_lowercase(),
+            "preset" => preset = LycorisPreset::parse(&value).ok_or_else(|| bad("expected one of LyCORIS' presets full, full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only or unet-convblock-only (preset files are not read)"))?,
+            "conv_dim" => {
+                let dim = number()?;
+                if dim < 0.0 || dim.fract() != 0.0 {
+                    return Err(bad("expected a rank"));
+                }
+                conv_dim = Some(dim as usize);
+            }
+            "conv_alpha" => conv_alpha = Some(number()? as f32),
+            "dropout" => dropout = Some(number()?),
+            "module_dropout" => l.module_dropout = number()?,
+            "rank_dropout" if number()? > 0.0 => return Err(bad("LyCORIS' rank dropout drops rows of the update's weight, not kohya's rank components; it has no counterpart here")),
+            "factor" => {
+                let factor = number()?;
+                if factor.fract() != 0.0 || !(factor == -1.0 || factor >= 1.0) {
+                    return Err(bad("expected -1 or a whole number of at least 1"));
+                }
+                l.lokr_factor = factor as i64;
+            }
+            // LyCORIS passes this one on as the string it is given, which Python reads as
+            // true whatever it says ("False" too): LoKr then decomposes `w1` where the rank
+            // is small enough. The import trains what LyCORIS trains.
+            "decompose_both" => {
+                l.lokr_decompose_both = true;
+                if !on {
+                    notes.push(format!("network_args `decompose_both={value}`: LyCORIS reads the string it is given as true, so LoKr decomposes w1 where the rank is below half its size; lora.lokr_decompose_both = true trains the same"));
+                }
+            }
+            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" if on => return Err(bad("Tucker-decomposed convolutions are not trained here; set it to False")),
+            "use_scalar" if on => return Err(bad("LyCORIS' trained scalar (and its initialisation) has no counterpart here; set it to False")),
+            "train_norm" if on => return Err(bad("normalization layers are not trained here; set it to False")),
+            "full_matrix" if on => return Err(bad("LoKr's full-matrix mode is not trained here; set it to False")),
+            "unbalanced_factorization" if on => return Err(bad("LoKr's unbalanced factorization is not trained here; set it to False")),
+            "wd_on_output" if !on => return Err(bad("DoRA per input feature is not trained here; set it to True")),
+            "dora_wd" => l.dora = on,
+            "rs_lora" => l.rslora = on,
+            "loraplus_lr_ratio" => l.loraplus_lr_ratio = number()?,
+            "loraplus_unet_lr_ratio" => l.loraplus_unet_lr_ratio = number()?,
+            "loraplus_text_encoder_lr_ratio" => l.loraplus_text_encoder_lr_ratio = number()?,
+            // The same update computed another way, or settings of what is off or of other
+            // algorithms (OFT's block size and constraint, rank dropout's scaling).
+            "bypass_mode" | "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "full_matrix" | "unbalanced_factorization" | "wd_on_output" | "rank_dropout" | "rank_dropout_scale" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
+            _ => ignored.push(format!("{key}={value}")),
+        }
+    }
+    if !ignored.is_empty() {
+        notes.push(format!("network_args that LyCORIS does not read are ignored: {}", ignored.join(", ")));
+    }
+    l.algo = match algo.as_str() {
+        "lora" | "locon" => lora_core::Algo::Lora,
+        "loha" => lora_core::Algo::Loha,
+        "lokr" => lora_core::Algo::Lokr,
+        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
+    };
+    if l.algo.is_lycoris() && l.dora {
+        return Err(o.err("network_args", format!("`dora_wd=True` with algo={algo}: DoRA is trained here for LoRA only")));
+    }
+    // kohya passes network_dropout as LyCORIS' `dropout` unless network_args has one.
+    let dropout = dropout.unwrap_or(l.network_dropout);
+    l.network_dropout = 0.0;
+    if dropout > 0.0 {
+        if l.algo.is_lycoris() {
+            notes.push(format!("dropout {dropout} (network_dropout or network_args' dropout) is ignored, as LyCORIS' {algo} ignores it"));
+        } else {
+            return Err(o.err("network_args", format!("dropout {dropout} (network_dropout or network_args' dropout): LyCORIS' LoRA dropout has no counterpart here; set it to 0")));
+        }
+    }
+    // LyCORIS: 3x3 convolutions at conv_dim, which defaults to network_dim, if the preset
+    // has any; conv_alpha defaults to network_alpha.
+    let conv_dim = if preset.enables_conv() { conv_dim.unwrap_or(l.rank) } else { 0 };
+    l.conv_alpha = conv_alpha.unwrap_or(l.alpha);
+    Ok(Network::Lycoris { preset, conv_dim })
+}
+
+/// A LyCORIS preset's targets, for the models that train (UNet and text encoders whose
+/// targets are not `none`), with 3x3 convolutions at `conv_dim` (0: none).
+fn lycoris_targets(l: &mut crate::config::LoraSection, preset: LycorisPreset, conv_dim: usize) {
+    use LycorisPreset as P;
+    if l.text_encoder_targets != TextEncoderTargets::None {
+        l.text_encoder_targets = match preset {
+            P::Full | P::FullLin | P::AttnMlp => TextEncoderTargets::AttnMlp,
+            P::AttnOnly => TextEncoderTargets::Attn,
+            P::UnetOnly | P::UnetTransformerOnly | P::UnetConvblockOnly => TextEncoderTargets::None,
+        };
+    }
+    if l.unet_targets == UnetTargets::None {
+        return;
+    }
+    let no_3x3 = ["*.resnets.*.conv1", "*.resnets.*.conv2", "*samplers.*.conv"].map(String::from);
+    let time = ["time_embedding.linear_1", "time_embedding.linear_2"].map(String::from);
+    let outer = ["conv_in", "conv_out"].map(String::from);
+    l.unet_targets = match preset {
+        P::AttnMlp | P::UnetTransformerOnly => UnetTargets::AttnMlp,
+        P::AttnOnly => UnetTargets::Attn,
+        P::Full | P::FullLin | P::UnetOnly | P::UnetConvblockOnly => UnetTargets::Conv,
+    };
+    if matches!(preset, P::Full | P::FullLin | P::UnetOnly) {
+        l.include.extend(time);
+    }
+    if preset == P::UnetConvblockOnly {
+        l.exclude.push("*.attentions.*".into());
+    }
+    if l.unet_targets == UnetTargets::Conv {
+        if conv_dim > 0 {
+            l.conv_rank = conv_dim;
+            if preset != P::FullLin {
+                l.include.extend(outer);
+            }
+        } else {
+            l.exclude.extend(no_3x3);
+        }
+    }
 }
 
 /// networks.lora's targets beyond the transformer blocks: the ResNet blocks and samplers
@@ -1477,6 +1661,56 @@ wandb_run_name = "my_style"
     }
 
     /// Each bad input is an error naming the option and what was expected.
+    /// The kohya_ss GUI's LyCORIS/LoHa and LyCORIS/LoKr configs (its `network_args`, every
+    /// flag written out): LyCORIS' algorithm, preset targets, conv_dim / conv_alpha
+    /// defaults, LoKr's factor and its string-typed `decompose_both`.
+    #[test]
+    fn lycoris_configs_map() {
+        let gui = |algo: &str, extra: &str| {
+            format!(
+                "{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = [\"preset=full\", \"conv_dim=4\", \"conv_alpha=1\", \"use_tucker=False\", \"rank_dropout=0\", \"bypass_mode=False\", \"dora_wd=False\", \"module_dropout=0.1\", \"use_scalar=False\", \"rank_dropout_scale=False\", \"algo={algo}\", \"train_norm=False\"{extra}]"
+            )
+        };
+        let loha = import(&gui("loha", "")).unwrap();
+        let l = &loha.config.lora;
+        assert_eq!((l.algo, l.rank, l.alpha, l.conv_rank, l.conv_alpha, l.module_dropout), (lora_core::Algo::Loha, 8, 4.0, 4, 1.0, 0.1));
+        assert_eq!((l.unet_targets, l.text_encoder_targets), (UnetTargets::Conv, TextEncoderTargets::AttnMlp));
+        let selection = sd_model::targets::Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
+        for (path, conv) in [("conv_in", true), ("conv_out", true), ("time_embedding.linear_1", false), ("down_blocks.0.resnets.0.conv1", true), ("down_blocks.0.attentions.0.proj_in", false)] {
+            assert!(selection.selects(path, conv), "full preset: {path}");
+        }
+        loha.config.validate().unwrap();
+
+        let lokr = import(&gui("lokr", ", \"factor=8\", \"use_cp=False\", \"decompose_both=False\"")).unwrap();
+        let l = &lokr.config.lora;
+        assert_eq!((l.algo, l.lokr_factor, l.lokr_decompose_both), (lora_core::Algo::Lokr, 8, true));
+        assert!(lokr.notes.iter().any(|n| n.contains("decompose_both=False") && n.contains("as true")), "{:?}", lokr.notes);
+
+        // LyCORIS' defaults: conv_dim and conv_alpha are network_dim and network_alpha; the
+        // preset decides the targets.
+        let base = format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_alpha = 4\n");
+        let c = import(&format!("{base}network_args = [\"algo=locon\"]")).unwrap().config;
+        assert_eq!((c.lora.algo, c.lora.unet_targets, c.lora.conv_rank, c.lora.conv_alpha), (lora_core::Algo::Lora, UnetTargets::Conv, 8, 4.0));
+        let c = import(&format!("{base}network_args = [\"algo=loha\", \"preset=attn-only\"]")).unwrap().config;
+        assert_eq!((c.lora.unet_targets, c.lora.text_encoder_targets, c.lora.conv_rank), (UnetTargets::Attn, TextEncoderTargets::Attn, 0));
+        let c = import(&format!("{base}network_args = [\"algo=loha\", \"preset=unet-transformer-only\"]")).unwrap().config;
+        assert_eq!((c.lora.unet_targets, c.lora.text_encoder_targets), (UnetTargets::AttnMlp, TextEncoderTargets::None));
+        for (preset, conv) in [("full-lin", "conv_dim=4"), ("full", "conv_dim=0")] {
+            let c = import(&format!("{base}network_args = [\"algo=loha\", \"preset={preset}\", \"{conv}\"]")).unwrap().config;
+            let selection = sd_model::targets::Selection::new(c.lora.unet_targets).include(c.lora.include.clone()).exclude(c.lora.exclude.clone());
+            assert!(selection.selects("time_embedding.linear_1", false) && selection.selects("down_blocks.0.resnets.0.time_emb_proj", false), "{preset}");
+            assert!(!selection.selects("down_blocks.0.resnets.0.conv1", true) && !selection.selects("conv_in", true), "{preset}: no 3x3 convolutions");
+        }
+        let c = import(&format!("{base}network_args = [\"algo=lokr\", \"preset=unet-convblock-only\"]")).unwrap().config;
+        let selection = sd_model::targets::Selection::new(c.lora.unet_targets).include(c.lora.include.clone()).exclude(c.lora.exclude.clone());
+        assert!(selection.selects("conv_out", true) && selection.selects("up_blocks.1.upsamplers.0.conv", true));
+        assert!(!selection.selects("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", false));
+        // network_dropout reaches LyCORIS as `dropout`, which LoHa ignores.
+        let c = import(&format!("{base}network_dropout = 0.1\nnetwork_args = [\"algo=loha\"]")).unwrap();
+        assert_eq!(c.config.lora.network_dropout, 0.0);
+        assert!(c.notes.iter().any(|n| n.contains("ignored, as LyCORIS' loha ignores it")), "{:?}", c.notes);
+    }
+
     #[test]
     fn bad_options_are_errors_naming_them() {
         let cases = [
@@ -1491,7 +1725,12 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"piecewise_constant\"", "`lr_scheduler` = \"piecewise_constant\" is not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\"]", "`network_module` = \"lycoris.kohya\" is not converted"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"use_tucker=True\"]", "`use_tucker=True`: Tucker"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1`: LyCORIS' rank dropout"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"dora_wd=True\"]", "DoRA is trained here for LoRA only"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"factor=0\"]", "`factor=0`: expected -1"),
             ("train_inpainting = true", "`train_inpainting` = true: inpainting"),
             ("mixed_precision = \"fp8\"", "`mixed_precision` = \"fp8\""),
         ];

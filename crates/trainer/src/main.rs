@@ -461,8 +461,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         epochs => format!("{epochs} epochs"),
     };
     eprintln!(
-        "training a rank-{} LoRA on `{}` with {} for {length} -> {}",
+        "training a rank-{} {} on `{}` with {} for {length} -> {}",
         config.lora.rank,
+        match config.lora.algo {
+            lora_core::Algo::Lora => "LoRA",
+            lora_core::Algo::Loha => "LoHa",
+            lora_core::Algo::Lokr => "LoKr",
+        },
         config.model.pretrained,
         if config.data.train_data_dir == "demo" { "the demo images".to_string() } else { config.data.train_data_dir.clone() },
         config.output.output_dir.display()
@@ -707,7 +712,9 @@ fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::Read
 }
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFormat, dtype: SaveDtype) -> Result<()> {
+    // LoHa / LoKr adapters become the LoRAs with their updates (what `convert` is for).
     let (set, report) = load_adapters(input)?;
+    let set = set.into_plain_lora();
     set.save(output, to, dtype)?;
     println!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
     Ok(())

@@ -300,6 +300,13 @@ fn network_args(l: &crate::config::LoraSection) -> Option<String> {
             args.insert(key.into(), text.trim().into());
         }
     }
+    // LyCORIS' arguments (`algo` itself the kohya writer adds from the adapters).
+    if l.algo == lora_core::Algo::Lokr {
+        args.insert("factor".into(), l.lokr_factor.to_string().into());
+        if l.lokr_decompose_both {
+            args.insert("decompose_both".into(), "True".into());
+        }
+    }
     if l.block_lr_zero_threshold > 0.0 {
         args.insert("block_lr_zero_threshold".into(), l.block_lr_zero_threshold.to_string().into());
     }

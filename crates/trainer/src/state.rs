@@ -45,30 +45,47 @@ impl<B: Backend> AdapterParam<B> {
 }
 
 /// The adapters' trainable tensors of `model`, keyed `<prefix>.<module path>.down|up`
-/// (and `.magnitude` for DoRA).
+/// (and `.magnitude` for DoRA; a LyCORIS adapter's by factor, `.hada_w1_a` etc.).
 pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -> Vec<(String, AdapterParam<B>)> {
     let mut out = Vec::new();
-    model.visit_lora_sites(&mut |path, site| match site {
+    model.visit_lora_sites(&mut |path, site| {
+        let lycoris = match &site {
+            LoraSiteMut::Linear(l) => l.lycoris.as_ref(),
+            LoraSiteMut::Conv(c) => c.lycoris.as_ref(),
+        };
+        if let Some(a) = lycoris {
+            for (name, p) in a.names().iter().zip(&a.factors) {
+                out.push((format!("{prefix}.{path}.{name}"), AdapterParam::Matrix(p.id, p.val())));
+            }
+        }
+        lora_params(site, &format!("{prefix}.{path}"), &mut out);
+    });
+    out
+}
+
+/// A LoRA adapter's trainable tensors, keyed `<key>.down|up|magnitude`.
+fn lora_params<B: Backend>(site: LoraSiteMut<'_, B>, key: &str, out: &mut Vec<(String, AdapterParam<B>)>) {
+    let dot = |name: &str| format!("{key}.{name}");
+    match site {
         LoraSiteMut::Linear(l) => {
             if let Some(a) = &l.adapter {
-                out.push((format!("{prefix}.{path}.down"), AdapterParam::Matrix(a.down.weight.id, a.down.weight.val())));
-                out.push((format!("{prefix}.{path}.up"), AdapterParam::Matrix(a.up.weight.id, a.up.weight.val())));
+                out.push((dot("down"), AdapterParam::Matrix(a.down.weight.id, a.down.weight.val())));
+                out.push((dot("up"), AdapterParam::Matrix(a.up.weight.id, a.up.weight.val())));
                 if let Some(m) = &a.magnitude {
-                    out.push((format!("{prefix}.{path}.magnitude"), AdapterParam::Vector(m.id, m.val())));
+                    out.push((dot("magnitude"), AdapterParam::Vector(m.id, m.val())));
                 }
             }
         }
         LoraSiteMut::Conv(c) => {
             if let Some(a) = &c.adapter {
-                out.push((format!("{prefix}.{path}.down"), AdapterParam::Kernel(a.down.weight.id, a.down.weight.val())));
-                out.push((format!("{prefix}.{path}.up"), AdapterParam::Kernel(a.up.weight.id, a.up.weight.val())));
+                out.push((dot("down"), AdapterParam::Kernel(a.down.weight.id, a.down.weight.val())));
+                out.push((dot("up"), AdapterParam::Kernel(a.up.weight.id, a.up.weight.val())));
                 if let Some(m) = &a.magnitude {
-                    out.push((format!("{prefix}.{path}.magnitude"), AdapterParam::Vector(m.id, m.val())));
+                    out.push((dot("magnitude"), AdapterParam::Vector(m.id, m.val())));
                 }
             }
         }
-    });
-    out
+    }
 }
 
 fn mismatch(key: &str, reason: String) -> TrainError {
@@ -109,7 +126,19 @@ fn saved_tensor<'a>(saved: &'a HashMap<String, HostTensor>, key: &str) -> Result
     saved.get(key).ok_or_else(|| mismatch(key, "missing from the saved state (were the targets changed?)".into()))
 }
 
-fn restore_site<B: Backend>(site: LoraSiteMut<'_, B>, key: &str, saved: &HashMap<String, HostTensor>, device: &B::Device) -> Result<usize, TrainError> {
+fn restore_site<B: Backend>(mut site: LoraSiteMut<'_, B>, key: &str, saved: &HashMap<String, HostTensor>, device: &B::Device) -> Result<usize, TrainError> {
+    let lycoris = match &mut site {
+        LoraSiteMut::Linear(l) => l.lycoris.as_mut(),
+        LoraSiteMut::Conv(c) => c.lycoris.as_mut(),
+    };
+    if let Some(a) = lycoris {
+        let names = a.names().to_vec();
+        for (name, p) in names.iter().zip(a.factors.iter_mut()) {
+            let key = format!("{key}.{name}");
+            *p = Param::from_tensor(upload::<B, 2>(&key, saved_tensor(saved, &key)?, p.dims(), device)?);
+        }
+        return Ok(1);
+    }
     let (down, up) = (format!("{key}.down"), format!("{key}.up"));
     let magnitude = match site {
         LoraSiteMut::Linear(l) => {

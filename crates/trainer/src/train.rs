@@ -508,6 +508,10 @@ fn attach_configured_adapters<B: AutodiffBackend>(
 fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: impl Fn(&str) -> f64, up_ratio: f64) -> HashMap<burn::module::ParamId, f32> {
     let mut factors = HashMap::new();
     model.visit_lora_sites(&mut |path, site| {
+        // A LyCORIS adapter's factors take the block's rate (LoRA+ is LoRA's).
+        for id in site.lycoris_param_ids() {
+            factors.insert(id, block(path) as f32);
+        }
         if let Some((down, up)) = site.adapter_param_ids() {
             let factor = block(path);
             factors.insert(down, factor as f32);
@@ -729,6 +733,9 @@ fn fingerprint(config: &TrainConfig) -> String {
         "module_dropout = 0.0",
         "network_dropout = 0.0",
         "dora = false",
+        "algo = \"lora\"",
+        "lokr_factor = -1",
+        "lokr_decompose_both = false",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",

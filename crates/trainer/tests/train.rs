@@ -1716,6 +1716,118 @@ fn dora_trains_resumes_and_applies() {
     assert!(err < 1e-4, "merged vs attached: {err}");
 }
 
+/// `lora.algo = "loha"` / `"lokr"`: every adapter (linear, 3x3 conv, text encoder) is
+/// saved as LyCORIS saves it, with `lycoris.kohya` and the algorithm in the metadata; a
+/// stopped run resumes bit for bit (module dropout included); the file continues training
+/// as `network_weights`, and a LoRA config is refused for it and for the state; a bf16 base
+/// trains; the file applies at a strength in generation, merged as attached.
+#[test]
+fn loha_and_lokr_train_resume_and_apply() {
+    let _guard = seeded();
+    for algo in [lora_core::Algo::Loha, lora_core::Algo::Lokr] {
+        let name = algo.name();
+        let lycoris_config = |dir: &std::path::Path, steps: usize| {
+            let mut c = resume_config(dir, steps);
+            c.lora.algo = algo;
+            (c.lora.dropout, c.lora.module_dropout) = (0.0, 0.2);
+            c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+            (c.lora.conv_rank, c.lora.conv_alpha) = (2, 1.0);
+            c.output.save_every_n_epochs = 0;
+            c
+        };
+        let straight_dir = tempfile::tempdir().unwrap();
+        let straight = train::<B>(&lycoris_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+        let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+        assert!(set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder), "{name}");
+        assert!(set.iter().any(|(_, w)| w.is_conv() && w.down.shape[2..] == [3, 3]), "{name}");
+        for (key, w) in set.iter() {
+            assert_eq!(w.lycoris.as_ref().map(|l| l.algo), Some(algo), "{key}");
+        }
+        let meta = lora_metadata(&straight.lora);
+        assert_eq!(meta["ss_network_module"], "lycoris.kohya");
+        assert!(meta["ss_network_args"].contains(&format!("\"algo\":\"{name}\"")), "{}", meta["ss_network_args"]);
+        assert_eq!(meta["ss_network_dim"], "4", "{name}: LyCORIS' own rank");
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = lycoris_config(dir.path(), 6);
+        train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
+        let resumed = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&resumed.losses), bits(&straight.losses), "{name}: same losses, step for step");
+        assert_same_lora(&straight.lora, &resumed.lora);
+        let mut plain = lycoris_config(dir.path(), 8);
+        plain.lora.algo = lora_core::Algo::Lora;
+        let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+        assert!(err.to_string().contains("algo"), "{err}");
+
+        // The trained file as `network_weights`: its adapters load into the new ones; a
+        // LoRA config cannot take them.
+        let more_dir = tempfile::tempdir().unwrap();
+        let mut more = lycoris_config(more_dir.path(), 2);
+        more.lora.network_weights = straight.lora.display().to_string();
+        let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
+        assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+        more.lora.algo = lora_core::Algo::Lora;
+        let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains("LoRA"), "{err}");
+
+        let bf16_dir = tempfile::tempdir().unwrap();
+        let mut bf16 = lycoris_config(bf16_dir.path(), 2);
+        bf16.train.mixed_precision = trainer::config::MixedPrecision::Bf16;
+        let report = train::<B>(&bf16, &Default::default(), &mut |_| true).unwrap();
+        assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+
+        // At strength 0.5 the UNet's output moves off the base model's; merged, it is the same.
+        let device = Default::default();
+        let run = |unet: &sd_model::UNet2DConditionModel<Flex>| {
+            let x = burn::tensor::Tensor::<Flex, 4>::ones([1, 4, 8, 8], &device).mul_scalar(0.3);
+            let t = burn::tensor::Tensor::<Flex, 1>::from_floats([500.0], &device);
+            let ctx = burn::tensor::Tensor::<Flex, 3>::ones([1, 77, sd_model::UnetConfig::tiny().cross_attention_dim], &device).mul_scalar(0.1);
+            unet.forward(x, t, ctx).unwrap().into_data().to_vec::<f32>().unwrap()
+        };
+        let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+        let mut half = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+        let file: sd_model::lora::LoraFile = format!("{}:0.5", straight.lora.display()).parse().unwrap();
+        sd_model::lora::apply_lora_files(&mut half, None, &[file], true, &device).unwrap();
+        let (plain, with) = (run(&base), run(&half));
+        assert!(plain.iter().zip(&with).any(|(a, b)| (a - b).abs() > 1e-6), "{name}: the file changes nothing");
+        lora_core::sites::bake_adapters(&mut half);
+        let merged = run(&half);
+        let err = merged.iter().zip(&with).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-4, "{name}: merged vs attached: {err}");
+    }
+}
+
+/// What LoHa and LoKr do not train is a config error naming the key.
+#[test]
+fn lycoris_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = || {
+        let mut c = quick_config(dir.path(), 2);
+        c.lora.algo = lora_core::Algo::Loha;
+        c
+    };
+    type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
+    let cases: [(Edit, &str); 7] = [
+        (&|c| c.lora.dropout = 0.1, "lora.dropout"),
+        (&|c| c.lora.rank_dropout = 0.1, "lora.rank_dropout"),
+        (&|c| c.lora.dora = true, "lora.dora"),
+        (&|c| c.lora.loraplus_lr_ratio = 16.0, "loraplus"),
+        (&|c| c.train.scale_weight_norms = 1.0, "train.scale_weight_norms"),
+        (&|c| c.output.save_format = AdapterFormat::Peft, "output.save_format"),
+        (&|c| (c.lora.algo, c.lora.lokr_factor) = (lora_core::Algo::Lora, 4), "lora.lokr_factor"),
+    ];
+    for (edit, expect) in cases {
+        let mut c = base();
+        edit(&mut c);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains(expect), "{expect}: {err}");
+    }
+    let mut ok = base();
+    ok.lora.module_dropout = 0.1;
+    ok.validate().unwrap();
+}
+
 /// `model.base_weights` (kohya's `base_weights`): a LoRA merged into the frozen model before
 /// training acts as that LoRA attached at full strength (the first step's loss is the one a
 /// run starting from it as `network_weights` sees), at strength 0 changes nothing, and a

@@ -93,19 +93,35 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         args.insert("algo".into(), "lora".into());
         args.insert("dora_wd".into(), "True".into());
     }
-    let linear = || set.iter().filter(|(_, w)| !w.is_conv() || w.down.shape[2..] == [1, 1]);
-    let conv = || set.iter().filter(|(_, w)| w.is_conv() && w.down.shape[2..] != [1, 1]);
-    if let Some(dim) = mode(linear().map(|(_, w)| w.rank())) {
-        meta.insert("ss_network_dim".into(), dim.to_string());
-        if let Some((_, w)) = linear().find(|(_, w)| w.rank() == dim) {
-            meta.insert("ss_network_alpha".into(), format_alpha(w.alpha));
+    match set.iter().find_map(|(_, w)| w.lycoris.as_ref()) {
+        Some(l) => {
+            meta.insert("ss_network_module".into(), "lycoris.kohya".into());
+            args.insert("algo".into(), l.algo.name().into());
+        }
+        None => {
+            // A LoHa / LoKr file's recorded arguments do not describe its plain-LoRA form.
+            if args.get("algo").and_then(|a| a.as_str()).is_some_and(|a| a == "loha" || a == "lokr") {
+                for key in ["algo", "factor", "decompose_both", "preset"] {
+                    args.remove(key);
+                }
+            }
         }
     }
-    if let Some(dim) = mode(conv().map(|(_, w)| w.rank())) {
-        let alpha = conv()
-            .find(|(_, w)| w.rank() == dim)
-            .map(|(_, w)| format_alpha(w.alpha))
-            .unwrap_or_default();
+    // A LyCORIS adapter's own rank and alpha (a LoKr with two full halves has no rank).
+    let dim_alpha = |w: &crate::LoraWeights| match &w.lycoris {
+        Some(l) => l.rank().map(|r| (r, l.alpha)),
+        None => Some((w.rank(), w.alpha)),
+    };
+    let linear = || set.iter().filter(|(_, w)| !w.is_conv() || w.down.shape[2..] == [1, 1]).filter_map(|(_, w)| dim_alpha(w));
+    let conv = || set.iter().filter(|(_, w)| w.is_conv() && w.down.shape[2..] != [1, 1]).filter_map(|(_, w)| dim_alpha(w));
+    if let Some(dim) = mode(linear().map(|(r, _)| r)) {
+        meta.insert("ss_network_dim".into(), dim.to_string());
+        if let Some((_, alpha)) = linear().find(|(r, _)| *r == dim) {
+            meta.insert("ss_network_alpha".into(), format_alpha(alpha));
+        }
+    }
+    if let Some(dim) = mode(conv().map(|(r, _)| r)) {
+        let alpha = conv().find(|(r, _)| *r == dim).map(|(_, a)| format_alpha(a)).unwrap_or_default();
         args.insert("conv_dim".into(), dim.to_string().into());
         args.insert("conv_alpha".into(), alpha.into());
     }
@@ -131,7 +147,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
                 format!("{}.alpha", set.kohya_name_of(k)),
                 HostTensor {
                     shape: vec![],
-                    data: vec![w.alpha],
+                    data: vec![w.lycoris.as_ref().map_or(w.alpha, |l| l.alpha)],
                 },
             )
         })
@@ -152,8 +168,14 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(set.len() * 4);
     for (((key, w), (alpha_key, alpha)), magnitude) in set.iter().zip(&alphas).zip(&magnitudes) {
         let name = set.kohya_name_of(key);
-        tensors.push((format!("{name}.lora_down.weight"), &w.down));
-        tensors.push((format!("{name}.lora_up.weight"), &w.up));
+        match &w.lycoris {
+            // LyCORIS' own tensors, as LyCORIS writes them.
+            Some(l) => tensors.extend(l.tensors.iter().map(|(part, t)| (format!("{name}.{part}"), t))),
+            None => {
+                tensors.push((format!("{name}.lora_down.weight"), &w.down));
+                tensors.push((format!("{name}.lora_up.weight"), &w.up));
+            }
+        }
         tensors.push((alpha_key.clone(), alpha));
         if let Some(m) = magnitude {
             tensors.push((format!("{name}.dora_scale"), m));

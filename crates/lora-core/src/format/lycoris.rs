@@ -22,7 +22,7 @@
 
 use std::path::Path;
 
-use crate::{HostTensor, LoraError, LoraWeights, Result};
+use crate::{Algo, HostTensor, LoraError, LoraWeights, LycorisWeights, Result};
 
 /// Which LyCORIS tensor a key holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +58,29 @@ pub(super) const SUFFIXES: &[(&str, Part)] = &[
     (".lokr_w2_b", Part::LokrW2B),
     (".lokr_t2", Part::LokrT2),
 ];
+
+/// The LyCORIS name of a part (`hada_w1_a`, …).
+fn part_name(part: Part) -> &'static str {
+    let (suffix, _) = SUFFIXES.iter().find(|(_, p)| *p == part).expect("every part has a suffix");
+    &suffix[1..]
+}
+
+/// The plain LoRA with the update of `lycoris` (its `lycoris` field set to it); `key`
+/// names the adapter in errors. For a trained LyCORIS adapter, which must be saved or
+/// combined like any other.
+pub(crate) fn lora_of(lycoris: &LycorisWeights, key: &str) -> Result<LoraWeights> {
+    let mut tensors = Tensors::default();
+    for (name, t) in &lycoris.tensors {
+        let Some((_, part)) = SUFFIXES.iter().find(|(suffix, _)| suffix[1..] == **name) else {
+            return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("`{name}` is not a LyCORIS tensor") });
+        };
+        tensors.insert(*part, t.clone());
+    }
+    let mut weights = tensors.to_lora(Some(lycoris.alpha), key, Path::new("<adapter>"))?;
+    // Kept as given (names, order and alpha).
+    weights.lycoris = Some(lycoris.clone());
+    Ok(weights)
+}
 
 /// A matrix `[rows, cols]` on the host (a file tensor with its trailing dimensions
 /// flattened into the columns).
@@ -159,12 +182,19 @@ impl Tensors {
             (Some(alpha), Some(r)) => alpha / r as f32,
             _ => 1.0,
         };
+        let algo = if loha_parts > 0 { Algo::Loha } else { Algo::Lokr };
         let (up, down) = factors.into_lora(scale).map_err(bad)?;
         let rank = down.rows;
         let up = HostTensor::new(vec![up.rows, up.cols], up.data)?;
         let down = HostTensor::new(vec![down.rows, down.cols], down.data)?;
         // The scale is in `up`: alpha = rank.
-        LoraWeights::new(down, up, rank as f32, name).map_err(|e| bad(e.to_string()))
+        let mut weights = LoraWeights::new(down, up, rank as f32, name).map_err(|e| bad(e.to_string()))?;
+        // The file's own tensors, kept to train on or to write again as they were; without
+        // an alpha, the one that gives the scale of 1 the readers use.
+        let tensors = self.found.iter().map(|(part, t)| (part_name(*part).to_string(), t.clone())).collect();
+        let alpha = alpha.unwrap_or(rank_for_scale.unwrap_or(1) as f32);
+        weights.lycoris = Some(LycorisWeights { algo, tensors, alpha });
+        Ok(weights)
     }
 
     /// LoHa's four halves, and their rank (for the scale).
@@ -269,9 +299,9 @@ impl Factors {
 /// A 2-d adapter of a convolution with kernel `[kh, kw]` (LyCORIS' flattened `down`
 /// `[rank, in·kh·kw]`) in the conv layout: `down [rank, in, kh, kw]`, `up [out, rank, 1, 1]`.
 /// Anything else is returned as it is.
-pub(super) fn unflatten(w: LoraWeights, [kh, kw]: [usize; 2]) -> LoraWeights {
+pub(crate) fn unflatten(w: LoraWeights, [kh, kw]: [usize; 2]) -> LoraWeights {
     let k = kh * kw;
-    if w.down.shape.len() != 2 || k <= 1 || !w.down.shape[1].is_multiple_of(k) {
+    if w.down.shape.len() != 2 || k == 0 || !w.down.shape[1].is_multiple_of(k) {
         return w;
     }
     let (rank, out) = (w.down.shape[0], w.up.shape[0]);

@@ -3,7 +3,7 @@
 //! See `docs/lora-formats.md` in the repository for both layouts with worked key examples.
 
 mod kohya;
-mod lycoris;
+pub(crate) mod lycoris;
 mod peft;
 
 use std::collections::{BTreeMap, HashMap};
@@ -156,6 +156,7 @@ fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str), format: 
         up,
         alpha: parts.alpha.unwrap_or(rank),
         magnitude,
+        lycoris: None,
     };
     weights.validate(name).map_err(|e| bad(e.to_string()))?;
     Ok(weights)

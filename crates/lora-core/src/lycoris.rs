@@ -1,0 +1,391 @@
+//! LyCORIS' LoHa and LoKr adapters, trained as LyCORIS trains them.
+//!
+//! A [`LycorisAdapter`] holds the factors of one layer's update `ΔW` (`[out, cols]`, with
+//! `cols = in·kh·kw` for a convolution) in LyCORIS' names and layout:
+//!
+//! - LoHa: `ΔW = scale · (hada_w1_a · hada_w1_b) ⊙ (hada_w2_a · hada_w2_b)`, each product of
+//!   rank `r`. Initialised as LyCORIS does: `w1_b` and `w2_b` from N(0, 1), `w1_a` from
+//!   N(0, 0.1²) and `w2_a` at zero, so a fresh adapter leaves the layer unchanged.
+//! - LoKr: `ΔW = scale · lokr_w1 ⊗ lokr_w2`, with `out = a·b` and `in = c·d` split by
+//!   [`factorization`]. `w1` is `[a, c]`, full unless `decompose_both` and the rank is
+//!   below half its larger side; `w2` is `[b, d·kh·kw]`, the product `lokr_w2_a · lokr_w2_b`
+//!   unless the rank is at least half its larger side (then full). Full halves and `_a`
+//!   halves start Kaiming-uniform (PyTorch's default), `lokr_w2` / `lokr_w2_b` at zero. With
+//!   both halves full the scale is 1.
+//!
+//! The scale is `alpha / r` (`alpha / sqrt(r)` with rsLoRA). The layer's forward uses the
+//! weight `W + multiplier · ΔW` in one product, as LyCORIS' default (non-bypass) forward
+//! does: a matmul or convolution of the layer's own size instead of two, and a backward
+//! whose weight gradient feeds the factors through `ΔW`. Module dropout skips the update
+//! for a pass; LyCORIS' other dropouts and Tucker-decomposed convolutions are not trained.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::nn::LinearConfig;
+//! use burn::tensor::Tensor;
+//! use lora_core::{Algo, LoraConfig, LoraLinear};
+//!
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let mut layer = LoraLinear::new(LinearConfig::new(8, 12).init::<B>(&device));
+//! layer.attach_new(&LoraConfig::new(2).with_algo(Algo::Loha), &device).unwrap();
+//! let loha = layer.lycoris.as_ref().unwrap();
+//! assert_eq!(loha.names(), ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]);
+//! let x = Tensor::<B, 2>::ones([3, 8], &device);
+//! // `hada_w2_a` starts at zero: the layer's output is unchanged.
+//! assert_eq!(layer.forward(x.clone()).into_data(), layer.base.forward(x.clone()).into_data());
+//! let grads = layer.forward(x).sum().backward();
+//! assert!(loha.factors[2].grad(&grads).is_some()); // hada_w2_a
+//! assert!(layer.base.weight.grad(&grads).is_none()); // frozen
+//! ```
+
+use burn::module::{Initializer, Module, Param};
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+
+use crate::precision::cast_to;
+use crate::{Algo, HostTensor, LoraConfig, LoraError, LoraWeights, LycorisWeights, Result};
+
+/// `dimension = m · n` with `m ≤ n`, `m` the divisor closest to `factor` from below
+/// (`factor = -1`: as close to `sqrt(dimension)` as the divisors allow), as LyCORIS'
+/// `factorization` splits a LoKr's sides. A positive `factor` that divides `dimension` is
+/// taken as it is.
+///
+/// ```
+/// use lora_core::lycoris::factorization;
+/// assert_eq!(factorization(128, -1), (8, 16));
+/// assert_eq!(factorization(320, -1), (16, 20));
+/// assert_eq!(factorization(360, 8), (8, 45));
+/// assert_eq!(factorization(250, 4), (2, 125));
+/// assert_eq!(factorization(127, -1), (1, 127));
+/// ```
+pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
+    if factor > 0 && dimension.is_multiple_of(factor as usize) {
+        let m = factor as usize;
+        let n = dimension / m;
+        return (m.min(n), m.max(n));
+    }
+    let limit = if factor < 0 { dimension } else { factor as usize };
+    let (mut m, mut n) = (1, dimension);
+    let length = m + n;
+    while m < n {
+        let mut new_m = m + 1;
+        while !dimension.is_multiple_of(new_m) {
+            new_m += 1;
+        }
+        let new_n = dimension / new_m;
+        if new_m + new_n > length || new_m > limit {
+            break;
+        }
+        (m, n) = (new_m, new_n);
+    }
+    (m.min(n), m.max(n))
+}
+
+/// One layer's LoHa or LoKr factors, trainable (see the [module docs](self)).
+#[derive(Module, Debug)]
+pub struct LycorisAdapter<B: Backend> {
+    /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
+    /// layout (a convolution's kernel flattened into the columns; a full `lokr_w2` of a
+    /// convolution too, which LyCORIS keeps 4-d).
+    pub factors: Vec<Param<Tensor<B, 2>>>,
+    /// The LyCORIS names of the factors.
+    #[module(skip)]
+    names: Vec<&'static str>,
+    /// LoHa or LoKr.
+    #[module(skip)]
+    algo: Algo,
+    /// The update's shape `[out, in, kh, kw]` (`kh = kw = 1` for a linear layer).
+    #[module(skip)]
+    shape: [usize; 4],
+    /// Whether the layer is a convolution (its files keep a full `lokr_w2` 4-d).
+    #[module(skip)]
+    conv: bool,
+    /// The factor on the product: `alpha / r` (`alpha / sqrt(r)` with rsLoRA; 1 for a LoKr
+    /// with two full halves).
+    pub scale: f32,
+    /// kohya's module dropout probability (autodiff backends only): a pass skips the update.
+    pub module_dropout: f64,
+}
+
+/// PyTorch's default initialisation of a `[rows, cols]` weight (Kaiming-uniform with
+/// `a = sqrt(5)`: bound `1 / sqrt(cols)`), as LyCORIS initialises LoKr's halves.
+fn kaiming<B: Backend>(rows: usize, cols: usize, device: &B::Device) -> Param<Tensor<B, 2>> {
+    let init = Initializer::KaimingUniform {
+        gain: 1.0 / 3f64.sqrt(),
+        fan_out_only: false,
+    };
+    init.init_with([rows, cols], Some(cols), Some(rows), device)
+}
+
+fn normal<B: Backend>(rows: usize, cols: usize, std: f64, device: &B::Device) -> Param<Tensor<B, 2>> {
+    Param::from_tensor(Tensor::random([rows, cols], Distribution::Normal(0.0, std), device))
+}
+
+fn zeros<B: Backend>(rows: usize, cols: usize, device: &B::Device) -> Param<Tensor<B, 2>> {
+    Param::from_tensor(Tensor::zeros([rows, cols], device))
+}
+
+impl<B: Backend> LycorisAdapter<B> {
+    /// A freshly initialised adapter (`config.algo` LoHa or LoKr) for a layer with update
+    /// shape `[out, in, kh, kw]`; `conv` tells a convolution (even 1x1) from a linear layer.
+    pub fn new(config: &LoraConfig, [out, input, kh, kw]: [usize; 4], conv: bool, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        let r = config.rank;
+        let k = kh * kw;
+        let (names, factors, both_full) = match config.algo {
+            Algo::Loha => {
+                let cols = input * k;
+                let factors = vec![normal(out, r, 0.1, device), normal(r, cols, 1.0, device), zeros(out, r, device), normal(r, cols, 1.0, device)];
+                (vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], factors, false)
+            }
+            Algo::Lokr => {
+                let (in_m, in_n) = factorization(input, config.lokr_factor);
+                let (out_l, out_k) = factorization(out, config.lokr_factor);
+                let mut names = Vec::new();
+                let mut factors = Vec::new();
+                // LyCORIS compares the rank with half the larger side (a float division).
+                let w1_full = !(config.lokr_decompose_both && 2 * r < out_l.max(in_m));
+                if w1_full {
+                    names.push("lokr_w1");
+                    factors.push(kaiming(out_l, in_m, device));
+                } else {
+                    names.extend(["lokr_w1_a", "lokr_w1_b"]);
+                    factors.extend([kaiming(out_l, r, device), kaiming(r, in_m, device)]);
+                }
+                let w2_full = 2 * r >= out_k.max(in_n);
+                if w2_full {
+                    names.push("lokr_w2");
+                    factors.push(zeros(out_k, in_n * k, device));
+                } else {
+                    names.extend(["lokr_w2_a", "lokr_w2_b"]);
+                    factors.extend([kaiming(out_k, r, device), zeros(r, in_n * k, device)]);
+                }
+                (names, factors, w1_full && w2_full)
+            }
+            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha or lokr, not lora".into())),
+        };
+        Ok(Self {
+            factors,
+            names,
+            algo: config.algo,
+            shape: [out, input, kh, kw],
+            conv,
+            // LyCORIS: a LoKr with two full halves has scale 1 whatever the alpha.
+            scale: if both_full { 1.0 } else { config.scale() },
+            module_dropout: config.module_dropout,
+        })
+    }
+
+    /// Builds an adapter from a file's LyCORIS tensors for a layer with update shape
+    /// `[out, in, kh, kw]`, checking that they fit it; `key` names the adapter in errors.
+    pub fn from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
+        let bad = |reason: String| LoraError::ShapeMismatch { key: key.into(), reason };
+        let names: Vec<&'static str> = match weights.algo {
+            Algo::Loha => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
+            Algo::Lokr => {
+                let mut names = vec![];
+                for half in ["lokr_w1", "lokr_w2"] {
+                    match (weights.get(half).is_some(), names_of(half)) {
+                        (true, (full, _, _)) => names.push(full),
+                        (false, (_, a, b)) => names.extend([a, b]),
+                    }
+                }
+                names
+            }
+            Algo::Lora => return Err(bad("not a LyCORIS adapter".into())),
+        };
+        if weights.tensors.len() != names.len() {
+            let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(bad(format!("a {} needs {names:?}, the weights have {found:?}", weights.algo.name())));
+        }
+        let mut factors = Vec::with_capacity(names.len());
+        for name in &names {
+            let t = weights.get(name).ok_or_else(|| bad(format!("`{name}` is missing")))?;
+            let rows = *t.shape.first().ok_or_else(|| bad(format!("`{name}` is a scalar")))?;
+            // Stored 2-d, the kernel flattened into the columns.
+            let flat = HostTensor { shape: vec![rows, t.numel() / rows.max(1)], data: t.data.clone() };
+            factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
+        }
+        let adapter = Self {
+            factors,
+            names,
+            algo: weights.algo,
+            shape,
+            conv,
+            scale: weights.scale(),
+            module_dropout: 0.0,
+        };
+        let [out, input, kh, kw] = shape;
+        let (rows, cols) = adapter.delta_shape().map_err(bad)?;
+        if (rows, cols) != (out, input * kh * kw) {
+            return Err(bad(format!("the update is [{rows}, {cols}], the layer's weight is [{out}, {}] ({input}→{out}, kernel {kh}x{kw})", input * kh * kw)));
+        }
+        Ok(adapter)
+    }
+
+    /// The factors' LyCORIS names (`hada_w1_a`, …), in the order of
+    /// [`factors`](Self::factors).
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    /// The shape `[out, in, kh, kw]` of the update (`kh = kw = 1` for a linear layer).
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+
+    /// LoHa or LoKr.
+    pub fn algo(&self) -> Algo {
+        self.algo
+    }
+
+    /// The rank of the low-rank products (LoHa's, or LoKr's `_a` / `_b` halves); `None`
+    /// for a LoKr whose halves are both full.
+    pub fn rank(&self) -> Option<usize> {
+        let rows = |name: &str| self.factor(name).map(|p| p.dims()[0]);
+        match self.algo {
+            Algo::Loha => rows("hada_w1_b"),
+            _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
+        }
+    }
+
+    fn factor(&self, name: &str) -> Option<&Param<Tensor<B, 2>>> {
+        self.names.iter().position(|n| *n == name).map(|i| &self.factors[i])
+    }
+
+    /// A factor's value in f32 (`name` is one of [`names`](Self::names)).
+    fn f32(&self, name: &str) -> Tensor<B, 2> {
+        cast_to(self.factor(name).expect("a factor of this adapter").val(), DType::F32)
+    }
+
+    /// LoKr's half `w1` or `w2` (full, or the product of its `_a` and `_b`).
+    fn half(&self, half: &str) -> Tensor<B, 2> {
+        let (full, a, b) = names_of(half);
+        match self.factor(full) {
+            Some(_) => self.f32(full),
+            None => self.f32(a).matmul(self.f32(b)),
+        }
+    }
+
+    /// `[rows, cols]` of the update the factors make, or why they do not fit each other.
+    fn delta_shape(&self) -> std::result::Result<(usize, usize), String> {
+        let dims = |name: &str| self.factor(name).map(|p| p.dims());
+        let product = |a: [usize; 2], b: [usize; 2], what: &str| {
+            if a[1] == b[0] {
+                Ok([a[0], b[1]])
+            } else {
+                Err(format!("{what}_a is {a:?} but {what}_b is {b:?}"))
+            }
+        };
+        match self.algo {
+            Algo::Loha => {
+                let [a1, b1, a2, b2] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"].map(|n| dims(n).expect("LoHa factors"));
+                let (p1, p2) = (product(a1, b1, "hada_w1")?, product(a2, b2, "hada_w2")?);
+                if p1 != p2 {
+                    return Err(format!("hada_w1 makes {p1:?} but hada_w2 makes {p2:?}"));
+                }
+                Ok((p1[0], p1[1]))
+            }
+            _ => {
+                let half = |h: &str| {
+                    let (full, a, b) = names_of(h);
+                    match dims(full) {
+                        Some(d) => Ok(d),
+                        None => product(dims(a).expect("LoKr factors"), dims(b).expect("LoKr factors"), h),
+                    }
+                };
+                let (w1, w2) = (half("lokr_w1")?, half("lokr_w2")?);
+                Ok((w1[0] * w2[0], w1[1] * w2[1]))
+            }
+        }
+    }
+
+    /// `ΔW` times `factor` in f32, `[out, in·kh·kw]` (PyTorch's layout with the kernel
+    /// flattened), in the autodiff graph of the factors.
+    pub fn delta(&self, factor: f32) -> Tensor<B, 2> {
+        let delta = match self.algo {
+            Algo::Loha => {
+                let one = self.f32("hada_w1_a").matmul(self.f32("hada_w1_b"));
+                let two = self.f32("hada_w2_a").matmul(self.f32("hada_w2_b"));
+                one * two
+            }
+            _ => kron(self.half("lokr_w1"), self.half("lokr_w2")),
+        };
+        delta.mul_scalar(factor * self.scale)
+    }
+
+    /// `ΔW` times `factor` in f32, shaped as the layer's weight in burn's layout: `[in, out]`
+    /// for a linear layer (`D = 2`), `[out, in, kh, kw]` for a convolution (`D = 4`).
+    pub fn delta_weight<const D: usize>(&self, factor: f32) -> Tensor<B, D> {
+        let delta = self.delta(factor);
+        let delta = if D == 2 { delta.transpose() } else { delta };
+        delta.reshape(self.burn_shape::<D>())
+    }
+
+    fn burn_shape<const D: usize>(&self) -> [usize; D] {
+        let [out, input, kh, kw] = self.shape;
+        let mut shape = [0; D];
+        if D == 2 {
+            shape[0] = input;
+            shape[1] = out;
+        } else {
+            shape.copy_from_slice(&[out, input, kh, kw][..D]);
+        }
+        shape
+    }
+
+    /// The update to add to the layer's weight in a forward pass at `multiplier`, in
+    /// `dtype`: `multiplier · ΔW`, times module dropout's keep mask (0 or 1, drawn on the
+    /// device: no host read) on autodiff backends.
+    pub(crate) fn forward_delta<const D: usize>(&self, multiplier: f32, dtype: DType, device: &B::Device) -> Tensor<B, D> {
+        let delta = self.delta_weight::<D>(multiplier);
+        let delta = match crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, device) {
+            Some(keep) => delta * keep.reshape([1; D]),
+            None => delta,
+        };
+        cast_to(delta, dtype)
+    }
+
+    /// The adapter's tensors as LyCORIS writes them (`lokr_w2` of a convolution 4-d), with
+    /// `alpha = scale · rank` (for a LoKr with two full halves, 1).
+    pub fn to_lycoris_weights(&self) -> Result<LycorisWeights> {
+        let [_, _, kh, kw] = self.shape;
+        let mut tensors = Vec::with_capacity(self.factors.len());
+        for (name, p) in self.names.iter().zip(&self.factors) {
+            let mut t = HostTensor::from_tensor(cast_to(p.val(), DType::F32))?;
+            if *name == "lokr_w2" && self.conv {
+                let [rows, cols] = [t.shape[0], t.shape[1]];
+                t.shape = vec![rows, cols / (kh * kw), kh, kw];
+            }
+            tensors.push((name.to_string(), t));
+        }
+        let alpha = self.rank().map_or(1.0, |r| self.scale * r as f32);
+        Ok(LycorisWeights { algo: self.algo, tensors, alpha })
+    }
+
+    /// The adapter as [`LoraWeights`]: the plain LoRA with its update (in the conv layout
+    /// for a convolution) plus its own tensors in [`LoraWeights::lycoris`]; `key` names it
+    /// in errors.
+    pub fn to_weights(&self, key: &str) -> Result<LoraWeights> {
+        let weights = crate::format::lycoris::lora_of(&self.to_lycoris_weights()?, key)?;
+        let [_, _, kh, kw] = self.shape;
+        Ok(if self.conv { crate::format::lycoris::unflatten(weights, [kh, kw]) } else { weights })
+    }
+}
+
+/// The names of LoKr's half `lokr_w1` / `lokr_w2`: (full, `_a`, `_b`).
+fn names_of(half: &str) -> (&'static str, &'static str, &'static str) {
+    match half {
+        "lokr_w1" => ("lokr_w1", "lokr_w1_a", "lokr_w1_b"),
+        _ => ("lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+    }
+}
+
+/// `a ⊗ b` (`[p·r, q·s]` for `a [p, q]`, `b [r, s]`), by broadcasting: differentiable.
+fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [p, q] = a.dims();
+    let [r, s] = b.dims();
+    let a: Tensor<B, 4> = a.reshape([p, 1, q, 1]);
+    let b: Tensor<B, 4> = b.reshape([1, r, 1, s]);
+    (a * b).reshape([p * r, q * s])
+}

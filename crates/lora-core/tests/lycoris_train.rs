@@ -1,0 +1,354 @@
+//! Trainable LyCORIS LoHa and LoKr adapters against the `lycoris-lora` package's modules
+//! (fixtures from `xtask/fixtures/lora_core_lycoris_train.py`): the factors a config
+//! creates (names, shapes, scale), the layer's output and the factors' gradients, merging,
+//! and a write and read in the kohya / LyCORIS layout.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::{Tensor, TensorData};
+use lora_core::sites::{attach_adapters, collect_adapters, LoraSites};
+use lora_core::{Algo, AdapterFormat, AdapterSet, Component, HostTensor, LoraConfig, LoraConv2d, LoraLinear, LoraSiteMut, ModuleIndex, ReadOptions, SaveDtype};
+
+type B = Autodiff<Flex>;
+
+struct Fixture {
+    tensors: HashMap<String, HostTensor>,
+    meta: HashMap<String, String>,
+}
+
+fn fixture() -> Fixture {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lycoris_train.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (st, meta) = lora_core::tensor_io::parse(&bytes, &path).unwrap();
+    let tensors = st.iter().map(|(k, v)| (k.to_string(), lora_core::tensor_io::decode(&v, k, &path).unwrap())).collect();
+    Fixture { tensors, meta }
+}
+
+/// One case's settings, as the script wrote them.
+#[derive(serde::Deserialize)]
+struct Case {
+    algo: String,
+    layer: Vec<serde_json::Value>,
+    rank: usize,
+    alpha: f32,
+    factor: i64,
+    decompose_both: bool,
+    names: Vec<String>,
+}
+
+const CASES: [&str; 7] = ["lin_loha", "conv_loha", "lin_lokr", "lin_lokr_both", "conv_lokr", "conv_lokr_full", "lin_lokr_full"];
+
+impl Fixture {
+    fn case(&self, name: &str) -> Case {
+        serde_json::from_str(&self.meta[name]).unwrap()
+    }
+
+    fn host(&self, key: &str) -> &HostTensor {
+        self.tensors.get(key).unwrap_or_else(|| panic!("{key} in the fixture"))
+    }
+
+    fn tensor<const D: usize>(&self, key: &str) -> Tensor<B, D> {
+        let t = self.host(key);
+        Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &Default::default())
+    }
+
+    /// A tensor flattened to `[rows, rest]`, as the adapters store factors.
+    fn matrix(&self, key: &str) -> Tensor<B, 2> {
+        let t = self.host(key);
+        let rows = t.shape[0];
+        Tensor::from_data(TensorData::new(t.data.clone(), [rows, t.data.len() / rows]), &Default::default())
+    }
+}
+
+impl Case {
+    fn config(&self) -> LoraConfig {
+        let algo = if self.algo == "loha" { Algo::Loha } else { Algo::Lokr };
+        LoraConfig::new(self.rank).with_alpha(self.alpha).with_algo(algo).with_lokr_factor(self.factor).with_lokr_decompose_both(self.decompose_both)
+    }
+
+    fn is_conv(&self) -> bool {
+        self.layer[0] == "conv"
+    }
+
+    fn dims(&self) -> Vec<usize> {
+        self.layer[1..].iter().map(|v| v.as_u64().unwrap() as usize).collect()
+    }
+}
+
+/// Max |a − b| over max |b|.
+fn rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
+    let peak: f32 = b.clone().abs().max().into_scalar();
+    let err: f32 = (a - b).abs().max().into_scalar();
+    err / peak.max(1e-12)
+}
+
+/// A layer of either kind, as a site.
+#[allow(clippy::large_enum_variant)] // a handful per test
+enum Layer {
+    Linear(LoraLinear<B>),
+    Conv(LoraConv2d<B>),
+}
+
+impl Layer {
+    /// The case's base layer with the fixture's weights.
+    fn new(f: &Fixture, name: &str) -> Self {
+        let case = f.case(name);
+        let device = Default::default();
+        let dims = case.dims();
+        let bias = Some(Param::from_tensor(f.tensor::<1>(&format!("{name}.bias"))).set_require_grad(false));
+        if case.is_conv() {
+            let k = dims[2];
+            let conv = Conv2dConfig::new([dims[0], dims[1]], [k, k]).with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2)).init::<B>(&device);
+            let conv = Conv2d { weight: Param::from_tensor(f.tensor::<4>(&format!("{name}.weight"))), bias, ..conv };
+            Layer::Conv(LoraConv2d::new(conv))
+        } else {
+            let weight = Param::from_tensor(f.tensor::<2>(&format!("{name}.weight")).transpose());
+            Layer::Linear(LoraLinear::new(Linear { weight, bias }))
+        }
+    }
+
+    fn site(&mut self) -> LoraSiteMut<'_, B> {
+        match self {
+            Layer::Linear(l) => LoraSiteMut::Linear(l),
+            Layer::Conv(c) => LoraSiteMut::Conv(c),
+        }
+    }
+
+    fn lycoris(&mut self) -> &mut lora_core::LycorisAdapter<B> {
+        match self {
+            Layer::Linear(l) => l.lycoris.as_mut(),
+            Layer::Conv(c) => c.lycoris.as_mut(),
+        }
+        .expect("a LyCORIS adapter")
+    }
+
+    /// The layer's output on `x` (`[4, in]` or `[2, in, 5, 5]`), flattened to `[rows, cols]`.
+    fn forward(&self, f: &Fixture, name: &str) -> Tensor<B, 2> {
+        match self {
+            Layer::Linear(l) => l.forward(f.tensor::<2>(&format!("{name}.x"))),
+            Layer::Conv(c) => c.forward(f.tensor::<4>(&format!("{name}.x"))).flatten(1, 3),
+        }
+    }
+}
+
+struct One(Layer);
+
+impl LoraSites<B> for One {
+    fn component(&self) -> Component {
+        Component::Unet
+    }
+
+    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+        f("layer", self.0.site());
+    }
+}
+
+/// The fixture's factor values put into the case's freshly attached adapter.
+fn trained_layer(f: &Fixture, name: &str) -> Layer {
+    let case = f.case(name);
+    let mut layer = Layer::new(f, name);
+    layer.site().attach_new(&case.config(), &Default::default()).unwrap();
+    let adapter = layer.lycoris();
+    for (i, n) in case.names.iter().enumerate() {
+        adapter.factors[i] = Param::from_tensor(f.matrix(&format!("{name}.{n}")));
+    }
+    layer
+}
+
+/// A config makes LyCORIS' factors (names and shapes, the kernel flattened) and scale,
+/// and the layer computes LyCORIS' output and factor gradients.
+#[test]
+fn output_and_gradients_match_lycoris() {
+    let f = fixture();
+    let device = Default::default();
+    for name in CASES {
+        let case = f.case(name);
+        let mut layer = Layer::new(&f, name);
+        layer.site().attach_new(&case.config(), &device).unwrap();
+        let adapter = layer.lycoris();
+        let names: Vec<&str> = adapter.names().to_vec();
+        assert_eq!(names, case.names, "{name}: factor names");
+        for (i, n) in case.names.iter().enumerate() {
+            let want = f.matrix(&format!("{name}.{n}")).dims();
+            assert_eq!(adapter.factors[i].dims(), want, "{name}: shape of {n}");
+        }
+        let scale = f.host(&format!("{name}.scale")).data[0];
+        assert!((adapter.scale - scale).abs() < 1e-6, "{name}: scale {} vs LyCORIS' {scale}", adapter.scale);
+
+        let layer = trained_layer(&f, name);
+        let y = layer.forward(&f, name);
+        let want_y = f.matrix(&format!("{name}.y"));
+        let err = rel(y.clone().inner(), want_y.inner());
+        assert!(err < 1e-5, "{name}: output relative error {err}");
+        let g = f.matrix(&format!("{name}.g"));
+        let grads = (y * g).sum().backward();
+        let adapter = match &layer {
+            Layer::Linear(l) => l.lycoris.as_ref().unwrap(),
+            Layer::Conv(c) => c.lycoris.as_ref().unwrap(),
+        };
+        for (i, n) in case.names.iter().enumerate() {
+            let got = adapter.factors[i].grad(&grads).unwrap_or_else(|| panic!("{name}: a gradient for {n}"));
+            let err = rel(got, f.matrix(&format!("{name}.grad.{n}")).inner());
+            assert!(err < 1e-4, "{name}: gradient of {n}, relative error {err}");
+        }
+        let base_grad = match &layer {
+            Layer::Linear(l) => l.base.weight.grad(&grads).is_some(),
+            Layer::Conv(c) => c.base.weight.grad(&grads).is_some(),
+        };
+        assert!(!base_grad, "{name}: the base weight is frozen");
+    }
+}
+
+/// Merged into the weight, an adapter gives the output it gives attached; unmerging
+/// restores the base weight; a multiplier scales the update.
+#[test]
+fn merge_unmerge_and_multiplier() {
+    let f = fixture();
+    for name in CASES {
+        let mut layer = trained_layer(&f, name);
+        let base = layer_weight(&layer);
+        let attached = layer.forward(&f, name).inner();
+        set_merged(&mut layer, true);
+        let err = rel(layer.forward(&f, name).inner(), attached.clone());
+        assert!(err < 1e-5, "{name}: merged vs attached, relative error {err}");
+        set_merged(&mut layer, false);
+        assert!(rel(layer_weight(&layer), base.clone()) < 1e-6, "{name}: unmerged");
+        // At multiplier 0.5 the update is half: y(0.5) = (y(1) + y(0)) / 2 (linear in ΔW).
+        let plain = {
+            let mut l = Layer::new(&f, name);
+            l.site().detach();
+            l.forward(&f, name).inner()
+        };
+        layer.site().set_multiplier(0.5);
+        let half = layer.forward(&f, name).inner();
+        let err = rel(half, (attached + plain).div_scalar(2.0));
+        assert!(err < 1e-5, "{name}: multiplier 0.5, relative error {err}");
+    }
+}
+
+fn layer_weight(layer: &Layer) -> Tensor<Flex, 2> {
+    match layer {
+        Layer::Linear(l) => l.base.weight.val().inner(),
+        Layer::Conv(c) => c.base.weight.val().inner().flatten(1, 3),
+    }
+}
+
+fn set_merged(layer: &mut Layer, merged: bool) {
+    match (layer, merged) {
+        (Layer::Linear(l), true) => l.merge_in_place(),
+        (Layer::Linear(l), false) => l.unmerge_in_place(),
+        (Layer::Conv(c), true) => c.merge_in_place(),
+        (Layer::Conv(c), false) => c.unmerge_in_place(),
+    }
+}
+
+/// Saved in the kohya layout, an adapter is written as LyCORIS writes it (its factors, a
+/// full conv `lokr_w2` 4-d, `alpha`, and `lycoris.kohya` with the algorithm in the
+/// metadata); read back and attached to a fresh layer, it is the same trainable adapter.
+#[test]
+fn written_as_lycoris_and_read_back() {
+    let f = fixture();
+    let device = Default::default();
+    for name in CASES {
+        let case = f.case(name);
+        let mut trained = One(trained_layer(&f, name));
+        let mut set = AdapterSet::new();
+        collect_adapters(&mut trained, &mut set).unwrap();
+        let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+        let (st, meta) = lora_core::tensor_io::parse(&bytes, Path::new("x")).unwrap();
+        let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+        keys.sort();
+        let mut want: Vec<String> = case.names.iter().map(|n| format!("lora_unet_layer.{n}")).chain(["lora_unet_layer.alpha".to_string()]).collect();
+        want.sort();
+        assert_eq!(keys, want, "{name}");
+        for n in &case.names {
+            let shape = st.tensor(&format!("lora_unet_layer.{n}")).unwrap().shape().to_vec();
+            assert_eq!(shape, f.host(&format!("{name}.{n}")).shape, "{name}: {n} as LyCORIS stores it");
+        }
+        assert_eq!(meta["ss_network_module"], "lycoris.kohya", "{name}");
+        assert!(meta["ss_network_args"].contains(&format!("\"algo\":\"{}\"", case.algo)), "{name}: {}", meta["ss_network_args"]);
+
+        let mut index = ModuleIndex::new();
+        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
+        let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+        let mut fresh = One(Layer::new(&f, name));
+        attach_adapters(&mut fresh, &read, 1.0, &device).unwrap();
+        let names: Vec<&str> = fresh.0.lycoris().names().to_vec();
+        assert_eq!(names, case.names, "{name}: read back as its factors");
+        let err = rel(fresh.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
+        assert!(err < 1e-6, "{name}: read back, relative error {err}");
+        // Its LoRA form (for merging and the PEFT layout) has the same update.
+        let w = read.iter().next().unwrap().1;
+        let mut lora = w.clone();
+        lora.lycoris = None;
+        let mut as_lora = One(Layer::new(&f, name));
+        let mut only = AdapterSet::new();
+        only.insert(read.iter().next().unwrap().0.clone(), lora).unwrap();
+        attach_adapters(&mut as_lora, &only, 1.0, &device).unwrap();
+        let err = rel(as_lora.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
+        assert!(err < 1e-5, "{name}: as a LoRA, relative error {err}");
+    }
+}
+
+/// LyCORIS' `factorization` for dimensions of Stable Diffusion's layers and others.
+#[test]
+fn factorization_matches_lycoris() {
+    let f = fixture();
+    let table = f.host("factorization");
+    for row in table.data.chunks(4) {
+        let [dim, factor, m, n] = [row[0], row[1], row[2], row[3]].map(|v| v as i64);
+        assert_eq!(lora_core::lycoris::factorization(dim as usize, factor), (m as usize, n as usize), "factorization({dim}, {factor})");
+    }
+}
+
+/// Settings LoHa and LoKr do not train are config errors, and loading LoRA weights into a
+/// LyCORIS adapter (or another algorithm's) is an error naming the adapter.
+#[test]
+fn unsupported_settings_and_mismatched_weights_are_errors() {
+    let device = Default::default();
+    let base = || LoraLinear::new(LinearConfig::new(12, 10).init::<B>(&device));
+    for (config, expect) in [
+        (LoraConfig::new(2).with_algo(Algo::Loha).with_dropout(0.1), "dropout"),
+        (LoraConfig::new(2).with_algo(Algo::Lokr).with_rank_dropout(0.1), "rank_dropout"),
+        (LoraConfig::new(2).with_algo(Algo::Loha).with_dora(true), "dora"),
+        (LoraConfig::new(2).with_algo(Algo::Lokr).with_lokr_factor(0), "lokr_factor"),
+    ] {
+        let err = base().attach_new(&config, &device).unwrap_err().to_string();
+        assert!(err.contains(expect), "{expect}: {err}");
+    }
+    // A rank above min(in, out) is fine for LoHa (its update's rank is up to r²).
+    base().attach_new(&LoraConfig::new(16).with_algo(Algo::Loha), &device).unwrap();
+
+    let mut loha = One(Layer::Linear(base()));
+    loha.0.site().attach_new(&LoraConfig::new(2).with_algo(Algo::Loha), &device).unwrap();
+    let mut lora = One(Layer::Linear(base()));
+    lora.0.site().attach_new(&LoraConfig::new(2), &device).unwrap();
+    let mut lokr = One(Layer::Linear(base()));
+    lokr.0.site().attach_new(&LoraConfig::new(2).with_algo(Algo::Lokr), &device).unwrap();
+    let sets: Vec<AdapterSet> = [&mut loha, &mut lora, &mut lokr]
+        .into_iter()
+        .map(|m| {
+            let mut set = AdapterSet::new();
+            collect_adapters(m, &mut set).unwrap();
+            set
+        })
+        .collect();
+    let load = |model: &mut One, set: &AdapterSet| lora_core::sites::load_adapter_weights(model, set, &device).map(|_| ()).map_err(|e| e.to_string());
+    assert!(load(&mut loha, &sets[0]).is_ok());
+    for (model, set, expect) in [(&mut loha, &sets[1], "the weights are a LoRA, the attached adapter is a loha"), (&mut lora, &sets[0], "the weights are a loha")] {
+        let err = load(model, set).unwrap_err();
+        assert!(err.contains(expect) && err.contains("layer"), "{expect}: {err}");
+    }
+    let err = load(&mut loha, &sets[2]).unwrap_err();
+    assert!(err.contains("lokr") && err.contains("layer"), "{err}");
+    // Another rank: the factors' shapes differ.
+    let mut loha4 = One(Layer::Linear(base()));
+    loha4.0.site().attach_new(&LoraConfig::new(4).with_algo(Algo::Loha), &device).unwrap();
+    let err = load(&mut loha4, &sets[0]).unwrap_err();
+    assert!(err.contains("factors"), "{err}");
+}
