@@ -335,7 +335,7 @@ impl<B: Backend> LoraConv2d<B> {
         check_base(&self.base, key)?;
         let [out_ch, in_ch, kh, kw] = self.base.weight.dims();
         let [a_out, a_in, a_kh, a_kw] = adapter.shape();
-        if [a_out, a_in, a_kh, a_kw] != [out_ch, in_ch, kh, kw] {
+        if [a_out, a_in, a_kh, a_kw] != [out_ch, in_ch, kh, kw] || !adapter.is_conv() {
             return Err(LoraError::ShapeMismatch {
                 key: key.into(),
                 reason: format!("layer is {in_ch}→{out_ch} with kernel {kh}x{kw}, the {} adapter is {a_in}→{a_out} with kernel {a_kh}x{a_kw}", adapter.algo().name()),

@@ -365,7 +365,7 @@ impl<B: Backend> LoraLinear<B> {
     pub fn attach_lycoris(&mut self, adapter: LycorisAdapter<B>, key: &str) -> Result<()> {
         let (i, o) = self.features();
         let [a_out, a_in, kh, kw] = adapter.shape();
-        if (a_out, a_in, kh * kw) != (o, i, 1) {
+        if (a_out, a_in, kh * kw) != (o, i, 1) || adapter.is_conv() {
             return Err(LoraError::ShapeMismatch {
                 key: key.into(),
                 reason: format!("layer is {i}→{o} but the {} adapter is {a_in}→{a_out} with kernel {kh}x{kw}", adapter.algo().name()),

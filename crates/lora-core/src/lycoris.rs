@@ -9,15 +9,18 @@
 //! - LoKr: `ΔW = scale · lokr_w1 ⊗ lokr_w2`, with `out = a·b` and `in = c·d` split by
 //!   [`factorization`]. `w1` is `[a, c]`, full unless `decompose_both` and the rank is
 //!   below half its larger side; `w2` is `[b, d·kh·kw]`, the product `lokr_w2_a · lokr_w2_b`
-//!   unless the rank is at least half its larger side (then full). Full halves and `_a`
-//!   halves start Kaiming-uniform (PyTorch's default), `lokr_w2` / `lokr_w2_b` at zero. With
-//!   both halves full the scale is 1.
+//!   unless the rank is at least half its larger side (then full). `lokr_w1`, `lokr_w1_a`,
+//!   `lokr_w1_b` and `lokr_w2_a` start Kaiming-uniform (PyTorch's default), `lokr_w2` /
+//!   `lokr_w2_b` at zero. With both halves full the scale is 1 (LyCORIS' too, except that
+//!   with rsLoRA its training scale is then `sqrt(r)`, which its files cannot record:
+//!   readers apply 1).
 //!
-//! The scale is `alpha / r` (`alpha / sqrt(r)` with rsLoRA). The layer's forward uses the
-//! weight `W + multiplier · ΔW` in one product, as LyCORIS' default (non-bypass) forward
-//! does: a matmul or convolution of the layer's own size instead of two, and a backward
-//! whose weight gradient feeds the factors through `ΔW`. Module dropout skips the update
-//! for a pass; LyCORIS' other dropouts and Tucker-decomposed convolutions are not trained.
+//! The scale is `alpha / r` (`alpha / sqrt(r)` with rsLoRA). LyCORIS' default forward
+//! (not its bypass mode) forms `ΔW` and adds `x · (multiplier · ΔW)` to the base layer's
+//! output; here the layer takes the weight `W + multiplier · ΔW` in one product instead:
+//! the same output and gradients, with one matmul or convolution of the layer's size
+//! instead of two each way. Module dropout skips the update for a pass; LyCORIS' other
+//! dropouts and Tucker-decomposed convolutions are not trained.
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};
@@ -234,6 +237,12 @@ impl<B: Backend> LycorisAdapter<B> {
         self.shape
     }
 
+    /// Whether the adapter was made for a convolution (a 1x1 one too), whose files keep a
+    /// full `lokr_w2` 4-d.
+    pub fn is_conv(&self) -> bool {
+        self.conv
+    }
+
     /// LoHa or LoKr.
     pub fn algo(&self) -> Algo {
         self.algo
@@ -382,7 +391,7 @@ fn names_of(half: &str) -> (&'static str, &'static str, &'static str) {
 }
 
 /// `a ⊗ b` (`[p·r, q·s]` for `a [p, q]`, `b [r, s]`), by broadcasting: differentiable.
-fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+pub(crate) fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let [p, q] = a.dims();
     let [r, s] = b.dims();
     let a: Tensor<B, 4> = a.reshape([p, 1, q, 1]);

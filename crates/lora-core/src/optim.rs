@@ -62,7 +62,7 @@ mod dadapt;
 mod max_norm;
 pub use adafactor::{AdafactorSettings, AdafactorState};
 pub use dadapt::{DAdaptSettings, DAdaptState};
-pub use max_norm::{norm_pairs, MaxNormStats, NormPair, RankAxis};
+pub use max_norm::{norm_pairs, MaxNormStats, NormFactors, NormPair, RankAxis};
 
 /// Entries of the first bias-correction tables (grown as step counts reach them).
 const BIAS_TABLE_MIN: usize = 1024;

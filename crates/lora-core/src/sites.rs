@@ -98,6 +98,9 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// must be the same algorithm with factors of the same shapes.
     fn load_lycoris(&mut self, attached: AttachedLycoris, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
         let AttachedLycoris { algo, rank, shapes, module_dropout } = attached;
+        if weights.magnitude.is_some() {
+            return Err(LoraError::Unsupported(format!("{key}: the weights are a {} with DoRA's `dora_scale`, which is not trained here; the attached adapter is a plain {}", algo.name(), algo.name())));
+        }
         let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo == algo) else {
             let kind = weights.lycoris.as_ref().map_or("LoRA", |l| l.algo.name());
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {kind}, the attached adapter is a {}", algo.name())));

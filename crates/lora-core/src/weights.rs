@@ -73,13 +73,15 @@ pub struct LoraWeights {
     pub alpha: f32,
     /// DoRA's magnitude `m`, one value per output feature or channel, shape `[out]`
     /// (PEFT's `lora_magnitude_vector`; kohya-layout files store it as `dora_scale` of
-    /// shape `[out, 1]` or `[out, 1, 1, 1]`, as LyCORIS writes it with `wd_on_output`;
-    /// its default, one value per input feature, is not supported). `None` for plain LoRA.
+    /// shape `[out, 1]` or `[out, 1, 1, 1]`, as LyCORIS writes it with `wd_on_output`, its
+    /// default; its other layout, one value per input feature, is not supported). `None`
+    /// for plain LoRA.
     pub magnitude: Option<HostTensor>,
-    /// A LyCORIS LoHa or LoKr adapter's own tensors, when the adapter is one: `down` and
-    /// `up` then hold the plain LoRA with the same update (for merging, combining and
-    /// every reader of this type), and the kohya-layout writer writes these instead.
-    /// Anything that changes `down` or `up` drops it. `None` for a LoRA.
+    /// A LyCORIS LoHa or LoKr adapter's own tensors, when the adapter is one: `down`,
+    /// `up` and `alpha` then hold the plain LoRA with the same update (for merging,
+    /// combining and every reader of this type), and the kohya-layout writer writes these
+    /// tensors and their alpha instead. Anything that changes `down`, `up` or `alpha` must
+    /// drop it (as this crate's operations do). `None` for a LoRA.
     pub lycoris: Option<LycorisWeights>,
 }
 

@@ -209,7 +209,8 @@ fn gaussian_init_and_config_validation() {
     assert!(down.iter().any(|v| v.abs() > 0.1));
     // Bad configs are errors, not panics.
     assert!(layer.attach_new(&LoraConfig::new(0), &Default::default()).is_err());
-    assert!(layer.attach_new(&LoraConfig::new(65), &Default::default()).is_err());
+    // A rank above min(in, out) is allowed, as in kohya, PEFT and LyCORIS.
+    assert!(layer.attach_new(&LoraConfig::new(65), &Default::default()).is_ok());
     assert!(layer.attach_new(&LoraConfig::new(4).with_dropout(1.0), &Default::default()).is_err());
     assert!(layer.attach_new(&LoraConfig::new(4).with_alpha(f32::NAN), &Default::default()).is_err());
 }

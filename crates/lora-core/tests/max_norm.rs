@@ -137,3 +137,76 @@ fn working_copies_get_the_scaled_values_and_bad_input_is_an_error() {
     let err = optim.apply_max_norm(model, &other, 1.0).unwrap_err().to_string();
     assert!(err.contains("`big`"), "{err}");
 }
+
+#[derive(Module, Debug)]
+struct Lyco<B: Backend> {
+    loha: LoraLinear<B>,
+    lokr: LoraConv2d<B>,
+    lokr_small: LoraLinear<B>,
+}
+
+impl<B: Backend> LoraSites<B> for Lyco<B> {
+    fn component(&self) -> Component {
+        Component::Unet
+    }
+
+    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+        f("loha", LoraSiteMut::Linear(&mut self.loha));
+        f("lokr", LoraSiteMut::Conv(&mut self.lokr));
+        f("lokr_small", LoraSiteMut::Linear(&mut self.lokr_small));
+    }
+}
+
+/// LoHa and LoKr adapters: the norms of their full updates, and over the limit every
+/// factor times `ratio^(1/n)`, which brings `‖ΔW‖` to it.
+#[test]
+fn lycoris_adapters_are_scaled_through_all_their_factors() {
+    use lora_core::{Algo, LoraConfig};
+    let device = Default::default();
+    let mut model = Lyco {
+        loha: LoraLinear::new(LinearConfig::new(16, 24).init::<AD>(&device).no_grad()),
+        lokr: LoraConv2d::new(Conv2dConfig::new([8, 12], [3, 3]).init(&device).no_grad()),
+        lokr_small: LoraLinear::new(LinearConfig::new(16, 16).init(&device).no_grad()),
+    };
+    let mut rng = Rng::new(5);
+    model.loha.attach_new(&LoraConfig::new(3).with_alpha(6.0).with_algo(Algo::Loha), &device).unwrap();
+    model.lokr.attach_new(&LoraConfig::new(1).with_algo(Algo::Lokr).with_lokr_decompose_both(true), &device).unwrap();
+    model.lokr_small.attach_new(&LoraConfig::new(2).with_algo(Algo::Lokr), &device).unwrap();
+    // Non-zero factors: large updates on the first two, a tiny one on the third.
+    for (adapter, size) in [(model.loha.lycoris.as_mut(), 1.0), (model.lokr.lycoris.as_mut(), 1.0), (model.lokr_small.lycoris.as_mut(), 0.01)] {
+        let adapter = adapter.unwrap();
+        for p in adapter.factors.iter_mut() {
+            let [r, c] = p.dims();
+            let values: Vec<f32> = rng.vec(r * c).iter().map(|v| v * size).collect();
+            *p = burn::module::Param::from_tensor(Tensor::from_data(burn::tensor::TensorData::new(values, [r, c]), &device));
+        }
+    }
+    let deltas = |m: &Lyco<AD>| -> Vec<(f32, Vec<Vec<f32>>)> {
+        [m.loha.lycoris.as_ref(), m.lokr.lycoris.as_ref(), m.lokr_small.lycoris.as_ref()]
+            .into_iter()
+            .map(|a| {
+                let a = a.unwrap();
+                let norm: f32 = a.delta(1.0).inner().powf_scalar(2.0).sum().sqrt().into_scalar();
+                (norm, a.factors.iter().map(|p| p.val().inner().into_data().to_vec::<f32>().unwrap()).collect())
+            })
+            .collect()
+    };
+    let before = deltas(&model);
+    assert!(before[0].0 > 2.0 && before[1].0 > 2.0 && before[2].0 < 0.5, "{:?}", before.iter().map(|b| b.0).collect::<Vec<_>>());
+    let mut optim = FlatAdamW::new(AdamWSettings::default(), &model, &device);
+    let pairs = norm_pairs(&mut model);
+    assert_eq!(pairs.len(), 3);
+    let (model, stats) = optim.apply_max_norm(model, &pairs, 1.0).unwrap();
+    let after = deltas(&model);
+    for ((n, factors), (n_after, factors_after)) in before.iter().zip(&after) {
+        let ratio = n.clamp(0.5, 1.0) / n.max(0.5);
+        assert!((n_after - n * ratio).abs() <= 1e-4 * n, "{n_after} vs {}", n * ratio);
+        let each = ratio.powf(1.0 / factors.len() as f32);
+        for (old, new) in factors.iter().zip(factors_after) {
+            for (o, v) in old.iter().zip(new) {
+                assert!((o * each - v).abs() <= 1e-5 * o.abs().max(1e-3), "{o} * {each} vs {v}");
+            }
+        }
+    }
+    assert_eq!(stats.values.into_data().to_vec::<f32>().unwrap()[0], 2.0, "the LoHa and the conv LoKr are scaled");
+}

@@ -23,7 +23,7 @@ pub fn checkpoint_tensors<B: Backend, M: ModuleSnapshot<B>>(module: &M) -> Resul
     for s in module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true) {
         let path = s.full_path();
         let segments: Vec<&str> = path.split('.').collect();
-        if segments.contains(&"adapter") {
+        if segments.contains(&"adapter") || segments.contains(&"lycoris") {
             return Err(data_error("model", format!("`{path}` is a LoRA adapter; bake or detach adapters before saving weights")));
         }
         let key = segments.into_iter().filter(|s| *s != "base").collect::<Vec<_>>().join(".");

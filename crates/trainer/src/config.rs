@@ -1290,10 +1290,10 @@ impl TrainConfig {
         let l = &self.lora;
         let algo = l.algo.name();
         let bad = |reason: String| Err(TrainError::Config { origin: "lora.algo".into(), reason });
+        if l.algo != lora_core::Algo::Lokr && (l.lokr_factor != -1 || l.lokr_decompose_both) {
+            return bad(format!("lora.lokr_factor and lora.lokr_decompose_both are LoKr's; lora.algo is \"{algo}\""));
+        }
         if !l.algo.is_lycoris() {
-            if l.lokr_factor != -1 || l.lokr_decompose_both {
-                return bad(format!("lora.lokr_factor and lora.lokr_decompose_both are LoKr's; lora.algo is \"{algo}\""));
-            }
             return Ok(());
         }
         for (key, p) in [("lora.dropout", l.dropout), ("lora.network_dropout", l.network_dropout), ("lora.rank_dropout", l.rank_dropout)] {
@@ -1309,9 +1309,6 @@ impl TrainConfig {
         }
         if l.lokr_factor == 0 || l.lokr_factor < -1 {
             return bad(format!("lora.lokr_factor must be -1 (square root) or at least 1, got {}", l.lokr_factor));
-        }
-        if self.train.scale_weight_norms > 0.0 {
-            return bad(format!("train.scale_weight_norms scales LoRA's `up` and `down` weights; it does not apply to a {algo}"));
         }
         if self.output.save_format == lora_core::AdapterFormat::Peft {
             return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));

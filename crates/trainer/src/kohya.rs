@@ -418,7 +418,16 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
     let (network_dtype, scheduler) = read_training(&mut o, &mut c, &mut notes)?;
     match network {
         Network::Lora { conv_dim } => conv_targets(&mut c.lora, conv_dim, &mut notes),
-        Network::Lycoris { preset, conv_dim } => lycoris_targets(&mut c.lora, preset, conv_dim),
+        Network::Lycoris { preset, conv_dim } => {
+            let sdxl = crate::models::is_sdxl(&c.model.pretrained).ok();
+            lycoris_targets(&mut c.lora, preset, conv_dim, sdxl, &mut notes);
+            if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
+                return Err(o.err("network_args", "the LyCORIS preset leaves nothing to train with these learning rates (network_train_unet_only / network_train_text_encoder_only, or a learning rate of 0)"));
+            }
+            if c.lora.algo.is_lycoris() && c.train.scale_weight_norms > 0.0 {
+                notes.push(format!("scale_weight_norms with {}: LyCORIS keeps the scaling in a separate scalar; here the factors themselves are scaled (the same norms, slightly different later steps)", c.lora.algo.name()));
+            }
+        }
     }
     read_optimizer(&mut o, &mut c, &scheduler, &mut notes)?;
     read_output(&mut o, &mut c, network_dtype, &mut notes)?;
@@ -717,23 +726,50 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     Ok(Network::Lora { conv_dim })
 }
 
-/// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x): `algo` (lora / locon,
-/// loha or lokr), `preset`, `conv_dim` / `conv_alpha` (network_dim / network_alpha when
-/// absent, as LyCORIS reads them), LoKr's `factor` and `decompose_both`, `module_dropout`,
-/// `rs_lora`, and DoRA (`dora_wd`) for LoRA. What LyCORIS trains differently here (its
-/// rank dropout, Tucker convolutions, `use_scalar`, norm layers, ...) is an error naming it.
+/// Python's truthiness of a `network_args` value (a string): true unless empty.
+fn python_truthy(value: &str) -> bool {
+    !value.is_empty()
+}
+
+/// Whether LyCORIS trains Tucker-decomposed convolutions for these `network_args`, read as
+/// its `create_network` reads them: the deprecated `disable_conv_cp`, `use_cp` and
+/// `use_conv_cp` first overwrite `use_tucker` with their (string) value, then
+/// `str_bool(not disable_conv_cp or use_conv_cp or use_cp or use_tucker)`, Python's `or`
+/// taking the first truthy string.
+fn lycoris_tucker(args: &[(String, String)]) -> bool {
+    let get = |key: &str| args.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    // The last deprecated key in the arguments' order wins (a dict keeps that order).
+    let mapped = args.iter().filter(|(k, _)| matches!(k.as_str(), "disable_conv_cp" | "use_cp" | "use_conv_cp")).next_back().map(|(_, v)| v.as_str());
+    let use_tucker = mapped.or(get("use_tucker"));
+    // `not disable_conv_cp` is a bool: true only for an empty string.
+    if get("disable_conv_cp").is_some_and(|v| !python_truthy(v)) {
+        return true;
+    }
+    let first_truthy = [get("use_conv_cp"), get("use_cp"), use_tucker].into_iter().flatten().find(|v| python_truthy(v));
+    first_truthy.is_some_and(lycoris_bool)
+}
+
+/// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x), as its `create_network`
+/// reads them: `algo` (lora / locon, loha or lokr), `preset`, `conv_dim` / `conv_alpha`
+/// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
+/// `module_dropout`, `rs_lora`, and DoRA (`dora_wd`) for LoRA. What LyCORIS trains
+/// differently here (its rank dropout, Tucker convolutions, `use_scalar`, norm layers, ...)
+/// is an error naming it.
 fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
+    let args = key_values(args, "network_args", &o.origin)?;
     let mut algo = "lora".to_string();
     let mut preset = LycorisPreset::Full;
     let (mut conv_dim, mut conv_alpha, mut dropout) = (None, None, None);
+    let (mut factor, mut decompose_both, mut bypass) = (-1, false, false);
+    let (mut loraplus, mut wd_on_output) = ([0.0; 3], true);
     let mut ignored = Vec::new();
-    for (key, value) in key_values(args, "network_args", &o.origin)? {
+    for (key, value) in &args {
         let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
         let number = || value.parse::<f64>().map_err(|_| bad("expected a number"));
-        let on = lycoris_bool(&value);
+        let on = lycoris_bool(value);
         match key.as_str() {
             "algo" => algo = value.to_ascii_lowercase(),
-            "preset" => preset = LycorisPreset::parse(&value).ok_or_else(|| bad("expected one of LyCORIS' presets full, full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only or unet-convblock-only (preset files are not read)"))?,
+            "preset" => preset = LycorisPreset::parse(value).ok_or_else(|| bad("expected one of LyCORIS' presets full, full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only or unet-convblock-only (preset files are not read)"))?,
             "conv_dim" => {
                 let dim = number()?;
                 if dim < 0.0 || dim.fract() != 0.0 {
@@ -746,40 +782,39 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "module_dropout" => l.module_dropout = number()?,
             "rank_dropout" if number()? > 0.0 => return Err(bad("LyCORIS' rank dropout drops rows of the update's weight, not kohya's rank components; it has no counterpart here")),
             "factor" => {
-                let factor = number()?;
-                if factor.fract() != 0.0 || !(factor == -1.0 || factor >= 1.0) {
-                    return Err(bad("expected -1 or a whole number of at least 1"));
+                let f = number()?;
+                if f.fract() != 0.0 {
+                    return Err(bad("expected a whole number"));
                 }
-                l.lokr_factor = factor as i64;
+                // LyCORIS' `factorization`: 0 splits as 1 does, any negative value as -1.
+                factor = if f < 0.0 { -1 } else { (f as i64).max(1) };
             }
             // LyCORIS passes this one on as the string it is given, which Python reads as
-            // true whatever it says ("False" too): LoKr then decomposes `w1` where the rank
-            // is small enough. The import trains what LyCORIS trains.
-            "decompose_both" => {
-                l.lokr_decompose_both = true;
-                if !on {
-                    notes.push(format!("network_args `decompose_both={value}`: LyCORIS reads the string it is given as true, so LoKr decomposes w1 where the rank is below half its size; lora.lokr_decompose_both = true trains the same"));
-                }
-            }
-            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" if on => return Err(bad("Tucker-decomposed convolutions are not trained here; set it to False")),
+            // true unless empty ("False" too): LoKr then decomposes `w1` where the rank is
+            // small enough. The import trains what LyCORIS trains.
+            "decompose_both" => decompose_both = python_truthy(value),
             "use_scalar" if on => return Err(bad("LyCORIS' trained scalar (and its initialisation) has no counterpart here; set it to False")),
             "train_norm" if on => return Err(bad("normalization layers are not trained here; set it to False")),
             "full_matrix" if on => return Err(bad("LoKr's full-matrix mode is not trained here; set it to False")),
             "unbalanced_factorization" if on => return Err(bad("LoKr's unbalanced factorization is not trained here; set it to False")),
-            "wd_on_output" if !on => return Err(bad("DoRA per input feature is not trained here; set it to True")),
+            "wd_on_output" => wd_on_output = on,
+            "bypass_mode" => bypass = on,
             "dora_wd" => l.dora = on,
             "rs_lora" => l.rslora = on,
-            "loraplus_lr_ratio" => l.loraplus_lr_ratio = number()?,
-            "loraplus_unet_lr_ratio" => l.loraplus_unet_lr_ratio = number()?,
-            "loraplus_text_encoder_lr_ratio" => l.loraplus_text_encoder_lr_ratio = number()?,
-            // The same update computed another way, or settings of what is off or of other
-            // algorithms (OFT's block size and constraint, rank dropout's scaling).
-            "bypass_mode" | "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "full_matrix" | "unbalanced_factorization" | "wd_on_output" | "rank_dropout" | "rank_dropout_scale" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
+            "loraplus_lr_ratio" => loraplus[0] = number()?,
+            "loraplus_unet_lr_ratio" => loraplus[1] = number()?,
+            "loraplus_text_encoder_lr_ratio" => loraplus[2] = number()?,
+            // Read below (Tucker), off, or of other algorithms (OFT's block size and
+            // constraint, rank dropout's scaling).
+            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "full_matrix" | "unbalanced_factorization" | "rank_dropout" | "rank_dropout_scale" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
             _ => ignored.push(format!("{key}={value}")),
         }
     }
     if !ignored.is_empty() {
         notes.push(format!("network_args that LyCORIS does not read are ignored: {}", ignored.join(", ")));
+    }
+    if lycoris_tucker(&args) {
+        return Err(o.err("network_args", "use_tucker / use_cp (as LyCORIS reads them) ask for Tucker-decomposed convolutions, which are not trained here; set them to False"));
     }
     l.algo = match algo.as_str() {
         "lora" | "locon" => lora_core::Algo::Lora,
@@ -787,18 +822,44 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "lokr" => lora_core::Algo::Lokr,
         other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
     };
-    if l.algo.is_lycoris() && l.dora {
-        return Err(o.err("network_args", format!("`dora_wd=True` with algo={algo}: DoRA is trained here for LoRA only")));
+    if l.algo == lora_core::Algo::Lokr {
+        (l.lokr_factor, l.lokr_decompose_both) = (factor, decompose_both);
+        if decompose_both && args.iter().any(|(k, v)| k == "decompose_both" && !lycoris_bool(v)) {
+            notes.push("network_args `decompose_both=False`: LyCORIS receives the string \"False\", which Python reads as true, so LoKr decomposes w1 where the rank is below half its size; lora.lokr_decompose_both = true trains the same".into());
+        }
     }
-    // kohya passes network_dropout as LyCORIS' `dropout` unless network_args has one.
+    if l.dora {
+        if l.algo.is_lycoris() {
+            return Err(o.err("network_args", format!("`dora_wd=True` with algo={algo}: DoRA is trained here for LoRA only")));
+        }
+        if !wd_on_output {
+            return Err(o.err("network_args", "`wd_on_output=False`: DoRA per input feature is not trained here"));
+        }
+        notes.push("dora_wd: LyCORIS' DoRA passes gradients through the norm of W + ΔW; lora.dora here treats that norm as a constant, as the DoRA paper and PEFT do (the same forward pass, slightly different gradients)".into());
+    }
+    if loraplus.iter().any(|r| *r > 0.0) {
+        if l.algo.is_lycoris() {
+            notes.push(format!("loraplus_*: LyCORIS speeds up only parameters named lora_up, which a {algo} does not have; LoRA+ is off"));
+        } else {
+            [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio] = loraplus;
+        }
+    }
+    // kohya passes network_dropout as LyCORIS' `dropout` unless network_args has one; only
+    // LyCORIS' bypass mode applies it (to LoRA).
     let dropout = dropout.unwrap_or(l.network_dropout);
     l.network_dropout = 0.0;
     if dropout > 0.0 {
-        if l.algo.is_lycoris() {
-            notes.push(format!("dropout {dropout} (network_dropout or network_args' dropout) is ignored, as LyCORIS' {algo} ignores it"));
-        } else {
-            return Err(o.err("network_args", format!("dropout {dropout} (network_dropout or network_args' dropout): LyCORIS' LoRA dropout has no counterpart here; set it to 0")));
+        if bypass && !l.algo.is_lycoris() {
+            return Err(o.err("network_args", format!("dropout {dropout} (network_dropout or network_args' dropout) with bypass_mode: LyCORIS' LoRA dropout in bypass mode has no counterpart here; set it to 0")));
         }
+        notes.push(format!("dropout {dropout} (network_dropout or network_args' dropout) is ignored, as LyCORIS ignores it outside its bypass mode"));
+    }
+    if l.dim_from_weights {
+        // kohya then builds the network with LyCORIS' create_network_from_weights, which
+        // reads no network_args: the file's modules, ranks and alphas, and no dropout.
+        notes.push("dim_from_weights: LyCORIS builds the network from the file and reads no network_args (module_dropout, rs_lora, LoRA+ and the preset are not used)".into());
+        (l.module_dropout, l.rslora) = (0.0, false);
+        [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio] = [0.0; 3];
     }
     // LyCORIS: 3x3 convolutions at conv_dim, which defaults to network_dim, if the preset
     // has any; conv_alpha defaults to network_alpha.
@@ -809,7 +870,12 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
 
 /// A LyCORIS preset's targets, for the models that train (UNet and text encoders whose
 /// targets are not `none`), with 3x3 convolutions at `conv_dim` (0: none).
-fn lycoris_targets(l: &mut crate::config::LoraSection, preset: LycorisPreset, conv_dim: usize) {
+///
+/// LyCORIS names `conv_in`, `conv_out` and the time embedding's layers by kohya's UNet's
+/// module names, which are diffusers' for SD 1.x / 2.x only: on SDXL (`sdxl`) its presets
+/// reach none of them. Where the model's family is not known (`None`: no model at the
+/// path), they are included, with a note.
+fn lycoris_targets(l: &mut crate::config::LoraSection, preset: LycorisPreset, conv_dim: usize, sdxl: Option<bool>, notes: &mut Vec<String>) {
     use LycorisPreset as P;
     if l.text_encoder_targets != TextEncoderTargets::None {
         l.text_encoder_targets = match preset {
@@ -829,7 +895,9 @@ fn lycoris_targets(l: &mut crate::config::LoraSection, preset: LycorisPreset, co
         P::AttnOnly => UnetTargets::Attn,
         P::Full | P::FullLin | P::UnetOnly | P::UnetConvblockOnly => UnetTargets::Conv,
     };
-    if matches!(preset, P::Full | P::FullLin | P::UnetOnly) {
+    let named = sdxl != Some(true);
+    let before = l.include.len();
+    if named && matches!(preset, P::Full | P::FullLin | P::UnetOnly) {
         l.include.extend(time);
     }
     if preset == P::UnetConvblockOnly {
@@ -838,12 +906,18 @@ fn lycoris_targets(l: &mut crate::config::LoraSection, preset: LycorisPreset, co
     if l.unet_targets == UnetTargets::Conv {
         if conv_dim > 0 {
             l.conv_rank = conv_dim;
-            if preset != P::FullLin {
+            if named && preset != P::FullLin {
                 l.include.extend(outer);
             }
         } else {
             l.exclude.extend(no_3x3);
         }
+    }
+    if sdxl.is_none() && l.include.len() > before {
+        notes.push(format!(
+            "the model's family is not known here: LyCORIS' preset adds {} on SD 1.x / 2.x only (kohya's SDXL UNet names them otherwise); remove them from lora.include for an SDXL model",
+            l.include[before..].join(", ")
+        ));
     }
 }
 
@@ -1660,7 +1734,6 @@ wandb_run_name = "my_style"
         assert!(e.contains("`sample_prompts`") && e.contains("none.txt"), "{e}");
     }
 
-    /// Each bad input is an error naming the option and what was expected.
     /// The kohya_ss GUI's LyCORIS/LoHa and LyCORIS/LoKr configs (its `network_args`, every
     /// flag written out): LyCORIS' algorithm, preset targets, conv_dim / conv_alpha
     /// defaults, LoKr's factor and its string-typed `decompose_both`.
@@ -1705,12 +1778,31 @@ wandb_run_name = "my_style"
         let selection = sd_model::targets::Selection::new(c.lora.unet_targets).include(c.lora.include.clone()).exclude(c.lora.exclude.clone());
         assert!(selection.selects("conv_out", true) && selection.selects("up_blocks.1.upsamplers.0.conv", true));
         assert!(!selection.selects("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", false));
+        // The GUI's LoKr line writes use_tucker before use_cp: LyCORIS overwrites use_tucker
+        // with use_cp's "False", and trains no Tucker convolutions.
+        let c = import(&format!("{base}network_args = [\"algo=lokr\", \"use_tucker=True\", \"use_cp=False\", \"factor=0\", \"decompose_both=\"]")).unwrap().config;
+        assert_eq!((c.lora.lokr_factor, c.lora.lokr_decompose_both), (1, false), "factor 0 splits as 1; an empty string is false");
+        // LoKr's settings do nothing for LoHa; LoRA+ does nothing for LoHa / LoKr.
+        let c = import(&format!("{base}network_args = [\"algo=loha\", \"factor=4\", \"loraplus_lr_ratio=16\"]")).unwrap();
+        assert_eq!((c.config.lora.lokr_factor, c.config.lora.loraplus_lr_ratio), (-1, 0.0));
+        c.config.validate().unwrap();
+        // SDXL: LyCORIS' full preset does not reach conv_in, conv_out or the time embedding.
+        let sdxl = base.replace("base.safetensors", "tiny-sdxl");
+        let c = import(&format!("{sdxl}network_args = [\"algo=loha\"]")).unwrap();
+        assert!(c.config.lora.include.is_empty(), "{:?}", c.config.lora.include);
+        assert!(!c.notes.iter().any(|n| n.contains("family is not known")), "{:?}", c.notes);
+        let c = import(&format!("{base}network_args = [\"algo=loha\"]")).unwrap();
+        assert!(c.notes.iter().any(|n| n.contains("family is not known") && n.contains("conv_in")), "{:?}", c.notes);
         // network_dropout reaches LyCORIS as `dropout`, which LoHa ignores.
         let c = import(&format!("{base}network_dropout = 0.1\nnetwork_args = [\"algo=loha\"]")).unwrap();
         assert_eq!(c.config.lora.network_dropout, 0.0);
-        assert!(c.notes.iter().any(|n| n.contains("ignored, as LyCORIS' loha ignores it")), "{:?}", c.notes);
+        assert!(c.notes.iter().any(|n| n.contains("is ignored, as LyCORIS ignores it")), "{:?}", c.notes);
+        let c = import(&format!("{base}network_dropout = 0.1\nnetwork_args = [\"algo=locon\"]")).unwrap();
+        assert_eq!(c.config.lora.network_dropout, 0.0, "LoCon ignores it too, outside bypass mode");
+        assert!(error(&format!("{base}network_dropout = 0.1\nnetwork_args = [\"algo=locon\", \"bypass_mode=True\"]")).contains("bypass_mode"));
     }
 
+    /// Each bad input is an error naming the option and what was expected.
     #[test]
     fn bad_options_are_errors_naming_them() {
         let cases = [
@@ -1726,11 +1818,13 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"use_tucker=True\"]", "`use_tucker=True`: Tucker"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"use_tucker=True\"]", "Tucker-decomposed convolutions"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1`: LyCORIS' rank dropout"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"dora_wd=True\"]", "DoRA is trained here for LoRA only"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"factor=0\"]", "`factor=0`: expected -1"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"factor=1.5\"]", "`factor=1.5`: expected a whole number"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"dora_wd=True\", \"wd_on_output=False\"]", "`wd_on_output=False`"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_train_text_encoder_only = true\nnetwork_args = [\"preset=unet-only\"]", "leaves nothing to train"),
             ("train_inpainting = true", "`train_inpainting` = true: inpainting"),
             ("mixed_precision = \"fp8\"", "`mixed_precision` = \"fp8\""),
         ];

@@ -578,6 +578,17 @@ fn adapters_from_weights<B: AutodiffBackend>(
         origin: format!("lora.network_weights = {} (with lora.dim_from_weights)", path.display()),
         reason: e.to_string(),
     };
+    // The file's adapters train as what they are, under that algorithm's settings
+    // (`TrainConfig::validate` checks them for `lora.algo`).
+    for (key, w) in set.iter() {
+        let algo = w.lycoris.as_ref().map_or(lora_core::Algo::Lora, |ly| ly.algo);
+        if algo.is_lycoris() && w.is_dora() {
+            return Err(in_file(lora_core::LoraError::Unsupported(format!("`{key}` is a {} with DoRA's `dora_scale`, which is not trained here", algo.name()))));
+        }
+        if algo != l.algo {
+            return Err(in_file(lora_core::LoraError::Unsupported(format!("`{key}` is a {} adapter; set lora.algo = \"{}\" to train it on", algo.name(), algo.name()))));
+        }
+    }
     let on_unet = sites::attach_adapters(unet, &set, 1.0, device).map_err(in_file)?;
     let mut on_te = 0;
     for te in encoders.iter_mut() {

@@ -1718,7 +1718,7 @@ fn dora_trains_resumes_and_applies() {
 
 /// `lora.algo = "loha"` / `"lokr"`: every adapter (linear, 3x3 conv, text encoder) is
 /// saved as LyCORIS saves it, with `lycoris.kohya` and the algorithm in the metadata; a
-/// stopped run resumes bit for bit (module dropout included); the file continues training
+/// stopped run resumes bit for bit (module dropout and max-norm included); the file continues training
 /// as `network_weights`, and a LoRA config is refused for it and for the state; a bf16 base
 /// trains; the file applies at a strength in generation, merged as attached.
 #[test]
@@ -1730,6 +1730,7 @@ fn loha_and_lokr_train_resume_and_apply() {
             let mut c = resume_config(dir, steps);
             c.lora.algo = algo;
             (c.lora.dropout, c.lora.module_dropout) = (0.0, 0.2);
+            c.train.scale_weight_norms = 0.05;
             c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
             (c.lora.conv_rank, c.lora.conv_alpha) = (2, 1.0);
             c.output.save_every_n_epochs = 0;
@@ -1770,6 +1771,13 @@ fn loha_and_lokr_train_resume_and_apply() {
         more.lora.algo = lora_core::Algo::Lora;
         let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
         assert!(err.contains(name) && err.contains("LoRA"), "{err}");
+        // With dim_from_weights the file's adapters train as what they are: lora.algo must say so.
+        more.lora.dim_from_weights = true;
+        let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+        assert!(err.contains(&format!("set lora.algo = \"{name}\"")), "{err}");
+        more.lora.algo = algo;
+        let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
+        assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
 
         let bf16_dir = tempfile::tempdir().unwrap();
         let mut bf16 = lycoris_config(bf16_dir.path(), 2);
@@ -1813,7 +1821,7 @@ fn lycoris_config_errors_name_the_key() {
         (&|c| c.lora.rank_dropout = 0.1, "lora.rank_dropout"),
         (&|c| c.lora.dora = true, "lora.dora"),
         (&|c| c.lora.loraplus_lr_ratio = 16.0, "loraplus"),
-        (&|c| c.train.scale_weight_norms = 1.0, "train.scale_weight_norms"),
+        (&|c| c.lora.lokr_factor = 4, "lora.lokr_factor"),
         (&|c| c.output.save_format = AdapterFormat::Peft, "output.save_format"),
         (&|c| (c.lora.algo, c.lora.lokr_factor) = (lora_core::Algo::Lora, 4), "lora.lokr_factor"),
     ];

@@ -22,7 +22,7 @@ pub(super) fn read(
     index: &ModuleIndex,
     options: ReadOptions,
 ) -> Result<(AdapterSet, ReadReport)> {
-    // LyCORIS' LoHa and LoKr modules share the layout and are read as LoRAs.
+    // LyCORIS' LoHa and LoKr modules share the layout (read with their own tensors).
     let suffixes: Vec<(&str, Role)> = SUFFIXES.iter().copied().chain(super::lycoris::SUFFIXES.iter().map(|(s, p)| (*s, Role::Lycoris(*p)))).collect();
     let (parts, mut unknown, metadata) = group(bytes, path, &suffixes)?;
     let mut set = AdapterSet::new();

@@ -1,5 +1,5 @@
-//! LyCORIS' LoHa and LoKr adapters (kohya layout), read as the plain LoRA with the same
-//! update.
+//! LyCORIS' LoHa and LoKr adapters (kohya layout), read with their own tensors
+//! ([`crate::LoraWeights::lycoris`]) and the plain LoRA with the same update.
 //!
 //! Both updates factor exactly into a LoRA of a larger rank:
 //!
@@ -109,13 +109,21 @@ impl Mat {
         self.data[r * self.cols + c]
     }
 
-    /// `self · other` (accumulated in f64).
+    /// `self · other` (accumulated in f64), row by row along `other`'s rows (contiguous
+    /// reads: a trained LoHa's update of a large convolution is a billion products).
     fn matmul(&self, other: &Mat) -> Mat {
         let mut data = vec![0.0; self.rows * other.cols];
+        let mut acc = vec![0f64; other.cols];
         for r in 0..self.rows {
-            for c in 0..other.cols {
-                let acc: f64 = (0..self.cols).map(|k| f64::from(self.at(r, k)) * f64::from(other.at(k, c))).sum();
-                data[r * other.cols + c] = acc as f32;
+            acc.fill(0.0);
+            for k in 0..self.cols {
+                let a = f64::from(self.at(r, k));
+                for (s, b) in acc.iter_mut().zip(&other.data[k * other.cols..][..other.cols]) {
+                    *s += a * f64::from(*b);
+                }
+            }
+            for (d, s) in data[r * other.cols..][..other.cols].iter_mut().zip(&acc) {
+                *d = *s as f32;
             }
         }
         Mat { rows: self.rows, cols: other.cols, data }

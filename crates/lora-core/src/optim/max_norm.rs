@@ -9,6 +9,13 @@
 //! `rank × rank` Gram matrices, `‖U D‖² = Σ (UᵀU) ∘ (D Dᵀ)`, so `ΔW` is never formed, and
 //! everything happens on the device: the training loop does not wait for it. The moments
 //! are left as they are, as in sd-scripts.
+//!
+//! A LyCORIS LoHa or LoKr adapter's `ΔW` is formed from its factors (as its forward pass
+//! forms it) and, when scaled, each of its `n` factors is multiplied by `ratio^(1/n)`: its
+//! update is linear in every factor, so `ΔW` is multiplied by `ratio`, the share spread
+//! over the factors as kohya spreads it over `up` and `down`. (LyCORIS itself multiplies a
+//! separate scalar that it folds into `w1_a` when saving; the norms after scaling are the
+//! same, the later steps' sizes are not quite.)
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -17,6 +24,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::FlatAdamW;
 use crate::error::{LoraError, Result};
 use crate::sites::{LoraSiteMut, LoraSites};
+use crate::Algo;
 
 /// Which axis of a factor's weight is the rank axis, once the weight is viewed as a matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,27 +36,64 @@ pub enum RankAxis {
     Last,
 }
 
-/// One adapter's two factors, by parameter id ([`norm_pairs`]).
+/// One adapter's factors, by parameter id ([`norm_pairs`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NormPair {
     /// The module path (for errors).
     pub path: String,
-    /// The down factor's parameter.
-    pub down: ParamId,
-    /// Where its rank axis is.
-    pub down_rank: RankAxis,
-    /// The up factor's parameter.
-    pub up: ParamId,
-    /// Where its rank axis is.
-    pub up_rank: RankAxis,
+    /// The factors.
+    pub factors: NormFactors,
     /// The adapter's `alpha / rank` (or rsLoRA's `alpha / sqrt(rank)`).
     pub scale: f32,
+}
+
+/// The factors of a [`NormPair`]'s adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NormFactors {
+    /// A LoRA's down and up weights.
+    Lora {
+        /// The down factor's parameter.
+        down: ParamId,
+        /// Where its rank axis is.
+        down_rank: RankAxis,
+        /// The up factor's parameter.
+        up: ParamId,
+        /// Where its rank axis is.
+        up_rank: RankAxis,
+    },
+    /// A LyCORIS LoHa's or LoKr's factors, each `[rows, cols]`, by LyCORIS name
+    /// (see [`crate::LycorisAdapter`]).
+    Lycoris {
+        /// LoHa or LoKr.
+        algo: Algo,
+        /// `(name, parameter)` of each factor.
+        factors: Vec<(&'static str, ParamId)>,
+    },
+}
+
+impl NormFactors {
+    /// The parameters, in order.
+    fn ids(&self) -> Vec<ParamId> {
+        match self {
+            Self::Lora { down, up, .. } => vec![*down, *up],
+            Self::Lycoris { factors, .. } => factors.iter().map(|(_, id)| *id).collect(),
+        }
+    }
 }
 
 /// The attached adapters of `model`, in visiting order.
 pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
     let mut pairs = Vec::new();
     model.visit_lora_sites(&mut |path, site| {
+        let lycoris = match &site {
+            LoraSiteMut::Linear(l) => l.lycoris.as_ref(),
+            LoraSiteMut::Conv(c) => c.lycoris.as_ref(),
+        };
+        if let Some(a) = lycoris {
+            let factors = a.names().iter().copied().zip(a.factors.iter().map(|p| p.id)).collect();
+            pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Lycoris { algo: a.algo(), factors }, scale: a.scale });
+            return;
+        }
         // burn's layouts: linear down `[in, rank]` / up `[rank, out]`; conv down
         // `[rank, in, kh, kw]` / up `[out, rank, 1, 1]`.
         let (down, up, scale, down_rank, up_rank) = match site {
@@ -61,7 +106,7 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
                 None => return,
             },
         };
-        pairs.push(NormPair { path: path.to_owned(), down, down_rank, up, up_rank, scale });
+        pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Lora { down, down_rank, up, up_rank }, scale });
     });
     pairs
 }
@@ -78,7 +123,7 @@ pub struct MaxNormStats<B: Backend> {
 /// The per-element pair index of a [`FlatAdamW`]'s flat values, for one list of pairs.
 #[derive(Debug, Clone)]
 pub(super) struct PairIndex<B: AutodiffBackend> {
-    pairs: Vec<(ParamId, ParamId)>,
+    pairs: Vec<Vec<ParamId>>,
     index: Tensor<B::InnerBackend, 1, Int>,
 }
 
@@ -130,13 +175,22 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             return Ok((module, MaxNormStats { values: Tensor::zeros([3], &device), count: 0 }));
         }
         let mut squares = Vec::with_capacity(pairs.len());
+        // Each pair's factors share `ratio^(1/n)`.
+        let mut exponents = Vec::with_capacity(pairs.len());
         for pair in pairs {
-            let gram_down = self.gram(pair.down, pair.down_rank, &pair.path)?;
-            let gram_up = self.gram(pair.up, pair.up_rank, &pair.path)?;
-            if gram_down.dims() != gram_up.dims() {
-                return Err(LoraError::Data(format!("`{}`: the down and up factors' ranks differ", pair.path)));
-            }
-            squares.push((gram_down * gram_up).sum().mul_scalar(pair.scale * pair.scale));
+            let square = match &pair.factors {
+                NormFactors::Lora { down, down_rank, up, up_rank } => {
+                    let gram_down = self.gram(*down, *down_rank, &pair.path)?;
+                    let gram_up = self.gram(*up, *up_rank, &pair.path)?;
+                    if gram_down.dims() != gram_up.dims() {
+                        return Err(LoraError::Data(format!("`{}`: the down and up factors' ranks differ", pair.path)));
+                    }
+                    (gram_down * gram_up).sum()
+                }
+                NormFactors::Lycoris { algo, factors } => self.lycoris_delta(*algo, factors, &pair.path)?.powi_scalar(2).sum(),
+            };
+            squares.push(square.mul_scalar(pair.scale * pair.scale));
+            exponents.push(1.0 / pair.factors.ids().len() as f32);
         }
         // Rounding can make a zero norm's square slightly negative.
         let norms = Tensor::cat(squares, 0).clamp_min(0.0).sqrt();
@@ -147,11 +201,51 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let scaled = ratio.clone().lower_elem(1.0).int().sum().float();
         let after = norms * ratio.clone();
         let values = Tensor::cat(vec![scaled, after.clone().sum(), after.max()], 0);
-        let factors = Tensor::cat(vec![ratio.sqrt(), Tensor::ones([1], &device)], 0);
+        let exponents = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(exponents, [pairs.len()]), &device);
+        let factors = Tensor::cat(vec![ratio.powf(exponents), Tensor::ones([1], &device)], 0);
         let index = self.pair_index(pairs, &device)?;
         self.params = self.params.clone() * factors.select(0, index);
         let module = self.scatter_working(module);
         Ok((module, MaxNormStats { values, count: pairs.len() }))
+    }
+
+    /// A LyCORIS adapter's unscaled `ΔW` `[out, cols]` from the trained values of its
+    /// factors (as [`crate::LycorisAdapter::delta`] forms it).
+    fn lycoris_delta(&self, algo: Algo, factors: &[(&'static str, ParamId)], path: &str) -> Result<Tensor<B::InnerBackend, 2>> {
+        let factor = |name: &str| -> Result<Option<Tensor<B::InnerBackend, 2>>> {
+            let Some((_, id)) = factors.iter().find(|(n, _)| *n == name) else { return Ok(None) };
+            let slot = self.slots.get(id).ok_or_else(|| LoraError::Data(format!("`{path}`: an adapter tensor is not trained by this optimizer")))?;
+            let values = self.params.clone().slice(slot.offset..slot.offset + slot.len);
+            let rows = slot.shape.first().copied().filter(|r| *r > 0 && slot.len.is_multiple_of(*r));
+            let rows = rows.ok_or_else(|| LoraError::Data(format!("`{path}`: factor `{name}` of shape {:?}", slot.shape)))?;
+            Ok(Some(values.reshape([rows, slot.len / rows])))
+        };
+        let need = |name: &str| factor(name)?.ok_or_else(|| LoraError::Data(format!("`{path}`: factor `{name}` is missing")));
+        let half = |h: &str| -> Result<Tensor<B::InnerBackend, 2>> {
+            match factor(h)? {
+                Some(full) => Ok(full),
+                None => Ok(need(&format!("{h}_a"))?.matmul(need(&format!("{h}_b"))?)),
+            }
+        };
+        let product = |a: Tensor<B::InnerBackend, 2>, b: Tensor<B::InnerBackend, 2>| {
+            if a.dims()[1] == b.dims()[0] {
+                Ok(a.matmul(b))
+            } else {
+                Err(LoraError::Data(format!("`{path}`: factors {:?} and {:?} do not multiply", a.dims(), b.dims())))
+            }
+        };
+        match algo {
+            Algo::Loha => {
+                let one = product(need("hada_w1_a")?, need("hada_w1_b")?)?;
+                let two = product(need("hada_w2_a")?, need("hada_w2_b")?)?;
+                if one.dims() != two.dims() {
+                    return Err(LoraError::Data(format!("`{path}`: LoHa halves {:?} and {:?} differ", one.dims(), two.dims())));
+                }
+                Ok(one * two)
+            }
+            Algo::Lokr => Ok(crate::lycoris::kron(half("lokr_w1")?, half("lokr_w2")?)),
+            Algo::Lora => Err(LoraError::Data(format!("`{path}`: a LoRA listed as a LyCORIS adapter"))),
+        }
     }
 
     /// The `rank × rank` Gram matrix of one trained tensor viewed as a matrix.
@@ -179,13 +273,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
     /// Each flat element's pair (or `pairs.len()` outside every pair), built once per list.
     fn pair_index(&mut self, pairs: &[NormPair], device: &burn::tensor::Device<B::InnerBackend>) -> Result<Tensor<B::InnerBackend, 1, Int>> {
-        let ids: Vec<(ParamId, ParamId)> = pairs.iter().map(|p| (p.down, p.up)).collect();
+        let ids: Vec<Vec<ParamId>> = pairs.iter().map(|p| p.factors.ids()).collect();
         if let Some(cached) = self.max_norm_index.as_ref().filter(|c| c.pairs == ids) {
             return Ok(cached.index.clone());
         }
         let mut index = vec![pairs.len() as i64; self.len()];
-        for (k, (down, up)) in ids.iter().enumerate() {
-            for id in [down, up] {
+        for (k, group) in ids.iter().enumerate() {
+            for id in group {
                 let slot = &self.slots[id];
                 index[slot.offset..slot.offset + slot.len].fill(k as i64);
             }
