@@ -485,10 +485,16 @@ impl<B: Backend> LoraConv2d<B> {
             Addend::Channels(c) => crate::kernels::conv2d_add_channels(&self.base, x, c),
         };
         if let Some(lycoris) = self.lycoris.as_ref().filter(|_| !self.merged && self.multiplier != 0.0) {
-            // LyCORIS' forward: one convolution with the updated kernel `W + k·ΔW`.
             let weight = self.base.weight.val();
-            let delta = lycoris.forward_delta::<4>(self.multiplier, weight.dtype(), &x.device());
-            let y = conv_with_weight(&self.base, x, weight + delta);
+            if weight.dtype() != DType::F32 {
+                // As LyCORIS: the base convolution plus one with `k·ΔW`, so that the update
+                // keeps its own precision (`W + ΔW` in bf16 / f16 would round it to W's).
+                let delta = lycoris.forward_delta::<4>(self.multiplier, x.dtype(), &x.device());
+                return base_op(x.clone(), addend) + conv_with_weight(&self.base, x, delta, false);
+            }
+            // An f32 base: one convolution with the updated kernel `W + k·ΔW`.
+            let delta = lycoris.forward_delta::<4>(self.multiplier, DType::F32, &x.device());
+            let y = conv_with_weight(&self.base, x, weight + delta, true);
             return match addend {
                 Addend::None => y,
                 Addend::Full(a) => y + a,
@@ -617,17 +623,17 @@ fn conv_in_dtype<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, dtype: DType) ->
     if weight.dtype() == dtype {
         return conv.forward(x);
     }
-    conv_with_weight(conv, x, cast_to(weight, dtype))
+    conv_with_weight(conv, x, cast_to(weight, dtype), true)
 }
 
-/// `conv`'s convolution (its stride, padding, dilation, groups and bias) with `weight`
-/// instead of its own kernel; the bias is cast to `x`'s dtype.
-fn conv_with_weight<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, weight: Tensor<B, 4>) -> Tensor<B, 4> {
+/// `conv`'s convolution (its stride, padding, dilation and groups, and its bias if `bias`)
+/// with `weight` instead of its own kernel; the bias is cast to `x`'s dtype.
+fn conv_with_weight<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: bool) -> Tensor<B, 4> {
     let dtype = x.dtype();
     let [_, _, h, w] = x.dims();
     let (top, bottom) = padding_pair(&conv.padding, 0, h, conv.kernel_size[0], conv.stride[0]);
     let (left, right) = padding_pair(&conv.padding, 1, w, conv.kernel_size[1], conv.stride[1]);
     let options = PaddedConvOptions::asymmetric(conv.stride, [top, left], [bottom, right], conv.dilation, conv.groups);
-    let bias = conv.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+    let bias = conv.bias.as_ref().filter(|_| bias).map(|b| cast_to(b.val(), dtype));
     conv2d(x, weight, bias, options)
 }

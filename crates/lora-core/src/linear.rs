@@ -598,11 +598,19 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// [`forward_plus`](Self::forward_plus) with a LyCORIS adapter: `x · (W + k·ΔW) + b`, one
-    /// product with the updated weight (LyCORIS' own forward; see [`crate::lycoris`]).
+    /// product with the updated weight, for an f32 base; `x · W + b + x · (k·ΔW)` for a
+    /// half-precision one, as LyCORIS computes it (see [`crate::lycoris`]).
     fn forward_lycoris<const D: usize>(&self, lycoris: &LycorisAdapter<B>, x: Tensor<B, D>, extra: Option<Tensor<B, D>>) -> Tensor<B, D> {
         let weight = self.base.weight.val();
-        let delta = lycoris.forward_delta::<2>(self.multiplier, weight.dtype(), &x.device());
         let dtype = x.dtype();
+        if weight.dtype() != DType::F32 {
+            // `W + ΔW` in bf16 / f16 would round the (small) update to the weight's
+            // precision; its own product keeps the update's.
+            let delta = lycoris.forward_delta::<2>(self.multiplier, dtype, &x.device());
+            let y = crate::kernels::linear(&self.base, x.clone()) + crate::kernels::linear_weight(x, delta);
+            return plus(y, extra);
+        }
+        let delta = lycoris.forward_delta::<2>(self.multiplier, DType::F32, &x.device());
         let y = crate::kernels::linear_weight(x, weight + delta);
         let y = match &self.base.bias {
             Some(bias) => y + on_last_axis::<B, D>(bias.val(), dtype),

@@ -17,9 +17,11 @@
 //!
 //! The scale is `alpha / r` (`alpha / sqrt(r)` with rsLoRA). LyCORIS' default forward
 //! (not its bypass mode) forms `ΔW` and adds `x · (multiplier · ΔW)` to the base layer's
-//! output; here the layer takes the weight `W + multiplier · ΔW` in one product instead:
-//! the same output and gradients, with one matmul or convolution of the layer's size
-//! instead of two each way. Module dropout skips the update for a pass; LyCORIS' other
+//! output, which is what a layer with a bf16 / f16 base does here (`W + ΔW` in half
+//! precision would round the small update to the weight's precision). With an f32 base
+//! the layer takes the weight `W + multiplier · ΔW` in one product instead: the same
+//! output and gradients, with one matmul or convolution of the layer's size instead of two
+//! each way. Module dropout skips the update for a pass; LyCORIS' other
 //! dropouts and Tucker-decomposed convolutions are not trained.
 //!
 //! ```

@@ -352,3 +352,54 @@ fn unsupported_settings_and_mismatched_weights_are_errors() {
     let err = load(&mut loha4, &sets[0]).unwrap_err();
     assert!(err.contains("factors"), "{err}");
 }
+
+/// With a bf16 base, a small update keeps its own precision (as LyCORIS computes it, the
+/// base's product plus the update's): an update below bf16's step at the weights' size,
+/// summed over a large fan-in, changes the output as it does in f32. (`W + ΔW` in bf16
+/// would leave `W` unchanged.)
+#[test]
+fn a_small_update_survives_a_bf16_base() {
+    use burn::tensor::FloatDType;
+    let device = Default::default();
+    // A LoHa of rank 1 with every factor 1 but `hada_w2_b = c`: ΔW = scale · c everywhere.
+    let set_update = |adapter: &mut lora_core::LycorisAdapter<B>, c: f32| {
+        for (name, p) in adapter.names().to_vec().iter().zip(adapter.factors.iter_mut()) {
+            let value = if *name == "hada_w2_b" { c } else { 1.0 };
+            *p = p.clone().map(|t| t.ones_like().mul_scalar(value).require_grad());
+        }
+    };
+    let config = LoraConfig::new(1).with_algo(Algo::Loha);
+    let c = 2e-5;
+    // burn initialises parameters lazily: read them once, so that the clones share values.
+    let (base_linear, base_conv) = (LinearConfig::new(2048, 4).init::<B>(&device), Conv2dConfig::new([256, 4], [3, 3]).init::<B>(&device));
+    let _ = (base_linear.weight.val(), base_linear.bias.as_ref().map(|b| b.val()), base_conv.weight.val(), base_conv.bias.as_ref().map(|b| b.val()));
+    let linear = |bf16: bool, with: bool| {
+        let mut l = LoraLinear::new(base_linear.clone());
+        l.attach_new(&config, &device).unwrap();
+        set_update(l.lycoris.as_mut().unwrap(), if with { c } else { 0.0 });
+        let x = Tensor::<B, 2>::ones([1, 2048], &device);
+        match bf16 {
+            true => lora_core::precision::cast_frozen(l, FloatDType::BF16).forward(x.cast(FloatDType::BF16)).cast(FloatDType::F32),
+            false => l.forward(x),
+        }
+        .inner()
+    };
+    let conv = |bf16: bool, with: bool| {
+        let mut l = LoraConv2d::new(base_conv.clone());
+        l.attach_new(&config, &device).unwrap();
+        set_update(l.lycoris.as_mut().unwrap(), if with { c } else { 0.0 });
+        let x = Tensor::<B, 4>::ones([1, 256, 3, 3], &device);
+        match bf16 {
+            true => lora_core::precision::cast_frozen(l, FloatDType::BF16).forward(x.cast(FloatDType::BF16)).cast(FloatDType::F32),
+            false => l.forward(x),
+        }
+        .inner()
+        .flatten(1, 3)
+    };
+    for (what, run) in [("linear", &linear as &dyn Fn(bool, bool) -> Tensor<Flex, 2>), ("conv", &conv)] {
+        let want = run(false, true) - run(false, false);
+        let got = run(true, true) - run(true, false);
+        let err = rel(got, want.clone());
+        assert!(err < 0.05, "{what}: the update's change to the output, bf16 vs f32: relative error {err} ({want})");
+    }
+}

@@ -739,7 +739,7 @@ fn python_truthy(value: &str) -> bool {
 fn lycoris_tucker(args: &[(String, String)]) -> bool {
     let get = |key: &str| args.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
     // The last deprecated key in the arguments' order wins (a dict keeps that order).
-    let mapped = args.iter().filter(|(k, _)| matches!(k.as_str(), "disable_conv_cp" | "use_cp" | "use_conv_cp")).next_back().map(|(_, v)| v.as_str());
+    let mapped = args.iter().rfind(|(k, _)| matches!(k.as_str(), "disable_conv_cp" | "use_cp" | "use_conv_cp")).map(|(_, v)| v.as_str());
     let use_tucker = mapped.or(get("use_tucker"));
     // `not disable_conv_cp` is a bool: true only for an empty string.
     if get("disable_conv_cp").is_some_and(|v| !python_truthy(v)) {
