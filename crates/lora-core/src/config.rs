@@ -48,6 +48,26 @@ impl Algo {
     }
 }
 
+impl std::str::FromStr for Algo {
+    type Err = String;
+
+    /// `lora`, `loha` or `lokr` (LyCORIS' `locon` reads as `lora`).
+    ///
+    /// ```
+    /// use lora_core::Algo;
+    /// assert_eq!("loha".parse::<Algo>(), Ok(Algo::Loha));
+    /// assert!("ia3".parse::<Algo>().is_err());
+    /// ```
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "lora" | "locon" => Ok(Algo::Lora),
+            "loha" => Ok(Algo::Loha),
+            "lokr" => Ok(Algo::Lokr),
+            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha or lokr")),
+        }
+    }
+}
+
 /// Hyper-parameters of a LoRA adapter.
 ///
 /// ```

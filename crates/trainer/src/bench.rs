@@ -43,6 +43,8 @@ pub struct BenchOptions {
     /// The adapters' optimizer in the train step: AdamW with burn's defaults, or another
     /// one with this trainer's default settings for it (as `train.optimizer`).
     pub optimizer: crate::config::Optimizer,
+    /// The adapters' form (rank 4 each): LoRA, or LyCORIS' LoHa or LoKr (as `lora.algo`).
+    pub algo: lora_core::Algo,
 }
 
 /// The result, printed as one JSON line.
@@ -87,6 +89,8 @@ pub struct BenchResult {
     pub profiled_step: bool,
     /// The train step's optimizer (`--optimizer`, as `train.optimizer` names it).
     pub optimizer: crate::config::Optimizer,
+    /// The adapters' form (`--lora-algo`, as `lora.algo` names it).
+    pub algo: lora_core::Algo,
     /// What ran in cuDNN / cuBLAS.
     pub vendor: VendorUse,
 }
@@ -309,6 +313,7 @@ pub struct BenchHooks<'a> {
 ///     grad_checkpointing: false,
 ///     lora_merged: false,
 ///     optimizer: trainer::config::Optimizer::Adamw,
+///     algo: lora_core::Algo::Lora,
 /// };
 /// let mut calls = Vec::new();
 /// let mut profiler = |start: bool| -> Result<(), String> {
@@ -332,7 +337,7 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
     B::seed(device, 0);
     // Frozen base, as in training: only the adapters get gradients and AdamW updates.
     let mut unet = UNet2DConditionModel::<B>::new(&opts.unet, device)?.no_grad();
-    attach_new_adapters(&mut unet, &Selection::new(opts.targets), &LoraConfig::new(4), device)?;
+    attach_new_adapters(&mut unet, &Selection::new(opts.targets), &LoraConfig::new(4).with_algo(opts.algo), device)?;
     // Half precision as in training: frozen weights converted once, adapters trained as f32
     // master values in the optimizer (with half-precision copies in the model, below).
     if opts.precision != crate::device_check::Precision::F32 {

@@ -265,6 +265,9 @@ enum Command {
         /// `adafactor`, `dadapt_adam` with the trainer's default settings for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
+        /// The adapters' form: `lora`, or LyCORIS' `loha` or `lokr` (rank 4 each).
+        #[arg(long, default_value = "lora")]
+        lora_algo: lora_core::Algo,
         /// `train` or `infer`.
         #[arg(long, default_value = "train")]
         mode: String,
@@ -834,11 +837,12 @@ struct BenchArgs {
     lora_unmerged: bool,
     cuda_profiler_step: bool,
     optimizer: trainer::config::Optimizer,
+    lora_algo: lora_core::Algo,
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     use trainer::bench::{gib, peak_rss_gib, run_hooked, BenchHooks, BenchOptions, BenchResult};
-    let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step, optimizer } = args;
+    let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step, optimizer, lora_algo } = args;
     let (unet_config, device, precision, mode) = (unet_config.as_str(), device.as_str(), precision.as_str(), mode.as_str());
     let unet = trainer::device_check::unet_config_by_name(unet_config)?;
     let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
@@ -849,7 +853,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         other => anyhow::bail!("--mode {other}: expected train or infer"),
     };
     let lora_merged = !train && !lora_unmerged;
-    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged, optimizer };
+    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged, optimizer, algo: lora_algo };
     if cuda_profiler_step && device != "cuda" {
         anyhow::bail!("--cuda-profiler-step: only with --device cuda (got --device {device})");
     }
@@ -888,6 +892,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         custom_backward: !plain_autodiff,
         profiled_step: cuda_profiler_step,
         optimizer,
+        algo: lora_algo,
         vendor: trainer::bench::VendorUse::now(),
     };
     println!("{}", serde_json::to_string(&result)?);
@@ -995,7 +1000,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             run_resize(&input, &output, &settings, to, dtype, verbose)
         }
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
-        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, optimizer, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
+        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, optimizer, lora_algo, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
             unet_config,
             batch,
             resolution,
@@ -1009,6 +1014,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             lora_unmerged,
             cuda_profiler_step,
             optimizer,
+            lora_algo,
         }),
         Command::BenchOps { batch, resolution, steps, device, precision } => run_bench_ops(batch, resolution, steps, &device, &precision),
         Command::DeviceCheck { unet_config, batch, resolution, device, precision, grad_checkpointing, tolerance, adapter, seed } => {

@@ -19,11 +19,12 @@ fn bench_times_train_and_infer_steps() {
             grad_checkpointing: train,
             lora_merged,
             optimizer: Default::default(),
+            algo: Default::default(),
         };
         let (first, median) = run::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
         assert!(first > 0.0 && median > 0.0 && median.is_finite());
     }
-    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default() };
+    let bad = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 60, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default(), algo: Default::default() };
     assert!(run::<Autodiff<Flex>>(&bad, &Default::default()).is_err());
 }
 
@@ -31,7 +32,7 @@ fn bench_times_train_and_infer_steps() {
 fn memory_probe_samples_one_extra_untimed_step() {
     use trainer::bench::{run_probed, MemorySample};
     for (train, per_step) in [(true, 3), (false, 2)] {
-        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 2, targets: UnetTargets::Attn, train, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default() };
+        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 2, targets: UnetTargets::Attn, train, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default(), algo: Default::default() };
         let mut calls = 0u64;
         let mut probe = || {
             calls += 1;
@@ -43,7 +44,7 @@ fn memory_probe_samples_one_extra_untimed_step() {
         assert!(timings.first_step_s > 0.0 && timings.s_per_step > 0.0 && timings.back_to_back_s_per_step > 0.0);
     }
     // With checkpointing, also once per recomputed block.
-    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: true, lora_merged: false, optimizer: Default::default() };
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: true, lora_merged: false, optimizer: Default::default(), algo: Default::default() };
     let mut calls = 0u64;
     let mut probe = || {
         calls += 1;
@@ -51,7 +52,7 @@ fn memory_probe_samples_one_extra_untimed_step() {
     };
     run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut probe)).unwrap();
     assert!(calls > 5, "{calls} samples");
-    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: false, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default() };
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: false, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default(), algo: Default::default() };
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), None).unwrap().peak, None);
     assert_eq!(run_probed::<Autodiff<Flex>>(&opts, &Default::default(), Some(&mut || None)).unwrap().peak, None);
 }
@@ -60,7 +61,7 @@ fn memory_probe_samples_one_extra_untimed_step() {
 fn profiler_hook_brackets_one_step_after_the_memory_samples() {
     use std::cell::RefCell;
     use trainer::bench::{run_hooked, BenchHooks, MemorySample};
-    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default() };
+    let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer: Default::default(), algo: Default::default() };
     let events = RefCell::new(Vec::new());
     let mut probe = || {
         events.borrow_mut().push("sample");
@@ -87,8 +88,21 @@ fn profiler_hook_brackets_one_step_after_the_memory_samples() {
 fn bench_trains_with_every_optimizer() {
     use trainer::config::Optimizer;
     for optimizer in [Optimizer::Lion, Optimizer::Prodigy, Optimizer::Adafactor, Optimizer::DadaptAdam] {
-        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer };
+        let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer, algo: Default::default() };
         let (first, median) = run::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
         assert!(first > 0.0 && median.is_finite(), "{optimizer:?}");
+    }
+}
+
+/// The train and inference steps run with LyCORIS' LoHa and LoKr adapters (`--lora-algo`),
+/// on a bf16 base too, with gradient checkpointing.
+#[test]
+fn bench_runs_loha_and_lokr() {
+    for algo in [lora_core::Algo::Loha, lora_core::Algo::Lokr] {
+        for (train, precision) in [(true, trainer::device_check::Precision::F32), (true, trainer::device_check::Precision::Bf16), (false, trainer::device_check::Precision::F32)] {
+            let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::AttnMlp, train, precision, grad_checkpointing: train, lora_merged: false, optimizer: Default::default(), algo };
+            let (first, median) = run::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
+            assert!(first > 0.0 && median.is_finite(), "{algo:?}, train {train}, {precision:?}");
+        }
     }
 }
