@@ -412,6 +412,26 @@ impl<B: Backend> LoraLinear<B> {
         self.merged
     }
 
+    /// Whether an adapter (LoRA or LyCORIS) takes part in `forward`: attached, not merged,
+    /// at a multiplier other than 0. Paths that compute the base layer alone (fused ops on
+    /// its weight) may run only when this is false.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::nn::LinearConfig;
+    /// use lora_core::{Algo, LoraConfig, LoraLinear};
+    /// let device = Default::default();
+    /// let mut layer = LoraLinear::<Flex>::new(LinearConfig::new(4, 4).init(&device));
+    /// assert!(!layer.has_active_adapter());
+    /// layer.attach_new(&LoraConfig::new(2).with_algo(Algo::Loha), &device).unwrap();
+    /// assert!(layer.has_active_adapter());
+    /// layer.merge_in_place();
+    /// assert!(!layer.has_active_adapter());
+    /// ```
+    pub fn has_active_adapter(&self) -> bool {
+        (self.adapter.is_some() || self.lycoris.is_some()) && !self.merged && self.multiplier != 0.0
+    }
+
     /// Folds `multiplier · ΔW` into the base weight; `forward` then skips the adapter.
     /// A DoRA adapter at multiplier `k` gives `W + k · (g ⊙ (W + ΔW) − W)` with its gain
     /// `g = m / ‖W + ΔW‖` (the weight moves from the base toward DoRA's, as ComfyUI and

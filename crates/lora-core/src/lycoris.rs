@@ -91,7 +91,8 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 pub struct LycorisAdapter<B: Backend> {
     /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
     /// layout (a convolution's kernel flattened into the columns; a full `lokr_w2` of a
-    /// convolution too, which LyCORIS keeps 4-d).
+    /// convolution too, which LyCORIS keeps 4-d). Replace values only: the names, their
+    /// order and the shapes are the adapter's.
     pub factors: Vec<Param<Tensor<B, 2>>>,
     /// The LyCORIS names of the factors.
     #[module(skip)]
@@ -378,9 +379,47 @@ impl<B: Backend> LycorisAdapter<B> {
     /// for a convolution) plus its own tensors in [`LoraWeights::lycoris`]; `key` names it
     /// in errors.
     pub fn to_weights(&self, key: &str) -> Result<LoraWeights> {
-        let weights = crate::format::lycoris::lora_of(&self.to_lycoris_weights()?, key)?;
-        let [_, _, kh, kw] = self.shape;
+        let lycoris = self.to_lycoris_weights()?;
+        let [out, input, kh, kw] = self.shape;
+        let cols = input * kh * kw;
+        let weights = if self.plain_rank() >= out.min(cols) {
+            // The plain form is `ΔW` itself beside an identity (as the reader makes it):
+            // formed here on the device, not by the host's loops (seconds for each large
+            // layer of a high-rank LoHa, at every save).
+            let delta = HostTensor::from_tensor(self.delta(1.0))?;
+            let identity = |n: usize| {
+                let mut data = vec![0.0; n * n];
+                data.iter_mut().step_by(n + 1).for_each(|v| *v = 1.0);
+                HostTensor { shape: vec![n, n], data }
+            };
+            let (up, down) = if out <= cols { (identity(out), delta) } else { (delta, identity(cols)) };
+            let rank = down.shape[0];
+            let mut weights = LoraWeights::new(down, up, rank as f32, key)?;
+            weights.lycoris = Some(lycoris);
+            weights
+        } else {
+            crate::format::lycoris::lora_of(&lycoris, key)?
+        };
         Ok(if self.conv { crate::format::lycoris::unflatten(weights, [kh, kw]) } else { weights })
+    }
+
+    /// The rank of the plain LoRA with this update in factored form: LoHa's `r²`, LoKr's
+    /// product of its halves' ranks (a full half counting its smaller side).
+    fn plain_rank(&self) -> usize {
+        let rows = |name: &str| self.factor(name).map_or(0, |p| p.dims()[0]);
+        match self.algo {
+            Algo::Loha => rows("hada_w1_b") * rows("hada_w2_b"),
+            _ => ["lokr_w1", "lokr_w2"]
+                .map(|h| {
+                    let (full, _, b) = names_of(h);
+                    match self.factor(full) {
+                        Some(p) => p.dims()[0].min(p.dims()[1]),
+                        None => rows(b),
+                    }
+                })
+                .iter()
+                .product(),
+        }
     }
 }
 

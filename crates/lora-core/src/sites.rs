@@ -54,7 +54,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         if let Some(lycoris) = self.lycoris() {
             return self.load_lycoris(lycoris, weights, key, device);
         }
-        if weights.lycoris.is_some() && weights.magnitude.is_none() {
+        if weights.lycoris.is_some() && weights.magnitude.is_none() && self.has_adapter() {
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {}, the attached adapter is a LoRA", weights.lycoris.as_ref().map_or("", |l| l.algo.name()))));
         }
         let attached = match self {
@@ -199,9 +199,14 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// The attached adapter in file layout, if any (a LyCORIS one with its own tensors in
     /// [`LoraWeights::lycoris`]).
     pub fn adapter_weights(&self) -> Option<Result<LoraWeights>> {
+        self.named_weights("<adapter>")
+    }
+
+    /// [`adapter_weights`](Self::adapter_weights), with `key` naming the adapter in errors.
+    fn named_weights(&self, key: &str) -> Option<Result<LoraWeights>> {
         match self {
-            Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()).or_else(|| l.lycoris.as_ref().map(|a| a.to_weights("<lycoris adapter>"))),
-            Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()).or_else(|| c.lycoris.as_ref().map(|a| a.to_weights("<lycoris adapter>"))),
+            Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()).or_else(|| l.lycoris.as_ref().map(|a| a.to_weights(key))),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()).or_else(|| c.lycoris.as_ref().map(|a| a.to_weights(key))),
         }
     }
 
@@ -417,8 +422,9 @@ pub fn collect_adapters<B: Backend>(model: &mut impl LoraSites<B>, set: &mut Ada
     let component = model.component();
     let mut found = Vec::new();
     model.visit_lora_sites(&mut |path, site| {
-        if let Some(w) = site.adapter_weights() {
-            found.push((AdapterKey::new(component, path), w));
+        let key = AdapterKey::new(component, path);
+        if let Some(w) = site.named_weights(&key.to_string()) {
+            found.push((key, w));
         }
     });
     let n = found.len();

@@ -403,3 +403,54 @@ fn a_small_update_survives_a_bf16_base() {
         assert!(err < 0.05, "{what}: the update's change to the output, bf16 vs f32: relative error {err} ({want})");
     }
 }
+
+/// The layers' other entry points with a LoHa / LoKr attached: a residual or an addend is
+/// added once, multiplier 0 is the base layer, and a bf16 base gives f32's output (the
+/// bias once, in the two-product path).
+#[test]
+fn residuals_addends_multiplier_zero_and_bf16_outputs() {
+    use burn::tensor::{Distribution, FloatDType};
+    let f = fixture();
+    let device = Default::default();
+    let close = |a: Tensor<B, 2>, b: Tensor<B, 2>, tol: f32, what: &str| {
+        let err = rel(a.cast(FloatDType::F32).inner(), b.cast(FloatDType::F32).inner());
+        assert!(err < tol, "{what}: relative error {err}");
+    };
+    for name in CASES {
+        let layer = trained_layer(&f, name);
+        let plain = {
+            let mut l = Layer::new(&f, name);
+            l.site().detach();
+            l
+        };
+        match (&layer, &plain) {
+            (Layer::Linear(l), Layer::Linear(p)) => {
+                let x = f.tensor::<2>(&format!("{name}.x"));
+                let r = Tensor::<B, 2>::random(l.forward(x.clone()).dims(), Distribution::Normal(0.0, 1.0), &device);
+                close(l.forward_residual(x.clone(), r.clone()), l.forward(x.clone()) + r, 1e-6, &format!("{name}: residual"));
+                let mut zero = l.clone();
+                zero.set_multiplier(0.0);
+                close(zero.forward(x.clone()), p.forward(x.clone()), 1e-6, &format!("{name}: multiplier 0"));
+                let half = lora_core::precision::cast_frozen(l.clone(), FloatDType::BF16);
+                close(half.forward(x.clone().cast(FloatDType::BF16)), l.forward(x), 2e-2, &format!("{name}: bf16 base"));
+            }
+            (Layer::Conv(c), Layer::Conv(p)) => {
+                let x = f.tensor::<4>(&format!("{name}.x"));
+                let y = c.forward(x.clone());
+                let [n, ch, h, w] = y.dims();
+                let a = Tensor::<B, 4>::random([n, ch, h, w], Distribution::Normal(0.0, 1.0), &device);
+                let flat = |t: Tensor<B, 4>| t.flatten::<2>(1, 3);
+                close(flat(c.forward_add(x.clone(), a.clone())), flat(y.clone() + a), 1e-6, &format!("{name}: addend"));
+                let per = Tensor::<B, 2>::random([n, ch], Distribution::Normal(0.0, 1.0), &device);
+                close(flat(c.forward_add_channels(x.clone(), per.clone())), flat(y.clone() + per.clone().reshape([n, ch, 1, 1])), 1e-6, &format!("{name}: channels"));
+                let mut zero = c.clone();
+                zero.set_multiplier(0.0);
+                close(flat(zero.forward(x.clone())), flat(p.forward(x.clone())), 1e-6, &format!("{name}: multiplier 0"));
+                let half = lora_core::precision::cast_frozen(c.clone(), FloatDType::BF16);
+                let want = flat(y + per.clone().reshape([n, ch, 1, 1]));
+                close(flat(half.forward_add_channels(x.cast(FloatDType::BF16), per.cast(FloatDType::BF16))), want, 2e-2, &format!("{name}: bf16 base"));
+            }
+            _ => unreachable!(),
+        }
+    }
+}

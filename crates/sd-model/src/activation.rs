@@ -155,9 +155,8 @@ pub fn geglu_projected<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 3>) -> Ten
 /// assert!(err < 1e-5);
 /// ```
 pub fn geglu_projected_rows<B: Backend>(proj: &LoraLinear<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let active_adapter = proj.adapter.is_some() && !proj.is_merged() && proj.multiplier != 0.0;
     let weight = proj.base.weight.val();
-    if active_adapter || weight.dtype() != x.dtype() {
+    if proj.has_active_adapter() || weight.dtype() != x.dtype() {
         // (GEGLU's own op is 3-d: one reshape each way, on this path only.)
         let h = proj.forward(x);
         let [rows, n] = h.dims();

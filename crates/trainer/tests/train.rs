@@ -1718,9 +1718,11 @@ fn dora_trains_resumes_and_applies() {
 
 /// `lora.algo = "loha"` / `"lokr"`: every adapter (linear, 3x3 conv, text encoder) is
 /// saved as LyCORIS saves it, with `lycoris.kohya` and the algorithm in the metadata; a
-/// stopped run resumes bit for bit (module dropout and max-norm included); the file continues training
-/// as `network_weights`, and a LoRA config is refused for it and for the state; a bf16 base
-/// trains; the file applies at a strength in generation, merged as attached.
+/// stopped run resumes bit for bit (with module dropout and max-norm on); every adapter
+/// trains (no fused path bypasses one); the file continues training
+/// as `network_weights` (and with `dim_from_weights`), and a LoRA config is refused for
+/// it and for the state; a bf16 base runs; the file applies at a strength in generation,
+/// merged as attached.
 #[test]
 fn loha_and_lokr_train_resume_and_apply() {
     let _guard = seeded();
@@ -1743,6 +1745,8 @@ fn loha_and_lokr_train_resume_and_apply() {
         assert!(set.iter().any(|(_, w)| w.is_conv() && w.down.shape[2..] == [3, 3]), "{name}");
         for (key, w) in set.iter() {
             assert_eq!(w.lycoris.as_ref().map(|l| l.algo), Some(algo), "{key}");
+            // Every adapter trained (its zero half moved): none is bypassed by a fused path.
+            assert!(w.delta().data.iter().any(|v| *v != 0.0), "{key} did not train");
         }
         let meta = lora_metadata(&straight.lora);
         assert_eq!(meta["ss_network_module"], "lycoris.kohya");

@@ -201,8 +201,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let scaled = ratio.clone().lower_elem(1.0).int().sum().float();
         let after = norms * ratio.clone();
         let values = Tensor::cat(vec![scaled, after.clone().sum(), after.max()], 0);
-        let exponents = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(exponents, [pairs.len()]), &device);
-        let factors = Tensor::cat(vec![ratio.powf(exponents), Tensor::ones([1], &device)], 0);
+        // LoRA's square root as it was (bit for bit), the general power only for LyCORIS.
+        let per_factor = match pairs.iter().all(|p| matches!(p.factors, NormFactors::Lora { .. })) {
+            true => ratio.sqrt(),
+            false => ratio.powf(Tensor::from_data(TensorData::new(exponents, [pairs.len()]), &device)),
+        };
+        let factors = Tensor::cat(vec![per_factor, Tensor::ones([1], &device)], 0);
         let index = self.pair_index(pairs, &device)?;
         self.params = self.params.clone() * factors.select(0, index);
         let module = self.scatter_working(module);
