@@ -265,20 +265,6 @@ impl<B: Backend> LycorisAdapter<B> {
         self.names.iter().position(|n| *n == name).map(|i| &self.factors[i])
     }
 
-    /// A factor's value in f32 (`name` is one of [`names`](Self::names)).
-    fn f32(&self, name: &str) -> Tensor<B, 2> {
-        cast_to(self.factor(name).expect("a factor of this adapter").val(), DType::F32)
-    }
-
-    /// LoKr's half `w1` or `w2` (full, or the product of its `_a` and `_b`).
-    fn half(&self, half: &str) -> Tensor<B, 2> {
-        let (full, a, b) = names_of(half);
-        match self.factor(full) {
-            Some(_) => self.f32(full),
-            None => self.f32(a).matmul(self.f32(b)),
-        }
-    }
-
     /// `[rows, cols]` of the update the factors make, or why they do not fit each other.
     fn delta_shape(&self) -> std::result::Result<(usize, usize), String> {
         let dims = |name: &str| self.factor(name).map(|p| p.dims());
@@ -315,14 +301,8 @@ impl<B: Backend> LycorisAdapter<B> {
     /// `ΔW` times `factor` in f32, `[out, in·kh·kw]` (PyTorch's layout with the kernel
     /// flattened), in the autodiff graph of the factors.
     pub fn delta(&self, factor: f32) -> Tensor<B, 2> {
-        let delta = match self.algo {
-            Algo::Loha => {
-                let one = self.f32("hada_w1_a").matmul(self.f32("hada_w1_b"));
-                let two = self.f32("hada_w2_a").matmul(self.f32("hada_w2_b"));
-                one * two
-            }
-            _ => kron(self.half("lokr_w1"), self.half("lokr_w2")),
-        };
+        let factor_f32 = |name: &str| self.factor(name).map(|p| cast_to(p.val(), DType::F32));
+        let delta = unscaled_delta(self.algo, factor_f32).expect("the factors fit each other, as checked when the adapter was made");
         delta.mul_scalar(factor * self.scale)
     }
 
@@ -431,8 +411,37 @@ fn names_of(half: &str) -> (&'static str, &'static str, &'static str) {
     }
 }
 
+/// The unscaled update `[out, cols]` of LoHa / LoKr factors given by LyCORIS name
+/// (`factor` gives `None` for a name the adapter lacks): LoHa's
+/// `(w1_a · w1_b) ⊙ (w2_a · w2_b)`, LoKr's `w1 ⊗ w2` with each half full or `_a · _b`.
+/// Missing factors and shapes that do not fit are errors saying which.
+pub(crate) fn unscaled_delta<B: Backend>(algo: Algo, factor: impl Fn(&str) -> Option<Tensor<B, 2>>) -> std::result::Result<Tensor<B, 2>, String> {
+    let need = |name: &str| factor(name).ok_or_else(|| format!("factor `{name}` is missing"));
+    let product = |what: &str| -> std::result::Result<Tensor<B, 2>, String> {
+        let (a, b) = (need(&format!("{what}_a"))?, need(&format!("{what}_b"))?);
+        match a.dims()[1] == b.dims()[0] {
+            true => Ok(a.matmul(b)),
+            false => Err(format!("{what}_a is {:?} but {what}_b is {:?}", a.dims(), b.dims())),
+        }
+    };
+    match algo {
+        Algo::Loha => {
+            let (one, two) = (product("hada_w1")?, product("hada_w2")?);
+            if one.dims() != two.dims() {
+                return Err(format!("hada_w1 makes {:?} but hada_w2 makes {:?}", one.dims(), two.dims()));
+            }
+            Ok(one * two)
+        }
+        Algo::Lokr => {
+            let half = |h: &str| factor(h).map_or_else(|| product(h), Ok);
+            Ok(kron(half("lokr_w1")?, half("lokr_w2")?))
+        }
+        Algo::Lora => Err("a LoRA is not a LyCORIS adapter".into()),
+    }
+}
+
 /// `a ⊗ b` (`[p·r, q·s]` for `a [p, q]`, `b [r, s]`), by broadcasting: differentiable.
-pub(crate) fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+fn kron<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let [p, q] = a.dims();
     let [r, s] = b.dims();
     let a: Tensor<B, 4> = a.reshape([p, 1, q, 1]);

@@ -51,7 +51,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             let config = LoraConfig::new(rank).with_dropout(input).with_network_dropout(network);
             (rank, config.with_rank_dropout(rank_p).with_module_dropout(module_p))
         };
-        if let Some(lycoris) = self.lycoris() {
+        if let Some(lycoris) = self.attached_lycoris() {
             return self.load_lycoris(lycoris, weights, key, device);
         }
         if weights.lycoris.is_some() && weights.magnitude.is_none() && self.has_adapter() {
@@ -81,11 +81,8 @@ impl<B: Backend> LoraSiteMut<'_, B> {
 
     /// What [`load_weights`](Self::load_weights) checks of an attached LyCORIS adapter, if
     /// one is attached.
-    fn lycoris(&self) -> Option<AttachedLycoris> {
-        let l = match self {
-            Self::Linear(l) => l.lycoris.as_ref(),
-            Self::Conv(c) => c.lycoris.as_ref(),
-        }?;
+    fn attached_lycoris(&self) -> Option<AttachedLycoris> {
+        let l = self.lycoris_adapter()?;
         Some(AttachedLycoris {
             algo: l.algo(),
             rank: l.rank(),
@@ -125,21 +122,18 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         let dropout = burn::nn::DropoutConfig::new(config.dropout).init();
         let network = burn::nn::DropoutConfig::new(config.network_dropout).init();
         // A LyCORIS adapter has module dropout only (its config refuses the others).
+        if let Some(a) = self.lycoris_adapter_mut() {
+            a.module_dropout = config.module_dropout;
+        }
         match self {
             Self::Linear(l) => {
                 if let Some(a) = l.adapter.as_mut() {
                     (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
                 }
-                if let Some(a) = l.lycoris.as_mut() {
-                    a.module_dropout = config.module_dropout;
-                }
             }
             Self::Conv(c) => {
                 if let Some(a) = c.adapter.as_mut() {
                     (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
-                }
-                if let Some(a) = c.lycoris.as_mut() {
-                    a.module_dropout = config.module_dropout;
                 }
             }
         }
@@ -204,27 +198,41 @@ impl<B: Backend> LoraSiteMut<'_, B> {
 
     /// [`adapter_weights`](Self::adapter_weights), with `key` naming the adapter in errors.
     fn named_weights(&self, key: &str) -> Option<Result<LoraWeights>> {
-        match self {
-            Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()).or_else(|| l.lycoris.as_ref().map(|a| a.to_weights(key))),
-            Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()).or_else(|| c.lycoris.as_ref().map(|a| a.to_weights(key))),
-        }
+        let lora = match self {
+            Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()),
+        };
+        lora.or_else(|| self.lycoris_adapter().map(|a| a.to_weights(key)))
     }
 
     /// Whether an adapter (LoRA or LyCORIS) is attached.
     pub fn has_adapter(&self) -> bool {
+        let lora = match self {
+            Self::Linear(l) => l.adapter.is_some(),
+            Self::Conv(c) => c.adapter.is_some(),
+        };
+        lora || self.lycoris_adapter().is_some()
+    }
+
+    /// The attached LyCORIS adapter (LoHa / LoKr), if any.
+    pub fn lycoris_adapter(&self) -> Option<&crate::LycorisAdapter<B>> {
         match self {
-            Self::Linear(l) => l.adapter.is_some() || l.lycoris.is_some(),
-            Self::Conv(c) => c.adapter.is_some() || c.lycoris.is_some(),
+            Self::Linear(l) => l.lycoris.as_ref(),
+            Self::Conv(c) => c.lycoris.as_ref(),
+        }
+    }
+
+    /// The attached LyCORIS adapter (LoHa / LoKr), if any, to change.
+    pub fn lycoris_adapter_mut(&mut self) -> Option<&mut crate::LycorisAdapter<B>> {
+        match self {
+            Self::Linear(l) => l.lycoris.as_mut(),
+            Self::Conv(c) => c.lycoris.as_mut(),
         }
     }
 
     /// The parameter ids of the attached LyCORIS adapter's factors (empty without one).
     pub fn lycoris_param_ids(&self) -> Vec<burn::module::ParamId> {
-        let lycoris = match self {
-            Self::Linear(l) => l.lycoris.as_ref(),
-            Self::Conv(c) => c.lycoris.as_ref(),
-        };
-        lycoris.map(|a| a.factors.iter().map(|p| p.id).collect()).unwrap_or_default()
+        self.lycoris_adapter().map(|a| a.factors.iter().map(|p| p.id).collect()).unwrap_or_default()
     }
 
     /// The parameter ids of the attached adapter's `down` and `up` weights (kohya's

@@ -119,6 +119,14 @@ impl Layer {
         }
     }
 
+    fn lycoris_ref(&self) -> &lora_core::LycorisAdapter<B> {
+        match self {
+            Layer::Linear(l) => l.lycoris.as_ref(),
+            Layer::Conv(c) => c.lycoris.as_ref(),
+        }
+        .expect("a LyCORIS adapter")
+    }
+
     fn lycoris(&mut self) -> &mut lora_core::LycorisAdapter<B> {
         match self {
             Layer::Linear(l) => l.lycoris.as_mut(),
@@ -187,10 +195,7 @@ fn output_and_gradients_match_lycoris() {
         assert!(err < 1e-5, "{name}: output relative error {err}");
         let g = f.matrix(&format!("{name}.g"));
         let grads = (y * g).sum().backward();
-        let adapter = match &layer {
-            Layer::Linear(l) => l.lycoris.as_ref().unwrap(),
-            Layer::Conv(c) => c.lycoris.as_ref().unwrap(),
-        };
+        let adapter = layer.lycoris_ref();
         for (i, n) in case.names.iter().enumerate() {
             let got = adapter.factors[i].grad(&grads).unwrap_or_else(|| panic!("{name}: a gradient for {n}"));
             let err = rel(got, f.matrix(&format!("{name}.grad.{n}")).inner());

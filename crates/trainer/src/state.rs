@@ -49,11 +49,7 @@ impl<B: Backend> AdapterParam<B> {
 pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -> Vec<(String, AdapterParam<B>)> {
     let mut out = Vec::new();
     model.visit_lora_sites(&mut |path, site| {
-        let lycoris = match &site {
-            LoraSiteMut::Linear(l) => l.lycoris.as_ref(),
-            LoraSiteMut::Conv(c) => c.lycoris.as_ref(),
-        };
-        if let Some(a) = lycoris {
+        if let Some(a) = site.lycoris_adapter() {
             for (name, p) in a.names().iter().zip(&a.factors) {
                 out.push((format!("{prefix}.{path}.{name}"), AdapterParam::Matrix(p.id, p.val())));
             }
@@ -127,11 +123,7 @@ fn saved_tensor<'a>(saved: &'a HashMap<String, HostTensor>, key: &str) -> Result
 }
 
 fn restore_site<B: Backend>(mut site: LoraSiteMut<'_, B>, key: &str, saved: &HashMap<String, HostTensor>, device: &B::Device) -> Result<usize, TrainError> {
-    let lycoris = match &mut site {
-        LoraSiteMut::Linear(l) => l.lycoris.as_mut(),
-        LoraSiteMut::Conv(c) => c.lycoris.as_mut(),
-    };
-    if let Some(a) = lycoris {
+    if let Some(a) = site.lycoris_adapter_mut() {
         let names = a.names().to_vec();
         for (name, p) in names.iter().zip(a.factors.iter_mut()) {
             let key = format!("{key}.{name}");

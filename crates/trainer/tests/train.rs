@@ -1641,6 +1641,29 @@ fn weighted_captions_read_emphasis_in_training() {
     assert!(emphasis.is_finite() && emphasis != literal, "{emphasis} vs {literal}");
 }
 
+/// At strength 0.5 the LoRA file `lora` moves the tiny UNet's output off the base model's;
+/// baked in, it gives what it gives attached. `what` names it in failures.
+fn assert_applies_at_half_strength(lora: &std::path::Path, what: &str) {
+    let device = Default::default();
+    let run = |unet: &sd_model::UNet2DConditionModel<Flex>| {
+        let x = burn::tensor::Tensor::<Flex, 4>::ones([1, 4, 8, 8], &device).mul_scalar(0.3);
+        let t = burn::tensor::Tensor::<Flex, 1>::from_floats([500.0], &device);
+        let ctx = burn::tensor::Tensor::<Flex, 3>::ones([1, 77, sd_model::UnetConfig::tiny().cross_attention_dim], &device).mul_scalar(0.1);
+        unet.forward(x, t, ctx).unwrap().into_data().to_vec::<f32>().unwrap()
+    };
+    // The trained-on tiny model (seeded: both copies hold the same weights).
+    let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let mut half = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let file: sd_model::lora::LoraFile = format!("{}:0.5", lora.display()).parse().unwrap();
+    sd_model::lora::apply_lora_files(&mut half, None, &[file], true, &device).unwrap();
+    let (plain, with) = (run(&base), run(&half));
+    assert!(plain.iter().zip(&with).any(|(a, b)| (a - b).abs() > 1e-6), "{what} changes nothing");
+    lora_core::sites::bake_adapters(&mut half);
+    let merged = run(&half);
+    let err = merged.iter().zip(&with).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err < 1e-4, "{what}: merged vs attached: {err}");
+}
+
 /// `lora.dora`: every adapter (linear, 3x3 conv, text encoder) is saved with its magnitude
 /// as LyCORIS' `dora_scale`; a stopped run resumes bit for bit (the magnitudes and their
 /// moments are in the state); a bf16 base trains; the file applies at a strength in
@@ -1696,24 +1719,7 @@ fn dora_trains_resumes_and_applies() {
     let err = sd_model::lora::apply_lora_files(&mut unet, Some(&mut te), &[file.clone(), file], false, &device).unwrap_err();
     assert!(err.to_string().contains("DoRA"), "{err}");
 
-    // At strength 0.5 the UNet's output moves off the base model's; merged, it is the same.
-    let run = |unet: &sd_model::UNet2DConditionModel<Flex>| {
-        let x = burn::tensor::Tensor::<Flex, 4>::ones([1, 4, 8, 8], &device).mul_scalar(0.3);
-        let t = burn::tensor::Tensor::<Flex, 1>::from_floats([500.0], &device);
-        let ctx = burn::tensor::Tensor::<Flex, 3>::ones([1, 77, sd_model::UnetConfig::tiny().cross_attention_dim], &device).mul_scalar(0.1);
-        unet.forward(x, t, ctx).unwrap().into_data().to_vec::<f32>().unwrap()
-    };
-    // The trained-on tiny model (seeded: both copies hold the same weights).
-    let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
-    let mut half = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
-    let file: sd_model::lora::LoraFile = format!("{}:0.5", straight.lora.display()).parse().unwrap();
-    sd_model::lora::apply_lora_files(&mut half, None, &[file], true, &device).unwrap();
-    let (plain, with) = (run(&base), run(&half));
-    assert!(plain.iter().zip(&with).any(|(a, b)| (a - b).abs() > 1e-6), "the DoRA LoRA changes nothing");
-    lora_core::sites::bake_adapters(&mut half);
-    let merged = run(&half);
-    let err = merged.iter().zip(&with).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(err < 1e-4, "merged vs attached: {err}");
+    assert_applies_at_half_strength(&straight.lora, "the DoRA LoRA");
 }
 
 /// `lora.algo = "loha"` / `"lokr"`: every adapter (linear, 3x3 conv, text encoder) is
@@ -1789,24 +1795,7 @@ fn loha_and_lokr_train_resume_and_apply() {
         let report = train::<B>(&bf16, &Default::default(), &mut |_| true).unwrap();
         assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
 
-        // At strength 0.5 the UNet's output moves off the base model's; merged, it is the same.
-        let device = Default::default();
-        let run = |unet: &sd_model::UNet2DConditionModel<Flex>| {
-            let x = burn::tensor::Tensor::<Flex, 4>::ones([1, 4, 8, 8], &device).mul_scalar(0.3);
-            let t = burn::tensor::Tensor::<Flex, 1>::from_floats([500.0], &device);
-            let ctx = burn::tensor::Tensor::<Flex, 3>::ones([1, 77, sd_model::UnetConfig::tiny().cross_attention_dim], &device).mul_scalar(0.1);
-            unet.forward(x, t, ctx).unwrap().into_data().to_vec::<f32>().unwrap()
-        };
-        let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
-        let mut half = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
-        let file: sd_model::lora::LoraFile = format!("{}:0.5", straight.lora.display()).parse().unwrap();
-        sd_model::lora::apply_lora_files(&mut half, None, &[file], true, &device).unwrap();
-        let (plain, with) = (run(&base), run(&half));
-        assert!(plain.iter().zip(&with).any(|(a, b)| (a - b).abs() > 1e-6), "{name}: the file changes nothing");
-        lora_core::sites::bake_adapters(&mut half);
-        let merged = run(&half);
-        let err = merged.iter().zip(&with).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(err < 1e-4, "{name}: merged vs attached: {err}");
+        assert_applies_at_half_strength(&straight.lora, name);
     }
 }
 

@@ -85,11 +85,7 @@ impl NormFactors {
 pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
     let mut pairs = Vec::new();
     model.visit_lora_sites(&mut |path, site| {
-        let lycoris = match &site {
-            LoraSiteMut::Linear(l) => l.lycoris.as_ref(),
-            LoraSiteMut::Conv(c) => c.lycoris.as_ref(),
-        };
-        if let Some(a) = lycoris {
+        if let Some(a) = site.lycoris_adapter() {
             let factors = a.names().iter().copied().zip(a.factors.iter().map(|p| p.id)).collect();
             pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Lycoris { algo: a.algo(), factors }, scale: a.scale });
             return;
@@ -216,40 +212,15 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// A LyCORIS adapter's unscaled `ΔW` `[out, cols]` from the trained values of its
     /// factors (as [`crate::LycorisAdapter::delta`] forms it).
     fn lycoris_delta(&self, algo: Algo, factors: &[(&'static str, ParamId)], path: &str) -> Result<Tensor<B::InnerBackend, 2>> {
-        let factor = |name: &str| -> Result<Option<Tensor<B::InnerBackend, 2>>> {
-            let Some((_, id)) = factors.iter().find(|(n, _)| *n == name) else { return Ok(None) };
+        let mut values = Vec::with_capacity(factors.len());
+        for (name, id) in factors {
             let slot = self.slots.get(id).ok_or_else(|| LoraError::Data(format!("`{path}`: an adapter tensor is not trained by this optimizer")))?;
-            let values = self.params.clone().slice(slot.offset..slot.offset + slot.len);
             let rows = slot.shape.first().copied().filter(|r| *r > 0 && slot.len.is_multiple_of(*r));
             let rows = rows.ok_or_else(|| LoraError::Data(format!("`{path}`: factor `{name}` of shape {:?}", slot.shape)))?;
-            Ok(Some(values.reshape([rows, slot.len / rows])))
-        };
-        let need = |name: &str| factor(name)?.ok_or_else(|| LoraError::Data(format!("`{path}`: factor `{name}` is missing")));
-        let half = |h: &str| -> Result<Tensor<B::InnerBackend, 2>> {
-            match factor(h)? {
-                Some(full) => Ok(full),
-                None => Ok(need(&format!("{h}_a"))?.matmul(need(&format!("{h}_b"))?)),
-            }
-        };
-        let product = |a: Tensor<B::InnerBackend, 2>, b: Tensor<B::InnerBackend, 2>| {
-            if a.dims()[1] == b.dims()[0] {
-                Ok(a.matmul(b))
-            } else {
-                Err(LoraError::Data(format!("`{path}`: factors {:?} and {:?} do not multiply", a.dims(), b.dims())))
-            }
-        };
-        match algo {
-            Algo::Loha => {
-                let one = product(need("hada_w1_a")?, need("hada_w1_b")?)?;
-                let two = product(need("hada_w2_a")?, need("hada_w2_b")?)?;
-                if one.dims() != two.dims() {
-                    return Err(LoraError::Data(format!("`{path}`: LoHa halves {:?} and {:?} differ", one.dims(), two.dims())));
-                }
-                Ok(one * two)
-            }
-            Algo::Lokr => Ok(crate::lycoris::kron(half("lokr_w1")?, half("lokr_w2")?)),
-            Algo::Lora => Err(LoraError::Data(format!("`{path}`: a LoRA listed as a LyCORIS adapter"))),
+            values.push((*name, self.params.clone().slice(slot.offset..slot.offset + slot.len).reshape([rows, slot.len / rows])));
         }
+        let factor = |name: &str| values.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
+        crate::lycoris::unscaled_delta(algo, factor).map_err(|e| LoraError::Data(format!("`{path}`: {e}")))
     }
 
     /// The `rank × rank` Gram matrix of one trained tensor viewed as a matrix.
