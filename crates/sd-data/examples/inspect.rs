@@ -51,16 +51,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--resolution" => {
                 let v = it.next().ok_or("--resolution needs a value")?;
-                let parts: Vec<&str> = v.split(',').collect();
-                let n: Result<Vec<u32>, _> =
-                    parts.iter().map(|p| p.trim().parse::<u32>()).collect();
-                a.resolution = Some(
-                    match n.map_err(|_| format!("--resolution: `{v}` is not N or W,H"))?[..] {
-                        [s] => Resolution::square(s),
-                        [width, height] => Resolution { width, height },
-                        _ => return Err(format!("--resolution: `{v}` is not N or W,H")),
-                    },
-                );
+                a.resolution = Some(v.parse().map_err(|e| format!("--resolution: {e}"))?);
             }
             "--skip-bad-images" => a.skip_bad_images = true,
             "--no-upscale" => a.no_upscale = true,

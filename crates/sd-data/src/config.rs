@@ -7,9 +7,18 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DataError, Result};
 
 /// Training resolution `(width, height)`; serialised as a number (`512`) or a pair (`[768, 512]`),
-/// like kohya's `resolution = "512"` / `"768,512"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "ResolutionRepr", into = "ResolutionRepr")]
+/// like kohya's `resolution = "512"` / `"768,512"`, and read from either or from such a
+/// string (`"768,512"`, as sd-scripts' command line takes it).
+///
+/// ```
+/// use sd_data::Resolution;
+/// let r: Resolution = "768,512".parse().unwrap();
+/// assert_eq!((r.width, r.height), (768, 512));
+/// assert_eq!("512".parse::<Resolution>().unwrap(), Resolution::square(512));
+/// assert!("512,0".parse::<Resolution>().is_err());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "ResolutionRepr")]
 pub struct Resolution {
     /// Width in pixels.
     pub width: u32,
@@ -25,22 +34,63 @@ impl Resolution {
             height: side,
         }
     }
+
+    /// Width times height.
+    pub fn area(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+
+    /// The longer side.
+    pub fn max_side(&self) -> u32 {
+        self.width.max(self.height)
+    }
+
+    fn checked(width: u32, height: u32) -> std::result::Result<Self, String> {
+        if width == 0 || height == 0 {
+            return Err(format!("{width}x{height}: width and height must be positive"));
+        }
+        Ok(Self { width, height })
+    }
 }
 
-#[derive(Clone, Copy, Serialize, Deserialize)]
+impl std::fmt::Display for Resolution {
+    /// `512` for a square, `768,512` (width, height) otherwise: what [`FromStr`](std::str::FromStr) reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.width == self.height {
+            write!(f, "{}", self.width)
+        } else {
+            write!(f, "{},{}", self.width, self.height)
+        }
+    }
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = DataError;
+
+    /// `"512"`, `"768,512"` (width, height), with optional brackets and spaces
+    /// (`"(768, 512)"`, `"[768, 512]"`), as kohya configs write it.
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = |why: String| DataError::config("resolution", why);
+        let inner = text.trim().trim_start_matches(['(', '[']).trim_end_matches([')', ']']);
+        let sides: Vec<u32> = inner
+            .split(',')
+            .map(|s| s.trim().parse::<u32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad(format!("`{text}` is not a size like \"512\" or \"768,512\" (width,height)")))?;
+        match sides[..] {
+            [side] => Self::checked(side, side),
+            [width, height] => Self::checked(width, height),
+            _ => Err(format!("`{text}` has {} numbers; give one side or width,height", sides.len())),
+        }
+        .map_err(bad)
+    }
+}
+
+#[derive(Clone, Copy, Serialize)]
 #[serde(untagged)]
 enum ResolutionRepr {
     Square(u32),
     Rect([u32; 2]),
-}
-
-impl From<ResolutionRepr> for Resolution {
-    fn from(r: ResolutionRepr) -> Self {
-        match r {
-            ResolutionRepr::Square(s) => Self::square(s),
-            ResolutionRepr::Rect([width, height]) => Self { width, height },
-        }
-    }
 }
 
 impl From<Resolution> for ResolutionRepr {
@@ -49,6 +99,52 @@ impl From<Resolution> for ResolutionRepr {
             Self::Square(r.width)
         } else {
             Self::Rect([r.width, r.height])
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Resolution {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(ResolutionVisitor)
+    }
+}
+
+/// Reads a side, a `[width, height]` pair or a `"width,height"` string, so that a wrong
+/// value is named in the error instead of an untagged enum's "no variant matched".
+struct ResolutionVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ResolutionVisitor {
+    type Value = Resolution;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a positive side (512), a [width, height] pair or a \"width,height\" string")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Resolution, E> {
+        let side = u32::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))?;
+        Resolution::checked(side, side).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Resolution, E> {
+        let side = u64::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))?;
+        self.visit_u64(side)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Resolution, E> {
+        v.parse::<Resolution>().map_err(|e| match e {
+            DataError::Config { message, .. } => E::custom(message),
+            other => E::custom(other),
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Resolution, A::Error> {
+        let mut sides = Vec::new();
+        while let Some(side) = seq.next_element::<u32>()? {
+            sides.push(side);
+        }
+        match sides[..] {
+            [width, height] => Resolution::checked(width, height).map_err(serde::de::Error::custom),
+            _ => Err(serde::de::Error::invalid_length(sides.len(), &"two numbers, [width, height]")),
         }
     }
 }

@@ -123,6 +123,9 @@ fn bad_files_are_errors_naming_the_key() {
         // Checks after typing name the subset as the file places it.
         (format!("{}{}", subset(""), subset("num_repeats = 0")), "`datasets[1].subsets[0].num_repeats`"),
         ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2\n".into(), "`datasets[0].subsets[0].image_dir` is required"),
+        ("[[datasets]]\nresolution = 512.5\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].resolution` has the wrong type"),
+        ("[[datasets]]\nresolution = [512, 0]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].resolution`"),
+        ("[[datasets]]\nresolution = [512]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].resolution`"),
         ("[[datasets]]\nresolution = 512\n".into(), "`datasets[0].subsets`"),
         ("[general]\nresolution = 512\n".into(), "[[datasets]]"),
         ("[dataset]\nresolution = 512\n".into(), "unknown top-level key `dataset`"),

@@ -38,8 +38,10 @@ pub struct ModelSection {
 pub struct DataSection {
     /// A folder of images with captions (kohya layout), or `demo` for the built-in set.
     pub train_data_dir: String,
-    /// Training resolution (square side), e.g. 512.
-    pub resolution: u32,
+    /// Training resolution: a side (`512`), or `[width, height]` / `"width,height"`
+    /// (`[512, 768]`) as in kohya. With buckets, its area is the buckets' area; without,
+    /// every image is resized and cropped to it.
+    pub resolution: sd_data::Resolution,
     /// Number of demo images when `train_data_dir = "demo"`.
     pub demo_images: usize,
     /// Repeats per image for a plain folder (kohya `N_name` folders set their own).
@@ -94,7 +96,7 @@ pub struct DataSection {
     pub enable_bucket: bool,
     /// Smallest bucket side.
     pub min_bucket_reso: u32,
-    /// Largest bucket side (0 = twice `resolution`).
+    /// Largest bucket side (0 = twice `resolution`'s longer side, at least 1024).
     pub max_bucket_reso: u32,
     /// Bucket side step.
     pub bucket_reso_steps: u32,
@@ -779,7 +781,7 @@ impl Default for TrainConfig {
             },
             data: DataSection {
                 train_data_dir: "demo".into(),
-                resolution: 64,
+                resolution: sd_data::Resolution::square(64),
                 demo_images: 24,
                 num_repeats: 1,
                 skip_bad_images: false,

@@ -507,8 +507,8 @@ fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> 
     Ok(())
 }
 
-/// `resolution` as sd-scripts writes it: `512`, `"512"` or `"512,512"`.
-fn read_resolution(o: &mut Options) -> Result<Option<u32>, TrainError> {
+/// `resolution` as sd-scripts writes it: `512`, `"512"` or `"768,512"` (width, height).
+fn read_resolution(o: &mut Options) -> Result<Option<sd_data::Resolution>, TrainError> {
     let key = "resolution";
     let text = match o.take(key) {
         None => return Ok(None),
@@ -516,13 +516,12 @@ fn read_resolution(o: &mut Options) -> Result<Option<u32>, TrainError> {
         Some(toml::Value::String(s)) if s.trim().is_empty() => return Ok(None),
         Some(toml::Value::String(s)) => s,
         Some(toml::Value::Array(a)) => a.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-        Some(other) => return Err(o.err(key, format!("must be a size like \"512\" or \"512,512\", not `{other}`"))),
+        Some(other) => return Err(o.err(key, format!("must be a size like \"512\" or \"768,512\", not `{other}`"))),
     };
-    let sides: Vec<Option<u32>> = text.trim_matches(['(', ')', '[', ']']).split(',').map(|s| s.trim().parse().ok()).collect();
-    match sides[..] {
-        [Some(side)] | [Some(side), Some(_)] if side > 0 && sides.iter().all(|s| *s == Some(side)) => Ok(Some(side)),
-        [Some(_), Some(_)] => Err(o.err(key, format!("= \"{text}\": only square training resolutions are supported (buckets still train other aspect ratios)"))),
-        _ => Err(o.err(key, format!("= \"{text}\" is not a size like \"512\" or \"512,512\""))),
+    match text.parse::<sd_data::Resolution>() {
+        Ok(r) => Ok(Some(r)),
+        Err(sd_data::DataError::Config { message, .. }) => Err(o.err(key, message)),
+        Err(e) => Err(o.err(key, e.to_string())),
     }
 }
 
@@ -540,7 +539,7 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
         None if d.dataset_config.is_empty() => return Err(o.err("resolution", "is missing: it sets the training size, e.g. \"512,512\"")),
         None => {
             notes.push("resolution is not set: 512 is used for the dataset_config's datasets that set none".into());
-            512
+            sd_data::Resolution::square(512)
         }
     };
     d.reg_data_dir = o.string("reg_data_dir")?.unwrap_or_default();
@@ -1489,7 +1488,7 @@ sample_sampler = "euler_a"
         assert_eq!((c.train.optimizer, c.train.adam_weight_decay, c.train.adam_beta2), (Optimizer::Adamw, 0.1, 0.99));
         assert_eq!((c.train.lr_scheduler, c.train.lr_cycles, c.train.lr_warmup_ratio, c.train.warmup_steps()), (LrScheduler::CosineWithRestarts, 3, 0.05, 100));
         assert_eq!((c.train.prediction, c.train.mixed_precision, c.train.seed), (Prediction::VPrediction, MixedPrecision::Bf16, 7));
-        assert_eq!((c.data.resolution, c.data.enable_bucket, c.output.save_precision), (768, true, lora_core::SaveDtype::Bf16));
+        assert_eq!((c.data.resolution, c.data.enable_bucket, c.output.save_precision), (sd_data::Resolution::square(768), true, lora_core::SaveDtype::Bf16));
         assert_eq!(c.output.sample_prompts, ["mystyle, a castle --n blurry --w 512 --h 768 --d 5", "mystyle, a cat --ss euler_a --w 512 --h 512"]);
         for expected in ["AdamW8bit", "option `g`", "xformers, cache_latents"] {
             assert!(i.notes.iter().any(|n| n.contains(expected)), "no note on {expected}: {:?}", i.notes);
@@ -1560,7 +1559,7 @@ wandb_run_name = "my_style"
         assert_eq!((c.lora.rank, c.lora.alpha, c.lora.text_encoder_targets), (32, 16.0, TextEncoderTargets::AttnMlp));
         assert_eq!((t.learning_rate, t.text_encoder_lr, t.lr_warmup_ratio, t.warmup_steps()), (1e-4, 5e-5, 0.1, 150));
         assert_eq!((t.max_train_steps, t.train_batch_size, t.mixed_precision, t.lr_scheduler), (1500, 2, MixedPrecision::Fp16, LrScheduler::Cosine));
-        assert_eq!((c.data.resolution, c.data.max_bucket_reso, c.data.bucket_no_upscale), (512, 2048, true));
+        assert_eq!((c.data.resolution, c.data.max_bucket_reso, c.data.bucket_no_upscale), (sd_data::Resolution::square(512), 2048, true));
         assert!(i.notes.iter().any(|n| n.contains("epoch, noise_offset_type")), "{:?}", i.notes);
     }
 
@@ -1834,10 +1833,21 @@ wandb_run_name = "my_style"
         }
         let e = error("[a]\nseed = 1\n[b]\nseed = 2\n");
         assert!(e.contains("`seed` is set twice, in [a] and in [b]"), "{e}");
-        let e = error(&MINIMAL.replace("resolution = 512", "resolution = \"512,768\""));
-        assert!(e.contains("only square"), "{e}");
+        for bad in ["\"512,0\"", "\"512x768\"", "\"512,768,1024\"", "-512"] {
+            let e = error(&MINIMAL.replace("resolution = 512", &format!("resolution = {bad}")));
+            assert!(e.contains("`resolution`"), "{bad}: {e}");
+        }
         let e = error(&MINIMAL.replace("pretrained_model_name_or_path", "#"));
         assert!(e.contains("`pretrained_model_name_or_path` is missing"), "{e}");
+    }
+
+    /// A non-square `resolution` is width then height, in each of sd-scripts' spellings.
+    #[test]
+    fn non_square_resolutions_read_width_first() {
+        for text in ["\"512,768\"", "\"(512, 768)\"", "[512, 768]"] {
+            let c = import(&MINIMAL.replace("resolution = 512", &format!("resolution = {text}"))).unwrap().config;
+            assert_eq!((c.data.resolution.width, c.data.resolution.height), (512, 768), "{text}");
+        }
     }
 
     /// `trainer train --config` on a kohya config says how to convert it.

@@ -16,7 +16,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Tensor;
 use lora_core::sites::LoraSites;
 use lora_core::{sites, AdapterSet};
-use sd_data::{demo, Dataset, DatasetConfig, Resolution, SubsetConfig};
+use sd_data::{demo, Dataset, DatasetConfig, SubsetConfig};
 use sd_model::targets::{attach_new_adapters, attach_new_adapters_by_kernel, attach_new_adapters_with, KernelConfigs, Selection};
 use sd_model::DiagonalGaussian;
 use sd_sched::training::{adaptive_offset_noise, elementwise_loss, offset_noise, pyramid_noise, pyramid_ratios, HuberSchedule, LossType, TimestepSampler, TrainingSchedule};
@@ -180,13 +180,13 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         return Ok(Dataset::from_memory(&ds, subset, demo::into_memory_images(samples))?);
     }
     let mut ds = DatasetConfig::single(&d.train_data_dir);
-    ds.resolution = Resolution::square(d.resolution);
+    ds.resolution = d.resolution;
     ds.batch_size = config.train.train_batch_size;
     ds.seed = config.train.seed;
     ds.skip_bad_images = d.skip_bad_images;
     ds.enable_bucket = d.enable_bucket;
     ds.min_bucket_reso = d.min_bucket_reso;
-    ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { ds.max_bucket_reso.max(d.resolution * 2) };
+    ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { ds.max_bucket_reso.max(d.resolution.max_side() * 2) };
     ds.bucket_reso_steps = d.bucket_reso_steps;
     ds.bucket_no_upscale = d.bucket_no_upscale;
     ds.prior_loss_weight = d.prior_loss_weight;
@@ -646,6 +646,27 @@ fn load_network_weights<B: AutodiffBackend>(
 /// Removes intermediate saves beyond `output.save_last_n_steps` (step saves of steps
 /// before `step − N`, as kohya) and `output.save_last_n_epochs` (all but the last N epoch saves). Only files
 /// named as this run names its saves are touched.
+/// The model takes sides that are multiples of `step` pixels (64 for SD): a bucket that is
+/// not is a config error here, before the first step, naming the setting that made it.
+fn check_bucket_sides(dataset: &Dataset, config: &TrainConfig, step: usize) -> Result<(), TrainError> {
+    let fits = |side: u32| side as usize % step == 0;
+    let Some(&(w, h)) = dataset.bucket_table().keys().find(|&&(w, h)| !(fits(w) && fits(h))) else {
+        return Ok(());
+    };
+    let d = &config.data;
+    let (origin, fix) = if !d.dataset_config.is_empty() {
+        (format!("data.dataset_config = {}", d.dataset_config), "its `resolution` and `bucket_reso_steps`".to_string())
+    } else if d.enable_bucket {
+        ("data.bucket_reso_steps".to_string(), format!("data.bucket_reso_steps (now {})", d.bucket_reso_steps))
+    } else {
+        ("data.resolution".to_string(), format!("data.resolution (now {}; without buckets every image is resized and cropped to it)", d.resolution))
+    };
+    Err(TrainError::Config {
+        origin,
+        reason: format!("gives a {w}x{h} bucket, but this model takes only sides that are multiples of {step} pixels: set {fix} to multiples of {step}"),
+    })
+}
+
 fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), TrainError> {
     if o.save_last_n_steps == 0 && o.save_last_n_epochs == 0 {
         return Ok(());
@@ -870,6 +891,8 @@ fn run<B: AutodiffBackend>(
     // Frozen parts run on the inner (non-autodiff) backend; only the UNet (and the text
     // encoder when it has adapters) is differentiated. The VAE stays in f32.
     let mut frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
+    let size_step = frozen.vae.downsample_factor() * frozen.unet.size_multiple();
+    std::iter::once(&dataset).chain(validation.as_ref()).try_for_each(|d| check_bucket_sides(d, config, size_step))?;
     // Merged in f32, before the weights are rounded to the training precision.
     merge_base_weights(&mut frozen, &config.model.base_weights, device)?;
     if let Some(dtype) = base_dtype {
@@ -1039,7 +1062,7 @@ fn run<B: AutodiffBackend>(
         // kohya's `sample_at_first`: what the prompts give before any training (the base
         // model, or the starting `network_weights`), to compare the later grids with.
         // The first batch's bucket, as the later grids use.
-        let size = plans.first().map_or((config.data.resolution, config.data.resolution), |p| p.bucket);
+        let size = plans.first().map_or((config.data.resolution.width, config.data.resolution.height), |p| p.bucket);
         sample_grid_now(&unet, &encoders, &frozen, config, (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
     }
     for step in first_step..t.max_train_steps {
@@ -1277,7 +1300,7 @@ fn run<B: AutodiffBackend>(
             }
         }
         if let Some(file) = &sample {
-            let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
+            let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
             sample_grid_now(&unet, &encoders, &frozen, config, size, &out.join(file), device)?;
         }
         let every = config.output.validate_every_n_steps;
@@ -1314,7 +1337,7 @@ fn run<B: AutodiffBackend>(
     } else {
         let mut with_lora = with_trained(&unet, &encoders, frozen);
         merge_adapters(&mut with_lora);
-        let size = sample_size.unwrap_or((config.data.resolution as usize, config.data.resolution as usize));
+        let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
         let path = out.join("samples.png");
         save_png(&generate_grid(&with_lora, config, size, device)?, &path)?;
         Some(path)

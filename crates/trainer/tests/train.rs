@@ -607,7 +607,7 @@ fn kohya_folders_repeats_regularization_and_caption_options() {
     config.data.train_data_dir = train_dir.display().to_string();
     config.data.reg_data_dir = root.path().join("reg").display().to_string();
     config.data.prior_loss_weight = 0.5;
-    config.data.resolution = 64;
+    config.data.resolution = sd_data::Resolution::square(64);
     config.data.min_bucket_reso = 32;
     config.data.max_bucket_reso = 128;
     config.data.bucket_reso_steps = 16;
@@ -649,6 +649,51 @@ fn kohya_folders_repeats_regularization_and_caption_options() {
     config.data.reg_data_dir = root.path().join("nope").display().to_string();
     let Err(err) = trainer::train::open_dataset(&config) else { panic!("a missing reg folder must be an error") };
     assert!(err.to_string().contains("nope"), "{err}");
+}
+
+/// A non-square `data.resolution` (kohya's `"width,height"`): without buckets every image
+/// trains at that size, the samples and metadata take it; a size the model cannot take is
+/// a config error naming the key before any step; every spelling reads width first.
+#[test]
+fn non_square_resolution_trains_at_its_size() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_image(&data, "a", "mystyle, red", 10);
+    write_image(&data, "b", "mystyle, blue", 200);
+    let mut config = quick_config(&root.path().join("out"), 2);
+    config.data.train_data_dir = data.display().to_string();
+    config.data.resolution = sd_data::Resolution { width: 32, height: 48 };
+    config.data.enable_bucket = false;
+    config.train.train_batch_size = 2;
+    config.output.sample_prompts.truncate(1);
+    let dataset = trainer::train::open_dataset(&config).unwrap();
+    assert_eq!(dataset.bucket_table().keys().copied().collect::<Vec<_>>(), vec![(32, 48)]);
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    let grid = image::open(report.sample_grid.unwrap()).unwrap();
+    assert_eq!((grid.width(), grid.height()), (32, 48));
+    let meta = lora_metadata(&report.lora);
+    assert_eq!((meta["ss_resolution"].as_str(), meta["modelspec.resolution"].as_str()), ("(32, 48)", "32x48"));
+    // The written config reads back as it was.
+    let written = TrainConfig::load(Some(&report.config), &[]).unwrap();
+    assert_eq!(written.data.resolution, config.data.resolution);
+
+    // The tiny model takes multiples of 8 pixels: 44 fails before any step, naming the key.
+    config.data.resolution = sd_data::Resolution { width: 32, height: 44 };
+    config.output.output_dir = root.path().join("bad");
+    let e = train::<B>(&config, &Default::default(), &mut |_| panic!("no step may run")).unwrap_err().to_string();
+    assert!(e.contains("data.resolution") && e.contains("32x44") && e.contains("multiples of 8"), "{e}");
+    assert!(!root.path().join("bad/metrics.jsonl").exists());
+
+    for text in ["[32, 48]", "\"32,48\"", "\"(32, 48)\""] {
+        let c = TrainConfig::load(None, &[format!("data.resolution={text}")]).unwrap();
+        assert_eq!(c.data.resolution, sd_data::Resolution { width: 32, height: 48 }, "{text}");
+    }
+    for text in ["0", "[32]", "\"32x48\"", "32.5", "[32, 0]"] {
+        let e = TrainConfig::load(None, &[format!("data.resolution={text}")]).unwrap_err().to_string();
+        assert!(e.contains("resolution"), "{text}: {e}");
+    }
 }
 
 /// `data.dataset_config` with kohya's TOML: sd-scripts' precedence (subset over dataset
@@ -1316,7 +1361,7 @@ fn long_captions_train_with_max_token_length() {
     write_image(&data, "c", "mystyle, another one", 120);
     let mut config = quick_config(&root.path().join("out75"), 2);
     config.data.train_data_dir = data.display().to_string();
-    config.data.resolution = 64;
+    config.data.resolution = sd_data::Resolution::square(64);
     config.train.train_batch_size = 3;
     config.output.sample_prompts = vec![format!("mystyle, {}", long.join(", "))];
     let summary = trainer::train::data_summary(&config, &trainer::train::training_datasets(&config).unwrap()).unwrap();
