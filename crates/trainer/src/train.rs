@@ -649,7 +649,7 @@ fn load_network_weights<B: AutodiffBackend>(
 /// The model takes sides that are multiples of `step` pixels (64 for SD): a bucket that is
 /// not is a config error here, before the first step, naming the setting that made it.
 fn check_bucket_sides(dataset: &Dataset, config: &TrainConfig, step: usize) -> Result<(), TrainError> {
-    let fits = |side: u32| side as usize % step == 0;
+    let fits = |side: u32| (side as usize).is_multiple_of(step);
     let Some(&(w, h)) = dataset.bucket_table().keys().find(|&&(w, h)| !(fits(w) && fits(h))) else {
         return Ok(());
     };
