@@ -59,9 +59,11 @@ use crate::error::{LoraError, Result};
 
 mod adafactor;
 mod dadapt;
+mod schedule_free;
 mod max_norm;
 pub use adafactor::{AdafactorSettings, AdafactorState};
 pub use dadapt::{DAdaptSettings, DAdaptState};
+pub use schedule_free::{ScheduleFreeSettings, ScheduleFreeState};
 pub use max_norm::{norm_pairs, MaxNormStats, NormFactors, NormPair, RankAxis};
 
 /// Entries of the first bias-correction tables (grown as step counts reach them).
@@ -285,6 +287,8 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     adafactor: Option<adafactor::Adafactor<B>>,
     /// DAdaptAdam's step sizes ([`FlatAdamW::with_dadapt_adam`]).
     dadapt: Option<dadapt::DAdapt<B>>,
+    /// Schedule-free AdamW / RAdam ([`FlatAdamW::with_schedule_free`]).
+    schedule_free: Option<schedule_free::ScheduleFree<B>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -314,6 +318,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             lion: false,
             adafactor: None,
             dadapt: None,
+            schedule_free: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -446,6 +451,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.lion = false;
         self.adafactor = None;
         self.dadapt = None;
+        self.schedule_free = None;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, settings.d0, 0.0, 0.0], [4]), &device);
         let s = Tensor::zeros([self.len()], &device);
@@ -489,6 +495,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.prodigy = None;
         self.adafactor = None;
         self.dadapt = None;
+        self.schedule_free = None;
         self.lion = true;
         self
     }
@@ -552,16 +559,22 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// `module` with its trained tensors set to the working copies, those of
     /// [`with_master_copies`](Self::with_master_copies) in the master dtype.
     fn scatter_working<M: AutodiffModule<B>>(&self, module: M) -> M {
+        self.scatter_values_working(module, self.params.clone())
+    }
+
+    /// `module` with its trained tensors set to `values` (flat, master dtype) in the
+    /// working dtype, those of [`with_master_copies`](Self::with_master_copies) as they are.
+    fn scatter_values_working<M: AutodiffModule<B>>(&self, module: M, values: Tensor<B::InnerBackend, 1>) -> M {
         let Some(dtype) = self.working else {
-            return self.scatter(module, self.params.clone());
+            return self.scatter(module, values);
         };
-        let working = self.params.clone().cast(FloatDType::from(dtype));
+        let working = values.clone().cast(FloatDType::from(dtype));
         if self.master_copies.is_empty() {
             return self.scatter(module, working);
         }
         // Each tensor is written once: the kept ones from the master values, the rest cast.
         let module = self.scatter_where(module, working, |id| !self.master_copies.contains(&id));
-        self.scatter_where(module, self.params.clone(), |id| self.master_copies.contains(&id))
+        self.scatter_where(module, values, |id| self.master_copies.contains(&id))
     }
 
     /// With [`with_working_dtype`](Self::with_working_dtype), the module's copies of the
@@ -704,6 +717,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         if self.dadapt.is_some() {
             let present = self.present_mask(&grads.present);
             self.dadapt_step(lr, grad, present, apply);
+            return self.scatter_working(module);
+        }
+        if self.schedule_free.is_some() {
+            let present = self.present_mask(&grads.present);
+            self.schedule_free_step(lr, grad, present, apply);
             return self.scatter_working(module);
         }
         // Where this step updates: tensors with a gradient, if the device says so.

@@ -358,21 +358,43 @@ pub enum Optimizer {
     /// `learning_rate = 1.0`. See `lora_core::optim::FlatAdamW::with_dadapt_adam`.
     #[serde(rename = "dadapt_adam")]
     DadaptAdam,
+    /// Schedule-free AdamW (the `schedulefree` package's `AdamWScheduleFree`, kohya's
+    /// `AdamWScheduleFree`): no schedule (`lr_scheduler` must be `constant`;
+    /// `lr_warmup_steps` is the package's `warmup_steps`). It trains at one point and
+    /// averages towards another, which the saved LoRA, the samples and the validation
+    /// loss use. β, ε and the weight decay are the `adam_*` keys; see
+    /// `lora_core::optim::FlatAdamW::with_schedule_free`.
+    #[serde(rename = "adamw_schedule_free")]
+    AdamwScheduleFree,
+    /// Schedule-free RAdam (`RAdamScheduleFree`): as `adamw_schedule_free`, with RAdam's
+    /// rectified steps, which warm up by themselves (`schedule_free_silent_sgd_phase`).
+    #[serde(rename = "radam_schedule_free")]
+    RadamScheduleFree,
+}
+
+impl Optimizer {
+    /// Whether this is a schedule-free optimizer (`adamw_schedule_free`,
+    /// `radam_schedule_free`).
+    pub fn is_schedule_free(self) -> bool {
+        matches!(self, Self::AdamwScheduleFree | Self::RadamScheduleFree)
+    }
 }
 
 impl std::str::FromStr for Optimizer {
     type Err = String;
 
-    /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`.
+    /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`,
+    /// `adamw_schedule_free`, `radam_schedule_free`.
     ///
     /// ```
     /// use trainer::config::Optimizer;
     /// assert_eq!("dadapt_adam".parse::<Optimizer>(), Ok(Optimizer::DadaptAdam));
+    /// assert!("radam_schedule_free".parse::<Optimizer>().unwrap().is_schedule_free());
     /// assert!("sgd".parse::<Optimizer>().is_err());
     /// ```
     fn from_str(s: &str) -> Result<Self, String> {
         use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor or dadapt_adam)"))
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free or radam_schedule_free)"))
     }
 }
 
@@ -501,7 +523,9 @@ pub struct TrainSection {
     /// `adamw`, `prodigy` (AdamW with Prodigy's step sizes; β, ε and weight decay are the
     /// `adam_*` keys), `lion` (β from `lion_beta1` / `lion_beta2`, weight decay from
     /// `adam_weight_decay`), `adafactor` (the `adafactor_*` keys, weight decay from
-    /// `adam_weight_decay`) or `dadapt_adam` (the `dadapt_*` keys and the `adam_*` ones).
+    /// `adam_weight_decay`), `dadapt_adam` (the `dadapt_*` keys and the `adam_*` ones), or
+    /// `adamw_schedule_free` / `radam_schedule_free` (the `schedule_free_*` keys and the
+    /// `adam_*` ones; no schedule).
     pub optimizer: Optimizer,
     /// Lion's β₁ (the sign of `β₁·m + (1 − β₁)·g` is the step; lion-pytorch's default 0.9).
     pub lion_beta1: f32,
@@ -527,6 +551,15 @@ pub struct TrainSection {
     pub dadapt_decouple: bool,
     /// DAdaptAdam's `use_bias_correction`.
     pub dadapt_use_bias_correction: bool,
+    /// Schedule-free's polynomial weighting of its average (`r`: step `t` weighs `t^r`;
+    /// 0 = uniform).
+    pub schedule_free_r: f32,
+    /// Schedule-free's weighting of its average by the largest learning rate so far, to
+    /// this power (`weight_lr_power`).
+    pub schedule_free_weight_lr_power: f32,
+    /// `radam_schedule_free`'s first steps, before its rectification is defined: `true`
+    /// changes nothing in them, `false` takes plain SGD steps (`silent_sgd_phase`).
+    pub schedule_free_silent_sgd_phase: bool,
     /// Adafactor's `relative_step`: ignore the learning rate, its schedule and warmup, and
     /// step by `min(1e-2, 1/√t)` (times the values' RMS with `adafactor_scale_parameter`).
     pub adafactor_relative_step: bool,
@@ -647,6 +680,17 @@ impl TrainSection {
             growth_rate: self.dadapt_growth_rate,
             decouple: self.dadapt_decouple,
             use_bias_correction: self.dadapt_use_bias_correction,
+        })
+    }
+
+    /// Schedule-free's settings with a schedule-free `optimizer` (`None` otherwise; β, ε
+    /// and the weight decay are the `adam_*` keys).
+    pub fn schedule_free_settings(&self) -> Option<lora_core::optim::ScheduleFreeSettings> {
+        self.optimizer.is_schedule_free().then_some(lora_core::optim::ScheduleFreeSettings {
+            radam: self.optimizer == Optimizer::RadamScheduleFree,
+            silent_sgd_phase: self.schedule_free_silent_sgd_phase,
+            r: self.schedule_free_r,
+            weight_lr_power: self.schedule_free_weight_lr_power,
         })
     }
 
@@ -877,6 +921,9 @@ impl Default for TrainConfig {
                 dadapt_growth_rate: f32::INFINITY,
                 dadapt_decouple: true,
                 dadapt_use_bias_correction: false,
+                schedule_free_r: 0.0,
+                schedule_free_weight_lr_power: 2.0,
+                schedule_free_silent_sgd_phase: true,
                 adafactor_relative_step: false,
                 adafactor_scale_parameter: false,
                 adafactor_warmup_init: false,
@@ -1151,6 +1198,22 @@ impl TrainConfig {
         }
         if !(t.adam_weight_decay.is_finite() && t.adam_weight_decay >= 0.0) {
             return bad("train.adam_weight_decay must be at least 0");
+        }
+        if t.optimizer.is_schedule_free() {
+            if t.lr_scheduler != LrScheduler::Constant {
+                let name = serde_json::to_value(t.lr_scheduler).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                return bad(&format!(
+                    "train.lr_scheduler = \"{}\" with a schedule-free train.optimizer, which replaces the schedule (sd-scripts ignores lr_scheduler with one): set \"constant\" (train.lr_warmup_steps still warms up)",
+                    name
+                ));
+            }
+            if t.adam_beta1 == 0.0 {
+                return bad("train.adam_beta1 must be above 0 with a schedule-free optimizer (its average is recovered dividing by it)");
+            }
+            let weights = [t.schedule_free_r, t.schedule_free_weight_lr_power];
+            if !weights.iter().all(|w| w.is_finite() && *w >= 0.0) {
+                return bad("train.schedule_free_r and train.schedule_free_weight_lr_power must be at least 0");
+            }
         }
         if !(t.dadapt_d0.is_finite() && t.dadapt_d0 > 0.0) || t.dadapt_growth_rate < 1.0 || t.dadapt_growth_rate.is_nan() {
             return bad("train.dadapt_d0 must be positive and train.dadapt_growth_rate at least 1 (inf: no limit)");

@@ -1093,10 +1093,12 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         "prodigy" => (Optimizer::Prodigy, false),
         "adafactor" => (Optimizer::Adafactor, false),
         "dadaptadam" => (Optimizer::DadaptAdam, false),
+        "adamwschedulefree" => (Optimizer::AdamwScheduleFree, false),
+        "radamschedulefree" => (Optimizer::RadamScheduleFree, false),
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor and DAdaptAdam are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, AdamWScheduleFree and RAdamScheduleFree are"),
             ))
         }
     };
@@ -1115,6 +1117,13 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         // transformers' Adafactor defaults, with sd-scripts' explicit `relative_step = True`.
         (t.adafactor_relative_step, t.adafactor_scale_parameter, t.adafactor_warmup_init) = (true, true, false);
     }
+    // sd-scripts replaces the schedule of a schedule-free optimizer with a constant rate
+    // (its dummy scheduler): `lr_scheduler` and `lr_warmup_steps` do nothing, and
+    // AdamWScheduleFree's own `warmup_steps` argument warms up.
+    let kohya_warmup = (t.lr_warmup_steps, t.lr_warmup_ratio);
+    if optimizer.is_schedule_free() {
+        (t.lr_scheduler, t.lr_warmup_steps, t.lr_warmup_ratio) = (LrScheduler::Constant, 0, 0.0);
+    }
     let args = o.list("optimizer_args")?;
     for (key, value) in key_values(&args, "optimizer_args", &o.origin)? {
         let bad = |what: &str| o.err("optimizer_args", format!("`{key}={value}`: {what}"));
@@ -1131,9 +1140,12 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         // (sd-scripts fails on one).
         const ADAFACTOR: &[&str] = &["relative_step", "scale_parameter", "warmup_init", "clip_threshold", "decay_rate", "beta1", "eps", "weight_decay"];
         const DADAPT: &[&str] = &["betas", "eps", "weight_decay", "log_every", "decouple", "use_bias_correction", "d0", "growth_rate", "fsdp_in_use"];
+        const SCHEDULE_FREE: &[&str] = &["betas", "eps", "weight_decay", "r", "weight_lr_power", "foreach"];
         match optimizer {
             Optimizer::Adafactor if !ADAFACTOR.contains(&key.as_str()) => return Err(bad("not an argument of transformers' Adafactor")),
             Optimizer::DadaptAdam if !DADAPT.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptAdam")),
+            Optimizer::AdamwScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "warmup_steps" => return Err(bad("not an argument of schedulefree's AdamWScheduleFree")),
+            Optimizer::RadamScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "silent_sgd_phase" => return Err(bad("not an argument of schedulefree's RAdamScheduleFree")),
             _ => {}
         }
         match (key.as_str(), optimizer) {
@@ -1146,7 +1158,17 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
                     _ => (t.adam_beta1, t.adam_beta2) = (b1 as f32, b2 as f32),
                 }
             }
-            ("eps", Optimizer::Adamw | Optimizer::Prodigy | Optimizer::DadaptAdam) => t.adam_epsilon = number()? as f32,
+            ("eps", Optimizer::Adamw | Optimizer::Prodigy | Optimizer::DadaptAdam | Optimizer::AdamwScheduleFree | Optimizer::RadamScheduleFree) => t.adam_epsilon = number()? as f32,
+            ("r", _) if optimizer.is_schedule_free() => t.schedule_free_r = number()? as f32,
+            ("weight_lr_power", _) if optimizer.is_schedule_free() => t.schedule_free_weight_lr_power = number()? as f32,
+            ("silent_sgd_phase", Optimizer::RadamScheduleFree) => t.schedule_free_silent_sgd_phase = flag()?,
+            ("warmup_steps", Optimizer::AdamwScheduleFree) => {
+                let steps = number()?;
+                if steps < 0.0 || steps.fract() != 0.0 {
+                    return Err(bad("expected a whole number of steps"));
+                }
+                t.lr_warmup_steps = steps as usize;
+            }
             ("decouple", Optimizer::DadaptAdam) => t.dadapt_decouple = flag()?,
             ("d0", Optimizer::DadaptAdam) => t.dadapt_d0 = number()? as f32,
             ("growth_rate", Optimizer::DadaptAdam) => t.dadapt_growth_rate = number()? as f32,
@@ -1187,6 +1209,14 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
                 (t.adafactor_eps1, t.adafactor_eps2) = (e1, e2);
             }
             _ => return Err(bad("not supported for this optimizer here")),
+        }
+    }
+    if optimizer.is_schedule_free() {
+        if scheduler != "constant" {
+            notes.push(format!("lr_scheduler = \"{scheduler}\" with {name}: sd-scripts trains a schedule-free optimizer at a constant rate, and so does this trainer"));
+        }
+        if kohya_warmup != (0, 0.0) {
+            notes.push(format!("lr_warmup_steps with {name}: sd-scripts ignores it with a schedule-free optimizer (AdamWScheduleFree's optimizer_args warmup_steps=N warms up); so does this trainer"));
         }
     }
     estimate_groups(c, notes);
@@ -1647,6 +1677,35 @@ wandb_run_name = "my_style"
         assert!(e.contains("eps=1e-30"), "{e}");
         let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\noptimizer_args = [\"betas=0.9,0.99\"]"));
         assert!(e.contains("not an argument of transformers' Adafactor"), "{e}");
+    }
+
+    /// AdamWScheduleFree and RAdamScheduleFree: their arguments, and sd-scripts' constant
+    /// rate in place of `lr_scheduler` and `lr_warmup_steps` (the optimizer's own
+    /// `warmup_steps` warms up), each replacement with a note; the result validates.
+    #[test]
+    fn schedule_free_options_map() {
+        let args = "optimizer_args = [\"warmup_steps=50\", \"weight_decay=0.01\", \"betas=0.95,0.99\", \"r=0.5\", \"weight_lr_power=1.0\", \"foreach=False\"]";
+        let i = import(&format!("{MINIMAL}optimizer_type = \"AdamWScheduleFree\"\nlearning_rate = 1e-3\nlr_scheduler = \"cosine\"\nlr_warmup_steps = 100\n{args}")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.optimizer, t.lr_scheduler, t.lr_warmup_steps, t.lr_warmup_ratio), (Optimizer::AdamwScheduleFree, LrScheduler::Constant, 50, 0.0));
+        assert_eq!((t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.schedule_free_r, t.schedule_free_weight_lr_power), (0.01, 0.95, 0.99, 0.5, 1.0));
+        assert!(i.notes.iter().any(|n| n.contains("lr_scheduler = \"cosine\"")) && i.notes.iter().any(|n| n.contains("lr_warmup_steps")), "{:?}", i.notes);
+        i.config.validate().unwrap();
+        // The package's defaults: no decay, no warmup; the class path works too.
+        let i = import(&format!("{MINIMAL}optimizer_type = \"schedulefree.RAdamScheduleFree\"\noptimizer_args = [\"silent_sgd_phase=False\"]")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.optimizer, t.adam_weight_decay, t.lr_warmup_steps, t.schedule_free_silent_sgd_phase), (Optimizer::RadamScheduleFree, 0.0, 0, false));
+        assert!(i.notes.is_empty() || !i.notes.iter().any(|n| n.contains("lr_scheduler")), "{:?}", i.notes);
+        i.config.validate().unwrap();
+        for (extra, expected) in [
+            ("optimizer_type = \"RAdamScheduleFree\"\noptimizer_args = [\"warmup_steps=10\"]", "not an argument of schedulefree's RAdamScheduleFree"),
+            ("optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"silent_sgd_phase=True\"]", "not an argument of schedulefree's AdamWScheduleFree"),
+            ("optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"warmup_steps=2.5\"]", "whole number"),
+            ("optimizer_type = \"SGDScheduleFree\"", "is not supported"),
+        ] {
+            let e = error(&format!("{MINIMAL}{extra}"));
+            assert!(e.contains(expected), "{extra}: {e}");
+        }
     }
 
     /// The kohya_ss GUI's DAdaptAdam preset, and the package's defaults without arguments.

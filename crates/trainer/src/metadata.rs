@@ -144,6 +144,16 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
             t.adam_beta2,
             t.dadapt_growth_rate
         ),
+        Optimizer::AdamwScheduleFree | Optimizer::RadamScheduleFree => {
+            let (name, warmup) = match t.optimizer {
+                Optimizer::AdamwScheduleFree => ("AdamWScheduleFree", format!(",warmup_steps={}", t.warmup_steps())),
+                _ => ("RAdamScheduleFree", format!(",silent_sgd_phase={}", py_bool(t.schedule_free_silent_sgd_phase))),
+            };
+            format!(
+                "{name}(weight_decay={},betas=({}, {}),eps={},r={},weight_lr_power={}{warmup})",
+                t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.schedule_free_r, t.schedule_free_weight_lr_power
+            )
+        }
         Optimizer::Adafactor => format!(
             "Adafactor(scale_parameter={},relative_step={},warmup_init={},weight_decay={})",
             py_bool(t.adafactor_scale_parameter),

@@ -233,8 +233,8 @@ pub fn import_moments<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Copies the optimizer's own state beyond the moments (Prodigy's, Adafactor's or
-/// DAdaptAdam's; nothing for AdamW and Lion) out of `optim` into `moments`, keyed
+/// Copies the optimizer's own state beyond the moments (Prodigy's, Adafactor's,
+/// DAdaptAdam's or schedule-free's; nothing for AdamW and Lion) out of `optim` into `moments`, keyed
 /// `<optimizer>.<name>.<part>` (flat, in the optimizer's order, which the fingerprinted
 /// `[lora]` section fixes).
 pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
@@ -254,6 +254,10 @@ pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &s
     if let Some(state) = optim.dadapt_state() {
         put(format!("dadapt.{name}.s"), state.s)?;
         put(format!("dadapt.{name}.scalars"), state.scalars)?;
+    }
+    if let Some(state) = optim.schedule_free_state() {
+        put(format!("schedule_free.{name}.z"), state.z)?;
+        put(format!("schedule_free.{name}.scalars"), state.scalars)?;
     }
     Ok(())
 }
@@ -283,6 +287,14 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
     if same_optimizer(optim, moments, &key("dadapt", "scalars"), optim.dadapt_d().is_some(), "dadapt_adam", origin)? {
         let (s, scalars) = (vector(&key("dadapt", "s"), len)?, vector(&key("dadapt", "scalars"), 3)?);
         optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars }).map_err(|e| mismatch(&key("dadapt", "s"), e.to_string()))?;
+    }
+    let kind = match optim.schedule_free_settings() {
+        Some(s) if s.radam => "radam_schedule_free",
+        _ => "adamw_schedule_free",
+    };
+    if same_optimizer(optim, moments, &key("schedule_free", "scalars"), optim.is_schedule_free(), kind, origin)? {
+        let (z, scalars) = (vector(&key("schedule_free", "z"), len)?, vector(&key("schedule_free", "scalars"), 3)?);
+        optim.set_schedule_free_state(lora_core::optim::ScheduleFreeState { z, scalars }).map_err(|e| mismatch(&key("schedule_free", "z"), e.to_string()))?;
     }
     Ok(())
 }

@@ -549,6 +549,9 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     if let Some(adafactor) = config.train.adafactor_settings() {
         optim = optim.with_adafactor(adafactor).map_err(|e| TrainError::Config { origin: "train.adafactor_*".into(), reason: e.to_string() })?;
     }
+    if let Some(schedule_free) = config.train.schedule_free_settings() {
+        optim = optim.with_schedule_free(schedule_free).map_err(|e| TrainError::Config { origin: "train.schedule_free_*".into(), reason: e.to_string() })?;
+    }
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
         let magnitudes = magnitude_ids(model);
         optim = optim.with_working_dtype(dtype).with_master_copies(|id| magnitudes.contains(&id));
@@ -797,6 +800,8 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::Lion => "train.optimizer = \"lion\"\n",
         crate::config::Optimizer::Adafactor => "train.optimizer = \"adafactor\"\n",
         crate::config::Optimizer::DadaptAdam => "train.optimizer = \"dadapt_adam\"\n",
+        crate::config::Optimizer::AdamwScheduleFree => "train.optimizer = \"adamw_schedule_free\"\n",
+        crate::config::Optimizer::RadamScheduleFree => "train.optimizer = \"radam_schedule_free\"\n",
         _ => "",
     };
     // The merged base is part of the model: each file's strength and tensors (states from
@@ -1301,10 +1306,12 @@ fn run<B: AutodiffBackend>(
         }
         if let Some(file) = &sample {
             let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
+            let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
             sample_grid_now(&unet, &encoders, &frozen, config, size, &out.join(file), device)?;
         }
         let every = config.output.validate_every_n_steps;
         if let Some(v) = validator.as_mut().filter(|_| last || (every > 0 && progress.step.is_multiple_of(every))) {
+            let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
             let loss = v.loss(&unet, train_te.then_some(&encoders[..]), &frozen, config, device)?;
             v.log.record(progress.step, loss)?;
             if let Some(events) = events.as_mut() {
@@ -1313,28 +1320,18 @@ fn run<B: AutodiffBackend>(
             }
         }
         if let Some(name) = name {
-            // What is saved are the optimizers' f32 values, not the models' working copies.
-            let (mut unet, mut tes) = (optim.to_master(unet.clone()), masters(&encoders, &te_optims));
-            saver.save(&mut unet, &mut tes, &progress, &out.join(format!("{name}.safetensors")))?;
-            if config.output.save_state {
-                saver.save_state(&mut unet, &mut tes, &optim, &te_optims, &progress, &guard, &timesteps, &noise)?;
-            }
+            saver.save_all(&unet, &encoders, (&optim, &te_optims), &progress, &out.join(format!("{name}.safetensors")), (&guard, &timesteps, &noise))?;
             prune_saves(&config.output, progress.step)?;
         }
     }
 
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
-    {
-        let (mut unet, mut tes) = (optim.to_master(unet.clone()), masters(&encoders, &te_optims));
-        saver.save(&mut unet, &mut tes, &progress, &lora_path)?;
-        if config.output.save_state {
-            saver.save_state(&mut unet, &mut tes, &optim, &te_optims, &progress, &guard, &timesteps, &noise)?;
-        }
-    }
+    saver.save_all(&unet, &encoders, (&optim, &te_optims), &progress, &lora_path, (&guard, &timesteps, &noise))?;
 
     let grid_path = if interrupted || config.output.sample_prompts.is_empty() {
         None
     } else {
+        let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
         let mut with_lora = with_trained(&unet, &encoders, frozen);
         merge_adapters(&mut with_lora);
         let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
@@ -1623,6 +1620,22 @@ impl ValidationLog {
     }
 }
 
+/// The models to sample and validate with: a schedule-free optimizer's average `x` (what
+/// the package's `optimizer.eval()` switches to), not the point it trains at; the models
+/// themselves with the other optimizers.
+fn eval_models<B: AutodiffBackend>(
+    unet: &sd_model::UNet2DConditionModel<B>,
+    encoders: &[sd_model::ClipTextModel<B>],
+    optim: &FlatAdamW<B>,
+    te_optims: &[FlatAdamW<B>],
+) -> (sd_model::UNet2DConditionModel<B>, Vec<sd_model::ClipTextModel<B>>) {
+    if !optim.is_schedule_free() {
+        return (unet.clone(), encoders.to_vec());
+    }
+    let encoders = encoders.iter().enumerate().map(|(i, te)| te_optims.get(i).map_or_else(|| te.clone(), |o| o.to_eval(te.clone()))).collect();
+    (optim.to_eval(unet.clone()), encoders)
+}
+
 /// Writes the sample grid of the adapters as they are now, merged into inference copies.
 fn sample_grid_now<B: AutodiffBackend>(
     unet: &sd_model::UNet2DConditionModel<B>,
@@ -1647,6 +1660,32 @@ struct Saver<'a> {
 }
 
 impl Saver<'_> {
+    /// Saves the LoRA at `path` and, with `output.save_state`, the training state. The
+    /// LoRA takes the optimizers' f32 values to evaluate (a schedule-free optimizer's
+    /// average), not the models' working copies; the state the values they train on.
+    #[allow(clippy::too_many_arguments)]
+    fn save_all<B: AutodiffBackend>(
+        &mut self,
+        unet: &sd_model::UNet2DConditionModel<B>,
+        encoders: &[sd_model::ClipTextModel<B>],
+        (optim, te_optims): (&FlatAdamW<B>, &[FlatAdamW<B>]),
+        progress: &Progress,
+        path: &Path,
+        (guard, timesteps, noise): (&StepGuard<B::InnerBackend>, &TimestepSampler, &SeededNoise),
+    ) -> Result<(), TrainError> {
+        let masters_eval = |encoders: &[sd_model::ClipTextModel<B>]| -> Vec<_> { encoders.iter().enumerate().map(|(i, te)| te_optims.get(i).map_or_else(|| te.clone(), |o| o.to_master_eval(te.clone()))).collect() };
+        let (mut saved_unet, mut saved_tes) = (optim.to_master_eval(unet.clone()), masters_eval(encoders));
+        self.save(&mut saved_unet, &mut saved_tes, progress, path)?;
+        if !self.config.output.save_state {
+            return Ok(());
+        }
+        let (mut unet, mut tes) = match optim.is_schedule_free() {
+            true => (optim.to_master(unet.clone()), masters(encoders, te_optims)),
+            false => (saved_unet, saved_tes),
+        };
+        self.save_state(&mut unet, &mut tes, optim, te_optims, progress, guard, timesteps, noise)
+    }
+
     fn save<B: AutodiffBackend>(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>], progress: &Progress, path: &Path) -> Result<(), TrainError> {
         let epochs = completed_epochs(progress, self.batches_in_epoch);
         let metadata = self.metadata.at_save(progress.step, epochs, std::time::SystemTime::now());

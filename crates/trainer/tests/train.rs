@@ -923,6 +923,84 @@ fn dadapt_adam_trains_and_resumes_bit_for_bit() {
     assert!(err.to_string().contains("dadapt_growth_rate"), "{err}");
 }
 
+/// Schedule-free AdamW: the LoRA saved is its average `x`, the state keeps the point `y`
+/// it trains at (and `z`), so a resume is bit for bit; a schedule is a config error; the
+/// RAdam variant's first steps change nothing unless `schedule_free_silent_sgd_phase` is
+/// off. (The numerics are checked against the `schedulefree` package in lora-core.)
+#[test]
+fn schedule_free_saves_its_average_and_resumes_bit_for_bit() {
+    use trainer::config::Optimizer;
+    let _guard = seeded();
+    let schedule_free = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.optimizer = Optimizer::AdamwScheduleFree;
+        c.train.lr_scheduler = trainer::config::LrScheduler::Constant;
+        (c.train.learning_rate, c.train.lr_warmup_steps) = (2e-3, 3);
+        c.train.adam_weight_decay = 0.01;
+        c.train.schedule_free_r = 0.5;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&schedule_free(straight_dir.path(), 8), &Default::default(), &mut |_| true).unwrap();
+    let meta = lora_metadata(&straight.lora);
+    assert!(meta["ss_optimizer"].starts_with("AdamWScheduleFree(weight_decay=0.01,betas=(0.9, 0.999),eps=0.00000001,r=0.5,weight_lr_power=2,warmup_steps=3)"), "{}", meta["ss_optimizer"]);
+    assert!(straight.sample_grid.is_some());
+    // The LoRA holds x, the state y: they differ once steps were taken.
+    let index = tiny_index_with_text_encoder();
+    let (set, _) = AdapterSet::load(&straight.lora, &index, ReadOptions::default()).unwrap();
+    let bytes = std::fs::read(straight_dir.path().join("state/adapters.safetensors")).unwrap();
+    let state = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (key, w) = set.iter().find(|(k, _)| k.component == lora_core::Component::Unet).unwrap();
+    let y_up = state.tensor(&format!("unet.{}.up", key.path)).unwrap();
+    let mut y_up: Vec<f32> = y_up.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    // The state keeps burn's layout, the file kohya's: compare the values sorted.
+    let mut x_up = w.up.data.clone();
+    y_up.sort_by(f32::total_cmp);
+    x_up.sort_by(f32::total_cmp);
+    assert_eq!(y_up.len(), x_up.len());
+    assert!(y_up != x_up && x_up.iter().any(|v| *v != 0.0), "the LoRA must be the average, not the training point");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = schedule_free(dir.path(), 8);
+    train::<B>(&config, &Default::default(), &mut |info| info.step < 4).unwrap();
+    let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &second.lora);
+    let mut adamw = schedule_free(dir.path(), 12);
+    adamw.train.optimizer = Optimizer::Adamw;
+    let err = trainer::train::resume::<B>(&adamw, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("adamw_schedule_free"), "{err}");
+
+    // No schedule with a schedule-free optimizer.
+    let err = TrainConfig::load(None, &["train.optimizer=\"radam_schedule_free\"".into(), "train.lr_scheduler=\"cosine\"".into()]).unwrap_err();
+    assert!(err.to_string().contains("train.lr_scheduler = \"cosine\"") && err.to_string().contains("constant"), "{err}");
+    let err = TrainConfig::load(None, &["train.optimizer=\"adamw_schedule_free\"".into(), "train.lr_scheduler=\"constant\"".into(), "train.schedule_free_r=-1".into()]).unwrap_err();
+    assert!(err.to_string().contains("schedule_free_r"), "{err}");
+
+    // RAdam's first steps (β₂ = 0.999: five of them) are silent, or plain SGD steps.
+    let radam = |dir: &std::path::Path, silent: bool| {
+        let mut c = quick_config(dir, 3);
+        c.train.optimizer = Optimizer::RadamScheduleFree;
+        c.train.lr_scheduler = trainer::config::LrScheduler::Constant;
+        (c.train.lr_warmup_steps, c.train.learning_rate) = (0, 1e-2);
+        c.train.schedule_free_silent_sgd_phase = silent;
+        c.output.sample_prompts.clear();
+        c
+    };
+    let ups = |p: &std::path::Path| {
+        let (set, _) = AdapterSet::load(p, &index, ReadOptions::default()).unwrap();
+        set.iter().flat_map(|(_, w)| w.up.data.clone()).collect::<Vec<f32>>()
+    };
+    let silent_dir = tempfile::tempdir().unwrap();
+    let silent = train::<B>(&radam(silent_dir.path(), true), &Default::default(), &mut |_| true).unwrap();
+    assert!(ups(&silent.lora).iter().all(|v| *v == 0.0), "silent first steps train nothing");
+    let sgd_dir = tempfile::tempdir().unwrap();
+    let sgd = train::<B>(&radam(sgd_dir.path(), false), &Default::default(), &mut |_| true).unwrap();
+    assert!(ups(&sgd.lora).iter().any(|v| *v != 0.0), "SGD first steps train");
+}
+
 #[test]
 fn adafactor_trains_and_resumes_bit_for_bit() {
     let _guard = seeded();

@@ -252,6 +252,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.prodigy = None;
         self.lion = false;
         self.dadapt = None;
+        self.schedule_free = None;
         let device = self.params.device();
         let len = self.len();
         // Tensors by shape: `(factored, matrices, rows, cols)` → their flat offsets.

@@ -112,6 +112,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.prodigy = None;
         self.lion = false;
         self.adafactor = None;
+        self.schedule_free = None;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, 0.0, 0.0], [3]), &device);
         self.dadapt = Some(DAdapt { settings, s: Tensor::zeros([self.len()], &device), scalars, bias: None });
