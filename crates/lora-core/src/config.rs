@@ -127,6 +127,14 @@ pub struct LoraConfig {
     /// `decompose_both`).
     #[serde(default)]
     pub lokr_decompose_both: bool,
+    /// LoKr: both halves full matrices whatever the rank (LyCORIS' `full_matrix`); the
+    /// scale is then 1, as with any LoKr whose halves are both full.
+    #[serde(default)]
+    pub lokr_full_matrix: bool,
+    /// LoKr: `w1` takes the output side's larger factor and `w2` its smaller one
+    /// (LyCORIS' `unbalanced_factorization`).
+    #[serde(default)]
+    pub lokr_unbalanced_factorization: bool,
 }
 
 fn default_lokr_factor() -> i64 {
@@ -149,6 +157,8 @@ impl LoraConfig {
             algo: Algo::Lora,
             lokr_factor: -1,
             lokr_decompose_both: false,
+            lokr_full_matrix: false,
+            lokr_unbalanced_factorization: false,
         }
     }
 
@@ -167,6 +177,19 @@ impl LoraConfig {
     /// Sets LoKr's `decompose_both` (see [`LoraConfig::lokr_decompose_both`]).
     pub fn with_lokr_decompose_both(mut self, both: bool) -> Self {
         self.lokr_decompose_both = both;
+        self
+    }
+
+    /// Sets LoKr's `full_matrix` (see [`LoraConfig::lokr_full_matrix`]).
+    pub fn with_lokr_full_matrix(mut self, full: bool) -> Self {
+        self.lokr_full_matrix = full;
+        self
+    }
+
+    /// Sets LoKr's `unbalanced_factorization` (see
+    /// [`LoraConfig::lokr_unbalanced_factorization`]).
+    pub fn with_lokr_unbalanced_factorization(mut self, unbalanced: bool) -> Self {
+        self.lokr_unbalanced_factorization = unbalanced;
         self
     }
 

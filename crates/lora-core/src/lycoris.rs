@@ -9,7 +9,9 @@
 //! - LoKr: `ΔW = scale · lokr_w1 ⊗ lokr_w2`, with `out = a·b` and `in = c·d` split by
 //!   [`factorization`]. `w1` is `[a, c]`, full unless `decompose_both` and the rank is
 //!   below half its larger side; `w2` is `[b, d·kh·kw]`, the product `lokr_w2_a · lokr_w2_b`
-//!   unless the rank is at least half its larger side (then full). `lokr_w1`, `lokr_w1_a`,
+//!   unless the rank is at least half its larger side (then full). `full_matrix` makes
+//!   both halves full; `unbalanced_factorization` swaps the output side's `a` and `b`
+//!   (`w1` takes the larger). `lokr_w1`, `lokr_w1_a`,
 //!   `lokr_w1_b` and `lokr_w2_a` start Kaiming-uniform (PyTorch's default), `lokr_w2` /
 //!   `lokr_w2_b` at zero. With both halves full the scale is 1 (LyCORIS' too, except that
 //!   with rsLoRA its training scale is then `sqrt(r)`, which its files cannot record:
@@ -146,11 +148,15 @@ impl<B: Backend> LycorisAdapter<B> {
             }
             Algo::Lokr => {
                 let (in_m, in_n) = factorization(input, config.lokr_factor);
-                let (out_l, out_k) = factorization(out, config.lokr_factor);
+                let (mut out_l, mut out_k) = factorization(out, config.lokr_factor);
+                if config.lokr_unbalanced_factorization {
+                    (out_l, out_k) = (out_k, out_l);
+                }
+                let full_matrix = config.lokr_full_matrix;
                 let mut names = Vec::new();
                 let mut factors = Vec::new();
                 // LyCORIS compares the rank with half the larger side (a float division).
-                let w1_full = !(config.lokr_decompose_both && 2 * r < out_l.max(in_m));
+                let w1_full = full_matrix || !(config.lokr_decompose_both && 2 * r < out_l.max(in_m));
                 if w1_full {
                     names.push("lokr_w1");
                     factors.push(kaiming(out_l, in_m, device));
@@ -158,7 +164,7 @@ impl<B: Backend> LycorisAdapter<B> {
                     names.extend(["lokr_w1_a", "lokr_w1_b"]);
                     factors.extend([kaiming(out_l, r, device), kaiming(r, in_m, device)]);
                 }
-                let w2_full = 2 * r >= out_k.max(in_n);
+                let w2_full = full_matrix || 2 * r >= out_k.max(in_n);
                 if w2_full {
                     names.push("lokr_w2");
                     factors.push(zeros(out_k, in_n * k, device));

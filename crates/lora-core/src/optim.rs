@@ -705,6 +705,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
     fn step_masked<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) -> M {
         let Some(grad) = grads.values else { return module };
+        if self.schedule_free.is_some() {
+            // Its step count and average weights advance with every step, as the package's
+            // group counters do, even one without gradients.
+            let present = self.present_mask(&grads.present);
+            self.schedule_free_step(lr, grad, present, apply);
+            return self.scatter_working(module);
+        }
         if !grads.present.iter().any(|p| *p) {
             return self.scatter_working(module);
         }
@@ -717,11 +724,6 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         if self.dadapt.is_some() {
             let present = self.present_mask(&grads.present);
             self.dadapt_step(lr, grad, present, apply);
-            return self.scatter_working(module);
-        }
-        if self.schedule_free.is_some() {
-            let present = self.present_mask(&grads.present);
-            self.schedule_free_step(lr, grad, present, apply);
             return self.scatter_working(module);
         }
         // Where this step updates: tensors with a gradient, if the device says so.

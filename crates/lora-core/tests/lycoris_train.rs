@@ -38,10 +38,23 @@ struct Case {
     alpha: f32,
     factor: i64,
     decompose_both: bool,
+    full_matrix: bool,
+    unbalanced_factorization: bool,
     names: Vec<String>,
 }
 
-const CASES: [&str; 7] = ["lin_loha", "conv_loha", "lin_lokr", "lin_lokr_both", "conv_lokr", "conv_lokr_full", "lin_lokr_full"];
+const CASES: [&str; 10] = [
+    "lin_loha",
+    "conv_loha",
+    "lin_lokr",
+    "lin_lokr_both",
+    "conv_lokr",
+    "conv_lokr_full",
+    "lin_lokr_full",
+    "lin_lokr_full_matrix",
+    "conv_lokr_unbalanced",
+    "lin_lokr_unbalanced_full",
+];
 
 impl Fixture {
     fn case(&self, name: &str) -> Case {
@@ -68,7 +81,10 @@ impl Fixture {
 impl Case {
     fn config(&self) -> LoraConfig {
         let algo = if self.algo == "loha" { Algo::Loha } else { Algo::Lokr };
-        LoraConfig::new(self.rank).with_alpha(self.alpha).with_algo(algo).with_lokr_factor(self.factor).with_lokr_decompose_both(self.decompose_both)
+        LoraConfig::new(self.rank).with_alpha(self.alpha).with_algo(algo).with_lokr_factor(self.factor)
+            .with_lokr_decompose_both(self.decompose_both)
+            .with_lokr_full_matrix(self.full_matrix)
+            .with_lokr_unbalanced_factorization(self.unbalanced_factorization)
     }
 
     fn is_conv(&self) -> bool {

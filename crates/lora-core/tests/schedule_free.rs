@@ -48,6 +48,7 @@ fn cases() -> Vec<Case> {
         Case { name: "radam", adam: adam(0.9, 0.99, 1e-8, 0.0), sf: radam, warmup: 0, b_factor: 1.0 },
         Case { name: "radam_sgd", adam: adam(0.9, 0.999, 1e-8, 0.05), sf: ScheduleFreeSettings { silent_sgd_phase: false, ..radam }, warmup: 0, b_factor: 1.0 },
         Case { name: "scaled", adam: adam(0.9, 0.999, 1e-8, 0.0), sf: ScheduleFreeSettings::default(), warmup: 0, b_factor: 4.0 },
+        Case { name: "radam_late", adam: adam(0.9, 0.99, 1e-8, 0.01), sf: radam, warmup: 0, b_factor: 4.0 },
     ]
 }
 
@@ -175,6 +176,24 @@ fn a_step_that_does_not_happen_and_a_restored_state_change_nothing() {
     // Other updates evaluate at their own values.
     assert_eq!(values(plain.to_eval(pair.clone()).a.val().inner()), values(pair.a.val().inner()));
     assert!(!plain.with_lion().with_schedule_free(case.sf).unwrap().with_lion().is_schedule_free());
+}
+
+/// A guarded step refused during RAdam's silent first steps leaves everything where it
+/// was, its step count too: the package's trajectory follows as if it had not been asked.
+#[test]
+fn a_refused_first_step_does_not_count() {
+    let f = common::f32_fixture("schedule_free.safetensors");
+    let case = &cases()[2];
+    let (mut pair, mut optim) = start(&f, case);
+    let no = Tensor::<Flex, 1, Bool>::from_bool([false].into(), &Default::default());
+    let grads = optim.gather_grads(&pair, step_grads(&f, case.name, 0, &pair));
+    pair = optim.step_if(LR, pair, grads, no);
+    for step in 0..STEPS {
+        let grads = optim.gather_grads(&pair, step_grads(&f, case.name, step, &pair));
+        pair = optim.step(LR, pair, grads);
+        assert_moved_like(&f, case.name, "y", step, &pair);
+        assert_moved_like(&f, case.name, "x", step, &optim.to_eval(pair.clone()));
+    }
 }
 
 /// With bf16 working copies the module trains with y and evaluates with x in bf16; the

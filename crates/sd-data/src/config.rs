@@ -474,6 +474,19 @@ impl DatasetConfig {
                     format!("sides must be >= bucket_reso_steps ({steps}), got {width}x{height}"),
                 ));
             }
+            // As sd-scripts asserts: the buckets span the resolution's sides.
+            if width.min(height) < self.min_bucket_reso {
+                return Err(DataError::config(
+                    "resolution",
+                    format!("{width}x{height}: the shorter side must be at least min_bucket_reso ({}) with buckets; raise the resolution or lower min_bucket_reso", self.min_bucket_reso),
+                ));
+            }
+            if width.max(height) > self.max_bucket_reso {
+                return Err(DataError::config(
+                    "max_bucket_reso",
+                    format!("{} is below the resolution's longer side ({width}x{height}); raise it to at least {}", self.max_bucket_reso, width.max(height)),
+                ));
+            }
         }
         if !self.prior_loss_weight.is_finite() || self.prior_loss_weight < 0.0 {
             return Err(DataError::config(

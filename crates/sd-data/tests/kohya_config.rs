@@ -123,6 +123,8 @@ fn bad_files_are_errors_naming_the_key() {
         // Checks after typing name the subset as the file places it.
         (format!("{}{}", subset(""), subset("num_repeats = 0")), "`datasets[1].subsets[0].num_repeats`"),
         ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2\n".into(), "`datasets[0].subsets[0].image_dir` is required"),
+        ("[[datasets]]\nresolution = [1024, 1536]\nenable_bucket = true\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].max_bucket_reso` 1024 is below the resolution's longer side"),
+        ("[[datasets]]\nresolution = 128\nenable_bucket = true\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "min_bucket_reso (256)"),
         ("[[datasets]]\nresolution = 512.5\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].resolution` has the wrong type"),
         ("[[datasets]]\nresolution = [512, 0]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].resolution`"),
         ("[[datasets]]\nresolution = [512]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n".into(), "`datasets[0].resolution`"),

@@ -92,7 +92,7 @@ pub struct DataSection {
     pub caption_dropout_every_n_epochs: usize,
     /// Probability of dropping each (non-kept) caption tag.
     pub caption_tag_dropout_rate: f32,
-    /// Aspect-ratio buckets (off: every image is resized and cropped to the square).
+    /// Aspect-ratio buckets (off: every image is resized and cropped to `resolution`).
     pub enable_bucket: bool,
     /// Smallest bucket side.
     pub min_bucket_reso: u32,
@@ -154,6 +154,12 @@ pub struct LoraSection {
     /// LoKr: the small half `w1` low-rank too where the rank is small for it (LyCORIS'
     /// `decompose_both`).
     pub lokr_decompose_both: bool,
+    /// LoKr: both halves full matrices whatever the rank (LyCORIS' `full_matrix`; the
+    /// scale is then 1, whatever the alpha).
+    pub lokr_full_matrix: bool,
+    /// LoKr: `w1` takes the output side's larger factor (LyCORIS'
+    /// `unbalanced_factorization`).
+    pub lokr_unbalanced_factorization: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
@@ -224,6 +230,8 @@ impl LoraSection {
             .with_algo(self.algo)
             .with_lokr_factor(self.lokr_factor)
             .with_lokr_decompose_both(self.lokr_decompose_both)
+            .with_lokr_full_matrix(self.lokr_full_matrix)
+            .with_lokr_unbalanced_factorization(self.lokr_unbalanced_factorization)
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -868,6 +876,8 @@ impl Default for TrainConfig {
                 algo: lora_core::Algo::Lora,
                 lokr_factor: -1,
                 lokr_decompose_both: false,
+                lokr_full_matrix: false,
+                lokr_unbalanced_factorization: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
                 conv_alpha: 1.0,
@@ -1355,8 +1365,9 @@ impl TrainConfig {
         let l = &self.lora;
         let algo = l.algo.name();
         let bad = |reason: String| Err(TrainError::Config { origin: "lora.algo".into(), reason });
-        if l.algo != lora_core::Algo::Lokr && (l.lokr_factor != -1 || l.lokr_decompose_both) {
-            return bad(format!("lora.lokr_factor and lora.lokr_decompose_both are LoKr's; lora.algo is \"{algo}\""));
+        let lokr_settings = l.lokr_factor != -1 || l.lokr_decompose_both || l.lokr_full_matrix || l.lokr_unbalanced_factorization;
+        if l.algo != lora_core::Algo::Lokr && lokr_settings {
+            return bad(format!("lora.lokr_factor, lora.lokr_decompose_both, lora.lokr_full_matrix and lora.lokr_unbalanced_factorization are LoKr's; lora.algo is \"{algo}\""));
         }
         if !l.algo.is_lycoris() {
             return Ok(());

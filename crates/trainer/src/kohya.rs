@@ -760,6 +760,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     let mut preset = LycorisPreset::Full;
     let (mut conv_dim, mut conv_alpha, mut dropout) = (None, None, None);
     let (mut factor, mut decompose_both, mut bypass) = (-1, false, false);
+    let (mut full_matrix, mut unbalanced) = (false, false);
     let (mut loraplus, mut wd_on_output) = ([0.0; 3], true);
     let mut ignored = Vec::new();
     for (key, value) in &args {
@@ -794,8 +795,8 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "decompose_both" => decompose_both = python_truthy(value),
             "use_scalar" if on => return Err(bad("LyCORIS' trained scalar (and its initialisation) has no counterpart here; set it to False")),
             "train_norm" if on => return Err(bad("normalization layers are not trained here; set it to False")),
-            "full_matrix" if on => return Err(bad("LoKr's full-matrix mode is not trained here; set it to False")),
-            "unbalanced_factorization" if on => return Err(bad("LoKr's unbalanced factorization is not trained here; set it to False")),
+            "full_matrix" => full_matrix = on,
+            "unbalanced_factorization" => unbalanced = on,
             "wd_on_output" => wd_on_output = on,
             "bypass_mode" => bypass = on,
             "dora_wd" => l.dora = on,
@@ -805,7 +806,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "loraplus_text_encoder_lr_ratio" => loraplus[2] = number()?,
             // Read below (Tucker), off, or of other algorithms (OFT's block size and
             // constraint, rank dropout's scaling).
-            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "full_matrix" | "unbalanced_factorization" | "rank_dropout" | "rank_dropout_scale" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
+            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "rank_dropout" | "rank_dropout_scale" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
             _ => ignored.push(format!("{key}={value}")),
         }
     }
@@ -823,9 +824,13 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     };
     if l.algo == lora_core::Algo::Lokr {
         (l.lokr_factor, l.lokr_decompose_both) = (factor, decompose_both);
+        (l.lokr_full_matrix, l.lokr_unbalanced_factorization) = (full_matrix, unbalanced);
         if decompose_both && args.iter().any(|(k, v)| k == "decompose_both" && !lycoris_bool(v)) {
             notes.push("network_args `decompose_both=False`: LyCORIS receives the string \"False\", which Python reads as true, so LoKr decomposes w1 where the rank is below half its size; lora.lokr_decompose_both = true trains the same".into());
         }
+    }
+    if l.algo != lora_core::Algo::Lokr && (full_matrix || unbalanced) {
+        notes.push(format!("network_args full_matrix / unbalanced_factorization are LoKr's; LyCORIS ignores them with algo={algo}, and so does this trainer"));
     }
     if l.dora {
         if l.algo.is_lycoris() {
@@ -974,7 +979,18 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     t.text_encoder_lr = if te_lr > 0.0 { te_lr } else { 0.0 };
 
     let scheduler = o.string("lr_scheduler")?.unwrap_or_else(|| "constant".into());
+    // sd-scripts gives a schedule-free optimizer a constant rate before it looks at the
+    // schedule's options (`get_scheduler_fix`): none of them is an error then.
+    let schedule_free = o.values.get("optimizer_type").and_then(|v| v.as_str()).is_some_and(|name| name.to_ascii_lowercase().ends_with("schedulefree"));
+    if schedule_free {
+        for key in ["lr_scheduler_type", "lr_scheduler_args"] {
+            if o.take(key).is_some() {
+                notes.push(format!("{key}: sd-scripts ignores it with a schedule-free optimizer, and so does this trainer"));
+            }
+        }
+    }
     t.lr_scheduler = match scheduler.as_str() {
+        _ if schedule_free => LrScheduler::Constant,
         // `adafactor` (Adafactor's relative step) is checked with the optimizer.
         "constant" | "constant_with_warmup" | "adafactor" => LrScheduler::Constant,
         "linear" => LrScheduler::Linear,
@@ -996,7 +1012,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     t.lr_scheduler_timescale = o.count("lr_scheduler_timescale")?.unwrap_or(0);
     (t.lr_decay_steps, t.lr_decay_ratio) = o.steps_or_share("lr_decay_steps")?.unwrap_or((0, 0.0));
     (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
-    if scheduler == "constant" && (t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0) {
+    if scheduler == "constant" && !schedule_free && (t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0) {
         notes.push("lr_scheduler = \"constant\" with warmup (sd-scripts refuses warmup there): trained as constant_with_warmup".into());
     }
     t.lr_cycles = o.count("lr_scheduler_num_cycles")?.unwrap_or(1);
@@ -1254,7 +1270,7 @@ fn estimate_groups(c: &TrainConfig, notes: &mut Vec<String>) {
 fn adafactor_schedule(o: &Options, c: &mut TrainConfig, scheduler: &str, notes: &mut Vec<String>) -> Result<(), TrainError> {
     let t = &mut c.train;
     if t.optimizer != Optimizer::Adafactor {
-        if scheduler == "adafactor" {
+        if scheduler == "adafactor" && !t.optimizer.is_schedule_free() {
             return Err(o.err("lr_scheduler", "= \"adafactor\" needs optimizer_type = \"Adafactor\" (sd-scripts refuses it otherwise)"));
         }
         return Ok(());
@@ -1695,8 +1711,15 @@ wandb_run_name = "my_style"
         let i = import(&format!("{MINIMAL}optimizer_type = \"schedulefree.RAdamScheduleFree\"\noptimizer_args = [\"silent_sgd_phase=False\"]")).unwrap();
         let t = &i.config.train;
         assert_eq!((t.optimizer, t.adam_weight_decay, t.lr_warmup_steps, t.schedule_free_silent_sgd_phase), (Optimizer::RadamScheduleFree, 0.0, 0, false));
-        assert!(i.notes.is_empty() || !i.notes.iter().any(|n| n.contains("lr_scheduler")), "{:?}", i.notes);
+        assert!(!i.notes.iter().any(|n| n.contains("lr_scheduler")), "{:?}", i.notes);
         i.config.validate().unwrap();
+        // sd-scripts never reads the schedule's options then: a scheduler it would refuse, a
+        // custom one and a warmup under "constant" are notes, not errors.
+        let i = import(&format!("{MINIMAL}optimizer_type = \"AdamWScheduleFree\"\nlr_scheduler = \"adafactor\"\nlr_scheduler_type = \"my.Scheduler\"\nlr_scheduler_args = [\"a=1\"]")).unwrap();
+        assert!(i.notes.iter().any(|n| n.contains("lr_scheduler_type")) && i.notes.iter().any(|n| n.contains("lr_scheduler = \"adafactor\"")), "{:?}", i.notes);
+        let i = import(&format!("{MINIMAL}optimizer_type = \"AdamWScheduleFree\"\nlr_scheduler = \"constant\"\nlr_warmup_steps = 10")).unwrap();
+        assert!(!i.notes.iter().any(|n| n.contains("constant_with_warmup")) && i.notes.iter().any(|n| n.contains("lr_warmup_steps")), "{:?}", i.notes);
+        assert_eq!(i.config.train.lr_warmup_steps, 0);
         for (extra, expected) in [
             ("optimizer_type = \"RAdamScheduleFree\"\noptimizer_args = [\"warmup_steps=10\"]", "not an argument of schedulefree's RAdamScheduleFree"),
             ("optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"silent_sgd_phase=True\"]", "not an argument of schedulefree's AdamWScheduleFree"),
@@ -1816,6 +1839,16 @@ wandb_run_name = "my_style"
         let l = &lokr.config.lora;
         assert_eq!((l.algo, l.lokr_factor, l.lokr_decompose_both), (lora_core::Algo::Lokr, 8, true));
         assert!(lokr.notes.iter().any(|n| n.contains("decompose_both=False") && n.contains("as true")), "{:?}", lokr.notes);
+        assert!(!l.lokr_full_matrix && !l.lokr_unbalanced_factorization);
+        // LoKr's full-matrix and unbalanced modes (read as LyCORIS' str_bool reads them);
+        // ignored with a note under another algorithm, as LyCORIS ignores them.
+        let full = import(&gui("lokr", ", \"factor=4\", \"full_matrix=True\", \"unbalanced_factorization=true\"")).unwrap();
+        let l = &full.config.lora;
+        assert_eq!((l.lokr_factor, l.lokr_full_matrix, l.lokr_unbalanced_factorization), (4, true, true));
+        full.config.validate().unwrap();
+        let loha = import(&gui("loha", ", \"full_matrix=True\"")).unwrap();
+        assert!(!loha.config.lora.lokr_full_matrix && loha.notes.iter().any(|n| n.contains("full_matrix")), "{:?}", loha.notes);
+        loha.config.validate().unwrap();
 
         // LyCORIS' defaults: conv_dim and conv_alpha are network_dim and network_alpha; the
         // preset decides the targets.
@@ -1900,7 +1933,8 @@ wandb_run_name = "my_style"
         assert!(e.contains("`pretrained_model_name_or_path` is missing"), "{e}");
     }
 
-    /// A non-square `resolution` is width then height, in each of sd-scripts' spellings.
+    /// A non-square `resolution` is width then height: sd-scripts' `"512,768"`, and the
+    /// bracketed forms this import also reads.
     #[test]
     fn non_square_resolutions_read_width_first() {
         for text in ["\"512,768\"", "\"(512, 768)\"", "[512, 768]"] {

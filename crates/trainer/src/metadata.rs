@@ -313,8 +313,10 @@ fn network_args(l: &crate::config::LoraSection) -> Option<String> {
     // LyCORIS' arguments (`algo` itself the kohya writer adds from the adapters).
     if l.algo == lora_core::Algo::Lokr {
         args.insert("factor".into(), l.lokr_factor.to_string().into());
-        if l.lokr_decompose_both {
-            args.insert("decompose_both".into(), "True".into());
+        for (key, on) in [("decompose_both", l.lokr_decompose_both), ("full_matrix", l.lokr_full_matrix), ("unbalanced_factorization", l.lokr_unbalanced_factorization)] {
+            if on {
+                args.insert(key.into(), "True".into());
+            }
         }
     }
     if l.block_lr_zero_threshold > 0.0 {

@@ -646,9 +646,6 @@ fn load_network_weights<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Removes intermediate saves beyond `output.save_last_n_steps` (step saves of steps
-/// before `step − N`, as kohya) and `output.save_last_n_epochs` (all but the last N epoch saves). Only files
-/// named as this run names its saves are touched.
 /// The model takes sides that are multiples of `step` pixels (64 for SD): a bucket that is
 /// not is a config error here, before the first step, naming the setting that made it.
 fn check_bucket_sides(dataset: &Dataset, config: &TrainConfig, step: usize) -> Result<(), TrainError> {
@@ -670,6 +667,9 @@ fn check_bucket_sides(dataset: &Dataset, config: &TrainConfig, step: usize) -> R
     })
 }
 
+/// Removes intermediate saves beyond `output.save_last_n_steps` (step saves of steps
+/// before `step − N`, as kohya) and `output.save_last_n_epochs` (all but the last N epoch saves). Only files
+/// named as this run names its saves are touched.
 fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), TrainError> {
     if o.save_last_n_steps == 0 && o.save_last_n_epochs == 0 {
         return Ok(());
@@ -771,6 +771,8 @@ fn fingerprint(config: &TrainConfig) -> String {
         "algo = \"lora\"",
         "lokr_factor = -1",
         "lokr_decompose_both = false",
+        "lokr_full_matrix = false",
+        "lokr_unbalanced_factorization = false",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",

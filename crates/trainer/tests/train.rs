@@ -61,6 +61,9 @@ fn quick_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     c.train.max_train_steps = steps;
     c.train.lr_warmup_steps = 2;
     c.data.demo_images = 8;
+    // Folders of 64 px test images train at the default 64 px resolution, which the
+    // buckets' smallest side must not exceed (as sd-scripts asserts).
+    c.data.min_bucket_reso = 64;
     c.output.sample_prompts.truncate(2);
     c.output.sample_steps = 4;
     // Read every step's loss: a stop asked for in `on_step` then takes effect at once.
@@ -960,6 +963,19 @@ fn schedule_free_saves_its_average_and_resumes_bit_for_bit() {
     x_up.sort_by(f32::total_cmp);
     assert_eq!(y_up.len(), x_up.len());
     assert!(y_up != x_up && x_up.iter().any(|v| *v != 0.0), "the LoRA must be the average, not the training point");
+    // And it is x = y + (1 − 1/β₁)(z − y), per model: the state's z is flat in the
+    // optimizer's order, so the check takes sums, which no order changes.
+    let optimizer_bytes = std::fs::read(straight_dir.path().join("state/optimizer.safetensors")).unwrap();
+    let optimizer_state = safetensors::SafeTensors::deserialize(&optimizer_bytes).unwrap();
+    let sum = |bytes: &[u8]| bytes.chunks_exact(4).map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap()))).sum::<f64>();
+    for (prefix, component) in [("unet", lora_core::Component::Unet), ("text_encoder", lora_core::Component::TextEncoder)] {
+        let sum_y: f64 = state.tensors().iter().filter(|(k, _)| k.starts_with(&format!("{prefix}."))).map(|(_, t)| sum(t.data())).sum();
+        let sum_x: f64 = set.iter().filter(|(k, _)| k.component == component).map(|(_, w)| w.down.data.iter().chain(&w.up.data).map(|v| f64::from(*v)).sum::<f64>()).sum();
+        let sum_z = sum(optimizer_state.tensor(&format!("schedule_free.{prefix}.z")).unwrap().data());
+        let expected = (1.0 - 1.0 / 0.9) * (sum_z - sum_y);
+        assert!(expected.abs() > 1e-4 * sum_y.abs().max(1e-3), "{prefix}: z must have moved away from y for the check to mean anything ({expected:e})");
+        assert!((sum_x - sum_y - expected).abs() <= 1e-3 * expected.abs(), "{prefix}: Σx − Σy = {:e}, (1 − 1/β₁)(Σz − Σy) = {expected:e}", sum_x - sum_y);
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let config = schedule_free(dir.path(), 8);
@@ -979,7 +995,7 @@ fn schedule_free_saves_its_average_and_resumes_bit_for_bit() {
     let err = TrainConfig::load(None, &["train.optimizer=\"adamw_schedule_free\"".into(), "train.lr_scheduler=\"constant\"".into(), "train.schedule_free_r=-1".into()]).unwrap_err();
     assert!(err.to_string().contains("schedule_free_r"), "{err}");
 
-    // RAdam's first steps (β₂ = 0.999: five of them) are silent, or plain SGD steps.
+    // RAdam's first steps (β₂ = 0.999: four of them) are silent, or plain SGD steps.
     let radam = |dir: &std::path::Path, silent: bool| {
         let mut c = quick_config(dir, 3);
         c.train.optimizer = Optimizer::RadamScheduleFree;
@@ -999,6 +1015,31 @@ fn schedule_free_saves_its_average_and_resumes_bit_for_bit() {
     let sgd_dir = tempfile::tempdir().unwrap();
     let sgd = train::<B>(&radam(sgd_dir.path(), false), &Default::default(), &mut |_| true).unwrap();
     assert!(ups(&sgd.lora).iter().any(|v| *v != 0.0), "SGD first steps train");
+}
+
+/// A schedule-free run's validation loss is the one of its average `x`, the weights it
+/// saves: a run that starts from the saved file and cannot move (a learning rate of 1e-30)
+/// measures the same loss, to the bit. Measured at `y` it would differ.
+#[test]
+fn schedule_free_validates_at_its_average() {
+    use trainer::config::{LrScheduler, Optimizer};
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let mut a = quick_config(&root.path().join("a"), 6);
+    a.train.optimizer = Optimizer::AdamwScheduleFree;
+    (a.train.lr_scheduler, a.train.lr_warmup_steps, a.train.learning_rate) = (LrScheduler::Constant, 0, 5e-3);
+    a.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+    a.data.validation_split = 0.25;
+    a.output.sample_prompts.clear();
+    let trained = train::<B>(&a, &Default::default(), &mut |_| true).unwrap();
+    let mut b = a.clone();
+    b.output.output_dir = root.path().join("b");
+    b.train.optimizer = Optimizer::Adamw;
+    (b.train.max_train_steps, b.train.learning_rate, b.train.text_encoder_lr, b.train.adam_weight_decay) = (1, 1e-30, 1e-30, 0.0);
+    b.lora.network_weights = trained.lora.display().to_string();
+    let still = train::<B>(&b, &Default::default(), &mut |_| true).unwrap();
+    let (at_x, from_file) = (trained.validation.last().unwrap().1, still.validation.last().unwrap().1);
+    assert_eq!(at_x.to_bits(), from_file.to_bits(), "validation at x {at_x}, from the saved file {from_file}");
 }
 
 #[test]
@@ -1922,6 +1963,33 @@ fn loha_and_lokr_train_resume_and_apply() {
     }
 }
 
+/// LoKr's `full_matrix` and `unbalanced_factorization`: the saved halves take the shapes
+/// LyCORIS gives them (checked against LyCORIS in lora-core), both train, and the
+/// metadata names the settings.
+#[test]
+fn lokr_full_matrix_and_unbalanced_factorization_train() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = quick_config(dir.path(), 2);
+    c.lora.algo = lora_core::Algo::Lokr;
+    (c.lora.lokr_full_matrix, c.lora.lokr_unbalanced_factorization, c.lora.lokr_factor) = (true, true, 4);
+    c.output.sample_prompts.clear();
+    let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&report.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    for (key, w) in set.iter() {
+        let ly = w.lycoris.as_ref().unwrap();
+        let (w1, w2) = (ly.get("lokr_w1").unwrap_or_else(|| panic!("{key}: a full w1")), ly.get("lokr_w2").unwrap_or_else(|| panic!("{key}: a full w2")));
+        // Unbalanced: w1 takes the output's larger factor (LyCORIS' factorization puts the
+        // smaller first), w2 the smaller; the input side is as usual.
+        let (out, input) = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]);
+        let ((out_small, out_large), (in_small, _)) = (lora_core::lycoris::factorization(out, 4), lora_core::lycoris::factorization(input, 4));
+        assert_eq!((w1.shape[0], w1.shape[1], w2.shape[0]), (out_large, in_small, out_small), "{key}");
+        assert!(w.delta().data.iter().any(|v| *v != 0.0), "{key} did not train");
+    }
+    let args = &lora_metadata(&report.lora)["ss_network_args"];
+    assert!(args.contains("\"full_matrix\":\"True\"") && args.contains("\"unbalanced_factorization\":\"True\""), "{args}");
+}
+
 /// What LoHa and LoKr do not train is a config error naming the key.
 #[test]
 fn lycoris_config_errors_name_the_key() {
@@ -1932,8 +2000,10 @@ fn lycoris_config_errors_name_the_key() {
         c
     };
     type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
-    let cases: [(Edit, &str); 7] = [
+    let cases: [(Edit, &str); 9] = [
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
+        (&|c| c.lora.lokr_full_matrix = true, "lora.lokr_full_matrix"),
+        (&|c| c.lora.lokr_unbalanced_factorization = true, "lora.lokr_unbalanced_factorization"),
         (&|c| c.lora.rank_dropout = 0.1, "lora.rank_dropout"),
         (&|c| c.lora.dora = true, "lora.dora"),
         (&|c| c.lora.loraplus_lr_ratio = 16.0, "loraplus"),
