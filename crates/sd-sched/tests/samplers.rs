@@ -281,6 +281,27 @@ fn unsupported_options_are_rejected_by_name() {
             "rescale_betas_zero_snr",
         ),
         (
+            SamplerKind::Heun,
+            SchedulerConfig::zero_terminal_snr_v(),
+            "rescale_betas_zero_snr",
+        ),
+        (
+            SamplerKind::KDpm2Ancestral,
+            SchedulerConfig {
+                prediction_type: PredictionType::Sample,
+                ..SchedulerConfig::sd15()
+            },
+            "prediction_type",
+        ),
+        (
+            SamplerKind::Lms,
+            SchedulerConfig {
+                use_beta_sigmas: true,
+                ..SchedulerConfig::sd15()
+            },
+            "use_beta_sigmas",
+        ),
+        (
             SamplerKind::EulerAncestral,
             SchedulerConfig {
                 prediction_type: PredictionType::Sample,
@@ -339,8 +360,18 @@ fn names_resolve_to_kinds_and_overrides() {
         SamplerKind::from_config(&SchedulerConfig::sd15()),
         Some(SamplerKind::Pndm)
     );
-    let err = "heun".parse::<SamplerSpec>().unwrap_err();
-    assert!(err.to_string().contains("dpmpp_2m_karras"), "{err}");
+    for (name, kind, karras) in [
+        ("heun", SamplerKind::Heun, false),
+        ("K_DPM_2_A", SamplerKind::KDpm2Ancestral, false),
+        ("dpm_2_karras", SamplerKind::KDpm2, true),
+        ("k_lms", SamplerKind::Lms, false),
+        ("lms_karras", SamplerKind::Lms, true),
+    ] {
+        let spec = name.parse::<SamplerSpec>().unwrap();
+        assert_eq!((spec.kind, spec.use_karras_sigmas), (kind, Some(karras)), "{name}");
+    }
+    let err = "k_dpm_fast".parse::<SamplerSpec>().unwrap_err();
+    assert!(err.to_string().contains("dpmpp_2m_karras") && err.to_string().contains("lms"), "{err}");
 }
 
 #[test]

@@ -192,8 +192,10 @@ fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
         "euler_a" => ("euler_a", true),
         "dpmsolver++" => ("dpmpp_2m", true),
         "dpmsolver" | "dpmsingle" => ("dpmpp_2m", false),
-        "lms" | "heun" | "dpm_2" => ("euler", false),
-        "dpm_2_a" => ("euler_a", false),
+        "lms" => ("lms", true),
+        "heun" => ("heun", true),
+        "dpm_2" => ("dpm_2", true),
+        "dpm_2_a" => ("dpm_2_a", true),
         // This trainer's own names pass through; sd-scripts samples unknown names with DDIM.
         _ if kohya.trim().parse::<sd_sched::SamplerSpec>().is_ok() => return kohya.trim().to_string(),
         _ => {

@@ -1981,6 +1981,7 @@ mod tests {
         std::fs::write(dir.path().join("a.txt"), "mystyle|red|circle").unwrap();
         let mut config = TrainConfig::default();
         config.data.train_data_dir = dir.path().display().to_string();
+        config.data.min_bucket_reso = 64;
         (config.data.keep_tokens, config.data.caption_tag_dropout_rate) = (1, 1.0);
         let caption = |config: &TrainConfig| open_dataset(config).unwrap().plan_epoch(0)[0].samples[0].caption.clone();
         assert_eq!(caption(&config), "mystyle|red|circle");

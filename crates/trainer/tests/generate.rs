@@ -39,7 +39,7 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 fn same_seed_same_latents_for_every_sampler() {
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
-    for sampler in ["ddim", "euler_a", "dpmpp_2m_karras", "pndm", "ddpm", "euler"] {
+    for sampler in ["ddim", "euler_a", "dpmpp_2m_karras", "pndm", "ddpm", "euler", "heun", "dpm_2_a", "lms_karras"] {
         let o = opts(sampler);
         let a = values(denoise(&c, &o, initial_latents(&c, &o, &device).unwrap(), &device).unwrap());
         let b = values(denoise(&c, &o, initial_latents(&c, &o, &device).unwrap(), &device).unwrap());

@@ -13,19 +13,20 @@ use crate::schedule::NoiseSchedule;
 const EULER: &str = "EulerDiscreteScheduler";
 const EULER_A: &str = "EulerAncestralDiscreteScheduler";
 
-/// What the Euler samplers share: σ-space timesteps built from the schedule.
+/// What the σ-space samplers share (Euler, Heun, KDPM2): timesteps and sigmas built from
+/// the schedule.
 #[derive(Debug, Clone)]
-struct SigmaSteps {
-    train_sigmas: Vec<f32>,
+pub(super) struct SigmaSteps {
+    pub(super) train_sigmas: Vec<f32>,
     spacing: TimestepSpacing,
     steps_offset: usize,
-    prediction: PredictionType,
-    timesteps: Vec<f32>,
-    sigmas: Vec<f32>,
+    pub(super) prediction: PredictionType,
+    pub(super) timesteps: Vec<f32>,
+    pub(super) sigmas: Vec<f32>,
 }
 
 impl SigmaSteps {
-    fn new(config: &SchedulerConfig) -> Result<Self> {
+    pub(super) fn new(config: &SchedulerConfig) -> Result<Self> {
         let schedule = NoiseSchedule::new(config)?;
         Ok(Self {
             train_sigmas: sigmas_from_alphas_cumprod(&schedule.alphas_cumprod_sigma_safe()),
@@ -38,7 +39,7 @@ impl SigmaSteps {
     }
 
     /// Timesteps of the spacing and the training sigmas interpolated at them (f64).
-    fn spaced(&self, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    pub(super) fn spaced(&self, n: usize) -> Result<(Vec<f64>, Vec<f64>)> {
         let t = self.train_sigmas.len();
         check_steps(n, t)?;
         let timesteps: Vec<f64> = spacing::standard(self.spacing, t, n, self.steps_offset, false)
@@ -52,7 +53,7 @@ impl SigmaSteps {
         Ok((timesteps, sigmas))
     }
 
-    fn init_noise_sigma(&self) -> f32 {
+    pub(super) fn init_noise_sigma(&self) -> f32 {
         let max = self.sigmas.iter().copied().fold(0f32, f32::max);
         match self.spacing {
             TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
@@ -60,14 +61,37 @@ impl SigmaSteps {
         }
     }
 
-    fn scale<B: Backend>(&self, sample: Tensor<B, 4>, i: usize) -> Result<Tensor<B, 4>> {
+    pub(super) fn scale<B: Backend>(&self, sample: Tensor<B, 4>, i: usize) -> Result<Tensor<B, 4>> {
         check_index(self.timesteps.len(), i)?;
-        let sigma = self.sigmas[i];
-        Ok(sample.div_scalar((sigma * sigma + 1.0).sqrt()))
+        Ok(Self::scale_at(sample, self.sigmas[i]))
+    }
+
+    /// The model's input at noise level `sigma`: `sample / sqrt(σ² + 1)`.
+    pub(super) fn scale_at<B: Backend>(sample: Tensor<B, 4>, sigma: f32) -> Tensor<B, 4> {
+        sample.div_scalar((sigma * sigma + 1.0).sqrt())
+    }
+
+    /// The spaced timesteps and sigmas, or Karras' sigmas between the spaced ones' ends
+    /// with their fractional timesteps (diffusers' `_convert_to_karras` without
+    /// `sigma_min` / `sigma_max`, and `_sigma_to_t`).
+    pub(super) fn spaced_or_karras(&self, n: usize, karras: bool) -> Result<(Vec<f64>, Vec<f64>)> {
+        let (timesteps, sigmas) = self.spaced(n)?;
+        if !karras {
+            return Ok((timesteps, sigmas));
+        }
+        let sigmas = karras_sigmas(sigmas[n - 1], sigmas[0], n);
+        let log_sigmas = self.log_sigmas();
+        let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
+        Ok((timesteps, sigmas))
+    }
+
+    /// `ln σ` of the training sigmas, in f32 as numpy takes the log of an f32 array.
+    pub(super) fn log_sigmas(&self) -> Vec<f32> {
+        self.train_sigmas.iter().map(|s| s.ln()).collect()
     }
 
     /// x̂₀ from the model output at noise level `sigma`.
-    fn x0<B: Backend>(
+    pub(super) fn x0<B: Backend>(
         &self,
         model_output: Tensor<B, 4>,
         sample: &Tensor<B, 4>,

@@ -13,6 +13,9 @@ mod ddim;
 mod ddpm;
 mod dpm;
 mod euler;
+mod heun;
+mod kdpm2;
+mod lms;
 mod pndm;
 mod spacing;
 
@@ -20,6 +23,9 @@ pub use ddim::DdimSampler;
 pub use ddpm::DdpmSampler;
 pub use dpm::DpmSolverMultistepSampler;
 pub use euler::{EulerAncestralSampler, EulerSampler};
+pub use heun::HeunSampler;
+pub use kdpm2::{KDpm2AncestralSampler, KDpm2Sampler};
+pub use lms::LmsSampler;
 pub use pndm::PndmSampler;
 
 /// A reverse-process sampler, stepped like a diffusers scheduler:
@@ -96,17 +102,29 @@ pub enum SamplerKind {
     EulerAncestral,
     /// `DPMSolverMultistepScheduler`: DPM-Solver++ (2M, 3M, SDE).
     DpmSolverMultistep,
+    /// `HeunDiscreteScheduler`: Heun's method of Karras et al. (2022).
+    Heun,
+    /// `KDPM2DiscreteScheduler`: DPM-Solver-2 ("DPM2").
+    KDpm2,
+    /// `KDPM2AncestralDiscreteScheduler`: DPM-Solver-2 with ancestral noise ("DPM2 a").
+    KDpm2Ancestral,
+    /// `LMSDiscreteScheduler`: linear multistep ("LMS").
+    Lms,
 }
 
 impl SamplerKind {
     /// Every kind.
-    pub const ALL: [SamplerKind; 6] = [
+    pub const ALL: [SamplerKind; 10] = [
         SamplerKind::Ddpm,
         SamplerKind::Ddim,
         SamplerKind::Pndm,
         SamplerKind::Euler,
         SamplerKind::EulerAncestral,
         SamplerKind::DpmSolverMultistep,
+        SamplerKind::Heun,
+        SamplerKind::KDpm2,
+        SamplerKind::KDpm2Ancestral,
+        SamplerKind::Lms,
     ];
 
     /// The diffusers class name.
@@ -118,6 +136,10 @@ impl SamplerKind {
             SamplerKind::Euler => "EulerDiscreteScheduler",
             SamplerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SamplerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SamplerKind::Heun => "HeunDiscreteScheduler",
+            SamplerKind::KDpm2 => "KDPM2DiscreteScheduler",
+            SamplerKind::KDpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
+            SamplerKind::Lms => "LMSDiscreteScheduler",
         }
     }
 
@@ -138,6 +160,10 @@ impl SamplerKind {
             SamplerKind::DpmSolverMultistep => {
                 Box::new(DpmSolverMultistepSampler::<B>::new(config)?)
             }
+            SamplerKind::Heun => Box::new(HeunSampler::<B>::new(config)?),
+            SamplerKind::KDpm2 => Box::new(KDpm2Sampler::<B>::new(config)?),
+            SamplerKind::KDpm2Ancestral => Box::new(KDpm2AncestralSampler::<B>::new(config)?),
+            SamplerKind::Lms => Box::new(LmsSampler::<B>::new(config)?),
         })
     }
 }
@@ -149,7 +175,8 @@ impl fmt::Display for SamplerKind {
 }
 
 pub(crate) const KNOWN_NAMES: &str = "ddpm, ddim, pndm, plms, euler, euler_karras, euler_a, \
-     dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m, dpmpp_3m_karras";
+     dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m, dpmpp_3m_karras, \
+     heun, heun_karras, dpm_2, dpm_2_karras, dpm_2_a, dpm_2_a_karras, lms, lms_karras";
 
 /// A sampler by name plus the config overrides the name implies, parsed from a diffusers
 /// class name (`"EulerAncestralDiscreteScheduler"`) or a short name (`"euler_a"`,
@@ -165,7 +192,8 @@ pub(crate) const KNOWN_NAMES: &str = "ddpm, ddim, pndm, plms, euler, euler_karra
 /// sampler.set_timesteps(20).unwrap();
 /// assert_eq!(sampler.timesteps().len(), 20);
 /// assert_eq!(sampler.timesteps()[0], 999.0);
-/// assert!("k_lms".parse::<SamplerSpec>().is_err());
+/// assert_eq!("k_lms".parse::<SamplerSpec>().unwrap().kind, SamplerKind::Lms);
+/// assert!("k_dpm_fast".parse::<SamplerSpec>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplerSpec {
@@ -224,7 +252,9 @@ impl FromStr for SamplerSpec {
     /// Accepts the diffusers class names and, case-insensitively: `ddpm`, `ddim`,
     /// `pndm` / `plms`, `euler`, `euler_karras`, `euler_a` / `euler_ancestral`,
     /// `dpmpp_2m`, `dpmpp_2m_karras`, `dpmpp_2m_sde`, `dpmpp_2m_sde_karras`, `dpmpp_3m`,
-    /// `dpmpp_3m_karras`.
+    /// `dpmpp_3m_karras`, `heun`, `heun_karras`, `dpm_2` / `kdpm2`, `dpm_2_karras`,
+    /// `dpm_2_a` / `kdpm2_a`, `dpm_2_a_karras`, `lms`, `lms_karras` (a leading `k_`, as in
+    /// kohya's names, is accepted).
     fn from_str(name: &str) -> Result<Self> {
         if let Some(kind) = SamplerKind::ALL
             .into_iter()
@@ -242,7 +272,17 @@ impl FromStr for SamplerSpec {
             AlgorithmType::DpmSolverPlusPlus,
             AlgorithmType::SdeDpmSolverPlusPlus,
         );
-        Ok(match name.to_ascii_lowercase().replace('-', "_").as_str() {
+        let sigma = |kind: SamplerKind, karras: bool| SamplerSpec {
+            use_karras_sigmas: Some(karras),
+            ..Self::new(kind)
+        };
+        let lower = name.to_ascii_lowercase().replace('-', "_");
+        let short = match lower.strip_prefix("k_") {
+            // kohya's `k_*` names for the k-diffusion family.
+            Some(rest) if matches!(rest, "heun" | "dpm_2" | "dpm_2_a" | "euler" | "euler_a" | "lms") => rest,
+            _ => lower.as_str(),
+        };
+        Ok(match short {
             "ddpm" => Self::new(SamplerKind::Ddpm),
             "ddim" => Self::new(SamplerKind::Ddim),
             "pndm" | "plms" => Self::new(SamplerKind::Pndm),
@@ -261,6 +301,14 @@ impl FromStr for SamplerSpec {
             "dpmpp_2m_sde_karras" => dpm(true, sde, 2),
             "dpmpp_3m" => dpm(false, pp, 3),
             "dpmpp_3m_karras" => dpm(true, pp, 3),
+            "heun" => sigma(SamplerKind::Heun, false),
+            "heun_karras" => sigma(SamplerKind::Heun, true),
+            "dpm_2" | "kdpm2" => sigma(SamplerKind::KDpm2, false),
+            "dpm_2_karras" | "kdpm2_karras" => sigma(SamplerKind::KDpm2, true),
+            "dpm_2_a" | "kdpm2_a" => sigma(SamplerKind::KDpm2Ancestral, false),
+            "dpm_2_a_karras" | "kdpm2_a_karras" => sigma(SamplerKind::KDpm2Ancestral, true),
+            "lms" => sigma(SamplerKind::Lms, false),
+            "lms_karras" => sigma(SamplerKind::Lms, true),
             _ => return Err(SchedError::UnknownSampler(name.to_string())),
         })
     }
