@@ -146,6 +146,63 @@ fn oracle(
     }
 }
 
+/// Heun, DPM2 (two model calls per step but the last, `2n − 1` timesteps) and LMS: the
+/// timesteps descend within range; with an oracle that knows x₀ at the noise level the
+/// sampler scales each input to (σ from `scale_model_input`, which for DPM2's second calls
+/// is the midpoint), the deterministic ones land on x₀; only DPM2 ancestral draws noise,
+/// one tensor per full step.
+#[test]
+fn two_call_and_multistep_samplers_denoise_a_point_mass() {
+    let (deterministic, ancestral) = (["heun", "heun_karras", "dpm_2", "dpm_2_karras", "lms", "lms_karras"], "dpm_2_a");
+    for spacing in [TimestepSpacing::Leading, TimestepSpacing::Trailing, TimestepSpacing::Linspace] {
+        for v_pred in [false, true] {
+            let config = SchedulerConfig {
+                prediction_type: if v_pred { PredictionType::VPrediction } else { PredictionType::Epsilon },
+                timestep_spacing: Some(spacing),
+                ..SchedulerConfig::sd15()
+            };
+            for n in [4, 9, 25] {
+                for name in deterministic.into_iter().chain([ancestral]) {
+                    let mut s = sampler(name, &config);
+                    s.set_timesteps(n).unwrap();
+                    let ts = s.timesteps().to_vec();
+                    let calls = if name.starts_with("lms") { n } else { 2 * n - 1 };
+                    assert_eq!(ts.len(), calls, "{name}");
+                    // DPM2 ancestral's midpoint lies towards σ_down, below the next σ, so its
+                    // timestep can fall below the next one (as in diffusers).
+                    let descending = name == ancestral || ts.windows(2).all(|w| w[1] <= w[0]);
+                    assert!(ts.iter().all(|t| (0.0..1000.0).contains(t)) && descending, "{name}: {ts:?}");
+                    if name == ancestral {
+                        let mut noise = SeededNoise::new(1);
+                        let mut x = constant(0.5);
+                        for i in 0..calls {
+                            x = s.step(x.clone(), i, x, &mut noise).unwrap();
+                        }
+                        let mut s = sampler(name, &config);
+                        s.set_timesteps(n).unwrap();
+                        let first = s.step(constant(0.5), 0, constant(0.5), &mut NoNoise).unwrap();
+                        assert!(matches!(s.step(first.clone(), 1, first, &mut NoNoise), Err(SchedError::NoiseExhausted(_))), "{name}");
+                        continue;
+                    }
+                    let x0 = 0.3f32;
+                    let mut x = SeededNoise::new(3).sample([1, 1, 4, 4], &Default::default()).unwrap().mul_scalar(s.init_noise_sigma());
+                    for i in 0..calls {
+                        let input = s.scale_model_input(x.clone(), i).unwrap();
+                        let scale: f32 = s.scale_model_input(constant(1.0), i).unwrap().into_data().to_vec::<f32>().unwrap()[0];
+                        let alpha_bar = f64::from(scale).powi(2);
+                        let (a, b) = (alpha_bar.sqrt() as f32, (1.0 - alpha_bar).sqrt() as f32);
+                        let eps = input.sub_scalar(a * x0).div_scalar(b);
+                        let out = if v_pred { eps.mul_scalar(a).sub_scalar(b * x0) } else { eps };
+                        x = s.step(out, i, x, &mut NoNoise).unwrap();
+                    }
+                    let err = to_vec(x).iter().map(|v| (v - x0).abs()).fold(0f32, f32::max);
+                    assert!(err < 2e-3, "{name} ({n} steps, {spacing:?}, v={v_pred}): |x - x0| = {err}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn deterministic_samplers_never_draw_noise_and_stochastic_ones_do() {
     let config = SchedulerConfig::sd15();

@@ -1339,18 +1339,7 @@ impl TrainConfig {
             return bad("output.sample_steps must be at least 1");
         }
         // Per-prompt options (`--w 768 --l 7`) are checked here, not at the first sample.
-        let defaults = crate::generate::GenerateOptions {
-            prompts: Vec::new(),
-            negative_prompt: String::new(),
-            sampler: self.output.sample_sampler.clone(),
-            steps: self.output.sample_steps,
-            cfg_scale: self.output.sample_cfg,
-            seed: self.output.sample_seed,
-            width: 0,
-            height: 0,
-            clip_skip: self.model.clip_skip,
-            max_token_length: self.model.max_token_length,
-        };
+        let defaults = self.sample_defaults((0, 0));
         for prompt in &self.output.sample_prompts {
             crate::generate::parse_sample_prompt(prompt, &defaults)?;
         }
@@ -1358,6 +1347,24 @@ impl TrainConfig {
             return bad("output.log_interval_s must be 0 (every step) or a positive number of seconds");
         }
         Ok(())
+    }
+
+    /// The sample images' options before a prompt's own (`--n`, `--w`, ...): the
+    /// `output.sample_*` settings at `size` (width, height).
+    pub(crate) fn sample_defaults(&self, (width, height): (usize, usize)) -> crate::generate::GenerateOptions {
+        let o = &self.output;
+        crate::generate::GenerateOptions {
+            prompts: Vec::new(),
+            negative_prompt: String::new(),
+            sampler: o.sample_sampler.clone(),
+            steps: o.sample_steps,
+            cfg_scale: o.sample_cfg,
+            seed: o.sample_seed,
+            width,
+            height,
+            clip_skip: self.model.clip_skip,
+            max_token_length: self.model.max_token_length,
+        }
     }
 
     /// What LoHa and LoKr (`lora.algo`) do not train: the LoRA-only settings.

@@ -185,7 +185,12 @@ const NOTED: &[(&str, &str)] = &[
 /// sd-scripts' sampler names that this trainer has under another name, or approximates.
 fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
     let name = kohya.trim().to_ascii_lowercase();
-    let (ours, exact) = match name.trim_start_matches("k_") {
+    // sd-scripts knows five `k_` names; any other (`k_heun`) samples with DDIM there.
+    let base = match name.as_str() {
+        "k_lms" | "k_euler" | "k_euler_a" | "k_dpm_2" | "k_dpm_2_a" => &name[2..],
+        other => other,
+    };
+    let (ours, exact) = match base {
         "ddim" => ("ddim", true),
         "pndm" => ("pndm", true),
         "euler" => ("euler", true),
@@ -827,6 +832,9 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     if l.algo == lora_core::Algo::Lokr {
         (l.lokr_factor, l.lokr_decompose_both) = (factor, decompose_both);
         (l.lokr_full_matrix, l.lokr_unbalanced_factorization) = (full_matrix, unbalanced);
+        if full_matrix && l.rslora {
+            notes.push("rs_lora with full_matrix: LyCORIS trains a LoKr whose halves are both full at scale sqrt(rank), which its files cannot record (readers apply 1); this trainer trains at 1, what the file then gives".into());
+        }
         if decompose_both && args.iter().any(|(k, v)| k == "decompose_both" && !lycoris_bool(v)) {
             notes.push("network_args `decompose_both=False`: LyCORIS receives the string \"False\", which Python reads as true, so LoKr decomposes w1 where the rank is below half its size; lora.lokr_decompose_both = true trains the same".into());
         }

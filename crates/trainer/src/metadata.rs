@@ -233,6 +233,11 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
     if !o.training_comment.is_empty() {
         keys.push(("ss_training_comment", o.training_comment.clone()));
     }
+    // The configured rank and alpha, as sd-scripts always records them; the writer
+    // replaces them with the adapters' own where it can read them (a LoKr whose halves
+    // are all full has none).
+    keys.push(("ss_network_dim", l.rank.to_string()));
+    keys.push(("ss_network_alpha", if l.alpha.fract() == 0.0 { format!("{:.1}", l.alpha) } else { l.alpha.to_string() }));
     if let Some(args) = network_args(l) {
         keys.push(("ss_network_args", args));
     }

@@ -23,7 +23,7 @@ use sd_sched::training::{adaptive_offset_noise, elementwise_loss, offset_noise, 
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
-use crate::generate::{grid, merge_adapters, save_png, to_precision, GenerateOptions, TextConditioning, TextEncoders};
+use crate::generate::{grid, merge_adapters, save_png, to_precision, TextConditioning, TextEncoders};
 use crate::models::{load_components, Components};
 use crate::state::{
     adapter_params, export_moments, export_optimizer_state, host_params, import_moments, import_optimizer_state, restore_adapter_params,
@@ -309,20 +309,8 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
     size: (usize, usize),
     device: &B::Device,
 ) -> Result<image::RgbImage, TrainError> {
-    let o = &config.output;
-    let opts = GenerateOptions {
-        prompts: Vec::new(),
-        negative_prompt: String::new(),
-        sampler: o.sample_sampler.clone(),
-        steps: o.sample_steps,
-        cfg_scale: o.sample_cfg,
-        seed: o.sample_seed,
-        width: size.0,
-        height: size.1,
-        clip_skip: config.model.clip_skip,
-        max_token_length: config.model.max_token_length,
-    };
-    let images = crate::generate::sample_images(c, &o.sample_prompts, &opts, device)?;
+    let opts = config.sample_defaults(size);
+    let images = crate::generate::sample_images(c, &config.output.sample_prompts, &opts, device)?;
     Ok(grid(&images, images.len().min(4)))
 }
 
@@ -646,6 +634,22 @@ fn load_network_weights<B: AutodiffBackend>(
     Ok(())
 }
 
+/// Every sampler the sample prompts use must take the model's scheduler config (Heun, for
+/// one, has no zero-terminal-SNR schedule): found here, before the first step, not at the
+/// first sample.
+fn check_sample_samplers<B: burn::tensor::backend::Backend>(config: &TrainConfig, scheduler: &sd_sched::SchedulerConfig) -> Result<(), TrainError> {
+    let defaults = config.sample_defaults((0, 0));
+    for prompt in &config.output.sample_prompts {
+        let sampler = crate::generate::parse_sample_prompt(prompt, &defaults)?.sampler;
+        let built = sampler.parse::<sd_sched::SamplerSpec>().and_then(|spec| spec.build::<B>(scheduler).map(|_| ()));
+        if let Err(e) = built {
+            let origin = if sampler == config.output.sample_sampler { "output.sample_sampler".to_string() } else { format!("output.sample_prompts (\"{prompt}\")") };
+            return Err(TrainError::Config { origin, reason: format!("sampler `{sampler}` cannot sample this model: {e}") });
+        }
+    }
+    Ok(())
+}
+
 /// The model takes sides that are multiples of `step` pixels (64 for SD): a bucket that is
 /// not is a config error here, before the first step, naming the setting that made it.
 fn check_bucket_sides(dataset: &Dataset, config: &TrainConfig, step: usize) -> Result<(), TrainError> {
@@ -898,6 +902,7 @@ fn run<B: AutodiffBackend>(
     // Frozen parts run on the inner (non-autodiff) backend; only the UNet (and the text
     // encoder when it has adapters) is differentiated. The VAE stays in f32.
     let mut frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
+    check_sample_samplers::<B::InnerBackend>(config, &frozen.scheduler)?;
     let size_step = frozen.vae.downsample_factor() * frozen.unet.size_multiple();
     std::iter::once(&dataset).chain(validation.as_ref()).try_for_each(|d| check_bucket_sides(d, config, size_step))?;
     // Merged in f32, before the weights are rounded to the training precision.

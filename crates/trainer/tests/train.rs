@@ -1986,8 +1986,11 @@ fn lokr_full_matrix_and_unbalanced_factorization_train() {
         assert_eq!((w1.shape[0], w1.shape[1], w2.shape[0]), (out_large, in_small, out_small), "{key}");
         assert!(w.delta().data.iter().any(|v| *v != 0.0), "{key} did not train");
     }
-    let args = &lora_metadata(&report.lora)["ss_network_args"];
+    let meta = lora_metadata(&report.lora);
+    let args = &meta["ss_network_args"];
     assert!(args.contains("\"full_matrix\":\"True\"") && args.contains("\"unbalanced_factorization\":\"True\""), "{args}");
+    // No adapter has a rank of its own: the configured one is recorded, as sd-scripts does.
+    assert_eq!((meta["ss_network_dim"].as_str(), meta["ss_network_alpha"].as_str()), (c.lora.rank.to_string().as_str(), format!("{:.1}", c.lora.alpha).as_str()), "{meta:?}");
 }
 
 /// What LoHa and LoKr do not train is a config error naming the key.

@@ -101,7 +101,7 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         None => {
             // A LoHa / LoKr file's recorded arguments do not describe its plain-LoRA form.
             if args.get("algo").and_then(|a| a.as_str()).is_some_and(|a| a == "loha" || a == "lokr") {
-                for key in ["algo", "factor", "decompose_both", "preset"] {
+                for key in ["algo", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "preset"] {
                     args.remove(key);
                 }
             }

@@ -71,15 +71,15 @@ impl SigmaSteps {
         sample.div_scalar((sigma * sigma + 1.0).sqrt())
     }
 
-    /// The spaced timesteps and sigmas, or Karras' sigmas between the spaced ones' ends
-    /// with their fractional timesteps (diffusers' `_convert_to_karras` without
-    /// `sigma_min` / `sigma_max`, and `_sigma_to_t`).
-    pub(super) fn spaced_or_karras(&self, n: usize, karras: bool) -> Result<(Vec<f64>, Vec<f64>)> {
+    /// The spaced timesteps and sigmas, or Karras' sigmas between `(σ_min, σ_max)` (the
+    /// spaced ones' ends where `None`) with their fractional timesteps (diffusers'
+    /// `_convert_to_karras` and `_sigma_to_t`).
+    pub(super) fn spaced_or_karras(&self, n: usize, karras: bool, (lo, hi): (Option<f64>, Option<f64>)) -> Result<(Vec<f64>, Vec<f64>)> {
         let (timesteps, sigmas) = self.spaced(n)?;
         if !karras {
             return Ok((timesteps, sigmas));
         }
-        let sigmas = karras_sigmas(sigmas[n - 1], sigmas[0], n);
+        let sigmas = karras_sigmas(lo.unwrap_or(sigmas[n - 1]), hi.unwrap_or(sigmas[0]), n);
         let log_sigmas = self.log_sigmas();
         let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
         Ok((timesteps, sigmas))

@@ -14,14 +14,17 @@ const HEUN: &str = "HeunDiscreteScheduler";
 /// so `n` steps give `2n − 1` entries in [`Sampler::timesteps`], each but the first
 /// timestep twice. Deterministic; must be stepped in order.
 ///
-/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`,
-/// `prediction_type`, `clip_sample` / `clip_sample_range` and the schedule keys.
+/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`
+/// (with `sigma_min` / `sigma_max`), `prediction_type`, `clip_sample` /
+/// `clip_sample_range` and the schedule keys.
 /// diffusers' class has no zero-terminal-SNR schedule (it ignores
 /// `rescale_betas_zero_snr`); it is an error here.
 #[derive(Debug, Clone)]
 pub struct HeunSampler<B: Backend> {
     steps: SigmaSteps,
     use_karras_sigmas: bool,
+    /// `sigma_min` / `sigma_max`, which diffusers' Karras ramp honours when a config has them.
+    karras_bounds: (Option<f64>, Option<f64>),
     clip: Option<f32>,
     /// The first half's slope, step size and sample, while the second half is due.
     first: Option<(Tensor<B, 4>, f32, Tensor<B, 4>)>,
@@ -38,6 +41,7 @@ impl<B: Backend> HeunSampler<B> {
         Ok(Self {
             steps: SigmaSteps::new(config)?,
             use_karras_sigmas: config.use_karras_sigmas,
+            karras_bounds: (config.sigma_min, config.sigma_max),
             clip: config.clip_sample.unwrap_or(false).then_some(config.clip_sample_range as f32),
             first: None,
         })
@@ -50,7 +54,7 @@ impl<B: Backend> Sampler<B> for HeunSampler<B> {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let (timesteps, sigmas) = self.steps.spaced_or_karras(n, self.use_karras_sigmas)?;
+        let (timesteps, sigmas) = self.steps.spaced_or_karras(n, self.use_karras_sigmas, self.karras_bounds)?;
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
         let timesteps: Vec<f32> = timesteps.into_iter().map(|t| t as f32).collect();
         // Every σ but the first and the final 0 twice, every timestep but the first twice.

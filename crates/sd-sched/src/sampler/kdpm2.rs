@@ -27,8 +27,8 @@ fn kdpm2_steps(config: &SchedulerConfig, name: &'static str) -> Result<SigmaStep
 
 /// The spaced (or Karras) timesteps and sigmas with the final σ = 0, in f32; Karras'
 /// timesteps rounded as diffusers rounds them for these samplers.
-fn base_steps(steps: &SigmaSteps, n: usize, karras: bool) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (timesteps, sigmas) = steps.spaced_or_karras(n, karras)?;
+fn base_steps(steps: &SigmaSteps, n: usize, karras: bool, bounds: (Option<f64>, Option<f64>)) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (timesteps, sigmas) = steps.spaced_or_karras(n, karras, bounds)?;
     let timesteps = timesteps.into_iter().map(|t| if karras { round_half_even(t) } else { t } as f32).collect();
     Ok((timesteps, sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect()))
 }
@@ -46,13 +46,16 @@ fn log_midpoint(a: f32, b: f32) -> f32 {
 /// steps give `2n − 1` entries in [`Sampler::timesteps`] (the midpoints' fractional
 /// timesteps between the others). Deterministic; must be stepped in order.
 ///
-/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`,
-/// `prediction_type` (`epsilon`, `v_prediction`) and the schedule keys; no
+/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`
+/// (with `sigma_min` / `sigma_max`), `prediction_type` (`epsilon`, `v_prediction`) and
+/// the schedule keys; no
 /// zero-terminal-SNR schedule (diffusers' class ignores `rescale_betas_zero_snr`).
 #[derive(Debug, Clone)]
 pub struct KDpm2Sampler<B: Backend> {
     steps: SigmaSteps,
     use_karras_sigmas: bool,
+    /// `sigma_min` / `sigma_max`, which diffusers' Karras ramp honours when a config has them.
+    karras_bounds: (Option<f64>, Option<f64>),
     /// The midpoints, interleaved as the sigmas are.
     sigmas_interpol: Vec<f32>,
     /// The sample the half step started from, while the full step is due.
@@ -65,6 +68,7 @@ impl<B: Backend> KDpm2Sampler<B> {
         Ok(Self {
             steps: kdpm2_steps(config, KDPM2)?,
             use_karras_sigmas: config.use_karras_sigmas,
+            karras_bounds: (config.sigma_min, config.sigma_max),
             sigmas_interpol: Vec::new(),
             first: None,
         })
@@ -77,7 +81,7 @@ impl<B: Backend> Sampler<B> for KDpm2Sampler<B> {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let (timesteps, sigmas) = base_steps(&self.steps, n, self.use_karras_sigmas)?;
+        let (timesteps, sigmas) = base_steps(&self.steps, n, self.use_karras_sigmas, self.karras_bounds)?;
         // Midpoint j lies between σⱼ₋₁ and σⱼ (diffusers' `roll(1)`; the first is unused).
         let interpol: Vec<f32> = (0..=n).map(|j| if j == 0 { f32::NAN } else { log_midpoint(sigmas[j], sigmas[j - 1]) }).collect();
         let log_sigmas = self.steps.log_sigmas();
@@ -145,13 +149,16 @@ impl<B: Backend> Sampler<B> for KDpm2Sampler<B> {
 /// `sample_dpm_2_ancestral`, "DPM2 a"): as [`KDpm2Sampler`], with the full step going down
 /// to σ_down and fresh noise of scale σ_up added after it (one draw per full step).
 ///
-/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`,
-/// `prediction_type` (`epsilon`, `v_prediction`) and the schedule keys; no
+/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`
+/// (with `sigma_min` / `sigma_max`), `prediction_type` (`epsilon`, `v_prediction`) and
+/// the schedule keys; no
 /// zero-terminal-SNR schedule.
 #[derive(Debug, Clone)]
 pub struct KDpm2AncestralSampler<B: Backend> {
     steps: SigmaSteps,
     use_karras_sigmas: bool,
+    /// `sigma_min` / `sigma_max`, which diffusers' Karras ramp honours when a config has them.
+    karras_bounds: (Option<f64>, Option<f64>),
     sigmas_interpol: Vec<f32>,
     sigmas_up: Vec<f32>,
     sigmas_down: Vec<f32>,
@@ -164,6 +171,7 @@ impl<B: Backend> KDpm2AncestralSampler<B> {
         Ok(Self {
             steps: kdpm2_steps(config, KDPM2_A)?,
             use_karras_sigmas: config.use_karras_sigmas,
+            karras_bounds: (config.sigma_min, config.sigma_max),
             sigmas_interpol: Vec::new(),
             sigmas_up: Vec::new(),
             sigmas_down: Vec::new(),
@@ -178,7 +186,7 @@ impl<B: Backend> Sampler<B> for KDpm2AncestralSampler<B> {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let (timesteps, sigmas) = base_steps(&self.steps, n, self.use_karras_sigmas)?;
+        let (timesteps, sigmas) = base_steps(&self.steps, n, self.use_karras_sigmas, self.karras_bounds)?;
         // σ_up and σ_down of the step from σⱼ to σⱼ₊₁ (f32, as diffusers' tensors).
         let next = |j: usize| if j < n { sigmas[j + 1] } else { 0.0 };
         let up: Vec<f32> = (0..=n).map(|j| (next(j).powi(2) * (sigmas[j].powi(2) - next(j).powi(2)) / sigmas[j].powi(2)).sqrt()).collect();

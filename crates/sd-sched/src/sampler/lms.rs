@@ -17,9 +17,10 @@ const ORDER: usize = 4;
 /// the integrand is a polynomial of degree at most 3, which three-point Gauss–Legendre
 /// integrates exactly. Deterministic; must be stepped in order.
 ///
-/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`,
-/// `prediction_type` and the schedule keys; no zero-terminal-SNR schedule (diffusers'
-/// class ignores `rescale_betas_zero_snr`).
+/// Honours `timestep_spacing` (default `linspace`), `steps_offset`, `use_karras_sigmas`
+/// (between the spaced sigmas' ends, whatever `sigma_min` / `sigma_max` say, as
+/// diffusers' class), `prediction_type` and the schedule keys; no zero-terminal-SNR
+/// schedule (diffusers' class ignores `rescale_betas_zero_snr`).
 #[derive(Debug, Clone)]
 pub struct LmsSampler<B: Backend> {
     steps: SigmaSteps,
@@ -67,7 +68,7 @@ impl<B: Backend> Sampler<B> for LmsSampler<B> {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
-        let (timesteps, sigmas) = self.steps.spaced_or_karras(n, self.use_karras_sigmas)?;
+        let (timesteps, sigmas) = self.steps.spaced_or_karras(n, self.use_karras_sigmas, (None, None))?;
         self.steps.sigmas = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
         self.steps.timesteps = timesteps.into_iter().map(|t| t as f32).collect();
         self.derivatives.clear();

@@ -56,7 +56,10 @@ pub trait Sampler<B: Backend>: Send {
     /// Euler configurations.
     fn timesteps(&self) -> &[f32];
 
-    /// The noise levels σ of the sigma-based samplers (one more than the timesteps),
+    /// The noise levels σ of the sigma-based samplers, laid out as diffusers' `sigmas`:
+    /// one per step and the final one (one more than the timesteps) for the one-call
+    /// samplers and Heun (whose σs are interleaved with its timesteps), and for DPM2 (both)
+    /// the steps' σs interleaved, two more than for Heun, with their midpoints kept apart.
     /// `None` for the ᾱ-based ones.
     fn sigmas(&self) -> Option<&[f32]> {
         None
@@ -278,8 +281,8 @@ impl FromStr for SamplerSpec {
         };
         let lower = name.to_ascii_lowercase().replace('-', "_");
         let short = match lower.strip_prefix("k_") {
-            // kohya's `k_*` names for the k-diffusion family.
-            Some(rest) if matches!(rest, "heun" | "dpm_2" | "dpm_2_a" | "euler" | "euler_a" | "lms") => rest,
+            // kohya's five `k_*` names (sd-scripts has no `k_heun`).
+            Some(rest) if matches!(rest, "dpm_2" | "dpm_2_a" | "euler" | "euler_a" | "lms") => rest,
             _ => lower.as_str(),
         };
         Ok(match short {
