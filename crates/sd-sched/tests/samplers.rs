@@ -295,7 +295,7 @@ fn misuse_is_a_typed_error() {
             "{name}"
         );
     }
-    for name in ["pndm", "dpmpp_2m"] {
+    for name in ["pndm", "dpmpp_2m", "heun", "dpm_2", "dpm_2_a", "lms"] {
         let mut s = sampler(name, &config);
         s.set_timesteps(10).unwrap();
         let err = s.step(x.clone(), 3, x.clone(), &mut NoNoise).unwrap_err();
@@ -310,6 +310,11 @@ fn misuse_is_a_typed_error() {
             ),
             "{name}: {err}"
         );
+        // A step repeated is out of order too (no panic on the two-call samplers' state).
+        let mut s = sampler(name, &config);
+        s.set_timesteps(10).unwrap();
+        s.step(x.clone(), 0, x.clone(), &mut SeededNoise::new(1)).unwrap();
+        assert!(matches!(s.step(x.clone(), 0, x.clone(), &mut SeededNoise::new(1)), Err(SchedError::StepOutOfOrder { expected: 1, got: 0, .. })), "{name}");
     }
 }
 

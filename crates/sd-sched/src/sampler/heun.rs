@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::euler::{reject_sigma_spacings, SigmaSteps};
-use super::{check_index, reject_common, unsupported, Sampler};
+use super::{check_index, check_order, reject_common, unsupported, Sampler};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -28,6 +28,7 @@ pub struct HeunSampler<B: Backend> {
     clip: Option<f32>,
     /// The first half's slope, step size and sample, while the second half is due.
     first: Option<(Tensor<B, 4>, f32, Tensor<B, 4>)>,
+    next_step: usize,
 }
 
 impl<B: Backend> HeunSampler<B> {
@@ -44,6 +45,7 @@ impl<B: Backend> HeunSampler<B> {
             karras_bounds: (config.sigma_min, config.sigma_max),
             clip: config.clip_sample.unwrap_or(false).then_some(config.clip_sample_range as f32),
             first: None,
+            next_step: 0,
         })
     }
 }
@@ -60,7 +62,7 @@ impl<B: Backend> Sampler<B> for HeunSampler<B> {
         // Every σ but the first and the final 0 twice, every timestep but the first twice.
         self.steps.sigmas = interleave_tail(&sigmas[..n]).into_iter().chain([0.0]).collect();
         self.steps.timesteps = interleave_tail(&timesteps);
-        self.first = None;
+        (self.first, self.next_step) = (None, 0);
         Ok(())
     }
 
@@ -88,6 +90,8 @@ impl<B: Backend> Sampler<B> for HeunSampler<B> {
         _noise: &mut dyn NoiseSource<B>,
     ) -> Result<Tensor<B, 4>> {
         check_index(self.steps.timesteps.len(), step_index)?;
+        check_order(HEUN, self.next_step, step_index)?;
+        self.next_step += 1;
         let sigmas = &self.steps.sigmas;
         let clip = |x0: Tensor<B, 4>| match self.clip {
             Some(range) => x0.clamp(-range, range),

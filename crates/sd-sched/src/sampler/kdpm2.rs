@@ -2,7 +2,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::euler::{reject_sigma_spacings, SigmaSteps};
 use super::heun::interleave_tail;
-use super::{check_index, reject_common, unsupported, Sampler};
+use super::{check_index, check_order, reject_common, unsupported, Sampler};
 use crate::config::{PredictionType, SchedulerConfig};
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -60,6 +60,7 @@ pub struct KDpm2Sampler<B: Backend> {
     sigmas_interpol: Vec<f32>,
     /// The sample the half step started from, while the full step is due.
     first: Option<Tensor<B, 4>>,
+    next_step: usize,
 }
 
 impl<B: Backend> KDpm2Sampler<B> {
@@ -71,6 +72,7 @@ impl<B: Backend> KDpm2Sampler<B> {
             karras_bounds: (config.sigma_min, config.sigma_max),
             sigmas_interpol: Vec::new(),
             first: None,
+            next_step: 0,
         })
     }
 }
@@ -92,7 +94,7 @@ impl<B: Backend> Sampler<B> for KDpm2Sampler<B> {
         self.steps.sigmas = interleave_tail(&sigmas).into_iter().chain([0.0]).collect();
         self.sigmas_interpol = interleave_tail(&interpol).into_iter().chain([interpol[n]]).collect();
         self.steps.timesteps = all;
-        self.first = None;
+        (self.first, self.next_step) = (None, 0);
         Ok(())
     }
 
@@ -110,9 +112,10 @@ impl<B: Backend> Sampler<B> for KDpm2Sampler<B> {
 
     fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
         check_index(self.steps.timesteps.len(), step_index)?;
-        let sigma = match self.first {
-            None => self.steps.sigmas[step_index],
-            Some(_) => self.sigmas_interpol[step_index],
+        // Even entries start a step, odd ones are its midpoint call.
+        let sigma = match step_index % 2 {
+            0 => self.steps.sigmas[step_index],
+            _ => self.sigmas_interpol[step_index],
         };
         Ok(SigmaSteps::scale_at(sample, sigma))
     }
@@ -125,6 +128,8 @@ impl<B: Backend> Sampler<B> for KDpm2Sampler<B> {
         _noise: &mut dyn NoiseSource<B>,
     ) -> Result<Tensor<B, 4>> {
         check_index(self.steps.timesteps.len(), step_index)?;
+        check_order(KDPM2, self.next_step, step_index)?;
+        self.next_step += 1;
         let (sigmas, interpol) = (&self.steps.sigmas, &self.sigmas_interpol);
         match self.first.take() {
             None => {
@@ -163,6 +168,7 @@ pub struct KDpm2AncestralSampler<B: Backend> {
     sigmas_up: Vec<f32>,
     sigmas_down: Vec<f32>,
     first: Option<Tensor<B, 4>>,
+    next_step: usize,
 }
 
 impl<B: Backend> KDpm2AncestralSampler<B> {
@@ -176,6 +182,7 @@ impl<B: Backend> KDpm2AncestralSampler<B> {
             sigmas_up: Vec::new(),
             sigmas_down: Vec::new(),
             first: None,
+            next_step: 0,
         })
     }
 }
@@ -201,7 +208,7 @@ impl<B: Backend> Sampler<B> for KDpm2AncestralSampler<B> {
         (self.steps.sigmas, self.sigmas_interpol) = (spread(&sigmas), spread(&interpol));
         (self.sigmas_up, self.sigmas_down) = (spread(&up), spread(&down));
         self.steps.timesteps = all;
-        self.first = None;
+        (self.first, self.next_step) = (None, 0);
         Ok(())
     }
 
@@ -219,9 +226,9 @@ impl<B: Backend> Sampler<B> for KDpm2AncestralSampler<B> {
 
     fn scale_model_input(&self, sample: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
         check_index(self.steps.timesteps.len(), step_index)?;
-        let sigma = match self.first {
-            None => self.steps.sigmas[step_index],
-            Some(_) => self.sigmas_interpol[step_index - 1],
+        let sigma = match step_index % 2 {
+            0 => self.steps.sigmas[step_index],
+            _ => self.sigmas_interpol[step_index - 1],
         };
         Ok(SigmaSteps::scale_at(sample, sigma))
     }
@@ -234,6 +241,8 @@ impl<B: Backend> Sampler<B> for KDpm2AncestralSampler<B> {
         noise: &mut dyn NoiseSource<B>,
     ) -> Result<Tensor<B, 4>> {
         check_index(self.steps.timesteps.len(), step_index)?;
+        check_order(KDPM2_A, self.next_step, step_index)?;
+        self.next_step += 1;
         let sigmas = &self.steps.sigmas;
         match self.first.take() {
             None => {

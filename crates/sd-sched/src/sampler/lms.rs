@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::euler::{reject_sigma_spacings, SigmaSteps};
-use super::{check_index, reject_common, unsupported, Sampler};
+use super::{check_index, check_order, reject_common, unsupported, Sampler};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -27,6 +27,7 @@ pub struct LmsSampler<B: Backend> {
     use_karras_sigmas: bool,
     /// The last slopes, oldest first.
     derivatives: Vec<Tensor<B, 4>>,
+    next_step: usize,
 }
 
 impl<B: Backend> LmsSampler<B> {
@@ -41,6 +42,7 @@ impl<B: Backend> LmsSampler<B> {
             steps: SigmaSteps::new(config)?,
             use_karras_sigmas: config.use_karras_sigmas,
             derivatives: Vec::new(),
+            next_step: 0,
         })
     }
 
@@ -71,7 +73,7 @@ impl<B: Backend> Sampler<B> for LmsSampler<B> {
         let (timesteps, sigmas) = self.steps.spaced_or_karras(n, self.use_karras_sigmas, (None, None))?;
         self.steps.sigmas = sigmas.into_iter().map(|s| s as f32).chain([0.0]).collect();
         self.steps.timesteps = timesteps.into_iter().map(|t| t as f32).collect();
-        self.derivatives.clear();
+        (self.derivatives, self.next_step) = (Vec::new(), 0);
         Ok(())
     }
 
@@ -99,6 +101,8 @@ impl<B: Backend> Sampler<B> for LmsSampler<B> {
         _noise: &mut dyn NoiseSource<B>,
     ) -> Result<Tensor<B, 4>> {
         check_index(self.steps.timesteps.len(), step_index)?;
+        check_order(LMS, self.next_step, step_index)?;
+        self.next_step += 1;
         let sigma = self.steps.sigmas[step_index];
         let x0 = self.steps.x0(model_output, &sample, sigma);
         self.derivatives.push((sample.clone() - x0).div_scalar(sigma));

@@ -328,6 +328,14 @@ pub(crate) fn check_index(len: usize, index: usize) -> Result<()> {
     Ok(())
 }
 
+/// Rejects a step other than `expected` (samplers with history must be stepped in order).
+pub(crate) fn check_order(sampler: &'static str, expected: usize, got: usize) -> Result<()> {
+    if got != expected {
+        return Err(SchedError::StepOutOfOrder { sampler, expected, got });
+    }
+    Ok(())
+}
+
 /// Rejects `n` outside `1..=T`.
 pub(crate) fn check_steps(n: usize, num_train_timesteps: usize) -> Result<()> {
     if n == 0 || n > num_train_timesteps {
