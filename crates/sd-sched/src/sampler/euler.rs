@@ -278,6 +278,20 @@ impl<B: Backend> Sampler<B> for EulerAncestralSampler {
     }
 }
 
+impl SigmaSteps {
+    /// The steps of a σ-space sampler whose diffusers class has no zero-terminal-SNR
+    /// schedule (Heun, DPM2, LMS ignore `rescale_betas_zero_snr`), after the checks every
+    /// sampler makes: an error on that key instead of a silently different schedule.
+    pub(super) fn without_zero_snr(config: &SchedulerConfig, sampler: &'static str) -> Result<Self> {
+        reject_common(config, sampler)?;
+        reject_sigma_spacings(config, sampler)?;
+        if config.rescale_betas_zero_snr {
+            return Err(unsupported(sampler, "rescale_betas_zero_snr", true));
+        }
+        Self::new(config)
+    }
+}
+
 /// Sigma spacings diffusers offers that this crate does not implement.
 pub(crate) fn reject_sigma_spacings(config: &SchedulerConfig, sampler: &'static str) -> Result<()> {
     for (key, on) in [

@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::euler::{reject_sigma_spacings, SigmaSteps};
-use super::{check_index, check_order, reject_common, unsupported, Sampler};
+use super::euler::SigmaSteps;
+use super::{check_index, check_order, Sampler};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -34,13 +34,8 @@ pub struct HeunSampler<B: Backend> {
 impl<B: Backend> HeunSampler<B> {
     /// Builds the sampler; fails on the options this crate (or diffusers' class) lacks.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        reject_common(config, HEUN)?;
-        reject_sigma_spacings(config, HEUN)?;
-        if config.rescale_betas_zero_snr {
-            return Err(unsupported(HEUN, "rescale_betas_zero_snr", true));
-        }
         Ok(Self {
-            steps: SigmaSteps::new(config)?,
+            steps: SigmaSteps::without_zero_snr(config, HEUN)?,
             use_karras_sigmas: config.use_karras_sigmas,
             karras_bounds: (config.sigma_min, config.sigma_max),
             clip: config.clip_sample.unwrap_or(false).then_some(config.clip_sample_range as f32),

@@ -1,8 +1,8 @@
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::euler::{reject_sigma_spacings, SigmaSteps};
+use super::euler::SigmaSteps;
 use super::heun::interleave_tail;
-use super::{check_index, check_order, reject_common, unsupported, Sampler};
+use super::{check_index, check_order, unsupported, Sampler};
 use crate::config::{PredictionType, SchedulerConfig};
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -13,16 +13,12 @@ const KDPM2_A: &str = "KDPM2AncestralDiscreteScheduler";
 
 /// What both DPM-2 samplers check and build.
 fn kdpm2_steps(config: &SchedulerConfig, name: &'static str) -> Result<SigmaSteps> {
-    reject_common(config, name)?;
-    reject_sigma_spacings(config, name)?;
-    if config.rescale_betas_zero_snr {
-        return Err(unsupported(name, "rescale_betas_zero_snr", true));
-    }
+    let steps = SigmaSteps::without_zero_snr(config, name)?;
     if config.prediction_type == PredictionType::Sample {
         // diffusers raises NotImplementedError for it.
         return Err(unsupported(name, "prediction_type", "sample"));
     }
-    SigmaSteps::new(config)
+    Ok(steps)
 }
 
 /// The spaced (or Karras) timesteps and sigmas with the final σ = 0, in f32; Karras'

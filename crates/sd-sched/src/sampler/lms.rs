@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
-use super::euler::{reject_sigma_spacings, SigmaSteps};
-use super::{check_index, check_order, reject_common, unsupported, Sampler};
+use super::euler::SigmaSteps;
+use super::{check_index, check_order, Sampler};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -33,13 +33,8 @@ pub struct LmsSampler<B: Backend> {
 impl<B: Backend> LmsSampler<B> {
     /// Builds the sampler; fails on the options this crate (or diffusers' class) lacks.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
-        reject_common(config, LMS)?;
-        reject_sigma_spacings(config, LMS)?;
-        if config.rescale_betas_zero_snr {
-            return Err(unsupported(LMS, "rescale_betas_zero_snr", true));
-        }
         Ok(Self {
-            steps: SigmaSteps::new(config)?,
+            steps: SigmaSteps::without_zero_snr(config, LMS)?,
             use_karras_sigmas: config.use_karras_sigmas,
             derivatives: Vec::new(),
             next_step: 0,
