@@ -36,6 +36,11 @@ pub enum LoraError {
     #[error("unsupported layer for LoRA: {0}")]
     Unsupported(String),
 
+    /// Optimizer settings out of range, parameter groups that do not fit, or a saved state
+    /// for another optimizer.
+    #[error("optimizer: {0}")]
+    Optimizer(String),
+
     /// Reading or writing a file failed at the operating-system level.
     #[error("{path}: {source}")]
     Io {

@@ -60,10 +60,12 @@ use crate::error::{LoraError, Result};
 mod adafactor;
 mod dadapt;
 mod schedule_free;
+mod prodigy_plus;
 mod max_norm;
 pub use adafactor::{AdafactorSettings, AdafactorState};
 pub use dadapt::{DAdaptSettings, DAdaptState};
 pub use schedule_free::{ScheduleFreeSettings, ScheduleFreeState};
+pub use prodigy_plus::{share_prodigy_plus, ProdigyPlusSettings, ProdigyPlusState};
 pub use max_norm::{norm_pairs, MaxNormStats, NormFactors, NormPair, RankAxis};
 
 /// Entries of the first bias-correction tables (grown as step counts reach them).
@@ -289,6 +291,8 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     dadapt: Option<dadapt::DAdapt<B>>,
     /// Schedule-free AdamW / RAdam ([`FlatAdamW::with_schedule_free`]).
     schedule_free: Option<schedule_free::ScheduleFree<B>>,
+    /// Prodigy + schedule-free ([`FlatAdamW::with_prodigy_plus`]).
+    prodigy_plus: Option<prodigy_plus::ProdigyPlus<B>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -319,6 +323,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             adafactor: None,
             dadapt: None,
             schedule_free: None,
+            prodigy_plus: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -452,6 +457,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.adafactor = None;
         self.dadapt = None;
         self.schedule_free = None;
+        self.prodigy_plus = None;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, settings.d0, 0.0, 0.0], [4]), &device);
         let s = Tensor::zeros([self.len()], &device);
@@ -496,6 +502,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.adafactor = None;
         self.dadapt = None;
         self.schedule_free = None;
+        self.prodigy_plus = None;
         self.lion = true;
         self
     }
@@ -522,7 +529,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     pub fn set_prodigy_state(&mut self, state: ProdigyState<B>) -> Result<()> {
         let len = self.len();
         let Some(prodigy) = self.prodigy.as_mut() else {
-            return Err(LoraError::Unsupported("this optimizer does not use Prodigy's step sizes".into()));
+            return Err(LoraError::Optimizer("this optimizer does not use Prodigy's step sizes".into()));
         };
         for (name, tensor, expected) in [("p0", &state.p0, len), ("s", &state.s, len), ("scalars", &state.scalars, 4)] {
             if tensor.dims()[0] != expected {
@@ -705,6 +712,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
     fn step_masked<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) -> M {
         let Some(grad) = grads.values else { return module };
+        if self.prodigy_plus.is_some() {
+            // As schedule-free's, its step count and average weights advance with every step.
+            self.prodigy_plus_step(lr, grad, &grads.present, apply);
+            return self.scatter_working(module);
+        }
         if self.schedule_free.is_some() {
             // Its step count and average weights advance with every step, as the package's
             // group counters do, even one without gradients.
@@ -998,7 +1010,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let slot = self
             .slots
             .get_mut(&id)
-            .ok_or_else(|| LoraError::Unsupported(format!("parameter {id} is not trained by this optimizer")))?;
+            .ok_or_else(|| LoraError::Optimizer(format!("parameter {id} is not trained by this optimizer")))?;
         for m in [&moment_1, &moment_2] {
             if m.dims().as_slice() != slot.shape.as_slice() {
                 return Err(LoraError::ShapeMismatch {

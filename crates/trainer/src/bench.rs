@@ -365,7 +365,7 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
         other => {
             let mut config = crate::config::TrainConfig::default();
             config.train.optimizer = other;
-            crate::train::model_optimizer(&mut unet, &Default::default(), &config, device)?
+            crate::train::model_optimizer(&mut unet, &Default::default(), &Default::default(), &config, device)?
         }
     };
     if opts.precision != crate::device_check::Precision::F32 {

@@ -378,13 +378,21 @@ pub enum Optimizer {
     /// rectified steps, which warm up by themselves (`schedule_free_silent_sgd_phase`).
     #[serde(rename = "radam_schedule_free")]
     RadamScheduleFree,
+    /// Prodigy + schedule-free (the `prodigy-plus-schedule-free` package's
+    /// `ProdigyPlusScheduleFree`, kohya's `prodigyplus.ProdigyPlusScheduleFree`):
+    /// schedule-free AdamW whose step size Prodigy estimates, per parameter group; set
+    /// `learning_rate = 1.0` and `lr_scheduler = "constant"`. Its settings are the
+    /// `prodigy_plus_*` keys, the package's names after the prefix; see
+    /// `lora_core::optim::FlatAdamW::with_prodigy_plus`.
+    #[serde(rename = "prodigy_plus_schedule_free")]
+    ProdigyPlusScheduleFree,
 }
 
 impl Optimizer {
     /// Whether this is a schedule-free optimizer (`adamw_schedule_free`,
-    /// `radam_schedule_free`).
+    /// `radam_schedule_free`, `prodigy_plus_schedule_free`).
     pub fn is_schedule_free(self) -> bool {
-        matches!(self, Self::AdamwScheduleFree | Self::RadamScheduleFree)
+        matches!(self, Self::AdamwScheduleFree | Self::RadamScheduleFree | Self::ProdigyPlusScheduleFree)
     }
 }
 
@@ -392,7 +400,7 @@ impl std::str::FromStr for Optimizer {
     type Err = String;
 
     /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`,
-    /// `adamw_schedule_free`, `radam_schedule_free`.
+    /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`.
     ///
     /// ```
     /// use trainer::config::Optimizer;
@@ -402,7 +410,7 @@ impl std::str::FromStr for Optimizer {
     /// ```
     fn from_str(s: &str) -> Result<Self, String> {
         use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free or radam_schedule_free)"))
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free or prodigy_plus_schedule_free)"))
     }
 }
 
@@ -533,7 +541,8 @@ pub struct TrainSection {
     /// `adam_weight_decay`), `adafactor` (the `adafactor_*` keys, weight decay from
     /// `adam_weight_decay`), `dadapt_adam` (the `dadapt_*` keys and the `adam_*` ones), or
     /// `adamw_schedule_free` / `radam_schedule_free` (the `schedule_free_*` keys and the
-    /// `adam_*` ones; no schedule).
+    /// `adam_*` ones; no schedule), or `prodigy_plus_schedule_free` (the
+    /// `prodigy_plus_*` keys; no schedule).
     pub optimizer: Optimizer,
     /// Lion's β₁ (the sign of `β₁·m + (1 − β₁)·g` is the step; lion-pytorch's default 0.9).
     pub lion_beta1: f32,
@@ -568,6 +577,35 @@ pub struct TrainSection {
     /// `radam_schedule_free`'s first steps, before its rectification is defined: `true`
     /// changes nothing in them, `false` takes plain SGD steps (`silent_sgd_phase`).
     pub schedule_free_silent_sgd_phase: bool,
+    /// `prodigy_plus_schedule_free`'s `betas` (β₁, β₂; the package's (0.9, 0.99)).
+    pub prodigy_plus_betas: (f32, f32),
+    /// Its `beta3`, the decay of the estimate's running sums (0 = `sqrt(β₂)`, the
+    /// package's `None`).
+    pub prodigy_plus_beta3: f32,
+    /// Its `eps` (0 = Adam-atan2, the package's `eps=None`).
+    pub prodigy_plus_eps: f32,
+    /// Its decoupled `weight_decay`.
+    pub prodigy_plus_weight_decay: f32,
+    /// Its `weight_decay_by_lr`: the decay scaled by the step size.
+    pub prodigy_plus_weight_decay_by_lr: bool,
+    /// Its `use_bias_correction` (RAdam's rectification).
+    pub prodigy_plus_use_bias_correction: bool,
+    /// Its initial estimate `d0`.
+    pub prodigy_plus_d0: f32,
+    /// Its `d_coef`, the multiplier of the estimate.
+    pub prodigy_plus_d_coef: f32,
+    /// Its `prodigy_steps`: the estimate frozen after this many steps (0 = never).
+    pub prodigy_plus_prodigy_steps: usize,
+    /// Its `use_speed` (SPEED: an estimate from signs).
+    pub prodigy_plus_use_speed: bool,
+    /// Its `split_groups`: one estimate per parameter group.
+    pub prodigy_plus_split_groups: bool,
+    /// Its `split_groups_mean`: the groups step at their harmonic mean.
+    pub prodigy_plus_split_groups_mean: bool,
+    /// Its `factored` second moments.
+    pub prodigy_plus_factored: bool,
+    /// Its `use_stableadamw` (updates clipped per tensor).
+    pub prodigy_plus_use_stableadamw: bool,
     /// Adafactor's `relative_step`: ignore the learning rate, its schedule and warmup, and
     /// step by `min(1e-2, 1/√t)` (times the values' RMS with `adafactor_scale_parameter`).
     pub adafactor_relative_step: bool,
@@ -700,6 +738,50 @@ impl TrainSection {
             r: self.schedule_free_r,
             weight_lr_power: self.schedule_free_weight_lr_power,
         })
+    }
+
+    /// `prodigy_plus_schedule_free`'s settings: the `prodigy_plus_*` keys (whatever the
+    /// optimizer).
+    ///
+    /// ```
+    /// let train = trainer::config::TrainConfig::default().train;
+    /// assert_eq!(train.prodigy_plus_settings(), lora_core::optim::ProdigyPlusSettings::default());
+    /// ```
+    pub fn prodigy_plus_settings(&self) -> lora_core::optim::ProdigyPlusSettings {
+        lora_core::optim::ProdigyPlusSettings {
+            betas: self.prodigy_plus_betas,
+            beta3: (self.prodigy_plus_beta3 > 0.0).then_some(self.prodigy_plus_beta3),
+            eps: self.prodigy_plus_eps,
+            weight_decay: self.prodigy_plus_weight_decay,
+            weight_decay_by_lr: self.prodigy_plus_weight_decay_by_lr,
+            use_bias_correction: self.prodigy_plus_use_bias_correction,
+            d0: self.prodigy_plus_d0,
+            d_coef: self.prodigy_plus_d_coef,
+            prodigy_steps: self.prodigy_plus_prodigy_steps,
+            use_speed: self.prodigy_plus_use_speed,
+            split_groups: self.prodigy_plus_split_groups,
+            split_groups_mean: self.prodigy_plus_split_groups_mean,
+            factored: self.prodigy_plus_factored,
+            use_stableadamw: self.prodigy_plus_use_stableadamw,
+        }
+    }
+
+    /// Sets the `prodigy_plus_*` keys from `settings` (a `beta3` of `None` as 0).
+    pub fn set_prodigy_plus_settings(&mut self, settings: lora_core::optim::ProdigyPlusSettings) {
+        self.prodigy_plus_betas = settings.betas;
+        self.prodigy_plus_beta3 = settings.beta3.unwrap_or(0.0);
+        self.prodigy_plus_eps = settings.eps;
+        self.prodigy_plus_weight_decay = settings.weight_decay;
+        self.prodigy_plus_weight_decay_by_lr = settings.weight_decay_by_lr;
+        self.prodigy_plus_use_bias_correction = settings.use_bias_correction;
+        self.prodigy_plus_d0 = settings.d0;
+        self.prodigy_plus_d_coef = settings.d_coef;
+        self.prodigy_plus_prodigy_steps = settings.prodigy_steps;
+        self.prodigy_plus_use_speed = settings.use_speed;
+        self.prodigy_plus_split_groups = settings.split_groups;
+        self.prodigy_plus_split_groups_mean = settings.split_groups_mean;
+        self.prodigy_plus_factored = settings.factored;
+        self.prodigy_plus_use_stableadamw = settings.use_stableadamw;
     }
 
     /// Whether Adafactor's relative step replaces the learning rate and its schedule.
@@ -934,6 +1016,20 @@ impl Default for TrainConfig {
                 schedule_free_r: 0.0,
                 schedule_free_weight_lr_power: 2.0,
                 schedule_free_silent_sgd_phase: true,
+                prodigy_plus_betas: (0.9, 0.99),
+                prodigy_plus_beta3: 0.0,
+                prodigy_plus_eps: 1e-8,
+                prodigy_plus_weight_decay: 0.0,
+                prodigy_plus_weight_decay_by_lr: true,
+                prodigy_plus_use_bias_correction: false,
+                prodigy_plus_d0: 1e-6,
+                prodigy_plus_d_coef: 1.0,
+                prodigy_plus_prodigy_steps: 0,
+                prodigy_plus_use_speed: false,
+                prodigy_plus_split_groups: true,
+                prodigy_plus_split_groups_mean: true,
+                prodigy_plus_factored: true,
+                prodigy_plus_use_stableadamw: true,
                 adafactor_relative_step: false,
                 adafactor_scale_parameter: false,
                 adafactor_warmup_init: false,
@@ -1217,12 +1313,17 @@ impl TrainConfig {
                     name
                 ));
             }
-            if t.adam_beta1 == 0.0 {
+            if t.adam_beta1 == 0.0 && t.optimizer != Optimizer::ProdigyPlusScheduleFree {
                 return bad("train.adam_beta1 must be above 0 with a schedule-free optimizer (its average is recovered dividing by it)");
             }
             let weights = [t.schedule_free_r, t.schedule_free_weight_lr_power];
             if !weights.iter().all(|w| w.is_finite() && *w >= 0.0) {
                 return bad("train.schedule_free_r and train.schedule_free_weight_lr_power must be at least 0");
+            }
+        }
+        if t.optimizer == Optimizer::ProdigyPlusScheduleFree {
+            if let Err(e) = t.prodigy_plus_settings().validate() {
+                return bad(&format!("train.prodigy_plus_*: {e}"));
             }
         }
         if !(t.dadapt_d0.is_finite() && t.dadapt_d0 > 0.0) || t.dadapt_growth_rate < 1.0 || t.dadapt_growth_rate.is_nan() {

@@ -1121,10 +1121,11 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         "dadaptadam" => (Optimizer::DadaptAdam, false),
         "adamwschedulefree" => (Optimizer::AdamwScheduleFree, false),
         "radamschedulefree" => (Optimizer::RadamScheduleFree, false),
+        "prodigyplusschedulefree" => (Optimizer::ProdigyPlusScheduleFree, false),
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, AdamWScheduleFree and RAdamScheduleFree are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, AdamWScheduleFree, RAdamScheduleFree and prodigyplus.ProdigyPlusScheduleFree are"),
             ))
         }
     };
@@ -1162,6 +1163,12 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             PyValue::Bool(b) => Ok(b),
             _ => Err(bad("expected True or False")),
         };
+        if optimizer == Optimizer::ProdigyPlusScheduleFree {
+            let mut settings = t.prodigy_plus_settings();
+            prodigy_plus_arg(&mut settings, &key, &py).map_err(|what| bad(&what))?;
+            t.set_prodigy_plus_settings(settings);
+            continue;
+        }
         // transformers' Adafactor and dadaptation's DAdaptAdam take no other keyword
         // (sd-scripts fails on one).
         const ADAFACTOR: &[&str] = &["relative_step", "scale_parameter", "warmup_init", "clip_threshold", "decay_rate", "beta1", "eps", "weight_decay"];
@@ -1257,6 +1264,59 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
     Ok(())
 }
 
+/// One of `ProdigyPlusScheduleFree`'s keyword arguments (the package's 1.9.2 names) into
+/// `p`; what is wrong with it otherwise.
+fn prodigy_plus_arg(p: &mut lora_core::optim::ProdigyPlusSettings, key: &str, py: &PyValue) -> Result<(), String> {
+    let number = || match py {
+        PyValue::Number(v) => Ok(*v),
+        _ => Err("expected a number".to_string()),
+    };
+    let flag = || match py {
+        PyValue::Bool(b) => Ok(*b),
+        _ => Err("expected True or False".to_string()),
+    };
+    let none = matches!(py, PyValue::Text(t) if t == "None");
+    match key {
+        "betas" => match py {
+            PyValue::Tuple(b) if b.len() == 2 => p.betas = (b[0] as f32, b[1] as f32),
+            _ => return Err("expected two numbers, e.g. 0.9,0.99".into()),
+        },
+        "beta3" => p.beta3 = if none { None } else { Some(number()? as f32) },
+        // `eps=None` is Adam-atan2, which is `eps = 0` here.
+        "eps" => p.eps = if none { 0.0 } else { number()? as f32 },
+        "weight_decay" => p.weight_decay = number()? as f32,
+        "weight_decay_by_lr" => p.weight_decay_by_lr = flag()?,
+        "use_bias_correction" => p.use_bias_correction = flag()?,
+        "d0" => p.d0 = number()? as f32,
+        "d_coef" => p.d_coef = number()? as f32,
+        "prodigy_steps" => {
+            let steps = number()?;
+            if steps.fract() != 0.0 {
+                return Err("expected a whole number of steps".into());
+            }
+            // The package freezes nothing at 0 or below.
+            p.prodigy_steps = steps.max(0.0) as usize;
+        }
+        "use_speed" => p.use_speed = flag()?,
+        "split_groups" => p.split_groups = flag()?,
+        "split_groups_mean" => p.split_groups_mean = flag()?,
+        "factored" => p.factored = flag()?,
+        "use_stableadamw" => p.use_stableadamw = flag()?,
+        // Precision switches that change nothing with f32 values (this trainer's adapters
+        // keep f32 master values), and the fused backward pass (a schedule of the same update).
+        "factored_fp32" | "stochastic_rounding" | "fused_back_pass" => {
+            flag()?;
+        }
+        "use_muon_pp" | "use_cautious" | "use_grams" | "use_adopt" | "use_orthograd" | "use_focus" => {
+            if flag()? {
+                return Err("this experimental option of the package is not implemented here; set it to False".into());
+            }
+        }
+        _ => return Err("not an argument of prodigyplus' ProdigyPlusScheduleFree (1.9.2)".into()),
+    }
+    Ok(())
+}
+
 /// Prodigy and DAdaptAdam in sd-scripts: one optimizer, one estimate for every model, which
 /// fails on parameter groups of different learning rates; here each model has its own.
 fn estimate_groups(c: &TrainConfig, notes: &mut Vec<String>) {
@@ -1264,6 +1324,13 @@ fn estimate_groups(c: &TrainConfig, notes: &mut Vec<String>) {
     let name = match t.optimizer {
         Optimizer::Prodigy => "Prodigy",
         Optimizer::DadaptAdam => "DAdaptAdam",
+        Optimizer::ProdigyPlusScheduleFree => {
+            let both = l.text_encoder_targets != TextEncoderTargets::None && l.unet_targets != UnetTargets::None;
+            if both && !t.prodigy_plus_split_groups {
+                notes.push("ProdigyPlusScheduleFree with split_groups=False: sd-scripts pools the text encoder's and the UNet's groups into one estimate; here each model pools its own".into());
+            }
+            return;
+        }
         _ => return,
     };
     let te = l.text_encoder_targets != TextEncoderTargets::None && l.unet_targets != UnetTargets::None && t.text_encoder_lr != t.learning_rate;
@@ -1703,6 +1770,33 @@ wandb_run_name = "my_style"
         assert!(e.contains("eps=1e-30"), "{e}");
         let e = error(&format!("{MINIMAL}optimizer_type = \"Adafactor\"\noptimizer_args = [\"betas=0.9,0.99\"]"));
         assert!(e.contains("not an argument of transformers' Adafactor"), "{e}");
+    }
+
+    /// prodigyplus' ProdigyPlusScheduleFree: its arguments under the package's names
+    /// (`eps=None` is Adam-atan2), precision switches accepted, experimental options and
+    /// unknown ones refused; a constant rate, as sd-scripts trains a schedule-free
+    /// optimizer; the result validates.
+    #[test]
+    fn prodigy_plus_options_map() {
+        let args = "optimizer_args = [\"d_coef=0.5\", \"betas=0.9,0.999\", \"eps=None\", \"use_bias_correction=True\", \"split_groups=False\", \"stochastic_rounding=True\", \"prodigy_steps=100\", \"beta3=None\", \"use_cautious=False\"]";
+        let i = import(&format!("{MINIMAL}optimizer_type = \"prodigyplus.ProdigyPlusScheduleFree\"\nlearning_rate = 1.0\nlr_scheduler = \"cosine\"\nlr_warmup_steps = 100\n{args}")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.optimizer, t.lr_scheduler, t.lr_warmup_steps), (Optimizer::ProdigyPlusScheduleFree, LrScheduler::Constant, 0));
+        let p = t.prodigy_plus_settings();
+        assert_eq!((p.d_coef, p.betas, p.eps, p.use_bias_correction, p.split_groups, p.prodigy_steps, p.beta3), (0.5, (0.9, 0.999), 0.0, true, false, 100, None));
+        assert!(i.notes.iter().any(|n| n.contains("lr_scheduler = \"cosine\"")) && i.notes.iter().any(|n| n.contains("lr_warmup_steps")), "{:?}", i.notes);
+        i.config.validate().unwrap();
+        let i = import(&format!("{MINIMAL}optimizer_type = \"prodigyplus.ProdigyPlusScheduleFree\"")).unwrap();
+        assert_eq!(i.config.train.prodigy_plus_settings(), lora_core::optim::ProdigyPlusSettings::default());
+        for (extra, expected) in [
+            ("optimizer_args = [\"use_cautious=True\"]", "experimental option"),
+            ("optimizer_args = [\"growth_rate=1.02\"]", "not an argument of prodigyplus"),
+            ("optimizer_args = [\"betas=0.9\"]", "expected two numbers"),
+            ("optimizer_args = [\"prodigy_steps=1.5\"]", "whole number"),
+        ] {
+            let err = import(&format!("{MINIMAL}optimizer_type = \"prodigyplus.ProdigyPlusScheduleFree\"\n{extra}")).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
     }
 
     /// AdamWScheduleFree and RAdamScheduleFree: their arguments, and sd-scripts' constant

@@ -262,8 +262,8 @@ enum Command {
         #[arg(long, default_value = "attn")]
         lora_targets: sd_model::targets::UnetTargets,
         /// The train step's optimizer: `adamw` (burn's defaults), or `lion`, `prodigy`,
-        /// `adafactor`, `dadapt_adam`, `adamw_schedule_free`, `radam_schedule_free` with
-        /// the trainer's default settings for it.
+        /// `adafactor`, `dadapt_adam`, `adamw_schedule_free`, `radam_schedule_free`,
+        /// `prodigy_plus_schedule_free` with the trainer's default settings for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
         /// The adapters' form: `lora`, or LyCORIS' `loha` or `lokr` (rank 4 each).
@@ -485,6 +485,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     let estimates = match config.train.optimizer {
         trainer::config::Optimizer::Prodigy => Some(("prodigy", "Prodigy")),
         trainer::config::Optimizer::DadaptAdam => Some(("dadapt_adam", "DAdaptAdam")),
+        trainer::config::Optimizer::ProdigyPlusScheduleFree => Some(("prodigy_plus_schedule_free", "Prodigy")),
         _ => None,
     };
     if let Some((key, name)) = estimates.filter(|_| config.train.learning_rate < 0.1) {
@@ -497,6 +498,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         eprintln!(
             "note: with train.optimizer = \"lion\" every value moves by the learning rate each step; 3-10 times less than AdamW's is usual (it is {})",
             config.train.learning_rate
+        );
+    }
+    if config.train.optimizer == trainer::config::Optimizer::ProdigyPlusScheduleFree && config.train.max_grad_norm > 0.0 {
+        eprintln!(
+            "note: prodigy_plus_schedule_free clips each tensor's update itself (StableAdamW), and its authors advise against gradient clipping, which slows its estimate: consider train.max_grad_norm = 0 (it is {})",
+            config.train.max_grad_norm
         );
     }
     let o = &config.output;

@@ -154,6 +154,20 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
                 t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.schedule_free_r, t.schedule_free_weight_lr_power
             )
         }
+        Optimizer::ProdigyPlusScheduleFree => {
+            let p = t.prodigy_plus_settings();
+            format!(
+                "ProdigyPlusScheduleFree(betas=({}, {}),d0={},d_coef={},weight_decay={},use_bias_correction={},split_groups={},factored={})",
+                p.betas.0,
+                p.betas.1,
+                p.d0,
+                p.d_coef,
+                p.weight_decay,
+                py_bool(p.use_bias_correction),
+                py_bool(p.split_groups),
+                py_bool(p.factored)
+            )
+        }
         Optimizer::Adafactor => format!(
             "Adafactor(scale_parameter={},relative_step={},warmup_init={},weight_decay={})",
             py_bool(t.adafactor_scale_parameter),

@@ -259,6 +259,11 @@ pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &s
         put(format!("schedule_free.{name}.z"), state.z)?;
         put(format!("schedule_free.{name}.scalars"), state.scalars)?;
     }
+    if let Some(state) = optim.prodigy_plus_state() {
+        for (part, t) in [("z", state.z), ("rows", state.rows), ("cols", state.cols), ("p0", state.p0), ("s", state.s), ("scalars", state.scalars)] {
+            put(format!("prodigy_plus.{name}.{part}"), t)?;
+        }
+    }
     Ok(())
 }
 
@@ -292,7 +297,22 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
         Some(s) if s.radam => "radam_schedule_free",
         _ => "adamw_schedule_free",
     };
-    if same_optimizer(optim, moments, &key("schedule_free", "scalars"), optim.is_schedule_free(), kind, origin)? {
+    let current = optim.prodigy_plus_state();
+    let restore = same_optimizer(optim, moments, &key("prodigy_plus", "scalars"), current.is_some(), "prodigy_plus_schedule_free", origin)?;
+    if let Some(current) = current.filter(|_| restore) {
+        let part = |name: &str, like: &Tensor<B::InnerBackend, 1>| vector(&key("prodigy_plus", name), like.dims()[0]);
+        let state = lora_core::optim::ProdigyPlusState {
+            z: part("z", &current.z)?,
+            rows: part("rows", &current.rows)?,
+            cols: part("cols", &current.cols)?,
+            p0: part("p0", &current.p0)?,
+            s: part("s", &current.s)?,
+            scalars: part("scalars", &current.scalars)?,
+        };
+        optim.set_prodigy_plus_state(state).map_err(|e| mismatch(&key("prodigy_plus", "z"), e.to_string()))?;
+    }
+    let schedule_free = optim.schedule_free_state().is_some();
+    if same_optimizer(optim, moments, &key("schedule_free", "scalars"), schedule_free, kind, origin)? {
         let (z, scalars) = (vector(&key("schedule_free", "z"), len)?, vector(&key("schedule_free", "scalars"), 3)?);
         optim.set_schedule_free_state(lora_core::optim::ScheduleFreeState { z, scalars }).map_err(|e| mismatch(&key("schedule_free", "z"), e.to_string()))?;
     }

@@ -512,6 +512,32 @@ fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: i
     factors
 }
 
+/// The parameter groups sd-scripts gives a model's adapter tensors (for
+/// `prodigy_plus_schedule_free`, whose groups each estimate their step size), numbered in
+/// order of appearance: one per UNet block with block learning rates (`block` gives a
+/// path's block, `None` for none), and LoRA+'s `up` weights (`plus`) apart.
+fn param_groups<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: impl Fn(&str) -> Option<Option<usize>>, plus: bool) -> HashMap<burn::module::ParamId, usize> {
+    let (mut keys, mut groups) = (Vec::new(), HashMap::new());
+    let mut number = |key: (Option<Option<usize>>, bool)| match keys.iter().position(|k| *k == key) {
+        Some(i) => i,
+        None => (keys.push(key), keys.len() - 1).1,
+    };
+    model.visit_lora_sites(&mut |path, site| {
+        let at = block(path);
+        for id in site.lycoris_param_ids() {
+            groups.insert(id, number((at, false)));
+        }
+        if let Some((down, up)) = site.adapter_param_ids() {
+            groups.insert(down, number((at, false)));
+            if let Some(magnitude) = site.magnitude_param_id() {
+                groups.insert(magnitude, number((at, false)));
+            }
+            groups.insert(up, number((at, plus)));
+        }
+    });
+    groups
+}
+
 /// One model's adapter optimizer, built alike for every model: `factors` (kohya's block
 /// weights and LoRA+, per tensor), Prodigy's or DAdaptAdam's own step-size estimate (one
 /// per model), Lion or Adafactor, and with mixed precision f32 master values whose copies in the model are bf16/f16,
@@ -520,6 +546,7 @@ fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: i
 pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::LoraSites<B>>(
     model: &mut M,
     factors: &HashMap<burn::module::ParamId, f32>,
+    groups: &HashMap<burn::module::ParamId, usize>,
     config: &TrainConfig,
     device: &B::Device,
 ) -> Result<FlatAdamW<B>, TrainError> {
@@ -539,6 +566,10 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     }
     if let Some(schedule_free) = config.train.schedule_free_settings() {
         optim = optim.with_schedule_free(schedule_free).map_err(|e| TrainError::Config { origin: "train.schedule_free_*".into(), reason: e.to_string() })?;
+    }
+    if config.train.optimizer == crate::config::Optimizer::ProdigyPlusScheduleFree {
+        let settings = config.train.prodigy_plus_settings();
+        optim = optim.with_prodigy_plus(settings, |id| groups.get(&id).copied().unwrap_or(0)).map_err(|e| TrainError::Config { origin: "train.prodigy_plus_*".into(), reason: e.to_string() })?;
     }
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
         let magnitudes = magnitude_ids(model);
@@ -808,6 +839,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::DadaptAdam => "train.optimizer = \"dadapt_adam\"\n",
         crate::config::Optimizer::AdamwScheduleFree => "train.optimizer = \"adamw_schedule_free\"\n",
         crate::config::Optimizer::RadamScheduleFree => "train.optimizer = \"radam_schedule_free\"\n",
+        crate::config::Optimizer::ProdigyPlusScheduleFree => "train.optimizer = \"prodigy_plus_schedule_free\"\n",
         _ => "",
     };
     // The merged base is part of the model: each file's strength and tensors (states from
@@ -990,12 +1022,19 @@ fn run<B: AutodiffBackend>(
     let (unet_plus, te_plus) = config.lora.loraplus_ratios();
     let plan = config.lora.block_plan(sd_model::blocks::BlockLayout::of(&unet))?;
     let unet_factors = lr_factors(&mut unet, |path| plan.as_ref().map_or(1.0, |p| p.lr_factor(path)), unet_plus);
-    let mut optim = model_optimizer(&mut unet, &unet_factors, config, device)?;
+    // sd-scripts' parameter groups: per block with block learning rates, LoRA+'s apart.
+    let l = &config.lora;
+    let plus_on = |own: f64| own > 0.0 || l.loraplus_lr_ratio > 0.0;
+    let block_lr = [&l.down_lr_weight, &l.mid_lr_weight, &l.up_lr_weight].iter().any(|w| !w.is_empty());
+    let layout = sd_model::blocks::BlockLayout::of(&unet);
+    let unet_groups = param_groups(&mut unet, |path| block_lr.then(|| layout.block(path)), plus_on(l.loraplus_unet_lr_ratio));
+    let mut optim = model_optimizer(&mut unet, &unet_factors, &unet_groups, config, device)?;
     let mut te_optims: Vec<FlatAdamW<B>> = encoders
         .iter_mut()
         .map(|te| {
             let factors = lr_factors(te, |_| 1.0, te_plus);
-            model_optimizer(te, &factors, config, device)
+            let groups = param_groups(te, |_| None, plus_on(l.loraplus_text_encoder_lr_ratio));
+            model_optimizer(te, &factors, &groups, config, device)
         })
         .collect::<Result<_, _>>()?;
     if let Some(state) = state {
@@ -1252,10 +1291,16 @@ fn run<B: AutodiffBackend>(
             let steps = encoders.into_iter().zip(te_optims.iter_mut()).zip(te_grads);
             encoders = steps.map(|((te, o), g)| o.step_if(te_lr, te, check.scale(g), check.apply.clone())).collect();
         }
+        if t.optimizer == crate::config::Optimizer::ProdigyPlusScheduleFree && te_lr.is_some() {
+            // The UNet's and the text encoders' groups step at their common mean, as in
+            // sd-scripts' one optimizer.
+            let mut all: Vec<&mut FlatAdamW<B>> = std::iter::once(&mut optim).chain(te_optims.iter_mut()).collect();
+            lora_core::optim::share_prodigy_plus(&mut all);
+        }
         progress.step = step + 1;
-        // Prodigy's or DAdaptAdam's step sizes after the step (its estimate times the
-        // learning rate).
-        let estimate = |o: &FlatAdamW<B>| o.prodigy_d().or_else(|| o.dadapt_d());
+        // Prodigy's, DAdaptAdam's or Prodigy + schedule-free's step sizes after the step
+        // (its estimate times the learning rate).
+        let estimate = |o: &FlatAdamW<B>| o.prodigy_d().or_else(|| o.dadapt_d()).or_else(|| o.prodigy_plus_step_d());
         let d_lr = estimate(&optim).map(|d| d.mul_scalar(lr));
         let te_d_lr: Vec<_> = te_lr.map_or(Vec::new(), |te_lr| te_optims.iter().filter_map(|o| estimate(o).map(|d| d.mul_scalar(te_lr))).collect());
         let mut max_norm = None;

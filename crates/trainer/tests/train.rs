@@ -1017,6 +1017,83 @@ fn schedule_free_saves_its_average_and_resumes_bit_for_bit() {
     assert!(ups(&sgd.lora).iter().any(|v| *v != 0.0), "SGD first steps train");
 }
 
+/// `prodigy_plus_schedule_free`: the UNet's and the text encoder's groups (LoRA+ splits
+/// each in two) estimate their step sizes and step at their shared mean; the LoRA is the
+/// average x, the state y and z, and a resume is bit for bit.
+#[test]
+fn prodigy_plus_shares_its_mean_saves_its_average_and_resumes_bit_for_bit() {
+    use trainer::config::Optimizer;
+    let _guard = seeded();
+    let prodigy_plus = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.optimizer = Optimizer::ProdigyPlusScheduleFree;
+        c.train.lr_scheduler = trainer::config::LrScheduler::Constant;
+        (c.train.learning_rate, c.train.text_encoder_lr, c.train.lr_warmup_steps) = (1.0, 0.5, 0);
+        c.train.prodigy_plus_d0 = 1e-4;
+        c.train.prodigy_plus_weight_decay = 0.01;
+        c.lora.loraplus_lr_ratio = 4.0;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&prodigy_plus(straight_dir.path(), 8), &Default::default(), &mut |_| true).unwrap();
+    let meta = lora_metadata(&straight.lora);
+    assert!(meta["ss_optimizer"].starts_with("ProdigyPlusScheduleFree(betas=(0.9, 0.99),d0=0.0001,d_coef=1,weight_decay=0.01"), "{}", meta["ss_optimizer"]);
+    // The logged step size over the learning rate: the groups' shared estimate, from d0 up.
+    let metrics = std::fs::read_to_string(&straight.metrics).unwrap();
+    let d: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|m| m["d_lr"].as_f64().unwrap() / m["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(d.len(), 8);
+    assert!(d[0] >= 1e-4 * (1.0 - 1e-4) && d[7] > 2e-4, "{d:?}");
+    // The LoRA is x = y + (1 − 1/β₁)(z − y), per model (sums: the orders differ).
+    let index = tiny_index_with_text_encoder();
+    let (set, _) = AdapterSet::load(&straight.lora, &index, ReadOptions::default()).unwrap();
+    let state_bytes = std::fs::read(straight_dir.path().join("state/adapters.safetensors")).unwrap();
+    let state = safetensors::SafeTensors::deserialize(&state_bytes).unwrap();
+    let optimizer_bytes = std::fs::read(straight_dir.path().join("state/optimizer.safetensors")).unwrap();
+    let optimizer_state = safetensors::SafeTensors::deserialize(&optimizer_bytes).unwrap();
+    let sum = |bytes: &[u8]| bytes.chunks_exact(4).map(|b| f64::from(f32::from_le_bytes(b.try_into().unwrap()))).sum::<f64>();
+    for (prefix, component) in [("unet", lora_core::Component::Unet), ("text_encoder", lora_core::Component::TextEncoder)] {
+        let sum_y: f64 = state.tensors().iter().filter(|(k, _)| k.starts_with(&format!("{prefix}."))).map(|(_, t)| sum(t.data())).sum();
+        let sum_x: f64 = set.iter().filter(|(k, _)| k.component == component).map(|(_, w)| w.down.data.iter().chain(&w.up.data).map(|v| f64::from(*v)).sum::<f64>()).sum();
+        let sum_z = sum(optimizer_state.tensor(&format!("prodigy_plus.{prefix}.z")).unwrap().data());
+        let expected = (1.0 - 1.0 / 0.9) * (sum_z - sum_y);
+        assert!(expected.abs() > 1e-5 * sum_y.abs().max(1e-3), "{prefix}: z must have moved away from y for the check to mean anything ({expected:e})");
+        assert!((sum_x - sum_y - expected).abs() <= 1e-3 * expected.abs(), "{prefix}: Σx − Σy = {:e}, (1 − 1/β₁)(Σz − Σy) = {expected:e}", sum_x - sum_y);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = prodigy_plus(dir.path(), 8);
+    train::<B>(&config, &Default::default(), &mut |info| info.step < 4).unwrap();
+    let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &second.lora);
+    let mut other = prodigy_plus(dir.path(), 12);
+    other.train.optimizer = Optimizer::AdamwScheduleFree;
+    let err = trainer::train::resume::<B>(&other, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("prodigy_plus_schedule_free"), "{err}");
+
+    // Its settings: the package's names after a prefix, checked.
+    let load = |extra: &[&str]| {
+        let mut args = vec!["train.optimizer=\"prodigy_plus_schedule_free\"".to_string(), "train.lr_scheduler=\"constant\"".to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        TrainConfig::load(None, &args)
+    };
+    let c = load(&["train.prodigy_plus_betas=[0.9, 0.999]", "train.prodigy_plus_d_coef=0.5", "train.prodigy_plus_eps=0"]).unwrap();
+    let settings = c.train.prodigy_plus_settings();
+    assert_eq!((settings.betas, settings.d_coef, settings.eps, settings.beta3), ((0.9, 0.999), 0.5, 0.0, None));
+    let err = load(&["train.prodigy_plus_d0=0"]).unwrap_err().to_string();
+    assert!(err.contains("train.prodigy_plus_*") && err.contains("d0"), "{err}");
+    let err = load(&["train.prodigy_plus_betas=[0.9, 1.0]"]).unwrap_err().to_string();
+    assert!(err.contains("betas"), "{err}");
+    let err = TrainConfig::load(None, &["train.optimizer=\"prodigy_plus_schedule_free\"".into(), "train.lr_scheduler=\"cosine\"".into()]).unwrap_err();
+    assert!(err.to_string().contains("constant"), "{err}");
+}
+
 /// A schedule-free run's validation loss is the one of its average `x`, the weights it
 /// saves: a run that starts from the saved file and cannot move (a learning rate of 1e-30)
 /// measures the same loss, to the bit. Measured at `y` it would differ.

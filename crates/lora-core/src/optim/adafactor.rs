@@ -84,7 +84,7 @@ impl AdafactorSettings {
     /// `decay_rate`, `warmup_init` only with `relative_step` (as `transformers` checks),
     /// a `beta_1` in `[0, 1)`, a finite non-negative weight decay.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str| Err(LoraError::Unsupported(format!("Adafactor: {what}")));
+        let bad = |what: &str| Err(LoraError::Optimizer(format!("Adafactor: {what}")));
         if !(self.eps_1.is_finite() && self.eps_1 >= 0.0 && self.eps_2.is_finite() && self.eps_2 > 0.0) {
             return bad("eps_1 must be at least 0 and eps_2 positive");
         }
@@ -253,6 +253,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.lion = false;
         self.dadapt = None;
         self.schedule_free = None;
+        self.prodigy_plus = None;
         let device = self.params.device();
         let len = self.len();
         // Tensors by shape: `(factored, matrices, rows, cols)` → their flat offsets.
@@ -335,7 +336,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// Adafactor or when the lengths do not fit this optimizer's tensors.
     pub fn set_adafactor_state(&mut self, state: AdafactorState<B>) -> Result<()> {
         let Some(adafactor) = self.adafactor.as_mut() else {
-            return Err(LoraError::Unsupported("this optimizer does not use Adafactor".into()));
+            return Err(LoraError::Optimizer("this optimizer does not use Adafactor".into()));
         };
         for (name, tensor, expected) in [("rows", &state.rows, adafactor.rows.dims()[0]), ("cols", &state.cols, adafactor.cols.dims()[0])] {
             if tensor.dims()[0] != expected {

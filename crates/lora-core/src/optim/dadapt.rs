@@ -40,7 +40,7 @@ impl DAdaptSettings {
     /// betas in `[0, 1)`, a positive ε and a weight decay of at least 0 (the estimate
     /// divides by `1 − √β₂` and by ε).
     pub fn validate(&self, adam: &super::AdamWSettings) -> Result<()> {
-        let bad = |what: &str| Err(LoraError::Unsupported(format!("DAdaptAdam: {what}")));
+        let bad = |what: &str| Err(LoraError::Optimizer(format!("DAdaptAdam: {what}")));
         if !(self.d0.is_finite() && self.d0 > 0.0) || self.growth_rate.is_nan() || self.growth_rate < 1.0 {
             return bad("d0 must be positive and growth_rate at least 1");
         }
@@ -113,6 +113,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.lion = false;
         self.adafactor = None;
         self.schedule_free = None;
+        self.prodigy_plus = None;
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, 0.0, 0.0], [3]), &device);
         self.dadapt = Some(DAdapt { settings, s: Tensor::zeros([self.len()], &device), scalars, bias: None });
@@ -136,7 +137,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     pub fn set_dadapt_state(&mut self, state: DAdaptState<B>) -> Result<()> {
         let len = self.len();
         let Some(dadapt) = self.dadapt.as_mut() else {
-            return Err(LoraError::Unsupported("this optimizer does not use DAdaptAdam".into()));
+            return Err(LoraError::Optimizer("this optimizer does not use DAdaptAdam".into()));
         };
         for (name, tensor, expected) in [("s", &state.s, len), ("scalars", &state.scalars, 3)] {
             if tensor.dims()[0] != expected {

@@ -49,7 +49,7 @@ impl ScheduleFreeSettings {
     /// with: β₁ in `[0, 1)` (`x` is recovered dividing by it, so above 0), β₂ in `[0, 1)`,
     /// ε and the weight decay at least 0, `r` and `weight_lr_power` finite and at least 0.
     pub fn validate(&self, adam: &super::AdamWSettings) -> Result<()> {
-        let bad = |what: &str| Err(LoraError::Unsupported(format!("schedule-free: {what}")));
+        let bad = |what: &str| Err(LoraError::Optimizer(format!("schedule-free: {what}")));
         if !(adam.beta_1 > 0.0 && adam.beta_1 < 1.0 && (0.0..1.0).contains(&adam.beta_2)) {
             return bad("beta_1 must be in (0, 1) and beta_2 in [0, 1)");
         }
@@ -166,6 +166,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.lion = false;
         self.adafactor = None;
         self.dadapt = None;
+        self.prodigy_plus = None;
         let device = self.params.device();
         let scalars = Tensor::from_data(TensorData::new(vec![0.0f32, 0.0, 0.0], [3]), &device);
         let tables = Tables::new(&settings, decimal(self.settings.beta_2), BIAS_TABLE_MIN, &device);
@@ -175,9 +176,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         Ok(self)
     }
 
-    /// Whether this optimizer is schedule-free ([`with_schedule_free`](Self::with_schedule_free)).
+    /// Whether this optimizer is schedule-free ([`with_schedule_free`](Self::with_schedule_free)
+    /// or [`with_prodigy_plus`](Self::with_prodigy_plus)): it trains at one point and
+    /// evaluates at another ([`to_eval`](Self::to_eval)).
     pub fn is_schedule_free(&self) -> bool {
-        self.schedule_free.is_some()
+        self.schedule_free.is_some() || self.prodigy_plus.is_some()
     }
 
     /// The schedule-free settings (`None` when the optimizer is not schedule-free).
@@ -196,7 +199,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     pub fn set_schedule_free_state(&mut self, state: ScheduleFreeState<B>) -> Result<()> {
         let len = self.len();
         let Some(sf) = self.schedule_free.as_mut() else {
-            return Err(LoraError::Unsupported("this optimizer is not schedule-free".into()));
+            return Err(LoraError::Optimizer("this optimizer is not schedule-free".into()));
         };
         for (name, tensor, expected) in [("z", &state.z, len), ("scalars", &state.scalars, 3)] {
             if tensor.dims()[0] != expected {
@@ -212,15 +215,24 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         Ok(())
     }
 
-    /// The values to evaluate: schedule-free's `x = y + (1 − 1/β₁)·(z − y)` (the package's
+    /// The base sequence `z` of a schedule-free update (AdamW / RAdam or Prodigy's) and
+    /// the β₁ that interpolates towards it.
+    fn schedule_free_z(&self) -> Option<(Tensor<B::InnerBackend, 1>, f32)> {
+        if let Some(zb) = self.prodigy_plus_z() {
+            return Some(zb);
+        }
+        self.schedule_free.as_ref().map(|sf| (sf.z.clone(), self.settings.beta_1))
+    }
+
+    /// The values to evaluate: schedule-free's `x = y + (1 − 1/β₁)·(z − y)` (the packages'
     /// `eval()`), the trained values themselves for the other updates.
     fn eval_values(&self) -> Tensor<B::InnerBackend, 1> {
-        match &self.schedule_free {
+        match self.schedule_free_z() {
             None => self.params.clone(),
-            Some(sf) => {
-                let weight = (1.0 - 1.0 / decimal(self.settings.beta_1)) as f32;
+            Some((z, beta_1)) => {
+                let weight = (1.0 - 1.0 / decimal(beta_1)) as f32;
                 let y = self.params.clone();
-                y.clone().add(sf.z.clone().sub(y).mul_scalar(weight))
+                y.clone().add(z.sub(y).mul_scalar(weight))
             }
         }
     }
@@ -231,9 +243,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// [`to_working`](Self::to_working). Training goes on from the optimizer's own values:
     /// hand the module [`to_working`](Self::to_working)'s before the next step.
     pub fn to_eval<M: burn::module::AutodiffModule<B>>(&self, module: M) -> M {
-        match self.schedule_free {
-            None => self.to_working(module),
-            Some(_) => self.scatter_values_working(module, self.eval_values()),
+        match self.is_schedule_free() {
+            false => self.to_working(module),
+            true => self.scatter_values_working(module, self.eval_values()),
         }
     }
 
