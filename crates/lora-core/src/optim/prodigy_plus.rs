@@ -259,7 +259,10 @@ impl<B: AutodiffBackend> Tables<B> {
         let rho_inf = 2.0 / (1.0 - beta_2) - 1.0;
         for k in 0..len {
             if !settings.use_bias_correction || k == 0 {
-                (rect.push(1.0f32), b2.push(beta_2 as f32), fresh.push((1.0 - beta_2) as f32), adam.push(true));
+                rect.push(1.0f32);
+                b2.push(beta_2 as f32);
+                fresh.push((1.0 - beta_2) as f32);
+                adam.push(true);
                 continue;
             }
             let beta_2_t = beta_2.powi(k as i32);
@@ -321,8 +324,15 @@ fn ints<B: AutodiffBackend>(values: Vec<i64>, device: &Device<B::InnerBackend>) 
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
     /// Prodigy + schedule-free ([`ProdigyPlusSettings`], the `prodigy-plus-schedule-free`
-    /// package's `ProdigyPlusScheduleFree` 1.9.2; see the [module docs](self)) instead of
-    /// Adam's update, with parameter groups: `group_of` gives each trained tensor's group
+    /// package's `ProdigyPlusScheduleFree` 1.9.2, which kohya_ss pins) instead of Adam's
+    /// update: schedule-free AdamW whose step size Prodigy estimates, with the package's
+    /// changes (the estimate from every 11th value of each tensor, kept in bf16 as there;
+    /// Adafactor's factored second moments for tensors with a dimension of 32 or more,
+    /// rescaled by `(d_prev / d)²`; each tensor's update clipped to a root mean square of 1,
+    /// StableAdamW; the average weighted by `(d·lr)²`), its quirks included so that a run
+    /// follows one with the package (a group's average weight advances only when its last
+    /// tensor had a gradient; with `split_groups = false` only the first group's `d_prev`
+    /// follows `d`). Checked step by step against the package. With parameter groups: `group_of` gives each trained tensor's group
     /// (numbered from 0, each number used), as torch's `param_groups` (kohya puts the text
     /// encoder's, the UNet's, LoRA+'s `up` weights and each block's in their own). Each
     /// group estimates its own step size `d`; the learning rate (1 as a rule) times a
@@ -330,7 +340,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// group, multiplies it. As a schedule-free optimizer it trains at `y`: evaluate and
     /// save [`to_eval`](Self::to_eval)'s and [`to_master_eval`](Self::to_master_eval)'s
     /// values. Several optimizers of one run share their groups' harmonic mean through
-    /// [`share_prodigy_plus`](super::share_prodigy_plus). Tensors without a gradient in a
+    /// [`share_prodigy_plus`]. Tensors without a gradient in a
     /// step keep their values and state. Replaces the other updates. Errors on invalid
     /// settings or groups.
     ///
@@ -531,7 +541,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     }
 
     /// Sets the shared estimate of the next steps (shape `[1]`): what
-    /// [`share_prodigy_plus`](super::share_prodigy_plus) computes over several optimizers.
+    /// [`share_prodigy_plus`] computes over several optimizers.
     fn set_prodigy_plus_shared_d(&mut self, d: Tensor<B::InnerBackend, 1>) {
         if let Some(p) = self.prodigy_plus.as_mut() {
             let g = p.layout.groups;
