@@ -606,6 +606,14 @@ pub struct TrainSection {
     pub prodigy_plus_factored: bool,
     /// Its `use_stableadamw` (updates clipped per tensor).
     pub prodigy_plus_use_stableadamw: bool,
+    /// Its experimental `use_cautious` (C-Optim).
+    pub prodigy_plus_use_cautious: bool,
+    /// Its experimental `use_grams` (Grams; off with `use_cautious`).
+    pub prodigy_plus_use_grams: bool,
+    /// Its experimental `use_adopt` (ADOPT's order of the second moments).
+    pub prodigy_plus_use_adopt: bool,
+    /// Its experimental `use_orthograd` (OrthoGrad).
+    pub prodigy_plus_use_orthograd: bool,
     /// Adafactor's `relative_step`: ignore the learning rate, its schedule and warmup, and
     /// step by `min(1e-2, 1/√t)` (times the values' RMS with `adafactor_scale_parameter`).
     pub adafactor_relative_step: bool,
@@ -763,6 +771,10 @@ impl TrainSection {
             split_groups_mean: self.prodigy_plus_split_groups_mean,
             factored: self.prodigy_plus_factored,
             use_stableadamw: self.prodigy_plus_use_stableadamw,
+            use_cautious: self.prodigy_plus_use_cautious,
+            use_grams: self.prodigy_plus_use_grams,
+            use_adopt: self.prodigy_plus_use_adopt,
+            use_orthograd: self.prodigy_plus_use_orthograd,
         }
     }
 
@@ -782,6 +794,10 @@ impl TrainSection {
         self.prodigy_plus_split_groups_mean = settings.split_groups_mean;
         self.prodigy_plus_factored = settings.factored;
         self.prodigy_plus_use_stableadamw = settings.use_stableadamw;
+        self.prodigy_plus_use_cautious = settings.use_cautious;
+        self.prodigy_plus_use_grams = settings.use_grams;
+        self.prodigy_plus_use_adopt = settings.use_adopt;
+        self.prodigy_plus_use_orthograd = settings.use_orthograd;
     }
 
     /// Whether Adafactor's relative step replaces the learning rate and its schedule.
@@ -1030,6 +1046,10 @@ impl Default for TrainConfig {
                 prodigy_plus_split_groups_mean: true,
                 prodigy_plus_factored: true,
                 prodigy_plus_use_stableadamw: true,
+                prodigy_plus_use_cautious: false,
+                prodigy_plus_use_grams: false,
+                prodigy_plus_use_adopt: false,
+                prodigy_plus_use_orthograd: false,
                 adafactor_relative_step: false,
                 adafactor_scale_parameter: false,
                 adafactor_warmup_init: false,

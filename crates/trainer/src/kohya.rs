@@ -1302,12 +1302,16 @@ fn prodigy_plus_arg(p: &mut lora_core::optim::ProdigyPlusSettings, key: &str, py
         "split_groups_mean" => p.split_groups_mean = flag()?,
         "factored" => p.factored = flag()?,
         "use_stableadamw" => p.use_stableadamw = flag()?,
+        "use_cautious" => p.use_cautious = flag()?,
+        "use_grams" => p.use_grams = flag()?,
+        "use_adopt" => p.use_adopt = flag()?,
+        "use_orthograd" => p.use_orthograd = flag()?,
         // Precision switches that change nothing with f32 values (this trainer's adapters
         // keep f32 master values), and the fused backward pass (a schedule of the same update).
         "factored_fp32" | "stochastic_rounding" | "fused_back_pass" => {
             flag()?;
         }
-        "use_muon_pp" | "use_cautious" | "use_grams" | "use_adopt" | "use_orthograd" | "use_focus" => {
+        "use_muon_pp" | "use_focus" => {
             if flag()? {
                 return Err("this experimental option of the package is not implemented here; set it to False".into());
             }
@@ -1778,18 +1782,19 @@ wandb_run_name = "my_style"
     /// optimizer; the result validates.
     #[test]
     fn prodigy_plus_options_map() {
-        let args = "optimizer_args = [\"d_coef=0.5\", \"betas=0.9,0.999\", \"eps=None\", \"use_bias_correction=True\", \"split_groups=False\", \"stochastic_rounding=True\", \"prodigy_steps=100\", \"beta3=None\", \"use_cautious=False\"]";
+        let args = "optimizer_args = [\"d_coef=0.5\", \"betas=0.9,0.999\", \"eps=None\", \"use_bias_correction=True\", \"split_groups=False\", \"stochastic_rounding=True\", \"prodigy_steps=100\", \"beta3=None\", \"use_focus=False\", \"use_orthograd=True\", \"use_cautious=True\"]";
         let i = import(&format!("{MINIMAL}optimizer_type = \"prodigyplus.ProdigyPlusScheduleFree\"\nlearning_rate = 1.0\nlr_scheduler = \"cosine\"\nlr_warmup_steps = 100\n{args}")).unwrap();
         let t = &i.config.train;
         assert_eq!((t.optimizer, t.lr_scheduler, t.lr_warmup_steps), (Optimizer::ProdigyPlusScheduleFree, LrScheduler::Constant, 0));
         let p = t.prodigy_plus_settings();
         assert_eq!((p.d_coef, p.betas, p.eps, p.use_bias_correction, p.split_groups, p.prodigy_steps, p.beta3), (0.5, (0.9, 0.999), 0.0, true, false, 100, None));
+        assert!(p.use_orthograd && p.use_cautious && !p.use_grams && !p.use_adopt);
         assert!(i.notes.iter().any(|n| n.contains("lr_scheduler = \"cosine\"")) && i.notes.iter().any(|n| n.contains("lr_warmup_steps")), "{:?}", i.notes);
         i.config.validate().unwrap();
         let i = import(&format!("{MINIMAL}optimizer_type = \"prodigyplus.ProdigyPlusScheduleFree\"")).unwrap();
         assert_eq!(i.config.train.prodigy_plus_settings(), lora_core::optim::ProdigyPlusSettings::default());
         for (extra, expected) in [
-            ("optimizer_args = [\"use_cautious=True\"]", "experimental option"),
+            ("optimizer_args = [\"use_muon_pp=True\"]", "experimental option"),
             ("optimizer_args = [\"growth_rate=1.02\"]", "not an argument of prodigyplus"),
             ("optimizer_args = [\"betas=0.9\"]", "expected two numbers"),
             ("optimizer_args = [\"prodigy_steps=1.5\"]", "whole number"),

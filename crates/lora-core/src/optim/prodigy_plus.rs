@@ -41,9 +41,9 @@ const MIN_DIM_TO_FACTOR: usize = 32;
 /// each key optional.
 ///
 /// The package's `factored_fp32`, `stochastic_rounding` and `fused_back_pass` change
-/// nothing for f32 master values and are not here; its experimental `use_muon_pp`,
-/// `use_cautious`, `use_grams`, `use_adopt`, `use_orthograd` and `use_focus` are not
-/// implemented.
+/// nothing for f32 master values and are not here; of its experimental options,
+/// `use_cautious`, `use_grams`, `use_adopt` and `use_orthograd` are, `use_muon_pp` and
+/// `use_focus` are not implemented.
 ///
 /// ```
 /// use lora_core::optim::ProdigyPlusSettings;
@@ -88,6 +88,18 @@ pub struct ProdigyPlusSettings {
     pub factored: bool,
     /// Clip each tensor's update to a root mean square of 1 (StableAdamW).
     pub use_stableadamw: bool,
+    /// Experimental: C-Optim's cautious update, the step masked to where it agrees with
+    /// the update's direction (and rescaled by the mask's mean, per tensor).
+    pub use_cautious: bool,
+    /// Experimental: Grams' update, the step's magnitudes with the update's signs (off
+    /// with `use_cautious`, as in the package).
+    pub use_grams: bool,
+    /// Experimental: ADOPT's order, the denominator from the second moments before they
+    /// take the gradient; the first step only fills them.
+    pub use_adopt: bool,
+    /// Experimental: OrthoGrad, each tensor's gradient made orthogonal to its `z` (at the
+    /// gradient's norm) before the moments and the update take it.
+    pub use_orthograd: bool,
 }
 
 impl Default for ProdigyPlusSettings {
@@ -107,6 +119,10 @@ impl Default for ProdigyPlusSettings {
             split_groups_mean: true,
             factored: true,
             use_stableadamw: true,
+            use_cautious: false,
+            use_grams: false,
+            use_adopt: false,
+            use_orthograd: false,
         }
     }
 }
@@ -141,6 +157,11 @@ impl ProdigyPlusSettings {
     /// Whether StableAdamW clips the updates (never with Adam-atan2).
     fn stable(&self) -> bool {
         self.use_stableadamw && self.eps > 0.0
+    }
+
+    /// Whether Grams' update applies (the package turns it off with C-Optim).
+    fn grams(&self) -> bool {
+        self.use_grams && !self.use_cautious
     }
 }
 
@@ -223,6 +244,8 @@ struct Layout<B: AutodiffBackend> {
     to_flat: Tensor<B::InnerBackend, 1, Int>,
     /// Per flat value, its parameter group.
     element_group: Tensor<B::InnerBackend, 1, Int>,
+    /// Per flat value, its tensor's position in the grouped tensor order.
+    element_tensor: Tensor<B::InnerBackend, 1, Int>,
     /// Per tensor in the grouped order, its index in the optimizer's order.
     tensor_order: Vec<usize>,
     /// `[groups, tensors]`: sums the per-tensor statistics into their group's (all into
@@ -305,6 +328,17 @@ pub(super) struct ProdigyPlus<B: AutodiffBackend> {
     scalars: Tensor<B::InnerBackend, 1>,
     tables: Tables<B>,
     masks: Option<PresentMasks<B>>,
+}
+
+/// OrthoGrad (the package's `orthograd`): each row of `grad` (one tensor each) without its
+/// component along the same row of `w`, rescaled to the gradient's norm.
+fn orthograd<B: burn::tensor::backend::Backend>(w: Tensor<B, 2>, grad: Tensor<B, 2>) -> Tensor<B, 2> {
+    let dot = w.clone().mul(grad.clone()).sum_dim(1);
+    let proj = dot.div(w.clone().square().sum_dim(1).add_scalar(1e-30));
+    let orth = grad.clone().sub(w.mul(proj));
+    let norm = |x: Tensor<B, 2>| x.square().sum_dim(1).sqrt();
+    let scale = norm(grad).div(norm(orth.clone()).add_scalar(1e-30));
+    orth.mul(scale)
 }
 
 /// `x` rounded to the nearest bf16 (ties to even), kept in f32.
@@ -450,6 +484,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             let slot = &self.slots[id];
             element_group[slot.offset..slot.offset + slot.len].fill(tensor_groups[i] as i64);
         }
+        let mut element_tensor = vec![0i64; len];
+        for (t, i) in tensor_order.iter().enumerate() {
+            let slot = &self.slots[&self.order[*i]];
+            element_tensor[slot.offset..slot.offset + slot.len].fill(t as i64);
+        }
         let pooled = !settings.split_groups || groups == 1;
         let tensors = tensor_order.len();
         let mut sum = vec![0f32; groups * tensors];
@@ -462,6 +501,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             to_grouped,
             to_flat,
             element_group: ints::<B>(element_group, &device),
+            element_tensor: ints::<B>(element_tensor, &device),
             tensor_order,
             sum_matrix: Tensor::from_data(TensorData::new(sum, [groups, tensors]), &device),
             groups,
@@ -648,8 +688,20 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         }
         let beta_2 = st.tables.beta_2.clone().select(0, k_index.clone());
         let d_k = d_prev.clone().div(d.clone());
-        let decay = d_k.square().mul(beta_2.clone().expand([groups]));
-        let fresh = st.tables.fresh.clone().select(0, k_index.clone());
+        let mut decay = d_k.square().mul(beta_2.clone().expand([groups]));
+        let mut fresh = st.tables.fresh.clone().select(0, k_index.clone());
+        // ADOPT's first step only fills the second moments (β₂ = 0); nothing moves.
+        let adopt_first = s.use_adopt.then(|| k.clone().equal_elem(1.0));
+        if let Some(first) = &adopt_first {
+            decay = decay.mask_fill(first.clone().expand([groups]), 0.0);
+            fresh = fresh.mask_fill(first.clone(), 1.0);
+        }
+        // Where the values and Prodigy's sums move: the tensors with a gradient, unless
+        // this is ADOPT's first step.
+        let steps_tensors = match &adopt_first {
+            None => moved_tensors.clone(),
+            Some(first) => moved_tensors.clone().bool_and(first.clone().bool_not().expand([moved_tensors.dims()[0]])),
+        };
         let clip = match s.use_speed {
             true => Tensor::ones([groups], &device),
             false => Tensor::<B::InnerBackend, 1>::ones([groups], &device).mask_fill(d.clone().lower_equal_elem(s.d0), 50.0),
@@ -663,6 +715,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
         let grouped = |x: Tensor<B::InnerBackend, 1>| x.select(0, st.layout.to_grouped.clone());
         let (grad_g, y_g, v_g) = (grouped(grad), grouped(self.params.clone()), grouped(self.moment_2.clone()));
+        let z_g = s.use_orthograd.then(|| grouped(st.z.clone()));
         let (mut updates, mut moments, mut rows, mut cols, mut sums, mut numerators, mut denominators) = (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         for g in &st.layout.shapes {
             let (n, l) = (g.tensors, g.len);
@@ -674,8 +727,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             let per = |v: Tensor<B::InnerBackend, 1>| v.select(0, g.groups.clone()).reshape([n, 1, 1, 1, 1]);
             let moved = moved_tensors.clone().slice(g.first..g.first + n);
             let moved5 = moved.clone().reshape([n, 1, 1, 1, 1]);
+            let stepped = steps_tensors.clone().slice(g.first..g.first + n);
             let range = g.offset..g.offset + n * l;
-            let grad = grad_g.clone().slice(range.clone()).reshape(shape);
+            let raw = grad_g.clone().slice(range.clone()).reshape(shape);
+            let grad = match &z_g {
+                None => raw.clone(),
+                Some(z_g) => orthograd(z_g.clone().slice(range.clone()).reshape([n, l]), raw.clone().reshape([n, l])).reshape(shape),
+            };
             let (dec, fr) = (per(decay.clone()), fresh.clone().reshape([1, 1, 1, 1, 1]));
             let denom = match g.factored {
                 Some(f) => {
@@ -690,17 +748,19 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                     let old_cols = st.cols.clone().slice(g.col_offset..g.col_offset + n * f.col_len).reshape(col_shape);
                     let new_rows = old_rows.clone().mul(dec.clone()).add(row_mean.mul(fr.clone()));
                     let new_cols = old_cols.clone().mul(dec).add(col_mean.mul(fr));
-                    rows.push(old_rows.mask_where(moved5.clone().expand(row_shape), new_rows.clone()).reshape([n * f.row_len]));
-                    cols.push(old_cols.mask_where(moved5.clone().expand(col_shape), new_cols.clone()).reshape([n * f.col_len]));
+                    rows.push(old_rows.clone().mask_where(moved5.clone().expand(row_shape), new_rows.clone()).reshape([n * f.row_len]));
+                    cols.push(old_cols.clone().mask_where(moved5.clone().expand(col_shape), new_cols.clone()).reshape([n * f.col_len]));
                     moments.push(v_g.clone().slice(range.clone()));
-                    let mean = new_rows.clone().mean_dim(f.reduce + 1).add_scalar(1e-30);
-                    new_rows.div(mean).sqrt().mul(new_cols.sqrt())
+                    // ADOPT divides by the moments before they take this gradient.
+                    let (r, c) = if s.use_adopt { (old_rows, old_cols) } else { (new_rows, new_cols) };
+                    let mean = r.clone().mean_dim(f.reduce + 1).add_scalar(1e-30);
+                    r.div(mean).sqrt().mul(c.sqrt())
                 }
                 None => {
                     let old = v_g.clone().slice(range.clone()).reshape(shape);
                     let new = old.clone().mul(dec).add(grad.clone().square().mul(fr));
-                    moments.push(old.mask_where(moved5.clone().expand(shape), new.clone()).reshape([n * l]));
-                    new.sqrt()
+                    moments.push(old.clone().mask_where(moved5.clone().expand(shape), new.clone()).reshape([n * l]));
+                    if s.use_adopt { old.sqrt() } else { new.sqrt() }
                 }
             };
             let mut update = match s.eps > 0.0 {
@@ -725,7 +785,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             // Prodigy's statistics over every 11th value, at the values before the step.
             let m = g.sliced;
             let srange = g.sliced_offset..g.sliced_offset + n * m;
-            let mut grad_s = sliced(grad.reshape([n, l]));
+            // The raw gradient (OrthoGrad changes only the update's).
+            let mut grad_s = sliced(raw.reshape([n, l]));
             let y_s = sliced(y_g.clone().slice(range).reshape([n, l]));
             let p0 = st.p0.clone().slice(srange.clone()).reshape([n, m]);
             let mut dot = p0.sub(y_s).mul(grad_s.clone()).sum_dim(1);
@@ -737,7 +798,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             let new_s = bf16(bf16(old_s.clone().mul_scalar(beta_3)).add(grad_s.mul(du.clone())));
             denominators.push(bf16(new_s.clone().abs().sum_dim(1)).reshape([n]));
             numerators.push(dot.mul(du).reshape([n]));
-            sums.push(old_s.mask_where(moved.reshape([n, 1]).expand([n, m]), new_s).reshape([n * m]));
+            sums.push(old_s.mask_where(stepped.reshape([n, 1]).expand([n, m]), new_s).reshape([n * m]));
         }
         let tensors = masks.tensors.dims()[0];
         if updates.is_empty() {
@@ -746,7 +807,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         }
         let to_flat = |parts: Vec<Tensor<B::InnerBackend, 1>>| Tensor::cat(parts, 0).select(0, st.layout.to_flat.clone());
         let (mut update, v) = (to_flat(updates), to_flat(moments));
-        let live = Tensor::<B::InnerBackend, 1>::zeros([tensors], &device).mask_fill(moved_tensors, 1.0).reshape([tensors, 1]);
+        let live = Tensor::<B::InnerBackend, 1>::zeros([tensors], &device).mask_fill(steps_tensors, 1.0).reshape([tensors, 1]);
         let group_sum = |parts: Vec<Tensor<B::InnerBackend, 1>>| st.layout.sum_matrix.clone().matmul(Tensor::cat(parts, 0).reshape([tensors, 1]).mul(live.clone())).reshape([groups]);
         let (run_num, run_den) = (group_sum(numerators), group_sum(denominators));
 
@@ -762,12 +823,29 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         if s.weight_decay != 0.0 && s.weight_decay_by_lr {
             update = update.add(y.clone().mul_scalar(s.weight_decay));
         }
-        // torch's `lerp`: from the nearer end.
-        let diff = z.clone().sub(y.clone());
-        let far = ckp1_v.clone().greater_equal_elem(0.5);
-        let toward = y.clone().add(diff.clone().mul(ckp1_v.clone())).mask_where(far, z.clone().sub(diff.mul(ckp1_v.neg().add_scalar(1.0))));
-        let mut new_z = z.sub(update.clone().mul(dlr_v.clone()));
-        let mut new_y = toward.sub(update.mul(dlr_v.mul(xy_v.clone())));
+        let (mut new_y, mut new_z) = match s.use_cautious || s.grams() {
+            false => {
+                // torch's `lerp`: from the nearer end.
+                let diff = z.clone().sub(y.clone());
+                let far = ckp1_v.clone().greater_equal_elem(0.5);
+                let toward = y.clone().add(diff.clone().mul(ckp1_v.clone())).mask_where(far, z.clone().sub(diff.mul(ckp1_v.neg().add_scalar(1.0))));
+                (toward.sub(update.clone().mul(dlr_v.clone().mul(xy_v.clone()))), z.sub(update.mul(dlr_v)))
+            }
+            true => {
+                // y's whole step `u`, masked (C-Optim) or given the update's signs (Grams).
+                let u = y.clone().sub(z.clone()).mul(ckp1_v).add(update.clone().mul(dlr_v.clone().mul(xy_v.clone())));
+                let new_z = z.sub(update.clone().mul(dlr_v));
+                let u = match s.use_cautious {
+                    true => {
+                        let mask = update.mul(u.clone()).sign().clamp_min(0.0);
+                        let mean = self.per_tensor_mean(&st.layout, mask.clone()).clamp_min(1e-3);
+                        u.mul(mask.div(mean))
+                    }
+                    false => u.abs().mul(update.sign()),
+                };
+                (y.clone().sub(u), new_z)
+            }
+        };
         if s.weight_decay != 0.0 && !s.weight_decay_by_lr {
             new_z = new_z.sub(y.clone().mul_scalar(s.weight_decay));
             new_y = new_y.sub(y.mul(xy_v.mul_scalar(s.weight_decay)));
@@ -776,8 +854,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             None => happens.clone().expand([len]),
             Some(present) => happens.clone().expand([len]).bool_and(present.clone()),
         };
-        self.params = self.params.clone().mask_where(moved.clone(), new_y);
         self.moment_2 = self.moment_2.clone().mask_where(moved.clone(), v);
+        let moved = match &adopt_first {
+            None => moved,
+            Some(first) => moved.bool_and(first.clone().bool_not().expand([len])),
+        };
+        self.params = self.params.clone().mask_where(moved.clone(), new_y);
         self.time = self.time.clone().add(moved.clone().int());
         st.z = st.z.clone().mask_where(moved, new_z);
         if !rows.is_empty() {
@@ -816,7 +898,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let new_d = d.clone().mask_where(active.clone(), new_d);
         let new_d_prev = d_prev.mask_where(active.clone(), new_d_prev);
         let new_numerator = numerator.mask_where(active, new_numerator);
-        let new_weight_sum = weight_sum.mask_where(masks.last.clone(), weight_step);
+        // A group's weight sum advances when its last tensor took a step.
+        let advances = match &adopt_first {
+            None => masks.last.clone(),
+            Some(first) => masks.last.clone().bool_and(first.clone().bool_not().expand([groups])),
+        };
+        let new_weight_sum = weight_sum.mask_where(advances, weight_step);
         let new_shared = match s.split_groups && s.split_groups_mean && st.layout.live_count > 0 {
             true => new_d.clone().recip().mul(st.layout.live.clone()).sum().recip().mul_scalar(st.layout.live_count as f64),
             false => shared,
@@ -824,6 +911,18 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let new_scalars = Tensor::cat(vec![new_d, new_d_prev, new_numerator, new_weight_sum, k.add_scalar(1.0), new_shared], 0);
         st.scalars = st.scalars.clone().mask_where(happens.expand([4 * groups + 2]), new_scalars);
         self.prodigy_plus = Some(st);
+    }
+
+    /// Each value's tensor's mean of `x` (flat order in and out).
+    fn per_tensor_mean(&self, layout: &Layout<B>, x: Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1> {
+        let grouped = x.select(0, layout.to_grouped.clone());
+        let means: Vec<_> = layout
+            .shapes
+            .iter()
+            .filter(|g| g.tensors * g.len > 0)
+            .map(|g| grouped.clone().slice(g.offset..g.offset + g.tensors * g.len).reshape([g.tensors, g.len]).mean_dim(1).reshape([g.tensors]))
+            .collect();
+        Tensor::cat(means, 0).select(0, layout.element_tensor.clone())
     }
 
     /// Prodigy + schedule-free's base sequence `z` and its β₁.
