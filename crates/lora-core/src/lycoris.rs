@@ -344,17 +344,31 @@ impl<B: Backend> LycorisAdapter<B> {
         cast_to(delta, dtype)
     }
 
+    /// Each factor's shape in LyCORIS (its files and its `nn.Parameter`s), in the order of
+    /// [`factors`](Self::factors): theirs, but a full `lokr_w2` of a convolution is 4-d
+    /// `[out_k, in_n, kh, kw]` (the same values in the same order).
+    pub fn torch_shapes(&self) -> Vec<Vec<usize>> {
+        let [_, _, kh, kw] = self.shape;
+        self.names
+            .iter()
+            .zip(&self.factors)
+            .map(|(name, p)| {
+                let [rows, cols] = p.dims();
+                match *name == "lokr_w2" && self.conv {
+                    true => vec![rows, cols / (kh * kw), kh, kw],
+                    false => vec![rows, cols],
+                }
+            })
+            .collect()
+    }
+
     /// The adapter's tensors as LyCORIS writes them (`lokr_w2` of a convolution 4-d), with
     /// `alpha = scale · rank` (for a LoKr with two full halves, 1).
     pub fn to_lycoris_weights(&self) -> Result<LycorisWeights> {
-        let [_, _, kh, kw] = self.shape;
         let mut tensors = Vec::with_capacity(self.factors.len());
-        for (name, p) in self.names.iter().zip(&self.factors) {
+        for ((name, p), shape) in self.names.iter().zip(&self.factors).zip(self.torch_shapes()) {
             let mut t = HostTensor::from_tensor(cast_to(p.val(), DType::F32))?;
-            if *name == "lokr_w2" && self.conv {
-                let [rows, cols] = [t.shape[0], t.shape[1]];
-                t.shape = vec![rows, cols / (kh * kw), kh, kw];
-            }
+            t.shape = shape;
             tensors.push((name.to_string(), t));
         }
         let alpha = self.rank().map_or(1.0, |r| self.scale * r as f32);

@@ -181,6 +181,20 @@ struct Slot {
     offset: usize,
     len: usize,
     shape: Vec<usize>,
+    /// How PyTorch holds the tensor, where not as here ([`FlatAdamW::with_torch_layouts`]).
+    torch: Option<TorchLayout>,
+}
+
+/// How PyTorch holds a trained tensor whose layout here differs
+/// ([`FlatAdamW::with_torch_layouts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TorchLayout {
+    /// A 2-D tensor PyTorch keeps transposed: a linear LoRA's `down` and `up` (burn's
+    /// `Linear` keeps its weight `[in, out]`, `nn.Linear` `[out, in]`).
+    Transposed,
+    /// The same values in the same order in another shape of at most 4 dimensions: a full
+    /// LoKr `lokr_w2` of a convolution, 2-d here and `[out_k, in_n, kh, kw]` in LyCORIS.
+    Reshaped(Vec<usize>),
 }
 
 /// The gradients of a [`FlatAdamW`]'s tensors, concatenated in its order.
@@ -612,6 +626,53 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self
     }
 
+    /// Tells the optimizer how PyTorch holds the tensors whose layout differs here
+    /// (`None` for the rest): burn's `Linear` keeps its weight `[in, out]` where
+    /// `nn.Linear` keeps `[out, in]`, so a linear LoRA's `down` and `up` are transposed,
+    /// and LyCORIS keeps a convolution's full `lokr_w2` 4-d
+    /// ([`crate::sites::LoraSiteMut::torch_layouts`] lists them). The element-wise updates
+    /// do not care; Prodigy + schedule-free does (its estimate reads every 11th value of
+    /// each tensor in PyTorch's order, and its factored second moments reduce PyTorch's
+    /// dimensions), so this is to be called before
+    /// [`with_prodigy_plus`](Self::with_prodigy_plus) for a run to follow the package's.
+    /// Errors on a layout that does not fit its tensor, or when Prodigy + schedule-free is
+    /// already on.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW, ProdigyPlusSettings, TorchLayout};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let layer = LinearConfig::new(4, 2).with_bias(false).init::<B>(&device);
+    /// let weight = layer.weight.id;
+    /// let optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device)
+    ///     .with_torch_layouts(|id| (id == weight).then_some(TorchLayout::Transposed))
+    ///     .unwrap()
+    ///     .with_prodigy_plus(ProdigyPlusSettings::default(), |_| 0)
+    ///     .unwrap();
+    /// assert!(optim.is_schedule_free());
+    /// ```
+    pub fn with_torch_layouts(mut self, layout: impl Fn(ParamId) -> Option<TorchLayout>) -> Result<Self> {
+        if self.prodigy_plus.is_some() {
+            return Err(LoraError::Optimizer("with_torch_layouts comes before with_prodigy_plus, whose layout it changes".into()));
+        }
+        for id in &self.order {
+            let Some(slot) = self.slots.get_mut(id) else { continue };
+            slot.torch = layout(*id);
+            let fits = match &slot.torch {
+                None => true,
+                Some(TorchLayout::Transposed) => slot.shape.len() == 2,
+                Some(TorchLayout::Reshaped(shape)) => shape.len() <= 4 && shape.iter().product::<usize>() == slot.len,
+            };
+            if !fits {
+                return Err(LoraError::Optimizer(format!("a tensor of shape {:?} cannot be held as {:?} in PyTorch", slot.shape, slot.torch)));
+            }
+        }
+        Ok(self)
+    }
+
     /// `module` with its trained tensors set to slices of `flat`.
     fn scatter<M: AutodiffModule<B>>(&self, module: M, flat: Tensor<B::InnerBackend, 1>) -> M {
         self.scatter_where(module, flat, |_| true)
@@ -1040,12 +1101,13 @@ struct Trainable {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if !param.is_require_grad() || self.slots.contains_key(&param.id) {
-            return;
-        }
         let shape = param.dims().to_vec();
         let len = shape.iter().product();
-        self.slots.insert(param.id, Slot { offset: self.next, len, shape });
+        // An empty tensor has nothing to train (and would share its offset with the next).
+        if !param.is_require_grad() || len == 0 || self.slots.contains_key(&param.id) {
+            return;
+        }
+        self.slots.insert(param.id, Slot { offset: self.next, len, shape, torch: None });
         self.order.push(param.id);
         self.next += len;
     }

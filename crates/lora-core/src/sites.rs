@@ -245,6 +245,29 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
+    /// The attached adapter's tensors that PyTorch holds in another layout, with it: a
+    /// linear LoRA's `down` (`[in, rank]` here, `[rank, in]` in torch) and `up`
+    /// (`[rank, out]`, `[out, rank]`), as burn's `Linear` keeps its weight `[in, out]`;
+    /// a convolution's full LoKr `lokr_w2` (2-d here, 4-d in LyCORIS). For
+    /// [`crate::optim::FlatAdamW::with_torch_layouts`].
+    pub fn torch_layouts(&self) -> Vec<(burn::module::ParamId, crate::optim::TorchLayout)> {
+        use crate::optim::TorchLayout;
+        let mut out = Vec::new();
+        if let Self::Linear(l) = self {
+            if let Some(a) = &l.adapter {
+                out.extend([(a.down.weight.id, TorchLayout::Transposed), (a.up.weight.id, TorchLayout::Transposed)]);
+            }
+        }
+        if let Some(a) = self.lycoris_adapter() {
+            for (p, shape) in a.factors.iter().zip(a.torch_shapes()) {
+                if p.dims().as_slice() != shape.as_slice() {
+                    out.push((p.id, TorchLayout::Reshaped(shape)));
+                }
+            }
+        }
+        out
+    }
+
     /// The parameter id of the attached adapter's DoRA magnitude; `None` without a DoRA
     /// adapter.
     pub fn magnitude_param_id(&self) -> Option<burn::module::ParamId> {

@@ -1,6 +1,7 @@
 //! LyCORIS LoHa and LoKr files read as LoRAs: their updates against the `lycoris-lora`
-//! package's (fixtures from `xtask/fixtures/lora_core_lycoris.py`), attached to linear and
-//! conv layers, written back, and the errors for what is not supported.
+//! package's (fixtures from `xtask/fixtures/lora_core_lycoris.py`), Tucker-decomposed
+//! convolutions too, attached to linear and conv layers, written back, and the errors for
+//! what is not supported.
 
 mod common;
 
@@ -122,8 +123,8 @@ fn attached_to_layers_they_merge_to_the_update() {
     assert!(err.contains("conv_loha"), "{err}");
 }
 
-/// Tucker-decomposed convolutions, incomplete LoHa / LoKr halves, and a module with both
-/// LoRA and LyCORIS tensors are errors naming the file and the module.
+/// A Tucker core that does not fit its halves, incomplete LoHa / LoKr halves, and a
+/// module with both LoRA and LyCORIS tensors are errors naming the file and the module.
 #[test]
 fn unsupported_or_broken_lycoris_modules_are_errors() {
     let file = tensors("lycoris.safetensors");
@@ -151,4 +152,67 @@ fn unsupported_or_broken_lycoris_modules_are_errors() {
         let err = read(write(edit));
         assert!(err.contains(expect) && err.contains("ly.safetensors") && err.contains("lin_loha"), "{expect}: {err}");
     }
+}
+
+/// Tucker-decomposed convolutions (LyCORIS' `use_tucker`: LoHa's `hada_t1` / `hada_t2`,
+/// LoKr's `lokr_t2`, LoCon's `lora_mid`) read as their updates, LyCORIS' own tensors kept
+/// in the non-Tucker form of the same update; attached to a layer, they merge to it; an
+/// incomplete Tucker half is an error naming the module.
+#[test]
+fn tucker_decomposed_convolutions_read_as_their_updates() {
+    let want = tensors("lycoris_tucker_delta.safetensors");
+    let modules = ["conv_loha_t", "conv_lokr_t", "conv_locon_t"];
+    let mut index = ModuleIndex::new();
+    index.add(Component::Unet, modules).unwrap();
+    for m in modules {
+        index.set_kernel(key(m), [3, 3]);
+    }
+    let (set, _) = AdapterSet::load(fixture("lycoris_tucker.safetensors"), &index, ReadOptions::default()).unwrap();
+    assert_eq!(set.len(), 3);
+    let device = Default::default();
+    for m in modules {
+        let w = set.get(&key(m)).unwrap();
+        let err = rel(&w.delta().data, &want[m].data);
+        assert!(err < 1e-5, "{m}: relative error {err}");
+        assert_eq!((&w.down.shape[1..], &w.up.shape[1..]), (&[4, 3, 3][..], &[w.rank(), 1, 1][..]), "{m}");
+        if let Some(lycoris) = &w.lycoris {
+            let names: Vec<&str> = lycoris.tensors.iter().map(|(n, _)| n.as_str()).collect();
+            assert!(names.iter().all(|n| !n.contains("_t")), "{m}: {names:?}");
+        }
+        // LoCon's Tucker form is the convolution LoRA of rank 2: down 3x3, up 1x1.
+        if m == "conv_locon_t" {
+            assert!(w.lycoris.is_none() && w.rank() == 2, "{m}");
+        }
+        let conv = Conv2dConfig::new([4, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init::<Flex>(&device);
+        let mut layer = LoraConv2d::new(conv);
+        let base: Vec<f32> = layer.base.weight.val().into_data().to_vec().unwrap();
+        layer.attach_weights(w, m, &device).unwrap();
+        let merged: Vec<f32> = layer.merged().weight.val().into_data().to_vec().unwrap();
+        let delta: Vec<f32> = merged.iter().zip(&base).map(|(a, b)| a - b).collect();
+        assert!(rel(&delta, &want[m].data) < 1e-5, "{m} attached");
+    }
+    let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+    let (back, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+    for m in modules {
+        let err = rel(&back.get(&key(m)).unwrap().delta().data, &want[m].data);
+        assert!(err < 1e-5, "{m} written and read back: relative error {err}");
+    }
+
+    let file = tensors("lycoris_tucker.safetensors");
+    let without = |module: &str, drop: &str| {
+        let t: Vec<(String, &HostTensor)> = file.iter().filter(|(k, _)| k.contains(module) && !k.ends_with(drop)).map(|(k, v)| (k.clone(), v)).collect();
+        let bytes = lora_core::tensor_io::serialize(&t, SaveDtype::F32, HashMap::new()).unwrap();
+        AdapterSet::from_bytes(&bytes, Path::new("t.safetensors"), &index, ReadOptions::default()).map(|_| ()).unwrap_err().to_string()
+    };
+    for (module, drop, expect) in [("conv_loha_t", "hada_t2", "hada_t2"), ("conv_lokr_t", "lokr_w2_b", "lokr_t2"), ("conv_loha_t", "hada_w1_b", "hada_w1_b")] {
+        let err = without(module, drop);
+        assert!(err.contains(expect) && err.contains(module) && err.contains("t.safetensors"), "{module} without {drop}: {err}");
+    }
+    // A `lora_mid` that does not fit its `lora_down` is an error naming it.
+    let mut t: Vec<(String, HostTensor)> = file.iter().filter(|(k, _)| k.contains("conv_locon_t")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    t.iter_mut().filter(|(k, _)| k.ends_with("lora_mid.weight")).for_each(|(_, v)| *v = HostTensor::new(vec![2, 3, 3, 3], vec![0.0; 54]).unwrap());
+    let refs: Vec<(String, &HostTensor)> = t.iter().map(|(k, v)| (k.clone(), v)).collect();
+    let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, HashMap::new()).unwrap();
+    let err = AdapterSet::from_bytes(&bytes, Path::new("t.safetensors"), &index, ReadOptions::default()).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("lora_mid") && err.contains("conv_locon_t"), "{err}");
 }

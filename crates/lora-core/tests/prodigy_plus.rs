@@ -14,7 +14,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorData};
-use lora_core::optim::{share_prodigy_plus, AdamWSettings, FlatAdamW, ProdigyPlusSettings};
+use lora_core::optim::{share_prodigy_plus, AdamWSettings, FlatAdamW, ProdigyPlusSettings, TorchLayout};
 
 mod common;
 
@@ -85,6 +85,36 @@ struct Model {
     bag: Bag<AD>,
     /// Per fixture tensor in the bag: its index in `TENSORS`, rank and position.
     members: Vec<(usize, usize, usize)>,
+    /// Whether the bag holds the 2-D tensors transposed (as burn's `Linear` holds a
+    /// linear LoRA's) and the 3-D ones in another shape (as a convolution's full LoKr
+    /// `lokr_w2`).
+    other_layouts: bool,
+}
+
+/// How the bag holds fixture tensor `t`: its shape and PyTorch's layout of it.
+fn stored(t: usize, other_layouts: bool) -> (Vec<usize>, Option<TorchLayout>) {
+    let shape = TENSORS[t].1;
+    match (other_layouts, shape.len()) {
+        (true, 2) => (vec![shape[1], shape[0]], Some(TorchLayout::Transposed)),
+        // Still 3-D, to keep the bag's order of tensors.
+        (true, 3) => (vec![shape[0], shape[1] * shape[2], 1], Some(TorchLayout::Reshaped(shape.to_vec()))),
+        _ => (shape.to_vec(), None),
+    }
+}
+
+/// `values` of a `[rows, cols]` matrix, transposed.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..cols).flat_map(|c| (0..rows).map(move |r| values[r * cols + c])).collect()
+}
+
+/// Fixture tensor `t`'s values (PyTorch's order) as the bag holds them, or back with `back`.
+fn relayout(values: Vec<f32>, t: usize, other_layouts: bool, back: bool) -> Vec<f32> {
+    let shape = TENSORS[t].1;
+    match stored(t, other_layouts).1 {
+        Some(TorchLayout::Transposed) if back => transpose(&values, shape[1], shape[0]),
+        Some(TorchLayout::Transposed) => transpose(&values, shape[0], shape[1]),
+        _ => values,
+    }
 }
 
 fn param<const D: usize>(values: Vec<f32>, shape: &[usize]) -> Param<Tensor<AD, D>> {
@@ -95,20 +125,32 @@ fn param<const D: usize>(values: Vec<f32>, shape: &[usize]) -> Param<Tensor<AD, 
 impl Model {
     /// The fixture's tensors `which`, at their starts.
     fn new(which: &[usize]) -> Self {
+        Self::with_layouts(which, false)
+    }
+
+    /// [`new`](Self::new), the 2-D and 3-D tensors held in other layouts than PyTorch's
+    /// with `other_layouts`.
+    fn with_layouts(which: &[usize], other_layouts: bool) -> Self {
         let mut bag = Bag { one: vec![], two: vec![], three: vec![], four: vec![] };
         let mut members = vec![];
         for &t in which {
-            let (_, shape, _, _) = TENSORS[t];
-            let v = start(t);
+            let shape = stored(t, other_layouts).0;
+            let v = relayout(start(t), t, other_layouts, false);
             let position = match shape.len() {
-                1 => (bag.one.push(param::<1>(v, shape)), bag.one.len() - 1).1,
-                2 => (bag.two.push(param::<2>(v, shape)), bag.two.len() - 1).1,
-                3 => (bag.three.push(param::<3>(v, shape)), bag.three.len() - 1).1,
-                _ => (bag.four.push(param::<4>(v, shape)), bag.four.len() - 1).1,
+                1 => (bag.one.push(param::<1>(v, &shape)), bag.one.len() - 1).1,
+                2 => (bag.two.push(param::<2>(v, &shape)), bag.two.len() - 1).1,
+                3 => (bag.three.push(param::<3>(v, &shape)), bag.three.len() - 1).1,
+                _ => (bag.four.push(param::<4>(v, &shape)), bag.four.len() - 1).1,
             };
             members.push((t, shape.len(), position));
         }
-        Self { bag, members }
+        Self { bag, members, other_layouts }
+    }
+
+    /// PyTorch's layout of each tensor held otherwise.
+    fn torch_layout(&self, id: ParamId) -> Option<TorchLayout> {
+        let &(t, _, _) = self.members.iter().find(|m| self.id(m.0) == id)?;
+        stored(t, self.other_layouts).1
     }
 
     fn id(&self, t: usize) -> ParamId {
@@ -138,9 +180,8 @@ impl Model {
             if skip.contains(&TENSORS[t].0) {
                 continue;
             }
-            let shape = TENSORS[t].1;
-            let g = gradient(t, step, &Self::values_of(&self.bag, rank, i));
-            let data = TensorData::new(g, shape.to_vec());
+            let g = gradient(t, step, &self.values(&self.bag, t));
+            let data = TensorData::new(relayout(g, t, self.other_layouts, false), stored(t, self.other_layouts).0);
             let device = Default::default();
             match rank {
                 1 => grads.register(self.bag.one[i].id, Tensor::<Flex, 1>::from_data(data, &device)),
@@ -152,10 +193,10 @@ impl Model {
         grads
     }
 
-    /// `bag`'s values of fixture tensor `t`.
+    /// `bag`'s values of fixture tensor `t`, in PyTorch's order.
     fn values(&self, bag: &Bag<AD>, t: usize) -> Vec<f32> {
         let &(_, rank, i) = self.members.iter().find(|m| m.0 == t).unwrap();
-        Self::values_of(bag, rank, i)
+        relayout(Self::values_of(bag, rank, i), t, self.other_layouts, true)
     }
 }
 
@@ -229,6 +270,8 @@ impl Case {
         let local = |id: ParamId| groups.iter().position(|g| *g == of(id)).unwrap();
         FlatAdamW::new(AdamWSettings::default(), &model.bag, &Default::default())
             .with_lr_scales(|id| self.group_lr[of(id)])
+            .with_torch_layouts(|id| model.torch_layout(id))
+            .unwrap()
             .with_prodigy_plus(self.settings, local)
             .unwrap()
     }
@@ -277,9 +320,21 @@ fn all() -> Vec<usize> {
 
 #[test]
 fn prodigy_plus_follows_the_package() {
+    follows_the_package(false);
+}
+
+/// With the linear LoRAs' layout (2-D tensors transposed against PyTorch's) and tensors in
+/// another shape (a convolution's full LoKr `lokr_w2`: 2-d here, 4-d there): the estimate
+/// reads the values in PyTorch's order and the factored moments reduce its dimensions.
+#[test]
+fn prodigy_plus_follows_the_package_in_other_layouts() {
+    follows_the_package(true);
+}
+
+fn follows_the_package(other_layouts: bool) {
     let f = common::f32_fixture("prodigy_plus.safetensors");
     for case in cases() {
-        let mut model = Model::new(&all());
+        let mut model = Model::with_layouts(&all(), other_layouts);
         let mut optim = case.optimizer(&model);
         let (ref_d, groups) = (&f[&format!("{}.d", case.name)], case.group_lr.len());
         for s in 0..STEPS {
@@ -296,22 +351,54 @@ fn prodigy_plus_follows_the_package() {
 }
 
 /// A UNet's and a text encoder's optimizers, one group each, sharing their harmonic
-/// mean, step as the package's one optimizer with both groups.
+/// mean, step as the package's one optimizer with both groups; so do they with the groups
+/// pooled (`split_groups = false`: every group's sums in the first's).
 #[test]
 fn two_optimizers_share_their_groups_mean() {
     let f = common::f32_fixture("prodigy_plus.safetensors");
-    for case in cases().into_iter().filter(|c| ["defaults", "grouped"].contains(&c.name)) {
+    for case in cases().into_iter().filter(|c| ["defaults", "grouped", "pooled"].contains(&c.name)) {
         let (first, second): (Vec<usize>, Vec<usize>) = all().into_iter().partition(|t| TENSORS[*t].3 == 0);
         let (mut m1, mut m2) = (Model::new(&first), Model::new(&second));
         let (mut o1, mut o2) = (case.optimizer(&m1), case.optimizer(&m2));
         for s in 0..STEPS {
             step(&mut o1, &mut m1, &case, s);
             step(&mut o2, &mut m2, &case, s);
-            share_prodigy_plus(&mut [&mut o1, &mut o2]);
+            share_prodigy_plus(&mut [&mut o1, &mut o2], &[]).unwrap();
             check_step(&f, &case, s, &m1, &o1);
             check_step(&f, &case, s, &m2, &o2);
         }
     }
+}
+
+/// One of the package's groups split between two optimizers (SDXL's two text encoders,
+/// one group in kohya) and pooled: their sums make one estimate, counted once in the mean.
+#[test]
+fn a_group_split_between_optimizers_pools_its_sums() {
+    let f = common::f32_fixture("prodigy_plus.safetensors");
+    for case in cases().into_iter().filter(|c| ["defaults", "grouped", "bias_speed"].contains(&c.name)) {
+        let parts = [vec![0, 2, 4], vec![5, 7], vec![1, 3, 6]];
+        let mut models: Vec<Model> = parts.iter().map(|p| Model::new(p)).collect();
+        let mut optims: Vec<FlatAdamW<AD>> = models.iter().map(|m| case.optimizer(m)).collect();
+        for s in 0..STEPS {
+            for (o, m) in optims.iter_mut().zip(&mut models) {
+                step(o, m, &case, s);
+            }
+            let mut refs: Vec<&mut FlatAdamW<AD>> = optims.iter_mut().collect();
+            share_prodigy_plus(&mut refs, &[vec![(0, 0), (1, 0)]]).unwrap();
+            for (o, m) in optims.iter().zip(&models) {
+                check_step(&f, &case, s, m, o);
+            }
+            let d: Vec<f32> = [0, 2].iter().flat_map(|i| optims[*i].prodigy_plus_d().unwrap().into_data().to_vec::<f32>().unwrap()).collect();
+            let groups = case.group_lr.len();
+            assert_close(&d, &f[&format!("{}.d", case.name)].1[s * groups..(s + 1) * groups], 1e-4, 0.0, &format!("{} step {s} d", case.name));
+        }
+    }
+    // A pool must name groups that are there.
+    let case = &cases()[0];
+    let model = Model::new(&[0]);
+    let mut o = case.optimizer(&model);
+    let err = share_prodigy_plus(&mut [&mut o], &[vec![(0, 0), (1, 0)]]).unwrap_err().to_string();
+    assert!(err.contains("(1, 0)"), "{err}");
 }
 
 #[test]
@@ -333,7 +420,7 @@ fn a_step_that_does_not_happen_and_a_restored_state_change_nothing() {
     assert_eq!(values(&optim, &model), before);
 
     // The state carried into a new optimizer (a resumed run) gives the same steps, bit for bit.
-    let mut copy = Model { bag: model.bag.clone(), members: model.members.clone() };
+    let mut copy = Model { bag: model.bag.clone(), members: model.members.clone(), other_layouts: false };
     let mut resumed = case.optimizer(&copy);
     for id in optim.params().to_vec() {
         if let Some((time, m1, m2)) = optim.moments::<2>(id) {
@@ -397,20 +484,96 @@ fn bad_settings_and_groups_are_errors() {
 }
 
 /// A group at a learning-rate factor of 0 (kohya leaves it out of the optimizer) neither
-/// moves nor counts in the shared mean: the other group steps at its own estimate.
+/// moves (not by weight decay either) nor counts in the shared mean or the pooled sums:
+/// the other group steps as an optimizer of its tensors alone.
 #[test]
-fn a_group_at_factor_zero_stays_out_of_the_mean() {
-    let case = Case { name: "frozen", settings: ProdigyPlusSettings { d0: 1e-4, ..Default::default() }, group_lr: &[1.0, 0.0], no_grad: &[] };
-    let mut model = Model::new(&all());
-    let mut optim = case.optimizer(&model);
-    for s in 0..STEPS {
-        step(&mut optim, &mut model, &case, s);
+fn a_group_at_factor_zero_stays_out_of_the_optimizer() {
+    let d = ProdigyPlusSettings { d0: 1e-4, weight_decay: 0.05, ..Default::default() };
+    let (live, frozen): (Vec<usize>, Vec<usize>) = all().into_iter().partition(|t| TENSORS[*t].3 == 0);
+    for settings in [ProdigyPlusSettings { weight_decay_by_lr: false, ..d }, ProdigyPlusSettings { split_groups: false, ..d }] {
+        let case = Case { name: "frozen", settings, group_lr: &[1.0, 0.0], no_grad: &[] };
+        let alone = Case { group_lr: &[1.0], ..case };
+        let (mut model, mut reference) = (Model::new(&all()), Model::new(&live));
+        let (mut optim, mut reference_optim) = (case.optimizer(&model), alone.optimizer(&reference));
+        for s in 0..STEPS {
+            step(&mut optim, &mut model, &case, s);
+            step(&mut reference_optim, &mut reference, &alone, s);
+            let d: Vec<f32> = optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
+            let expected: Vec<f32> = reference_optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
+            assert_close(&d[..1], &expected, 1e-5, 0.0, &format!("{settings:?} step {s} d"));
+            let shared: f32 = optim.prodigy_plus_step_d().unwrap().into_scalar();
+            let expected: f32 = reference_optim.prodigy_plus_step_d().unwrap().into_scalar();
+            assert_close(&[shared], &[expected], 1e-5, 0.0, &format!("{settings:?} step {s} shared d"));
+            for &t in &live {
+                let name = TENSORS[t].0;
+                assert_close(&model.values(&model.bag, t), &reference.values(&reference.bag, t), 1e-5, 1e-9, &format!("{settings:?} step {s} {name}"));
+            }
+        }
+        let d: Vec<f32> = optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
+        assert!(d[0] > 2e-4, "the live group's estimate grew: {d:?}");
+        for &t in &frozen {
+            assert_eq!(model.values(&model.bag, t), start(t), "tensor {} at factor 0 moved", TENSORS[t].0);
+            assert_eq!(model.values(&optim.to_eval(model.bag.clone()), t), start(t), "tensor {} at factor 0 moved", TENSORS[t].0);
+        }
     }
-    let d: Vec<f32> = optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
-    let shared: f32 = optim.prodigy_plus_step_d().unwrap().into_scalar();
-    assert!(d[0] > 2e-4, "the live group's estimate grew: {d:?}");
-    assert!((shared - d[0]).abs() <= 1e-6 * d[0], "the mean is the live group's own: {shared} against {d:?}");
-    for t in all().into_iter().filter(|t| TENSORS[*t].3 == 1) {
-        assert_eq!(model.values(&model.bag, t), start(t), "tensor {} at factor 0 moved", TENSORS[t].0);
+}
+
+/// The sites name the tensors PyTorch holds otherwise, with PyTorch's shapes: a linear
+/// LoRA's `down` / `up` (kohya's `[rank, in]` / `[out, rank]`) transposed, a convolution's
+/// full LoKr `lokr_w2` 4-d as LyCORIS writes it; a convolution's LoRA and the other
+/// LyCORIS factors as they are.
+#[test]
+fn sites_name_the_tensors_torch_holds_otherwise() {
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::LinearConfig;
+    use lora_core::{Algo, LoraConfig, LoraConv2d, LoraLinear, LoraSiteMut};
+
+    let device = Default::default();
+    let mut linear = LoraLinear::<AD>::new(LinearConfig::new(16, 24).init(&device));
+    linear.attach_new(&LoraConfig::new(4), &device).unwrap();
+    let torch = |dims: [usize; 2], layout: &TorchLayout| match layout {
+        TorchLayout::Transposed => vec![dims[1], dims[0]],
+        TorchLayout::Reshaped(shape) => shape.clone(),
+    };
+    let layouts = LoraSiteMut::Linear(&mut linear).torch_layouts();
+    let adapter = linear.adapter.as_ref().unwrap();
+    assert_eq!(layouts.len(), 2);
+    assert_eq!((layouts[0].0, torch(adapter.down.weight.dims(), &layouts[0].1)), (adapter.down.weight.id, vec![4, 16]));
+    assert_eq!((layouts[1].0, torch(adapter.up.weight.dims(), &layouts[1].1)), (adapter.up.weight.id, vec![24, 4]));
+
+    let mut conv = LoraConv2d::<AD>::new(Conv2dConfig::new([8, 12], [3, 3]).init(&device));
+    conv.attach_new(&LoraConfig::new(4), &device).unwrap();
+    assert!(LoraSiteMut::Conv(&mut conv).torch_layouts().is_empty(), "a convolution's LoRA is 4-d as in torch");
+    // A factor of 4 and rank 4: w2 (the larger halves, 12 = 3·4 out and 8 = 2·4 in) is full.
+    conv.detach();
+    conv.attach_new(&LoraConfig::new(4).with_algo(Algo::Lokr).with_lokr_factor(4), &device).unwrap();
+    let layouts = LoraSiteMut::Conv(&mut conv).torch_layouts();
+    let lokr = conv.lycoris.as_ref().unwrap();
+    let written = lokr.to_lycoris_weights().unwrap();
+    assert_eq!(layouts.len(), 1, "{layouts:?}");
+    let w2 = lokr.names().iter().position(|n| *n == "lokr_w2").unwrap();
+    assert_eq!(layouts[0], (lokr.factors[w2].id, TorchLayout::Reshaped(vec![4, 4, 3, 3])));
+    assert_eq!(written.tensors[w2].1.shape, vec![4, 4, 3, 3]);
+}
+
+/// An empty tensor (a dimension of 0, factored or not) takes no part: the others step as
+/// without it.
+#[test]
+fn an_empty_tensor_changes_nothing() {
+    let mut with_empty = Model::new(&[0, 4]);
+    with_empty.bag.two.insert(0, param::<2>(vec![], &[0, 64]));
+    with_empty.bag.three.push(param::<3>(vec![], &[2, 0, 3]));
+    with_empty.members.iter_mut().filter(|m| m.1 == 2).for_each(|m| m.2 += 1);
+    let mut alone = Model::new(&[0, 4]);
+    let case = &cases()[0];
+    let optimizer = |m: &Model| FlatAdamW::new(AdamWSettings::default(), &m.bag, &Default::default()).with_prodigy_plus(case.settings, |_| 0).unwrap();
+    let (mut o1, mut o2) = (optimizer(&with_empty), optimizer(&alone));
+    for s in 0..4 {
+        step(&mut o1, &mut with_empty, case, s);
+        step(&mut o2, &mut alone, case, s);
+        for t in [0, 4] {
+            assert_close(&with_empty.values(&with_empty.bag, t), &alone.values(&alone.bag, t), 1e-6, 0.0, &format!("step {s} tensor {t}"));
+        }
     }
+    assert_eq!(o1.prodigy_plus_d().unwrap().into_data(), o2.prodigy_plus_d().unwrap().into_data());
 }

@@ -445,7 +445,7 @@ impl TextEmbeddingCache {
         if !ds.captions_are_fixed() {
             return Err(DataError::config(
                 "shuffle_caption",
-                "text-embedding caching needs fixed captions: turn off shuffle_caption, caption_dropout_rate, caption_dropout_every_n_epochs and caption_tag_dropout_rate",
+                "text-embedding caching needs fixed captions: turn off shuffle_caption, enable_wildcard, caption_dropout_rate, caption_dropout_every_n_epochs, caption_tag_dropout_rate and token_warmup_step",
             ));
         }
         let identity = encoder.identity();

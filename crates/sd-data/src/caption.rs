@@ -1,5 +1,5 @@
 //! Caption transforms as in kohya sd-scripts `process_caption`: prefix and suffix, trigger
-//! word, caption dropout, wildcards, tag shuffle with `keep_tokens` or
+//! word, caption dropout, wildcards, token warmup, tag shuffle with `keep_tokens` or
 //! `keep_tokens_separator`, tag dropout, the secondary separator.
 
 use rand::seq::SliceRandom;
@@ -34,6 +34,36 @@ pub struct CaptionTransform<'a> {
     /// kohya's `enable_wildcard`: one line of a multi-line caption per sample, and each
     /// `{a|b|c}` replaced by one of its options (`{{` and `}}` are literal braces).
     pub wildcard: bool,
+    /// kohya's token warmup (`None` = off).
+    pub token_warmup: Option<TokenWarmup>,
+}
+
+/// kohya's token warmup: before step `steps` a caption keeps only its first movable tags
+/// (those after the kept ones, before shuffling and tag dropout), `min` at step 0 and
+/// linearly more up to all of them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenWarmup {
+    /// Tags kept at step 0 (`token_warmup_min`).
+    pub min: usize,
+    /// The first step with every tag (`token_warmup_step`, in steps).
+    pub steps: f64,
+}
+
+impl TokenWarmup {
+    /// How many of a caption's `n` movable tags it keeps at optimizer step `step` (from 0):
+    /// sd-scripts' `floor(step · (n − min) / steps) + min`, all of them from `steps` on.
+    ///
+    /// ```
+    /// let w = sd_data::TokenWarmup { min: 1, steps: 10.0 };
+    /// assert_eq!([0, 1, 5, 9, 10].map(|step| w.tags_at(5, step)), [1, 1, 3, 4, 5]);
+    /// ```
+    pub fn tags_at(&self, n: usize, step: u64) -> usize {
+        if self.steps <= 0.0 || step as f64 >= self.steps {
+            return n;
+        }
+        let grown = (step as f64 * ((n as f64 - self.min as f64) / self.steps)).floor() + self.min as f64;
+        grown.clamp(0.0, n as f64) as usize
+    }
 }
 
 impl<'a> CaptionTransform<'a> {
@@ -55,6 +85,7 @@ impl<'a> CaptionTransform<'a> {
             keep_separator: s.keep_tokens_separator.as_deref().filter(|t| !t.is_empty()),
             secondary_separator: s.secondary_separator.as_deref().filter(|t| !t.is_empty()),
             wildcard: s.enable_wildcard,
+            token_warmup: (s.token_warmup_step > 0.0).then_some(TokenWarmup { min: s.token_warmup_min, steps: s.token_warmup_step }),
         }
     }
 
@@ -94,9 +125,10 @@ impl<'a> CaptionTransform<'a> {
         (fixed.to_vec(), flex.to_vec(), Vec::new())
     }
 
-    /// Whether [`apply`](Self::apply) is deterministic (no shuffling, dropout or wildcards).
+    /// Whether [`apply`](Self::apply) is deterministic and the same at every step (no
+    /// shuffling, dropout, wildcards or token warmup).
     pub fn is_fixed(&self) -> bool {
-        !self.shuffle && self.tag_dropout_rate <= 0.0 && self.caption_dropout_rate <= 0.0 && !self.wildcard
+        !self.shuffle && self.tag_dropout_rate <= 0.0 && self.caption_dropout_rate <= 0.0 && !self.wildcard && self.token_warmup.is_none()
     }
 
     /// Splits a caption into trimmed, non-empty tags.
@@ -162,6 +194,24 @@ impl<'a> CaptionTransform<'a> {
     /// assert_eq!(tags, ["red", "round", "shiny", "sks"]);
     /// ```
     pub fn apply<R: Rng + ?Sized>(&self, caption: &str, rng: &mut R) -> String {
+        self.apply_at(caption, u64::MAX, rng)
+    }
+
+    /// [`apply`](Self::apply) at optimizer step `step` (from 0), for the token warmup:
+    /// before its last step the movable tags are cut to the first
+    /// [`TokenWarmup::tags_at`] of them, before the shuffle and the tag dropout.
+    /// ([`apply`](Self::apply) is this past any warmup.)
+    ///
+    /// ```
+    /// use rand::SeedableRng;
+    /// let subset = sd_data::SubsetConfig { keep_tokens: 1, token_warmup_min: 1, token_warmup_step: 4.0, ..Default::default() };
+    /// let t = sd_data::CaptionTransform::from_subset(&subset);
+    /// let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    /// assert_eq!(t.apply_at("sks, red, round, shiny", 0, &mut rng), "sks, red");
+    /// assert_eq!(t.apply_at("sks, red, round, shiny", 2, &mut rng), "sks, red, round");
+    /// assert_eq!(t.apply_at("sks, red, round, shiny", 4, &mut rng), "sks, red, round, shiny");
+    /// ```
+    pub fn apply_at<R: Rng + ?Sized>(&self, caption: &str, step: u64, rng: &mut R) -> String {
         if self.caption_dropout_rate > 0.0 && rng.random::<f32>() < self.caption_dropout_rate {
             return String::new();
         }
@@ -172,15 +222,18 @@ impl<'a> CaptionTransform<'a> {
         } else {
             caption
         };
-        let out = self.shuffled(caption, rng);
+        let out = self.shuffled(caption, step, rng);
         self.unjoined(out)
     }
 
-    /// Shuffle and tag dropout, or the deterministic transform without them.
-    fn shuffled<R: Rng + ?Sized>(&self, caption: &str, rng: &mut R) -> String {
-        if self.shuffle || self.tag_dropout_rate > 0.0 {
+    /// Token warmup, shuffle and tag dropout, or the deterministic transform without them.
+    fn shuffled<R: Rng + ?Sized>(&self, caption: &str, step: u64, rng: &mut R) -> String {
+        if self.shuffle || self.tag_dropout_rate > 0.0 || self.token_warmup.is_some() {
             let framed = self.framed(caption);
             let (mut out, mut flex, last) = self.parts(&framed);
+            if let Some(warmup) = self.token_warmup {
+                flex.truncate(warmup.tags_at(flex.len(), step));
+            }
             if self.shuffle {
                 flex.shuffle(rng);
             }

@@ -209,6 +209,14 @@ pub struct SubsetConfig {
     pub caption_dropout_every_n_epochs: usize,
     /// Probability of dropping each (non-kept) tag.
     pub caption_tag_dropout_rate: f32,
+    /// kohya's token warmup: the number of (non-kept) tags a caption keeps at step 0.
+    pub token_warmup_min: usize,
+    /// kohya's token warmup: over the first `token_warmup_step` optimizer steps a caption
+    /// keeps only its first tags (after the kept ones, before shuffling and tag dropout),
+    /// from `token_warmup_min` at step 0 growing linearly to all of them; below 1, a
+    /// fraction of the run's steps ([`crate::Dataset::with_steps`] resolves it, as
+    /// sd-scripts does: `floor(fraction · max_train_steps)`); 0 = off.
+    pub token_warmup_step: f64,
     /// Randomly flip images horizontally (p = 0.5).
     pub flip_aug: bool,
     /// Crop at a random offset instead of the center.
@@ -258,6 +266,8 @@ impl Default for SubsetConfig {
             caption_dropout_rate: 0.0,
             caption_dropout_every_n_epochs: 0,
             caption_tag_dropout_rate: 0.0,
+            token_warmup_min: 1,
+            token_warmup_step: 0.0,
             flip_aug: false,
             random_crop: false,
             alpha_mask: false,
@@ -286,6 +296,7 @@ impl SubsetConfig {
             && self.caption_dropout_rate == 0.0
             && self.caption_dropout_every_n_epochs == 0
             && self.caption_tag_dropout_rate == 0.0
+            && self.token_warmup_step == 0.0
     }
 
     fn validate(&self, i: usize) -> Result<()> {
@@ -303,6 +314,12 @@ impl SubsetConfig {
                     format!("must be in [0, 1], got {v}"),
                 ));
             }
+        }
+        if !self.token_warmup_step.is_finite() || self.token_warmup_step < 0.0 {
+            return Err(DataError::config(
+                &key("token_warmup_step"),
+                format!("must be a number of steps (or a fraction of the run's below 1) of at least 0, got {}", self.token_warmup_step),
+            ));
         }
         if let Some(w) = self.loss_weight {
             if !w.is_finite() || w < 0.0 {

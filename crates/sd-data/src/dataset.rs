@@ -92,6 +92,9 @@ pub struct Dataset {
     repeats: Vec<u32>,
     skipped: Vec<DataError>,
     buckets: BucketManager,
+    /// Batches per optimizer step, which turns a batch's place into its step for the
+    /// token warmup ([`Dataset::with_steps`]).
+    accumulation: usize,
 }
 
 impl Dataset {
@@ -210,7 +213,24 @@ impl Dataset {
             repeats,
             skipped,
             buckets,
+            accumulation: 1,
         })
+    }
+
+    /// The run's step count for what depends on it, the token warmup: each optimizer step
+    /// takes `gradient_accumulation_steps` batches (so [`plan_epoch`](Self::plan_epoch)'s
+    /// batch `b` of epoch `e` is taken at step `(e · batches + b) / gradient_accumulation_steps`),
+    /// and a subset's `token_warmup_step` below 1 is that fraction of `max_train_steps`
+    /// (floored, as sd-scripts resolves it).
+    pub fn with_steps(mut self, gradient_accumulation_steps: usize, max_train_steps: usize) -> Self {
+        self.accumulation = gradient_accumulation_steps.max(1);
+        for s in &mut self.subsets {
+            let step = &mut s.config.token_warmup_step;
+            if *step > 0.0 && *step < 1.0 {
+                *step = (*step * max_train_steps as f64).floor();
+            }
+        }
+        self
     }
 
     /// Holds out `fraction` of the training images (never regularization images) as a
@@ -258,6 +278,7 @@ impl Dataset {
                     caption_dropout_rate: 0.0,
                     caption_dropout_every_n_epochs: 0,
                     caption_tag_dropout_rate: 0.0,
+                    token_warmup_step: 0.0,
                     ..s.config.clone()
                 },
                 num_repeats: 1,
@@ -424,22 +445,25 @@ impl Dataset {
     /// and chunked into batches of `batch_size` (the last one per bucket may be smaller), and
     /// the batch order is shuffled. A subset's `caption_dropout_every_n_epochs` empties its
     /// captions in epochs `N − 1`, `2N − 1`, … (kohya's N-th, 2N-th, … epoch), drawing the
-    /// same random numbers as any other epoch.
+    /// same random numbers as any other epoch. With a token warmup, the captions are drawn
+    /// once the batches are (from a random stream of their own), each at its batch's step
+    /// ([`with_steps`](Self::with_steps)).
     pub fn plan_epoch(&self, epoch: u64) -> Vec<BatchPlan> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
         rng.set_stream(epoch);
+        // With a token warmup a caption depends on its batch's step, known once the
+        // batches are: the captions are drawn then, from a stream of their own.
+        let warmup = self.subsets.iter().any(|s| s.config.token_warmup_step > 0.0);
         let mut by_bucket: BTreeMap<Reso, Vec<SamplePlan>> = BTreeMap::new();
         for (i, img) in self.images.iter().enumerate() {
             let subset = &self.subsets[img.subset];
             let transform = CaptionTransform::from_subset(&subset.config);
-            let every = subset.config.caption_dropout_every_n_epochs;
-            let drop_all = every > 0 && (epoch + 1).is_multiple_of(every as u64);
             let a = &self.assignments[i];
             for _ in 0..self.repeats[i] {
-                let mut caption = transform.apply(&img.caption, &mut rng);
-                if drop_all {
-                    caption.clear();
-                }
+                let caption = match warmup {
+                    true => String::new(),
+                    false => self.epoch_caption(&transform, img, epoch, u64::MAX, &mut rng),
+                };
                 let flip = subset.config.flip_aug && rng.random::<bool>();
                 let crop = if subset.config.random_crop {
                     crop_offset(a.resized, a.bucket, Some(&mut rng))
@@ -468,7 +492,31 @@ impl Dataset {
             }
         }
         batches.shuffle(&mut rng);
+        if warmup {
+            let mut captions = ChaCha8Rng::seed_from_u64(self.config.seed);
+            captions.set_stream(epoch | 1 << 63);
+            let n = batches.len() as u64;
+            for (b, batch) in batches.iter_mut().enumerate() {
+                let step = (epoch * n + b as u64) / self.accumulation as u64;
+                for sample in &mut batch.samples {
+                    let img = &self.images[sample.image];
+                    let transform = CaptionTransform::from_subset(&self.subsets[img.subset].config);
+                    sample.caption = self.epoch_caption(&transform, img, epoch, step, &mut captions);
+                }
+            }
+        }
         batches
+    }
+
+    /// One sample's caption in `epoch` at optimizer step `step`: the subset's transform,
+    /// and empty in the epochs its `caption_dropout_every_n_epochs` empties.
+    fn epoch_caption(&self, transform: &CaptionTransform, img: &ImageRecord, epoch: u64, step: u64, rng: &mut ChaCha8Rng) -> String {
+        let mut caption = transform.apply_at(&img.caption, step, rng);
+        let every = self.subsets[img.subset].config.caption_dropout_every_n_epochs;
+        if every > 0 && (epoch + 1).is_multiple_of(every as u64) {
+            caption.clear();
+        }
+        caption
     }
 }
 

@@ -11,8 +11,6 @@ use crate::error::{DataError, Result};
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("color_aug", "color augmentation is not supported (sd-scripts deprecated it)"),
     ("face_crop_aug_range", "face-crop augmentation is not supported"),
-    ("token_warmup_min", "token warmup is not supported"),
-    ("token_warmup_step", "token warmup is not supported"),
     ("custom_attributes", "custom attributes are not supported"),
     ("resize_interpolation", "images are always resized with Lanczos"),
     ("cache_info", "the image scan is not cached"),
@@ -68,7 +66,7 @@ impl DatasetConfig {
     /// its command line). The datasets must agree on the dataset options (resolution,
     /// buckets, batch size): they become one [`DatasetConfig`] with all their subsets.
     /// Options sd-scripts has and this crate does not (`color_aug`, `face_crop_aug_range`,
-    /// `token_warmup_step`, fine-tuning `metadata_file`s, ...) are errors naming the option.
+    /// fine-tuning `metadata_file`s, ...) are errors naming the option.
     ///
     /// ```
     /// use sd_data::DatasetConfig;

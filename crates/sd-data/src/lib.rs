@@ -49,7 +49,7 @@ pub use bucket::{make_bucket_resolutions, BucketAssignment, BucketManager, Reso}
 pub use cache::{
     CacheStats, LatentCache, LatentEncoder, LatentKey, TextEmbeddingCache, TextEncoder,
 };
-pub use caption::CaptionTransform;
+pub use caption::{CaptionTransform, TokenWarmup};
 pub use config::{DatasetConfig, MissingCaption, Resolution, SubsetConfig};
 pub use dataset::{BatchPlan, Dataset, FolderSummary, SamplePlan};
 pub use error::{BoxError, DataError, Result};

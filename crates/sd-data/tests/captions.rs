@@ -186,3 +186,34 @@ proptest! {
         prop_assert!(out_tags.len() >= keep.min(tags.len()));
     }
 }
+
+/// kohya's token warmup: before its last step a caption keeps its first movable tags
+/// (after `keep_tokens` or the `keep_tokens_separator`'s first part, and before the last),
+/// `token_warmup_min` at step 0 and `floor(step · (n − min) / steps) + min` later, cut
+/// before the shuffle and the tag dropout; all of them from the last step on.
+#[test]
+fn token_warmup_keeps_the_first_tags_as_kohya() {
+    let warm = subset(|s| (s.keep_tokens, s.token_warmup_min, s.token_warmup_step, s.shuffle_caption) = (1, 2, 6.0, true));
+    let t = CaptionTransform::from_subset(&warm);
+    assert!(!t.is_fixed() && !warm.captions_are_fixed());
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let caption = "sks, a, b, c, d, e, f";
+    // n = 6 movable tags: 2 at step 0, floor(3 · 4 / 6) + 2 = 4 at step 3, 5 at step 5.
+    for (step, kept) in [(0, 2), (1, 2), (3, 4), (5, 5), (6, 6), (100, 6)] {
+        for _ in 0..10 {
+            let out = t.apply_at(caption, step, &mut rng);
+            let tags: Vec<&str> = out.split(", ").collect();
+            assert_eq!(tags[0], "sks", "{out}");
+            assert_eq!(sorted(tags[1..].to_vec()), ["a", "b", "c", "d", "e", "f"][..kept].to_vec(), "step {step}: {out}");
+        }
+    }
+    // Past the warmup, as `apply`; the kept parts of a separator stay whole.
+    let sep = subset(|s| (s.keep_tokens_separator, s.token_warmup_step) = (Some("|||".into()), 4.0));
+    let t = CaptionTransform::from_subset(&sep);
+    assert_eq!(t.apply_at("sks, x ||| a, b, c ||| best, hq", 0, &mut rng), "sks, x, a, best, hq");
+    assert_eq!(t.apply_at("sks, x ||| a, b, c ||| best, hq", 4, &mut rng), "sks, x, a, b, c, best, hq");
+    assert_eq!(t.apply("sks, x ||| a, b, c ||| best, hq", &mut rng), "sks, x, a, b, c, best, hq");
+    // More kept than a caption has: all of them (sd-scripts' slice).
+    let many = subset(|s| (s.token_warmup_min, s.token_warmup_step) = (5, 3.0));
+    assert_eq!(CaptionTransform::from_subset(&many).apply_at("a, b", 1, &mut rng), "a, b");
+}

@@ -216,6 +216,46 @@ fn every_nth_epoch_has_empty_captions_and_the_same_draws() {
     }
 }
 
+/// kohya's token warmup counts optimizer steps: batch `b` of epoch `e` is at step
+/// `(e · batches + b) / gradient_accumulation_steps`, a fraction below 1 is of the run's
+/// steps; the flips and crops stay what they are without it, and the held-out validation
+/// images keep every tag.
+#[test]
+fn token_warmup_follows_the_steps_of_the_batches() {
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..6 {
+        let p = save(&d.path().join(format!("1_x/{i}.png")), 64, 64 + 32 * (i % 2), i as u8);
+        caption(&p, "txt", &format!("img{i}, a, b, c, d, e, f, g, h"));
+    }
+    let mut cfg = config(d.path());
+    cfg.subsets[0].flip_aug = true;
+    cfg.subsets[0].keep_tokens = 1;
+    let plain = Dataset::open(&cfg).unwrap();
+    // 6 batches an epoch, 2 per step: 3 steps an epoch; 0.5 of 8 steps is 4.
+    cfg.subsets[0].token_warmup_step = 0.5;
+    let warm = Dataset::open(&cfg).unwrap().with_steps(2, 8);
+    assert!(!warm.captions_are_fixed());
+    let warmup = sd_data::TokenWarmup { min: 1, steps: 4.0 };
+    for epoch in 0..3u64 {
+        let (a, b) = (plain.plan_epoch(epoch), warm.plan_epoch(epoch));
+        assert_eq!(b.len(), 6);
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            let step = (epoch * 6 + i as u64) / 2;
+            for (s, t) in x.samples.iter().zip(&y.samples) {
+                assert_eq!((s.image, s.flip, s.crop, &s.caption[..4]), (t.image, t.flip, t.crop, &t.caption[..4]));
+                let tags = t.caption.split(", ").count() - 1;
+                assert_eq!(tags, warmup.tags_at(8, step), "epoch {epoch} batch {i} (step {step}): {}", t.caption);
+            }
+        }
+    }
+    // A long run's warmup (0.5 of 800 steps) keeps one tag throughout the first epoch;
+    // the held-out images see whole captions.
+    let (train, validation) = Dataset::open(&cfg).unwrap().split_validation(0.34, 1).unwrap();
+    let train = train.with_steps(1, 800);
+    assert!(train.plan_epoch(0).iter().flat_map(|p| &p.samples).all(|s| s.caption.split(", ").count() == 2));
+    assert!(validation.plan_epoch(0).iter().flat_map(|p| &p.samples).all(|s| s.caption.split(", ").count() == 9));
+}
+
 /// kohya's `enable_wildcard` reads every line of a caption file and picks per sample; its
 /// `secondary_separator` keeps joined tags together and ends as the separator. Without
 /// them a caption is its first line and plans are unchanged.

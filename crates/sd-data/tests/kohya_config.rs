@@ -105,7 +105,7 @@ fn bad_files_are_errors_naming_the_key() {
     let subset = |extra: &str| format!("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  {extra}\n");
     let cases = [
         (subset("color_aug = true"), "`datasets[0].subsets[0].color_aug` (sd-scripts' option) is not supported"),
-        (subset("token_warmup_step = 0.5"), "`datasets[0].subsets[0].token_warmup_step`"),
+        (subset("token_warmup_step = -1"), "`datasets[0].subsets[0].token_warmup_step` must be"),
         (subset("metadata_file = \"meta.json\""), "fine-tuning"),
         (subset("resolution = 512"), "`datasets[0].subsets[0].resolution` is a dataset option"),
         (subset("num_repeat = 2"), "`datasets[0].subsets[0].num_repeat` is not a dataset option"),

@@ -92,6 +92,12 @@ pub struct DataSection {
     pub caption_dropout_every_n_epochs: usize,
     /// Probability of dropping each (non-kept) caption tag.
     pub caption_tag_dropout_rate: f32,
+    /// kohya's token warmup: the number of (non-kept) caption tags kept at step 0.
+    pub token_warmup_min: usize,
+    /// kohya's token warmup: over the first `token_warmup_step` steps (below 1: that
+    /// fraction of `train.max_train_steps`) a caption keeps only its first tags after the
+    /// kept ones, from `token_warmup_min` growing linearly to all (0 = off).
+    pub token_warmup_step: f64,
     /// Aspect-ratio buckets (off: every image is resized and cropped to `resolution`).
     pub enable_bucket: bool,
     /// Smallest bucket side.
@@ -952,6 +958,8 @@ impl Default for TrainConfig {
                 caption_dropout_rate: 0.0,
                 caption_dropout_every_n_epochs: 0,
                 caption_tag_dropout_rate: 0.0,
+                token_warmup_min: 1,
+                token_warmup_step: 0.0,
                 enable_bucket: true,
                 min_bucket_reso: 256,
                 max_bucket_reso: 0,
@@ -1374,6 +1382,9 @@ impl TrainConfig {
         let kohya_dataset = Path::new(&self.data.dataset_config).extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
         if self.data.alpha_mask && !self.data.dataset_config.is_empty() && !kohya_dataset {
             return bad("data.alpha_mask does not reach the subsets of a .json data.dataset_config: set `alpha_mask` on them");
+        }
+        if !self.data.token_warmup_step.is_finite() || self.data.token_warmup_step < 0.0 {
+            return bad("data.token_warmup_step must be a number of steps of at least 0 (a fraction of train.max_train_steps below 1; 0 = off)");
         }
         if !(0.0..1.0).contains(&self.data.validation_split) {
             return bad("data.validation_split must be at least 0 (none) and below 1");

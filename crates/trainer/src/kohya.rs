@@ -159,7 +159,6 @@ const NO_EFFECT: &[&str] = &[
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("color_aug", "color augmentation is not supported"),
     ("face_crop_aug_range", "face-crop augmentation is not supported"),
-    ("token_warmup_step", "token warmup is not supported"),
     ("in_json", "fine-tuning metadata files are not supported (a folder with a Hugging Face metadata.jsonl is read as train_data_dir)"),
     ("dataset_repeats", "fine-tuning metadata files are not supported"),
     ("dataset_class", "custom dataset classes are not supported"),
@@ -179,7 +178,6 @@ const NOTED: &[(&str, &str)] = &[
     ("save_n_epoch_ratio", "use output.save_every_n_epochs for saves during training"),
     ("validate_every_n_epochs", "the validation loss is measured every output.validate_every_n_steps steps and at the end"),
     ("validation_seed", "the held-out images are chosen by the training seed, so they may differ from sd-scripts'"),
-    ("token_warmup_min", "token warmup is off without token_warmup_step"),
 ];
 
 /// sd-scripts' sampler names that this trainer has under another name, or approximates.
@@ -573,6 +571,8 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     d.caption_dropout_rate = o.float("caption_dropout_rate")?.unwrap_or(0.0) as f32;
     d.caption_dropout_every_n_epochs = o.count("caption_dropout_every_n_epochs")?.unwrap_or(0);
     d.caption_tag_dropout_rate = o.float("caption_tag_dropout_rate")?.unwrap_or(0.0) as f32;
+    d.token_warmup_min = o.count("token_warmup_min")?.unwrap_or(1);
+    d.token_warmup_step = o.float("token_warmup_step")?.unwrap_or(0.0);
     d.flip_aug = o.flag("flip_aug")?;
     d.random_crop = o.flag("random_crop")?;
     d.enable_bucket = o.flag("enable_bucket")?;
@@ -1873,6 +1873,18 @@ wandb_run_name = "my_style"
         assert_eq!(import(MINIMAL).unwrap().config.data.caption_separator, ",");
         let e = TrainConfig::load(None, &["data.caption_separator=\"\"".into()]).unwrap_err().to_string();
         assert!(e.contains("data.caption_separator"), "{e}");
+    }
+
+    /// The token warmup reaches the data settings (a step count or a fraction of the
+    /// run); a negative one is an error naming the key.
+    #[test]
+    fn token_warmup_maps() {
+        let c = import(&format!("{MINIMAL}token_warmup_min = 3\ntoken_warmup_step = 0.25")).unwrap().config;
+        assert_eq!((c.data.token_warmup_min, c.data.token_warmup_step), (3, 0.25));
+        let c = import(&format!("{MINIMAL}token_warmup_step = 100")).unwrap().config;
+        assert_eq!((c.data.token_warmup_min, c.data.token_warmup_step), (1, 100.0));
+        let e = TrainConfig::load(None, &["data.token_warmup_step=-1.0".into()]).unwrap_err().to_string();
+        assert!(e.contains("data.token_warmup_step"), "{e}");
     }
 
     /// transformers' newer schedules with the options sd-scripts passes them, and the

@@ -167,7 +167,7 @@ pub fn host_params<B: Backend>(params: Vec<(String, AdapterParam<B>)>, out: &mut
 }
 
 /// Copies AdamW's moments and step counts for `params` out of `optim` (tensors it has
-/// updated at least once).
+/// updated at least once, or whose second moments ADOPT's first step filled).
 pub fn export_moments<B: AutodiffBackend>(
     optim: &FlatAdamW<B>,
     params: &[(String, AdapterParam<B>)],
@@ -189,7 +189,9 @@ pub fn export_moments<B: AutodiffBackend>(
                 None => continue,
             },
         };
-        if time == 0 {
+        // Untouched moments need no saving; ADOPT's first step fills the second moments
+        // without counting a step.
+        if time == 0 && m2.data.iter().all(|v| *v == 0.0) {
             continue;
         }
         times.insert(key.clone(), time);

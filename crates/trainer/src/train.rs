@@ -206,6 +206,8 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         caption_dropout_rate: d.caption_dropout_rate,
         caption_dropout_every_n_epochs: d.caption_dropout_every_n_epochs,
         caption_tag_dropout_rate: d.caption_tag_dropout_rate,
+        token_warmup_min: d.token_warmup_min,
+        token_warmup_step: d.token_warmup_step,
         flip_aug: d.flip_aug,
         random_crop: d.random_crop,
         alpha_mask: d.alpha_mask,
@@ -254,11 +256,15 @@ pub type TrainingData = (Dataset, Option<Dataset>);
 /// once and hand the result to [`data_summary`] and [`train_on`] / [`resume_on`].
 pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainError> {
     let dataset = open_dataset(config)?;
-    if config.data.validation_split == 0.0 {
-        return Ok((dataset, None));
-    }
-    let (train, validation) = dataset.split_validation(config.data.validation_split, config.train.seed)?;
-    Ok((train, Some(validation)))
+    let (train, validation) = if config.data.validation_split == 0.0 {
+        (dataset, None)
+    } else {
+        let (train, validation) = dataset.split_validation(config.data.validation_split, config.train.seed)?;
+        (train, Some(validation))
+    };
+    // The token warmup counts optimizer steps (the validation images have none).
+    let t = &steps_for(config, &train)?.train;
+    Ok((train.with_steps(t.gradient_accumulation_steps, t.max_train_steps), validation))
 }
 
 /// What a run of `config` trains on `data` ([`training_datasets`]), in a few lines for
@@ -569,6 +575,10 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     }
     if config.train.optimizer == crate::config::Optimizer::ProdigyPlusScheduleFree {
         let settings = config.train.prodigy_plus_settings();
+        // Its estimate reads the tensors in PyTorch's order: the linear LoRAs transposed.
+        let mut layouts = HashMap::new();
+        model.visit_lora_sites(&mut |_, site| layouts.extend(site.torch_layouts()));
+        optim = optim.with_torch_layouts(|id| layouts.get(&id).cloned()).map_err(|e| TrainError::Config { origin: "train.optimizer".into(), reason: e.to_string() })?;
         optim = optim.with_prodigy_plus(settings, |id| groups.get(&id).copied().unwrap_or(0)).map_err(|e| TrainError::Config { origin: "train.prodigy_plus_*".into(), reason: e.to_string() })?;
     }
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
@@ -1037,6 +1047,13 @@ fn run<B: AutodiffBackend>(
             model_optimizer(te, &factors, &groups, config, device)
         })
         .collect::<Result<_, _>>()?;
+    // sd-scripts puts all text encoders' adapters in one group (and LoRA+'s `up` weights in
+    // another): SDXL's two encoders pool their groups of the same number.
+    let te_groups: Vec<usize> = te_optims.iter().map(|o| if o.is_empty() { 0 } else { o.prodigy_plus_d().map_or(0, |d| d.dims()[0]) }).collect();
+    let te_pools: Vec<Vec<(usize, usize)>> = (0..te_groups.iter().copied().max().unwrap_or(0))
+        .map(|g| te_groups.iter().enumerate().filter(|(_, n)| **n > g).map(|(i, _)| (i, g)).collect::<Vec<_>>())
+        .filter(|pool| pool.len() > 1)
+        .collect();
     if let Some(state) = state {
         let times = &state.info.optimizer_time;
         import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
@@ -1292,10 +1309,10 @@ fn run<B: AutodiffBackend>(
             encoders = steps.map(|((te, o), g)| o.step_if(te_lr, te, check.scale(g), check.apply.clone())).collect();
         }
         if t.optimizer == crate::config::Optimizer::ProdigyPlusScheduleFree && te_lr.is_some() {
-            // The UNet's and the text encoders' groups step at their common mean, as in
-            // sd-scripts' one optimizer.
-            let mut all: Vec<&mut FlatAdamW<B>> = std::iter::once(&mut optim).chain(te_optims.iter_mut()).collect();
-            lora_core::optim::share_prodigy_plus(&mut all);
+            // The text encoders' and the UNet's groups step as sd-scripts' one optimizer
+            // (its order: the text encoders' groups first).
+            let mut all: Vec<&mut FlatAdamW<B>> = te_optims.iter_mut().chain(std::iter::once(&mut optim)).collect();
+            lora_core::optim::share_prodigy_plus(&mut all, &te_pools).map_err(|e| TrainError::Config { origin: "train.optimizer".into(), reason: e.to_string() })?;
         }
         progress.step = step + 1;
         // Prodigy's, DAdaptAdam's or Prodigy + schedule-free's step sizes after the step

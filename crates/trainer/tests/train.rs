@@ -1072,6 +1072,21 @@ fn prodigy_plus_shares_its_mean_saves_its_average_and_resumes_bit_for_bit() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&second.losses), bits(&straight.losses), "same losses, step for step");
     assert_same_lora(&straight.lora, &second.lora);
+    // ADOPT's first step fills the second moments without counting a step: a save right
+    // after it keeps them (unfactored, they are the optimizer's moments).
+    let adopt = |dir: &std::path::Path| {
+        let mut c = prodigy_plus(dir, 3);
+        (c.train.prodigy_plus_use_adopt, c.train.prodigy_plus_factored) = (true, false);
+        c
+    };
+    let adopt_dir = tempfile::tempdir().unwrap();
+    let adopt_straight = train::<B>(&adopt(adopt_dir.path()), &Default::default(), &mut |_| true).unwrap();
+    let adopt_dir = tempfile::tempdir().unwrap();
+    train::<B>(&adopt(adopt_dir.path()), &Default::default(), &mut |info| info.step < 1).unwrap();
+    let adopt_second = trainer::train::resume::<B>(&adopt(adopt_dir.path()), &adopt_dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(bits(&adopt_second.losses), bits(&adopt_straight.losses), "ADOPT: same losses, step for step");
+    assert_same_lora(&adopt_straight.lora, &adopt_second.lora);
+
     let mut other = prodigy_plus(dir.path(), 12);
     other.train.optimizer = Optimizer::AdamwScheduleFree;
     let err = trainer::train::resume::<B>(&other, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();

@@ -14,6 +14,8 @@ const SUFFIXES: &[(&str, Role)] = &[
     // DoRA's magnitude, as LyCORIS writes it (with `wd_on_out`, its default; read by
     // ComfyUI and Forge).
     (".dora_scale", Role::Magnitude),
+    // LoCon's Tucker core (LyCORIS' `use_tucker` for a convolution), folded into `lora_down`.
+    (".lora_mid.weight", Role::Mid),
 ];
 
 pub(super) fn read(

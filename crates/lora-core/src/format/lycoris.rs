@@ -18,7 +18,11 @@
 //! (`[rank, in·kh·kw]`, LyCORIS' non-Tucker layout); the reader puts it back in the conv
 //! layout where the [`crate::ModuleIndex`] knows the kernel ([`crate::ModuleIndex::set_kernel`]),
 //! and the conv layer unflattens it when attached otherwise. Tucker-decomposed
-//! convolutions (`hada_t1`, `lokr_t2`) are not supported.
+//! convolutions (LyCORIS' `use_tucker`: `hada_t1` / `hada_t2`, `lokr_t2`) are read as the
+//! non-Tucker halves with the same product: LyCORIS rebuilds a half as
+//! `W[p, c, h, w] = Σᵢⱼ t[i, j, h, w] · a[i, p] · b[j, c]`, which is `A · B` with
+//! `A = aᵀ` `[out, r]` and `B[i, (c, h, w)] = Σⱼ t[i, j, h, w] · b[j, c]` `[r, in·kh·kw]`
+//! ([`tucker_core`]; LoCon's `lora_mid` folds into its `lora_down` the same way).
 
 use std::path::Path;
 
@@ -176,7 +180,7 @@ impl Tensors {
             reason,
         };
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
-            return Err(bad("Tucker-decomposed LyCORIS convolutions (`hada_t1` / `lokr_t2`) are not supported".into()));
+            return self.untuckered().map_err(bad)?.to_lora(alpha, name, path);
         }
         let is_loha = |p: &Part| matches!(p, Part::HadaW1A | Part::HadaW1B | Part::HadaW2A | Part::HadaW2B);
         let (loha_parts, lokr_parts) = (self.found.iter().filter(|(p, _)| is_loha(p)).count(), self.found.iter().filter(|(p, _)| !is_loha(p)).count());
@@ -203,6 +207,36 @@ impl Tensors {
         let alpha = alpha.unwrap_or(rank_for_scale.unwrap_or(1) as f32);
         weights.lycoris = Some(LycorisWeights { algo, tensors, alpha });
         Ok(weights)
+    }
+
+    /// The module with its Tucker-decomposed halves as the non-Tucker ones of the same
+    /// update (see the [module docs](self)).
+    fn untuckered(&self) -> std::result::Result<Tensors, String> {
+        let mut out = Tensors::default();
+        let tucker = [Part::HadaT1, Part::HadaT2, Part::LokrT2];
+        let halves: &[(Part, Part, Part)] = match self.get(Part::LokrT2) {
+            Some(_) => &[(Part::LokrT2, Part::LokrW2A, Part::LokrW2B)],
+            None => &[(Part::HadaT1, Part::HadaW1A, Part::HadaW1B), (Part::HadaT2, Part::HadaW2A, Part::HadaW2B)],
+        };
+        for &(t, a, b) in halves {
+            let [name_t, name_a, name_b] = [t, a, b].map(part_name);
+            let (Some(core), Some(wa), Some(wb)) = (self.get(t), self.get(a), self.get(b)) else {
+                return Err(format!("a Tucker-decomposed half needs `{name_t}`, `{name_a}` and `{name_b}`"));
+            };
+            let (a_t, m) = untucker(core, wa, wb).map_err(|e| format!("the Tucker-decomposed half `{name_t}` / `{name_a}` / `{name_b}`: {e}"))?;
+            out.insert(a, a_t);
+            out.insert(b, m);
+        }
+        let converted: Vec<Part> = halves.iter().flat_map(|(t, a, b)| [*t, *a, *b]).collect();
+        for (part, t) in &self.found {
+            if tucker.contains(part) && !converted.contains(part) {
+                return Err(format!("`{}` without the other Tucker-decomposed half's tensors", part_name(*part)));
+            }
+            if !converted.contains(part) {
+                out.insert(*part, t.clone());
+            }
+        }
+        Ok(out)
     }
 
     /// LoHa's four halves, and their rank (for the scale).
@@ -302,6 +336,54 @@ impl Factors {
         }
         Ok((up, down))
     }
+}
+
+/// The Tucker core `t [r₁, r₂, kh, kw]` contracted with `b [r₂, in]` (trailing 1s
+/// allowed): `m [r₁, in·kh·kw]` with `m[i, (c, h, w)] = Σⱼ t[i, j, h, w] · b[j, c]`,
+/// accumulated in f64. LoCon's `lora_mid` with its `lora_down` is the same product.
+pub(super) fn tucker_core(t: &HostTensor, b: &HostTensor) -> std::result::Result<HostTensor, String> {
+    let (&[r1, r2, kh, kw], Some(&rows)) = (t.shape.as_slice(), b.shape.first()) else {
+        return Err(format!("the core must be 4-d [r, r, kh, kw], got {:?}", t.shape));
+    };
+    let input = b.data.len() / rows.max(1);
+    if rows != r2 || b.shape.len() < 2 || b.shape[2..].iter().any(|d| *d != 1) {
+        return Err(format!("the core {:?} does not fit the half {:?} ([{r2}, in] expected)", t.shape, b.shape));
+    }
+    let k = kh * kw;
+    if r1.checked_mul(input).and_then(|n| n.checked_mul(k)).is_none_or(|n| n > MAX_UPDATE) {
+        return Err(format!("the half would be [{r1}, {input}·{kh}·{kw}], larger than any layer this reads"));
+    }
+    let mut m = vec![0f32; r1 * input * k];
+    let mut acc = vec![0f64; input * k];
+    for i in 0..r1 {
+        acc.fill(0.0);
+        for j in 0..r2 {
+            let core = &t.data[(i * r2 + j) * k..][..k];
+            for (c, bv) in b.data[j * input..][..input].iter().enumerate() {
+                for (s, tv) in acc[c * k..][..k].iter_mut().zip(core) {
+                    *s += f64::from(*tv) * f64::from(*bv);
+                }
+            }
+        }
+        for (d, s) in m[i * input * k..][..input * k].iter_mut().zip(&acc) {
+            *d = *s as f32;
+        }
+    }
+    HostTensor::new(vec![r1, input * k], m).map_err(|e| e.to_string())
+}
+
+/// A Tucker-decomposed half (`t`, `a [r₁, out]`, `b [r₂, in]`) as the non-Tucker halves
+/// `(aᵀ [out, r₁], m [r₁, in·kh·kw])` ([`tucker_core`]).
+fn untucker(t: &HostTensor, a: &HostTensor, b: &HostTensor) -> std::result::Result<(HostTensor, HostTensor), String> {
+    let m = tucker_core(t, b)?;
+    let (&[r1, out], Some(&tr)) = (a.shape.as_slice(), t.shape.first()) else {
+        return Err(format!("the outer half must be 2-d [r, out], got {:?}", a.shape));
+    };
+    if r1 != tr {
+        return Err(format!("the outer half {:?} does not fit the core {:?}", a.shape, t.shape));
+    }
+    let transposed = (0..out).flat_map(|o| (0..r1).map(move |i| a.data[i * out + o])).collect();
+    Ok((HostTensor::new(vec![out, r1], transposed).map_err(|e| e.to_string())?, m))
 }
 
 /// A 2-d adapter of a convolution with kernel `[kh, kw]` (LyCORIS' flattened `down`

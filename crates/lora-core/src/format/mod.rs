@@ -62,6 +62,8 @@ struct Parts {
     up: Option<HostTensor>,
     alpha: Option<f32>,
     magnitude: Option<HostTensor>,
+    /// LoCon's Tucker core (`lora_mid`, kohya layout).
+    mid: Option<HostTensor>,
     /// LyCORIS LoHa / LoKr tensors (kohya layout).
     lycoris: lycoris::Tensors,
     keys: Vec<String>,
@@ -75,6 +77,8 @@ enum Role {
     Alpha,
     /// DoRA's magnitude (`dora_scale`, `lora_magnitude_vector`).
     Magnitude,
+    /// LoCon's Tucker core (`lora_mid`).
+    Mid,
     /// A LyCORIS LoHa / LoKr tensor.
     Lycoris(lycoris::Part),
 }
@@ -106,6 +110,7 @@ fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped
             Role::Down => entry.down = Some(tensor),
             Role::Up => entry.up = Some(tensor),
             Role::Magnitude => entry.magnitude = Some(tensor),
+            Role::Mid => entry.mid = Some(tensor),
             Role::Lycoris(part) => entry.lycoris.insert(part, tensor),
             Role::Alpha => {
                 if tensor.numel() != 1 {
@@ -144,12 +149,23 @@ fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str), format: 
             })
         }
     };
-    let rank = down.shape.first().copied().unwrap_or(0) as f32;
     let bad = |reason: String| LoraError::BadTensor {
         path: path.to_path_buf(),
         key: name.to_string(),
         reason,
     };
+    // LoCon's Tucker form: `lora_mid` folded into a `lora_down` with the kernel, the
+    // convolution LoRA of the same update.
+    let down = match parts.mid {
+        Some(mid) => {
+            let (r, input) = (mid.shape.first().copied().unwrap_or(0), down.shape.get(1).copied().unwrap_or(0));
+            let folded = lycoris::tucker_core(&mid, &down).map_err(|e| bad(format!("`lora_mid`: {e}")))?;
+            let kernel = mid.shape.get(2..4).map_or(vec![1, 1], <[usize]>::to_vec);
+            HostTensor { shape: vec![r, input, kernel[0], kernel[1]], data: folded.data }
+        }
+        None => down,
+    };
+    let rank = down.shape.first().copied().unwrap_or(0) as f32;
     let magnitude = parts.magnitude.map(|m| output_magnitude(m, up.shape.first().copied().unwrap_or(0), format)).transpose().map_err(bad)?;
     let weights = LoraWeights {
         down,
@@ -170,8 +186,8 @@ fn finish_lycoris(parts: Parts, name: &str, path: &Path) -> Result<LoraWeights> 
         key: name.to_string(),
         reason,
     };
-    if parts.down.is_some() || parts.up.is_some() {
-        return Err(bad("the module has both LoRA (`lora_down` / `lora_up`) and LyCORIS tensors".into()));
+    if parts.down.is_some() || parts.up.is_some() || parts.mid.is_some() {
+        return Err(bad("the module has both LoRA (`lora_down` / `lora_up` / `lora_mid`) and LyCORIS tensors".into()));
     }
     let weights = parts.lycoris.to_lora(parts.alpha, name, path)?;
     match parts.magnitude {

@@ -28,7 +28,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Bool, Device, ElementConversion, FloatDType, Int, Slice, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use super::{decimal, FlatAdamW, BIAS_TABLE_MIN};
+use super::{decimal, FlatAdamW, TorchLayout, BIAS_TABLE_MIN};
 use crate::error::{LoraError, Result};
 
 /// The package's stride through each tensor for Prodigy's statistics.
@@ -202,7 +202,8 @@ struct Factored {
 /// The package's `factored_dims`: the indices of the two largest dimensions (ties to the
 /// later one), when the tensor has two or more dimensions and one of at least 32.
 fn factored_dims(shape: &[usize]) -> Option<Factored> {
-    if shape.len() < 2 || shape.iter().all(|d| *d < MIN_DIM_TO_FACTOR) {
+    // An empty tensor has nothing to factor.
+    if shape.len() < 2 || shape.contains(&0) || shape.iter().all(|d| *d < MIN_DIM_TO_FACTOR) {
         return None;
     }
     let mut sorted: Vec<(usize, usize)> = shape.iter().copied().zip(0..).collect();
@@ -257,7 +258,12 @@ struct Layout<B: AutodiffBackend> {
     /// 1 for the groups that train (a factor other than 0), 0 for the others: kohya leaves
     /// a group at a learning rate of 0 out of the optimizer, and so out of the mean.
     live: Tensor<B::InnerBackend, 1>,
+    /// The same on the host.
+    live_groups: Vec<bool>,
     live_count: usize,
+    /// Per tensor in the optimizer's order, whether its group is at a factor of 0: it
+    /// neither moves (not by weight decay either) nor counts in pooled sums.
+    frozen: Vec<bool>,
     /// Each group's last tensor, in the optimizer's order.
     last_tensor: Vec<usize>,
 }
@@ -328,6 +334,44 @@ pub(super) struct ProdigyPlus<B: AutodiffBackend> {
     scalars: Tensor<B::InnerBackend, 1>,
     tables: Tables<B>,
     masks: Option<PresentMasks<B>>,
+    /// The last step's per-group sums and the scalars before it, for
+    /// [`share_prodigy_plus`] to pool groups across optimizers.
+    pending: Option<Pending<B>>,
+}
+
+/// What a step's estimate came from, per group: the estimate, `d_prev` and numerator before
+/// the step, the step's sums, whether the estimate was to move (`prodigy_steps`) and
+/// whether the step happened.
+#[derive(Debug, Clone)]
+struct Pending<B: AutodiffBackend> {
+    d: Tensor<B::InnerBackend, 1>,
+    d_prev: Tensor<B::InnerBackend, 1>,
+    numerator: Tensor<B::InnerBackend, 1>,
+    run_num: Tensor<B::InnerBackend, 1>,
+    run_den: Tensor<B::InnerBackend, 1>,
+    moves: Tensor<B::InnerBackend, 1, Bool>,
+}
+
+/// Prodigy's new estimate and numerator from the estimate `d`, the running `numerator` and
+/// a step's sums (per group, or pooled).
+fn estimate<B: burn::tensor::backend::Backend>(
+    s: &ProdigyPlusSettings,
+    d: Tensor<B, 1>,
+    numerator: Tensor<B, 1>,
+    run_num: Tensor<B, 1>,
+    run_den: Tensor<B, 1>,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let decayed = numerator.mul_scalar(s.beta_3());
+    let grown = d.clone().greater_elem(s.d0);
+    let negative = run_num.clone().lower_elem(0.0);
+    let held = decayed.clone().mask_where(grown, decayed.clone().min_pair(run_num.clone()));
+    let new_numerator = decayed.add(run_num).mask_where(negative, held);
+    let d_hat = new_numerator.clone().mul_scalar(s.d_coef).atan2(run_den);
+    let mut new_d = d.clone().max_pair(d_hat);
+    if s.use_speed {
+        new_d = new_d.min_pair(d.powf_scalar(0.975));
+    }
+    (new_d, new_numerator)
 }
 
 /// OrthoGrad (the package's `orthograd`): each row of `grad` (one tensor each) without its
@@ -418,16 +462,21 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         for (i, g) in tensor_groups.iter().enumerate() {
             last_tensor[*g] = i;
         }
-        // Tensors by shape, in order of first appearance.
+        // Tensors by their PyTorch shape, in order of first appearance.
         let mut by_shape: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
         for (i, id) in self.order.iter().enumerate() {
-            let shape = &self.slots[id].shape;
+            let slot = &self.slots[id];
+            let shape = match &slot.torch {
+                Some(TorchLayout::Transposed) => vec![slot.shape[1], slot.shape[0]],
+                Some(TorchLayout::Reshaped(shape)) => shape.clone(),
+                None => slot.shape.clone(),
+            };
             if shape.len() > 4 {
                 return Err(LoraError::Optimizer(format!("Prodigy + schedule-free: a tensor of {} dimensions (at most 4)", shape.len())));
             }
-            match by_shape.iter_mut().find(|(s, _)| s == shape) {
+            match by_shape.iter_mut().find(|(s, _)| *s == shape) {
                 Some((_, members)) => members.push(i),
-                None => by_shape.push((shape.clone(), vec![i])),
+                None => by_shape.push((shape, vec![i])),
             }
         }
         let (mut to_grouped, mut tensor_order, mut shapes) = (Vec::with_capacity(len), Vec::new(), Vec::new());
@@ -452,8 +501,17 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 groups: ints::<B>(members.iter().map(|i| tensor_groups[*i] as i64).collect(), &device),
             };
             for i in &members {
-                let offset = self.slots[&self.order[*i]].offset;
-                to_grouped.extend((offset..offset + len_t).map(|e| e as i64));
+                let slot = &self.slots[&self.order[*i]];
+                let offset = slot.offset;
+                match slot.torch == Some(TorchLayout::Transposed) {
+                    // PyTorch's row-major order of the transpose: its element (r, c) is
+                    // ours (c, r).
+                    true => {
+                        let (torch_rows, torch_cols) = (shape[0], shape[1]);
+                        to_grouped.extend((0..torch_rows).flat_map(|r| (0..torch_cols).map(move |c| (offset + c * torch_rows + r) as i64)));
+                    }
+                    false => to_grouped.extend((offset..offset + len_t).map(|e| e as i64)),
+                }
                 tensor_order.push(*i);
             }
             sliced_len += group.tensors * group.sliced;
@@ -506,7 +564,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             sum_matrix: Tensor::from_data(TensorData::new(sum, [groups, tensors]), &device),
             groups,
             live: Tensor::from_data(TensorData::new(factors.iter().map(|f| f32::from(u8::from(*f != 0.0))).collect::<Vec<_>>(), [groups]), &device),
+            live_groups: factors.iter().map(|f| *f != 0.0).collect(),
             live_count: factors.iter().filter(|f| **f != 0.0).count(),
+            frozen: tensor_groups.iter().map(|g| factors[*g] == 0.0).collect(),
             factors: Tensor::from_data(TensorData::new(factors, [groups]), &device),
             last_tensor,
         };
@@ -533,6 +593,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             tables: Tables::new(&settings, BIAS_TABLE_MIN, &device),
             layout,
             masks: None,
+            pending: None,
         });
         Ok(self)
     }
@@ -628,6 +689,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let g = p.layout.groups;
         let k: f32 = state.scalars.clone().slice(4 * g..4 * g + 1).into_scalar().elem();
         (p.z, p.rows, p.cols, p.p0, p.s, p.scalars) = (state.z, state.rows, state.cols, state.p0, state.s, state.scalars);
+        p.pending = None;
         self.raise_time_bound(k.max(0.0) as usize);
         Ok(())
     }
@@ -658,8 +720,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// docs](self)); `present` marks the tensors with a gradient, `apply` (one value)
     /// whether the step happens at all.
     pub(super) fn prodigy_plus_step(&mut self, lr: f64, grad: Tensor<B::InnerBackend, 1>, present: &[bool], apply: Option<Tensor<B::InnerBackend, 1, Bool>>) {
-        let Some(masks) = self.prodigy_plus_masks(present) else { return };
-        let flat_present = self.present_mask(present);
+        // A group at a factor of 0 is out of the optimizer, as in kohya: as if without a
+        // gradient.
+        let Some(frozen) = self.prodigy_plus.as_ref().map(|p| &p.layout.frozen) else { return };
+        let present: Vec<bool> = present.iter().zip(frozen).map(|(p, f)| *p && !*f).collect();
+        let Some(masks) = self.prodigy_plus_masks(&present) else { return };
+        let flat_present = self.present_mask(&present);
         let Some(mut st) = self.prodigy_plus.take() else { return };
         self.raise_time_bound(self.time_bound + 1);
         let device = self.params.device();
@@ -720,6 +786,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         for g in &st.layout.shapes {
             let (n, l) = (g.tensors, g.len);
             if n * l == 0 {
+                // Empty tensors: no values, nothing to the sums.
+                numerators.push(Tensor::zeros([n], &device));
+                denominators.push(Tensor::zeros([n], &device));
                 continue;
             }
             let [a, b, c, e] = g.dims;
@@ -872,16 +941,15 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             0 => Tensor::<B::InnerBackend, 1, Bool>::from_bool([true].into(), &device),
             steps => k.clone().lower_elem(steps as f64),
         };
-        let decayed = numerator.clone().mul_scalar(beta_3);
-        let grown = d.clone().greater_elem(s.d0);
-        let negative = run_num.clone().lower_elem(0.0);
-        let held = decayed.clone().mask_where(grown, decayed.clone().min_pair(run_num.clone()));
-        let new_numerator = decayed.add(run_num).mask_where(negative, held);
-        let d_hat = new_numerator.clone().mul_scalar(s.d_coef).atan2(run_den);
-        let mut new_d = d.clone().max_pair(d_hat);
-        if s.use_speed {
-            new_d = new_d.min_pair(d.clone().powf_scalar(0.975));
-        }
+        st.pending = Some(Pending {
+            d: d.clone(),
+            d_prev: d_prev.clone(),
+            numerator: numerator.clone(),
+            run_num: run_num.clone(),
+            run_den: run_den.clone(),
+            moves: active.clone().bool_and(happens.clone()),
+        });
+        let (new_d, new_numerator) = estimate(&s, d.clone(), numerator.clone(), run_num, run_den);
         let (new_d, new_d_prev, new_numerator) = match s.split_groups && groups > 1 {
             true => (new_d, d.clone(), new_numerator),
             false => {
@@ -919,8 +987,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let means: Vec<_> = layout
             .shapes
             .iter()
-            .filter(|g| g.tensors * g.len > 0)
-            .map(|g| grouped.clone().slice(g.offset..g.offset + g.tensors * g.len).reshape([g.tensors, g.len]).mean_dim(1).reshape([g.tensors]))
+            .map(|g| match g.len {
+                // Empty tensors keep their places in the tensor order.
+                0 => Tensor::zeros([g.tensors], &grouped.device()),
+                l => grouped.clone().slice(g.offset..g.offset + g.tensors * l).reshape([g.tensors, l]).mean_dim(1).reshape([g.tensors]),
+            })
             .collect();
         Tensor::cat(means, 0).select(0, layout.element_tensor.clone())
     }
@@ -931,12 +1002,19 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     }
 }
 
-/// Shares the harmonic mean of the parameter groups' estimates among several Prodigy +
-/// schedule-free optimizers of one run (one per model: a UNet's and a text encoder's), as
-/// one `ProdigyPlusScheduleFree` over all their groups steps them: call it after each
-/// round of steps. Groups at a learning-rate factor of 0 do not count (kohya leaves them
-/// out of the optimizer). Without `split_groups` and `split_groups_mean` (in any of them)
-/// it does nothing: each optimizer steps at its own estimate. On the device, no read.
+/// Makes several Prodigy + schedule-free optimizers of one run (one per model: a UNet's
+/// and its text encoders') step as the package's one `ProdigyPlusScheduleFree` over all
+/// their groups: call it after each round of steps, the optimizers in the package's order
+/// of groups (kohya's: the text encoders' first). `pools` lists the groups that are one
+/// group there, each as `(optimizer, group)` pairs (kohya puts SDXL's two text encoders'
+/// adapters in one group, and their LoRA+ `up` weights in another): their sums make one
+/// estimate. Then, with `split_groups` and `split_groups_mean`, all step at the harmonic
+/// mean of the groups' estimates (a pool counts once; groups at a learning-rate factor of 0
+/// and optimizers that train nothing do not count, as kohya leaves them out). Without
+/// `split_groups` the package pools every group into its first: so do all the optimizers
+/// here, `pools` unneeded. The settings are the first optimizer's; optimizers without
+/// Prodigy + schedule-free are left alone. On the device, no read. Errors on a pool
+/// naming an optimizer or group that is not there.
 ///
 /// ```
 /// use burn::backend::{Autodiff, Flex};
@@ -947,30 +1025,82 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 /// let device = Default::default();
 /// let (unet, te) = (LinearConfig::new(4, 2).init::<B>(&device), LinearConfig::new(3, 2).init::<B>(&device));
 /// let new = |m: &burn::nn::Linear<B>| FlatAdamW::new(AdamWSettings::default(), m, &device).with_prodigy_plus(ProdigyPlusSettings::default(), |_| 0).unwrap();
-/// let (mut a, mut b) = (new(&unet), new(&te));
-/// share_prodigy_plus(&mut [&mut a, &mut b]);
-/// let d: f32 = a.prodigy_plus_step_d().unwrap().into_scalar();
+/// let (mut a, mut b) = (new(&te), new(&unet));
+/// share_prodigy_plus(&mut [&mut a, &mut b], &[]).unwrap();
+/// let d: f32 = b.prodigy_plus_step_d().unwrap().into_scalar();
 /// assert!((d - 1e-6).abs() < 1e-12, "the mean of two starting estimates: {d}");
 /// ```
-pub fn share_prodigy_plus<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>]) {
-    let sharing = |o: &FlatAdamW<B>| o.prodigy_plus_settings().is_some_and(|s| s.split_groups && s.split_groups_mean);
-    if optims.is_empty() || !optims.iter().all(|o| sharing(o)) {
-        return;
-    }
-    // The groups that train (a learning-rate factor other than 0) count.
-    let (mut inverses, mut count) = (Vec::new(), 0);
-    // An optimizer that trains nothing has no groups to count.
-    for o in optims.iter().filter(|o| !o.is_empty()) {
-        if let Some(p) = &o.prodigy_plus {
-            inverses.push(p.scalars.clone().slice(0..p.layout.groups).recip().mul(p.layout.live.clone()));
-            count += p.layout.live_count;
+pub fn share_prodigy_plus<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pools: &[Vec<(usize, usize)>]) -> Result<()> {
+    let groups_of = |o: &FlatAdamW<B>| o.prodigy_plus.as_ref().filter(|_| !o.is_empty()).map(|p| p.layout.groups);
+    for &(o, g) in pools.iter().flatten() {
+        if optims.get(o).and_then(|o| groups_of(o)).is_none_or(|groups| g >= groups) {
+            return Err(LoraError::Optimizer(format!("Prodigy + schedule-free: a pooled group ({o}, {g}) names no optimizer's parameter group")));
         }
     }
+    let Some(settings) = optims.iter().find_map(|o| o.prodigy_plus_settings()) else { return Ok(()) };
+    let pools: Vec<Vec<(usize, usize)>> = match settings.split_groups {
+        true => pools.to_vec(),
+        false => vec![optims.iter().enumerate().filter(|(_, o)| groups_of(o).is_some()).map(|(i, _)| (i, 0)).collect()],
+    };
+    for pool in pools.iter().filter(|p| p.len() > 1) {
+        pool_groups(optims, pool, &settings);
+    }
+    if !(settings.split_groups && settings.split_groups_mean) {
+        return Ok(());
+    }
+    // The groups that train count, a pool once.
+    let (mut inverses, mut count) = (Vec::new(), 0);
+    for (i, o) in optims.iter().enumerate() {
+        let (Some(groups), Some(p)) = (groups_of(o), o.prodigy_plus.as_ref()) else { continue };
+        let mut counted = vec![1f32; groups];
+        for pool in &pools {
+            pool.iter().skip(1).filter(|(o, _)| *o == i).for_each(|(_, g)| counted[*g] = 0.0);
+        }
+        count += counted.iter().zip(&p.layout.live_groups).filter(|(c, live)| **c != 0.0 && **live).count();
+        let counted = Tensor::from_data(TensorData::new(counted, [groups]), &p.scalars.device()).mul(p.layout.live.clone());
+        inverses.push(p.scalars.clone().slice(0..groups).recip().mul(counted));
+    }
     if count == 0 {
-        return;
+        return Ok(());
     }
     let mean = Tensor::cat(inverses, 0).sum().recip().mul_scalar(count as f64);
     for o in optims.iter_mut() {
         o.set_prodigy_plus_shared_d(mean.clone());
+    }
+    Ok(())
+}
+
+/// One estimate for the groups of `pool` from their last step's sums together; without
+/// `split_groups` (the pool is each optimizer's first group, which holds its sums) it is
+/// every group's, and only the first optimizer's `d_prev` follows, as the package's first
+/// group's alone does.
+fn pool_groups<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pool: &[(usize, usize)], s: &ProdigyPlusSettings) {
+    let pending: Option<Vec<(Pending<B>, usize)>> = pool.iter().map(|&(o, g)| optims[o].prodigy_plus.as_ref().and_then(|p| p.pending.clone()).map(|q| (q, g))).collect();
+    let Some(pending) = pending else { return };
+    let at = |t: &Tensor<B::InnerBackend, 1>, g: usize| t.clone().slice(g..g + 1);
+    let Some((first, g0)) = pending.first() else { return };
+    let (Some(run_num), Some(run_den)) = (
+        pending.iter().map(|(q, g)| at(&q.run_num, *g)).reduce(|a, b| a.add(b)),
+        pending.iter().map(|(q, g)| at(&q.run_den, *g)).reduce(|a, b| a.add(b)),
+    ) else {
+        return;
+    };
+    let (d, numerator) = (at(&first.d, *g0), at(&first.numerator, *g0));
+    let (new_d, new_numerator) = estimate(s, d.clone(), numerator.clone(), run_num, run_den);
+    let new_d = d.mask_where(first.moves.clone(), new_d);
+    let new_numerator = numerator.mask_where(first.moves.clone(), new_numerator);
+    for (i, (&(o, g), (q, _))) in pool.iter().zip(&pending).enumerate() {
+        let Some(p) = optims[o].prodigy_plus.as_mut() else { continue };
+        let groups = p.layout.groups;
+        let (range, d_prev) = match s.split_groups {
+            true => (g..g + 1, None),
+            false => (0..groups, (i > 0).then(|| at(&q.d_prev, 0))),
+        };
+        let n = range.len();
+        p.scalars = p.scalars.clone().slice_assign(range.clone(), new_d.clone().expand([n]));
+        p.scalars = p.scalars.clone().slice_assign(2 * groups + range.start..2 * groups + range.end, new_numerator.clone().expand([n]));
+        if let Some(d_prev) = d_prev {
+            p.scalars = p.scalars.clone().slice_assign(groups..groups + 1, d_prev);
+        }
     }
 }
