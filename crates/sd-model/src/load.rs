@@ -650,6 +650,56 @@ pub fn load_vae_single_file<B: Backend>(model: &mut AutoencoderKl<B>, file: &Wei
     apply_mapping(model, file, mapping, unexpected, "vae", dtype)
 }
 
+/// Loads the VAE from a file of its own in the original (LDM) layout, keys without the
+/// checkpoint's `first_stage_model.` prefix (`encoder.down.0.block.0.conv1.weight`, as
+/// `vae-ft-mse-840000-ema-pruned.safetensors` has them).
+pub fn load_vae_ldm_file<B: Backend>(model: &mut AutoencoderKl<B>, file: &WeightFile, dtype: DType) -> Result<()> {
+    let levels = model.encoder.down_blocks.len();
+    let mut mapping = Vec::new();
+    let mut unexpected = Vec::new();
+    for key in file.keys() {
+        match keymap::ldm_vae_path(key, levels) {
+            Some((path, squeeze_1x1)) => mapping.push((path, TensorSource { key: key.to_string(), rows: None, squeeze_1x1, transpose: false })),
+            None => unexpected.push(key.to_string()),
+        }
+    }
+    apply_mapping(model, file, mapping, unexpected, "vae", dtype)
+}
+
+/// Loads a VAE distributed apart from its model (kohya's `--vae`) into `model`, which the
+/// base model's VAE config built (the latent scale stays the base model's): a diffusers
+/// VAE folder (`diffusion_pytorch_model.safetensors`, or its `.fp16` sibling), a diffusers
+/// model folder (its `vae/`), or one `.safetensors` file holding the VAE under diffusers'
+/// names (`encoder.down_blocks.…`), in the original layout (`encoder.down.…`), or as a
+/// whole checkpoint's (`first_stage_model.…`). Errors name the path and what is missing,
+/// unexpected or of another shape.
+pub fn load_vae_from<B: Backend>(model: &mut AutoencoderKl<B>, path: &Path, options: &LoadOptions) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|source| SdModelError::Io { path: path.to_path_buf(), source })?;
+    let file = if meta.is_dir() {
+        let folder = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
+        let (full, half) = (folder.join("diffusion_pytorch_model.safetensors"), folder.join("diffusion_pytorch_model.fp16.safetensors"));
+        let order = if options.prefer_fp16_files { [half, full] } else { [full, half] };
+        let Some(found) = order.into_iter().find(|p| p.is_file()) else {
+            return Err(SdModelError::Layout {
+                path: folder,
+                reason: "not a VAE folder: expected diffusion_pytorch_model.safetensors or diffusion_pytorch_model.fp16.safetensors (or a model folder with vae/)".into(),
+            });
+        };
+        WeightFile::open(found)?
+    } else {
+        WeightFile::open(path)?
+    };
+    if file.keys().any(|k| k.starts_with("first_stage_model.")) {
+        load_vae_single_file(model, &file, options.dtype)
+    } else if file.keys().any(|k| k.starts_with("encoder.down_blocks.") || k.starts_with("decoder.up_blocks.")) {
+        load_vae_diffusers(model, &file, options.dtype)
+    } else if file.keys().any(|k| k.starts_with("encoder.down.") || k.starts_with("decoder.up.")) {
+        load_vae_ldm_file(model, &file, options.dtype)
+    } else {
+        Err(layout_error(&file, "no VAE found (expected diffusers' `encoder.down_blocks.*`, the original `encoder.down.*`, or a checkpoint's `first_stage_model.*`)"))
+    }
+}
+
 fn layout_error(file: &WeightFile, reason: &str) -> SdModelError {
     SdModelError::Layout {
         path: file.path.clone(),

@@ -127,3 +127,43 @@ fn explicit_loaders_accept_each_layout() {
     load::load_vae_single_file(&mut vae, &WeightFile::open(fixtures().join("sd1_single_file.safetensors")).unwrap(), DType::F32).unwrap();
     check_vae(&vae);
 }
+
+/// A VAE apart from its model (kohya's `--vae`) loads into the base model's VAE from every
+/// layout it comes in: a model folder, a VAE folder, a file with diffusers' names, a whole
+/// checkpoint, and a file in the original layout without the checkpoint's prefix (as
+/// `vae-ft-mse-840000-ema-pruned.safetensors`); the outputs are diffusers'. Anything else
+/// is an error naming the path.
+#[test]
+fn a_separate_vae_loads_from_each_layout() {
+    let config = ModelSource::detect(fixtures().join("sd1")).unwrap().vae_config().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The single file's VAE under its original names, without `first_stage_model.`.
+    let single = std::fs::read(fixtures().join("sd1_single_file.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&single).unwrap();
+    let vae_only: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter_map(|(k, v)| k.strip_prefix("first_stage_model.").map(|rest| (rest.to_string(), v))).collect();
+    assert!(vae_only.len() > 10);
+    let ldm = dir.path().join("vae-ldm.safetensors");
+    std::fs::write(&ldm, safetensors::tensor::serialize(vae_only, None).unwrap()).unwrap();
+    let paths = [
+        fixtures().join("sd1"),
+        fixtures().join("sd1/vae"),
+        fixtures().join("sd1/vae/diffusion_pytorch_model.fp16.safetensors"),
+        fixtures().join("sd1_single_file.safetensors"),
+        ldm,
+    ];
+    for path in &paths {
+        let mut vae = AutoencoderKl::<B>::new(&config, &Default::default()).unwrap();
+        load::load_vae_from(&mut vae, path, &LoadOptions::default()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        check_vae(&vae);
+    }
+    let mut vae = AutoencoderKl::<B>::new(&config, &Default::default()).unwrap();
+    for (path, expect) in [
+        (fixtures().join("sd1_lora_kohya.safetensors"), "no VAE found"),
+        (dir.path().to_path_buf(), "not a VAE folder"),
+        (dir.path().join("missing.safetensors"), "missing.safetensors"),
+    ] {
+        let err = load::load_vae_from(&mut vae, &path, &LoadOptions::default()).unwrap_err().to_string();
+        assert!(err.contains(expect) && err.contains(path.file_name().unwrap().to_str().unwrap()), "{}: {err}", path.display());
+    }
+}

@@ -26,6 +26,11 @@ pub struct ModelSection {
     /// 150 / 225 (any multiple of 75) to encode longer captions in rows of 75 tokens whose
     /// hidden states are joined (sd-scripts' layout).
     pub max_token_length: usize,
+    /// A VAE to encode the training images with instead of the model's own (kohya's `vae`;
+    /// `""` = the model's): a diffusers VAE folder, or a `.safetensors` file in diffusers' or
+    /// the original layout (e.g. `vae-ft-mse-840000-ema-pruned.safetensors`). The latent
+    /// scale stays the model's.
+    pub vae: String,
     /// LoRA files merged into the base model before training (kohya's `base_weights`), as
     /// `FILE[:STRENGTH]` (strength 1 by default): the new LoRA learns what they leave out,
     /// and is saved without them.
@@ -933,6 +938,7 @@ impl Default for TrainConfig {
                 tiny_seed: 0,
                 clip_skip: 1,
                 max_token_length: 75,
+                vae: String::new(),
                 base_weights: vec![],
             },
             data: DataSection {

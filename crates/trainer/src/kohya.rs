@@ -485,8 +485,11 @@ fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> 
         notes.push("v2: the model family (SD1.x, SD2.x or SDXL) is read from the checkpoint".into());
     }
     c.train.prediction = if o.flag("v_parameterization")? { Prediction::VPrediction } else { Prediction::Epsilon };
-    if let Some(vae) = o.string("vae")? {
-        notes.push(format!("vae = \"{vae}\" is not used: the checkpoint's own VAE encodes the images (a fine-tuned VAE encodes them almost alike)"));
+    if let Some(vae) = o.string("vae")?.filter(|v| !v.trim().is_empty()) {
+        if !Path::new(&vae).exists() {
+            return Err(o.err("vae", format!("= \"{vae}\" is not a file or folder here (Hugging Face repo ids are not downloaded): set model.vae to a local VAE folder or .safetensors file")));
+        }
+        c.model.vae = vae;
     }
     c.model.clip_skip = o.count("clip_skip")?.unwrap_or(1);
     if c.model.clip_skip > 1 && crate::models::is_sdxl(&c.model.pretrained).unwrap_or(false) {
@@ -1873,6 +1876,20 @@ wandb_run_name = "my_style"
         assert_eq!(import(MINIMAL).unwrap().config.data.caption_separator, ",");
         let e = TrainConfig::load(None, &["data.caption_separator=\"\"".into()]).unwrap_err().to_string();
         assert!(e.contains("data.caption_separator"), "{e}");
+    }
+
+    /// kohya's `vae` becomes `model.vae` when it is there; a Hugging Face id is an error
+    /// naming the key.
+    #[test]
+    fn vae_maps_when_it_is_a_local_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let vae = dir.path().join("vae.safetensors");
+        std::fs::write(&vae, b"").unwrap();
+        let c = import(&format!("{MINIMAL}vae = {:?}", vae.display().to_string())).unwrap().config;
+        assert_eq!(c.model.vae, vae.display().to_string());
+        assert_eq!(import(MINIMAL).unwrap().config.model.vae, "");
+        let e = error(&format!("{MINIMAL}vae = \"stabilityai/sd-vae-ft-mse\""));
+        assert!(e.contains("`vae`") && e.contains("not a file or folder"), "{e}");
     }
 
     /// The token warmup reaches the data settings (a step count or a fraction of the

@@ -212,6 +212,11 @@ enum Command {
         /// Write the final latents (before VAE decoding) to this safetensors file.
         #[arg(long)]
         save_latents: Option<PathBuf>,
+        /// Decode with this VAE instead of the model's own (as A1111's SD VAE setting): a
+        /// diffusers VAE folder, or a `.safetensors` file (diffusers or original layout, e.g.
+        /// vae-ft-mse-840000-ema-pruned.safetensors).
+        #[arg(long)]
+        vae: Option<PathBuf>,
     },
     /// Bake LoRAs into a checkpoint: a diffusers folder gives a folder, a single file a file.
     Merge {
@@ -576,6 +581,7 @@ struct GenerateFiles {
     out: PathBuf,
     init_latents: Option<PathBuf>,
     save_latents: Option<PathBuf>,
+    vae: Option<PathBuf>,
 }
 
 fn read_latents<B: Backend>(path: &std::path::Path, device: &B::Device) -> Result<burn::tensor::Tensor<B, 4>> {
@@ -611,6 +617,9 @@ fn run_generate<B: Backend>(
 ) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
+    if let Some(vae) = &files.vae {
+        trainer::models::load_separate_vae(&mut c, vae)?;
+    }
     if c.is_sdxl() && opts.clip_skip != 1 {
         anyhow::bail!("--clip-skip {}: SDXL always reads both encoders' penultimate layers; leave it at 1", opts.clip_skip);
     }
@@ -991,9 +1000,9 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, save_latents } => {
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, save_latents, vae } => {
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip, max_token_length };
-            let files = GenerateFiles { out, init_latents, save_latents };
+            let files = GenerateFiles { out, init_latents, save_latents, vae };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }

@@ -247,6 +247,11 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
     if !o.training_comment.is_empty() {
         keys.push(("ss_training_comment", o.training_comment.clone()));
     }
+    if !config.model.vae.is_empty() {
+        // sd-scripts' `ss_vae_name`: the file's (or folder's) name.
+        let vae = std::path::Path::new(&config.model.vae);
+        keys.push(("ss_vae_name", vae.file_name().map_or_else(|| config.model.vae.clone(), |n| n.to_string_lossy().into_owned())));
+    }
     // The configured rank and alpha, as sd-scripts always records them; the writer
     // replaces them with the adapters' own where it can read them (a LoKr whose halves
     // are all full has none).

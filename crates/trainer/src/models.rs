@@ -77,6 +77,18 @@ fn tokenizer_of(source: &ModelSource, sd2: bool) -> Result<ClipTokenizer, TrainE
     })
 }
 
+/// Replaces the VAE's weights with those of a VAE distributed apart from the model
+/// (`model.vae`, kohya's `--vae`, A1111's SD VAE): a diffusers VAE folder or model folder,
+/// or a `.safetensors` file in diffusers', the original or a checkpoint's layout
+/// ([`sd_model::load::load_vae_from`]). The architecture and the latent scale stay the
+/// base model's; errors name the file and the keys that do not fit.
+pub fn load_separate_vae<B: Backend>(c: &mut Components<B>, path: &std::path::Path) -> Result<(), TrainError> {
+    sd_model::load::load_vae_from(&mut c.vae, path, &LoadOptions::default())?;
+    // Stored dense, as the model's own (`lora_core::precision::pack_all`).
+    c.vae = lora_core::precision::pack_all(c.vae.clone());
+    Ok(())
+}
+
 /// Loads `pretrained` (`tiny`, `tiny-sdxl`, a diffusers folder or a single-file checkpoint).
 ///
 /// `tiny` is the built-in demo model: tiny configs with random weights drawn from

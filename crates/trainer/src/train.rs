@@ -944,6 +944,9 @@ fn run<B: AutodiffBackend>(
     // Frozen parts run on the inner (non-autodiff) backend; only the UNet (and the text
     // encoder when it has adapters) is differentiated. The VAE stays in f32.
     let mut frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
+    if !config.model.vae.is_empty() {
+        crate::models::load_separate_vae(&mut frozen, Path::new(&config.model.vae))?;
+    }
     check_sample_samplers::<B::InnerBackend>(config, &frozen.scheduler)?;
     let size_step = frozen.vae.downsample_factor() * frozen.unet.size_multiple();
     std::iter::once(&dataset).chain(validation.as_ref()).try_for_each(|d| check_bucket_sides(d, config, size_step))?;

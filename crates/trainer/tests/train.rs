@@ -328,6 +328,38 @@ fn text_encoder_only_training() {
     assert!(err.contains("unet_targets") && err.contains("text_encoder_targets"), "{err}");
 }
 
+/// `model.vae`: another VAE (the tiny model's of another seed, written in diffusers'
+/// layout) encodes the images, which changes the latents and so the losses, and the LoRA
+/// names it (`ss_vae_name`); the model's own VAE from a file trains as without the key; a
+/// file that holds no VAE is an error naming it.
+#[test]
+fn a_separate_vae_encodes_the_images() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let write_vae = |seed: u64, name: &str| {
+        let c = trainer::models::load_components::<Flex>("tiny", seed, &Default::default()).unwrap();
+        let path = dir.path().join(name);
+        sd_model::save::save_diffusers_component(&c.vae, &path, lora_core::SaveDtype::F32).unwrap();
+        path.display().to_string()
+    };
+    let (other, own) = (write_vae(7, "other-vae.safetensors"), write_vae(0, "own-vae.safetensors"));
+    let run = |vae: &str, out: &str| {
+        let mut config = quick_config(&dir.path().join(out), 2);
+        config.output.sample_prompts.clear();
+        config.model.vae = vae.into();
+        train::<B>(&config, &Default::default(), &mut |_| true)
+    };
+    let plain = run("", "plain").unwrap();
+    let with_other = run(&other, "other").unwrap();
+    let with_own = run(&own, "own").unwrap();
+    assert_ne!(plain.losses, with_other.losses);
+    assert_eq!(plain.losses, with_own.losses);
+    assert_eq!(lora_metadata(&with_other.lora)["ss_vae_name"], "other-vae.safetensors");
+    assert!(!lora_metadata(&plain.lora).contains_key("ss_vae_name"));
+    let err = run(&plain.lora.display().to_string(), "bad").unwrap_err().to_string();
+    assert!(err.contains("no VAE found") && err.contains(plain.lora.file_name().unwrap().to_str().unwrap()), "{err}");
+}
+
 #[test]
 fn text_encoder_adapters_train_and_save_with_the_unet_ones() {
     let _guard = seeded();
