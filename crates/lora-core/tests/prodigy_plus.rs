@@ -370,35 +370,50 @@ fn two_optimizers_share_their_groups_mean() {
     }
 }
 
-/// One of the package's groups split between two optimizers (SDXL's two text encoders,
-/// one group in kohya) and pooled: their sums make one estimate, counted once in the mean.
+/// The package's groups split between optimizers (SDXL's two text encoders are one group
+/// in kohya) and pooled: their sums make one estimate, counted once in the mean; a group's
+/// average advances when its last tensor (the pool's last optimizer's) had a gradient; and
+/// without `split_groups`, the first group's `d_prev` follows the estimate in every
+/// optimizer that holds part of it.
 #[test]
 fn a_group_split_between_optimizers_pools_its_sums() {
     let f = common::f32_fixture("prodigy_plus.safetensors");
-    for case in cases().into_iter().filter(|c| ["defaults", "grouped", "bias_speed"].contains(&c.name)) {
-        let parts = [vec![0, 2, 4], vec![5, 7], vec![1, 3, 6]];
+    // Group 0 (a, c, f, g, m) in two optimizers, group 1 (b, e, h) in two, `h` (group 1's
+    // last, without a gradient in some steps) alone in the last.
+    let parts = [vec![0, 2, 4], vec![5, 7], vec![1, 3], vec![6]];
+    let pools = [vec![(0, 0), (1, 0)], vec![(2, 0), (3, 0)]];
+    for case in cases().into_iter().filter(|c| ["defaults", "grouped", "bias_speed", "adopt_bias", "pooled"].contains(&c.name)) {
         let mut models: Vec<Model> = parts.iter().map(|p| Model::new(p)).collect();
         let mut optims: Vec<FlatAdamW<AD>> = models.iter().map(|m| case.optimizer(m)).collect();
+        let groups = case.group_lr.len();
         for s in 0..STEPS {
             for (o, m) in optims.iter_mut().zip(&mut models) {
                 step(o, m, &case, s);
             }
             let mut refs: Vec<&mut FlatAdamW<AD>> = optims.iter_mut().collect();
-            share_prodigy_plus(&mut refs, &[vec![(0, 0), (1, 0)]]).unwrap();
+            share_prodigy_plus(&mut refs, &pools[..groups]).unwrap();
             for (o, m) in optims.iter().zip(&models) {
                 check_step(&f, &case, s, m, o);
             }
-            let d: Vec<f32> = [0, 2].iter().flat_map(|i| optims[*i].prodigy_plus_d().unwrap().into_data().to_vec::<f32>().unwrap()).collect();
-            let groups = case.group_lr.len();
+            let d: Vec<f32> = [0, 2][..groups].iter().flat_map(|i| optims[*i].prodigy_plus_d().unwrap().into_data().to_vec::<f32>().unwrap()).collect();
             assert_close(&d, &f[&format!("{}.d", case.name)].1[s * groups..(s + 1) * groups], 1e-4, 0.0, &format!("{} step {s} d", case.name));
         }
     }
-    // A pool must name groups that are there.
-    let case = &cases()[0];
-    let model = Model::new(&[0]);
-    let mut o = case.optimizer(&model);
-    let err = share_prodigy_plus(&mut [&mut o], &[vec![(0, 0), (1, 0)]]).unwrap_err().to_string();
-    assert!(err.contains("(1, 0)"), "{err}");
+    // A pool must name groups that are there, each once, all training or none.
+    let case = &cases()[1];
+    let models = [Model::new(&[0]), Model::new(&[1])];
+    let mut o: Vec<FlatAdamW<AD>> = models.iter().map(|m| case.optimizer(m)).collect();
+    let frozen = Case { group_lr: &[1.0, 0.0], ..cases().swap_remove(1) };
+    o.push(frozen.optimizer(&models[1]));
+    let [a, b, c] = &mut o[..] else { unreachable!() };
+    for (pools, expect) in [
+        (vec![vec![(0, 0), (5, 0)]], "(5, 0)"),
+        (vec![vec![(0, 0), (0, 0)]], "pooled twice"),
+        (vec![vec![(0, 0), (2, 0)]], "mixes groups"),
+    ] {
+        let err = share_prodigy_plus(&mut [&mut *a, &mut *b, &mut *c], &pools).unwrap_err().to_string();
+        assert!(err.contains(expect), "{err}");
+    }
 }
 
 #[test]
@@ -489,31 +504,37 @@ fn bad_settings_and_groups_are_errors() {
 #[test]
 fn a_group_at_factor_zero_stays_out_of_the_optimizer() {
     let d = ProdigyPlusSettings { d0: 1e-4, weight_decay: 0.05, ..Default::default() };
-    let (live, frozen): (Vec<usize>, Vec<usize>) = all().into_iter().partition(|t| TENSORS[*t].3 == 0);
-    for settings in [ProdigyPlusSettings { weight_decay_by_lr: false, ..d }, ProdigyPlusSettings { split_groups: false, ..d }] {
-        let case = Case { name: "frozen", settings, group_lr: &[1.0, 0.0], no_grad: &[] };
-        let alone = Case { group_lr: &[1.0], ..case };
-        let (mut model, mut reference) = (Model::new(&all()), Model::new(&live));
-        let (mut optim, mut reference_optim) = (case.optimizer(&model), alone.optimizer(&reference));
-        for s in 0..STEPS {
-            step(&mut optim, &mut model, &case, s);
-            step(&mut reference_optim, &mut reference, &alone, s);
-            let d: Vec<f32> = optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
-            let expected: Vec<f32> = reference_optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
-            assert_close(&d[..1], &expected, 1e-5, 0.0, &format!("{settings:?} step {s} d"));
-            let shared: f32 = optim.prodigy_plus_step_d().unwrap().into_scalar();
-            let expected: f32 = reference_optim.prodigy_plus_step_d().unwrap().into_scalar();
-            assert_close(&[shared], &[expected], 1e-5, 0.0, &format!("{settings:?} step {s} shared d"));
-            for &t in &live {
-                let name = TENSORS[t].0;
-                assert_close(&model.values(&model.bag, t), &reference.values(&reference.bag, t), 1e-5, 1e-9, &format!("{settings:?} step {s} {name}"));
+    // Frozen: group 1, or group 0 (then the first group that trains takes the first's
+    // part without `split_groups`: its `d_prev` follows).
+    for (frozen_group, group_lr) in [(1, &[1.0f32, 0.0][..]), (0, &[0.0, 1.0][..])] {
+        let (frozen, live): (Vec<usize>, Vec<usize>) = all().into_iter().partition(|t| TENSORS[*t].3 == frozen_group);
+        for settings in [ProdigyPlusSettings { weight_decay_by_lr: false, ..d }, ProdigyPlusSettings { split_groups: false, ..d }] {
+            let case = Case { name: "frozen", settings, group_lr, no_grad: &[] };
+            let alone = Case { group_lr: &[1.0], ..case };
+            let (mut model, mut reference) = (Model::new(&all()), Model::new(&live));
+            let (mut optim, mut reference_optim) = (case.optimizer(&model), alone.optimizer(&reference));
+            let what = format!("group {frozen_group} frozen, {settings:?}");
+            for s in 0..STEPS {
+                step(&mut optim, &mut model, &case, s);
+                step(&mut reference_optim, &mut reference, &alone, s);
+                let d: Vec<f32> = optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
+                let expected: Vec<f32> = reference_optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
+                let live_group = 1 - frozen_group;
+                assert_close(&d[live_group..live_group + 1], &expected, 1e-5, 0.0, &format!("{what} step {s} d"));
+                let shared: f32 = optim.prodigy_plus_step_d().unwrap().into_scalar();
+                let expected: f32 = reference_optim.prodigy_plus_step_d().unwrap().into_scalar();
+                assert_close(&[shared], &[expected], 1e-5, 0.0, &format!("{what} step {s} shared d"));
+                for &t in &live {
+                    let name = TENSORS[t].0;
+                    assert_close(&model.values(&model.bag, t), &reference.values(&reference.bag, t), 1e-5, 1e-9, &format!("{what} step {s} {name}"));
+                }
             }
-        }
-        let d: Vec<f32> = optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
-        assert!(d[0] > 2e-4, "the live group's estimate grew: {d:?}");
-        for &t in &frozen {
-            assert_eq!(model.values(&model.bag, t), start(t), "tensor {} at factor 0 moved", TENSORS[t].0);
-            assert_eq!(model.values(&optim.to_eval(model.bag.clone()), t), start(t), "tensor {} at factor 0 moved", TENSORS[t].0);
+            let d: Vec<f32> = optim.prodigy_plus_d().unwrap().into_data().to_vec().unwrap();
+            assert!(d[1 - frozen_group] > 2e-4, "the live group's estimate grew: {d:?}");
+            for &t in &frozen {
+                assert_eq!(model.values(&model.bag, t), start(t), "tensor {} at factor 0 moved", TENSORS[t].0);
+                assert_eq!(model.values(&optim.to_eval(model.bag.clone()), t), start(t), "tensor {} at factor 0 moved", TENSORS[t].0);
+            }
         }
     }
 }

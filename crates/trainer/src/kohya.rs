@@ -1331,13 +1331,8 @@ fn estimate_groups(c: &TrainConfig, notes: &mut Vec<String>) {
     let name = match t.optimizer {
         Optimizer::Prodigy => "Prodigy",
         Optimizer::DadaptAdam => "DAdaptAdam",
-        Optimizer::ProdigyPlusScheduleFree => {
-            let both = l.text_encoder_targets != TextEncoderTargets::None && l.unet_targets != UnetTargets::None;
-            if both && !t.prodigy_plus_split_groups {
-                notes.push("ProdigyPlusScheduleFree with split_groups=False: sd-scripts pools the text encoder's and the UNet's groups into one estimate; here each model pools its own".into());
-            }
-            return;
-        }
+        // Its groups step as sd-scripts' one optimizer's (`share_prodigy_plus`).
+        Optimizer::ProdigyPlusScheduleFree => return,
         _ => return,
     };
     let te = l.text_encoder_targets != TextEncoderTargets::None && l.unet_targets != UnetTargets::None && t.text_encoder_lr != t.learning_rate;

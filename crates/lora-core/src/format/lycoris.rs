@@ -342,11 +342,16 @@ impl Factors {
 /// allowed): `m [r₁, in·kh·kw]` with `m[i, (c, h, w)] = Σⱼ t[i, j, h, w] · b[j, c]`,
 /// accumulated in f64. LoCon's `lora_mid` with its `lora_down` is the same product.
 pub(super) fn tucker_core(t: &HostTensor, b: &HostTensor) -> std::result::Result<HostTensor, String> {
-    let (&[r1, r2, kh, kw], Some(&rows)) = (t.shape.as_slice(), b.shape.first()) else {
+    let &[r1, r2, kh, kw] = t.shape.as_slice() else {
         return Err(format!("the core must be 4-d [r, r, kh, kw], got {:?}", t.shape));
     };
-    let input = b.data.len() / rows.max(1);
-    if rows != r2 || b.shape.len() < 2 || b.shape[2..].iter().any(|d| *d != 1) {
+    if t.shape.contains(&0) {
+        return Err(format!("the core {:?} is empty", t.shape));
+    }
+    let (Some(&rows), Some(&input)) = (b.shape.first(), b.shape.get(1)) else {
+        return Err(format!("the half must be [{r2}, in], got {:?}", b.shape));
+    };
+    if rows != r2 || input == 0 || b.shape[2..].iter().any(|d| *d != 1) {
         return Err(format!("the core {:?} does not fit the half {:?} ([{r2}, in] expected)", t.shape, b.shape));
     }
     let k = kh * kw;

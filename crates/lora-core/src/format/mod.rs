@@ -158,10 +158,10 @@ fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str), format: 
     // convolution LoRA of the same update.
     let down = match parts.mid {
         Some(mid) => {
-            let (r, input) = (mid.shape.first().copied().unwrap_or(0), down.shape.get(1).copied().unwrap_or(0));
             let folded = lycoris::tucker_core(&mid, &down).map_err(|e| bad(format!("`lora_mid`: {e}")))?;
-            let kernel = mid.shape.get(2..4).map_or(vec![1, 1], <[usize]>::to_vec);
-            HostTensor { shape: vec![r, input, kernel[0], kernel[1]], data: folded.data }
+            // `tucker_core` checked both: mid `[r, r, kh, kw]`, down `[r, in, 1, 1]`.
+            let shape = vec![mid.shape[0], down.shape[1], mid.shape[2], mid.shape[3]];
+            HostTensor::new(shape, folded.data).map_err(|e| bad(format!("`lora_mid`: {e}")))?
         }
         None => down,
     };

@@ -953,12 +953,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (new_d, new_d_prev, new_numerator) = match s.split_groups && groups > 1 {
             true => (new_d, d.clone(), new_numerator),
             false => {
-                // The first group's values for all; only its `d_prev` follows.
+                // The pooled values (in the first group's row) for all; only the first
+                // group's `d_prev` follows: the first that trains (kohya leaves the others
+                // out of the optimizer).
                 let first = |v: Tensor<B::InnerBackend, 1>| v.slice(0..1).expand([groups]);
-                let d_prev = match groups {
-                    1 => d.clone(),
-                    _ => Tensor::cat(vec![d.clone().slice(0..1), d_prev.clone().slice(1..groups)], 0),
-                };
+                let lead = st.layout.live_groups.iter().position(|l| *l).unwrap_or(0);
+                let d_prev = d_prev.clone().slice_assign(lead..lead + 1, d.clone().slice(lead..lead + 1));
                 (first(new_d), d_prev, first(new_numerator))
             }
         };
@@ -1006,15 +1006,18 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 /// and its text encoders') step as the package's one `ProdigyPlusScheduleFree` over all
 /// their groups: call it after each round of steps, the optimizers in the package's order
 /// of groups (kohya's: the text encoders' first). `pools` lists the groups that are one
-/// group there, each as `(optimizer, group)` pairs (kohya puts SDXL's two text encoders'
-/// adapters in one group, and their LoRA+ `up` weights in another): their sums make one
-/// estimate. Then, with `split_groups` and `split_groups_mean`, all step at the harmonic
-/// mean of the groups' estimates (a pool counts once; groups at a learning-rate factor of 0
-/// and optimizers that train nothing do not count, as kohya leaves them out). Without
-/// `split_groups` the package pools every group into its first: so do all the optimizers
-/// here, `pools` unneeded. The settings are the first optimizer's; optimizers without
-/// Prodigy + schedule-free are left alone. On the device, no read. Errors on a pool
-/// naming an optimizer or group that is not there.
+/// group there, each as `(optimizer, group)` pairs in the package's order of their tensors
+/// (kohya puts SDXL's two text encoders' adapters in one group, and their LoRA+ `up`
+/// weights in another): their sums make one estimate and, as one group's, their average
+/// advances when the pool's last tensor had a gradient. With `split_groups` and
+/// `split_groups_mean`, all step at the harmonic mean of the groups' estimates (a pool
+/// counts once; groups at a learning-rate factor of 0 and optimizers that train nothing do
+/// not count, as kohya leaves them out). Without `split_groups` every group's sums make
+/// one estimate, and only the package's first group (the first that trains, with its
+/// pool) has its `d_prev` follow it. The settings are the first optimizer's; optimizers
+/// without Prodigy + schedule-free are left alone. On the device, no read. Errors on a pool
+/// naming an optimizer or group that is not there, naming one twice, or mixing groups that
+/// train with groups at a factor of 0.
 ///
 /// ```
 /// use burn::backend::{Autodiff, Flex};
@@ -1031,19 +1034,35 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 /// assert!((d - 1e-6).abs() < 1e-12, "the mean of two starting estimates: {d}");
 /// ```
 pub fn share_prodigy_plus<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pools: &[Vec<(usize, usize)>]) -> Result<()> {
-    let groups_of = |o: &FlatAdamW<B>| o.prodigy_plus.as_ref().filter(|_| !o.is_empty()).map(|p| p.layout.groups);
-    for &(o, g) in pools.iter().flatten() {
-        if optims.get(o).and_then(|o| groups_of(o)).is_none_or(|groups| g >= groups) {
-            return Err(LoraError::Optimizer(format!("Prodigy + schedule-free: a pooled group ({o}, {g}) names no optimizer's parameter group")));
+    let layout_of = |o: &FlatAdamW<B>| o.prodigy_plus.as_ref().filter(|_| !o.is_empty()).map(|p| (p.layout.groups, p.layout.live_groups.clone()));
+    let mut seen = Vec::new();
+    for pool in pools {
+        let mut live = Vec::new();
+        for &(o, g) in pool {
+            let Some((_, live_groups)) = optims.get(o).and_then(|o| layout_of(o)).filter(|(groups, _)| g < *groups) else {
+                return Err(LoraError::Optimizer(format!("Prodigy + schedule-free: a pooled group ({o}, {g}) names no optimizer's parameter group")));
+            };
+            if seen.contains(&(o, g)) {
+                return Err(LoraError::Optimizer(format!("Prodigy + schedule-free: the group ({o}, {g}) is pooled twice")));
+            }
+            seen.push((o, g));
+            live.push(live_groups[g]);
+        }
+        if live.iter().any(|l| *l != live[0]) {
+            return Err(LoraError::Optimizer(format!("Prodigy + schedule-free: the pool {pool:?} mixes groups that train with groups at a learning-rate factor of 0")));
         }
     }
     let Some(settings) = optims.iter().find_map(|o| o.prodigy_plus_settings()) else { return Ok(()) };
-    let pools: Vec<Vec<(usize, usize)>> = match settings.split_groups {
-        true => pools.to_vec(),
-        false => vec![optims.iter().enumerate().filter(|(_, o)| groups_of(o).is_some()).map(|(i, _)| (i, 0)).collect()],
-    };
-    for pool in pools.iter().filter(|p| p.len() > 1) {
-        pool_groups(optims, pool, &settings);
+    let pools: Vec<&Vec<(usize, usize)>> = pools.iter().filter(|p| p.len() > 1).collect();
+    if settings.split_groups {
+        for pool in &pools {
+            pool_estimate(optims, pool, &settings);
+        }
+    } else {
+        pool_all(optims, &pools, &settings);
+    }
+    for pool in &pools {
+        share_weight_sum(optims, pool);
     }
     if !(settings.split_groups && settings.split_groups_mean) {
         return Ok(());
@@ -1051,12 +1070,12 @@ pub fn share_prodigy_plus<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], 
     // The groups that train count, a pool once.
     let (mut inverses, mut count) = (Vec::new(), 0);
     for (i, o) in optims.iter().enumerate() {
-        let (Some(groups), Some(p)) = (groups_of(o), o.prodigy_plus.as_ref()) else { continue };
+        let (Some((groups, live)), Some(p)) = (layout_of(o), o.prodigy_plus.as_ref()) else { continue };
         let mut counted = vec![1f32; groups];
         for pool in &pools {
             pool.iter().skip(1).filter(|(o, _)| *o == i).for_each(|(_, g)| counted[*g] = 0.0);
         }
-        count += counted.iter().zip(&p.layout.live_groups).filter(|(c, live)| **c != 0.0 && **live).count();
+        count += counted.iter().zip(&live).filter(|(c, live)| **c != 0.0 && **live).count();
         let counted = Tensor::from_data(TensorData::new(counted, [groups]), &p.scalars.device()).mul(p.layout.live.clone());
         inverses.push(p.scalars.clone().slice(0..groups).recip().mul(counted));
     }
@@ -1070,37 +1089,85 @@ pub fn share_prodigy_plus<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], 
     Ok(())
 }
 
-/// One estimate for the groups of `pool` from their last step's sums together; without
-/// `split_groups` (the pool is each optimizer's first group, which holds its sums) it is
-/// every group's, and only the first optimizer's `d_prev` follows, as the package's first
-/// group's alone does.
-fn pool_groups<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pool: &[(usize, usize)], s: &ProdigyPlusSettings) {
-    let pending: Option<Vec<(Pending<B>, usize)>> = pool.iter().map(|&(o, g)| optims[o].prodigy_plus.as_ref().and_then(|p| p.pending.clone()).map(|q| (q, g))).collect();
-    let Some(pending) = pending else { return };
-    let at = |t: &Tensor<B::InnerBackend, 1>, g: usize| t.clone().slice(g..g + 1);
-    let Some((first, g0)) = pending.first() else { return };
-    let (Some(run_num), Some(run_den)) = (
-        pending.iter().map(|(q, g)| at(&q.run_num, *g)).reduce(|a, b| a.add(b)),
-        pending.iter().map(|(q, g)| at(&q.run_den, *g)).reduce(|a, b| a.add(b)),
-    ) else {
-        return;
-    };
+/// The last step's [`Pending`] sums of the `(optimizer, group)` pairs, when each has them.
+fn pending_of<B: AutodiffBackend>(optims: &[&mut FlatAdamW<B>], pairs: &[(usize, usize)]) -> Option<Vec<(Pending<B>, usize)>> {
+    pairs.iter().map(|&(o, g)| optims[o].prodigy_plus.as_ref().and_then(|p| p.pending.clone()).map(|q| (q, g))).collect()
+}
+
+/// One value of a per-group vector.
+fn at<B: burn::tensor::backend::Backend>(t: &Tensor<B, 1>, g: usize) -> Tensor<B, 1> {
+    t.clone().slice(g..g + 1)
+}
+
+/// One value on the device, `[1]`.
+type Scalar<B> = Tensor<<B as AutodiffBackend>::InnerBackend, 1>;
+
+/// The estimate and numerator of the pairs' sums together, from the first pair's state
+/// (where the last step moved the estimate; else the state before it).
+fn joint_estimate<B: AutodiffBackend>(pending: &[(Pending<B>, usize)], s: &ProdigyPlusSettings) -> Option<(Scalar<B>, Scalar<B>)> {
+    let (first, g0) = pending.first()?;
+    let run_num = pending.iter().map(|(q, g)| at(&q.run_num, *g)).reduce(|a, b| a.add(b))?;
+    let run_den = pending.iter().map(|(q, g)| at(&q.run_den, *g)).reduce(|a, b| a.add(b))?;
     let (d, numerator) = (at(&first.d, *g0), at(&first.numerator, *g0));
     let (new_d, new_numerator) = estimate(s, d.clone(), numerator.clone(), run_num, run_den);
-    let new_d = d.mask_where(first.moves.clone(), new_d);
-    let new_numerator = numerator.mask_where(first.moves.clone(), new_numerator);
-    for (i, (&(o, g), (q, _))) in pool.iter().zip(&pending).enumerate() {
-        let Some(p) = optims[o].prodigy_plus.as_mut() else { continue };
-        let groups = p.layout.groups;
-        let (range, d_prev) = match s.split_groups {
-            true => (g..g + 1, None),
-            false => (0..groups, (i > 0).then(|| at(&q.d_prev, 0))),
-        };
-        let n = range.len();
-        p.scalars = p.scalars.clone().slice_assign(range.clone(), new_d.clone().expand([n]));
-        p.scalars = p.scalars.clone().slice_assign(2 * groups + range.start..2 * groups + range.end, new_numerator.clone().expand([n]));
-        if let Some(d_prev) = d_prev {
-            p.scalars = p.scalars.clone().slice_assign(groups..groups + 1, d_prev);
+    Some((d.mask_where(first.moves.clone(), new_d), numerator.mask_where(first.moves.clone(), new_numerator)))
+}
+
+/// Sets the estimate and numerator of `groups` (a range of one optimizer's groups).
+fn set_estimate<B: AutodiffBackend>(o: &mut FlatAdamW<B>, groups: std::ops::Range<usize>, d: &Tensor<B::InnerBackend, 1>, numerator: &Tensor<B::InnerBackend, 1>) {
+    let Some(p) = o.prodigy_plus.as_mut() else { return };
+    let (g, n) = (p.layout.groups, groups.len());
+    p.scalars = p.scalars.clone().slice_assign(groups.clone(), d.clone().expand([n]));
+    p.scalars = p.scalars.clone().slice_assign(2 * g + groups.start..2 * g + groups.end, numerator.clone().expand([n]));
+}
+
+/// With `split_groups`: one estimate for the groups of `pool` from their sums together.
+fn pool_estimate<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pool: &[(usize, usize)], s: &ProdigyPlusSettings) {
+    let Some((d, numerator)) = pending_of(optims, pool).and_then(|pending| joint_estimate(&pending, s)) else { return };
+    for &(o, g) in pool {
+        set_estimate(optims[o], g..g + 1, &d, &numerator);
+    }
+}
+
+/// Without `split_groups`: one estimate for every group of every optimizer from all their
+/// sums (each optimizer's step pooled its own into its first group's), and the `d_prev`
+/// that each step let follow kept only for the package's first group: the first optimizer
+/// with a group that trains, its first such group, and that group's pool.
+fn pool_all<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pools: &[&Vec<(usize, usize)>], s: &ProdigyPlusSettings) {
+    let first_live = |o: &FlatAdamW<B>| o.prodigy_plus.as_ref().filter(|_| !o.is_empty()).and_then(|p| p.layout.live_groups.iter().position(|l| *l));
+    let members: Vec<(usize, usize)> = optims.iter().enumerate().filter(|(_, o)| o.prodigy_plus.is_some() && !o.is_empty()).map(|(i, _)| (i, 0)).collect();
+    if members.len() < 2 {
+        return;
+    }
+    let Some(pending) = pending_of(optims, &members) else { return };
+    let Some((d, numerator)) = joint_estimate(&pending, s) else { return };
+    let leader = optims.iter().enumerate().find_map(|(i, o)| first_live(o).map(|g| (i, g)));
+    let leaders: Vec<(usize, usize)> = match leader {
+        Some(first) => pools.iter().find(|p| p.contains(&first)).map_or(vec![first], |p| p.to_vec()),
+        None => Vec::new(),
+    };
+    for ((o, _), (q, _)) in members.iter().zip(&pending) {
+        let groups = optims[*o].prodigy_plus.as_ref().map_or(0, |p| p.layout.groups);
+        set_estimate(optims[*o], 0..groups, &d, &numerator);
+        // The group whose `d_prev` the optimizer's own step let follow, unless it leads.
+        let Some(own) = first_live(optims[*o]) else { continue };
+        if !leaders.contains(&(*o, own)) {
+            if let Some(p) = optims[*o].prodigy_plus.as_mut() {
+                p.scalars = p.scalars.clone().slice_assign(groups + own..groups + own + 1, at(&q.d_prev, own));
+            }
+        }
+    }
+}
+
+/// A pool's average weight: the package's group sum `Σ (d·lr)²` advances when the group's
+/// last tensor (the pool's last member's) had a gradient; every member takes that one's.
+fn share_weight_sum<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pool: &[(usize, usize)]) {
+    let Some(&(last_o, last_g)) = pool.last() else { return };
+    let Some(sum) = optims[last_o].prodigy_plus.as_ref().map(|p| at(&p.scalars, 3 * p.layout.groups + last_g)) else { return };
+    for &(o, g) in &pool[..pool.len() - 1] {
+        if let Some(p) = optims[o].prodigy_plus.as_mut() {
+            let at_g = 3 * p.layout.groups + g;
+            p.scalars = p.scalars.clone().slice_assign(at_g..at_g + 1, sum.clone());
         }
     }
 }
