@@ -261,6 +261,12 @@ impl LatentCache {
                 "latent caching needs deterministic crops; turn random_crop off or disable the latent cache",
             ));
         }
+        if ds.has_color_aug() {
+            return Err(DataError::config(
+                "color_aug",
+                "latent caching needs the same pixels every epoch; turn color_aug off or disable the latent cache",
+            ));
+        }
         let identity = encoder.identity();
         let mut stats = CacheStats::default();
         let mut misses: BTreeMap<Reso, Vec<SamplePlan>> = BTreeMap::new();
@@ -283,6 +289,7 @@ impl LatentCache {
                     resized: a.resized,
                     crop,
                     flip,
+                    color: None,
                     loss_weight: 1.0,
                 };
                 if self

@@ -221,6 +221,11 @@ pub struct SubsetConfig {
     pub flip_aug: bool,
     /// Crop at a random offset instead of the center.
     pub random_crop: bool,
+    /// kohya's `color_aug`: a third of the samples get a small colour change, half of them
+    /// a hue rotation of up to ±16°, half a gamma of 0.95 to 1.05 on the 0–255 values (see
+    /// [`ColorAug`](crate::image_io::ColorAug)), drawn per sample and epoch. Latents then
+    /// cannot be cached.
+    pub color_aug: bool,
     /// Weigh the loss by each image's alpha channel (kohya's `alpha_mask`): transparent
     /// areas do not train, half-transparent ones half; images without alpha count fully.
     pub alpha_mask: bool,
@@ -270,6 +275,7 @@ impl Default for SubsetConfig {
             token_warmup_step: 0.0,
             flip_aug: false,
             random_crop: false,
+            color_aug: false,
             alpha_mask: false,
             mask_dir: None,
             secondary_separator: None,

@@ -11,6 +11,7 @@ use crate::bucket::{crop_offset, BucketAssignment, BucketManager, Reso};
 use crate::caption::CaptionTransform;
 use crate::config::{DatasetConfig, SubsetConfig};
 use crate::error::{DataError, Result};
+use crate::image_io::ColorAug;
 use crate::scan::{scan, scan_memory, ImageRecord, ResolvedSubset, Scan};
 
 /// One sample of a batch: which image, how it is cropped and flipped, and its caption.
@@ -28,6 +29,8 @@ pub struct SamplePlan {
     pub crop: Reso,
     /// Mirrored horizontally (after cropping).
     pub flip: bool,
+    /// Colour change (kohya's `color_aug`), applied before the flip.
+    pub color: Option<ColorAug>,
     /// Loss weight.
     pub loss_weight: f32,
 }
@@ -274,6 +277,7 @@ impl Dataset {
                 config: SubsetConfig {
                     flip_aug: false,
                     random_crop: false,
+                    color_aug: false,
                     shuffle_caption: false,
                     caption_dropout_rate: 0.0,
                     caption_dropout_every_n_epochs: 0,
@@ -430,6 +434,12 @@ impl Dataset {
         self.subsets.iter().any(|s| s.config.random_crop)
     }
 
+    /// Whether any subset changes colours (kohya's `color_aug`): samples then differ from
+    /// epoch to epoch, so their latents cannot be cached.
+    pub fn has_color_aug(&self) -> bool {
+        self.subsets.iter().any(|s| s.config.color_aug)
+    }
+
     /// Whether image `i` may be flipped.
     pub fn flip_aug(&self, i: usize) -> bool {
         self.subsets[self.images[i].subset].config.flip_aug
@@ -470,6 +480,8 @@ impl Dataset {
                 } else {
                     crop_offset::<ChaCha8Rng>(a.resized, a.bucket, None)
                 };
+                // Drawn only when on, so that other runs keep their random numbers.
+                let color = if subset.config.color_aug { ColorAug::draw(&mut rng) } else { None };
                 by_bucket.entry(a.bucket).or_default().push(SamplePlan {
                     image: i,
                     caption,
@@ -477,6 +489,7 @@ impl Dataset {
                     resized: a.resized,
                     crop,
                     flip,
+                    color,
                     loss_weight: subset.loss_weight,
                 });
             }

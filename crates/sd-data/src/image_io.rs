@@ -153,14 +153,114 @@ pub fn area_resize(plane: &[f32], (h, w): (usize, usize), (out_h, out_w): (usize
     out
 }
 
-/// Resizes `img` to `resized` (Lanczos3), crops `bucket` at `crop` = `(left, top)`, optionally
-/// mirrors it, and writes it as CHW `f32` in `[-1, 1]` to `out` (length `3 * w * h`).
+/// kohya's `color_aug`: one sample's colour change, drawn by
+/// [`ColorAug::draw`] and applied to its resized, cropped 8-bit pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ColorAug {
+    /// Rotates every pixel's hue by this many of OpenCV's 8-bit hue units (2° each; the
+    /// draw gives −8 to 8, i.e. up to ±16°), keeping saturation and value.
+    Hue(f32),
+    /// Raises every channel value `v` in `0..=255` to this power (the draw gives 0.95 to
+    /// 1.05) and clips it to 255. As in sd-scripts, the power applies to the 0–255 value,
+    /// not to `v / 255`: 1.05 brightens mid-grey 128 to 163 and clips from 195 up; 0.95
+    /// darkens 128 to 101 and white to 194.
+    Gamma(f32),
+}
+
+impl ColorAug {
+    /// sd-scripts' draw (`AugHelper.color_aug`): with probability 0.33 a change, then a
+    /// hue rotation or a gamma with equal odds; otherwise none.
+    ///
+    /// ```
+    /// use rand::SeedableRng;
+    /// use sd_data::image_io::ColorAug;
+    /// let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    /// let draws: Vec<_> = (0..3000).map(|_| ColorAug::draw(&mut rng)).collect();
+    /// let changed = draws.iter().filter(|d| d.is_some()).count();
+    /// assert!((900..1100).contains(&changed)); // about a third
+    /// assert!(draws.iter().flatten().all(|d| match *d {
+    ///     ColorAug::Hue(h) => (-8.0..=8.0).contains(&h),
+    ///     ColorAug::Gamma(g) => (0.95..=1.05).contains(&g),
+    /// }));
+    /// ```
+    pub fn draw<R: rand::Rng>(rng: &mut R) -> Option<Self> {
+        if rng.random::<f64>() > 0.33 {
+            return None;
+        }
+        Some(match rng.random::<f64>() > 0.5 {
+            true => Self::Hue(rng.random_range(-8.0..=8.0)),
+            false => Self::Gamma(rng.random_range(0.95..=1.05)),
+        })
+    }
+
+    /// One pixel's 8-bit RGB after the change, as `0.0..=255.0` (computed in floating
+    /// point: sd-scripts rounds the result to 8 bits).
+    ///
+    /// ```
+    /// use sd_data::image_io::ColorAug;
+    /// // Pure red rotated by 60 OpenCV units (120°) is pure green; greys keep their value.
+    /// let green = ColorAug::Hue(60.0).apply([255, 0, 0]);
+    /// assert!((green[0] - 0.0).abs() < 1e-3 && (green[1] - 255.0).abs() < 1e-3 && green[2].abs() < 1e-3);
+    /// assert_eq!(ColorAug::Hue(5.0).apply([90, 90, 90]), [90.0; 3]);
+    /// assert_eq!(ColorAug::Gamma(1.05).apply([255, 128, 0])[0], 255.0);
+    /// assert!((ColorAug::Gamma(0.95).apply([255, 128, 0])[1] - 128f32.powf(0.95)).abs() < 1e-3);
+    /// ```
+    pub fn apply(self, [r, g, b]: [u8; 3]) -> [f32; 3] {
+        let rgb = [f32::from(r), f32::from(g), f32::from(b)];
+        match self {
+            Self::Gamma(gamma) => rgb.map(|v| v.powf(gamma).clamp(0.0, 255.0)),
+            Self::Hue(shift) => {
+                let (h, s, v) = rgb_to_hsv(rgb);
+                hsv_to_rgb(((h + 2.0 * shift) % 360.0 + 360.0) % 360.0, s, v)
+            }
+        }
+    }
+}
+
+/// Hue in degrees `[0, 360)`, saturation in `[0, 1]`, value as the largest channel.
+fn rgb_to_hsv([r, g, b]: [f32; 3]) -> (f32, f32, f32) {
+    let max = r.max(g).max(b);
+    let min = r.min(g).min(b);
+    let delta = max - min;
+    if delta == 0.0 {
+        return (0.0, 0.0, max);
+    }
+    let sector = if max == r {
+        (g - b) / delta
+    } else if max == g {
+        (b - r) / delta + 2.0
+    } else {
+        (r - g) / delta + 4.0
+    };
+    ((sector * 60.0 + 360.0) % 360.0, delta / max, max)
+}
+
+fn hsv_to_rgb(h: f32, s: f32, v: f32) -> [f32; 3] {
+    let c = v * s;
+    let sector = h / 60.0;
+    let x = c * (1.0 - (sector % 2.0 - 1.0).abs());
+    let (r, g, b) = match sector as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    [r + m, g + m, b + m]
+}
+
+/// Resizes `img` to `resized` (Lanczos3), crops `bucket` at `crop` = `(left, top)`, changes
+/// its colours by `color` (kohya's `color_aug`), optionally mirrors it, and writes it as CHW
+/// `f32` in `[-1, 1]` to `out` (length `3 * w * h`).
 pub fn write_pixels(
     img: &RgbImage,
     resized: Reso,
     crop: Reso,
     bucket: Reso,
     flip: bool,
+    color: Option<ColorAug>,
     out: &mut [f32],
 ) {
     let src = resized_to(img, resized, FilterType::Lanczos3);
@@ -170,9 +270,13 @@ pub fn write_pixels(
     for y in 0..bh {
         for x in 0..bw {
             let sx = if flip { bw - 1 - x } else { x };
-            let p = src.get_pixel(crop.0 + sx as u32, crop.1 + y as u32);
+            let p = src.get_pixel(crop.0 + sx as u32, crop.1 + y as u32).0;
+            let rgb = match color {
+                Some(aug) => aug.apply(p),
+                None => p.map(f32::from),
+            };
             for c in 0..3 {
-                out[c * plane + y * bw + x] = f32::from(p[c]) / 127.5 - 1.0;
+                out[c * plane + y * bw + x] = rgb[c] / 127.5 - 1.0;
             }
         }
     }

@@ -9,7 +9,6 @@ use crate::error::{DataError, Result};
 
 /// sd-scripts options this crate does not implement, with what to do instead.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("color_aug", "color augmentation is not supported (sd-scripts deprecated it)"),
     ("face_crop_aug_range", "face-crop augmentation is not supported"),
     ("custom_attributes", "custom attributes are not supported"),
     ("resize_interpolation", "images are always resized with Lanczos"),
@@ -65,7 +64,7 @@ impl DatasetConfig {
     /// `[general]`'s, which wins over the defaults the caller gives (sd-scripts takes them from
     /// its command line). The datasets must agree on the dataset options (resolution,
     /// buckets, batch size): they become one [`DatasetConfig`] with all their subsets.
-    /// Options sd-scripts has and this crate does not (`color_aug`, `face_crop_aug_range`,
+    /// Options sd-scripts has and this crate does not (`face_crop_aug_range`,
     /// fine-tuning `metadata_file`s, ...) are errors naming the option.
     ///
     /// ```

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use image::codecs::png::PngEncoder;
 use image::{ImageEncoder, Rgb, RgbImage};
+use sd_data::image_io::ColorAug;
 use sd_data::{scan, DataError, Dataset, DatasetConfig, MissingCaption, SubsetConfig};
 
 fn img(w: u32, h: u32, seed: u8) -> RgbImage {
@@ -179,6 +180,38 @@ fn plans_are_seeded() {
         .filter(|s| s.flip)
         .count();
     assert!((100..200).contains(&flips), "{flips} flips of 300");
+}
+
+/// kohya's `color_aug` changes about a third of the samples, half by hue and half by
+/// gamma, differently from epoch to epoch and only in its own subset; without it no sample
+/// changes, and the held-out validation images never do.
+#[test]
+fn color_aug_changes_a_third_of_the_samples_of_its_subset() {
+    let d = tempfile::tempdir().unwrap();
+    for i in 0..6 {
+        let p = save(&d.path().join(format!("10_x/{i}.png")), 64, 64, i as u8);
+        caption(&p, "txt", "x");
+        let p = save(&d.path().join(format!("10_y/{i}.png")), 64, 64, i as u8);
+        caption(&p, "txt", "y");
+    }
+    let mut cfg = config(d.path());
+    let plain = Dataset::open(&cfg).unwrap();
+    assert!(!plain.has_color_aug());
+    assert!((0..3).flat_map(|e| plain.plan_epoch(e)).flat_map(|b| b.samples).all(|s| s.color.is_none()));
+    cfg.subsets = vec![SubsetConfig { color_aug: true, ..SubsetConfig::new(d.path().join("10_x")) }, SubsetConfig::new(d.path().join("10_y"))];
+    let ds = Dataset::open(&cfg).unwrap();
+    assert!(ds.has_color_aug());
+    let subset_of = |s: &sd_data::SamplePlan| ds.images()[s.image].caption.clone();
+    let samples: Vec<_> = (0..10).flat_map(|e| ds.plan_epoch(e)).flat_map(|b| b.samples).collect();
+    assert!(samples.iter().filter(|s| subset_of(s) == "y").all(|s| s.color.is_none()));
+    let x: Vec<_> = samples.iter().filter(|s| subset_of(s) == "x").collect();
+    assert_eq!(x.len(), 600);
+    let hue = x.iter().filter(|s| matches!(s.color, Some(ColorAug::Hue(_)))).count();
+    let gamma = x.iter().filter(|s| matches!(s.color, Some(ColorAug::Gamma(_)))).count();
+    assert!((70..130).contains(&hue) && (70..130).contains(&gamma), "{hue} hue, {gamma} gamma changes of 600");
+    assert_ne!(ds.plan_epoch(0), ds.plan_epoch(1));
+    let (_, val) = Dataset::open(&cfg).unwrap().split_validation(0.5, 0).unwrap();
+    assert!(val.plan_epoch(0).iter().flat_map(|b| &b.samples).all(|s| s.color.is_none()));
 }
 
 /// `caption_dropout_every_n_epochs = 2` empties every caption of epochs 2, 4, … (indices

@@ -59,6 +59,7 @@ fn subsets_override_datasets_which_override_general_which_override_the_defaults(
           [[datasets.subsets]]
           image_dir = "c"
           is_reg = true
+          color_aug = true
     "#;
     let c = read(text, &defaults).unwrap();
     // Dataset options: the file's, else the defaults'.
@@ -73,6 +74,7 @@ fn subsets_override_datasets_which_override_general_which_override_the_defaults(
     assert!(c.subsets.iter().all(|s| !s.recursive && !s.folder_names), "sd-scripts' folder reading");
     assert_eq!(c.subsets[0].class_tokens.as_deref(), Some("sks style"));
     assert!(c.subsets[2].is_reg && !c.subsets[0].is_reg);
+    assert_eq!(c.subsets.iter().map(|s| s.color_aug).collect::<Vec<_>>(), [false, false, true]);
     // `conditioning_data_dir` is the mask folder (sd-scripts' masked loss).
     assert_eq!(c.subsets[1].mask_dir.as_deref(), Some(Path::new(".")));
 }
@@ -104,7 +106,8 @@ fn datasets_must_agree_on_dataset_options() {
 fn bad_files_are_errors_naming_the_key() {
     let subset = |extra: &str| format!("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  {extra}\n");
     let cases = [
-        (subset("color_aug = true"), "`datasets[0].subsets[0].color_aug` (sd-scripts' option) is not supported"),
+        (subset("face_crop_aug_range = [2.0, 4.0]"), "`datasets[0].subsets[0].face_crop_aug_range` (sd-scripts' option) is not supported"),
+        (subset("color_aug = \"yes\""), "`datasets[0].subsets[0].color_aug` has the wrong type"),
         (subset("token_warmup_step = -1"), "`datasets[0].subsets[0].token_warmup_step` must be"),
         (subset("metadata_file = \"meta.json\""), "fine-tuning"),
         (subset("resolution = 512"), "`datasets[0].subsets[0].resolution` is a dataset option"),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use burn::backend::Flex;
 use image::{Rgb, RgbImage};
+use sd_data::image_io::ColorAug;
 use sd_data::{
     demo, BoxError, DataError, Dataset, DatasetConfig, HostTensor, LatentCache, LatentEncoder,
     LoaderOptions, SamplePlan, SubsetConfig, TextEmbeddingCache, TextEncoder,
@@ -106,6 +107,7 @@ fn latent_cache_hits_misses_and_invalidation() {
         resized: a.resized,
         crop: sd_data::bucket::crop_offset::<rand_chacha::ChaCha8Rng>(a.resized, a.bucket, None),
         flip: true,
+        color: None,
         loss_weight: 1.0,
     };
     let direct = PoolEncoder::new("vae-a")
@@ -227,6 +229,15 @@ fn random_crop_cannot_be_latent_cached() {
         matches!(e, DataError::Config { ref key, .. } if key == "random_crop"),
         "{e}"
     );
+}
+
+#[test]
+fn color_aug_cannot_be_latent_cached() {
+    let data = tempfile::tempdir().unwrap();
+    let ds = demo_dataset(data.path(), 3, |c| c.subsets[0].color_aug = true);
+    let cache = LatentCache::open(data.path().join("cache")).unwrap();
+    let e = cache.cache_dataset(&ds, &PoolEncoder::new("v"), 2).unwrap_err();
+    assert!(matches!(e, DataError::Config { ref key, .. } if key == "color_aug"), "{e}");
 }
 
 struct ByteEncoder {
@@ -359,6 +370,7 @@ fn pixels_are_exact_for_unresized_images_and_flip_mirrors() {
         resized: a.resized,
         crop: (0, 0),
         flip: false,
+        color: None,
         loss_weight: 1.0,
     };
     let plain = ds.sample_pixels(&s).unwrap();
@@ -381,6 +393,17 @@ fn pixels_are_exact_for_unresized_images_and_flip_mirrors() {
             }
         }
     }
+    // kohya's color_aug changes each pixel's colour, before the flip.
+    for aug in [ColorAug::Hue(-7.5), ColorAug::Gamma(1.04)] {
+        s.color = Some(aug);
+        let changed = ds.sample_pixels(&s).unwrap();
+        for (c, y, x) in [(0, 0, 0), (1, 10, 20), (2, 63, 63), (0, 5, 40)] {
+            let want = aug.apply(image.get_pixel(63 - x as u32, y as u32).0)[c] / 127.5 - 1.0;
+            assert!((changed.data[(c * 64 + y) * 64 + x] - want).abs() < 1e-6, "{aug:?} at {c},{y},{x}");
+        }
+        assert_ne!(changed.data, flipped.data);
+    }
+    s.color = None;
     // Hand-made plans that do not fit are errors, not panics.
     let outside = SamplePlan {
         crop: (10, 0),

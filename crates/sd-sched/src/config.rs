@@ -98,7 +98,8 @@ pub enum AlgorithmType {
     /// `sde-dpmsolver++`: its stochastic variant (DPM++ 2M SDE).
     #[serde(rename = "sde-dpmsolver++")]
     SdeDpmSolverPlusPlus,
-    /// `dpmsolver` (deprecated in diffusers; not supported).
+    /// `dpmsolver`: the original noise-prediction solver (deprecated in diffusers, kohya's
+    /// `dpmsolver` sample sampler); needs `final_sigmas_type` `sigma_min`.
     #[serde(rename = "dpmsolver")]
     DpmSolver,
     /// `sde-dpmsolver` (deprecated in diffusers; not supported).

@@ -57,7 +57,7 @@ pub use config::{
 pub use error::{Result, SchedError};
 pub use noise::{NoNoise, NoiseSource, RngState, SeededNoise, TensorQueue};
 pub use sampler::{
-    DdimSampler, DdpmSampler, DpmSolverMultistepSampler, EulerAncestralSampler, EulerSampler,
+    DdimSampler, DdpmSampler, DpmSolverMultistepSampler, DpmSolverSinglestepSampler, EulerAncestralSampler, EulerSampler,
     PndmSampler, Sampler, SamplerKind, SamplerSpec,
 };
 pub use schedule::NoiseSchedule;

@@ -94,6 +94,7 @@ fn build(item: &Value) -> Box<dyn Sampler<B>> {
                 "euler" => SamplerKind::Euler,
                 "euler_a" => SamplerKind::EulerAncestral,
                 "dpmpp" => SamplerKind::DpmSolverMultistep,
+                "dpmsingle" => SamplerKind::DpmSolverSinglestep,
                 "heun" => SamplerKind::Heun,
                 "kdpm2" => SamplerKind::KDpm2,
                 "kdpm2_a" => SamplerKind::KDpm2Ancestral,
@@ -266,7 +267,34 @@ parity!(
     heun_karras_sigma_bounds,
     dpm_2_a_karras_sigma_bounds,
     lms_karras_sigma_bounds,
+    dpmsolver_2m_sd15,
+    dpmsolver_2m_karras_sd21v,
+    dpmsolver_3m_heun_sd15,
+    dpmsolver_2m_sample_leading_sd15,
+    dpmsingle_sd15,
+    dpmsingle_sd15_odd,
+    dpmsingle_karras_sd21v,
+    dpmsingle_3_sd15,
+    dpmsingle_dpmsolver_sd15,
+    dpmsingle_sd21v,
+    dpmsingle_heun_sigma_min,
+    dpmsingle_3_heun_dpmsolver_sd21v,
+    dpmsingle_3_heun_sigma_min,
+    dpmsingle_3_dpmsolver_sd15,
 );
+
+/// The singlestep sampler's blocks of orders are diffusers' (recorded per run).
+#[test]
+fn dpmsingle_order_lists_match_diffusers() {
+    let runs: Vec<_> = items("sampler_runs.json").into_iter().filter(|i| i["sampler"] == "dpmsingle").collect();
+    assert_eq!(runs.len(), 10);
+    for item in runs {
+        let mut sampler = sd_sched::DpmSolverSinglestepSampler::<B>::new(&config_of(&item)).unwrap();
+        sampler.set_timesteps(item["steps"].as_u64().unwrap() as usize).unwrap();
+        let want: Vec<usize> = item["order_list"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap() as usize).collect();
+        assert_eq!(sampler.order_list(), want, "{}", item["name"]);
+    }
+}
 
 #[test]
 fn every_fixture_run_has_a_test() {

@@ -382,10 +382,35 @@ fn unsupported_options_are_rejected_by_name() {
         (
             SamplerKind::DpmSolverMultistep,
             SchedulerConfig {
-                algorithm_type: sd_sched::AlgorithmType::DpmSolver,
+                algorithm_type: sd_sched::AlgorithmType::SdeDpmSolver,
                 ..SchedulerConfig::sd15()
             },
             "algorithm_type",
+        ),
+        (
+            SamplerKind::DpmSolverSinglestep,
+            SchedulerConfig {
+                algorithm_type: sd_sched::AlgorithmType::SdeDpmSolverPlusPlus,
+                ..SchedulerConfig::sd15()
+            },
+            "algorithm_type",
+        ),
+        (
+            SamplerKind::DpmSolverSinglestep,
+            SchedulerConfig {
+                rescale_betas_zero_snr: true,
+                prediction_type: PredictionType::VPrediction,
+                ..SchedulerConfig::sd15()
+            },
+            "rescale_betas_zero_snr",
+        ),
+        (
+            SamplerKind::DpmSolverSinglestep,
+            SchedulerConfig {
+                use_exponential_sigmas: true,
+                ..SchedulerConfig::sd15()
+            },
+            "use_exponential_sigmas",
         ),
     ];
     for (kind, config, key) in cases {
@@ -394,6 +419,25 @@ fn unsupported_options_are_rejected_by_name() {
             Err(e) => panic!("{kind}: unexpected error {e}"),
             Ok(_) => panic!("{kind}: {key} should be rejected"),
         }
+    }
+}
+
+/// DPM-Solver (noise prediction) cannot end at σ = 0, in either class: as diffusers, a
+/// config error naming `final_sigmas_type`; with `sigma_min` it builds.
+#[test]
+fn dpmsolver_needs_a_final_sigma_min() {
+    for kind in [SamplerKind::DpmSolverMultistep, SamplerKind::DpmSolverSinglestep] {
+        let mut config = SchedulerConfig {
+            algorithm_type: sd_sched::AlgorithmType::DpmSolver,
+            ..SchedulerConfig::sd15()
+        };
+        match kind.build::<B>(&config) {
+            Err(e @ SchedError::InvalidValue { key: "final_sigmas_type", .. }) => assert!(e.to_string().contains("sigma_min"), "{e}"),
+            Err(e) => panic!("{kind}: unexpected error {e}"),
+            Ok(_) => panic!("{kind}: dpmsolver ending at zero should be rejected"),
+        }
+        config.final_sigmas_type = sd_sched::FinalSigmasType::SigmaMin;
+        assert!(kind.build::<B>(&config).is_ok(), "{kind}");
     }
 }
 
@@ -418,6 +462,19 @@ fn names_resolve_to_kinds_and_overrides() {
         "plms".parse::<SamplerSpec>().unwrap().kind,
         SamplerKind::Pndm
     );
+    // kohya's dpmsolver and dpmsingle; both build on a plain SD1.5 config.
+    let dpmsolver = "dpmsolver".parse::<SamplerSpec>().unwrap();
+    let config = dpmsolver.apply(&SchedulerConfig::sd15());
+    assert_eq!((dpmsolver.kind, config.algorithm_type, config.final_sigmas_type), (SamplerKind::DpmSolverMultistep, sd_sched::AlgorithmType::DpmSolver, sd_sched::FinalSigmasType::SigmaMin));
+    let single = "dpmsingle_karras".parse::<SamplerSpec>().unwrap();
+    let config = single.apply(&SchedulerConfig::sd15());
+    assert_eq!((single.kind, config.algorithm_type, config.solver_order), (SamplerKind::DpmSolverSinglestep, sd_sched::AlgorithmType::DpmSolverPlusPlus, 2));
+    assert!(config.use_karras_sigmas && !config.lower_order_final);
+    for spec in [dpmsolver, single] {
+        let mut sampler = spec.build::<B>(&SchedulerConfig::sd15()).unwrap();
+        sampler.set_timesteps(10).unwrap();
+        assert_eq!(sampler.timesteps().len(), 10);
+    }
     assert_eq!(
         SamplerKind::from_config(&SchedulerConfig::sd15()),
         Some(SamplerKind::Pndm)

@@ -57,6 +57,9 @@ pub struct DataSection {
     pub flip_aug: bool,
     /// Crop at a random offset instead of the centre.
     pub random_crop: bool,
+    /// kohya's `color_aug`: a third of the samples get a small hue rotation or gamma
+    /// ([`sd_data::image_io::ColorAug`]); their latents are encoded anew each time.
+    pub color_aug: bool,
     /// Weigh the loss by each image's alpha channel (kohya's `alpha_mask`), in the
     /// training and regularization folders: transparent areas do not train.
     pub alpha_mask: bool,
@@ -949,6 +952,7 @@ impl Default for TrainConfig {
                 skip_bad_images: false,
                 flip_aug: false,
                 random_crop: false,
+                color_aug: false,
                 alpha_mask: false,
                 mask_dir: String::new(),
                 caption_extension: ".txt".into(),

@@ -7,7 +7,7 @@
 //! weighting, a `constant` schedule, buckets off, rank 4 with alpha 1, text-encoder adapters
 //! unless `network_train_unet_only`, ...). Options that change only speed, memory or logging
 //! are listed in one note; options that would train differently and have no counterpart
-//! here (another network module, an optimizer or scheduler this trainer lacks, color
+//! here (another network module, an optimizer or scheduler this trainer lacks, face-crop
 //! augmentation, ...) are errors naming the option; unknown options are errors with the
 //! nearest known name.
 //!
@@ -157,7 +157,6 @@ const NO_EFFECT: &[&str] = &[
 /// Options with no counterpart here, and why; they are errors unless left at sd-scripts'
 /// default (an empty or zero value, `false`, or `dataset_repeats = 1`).
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("color_aug", "color augmentation is not supported"),
     ("face_crop_aug_range", "face-crop augmentation is not supported"),
     ("in_json", "fine-tuning metadata files are not supported (a folder with a Hugging Face metadata.jsonl is read as train_data_dir)"),
     ("dataset_repeats", "fine-tuning metadata files are not supported"),
@@ -180,7 +179,7 @@ const NOTED: &[(&str, &str)] = &[
     ("validation_seed", "the held-out images are chosen by the training seed, so they may differ from sd-scripts'"),
 ];
 
-/// sd-scripts' sampler names that this trainer has under another name, or approximates.
+/// sd-scripts' sampler names as this trainer names them.
 fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
     let name = kohya.trim().to_ascii_lowercase();
     // sd-scripts knows five `k_` names; any other (`k_heun`) samples with DDIM there.
@@ -188,17 +187,13 @@ fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
         "k_lms" | "k_euler" | "k_euler_a" | "k_dpm_2" | "k_dpm_2_a" => &name[2..],
         other => other,
     };
-    let (ours, exact) = match base {
-        "ddim" => ("ddim", true),
-        "pndm" => ("pndm", true),
-        "euler" => ("euler", true),
-        "euler_a" => ("euler_a", true),
-        "dpmsolver++" => ("dpmpp_2m", true),
-        "dpmsolver" | "dpmsingle" => ("dpmpp_2m", false),
-        "lms" => ("lms", true),
-        "heun" => ("heun", true),
-        "dpm_2" => ("dpm_2", true),
-        "dpm_2_a" => ("dpm_2_a", true),
+    let ours = match base {
+        "ddim" | "pndm" | "euler" | "euler_a" | "dpmsingle" | "lms" | "heun" | "dpm_2" | "dpm_2_a" => base,
+        "dpmsolver++" => "dpmpp_2m",
+        "dpmsolver" => {
+            notes.push(format!("sample sampler `{kohya}`: sd-scripts' diffusers refuses DPM-Solver ending at sigma 0 (what it asks for); samples use `dpmsolver`, which ends at sigma_min as older diffusers did"));
+            "dpmsolver"
+        }
         // This trainer's own names pass through; sd-scripts samples unknown names with DDIM.
         _ if kohya.trim().parse::<sd_sched::SamplerSpec>().is_ok() => return kohya.trim().to_string(),
         _ => {
@@ -206,9 +201,6 @@ fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
             return "ddim".into();
         }
     };
-    if !exact {
-        notes.push(format!("sample sampler `{kohya}` has no twin here; samples use `{ours}` (only the sample images differ)"));
-    }
     ours.to_string()
 }
 
@@ -578,6 +570,7 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     d.token_warmup_step = o.float("token_warmup_step")?.unwrap_or(0.0);
     d.flip_aug = o.flag("flip_aug")?;
     d.random_crop = o.flag("random_crop")?;
+    d.color_aug = o.flag("color_aug")?;
     d.enable_bucket = o.flag("enable_bucket")?;
     d.min_bucket_reso = o.count("min_bucket_reso")?.unwrap_or(256) as u32;
     d.max_bucket_reso = o.count("max_bucket_reso")?.unwrap_or(1024) as u32;
@@ -1589,7 +1582,7 @@ resolution = "768,768"
 enable_bucket = true
 cache_latents = true
 xformers = true
-color_aug = false
+color_aug = true
 token_warmup_min = 1
 [training_arguments]
 output_dir = "out"
@@ -1614,6 +1607,7 @@ sample_sampler = "euler_a"
         assert_eq!((c.train.lr_scheduler, c.train.lr_cycles, c.train.lr_warmup_ratio, c.train.warmup_steps()), (LrScheduler::CosineWithRestarts, 3, 0.05, 100));
         assert_eq!((c.train.prediction, c.train.mixed_precision, c.train.seed), (Prediction::VPrediction, MixedPrecision::Bf16, 7));
         assert_eq!((c.data.resolution, c.data.enable_bucket, c.output.save_precision), (sd_data::Resolution::square(768), true, lora_core::SaveDtype::Bf16));
+        assert!(c.data.color_aug);
         assert_eq!(c.output.sample_prompts, ["mystyle, a castle --n blurry --w 512 --h 768 --d 5", "mystyle, a cat --ss euler_a --w 512 --h 512"]);
         for expected in ["AdamW8bit", "option `g`", "xformers, cache_latents"] {
             assert!(i.notes.iter().any(|n| n.contains(expected)), "no note on {expected}: {:?}", i.notes);
@@ -2026,12 +2020,35 @@ wandb_run_name = "my_style"
         assert!(error(&format!("{base}network_dropout = 0.1\nnetwork_args = [\"algo=locon\", \"bypass_mode=True\"]")).contains("bypass_mode"));
     }
 
+    /// sd-scripts' sample sampler names become this trainer's: its twins without a note,
+    /// `dpmsolver` (which sd-scripts' diffusers refuses) and unknown names with one; each
+    /// result is a name `sd_sched` builds.
+    #[test]
+    fn sample_sampler_names_map() {
+        let cases = [
+            ("dpmsingle", "dpmsingle", false),
+            ("dpmsolver++", "dpmpp_2m", false),
+            ("K_LMS", "lms", false),
+            ("k_dpm_2_a", "dpm_2_a", false),
+            ("dpmsolver", "dpmsolver", true),
+            ("k_heun", "ddim", true),
+            ("dpmpp_3m_karras", "dpmpp_3m_karras", false),
+        ];
+        for (kohya, ours, noted) in cases {
+            let mut notes = vec![];
+            assert_eq!(sampler_name(kohya, &mut notes), ours, "{kohya}");
+            assert_eq!(!notes.is_empty(), noted, "{kohya}: {notes:?}");
+            let spec: sd_sched::SamplerSpec = ours.parse().unwrap();
+            assert!(spec.build::<burn::backend::Flex>(&sd_sched::SchedulerConfig::sd15()).is_ok(), "{ours}");
+        }
+    }
+
     /// Each bad input is an error naming the option and what was expected.
     #[test]
     fn bad_options_are_errors_naming_them() {
         let cases = [
             ("network_dims = 8", "`network_dims` is not an sd-scripts training option this importer knows; did you mean `network_dim`?"),
-            ("color_aug = true", "`color_aug` = true: color augmentation"),
+            ("train_inpainting = true", "`train_inpainting` = true: inpainting models"),
             ("optimizer_type = \"DAdaptLion\"", "`optimizer_type` = \"DAdaptLion\" is not supported"),
             ("network_module = \"networks.dylora\"", "`network_module` = \"networks.dylora\" is not supported"),
             ("network_dim = \"abc\"", "`network_dim` must be a number"),

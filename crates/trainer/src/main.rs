@@ -173,7 +173,7 @@ enum Command {
         /// in f32.
         #[arg(long, default_value = "f32")]
         precision: trainer::device_check::Precision,
-        /// Sampler (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddpm, ...).
+        /// Sampler (ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, dpmsingle, ddpm, ...).
         #[arg(long, default_value = "dpmpp_2m")]
         sampler: String,
         /// Sampling steps.

@@ -237,6 +237,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_bucket_no_upscale", py_bool(ds.bucket_no_upscale)),
         ("ss_flip_aug", py_bool(d.flip_aug)),
         ("ss_random_crop", py_bool(d.random_crop)),
+        ("ss_color_aug", py_bool(d.color_aug)),
         ("ss_shuffle_caption", py_bool(d.shuffle_caption)),
         ("ss_keep_tokens", d.keep_tokens.to_string()),
         ("ss_dataset_dirs", dirs(false).to_string()),

@@ -171,6 +171,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         });
         let subset = SubsetConfig {
             flip_aug: d.flip_aug,
+            color_aug: d.color_aug,
             caption_separator: d.caption_separator.clone(),
             alpha_mask: d.alpha_mask,
             // Names the folder in LoRA metadata (in-memory images have no folder).
@@ -210,6 +211,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         token_warmup_step: d.token_warmup_step,
         flip_aug: d.flip_aug,
         random_crop: d.random_crop,
+        color_aug: d.color_aug,
         alpha_mask: d.alpha_mask,
         // Masks are for the training images; regularization images train whole.
         mask_dir: (!is_reg && !d.mask_dir.is_empty()).then(|| d.mask_dir.clone().into()),
@@ -1898,27 +1900,34 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         device: &B::Device,
     ) -> Result<EncodedBatch<B>, TrainError> {
         let key = |s: &sd_data::SamplePlan| (s.image, s.bucket, s.crop, s.flip);
+        // A colour-changed sample (`color_aug`) is new each time: encoded, never kept.
+        let cached = |cache: &Self, s: &sd_data::SamplePlan| s.color.is_none() && cache.posteriors.contains_key(&key(s));
+        let mut fresh = vec![None; plan.samples.len()];
         // Each sample is encoded on its own: results then do not depend on which batch a
         // sample first appeared in, which keeps resumed runs bit-identical.
-        if plan.samples.iter().any(|s| !self.posteriors.contains_key(&key(s))) {
+        if plan.samples.iter().any(|s| !cached(self, s)) {
             let batch = dataset.load_pixels(plan)?;
             let pixels = batch.to_tensor::<B>(device)?;
             for (i, s) in plan.samples.iter().enumerate() {
-                if let std::collections::hash_map::Entry::Vacant(slot) = self.posteriors.entry(key(s)) {
-                    let posterior = c.vae.encode(pixels.clone().slice(i..i + 1))?;
-                    let [_, _, h, w] = posterior.mean.dims();
-                    if let Some(mask) = batch.mask_at(i, (h, w)) {
-                        self.masks.insert(key(s), mask?.to_tensor(device)?);
-                    }
-                    slot.insert((posterior.mean, posterior.logvar));
+                if cached(self, s) {
+                    continue;
+                }
+                let posterior = c.vae.encode(pixels.clone().slice(i..i + 1))?;
+                let [_, _, h, w] = posterior.mean.dims();
+                if let Some(mask) = batch.mask_at(i, (h, w)) {
+                    self.masks.insert(key(s), mask?.to_tensor(device)?);
+                }
+                match s.color {
+                    Some(_) => fresh[i] = Some((posterior.mean, posterior.logvar)),
+                    None => drop(self.posteriors.insert(key(s), (posterior.mean, posterior.logvar))),
                 }
             }
         }
         let (mut means, mut logvars, mut contexts) = (vec![], vec![], vec![]);
-        for s in &plan.samples {
-            let (m, l) = &self.posteriors[&key(s)];
-            means.push(m.clone());
-            logvars.push(l.clone());
+        for (s, fresh) in plan.samples.iter().zip(fresh) {
+            let (m, l) = fresh.unwrap_or_else(|| self.posteriors[&key(s)].clone());
+            means.push(m);
+            logvars.push(l);
             if with_embeddings {
                 let embeds = match self.embeddings.get(&s.caption) {
                     Some(e) => e.clone(),
@@ -2019,6 +2028,7 @@ mod tests {
             resized: (1000, 1216),
             crop: (40, 0),
             flip: false,
+            color: None,
             loss_weight: 1.0,
         };
         assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 40), (1216, 832)));

@@ -468,12 +468,13 @@ fn a_non_finite_loss_stops_or_is_skipped() {
 }
 
 /// A configuration that exercises every random stream and counter a resume must restore:
-/// dropout, flips, offset noise, accumulation across epoch boundaries, text-encoder
+/// dropout, flips, colour changes, offset noise, accumulation across epoch boundaries, text-encoder
 /// adapters and clipping.
 fn resume_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     let mut c = quick_config(dir, steps);
     c.data.demo_images = 6;
     c.data.flip_aug = true;
+    c.data.color_aug = true;
     c.train.train_batch_size = 2;
     c.train.gradient_accumulation_steps = 2;
     c.train.noise_offset = 0.05;
@@ -491,6 +492,24 @@ fn resume_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     c.output.save_precision = lora_core::SaveDtype::F32;
     c.output.save_every_n_epochs = 2;
     c
+}
+
+/// kohya's `color_aug` reaches the images the VAE encodes: the same run with it has other
+/// losses, from the first colour-changed sample on, and records it in the LoRA.
+#[test]
+fn color_aug_changes_the_encoded_images() {
+    let _guard = seeded();
+    let run = |color_aug: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = quick_config(dir.path(), 6);
+        c.data.color_aug = color_aug;
+        let out = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+        (out.losses, lora_metadata(&out.lora)["ss_color_aug"].clone())
+    };
+    let (plain, plain_flag) = run(false);
+    let (changed, flag) = run(true);
+    assert_eq!((plain_flag.as_str(), flag.as_str()), ("False", "True"));
+    assert_ne!(plain, changed);
 }
 
 #[test]
@@ -781,9 +800,9 @@ fn kohya_dataset_config_toml_trains_on_its_subsets() {
     let Err(err) = trainer::train::open_dataset(&config) else { panic!("batch sizes that differ must be an error") };
     assert!(err.to_string().contains("batch_size = 2") && err.to_string().contains("train.train_batch_size"), "{err}");
     // sd-scripts options this trainer lacks are named.
-    std::fs::write(&toml, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"x\"\n  color_aug = true\n").unwrap();
-    let Err(err) = trainer::train::open_dataset(&config) else { panic!("color_aug must be refused") };
-    assert!(err.to_string().contains("dataset.toml") && err.to_string().contains("datasets[0].subsets[0].color_aug"), "{err}");
+    std::fs::write(&toml, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"x\"\n  face_crop_aug_range = [2.0, 4.0]\n").unwrap();
+    let Err(err) = trainer::train::open_dataset(&config) else { panic!("face_crop_aug_range must be refused") };
+    assert!(err.to_string().contains("dataset.toml") && err.to_string().contains("datasets[0].subsets[0].face_crop_aug_range"), "{err}");
 
     // A JSON config replaces the default demo data as well.
     let json = root.path().join("dataset.json");

@@ -18,9 +18,11 @@ const NAME: &str = "DPMSolverMultistepScheduler";
 
 /// DPM-Solver++ multistep (`DPMSolverMultistepScheduler`, Lu et al. 2022): "DPM++ 2M"
 /// with `solver_order` 2, "3M" with 3, "2M SDE" with `algorithm_type` `sde-dpmsolver++`
-/// (which draws fresh noise on every step), each optionally with Karras sigmas.
+/// (which draws fresh noise on every step), each optionally with Karras sigmas; with
+/// `algorithm_type` `dpmsolver`, the original DPM-Solver (noise prediction, kohya's
+/// `dpmsolver`), which as in diffusers needs `final_sigmas_type` `sigma_min`.
 ///
-/// Honours `solver_order`, `algorithm_type` (`dpmsolver++`, `sde-dpmsolver++`),
+/// Honours `solver_order`, `algorithm_type` (`dpmsolver++`, `sde-dpmsolver++`, `dpmsolver`),
 /// `solver_type`, `lower_order_final`, `euler_at_final`, `final_sigmas_type`,
 /// `use_karras_sigmas`, `sigma_min`, `sigma_max`, `lambda_min_clipped`,
 /// `timestep_spacing` (default `linspace`), `steps_offset`, `prediction_type` and the
@@ -32,33 +34,26 @@ pub struct DpmSolverMultistepSampler<B: Backend> {
     lambdas: Vec<f32>,
     timesteps: Vec<f32>,
     sigmas: Vec<f32>,
-    /// The last `solver_order` data predictions, oldest first.
+    /// The last `solver_order` converted outputs (data predictions; noise predictions for
+    /// `dpmsolver`), oldest first.
     model_outputs: Vec<Tensor<B, 4>>,
     lower_order_nums: usize,
     next_step: usize,
 }
 
 impl<B: Backend> DpmSolverMultistepSampler<B> {
-    /// Builds the sampler; fails on the deprecated `dpmsolver` / `sde-dpmsolver`
-    /// algorithms and on sigma spacings this crate does not implement.
+    /// Builds the sampler; fails on the `sde-dpmsolver` algorithm, on `dpmsolver` with a
+    /// final σ of zero (diffusers refuses it too: its update would be 0 · ∞) and on sigma
+    /// spacings this crate does not implement.
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         reject_common(config, NAME)?;
         reject_sigma_spacings(config, NAME)?;
-        if matches!(
-            config.algorithm_type,
-            AlgorithmType::DpmSolver | AlgorithmType::SdeDpmSolver
-        ) {
-            return Err(unsupported(NAME, "algorithm_type", config.algorithm_type));
-        }
+        check_algorithm(config, NAME)?;
         let ac = NoiseSchedule::new(config)?.alphas_cumprod_sigma_safe();
-        let lambdas = ac
-            .iter()
-            .map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln())
-            .collect();
         Ok(Self {
             config: config.clone(),
             train_sigmas: sigmas_from_alphas_cumprod(&ac),
-            lambdas,
+            lambdas: train_lambdas(&ac),
             timesteps: Vec::new(),
             sigmas: Vec::new(),
             model_outputs: Vec::new(),
@@ -71,20 +66,9 @@ impl<B: Backend> DpmSolverMultistepSampler<B> {
     fn spaced_timesteps(&self, n: usize) -> Vec<f64> {
         let c = &self.config;
         let t = c.num_train_timesteps;
-        // torch.searchsorted(flip(λ), lambda_min_clipped): how many λ lie below the clip.
-        let clip = c.lambda_min_clipped as f32;
-        let clipped_idx = self.lambdas.iter().filter(|&&l| l < clip).count();
-        let last = t - clipped_idx;
+        let last = unclipped_timesteps(c, &self.lambdas);
         match c.timestep_spacing.unwrap_or(TimestepSpacing::Linspace) {
-            TimestepSpacing::Linspace => {
-                let mut v: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, n + 1)
-                    .into_iter()
-                    .map(round_half_even)
-                    .collect();
-                v.reverse();
-                v.pop();
-                v
-            }
+            TimestepSpacing::Linspace => linspace_timesteps(last, n),
             TimestepSpacing::Leading => {
                 let ratio = last / (n + 1);
                 (1..=n)
@@ -96,30 +80,9 @@ impl<B: Backend> DpmSolverMultistepSampler<B> {
         }
     }
 
-    /// `(αₜ, σₜ)` of the VP process at k-diffusion noise level `sigma`.
-    fn alpha_sigma(sigma: f32) -> (f32, f32) {
-        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-        (alpha, sigma * alpha)
-    }
-
     /// Log-SNR λ = ln α − ln σ and α, σ at step index `i`.
     fn lambda_at(&self, i: usize) -> (f32, f32, f32) {
-        let (a, s) = Self::alpha_sigma(self.sigmas[i]);
-        (a.ln() - s.ln(), a, s)
-    }
-
-    /// The data prediction x̂₀.
-    fn convert(&self, model_output: Tensor<B, 4>, sample: &Tensor<B, 4>, i: usize) -> Tensor<B, 4> {
-        let (alpha_t, sigma_t) = Self::alpha_sigma(self.sigmas[i]);
-        match self.config.prediction_type {
-            PredictionType::Epsilon => {
-                (sample.clone() - model_output.mul_scalar(sigma_t)).div_scalar(alpha_t)
-            }
-            PredictionType::Sample => model_output,
-            PredictionType::VPrediction => {
-                sample.clone().mul_scalar(alpha_t) - model_output.mul_scalar(sigma_t)
-            }
-        }
+        lambda_alpha_sigma(self.sigmas[i])
     }
 
     fn first_order(
@@ -129,20 +92,7 @@ impl<B: Backend> DpmSolverMultistepSampler<B> {
         sample: Tensor<B, 4>,
         noise: Option<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
-        let (lambda_t, alpha_t, sigma_t) = self.lambda_at(i + 1);
-        let (lambda_s, _, sigma_s) = self.lambda_at(i);
-        let h = lambda_t - lambda_s;
-        match noise {
-            None => {
-                sample.mul_scalar(sigma_t / sigma_s) - m0.mul_scalar(alpha_t * ((-h).exp() - 1.0))
-            }
-            Some(z) => {
-                let e2h = (-2.0 * h).exp();
-                sample.mul_scalar(sigma_t / sigma_s * (-h).exp())
-                    + m0.mul_scalar(alpha_t * (1.0 - e2h))
-                    + z.mul_scalar(sigma_t * (1.0 - e2h).sqrt())
-            }
-        }
+        first_order_update(self.config.algorithm_type, self.sigmas[i], self.sigmas[i + 1], m0, sample, noise)
     }
 
     fn second_order(
@@ -230,6 +180,124 @@ impl<B: Backend> DpmSolverMultistepSampler<B> {
                     + d2.mul_scalar(alpha_t * ((1.0 - e2h - 2.0 * h) / (two_h * two_h) - 0.5))
                     + z.mul_scalar(sigma_t * (1.0 - e2h).sqrt())
             }
+        }
+    }
+
+    /// DPM-Solver's (noise-prediction) multistep updates of order 2 and 3.
+    fn noise_prediction_update(&self, i: usize, order: usize, sample: Tensor<B, 4>) -> Tensor<B, 4> {
+        let k = self.model_outputs.len();
+        let m = |back: usize| self.model_outputs[k - 1 - back].clone();
+        let (lambda_t, alpha_t, sigma_t) = self.lambda_at(i + 1);
+        let (lambda_s0, alpha_s0, _) = self.lambda_at(i);
+        let (lambda_s1, _, _) = self.lambda_at(i - 1);
+        let (h, h_0) = (lambda_t - lambda_s0, lambda_s0 - lambda_s1);
+        let r0 = h_0 / h;
+        let em1 = h.exp() - 1.0;
+        let x = sample.mul_scalar(alpha_t / alpha_s0) - m(0).mul_scalar(sigma_t * em1);
+        if order == 2 {
+            let d1 = (m(0) - m(1)).mul_scalar(1.0 / r0);
+            return match self.config.solver_type {
+                SolverType::Midpoint => x - d1.mul_scalar(0.5 * (sigma_t * em1)),
+                SolverType::Heun => x - d1.mul_scalar(sigma_t * (em1 / h - 1.0)),
+            };
+        }
+        // Third order (the same for both solver types, as in diffusers).
+        let (lambda_s2, _, _) = self.lambda_at(i - 2);
+        let r1 = (lambda_s1 - lambda_s2) / h;
+        let d1_0 = (m(0) - m(1)).mul_scalar(1.0 / r0);
+        let d1_1 = (m(1) - m(2)).mul_scalar(1.0 / r1);
+        let diff = d1_0.clone() - d1_1;
+        let d1 = d1_0 + diff.clone().mul_scalar(r0 / (r0 + r1));
+        let d2 = diff.mul_scalar(1.0 / (r0 + r1));
+        x - d1.mul_scalar(sigma_t * (em1 / h - 1.0)) - d2.mul_scalar(sigma_t * ((em1 - h) / (h * h) - 0.5))
+    }
+}
+
+/// Rejects the algorithms not implemented (`sde-dpmsolver`) and, as diffusers does,
+/// `dpmsolver` with a final σ of zero.
+pub(super) fn check_algorithm(config: &SchedulerConfig, sampler: &'static str) -> Result<()> {
+    match config.algorithm_type {
+        AlgorithmType::SdeDpmSolver => Err(unsupported(sampler, "algorithm_type", config.algorithm_type)),
+        AlgorithmType::DpmSolver if config.final_sigmas_type == FinalSigmasType::Zero => Err(SchedError::InvalidValue {
+            key: "final_sigmas_type",
+            expected: "\"sigma_min\" with algorithm_type \"dpmsolver\" (its last step cannot end at sigma 0; diffusers refuses it too)".into(),
+            found: "\"zero\"".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The log-SNR λ = ln √ᾱ − ln √(1 − ᾱ) of each training timestep (f32, as diffusers).
+pub(super) fn train_lambdas(alphas_cumprod: &[f32]) -> Vec<f32> {
+    alphas_cumprod.iter().map(|&a| a.sqrt().ln() - (1.0 - a).sqrt().ln()).collect()
+}
+
+/// How many training timesteps lie at or above `lambda_min_clipped`:
+/// `T − torch.searchsorted(flip(λ), lambda_min_clipped)`.
+pub(super) fn unclipped_timesteps(config: &SchedulerConfig, lambdas: &[f32]) -> usize {
+    let clip = config.lambda_min_clipped as f32;
+    config.num_train_timesteps - lambdas.iter().filter(|&&l| l < clip).count()
+}
+
+/// diffusers' `linspace` timesteps over the first `last` training timesteps (f64,
+/// descending): `np.linspace(0, last − 1, n + 1).round()[::-1][:-1]`.
+pub(super) fn linspace_timesteps(last: usize, n: usize) -> Vec<f64> {
+    let mut v: Vec<f64> = np_linspace(0.0, last as f64 - 1.0, n + 1).into_iter().map(round_half_even).collect();
+    v.reverse();
+    v.pop();
+    v
+}
+
+/// `(αₜ, σₜ)` of the VP process at k-diffusion noise level `sigma`.
+fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// Log-SNR λ = ln α − ln σ, α and σ at k-diffusion noise level `sigma`.
+pub(super) fn lambda_alpha_sigma(sigma: f32) -> (f32, f32, f32) {
+    let (a, s) = alpha_sigma(sigma);
+    (a.ln() - s.ln(), a, s)
+}
+
+/// The model output converted at noise level `sigma`: the data prediction x̂₀ for the
+/// DPM-Solver++ algorithms, the noise prediction ε̂ for `dpmsolver`.
+pub(super) fn convert_output<B: Backend>(config: &SchedulerConfig, model_output: Tensor<B, 4>, sample: &Tensor<B, 4>, sigma: f32) -> Tensor<B, 4> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    let noise_prediction = config.algorithm_type == AlgorithmType::DpmSolver;
+    match (config.prediction_type, noise_prediction) {
+        (PredictionType::Epsilon, false) => (sample.clone() - model_output.mul_scalar(sigma_t)).div_scalar(alpha_t),
+        (PredictionType::Sample, false) => model_output,
+        (PredictionType::VPrediction, false) => sample.clone().mul_scalar(alpha_t) - model_output.mul_scalar(sigma_t),
+        (PredictionType::Epsilon, true) => model_output,
+        (PredictionType::Sample, true) => (sample.clone() - model_output.mul_scalar(alpha_t)).div_scalar(sigma_t),
+        (PredictionType::VPrediction, true) => model_output.mul_scalar(alpha_t) + sample.clone().mul_scalar(sigma_t),
+    }
+}
+
+/// DPM-Solver's first-order (DDIM-like) update from σ `s` to σ `t` with the converted
+/// output `m0`; `noise` for `sde-dpmsolver++`.
+pub(super) fn first_order_update<B: Backend>(
+    algorithm: AlgorithmType,
+    s: f32,
+    t: f32,
+    m0: Tensor<B, 4>,
+    sample: Tensor<B, 4>,
+    noise: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
+    let (lambda_t, alpha_t, sigma_t) = lambda_alpha_sigma(t);
+    let (lambda_s, alpha_s, sigma_s) = lambda_alpha_sigma(s);
+    let h = lambda_t - lambda_s;
+    if algorithm == AlgorithmType::DpmSolver {
+        return sample.mul_scalar(alpha_t / alpha_s) - m0.mul_scalar(sigma_t * (h.exp() - 1.0));
+    }
+    match noise {
+        None => sample.mul_scalar(sigma_t / sigma_s) - m0.mul_scalar(alpha_t * ((-h).exp() - 1.0)),
+        Some(z) => {
+            let e2h = (-2.0 * h).exp();
+            sample.mul_scalar(sigma_t / sigma_s * (-h).exp())
+                + m0.mul_scalar(alpha_t * (1.0 - e2h))
+                + z.mul_scalar(sigma_t * (1.0 - e2h).sqrt())
         }
     }
 }
@@ -320,7 +388,7 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
         let lower_order_second = step_index + 2 == n && short_run;
         let order = c.solver_order;
 
-        let x0 = self.convert(model_output, &sample, step_index);
+        let x0 = convert_output(c, model_output, &sample, self.sigmas[step_index]);
         self.model_outputs.push(x0.clone());
         if self.model_outputs.len() > order {
             self.model_outputs.remove(0);
@@ -331,12 +399,19 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
             }
             _ => None,
         };
+        let noise_prediction = c.algorithm_type == AlgorithmType::DpmSolver;
         let prev = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
             self.first_order(step_index, x0, sample, z)
         } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
-            self.second_order(step_index, sample, z)
+            match noise_prediction {
+                true => self.noise_prediction_update(step_index, 2, sample),
+                false => self.second_order(step_index, sample, z),
+            }
         } else {
-            self.third_order(step_index, sample, z)
+            match noise_prediction {
+                true => self.noise_prediction_update(step_index, 3, sample),
+                false => self.third_order(step_index, sample, z),
+            }
         };
         self.lower_order_nums = (self.lower_order_nums + 1).min(order);
         self.next_step += 1;

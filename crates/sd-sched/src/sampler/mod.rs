@@ -5,13 +5,14 @@ use std::str::FromStr;
 
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::config::{AlgorithmType, PredictionType, SchedulerConfig};
+use crate::config::{AlgorithmType, FinalSigmasType, PredictionType, SchedulerConfig};
 use crate::error::{Result, SchedError};
 use crate::noise::NoiseSource;
 
 mod ddim;
 mod ddpm;
 mod dpm;
+mod dpm_single;
 mod euler;
 mod heun;
 mod kdpm2;
@@ -22,6 +23,7 @@ mod spacing;
 pub use ddim::DdimSampler;
 pub use ddpm::DdpmSampler;
 pub use dpm::DpmSolverMultistepSampler;
+pub use dpm_single::DpmSolverSinglestepSampler;
 pub use euler::{EulerAncestralSampler, EulerSampler};
 pub use heun::HeunSampler;
 pub use kdpm2::{KDpm2AncestralSampler, KDpm2Sampler};
@@ -103,8 +105,11 @@ pub enum SamplerKind {
     Euler,
     /// `EulerAncestralDiscreteScheduler`: Euler with ancestral noise ("Euler a").
     EulerAncestral,
-    /// `DPMSolverMultistepScheduler`: DPM-Solver++ (2M, 3M, SDE).
+    /// `DPMSolverMultistepScheduler`: DPM-Solver++ (2M, 3M, SDE) and DPM-Solver.
     DpmSolverMultistep,
+    /// `DPMSolverSinglestepScheduler`: DPM-Solver(++) in single-step blocks (kohya's
+    /// `dpmsingle`).
+    DpmSolverSinglestep,
     /// `HeunDiscreteScheduler`: Heun's method of Karras et al. (2022).
     Heun,
     /// `KDPM2DiscreteScheduler`: DPM-Solver-2 ("DPM2").
@@ -117,13 +122,14 @@ pub enum SamplerKind {
 
 impl SamplerKind {
     /// Every kind.
-    pub const ALL: [SamplerKind; 10] = [
+    pub const ALL: [SamplerKind; 11] = [
         SamplerKind::Ddpm,
         SamplerKind::Ddim,
         SamplerKind::Pndm,
         SamplerKind::Euler,
         SamplerKind::EulerAncestral,
         SamplerKind::DpmSolverMultistep,
+        SamplerKind::DpmSolverSinglestep,
         SamplerKind::Heun,
         SamplerKind::KDpm2,
         SamplerKind::KDpm2Ancestral,
@@ -139,6 +145,7 @@ impl SamplerKind {
             SamplerKind::Euler => "EulerDiscreteScheduler",
             SamplerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SamplerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SamplerKind::DpmSolverSinglestep => "DPMSolverSinglestepScheduler",
             SamplerKind::Heun => "HeunDiscreteScheduler",
             SamplerKind::KDpm2 => "KDPM2DiscreteScheduler",
             SamplerKind::KDpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
@@ -163,6 +170,9 @@ impl SamplerKind {
             SamplerKind::DpmSolverMultistep => {
                 Box::new(DpmSolverMultistepSampler::<B>::new(config)?)
             }
+            SamplerKind::DpmSolverSinglestep => {
+                Box::new(DpmSolverSinglestepSampler::<B>::new(config)?)
+            }
             SamplerKind::Heun => Box::new(HeunSampler::<B>::new(config)?),
             SamplerKind::KDpm2 => Box::new(KDpm2Sampler::<B>::new(config)?),
             SamplerKind::KDpm2Ancestral => Box::new(KDpm2AncestralSampler::<B>::new(config)?),
@@ -179,7 +189,7 @@ impl fmt::Display for SamplerKind {
 
 pub(crate) const KNOWN_NAMES: &str = "ddpm, ddim, pndm, plms, euler, euler_karras, euler_a, \
      dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m, dpmpp_3m_karras, \
-     heun, heun_karras, dpm_2, dpm_2_karras, dpm_2_a, dpm_2_a_karras, lms, lms_karras";
+     dpmsolver, dpmsolver_karras, dpmsingle, dpmsingle_karras, heun, heun_karras, dpm_2, dpm_2_karras, dpm_2_a, dpm_2_a_karras, lms, lms_karras";
 
 /// A sampler by name plus the config overrides the name implies, parsed from a diffusers
 /// class name (`"EulerAncestralDiscreteScheduler"`) or a short name (`"euler_a"`,
@@ -208,6 +218,10 @@ pub struct SamplerSpec {
     pub algorithm_type: Option<AlgorithmType>,
     /// Override of `solver_order`.
     pub solver_order: Option<usize>,
+    /// Override of `final_sigmas_type`.
+    pub final_sigmas_type: Option<FinalSigmasType>,
+    /// Override of `lower_order_final`.
+    pub lower_order_final: Option<bool>,
     /// DDIM's η (0 = deterministic DDIM, 1 = DDPM-like noise).
     pub eta: f64,
 }
@@ -220,6 +234,8 @@ impl SamplerSpec {
             use_karras_sigmas: None,
             algorithm_type: None,
             solver_order: None,
+            final_sigmas_type: None,
+            lower_order_final: None,
             eta: 0.0,
         }
     }
@@ -235,6 +251,12 @@ impl SamplerSpec {
         }
         if let Some(o) = self.solver_order {
             c.solver_order = o;
+        }
+        if let Some(f) = self.final_sigmas_type {
+            c.final_sigmas_type = f;
+        }
+        if let Some(l) = self.lower_order_final {
+            c.lower_order_final = l;
         }
         c
     }
@@ -255,7 +277,10 @@ impl FromStr for SamplerSpec {
     /// Accepts the diffusers class names and, case-insensitively: `ddpm`, `ddim`,
     /// `pndm` / `plms`, `euler`, `euler_karras`, `euler_a` / `euler_ancestral`,
     /// `dpmpp_2m`, `dpmpp_2m_karras`, `dpmpp_2m_sde`, `dpmpp_2m_sde_karras`, `dpmpp_3m`,
-    /// `dpmpp_3m_karras`, `heun`, `heun_karras`, `dpm_2` / `kdpm2`, `dpm_2_karras`,
+    /// `dpmpp_3m_karras`, `dpmsolver`, `dpmsolver_karras` (DPM-Solver multistep of order
+    /// 2, ending at `sigma_min` as it must), `dpmsingle`, `dpmsingle_karras` (DPM-Solver++
+    /// singlestep of order 2 with diffusers' defaults for that class, kohya's
+    /// `dpmsingle`), `heun`, `heun_karras`, `dpm_2` / `kdpm2`, `dpm_2_karras`,
     /// `dpm_2_a` / `kdpm2_a`, `dpm_2_a_karras`, `lms`, `lms_karras` (a leading `k_`, as in
     /// kohya's names, is accepted).
     fn from_str(name: &str) -> Result<Self> {
@@ -304,6 +329,15 @@ impl FromStr for SamplerSpec {
             "dpmpp_2m_sde_karras" => dpm(true, sde, 2),
             "dpmpp_3m" => dpm(false, pp, 3),
             "dpmpp_3m_karras" => dpm(true, pp, 3),
+            "dpmsolver" | "dpmsolver_karras" => SamplerSpec {
+                final_sigmas_type: Some(FinalSigmasType::SigmaMin),
+                ..dpm(short.ends_with("_karras"), AlgorithmType::DpmSolver, 2)
+            },
+            "dpmsingle" | "dpmsingle_karras" => SamplerSpec {
+                kind: SamplerKind::DpmSolverSinglestep,
+                lower_order_final: Some(false),
+                ..dpm(short.ends_with("_karras"), pp, 2)
+            },
             "heun" => sigma(SamplerKind::Heun, false),
             "heun_karras" => sigma(SamplerKind::Heun, true),
             "dpm_2" | "kdpm2" => sigma(SamplerKind::KDpm2, false),
