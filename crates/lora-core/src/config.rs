@@ -135,6 +135,12 @@ pub struct LoraConfig {
     /// (LyCORIS' `unbalanced_factorization`).
     #[serde(default)]
     pub lokr_unbalanced_factorization: bool,
+    /// LoHa and LoKr: Tucker-decompose the halves of convolutions with a kernel larger
+    /// than 1x1 (LyCORIS' `use_tucker`): a half is `t [r, r, kh, kw]` with `a [r, out]` and
+    /// `b [r, in]` instead of `[out, r]` and `[r, in·kh·kw]` (LoKr: its low-rank `w2`).
+    /// Linear layers and 1x1 convolutions are not changed.
+    #[serde(default)]
+    pub use_tucker: bool,
 }
 
 fn default_lokr_factor() -> i64 {
@@ -159,6 +165,7 @@ impl LoraConfig {
             lokr_decompose_both: false,
             lokr_full_matrix: false,
             lokr_unbalanced_factorization: false,
+            use_tucker: false,
         }
     }
 
@@ -190,6 +197,12 @@ impl LoraConfig {
     /// [`LoraConfig::lokr_unbalanced_factorization`]).
     pub fn with_lokr_unbalanced_factorization(mut self, unbalanced: bool) -> Self {
         self.lokr_unbalanced_factorization = unbalanced;
+        self
+    }
+
+    /// Sets LyCORIS' `use_tucker` (see [`LoraConfig::use_tucker`]).
+    pub fn with_use_tucker(mut self, tucker: bool) -> Self {
+        self.use_tucker = tucker;
         self
     }
 
@@ -288,6 +301,8 @@ impl LoraConfig {
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
+        } else if self.use_tucker {
+            return Err(LoraError::InvalidConfig("use_tucker is trained with loha and lokr; a LoRA's (LoCon's) Tucker form, `lora_mid`, is not".into()));
         }
         Ok(())
     }

@@ -24,7 +24,15 @@
 //! the layer takes the weight `W + multiplier · ΔW` in one product instead: the same
 //! output and gradients, with one matmul or convolution of the layer's size instead of two
 //! each way. Module dropout skips the update for a pass; LyCORIS' other
-//! dropouts and Tucker-decomposed convolutions are not trained.
+//! dropouts are not trained.
+//!
+//! With [`LoraConfig::use_tucker`] (LyCORIS' `use_tucker`), a convolution with a kernel
+//! larger than 1x1 has each LoHa half, and LoKr's low-rank `w2`, Tucker-decomposed: a core
+//! `t [r, r, kh, kw]` (`hada_t1`, `hada_t2`, `lokr_t2`) with `a [r, out]` and `b [r, in]`,
+//! the half being `W[o, c, h, w] = Σᵢⱼ t[i, j, h, w] · a[i, o] · b[j, c]`. The cores start
+//! as LyCORIS starts them (LoHa's from N(0, 0.1²), LoKr's Kaiming-uniform) and the halves'
+//! `a`, `b` as their non-Tucker counterparts. Each pass forms the non-Tucker halves of the
+//! same update from them (`aᵀ` and the core contracted with `b`) in the autodiff graph.
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};
@@ -93,8 +101,8 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 pub struct LycorisAdapter<B: Backend> {
     /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
     /// layout (a convolution's kernel flattened into the columns; a full `lokr_w2` of a
-    /// convolution too, which LyCORIS keeps 4-d). Replace values only: the names, their
-    /// order and the shapes are the adapter's.
+    /// convolution and the Tucker cores too, which LyCORIS keeps 4-d). Replace values only:
+    /// the names, their order and the shapes are the adapter's.
     pub factors: Vec<Param<Tensor<B, 2>>>,
     /// The LyCORIS names of the factors.
     #[module(skip)]
@@ -140,7 +148,20 @@ impl<B: Backend> LycorisAdapter<B> {
         config.validate()?;
         let r = config.rank;
         let k = kh * kw;
+        // LyCORIS: only a kernel larger than 1x1 is Tucker-decomposed.
+        let tucker = config.use_tucker && conv && k > 1;
         let (names, factors, both_full) = match config.algo {
+            Algo::Loha if tucker => {
+                let factors = vec![
+                    normal(r, r * k, 0.1, device),
+                    normal(r, out, 0.1, device),
+                    normal(r, input, 1.0, device),
+                    normal(r, r * k, 0.1, device),
+                    zeros(r, out, device),
+                    normal(r, input, 1.0, device),
+                ];
+                (vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"], factors, false)
+            }
             Algo::Loha => {
                 let cols = input * k;
                 let factors = vec![normal(out, r, 0.1, device), normal(r, cols, 1.0, device), zeros(out, r, device), normal(r, cols, 1.0, device)];
@@ -168,6 +189,9 @@ impl<B: Backend> LycorisAdapter<B> {
                 if w2_full {
                     names.push("lokr_w2");
                     factors.push(zeros(out_k, in_n * k, device));
+                } else if tucker {
+                    names.extend(["lokr_t2", "lokr_w2_a", "lokr_w2_b"]);
+                    factors.extend([kaiming(r, r * k, device), kaiming(r, out_k, device), zeros(r, in_n, device)]);
                 } else {
                     names.extend(["lokr_w2_a", "lokr_w2_b"]);
                     factors.extend([kaiming(out_k, r, device), zeros(r, in_n * k, device)]);
@@ -193,12 +217,14 @@ impl<B: Backend> LycorisAdapter<B> {
     pub fn from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
         let bad = |reason: String| LoraError::ShapeMismatch { key: key.into(), reason };
         let names: Vec<&'static str> = match weights.algo {
+            Algo::Loha if weights.get("hada_t1").is_some() => vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"],
             Algo::Loha => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
             Algo::Lokr => {
                 let mut names = vec![];
                 for half in ["lokr_w1", "lokr_w2"] {
                     match (weights.get(half).is_some(), names_of(half)) {
                         (true, (full, _, _)) => names.push(full),
+                        (false, (_, a, b)) if half == "lokr_w2" && weights.get("lokr_t2").is_some() => names.extend(["lokr_t2", a, b]),
                         (false, (_, a, b)) => names.extend([a, b]),
                     }
                 }
@@ -211,9 +237,14 @@ impl<B: Backend> LycorisAdapter<B> {
             return Err(bad(format!("a {} needs {names:?}, the weights have {found:?}", weights.algo.name())));
         }
         let mut factors = Vec::with_capacity(names.len());
+        let [_, _, kh, kw] = shape;
         for name in &names {
             let t = weights.get(name).ok_or_else(|| bad(format!("`{name}` is missing")))?;
             let rows = *t.shape.first().ok_or_else(|| bad(format!("`{name}` is a scalar")))?;
+            let is_core = TUCKER_HALVES.iter().any(|(core, _, _)| core == name);
+            if is_core && (t.shape.len() != 4 || t.shape[2..] != [kh, kw]) {
+                return Err(bad(format!("the Tucker core `{name}` is {:?}, the layer's kernel is {kh}x{kw} ([r, r, {kh}, {kw}] expected)", t.shape)));
+            }
             // Stored 2-d, the kernel flattened into the columns.
             let flat = HostTensor { shape: vec![rows, t.numel() / rows.max(1)], data: t.data.clone() };
             factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
@@ -273,7 +304,9 @@ impl<B: Backend> LycorisAdapter<B> {
 
     /// `[rows, cols]` of the update the factors make, or why they do not fit each other.
     fn delta_shape(&self) -> std::result::Result<(usize, usize), String> {
-        let dims = |name: &str| self.factor(name).map(|p| p.dims());
+        let [_, _, kh, kw] = self.shape;
+        let tucker = self.tucker_dims(kh * kw)?;
+        let dims = |name: &str| tucker.iter().find(|(n, _)| *n == name).map(|(_, d)| *d).or_else(|| self.factor(name).map(|p| p.dims()));
         let product = |a: [usize; 2], b: [usize; 2], what: &str| {
             if a[1] == b[0] {
                 Ok([a[0], b[1]])
@@ -304,11 +337,32 @@ impl<B: Backend> LycorisAdapter<B> {
         }
     }
 
+    /// The shapes of the non-Tucker halves that Tucker-decomposed ones stand for
+    /// (`_a` as `aᵀ`, `_b` as the core contracted with `b`), or why a core does not fit its
+    /// halves; empty without Tucker halves.
+    fn tucker_dims(&self, k: usize) -> std::result::Result<Vec<(&'static str, [usize; 2])>, String> {
+        let mut out = Vec::new();
+        for (core, a_name, b_name) in TUCKER_HALVES {
+            let Some(t) = self.factor(core) else { continue };
+            let (Some(a), Some(b)) = (self.factor(a_name), self.factor(b_name)) else {
+                return Err(format!("`{core}` needs `{a_name}` and `{b_name}`"));
+            };
+            let ([r1, cols], [ra, out_dim], [r2, input]) = (t.dims(), a.dims(), b.dims());
+            // LyCORIS' cores are square: `[r, r, kh, kw]`.
+            if r1 == 0 || ra != r1 || r2 != r1 || cols != r2 * k {
+                return Err(format!("`{core}` is [{r1}, {cols}] (flattened), which does not fit `{a_name}` {:?} and `{b_name}` {:?} as a [r, r, kh, kw] core with a {k}-element kernel", a.dims(), b.dims()));
+            }
+            out.push((a_name, [out_dim, r1]));
+            out.push((b_name, [r1, input * k]));
+        }
+        Ok(out)
+    }
+
     /// `ΔW` times `factor` in f32, `[out, in·kh·kw]` (PyTorch's layout with the kernel
     /// flattened), in the autodiff graph of the factors.
     pub fn delta(&self, factor: f32) -> Tensor<B, 2> {
-        let factor_f32 = |name: &str| self.factor(name).map(|p| cast_to(p.val(), DType::F32));
-        let delta = unscaled_delta(self.algo, factor_f32).expect("the factors fit each other, as checked when the adapter was made");
+        let f32_of = |name: &str| self.factor(name).map(|p| cast_to(p.val(), DType::F32));
+        let delta = unscaled_delta(self.algo, |name| plain_factor(name, |n| self.names.contains(&n), f32_of)).expect("the factors fit each other, as checked when the adapter was made");
         delta.mul_scalar(factor * self.scale)
     }
 
@@ -346,7 +400,8 @@ impl<B: Backend> LycorisAdapter<B> {
 
     /// Each factor's shape in LyCORIS (its files and its `nn.Parameter`s), in the order of
     /// [`factors`](Self::factors): theirs, but a full `lokr_w2` of a convolution is 4-d
-    /// `[out_k, in_n, kh, kw]` (the same values in the same order).
+    /// `[out_k, in_n, kh, kw]` and a Tucker core `[r, r, kh, kw]` (the same values in the
+    /// same order).
     pub fn torch_shapes(&self) -> Vec<Vec<usize>> {
         let [_, _, kh, kw] = self.shape;
         self.names
@@ -354,7 +409,8 @@ impl<B: Backend> LycorisAdapter<B> {
             .zip(&self.factors)
             .map(|(name, p)| {
                 let [rows, cols] = p.dims();
-                match *name == "lokr_w2" && self.conv {
+                let is_core = TUCKER_HALVES.iter().any(|(core, _, _)| core == name);
+                match (*name == "lokr_w2" && self.conv) || is_core {
                     true => vec![rows, cols / (kh * kw), kh, kw],
                     false => vec![rows, cols],
                 }
@@ -362,7 +418,8 @@ impl<B: Backend> LycorisAdapter<B> {
             .collect()
     }
 
-    /// The adapter's tensors as LyCORIS writes them (`lokr_w2` of a convolution 4-d), with
+    /// The adapter's tensors as LyCORIS writes them (`lokr_w2` of a convolution and the
+    /// Tucker cores 4-d), with
     /// `alpha = scale · rank` (for a LoKr with two full halves, 1).
     pub fn to_lycoris_weights(&self) -> Result<LycorisWeights> {
         let mut tensors = Vec::with_capacity(self.factors.len());
@@ -421,6 +478,32 @@ impl<B: Backend> LycorisAdapter<B> {
                 .product(),
         }
     }
+}
+
+/// The Tucker-decomposed halves: (core, `a`, `b`).
+const TUCKER_HALVES: [(&str, &str, &str); 3] = [("hada_t1", "hada_w1_a", "hada_w1_b"), ("hada_t2", "hada_w2_a", "hada_w2_b"), ("lokr_t2", "lokr_w2_a", "lokr_w2_b")];
+
+/// A LoHa / LoKr factor as [`unscaled_delta`] takes it, given which factors the adapter
+/// has and their values by name (2-d): the factor itself, or for a Tucker-decomposed half
+/// the non-Tucker one of the same update (`aᵀ`, or the core contracted with `b`).
+pub(crate) fn plain_factor<B: Backend>(name: &str, has: impl Fn(&str) -> bool, get: impl Fn(&str) -> Option<Tensor<B, 2>>) -> Option<Tensor<B, 2>> {
+    match TUCKER_HALVES.iter().find(|(core, a, b)| (*a == name || *b == name) && has(core)) {
+        Some((_, a, _)) if *a == name => get(name).map(|a| a.transpose()),
+        Some((core, _, _)) => Some(tucker_fold(get(core)?, get(name)?)),
+        None => get(name),
+    }
+}
+
+/// A Tucker core `t [r₁, r₂·k]` (its `[r₁, r₂, kh, kw]` flattened) contracted with
+/// `b [r₂, in]`: `m [r₁, in·k]`, `m[i, (c, h, w)] = Σⱼ t[i, j, h, w] · b[j, c]` (the
+/// host-side `tucker_core` of the file reader, here differentiable).
+fn tucker_fold<B: Backend>(t: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [r1, cols] = t.dims();
+    let [r2, input] = b.dims();
+    let k = cols / r2;
+    let t: Tensor<B, 3> = t.reshape([r1, r2, k]).swap_dims(1, 2);
+    let m = t.reshape([r1 * k, r2]).matmul(b);
+    m.reshape([r1, k, input]).swap_dims(1, 2).reshape([r1, input * k])
 }
 
 /// The names of LoKr's half `lokr_w1` / `lokr_w2`: (full, `_a`, `_b`).

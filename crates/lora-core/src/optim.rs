@@ -193,7 +193,8 @@ pub enum TorchLayout {
     /// `Linear` keeps its weight `[in, out]`, `nn.Linear` `[out, in]`).
     Transposed,
     /// The same values in the same order in another shape of at most 4 dimensions: a full
-    /// LoKr `lokr_w2` of a convolution, 2-d here and `[out_k, in_n, kh, kw]` in LyCORIS.
+    /// LoKr `lokr_w2` of a convolution, 2-d here and `[out_k, in_n, kh, kw]` in LyCORIS, or
+    /// a Tucker core (`hada_t1`, `lokr_t2`, …), 2-d here and `[r, r, kh, kw]` there.
     Reshaped(Vec<usize>),
 }
 
@@ -629,14 +630,15 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// Tells the optimizer how PyTorch holds the tensors whose layout differs here
     /// (`None` for the rest): burn's `Linear` keeps its weight `[in, out]` where
     /// `nn.Linear` keeps `[out, in]`, so a linear LoRA's `down` and `up` are transposed,
-    /// and LyCORIS keeps a convolution's full `lokr_w2` 4-d
+    /// and LyCORIS keeps a convolution's full `lokr_w2` and its Tucker cores 4-d
     /// ([`crate::sites::LoraSiteMut::torch_layouts`] lists them). The element-wise updates
     /// do not care; Prodigy + schedule-free does (its estimate reads every 11th value of
     /// each tensor in PyTorch's order, and its factored second moments reduce PyTorch's
+    /// dimensions), and so does Adafactor (it factors a tensor over PyTorch's last two
     /// dimensions), so this is to be called before
-    /// [`with_prodigy_plus`](Self::with_prodigy_plus) for a run to follow the package's.
-    /// Errors on a layout that does not fit its tensor, or when Prodigy + schedule-free is
-    /// already on.
+    /// [`with_prodigy_plus`](Self::with_prodigy_plus) and
+    /// [`with_adafactor`](Self::with_adafactor) for a run to follow the packages'.
+    /// Errors on a layout that does not fit its tensor, or when either is already on.
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};
@@ -655,8 +657,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// assert!(optim.is_schedule_free());
     /// ```
     pub fn with_torch_layouts(mut self, layout: impl Fn(ParamId) -> Option<TorchLayout>) -> Result<Self> {
-        if self.prodigy_plus.is_some() {
-            return Err(LoraError::Optimizer("with_torch_layouts comes before with_prodigy_plus, whose layout it changes".into()));
+        if self.prodigy_plus.is_some() || self.adafactor.is_some() {
+            return Err(LoraError::Optimizer("with_torch_layouts comes before with_prodigy_plus and with_adafactor, whose layouts it changes".into()));
         }
         for id in &self.order {
             let Some(slot) = self.slots.get_mut(id) else { continue };

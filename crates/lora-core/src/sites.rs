@@ -107,7 +107,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         if found != shapes || lycoris.tensors.len() != shapes.len() || lycoris.rank() != rank {
             return Err(LoraError::ShapeMismatch {
                 key: key.to_string(),
-                reason: format!("the weights' {} factors are {found:?}, the attached adapter's are {shapes:?} (another rank or factor?)", algo.name()),
+                reason: format!("the weights' {} factors are {found:?}, the attached adapter's are {shapes:?} (another rank, factor or use_tucker?)", algo.name()),
             });
         }
         self.attach_weights(weights, key, device)?;
@@ -248,7 +248,8 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// The attached adapter's tensors that PyTorch holds in another layout, with it: a
     /// linear LoRA's `down` (`[in, rank]` here, `[rank, in]` in torch) and `up`
     /// (`[rank, out]`, `[out, rank]`), as burn's `Linear` keeps its weight `[in, out]`;
-    /// a convolution's full LoKr `lokr_w2` (2-d here, 4-d in LyCORIS). For
+    /// a convolution's full LoKr `lokr_w2` and LyCORIS' Tucker cores (2-d here, 4-d in
+    /// LyCORIS). For
     /// [`crate::optim::FlatAdamW::with_torch_layouts`].
     pub fn torch_layouts(&self) -> Vec<(burn::module::ParamId, crate::optim::TorchLayout)> {
         use crate::optim::TorchLayout;

@@ -91,7 +91,9 @@ pub struct LoraWeights {
 /// `hada_w2_b [r, cols]`. LoKr: `lokr_w1 [a, c]` or `lokr_w1_a [a, r]` + `lokr_w1_b [r, c]`,
 /// and `lokr_w2 [b, d]` (`[b, d, kh, kw]` for a convolution) or `lokr_w2_a [b, r]` +
 /// `lokr_w2_b [r, d·kh·kw]`, with `out = a·b` and `in = c·d`. `cols` is `in·kh·kw`: a
-/// convolution's kernel is flattened into the columns.
+/// convolution's kernel is flattened into the columns. Tucker-decomposed convolutions
+/// (`use_tucker`) have cores `hada_t1` / `hada_t2` / `lokr_t2` `[r, r, kh, kw]` beside
+/// their halves' `_a [r, out]` and `_b [r, in]` (LoKr: `b`, `d`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LycorisWeights {
     /// LoHa or LoKr.

@@ -40,10 +40,12 @@ struct Case {
     decompose_both: bool,
     full_matrix: bool,
     unbalanced_factorization: bool,
+    #[serde(default)]
+    use_tucker: bool,
     names: Vec<String>,
 }
 
-const CASES: [&str; 10] = [
+const CASES: [&str; 14] = [
     "lin_loha",
     "conv_loha",
     "lin_lokr",
@@ -54,6 +56,10 @@ const CASES: [&str; 10] = [
     "lin_lokr_full_matrix",
     "conv_lokr_unbalanced",
     "lin_lokr_unbalanced_full",
+    "conv_loha_tucker",
+    "conv_lokr_tucker",
+    "conv_lokr_tucker_both",
+    "conv1_loha_tucker",
 ];
 
 impl Fixture {
@@ -85,6 +91,7 @@ impl Case {
             .with_lokr_decompose_both(self.decompose_both)
             .with_lokr_full_matrix(self.full_matrix)
             .with_lokr_unbalanced_factorization(self.unbalanced_factorization)
+            .with_use_tucker(self.use_tucker)
     }
 
     fn is_conv(&self) -> bool {
@@ -293,6 +300,8 @@ fn written_as_lycoris_and_read_back() {
         }
         assert_eq!(meta["ss_network_module"], "lycoris.kohya", "{name}");
         assert!(meta["ss_network_args"].contains(&format!("\"algo\":\"{}\"", case.algo)), "{name}: {}", meta["ss_network_args"]);
+        let tucker = case.names.iter().any(|n| n.contains("_t"));
+        assert_eq!(meta["ss_network_args"].contains("\"use_tucker\":\"True\""), tucker, "{name}: {}", meta["ss_network_args"]);
 
         let mut index = ModuleIndex::new();
         lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
@@ -314,6 +323,55 @@ fn written_as_lycoris_and_read_back() {
         let err = rel(as_lora.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
         assert!(err < 1e-5, "{name}: as a LoRA, relative error {err}");
     }
+}
+
+/// A fresh Tucker LoHa / LoKr starts as LyCORIS' does (no update; LoHa's cores and
+/// `hada_w1_a` from N(0, 0.1²), `hada_w1_b` / `hada_w2_b` from N(0, 1); LoKr's core
+/// Kaiming-uniform); its weights do not load into an adapter without Tucker halves, and a
+/// core that does not fit its layer (another kernel, not square) is an error naming it.
+#[test]
+fn tucker_adapters_start_as_lycoris_and_refuse_what_does_not_fit() {
+    use lora_core::LycorisAdapter;
+    let device = Default::default();
+    let host = |t: Tensor<B, 2>| t.into_data().to_vec::<f32>().unwrap();
+    let std = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    let config = |algo: Algo| LoraConfig::new(if algo == Algo::Loha { 4 } else { 2 }).with_algo(algo).with_use_tucker(true);
+    let shape = [32, 16, 3, 3];
+    let loha = LycorisAdapter::<B>::new(&config(Algo::Loha), shape, true, &device).unwrap();
+    assert!(host(loha.delta(1.0)).iter().all(|v| *v == 0.0), "a fresh LoHa changes nothing");
+    for (name, want) in [("hada_t1", 0.1), ("hada_t2", 0.1), ("hada_w1_a", 0.1), ("hada_w1_b", 1.0), ("hada_w2_b", 1.0)] {
+        let i = loha.names().iter().position(|n| *n == name).unwrap();
+        let s = std(&host(loha.factors[i].val()));
+        assert!((s - want).abs() < 0.35 * want, "{name}: std {s}, LyCORIS' {want}");
+    }
+    let lokr = LycorisAdapter::<B>::new(&config(Algo::Lokr), shape, true, &device).unwrap();
+    assert_eq!(lokr.names(), ["lokr_w1", "lokr_t2", "lokr_w2_a", "lokr_w2_b"]);
+    assert!(host(lokr.delta(1.0)).iter().all(|v| *v == 0.0), "a fresh LoKr changes nothing");
+    let core = host(lokr.factors[1].val());
+    let bound = 1.0 / (2.0f32 * 9.0).sqrt();
+    assert!(core.iter().all(|v| v.abs() <= bound) && core.iter().any(|v| v.abs() > bound / 2.0), "Kaiming-uniform with fan-in r·kh·kw");
+
+    // Tucker weights into an adapter without Tucker halves: the hint names use_tucker.
+    let mut plain = One(Layer::Conv(LoraConv2d::new(Conv2dConfig::new([16, 32], [3, 3]).init::<B>(&device))));
+    plain.0.site().attach_new(&LoraConfig::new(4).with_algo(Algo::Loha), &device).unwrap();
+    let mut tucker = One(Layer::Conv(LoraConv2d::new(Conv2dConfig::new([16, 32], [3, 3]).init::<B>(&device))));
+    tucker.0.site().attach_new(&config(Algo::Loha), &device).unwrap();
+    let mut set = AdapterSet::new();
+    collect_adapters(&mut tucker, &mut set).unwrap();
+    let err = lora_core::sites::load_adapter_weights(&mut plain, &set, &device).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("use_tucker") && err.contains("layer"), "{err}");
+
+    let weights = loha.to_lycoris_weights().unwrap();
+    let with_core = |t: lora_core::HostTensor| {
+        let mut w = weights.clone();
+        w.tensors.iter_mut().filter(|(n, _)| n == "hada_t1").for_each(|(_, v)| *v = t.clone());
+        LycorisAdapter::<B>::from_weights(&w, shape, true, "layer", &device).map(|_| ()).unwrap_err().to_string()
+    };
+    let err = with_core(lora_core::HostTensor::new(vec![4, 4, 1, 9], vec![0.1; 144]).unwrap());
+    assert!(err.contains("hada_t1") && err.contains("3x3") && err.contains("layer"), "{err}");
+    let err = with_core(lora_core::HostTensor::new(vec![4, 2, 3, 3], vec![0.1; 72]).unwrap());
+    assert!(err.contains("hada_t1") && err.contains("layer"), "{err}");
+    assert!(LycorisAdapter::<B>::from_weights(&weights, shape, true, "layer", &device).is_ok());
 }
 
 /// LyCORIS' `factorization` for dimensions of Stable Diffusion's layers and others.

@@ -157,8 +157,8 @@ impl<B: Backend> LoraSites<B> for Lyco<B> {
     }
 }
 
-/// LoHa and LoKr adapters: the norms of their full updates, and over the limit every
-/// factor times `ratio^(1/n)`, which brings `‖ΔW‖` to it.
+/// LoHa and LoKr adapters (the conv LoKr Tucker-decomposed): the norms of their full
+/// updates, and over the limit every factor times `ratio^(1/n)`, which brings `‖ΔW‖` to it.
 #[test]
 fn lycoris_adapters_are_scaled_through_all_their_factors() {
     use lora_core::{Algo, LoraConfig};
@@ -170,7 +170,8 @@ fn lycoris_adapters_are_scaled_through_all_their_factors() {
     };
     let mut rng = Rng::new(5);
     model.loha.attach_new(&LoraConfig::new(3).with_alpha(6.0).with_algo(Algo::Loha), &device).unwrap();
-    model.lokr.attach_new(&LoraConfig::new(1).with_algo(Algo::Lokr).with_lokr_decompose_both(true), &device).unwrap();
+    model.lokr.attach_new(&LoraConfig::new(1).with_algo(Algo::Lokr).with_lokr_decompose_both(true).with_use_tucker(true), &device).unwrap();
+    assert_eq!(model.lokr.lycoris.as_ref().unwrap().names(), ["lokr_w1_a", "lokr_w1_b", "lokr_t2", "lokr_w2_a", "lokr_w2_b"]);
     model.lokr_small.attach_new(&LoraConfig::new(2).with_algo(Algo::Lokr), &device).unwrap();
     // Non-zero factors: large updates on the first two, a tiny one on the third.
     for (adapter, size) in [(model.loha.lycoris.as_mut(), 1.0), (model.lokr.lycoris.as_mut(), 1.0), (model.lokr_small.lycoris.as_mut(), 0.01)] {

@@ -242,8 +242,8 @@ impl Dataset {
         Ok((img, alpha))
     }
 
-    /// Decodes, resizes, crops and flips every sample of `plan` into a `[N, 3, H, W]` pixel
-    /// batch, with `[N, 1, H, W]` loss masks when the dataset has any.
+    /// Decodes, resizes, crops, colour-changes (`color_aug`) and flips every sample of `plan`
+    /// into a `[N, 3, H, W]` pixel batch, with `[N, 1, H, W]` loss masks when the dataset has any.
     pub fn load_pixels(&self, plan: &BatchPlan) -> Result<Batch> {
         let (w, h) = plan.bucket;
         let plane = w as usize * h as usize;

@@ -248,7 +248,8 @@ impl LatentCache {
     /// center crop, flipped too when `flip_aug` is on — that is not cached yet, in encoder
     /// batches of up to `batch_size` samples of one bucket.
     ///
-    /// Fails with a config error when a subset uses `random_crop` (crops are not enumerable).
+    /// Fails with a config error when a subset uses `random_crop` (crops are not enumerable)
+    /// or `color_aug` (the pixels change from epoch to epoch).
     pub fn cache_dataset(
         &self,
         ds: &Dataset,
@@ -363,11 +364,15 @@ impl LatentCache {
     }
 
     /// A batch of cached latents for `plan`, with loss masks at the latents' size when the
-    /// dataset has any; a missing entry is an error naming its file.
+    /// dataset has any; a missing entry is an error naming its file, and a colour-changed
+    /// sample (`color_aug`, never cached) a config error.
     pub fn load_batch(&self, ds: &Dataset, plan: &BatchPlan, identity: &str) -> Result<Batch> {
         let mut rows = Vec::with_capacity(plan.samples.len());
         let mut masks = Vec::with_capacity(plan.samples.len());
         for s in &plan.samples {
+            if s.color.is_some() {
+                return Err(DataError::config("color_aug", "a colour-changed sample has no cached latent; turn color_aug off or encode its pixels"));
+            }
             let key = LatentKey::for_sample(ds, s, identity);
             let (row, mask) = self.load_with_mask(&key).ok_or_else(|| DataError::Cache {
                 path: self.path(&key),

@@ -451,7 +451,8 @@ impl Dataset {
     }
 
     /// The batches of `epoch` (counted from 0), fully determined by `seed` and `epoch`:
-    /// captions, flips and crops are drawn per sample, samples are shuffled within each bucket
+    /// captions, flips, crops and colour changes (`color_aug`, from a random stream of
+    /// their own, once the batches are made) are drawn per sample, samples are shuffled within each bucket
     /// and chunked into batches of `batch_size` (the last one per bucket may be smaller), and
     /// the batch order is shuffled. A subset's `caption_dropout_every_n_epochs` empties its
     /// captions in epochs `N − 1`, `2N − 1`, … (kohya's N-th, 2N-th, … epoch), drawing the
@@ -480,8 +481,6 @@ impl Dataset {
                 } else {
                     crop_offset::<ChaCha8Rng>(a.resized, a.bucket, None)
                 };
-                // Drawn only when on, so that other runs keep their random numbers.
-                let color = if subset.config.color_aug { ColorAug::draw(&mut rng) } else { None };
                 by_bucket.entry(a.bucket).or_default().push(SamplePlan {
                     image: i,
                     caption,
@@ -489,7 +488,7 @@ impl Dataset {
                     resized: a.resized,
                     crop,
                     flip,
-                    color,
+                    color: None,
                     loss_weight: subset.loss_weight,
                 });
             }
@@ -505,6 +504,16 @@ impl Dataset {
             }
         }
         batches.shuffle(&mut rng);
+        if self.has_color_aug() {
+            // From a stream of their own: the option changes nothing else in the plan.
+            let mut colors = ChaCha8Rng::seed_from_u64(self.config.seed);
+            colors.set_stream(epoch | 1 << 62);
+            for sample in batches.iter_mut().flat_map(|b| b.samples.iter_mut()) {
+                if self.subsets[self.images[sample.image].subset].config.color_aug {
+                    sample.color = ColorAug::draw(&mut colors);
+                }
+            }
+        }
         if warmup {
             let mut captions = ChaCha8Rng::seed_from_u64(self.config.seed);
             captions.set_stream(epoch | 1 << 63);

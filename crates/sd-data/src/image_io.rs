@@ -162,8 +162,8 @@ pub enum ColorAug {
     Hue(f32),
     /// Raises every channel value `v` in `0..=255` to this power (the draw gives 0.95 to
     /// 1.05) and clips it to 255. As in sd-scripts, the power applies to the 0–255 value,
-    /// not to `v / 255`: 1.05 brightens mid-grey 128 to 163 and clips from 195 up; 0.95
-    /// darkens 128 to 101 and white to 194.
+    /// not to `v / 255`: 1.05 brightens mid-grey 128 to 163 and clips from 196 up; 0.95
+    /// darkens 128 to 100.4 and white to 193.3.
     Gamma(f32),
 }
 
@@ -193,8 +193,11 @@ impl ColorAug {
         })
     }
 
-    /// One pixel's 8-bit RGB after the change, as `0.0..=255.0` (computed in floating
-    /// point: sd-scripts rounds the result to 8 bits).
+    /// One pixel's 8-bit RGB after the change, as `0.0..=255.0`, in floating point.
+    /// sd-scripts computes in 8 bits (its hue in 2° steps, the shift and the gamma's result
+    /// truncated), and as it hands RGB pixels to OpenCV's BGR conversion its hue turns the
+    /// other way for a given draw; the draws are symmetric, so the changes are alike in
+    /// distribution.
     ///
     /// ```
     /// use sd_data::image_io::ColorAug;

@@ -183,8 +183,8 @@ fn plans_are_seeded() {
 }
 
 /// kohya's `color_aug` changes about a third of the samples, half by hue and half by
-/// gamma, differently from epoch to epoch and only in its own subset; without it no sample
-/// changes, and the held-out validation images never do.
+/// gamma, differently from epoch to epoch and only in its own subset, and nothing else in
+/// the plan; without it no sample changes, and the held-out validation images never do.
 #[test]
 fn color_aug_changes_a_third_of_the_samples_of_its_subset() {
     let d = tempfile::tempdir().unwrap();
@@ -209,7 +209,19 @@ fn color_aug_changes_a_third_of_the_samples_of_its_subset() {
     let hue = x.iter().filter(|s| matches!(s.color, Some(ColorAug::Hue(_)))).count();
     let gamma = x.iter().filter(|s| matches!(s.color, Some(ColorAug::Gamma(_)))).count();
     assert!((70..130).contains(&hue) && (70..130).contains(&gamma), "{hue} hue, {gamma} gamma changes of 600");
-    assert_ne!(ds.plan_epoch(0), ds.plan_epoch(1));
+    let colors = |epoch: u64| ds.plan_epoch(epoch).into_iter().flat_map(|b| b.samples).map(|s| s.color).collect::<Vec<_>>();
+    assert_ne!(colors(0), colors(1));
+    // The same batches, samples, flips and crops as without the option.
+    cfg.subsets[0].color_aug = false;
+    let without = Dataset::open(&cfg).unwrap();
+    for epoch in 0..3 {
+        let uncoloured: Vec<_> = ds.plan_epoch(epoch).into_iter().map(|mut b| {
+            b.samples.iter_mut().for_each(|s| s.color = None);
+            b
+        }).collect();
+        assert_eq!(uncoloured, without.plan_epoch(epoch), "epoch {epoch}");
+    }
+    cfg.subsets[0].color_aug = true;
     let (_, val) = Dataset::open(&cfg).unwrap().split_validation(0.5, 0).unwrap();
     assert!(val.plan_epoch(0).iter().flat_map(|b| &b.samples).all(|s| s.color.is_none()));
 }

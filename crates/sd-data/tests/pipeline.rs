@@ -231,12 +231,21 @@ fn random_crop_cannot_be_latent_cached() {
     );
 }
 
+/// Colour-changed samples are neither cached nor served from a cache filled without the
+/// option.
 #[test]
 fn color_aug_cannot_be_latent_cached() {
     let data = tempfile::tempdir().unwrap();
     let ds = demo_dataset(data.path(), 3, |c| c.subsets[0].color_aug = true);
     let cache = LatentCache::open(data.path().join("cache")).unwrap();
     let e = cache.cache_dataset(&ds, &PoolEncoder::new("v"), 2).unwrap_err();
+    assert!(matches!(e, DataError::Config { ref key, .. } if key == "color_aug"), "{e}");
+    let plain = demo_dataset(data.path(), 3, |_| {});
+    cache.cache_dataset(&plain, &PoolEncoder::new("v"), 2).unwrap();
+    let mut plan = plain.plan_epoch(0).remove(0);
+    assert!(cache.load_batch(&plain, &plan, "v").is_ok());
+    plan.samples[0].color = Some(ColorAug::Gamma(1.05));
+    let e = cache.load_batch(&plain, &plan, "v").unwrap_err();
     assert!(matches!(e, DataError::Config { ref key, .. } if key == "color_aug"), "{e}");
 }
 

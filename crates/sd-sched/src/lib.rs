@@ -12,8 +12,9 @@
 //!   diffusers' own dtype choices.
 //! - [`training`]: `add_noise`, velocity and ε / v / x₀ targets, SNR, min-SNR-γ weights,
 //!   noise offset and seeded timestep sampling, batched on device tensors.
-//! - [`Sampler`]: DDPM, DDIM (η), PNDM/PLMS, Euler, Euler ancestral and DPM-Solver++
-//!   (2M, 3M, 2M SDE, Karras sigmas), built by name through [`SamplerSpec`] or
+//! - [`Sampler`]: DDPM, DDIM (η), PNDM/PLMS, Euler, Euler ancestral, Heun, DPM2 (and
+//!   ancestral), LMS, DPM-Solver++ (2M, 3M, 2M SDE, Karras sigmas) and DPM-Solver
+//!   (multistep and singlestep), built by name through [`SamplerSpec`] or
 //!   [`SamplerKind`]. Stochastic samplers draw from an explicit [`NoiseSource`].
 //!
 //! Parity: the tests replay full diffusers sampling loops (SD 1.5, SD 2.1 v-prediction

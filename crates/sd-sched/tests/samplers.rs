@@ -445,7 +445,8 @@ fn dpmsolver_needs_a_final_sigma_min() {
 fn names_resolve_to_kinds_and_overrides() {
     for kind in SamplerKind::ALL {
         let spec: SamplerSpec = kind.class_name().parse().unwrap();
-        assert_eq!(spec, SamplerSpec::new(kind));
+        let lower_order_final = (kind == SamplerKind::DpmSolverSinglestep).then_some(false);
+        assert_eq!(spec, SamplerSpec { lower_order_final, ..SamplerSpec::new(kind) });
     }
     let spec: SamplerSpec = "DPMPP_2M_SDE_Karras".parse().unwrap();
     let config = spec.apply(&SchedulerConfig::sd15());

@@ -174,6 +174,9 @@ pub struct LoraSection {
     /// LoKr: `w1` takes the output side's larger factor (LyCORIS'
     /// `unbalanced_factorization`).
     pub lokr_unbalanced_factorization: bool,
+    /// LoHa and LoKr: Tucker-decompose the adapters of convolutions with a kernel larger
+    /// than 1x1 (LyCORIS' `use_tucker`; [`lora_core::LoraConfig::use_tucker`]).
+    pub use_tucker: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
@@ -246,6 +249,7 @@ impl LoraSection {
             .with_lokr_decompose_both(self.lokr_decompose_both)
             .with_lokr_full_matrix(self.lokr_full_matrix)
             .with_lokr_unbalanced_factorization(self.lokr_unbalanced_factorization)
+            .with_use_tucker(self.use_tucker)
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -994,6 +998,7 @@ impl Default for TrainConfig {
                 lokr_decompose_both: false,
                 lokr_full_matrix: false,
                 lokr_unbalanced_factorization: false,
+                use_tucker: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
                 conv_alpha: 1.0,
@@ -1519,6 +1524,9 @@ impl TrainConfig {
             return bad(format!("lora.lokr_factor, lora.lokr_decompose_both, lora.lokr_full_matrix and lora.lokr_unbalanced_factorization are LoKr's; lora.algo is \"{algo}\""));
         }
         if !l.algo.is_lycoris() {
+            if l.use_tucker {
+                return bad(format!("lora.use_tucker Tucker-decomposes LoHa's and LoKr's convolutions; lora.algo is \"{algo}\" (a LoCon's Tucker form, `lora_mid`, is not trained here)"));
+            }
             return Ok(());
         }
         for (key, p) in [("lora.dropout", l.dropout), ("lora.network_dropout", l.network_dropout), ("lora.rank_dropout", l.rank_dropout)] {

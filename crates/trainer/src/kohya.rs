@@ -431,7 +431,11 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
 
     let mut ignored = Vec::new();
     for key in NO_EFFECT {
-        if o.take(key).is_some() {
+        if let Some(value) = o.take(key) {
+            let augmented = c.data.color_aug || c.data.random_crop;
+            if *key == "cache_latents" && value == toml::Value::Boolean(true) && augmented {
+                notes.push("cache_latents with color_aug or random_crop: sd-scripts refuses the pair; here the changed samples are encoded each time they are drawn".into());
+            }
             ignored.push(*key);
         }
     }
@@ -754,9 +758,10 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 /// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x), as its `create_network`
 /// reads them: `algo` (lora / locon, loha or lokr), `preset`, `conv_dim` / `conv_alpha`
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
-/// `module_dropout`, `rs_lora`, and DoRA (`dora_wd`) for LoRA. What LyCORIS trains
-/// differently here (its rank dropout, Tucker convolutions, `use_scalar`, norm layers, ...)
-/// is an error naming it.
+/// `module_dropout`, `rs_lora`, DoRA (`dora_wd`) for LoRA, and Tucker convolutions
+/// (`use_tucker`) for LoHa and LoKr. What LyCORIS trains differently here (its rank
+/// dropout, LoCon's Tucker convolutions, `use_scalar`, norm layers, ...) is an error
+/// naming it.
 fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
     let args = key_values(args, "network_args", &o.origin)?;
     let mut algo = "lora".to_string();
@@ -816,15 +821,21 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     if !ignored.is_empty() {
         notes.push(format!("network_args that LyCORIS does not read are ignored: {}", ignored.join(", ")));
     }
-    if lycoris_tucker(&args) {
-        return Err(o.err("network_args", "use_tucker / use_cp (as LyCORIS reads them) ask for Tucker-decomposed convolutions, which are not trained here; set them to False"));
-    }
     l.algo = match algo.as_str() {
         "lora" | "locon" => lora_core::Algo::Lora,
         "loha" => lora_core::Algo::Loha,
         "lokr" => lora_core::Algo::Lokr,
         other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
     };
+    if lycoris_tucker(&args) {
+        if !l.algo.is_lycoris() {
+            return Err(o.err("network_args", format!("use_tucker / use_cp (as LyCORIS reads them) ask for Tucker-decomposed convolutions, which are trained here for loha and lokr, not for `algo={algo}` (LoCon's `lora_mid`); set them to False")));
+        }
+        l.use_tucker = true;
+        if args.iter().any(|(k, v)| k == "disable_conv_cp" && python_truthy(v)) {
+            notes.push("network_args `disable_conv_cp`: LyCORIS takes its value as `use_tucker` (a deprecated name), so a true value turns Tucker convolutions on; lora.use_tucker = true trains the same".into());
+        }
+    }
     if l.algo == lora_core::Algo::Lokr {
         (l.lokr_factor, l.lokr_decompose_both) = (factor, decompose_both);
         (l.lokr_full_matrix, l.lokr_unbalanced_factorization) = (full_matrix, unbalanced);
@@ -1609,7 +1620,7 @@ sample_sampler = "euler_a"
         assert_eq!((c.data.resolution, c.data.enable_bucket, c.output.save_precision), (sd_data::Resolution::square(768), true, lora_core::SaveDtype::Bf16));
         assert!(c.data.color_aug);
         assert_eq!(c.output.sample_prompts, ["mystyle, a castle --n blurry --w 512 --h 768 --d 5", "mystyle, a cat --ss euler_a --w 512 --h 512"]);
-        for expected in ["AdamW8bit", "option `g`", "xformers, cache_latents"] {
+        for expected in ["AdamW8bit", "option `g`", "xformers, cache_latents", "sd-scripts refuses the pair"] {
             assert!(i.notes.iter().any(|n| n.contains(expected)), "no note on {expected}: {:?}", i.notes);
         }
         let path = dir.path().join("ours.toml");
@@ -1999,7 +2010,15 @@ wandb_run_name = "my_style"
         // The GUI's LoKr line writes use_tucker before use_cp: LyCORIS overwrites use_tucker
         // with use_cp's "False", and trains no Tucker convolutions.
         let c = import(&format!("{base}network_args = [\"algo=lokr\", \"use_tucker=True\", \"use_cp=False\", \"factor=0\", \"decompose_both=\"]")).unwrap().config;
-        assert_eq!((c.lora.lokr_factor, c.lora.lokr_decompose_both), (1, false), "factor 0 splits as 1; an empty string is false");
+        assert_eq!((c.lora.lokr_factor, c.lora.lokr_decompose_both, c.lora.use_tucker), (1, false, false), "factor 0 splits as 1; an empty string is false");
+        // Tucker convolutions for LoHa and LoKr, also by LyCORIS' older names (an empty
+        // `disable_conv_cp` is false, `not` it true).
+        for args in ["\"algo=loha\", \"use_tucker=True\"", "\"algo=lokr\", \"use_cp=True\"", "\"algo=loha\", \"disable_conv_cp=\"", "\"algo=loha\", \"disable_conv_cp=True\""] {
+            let i = import(&format!("{base}network_args = [{args}]")).unwrap();
+            assert!(i.config.lora.use_tucker, "{args}");
+            assert_eq!(i.notes.iter().any(|n| n.contains("disable_conv_cp")), args.contains("disable_conv_cp=True"), "{args}: {:?}", i.notes);
+            i.config.validate().unwrap();
+        }
         // LoKr's settings do nothing for LoHa; LoRA+ does nothing for LoHa / LoKr.
         let c = import(&format!("{base}network_args = [\"algo=loha\", \"factor=4\", \"loraplus_lr_ratio=16\"]")).unwrap();
         assert_eq!((c.config.lora.lokr_factor, c.config.lora.loraplus_lr_ratio), (-1, 0.0));
@@ -2028,7 +2047,7 @@ wandb_run_name = "my_style"
         let cases = [
             ("dpmsingle", "dpmsingle", false),
             ("dpmsolver++", "dpmpp_2m", false),
-            ("K_LMS", "lms", false),
+            ("k_lms", "lms", false),
             ("k_dpm_2_a", "dpm_2_a", false),
             ("dpmsolver", "dpmsolver", true),
             ("k_heun", "ddim", true),
@@ -2059,7 +2078,7 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"use_tucker=True\"]", "Tucker-decomposed convolutions"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"use_tucker=True\"]", "not for `algo=locon` (LoCon's `lora_mid`)"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1`: LyCORIS' rank dropout"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"dora_wd=True\"]", "DoRA is trained here for LoRA only"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),

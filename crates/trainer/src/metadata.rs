@@ -235,9 +235,10 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_min_bucket_reso", ds.min_bucket_reso.to_string()),
         ("ss_max_bucket_reso", ds.max_bucket_reso.to_string()),
         ("ss_bucket_no_upscale", py_bool(ds.bucket_no_upscale)),
-        ("ss_flip_aug", py_bool(d.flip_aug)),
-        ("ss_random_crop", py_bool(d.random_crop)),
-        ("ss_color_aug", py_bool(d.color_aug)),
+        // The data set's own: a dataset_config file's subsets set them too.
+        ("ss_flip_aug", py_bool((0..dataset.images().len()).any(|i| dataset.flip_aug(i)))),
+        ("ss_random_crop", py_bool(dataset.has_random_crop())),
+        ("ss_color_aug", py_bool(dataset.has_color_aug())),
         ("ss_shuffle_caption", py_bool(d.shuffle_caption)),
         ("ss_keep_tokens", d.keep_tokens.to_string()),
         ("ss_dataset_dirs", dirs(false).to_string()),
@@ -336,6 +337,9 @@ fn network_args(l: &crate::config::LoraSection) -> Option<String> {
         }
     }
     // LyCORIS' arguments (`algo` itself the kohya writer adds from the adapters).
+    if l.algo.is_lycoris() && l.use_tucker {
+        args.insert("use_tucker".into(), "True".into());
+    }
     if l.algo == lora_core::Algo::Lokr {
         args.insert("factor".into(), l.lokr_factor.to_string().into());
         for (key, on) in [("decompose_both", l.lokr_decompose_both), ("full_matrix", l.lokr_full_matrix), ("unbalanced_factorization", l.lokr_unbalanced_factorization)] {

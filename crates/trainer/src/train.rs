@@ -569,6 +569,11 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     if let Some(dadapt) = config.train.dadapt_settings() {
         optim = optim.with_dadapt_adam(dadapt).map_err(|e| TrainError::Config { origin: "train.dadapt_*".into(), reason: e.to_string() })?;
     }
+    // The tensors as PyTorch holds them (linear LoRAs transposed, LyCORIS' 4-d tensors),
+    // which Adafactor's and Prodigy+'s factored moments follow.
+    let mut layouts = HashMap::new();
+    model.visit_lora_sites(&mut |_, site| layouts.extend(site.torch_layouts()));
+    optim = optim.with_torch_layouts(|id| layouts.get(&id).cloned()).map_err(|e| TrainError::Config { origin: "train.optimizer".into(), reason: e.to_string() })?;
     if let Some(adafactor) = config.train.adafactor_settings() {
         optim = optim.with_adafactor(adafactor).map_err(|e| TrainError::Config { origin: "train.adafactor_*".into(), reason: e.to_string() })?;
     }
@@ -577,10 +582,6 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     }
     if config.train.optimizer == crate::config::Optimizer::ProdigyPlusScheduleFree {
         let settings = config.train.prodigy_plus_settings();
-        // Its estimate reads the tensors in PyTorch's order: the linear LoRAs transposed.
-        let mut layouts = HashMap::new();
-        model.visit_lora_sites(&mut |_, site| layouts.extend(site.torch_layouts()));
-        optim = optim.with_torch_layouts(|id| layouts.get(&id).cloned()).map_err(|e| TrainError::Config { origin: "train.optimizer".into(), reason: e.to_string() })?;
         optim = optim.with_prodigy_plus(settings, |id| groups.get(&id).copied().unwrap_or(0)).map_err(|e| TrainError::Config { origin: "train.prodigy_plus_*".into(), reason: e.to_string() })?;
     }
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
@@ -820,6 +821,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "lokr_decompose_both = false",
         "lokr_full_matrix = false",
         "lokr_unbalanced_factorization = false",
+        "use_tucker = false",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",
@@ -1850,7 +1852,8 @@ fn with_trained<B: AutodiffBackend>(unet: &sd_model::UNet2DConditionModel<B>, en
 }
 
 /// In-memory cache of the frozen encoders' outputs: the VAE posterior per (image, bucket,
-/// crop, flip) and the text embedding per caption. Both encoders are frozen, so each is
+/// crop, flip) of samples without a colour change (`color_aug`; those are encoded each
+/// time) and the text embedding per caption. Both encoders are frozen, so each is
 /// computed once per distinct input and training steps only run the UNet.
 struct EncodeCache<B: burn::tensor::backend::Backend> {
     /// How many captions' conditioning to keep: fixed captions (one per image) all are;
@@ -2034,6 +2037,36 @@ mod tests {
         assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 40), (1216, 832)));
         s.flip = true;
         assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 1000 - 40 - 832), (1216, 832)));
+    }
+
+    /// A colour-changed sample (`color_aug`) is encoded from its changed pixels each time,
+    /// never served from nor kept in the posterior cache; its plain twin still is.
+    #[test]
+    fn colour_changed_samples_are_encoded_anew_and_not_kept() {
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        let components = crate::models::load_components::<B>("tiny", 0, &device).unwrap();
+        let mut config = TrainConfig::default();
+        (config.data.demo_images, config.train.train_batch_size) = (2, 2);
+        let dataset = open_dataset(&config).unwrap();
+        let plan = dataset.plan_epoch(0).remove(0);
+        let mut cache = EncodeCache::<B>::for_dataset(&dataset);
+        let mean = |cache: &mut EncodeCache<B>, plan: &sd_data::BatchPlan| {
+            let batch = cache.batch(&dataset, &components, plan, &config, false, &device).unwrap();
+            batch.posterior.mean.into_data().to_vec::<f32>().unwrap()
+        };
+        // The first sample twice: plain, then colour-changed.
+        let plan = sd_data::BatchPlan { samples: vec![plan.samples[0].clone(); 2], ..plan };
+        let plain = mean(&mut cache, &plan);
+        assert_eq!(cache.posteriors.len(), 1);
+        let mut coloured = plan.clone();
+        coloured.samples[1].color = Some(sd_data::image_io::ColorAug::Gamma(1.05));
+        let changed = mean(&mut cache, &coloured);
+        let half = plain.len() / 2;
+        assert_eq!(changed[..half], plain[..half], "the plain one comes from the cache");
+        assert_ne!(changed[half..], plain[half..], "the coloured sample is encoded from its changed pixels");
+        assert_eq!(cache.posteriors.len(), 1, "the coloured posterior is not kept");
+        assert_eq!(mean(&mut cache, &plan), plain);
     }
 
     /// A state's fingerprint of the `[lora]` section as written before `network_weights`,

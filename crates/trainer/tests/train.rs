@@ -494,22 +494,33 @@ fn resume_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     c
 }
 
-/// kohya's `color_aug` reaches the images the VAE encodes: the same run with it has other
-/// losses, from the first colour-changed sample on, and records it in the LoRA.
+/// kohya's `color_aug` reaches the images the VAE encodes and changes nothing else: the
+/// same run with it has the same losses up to the first step with a colour-changed
+/// sample, and another one there; the LoRA records it.
 #[test]
 fn color_aug_changes_the_encoded_images() {
     let _guard = seeded();
+    let config = |dir: &std::path::Path, color_aug: bool| {
+        let mut c = quick_config(dir, 6);
+        c.data.color_aug = color_aug;
+        c
+    };
     let run = |color_aug: bool| {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = quick_config(dir.path(), 6);
-        c.data.color_aug = color_aug;
-        let out = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+        let out = train::<B>(&config(dir.path(), color_aug), &Default::default(), &mut |_| true).unwrap();
         (out.losses, lora_metadata(&out.lora)["ss_color_aug"].clone())
     };
     let (plain, plain_flag) = run(false);
     let (changed, flag) = run(true);
     assert_eq!((plain_flag.as_str(), flag.as_str()), ("False", "True"));
-    assert_ne!(plain, changed);
+    // One batch per step: the steps' batches, epoch after epoch.
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = trainer::train::open_dataset(&config(dir.path(), true)).unwrap();
+    let coloured: Vec<bool> = (0..).flat_map(|e| dataset.plan_epoch(e)).take(6).map(|b| b.samples.iter().any(|s| s.color.is_some())).collect();
+    let first = coloured.iter().position(|c| *c).expect("a colour-changed sample in 6 steps");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&plain[..first]), bits(&changed[..first]), "before step {first}");
+    assert_ne!(plain[first], changed[first], "at step {first}");
 }
 
 #[test]
@@ -2039,11 +2050,12 @@ fn dora_trains_resumes_and_applies() {
 #[test]
 fn loha_and_lokr_train_resume_and_apply() {
     let _guard = seeded();
-    for algo in [lora_core::Algo::Loha, lora_core::Algo::Lokr] {
+    for (algo, tucker) in [(lora_core::Algo::Loha, false), (lora_core::Algo::Lokr, false), (lora_core::Algo::Loha, true), (lora_core::Algo::Lokr, true)] {
         let name = algo.name();
         let lycoris_config = |dir: &std::path::Path, steps: usize| {
             let mut c = resume_config(dir, steps);
             c.lora.algo = algo;
+            c.lora.use_tucker = tucker;
             (c.lora.dropout, c.lora.module_dropout) = (0.0, 0.2);
             c.train.scale_weight_norms = 0.05;
             c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
@@ -2061,9 +2073,22 @@ fn loha_and_lokr_train_resume_and_apply() {
             // Every adapter trained (its zero half moved): none is bypassed by a fused path.
             assert!(w.delta().data.iter().any(|v| *v != 0.0), "{key} did not train");
         }
+        // With use_tucker the 3x3 convolutions' adapters (only those; for LoKr, those with
+        // a low-rank w2) have LyCORIS' cores.
+        let core = if algo == lora_core::Algo::Loha { "hada_t1" } else { "lokr_t2" };
+        let mut cores = 0;
+        for (key, w) in set.iter() {
+            let lycoris = w.lycoris.as_ref().unwrap();
+            let spatial = w.is_conv() && w.down.shape[2..] == [3, 3] && lycoris.get("lokr_w2").is_none();
+            let t = lycoris.get(core);
+            assert_eq!(t.map(|t| t.shape.clone()), (tucker && spatial).then(|| vec![2, 2, 3, 3]), "{name}, tucker {tucker}: {key}");
+            cores += usize::from(t.is_some());
+        }
+        assert_eq!(cores > 0, tucker, "{name}");
         let meta = lora_metadata(&straight.lora);
         assert_eq!(meta["ss_network_module"], "lycoris.kohya");
         assert!(meta["ss_network_args"].contains(&format!("\"algo\":\"{name}\"")), "{}", meta["ss_network_args"]);
+        assert_eq!(meta["ss_network_args"].contains("\"use_tucker\":\"True\""), tucker, "{}", meta["ss_network_args"]);
         assert_eq!(meta["ss_network_dim"], "4", "{name}: LyCORIS' own rank");
 
         let dir = tempfile::tempdir().unwrap();
@@ -2074,7 +2099,7 @@ fn loha_and_lokr_train_resume_and_apply() {
         assert_eq!(bits(&resumed.losses), bits(&straight.losses), "{name}: same losses, step for step");
         assert_same_lora(&straight.lora, &resumed.lora);
         let mut plain = lycoris_config(dir.path(), 8);
-        plain.lora.algo = lora_core::Algo::Lora;
+        (plain.lora.algo, plain.lora.use_tucker) = (lora_core::Algo::Lora, false);
         let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
         assert!(err.to_string().contains("algo"), "{err}");
 
@@ -2085,7 +2110,7 @@ fn loha_and_lokr_train_resume_and_apply() {
         more.lora.network_weights = straight.lora.display().to_string();
         let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
         assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
-        more.lora.algo = lora_core::Algo::Lora;
+        (more.lora.algo, more.lora.use_tucker) = (lora_core::Algo::Lora, false);
         let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
         assert!(err.contains(name) && err.contains("LoRA"), "{err}");
         // With dim_from_weights the file's adapters train as what they are: lora.algo must say so.
@@ -2146,7 +2171,7 @@ fn lycoris_config_errors_name_the_key() {
         c
     };
     type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
-    let cases: [(Edit, &str); 9] = [
+    let cases: [(Edit, &str); 10] = [
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
         (&|c| c.lora.lokr_full_matrix = true, "lora.lokr_full_matrix"),
         (&|c| c.lora.lokr_unbalanced_factorization = true, "lora.lokr_unbalanced_factorization"),
@@ -2156,6 +2181,7 @@ fn lycoris_config_errors_name_the_key() {
         (&|c| c.lora.lokr_factor = 4, "lora.lokr_factor"),
         (&|c| c.output.save_format = AdapterFormat::Peft, "output.save_format"),
         (&|c| (c.lora.algo, c.lora.lokr_factor) = (lora_core::Algo::Lora, 4), "lora.lokr_factor"),
+        (&|c| (c.lora.algo, c.lora.use_tucker) = (lora_core::Algo::Lora, true), "lora.use_tucker"),
     ];
     for (edit, expect) in cases {
         let mut c = base();

@@ -99,11 +99,15 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         Some(l) => {
             meta.insert("ss_network_module".into(), "lycoris.kohya".into());
             args.insert("algo".into(), l.algo.name().into());
+            let tucker = |l: &crate::LycorisWeights| l.tensors.iter().any(|(n, _)| matches!(n.as_str(), "hada_t1" | "hada_t2" | "lokr_t2"));
+            if set.iter().filter_map(|(_, w)| w.lycoris.as_ref()).any(tucker) {
+                args.insert("use_tucker".into(), "True".into());
+            }
         }
         None => {
             // A LoHa / LoKr file's recorded arguments do not describe its plain-LoRA form.
             if args.get("algo").and_then(|a| a.as_str()).is_some_and(|a| a == "loha" || a == "lokr") {
-                for key in ["algo", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "preset"] {
+                for key in ["algo", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "preset"] {
                     args.remove(key);
                 }
             }

@@ -18,8 +18,9 @@
 //! (`[rank, in·kh·kw]`, LyCORIS' non-Tucker layout); the reader puts it back in the conv
 //! layout where the [`crate::ModuleIndex`] knows the kernel ([`crate::ModuleIndex::set_kernel`]),
 //! and the conv layer unflattens it when attached otherwise. Tucker-decomposed
-//! convolutions (LyCORIS' `use_tucker`: `hada_t1` / `hada_t2`, `lokr_t2`) are read as the
-//! non-Tucker halves with the same product: LyCORIS rebuilds a half as
+//! convolutions (LyCORIS' `use_tucker`: `hada_t1` / `hada_t2`, `lokr_t2`) keep their own
+//! tensors, and their plain LoRA is that of the non-Tucker halves with the same product:
+//! LyCORIS rebuilds a half as
 //! `W[p, c, h, w] = Σᵢⱼ t[i, j, h, w] · a[i, p] · b[j, c]`, which is `A · B` with
 //! `A = aᵀ` `[out, r]` and `B[i, (c, h, w)] = Σⱼ t[i, j, h, w] · b[j, c]` `[r, in·kh·kw]`
 //! ([`tucker_core`]; LoCon's `lora_mid` folds into its `lora_down` the same way).
@@ -180,7 +181,12 @@ impl Tensors {
             reason,
         };
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
-            return self.untuckered().map_err(bad)?.to_lora(alpha, name, path);
+            let mut weights = self.untuckered().map_err(bad)?.to_lora(alpha, name, path)?;
+            // LyCORIS' own tensors stay as the file has them (to train on in their form).
+            if let Some(lycoris) = weights.lycoris.as_mut() {
+                lycoris.tensors = self.found.iter().map(|(part, t)| (part_name(*part).to_string(), t.clone())).collect();
+            }
+            return Ok(weights);
         }
         let is_loha = |p: &Part| matches!(p, Part::HadaW1A | Part::HadaW1B | Part::HadaW2A | Part::HadaW2B);
         let (loha_parts, lokr_parts) = (self.found.iter().filter(|(p, _)| is_loha(p)).count(), self.found.iter().filter(|(p, _)| !is_loha(p)).count());
@@ -347,6 +353,9 @@ pub(super) fn tucker_core(t: &HostTensor, b: &HostTensor) -> std::result::Result
     };
     if t.shape.contains(&0) {
         return Err(format!("the core {:?} is empty", t.shape));
+    }
+    if r1 != r2 {
+        return Err(format!("the core {:?} is not square ([r, r, kh, kw] expected)", t.shape));
     }
     let (Some(&rows), Some(&input)) = (b.shape.first(), b.shape.get(1)) else {
         return Err(format!("the half must be [{r2}, in], got {:?}", b.shape));

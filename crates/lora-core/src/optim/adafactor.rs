@@ -263,11 +263,17 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             if slot.len == 0 {
                 continue;
             }
-            let d = slot.shape.len();
+            // transformers factors a tensor over its last two dimensions in PyTorch's shape
+            // (a transposed matrix factors alike).
+            let shape = match &slot.torch {
+                Some(super::TorchLayout::Reshaped(shape)) => shape,
+                _ => &slot.shape,
+            };
+            let d = shape.len();
             let key = match d {
                 0 | 1 => (false, 1, 1, slot.len),
                 _ => {
-                    let (r, c) = (slot.shape[d - 2], slot.shape[d - 1]);
+                    let (r, c) = (shape[d - 2], shape[d - 1]);
                     (true, slot.len / (r * c), r, c)
                 }
             };

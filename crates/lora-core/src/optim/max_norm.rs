@@ -220,7 +220,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             values.push((*name, self.params.clone().slice(slot.offset..slot.offset + slot.len).reshape([rows, slot.len / rows])));
         }
         let factor = |name: &str| values.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
-        crate::lycoris::unscaled_delta(algo, factor).map_err(|e| LoraError::Data(format!("`{path}`: {e}")))
+        let has = |name: &str| values.iter().any(|(n, _)| *n == name);
+        crate::lycoris::unscaled_delta(algo, |name| crate::lycoris::plain_factor(name, has, factor)).map_err(|e| LoraError::Data(format!("`{path}`: {e}")))
     }
 
     /// The `rank × rank` Gram matrix of one trained tensor viewed as a matrix.

@@ -188,7 +188,15 @@ impl<B: Backend> Sampler<B> for DpmSolverSinglestepSampler<B> {
         let c = &self.config;
         let t = c.num_train_timesteps;
         check_steps(n, t)?;
-        let mut timesteps = linspace_timesteps(unclipped_timesteps(c, &self.lambdas), n);
+        let unclipped = unclipped_timesteps(c, &self.lambdas);
+        if unclipped == 0 {
+            return Err(SchedError::InvalidValue {
+                key: "lambda_min_clipped",
+                expected: "a value that leaves some training timesteps".into(),
+                found: c.lambda_min_clipped.to_string(),
+            });
+        }
+        let mut timesteps = linspace_timesteps(unclipped, n);
         let sigmas: Vec<f64> = if c.use_karras_sigmas {
             let lo = c.sigma_min.unwrap_or(self.train_sigmas[0] as f64);
             let hi = c.sigma_max.unwrap_or(self.train_sigmas[t - 1] as f64);
@@ -199,12 +207,6 @@ impl<B: Backend> Sampler<B> for DpmSolverSinglestepSampler<B> {
         } else {
             timesteps.iter().map(|&ts| np_interp_index(ts, &self.train_sigmas)).collect()
         };
-        if timesteps.len() != n {
-            return Err(SchedError::InvalidSteps {
-                steps: n,
-                expected: "a count the timesteps above lambda_min_clipped can hold".into(),
-            });
-        }
         let final_zero = c.final_sigmas_type == FinalSigmasType::Zero;
         let last = if final_zero { 0.0 } else { self.train_sigmas[0] as f64 };
         // diffusers turns lower_order_final on (with a warning) where blocks cannot fit.

@@ -288,7 +288,9 @@ impl FromStr for SamplerSpec {
             .into_iter()
             .find(|k| k.class_name() == name)
         {
-            return Ok(Self::new(kind));
+            // The singlestep class's own default, which differs from the multistep one's.
+            let lower_order_final = (kind == SamplerKind::DpmSolverSinglestep).then_some(false);
+            return Ok(Self { lower_order_final, ..Self::new(kind) });
         }
         let dpm = |karras: bool, algorithm: AlgorithmType, order: usize| SamplerSpec {
             use_karras_sigmas: Some(karras),
