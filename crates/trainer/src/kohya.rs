@@ -886,6 +886,9 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     // has any; conv_alpha defaults to network_alpha.
     let conv_dim = if preset.enables_conv() { conv_dim.unwrap_or(l.rank) } else { 0 };
     l.conv_alpha = conv_alpha.unwrap_or(l.alpha);
+    if l.use_tucker && conv_dim == 0 {
+        notes.push("use_tucker changes nothing here: the preset (or conv_dim = 0) leaves out the convolutions with a kernel larger than 1x1, which alone it decomposes, as in LyCORIS".into());
+    }
     Ok(Network::Lycoris { preset, conv_dim })
 }
 
@@ -2017,8 +2020,12 @@ wandb_run_name = "my_style"
             let i = import(&format!("{base}network_args = [{args}]")).unwrap();
             assert!(i.config.lora.use_tucker, "{args}");
             assert_eq!(i.notes.iter().any(|n| n.contains("disable_conv_cp")), args.contains("disable_conv_cp=True"), "{args}: {:?}", i.notes);
+            assert!(!i.notes.iter().any(|n| n.contains("changes nothing")), "{args}: {:?}", i.notes);
             i.config.validate().unwrap();
         }
+        // Without 3x3 convolutions Tucker does nothing: a note.
+        let i = import(&format!("{base}network_args = [\"algo=loha\", \"use_tucker=True\", \"preset=attn-only\"]")).unwrap();
+        assert!(i.config.lora.use_tucker && i.notes.iter().any(|n| n.contains("use_tucker changes nothing")), "{:?}", i.notes);
         // LoKr's settings do nothing for LoHa; LoRA+ does nothing for LoHa / LoKr.
         let c = import(&format!("{base}network_args = [\"algo=loha\", \"factor=4\", \"loraplus_lr_ratio=16\"]")).unwrap();
         assert_eq!((c.config.lora.lokr_factor, c.config.lora.loraplus_lr_ratio), (-1, 0.0));
