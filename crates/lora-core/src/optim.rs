@@ -62,10 +62,12 @@ mod dadapt;
 mod schedule_free;
 mod prodigy_plus;
 mod max_norm;
+mod lr_schedule;
 pub use adafactor::{AdafactorSettings, AdafactorState};
 pub use dadapt::{DAdaptSettings, DAdaptState};
 pub use schedule_free::{ScheduleFreeSettings, ScheduleFreeState};
 pub use prodigy_plus::{share_prodigy_plus, ProdigyPlusSettings, ProdigyPlusState};
+pub use lr_schedule::TorchLrSchedule;
 pub use max_norm::{norm_pairs, MaxNormStats, NormFactors, NormPair, RankAxis};
 
 /// Entries of the first bias-correction tables (grown as step counts reach them).

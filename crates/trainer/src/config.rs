@@ -358,6 +358,119 @@ pub enum LrScheduler {
     /// `lr_decay_steps` steps to `lr_scheduler_min_lr_ratio` of the rate (transformers'
     /// `warmup_stable_decay`).
     WarmupStableDecay,
+    /// diffusers' `piecewise_constant`: factors of the rate by step, from
+    /// `lr_scheduler_args.step_rules` (`"1:100,0.5:200,0.1"`); no warmup.
+    PiecewiseConstant,
+    /// PyTorch's `CosineAnnealingLR` (sd-scripts' `lr_scheduler_type`), with
+    /// `lr_scheduler_args.T_max` and `eta_min`; no warmup. The PyTorch schedulers below
+    /// take their arguments by PyTorch's names in `lr_scheduler_args`, with PyTorch's
+    /// defaults; see `lora_core::optim::TorchLrSchedule`.
+    #[serde(rename = "CosineAnnealingLR")]
+    CosineAnnealingLr,
+    /// PyTorch's `CosineAnnealingWarmRestarts` (`T_0`, `T_mult`, `eta_min`).
+    #[serde(rename = "CosineAnnealingWarmRestarts")]
+    CosineAnnealingWarmRestarts,
+    /// PyTorch's `StepLR` (`step_size`, `gamma`).
+    #[serde(rename = "StepLR")]
+    StepLr,
+    /// PyTorch's `MultiStepLR` (`milestones`, `gamma`).
+    #[serde(rename = "MultiStepLR")]
+    MultiStepLr,
+    /// PyTorch's `ExponentialLR` (`gamma`).
+    #[serde(rename = "ExponentialLR")]
+    ExponentialLr,
+    /// PyTorch's `LinearLR` (`start_factor`, `end_factor`, `total_iters`).
+    #[serde(rename = "LinearLR")]
+    LinearLr,
+    /// PyTorch's `ConstantLR` (`factor`, `total_iters`).
+    #[serde(rename = "ConstantLR")]
+    ConstantLr,
+    /// PyTorch's `PolynomialLR` (`total_iters`, `power`).
+    #[serde(rename = "PolynomialLR")]
+    PolynomialLr,
+}
+
+/// The arguments of PyTorch's schedulers and of `piecewise_constant`
+/// (`train.lr_scheduler_args`, sd-scripts' `lr_scheduler_args`), by PyTorch's names; unset
+/// ones take PyTorch's defaults, and each scheduler takes only its own.
+///
+/// ```
+/// let c = trainer::TrainConfig::load(None, &[
+///     "train.lr_scheduler=\"CosineAnnealingLR\"".into(),
+///     "train.lr_warmup_steps=0".into(),
+///     "train.lr_scheduler_args={ T_max = 500, eta_min = 1e-6 }".into(),
+/// ]).unwrap();
+/// assert_eq!(c.train.torch_schedule().unwrap().unwrap().name(), "CosineAnnealingLR");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrSchedulerArgs {
+    /// `CosineAnnealingLR`'s steps from the rate to `eta_min`.
+    #[serde(rename = "T_max", default, skip_serializing_if = "Option::is_none")]
+    pub t_max: Option<usize>,
+    /// `CosineAnnealingWarmRestarts`' first cycle, in steps.
+    #[serde(rename = "T_0", default, skip_serializing_if = "Option::is_none")]
+    pub t_0: Option<usize>,
+    /// `CosineAnnealingWarmRestarts`' growth of the cycles (default 1).
+    #[serde(rename = "T_mult", default, skip_serializing_if = "Option::is_none")]
+    pub t_mult: Option<usize>,
+    /// The lowest rate of the cosine schedulers, absolute (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_min: Option<f64>,
+    /// `StepLR`'s steps between decays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_size: Option<usize>,
+    /// The decay factor of `StepLR` and `MultiStepLR` (default 0.1) and `ExponentialLR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gamma: Option<f64>,
+    /// `MultiStepLR`'s steps of decay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub milestones: Option<Vec<usize>>,
+    /// `LinearLR`'s first factor (default 1/3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_factor: Option<f64>,
+    /// `LinearLR`'s last factor (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_factor: Option<f64>,
+    /// Steps of `LinearLR`, `ConstantLR` and `PolynomialLR` (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_iters: Option<usize>,
+    /// `ConstantLR`'s factor (default 1/3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    /// `PolynomialLR`'s exponent (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<f64>,
+    /// `piecewise_constant`'s rules (`"1:100,0.5:200,0.1"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_rules: Option<String>,
+}
+
+impl LrSchedulerArgs {
+    /// The names of the arguments that are set.
+    pub fn set_names(&self) -> Vec<&'static str> {
+        let set = [
+            ("T_max", self.t_max.is_some()),
+            ("T_0", self.t_0.is_some()),
+            ("T_mult", self.t_mult.is_some()),
+            ("eta_min", self.eta_min.is_some()),
+            ("step_size", self.step_size.is_some()),
+            ("gamma", self.gamma.is_some()),
+            ("milestones", self.milestones.is_some()),
+            ("start_factor", self.start_factor.is_some()),
+            ("end_factor", self.end_factor.is_some()),
+            ("total_iters", self.total_iters.is_some()),
+            ("factor", self.factor.is_some()),
+            ("power", self.power.is_some()),
+            ("step_rules", self.step_rules.is_some()),
+        ];
+        set.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect()
+    }
+}
+
+/// The name of a schedule as the configuration writes it (`cosine`, `CosineAnnealingLR`).
+pub(crate) fn scheduler_name(s: LrScheduler) -> String {
+    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 
 /// The optimizer of the adapters.
@@ -546,6 +659,10 @@ pub struct TrainSection {
     /// `inverse_sqrt`'s timescale in steps (kohya's `lr_scheduler_timescale`; 0 = the
     /// warmup steps, or 10 000 without warmup, as in transformers).
     pub lr_scheduler_timescale: usize,
+    /// The arguments of `piecewise_constant` and of PyTorch's schedulers, by PyTorch's
+    /// names (an inline table: `lr_scheduler_args = { T_max = 500, eta_min = 1e-6 }`).
+    #[serde(default)]
+    pub lr_scheduler_args: LrSchedulerArgs,
     /// AdamW β₁.
     pub adam_beta1: f32,
     /// AdamW β₂.
@@ -742,6 +859,82 @@ impl TrainSection {
         } else {
             self.lr_decay_steps
         }
+    }
+
+    /// The schedule of a PyTorch `lr_scheduler` or of `piecewise_constant`, from
+    /// `lr_scheduler_args` (PyTorch's defaults for the unset ones); `None` for this
+    /// trainer's own schedules, which take no `lr_scheduler_args`. An argument the
+    /// scheduler does not take, one it needs and lacks, or a value PyTorch refuses is an
+    /// error naming it.
+    ///
+    /// ```
+    /// use trainer::config::LrScheduler;
+    /// let mut train = trainer::TrainConfig::default().train;
+    /// assert!(train.torch_schedule().unwrap().is_none());
+    /// train.lr_scheduler = LrScheduler::StepLr;
+    /// assert!(train.torch_schedule().unwrap_err().to_string().contains("step_size"));
+    /// train.lr_scheduler_args.step_size = Some(100);
+    /// let schedule = train.torch_schedule().unwrap().unwrap();
+    /// assert_eq!(schedule.lr(1.0, 100), 0.1);
+    /// ```
+    pub fn torch_schedule(&self) -> Result<Option<lora_core::optim::TorchLrSchedule>, TrainError> {
+        use lora_core::optim::TorchLrSchedule as S;
+        let a = &self.lr_scheduler_args;
+        let name = scheduler_name(self.lr_scheduler);
+        let bad = |reason: String| TrainError::Config {
+            origin: "train.lr_scheduler_args".into(),
+            reason,
+        };
+        let takes: &[&str] = match self.lr_scheduler {
+            LrScheduler::PiecewiseConstant => &["step_rules"],
+            LrScheduler::CosineAnnealingLr => &["T_max", "eta_min"],
+            LrScheduler::CosineAnnealingWarmRestarts => &["T_0", "T_mult", "eta_min"],
+            LrScheduler::StepLr => &["step_size", "gamma"],
+            LrScheduler::MultiStepLr => &["milestones", "gamma"],
+            LrScheduler::ExponentialLr => &["gamma"],
+            LrScheduler::LinearLr => &["start_factor", "end_factor", "total_iters"],
+            LrScheduler::ConstantLr => &["factor", "total_iters"],
+            LrScheduler::PolynomialLr => &["total_iters", "power"],
+            _ => &[],
+        };
+        if let Some(extra) = a.set_names().into_iter().find(|n| !takes.contains(n)) {
+            return Err(bad(if takes.is_empty() {
+                format!("`{extra}` is set, but train.lr_scheduler = \"{name}\" takes no lr_scheduler_args (they are for piecewise_constant and PyTorch's schedulers; this one's settings are the train.lr_* keys)")
+            } else {
+                format!("`{extra}` is not an argument of {name} (it takes {})", takes.join(", "))
+            }));
+        }
+        let need = |value: Option<usize>, arg: &str| value.ok_or_else(|| bad(format!("{name} needs `{arg}` (lr_scheduler_args = {{ {arg} = ... }})")));
+        let schedule = match self.lr_scheduler {
+            LrScheduler::PiecewiseConstant => {
+                let rules = a.step_rules.as_deref().ok_or_else(|| bad(format!("{name} needs `step_rules` (lr_scheduler_args = {{ step_rules = \"1:100,0.5:200,0.1\" }})")))?;
+                S::piecewise_constant(rules).map_err(|e| bad(e.to_string()))?
+            }
+            LrScheduler::CosineAnnealingLr => S::CosineAnnealing { t_max: need(a.t_max, "T_max")?, eta_min: a.eta_min.unwrap_or(0.0) },
+            LrScheduler::CosineAnnealingWarmRestarts => S::CosineAnnealingWarmRestarts {
+                t_0: need(a.t_0, "T_0")?,
+                t_mult: a.t_mult.unwrap_or(1),
+                eta_min: a.eta_min.unwrap_or(0.0),
+            },
+            LrScheduler::StepLr => S::Step { step_size: need(a.step_size, "step_size")?, gamma: a.gamma.unwrap_or(0.1) },
+            LrScheduler::MultiStepLr => S::MultiStep {
+                milestones: a.milestones.clone().ok_or_else(|| bad(format!("{name} needs `milestones` (lr_scheduler_args = {{ milestones = [500, 800] }})")))?,
+                gamma: a.gamma.unwrap_or(0.1),
+            },
+            LrScheduler::ExponentialLr => S::Exponential {
+                gamma: a.gamma.ok_or_else(|| bad(format!("{name} needs `gamma` (lr_scheduler_args = {{ gamma = 0.999 }})")))?,
+            },
+            LrScheduler::LinearLr => S::Linear {
+                start_factor: a.start_factor.unwrap_or(1.0 / 3.0),
+                end_factor: a.end_factor.unwrap_or(1.0),
+                total_iters: a.total_iters.unwrap_or(5),
+            },
+            LrScheduler::ConstantLr => S::Constant { factor: a.factor.unwrap_or(1.0 / 3.0), total_iters: a.total_iters.unwrap_or(5) },
+            LrScheduler::PolynomialLr => S::Polynomial { total_iters: a.total_iters.unwrap_or(5), power: a.power.unwrap_or(1.0) },
+            _ => return Ok(None),
+        };
+        schedule.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(Some(schedule))
     }
 
     /// DAdaptAdam's own settings with `optimizer = "dadapt_adam"` (`None` otherwise; β, ε
@@ -1035,6 +1228,7 @@ impl Default for TrainConfig {
                 lr_decay_steps: 0,
                 lr_decay_ratio: 0.0,
                 lr_scheduler_timescale: 0,
+                lr_scheduler_args: LrSchedulerArgs::default(),
                 adam_beta1: 0.9,
                 adam_beta2: 0.999,
                 adam_epsilon: 1e-8,
@@ -1348,12 +1542,17 @@ impl TrainConfig {
         if !(t.adam_weight_decay.is_finite() && t.adam_weight_decay >= 0.0) {
             return bad("train.adam_weight_decay must be at least 0");
         }
+        if t.torch_schedule()?.is_some() && t.warmup_steps() > 0 && !t.optimizer.is_schedule_free() {
+            return bad(&format!(
+                "train.lr_scheduler = \"{}\" has no warmup (sd-scripts refuses lr_warmup_steps with lr_scheduler_type and ignores it with piecewise_constant): set train.lr_warmup_steps = 0 and train.lr_warmup_ratio = 0",
+                scheduler_name(t.lr_scheduler)
+            ));
+        }
         if t.optimizer.is_schedule_free() {
             if t.lr_scheduler != LrScheduler::Constant {
-                let name = serde_json::to_value(t.lr_scheduler).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
                 return bad(&format!(
                     "train.lr_scheduler = \"{}\" with a schedule-free train.optimizer, which replaces the schedule (sd-scripts ignores lr_scheduler with one): set \"constant\" (train.lr_warmup_steps still warms up)",
-                    name
+                    scheduler_name(t.lr_scheduler)
                 ));
             }
             if t.adam_beta1 == 0.0 && t.optimizer != Optimizer::ProdigyPlusScheduleFree {

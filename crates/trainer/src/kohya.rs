@@ -162,8 +162,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("dataset_repeats", "fine-tuning metadata files are not supported"),
     ("dataset_class", "custom dataset classes are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
-    ("lr_scheduler_type", "custom learning-rate schedulers are not supported"),
-    ("lr_scheduler_args", "custom learning-rate schedulers are not supported"),
     ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights"),
     ("skip_until_initial_step", "starting part-way through the data is not supported"),
     ("initial_epoch", "starting part-way through the data is not supported"),
@@ -998,45 +996,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     t.learning_rate = if unet_lr > 0.0 { unet_lr } else { te_lr };
     t.text_encoder_lr = if te_lr > 0.0 { te_lr } else { 0.0 };
 
-    let scheduler = o.string("lr_scheduler")?.unwrap_or_else(|| "constant".into());
-    // sd-scripts gives a schedule-free optimizer a constant rate before it looks at the
-    // schedule's options (`get_scheduler_fix`): none of them is an error then.
-    let schedule_free = o.values.get("optimizer_type").and_then(|v| v.as_str()).is_some_and(|name| name.to_ascii_lowercase().ends_with("schedulefree"));
-    if schedule_free {
-        for key in ["lr_scheduler_type", "lr_scheduler_args"] {
-            if o.take(key).is_some() {
-                notes.push(format!("{key}: sd-scripts ignores it with a schedule-free optimizer, and so does this trainer"));
-            }
-        }
-    }
-    t.lr_scheduler = match scheduler.as_str() {
-        _ if schedule_free => LrScheduler::Constant,
-        // `adafactor` (Adafactor's relative step) is checked with the optimizer.
-        "constant" | "constant_with_warmup" | "adafactor" => LrScheduler::Constant,
-        "linear" => LrScheduler::Linear,
-        "cosine" => LrScheduler::Cosine,
-        "cosine_with_restarts" => LrScheduler::CosineWithRestarts,
-        "polynomial" => LrScheduler::Polynomial,
-        "cosine_with_min_lr" => LrScheduler::CosineWithMinLr,
-        "inverse_sqrt" => LrScheduler::InverseSqrt,
-        "warmup_stable_decay" => LrScheduler::WarmupStableDecay,
-        other => {
-            return Err(o.err(
-                "lr_scheduler",
-                format!("= \"{other}\" is not supported (constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, cosine_with_min_lr, inverse_sqrt, warmup_stable_decay and, with Adafactor, adafactor are)"),
-            ))
-        }
-    };
-    // The newer schedules' options (`lr_scheduler_min_lr_ratio` is read with the optimizer:
-    // Adafactor's relative step replaces the schedule first).
-    t.lr_scheduler_timescale = o.count("lr_scheduler_timescale")?.unwrap_or(0);
-    (t.lr_decay_steps, t.lr_decay_ratio) = o.steps_or_share("lr_decay_steps")?.unwrap_or((0, 0.0));
-    (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
-    if scheduler == "constant" && !schedule_free && (t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0) {
-        notes.push("lr_scheduler = \"constant\" with warmup (sd-scripts refuses warmup there): trained as constant_with_warmup".into());
-    }
-    t.lr_cycles = o.count("lr_scheduler_num_cycles")?.unwrap_or(1);
-    t.lr_scheduler_power = o.float("lr_scheduler_power")?.unwrap_or(1.0);
+    let scheduler = read_schedule(o, t, notes)?;
     t.max_grad_norm = o.float("max_grad_norm")?.unwrap_or(1.0) as f32;
     t.scale_weight_norms = o.float("scale_weight_norms")?.unwrap_or(0.0);
     t.mixed_precision = match o.string("mixed_precision")?.as_deref() {
@@ -1092,6 +1052,155 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
         None => notes.push(format!("seed is not set (sd-scripts then draws one): {} is used", t.seed)),
     }
     Ok((full, scheduler))
+}
+
+/// The learning-rate schedule: `lr_scheduler` and its options, or `lr_scheduler_type`'s
+/// PyTorch scheduler with `lr_scheduler_args`; returns the schedule's name as written.
+fn read_schedule(o: &mut Options, t: &mut crate::config::TrainSection, notes: &mut Vec<String>) -> Result<String, TrainError> {
+    let scheduler = o.string("lr_scheduler")?.unwrap_or_else(|| "constant".into());
+    // sd-scripts gives a schedule-free optimizer a constant rate before it looks at the
+    // schedule's options (`get_scheduler_fix`): none of them is an error then.
+    let schedule_free = o.values.get("optimizer_type").and_then(|v| v.as_str()).is_some_and(|name| name.to_ascii_lowercase().ends_with("schedulefree"));
+    if schedule_free {
+        for key in ["lr_scheduler_type", "lr_scheduler_args"] {
+            if o.take(key).is_some() {
+                notes.push(format!("{key}: sd-scripts ignores it with a schedule-free optimizer, and so does this trainer"));
+            }
+        }
+    }
+    // The newer schedules' options (`lr_scheduler_min_lr_ratio` is read with the optimizer:
+    // Adafactor's relative step replaces the schedule first); PyTorch's schedulers ignore them.
+    t.lr_scheduler_timescale = o.count("lr_scheduler_timescale")?.unwrap_or(0);
+    (t.lr_decay_steps, t.lr_decay_ratio) = o.steps_or_share("lr_decay_steps")?.unwrap_or((0, 0.0));
+    t.lr_cycles = o.count("lr_scheduler_num_cycles")?.unwrap_or(1);
+    t.lr_scheduler_power = o.float("lr_scheduler_power")?.unwrap_or(1.0);
+    // `lr_scheduler_type` (a PyTorch class) replaces `lr_scheduler`, as in sd-scripts.
+    let torch_type = if schedule_free { None } else { o.string("lr_scheduler_type")? };
+    let scheduler_args = if schedule_free { Vec::new() } else { o.list("lr_scheduler_args")? };
+    if let Some(class) = torch_type {
+        t.lr_scheduler = torch_scheduler(o, &class)?;
+        let name = crate::config::scheduler_name(t.lr_scheduler);
+        if scheduler != "constant" {
+            notes.push(format!("lr_scheduler = \"{scheduler}\" is replaced by lr_scheduler_type = \"{class}\", as in sd-scripts"));
+        }
+        t.lr_scheduler_args = scheduler_arguments(o, &scheduler_args, &name, notes)?;
+        (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
+        if t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0 {
+            return Err(o.err("lr_warmup_steps", format!("must be 0 with lr_scheduler_type = \"{class}\" (sd-scripts refuses a warmup there)")));
+        }
+        t.torch_schedule().map_err(|e| o.err("lr_scheduler_args", scheduler_error(e)))?;
+        return Ok(name);
+    }
+    if scheduler == "piecewise_constant" && !schedule_free {
+        t.lr_scheduler = LrScheduler::PiecewiseConstant;
+        t.lr_scheduler_args = scheduler_arguments(o, &scheduler_args, &scheduler, notes)?;
+        (t.lr_warmup_steps, t.lr_warmup_ratio) = (0, 0.0);
+        if o.steps_or_share("lr_warmup_steps")?.is_some_and(|w| w != (0, 0.0)) {
+            notes.push("lr_warmup_steps with lr_scheduler = \"piecewise_constant\": sd-scripts ignores the warmup there, and so does this trainer".into());
+        }
+        t.torch_schedule().map_err(|e| o.err("lr_scheduler_args", scheduler_error(e)))?;
+        return Ok(scheduler);
+    }
+    if !scheduler_args.is_empty() {
+        return Err(o.err("lr_scheduler_args", format!("= {scheduler_args:?}: arguments are taken by lr_scheduler = \"piecewise_constant\" and lr_scheduler_type's PyTorch schedulers here, not by lr_scheduler = \"{scheduler}\" (whose settings are the lr_scheduler_* options)")));
+    }
+    t.lr_scheduler = match scheduler.as_str() {
+        _ if schedule_free => LrScheduler::Constant,
+        // `adafactor` (Adafactor's relative step) is checked with the optimizer.
+        "constant" | "constant_with_warmup" | "adafactor" => LrScheduler::Constant,
+        "linear" => LrScheduler::Linear,
+        "cosine" => LrScheduler::Cosine,
+        "cosine_with_restarts" => LrScheduler::CosineWithRestarts,
+        "polynomial" => LrScheduler::Polynomial,
+        "cosine_with_min_lr" => LrScheduler::CosineWithMinLr,
+        "inverse_sqrt" => LrScheduler::InverseSqrt,
+        "warmup_stable_decay" => LrScheduler::WarmupStableDecay,
+        other => {
+            return Err(o.err(
+                "lr_scheduler",
+                format!("= \"{other}\" is not supported (constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, cosine_with_min_lr, inverse_sqrt, warmup_stable_decay, piecewise_constant and, with Adafactor, adafactor are; PyTorch's schedulers through lr_scheduler_type)"),
+            ))
+        }
+    };
+    (t.lr_warmup_steps, t.lr_warmup_ratio) = o.steps_or_share("lr_warmup_steps")?.unwrap_or((0, 0.0));
+    if scheduler == "constant" && !schedule_free && (t.lr_warmup_steps > 0 || t.lr_warmup_ratio > 0.0) {
+        notes.push("lr_scheduler = \"constant\" with warmup (sd-scripts refuses warmup there): trained as constant_with_warmup".into());
+    }
+    Ok(scheduler)
+}
+
+/// `lr_scheduler_type`'s class: one of PyTorch's step-wise schedulers, by its name or
+/// its `torch.optim.lr_scheduler.` path.
+fn torch_scheduler(o: &Options, class: &str) -> Result<LrScheduler, TrainError> {
+    let name = class.trim().strip_prefix("torch.optim.lr_scheduler.").unwrap_or(class.trim());
+    let why = match name {
+        "CosineAnnealingLR" => return Ok(LrScheduler::CosineAnnealingLr),
+        "CosineAnnealingWarmRestarts" => return Ok(LrScheduler::CosineAnnealingWarmRestarts),
+        "StepLR" => return Ok(LrScheduler::StepLr),
+        "MultiStepLR" => return Ok(LrScheduler::MultiStepLr),
+        "ExponentialLR" => return Ok(LrScheduler::ExponentialLr),
+        "LinearLR" => return Ok(LrScheduler::LinearLr),
+        "ConstantLR" => return Ok(LrScheduler::ConstantLr),
+        "PolynomialLR" => return Ok(LrScheduler::PolynomialLr),
+        "LambdaLR" | "MultiplicativeLR" | "SequentialLR" | "ChainedScheduler" => "it takes Python functions or other schedulers, which a config file cannot give",
+        "ReduceLROnPlateau" => "it needs a metric each step, which sd-scripts does not give it",
+        "CyclicLR" | "OneCycleLR" => "it also cycles the optimizer's momentum (β₁), which this trainer keeps fixed",
+        _ if name.contains('.') => "only PyTorch's own schedulers are (a Python module cannot run here)",
+        _ => "it is not one of PyTorch's schedulers",
+    };
+    Err(o.err(
+        "lr_scheduler_type",
+        format!("= \"{class}\" is not supported: {why}; CosineAnnealingLR, CosineAnnealingWarmRestarts, StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR and PolynomialLR are"),
+    ))
+}
+
+/// `lr_scheduler_args` (`KEY=VALUE`, values as Python literals) by PyTorch's names; the
+/// scheduler checks which ones it takes.
+fn scheduler_arguments(o: &Options, entries: &[String], scheduler: &str, notes: &mut Vec<String>) -> Result<crate::config::LrSchedulerArgs, TrainError> {
+    let mut args = crate::config::LrSchedulerArgs::default();
+    for (key, value) in key_values(entries, "lr_scheduler_args", &o.origin)? {
+        let bad = |what: &str| o.err("lr_scheduler_args", format!("`{key}={value}`: {what}"));
+        let number = || match PyValue::parse(&value) {
+            PyValue::Number(v) => Ok(v),
+            _ => Err(bad("expected a number")),
+        };
+        let whole = || number().and_then(|v| if v >= 0.0 && v.fract() == 0.0 && v < 1e15 { Ok(v as usize) } else { Err(bad("expected a whole number of at least 0")) });
+        match key.as_str() {
+            "T_max" => args.t_max = Some(whole()?),
+            "T_0" => args.t_0 = Some(whole()?),
+            "T_mult" => args.t_mult = Some(whole()?),
+            "step_size" => args.step_size = Some(whole()?),
+            "total_iters" => args.total_iters = Some(whole()?),
+            "eta_min" => args.eta_min = Some(number()?),
+            "gamma" => args.gamma = Some(number()?),
+            "start_factor" => args.start_factor = Some(number()?),
+            "end_factor" => args.end_factor = Some(number()?),
+            "factor" => args.factor = Some(number()?),
+            "power" => args.power = Some(number()?),
+            "milestones" => {
+                let inner = value.trim().trim_start_matches(['[', '(']).trim_end_matches([']', ')']);
+                let steps = inner.split(',').map(str::trim).filter(|p| !p.is_empty()).map(|p| p.parse::<usize>()).collect::<Result<Vec<_>, _>>();
+                args.milestones = Some(steps.map_err(|_| bad("expected a list of steps, e.g. [500,800]"))?);
+            }
+            "step_rules" => match PyValue::parse(&value) {
+                PyValue::Text(rules) => args.step_rules = Some(rules),
+                _ => return Err(bad("expected rules such as '1:100,0.5:200,0.1'")),
+            },
+            "last_epoch" if number().is_ok_and(|v| v == -1.0) => {}
+            "last_epoch" => return Err(bad("starting a schedule part-way is not supported (leave it at -1)")),
+            "verbose" => notes.push(format!("lr_scheduler_args `{key}` only prints the rates in PyTorch; ignored")),
+            _ => return Err(bad(&format!("not an argument of {scheduler} this trainer knows"))),
+        }
+    }
+    Ok(args)
+}
+
+/// A schedule's error as the import reports it (its own text, not the config key).
+fn scheduler_error(e: TrainError) -> String {
+    match e {
+        TrainError::Config { reason, .. } => format!("{reason} (sd-scripts' lr_scheduler_args = [\"KEY=VALUE\", ...])"),
+        other => other.to_string(),
+    }
 }
 
 /// `text_encoder_lr`: one number, or a list of one per text encoder (SDXL), of which
@@ -1543,6 +1652,46 @@ output_dir = "out"
 
     fn error(text: &str) -> String {
         import(text).unwrap_err().to_string()
+    }
+
+    /// `lr_scheduler_type`'s PyTorch schedulers and `piecewise_constant`, with their
+    /// `lr_scheduler_args` as sd-scripts passes them (Python literals by PyTorch's names).
+    #[test]
+    fn pytorch_schedulers_and_piecewise_constant() {
+        use crate::config::LrSchedulerArgs;
+        let i = import(&format!("{MINIMAL}lr_scheduler = \"cosine\"\nlr_scheduler_type = \"CosineAnnealingWarmRestarts\"\nlr_scheduler_args = [\"T_0=200\", \"T_mult=2\", \"eta_min=1e-6\", \"last_epoch=-1\"]")).unwrap();
+        let t = &i.config.train;
+        assert_eq!(t.lr_scheduler, LrScheduler::CosineAnnealingWarmRestarts);
+        assert_eq!(t.lr_scheduler_args, LrSchedulerArgs { t_0: Some(200), t_mult: Some(2), eta_min: Some(1e-6), ..Default::default() });
+        assert_eq!(t.lr_warmup_steps, 0);
+        assert!(i.notes.iter().any(|n| n.contains("replaced by lr_scheduler_type")), "{:?}", i.notes);
+        // The module path, a list of milestones (one, too), and the GUI's one string of entries.
+        let i = import(&format!("{MINIMAL}lr_scheduler_type = \"torch.optim.lr_scheduler.MultiStepLR\"\nlr_scheduler_args = \"milestones=[300] gamma=0.5\"")).unwrap();
+        assert_eq!((i.config.train.lr_scheduler, i.config.train.lr_scheduler_args.milestones.clone()), (LrScheduler::MultiStepLr, Some(vec![300])));
+        let i = import(&format!("{MINIMAL}lr_scheduler_type = \"MultiStepLR\"\nlr_scheduler_args = [\"milestones=[300, 600]\"]")).unwrap();
+        assert_eq!(i.config.train.lr_scheduler_args.milestones, Some(vec![300, 600]));
+        // piecewise_constant: its rules quoted (as ast.literal_eval needs) or not; sd-scripts
+        // ignores a warmup there.
+        let i = import(&format!("{MINIMAL}lr_scheduler = \"piecewise_constant\"\nlr_warmup_steps = 50\nlr_scheduler_args = [\"step_rules='1:100,0.1:200,0.01'\"]")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.lr_scheduler, t.lr_scheduler_args.step_rules.as_deref(), t.warmup_steps()), (LrScheduler::PiecewiseConstant, Some("1:100,0.1:200,0.01"), 0));
+        assert!(i.notes.iter().any(|n| n.contains("piecewise_constant") && n.contains("lr_warmup_steps")), "{:?}", i.notes);
+        for (extra, expected) in [
+            ("lr_scheduler_type = \"CosineAnnealingLR\"", "needs `T_max`"),
+            ("lr_scheduler_type = \"CosineAnnealingLR\"\nlr_scheduler_args = [\"T_max=100\"]\nlr_warmup_steps = 10", "sd-scripts refuses a warmup"),
+            ("lr_scheduler_type = \"StepLR\"\nlr_scheduler_args = [\"step_size=10\", \"T_max=4\"]", "`T_max` is not an argument of StepLR"),
+            ("lr_scheduler_type = \"StepLR\"\nlr_scheduler_args = [\"step_size=2.5\"]", "whole number"),
+            ("lr_scheduler_type = \"StepLR\"\nlr_scheduler_args = [\"step_size=10\", \"last_epoch=5\"]", "part-way"),
+            ("lr_scheduler_type = \"StepLR\"\nlr_scheduler_args = [\"stepsize=10\"]", "`stepsize=10`"),
+            ("lr_scheduler_type = \"OneCycleLR\"", "momentum"),
+            ("lr_scheduler_type = \"LoraEasyCustomOptimizer.CustomOptimizers.CosineAnnealingWarmupRestarts\"", "only PyTorch's own"),
+            ("lr_scheduler = \"cosine\"\nlr_scheduler_args = [\"num_cycles=0.3\"]", "not by lr_scheduler = \"cosine\""),
+            ("lr_scheduler = \"piecewise_constant\"", "needs `step_rules`"),
+            ("lr_scheduler = \"piecewise_constant\"\nlr_scheduler_args = [\"step_rules='1:10,a'\"]", "`a`"),
+        ] {
+            let e = error(&format!("{MINIMAL}{extra}"));
+            assert!(e.contains(expected) && e.contains("kohya.toml"), "{extra}: {e}");
+        }
     }
 
     /// Left unset, every option takes sd-scripts' default, not this trainer's.
@@ -2081,7 +2230,7 @@ wandb_run_name = "my_style"
             ("network_dim = 4.5", "`network_dim` must be a whole number"),
             ("optimizer_args = [\"weight_decay\"]", "`optimizer_args`: `weight_decay` is not KEY=VALUE"),
             ("optimizer_args = [\"amsgrad=True\"]", "`amsgrad=True`: not supported"),
-            ("lr_scheduler = \"piecewise_constant\"", "`lr_scheduler` = \"piecewise_constant\" is not supported"),
+            ("lr_scheduler = \"rex\"", "`lr_scheduler` = \"rex\" is not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),

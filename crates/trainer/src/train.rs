@@ -78,9 +78,35 @@ pub struct TrainReport {
 /// Learning rate at optimizer step `step` (0-based): linear warmup, then the schedule;
 /// with Adafactor's `relative_step`, its own step size for the step (which replaces them).
 pub fn learning_rate(cfg: &crate::config::TrainSection, step: usize) -> f64 {
+    group_learning_rate(cfg, step, cfg.learning_rate)
+}
+
+/// [`learning_rate`] of a parameter group whose peak rate is `peak` (the text encoders'
+/// `text_encoder_lr`). This trainer's own schedules scale with the peak; PyTorch's
+/// schedulers keep `eta_min` an absolute rate for every group, as PyTorch does. (A
+/// schedule that `TrainConfig::validate` refuses gives `peak`.)
+///
+/// ```
+/// use trainer::{config::LrScheduler, train::group_learning_rate};
+/// let mut train = trainer::TrainConfig::default().train;
+/// (train.lr_scheduler, train.lr_warmup_steps, train.max_train_steps) = (LrScheduler::CosineAnnealingLr, 0, 100);
+/// (train.lr_scheduler_args.t_max, train.lr_scheduler_args.eta_min) = (Some(100), Some(1e-5));
+/// assert!((group_learning_rate(&train, 100, 5e-4) - 1e-5).abs() < 1e-15);
+/// ```
+pub fn group_learning_rate(cfg: &crate::config::TrainSection, step: usize, peak: f64) -> f64 {
     if let Some(adafactor) = cfg.adafactor_settings().filter(|a| a.relative_step) {
         return adafactor.step_size(cfg.learning_rate, step + 1);
     }
+    match cfg.torch_schedule() {
+        Ok(Some(schedule)) => schedule.lr(peak, step),
+        Ok(None) if peak == cfg.learning_rate => own_schedule(cfg, step),
+        Ok(None) => own_schedule(cfg, step) * peak / cfg.learning_rate,
+        Err(_) => peak,
+    }
+}
+
+/// The rate of this trainer's own schedules (warmup included) at `learning_rate`.
+fn own_schedule(cfg: &crate::config::TrainSection, step: usize) -> f64 {
     let base = cfg.learning_rate;
     let warmup = cfg.warmup_steps();
     // Share of the rate that `cosine_with_min_lr` and `warmup_stable_decay` keep.
@@ -119,7 +145,17 @@ pub fn learning_rate(cfg: &crate::config::TrainSection, step: usize) -> f64 {
                 base * floor
             }
         }
-        LrScheduler::Constant => base,
+        // PyTorch's schedulers and piecewise_constant are `TorchLrSchedule`s.
+        LrScheduler::Constant
+        | LrScheduler::PiecewiseConstant
+        | LrScheduler::CosineAnnealingLr
+        | LrScheduler::CosineAnnealingWarmRestarts
+        | LrScheduler::StepLr
+        | LrScheduler::MultiStepLr
+        | LrScheduler::ExponentialLr
+        | LrScheduler::LinearLr
+        | LrScheduler::ConstantLr
+        | LrScheduler::PolynomialLr => base,
         LrScheduler::Linear => base * (1.0 - progress),
         LrScheduler::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
         LrScheduler::CosineWithRestarts => {
@@ -1310,7 +1346,7 @@ fn run<B: AutodiffBackend>(
         let check = guard.check(step_loss, sq_norm);
         unet = optim.step_if(lr, unet, check.scale(grads), check.apply.clone());
         // Adafactor's relative step replaces every learning rate (as in sd-scripts).
-        let te_lr = train_te.then(|| if t.relative_step() { lr } else { lr * te_base_lr / t.learning_rate });
+        let te_lr = train_te.then(|| group_learning_rate(t, step, te_base_lr));
         if let Some(te_lr) = te_lr {
             let steps = encoders.into_iter().zip(te_optims.iter_mut()).zip(te_grads);
             encoders = steps.map(|((te, o), g)| o.step_if(te_lr, te, check.scale(g), check.apply.clone())).collect();
