@@ -63,7 +63,7 @@ mod schedule_free;
 mod prodigy_plus;
 mod max_norm;
 mod lr_schedule;
-pub use adafactor::{AdafactorSettings, AdafactorState};
+pub use adafactor::{AdafactorSettings, AdafactorState, CameSettings, CameState};
 pub use dadapt::{DAdaptSettings, DAdaptState};
 pub use schedule_free::{ScheduleFreeSettings, ScheduleFreeState};
 pub use prodigy_plus::{share_prodigy_plus, ProdigyPlusSettings, ProdigyPlusState};

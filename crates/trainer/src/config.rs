@@ -517,6 +517,11 @@ pub enum Optimizer {
     /// `lora_core::optim::FlatAdamW::with_prodigy_plus`.
     #[serde(rename = "prodigy_plus_schedule_free")]
     ProdigyPlusScheduleFree,
+    /// CAME (the `came-pytorch` package's `CAME`, kohya's `came_pytorch.CAME`):
+    /// Adafactor's factored second moments with a first moment scaled by its factored
+    /// instability. Its settings are the `came_*` keys, its weight decay
+    /// `adam_weight_decay`; see `lora_core::optim::FlatAdamW::with_came`.
+    Came,
 }
 
 impl Optimizer {
@@ -531,7 +536,7 @@ impl std::str::FromStr for Optimizer {
     type Err = String;
 
     /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`,
-    /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`.
+    /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`, `came`.
     ///
     /// ```
     /// use trainer::config::Optimizer;
@@ -541,7 +546,7 @@ impl std::str::FromStr for Optimizer {
     /// ```
     fn from_str(s: &str) -> Result<Self, String> {
         use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free or prodigy_plus_schedule_free)"))
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free or came)"))
     }
 }
 
@@ -677,7 +682,8 @@ pub struct TrainSection {
     /// `adam_weight_decay`), `dadapt_adam` (the `dadapt_*` keys and the `adam_*` ones), or
     /// `adamw_schedule_free` / `radam_schedule_free` (the `schedule_free_*` keys and the
     /// `adam_*` ones; no schedule), or `prodigy_plus_schedule_free` (the
-    /// `prodigy_plus_*` keys; no schedule).
+    /// `prodigy_plus_*` keys; no schedule), or `came` (the `came_*` keys, weight decay
+    /// from `adam_weight_decay`).
     pub optimizer: Optimizer,
     /// Lion's β₁ (the sign of `β₁·m + (1 − β₁)·g` is the step; lion-pytorch's default 0.9).
     pub lion_beta1: f32,
@@ -769,6 +775,18 @@ pub struct TrainSection {
     pub adafactor_eps1: f64,
     /// See `adafactor_eps1`.
     pub adafactor_eps2: f64,
+    /// CAME's `betas[0]`: the first moment's decay (came-pytorch's default 0.9).
+    pub came_beta1: f64,
+    /// CAME's `betas[1]`: the squared gradient's running means' decay (0.999).
+    pub came_beta2: f64,
+    /// CAME's `betas[2]`: the instability's running means' decay (0.9999).
+    pub came_beta3: f64,
+    /// CAME's `eps[0]`, added to the squared gradients (1e-30).
+    pub came_eps1: f64,
+    /// CAME's `eps[1]`, added to the squared instability (1e-16).
+    pub came_eps2: f64,
+    /// CAME's `clip_threshold`: largest RMS of a tensor's update (1.0).
+    pub came_clip_threshold: f32,
     /// Clip the global L2 norm of all adapter gradients (UNet and text encoder together)
     /// to this value (0 = off).
     pub max_grad_norm: f32,
@@ -1039,6 +1057,27 @@ impl TrainSection {
             warmup_init: self.adafactor_warmup_init,
         })
     }
+
+    /// CAME's settings with `optimizer = "came"` (`None` otherwise): the `came_*` keys,
+    /// and `adam_weight_decay` as its weight decay.
+    ///
+    /// ```
+    /// let mut train = trainer::config::TrainConfig::default().train;
+    /// assert!(train.came_settings().is_none());
+    /// train.optimizer = trainer::config::Optimizer::Came;
+    /// assert_eq!(train.came_settings().unwrap().beta_3, 0.9999);
+    /// ```
+    pub fn came_settings(&self) -> Option<lora_core::optim::CameSettings> {
+        (self.optimizer == Optimizer::Came).then_some(lora_core::optim::CameSettings {
+            eps_1: self.came_eps1 as f32,
+            eps_2: self.came_eps2 as f32,
+            clip_threshold: self.came_clip_threshold,
+            beta_1: self.came_beta1,
+            beta_2: self.came_beta2,
+            beta_3: self.came_beta3,
+            weight_decay: self.adam_weight_decay,
+        })
+    }
 }
 
 /// Outputs.
@@ -1275,6 +1314,12 @@ impl Default for TrainConfig {
                 adafactor_decay_rate: -0.8,
                 adafactor_eps1: 1e-30,
                 adafactor_eps2: 1e-3,
+                came_beta1: 0.9,
+                came_beta2: 0.999,
+                came_beta3: 0.9999,
+                came_eps1: 1e-30,
+                came_eps2: 1e-16,
+                came_clip_threshold: 1.0,
                 max_grad_norm: 1.0,
                 scale_weight_norms: 0.0,
                 mixed_precision: MixedPrecision::No,
@@ -1562,6 +1607,9 @@ impl TrainConfig {
             if !weights.iter().all(|w| w.is_finite() && *w >= 0.0) {
                 return bad("train.schedule_free_r and train.schedule_free_weight_lr_power must be at least 0");
             }
+        }
+        if let Some(Err(e)) = t.came_settings().map(|c| c.validate()) {
+            return bad(&format!("train.came_*: {e}"));
         }
         if t.optimizer == Optimizer::ProdigyPlusScheduleFree {
             if let Err(e) = t.prodigy_plus_settings().validate() {

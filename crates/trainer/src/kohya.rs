@@ -1241,10 +1241,13 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         "adamwschedulefree" => (Optimizer::AdamwScheduleFree, false),
         "radamschedulefree" => (Optimizer::RadamScheduleFree, false),
         "prodigyplusschedulefree" => (Optimizer::ProdigyPlusScheduleFree, false),
+        // The came-pytorch package's; other packages' CAMEs (pytorch_optimizer's, the
+        // LoRA_Easy_Training_Scripts' one) differ in their options.
+        "came" if matches!(name.trim().to_ascii_lowercase().as_str(), "came_pytorch.came" | "came_pytorch.came.came") => (Optimizer::Came, false),
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, AdamWScheduleFree, RAdamScheduleFree and prodigyplus.ProdigyPlusScheduleFree are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, AdamWScheduleFree, RAdamScheduleFree, prodigyplus.ProdigyPlusScheduleFree and came_pytorch.CAME are"),
             ))
         }
     };
@@ -1293,15 +1296,28 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         const ADAFACTOR: &[&str] = &["relative_step", "scale_parameter", "warmup_init", "clip_threshold", "decay_rate", "beta1", "eps", "weight_decay"];
         const DADAPT: &[&str] = &["betas", "eps", "weight_decay", "log_every", "decouple", "use_bias_correction", "d0", "growth_rate", "fsdp_in_use"];
         const SCHEDULE_FREE: &[&str] = &["betas", "eps", "weight_decay", "r", "weight_lr_power", "foreach"];
+        const CAME: &[&str] = &["betas", "eps", "weight_decay", "clip_threshold"];
         match optimizer {
             Optimizer::Adafactor if !ADAFACTOR.contains(&key.as_str()) => return Err(bad("not an argument of transformers' Adafactor")),
             Optimizer::DadaptAdam if !DADAPT.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptAdam")),
+            Optimizer::Came if !CAME.contains(&key.as_str()) => return Err(bad("not an argument of came_pytorch's CAME")),
             Optimizer::AdamwScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "warmup_steps" => return Err(bad("not an argument of schedulefree's AdamWScheduleFree")),
             Optimizer::RadamScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "silent_sgd_phase" => return Err(bad("not an argument of schedulefree's RAdamScheduleFree")),
             _ => {}
         }
         match (key.as_str(), optimizer) {
             ("weight_decay", _) => t.adam_weight_decay = number()? as f32,
+            ("betas", Optimizer::Came) => {
+                let PyValue::Tuple(b) = &py else { return Err(bad("expected three numbers, e.g. 0.9,0.999,0.9999")) };
+                let [b1, b2, b3] = b[..] else { return Err(bad("expected three numbers, e.g. 0.9,0.999,0.9999")) };
+                (t.came_beta1, t.came_beta2, t.came_beta3) = (b1, b2, b3);
+            }
+            ("eps", Optimizer::Came) => {
+                let PyValue::Tuple(e) = &py else { return Err(bad("expected two numbers, e.g. 1e-30,1e-16")) };
+                let [e1, e2] = e[..] else { return Err(bad("expected two numbers, e.g. 1e-30,1e-16")) };
+                (t.came_eps1, t.came_eps2) = (e1, e2);
+            }
+            ("clip_threshold", Optimizer::Came) => t.came_clip_threshold = number()? as f32,
             ("betas", _) => {
                 let PyValue::Tuple(b) = &py else { return Err(bad("expected two numbers, e.g. 0.9,0.999")) };
                 let [b1, b2] = b[..] else { return Err(bad("expected two numbers, e.g. 0.9,0.999")) };
@@ -1989,6 +2005,29 @@ wandb_run_name = "my_style"
             ("optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"silent_sgd_phase=True\"]", "not an argument of schedulefree's AdamWScheduleFree"),
             ("optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"warmup_steps=2.5\"]", "whole number"),
             ("optimizer_type = \"SGDScheduleFree\"", "is not supported"),
+        ] {
+            let e = error(&format!("{MINIMAL}{extra}"));
+            assert!(e.contains(expected), "{extra}: {e}");
+        }
+    }
+
+    /// came-pytorch's CAME with its arguments, its defaults without them; other
+    /// packages' CAMEs and arguments it does not take are errors.
+    #[test]
+    fn came_options_map() {
+        let args = "optimizer_args = [\"weight_decay=0.04\", \"betas=(0.8,0.99,0.999)\", \"eps=(1e-30,1e-8)\", \"clip_threshold=0.5\"]";
+        let i = import(&format!("{MINIMAL}optimizer_type = \"came_pytorch.CAME\"\nlearning_rate = 1e-4\n{args}")).unwrap();
+        let t = &i.config.train;
+        assert_eq!(t.optimizer, Optimizer::Came);
+        let c = t.came_settings().unwrap();
+        assert_eq!((c.weight_decay, c.beta_1, c.beta_2, c.beta_3, c.eps_2, c.clip_threshold), (0.04, 0.8, 0.99, 0.999, 1e-8, 0.5));
+        let t = import(&format!("{MINIMAL}optimizer_type = \"came_pytorch.CAME\"")).unwrap().config.train;
+        assert_eq!(t.came_settings(), Some(lora_core::optim::CameSettings::default()));
+        for (extra, expected) in [
+            ("optimizer_type = \"pytorch_optimizer.CAME\"", "is not supported"),
+            ("optimizer_type = \"came_pytorch.CAME\"\noptimizer_args = [\"amsgrad=False\"]", "not an argument of came_pytorch's CAME"),
+            ("optimizer_type = \"came_pytorch.CAME\"\noptimizer_args = [\"betas=(0.9,0.999)\"]", "three numbers"),
+            ("optimizer_type = \"came_pytorch.CAME\"\noptimizer_args = [\"betas=(0.9,0.999,1.5)\"]", "betas must be in [0, 1]"),
         ] {
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");

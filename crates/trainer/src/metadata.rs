@@ -168,6 +168,10 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
                 py_bool(p.factored)
             )
         }
+        Optimizer::Came => format!(
+            "CAME(weight_decay={},betas=({}, {}, {}),eps=({:e}, {:e}),clip_threshold={})",
+            t.adam_weight_decay, t.came_beta1, t.came_beta2, t.came_beta3, t.came_eps1, t.came_eps2, t.came_clip_threshold
+        ),
         Optimizer::Adafactor => format!(
             "Adafactor(scale_parameter={},relative_step={},warmup_init={},weight_decay={})",
             py_bool(t.adafactor_scale_parameter),

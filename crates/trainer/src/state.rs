@@ -235,7 +235,7 @@ pub fn import_moments<B: AutodiffBackend>(
     Ok(())
 }
 
-/// Copies the optimizer's own state beyond the moments (Prodigy's, Adafactor's,
+/// Copies the optimizer's own state beyond the moments (Prodigy's, Adafactor's, CAME's,
 /// DAdaptAdam's or schedule-free's; nothing for AdamW and Lion) out of `optim` into `moments`, keyed
 /// `<optimizer>.<name>.<part>` (flat, in the optimizer's order, which the fingerprinted
 /// `[lora]` section fixes).
@@ -252,6 +252,11 @@ pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &s
     if let Some(state) = optim.adafactor_state() {
         put(format!("adafactor.{name}.rows"), state.rows)?;
         put(format!("adafactor.{name}.cols"), state.cols)?;
+    }
+    if let Some(state) = optim.came_state() {
+        for (part, t) in [("rows", state.rows), ("cols", state.cols), ("res_rows", state.res_rows), ("res_cols", state.res_cols)] {
+            put(format!("came.{name}.{part}"), t)?;
+        }
     }
     if let Some(state) = optim.dadapt_state() {
         put(format!("dadapt.{name}.s"), state.s)?;
@@ -290,6 +295,18 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
     if let Some(current) = adafactor.filter(|_| restore) {
         let (rows, cols) = (vector(&key("adafactor", "rows"), current.rows.dims()[0])?, vector(&key("adafactor", "cols"), current.cols.dims()[0])?);
         optim.set_adafactor_state(lora_core::optim::AdafactorState { rows, cols }).map_err(|e| mismatch(&key("adafactor", "rows"), e.to_string()))?;
+    }
+    let came = optim.came_state();
+    let restore = same_optimizer(optim, moments, &key("came", "rows"), came.is_some(), "came", origin)?;
+    if let Some(current) = came.filter(|_| restore) {
+        let part = |name: &str, like: &Tensor<B::InnerBackend, 1>| vector(&key("came", name), like.dims()[0]);
+        let state = lora_core::optim::CameState {
+            rows: part("rows", &current.rows)?,
+            cols: part("cols", &current.cols)?,
+            res_rows: part("res_rows", &current.res_rows)?,
+            res_cols: part("res_cols", &current.res_cols)?,
+        };
+        optim.set_came_state(state).map_err(|e| mismatch(&key("came", "rows"), e.to_string()))?;
     }
     if same_optimizer(optim, moments, &key("dadapt", "scalars"), optim.dadapt_d().is_some(), "dadapt_adam", origin)? {
         let (s, scalars) = (vector(&key("dadapt", "s"), len)?, vector(&key("dadapt", "scalars"), 3)?);

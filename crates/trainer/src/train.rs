@@ -613,6 +613,9 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     if let Some(adafactor) = config.train.adafactor_settings() {
         optim = optim.with_adafactor(adafactor).map_err(|e| TrainError::Config { origin: "train.adafactor_*".into(), reason: e.to_string() })?;
     }
+    if let Some(came) = config.train.came_settings() {
+        optim = optim.with_came(came).map_err(|e| TrainError::Config { origin: "train.came_*".into(), reason: e.to_string() })?;
+    }
     if let Some(schedule_free) = config.train.schedule_free_settings() {
         optim = optim.with_schedule_free(schedule_free).map_err(|e| TrainError::Config { origin: "train.schedule_free_*".into(), reason: e.to_string() })?;
     }
@@ -886,6 +889,7 @@ fn fingerprint(config: &TrainConfig) -> String {
     let optimizer = match config.train.optimizer {
         crate::config::Optimizer::Lion => "train.optimizer = \"lion\"\n",
         crate::config::Optimizer::Adafactor => "train.optimizer = \"adafactor\"\n",
+        crate::config::Optimizer::Came => "train.optimizer = \"came\"\n",
         crate::config::Optimizer::DadaptAdam => "train.optimizer = \"dadapt_adam\"\n",
         crate::config::Optimizer::AdamwScheduleFree => "train.optimizer = \"adamw_schedule_free\"\n",
         crate::config::Optimizer::RadamScheduleFree => "train.optimizer = \"radam_schedule_free\"\n",
