@@ -505,6 +505,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
             config.train.learning_rate
         );
     }
+    if config.train.optimizer == trainer::config::Optimizer::Came && config.train.learning_rate >= 1e-3 {
+        eprintln!(
+            "note: with train.optimizer = \"came\" the first steps move each value by about 11 times the learning rate (its instability's means start from 0); 1e-5 to 1e-4 is usual (it is {})",
+            config.train.learning_rate
+        );
+    }
     if config.train.optimizer == trainer::config::Optimizer::ProdigyPlusScheduleFree && config.train.max_grad_norm > 0.0 {
         eprintln!(
             "note: prodigy_plus_schedule_free clips each tensor's update itself (StableAdamW), and its authors advise against gradient clipping, which slows its estimate: consider train.max_grad_norm = 0 (it is {})",
