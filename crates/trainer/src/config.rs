@@ -1486,14 +1486,19 @@ fn set_key(tree: &mut toml::Value, assignment: &str) -> Result<(), TrainError> {
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let toml::Value::Table(root) = tree else { return Err(bad("configuration is not a table".into())) };
-    let entry = root.entry(section.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
-    match entry {
-        toml::Value::Table(t) => {
-            t.insert(field.to_string(), value);
-            Ok(())
+    // `train.lr_scheduler_args.T_max`: a key of a table inside the section.
+    let mut path: Vec<&str> = std::iter::once(section).chain(field.split('.')).collect();
+    let last = path.pop().unwrap_or(field);
+    let mut table = root;
+    for (depth, name) in path.iter().enumerate() {
+        let entry = table.entry(name.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        match entry {
+            toml::Value::Table(t) => table = t,
+            _ => return Err(bad(format!("`{}` is not a table", path[..=depth].join(".")))),
         }
-        _ => Err(bad(format!("`{section}` is not a table"))),
     }
+    table.insert(last.to_string(), value);
+    Ok(())
 }
 
 impl TrainConfig {

@@ -137,7 +137,8 @@ enum Command {
         /// A TOML configuration (see docs/config.md).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Override a setting, e.g. `--set train.learning_rate=3e-4`; repeatable.
+        /// Override a setting, e.g. `--set train.learning_rate=3e-4` (a table's key too:
+        /// `--set train.lr_scheduler_args.T_max=1000`); repeatable.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// Continue from a training state (the `state` folder in an earlier run's

@@ -64,6 +64,13 @@ fn scheduler_arguments_are_checked_by_name() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no warmup") && e.contains("lr_warmup_steps"), "{e}");
+    // One argument at a time on the command line, and a misspelt one there.
+    let c = load(&["train.lr_scheduler=\"StepLR\"", "train.lr_scheduler_args.step_size=50", "train.lr_scheduler_args.gamma=0.5"]).unwrap();
+    assert_eq!((c.train.lr_scheduler_args.step_size, c.train.lr_scheduler_args.gamma), (Some(50), Some(0.5)));
+    let e = err(&["train.lr_scheduler=\"StepLR\"", "train.lr_scheduler_args.stepsize=50"]);
+    assert!(e.contains("stepsize"), "{e}");
+    let e = err(&["train.learning_rate.x=1"]);
+    assert!(e.contains("train.learning_rate") && e.contains("not a table"), "{e}");
     // The resolved configuration writes the arguments back, and reads as the same.
     let c = load(&["train.lr_scheduler=\"MultiStepLR\"", "train.lr_scheduler_args={ milestones = [10, 20], gamma = 0.5 }"]).unwrap();
     let text = toml::to_string(&c).unwrap();
