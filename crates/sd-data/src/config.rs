@@ -247,6 +247,17 @@ pub struct SubsetConfig {
     /// of `N_name` folders as their parent. Off, the folder is only its images (as
     /// sd-scripts reads a subset of its dataset configs).
     pub folder_names: bool,
+    /// kohya's fine-tuning metadata (`metadata_file`, sd-scripts' `--in_json`): the images
+    /// and captions are the file's entries instead of the folder's files. A `.json` file
+    /// maps image keys to `{"caption": ..., "tags": ...}` (as sd-scripts'
+    /// `merge_captions_to_metadata.py` and `merge_dd_tags_to_metadata.py` write it); a
+    /// `.jsonl` file has one `{"image_path": ..., "caption": ..., "tags": ...}` per line.
+    /// A key is an image path, absolute or relative to `image_dir` (which may then be
+    /// left empty), with or without its extension (the scripts write the file's stem).
+    /// The caption is `caption`, then `caption_separator` and `tags` when there are tags
+    /// (with `enable_wildcard`, the tags go after each line of the caption); the other
+    /// caption options apply as to caption files. Not for regularization subsets.
+    pub metadata_file: Option<PathBuf>,
 }
 
 impl Default for SubsetConfig {
@@ -281,6 +292,7 @@ impl Default for SubsetConfig {
             secondary_separator: None,
             enable_wildcard: false,
             folder_names: true,
+            metadata_file: None,
         }
     }
 }
@@ -333,6 +345,14 @@ impl SubsetConfig {
                     &key("loss_weight"),
                     format!("must be finite and >= 0, got {w}"),
                 ));
+            }
+        }
+        if let Some(file) = &self.metadata_file {
+            if self.is_reg {
+                return Err(DataError::config(&key("metadata_file"), "is for training images: regularization images are a folder (sd-scripts' fine-tuning datasets have none)"));
+            }
+            if !file.is_file() {
+                return Err(DataError::config(&key("metadata_file"), format!("{} does not exist or is not a file", file.display())));
             }
         }
         if self.alpha_mask && self.mask_dir.is_some() {

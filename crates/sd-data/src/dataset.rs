@@ -70,9 +70,11 @@ pub struct FolderSummary {
     pub is_reg: bool,
 }
 
-/// The last component of a subset's folder, as kohya names folders in metadata.
-fn folder_name(dir: &std::path::Path) -> String {
-    dir.file_name().map_or_else(|| "unnamed".to_owned(), |n| n.to_string_lossy().into_owned())
+/// A subset's name as kohya's metadata names it: its folder's last component, or a
+/// fine-tuning subset's metadata file name.
+fn folder_name(subset: &SubsetConfig) -> String {
+    let named = subset.metadata_file.as_deref().unwrap_or(&subset.image_dir);
+    named.file_name().map_or_else(|| "unnamed".to_owned(), |n| n.to_string_lossy().into_owned())
 }
 
 /// A scanned dataset with every image assigned to a bucket.
@@ -380,7 +382,7 @@ impl Dataset {
             .subsets
             .iter()
             .map(|s| FolderSummary {
-                name: folder_name(&s.config.image_dir),
+                name: folder_name(&s.config),
                 num_repeats: s.num_repeats,
                 images: 0,
                 is_reg: s.config.is_reg,
@@ -410,7 +412,7 @@ impl Dataset {
     pub fn tag_frequency(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
         let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
         for img in &self.images {
-            let folder = out.entry(folder_name(&self.subsets[img.subset].config.image_dir)).or_default();
+            let folder = out.entry(folder_name(&self.subsets[img.subset].config)).or_default();
             for tag in img.caption.split(',').map(str::trim).filter(|t| !t.is_empty()) {
                 *folder.entry(tag.to_lowercase()).or_insert(0) += 1;
             }

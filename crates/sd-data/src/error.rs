@@ -100,6 +100,16 @@ pub enum DataError {
         /// What is wrong with the line.
         message: String,
     },
+    /// An entry of a kohya fine-tuning metadata file is unusable.
+    #[error("{path}: image `{key}`: {message}")]
+    KohyaMetadata {
+        /// The metadata file.
+        path: PathBuf,
+        /// The entry's image key.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A configuration value is invalid.
     #[error("invalid dataset config `{key}`: {message}")]
     Config {
@@ -162,6 +172,7 @@ impl DataError {
             | Self::UnknownFolderName { path, .. }
             | Self::NotADirectory { path }
             | Self::Metadata { path, .. }
+            | Self::KohyaMetadata { path, .. }
             | Self::ConfigFile { path, .. }
             | Self::Cache { path, .. } => Some(path),
             Self::EmptyDataset { .. }

@@ -13,7 +13,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("custom_attributes", "custom attributes are not supported"),
     ("resize_interpolation", "images are always resized with Lanczos"),
     ("cache_info", "the image scan is not cached"),
-    ("metadata_file", "fine-tuning datasets (metadata files) are not supported; a folder with a Hugging Face metadata.jsonl is read as image_dir"),
     ("network_multiplier", "per-dataset network multipliers are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
     ("validation_split", "set the trainer's data.validation_split instead"),
@@ -64,8 +63,9 @@ impl DatasetConfig {
     /// `[general]`'s, which wins over the defaults the caller gives (sd-scripts takes them from
     /// its command line). The datasets must agree on the dataset options (resolution,
     /// buckets, batch size): they become one [`DatasetConfig`] with all their subsets.
-    /// Options sd-scripts has and this crate does not (`face_crop_aug_range`,
-    /// fine-tuning `metadata_file`s, ...) are errors naming the option.
+    /// Fine-tuning subsets (`metadata_file`) are read as [`SubsetConfig::metadata_file`].
+    /// Options sd-scripts has and this crate does not (`face_crop_aug_range`, ...) are
+    /// errors naming the option.
     ///
     /// ```
     /// use sd_data::DatasetConfig;
@@ -136,6 +136,8 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
     if let (Some(d), Some(s)) = (dataset_defaults.as_object_mut(), subset_defaults.as_object_mut()) {
         d.remove("subsets");
         s.remove("image_dir");
+        // A fine-tuning subset is one that names its file.
+        s.remove("metadata_file");
     }
     // A value's type is checked where the file sets it, so that an error names that place
     // (`general.keep_tokens`), not the subset the value reaches.
@@ -198,8 +200,8 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             let Value::Object(s) = s else {
                 return Err(DataError::config(&format!("datasets[{i}].subsets[{j}]"), "must be a table"));
             };
-            if !s.contains_key("image_dir") {
-                return Err(DataError::config(&Section::Subset(i, j).key("image_dir"), "is required: the folder of the subset's images"));
+            if !s.contains_key("image_dir") && !s.contains_key("metadata_file") {
+                return Err(DataError::config(&Section::Subset(i, j).key("image_dir"), "is required: the folder of the subset's images (or `metadata_file`, a fine-tuning subset's captions)"));
             }
             let mut subset = subset_base.clone();
             let mut ignored = Value::Object(Map::new());

@@ -214,6 +214,19 @@ impl Scanner<'_> {
 
     fn scan_subset(&mut self, cfg: &SubsetConfig) -> Result<()> {
         let dir = &cfg.image_dir;
+        if let Some(file) = &cfg.metadata_file {
+            // The folder is only where relative keys (and masks) are; it may be unset.
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                return Err(DataError::NotADirectory { path: dir.clone() });
+            }
+            self.root = dir.clone();
+            self.mask_dir = match &cfg.mask_dir {
+                Some(m) => Some(m.canonicalize().map_err(|e| DataError::io(m, e))?),
+                None => None,
+            };
+            let idx = self.resolve(cfg, dir, None);
+            return self.scan_kohya_metadata(file, idx);
+        }
         if !dir.is_dir() {
             return Err(DataError::NotADirectory { path: dir.clone() });
         }
@@ -455,6 +468,143 @@ impl Scanner<'_> {
             });
         }
         Ok(())
+    }
+}
+
+impl Scanner<'_> {
+    /// kohya's fine-tuning metadata ([`SubsetConfig::metadata_file`]): each entry's image,
+    /// found from its key, and its caption from `caption` and `tags`.
+    fn scan_kohya_metadata(&mut self, file: &Path, idx: usize) -> Result<()> {
+        let bytes = std::fs::read(file).map_err(|e| DataError::io(file, e))?;
+        let text = String::from_utf8(bytes).map_err(|e| DataError::CaptionNotUtf8 {
+            path: file.to_path_buf(),
+            valid_up_to: e.utf8_error().valid_up_to(),
+        })?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let entries = kohya_metadata_entries(text, file)?;
+        if entries.is_empty() {
+            return Err(DataError::Metadata { path: file.to_path_buf(), line: 1, message: "has no image entries".into() });
+        }
+        for (key, entry) in entries {
+            let bad = |message: String| DataError::KohyaMetadata { path: file.to_path_buf(), key: key.clone(), message };
+            let path = match self.kohya_image_path(&key) {
+                Ok(p) => p,
+                Err(message) => {
+                    self.problems.push(bad(message));
+                    continue;
+                }
+            };
+            let text_of = |field: &str| match entry.get(field) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(bad(format!("`{field}` must be a string, got {other}"))),
+            };
+            let caption = match (text_of("caption"), text_of("tags")) {
+                (Ok(caption), Ok(tags)) => {
+                    let cfg = &self.subsets[idx].config;
+                    let joined = kohya_caption(caption.unwrap_or_default(), tags, &cfg.caption_separator, cfg.enable_wildcard);
+                    if joined.trim().is_empty() {
+                        self.fallback_caption(&path, idx, format!("`caption` and `tags` of `{key}` in {}", file.display()))
+                    } else {
+                        Ok(joined)
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            let mask = self.mask_for(&path, idx);
+            self.candidates.push(Candidate { path, subset: idx, caption, mask });
+        }
+        Ok(())
+    }
+
+    /// The image of a metadata key: the path itself (relative to `image_dir` unless
+    /// absolute), or, for a key without its extension (as sd-scripts' scripts write
+    /// them), the image file of that name.
+    fn kohya_image_path(&self, key: &str) -> std::result::Result<PathBuf, String> {
+        let key_path = Path::new(key);
+        let path = if key_path.is_absolute() {
+            key_path.to_path_buf()
+        } else if self.root.as_os_str().is_empty() {
+            return Err("the key is a relative path: set the subset's image_dir (sd-scripts' train_data_dir) to the folder it is relative to".into());
+        } else {
+            self.root.join(key_path)
+        };
+        if path.is_file() && is_image_path(&path) {
+            return Ok(path);
+        }
+        for ext in crate::image_io::IMAGE_EXTENSIONS {
+            for ext in [ext.to_string(), ext.to_ascii_uppercase()] {
+                let mut name = path.as_os_str().to_os_string();
+                name.push(".");
+                name.push(&ext);
+                let candidate = PathBuf::from(name);
+                if candidate.is_file() {
+                    return Ok(candidate);
+                }
+            }
+        }
+        let cached = path.with_extension("npz");
+        Err(if cached.is_file() {
+            format!("only its cached latents {} are there; this trainer reads the image itself", cached.display())
+        } else {
+            format!("no image at {} (with or without an image extension)", path.display())
+        })
+    }
+}
+
+/// The entries of a kohya fine-tuning metadata file, in the file's order: a JSON object of
+/// image keys (`.json`), or lines with `image_path` (`.jsonl`, sd-scripts' other form).
+fn kohya_metadata_entries(text: &str, file: &Path) -> Result<Vec<(String, serde_json::Map<String, serde_json::Value>)>> {
+    let bad = |line: usize, message: String| DataError::Metadata { path: file.to_path_buf(), line, message };
+    let jsonl = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
+    if !jsonl {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.line(), format!("invalid JSON: {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(bad(1, "must be a JSON object of image keys, e.g. {\"img001\": {\"caption\": \"...\", \"tags\": \"...\"}}".into()));
+        };
+        return map
+            .into_iter()
+            .map(|(key, entry)| match entry {
+                serde_json::Value::Object(e) => Ok((key, e)),
+                other => Err(DataError::KohyaMetadata { path: file.to_path_buf(), key, message: format!("must be an object with `caption` / `tags`, got {other}") }),
+            })
+            .collect();
+    }
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut entry = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(e)) => e,
+            Ok(other) => return Err(bad(i + 1, format!("must be a JSON object, got {other}"))),
+            Err(e) => return Err(bad(i + 1, format!("invalid JSON: {e}"))),
+        };
+        let Some(serde_json::Value::String(key)) = entry.remove("image_path") else {
+            return Err(bad(i + 1, "missing string field `image_path`".into()));
+        };
+        entries.push((key, entry));
+    }
+    Ok(entries)
+}
+
+/// sd-scripts' caption of a fine-tuning entry: `caption`, then `separator` and `tags`; with
+/// `wildcard`, the tags (on one line) after each non-empty line of the caption.
+fn kohya_caption(caption: String, tags: Option<String>, separator: &str, wildcard: bool) -> String {
+    match tags.filter(|t| !t.is_empty()) {
+        None => caption,
+        Some(tags) if wildcard => {
+            let tags = tags.replace('\n', separator);
+            let lines: Vec<String> = caption.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("{l}{separator}{tags}")).collect();
+            // (sd-scripts drops the tags of an entry without a caption here, a slip.)
+            if lines.is_empty() {
+                tags
+            } else {
+                lines.join("\n")
+            }
+        }
+        Some(tags) if caption.is_empty() => tags,
+        Some(tags) => format!("{caption}{separator}{tags}"),
     }
 }
 

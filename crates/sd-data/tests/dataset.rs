@@ -411,6 +411,78 @@ fn metadata_jsonl_folder() {
     }
 }
 
+/// kohya's fine-tuning metadata (`metadata_file` / `--in_json`): entries keyed by image
+/// stem (as merge_captions_to_metadata.py writes them), by relative or absolute path, in
+/// JSON or JSONL; captions joined with tags as sd-scripts joins them.
+#[test]
+fn kohya_fine_tuning_metadata() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("train");
+    save(&dir.join("a.png"), 64, 64, 1);
+    save(&dir.join("sub/b.jpg"), 64, 64, 2);
+    let c = save(&d.path().join("elsewhere/c.png"), 64, 64, 3);
+    // An image the file does not list is not trained.
+    save(&dir.join("unlisted.png"), 64, 64, 4);
+    let meta = d.path().join("meta_lat.json");
+    let json = serde_json::json!({
+        "a": {"caption": "a watercolor fox", "tags": "fox, watercolor", "train_resolution": [64, 64]},
+        "sub/b.jpg": {"tags": "tree, ink"},
+        c.to_str().unwrap(): {"caption": "a cat"},
+    });
+    fs::write(&meta, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    let fine_tuning = |dir: &Path, meta: &Path, edit: &dyn Fn(&mut SubsetConfig)| {
+        let mut cfg = config(dir);
+        cfg.subsets[0].metadata_file = Some(meta.to_path_buf());
+        cfg.subsets[0].num_repeats = Some(2);
+        edit(&mut cfg.subsets[0]);
+        cfg
+    };
+    let ds = Dataset::open(&fine_tuning(&dir, &meta, &|_| {})).unwrap();
+    let mut caps: Vec<(String, String)> = ds.images().iter().enumerate().map(|(i, r)| (names(&ds)[i].clone(), r.caption.clone())).collect();
+    caps.sort();
+    assert_eq!(caps, [("a.png".to_string(), "a watercolor fox,fox, watercolor".to_string()), ("b.jpg".into(), "tree, ink".into()), ("c.png".into(), "a cat".into())]);
+    assert_eq!(ds.plan_epoch(0).iter().map(|b| b.samples.len()).sum::<usize>(), 6, "2 repeats of 3 images");
+    // Wildcards: the tags after each line of the caption.
+    let wild = d.path().join("wild.jsonl");
+    fs::write(&wild, "{\"image_path\": \"a\", \"caption\": \"one\\n\\ntwo\", \"tags\": \"x\\ny\"}\n").unwrap();
+    let ds = Dataset::open(&fine_tuning(&dir, &wild, &|s| {
+        s.enable_wildcard = true;
+        s.caption_separator = ", ".into();
+    }))
+    .unwrap();
+    assert_eq!(ds.images()[0].caption, "one, x, y\ntwo, x, y");
+    // Absolute keys need no image_dir; relative ones do.
+    let abs = d.path().join("abs.jsonl");
+    fs::write(&abs, format!("{{\"image_path\": {:?}, \"caption\": \"a cat\"}}\n", c.to_str().unwrap())).unwrap();
+    assert_eq!(Dataset::open(&fine_tuning(Path::new(""), &abs, &|_| {})).unwrap().images().len(), 1);
+    let err = Dataset::open(&fine_tuning(Path::new(""), &meta, &|_| {})).unwrap_err().to_string();
+    assert!(err.contains("meta_lat.json") && err.contains("image_dir"), "{err}");
+
+    // Bad entries name the file and the key.
+    let bad = d.path().join("bad.json");
+    for (text, expected) in [
+        (r#"{"missing": {"caption": "x"}}"#, "image `missing`: no image at"),
+        (r#"{"a": {"caption": 5}}"#, "image `a`: `caption` must be a string"),
+        (r#"{"a": "a caption"}"#, "image `a`: must be an object"),
+        (r#"["a"]"#, "must be a JSON object of image keys"),
+        (r#"{"a": {"caption": "x"}"#, "invalid JSON"),
+        (r#"{}"#, "no image entries"),
+    ] {
+        fs::write(&bad, text).unwrap();
+        let err = Dataset::open(&fine_tuning(&dir, &bad, &|_| {})).unwrap_err().to_string();
+        assert!(err.contains("bad.json") && err.contains(expected), "{text}: {err}");
+    }
+    fs::write(dir.join("cached.npz"), b"").unwrap();
+    fs::write(&bad, r#"{"cached": {"caption": "x"}}"#).unwrap();
+    let err = Dataset::open(&fine_tuning(&dir, &bad, &|_| {})).unwrap_err().to_string();
+    assert!(err.contains("cached latents"), "{err}");
+    // The file must exist, and is for training images.
+    let err = Dataset::open(&fine_tuning(&dir, &d.path().join("nope.json"), &|_| {})).unwrap_err().to_string();
+    assert!(err.contains("subsets[0].metadata_file") && err.contains("nope.json"), "{err}");
+    let err = Dataset::open(&fine_tuning(&dir, &meta, &|s| s.is_reg = true)).unwrap_err().to_string();
+    assert!(err.contains("subsets[0].metadata_file") && err.contains("regularization"), "{err}");
+}
+
 fn exif_orientation(value: u16) -> Vec<u8> {
     let mut v = b"MM\0\x2a\0\0\0\x08".to_vec();
     v.extend_from_slice(&1u16.to_be_bytes());

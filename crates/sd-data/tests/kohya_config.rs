@@ -109,7 +109,8 @@ fn bad_files_are_errors_naming_the_key() {
         (subset("face_crop_aug_range = [2.0, 4.0]"), "`datasets[0].subsets[0].face_crop_aug_range` (sd-scripts' option) is not supported"),
         (subset("color_aug = \"yes\""), "`datasets[0].subsets[0].color_aug` has the wrong type"),
         (subset("token_warmup_step = -1"), "`datasets[0].subsets[0].token_warmup_step` must be"),
-        (subset("metadata_file = \"meta.json\""), "fine-tuning"),
+        (subset("metadata_file = \"meta.json\""), "meta.json does not exist"),
+        ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2\n".to_string(), "`datasets[0].subsets[0].image_dir` is required"),
         (subset("resolution = 512"), "`datasets[0].subsets[0].resolution` is a dataset option"),
         (subset("num_repeat = 2"), "`datasets[0].subsets[0].num_repeat` is not a dataset option"),
         (subset("num_repeats = \"ten\""), "`datasets[0].subsets[0].num_repeats` has the wrong type"),
@@ -176,4 +177,19 @@ fn subsets_read_their_folders_as_sd_scripts_does() {
     let mut folders: Vec<_> = ds.folders().into_iter().map(|f| (f.name, f.num_repeats, f.images)).collect();
     folders.sort();
     assert_eq!(folders, [("10_style".to_string(), 10, 1), ("5_child".to_string(), 5, 1), ("train".to_string(), 1, 1)]);
+}
+
+/// A fine-tuning subset names its metadata file, with or without an image folder; the
+/// caller's default subset never makes others fine-tuning ones.
+#[test]
+fn fine_tuning_subsets_read_their_metadata_file() {
+    let d = tempfile::tempdir().unwrap();
+    let meta = d.path().join("meta.json");
+    std::fs::write(&meta, "{}").unwrap();
+    let text = format!("[[datasets]]\n  [[datasets.subsets]]\n  metadata_file = {:?}\n  num_repeats = 3\n  [[datasets.subsets]]\n  image_dir = \"img\"\n", meta.to_str().unwrap());
+    let defaults = DatasetConfig { subsets: vec![SubsetConfig { metadata_file: Some("other.json".into()), ..SubsetConfig::default() }], ..DatasetConfig::default() };
+    let c = read(&text, &defaults).unwrap();
+    assert_eq!((c.subsets[0].metadata_file.as_deref(), c.subsets[0].num_repeats), (Some(meta.as_path()), Some(3)));
+    assert!(c.subsets[0].image_dir.as_os_str().is_empty());
+    assert_eq!(c.subsets[1].metadata_file, None);
 }

@@ -118,6 +118,11 @@ pub struct DataSection {
     pub bucket_no_upscale: bool,
     /// Regularization (prior-preservation) images, kohya layout (`""` = none).
     pub reg_data_dir: String,
+    /// kohya's fine-tuning metadata (sd-scripts' `--in_json`; `""` = none): the training
+    /// images and captions are this JSON file's entries (keys relative to
+    /// `train_data_dir`, which may be `""` when they are absolute paths) instead of
+    /// `train_data_dir`'s caption files; see `sd_data::SubsetConfig::metadata_file`.
+    pub in_json: String,
     /// Loss weight of regularization images.
     pub prior_loss_weight: f32,
     /// Fraction of the training images held out to measure a validation loss (kohya's
@@ -1212,6 +1217,7 @@ impl Default for TrainConfig {
                 bucket_reso_steps: 64,
                 bucket_no_upscale: false,
                 reg_data_dir: String::new(),
+                in_json: String::new(),
                 prior_loss_weight: 1.0,
                 validation_split: 0.0,
                 dataset_config: String::new(),
@@ -1639,6 +1645,9 @@ impl TrainConfig {
         }
         if !(t.scale_weight_norms.is_finite() && t.scale_weight_norms >= 0.0) {
             return bad("train.scale_weight_norms must be 0 (off) or a positive norm");
+        }
+        if !self.data.in_json.is_empty() && (self.data.train_data_dir == "demo" || !self.data.dataset_config.is_empty()) {
+            return bad("data.in_json names the training images itself: set data.train_data_dir to the folder its keys are relative to (\"\" for absolute keys), without data.dataset_config (whose subsets take `metadata_file`)");
         }
         if self.data.alpha_mask && !self.data.mask_dir.is_empty() {
             return bad("data.alpha_mask and data.mask_dir both give loss masks; set one of them");

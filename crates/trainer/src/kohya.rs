@@ -155,11 +155,9 @@ const NO_EFFECT: &[&str] = &[
 ];
 
 /// Options with no counterpart here, and why; they are errors unless left at sd-scripts'
-/// default (an empty or zero value, `false`, or `dataset_repeats = 1`).
+/// default (an empty or zero value, or `false`).
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("face_crop_aug_range", "face-crop augmentation is not supported"),
-    ("in_json", "fine-tuning metadata files are not supported (a folder with a Hugging Face metadata.jsonl is read as train_data_dir)"),
-    ("dataset_repeats", "fine-tuning metadata files are not supported"),
     ("dataset_class", "custom dataset classes are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
     ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights"),
@@ -377,12 +375,12 @@ impl Options {
     }
 
     /// Whether a present option holds its "unset" value.
-    fn is_default(key: &str, value: &toml::Value) -> bool {
+    fn is_default(value: &toml::Value) -> bool {
         match value {
             toml::Value::Boolean(b) => !b,
             toml::Value::String(s) => s.is_empty(),
-            toml::Value::Integer(v) => *v == 0 || (key == "dataset_repeats" && *v == 1),
-            toml::Value::Float(v) => *v == 0.0 || (key == "dataset_repeats" && *v == 1.0),
+            toml::Value::Integer(v) => *v == 0,
+            toml::Value::Float(v) => *v == 0.0,
             toml::Value::Array(a) => a.is_empty(),
             _ => false,
         }
@@ -444,13 +442,13 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
         ));
     }
     for (key, instead) in NOTED {
-        if let Some(value) = o.take(key).filter(|v| !Options::is_default(key, v)) {
+        if let Some(value) = o.take(key).filter(|v| !Options::is_default(v)) {
             notes.push(format!("{key} = {value} is not used: {instead}"));
         }
     }
     for (key, why) in UNSUPPORTED {
         if let Some(value) = o.take(key) {
-            if !Options::is_default(key, &value) {
+            if !Options::is_default(&value) {
                 return Err(o.err(key, format!("= {value}: {why}")));
             }
         }
@@ -531,9 +529,30 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     let d = &mut c.data;
     let folder = o.string("train_data_dir")?;
     d.dataset_config = o.string("dataset_config")?.unwrap_or_default();
+    // Fine-tuning metadata (sd-scripts' "training with captions"), which a dataset config
+    // replaces; `dataset_repeats` is every subset's default `num_repeats` (kohya's
+    // `N_name` folders set their own).
+    let in_json = o.string("in_json")?;
+    d.num_repeats = match o.count("dataset_repeats")? {
+        Some(0) => return Err(o.err("dataset_repeats", "= 0 trains nothing (sd-scripts skips such data): use at least 1")),
+        Some(n) => n.min(u32::MAX as usize) as u32,
+        None => 1,
+    };
+    match (in_json, d.dataset_config.is_empty()) {
+        (Some(_), false) => notes.push("in_json is ignored with dataset_config, as in sd-scripts (its subsets take `metadata_file`)".into()),
+        (Some(file), true) => {
+            if !Path::new(&file).is_file() {
+                return Err(o.err("in_json", format!("= \"{file}\" is not a file here")));
+            }
+            d.in_json = file;
+        }
+        (None, _) => {}
+    }
     match (&folder, d.dataset_config.is_empty()) {
         (Some(f), _) => d.train_data_dir = f.clone(),
         (None, false) => {}
+        // Absolute keys of the metadata need no folder.
+        (None, true) if !d.in_json.is_empty() => d.train_data_dir = String::new(),
         (None, true) => return Err(o.err("train_data_dir", "is missing (and so is dataset_config): one of them names the images")),
     }
     d.resolution = match read_resolution(o)? {
@@ -2009,6 +2028,28 @@ wandb_run_name = "my_style"
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");
         }
+    }
+
+    /// sd-scripts' fine-tuning data: `in_json` with `train_data_dir` (which absolute keys
+    /// do without) and `dataset_repeats`; a dataset config replaces them.
+    #[test]
+    fn in_json_and_dataset_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("meta.json");
+        std::fs::write(&meta, "{}").unwrap();
+        let base = "pretrained_model_name_or_path = \"base.safetensors\"\nresolution = 512\noutput_dir = \"out\"\n";
+        let i = import(&format!("{base}train_data_dir = \"images\"\nin_json = {:?}\ndataset_repeats = 4", meta.display().to_string())).unwrap();
+        let d = &i.config.data;
+        assert_eq!((d.train_data_dir.as_str(), d.in_json.as_str(), d.num_repeats), ("images", meta.to_str().unwrap(), 4));
+        let i = import(&format!("{base}in_json = {:?}", meta.display().to_string())).unwrap();
+        assert_eq!((i.config.data.train_data_dir.as_str(), i.config.data.num_repeats), ("", 1));
+        let i = import(&format!("{base}dataset_config = \"d.toml\"\nin_json = {:?}\ndataset_repeats = 2", meta.display().to_string())).unwrap();
+        assert!(i.config.data.in_json.is_empty() && i.notes.iter().any(|n| n.contains("in_json is ignored")), "{:?}", i.notes);
+        assert_eq!(i.config.data.num_repeats, 2, "the dataset config's subsets default to it");
+        let e = error(&format!("{base}in_json = \"missing.json\""));
+        assert!(e.contains("`in_json`") && e.contains("missing.json"), "{e}");
+        let e = error(&format!("{MINIMAL}dataset_repeats = 0"));
+        assert!(e.contains("`dataset_repeats`"), "{e}");
     }
 
     /// came-pytorch's CAME with its arguments, its defaults without them; other

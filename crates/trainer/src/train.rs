@@ -228,8 +228,9 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     ds.bucket_no_upscale = d.bucket_no_upscale;
     ds.prior_loss_weight = d.prior_loss_weight;
     let subset = |dir: &str, is_reg: bool| SubsetConfig {
-        // A plain folder gets `num_repeats`; kohya `N_name` folders keep their own.
-        num_repeats: (!is_reg && !has_kohya_folders(Path::new(dir))).then_some(d.num_repeats),
+        // A plain folder (and fine-tuning metadata) gets `num_repeats`; kohya `N_name`
+        // folders keep their own.
+        num_repeats: (!is_reg && (!d.in_json.is_empty() || !has_kohya_folders(Path::new(dir)))).then_some(d.num_repeats),
         is_reg,
         caption_extension: d.caption_extension.clone(),
         shuffle_caption: d.shuffle_caption,
@@ -251,6 +252,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         alpha_mask: d.alpha_mask,
         // Masks are for the training images; regularization images train whole.
         mask_dir: (!is_reg && !d.mask_dir.is_empty()).then(|| d.mask_dir.clone().into()),
+        metadata_file: (!is_reg && !d.in_json.is_empty()).then(|| d.in_json.clone().into()),
         ..SubsetConfig::new(dir)
     };
     if !d.dataset_config.is_empty() {

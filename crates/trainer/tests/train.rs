@@ -761,6 +761,40 @@ fn non_square_resolution_trains_at_its_size() {
     }
 }
 
+/// `data.in_json` (sd-scripts' `--in_json`): the metadata's entries are the training
+/// images, `data.num_repeats` times, with their captions and tags; the run names the file
+/// in `ss_dataset_dirs` as sd-scripts does.
+#[test]
+fn fine_tuning_metadata_trains_on_its_entries() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    write_image(&images, "a", "ignored caption file", 10);
+    write_image(&images, "b", "ignored", 200);
+    write_image(&images, "unlisted", "not in the metadata", 120);
+    let meta = root.path().join("meta_cap_dd.json");
+    std::fs::write(&meta, r#"{"a": {"caption": "a red field", "tags": "red, field"}, "b.png": {"tags": "blue, sky"}}"#).unwrap();
+    let mut config = quick_config(&root.path().join("out"), 2);
+    config.data.train_data_dir = images.display().to_string();
+    config.data.in_json = meta.display().to_string();
+    config.data.num_repeats = 2;
+    config.output.sample_prompts.clear();
+    config.validate().unwrap();
+    let dataset = trainer::train::open_dataset(&config).unwrap();
+    let mut captions: Vec<&str> = dataset.images().iter().map(|i| i.caption.as_str()).collect();
+    captions.sort();
+    assert_eq!(captions, ["a red field,red, field", "blue, sky"]);
+    let folders = dataset.folders();
+    assert_eq!((folders[0].name.as_str(), folders[0].num_repeats, folders[0].images), ("meta_cap_dd.json", 2, 2));
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let metadata = lora_metadata(&report.lora);
+    assert!(metadata["ss_dataset_dirs"].contains("meta_cap_dd.json"), "{metadata:?}");
+    // It names the images itself: not with the demo data or a dataset config.
+    config.data.train_data_dir = "demo".into();
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("data.in_json"), "{err}");
+}
+
 /// `data.dataset_config` with kohya's TOML: sd-scripts' precedence (subset over dataset
 /// over `[general]` over the `[data]` section), its folder reading (a subset's own images,
 /// `num_repeats` times), one batch size with `[train]`; a JSON config replaces the default
