@@ -517,43 +517,45 @@ impl Scanner<'_> {
         Ok(())
     }
 
-    /// The image of a metadata key: the path itself (relative to `image_dir` unless
-    /// absolute), or, for a key without its extension (as sd-scripts' scripts write
-    /// them), the image file of that name.
+    /// The image of a metadata key: the path itself (relative to `image_dir`, else to the
+    /// working directory, as the scripts' `--full_path` keys are, unless absolute), or,
+    /// for a key without its extension (as the scripts write them by default), the image
+    /// file of that name.
     fn kohya_image_path(&self, key: &str) -> std::result::Result<PathBuf, String> {
         let key_path = Path::new(key);
-        let path = if key_path.is_absolute() {
-            key_path.to_path_buf()
-        } else if self.root.as_os_str().is_empty() {
-            return Err("the key is a relative path: set the subset's image_dir (sd-scripts' train_data_dir) to the folder it is relative to".into());
-        } else {
-            self.root.join(key_path)
-        };
-        if path.is_file() && is_image_path(&path) {
-            return Ok(path);
+        let mut places = Vec::new();
+        if !key_path.is_absolute() && !self.root.as_os_str().is_empty() {
+            places.push(self.root.join(key_path));
         }
-        for ext in crate::image_io::IMAGE_EXTENSIONS {
-            for ext in [ext.to_string(), ext.to_ascii_uppercase()] {
-                let mut name = path.as_os_str().to_os_string();
-                name.push(".");
-                name.push(&ext);
-                let candidate = PathBuf::from(name);
-                if candidate.is_file() {
-                    return Ok(candidate);
+        places.push(key_path.to_path_buf());
+        for path in &places {
+            if path.is_file() && is_image_path(path) {
+                return Ok(path.clone());
+            }
+            for ext in crate::image_io::IMAGE_EXTENSIONS {
+                for ext in [ext.to_string(), ext.to_ascii_uppercase()] {
+                    let mut name = path.as_os_str().to_os_string();
+                    name.push(".");
+                    name.push(&ext);
+                    let candidate = PathBuf::from(name);
+                    if candidate.is_file() {
+                        return Ok(candidate);
+                    }
                 }
             }
         }
-        let cached = path.with_extension("npz");
-        Err(if cached.is_file() {
-            format!("only its cached latents {} are there; this trainer reads the image itself", cached.display())
-        } else {
-            format!("no image at {} (with or without an image extension)", path.display())
-        })
+        if let Some(cached) = places.iter().map(|p| p.with_extension("npz")).find(|c| c.is_file()) {
+            return Err(format!("only its cached latents {} are there; this trainer reads the image itself", cached.display()));
+        }
+        let tried: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
+        let hint = if self.root.as_os_str().is_empty() && !key_path.is_absolute() { " (a relative key: set the subset's image_dir, sd-scripts' train_data_dir, to the folder it is relative to)" } else { "" };
+        Err(format!("no image at {} (with or without an image extension){hint}", tried.join(" or ")))
     }
 }
 
-/// The entries of a kohya fine-tuning metadata file, in the file's order: a JSON object of
-/// image keys (`.json`), or lines with `image_path` (`.jsonl`, sd-scripts' other form).
+/// The entries of a kohya fine-tuning metadata file: a JSON object of image keys (`.json`;
+/// sorted by key), or lines with `image_path` (`.jsonl`, sd-scripts' other form; in the
+/// file's order).
 fn kohya_metadata_entries(text: &str, file: &Path) -> Result<Vec<(String, serde_json::Map<String, serde_json::Value>)>> {
     let bad = |line: usize, message: String| DataError::Metadata { path: file.to_path_buf(), line, message };
     let jsonl = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));

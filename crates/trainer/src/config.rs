@@ -1649,6 +1649,9 @@ impl TrainConfig {
         if !self.data.in_json.is_empty() && (self.data.train_data_dir == "demo" || !self.data.dataset_config.is_empty()) {
             return bad("data.in_json names the training images itself: set data.train_data_dir to the folder its keys are relative to (\"\" for absolute keys), without data.dataset_config (whose subsets take `metadata_file`)");
         }
+        if !self.data.in_json.is_empty() && !Path::new(&self.data.in_json).is_file() {
+            return bad(&format!("data.in_json = \"{}\" is not a file", self.data.in_json));
+        }
         if self.data.alpha_mask && !self.data.mask_dir.is_empty() {
             return bad("data.alpha_mask and data.mask_dir both give loss masks; set one of them");
         }

@@ -564,12 +564,18 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
         }
     };
     d.reg_data_dir = o.string("reg_data_dir")?.unwrap_or_default();
+    if !d.in_json.is_empty() && !d.reg_data_dir.is_empty() {
+        notes.push("reg_data_dir is ignored with in_json, as in sd-scripts (its fine-tuning data has no regularization images)".into());
+        d.reg_data_dir.clear();
+    }
     d.prior_loss_weight = o.float("prior_loss_weight")?.unwrap_or(1.0) as f32;
     let extension = o.string("caption_extension")?;
     // sd-scripts lets its old misspelling win.
     let misspelt = o.string("caption_extention")?;
     d.caption_extension = match misspelt.or(extension) {
         Some(e) => e,
+        // in_json's captions are in the file.
+        None if !d.in_json.is_empty() => ".caption".into(),
         None => {
             notes.push("caption_extension is not set: sd-scripts then reads only .caption files (an image without one trains on its folder's class tokens); this trainer also reads a .txt caption when there is no .caption file".into());
             ".caption".into()
@@ -2041,8 +2047,9 @@ wandb_run_name = "my_style"
         let i = import(&format!("{base}train_data_dir = \"images\"\nin_json = {:?}\ndataset_repeats = 4", meta.display().to_string())).unwrap();
         let d = &i.config.data;
         assert_eq!((d.train_data_dir.as_str(), d.in_json.as_str(), d.num_repeats), ("images", meta.to_str().unwrap(), 4));
-        let i = import(&format!("{base}in_json = {:?}", meta.display().to_string())).unwrap();
-        assert_eq!((i.config.data.train_data_dir.as_str(), i.config.data.num_repeats), ("", 1));
+        let i = import(&format!("{base}in_json = {:?}\nreg_data_dir = \"reg\"", meta.display().to_string())).unwrap();
+        assert_eq!((i.config.data.train_data_dir.as_str(), i.config.data.num_repeats, i.config.data.reg_data_dir.as_str()), ("", 1, ""));
+        assert!(i.notes.iter().any(|n| n.contains("reg_data_dir is ignored")) && !i.notes.iter().any(|n| n.contains("caption_extension")), "{:?}", i.notes);
         let i = import(&format!("{base}dataset_config = \"d.toml\"\nin_json = {:?}\ndataset_repeats = 2", meta.display().to_string())).unwrap();
         assert!(i.config.data.in_json.is_empty() && i.notes.iter().any(|n| n.contains("in_json is ignored")), "{:?}", i.notes);
         assert_eq!(i.config.data.num_repeats, 2, "the dataset config's subsets default to it");

@@ -789,7 +789,11 @@ fn fine_tuning_metadata_trains_on_its_entries() {
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
     let metadata = lora_metadata(&report.lora);
     assert!(metadata["ss_dataset_dirs"].contains("meta_cap_dd.json"), "{metadata:?}");
+    config.data.in_json = root.path().join("nope.json").display().to_string();
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("data.in_json") && err.contains("nope.json"), "{err}");
     // It names the images itself: not with the demo data or a dataset config.
+    config.data.in_json = meta.display().to_string();
     config.data.train_data_dir = "demo".into();
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("data.in_json"), "{err}");

@@ -171,6 +171,8 @@ impl TorchLrSchedule {
     }
 
     /// The rate of optimizer step `step` (0-based) for a parameter group starting at `base`.
+    /// Meant for schedules [`validate`](Self::validate) accepts (others give finite or
+    /// NaN rates, never a panic).
     pub fn lr(&self, base: f64, step: usize) -> f64 {
         let t = step as f64;
         let cosine = |eta_min: f64, at: f64, period: f64| eta_min + (base - eta_min) * 0.5 * (1.0 + (std::f64::consts::PI * at / period).cos());
@@ -180,7 +182,7 @@ impl TorchLrSchedule {
                 let (at, period) = restart_position(step, *t_0, *t_mult);
                 cosine(*eta_min, at as f64, period as f64)
             }
-            Self::Step { step_size, gamma } => base * gamma.powi(exponent(step / step_size)),
+            Self::Step { step_size, gamma } => base * gamma.powi(exponent(step / step_size.max(&1))),
             Self::MultiStep { milestones, gamma } => base * gamma.powi(exponent(milestones.iter().filter(|m| **m <= step).count())),
             Self::Exponential { gamma } => base * gamma.powi(exponent(step)),
             Self::Linear { start_factor, end_factor, total_iters } => {
@@ -195,6 +197,8 @@ impl TorchLrSchedule {
 
 /// `(steps into the current cycle, the cycle's length)` of `CosineAnnealingWarmRestarts`.
 fn restart_position(step: usize, t_0: usize, t_mult: usize) -> (usize, usize) {
+    // (`validate` refuses a `T_0` of 0; here it counts as 1 rather than divide by it.)
+    let t_0 = t_0.max(1);
     if t_mult <= 1 {
         return (step % t_0, t_0);
     }
