@@ -263,9 +263,9 @@ impl AdapterSet {
         self.kohya_names.get(key).cloned().unwrap_or_else(|| key.kohya_name())
     }
 
-    /// The set with every LyCORIS LoHa / LoKr adapter as the plain LoRA with its update
-    /// (their [`LoraWeights::lycoris`] dropped): written in the kohya layout, it is a LoRA
-    /// file for readers that take no LyCORIS modules.
+    /// The set with every LyCORIS LoHa / LoKr / Tucker LoCon adapter as the plain LoRA with
+    /// its update (their [`LoraWeights::lycoris`] dropped): written in the kohya layout, it
+    /// is a LoRA file for readers that take no LyCORIS modules.
     pub fn into_plain_lora(mut self) -> Self {
         for w in self.adapters.values_mut() {
             w.lycoris = None;

@@ -135,10 +135,13 @@ pub struct LoraConfig {
     /// (LyCORIS' `unbalanced_factorization`).
     #[serde(default)]
     pub lokr_unbalanced_factorization: bool,
-    /// LoHa and LoKr: Tucker-decompose the halves of convolutions with a kernel larger
-    /// than 1x1 (LyCORIS' `use_tucker`): a half is `t [r, r, kh, kw]` with `a [r, out]` and
-    /// `b [r, in]` instead of `[out, r]` and `[r, in·kh·kw]` (LoKr: its low-rank `w2`).
-    /// Linear layers and 1x1 convolutions are not changed.
+    /// Tucker-decompose the adapters of convolutions with a kernel larger than 1x1
+    /// (LyCORIS' `use_tucker`). LoHa and LoKr: a half is `t [r, r, kh, kw]` with
+    /// `a [r, out]` and `b [r, in]` instead of `[out, r]` and `[r, in·kh·kw]` (LoKr: its
+    /// low-rank `w2`). LoRA (LyCORIS' LoCon): `down` becomes a 1x1 convolution
+    /// `[r, in, 1, 1]` followed by a core `mid [r, r, kh, kw]` with the layer's stride,
+    /// padding and dilation (`lora_mid` in files). Linear layers and 1x1 convolutions are
+    /// not changed.
     #[serde(default)]
     pub use_tucker: bool,
 }
@@ -301,8 +304,6 @@ impl LoraConfig {
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
-        } else if self.use_tucker {
-            return Err(LoraError::InvalidConfig("use_tucker is trained with loha and lokr; a LoRA's (LoCon's) Tucker form, `lora_mid`, is not".into()));
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! LoRA for 2-d convolutions (LoCon).
+//! LoRA for 2-d convolutions (LoCon), with LyCORIS' Tucker form (`lora_mid`).
 
 use burn::module::{Initializer, Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -11,17 +11,27 @@ use burn::tensor::{backend::Backend, Tensor};
 use crate::linear::{down_initializer, fold_delta, update_frozen};
 use crate::precision::cast_to;
 use crate::lycoris::LycorisAdapter;
-use crate::{HostTensor, LoraConfig, LoraError, LoraWeights, Result};
+use crate::{Algo, HostTensor, LoraConfig, LoraError, LoraWeights, LycorisWeights, Result};
 
 /// The trainable part of a LoRA conv layer.
 ///
 /// `down` is a convolution with the base layer's kernel size, stride, padding and dilation
 /// (`in → rank`); `up` is a 1x1 convolution (`rank → out`). Their composition is a
 /// convolution with kernel `ΔW[o,i,kh,kw] = scale · Σ_r up[o,r] · down[r,i,kh,kw]`.
+///
+/// In LyCORIS' Tucker form ([`LoraConfig::use_tucker`], a kernel larger than 1x1) `down`
+/// is a 1x1 convolution (`[rank, in, 1, 1]`) and `mid`, the core, carries the kernel:
+/// `up(mid(down(x)))`, with `ΔW[o,i,kh,kw] = scale · Σ_rs up[o,r] · mid[r,s,kh,kw] ·
+/// down[s,i]`, LyCORIS' `lora_down` / `lora_mid` / `lora_up`.
 #[derive(Module, Debug)]
 pub struct Conv2dAdapter<B: Backend> {
-    /// Down convolution `in → rank` (weights `[rank, in, kh, kw]`).
+    /// Down convolution `in → rank` (weights `[rank, in, kh, kw]`; with a Tucker core
+    /// `[rank, in, 1, 1]`, stride 1 and no padding).
     pub down: Conv2d<B>,
+    /// The Tucker core (`lora_mid`): a `rank → rank` convolution with the base layer's
+    /// kernel size, stride, padding and dilation (weights `[rank, rank, kh, kw]`), between
+    /// `down` and `up`; `None` for a plain LoCon.
+    pub mid: Option<Conv2d<B>>,
     /// Up convolution `rank → out`, 1x1 (weights `[out, rank, 1, 1]`), zero at initialisation.
     pub up: Conv2d<B>,
     /// Dropout on the adapter input (active only on autodiff backends).
@@ -50,30 +60,47 @@ fn check_base<B: Backend>(base: &Conv2d<B>, key: &str) -> Result<()> {
     Ok(())
 }
 
-fn down_config<B: Backend>(base: &Conv2d<B>, rank: usize) -> Conv2dConfig {
-    let [_, in_ch, kh, kw] = base.weight.dims();
-    Conv2dConfig::new([in_ch, rank], [kh, kw])
+/// A convolution `channels[0] → channels[1]` with `base`'s kernel size, stride, padding
+/// and dilation, without bias.
+fn kernel_config<B: Backend>(base: &Conv2d<B>, channels: [usize; 2]) -> Conv2dConfig {
+    let [_, _, kh, kw] = base.weight.dims();
+    Conv2dConfig::new(channels, [kh, kw])
         .with_stride(base.stride)
         .with_dilation(base.dilation)
         .with_padding(base.padding.clone())
         .with_bias(false)
 }
 
+fn down_config<B: Backend>(base: &Conv2d<B>, rank: usize) -> Conv2dConfig {
+    kernel_config(base, [base.weight.dims()[1], rank])
+}
+
+/// A bias-free 1x1 convolution `channels[0] → channels[1]` (stride 1, no padding).
+fn pointwise(channels: [usize; 2]) -> Conv2dConfig {
+    Conv2dConfig::new(channels, [1, 1]).with_bias(false)
+}
+
 impl<B: Backend> Conv2dAdapter<B> {
     /// A freshly initialised adapter for `base` (up is zero).
     pub fn new(config: &LoraConfig, base: &Conv2d<B>, device: &B::Device) -> Result<Self> {
         check_base(base, "<new>")?;
-        let out_ch = base.weight.dims()[0];
+        let [out_ch, in_ch, kh, kw] = base.weight.dims();
         config.validate()?;
-        let down = down_config(base, config.rank)
-            .with_initializer(down_initializer(config.init, config.rank))
-            .init(device);
-        let up = Conv2dConfig::new([config.rank, out_ch], [1, 1])
-            .with_bias(false)
-            .with_initializer(Initializer::Zeros)
-            .init(device);
+        let rank = config.rank;
+        let init = down_initializer(config.init, rank);
+        // LyCORIS: only a kernel larger than 1x1 gets a Tucker core.
+        let (down, mid) = if config.use_tucker && kh * kw > 1 {
+            // LyCORIS initialises the core as `lora_down`, Kaiming-uniform (burn's
+            // default for a convolution, fan-in `rank · kh · kw`).
+            let mid = kernel_config(base, [rank, rank]).init(device);
+            (pointwise([in_ch, rank]).with_initializer(init).init(device), Some(mid))
+        } else {
+            (down_config(base, rank).with_initializer(init).init(device), None)
+        };
+        let up = pointwise([rank, out_ch]).with_initializer(Initializer::Zeros).init(device);
         Ok(Self {
             down,
+            mid,
             up,
             dropout: DropoutConfig::new(config.dropout).init(),
             network_dropout: DropoutConfig::new(config.network_dropout).init(),
@@ -86,7 +113,8 @@ impl<B: Backend> Conv2dAdapter<B> {
 
     /// Builds an adapter for `base` from file weights (`down [rank, in, kh, kw]`,
     /// `up [out, rank, 1, 1]`; 2-d weights are accepted, `down` with the kernel flattened
-    /// into its columns, `[rank, in·kh·kw]`, as LyCORIS stores it).
+    /// into its columns, `[rank, in·kh·kw]`, as LyCORIS stores it). Weights in LyCORIS'
+    /// Tucker form ([`crate::LycorisWeights::is_tucker_locon`]) make an adapter with a core.
     pub fn from_weights(
         weights: &LoraWeights,
         base: &Conv2d<B>,
@@ -95,6 +123,9 @@ impl<B: Backend> Conv2dAdapter<B> {
     ) -> Result<Self> {
         weights.validate(key)?;
         check_base(base, key)?;
+        if let Some(tucker) = weights.lycoris.as_ref().filter(|l| l.is_tucker_locon()) {
+            return Self::from_tucker(weights, tucker, base, key, device);
+        }
         let [out_ch, in_ch, kh, kw] = base.weight.dims();
         let rank = weights.rank();
         let mut down_shape = weights.down.shape.clone();
@@ -132,6 +163,7 @@ impl<B: Backend> Conv2dAdapter<B> {
         };
         Ok(Self {
             down: down_conv,
+            mid: None,
             up: up_conv,
             dropout: DropoutConfig::new(0.0).init(),
             network_dropout: DropoutConfig::new(0.0).init(),
@@ -142,19 +174,105 @@ impl<B: Backend> Conv2dAdapter<B> {
         })
     }
 
-    /// The adapter in file layout (4-d tensors); `alpha = scale · rank`.
+    /// The adapter in file layout (4-d tensors); `alpha = scale · rank`. With a Tucker
+    /// core, `down` is the LoCon of the same update (the core folded into it) and
+    /// [`LoraWeights::lycoris`] holds the adapter's own `lora_down.weight`,
+    /// `lora_mid.weight` and `lora_up.weight`, which the kohya-layout writer writes.
     pub fn to_weights(&self) -> Result<LoraWeights> {
         let magnitude = match &self.magnitude {
             Some(m) => Some(HostTensor::from_tensor(m.val())?),
             None => None,
         };
+        let alpha = self.scale * self.rank() as f32;
+        let up = HostTensor::from_tensor(cast_to(self.up.weight.val(), DType::F32))?;
+        let lycoris = match &self.mid {
+            Some(mid) => Some(LycorisWeights {
+                algo: Algo::Lora,
+                tensors: vec![
+                    ("lora_down.weight".into(), HostTensor::from_tensor(cast_to(self.down.weight.val(), DType::F32))?),
+                    ("lora_mid.weight".into(), HostTensor::from_tensor(cast_to(mid.weight.val(), DType::F32))?),
+                    ("lora_up.weight".into(), up.clone()),
+                ],
+                alpha,
+            }),
+            None => None,
+        };
         Ok(LoraWeights {
-            down: HostTensor::from_tensor(self.down.weight.val())?,
-            up: HostTensor::from_tensor(self.up.weight.val())?,
-            alpha: self.scale * self.rank() as f32,
+            down: HostTensor::from_tensor(self.down_kernel(false))?,
+            up,
+            alpha,
             magnitude,
-            lycoris: None,
+            lycoris,
         })
+    }
+
+    /// An adapter with a Tucker core from `tucker`'s `lora_down` `[r, in, 1, 1]`,
+    /// `lora_mid` `[r, r, kh, kw]` and `lora_up` `[out, r, 1, 1]` (2-d halves accepted).
+    fn from_tucker(weights: &LoraWeights, tucker: &LycorisWeights, base: &Conv2d<B>, key: &str, device: &B::Device) -> Result<Self> {
+        let [out_ch, in_ch, kh, kw] = base.weight.dims();
+        let get = |name: &str| tucker.get(name).ok_or_else(|| LoraError::ShapeMismatch { key: key.into(), reason: format!("the Tucker LoCon has no `{name}`") });
+        let (down, mid, up) = (get("lora_down.weight")?, get("lora_mid.weight")?, get("lora_up.weight")?);
+        let rank = down.shape.first().copied().unwrap_or(0);
+        let as_4d = |t: &HostTensor| match t.shape.len() {
+            2 => vec![t.shape[0], t.shape[1], 1, 1],
+            _ => t.shape.clone(),
+        };
+        let want = [vec![rank, in_ch, 1, 1], vec![rank, rank, kh, kw], vec![out_ch, rank, 1, 1]];
+        let found = [as_4d(down), mid.shape.clone(), as_4d(up)];
+        if rank == 0 || found != want {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!("layer is {in_ch}→{out_ch} with kernel {kh}x{kw}: lora_down, lora_mid and lora_up must be {want:?}, the file has {found:?}"),
+            });
+        }
+        let upload = |t: &HostTensor, shape: Vec<usize>| HostTensor::new(shape, t.data.clone())?.to_tensor::<B, 4>(device).map(Param::from_tensor);
+        let mut down_conv = pointwise([in_ch, rank]).init::<B>(device);
+        down_conv.weight = upload(down, want[0].clone())?;
+        let mut mid_conv = kernel_config(base, [rank, rank]).init::<B>(device);
+        mid_conv.weight = upload(mid, want[1].clone())?;
+        let mut up_conv = pointwise([rank, out_ch]).init::<B>(device);
+        up_conv.weight = upload(up, want[2].clone())?;
+        let magnitude = match &weights.magnitude {
+            Some(m) => Some(Param::from_tensor(m.to_tensor::<B, 1>(device)?)),
+            None => None,
+        };
+        Ok(Self {
+            down: down_conv,
+            mid: Some(mid_conv),
+            up: up_conv,
+            dropout: DropoutConfig::new(0.0).init(),
+            network_dropout: DropoutConfig::new(0.0).init(),
+            scale: tucker.scale(),
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            magnitude,
+        })
+    }
+
+    /// Whether the adapter has a Tucker core (`mid`).
+    pub fn is_tucker(&self) -> bool {
+        self.mid.is_some()
+    }
+
+    /// The convolution that carries the kernel, stride, padding and dilation: `mid` with a
+    /// Tucker core, else `down`.
+    fn kernel_conv(&self) -> &Conv2d<B> {
+        self.mid.as_ref().unwrap_or(&self.down)
+    }
+
+    /// `down` as a LoCon's `[rank, in, kh, kw]` kernel in f32 (with a Tucker core, the
+    /// core contracted with the 1x1 `down`), detached from the autodiff graph if `detach`.
+    fn down_kernel(&self, detach: bool) -> Tensor<B, 4> {
+        let value = |p: &Param<Tensor<B, 4>>| {
+            let v = cast_to(p.val(), DType::F32);
+            if detach { v.detach() } else { v }
+        };
+        let down = value(&self.down.weight);
+        let Some(mid) = &self.mid else { return down };
+        let [rank, in_ch, _, _] = down.dims();
+        let [_, _, kh, kw] = mid.weight.dims();
+        let core = value(&mid.weight).reshape([rank, rank * kh * kw]);
+        crate::lycoris::tucker_fold(core, down.reshape([rank, in_ch])).reshape([rank, in_ch, kh, kw])
     }
 
     /// Whether this is a DoRA adapter.
@@ -173,11 +291,19 @@ impl<B: Backend> Conv2dAdapter<B> {
 
     /// [`delta_weight`](Self::delta_weight) at factor 1, outside any autodiff graph.
     fn delta_weight_detached(&self) -> Tensor<B, 4> {
-        let [rank, in_ch, kh, kw] = self.down.weight.dims();
+        self.delta(1.0, true)
+    }
+
+    /// `factor · scale · up · down` `[out, in, kh, kw]` in f32, detached if `detach`.
+    fn delta(&self, factor: f32, detach: bool) -> Tensor<B, 4> {
+        let down = self.down_kernel(detach);
+        let [rank, in_ch, kh, kw] = down.dims();
         let out_ch = self.up.weight.dims()[0];
-        let up = cast_to(self.up.weight.val().detach(), DType::F32).reshape([out_ch, rank]);
-        let down = cast_to(self.down.weight.val().detach(), DType::F32).reshape([rank, in_ch * kh * kw]);
-        up.matmul(down).mul_scalar(self.scale).reshape([out_ch, in_ch, kh, kw])
+        let up = cast_to(self.up.weight.val(), DType::F32);
+        let up = if detach { up.detach() } else { up }.reshape([out_ch, rank]);
+        up.matmul(down.reshape([rank, in_ch * kh * kw]))
+            .mul_scalar(factor * self.scale)
+            .reshape([out_ch, in_ch, kh, kw])
     }
 
     /// Rank `r`.
@@ -197,7 +323,13 @@ impl<B: Backend> Conv2dAdapter<B> {
     /// with module dropout at `module_p`.
     fn forward_dropped(&self, x: Tensor<B, 4>, factor: f32, module_p: f64) -> Tensor<B, 4> {
         let dtype = x.dtype();
-        let h = self.network_dropout.forward(conv_in_dtype(&self.down, x, dtype));
+        let h = conv_in_dtype(&self.down, x, dtype);
+        // LyCORIS' Tucker form: the core follows `down`; the dropouts act on its output.
+        let h = match &self.mid {
+            Some(mid) => conv_in_dtype(mid, h, dtype),
+            None => h,
+        };
+        let h = self.network_dropout.forward(h);
         let [samples, rank, _, _] = h.dims();
         let h = match crate::rank_dropout::mask::<B>(self.rank_dropout, module_p, samples, rank, &h.device()) {
             Some(mask) => h * cast_to(mask, dtype).reshape([samples, rank, 1, 1]),
@@ -206,16 +338,10 @@ impl<B: Backend> Conv2dAdapter<B> {
         conv_in_dtype(&self.up, h * (factor * self.scale), dtype)
     }
 
-    /// `ΔW` `[out, in, kh, kw]`, times `factor`, in f32.
+    /// `ΔW` `[out, in, kh, kw]`, times `factor`, in f32 (whatever the adapter weights'
+    /// dtype, as `LinearAdapter::delta_weight`), in the autodiff graph of the weights.
     pub fn delta_weight(&self, factor: f32) -> Tensor<B, 4> {
-        let [rank, in_ch, kh, kw] = self.down.weight.dims();
-        let out_ch = self.up.weight.dims()[0];
-        // In f32 whatever the adapter weights' dtype (as `LinearAdapter::delta_weight`).
-        let up = cast_to(self.up.weight.val(), DType::F32).reshape([out_ch, rank]);
-        let down = cast_to(self.down.weight.val(), DType::F32).reshape([rank, in_ch * kh * kw]);
-        up.matmul(down)
-            .mul_scalar(factor * self.scale)
-            .reshape([out_ch, in_ch, kh, kw])
+        self.delta(factor, false)
     }
 }
 
@@ -309,12 +435,14 @@ impl<B: Backend> LoraConv2d<B> {
     /// Attaches an adapter, checking that it fits the base kernel; `key` names it in errors.
     pub fn attach(&mut self, adapter: Conv2dAdapter<B>, key: &str) -> Result<()> {
         let [out_ch, in_ch, kh, kw] = self.base.weight.dims();
-        let [_, a_in, a_kh, a_kw] = adapter.down.weight.dims();
+        let a_in = adapter.down.weight.dims()[1];
+        let kernel = adapter.kernel_conv();
+        let [_, _, a_kh, a_kw] = kernel.weight.dims();
         let a_out = adapter.up.weight.dims()[0];
         if (a_out, a_in, a_kh, a_kw) != (out_ch, in_ch, kh, kw)
-            || adapter.down.stride != self.base.stride
-            || adapter.down.dilation != self.base.dilation
-            || adapter.down.padding != self.base.padding
+            || kernel.stride != self.base.stride
+            || kernel.dilation != self.base.dilation
+            || kernel.padding != self.base.padding
         {
             return Err(LoraError::ShapeMismatch {
                 key: key.into(),
@@ -347,10 +475,11 @@ impl<B: Backend> LoraConv2d<B> {
         Ok(())
     }
 
-    /// Attaches an adapter read from a file: a LyCORIS one ([`LoraWeights::lycoris`],
-    /// without DoRA) as its own factors, anything else as a LoRA.
+    /// Attaches an adapter read from a file: a LyCORIS LoHa or LoKr
+    /// ([`LoraWeights::lycoris`], without DoRA) as its own factors, anything else as a
+    /// LoRA (a Tucker LoCon with its core).
     pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        if let (Some(lycoris), None) = (&weights.lycoris, &weights.magnitude) {
+        if let (Some(lycoris), None) = (weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris()), &weights.magnitude) {
             check_base(&self.base, key)?;
             let adapter = LycorisAdapter::from_weights(lycoris, self.base.weight.dims(), true, key, device)?;
             return self.attach_lycoris(adapter, key);

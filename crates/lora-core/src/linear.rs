@@ -377,10 +377,10 @@ impl<B: Backend> LoraLinear<B> {
         Ok(())
     }
 
-    /// Attaches an adapter read from a file: a LyCORIS one ([`LoraWeights::lycoris`],
-    /// without DoRA) as its own factors, anything else as a LoRA.
+    /// Attaches an adapter read from a file: a LyCORIS LoHa or LoKr
+    /// ([`LoraWeights::lycoris`], without DoRA) as its own factors, anything else as a LoRA.
     pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        if let (Some(lycoris), None) = (&weights.lycoris, &weights.magnitude) {
+        if let (Some(lycoris), None) = (weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris()), &weights.magnitude) {
             let (i, o) = self.features();
             let adapter = LycorisAdapter::from_weights(lycoris, [o, i, 1, 1], false, key, device)?;
             return self.attach_lycoris(adapter, key);

@@ -497,7 +497,7 @@ pub(crate) fn plain_factor<B: Backend>(name: &str, has: impl Fn(&str) -> bool, g
 /// A Tucker core `t [r₁, r₂·k]` (its `[r₁, r₂, kh, kw]` flattened) contracted with
 /// `b [r₂, in]`: `m [r₁, in·k]`, `m[i, (c, h, w)] = Σⱼ t[i, j, h, w] · b[j, c]` (the
 /// host-side `tucker_core` of the file reader, here differentiable).
-fn tucker_fold<B: Backend>(t: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+pub(crate) fn tucker_fold<B: Backend>(t: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     let [r1, cols] = t.dims();
     let [r2, input] = b.dims();
     let k = cols / r2;

@@ -54,8 +54,17 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         if let Some(lycoris) = self.attached_lycoris() {
             return self.load_lycoris(lycoris, weights, key, device);
         }
-        if weights.lycoris.is_some() && weights.magnitude.is_none() && self.has_adapter() {
-            return Err(LoraError::Unsupported(format!("{key}: the weights are a {}, the attached adapter is a LoRA", weights.lycoris.as_ref().map_or("", |l| l.algo.name()))));
+        let lycoris = weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris());
+        if lycoris.is_some() && weights.magnitude.is_none() && self.has_adapter() {
+            return Err(LoraError::Unsupported(format!("{key}: the weights are a {}, the attached adapter is a LoRA", lycoris.map_or("", |l| l.algo.name()))));
+        }
+        // LyCORIS' LoCon with and without a Tucker core have different tensors.
+        let file_tucker = weights.lycoris.as_ref().is_some_and(|l| l.is_tucker_locon());
+        if let Self::Conv(c) = self {
+            if let Some(attached) = c.adapter.as_ref().filter(|a| a.is_tucker() != file_tucker) {
+                let form = |tucker: bool| if tucker { "a LoCon with a Tucker core (`lora_mid`)" } else { "a LoCon without one" };
+                return Err(LoraError::Unsupported(format!("{key}: the weights are {}, the attached adapter is {} (lora.use_tucker must match the file)", form(file_tucker), form(attached.is_tucker()))));
+            }
         }
         let attached = match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout]), a.is_dora())),
@@ -242,6 +251,15 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
             Self::Conv(c) => c.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
+        }
+    }
+
+    /// The parameter id of the attached LoRA's Tucker core (`mid`, LyCORIS' `lora_mid`);
+    /// `None` without one. It takes `down`'s learning rate.
+    pub fn tucker_param_id(&self) -> Option<burn::module::ParamId> {
+        match self {
+            Self::Linear(_) => None,
+            Self::Conv(c) => c.adapter.as_ref().and_then(|a| a.mid.as_ref()).map(|m| m.weight.id),
         }
     }
 

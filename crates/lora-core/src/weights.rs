@@ -77,7 +77,8 @@ pub struct LoraWeights {
     /// default; its other layout, one value per input feature, is not supported). `None`
     /// for plain LoRA.
     pub magnitude: Option<HostTensor>,
-    /// A LyCORIS LoHa or LoKr adapter's own tensors, when the adapter is one: `down`,
+    /// A LyCORIS LoHa, LoKr or Tucker LoCon adapter's own tensors, when the adapter is
+    /// one: `down`,
     /// `up` and `alpha` then hold the plain LoRA with the same update (for merging,
     /// combining and every reader of this type), and the kohya-layout writer writes these
     /// tensors and their alpha instead. Anything that changes `down`, `up` or `alpha` must
@@ -85,7 +86,8 @@ pub struct LoraWeights {
     pub lycoris: Option<LycorisWeights>,
 }
 
-/// A LyCORIS LoHa or LoKr adapter's tensors as its files hold them (kohya layout).
+/// A LyCORIS LoHa, LoKr or Tucker LoCon adapter's tensors as its files hold them (kohya
+/// layout).
 ///
 /// LoHa: `hada_w1_a [out, r]`, `hada_w1_b [r, cols]`, `hada_w2_a [out, r]`,
 /// `hada_w2_b [r, cols]`. LoKr: `lokr_w1 [a, c]` or `lokr_w1_a [a, r]` + `lokr_w1_b [r, c]`,
@@ -93,12 +95,15 @@ pub struct LoraWeights {
 /// `lokr_w2_b [r, d·kh·kw]`, with `out = a·b` and `in = c·d`. `cols` is `in·kh·kw`: a
 /// convolution's kernel is flattened into the columns. Tucker-decomposed convolutions
 /// (`use_tucker`) have cores `hada_t1` / `hada_t2` / `lokr_t2` `[r, r, kh, kw]` beside
-/// their halves' `_a [r, out]` and `_b [r, in]` (LoKr: `b`, `d`).
+/// their halves' `_a [r, out]` and `_b [r, in]` (LoKr: `b`, `d`). A LoCon with
+/// `use_tucker` (algo [`crate::Algo::Lora`]) has `lora_down.weight [r, in, 1, 1]`,
+/// `lora_mid.weight [r, r, kh, kw]` and `lora_up.weight [out, r, 1, 1]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LycorisWeights {
-    /// LoHa or LoKr.
+    /// LoHa, LoKr, or LoRA for a Tucker LoCon.
     pub algo: crate::Algo,
-    /// The tensors by LyCORIS name (`hada_w1_a`, …, `lokr_w2_b`), in the order written.
+    /// The tensors by LyCORIS name (`hada_w1_a`, …, `lokr_w2_b`; a Tucker LoCon's
+    /// `lora_down.weight`, `lora_mid.weight`, `lora_up.weight`), in the order written.
     pub tensors: Vec<(String, HostTensor)>,
     /// The file's alpha: the scale is `alpha / rank` with the rank of the low-rank part
     /// (1 for a LoKr whose halves are both full).
@@ -112,14 +117,20 @@ impl LycorisWeights {
     }
 
     /// The rank of the low-rank part as LyCORIS' readers take it for the scale (LoHa:
-    /// `hada_w1_b`'s rows; LoKr: `lokr_w2_b`'s, else `lokr_w1_b`'s); `None` for a LoKr
-    /// whose halves are both full.
+    /// `hada_w1_b`'s rows; LoKr: `lokr_w2_b`'s, else `lokr_w1_b`'s; a Tucker LoCon:
+    /// `lora_down.weight`'s); `None` for a LoKr whose halves are both full.
     pub fn rank(&self) -> Option<usize> {
         let rows = |name: &str| self.get(name).and_then(|t| t.shape.first().copied());
         match self.algo {
             crate::Algo::Loha => rows("hada_w1_b"),
-            _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
+            crate::Algo::Lora => rows("lora_down.weight"),
+            crate::Algo::Lokr => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
         }
+    }
+
+    /// Whether these are a LoCon's tensors in LyCORIS' Tucker form (`lora_mid`).
+    pub fn is_tucker_locon(&self) -> bool {
+        self.algo == crate::Algo::Lora
     }
 
     /// The scale of the update: `alpha / rank`, or 1 without a low-rank part.

@@ -3,7 +3,8 @@
 //! creates (names, shapes, scale), the layer's output and the factors' gradients, merging,
 //! and a write and read in the kohya / LyCORIS layout.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
@@ -12,21 +13,14 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorData};
 use lora_core::sites::{attach_adapters, collect_adapters, LoraSites};
-use lora_core::{Algo, AdapterFormat, AdapterSet, Component, HostTensor, LoraConfig, LoraConv2d, LoraLinear, LoraSiteMut, ModuleIndex, ReadOptions, SaveDtype};
+use lora_core::{Algo, AdapterSet, Component, LoraConfig, LoraConv2d, LoraLinear, LoraSiteMut, ModuleIndex, ReadOptions};
+
+use common::Fixture;
 
 type B = Autodiff<Flex>;
 
-struct Fixture {
-    tensors: HashMap<String, HostTensor>,
-    meta: HashMap<String, String>,
-}
-
 fn fixture() -> Fixture {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lycoris_train.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let (st, meta) = lora_core::tensor_io::parse(&bytes, &path).unwrap();
-    let tensors = st.iter().map(|(k, v)| (k.to_string(), lora_core::tensor_io::decode(&v, k, &path).unwrap())).collect();
-    Fixture { tensors, meta }
+    Fixture::open("lycoris_train.safetensors")
 }
 
 /// One case's settings, as the script wrote them.
@@ -62,18 +56,15 @@ const CASES: [&str; 14] = [
     "conv1_loha_tucker",
 ];
 
-impl Fixture {
-    fn case(&self, name: &str) -> Case {
-        serde_json::from_str(&self.meta[name]).unwrap()
-    }
+/// The fixture's cases and factors.
+trait Cases {
+    fn case_of(&self, name: &str) -> Case;
+    fn matrix(&self, key: &str) -> Tensor<B, 2>;
+}
 
-    fn host(&self, key: &str) -> &HostTensor {
-        self.tensors.get(key).unwrap_or_else(|| panic!("{key} in the fixture"))
-    }
-
-    fn tensor<const D: usize>(&self, key: &str) -> Tensor<B, D> {
-        let t = self.host(key);
-        Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &Default::default())
+impl Cases for Fixture {
+    fn case_of(&self, name: &str) -> Case {
+        self.case(name)
     }
 
     /// A tensor flattened to `[rows, rest]`, as the adapters store factors.
@@ -120,17 +111,17 @@ enum Layer {
 impl Layer {
     /// The case's base layer with the fixture's weights.
     fn new(f: &Fixture, name: &str) -> Self {
-        let case = f.case(name);
+        let case = f.case_of(name);
         let device = Default::default();
         let dims = case.dims();
-        let bias = Some(Param::from_tensor(f.tensor::<1>(&format!("{name}.bias"))).set_require_grad(false));
+        let bias = Some(Param::from_tensor(f.tensor::<B, 1>(&format!("{name}.bias"))).set_require_grad(false));
         if case.is_conv() {
             let k = dims[2];
             let conv = Conv2dConfig::new([dims[0], dims[1]], [k, k]).with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2)).init::<B>(&device);
-            let conv = Conv2d { weight: Param::from_tensor(f.tensor::<4>(&format!("{name}.weight"))), bias, ..conv };
+            let conv = Conv2d { weight: Param::from_tensor(f.tensor::<B, 4>(&format!("{name}.weight"))), bias, ..conv };
             Layer::Conv(LoraConv2d::new(conv))
         } else {
-            let weight = Param::from_tensor(f.tensor::<2>(&format!("{name}.weight")).transpose());
+            let weight = Param::from_tensor(f.tensor::<B, 2>(&format!("{name}.weight")).transpose());
             Layer::Linear(LoraLinear::new(Linear { weight, bias }))
         }
     }
@@ -161,8 +152,8 @@ impl Layer {
     /// The layer's output on `x` (`[4, in]` or `[2, in, 5, 5]`), flattened to `[rows, cols]`.
     fn forward(&self, f: &Fixture, name: &str) -> Tensor<B, 2> {
         match self {
-            Layer::Linear(l) => l.forward(f.tensor::<2>(&format!("{name}.x"))),
-            Layer::Conv(c) => c.forward(f.tensor::<4>(&format!("{name}.x"))).flatten(1, 3),
+            Layer::Linear(l) => l.forward(f.tensor::<B, 2>(&format!("{name}.x"))),
+            Layer::Conv(c) => c.forward(f.tensor::<B, 4>(&format!("{name}.x"))).flatten(1, 3),
         }
     }
 }
@@ -181,7 +172,7 @@ impl LoraSites<B> for One {
 
 /// The fixture's factor values put into the case's freshly attached adapter.
 fn trained_layer(f: &Fixture, name: &str) -> Layer {
-    let case = f.case(name);
+    let case = f.case_of(name);
     let mut layer = Layer::new(f, name);
     layer.site().attach_new(&case.config(), &Default::default()).unwrap();
     let adapter = layer.lycoris();
@@ -198,7 +189,7 @@ fn output_and_gradients_match_lycoris() {
     let f = fixture();
     let device = Default::default();
     for name in CASES {
-        let case = f.case(name);
+        let case = f.case_of(name);
         let mut layer = Layer::new(&f, name);
         layer.site().attach_new(&case.config(), &device).unwrap();
         let adapter = layer.lycoris();
@@ -283,21 +274,9 @@ fn written_as_lycoris_and_read_back() {
     let f = fixture();
     let device = Default::default();
     for name in CASES {
-        let case = f.case(name);
+        let case = f.case_of(name);
         let mut trained = One(trained_layer(&f, name));
-        let mut set = AdapterSet::new();
-        collect_adapters(&mut trained, &mut set).unwrap();
-        let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
-        let (st, meta) = lora_core::tensor_io::parse(&bytes, Path::new("x")).unwrap();
-        let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
-        keys.sort();
-        let mut want: Vec<String> = case.names.iter().map(|n| format!("lora_unet_layer.{n}")).chain(["lora_unet_layer.alpha".to_string()]).collect();
-        want.sort();
-        assert_eq!(keys, want, "{name}");
-        for n in &case.names {
-            let shape = st.tensor(&format!("lora_unet_layer.{n}")).unwrap().shape().to_vec();
-            assert_eq!(shape, f.host(&format!("{name}.{n}")).shape, "{name}: {n} as LyCORIS stores it");
-        }
+        let (bytes, meta) = common::written_as_in_fixture(&mut trained, &f, name, &case.names);
         assert_eq!(meta["ss_network_module"], "lycoris.kohya", "{name}");
         assert!(meta["ss_network_args"].contains(&format!("\"algo\":\"{}\"", case.algo)), "{name}: {}", meta["ss_network_args"]);
         let tucker = case.names.iter().any(|n| n.contains("_t"));
@@ -504,7 +483,7 @@ fn residuals_addends_multiplier_zero_and_bf16_outputs() {
         };
         match (&layer, &plain) {
             (Layer::Linear(l), Layer::Linear(p)) => {
-                let x = f.tensor::<2>(&format!("{name}.x"));
+                let x = f.tensor::<B, 2>(&format!("{name}.x"));
                 let r = Tensor::<B, 2>::random(l.forward(x.clone()).dims(), Distribution::Normal(0.0, 1.0), &device);
                 close(l.forward_residual(x.clone(), r.clone()), l.forward(x.clone()) + r, 1e-6, &format!("{name}: residual"));
                 let mut zero = l.clone();
@@ -514,7 +493,7 @@ fn residuals_addends_multiplier_zero_and_bf16_outputs() {
                 close(half.forward(x.clone().cast(FloatDType::BF16)), l.forward(x), 2e-2, &format!("{name}: bf16 base"));
             }
             (Layer::Conv(c), Layer::Conv(p)) => {
-                let x = f.tensor::<4>(&format!("{name}.x"));
+                let x = f.tensor::<B, 4>(&format!("{name}.x"));
                 let y = c.forward(x.clone());
                 let [n, ch, h, w] = y.dims();
                 let a = Tensor::<B, 4>::random([n, ch, h, w], Distribution::Normal(0.0, 1.0), &device);

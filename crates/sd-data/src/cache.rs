@@ -248,8 +248,9 @@ impl LatentCache {
     /// center crop, flipped too when `flip_aug` is on — that is not cached yet, in encoder
     /// batches of up to `batch_size` samples of one bucket.
     ///
-    /// Fails with a config error when a subset uses `random_crop` (crops are not enumerable)
-    /// or `color_aug` (the pixels change from epoch to epoch).
+    /// Fails with a config error when a subset uses `random_crop` (crops are not enumerable),
+    /// crops around faces (`face_crop_aug_range`: scale and crop drawn per epoch) or uses
+    /// `color_aug` (the pixels change from epoch to epoch).
     pub fn cache_dataset(
         &self,
         ds: &Dataset,
@@ -260,6 +261,12 @@ impl LatentCache {
             return Err(DataError::config(
                 "random_crop",
                 "latent caching needs deterministic crops; turn random_crop off or disable the latent cache",
+            ));
+        }
+        if ds.has_face_crop() {
+            return Err(DataError::config(
+                "face_crop_aug_range",
+                "latent caching needs deterministic crops; a face crop's scale and crop change every epoch: unset face_crop_aug_range or disable the latent cache",
             ));
         }
         if ds.has_color_aug() {

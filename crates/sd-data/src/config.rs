@@ -221,6 +221,16 @@ pub struct SubsetConfig {
     pub flip_aug: bool,
     /// Crop at a random offset instead of the center.
     pub random_crop: bool,
+    /// kohya's `face_crop_aug_range = [lo, hi]`: without buckets (`enable_bucket =
+    /// false`), an image whose file name ends in its face's box, `name_cx_cy_w_h.png`
+    /// (centre and size in pixels, as sd-scripts reads the last four of five or more
+    /// `_`-separated parts), is scaled so that the face's larger side is between
+    /// `1 / hi` and `1 / lo` of the resolution's shorter side (drawn per sample, never
+    /// enlarging the image beyond what covering the resolution needs) and cropped around
+    /// the face: centred, moved a little at random when `lo < hi` for a face of at least 40
+    /// px, or anywhere with the face kept in view with `random_crop`. Other images crop as
+    /// usual. Latents then cannot be cached.
+    pub face_crop_aug_range: Option<[f64; 2]>,
     /// kohya's `color_aug`: a third of the samples get a small colour change, half of them
     /// a hue rotation of up to ±16°, half a gamma of 0.95 to 1.05 on the 0–255 values (see
     /// [`ColorAug`](crate::image_io::ColorAug)), drawn per sample and epoch. Latents then
@@ -286,6 +296,7 @@ impl Default for SubsetConfig {
             token_warmup_step: 0.0,
             flip_aug: false,
             random_crop: false,
+            face_crop_aug_range: None,
             color_aug: false,
             alpha_mask: false,
             mask_dir: None,
@@ -345,6 +356,11 @@ impl SubsetConfig {
                     &key("loss_weight"),
                     format!("must be finite and >= 0, got {w}"),
                 ));
+            }
+        }
+        if let Some([lo, hi]) = self.face_crop_aug_range {
+            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+                return Err(DataError::config(&key("face_crop_aug_range"), format!("must be two positive numbers [lo, hi] with lo <= hi, got [{lo}, {hi}]")));
             }
         }
         if let Some(file) = &self.metadata_file {
@@ -530,6 +546,12 @@ impl DatasetConfig {
                     format!("{} is below the resolution's longer side ({width}x{height}); raise it to at least {}", self.max_bucket_reso, width.max(height)),
                 ));
             }
+        }
+        if let Some(i) = self.subsets.iter().position(|s| s.face_crop_aug_range.is_some()).filter(|_| self.enable_bucket) {
+            return Err(DataError::config(
+                &format!("subsets[{i}].face_crop_aug_range"),
+                "needs enable_bucket = false: sd-scripts crops around faces only without buckets (with buckets it ignores the option)",
+            ));
         }
         if !self.prior_loss_weight.is_finite() || self.prior_loss_weight < 0.0 {
             return Err(DataError::config(

@@ -11,6 +11,7 @@ use crate::bucket::{crop_offset, BucketAssignment, BucketManager, Reso};
 use crate::caption::CaptionTransform;
 use crate::config::{DatasetConfig, SubsetConfig};
 use crate::error::{DataError, Result};
+use crate::face::{face_crop, face_in_name, FaceBox};
 use crate::image_io::ColorAug;
 use crate::scan::{scan, scan_memory, ImageRecord, ResolvedSubset, Scan};
 
@@ -100,6 +101,9 @@ pub struct Dataset {
     /// Batches per optimizer step, which turns a batch's place into its step for the
     /// token warmup ([`Dataset::with_steps`]).
     accumulation: usize,
+    /// Each image's face box from its file name, where its subset crops around faces
+    /// (`face_crop_aug_range`, without buckets).
+    faces: Vec<Option<FaceBox>>,
 }
 
 impl Dataset {
@@ -210,6 +214,7 @@ impl Dataset {
             });
         }
         let repeats = balance_repeats(&kept, &subsets);
+        let faces = faces(&config, &subsets, &kept)?;
         Ok(Self {
             config,
             subsets,
@@ -219,6 +224,7 @@ impl Dataset {
             skipped,
             buckets,
             accumulation: 1,
+            faces,
         })
     }
 
@@ -279,6 +285,7 @@ impl Dataset {
                 config: SubsetConfig {
                     flip_aug: false,
                     random_crop: false,
+                    face_crop_aug_range: None,
                     color_aug: false,
                     shuffle_caption: false,
                     caption_dropout_rate: 0.0,
@@ -442,6 +449,18 @@ impl Dataset {
         self.subsets.iter().any(|s| s.config.color_aug)
     }
 
+    /// Whether any subset crops around faces (`face_crop_aug_range`, without buckets): a
+    /// sample's scale and crop then change from epoch to epoch, so its latents cannot be
+    /// cached.
+    pub fn has_face_crop(&self) -> bool {
+        self.faces.iter().any(Option::is_some)
+    }
+
+    /// Whether image `i` is cropped around its face (a new scale and crop each epoch).
+    pub fn face_crop(&self, i: usize) -> bool {
+        self.faces.get(i).is_some_and(Option::is_some)
+    }
+
     /// Whether image `i` may be flipped.
     pub fn flip_aug(&self, i: usize) -> bool {
         self.subsets[self.images[i].subset].config.flip_aug
@@ -478,16 +497,18 @@ impl Dataset {
                     false => self.epoch_caption(&transform, img, epoch, u64::MAX, &mut rng),
                 };
                 let flip = subset.config.flip_aug && rng.random::<bool>();
-                let crop = if subset.config.random_crop {
-                    crop_offset(a.resized, a.bucket, Some(&mut rng))
-                } else {
-                    crop_offset::<ChaCha8Rng>(a.resized, a.bucket, None)
+                let face = self.faces[i].zip(subset.config.face_crop_aug_range).filter(|_| (img.width, img.height) != a.bucket);
+                let (resized, crop) = match face {
+                    // Drawn where sd-scripts draws them, after the flip.
+                    Some((face, range)) => face_crop((img.width, img.height), a.bucket, face, range, subset.config.random_crop, &mut rng),
+                    None if subset.config.random_crop => (a.resized, crop_offset(a.resized, a.bucket, Some(&mut rng))),
+                    None => (a.resized, crop_offset::<ChaCha8Rng>(a.resized, a.bucket, None)),
                 };
                 by_bucket.entry(a.bucket).or_default().push(SamplePlan {
                     image: i,
                     caption,
                     bucket: a.bucket,
-                    resized: a.resized,
+                    resized,
                     crop,
                     flip,
                     color: None,
@@ -542,6 +563,18 @@ impl Dataset {
         }
         caption
     }
+}
+
+/// Each image's face box (from its file name) where its subset has `face_crop_aug_range`
+/// and there are no buckets, which alone crop around faces (sd-scripts' rule).
+fn faces(config: &DatasetConfig, subsets: &[ResolvedSubset], images: &[ImageRecord]) -> Result<Vec<Option<FaceBox>>> {
+    images
+        .iter()
+        .map(|img| match (&img.source, subsets[img.subset].config.face_crop_aug_range) {
+            (crate::scan::ImageSource::File(path), Some(_)) if !config.enable_bucket => face_in_name(path),
+            _ => Ok(None),
+        })
+        .collect()
 }
 
 /// Per-image repeats. Regularization images are repeated (round-robin, one extra repeat at a

@@ -9,7 +9,6 @@ use crate::error::{DataError, Result};
 
 /// sd-scripts options this crate does not implement, with what to do instead.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("face_crop_aug_range", "face-crop augmentation is not supported"),
     ("custom_attributes", "custom attributes are not supported"),
     ("resize_interpolation", "images are always resized with Lanczos"),
     ("cache_info", "the image scan is not cached"),
@@ -64,7 +63,7 @@ impl DatasetConfig {
     /// its command line). The datasets must agree on the dataset options (resolution,
     /// buckets, batch size): they become one [`DatasetConfig`] with all their subsets.
     /// Fine-tuning subsets (`metadata_file`) are read as [`SubsetConfig::metadata_file`].
-    /// Options sd-scripts has and this crate does not (`face_crop_aug_range`, ...) are
+    /// Options sd-scripts has and this crate does not (`custom_attributes`, ...) are
     /// errors naming the option.
     ///
     /// ```

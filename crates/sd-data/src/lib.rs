@@ -39,6 +39,7 @@ mod config;
 mod dataset;
 pub mod demo;
 mod error;
+pub mod face;
 pub mod image_io;
 mod kohya_config;
 mod loader;

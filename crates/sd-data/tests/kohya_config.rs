@@ -106,7 +106,11 @@ fn datasets_must_agree_on_dataset_options() {
 fn bad_files_are_errors_naming_the_key() {
     let subset = |extra: &str| format!("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  {extra}\n");
     let cases = [
-        (subset("face_crop_aug_range = [2.0, 4.0]"), "`datasets[0].subsets[0].face_crop_aug_range` (sd-scripts' option) is not supported"),
+        (subset("custom_attributes = { a = 1 }"), "`datasets[0].subsets[0].custom_attributes` (sd-scripts' option) is not supported"),
+        // sd-scripts crops around faces only without buckets.
+        (subset("face_crop_aug_range = [2.0, 4.0]"), "`datasets[0].subsets[0].face_crop_aug_range` needs enable_bucket = false"),
+        ("[general]\nenable_bucket = false\n".to_string() + &subset("face_crop_aug_range = [4.0, 2.0]"), "`datasets[0].subsets[0].face_crop_aug_range` must be two positive numbers"),
+        (subset("face_crop_aug_range = [2.0]"), "`datasets[0].subsets[0].face_crop_aug_range` has the wrong type"),
         (subset("color_aug = \"yes\""), "`datasets[0].subsets[0].color_aug` has the wrong type"),
         (subset("token_warmup_step = -1"), "`datasets[0].subsets[0].token_warmup_step` must be"),
         (subset("metadata_file = \"meta.json\""), "meta.json does not exist"),

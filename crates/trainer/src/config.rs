@@ -57,6 +57,13 @@ pub struct DataSection {
     pub flip_aug: bool,
     /// Crop at a random offset instead of the centre.
     pub random_crop: bool,
+    /// kohya's `face_crop_aug_range = [lo, hi]` (unset: off), without buckets
+    /// (`enable_bucket = false`): images named `name_cx_cy_w_h.png` by their face's box are
+    /// scaled so the face's larger side is `1/hi` to `1/lo` of the resolution's shorter
+    /// side and cropped around it ([`sd_data::SubsetConfig::face_crop_aug_range`]); their
+    /// latents are encoded anew each time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub face_crop_aug_range: Option<[f64; 2]>,
     /// kohya's `color_aug`: a third of the samples get a small hue rotation or gamma
     /// ([`sd_data::image_io::ColorAug`]); their latents are encoded anew each time.
     pub color_aug: bool,
@@ -179,8 +186,9 @@ pub struct LoraSection {
     /// LoKr: `w1` takes the output side's larger factor (LyCORIS'
     /// `unbalanced_factorization`).
     pub lokr_unbalanced_factorization: bool,
-    /// LoHa and LoKr: Tucker-decompose the adapters of convolutions with a kernel larger
-    /// than 1x1 (LyCORIS' `use_tucker`; [`lora_core::LoraConfig::use_tucker`]).
+    /// Tucker-decompose the adapters of convolutions with a kernel larger than 1x1
+    /// (LyCORIS' `use_tucker`; [`lora_core::LoraConfig::use_tucker`]): LoHa's and LoKr's
+    /// halves, a LoRA's (LoCon's) `down` as a 1x1 `down` and a core `lora_mid`.
     pub use_tucker: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
@@ -1193,6 +1201,7 @@ impl Default for TrainConfig {
                 skip_bad_images: false,
                 flip_aug: false,
                 random_crop: false,
+                face_crop_aug_range: None,
                 color_aug: false,
                 alpha_mask: false,
                 mask_dir: String::new(),
@@ -1655,6 +1664,22 @@ impl TrainConfig {
         if self.data.alpha_mask && !self.data.mask_dir.is_empty() {
             return bad("data.alpha_mask and data.mask_dir both give loss masks; set one of them");
         }
+        if let Some([lo, hi]) = self.data.face_crop_aug_range {
+            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+                return bad(&format!("data.face_crop_aug_range must be two positive numbers [lo, hi] with lo <= hi (a face of 1/hi to 1/lo of the resolution's shorter side), got [{lo}, {hi}]"));
+            }
+            let kohya_dataset = Path::new(&self.data.dataset_config).extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+            if !self.data.dataset_config.is_empty() && !kohya_dataset {
+                return bad("data.face_crop_aug_range does not reach the subsets of a .json data.dataset_config: set `face_crop_aug_range` on them");
+            }
+            // A kohya dataset config sets its own enable_bucket (checked with its subsets).
+            if self.data.enable_bucket && !kohya_dataset {
+                return bad("data.face_crop_aug_range needs data.enable_bucket = false: faces are cropped around only without buckets (sd-scripts ignores the option with them)");
+            }
+            if self.data.train_data_dir == "demo" && self.data.dataset_config.is_empty() {
+                return bad("data.face_crop_aug_range crops around faces named in image file names (`name_cx_cy_w_h.png`); the demo images have none");
+            }
+        }
         if !self.data.mask_dir.is_empty() && (self.data.train_data_dir == "demo" || !self.data.dataset_config.is_empty()) {
             return bad("data.mask_dir needs data.train_data_dir to be an image folder (with data.dataset_config, set `mask_dir` on its subsets)");
         }
@@ -1788,9 +1813,6 @@ impl TrainConfig {
             return bad(format!("lora.lokr_factor, lora.lokr_decompose_both, lora.lokr_full_matrix and lora.lokr_unbalanced_factorization are LoKr's; lora.algo is \"{algo}\""));
         }
         if !l.algo.is_lycoris() {
-            if l.use_tucker {
-                return bad(format!("lora.use_tucker Tucker-decomposes LoHa's and LoKr's convolutions; lora.algo is \"{algo}\" (a LoCon's Tucker form, `lora_mid`, is not trained here)"));
-            }
             return Ok(());
         }
         for (key, p) in [("lora.dropout", l.dropout), ("lora.network_dropout", l.network_dropout), ("lora.rank_dropout", l.rank_dropout)] {

@@ -7,8 +7,8 @@
 //! weighting, a `constant` schedule, buckets off, rank 4 with alpha 1, text-encoder adapters
 //! unless `network_train_unet_only`, ...). Options that change only speed, memory or logging
 //! are listed in one note; options that would train differently and have no counterpart
-//! here (another network module, an optimizer or scheduler this trainer lacks, face-crop
-//! augmentation, ...) are errors naming the option; unknown options are errors with the
+//! here (another network module, an optimizer or scheduler this trainer lacks, custom
+//! dataset classes, ...) are errors naming the option; unknown options are errors with the
 //! nearest known name.
 //!
 //! ```
@@ -157,7 +157,6 @@ const NO_EFFECT: &[&str] = &[
 /// Options with no counterpart here, and why; they are errors unless left at sd-scripts'
 /// default (an empty or zero value, or `false`).
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("face_crop_aug_range", "face-crop augmentation is not supported"),
     ("dataset_class", "custom dataset classes are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
     ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights"),
@@ -174,6 +173,23 @@ const NOTED: &[(&str, &str)] = &[
     ("validate_every_n_epochs", "the validation loss is measured every output.validate_every_n_steps steps and at the end"),
     ("validation_seed", "the held-out images are chosen by the training seed, so they may differ from sd-scripts'"),
 ];
+
+/// `face_crop_aug_range` as sd-scripts reads it, `"lo,hi"` (a list of two numbers too):
+/// two numbers with `lo <= hi`.
+fn face_crop_range(o: &mut Options) -> Result<Option<[f64; 2]>, TrainError> {
+    let key = "face_crop_aug_range";
+    let numbers: Vec<f64> = match o.take(key) {
+        None => return Ok(None),
+        Some(toml::Value::String(s)) if s.trim().is_empty() => return Ok(None),
+        Some(toml::Value::String(s)) => s.split(',').map(|p| p.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|_| o.err(key, format!("= \"{s}\": expected two numbers \"lo,hi\"")))?,
+        Some(toml::Value::Array(items)) => items.iter().map(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64))).collect::<Option<_>>().ok_or_else(|| o.err(key, "must be two numbers \"lo,hi\""))?,
+        Some(other) => return Err(o.err(key, format!("= {other}: expected two numbers \"lo,hi\""))),
+    };
+    match numbers.as_slice() {
+        &[lo, hi] if lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi => Ok(Some([lo, hi])),
+        _ => Err(o.err(key, format!("= {numbers:?}: expected two positive numbers \"lo,hi\" with lo <= hi"))),
+    }
+}
 
 /// sd-scripts' sampler names as this trainer names them.
 fn sampler_name(kohya: &str, notes: &mut Vec<String>) -> String {
@@ -599,6 +615,14 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     d.random_crop = o.flag("random_crop")?;
     d.color_aug = o.flag("color_aug")?;
     d.enable_bucket = o.flag("enable_bucket")?;
+    if let Some(range) = face_crop_range(o)? {
+        // sd-scripts crops around faces only without buckets (a dataset config's subsets
+        // take the option as their default, with the file's own enable_bucket).
+        match d.enable_bucket && d.dataset_config.is_empty() {
+            true => notes.push("face_crop_aug_range with enable_bucket: sd-scripts crops around faces only without buckets and ignores it, and so does this config".into()),
+            false => d.face_crop_aug_range = Some(range),
+        }
+    }
     d.min_bucket_reso = o.count("min_bucket_reso")?.unwrap_or(256) as u32;
     d.max_bucket_reso = o.count("max_bucket_reso")?.unwrap_or(1024) as u32;
     d.bucket_reso_steps = o.count("bucket_reso_steps")?.unwrap_or(64) as u32;
@@ -782,9 +806,8 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 /// reads them: `algo` (lora / locon, loha or lokr), `preset`, `conv_dim` / `conv_alpha`
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
 /// `module_dropout`, `rs_lora`, DoRA (`dora_wd`) for LoRA, and Tucker convolutions
-/// (`use_tucker`) for LoHa and LoKr. What LyCORIS trains differently here (its rank
-/// dropout, LoCon's Tucker convolutions, `use_scalar`, norm layers, ...) is an error
-/// naming it.
+/// (`use_tucker`). What LyCORIS trains differently here (its rank dropout, `use_scalar`,
+/// norm layers, ...) is an error naming it.
 fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
     let args = key_values(args, "network_args", &o.origin)?;
     let mut algo = "lora".to_string();
@@ -851,9 +874,6 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
     };
     if lycoris_tucker(&args) {
-        if !l.algo.is_lycoris() {
-            return Err(o.err("network_args", format!("use_tucker / use_cp (as LyCORIS reads them) ask for Tucker-decomposed convolutions, which are trained here for loha and lokr, not for `algo={algo}` (LoCon's `lora_mid`); set them to False")));
-        }
         l.use_tucker = true;
         if args.iter().any(|(k, v)| k == "disable_conv_cp" && python_truthy(v)) {
             notes.push("network_args `disable_conv_cp`: LyCORIS takes its value as `use_tucker` (a deprecated name), so a true value turns Tucker convolutions on; lora.use_tucker = true trains the same".into());
@@ -2143,6 +2163,20 @@ wandb_run_name = "my_style"
         assert!(e.contains("data.token_warmup_step"), "{e}");
     }
 
+    /// `face_crop_aug_range` ("lo,hi") without buckets; ignored with buckets (a note), as
+    /// sd-scripts ignores it; a bad range is an error naming the option.
+    #[test]
+    fn face_crop_aug_range_maps() {
+        let c = import(&format!("{MINIMAL}face_crop_aug_range = \"2.0,4.0\"")).unwrap().config;
+        assert_eq!(c.data.face_crop_aug_range, Some([2.0, 4.0]));
+        let i = import(&format!("{MINIMAL}face_crop_aug_range = \"2,4\"\nenable_bucket = true")).unwrap();
+        assert!(i.config.data.face_crop_aug_range.is_none() && i.notes.iter().any(|n| n.contains("face_crop_aug_range")), "{:?}", i.notes);
+        for bad in ["\"4.0,2.0\"", "\"2.0\"", "\"a,b\"", "true"] {
+            let e = error(&format!("{MINIMAL}face_crop_aug_range = {bad}"));
+            assert!(e.contains("`face_crop_aug_range`"), "{bad}: {e}");
+        }
+    }
+
     /// transformers' newer schedules with the options sd-scripts passes them, and the
     /// options they need.
     #[test]
@@ -2250,9 +2284,9 @@ wandb_run_name = "my_style"
         // with use_cp's "False", and trains no Tucker convolutions.
         let c = import(&format!("{base}network_args = [\"algo=lokr\", \"use_tucker=True\", \"use_cp=False\", \"factor=0\", \"decompose_both=\"]")).unwrap().config;
         assert_eq!((c.lora.lokr_factor, c.lora.lokr_decompose_both, c.lora.use_tucker), (1, false, false), "factor 0 splits as 1; an empty string is false");
-        // Tucker convolutions for LoHa and LoKr, also by LyCORIS' older names (an empty
+        // Tucker convolutions for LoHa, LoKr and LoCon, also by LyCORIS' older names (an empty
         // `disable_conv_cp` is false, `not` it true).
-        for args in ["\"algo=loha\", \"use_tucker=True\"", "\"algo=lokr\", \"use_cp=True\"", "\"algo=loha\", \"disable_conv_cp=\"", "\"algo=loha\", \"disable_conv_cp=True\""] {
+        for args in ["\"algo=loha\", \"use_tucker=True\"", "\"algo=lokr\", \"use_cp=True\"", "\"algo=loha\", \"disable_conv_cp=\"", "\"algo=loha\", \"disable_conv_cp=True\"", "\"algo=locon\", \"use_tucker=True\"", "\"use_conv_cp=True\""] {
             let i = import(&format!("{base}network_args = [{args}]")).unwrap();
             assert!(i.config.lora.use_tucker, "{args}");
             assert_eq!(i.notes.iter().any(|n| n.contains("disable_conv_cp")), args.contains("disable_conv_cp=True"), "{args}: {:?}", i.notes);
@@ -2321,7 +2355,6 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"use_tucker=True\"]", "not for `algo=locon` (LoCon's `lora_mid`)"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1`: LyCORIS' rank dropout"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"dora_wd=True\"]", "DoRA is trained here for LoRA only"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),

@@ -242,6 +242,8 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         // The data set's own: a dataset_config file's subsets set them too.
         ("ss_flip_aug", py_bool((0..dataset.images().len()).any(|i| dataset.flip_aug(i)))),
         ("ss_random_crop", py_bool(dataset.has_random_crop())),
+        // sd-scripts writes the option as Python prints its tuple.
+        ("ss_face_crop_aug_range", d.face_crop_aug_range.map_or("None".into(), |[lo, hi]| format!("({lo:?}, {hi:?})"))),
         ("ss_color_aug", py_bool(dataset.has_color_aug())),
         ("ss_shuffle_caption", py_bool(d.shuffle_caption)),
         ("ss_keep_tokens", d.keep_tokens.to_string()),
@@ -341,7 +343,7 @@ fn network_args(l: &crate::config::LoraSection) -> Option<String> {
         }
     }
     // LyCORIS' arguments (`algo` itself the kohya writer adds from the adapters).
-    if l.algo.is_lycoris() && l.use_tucker {
+    if l.use_tucker {
         args.insert("use_tucker".into(), "True".into());
     }
     if l.algo == lora_core::Algo::Lokr {

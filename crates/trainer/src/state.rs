@@ -45,7 +45,8 @@ impl<B: Backend> AdapterParam<B> {
 }
 
 /// The adapters' trainable tensors of `model`, keyed `<prefix>.<module path>.down|up`
-/// (and `.magnitude` for DoRA; a LyCORIS adapter's by factor, `.hada_w1_a` etc.).
+/// (and `.magnitude` for DoRA, `.mid` for a LoCon's Tucker core; a LyCORIS adapter's by
+/// factor, `.hada_w1_a` etc.).
 pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -> Vec<(String, AdapterParam<B>)> {
     let mut out = Vec::new();
     model.visit_lora_sites(&mut |path, site| {
@@ -59,7 +60,7 @@ pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -
     out
 }
 
-/// A LoRA adapter's trainable tensors, keyed `<key>.down|up|magnitude`.
+/// A LoRA adapter's trainable tensors, keyed `<key>.down|up|magnitude|mid`.
 fn lora_params<B: Backend>(site: LoraSiteMut<'_, B>, key: &str, out: &mut Vec<(String, AdapterParam<B>)>) {
     let dot = |name: &str| format!("{key}.{name}");
     match site {
@@ -78,6 +79,9 @@ fn lora_params<B: Backend>(site: LoraSiteMut<'_, B>, key: &str, out: &mut Vec<(S
                 out.push((dot("up"), AdapterParam::Kernel(a.up.weight.id, a.up.weight.val())));
                 if let Some(m) = &a.magnitude {
                     out.push((dot("magnitude"), AdapterParam::Vector(m.id, m.val())));
+                }
+                if let Some(mid) = &a.mid {
+                    out.push((dot("mid"), AdapterParam::Kernel(mid.weight.id, mid.weight.val())));
                 }
             }
         }
@@ -143,6 +147,10 @@ fn restore_site<B: Backend>(mut site: LoraSiteMut<'_, B>, key: &str, saved: &Has
             let Some(a) = c.adapter.as_mut() else { return Ok(0) };
             a.down.weight = Param::from_tensor(upload::<B, 4>(&down, saved_tensor(saved, &down)?, a.down.weight.dims(), device)?);
             a.up.weight = Param::from_tensor(upload::<B, 4>(&up, saved_tensor(saved, &up)?, a.up.weight.dims(), device)?);
+            if let Some(mid) = a.mid.as_mut() {
+                let key = format!("{key}.mid");
+                mid.weight = Param::from_tensor(upload::<B, 4>(&key, saved_tensor(saved, &key)?, mid.weight.dims(), device)?);
+            }
             a.magnitude.as_mut()
         }
     };

@@ -248,6 +248,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         token_warmup_step: d.token_warmup_step,
         flip_aug: d.flip_aug,
         random_crop: d.random_crop,
+        face_crop_aug_range: d.face_crop_aug_range,
         color_aug: d.color_aug,
         alpha_mask: d.alpha_mask,
         // Masks are for the training images; regularization images train whole.
@@ -553,6 +554,10 @@ fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: i
             if let Some(magnitude) = site.magnitude_param_id() {
                 factors.insert(magnitude, factor as f32);
             }
+            // A Tucker core is a part of `down` (LoRA+ speeds up `up` alone).
+            if let Some(mid) = site.tucker_param_id() {
+                factors.insert(mid, factor as f32);
+            }
         }
     });
     factors
@@ -577,6 +582,9 @@ fn param_groups<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block:
             groups.insert(down, number((at, false)));
             if let Some(magnitude) = site.magnitude_param_id() {
                 groups.insert(magnitude, number((at, false)));
+            }
+            if let Some(mid) = site.tucker_param_id() {
+                groups.insert(mid, number((at, false)));
             }
             groups.insert(up, number((at, plus)));
         }
@@ -1911,8 +1919,8 @@ struct EncodeCache<B: burn::tensor::backend::Backend> {
 /// Captions whose text conditioning [`EncodeCache`] keeps at least (beyond one per image).
 const EMBEDDING_CACHE_LIMIT: usize = 1024;
 
-/// Image index, bucket, crop and flip: what fixes a sample's pixels.
-type SampleKey = (usize, (u32, u32), (u32, u32), bool);
+/// Image index, bucket, resized size, crop and flip: what fixes a sample's pixels.
+type SampleKey = (usize, (u32, u32), (u32, u32), (u32, u32), bool);
 
 /// What the loss of a batch needs besides the model: the posterior, the text conditioning
 /// (when cached), the loss weights and the loss masks `[n, 1, h, w]` (when the data has
@@ -1944,9 +1952,12 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         with_embeddings: bool,
         device: &B::Device,
     ) -> Result<EncodedBatch<B>, TrainError> {
-        let key = |s: &sd_data::SamplePlan| (s.image, s.bucket, s.crop, s.flip);
-        // A colour-changed sample (`color_aug`) is new each time: encoded, never kept.
-        let cached = |cache: &Self, s: &sd_data::SamplePlan| s.color.is_none() && cache.posteriors.contains_key(&key(s));
+        let key = |s: &sd_data::SamplePlan| (s.image, s.bucket, s.resized, s.crop, s.flip);
+        // A colour-changed sample (`color_aug`) or one cropped around its face (a new scale
+        // and crop each epoch) is new each time: encoded, never kept.
+        let once = |s: &sd_data::SamplePlan| s.color.is_some() || dataset.face_crop(s.image);
+        let cached = |cache: &Self, s: &sd_data::SamplePlan| !once(s) && cache.posteriors.contains_key(&key(s));
+        let mut fresh_masks = vec![None; plan.samples.len()];
         let mut fresh = vec![None; plan.samples.len()];
         // Each sample is encoded on its own: results then do not depend on which batch a
         // sample first appeared in, which keeps resumed runs bit-identical.
@@ -1960,11 +1971,15 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
                 let posterior = c.vae.encode(pixels.clone().slice(i..i + 1))?;
                 let [_, _, h, w] = posterior.mean.dims();
                 if let Some(mask) = batch.mask_at(i, (h, w)) {
-                    self.masks.insert(key(s), mask?.to_tensor(device)?);
+                    let mask = mask?.to_tensor(device)?;
+                    match once(s) {
+                        true => fresh_masks[i] = Some(mask),
+                        false => drop(self.masks.insert(key(s), mask)),
+                    }
                 }
-                match s.color {
-                    Some(_) => fresh[i] = Some((posterior.mean, posterior.logvar)),
-                    None => drop(self.posteriors.insert(key(s), (posterior.mean, posterior.logvar))),
+                match once(s) {
+                    true => fresh[i] = Some((posterior.mean, posterior.logvar)),
+                    false => drop(self.posteriors.insert(key(s), (posterior.mean, posterior.logvar))),
                 }
             }
         }
@@ -1993,7 +2008,8 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         };
         let loss_weights = plan.samples.iter().map(|s| s.loss_weight).collect();
         let context = with_embeddings.then(|| TextConditioning::cat(contexts));
-        let masks = dataset.has_masks().then(|| Tensor::cat(plan.samples.iter().map(|s| self.masks[&key(s)].clone()).collect(), 0));
+        let mask = |(s, fresh): (&sd_data::SamplePlan, Option<Tensor<B, 4>>)| fresh.unwrap_or_else(|| self.masks[&key(s)].clone());
+        let masks = dataset.has_masks().then(|| Tensor::cat(plan.samples.iter().zip(fresh_masks).map(mask).collect(), 0));
         Ok(EncodedBatch { posterior, context, loss_weights, masks })
     }
 }

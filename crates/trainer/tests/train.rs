@@ -660,6 +660,72 @@ fn write_image(dir: &std::path::Path, name: &str, caption: &str, shade: u8) {
     std::fs::write(dir.join(format!("{name}.txt")), caption).unwrap();
 }
 
+/// `data.face_crop_aug_range` (kohya's), without buckets: an image named by its face's box
+/// is scaled anew each epoch so that the face's larger side is `1/hi` to `1/lo` of the
+/// resolution (never enlarged) and cropped around the face, other images crop as usual;
+/// the run trains (with loss masks, encoded per sample) and records the range; with
+/// buckets, on the demo data, or with a bad range it is a config error, and a name of five
+/// parts that is no face box is an error naming the file.
+#[test]
+fn face_crop_scales_and_crops_around_named_faces() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("faces");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, shade) in [("alice_120_40_40_48", 30u8), ("plain", 200)] {
+        let img = image::RgbImage::from_fn(160, 128, |x, y| image::Rgb([shade, x as u8, y as u8]));
+        img.save(dir.join(format!("{name}.png"))).unwrap();
+        std::fs::write(dir.join(format!("{name}.txt")), "a face").unwrap();
+    }
+    let mut config = quick_config(&root.path().join("out"), 3);
+    config.data.train_data_dir = dir.display().to_string();
+    config.data.enable_bucket = false;
+    config.data.face_crop_aug_range = Some([1.0, 2.0]);
+    config.data.alpha_mask = true;
+    config.train.train_batch_size = 2;
+    config.output.sample_prompts.clear();
+    let dataset = trainer::train::open_dataset(&config).unwrap();
+    assert!(dataset.has_face_crop());
+    let mut scales = std::collections::BTreeSet::new();
+    for epoch in 0..8 {
+        for s in dataset.plan_epoch(epoch).iter().flat_map(|b| b.samples.iter()) {
+            let face = dataset.image_path(s.image).to_string_lossy().contains("alice");
+            assert_eq!(dataset.face_crop(s.image), face);
+            if !face {
+                assert_eq!((s.resized, s.crop), ((80, 64), (8, 0)), "the usual centre crop");
+                continue;
+            }
+            // The face's 48 px become 32 to 64: a scale of 2/3 to 1 (never above).
+            let scale = f64::from(s.resized.0) / 160.0;
+            assert!((0.66..=1.001).contains(&scale), "{s:?}");
+            // Centred on the face where the borders allow, moved by at most 48/20 px.
+            let (cx, cy) = (120.0 * scale, 40.0 * scale);
+            let want = ((cx - 32.0).clamp(0.0, f64::from(s.resized.0) - 64.0), (cy - 32.0).clamp(0.0, f64::from(s.resized.1) - 64.0));
+            assert!((f64::from(s.crop.0) - want.0).abs() <= 4.0 && (f64::from(s.crop.1) - want.1).abs() <= 4.0, "{s:?} vs {want:?}");
+            scales.insert(s.resized.0);
+        }
+    }
+    assert!(scales.len() > 2, "a new scale each epoch: {scales:?}");
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert!(report.losses.len() == 3 && report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+    assert_eq!(lora_metadata(&report.lora)["ss_face_crop_aug_range"], "(1.0, 2.0)");
+
+    for (edit, expect) in [
+        (&(|c: &mut TrainConfig| c.data.enable_bucket = true) as &dyn Fn(&mut TrainConfig), "data.enable_bucket = false"),
+        (&|c: &mut TrainConfig| c.data.train_data_dir = "demo".into(), "demo"),
+        (&|c: &mut TrainConfig| c.data.face_crop_aug_range = Some([2.0, 1.0]), "lo <= hi"),
+    ] {
+        let mut c = config.clone();
+        edit(&mut c);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("data.face_crop_aug_range") && err.contains(expect), "{expect}: {err}");
+    }
+    image::RgbImage::new(64, 64).save(dir.join("x_a_b_c_d.png")).unwrap();
+    std::fs::write(dir.join("x_a_b_c_d.txt"), "no face").unwrap();
+    let err = trainer::train::open_dataset(&config).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("x_a_b_c_d.png") && err.contains("_cx_cy_w_h"), "{err}");
+}
+
 #[test]
 fn kohya_folders_repeats_regularization_and_caption_options() {
     let root = tempfile::tempdir().unwrap();
@@ -849,9 +915,9 @@ fn kohya_dataset_config_toml_trains_on_its_subsets() {
     let Err(err) = trainer::train::open_dataset(&config) else { panic!("batch sizes that differ must be an error") };
     assert!(err.to_string().contains("batch_size = 2") && err.to_string().contains("train.train_batch_size"), "{err}");
     // sd-scripts options this trainer lacks are named.
-    std::fs::write(&toml, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"x\"\n  face_crop_aug_range = [2.0, 4.0]\n").unwrap();
-    let Err(err) = trainer::train::open_dataset(&config) else { panic!("face_crop_aug_range must be refused") };
-    assert!(err.to_string().contains("dataset.toml") && err.to_string().contains("datasets[0].subsets[0].face_crop_aug_range"), "{err}");
+    std::fs::write(&toml, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"x\"\n  custom_attributes = { a = 1 }\n").unwrap();
+    let Err(err) = trainer::train::open_dataset(&config) else { panic!("custom_attributes must be refused") };
+    assert!(err.to_string().contains("dataset.toml") && err.to_string().contains("datasets[0].subsets[0].custom_attributes"), "{err}");
 
     // A JSON config replaces the default demo data as well.
     let json = root.path().join("dataset.json");
@@ -2206,6 +2272,66 @@ fn loha_and_lokr_train_resume_and_apply() {
     }
 }
 
+/// `lora.use_tucker` with a LoRA (LyCORIS' LoCon with `use_tucker`): the 3x3
+/// convolutions' adapters (only those) are saved as LyCORIS saves them, `lora_down` 1x1,
+/// `lora_mid` and `lora_up`, with `lycoris.kohya` and `use_tucker` in the metadata; every
+/// one trains; a stopped run resumes bit for bit (max-norm on, LoRA+ on); the file
+/// continues training as `network_weights`, not into adapters without cores; it applies at
+/// a strength in generation, merged as attached.
+#[test]
+fn locon_tucker_trains_resumes_and_continues() {
+    let _guard = seeded();
+    let tucker_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.use_tucker = true;
+        c.train.scale_weight_norms = 0.05;
+        c.lora.loraplus_lr_ratio = 4.0;
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+        (c.lora.conv_rank, c.lora.conv_alpha) = (2, 1.0);
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&tucker_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    let mut cores = 0;
+    for (key, w) in set.iter() {
+        let spatial = w.is_conv() && w.down.shape[2..] == [3, 3];
+        let core = w.lycoris.as_ref().filter(|l| l.is_tucker_locon()).and_then(|l| l.get("lora_mid.weight"));
+        assert_eq!(core.map(|t| t.shape.clone()), spatial.then(|| vec![2, 2, 3, 3]), "{key}");
+        cores += usize::from(core.is_some());
+        assert!(w.delta().data.iter().any(|v| *v != 0.0), "{key} did not train");
+    }
+    assert!(cores > 0 && set.len() > cores, "cores on the 3x3 convolutions only");
+    let meta = lora_metadata(&straight.lora);
+    assert_eq!(meta["ss_network_module"], "lycoris.kohya");
+    let args = &meta["ss_network_args"];
+    assert!(args.contains("\"algo\":\"lora\"") && args.contains("\"use_tucker\":\"True\"") && args.contains("\"conv_dim\":\"2\""), "{args}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = tucker_config(dir.path(), 6);
+    train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
+    let resumed = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&resumed.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &resumed.lora);
+    let mut plain = tucker_config(dir.path(), 8);
+    plain.lora.use_tucker = false;
+    let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("use_tucker"), "{err}");
+
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = tucker_config(more_dir.path(), 2);
+    more.lora.network_weights = straight.lora.display().to_string();
+    let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
+    assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+    more.lora.use_tucker = false;
+    let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("use_tucker"), "{err}");
+
+    assert_applies_at_half_strength(&straight.lora, "the Tucker LoCon");
+}
+
 /// LoKr's `full_matrix` and `unbalanced_factorization`: the saved halves take the shapes
 /// LyCORIS gives them (checked against LyCORIS in lora-core), both train, and the
 /// metadata names the settings.
@@ -2246,7 +2372,7 @@ fn lycoris_config_errors_name_the_key() {
         c
     };
     type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
-    let cases: [(Edit, &str); 10] = [
+    let cases: [(Edit, &str); 9] = [
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
         (&|c| c.lora.lokr_full_matrix = true, "lora.lokr_full_matrix"),
         (&|c| c.lora.lokr_unbalanced_factorization = true, "lora.lokr_unbalanced_factorization"),
@@ -2256,7 +2382,6 @@ fn lycoris_config_errors_name_the_key() {
         (&|c| c.lora.lokr_factor = 4, "lora.lokr_factor"),
         (&|c| c.output.save_format = AdapterFormat::Peft, "output.save_format"),
         (&|c| (c.lora.algo, c.lora.lokr_factor) = (lora_core::Algo::Lora, 4), "lora.lokr_factor"),
-        (&|c| (c.lora.algo, c.lora.use_tucker) = (lora_core::Algo::Lora, true), "lora.use_tucker"),
     ];
     for (edit, expect) in cases {
         let mut c = base();

@@ -14,7 +14,8 @@ const SUFFIXES: &[(&str, Role)] = &[
     // DoRA's magnitude, as LyCORIS writes it (with `wd_on_out`, its default; read by
     // ComfyUI and Forge).
     (".dora_scale", Role::Magnitude),
-    // LoCon's Tucker core (LyCORIS' `use_tucker` for a convolution), folded into `lora_down`.
+    // LoCon's Tucker core (LyCORIS' `use_tucker` for a convolution): kept with its
+    // `lora_down` / `lora_up` in `LoraWeights::lycoris`, folded into `lora_down` beside.
     (".lora_mid.weight", Role::Mid),
 ];
 
@@ -99,7 +100,7 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         Some(l) => {
             meta.insert("ss_network_module".into(), "lycoris.kohya".into());
             args.insert("algo".into(), l.algo.name().into());
-            let tucker = |l: &crate::LycorisWeights| l.tensors.iter().any(|(n, _)| matches!(n.as_str(), "hada_t1" | "hada_t2" | "lokr_t2"));
+            let tucker = |l: &crate::LycorisWeights| l.tensors.iter().any(|(n, _)| matches!(n.as_str(), "hada_t1" | "hada_t2" | "lokr_t2" | "lora_mid.weight"));
             if set.iter().filter_map(|(_, w)| w.lycoris.as_ref()).any(tucker) {
                 args.insert("use_tucker".into(), "True".into());
             }

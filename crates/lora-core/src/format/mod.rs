@@ -154,25 +154,29 @@ fn finish(parts: Parts, name: &str, path: &Path, missing: (&str, &str), format: 
         key: name.to_string(),
         reason,
     };
+    let rank = down.shape.first().copied().unwrap_or(0) as f32;
+    let alpha = parts.alpha.unwrap_or(rank);
     // LoCon's Tucker form: `lora_mid` folded into a `lora_down` with the kernel, the
-    // convolution LoRA of the same update.
-    let down = match parts.mid {
+    // convolution LoRA of the same update, beside the file's own tensors (kept to train
+    // on and to write back as they were).
+    let (down, tucker) = match parts.mid {
         Some(mid) => {
             let folded = lycoris::tucker_core(&mid, &down).map_err(|e| bad(format!("`lora_mid`: {e}")))?;
             // `tucker_core` checked both: mid `[r, r, kh, kw]`, down `[r, in, 1, 1]`.
             let shape = vec![mid.shape[0], down.shape[1], mid.shape[2], mid.shape[3]];
-            HostTensor::new(shape, folded.data).map_err(|e| bad(format!("`lora_mid`: {e}")))?
+            let folded = HostTensor::new(shape, folded.data).map_err(|e| bad(format!("`lora_mid`: {e}")))?;
+            let tensors = vec![("lora_down.weight".to_string(), down), ("lora_mid.weight".to_string(), mid), ("lora_up.weight".to_string(), up.clone())];
+            (folded, Some(crate::LycorisWeights { algo: crate::Algo::Lora, tensors, alpha }))
         }
-        None => down,
+        None => (down, None),
     };
-    let rank = down.shape.first().copied().unwrap_or(0) as f32;
     let magnitude = parts.magnitude.map(|m| output_magnitude(m, up.shape.first().copied().unwrap_or(0), format)).transpose().map_err(bad)?;
     let weights = LoraWeights {
         down,
         up,
-        alpha: parts.alpha.unwrap_or(rank),
+        alpha,
         magnitude,
-        lycoris: None,
+        lycoris: tucker,
     };
     weights.validate(name).map_err(|e| bad(e.to_string()))?;
     Ok(weights)

@@ -15,7 +15,9 @@
 //! update is linear in every factor, so `ΔW` is multiplied by `ratio`, the share spread
 //! over the factors as kohya spreads it over `up` and `down`. (LyCORIS itself multiplies a
 //! separate scalar that it folds into `w1_a` when saving; the norms after scaling are the
-//! same, the later steps' sizes are not quite.)
+//! same, the later steps' sizes are not quite.) A LoCon with a Tucker core is one of those:
+//! its core folded into `down` gives the Gram matrix, and its three factors share the
+//! ratio.
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -69,6 +71,15 @@ pub enum NormFactors {
         /// `(name, parameter)` of each factor.
         factors: Vec<(&'static str, ParamId)>,
     },
+    /// A LoCon with a Tucker core ([`crate::Conv2dAdapter::mid`]).
+    LoconTucker {
+        /// `down`, `[rank, in, 1, 1]`.
+        down: ParamId,
+        /// The core, `[rank, rank, kh, kw]`.
+        mid: ParamId,
+        /// `up`, `[out, rank, 1, 1]`.
+        up: ParamId,
+    },
 }
 
 impl NormFactors {
@@ -77,6 +88,7 @@ impl NormFactors {
         match self {
             Self::Lora { down, up, .. } => vec![*down, *up],
             Self::Lycoris { factors, .. } => factors.iter().map(|(_, id)| *id).collect(),
+            Self::LoconTucker { down, mid, up } => vec![*down, *mid, *up],
         }
     }
 }
@@ -98,6 +110,12 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
                 None => return,
             },
             LoraSiteMut::Conv(c) => match &c.adapter {
+                Some(a) if a.mid.is_some() => {
+                    let mid = a.mid.as_ref().map(|m| m.weight.id).expect("a core");
+                    let factors = NormFactors::LoconTucker { down: a.down.weight.id, mid, up: a.up.weight.id };
+                    pairs.push(NormPair { path: path.to_owned(), factors, scale: a.scale });
+                    return;
+                }
                 Some(a) => (a.down.weight.id, a.up.weight.id, a.scale, RankAxis::First, RankAxis::Last),
                 None => return,
             },
@@ -184,6 +202,19 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                     (gram_down * gram_up).sum()
                 }
                 NormFactors::Lycoris { algo, factors } => self.lycoris_delta(*algo, factors, &pair.path)?.powi_scalar(2).sum(),
+                NormFactors::LoconTucker { down, mid, up } => {
+                    let (down, core) = (self.matrix(*down, &pair.path)?, self.matrix(*mid, &pair.path)?);
+                    if core.dims()[0] != down.dims()[0] || core.dims()[1] % down.dims()[0].max(1) != 0 {
+                        return Err(LoraError::Data(format!("`{}`: the Tucker core {:?} does not fit down {:?}", pair.path, core.dims(), down.dims())));
+                    }
+                    let folded = crate::lycoris::tucker_fold(core, down);
+                    let gram_down = folded.clone().matmul(folded.transpose());
+                    let gram_up = self.gram(*up, RankAxis::Last, &pair.path)?;
+                    if gram_down.dims() != gram_up.dims() {
+                        return Err(LoraError::Data(format!("`{}`: the down and up factors' ranks differ", pair.path)));
+                    }
+                    (gram_down * gram_up).sum()
+                }
             };
             squares.push(square.mul_scalar(pair.scale * pair.scale));
             exponents.push(1.0 / pair.factors.ids().len() as f32);
@@ -222,6 +253,14 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let factor = |name: &str| values.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone());
         let has = |name: &str| values.iter().any(|(n, _)| *n == name);
         crate::lycoris::unscaled_delta(algo, |name| crate::lycoris::plain_factor(name, has, factor)).map_err(|e| LoraError::Data(format!("`{path}`: {e}")))
+    }
+
+    /// One trained tensor's values as `[rows, rest]`, rows its first dimension.
+    fn matrix(&self, id: ParamId, path: &str) -> Result<Tensor<B::InnerBackend, 2>> {
+        let slot = self.slots.get(&id).ok_or_else(|| LoraError::Data(format!("`{path}`: an adapter tensor is not trained by this optimizer")))?;
+        let rows = slot.shape.first().copied().filter(|r| *r > 0 && slot.len.is_multiple_of(*r));
+        let rows = rows.ok_or_else(|| LoraError::Data(format!("`{path}`: adapter weight of shape {:?}", slot.shape)))?;
+        Ok(self.params.clone().slice(slot.offset..slot.offset + slot.len).reshape([rows, slot.len / rows]))
     }
 
     /// The `rank × rank` Gram matrix of one trained tensor viewed as a matrix.

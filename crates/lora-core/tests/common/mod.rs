@@ -117,3 +117,59 @@ pub fn f32_fixture(name: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         })
         .collect()
 }
+
+/// A fixture file's tensors and metadata (`tests/fixtures/<name>`), as the Python scripts
+/// in `xtask/fixtures` write them: per case, its settings as JSON in the metadata.
+pub struct Fixture {
+    /// The tensors by key.
+    pub tensors: HashMap<String, HostTensor>,
+    /// The metadata: each case's settings.
+    pub meta: HashMap<String, String>,
+}
+
+impl Fixture {
+    /// Reads `tests/fixtures/<name>`.
+    pub fn open(name: &str) -> Self {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        let bytes = std::fs::read(&path).unwrap();
+        let (st, meta) = lora_core::tensor_io::parse(&bytes, &path).unwrap();
+        let tensors = st.iter().map(|(k, v)| (k.to_string(), lora_core::tensor_io::decode(&v, k, &path).unwrap())).collect();
+        Self { tensors, meta }
+    }
+
+    /// Case `name`'s settings.
+    pub fn case<T: serde::de::DeserializeOwned>(&self, name: &str) -> T {
+        serde_json::from_str(&self.meta[name]).unwrap()
+    }
+
+    /// The tensor `key`.
+    pub fn host(&self, key: &str) -> &HostTensor {
+        self.tensors.get(key).unwrap_or_else(|| panic!("{key} in the fixture"))
+    }
+
+    /// The tensor `key` on a backend, in its shape.
+    pub fn tensor<Bk: burn::tensor::backend::Backend, const D: usize>(&self, key: &str) -> Tensor<Bk, D> {
+        let t = self.host(key);
+        Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), &Default::default())
+    }
+}
+
+/// The adapters of `model` (one site, `layer`) written in the kohya layout, checked to be
+/// the tensors `lora_unet_layer.<n>` of `names` in the shapes the fixture's case has
+/// (`<case>.<n>`), and an alpha: the bytes and the metadata.
+pub fn written_as_in_fixture<Bk: burn::tensor::backend::Backend>(model: &mut impl lora_core::sites::LoraSites<Bk>, f: &Fixture, case: &str, names: &[String]) -> (Vec<u8>, HashMap<String, String>) {
+    let mut set = lora_core::AdapterSet::new();
+    lora_core::sites::collect_adapters(model, &mut set).unwrap();
+    let bytes = set.to_bytes(lora_core::AdapterFormat::Kohya, lora_core::SaveDtype::F32).unwrap();
+    let (st, meta) = lora_core::tensor_io::parse(&bytes, std::path::Path::new("x")).unwrap();
+    let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+    keys.sort();
+    let mut want: Vec<String> = names.iter().map(|n| format!("lora_unet_layer.{n}")).chain(["lora_unet_layer.alpha".to_string()]).collect();
+    want.sort();
+    assert_eq!(keys, want, "{case}");
+    for n in names {
+        let shape = st.tensor(&format!("lora_unet_layer.{n}")).unwrap().shape().to_vec();
+        assert_eq!(shape, f.host(&format!("{case}.{n}")).shape, "{case}: {n} as LyCORIS stores it");
+    }
+    (bytes, meta)
+}
