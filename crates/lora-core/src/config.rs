@@ -111,7 +111,8 @@ pub struct LoraConfig {
     /// layer's weight becomes `m · (W + ΔW) / ‖W + ΔW‖` (the norm of each output's row).
     /// `m` starts at `‖W‖`, so a fresh adapter still leaves the output unchanged. It needs
     /// the base weight: it takes effect through [`crate::LoraLinear::attach_new`] and
-    /// [`crate::LoraConv2d::attach_new`].
+    /// [`crate::LoraConv2d::attach_new`]. With LoHa and LoKr it is LyCORIS'
+    /// `weight_decompose` (see [`crate::LycorisAdapter::update`]).
     #[serde(default)]
     pub dora: bool,
     /// The form of the update: LoRA (the default), or LyCORIS' LoHa or LoKr, trained as
@@ -297,9 +298,6 @@ impl LoraConfig {
                 if p > 0.0 {
                     return Err(LoraError::InvalidConfig(format!("{name} is not supported with {algo} (only module_dropout is)")));
                 }
-            }
-            if self.dora {
-                return Err(LoraError::InvalidConfig(format!("dora is not supported with {algo}")));
             }
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));

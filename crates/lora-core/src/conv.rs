@@ -420,7 +420,10 @@ impl<B: Backend> LoraConv2d<B> {
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
         if config.algo.is_lycoris() {
             check_base(&self.base, "<new>")?;
-            let adapter = LycorisAdapter::new(config, self.base.weight.dims(), true, device)?;
+            let mut adapter = LycorisAdapter::new(config, self.base.weight.dims(), true, device)?;
+            if config.dora {
+                adapter.magnitude = Some(Param::from_tensor(crate::lycoris::output_norms(self.base.weight.val()).to_device(device)));
+            }
             return self.attach_lycoris(adapter, "<new>");
         }
         let mut adapter = Conv2dAdapter::new(config, &self.base, device)?;
@@ -476,12 +479,13 @@ impl<B: Backend> LoraConv2d<B> {
     }
 
     /// Attaches an adapter read from a file: a LyCORIS LoHa or LoKr
-    /// ([`LoraWeights::lycoris`], without DoRA) as its own factors, anything else as a
-    /// LoRA (a Tucker LoCon with its core).
+    /// ([`LoraWeights::lycoris`]) as its own factors (with its DoRA magnitude, if any),
+    /// anything else as a LoRA (a Tucker LoCon with its core).
     pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        if let (Some(lycoris), None) = (weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris()), &weights.magnitude) {
+        if let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris()) {
             check_base(&self.base, key)?;
-            let adapter = LycorisAdapter::from_weights(lycoris, self.base.weight.dims(), true, key, device)?;
+            let mut adapter = LycorisAdapter::from_weights(lycoris, self.base.weight.dims(), true, key, device)?;
+            adapter.set_magnitude(weights.magnitude.as_ref(), key, device)?;
             return self.attach_lycoris(adapter, key);
         }
         let adapter = Conv2dAdapter::from_weights(weights, &self.base, key, device)?;
@@ -519,7 +523,12 @@ impl<B: Backend> LoraConv2d<B> {
             return;
         }
         if let Some(lycoris) = &self.lycoris {
-            self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<4>(self.multiplier), 1.0);
+            // With DoRA the kernel is not `W + ΔW`: the base is kept to restore exactly.
+            if lycoris.is_dora() {
+                self.merged_base = Some(self.base.weight.val());
+            }
+            let update = lycoris.update::<4>(self.multiplier, self.base.weight.val()).detach();
+            self.base.weight = fold_delta(self.base.weight.clone(), update, 1.0);
             self.merged = true;
         }
         if let Some(adapter) = &self.adapter {
@@ -618,11 +627,11 @@ impl<B: Backend> LoraConv2d<B> {
             if weight.dtype() != DType::F32 {
                 // As LyCORIS: the base convolution plus one with `k·ΔW`, so that the update
                 // keeps its own precision (`W + ΔW` in bf16 / f16 would round it to W's).
-                let delta = lycoris.forward_delta::<4>(self.multiplier, x.dtype(), &x.device());
+                let delta = lycoris.forward_delta::<4>(self.multiplier, x.dtype(), weight);
                 return base_op(x.clone(), addend) + conv_with_weight(&self.base, x, delta, false);
             }
             // An f32 base: one convolution with the updated kernel `W + k·ΔW`.
-            let delta = lycoris.forward_delta::<4>(self.multiplier, DType::F32, &x.device());
+            let delta = lycoris.forward_delta::<4>(self.multiplier, DType::F32, weight.clone());
             let y = conv_with_weight(&self.base, x, weight + delta, true);
             return match addend {
                 Addend::None => y,

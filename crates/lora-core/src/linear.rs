@@ -328,7 +328,10 @@ impl<B: Backend> LoraLinear<B> {
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
         let (i, o) = self.features();
         if config.algo.is_lycoris() {
-            let adapter = LycorisAdapter::new(config, [o, i, 1, 1], false, device)?;
+            let mut adapter = LycorisAdapter::new(config, [o, i, 1, 1], false, device)?;
+            if config.dora {
+                adapter.magnitude = Some(Param::from_tensor(crate::lycoris::output_norms(self.base.weight.val()).to_device(device)));
+            }
             return self.attach_lycoris(adapter, "<new>");
         }
         let mut adapter = LinearAdapter::new(config, i, o, device)?;
@@ -378,11 +381,13 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Attaches an adapter read from a file: a LyCORIS LoHa or LoKr
-    /// ([`LoraWeights::lycoris`], without DoRA) as its own factors, anything else as a LoRA.
+    /// ([`LoraWeights::lycoris`]) as its own factors (with its DoRA magnitude, if any),
+    /// anything else as a LoRA.
     pub fn attach_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        if let (Some(lycoris), None) = (weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris()), &weights.magnitude) {
+        if let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris()) {
             let (i, o) = self.features();
-            let adapter = LycorisAdapter::from_weights(lycoris, [o, i, 1, 1], false, key, device)?;
+            let mut adapter = LycorisAdapter::from_weights(lycoris, [o, i, 1, 1], false, key, device)?;
+            adapter.set_magnitude(weights.magnitude.as_ref(), key, device)?;
             return self.attach_lycoris(adapter, key);
         }
         let adapter = LinearAdapter::from_weights(weights, key, device)?;
@@ -444,7 +449,12 @@ impl<B: Backend> LoraLinear<B> {
             return;
         }
         if let Some(lycoris) = &self.lycoris {
-            self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<2>(self.multiplier), 1.0);
+            // With DoRA the weight is not `W + ΔW`: the base is kept to restore exactly.
+            if lycoris.is_dora() {
+                self.merged_base = Some(self.base.weight.val());
+            }
+            let update = lycoris.update::<2>(self.multiplier, self.base.weight.val()).detach();
+            self.base.weight = fold_delta(self.base.weight.clone(), update, 1.0);
             self.merged = true;
         }
         if let Some(adapter) = &self.adapter {
@@ -626,11 +636,11 @@ impl<B: Backend> LoraLinear<B> {
         if weight.dtype() != DType::F32 {
             // `W + ΔW` in bf16 / f16 would round the (small) update to the weight's
             // precision; its own product keeps the update's.
-            let delta = lycoris.forward_delta::<2>(self.multiplier, dtype, &x.device());
+            let delta = lycoris.forward_delta::<2>(self.multiplier, dtype, weight);
             let y = crate::kernels::linear(&self.base, x.clone()) + crate::kernels::linear_weight(x, delta);
             return plus(y, extra);
         }
-        let delta = lycoris.forward_delta::<2>(self.multiplier, DType::F32, &x.device());
+        let delta = lycoris.forward_delta::<2>(self.multiplier, DType::F32, weight.clone());
         let y = crate::kernels::linear_weight(x, weight + delta);
         let y = match &self.base.bias {
             Some(bias) => y + on_last_axis::<B, D>(bias.val(), dtype),

@@ -34,6 +34,11 @@
 //! `a`, `b` as their non-Tucker counterparts. Each pass forms the non-Tucker halves of the
 //! same update from them (`aᵀ` and the core contracted with `b`) in the autodiff graph.
 //!
+//! With [`LoraConfig::dora`] (LyCORIS' `weight_decompose`, kohya's `dora_wd`) the adapter
+//! also trains a magnitude per output, `m` (starting at the base weight's norms, LyCORIS'
+//! `dora_scale`), and the layer's weight becomes `m ⊙ (W + ΔW) / ‖W + ΔW‖`, the norm per
+//! output and in the autodiff graph, as in LyCORIS ([`LycorisAdapter::update`]).
+//!
 //! ```
 //! use burn::backend::{Autodiff, Flex};
 //! use burn::nn::LinearConfig;
@@ -121,6 +126,10 @@ pub struct LycorisAdapter<B: Backend> {
     pub scale: f32,
     /// kohya's module dropout probability (autodiff backends only): a pass skips the update.
     pub module_dropout: f64,
+    /// DoRA's magnitude `m`, `[out]` in f32 (LyCORIS' `weight_decompose`, its `dora_scale`
+    /// with `wd_on_out`), trained; `None` without DoRA. The layers set it from their base
+    /// weight's norms when they attach a new adapter with [`LoraConfig::dora`].
+    pub magnitude: Option<Param<Tensor<B, 1>>>,
 }
 
 /// PyTorch's default initialisation of a `[rows, cols]` weight (Kaiming-uniform with
@@ -209,6 +218,7 @@ impl<B: Backend> LycorisAdapter<B> {
             // LyCORIS: a LoKr with two full halves has scale 1 whatever the alpha.
             scale: if both_full { 1.0 } else { config.scale() },
             module_dropout: config.module_dropout,
+            magnitude: None,
         })
     }
 
@@ -257,6 +267,7 @@ impl<B: Backend> LycorisAdapter<B> {
             conv,
             scale: weights.scale(),
             module_dropout: 0.0,
+            magnitude: None,
         };
         let [out, input, kh, kw] = shape;
         let (rows, cols) = adapter.delta_shape().map_err(bad)?;
@@ -386,12 +397,42 @@ impl<B: Backend> LycorisAdapter<B> {
         shape
     }
 
-    /// The update to add to the layer's weight in a forward pass at `multiplier`, in
-    /// `dtype`: `multiplier · ΔW`, times module dropout's keep mask (0 or 1, drawn on the
-    /// device: no host read) on autodiff backends.
-    pub(crate) fn forward_delta<const D: usize>(&self, multiplier: f32, dtype: DType, device: &B::Device) -> Tensor<B, D> {
-        let delta = self.delta_weight::<D>(multiplier);
-        let delta = match crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, device) {
+    /// Whether the adapter has DoRA's magnitude.
+    pub fn is_dora(&self) -> bool {
+        self.magnitude.is_some()
+    }
+
+    /// The change of the layer's weight `weight` (burn's layout, see
+    /// [`delta_weight`](Self::delta_weight)) at `multiplier` `k`, in f32, in the autodiff
+    /// graph of the factors: `k · ΔW`, or with DoRA `k · (g ⊙ (W + ΔW) − W)` with the gain
+    /// `g = m / ‖W + ΔW‖` per output. At `k = 1` that is LyCORIS' `weight_decompose`
+    /// (the norm in the graph: its gradient reaches the factors, as in LyCORIS); at other
+    /// strengths the weight moves from `W` toward it, as ComfyUI and Forge apply one.
+    pub fn update<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>) -> Tensor<B, D> {
+        let Some(m) = &self.magnitude else { return self.delta_weight::<D>(multiplier) };
+        let w = cast_to(weight, DType::F32).detach();
+        let merged = w.clone() + self.delta_weight::<D>(1.0);
+        let norm = output_sums(merged.clone().powi_scalar(2)).sqrt().add_scalar(f32::EPSILON);
+        let gain = cast_to(m.val(), DType::F32).reshape(self.output_shape::<D>()) / norm;
+        (merged * gain - w).mul_scalar(multiplier)
+    }
+
+    /// The shape that puts one value per output on a weight of burn's layout: `[1, out]`
+    /// for a linear layer, `[out, 1, 1, 1]` for a convolution.
+    fn output_shape<const D: usize>(&self) -> [usize; D] {
+        let out = self.shape[0];
+        let mut shape = [1; D];
+        shape[if D == 2 { 1 } else { 0 }] = out;
+        shape
+    }
+
+    /// The update to add to the layer's weight `weight` in a forward pass at `multiplier`,
+    /// in `dtype`: [`update`](Self::update), times module dropout's keep mask (0 or 1,
+    /// drawn on the device: no host read) on autodiff backends.
+    pub(crate) fn forward_delta<const D: usize>(&self, multiplier: f32, dtype: DType, weight: Tensor<B, D>) -> Tensor<B, D> {
+        let device = weight.device();
+        let delta = self.update::<D>(multiplier, weight);
+        let delta = match crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, &device) {
             Some(keep) => delta * keep.reshape([1; D]),
             None => delta,
         };
@@ -433,8 +474,8 @@ impl<B: Backend> LycorisAdapter<B> {
     }
 
     /// The adapter as [`LoraWeights`]: the plain LoRA with its update (in the conv layout
-    /// for a convolution) plus its own tensors in [`LoraWeights::lycoris`]; `key` names it
-    /// in errors.
+    /// for a convolution) plus its own tensors in [`LoraWeights::lycoris`], and DoRA's
+    /// magnitude; `key` names it in errors.
     pub fn to_weights(&self, key: &str) -> Result<LoraWeights> {
         let lycoris = self.to_lycoris_weights()?;
         let [out, input, kh, kw] = self.shape;
@@ -457,7 +498,24 @@ impl<B: Backend> LycorisAdapter<B> {
         } else {
             crate::format::lycoris::lora_of(&lycoris, key)?
         };
-        Ok(if self.conv { crate::format::lycoris::unflatten(weights, [kh, kw]) } else { weights })
+        let weights = if self.conv { crate::format::lycoris::unflatten(weights, [kh, kw]) } else { weights };
+        match &self.magnitude {
+            Some(m) => weights.with_magnitude(HostTensor::from_tensor(cast_to(m.val(), DType::F32))?, key),
+            None => Ok(weights),
+        }
+    }
+
+    /// Sets DoRA's magnitude from a file's (`[out]`, see [`LoraWeights::magnitude`]);
+    /// `key` names the adapter in errors.
+    pub fn set_magnitude(&mut self, magnitude: Option<&HostTensor>, key: &str, device: &B::Device) -> Result<()> {
+        self.magnitude = match magnitude {
+            Some(m) if m.shape != [self.shape[0]] => {
+                return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("DoRA's magnitude is {:?}, the layer has {} outputs", m.shape, self.shape[0]) });
+            }
+            Some(m) => Some(Param::from_tensor(m.to_tensor::<B, 1>(device)?)),
+            None => None,
+        };
+        Ok(())
     }
 
     /// The rank of the plain LoRA with this update in factored form: LoHa's `r²`, LoKr's
@@ -478,6 +536,24 @@ impl<B: Backend> LycorisAdapter<B> {
                 .product(),
         }
     }
+}
+
+/// A weight's values summed per output, keeping its rank: over the inputs (dimension 0) of
+/// a linear weight `[in, out]`, over all but the outputs (dimension 0) of a convolution's
+/// `[out, in, kh, kw]`.
+fn output_sums<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    match D {
+        2 => t.sum_dim(0),
+        _ => (1..D).fold(t, |t, d| t.sum_dim(d)),
+    }
+}
+
+/// DoRA's starting magnitude for a layer's weight `weight` (burn's layout): its norm per
+/// output, `[out]`, in f32, outside any graph (LyCORIS' initial `dora_scale`).
+pub(crate) fn output_norms<B: Backend, const D: usize>(weight: Tensor<B, D>) -> Tensor<B, 1> {
+    let norms = output_sums(cast_to(weight, DType::F32).detach().powi_scalar(2)).sqrt();
+    let out: usize = norms.dims().iter().product();
+    norms.reshape([out])
 }
 
 /// The Tucker-decomposed halves: (core, `a`, `b`).

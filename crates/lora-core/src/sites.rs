@@ -55,7 +55,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             return self.load_lycoris(lycoris, weights, key, device);
         }
         let lycoris = weights.lycoris.as_ref().filter(|l| l.algo.is_lycoris());
-        if lycoris.is_some() && weights.magnitude.is_none() && self.has_adapter() {
+        if lycoris.is_some() && self.has_adapter() {
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {}, the attached adapter is a LoRA", lycoris.map_or("", |l| l.algo.name()))));
         }
         // LyCORIS' LoCon with and without a Tucker core have different tensors.
@@ -97,20 +97,22 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             rank: l.rank(),
             shapes: l.names().iter().zip(&l.factors).map(|(n, p)| (*n, p.dims().to_vec())).collect(),
             module_dropout: l.module_dropout,
+            dora: l.is_dora(),
         })
     }
 
     /// [`load_weights`](Self::load_weights) into an attached LyCORIS adapter: the weights
     /// must be the same algorithm with factors of the same shapes.
     fn load_lycoris(&mut self, attached: AttachedLycoris, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        let AttachedLycoris { algo, rank, shapes, module_dropout } = attached;
-        if weights.magnitude.is_some() {
-            return Err(LoraError::Unsupported(format!("{key}: the weights are a {} with DoRA's `dora_scale`, which is not trained here; the attached adapter is a plain {}", algo.name(), algo.name())));
-        }
+        let AttachedLycoris { algo, rank, shapes, module_dropout, dora } = attached;
         let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo == algo) else {
             let kind = weights.lycoris.as_ref().map_or("LoRA", |l| l.algo.name());
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {kind}, the attached adapter is a {}", algo.name())));
         };
+        if weights.is_dora() != dora {
+            let kind = |dora: bool| if dora { "with DoRA's `dora_scale`" } else { "without DoRA" };
+            return Err(LoraError::Unsupported(format!("{key}: the weights are a {} {}, the attached adapter is one {} (lora.dora must match the file)", algo.name(), kind(weights.is_dora()), kind(dora))));
+        }
         let flat = |shape: &[usize]| shape.first().map(|&rows| vec![rows, shape.iter().product::<usize>() / rows.max(1)]).unwrap_or_default();
         let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(&t.shape)).unwrap_or_default())).collect();
         if found != shapes || lycoris.tensors.len() != shapes.len() || lycoris.rank() != rank {
@@ -239,9 +241,10 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
-    /// The parameter ids of the attached LyCORIS adapter's factors (empty without one).
+    /// The parameter ids of the attached LyCORIS adapter's factors and DoRA magnitude
+    /// (empty without one).
     pub fn lycoris_param_ids(&self) -> Vec<burn::module::ParamId> {
-        self.lycoris_adapter().map(|a| a.factors.iter().map(|p| p.id).collect()).unwrap_or_default()
+        self.lycoris_adapter().map(|a| a.factors.iter().map(|p| p.id).chain(a.magnitude.as_ref().map(|m| m.id)).collect()).unwrap_or_default()
     }
 
     /// The parameter ids of the attached adapter's `down` and `up` weights (kohya's
@@ -287,9 +290,12 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         out
     }
 
-    /// The parameter id of the attached adapter's DoRA magnitude; `None` without a DoRA
-    /// adapter.
+    /// The parameter id of the attached adapter's DoRA magnitude (a LoRA's or a LyCORIS
+    /// adapter's); `None` without a DoRA adapter.
     pub fn magnitude_param_id(&self) -> Option<burn::module::ParamId> {
+        if let Some(m) = self.lycoris_adapter().and_then(|a| a.magnitude.as_ref()) {
+            return Some(m.id);
+        }
         match self {
             Self::Linear(l) => l.adapter.as_ref().and_then(|a| a.magnitude.as_ref()).map(|m| m.id),
             Self::Conv(c) => c.adapter.as_ref().and_then(|a| a.magnitude.as_ref()).map(|m| m.id),
@@ -318,6 +324,8 @@ struct AttachedLycoris {
     /// Each factor's name and shape (2-d).
     shapes: Vec<(&'static str, Vec<usize>)>,
     module_dropout: f64,
+    /// Whether it has DoRA's magnitude.
+    dora: bool,
 }
 
 /// A model (component) whose adapter-capable layers can be visited by module path.

@@ -1,7 +1,8 @@
 //! Trainable LyCORIS LoHa and LoKr adapters against the `lycoris-lora` package's modules
 //! (fixtures from `xtask/fixtures/lora_core_lycoris_train.py`): the factors a config
 //! creates (names, shapes, scale), the layer's output and the factors' gradients, merging,
-//! and a write and read in the kohya / LyCORIS layout.
+//! and a write and read in the kohya / LyCORIS layout; with DoRA (LyCORIS'
+//! `weight_decompose`) against `xtask/fixtures/lora_core_lycoris_dora.py`.
 
 mod common;
 
@@ -60,6 +61,7 @@ const CASES: [&str; 14] = [
 trait Cases {
     fn case_of(&self, name: &str) -> Case;
     fn matrix(&self, key: &str) -> Tensor<B, 2>;
+    fn flat(&self, key: &str) -> Tensor<B, 1>;
 }
 
 impl Cases for Fixture {
@@ -72,6 +74,12 @@ impl Cases for Fixture {
         let t = self.host(key);
         let rows = t.shape[0];
         Tensor::from_data(TensorData::new(t.data.clone(), [rows, t.data.len() / rows]), &Default::default())
+    }
+
+    /// A tensor flattened to one dimension (a `dora_scale` `[out, 1, ..]` as a magnitude).
+    fn flat(&self, key: &str) -> Tensor<B, 1> {
+        let t = self.host(key);
+        Tensor::from_data(TensorData::new(t.data.clone(), [t.data.len()]), &Default::default())
     }
 }
 
@@ -373,7 +381,6 @@ fn unsupported_settings_and_mismatched_weights_are_errors() {
     for (config, expect) in [
         (LoraConfig::new(2).with_algo(Algo::Loha).with_dropout(0.1), "dropout"),
         (LoraConfig::new(2).with_algo(Algo::Lokr).with_rank_dropout(0.1), "rank_dropout"),
-        (LoraConfig::new(2).with_algo(Algo::Loha).with_dora(true), "dora"),
         (LoraConfig::new(2).with_algo(Algo::Lokr).with_lokr_factor(0), "lokr_factor"),
     ] {
         let err = base().attach_new(&config, &device).unwrap_err().to_string();
@@ -510,5 +517,88 @@ fn residuals_addends_multiplier_zero_and_bf16_outputs() {
             }
             _ => unreachable!(),
         }
+    }
+}
+
+const DORA_CASES: [&str; 5] = ["lin_loha", "conv_loha", "lin_lokr", "conv_lokr", "conv_loha_tucker"];
+
+/// A DoRA case's layer with a fresh DoRA adapter whose factors and magnitude are then the
+/// fixture's.
+fn dora_layer(f: &Fixture, name: &str) -> Layer {
+    let case = f.case_of(name);
+    let mut layer = Layer::new(f, name);
+    layer.site().attach_new(&case.config().with_dora(true), &Default::default()).unwrap();
+    let adapter = layer.lycoris();
+    for (i, n) in case.names.iter().filter(|n| *n != "dora_scale").enumerate() {
+        adapter.factors[i] = Param::from_tensor(f.matrix(&format!("{name}.{n}")));
+    }
+    adapter.magnitude = Some(Param::from_tensor(f.flat(&format!("{name}.dora_scale"))));
+    layer
+}
+
+/// LyCORIS' LoHa and LoKr with `weight_decompose` (kohya's `dora_wd`), against its modules
+/// (`xtask/fixtures/lora_core_lycoris_dora.py`): the magnitude starts at the base weight's
+/// norms; the layer computes LyCORIS' output and the gradients of every factor and of the
+/// magnitude (through the norm of `W + ΔW`); merged, it gives that output and unmerges to
+/// the base weight exactly; written, it carries `dora_scale` in LyCORIS' layout with
+/// `dora_wd` in the metadata and reads back as the same adapter, which does not load into
+/// one without DoRA.
+#[test]
+fn dora_matches_lycoris() {
+    let f = Fixture::open("lycoris_dora.safetensors");
+    let device = Default::default();
+    for name in DORA_CASES {
+        let case = f.case_of(name);
+        let mut fresh = Layer::new(&f, name);
+        fresh.site().attach_new(&case.config().with_dora(true), &device).unwrap();
+        let m = fresh.lycoris().magnitude.as_ref().expect("a magnitude").val().inner();
+        let err = rel(m, f.flat(&format!("{name}.dora_scale_init")).inner());
+        assert!(err < 1e-5, "{name}: initial magnitude, relative error {err}");
+
+        let layer = dora_layer(&f, name);
+        let y = layer.forward(&f, name);
+        let err = rel(y.clone().inner(), f.matrix(&format!("{name}.y")).inner());
+        assert!(err < 1e-5, "{name}: output relative error {err}");
+        let grads = (y * f.matrix(&format!("{name}.g"))).sum().backward();
+        let adapter = layer.lycoris_ref();
+        for (i, n) in case.names.iter().filter(|n| *n != "dora_scale").enumerate() {
+            let got = adapter.factors[i].grad(&grads).unwrap_or_else(|| panic!("{name}: a gradient for {n}"));
+            let err = rel(got, f.matrix(&format!("{name}.grad.{n}")).inner());
+            assert!(err < 1e-4, "{name}: gradient of {n}, relative error {err}");
+        }
+        let got = adapter.magnitude.as_ref().unwrap().grad(&grads).expect("a gradient for the magnitude");
+        let err = rel(got, f.flat(&format!("{name}.grad.dora_scale")).inner());
+        assert!(err < 1e-4, "{name}: gradient of dora_scale, relative error {err}");
+
+        let mut merged = dora_layer(&f, name);
+        let base = layer_weight(&merged);
+        let attached = merged.forward(&f, name).inner();
+        set_merged(&mut merged, true);
+        let err = rel(merged.forward(&f, name).inner(), attached.clone());
+        assert!(err < 1e-5, "{name}: merged vs attached, relative error {err}");
+        set_merged(&mut merged, false);
+        assert_eq!(layer_weight(&merged).into_data(), base.into_data(), "{name}: unmerged exactly");
+
+        let mut trained = One(dora_layer(&f, name));
+        let mut set = AdapterSet::new();
+        collect_adapters(&mut trained, &mut set).unwrap();
+        let bytes = set.to_bytes(lora_core::AdapterFormat::Kohya, lora_core::SaveDtype::F32).unwrap();
+        let (st, meta) = lora_core::tensor_io::parse(&bytes, Path::new("x")).unwrap();
+        let shape = st.tensor("lora_unet_layer.dora_scale").unwrap().shape().to_vec();
+        assert_eq!(shape, f.host(&format!("{name}.dora_scale")).shape, "{name}: dora_scale as LyCORIS stores it");
+        let args = &meta["ss_network_args"];
+        assert!(args.contains("\"dora_wd\":\"True\"") && args.contains(&format!("\"algo\":\"{}\"", case.algo)), "{name}: {args}");
+        let mut index = ModuleIndex::new();
+        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
+        let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+        let mut back = One(Layer::new(&f, name));
+        attach_adapters(&mut back, &read, 1.0, &device).unwrap();
+        assert!(back.0.lycoris().is_dora(), "{name}: read back with its magnitude");
+        let err = rel(back.0.forward(&f, name).inner(), attached);
+        assert!(err < 1e-6, "{name}: read back, relative error {err}");
+        let mut plain = One(Layer::new(&f, name));
+        plain.0.site().attach_new(&case.config(), &device).unwrap();
+        let err = lora_core::sites::load_adapter_weights(&mut plain, &read, &device).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("lora.dora") && err.contains("layer"), "{name}: {err}");
     }
 }

@@ -1820,9 +1820,6 @@ impl TrainConfig {
                 return bad(format!("{key} is LoRA's; with lora.algo = \"{algo}\" only lora.module_dropout applies (as LyCORIS trains it)"));
             }
         }
-        if l.dora {
-            return bad(format!("lora.dora trains LoRA adapters; lora.algo = \"{algo}\" has no DoRA here"));
-        }
         if [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0) {
             return bad(format!("LoRA+ (lora.loraplus_*) speeds up LoRA's `up` weights; a {algo} has none"));
         }

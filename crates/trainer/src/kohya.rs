@@ -805,7 +805,7 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 /// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x), as its `create_network`
 /// reads them: `algo` (lora / locon, loha or lokr), `preset`, `conv_dim` / `conv_alpha`
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
-/// `module_dropout`, `rs_lora`, DoRA (`dora_wd`) for LoRA, and Tucker convolutions
+/// `module_dropout`, `rs_lora`, DoRA (`dora_wd`), and Tucker convolutions
 /// (`use_tucker`). What LyCORIS trains differently here (its rank dropout, `use_scalar`,
 /// norm layers, ...) is an error naming it.
 fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
@@ -893,13 +893,13 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         notes.push(format!("network_args full_matrix / unbalanced_factorization are LoKr's; LyCORIS ignores them with algo={algo}, and so does this trainer"));
     }
     if l.dora {
-        if l.algo.is_lycoris() {
-            return Err(o.err("network_args", format!("`dora_wd=True` with algo={algo}: DoRA is trained here for LoRA only")));
-        }
         if !wd_on_output {
             return Err(o.err("network_args", "`wd_on_output=False`: DoRA per input feature is not trained here"));
         }
-        notes.push("dora_wd: LyCORIS' DoRA passes gradients through the norm of W + ΔW; lora.dora here treats that norm as a constant, as the DoRA paper and PEFT do (the same forward pass, slightly different gradients)".into());
+        // LoHa's and LoKr's DoRA here is LyCORIS' own (the norm in the graph).
+        if !l.algo.is_lycoris() {
+            notes.push("dora_wd: LyCORIS' DoRA passes gradients through the norm of W + ΔW; lora.dora here treats that norm as a constant for a LoRA, as the DoRA paper and PEFT do (the same forward pass, slightly different gradients)".into());
+        }
     }
     if loraplus.iter().any(|r| *r > 0.0) {
         if l.algo.is_lycoris() {
@@ -2246,6 +2246,11 @@ wandb_run_name = "my_style"
         }
         loha.config.validate().unwrap();
 
+        // DoRA on LoHa / LoKr (LyCORIS' weight_decompose), without the LoRA note.
+        let doha = import(&gui("loha", "").replace("dora_wd=False", "dora_wd=True")).unwrap();
+        assert!(doha.config.lora.dora && !doha.notes.iter().any(|n| n.contains("dora_wd")), "{:?}", doha.notes);
+        doha.config.validate().unwrap();
+
         let lokr = import(&gui("lokr", ", \"factor=8\", \"use_cp=False\", \"decompose_both=False\"")).unwrap();
         let l = &lokr.config.lora;
         assert_eq!((l.algo, l.lokr_factor, l.lokr_decompose_both), (lora_core::Algo::Lokr, 8, true));
@@ -2356,7 +2361,6 @@ wandb_run_name = "my_style"
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1`: LyCORIS' rank dropout"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"dora_wd=True\"]", "DoRA is trained here for LoRA only"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"factor=1.5\"]", "`factor=1.5`: expected a whole number"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"dora_wd=True\", \"wd_on_output=False\"]", "`wd_on_output=False`"),

@@ -54,6 +54,9 @@ pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -
             for (name, p) in a.names().iter().zip(&a.factors) {
                 out.push((format!("{prefix}.{path}.{name}"), AdapterParam::Matrix(p.id, p.val())));
             }
+            if let Some(m) = &a.magnitude {
+                out.push((format!("{prefix}.{path}.magnitude"), AdapterParam::Vector(m.id, m.val())));
+            }
         }
         lora_params(site, &format!("{prefix}.{path}"), &mut out);
     });
@@ -132,6 +135,10 @@ fn restore_site<B: Backend>(mut site: LoraSiteMut<'_, B>, key: &str, saved: &Has
         for (name, p) in names.iter().zip(a.factors.iter_mut()) {
             let key = format!("{key}.{name}");
             *p = Param::from_tensor(upload::<B, 2>(&key, saved_tensor(saved, &key)?, p.dims(), device)?);
+        }
+        if let Some(m) = a.magnitude.as_mut() {
+            let key = format!("{key}.magnitude");
+            *m = Param::from_tensor(upload::<B, 1>(&key, saved_tensor(saved, &key)?, m.dims(), device)?);
         }
         return Ok(1);
     }

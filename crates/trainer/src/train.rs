@@ -666,9 +666,6 @@ fn adapters_from_weights<B: AutodiffBackend>(
     // (`TrainConfig::validate` checks them for `lora.algo`).
     for (key, w) in set.iter() {
         let algo = w.lycoris.as_ref().map_or(lora_core::Algo::Lora, |ly| ly.algo);
-        if algo.is_lycoris() && w.is_dora() {
-            return Err(in_file(lora_core::LoraError::Unsupported(format!("`{key}` is a {} with DoRA's `dora_scale`, which is not trained here", algo.name()))));
-        }
         if algo != l.algo {
             return Err(in_file(lora_core::LoraError::Unsupported(format!("`{key}` is a {} adapter; set lora.algo = \"{}\" to train it on", algo.name(), algo.name()))));
         }
