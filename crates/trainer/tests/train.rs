@@ -55,6 +55,28 @@ fn assert_same_lora(a: &std::path::Path, b: &std::path::Path) {
     assert_eq!(stable(a), stable(b));
 }
 
+/// A run of `config` stopped after its third step and resumed from its state (in its
+/// output folder) has `straight`'s losses, bit for bit, and its LoRA; with `edit` applied,
+/// the state is refused with an error containing `refusal`.
+fn assert_resumes_bit_for_bit(config: &TrainConfig, straight: &trainer::train::TrainReport, edit: impl Fn(&mut TrainConfig), refusal: &str) {
+    let state = config.output.output_dir.join("state");
+    train::<B>(config, &Default::default(), &mut |info| info.step < 3).unwrap();
+    let resumed = trainer::train::resume::<B>(config, &state, &Default::default(), &mut |_| true).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&resumed.losses), bits(&straight.losses), "same losses, step for step");
+    assert_same_lora(&straight.lora, &resumed.lora);
+    let mut other = config.clone();
+    edit(&mut other);
+    let err = trainer::train::resume::<B>(&other, &state, &Default::default(), &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains(refusal), "{refusal}: {err}");
+}
+
+/// `config` trains to finite losses.
+fn assert_trains(config: &TrainConfig) {
+    let report = train::<B>(config, &Default::default(), &mut |_| true).unwrap();
+    assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+}
+
 fn quick_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     let mut c = TrainConfig::default();
     c.output.output_dir = dir.to_path_buf();
@@ -2150,24 +2172,14 @@ fn dora_trains_resumes_and_applies() {
     assert_eq!(meta["ss_network_module"], "lycoris.kohya");
     assert!(meta["ss_network_args"].contains("\"dora_wd\":\"True\""), "{}", meta["ss_network_args"]);
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = dora_config(dir.path(), 6);
-    train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
-    let resumed = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&resumed.losses), bits(&straight.losses), "same losses, step for step");
-    assert_same_lora(&straight.lora, &resumed.lora);
     // A plain-LoRA configuration cannot resume a DoRA state.
-    let mut plain = dora_config(dir.path(), 8);
-    plain.lora.dora = false;
-    let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
-    assert!(err.to_string().contains("dora"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&dora_config(dir.path(), 6), &straight, |c| c.lora.dora = false, "dora");
 
     let bf16_dir = tempfile::tempdir().unwrap();
     let mut bf16 = dora_config(bf16_dir.path(), 2);
     bf16.train.mixed_precision = trainer::config::MixedPrecision::Bf16;
-    let report = train::<B>(&bf16, &Default::default(), &mut |_| true).unwrap();
-    assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+    assert_trains(&bf16);
 
     let device = Default::default();
     let mut unet = sd_model::UNet2DConditionModel::<Flex>::new(&sd_model::UnetConfig::tiny(), &device).unwrap();
@@ -2233,24 +2245,14 @@ fn loha_and_lokr_train_resume_and_apply() {
         assert_eq!(meta["ss_network_dim"], "4", "{name}: LyCORIS' own rank");
 
         let dir = tempfile::tempdir().unwrap();
-        let config = lycoris_config(dir.path(), 6);
-        train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
-        let resumed = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&resumed.losses), bits(&straight.losses), "{name}: same losses, step for step");
-        assert_same_lora(&straight.lora, &resumed.lora);
-        let mut plain = lycoris_config(dir.path(), 8);
-        (plain.lora.algo, plain.lora.use_tucker) = (lora_core::Algo::Lora, false);
-        let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
-        assert!(err.to_string().contains("algo"), "{err}");
+        assert_resumes_bit_for_bit(&lycoris_config(dir.path(), 6), &straight, |c| (c.lora.algo, c.lora.use_tucker) = (lora_core::Algo::Lora, false), "algo");
 
         // The trained file as `network_weights`: its adapters load into the new ones; a
         // LoRA config cannot take them.
         let more_dir = tempfile::tempdir().unwrap();
         let mut more = lycoris_config(more_dir.path(), 2);
         more.lora.network_weights = straight.lora.display().to_string();
-        let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
-        assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+        assert_trains(&more);
         (more.lora.algo, more.lora.use_tucker) = (lora_core::Algo::Lora, false);
         let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
         assert!(err.contains(name) && err.contains("LoRA"), "{err}");
@@ -2309,22 +2311,12 @@ fn locon_tucker_trains_resumes_and_continues() {
     assert!(args.contains("\"algo\":\"lora\"") && args.contains("\"use_tucker\":\"True\"") && args.contains("\"conv_dim\":\"2\""), "{args}");
 
     let dir = tempfile::tempdir().unwrap();
-    let config = tucker_config(dir.path(), 6);
-    train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
-    let resumed = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&resumed.losses), bits(&straight.losses), "same losses, step for step");
-    assert_same_lora(&straight.lora, &resumed.lora);
-    let mut plain = tucker_config(dir.path(), 8);
-    plain.lora.use_tucker = false;
-    let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
-    assert!(err.to_string().contains("use_tucker"), "{err}");
+    assert_resumes_bit_for_bit(&tucker_config(dir.path(), 6), &straight, |c| c.lora.use_tucker = false, "use_tucker");
 
     let more_dir = tempfile::tempdir().unwrap();
     let mut more = tucker_config(more_dir.path(), 2);
     more.lora.network_weights = straight.lora.display().to_string();
-    let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
-    assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+    assert_trains(&more);
     more.lora.use_tucker = false;
     let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
     assert!(err.contains("use_tucker"), "{err}");
@@ -2363,34 +2355,22 @@ fn lycoris_dora_trains_resumes_and_continues() {
         assert!(args.contains("\"dora_wd\":\"True\"") && args.contains(&format!("\"algo\":\"{name}\"")), "{args}");
 
         let dir = tempfile::tempdir().unwrap();
-        let config = dora_config(dir.path(), 6);
-        train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
-        let resumed = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&resumed.losses), bits(&straight.losses), "{name}: same losses, step for step");
-        assert_same_lora(&straight.lora, &resumed.lora);
-        let mut plain = dora_config(dir.path(), 8);
-        plain.lora.dora = false;
-        let err = trainer::train::resume::<B>(&plain, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
-        assert!(err.to_string().contains("dora"), "{err}");
+        assert_resumes_bit_for_bit(&dora_config(dir.path(), 6), &straight, |c| c.lora.dora = false, "dora");
 
         let more_dir = tempfile::tempdir().unwrap();
         let mut more = dora_config(more_dir.path(), 2);
         more.lora.network_weights = straight.lora.display().to_string();
-        let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
-        assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+        assert_trains(&more);
         more.lora.dora = false;
         let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
         assert!(err.contains("lora.dora"), "{err}");
         more.lora.dim_from_weights = true;
-        let report = train::<B>(&more, &Default::default(), &mut |_| true).unwrap();
-        assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+        assert_trains(&more);
 
         let bf16_dir = tempfile::tempdir().unwrap();
         let mut bf16 = dora_config(bf16_dir.path(), 2);
         bf16.train.mixed_precision = trainer::config::MixedPrecision::Bf16;
-        let report = train::<B>(&bf16, &Default::default(), &mut |_| true).unwrap();
-        assert!(report.losses.iter().all(|l| l.is_finite()), "{:?}", report.losses);
+        assert_trains(&bf16);
 
         assert_applies_at_half_strength(&straight.lora, name);
     }
