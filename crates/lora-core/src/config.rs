@@ -93,9 +93,15 @@ pub struct LoraConfig {
     #[serde(default)]
     pub network_dropout: f64,
     /// kohya's rank dropout while training: each sample drops each of the `rank` components
-    /// of `down(x)` with this probability, the rest scaled by `1 / (1 − p)`.
+    /// of `down(x)` with this probability, the rest scaled by `1 / (1 − p)`. With LoHa and
+    /// LoKr it is LyCORIS' rank dropout: each step drops each output's row of `ΔW` with
+    /// this probability (scaled by [`rank_dropout_scale`](Self::rank_dropout_scale)).
     #[serde(default)]
     pub rank_dropout: f64,
+    /// LyCORIS' `rank_dropout_scale` (LoHa and LoKr): the rows of `ΔW` that rank dropout
+    /// keeps are divided by the share kept, so the update keeps its size on average.
+    #[serde(default)]
+    pub rank_dropout_scale: bool,
     /// kohya's module dropout while training: each pass skips the whole adapter with this
     /// probability.
     #[serde(default)]
@@ -170,6 +176,7 @@ impl LoraConfig {
             lokr_full_matrix: false,
             lokr_unbalanced_factorization: false,
             use_tucker: false,
+            rank_dropout_scale: false,
         }
     }
 
@@ -240,6 +247,12 @@ impl LoraConfig {
         self
     }
 
+    /// Sets LyCORIS' `rank_dropout_scale` (see [`LoraConfig::rank_dropout_scale`]).
+    pub fn with_rank_dropout_scale(mut self, scale: bool) -> Self {
+        self.rank_dropout_scale = scale;
+        self
+    }
+
     /// Sets kohya's module dropout probability (see [`LoraConfig::module_dropout`]).
     pub fn with_module_dropout(mut self, p: f64) -> Self {
         self.module_dropout = p;
@@ -294,9 +307,9 @@ impl LoraConfig {
         }
         if self.algo.is_lycoris() {
             let algo = self.algo.name();
-            for (name, p) in [("dropout", self.dropout), ("network_dropout", self.network_dropout), ("rank_dropout", self.rank_dropout)] {
+            for (name, p) in [("dropout", self.dropout), ("network_dropout", self.network_dropout)] {
                 if p > 0.0 {
-                    return Err(LoraError::InvalidConfig(format!("{name} is not supported with {algo} (only module_dropout is)")));
+                    return Err(LoraError::InvalidConfig(format!("{name} is not supported with {algo} (module_dropout and LyCORIS' rank_dropout are)")));
                 }
             }
             if self.lokr_factor == 0 || self.lokr_factor < -1 {

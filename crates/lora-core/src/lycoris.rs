@@ -23,8 +23,9 @@
 //! precision would round the small update to the weight's precision). With an f32 base
 //! the layer takes the weight `W + multiplier · ΔW` in one product instead: the same
 //! output and gradients, with one matmul or convolution of the layer's size instead of two
-//! each way. Module dropout skips the update for a pass; LyCORIS' other
-//! dropouts are not trained.
+//! each way. Module dropout skips the update for a pass; with [`LoraConfig::rank_dropout`],
+//! LyCORIS' rank dropout drops whole rows of `ΔW` (one per output) per pass; LyCORIS'
+//! other dropouts are not trained.
 //!
 //! With [`LoraConfig::use_tucker`] (LyCORIS' `use_tucker`), a convolution with a kernel
 //! larger than 1x1 has each LoHa half, and LoKr's low-rank `w2`, Tucker-decomposed: a core
@@ -126,6 +127,11 @@ pub struct LycorisAdapter<B: Backend> {
     pub scale: f32,
     /// kohya's module dropout probability (autodiff backends only): a pass skips the update.
     pub module_dropout: f64,
+    /// LyCORIS' rank dropout probability (autodiff backends only): each pass drops each
+    /// output's row of `ΔW` with it ([`LoraConfig::rank_dropout`]).
+    pub rank_dropout: f64,
+    /// LyCORIS' `rank_dropout_scale`: the kept rows are divided by the share kept.
+    pub rank_dropout_scale: bool,
     /// DoRA's magnitude `m`, `[out]` in f32 (LyCORIS' `weight_decompose`, its `dora_scale`
     /// with `wd_on_out`), trained; `None` without DoRA. The layers set it from their base
     /// weight's norms when they attach a new adapter with [`LoraConfig::dora`].
@@ -218,6 +224,8 @@ impl<B: Backend> LycorisAdapter<B> {
             // LyCORIS: a LoKr with two full halves has scale 1 whatever the alpha.
             scale: if both_full { 1.0 } else { config.scale() },
             module_dropout: config.module_dropout,
+            rank_dropout: config.rank_dropout,
+            rank_dropout_scale: config.rank_dropout_scale,
             magnitude: None,
         })
     }
@@ -267,6 +275,8 @@ impl<B: Backend> LycorisAdapter<B> {
             conv,
             scale: weights.scale(),
             module_dropout: 0.0,
+            rank_dropout: 0.0,
+            rank_dropout_scale: false,
             magnitude: None,
         };
         let [out, input, kh, kw] = shape;
@@ -409,12 +419,39 @@ impl<B: Backend> LycorisAdapter<B> {
     /// (the norm in the graph: its gradient reaches the factors, as in LyCORIS); at other
     /// strengths the weight moves from `W` toward it, as ComfyUI and Forge apply one.
     pub fn update<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>) -> Tensor<B, D> {
-        let Some(m) = &self.magnitude else { return self.delta_weight::<D>(multiplier) };
+        self.update_rows(multiplier, weight, None)
+    }
+
+    /// [`update`](Self::update) with `ΔW`'s rows (one per output) multiplied by `rows`
+    /// `[out]` (rank dropout's mask), before DoRA's norm as in LyCORIS.
+    fn update_rows<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>, rows: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+        let masked = |delta: Tensor<B, D>| match &rows {
+            Some(r) => delta * r.clone().reshape(self.output_shape::<D>()),
+            None => delta,
+        };
+        let Some(m) = &self.magnitude else { return masked(self.delta_weight::<D>(multiplier)) };
         let w = cast_to(weight, DType::F32).detach();
-        let merged = w.clone() + self.delta_weight::<D>(1.0);
+        let merged = w.clone() + masked(self.delta_weight::<D>(1.0));
         let norm = output_sums(merged.clone().powi_scalar(2)).sqrt().add_scalar(f32::EPSILON);
         let gain = cast_to(m.val(), DType::F32).reshape(self.output_shape::<D>()) / norm;
         (merged * gain - w).mul_scalar(multiplier)
+    }
+
+    /// LyCORIS' rank dropout for one pass: `[out]`, 0 for a dropped row of `ΔW` and 1 (or,
+    /// with `rank_dropout_scale`, 1 over the share kept) for the others; `None` without rank
+    /// dropout or on a backend that does not differentiate (inference). Drawn on the device.
+    fn rank_dropout_rows(&self, device: &B::Device) -> Option<Tensor<B, 1>> {
+        if self.rank_dropout <= 0.0 || !B::ad_enabled(device) {
+            return None;
+        }
+        let out = self.shape[0];
+        let keep = Tensor::<B, 1>::random([out], Distribution::Bernoulli(1.0 - self.rank_dropout), device);
+        if !self.rank_dropout_scale {
+            return Some(keep);
+        }
+        // All dropped: zero (LyCORIS divides by a zero mean there).
+        let kept = keep.clone().mean().clamp_min(1.0 / out as f64);
+        Some(keep / kept)
     }
 
     /// The shape that puts one value per output on a weight of burn's layout: `[1, out]`
@@ -431,7 +468,8 @@ impl<B: Backend> LycorisAdapter<B> {
     /// drawn on the device: no host read) on autodiff backends.
     pub(crate) fn forward_delta<const D: usize>(&self, multiplier: f32, dtype: DType, weight: Tensor<B, D>) -> Tensor<B, D> {
         let device = weight.device();
-        let delta = self.update::<D>(multiplier, weight);
+        let rows = self.rank_dropout_rows(&device);
+        let delta = self.update_rows::<D>(multiplier, weight, rows);
         let delta = match crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, &device) {
             Some(keep) => delta * keep.reshape([1; D]),
             None => delta,

@@ -97,6 +97,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             rank: l.rank(),
             shapes: l.names().iter().zip(&l.factors).map(|(n, p)| (*n, p.dims().to_vec())).collect(),
             module_dropout: l.module_dropout,
+            rank_dropout: (l.rank_dropout, l.rank_dropout_scale),
             dora: l.is_dora(),
         })
     }
@@ -104,7 +105,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// [`load_weights`](Self::load_weights) into an attached LyCORIS adapter: the weights
     /// must be the same algorithm with factors of the same shapes.
     fn load_lycoris(&mut self, attached: AttachedLycoris, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        let AttachedLycoris { algo, rank, shapes, module_dropout, dora } = attached;
+        let AttachedLycoris { algo, rank, shapes, module_dropout, rank_dropout, dora } = attached;
         let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo == algo) else {
             let kind = weights.lycoris.as_ref().map_or("LoRA", |l| l.algo.name());
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {kind}, the attached adapter is a {}", algo.name())));
@@ -122,7 +123,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             });
         }
         self.attach_weights(weights, key, device)?;
-        self.set_dropout(&LoraConfig::new(1).with_module_dropout(module_dropout));
+        self.set_dropout(&LoraConfig::new(1).with_module_dropout(module_dropout).with_rank_dropout(rank_dropout.0).with_rank_dropout_scale(rank_dropout.1));
         Ok(())
     }
 
@@ -132,9 +133,10 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     pub fn set_dropout(&mut self, config: &LoraConfig) {
         let dropout = burn::nn::DropoutConfig::new(config.dropout).init();
         let network = burn::nn::DropoutConfig::new(config.network_dropout).init();
-        // A LyCORIS adapter has module dropout only (its config refuses the others).
+        // A LyCORIS adapter has module and LyCORIS' rank dropout (its config refuses the
+        // others).
         if let Some(a) = self.lycoris_adapter_mut() {
-            a.module_dropout = config.module_dropout;
+            (a.module_dropout, a.rank_dropout, a.rank_dropout_scale) = (config.module_dropout, config.rank_dropout, config.rank_dropout_scale);
         }
         match self {
             Self::Linear(l) => {
@@ -324,6 +326,8 @@ struct AttachedLycoris {
     /// Each factor's name and shape (2-d).
     shapes: Vec<(&'static str, Vec<usize>)>,
     module_dropout: f64,
+    /// LyCORIS' rank dropout and whether it scales.
+    rank_dropout: (f64, bool),
     /// Whether it has DoRA's magnitude.
     dora: bool,
 }

@@ -380,7 +380,7 @@ fn unsupported_settings_and_mismatched_weights_are_errors() {
     let base = || LoraLinear::new(LinearConfig::new(12, 10).init::<B>(&device));
     for (config, expect) in [
         (LoraConfig::new(2).with_algo(Algo::Loha).with_dropout(0.1), "dropout"),
-        (LoraConfig::new(2).with_algo(Algo::Lokr).with_rank_dropout(0.1), "rank_dropout"),
+        (LoraConfig::new(2).with_algo(Algo::Lokr).with_network_dropout(0.1), "network_dropout"),
         (LoraConfig::new(2).with_algo(Algo::Lokr).with_lokr_factor(0), "lokr_factor"),
     ] {
         let err = base().attach_new(&config, &device).unwrap_err().to_string();
@@ -600,5 +600,59 @@ fn dora_matches_lycoris() {
         plain.0.site().attach_new(&case.config(), &device).unwrap();
         let err = lora_core::sites::load_adapter_weights(&mut plain, &read, &device).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("lora.dora") && err.contains("layer"), "{name}: {err}");
+    }
+}
+
+/// LyCORIS' rank dropout on LoHa / LoKr while training: each pass drops whole rows of `ΔW`
+/// (one per output), about `p` of them, and with `rank_dropout_scale` divides the kept ones
+/// by the share kept; a backend that does not differentiate drops nothing.
+#[test]
+fn lycoris_rank_dropout_drops_rows_of_the_update() {
+    use burn::module::AutodiffModule;
+    let f = fixture();
+    let device = Default::default();
+    for name in ["lin_loha", "lin_lokr"] {
+        for scale in [false, true] {
+            let Layer::Linear(mut layer) = trained_layer(&f, name) else { panic!("a linear case") };
+            let (d_in, d_out) = (layer.base.weight.dims()[0], layer.base.weight.dims()[1]);
+            LoraSiteMut::Linear(&mut layer).set_dropout(&LoraConfig::new(1).with_rank_dropout(0.5).with_rank_dropout_scale(scale));
+            // On the identity, the output less the base's is `ΔW` itself, `[in, out]`.
+            let eye = Tensor::<B, 2>::from_data(TensorData::new((0..d_in * d_in).map(|i| f32::from(i % (d_in + 1) == 0)).collect::<Vec<_>>(), [d_in, d_in]), &device);
+            let delta: Vec<f32> = layer.lycoris.as_ref().unwrap().delta_weight::<2>(1.0).into_data().to_vec().unwrap();
+            let base: Vec<f32> = lora_core::LoraLinear::new(layer.base.clone()).forward(eye.clone()).into_data().to_vec().unwrap();
+            let columns = |y: Vec<f32>| -> Vec<Option<f32>> {
+                // Per output: `None` if dropped, else the factor on ΔW's column.
+                (0..d_out)
+                    .map(|j| {
+                        let (got, want): (Vec<f32>, Vec<f32>) = (0..d_in).map(|i| (y[i * d_out + j] - base[i * d_out + j], delta[i * d_out + j])).unzip();
+                        let peak = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        if got.iter().all(|v| v.abs() < 1e-5 * peak.max(1.0)) {
+                            return None;
+                        }
+                        let k = got.iter().zip(&want).map(|(g, w)| g * w).sum::<f32>() / want.iter().map(|w| w * w).sum::<f32>();
+                        assert!(got.iter().zip(&want).all(|(g, w)| (g - k * w).abs() < 1e-4 * peak), "{name}: a kept row is ΔW's, scaled");
+                        Some(k)
+                    })
+                    .collect()
+            };
+            let mut dropped = 0;
+            for _ in 0..20 {
+                let kept = columns(layer.forward(eye.clone()).into_data().to_vec().unwrap());
+                let n = kept.iter().flatten().count();
+                dropped += d_out - n;
+                let want = if scale { d_out as f32 / n.max(1) as f32 } else { 1.0 };
+                assert!(kept.iter().flatten().all(|k| (k - want).abs() < 1e-3 * want), "{name}, scale {scale}: {kept:?}");
+            }
+            let share = dropped as f64 / (20 * d_out) as f64;
+            assert!((0.3..0.7).contains(&share), "{name}: {share} of the rows dropped at p = 0.5");
+            let valid = layer.valid();
+            let eye = eye.inner();
+            let y: Vec<f32> = valid.forward(eye).into_data().to_vec().unwrap();
+            let all: Vec<Option<f32>> = (0..d_out).map(|j| Some((0..d_in).map(|i| y[i * d_out + j] - base[i * d_out + j]).sum::<f32>())).collect();
+            let want: Vec<Option<f32>> = (0..d_out).map(|j| Some((0..d_in).map(|i| delta[i * d_out + j]).sum::<f32>())).collect();
+            for (a, b) in all.iter().flatten().zip(want.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{name}: inference drops nothing");
+            }
+        }
     }
 }

@@ -159,6 +159,9 @@ pub struct LoraSection {
     /// kohya's rank dropout (`network_args` `rank_dropout`): per sample, each rank
     /// component of `down(x)` is dropped with this probability.
     pub rank_dropout: f64,
+    /// LyCORIS' `rank_dropout_scale` (LoHa, LoKr): rank dropout divides the rows of `ΔW`
+    /// it keeps by the share kept ([`lora_core::LoraConfig::rank_dropout_scale`]).
+    pub rank_dropout_scale: bool,
     /// kohya's module dropout (`network_args` `module_dropout`): each adapter is skipped
     /// in a pass with this probability.
     pub module_dropout: f64,
@@ -172,7 +175,8 @@ pub struct LoraSection {
     /// The form of the adapters: `lora` (the default), or LyCORIS' `loha` or `lokr` (kohya's
     /// `network_module = "lycoris.kohya"` with `algo`), trained as LyCORIS trains them and
     /// saved in its layout, which A1111, ComfyUI and Forge load. LoHa and LoKr take `rank`,
-    /// `alpha`, `conv_*`, `rslora` and `module_dropout`, not the other dropouts, DoRA or LoRA+.
+    /// `alpha`, `conv_*`, `rslora`, `module_dropout`, `rank_dropout` (LyCORIS': rows of
+    /// `ΔW`) and `dora`, not the other dropouts or LoRA+.
     pub algo: lora_core::Algo,
     /// LoKr's factor (LyCORIS' `factor`): each side of a weight is split as `m · n`, `m` the
     /// divisor closest to this; −1: closest to the square root.
@@ -254,6 +258,7 @@ impl LoraSection {
             .with_dropout(self.dropout)
             .with_network_dropout(self.network_dropout)
             .with_rank_dropout(self.rank_dropout)
+            .with_rank_dropout_scale(self.rank_dropout_scale)
             .with_module_dropout(self.module_dropout)
             .with_rslora(self.rslora)
             .with_dora(self.dora)
@@ -1237,6 +1242,7 @@ impl Default for TrainConfig {
                 dropout: 0.0,
                 network_dropout: 0.0,
                 rank_dropout: 0.0,
+                rank_dropout_scale: false,
                 module_dropout: 0.0,
                 rslora: false,
                 dora: false,
@@ -1813,11 +1819,14 @@ impl TrainConfig {
             return bad(format!("lora.lokr_factor, lora.lokr_decompose_both, lora.lokr_full_matrix and lora.lokr_unbalanced_factorization are LoKr's; lora.algo is \"{algo}\""));
         }
         if !l.algo.is_lycoris() {
+            if l.rank_dropout_scale {
+                return bad(format!("lora.rank_dropout_scale is LyCORIS' for LoHa and LoKr; lora.algo is \"{algo}\" (kohya's rank dropout always rescales what it keeps)"));
+            }
             return Ok(());
         }
-        for (key, p) in [("lora.dropout", l.dropout), ("lora.network_dropout", l.network_dropout), ("lora.rank_dropout", l.rank_dropout)] {
+        for (key, p) in [("lora.dropout", l.dropout), ("lora.network_dropout", l.network_dropout)] {
             if p > 0.0 {
-                return bad(format!("{key} is LoRA's; with lora.algo = \"{algo}\" only lora.module_dropout applies (as LyCORIS trains it)"));
+                return bad(format!("{key} is LoRA's; with lora.algo = \"{algo}\" lora.module_dropout and lora.rank_dropout (LyCORIS' rank dropout) apply, as LyCORIS trains them"));
             }
         }
         if [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio].iter().any(|r| *r > 0.0) {

@@ -816,6 +816,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     let (mut factor, mut decompose_both, mut bypass) = (-1, false, false);
     let (mut full_matrix, mut unbalanced) = (false, false);
     let (mut loraplus, mut wd_on_output) = ([0.0; 3], true);
+    let mut rank_dropout = (0.0, String::new());
     let mut ignored = Vec::new();
     for (key, value) in &args {
         let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
@@ -834,7 +835,8 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "conv_alpha" => conv_alpha = Some(number()? as f32),
             "dropout" => dropout = Some(number()?),
             "module_dropout" => l.module_dropout = number()?,
-            "rank_dropout" if number()? > 0.0 => return Err(bad("LyCORIS' rank dropout drops rows of the update's weight, not kohya's rank components; it has no counterpart here")),
+            "rank_dropout" => rank_dropout = (number()?, value.clone()),
+            "rank_dropout_scale" => l.rank_dropout_scale = on,
             "factor" => {
                 let f = number()?;
                 if f.fract() != 0.0 {
@@ -860,7 +862,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "loraplus_text_encoder_lr_ratio" => loraplus[2] = number()?,
             // Read below (Tucker), off, or of other algorithms (OFT's block size and
             // constraint, rank dropout's scaling).
-            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "rank_dropout" | "rank_dropout_scale" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
+            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
             _ => ignored.push(format!("{key}={value}")),
         }
     }
@@ -873,6 +875,18 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "lokr" => lora_core::Algo::Lokr,
         other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
     };
+    // LyCORIS' rank dropout (rows of ΔW) is trained for LoHa and LoKr; its LoCon's is not
+    // kohya's (rank components) that `lora.rank_dropout` trains for LoRA.
+    if rank_dropout.0 > 0.0 {
+        if !l.algo.is_lycoris() {
+            return Err(o.err("network_args", format!("`rank_dropout={}` with algo={algo}: LyCORIS' rank dropout drops rows of the update's weight, not kohya's rank components (lora.rank_dropout for a LoRA); it is trained here for loha and lokr", rank_dropout.1)));
+        }
+        l.rank_dropout = rank_dropout.0;
+    }
+    if !l.algo.is_lycoris() {
+        // Nothing to scale without LyCORIS' rank dropout.
+        l.rank_dropout_scale = false;
+    }
     if lycoris_tucker(&args) {
         l.use_tucker = true;
         if args.iter().any(|(k, v)| k == "disable_conv_cp" && python_truthy(v)) {
@@ -2250,6 +2264,10 @@ wandb_run_name = "my_style"
         let doha = import(&gui("loha", "").replace("dora_wd=False", "dora_wd=True")).unwrap();
         assert!(doha.config.lora.dora && !doha.notes.iter().any(|n| n.contains("dora_wd")), "{:?}", doha.notes);
         doha.config.validate().unwrap();
+        // LyCORIS' rank dropout on LoHa / LoKr, with its scaling.
+        let dropped = import(&gui("lokr", "").replace("rank_dropout=0", "rank_dropout=0.25").replace("rank_dropout_scale=False", "rank_dropout_scale=True")).unwrap();
+        assert_eq!((dropped.config.lora.rank_dropout, dropped.config.lora.rank_dropout_scale), (0.25, true));
+        dropped.config.validate().unwrap();
 
         let lokr = import(&gui("lokr", ", \"factor=8\", \"use_cp=False\", \"decompose_both=False\"")).unwrap();
         let l = &lokr.config.lora;
@@ -2360,7 +2378,7 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1`: LyCORIS' rank dropout"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1` with algo=locon: LyCORIS' rank dropout"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"factor=1.5\"]", "`factor=1.5`: expected a whole number"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"dora_wd=True\", \"wd_on_output=False\"]", "`wd_on_output=False`"),

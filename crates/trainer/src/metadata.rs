@@ -343,6 +343,9 @@ fn network_args(l: &crate::config::LoraSection) -> Option<String> {
         }
     }
     // LyCORIS' arguments (`algo` itself the kohya writer adds from the adapters).
+    if l.rank_dropout_scale {
+        args.insert("rank_dropout_scale".into(), "True".into());
+    }
     if l.use_tucker {
         args.insert("use_tucker".into(), "True".into());
     }

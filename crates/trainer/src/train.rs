@@ -859,6 +859,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "conv_alpha = 1.0",
         "dim_from_weights = false",
         "rank_dropout = 0.0",
+        "rank_dropout_scale = false",
         "module_dropout = 0.0",
         "network_dropout = 0.0",
         "dora = false",

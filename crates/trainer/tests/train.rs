@@ -2325,8 +2325,8 @@ fn locon_tucker_trains_resumes_and_continues() {
 }
 
 /// `lora.dora` with LoHa / LoKr (LyCORIS' `weight_decompose`): every adapter is saved with
-/// its factors and `dora_scale`, `dora_wd` in the metadata; a stopped run resumes bit for
-/// bit (magnitudes in the state), not without DoRA; the file continues training as
+/// its factors and `dora_scale`, `dora_wd` in the metadata; a stopped run (with LyCORIS'
+/// rank dropout) resumes bit for bit (magnitudes in the state), not without DoRA; the file continues training as
 /// `network_weights` (and with `dim_from_weights`); a bf16 base runs; it applies at a
 /// strength in generation.
 #[test]
@@ -2337,7 +2337,8 @@ fn lycoris_dora_trains_resumes_and_continues() {
         let dora_config = |dir: &std::path::Path, steps: usize| {
             let mut c = resume_config(dir, steps);
             (c.lora.algo, c.lora.dora) = (algo, true);
-            c.lora.dropout = 0.0;
+            // LyCORIS' rank dropout draws replay in a resumed run too.
+            (c.lora.dropout, c.lora.rank_dropout, c.lora.rank_dropout_scale) = (0.0, 0.2, true);
             c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
             (c.lora.conv_rank, c.lora.conv_alpha) = (2, 1.0);
             c.output.save_every_n_epochs = 0;
@@ -2420,7 +2421,7 @@ fn lycoris_config_errors_name_the_key() {
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
         (&|c| c.lora.lokr_full_matrix = true, "lora.lokr_full_matrix"),
         (&|c| c.lora.lokr_unbalanced_factorization = true, "lora.lokr_unbalanced_factorization"),
-        (&|c| c.lora.rank_dropout = 0.1, "lora.rank_dropout"),
+        (&|c| (c.lora.algo, c.lora.rank_dropout_scale) = (lora_core::Algo::Lora, true), "lora.rank_dropout_scale"),
         (&|c| c.lora.loraplus_lr_ratio = 16.0, "loraplus"),
         (&|c| c.lora.lokr_factor = 4, "lora.lokr_factor"),
         (&|c| c.output.save_format = AdapterFormat::Peft, "output.save_format"),
@@ -2434,6 +2435,7 @@ fn lycoris_config_errors_name_the_key() {
     }
     let mut ok = base();
     ok.lora.module_dropout = 0.1;
+    (ok.lora.rank_dropout, ok.lora.rank_dropout_scale) = (0.1, true);
     ok.validate().unwrap();
 }
 
