@@ -307,7 +307,7 @@ impl Dataset {
             .get(s.image)
             .ok_or_else(|| bad_plan(format!("image index {} is out of range", s.image)))?;
         let Some(mask_out) = mask_out else {
-            write_pixels(&self.decode(s.image)?, s.resized, s.crop, s.bucket, s.flip, s.color, out);
+            write_pixels(&self.decode(s.image)?, s.resized, self.resize_interpolation(s), s.crop, s.bucket, s.flip, s.color, out);
             return Ok(());
         };
         // One decode gives the pixels and, for alpha masks, the alpha plane.
@@ -316,7 +316,7 @@ impl Dataset {
             Some(MaskSource::File { .. }) => (self.decode(s.image)?, self.decode_mask(s.image)?),
             None => (self.decode(s.image)?, None),
         };
-        write_pixels(&img, s.resized, s.crop, s.bucket, s.flip, s.color, out);
+        write_pixels(&img, s.resized, self.resize_interpolation(s), s.crop, s.bucket, s.flip, s.color, out);
         // A sample without a mask (or an opaque alpha) keeps the ones it was given.
         if let Some(mask) = mask {
             write_mask(&mask, s.resized, s.crop, s.bucket, s.flip, mask_out);

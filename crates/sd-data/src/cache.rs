@@ -56,6 +56,8 @@ pub struct LatentKey {
     pub crop: Reso,
     /// Flipped horizontally.
     pub flip: bool,
+    /// The filter that resized the image ([`Dataset::resize_interpolation`]).
+    pub interpolation: crate::ResizeInterpolation,
     /// [`LatentEncoder::identity`].
     pub encoder: String,
     /// [`crate::MaskSource::identity`] of the image's loss mask, which the entry then holds
@@ -72,6 +74,7 @@ impl LatentKey {
             resized: s.resized,
             crop: s.crop,
             flip: s.flip,
+            interpolation: ds.resize_interpolation(s),
             encoder: encoder.to_string(),
             mask: ds.images()[s.image].mask.as_ref().map(|m| m.identity()),
         }
@@ -80,13 +83,16 @@ impl LatentKey {
     fn canonical(&self) -> String {
         // Keys without a mask are spelled as before masks existed: their entries stay valid.
         let mask = self.mask.as_ref().map_or(String::new(), |m| format!("|mask={m}"));
+        // Entries from before the filter was chosen per image (all Lanczos) miss, and are
+        // encoded anew.
         format!(
-            "{CACHE_FORMAT}|latent|{}|bucket={}x{}|resized={}x{}|crop={},{}|flip={}|encoder={}{mask}",
+            "{CACHE_FORMAT}|latent|{}|bucket={}x{}|resized={}x{}|filter={}|crop={},{}|flip={}|encoder={}{mask}",
             self.content_hash,
             self.bucket.0,
             self.bucket.1,
             self.resized.0,
             self.resized.1,
+            self.interpolation.name(),
             self.crop.0,
             self.crop.1,
             self.flip,

@@ -231,6 +231,11 @@ pub struct SubsetConfig {
     /// px, or anywhere with the face kept in view with `random_crop`. Other images crop as
     /// usual. Latents then cannot be cached.
     pub face_crop_aug_range: Option<[f64; 2]>,
+    /// kohya's `resize_interpolation`: the filter that resizes this subset's images
+    /// (`lanczos`, `nearest`, `bilinear`, `bicubic`, `area`, `box`); unset, sd-scripts'
+    /// default per image: area averaging to shrink, Lanczos to enlarge
+    /// ([`crate::ResizeInterpolation::for_resize`]).
+    pub resize_interpolation: Option<crate::ResizeInterpolation>,
     /// kohya's `color_aug`: a third of the samples get a small colour change, half of them
     /// a hue rotation of up to ±16°, half a gamma of 0.95 to 1.05 on the 0–255 values (see
     /// [`ColorAug`](crate::image_io::ColorAug)), drawn per sample and epoch. Latents then
@@ -297,6 +302,7 @@ impl Default for SubsetConfig {
             flip_aug: false,
             random_crop: false,
             face_crop_aug_range: None,
+            resize_interpolation: None,
             color_aug: false,
             alpha_mask: false,
             mask_dir: None,

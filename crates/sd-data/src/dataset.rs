@@ -461,6 +461,14 @@ impl Dataset {
         self.faces.get(i).is_some_and(Option::is_some)
     }
 
+    /// The filter that resizes sample `s`'s image: its subset's `resize_interpolation`,
+    /// else sd-scripts' default for its sizes (area averaging to shrink, Lanczos to
+    /// enlarge).
+    pub fn resize_interpolation(&self, s: &SamplePlan) -> crate::ResizeInterpolation {
+        let img = &self.images[s.image];
+        self.subsets[img.subset].config.resize_interpolation.unwrap_or_else(|| crate::ResizeInterpolation::for_resize((img.width, img.height), s.resized))
+    }
+
     /// Whether image `i` may be flipped.
     pub fn flip_aug(&self, i: usize) -> bool {
         self.subsets[self.images[i].subset].config.flip_aug

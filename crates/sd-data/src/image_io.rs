@@ -254,19 +254,22 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> [f32; 3] {
     [r + m, g + m, b + m]
 }
 
-/// Resizes `img` to `resized` (Lanczos3), crops `bucket` at `crop` = `(left, top)`, changes
-/// its colours by `color` (kohya's `color_aug`), optionally mirrors it, and writes it as CHW
-/// `f32` in `[-1, 1]` to `out` (length `3 * w * h`).
+/// Resizes `img` to `resized` with `interpolation` (see [`crate::resize`]), crops `bucket`
+/// at `crop` = `(left, top)`, changes its colours by `color` (kohya's `color_aug`),
+/// optionally mirrors it, and writes it as CHW `f32` in `[-1, 1]` to `out` (length
+/// `3 * w * h`).
+#[allow(clippy::too_many_arguments)] // one sample's geometry, as the plan gives it
 pub fn write_pixels(
     img: &RgbImage,
     resized: Reso,
+    interpolation: crate::ResizeInterpolation,
     crop: Reso,
     bucket: Reso,
     flip: bool,
     color: Option<ColorAug>,
     out: &mut [f32],
 ) {
-    let src = resized_to(img, resized, FilterType::Lanczos3);
+    let src = crate::resize::resize_rgb(img, resized, interpolation);
     let (bw, bh) = (bucket.0 as usize, bucket.1 as usize);
     let plane = bw * bh;
     debug_assert_eq!(out.len(), 3 * plane);

@@ -10,7 +10,6 @@ use crate::error::{DataError, Result};
 /// sd-scripts options this crate does not implement, with what to do instead.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("custom_attributes", "custom attributes are not supported"),
-    ("resize_interpolation", "images are always resized with Lanczos"),
     ("cache_info", "the image scan is not cached"),
     ("network_multiplier", "per-dataset network multipliers are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),

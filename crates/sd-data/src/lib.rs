@@ -43,6 +43,7 @@ pub mod face;
 pub mod image_io;
 mod kohya_config;
 mod loader;
+pub mod resize;
 pub mod scan;
 
 pub use batch::{Batch, BatchData, HostTensor};
@@ -55,6 +56,7 @@ pub use config::{DatasetConfig, MissingCaption, Resolution, SubsetConfig};
 pub use dataset::{BatchPlan, Dataset, FolderSummary, SamplePlan};
 pub use error::{BoxError, DataError, Result};
 pub use loader::{Loader, LoaderOptions};
+pub use resize::ResizeInterpolation;
 pub use scan::{
     parse_kohya_folder_name, scan, ImageRecord, ImageSource, MaskSource, ResolvedSubset, Scan,
 };

@@ -837,3 +837,29 @@ fn folders_and_tag_frequency_as_kohya_records_them() {
     assert_eq!(tags["10_sks dog"]["sks dog"], 1);
     assert_eq!(tags["1_dog"]["dog"], 1);
 }
+
+/// Images shrink by area averaging unless a subset names another filter (sd-scripts'
+/// default): a 1-px checkerboard halved averages to flat grey; Lanczos gives other pixels,
+/// nearest keeps black and white.
+#[test]
+fn images_shrink_by_area_unless_a_filter_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("board.png");
+    RgbImage::from_fn(256, 256, |x, y| Rgb([if (x + y) % 2 == 0 { 255 } else { 0 }; 3])).save(&path).unwrap();
+    caption(&path, "txt", "a board");
+    let pixels = |interpolation: Option<sd_data::ResizeInterpolation>| {
+        let mut c = config(d.path());
+        c.subsets[0].resize_interpolation = interpolation;
+        let ds = Dataset::open(&c).unwrap();
+        let plan = ds.plan_epoch(0);
+        let s = &plan[0].samples[0];
+        assert_eq!(s.resized, (128, 128));
+        assert_eq!(ds.resize_interpolation(s), interpolation.unwrap_or(sd_data::ResizeInterpolation::Area));
+        ds.sample_pixels(s).unwrap().data
+    };
+    let spread = |v: &[f32]| v.iter().fold(f32::MIN, |m, x| m.max(*x)) - v.iter().fold(f32::MAX, |m, x| m.min(*x));
+    let area = pixels(None);
+    assert_eq!(spread(&area), 0.0, "each output is the mean of a 2x2 block");
+    assert_ne!(pixels(Some(sd_data::ResizeInterpolation::Lanczos)), area);
+    assert!(pixels(Some(sd_data::ResizeInterpolation::Nearest)).iter().all(|v| v.abs() > 0.99), "nearest keeps black and white");
+}

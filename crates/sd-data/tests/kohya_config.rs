@@ -107,6 +107,7 @@ fn bad_files_are_errors_naming_the_key() {
     let subset = |extra: &str| format!("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  {extra}\n");
     let cases = [
         (subset("custom_attributes = { a = 1 }"), "`datasets[0].subsets[0].custom_attributes` (sd-scripts' option) is not supported"),
+        (subset("resize_interpolation = \"hamming\""), "`datasets[0].subsets[0].resize_interpolation` has the wrong type"),
         // sd-scripts crops around faces only without buckets.
         (subset("face_crop_aug_range = [2.0, 4.0]"), "`datasets[0].subsets[0].face_crop_aug_range` needs enable_bucket = false"),
         ("[general]\nenable_bucket = false\n".to_string() + &subset("face_crop_aug_range = [4.0, 2.0]"), "`datasets[0].subsets[0].face_crop_aug_range` must be two positive numbers"),
@@ -196,4 +197,16 @@ fn fine_tuning_subsets_read_their_metadata_file() {
     assert_eq!((c.subsets[0].metadata_file.as_deref(), c.subsets[0].num_repeats), (Some(meta.as_path()), Some(3)));
     assert!(c.subsets[0].image_dir.as_os_str().is_empty());
     assert_eq!(c.subsets[1].metadata_file, None);
+}
+
+/// `resize_interpolation` by sd-scripts' names, in `[general]`, a dataset or a subset (the
+/// nearest wins); unset, sd-scripts' default per image.
+#[test]
+fn resize_interpolation_reads_sd_scripts_names() {
+    let text = "[general]\nresize_interpolation = \"cubic\"\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  [[datasets.subsets]]\n  image_dir = \"b\"\n  resize_interpolation = \"area\"\n";
+    let c = read(text, &DatasetConfig::default()).unwrap();
+    let got: Vec<_> = c.subsets.iter().map(|s| s.resize_interpolation).collect();
+    assert_eq!(got, [Some(sd_data::ResizeInterpolation::Bicubic), Some(sd_data::ResizeInterpolation::Area)]);
+    let c = read("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n", &DatasetConfig::default()).unwrap();
+    assert_eq!(c.subsets[0].resize_interpolation, None);
 }

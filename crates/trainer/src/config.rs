@@ -64,6 +64,12 @@ pub struct DataSection {
     /// latents are encoded anew each time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub face_crop_aug_range: Option<[f64; 2]>,
+    /// kohya's `resize_interpolation`: the filter that resizes the images (`"lanczos"`,
+    /// `"nearest"`, `"bilinear"`, `"bicubic"`, `"area"`, `"box"`); unset, sd-scripts'
+    /// default per image (area averaging to shrink, Lanczos to enlarge;
+    /// [`sd_data::ResizeInterpolation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize_interpolation: Option<sd_data::ResizeInterpolation>,
     /// kohya's `color_aug`: a third of the samples get a small hue rotation or gamma
     /// ([`sd_data::image_io::ColorAug`]); their latents are encoded anew each time.
     pub color_aug: bool,
@@ -1207,6 +1213,7 @@ impl Default for TrainConfig {
                 flip_aug: false,
                 random_crop: false,
                 face_crop_aug_range: None,
+                resize_interpolation: None,
                 color_aug: false,
                 alpha_mask: false,
                 mask_dir: String::new(),

@@ -627,8 +627,9 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     d.max_bucket_reso = o.count("max_bucket_reso")?.unwrap_or(1024) as u32;
     d.bucket_reso_steps = o.count("bucket_reso_steps")?.unwrap_or(64) as u32;
     d.bucket_no_upscale = o.flag("bucket_no_upscale")?;
-    if let Some(how) = o.string("resize_interpolation")?.filter(|h| !h.eq_ignore_ascii_case("lanczos")) {
-        notes.push(format!("resize_interpolation = \"{how}\": images are resized with Lanczos here"));
+    if let Some(how) = o.string("resize_interpolation")? {
+        let name = serde_json::Value::String(how.to_ascii_lowercase());
+        d.resize_interpolation = Some(serde_json::from_value(name).map_err(|_| o.err("resize_interpolation", format!("= \"{how}\": expected lanczos, nearest, bilinear, linear, bicubic, cubic, area or box")))?);
     }
     d.alpha_mask = o.flag("alpha_mask")?;
     // sd-scripts reads mask folders from a dataset config's subsets (`conditioning_data_dir`,
@@ -2175,6 +2176,16 @@ wandb_run_name = "my_style"
         assert_eq!((c.data.token_warmup_min, c.data.token_warmup_step), (1, 100.0));
         let e = TrainConfig::load(None, &["data.token_warmup_step=-1.0".into()]).unwrap_err().to_string();
         assert!(e.contains("data.token_warmup_step"), "{e}");
+    }
+
+    /// `resize_interpolation` by sd-scripts' names (unset: sd-scripts' default per image).
+    #[test]
+    fn resize_interpolation_maps() {
+        let c = import(&format!("{MINIMAL}resize_interpolation = \"cubic\"")).unwrap().config;
+        assert_eq!(c.data.resize_interpolation, Some(sd_data::ResizeInterpolation::Bicubic));
+        assert_eq!(import(MINIMAL).unwrap().config.data.resize_interpolation, None);
+        let e = error(&format!("{MINIMAL}resize_interpolation = \"hamming\""));
+        assert!(e.contains("`resize_interpolation`") && e.contains("area"), "{e}");
     }
 
     /// `face_crop_aug_range` ("lo,hi") without buckets; ignored with buckets (a note), as

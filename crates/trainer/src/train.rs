@@ -249,6 +249,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         flip_aug: d.flip_aug,
         random_crop: d.random_crop,
         face_crop_aug_range: d.face_crop_aug_range,
+        resize_interpolation: d.resize_interpolation,
         color_aug: d.color_aug,
         alpha_mask: d.alpha_mask,
         // Masks are for the training images; regularization images train whole.
