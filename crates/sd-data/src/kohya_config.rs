@@ -10,13 +10,16 @@ use crate::error::{DataError, Result};
 /// sd-scripts options this crate does not implement, with what to do instead.
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("custom_attributes", "custom attributes are not supported"),
-    ("cache_info", "the image scan is not cached"),
     ("network_multiplier", "per-dataset network multipliers are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
     ("validation_split", "set the trainer's data.validation_split instead"),
     ("validation_seed", "the validation split is seeded by the training seed"),
     ("max_token_length", "set the trainer's model.max_token_length instead"),
 ];
+
+/// sd-scripts options that change only its speed, which are read and left alone
+/// (`cache_info` caches its scan of image sizes; this crate reads them anew each time).
+const SPEED_ONLY: &[&str] = &["cache_info"];
 
 /// Where in the file a table is, for messages.
 #[derive(Clone, Copy)]
@@ -155,6 +158,9 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             let key = if written == "conditioning_data_dir" { "mask_dir" } else { written.as_str() };
             if let Some((_, why)) = UNSUPPORTED.iter().find(|(k, _)| *k == key) {
                 return Err(DataError::config(&section.key(key), format!("(sd-scripts' option) is not supported: {why}")));
+            }
+            if SPEED_ONLY.contains(&key) {
+                continue;
             }
             let in_dataset = dataset_keys.iter().any(|k| k == key);
             let target = if in_dataset {

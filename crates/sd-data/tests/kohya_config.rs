@@ -209,4 +209,6 @@ fn resize_interpolation_reads_sd_scripts_names() {
     assert_eq!(got, [Some(sd_data::ResizeInterpolation::Bicubic), Some(sd_data::ResizeInterpolation::Area)]);
     let c = read("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n", &DatasetConfig::default()).unwrap();
     assert_eq!(c.subsets[0].resize_interpolation, None);
+    // sd-scripts' scan cache changes only its speed: read and left alone.
+    read("[general]\ncache_info = true\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n", &DatasetConfig::default()).unwrap();
 }
