@@ -102,6 +102,12 @@ pub struct LoraConfig {
     /// keeps are divided by the share kept, so the update keeps its size on average.
     #[serde(default)]
     pub rank_dropout_scale: bool,
+    /// LyCORIS' `use_scalar` (LoHa and LoKr): the update is multiplied by a trained scalar
+    /// that starts at 0, and the half that otherwise starts at zero starts random instead
+    /// (LoHa's `hada_w2_a` from N(0, 0.1²), LoKr's `lokr_w2` / `lokr_w2_b`
+    /// Kaiming-uniform). Files hold the scalar folded into the first factor.
+    #[serde(default)]
+    pub use_scalar: bool,
     /// kohya's module dropout while training: each pass skips the whole adapter with this
     /// probability.
     #[serde(default)]
@@ -177,6 +183,7 @@ impl LoraConfig {
             lokr_unbalanced_factorization: false,
             use_tucker: false,
             rank_dropout_scale: false,
+            use_scalar: false,
         }
     }
 
@@ -244,6 +251,12 @@ impl LoraConfig {
     /// Sets kohya's rank dropout probability (see [`LoraConfig::rank_dropout`]).
     pub fn with_rank_dropout(mut self, p: f64) -> Self {
         self.rank_dropout = p;
+        self
+    }
+
+    /// Sets LyCORIS' `use_scalar` (see [`LoraConfig::use_scalar`]).
+    pub fn with_use_scalar(mut self, scalar: bool) -> Self {
+        self.use_scalar = scalar;
         self
     }
 

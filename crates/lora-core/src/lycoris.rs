@@ -136,6 +136,9 @@ pub struct LycorisAdapter<B: Backend> {
     /// with `wd_on_out`), trained; `None` without DoRA. The layers set it from their base
     /// weight's norms when they attach a new adapter with [`LoraConfig::dora`].
     pub magnitude: Option<Param<Tensor<B, 1>>>,
+    /// LyCORIS' trained scalar on the update, `[1]` ([`LoraConfig::use_scalar`]); `None`
+    /// without one (a factor of 1).
+    pub scalar: Option<Param<Tensor<B, 1>>>,
 }
 
 /// PyTorch's default initialisation of a `[rows, cols]` weight (Kaiming-uniform with
@@ -165,6 +168,7 @@ impl<B: Backend> LycorisAdapter<B> {
         let k = kh * kw;
         // LyCORIS: only a kernel larger than 1x1 is Tucker-decomposed.
         let tucker = config.use_tucker && conv && k > 1;
+        let scalar = config.use_scalar;
         let (names, factors, both_full) = match config.algo {
             Algo::Loha if tucker => {
                 let factors = vec![
@@ -172,14 +176,15 @@ impl<B: Backend> LycorisAdapter<B> {
                     normal(r, out, 0.1, device),
                     normal(r, input, 1.0, device),
                     normal(r, r * k, 0.1, device),
-                    zeros(r, out, device),
+                    if scalar { normal(r, out, 0.1, device) } else { zeros(r, out, device) },
                     normal(r, input, 1.0, device),
                 ];
                 (vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"], factors, false)
             }
             Algo::Loha => {
                 let cols = input * k;
-                let factors = vec![normal(out, r, 0.1, device), normal(r, cols, 1.0, device), zeros(out, r, device), normal(r, cols, 1.0, device)];
+                let w2_a = if scalar { normal(out, r, 0.1, device) } else { zeros(out, r, device) };
+                let factors = vec![normal(out, r, 0.1, device), normal(r, cols, 1.0, device), w2_a, normal(r, cols, 1.0, device)];
                 (vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], factors, false)
             }
             Algo::Lokr => {
@@ -201,15 +206,17 @@ impl<B: Backend> LycorisAdapter<B> {
                     factors.extend([kaiming(out_l, r, device), kaiming(r, in_m, device)]);
                 }
                 let w2_full = full_matrix || 2 * r >= out_k.max(in_n);
+                // The half that starts at zero, unless a scalar (at zero) holds the update.
+                let zero_or_kaiming = |rows, cols| if scalar { kaiming(rows, cols, device) } else { zeros(rows, cols, device) };
                 if w2_full {
                     names.push("lokr_w2");
-                    factors.push(zeros(out_k, in_n * k, device));
+                    factors.push(zero_or_kaiming(out_k, in_n * k));
                 } else if tucker {
                     names.extend(["lokr_t2", "lokr_w2_a", "lokr_w2_b"]);
-                    factors.extend([kaiming(r, r * k, device), kaiming(r, out_k, device), zeros(r, in_n, device)]);
+                    factors.extend([kaiming(r, r * k, device), kaiming(r, out_k, device), zero_or_kaiming(r, in_n)]);
                 } else {
                     names.extend(["lokr_w2_a", "lokr_w2_b"]);
-                    factors.extend([kaiming(out_k, r, device), zeros(r, in_n * k, device)]);
+                    factors.extend([kaiming(out_k, r, device), zero_or_kaiming(r, in_n * k)]);
                 }
                 (names, factors, w1_full && w2_full)
             }
@@ -227,6 +234,7 @@ impl<B: Backend> LycorisAdapter<B> {
             rank_dropout: config.rank_dropout,
             rank_dropout_scale: config.rank_dropout_scale,
             magnitude: None,
+            scalar: scalar.then(|| Param::from_tensor(Tensor::zeros([1], device))),
         })
     }
 
@@ -278,6 +286,7 @@ impl<B: Backend> LycorisAdapter<B> {
             rank_dropout: 0.0,
             rank_dropout_scale: false,
             magnitude: None,
+            scalar: None,
         };
         let [out, input, kh, kw] = shape;
         let (rows, cols) = adapter.delta_shape().map_err(bad)?;
@@ -384,7 +393,11 @@ impl<B: Backend> LycorisAdapter<B> {
     pub fn delta(&self, factor: f32) -> Tensor<B, 2> {
         let f32_of = |name: &str| self.factor(name).map(|p| cast_to(p.val(), DType::F32));
         let delta = unscaled_delta(self.algo, |name| plain_factor(name, |n| self.names.contains(&n), f32_of)).expect("the factors fit each other, as checked when the adapter was made");
-        delta.mul_scalar(factor * self.scale)
+        let delta = delta.mul_scalar(factor * self.scale);
+        match &self.scalar {
+            Some(s) => delta * cast_to(s.val(), DType::F32).reshape([1, 1]),
+            None => delta,
+        }
     }
 
     /// `ΔW` times `factor` in f32, shaped as the layer's weight in burn's layout: `[in, out]`
@@ -502,9 +515,19 @@ impl<B: Backend> LycorisAdapter<B> {
     /// `alpha = scale · rank` (for a LoKr with two full halves, 1).
     pub fn to_lycoris_weights(&self) -> Result<LycorisWeights> {
         let mut tensors = Vec::with_capacity(self.factors.len());
+        // LyCORIS saves its scalar folded into the first factor (`hada_w1_a`, `lokr_w1` or
+        // `lokr_w1_a`).
+        let scalar = match &self.scalar {
+            Some(s) => HostTensor::from_tensor(cast_to(s.val(), DType::F32))?.data[0],
+            None => 1.0,
+        };
+        let first = ["hada_w1_a", "lokr_w1", "lokr_w1_a"];
         for ((name, p), shape) in self.names.iter().zip(&self.factors).zip(self.torch_shapes()) {
             let mut t = HostTensor::from_tensor(cast_to(p.val(), DType::F32))?;
             t.shape = shape;
+            if scalar != 1.0 && first.contains(name) {
+                t.data.iter_mut().for_each(|v| *v *= scalar);
+            }
             tensors.push((name.to_string(), t));
         }
         let alpha = self.rank().map_or(1.0, |r| self.scale * r as f32);

@@ -99,13 +99,14 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             module_dropout: l.module_dropout,
             rank_dropout: (l.rank_dropout, l.rank_dropout_scale),
             dora: l.is_dora(),
+            scalar: l.scalar.is_some(),
         })
     }
 
     /// [`load_weights`](Self::load_weights) into an attached LyCORIS adapter: the weights
     /// must be the same algorithm with factors of the same shapes.
     fn load_lycoris(&mut self, attached: AttachedLycoris, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        let AttachedLycoris { algo, rank, shapes, module_dropout, rank_dropout, dora } = attached;
+        let AttachedLycoris { algo, rank, shapes, module_dropout, rank_dropout, dora, scalar } = attached;
         let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo == algo) else {
             let kind = weights.lycoris.as_ref().map_or("LoRA", |l| l.algo.name());
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {kind}, the attached adapter is a {}", algo.name())));
@@ -124,6 +125,11 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
         self.attach_weights(weights, key, device)?;
         self.set_dropout(&LoraConfig::new(1).with_module_dropout(module_dropout).with_rank_dropout(rank_dropout.0).with_rank_dropout_scale(rank_dropout.1));
+        // LyCORIS' `use_scalar` continues from a file (whose factors hold the scalar it was
+        // saved with) at a scalar of 1.
+        if let (true, Some(a)) = (scalar, self.lycoris_adapter_mut()) {
+            a.scalar = Some(burn::module::Param::from_tensor(burn::tensor::Tensor::ones([1], device)));
+        }
         Ok(())
     }
 
@@ -243,10 +249,10 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
-    /// The parameter ids of the attached LyCORIS adapter's factors and DoRA magnitude
-    /// (empty without one).
+    /// The parameter ids of the attached LyCORIS adapter's factors, DoRA magnitude and
+    /// trained scalar (empty without one).
     pub fn lycoris_param_ids(&self) -> Vec<burn::module::ParamId> {
-        self.lycoris_adapter().map(|a| a.factors.iter().map(|p| p.id).chain(a.magnitude.as_ref().map(|m| m.id)).collect()).unwrap_or_default()
+        self.lycoris_adapter().map(|a| a.factors.iter().map(|p| p.id).chain(a.magnitude.as_ref().map(|m| m.id)).chain(a.scalar.as_ref().map(|s| s.id)).collect()).unwrap_or_default()
     }
 
     /// The parameter ids of the attached adapter's `down` and `up` weights (kohya's
@@ -330,6 +336,8 @@ struct AttachedLycoris {
     rank_dropout: (f64, bool),
     /// Whether it has DoRA's magnitude.
     dora: bool,
+    /// Whether it has LyCORIS' trained scalar.
+    scalar: bool,
 }
 
 /// A model (component) whose adapter-capable layers can be visited by module path.

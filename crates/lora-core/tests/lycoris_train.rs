@@ -2,7 +2,7 @@
 //! (fixtures from `xtask/fixtures/lora_core_lycoris_train.py`): the factors a config
 //! creates (names, shapes, scale), the layer's output and the factors' gradients, merging,
 //! and a write and read in the kohya / LyCORIS layout; with DoRA (LyCORIS'
-//! `weight_decompose`) against `xtask/fixtures/lora_core_lycoris_dora.py`.
+//! `weight_decompose`) and `use_scalar` against `xtask/fixtures/lora_core_lycoris_options.py`.
 
 mod common;
 
@@ -37,6 +37,8 @@ struct Case {
     unbalanced_factorization: bool,
     #[serde(default)]
     use_tucker: bool,
+    #[serde(default)]
+    use_scalar: bool,
     names: Vec<String>,
 }
 
@@ -91,6 +93,7 @@ impl Case {
             .with_lokr_full_matrix(self.full_matrix)
             .with_lokr_unbalanced_factorization(self.unbalanced_factorization)
             .with_use_tucker(self.use_tucker)
+            .with_use_scalar(self.use_scalar)
     }
 
     fn is_conv(&self) -> bool {
@@ -537,7 +540,7 @@ fn dora_layer(f: &Fixture, name: &str) -> Layer {
 }
 
 /// LyCORIS' LoHa and LoKr with `weight_decompose` (kohya's `dora_wd`), against its modules
-/// (`xtask/fixtures/lora_core_lycoris_dora.py`): the magnitude starts at the base weight's
+/// (`xtask/fixtures/lora_core_lycoris_options.py`): the magnitude starts at the base weight's
 /// norms; the layer computes LyCORIS' output and the gradients of every factor and of the
 /// magnitude (through the norm of `W + ΔW`); merged, it gives that output and unmerges to
 /// the base weight exactly; written, it carries `dora_scale` in LyCORIS' layout with
@@ -545,14 +548,14 @@ fn dora_layer(f: &Fixture, name: &str) -> Layer {
 /// one without DoRA.
 #[test]
 fn dora_matches_lycoris() {
-    let f = Fixture::open("lycoris_dora.safetensors");
+    let f = Fixture::open("lycoris_options.safetensors");
     let device = Default::default();
     for name in DORA_CASES {
         let case = f.case_of(name);
         let mut fresh = Layer::new(&f, name);
         fresh.site().attach_new(&case.config().with_dora(true), &device).unwrap();
         let m = fresh.lycoris().magnitude.as_ref().expect("a magnitude").val().inner();
-        let err = rel(m, f.flat(&format!("{name}.dora_scale_init")).inner());
+        let err = rel(m, f.flat(&format!("{name}.init.dora_scale")).inner());
         assert!(err < 1e-5, "{name}: initial magnitude, relative error {err}");
 
         let layer = dora_layer(&f, name);
@@ -654,5 +657,77 @@ fn lycoris_rank_dropout_drops_rows_of_the_update() {
                 assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{name}: inference drops nothing");
             }
         }
+    }
+}
+
+const SCALAR_CASES: [&str; 3] = ["lin_loha_scalar", "lin_lokr_scalar", "conv_lokr_full_scalar"];
+
+/// LyCORIS' `use_scalar` on LoHa and LoKr: a fresh adapter has the scalar at 0 (no update)
+/// and its usually-zero half random; with the fixture's values the layer computes LyCORIS'
+/// output and every gradient, the scalar's too; saved, the scalar is folded into the first
+/// factor as LyCORIS saves it; loaded into an adapter with a scalar, training continues at
+/// a scalar of 1 with the same update.
+#[test]
+fn use_scalar_matches_lycoris() {
+    let f = Fixture::open("lycoris_options.safetensors");
+    let device = Default::default();
+    for name in SCALAR_CASES {
+        let case = f.case_of(name);
+        assert!(case.use_scalar);
+        let factor_names: Vec<&String> = case.names.iter().filter(|n| *n != "scalar").collect();
+        let mut fresh = Layer::new(&f, name);
+        fresh.site().attach_new(&case.config(), &device).unwrap();
+        let adapter = fresh.lycoris();
+        assert_eq!(adapter.names().to_vec(), factor_names.iter().map(|n| n.as_str()).collect::<Vec<_>>(), "{name}");
+        assert_eq!(adapter.scalar.as_ref().unwrap().val().into_data().to_vec::<f32>().unwrap(), [0.0], "{name}: the scalar starts at 0");
+        assert!(adapter.delta(1.0).abs().max().into_scalar() == 0.0, "{name}: no update at first");
+        for (i, n) in factor_names.iter().enumerate() {
+            let init = f.host(&format!("{name}.init.{n}"));
+            let ours: Vec<f32> = adapter.factors[i].val().into_data().to_vec().unwrap();
+            assert_eq!(init.data.iter().all(|v| *v == 0.0), ours.iter().all(|v| *v == 0.0), "{name}: {n} starts as LyCORIS' (zero or random)");
+        }
+
+        let mut layer = Layer::new(&f, name);
+        layer.site().attach_new(&case.config(), &device).unwrap();
+        let adapter = layer.lycoris();
+        for (i, n) in factor_names.iter().enumerate() {
+            adapter.factors[i] = Param::from_tensor(f.matrix(&format!("{name}.{n}")));
+        }
+        adapter.scalar = Some(Param::from_tensor(f.flat(&format!("{name}.scalar")).reshape([1])));
+        let y = layer.forward(&f, name);
+        let err = rel(y.clone().inner(), f.matrix(&format!("{name}.y")).inner());
+        assert!(err < 1e-5, "{name}: output relative error {err}");
+        let grads = (y * f.matrix(&format!("{name}.g"))).sum().backward();
+        let adapter = layer.lycoris_ref();
+        for (i, n) in factor_names.iter().enumerate() {
+            let err = rel(adapter.factors[i].grad(&grads).unwrap(), f.matrix(&format!("{name}.grad.{n}")).inner());
+            assert!(err < 1e-4, "{name}: gradient of {n}, relative error {err}");
+        }
+        let got: f32 = adapter.scalar.as_ref().unwrap().grad(&grads).unwrap().into_scalar();
+        let want = f.host(&format!("{name}.grad.scalar")).data[0];
+        assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{name}: the scalar's gradient {got} vs {want}");
+
+        // Saved as LyCORIS saves it.
+        let mut trained = One(layer);
+        let mut set = AdapterSet::new();
+        collect_adapters(&mut trained, &mut set).unwrap();
+        let bytes = set.to_bytes(lora_core::AdapterFormat::Kohya, lora_core::SaveDtype::F32).unwrap();
+        let (st, _) = lora_core::tensor_io::parse(&bytes, Path::new("x")).unwrap();
+        for n in &factor_names {
+            let saved = lora_core::tensor_io::decode(&st.tensor(&format!("lora_unet_layer.{n}")).unwrap(), n, Path::new("x")).unwrap();
+            let want = f.host(&format!("{name}.saved.{n}"));
+            let err = saved.data.iter().zip(&want.data).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(saved.shape == want.shape && err < 1e-5, "{name}: saved {n}, error {err}");
+        }
+        // Loaded into an adapter with a scalar: the scalar restarts at 1, the update is the same.
+        let mut index = ModuleIndex::new();
+        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
+        let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+        let mut more = One(Layer::new(&f, name));
+        more.0.site().attach_new(&case.config(), &device).unwrap();
+        lora_core::sites::load_adapter_weights(&mut more, &read, &device).unwrap();
+        assert_eq!(more.0.lycoris().scalar.as_ref().unwrap().val().into_data().to_vec::<f32>().unwrap(), [1.0], "{name}");
+        let err = rel(more.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
+        assert!(err < 1e-5, "{name}: continued, relative error {err}");
     }
 }

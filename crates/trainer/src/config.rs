@@ -168,6 +168,9 @@ pub struct LoraSection {
     /// LyCORIS' `rank_dropout_scale` (LoHa, LoKr): rank dropout divides the rows of `ΔW`
     /// it keeps by the share kept ([`lora_core::LoraConfig::rank_dropout_scale`]).
     pub rank_dropout_scale: bool,
+    /// LyCORIS' `use_scalar` (LoHa, LoKr): a trained scalar on each update, starting at 0,
+    /// with the usually-zero half starting random ([`lora_core::LoraConfig::use_scalar`]).
+    pub use_scalar: bool,
     /// kohya's module dropout (`network_args` `module_dropout`): each adapter is skipped
     /// in a pass with this probability.
     pub module_dropout: f64,
@@ -265,6 +268,7 @@ impl LoraSection {
             .with_network_dropout(self.network_dropout)
             .with_rank_dropout(self.rank_dropout)
             .with_rank_dropout_scale(self.rank_dropout_scale)
+            .with_use_scalar(self.use_scalar)
             .with_module_dropout(self.module_dropout)
             .with_rslora(self.rslora)
             .with_dora(self.dora)
@@ -1250,6 +1254,7 @@ impl Default for TrainConfig {
                 network_dropout: 0.0,
                 rank_dropout: 0.0,
                 rank_dropout_scale: false,
+                use_scalar: false,
                 module_dropout: 0.0,
                 rslora: false,
                 dora: false,
@@ -1828,6 +1833,9 @@ impl TrainConfig {
         if !l.algo.is_lycoris() {
             if l.rank_dropout_scale {
                 return bad(format!("lora.rank_dropout_scale is LyCORIS' for LoHa and LoKr; lora.algo is \"{algo}\" (kohya's rank dropout always rescales what it keeps)"));
+            }
+            if l.use_scalar {
+                return bad(format!("lora.use_scalar (LyCORIS' trained scalar) is trained for LoHa and LoKr; lora.algo is \"{algo}\""));
             }
             return Ok(());
         }

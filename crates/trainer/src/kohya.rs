@@ -807,8 +807,9 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 /// reads them: `algo` (lora / locon, loha or lokr), `preset`, `conv_dim` / `conv_alpha`
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
 /// `module_dropout`, `rs_lora`, DoRA (`dora_wd`), and Tucker convolutions
-/// (`use_tucker`). What LyCORIS trains differently here (its rank dropout, `use_scalar`,
-/// norm layers, ...) is an error naming it.
+/// (`use_tucker`), LoHa's and LoKr's `rank_dropout` and `use_scalar`. What LyCORIS trains
+/// differently here (a LoCon's rank dropout or scalar, norm layers, ...) is an error naming
+/// it.
 fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
     let args = key_values(args, "network_args", &o.origin)?;
     let mut algo = "lora".to_string();
@@ -850,7 +851,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             // true unless empty ("False" too): LoKr then decomposes `w1` where the rank is
             // small enough. The import trains what LyCORIS trains.
             "decompose_both" => decompose_both = python_truthy(value),
-            "use_scalar" if on => return Err(bad("LyCORIS' trained scalar (and its initialisation) has no counterpart here; set it to False")),
+            "use_scalar" => l.use_scalar = on,
             "train_norm" if on => return Err(bad("normalization layers are not trained here; set it to False")),
             "full_matrix" => full_matrix = on,
             "unbalanced_factorization" => unbalanced = on,
@@ -863,7 +864,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "loraplus_text_encoder_lr_ratio" => loraplus[2] = number()?,
             // Read below (Tucker), off, or of other algorithms (OFT's block size and
             // constraint, rank dropout's scaling).
-            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "use_scalar" | "train_norm" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
+            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "train_norm" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
             _ => ignored.push(format!("{key}={value}")),
         }
     }
@@ -887,6 +888,9 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     if !l.algo.is_lycoris() {
         // Nothing to scale without LyCORIS' rank dropout.
         l.rank_dropout_scale = false;
+        if l.use_scalar {
+            return Err(o.err("network_args", format!("`use_scalar=True` with algo={algo}: LyCORIS' trained scalar is trained here for loha and lokr; set it to False")));
+        }
     }
     if lycoris_tucker(&args) {
         l.use_tucker = true;
@@ -2279,6 +2283,12 @@ wandb_run_name = "my_style"
         let dropped = import(&gui("lokr", "").replace("rank_dropout=0", "rank_dropout=0.25").replace("rank_dropout_scale=False", "rank_dropout_scale=True")).unwrap();
         assert_eq!((dropped.config.lora.rank_dropout, dropped.config.lora.rank_dropout_scale), (0.25, true));
         dropped.config.validate().unwrap();
+        // LyCORIS' trained scalar on LoHa / LoKr; not on a LoCon.
+        let scaled = import(&gui("loha", "").replace("use_scalar=False", "use_scalar=True")).unwrap();
+        assert!(scaled.config.lora.use_scalar);
+        scaled.config.validate().unwrap();
+        let e = error(&gui("locon", "").replace("use_scalar=False", "use_scalar=True"));
+        assert!(e.contains("use_scalar=True"), "{e}");
 
         let lokr = import(&gui("lokr", ", \"factor=8\", \"use_cp=False\", \"decompose_both=False\"")).unwrap();
         let l = &lokr.config.lora;

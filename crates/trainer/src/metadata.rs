@@ -343,6 +343,9 @@ fn network_args(l: &crate::config::LoraSection) -> Option<String> {
         }
     }
     // LyCORIS' arguments (`algo` itself the kohya writer adds from the adapters).
+    if l.use_scalar {
+        args.insert("use_scalar".into(), "True".into());
+    }
     if l.rank_dropout_scale {
         args.insert("rank_dropout_scale".into(), "True".into());
     }

@@ -57,6 +57,9 @@ pub fn adapter_params<B: Backend>(model: &mut impl LoraSites<B>, prefix: &str) -
             if let Some(m) = &a.magnitude {
                 out.push((format!("{prefix}.{path}.magnitude"), AdapterParam::Vector(m.id, m.val())));
             }
+            if let Some(s) = &a.scalar {
+                out.push((format!("{prefix}.{path}.scalar"), AdapterParam::Vector(s.id, s.val())));
+            }
         }
         lora_params(site, &format!("{prefix}.{path}"), &mut out);
     });
@@ -139,6 +142,10 @@ fn restore_site<B: Backend>(mut site: LoraSiteMut<'_, B>, key: &str, saved: &Has
         if let Some(m) = a.magnitude.as_mut() {
             let key = format!("{key}.magnitude");
             *m = Param::from_tensor(upload::<B, 1>(&key, saved_tensor(saved, &key)?, m.dims(), device)?);
+        }
+        if let Some(s) = a.scalar.as_mut() {
+            let key = format!("{key}.scalar");
+            *s = Param::from_tensor(upload::<B, 1>(&key, saved_tensor(saved, &key)?, s.dims(), device)?);
         }
         return Ok(1);
     }

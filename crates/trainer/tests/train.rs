@@ -2209,6 +2209,9 @@ fn loha_and_lokr_train_resume_and_apply() {
             let mut c = resume_config(dir, steps);
             c.lora.algo = algo;
             c.lora.use_tucker = tucker;
+            // LyCORIS' trained scalar on the Tucker runs (saved folded, resumed, scaled by
+            // max-norm).
+            c.lora.use_scalar = tucker;
             (c.lora.dropout, c.lora.module_dropout) = (0.0, 0.2);
             c.train.scale_weight_norms = 0.05;
             c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
@@ -2245,7 +2248,7 @@ fn loha_and_lokr_train_resume_and_apply() {
         assert_eq!(meta["ss_network_dim"], "4", "{name}: LyCORIS' own rank");
 
         let dir = tempfile::tempdir().unwrap();
-        assert_resumes_bit_for_bit(&lycoris_config(dir.path(), 6), &straight, |c| (c.lora.algo, c.lora.use_tucker) = (lora_core::Algo::Lora, false), "algo");
+        assert_resumes_bit_for_bit(&lycoris_config(dir.path(), 6), &straight, |c| (c.lora.algo, c.lora.use_tucker, c.lora.use_scalar) = (lora_core::Algo::Lora, false, false), "cannot resume with a different model, [lora] section");
 
         // The trained file as `network_weights`: its adapters load into the new ones; a
         // LoRA config cannot take them.
@@ -2253,7 +2256,7 @@ fn loha_and_lokr_train_resume_and_apply() {
         let mut more = lycoris_config(more_dir.path(), 2);
         more.lora.network_weights = straight.lora.display().to_string();
         assert_trains(&more);
-        (more.lora.algo, more.lora.use_tucker) = (lora_core::Algo::Lora, false);
+        (more.lora.algo, more.lora.use_tucker, more.lora.use_scalar) = (lora_core::Algo::Lora, false, false);
         let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
         assert!(err.contains(name) && err.contains("LoRA"), "{err}");
         // With dim_from_weights the file's adapters train as what they are: lora.algo must say so.
@@ -2417,11 +2420,12 @@ fn lycoris_config_errors_name_the_key() {
         c
     };
     type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
-    let cases: [(Edit, &str); 8] = [
+    let cases: [(Edit, &str); 9] = [
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
         (&|c| c.lora.lokr_full_matrix = true, "lora.lokr_full_matrix"),
         (&|c| c.lora.lokr_unbalanced_factorization = true, "lora.lokr_unbalanced_factorization"),
         (&|c| (c.lora.algo, c.lora.rank_dropout_scale) = (lora_core::Algo::Lora, true), "lora.rank_dropout_scale"),
+        (&|c| (c.lora.algo, c.lora.use_scalar) = (lora_core::Algo::Lora, true), "lora.use_scalar"),
         (&|c| c.lora.loraplus_lr_ratio = 16.0, "loraplus"),
         (&|c| c.lora.lokr_factor = 4, "lora.lokr_factor"),
         (&|c| c.output.save_format = AdapterFormat::Peft, "output.save_format"),

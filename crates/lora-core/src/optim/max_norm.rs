@@ -15,7 +15,8 @@
 //! update is linear in every factor, so `ΔW` is multiplied by `ratio`, the share spread
 //! over the factors as kohya spreads it over `up` and `down`. (LyCORIS itself multiplies a
 //! separate scalar that it folds into `w1_a` when saving; the norms after scaling are the
-//! same, the later steps' sizes are not quite.) A LoCon with a Tucker core is one of those:
+//! same, the later steps' sizes are not quite. With `use_scalar` that scalar is trained
+//! here too, and then it alone is scaled, as in LyCORIS.) A LoCon with a Tucker core is one of those:
 //! its core folded into `down` gives the Gram matrix, and its three factors share the
 //! ratio.
 
@@ -70,6 +71,9 @@ pub enum NormFactors {
         algo: Algo,
         /// `(name, parameter)` of each factor.
         factors: Vec<(&'static str, ParamId)>,
+        /// The trained scalar on the update ([`crate::LycorisAdapter::scalar`]), which is
+        /// then what is scaled.
+        scalar: Option<ParamId>,
     },
     /// A LoCon with a Tucker core ([`crate::Conv2dAdapter::mid`]).
     LoconTucker {
@@ -87,6 +91,7 @@ impl NormFactors {
     fn ids(&self) -> Vec<ParamId> {
         match self {
             Self::Lora { down, up, .. } => vec![*down, *up],
+            Self::Lycoris { scalar: Some(scalar), .. } => vec![*scalar],
             Self::Lycoris { factors, .. } => factors.iter().map(|(_, id)| *id).collect(),
             Self::LoconTucker { down, mid, up } => vec![*down, *mid, *up],
         }
@@ -99,7 +104,8 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
     model.visit_lora_sites(&mut |path, site| {
         if let Some(a) = site.lycoris_adapter() {
             let factors = a.names().iter().copied().zip(a.factors.iter().map(|p| p.id)).collect();
-            pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Lycoris { algo: a.algo(), factors }, scale: a.scale });
+            let scalar = a.scalar.as_ref().map(|s| s.id);
+            pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Lycoris { algo: a.algo(), factors, scalar }, scale: a.scale });
             return;
         }
         // burn's layouts: linear down `[in, rank]` / up `[rank, out]`; conv down
@@ -201,7 +207,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                     }
                     (gram_down * gram_up).sum()
                 }
-                NormFactors::Lycoris { algo, factors } => self.lycoris_delta(*algo, factors, &pair.path)?.powi_scalar(2).sum(),
+                NormFactors::Lycoris { algo, factors, scalar } => {
+                    let square = self.lycoris_delta(*algo, factors, &pair.path)?.powi_scalar(2).sum();
+                    match scalar {
+                        Some(id) => square * self.matrix(*id, &pair.path)?.reshape([1]).powi_scalar(2),
+                        None => square,
+                    }
+                }
                 NormFactors::LoconTucker { down, mid, up } => {
                     let (down, core) = (self.matrix(*down, &pair.path)?, self.matrix(*mid, &pair.path)?);
                     if core.dims()[0] != down.dims()[0] || core.dims()[1] % down.dims()[0].max(1) != 0 {
