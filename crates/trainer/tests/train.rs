@@ -1299,7 +1299,9 @@ fn prodigy_plus_shares_its_mean_saves_its_average_and_resumes_bit_for_bit() {
 
 /// A schedule-free run's validation loss is the one of its average `x`, the weights it
 /// saves: a run that starts from the saved file and cannot move (a learning rate of 1e-30)
-/// measures the same loss, to the bit. Measured at `y` it would differ.
+/// measures the same loss, up to float rounding (the weights it reads back are laid out
+/// anew, which may round a sum's last bits otherwise). Measured at `y`, after six steps at
+/// a rate of 5e-3, it would differ by far more.
 #[test]
 fn schedule_free_validates_at_its_average() {
     use trainer::config::{LrScheduler, Optimizer};
@@ -1319,7 +1321,7 @@ fn schedule_free_validates_at_its_average() {
     b.lora.network_weights = trained.lora.display().to_string();
     let still = train::<B>(&b, &Default::default(), &mut |_| true).unwrap();
     let (at_x, from_file) = (trained.validation.last().unwrap().1, still.validation.last().unwrap().1);
-    assert_eq!(at_x.to_bits(), from_file.to_bits(), "validation at x {at_x}, from the saved file {from_file}");
+    assert!((at_x - from_file).abs() <= 1e-5 * at_x.abs(), "validation at x {at_x}, from the saved file {from_file}");
 }
 
 #[test]
