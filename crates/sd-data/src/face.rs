@@ -80,7 +80,9 @@ pub fn face_crop<R: Rng + ?Sized>(size: Reso, target: Reso, face: FaceBox, [lo, 
     let scale = scale.max(cover);
     let scaled = |v: f64| (v * scale + 0.5) as i64;
     let resized = (scaled(width).max(i64::from(target.0)), scaled(height).max(i64::from(target.1)));
-    let centre = (scaled(face.cx as f64), scaled(face.cy as f64));
+    // A centre named outside the image (a file name is anyone's input) is taken at its
+    // edge, which keeps the crop arithmetic in range.
+    let centre = (scaled(face.cx as f64).clamp(0, resized.0), scaled(face.cy as f64).clamp(0, resized.1));
     let mut crop = [0i64; 2];
     // sd-scripts' order: the top, then the left.
     for (axis, target_side, length, face_at) in [(1, i64::from(target.1), resized.1, centre.1), (0, i64::from(target.0), resized.0, centre.0)] {
@@ -149,6 +151,12 @@ mod tests {
         let tiny = FaceBox { cx: 50, cy: 50, w: 4, h: 4 };
         let (resized, _) = face_crop((600, 300), (256, 256), tiny, [2.0, 4.0], false, &mut rng);
         assert_eq!(resized, (600, 300));
+        // A box named far outside the image (or absurdly large) still gives a crop inside it.
+        let wild = FaceBox { cx: i64::MAX / 2, cy: 7, w: i64::MAX / 4, h: 3 };
+        for random_crop in [false, true] {
+            let (resized, crop) = face_crop((600, 300), (256, 256), wild, [2.0, 4.0], random_crop, &mut rng);
+            assert!(crop.0 + 256 <= resized.0 && crop.1 + 256 <= resized.1, "{resized:?} {crop:?}");
+        }
         // An image smaller than the target is enlarged to cover it.
         let (resized, crop) = face_crop((200, 100), (256, 256), tiny, [2.0, 4.0], false, &mut rng);
         assert!(resized.0 >= 256 && resized.1 == 256 && crop.1 == 0, "{resized:?} {crop:?}");

@@ -116,13 +116,14 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
                 None => return,
             },
             LoraSiteMut::Conv(c) => match &c.adapter {
-                Some(a) if a.mid.is_some() => {
-                    let mid = a.mid.as_ref().map(|m| m.weight.id).expect("a core");
-                    let factors = NormFactors::LoconTucker { down: a.down.weight.id, mid, up: a.up.weight.id };
-                    pairs.push(NormPair { path: path.to_owned(), factors, scale: a.scale });
-                    return;
-                }
-                Some(a) => (a.down.weight.id, a.up.weight.id, a.scale, RankAxis::First, RankAxis::Last),
+                Some(a) => match &a.mid {
+                    Some(mid) => {
+                        let factors = NormFactors::LoconTucker { down: a.down.weight.id, mid: mid.weight.id, up: a.up.weight.id };
+                        pairs.push(NormPair { path: path.to_owned(), factors, scale: a.scale });
+                        return;
+                    }
+                    None => (a.down.weight.id, a.up.weight.id, a.scale, RankAxis::First, RankAxis::Last),
+                },
                 None => return,
             },
         };
