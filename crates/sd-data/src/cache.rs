@@ -305,6 +305,7 @@ impl LatentCache {
                     flip,
                     color: None,
                     loss_weight: 1.0,
+                    diff_output_preservation: false,
                 };
                 if self
                     .load_with_mask(&LatentKey::for_sample(ds, &s, &identity))

@@ -177,6 +177,13 @@ pub struct SubsetConfig {
     /// Loss weight of this subset's samples; `None` means 1.0, or `prior_loss_weight` for
     /// regularization subsets.
     pub loss_weight: Option<f32>,
+    /// kohya's differential output preservation (sd-scripts' `custom_attributes = {
+    /// diff_output_preservation = true }`): this subset's samples are trained towards what
+    /// the model predicts without its adapters (on the same noisy latents, timestep and
+    /// caption) instead of towards their noise or velocity, so that the adapters leave the
+    /// model's output for such images and captions as it was (prior preservation without
+    /// generated regularization images). Their loss weight applies as usual.
+    pub diff_output_preservation: bool,
     /// Search sub-folders too.
     pub recursive: bool,
     /// Caption file extension tried first; `.txt` and `.caption` are tried after it.
@@ -283,6 +290,7 @@ impl Default for SubsetConfig {
             class_tokens: None,
             is_reg: false,
             loss_weight: None,
+            diff_output_preservation: false,
             recursive: true,
             caption_extension: ".txt".into(),
             caption_separator: ",".into(),

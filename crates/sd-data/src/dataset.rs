@@ -34,6 +34,9 @@ pub struct SamplePlan {
     pub color: Option<ColorAug>,
     /// Loss weight.
     pub loss_weight: f32,
+    /// Trained towards the model's own prediction without its adapters
+    /// ([`SubsetConfig::diff_output_preservation`]).
+    pub diff_output_preservation: bool,
 }
 
 impl SamplePlan {
@@ -521,6 +524,7 @@ impl Dataset {
                     flip,
                     color: None,
                     loss_weight: subset.loss_weight,
+                    diff_output_preservation: subset.config.diff_output_preservation,
                 });
             }
         }

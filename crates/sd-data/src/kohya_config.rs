@@ -9,7 +9,6 @@ use crate::error::{DataError, Result};
 
 /// sd-scripts options this crate does not implement, with what to do instead.
 const UNSUPPORTED: &[(&str, &str)] = &[
-    ("custom_attributes", "custom attributes are not supported"),
     ("network_multiplier", "per-dataset network multipliers are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
     ("validation_split", "set the trainer's data.validation_split instead"),
@@ -65,8 +64,9 @@ impl DatasetConfig {
     /// its command line). The datasets must agree on the dataset options (resolution,
     /// buckets, batch size): they become one [`DatasetConfig`] with all their subsets.
     /// Fine-tuning subsets (`metadata_file`) are read as [`SubsetConfig::metadata_file`].
-    /// Options sd-scripts has and this crate does not (`custom_attributes`, ...) are
-    /// errors naming the option.
+    /// `custom_attributes = { diff_output_preservation = true }` sets
+    /// [`SubsetConfig::diff_output_preservation`]. Options sd-scripts has and this crate
+    /// does not (`network_multiplier`, ...) are errors naming the option.
     ///
     /// ```
     /// use sd_data::DatasetConfig;
@@ -162,6 +162,13 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
             if SPEED_ONLY.contains(&key) {
                 continue;
             }
+            if key == "custom_attributes" {
+                let preserve = custom_attributes(section, value)?;
+                if let Some(obj) = subset.as_object_mut() {
+                    obj.insert("diff_output_preservation".into(), Value::Bool(preserve));
+                }
+                continue;
+            }
             let in_dataset = dataset_keys.iter().any(|k| k == key);
             let target = if in_dataset {
                 if let Section::Subset(..) = section {
@@ -238,6 +245,30 @@ fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<
     config.subsets = subsets;
     config.validate()?;
     Ok(config)
+}
+
+/// sd-scripts' `custom_attributes` table (a subset option), of which its training reads
+/// `diff_output_preservation`: whether that is set. As in sd-scripts, a table replaces one
+/// given above it (a subset's `{}` turns off its dataset's preservation). Other attributes
+/// are for sd-scripts users' own code and are errors here, not silently dropped.
+fn custom_attributes(section: Section, value: &Value) -> Result<bool> {
+    let key = section.key("custom_attributes");
+    let Value::Object(attributes) = value else {
+        return Err(DataError::config(&key, "must be a table, e.g. `{ diff_output_preservation = true }`"));
+    };
+    for (name, v) in attributes {
+        match (name.as_str(), v) {
+            ("diff_output_preservation", Value::Bool(_)) => {}
+            ("diff_output_preservation", other) => return Err(DataError::config(&format!("{key}.{name}"), format!("must be true or false, got {other}"))),
+            _ => {
+                return Err(DataError::config(
+                    &format!("{key}.{name}"),
+                    "is not read by this trainer: of sd-scripts' custom attributes, only `diff_output_preservation` acts on training",
+                ))
+            }
+        }
+    }
+    Ok(attributes.get("diff_output_preservation").and_then(Value::as_bool).unwrap_or(false))
 }
 
 /// A `[general]`-like table of the document, if present.

@@ -106,7 +106,11 @@ fn datasets_must_agree_on_dataset_options() {
 fn bad_files_are_errors_naming_the_key() {
     let subset = |extra: &str| format!("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  {extra}\n");
     let cases = [
-        (subset("custom_attributes = { a = 1 }"), "`datasets[0].subsets[0].custom_attributes` (sd-scripts' option) is not supported"),
+        (subset("custom_attributes = { a = 1 }"), "`datasets[0].subsets[0].custom_attributes.a` is not read by this trainer"),
+        (subset("custom_attributes = { diff_output_preservation = 1 }"), "`datasets[0].subsets[0].custom_attributes.diff_output_preservation` must be true or false"),
+        (subset("custom_attributes = \"dop\""), "`datasets[0].subsets[0].custom_attributes` must be a table"),
+        ("[general]\ncustom_attributes = { b = true }\n".to_string() + &subset(""), "`general.custom_attributes.b` is not read"),
+        (subset("network_multiplier = -1.0"), "`datasets[0].subsets[0].network_multiplier` (sd-scripts' option) is not supported"),
         (subset("resize_interpolation = \"hamming\""), "`datasets[0].subsets[0].resize_interpolation` has the wrong type"),
         // sd-scripts crops around faces only without buckets.
         (subset("face_crop_aug_range = [2.0, 4.0]"), "`datasets[0].subsets[0].face_crop_aug_range` needs enable_bucket = false"),
@@ -201,6 +205,35 @@ fn fine_tuning_subsets_read_their_metadata_file() {
 
 /// `resize_interpolation` by sd-scripts' names, in `[general]`, a dataset or a subset (the
 /// nearest wins); unset, sd-scripts' default per image.
+/// sd-scripts' `custom_attributes = { diff_output_preservation = true }` marks a subset
+/// for differential output preservation; like any subset option it cascades from
+/// `[general]` and `[[datasets]]`, and a table given lower down replaces the one above
+/// (an empty one turns preservation off again).
+#[test]
+fn custom_attributes_mark_differential_output_preservation() {
+    let text = r#"
+[general]
+custom_attributes = { diff_output_preservation = true }
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "keep"
+
+  [[datasets.subsets]]
+  image_dir = "style"
+  custom_attributes = {}
+
+  [[datasets.subsets]]
+  image_dir = "off"
+  custom_attributes = { diff_output_preservation = false }
+"#;
+    let c = read(text, &DatasetConfig::default()).unwrap();
+    let flags: Vec<bool> = c.subsets.iter().map(|s| s.diff_output_preservation).collect();
+    assert_eq!(flags, [true, false, false]);
+    let plain = read("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n", &DatasetConfig::default()).unwrap();
+    assert!(!plain.subsets[0].diff_output_preservation);
+}
+
 #[test]
 fn resize_interpolation_reads_sd_scripts_names() {
     let text = "[general]\nresize_interpolation = \"cubic\"\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n  [[datasets.subsets]]\n  image_dir = \"b\"\n  resize_interpolation = \"area\"\n";

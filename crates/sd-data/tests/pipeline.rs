@@ -109,6 +109,7 @@ fn latent_cache_hits_misses_and_invalidation() {
         flip: true,
         color: None,
         loss_weight: 1.0,
+        diff_output_preservation: false,
     };
     let direct = PoolEncoder::new("vae-a")
         .encode(&ds.sample_pixels(&s).unwrap())
@@ -381,6 +382,7 @@ fn pixels_are_exact_for_unresized_images_and_flip_mirrors() {
         flip: false,
         color: None,
         loss_weight: 1.0,
+        diff_output_preservation: false,
     };
     let plain = ds.sample_pixels(&s).unwrap();
     for (c, y, x) in [(0, 0, 0), (1, 10, 20), (2, 63, 63), (0, 5, 40)] {

@@ -304,6 +304,13 @@ pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainErro
         let (train, validation) = dataset.split_validation(config.data.validation_split, config.train.seed)?;
         (train, Some(validation))
     };
+    let samples: Vec<bool> = train.plan_epoch(0).iter().flat_map(|b| b.samples.iter().map(|s| s.diff_output_preservation)).collect();
+    if !samples.is_empty() && samples.iter().all(|&keep| keep) {
+        return Err(TrainError::Config {
+            origin: "data".into(),
+            reason: "every training sample keeps the model's output (diff_output_preservation / custom_attributes): the adapters would learn nothing; leave it off for the images to learn from".into(),
+        });
+    }
     // The token warmup counts optimizer steps (the validation images have none).
     let t = &steps_for(config, &train)?.train;
     Ok((train.with_steps(t.gradient_accumulation_steps, t.max_train_steps), validation))
@@ -316,7 +323,8 @@ pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainErro
 pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String, TrainError> {
     let (dataset, validation) = data;
     let t = &steps_for(config, dataset)?.train;
-    let batches = dataset.plan_epoch(0).len();
+    let plans = dataset.plan_epoch(0);
+    let batches = plans.len();
     let buckets: Vec<String> = dataset.bucket_table().iter().map(|((w, h), n)| format!("{w}x{h}: {n}")).collect();
     let mut out = format!(
         "data: {} images, {} samples per epoch in {batches} batches of up to {}; buckets (WxH: samples) {}",
@@ -325,6 +333,10 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
         t.train_batch_size,
         buckets.join(", ")
     );
+    let preserving = plans.iter().flat_map(|b| &b.samples).filter(|s| s.diff_output_preservation).count();
+    if preserving > 0 {
+        out.push_str(&format!("\n{preserving} samples per epoch keep the model's output (diff_output_preservation): their targets are its prediction without the adapters"));
+    }
     if let Some(v) = validation {
         out.push_str(&format!("\nvalidation: {} held-out images", v.images().len()));
     }
@@ -813,6 +825,47 @@ fn loss_kind(kind: crate::config::LossKind) -> LossType {
 }
 
 /// The pseudo-Huber thresholds of a batch's timesteps (`None` for the other losses).
+/// The batch's samples that keep the model's output (kohya's differential output
+/// preservation, [`sd_data::SamplePlan::diff_output_preservation`]), by place.
+fn preserved_rows(plan: &sd_data::BatchPlan) -> Vec<usize> {
+    plan.samples.iter().enumerate().filter(|(_, s)| s.diff_output_preservation).map(|(i, _)| i).collect()
+}
+
+/// kohya's differential output preservation: the `rows` of `target` become what `unet`
+/// predicts with its adapters off, for the same noisy latents, timesteps and text (the text
+/// as encoded for this step, with trained text encoders' adapters on, as sd-scripts does).
+/// Only those rows run the UNet again; nothing of it joins a graph (`unet` is the inner,
+/// valid model).
+fn preserved_targets<B: burn::tensor::backend::Backend>(
+    unet: &sd_model::UNet2DConditionModel<B>,
+    rows: &[usize],
+    target: Tensor<B, 4>,
+    noisy: Tensor<B, 4>,
+    timesteps: Tensor<B, 1>,
+    context: Tensor<B, 3>,
+    added: Option<&sd_model::AddedConditions<B>>,
+) -> Result<Tensor<B, 4>, TrainError> {
+    if rows.is_empty() {
+        return Ok(target);
+    }
+    let mut base = unet.clone();
+    base.visit_lora_sites(&mut |_, mut site| site.set_multiplier(0.0));
+    let rows_i64: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+    let pick = Tensor::<B, 1, burn::tensor::Int>::from_ints(rows_i64.as_slice(), &target.device());
+    let added = added.map(|a| sd_model::AddedConditions {
+        text_embeds: a.text_embeds.clone().select(0, pick.clone()),
+        time_ids: a.time_ids.clone().select(0, pick.clone()),
+    });
+    let prior = base
+        .forward_added(noisy.select(0, pick.clone()), timesteps.select(0, pick.clone()), context.select(0, pick), added)?
+        .cast(target.dtype());
+    let mut target = target;
+    for (j, &i) in rows.iter().enumerate() {
+        target = target.slice_assign(i..i + 1, prior.clone().slice(j..j + 1));
+    }
+    Ok(target)
+}
+
 fn huber_thresholds<B: burn::tensor::backend::Backend>(
     schedule: &TrainingSchedule<B>,
     timesteps: Tensor<B, 1, burn::tensor::Int>,
@@ -1258,6 +1311,18 @@ fn run<B: AutodiffBackend>(
             };
             let noisy = schedule.add_noise(latents.clone(), input_noise, ts.clone());
             let target = schedule.target(latents, eps, ts.clone());
+            let target = match preserved_rows(plan) {
+                rows if rows.is_empty() => target,
+                rows => Tensor::from_inner(preserved_targets(
+                    &unet.valid(),
+                    &rows,
+                    target.inner(),
+                    noisy.clone().inner(),
+                    ts.clone().float().inner(),
+                    context.clone().inner(),
+                    added.as_ref().map(|a| sd_model::AddedConditions { text_embeds: a.text_embeds.clone().inner(), time_ids: a.time_ids.clone().inner() }).as_ref(),
+                )?),
+            };
             let mut weights = Tensor::<B, 1>::from_floats(loss_weights.as_slice(), device);
             if t.min_snr_gamma > 0.0 {
                 weights = weights * schedule.min_snr_weights(ts.clone(), t.min_snr_gamma)?;
@@ -1661,7 +1726,8 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
     /// data has them). Everything random is fixed (the VAE
     /// posterior's mean, seeded noise per batch and timestep, no dropout) and nothing is
     /// drawn from the training streams, so evaluations compare with each other and leave
-    /// the training run as it would be without them.
+    /// the training run as it would be without them. Samples that keep the model's output
+    /// (`diff_output_preservation`) are measured against it, as in training.
     fn loss<A: AutodiffBackend<InnerBackend = B>>(
         &mut self,
         unet: &sd_model::UNet2DConditionModel<A>,
@@ -1697,6 +1763,7 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
                 let ts = Tensor::<B, 1, burn::tensor::Int>::from_ints(vec![step; n].as_slice(), device);
                 let noisy = self.schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
                 let target = self.schedule.target(latents.clone(), eps, ts.clone());
+                let target = preserved_targets(&unet, &preserved_rows(plan), target, noisy.clone(), ts.clone().float(), context.clone(), added.as_ref())?;
                 let pred = unet.forward_added(noisy, ts.float(), context.clone(), added.clone())?;
                 let error = (pred.cast(burn::tensor::FloatDType::F32) - target.cast(burn::tensor::FloatDType::F32)).powf_scalar(2.0);
                 // Masked data: the error where the masks let training in.
@@ -2091,10 +2158,57 @@ mod tests {
             flip: false,
             color: None,
             loss_weight: 1.0,
+            diff_output_preservation: false,
         };
         assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 40), (1216, 832)));
         s.flip = true;
         assert_eq!(sdxl_sizes((1459, 1200), &s), ((1459, 1200), (0, 1000 - 40 - 832), (1216, 832)));
+    }
+
+    /// Differential output preservation: the marked rows of the target become the UNet's
+    /// prediction with its adapters off (here ones that change the output), the other
+    /// rows stay, and the trained model keeps its adapters at full strength.
+    #[test]
+    fn preserved_rows_target_the_prediction_without_adapters() {
+        use burn::tensor::Distribution;
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        let config = sd_model::UnetConfig::tiny();
+        let base = sd_model::UNet2DConditionModel::<B>::new(&config, &device).unwrap();
+        let mut unet = base.clone();
+        let lora = lora_core::LoraConfig::new(4);
+        attach_new_adapters(&mut unet, &Selection::new(sd_model::targets::UnetTargets::AttnMlp), &lora, &device).unwrap();
+        // Fresh adapters add nothing; these do.
+        unet.visit_lora_sites(&mut |_, site| {
+            if let lora_core::sites::LoraSiteMut::Linear(lora_core::LoraLinear { adapter: Some(a), .. }) = site {
+                let up = &mut a.up;
+                up.weight = burn::module::Param::from_tensor(Tensor::random(up.weight.dims(), Distribution::Normal(0.0, 0.5), &device));
+            }
+        });
+        let n = 3;
+        let noisy = Tensor::<B, 4>::random([n, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let ts = Tensor::<B, 1>::from_floats([10.0, 500.0, 900.0], &device);
+        let context = Tensor::<B, 3>::random([n, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+        let target = Tensor::<B, 4>::random([n, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let out = preserved_targets(&unet, &[1], target.clone(), noisy.clone(), ts.clone(), context.clone(), None).unwrap();
+
+        let prior = base.forward_added(noisy.clone(), ts.clone(), context.clone(), None).unwrap();
+        let adapted = unet.forward_added(noisy, ts, context, None).unwrap();
+        let row = |t: &Tensor<B, 4>, i: usize| t.clone().slice(i..i + 1).into_data().to_vec::<f32>().unwrap();
+        let max_diff = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(max_diff(row(&adapted, 1), row(&prior, 1)) > 1e-3, "the adapters must change the output for the test to mean anything");
+        assert!(max_diff(row(&out, 1), row(&prior, 1)) < 1e-5);
+        for i in [0, 2] {
+            assert_eq!(row(&out, i), row(&target, i));
+        }
+        // The model itself keeps its adapters on.
+        let mut strengths = Vec::new();
+        unet.visit_lora_sites(&mut |_, site| {
+            if let lora_core::sites::LoraSiteMut::Linear(l) = site {
+                strengths.push((l.multiplier, l.adapter.is_some()));
+            }
+        });
+        assert!(strengths.iter().any(|&(_, on)| on) && strengths.iter().all(|&(m, _)| m == 1.0));
     }
 
     /// A colour-changed sample (`color_aug`) is encoded from its changed pixels each time,

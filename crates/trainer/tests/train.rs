@@ -938,7 +938,7 @@ fn kohya_dataset_config_toml_trains_on_its_subsets() {
     assert!(err.to_string().contains("batch_size = 2") && err.to_string().contains("train.train_batch_size"), "{err}");
     // sd-scripts options this trainer lacks are named.
     std::fs::write(&toml, "[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"x\"\n  custom_attributes = { a = 1 }\n").unwrap();
-    let Err(err) = trainer::train::open_dataset(&config) else { panic!("custom_attributes must be refused") };
+    let Err(err) = trainer::train::open_dataset(&config) else { panic!("custom attributes other than diff_output_preservation must be refused") };
     assert!(err.to_string().contains("dataset.toml") && err.to_string().contains("datasets[0].subsets[0].custom_attributes"), "{err}");
 
     // A JSON config replaces the default demo data as well.
@@ -947,6 +947,44 @@ fn kohya_dataset_config_toml_trains_on_its_subsets() {
     config.data.dataset_config = json.display().to_string();
     let dataset = trainer::train::open_dataset(&config).unwrap();
     assert_eq!(dataset.images().len(), 2);
+}
+
+/// kohya's differential output preservation (`custom_attributes = {
+/// diff_output_preservation = true }` on a subset): a kept sample's target is the model's
+/// own prediction without its adapters, so with fresh adapters (which add nothing) its
+/// first-step loss is 0. With one image per subset in a batch of two, the plain run's
+/// first loss is then the sum of the runs that keep one subset each. Keeping every
+/// subset is an error (nothing would train).
+#[test]
+fn differential_output_preservation_targets_the_model_without_adapters() {
+    let _guard = seeded();
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    write_image(&a, "a", "a woman", 40);
+    write_image(&b, "b", "mystyle, a woman", 220);
+    let toml = root.path().join("dataset.toml");
+    let subset = |dir: &std::path::Path, keep: bool| {
+        let attributes = if keep { "  custom_attributes = { diff_output_preservation = true }\n" } else { "" };
+        format!("  [[datasets.subsets]]\n  image_dir = {:?}\n{attributes}", dir.display().to_string())
+    };
+    let first_loss = |keep_a: bool, keep_b: bool| {
+        std::fs::write(&toml, format!("[[datasets]]\n{}{}", subset(&a, keep_a), subset(&b, keep_b))).unwrap();
+        let mut config = quick_config(&root.path().join("out"), 1);
+        config.data.dataset_config = toml.display().to_string();
+        config.train.train_batch_size = 2;
+        config.output.sample_prompts.clear();
+        let data = trainer::train::training_datasets(&config)?;
+        let summary = trainer::train::data_summary(&config, &data)?;
+        assert_eq!(summary.contains("1 samples per epoch keep the model's output"), keep_a || keep_b, "{summary}");
+        let report = trainer::train::train_on::<B>(&config, data, &Default::default(), &mut |_| true)?;
+        Ok::<f32, trainer::TrainError>(report.losses[0])
+    };
+    let plain = first_loss(false, false).unwrap();
+    let (kept_a, kept_b) = (first_loss(true, false).unwrap(), first_loss(false, true).unwrap());
+    assert!(kept_a > 0.0 && kept_b > 0.0 && plain > 0.0);
+    assert!((plain - (kept_a + kept_b)).abs() <= 1e-5 * plain, "{plain} vs {kept_a} + {kept_b}");
+    let err = first_loss(true, true).unwrap_err().to_string();
+    assert!(err.contains("diff_output_preservation") && err.contains("learn nothing"), "{err}");
 }
 
 /// kohya's `sample_every_n_epochs`: a grid at the end of every N-th epoch, replacing the
