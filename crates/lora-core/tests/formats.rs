@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{random_weights, rel_err, Rng};
+use common::{damage, damaged, random_weights, rel_err, Rng};
 use lora_core::{
     detect_format, AdapterFormat, AdapterKey, AdapterSet, Component, LoraError, ModuleIndex, ReadOptions, SaveDtype,
 };
@@ -263,6 +263,26 @@ fn malformed_inputs_are_typed_errors() {
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![2], &ids).unwrap();
     let bytes = safetensors::serialize([(format!("{Q}.lora_down.weight"), view)], None).unwrap();
     assert!(matches!(read(&bytes).unwrap_err(), LoraError::UnsupportedDtype { .. }));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A damaged kohya or PEFT file (cut short, a byte overwritten, a tensor left out,
+    /// reshaped, filled with NaN or infinities, renamed to another adapter's suffix) reads
+    /// as a typed error or as adapters whose updates can be formed and written: never a
+    /// panic, strict or lenient.
+    #[test]
+    fn damaged_files_are_errors_not_panics(peft in any::<bool>(), lenient in any::<bool>(), damage in damage()) {
+        let format = if peft { AdapterFormat::Peft } else { AdapterFormat::Kohya };
+        let bytes = damaged(&sample_set(5).to_bytes(format, SaveDtype::F16).unwrap(), &damage);
+        if let Ok((set, _)) = AdapterSet::from_bytes(&bytes, Path::new("bad.safetensors"), &index(), ReadOptions { lenient }) {
+            for (_, w) in set.iter() {
+                prop_assert_eq!(w.delta().data.len(), w.delta().shape.iter().product::<usize>());
+            }
+            set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+        }
+    }
 }
 
 #[test]

@@ -5,6 +5,8 @@
 
 mod common;
 
+use proptest::prelude::*;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -224,4 +226,54 @@ fn tucker_decomposed_convolutions_read_as_their_updates() {
     let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, HashMap::new()).unwrap();
     let err = AdapterSet::from_bytes(&bytes, Path::new("t.safetensors"), &index, ReadOptions::default()).map(|_| ()).unwrap_err().to_string();
     assert!(err.contains("lora_mid") && err.contains("conv_locon_t"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A damaged LyCORIS file (LoHa, LoKr, Tucker LoCon: cut short, a byte overwritten, a
+    /// tensor left out, reshaped, filled with NaN, renamed to another algorithm's suffix)
+    /// reads as a typed error or as adapters that attach to their layers (or refuse to, with
+    /// an error) and run: never a panic.
+    #[test]
+    fn damaged_lycoris_files_are_errors_not_panics(tucker in any::<bool>(), damage in common::damage()) {
+        let name = if tucker { "lycoris_tucker.safetensors" } else { "lycoris.safetensors" };
+        let bytes = common::damaged(&std::fs::read(fixture(name)).unwrap(), &damage);
+        let modules = ["conv_loha_t", "conv_lokr_t", "conv_locon_t"];
+        let mut index = ModuleIndex::new();
+        index.add(Component::Unet, modules).unwrap();
+        index.add(Component::Unet, MODULES).unwrap();
+        for m in modules.iter().chain(MODULES.iter().filter(|m| m.starts_with("conv"))) {
+            index.set_kernel(key(m), [3, 3]);
+        }
+        let Ok((set, _)) = AdapterSet::from_bytes(&bytes, Path::new("bad.safetensors"), &index, ReadOptions { lenient: true }) else {
+            return Ok(());
+        };
+        let device = Default::default();
+        for (k, w) in set.iter() {
+            let delta = w.delta();
+            prop_assert_eq!(delta.data.len(), delta.shape.iter().product::<usize>());
+            // Attached to a layer of the update's size, the adapter runs; a layer of
+            // another size refuses it with an error.
+            let (out, inp) = (delta.shape[0], delta.shape.get(1).copied().unwrap_or(1));
+            if w.is_conv() || k.path.starts_with("conv") {
+                let kernel = index.kernel(k).unwrap_or([1, 1]);
+                for (o, i) in [(out, inp), (out + 1, inp)] {
+                    let conv = Conv2dConfig::new([i.max(1), o.max(1)], kernel).with_padding(PaddingConfig2d::Same).init::<Flex>(&device);
+                    let mut layer = LoraConv2d::new(conv);
+                    if layer.attach_weights(w, &k.path, &device).is_ok() {
+                        let x = Tensor::<Flex, 4>::ones([1, i.max(1), 5, 5], &device);
+                        let _ = layer.forward(x);
+                    }
+                }
+            } else {
+                for (o, i) in [(out, inp), (out, inp + 1)] {
+                    let mut layer = LoraLinear::new(LinearConfig::new(i.max(1), o.max(1)).init::<Flex>(&device));
+                    if layer.attach_weights(w, &k.path, &device).is_ok() {
+                        let _ = layer.forward(Tensor::<Flex, 2>::ones([2, i.max(1)], &device));
+                    }
+                }
+            }
+        }
+    }
 }

@@ -751,7 +751,7 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
         let inter = file
             .shape("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight")
             .map_or(hidden * 4, |s| dim_at(s, 0));
-        return Ok(ClipTextConfig {
+        let config = ClipTextConfig {
             vocab_size: dim_at(shape, 0),
             hidden_size: hidden,
             intermediate_size: inter,
@@ -763,7 +763,10 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
             layer_norm_eps: 1e-5,
             architectures: vec![],
             projection_dim: None,
-        });
+        };
+        // Shapes a damaged or unusual file gives may not make a model: the error names the file.
+        config.validate(&file.path.display().to_string())?;
+        return Ok(config);
     }
     let prefix = [
         "cond_stage_model.transformer.text_model.",
@@ -781,7 +784,7 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
     })?;
     let emb = file.shape(&format!("{prefix}embeddings.token_embedding.weight")).unwrap_or(&[49408, 768]);
     let hidden = dim_at(emb, 1);
-    Ok(ClipTextConfig {
+    let config = ClipTextConfig {
         vocab_size: dim_at(emb, 0),
         hidden_size: hidden,
         intermediate_size: file
@@ -796,7 +799,9 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
         layer_norm_eps: 1e-5,
         architectures: vec![],
         projection_dim: None,
-    })
+    };
+    config.validate(&file.path.display().to_string())?;
+    Ok(config)
 }
 
 /// Header key for an embedded config of SDXL's second text encoder.
@@ -861,7 +866,7 @@ pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
     let context = file.shape(&format!("{}middle_block.1.transformer_blocks.0.attn2.to_k.weight", keymap::LDM_UNET_PREFIX));
     let sdxl = file.keys().any(|k| k.starts_with("conditioner.embedders."))
         || (file.contains(&format!("{}label_emb.0.0.weight", keymap::LDM_UNET_PREFIX)) && context.is_some_and(|s| dim_at(s, 1) == 2048));
-    Ok(VaeConfig {
+    let config = VaeConfig {
         scaling_factor: if sdxl { SDXL_VAE_SCALING_FACTOR } else { VaeConfig::sd15().scaling_factor },
         block_out_channels,
         layers_per_block: count_indexed(file, "first_stage_model.encoder.down.0.block."),
@@ -869,7 +874,9 @@ pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
         down_block_types: vec!["DownEncoderBlock2D".into(); levels],
         up_block_types: vec!["UpDecoderBlock2D".into(); levels],
         ..VaeConfig::sd15()
-    })
+    };
+    config.validate(&file.path.display().to_string())?;
+    Ok(config)
 }
 
 /// Header key for an embedded UNet config (diffusers `config.json` fields).

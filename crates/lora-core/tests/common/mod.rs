@@ -173,3 +173,82 @@ pub fn written_as_in_fixture<Bk: burn::tensor::backend::Backend>(model: &mut imp
     }
     (bytes, meta)
 }
+
+/// A way to damage a valid adapter file ([`damaged`]); places and lengths are taken
+/// modulo what the file has.
+#[derive(Clone, Debug)]
+pub enum Damage {
+    /// Cut the file to this many thousandths of its length.
+    Truncate(usize),
+    /// Overwrite the byte at this many thousandths of the length.
+    Byte(usize, u8),
+    /// Leave out a tensor.
+    Drop(usize),
+    /// Give a tensor another shape (any rank, sizes from 0), with new values.
+    Reshape(usize, Vec<usize>),
+    /// Set every value of a tensor to one (NaN, infinities, 0, negative).
+    Fill(usize, f32),
+    /// Give a tensor another of the suffixes adapter files use (after the module's name).
+    Rename(usize, &'static str),
+}
+
+/// The suffixes kohya, PEFT and LyCORIS files use.
+const SUFFIXES: &[&str] = &[
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "scalar",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "lora_A.weight", "lora_B.weight", "diff", "weight",
+];
+
+/// Every [`Damage`], with values that tend to break readers.
+pub fn damage() -> impl proptest::strategy::Strategy<Value = Damage> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0usize..1000).prop_map(Damage::Truncate),
+        (0usize..1000, any::<u8>()).prop_map(|(p, b)| Damage::Byte(p, b)),
+        any::<usize>().prop_map(Damage::Drop),
+        (any::<usize>(), prop::collection::vec(0usize..6, 0..5)).prop_map(|(i, s)| Damage::Reshape(i, s)),
+        (any::<usize>(), prop::sample::select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -1.0, 1e30])).prop_map(|(i, v)| Damage::Fill(i, v)),
+        (any::<usize>(), prop::sample::select(SUFFIXES)).prop_map(|(i, s)| Damage::Rename(i, s)),
+    ]
+}
+
+/// `bytes` (a valid safetensors file) with `damage` done to it.
+pub fn damaged(bytes: &[u8], damage: &Damage) -> Vec<u8> {
+    let at = |thousandths: usize| bytes.len() * thousandths / 1000;
+    match damage {
+        Damage::Truncate(t) => return bytes[..at(*t)].to_vec(),
+        Damage::Byte(p, b) => {
+            let mut out = bytes.to_vec();
+            if let Some(x) = out.get_mut(at(*p)) {
+                *x = *b;
+            }
+            return out;
+        }
+        _ => {}
+    }
+    let path = std::path::Path::new("valid.safetensors");
+    let (st, metadata) = lora_core::tensor_io::parse(bytes, path).unwrap();
+    let mut tensors: Vec<(String, HostTensor)> = st.iter().map(|(k, v)| (k.to_string(), lora_core::tensor_io::decode(&v, k, path).unwrap())).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let n = tensors.len();
+    let mut rng = Rng::new(n as u64);
+    match damage {
+        Damage::Drop(i) => drop(tensors.remove(i % n)),
+        Damage::Reshape(i, shape) => tensors[i % n].1 = rng.host(shape),
+        Damage::Fill(i, v) => tensors[i % n].1.data.iter_mut().for_each(|x| *x = *v),
+        Damage::Rename(i, suffix) => {
+            let name = &mut tensors[i % n].0;
+            let module = name.split_once('.').map_or(name.as_str(), |(m, _)| m).to_string();
+            *name = format!("{module}.{suffix}");
+        }
+        Damage::Truncate(_) | Damage::Byte(..) => unreachable!(),
+    }
+    // A rename may collide with a tensor already there: the later one stays.
+    let mut unique: HashMap<String, HostTensor> = HashMap::new();
+    for (k, v) in tensors {
+        unique.insert(k, v);
+    }
+    let refs: Vec<(String, &HostTensor)> = unique.iter().map(|(k, v)| (k.clone(), v)).collect();
+    lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, metadata).unwrap()
+}
