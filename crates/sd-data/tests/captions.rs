@@ -187,6 +187,56 @@ proptest! {
     }
 }
 
+/// Pieces that captions and their options are made of: the separators kohya's options
+/// use, wildcard braces, new lines, multi-byte characters, and plain words.
+fn piece() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![",", ", ", "|||", ";;;", "{", "}", "{{", "}}", "|", "\n", " ", "é", "日本", "🙂", "sks", "a b"]).prop_map(String::from),
+        "\\PC{0,4}",
+    ]
+}
+
+fn text() -> impl Strategy<Value = String> {
+    prop::collection::vec(piece(), 0..12).prop_map(|p| p.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any caption under any mix of the options (separators and markers made of the same
+    /// pieces, multi-byte text, unbalanced wildcard braces) transforms without a panic, and
+    /// with nothing random asked for, `apply` gives the fixed caption at every step.
+    #[test]
+    fn any_caption_under_any_options_transforms(
+        caption in text(),
+        separator in prop::sample::select(vec![",", ";", "|", " ", ",,"]),
+        keep in 0usize..4,
+        (shuffle, wildcard, warmup) in (any::<bool>(), any::<bool>(), any::<bool>()),
+        (tag_rate, drop_rate) in (prop::sample::select(vec![0.0f32, 0.5, 1.0]), prop::sample::select(vec![0.0f32, 0.5, 1.0])),
+        (prefix, suffix, trigger, marker, secondary) in (prop::option::of(text()), prop::option::of(text()), prop::option::of(text()), prop::option::of(piece()), prop::option::of(piece())),
+        seed: u64,
+        step in 0u64..20,
+    ) {
+        let s = subset(|s| {
+            s.caption_separator = separator.into();
+            s.keep_tokens = keep;
+            s.shuffle_caption = shuffle;
+            s.enable_wildcard = wildcard;
+            (s.token_warmup_min, s.token_warmup_step) = if warmup { (1, 10.0) } else { (1, 0.0) };
+            (s.caption_tag_dropout_rate, s.caption_dropout_rate) = (tag_rate, drop_rate);
+            (s.caption_prefix, s.caption_suffix, s.trigger_word) = (prefix, suffix, trigger);
+            (s.keep_tokens_separator, s.secondary_separator) = (marker, secondary);
+        });
+        let t = CaptionTransform::from_subset(&s);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let out = t.apply_at(&caption, step, &mut rng);
+        let _ = t.tags(&caption);
+        if t.is_fixed() {
+            prop_assert_eq!(out, t.fixed(&caption));
+        }
+    }
+}
+
 /// kohya's token warmup: before its last step a caption keeps its first movable tags
 /// (after `keep_tokens` or the `keep_tokens_separator`'s first part, and before the last),
 /// `token_warmup_min` at step 0 and `floor(step · (n − min) / steps) + min` later, cut
