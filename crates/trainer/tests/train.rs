@@ -2531,3 +2531,66 @@ fn base_weights_are_merged_before_training() {
     let err = missing.validate().unwrap_err().to_string();
     assert!(err.contains("model.base_weights") && err.contains("nope.safetensors"), "{err}");
 }
+
+/// Values that tend to break configurations, for a key whose default is `default`: edge
+/// numbers (0, negative, huge, NaN, infinities), empty and odd strings, short lists, and
+/// now and then a value of another type.
+fn nasty_values(default: &toml::Value) -> Vec<String> {
+    let odd_types = ["true", "\"x\"", "[]", "1"].map(String::from).to_vec();
+    let own: Vec<&str> = match default {
+        toml::Value::Integer(_) => vec!["0", "1", "2", "3", "7", "64", "1000", "4294967296", "-1"],
+        toml::Value::Float(_) => vec!["0.0", "-1.0", "1e-12", "0.5", "1.0", "2.0", "1e30", "nan", "inf", "-inf"],
+        toml::Value::Boolean(_) => vec!["true", "false"],
+        toml::Value::String(_) => vec!["\"\"", "\"x\"", "\"none\"", "\"ü\"", "\"../nope\"", "\"demo\"", "\"tiny\"", "\"cosine\"", "\"adamw\""],
+        toml::Value::Array(_) => vec!["[]", "[0]", "[1.0, 2.0]", "[\"\"]", "[\"a\", \"b\"]", "[-1, 1e30]"],
+        _ => vec![],
+    };
+    own.into_iter().map(String::from).chain(odd_types).collect()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(384))]
+
+    /// Any one to three keys of the configuration set to edge values (`--set`) make a
+    /// config error naming the problem, or a configuration that writes a TOML which loads
+    /// back the same and whose data (the demo images) opens and plans its epochs — never
+    /// a panic.
+    #[test]
+    fn any_settings_are_errors_or_configs_that_reload(picks in proptest::collection::vec((0usize..10_000, 0usize..100), 1..4)) {
+        let defaults = toml::Value::try_from(TrainConfig::default()).unwrap();
+        let keys = trainer::config::valid_keys();
+        let mut sets = vec!["output.sample_prompts=[]".to_string(), "data.demo_images=2".to_string()];
+        for (k, v) in picks {
+            let key = &keys[k % keys.len()];
+            // The data's size stays small: the demo images are made at the resolution.
+            if ["data.demo_images", "data.resolution"].contains(&key.as_str()) {
+                continue;
+            }
+            let (section, field) = key.split_once('.').unwrap();
+            let values = nasty_values(&defaults[section][field]);
+            sets.push(format!("{key}={}", values[v % values.len()]));
+        }
+        let config = match TrainConfig::load(None, &sets) {
+            Ok(config) => config,
+            Err(err) => {
+                // Errors name the key or what is wrong with the configuration's values.
+                let text = err.to_string();
+                let named = sets[2..].iter().any(|s| text.contains(s.split('=').next().unwrap_or(s)));
+                proptest::prop_assert!(named || text.starts_with("configuration:"), "{:?}: {}", sets, text);
+                return Ok(());
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("written.toml");
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let back = TrainConfig::load(Some(&path), &[]);
+        proptest::prop_assert!(back.is_ok(), "{:?}: the written config does not load: {}", sets, back.err().map(|e| e.to_string()).unwrap_or_default());
+        proptest::prop_assert_eq!(back.unwrap().to_toml(), config.to_toml(), "{:?}", sets);
+        if let Ok(data) = trainer::train::training_datasets(&config) {
+            let _ = trainer::train::data_summary(&config, &data);
+            for epoch in 0..2 {
+                let _ = data.0.plan_epoch(epoch);
+            }
+        }
+    }
+}
