@@ -1232,7 +1232,9 @@ fn run<B: AutodiffBackend>(
     // Clipping, skipping and the loss scale are decided on the device (`StepGuard`), so
     // the host queues step after step; each read of their numbers drains the device's
     // queue, so it happens every `log_interval_s` (and before samples, saves and the end).
-    let read_interval = std::time::Duration::from_secs_f64(config.output.log_interval_s);
+    // An interval past what a Duration holds (validated finite and >= 0) reads only when
+    // it must (samples, saves, the end).
+    let read_interval = std::time::Duration::try_from_secs_f64(config.output.log_interval_s).unwrap_or(std::time::Duration::MAX);
     let mut last_read = Instant::now();
     let first_step = progress.step;
     let mut epochs_completed = completed_epochs(&progress, plans.len());
