@@ -135,3 +135,29 @@ fn apply_weights_scales_states_and_keeps_the_mean() {
     };
     assert!((ratio(out) / ratio(hidden) - 1.5).abs() < 1e-5);
 }
+
+use proptest::prelude::*;
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(512))]
+
+    /// Any prompt (emphasis brackets and weights, balanced or not, escapes, `BREAK`s,
+    /// multi-byte text) encodes for any row count: `rows × 77` ids and
+    /// `rows × 75 + 2` finite weights, never a panic.
+    #[test]
+    fn any_prompt_encodes_with_weights(
+        pieces in proptest::collection::vec(proptest::prop_oneof![
+            proptest::sample::select(vec!["(", ")", "[", "]", ":", ":1.5", ":-2", ":nan", ":1e40", "\\(", "\\", "BREAK", " BREAK ", "a", "red car", ",", "é", "日本", "🙂", " "]).prop_map(String::from),
+            "\\PC{0,6}",
+        ], 0..24),
+        rows in 0usize..4,
+    ) {
+        let tokenizer = ClipTokenizer::bundled().unwrap();
+        let prompt = pieces.concat();
+        let (ids, weights) = tokenizer.encode_weighted(&prompt, rows).unwrap();
+        let rows = rows.max(1);
+        proptest::prop_assert_eq!(ids.len(), rows * 77);
+        proptest::prop_assert_eq!(weights.len(), rows * 75 + 2);
+        proptest::prop_assert!(weights.iter().all(|w| w.is_finite()), "{:?}: {:?}", prompt, weights);
+    }
+}
