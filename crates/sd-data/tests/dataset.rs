@@ -863,3 +863,50 @@ fn images_shrink_by_area_unless_a_filter_is_named() {
     assert_ne!(pixels(Some(sd_data::ResizeInterpolation::Lanczos)), area);
     assert!(pixels(Some(sd_data::ResizeInterpolation::Nearest)).iter().all(|v| v.abs() > 0.99), "nearest keeps black and white");
 }
+
+/// A 64 × 64 image in `format` (PNG, JPEG, WebP or BMP), as bytes.
+fn encoded(format: image::ImageFormat, seed: u8) -> Vec<u8> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img(64, 64, seed)).write_to(&mut bytes, format).unwrap();
+    bytes.into_inner()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(256))]
+
+    /// A damaged image file (cut short, or bytes overwritten in its header or its data) in
+    /// any of the formats read makes opening the dataset a typed error naming the file, or
+    /// a dataset whose samples all load — never a panic.
+    #[test]
+    fn damaged_images_are_errors_naming_the_file(
+        format in proptest::sample::select(vec![image::ImageFormat::Png, image::ImageFormat::Jpeg, image::ImageFormat::WebP, image::ImageFormat::Bmp]),
+        cut in proptest::option::of(0usize..1000),
+        writes in proptest::collection::vec((0usize..1000, 0usize..64, proptest::num::u8::ANY), 0..4),
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let mut bytes = encoded(format, 3);
+        for (at, header, value) in writes {
+            // Half the writes land in the first 64 bytes, where the headers are.
+            let i = if at % 2 == 0 { header } else { at * bytes.len() / 1000 };
+            if let Some(b) = bytes.get_mut(i) {
+                *b = value;
+            }
+        }
+        if let Some(cut) = cut {
+            bytes.truncate(bytes.len() * cut / 1000);
+        }
+        let path = d.path().join(format!("damaged.{}", format.extensions_str()[0]));
+        fs::write(&path, &bytes).unwrap();
+        caption(&path, "txt", "damaged");
+        match Dataset::open(&config(d.path())) {
+            Err(e) => proptest::prop_assert!(e.to_string().contains("damaged."), "{}", e),
+            Ok(ds) => {
+                for s in ds.plan_epoch(0).iter().flat_map(|b| b.samples.iter()) {
+                    if let Err(e) = ds.sample_pixels(s) {
+                        proptest::prop_assert!(e.to_string().contains("damaged."), "{}", e);
+                    }
+                }
+            }
+        }
+    }
+}
