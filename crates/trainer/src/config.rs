@@ -1443,19 +1443,44 @@ pub fn nearest<'a>(unknown: &str, candidates: impl IntoIterator<Item = &'a str>)
         .map(|(_, c)| c)
 }
 
-/// All valid dotted keys of the configuration (`train.learning_rate`, ...).
+/// All valid dotted keys of the configuration (`train.learning_rate`, ...), optional ones
+/// (unset by default, such as `data.face_crop_aug_range`) included.
 pub fn valid_keys() -> Vec<String> {
-    let value = toml::Value::try_from(TrainConfig::default()).unwrap_or(toml::Value::Table(Default::default()));
-    let mut keys = Vec::new();
-    if let toml::Value::Table(sections) = value {
-        for (section, v) in sections {
-            if let toml::Value::Table(fields) = v {
-                keys.extend(fields.keys().map(|k| format!("{section}.{k}")));
-            }
-        }
-    }
+    let sections = [
+        ("model", struct_fields::<ModelSection>()),
+        ("data", struct_fields::<DataSection>()),
+        ("lora", struct_fields::<LoraSection>()),
+        ("train", struct_fields::<TrainSection>()),
+        ("output", struct_fields::<OutputSection>()),
+    ];
+    let mut keys: Vec<String> = sections.iter().flat_map(|(section, fields)| fields.iter().map(move |f| format!("{section}.{f}"))).collect();
     keys.sort();
     keys
+}
+
+/// The field names serde reads for the struct `T`. The defaults serialized leave out
+/// fields that are unset (`Option`s skipped when `None`), so the names come from `T`'s
+/// `Deserialize`, which hands them to the deserializer.
+fn struct_fields<T: serde::de::DeserializeOwned>() -> Vec<&'static str> {
+    use serde::de::{Error, Visitor};
+    struct Probe<'a>(&'a mut Vec<&'static str>);
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(self, _: &'static str, fields: &'static [&'static str], _: V) -> Result<V::Value, Self::Error> {
+            self.0.extend_from_slice(fields);
+            Err(Self::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields = Vec::new();
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
 }
 
 /// Finds keys of `value` that the configuration does not have, with suggestions.

@@ -1726,6 +1726,69 @@ resolution = 512
 output_dir = "out"
 "#;
 
+    /// kohya options and values that tend to break a converter: edge numbers, odd
+    /// strings, and `network_args` / `optimizer_args` entries in and out of range.
+    fn kohya_line() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        const INTS: &[&str] = &["network_dim", "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "seed", "clip_skip", "keep_tokens", "save_every_n_epochs", "save_every_n_steps", "lr_warmup_steps", "lr_scheduler_num_cycles", "max_token_length", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "dataset_repeats", "caption_dropout_every_n_epochs", "sample_every_n_steps", "min_timestep", "max_timestep", "multires_noise_iterations", "token_warmup_step", "save_last_n_epochs", "lr_decay_steps", "validate_every_n_steps"];
+        const FLOATS: &[&str] = &["learning_rate", "unet_lr", "text_encoder_lr", "network_alpha", "conv_alpha", "noise_offset", "min_snr_gamma", "max_grad_norm", "scale_weight_norms", "network_dropout", "caption_dropout_rate", "caption_tag_dropout_rate", "prior_loss_weight", "multires_noise_discount", "adaptive_noise_scale", "ip_noise_gamma", "huber_c", "lr_scheduler_power", "loraplus_lr_ratio", "validation_split", "v_pred_like_loss", "lr_warmup_steps", "conv_dim"];
+        const STRINGS: &[(&str, &[&str])] = &[
+            ("optimizer_type", &["AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree", "SGDNesterov", "", "bitsandbytes.optim.AdEMAMix8bit"]),
+            ("lr_scheduler", &["cosine_with_restarts", "constant", "polynomial", "rex", "", "adafactor"]),
+            ("mixed_precision", &["fp16", "bf16", "no", "fp8"]),
+            ("save_precision", &["fp16", "bf16", "float", "int8"]),
+            ("network_module", &["networks.lora", "lycoris.kohya", "networks.dylora", "networks.oft"]),
+            ("save_model_as", &["safetensors", "ckpt", "diffusers"]),
+            ("loss_type", &["l2", "huber", "smooth_l1", "l1"]),
+            ("huber_schedule", &["snr", "exponential", "constant", "x"]),
+            ("resolution", &["512,768", "0", "64", "x,y", "1e9"]),
+            ("face_crop_aug_range", &["2.0,4.0", "4,2", "a"]),
+            ("caption_extension", &[".txt", "", "txt"]),
+            ("timestep_sampling", &["uniform", "sigmoid"]),
+        ];
+        const BOOLS: &[&str] = &["enable_bucket", "shuffle_caption", "flip_aug", "color_aug", "gradient_checkpointing", "cache_latents", "v2", "v_parameterization", "network_train_unet_only", "network_train_text_encoder_only", "xformers", "sdpa", "full_fp16", "full_bf16", "random_crop", "bucket_no_upscale", "zero_terminal_snr", "debiased_estimation_loss", "masked_loss", "alpha_mask", "sample_at_first", "scale_v_pred_loss_like_noise_pred"];
+        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True"];
+        let ints = (prop::sample::select(INTS), prop::sample::select(vec!["0", "1", "2", "-1", "77", "1000000", "4294967296"])).prop_map(|(k, v)| format!("{k} = {v}"));
+        let floats = (prop::sample::select(FLOATS), prop::sample::select(vec!["0.0", "-1.0", "1e-12", "0.5", "1.0", "2.0", "1e30", "nan", "inf", "-inf"])).prop_map(|(k, v)| format!("{k} = {v}"));
+        let strings = prop::sample::select(STRINGS).prop_flat_map(|(k, vs)| prop::sample::select(vs).prop_map(move |v| format!("{k} = {v:?}")));
+        let bools = (prop::sample::select(BOOLS), any::<bool>()).prop_map(|(k, v)| format!("{k} = {v}"));
+        let args = (prop::sample::select(vec!["network_args", "optimizer_args"]), prop::collection::vec(prop::sample::select(ARGS), 0..4)).prop_map(|(k, v)| format!("{k} = {v:?}"));
+        prop_oneof![ints, floats, strings, bools, args]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(512))]
+
+        /// Any kohya config of common options at edge values converts to settings that
+        /// validate and write a TOML that loads back the same, or is an error naming an
+        /// option — never a panic.
+        #[test]
+        fn any_kohya_config_converts_or_names_the_option(lines in proptest::collection::vec(kohya_line(), 0..6)) {
+            // A key given twice is a TOML error; the first stays.
+            let mut seen = std::collections::HashSet::new();
+            let lines: Vec<String> = lines.into_iter().filter(|l| seen.insert(l.split(" = ").next().unwrap_or_default().to_string())).collect();
+            let text = format!("{MINIMAL}{}", lines.join("\n"));
+            let text = text.replace("resolution = 512\n", if lines.iter().any(|l| l.starts_with("resolution =")) { "" } else { "resolution = 512\n" });
+            match import(&text) {
+                Err(e) => {
+                    let message = e.to_string();
+                    let named = message.contains("kohya.toml") && (message.contains('`') || message.contains("converted settings"));
+                    proptest::prop_assert!(named, "{}\n-> {}", text, message);
+                }
+                Ok(i) => {
+                    if i.config.validate().is_ok() {
+                        let dir = tempfile::tempdir().unwrap();
+                        let path = dir.path().join("converted.toml");
+                        std::fs::write(&path, i.to_toml(Path::new("kohya.toml"))).unwrap();
+                        let back = TrainConfig::load(Some(&path), &[]);
+                        proptest::prop_assert!(back.is_ok(), "{}\n-> {:?}", text, back.err().map(|e| e.to_string()));
+                        proptest::prop_assert_eq!(back.unwrap().to_toml(), i.config.to_toml());
+                    }
+                }
+            }
+        }
+    }
+
     fn import(text: &str) -> Result<KohyaImport, TrainError> {
         import_kohya_config(text, Path::new("kohya.toml"))
     }

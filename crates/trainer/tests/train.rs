@@ -2635,3 +2635,21 @@ proptest::proptest! {
         }
     }
 }
+
+/// Settings that are unset by default (`data.face_crop_aug_range`,
+/// `data.resize_interpolation`) are valid keys of files and `--set`, and a config with
+/// them set writes a TOML that loads back the same.
+#[test]
+fn optional_settings_load_from_files_and_set() {
+    let keys = trainer::config::valid_keys();
+    for key in ["data.face_crop_aug_range", "data.resize_interpolation", "train.lr_scheduler_args", "lora.conv_rank"] {
+        assert!(keys.iter().any(|k| k == key), "{key} missing from {keys:?}");
+    }
+    let sets = ["data.resize_interpolation=\"area\"", "data.face_crop_aug_range=[2.0, 4.0]", "data.enable_bucket=false", "data.train_data_dir=\"faces\""].map(String::from);
+    let config = TrainConfig::load(None, &sets).unwrap();
+    assert_eq!((config.data.resize_interpolation, config.data.face_crop_aug_range), (Some(sd_data::ResizeInterpolation::Area), Some([2.0, 4.0])));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    assert_eq!(TrainConfig::load(Some(&path), &[]).unwrap().to_toml(), config.to_toml());
+}
