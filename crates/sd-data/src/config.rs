@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
 
+/// The largest side, in pixels, of a training resolution and of the buckets (SD trains
+/// at 512 to 2048): a larger one is a config error rather than an allocation that fails.
+pub const MAX_SIDE: u32 = 8192;
+
 /// Training resolution `(width, height)`; serialised as a number (`512`) or a pair (`[768, 512]`),
 /// like kohya's `resolution = "512"` / `"768,512"`, and read from either or from such a
 /// string (`"768,512"`, as sd-scripts' command line takes it).
@@ -512,6 +516,12 @@ impl DatasetConfig {
                 "resolution",
                 "width and height must be positive",
             ));
+        }
+        if width.max(height) > MAX_SIDE {
+            return Err(DataError::config("resolution", format!("{width}x{height}: a side may be at most {MAX_SIDE} px")));
+        }
+        if self.enable_bucket && self.max_bucket_reso > MAX_SIDE {
+            return Err(DataError::config("max_bucket_reso", format!("{} is over the largest side, {MAX_SIDE} px", self.max_bucket_reso)));
         }
         if self.batch_size == 0 {
             return Err(DataError::config("batch_size", "must be at least 1"));

@@ -121,6 +121,8 @@ fn bad_files_are_errors_naming_the_key() {
         (subset("metadata_file = \"meta.json\""), "meta.json does not exist"),
         ("[[datasets]]\n  [[datasets.subsets]]\n  num_repeats = 2\n".to_string(), "`datasets[0].subsets[0].image_dir` is required"),
         (subset("resolution = 512"), "`datasets[0].subsets[0].resolution` is a dataset option"),
+        ("[general]\nresolution = 10000\n".to_string() + &subset(""), "10000x10000: a side may be at most 8192 px"),
+        ("[general]\nenable_bucket = true\nmax_bucket_reso = 100000\n".to_string() + &subset(""), "max_bucket_reso` 100000 is over the largest side"),
         (subset("num_repeat = 2"), "`datasets[0].subsets[0].num_repeat` is not a dataset option"),
         (subset("num_repeats = \"ten\""), "`datasets[0].subsets[0].num_repeats` has the wrong type"),
         (subset("num_repeats = 0"), "num_repeats"),

@@ -391,10 +391,11 @@ pub fn denoise<B: Backend>(
 pub fn latent_shape<B: Backend>(c: &Components<B>, opts: &GenerateOptions) -> Result<[usize; 4], TrainError> {
     let f = c.vae.downsample_factor();
     let m = f * c.unet.size_multiple();
-    if opts.width == 0 || opts.height == 0 || !opts.width.is_multiple_of(m) || !opts.height.is_multiple_of(m) {
+    let max = sd_data::MAX_SIDE as usize;
+    if opts.width == 0 || opts.height == 0 || !opts.width.is_multiple_of(m) || !opts.height.is_multiple_of(m) || opts.width.max(opts.height) > max {
         return Err(TrainError::Config {
             origin: "size".into(),
-            reason: format!("width and height must be positive multiples of {m} for this model, got {}x{}", opts.width, opts.height),
+            reason: format!("width and height must be positive multiples of {m} for this model, at most {max}, got {}x{}", opts.width, opts.height),
         });
     }
     Ok([opts.prompts.len(), c.vae.latent_channels(), opts.height / f, opts.width / f])
@@ -486,10 +487,11 @@ fn parse_prompt_options(text: &str, defaults: &GenerateOptions) -> Result<(Gener
             reason: format!("--{key} {value}: {what}"),
         };
         let number = |what: &str| value.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| bad(what));
+        let side = |v: f64| if v <= f64::from(sd_data::MAX_SIDE) { Ok(v as usize) } else { Err(bad(&format!("at most {} px", sd_data::MAX_SIDE))) };
         match key.to_ascii_lowercase().as_str() {
             "n" => o.negative_prompt = value.to_string(),
-            "w" => o.width = number("expected a width in pixels")? as usize,
-            "h" => o.height = number("expected a height in pixels")? as usize,
+            "w" => o.width = side(number("expected a width in pixels")?)?,
+            "h" => o.height = side(number("expected a height in pixels")?)?,
             "d" => {
                 o.seed = value.parse().map_err(|_| bad("expected a seed (a whole number)"))?;
                 seeded = true;

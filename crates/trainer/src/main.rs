@@ -186,12 +186,13 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Width in pixels (SDXL models want 1024).
-        #[arg(long, default_value_t = 512)]
-        width: usize,
-        /// Height in pixels (SDXL models want 1024).
-        #[arg(long, default_value_t = 512)]
-        height: usize,
+        /// Width in pixels [default: the model's size: 1024 for SDXL, 768 for SD2.1
+        /// v-prediction, 512 for SD1.x, 64 for the tiny models]
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        width: Option<usize>,
+        /// Height in pixels [default: the model's size, as --width]
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        height: Option<usize>,
         /// CLIP skip: 1 uses the text encoder's last layer, 2 the penultimate (A1111's "Clip
         /// skip"; anime models and LoRAs trained with `model.clip_skip = 2` want 2). SDXL
         /// always reads the penultimate layers and takes only 1.
@@ -618,12 +619,17 @@ fn run_generate<B: Backend>(
     tiny_seed: u64,
     loras: Loras<'_>,
     precision: trainer::device_check::Precision,
-    opts: GenerateOptions,
+    mut opts: GenerateOptions,
     files: &GenerateFiles,
     device: &B::Device,
 ) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
+    for side in [&mut opts.width, &mut opts.height] {
+        if *side == 0 {
+            *side = c.default_size();
+        }
+    }
     if let Some(vae) = &files.vae {
         trainer::models::load_separate_vae(&mut c, vae)?;
     }
@@ -1008,7 +1014,8 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             run_train::<B>(config, resume.as_deref(), device)
         }
         Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, save_latents, vae } => {
-            let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width, height, clip_skip, max_token_length };
+            // The size is the model's unless given (0: known once the model is loaded).
+            let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
             let files = GenerateFiles { out, init_latents, save_latents, vae };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)

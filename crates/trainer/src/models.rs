@@ -40,6 +40,18 @@ impl<B: Backend> Components<B> {
     pub fn is_sdxl(&self) -> bool {
         self.text_encoder_2.is_some()
     }
+
+    /// The side in pixels images of this model are made at by default, as diffusers'
+    /// pipelines choose it: 1024 for SDXL, 768 for SD2.x v-prediction models (SD2.1), 512
+    /// for SD1.x and SD2.x base; the tiny models' 64, the size the demo trains at.
+    pub fn default_size(&self) -> usize {
+        match self.base_version.as_str() {
+            "tiny" | "tiny_sdxl" => 64,
+            _ if self.is_sdxl() => 1024,
+            "sd_v2" if self.scheduler.prediction_type == sd_sched::PredictionType::VPrediction => 768,
+            _ => 512,
+        }
+    }
 }
 
 /// The built-in tiny models: `tiny` (SD1-like, the demo's) and `tiny-sdxl`.

@@ -128,3 +128,27 @@ fn an_imported_kohya_config_trains() {
     assert_eq!(set.iter().next().unwrap().1.rank(), 4);
     assert!(!run.join("samples.png").exists(), "no sample prompts, no samples");
 }
+
+/// `trainer generate` makes images at the model's size unless told (the tiny model's
+/// 64 px, as the demo trains; SD1.x would be 512), takes one side alone, and refuses a
+/// zero side or one past 8192 px with an error.
+#[test]
+fn generate_defaults_to_the_models_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("g.png");
+    let size = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", "a red circle", "--steps", "2", "--out", image.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, text) = trainer(&args);
+        assert!(ok, "{text}");
+        image::image_dimensions(&image).unwrap()
+    };
+    assert_eq!(size(&[]), (64, 64));
+    assert_eq!(size(&["--height", "128"]), (64, 128));
+    for (args, expect) in [(&["--width", "0"][..], "--width"), (&["--width", "8200"][..], "at most 8192")] {
+        let mut all = vec!["generate", "--prompt", "a", "--steps", "2", "--out", image.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let (ok, text) = trainer(&all);
+        assert!(!ok && text.contains(expect), "{args:?}: {text}");
+    }
+}

@@ -165,8 +165,9 @@ fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
     assert_eq!(with_seeds[3].width(), (70 - 70 % step).max(step), "{:?}", with_seeds[3].dimensions());
     // Mixed sizes share a grid of the largest cell.
     assert_eq!(grid(&images, 3).dimensions(), (3 * 64, 32));
-    // Bad options are configuration errors naming the prompt.
-    for bad in ["x --q 3", "x --w wide", "x --ss nosuchsampler"] {
+    // Bad options (sizes too past 8192 px, which no memory holds) are configuration errors
+    // naming the prompt.
+    for bad in ["x --q 3", "x --w wide", "x --ss nosuchsampler", "x --w 1e15", "x --h 8200"] {
         let mut config = trainer::TrainConfig::default();
         config.output.sample_prompts = vec![bad.into()];
         let err = config.validate().unwrap_err().to_string();
