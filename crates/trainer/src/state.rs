@@ -455,6 +455,8 @@ pub struct TrainingState {
     pub adapters: HashMap<String, HostTensor>,
     /// AdamW moments by key + `.m1` / `.m2`.
     pub moments: HashMap<String, HostTensor>,
+    /// The folder it was read from (named in errors), or is to be written to.
+    pub dir: PathBuf,
 }
 
 fn write_tensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> Result<(), TrainError> {
@@ -529,6 +531,7 @@ impl TrainingState {
             adapters: read_tensors(&dir.join("adapters.safetensors"))?,
             moments: read_tensors(&dir.join("optimizer.safetensors"))?,
             info,
+            dir: dir.to_path_buf(),
         })
     }
 }

@@ -1131,9 +1131,11 @@ fn run<B: AutodiffBackend>(
     let mut guard = StepGuard::<B::InnerBackend>::new(guard_settings, device);
     let mut losses = Vec::with_capacity(t.max_train_steps);
     if let Some(state) = &state {
-        restore_adapter_params(&mut unet, "unet", &state.adapters, device)?;
+        let file = state.dir.join("adapters.safetensors");
+        let in_file = in_state_file(&file);
+        restore_adapter_params(&mut unet, "unet", &state.adapters, device).map_err(&in_file)?;
         for (i, te) in encoders.iter_mut().enumerate() {
-            restore_adapter_params(te, encoder_key(i), &state.adapters, device)?;
+            restore_adapter_params(te, encoder_key(i), &state.adapters, device).map_err(&in_file)?;
         }
     }
     // All adapter tensors of a model in one AdamW update (lora_core::optim), starting from
@@ -1166,14 +1168,16 @@ fn run<B: AutodiffBackend>(
         .collect();
     if let Some(state) = state {
         let times = &state.info.optimizer_time;
-        import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device)?;
-        let state_dir = out.join("state");
-        import_optimizer_state(&mut optim, "unet", &state.moments, &state_dir, device)?;
+        let file = state.dir.join("optimizer.safetensors");
+        let in_file = in_state_file(&file);
+        import_moments(&mut optim, &adapter_params(&mut unet, "unet"), &state.moments, times, device).map_err(&in_file)?;
+        let state_dir = &state.dir;
+        import_optimizer_state(&mut optim, "unet", &state.moments, state_dir, device)?;
         for (i, (o, te)) in te_optims.iter_mut().zip(encoders.iter_mut()).enumerate() {
-            import_moments(o, &adapter_params(te, encoder_key(i)), &state.moments, times, device)?;
-            import_optimizer_state(o, encoder_key(i), &state.moments, &state_dir, device)?;
+            import_moments(o, &adapter_params(te, encoder_key(i)), &state.moments, times, device).map_err(&in_file)?;
+            import_optimizer_state(o, encoder_key(i), &state.moments, state_dir, device)?;
         }
-        let origin = out.join("state.json");
+        let origin = state.dir.join("state.json");
         timesteps.set_rng_state(&state.info.timestep_rng.to_state(&origin)?);
         noise = SeededNoise::from_state(&state.info.noise_rng.to_state(&origin)?);
         progress = Progress {
@@ -1930,8 +1934,17 @@ impl Saver<'_> {
             },
             adapters,
             moments,
+            dir: self.config.output.output_dir.join("state"),
         };
-        state.save(&self.config.output.output_dir.join("state"))
+        state.save(&state.dir)
+    }
+}
+
+/// An error about a resumed state's contents, naming the state's `file`.
+fn in_state_file(file: &Path) -> impl Fn(TrainError) -> TrainError + '_ {
+    move |e| match e {
+        TrainError::Config { origin, reason } => TrainError::Config { origin: format!("{} ({origin})", file.display()), reason },
+        other => other,
     }
 }
 

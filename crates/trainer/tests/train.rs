@@ -2659,3 +2659,129 @@ fn optional_settings_load_from_files_and_set() {
     std::fs::write(&path, config.to_toml()).unwrap();
     assert_eq!(TrainConfig::load(Some(&path), &[]).unwrap().to_toml(), config.to_toml());
 }
+
+/// A state folder of an interrupted run (2 of 4 steps, text encoder in training), made
+/// once for the damaged-state property test.
+fn interrupted_state() -> &'static (std::path::PathBuf, TrainConfig) {
+    static STATE: std::sync::OnceLock<(std::path::PathBuf, TrainConfig)> = std::sync::OnceLock::new();
+    STATE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let mut config = quick_config(&dir.join("out"), 4);
+        config.data.demo_images = 2;
+        config.train.text_encoder_lr = 5e-4;
+        config.output.sample_prompts.clear();
+        let first = train::<B>(&config, &Default::default(), &mut |info| info.step < 2).unwrap();
+        assert!(first.interrupted);
+        (dir.join("out/state"), config)
+    })
+}
+
+/// One thing done to a file of a state folder.
+#[derive(Clone, Debug)]
+enum StateDamage {
+    /// Cut a file to this many thousandths of its length.
+    Truncate(usize),
+    /// Leave out a tensor of a safetensors file (`state.json`: a key).
+    Drop(usize),
+    /// Give a tensor another shape, or a `state.json` value another value.
+    Reshape(usize, Vec<usize>),
+    /// Fill a tensor with a value (`state.json`: set a value to it).
+    Fill(usize, f32),
+}
+
+fn state_damage() -> impl proptest::strategy::Strategy<Value = (usize, StateDamage)> {
+    use proptest::prelude::*;
+    let damage = prop_oneof![
+        (0usize..1000).prop_map(StateDamage::Truncate),
+        any::<usize>().prop_map(StateDamage::Drop),
+        (any::<usize>(), proptest::collection::vec(0usize..6, 0..4)).prop_map(|(i, s)| StateDamage::Reshape(i, s)),
+        (any::<usize>(), proptest::sample::select(vec![f32::NAN, f32::INFINITY, -1.0, 0.0, 1e30])).prop_map(|(i, v)| StateDamage::Fill(i, v)),
+    ];
+    (0usize..3, damage)
+}
+
+/// `value` (a JSON document) with its `i`-th leaf (in a walk of the document) changed by `f`.
+fn json_leaf(value: &mut serde_json::Value, i: &mut usize, f: &mut dyn FnMut(&mut serde_json::Value)) {
+    match value {
+        serde_json::Value::Object(map) => map.values_mut().for_each(|v| json_leaf(v, i, f)),
+        serde_json::Value::Array(items) if !items.is_empty() => items.iter_mut().for_each(|v| json_leaf(v, i, f)),
+        leaf => {
+            if *i == 0 {
+                f(leaf);
+            }
+            *i = i.wrapping_sub(1);
+        }
+    }
+}
+
+fn damage_state_file(path: &std::path::Path, damage: &StateDamage) {
+    let bytes = std::fs::read(path).unwrap();
+    if let StateDamage::Truncate(t) = damage {
+        std::fs::write(path, &bytes[..bytes.len() * t / 1000]).unwrap();
+        return;
+    }
+    if path.extension().is_some_and(|e| e == "json") {
+        let mut doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        let leaves = doc.to_string().len();
+        let (mut i, new) = match damage {
+            StateDamage::Drop(i) => (i % leaves, serde_json::Value::Null),
+            StateDamage::Reshape(i, s) => (i % leaves, serde_json::json!(s)),
+            StateDamage::Fill(i, v) => (i % leaves, serde_json::json!(if v.is_finite() { f64::from(*v) } else { 1e300 })),
+            StateDamage::Truncate(_) => unreachable!(),
+        };
+        json_leaf(&mut doc, &mut i, &mut |leaf| *leaf = new.clone());
+        std::fs::write(path, doc.to_string()).unwrap();
+        return;
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let n = tensors.len();
+    match damage {
+        StateDamage::Drop(i) => drop(tensors.remove(i % n)),
+        StateDamage::Reshape(i, shape) => {
+            let t = &mut tensors[i % n];
+            t.2 = (0..shape.iter().product::<usize>()).map(|k| k as f32 * 0.01).collect();
+            t.1 = shape.clone();
+        }
+        StateDamage::Fill(i, v) => tensors[i % n].2.iter_mut().for_each(|x| *x = *v),
+        StateDamage::Truncate(_) => unreachable!(),
+    }
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.into_iter().map(|(k, s, d)| (k, s, d.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        data.iter().map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config::with_cases(32))]
+
+    /// A damaged state folder (a file cut short, a tensor left out, reshaped or filled with
+    /// NaN, a `state.json` value changed) resumes, or is refused with an error naming the
+    /// state — never a panic.
+    #[test]
+    fn damaged_states_resume_or_are_refused((file, damage) in state_damage()) {
+        // The backend's random stream is global: runs (this one's first too) take turns.
+        let _guard = seeded();
+        let (state, config) = interrupted_state();
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("state");
+        std::fs::create_dir_all(&copy).unwrap();
+        for entry in std::fs::read_dir(state).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+        let name = ["state.json", "adapters.safetensors", "optimizer.safetensors"][file];
+        damage_state_file(&copy.join(name), &damage);
+        let mut resumed = config.clone();
+        resumed.output.output_dir = dir.path().join("out");
+        if let Err(err) = trainer::train::resume::<B>(&resumed, &copy, &Default::default(), &mut |_| true) {
+            let text = err.to_string();
+            proptest::prop_assert!(text.contains("state") || text.contains("diverged"), "{}: {}", name, text);
+        }
+    }
+}
