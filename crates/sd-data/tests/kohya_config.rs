@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use proptest::prelude::*;
 use sd_data::{DataError, DatasetConfig, Resolution, SubsetConfig};
 
 fn read(text: &str, defaults: &DatasetConfig) -> Result<DatasetConfig, DataError> {
@@ -246,4 +247,50 @@ fn resize_interpolation_reads_sd_scripts_names() {
     assert_eq!(c.subsets[0].resize_interpolation, None);
     // sd-scripts' scan cache changes only its speed: read and left alone.
     read("[general]\ncache_info = true\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n", &DatasetConfig::default()).unwrap();
+}
+
+/// A `key = value` line of kohya's dataset options at edge values: numbers out of range,
+/// NaN, wrong types, odd strings, tables and lists where scalars go.
+fn option_line() -> impl Strategy<Value = String> {
+    const KEYS: &[&str] = &[
+        "resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+        "num_repeats", "keep_tokens", "shuffle_caption", "caption_extension", "caption_dropout_rate", "caption_dropout_every_n_epochs",
+        "caption_tag_dropout_rate", "token_warmup_min", "token_warmup_step", "flip_aug", "color_aug", "random_crop", "face_crop_aug_range",
+        "class_tokens", "is_reg", "keep_tokens_separator", "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
+        "alpha_mask", "conditioning_data_dir", "resize_interpolation", "custom_attributes", "cache_info", "prior_loss_weight", "loss_weight",
+        "metadata_file", "network_multiplier", "validation_split",
+    ];
+    const VALUES: &[&str] = &[
+        "0", "1", "-1", "64", "512", "100000", "4294967296", "0.5", "nan", "inf", "-0.0", "true", "false", "\"\"", "\"x\"", "\"512,768\"",
+        "\"area\"", "[]", "[1]", "[2.0, 4.0]", "[4.0, 2.0]", "[512, 768]", "{}", "{ diff_output_preservation = true }", "{ a = 1 }",
+    ];
+    (prop::sample::select(KEYS), prop::sample::select(VALUES)).prop_map(|(k, v)| format!("{k} = {v}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// Any dataset config of kohya's options at edge values, wherever they stand
+    /// (`[general]`, a dataset, a subset), reads as a config that validates, or is an
+    /// error naming the file — never a panic.
+    #[test]
+    fn any_kohya_dataset_config_reads_or_names_the_file(
+        general in prop::collection::vec(option_line(), 0..3),
+        dataset in prop::collection::vec(option_line(), 0..3),
+        subsets in prop::collection::vec(prop::collection::vec(option_line(), 0..3), 1..3),
+    ) {
+        // TOML refuses a key given twice in a table: the first stays.
+        let table = |lines: &[String]| {
+            let mut seen = std::collections::HashSet::new();
+            lines.iter().filter(|l| seen.insert(l.split(" = ").next().unwrap_or_default().to_string())).cloned().collect::<Vec<_>>().join("\n")
+        };
+        let mut text = format!("[general]\n{}\n\n[[datasets]]\n{}\n", table(&general), table(&dataset));
+        for s in &subsets {
+            text.push_str(&format!("\n  [[datasets.subsets]]\n  image_dir = \"img\"\n{}\n", table(s)));
+        }
+        match read(&text, &DatasetConfig::default()) {
+            Ok(config) => prop_assert!(config.validate().is_ok()),
+            Err(e) => prop_assert!(e.to_string().contains("dataset.toml"), "{}\n-> {}", text, e),
+        }
+    }
 }
