@@ -304,8 +304,9 @@ pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainErro
         let (train, validation) = dataset.split_validation(config.data.validation_split, config.train.seed)?;
         (train, Some(validation))
     };
-    let samples: Vec<bool> = train.plan_epoch(0).iter().flat_map(|b| b.samples.iter().map(|s| s.diff_output_preservation)).collect();
-    if !samples.is_empty() && samples.iter().all(|&keep| keep) {
+    let plans = train.plan_epoch(0);
+    let mut samples = plans.iter().flat_map(|b| &b.samples).peekable();
+    if samples.peek().is_some() && samples.all(|s| s.diff_output_preservation) {
         return Err(TrainError::Config {
             origin: "data".into(),
             reason: "every training sample keeps the model's output (diff_output_preservation / custom_attributes): the adapters would learn nothing; leave it off for the images to learn from".into(),
@@ -831,13 +832,20 @@ fn preserved_rows(plan: &sd_data::BatchPlan) -> Vec<usize> {
     plan.samples.iter().enumerate().filter(|(_, s)| s.diff_output_preservation).map(|(i, _)| i).collect()
 }
 
-/// kohya's differential output preservation: the `rows` of `target` become what `unet`
-/// predicts with its adapters off, for the same noisy latents, timesteps and text (the text
+/// `unet` with its adapters off (at multiplier 0, which skips them), the model whose
+/// prediction differential output preservation trains towards.
+fn without_adapters<B: burn::tensor::backend::Backend>(mut unet: sd_model::UNet2DConditionModel<B>) -> sd_model::UNet2DConditionModel<B> {
+    unet.visit_lora_sites(&mut |_, mut site| site.set_multiplier(0.0));
+    unet
+}
+
+/// kohya's differential output preservation: the `rows` of `target` become what `base`
+/// ([`without_adapters`]) predicts for the same noisy latents, timesteps and text (the text
 /// as encoded for this step, with trained text encoders' adapters on, as sd-scripts does).
-/// Only those rows run the UNet again; nothing of it joins a graph (`unet` is the inner,
+/// Only those rows run the UNet again; nothing of it joins a graph (`base` is an inner,
 /// valid model).
 fn preserved_targets<B: burn::tensor::backend::Backend>(
-    unet: &sd_model::UNet2DConditionModel<B>,
+    base: &sd_model::UNet2DConditionModel<B>,
     rows: &[usize],
     target: Tensor<B, 4>,
     noisy: Tensor<B, 4>,
@@ -848,8 +856,6 @@ fn preserved_targets<B: burn::tensor::backend::Backend>(
     if rows.is_empty() {
         return Ok(target);
     }
-    let mut base = unet.clone();
-    base.visit_lora_sites(&mut |_, mut site| site.set_multiplier(0.0));
     let rows_i64: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
     let pick = Tensor::<B, 1, burn::tensor::Int>::from_ints(rows_i64.as_slice(), &target.device());
     let added = added.map(|a| sd_model::AddedConditions {
@@ -1320,7 +1326,7 @@ fn run<B: AutodiffBackend>(
             let target = match preserved_rows(plan) {
                 rows if rows.is_empty() => target,
                 rows => Tensor::from_inner(preserved_targets(
-                    &unet.valid(),
+                    &without_adapters(unet.valid()),
                     &rows,
                     target.inner(),
                     noisy.clone().inner(),
@@ -1749,8 +1755,12 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
         let timesteps: Vec<i64> = (0..VALIDATION_TIMESTEPS).map(|k| (t.min_timestep + (2 * k + 1) * span / (2 * VALIDATION_TIMESTEPS)) as i64).collect();
         let mut total = Tensor::<B, 1>::zeros([1], device);
         let mut count = 0usize;
-        for (b, plan) in self.dataset.plan_epoch(0).iter().enumerate() {
+        let plans = self.dataset.plan_epoch(0);
+        // The model without adapters, made once, when some sample keeps its output.
+        let base = plans.iter().flat_map(|p| &p.samples).any(|s| s.diff_output_preservation).then(|| without_adapters(unet.clone()));
+        for (b, plan) in plans.iter().enumerate() {
             let EncodedBatch { posterior, context, masks, .. } = self.cache.batch(&self.dataset, frozen, plan, config, text_encoders.is_none(), device)?;
+            let rows = preserved_rows(plan);
             let latents = frozen.vae.scale_latents(posterior.mean.clone());
             let cond = match (context, &text_encoders) {
                 (Some(c), _) => c,
@@ -1769,7 +1779,10 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
                 let ts = Tensor::<B, 1, burn::tensor::Int>::from_ints(vec![step; n].as_slice(), device);
                 let noisy = self.schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
                 let target = self.schedule.target(latents.clone(), eps, ts.clone());
-                let target = preserved_targets(&unet, &preserved_rows(plan), target, noisy.clone(), ts.clone().float(), context.clone(), added.as_ref())?;
+                let target = match &base {
+                    Some(base) => preserved_targets(base, &rows, target, noisy.clone(), ts.clone().float(), context.clone(), added.as_ref())?,
+                    None => target,
+                };
                 let pred = unet.forward_added(noisy, ts.float(), context.clone(), added.clone())?;
                 let error = (pred.cast(burn::tensor::FloatDType::F32) - target.cast(burn::tensor::FloatDType::F32)).powf_scalar(2.0);
                 // Masked data: the error where the masks let training in.
@@ -2205,7 +2218,7 @@ mod tests {
         let ts = Tensor::<B, 1>::from_floats([10.0, 500.0, 900.0], &device);
         let context = Tensor::<B, 3>::random([n, 5, 32], Distribution::Normal(0.0, 1.0), &device);
         let target = Tensor::<B, 4>::random([n, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
-        let out = preserved_targets(&unet, &[1], target.clone(), noisy.clone(), ts.clone(), context.clone(), None).unwrap();
+        let out = preserved_targets(&without_adapters(unet.clone()), &[1], target.clone(), noisy.clone(), ts.clone(), context.clone(), None).unwrap();
 
         let prior = base.forward_added(noisy.clone(), ts.clone(), context.clone(), None).unwrap();
         let adapted = unet.forward_added(noisy, ts, context, None).unwrap();
