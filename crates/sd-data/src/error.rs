@@ -40,6 +40,19 @@ pub enum DataError {
         /// The minimum side length that was required.
         min_side: u32,
     },
+    /// An image (by its header) has more pixels than are decoded: a decompression bomb or
+    /// a damaged header, refused before memory for it is reserved.
+    #[error("image {path} is {width}x{height} px, more than the {max_pixels} pixels an image may have (PIL's limit)")]
+    ImageTooLarge {
+        /// The image file.
+        path: PathBuf,
+        /// Width in the file's header.
+        width: u32,
+        /// Height in the file's header.
+        height: u32,
+        /// The most pixels an image may have ([`crate::image_io::MAX_IMAGE_PIXELS`]).
+        max_pixels: u64,
+    },
     /// A caption file is not valid UTF-8.
     #[error(
         "caption file {path} is not valid UTF-8 (byte {valid_up_to} starts an invalid sequence)"
@@ -166,6 +179,7 @@ impl DataError {
             Self::Io { path, .. }
             | Self::CorruptImage { path, .. }
             | Self::ImageTooSmall { path, .. }
+            | Self::ImageTooLarge { path, .. }
             | Self::CaptionNotUtf8 { path, .. }
             | Self::MissingCaption { path, .. }
             | Self::Mask { path, .. }

@@ -56,10 +56,30 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> DataError {
     }
 }
 
+/// The most pixels an image may have, PIL's decompression-bomb error threshold
+/// (`2 * Image.MAX_IMAGE_PIXELS`) that kohya's loaders inherit: about 13 400 px square.
+/// A header claiming more is refused before its pixel buffer is allocated (a damaged
+/// header can claim a buffer of hundreds of GiB, which would abort the process).
+pub const MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// Refuses a header whose `width × height` exceeds [`MAX_IMAGE_PIXELS`].
+fn check_pixels(path: &Path, (width, height): (u32, u32)) -> Result<()> {
+    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+        return Err(DataError::ImageTooLarge {
+            path: path.to_path_buf(),
+            width,
+            height,
+            max_pixels: MAX_IMAGE_PIXELS,
+        });
+    }
+    Ok(())
+}
+
 fn decode_dynamic(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
     let mut decoder = reader(bytes, path)?
         .into_decoder()
         .map_err(|e| corrupt(path, e))?;
+    check_pixels(path, decoder.dimensions())?;
     let orientation = decoder.orientation().map_err(|e| corrupt(path, e))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(path, e))?;
     img.apply_orientation(orientation);
@@ -97,6 +117,7 @@ pub fn probe_size(bytes: &[u8], path: &Path) -> Result<Reso> {
         .into_decoder()
         .map_err(|e| corrupt(path, e))?;
     let (w, h) = decoder.dimensions();
+    check_pixels(path, (w, h))?;
     let orientation = decoder.orientation().map_err(|e| corrupt(path, e))?;
     use image::metadata::Orientation as O;
     Ok(match orientation {

@@ -559,6 +559,27 @@ fn corrupt_and_truncated_images() {
     assert!(e.to_string().contains("trunc.png"));
 }
 
+/// A header claiming a huge image (a decompression bomb, or a damaged width) is refused
+/// before its pixel buffer is reserved: here 60 000 × 60 000 px, 10.8 GB as RGB.
+#[test]
+fn images_past_the_pixel_limit_are_refused_before_decoding() {
+    let d = tempfile::tempdir().unwrap();
+    let mut bytes = encoded(image::ImageFormat::Bmp, 1);
+    // BITMAPINFOHEADER: width and height are little-endian i32 at bytes 18 and 22.
+    bytes[18..22].copy_from_slice(&60_000i32.to_le_bytes());
+    bytes[22..26].copy_from_slice(&60_000i32.to_le_bytes());
+    let path = d.path().join("bomb.bmp");
+    fs::write(&path, &bytes).unwrap();
+    caption(&path, "txt", "bomb");
+    match expect_err(&config(d.path())) {
+        DataError::ImageTooLarge { path, width: 60_000, height: 60_000, max_pixels } => {
+            assert!(path.ends_with("bomb.bmp"));
+            assert_eq!(max_pixels, sd_data::image_io::MAX_IMAGE_PIXELS);
+        }
+        e => panic!("unexpected {e}"),
+    }
+}
+
 #[test]
 fn image_below_minimum_size() {
     let d = tempfile::tempdir().unwrap();
