@@ -157,6 +157,15 @@ pub struct LoraConfig {
     /// not changed.
     #[serde(default)]
     pub use_tucker: bool,
+    /// LoRA-FA (Zhang et al. 2023; kohya's `networks.lora_fa`): `down` starts from
+    /// N(0, 2 / (in + rank)) (`in` a convolution's input channels, as kohya counts them,
+    /// whatever `init` says) and stays frozen: it gets no gradient and no optimizer update,
+    /// only `up` trains. Autodiff then keeps no copy of the adapter's input for `down`'s
+    /// gradient, the method's activation-memory saving. For LoRA (and LoCon) only: not with
+    /// LoHa / LoKr, DoRA or a Tucker LoCon. Adapters read from files are frozen with
+    /// [`crate::LoraSiteMut::freeze_down`].
+    #[serde(default)]
+    pub lora_fa: bool,
 }
 
 fn default_lokr_factor() -> i64 {
@@ -184,7 +193,21 @@ impl LoraConfig {
             use_tucker: false,
             rank_dropout_scale: false,
             use_scalar: false,
+            lora_fa: false,
         }
+    }
+
+    /// Sets LoRA-FA (see [`LoraConfig::lora_fa`]).
+    ///
+    /// ```
+    /// use lora_core::{Algo, LoraConfig};
+    /// assert!(LoraConfig::new(4).with_lora_fa(true).validate().is_ok());
+    /// assert!(LoraConfig::new(4).with_lora_fa(true).with_dora(true).validate().is_err());
+    /// assert!(LoraConfig::new(4).with_lora_fa(true).with_algo(Algo::Loha).validate().is_err());
+    /// ```
+    pub fn with_lora_fa(mut self, fa: bool) -> Self {
+        self.lora_fa = fa;
+        self
     }
 
     /// Sets the form of the update (see [`LoraConfig::algo`]).
@@ -327,6 +350,14 @@ impl LoraConfig {
             }
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
+            }
+        }
+        if self.lora_fa {
+            // kohya's networks.lora_fa has none of these; each trains a down of its own.
+            for (on, what) in [(self.algo.is_lycoris(), format!("algo {}", self.algo.name())), (self.dora, "dora".into()), (self.use_tucker, "use_tucker".into())] {
+                if on {
+                    return Err(LoraError::InvalidConfig(format!("lora_fa (a frozen down) does not combine with {what}")));
+                }
             }
         }
         Ok(())

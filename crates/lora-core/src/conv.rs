@@ -8,7 +8,7 @@ use burn::tensor::ops::PaddedConvOptions;
 use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
-use crate::linear::{down_initializer, fold_delta, update_frozen};
+use crate::linear::{down_initializer, fold_delta, frozen_if, update_frozen};
 use crate::precision::cast_to;
 use crate::lycoris::LycorisAdapter;
 use crate::{Algo, HostTensor, LoraConfig, LoraError, LoraWeights, LycorisWeights, Result};
@@ -87,7 +87,7 @@ impl<B: Backend> Conv2dAdapter<B> {
         let [out_ch, in_ch, kh, kw] = base.weight.dims();
         config.validate()?;
         let rank = config.rank;
-        let init = down_initializer(config.init, rank);
+        let init = down_initializer(config, in_ch);
         // LyCORIS: only a kernel larger than 1x1 gets a Tucker core.
         let (down, mid) = if config.use_tucker && kh * kw > 1 {
             // LyCORIS initialises the core as `lora_down`, Kaiming-uniform (burn's
@@ -98,6 +98,8 @@ impl<B: Backend> Conv2dAdapter<B> {
             (down_config(base, rank).with_initializer(init).init(device), None)
         };
         let up = pointwise([rank, out_ch]).with_initializer(Initializer::Zeros).init(device);
+        let mut down = down;
+        down.weight = frozen_if(down.weight, config.lora_fa);
         Ok(Self {
             down,
             mid,

@@ -9,9 +9,18 @@ use crate::precision::cast_to;
 use crate::lycoris::LycorisAdapter;
 use crate::{HostTensor, LoraConfig, LoraError, LoraInit, LoraWeights, Result};
 
-/// Initializer of a down projection with fan-in `fan_in` (burn computes the bound itself).
-pub(crate) fn down_initializer(init: LoraInit, rank: usize) -> Initializer {
-    match init {
+/// Initializer of the down projection of an adapter with `config`, for a layer with
+/// `in_features` inputs (a convolution's input channels); burn computes Kaiming's fan-in
+/// bound itself.
+pub(crate) fn down_initializer(config: &LoraConfig, in_features: usize) -> Initializer {
+    if config.lora_fa {
+        // LoRA-FA's frozen projection, as the paper and kohya's networks.lora_fa draw it.
+        return Initializer::Normal {
+            mean: 0.0,
+            std: (2.0 / (in_features + config.rank) as f64).sqrt(),
+        };
+    }
+    match config.init {
         // Kaiming-uniform with a = sqrt(5): gain = sqrt(2 / (1 + 5)) = 1/sqrt(3),
         // bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in) (PyTorch's nn.Linear default,
         // which kohya and PEFT use for lora_down / lora_A).
@@ -21,8 +30,17 @@ pub(crate) fn down_initializer(init: LoraInit, rank: usize) -> Initializer {
         },
         LoraInit::Gaussian => Initializer::Normal {
             mean: 0.0,
-            std: 1.0 / rank as f64,
+            std: 1.0 / config.rank as f64,
         },
+    }
+}
+
+/// `param` detached and without gradient, unless `frozen` is false (LoRA-FA's `down`).
+pub(crate) fn frozen_if<B: Backend, const D: usize>(param: Param<Tensor<B, D>>, frozen: bool) -> Param<Tensor<B, D>> {
+    if frozen {
+        param.map(|w| w.detach()).set_require_grad(false)
+    } else {
+        param
     }
 }
 
@@ -81,10 +99,11 @@ impl<B: Backend> LinearAdapter<B> {
     /// A freshly initialised adapter for a layer `d_input → d_output` (up is zero).
     pub fn new(config: &LoraConfig, d_input: usize, d_output: usize, device: &B::Device) -> Result<Self> {
         config.validate()?;
-        let down = LinearConfig::new(d_input, config.rank)
+        let mut down = LinearConfig::new(d_input, config.rank)
             .with_bias(false)
-            .with_initializer(down_initializer(config.init, config.rank))
+            .with_initializer(down_initializer(config, d_input))
             .init(device);
+        down.weight = frozen_if(down.weight, config.lora_fa);
         let up = LinearConfig::new(config.rank, d_output)
             .with_bias(false)
             .with_initializer(Initializer::Zeros)

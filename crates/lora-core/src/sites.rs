@@ -158,6 +158,45 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
+    /// Freezes the attached LoRA adapter's `down` (LoRA-FA, [`LoraConfig::lora_fa`]): it is
+    /// detached and takes no gradient, so optimizers leave it as it is. Returns whether
+    /// there was such an adapter (a LyCORIS one, or a LoCon with a Tucker core, is left
+    /// as it is).
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use lora_core::{LoraConfig, LoraLinear, LoraSiteMut};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let mut layer = LoraLinear::new(LinearConfig::new(8, 4).init::<B>(&device));
+    /// layer.attach_new(&LoraConfig::new(2), &device)?;
+    /// assert!(layer.adapter.as_ref().unwrap().down.weight.is_require_grad());
+    /// assert!(LoraSiteMut::Linear(&mut layer).freeze_down());
+    /// let adapter = layer.adapter.as_ref().unwrap();
+    /// assert!(!adapter.down.weight.is_require_grad() && adapter.up.weight.is_require_grad());
+    /// # Ok::<(), lora_core::LoraError>(())
+    /// ```
+    pub fn freeze_down(&mut self) -> bool {
+        match self {
+            Self::Linear(l) => match l.adapter.as_mut() {
+                Some(a) if l.lycoris.is_none() => {
+                    a.down.weight = crate::linear::frozen_if(a.down.weight.clone(), true);
+                    true
+                }
+                _ => false,
+            },
+            Self::Conv(c) => match c.adapter.as_mut() {
+                Some(a) if c.lycoris.is_none() && a.mid.is_none() => {
+                    a.down.weight = crate::linear::frozen_if(a.down.weight.clone(), true);
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
+
     /// Tells a linear adapter how many samples the rows of its 2-d inputs hold (the batch
     /// size, for rank dropout's per-sample masks: a UNet's transformer layers see
     /// `[batch · tokens, channels]`); conv adapters read it from their input.

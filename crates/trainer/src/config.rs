@@ -203,6 +203,11 @@ pub struct LoraSection {
     /// (LyCORIS' `use_tucker`; [`lora_core::LoraConfig::use_tucker`]): LoHa's and LoKr's
     /// halves, a LoRA's (LoCon's) `down` as a 1x1 `down` and a core `lora_mid`.
     pub use_tucker: bool,
+    /// LoRA-FA (kohya's `network_module = "networks.lora_fa"`): each adapter's `down`
+    /// starts from N(0, 2 / (in + rank)) and stays frozen, only `up` trains
+    /// ([`lora_core::LoraConfig::lora_fa`]); saved as a plain LoRA. For `algo = "lora"`
+    /// without `dora`, `use_tucker` or `train.scale_weight_norms`.
+    pub lora_fa: bool,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
@@ -278,6 +283,7 @@ impl LoraSection {
             .with_lokr_full_matrix(self.lokr_full_matrix)
             .with_lokr_unbalanced_factorization(self.lokr_unbalanced_factorization)
             .with_use_tucker(self.use_tucker)
+            .with_lora_fa(self.lora_fa)
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -1264,6 +1270,7 @@ impl Default for TrainConfig {
                 lokr_full_matrix: false,
                 lokr_unbalanced_factorization: false,
                 use_tucker: false,
+                lora_fa: false,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
                 conv_alpha: 1.0,
@@ -1785,6 +1792,7 @@ impl TrainConfig {
             return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");
         }
         self.check_lycoris()?;
+        self.check_lora_fa()?;
         for entry in &self.model.base_weights {
             let file: sd_model::lora::LoraFile = entry.parse().map_err(|e: String| TrainError::Config { origin: "model.base_weights".into(), reason: e })?;
             if !file.path.is_file() {
@@ -1877,6 +1885,25 @@ impl TrainConfig {
         }
         if self.output.save_format == lora_core::AdapterFormat::Peft {
             return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));
+        }
+        Ok(())
+    }
+
+    /// What LoRA-FA (`lora.lora_fa`) does not combine with: each of these trains or
+    /// rescales a `down` of its own (sd-scripts' max-norm scales the frozen `down` too).
+    fn check_lora_fa(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        if !l.lora_fa {
+            return Ok(());
+        }
+        let bad = |reason: String| Err(TrainError::Config { origin: "lora.lora_fa".into(), reason });
+        if l.algo.is_lycoris() {
+            return bad(format!("LoRA-FA freezes a LoRA's `down`; lora.algo is \"{}\"", l.algo.name()));
+        }
+        for (on, key) in [(l.dora, "lora.dora"), (l.use_tucker, "lora.use_tucker"), (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms")] {
+            if on {
+                return bad(format!("does not combine with {key} (kohya's networks.lora_fa has no such option, or it would change the frozen `down`)"));
+            }
         }
         Ok(())
     }

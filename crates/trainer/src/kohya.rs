@@ -714,17 +714,19 @@ fn lycoris_bool(value: &str) -> bool {
 /// The `network_args` of kohya's `networks.lora`, or of LyCORIS' `lycoris.kohya`.
 fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<Network, TrainError> {
     let module = o.string("network_module")?.unwrap_or_else(|| "networks.lora".into());
-    let lycoris = match module.as_str() {
-        "networks.lora" => false,
-        "lycoris.kohya" => true,
+    let (lycoris, fa) = match module.as_str() {
+        "networks.lora" => (false, false),
+        "networks.lora_fa" => (false, true),
+        "lycoris.kohya" => (true, false),
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim) and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim) and networks.lora_fa (LoRA-FA), and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
             ))
         }
     };
     let l = &mut c.lora;
+    l.lora_fa = fa;
     l.rank = o.count("network_dim")?.unwrap_or(4);
     l.alpha = o.float("network_alpha")?.unwrap_or(1.0) as f32;
     l.dropout = 0.0;
@@ -767,15 +769,16 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
             "block_alphas" => l.block_alphas = value.clone(),
             "conv_block_dims" => l.conv_block_dims = value.clone(),
             "conv_block_alphas" => l.conv_block_alphas = value.clone(),
-            "loraplus_lr_ratio" => l.loraplus_lr_ratio = number()?,
-            "loraplus_unet_lr_ratio" => l.loraplus_unet_lr_ratio = number()?,
-            "loraplus_text_encoder_lr_ratio" => l.loraplus_text_encoder_lr_ratio = number()?,
+            // networks.lora_fa, an older copy of networks.lora, has no LoRA+.
+            "loraplus_lr_ratio" if !fa => l.loraplus_lr_ratio = number()?,
+            "loraplus_unet_lr_ratio" if !fa => l.loraplus_unet_lr_ratio = number()?,
+            "loraplus_text_encoder_lr_ratio" if !fa => l.loraplus_text_encoder_lr_ratio = number()?,
             // networks.lora reads only the options above and ignores the rest.
             _ => ignored.push(format!("{key}={value}")),
         }
     }
     if !ignored.is_empty() {
-        notes.push(format!("network_args that networks.lora ignores are ignored here too: {}", ignored.join(", ")));
+        notes.push(format!("network_args that {module} ignores are ignored here too: {}", ignored.join(", ")));
     }
     Ok(Network::Lora { conv_dim })
 }
@@ -1737,7 +1740,7 @@ output_dir = "out"
             ("lr_scheduler", &["cosine_with_restarts", "constant", "polynomial", "rex", "", "adafactor"]),
             ("mixed_precision", &["fp16", "bf16", "no", "fp8"]),
             ("save_precision", &["fp16", "bf16", "float", "int8"]),
-            ("network_module", &["networks.lora", "lycoris.kohya", "networks.dylora", "networks.oft"]),
+            ("network_module", &["networks.lora", "lycoris.kohya", "networks.dylora", "networks.oft", "networks.lora_fa"]),
             ("save_model_as", &["safetensors", "ckpt", "diffusers"]),
             ("loss_type", &["l2", "huber", "smooth_l1", "l1"]),
             ("huber_schedule", &["snr", "exponential", "constant", "x"]),
@@ -1795,6 +1798,21 @@ output_dir = "out"
 
     fn error(text: &str) -> String {
         import(text).unwrap_err().to_string()
+    }
+
+    /// kohya's `networks.lora_fa` is LoRA-FA over networks.lora's arguments, without LoRA+
+    /// (an older copy of networks.lora, which ignores its ratios).
+    #[test]
+    fn lora_fa_reads_networks_lora_arguments_without_lora_plus() {
+        let i = import(&format!("{MINIMAL}network_module = \"networks.lora_fa\"\nnetwork_dim = 8\nnetwork_args = [\"conv_dim=4\", \"rank_dropout=0.1\", \"loraplus_lr_ratio=16\"]\n")).unwrap();
+        let l = &i.config.lora;
+        assert!(l.lora_fa && l.algo == lora_core::Algo::Lora);
+        assert_eq!((l.rank, l.conv_rank, l.rank_dropout, l.loraplus_lr_ratio), (8, 4, 0.1, 0.0));
+        assert!(i.notes.iter().any(|n| n.contains("networks.lora_fa ignores") && n.contains("loraplus_lr_ratio=16")), "{:?}", i.notes);
+        assert!(!import(&format!("{MINIMAL}network_args = [\"loraplus_lr_ratio=16\"]\n")).unwrap().config.lora.lora_fa);
+        // sd-scripts' max-norm would scale the frozen down too.
+        let e = error(&format!("{MINIMAL}network_module = \"networks.lora_fa\"\nscale_weight_norms = 1.0\n"));
+        assert!(e.contains("lora_fa") && e.contains("scale_weight_norms"), "{e}");
     }
 
     /// `lr_scheduler_type`'s PyTorch schedulers and `piecewise_constant`, with their

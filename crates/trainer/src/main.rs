@@ -16,7 +16,7 @@ use trainer::train::{resume_on, train_on, StepInfo};
 use trainer::TrainConfig;
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "LoRA training for Stable Diffusion 1.x / 2.x")]
+#[command(name = "trainer", version, about = "LoRA training for Stable Diffusion 1.x / 2.x and SDXL")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -263,6 +263,10 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
     // The configured rank and alpha, as sd-scripts always records them; the writer
     // replaces them with the adapters' own where it can read them (a LoKr whose halves
     // are all full has none).
+    if l.lora_fa {
+        // As sd-scripts records its network module (the writer keeps this one for a LoRA).
+        keys.push(("ss_network_module", "networks.lora_fa".into()));
+    }
     keys.push(("ss_network_dim", l.rank.to_string()));
     keys.push(("ss_network_alpha", if l.alpha.fract() == 0.0 { format!("{:.1}", l.alpha) } else { l.alpha.to_string() }));
     if let Some(args) = network_args(l) {

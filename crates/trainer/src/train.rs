@@ -552,6 +552,30 @@ fn attach_configured_adapters<B: AutodiffBackend>(
     Ok(te_targets > 0)
 }
 
+/// LoRA-FA (`lora.lora_fa`): every adapter's `down` frozen, once the adapters are attached,
+/// started from `lora.network_weights` or restored from a state (each sets trainable
+/// tensors). An adapter without a single `down` (a LyCORIS one or a Tucker LoCon, from a
+/// file with `lora.dim_from_weights`) is an error.
+fn freeze_downs<B: AutodiffBackend>(unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>]) -> Result<(), TrainError> {
+    let mut unfrozen = None;
+    let mut visit = |path: &str, mut site: lora_core::LoraSiteMut<'_, B>| {
+        if site.has_adapter() && !site.freeze_down() && unfrozen.is_none() {
+            unfrozen = Some(path.to_string());
+        }
+    };
+    unet.visit_lora_sites(&mut visit);
+    for te in encoders.iter_mut() {
+        te.visit_lora_sites(&mut visit);
+    }
+    match unfrozen {
+        Some(path) => Err(TrainError::Config {
+            origin: "lora.lora_fa".into(),
+            reason: format!("the adapter of `{path}` has no single `down` to freeze (a LyCORIS adapter, or a LoCon with a Tucker core, from lora.network_weights)"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The learning-rate factor of each adapter tensor of `model`: `block(path)` for both of
 /// an adapter's weights, times `up_ratio` (LoRA+) for its `up` weights.
 fn lr_factors<B: AutodiffBackend>(model: &mut impl sites::LoraSites<B>, block: impl Fn(&str) -> f64, up_ratio: f64) -> HashMap<burn::module::ParamId, f32> {
@@ -930,6 +954,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "lokr_full_matrix = false",
         "lokr_unbalanced_factorization = false",
         "use_tucker = false",
+        "lora_fa = false",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",
@@ -1143,6 +1168,9 @@ fn run<B: AutodiffBackend>(
         for (i, te) in encoders.iter_mut().enumerate() {
             restore_adapter_params(te, encoder_key(i), &state.adapters, device).map_err(&in_file)?;
         }
+    }
+    if config.lora.lora_fa {
+        freeze_downs(&mut unet, &mut encoders)?;
     }
     // All adapter tensors of a model in one AdamW update (lora_core::optim), starting from
     // the adapters' current (restored) values.

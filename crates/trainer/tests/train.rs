@@ -1108,6 +1108,47 @@ fn lion_trains_and_resumes_bit_for_bit() {
     assert!(err.to_string().contains("lion_beta2"), "{err}");
 }
 
+/// LoRA-FA (`lora.lora_fa`): only `up` trains. The saved downs are those the run started
+/// with (the same after one step as after six, to the bit; the text encoder's too), drawn
+/// from N(0, 2 / (in + rank)); the ups train; a run resumes bit for bit, and a state of it
+/// does not resume without LoRA-FA.
+#[test]
+fn lora_fa_trains_only_up_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    let fa = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.lora_fa = true;
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+        c.lora.conv_rank = 2;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&fa(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let short_dir = tempfile::tempdir().unwrap();
+    let short = train::<B>(&fa(short_dir.path(), 1), &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(lora_metadata(&straight.lora)["ss_network_module"], "networks.lora_fa", "as sd-scripts records it");
+    let index = tiny_index_with_text_encoder();
+    let load = |p: &std::path::Path| AdapterSet::load(p, &index, ReadOptions::default()).unwrap().0;
+    let (long, one) = (load(&straight.lora), load(&short.lora));
+    assert!(one.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    assert!(one.iter().any(|(_, w)| w.down.shape.len() == 4 && w.down.shape[2] == 3), "3x3 convolutions have adapters");
+    let mut z = Vec::new();
+    for ((key, a), (_, b)) in long.iter().zip(one.iter()) {
+        assert_eq!(a.down, b.down, "{key:?}: the down did not change");
+        assert_ne!(a.up, b.up, "{key:?}: the up trained");
+        // In units of LoRA-FA's deviation, `in` the input channels (not × kernel).
+        let sd = (2.0 / (a.down.shape[1] + a.rank()) as f64).sqrt();
+        z.extend(a.down.data.iter().map(|v| f64::from(*v) / sd));
+    }
+    let n = z.len() as f64;
+    let (mean, var) = (z.iter().sum::<f64>() / n, z.iter().map(|v| v * v).sum::<f64>() / n);
+    assert!(n > 5000.0 && mean.abs() < 0.1 && (var.sqrt() - 1.0).abs() < 0.06, "{n} values: mean {mean}, std {}", var.sqrt());
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&fa(dir.path(), 6), &straight, |c| c.lora.lora_fa = false, "lora_fa");
+}
+
 #[test]
 fn dadapt_adam_trains_and_resumes_bit_for_bit() {
     let _guard = seeded();

@@ -83,7 +83,13 @@ fn mode<T: Ord + Copy>(values: impl Iterator<Item = T>) -> Option<T> {
 /// `ss_network_*` keys as kohya writes them, computed from the adapters themselves.
 fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
     let mut meta = HashMap::new();
-    meta.insert("ss_network_module".into(), "networks.lora".into());
+    // kohya's LoRA-FA module trains plain LoRAs: a recorded `networks.lora_fa` stays (a
+    // DoRA or LyCORIS adapter below says otherwise).
+    let module = match set.metadata.get("ss_network_module").map(String::as_str) {
+        Some("networks.lora_fa") => "networks.lora_fa",
+        _ => "networks.lora",
+    };
+    meta.insert("ss_network_module".into(), module.into());
     // The recorded network args, with ours added (kohya writes all it was given, e.g.
     // `rank_dropout`).
     let mut args = match set.metadata.get("ss_network_args").map(|s| serde_json::from_str::<serde_json::Value>(s)) {
