@@ -160,8 +160,9 @@ pub struct LoraConfig {
     /// LoRA-FA (Zhang et al. 2023; kohya's `networks.lora_fa`): `down` starts from
     /// N(0, 2 / (in + rank)) (`in` a convolution's input channels, as kohya counts them,
     /// whatever `init` says) and stays frozen: it gets no gradient and no optimizer update,
-    /// only `up` trains. Autodiff then keeps no copy of the adapter's input for `down`'s
-    /// gradient, the method's activation-memory saving. For LoRA (and LoCon) only: not with
+    /// only `up` trains. Autodiff then keeps no copy of a linear adapter's input for
+    /// `down`'s gradient, the method's activation-memory saving (burn's convolutions keep
+    /// theirs). For LoRA (and LoCon) only: not with
     /// LoHa / LoKr, DoRA or a Tucker LoCon. Adapters read from files are frozen with
     /// [`crate::LoraSiteMut::freeze_down`].
     #[serde(default)]
