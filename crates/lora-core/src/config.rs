@@ -94,14 +94,23 @@ pub struct LoraConfig {
     pub network_dropout: f64,
     /// kohya's rank dropout while training: each sample drops each of the `rank` components
     /// of `down(x)` with this probability, the rest scaled by `1 / (1 − p)`. With LoHa and
-    /// LoKr it is LyCORIS' rank dropout: each step drops each output's row of `ΔW` with
+    /// LoKr (and a LoRA with [`lycoris_rank_dropout`](Self::lycoris_rank_dropout)) it is
+    /// LyCORIS' rank dropout: each step drops each output's row of `ΔW` with
     /// this probability (scaled by [`rank_dropout_scale`](Self::rank_dropout_scale)).
     #[serde(default)]
     pub rank_dropout: f64,
-    /// LyCORIS' `rank_dropout_scale` (LoHa and LoKr): the rows of `ΔW` that rank dropout
-    /// keeps are divided by the share kept, so the update keeps its size on average.
+    /// LyCORIS' `rank_dropout_scale` (LoHa and LoKr, and a LoRA with
+    /// [`lycoris_rank_dropout`](Self::lycoris_rank_dropout)): the rows of `ΔW` that rank
+    /// dropout keeps are divided by the share kept, so the update keeps its size on average.
     #[serde(default)]
     pub rank_dropout_scale: bool,
+    /// A LoRA's (LoCon's) rank dropout as LyCORIS' LoCon applies it: each pass drops each
+    /// output's row of `ΔW` with [`rank_dropout`](Self::rank_dropout) (the same rows for
+    /// every sample; scaled by [`rank_dropout_scale`](Self::rank_dropout_scale)), instead of
+    /// kohya's per-sample rank components rescaled by `1 / (1 − p)`. LoHa and LoKr always
+    /// drop rows. Not with DoRA.
+    #[serde(default)]
+    pub lycoris_rank_dropout: bool,
     /// LyCORIS' `use_scalar` (LoHa and LoKr): the update is multiplied by a trained scalar
     /// that starts at 0, and the half that otherwise starts at zero starts random instead
     /// (LoHa's `hada_w2_a` from N(0, 0.1²), LoKr's `lokr_w2` / `lokr_w2_b`
@@ -195,7 +204,14 @@ impl LoraConfig {
             rank_dropout_scale: false,
             use_scalar: false,
             lora_fa: false,
+            lycoris_rank_dropout: false,
         }
+    }
+
+    /// Sets LyCORIS' rank dropout for a LoRA (see [`LoraConfig::lycoris_rank_dropout`]).
+    pub fn with_lycoris_rank_dropout(mut self, lycoris: bool) -> Self {
+        self.lycoris_rank_dropout = lycoris;
+        self
     }
 
     /// Sets LoRA-FA (see [`LoraConfig::lora_fa`]).
@@ -352,6 +368,9 @@ impl LoraConfig {
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
+        }
+        if self.lycoris_rank_dropout && self.dora && !self.algo.is_lycoris() {
+            return Err(LoraError::InvalidConfig("lycoris_rank_dropout (rows of a LoCon's update) does not combine with dora".into()));
         }
         if self.lora_fa {
             // kohya's networks.lora_fa has none of these; each trains a down of its own.

@@ -43,6 +43,12 @@ pub struct Conv2dAdapter<B: Backend> {
     pub network_dropout: Dropout,
     /// kohya's rank dropout probability ([`LoraConfig::rank_dropout`]; autodiff backends only).
     pub rank_dropout: f64,
+    /// Rank dropout drops rows of `ΔW` once per pass, as LyCORIS' LoCon
+    /// ([`LoraConfig::lycoris_rank_dropout`]), instead of kohya's rank components.
+    pub lycoris_rank_dropout: bool,
+    /// With [`lycoris_rank_dropout`](Self::lycoris_rank_dropout): the kept rows are divided
+    /// by the share kept ([`LoraConfig::rank_dropout_scale`]).
+    pub rank_dropout_scale: bool,
     /// kohya's module dropout probability ([`LoraConfig::module_dropout`]; autodiff backends only).
     pub module_dropout: f64,
     /// DoRA's magnitude `m`, `[out]`, trained (see [`LoraConfig::dora`]); `None` for plain
@@ -108,6 +114,8 @@ impl<B: Backend> Conv2dAdapter<B> {
             network_dropout: DropoutConfig::new(config.network_dropout).init(),
             scale: config.scale(),
             rank_dropout: config.rank_dropout,
+            lycoris_rank_dropout: config.lycoris_rank_dropout,
+            rank_dropout_scale: config.rank_dropout_scale,
             module_dropout: config.module_dropout,
             magnitude: None,
         })
@@ -171,6 +179,8 @@ impl<B: Backend> Conv2dAdapter<B> {
             network_dropout: DropoutConfig::new(0.0).init(),
             scale: weights.scale(),
             rank_dropout: 0.0,
+            lycoris_rank_dropout: false,
+            rank_dropout_scale: false,
             module_dropout: 0.0,
             magnitude,
         })
@@ -246,6 +256,8 @@ impl<B: Backend> Conv2dAdapter<B> {
             network_dropout: DropoutConfig::new(0.0).init(),
             scale: tucker.scale(),
             rank_dropout: 0.0,
+            lycoris_rank_dropout: false,
+            rank_dropout_scale: false,
             module_dropout: 0.0,
             magnitude,
         })
@@ -333,11 +345,19 @@ impl<B: Backend> Conv2dAdapter<B> {
         };
         let h = self.network_dropout.forward(h);
         let [samples, rank, _, _] = h.dims();
-        let h = match crate::rank_dropout::mask::<B>(self.rank_dropout, module_p, samples, rank, &h.device()) {
+        let kohya_p = if self.lycoris_rank_dropout { 0.0 } else { self.rank_dropout };
+        let h = match crate::rank_dropout::mask::<B>(kohya_p, module_p, samples, rank, &h.device()) {
             Some(mask) => h * cast_to(mask, dtype).reshape([samples, rank, 1, 1]),
             None => h,
         };
-        conv_in_dtype(&self.up, h * (factor * self.scale), dtype)
+        let y = conv_in_dtype(&self.up, h * (factor * self.scale), dtype);
+        // LyCORIS' rank dropout: rows of `ΔW`, the output channels.
+        let lycoris_p = if self.lycoris_rank_dropout { self.rank_dropout } else { 0.0 };
+        let out = self.up.weight.dims()[0];
+        match crate::rank_dropout::rows::<B>(lycoris_p, self.rank_dropout_scale, out, &y.device()) {
+            Some(rows) => y * cast_to(rows, dtype).reshape([1, out, 1, 1]),
+            None => y,
+        }
     }
 
     /// `ΔW` `[out, in, kh, kw]`, times `factor`, in f32 (whatever the adapter weights'

@@ -84,6 +84,12 @@ pub struct LinearAdapter<B: Backend> {
     pub network_dropout: Dropout,
     /// kohya's rank dropout probability ([`LoraConfig::rank_dropout`]; autodiff backends only).
     pub rank_dropout: f64,
+    /// Rank dropout drops rows of `ΔW` once per pass, as LyCORIS' LoCon
+    /// ([`LoraConfig::lycoris_rank_dropout`]), instead of kohya's rank components.
+    pub lycoris_rank_dropout: bool,
+    /// With [`lycoris_rank_dropout`](Self::lycoris_rank_dropout): the kept rows are divided
+    /// by the share kept ([`LoraConfig::rank_dropout_scale`]).
+    pub rank_dropout_scale: bool,
     /// kohya's module dropout probability ([`LoraConfig::module_dropout`]; autodiff backends only).
     pub module_dropout: f64,
     /// How many samples the rows of a 2-d input hold, for rank dropout's per-sample masks
@@ -115,6 +121,8 @@ impl<B: Backend> LinearAdapter<B> {
             network_dropout: DropoutConfig::new(config.network_dropout).init(),
             scale: config.scale(),
             rank_dropout: config.rank_dropout,
+            lycoris_rank_dropout: config.lycoris_rank_dropout,
+            rank_dropout_scale: config.rank_dropout_scale,
             module_dropout: config.module_dropout,
             samples: 0,
             magnitude: None,
@@ -152,6 +160,8 @@ impl<B: Backend> LinearAdapter<B> {
             network_dropout: DropoutConfig::new(0.0).init(),
             scale: weights.scale(),
             rank_dropout: 0.0,
+            lycoris_rank_dropout: false,
+            rank_dropout_scale: false,
             module_dropout: 0.0,
             samples: 0,
             magnitude,
@@ -228,7 +238,32 @@ impl<B: Backend> LinearAdapter<B> {
         let up = cast_to(self.up.weight.val().mul_scalar(factor * self.scale), dtype);
         let h = crate::kernels::linear_weight(x, down);
         let h = self.rank_dropout(self.network_dropout.forward(h), module_p);
-        crate::kernels::linear_weight(h, up)
+        let y = crate::kernels::linear_weight(h, up);
+        // LyCORIS' rank dropout: rows of `ΔW`, which are the outputs' columns here.
+        match self.lycoris_rows(&y.device()) {
+            Some(rows) => {
+                let mut shape = [1; D];
+                shape[D - 1] = rows.dims()[0];
+                y * cast_to(rows, dtype).reshape(shape)
+            }
+            None => y,
+        }
+    }
+
+    /// LyCORIS' rank dropout mask of one pass, `[out]` (see
+    /// [`LoraConfig::lycoris_rank_dropout`]); `None` with kohya's, or none, or inference.
+    fn lycoris_rows(&self, device: &B::Device) -> Option<Tensor<B, 1>> {
+        let p = if self.lycoris_rank_dropout { self.rank_dropout } else { 0.0 };
+        crate::rank_dropout::rows::<B>(p, self.rank_dropout_scale, self.features().1, device)
+    }
+
+    /// kohya's rank dropout probability: `rank_dropout` unless it is LyCORIS'.
+    fn kohya_rank_dropout(&self) -> f64 {
+        if self.lycoris_rank_dropout {
+            0.0
+        } else {
+            self.rank_dropout
+        }
     }
 
     /// Whether kohya's network, rank or module dropout is set (the layer then takes the
@@ -248,8 +283,9 @@ impl<B: Backend> LinearAdapter<B> {
         }
         let leading = (D >= 3).then(|| dims[0]);
         // Module dropout alone needs one draw per pass, not one per sample.
-        let groups = if self.rank_dropout > 0.0 { crate::rank_dropout::groups(rows, leading, self.samples) } else { 1 };
-        let Some(mask) = crate::rank_dropout::mask::<B>(self.rank_dropout, module_p, groups, rank, &h.device()) else {
+        let rank_p = self.kohya_rank_dropout();
+        let groups = if rank_p > 0.0 { crate::rank_dropout::groups(rows, leading, self.samples) } else { 1 };
+        let Some(mask) = crate::rank_dropout::mask::<B>(rank_p, module_p, groups, rank, &h.device()) else {
             return h;
         };
         // One mask row per sample, broadcast over the sample's rows.

@@ -454,17 +454,7 @@ impl<B: Backend> LycorisAdapter<B> {
     /// with `rank_dropout_scale`, 1 over the share kept) for the others; `None` without rank
     /// dropout or on a backend that does not differentiate (inference). Drawn on the device.
     fn rank_dropout_rows(&self, device: &B::Device) -> Option<Tensor<B, 1>> {
-        if self.rank_dropout <= 0.0 || !B::ad_enabled(device) {
-            return None;
-        }
-        let out = self.shape[0];
-        let keep = Tensor::<B, 1>::random([out], Distribution::Bernoulli(1.0 - self.rank_dropout), device);
-        if !self.rank_dropout_scale {
-            return Some(keep);
-        }
-        // All dropped: zero (LyCORIS divides by a zero mean there).
-        let kept = keep.clone().mean().clamp_min(1.0 / out as f64);
-        Some(keep / kept)
+        crate::rank_dropout::rows::<B>(self.rank_dropout, self.rank_dropout_scale, self.shape[0], device)
     }
 
     /// The shape that puts one value per output on a weight of burn's layout: `[1, out]`

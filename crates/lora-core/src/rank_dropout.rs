@@ -25,6 +25,23 @@ pub(crate) fn mask<B: Backend>(rank_p: f64, module_p: f64, groups: usize, rank: 
     Some(mask)
 }
 
+/// LyCORIS' rank dropout for one pass, `[out]`: each output's row of `ΔW` is 0 with
+/// probability `p` and 1 otherwise (with `scale`, 1 over the share kept: LyCORIS'
+/// `rank_dropout_scale`); `None` without rank dropout or on a backend that does not
+/// differentiate (inference). Drawn on the device from the backend's seeded RNG.
+pub(crate) fn rows<B: Backend>(p: f64, scale: bool, out: usize, device: &B::Device) -> Option<Tensor<B, 1>> {
+    if p <= 0.0 || !B::ad_enabled(device) {
+        return None;
+    }
+    let keep = Tensor::<B, 1>::random([out], Distribution::Bernoulli(1.0 - p), device);
+    if !scale {
+        return Some(keep);
+    }
+    // All dropped: zero (LyCORIS divides by a zero mean there).
+    let kept = keep.clone().mean().clamp_min(1.0 / out as f64);
+    Some(keep / kept)
+}
+
 /// How many samples `rows` rows of a linear layer's input hold: `leading` (the first
 /// dimension of an input with three or more), else the `samples` hint, else one per row.
 /// A count that does not divide the rows falls back to one per row.

@@ -47,9 +47,10 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// differ; the layouts are checked as [`attach_weights`](Self::attach_weights) checks
     /// them. `key` names the adapter in errors.
     pub fn load_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        let keep = |rank: usize, [input, network, rank_p, module_p]: [f64; 4]| {
+        let keep = |rank: usize, [input, network, rank_p, module_p]: [f64; 4], (rows, scale): (bool, bool)| {
             let config = LoraConfig::new(rank).with_dropout(input).with_network_dropout(network);
-            (rank, config.with_rank_dropout(rank_p).with_module_dropout(module_p))
+            let config = config.with_rank_dropout(rank_p).with_module_dropout(module_p);
+            (rank, config.with_lycoris_rank_dropout(rows).with_rank_dropout_scale(scale))
         };
         if let Some(lycoris) = self.attached_lycoris() {
             return self.load_lycoris(lycoris, weights, key, device);
@@ -67,8 +68,8 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             }
         }
         let attached = match self {
-            Self::Linear(l) => l.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout]), a.is_dora())),
-            Self::Conv(c) => c.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout]), a.is_dora())),
+            Self::Linear(l) => l.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout], (a.lycoris_rank_dropout, a.rank_dropout_scale)), a.is_dora())),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout], (a.lycoris_rank_dropout, a.rank_dropout_scale)), a.is_dora())),
         };
         let Some(((rank, dropout), dora)) = attached else {
             return Err(LoraError::Unsupported(format!("{key}: no adapter is attached to load weights into")));
@@ -144,15 +145,18 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         if let Some(a) = self.lycoris_adapter_mut() {
             (a.module_dropout, a.rank_dropout, a.rank_dropout_scale) = (config.module_dropout, config.rank_dropout, config.rank_dropout_scale);
         }
+        let rows = (config.lycoris_rank_dropout, config.rank_dropout_scale);
         match self {
             Self::Linear(l) => {
                 if let Some(a) = l.adapter.as_mut() {
                     (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
+                    (a.lycoris_rank_dropout, a.rank_dropout_scale) = rows;
                 }
             }
             Self::Conv(c) => {
                 if let Some(a) = c.adapter.as_mut() {
                     (a.dropout, a.network_dropout, a.rank_dropout, a.module_dropout) = (dropout, network, config.rank_dropout, config.module_dropout);
+                    (a.lycoris_rank_dropout, a.rank_dropout_scale) = rows;
                 }
             }
         }

@@ -125,6 +125,63 @@ fn conv_masks_and_inference_is_untouched() {
     assert_in(&ratio, &[1.0]);
 }
 
+/// Whether each factor is (about) zero.
+fn zeros(factors: &[f32]) -> Vec<bool> {
+    factors.iter().map(|v| v.abs() < 1e-4).collect()
+}
+
+/// LyCORIS' rank dropout on a LoRA (`lycoris_rank_dropout`, LyCORIS' LoCon): one mask over
+/// the outputs (the rows of `ΔW`) per pass, the same for every sample and row, with values
+/// 0 and 1 (with `rank_dropout_scale`, 1 over the share kept); each pass draws its own; a
+/// convolution masks its output channels; set_dropout sets it; nothing at inference.
+#[test]
+fn lycoris_rank_dropout_drops_rows_of_the_update_once_per_pass() {
+    let device = Default::default();
+    B::seed(&device, 11);
+    let p = 0.5;
+    let kept_factor = |mask: &[bool], scale: bool| if scale { R as f32 / mask.iter().filter(|z| !**z).count().max(1) as f32 } else { 1.0 };
+    for scale in [false, true] {
+        let config = LoraConfig::new(R).with_rank_dropout(p).with_lycoris_rank_dropout(true).with_rank_dropout_scale(scale);
+        let layer = linear(&config);
+        let x = Tensor::<B, 3>::random([4, 5, R], Distribution::Uniform(0.5, 1.5), &device);
+        let mut patterns = std::collections::BTreeSet::new();
+        for _ in 0..8 {
+            let rows = linear_factors(&layer, x.clone());
+            let mask = zeros(&rows[0]);
+            for row in &rows {
+                assert_eq!(zeros(row), mask, "one mask for the pass");
+                assert_in(row, &[0.0, kept_factor(&mask, scale)]);
+            }
+            patterns.insert(mask);
+        }
+        assert!(patterns.len() > 2, "each pass draws its mask: {patterns:?}");
+
+        let mut conv = LoraConv2d::new(Conv2dConfig::new([R, R], [1, 1]).init::<B>(&device));
+        conv.attach_new(&LoraConfig::new(R), &device).unwrap();
+        lora_core::LoraSiteMut::Conv(&mut conv).set_dropout(&config);
+        let adapter = conv.adapter.as_mut().unwrap();
+        adapter.down.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
+        adapter.up.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
+        let scale_ = adapter.scale;
+        let x = Tensor::<B, 4>::random([3, R, 2, 2], Distribution::Uniform(0.5, 1.5), &device);
+        let update = conv.forward(x.clone()) - conv.base.forward(x.clone());
+        let ratio = (update / x.clone().mul_scalar(scale_)).into_data().to_vec::<f32>().unwrap();
+        // `[n, channel, 2, 2]`: the channel's factor, the same for every sample and pixel.
+        let channels: Vec<f32> = ratio[..R * 4].chunks(4).map(|c| c[0]).collect();
+        let mask = zeros(&channels);
+        for (i, v) in ratio.iter().enumerate() {
+            let c = (i / 4) % R;
+            assert!((v - channels[c]).abs() < 1e-4, "one factor per output channel");
+        }
+        assert_in(&channels, &[0.0, kept_factor(&mask, scale)]);
+        let inner = burn::module::AutodiffModule::valid(&conv);
+        let update = inner.forward(x.clone().inner()) - inner.base.forward(x.clone().inner());
+        assert_in(&(update / x.inner().mul_scalar(scale_)).into_data().to_vec::<f32>().unwrap(), &[1.0]);
+    }
+    let err = LoraConfig::new(R).with_lycoris_rank_dropout(true).with_dora(true).validate().unwrap_err().to_string();
+    assert!(err.contains("lycoris_rank_dropout") && err.contains("dora"), "{err}");
+}
+
 /// Probabilities outside [0, 1) are configuration errors naming the option.
 #[test]
 fn probabilities_are_checked() {

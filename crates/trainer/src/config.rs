@@ -168,6 +168,10 @@ pub struct LoraSection {
     /// LyCORIS' `rank_dropout_scale` (LoHa, LoKr): rank dropout divides the rows of `ΔW`
     /// it keeps by the share kept ([`lora_core::LoraConfig::rank_dropout_scale`]).
     pub rank_dropout_scale: bool,
+    /// Rank dropout as LyCORIS' LoCon applies it, for `algo = "lora"`: each pass drops
+    /// rows of the update `ΔW` (scaled by `rank_dropout_scale`) instead of kohya's
+    /// per-sample rank components ([`lora_core::LoraConfig::lycoris_rank_dropout`]).
+    pub lycoris_rank_dropout: bool,
     /// LyCORIS' `use_scalar` (LoHa, LoKr): a trained scalar on each update, starting at 0,
     /// with the usually-zero half starting random ([`lora_core::LoraConfig::use_scalar`]).
     pub use_scalar: bool,
@@ -273,6 +277,7 @@ impl LoraSection {
             .with_network_dropout(self.network_dropout)
             .with_rank_dropout(self.rank_dropout)
             .with_rank_dropout_scale(self.rank_dropout_scale)
+            .with_lycoris_rank_dropout(self.lycoris_rank_dropout)
             .with_use_scalar(self.use_scalar)
             .with_module_dropout(self.module_dropout)
             .with_rslora(self.rslora)
@@ -1260,6 +1265,7 @@ impl Default for TrainConfig {
                 network_dropout: 0.0,
                 rank_dropout: 0.0,
                 rank_dropout_scale: false,
+                lycoris_rank_dropout: false,
                 use_scalar: false,
                 module_dropout: 0.0,
                 rslora: false,
@@ -1864,8 +1870,11 @@ impl TrainConfig {
             return bad(format!("lora.lokr_factor, lora.lokr_decompose_both, lora.lokr_full_matrix and lora.lokr_unbalanced_factorization are LoKr's; lora.algo is \"{algo}\""));
         }
         if !l.algo.is_lycoris() {
-            if l.rank_dropout_scale {
-                return bad(format!("lora.rank_dropout_scale is LyCORIS' for LoHa and LoKr; lora.algo is \"{algo}\" (kohya's rank dropout always rescales what it keeps)"));
+            if l.rank_dropout_scale && !l.lycoris_rank_dropout {
+                return bad(format!("lora.rank_dropout_scale is LyCORIS' for LoHa, LoKr and a LoRA with lora.lycoris_rank_dropout; lora.algo is \"{algo}\" (kohya's rank dropout always rescales what it keeps)"));
+            }
+            if l.lycoris_rank_dropout && l.dora {
+                return Err(TrainError::Config { origin: "lora.lycoris_rank_dropout".into(), reason: "does not combine with lora.dora (LyCORIS' rank dropout of a DoRA LoCon is not trained here)".into() });
             }
             if l.use_scalar {
                 return bad(format!("lora.use_scalar (LyCORIS' trained scalar) is trained for LoHa and LoKr; lora.algo is \"{algo}\""));

@@ -880,17 +880,25 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "lokr" => lora_core::Algo::Lokr,
         other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
     };
-    // LyCORIS' rank dropout (rows of ΔW) is trained for LoHa and LoKr; its LoCon's is not
-    // kohya's (rank components) that `lora.rank_dropout` trains for LoRA.
+    // LyCORIS' rank dropout drops rows of ΔW, for a LoCon too (`lora.lycoris_rank_dropout`,
+    // not kohya's rank components); in bypass mode a LoCon's drops rank components, one
+    // mask per pass, which has no counterpart here.
     if rank_dropout.0 > 0.0 {
         if !l.algo.is_lycoris() {
-            return Err(o.err("network_args", format!("`rank_dropout={}` with algo={algo}: LyCORIS' rank dropout drops rows of the update's weight, not kohya's rank components (lora.rank_dropout for a LoRA); it is trained here for loha and lokr", rank_dropout.1)));
+            let what = format!("`rank_dropout={}` with algo={algo}", rank_dropout.1);
+            if bypass {
+                return Err(o.err("network_args", format!("{what} and bypass_mode: LyCORIS' bypass-mode rank dropout (rank components, one mask per pass) has no counterpart here; set one of them off")));
+            }
+            if l.dora {
+                return Err(o.err("network_args", format!("{what} and dora_wd: LyCORIS' rank dropout of a DoRA LoCon is not trained here; set one of them off")));
+            }
+            l.lycoris_rank_dropout = true;
         }
         l.rank_dropout = rank_dropout.0;
     }
     if !l.algo.is_lycoris() {
         // Nothing to scale without LyCORIS' rank dropout.
-        l.rank_dropout_scale = false;
+        l.rank_dropout_scale &= l.lycoris_rank_dropout;
         if l.use_scalar {
             return Err(o.err("network_args", format!("`use_scalar=True` with algo={algo}: LyCORIS' trained scalar is trained here for loha and lokr; set it to False")));
         }
@@ -2370,6 +2378,12 @@ wandb_run_name = "my_style"
         scaled.config.validate().unwrap();
         let e = error(&gui("locon", "").replace("use_scalar=False", "use_scalar=True"));
         assert!(e.contains("use_scalar=True"), "{e}");
+        // A LoCon's rank dropout is LyCORIS' too (rows of ΔW), with its scaling.
+        let locon = import(&gui("locon", "").replace("rank_dropout=0", "rank_dropout=0.25").replace("rank_dropout_scale=False", "rank_dropout_scale=True")).unwrap();
+        let l = &locon.config.lora;
+        assert_eq!((l.algo, l.rank_dropout, l.lycoris_rank_dropout, l.rank_dropout_scale), (lora_core::Algo::Lora, 0.25, true, true));
+        locon.config.validate().unwrap();
+        assert!(!import(&gui("locon", "").replace("rank_dropout_scale=False", "rank_dropout_scale=True")).unwrap().config.lora.rank_dropout_scale, "nothing to scale");
 
         let lokr = import(&gui("lokr", ", \"factor=8\", \"use_cp=False\", \"decompose_both=False\"")).unwrap();
         let l = &lokr.config.lora;
@@ -2480,7 +2494,8 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1` with algo=locon: LyCORIS' rank dropout"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"rank_dropout=0.1\", \"bypass_mode=True\"]", "`rank_dropout=0.1` with algo=locon and bypass_mode"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"rank_dropout=0.1\", \"dora_wd=True\"]", "`rank_dropout=0.1` with algo=lora and dora_wd"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lokr\", \"factor=1.5\"]", "`factor=1.5`: expected a whole number"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"dora_wd=True\", \"wd_on_output=False\"]", "`wd_on_output=False`"),

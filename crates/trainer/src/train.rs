@@ -944,6 +944,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "dim_from_weights = false",
         "rank_dropout = 0.0",
         "rank_dropout_scale = false",
+        "lycoris_rank_dropout = false",
         "use_scalar = false",
         "module_dropout = 0.0",
         "network_dropout = 0.0",

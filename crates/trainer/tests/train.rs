@@ -1149,6 +1149,40 @@ fn lora_fa_trains_only_up_and_resumes_bit_for_bit() {
     assert_resumes_bit_for_bit(&fa(dir.path(), 6), &straight, |c| c.lora.lora_fa = false, "lora_fa");
 }
 
+/// LyCORIS' rank dropout on a LoRA (`lora.lycoris_rank_dropout`, LyCORIS' LoCon) trains,
+/// and not as kohya's does; `rank_dropout_scale` needs it (or LoHa / LoKr), and DoRA does
+/// not combine with it.
+#[test]
+fn lycoris_rank_dropout_trains_a_locon() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lycoris = quick_config(&dir.path().join("lycoris"), 4);
+    lycoris.output.sample_prompts.clear();
+    lycoris.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+    lycoris.lora.conv_rank = 2;
+    lycoris.lora.rank_dropout = 0.5;
+    lycoris.lora.lycoris_rank_dropout = true;
+    lycoris.lora.rank_dropout_scale = true;
+    let rows = train::<B>(&lycoris, &Default::default(), &mut |_| true).unwrap();
+    assert!(rows.losses.iter().all(|l| l.is_finite()), "{:?}", rows.losses);
+    let mut kohya = lycoris.clone();
+    kohya.output.output_dir = dir.path().join("kohya");
+    (kohya.lora.lycoris_rank_dropout, kohya.lora.rank_dropout_scale) = (false, false);
+    let components = train::<B>(&kohya, &Default::default(), &mut |_| true).unwrap();
+    // The first step trains from zero `up` weights, which no dropout changes.
+    assert_eq!(rows.losses[0], components.losses[0]);
+    assert_ne!(rows.losses[1..], components.losses[1..]);
+
+    let mut scale_alone = kohya.clone();
+    scale_alone.lora.rank_dropout_scale = true;
+    let err = scale_alone.validate().unwrap_err().to_string();
+    assert!(err.contains("rank_dropout_scale") && err.contains("lycoris_rank_dropout"), "{err}");
+    let mut dora = lycoris.clone();
+    dora.lora.dora = true;
+    let err = dora.validate().unwrap_err().to_string();
+    assert!(err.contains("lora.lycoris_rank_dropout") && err.contains("lora.dora"), "{err}");
+}
+
 #[test]
 fn dadapt_adam_trains_and_resumes_bit_for_bit() {
     let _guard = seeded();
