@@ -438,9 +438,16 @@ fn a_small_update_survives_a_bf16_base() {
     };
     let config = LoraConfig::new(1).with_algo(Algo::Loha);
     let c = 2e-5;
-    // burn initialises parameters lazily: read them once, so that the clones share values.
-    let (base_linear, base_conv) = (LinearConfig::new(2048, 4).init::<B>(&device), Conv2dConfig::new([256, 4], [3, 3]).init::<B>(&device));
-    let _ = (base_linear.weight.val(), base_linear.bias.as_ref().map(|b| b.val()), base_conv.weight.val(), base_conv.bias.as_ref().map(|b| b.val()));
+    // Fixed weights of a trained layer's size (about 1/sqrt(fan-in)) and a bias that puts
+    // the outputs near 0.25: the bf16 sum's rounding, relative to the update's change, is
+    // the same in every run (random weights made it vary with the outputs' size).
+    let weights = |n: usize| Tensor::<B, 1>::from_data(TensorData::new((0..n).map(|i| 0.02 * (0.7 * i as f32).sin()).collect::<Vec<f32>>(), [n]), &device);
+    let bias = || Some(Param::from_tensor(Tensor::<B, 1>::full([4], 0.25, &device)));
+    let mut base_linear = LinearConfig::new(2048, 4).init::<B>(&device);
+    base_linear.weight = Param::from_tensor(weights(2048 * 4).reshape([2048, 4]));
+    base_linear.bias = bias();
+    let mut base_conv = Conv2dConfig::new([256, 4], [3, 3]).init::<B>(&device);
+    (base_conv.weight, base_conv.bias) = (Param::from_tensor(weights(4 * 256 * 9).reshape([4, 256, 3, 3])), bias());
     let linear = |bf16: bool, with: bool| {
         let mut l = LoraLinear::new(base_linear.clone());
         l.attach_new(&config, &device).unwrap();
