@@ -95,7 +95,7 @@ impl<B: Backend> Conv2dAdapter<B> {
         let rank = config.rank;
         let init = down_initializer(config, in_ch);
         // LyCORIS: only a kernel larger than 1x1 gets a Tucker core.
-        let (down, mid) = if config.use_tucker && kh * kw > 1 {
+        let (mut down, mid) = if config.use_tucker && kh * kw > 1 {
             // LyCORIS initialises the core as `lora_down`, Kaiming-uniform (burn's
             // default for a convolution, fan-in `rank · kh · kw`).
             let mid = kernel_config(base, [rank, rank]).init(device);
@@ -104,7 +104,6 @@ impl<B: Backend> Conv2dAdapter<B> {
             (down_config(base, rank).with_initializer(init).init(device), None)
         };
         let up = pointwise([rank, out_ch]).with_initializer(Initializer::Zeros).init(device);
-        let mut down = down;
         down.weight = frozen_if(down.weight, config.lora_fa);
         Ok(Self {
             down,
@@ -345,14 +344,13 @@ impl<B: Backend> Conv2dAdapter<B> {
         };
         let h = self.network_dropout.forward(h);
         let [samples, rank, _, _] = h.dims();
-        let kohya_p = if self.lycoris_rank_dropout { 0.0 } else { self.rank_dropout };
+        let (kohya_p, lycoris_p) = crate::rank_dropout::split(self.rank_dropout, self.lycoris_rank_dropout);
         let h = match crate::rank_dropout::mask::<B>(kohya_p, module_p, samples, rank, &h.device()) {
             Some(mask) => h * cast_to(mask, dtype).reshape([samples, rank, 1, 1]),
             None => h,
         };
         let y = conv_in_dtype(&self.up, h * (factor * self.scale), dtype);
         // LyCORIS' rank dropout: rows of `ΔW`, the output channels.
-        let lycoris_p = if self.lycoris_rank_dropout { self.rank_dropout } else { 0.0 };
         let out = self.up.weight.dims()[0];
         match crate::rank_dropout::rows::<B>(lycoris_p, self.rank_dropout_scale, out, &y.device()) {
             Some(rows) => y * cast_to(rows, dtype).reshape([1, out, 1, 1]),

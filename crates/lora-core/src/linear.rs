@@ -253,17 +253,8 @@ impl<B: Backend> LinearAdapter<B> {
     /// LyCORIS' rank dropout mask of one pass, `[out]` (see
     /// [`LoraConfig::lycoris_rank_dropout`]); `None` with kohya's, or none, or inference.
     fn lycoris_rows(&self, device: &B::Device) -> Option<Tensor<B, 1>> {
-        let p = if self.lycoris_rank_dropout { self.rank_dropout } else { 0.0 };
+        let (_, p) = crate::rank_dropout::split(self.rank_dropout, self.lycoris_rank_dropout);
         crate::rank_dropout::rows::<B>(p, self.rank_dropout_scale, self.features().1, device)
-    }
-
-    /// kohya's rank dropout probability: `rank_dropout` unless it is LyCORIS'.
-    fn kohya_rank_dropout(&self) -> f64 {
-        if self.lycoris_rank_dropout {
-            0.0
-        } else {
-            self.rank_dropout
-        }
     }
 
     /// Whether kohya's network, rank or module dropout is set (the layer then takes the
@@ -283,7 +274,7 @@ impl<B: Backend> LinearAdapter<B> {
         }
         let leading = (D >= 3).then(|| dims[0]);
         // Module dropout alone needs one draw per pass, not one per sample.
-        let rank_p = self.kohya_rank_dropout();
+        let (rank_p, _) = crate::rank_dropout::split(self.rank_dropout, self.lycoris_rank_dropout);
         let groups = if rank_p > 0.0 { crate::rank_dropout::groups(rows, leading, self.samples) } else { 1 };
         let Some(mask) = crate::rank_dropout::mask::<B>(rank_p, module_p, groups, rank, &h.device()) else {
             return h;

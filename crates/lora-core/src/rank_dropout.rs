@@ -25,6 +25,16 @@ pub(crate) fn mask<B: Backend>(rank_p: f64, module_p: f64, groups: usize, rank: 
     Some(mask)
 }
 
+/// A LoRA adapter's rank dropout probability `p` as `(kohya's, LyCORIS')`: all of it one
+/// or the other, by `lycoris` ([`crate::LoraConfig::lycoris_rank_dropout`]).
+pub(crate) fn split(p: f64, lycoris: bool) -> (f64, f64) {
+    if lycoris {
+        (0.0, p)
+    } else {
+        (p, 0.0)
+    }
+}
+
 /// LyCORIS' rank dropout for one pass, `[out]`: each output's row of `ΔW` is 0 with
 /// probability `p` and 1 otherwise (with `scale`, 1 over the share kept: LyCORIS'
 /// `rank_dropout_scale`); `None` without rank dropout or on a backend that does not
