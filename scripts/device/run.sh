@@ -21,6 +21,8 @@
 #        instead of the trainer's fixed one); hybrid = --flash-max-keys 1024 (with flash:
 #        attention over more keys takes the blockwise path); smem96 / prefetch (PLAN only) =
 #        SD_LORA_FLASH_SHARED_KIB=96 / SD_LORA_FLASH_PREFETCH=1 (the flash kernels' tuning);
+#        cublasmin (PLAN only) = SD_LORA_CUBLAS_MIN_GFLOP=$CUBLAS_MIN_GFLOP (default 0.25:
+#        matmuls from 0.25 GFLOP up in cuBLAS instead of from 4);
 #        device / softmax / flash / gn are dropped, with a note, when their kernel test below fails
 #        (default cuda: the tiny UNet in bf16 with everything on, SD1.5 at 256 px with cuDNN's
 #        attention, then with the blockwise attention, then the tiny UNet in f32; see below)
@@ -398,6 +400,7 @@ bench_flags() {
             lora) [ "$FUSED_LORA" = 1 ] && flag+=(--fused-lora-linear) && suffix="$suffix-flora" ;;
             smem96) envs+=(SD_LORA_FLASH_SHARED_KIB=96); suffix="$suffix-smem96" ;;
             prefetch) envs+=(SD_LORA_FLASH_PREFETCH=1); suffix="$suffix-prefetch" ;;
+            cublasmin) envs+=(SD_LORA_CUBLAS_MIN_GFLOP=${CUBLAS_MIN_GFLOP:-0.25}); suffix="$suffix-cublas${CUBLAS_MIN_GFLOP:-0.25}" ;;
         esac
     done
 }
