@@ -329,17 +329,25 @@ run_checks() {
             --device "$DEVICE" --precision "$prec" "${flag[@]}"
     done
 
-    # 1b. the whole training loop on the device: tiny model, demo data, the bench precision.
+    # 1b. the whole training loop on the device: tiny model, demo data, the bench precision,
+    # the trainer's default kernels (every fast path) less those whose test failed above.
     if [ "${SMOKE:-1}" = 1 ]; then
         case $PRECISION in f16) mp=fp16 ;; bf16) mp=bf16 ;; *) mp=no ;; esac
+        local off=()
+        [ "$DSYNC" = 1 ] || off+=(SD_LORA_VENDOR_SYNC=host)
+        [ "$FUSED_SOFTMAX" = 1 ] || off+=(SD_LORA_FUSED_SOFTMAX=0)
+        [ "$FLASH" = 1 ] || off+=(SD_LORA_FLASH_ATTENTION=0)
+        [ "$FUSED_GN" = 1 ] || off+=(SD_LORA_FUSED_GROUP_NORM=0)
+        [ "$CUDNN_ATTN" = 1 ] || off+=(SD_LORA_CUDNN_ATTENTION=0)
+        [ "$FUSED_LORA" = 1 ] || off+=(SD_LORA_FUSED_LORA_LINEAR=0)
         run_job smoke "train-tiny-$mp" "{}" \
-            "$BIN" train --set train.max_train_steps=20 --set train.mixed_precision=$mp \
+            env "${off[@]}" "$BIN" train --set train.max_train_steps=20 --set train.mixed_precision=$mp \
             --set output.output_dir="$WORK/smoke" --set output.sample_steps=4
         # `trainer generate` with that LoRA merged in, at the bench's precision.
         lora=$(ls "$WORK"/smoke/*.safetensors 2>/dev/null | head -1)
         if [ -n "$lora" ]; then
             run_job smoke "generate-tiny-$PRECISION" "{}" \
-                "$BIN" generate --prompt "a red circle, demostyle" --lora "$lora" --precision "$PRECISION" \
+                env "${off[@]}" "$BIN" generate --prompt "a red circle, demostyle" --lora "$lora" --precision "$PRECISION" \
                 --width 64 --height 64 --steps 4 --out "$WORK/smoke/generate.png"
         fi
     fi
@@ -382,7 +390,8 @@ fi
 # bench_flags OPTS: from a PLAN / PROFILE / CHECKS entry's options, sets `flag` (trainer's
 # arguments), `suffix` (for job names) and `is_ckpt`; other words are left to the caller.
 bench_flags() {
-    flag=() envs=() is_ckpt=false suffix=
+    # From burn's kernels (every fast path is the trainer's default): the words add each one.
+    flag=(--burn-kernels) envs=() is_ckpt=false suffix=
     for o in ${1//:/ }; do
         case $o in
             ckpt) flag+=(--grad-checkpointing); is_ckpt=true; suffix="$suffix-ckpt" ;;

@@ -30,9 +30,10 @@ struct Cli {
     /// matmul is `SD_LORA_CUBLAS_MIN_GFLOP` (default 4).
     #[arg(long, global = true)]
     cublas: bool,
-    /// How cuDNN / cuBLAS calls are ordered with burn's kernels on CUDA: `host` (the host
-    /// waits for the GPU around each call; default) or `device` (the GPU orders them, no
-    /// host wait; see lora_core::kernels::VendorSync). Also `SD_LORA_VENDOR_SYNC`.
+    /// How cuDNN / cuBLAS calls are ordered with burn's kernels on CUDA: `device` (the GPU
+    /// orders them, no host wait; the default) or `host` (the host waits for the GPU around
+    /// each call; the default with --burn-kernels); see lora_core::kernels::VendorSync.
+    /// Also `SD_LORA_VENDOR_SYNC`.
     #[arg(long, global = true, value_name = "host|device")]
     vendor_sync: Option<lora_core::kernels::VendorSync>,
     /// Compute attention's softmax on CUDA in one fused kernel instead of burn's ops (one
@@ -77,13 +78,18 @@ struct Cli {
     /// `SD_LORA_FUSED_LORA_LINEAR=1`.
     #[arg(long, global = true)]
     fused_lora_linear: bool,
-    /// On CUDA, turn every fast path on at once: --cudnn --cublas --vendor-sync device
+    /// On CUDA, every fast path at once: --cudnn --cublas --vendor-sync device
     /// --fused-softmax --flash-attention --cudnn-attention --fused-group-norm
-    /// --fused-lora-linear (each falls
-    /// back per call where it does not apply). Turn one off again with its variable set to
-    /// 0, e.g. `SD_LORA_CUDNN_ATTENTION=0`. Also `SD_LORA_FAST_KERNELS=1`.
-    #[arg(long, global = true)]
+    /// --fused-lora-linear (each falls back per call where it does not apply). The default
+    /// (kept as a flag for scripts); turn one off with its variable set to 0, e.g.
+    /// `SD_LORA_CUDNN_ATTENTION=0`. Also `SD_LORA_FAST_KERNELS=1`.
+    #[arg(long, global = true, conflicts_with = "burn_kernels")]
     fast_kernels: bool,
+    /// On CUDA, start from burn's own kernels (with the fixed matmul) instead of every fast
+    /// path; the flags above then turn single fast paths on again. For comparisons and as a
+    /// way out should a fast path misbehave on a GPU. Also `SD_LORA_FAST_KERNELS=0`.
+    #[arg(long, global = true)]
+    burn_kernels: bool,
 }
 
 /// Environment variable `name` as a switch: `Some(true)` for `1` / `true`, `Some(false)`
@@ -98,20 +104,28 @@ fn env_switch(name: &str) -> Result<Option<bool>> {
     }
 }
 
-/// The trainer's kernels without flags: burn's, but the fixed matmul (burn's autotuning of
-/// each new matmul shape made the first SD1.5 step take minutes; docs/benchmarks.md).
-fn trainer_kernels() -> lora_core::kernels::KernelSettings {
+/// The kernels of `--burn-kernels`: burn's, but the fixed matmul (burn's autotuning of each
+/// new matmul shape made the first SD1.5 step take minutes; docs/benchmarks.md).
+fn burn_kernels() -> lora_core::kernels::KernelSettings {
     lora_core::kernels::KernelSettings { fixed_matmul: true, ..Default::default() }
 }
 
-/// The kernel switches from the flags and `SD_LORA_*` variables: `--fast-kernels` (or
-/// `SD_LORA_FAST_KERNELS=1`) starts from every fast path, else from the trainer's defaults
-/// (burn's kernels but the fixed matmul); a flag turns its switch on, a variable sets it
-/// either way.
+/// The kernel switches from the flags and `SD_LORA_*` variables: every fast path
+/// ([`KernelSettings::fast`](lora_core::kernels::KernelSettings::fast), the default since
+/// they passed their checks on an H200 on 2026-12-04), or with `--burn-kernels` (or
+/// `SD_LORA_FAST_KERNELS=0`) burn's kernels but the fixed matmul; a flag turns its switch
+/// on, a variable sets it either way.
 fn kernel_settings(cli: &Cli) -> Result<lora_core::kernels::KernelSettings> {
     use lora_core::kernels::KernelSettings;
-    let fast = cli.fast_kernels || env_switch("SD_LORA_FAST_KERNELS")? == Some(true);
-    let mut k = if fast { KernelSettings::fast() } else { trainer_kernels() };
+    let fast_variable = env_switch("SD_LORA_FAST_KERNELS")?;
+    if cli.fast_kernels && fast_variable == Some(false) {
+        anyhow::bail!("--fast-kernels and SD_LORA_FAST_KERNELS=0 contradict each other: drop one");
+    }
+    if cli.burn_kernels && fast_variable == Some(true) {
+        anyhow::bail!("--burn-kernels and SD_LORA_FAST_KERNELS=1 contradict each other: drop one");
+    }
+    let fast = !cli.burn_kernels && fast_variable != Some(false);
+    let mut k = if fast { KernelSettings::fast() } else { burn_kernels() };
     let switch = |flag: bool, name: &str, base: bool| -> Result<bool> { Ok(flag || env_switch(name)?.unwrap_or(base)) };
     k.cudnn = switch(cli.cudnn, "SD_LORA_CUDNN", k.cudnn)?;
     k.cublas = switch(cli.cublas, "SD_LORA_CUBLAS", k.cublas)?;
@@ -1173,9 +1187,9 @@ fn main() -> Result<()> {
         }
         eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
-    if kernels != trainer_kernels() || flash_max_keys.is_some() {
+    if kernels != lora_core::kernels::KernelSettings::fast() || flash_max_keys.is_some() {
         eprintln!(
-            "--fast-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
+            "--burn-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
         );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
@@ -1192,15 +1206,19 @@ mod tests {
     }
 
     #[test]
-    fn fast_kernels_turns_every_fast_path_on_and_flags_add_to_the_defaults() {
+    fn fast_kernels_are_the_default_and_burn_kernels_start_from_burns() {
         use lora_core::kernels::{KernelSettings, VendorSync};
-        assert_eq!(settings(&["bench"]), trainer_kernels());
-        assert!(trainer_kernels().fixed_matmul && !trainer_kernels().cudnn);
+        // Every fast path by default, and with the flag kept for scripts.
+        assert_eq!(settings(&["bench"]), KernelSettings::fast());
         assert_eq!(settings(&["--fast-kernels", "bench"]), KernelSettings::fast());
-        assert_eq!(settings(&["bench", "--fast-kernels", "--tuned-matmul"]), KernelSettings { fixed_matmul: false, ..KernelSettings::fast() });
-        let some = settings(&["bench", "--cudnn", "--flash-attention", "--fused-lora-linear"]);
-        assert_eq!(some, KernelSettings { cudnn: true, flash_attention: true, fused_lora_linear: true, ..trainer_kernels() });
-        assert_eq!(settings(&["--fast-kernels", "--vendor-sync", "host", "bench"]).vendor_sync, VendorSync::Host);
+        assert_eq!(settings(&["bench", "--tuned-matmul"]), KernelSettings { fixed_matmul: false, ..KernelSettings::fast() });
+        assert_eq!(settings(&["--vendor-sync", "host", "bench"]).vendor_sync, VendorSync::Host);
+        // --burn-kernels: burn's kernels with the fixed matmul, single fast paths added back.
+        assert_eq!(settings(&["bench", "--burn-kernels"]), burn_kernels());
+        assert!(burn_kernels().fixed_matmul && !burn_kernels().cudnn && burn_kernels().vendor_sync == VendorSync::Host);
+        let some = settings(&["--burn-kernels", "bench", "--cudnn", "--flash-attention", "--fused-lora-linear"]);
+        assert_eq!(some, KernelSettings { cudnn: true, flash_attention: true, fused_lora_linear: true, ..burn_kernels() });
+        assert!(Cli::try_parse_from(["trainer", "--fast-kernels", "--burn-kernels", "bench"]).is_err(), "the two starting points conflict");
     }
 
     #[test]
