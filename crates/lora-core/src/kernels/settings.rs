@@ -75,7 +75,9 @@ impl KernelSettings {
     /// Every fast path on: cuDNN convolutions and attention, cuBLAS, GPU-side ordering, the
     /// fused softmax, flash attention (for what cuDNN's attention does not take), the fused
     /// norms, the fixed matmul (no minutes of autotuning per new shape), the fused
-    /// concatenation and the one-op LoRA linear layers.
+    /// concatenation and the one-op LoRA linear layers. The `trainer` binary applies this
+    /// set on CUDA by default: every path passed its kernel tests and the CUDA-against-CPU
+    /// checks on an H200 (2026-12-04; the repository's docs/benchmarks.md).
     pub fn fast() -> Self {
         Self {
             cudnn: true,
