@@ -1141,6 +1141,26 @@ fn report_kernels(k: &lora_core::kernels::KernelSettings, flash_max_keys: Option
     }
 }
 
+/// Compares the routes that no GPU run has checked against the CPU yet (cuBLAS's products,
+/// the fused softmax) with the CPU on small problems, and turns off one that disagrees:
+/// a wrong library or kernel on some GPU then costs speed, not the run.
+#[cfg(feature = "cuda")]
+fn check_routes() {
+    for check in lora_core::kernels::check_routes::<burn::backend::Cuda>(&Default::default()) {
+        match check.result {
+            Ok(err) if check.failed() => {
+                check.route.turn_off();
+                eprintln!(
+                    "{}: disagreed with the CPU on a small check (relative error {err:.1e}, tolerance {:.0e}); turned off, burn's ops do that work",
+                    check.route, check.tolerance
+                );
+            }
+            Ok(err) => eprintln!("{}: checked against the CPU (relative error {err:.1e})", check.route),
+            Err(reason) => eprintln!("{}: not checked ({reason})", check.route),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let kernels = kernel_settings(&cli)?;
@@ -1175,8 +1195,11 @@ fn main() -> Result<()> {
         if std::path::Path::new("/dev/nvidiactl").exists() {
             eprintln!("device: CUDA GPU 0");
             kernels.apply();
-            report_kernels(&kernels, flash_max_keys);
-            match configure_kernel_cache() {
+            // The cache first: the route checks compile kernels too.
+            let cache = configure_kernel_cache();
+            check_routes();
+            report_kernels(&lora_core::kernels::KernelSettings::current(), flash_max_keys);
+            match cache {
                 Some(dir) => eprintln!(
                     "the first steps compile and autotune GPU kernels (minutes on a first run); compiled kernels are kept in {}",
                     dir.display()

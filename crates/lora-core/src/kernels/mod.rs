@@ -97,6 +97,8 @@ mod pack;
 mod split;
 mod settings;
 pub use settings::KernelSettings;
+mod self_check;
+pub use self_check::{check_routes, Route, RouteCheck};
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_source;
 
