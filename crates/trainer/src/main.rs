@@ -27,7 +27,8 @@ struct Cli {
     cudnn: bool,
     /// Run the large matmuls on CUDA (linear layers, attention backward) in cuBLAS instead
     /// of burn's kernels; falls back per call. Also `SD_LORA_CUBLAS=1`; the smallest routed
-    /// matmul is `SD_LORA_CUBLAS_MIN_GFLOP` (default 4).
+    /// matmul is `SD_LORA_CUBLAS_MIN_GFLOP` (default 4), or `SD_LORA_CUBLAS_TALL_MIN_GFLOP`
+    /// (default 0.25) for one of 1024 rows or more.
     #[arg(long, global = true)]
     cublas: bool,
     /// How cuDNN / cuBLAS calls are ordered with burn's kernels on CUDA: `device` (the GPU
@@ -1189,6 +1190,10 @@ fn main() -> Result<()> {
     if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
         let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
         lora_core::kernels::set_cublas_min_gflop(gflop);
+    }
+    if let Ok(value) = std::env::var("SD_LORA_CUBLAS_TALL_MIN_GFLOP") {
+        let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_TALL_MIN_GFLOP={value}: expected a number of GFLOP"))?;
+        lora_core::kernels::set_cublas_tall_min_gflop(gflop);
     }
     #[cfg(feature = "cuda")]
     {

@@ -612,20 +612,20 @@ pub(super) fn launch_epilogue_kernel<R: Runtime>(
     Ok(())
 }
 
-/// Where an op's products run ([`super::set_cublas`], [`super::set_cublas_min_gflop`],
+/// Where an op's products run ([`super::set_cublas`], [`super::set_cublas_min_gflop`], [`super::set_cublas_tall_min_gflop`],
 /// [`super::set_fixed_matmul`]), read when the op is queued: burn-fusion may execute it
 /// after the switches changed.
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Routing {
     cublas: bool,
-    cublas_min_flops: f64,
+    cublas_thresholds: super::CublasThresholds,
     fixed: bool,
 }
 
 impl Routing {
     fn now() -> Self {
-        Self { cublas: super::cublas_enabled(), cublas_min_flops: super::cublas_min_flops(), fixed: super::fixed_matmul_enabled() }
+        Self { cublas: super::cublas_enabled(), cublas_thresholds: super::cublas_thresholds(), fixed: super::fixed_matmul_enabled() }
     }
 }
 
@@ -636,7 +636,7 @@ fn product<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: CubeTensor<R>, 
     let a = Transpose::apply::<R, BT>(transpose.a, a);
     let b = Transpose::apply::<R, BT>(transpose.b, b);
     #[cfg(feature = "cuda")]
-    if routing.cublas && super::worth_routing_at(&a.meta.shape().to_vec(), &b.meta.shape().to_vec(), routing.cublas_min_flops) {
+    if routing.cublas && super::worth_routing_at(&a.meta.shape().to_vec(), &b.meta.shape().to_vec(), routing.cublas_thresholds) {
         if let Some(result) = cublas_product(&a, &b) {
             match result {
                 Ok(y) => {

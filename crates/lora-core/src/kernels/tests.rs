@@ -1354,3 +1354,30 @@ fn fused_group_norm_matches_burn_on_cuda() {
     assert_eq!(after.fallbacks, before.fallbacks, "fallbacks: {:?}", after.last_error);
     assert_eq!(after.fused_group_norm_calls - before.fused_group_norm_calls, runs);
 }
+
+/// The cuBLAS routing rule at the default thresholds, on SD1.5's linear layers at 512 px
+/// (the shapes behind the H200 measurements of 2026-12-04): batch 1's attention
+/// projections (0.84 GFLOP) go to cuBLAS where they have 1024 rows or more, batch 8's
+/// cross-attention keys / values (616 rows) and middle-block projections (512 rows) stay
+/// in the fixed kernel as they did at the 4-GFLOP threshold, and everything from 4 GFLOP
+/// goes to cuBLAS.
+#[test]
+fn cublas_routing_takes_tall_matmuls_from_a_quarter_gflop() {
+    let at = CublasThresholds { min_flops: 4e9, tall_min_flops: 0.25e9 };
+    let routed = |rows: usize, k: usize, n: usize| worth_routing_at(&[rows, k], &[k, n], at);
+    // Batch 1: q/k/v/out at the 4096- and 1024-token levels, not the 256-token one.
+    assert!(routed(4096, 320, 320) && routed(1024, 640, 640));
+    assert!(!routed(256, 1280, 1280));
+    // Batch 8: the cross-attention's keys and values over 8 x 77 rows, the middle block.
+    assert!(!routed(616, 768, 1280) && !routed(512, 1280, 1280));
+    // From 4 GFLOP, any rows: the feed-forward projections, batch 8's attention.
+    assert!(routed(512, 1280, 10240) && routed(32768, 320, 320));
+    // Small tall ones stay: the LoRA products of rank 4.
+    assert!(!routed(32768, 320, 4));
+    // Batched operands count their batch in the rows; unequal batches never route.
+    assert!(worth_routing_at(&[8, 512, 320], &[8, 320, 320], at));
+    assert!(!worth_routing_at(&[8, 512, 320], &[1, 320, 320], at));
+    // The tall rule off (its threshold at the size threshold's): size alone.
+    let size_only = CublasThresholds { min_flops: 4e9, tall_min_flops: 4e9 };
+    assert!(!worth_routing_at(&[4096, 320], &[320, 320], size_only));
+}
