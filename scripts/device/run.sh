@@ -51,9 +51,9 @@
 #   PROFILE_AFTER=10   the profiles run after this many PLAN entries (default: after the
 #                      ten headline settings; they reuse the plan's autotune results),
 #                      when the budget allows
-#   KERNEL_TESTS="conv ordering cudnn-attention lora flash group concat"   lora-core's CUDA kernel tests before
-#                      everything, those whose job names contain one of the words (1: all,
-#                      with cuDNN's, cuBLAS's and the softmax's; 0: none, every switch stays
+#   KERNEL_TESTS="conv matmul ordering softmax cudnn-attention lora flash group concat"   lora-core's CUDA kernel tests before
+#                      everything, those whose job names contain one of the words (1: all;
+#                      0: none, every switch stays
 #                      on, e.g. for a second call that only profiles)
 #   ORDERING_TEST_S=240   time limit of the GPU-side ordering test
 #   CUDNN_ATTN_TEST_S=150 time limit of the cuDNN attention test (its log has cuDNN's refusals)
@@ -255,7 +255,7 @@ kernel_test() {
     run_job smoke "$name" "{}" "$@" env CUBECL_AUTOTUNE_LEVEL=minimal "$TESTS" --ignored --exact "kernels::tests::$test" --nocapture
     [ "${LAST_RC:-1}" = 0 ]
 }
-KERNEL_TESTS=${KERNEL_TESTS:-"conv ordering cudnn-attention lora flash group concat"}
+KERNEL_TESTS=${KERNEL_TESTS:-"conv matmul ordering softmax cudnn-attention lora flash group concat"}
 KERNEL_TESTS=${KERNEL_TESTS//,/ }
 if [ "$DEVICE" = cuda ] && [ -x "$TESTS" ] && [ "$KERNEL_TESTS" != 0 ]; then
     kernel_test conv-cudnn-vs-burn cudnn_matches_burn_kernels_on_cuda
