@@ -308,6 +308,16 @@ fn flash_tuning_switches_clamp_and_restore() {
     }
 }
 
+/// Asserts that `ours` is within `tolerance` of `reference` ([`max_rel`], in f32), and
+/// prints the error either way (the device script's log keeps it).
+#[cfg(feature = "cuda")]
+fn check_close<B: Backend>(case: &str, what: &str, ours: Tensor<B, 4>, reference: Tensor<B, 4>, tolerance: f32) {
+    let f32 = |t: Tensor<B, 4>| crate::precision::cast_to(t, DType::F32);
+    let err = max_rel(f32(ours), f32(reference));
+    eprintln!("{case}: {what} error {err:.2e}");
+    assert!(err < tolerance, "{case}: {what}, relative error {err} (tolerance {tolerance})");
+}
+
 /// cuDNN against burn's own CUDA kernels, forward and both gradients, f32 and bf16, for
 /// the conv shapes SD uses. Run on the GPU machine (scripts/device/run.sh runs it when
 /// `device-bin/lora-core-tests` exists): `lora-core-tests --ignored --exact
@@ -354,11 +364,7 @@ fn cudnn_matches_burn_kernels_on_cuda() {
             if let Some(burn) = burn_half {
                 eprintln!("{case}: burn's own kernels' error: output {:.2e}, dx {:.2e}", max_rel(f32(burn.0), f32(reference.0.clone())), max_rel(f32(burn.1), f32(reference.1.clone())));
             }
-            let check = |what: &str, a: Tensor<B, 4>, b: Tensor<B, 4>| {
-                let err = max_rel(f32(a), f32(b));
-                eprintln!("{case}: {what} error {err:.2e}");
-                assert!(err < tolerance, "{case}: {what}, relative error {err} (tolerance {tolerance})");
-            };
+            let check = |what: &str, a, b| check_close(&case, what, a, b, tolerance);
             check("output", ours.0, reference.0);
             check("dx", ours.1, reference.1);
             match (ours.2, reference.2) {
@@ -426,12 +432,7 @@ fn cudnn_conv_add_matches_burn_kernels_on_cuda() {
                 blended += usize::from(blend);
                 let case = format!("{dtype:?} kernel {kernel} bias {bias} frozen {frozen} blend {blend} {form:?} {shape:?} + {addend_shape:?}");
                 assert_eq!(kept.cast(FloatDType::F32).into_data(), kept_values, "{case}: the caller's addend changed");
-                let f32 = |t: Tensor<B, 4>| t.cast(FloatDType::F32);
-                let check = |what: &str, a: Tensor<B, 4>, b: Tensor<B, 4>| {
-                    let err = max_rel(f32(a), f32(b));
-                    eprintln!("{case}: {what} error {err:.2e}");
-                    assert!(err < tolerance, "{case}: {what}, relative error {err} (tolerance {tolerance})");
-                };
+                let check = |what: &str, a, b| check_close(&case, what, a, b, tolerance);
                 check("output", ours.0, reference.0);
                 check("dx", ours.1, reference.1);
                 check("d addend", ours.3, reference.3);
