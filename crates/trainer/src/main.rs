@@ -1202,7 +1202,11 @@ fn main() -> Result<()> {
             kernels.apply();
             // The cache first: the route checks compile kernels too.
             let cache = configure_kernel_cache();
-            check_routes();
+            // Only where the routes will run: import, convert, merge and resize need no
+            // check (nor a working NVRTC, which the check's kernels do).
+            if matches!(command, Command::Train { .. } | Command::Generate { .. } | Command::Bench { .. } | Command::BenchOps { .. } | Command::DeviceCheck { .. }) {
+                check_routes();
+            }
             report_kernels(&lora_core::kernels::KernelSettings::current(), flash_max_keys);
             match cache {
                 Some(dir) => eprintln!(
