@@ -25,6 +25,17 @@ fn linear(config: &LoraConfig) -> LoraLinear<B> {
     layer
 }
 
+/// A 1x1 LoRA convolution `R -> R` whose adapter (`config`) has identity `down` and `up`.
+fn conv(config: &LoraConfig) -> LoraConv2d<B> {
+    let device = Default::default();
+    let mut conv = LoraConv2d::new(Conv2dConfig::new([R, R], [1, 1]).init::<B>(&device));
+    conv.attach_new(config, &device).unwrap();
+    let adapter = conv.adapter.as_mut().unwrap();
+    adapter.down.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
+    adapter.up.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
+    conv
+}
+
 /// The mask factors `update / (scale · x)` of a linear layer's rows, `[rows][R]`.
 fn linear_factors<const D: usize>(layer: &LoraLinear<B>, x: Tensor<B, D>) -> Vec<Vec<f32>> {
     let scale = layer.adapter.as_ref().unwrap().scale;
@@ -99,12 +110,8 @@ fn conv_masks_and_inference_is_untouched() {
     let device = Default::default();
     B::seed(&device, 3);
     let p = 0.5;
-    let mut conv = LoraConv2d::new(Conv2dConfig::new([R, R], [1, 1]).init::<B>(&device));
-    conv.attach_new(&LoraConfig::new(R).with_rank_dropout(p), &device).unwrap();
-    let adapter = conv.adapter.as_mut().unwrap();
-    adapter.down.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
-    adapter.up.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
-    let scale = adapter.scale;
+    let conv = conv(&LoraConfig::new(R).with_rank_dropout(p));
+    let scale = conv.adapter.as_ref().unwrap().scale;
     let (n, hw) = (6, 4);
     let x = Tensor::<B, 4>::random([n, R, hw, hw], Distribution::Uniform(0.5, 1.5), &device);
     let ratio = |conv: &LoraConv2d<B>| {
@@ -156,13 +163,9 @@ fn lycoris_rank_dropout_drops_rows_of_the_update_once_per_pass() {
         }
         assert!(patterns.len() > 2, "each pass draws its mask: {patterns:?}");
 
-        let mut conv = LoraConv2d::new(Conv2dConfig::new([R, R], [1, 1]).init::<B>(&device));
-        conv.attach_new(&LoraConfig::new(R), &device).unwrap();
+        let mut conv = conv(&LoraConfig::new(R));
         lora_core::LoraSiteMut::Conv(&mut conv).set_dropout(&config);
-        let adapter = conv.adapter.as_mut().unwrap();
-        adapter.down.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
-        adapter.up.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
-        let scale_ = adapter.scale;
+        let scale_ = conv.adapter.as_ref().unwrap().scale;
         let x = Tensor::<B, 4>::random([3, R, 2, 2], Distribution::Uniform(0.5, 1.5), &device);
         let update = conv.forward(x.clone()) - conv.base.forward(x.clone());
         let ratio = (update / x.clone().mul_scalar(scale_)).into_data().to_vec::<f32>().unwrap();
@@ -217,13 +220,9 @@ fn network_dropout_drops_elements_of_down_x() {
     let ratio: Vec<f32> = (update / x.inner().mul_scalar(layer.adapter.as_ref().unwrap().scale)).into_data().to_vec().unwrap();
     assert_in(&ratio, &[1.0]);
 
-    let mut conv = LoraConv2d::new(Conv2dConfig::new([R, R], [1, 1]).init::<B>(&device));
-    conv.attach_new(&LoraConfig::new(R), &device).unwrap();
+    let mut conv = conv(&LoraConfig::new(R));
     lora_core::LoraSiteMut::Conv(&mut conv).set_dropout(&LoraConfig::new(R).with_network_dropout(p));
-    let adapter = conv.adapter.as_mut().unwrap();
-    adapter.down.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
-    adapter.up.weight = Param::from_tensor(Tensor::<B, 2>::eye(R, &device).reshape([R, R, 1, 1]));
-    let scale = adapter.scale;
+    let scale = conv.adapter.as_ref().unwrap().scale;
     let x = Tensor::<B, 4>::random([2, R, 4, 4], Distribution::Uniform(0.5, 1.5), &device);
     let update = conv.forward(x.clone()) - conv.base.forward(x.clone());
     let values: Vec<f32> = (update / x.mul_scalar(scale)).into_data().to_vec().unwrap();

@@ -1187,13 +1187,13 @@ fn main() -> Result<()> {
     if let Some(keys) = flash_max_keys {
         lora_core::kernels::set_flash_max_keys(keys);
     }
-    if let Ok(value) = std::env::var("SD_LORA_CUBLAS_MIN_GFLOP") {
-        let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_MIN_GFLOP={value}: expected a number of GFLOP"))?;
-        lora_core::kernels::set_cublas_min_gflop(gflop);
-    }
-    if let Ok(value) = std::env::var("SD_LORA_CUBLAS_TALL_MIN_GFLOP") {
-        let gflop: f64 = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_TALL_MIN_GFLOP={value}: expected a number of GFLOP"))?;
-        lora_core::kernels::set_cublas_tall_min_gflop(gflop);
+    for (name, set) in [
+        ("SD_LORA_CUBLAS_MIN_GFLOP", lora_core::kernels::set_cublas_min_gflop as fn(f64)),
+        ("SD_LORA_CUBLAS_TALL_MIN_GFLOP", lora_core::kernels::set_cublas_tall_min_gflop),
+    ] {
+        if let Ok(value) = std::env::var(name) {
+            set(value.parse().map_err(|_| anyhow::anyhow!("{name}={value}: expected a number of GFLOP"))?);
+        }
     }
     #[cfg(feature = "cuda")]
     {

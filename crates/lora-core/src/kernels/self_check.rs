@@ -127,6 +127,17 @@ fn worse(a: f32, b: f32) -> f32 {
     }
 }
 
+/// A route's result from its problems' errors: the worst error, or why a problem could not
+/// be compared, or `not_taken` when the route ran none of them (`took` false).
+fn outcome(errors: Vec<Result<f32, String>>, took: bool, not_taken: &str) -> Result<f32, String> {
+    let worst = errors.into_iter().try_fold(0f32, |worst, err| err.map(|err| worse(worst, err)))?;
+    if took {
+        Ok(worst)
+    } else {
+        Err(not_taken.to_string())
+    }
+}
+
 /// `t` on the CPU in f32, from the values `t` holds (half-precision values widen exactly).
 fn on_cpu<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<Flex, D> {
     Tensor::from_data(cast_to(t.clone(), DType::F32).into_data(), &Default::default())
@@ -138,8 +149,7 @@ fn check_cublas<B: Backend>(device: &B::Device) -> RouteCheck {
     let threshold = cublas_min_flops();
     set_cublas_min_gflop(0.0);
     let before = vendor_stats().cublas_calls;
-    let mut worst = 0f32;
-    let mut error = None;
+    let mut errors = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         let rand = |shape: [usize; 3]| cast_to(Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), device), dtype);
         // (a, b, transpose a in the op, transpose b in the op)
@@ -159,18 +169,12 @@ fn check_cublas<B: Backend>(device: &B::Device) -> RouteCheck {
                 a.matmul(b).into_data()
             };
             let ours = if ta || tb { matmul_transposed(a, b, ta, tb) } else { matmul(a, b) };
-            match relative_error(ours.into_data(), reference) {
-                Ok(err) => worst = worse(worst, err),
-                Err(reason) => error = Some(reason),
-            }
+            errors.push(relative_error(ours.into_data(), reference));
         }
     }
     set_cublas_min_gflop(threshold / 1e9);
-    let result = match error {
-        Some(reason) => Err(reason),
-        None if vendor_stats().cublas_calls == before => Err("cuBLAS took none of the products (not on CUDA, or the library is missing)".to_string()),
-        None => Ok(worst),
-    };
+    let took = vendor_stats().cublas_calls > before;
+    let result = outcome(errors, took, "cuBLAS took none of the products (not on CUDA, or the library is missing)");
     RouteCheck { route: Route::Cublas, result, tolerance }
 }
 
@@ -178,24 +182,17 @@ fn check_fused_softmax<B: Backend>(device: &B::Device) -> RouteCheck {
     // bf16 outputs round to ~4e-3 of the largest probability.
     let tolerance = 1e-2;
     let before = vendor_stats().fused_softmax_calls;
-    let mut worst = 0f32;
-    let mut error = None;
+    let mut errors = Vec::new();
     for shape in [[2, 3, 5, 77], [1, 2, 4, 300]] {
         let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 4.0), device);
         for (input, output) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F32, DType::BF16), (DType::BF16, DType::F32)] {
             let x = cast_to(x.clone(), input);
             let reference = burn::tensor::activation::softmax(on_cpu(&x).mul_scalar(0.158), 3).into_data();
-            match relative_error(scaled_softmax(x, 0.158, output).into_data(), reference) {
-                Ok(err) => worst = worse(worst, err),
-                Err(reason) => error = Some(reason),
-            }
+            errors.push(relative_error(scaled_softmax(x, 0.158, output).into_data(), reference));
         }
     }
-    let result = match error {
-        Some(reason) => Err(reason),
-        None if vendor_stats().fused_softmax_calls == before => Err("the fused softmax took none of the problems (not on CUDA)".to_string()),
-        None => Ok(worst),
-    };
+    let took = vendor_stats().fused_softmax_calls > before;
+    let result = outcome(errors, took, "the fused softmax took none of the problems (not on CUDA)");
     RouteCheck { route: Route::FusedSoftmax, result, tolerance }
 }
 
