@@ -59,6 +59,6 @@ pub use error::{Result, SchedError};
 pub use noise::{NoNoise, NoiseSource, RngState, SeededNoise, TensorQueue};
 pub use sampler::{
     DdimSampler, DdpmSampler, DpmSolverMultistepSampler, DpmSolverSinglestepSampler, EulerAncestralSampler, EulerSampler,
-    PndmSampler, Sampler, SamplerKind, SamplerSpec,
+    PndmSampler, Sampler, SamplerKind, SamplerSpec, img2img_start,
 };
 pub use schedule::NoiseSchedule;

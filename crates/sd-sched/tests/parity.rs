@@ -374,3 +374,125 @@ fn assert_close_each_or_zero(actual: &[f32], expected: &[f32], tol: f64, what: &
         }
     }
 }
+
+/// Replays one recorded diffusers img2img loop (`xtask/fixtures/sd_sched_img2img.py`):
+/// the first step from [`sd_sched::img2img_start`], `add_noise` on the clean latents there,
+/// then the remaining steps from that index; returns the worst per-step error.
+fn replay_img2img(name: &str) -> f64 {
+    let fx = Fixture::open("img2img_runs.safetensors");
+    let item = items("img2img_runs.json")
+        .into_iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no img2img fixture run {name}"));
+    let mut sampler = build(&item);
+    let steps = item["steps"].as_u64().unwrap() as usize;
+    sampler.set_timesteps(steps).unwrap();
+    assert_eq!(sampler.order() as u64, item["order"].as_u64().unwrap(), "{name}: order");
+    let begin = sd_sched::img2img_start(steps, item["strength"].as_f64().unwrap(), sampler.order()).unwrap();
+    assert_eq!(begin as u64, item["begin"].as_u64().unwrap(), "{name}: first step");
+    sampler.set_begin_index(begin).unwrap();
+    let expected_t = floats(&item["timesteps"]);
+    assert_eq!(sampler.timesteps().len() - begin, expected_t.len(), "{name}: remaining timesteps");
+    // Fractional (Karras, DPM-2 midpoint) timesteps differ from torch's in the last bits,
+    // as in `replay`.
+    for (i, (a, b)) in sampler.timesteps()[begin..].iter().zip(&expected_t).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * b.abs() + 1e-6, "{name}: remaining timestep {i}: {a} vs {b}");
+    }
+
+    let latents = fx.stack4(&format!("{name}.latents"));
+    assert_eq!(latents.len(), expected_t.len() + 1, "{name}: step count");
+    let noise_key = format!("{name}.noise");
+    let draws = if fx.has(&noise_key) { fx.stack4(&noise_key) } else { vec![] };
+    assert_eq!(draws.len() as u64, item["noise_draws"].as_u64().unwrap());
+    let mut noise = TensorQueue::new(draws);
+
+    let start_noise = fx.tensor::<4>(&format!("{name}.start_noise"));
+    let mut x = sampler.add_noise(fx.tensor::<4>("clean"), start_noise, begin).unwrap();
+    let mut worst = rel_err(&to_vec(x.clone()), &to_vec(latents[0].clone()));
+    assert!(worst <= LATENT_TOL, "{name}: add_noise relative error {worst:e}");
+    for (k, i) in (begin..sampler.timesteps().len()).enumerate() {
+        let t = sampler.timesteps()[i];
+        let input = sampler.scale_model_input(x.clone(), i).unwrap();
+        let out = stand_in_model(input, t);
+        x = sampler.step(out, i, x, &mut noise).unwrap();
+        let err = rel_err(&to_vec(x.clone()), &to_vec(latents[k + 1].clone()));
+        assert!(err <= LATENT_TOL, "{name}: step {i} (t = {t}) relative error {err:e}");
+        worst = worst.max(err);
+    }
+    assert_eq!(noise.remaining(), 0, "{name}: the sampler drew fewer noise tensors than diffusers");
+    worst
+}
+
+macro_rules! img2img_parity {
+    ($($name:ident),* $(,)?) => {
+        mod img2img {
+            $(
+                #[test]
+                fn $name() {
+                    let worst = super::replay_img2img(stringify!($name));
+                    eprintln!("img2img {}: worst relative error {worst:e}", stringify!($name));
+                }
+            )*
+            pub(super) const COVERED: &[&str] = &[$(stringify!($name)),*];
+        }
+    };
+}
+
+img2img_parity!(
+    pndm_sd15,
+    pndm_prk_sd15,
+    ddim_sd15,
+    ddim_eta_sd21v,
+    ddpm_sd15,
+    euler_sd15,
+    euler_karras_sd21v,
+    euler_a_sd15,
+    euler_zsnr,
+    dpmpp_2m_sd15,
+    dpmpp_2m_karras_sd15,
+    dpmpp_2m_sde_karras_sd15,
+    dpmpp_3m_sd21v,
+    dpmsingle_sd15,
+    dpmsingle_3_sd15,
+    heun_sd15,
+    heun_karras_sd21v,
+    dpm_2_sd15,
+    dpm_2_a_karras_sd15,
+    lms_sd15,
+    lms_karras_sd21v,
+    euler_full_sd15,
+);
+
+#[test]
+fn every_img2img_fixture_run_has_a_test() {
+    let mut names: Vec<String> = items("img2img_runs.json").iter().map(|i| i["name"].as_str().unwrap().to_string()).collect();
+    names.sort();
+    let mut covered: Vec<String> = img2img::COVERED.iter().map(|s| s.to_string()).collect();
+    covered.sort();
+    assert_eq!(names, covered);
+}
+
+/// A run begins only where a step begins (Heun and DPM-2 take two entries per step), and
+/// the first step of a stepped sampler is then the begin index, not 0.
+#[test]
+fn begin_index_is_checked() {
+    for (spec, order) in [("heun", 2), ("dpm_2", 2), ("dpm_2_a", 2), ("euler", 1), ("dpmpp_2m", 1), ("pndm", 1), ("lms", 1)] {
+        let mut sampler = spec.parse::<sd_sched::SamplerSpec>().unwrap().build::<B>(&SchedulerConfig::sd15()).unwrap();
+        assert!(sampler.set_begin_index(0).is_err(), "{spec}: before set_timesteps");
+        sampler.set_timesteps(10).unwrap();
+        assert_eq!(sampler.order(), order, "{spec}");
+        let len = sampler.timesteps().len();
+        assert!(sampler.set_begin_index(len).is_err(), "{spec}: past the end");
+        if order == 2 {
+            assert!(sampler.set_begin_index(3).is_err(), "{spec}: inside a step");
+        }
+        sampler.set_begin_index(4).unwrap();
+        let zeros = burn::tensor::Tensor::<B, 4>::zeros([1, 4, 2, 2], &Default::default());
+        let mut none = sd_sched::NoNoise;
+        let stateful = !matches!(spec, "euler");
+        if stateful {
+            assert!(sampler.step(zeros.clone(), 0, zeros.clone(), &mut none).is_err(), "{spec}: step 0 after beginning at 4");
+        }
+        sampler.step(zeros.clone(), 4, zeros, &mut none).unwrap();
+    }
+}

@@ -86,6 +86,11 @@ impl<B: Backend> Sampler<B> for DdimSampler {
         &self.timesteps
     }
 
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
+        check_index(self.timesteps.len(), step_index)?;
+        super::add_noise_alpha(original, noise, self.schedule.alphas_cumprod(), self.timesteps[step_index])
+    }
+
     fn step(
         &mut self,
         model_output: Tensor<B, 4>,

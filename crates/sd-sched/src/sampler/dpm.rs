@@ -357,6 +357,19 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
         Ok(())
     }
 
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_index(self.timesteps.len(), step_index)?;
+        self.model_outputs.clear();
+        self.lower_order_nums = 0;
+        self.next_step = step_index;
+        Ok(())
+    }
+
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
+        check_index(self.timesteps.len(), step_index)?;
+        super::dpm::add_noise_vp(original, noise, self.sigmas[step_index])
+    }
+
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
     }
@@ -417,4 +430,12 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
         self.next_step += 1;
         Ok(prev)
     }
+}
+
+/// `α·x₀ + σ_t·ε` at the k-diffusion noise level `sigma`, with `α = 1 / sqrt(σ² + 1)` and
+/// `σ_t = σ·α` (diffusers' DPM-Solvers' `add_noise`, in f32).
+pub(super) fn add_noise_vp<B: Backend>(original: Tensor<B, 4>, noise: Tensor<B, 4>, sigma: f32) -> Result<Tensor<B, 4>> {
+    super::check_noise_shape(&original, &noise)?;
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    Ok(original.mul_scalar(alpha) + noise.mul_scalar(sigma * alpha))
 }

@@ -221,6 +221,21 @@ impl<B: Backend> Sampler<B> for DpmSolverSinglestepSampler<B> {
         Ok(())
     }
 
+    /// A block entered part-way runs at the orders its outputs allow (its first step at
+    /// order 1), as diffusers lowers the order where an output is missing.
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_index(self.timesteps.len(), step_index)?;
+        self.model_outputs.clear();
+        self.block_sample = None;
+        self.next_step = step_index;
+        Ok(())
+    }
+
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
+        check_index(self.timesteps.len(), step_index)?;
+        super::dpm::add_noise_vp(original, noise, self.sigmas[step_index])
+    }
+
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
     }

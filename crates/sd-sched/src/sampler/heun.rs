@@ -1,7 +1,7 @@
 use burn::tensor::{backend::Backend, Tensor};
 
 use super::euler::SigmaSteps;
-use super::{check_index, check_order, Sampler};
+use super::{check_index, check_order, check_step_start, Sampler};
 use crate::config::SchedulerConfig;
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -63,6 +63,16 @@ impl<B: Backend> Sampler<B> for HeunSampler<B> {
 
     fn timesteps(&self) -> &[f32] {
         &self.steps.timesteps
+    }
+
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_step_start(HEUN, self.steps.timesteps.len(), step_index, 2)?;
+        (self.first, self.next_step) = (None, step_index);
+        Ok(())
     }
 
     fn sigmas(&self) -> Option<&[f32]> {

@@ -2,7 +2,7 @@ use burn::tensor::{backend::Backend, Tensor};
 
 use super::euler::SigmaSteps;
 use super::heun::interleave_tail;
-use super::{check_index, check_order, unsupported, Sampler};
+use super::{check_index, check_order, check_step_start, unsupported, Sampler};
 use crate::config::{PredictionType, SchedulerConfig};
 use crate::error::Result;
 use crate::noise::NoiseSource;
@@ -76,6 +76,16 @@ impl<B: Backend> KDpm2Sampler<B> {
 impl<B: Backend> Sampler<B> for KDpm2Sampler<B> {
     fn class_name(&self) -> &'static str {
         KDPM2
+    }
+
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_step_start(KDPM2, self.steps.timesteps.len(), step_index, 2)?;
+        (self.first, self.next_step) = (None, step_index);
+        Ok(())
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
@@ -186,6 +196,16 @@ impl<B: Backend> KDpm2AncestralSampler<B> {
 impl<B: Backend> Sampler<B> for KDpm2AncestralSampler<B> {
     fn class_name(&self) -> &'static str {
         KDPM2_A
+    }
+
+    fn order(&self) -> usize {
+        2
+    }
+
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_step_start(KDPM2_A, self.steps.timesteps.len(), step_index, 2)?;
+        (self.first, self.next_step) = (None, step_index);
+        Ok(())
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<()> {

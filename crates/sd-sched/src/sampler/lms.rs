@@ -72,6 +72,15 @@ impl<B: Backend> Sampler<B> for LmsSampler<B> {
         Ok(())
     }
 
+    /// From `step_index` the order still grows with the index, not with the slopes kept
+    /// (diffusers' `min(step_index + 1, 4)`): the first steps weigh their one slope with a
+    /// higher-order coefficient, as there.
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_index(self.steps.timesteps.len(), step_index)?;
+        (self.derivatives, self.next_step) = (Vec::new(), step_index);
+        Ok(())
+    }
+
     fn timesteps(&self) -> &[f32] {
         &self.steps.timesteps
     }

@@ -90,6 +90,102 @@ pub trait Sampler<B: Backend>: Send {
         sample: Tensor<B, 4>,
         noise: &mut dyn NoiseSource<B>,
     ) -> Result<Tensor<B, 4>>;
+
+    /// Model evaluations per step of the method (diffusers' `order`): 2 for Heun and the
+    /// DPM-2 samplers, whose [`Sampler::timesteps`] hold both evaluations of each step, 1
+    /// for the others. [`img2img_start`] counts in steps of this many entries.
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// Makes step `step_index` the first of the run (diffusers' `set_begin_index`), for
+    /// sampling that starts from a partly noised image ([`img2img_start`]); call it after
+    /// [`Sampler::set_timesteps`]. Multistep history starts empty there, as in diffusers:
+    /// the first steps then run at the lower orders a run from step 0 starts with.
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_index(self.timesteps().len(), step_index)
+    }
+
+    /// `original` (clean latents) noised with standard-normal `noise` to the noise level
+    /// at step `step_index`, the latents a run beginning there starts from (diffusers'
+    /// `add_noise` at its begin index): `sqrt(ᾱₜ)·x₀ + sqrt(1 − ᾱₜ)·ε` for the ᾱ-based
+    /// samplers (DDPM, DDIM, PNDM), `x₀ + σ·ε` for the σ-space ones, `α·x₀ + σ_t·ε` with
+    /// `α = 1 / sqrt(σ² + 1)`, `σ_t = σ·α` for the DPM-Solvers.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::tensor::Tensor;
+    /// use sd_sched::{Sampler, SamplerSpec, SchedulerConfig};
+    ///
+    /// let device = Default::default();
+    /// let mut sampler = "euler".parse::<SamplerSpec>().unwrap().build::<Flex>(&SchedulerConfig::sd15()).unwrap();
+    /// sampler.set_timesteps(10).unwrap();
+    /// let x0 = Tensor::<Flex, 4>::zeros([1, 4, 8, 8], &device);
+    /// let noise = Tensor::<Flex, 4>::ones([1, 4, 8, 8], &device);
+    /// let x = sampler.add_noise(x0, noise, 3).unwrap();
+    /// let sigma = sampler.sigmas().unwrap()[3];
+    /// assert!((x.max().into_scalar() - sigma).abs() < 1e-5);
+    /// ```
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
+        check_index(self.timesteps().len(), step_index)?;
+        check_noise_shape(&original, &noise)?;
+        // The ᾱ-based samplers of this crate implement it themselves; another sampler
+        // without σs must too.
+        let Some(&sigma) = self.sigmas().and_then(|sigmas| sigmas.get(step_index)) else {
+            return Err(SchedError::Unsupported { sampler: self.class_name(), key: "add_noise", value: "a sampler without sigmas".into() });
+        };
+        Ok(original + noise.mul_scalar(sigma))
+    }
+}
+
+/// The first step of a run that denoises a noised image at `strength` (0 < strength ≤ 1:
+/// the share of the `steps` steps that run, 1 starting from pure noise), for a sampler of
+/// [`Sampler::order`] `order`: diffusers' img2img `get_timesteps`
+/// (`t_start = steps − min(int(steps·strength), steps)`, times the order). An error where
+/// no step would run (strength ≤ 0, or too small for `steps`) or strength is above 1.
+///
+/// ```
+/// use sd_sched::img2img_start;
+/// assert_eq!(img2img_start(25, 0.8, 1).unwrap(), 5); // 20 of 25 steps run
+/// assert_eq!(img2img_start(10, 1.0, 2).unwrap(), 0);
+/// assert_eq!(img2img_start(10, 0.35, 2).unwrap(), 14); // Heun: 3 steps from index 2 · 7
+/// assert!(img2img_start(10, 0.05, 1).is_err());
+/// ```
+pub fn img2img_start(steps: usize, strength: f64, order: usize) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(SchedError::InvalidArgument {
+            name: "strength",
+            reason: format!("must be in (0, 1] (the share of the steps that denoise the image), got {strength}"),
+        });
+    }
+    // Python's `int()` of the product: truncation.
+    let run = ((steps as f64 * strength) as usize).min(steps);
+    if run == 0 {
+        return Err(SchedError::InvalidArgument {
+            name: "strength",
+            reason: format!("{strength} of {steps} steps leaves no step to run; raise the strength or the step count"),
+        });
+    }
+    Ok((steps - run) * order.max(1))
+}
+
+/// Rejects noise of another shape than the latents it is added to.
+pub(crate) fn check_noise_shape<B: Backend>(original: &Tensor<B, 4>, noise: &Tensor<B, 4>) -> Result<()> {
+    if original.dims() != noise.dims() {
+        return Err(SchedError::InvalidArgument {
+            name: "noise",
+            reason: format!("shape {:?} differs from the latents' {:?}", noise.dims(), original.dims()),
+        });
+    }
+    Ok(())
+}
+
+/// `sqrt(ᾱ)·x₀ + sqrt(1 − ᾱ)·ε` for the ᾱ of `timestep` (a whole training timestep), as
+/// diffusers' DDPM-family `add_noise` computes it (square roots in f32).
+pub(crate) fn add_noise_alpha<B: Backend>(original: Tensor<B, 4>, noise: Tensor<B, 4>, alphas_cumprod: &[f32], timestep: f32) -> Result<Tensor<B, 4>> {
+    check_noise_shape(&original, &noise)?;
+    let a = alphas_cumprod[timestep as usize];
+    Ok(original.mul_scalar(a.sqrt()) + noise.mul_scalar((1.0 - a).sqrt()))
 }
 
 /// The sampler families, named after their diffusers classes.
@@ -368,6 +464,19 @@ pub(crate) fn check_index(len: usize, index: usize) -> Result<()> {
 pub(crate) fn check_order(sampler: &'static str, expected: usize, got: usize) -> Result<()> {
     if got != expected {
         return Err(SchedError::StepOutOfOrder { sampler, expected, got });
+    }
+    Ok(())
+}
+
+/// Rejects a first step that is out of range or not the first evaluation of a step of a
+/// sampler of order `order` (its timesteps hold `order` evaluations per step).
+pub(crate) fn check_step_start(sampler: &'static str, len: usize, index: usize, order: usize) -> Result<()> {
+    check_index(len, index)?;
+    if !index.is_multiple_of(order) {
+        return Err(SchedError::InvalidArgument {
+            name: "step_index",
+            reason: format!("{sampler} takes {order} entries of its timesteps per step: a run must begin at a multiple of {order}, got {index}"),
+        });
     }
     Ok(())
 }

@@ -29,6 +29,8 @@ pub struct PndmSampler<B: Backend> {
     timesteps_i: Vec<i64>,
     timesteps: Vec<f32>,
     state: History<B>,
+    /// The step the run began at ([`Sampler::set_begin_index`]).
+    begin: usize,
 }
 
 /// Multistep history, reset by `set_timesteps`.
@@ -80,6 +82,7 @@ impl<B: Backend> PndmSampler<B> {
             timesteps_i: Vec::new(),
             timesteps: Vec::new(),
             state: History::default(),
+            begin: 0,
         })
     }
 
@@ -264,11 +267,28 @@ impl<B: Backend> Sampler<B> for PndmSampler<B> {
         self.timesteps_i = prk.into_iter().chain(plms).collect();
         self.timesteps = self.timesteps_i.iter().map(|&v| v as f32).collect();
         self.state = History::default();
+        self.begin = 0;
         Ok(())
     }
 
     fn timesteps(&self) -> &[f32] {
         &self.timesteps
+    }
+
+    /// diffusers' PNDM has no begin index: its img2img steps through the later timesteps
+    /// with its step counter from 0, so the warm-up (PLMS's two-evaluation first step, or
+    /// the Runge-Kutta steps at the schedule's first timesteps, as its `step_prk` indexes
+    /// them by that counter) starts over there. So here.
+    fn set_begin_index(&mut self, step_index: usize) -> Result<()> {
+        check_index(self.timesteps.len(), step_index)?;
+        self.state = History::default();
+        self.begin = step_index;
+        Ok(())
+    }
+
+    fn add_noise(&self, original: Tensor<B, 4>, noise: Tensor<B, 4>, step_index: usize) -> Result<Tensor<B, 4>> {
+        check_index(self.timesteps.len(), step_index)?;
+        super::add_noise_alpha(original, noise, self.schedule.alphas_cumprod(), self.timesteps[step_index])
     }
 
     fn step(
@@ -279,15 +299,15 @@ impl<B: Backend> Sampler<B> for PndmSampler<B> {
         _noise: &mut dyn NoiseSource<B>,
     ) -> Result<Tensor<B, 4>> {
         check_index(self.timesteps.len(), step_index)?;
-        if step_index != self.state.counter {
+        if step_index != self.begin + self.state.counter {
             return Err(SchedError::StepOutOfOrder {
                 sampler: NAME,
-                expected: self.state.counter,
+                expected: self.begin + self.state.counter,
                 got: step_index,
             });
         }
         let timestep = self.timesteps_i[step_index];
-        let prev = if step_index < self.prk_len {
+        let prev = if self.state.counter < self.prk_len {
             self.step_prk(model_output, timestep, sample)
         } else {
             self.step_plms(model_output, timestep, sample)
