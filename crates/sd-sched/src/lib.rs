@@ -15,7 +15,9 @@
 //! - [`Sampler`]: DDPM, DDIM (η), PNDM/PLMS, Euler, Euler ancestral, Heun, DPM2 (and
 //!   ancestral), LMS, DPM-Solver++ (2M, 3M, 2M SDE, Karras sigmas) and DPM-Solver
 //!   (multistep and singlestep), built by name through [`SamplerSpec`] or
-//!   [`SamplerKind`]. Stochastic samplers draw from an explicit [`NoiseSource`].
+//!   [`SamplerKind`]. Stochastic samplers draw from an explicit [`NoiseSource`]. A run
+//!   can start part-way from a noised image (img2img: [`img2img_start`],
+//!   [`Sampler::set_begin_index`], [`Sampler::add_noise`]).
 //!
 //! Parity: the tests replay full diffusers sampling loops (SD 1.5, SD 2.1 v-prediction
 //! with trailing spacing, zero terminal SNR, ...) recorded by

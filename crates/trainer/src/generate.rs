@@ -353,7 +353,19 @@ pub fn overlong_prompts<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterato
 pub fn denoise<B: Backend>(
     c: &Components<B>,
     opts: &GenerateOptions,
+    latents: Tensor<B, 4>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, TrainError> {
+    denoise_from(c, opts, latents, 0, device)
+}
+
+/// [`denoise`] from step `first_step` of the sampler's timesteps on (img2img: `latents`
+/// noised to that step's level, see [`img2img_latents`]); 0 runs every step.
+pub fn denoise_from<B: Backend>(
+    c: &Components<B>,
+    opts: &GenerateOptions,
     mut latents: Tensor<B, 4>,
+    first_step: usize,
     device: &B::Device,
 ) -> Result<Tensor<B, 4>, TrainError> {
     let n = opts.prompts.len();
@@ -369,10 +381,13 @@ pub fn denoise<B: Backend>(
     let context = both.context;
     let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
     sampler.set_timesteps(opts.steps)?;
+    if first_step > 0 {
+        sampler.set_begin_index(first_step)?;
+    }
     // Stochastic samplers draw from a stream seeded apart from the initial noise.
     let mut noise = SeededNoise::new(opts.seed.wrapping_add(1));
     let timesteps = sampler.timesteps().to_vec();
-    for (i, t) in timesteps.iter().enumerate() {
+    for (i, t) in timesteps.iter().enumerate().skip(first_step) {
         let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), i)?;
         let t = Tensor::<B, 1>::from_floats(vec![*t; 2 * n].as_slice(), device);
         let out = c.unet.forward_added(input, t, context.clone(), added.clone())?;
@@ -420,6 +435,53 @@ pub fn latents_from_noise<B: Backend>(c: &Components<B>, opts: &GenerateOptions,
 pub fn initial_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, device: &B::Device) -> Result<Tensor<B, 4>, TrainError> {
     let noise = SeededNoise::new(opts.seed).sample(latent_shape(c, opts)?, device)?;
     latents_from_noise(c, opts, noise)
+}
+
+/// The size img2img samples `image` (`width × height` pixels) at: `opts.width` /
+/// `opts.height` where set (non-zero), else the image's own side rounded down to the
+/// model's size multiple (the VAE's factor times the UNet's; diffusers' img2img takes the
+/// image's size rounded down to a multiple of 8, and its UNet pads what ours requires).
+pub fn init_image_size<B: Backend>(c: &Components<B>, opts: &GenerateOptions, (width, height): (u32, u32)) -> (usize, usize) {
+    let m = c.vae.downsample_factor() * c.unet.size_multiple();
+    let side = |given: usize, own: u32| if given > 0 { given } else { own as usize / m * m };
+    (side(opts.width, width), side(opts.height, height))
+}
+
+/// `image` resized to `width × height` (Lanczos, as diffusers' image processor resizes;
+/// stretched where the aspect ratio differs, as its default resize mode does), as
+/// `[1, 3, height, width]` pixels in `[-1, 1]`.
+pub fn image_pixels<B: Backend>(image: &RgbImage, width: usize, height: usize, device: &B::Device) -> Tensor<B, 4> {
+    let resized = match image.dimensions() == (width as u32, height as u32) {
+        true => image.clone(),
+        false => image::imageops::resize(image, width as u32, height as u32, image::imageops::FilterType::Lanczos3),
+    };
+    let plane = width * height;
+    let mut data = vec![0f32; 3 * plane];
+    for (x, y, p) in resized.enumerate_pixels() {
+        for ch in 0..3 {
+            data[ch * plane + y as usize * width + x as usize] = f32::from(p[ch]) / 127.5 - 1.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 3, height, width]), device)
+}
+
+/// img2img's starting point and first step (diffusers' `StableDiffusionImg2ImgPipeline`):
+/// `image` at `opts`' size ([`image_pixels`]), encoded by the VAE (a sample of its
+/// posterior, seeded by `opts.seed + 2`) and scaled, once for all prompts; then, per prompt,
+/// noised (seeded by `opts.seed`, as text-to-image's initial noise) to the level of the
+/// step where `strength` of the `opts.steps` steps remain ([`sd_sched::img2img_start`]).
+/// Strength 1 starts from (almost) pure noise; lower strengths keep more of the image.
+/// Returns the latents for [`denoise_from`] and that step.
+pub fn img2img_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, image: &RgbImage, strength: f64, device: &B::Device) -> Result<(Tensor<B, 4>, usize), TrainError> {
+    let shape = latent_shape(c, opts)?;
+    let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+    sampler.set_timesteps(opts.steps)?;
+    let first = sd_sched::img2img_start(opts.steps, strength, sampler.order()).map_err(|e| TrainError::Config { origin: "--strength".into(), reason: e.to_string() })?;
+    let posterior = c.vae.encode(image_pixels(image, opts.width, opts.height, device))?;
+    let eps = SeededNoise::new(opts.seed.wrapping_add(2)).sample(posterior.mean.dims(), device)?;
+    let clean = c.vae.scale_latents(posterior.sample(eps)?).repeat_dim(0, shape[0]);
+    let noise = SeededNoise::new(opts.seed).sample(shape, device)?;
+    Ok((sampler.add_noise(clean, noise, first)?, first))
 }
 
 /// Decodes scaled latents to RGB images.

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand};
 use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
-use trainer::generate::{decode, denoise, grid, initial_latents, latents_from_noise, save_png, GenerateOptions};
+use trainer::generate::{decode, denoise_from, grid, img2img_latents, init_image_size, initial_latents, latents_from_noise, save_png, GenerateOptions};
 use trainer::models::load_components;
 use trainer::train::{resume_on, train_on, StepInfo};
 use trainer::TrainConfig;
@@ -145,6 +145,8 @@ fn kernel_settings(cli: &Cli) -> Result<lora_core::kernels::KernelSettings> {
     Ok(k)
 }
 
+// Parsed once per run: the size difference of the variants is immaterial.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Train a LoRA (defaults: the built-in tiny model and demo images).
@@ -224,8 +226,19 @@ enum Command {
         out: PathBuf,
         /// Start from these latents (safetensors, tensor `latents` [N,4,h,w] f32/f16/bf16, standard
         /// normal) instead of seeded noise.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "init_image")]
         init_latents: Option<PathBuf>,
+        /// img2img: start from this image (PNG, JPEG, WebP, ...) instead of noise, encoded
+        /// by the VAE and noised to `--strength` (diffusers' img2img pipeline). It is sampled
+        /// at its own size rounded down to the model's multiple (64 px for SD), or stretched
+        /// to --width / --height where given; with several prompts each starts from it.
+        #[arg(long)]
+        init_image: Option<PathBuf>,
+        /// With --init-image: how far the image is noised, the share of the --steps steps
+        /// that run (0 < strength <= 1; 1 ignores the image but for its size, lower keeps
+        /// more of it).
+        #[arg(long, requires = "init_image")]
+        strength: Option<f64>,
         /// Write the final latents (before VAE decoding) to this safetensors file.
         #[arg(long)]
         save_latents: Option<PathBuf>,
@@ -603,6 +616,8 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
 struct GenerateFiles {
     out: PathBuf,
     init_latents: Option<PathBuf>,
+    /// img2img's image and strength.
+    init_image: Option<(PathBuf, f64)>,
     save_latents: Option<PathBuf>,
     vae: Option<PathBuf>,
 }
@@ -640,6 +655,19 @@ fn run_generate<B: Backend>(
 ) -> Result<()> {
     let out = files.out.as_path();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
+    let init_image = match &files.init_image {
+        Some((path, strength)) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading --init-image {}", path.display()))?;
+            let image = sd_data::image_io::decode_image(&bytes, path)?;
+            (opts.width, opts.height) = init_image_size(&c, &opts, image.dimensions());
+            if opts.width == 0 || opts.height == 0 {
+                let (w, h) = image.dimensions();
+                anyhow::bail!("--init-image {}: {w}x{h} pixels rounds down to no side of a multiple of {} (this model's); set --width and --height", path.display(), c.vae.downsample_factor() * c.unet.size_multiple());
+            }
+            Some((image, *strength))
+        }
+        None => None,
+    };
     for side in [&mut opts.width, &mut opts.height] {
         if *side == 0 {
             *side = c.default_size();
@@ -671,11 +699,12 @@ fn run_generate<B: Backend>(
         c = trainer::generate::to_precision(c, precision.dtype());
     }
     let start = Instant::now();
-    let z = match &files.init_latents {
-        Some(path) => latents_from_noise(&c, &opts, read_latents::<B>(path, device)?)?,
-        None => initial_latents(&c, &opts, device)?,
+    let (z, first_step) = match (&files.init_latents, &init_image) {
+        (Some(path), _) => (latents_from_noise(&c, &opts, read_latents::<B>(path, device)?)?, 0),
+        (None, Some((image, strength))) => img2img_latents(&c, &opts, image, *strength, device)?,
+        (None, None) => (initial_latents(&c, &opts, device)?, 0),
     };
-    let latents = denoise(&c, &opts, z, device)?;
+    let latents = denoise_from(&c, &opts, z, first_step, device)?;
     if let Some(path) = &files.save_latents {
         write_latents(path, latents.clone())?;
         println!("wrote {}", path.display());
@@ -1028,10 +1057,12 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, save_latents, vae } => {
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, save_latents, vae } => {
             // The size is the model's unless given (0: known once the model is loaded).
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
-            let files = GenerateFiles { out, init_latents, save_latents, vae };
+            // diffusers' img2img default strength.
+            let init_image = init_image.map(|path| (path, strength.unwrap_or(0.8)));
+            let files = GenerateFiles { out, init_latents, init_image, save_latents, vae };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }

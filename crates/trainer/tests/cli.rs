@@ -152,3 +152,39 @@ fn generate_defaults_to_the_models_size() {
         assert!(!ok && text.contains(expect), "{args:?}: {text}");
     }
 }
+
+/// `trainer generate --init-image` (img2img) samples at the image's size rounded down to
+/// the model's multiple (the tiny model's 16 px) or at --width / --height, and refuses a
+/// strength outside (0, 1], one too small for the steps, `--strength` alone, an unreadable
+/// image, and `--init-latents` beside it, each naming what is wrong.
+#[test]
+fn generate_from_an_init_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.png");
+    image::RgbImage::from_fn(70, 100, |x, y| image::Rgb([(x * 3) as u8, (y * 2) as u8, 128])).save(&source).unwrap();
+    let out = dir.path().join("out.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", "a red circle", "--steps", "4", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        trainer(&args)
+    };
+    let src = source.to_str().unwrap();
+    for (extra, size) in [(&["--init-image", src][..], (64, 96)), (&["--init-image", src, "--strength", "0.5", "--width", "32", "--height", "48"][..], (32, 48))] {
+        let (ok, text) = run(extra);
+        assert!(ok, "{extra:?}: {text}");
+        assert_eq!(image::image_dimensions(&out).unwrap(), size, "{extra:?}");
+    }
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    for (extra, expect) in [
+        (&["--init-image", src, "--strength", "0"][..], "--strength"),
+        (&["--init-image", src, "--strength", "1.5"][..], "(0, 1]"),
+        (&["--init-image", src, "--strength", "0.1"][..], "no step to run"),
+        (&["--strength", "0.5"][..], "--init-image"),
+        (&["--init-image", junk.to_str().unwrap()][..], "junk.png"),
+        (&["--init-image", src, "--init-latents", src][..], "cannot be used with"),
+    ] {
+        let (ok, text) = run(extra);
+        assert!(!ok && text.contains(expect), "{extra:?}: {text}");
+    }
+}

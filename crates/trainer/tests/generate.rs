@@ -257,3 +257,53 @@ fn weighted_captions_encode_as_weighted_prompts() {
     assert_eq!(diff(emphasis.slice([0..1, 3..152]), plain.slice([0..1, 3..152])), 0.0);
     assert_eq!(diff(weighted(&["a BREAK circle"], 75), literal(&["a break circle"], 75)), 0.0);
 }
+
+/// img2img (diffusers' `StableDiffusionImg2ImgPipeline`): `image_pixels` lays the image out
+/// as `[1, 3, h, w]` in `[-1, 1]`; the run starts at the step where `strength` of the steps
+/// remain (two timestep entries per step for Heun and DPM-2), from the image's latents
+/// noised to that level, reproducibly; a weak strength ends near the image's latents, far
+/// nearer than a full-strength run does.
+#[test]
+fn img2img_starts_from_the_image_at_its_strength() {
+    use trainer::generate::{denoise_from, image_pixels, img2img_latents, init_image_size};
+    let device = Default::default();
+    let c = load_components::<B>("tiny", 0, &device).unwrap();
+    let image = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, ((x + y) * 4) as u8]));
+    let px = image_pixels::<B>(&image, 32, 32, &device);
+    let flat = values(px.clone());
+    for (x, y) in [(0usize, 0usize), (5, 9), (31, 30)] {
+        let p = image.get_pixel(x as u32, y as u32);
+        for ch in 0..3 {
+            let want = f32::from(p[ch]) / 127.5 - 1.0;
+            assert!((flat[ch * 32 * 32 + y * 32 + x] - want).abs() < 1e-6, "pixel ({x}, {y}) channel {ch}");
+        }
+    }
+    assert_eq!(image_pixels::<B>(&image, 16, 8, &device).dims(), [1, 3, 8, 16]);
+    let o = opts("ddim");
+    assert_eq!(init_image_size(&c, &GenerateOptions { width: 0, height: 0, ..o.clone() }, (70, 33)), (64, 32));
+    assert_eq!(init_image_size(&c, &o, (70, 33)), (32, 32));
+
+    // The image's own latents, as img2img_latents draws its posterior sample.
+    let posterior = c.vae.encode(px).unwrap();
+    let eps = sd_sched::NoiseSource::<B>::sample(&mut sd_sched::SeededNoise::new(o.seed + 2), posterior.mean.dims(), &device).unwrap();
+    let clean = values(c.vae.scale_latents(posterior.sample(eps).unwrap()).repeat_dim(0, 2));
+
+    for (sampler, strength, first) in [("ddim", 0.5, 2), ("dpmpp_2m", 1.0, 0), ("heun", 0.5, 4), ("dpm_2_a", 0.75, 2), ("pndm", 0.25, 3), ("lms_karras", 0.5, 2)] {
+        let o = opts(sampler);
+        let (z, begin) = img2img_latents(&c, &o, &image, strength, &device).unwrap();
+        assert_eq!(begin, first, "{sampler} at {strength}");
+        assert_eq!(z.dims(), [2, 4, 8, 8]);
+        let a = values(denoise_from(&c, &o, z, begin, &device).unwrap());
+        let (z, _) = img2img_latents(&c, &o, &image, strength, &device).unwrap();
+        assert_eq!(a, values(denoise_from(&c, &o, z, begin, &device).unwrap()), "{sampler}: reproducible");
+        assert!(a.iter().all(|v| v.is_finite()), "{sampler}");
+    }
+    let o = GenerateOptions { steps: 10, ..opts("ddim") };
+    let (weak, begin) = img2img_latents(&c, &o, &image, 0.1, &device).unwrap();
+    assert_eq!(begin, 9);
+    let weak = values(denoise_from(&c, &o, weak, begin, &device).unwrap());
+    let (full, _) = img2img_latents(&c, &o, &image, 1.0, &device).unwrap();
+    let full = values(denoise_from(&c, &o, full, 0, &device).unwrap());
+    let (near, far) = (rel(&weak, &clean), rel(&full, &clean));
+    assert!(near < 0.5 && near < far / 20.0, "strength 0.1 ends {near} from the image's latents, strength 1 {far}");
+}
