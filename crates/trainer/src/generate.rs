@@ -364,8 +364,35 @@ pub fn denoise<B: Backend>(
 pub fn denoise_from<B: Backend>(
     c: &Components<B>,
     opts: &GenerateOptions,
+    latents: Tensor<B, 4>,
+    first_step: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, TrainError> {
+    denoise_masked(c, opts, latents, first_step, None, device)
+}
+
+/// What inpainting keeps of the image: its latents, the noise they are noised with and
+/// the mask (1 where the image is repainted), per prompt ([`inpaint_latents`]).
+#[derive(Debug, Clone)]
+pub struct Inpaint<B: Backend> {
+    /// The image's scaled VAE latents, `[N, C, h, w]`.
+    pub image: Tensor<B, 4>,
+    /// The standard-normal noise of the run's first latents, `[N, C, h, w]`.
+    pub noise: Tensor<B, 4>,
+    /// The latent-size mask, `[N, 1, h, w]`: 1 repaints, 0 keeps the image.
+    pub mask: Tensor<B, 4>,
+}
+
+/// [`denoise_from`], with `inpaint` blending the image back in after every step as
+/// diffusers' `StableDiffusionInpaintPipeline` does for a text-to-image UNet: where the
+/// mask is 0 the latents become the image's, noised (with the same noise) to the next
+/// step's level, and after the last step the image's own latents.
+pub fn denoise_masked<B: Backend>(
+    c: &Components<B>,
+    opts: &GenerateOptions,
     mut latents: Tensor<B, 4>,
     first_step: usize,
+    inpaint: Option<&Inpaint<B>>,
     device: &B::Device,
 ) -> Result<Tensor<B, 4>, TrainError> {
     let n = opts.prompts.len();
@@ -398,6 +425,14 @@ pub fn denoise_from<B: Backend>(
         };
         let guided = u.clone() + (cnd - u) * opts.cfg_scale;
         latents = sampler.step(guided, i, latents, &mut noise)?;
+        if let Some(keep) = inpaint {
+            let image = match i + 1 < timesteps.len() {
+                true => sampler.add_noise(keep.image.clone(), keep.noise.clone(), i + 1)?,
+                false => keep.image.clone(),
+            };
+            let mask = keep.mask.clone();
+            latents = image * (mask.clone().neg() + 1.0) + latents * mask;
+        }
     }
     Ok(latents)
 }
@@ -473,15 +508,73 @@ pub fn image_pixels<B: Backend>(image: &RgbImage, width: usize, height: usize, d
 /// Strength 1 starts from (almost) pure noise; lower strengths keep more of the image.
 /// Returns the latents for [`denoise_from`] and that step.
 pub fn img2img_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, image: &RgbImage, strength: f64, device: &B::Device) -> Result<(Tensor<B, 4>, usize), TrainError> {
-    let shape = latent_shape(c, opts)?;
-    let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
-    sampler.set_timesteps(opts.steps)?;
-    let first = sd_sched::img2img_start(opts.steps, strength, sampler.order()).map_err(|e| TrainError::Config { origin: "--strength".into(), reason: e.to_string() })?;
-    let posterior = c.vae.encode(image_pixels(image, opts.width, opts.height, device))?;
-    let eps = SeededNoise::new(opts.seed.wrapping_add(2)).sample(posterior.mean.dims(), device)?;
-    let clean = c.vae.scale_latents(posterior.sample(eps)?).repeat_dim(0, shape[0]);
-    let noise = SeededNoise::new(opts.seed).sample(shape, device)?;
-    Ok((sampler.add_noise(clean, noise, first)?, first))
+    let start = ImageStart::new(c, opts, image, strength, device)?;
+    Ok((start.sampler.add_noise(start.clean, start.noise, start.first)?, start.first))
+}
+
+/// Inpainting's starting point, first step and what [`denoise_masked`] keeps (diffusers'
+/// `StableDiffusionInpaintPipeline` with a text-to-image UNet): as [`img2img_latents`],
+/// except that strength 1 starts from pure noise (times the sampler's initial sigma), and
+/// with `mask` ([`mask_latents`]: white repaints, black keeps the image).
+pub fn inpaint_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, image: &RgbImage, mask: &RgbImage, strength: f64, device: &B::Device) -> Result<(Tensor<B, 4>, usize, Inpaint<B>), TrainError> {
+    let start = ImageStart::new(c, opts, image, strength, device)?;
+    let latents = match strength == 1.0 {
+        true => start.noise.clone() * start.sampler.init_noise_sigma(),
+        false => start.sampler.add_noise(start.clean.clone(), start.noise.clone(), start.first)?,
+    };
+    let [n, _, h, w] = start.clean.dims();
+    let mask = mask_latents::<B>(mask, (opts.width, opts.height), (w, h), device).repeat_dim(0, n);
+    Ok((latents, start.first, Inpaint { image: start.clean, noise: start.noise, mask }))
+}
+
+/// An inpainting mask at the latents' size `[1, 1, h, w]`, as diffusers' inpainting
+/// pipeline prepares it: resized to the image's `size` (Lanczos), grey (ITU-R 601 luma, as
+/// PIL's `convert("L")`), binarised at one half (1 where at least half white: repaint),
+/// then sampled down to `latent` `(w, h)` by the nearest pixel (`interpolate`'s default).
+pub fn mask_latents<B: Backend>(mask: &RgbImage, size: (usize, usize), latent: (usize, usize), device: &B::Device) -> Tensor<B, 4> {
+    let (width, height) = size;
+    let rgb = match mask.dimensions() == (width as u32, height as u32) {
+        true => mask.clone(),
+        false => image::imageops::resize(mask, width as u32, height as u32, image::imageops::FilterType::Lanczos3),
+    };
+    let grey = image::GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+        let [r, g, b] = rgb.get_pixel(x, y).0.map(u32::from);
+        // PIL: L = (R·19595 + G·38470 + B·7471 + 0x8000) >> 16.
+        image::Luma([((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8])
+    });
+    let (lw, lh) = latent;
+    let mut data = Vec::with_capacity(lw * lh);
+    for y in 0..lh {
+        for x in 0..lw {
+            // torch's nearest: source index ⌊dst · in / out⌋.
+            let (sx, sy) = (x * width / lw, y * height / lh);
+            data.push(if f32::from(grey.get_pixel(sx as u32, sy as u32)[0]) / 255.0 >= 0.5 { 1.0f32 } else { 0.0 });
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 1, lh, lw]), device)
+}
+
+/// What img2img and inpainting start from: the sampler set up, the first step, the image's
+/// latents once per prompt and the seeded noise.
+struct ImageStart<B: Backend> {
+    sampler: Box<dyn sd_sched::Sampler<B>>,
+    first: usize,
+    clean: Tensor<B, 4>,
+    noise: Tensor<B, 4>,
+}
+
+impl<B: Backend> ImageStart<B> {
+    fn new(c: &Components<B>, opts: &GenerateOptions, image: &RgbImage, strength: f64, device: &B::Device) -> Result<Self, TrainError> {
+        let shape = latent_shape(c, opts)?;
+        let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+        sampler.set_timesteps(opts.steps)?;
+        let first = sd_sched::img2img_start(opts.steps, strength, sampler.order()).map_err(|e| TrainError::Config { origin: "--strength".into(), reason: e.to_string() })?;
+        let posterior = c.vae.encode(image_pixels(image, opts.width, opts.height, device))?;
+        let eps = SeededNoise::new(opts.seed.wrapping_add(2)).sample(posterior.mean.dims(), device)?;
+        let clean = c.vae.scale_latents(posterior.sample(eps)?).repeat_dim(0, shape[0]);
+        let noise = SeededNoise::new(opts.seed).sample(shape, device)?;
+        Ok(Self { sampler, first, clean, noise })
+    }
 }
 
 /// Decodes scaled latents to RGB images.

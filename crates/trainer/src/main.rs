@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand};
 use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
-use trainer::generate::{decode, denoise_from, grid, img2img_latents, init_image_size, initial_latents, latents_from_noise, save_png, GenerateOptions};
+use trainer::generate::{decode, denoise_masked, grid, img2img_latents, init_image_size, initial_latents, inpaint_latents, latents_from_noise, save_png, GenerateOptions};
 use trainer::models::load_components;
 use trainer::train::{resume_on, train_on, StepInfo};
 use trainer::TrainConfig;
@@ -236,9 +236,14 @@ enum Command {
         init_image: Option<PathBuf>,
         /// With --init-image: how far the image is noised, the share of the --steps steps
         /// that run (0 < strength <= 1; 1 ignores the image but for its size, lower keeps
-        /// more of it).
+        /// more of it) [default: 0.8, with --mask 1]
         #[arg(long, requires = "init_image")]
         strength: Option<f64>,
+        /// Inpainting, with --init-image: repaint where this mask image is white and keep the
+        /// image where it is black (diffusers' inpainting pipeline with the model's own UNet:
+        /// the kept part is blended back in after every step). Stretched to the image's size.
+        #[arg(long, requires = "init_image")]
+        mask: Option<PathBuf>,
         /// Write the final latents (before VAE decoding) to this safetensors file.
         #[arg(long)]
         save_latents: Option<PathBuf>,
@@ -618,6 +623,8 @@ struct GenerateFiles {
     init_latents: Option<PathBuf>,
     /// img2img's image and strength.
     init_image: Option<(PathBuf, f64)>,
+    /// Inpainting's mask (with `init_image`).
+    mask: Option<PathBuf>,
     save_latents: Option<PathBuf>,
     vae: Option<PathBuf>,
 }
@@ -699,12 +706,26 @@ fn run_generate<B: Backend>(
         c = trainer::generate::to_precision(c, precision.dtype());
     }
     let start = Instant::now();
-    let (z, first_step) = match (&files.init_latents, &init_image) {
-        (Some(path), _) => (latents_from_noise(&c, &opts, read_latents::<B>(path, device)?)?, 0),
-        (None, Some((image, strength))) => img2img_latents(&c, &opts, image, *strength, device)?,
-        (None, None) => (initial_latents(&c, &opts, device)?, 0),
+    let mask = match &files.mask {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading --mask {}", path.display()))?;
+            Some(sd_data::image_io::decode_image(&bytes, path)?)
+        }
+        None => None,
     };
-    let latents = denoise_from(&c, &opts, z, first_step, device)?;
+    let (z, first_step, inpaint) = match (&files.init_latents, &init_image, &mask) {
+        (Some(path), _, _) => (latents_from_noise(&c, &opts, read_latents::<B>(path, device)?)?, 0, None),
+        (None, Some((image, strength)), Some(mask)) => {
+            let (z, first, keep) = inpaint_latents(&c, &opts, image, mask, *strength, device)?;
+            (z, first, Some(keep))
+        }
+        (None, Some((image, strength)), None) => {
+            let (z, first) = img2img_latents(&c, &opts, image, *strength, device)?;
+            (z, first, None)
+        }
+        (None, None, _) => (initial_latents(&c, &opts, device)?, 0, None),
+    };
+    let latents = denoise_masked(&c, &opts, z, first_step, inpaint.as_ref(), device)?;
     if let Some(path) = &files.save_latents {
         write_latents(path, latents.clone())?;
         println!("wrote {}", path.display());
@@ -1057,12 +1078,13 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, save_latents, vae } => {
+        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae } => {
             // The size is the model's unless given (0: known once the model is loaded).
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
-            // diffusers' img2img default strength.
-            let init_image = init_image.map(|path| (path, strength.unwrap_or(0.8)));
-            let files = GenerateFiles { out, init_latents, init_image, save_latents, vae };
+            // diffusers' img2img and inpainting default strengths.
+            let default_strength = if mask.is_some() { 1.0 } else { 0.8 };
+            let init_image = init_image.map(|path| (path, strength.unwrap_or(default_strength)));
+            let files = GenerateFiles { out, init_latents, init_image, mask, save_latents, vae };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }

@@ -153,10 +153,11 @@ fn generate_defaults_to_the_models_size() {
     }
 }
 
-/// `trainer generate --init-image` (img2img) samples at the image's size rounded down to
-/// the model's multiple (the tiny model's 16 px) or at --width / --height, and refuses a
-/// strength outside (0, 1], one too small for the steps, `--strength` alone, an unreadable
-/// image, and `--init-latents` beside it, each naming what is wrong.
+/// `trainer generate --init-image` (img2img, and inpainting with `--mask`) samples at the
+/// image's size rounded down to the model's multiple (the tiny model's 16 px) or at
+/// --width / --height, and refuses a strength outside (0, 1], one too small for the steps,
+/// `--strength` or `--mask` alone, an unreadable image or mask, and `--init-latents` beside
+/// it, each naming what is wrong.
 #[test]
 fn generate_from_an_init_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -174,6 +175,12 @@ fn generate_from_an_init_image() {
         assert!(ok, "{extra:?}: {text}");
         assert_eq!(image::image_dimensions(&out).unwrap(), size, "{extra:?}");
     }
+    // Inpainting: a mask of another size is stretched to the image's.
+    let mask = dir.path().join("mask.png");
+    image::RgbImage::from_fn(35, 50, |x, _| if x < 17 { image::Rgb([255, 255, 255]) } else { image::Rgb([0, 0, 0]) }).save(&mask).unwrap();
+    let (ok, text) = run(&["--init-image", src, "--mask", mask.to_str().unwrap(), "--sampler", "euler_a"]);
+    assert!(ok, "{text}");
+    assert_eq!(image::image_dimensions(&out).unwrap(), (64, 96));
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not an image").unwrap();
     for (extra, expect) in [
@@ -183,6 +190,8 @@ fn generate_from_an_init_image() {
         (&["--strength", "0.5"][..], "--init-image"),
         (&["--init-image", junk.to_str().unwrap()][..], "junk.png"),
         (&["--init-image", src, "--init-latents", src][..], "cannot be used with"),
+        (&["--mask", src][..], "--init-image"),
+        (&["--init-image", src, "--mask", junk.to_str().unwrap()][..], "junk.png"),
     ] {
         let (ok, text) = run(extra);
         assert!(!ok && text.contains(expect), "{extra:?}: {text}");

@@ -307,3 +307,57 @@ fn img2img_starts_from_the_image_at_its_strength() {
     let (near, far) = (rel(&weak, &clean), rel(&full, &clean));
     assert!(near < 0.5 && near < far / 20.0, "strength 0.1 ends {near} from the image's latents, strength 1 {far}");
 }
+
+/// Inpainting (diffusers' inpainting pipeline with a text-to-image UNet): the mask is
+/// binarised at half white and sampled down by the nearest pixel; the run ends with the
+/// image's own latents wherever the mask keeps them and repaints the rest; strength 1
+/// starts from pure noise times the sampler's initial sigma, lower strengths as img2img.
+#[test]
+fn inpainting_keeps_the_image_outside_the_mask() {
+    use trainer::generate::{denoise_masked, img2img_latents, inpaint_latents, mask_latents};
+    let device = Default::default();
+    // Left half white (repaint), right half black; one grey column just under one half.
+    let mask = image::RgbImage::from_fn(32, 32, |x, _| match x {
+        0..=15 => image::Rgb([255, 255, 255]),
+        16 => image::Rgb([127, 127, 127]),
+        _ => image::Rgb([0, 0, 0]),
+    });
+    let m = values(mask_latents::<B>(&mask, (32, 32), (8, 8), &device));
+    for (i, v) in m.iter().enumerate() {
+        assert_eq!(*v, if i % 8 < 4 { 1.0 } else { 0.0 }, "mask at ({}, {})", i % 8, i / 8);
+    }
+    // Luma, as PIL's convert("L"): pure green is 150/255 (repaint), pure blue 29/255 (keep).
+    let colours = image::RgbImage::from_fn(2, 1, |x, _| if x == 0 { image::Rgb([0, 255, 0]) } else { image::Rgb([0, 0, 255]) });
+    assert_eq!(values(mask_latents::<B>(&colours, (2, 1), (2, 1), &device)), [1.0, 0.0]);
+
+    let c = load_components::<B>("tiny", 0, &device).unwrap();
+    let image = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 90]));
+    for (sampler, strength) in [("euler_a", 1.0), ("ddim", 0.6), ("heun", 0.5), ("dpmpp_2m", 0.75)] {
+        let o = opts(sampler);
+        let (z, first, keep) = inpaint_latents(&c, &o, &image, &mask, strength, &device).unwrap();
+        assert_eq!(keep.mask.dims(), [2, 1, 8, 8]);
+        let (img2img, img2img_first) = img2img_latents(&c, &o, &image, strength, &device).unwrap();
+        assert_eq!(first, img2img_first, "{sampler}");
+        if strength == 1.0 {
+            let sigma = {
+                let mut s = o.sampler.parse::<sd_sched::SamplerSpec>().unwrap().build::<B>(&c.scheduler).unwrap();
+                s.set_timesteps(o.steps).unwrap();
+                s.init_noise_sigma()
+            };
+            assert_eq!(values(z.clone()), values(keep.noise.clone() * sigma), "{sampler}: pure noise at strength 1");
+        } else {
+            assert_eq!(values(z.clone()), values(img2img), "{sampler}: img2img's start below strength 1");
+        }
+        let out = denoise_masked(&c, &o, z, first, Some(&keep), &device).unwrap();
+        let (out, image_latents) = (values(out), values(keep.image.clone()));
+        let mut repainted = 0.0f32;
+        for (i, (a, b)) in out.iter().zip(&image_latents).enumerate() {
+            if i % 8 >= 4 {
+                assert_eq!(a, b, "{sampler}: kept latent {i}");
+            } else {
+                repainted += (a - b).abs();
+            }
+        }
+        assert!(repainted > 1.0, "{sampler}: the masked half was repainted ({repainted})");
+    }
+}
