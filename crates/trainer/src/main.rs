@@ -171,9 +171,14 @@ enum Command {
         /// Seed of the tiny model's weights.
         #[arg(long, default_value_t = 0)]
         tiny_seed: u64,
-        /// Prompts, one image each.
+        /// Prompts, one image each (or --images-per-prompt).
         #[arg(long = "prompt", required = true)]
         prompts: Vec<String>,
+        /// Images per prompt (diffusers' `num_images_per_prompt`, A1111's batch size), each
+        /// from its own noise; all are sampled in one batch and laid out in the grid prompt
+        /// by prompt.
+        #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+        images_per_prompt: usize,
         /// Negative prompt.
         #[arg(long, default_value = "")]
         negative_prompt: String,
@@ -620,6 +625,8 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
 /// Where `generate` reads and writes files.
 struct GenerateFiles {
     out: PathBuf,
+    /// Images per row of `out`'s grid (0: up to 4).
+    columns: usize,
     init_latents: Option<PathBuf>,
     /// img2img's image and strength.
     init_image: Option<(PathBuf, f64)>,
@@ -734,7 +741,8 @@ fn run_generate<B: Backend>(
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    save_png(&grid(&images, images.len().min(4)), out)?;
+    let columns = if files.columns > 0 { files.columns } else { images.len().min(4) };
+    save_png(&grid(&images, columns), out)?;
     println!("wrote {} ({} images, {:.1}s)", out.display(), images.len(), start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -1078,13 +1086,16 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae } => {
+        Command::Generate { model, tiny_seed, prompts, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae } => {
+            let prompts = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), images_per_prompt)).collect();
             // The size is the model's unless given (0: known once the model is loaded).
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
             // diffusers' img2img and inpainting default strengths.
             let default_strength = if mask.is_some() { 1.0 } else { 0.8 };
             let init_image = init_image.map(|path| (path, strength.unwrap_or(default_strength)));
-            let files = GenerateFiles { out, init_latents, init_image, mask, save_latents, vae };
+            // Several images per prompt: one row per prompt.
+            let columns = if images_per_prompt > 1 { images_per_prompt } else { 0 };
+            let files = GenerateFiles { out, columns, init_latents, init_image, mask, save_latents, vae };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }

@@ -130,8 +130,9 @@ fn an_imported_kohya_config_trains() {
 }
 
 /// `trainer generate` makes images at the model's size unless told (the tiny model's
-/// 64 px, as the demo trains; SD1.x would be 512), takes one side alone, and refuses a
-/// zero side or one past 8192 px with an error.
+/// 64 px, as the demo trains; SD1.x would be 512), takes one side alone, lays several
+/// images per prompt out in a row each, and refuses a zero side or one past 8192 px with
+/// an error.
 #[test]
 fn generate_defaults_to_the_models_size() {
     let dir = tempfile::tempdir().unwrap();
@@ -145,6 +146,9 @@ fn generate_defaults_to_the_models_size() {
     };
     assert_eq!(size(&[]), (64, 64));
     assert_eq!(size(&["--height", "128"]), (64, 128));
+    // Three images of the prompt in a row; two prompts of two, one row each.
+    assert_eq!(size(&["--images-per-prompt", "3"]), (192, 64));
+    assert_eq!(size(&["--images-per-prompt", "2", "--prompt", "a blue square"]), (128, 128));
     for (args, expect) in [(&["--width", "0"][..], "--width"), (&["--width", "8200"][..], "at most 8192")] {
         let mut all = vec!["generate", "--prompt", "a", "--steps", "2", "--out", image.to_str().unwrap()];
         all.extend_from_slice(args);
