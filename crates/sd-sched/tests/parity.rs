@@ -106,13 +106,18 @@ fn build(item: &Value) -> Box<dyn Sampler<B>> {
     }
 }
 
-/// Replays one recorded diffusers sampling loop and returns the worst per-step error.
-fn replay(name: &str) -> f64 {
-    let fx = Fixture::open("sampler_runs.safetensors");
-    let item = items("sampler_runs.json")
+/// The tensors of fixture file `stem` and its run `name`'s description.
+fn fixture_run(stem: &str, name: &str) -> (Fixture, Value) {
+    let item = items(&format!("{stem}.json"))
         .into_iter()
         .find(|i| i["name"] == name)
-        .unwrap_or_else(|| panic!("no fixture run {name}"));
+        .unwrap_or_else(|| panic!("no run {name} in {stem}.json"));
+    (Fixture::open(&format!("{stem}.safetensors")), item)
+}
+
+/// Replays one recorded diffusers sampling loop and returns the worst per-step error.
+fn replay(name: &str) -> f64 {
+    let (fx, item) = fixture_run("sampler_runs", name);
     let mut sampler = build(&item);
     sampler
         .set_timesteps(item["steps"].as_u64().unwrap() as usize)
@@ -379,11 +384,7 @@ fn assert_close_each_or_zero(actual: &[f32], expected: &[f32], tol: f64, what: &
 /// the first step from [`sd_sched::img2img_start`], `add_noise` on the clean latents there,
 /// then the remaining steps from that index; returns the worst per-step error.
 fn replay_img2img(name: &str) -> f64 {
-    let fx = Fixture::open("img2img_runs.safetensors");
-    let item = items("img2img_runs.json")
-        .into_iter()
-        .find(|i| i["name"] == name)
-        .unwrap_or_else(|| panic!("no img2img fixture run {name}"));
+    let (fx, item) = fixture_run("img2img_runs", name);
     let mut sampler = build(&item);
     let steps = item["steps"].as_u64().unwrap() as usize;
     sampler.set_timesteps(steps).unwrap();
