@@ -1613,7 +1613,7 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_
     out.sample_steps = 30;
     out.sample_cfg = 7.5;
     out.sample_prompts = match o.string("sample_prompts")? {
-        Some(file) => read_prompt_file(Path::new(&file), notes).map_err(|reason| o.err("sample_prompts", format!("= \"{file}\": {reason}")))?,
+        Some(file) => read_prompt_file(Path::new(&file), Some(512), notes).map_err(|reason| o.err("sample_prompts", format!("= \"{file}\": {reason}")))?,
         None => Vec::new(),
     };
     out.validate_every_n_steps = o.count("validate_every_n_steps")?.unwrap_or(0);
@@ -1627,9 +1627,22 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_
     Ok(())
 }
 
-/// The prompts of an sd-scripts prompt file as this trainer's prompt lines (the prompt
-/// and its ` --n`, ` --w`, ... options).
-fn read_prompt_file(path: &Path, notes: &mut Vec<String>) -> Result<Vec<String>, String> {
+/// The prompts of an sd-scripts prompt file (`.txt`: one prompt per line with its ` --n`,
+/// ` --w`, ... options, `#` comments; `.toml`: `[[prompt.subset]]` tables; `.json`: a list
+/// of prompt lines or tables) as this trainer's prompt lines
+/// ([`crate::generate::parse_sample_prompt`]). A prompt without a width or height gets
+/// `default_size` there (sd-scripts samples at 512 px), or none (`None`: the caller's
+/// default). Options this trainer lacks are left out with a note in `notes`.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let file = dir.path().join("prompts.txt");
+/// std::fs::write(&file, "# a comment\na lighthouse, mystyle --n blurry --d 7\n\na harbour --w 768\n").unwrap();
+/// let mut notes = Vec::new();
+/// let lines = trainer::kohya::read_prompt_file(&file, None, &mut notes).unwrap();
+/// assert_eq!(lines, ["a lighthouse, mystyle --n blurry --d 7", "a harbour --w 768"]);
+/// ```
+pub fn read_prompt_file(path: &Path, default_size: Option<usize>, notes: &mut Vec<String>) -> Result<Vec<String>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the prompt file: {e}"))?;
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
     let entries: Vec<serde_json::Value> = match extension.as_str() {
@@ -1663,11 +1676,11 @@ fn read_prompt_file(path: &Path, notes: &mut Vec<String>) -> Result<Vec<String>,
         },
         _ => return Err("expected a .txt, .toml or .json prompt file".into()),
     };
-    entries.iter().enumerate().map(|(i, e)| prompt_line(e, notes).map_err(|r| format!("prompt {}: {r}", i + 1))).collect()
+    entries.iter().enumerate().map(|(i, e)| prompt_line(e, default_size, notes).map_err(|r| format!("prompt {}: {r}", i + 1))).collect()
 }
 
 /// One prompt (a prompt-file line or a prompt table) as a line with this trainer's options.
-fn prompt_line(entry: &serde_json::Value, notes: &mut Vec<String>) -> Result<String, String> {
+fn prompt_line(entry: &serde_json::Value, default_size: Option<usize>, notes: &mut Vec<String>) -> Result<String, String> {
     let mut fields: Vec<(String, String)> = Vec::new();
     let prompt = match entry {
         serde_json::Value::String(line) => {
@@ -1706,8 +1719,8 @@ fn prompt_line(entry: &serde_json::Value, notes: &mut Vec<String>) -> Result<Str
     };
     // sd-scripts samples at 512 x 512 unless a prompt says otherwise.
     for side in ["w", "h"] {
-        if !fields.iter().any(|(k, _)| k == side) {
-            fields.push((side.to_string(), "512".into()));
+        if let (Some(size), false) = (default_size, fields.iter().any(|(k, _)| k == side)) {
+            fields.push((side.to_string(), size.to_string()));
         }
     }
     if entry.is_object() {

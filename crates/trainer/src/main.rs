@@ -172,8 +172,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         tiny_seed: u64,
         /// Prompts, one image each (or --images-per-prompt).
-        #[arg(long = "prompt", required = true)]
+        #[arg(long = "prompt", required_unless_present = "prompt_file")]
         prompts: Vec<String>,
+        /// Prompts from an sd-scripts prompt file instead (as kohya's `sample_prompts`:
+        /// `.txt` lines with their own `--n --w --h --d --l --s --ss` options, `.toml`
+        /// `[[prompt.subset]]` tables or `.json`); unset options take this command's values.
+        #[arg(long, conflicts_with_all = ["prompts", "init_image", "init_latents", "save_latents"])]
+        prompt_file: Option<PathBuf>,
         /// Images per prompt (diffusers' `num_images_per_prompt`, A1111's batch size), each
         /// from its own noise; all are sampled in one batch and laid out in the grid prompt
         /// by prompt.
@@ -625,6 +630,8 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
 /// Where `generate` reads and writes files.
 struct GenerateFiles {
     out: PathBuf,
+    /// Prompt lines with their own options, from `--prompt-file`, each repeated per image.
+    prompt_lines: Option<Vec<String>>,
     /// Images per row of `out`'s grid (0: up to 4).
     columns: usize,
     init_latents: Option<PathBuf>,
@@ -713,6 +720,11 @@ fn run_generate<B: Backend>(
         c = trainer::generate::to_precision(c, precision.dtype());
     }
     let start = Instant::now();
+    if let Some(lines) = &files.prompt_lines {
+        // Each line with its own options; lines that agree are one batch.
+        let images = trainer::generate::sample_images(&c, lines, &opts, device)?;
+        return save_grid(out, files.columns, &images, start);
+    }
     let mask = match &files.mask {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("reading --mask {}", path.display()))?;
@@ -738,11 +750,16 @@ fn run_generate<B: Backend>(
         println!("wrote {}", path.display());
     }
     let images = decode(&c, latents)?;
+    save_grid(out, files.columns, &images, start)
+}
+
+/// Writes `images` as one grid of `columns` per row (0: up to 4) to `out`.
+fn save_grid(out: &std::path::Path, columns: usize, images: &[image::RgbImage], start: Instant) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let columns = if files.columns > 0 { files.columns } else { images.len().min(4) };
-    save_png(&grid(&images, columns), out)?;
+    let columns = if columns > 0 { columns } else { images.len().min(4) };
+    save_png(&grid(images, columns), out)?;
     println!("wrote {} ({} images, {:.1}s)", out.display(), images.len(), start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -1086,7 +1103,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae } => {
+        Command::Generate { model, tiny_seed, prompts, prompt_file, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae } => {
             let prompts = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), images_per_prompt)).collect();
             // The size is the model's unless given (0: known once the model is loaded).
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
@@ -1095,7 +1112,17 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let init_image = init_image.map(|path| (path, strength.unwrap_or(default_strength)));
             // Several images per prompt: one row per prompt.
             let columns = if images_per_prompt > 1 { images_per_prompt } else { 0 };
-            let files = GenerateFiles { out, columns, init_latents, init_image, mask, save_latents, vae };
+            let prompt_lines = match &prompt_file {
+                Some(path) => {
+                    let mut notes = Vec::new();
+                    let lines = trainer::kohya::read_prompt_file(path, None, &mut notes).map_err(|reason| anyhow::anyhow!("--prompt-file {}: {reason}", path.display()))?;
+                    notes.iter().for_each(|n| eprintln!("note: {n}"));
+                    anyhow::ensure!(!lines.is_empty(), "--prompt-file {}: no prompts in it", path.display());
+                    Some(lines.into_iter().flat_map(|l| std::iter::repeat_n(l, images_per_prompt)).collect())
+                }
+                None => None,
+            };
+            let files = GenerateFiles { out, prompt_lines, columns, init_latents, init_image, mask, save_latents, vae };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }

@@ -201,3 +201,38 @@ fn generate_from_an_init_image() {
         assert!(!ok && text.contains(expect), "{extra:?}: {text}");
     }
 }
+
+/// `trainer generate --prompt-file` reads an sd-scripts prompt file: each line with its own
+/// options (a size of its own sets its cell; unset options take the command's), comments
+/// and blank lines skipped, unknown options noted; `--images-per-prompt` repeats each line;
+/// an unreadable file or one without prompts is an error naming it, as is `--prompt` beside it.
+#[test]
+fn generate_from_a_prompt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    std::fs::write(&prompts, "# samples\na red circle --w 32 --h 48 --d 3\n\na blue square --l 3 --ss euler --foo 1\n").unwrap();
+    let out = dir.path().join("out.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--steps", "3", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        trainer(&args)
+    };
+    let file = prompts.to_str().unwrap();
+    let (ok, text) = run(&["--prompt-file", file]);
+    assert!(ok && text.contains("`foo`"), "{text}");
+    // Two cells of the larger image's size (64 x 64: the second prompt's default).
+    assert_eq!(image::image_dimensions(&out).unwrap(), (128, 64));
+    let (ok, text) = run(&["--prompt-file", file, "--images-per-prompt", "2"]);
+    assert!(ok, "{text}");
+    assert_eq!(image::image_dimensions(&out).unwrap(), (128, 128));
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# nothing\n\n").unwrap();
+    for (extra, expect) in [
+        (&["--prompt-file", empty.to_str().unwrap()][..], "no prompts"),
+        (&["--prompt-file", dir.path().join("missing.txt").to_str().unwrap()][..], "missing.txt"),
+        (&["--prompt-file", file, "--prompt", "a"][..], "cannot be used with"),
+    ] {
+        let (ok, text) = run(extra);
+        assert!(!ok && text.contains(expect), "{extra:?}: {text}");
+    }
+}
