@@ -223,6 +223,61 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
     Ok(Resized { set: out, modules })
 }
 
+/// Several adapter sets merged into one LoRA, each at its strength (kohya's
+/// `svd_merge_lora.py`, and `merge_lora.py`'s merging of LoRAs without a model): on every
+/// module any of them adapts, the update is `Σ strengthᵢ · ΔWᵢ` ([`AdapterSet::combine`],
+/// ranks concatenated, exact). With `settings` that sum is then brought to the settings'
+/// ranks (as [`resize_set`]: the best approximation of that rank, from the singular values
+/// of the sum, at scale 1 as kohya's script writes it: alpha = rank). A LyCORIS adapter
+/// enters as the plain LoRA with its update; a DoRA adapter is an error (its update
+/// rescales the layer, it does not add). The metadata starts empty but for
+/// `ss_network_module`: the writers fill in the rank, alpha and hashes; the inputs'
+/// training metadata describes none of them alone.
+///
+/// ```
+/// use lora_core::resize::{merge_sets, RankRule, ResizeSettings};
+/// use lora_core::{AdapterKey, AdapterSet, Component, HostTensor, LoraWeights};
+///
+/// let key = AdapterKey::new(Component::Unet, "mid_block.attentions.0.proj_in");
+/// let one = |v: f32| {
+///     let down = HostTensor::new(vec![1, 2], vec![v, 0.0]).unwrap();
+///     let up = HostTensor::new(vec![2, 1], vec![1.0, 1.0]).unwrap();
+///     let mut set = AdapterSet::new();
+///     set.insert(key.clone(), LoraWeights::new(down, up, 1.0, "x").unwrap()).unwrap();
+///     set
+/// };
+/// let (a, b) = (one(1.0), one(2.0));
+/// // Exact: rank 1 + 1, ΔW = 0.5·ΔW_a + 0.25·ΔW_b.
+/// let merged = merge_sets(&[(&a, 0.5), (&b, 0.25)], None).unwrap();
+/// assert_eq!(merged.set.get(&key).unwrap().rank(), 2);
+/// assert!((merged.set.get(&key).unwrap().delta().data[0] - 1.0).abs() < 1e-6);
+/// // To rank 1 by its singular values: the same update (it has rank 1), alpha = rank.
+/// let settings = ResizeSettings { rank: 1, conv_rank: 1, rule: RankRule::Fixed };
+/// let small = merge_sets(&[(&a, 0.5), (&b, 0.25)], Some(&settings)).unwrap();
+/// let w = small.set.get(&key).unwrap();
+/// assert_eq!((w.rank(), w.alpha), (1, 1.0));
+/// assert!((w.delta().data[0] - 1.0).abs() < 1e-6);
+/// ```
+pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>) -> Result<Resized> {
+    if sets.is_empty() {
+        return Err(LoraError::InvalidConfig("no adapter files to merge".into()));
+    }
+    let mut combined = AdapterSet::combine(sets)?.into_plain_lora();
+    combined.metadata = BTreeMap::from([("ss_network_module".to_string(), "networks.lora".to_string())]);
+    match settings {
+        Some(settings) => {
+            let mut resized = resize_set(&combined, settings)?;
+            // resize_set's note on the rank change; the caller says where the merge came from.
+            resized.set.metadata.remove("ss_training_comment");
+            Ok(resized)
+        }
+        None => {
+            let modules = combined.iter().map(|(key, w)| (key.clone(), Retained { old_rank: w.rank(), new_rank: w.rank(), fro_retained: 1.0, sum_retained: 1.0, max_ratio: 1.0 })).collect();
+            Ok(Resized { set: combined, modules })
+        }
+    }
+}
+
 /// One adapter at rank `k ≤ max_rank` chosen by `rule` (see the [module docs](self)), with
 /// the same scale (`alpha / rank`): its update is the best rank-`k` approximation of the
 /// old one. All singular values go into `up`, as in kohya's script. `key` names the adapter
@@ -335,6 +390,58 @@ fn retained(s: &[f64], old_rank: usize, k: usize) -> Retained {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{AdapterKey, Component};
+
+    fn random(shape: Vec<usize>, seed: u32) -> HostTensor {
+        let n = shape.iter().product();
+        // A small LCG: deterministic values in [-1, 1).
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        let data = (0..n).map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        }).collect();
+        HostTensor::new(shape, data).unwrap()
+    }
+
+    /// Merging two sets: modules of either are in the result; without settings the sum is
+    /// exact at the total rank, with a rank at least that total too (at alpha = rank), and
+    /// below it the best approximation, which keeps less than all of the norm; DoRA is refused.
+    #[test]
+    fn merged_sets_sum_the_updates() {
+        let (shared, only_b) = (AdapterKey::new(Component::Unet, "down_blocks.0.attentions.0.proj_in"), AdapterKey::new(Component::TextEncoder, "text_model.encoder.layers.0.mlp.fc1"));
+        let lora = |rank: usize, (out, cols): (usize, usize), alpha: f32, seed: u32| LoraWeights::new(random(vec![rank, cols], seed), random(vec![out, rank], seed + 1), alpha, "t").unwrap();
+        let mut a = AdapterSet::new();
+        a.insert(shared.clone(), lora(4, (6, 9), 2.0, 1)).unwrap();
+        let mut b = AdapterSet::new();
+        b.insert(shared.clone(), lora(3, (6, 9), 3.0, 5)).unwrap();
+        b.insert(only_b.clone(), lora(2, (5, 4), 1.0, 9)).unwrap();
+        let want = |key: &AdapterKey| {
+            let part = |set: &AdapterSet, strength: f32| set.get(key).map_or(vec![0.0; 0], |w| w.delta().data.iter().map(|v| v * strength).collect());
+            let (x, y) = (part(&a, 0.7), part(&b, -0.4));
+            (0..x.len().max(y.len())).map(|i| x.get(i).unwrap_or(&0.0) + y.get(i).unwrap_or(&0.0)).collect::<Vec<f32>>()
+        };
+        let close = |got: &[f32], want: &[f32], tol: f32| got.iter().zip(want).all(|(g, w)| (g - w).abs() <= tol);
+        let exact = merge_sets(&[(&a, 0.7), (&b, -0.4)], None).unwrap();
+        assert_eq!(exact.set.len(), 2);
+        assert_eq!(exact.set.get(&shared).unwrap().rank(), 7);
+        for key in [&shared, &only_b] {
+            assert!(close(&exact.set.get(key).unwrap().delta().data, &want(key), 1e-5), "{key:?}");
+        }
+        let wide = ResizeSettings { rank: 16, conv_rank: 16, rule: RankRule::Fixed };
+        let svd = merge_sets(&[(&a, 0.7), (&b, -0.4)], Some(&wide)).unwrap();
+        let w = svd.set.get(&shared).unwrap();
+        assert_eq!((w.rank(), w.alpha), (6, 6.0), "rank of the sum: min(6 outputs, 7)");
+        assert!(close(&w.delta().data, &want(&shared), 1e-4));
+        let narrow = ResizeSettings { rank: 2, ..wide };
+        let small = merge_sets(&[(&a, 0.7), (&b, -0.4)], Some(&narrow)).unwrap();
+        assert_eq!(small.set.get(&shared).unwrap().rank(), 2);
+        assert!(small.modules[&shared].fro_retained < 1.0 && small.modules[&shared].fro_retained > 0.5);
+        assert!(!small.set.metadata.contains_key("ss_training_comment"));
+        let mut dora = AdapterSet::new();
+        dora.insert(shared.clone(), lora(2, (6, 9), 2.0, 11).with_magnitude(random(vec![6], 13), "t").unwrap()).unwrap();
+        assert!(merge_sets(&[(&a, 1.0), (&dora, 1.0)], None).is_err());
+        assert!(merge_sets(&[], None).is_err());
+    }
 
     #[test]
     fn rules_pick_the_smallest_rank_meeting_them() {

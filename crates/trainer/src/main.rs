@@ -445,6 +445,38 @@ enum Command {
         #[arg(long)]
         verbose: bool,
     },
+    /// Merge LoRA files into one LoRA, each at its strength (kohya's svd_merge_lora.py;
+    /// without --rank exactly, the ranks concatenated, as merge_lora.py merges LoRAs).
+    MergeLoras {
+        /// LoRA files as FILE[:STRENGTH] (kohya or diffusers/PEFT layout; LyCORIS LoHa / LoKr
+        /// enter as the LoRA of their update; DoRA cannot be merged).
+        #[arg(required = true)]
+        loras: Vec<sd_model::lora::LoraFile>,
+        /// Output LoRA (must not exist yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Bring the merged update of each linear layer and 1x1 convolution to this rank
+        /// (the best approximation, from its singular values; alpha = rank, as kohya's
+        /// script writes it); without it the merge is exact, at the summed ranks.
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Rank of 3x3 convolutions (LoCon); default: --rank.
+        #[arg(long, requires = "rank")]
+        conv_rank: Option<usize>,
+        /// Choose each adapter's rank from the merged update's singular values, as
+        /// `trainer resize` does: sv_fro, sv_cumulative or sv_ratio (--rank is the most).
+        #[arg(long, requires_all = ["dynamic_param", "rank"])]
+        dynamic_method: Option<String>,
+        /// The parameter of --dynamic-method, e.g. 0.9 for sv_fro.
+        #[arg(long, requires = "dynamic_method")]
+        dynamic_param: Option<f64>,
+        /// Output layout: kohya or peft; default: the first file's.
+        #[arg(long)]
+        to: Option<AdapterFormat>,
+        /// Tensor precision: f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: SaveDtype,
+    },
 }
 
 /// What `trainer train` shows per step: a progress bar on a terminal; where stderr is a
@@ -843,6 +875,34 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     Ok(())
 }
 
+fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path, settings: Option<&lora_core::resize::ResizeSettings>, to: Option<AdapterFormat>, dtype: SaveDtype) -> Result<()> {
+    if output.exists() {
+        anyhow::bail!("{} already exists; choose a new output path", output.display());
+    }
+    let mut sets = Vec::with_capacity(loras.len());
+    for file in loras {
+        sets.push(load_adapters(&file.path).with_context(|| format!("reading {}", file.path.display()))?);
+    }
+    let parts: Vec<(&AdapterSet, f32)> = sets.iter().zip(loras).map(|((set, _), file)| (set, file.strength)).collect();
+    let mut merged = lora_core::resize::merge_sets(&parts, settings).context("merging the LoRAs")?;
+    let sources = loras.iter().map(|f| format!("{}:{}", f.path.file_name().map_or_else(|| f.path.display().to_string(), |n| n.to_string_lossy().into_owned()), f.strength)).collect::<Vec<_>>().join(", ");
+    let how = settings.map_or("concatenated ranks".to_string(), |s| format!("to rank {}, {}", s.rank, s.rule.describe()));
+    merged.set.metadata.insert("ss_training_comment".into(), format!("merged from {sources} ({how}) by trainer merge-loras"));
+    let format = to.unwrap_or(sets[0].1.format);
+    merged.set.save(output, format, dtype)?;
+    let (lo, hi) = merged.modules.values().map(|r| r.new_rank).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let worst = merged.modules.values().map(|r| r.fro_retained).fold(1.0, f64::min);
+    println!(
+        "{sources} -> {} ({format:?}, {dtype:?}, {} adapters, rank {}): Frobenius norm of the summed updates kept {:.1}% on average, {:.1}% at least",
+        output.display(),
+        merged.set.len(),
+        if lo == hi { lo.to_string() } else { format!("{lo}..{hi}") },
+        100.0 * merged.mean_fro_retained(),
+        100.0 * worst
+    );
+    Ok(())
+}
+
 fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora_core::resize::ResizeSettings, to: Option<AdapterFormat>, dtype: SaveDtype, verbose: bool) -> Result<()> {
     if output.exists() {
         anyhow::bail!("{} already exists; choose a new output path", output.display());
@@ -1135,6 +1195,14 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             };
             let settings = lora_core::resize::ResizeSettings { rank, conv_rank: conv_rank.unwrap_or(rank), rule };
             run_resize(&input, &output, &settings, to, dtype, verbose)
+        }
+        Command::MergeLoras { loras, out, rank, conv_rank, dynamic_method, dynamic_param, to, dtype } => {
+            let rule = match (dynamic_method, dynamic_param) {
+                (Some(method), Some(param)) => lora_core::resize::RankRule::parse(&method, param)?,
+                _ => lora_core::resize::RankRule::Fixed,
+            };
+            let settings = rank.map(|rank| lora_core::resize::ResizeSettings { rank, conv_rank: conv_rank.unwrap_or(rank), rule });
+            run_merge_loras(&loras, &out, settings.as_ref(), to, dtype)
         }
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
         Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, optimizer, lora_algo, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {

@@ -27,7 +27,8 @@ fn load(path: &Path) -> (AdapterSet, AdapterFormat) {
 }
 
 /// `trainer resize` on a LoCon trained here: fixed ranks per kind of layer, a dynamic
-/// rule, the input's layout kept or changed, and the errors a user can run into.
+/// rule, the input's layout kept or changed, and the errors a user can run into; then
+/// `trainer merge-loras` of it and its resized copy, exactly and to a rank.
 #[test]
 fn resize_lowers_ranks_and_refuses_bad_requests() {
     let dir = tempfile::tempdir().unwrap();
@@ -91,6 +92,41 @@ fn resize_lowers_ranks_and_refuses_bad_requests() {
     assert!(!ok && text.contains("--dynamic-param"), "{text}");
     let (ok, text) = trainer(&["resize", "missing.safetensors", other, "--rank", "4"]);
     assert!(!ok && text.contains("missing.safetensors"), "{text}");
+    assert!(!Path::new(other).exists());
+
+    // `merge-loras`: exactly (ranks concatenated), or to a rank (alpha = rank).
+    let merged = dir.path().join("merged.safetensors");
+    let half = format!("{input}:0.5");
+    let fixed_third = format!("{}:-0.25", fixed.display());
+    let (ok, text) = trainer(&["merge-loras", &half, &fixed_third, "--out", merged.to_str().unwrap(), "--dtype", "f32"]);
+    assert!(ok, "{text}");
+    let (sum, _) = load(&merged);
+    assert_eq!(sum.len(), trained.len());
+    for (key, w) in sum.iter() {
+        let (a, b) = (trained.get(key).unwrap(), small.get(key).unwrap());
+        assert_eq!(w.rank(), a.rank() + b.rank(), "{key}");
+        let want: Vec<f32> = a.delta().data.iter().zip(&b.delta().data).map(|(x, y)| 0.5 * x - 0.25 * y).collect();
+        let err = w.delta().data.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
+        assert!(err < 1e-5, "{key}: {err}");
+    }
+    assert!(sum.metadata.get("ss_training_comment").is_some_and(|c| c.contains("merged from") && c.contains(":0.5")), "{:?}", sum.metadata);
+    let svd = dir.path().join("svd.safetensors");
+    let (ok, text) = trainer(&["merge-loras", &half, &fixed_third, "--out", svd.to_str().unwrap(), "--rank", "3", "--conv-rank", "2", "--to", "peft"]);
+    assert!(ok && text.contains("Frobenius"), "{text}");
+    let (low, format) = load(&svd);
+    assert_eq!(format, AdapterFormat::Peft);
+    for (key, w) in low.iter() {
+        assert!(w.rank() <= if spatial(w) { 2 } else { 3 }, "{key}");
+        assert!((w.scale() - 1.0).abs() < 1e-6, "{key}: alpha = rank");
+    }
+    for (args, expect) in [
+        (vec!["merge-loras", &half, "--out", merged.to_str().unwrap()], "already exists"),
+        (vec!["merge-loras", "missing.safetensors", "--out", other], "missing.safetensors"),
+        (vec!["merge-loras", &half, "--out", other, "--conv-rank", "2"], "--rank"),
+    ] {
+        let (ok, text) = trainer(&args);
+        assert!(!ok && text.contains(expect), "{args:?}: {text}");
+    }
     assert!(!Path::new(other).exists());
 }
 
