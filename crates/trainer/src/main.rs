@@ -427,20 +427,10 @@ enum Command {
         /// New rank of 3x3 convolutions (LoCon); default: --rank.
         #[arg(long)]
         conv_rank: Option<usize>,
-        /// Choose each adapter's rank from its singular values: sv_fro (keep this share of
-        /// the update's Frobenius norm), sv_cumulative (of the singular values' sum) or
-        /// sv_ratio (keep values at least 1/PARAM of the largest).
-        #[arg(long, requires = "dynamic_param")]
-        dynamic_method: Option<String>,
-        /// The parameter of --dynamic-method, e.g. 0.9 for sv_fro.
-        #[arg(long, requires = "dynamic_method")]
-        dynamic_param: Option<f64>,
-        /// Output layout: kohya or peft; default: the input's.
-        #[arg(long)]
-        to: Option<AdapterFormat>,
-        /// Tensor precision: f32, f16 or bf16.
-        #[arg(long, default_value = "f16")]
-        dtype: SaveDtype,
+        #[command(flatten)]
+        rule: RankRuleArgs,
+        #[command(flatten)]
+        output_args: LoraOutputArgs,
         /// Print what each adapter kept.
         #[arg(long)]
         verbose: bool,
@@ -463,20 +453,50 @@ enum Command {
         /// Rank of 3x3 convolutions (LoCon); default: --rank.
         #[arg(long, requires = "rank")]
         conv_rank: Option<usize>,
-        /// Choose each adapter's rank from the merged update's singular values, as
-        /// `trainer resize` does: sv_fro, sv_cumulative or sv_ratio (--rank is the most).
-        #[arg(long, requires_all = ["dynamic_param", "rank"])]
-        dynamic_method: Option<String>,
-        /// The parameter of --dynamic-method, e.g. 0.9 for sv_fro.
-        #[arg(long, requires = "dynamic_method")]
-        dynamic_param: Option<f64>,
-        /// Output layout: kohya or peft; default: the first file's.
-        #[arg(long)]
-        to: Option<AdapterFormat>,
-        /// Tensor precision: f32, f16 or bf16.
-        #[arg(long, default_value = "f16")]
-        dtype: SaveDtype,
+        #[command(flatten)]
+        rule: RankRuleArgs,
+        #[command(flatten)]
+        output_args: LoraOutputArgs,
     },
+}
+
+/// How `resize` and `merge-loras` choose each adapter's rank below `--rank`.
+#[derive(clap::Args)]
+struct RankRuleArgs {
+    /// Choose each adapter's rank (at most --rank) from its update's singular values:
+    /// sv_fro (keep this share of the update's Frobenius norm), sv_cumulative (of the
+    /// singular values' sum) or sv_ratio (keep values at least 1/PARAM of the largest).
+    #[arg(long, requires_all = ["dynamic_param", "rank"])]
+    dynamic_method: Option<String>,
+    /// The parameter of --dynamic-method, e.g. 0.9 for sv_fro.
+    #[arg(long, requires = "dynamic_method")]
+    dynamic_param: Option<f64>,
+}
+
+impl RankRuleArgs {
+    /// The rule: fixed ranks unless a dynamic method is given.
+    fn rule(&self) -> Result<lora_core::resize::RankRule> {
+        Ok(match (&self.dynamic_method, self.dynamic_param) {
+            (Some(method), Some(param)) => lora_core::resize::RankRule::parse(method, param)?,
+            _ => lora_core::resize::RankRule::Fixed,
+        })
+    }
+
+    /// The settings for `rank` and `conv_rank` (default: `rank`).
+    fn settings(&self, rank: usize, conv_rank: Option<usize>) -> Result<lora_core::resize::ResizeSettings> {
+        Ok(lora_core::resize::ResizeSettings { rank, conv_rank: conv_rank.unwrap_or(rank), rule: self.rule()? })
+    }
+}
+
+/// The layout and precision of a LoRA file a command writes.
+#[derive(clap::Args)]
+struct LoraOutputArgs {
+    /// Output layout: kohya or peft; default: the (first) input's.
+    #[arg(long)]
+    to: Option<AdapterFormat>,
+    /// Tensor precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    dtype: SaveDtype,
 }
 
 /// What `trainer train` shows per step: a progress bar on a terminal; where stderr is a
@@ -1188,21 +1208,13 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::ImportKohya { input, out } => run_import_kohya(&input, out.as_deref()),
-        Command::Resize { input, output, rank, conv_rank, dynamic_method, dynamic_param, to, dtype, verbose } => {
-            let rule = match (dynamic_method, dynamic_param) {
-                (Some(method), Some(param)) => lora_core::resize::RankRule::parse(&method, param)?,
-                _ => lora_core::resize::RankRule::Fixed,
-            };
-            let settings = lora_core::resize::ResizeSettings { rank, conv_rank: conv_rank.unwrap_or(rank), rule };
-            run_resize(&input, &output, &settings, to, dtype, verbose)
+        Command::Resize { input, output, rank, conv_rank, rule, output_args, verbose } => {
+            let settings = rule.settings(rank, conv_rank)?;
+            run_resize(&input, &output, &settings, output_args.to, output_args.dtype, verbose)
         }
-        Command::MergeLoras { loras, out, rank, conv_rank, dynamic_method, dynamic_param, to, dtype } => {
-            let rule = match (dynamic_method, dynamic_param) {
-                (Some(method), Some(param)) => lora_core::resize::RankRule::parse(&method, param)?,
-                _ => lora_core::resize::RankRule::Fixed,
-            };
-            let settings = rank.map(|rank| lora_core::resize::ResizeSettings { rank, conv_rank: conv_rank.unwrap_or(rank), rule });
-            run_merge_loras(&loras, &out, settings.as_ref(), to, dtype)
+        Command::MergeLoras { loras, out, rank, conv_rank, rule, output_args } => {
+            let settings = rank.map(|rank| rule.settings(rank, conv_rank)).transpose()?;
+            run_merge_loras(&loras, &out, settings.as_ref(), output_args.to, output_args.dtype)
         }
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
         Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, optimizer, lora_algo, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
