@@ -8,42 +8,78 @@ use lora_core::{sites, AdapterSet, ModuleIndex, ReadOptions};
 
 use crate::{ClipTextModel, Result, SdModelError, UNet2DConditionModel};
 
-/// A LoRA file and the strength to apply it at, written `FILE[:STRENGTH]` on command lines.
+/// A LoRA file and the strength to apply it at, written `FILE[:STRENGTH[:TE_STRENGTH]]` on
+/// command lines: one strength for the whole file, or the UNet's and the text encoders'
+/// apart (ComfyUI's `strength_model` / `strength_clip`, A1111's `unet=` / `te=`).
 ///
 /// ```
 /// use sd_model::lora::LoraFile;
 /// let f: LoraFile = "style.safetensors:0.7".parse().unwrap();
-/// assert_eq!((f.path.to_str().unwrap(), f.strength), ("style.safetensors", 0.7));
+/// assert_eq!((f.path.to_str().unwrap(), f.strength, f.text_encoder_strength()), ("style.safetensors", 0.7, 0.7));
 /// let g: LoraFile = "C:/loras/x.safetensors".parse().unwrap();
 /// assert_eq!(g.strength, 1.0);
+/// let h: LoraFile = "C:/loras/x.safetensors:0.8:0.3".parse().unwrap();
+/// assert_eq!((h.path.to_str().unwrap(), h.strength, h.text_encoder_strength()), ("C:/loras/x.safetensors", 0.8, 0.3));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraFile {
     /// The adapter file (kohya or diffusers/PEFT layout).
     pub path: PathBuf,
-    /// Strength (1.0 = as trained).
+    /// Strength (1.0 = as trained): of the whole file, or of its UNet adapters when
+    /// `text_encoder` is set.
     pub strength: f32,
+    /// The text encoders' adapters' own strength (`None`: `strength`).
+    pub text_encoder: Option<f32>,
+}
+
+impl LoraFile {
+    /// `path` at `strength` throughout.
+    pub fn new(path: impl Into<PathBuf>, strength: f32) -> Self {
+        Self { path: path.into(), strength, text_encoder: None }
+    }
+
+    /// The strength of the file's text-encoder adapters.
+    pub fn text_encoder_strength(&self) -> f32 {
+        self.text_encoder.unwrap_or(self.strength)
+    }
+
+    /// `set` (this file's adapters) as the parts to apply and their strengths: the whole
+    /// set at [`strength`](Self::strength), or, with a text-encoder strength of its own,
+    /// the UNet's adapters and the text encoders' apart.
+    pub fn strength_parts(&self, set: AdapterSet) -> Vec<(AdapterSet, f32)> {
+        let te = self.text_encoder_strength();
+        if te == self.strength {
+            return vec![(set, self.strength)];
+        }
+        let part = |unet: bool| {
+            let mut out = AdapterSet::new();
+            out.metadata = set.metadata.clone();
+            out.kohya_names = set.kohya_names.clone();
+            for (key, w) in set.iter().filter(|(k, _)| (k.component == lora_core::Component::Unet) == unet) {
+                out.insert(key.clone(), w.clone()).expect("keys of one set are distinct");
+            }
+            out
+        };
+        vec![(part(true), self.strength), (part(false), te)]
+    }
 }
 
 impl FromStr for LoraFile {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        // Only a suffix that parses as a number is a strength, so paths with colons work.
-        if let Some((path, strength)) = s.rsplit_once(':') {
-            if let Ok(strength) = strength.parse::<f32>() {
-                if !strength.is_finite() {
-                    return Err(format!("`{s}`: strength must be finite"));
-                }
-                return Ok(Self {
-                    path: path.into(),
-                    strength,
-                });
-            }
+        // Only suffixes that parse as numbers are strengths, so paths with colons work.
+        let number = |t: &str| t.parse::<f32>().ok();
+        let mut file = Self::new(s, 1.0);
+        if let Some((rest, last)) = s.rsplit_once(':').and_then(|(rest, last)| Some((rest, number(last)?))) {
+            file = match rest.rsplit_once(':').and_then(|(path, unet)| Some((path, number(unet)?))) {
+                Some((path, unet)) => Self { path: path.into(), strength: unet, text_encoder: Some(last) },
+                None => Self::new(rest, last),
+            };
         }
-        Ok(Self {
-            path: s.into(),
-            strength: 1.0,
-        })
+        if !(file.strength.is_finite() && file.text_encoder_strength().is_finite()) {
+            return Err(format!("`{s}`: strengths must be finite"));
+        }
+        Ok(file)
     }
 }
 
@@ -179,7 +215,7 @@ pub fn apply_lora_files_to<B: Backend>(
         if !report.skipped.is_empty() {
             applied.skipped.push((file.path.clone(), report.skipped));
         }
-        sets.push((set, file.strength));
+        sets.extend(file.strength_parts(set));
     }
     // (adapters, the multiplier to attach them at)
     let groups: Vec<(AdapterSet, f32)> = match sets.as_slice() {
@@ -227,4 +263,41 @@ fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec
         }
     }
     Ok((plain, dora))
+}
+
+#[cfg(test)]
+mod tests {
+    use lora_core::{AdapterKey, Component, HostTensor, LoraWeights};
+
+    use super::*;
+
+    /// A file with a text-encoder strength of its own splits into its UNet part at the
+    /// file's strength and its text-encoder part at that one; combined, each update is
+    /// scaled by its component's strength. Without one, the set stays whole.
+    #[test]
+    fn text_encoder_strength_splits_the_file_by_component() {
+        let unet = AdapterKey::new(Component::Unet, "mid_block.attentions.0.proj_in");
+        let te = AdapterKey::new(Component::TextEncoder, "text_model.encoder.layers.0.self_attn.q_proj");
+        let lora = || LoraWeights::new(HostTensor::new(vec![1, 2], vec![1.0, 2.0]).unwrap(), HostTensor::new(vec![2, 1], vec![1.0, -1.0]).unwrap(), 1.0, "t").unwrap();
+        let mut set = AdapterSet::new();
+        set.insert(unet.clone(), lora()).unwrap();
+        set.insert(te.clone(), lora()).unwrap();
+        let whole: LoraFile = "x.safetensors:0.6".parse().unwrap();
+        assert_eq!(whole.strength_parts(set.clone()).len(), 1);
+        let same: LoraFile = "x.safetensors:0.6:0.6".parse().unwrap();
+        assert_eq!(same.strength_parts(set.clone()).len(), 1);
+        let split: LoraFile = "x.safetensors:0.6:0.25".parse().unwrap();
+        let parts = split.strength_parts(set);
+        assert_eq!(parts.iter().map(|(s, k)| (s.len(), *k)).collect::<Vec<_>>(), [(1, 0.6), (1, 0.25)]);
+        let refs: Vec<(&AdapterSet, f32)> = parts.iter().map(|(s, k)| (s, *k)).collect();
+        let combined = AdapterSet::combine(&refs).unwrap();
+        let base = lora().delta().data;
+        for (key, k) in [(&unet, 0.6f32), (&te, 0.25)] {
+            let got = combined.get(key).unwrap().delta().data;
+            assert!(got.iter().zip(&base).all(|(g, b)| (g - k * b).abs() < 1e-6), "{key:?}: {got:?}");
+        }
+        assert!("x.safetensors:0.5:inf".parse::<LoraFile>().is_err());
+        let odd: LoraFile = "dir:1/x.safetensors:0.5".parse().unwrap();
+        assert_eq!((odd.path.to_str().unwrap(), odd.strength, odd.text_encoder), ("dir:1/x.safetensors", 0.5, None));
+    }
 }

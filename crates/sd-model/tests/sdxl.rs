@@ -155,7 +155,7 @@ fn gradient_through_the_added_conditioning_matches_torch() {
 #[test]
 fn kohya_sdxl_lora_matches_diffusers_and_bakes_into_the_single_file() {
     let device = Default::default();
-    let file = LoraFile { path: fixtures().join("lora_kohya.safetensors"), strength: 1.0 };
+    let file = LoraFile::new(fixtures().join("lora_kohya.safetensors"), 1.0);
     for (i, source) in sources().iter().enumerate() {
         let mut m = load::<B>(source);
         let applied = apply_lora_files_to(&mut m.unet, &mut [&mut m.te1, &mut m.te2], std::slice::from_ref(&file), false, &device).unwrap();

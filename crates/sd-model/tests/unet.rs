@@ -192,7 +192,7 @@ fn merged_checkpoints_match_diffusers_with_the_lora() {
         let source_path = if single_file { fixtures().join(format!("{name}_single_file.safetensors")) } else { fixtures().join(name) };
         let source = ModelSource::detect(&source_path).unwrap();
         let mut te = source.load_text_encoder::<B>(&device, &LoadOptions::default()).unwrap();
-        let files = vec![sd_model::lora::LoraFile { path: fixtures().join(format!("{name}_lora_kohya.safetensors")), strength: 1.0 }];
+        let files = vec![sd_model::lora::LoraFile::new(fixtures().join(format!("{name}_lora_kohya.safetensors")), 1.0)];
         sd_model::lora::apply_lora_files(&mut unet, Some(&mut te), &files, false, &device).unwrap();
         sites::bake_adapters(&mut unet);
         sites::bake_adapters(&mut te);

@@ -187,7 +187,7 @@ enum Command {
         /// Negative prompt.
         #[arg(long, default_value = "")]
         negative_prompt: String,
-        /// LoRA files as FILE[:STRENGTH]; repeatable (kohya or diffusers/PEFT layout, LoCon,
+        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]] (the text encoders at their own strength where given); repeatable (kohya or diffusers/PEFT layout, LoCon,
         /// DoRA, LyCORIS LoHa / LoKr). They are merged into the weights (sums in f32, rounded
         /// once), as A1111 and ComfyUI apply LoRAs.
         #[arg(long)]
@@ -268,7 +268,7 @@ enum Command {
         /// The base checkpoint (diffusers folder or single .safetensors file).
         #[arg(long)]
         model: PathBuf,
-        /// LoRA files as FILE[:STRENGTH]; repeatable.
+        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]] (the text encoders at their own strength where given); repeatable.
         #[arg(long, required = true)]
         lora: Vec<sd_model::lora::LoraFile>,
         /// Output folder or .safetensors file (must not exist).
@@ -438,7 +438,7 @@ enum Command {
     /// Merge LoRA files into one LoRA, each at its strength (kohya's svd_merge_lora.py;
     /// without --rank exactly, the ranks concatenated, as merge_lora.py merges LoRAs).
     MergeLoras {
-        /// LoRA files as FILE[:STRENGTH] (kohya or diffusers/PEFT layout; LyCORIS LoHa / LoKr
+        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]] (the text encoders at their own strength where given) (kohya or diffusers/PEFT layout; LyCORIS LoHa / LoKr
         /// enter as the LoRA of their update; DoRA cannot be merged).
         #[arg(required = true)]
         loras: Vec<sd_model::lora::LoraFile>,
@@ -903,12 +903,18 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
     for file in loras {
         sets.push(load_adapters(&file.path).with_context(|| format!("reading {}", file.path.display()))?);
     }
-    let parts: Vec<(&AdapterSet, f32)> = sets.iter().zip(loras).map(|((set, _), file)| (set, file.strength)).collect();
-    let mut merged = lora_core::resize::merge_sets(&parts, settings).context("merging the LoRAs")?;
-    let sources = loras.iter().map(|f| format!("{}:{}", f.path.file_name().map_or_else(|| f.path.display().to_string(), |n| n.to_string_lossy().into_owned()), f.strength)).collect::<Vec<_>>().join(", ");
+    let format = to.unwrap_or(sets[0].1.format);
+    let parts: Vec<(AdapterSet, f32)> = sets.into_iter().zip(loras).flat_map(|((set, _), file)| file.strength_parts(set)).collect();
+    let refs: Vec<(&AdapterSet, f32)> = parts.iter().map(|(set, strength)| (set, *strength)).collect();
+    let mut merged = lora_core::resize::merge_sets(&refs, settings).context("merging the LoRAs")?;
+    let name = |f: &sd_model::lora::LoraFile| f.path.file_name().map_or_else(|| f.path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let strengths = |f: &sd_model::lora::LoraFile| match f.text_encoder {
+        Some(te) => format!("{}:{te}", f.strength),
+        None => f.strength.to_string(),
+    };
+    let sources = loras.iter().map(|f| format!("{}:{}", name(f), strengths(f))).collect::<Vec<_>>().join(", ");
     let how = settings.map_or("concatenated ranks".to_string(), |s| format!("to rank {}, {}", s.rank, s.rule.describe()));
     merged.set.metadata.insert("ss_training_comment".into(), format!("merged from {sources} ({how}) by trainer merge-loras"));
-    let format = to.unwrap_or(sets[0].1.format);
     merged.set.save(output, format, dtype)?;
     let (lo, hi) = merged.modules.values().map(|r| r.new_rank).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
     let worst = merged.modules.values().map(|r| r.fro_retained).fold(1.0, f64::min);

@@ -998,8 +998,10 @@ fn fingerprint(config: &TrainConfig) -> String {
         .base_weights
         .iter()
         .map(|entry| {
-            let (path, strength) = entry.parse::<sd_model::lora::LoraFile>().map_or_else(|_| (entry.into(), 1.0), |f| (f.path, f.strength));
-            format!("model.base_weights tensors = {} strength = {strength}\n", tensors_hash(&path))
+            let file = entry.parse::<sd_model::lora::LoraFile>().unwrap_or_else(|_| sd_model::lora::LoraFile::new(entry, 1.0));
+            // A text-encoder strength of its own adds to the line (states from before it have none).
+            let te = file.text_encoder.map_or_else(String::new, |te| format!(" text_encoder_strength = {te}"));
+            format!("model.base_weights tensors = {} strength = {}{te}\n", tensors_hash(&file.path), file.strength)
         })
         .collect();
     format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{base}{lora}{file}{optimizer}", config.model.pretrained, config.model.tiny_seed)

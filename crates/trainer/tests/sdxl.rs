@@ -69,7 +69,7 @@ fn tiny_sdxl_trains_with_checkpointing_alike_and_writes_kohya_sdxl_names() {
     let (set, _) = AdapterSet::load(&plain.lora, &tiny_sdxl_index(), ReadOptions::default()).unwrap();
     assert_eq!(set.len() * 3, names.len(), "down, up and alpha per module");
     let mut c = load_components::<Flex>("tiny-sdxl", config.model.tiny_seed, &Default::default()).unwrap();
-    let file = sd_model::lora::LoraFile { path: plain.lora.clone(), strength: 1.0 };
+    let file = sd_model::lora::LoraFile::new(plain.lora.clone(), 1.0);
     let te2 = c.text_encoder_2.as_mut().unwrap();
     let applied = sd_model::lora::apply_lora_files_to(&mut c.unet, &mut [&mut c.text_encoder, te2], &[file], false, &Default::default()).unwrap();
     assert_eq!((applied.unet, applied.text_encoder), (set.len(), 0));

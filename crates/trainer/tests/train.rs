@@ -445,7 +445,7 @@ fn lora_pulls_samples_towards_the_training_image() {
     };
     let without = distance(&base);
     let mut tuned = trainer::models::load_components::<I>("tiny", config.model.tiny_seed, &device).unwrap();
-    let files = vec![sd_model::lora::LoraFile { path: report.lora.clone(), strength: 1.0 }];
+    let files = vec![sd_model::lora::LoraFile::new(report.lora.clone(), 1.0)];
     sd_model::lora::apply_lora_files(&mut tuned.unet, Some(&mut tuned.text_encoder), &files, false, &device).unwrap();
     let with = distance(&tuned);
     eprintln!("distance to the training latent: with LoRA {with}, without {without}");
