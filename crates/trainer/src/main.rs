@@ -214,10 +214,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Width in pixels [default: the model's size: 1024 for SDXL, 768 for SD2.1
-        /// v-prediction, 512 for SD1.x, 64 for the tiny models]
+        /// v-prediction, 512 for SD1.x, 64 for the tiny models; with --init-image the
+        /// image's, rounded down to the model's multiple]
         #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         width: Option<usize>,
-        /// Height in pixels [default: the model's size, as --width]
+        /// Height in pixels [default: as --width]
         #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         height: Option<usize>,
         /// CLIP skip: 1 uses the text encoder's last layer, 2 the penultimate (A1111's "Clip
