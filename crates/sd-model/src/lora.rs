@@ -51,16 +51,15 @@ impl LoraFile {
         if te == self.strength {
             return vec![(set, self.strength)];
         }
-        let part = |unet: bool| {
-            let mut out = AdapterSet::new();
-            out.metadata = set.metadata.clone();
-            out.kohya_names = set.kohya_names.clone();
-            for (key, w) in set.iter().filter(|(k, _)| (k.component == lora_core::Component::Unet) == unet) {
-                out.insert(key.clone(), w.clone()).expect("keys of one set are distinct");
-            }
-            out
-        };
-        vec![(part(true), self.strength), (part(false), te)]
+        let keys: Vec<_> = set.iter().map(|(key, _)| key.clone()).collect();
+        let (mut unet, mut text) = (set.clone(), set);
+        for key in &keys {
+            match key.component == lora_core::Component::Unet {
+                true => text.remove(key),
+                false => unet.remove(key),
+            };
+        }
+        vec![(unet, self.strength), (text, te)]
     }
 }
 

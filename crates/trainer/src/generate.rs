@@ -414,6 +414,8 @@ pub fn denoise_masked<B: Backend>(
     // Stochastic samplers draw from a stream seeded apart from the initial noise.
     let mut noise = SeededNoise::new(opts.seed.wrapping_add(1));
     let timesteps = sampler.timesteps().to_vec();
+    // Inpainting's `1 − mask`, once for the run.
+    let inpaint = inpaint.map(|keep| (keep, keep.mask.clone().neg() + 1.0));
     for (i, t) in timesteps.iter().enumerate().skip(first_step) {
         let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), i)?;
         let t = Tensor::<B, 1>::from_floats(vec![*t; 2 * n].as_slice(), device);
@@ -425,13 +427,12 @@ pub fn denoise_masked<B: Backend>(
         };
         let guided = u.clone() + (cnd - u) * opts.cfg_scale;
         latents = sampler.step(guided, i, latents, &mut noise)?;
-        if let Some(keep) = inpaint {
+        if let Some((keep, kept)) = &inpaint {
             let image = match i + 1 < timesteps.len() {
                 true => sampler.add_noise(keep.image.clone(), keep.noise.clone(), i + 1)?,
                 false => keep.image.clone(),
             };
-            let mask = keep.mask.clone();
-            latents = image * (mask.clone().neg() + 1.0) + latents * mask;
+            latents = image * kept.clone() + latents * keep.mask.clone();
         }
     }
     Ok(latents)

@@ -731,8 +731,7 @@ fn run_generate<B: Backend>(
     let mut c = load_components::<B>(model, tiny_seed, device)?;
     let init_image = match &files.init_image {
         Some((path, strength)) => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading --init-image {}", path.display()))?;
-            let image = sd_data::image_io::decode_image(&bytes, path)?;
+            let image = read_image("--init-image", path)?;
             (opts.width, opts.height) = init_image_size(&c, &opts, image.dimensions());
             if opts.width == 0 || opts.height == 0 {
                 let (w, h) = image.dimensions();
@@ -742,6 +741,7 @@ fn run_generate<B: Backend>(
         }
         None => None,
     };
+    let mask = files.mask.as_deref().map(|path| read_image("--mask", path)).transpose()?;
     for side in [&mut opts.width, &mut opts.height] {
         if *side == 0 {
             *side = c.default_size();
@@ -778,13 +778,6 @@ fn run_generate<B: Backend>(
         let images = trainer::generate::sample_images(&c, lines, &opts, device)?;
         return save_grid(out, files.columns, &images, start);
     }
-    let mask = match &files.mask {
-        Some(path) => {
-            let bytes = std::fs::read(path).with_context(|| format!("reading --mask {}", path.display()))?;
-            Some(sd_data::image_io::decode_image(&bytes, path)?)
-        }
-        None => None,
-    };
     let (z, first_step, inpaint) = match (&files.init_latents, &init_image, &mask) {
         (Some(path), _, _) => (latents_from_noise(&c, &opts, read_latents::<B>(path, device)?)?, 0, None),
         (None, Some((image, strength)), Some(mask)) => {
@@ -804,6 +797,12 @@ fn run_generate<B: Backend>(
     }
     let images = decode(&c, latents)?;
     save_grid(out, files.columns, &images, start)
+}
+
+/// The RGB image at `path`, given as `flag` (named in errors).
+fn read_image(flag: &str, path: &std::path::Path) -> Result<image::RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()))?;
+    Ok(sd_data::image_io::decode_image(&bytes, path)?)
 }
 
 /// Writes `images` as one grid of `columns` per row (0: up to 4) to `out`.
