@@ -15,6 +15,8 @@
 //! - [`optim`]: AdamW over all adapter tensors at once ([`optim::FlatAdamW`]);
 //! - [`resize`]: trained adapters at a lower rank, fixed or chosen per adapter from its
 //!   singular values (kohya's `resize_lora.py`);
+//! - [`extract`]: a LoRA from the difference of two models' weights, by a randomized
+//!   truncated SVD (kohya's `extract_lora_from_models.py`);
 //! - [`guard`]: gradient clipping, non-finite skips and f16 loss scaling decided on the
 //!   device ([`guard::StepGuard`]), so that a training loop needs no host read per step.
 //!
@@ -45,9 +47,11 @@ mod adapters;
 mod config;
 mod conv;
 mod error;
+pub mod extract;
 mod format;
 pub mod guard;
 pub mod kernels;
+mod linalg;
 mod linear;
 pub mod lycoris;
 pub mod optim;

@@ -35,7 +35,7 @@
 
 use std::collections::BTreeMap;
 
-use nalgebra::{DMatrix, SVD};
+use nalgebra::DMatrix;
 
 use crate::{AdapterKey, AdapterSet, HostTensor, LoraError, LoraWeights, Result};
 
@@ -300,12 +300,9 @@ pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, ke
     let (q1, r1) = up.qr().unpack();
     let (q2, r2) = down_t.qr().unpack();
     let core = r1 * r2.transpose();
-    let svd = SVD::try_new(core, true, true, f64::EPSILON, 10_000)
-        .ok_or_else(|| LoraError::Data(format!("`{key}`: the singular value decomposition did not converge")))?;
-    let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
-        unreachable!("both factors were asked for");
-    };
-    let s = svd.singular_values.as_slice();
+    // nalgebra's own SVD can be wrong (see `crate::linalg`).
+    let crate::linalg::Svd { u, s, vt: v_t } = crate::linalg::svd(core);
+    let s = s.as_slice();
     let k = chosen_rank(s, max_rank, rule);
     let mut new_up = q1 * u.columns(0, k);
     for (j, mut column) in new_up.column_iter_mut().enumerate() {

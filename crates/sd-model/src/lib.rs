@@ -8,6 +8,8 @@
 //! loading of real checkpoints ([`load`]) in the diffusers folder layout and as single
 //! `.safetensors` files.
 //!
+//! [`extract`] pairs two models' adapter sites for extracting a LoRA from their difference.
+//!
 //! [`checkpoint`] trains the UNet with gradient checkpointing block by block, as diffusers'
 //! `gradient_checkpointing` does.
 //!
@@ -27,6 +29,7 @@ mod clip;
 pub mod config;
 mod embeddings;
 mod error;
+pub mod extract;
 pub mod keymap;
 pub mod norm;
 pub mod prompt;

@@ -154,7 +154,11 @@ pub(crate) fn distinct_components(components: impl Iterator<Item = lora_core::Co
 /// first text encoder as `lora_te1_` ([`AdapterSet::kohya_names`]); returns how many were
 /// named. sd-scripts, ComfyUI and AUTOMATIC1111 read SDXL LoRAs by these names.
 pub fn use_sdxl_kohya_names<B: Backend>(set: &mut AdapterSet, unet: &UNet2DConditionModel<B>) -> usize {
-    let layout = crate::keymap::UnetLayout::of(unet);
+    use_sdxl_kohya_names_by(set, &crate::keymap::UnetLayout::of(unet))
+}
+
+/// [`use_sdxl_kohya_names`] with the UNet's layout, kept where the UNet itself is gone.
+pub fn use_sdxl_kohya_names_by(set: &mut AdapterSet, layout: &crate::keymap::UnetLayout) -> usize {
     let mut names = Vec::new();
     for (key, _) in set.iter() {
         let name = match key.component {

@@ -2,7 +2,8 @@
 //!
 //! The thin composition layer of the workspace: configuration ([`config`], and kohya
 //! sd-scripts configs read into it by [`kohya`]), the LoRA training loop ([`train`]),
-//! text-to-image generation ([`generate`]) and model loading ([`models`]) on top of
+//! text-to-image generation ([`generate`]), LoRA extraction from two models ([`extract`])
+//! and model loading ([`models`]) on top of
 //! [`lora_core`], [`sd_model`], [`sd_sched`] and [`sd_data`]. The `trainer` binary is a
 //! command-line front end to this library.
 #![deny(missing_docs)]
@@ -12,6 +13,7 @@ pub mod bench_ops;
 pub mod config;
 pub mod device_check;
 mod error;
+pub mod extract;
 pub mod generate;
 pub mod kohya;
 pub mod metadata;

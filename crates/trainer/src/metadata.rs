@@ -57,10 +57,9 @@ impl RunMetadata {
         let mut put = |k: &str, v: String| {
             keys.insert(k.to_owned(), v);
         };
-        put("ss_v2", py_bool(base.version == "sd_v2"));
-        // sd-scripts marks v-prediction SD1.x / SD2.x models: `sd_v2_v`, `sd_v1_v`.
-        let suffix = if base.v_prediction && matches!(base.version, "sd_v1" | "sd_v2") { "_v" } else { "" };
-        put("ss_base_model_version", format!("{}{suffix}", base.version));
+        for (k, v) in base_keys(base) {
+            put(k, v);
+        }
         if !config.output.no_metadata {
             for (k, v) in training_keys(config, dataset, started) {
                 put(&k, v);
@@ -278,31 +277,9 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
 /// The SAI model spec (1.0.1) keys sd-scripts writes for an SD 1.x / 2.x / SDXL LoRA.
 fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseModel<'_>, started: SystemTime) -> Vec<(String, String)> {
     let o = &config.output;
-    let architecture = match (base.version, base.v_prediction) {
-        ("sd_v1", _) => "stable-diffusion-v1/lora",
-        ("sd_v2", false) => "stable-diffusion-v2-512/lora",
-        ("sd_v2", true) => "stable-diffusion-v2-768-v/lora",
-        (crate::models::SDXL_BASE_VERSION, _) => "stable-diffusion-xl-v1-base/lora",
-        // The built-in demo model fits no real architecture: no UI should offer it for one.
-        _ => "sd-lora-rs-tiny/lora",
-    };
-    let implementation = match base.version {
-        crate::models::SDXL_BASE_VERSION => "https://github.com/Stability-AI/generative-models",
-        _ => "diffusers",
-    };
     let title = if o.metadata_title.is_empty() { &o.output_name } else { &o.metadata_title };
-    let mut keys = vec![
-        ("modelspec.sai_model_spec", "1.0.1".to_owned()),
-        ("modelspec.architecture", architecture.to_owned()),
-        // kohya's rule: SDXL LoRAs (named by SGM paths) are Stability AI's implementation.
-        ("modelspec.implementation", implementation.to_owned()),
-        ("modelspec.implementation_version", format!("sd-lora-rs/{}", env!("CARGO_PKG_VERSION"))),
-        ("modelspec.title", title.clone()),
-        ("modelspec.resolution", format!("{}x{}", resolution.width, resolution.height)),
-        ("modelspec.date", iso_date(started)),
-        ("modelspec.prediction_type", if base.v_prediction { "v" } else { "epsilon" }.to_owned()),
-        ("modelspec.encoder_layer", config.model.clip_skip.to_string()),
-    ];
+    let mut keys = spec_keys(base, title, (resolution.width, resolution.height), started);
+    keys.push(("modelspec.encoder_layer", config.model.clip_skip.to_string()));
     let t = &config.train;
     if t.min_timestep != 0 || t.max_timestep != 1000 {
         keys.push(("modelspec.timestep_range", format!("{},{}", t.min_timestep, t.max_timestep)));
@@ -316,6 +293,73 @@ fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseM
         if !v.is_empty() {
             keys.push((k, v.clone()));
         }
+    }
+    keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// The model spec's keys every LoRA of `base` gets: its architecture, implementation,
+/// title, resolution, date and prediction type.
+fn spec_keys(base: BaseModel<'_>, title: &str, (width, height): (u32, u32), date: SystemTime) -> Vec<(&'static str, String)> {
+    let architecture = match (base.version, base.v_prediction) {
+        ("sd_v1", _) => "stable-diffusion-v1/lora",
+        ("sd_v2", false) => "stable-diffusion-v2-512/lora",
+        ("sd_v2", true) => "stable-diffusion-v2-768-v/lora",
+        (crate::models::SDXL_BASE_VERSION, _) => "stable-diffusion-xl-v1-base/lora",
+        // The built-in demo model fits no real architecture: no UI should offer it for one.
+        _ => "sd-lora-rs-tiny/lora",
+    };
+    let implementation = match base.version {
+        crate::models::SDXL_BASE_VERSION => "https://github.com/Stability-AI/generative-models",
+        _ => "diffusers",
+    };
+    vec![
+        ("modelspec.sai_model_spec", "1.0.1".to_owned()),
+        ("modelspec.architecture", architecture.to_owned()),
+        // kohya's rule: SDXL LoRAs (named by SGM paths) are Stability AI's implementation.
+        ("modelspec.implementation", implementation.to_owned()),
+        ("modelspec.implementation_version", format!("sd-lora-rs/{}", env!("CARGO_PKG_VERSION"))),
+        ("modelspec.title", title.to_owned()),
+        ("modelspec.resolution", format!("{width}x{height}")),
+        ("modelspec.date", iso_date(date)),
+        ("modelspec.prediction_type", if base.v_prediction { "v" } else { "epsilon" }.to_owned()),
+    ]
+}
+
+/// kohya's `ss_v2` and `ss_base_model_version` of a LoRA for `base`.
+fn base_keys(base: BaseModel<'_>) -> [(&'static str, String); 2] {
+    // sd-scripts marks v-prediction SD1.x / SD2.x models: `sd_v2_v`, `sd_v1_v`.
+    let suffix = if base.v_prediction && matches!(base.version, "sd_v1" | "sd_v2") { "_v" } else { "" };
+    [("ss_v2", py_bool(base.version == "sd_v2")), ("ss_base_model_version", format!("{}{suffix}", base.version))]
+}
+
+/// The metadata of a LoRA extracted from two models of `base`'s kind (`trainer extract`),
+/// as kohya's `extract_lora_from_models.py` writes it: the base model's version, the LoRA
+/// module (the kohya writer adds the ranks) and, unless `no_model_spec`, the SAI model
+/// spec with `title` and the model's default resolution, dated `now`; `comment` goes to
+/// `ss_training_comment`.
+///
+/// ```
+/// use trainer::metadata::{extraction_metadata, BaseModel};
+///
+/// let base = BaseModel { version: "sd_v2", v_prediction: true };
+/// let keys = extraction_metadata(base, "my-lora", "extracted", false, std::time::SystemTime::now());
+/// assert_eq!(keys["ss_base_model_version"], "sd_v2_v");
+/// assert_eq!(keys["modelspec.architecture"], "stable-diffusion-v2-768-v/lora");
+/// assert_eq!(keys["modelspec.resolution"], "768x768");
+/// ```
+pub fn extraction_metadata(base: BaseModel<'_>, title: &str, comment: &str, no_model_spec: bool, now: SystemTime) -> BTreeMap<String, String> {
+    let mut keys: Vec<(&str, String)> = base_keys(base).into();
+    keys.push(("ss_network_module", "networks.lora".into()));
+    keys.push(("ss_training_comment", comment.into()));
+    if !no_model_spec {
+        // sai_model_spec's default resolution: 1024 for SDXL, 768 for v-prediction SD2.x.
+        let side = match (base.version, base.v_prediction) {
+            (crate::models::SDXL_BASE_VERSION, _) => 1024,
+            ("sd_v2", true) => 768,
+            ("tiny" | "tiny_sdxl", _) => 64,
+            _ => 512,
+        };
+        keys.extend(spec_keys(base, title, (side, side), now));
     }
     keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
