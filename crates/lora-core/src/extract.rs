@@ -489,7 +489,7 @@ mod tests {
     #[test]
     fn low_rank_differences_are_recovered() {
         for (m, n, r, k) in [(400, 200, 6, 8), (40, 30, 5, 8), (8, 8, 2, 8), (8, 8, 2, 2)] {
-            let spectrum: Vec<f64> = (0..r).map(|i| 2.0f64.powi(-(i as i32))).collect();
+            let spectrum: Vec<f64> = (0..r).map(|i: i32| 2.0f64.powi(-i)).collect();
             let a = with_spectrum(m, n, &spectrum, 3);
             let settings = ExtractSettings { clamp_quantile: None, ..ExtractSettings::new(k) };
             let (w, e) = extract_adapter(&host(&a), k, &settings, "low").unwrap();
