@@ -17,6 +17,8 @@
 //!   singular values (kohya's `resize_lora.py`);
 //! - [`extract`]: a LoRA from the difference of two models' weights, by a randomized
 //!   truncated SVD (kohya's `extract_lora_from_models.py`);
+//! - [`inspect`]: what a LoRA file holds (layout, modules, ranks, metadata), from its
+//!   header alone;
 //! - [`guard`]: gradient clipping, non-finite skips and f16 loss scaling decided on the
 //!   device ([`guard::StepGuard`]), so that a training loop needs no host read per step.
 //!
@@ -50,6 +52,7 @@ mod error;
 pub mod extract;
 mod format;
 pub mod guard;
+pub mod inspect;
 pub mod kernels;
 mod linalg;
 mod linear;

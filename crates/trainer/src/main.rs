@@ -515,6 +515,25 @@ enum Command {
         #[arg(long)]
         verbose: bool,
     },
+    /// Show what a LoRA file holds (kohya's show_metadata.py and check_lora_weights.py):
+    /// layout, modules per component with kind, rank and alpha, the base model, what its
+    /// trainer recorded (steps, learning rates, ...) and the captions' most frequent tags.
+    Info {
+        /// The LoRA file (kohya, LyCORIS or diffusers/PEFT layout).
+        file: PathBuf,
+        /// Tags to list from the captions' counts (kohya's ss_tag_frequency).
+        #[arg(long, default_value_t = 20)]
+        tags: usize,
+        /// Also list every module with its tensors' shapes.
+        #[arg(long)]
+        verbose: bool,
+        /// Print all metadata keys as they are.
+        #[arg(long)]
+        metadata: bool,
+        /// Print one JSON object instead (layout, dtypes, modules, metadata).
+        #[arg(long, conflicts_with_all = ["verbose", "metadata"])]
+        json: bool,
+    },
 }
 
 /// How `resize`, `merge-loras` and `extract` choose each adapter's rank below `--rank`.
@@ -1041,6 +1060,113 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &dyn Fn(&std::p
     Ok(())
 }
 
+/// kohya metadata worth a line of `trainer info`, with their labels, in print order.
+const INFO_KEYS: [(&str, &str); 22] = [
+    ("modelspec.title", "title"),
+    ("ss_output_name", "output name"),
+    ("modelspec.architecture", "architecture"),
+    ("ss_base_model_version", "base model version"),
+    ("ss_sd_model_name", "trained on"),
+    ("ss_network_module", "network module"),
+    ("ss_network_args", "network args"),
+    ("ss_resolution", "resolution"),
+    ("ss_num_train_images", "training images (with repeats)"),
+    ("ss_steps", "steps"),
+    ("ss_epoch", "epochs"),
+    ("ss_batch_size_per_device", "batch size"),
+    ("ss_learning_rate", "learning rate"),
+    ("ss_unet_lr", "UNet learning rate"),
+    ("ss_text_encoder_lr", "text-encoder learning rate"),
+    ("ss_optimizer", "optimizer"),
+    ("ss_lr_scheduler", "scheduler"),
+    ("ss_clip_skip", "clip skip"),
+    ("ss_min_snr_gamma", "min-SNR gamma"),
+    ("ss_noise_offset", "noise offset"),
+    ("ss_training_comment", "comment"),
+    ("sshs_model_hash", "model hash (A1111)"),
+];
+
+fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bool, json: bool) -> Result<()> {
+    use lora_core::inspect::inspect;
+    let bytes = lora_core::tensor_io::read_file(file)?;
+    let info = inspect(&bytes, file)?;
+    let component_name = |c: lora_core::Component| match c {
+        lora_core::Component::Unet => "UNet",
+        lora_core::Component::TextEncoder => "text encoder",
+        lora_core::Component::TextEncoder2 => "text encoder 2",
+    };
+    if json {
+        let modules: Vec<serde_json::Value> = info
+            .modules
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.name,
+                    "component": m.component.map(component_name),
+                    "kind": m.kind.name(),
+                    "rank": m.rank,
+                    "alpha": m.alpha,
+                    "kernel": m.kernel,
+                    "tensors": m.tensors.iter().map(|(p, s)| serde_json::json!({"part": p, "shape": s})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "file": file.display().to_string(),
+            "format": format!("{:?}", info.format).to_lowercase(),
+            "dtypes": info.dtypes,
+            "modules": modules,
+            "metadata": info.metadata,
+        });
+        println!("{value}");
+        return Ok(());
+    }
+    let dtypes = info.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(" + ");
+    println!("{}: {:?} layout, {} modules, {dtypes} tensors, {:.1} MB", file.display(), info.format, info.modules.len(), bytes.len() as f64 / 1e6);
+    for component in lora_core::Component::ALL {
+        let groups = info.summary(component);
+        if groups.is_empty() {
+            continue;
+        }
+        let parts: Vec<String> = groups
+            .iter()
+            .map(|g| {
+                let rank = g.rank.map_or("full".to_string(), |r| format!("rank {r}"));
+                let alpha = g.alpha.map_or("no alpha".to_string(), |a| format!("alpha {a}"));
+                let conv = if g.spatial { " 3x3-conv" } else { "" };
+                format!("{} {}{conv} ({rank}, {alpha})", g.count, g.kind.name())
+            })
+            .collect();
+        println!("  {}: {}", component_name(component), parts.join("; "));
+    }
+    if info.unassigned() > 0 {
+        println!("  {} modules of no known component", info.unassigned());
+    }
+    for (key, label) in INFO_KEYS {
+        if let Some(value) = info.metadata.get(key).filter(|v| !v.is_empty() && v.as_str() != "None") {
+            println!("  {label}: {value}");
+        }
+    }
+    let counts = info.tag_frequency();
+    if !counts.is_empty() && tags > 0 {
+        let shown: Vec<String> = counts.iter().take(tags).map(|(t, n)| format!("{t} ({n})")).collect();
+        println!("  caption tags ({} most frequent of {}): {}", shown.len(), counts.len(), shown.join(", "));
+    }
+    if all_metadata {
+        println!("metadata:");
+        for (k, v) in &info.metadata {
+            println!("  {k} = {v}");
+        }
+    }
+    if verbose {
+        for m in &info.modules {
+            let shapes = m.tensors.iter().map(|(p, s)| format!("{p} {s:?}")).collect::<Vec<_>>().join(", ");
+            println!("{:75} {:>12} rank {:>4} alpha {:>6} | {shapes}", m.name, m.kind.name(), m.rank.map_or("-".into(), |r| r.to_string()), m.alpha.map_or("-".into(), |a| a.to_string()));
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_extract<B: Backend>(
     base: &std::path::Path,
@@ -1348,6 +1474,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             run_merge_loras(&loras, &out, settings.as_ref(), output_args.to, output_args.dtype)
         }
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
+        Command::Info { file, tags, verbose, metadata, json } => run_info(&file, tags, verbose, metadata, json),
         Command::Extract { base, tuned, out, rank, conv_rank, rule, clamp_quantile, no_clamp, min_diff, svd_iterations, load_precision, to, dtype, no_metadata, verbose } => {
             let settings = lora_core::extract::ExtractSettings {
                 rank,

@@ -46,6 +46,14 @@ fn resize_lowers_ranks_and_refuses_bad_requests() {
     let (trained, _) = load(&report.lora);
     let spatial = |w: &lora_core::LoraWeights| w.is_conv() && w.down.shape[2..] != [1, 1];
 
+    // `info` reads back what the run recorded: the LoCon's two groups, the run's settings
+    // and the demo captions' trigger word as the most frequent tag.
+    let (ok, text) = trainer(&["info", &input, "--tags", "1"]);
+    assert!(ok, "{text}");
+    for expected in ["Kohya layout", "LoRA 3x3-conv (rank 4, alpha 2)", "LoRA (rank 8, alpha 4)", "steps: 3", "caption tags (1 most frequent of", "demostyle ("] {
+        assert!(text.contains(expected), "no `{expected}` in {text}");
+    }
+
     // `convert` reads every LoCon key, `conv_shortcut` of the blocks that change width
     // included (its module index once lacked them).
     let converted = dir.path().join("converted.safetensors");
@@ -270,5 +278,40 @@ fn generate_from_a_prompt_file() {
     ] {
         let (ok, text) = run(extra);
         assert!(!ok && text.contains(expect), "{extra:?}: {text}");
+    }
+}
+
+/// `trainer info` on files of every layout and adapter kind, as text and JSON, and on files
+/// that are not LoRAs.
+#[test]
+fn info_describes_any_lora_file() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = |p: &str| fixtures.join(p).to_str().unwrap().to_string();
+    let sdxl = path("sd-model/tests/fixtures/sdxl/lora_kohya.safetensors");
+    let (ok, text) = trainer(&["info", &sdxl]);
+    assert!(ok, "{text}");
+    for expected in ["UNet: 194 LoRA (rank 2, alpha 1.5)", "text encoder: 18 LoRA", "text encoder 2: 24 LoRA"] {
+        assert!(text.contains(expected), "no `{expected}` in {text}");
+    }
+    let (ok, text) = trainer(&["info", &path("lora-core/tests/fixtures/lycoris_tucker.safetensors"), "--verbose"]);
+    assert!(ok, "{text}");
+    for expected in ["LoCon+Tucker 3x3-conv (rank 2, alpha 1)", "LoHa 3x3-conv", "LoKr 3x3-conv", "hada_t1 ["] {
+        assert!(text.contains(expected), "no `{expected}` in {text}");
+    }
+    let (ok, text) = trainer(&["info", &path("sd-model/tests/fixtures/parity/sd1_lora_peft.safetensors"), "--json"]);
+    assert!(ok, "{text}");
+    let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(value["format"], "peft");
+    let modules = value["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 48);
+    assert!(modules.iter().all(|m| m["component"] == "UNet" && m["rank"] == 2 && m["alpha"].is_null()), "{value}");
+
+    for (file, expected) in [
+        (path("sd-model/tests/fixtures/parity/sd1/unet/config.json"), "not a valid safetensors file"),
+        (path("sd-model/tests/fixtures/parity/sd1/unet/diffusion_pytorch_model.fp16.safetensors"), "no LoRA keys"),
+        ("missing.safetensors".to_string(), "missing.safetensors"),
+    ] {
+        let (ok, text) = trainer(&["info", &file]);
+        assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{file}: {text}");
     }
 }
