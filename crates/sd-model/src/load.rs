@@ -465,6 +465,42 @@ impl ModelSource {
         }
     }
 
+    /// The stored dtypes of the UNet's and the text encoders' float weights, in the files
+    /// `options` would load them from (a single file's VAE keys left out), read from the
+    /// headers alone: e.g. all `F16` means loading in f16 loses nothing.
+    pub fn unet_and_text_encoder_dtypes(&self, options: &LoadOptions) -> Result<Vec<DType>> {
+        let mut dtypes = Vec::new();
+        let mut add = |file: &WeightFile, keep: &dyn Fn(&str) -> bool| {
+            for key in file.keys().filter(|k| keep(k)) {
+                let dtype = match file.infos.get(key).map(|i| i.dtype) {
+                    Some(Dtype::F64) => DType::F64,
+                    Some(Dtype::F32) => DType::F32,
+                    Some(Dtype::F16) => DType::F16,
+                    Some(Dtype::BF16) => DType::BF16,
+                    _ => continue,
+                };
+                if !dtypes.contains(&dtype) {
+                    dtypes.push(dtype);
+                }
+            }
+        };
+        match self {
+            Self::Diffusers(dir) => {
+                for (component, stem) in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model"), ("text_encoder_2", "model")] {
+                    if component == "text_encoder_2" && !dir.join(component).is_dir() {
+                        continue;
+                    }
+                    add(&WeightFile::open(Self::component_file(dir, component, stem, options)?)?, &|_| true);
+                }
+            }
+            Self::SingleFile(path) => {
+                let prefixes = [keymap::LDM_UNET_PREFIX, "cond_stage_model.", "conditioner.embedders."];
+                add(&WeightFile::open(path)?, &|k| prefixes.iter().any(|p| k.starts_with(p)));
+            }
+        }
+        Ok(dtypes)
+    }
+
     /// Builds the UNet from its config and loads its weights.
     pub fn load_unet<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<UNet2DConditionModel<B>> {
         let config = self.unet_config()?;

@@ -35,8 +35,9 @@ pub struct ExtractOptions {
     /// (kohya's `--min_diff`, 0.01).
     pub min_diff: f32,
     /// The precision both models are loaded in: f32 is exact for any checkpoint; f16 halves
-    /// the memory and is exact for f16 checkpoints.
-    pub load_dtype: DType,
+    /// the memory and is exact for f16 checkpoints. `None`: f16 where both models store
+    /// their UNet and text encoders in f16 only, else f32 ([`load_dtype_for`]).
+    pub load_dtype: Option<DType>,
     /// Worker threads of the SVDs (at least one).
     pub threads: usize,
 }
@@ -48,7 +49,7 @@ impl ExtractOptions {
             settings: ExtractSettings::new(rank),
             conv: false,
             min_diff: lora_core::extract::DEFAULT_MIN_DIFF,
-            load_dtype: DType::F32,
+            load_dtype: None,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -67,6 +68,8 @@ pub struct ExtractedLora {
     pub text_encoder_difference: f32,
     /// Whether the text encoders were extracted (their difference exceeds `min_diff`).
     pub text_encoders: bool,
+    /// The precision the models were loaded in.
+    pub load_dtype: DType,
 }
 
 impl ExtractedLora {
@@ -96,6 +99,18 @@ fn v_prediction_of(source: &ModelSource) -> Result<bool, TrainError> {
     })
 }
 
+/// The precision that loads every source's UNet and text encoders exactly and in the least
+/// memory: f16 where all of them are stored in f16 (most downloaded checkpoints), else f32.
+pub fn load_dtype_for(sources: &[&ModelSource]) -> Result<DType, TrainError> {
+    for source in sources {
+        let dtypes = source.unet_and_text_encoder_dtypes(&LoadOptions::default())?;
+        if dtypes.iter().any(|d| *d != DType::F16) {
+            return Ok(DType::F32);
+        }
+    }
+    Ok(DType::F16)
+}
+
 /// Extracts the LoRA of `tuned`'s difference from `base` (see the [module docs](self)).
 /// `progress(done, total)` is called after each adapter. Models of different families
 /// (SD1.x, SD2.x, SDXL) are an error before any weight is loaded; two models whose UNets
@@ -117,7 +132,11 @@ pub fn extract_lora<B: Backend>(
         });
     }
     let v_prediction = v_prediction_of(&tuned_source)?;
-    let load = LoadOptions { dtype: options.load_dtype, prefer_fp16_files: options.load_dtype == DType::F16 };
+    let dtype = match options.load_dtype {
+        Some(dtype) => dtype,
+        None => load_dtype_for(&[&base_source, &tuned_source])?,
+    };
+    let load = LoadOptions { dtype, prefer_fp16_files: dtype == DType::F16 };
     let unet_selection = Selection::new(if options.conv { UnetTargets::Conv } else { UnetTargets::AttnMlp });
     let te_selection = Selection::new(TextEncoderTargets::AttnMlp);
 
@@ -157,5 +176,5 @@ pub fn extract_lora<B: Backend>(
     if version == crate::models::SDXL_BASE_VERSION {
         sd_model::lora::use_sdxl_kohya_names_by(&mut extracted.set, &layout);
     }
-    Ok(ExtractedLora { extracted, version, v_prediction, text_encoder_difference, text_encoders })
+    Ok(ExtractedLora { extracted, version, v_prediction, text_encoder_difference, text_encoders, load_dtype: dtype })
 }

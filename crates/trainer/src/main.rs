@@ -498,10 +498,12 @@ enum Command {
         /// is within 0.1% of its error on fine-tunes' flat spectra).
         #[arg(long, default_value_t = lora_core::extract::DEFAULT_POWER_ITERATIONS)]
         svd_iterations: usize,
-        /// Precision the models are loaded in: f32 (exact for any checkpoint), or f16 (half
-        /// the memory, exact for f16 checkpoints; for an SDXL pair ~13 GiB instead of ~27).
-        #[arg(long, default_value = "f32")]
-        load_precision: trainer::device_check::Precision,
+        /// Precision the models are loaded in: auto (f16 where both checkpoints store their
+        /// UNet and text encoders in f16, else f32), f32 (exact for any checkpoint), f16 (half
+        /// the memory, exact for f16 checkpoints: an SDXL pair in ~13 GiB instead of ~27) or
+        /// bf16.
+        #[arg(long, default_value = "auto", value_parser = parse_load_precision)]
+        load_precision: LoadPrecision,
         /// Output layout: kohya or peft.
         #[arg(long, default_value = "kohya")]
         to: AdapterFormat,
@@ -1060,6 +1062,21 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &dyn Fn(&std::p
     Ok(())
 }
 
+/// `extract --load-precision`: a float dtype, or `None` for `auto`.
+#[derive(Debug, Clone, Copy)]
+struct LoadPrecision(Option<burn::tensor::DType>);
+
+fn parse_load_precision(s: &str) -> std::result::Result<LoadPrecision, String> {
+    use burn::tensor::DType;
+    Ok(LoadPrecision(match s {
+        "auto" => None,
+        "f32" | "fp32" | "float" => Some(DType::F32),
+        "f16" | "fp16" => Some(DType::F16),
+        "bf16" => Some(DType::BF16),
+        other => return Err(format!("unknown precision `{other}`; expected auto, f32, f16 or bf16")),
+    }))
+}
+
 /// kohya metadata worth a line of `trainer info`, with their labels, in print order.
 const INFO_KEYS: [(&str, &str); 22] = [
     ("modelspec.title", "title"),
@@ -1196,6 +1213,7 @@ fn run_extract<B: Backend>(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    println!("models loaded in {:?}", lora.load_dtype);
     if !lora.text_encoders {
         println!(
             "the text encoders differ by at most {} (--min-diff {}): extracting the UNet only",
@@ -1487,7 +1505,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
                 settings,
                 conv: conv_rank.is_some(),
                 min_diff,
-                load_dtype: load_precision.dtype().into(),
+                load_dtype: load_precision.0,
                 ..trainer::extract::ExtractOptions::new(rank)
             };
             run_extract::<B::InnerBackend>(&base, &tuned, &out, &options, (to, dtype), no_metadata, verbose, device)

@@ -68,6 +68,8 @@ fn sd1_lora_round_trips_through_merge_and_extract() {
     let (ok, text) = trainer(&["extract", "--base", s(&base), "--tuned", s(&tuned), "--out", s(&exact), "--rank", "4", "--no-clamp", "--dtype", "f32"]);
     assert!(ok, "{text}");
     assert!(text.contains("extracting the UNet only") && text.contains("48 adapters, rank 4"), "{text}");
+    // The f32 merge makes `auto` load in f32; two f16 models load in f16.
+    assert!(text.contains("models loaded in F32"), "{text}");
     let original = load(&lora, &base);
     let extracted = load(&exact, &base);
     assert_eq!(extracted.len(), 48);
@@ -108,6 +110,13 @@ fn sd1_lora_round_trips_through_merge_and_extract() {
     assert_eq!((w.rank(), w.down.shape.len(), &w.down.shape[2..]), (2, 4, [3usize, 3].as_slice()));
     assert_same_updates(&original, &locon_set);
 
+    let tuned_f16 = dir.path().join("tuned-f16");
+    let (ok, text) = trainer(&["merge", "--model", s(&base), "--lora", s(&lora), "--out", s(&tuned_f16), "--dtype", "f16"]);
+    assert!(ok, "{text}");
+    let half = dir.path().join("half.safetensors");
+    let (ok, text) = trainer(&["extract", "--base", s(&base), "--tuned", s(&tuned_f16), "--out", s(&half), "--rank", "4", "--no-clamp"]);
+    assert!(ok && text.contains("models loaded in F16"), "{text}");
+
     let sd2 = fixtures().join("parity/sd2");
     let other = s(&dir.path().join("other.safetensors")).to_string();
     for (args, expected) in [
@@ -118,6 +127,7 @@ fn sd1_lora_round_trips_through_merge_and_extract() {
         (vec!["--tuned", s(&tuned), "--out", &other, "--rank", "8", "--dynamic-method", "sv_cumulative", "--dynamic-param", "0.9"], "sv_cumulative"),
         (vec!["--tuned", s(&tuned), "--out", &other, "--rank", "0"], "rank"),
         (vec!["--tuned", "missing-model", "--out", &other], "missing-model"),
+        (vec!["--tuned", s(&tuned), "--out", &other, "--load-precision", "f64"], "expected auto, f32, f16 or bf16"),
     ] {
         let mut full = vec!["extract", "--base", s(&base)];
         full.extend(args);
