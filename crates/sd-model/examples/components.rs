@@ -138,7 +138,7 @@ fn main() -> Result<()> {
     let loras: Vec<LoraFile> = args
         .lora
         .iter()
-        .map(|f| LoraFile { path: f.path.clone(), strength: f.strength * args.lora_scale, text_encoder: f.text_encoder.map(|s| s * args.lora_scale) })
+        .map(|f| LoraFile { path: f.path.clone(), strength: f.strength * args.lora_scale, text_encoder: f.text_encoder.map(|s| s * args.lora_scale), block_weights: f.block_weights.clone() })
         .collect();
 
     let latents = inputs.float::<4, B>("latents", &device)?;

@@ -21,6 +21,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod block_weights;
 pub mod blocks;
 pub mod checkpoint;
 pub mod autodiff_ext;

@@ -8,9 +8,12 @@ use lora_core::{sites, AdapterSet, ModuleIndex, ReadOptions};
 
 use crate::{ClipTextModel, Result, SdModelError, UNet2DConditionModel};
 
-/// A LoRA file and the strength to apply it at, written `FILE[:STRENGTH[:TE_STRENGTH]]` on
-/// command lines: one strength for the whole file, or the UNet's and the text encoders'
-/// apart (ComfyUI's `strength_model` / `strength_clip`, A1111's `unet=` / `te=`).
+/// A LoRA file and the strength to apply it at, written
+/// `FILE[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS]` on command lines: one strength for
+/// the whole file, or the UNet's and the text encoders' apart (ComfyUI's `strength_model` /
+/// `strength_clip`, A1111's `unet=` / `te=`), and optionally a weight per UNet block
+/// ([`BlockWeights`](crate::block_weights::BlockWeights): a preset such as `OUTALL` or
+/// 12 / 17 / 20 / 26 comma-separated numbers, as the LoRA Block Weight extension reads them).
 ///
 /// ```
 /// use sd_model::lora::LoraFile;
@@ -20,6 +23,8 @@ use crate::{ClipTextModel, Result, SdModelError, UNet2DConditionModel};
 /// assert_eq!(g.strength, 1.0);
 /// let h: LoraFile = "C:/loras/x.safetensors:0.8:0.3".parse().unwrap();
 /// assert_eq!((h.path.to_str().unwrap(), h.strength, h.text_encoder_strength()), ("C:/loras/x.safetensors", 0.8, 0.3));
+/// let b: LoraFile = "x.safetensors:0.8:lbw=OUTALL".parse().unwrap();
+/// assert_eq!((b.strength, b.block_weights.unwrap().spec()), (0.8, "OUTALL"));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraFile {
@@ -30,12 +35,14 @@ pub struct LoraFile {
     pub strength: f32,
     /// The text encoders' adapters' own strength (`None`: `strength`).
     pub text_encoder: Option<f32>,
+    /// A weight per block, multiplying the strengths (`None`: 1 everywhere).
+    pub block_weights: Option<crate::block_weights::BlockWeights>,
 }
 
 impl LoraFile {
     /// `path` at `strength` throughout.
     pub fn new(path: impl Into<PathBuf>, strength: f32) -> Self {
-        Self { path: path.into(), strength, text_encoder: None }
+        Self { path: path.into(), strength, text_encoder: None, block_weights: None }
     }
 
     /// The strength of the file's text-encoder adapters.
@@ -44,37 +51,60 @@ impl LoraFile {
     }
 
     /// `set` (this file's adapters) as the parts to apply and their strengths: the whole
-    /// set at [`strength`](Self::strength), or, with a text-encoder strength of its own,
-    /// the UNet's adapters and the text encoders' apart.
-    pub fn strength_parts(&self, set: AdapterSet) -> Vec<(AdapterSet, f32)> {
+    /// set at [`strength`](Self::strength), or, with a text-encoder strength of its own or
+    /// block weights, the adapters grouped by their strength (the UNet's at `strength`
+    /// times their block's weight, the text encoders' at theirs times `BASE`'s). The UNet
+    /// has `layers_per_block` ResNets per down level (2 in SD1.x, SD2.x and SDXL).
+    pub fn strength_parts(&self, set: AdapterSet, layers_per_block: usize) -> Vec<(AdapterSet, f32)> {
         let te = self.text_encoder_strength();
-        if te == self.strength {
+        if te == self.strength && self.block_weights.is_none() {
             return vec![(set, self.strength)];
         }
-        let keys: Vec<_> = set.iter().map(|(key, _)| key.clone()).collect();
-        let (mut unet, mut text) = (set.clone(), set);
-        for key in &keys {
-            match key.component == lora_core::Component::Unet {
-                true => text.remove(key),
-                false => unet.remove(key),
+        let strength_of = |key: &lora_core::AdapterKey| {
+            let base = if key.component == lora_core::Component::Unet { self.strength } else { te };
+            base * self.block_weights.as_ref().map_or(1.0, |w| w.weight(key, layers_per_block))
+        };
+        // One part per distinct strength, in order of first appearance.
+        let mut parts: Vec<(AdapterSet, f32)> = Vec::new();
+        for (key, weights) in set.iter() {
+            let strength = strength_of(key);
+            let at = match parts.iter().position(|(_, s)| s.to_bits() == strength.to_bits()) {
+                Some(at) => at,
+                None => {
+                    let mut part = AdapterSet::new();
+                    part.metadata = set.metadata.clone();
+                    parts.push((part, strength));
+                    parts.len() - 1
+                }
             };
+            if let Some(name) = set.kohya_names.get(key) {
+                parts[at].0.kohya_names.insert(key.clone(), name.clone());
+            }
+            // Keys are unique within `set`, so the insert cannot clash.
+            let _ = parts[at].0.insert(key.clone(), weights.clone());
         }
-        vec![(unet, self.strength), (text, te)]
+        parts
     }
 }
 
 impl FromStr for LoraFile {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        // Only suffixes that parse as numbers are strengths, so paths with colons work.
+        // Block weights come last; only suffixes that parse as numbers are strengths, so
+        // paths with colons work.
+        let (s, block_weights) = match s.rsplit_once(":lbw=") {
+            Some((rest, spec)) => (rest, Some(spec.parse::<crate::block_weights::BlockWeights>()?)),
+            None => (s, None),
+        };
         let number = |t: &str| t.parse::<f32>().ok();
         let mut file = Self::new(s, 1.0);
         if let Some((rest, last)) = s.rsplit_once(':').and_then(|(rest, last)| Some((rest, number(last)?))) {
             file = match rest.rsplit_once(':').and_then(|(path, unet)| Some((path, number(unet)?))) {
-                Some((path, unet)) => Self { path: path.into(), strength: unet, text_encoder: Some(last) },
+                Some((path, unet)) => Self { path: path.into(), strength: unet, text_encoder: Some(last), block_weights: None },
                 None => Self::new(rest, last),
             };
         }
+        file.block_weights = block_weights;
         if !(file.strength.is_finite() && file.text_encoder_strength().is_finite()) {
             return Err(format!("`{s}`: strengths must be finite"));
         }
@@ -211,6 +241,7 @@ pub fn apply_lora_files_to<B: Backend>(
         });
     }
     let index = module_index_of(unet, text_encoders)?;
+    let layers_per_block = crate::keymap::UnetLayout::of(unet).layers;
     let mut applied = AppliedLoras::default();
     let mut sets = Vec::with_capacity(files.len());
     for file in files {
@@ -218,7 +249,7 @@ pub fn apply_lora_files_to<B: Backend>(
         if !report.skipped.is_empty() {
             applied.skipped.push((file.path.clone(), report.skipped));
         }
-        sets.extend(file.strength_parts(set));
+        sets.extend(file.strength_parts(set, layers_per_block));
     }
     // (adapters, the multiplier to attach them at)
     let groups: Vec<(AdapterSet, f32)> = match sets.as_slice() {
@@ -286,11 +317,11 @@ mod tests {
         set.insert(unet.clone(), lora()).unwrap();
         set.insert(te.clone(), lora()).unwrap();
         let whole: LoraFile = "x.safetensors:0.6".parse().unwrap();
-        assert_eq!(whole.strength_parts(set.clone()).len(), 1);
+        assert_eq!(whole.strength_parts(set.clone(), 2).len(), 1);
         let same: LoraFile = "x.safetensors:0.6:0.6".parse().unwrap();
-        assert_eq!(same.strength_parts(set.clone()).len(), 1);
+        assert_eq!(same.strength_parts(set.clone(), 2).len(), 1);
         let split: LoraFile = "x.safetensors:0.6:0.25".parse().unwrap();
-        let parts = split.strength_parts(set);
+        let parts = split.strength_parts(set, 2);
         assert_eq!(parts.iter().map(|(s, k)| (s.len(), *k)).collect::<Vec<_>>(), [(1, 0.6), (1, 0.25)]);
         let refs: Vec<(&AdapterSet, f32)> = parts.iter().map(|(s, k)| (s, *k)).collect();
         let combined = AdapterSet::combine(&refs).unwrap();
@@ -302,5 +333,33 @@ mod tests {
         assert!("x.safetensors:0.5:inf".parse::<LoraFile>().is_err());
         let odd: LoraFile = "dir:1/x.safetensors:0.5".parse().unwrap();
         assert_eq!((odd.path.to_str().unwrap(), odd.strength, odd.text_encoder), ("dir:1/x.safetensors", 0.5, None));
+    }
+
+    /// Block weights group a file's adapters by block: each part's strength is the
+    /// component's strength times its block's weight (`BASE` for the text encoders).
+    #[test]
+    fn block_weights_scale_each_block() {
+        let lora = || LoraWeights::new(HostTensor::new(vec![1, 2], vec![1.0, 2.0]).unwrap(), HostTensor::new(vec![2, 1], vec![1.0, -1.0]).unwrap(), 1.0, "t").unwrap();
+        let keys = [
+            (AdapterKey::new(Component::Unet, "down_blocks.0.attentions.0.proj_in"), 0.5 * 0.2), // IN01
+            (AdapterKey::new(Component::Unet, "down_blocks.0.attentions.1.proj_in"), 0.5 * 0.0), // IN02
+            (AdapterKey::new(Component::Unet, "up_blocks.3.attentions.2.proj_out"), 0.5 * 0.7), // OUT11
+            (AdapterKey::new(Component::Unet, "time_embedding.linear_1"), 0.5),                  // no block
+            (AdapterKey::new(Component::TextEncoder, "text_model.encoder.layers.0.mlp.fc1"), 0.25 * 0.9), // BASE
+        ];
+        let mut set = AdapterSet::new();
+        for (key, _) in &keys {
+            set.insert(key.clone(), lora()).unwrap();
+        }
+        let file: LoraFile = "x.safetensors:0.5:0.25:lbw=0.9,0.2,0,1,1,1,1,1,1,1,1,1,1,1,1,1,0.7".parse().unwrap();
+        let parts = file.strength_parts(set, 2);
+        assert_eq!(parts.iter().map(|(p, _)| p.len()).sum::<usize>(), keys.len());
+        for (key, strength) in &keys {
+            let (_, got) = parts.iter().find(|(p, _)| p.get(key).is_some()).unwrap();
+            assert!((got - strength).abs() < 1e-7, "{key:?}: {got} vs {strength}");
+        }
+        assert!("x.safetensors:lbw=1,2".parse::<LoraFile>().unwrap_err().contains("2 values"));
+        let plain: LoraFile = "x.safetensors:lbw=OUTS".parse().unwrap();
+        assert_eq!((plain.strength, plain.block_weights.map(|b| b.spec().to_string())), (1.0, Some("OUTS".into())));
     }
 }

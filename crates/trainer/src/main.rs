@@ -187,7 +187,7 @@ enum Command {
         /// Negative prompt.
         #[arg(long, default_value = "")]
         negative_prompt: String,
-        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]] (the text encoders at their own strength where given); repeatable (kohya or diffusers/PEFT layout, LoCon,
+        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS] (the text encoders at their own strength where given; lbw= a weight per UNet block, e.g. OUTALL or 17 numbers, as A1111's LoRA Block Weight); repeatable (kohya or diffusers/PEFT layout, LoCon,
         /// DoRA, LyCORIS LoHa / LoKr). They are merged into the weights (sums in f32, rounded
         /// once), as A1111 and ComfyUI apply LoRAs.
         #[arg(long)]
@@ -269,7 +269,7 @@ enum Command {
         /// The base checkpoint (diffusers folder or single .safetensors file).
         #[arg(long)]
         model: PathBuf,
-        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]] (the text encoders at their own strength where given); repeatable.
+        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS] (the text encoders at their own strength where given; lbw= a weight per UNet block, e.g. OUTALL or 17 numbers, as A1111's LoRA Block Weight); repeatable.
         #[arg(long, required = true)]
         lora: Vec<sd_model::lora::LoraFile>,
         /// Output folder or .safetensors file (must not exist).
@@ -439,7 +439,7 @@ enum Command {
     /// Merge LoRA files into one LoRA, each at its strength (kohya's svd_merge_lora.py;
     /// without --rank exactly, the ranks concatenated, as merge_lora.py merges LoRAs).
     MergeLoras {
-        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]] (the text encoders at their own strength where given) (kohya or diffusers/PEFT layout; LyCORIS LoHa / LoKr
+        /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS] (the text encoders at their own strength where given; lbw= a weight per UNet block, e.g. OUTALL or 17 numbers, as A1111's LoRA Block Weight) (kohya or diffusers/PEFT layout; LyCORIS LoHa / LoKr
         /// enter as the LoRA of their update; DoRA cannot be merged).
         #[arg(required = true)]
         loras: Vec<sd_model::lora::LoraFile>,
@@ -972,6 +972,10 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     Ok(())
 }
 
+/// ResNets per down level of SD1.x, SD2.x and SDXL UNets: the block layout `merge-loras`
+/// reads block weights against (it has no model).
+const SD_LAYERS_PER_BLOCK: usize = 2;
+
 fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path, settings: Option<&lora_core::resize::ResizeSettings>, to: Option<AdapterFormat>, dtype: SaveDtype) -> Result<()> {
     if output.exists() {
         anyhow::bail!("{} already exists; choose a new output path", output.display());
@@ -981,13 +985,19 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
         sets.push(load_adapters(&file.path).with_context(|| format!("reading {}", file.path.display()))?);
     }
     let format = to.unwrap_or(sets[0].1.format);
-    let parts: Vec<(AdapterSet, f32)> = sets.into_iter().zip(loras).flat_map(|((set, _), file)| file.strength_parts(set)).collect();
+    let parts: Vec<(AdapterSet, f32)> = sets.into_iter().zip(loras).flat_map(|((set, _), file)| file.strength_parts(set, SD_LAYERS_PER_BLOCK)).collect();
     let refs: Vec<(&AdapterSet, f32)> = parts.iter().map(|(set, strength)| (set, *strength)).collect();
     let mut merged = lora_core::resize::merge_sets(&refs, settings).context("merging the LoRAs")?;
     let name = |f: &sd_model::lora::LoraFile| f.path.file_name().map_or_else(|| f.path.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let strengths = |f: &sd_model::lora::LoraFile| match f.text_encoder {
-        Some(te) => format!("{}:{te}", f.strength),
-        None => f.strength.to_string(),
+    let strengths = |f: &sd_model::lora::LoraFile| {
+        let mut s = match f.text_encoder {
+            Some(te) => format!("{}:{te}", f.strength),
+            None => f.strength.to_string(),
+        };
+        if let Some(b) = &f.block_weights {
+            s.push_str(&format!(":lbw={}", b.spec()));
+        }
+        s
     };
     let sources = loras.iter().map(|f| format!("{}:{}", name(f), strengths(f))).collect::<Vec<_>>().join(", ");
     let how = settings.map_or("concatenated ranks".to_string(), |s| format!("to rank {}, {}", s.rank, s.rule.describe()));

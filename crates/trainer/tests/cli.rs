@@ -315,3 +315,45 @@ fn info_describes_any_lora_file() {
         assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{file}: {text}");
     }
 }
+
+/// `merge` with block weights (`FILE:STRENGTH:lbw=...`, the LoRA Block Weight extension's
+/// lists): a block at 0 keeps the base weights, at 1 gets the whole update, at 0.5 half.
+#[test]
+fn merge_applies_block_weights() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures/parity");
+    let base = fixtures.join("sd1_single_file.safetensors");
+    let lora = fixtures.join("sd1_lora_kohya.safetensors").to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let merge = |spec: &str, name: &str| {
+        let out = dir.path().join(name);
+        let (ok, text) = trainer(&["merge", "--model", base.to_str().unwrap(), "--lora", &format!("{lora}{spec}"), "--out", out.to_str().unwrap(), "--dtype", "f32"]);
+        assert!(ok, "{text}");
+        out
+    };
+    let values = |path: &Path, key: &str| -> Vec<f32> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor(key).unwrap();
+        match t.dtype() {
+            safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            safetensors::Dtype::BF16 => t.data().chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let plain = merge("", "plain.safetensors");
+    // This UNet has one ResNet per level: IN01 = down_blocks.0, M00, OUT02 / OUT03 =
+    // up_blocks.1's two transformers.
+    let mut w = vec!["1"; 26];
+    (w[2], w[13], w[16], w[17]) = ("0", "0.5", "1", "0"); // IN01, M00, OUT02, OUT03
+    let weighted = merge(&format!(":lbw={}", w.join(",")), "weighted.safetensors");
+    let key = |block: &str| format!("model.diffusion_model.{block}.proj_in.weight");
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs()));
+    for (block, expected) in [("input_blocks.1.1", 0.0f32), ("middle_block.1", 0.5), ("output_blocks.2.1", 1.0), ("output_blocks.3.1", 0.0)] {
+        let (b, p, got) = (values(&base, &key(block)), values(&plain, &key(block)), values(&weighted, &key(block)));
+        assert!(!close(&b, &p), "{block}: the LoRA changes it");
+        let want: Vec<f32> = b.iter().zip(&p).map(|(b, p)| b + expected * (p - b)).collect();
+        assert!(close(&got, &want), "{block} at {expected}");
+    }
+    let (ok, text) = trainer(&["merge", "--model", base.to_str().unwrap(), "--lora", &format!("{lora}:lbw=1,2,3"), "--out", dir.path().join("x.safetensors").to_str().unwrap()]);
+    assert!(!ok && text.contains("3 values; expected 17 or 26"), "{text}");
+}
