@@ -578,6 +578,80 @@ impl<B: Backend> ImageStart<B> {
     }
 }
 
+/// A two-pass "hires fix" (A1111's *Hires. fix*, kohya's `gen_img.py --highres_fix_*`):
+/// the image is first made at a fraction of the asked size, where the model composes well,
+/// then upscaled and refined by img2img at the full size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HiresFix {
+    /// The first pass's side as a share of the final one (kohya's `--highres_fix_scale`),
+    /// in (0, 1); rounded down to the model's size multiple.
+    pub scale: f64,
+    /// Steps of the first pass (kohya's `--highres_fix_steps`, 28).
+    pub steps: usize,
+    /// How far the upscaled image is noised for the second pass, the share of its steps
+    /// that run (A1111's denoising strength; 0.7 there).
+    pub strength: f64,
+    /// Upscale the first pass's latents (bicubic, kohya's `--highres_fix_latents_upscaling`,
+    /// A1111's *Latent (bicubic)*) instead of its decoded images (Lanczos, then encoded).
+    pub latents: bool,
+}
+
+impl HiresFix {
+    /// The first pass's options: `opts` at the scaled size (rounded to the nearest pixel,
+    /// then down to the model's multiple) and the first pass's steps. Checks the scale and
+    /// that the strength leaves at least one of `opts.steps` to run.
+    pub fn first_pass<B: Backend>(&self, c: &Components<B>, opts: &GenerateOptions) -> Result<GenerateOptions, TrainError> {
+        if !(self.scale > 0.0 && self.scale < 1.0) {
+            return Err(TrainError::Config { origin: "--hires-scale".into(), reason: format!("must be in (0, 1), got {}", self.scale) });
+        }
+        let sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+        sd_sched::img2img_start(opts.steps, self.strength, sampler.order()).map_err(|e| TrainError::Config { origin: "--hires-strength".into(), reason: e.to_string() })?;
+        let m = c.vae.downsample_factor() * c.unet.size_multiple();
+        let side = |s: usize| (s as f64 * self.scale + 0.5) as usize / m * m;
+        let (width, height) = (side(opts.width), side(opts.height));
+        if width == 0 || height == 0 {
+            return Err(TrainError::Config {
+                origin: "--hires-scale".into(),
+                reason: format!("{} of {}x{} rounds down to no side of a multiple of {m} (this model's)", self.scale, opts.width, opts.height),
+            });
+        }
+        Ok(GenerateOptions { width, height, steps: self.steps, ..opts.clone() })
+    }
+}
+
+/// Runs both passes of `hires` for `opts` (the final size and steps) and returns the final
+/// latents. The first pass is text-to-image from `opts.seed`; its result is upscaled to
+/// `opts`' size, encoded where it was decoded (a sample of the VAE's posterior, seeded by
+/// `opts.seed + 2`, as img2img encodes), noised with noise seeded by `opts.seed + 1` (kohya's
+/// second-pass seed) to the step where `hires.strength` of `opts.steps` remain, and
+/// denoised from there.
+pub fn hires_fix<B: Backend>(c: &Components<B>, opts: &GenerateOptions, hires: &HiresFix, device: &B::Device) -> Result<Tensor<B, 4>, TrainError> {
+    let first = hires.first_pass(c, opts)?;
+    let shape = latent_shape(c, opts)?;
+    let small = denoise(c, &first, initial_latents(c, &first, device)?, device)?;
+    let clean = if hires.latents {
+        upscale_latents(small, [shape[2], shape[3]])
+    } else {
+        let pixels: Vec<Tensor<B, 4>> = decode(c, small)?.iter().map(|image| image_pixels(image, opts.width, opts.height, device)).collect();
+        let posterior = c.vae.encode(Tensor::cat(pixels, 0))?;
+        let eps = SeededNoise::new(opts.seed.wrapping_add(2)).sample(posterior.mean.dims(), device)?;
+        c.vae.scale_latents(posterior.sample(eps)?)
+    };
+    let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+    sampler.set_timesteps(opts.steps)?;
+    let first_step = sd_sched::img2img_start(opts.steps, hires.strength, sampler.order()).map_err(|e| TrainError::Config { origin: "--hires-strength".into(), reason: e.to_string() })?;
+    let noise = SeededNoise::new(opts.seed.wrapping_add(1)).sample(shape, device)?;
+    let latents = sampler.add_noise(clean, noise, first_step)?;
+    denoise_from(c, opts, latents, first_step, device)
+}
+
+/// Latents resized to `[h, w]` bicubically, as `torch.nn.functional.interpolate(mode=
+/// "bicubic")` (half-pixel centres, no antialiasing) resizes them for kohya's latent hires fix.
+pub fn upscale_latents<B: Backend>(latents: Tensor<B, 4>, size: [usize; 2]) -> Tensor<B, 4> {
+    let options = burn::tensor::ops::InterpolateOptions::new(burn::tensor::ops::InterpolateMode::Bicubic).with_align_corners(false);
+    burn::tensor::module::interpolate(latents, size, options)
+}
+
 /// Decodes scaled latents to RGB images.
 pub fn decode<B: Backend>(c: &Components<B>, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>, TrainError> {
     let pixels = c.vae.decode(c.vae.unscale_latents(latents));

@@ -263,6 +263,21 @@ enum Command {
         /// vae-ft-mse-840000-ema-pruned.safetensors).
         #[arg(long)]
         vae: Option<PathBuf>,
+        /// Hires fix (A1111's Hires. fix, kohya's --highres_fix_scale): make each image first
+        /// at this share of its size (e.g. 0.5), where the model composes well, then upscale
+        /// it and refine it at the full size by img2img.
+        #[arg(long, conflicts_with_all = ["init_image", "init_latents", "prompt_file"])]
+        hires_scale: Option<f64>,
+        /// Steps of the hires fix's first pass (--steps is the second's).
+        #[arg(long, default_value_t = 28, requires = "hires_scale", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        hires_steps: usize,
+        /// Denoising strength of the hires fix's second pass: the share of --steps that run
+        /// on the upscaled image (0 < strength <= 1).
+        #[arg(long, default_value_t = 0.7, requires = "hires_scale")]
+        hires_strength: f64,
+        /// Upscale the first pass's latents (bicubic) instead of its images (Lanczos).
+        #[arg(long, requires = "hires_scale")]
+        hires_latents: bool,
     },
     /// Bake LoRAs into a checkpoint: a diffusers folder gives a folder, a single file a file.
     Merge {
@@ -771,6 +786,7 @@ struct GenerateFiles {
     mask: Option<PathBuf>,
     save_latents: Option<PathBuf>,
     vae: Option<PathBuf>,
+    hires: Option<trainer::generate::HiresFix>,
 }
 
 fn read_latents<B: Backend>(path: &std::path::Path, device: &B::Device) -> Result<burn::tensor::Tensor<B, 4>> {
@@ -855,6 +871,13 @@ fn run_generate<B: Backend>(
         let images = trainer::generate::sample_images(&c, lines, &opts, device)?;
         return save_grid(out, files.columns, &images, start);
     }
+    if let Some(hires) = &files.hires {
+        // Checked before the first pass runs.
+        let first = hires.first_pass(&c, &opts)?;
+        eprintln!("hires fix: {}x{} in {} steps, then {}x{} from strength {}", first.width, first.height, first.steps, opts.width, opts.height, hires.strength);
+        let latents = trainer::generate::hires_fix(&c, &opts, hires, device)?;
+        return finish_generate(&c, latents, files, start);
+    }
     let (z, first_step, inpaint) = match (&files.init_latents, &init_image, &mask) {
         (Some(path), _, _) => (latents_from_noise(&c, &opts, read_latents::<B>(path, device)?)?, 0, None),
         (None, Some((image, strength)), Some(mask)) => {
@@ -868,12 +891,17 @@ fn run_generate<B: Backend>(
         (None, None, _) => (initial_latents(&c, &opts, device)?, 0, None),
     };
     let latents = denoise_masked(&c, &opts, z, first_step, inpaint.as_ref(), device)?;
+    finish_generate(&c, latents, files, start)
+}
+
+/// Writes the final latents where asked, decodes them and saves the grid.
+fn finish_generate<B: Backend>(c: &trainer::models::Components<B>, latents: burn::tensor::Tensor<B, 4>, files: &GenerateFiles, start: Instant) -> Result<()> {
     if let Some(path) = &files.save_latents {
         write_latents(path, latents.clone())?;
         println!("wrote {}", path.display());
     }
-    let images = decode(&c, latents)?;
-    save_grid(out, files.columns, &images, start)
+    let images = decode(c, latents)?;
+    save_grid(&files.out, files.columns, &images, start)
 }
 
 /// The RGB image at `path`, given as `flag` (named in errors).
@@ -1468,7 +1496,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, prompt_file, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae } => {
+        Command::Generate { model, tiny_seed, prompts, prompt_file, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae, hires_scale, hires_steps, hires_strength, hires_latents } => {
             let prompts = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), images_per_prompt)).collect();
             // The size is the model's unless given (0: known once the model is loaded).
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
@@ -1487,7 +1515,8 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
                 }
                 None => None,
             };
-            let files = GenerateFiles { out, prompt_lines, columns, init_latents, init_image, mask, save_latents, vae };
+            let hires = hires_scale.map(|scale| trainer::generate::HiresFix { scale, steps: hires_steps, strength: hires_strength, latents: hires_latents });
+            let files = GenerateFiles { out, prompt_lines, columns, init_latents, init_image, mask, save_latents, vae, hires };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }

@@ -246,6 +246,49 @@ fn generate_from_an_init_image() {
     }
 }
 
+/// `trainer generate --hires-scale`: the first pass at a fraction of the size, the second
+/// at the full size, from either upscaler; repeatable from the seed, and unlike a plain run;
+/// and its errors.
+#[test]
+fn generate_with_the_hires_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let run = |extra: &[&str], name: &str| {
+        let path = out(name);
+        let mut args = vec!["generate", "--prompt", "a red circle", "--steps", "4", "--width", "96", "--height", "128", "--out", &path];
+        args.extend_from_slice(extra);
+        let (ok, text) = trainer(&args);
+        assert!(ok, "{extra:?}: {text}");
+        (text, image::open(&path).unwrap().to_rgb8())
+    };
+    let (text, hires) = run(&["--hires-scale", "0.5", "--hires-steps", "3"], "hires.png");
+    // The tiny model's sizes are multiples of 16: 48 x 64 first.
+    assert!(text.contains("hires fix: 48x64 in 3 steps, then 96x128 from strength 0.7"), "{text}");
+    assert_eq!(hires.dimensions(), (96, 128));
+    let (_, again) = run(&["--hires-scale", "0.5", "--hires-steps", "3"], "again.png");
+    assert_eq!(hires, again, "the seed fixes both passes");
+    let (_, latent) = run(&["--hires-scale", "0.5", "--hires-steps", "3", "--hires-latents", "--hires-strength", "0.5"], "latent.png");
+    assert_eq!(latent.dimensions(), (96, 128));
+    let (_, plain) = run(&[], "plain.png");
+    assert_ne!(hires, plain);
+    assert_ne!(hires, latent);
+    for (extra, expect) in [
+        (&["--hires-scale", "1.5"][..], "(0, 1)"),
+        (&["--hires-scale", "0.05"][..], "rounds down to no side"),
+        (&["--hires-scale", "0.5", "--hires-strength", "0"][..], "--hires-strength"),
+        (&["--hires-scale", "0.5", "--hires-strength", "0.1"][..], "no step to run"),
+        (&["--hires-steps", "3"][..], "--hires-scale"),
+        (&["--hires-scale", "0.5", "--init-latents", "x.safetensors"][..], "cannot be used with"),
+    ] {
+        let path = out("bad.png");
+        let mut args = vec!["generate", "--prompt", "x", "--steps", "4", "--width", "96", "--height", "128", "--out", &path];
+        args.extend_from_slice(extra);
+        let (ok, text) = trainer(&args);
+        assert!(!ok && text.contains(expect) && !text.contains("panicked"), "{extra:?}: {text}");
+        assert!(!Path::new(&path).exists());
+    }
+}
+
 /// `trainer generate --prompt-file` reads an sd-scripts prompt file: each line with its own
 /// options (a size of its own sets its cell; unset options take the command's), comments
 /// and blank lines skipped, unknown options noted; `--images-per-prompt` repeats each line;

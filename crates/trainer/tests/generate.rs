@@ -361,3 +361,21 @@ fn inpainting_keeps_the_image_outside_the_mask() {
         assert!(repainted > 1.0, "{sampler}: the masked half was repainted ({repainted})");
     }
 }
+
+/// The latent hires fix's upscale matches `torch.nn.functional.interpolate(x, (6, 8),
+/// mode="bicubic")` (values from torch 2.15 for `x = arange(12).reshape(1, 1, 3, 4) ** 1.5 / 10`).
+#[test]
+fn latent_upscale_is_torchs_bicubic() {
+    let device = Default::default();
+    let x: Vec<f32> = (0..12).map(|i| (i as f32).powf(1.5) / 10.0).collect();
+    let x = burn::tensor::Tensor::<burn::backend::Flex, 4>::from_data(burn::tensor::TensorData::new(x, [1, 1, 3, 4]), &device);
+    let y = trainer::generate::upscale_latents(x, [6, 8]).into_data().to_vec::<f32>().unwrap();
+    let torch = [
+        -0.092497, -0.072731, -0.042223, 0.030358, 0.09963, 0.225239, 0.334724, 0.40244, 0.114511, 0.155088, 0.219226, 0.330202, 0.420063, 0.575431, 0.705686, 0.786406, 0.43747, 0.511882,
+        0.630699, 0.804011, 0.927229, 1.130781, 1.294637, 1.396395, 1.176961, 1.285292, 1.458824, 1.697214, 1.857479, 2.115378, 2.317967, 2.44394, 1.915388, 2.038568, 2.235955, 2.505414,
+        2.685497, 2.973215, 3.197795, 3.337486, 2.369572, 2.502269, 2.714947, 3.004199, 3.196817, 3.503368, 3.74181, 3.890149,
+    ];
+    for (i, (a, b)) in y.iter().zip(torch).enumerate() {
+        assert!((a - b).abs() < 1e-5, "{i}: {a} vs torch {b}");
+    }
+}
