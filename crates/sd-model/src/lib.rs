@@ -8,7 +8,9 @@
 //! loading of real checkpoints ([`load`]) in the diffusers folder layout and as single
 //! `.safetensors` files.
 //!
-//! [`extract`] pairs two models' adapter sites for extracting a LoRA from their difference.
+//! [`extract`] pairs two models' adapter sites for extracting a LoRA from their difference;
+//! [`merge_models`] merges single-file checkpoints tensor by tensor; [`block_weights`] gives
+//! a LoRA a strength per UNet block.
 //!
 //! [`checkpoint`] trains the UNet with gradient checkpointing block by block, as diffusers'
 //! `gradient_checkpointing` does.
@@ -36,6 +38,7 @@ pub mod norm;
 pub mod prompt;
 pub mod load;
 pub mod lora;
+pub mod merge_models;
 mod resnet;
 pub mod save;
 pub mod targets;

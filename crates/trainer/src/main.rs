@@ -551,6 +551,25 @@ enum Command {
         #[arg(long, conflicts_with_all = ["verbose", "metadata"])]
         json: bool,
     },
+    /// Merge checkpoints tensor by tensor, Σ ratio · weights (kohya's merge_models.py,
+    /// A1111's checkpoint merger): a weighted average (A:0.5 B:0.5; equal shares without
+    /// ratios), or add difference A + m·(B − C) as A:1 B:m C:-m.
+    MergeModels {
+        /// Single-file checkpoints (.safetensors) of one architecture as FILE[:RATIO]: all
+        /// with ratios or none (then 1/N each). The first model's keys, dtypes and metadata
+        /// are kept.
+        #[arg(required = true, num_args = 2..)]
+        models: Vec<String>,
+        /// The merged checkpoint (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Merge the UNet only; the VAE and text encoders are the first model's.
+        #[arg(long)]
+        unet_only: bool,
+        /// Tensor precision of the merged weights (default: the first model's dtypes).
+        #[arg(long)]
+        dtype: Option<SaveDtype>,
+    },
 }
 
 /// How `resize`, `merge-loras` and `extract` choose each adapter's rank below `--rank`.
@@ -1115,6 +1134,51 @@ fn parse_load_precision(s: &str) -> std::result::Result<LoadPrecision, String> {
     }))
 }
 
+/// `FILE[:RATIO]` arguments of `merge-models`: every one with a ratio, or none (1/N each).
+fn model_ratios(models: &[String]) -> Result<Vec<(PathBuf, f64)>> {
+    let parsed: Vec<(PathBuf, Option<f64>)> = models
+        .iter()
+        .map(|m| match m.rsplit_once(':').and_then(|(path, r)| Some((path, r.parse::<f64>().ok().filter(|r| r.is_finite())?))) {
+            Some((path, ratio)) => (PathBuf::from(path), Some(ratio)),
+            None => (PathBuf::from(m), None),
+        })
+        .collect();
+    let with = parsed.iter().filter(|(_, r)| r.is_some()).count();
+    anyhow::ensure!(with == 0 || with == parsed.len(), "give every model a ratio (FILE:RATIO) or none (equal shares)");
+    let equal = 1.0 / parsed.len() as f64;
+    Ok(parsed.into_iter().map(|(p, r)| (p, r.unwrap_or(equal))).collect())
+}
+
+fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, dtype: Option<SaveDtype>) -> Result<()> {
+    use sd_model::load::{ModelSource, WeightFile};
+    if out.exists() {
+        anyhow::bail!("{} already exists; choose a new output path", out.display());
+    }
+    let mut files = Vec::with_capacity(models.len());
+    for (path, ratio) in model_ratios(models)? {
+        if let ModelSource::Diffusers(dir) = ModelSource::detect(&path)? {
+            anyhow::bail!("{}: a diffusers folder; merge-models takes single-file checkpoints (.safetensors)", dir.display());
+        }
+        files.push((WeightFile::open(&path)?, ratio));
+    }
+    let report = sd_model::merge_models::merge_models(&files, out, unet_only, dtype)?;
+    let shares = files.iter().map(|(f, r)| format!("{}:{r}", f.path().file_name().map_or_else(|| f.path().display().to_string(), |n| n.to_string_lossy().into_owned()))).collect::<Vec<_>>().join(" + ");
+    println!(
+        "{shares} -> {} ({} tensors, {} merged from every model{})",
+        out.display(),
+        report.tensors,
+        report.merged,
+        if unet_only { ", UNet only" } else { "" }
+    );
+    if !report.incomplete.is_empty() {
+        println!("{} keys are missing from some model; the first model's value stood in (e.g. `{}`)", report.incomplete.len(), report.incomplete[0].0);
+    }
+    if !report.skipped.is_empty() {
+        println!("{} keys not in the first model were left out (e.g. `{}`)", report.skipped.len(), report.skipped[0]);
+    }
+    Ok(())
+}
+
 /// kohya metadata worth a line of `trainer info`, with their labels, in print order.
 const INFO_KEYS: [(&str, &str); 22] = [
     ("modelspec.title", "title"),
@@ -1532,6 +1596,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         }
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
         Command::Info { file, tags, verbose, metadata, json } => run_info(&file, tags, verbose, metadata, json),
+        Command::MergeModels { models, out, unet_only, dtype } => run_merge_models(&models, &out, unet_only, dtype),
         Command::Extract { base, tuned, out, rank, conv_rank, rule, clamp_quantile, no_clamp, min_diff, svd_iterations, load_precision, to, dtype, no_metadata, verbose } => {
             let settings = lora_core::extract::ExtractSettings {
                 rank,

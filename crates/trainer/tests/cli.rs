@@ -400,3 +400,78 @@ fn merge_applies_block_weights() {
     let (ok, text) = trainer(&["merge", "--model", base.to_str().unwrap(), "--lora", &format!("{lora}:lbw=1,2,3"), "--out", dir.path().join("x.safetensors").to_str().unwrap()]);
     assert!(!ok && text.contains("3 values; expected 17 or 26"), "{text}");
 }
+
+/// `trainer merge-models`: a weighted average, add difference (`A:1 B:1 A:-1` is `B`
+/// exactly), UNet only, the result a working checkpoint; and the refusals.
+#[test]
+fn merge_models_sums_checkpoints() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures/parity");
+    let a = fixtures.join("sd1_single_file.safetensors").to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    // B: A with a LoRA baked in (f32).
+    let b = path("b.safetensors");
+    let lora = fixtures.join("sd1_lora_kohya.safetensors");
+    let (ok, text) = trainer(&["merge", "--model", &a, "--lora", lora.to_str().unwrap(), "--out", &b, "--dtype", "f32"]);
+    assert!(ok, "{text}");
+    let tensors = |p: &str| -> std::collections::BTreeMap<String, (safetensors::Dtype, Vec<f32>)> {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .filter_map(|(k, t)| {
+                let values = match t.dtype() {
+                    safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                    safetensors::Dtype::BF16 => t.data().chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect(),
+                    _ => return None,
+                };
+                Some((k, (t.dtype(), values)))
+            })
+            .collect()
+    };
+    let (ta, tb) = (tensors(&a), tensors(&b));
+    let unet_key = "model.diffusion_model.middle_block.1.proj_in.weight";
+    assert_ne!(ta[unet_key].1, tb[unet_key].1);
+
+    let average = path("average.safetensors");
+    let (ok, text) = trainer(&["merge-models", &a, &b, "--out", &average, "--dtype", "f32"]);
+    assert!(ok && text.contains("merged from every model"), "{text}");
+    for (key, (dtype, values)) in tensors(&average) {
+        assert_eq!(dtype, safetensors::Dtype::F32, "{key}");
+        let want: Vec<f32> = ta[&key].1.iter().zip(&tb[&key].1).map(|(x, y)| (0.5 * (f64::from(*x) + f64::from(*y))) as f32).collect();
+        assert_eq!(values, want, "{key}");
+    }
+    let difference = path("difference.safetensors");
+    let (ok, text) = trainer(&["merge-models", &format!("{a}:1"), &format!("{b}:1"), &format!("{a}:-1"), "--out", &difference, "--dtype", "f32"]);
+    assert!(ok, "{text}");
+    assert!(tensors(&difference).iter().all(|(k, (_, v))| *v == tb[k].1), "A + (B - A) is B");
+    let unet_only = path("unet-only.safetensors");
+    let (ok, text) = trainer(&["merge-models", &format!("{a}:0"), &format!("{b}:1"), "--out", &unet_only, "--unet-only"]);
+    assert!(ok && text.contains("UNet only"), "{text}");
+    let tu = tensors(&unet_only);
+    let te_key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight";
+    assert_eq!(tu[te_key], ta[te_key], "the text encoder is the first model's");
+    assert_eq!(tu[unet_key].0, ta[unet_key].0, "the first model's dtype");
+    // The merged checkpoint loads as one (this tiny fixture's vocabulary is too small to
+    // generate with CLIP's tokenizer; baking a LoRA into it loads every part).
+    let (ok, text) = trainer(&["merge", "--model", &average, "--lora", lora.to_str().unwrap(), "--out", &path("again.safetensors")]);
+    assert!(ok, "the merged checkpoint loads: {text}");
+
+    let other = path("other.safetensors");
+    let sd2 = fixtures.join("sd2_single_file.safetensors").to_str().unwrap().to_string();
+    for (args, expected) in [
+        (vec![a.as_str(), sd2.as_str()], "one architecture"),
+        (vec![a.as_str(), fixtures.join("sd1").to_str().unwrap()], "diffusers folder"),
+        (vec![&format!("{a}:0.5"), b.as_str()], "ratio"),
+        (vec![a.as_str()], "2"),
+    ] {
+        let mut full = vec!["merge-models"];
+        full.extend(args.iter().map(|s| &**s));
+        full.extend(["--out", &other]);
+        let (ok, text) = trainer(&full);
+        assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{full:?}: {text}");
+    }
+    assert!(!Path::new(&other).exists());
+    let (ok, text) = trainer(&["merge-models", &a, &b, "--out", &average]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+}
