@@ -140,6 +140,10 @@ pub struct ClipTextModel<B: Backend> {
     /// says otherwise).
     #[module(skip)]
     pub component: lora_core::Component,
+    /// Rows appended by [`extend_vocabulary`](Self::extend_vocabulary) (textual-inversion
+    /// tokens), whose ids the pooled row never points at.
+    #[module(skip)]
+    added_rows: usize,
 }
 
 /// What [`ClipTextModel::forward_pooled`] returns.
@@ -194,6 +198,7 @@ impl<B: Backend> ClipTextModel<B> {
                 Some(_) => lora_core::Component::TextEncoder2,
                 None => lora_core::Component::TextEncoder,
             },
+            added_rows: 0,
         })
     }
 
@@ -207,6 +212,28 @@ impl<B: Backend> ClipTextModel<B> {
     /// Size of the token vocabulary (rows of the token embedding).
     pub fn vocab_size(&self) -> usize {
         self.text_model.embeddings.token_embedding.weight.dims()[0]
+    }
+
+    /// Appends `rows` (`[n, hidden]`, e.g. textual-inversion vectors) to the token
+    /// embedding, frozen like the rest: they become ids `vocab_size()..vocab_size() + n`.
+    pub fn extend_vocabulary(&mut self, rows: Tensor<B, 2>) -> Result<()> {
+        let weight = self.text_model.embeddings.token_embedding.weight.val();
+        let [_, d] = weight.dims();
+        if rows.dims()[1] != d {
+            return Err(SdModelError::BadInput {
+                what: "token embedding rows".into(),
+                reason: format!("{} values per vector, this text encoder's width is {d}", rows.dims()[1]),
+            });
+        }
+        let rows = rows.cast(weight.dtype());
+        self.added_rows += rows.dims()[0];
+        self.text_model.embeddings.token_embedding.weight = burn::module::Param::from_tensor(Tensor::cat(vec![weight, rows], 0)).set_require_grad(false);
+        Ok(())
+    }
+
+    /// Width of the hidden states (and of the token embedding's rows).
+    pub fn hidden_size(&self) -> usize {
+        self.text_model.embeddings.token_embedding.weight.dims()[1]
     }
 
     /// Number of encoder layers.
@@ -231,7 +258,9 @@ impl<B: Backend> ClipTextModel<B> {
     /// The pooled row is the first position holding the row's largest id, CLIP's end token
     /// (transformers' rule for configs with the legacy `eos_token_id = 2`, SD's and SDXL's,
     /// and OpenCLIP's; the same position as the first end token for rows that hold one),
-    /// whichever token pads the row.
+    /// whichever token pads the row. Ids of rows added by
+    /// [`extend_vocabulary`](Self::extend_vocabulary) are passed over (transformers' rule
+    /// would pool a textual-inversion token; A1111 and ComfyUI pool the end token).
     ///
     /// ```
     /// use burn::backend::Flex;
@@ -249,7 +278,9 @@ impl<B: Backend> ClipTextModel<B> {
         let ids = input_ids.clone();
         // The ids are checked (length, clip_skip) before they are read.
         let (x, used) = self.embed(input_ids, clip_skip)?;
-        let end = end_token_index(ids);
+        // Added (textual-inversion) ids are above the end token's: they are not the end.
+        let base_vocab = (self.vocab_size() - self.added_rows) as i64;
+        let end = end_token_index(ids.clone().mask_fill(ids.greater_equal_elem(base_vocab), -1));
         let selected = self.run_layers(x, 0..used);
         let norm = &self.text_model.final_layer_norm;
         let last = norm.forward(self.run_layers(selected.clone(), used..self.num_layers()));

@@ -42,6 +42,7 @@ pub mod merge_models;
 mod resnet;
 pub mod save;
 pub mod targets;
+pub mod textual_inversion;
 pub mod tokenizer;
 mod transformer;
 mod unet;

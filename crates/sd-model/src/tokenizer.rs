@@ -387,6 +387,35 @@ impl ClipTokenizer {
         self.max_id as usize + 1
     }
 
+    /// Adds `tokens` after the largest id (textual-inversion vectors): like the config
+    /// files' added tokens, each one splits prompts and stands for its own id. Returns the
+    /// tokenizer and the new ids. A token the tokenizer already knows is an error.
+    ///
+    /// ```
+    /// use sd_model::tokenizer::ClipTokenizer;
+    /// let base = ClipTokenizer::bundled()?;
+    /// let (t, ids) = base.clone().with_added_tokens(&["<emb:0>".to_string()])?;
+    /// assert_eq!(ids, [base.vocab_size() as u32]);
+    /// assert_eq!(t.encode_unpadded("a <emb:0> cat")?[1], ids[0]);
+    /// # Ok::<(), sd_model::tokenizer::TokenizerError>(())
+    /// ```
+    pub fn with_added_tokens(mut self, tokens: &[String]) -> Result<(Self, Vec<u32>)> {
+        let mut ids = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            if token.is_empty() || self.bpe.token_to_id(token).is_some() || self.added.iter().any(|(t, _)| t == token) {
+                return Err(TokenizerError::Invalid {
+                    path: PathBuf::from("added tokens"),
+                    message: format!("token {token:?} is empty or already known"),
+                });
+            }
+            self.max_id += 1;
+            self.added.push((token.clone(), self.max_id));
+            ids.push(self.max_id);
+        }
+        self.split_tokens = self.split_table();
+        Ok((self, ids))
+    }
+
     /// The text of a token id, as it appears in `vocab.json` (`</w>` marks a word end), or
     /// `None` for an unknown id.
     pub fn id_to_token(&self, id: u32) -> Option<String> {

@@ -263,6 +263,11 @@ enum Command {
         /// vae-ft-mse-840000-ema-pruned.safetensors).
         #[arg(long)]
         vae: Option<PathBuf>,
+        /// Textual-inversion embedding files (.safetensors; repeatable): each file's name
+        /// without the extension, written in a prompt, stands for its vectors (A1111's
+        /// embeddings, e.g. a negative embedding in --negative-prompt).
+        #[arg(long = "embedding")]
+        embeddings: Vec<PathBuf>,
         /// Hires fix (A1111's Hires. fix, kohya's --highres_fix_scale): make each image first
         /// at this share of its size (e.g. 0.5), where the model composes well, then upscale
         /// it and refine it at the full size by img2img.
@@ -806,6 +811,7 @@ struct GenerateFiles {
     save_latents: Option<PathBuf>,
     vae: Option<PathBuf>,
     hires: Option<trainer::generate::HiresFix>,
+    embeddings: Vec<PathBuf>,
 }
 
 fn read_latents<B: Backend>(path: &std::path::Path, device: &B::Device) -> Result<burn::tensor::Tensor<B, 4>> {
@@ -840,6 +846,7 @@ fn run_generate<B: Backend>(
     device: &B::Device,
 ) -> Result<()> {
     let out = files.out.as_path();
+    let mut prompt_lines = files.prompt_lines.clone();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
     let init_image = match &files.init_image {
         Some((path, strength)) => {
@@ -861,6 +868,15 @@ fn run_generate<B: Backend>(
     }
     if let Some(vae) = &files.vae {
         trainer::models::load_separate_vae(&mut c, vae)?;
+    }
+    if !files.embeddings.is_empty() {
+        let names = trainer::generate::load_embeddings(&mut c, &files.embeddings, device)?;
+        let expand = |p: &str| sd_model::textual_inversion::expand_prompt(p, &names);
+        opts.prompts = opts.prompts.iter().map(|p| expand(p)).collect();
+        opts.negative_prompt = expand(&opts.negative_prompt);
+        prompt_lines = prompt_lines.map(|lines| lines.iter().map(|l| expand(l)).collect());
+        let list = names.iter().map(|(n, t)| format!("{n} ({} vectors)", t.len())).collect::<Vec<_>>().join(", ");
+        eprintln!("embeddings: {list}");
     }
     if c.is_sdxl() && opts.clip_skip != 1 {
         anyhow::bail!("--clip-skip {}: SDXL always reads both encoders' penultimate layers; leave it at 1", opts.clip_skip);
@@ -885,7 +901,7 @@ fn run_generate<B: Backend>(
         c = trainer::generate::to_precision(c, precision.dtype());
     }
     let start = Instant::now();
-    if let Some(lines) = &files.prompt_lines {
+    if let Some(lines) = &prompt_lines {
         // Each line with its own options; lines that agree are one batch.
         let images = trainer::generate::sample_images(&c, lines, &opts, device)?;
         return save_grid(out, files.columns, &images, start);
@@ -1560,7 +1576,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let config = TrainConfig::load(config.as_deref(), &sets)?;
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, prompt_file, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae, hires_scale, hires_steps, hires_strength, hires_latents } => {
+        Command::Generate { model, tiny_seed, prompts, prompt_file, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae, embeddings, hires_scale, hires_steps, hires_strength, hires_latents } => {
             let prompts = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), images_per_prompt)).collect();
             // The size is the model's unless given (0: known once the model is loaded).
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
@@ -1580,7 +1596,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
                 None => None,
             };
             let hires = hires_scale.map(|scale| trainer::generate::HiresFix { scale, steps: hires_steps, strength: hires_strength, latents: hires_latents });
-            let files = GenerateFiles { out, prompt_lines, columns, init_latents, init_image, mask, save_latents, vae, hires };
+            let files = GenerateFiles { out, prompt_lines, columns, init_latents, init_image, mask, save_latents, vae, hires, embeddings };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)
         }

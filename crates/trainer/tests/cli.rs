@@ -475,3 +475,31 @@ fn merge_models_sums_checkpoints() {
     let (ok, text) = trainer(&["merge-models", &a, &b, "--out", &average]);
     assert!(!ok && text.contains("already exists"), "{text}");
 }
+
+/// `trainer generate --embedding FILE`: the file's name calls it in both prompts; a file of
+/// another width, or not an embedding, is refused naming it.
+#[test]
+fn generate_with_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, key: &str, width: usize| {
+        let path = dir.path().join(name);
+        let t = lora_core::HostTensor::new(vec![2, width], (0..2 * width).map(|i| (i as f32 * 0.37).sin() * 0.02).collect()).unwrap();
+        std::fs::write(&path, lora_core::tensor_io::serialize(&[(key.to_string(), &t)], lora_core::SaveDtype::F16, Default::default()).unwrap()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    // The tiny text encoder is 32 wide.
+    let good = write("badhands.safetensors", "emb_params", 32);
+    let wide = write("wide.safetensors", "emb_params", 768);
+    let out = dir.path().join("out.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--prompt", "a red circle", "--negative-prompt", "BadHands, blurry", "--steps", "2", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        trainer(&args)
+    };
+    let (ok, text) = run(&["--embedding", &good]);
+    assert!(ok && text.contains("embeddings: badhands (2 vectors)"), "{text}");
+    for (extra, expected) in [(vec!["--embedding", wide.as_str()], "wide.safetensors"), (vec!["--embedding", "missing.safetensors"], "missing.safetensors"), (vec!["--embedding", &good, "--embedding", &good], "a second embedding")] {
+        let (ok, text) = run(&extra);
+        assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{extra:?}: {text}");
+    }
+}

@@ -379,3 +379,50 @@ fn latent_upscale_is_torchs_bicubic() {
         assert!((a - b).abs() < 1e-5, "{i}: {a} vs torch {b}");
     }
 }
+
+/// A textual-inversion embedding whose vector is the token embedding of "red" (one set
+/// for SD1, `clip_l` / `clip_g` for SDXL) makes "a NAME circle" generate exactly what
+/// "a red circle" does; an embedding of the wrong width is refused.
+#[test]
+fn textual_inversion_embeddings_stand_for_their_vectors() {
+    use sd_model::textual_inversion::expand_prompt;
+    let device = Default::default();
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["tiny", "tiny-sdxl"] {
+        let plain = load_components::<B>(model, 0, &device).unwrap();
+        let red = plain.tokenizer.encode_unpadded("red").unwrap()[0] as usize;
+        let row = |e: &sd_model::ClipTextModel<B>| {
+            let w = e.text_model.embeddings.token_embedding.weight.val();
+            let d = w.dims()[1];
+            lora_core::HostTensor::new(vec![1, d], w.slice([red..red + 1, 0..d]).into_data().to_vec::<f32>().unwrap()).unwrap()
+        };
+        let mut tensors = vec![];
+        match &plain.text_encoder_2 {
+            None => tensors.push(("emb_params".to_string(), row(&plain.text_encoder))),
+            Some(second) => {
+                tensors.push(("clip_l".to_string(), row(&plain.text_encoder)));
+                tensors.push(("clip_g".to_string(), row(second)));
+            }
+        }
+        let path = dir.path().join(format!("MyColor{}.safetensors", model.len()));
+        let refs: Vec<(String, &lora_core::HostTensor)> = tensors.iter().map(|(k, t)| (k.clone(), t)).collect();
+        std::fs::write(&path, lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
+
+        let mut with = plain.clone();
+        let names = trainer::generate::load_embeddings(&mut with, std::slice::from_ref(&path), &device).unwrap();
+        let name = path.file_stem().unwrap().to_str().unwrap().to_lowercase();
+        let o = |c: &Components<B>, prompt: &str| {
+            let o = GenerateOptions { prompts: vec![prompt.into()], ..opts("ddim") };
+            values(denoise(c, &o, initial_latents(c, &o, &device).unwrap(), &device).unwrap())
+        };
+        let expanded = expand_prompt(&format!("a {name} circle"), &names);
+        assert!(expanded.starts_with("a <emb:"), "{expanded}");
+        assert_eq!(o(&with, &expanded), o(&plain, "a red circle"), "{model}");
+        assert_ne!(o(&with, "a blue circle"), o(&with, &expanded), "{model}");
+
+        // The other family's file: the wrong number of sets or width.
+        let mut other = load_components::<B>(if model == "tiny" { "tiny-sdxl" } else { "tiny" }, 0, &device).unwrap();
+        let e = trainer::generate::load_embeddings(&mut other, std::slice::from_ref(&path), &device).unwrap_err().to_string();
+        assert!(e.contains(path.file_name().unwrap().to_str().unwrap()), "{e}");
+    }
+}
