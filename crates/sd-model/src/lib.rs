@@ -33,6 +33,7 @@ pub mod config;
 mod embeddings;
 mod error;
 pub mod extract;
+pub mod inspect;
 pub mod keymap;
 pub mod norm;
 pub mod prompt;

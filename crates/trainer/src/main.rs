@@ -539,9 +539,11 @@ enum Command {
     },
     /// Show what a LoRA file holds (kohya's show_metadata.py and check_lora_weights.py):
     /// layout, modules per component with kind, rank and alpha, the base model, what its
-    /// trainer recorded (steps, learning rates, ...) and the captions' most frequent tags.
+    /// trainer recorded (steps, learning rates, ...) and the captions' most frequent tags;
+    /// or, for a checkpoint, its family, components, dtypes and prediction type.
     Info {
-        /// The LoRA file (kohya, LyCORIS or diffusers/PEFT layout).
+        /// The LoRA file (kohya, LyCORIS or diffusers/PEFT layout), or a checkpoint (single
+        /// file or diffusers folder).
         file: PathBuf,
         /// Tags to list from the captions' counts (kohya's ss_tag_frequency).
         #[arg(long, default_value_t = 20)]
@@ -1221,8 +1223,52 @@ const INFO_KEYS: [(&str, &str); 22] = [
     ("sshs_model_hash", "model hash (A1111)"),
 ];
 
+/// `trainer info` on a checkpoint: family, layout, components, prediction type, metadata.
+fn run_checkpoint_info(path: &std::path::Path, all_metadata: bool, json: bool) -> Result<()> {
+    let info = sd_model::inspect::inspect_checkpoint(path)?;
+    if json {
+        let components: Vec<serde_json::Value> = info.components.iter().map(|c| serde_json::json!({"name": c.name, "parameters": c.parameters, "dtypes": c.dtypes})).collect();
+        let value = serde_json::json!({
+            "file": path.display().to_string(),
+            "family": info.family,
+            "layout": info.layout,
+            "components": components,
+            "prediction_type": info.prediction,
+            "metadata": info.metadata,
+        });
+        println!("{value}");
+        return Ok(());
+    }
+    println!("{}: {} checkpoint ({})", path.display(), info.family, info.layout);
+    for c in &info.components {
+        let dtypes = c.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(" + ");
+        println!("  {}: {:.1}M parameters ({dtypes} tensors)", c.name, c.parameters as f64 / 1e6);
+    }
+    match &info.prediction {
+        Some(p) => println!("  prediction type: {p}"),
+        None => println!("  prediction type: not recorded (no scheduler config or model spec; SD2.x 768 px models predict v)"),
+    }
+    for key in ["modelspec.title", "modelspec.architecture", "modelspec.resolution", "modelspec.author", "modelspec.description"] {
+        if let Some(v) = info.metadata.get(key) {
+            println!("  {key}: {v}");
+        }
+    }
+    if all_metadata {
+        println!("metadata:");
+        for (k, v) in &info.metadata {
+            println!("  {k} = {v}");
+        }
+    }
+    Ok(())
+}
+
 fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bool, json: bool) -> Result<()> {
     use lora_core::inspect::inspect;
+    // A checkpoint (a folder, or a file with UNet weights) is described from its header.
+    let is_checkpoint = file.is_dir() || sd_model::load::WeightFile::open(file).is_ok_and(|f| f.keys().any(|k| k.starts_with(sd_model::keymap::LDM_UNET_PREFIX)));
+    if is_checkpoint {
+        return run_checkpoint_info(file, all_metadata, json);
+    }
     let bytes = lora_core::tensor_io::read_file(file)?;
     let info = inspect(&bytes, file)?;
     let component_name = |c: lora_core::Component| match c {

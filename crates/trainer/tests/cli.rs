@@ -349,6 +349,18 @@ fn info_describes_any_lora_file() {
     assert_eq!(modules.len(), 48);
     assert!(modules.iter().all(|m| m["component"] == "UNet" && m["rank"] == 2 && m["alpha"].is_null()), "{value}");
 
+    // Checkpoints: family, layout and components from the headers.
+    let (ok, text) = trainer(&["info", &path("sd-model/tests/fixtures/sdxl/tiny_single_file.safetensors")]);
+    assert!(ok, "{text}");
+    for expected in ["SDXL checkpoint (single file)", "UNet: 0.5M parameters (550 BF16 tensors)", "text encoder 2:", "VAE:", "prediction type: not recorded"] {
+        assert!(text.contains(expected), "no `{expected}` in {text}");
+    }
+    let (ok, text) = trainer(&["info", &path("sd-model/tests/fixtures/parity/sd1"), "--json"]);
+    assert!(ok, "{text}");
+    let value: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!((value["family"].as_str(), value["layout"].as_str()), (Some("SD1.x"), Some("diffusers folder")));
+    assert_eq!(value["components"][0]["dtypes"]["F16"], 208);
+
     for (file, expected) in [
         (path("sd-model/tests/fixtures/parity/sd1/unet/config.json"), "not a valid safetensors file"),
         (path("sd-model/tests/fixtures/parity/sd1/unet/diffusion_pytorch_model.fp16.safetensors"), "no LoRA keys"),
