@@ -562,9 +562,9 @@ enum Command {
     /// A1111's checkpoint merger): a weighted average (A:0.5 B:0.5; equal shares without
     /// ratios), or add difference A + m·(B − C) as A:1 B:m C:-m.
     MergeModels {
-        /// Single-file checkpoints (.safetensors) of one architecture as FILE[:RATIO]: all
-        /// with ratios or none (then 1/N each). The first model's keys, dtypes and metadata
-        /// are kept.
+        /// Checkpoints of one architecture as PATH[:RATIO], all single files or all diffusers
+        /// folders: all with ratios or none (then 1/N each). The first model's keys, dtypes,
+        /// metadata (and a folder's other files) are kept.
         #[arg(required = true, num_args = 2..)]
         models: Vec<String>,
         /// The merged checkpoint (must not exist).
@@ -1172,11 +1172,17 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
     if out.exists() {
         anyhow::bail!("{} already exists; choose a new output path", out.display());
     }
+    let ratios = model_ratios(models)?;
+    let mut folders = 0;
+    for (path, _) in &ratios {
+        folders += usize::from(matches!(ModelSource::detect(path)?, ModelSource::Diffusers(_)));
+    }
+    if folders == ratios.len() {
+        return run_merge_model_folders(&ratios, out, unet_only, dtype);
+    }
+    anyhow::ensure!(folders == 0, "give single-file checkpoints only, or diffusers folders only");
     let mut files = Vec::with_capacity(models.len());
-    for (path, ratio) in model_ratios(models)? {
-        if let ModelSource::Diffusers(dir) = ModelSource::detect(&path)? {
-            anyhow::bail!("{}: a diffusers folder; merge-models takes single-file checkpoints (.safetensors)", dir.display());
-        }
+    for (path, ratio) in ratios {
         files.push((WeightFile::open(&path)?, ratio));
     }
     let report = sd_model::merge_models::merge_models(&files, out, unet_only, dtype)?;
@@ -1194,6 +1200,42 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
     if !report.skipped.is_empty() {
         println!("{} keys not in the first model were left out (e.g. `{}`)", report.skipped.len(), report.skipped[0]);
     }
+    Ok(())
+}
+
+/// `merge-models` of diffusers folders: each component's weights file merged as a single
+/// file is (the UNet always, the others unless `unet_only`), everything else copied from
+/// the first folder.
+fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, unet_only: bool, dtype: Option<SaveDtype>) -> Result<()> {
+    use sd_model::load::WeightFile;
+    let first = &models[0].0;
+    let weights_of = |dir: &std::path::Path| -> Option<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
+        // The full-precision file where both variants exist, as loading picks it.
+        files.sort_by_key(|p| p.to_string_lossy().contains(".fp16."));
+        files.into_iter().next()
+    };
+    let components = ["unet", "text_encoder", "text_encoder_2", "vae"];
+    let merged: Vec<&str> = components.iter().copied().filter(|c| (!unet_only || *c == "unet") && weights_of(&first.join(c)).is_some()).collect();
+    anyhow::ensure!(merged.contains(&"unet"), "{}: no unet/*.safetensors to merge", first.display());
+    // Every weights file of a merged component is written anew; the rest is copied.
+    let rewritten = |p: &std::path::Path| {
+        let parent = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
+        parent.is_some_and(|c| merged.contains(&c)) && p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
+    };
+    copy_tree(first, out, &rewritten)?;
+    let mut total = 0;
+    for component in &merged {
+        let mut files = Vec::with_capacity(models.len());
+        for (dir, ratio) in models {
+            let path = weights_of(&dir.join(component)).with_context(|| format!("{}: no {component}/*.safetensors", dir.display()))?;
+            files.push((WeightFile::open(&path)?, *ratio));
+        }
+        let name = files[0].0.path().file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let report = sd_model::merge_models::merge_models(&files, &out.join(component).join(name), false, dtype)?;
+        total += report.tensors;
+    }
+    println!("{} diffusers folders -> {} ({} merged: {total} tensors)", models.len(), out.display(), merged.join(", "));
     Ok(())
 }
 

@@ -469,11 +469,27 @@ fn merge_models_sums_checkpoints() {
     let (ok, text) = trainer(&["merge", "--model", &average, "--lora", lora.to_str().unwrap(), "--out", &path("again.safetensors")]);
     assert!(ok, "the merged checkpoint loads: {text}");
 
+    // Diffusers folders: each component merged, the rest copied from the first folder.
+    let folder_a = fixtures.join("sd1").to_str().unwrap().to_string();
+    let folder_b = path("b-folder");
+    let (ok, text) = trainer(&["merge", "--model", &folder_a, "--lora", lora.to_str().unwrap(), "--out", &folder_b, "--dtype", "f32"]);
+    assert!(ok, "{text}");
+    let folder_out = path("difference-folder");
+    let (ok, text) = trainer(&["merge-models", &format!("{folder_a}:1"), &format!("{folder_b}:1"), &format!("{folder_a}:-1"), "--out", &folder_out, "--dtype", "f32"]);
+    assert!(ok && text.contains("unet, text_encoder, vae merged"), "{text}");
+    let unet = |dir: &str| {
+        let file = std::fs::read_dir(Path::new(dir).join("unet")).unwrap().filter_map(|e| e.ok().map(|e| e.path())).find(|p| p.extension().is_some_and(|x| x == "safetensors")).unwrap();
+        tensors(file.to_str().unwrap())
+    };
+    let (got, want) = (unet(&folder_out), unet(&folder_b));
+    assert!(got.iter().all(|(k, (_, v))| *v == want[k].1), "A + (B - A) is B, folder by folder");
+    assert!(Path::new(&folder_out).join("unet/config.json").is_file() && Path::new(&folder_out).join("model_index.json").is_file());
+
     let other = path("other.safetensors");
     let sd2 = fixtures.join("sd2_single_file.safetensors").to_str().unwrap().to_string();
     for (args, expected) in [
         (vec![a.as_str(), sd2.as_str()], "one architecture"),
-        (vec![a.as_str(), fixtures.join("sd1").to_str().unwrap()], "diffusers folder"),
+        (vec![a.as_str(), fixtures.join("sd1").to_str().unwrap()], "diffusers folders only"),
         (vec![&format!("{a}:0.5"), b.as_str()], "ratio"),
         (vec![a.as_str()], "2"),
     ] {
