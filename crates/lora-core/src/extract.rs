@@ -172,7 +172,7 @@ fn mean(values: impl ExactSizeIterator<Item = f64>, empty: f64) -> f64 {
 pub fn max_rank_of(shape: &[usize], settings: &ExtractSettings) -> usize {
     let larger_kernel = shape.len() == 4 && shape[2..] != [1, 1];
     let wanted = if larger_kernel { settings.conv_rank } else { settings.rank };
-    wanted.min(shape[0]).min(shape.get(1).copied().unwrap_or(0))
+    wanted.min(shape.first().copied().unwrap_or(0)).min(shape.get(1).copied().unwrap_or(0))
 }
 
 /// The adapter of rank at most `max_rank` (chosen by `settings.rule`) whose update best

@@ -5,7 +5,9 @@
 //! A file holds `emb_params` `[n, width]` (A1111 and kohya, SD1.x / SD2.x), `clip_l`
 //! `[n, 768]` and `clip_g` `[n, 1280]` (SDXL: one set per text encoder), or one tensor named
 //! by its token (diffusers' `learned_embeds.safetensors`, `[width]` or `[n, width]`). Its
-//! word is the file's name without the extension, as A1111 names embeddings. Each of its
+//! word is the file's name without the extension, as A1111 names embeddings, or for a
+//! diffusers file that one tensor's name (its token, e.g. `<cat-toy>`; A1111's `*`
+//! placeholder leaves the file's name). Each of its
 //! `n` vectors becomes an added token ([`token_names`]) of the tokenizer and a row of the
 //! text encoder's token embedding, and [`expand_prompt`] writes those tokens where the word
 //! stands in a prompt.
@@ -53,7 +55,7 @@ fn bad(path: &Path, reason: impl Into<String>) -> SdModelError {
 
 /// Reads an embedding file (`.safetensors`; see the [module docs](self)).
 pub fn read_embedding(path: &Path) -> Result<Embedding> {
-    let name = path
+    let mut name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
@@ -81,6 +83,10 @@ pub fn read_embedding(path: &Path) -> Result<Embedding> {
         }
         vec![l, g]
     } else if let [only] = names.as_slice() {
+        // diffusers names the tensor by its token, which is the word then.
+        if *only != "*" {
+            name = only.to_string();
+        }
         vec![tensor(only)?]
     } else {
         return Err(bad(path, format!("expected `emb_params`, `clip_l` and `clip_g`, or one tensor; found {names:?}")));
@@ -132,6 +138,23 @@ pub fn expand_prompt(prompt: &str, embeddings: &[(String, Vec<String>)]) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_name_their_word() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |file: &str, key: &str| {
+            let path = dir.path().join(file);
+            let t = HostTensor::new(vec![4], vec![0.1, 0.2, 0.3, 0.4]).unwrap();
+            std::fs::write(&path, tensor_io::serialize(&[(key.to_string(), &t)], lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
+            read_embedding(&path).unwrap()
+        };
+        let diffusers = write("learned_embeds.safetensors", "<cat-toy>");
+        assert_eq!((diffusers.name.as_str(), diffusers.len(), diffusers.vectors[0].shape.as_slice()), ("<cat-toy>", 1, [1usize, 4].as_slice()));
+        assert_eq!(write("BadHands.safetensors", "emb_params").name, "BadHands");
+        assert_eq!(write("Old.safetensors", "*").name, "Old");
+        let e = vec![("<cat-toy>".to_string(), token_names("<cat-toy>", 1))];
+        assert_eq!(expand_prompt("a <cat-toy> on a mat", &e), "a <emb:<cat-toy>:0> on a mat");
+    }
 
     #[test]
     fn only_whole_words_expand() {
