@@ -32,6 +32,15 @@ impl Component {
         }
     }
 
+    /// The component's name in messages: `UNet`, `text encoder`, `text encoder 2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Unet => "UNet",
+            Component::TextEncoder => "text encoder",
+            Component::TextEncoder2 => "text encoder 2",
+        }
+    }
+
     /// Prefix of diffusers/PEFT keys (`unet`, `text_encoder`, `text_encoder_2`).
     pub fn peft_prefix(self) -> &'static str {
         match self {

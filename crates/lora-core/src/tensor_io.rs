@@ -24,7 +24,8 @@ pub enum SaveDtype {
 }
 
 impl SaveDtype {
-    fn st_dtype(self) -> Dtype {
+    /// The safetensors dtype this writes.
+    pub fn st_dtype(self) -> Dtype {
         match self {
             SaveDtype::F32 => Dtype::F32,
             SaveDtype::F16 => Dtype::F16,
@@ -71,22 +72,29 @@ pub fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(SafeTensors<'a>, HashM
     Ok((st, meta.metadata().clone().unwrap_or_default()))
 }
 
+/// Little-endian values of a float dtype (F64, F32, F16, BF16) as f32; `None` for other
+/// dtypes.
+///
+/// ```
+/// use lora_core::tensor_io::decode_bytes;
+/// use safetensors::Dtype;
+/// assert_eq!(decode_bytes(Dtype::F16, &[0x00, 0x3c]), Some(vec![1.0]));
+/// assert_eq!(decode_bytes(Dtype::I64, &[0; 8]), None);
+/// ```
+pub fn decode_bytes(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
 /// Decodes an F32, F16 or BF16 tensor to f32 on the host.
 pub fn decode(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTensor> {
-    let bytes = view.data();
-    let data: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+    let data = match view.dtype() {
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => decode_bytes(view.dtype(), view.data()).unwrap_or_default(),
         other => {
             return Err(LoraError::UnsupportedDtype {
                 path: path.to_path_buf(),

@@ -77,13 +77,8 @@ impl<B: Backend> SitePairs<B> {
     /// one, or of another shape) are an error naming the first such site.
     pub fn collect(base: &mut impl LoraSites<B>, tuned: &mut impl LoraSites<B>, select: &dyn Fn(&str, bool) -> bool) -> Result<Self> {
         let component = base.component();
-        let name = match component {
-            lora_core::Component::Unet => "UNet",
-            lora_core::Component::TextEncoder => "text encoder",
-            lora_core::Component::TextEncoder2 => "second text encoder",
-        };
         let mismatch = |reason: String| SdModelError::BadInput {
-            what: format!("the tuned model's {name}"),
+            what: format!("the tuned model's {}", component.name()),
             reason: format!("{reason}: the two models must share one architecture (SD1.x, SD2.x or SDXL)"),
         };
         let (base_sites, tuned_sites) = (site_weights(base, select), site_weights(tuned, select));

@@ -55,13 +55,7 @@ fn component(name: &'static str) -> ComponentInfo {
 /// file). A file that is not a checkpoint (no UNet weights) is an error saying so.
 pub fn inspect_checkpoint(path: &Path) -> Result<CheckpointInfo> {
     let source = ModelSource::detect(path)?;
-    let family = if source.text_encoder_2_config()?.is_some() {
-        "SDXL"
-    } else if source.text_encoder_config()?.hidden_size == 1024 {
-        "SD2.x"
-    } else {
-        "SD1.x"
-    };
+    let family = source.family()?.name();
     let mut components = Vec::new();
     let mut metadata = BTreeMap::new();
     let mut prediction = None;
@@ -93,12 +87,8 @@ pub fn inspect_checkpoint(path: &Path) -> Result<CheckpointInfo> {
         }
         ModelSource::Diffusers(dir) => {
             for (name, folder) in [("UNet", "unet"), ("text encoder", "text_encoder"), ("text encoder 2", "text_encoder_2"), ("VAE", "vae")] {
-                let Some(file) = std::fs::read_dir(dir.join(folder)).ok().and_then(|entries| {
-                    let mut files: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
-                    // The full-precision file where both variants exist, as loading picks it.
-                    files.sort_by_key(|p| p.to_string_lossy().contains(".fp16."));
-                    files.into_iter().next()
-                }) else {
+                // The file the loaders read; a folder without the component is skipped.
+                let Ok(file) = ModelSource::weights_file(dir, folder) else {
                     continue;
                 };
                 let file = WeightFile::open(&file)?;

@@ -355,6 +355,28 @@ pub(crate) fn apply_mapping<B: Backend, M: ModuleSnapshot<B>>(
     Ok(())
 }
 
+/// A Stable Diffusion model family ([`ModelSource::family`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFamily {
+    /// SD 1.x (OpenAI CLIP ViT-L).
+    Sd1,
+    /// SD 2.x (OpenCLIP ViT-H).
+    Sd2,
+    /// SDXL (both encoders, the added conditioning).
+    Sdxl,
+}
+
+impl ModelFamily {
+    /// `SD1.x`, `SD2.x` or `SDXL`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sd1 => "SD1.x",
+            Self::Sd2 => "SD2.x",
+            Self::Sdxl => "SDXL",
+        }
+    }
+}
+
 /// Where a Stable Diffusion model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
@@ -402,6 +424,26 @@ impl ModelSource {
         } else {
             Ok(Self::SingleFile(path.to_path_buf()))
         }
+    }
+
+    /// The weights file the loaders read for a diffusers folder's `component` (`unet`,
+    /// `text_encoder`, `text_encoder_2`, `vae`): `{stem}.safetensors`, else its
+    /// `.fp16.safetensors` variant.
+    pub fn weights_file(dir: &Path, component: &str) -> Result<PathBuf> {
+        let stem = if component.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
+        Self::component_file(dir, component, stem, &LoadOptions::default())
+    }
+
+    /// The model family, from configs and headers alone: SDXL where there is a second
+    /// text encoder, SD2.x where the text encoder is OpenCLIP's (1024 wide), else SD1.x.
+    pub fn family(&self) -> Result<ModelFamily> {
+        Ok(if self.text_encoder_2_config()?.is_some() {
+            ModelFamily::Sdxl
+        } else if self.text_encoder_config()?.hidden_size == 1024 {
+            ModelFamily::Sd2
+        } else {
+            ModelFamily::Sd1
+        })
     }
 
     /// The weights file of a diffusers component folder (`text_encoder`, `vae`, `unet`).

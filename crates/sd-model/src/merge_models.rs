@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lora_core::tensor_io::SaveDtype;
+use lora_core::tensor_io::{decode_bytes, SaveDtype};
 use safetensors::tensor::{Dtype, View};
 
 use crate::load::WeightFile;
@@ -67,29 +67,11 @@ struct Output<'a> {
     shape: Vec<usize>,
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32).collect(),
-        _ => return None,
-    })
-}
-
 fn save_dtype(dtype: Dtype) -> SaveDtype {
     match dtype {
         Dtype::F16 => SaveDtype::F16,
         Dtype::BF16 => SaveDtype::Bf16,
         _ => SaveDtype::F32,
-    }
-}
-
-fn dtype_of(save: SaveDtype) -> Dtype {
-    match save {
-        SaveDtype::F32 => Dtype::F32,
-        SaveDtype::F16 => Dtype::F16,
-        SaveDtype::Bf16 => Dtype::BF16,
     }
 }
 
@@ -104,7 +86,7 @@ impl Output<'_> {
         for (i, key, ratio) in &self.sources {
             let (dtype, bytes) = self.models[*i].0.raw(key).unwrap_or((Dtype::F32, &[]));
             // Checked when the plan was made: a float tensor of this shape.
-            for (a, v) in acc.iter_mut().zip(to_f32(dtype, bytes).unwrap_or_default()) {
+            for (a, v) in acc.iter_mut().zip(decode_bytes(dtype, bytes).unwrap_or_default()) {
                 *a += ratio * f64::from(v);
             }
         }
@@ -154,18 +136,18 @@ pub fn merge_models(models: &[(WeightFile, f64)], out: &Path, unet_only: bool, d
     for (key, first_key) in &names[0] {
         let (first_dtype, _) = first.raw(first_key).ok_or_else(|| SdModelError::Layout { path: first.path().to_path_buf(), reason: format!("`{first_key}` vanished") })?;
         let shape = first.shape(first_key).unwrap_or_default().to_vec();
-        let float = to_f32(first_dtype, &[]).is_some();
+        let float = decode_bytes(first_dtype, &[]).is_some();
         let mut output = Output { key: key.clone(), models, sources: vec![(0, first_key.clone(), 1.0)], copy: true, dtype: first_dtype, shape };
         if float && (!unet_only || is_unet_key(key)) {
             output.copy = false;
-            output.dtype = dtype.map_or(first_dtype, dtype_of);
+            output.dtype = dtype.map_or(first_dtype, SaveDtype::st_dtype);
             output.sources.clear();
             let mut lacking = Vec::new();
             for (i, (file, ratio)) in models.iter().enumerate() {
                 match names[i].get(key) {
                     Some(k) => {
                         let (d, _) = file.raw(k).unwrap_or((Dtype::BOOL, &[]));
-                        if file.shape(k) != Some(output.shape.as_slice()) || to_f32(d, &[]).is_none() {
+                        if file.shape(k) != Some(output.shape.as_slice()) || decode_bytes(d, &[]).is_none() {
                             return Err(SdModelError::BadInput {
                                 what: file.path().display().to_string(),
                                 reason: format!(
@@ -193,7 +175,7 @@ pub fn merge_models(models: &[(WeightFile, f64)], out: &Path, unet_only: bool, d
         } else if dtype.is_some() && float {
             // Copied, but in the asked dtype.
             output.copy = false;
-            output.dtype = dtype.map_or(first_dtype, dtype_of);
+            output.dtype = dtype.map_or(first_dtype, SaveDtype::st_dtype);
         }
         outputs.push(output);
     }

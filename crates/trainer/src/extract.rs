@@ -16,7 +16,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use lora_core::extract::{extract_set, ExtractSettings, Extracted};
 use sd_model::extract::SitePairs;
-use sd_model::load::{LoadOptions, ModelSource};
+use sd_model::load::{LoadOptions, ModelFamily, ModelSource};
 use sd_model::targets::{Selection, TextEncoderTargets, UnetTargets};
 use sd_sched::{PredictionType, SchedulerConfig};
 
@@ -79,14 +79,12 @@ impl ExtractedLora {
     }
 }
 
-/// The model family of `source` from its configs and headers, without loading weights.
+/// kohya's `ss_base_model_version` of `source`'s family, without loading weights.
 fn version_of(source: &ModelSource) -> Result<&'static str, TrainError> {
-    Ok(if source.text_encoder_2_config()?.is_some() {
-        crate::models::SDXL_BASE_VERSION
-    } else if source.text_encoder_config()?.hidden_size == 1024 {
-        "sd_v2"
-    } else {
-        "sd_v1"
+    Ok(match source.family()? {
+        ModelFamily::Sdxl => crate::models::SDXL_BASE_VERSION,
+        ModelFamily::Sd2 => "sd_v2",
+        ModelFamily::Sd1 => "sd_v1",
     })
 }
 

@@ -1037,6 +1037,11 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     Ok(())
 }
 
+/// A path's file name for messages (the whole path where it has none).
+fn file_name(p: &std::path::Path) -> String {
+    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+}
+
 /// ResNets per down level of SD1.x, SD2.x and SDXL UNets: the block layout `merge-loras`
 /// reads block weights against (it has no model).
 const SD_LAYERS_PER_BLOCK: usize = 2;
@@ -1053,7 +1058,7 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
     let parts: Vec<(AdapterSet, f32)> = sets.into_iter().zip(loras).flat_map(|((set, _), file)| file.strength_parts(set, SD_LAYERS_PER_BLOCK)).collect();
     let refs: Vec<(&AdapterSet, f32)> = parts.iter().map(|(set, strength)| (set, *strength)).collect();
     let mut merged = lora_core::resize::merge_sets(&refs, settings).context("merging the LoRAs")?;
-    let name = |f: &sd_model::lora::LoraFile| f.path.file_name().map_or_else(|| f.path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let name = |f: &sd_model::lora::LoraFile| file_name(&f.path);
     let strengths = |f: &sd_model::lora::LoraFile| {
         let mut s = match f.text_encoder {
             Some(te) => format!("{}:{te}", f.strength),
@@ -1186,7 +1191,7 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
         files.push((WeightFile::open(&path)?, ratio));
     }
     let report = sd_model::merge_models::merge_models(&files, out, unet_only, dtype)?;
-    let shares = files.iter().map(|(f, r)| format!("{}:{r}", f.path().file_name().map_or_else(|| f.path().display().to_string(), |n| n.to_string_lossy().into_owned()))).collect::<Vec<_>>().join(" + ");
+    let shares = files.iter().map(|(f, r)| format!("{}:{r}", file_name(f.path()))).collect::<Vec<_>>().join(" + ");
     println!(
         "{shares} -> {} ({} tensors, {} merged from every model{})",
         out.display(),
@@ -1208,15 +1213,10 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
 /// the first folder.
 fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, unet_only: bool, dtype: Option<SaveDtype>) -> Result<()> {
     use sd_model::load::WeightFile;
+    use sd_model::load::ModelSource;
     let first = &models[0].0;
-    let weights_of = |dir: &std::path::Path| -> Option<PathBuf> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect();
-        // The full-precision file where both variants exist, as loading picks it.
-        files.sort_by_key(|p| p.to_string_lossy().contains(".fp16."));
-        files.into_iter().next()
-    };
     let components = ["unet", "text_encoder", "text_encoder_2", "vae"];
-    let merged: Vec<&str> = components.iter().copied().filter(|c| (!unet_only || *c == "unet") && weights_of(&first.join(c)).is_some()).collect();
+    let merged: Vec<&str> = components.iter().copied().filter(|c| (!unet_only || *c == "unet") && ModelSource::weights_file(first, c).is_ok()).collect();
     anyhow::ensure!(merged.contains(&"unet"), "{}: no unet/*.safetensors to merge", first.display());
     // Every weights file of a merged component is written anew; the rest is copied.
     let rewritten = |p: &std::path::Path| {
@@ -1228,7 +1228,7 @@ fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, une
     for component in &merged {
         let mut files = Vec::with_capacity(models.len());
         for (dir, ratio) in models {
-            let path = weights_of(&dir.join(component)).with_context(|| format!("{}: no {component}/*.safetensors", dir.display()))?;
+            let path = ModelSource::weights_file(dir, component)?;
             files.push((WeightFile::open(&path)?, *ratio));
         }
         let name = files[0].0.path().file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -1313,11 +1313,6 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
     }
     let bytes = lora_core::tensor_io::read_file(file)?;
     let info = inspect(&bytes, file)?;
-    let component_name = |c: lora_core::Component| match c {
-        lora_core::Component::Unet => "UNet",
-        lora_core::Component::TextEncoder => "text encoder",
-        lora_core::Component::TextEncoder2 => "text encoder 2",
-    };
     if json {
         let modules: Vec<serde_json::Value> = info
             .modules
@@ -1325,7 +1320,7 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
             .map(|m| {
                 serde_json::json!({
                     "name": m.name,
-                    "component": m.component.map(component_name),
+                    "component": m.component.map(lora_core::Component::name),
                     "kind": m.kind.name(),
                     "rank": m.rank,
                     "alpha": m.alpha,
@@ -1360,7 +1355,7 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
                 format!("{} {}{conv} ({rank}, {alpha})", g.count, g.kind.name())
             })
             .collect();
-        println!("  {}: {}", component_name(component), parts.join("; "));
+        println!("  {}: {}", component.name(), parts.join("; "));
     }
     if info.unassigned() > 0 {
         println!("  {} modules of no known component", info.unassigned());
@@ -1429,8 +1424,7 @@ fn run_extract<B: Backend>(
     let s = &options.settings;
     let clamp = s.clamp_quantile.map_or("unclamped".to_string(), |q| format!("clamped at the {q} quantile"));
     let ranks = if options.conv { format!("rank {}, conv rank {}", s.rank, s.conv_rank) } else { format!("rank {}", s.rank) };
-    let name = |p: &std::path::Path| p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
-    let comment = format!("extracted from {} (base) and {} (tuned) by trainer extract ({ranks}, {}, {clamp})", name(base), name(tuned), s.rule.describe());
+    let comment = format!("extracted from {} (base) and {} (tuned) by trainer extract ({ranks}, {}, {clamp})", file_name(base), file_name(tuned), s.rule.describe());
     let title = out.file_stem().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let keys = trainer::metadata::extraction_metadata(lora.base_model(), &title, &comment, no_metadata, std::time::SystemTime::now());
     lora.extracted.set.metadata.extend(keys);
