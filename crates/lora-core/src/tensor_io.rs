@@ -33,6 +33,23 @@ impl SaveDtype {
         }
     }
 
+    /// The save dtype writing `dtype` (`None` for a dtype other than F32, F16 and BF16).
+    ///
+    /// ```
+    /// use lora_core::tensor_io::SaveDtype;
+    /// use safetensors::tensor::Dtype;
+    /// assert_eq!(SaveDtype::of(Dtype::BF16), Some(SaveDtype::Bf16));
+    /// assert_eq!(SaveDtype::of(Dtype::I64), None);
+    /// ```
+    pub fn of(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(SaveDtype::F32),
+            Dtype::F16 => Some(SaveDtype::F16),
+            Dtype::BF16 => Some(SaveDtype::Bf16),
+            _ => None,
+        }
+    }
+
     /// Encodes f32 values as little-endian bytes of this dtype (rounding to nearest).
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {

@@ -57,6 +57,8 @@ pub fn is_ignored_single_file_key(key: &str) -> bool {
         || key.starts_with("cond_stage_model.model.attn_mask")
         || key.starts_with("conditioner.embedders.1.model.logit_scale")
         || key.starts_with("conditioner.embedders.1.model.attn_mask")
+        // Empty marker tensors (ComfyUI's convention): v-prediction, zero terminal SNR.
+        || matches!(key, "v_pred" | "ztsnr")
         || matches!(key, "alphas_cumprod" | "alphas_cumprod_prev" | "betas" | "log_one_minus_alphas_cumprod"
             | "model_ema.decay" | "model_ema.num_updates" | "posterior_log_variance_clipped"
             | "posterior_mean_coef1" | "posterior_mean_coef2" | "posterior_variance"
@@ -215,6 +217,127 @@ pub fn ldm_vae_path(key: &str, levels: usize) -> Option<(String, bool)> {
     Some((format!("{side}.{}", mapped.0), mapped.1))
 }
 
+/// The original (LDM) key of a diffusers VAE path, the inverse of [`ldm_vae_path`], and
+/// whether its weight gains trailing 1x1 dims (the mid-block attention's linear layers are
+/// 1x1 convs there). diffusers' older attention names (`query`, `key`, `value`,
+/// `proj_attn`) are read too.
+///
+/// ```
+/// use sd_model::keymap::{diffusers_vae_to_ldm, ldm_vae_path};
+/// let (ldm, conv) = diffusers_vae_to_ldm("decoder.up_blocks.0.resnets.2.conv_shortcut.weight", 4).unwrap();
+/// assert_eq!((ldm.as_str(), conv), ("decoder.up.3.block.2.nin_shortcut.weight", false));
+/// assert_eq!(ldm_vae_path(&ldm, 4).unwrap().0, "decoder.up_blocks.0.resnets.2.conv_shortcut.weight");
+/// assert_eq!(diffusers_vae_to_ldm("encoder.mid_block.attentions.0.to_q.weight", 4).unwrap(), ("encoder.mid.attn_1.q.weight".into(), true));
+/// ```
+pub fn diffusers_vae_to_ldm(path: &str, levels: usize) -> Option<(String, bool)> {
+    let (side, rest) = path.split_once('.')?;
+    match side {
+        "quant_conv" | "post_quant_conv" => return Some((path.to_string(), false)),
+        "encoder" | "decoder" => {}
+        _ => return None,
+    }
+    let parts: Vec<&str> = rest.split('.').collect();
+    let (ldm, conv) = match parts.as_slice() {
+        ["conv_in" | "conv_out", _] => (rest.to_string(), false),
+        ["conv_norm_out", p] => (format!("norm_out.{p}"), false),
+        ["mid_block", "resnets", k @ ("0" | "1"), tail @ ..] => (format!("mid.block_{}.{}", if *k == "0" { 1 } else { 2 }, resnet_ldm_name(tail)?), false),
+        ["mid_block", "attentions", "0", module @ .., p] => {
+            let ldm = match module {
+                ["group_norm"] => "norm",
+                ["to_q"] | ["query"] => "q",
+                ["to_k"] | ["key"] => "k",
+                ["to_v"] | ["value"] => "v",
+                ["to_out", "0"] | ["proj_attn"] => "proj_out",
+                _ => return None,
+            };
+            (format!("mid.attn_1.{ldm}.{p}"), ldm != "norm" && *p == "weight")
+        }
+        [level @ ("down_blocks" | "up_blocks"), i, kind, "0", "conv", p] if matches!(*kind, "downsamplers" | "upsamplers") => {
+            let down = *level == "down_blocks";
+            if down != (*kind == "downsamplers") {
+                return None;
+            }
+            let i: usize = i.parse().ok()?;
+            let (name, idx, op) = if down { ("down", i, "downsample") } else { ("up", levels.checked_sub(1 + i)?, "upsample") };
+            (format!("{name}.{idx}.{op}.conv.{p}"), false)
+        }
+        [level @ ("down_blocks" | "up_blocks"), i, "resnets", j, tail @ ..] => {
+            let i: usize = i.parse().ok()?;
+            let (name, idx) = if *level == "down_blocks" { ("down", i) } else { ("up", levels.checked_sub(1 + i)?) };
+            (format!("{name}.{idx}.block.{j}.{}", resnet_ldm_name(tail)?), false)
+        }
+        _ => return None,
+    };
+    Some((format!("{side}.{ldm}"), conv))
+}
+
+/// A diffusers VAE ResNet's parameter (`conv_shortcut.weight`) in the original layout.
+fn resnet_ldm_name(parts: &[&str]) -> Option<String> {
+    match parts {
+        ["conv_shortcut", p] => Some(format!("nin_shortcut.{p}")),
+        [m @ ("norm1" | "norm2" | "conv1" | "conv2"), p] => Some(format!("{m}.{p}")),
+        _ => None,
+    }
+}
+
+/// What an OpenCLIP text tower (SD2's, SDXL's second encoder) calls a transformers
+/// `CLIPTextModel[WithProjection]` parameter: the inverse of [`open_clip_key_at`] without
+/// its prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenClipName {
+    /// The tensor under this name, as it is.
+    Plain(String),
+    /// The tensor transposed under this name (`text_projection`).
+    Transposed(String),
+    /// Rows `part·width..(part+1)·width` of the fused `in_proj_{weight,bias}` under this
+    /// name (`part` 0, 1, 2 for q, k, v).
+    Fused(String, usize),
+}
+
+/// The OpenCLIP name of a transformers text-encoder parameter (`None` for one that has no
+/// place there, such as the position-id buffer).
+///
+/// ```
+/// use sd_model::keymap::{open_clip_name, OpenClipName};
+/// assert_eq!(open_clip_name("text_model.encoder.layers.3.self_attn.k_proj.bias"), Some(OpenClipName::Fused("transformer.resblocks.3.attn.in_proj_bias".into(), 1)));
+/// assert_eq!(open_clip_name("text_model.encoder.layers.0.mlp.fc2.weight"), Some(OpenClipName::Plain("transformer.resblocks.0.mlp.c_proj.weight".into())));
+/// assert_eq!(open_clip_name("text_projection.weight"), Some(OpenClipName::Transposed("text_projection".into())));
+/// ```
+pub fn open_clip_name(path: &str) -> Option<OpenClipName> {
+    let plain = |s: &str| Some(OpenClipName::Plain(s.to_string()));
+    match path {
+        "text_projection.weight" => return Some(OpenClipName::Transposed("text_projection".into())),
+        "text_model.embeddings.token_embedding.weight" => return plain("token_embedding.weight"),
+        "text_model.embeddings.position_embedding.weight" => return plain("positional_embedding"),
+        "text_model.final_layer_norm.weight" => return plain("ln_final.weight"),
+        "text_model.final_layer_norm.bias" => return plain("ln_final.bias"),
+        _ => {}
+    }
+    let rest = path.strip_prefix("text_model.encoder.layers.")?;
+    let (i, tail) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    let (module, p) = tail.rsplit_once('.')?;
+    let base = format!("transformer.resblocks.{i}");
+    let part = match module {
+        "self_attn.q_proj" => Some(0),
+        "self_attn.k_proj" => Some(1),
+        "self_attn.v_proj" => Some(2),
+        _ => None,
+    };
+    if let Some(part) = part {
+        return Some(OpenClipName::Fused(format!("{base}.attn.in_proj_{p}"), part));
+    }
+    let theirs = match module {
+        "layer_norm1" => "ln_1",
+        "layer_norm2" => "ln_2",
+        "self_attn.out_proj" => "attn.out_proj",
+        "mlp.fc1" => "mlp.c_fc",
+        "mlp.fc2" => "mlp.c_proj",
+        _ => return None,
+    };
+    Some(OpenClipName::Plain(format!("{base}.{theirs}.{p}")))
+}
+
 fn resnet_tail(parts: &[&str]) -> Option<String> {
     match parts {
         ["nin_shortcut", p] => Some(format!("conv_shortcut.{p}")),
@@ -277,6 +400,31 @@ pub struct UnetLayout {
 }
 
 impl UnetLayout {
+    /// The layout a config builds (levels with `CrossAttn…` blocks have transformers).
+    pub fn from_config(config: &crate::UnetConfig) -> Self {
+        let attn = |types: &[String]| types.iter().map(|t| t.starts_with("CrossAttn")).collect();
+        Self {
+            layers: config.layers_per_block,
+            down_attention: attn(&config.down_block_types),
+            up_attention: attn(&config.up_block_types),
+        }
+    }
+
+    /// A diffusers UNet key → its single-file key (`model.diffusion_model.…`), the inverse
+    /// of [`ldm_key`](Self::ldm_key); `None` for a key the layout has no place for.
+    ///
+    /// ```
+    /// use sd_model::keymap::UnetLayout;
+    /// let sd15 = UnetLayout { layers: 2, down_attention: vec![true, true, true, false], up_attention: vec![false, true, true, true] };
+    /// let ldm = sd15.diffusers_to_ldm_key("up_blocks.1.resnets.2.conv_shortcut.weight").unwrap();
+    /// assert_eq!(ldm, "model.diffusion_model.output_blocks.5.0.skip_connection.weight");
+    /// assert_eq!(sd15.ldm_key(&ldm).unwrap(), "up_blocks.1.resnets.2.conv_shortcut.weight");
+    /// ```
+    pub fn diffusers_to_ldm_key(&self, key: &str) -> Option<String> {
+        let (module, param) = key.rsplit_once('.')?;
+        Some(format!("{LDM_UNET_PREFIX}{}.{param}", self.ldm_module_path(module)?))
+    }
+
     /// The layout of a model.
     pub fn of<B: burn::tensor::backend::Backend>(model: &crate::UNet2DConditionModel<B>) -> Self {
         Self {

@@ -8,6 +8,7 @@
 //! loading of real checkpoints ([`load`]) in the diffusers folder layout and as single
 //! `.safetensors` files.
 //!
+//! [`convert`] converts a checkpoint between the single-file layout and a diffusers folder.
 //! [`extract`] pairs two models' adapter sites for extracting a LoRA from their difference;
 //! [`merge_models`] merges single-file checkpoints tensor by tensor; [`block_weights`] gives
 //! a LoRA a strength per UNet block.
@@ -30,6 +31,7 @@ pub mod autodiff_ext;
 pub use autodiff_ext::{custom_backward, set_custom_backward};
 mod clip;
 pub mod config;
+pub mod convert;
 mod embeddings;
 mod error;
 pub mod extract;

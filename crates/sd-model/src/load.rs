@@ -137,7 +137,7 @@ impl WeightFile {
 
     /// Shape of a source after slicing / squeezing, or `None` if the key is absent or the
     /// slice does not fit.
-    fn source_shape(&self, src: &TensorSource) -> Option<Vec<usize>> {
+    pub(crate) fn source_shape(&self, src: &TensorSource) -> Option<Vec<usize>> {
         let mut shape = self.shape(&src.key)?.to_vec();
         if let Some((start, end)) = src.rows {
             if shape.is_empty() || end > shape[0] || start >= end {
@@ -155,6 +155,23 @@ impl WeightFile {
             shape.reverse();
         }
         Some(shape)
+    }
+
+    /// The bytes of `src` (its rows taken, transposed) with their dtype and shape, or `None`
+    /// if the key is absent or the slice does not fit.
+    pub(crate) fn source_bytes(&self, src: &TensorSource) -> Option<(Dtype, std::borrow::Cow<'_, [u8]>, Vec<usize>)> {
+        let shape = self.source_shape(src)?;
+        let (dtype, mut bytes) = self.raw(&src.key)?;
+        if let Some((r0, r1)) = src.rows {
+            let row_bytes = bytes.len() / self.shape(&src.key)?.first().copied()?.max(1);
+            bytes = &bytes[r0 * row_bytes..r1 * row_bytes];
+        }
+        let bytes = if src.transpose {
+            std::borrow::Cow::Owned(transpose_bytes(bytes, shape[1], shape[0], dtype.bitsize() / 8))
+        } else {
+            std::borrow::Cow::Borrowed(bytes)
+        };
+        Some((dtype, bytes, shape))
     }
 
     /// A lazy reader for `src` (bytes are copied out of the map only when applied).
@@ -435,11 +452,13 @@ impl ModelSource {
     }
 
     /// The model family, from configs and headers alone: SDXL where there is a second
-    /// text encoder, SD2.x where the text encoder is OpenCLIP's (1024 wide), else SD1.x.
+    /// text encoder, SD2.x where the text encoder is OpenCLIP's (1024 wide, or exact GELU
+    /// where OpenAI's CLIP has quick GELU), else SD1.x.
     pub fn family(&self) -> Result<ModelFamily> {
+        let te = || self.text_encoder_config();
         Ok(if self.text_encoder_2_config()?.is_some() {
             ModelFamily::Sdxl
-        } else if self.text_encoder_config()?.hidden_size == 1024 {
+        } else if te()?.hidden_size == 1024 || te()?.hidden_act == HiddenAct::Gelu {
             ModelFamily::Sd2
         } else {
             ModelFamily::Sd1
@@ -638,7 +657,11 @@ pub type Mapping = Vec<(String, TensorSource)>;
 
 /// The UNet keys of a single file mapped to our paths, and the UNet keys that map nowhere.
 pub fn unet_single_file_mapping<B: Backend>(model: &UNet2DConditionModel<B>, file: &WeightFile) -> (Mapping, Vec<String>) {
-    let layout = keymap::UnetLayout::of(model);
+    unet_single_file_keys(&keymap::UnetLayout::of(model), file)
+}
+
+/// [`unet_single_file_mapping`] for a UNet of `layout`, without the model.
+pub fn unet_single_file_keys(layout: &keymap::UnetLayout, file: &WeightFile) -> (Mapping, Vec<String>) {
     let mut mapping = Vec::new();
     let mut unexpected = Vec::new();
     for key in file.keys().filter(|k| k.starts_with(keymap::LDM_UNET_PREFIX)) {
@@ -659,8 +682,12 @@ pub fn load_text_encoder_single_file<B: Backend>(model: &mut ClipTextModel<B>, f
 /// The text-encoder keys of a single file (SD1, SD2 or SDXL's first encoder) mapped to our
 /// paths, and the text-encoder keys that map nowhere.
 pub fn text_encoder_single_file_mapping<B: Backend>(model: &ClipTextModel<B>, file: &WeightFile) -> (Mapping, Vec<String>) {
-    let width = model.text_model.embeddings.token_embedding.weight.dims()[1];
-    let layers = model.num_layers();
+    text_encoder_single_file_keys(file, model.text_model.embeddings.token_embedding.weight.dims()[1], model.num_layers())
+}
+
+/// [`text_encoder_single_file_mapping`] for an encoder `width` wide with `layers` layers
+/// (an SD2 file's OpenCLIP layers past them are left out), without the model.
+pub fn text_encoder_single_file_keys(file: &WeightFile, width: usize, layers: usize) -> (Mapping, Vec<String>) {
     let mut mapping = Vec::new();
     let mut unexpected = Vec::new();
     for key in file.keys().filter(|k| k.starts_with("conditioner.embedders.0.")) {
@@ -698,8 +725,12 @@ pub fn load_text_encoder_2_single_file<B: Backend>(model: &mut ClipTextModel<B>,
 /// The keys of SDXL's second text encoder in a single file mapped to our paths, and its
 /// keys that map nowhere. Every layer is kept (SDXL reads the penultimate one itself).
 pub fn text_encoder_2_single_file_mapping<B: Backend>(model: &ClipTextModel<B>, file: &WeightFile) -> (Mapping, Vec<String>) {
-    let width = model.text_model.embeddings.token_embedding.weight.dims()[1];
-    let layers = model.num_layers();
+    text_encoder_2_single_file_keys(file, model.text_model.embeddings.token_embedding.weight.dims()[1], model.num_layers())
+}
+
+/// [`text_encoder_2_single_file_mapping`] for an encoder `width` wide with `layers` layers,
+/// without the model.
+pub fn text_encoder_2_single_file_keys(file: &WeightFile, width: usize, layers: usize) -> (Mapping, Vec<String>) {
     let mut mapping = Vec::new();
     let mut unexpected = Vec::new();
     for key in file.keys().filter(|k| k.starts_with("conditioner.embedders.1.")) {
@@ -716,15 +747,7 @@ pub fn text_encoder_2_single_file_mapping<B: Backend>(model: &ClipTextModel<B>, 
 
 /// Loads the VAE from a single-file checkpoint (`first_stage_model.*`).
 pub fn load_vae_single_file<B: Backend>(model: &mut AutoencoderKl<B>, file: &WeightFile, dtype: DType) -> Result<()> {
-    let levels = model.encoder.down_blocks.len();
-    let mut mapping = Vec::new();
-    let mut unexpected = Vec::new();
-    for key in file.keys().filter(|k| k.starts_with("first_stage_model.")) {
-        match keymap::ldm_vae_key(key, levels) {
-            Some(pair) => mapping.push(pair),
-            None => unexpected.push(key.to_string()),
-        }
-    }
+    let (mapping, unexpected) = vae_ldm_keys(file, "first_stage_model.", model.encoder.down_blocks.len());
     apply_mapping(model, file, mapping, unexpected, "vae", dtype)
 }
 
@@ -732,16 +755,60 @@ pub fn load_vae_single_file<B: Backend>(model: &mut AutoencoderKl<B>, file: &Wei
 /// checkpoint's `first_stage_model.` prefix (`encoder.down.0.block.0.conv1.weight`, as
 /// `vae-ft-mse-840000-ema-pruned.safetensors` has them).
 pub fn load_vae_ldm_file<B: Backend>(model: &mut AutoencoderKl<B>, file: &WeightFile, dtype: DType) -> Result<()> {
-    let levels = model.encoder.down_blocks.len();
+    let (mapping, unexpected) = vae_ldm_keys(file, "", model.encoder.down_blocks.len());
+    apply_mapping(model, file, mapping, unexpected, "vae", dtype)
+}
+
+/// The original-layout VAE keys under `prefix` (`first_stage_model.` in a checkpoint, none
+/// in a VAE file of its own) mapped to our paths for a VAE of `levels` resolution levels,
+/// and the keys under `prefix` that map nowhere.
+pub fn vae_ldm_keys(file: &WeightFile, prefix: &str, levels: usize) -> (Mapping, Vec<String>) {
     let mut mapping = Vec::new();
     let mut unexpected = Vec::new();
     for key in file.keys() {
-        match keymap::ldm_vae_path(key, levels) {
+        let Some(rest) = key.strip_prefix(prefix) else { continue };
+        match keymap::ldm_vae_path(rest, levels) {
             Some((path, squeeze_1x1)) => mapping.push((path, TensorSource { key: key.to_string(), rows: None, squeeze_1x1, transpose: false })),
             None => unexpected.push(key.to_string()),
         }
     }
-    apply_mapping(model, file, mapping, unexpected, "vae", dtype)
+    (mapping, unexpected)
+}
+
+/// Opens a VAE distributed apart from its model: a `.safetensors` file, a diffusers VAE
+/// folder (`diffusion_pytorch_model.safetensors`, or its `.fp16` sibling) or a diffusers
+/// model folder (its `vae/`).
+pub fn open_vae_file(path: &Path, options: &LoadOptions) -> Result<WeightFile> {
+    let meta = std::fs::metadata(path).map_err(|source| SdModelError::Io { path: path.to_path_buf(), source })?;
+    if !meta.is_dir() {
+        return WeightFile::open(path);
+    }
+    let folder = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
+    let (full, half) = (folder.join("diffusion_pytorch_model.safetensors"), folder.join("diffusion_pytorch_model.fp16.safetensors"));
+    let order = if options.prefer_fp16_files { [half, full] } else { [full, half] };
+    let Some(found) = order.into_iter().find(|p| p.is_file()) else {
+        return Err(SdModelError::Layout {
+            path: folder,
+            reason: "not a VAE folder: expected diffusion_pytorch_model.safetensors or diffusion_pytorch_model.fp16.safetensors (or a model folder with vae/)".into(),
+        });
+    };
+    WeightFile::open(found)
+}
+
+/// A VAE file's keys mapped to our (diffusers) paths for a VAE of `levels` resolution
+/// levels, whichever layout it has: diffusers' names (`encoder.down_blocks.…`), the original
+/// (`encoder.down.…`) or a whole checkpoint's (`first_stage_model.…`); with the keys that map
+/// nowhere. A file with none of them is an error naming it.
+pub fn vae_file_mapping(file: &WeightFile, levels: usize) -> Result<(Mapping, Vec<String>)> {
+    if file.keys().any(|k| k.starts_with("first_stage_model.")) {
+        Ok(vae_ldm_keys(file, "first_stage_model.", levels))
+    } else if file.keys().any(|k| k.starts_with("encoder.down_blocks.") || k.starts_with("decoder.up_blocks.")) {
+        Ok((identity_mapping(file), vec![]))
+    } else if file.keys().any(|k| k.starts_with("encoder.down.") || k.starts_with("decoder.up.")) {
+        Ok(vae_ldm_keys(file, "", levels))
+    } else {
+        Err(layout_error(file, "no VAE found (expected diffusers' `encoder.down_blocks.*`, the original `encoder.down.*`, or a checkpoint's `first_stage_model.*`)"))
+    }
 }
 
 /// Loads a VAE distributed apart from its model (kohya's `--vae`) into `model`, which the
@@ -752,30 +819,9 @@ pub fn load_vae_ldm_file<B: Backend>(model: &mut AutoencoderKl<B>, file: &Weight
 /// whole checkpoint's (`first_stage_model.…`). Errors name the path and what is missing,
 /// unexpected or of another shape.
 pub fn load_vae_from<B: Backend>(model: &mut AutoencoderKl<B>, path: &Path, options: &LoadOptions) -> Result<()> {
-    let meta = std::fs::metadata(path).map_err(|source| SdModelError::Io { path: path.to_path_buf(), source })?;
-    let file = if meta.is_dir() {
-        let folder = if path.join("vae").is_dir() { path.join("vae") } else { path.to_path_buf() };
-        let (full, half) = (folder.join("diffusion_pytorch_model.safetensors"), folder.join("diffusion_pytorch_model.fp16.safetensors"));
-        let order = if options.prefer_fp16_files { [half, full] } else { [full, half] };
-        let Some(found) = order.into_iter().find(|p| p.is_file()) else {
-            return Err(SdModelError::Layout {
-                path: folder,
-                reason: "not a VAE folder: expected diffusion_pytorch_model.safetensors or diffusion_pytorch_model.fp16.safetensors (or a model folder with vae/)".into(),
-            });
-        };
-        WeightFile::open(found)?
-    } else {
-        WeightFile::open(path)?
-    };
-    if file.keys().any(|k| k.starts_with("first_stage_model.")) {
-        load_vae_single_file(model, &file, options.dtype)
-    } else if file.keys().any(|k| k.starts_with("encoder.down_blocks.") || k.starts_with("decoder.up_blocks.")) {
-        load_vae_diffusers(model, &file, options.dtype)
-    } else if file.keys().any(|k| k.starts_with("encoder.down.") || k.starts_with("decoder.up.")) {
-        load_vae_ldm_file(model, &file, options.dtype)
-    } else {
-        Err(layout_error(&file, "no VAE found (expected diffusers' `encoder.down_blocks.*`, the original `encoder.down.*`, or a checkpoint's `first_stage_model.*`)"))
-    }
+    let file = open_vae_file(path, options)?;
+    let (mapping, unexpected) = vae_file_mapping(&file, model.encoder.down_blocks.len())?;
+    apply_mapping(model, &file, mapping, unexpected, "vae", options.dtype)
 }
 
 fn layout_error(file: &WeightFile, reason: &str) -> SdModelError {

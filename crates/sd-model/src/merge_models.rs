@@ -67,14 +67,6 @@ struct Output<'a> {
     shape: Vec<usize>,
 }
 
-fn save_dtype(dtype: Dtype) -> SaveDtype {
-    match dtype {
-        Dtype::F16 => SaveDtype::F16,
-        Dtype::BF16 => SaveDtype::Bf16,
-        _ => SaveDtype::F32,
-    }
-}
-
 impl Output<'_> {
     fn bytes(&self) -> Vec<u8> {
         let raw = |i: usize, key: &str| self.models[i].0.raw(key).map(|(_, b)| b).unwrap_or_default();
@@ -91,7 +83,7 @@ impl Output<'_> {
             }
         }
         let values: Vec<f32> = acc.into_iter().map(|v| v as f32).collect();
-        save_dtype(self.dtype).encode(&values)
+        SaveDtype::of(self.dtype).unwrap_or(SaveDtype::F32).encode(&values)
     }
 }
 

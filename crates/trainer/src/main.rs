@@ -577,6 +577,31 @@ enum Command {
         #[arg(long)]
         dtype: Option<SaveDtype>,
     },
+    /// Convert a checkpoint between a single .safetensors file (as A1111 / ComfyUI use
+    /// them) and a diffusers folder, either way (kohya's convert_diffusers20_original_sd.py):
+    /// SD1.x, SD2.x and SDXL; configs, tokenizers and scheduler written for a folder.
+    ConvertModel {
+        /// A single-file checkpoint (becomes a folder) or a diffusers folder (becomes a file).
+        model: PathBuf,
+        /// The converted checkpoint (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor precision (default: each tensor's own).
+        #[arg(long)]
+        dtype: Option<SaveDtype>,
+        /// Take the UNet's weights from the file's EMA copy (model_ema.*).
+        #[arg(long)]
+        ema: bool,
+        /// What the model predicts: epsilon or v_prediction (default: what the source says,
+        /// a folder's scheduler config or a file's v_pred key, else epsilon; SD2 768-px
+        /// models without a mark need v_prediction).
+        #[arg(long)]
+        prediction_type: Option<sd_model::convert::Prediction>,
+        /// Write this VAE instead of the model's (a .safetensors file in any layout, or a
+        /// diffusers VAE folder), e.g. vae-ft-mse-840000-ema-pruned.safetensors.
+        #[arg(long)]
+        vae: Option<PathBuf>,
+    },
 }
 
 /// How `resize`, `merge-loras` and `extract` choose each adapter's rank below `--rank`.
@@ -1208,6 +1233,28 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
     Ok(())
 }
 
+fn run_convert_model(model: &std::path::Path, out: &std::path::Path, options: &sd_model::convert::ConvertOptions) -> Result<()> {
+    let report = sd_model::convert::convert_checkpoint(model, out, options)?;
+    let tensors: usize = report.written.iter().map(|(_, n)| n).sum();
+    let layout = if out.is_dir() { "diffusers folder" } else { "single file" };
+    println!(
+        "{} {} -> {} ({layout}, {tensors} tensors{}, {}{})",
+        report.family.name(),
+        model.display(),
+        out.display(),
+        if report.ema { ", UNet from EMA" } else { "" },
+        report.prediction.name(),
+        if report.zero_terminal_snr { ", zero terminal SNR" } else { "" }
+    );
+    if !report.placeholders.is_empty() {
+        println!("{} placeholder tensors for what diffusers drops and SD2 never reads (e.g. `{}`)", report.placeholders.len(), report.placeholders[0]);
+    }
+    if !report.left_out.is_empty() {
+        println!("{} keys have no place in the other layout and were left out (e.g. `{}`)", report.left_out.len(), report.left_out[0]);
+    }
+    Ok(())
+}
+
 /// `merge-models` of diffusers folders: each component's weights file merged as a single
 /// file is (the UNet always, the others unless `unet_only`), everything else copied from
 /// the first folder.
@@ -1695,6 +1742,10 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         Command::Merge { model, lora, out, dtype } => run_merge::<B::InnerBackend>(&model, &lora, &out, dtype, device),
         Command::Info { file, tags, verbose, metadata, json } => run_info(&file, tags, verbose, metadata, json),
         Command::MergeModels { models, out, unet_only, dtype } => run_merge_models(&models, &out, unet_only, dtype),
+        Command::ConvertModel { model, out, dtype, ema, prediction_type, vae } => {
+            let options = sd_model::convert::ConvertOptions { dtype, ema, prediction: prediction_type, vae };
+            run_convert_model(&model, &out, &options)
+        }
         Command::Extract { base, tuned, out, rank, conv_rank, rule, clamp_quantile, no_clamp, min_diff, svd_iterations, load_precision, to, dtype, no_metadata, verbose } => {
             let settings = lora_core::extract::ExtractSettings {
                 rank,

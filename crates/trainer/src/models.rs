@@ -76,7 +76,7 @@ pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
     let source = ModelSource::detect(pretrained)?;
     // First: an unsupported SDXL relative (a refiner) is refused by what it is.
     source.text_encoder_2_config()?;
-    let sd2 = source.text_encoder_config()?.hidden_size == 1024;
+    let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;
     tokenizer_of(&source, sd2)
 }
 
@@ -142,7 +142,7 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     let options = LoadOptions::default();
     // First: an unsupported SDXL relative (a refiner) is refused by what it is.
     source.text_encoder_2_config()?;
-    let sd2 = source.text_encoder_config()?.hidden_size == 1024;
+    let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;
     let tokenizer = tokenizer_of(&source, sd2)?;
     let text_encoder_2 = source.load_text_encoder_2(device, &options)?.map(pack_all);
     let tokenizer_2 = match (&text_encoder_2, &source) {

@@ -504,6 +504,41 @@ fn merge_models_sums_checkpoints() {
     assert!(!ok && text.contains("already exists"), "{text}");
 }
 
+/// `trainer convert-model`: an SDXL folder to a single file and back, the prediction type
+/// travelling with it (a `v_pred` key, then the scheduler config sd-sched reads); the result
+/// loads (a LoRA bakes into it); refusals name what is wrong.
+#[test]
+fn convert_model_both_ways() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures");
+    let folder = fixtures.join("sdxl/tiny").to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let single = path("xl.safetensors");
+    let (ok, text) = trainer(&["convert-model", &folder, "--out", &single, "--prediction-type", "v_prediction", "--dtype", "bf16"]);
+    assert!(ok && text.contains("SDXL") && text.contains("single file") && text.contains("v_prediction"), "{text}");
+    let (ok, text) = trainer(&["info", &single]);
+    assert!(ok && text.contains("prediction type: v_prediction") && text.contains("BF16"), "{text}");
+    let back = path("xl");
+    let (ok, text) = trainer(&["convert-model", &single, "--out", &back]);
+    assert!(ok && text.contains("diffusers folder"), "{text}");
+    let scheduler = sd_sched::SchedulerConfig::from_model_dir(&back).unwrap();
+    assert_eq!(scheduler.prediction_type, sd_sched::PredictionType::VPrediction);
+    assert_eq!(scheduler.class_name.as_deref(), Some("EulerDiscreteScheduler"));
+    let lora = fixtures.join("sdxl/lora_kohya.safetensors");
+    let (ok, text) = trainer(&["merge", "--model", &back, "--lora", lora.to_str().unwrap(), "--out", &path("merged")]);
+    assert!(ok, "the converted folder loads: {text}");
+    for (args, expected) in [
+        (vec!["convert-model", &folder, "--out", &single], "already exists"),
+        (vec!["convert-model", &folder, "--out", &path("e.safetensors"), "--ema"], "--ema applies to single files"),
+        (vec!["convert-model", &single, "--out", &path("v"), "--vae", &path("missing.safetensors")], "missing.safetensors"),
+        (vec!["convert-model", &single, "--out", &path("p"), "--prediction-type", "sample"], "epsilon or v_prediction"),
+    ] {
+        let (ok, text) = trainer(&args);
+        assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{args:?}: {text}");
+    }
+    assert!(!Path::new(&path("v")).exists() && !Path::new(&path("e.safetensors")).exists());
+}
+
 /// `trainer generate --embedding FILE`: the file's name calls it in both prompts; a file of
 /// another width, or not an embedding, is refused naming it.
 #[test]

@@ -121,7 +121,7 @@ fn sd1_lora_round_trips_through_merge_and_extract() {
     let other = s(&dir.path().join("other.safetensors")).to_string();
     for (args, expected) in [
         (vec!["--tuned", s(&tuned), "--out", s(&exact)], "already exists"),
-        (vec!["--tuned", s(&sd2), "--out", &other], "must share one architecture"),
+        (vec!["--tuned", s(&sd2), "--out", &other], "both must be of one family"),
         (vec!["--tuned", s(&base), "--out", &other], "nothing to extract"),
         (vec!["--tuned", s(&tuned), "--out", &other, "--clamp-quantile", "1.5"], "(0, 1]"),
         (vec!["--tuned", s(&tuned), "--out", &other, "--rank", "8", "--dynamic-method", "sv_cumulative", "--dynamic-param", "0.9"], "sv_cumulative"),

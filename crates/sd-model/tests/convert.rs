@@ -1,0 +1,319 @@
+//! `sd_model::convert`: single file ↔ diffusers folder, checked against the fixture pairs of
+//! `xtask/fixtures/sd_model.py` / `sd_model_sdxl.py` (each model written by diffusers' key
+//! maps both ways, weights exact in f16 and bf16), and the key maps against the full-size
+//! SD1.5 / SD2.1 / SDXL manifests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use lora_core::tensor_io::{decode_bytes, SaveDtype};
+use sd_model::convert::{convert_checkpoint, ConvertOptions, Prediction};
+use sd_model::keymap::{self, OpenClipName, UnetLayout};
+use sd_model::load::{LoadOptions, ModelFamily, ModelSource, WeightFile};
+use sd_model::tokenizer::ClipTokenizer;
+use sd_model::{SdModelError, UnetConfig};
+
+type B = Flex;
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// Every tensor of a file as f32 values with its shape (non-float tensors left out).
+fn tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let file = WeightFile::open(path).unwrap();
+    file.keys()
+        .filter_map(|k| {
+            let (dtype, bytes) = file.raw(k)?;
+            Some((k.to_string(), (file.shape(k)?.to_vec(), decode_bytes(dtype, bytes)?)))
+        })
+        .collect()
+}
+
+/// All component files of a diffusers folder, keys prefixed with the component.
+fn folder_tensors(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut out = BTreeMap::new();
+    for c in ["unet", "text_encoder", "text_encoder_2", "vae"] {
+        if let Ok(file) = ModelSource::weights_file(dir, c) {
+            out.extend(tensors(&file).into_iter().map(|(k, v)| (format!("{c}/{k}"), v)));
+        }
+    }
+    out
+}
+
+fn assert_same(got: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, want: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, skip: &dyn Fn(&str) -> bool) {
+    let got_keys: BTreeSet<&String> = got.keys().filter(|k| !skip(k)).collect();
+    let want_keys: BTreeSet<&String> = want.keys().filter(|k| !skip(k)).collect();
+    assert_eq!(got_keys, want_keys, "key sets differ");
+    for key in got_keys {
+        let ((gs, gv), (ws, wv)) = (&got[key], &want[key]);
+        assert_eq!(gs, ws, "`{key}`: shapes");
+        // The fixtures' weights are exact in bf16 and f16 except f16's subnormals (< 6.1e-5,
+        // steps of 6e-8): within a step of each other.
+        if let Some(i) = (0..gv.len()).find(|&i| (gv[i] - wv[i]).abs() > 6.1e-8) {
+            panic!("`{key}` differs at {i}: {} vs {}", gv[i], wv[i]);
+        }
+    }
+}
+
+/// Loads every component of a converted model (the loaders' own key checks), on the CPU.
+fn loads(path: &Path) {
+    let source = ModelSource::detect(path).unwrap();
+    let options = LoadOptions::default();
+    let device = Default::default();
+    source.load_unet::<B>(&device, &options).unwrap();
+    source.load_text_encoder::<B>(&device, &options).unwrap();
+    source.load_text_encoder_2::<B>(&device, &options).unwrap();
+    source.load_vae::<B>(&device, &options).unwrap();
+}
+
+#[test]
+fn sd1_and_sd2_single_files_become_the_diffusers_folders() {
+    for name in ["sd1", "sd2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model");
+        let report = convert_checkpoint(&fixture(&format!("parity/{name}_single_file.safetensors")), &out, &ConvertOptions::default()).unwrap();
+        assert!(report.left_out.is_empty(), "{name}: {:?}", report.left_out);
+        assert_eq!(report.prediction, Prediction::Epsilon);
+        // bf16 in, bf16 out; the same values as the f16 folder diffusers wrote.
+        assert_same(&folder_tensors(&out), &folder_tensors(&fixture(&format!("parity/{name}"))), &|_| false);
+        loads(&out);
+        let source = ModelSource::detect(&out).unwrap();
+        assert_eq!(source.unet_config().unwrap(), ModelSource::detect(fixture(&format!("parity/{name}"))).unwrap().unet_config().unwrap());
+        // Tokenizers: SD2's OpenCLIP pads with `!` (id 0).
+        let tokenizer = ClipTokenizer::from_model_dir(&out).unwrap();
+        assert_eq!(tokenizer.pad_token_id(), if name == "sd2" { 0 } else { 49407 });
+        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model_index.json")).unwrap()).unwrap();
+        assert_eq!(index["_class_name"], "StableDiffusionPipeline");
+        assert!(out.join("scheduler/scheduler_config.json").is_file());
+    }
+}
+
+#[test]
+fn sd1_and_sd2_folders_become_the_single_files() {
+    for name in ["sd1", "sd2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("model.safetensors");
+        let options = ConvertOptions { dtype: Some(SaveDtype::Bf16), ..Default::default() };
+        let report = convert_checkpoint(&fixture(&format!("parity/{name}")), &out, &options).unwrap();
+        assert!(report.left_out.is_empty(), "{name}: {:?}", report.left_out);
+        let placeholders: BTreeSet<String> = report.placeholders.iter().cloned().collect();
+        let got = tensors(&out);
+        let want = tensors(&fixture(&format!("parity/{name}_single_file.safetensors")));
+        if name == "sd2" {
+            // The OpenCLIP layer and extras diffusers drops come back as placeholders.
+            let layers = ModelSource::detect(fixture("parity/sd2")).unwrap().text_encoder_config().unwrap().num_hidden_layers;
+            assert!(placeholders.contains("cond_stage_model.model.text_projection"));
+            assert!(placeholders.contains(&format!("cond_stage_model.model.transformer.resblocks.{layers}.attn.in_proj_weight")), "{placeholders:?}");
+            assert!(!placeholders.iter().any(|k| k.contains(&format!("resblocks.{}.", layers - 1))));
+            let copy = &got[&format!("cond_stage_model.model.transformer.resblocks.{layers}.mlp.c_fc.weight")];
+            assert_eq!(copy, &got[&format!("cond_stage_model.model.transformer.resblocks.{}.mlp.c_fc.weight", layers - 1)]);
+            for key in &placeholders {
+                assert_eq!(got[key].0, want[key].0, "`{key}` has the original's shape");
+            }
+        } else {
+            assert!(placeholders.is_empty());
+        }
+        assert_same(&got, &want, &|k| placeholders.contains(k));
+        loads(&out);
+    }
+}
+
+#[test]
+fn sdxl_converts_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("xl");
+    let report = convert_checkpoint(&fixture("sdxl/tiny_single_file.safetensors"), &folder, &ConvertOptions::default()).unwrap();
+    assert_eq!(report.family, ModelFamily::Sdxl);
+    assert!(report.left_out.is_empty(), "{:?}", report.left_out);
+    assert_same(&folder_tensors(&folder), &folder_tensors(&fixture("sdxl/tiny")), &|_| false);
+    loads(&folder);
+    assert_eq!(ClipTokenizer::from_dir(folder.join("tokenizer_2")).unwrap().pad_token_id(), 0);
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("model_index.json")).unwrap()).unwrap();
+    assert_eq!(index["_class_name"], "StableDiffusionXLPipeline");
+
+    let single = tmp.path().join("xl.safetensors");
+    let report = convert_checkpoint(&fixture("sdxl/tiny"), &single, &ConvertOptions { dtype: Some(SaveDtype::Bf16), ..Default::default() }).unwrap();
+    assert!(report.left_out.is_empty() && report.placeholders.is_empty(), "{report:?}");
+    // As kohya's converter: no position-id buffer, no logit scale diffusers never had.
+    let extra = |k: &str| k.ends_with("position_ids") || k.ends_with("logit_scale");
+    assert_same(&tensors(&single), &tensors(&fixture("sdxl/tiny_single_file.safetensors")), &extra);
+    loads(&single);
+}
+
+#[test]
+fn round_trips_keep_dtypes_and_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let single = tmp.path().join("a.safetensors");
+    let folder = tmp.path().join("b");
+    convert_checkpoint(&fixture("parity/sd1"), &single, &ConvertOptions::default()).unwrap();
+    // The folder's f16 stays f16 without a dtype.
+    let file = WeightFile::open(&single).unwrap();
+    assert!(file.keys().all(|k| file.raw(k).unwrap().0 == safetensors::Dtype::F16));
+    convert_checkpoint(&single, &folder, &ConvertOptions::default()).unwrap();
+    assert_same(&folder_tensors(&folder), &folder_tensors(&fixture("parity/sd1")), &|_| false);
+}
+
+#[test]
+fn v_prediction_and_zero_terminal_snr_travel_with_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("v");
+    // A v-prediction folder: the sd2 fixture with a DDIM v-prediction, zero-SNR schedule.
+    copy_dir(&fixture("parity/sd2"), &folder);
+    std::fs::create_dir_all(folder.join("scheduler")).unwrap();
+    std::fs::write(folder.join("scheduler/scheduler_config.json"), r#"{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction", "rescale_betas_zero_snr": true}"#).unwrap();
+    let single = tmp.path().join("v.safetensors");
+    let report = convert_checkpoint(&folder, &single, &ConvertOptions::default()).unwrap();
+    assert_eq!((report.prediction, report.zero_terminal_snr), (Prediction::VPrediction, true));
+    let file = WeightFile::open(&single).unwrap();
+    assert!(file.contains("v_pred") && file.contains("ztsnr"));
+    assert_eq!(sd_model::inspect::inspect_checkpoint(&single).unwrap().prediction.as_deref(), Some("v_prediction"));
+    // ... and back: the scheduler says so.
+    let back = tmp.path().join("back");
+    let report = convert_checkpoint(&single, &back, &ConvertOptions::default()).unwrap();
+    assert!(report.left_out.is_empty(), "{:?}", report.left_out);
+    let scheduler: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(back.join("scheduler/scheduler_config.json")).unwrap()).unwrap();
+    assert_eq!((scheduler["prediction_type"].as_str(), scheduler["rescale_betas_zero_snr"].as_bool()), (Some("v_prediction"), Some(true)));
+    assert_eq!(scheduler["_class_name"], "DDIMScheduler");
+    // An explicit choice wins; a prediction type a single file cannot record is refused.
+    let eps = tmp.path().join("eps.safetensors");
+    let report = convert_checkpoint(&folder, &eps, &ConvertOptions { prediction: Some(Prediction::Epsilon), ..Default::default() }).unwrap();
+    assert_eq!(report.prediction, Prediction::Epsilon);
+    assert!(!WeightFile::open(&eps).unwrap().contains("v_pred"));
+    std::fs::write(folder.join("scheduler/scheduler_config.json"), r#"{"prediction_type": "sample"}"#).unwrap();
+    let err = convert_checkpoint(&folder, &tmp.path().join("s.safetensors"), &ConvertOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("scheduler_config.json") && err.to_string().contains("sample"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Rewrites a safetensors file with `edit` applied to its (key, dtype, shape, bytes) list.
+fn rewrite(from: &Path, to: &Path, edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
+    let file = WeightFile::open(from).unwrap();
+    let mut entries: Vec<_> = file.keys().map(|k| {
+        let (d, b) = file.raw(k).unwrap();
+        (k.to_string(), d, file.shape(k).unwrap().to_vec(), b.to_vec())
+    }).collect();
+    edit(&mut entries);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = entries.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, Some(file.metadata().clone()), to).unwrap();
+}
+
+#[test]
+fn ema_weights_and_a_separate_vae() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An SD1 file with an EMA copy of the UNet (values doubled) and without its VAE.
+    let with_ema = tmp.path().join("ema.safetensors");
+    rewrite(&fixture("parity/sd1_single_file.safetensors"), &with_ema, |entries| {
+        let ema: Vec<_> = entries.iter().filter(|(k, ..)| k.starts_with("model.diffusion_model.")).map(|(k, d, s, b)| {
+            let doubled: Vec<f32> = decode_bytes(*d, b).unwrap().iter().map(|v| v * 2.0).collect();
+            (format!("model_ema.{}", k["model.".len()..].replace('.', "")), *d, s.clone(), SaveDtype::of(*d).unwrap().encode(&doubled))
+        }).collect();
+        entries.extend(ema);
+        entries.retain(|(k, ..)| !k.starts_with("first_stage_model."));
+    });
+    // Without a VAE there is nothing to write one from.
+    let err = convert_checkpoint(&with_ema, &tmp.path().join("x"), &ConvertOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("no VAE"), "{err}");
+    // The folder's VAE file (diffusers names) stands in, and the UNet comes from the EMA copy.
+    let out = tmp.path().join("out");
+    let vae = fixture("parity/sd1/vae");
+    let report = convert_checkpoint(&with_ema, &out, &ConvertOptions { ema: true, vae: Some(vae), ..Default::default() }).unwrap();
+    assert!(report.ema && report.left_out.is_empty(), "{report:?}");
+    let got = folder_tensors(&out);
+    let want = folder_tensors(&fixture("parity/sd1"));
+    let doubled = want.iter().map(|(k, (s, v))| (k.clone(), (s.clone(), if k.starts_with("unet/") { v.iter().map(|x| x * 2.0).collect() } else { v.clone() }))).collect();
+    assert_same(&got, &doubled, &|_| false);
+    // A file without EMA weights refuses --ema.
+    let err = convert_checkpoint(&fixture("parity/sd1_single_file.safetensors"), &tmp.path().join("y"), &ConvertOptions { ema: true, ..Default::default() }).unwrap_err();
+    assert!(err.to_string().contains("no EMA"), "{err}");
+}
+
+#[test]
+fn outputs_are_never_overwritten_and_bad_sources_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let taken = tmp.path().join("taken.safetensors");
+    std::fs::write(&taken, b"mine").unwrap();
+    let err = convert_checkpoint(&fixture("parity/sd1"), &taken, &ConvertOptions::default()).unwrap_err();
+    assert!(matches!(err, SdModelError::BadInput { .. }) && err.to_string().contains("already exists"), "{err}");
+    assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
+    // A LoRA is not a checkpoint.
+    let err = convert_checkpoint(&fixture("parity/sd1_lora_kohya.safetensors"), &tmp.path().join("z"), &ConvertOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("sd1_lora_kohya") && err.to_string().contains("UNet"), "{err}");
+    assert!(!tmp.path().join("z").exists() && !tmp.path().join("z.partial").exists());
+}
+
+fn manifest(name: &str) -> BTreeMap<String, Vec<usize>> {
+    std::fs::read_to_string(fixture(&format!("manifests/{name}.txt")))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (key, shape) = line.split_once('\t').unwrap();
+            (key.to_string(), shape.split(',').filter(|d| !d.is_empty()).map(|d| d.parse().unwrap()).collect())
+        })
+        .collect()
+}
+
+/// Every full-size UNet and VAE key maps to diffusers' and back to itself.
+#[test]
+fn full_size_unet_and_vae_key_maps_invert() {
+    for (single, unet, config) in [("sd15_single_file", "sd15_diffusers_unet", UnetConfig::sd15()), ("sd21_single_file", "sd21_diffusers_unet", UnetConfig::sd21()), ("sdxl_single_file", "sdxl_diffusers_unet", UnetConfig::sdxl())] {
+        let layout = UnetLayout::from_config(&config);
+        let keys = manifest(single);
+        let diffusers = manifest(unet);
+        let mut seen = BTreeSet::new();
+        for key in keys.keys().filter(|k| k.starts_with(keymap::LDM_UNET_PREFIX)) {
+            let ours = layout.ldm_key(key).unwrap_or_else(|| panic!("{single}: `{key}`"));
+            assert_eq!(diffusers.get(&ours), keys.get(key), "{single}: `{key}` → `{ours}`");
+            assert_eq!(layout.diffusers_to_ldm_key(&ours).as_deref(), Some(key.as_str()));
+            seen.insert(ours);
+        }
+        assert_eq!(seen.len(), diffusers.len(), "{single}: every diffusers key is reached");
+        let vae = manifest("sd15_diffusers_vae");
+        for key in keys.keys().filter_map(|k| k.strip_prefix("first_stage_model.")) {
+            let (ours, squeeze) = keymap::ldm_vae_path(key, 4).unwrap();
+            assert!(vae.contains_key(&ours), "`{ours}`");
+            assert_eq!(keymap::diffusers_vae_to_ldm(&ours, 4), Some((key.to_string(), squeeze && ours.ends_with("weight"))));
+        }
+    }
+}
+
+/// Every OpenCLIP key of SD2.1 and SDXL maps to transformers' and back.
+#[test]
+fn full_size_open_clip_key_maps_invert() {
+    for (single, prefix, diffusers, layers) in [
+        ("sd21_single_file", keymap::SD2_TEXT_PREFIX, "sd21_diffusers_text_encoder", 23),
+        ("sdxl_single_file", keymap::SDXL_TEXT_2_PREFIX, "sdxl_diffusers_text_encoder_2", 32),
+    ] {
+        let keys = manifest(single);
+        let theirs = manifest(diffusers);
+        let mut reached = BTreeSet::new();
+        for key in keys.keys().filter(|k| k.starts_with(prefix) && !keymap::is_ignored_single_file_key(k)) {
+            let width = keys[&format!("{prefix}token_embedding.weight")][1];
+            for (ours, src) in keymap::open_clip_key_at(prefix, key, width, layers).unwrap() {
+                assert!(theirs.contains_key(&ours), "{single}: `{ours}`");
+                let back = match keymap::open_clip_name(&ours).unwrap() {
+                    OpenClipName::Plain(n) => { assert!(src.rows.is_none() && !src.transpose); n }
+                    OpenClipName::Transposed(n) => { assert!(src.transpose); n }
+                    OpenClipName::Fused(n, part) => { assert_eq!(src.rows, Some((part * width, (part + 1) * width))); n }
+                };
+                assert_eq!(format!("{prefix}{back}"), *key);
+                reached.insert(ours);
+            }
+        }
+        let expected: BTreeSet<String> = theirs.keys().filter(|k| !keymap::is_ignored_diffusers_key(k)).cloned().collect();
+        assert_eq!(reached, expected, "{single}");
+    }
+}
