@@ -455,12 +455,16 @@ const TEXT_FILE: &str = "text_encoder/model.safetensors";
 const TEXT_2_FILE: &str = "text_encoder_2/model.safetensors";
 const VAE_FILE: &str = "vae/diffusion_pytorch_model.safetensors";
 
-/// The prediction type a single file records: a `v_pred` key, else `modelspec.prediction_type`.
-fn single_file_prediction(file: &WeightFile) -> Option<Prediction> {
-    if file.contains("v_pred") {
-        return Some(Prediction::VPrediction);
-    }
-    file.metadata().get("modelspec.prediction_type").and_then(|p| p.parse().ok())
+/// What a single file records about its schedule: the prediction type (an empty `v_pred`
+/// key, ComfyUI's mark, else the SAI model spec's `modelspec.prediction_type`) and whether
+/// it is rescaled to zero terminal SNR (an empty `ztsnr` key).
+pub fn single_file_prediction(file: &WeightFile) -> (Option<Prediction>, bool) {
+    let prediction = if file.contains("v_pred") {
+        Some(Prediction::VPrediction)
+    } else {
+        file.metadata().get("modelspec.prediction_type").and_then(|p| p.parse().ok())
+    };
+    (prediction, file.contains("ztsnr"))
 }
 
 /// Converts a single-file checkpoint into a diffusers folder at `out` (see the
@@ -485,8 +489,8 @@ pub fn single_file_to_diffusers(src: &Path, out: &Path, options: &ConvertOptions
         (false, Some(_)) => VaeConfig::sd15(),
         (false, None) => return Err(bad(src, "holds no VAE (`first_stage_model.*`): give one to write (--vae)")),
     };
-    let prediction = options.prediction.or_else(|| single_file_prediction(file)).unwrap_or(Prediction::Epsilon);
-    let zero_terminal_snr = file.contains("ztsnr");
+    let (recorded, zero_terminal_snr) = single_file_prediction(file);
+    let prediction = options.prediction.or(recorded).unwrap_or(Prediction::Epsilon);
     let has_ema = file.keys().any(|k| k.starts_with("model_ema."));
     if options.ema && !has_ema {
         return Err(bad(src, "has no EMA weights (`model_ema.*`) to take the UNet's from"));

@@ -78,10 +78,8 @@ pub fn inspect_checkpoint(path: &Path) -> Result<CheckpointInfo> {
             if found[0].parameters == 0 {
                 return Err(SdModelError::Layout { path: path.to_path_buf(), reason: "no UNet weights (`model.diffusion_model.*`): not a Stable Diffusion checkpoint".into() });
             }
-            // Some v-prediction SDXL checkpoints mark themselves with an empty `v_pred` key.
-            if file.contains("v_pred") {
-                prediction = Some("v_prediction".to_string());
-            }
+            // Some v-prediction checkpoints mark themselves with an empty `v_pred` key.
+            prediction = crate::convert::single_file_prediction(&file).0.map(|p| p.name().to_string());
             components = found.into_iter().filter(|c| c.parameters > 0).collect();
             metadata = file.metadata().clone().into_iter().collect();
         }

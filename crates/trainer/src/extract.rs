@@ -93,7 +93,10 @@ fn v_prediction_of(source: &ModelSource) -> Result<bool, TrainError> {
         ModelSource::Diffusers(dir) if dir.join("scheduler/scheduler_config.json").is_file() => {
             SchedulerConfig::from_model_dir(dir)?.prediction_type == PredictionType::VPrediction
         }
-        _ => false,
+        ModelSource::SingleFile(path) => {
+            sd_model::convert::single_file_prediction(&sd_model::load::WeightFile::open(path)?).0 == Some(sd_model::convert::Prediction::VPrediction)
+        }
+        ModelSource::Diffusers(_) => false,
     })
 }
 

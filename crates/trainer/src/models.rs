@@ -67,6 +67,18 @@ pub fn is_sdxl(pretrained: &str) -> Result<bool, TrainError> {
     }
 }
 
+/// The schedule of a single-file checkpoint: SD's, with what the file records about its
+/// prediction type and terminal SNR ([`sd_model::convert::single_file_prediction`]).
+fn single_file_scheduler(path: &std::path::Path) -> Result<SchedulerConfig, TrainError> {
+    let (prediction, zero_terminal_snr) = sd_model::convert::single_file_prediction(&sd_model::load::WeightFile::open(path)?);
+    let mut config = SchedulerConfig::sd15();
+    if prediction == Some(sd_model::convert::Prediction::VPrediction) {
+        config.prediction_type = sd_sched::PredictionType::VPrediction;
+    }
+    config.rescale_betas_zero_snr = zero_terminal_snr;
+    Ok(config)
+}
+
 /// The tokenizer of `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint),
 /// without loading any weights: a folder's own `tokenizer/`, CLIP's otherwise.
 pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
@@ -162,8 +174,10 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     }
     let scheduler = match &source {
         ModelSource::Diffusers(dir) if dir.join("scheduler/scheduler_config.json").is_file() => SchedulerConfig::from_model_dir(dir)?,
-        // Single files carry no scheduler config: SD1.x/2.x share the schedule.
-        _ => SchedulerConfig::sd15(),
+        // Single files carry no scheduler config: SD1.x/2.x and SDXL share the schedule; the
+        // prediction type and zero terminal SNR where the file marks them (`v_pred`, `ztsnr`).
+        ModelSource::SingleFile(path) => single_file_scheduler(path)?,
+        ModelSource::Diffusers(_) => SchedulerConfig::sd15(),
     };
     // Stored dense: on CUDA, uploaded weights have padded rows (`lora_core::precision::pack_all`).
     let base_version = match (&text_encoder_2, sd2) {

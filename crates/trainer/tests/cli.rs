@@ -518,6 +518,9 @@ fn convert_model_both_ways() {
     assert!(ok && text.contains("SDXL") && text.contains("single file") && text.contains("v_prediction"), "{text}");
     let (ok, text) = trainer(&["info", &single]);
     assert!(ok && text.contains("prediction type: v_prediction") && text.contains("BF16"), "{text}");
+    // Training and generation from the single file read its mark (`train.prediction = "auto"`).
+    let components = trainer::models::load_components::<Flex>(&single, 0, &Default::default()).unwrap();
+    assert_eq!(components.scheduler.prediction_type, sd_sched::PredictionType::VPrediction);
     let back = path("xl");
     let (ok, text) = trainer(&["convert-model", &single, "--out", &back]);
     assert!(ok && text.contains("diffusers folder"), "{text}");
