@@ -240,6 +240,9 @@ pub struct AdapterSet {
     /// kohya file records the names it used where they differ, so a file keeps its names
     /// through `convert`, `resize` and `combine`.
     pub kohya_names: BTreeMap<AdapterKey, String>,
+    /// Textual-inversion embeddings bundled in the file (A1111's `bundle_emb.NAME.KEY`),
+    /// keyed `NAME.KEY` as read: not adapters, written back with the set.
+    pub bundled_embeddings: BTreeMap<String, crate::HostTensor>,
 }
 
 impl AdapterSet {
@@ -298,7 +301,8 @@ impl AdapterSet {
     }
 
     /// One set applying all `sets` at once, each at its strength (see
-    /// [`LoraWeights::combine`]); metadata is taken from the first set.
+    /// [`LoraWeights::combine`]); metadata is taken from the first set, bundled embeddings
+    /// from every set (the first's of a name).
     pub fn combine(sets: &[(&AdapterSet, f32)]) -> Result<AdapterSet> {
         let mut keys: Vec<&AdapterKey> = sets.iter().flat_map(|(s, _)| s.adapters.keys()).collect();
         keys.sort();
@@ -307,9 +311,10 @@ impl AdapterSet {
         if let Some((first, _)) = sets.first() {
             out.metadata = first.metadata.clone();
         }
-        // Every file's recorded names (the first file's where they differ).
+        // Every file's recorded names and bundled embeddings (the first file's where they differ).
         for (set, _) in sets.iter().rev() {
             out.kohya_names.extend(set.kohya_names.clone());
+            out.bundled_embeddings.extend(set.bundled_embeddings.clone());
         }
         for key in keys {
             let parts: Vec<(&LoraWeights, f32)> = sets

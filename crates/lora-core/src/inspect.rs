@@ -107,6 +107,9 @@ pub struct LoraInfo {
     pub dtypes: BTreeMap<String, usize>,
     /// The file's metadata.
     pub metadata: BTreeMap<String, String>,
+    /// Textual-inversion embeddings bundled in the file (`bundle_emb.NAME.…`): each name
+    /// with its tensors' keys after the name and shapes.
+    pub bundled_embeddings: BTreeMap<String, Vec<(String, Vec<usize>)>>,
 }
 
 /// The parts of a kohya key after the module name that name an adapter's tensors.
@@ -185,8 +188,13 @@ pub fn inspect(bytes: &[u8], path: &Path) -> Result<LoraInfo> {
     let (st, metadata) = tensor_io::parse(bytes, path)?;
     let mut dtypes = BTreeMap::new();
     let mut grouped: BTreeMap<String, Vec<(String, TensorView<'_>)>> = BTreeMap::new();
+    let mut bundled_embeddings: BTreeMap<String, Vec<(String, Vec<usize>)>> = BTreeMap::new();
     for (key, view) in st.tensors() {
         *dtypes.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
+        if let Some((name, part)) = key.strip_prefix(crate::BUNDLED_EMBEDDING_PREFIX).and_then(|k| k.split_once('.')) {
+            bundled_embeddings.entry(name.to_string()).or_default().push((part.to_string(), view.shape().to_vec()));
+            continue;
+        }
         let (name, part) = split_key(&key, format);
         grouped.entry(name).or_default().push((part, view));
     }
@@ -194,7 +202,7 @@ pub fn inspect(bytes: &[u8], path: &Path) -> Result<LoraInfo> {
     for (name, tensors) in grouped {
         modules.push(module_info(name, &tensors, path)?);
     }
-    Ok(LoraInfo { format, modules, dtypes, metadata: metadata.into_iter().collect() })
+    Ok(LoraInfo { format, modules, dtypes, metadata: metadata.into_iter().collect(), bundled_embeddings })
 }
 
 fn module_info(name: String, tensors: &[(String, TensorView<'_>)], path: &Path) -> Result<ModuleInfo> {
@@ -313,7 +321,7 @@ mod tests {
 
     #[test]
     fn tag_frequency_sums_the_folders() {
-        let mut info = LoraInfo { format: AdapterFormat::Kohya, modules: vec![], dtypes: BTreeMap::new(), metadata: BTreeMap::new() };
+        let mut info = LoraInfo { format: AdapterFormat::Kohya, modules: vec![], dtypes: BTreeMap::new(), metadata: BTreeMap::new(), bundled_embeddings: BTreeMap::new() };
         assert!(info.tag_frequency().is_empty());
         info.metadata.insert("ss_tag_frequency".into(), r#"{"10_a": {"mystyle": 10, " red": 2}, "5_b": {"mystyle": 5, "blue": 2}}"#.into());
         assert_eq!(info.tag_frequency(), vec![("mystyle".into(), 15), ("blue".into(), 2), ("red".into(), 2)]);

@@ -69,7 +69,7 @@ pub use adapters::{AdapterKey, AdapterSet, Component, ModuleIndex};
 pub use config::{Algo, LoraConfig, LoraInit};
 pub use conv::{Conv2dAdapter, LoraConv2d};
 pub use error::{LoraError, Result};
-pub use format::{detect_format, AdapterFormat, ReadOptions, ReadReport};
+pub use format::{detect_format, AdapterFormat, ReadOptions, ReadReport, BUNDLED_EMBEDDING_PREFIX};
 pub use linear::{LinearAdapter, LoraLinear};
 pub use sites::{LoraSiteMut, LoraSites};
 pub use tensor_io::SaveDtype;

@@ -204,6 +204,7 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
     }
     out.metadata = set.metadata.clone();
     out.kohya_names = set.kohya_names.clone();
+    out.bundled_embeddings = set.bundled_embeddings.clone();
     let old = set.iter().map(|(_, w)| w.rank()).max().unwrap_or(0);
     let comment = set.metadata.get("ss_training_comment").cloned().unwrap_or_default();
     let note = match settings.rule {

@@ -223,6 +223,34 @@ fn unknown_keys_error_or_are_skipped_when_lenient() {
     assert_eq!(set.iter().next().unwrap().1.alpha, 2.0);
 }
 
+/// Embeddings bundled in a LoRA file (A1111's `bundle_emb.NAME.…`) are not adapters and not
+/// unknown keys: a strict read takes the adapters and leaves them; `inspect` lists them.
+#[test]
+fn bundled_embeddings_ride_along() {
+    let bytes = raw(&[
+        (&format!("{Q}.lora_down.weight"), vec![2, 8], vec![0.1; 16]),
+        (&format!("{Q}.lora_up.weight"), vec![8, 2], vec![0.1; 16]),
+        ("bundle_emb.mystyle.string_to_param.*", vec![2, 8], vec![0.5; 16]),
+        ("bundle_emb.other.clip_l", vec![1, 8], vec![0.5; 8]),
+        ("bundle_emb.other.clip_g", vec![1, 4], vec![0.5; 4]),
+    ]);
+    let (set, report) = read(&bytes).unwrap();
+    assert_eq!((set.len(), report.skipped.len(), set.bundled_embeddings.len()), (1, 0, 3));
+    assert_eq!(set.bundled_embeddings["mystyle.string_to_param.*"].shape, [2, 8]);
+    // Written back with the adapters, in either layout (so convert / resize keep them).
+    for format in [AdapterFormat::Kohya, AdapterFormat::Peft] {
+        let again = set.to_bytes(format, SaveDtype::F32).unwrap();
+        let (back, _) = AdapterSet::from_bytes(&again, Path::new("again.safetensors"), &index(), ReadOptions::default()).unwrap();
+        assert_eq!(back.bundled_embeddings, set.bundled_embeddings, "{format:?}");
+    }
+    let resized = lora_core::resize::resize_set(&set, &lora_core::resize::ResizeSettings { rank: 1, conv_rank: 1, rule: lora_core::resize::RankRule::Fixed }).unwrap();
+    assert_eq!(resized.set.bundled_embeddings, set.bundled_embeddings);
+    let info = lora_core::inspect::inspect(&bytes, Path::new("test.safetensors")).unwrap();
+    assert_eq!(info.modules.len(), 1);
+    assert_eq!(info.bundled_embeddings.keys().collect::<Vec<_>>(), ["mystyle", "other"]);
+    assert_eq!(info.bundled_embeddings["mystyle"], [("string_to_param.*".to_string(), vec![2, 8])]);
+}
+
 #[test]
 fn malformed_inputs_are_typed_errors() {
     let good = sample_set(4).to_bytes(AdapterFormat::Kohya, SaveDtype::F16).unwrap();

@@ -10,7 +10,8 @@
 //! placeholder leaves the file's name). Each of its
 //! `n` vectors becomes an added token ([`token_names`]) of the tokenizer and a row of the
 //! text encoder's token embedding, and [`expand_prompt`] writes those tokens where the word
-//! stands in a prompt.
+//! stands in a prompt. LoRA files may bundle embeddings (`bundle_emb.NAME.…`, A1111's
+//! format): [`read_bundled_embeddings`] reads them.
 //!
 //! ```
 //! use sd_model::textual_inversion::{expand_prompt, token_names};
@@ -62,19 +63,42 @@ pub fn read_embedding(path: &Path) -> Result<Embedding> {
         .ok_or_else(|| bad(path, "no file name to call the embedding by"))?;
     let bytes = tensor_io::read_file(path)?;
     let (st, _) = tensor_io::parse(&bytes, path)?;
-    let tensor = |key: &str| -> Result<HostTensor> {
-        let view = st.tensor(key).map_err(|e| bad(path, format!("`{key}`: {e}")))?;
-        let mut t = tensor_io::decode(&view, key, path)?;
-        if t.shape.len() == 1 {
-            t.shape.insert(0, 1);
-        }
-        if t.shape.len() != 2 || t.shape[0] == 0 {
-            return Err(bad(path, format!("`{key}` has shape {:?}; expected [vectors, width]", t.shape)));
-        }
-        Ok(t)
-    };
+    let tensor = |key: &str| read_vectors(&st, key, path);
     let names: Vec<&str> = st.names();
-    let vectors = if names.contains(&"emb_params") {
+    let vectors = match vector_sets(&names, &tensor, path)? {
+        Some(vectors) => vectors,
+        None => match names.as_slice() {
+            // diffusers names the tensor by its token, which is the word then.
+            [only] => {
+                if *only != "*" {
+                    name = only.to_string();
+                }
+                vec![tensor(only)?]
+            }
+            _ => return Err(bad(path, format!("expected `emb_params`, `clip_l` and `clip_g`, or one tensor; found {names:?}"))),
+        },
+    };
+    finite(&vectors, path)?;
+    Ok(Embedding { name, vectors })
+}
+
+/// Tensor `key` as `[vectors, width]` (a `[width]` vector is one row).
+fn read_vectors(st: &safetensors::SafeTensors<'_>, key: &str, path: &Path) -> Result<HostTensor> {
+    let view = st.tensor(key).map_err(|e| bad(path, format!("`{key}`: {e}")))?;
+    let mut t = tensor_io::decode(&view, key, path)?;
+    if t.shape.len() == 1 {
+        t.shape.insert(0, 1);
+    }
+    if t.shape.len() != 2 || t.shape[0] == 0 {
+        return Err(bad(path, format!("`{key}` has shape {:?}; expected [vectors, width]", t.shape)));
+    }
+    Ok(t)
+}
+
+/// The vector sets named as A1111 / kohya name them among `names`: `emb_params`, SDXL's
+/// `clip_l` + `clip_g`, or a `.pt` embedding's `string_to_param.*`; `None` when none is there.
+fn vector_sets(names: &[&str], tensor: &dyn Fn(&str) -> Result<HostTensor>, path: &Path) -> Result<Option<Vec<HostTensor>>> {
+    Ok(Some(if names.contains(&"emb_params") {
         vec![tensor("emb_params")?]
     } else if names.contains(&"clip_l") && names.contains(&"clip_g") {
         let (l, g) = (tensor("clip_l")?, tensor("clip_g")?);
@@ -82,19 +106,46 @@ pub fn read_embedding(path: &Path) -> Result<Embedding> {
             return Err(bad(path, format!("clip_l has {} vectors and clip_g {}", l.shape[0], g.shape[0])));
         }
         vec![l, g]
-    } else if let [only] = names.as_slice() {
-        // diffusers names the tensor by its token, which is the word then.
-        if *only != "*" {
-            name = only.to_string();
-        }
-        vec![tensor(only)?]
+    } else if names.contains(&"string_to_param.*") {
+        vec![tensor("string_to_param.*")?]
     } else {
-        return Err(bad(path, format!("expected `emb_params`, `clip_l` and `clip_g`, or one tensor; found {names:?}")));
-    };
+        return Ok(None);
+    }))
+}
+
+fn finite(vectors: &[HostTensor], path: &Path) -> Result<()> {
     if vectors.iter().any(|v| v.data.iter().any(|x| !x.is_finite())) {
         return Err(bad(path, "the vectors hold NaN or infinite values"));
     }
-    Ok(Embedding { name, vectors })
+    Ok(())
+}
+
+/// Key prefix of embeddings bundled in a LoRA file (A1111's `bundle_emb.NAME.KEY`, KEY as
+/// an embedding file's: `emb_params`, `clip_l` / `clip_g`, `string_to_param.*`).
+pub const BUNDLE_PREFIX: &str = lora_core::BUNDLED_EMBEDDING_PREFIX;
+
+/// The textual-inversion embeddings bundled in a LoRA file (`bundle_emb.NAME.…`, as A1111
+/// loads them with the LoRA and OneTrainer / pivotal-tuning trainers write them), each
+/// called by its NAME; none for a file without them. A bundle without a known vector set is
+/// an error naming its keys.
+pub fn read_bundled_embeddings(path: &Path) -> Result<Vec<Embedding>> {
+    let bytes = tensor_io::read_file(path)?;
+    let (st, _) = tensor_io::parse(&bytes, path)?;
+    let mut bundles: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for key in st.names() {
+        if let Some((name, rest)) = key.strip_prefix(BUNDLE_PREFIX).and_then(|k| k.split_once('.')) {
+            bundles.entry(name).or_default().push(rest);
+        }
+    }
+    let mut out = Vec::with_capacity(bundles.len());
+    for (name, parts) in bundles {
+        let tensor = |part: &str| read_vectors(&st, &format!("{BUNDLE_PREFIX}{name}.{part}"), path);
+        let vectors = vector_sets(&parts, &tensor, path)?
+            .ok_or_else(|| bad(path, format!("bundled embedding `{name}` has {parts:?}; expected emb_params, clip_l and clip_g, or string_to_param.*")))?;
+        finite(&vectors, path)?;
+        out.push(Embedding { name: name.to_string(), vectors });
+    }
+    Ok(out)
 }
 
 /// The added tokens of embedding `name`'s `n` vectors: `<emb:NAME:0>` ... (no word of a

@@ -580,43 +580,64 @@ impl<B: Backend> ImageStart<B> {
 
 /// Loads textual-inversion embeddings ([`sd_model::textual_inversion`]) into the model:
 /// each file's vectors become added tokens of the tokenizer(s) and rows of the text
-/// encoder(s) (SDXL files hold a set for each). Returns each embedding's name with its
-/// tokens, for [`sd_model::textual_inversion::expand_prompt`]. A file whose vectors do not
-/// fit the model (another family's width, one set for SDXL's two encoders) is an error
-/// naming it; so are two embeddings of one name.
-pub fn load_embeddings<B: Backend>(c: &mut Components<B>, paths: &[std::path::PathBuf], device: &B::Device) -> Result<Vec<(String, Vec<String>)>, TrainError> {
-    use sd_model::textual_inversion::{read_embedding, token_names};
+/// encoder(s) (SDXL files hold a set for each), then the embeddings bundled in `lora_files`
+/// (A1111's `bundle_emb.NAME.…`, loaded with the LoRA as A1111 does; one whose name is
+/// already taken, by a file or an earlier LoRA, is left out). Returns each embedding's name
+/// with its tokens, for [`sd_model::textual_inversion::expand_prompt`]. Vectors that do not
+/// fit the model (another family's width, one set for SDXL's two encoders) are an error
+/// naming their file; so are two embedding files of one name.
+pub fn load_embeddings<B: Backend>(
+    c: &mut Components<B>,
+    paths: &[std::path::PathBuf],
+    lora_files: &[std::path::PathBuf],
+    device: &B::Device,
+) -> Result<Vec<(String, Vec<String>)>, TrainError> {
+    use sd_model::textual_inversion::{read_bundled_embeddings, read_embedding};
+    let taken = |loaded: &[(String, Vec<String>)], name: &str| loaded.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
     let mut loaded: Vec<(String, Vec<String>)> = Vec::with_capacity(paths.len());
     for path in paths {
         let embedding = read_embedding(path)?;
-        let bad = |reason: String| TrainError::Config { origin: path.display().to_string(), reason };
-        if loaded.iter().any(|(n, _)| n.eq_ignore_ascii_case(&embedding.name)) {
-            return Err(bad(format!("a second embedding named `{}`", embedding.name)));
+        if taken(&loaded, &embedding.name) {
+            return Err(TrainError::Config { origin: path.display().to_string(), reason: format!("a second embedding named `{}`", embedding.name) });
         }
-        let encoders = if c.is_sdxl() { 2 } else { 1 };
-        if embedding.vectors.len() != encoders {
-            return Err(bad(format!("{} set(s) of vectors, this model has {encoders} text encoder(s) (SDXL embeddings hold clip_l and clip_g)", embedding.vectors.len())));
-        }
-        let tokens = token_names(&embedding.name, embedding.len());
-        let mut targets: Vec<(&mut ClipTokenizer, &mut sd_model::ClipTextModel<B>)> = vec![(&mut c.tokenizer, &mut c.text_encoder)];
-        if let (Some(t), Some(e)) = (c.tokenizer_2.as_mut(), c.text_encoder_2.as_mut()) {
-            targets.push((t, e));
-        }
-        for ((tokenizer, encoder), vectors) in targets.into_iter().zip(&embedding.vectors) {
-            if tokenizer.vocab_size() != encoder.vocab_size() {
-                return Err(bad(format!("the tokenizer has {} ids but the text encoder {} rows", tokenizer.vocab_size(), encoder.vocab_size())));
+        loaded.push(add_embedding(c, embedding, path, device)?);
+    }
+    for path in lora_files {
+        for embedding in read_bundled_embeddings(path)? {
+            if !taken(&loaded, &embedding.name) {
+                loaded.push(add_embedding(c, embedding, path, device)?);
             }
-            let width = encoder.hidden_size();
-            if vectors.shape[1] != width {
-                return Err(bad(format!("vectors of width {}, this model's text encoder takes {width}: an embedding for another model family", vectors.shape[1])));
-            }
-            let (extended, _) = tokenizer.clone().with_added_tokens(&tokens)?;
-            encoder.extend_vocabulary(vectors.to_tensor::<B, 2>(device)?)?;
-            *tokenizer = extended;
         }
-        loaded.push((embedding.name, tokens));
     }
     Ok(loaded)
+}
+
+/// Adds one embedding's tokens and vectors to the model; `origin` names it in errors.
+fn add_embedding<B: Backend>(c: &mut Components<B>, embedding: sd_model::textual_inversion::Embedding, origin: &std::path::Path, device: &B::Device) -> Result<(String, Vec<String>), TrainError> {
+    use sd_model::textual_inversion::token_names;
+    let bad = |reason: String| TrainError::Config { origin: format!("{} (embedding `{}`)", origin.display(), embedding.name), reason };
+    let encoders = if c.is_sdxl() { 2 } else { 1 };
+    if embedding.vectors.len() != encoders {
+        return Err(bad(format!("{} set(s) of vectors, this model has {encoders} text encoder(s) (SDXL embeddings hold clip_l and clip_g)", embedding.vectors.len())));
+    }
+    let tokens = token_names(&embedding.name, embedding.len());
+    let mut targets: Vec<(&mut ClipTokenizer, &mut sd_model::ClipTextModel<B>)> = vec![(&mut c.tokenizer, &mut c.text_encoder)];
+    if let (Some(t), Some(e)) = (c.tokenizer_2.as_mut(), c.text_encoder_2.as_mut()) {
+        targets.push((t, e));
+    }
+    for ((tokenizer, encoder), vectors) in targets.into_iter().zip(&embedding.vectors) {
+        if tokenizer.vocab_size() != encoder.vocab_size() {
+            return Err(bad(format!("the tokenizer has {} ids but the text encoder {} rows", tokenizer.vocab_size(), encoder.vocab_size())));
+        }
+        let width = encoder.hidden_size();
+        if vectors.shape[1] != width {
+            return Err(bad(format!("vectors of width {}, this model's text encoder takes {width}: an embedding for another model family", vectors.shape[1])));
+        }
+        let (extended, _) = tokenizer.clone().with_added_tokens(&tokens)?;
+        encoder.extend_vocabulary(vectors.to_tensor::<B, 2>(device)?)?;
+        *tokenizer = extended;
+    }
+    Ok((embedding.name, tokens))
 }
 
 /// A two-pass "hires fix" (A1111's *Hires. fix*, kohya's `gen_img.py --highres_fix_*`):

@@ -896,8 +896,9 @@ fn run_generate<B: Backend>(
     if let Some(vae) = &files.vae {
         trainer::models::load_separate_vae(&mut c, vae)?;
     }
-    if !files.embeddings.is_empty() {
-        let names = trainer::generate::load_embeddings(&mut c, &files.embeddings, device)?;
+    let lora_paths: Vec<PathBuf> = loras.files.iter().map(|l| l.path.clone()).collect();
+    let names = trainer::generate::load_embeddings(&mut c, &files.embeddings, &lora_paths, device)?;
+    if !names.is_empty() {
         let expand = |p: &str| sd_model::textual_inversion::expand_prompt(p, &names);
         opts.prompts = opts.prompts.iter().map(|p| expand(p)).collect();
         opts.negative_prompt = expand(&opts.negative_prompt);
@@ -1382,6 +1383,7 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
             "dtypes": info.dtypes,
             "modules": modules,
             "metadata": info.metadata,
+            "bundled_embeddings": info.bundled_embeddings.iter().map(|(name, parts)| (name.clone(), serde_json::Value::from(parts.iter().map(|(p, s)| serde_json::json!({"part": p, "shape": s})).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
         });
         println!("{value}");
         return Ok(());
@@ -1406,6 +1408,18 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
     }
     if info.unassigned() > 0 {
         println!("  {} modules of no known component", info.unassigned());
+    }
+    if !info.bundled_embeddings.is_empty() {
+        let list: Vec<String> = info
+            .bundled_embeddings
+            .iter()
+            .map(|(name, parts)| {
+                let vectors = parts.first().map_or(0, |(_, s)| if s.len() == 2 { s[0] } else { 1 });
+                let sets = parts.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(" + ");
+                format!("{name} ({vectors} vectors, {sets})")
+            })
+            .collect();
+        println!("  bundled embeddings (called by name in prompts): {}", list.join(", "));
     }
     for (key, label) in INFO_KEYS {
         if let Some(value) = info.metadata.get(key).filter(|v| !v.is_empty() && v.as_str() != "None") {
@@ -1541,6 +1555,14 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
         }
     }
     println!("merged {} UNet and {} text-encoder adapters into {}", applied.unet, applied.text_encoder, out.display());
+    for lora in loras {
+        let bundled = sd_model::textual_inversion::read_bundled_embeddings(&lora.path)?;
+        if !bundled.is_empty() {
+            // A checkpoint has no place for added tokens (A1111 does not bake them either).
+            let names = bundled.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ");
+            println!("note: {} bundles embeddings ({names}) that a checkpoint cannot hold; give the LoRA to `generate` to use them", lora.path.display());
+        }
+    }
     Ok(())
 }
 

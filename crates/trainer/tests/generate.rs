@@ -409,7 +409,7 @@ fn textual_inversion_embeddings_stand_for_their_vectors() {
         std::fs::write(&path, lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
 
         let mut with = plain.clone();
-        let names = trainer::generate::load_embeddings(&mut with, std::slice::from_ref(&path), &device).unwrap();
+        let names = trainer::generate::load_embeddings(&mut with, std::slice::from_ref(&path), &[], &device).unwrap();
         let name = path.file_stem().unwrap().to_str().unwrap().to_lowercase();
         let o = |c: &Components<B>, prompt: &str| {
             let o = GenerateOptions { prompts: vec![prompt.into()], ..opts("ddim") };
@@ -420,9 +420,30 @@ fn textual_inversion_embeddings_stand_for_their_vectors() {
         assert_eq!(o(&with, &expanded), o(&plain, "a red circle"), "{model}");
         assert_ne!(o(&with, "a blue circle"), o(&with, &expanded), "{model}");
 
+        // The same vectors bundled in a LoRA file (A1111's `bundle_emb.NAME.…`; SD1 as a
+        // `.pt` embedding's `string_to_param.*`): the bundle stands for "red" too.
+        let lora = dir.path().join(format!("bundle{}.safetensors", model.len()));
+        let bundled: Vec<(String, lora_core::HostTensor)> = tensors
+            .iter()
+            .map(|(k, t)| (format!("bundle_emb.Crimson.{}", if k == "emb_params" { "string_to_param.*" } else { k }), t.clone()))
+            .collect();
+        let refs: Vec<(String, &lora_core::HostTensor)> = bundled.iter().map(|(k, t)| (k.clone(), t)).collect();
+        std::fs::write(&lora, lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
+        let mut from_lora = plain.clone();
+        let names = trainer::generate::load_embeddings(&mut from_lora, &[], std::slice::from_ref(&lora), &device).unwrap();
+        assert_eq!(names.iter().map(|(n, t)| (n.as_str(), t.len())).collect::<Vec<_>>(), [("Crimson", 1)]);
+        assert_eq!(o(&from_lora, &expand_prompt("a crimson circle", &names)), o(&plain, "a red circle"), "{model}: bundled");
+        // A file's embedding of the same name wins over the bundle's.
+        let file_named = dir.path().join("crimson.safetensors");
+        std::fs::copy(&path, &file_named).unwrap();
+        let mut both = plain.clone();
+        let names = trainer::generate::load_embeddings(&mut both, std::slice::from_ref(&file_named), std::slice::from_ref(&lora), &device).unwrap();
+        assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_file(&file_named).unwrap();
+
         // The other family's file: the wrong number of sets or width.
         let mut other = load_components::<B>(if model == "tiny" { "tiny-sdxl" } else { "tiny" }, 0, &device).unwrap();
-        let e = trainer::generate::load_embeddings(&mut other, std::slice::from_ref(&path), &device).unwrap_err().to_string();
+        let e = trainer::generate::load_embeddings(&mut other, std::slice::from_ref(&path), &[], &device).unwrap_err().to_string();
         assert!(e.contains(path.file_name().unwrap().to_str().unwrap()), "{e}");
     }
 }

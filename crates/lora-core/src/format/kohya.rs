@@ -27,9 +27,10 @@ pub(super) fn read(
 ) -> Result<(AdapterSet, ReadReport)> {
     // LyCORIS' LoHa and LoKr modules share the layout (read with their own tensors).
     let suffixes: Vec<(&str, Role)> = SUFFIXES.iter().copied().chain(super::lycoris::SUFFIXES.iter().map(|(s, p)| (*s, Role::Lycoris(*p)))).collect();
-    let (parts, mut unknown, metadata) = group(bytes, path, &suffixes)?;
+    let (parts, mut unknown, metadata, bundled) = group(bytes, path, &suffixes)?;
     let mut set = AdapterSet::new();
     set.metadata = metadata.into_iter().collect();
+    set.bundled_embeddings = bundled;
     for (name, part) in parts {
         let Some(key) = index.resolve_kohya(&name).cloned() else {
             unknown.extend(part.keys);
@@ -194,6 +195,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
             tensors.push((format!("{name}.dora_scale"), m));
         }
     }
+    tensors.extend(super::bundled_tensors(set));
     let mut metadata: HashMap<String, String> = set.metadata.clone().into_iter().collect();
     let mut network = network_metadata(set);
     // A resize with a dynamic rule (`crate::resize`) marks the ranks as per adapter, as

@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 use crate::tensor_io::{self, SaveDtype};
 use crate::{AdapterSet, HostTensor, LoraError, LoraWeights, ModuleIndex, Result};
 
+/// Key prefix of textual-inversion embeddings bundled in a LoRA file (A1111's
+/// `bundle_emb.NAME.…`): the readers leave these keys alone.
+pub const BUNDLED_EMBEDDING_PREFIX: &str = "bundle_emb.";
+
 /// How many unknown keys an error message lists.
 const SHOW_UNKNOWN: usize = 5;
 
@@ -91,14 +95,21 @@ fn split_key<'a>(key: &'a str, suffixes: &[(&str, Role)]) -> Option<(&'a str, Ro
 }
 
 /// A file's tensors grouped per module, the keys with no known suffix, and the metadata.
-type Grouped = (BTreeMap<String, Parts>, Vec<String>, HashMap<String, String>);
+/// Per-module parts, keys of no known role, header metadata, bundled embeddings.
+type Grouped = (BTreeMap<String, Parts>, Vec<String>, HashMap<String, String>, BTreeMap<String, HostTensor>);
 
 /// Groups a file's tensors into per-module parts; keys with no known suffix are returned apart.
 fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped> {
     let (st, metadata) = tensor_io::parse(bytes, path)?;
     let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut stray = Vec::new();
+    let mut bundled = BTreeMap::new();
     for (key, view) in st.iter() {
+        if let Some(rest) = key.strip_prefix(BUNDLED_EMBEDDING_PREFIX) {
+            // Textual-inversion embeddings riding along (sd-model reads them), not adapters.
+            bundled.insert(rest.to_string(), tensor_io::decode(&view, key, path)?);
+            continue;
+        }
         let Some((name, role)) = split_key(key, suffixes) else {
             stray.push(key.to_string());
             continue;
@@ -124,7 +135,12 @@ fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped
             }
         }
     }
-    Ok((parts, stray, metadata))
+    Ok((parts, stray, metadata, bundled))
+}
+
+/// The set's bundled embeddings under their file keys, to write beside the adapters.
+fn bundled_tensors(set: &AdapterSet) -> impl Iterator<Item = (String, &HostTensor)> {
+    set.bundled_embeddings.iter().map(|(k, t)| (format!("{BUNDLED_EMBEDDING_PREFIX}{k}"), t))
 }
 
 /// Turns collected parts into validated weights; `missing` names the up/down tensors in errors.

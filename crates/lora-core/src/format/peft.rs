@@ -43,9 +43,10 @@ pub(super) fn read(
     index: &ModuleIndex,
     options: ReadOptions,
 ) -> Result<(AdapterSet, ReadReport)> {
-    let (parts, mut unknown, metadata) = group(bytes, path, SUFFIXES)?;
+    let (parts, mut unknown, metadata, bundled) = group(bytes, path, SUFFIXES)?;
     let mut set = AdapterSet::new();
     set.metadata = metadata.into_iter().collect();
+    set.bundled_embeddings = bundled;
     for (name, part) in parts {
         let key = match parse_name(&name, index) {
             Some(k) if index.is_empty() || index.contains(&k) => k,
@@ -86,6 +87,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
             tensors.push((format!("{name}.lora_magnitude_vector"), m));
         }
     }
+    tensors.extend(super::bundled_tensors(set));
     let mut metadata: HashMap<String, String> = set
         .metadata
         .iter()
