@@ -78,11 +78,20 @@ impl std::str::FromStr for SaveDtype {
     }
 }
 
+/// What a PyTorch pickle given where safetensors are read is told.
+pub const PICKLE_HINT: &str = "a PyTorch pickle (.ckpt / .pt), not safetensors: convert it once with `trainer convert-model FILE --out FILE.safetensors`";
+
 /// Parses a safetensors buffer, mapping errors to [`LoraError::Malformed`] naming `path`.
 pub fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
+    // PyTorch pickles (zip archives or raw pickles) are the usual wrong file: say so.
+    let pickle = bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80);
     let malformed = |e: safetensors::SafeTensorError| LoraError::Malformed {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: if pickle {
+            PICKLE_HINT.to_string()
+        } else {
+            e.to_string()
+        },
     };
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(malformed)?;
     let st = SafeTensors::deserialize(bytes).map_err(malformed)?;

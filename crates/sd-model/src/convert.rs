@@ -123,12 +123,50 @@ pub struct ConvertReport {
 }
 
 /// Converts `src` (a single `.safetensors` checkpoint or a diffusers folder) into the other
-/// layout at `out` (see the [module docs](self)).
+/// layout at `out` (see the [module docs](self)). A PyTorch pickle checkpoint (`.ckpt`,
+/// `.pt`, `.pth`, `.bin`; [`crate::torch_file`]) becomes a single `.safetensors` file of the
+/// same keys when `out` ends in `.safetensors`, else a diffusers folder.
 pub fn convert_checkpoint(src: &Path, out: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
+    if crate::torch_file::is_pytorch_file(src) && src.is_file() {
+        return convert_pytorch(src, out, options);
+    }
     match ModelSource::detect(src)? {
         ModelSource::SingleFile(path) => single_file_to_diffusers(&path, out, options),
         ModelSource::Diffusers(dir) => diffusers_to_single_file(&dir, out, options),
     }
+}
+
+/// A pickle checkpoint to a safetensors file of its keys, or through one to a folder.
+fn convert_pytorch(src: &Path, out: &Path, options: &ConvertOptions) -> Result<ConvertReport> {
+    refuse_existing(out)?;
+    let to_file = out.extension().is_some_and(|e| e == "safetensors");
+    if to_file && (options.ema || options.prediction.is_some() || options.vae.is_some()) {
+        return Err(bad(out, "a pickle becomes a .safetensors file of the same keys as it is: --ema, --prediction-type and --vae apply when converting to a folder"));
+    }
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".from-pickle.safetensors");
+    let single = if to_file { out.to_path_buf() } else { out.with_file_name(name) };
+    let _ = std::fs::remove_file(&single).ok().filter(|()| !to_file);
+    let tensors = crate::torch_file::pytorch_to_safetensors(src, &single, options.dtype)?;
+    if !to_file {
+        let converted = single_file_to_diffusers(&single, out, options);
+        let _ = std::fs::remove_file(&single);
+        // The intermediate file is gone: errors name the pickle.
+        return converted.map_err(|e| bad(src, format!("read as a single-file checkpoint: {e}")));
+    }
+    let source = ModelSource::SingleFile(single.clone());
+    let file = WeightFile::open(&single)?;
+    let (recorded, zero_terminal_snr) = single_file_prediction(&file);
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(ConvertReport {
+        family: source.family().unwrap_or(ModelFamily::Sd1),
+        written: vec![(name, tensors)],
+        left_out: vec![],
+        placeholders: vec![],
+        prediction: recorded.unwrap_or(Prediction::Epsilon),
+        zero_terminal_snr,
+        ema: false,
+    })
 }
 
 fn bad(what: &Path, reason: impl Into<String>) -> SdModelError {

@@ -47,6 +47,7 @@ pub mod save;
 pub mod targets;
 pub mod textual_inversion;
 pub mod tokenizer;
+pub mod torch_file;
 mod transformer;
 mod unet;
 mod unet_blocks;

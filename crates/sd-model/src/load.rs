@@ -69,9 +69,14 @@ impl WeightFile {
             path: path.clone(),
             source,
         })?;
+        let pickle = crate::torch_file::looks_like_pytorch(&mmap[..mmap.len().min(4)]);
         let corrupt = |e: safetensors::SafeTensorError| SdModelError::CorruptWeights {
             path: path.clone(),
-            reason: e.to_string(),
+            reason: if pickle {
+                lora_core::tensor_io::PICKLE_HINT.into()
+            } else {
+                e.to_string()
+            },
         };
         safetensors::SafeTensors::deserialize(&mmap).map_err(corrupt)?;
         let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(corrupt)?;

@@ -54,13 +54,17 @@ fn bad(path: &Path, reason: impl Into<String>) -> SdModelError {
     SdModelError::BadInput { what: path.display().to_string(), reason: reason.into() }
 }
 
-/// Reads an embedding file (`.safetensors`; see the [module docs](self)).
+/// Reads an embedding file (`.safetensors`, or A1111's older PyTorch `.pt` / `.bin`; see
+/// the [module docs](self)).
 pub fn read_embedding(path: &Path) -> Result<Embedding> {
     let mut name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
         .ok_or_else(|| bad(path, "no file name to call the embedding by"))?;
+    if crate::torch_file::is_pytorch_file(path) {
+        return read_pytorch_embedding(path, name);
+    }
     let bytes = tensor_io::read_file(path)?;
     let (st, _) = tensor_io::parse(&bytes, path)?;
     let tensor = |key: &str| read_vectors(&st, key, path);
@@ -82,10 +86,29 @@ pub fn read_embedding(path: &Path) -> Result<Embedding> {
     Ok(Embedding { name, vectors })
 }
 
+/// A PyTorch embedding (A1111's `.pt`: `string_to_param.*`, or `emb_params`, `clip_l` /
+/// `clip_g`), called by the file's name as A1111 calls it.
+fn read_pytorch_embedding(path: &Path, name: String) -> Result<Embedding> {
+    let tensors = crate::torch_file::read_pytorch(path)?;
+    let names: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+    let tensor = |key: &str| -> Result<HostTensor> {
+        let (_, snapshot) = tensors.iter().find(|(k, _)| k == key).ok_or_else(|| bad(path, format!("`{key}` is missing")))?;
+        as_vectors(crate::torch_file::host_tensor(snapshot, key, path)?, key, path)
+    };
+    let vectors = vector_sets(&names, &tensor, path)?
+        .ok_or_else(|| bad(path, format!("expected `string_to_param.*`, `emb_params`, or `clip_l` and `clip_g`; found {names:?}")))?;
+    finite(&vectors, path)?;
+    Ok(Embedding { name, vectors })
+}
+
 /// Tensor `key` as `[vectors, width]` (a `[width]` vector is one row).
 fn read_vectors(st: &safetensors::SafeTensors<'_>, key: &str, path: &Path) -> Result<HostTensor> {
     let view = st.tensor(key).map_err(|e| bad(path, format!("`{key}`: {e}")))?;
-    let mut t = tensor_io::decode(&view, key, path)?;
+    as_vectors(tensor_io::decode(&view, key, path)?, key, path)
+}
+
+/// `t` as `[vectors, width]` (a `[width]` vector is one row), or an error naming `key`.
+fn as_vectors(mut t: HostTensor, key: &str, path: &Path) -> Result<HostTensor> {
     if t.shape.len() == 1 {
         t.shape.insert(0, 1);
     }

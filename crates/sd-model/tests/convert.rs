@@ -317,3 +317,43 @@ fn full_size_open_clip_key_maps_invert() {
         assert_eq!(reached, expected, "{single}");
     }
 }
+
+/// PyTorch pickles (`xtask/fixtures/sd_model_pickles.py`): a `.ckpt` (zip and pre-1.6
+/// formats) becomes the safetensors file of its `state_dict`, or a folder; an A1111 `.pt`
+/// embedding reads as its safetensors twin; the loaders name a pickle for what it is.
+#[test]
+fn pytorch_pickles_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let want = tensors(&fixture("parity/sd1_single_file.safetensors"));
+    for name in ["sd1.ckpt", "sd1_legacy.ckpt"] {
+        let single = tmp.path().join(format!("{name}.safetensors"));
+        let report = convert_checkpoint(&fixture(&format!("pickles/{name}")), &single, &ConvertOptions::default()).unwrap();
+        assert_eq!(report.written[0].1, want.len(), "{name}");
+        assert_same(&tensors(&single), &want, &|_| false);
+        let file = WeightFile::open(&single).unwrap();
+        assert!(file.keys().all(|k| file.raw(k).unwrap().0 == safetensors::Dtype::BF16), "{name}: dtypes kept");
+    }
+    // Straight to a folder: through a safetensors file, removed after. (This tiny model's
+    // configs ride in the safetensors fixture's header, which a pickle has no place for, so
+    // its shapes cannot be read as a model's: the error names the pickle. Full-size models
+    // convert: xtask/fixtures/check_convert.py.)
+    let folder = tmp.path().join("from-ckpt");
+    let err = convert_checkpoint(&fixture("pickles/sd1.ckpt"), &folder, &ConvertOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("sd1.ckpt") && err.contains("single-file checkpoint"), "{err}");
+    assert!(!folder.exists() && !tmp.path().join("from-ckpt.from-pickle.safetensors").exists(), "nothing is left behind");
+    // Options that need a folder are refused for a plain file conversion.
+    let err = convert_checkpoint(&fixture("pickles/sd1.ckpt"), &tmp.path().join("e.safetensors"), &ConvertOptions { ema: true, ..Default::default() }).unwrap_err();
+    assert!(err.to_string().contains("--ema"), "{err}");
+    // The loaders say what a pickle is and how to convert it.
+    let err = WeightFile::open(fixture("pickles/sd1.ckpt")).unwrap_err().to_string();
+    assert!(err.contains("PyTorch pickle") && err.contains("convert-model"), "{err}");
+
+    let pt = sd_model::textual_inversion::read_embedding(&fixture("pickles/myemb.pt")).unwrap();
+    let st = sd_model::textual_inversion::read_embedding(&fixture("pickles/myemb.safetensors")).unwrap();
+    assert_eq!((pt.name.as_str(), &pt.vectors), ("myemb", &st.vectors));
+    // Not a pickle at all.
+    let fake = tmp.path().join("fake.pt");
+    std::fs::write(&fake, b"not a pickle").unwrap();
+    let err = sd_model::textual_inversion::read_embedding(&fake).unwrap_err().to_string();
+    assert!(err.contains("fake.pt"), "{err}");
+}

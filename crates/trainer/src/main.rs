@@ -263,7 +263,7 @@ enum Command {
         /// vae-ft-mse-840000-ema-pruned.safetensors).
         #[arg(long)]
         vae: Option<PathBuf>,
-        /// Textual-inversion embedding files (.safetensors; repeatable): each file's name
+        /// Textual-inversion embedding files (.safetensors, or A1111's older .pt; repeatable): each file's name
         /// without the extension, written in a prompt, stands for its vectors (A1111's
         /// embeddings, e.g. a negative embedding in --negative-prompt).
         #[arg(long = "embedding")]
@@ -579,9 +579,11 @@ enum Command {
     },
     /// Convert a checkpoint between a single .safetensors file (as A1111 / ComfyUI use
     /// them) and a diffusers folder, either way (kohya's convert_diffusers20_original_sd.py):
-    /// SD1.x, SD2.x and SDXL; configs, tokenizers and scheduler written for a folder.
+    /// SD1.x, SD2.x and SDXL; configs, tokenizers and scheduler written for a folder. An old
+    /// PyTorch .ckpt / .pt becomes a .safetensors file (--out X.safetensors) or a folder.
     ConvertModel {
-        /// A single-file checkpoint (becomes a folder) or a diffusers folder (becomes a file).
+        /// A single-file checkpoint (becomes a folder), a diffusers folder (becomes a file), or
+        /// a PyTorch pickle (.ckpt, .pt, .pth, .bin).
         model: PathBuf,
         /// The converted checkpoint (must not exist).
         #[arg(long)]
