@@ -1239,6 +1239,11 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
 fn run_convert_model(model: &std::path::Path, out: &std::path::Path, options: &sd_model::convert::ConvertOptions) -> Result<()> {
     let report = sd_model::convert::convert_checkpoint(model, out, options)?;
     let tensors: usize = report.written.iter().map(|(_, n)| n).sum();
+    if sd_model::torch_file::is_pytorch_file(model) && out.extension().is_some_and(|e| e == "safetensors") {
+        // Any pickle of tensors (a checkpoint, a LoRA, an embedding), keys as they were.
+        println!("{} -> {} ({tensors} tensors, the same keys)", model.display(), out.display());
+        return Ok(());
+    }
     let layout = if out.is_dir() { "diffusers folder" } else { "single file" };
     println!(
         "{} {} -> {} ({layout}, {tensors} tensors{}, {}{})",
