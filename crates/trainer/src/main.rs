@@ -1359,6 +1359,24 @@ fn run_checkpoint_info(path: &std::path::Path, all_metadata: bool, json: bool) -
     Ok(())
 }
 
+/// `trainer info` on a textual-inversion embedding: its word, vectors, width and family.
+fn embedding_info(file: &std::path::Path, embedding: &sd_model::textual_inversion::Embedding, json: bool) -> Result<()> {
+    let widths: Vec<usize> = embedding.vectors.iter().map(|v| v.shape[1]).collect();
+    let family = match widths.as_slice() {
+        [768] => "SD1.x",
+        [1024] => "SD2.x",
+        [768, 1280] => "SDXL",
+        _ => "unknown",
+    };
+    if json {
+        println!("{}", serde_json::json!({"file": file.display().to_string(), "kind": "embedding", "name": embedding.name, "vectors": embedding.len(), "widths": widths, "family": family}));
+    } else {
+        let widths = widths.iter().map(usize::to_string).collect::<Vec<_>>().join(" + ");
+        println!("{}: textual-inversion embedding `{}` ({} vectors, width {widths}: {family}); write `{}` in a prompt with --embedding", file.display(), embedding.name, embedding.len(), embedding.name);
+    }
+    Ok(())
+}
+
 fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bool, json: bool) -> Result<()> {
     use lora_core::inspect::inspect;
     // A checkpoint (a folder, or a file with UNet weights) is described from its header.
@@ -1367,7 +1385,14 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
         return run_checkpoint_info(file, all_metadata, json);
     }
     let bytes = lora_core::tensor_io::read_file(file)?;
-    let info = inspect(&bytes, file)?;
+    let info = match inspect(&bytes, file) {
+        Ok(info) => info,
+        // Not a LoRA: a textual-inversion embedding (safetensors or A1111's .pt) is described.
+        Err(e) => match sd_model::textual_inversion::read_embedding(file) {
+            Ok(embedding) => return embedding_info(file, &embedding, json),
+            Err(_) => return Err(e.into()),
+        },
+    };
     if json {
         let modules: Vec<serde_json::Value> = info
             .modules

@@ -540,6 +540,15 @@ fn convert_model_both_ways() {
         assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{args:?}: {text}");
     }
     assert!(!Path::new(&path("v")).exists() && !Path::new(&path("e.safetensors")).exists());
+
+    // PyTorch pickles: a .ckpt to safetensors, an A1111 .pt embedding described.
+    let pickles = fixtures.join("pickles");
+    let (ok, text) = trainer(&["convert-model", pickles.join("sd1.ckpt").to_str().unwrap(), "--out", &path("sd1.safetensors")]);
+    assert!(ok && text.contains("384 tensors, the same keys"), "{text}");
+    let (ok, text) = trainer(&["info", pickles.join("myemb.pt").to_str().unwrap()]);
+    assert!(ok && text.contains("textual-inversion embedding `myemb` (2 vectors"), "{text}");
+    let (ok, text) = trainer(&["info", pickles.join("sd1.ckpt").to_str().unwrap()]);
+    assert!(!ok && text.contains("convert-model"), "{text}");
 }
 
 /// `trainer generate --embedding FILE`: the file's name calls it in both prompts; a file of
