@@ -222,6 +222,76 @@ fn canonicalize_header(bytes: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// A tensor for [`write_streamed`] whose bytes are made when the writer reaches it, so a
+/// file of many large tensors is written with one of them in memory at a time.
+pub struct StreamedTensor<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Box<dyn Fn() -> std::borrow::Cow<'a, [u8]> + 'a>,
+}
+
+impl<'a> StreamedTensor<'a> {
+    /// A tensor of `dtype` and `shape` whose little-endian bytes `bytes` makes; they must
+    /// be `shape`'s element count times the dtype's size (checked by [`write_streamed`]).
+    pub fn new(dtype: Dtype, shape: Vec<usize>, bytes: impl Fn() -> std::borrow::Cow<'a, [u8]> + 'a) -> Self {
+        Self { dtype, shape, bytes: Box::new(bytes) }
+    }
+
+    fn len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
+    }
+}
+
+impl safetensors::tensor::View for &StreamedTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        (self.bytes)()
+    }
+    fn data_len(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Writes `tensors` with `metadata` to the safetensors file `path`, each tensor's bytes made
+/// as the writer reaches it, atomically: into `PATH.partial`, checked and renamed over
+/// `path` when complete, removed on failure (an error naming `path`).
+///
+/// ```
+/// use lora_core::tensor_io::{write_streamed, StreamedTensor, SaveDtype};
+/// use std::borrow::Cow;
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("x.safetensors");
+/// let t = StreamedTensor::new(SaveDtype::F32.st_dtype(), vec![2], || Cow::Owned(SaveDtype::F32.encode(&[1.0, 2.0])));
+/// write_streamed(&path, vec![("x".to_string(), t)], Default::default()).unwrap();
+/// assert!(path.is_file() && !dir.path().join("x.safetensors.partial").exists());
+/// ```
+pub fn write_streamed<'a>(path: &Path, tensors: Vec<(String, StreamedTensor<'a>)>, metadata: HashMap<String, String>) -> Result<()> {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    let partial = path.with_file_name(name);
+    let fail = |reason: String| LoraError::Malformed { path: path.to_path_buf(), reason };
+    let result = safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.clone(), t)), Some(metadata), &partial)
+        .map_err(|e| fail(format!("writing: {e}")))
+        .and_then(|()| {
+            // A tensor whose bytes came out short leaves a truncated file: refuse it.
+            let expected: usize = tensors.iter().map(|(_, t)| t.len()).sum();
+            let size = std::fs::metadata(&partial).map_err(|source| LoraError::Io { path: partial.clone(), source })?.len() as usize;
+            if size < expected {
+                return Err(fail(format!("wrote {size} bytes for {expected} bytes of tensors (a tensor could not be read)")));
+            }
+            std::fs::rename(&partial, path).map_err(|source| LoraError::Io { path: path.to_path_buf(), source })
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
 /// Reads a whole file, naming it in the error.
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| LoraError::Io {

@@ -42,8 +42,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use lora_core::tensor_io::{decode_bytes, SaveDtype};
-use safetensors::tensor::{Dtype, View};
+use lora_core::tensor_io::{decode_bytes, write_streamed, SaveDtype, StreamedTensor};
+use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
 
 use crate::config::{ClipTextConfig, VaeConfig, CLIP_WITH_PROJECTION};
@@ -278,11 +278,23 @@ impl Plan {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|source| SdModelError::Io { path: parent.to_path_buf(), source })?;
             }
-            let views = tensors.iter().map(|t| (t.key.clone(), Writing { files: &self.files, tensor: t }));
-            safetensors::serialize_to_file(views, Some(metadata.clone()), &path).map_err(|e| bad(&path, format!("writing: {e}")))?;
+            write_streamed(&path, self.streamed(tensors), metadata.clone())?;
             written.push((name.clone(), tensors.len()));
         }
         Ok(written)
+    }
+}
+
+impl Plan {
+    /// The planned tensors, each made when the writer reaches it.
+    fn streamed<'a>(&'a self, tensors: &'a [Planned]) -> Vec<(String, StreamedTensor<'a>)> {
+        tensors
+            .iter()
+            .map(|t| {
+                let w = Writing { files: &self.files, tensor: t };
+                (t.key.clone(), StreamedTensor::new(t.dtype, t.shape.clone(), move || w.bytes()))
+            })
+            .collect()
     }
 }
 
@@ -292,18 +304,18 @@ struct Writing<'a> {
     tensor: &'a Planned,
 }
 
-impl Writing<'_> {
-    fn bytes(&self) -> Cow<'_, [u8]> {
-        let t = self.tensor;
+impl<'a> Writing<'a> {
+    fn bytes(&self) -> Cow<'a, [u8]> {
+        let (t, files) = (self.tensor, self.files);
         let encode = |values: &[f32]| SaveDtype::of(t.dtype).unwrap_or(SaveDtype::F32).encode(values);
         if let Some(values) = &t.values {
             return Cow::Owned(encode(values));
         }
         // Checked when planned: every piece is present and fits.
-        let mut parts: Vec<(Dtype, Cow<'_, [u8]>)> = t
+        let mut parts: Vec<(Dtype, Cow<'a, [u8]>)> = t
             .pieces
             .iter()
-            .filter_map(|p| self.files[p.file].source_bytes(&p.src).map(|(d, b, _)| (d, b)))
+            .filter_map(|p| files[p.file].source_bytes(&p.src).map(|(d, b, _)| (d, b)))
             .collect();
         if parts.iter().all(|(d, _)| *d == t.dtype) {
             if parts.len() == 1 {
@@ -313,21 +325,6 @@ impl Writing<'_> {
         }
         let values: Vec<f32> = parts.iter().flat_map(|(d, b)| decode_bytes(*d, b).unwrap_or_default()).collect();
         Cow::Owned(encode(&values))
-    }
-}
-
-impl View for Writing<'_> {
-    fn dtype(&self) -> Dtype {
-        self.tensor.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.tensor.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        self.bytes()
-    }
-    fn data_len(&self) -> usize {
-        self.tensor.shape.iter().product::<usize>() * self.tensor.dtype.bitsize() / 8
     }
 }
 
@@ -762,15 +759,9 @@ pub fn diffusers_to_single_file(dir: &Path, out: &Path, options: &ConvertOptions
     if let Some(c) = &vae_config {
         embed(VAE_CONFIG_KEY, serde_json::to_value(c).unwrap_or_default());
     }
-    let mut written = Vec::new();
-    write_atomically(out, |partial| {
-        // The plan's one output, written at the partial path itself.
-        let tensors = plan.outputs.get(out_file()).map(Vec::as_slice).unwrap_or_default();
-        let views = tensors.iter().map(|t| (t.key.clone(), Writing { files: &plan.files, tensor: t }));
-        safetensors::serialize_to_file(views, Some(metadata.clone()), partial).map_err(|e| bad(out, format!("writing: {e}")))?;
-        written.push((out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), tensors.len()));
-        Ok(())
-    })?;
+    let tensors = plan.outputs.get(out_file()).map(Vec::as_slice).unwrap_or_default();
+    write_streamed(out, plan.streamed(tensors), metadata)?;
+    let written = vec![(out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), tensors.len())];
     Ok(ConvertReport { family, written, left_out: plan.left_out, placeholders: plan.placeholders, prediction, zero_terminal_snr, ema: false })
 }
 

@@ -15,8 +15,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use lora_core::tensor_io::{decode_bytes, SaveDtype};
-use safetensors::tensor::{Dtype, View};
+use lora_core::tensor_io::{decode_bytes, write_streamed, SaveDtype, StreamedTensor};
+use safetensors::tensor::Dtype;
 
 use crate::load::WeightFile;
 use crate::{Result, SdModelError};
@@ -84,21 +84,6 @@ impl Output<'_> {
         }
         let values: Vec<f32> = acc.into_iter().map(|v| v as f32).collect();
         SaveDtype::of(self.dtype).unwrap_or(SaveDtype::F32).encode(&values)
-    }
-}
-
-impl View for &Output<'_> {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.bytes())
-    }
-    fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
     }
 }
 
@@ -173,14 +158,8 @@ pub fn merge_models(models: &[(WeightFile, f64)], out: &Path, unet_only: bool, d
     }
     report.tensors = outputs.len();
     let metadata: std::collections::HashMap<String, String> = first.metadata().clone();
-    let tmp = out.with_extension("safetensors.partial");
-    let written = safetensors::serialize_to_file(outputs.iter().map(|o| (o.key.clone(), o)), Some(metadata), &tmp)
-        .map_err(|e| SdModelError::BadInput { what: out.display().to_string(), reason: format!("writing the merged checkpoint: {e}") })
-        .and_then(|()| std::fs::rename(&tmp, out).map_err(|source| SdModelError::Io { path: out.to_path_buf(), source }));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
+    let tensors = outputs.iter().map(|o| (o.key.clone(), StreamedTensor::new(o.dtype, o.shape.clone(), move || Cow::Owned(o.bytes())))).collect();
+    write_streamed(out, tensors, metadata)?;
     Ok(report)
 }
 

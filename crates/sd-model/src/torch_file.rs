@@ -21,9 +21,9 @@ use std::path::Path;
 use burn::tensor::DType;
 use burn_store::pytorch::PytorchReader;
 use burn_store::TensorSnapshot;
-use lora_core::tensor_io::{decode_bytes, SaveDtype};
+use lora_core::tensor_io::{decode_bytes, write_streamed, SaveDtype, StreamedTensor};
 use lora_core::HostTensor;
-use safetensors::tensor::{Dtype, View};
+use safetensors::tensor::Dtype;
 
 use crate::{Result, SdModelError};
 
@@ -87,7 +87,7 @@ struct Lazy<'a> {
 
 impl Lazy<'_> {
     fn bytes(&self) -> Vec<u8> {
-        // Checked when planned: the data reads (an unreadable tensor stops the writer first).
+        // An unreadable tensor comes out empty, and write_streamed refuses the short file.
         let Ok(data) = self.snapshot.to_data() else { return Vec::new() };
         let bytes = data.bytes.to_vec();
         if self.dtype == self.stored {
@@ -95,21 +95,6 @@ impl Lazy<'_> {
         }
         let values = decode_bytes(self.stored, &bytes).unwrap_or_default();
         SaveDtype::of(self.dtype).unwrap_or(SaveDtype::F32).encode(&values)
-    }
-}
-
-impl View for &Lazy<'_> {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.bytes())
-    }
-    fn data_len(&self) -> usize {
-        self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
     }
 }
 
@@ -136,20 +121,11 @@ pub fn pytorch_to_safetensors(src: &Path, out: &Path, dtype: Option<SaveDtype>) 
         };
         plan.push(Lazy { key, snapshot, stored, dtype, shape: snapshot.shape.to_vec() });
     }
-    let partial = out.with_extension("safetensors.partial");
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let written = safetensors::serialize_to_file(plan.iter().map(|t| (t.key.to_string(), t)), Some(metadata), &partial)
-        .map_err(|e| bad(src, format!("converting to {}: {e}", out.display())))
-        .and_then(|()| {
-            // A tensor whose data could not be read was written short: check before renaming.
-            crate::load::WeightFile::open(&partial).map(|_| ())
-        })
-        .and_then(|()| std::fs::rename(&partial, out).map_err(|source| SdModelError::Io { path: out.to_path_buf(), source }));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    written?;
-    Ok(plan.len())
+    let count = plan.len();
+    let tensors = plan.iter().map(|t| (t.key.to_string(), StreamedTensor::new(t.dtype, t.shape.clone(), move || Cow::Owned(t.bytes())))).collect();
+    write_streamed(out, tensors, metadata).map_err(|e| bad(src, format!("converting to safetensors: {e}")))?;
+    Ok(count)
 }
 
 /// One tensor of a PyTorch file as f32 values (for small files: embeddings).
