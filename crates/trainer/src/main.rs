@@ -1260,6 +1260,11 @@ fn run_convert_model(model: &std::path::Path, out: &std::path::Path, options: &s
     if !report.left_out.is_empty() {
         println!("{} keys have no place in the other layout and were left out (e.g. `{}`)", report.left_out.len(), report.left_out[0]);
     }
+    let marked = options.prediction.is_some() || report.prediction == sd_model::convert::Prediction::VPrediction;
+    if report.family == sd_model::load::ModelFamily::Sd2 && out.is_dir() && !marked {
+        // SD2's 768-px models predict v, and nothing in their files says so.
+        println!("note: an SD2.x file does not say what it predicts; if this is a 768-px v-prediction model (v2-1_768-*), convert again with --prediction-type v_prediction");
+    }
     Ok(())
 }
 
