@@ -146,7 +146,10 @@ fn convert_pytorch(src: &Path, out: &Path, options: &ConvertOptions) -> Result<C
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".from-pickle.safetensors");
     let single = if to_file { out.to_path_buf() } else { out.with_file_name(name) };
-    let _ = std::fs::remove_file(&single).ok().filter(|()| !to_file);
+    if !to_file {
+        // A stale intermediate file of an interrupted run.
+        let _ = std::fs::remove_file(&single);
+    }
     let tensors = crate::torch_file::pytorch_to_safetensors(src, &single, options.dtype)?;
     if !to_file {
         let converted = single_file_to_diffusers(&single, out, options);
@@ -234,7 +237,8 @@ impl Plan {
                 }
                 Some(first) => {
                     let float = |d: Dtype| SaveDtype::of(d).is_some();
-                    if part.len() != shape.len() || part[1..] != shape[1..] || float(d) != float(first) || !float(d) {
+                    // Stacking takes float tensors of one rank (at least 1) and trailing shape.
+                    if part.is_empty() || part.len() != shape.len() || part.get(1..) != shape.get(1..) || float(d) != float(first) || !float(d) {
                         return Err(bad(file.path(), format!("`{}` {d:?} {part:?} cannot be stacked into `{key}` {first:?} {shape:?}", piece.src.key)));
                     }
                     shape[0] += part[0];
@@ -782,6 +786,20 @@ mod tests {
         let xl = scheduler_json(ModelFamily::Sdxl, Prediction::VPrediction, true);
         assert_eq!((xl["_class_name"].as_str(), xl["timestep_spacing"].as_str(), xl["rescale_betas_zero_snr"].as_bool()), (Some("EulerDiscreteScheduler"), Some("trailing"), Some(true)));
         assert_eq!(model_index_json(ModelFamily::Sdxl, &xl)["text_encoder_2"][1], CLIP_WITH_PROJECTION);
+    }
+
+    #[test]
+    fn scalars_are_not_stacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.safetensors");
+        let t = lora_core::HostTensor::new(vec![], vec![1.0]).unwrap();
+        let refs = vec![("a".to_string(), &t), ("b".to_string(), &t)];
+        std::fs::write(&path, lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap()).unwrap();
+        let mut plan = Plan::default();
+        let f = plan.open(&path).unwrap();
+        let pieces = ["a", "b"].map(|k| Piece { file: f, src: TensorSource::plain(k) }).to_vec();
+        let err = plan.add("out", "ab".into(), pieces, false, None).unwrap_err();
+        assert!(err.to_string().contains("cannot be stacked"), "{err}");
     }
 
     #[test]
