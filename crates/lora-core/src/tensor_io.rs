@@ -81,10 +81,16 @@ impl std::str::FromStr for SaveDtype {
 /// What a PyTorch pickle given where safetensors are read is told.
 pub const PICKLE_HINT: &str = "a PyTorch pickle (.ckpt / .pt), not safetensors: convert it once with `trainer convert-model FILE --out FILE.safetensors`";
 
+/// Whether a file's bytes begin as a PyTorch pickle does (`torch.save`'s zip archive, or a
+/// raw pickle of the pre-1.6 format).
+pub fn looks_like_pickle(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80)
+}
+
 /// Parses a safetensors buffer, mapping errors to [`LoraError::Malformed`] naming `path`.
 pub fn parse<'a>(bytes: &'a [u8], path: &Path) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
-    // PyTorch pickles (zip archives or raw pickles) are the usual wrong file: say so.
-    let pickle = bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80);
+    // PyTorch pickles are the usual wrong file: say so.
+    let pickle = looks_like_pickle(bytes);
     let malformed = |e: safetensors::SafeTensorError| LoraError::Malformed {
         path: path.to_path_buf(),
         reason: if pickle {

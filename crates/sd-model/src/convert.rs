@@ -459,8 +459,7 @@ fn model_index_json(family: ModelFamily, scheduler: &Value) -> Value {
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     });
-    if family == ModelFamily::Sdxl {
-        let obj = value.as_object_mut().expect("an object literal");
+    if let (ModelFamily::Sdxl, Some(obj)) = (family, value.as_object_mut()) {
         obj.remove("requires_safety_checker");
         obj.remove("safety_checker");
         obj.insert("_class_name".into(), json!("StableDiffusionXLPipeline"));
@@ -716,7 +715,7 @@ pub fn diffusers_to_single_file(dir: &Path, out: &Path, options: &ConvertOptions
         }
         ModelFamily::Sd1 | ModelFamily::Sdxl => {
             let prefix = if family == ModelFamily::Sdxl { SDXL_TEXT_PREFIX } else { "cond_stage_model.transformer." };
-            let mapping: Mapping = plan.files[te].keys().filter(|k| !keymap::is_ignored_diffusers_key(k)).map(|k| (k.to_string(), TensorSource::plain(k))).collect();
+            let mapping = load::identity_mapping(&plan.files[te]);
             plan.add_mapping(out_file(), te, mapping, |k| format!("{prefix}{k}"), dtype)?;
         }
     }
@@ -731,8 +730,7 @@ pub fn diffusers_to_single_file(dir: &Path, out: &Path, options: &ConvertOptions
         Some(path) => separate_vae(&mut plan, path, levels)?,
         None if vae_config.is_some() => {
             let v = plan.open(&ModelSource::weights_file(dir, "vae")?)?;
-            let mapping = plan.files[v].keys().filter(|k| !keymap::is_ignored_diffusers_key(k)).map(|k| (k.to_string(), TensorSource::plain(k))).collect();
-            (v, mapping)
+            (v, load::identity_mapping(&plan.files[v]))
         }
         None => return Err(bad(dir, "has no vae/: give a VAE to write (--vae)")),
     };

@@ -69,7 +69,7 @@ impl WeightFile {
             path: path.clone(),
             source,
         })?;
-        let pickle = crate::torch_file::looks_like_pytorch(&mmap[..mmap.len().min(4)]);
+        let pickle = lora_core::tensor_io::looks_like_pickle(&mmap);
         let corrupt = |e: safetensors::SafeTensorError| SdModelError::CorruptWeights {
             path: path.clone(),
             reason: if pickle {
@@ -460,10 +460,12 @@ impl ModelSource {
     /// text encoder, SD2.x where the text encoder is OpenCLIP's (1024 wide, or exact GELU
     /// where OpenAI's CLIP has quick GELU), else SD1.x.
     pub fn family(&self) -> Result<ModelFamily> {
-        let te = || self.text_encoder_config();
-        Ok(if self.text_encoder_2_config()?.is_some() {
+        // Both configs are read, so an unsupported relative (an SDXL refiner) is refused.
+        let second = self.text_encoder_2_config()?;
+        let te = self.text_encoder_config()?;
+        Ok(if second.is_some() {
             ModelFamily::Sdxl
-        } else if te()?.hidden_size == 1024 || te()?.hidden_act == HiddenAct::Gelu {
+        } else if te.hidden_size == 1024 || te.hidden_act == HiddenAct::Gelu {
             ModelFamily::Sd2
         } else {
             ModelFamily::Sd1
@@ -629,7 +631,8 @@ impl ModelSource {
     }
 }
 
-fn identity_mapping(file: &WeightFile) -> Vec<(String, TensorSource)> {
+/// Every key of a diffusers-layout file as our path (its buffers left out).
+pub(crate) fn identity_mapping(file: &WeightFile) -> Vec<(String, TensorSource)> {
     file.keys()
         .filter(|k| !keymap::is_ignored_diffusers_key(k))
         .map(|k| (k.to_string(), TensorSource::plain(k)))

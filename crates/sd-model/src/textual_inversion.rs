@@ -24,7 +24,7 @@
 
 use std::path::Path;
 
-use lora_core::{tensor_io, HostTensor};
+use lora_core::{tensor_io, HostTensor, BUNDLED_EMBEDDING_PREFIX as BUNDLE_PREFIX};
 
 use crate::{Result, SdModelError};
 
@@ -143,9 +143,6 @@ fn finite(vectors: &[HostTensor], path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Key prefix of embeddings bundled in a LoRA file (A1111's `bundle_emb.NAME.KEY`, KEY as
-/// an embedding file's: `emb_params`, `clip_l` / `clip_g`, `string_to_param.*`).
-pub const BUNDLE_PREFIX: &str = lora_core::BUNDLED_EMBEDDING_PREFIX;
 
 /// The textual-inversion embeddings bundled in a LoRA file (`bundle_emb.NAME.…`, as A1111
 /// loads them with the LoRA and OneTrainer / pivotal-tuning trainers write them), each

@@ -35,11 +35,6 @@ pub fn is_pytorch_file(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Whether the bytes begin as a PyTorch pickle does (a zip archive, or a raw pickle).
-pub fn looks_like_pytorch(head: &[u8]) -> bool {
-    head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80)
-}
-
 fn bad(path: &Path, reason: impl Into<String>) -> SdModelError {
     SdModelError::BadInput { what: path.display().to_string(), reason: reason.into() }
 }

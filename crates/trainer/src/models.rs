@@ -86,8 +86,7 @@ pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
         return Ok(ClipTokenizer::bundled()?);
     }
     let source = ModelSource::detect(pretrained)?;
-    // First: an unsupported SDXL relative (a refiner) is refused by what it is.
-    source.text_encoder_2_config()?;
+    // `family` first refuses an unsupported SDXL relative (a refiner) by what it is.
     let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;
     tokenizer_of(&source, sd2)
 }
@@ -152,8 +151,7 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     }
     let source = ModelSource::detect(pretrained)?;
     let options = LoadOptions::default();
-    // First: an unsupported SDXL relative (a refiner) is refused by what it is.
-    source.text_encoder_2_config()?;
+    // `family` first refuses an unsupported SDXL relative (a refiner) by what it is.
     let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;
     let tokenizer = tokenizer_of(&source, sd2)?;
     let text_encoder_2 = source.load_text_encoder_2(device, &options)?.map(pack_all);
