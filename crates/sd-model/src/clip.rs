@@ -144,6 +144,10 @@ pub struct ClipTextModel<B: Backend> {
     /// tokens), whose ids the pooled row never points at.
     #[module(skip)]
     added_rows: usize,
+    /// Trainable token rows `[n, hidden]` after the token embedding's (textual inversion,
+    /// pivotal tuning): ids `table rows..table rows + n`
+    /// ([`add_trained_tokens`](Self::add_trained_tokens)); `None` for an encoder without.
+    pub trained_tokens: Option<burn::module::Param<Tensor<B, 2>>>,
 }
 
 /// What [`ClipTextModel::forward_pooled`] returns.
@@ -199,6 +203,7 @@ impl<B: Backend> ClipTextModel<B> {
                 None => lora_core::Component::TextEncoder,
             },
             added_rows: 0,
+            trained_tokens: None,
         })
     }
 
@@ -211,7 +216,52 @@ impl<B: Backend> ClipTextModel<B> {
 
     /// Size of the token vocabulary (rows of the token embedding).
     pub fn vocab_size(&self) -> usize {
+        self.table_rows() + self.trained_tokens.as_ref().map_or(0, |t| t.dims()[0])
+    }
+
+    /// Rows of the token embedding's table (the vocabulary without trained tokens).
+    fn table_rows(&self) -> usize {
         self.text_model.embeddings.token_embedding.weight.dims()[0]
+    }
+
+    /// Appends `rows` (`[n, hidden]`, their starting values) as trainable tokens, ids
+    /// `vocab_size()..vocab_size() + n`, as textual inversion and pivotal tuning train
+    /// them (kohya's `train_textual_inversion.py`): their gradients flow and the rest of the
+    /// model stays as it is. The rows are kept in f32 (an optimizer's master values) and
+    /// looked up apart from the frozen table, so a step's gradient is `[n, hidden]`, not
+    /// the whole vocabulary's. The pooled row passes over them, as over
+    /// [`extend_vocabulary`](Self::extend_vocabulary)'s. One set per model; add frozen rows
+    /// first.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::tensor::{Int, Tensor};
+    /// use sd_model::{ClipTextConfig, ClipTextModel};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let mut model = ClipTextModel::<B>::new(&ClipTextConfig::tiny(), &device).unwrap();
+    /// let first = model.vocab_size() as i64;
+    /// model.add_trained_tokens(Tensor::zeros([2, model.hidden_size()], &device)).unwrap();
+    /// let ids = Tensor::<B, 2, Int>::from_ints([[0, first, first + 1, 1]], &device);
+    /// let grads = model.forward(ids, 1).unwrap().sum().backward();
+    /// let rows = model.trained_tokens.as_ref().unwrap();
+    /// assert_eq!(rows.grad(&grads).unwrap().dims(), [2, model.hidden_size()]);
+    /// ```
+    pub fn add_trained_tokens(&mut self, rows: Tensor<B, 2>) -> Result<()> {
+        let d = self.hidden_size();
+        let bad = |reason: String| SdModelError::BadInput { what: "trained token rows".into(), reason };
+        if self.trained_tokens.is_some() {
+            return Err(bad("this text encoder already has trained tokens".into()));
+        }
+        let [n, width] = rows.dims();
+        if width != d || n == 0 {
+            return Err(bad(format!("shape [{n}, {width}], expected [n >= 1, {d}] (this text encoder's width)")));
+        }
+        self.added_rows += n;
+        let rows = rows.cast(burn::tensor::FloatDType::F32).detach();
+        self.trained_tokens = Some(burn::module::Param::from_tensor(rows).set_require_grad(true));
+        Ok(())
     }
 
     /// Appends `rows` (`[n, hidden]`, e.g. textual-inversion vectors) to the token
@@ -223,6 +273,13 @@ impl<B: Backend> ClipTextModel<B> {
             return Err(SdModelError::BadInput {
                 what: "token embedding rows".into(),
                 reason: format!("{} values per vector, this text encoder's width is {d}", rows.dims()[1]),
+            });
+        }
+        if self.trained_tokens.is_some() {
+            // Their ids follow the table's: rows appended to it would take them.
+            return Err(SdModelError::BadInput {
+                what: "token embedding rows".into(),
+                reason: "add frozen rows before trained tokens".into(),
             });
         }
         let rows = rows.cast(weight.dtype());
@@ -317,8 +374,37 @@ impl<B: Backend> ClipTextModel<B> {
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
             .reshape([1, seq])
             .expand([batch, seq]);
-        let x = tm.embeddings.token_embedding.forward(input_ids) + tm.embeddings.position_embedding.forward(positions);
+        let x = self.token_states(input_ids) + tm.embeddings.position_embedding.forward(positions);
         Ok((x, n + 1 - clip_skip))
+    }
+
+    /// The token embedding of `ids` `[batch, seq]`: the table's rows, and the trained
+    /// tokens' for their ids.
+    fn token_states(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let table = &self.text_model.embeddings.token_embedding;
+        let Some(trained) = &self.trained_tokens else { return table.forward(ids) };
+        let rows = self.table_rows() as i64;
+        let [batch, seq] = ids.dims();
+        let is_trained = ids.clone().greater_equal_elem(rows);
+        let from_table = table.forward(ids.clone().clamp_max(rows - 1));
+        let n = trained.dims()[0] as i64;
+        let own = burn::tensor::module::embedding(trained.val(), (ids - rows).clamp(0, n - 1));
+        let [_, _, d] = from_table.dims();
+        let own = own.cast(from_table.dtype());
+        from_table.mask_where(is_trained.reshape([batch, seq, 1]).expand([batch, seq, d]), own)
+    }
+
+    /// The token embedding's rows of `ids` `[n, hidden]` (e.g. an init word's, to start
+    /// trained tokens from), in f32; an id past the table is an error.
+    pub fn token_rows(&self, ids: &[u32]) -> Result<Tensor<B, 2>> {
+        let rows = self.table_rows();
+        if let Some(id) = ids.iter().find(|id| **id as usize >= rows) {
+            return Err(SdModelError::BadInput { what: "token ids".into(), reason: format!("id {id} is past the token embedding's {rows} rows") });
+        }
+        let weight = self.text_model.embeddings.token_embedding.weight.val();
+        let device = weight.device();
+        let ids = Tensor::<B, 1, Int>::from_ints(ids.iter().map(|&i| i as i64).collect::<Vec<_>>().as_slice(), &device);
+        Ok(weight.select(0, ids).cast(burn::tensor::FloatDType::F32))
     }
 
     /// `x` through the encoder layers `layers`.
@@ -438,5 +524,41 @@ impl<B: Backend> lora_core::LoraSites<B> for ClipTextModel<B> {
             f(&format!("{p}.mlp.fc1"), Linear(&mut layer.mlp.fc1));
             f(&format!("{p}.mlp.fc2"), Linear(&mut layer.mlp.fc2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::tensor::{Distribution, Tolerance};
+
+    type A = Autodiff<Flex>;
+
+    /// Trained tokens look up the rows that frozen ones would (the same states and pooled
+    /// output as the rows appended to the table), and only their rows get gradients.
+    #[test]
+    fn trained_tokens_act_as_appended_rows() {
+        let device = Default::default();
+        let config = ClipTextConfig::tiny_sdxl_text_encoder_2();
+        let base = ClipTextModel::<A>::new(&config, &device).unwrap().no_grad();
+        let rows = Tensor::<A, 2>::random([3, base.hidden_size()], Distribution::Normal(0.0, 0.1), &device);
+        let (mut frozen, mut trained) = (base.clone(), base);
+        frozen.extend_vocabulary(rows.clone()).unwrap();
+        trained.add_trained_tokens(rows.clone()).unwrap();
+        assert_eq!(trained.vocab_size(), frozen.vocab_size());
+        let first = (frozen.vocab_size() - 3) as i64;
+        let ids = Tensor::<A, 2, Int>::from_ints([[49406, first + 2, 320, first, 49407, 0], [49406, first + 1, first + 1, 49407, 0, 0]], &device);
+        let a = frozen.forward_pooled(ids.clone(), 1, true).unwrap();
+        let b = trained.forward_pooled(ids, 1, true).unwrap();
+        a.hidden.clone().into_data().assert_approx_eq::<f32>(&b.hidden.clone().into_data(), Tolerance::default());
+        a.pooled.into_data().assert_approx_eq::<f32>(&b.pooled.clone().into_data(), Tolerance::default());
+        let grads = (b.hidden.sum() + b.pooled.sum()).backward();
+        let grad = trained.trained_tokens.as_ref().unwrap().grad(&grads).unwrap();
+        assert_eq!(grad.dims(), [3, trained.hidden_size()]);
+        assert!(trained.text_model.embeddings.token_embedding.weight.grad(&grads).is_none(), "the table is frozen");
+        // Frozen rows after trained ones would take their ids.
+        assert!(trained.clone().extend_vocabulary(rows.clone()).is_err());
+        assert!(trained.add_trained_tokens(rows).is_err(), "one set per model");
     }
 }

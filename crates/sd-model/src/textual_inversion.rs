@@ -48,6 +48,144 @@ impl Embedding {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Its vector sets under the names A1111 and kohya write: `emb_params` for one text
+    /// encoder, `clip_l` and `clip_g` for SDXL's two (what [`read_embedding`] reads, and
+    /// under `bundle_emb.NAME.` what [`read_bundled_embeddings`] reads).
+    pub fn named_vectors(&self) -> Vec<(String, &HostTensor)> {
+        let names: &[&str] = match self.vectors.len() {
+            1 => &["emb_params"],
+            _ => &["clip_l", "clip_g"],
+        };
+        names.iter().map(|n| n.to_string()).zip(&self.vectors).collect()
+    }
+
+    /// Writes it as an embedding file (see [`named_vectors`](Self::named_vectors)) at
+    /// `path`, atomically, in `dtype`, with `metadata`; A1111 calls it by the file's name.
+    ///
+    /// ```
+    /// use lora_core::{HostTensor, SaveDtype};
+    /// use sd_model::textual_inversion::{read_embedding, Embedding};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let path = dir.path().join("mystyle.safetensors");
+    /// let vectors = vec![HostTensor::new(vec![2, 4], vec![0.5; 8]).unwrap()];
+    /// Embedding { name: "mystyle".into(), vectors }.write(&path, SaveDtype::F16, Default::default()).unwrap();
+    /// let back = read_embedding(&path).unwrap();
+    /// assert_eq!((back.name.as_str(), back.len()), ("mystyle", 2));
+    /// ```
+    pub fn write(&self, path: &Path, dtype: lora_core::SaveDtype, metadata: std::collections::HashMap<String, String>) -> Result<()> {
+        if self.vectors.is_empty() || self.vectors.len() > 2 {
+            return Err(bad(path, format!("{} vector sets; an embedding has one per text encoder (1 or 2)", self.vectors.len())));
+        }
+        let bytes = tensor_io::serialize(&self.named_vectors(), dtype, metadata)?;
+        Ok(tensor_io::write_atomic(path, &bytes)?)
+    }
+}
+
+/// Prompts for training an embedding of an object or a character without captions
+/// (kohya's `use_object_template`, after the textual-inversion paper's): `{}` stands for
+/// the word.
+pub const OBJECT_TEMPLATES: &[&str] = &[
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+];
+
+/// Prompts for training an embedding of a style without captions (kohya's
+/// `use_style_template`): `{}` stands for the word.
+pub const STYLE_TEMPLATES: &[&str] = &[
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a dirty painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a picture in the style of {}",
+    "a cool painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a good painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a rendition in the style of {}",
+    "a nice painting in the style of {}",
+    "a small painting in the style of {}",
+    "a weird painting in the style of {}",
+    "a large painting in the style of {}",
+];
+
+/// Checks a word to train an embedding for (kohya's `token_string`): one word of a prompt
+/// that [`expand_prompt`] finds, so not empty, without spaces, and none of the prompt
+/// syntax's `,()[]{}:|\`.
+///
+/// ```
+/// use sd_model::textual_inversion::check_word;
+/// assert!(check_word("mystyle").is_ok() && check_word("<cat-toy>").is_ok());
+/// assert!(check_word("my style").is_err() && check_word("").is_err() && check_word("a:b").is_err());
+/// ```
+pub fn check_word(word: &str) -> Result<()> {
+    let bad = |reason: &str| SdModelError::BadInput { what: format!("embedding word {word:?}"), reason: reason.into() };
+    if word.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if word.chars().any(|c| c.is_whitespace() || ",()[]{}:|\\".contains(c)) {
+        return Err(bad("must be one word, without spaces or any of ,()[]{}:|\\"));
+    }
+    Ok(())
+}
+
+/// Starting rows `[n, width]` (f32) for `n` trained tokens of `encoder`, as kohya's
+/// textual-inversion training starts them: the token embedding's rows of `init_word`'s
+/// tokens, repeated or cut to `n`; without one (`""`), rows drawn from a normal
+/// distribution with each dimension's mean and standard deviation over the vocabulary
+/// (transformers' `mean_resizing`, per dimension), from the backend's random stream.
+pub fn initial_rows<B: burn::tensor::backend::Backend>(
+    encoder: &crate::ClipTextModel<B>,
+    tokenizer: &crate::tokenizer::ClipTokenizer,
+    init_word: &str,
+    n: usize,
+) -> Result<burn::tensor::Tensor<B, 2>> {
+    use burn::tensor::{Distribution, Tensor};
+    if n == 0 {
+        return Err(SdModelError::BadInput { what: "embedding vectors".into(), reason: "at least one is needed".into() });
+    }
+    if init_word.trim().is_empty() {
+        let rows = encoder.text_model.embeddings.token_embedding.weight.val().cast(burn::tensor::FloatDType::F32);
+        let [_, d] = rows.dims();
+        let (var, mean) = rows.var_mean(0);
+        let normal = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), &mean.device());
+        return Ok(mean + normal * var.sqrt());
+    }
+    let ids = tokenizer.encode_unpadded(init_word)?;
+    if ids.is_empty() {
+        return Err(SdModelError::BadInput { what: format!("init word {init_word:?}"), reason: "has no tokens".into() });
+    }
+    let picked: Vec<u32> = (0..n).map(|i| ids[i % ids.len()]).collect();
+    encoder.token_rows(&picked)
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> SdModelError {
@@ -225,6 +363,27 @@ mod tests {
         assert_eq!(write("Old.safetensors", "*").name, "Old");
         let e = vec![("<cat-toy>".to_string(), token_names("<cat-toy>", 1))];
         assert_eq!(expand_prompt("a <cat-toy> on a mat", &e), "a <emb:<cat-toy>:0> on a mat");
+    }
+
+    /// kohya's start: the init word's rows, repeated to the vectors; without one, rows of
+    /// the vocabulary's scale.
+    #[test]
+    fn initial_rows_repeat_the_init_word() {
+        use burn::backend::Flex;
+        let device = Default::default();
+        let te = crate::ClipTextModel::<Flex>::new(&crate::ClipTextConfig::tiny(), &device).unwrap();
+        let tokenizer = crate::tokenizer::ClipTokenizer::bundled().unwrap();
+        let ids = tokenizer.encode_unpadded("red circle").unwrap();
+        assert_eq!(ids.len(), 2);
+        let rows = HostTensor::from_tensor(initial_rows(&te, &tokenizer, "red circle", 3).unwrap()).unwrap();
+        let want = HostTensor::from_tensor(te.token_rows(&[ids[0], ids[1], ids[0]]).unwrap()).unwrap();
+        assert_eq!(rows, want);
+        let random = HostTensor::from_tensor(initial_rows(&te, &tokenizer, "", 4).unwrap()).unwrap();
+        assert_eq!(random.shape, [4, 32]);
+        let table = HostTensor::from_tensor(te.text_model.embeddings.token_embedding.weight.val()).unwrap();
+        let rms = |t: &HostTensor| (t.data.iter().map(|x| x * x).sum::<f32>() / t.data.len() as f32).sqrt();
+        assert!((rms(&random) / rms(&table) - 1.0).abs() < 0.3, "{} vs {}", rms(&random), rms(&table));
+        assert!(initial_rows(&te, &tokenizer, "x", 0).is_err());
     }
 
     #[test]

@@ -1191,6 +1191,69 @@ pub struct OutputSection {
     pub metadata_tags: String,
 }
 
+/// Captions for an embedding trained without its own (kohya's `use_object_template` /
+/// `use_style_template`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptionTemplate {
+    /// The dataset's captions, which hold the word.
+    #[default]
+    None,
+    /// "a photo of a WORD", ... ([`sd_model::textual_inversion::OBJECT_TEMPLATES`]).
+    Object,
+    /// "a painting in the style of WORD", ... ([`sd_model::textual_inversion::STYLE_TEMPLATES`]).
+    Style,
+}
+
+impl CaptionTemplate {
+    /// The prompts, `{}` for the word; `None` for the dataset's captions.
+    pub fn prompts(self) -> Option<&'static [&'static str]> {
+        match self {
+            Self::None => None,
+            Self::Object => Some(sd_model::textual_inversion::OBJECT_TEMPLATES),
+            Self::Style => Some(sd_model::textual_inversion::STYLE_TEMPLATES),
+        }
+    }
+}
+
+/// A textual-inversion embedding trained with the run (kohya's `train_textual_inversion.py`;
+/// with adapters too, pivotal tuning): new tokens of the text encoder(s) that the word
+/// `token` in captions and sample prompts stands for. Off while `token` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSection {
+    /// The word (kohya's `token_string`); empty: no embedding.
+    pub token: String,
+    /// Vectors (tokens) it has (kohya's `num_vectors_per_token`).
+    pub vectors: usize,
+    /// A word whose token rows start the vectors, repeated or cut to `vectors` (kohya's
+    /// `init_word`); empty: random rows with the vocabulary's per-dimension statistics.
+    pub init_word: String,
+    /// An embedding file (or a LoRA file bundling one called `token`) to start from
+    /// (kohya's `weights`); empty: `init_word`.
+    pub weights: String,
+    /// Its learning rate; 0: `train.text_encoder_lr`, or `train.learning_rate` when that is
+    /// 0 too.
+    pub learning_rate: f64,
+    /// `object` or `style`: captions made from templates instead of the dataset's (kohya's
+    /// `use_object_template` / `use_style_template`); `none`: the captions, which must hold
+    /// the word.
+    pub template: CaptionTemplate,
+}
+
+impl Default for EmbeddingSection {
+    fn default() -> Self {
+        Self { token: String::new(), vectors: 1, init_word: String::new(), weights: String::new(), learning_rate: 0.0, template: CaptionTemplate::None }
+    }
+}
+
+impl EmbeddingSection {
+    /// Whether an embedding is trained.
+    pub fn enabled(&self) -> bool {
+        !self.token.is_empty()
+    }
+}
+
 /// The whole training configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1205,6 +1268,9 @@ pub struct TrainConfig {
     pub train: TrainSection,
     /// Outputs.
     pub output: OutputSection,
+    /// A textual-inversion embedding to train (off by default).
+    #[serde(default)]
+    pub embedding: EmbeddingSection,
 }
 
 impl Default for TrainConfig {
@@ -1426,6 +1492,7 @@ impl Default for TrainConfig {
                 metadata_license: String::new(),
                 metadata_tags: String::new(),
             },
+            embedding: EmbeddingSection::default(),
         }
     }
 }
@@ -1465,6 +1532,7 @@ pub fn valid_keys() -> Vec<String> {
         ("lora", struct_fields::<LoraSection>()),
         ("train", struct_fields::<TrainSection>()),
         ("output", struct_fields::<OutputSection>()),
+        ("embedding", struct_fields::<EmbeddingSection>()),
     ];
     let mut keys: Vec<String> = sections.iter().flat_map(|(section, fields)| fields.iter().map(move |f| format!("{section}.{f}"))).collect();
     keys.sort();
@@ -1507,7 +1575,7 @@ fn check_keys(value: &toml::Value, origin: &str) -> Result<(), TrainError> {
                 origin: origin.into(),
                 reason: match nearest(section, sections.iter().copied()) {
                     Some(s) => format!("unknown section `[{section}]`; did you mean `[{s}]`?"),
-                    None => format!("unknown section `[{section}]`; sections are model, data, lora, train, output"),
+                    None => format!("unknown section `[{section}]`; sections are model, data, lora, train, output, embedding"),
                 },
             });
         }
@@ -1799,6 +1867,7 @@ impl TrainConfig {
         }
         self.check_lycoris()?;
         self.check_lora_fa()?;
+        self.check_embedding()?;
         for entry in &self.model.base_weights {
             let file: sd_model::lora::LoraFile = entry.parse().map_err(|e: String| TrainError::Config { origin: "model.base_weights".into(), reason: e })?;
             if !file.path.is_file() {
@@ -1894,6 +1963,43 @@ impl TrainConfig {
         }
         if self.output.save_format == lora_core::AdapterFormat::Peft {
             return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));
+        }
+        Ok(())
+    }
+
+    /// Whether the run trains adapters: its targets select layers (or `dim_from_weights`
+    /// takes them from a file). Without, an `[embedding]` trains alone.
+    pub fn trains_adapters(&self) -> bool {
+        let l = &self.lora;
+        l.dim_from_weights || l.unet_targets != sd_model::targets::UnetTargets::None || l.text_encoder_targets != sd_model::targets::TextEncoderTargets::None || !l.include.is_empty()
+    }
+
+    /// The `[embedding]` settings: a word [`expand_prompt`](sd_model::textual_inversion::expand_prompt)
+    /// finds, 1–75 vectors (one prompt row), one starting point; none without a word.
+    fn check_embedding(&self) -> Result<(), TrainError> {
+        let e = &self.embedding;
+        let bad = |key: &str, reason: String| Err(TrainError::Config { origin: format!("embedding.{key}"), reason });
+        if !e.enabled() {
+            let set = [(e.vectors != 1, "vectors"), (!e.init_word.is_empty(), "init_word"), (!e.weights.is_empty(), "weights"), (e.learning_rate != 0.0, "learning_rate"), (e.template != CaptionTemplate::None, "template")];
+            return match set.iter().find(|(on, _)| *on) {
+                Some((_, key)) => bad(key, "is set but embedding.token is empty: set the word the embedding is trained for".into()),
+                None => Ok(()),
+            };
+        }
+        if let Err(err) = sd_model::textual_inversion::check_word(&e.token) {
+            return bad("token", err.to_string());
+        }
+        if !(1..=75).contains(&e.vectors) {
+            return bad("vectors", format!("{} must be in 1..=75 (one prompt row holds 75 tokens)", e.vectors));
+        }
+        if !(e.learning_rate.is_finite() && e.learning_rate >= 0.0) {
+            return bad("learning_rate", "must be 0 (the text encoders' learning rate) or positive".into());
+        }
+        if !e.weights.is_empty() && !e.init_word.is_empty() {
+            return bad("init_word", "and embedding.weights both say where the vectors start: set one".into());
+        }
+        if !e.weights.is_empty() && !std::path::Path::new(&e.weights).is_file() {
+            return bad("weights", format!("there is no file at {}", e.weights));
         }
         Ok(())
     }

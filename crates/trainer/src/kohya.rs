@@ -423,7 +423,10 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
 
     read_model(&mut o, &mut c, &mut notes)?;
     read_data(&mut o, &mut c, &mut notes)?;
+    // train_textual_inversion.py's configs name no network: the embedding trains alone.
+    let network_given = o.values.keys().any(|k| k.starts_with("network_"));
     let network = read_network(&mut o, &mut c, &mut notes)?;
+    read_embedding(&mut o, &mut c, network_given, &mut notes)?;
     let (network_dtype, scheduler) = read_training(&mut o, &mut c, &mut notes)?;
     match network {
         Network::Lora { conv_dim } => conv_targets(&mut c.lora, conv_dim, &mut notes),
@@ -704,6 +707,31 @@ impl LycorisPreset {
     fn enables_conv(self) -> bool {
         matches!(self, Self::Full | Self::UnetOnly | Self::UnetConvblockOnly)
     }
+}
+
+/// `train_textual_inversion.py`'s options (`token_string`, `init_word`,
+/// `num_vectors_per_token`, `weights`, `use_object_template`, `use_style_template`) as the
+/// `[embedding]` section; without a network (no `network_*` option) nothing else trains,
+/// as in that script; with one, the embedding trains with the LoRA (pivotal tuning).
+fn read_embedding(o: &mut Options, c: &mut TrainConfig, network_given: bool, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let e = &mut c.embedding;
+    e.token = o.string("token_string")?.unwrap_or_default();
+    e.init_word = o.string("init_word")?.unwrap_or_default();
+    e.vectors = o.count("num_vectors_per_token")?.unwrap_or(1);
+    e.weights = o.string("weights")?.unwrap_or_default();
+    let (object, style) = (o.flag("use_object_template")?, o.flag("use_style_template")?);
+    e.template = match (object, style) {
+        (true, true) => return Err(o.err("use_style_template", "and use_object_template are both set: choose one")),
+        (true, false) => crate::config::CaptionTemplate::Object,
+        (false, true) => crate::config::CaptionTemplate::Style,
+        (false, false) => crate::config::CaptionTemplate::None,
+    };
+    if e.enabled() && !network_given {
+        c.lora.unet_targets = UnetTargets::None;
+        c.lora.text_encoder_targets = TextEncoderTargets::None;
+        notes.push(format!("token_string = \"{}\": a textual-inversion embedding trains alone and is saved as an embedding file (A1111 calls it by the file's name, output.output_name)", e.token));
+    }
+    Ok(())
 }
 
 /// LyCORIS' reading of a boolean argument (`str_bool`): anything but "false" is true.
@@ -1065,7 +1093,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     if te_lr == 0.0 {
         c.lora.text_encoder_targets = TextEncoderTargets::None;
     }
-    if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
+    if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None && !c.embedding.enabled() {
         return Err(o.err("learning_rate", "/ unet_lr / text_encoder_lr (with network_train_unet_only / network_train_text_encoder_only) leave nothing to train"));
     }
     t.learning_rate = if unet_lr > 0.0 { unet_lr } else { te_lr };
@@ -1819,6 +1847,22 @@ output_dir = "out"
 
     fn error(text: &str) -> String {
         import(text).unwrap_err().to_string()
+    }
+
+    /// `train_textual_inversion.py`'s options: the embedding alone without a network, with
+    /// the LoRA when one is named (pivotal tuning); both templates at once are refused.
+    #[test]
+    fn textual_inversion_options_become_the_embedding_section() {
+        let ti = format!("{MINIMAL}token_string = \"mychar\"\ninit_word = \"girl\"\nnum_vectors_per_token = 4\nuse_object_template = true\n");
+        let i = import(&ti).unwrap();
+        let e = &i.config.embedding;
+        assert_eq!((e.token.as_str(), e.init_word.as_str(), e.vectors, e.template), ("mychar", "girl", 4, crate::config::CaptionTemplate::Object));
+        assert_eq!((i.config.lora.unet_targets, i.config.lora.text_encoder_targets), (UnetTargets::None, TextEncoderTargets::None));
+        assert!(i.notes.iter().any(|n| n.contains("trains alone")), "{:?}", i.notes);
+        let pivotal = import(&format!("{ti}network_module = \"networks.lora\"\nnetwork_dim = 8\n")).unwrap();
+        assert_eq!((pivotal.config.lora.unet_targets, pivotal.config.embedding.vectors), (UnetTargets::AttnMlp, 4));
+        assert!(error(&format!("{ti}use_style_template = true\n")).contains("use_style_template"));
+        assert!(!import(MINIMAL).unwrap().config.embedding.enabled());
     }
 
     /// kohya's `networks.lora_fa` is LoRA-FA over networks.lora's arguments, without LoRA+

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod bench_ops;
 pub mod config;
 pub mod device_check;
+pub mod embedding;
 mod error;
 pub mod extract;
 pub mod generate;

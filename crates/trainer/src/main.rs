@@ -712,14 +712,18 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         0 => format!("{} steps", config.train.max_train_steps),
         epochs => format!("{epochs} epochs"),
     };
+    let what = match config.lora.algo {
+        lora_core::Algo::Lora => "LoRA",
+        lora_core::Algo::Loha => "LoHa",
+        lora_core::Algo::Lokr => "LoKr",
+    };
+    let what = match (config.embedding.enabled(), config.trains_adapters()) {
+        (true, false) => format!("an embedding for `{}`", config.embedding.token),
+        (true, true) => format!("a rank-{} {what} and an embedding for `{}`", config.lora.rank, config.embedding.token),
+        (false, _) => format!("a rank-{} {what}", config.lora.rank),
+    };
     eprintln!(
-        "training a rank-{} {} on `{}` with {} for {length} -> {}",
-        config.lora.rank,
-        match config.lora.algo {
-            lora_core::Algo::Lora => "LoRA",
-            lora_core::Algo::Loha => "LoHa",
-            lora_core::Algo::Lokr => "LoKr",
-        },
+        "training {what} on `{}` with {} for {length} -> {}",
         config.model.pretrained,
         if config.data.train_data_dir == "demo" { "the demo images".to_string() } else { config.data.train_data_dir.clone() },
         config.output.output_dir.display()
@@ -789,7 +793,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     let last = report.losses.iter().rev().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
     let verb = if report.interrupted { "interrupted after" } else { "done in" };
     println!("\n{verb} {:.0}s ({} steps); mean loss of the first/last 20 steps: {first:.4} -> {last:.4}", report.seconds, report.losses.len());
-    println!("  LoRA ({:?}):   {}", config.output.save_format, report.lora.display());
+    match report.embedding_file {
+        true => {
+            let stem = report.lora.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            println!("  embedding:     {} (write `{stem}` in prompts, with --embedding; A1111 calls it by the file's name)", report.lora.display());
+        }
+        false => println!("  LoRA ({:?}):   {}", config.output.save_format, report.lora.display()),
+    }
     if let Some(grid) = &report.sample_grid {
         println!("  sample grid:   {}", grid.display());
     }

@@ -23,6 +23,7 @@ use sd_sched::training::{adaptive_offset_noise, elementwise_loss, offset_noise, 
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
+use crate::embedding::TrainedEmbedding;
 use crate::generate::{grid, merge_adapters, save_png, to_precision, TextConditioning, TextEncoders};
 use crate::models::{load_components, Components};
 use crate::state::{
@@ -51,8 +52,11 @@ pub struct StepInfo {
 /// Where training left its outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainReport {
-    /// The LoRA file.
+    /// The LoRA file (with an `[embedding]` and no adapters, the embedding file).
     pub lora: PathBuf,
+    /// Whether `lora` is an embedding file: an `[embedding]` trained without adapters
+    /// (textual inversion), called by the file's name in A1111 and `generate --embedding`.
+    pub embedding_file: bool,
     /// Sample grid from the trained LoRA (not written when training was interrupted or
     /// `output.sample_prompts` is empty).
     pub sample_grid: Option<PathBuf>,
@@ -355,6 +359,22 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
             captions.len()
         ));
     }
+    let e = &config.embedding;
+    if e.enabled() {
+        let what = match config.trains_adapters() {
+            true => "pivotal tuning: bundled in the LoRA files",
+            false => "textual inversion: saved as an embedding file",
+        };
+        let source = match e.template.prompts() {
+            Some(p) => format!("captions from {} templates", p.len()),
+            None => {
+                let captions = (0..dataset.images().len()).map(|i| dataset.fixed_caption(i)).collect::<Vec<_>>();
+                format!("the word is in {} of {} captions", crate::embedding::captions_with_word(&e.token, captions.iter().map(String::as_str)), captions.len())
+            }
+        };
+        let vectors = if e.vectors == 1 { "1 vector".to_string() } else { format!("{} vectors", e.vectors) };
+        out.push_str(&format!("\nembedding `{}` ({vectors}; {what}): {source}", e.token));
+    }
     let epochs = (t.max_train_steps * t.gradient_accumulation_steps) as f64 / batches.max(1) as f64;
     let each = match t.gradient_accumulation_steps {
         1 => String::new(),
@@ -367,11 +387,14 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
 fn generate_grid<B: burn::tensor::backend::Backend>(
     c: &Components<B>,
     config: &TrainConfig,
+    embedding: Option<&TrainedEmbedding>,
     size: (usize, usize),
     device: &B::Device,
 ) -> Result<image::RgbImage, TrainError> {
     let opts = config.sample_defaults(size);
-    let images = crate::generate::sample_images(c, &config.output.sample_prompts, &opts, device)?;
+    // The trained embedding's word in the prompts stands for its tokens.
+    let prompts: Vec<String> = config.output.sample_prompts.iter().map(|p| embedding.map_or_else(|| p.clone(), |e| e.expand(p))).collect();
+    let images = crate::generate::sample_images(c, &prompts, &opts, device)?;
     Ok(grid(&images, images.len().min(4)))
 }
 
@@ -474,7 +497,7 @@ pub fn resume_on<B: AutodiffBackend>(
             .unwrap_or_else(|| "the settings differ".into());
         return Err(TrainError::Config {
             origin: state_dir.display().to_string(),
-            reason: format!("cannot resume with a different model, [lora] section or optimizer: {differs}"),
+            reason: format!("cannot resume with a different model, [lora] section, optimizer or [embedding]: {differs}"),
         });
     }
     if state.info.step >= config.train.max_train_steps {
@@ -520,6 +543,7 @@ pub fn resume_on<B: AutodiffBackend>(
 /// have any.
 fn attach_configured_adapters<B: AutodiffBackend>(
     l: &crate::config::LoraSection,
+    embedding_only: bool,
     unet: &mut sd_model::UNet2DConditionModel<B>,
     encoders: &mut [sd_model::ClipTextModel<B>],
     device: &B::Device,
@@ -543,7 +567,8 @@ fn attach_configured_adapters<B: AutodiffBackend>(
         // SDXL: both encoders, as kohya's sd-scripts target them.
         te_targets += attach_new_adapters(te, &Selection::new(l.text_encoder_targets), &lora, device)?.len();
     }
-    if attached.paths.is_empty() && te_targets == 0 {
+    // An embedding may train alone (kohya's textual inversion).
+    if attached.paths.is_empty() && te_targets == 0 && !embedding_only {
         return Err(TrainError::Config {
             origin: "lora".into(),
             reason: "the targets select no layer: lora.unet_targets (with include / exclude) matches no UNet layer and lora.text_encoder_targets is \"none\"".into(),
@@ -740,6 +765,30 @@ fn check_sdxl_settings(config: &TrainConfig) -> Result<(), TrainError> {
             reason: "SDXL always conditions on both encoders' penultimate layers; leave clip_skip at 1".into(),
         });
     }
+    Ok(())
+}
+
+/// The adapters' names for state files: `<model>.<path>.down|up...`, and the trained tokens
+/// of text encoder `i` as `<model>.trained_tokens`.
+fn encoder_params<B: burn::tensor::backend::Backend>(te: &mut sd_model::ClipTextModel<B>, i: usize) -> Vec<(String, crate::state::AdapterParam<B>)> {
+    let key = encoder_key(i);
+    let mut params = adapter_params(te, key);
+    if let Some(rows) = &te.trained_tokens {
+        params.push((format!("{key}.trained_tokens"), crate::state::AdapterParam::Matrix(rows.id, rows.val())));
+    }
+    params
+}
+
+/// Restores text encoder `i`'s trained tokens from a state's tensors.
+fn restore_trained_tokens<B: AutodiffBackend>(te: &mut sd_model::ClipTextModel<B>, i: usize, saved: &HashMap<String, lora_core::HostTensor>, device: &B::Device) -> Result<(), TrainError> {
+    let Some(rows) = te.trained_tokens.as_mut() else { return Ok(()) };
+    let key = format!("{}.trained_tokens", encoder_key(i));
+    let bad = |reason: String| TrainError::Config { origin: format!("resume: `{key}`"), reason };
+    let host = saved.get(&key).ok_or_else(|| bad("missing from the saved state (was [embedding] added?)".into()))?;
+    if host.shape != rows.dims() {
+        return Err(bad(format!("saved shape {:?}, the embedding is {:?} (was embedding.vectors changed?)", host.shape, rows.dims())));
+    }
+    *rows = burn::module::Param::from_tensor(host.to_tensor::<B, 2>(device)?).set_require_grad(true);
     Ok(())
 }
 
@@ -1004,7 +1053,13 @@ fn fingerprint(config: &TrainConfig) -> String {
             format!("model.base_weights tensors = {} strength = {}{te}\n", tensors_hash(&file.path), file.strength)
         })
         .collect();
-    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{base}{lora}{file}{optimizer}", config.model.pretrained, config.model.tiny_seed)
+    // The trained embedding's tokens are in the state (runs without one have no line).
+    let e = &config.embedding;
+    let embedding = match e.enabled() {
+        true => format!("embedding.token = {:?} vectors = {}\n", e.token, e.vectors),
+        false => String::new(),
+    };
+    format!("model.pretrained = {:?}\nmodel.tiny_seed = {}\n{base}{lora}{file}{optimizer}{embedding}", config.model.pretrained, config.model.tiny_seed)
 }
 
 /// The SHA-256 of a LoRA file's tensors (A1111's LoRA hash), or `unreadable`, for
@@ -1110,13 +1165,28 @@ fn run<B: AutodiffBackend>(
         // The file gives the structure, on a resume too (the state then gives the values).
         adapters_from_weights(l, &mut unet, &mut encoders, device)?
     } else {
-        let train_te = attach_configured_adapters(l, &mut unet, &mut encoders, device)?;
+        let train_te = attach_configured_adapters(l, config.embedding.enabled(), &mut unet, &mut encoders, device)?;
         if !l.network_weights.is_empty() && state.is_none() {
             // A resumed run's state holds the adapters: the file only starts a new run.
             load_network_weights(Path::new(&l.network_weights), &mut unet, &mut encoders, device)?;
         }
         train_te
     };
+    // The embedding's rows train in the text encoders: they then run with their graph.
+    let embedding = match config.embedding.enabled() {
+        true => Some(TrainedEmbedding::attach(&config.embedding, &mut frozen, &mut encoders, device)?),
+        false => None,
+    };
+    if let Some(e) = embedding.as_ref().filter(|e| !e.uses_templates()) {
+        let captions: Vec<String> = (0..dataset.images().len()).map(|i| dataset.fixed_caption(i)).collect();
+        if crate::embedding::captions_with_word(&e.word, captions.iter().map(String::as_str)) == 0 {
+            return Err(TrainError::Config {
+                origin: "embedding.token".into(),
+                reason: format!("no caption holds the word `{}`: write it into the captions where the subject or style is, or set embedding.template = \"object\" or \"style\"", e.word),
+            });
+        }
+    }
+    let train_te = train_te || embedding.is_some();
 
     let mut schedule_cfg = frozen.scheduler.clone();
     match t.prediction {
@@ -1170,6 +1240,7 @@ fn run<B: AutodiffBackend>(
         restore_adapter_params(&mut unet, "unet", &state.adapters, device).map_err(&in_file)?;
         for (i, te) in encoders.iter_mut().enumerate() {
             restore_adapter_params(te, encoder_key(i), &state.adapters, device).map_err(&in_file)?;
+            restore_trained_tokens(te, i, &state.adapters, device).map_err(&in_file)?;
         }
     }
     if config.lora.lora_fa {
@@ -1191,7 +1262,11 @@ fn run<B: AutodiffBackend>(
     let mut te_optims: Vec<FlatAdamW<B>> = encoders
         .iter_mut()
         .map(|te| {
-            let factors = lr_factors(te, |_| 1.0, te_plus);
+            let mut factors = lr_factors(te, |_| 1.0, te_plus);
+            // The embedding's own learning rate, as a factor on the text encoders'.
+            if let (Some(rows), true) = (&te.trained_tokens, config.embedding.learning_rate > 0.0) {
+                factors.insert(rows.id, (config.embedding.learning_rate / te_base_lr) as f32);
+            }
             let groups = param_groups(te, |_| None, plus_on(l.loraplus_text_encoder_lr_ratio));
             model_optimizer(te, &factors, &groups, config, device)
         })
@@ -1211,7 +1286,7 @@ fn run<B: AutodiffBackend>(
         let state_dir = &state.dir;
         import_optimizer_state(&mut optim, "unet", &state.moments, state_dir, device)?;
         for (i, (o, te)) in te_optims.iter_mut().zip(encoders.iter_mut()).enumerate() {
-            import_moments(o, &adapter_params(te, encoder_key(i)), &state.moments, times, device).map_err(&in_file)?;
+            import_moments(o, &encoder_params(te, i), &state.moments, times, device).map_err(&in_file)?;
             import_optimizer_state(o, encoder_key(i), &state.moments, state_dir, device)?;
         }
         let origin = state.dir.join("state.json");
@@ -1250,7 +1325,7 @@ fn run<B: AutodiffBackend>(
         false => None,
     };
     let unet_params = adapter_params(&mut unet, "unet");
-    let te_param_counts: Vec<usize> = encoders.iter_mut().enumerate().map(|(i, te)| adapter_params(te, encoder_key(i)).len()).collect();
+    let te_param_counts: Vec<usize> = encoders.iter_mut().enumerate().map(|(i, te)| encoder_params(te, i).len()).collect();
     let unet_norm_pairs = lora_core::optim::norm_pairs(&mut unet);
     // Without text-encoder training, max-norm leaves the (untrained) encoders alone.
     let te_norm_pairs: Vec<Vec<lora_core::optim::NormPair>> = encoders.iter_mut().map(|te| if train_te { lora_core::optim::norm_pairs(te) } else { Vec::new() }).collect();
@@ -1267,6 +1342,8 @@ fn run<B: AutodiffBackend>(
         config,
         metadata: crate::metadata::RunMetadata::new(config, &dataset, base, std::time::SystemTime::now()),
         batches_in_epoch: plans.len(),
+        embedding: embedding.clone(),
+        embedding_file: false,
     };
     // Steps queued but not yet read back.
     let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::new();
@@ -1284,7 +1361,7 @@ fn run<B: AutodiffBackend>(
         // model, or the starting `network_weights`), to compare the later grids with.
         // The first batch's bucket, as the later grids use.
         let size = plans.first().map_or((config.data.resolution.width, config.data.resolution.height), |p| p.bucket);
-        sample_grid_now(&unet, &encoders, &frozen, config, (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
+        sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
     }
     for step in first_step..t.max_train_steps {
         B::seed(device, step_seed(t.seed, step));
@@ -1321,7 +1398,7 @@ fn run<B: AutodiffBackend>(
                 }
                 None => {
                     // Text encoders in training: encoded with their graph.
-                    let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
+                    let captions = training_captions(plan, embedding.as_ref(), step_seed(t.seed, step) ^ progress.batch_in_epoch as u64);
                     let c = encode_captions(text_encoders_of(&encoders, &frozen), &captions, config, device)?;
                     let added = c.pooled.map(|p| sd_model::AddedConditions { text_embeds: p, time_ids: time_ids(&dataset, plan, device) });
                     (c.context, added)
@@ -1490,7 +1567,11 @@ fn run<B: AutodiffBackend>(
             let (u, tes, stats) = apply_max_norm(t.scale_weight_norms as f32, (unet, &mut optim, &unet_norm_pairs), encoders, &mut te_optims, &te_norm_pairs)?;
             (unet, encoders, max_norm) = (u, tes, Some(stats));
         }
-        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, d_lr, te_d_lr, max_norm, record: check.record });
+        let emb_lr = te_lr.filter(|_| embedding.is_some()).map(|lr| match config.embedding.learning_rate {
+            0.0 => lr,
+            own => lr * own / te_base_lr,
+        });
+        pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, emb_lr, d_lr, te_d_lr, max_norm, record: check.record });
 
         let last = progress.step == t.max_train_steps;
         // An epoch is complete once its last batch is used.
@@ -1524,6 +1605,7 @@ fn run<B: AutodiffBackend>(
                 events: events.as_mut(),
                 fp16: t.mixed_precision == MixedPrecision::Fp16,
                 losses: &mut losses,
+                unet_trains: !optim.is_empty(),
             };
             let go_on = read.steps(std::mem::take(&mut pending), on_step)?;
             last_read = Instant::now();
@@ -1541,12 +1623,12 @@ fn run<B: AutodiffBackend>(
         if let Some(file) = &sample {
             let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
             let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
-            sample_grid_now(&unet, &encoders, &frozen, config, size, &out.join(file), device)?;
+            sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), size, &out.join(file), device)?;
         }
         let every = config.output.validate_every_n_steps;
         if let Some(v) = validator.as_mut().filter(|_| last || (every > 0 && progress.step.is_multiple_of(every))) {
             let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
-            let loss = v.loss(&unet, train_te.then_some(&encoders[..]), &frozen, config, device)?;
+            let loss = v.loss(&unet, train_te.then_some(&encoders[..]), &frozen, (config, embedding.as_ref()), device)?;
             v.log.record(progress.step, loss)?;
             if let Some(events) = events.as_mut() {
                 let wall_time = start_wall + start.elapsed().as_secs_f64();
@@ -1570,7 +1652,7 @@ fn run<B: AutodiffBackend>(
         merge_adapters(&mut with_lora);
         let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
         let path = out.join("samples.png");
-        save_png(&generate_grid(&with_lora, config, size, device)?, &path)?;
+        save_png(&generate_grid(&with_lora, config, embedding.as_ref(), size, device)?, &path)?;
         Some(path)
     };
 
@@ -1578,6 +1660,7 @@ fn run<B: AutodiffBackend>(
     save_png(&plot::loss_curve(&losses, 640, 360), &curve_path)?;
     Ok(TrainReport {
         lora: lora_path,
+        embedding_file: saver.embedding_file,
         sample_grid: grid_path,
         metrics: metrics_path,
         tensorboard: events.map(|e| e.path().to_path_buf()),
@@ -1619,6 +1702,8 @@ struct PendingStep<B: burn::tensor::backend::Backend> {
     lr: f64,
     /// The text encoder's learning rate, when it has adapters.
     te_lr: Option<f64>,
+    /// The trained embedding's learning rate.
+    emb_lr: Option<f64>,
     /// With Prodigy or DAdaptAdam: the UNet's and the text encoders' step sizes (estimate
     /// times learning rate), on the device.
     d_lr: Option<Tensor<B, 1>>,
@@ -1641,6 +1726,9 @@ struct ReadBack<'a> {
     /// Whether the run scales its loss (f16), so that the scale is worth a curve.
     fp16: bool,
     losses: &'a mut Vec<f32>,
+    /// Whether the UNet has adapters: the learning rate reported is the UNet's, else the
+    /// embedding's or the text encoders'.
+    unet_trains: bool,
 }
 
 impl ReadBack<'_> {
@@ -1660,7 +1748,8 @@ impl ReadBack<'_> {
             self.losses.push(loss);
             let d_lr = p.d_lr.as_ref().and_then(|_| step_sizes.next());
             let te_d_lr: Vec<f32> = p.te_d_lr.iter().filter_map(|_| step_sizes.next()).collect();
-            let info = StepInfo { step: p.step, total: self.t.max_train_steps, loss, lr: p.lr, elapsed_s };
+            let lr = if self.unet_trains { p.lr } else { p.emb_lr.or(p.te_lr).unwrap_or(p.lr) };
+            let info = StepInfo { step: p.step, total: self.t.max_train_steps, loss, lr, elapsed_s };
             writeln!(
                 self.metrics,
                 "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},{}{}\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
@@ -1681,8 +1770,10 @@ impl ReadBack<'_> {
             )
             .map_err(io_err(self.metrics_path))?;
             if let Some(events) = self.events.as_deref_mut() {
-                let mut values = vec![("loss", loss), ("lr/unet", p.lr as f32)];
+                let mut values = vec![("loss", loss)];
+                values.extend(self.unet_trains.then_some(("lr/unet", p.lr as f32)));
                 values.extend(p.te_lr.map(|lr| ("lr/text_encoder", lr as f32)));
+                values.extend(p.emb_lr.map(|lr| ("lr/embedding", lr as f32)));
                 values.extend(d_lr.map(|v| ("d*lr/unet", v)));
                 values.extend(te_d_lr.into_iter().enumerate().map(|(i, v)| (["d*lr/text_encoder", "d*lr/text_encoder_2"][i.min(1)], v)));
                 values.extend(grad_norm.is_finite().then_some(("grad_norm", grad_norm)));
@@ -1776,7 +1867,7 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
         unet: &sd_model::UNet2DConditionModel<A>,
         text_encoders: Option<&[sd_model::ClipTextModel<A>]>,
         frozen: &Components<B>,
-        config: &TrainConfig,
+        (config, embedding): (&TrainConfig, Option<&TrainedEmbedding>),
         device: &B::Device,
     ) -> Result<f32, TrainError> {
         let t = &config.train;
@@ -1796,7 +1887,7 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
             let cond = match (context, &text_encoders) {
                 (Some(c), _) => c,
                 (None, Some(tes)) => {
-                    let captions: Vec<String> = plan.samples.iter().map(|s| s.caption.clone()).collect();
+                    let captions = training_captions(plan, embedding, b as u64);
                     encode_captions(text_encoders_of(tes, frozen), &captions, config, device)?
                 }
                 (None, None) => unreachable!("the cache encodes captions when the text encoder is frozen"),
@@ -1884,14 +1975,14 @@ fn sample_grid_now<B: AutodiffBackend>(
     unet: &sd_model::UNet2DConditionModel<B>,
     encoders: &[sd_model::ClipTextModel<B>],
     frozen: &Components<B::InnerBackend>,
-    config: &TrainConfig,
+    (config, embedding): (&TrainConfig, Option<&TrainedEmbedding>),
     size: (usize, usize),
     path: &Path,
     device: &B::Device,
 ) -> Result<(), TrainError> {
     let mut current = with_trained(unet, encoders, frozen.clone());
     merge_adapters(&mut current);
-    save_png(&generate_grid(&current, config, size, device)?, path)
+    save_png(&generate_grid(&current, config, embedding, size, device)?, path)
 }
 
 /// Writes LoRA files and training states.
@@ -1900,6 +1991,11 @@ struct Saver<'a> {
     metadata: crate::metadata::RunMetadata,
     /// Batches per epoch, to count completed epochs.
     batches_in_epoch: usize,
+    /// The embedding trained with the adapters (bundled in their files) or alone (saved
+    /// as an embedding file).
+    embedding: Option<TrainedEmbedding>,
+    /// Whether the last save wrote an embedding file (no adapters).
+    embedding_file: bool,
 }
 
 impl Saver<'_> {
@@ -1932,7 +2028,8 @@ impl Saver<'_> {
     fn save<B: AutodiffBackend>(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>], progress: &Progress, path: &Path) -> Result<(), TrainError> {
         let epochs = completed_epochs(progress, self.batches_in_epoch);
         let metadata = self.metadata.at_save(progress.step, epochs, std::time::SystemTime::now());
-        save_lora(unet, encoders, metadata, self.config, path)
+        self.embedding_file = save_lora(unet, encoders, self.embedding.as_ref(), metadata, self.config, path)?;
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1948,7 +2045,7 @@ impl Saver<'_> {
         noise: &SeededNoise,
     ) -> Result<(), TrainError> {
         let unet_params = adapter_params(unet, "unet");
-        let te_params: Vec<_> = encoders.iter_mut().enumerate().map(|(i, te)| adapter_params(te, encoder_key(i))).collect();
+        let te_params: Vec<_> = encoders.iter_mut().enumerate().map(|(i, te)| encoder_params(te, i)).collect();
         let mut moments = HashMap::new();
         let mut times = std::collections::BTreeMap::new();
         export_moments(unet_optim, &unet_params, &mut moments, &mut times)?;
@@ -2140,6 +2237,23 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
     }
 }
 
+/// The captions of a batch to encode: with a trained embedding, each sample's own (or a
+/// template, drawn from `pick` and its place in the batch) with the word expanded.
+fn training_captions(plan: &sd_data::BatchPlan, embedding: Option<&TrainedEmbedding>, pick: u64) -> Vec<String> {
+    let mix = |i: usize| {
+        // splitmix64's finaliser: neighbouring picks give unrelated templates.
+        let mut z = pick.wrapping_add((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    plan.samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| embedding.map_or_else(|| s.caption.clone(), |e| e.caption(&s.caption, mix(i))))
+        .collect()
+}
+
 /// The text conditioning of training captions: literal, or with A1111's emphasis when
 /// `data.weighted_captions` is on.
 fn encode_captions<B: burn::tensor::backend::Backend>(
@@ -2178,18 +2292,36 @@ fn sdxl_sizes(original_hw: (u32, u32), s: &sd_data::SamplePlan) -> sd_model::Sdx
 }
 
 /// Writes the adapters of the UNet and the text encoders to `path` in the configured
-/// format and precision, with the run's metadata ([`crate::metadata`]).
+/// format and precision, with the run's metadata ([`crate::metadata`]), and the trained
+/// embedding bundled; with an embedding and no adapters, the embedding file alone (returns
+/// whether it wrote that).
 fn save_lora<B: AutodiffBackend>(
     unet: &mut sd_model::UNet2DConditionModel<B>,
     encoders: &mut [sd_model::ClipTextModel<B>],
+    embedding: Option<&TrainedEmbedding>,
     metadata: std::collections::BTreeMap<String, String>,
     config: &TrainConfig,
     path: &Path,
-) -> Result<(), TrainError> {
+) -> Result<bool, TrainError> {
     let mut set = AdapterSet::new();
     sites::collect_adapters(unet, &mut set)?;
     for te in encoders.iter_mut() {
         sites::collect_adapters(te, &mut set)?;
+    }
+    if let Some(e) = embedding {
+        let vectors = e.vectors(encoders)?;
+        if set.is_empty() {
+            // Textual inversion alone: an embedding file, as kohya's writes.
+            // Without metadata, as kohya writes them (the LoRA's keys would describe no
+            // network).
+            drop(metadata);
+            vectors.write(path, config.output.save_precision, HashMap::new())?;
+            return Ok(true);
+        }
+        // Pivotal tuning: the vectors travel in the LoRA file, as A1111 loads them.
+        for (part, tensor) in vectors.named_vectors() {
+            set.bundled_embeddings.insert(format!("{}.{part}", e.word), tensor.clone());
+        }
     }
     if unet.has_added_conditions() {
         // kohya's SDXL files name the UNet's modules by their SGM paths.
@@ -2197,7 +2329,7 @@ fn save_lora<B: AutodiffBackend>(
     }
     set.metadata.extend(metadata);
     set.save(path, config.output.save_format, config.output.save_precision)?;
-    Ok(())
+    Ok(false)
 }
 
 #[cfg(test)]

@@ -409,3 +409,32 @@ fn sdxl_lora_metadata_names_the_architecture() {
     assert_eq!(keys["modelspec.architecture"], "stable-diffusion-xl-v1-base/lora");
     assert_eq!(keys["modelspec.implementation"], "https://github.com/Stability-AI/generative-models");
 }
+
+/// An SDXL embedding trains in both text encoders and is written as SDXL embeddings are
+/// (`clip_l`, `clip_g`), alone or bundled in the LoRA (`bundle_emb.WORD.clip_l` / `clip_g`).
+#[test]
+fn sdxl_embeddings_train_in_both_text_encoders() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = sdxl_config(dir.path(), 2);
+    config.lora.unet_targets = sd_model::targets::UnetTargets::None;
+    config.embedding.token = "demostyle".into();
+    config.embedding.vectors = 2;
+    config.embedding.init_word = "red circle".into();
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert!(report.embedding_file && report.losses.iter().all(|l| l.is_finite()));
+    let mut names = tensor_names(&report.lora);
+    names.sort();
+    assert_eq!(names, ["clip_g", "clip_l"]);
+    let e = sd_model::textual_inversion::read_embedding(&report.lora).unwrap();
+    assert_eq!(e.vectors.iter().map(|v| v.shape.clone()).collect::<Vec<_>>(), [[2, 32], [2, 32]]);
+
+    config.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    assert!(!report.embedding_file);
+    let names = tensor_names(&report.lora);
+    for part in ["clip_l", "clip_g"] {
+        assert!(names.contains(&format!("bundle_emb.demostyle.{part}")), "{names:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("lora_unet_")));
+}

@@ -47,8 +47,9 @@ fn assert_same_lora(a: &std::path::Path, b: &std::path::Path) {
     assert!(data(a) == data(b), "the tensors of {} and {} differ", a.display(), b.display());
     let stable = |p| {
         let mut m = lora_metadata(p);
+        // (Embedding files have no metadata.)
         for k in ["ss_session_id", "ss_training_started_at", "ss_training_finished_at", "modelspec.date"] {
-            assert!(m.remove(k).is_some(), "{k}");
+            assert!(m.remove(k).is_some() || m.is_empty(), "{k}");
         }
         m
     };
@@ -185,6 +186,9 @@ fn the_example_configs_are_valid() {
         let c = TrainConfig::load(Some(&path), &[]).unwrap();
         assert_eq!(c.lora.unet_targets, sd_model::targets::UnetTargets::AttnMlp);
     }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sd15-textual-inversion.toml");
+    let c = TrainConfig::load(Some(&path), &[]).unwrap();
+    assert_eq!((c.lora.unet_targets, c.embedding.token.as_str(), c.embedding.vectors), (sd_model::targets::UnetTargets::None, "mychar", 4));
 }
 
 #[test]
@@ -2860,4 +2864,102 @@ proptest::proptest! {
             proptest::prop_assert!(text.contains("state") || text.contains("diverged"), "{}: {}", name, text);
         }
     }
+}
+
+/// kohya's textual inversion: with no adapter targets, `[embedding]` trains the word's
+/// vectors alone, started from the init word's token rows, and writes an embedding file
+/// (`emb_params`) that generation reads and calls by the file's name; a resumed run ends
+/// where a straight one does, and a state is refused for another number of vectors.
+#[test]
+fn textual_inversion_trains_an_embedding_file_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    let config = |dir: &std::path::Path| {
+        let mut c = quick_config(dir, 6);
+        c.lora.unet_targets = sd_model::targets::UnetTargets::None;
+        c.embedding.token = "demostyle".into();
+        c.embedding.vectors = 2;
+        c.embedding.init_word = "painting".into();
+        c.embedding.learning_rate = 5e-3;
+        c.output.save_precision = lora_core::SaveDtype::F32;
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&config(dir.path()), &Default::default(), &mut |_| true).unwrap();
+    assert!(straight.losses.iter().all(|l| l.is_finite()), "{:?}", straight.losses);
+    let trained = sd_model::textual_inversion::read_embedding(&straight.lora).unwrap();
+    assert_eq!((trained.name.as_str(), trained.vectors.len(), trained.vectors[0].shape.as_slice()), ("demo_lora", 1, [2usize, 32].as_slice()));
+    // The init word's rows (one token, repeated), moved by training but not far.
+    let device = Default::default();
+    let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap();
+    let ids = base.tokenizer.encode_unpadded("painting").unwrap();
+    assert_eq!(ids.len(), 1);
+    let init = lora_core::HostTensor::from_tensor(base.text_encoder.token_rows(&[ids[0], ids[0]]).unwrap()).unwrap();
+    let moved = trained.vectors[0].data.iter().zip(&init.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3 && moved < 0.2, "largest change {moved}");
+
+    // Generation loads it and calls it by the file's stem.
+    let mut c = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap();
+    let names = trainer::generate::load_embeddings(&mut c, std::slice::from_ref(&straight.lora), &[], &device).unwrap();
+    assert_eq!(names[0].0, "demo_lora");
+
+    let resumed_dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&config(resumed_dir.path()), &straight, |c| c.embedding.vectors = 3, "embedding.token");
+}
+
+/// Pivotal tuning: adapters and an embedding train together; the LoRA file bundles the
+/// vectors (`bundle_emb.WORD.emb_params`), which generation loads with the LoRA; the
+/// embedding's own learning rate moves it where the default one moves it less.
+#[test]
+fn pivotal_tuning_bundles_the_embedding_in_the_lora() {
+    let _guard = seeded();
+    let run = |lr: f64| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = quick_config(dir.path(), 3);
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
+        c.embedding.token = "demostyle".into();
+        c.embedding.vectors = 2;
+        c.embedding.learning_rate = lr;
+        c.output.save_precision = lora_core::SaveDtype::F32;
+        let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+        let (set, _) = AdapterSet::load(&report.lora, &tiny_index(), ReadOptions::default()).unwrap();
+        let bundled = sd_model::textual_inversion::read_bundled_embeddings(&report.lora).unwrap();
+        (dir, report, set, bundled)
+    };
+    let (_dir, report, set, bundled) = run(1e-2);
+    assert_eq!(set.len(), 32, "4 transformers x 8 attention layers");
+    assert_eq!(bundled.len(), 1);
+    assert_eq!((bundled[0].name.as_str(), bundled[0].vectors[0].shape.as_slice()), ("demostyle", [2usize, 32].as_slice()));
+    let device = Default::default();
+    let mut c = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap();
+    let names = trainer::generate::load_embeddings(&mut c, &[], std::slice::from_ref(&report.lora), &device).unwrap();
+    assert_eq!(names, vec![("demostyle".to_string(), sd_model::textual_inversion::token_names("demostyle", 2))]);
+    // Random starting rows (no init word) from the same seed: a rate of 1e-6 leaves them
+    // where they start, 1e-2 moves them.
+    let (_slow_dir, _, _, slow) = run(1e-6);
+    let moved = bundled[0].vectors[0].data.iter().zip(&slow[0].vectors[0].data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(moved > 1e-3, "largest difference {moved}");
+}
+
+/// `[embedding]` settings are checked before anything trains: a setting without a word, a
+/// word of two, too many vectors, and captions that never hold the word.
+#[test]
+fn embedding_settings_are_checked() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let err = |edit: &dyn Fn(&mut TrainConfig)| {
+        let mut c = quick_config(dir.path(), 1);
+        c.embedding.token = "demostyle".into();
+        edit(&mut c);
+        train::<B>(&c, &Default::default(), &mut |_| true).unwrap_err().to_string()
+    };
+    assert!(err(&|c| { c.embedding.token.clear(); c.embedding.init_word = "cat".into() }).contains("embedding.init_word"));
+    assert!(err(&|c| c.embedding.token = "demo style".into()).contains("embedding.token"));
+    assert!(err(&|c| c.embedding.vectors = 76).contains("embedding.vectors"));
+    let none = err(&|c| c.embedding.token = "nowhere".into());
+    assert!(none.contains("no caption holds the word `nowhere`"), "{none}");
+    // With templates the captions need not hold it.
+    let mut c = quick_config(dir.path(), 1);
+    c.embedding.token = "nowhere".into();
+    c.embedding.template = trainer::config::CaptionTemplate::Style;
+    assert_trains(&c);
 }
