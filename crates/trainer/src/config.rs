@@ -1239,11 +1239,15 @@ pub struct EmbeddingSection {
     /// `use_object_template` / `use_style_template`); `none`: the captions, which must hold
     /// the word.
     pub template: CaptionTemplate,
+    /// The share of `train.max_train_steps` during which the embedding trains (diffusers'
+    /// `train_text_encoder_ti_frac`): after step `ceil(fraction · steps)` its vectors stay
+    /// as they are and the adapters train on with them; 1: the whole run.
+    pub train_fraction: f64,
 }
 
 impl Default for EmbeddingSection {
     fn default() -> Self {
-        Self { token: String::new(), vectors: 1, init_word: String::new(), weights: String::new(), learning_rate: 0.0, template: CaptionTemplate::None }
+        Self { token: String::new(), vectors: 1, init_word: String::new(), weights: String::new(), learning_rate: 0.0, template: CaptionTemplate::None, train_fraction: 1.0 }
     }
 }
 
@@ -1251,6 +1255,12 @@ impl EmbeddingSection {
     /// Whether an embedding is trained.
     pub fn enabled(&self) -> bool {
         !self.token.is_empty()
+    }
+
+    /// The steps (of `total`) during which the embedding trains: `train_fraction` of them,
+    /// rounded up.
+    pub fn train_steps(&self, total: usize) -> usize {
+        ((self.train_fraction * total as f64).ceil() as usize).min(total)
     }
 }
 
@@ -1980,7 +1990,7 @@ impl TrainConfig {
         let e = &self.embedding;
         let bad = |key: &str, reason: String| Err(TrainError::Config { origin: format!("embedding.{key}"), reason });
         if !e.enabled() {
-            let set = [(e.vectors != 1, "vectors"), (!e.init_word.is_empty(), "init_word"), (!e.weights.is_empty(), "weights"), (e.learning_rate != 0.0, "learning_rate"), (e.template != CaptionTemplate::None, "template")];
+            let set = [(e.vectors != 1, "vectors"), (!e.init_word.is_empty(), "init_word"), (!e.weights.is_empty(), "weights"), (e.learning_rate != 0.0, "learning_rate"), (e.template != CaptionTemplate::None, "template"), (e.train_fraction != 1.0, "train_fraction")];
             return match set.iter().find(|(on, _)| *on) {
                 Some((_, key)) => bad(key, "is set but embedding.token is empty: set the word the embedding is trained for".into()),
                 None => Ok(()),
@@ -1994,6 +2004,12 @@ impl TrainConfig {
         }
         if !(e.learning_rate.is_finite() && e.learning_rate >= 0.0) {
             return bad("learning_rate", "must be 0 (the text encoders' learning rate) or positive".into());
+        }
+        if !(e.train_fraction > 0.0 && e.train_fraction <= 1.0) {
+            return bad("train_fraction", format!("{} must be in (0, 1] (1: the whole run)", e.train_fraction));
+        }
+        if e.train_fraction < 1.0 && !self.trains_adapters() {
+            return bad("train_fraction", "stops the embedding's training part-way, but nothing else trains (no adapter targets): shorten train.max_train_steps instead".into());
         }
         if !e.weights.is_empty() && !e.init_word.is_empty() {
             return bad("init_word", "and embedding.weights both say where the vectors start: set one".into());

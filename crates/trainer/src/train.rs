@@ -372,7 +372,10 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
                 format!("the word is in {} of {} captions", crate::embedding::captions_with_word(&e.token, captions.iter().map(String::as_str)), captions.len())
             }
         };
-        let vectors = if e.vectors == 1 { "1 vector".to_string() } else { format!("{} vectors", e.vectors) };
+        let mut vectors = if e.vectors == 1 { "1 vector".to_string() } else { format!("{} vectors", e.vectors) };
+        if e.train_fraction < 1.0 {
+            vectors.push_str(&format!(", trained for the first {} steps", e.train_steps(t.max_train_steps)));
+        }
         out.push_str(&format!("\nembedding `{}` ({vectors}; {what}): {source}", e.token));
     }
     let epochs = (t.max_train_steps * t.gradient_accumulation_steps) as f64 / batches.max(1) as f64;
@@ -1186,6 +1189,7 @@ fn run<B: AutodiffBackend>(
             });
         }
     }
+    let te_adapters = train_te;
     let train_te = train_te || embedding.is_some();
 
     let mut schedule_cfg = frozen.scheduler.clone();
@@ -1363,8 +1367,21 @@ fn run<B: AutodiffBackend>(
         let size = plans.first().map_or((config.data.resolution.width, config.data.resolution.height), |p| p.bucket);
         sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
     }
+    // The embedding trains for its share of the steps; then its rows take no gradients, so
+    // its optimizer leaves them as they are (set again each step: an update of the other
+    // tensors hands every trained tensor back with gradients on).
+    let embedding_steps = config.embedding.train_steps(t.max_train_steps);
     for step in first_step..t.max_train_steps {
         B::seed(device, step_seed(t.seed, step));
+        let embedding_trains = embedding.is_some() && step < embedding_steps;
+        // Whether the text encoders take gradients this step (they run with their graph
+        // either way, as they hold the embedding's rows).
+        let te_grads = te_adapters || embedding_trains;
+        if embedding.is_some() && !embedding_trains {
+            for te in encoders.iter_mut() {
+                te.trained_tokens = te.trained_tokens.take().map(|rows| rows.set_require_grad(false));
+            }
+        }
         let lr = learning_rate(t, step);
         let mut accumulator = GradientsAccumulator::<sd_model::UNet2DConditionModel<B>>::new();
         let mut te_accumulators: Vec<_> = encoders.iter().map(|_| GradientsAccumulator::<sd_model::ClipTextModel<B>>::new()).collect();
@@ -1487,10 +1504,10 @@ fn run<B: AutodiffBackend>(
             }
             if t.gradient_checkpointing {
                 let pooled = added.as_ref().map(|a| a.text_embeds.clone());
-                let options = CheckpointOptions { context_grad: train_te, added, added_grad: train_te && pooled.is_some(), ..Default::default() };
+                let options = CheckpointOptions { context_grad: te_grads, added, added_grad: te_grads && pooled.is_some(), ..Default::default() };
                 let step = unet.forward_backward_checkpointed(noisy, ts.float(), context.clone(), options, loss_of)?;
                 step_loss = step_loss + guard.unscale(step.loss);
-                if train_te {
+                if te_grads {
                     // The text encoders' backward pass, from the gradients their outputs
                     // got: the states and (SDXL) the pooled embedding.
                     let mut surrogate = step.context_grad.map(|grad| (context * Tensor::from_inner(grad)).sum());
@@ -1513,7 +1530,7 @@ fn run<B: AutodiffBackend>(
                 let loss = loss_of(unet.forward_added(noisy, ts.float(), context, added)?);
                 step_loss = step_loss + guard.unscale(loss.clone().inner());
                 let mut grads = loss.backward();
-                if train_te {
+                if te_grads {
                     for (acc, te) in te_accumulators.iter_mut().zip(&encoders) {
                         acc.accumulate(te, GradientsParams::from_module(&mut grads, te));
                     }
@@ -1567,7 +1584,7 @@ fn run<B: AutodiffBackend>(
             let (u, tes, stats) = apply_max_norm(t.scale_weight_norms as f32, (unet, &mut optim, &unet_norm_pairs), encoders, &mut te_optims, &te_norm_pairs)?;
             (unet, encoders, max_norm) = (u, tes, Some(stats));
         }
-        let emb_lr = te_lr.filter(|_| embedding.is_some()).map(|lr| match config.embedding.learning_rate {
+        let emb_lr = te_lr.filter(|_| embedding_trains).map(|lr| match config.embedding.learning_rate {
             0.0 => lr,
             own => lr * own / te_base_lr,
         });

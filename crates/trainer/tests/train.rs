@@ -2963,3 +2963,38 @@ fn embedding_settings_are_checked() {
     c.embedding.template = trainer::config::CaptionTemplate::Style;
     assert_trains(&c);
 }
+
+/// `embedding.train_fraction` (diffusers' `train_text_encoder_ti_frac`): the embedding
+/// trains for the first half of the steps and then keeps its vectors while the adapters
+/// train on, with and without gradient checkpointing; without adapters it is refused.
+#[test]
+fn the_embedding_stops_training_after_its_fraction() {
+    let _guard = seeded();
+    for checkpointing in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = quick_config(dir.path(), 6);
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
+        c.train.gradient_checkpointing = checkpointing;
+        c.embedding.token = "demostyle".into();
+        c.embedding.learning_rate = 1e-2;
+        c.embedding.train_fraction = 0.5;
+        c.output.save_every_n_steps = 2;
+        c.output.save_precision = lora_core::SaveDtype::F32;
+        let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+        let bundle = |name: &str| sd_model::textual_inversion::read_bundled_embeddings(&dir.path().join(name)).unwrap().remove(0).vectors.remove(0);
+        let adapters = |name: &str| AdapterSet::load(&dir.path().join(name), &tiny_index(), ReadOptions::default()).unwrap().0;
+        let (step2, step4, last) = (bundle("demo_lora-step000002.safetensors"), bundle("demo_lora-step000004.safetensors"), bundle("demo_lora.safetensors"));
+        assert_ne!(step2, step4, "step 3 trains the embedding");
+        assert_eq!(step4, last, "steps 4 to 6 leave it");
+        let changed = adapters("demo_lora-step000004.safetensors").iter().zip(adapters("demo_lora.safetensors").iter()).any(|((_, a), (_, b))| a.up.data != b.up.data);
+        assert!(changed, "the adapters train on");
+        assert!(report.losses.iter().all(|l| l.is_finite()));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = quick_config(dir.path(), 2);
+    c.lora.unet_targets = sd_model::targets::UnetTargets::None;
+    c.embedding.token = "demostyle".into();
+    c.embedding.train_fraction = 0.5;
+    let err = train::<B>(&c, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("embedding.train_fraction"), "{err}");
+}
