@@ -535,8 +535,13 @@ mod tests {
 
     type A = Autodiff<Flex>;
 
+    fn ids_again(first: i64, device: &burn::tensor::Device<A>) -> Tensor<A, 2, Int> {
+        Tensor::from_ints([[49406, first + 2, 320, first, 49407, 0], [49406, first + 1, first + 1, 49407, 0, 0]], device)
+    }
+
     /// Trained tokens look up the rows that frozen ones would (the same states and pooled
-    /// output as the rows appended to the table), and only their rows get gradients.
+    /// output as the rows appended to the table), and only their rows get gradients: those
+    /// the appended rows would get.
     #[test]
     fn trained_tokens_act_as_appended_rows() {
         let device = Default::default();
@@ -548,7 +553,7 @@ mod tests {
         trained.add_trained_tokens(rows.clone()).unwrap();
         assert_eq!(trained.vocab_size(), frozen.vocab_size());
         let first = (frozen.vocab_size() - 3) as i64;
-        let ids = Tensor::<A, 2, Int>::from_ints([[49406, first + 2, 320, first, 49407, 0], [49406, first + 1, first + 1, 49407, 0, 0]], &device);
+        let ids = ids_again(first, &device);
         let a = frozen.forward_pooled(ids.clone(), 1, true).unwrap();
         let b = trained.forward_pooled(ids, 1, true).unwrap();
         a.hidden.clone().into_data().assert_approx_eq::<f32>(&b.hidden.clone().into_data(), Tolerance::default());
@@ -556,6 +561,14 @@ mod tests {
         let grads = (b.hidden.sum() + b.pooled.sum()).backward();
         let grad = trained.trained_tokens.as_ref().unwrap().grad(&grads).unwrap();
         assert_eq!(grad.dims(), [3, trained.hidden_size()]);
+        // The same gradient as the appended rows of a table that trains whole.
+        let table = &mut frozen.text_model.embeddings.token_embedding.weight;
+        *table = burn::module::Param::from_tensor(table.val().detach()).set_require_grad(true);
+        let a = frozen.forward_pooled(ids_again(first, &device), 1, true).unwrap();
+        let whole = (a.hidden.sum() + a.pooled.sum()).backward();
+        let table_grad = frozen.text_model.embeddings.token_embedding.weight.grad(&whole).unwrap();
+        let appended = table_grad.slice(first as usize..first as usize + 3);
+        appended.into_data().assert_approx_eq::<f32>(&grad.into_data(), Tolerance::default());
         assert!(trained.text_model.embeddings.token_embedding.weight.grad(&grads).is_none(), "the table is frozen");
         // Frozen rows after trained ones would take their ids.
         assert!(trained.clone().extend_vocabulary(rows.clone()).is_err());
