@@ -433,6 +433,20 @@ enum Command {
         #[arg(long, default_value = "f16")]
         dtype: SaveDtype,
     },
+    /// Write the textual-inversion embeddings bundled in a LoRA file (`bundle_emb.NAME.*`,
+    /// from pivotal tuning) as embedding files `OUT/NAME.safetensors`, for ComfyUI
+    /// (`embedding:NAME`), which does not read bundles, or an `embeddings/` folder.
+    UnbundleEmbeddings {
+        /// The LoRA file.
+        lora: PathBuf,
+        /// Folder to write the embedding files to (created if missing; existing files are
+        /// not overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor precision: f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: SaveDtype,
+    },
     /// Change the rank of a trained LoRA (kohya's resize_lora.py): each adapter keeps its
     /// update's largest singular values, at a fixed rank or, with --dynamic-method, at the
     /// smallest rank that keeps a share of it.
@@ -1072,6 +1086,25 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     let set = set.into_plain_lora();
     set.save(output, to, dtype)?;
     println!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
+    Ok(())
+}
+
+/// `trainer unbundle-embeddings`: each bundled embedding as `out/NAME.safetensors`; no file
+/// is written when one of them exists already or the LoRA bundles none.
+fn run_unbundle_embeddings(lora: &std::path::Path, out: &std::path::Path, dtype: SaveDtype) -> Result<()> {
+    let embeddings = sd_model::textual_inversion::read_bundled_embeddings(lora)?;
+    if embeddings.is_empty() {
+        anyhow::bail!("{}: bundles no embedding (no `bundle_emb.NAME.*` tensors)", lora.display());
+    }
+    let paths: Vec<PathBuf> = embeddings.iter().map(|e| out.join(format!("{}.safetensors", e.name))).collect();
+    if let Some(existing) = paths.iter().find(|p| p.exists()) {
+        anyhow::bail!("{} already exists; choose another --out folder", existing.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (embedding, path) in embeddings.iter().zip(&paths) {
+        embedding.write(path, dtype, Default::default())?;
+        println!("{} ({} vectors) -> {}", embedding.name, embedding.len(), path.display());
+    }
     Ok(())
 }
 
@@ -1800,6 +1833,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         }
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::ImportKohya { input, out } => run_import_kohya(&input, out.as_deref()),
+        Command::UnbundleEmbeddings { lora, out, dtype } => run_unbundle_embeddings(&lora, &out, dtype),
         Command::Resize { input, output, rank, conv_rank, rule, output_args, verbose } => {
             let settings = rule.settings(rank, conv_rank)?;
             run_resize(&input, &output, &settings, output_args.to, output_args.dtype, verbose)

@@ -578,3 +578,37 @@ fn generate_with_embeddings() {
         assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{extra:?}: {text}");
     }
 }
+
+/// A pivotal-tuning LoRA's bundled embedding: `unbundle-embeddings` writes it as an
+/// embedding file named by its word, which `generate --embedding` loads; existing files
+/// and LoRAs without bundles are errors.
+#[test]
+fn unbundle_embeddings_writes_embedding_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = TrainConfig::default();
+    config.output.output_dir = dir.path().join("run");
+    config.train.max_train_steps = 1;
+    config.data.demo_images = 4;
+    config.output.sample_prompts.clear();
+    config.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
+    config.embedding.token = "demostyle".into();
+    config.embedding.vectors = 2;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let lora = report.lora.to_str().unwrap();
+    let out = dir.path().join("embeddings");
+    let (ok, text) = trainer(&["unbundle-embeddings", lora, "--out", out.to_str().unwrap()]);
+    assert!(ok && text.contains("demostyle (2 vectors)"), "{text}");
+    let file = out.join("demostyle.safetensors");
+    let e = sd_model::textual_inversion::read_embedding(&file).unwrap();
+    let bundled = sd_model::textual_inversion::read_bundled_embeddings(&report.lora).unwrap();
+    assert_eq!((e.name.as_str(), &e.vectors), ("demostyle", &bundled[0].vectors), "f16 in, f16 out");
+    let png = dir.path().join("out.png");
+    let (ok, text) = trainer(&["generate", "--prompt", "a red circle, demostyle", "--steps", "2", "--embedding", file.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    assert!(ok && text.contains("demostyle (2 vectors)"), "{text}");
+    let (ok, text) = trainer(&["unbundle-embeddings", lora, "--out", out.to_str().unwrap()]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    let plain = dir.path().join("plain.safetensors");
+    AdapterSet::new().save(&plain, AdapterFormat::Kohya, lora_core::SaveDtype::F16).unwrap();
+    let (ok, text) = trainer(&["unbundle-embeddings", plain.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!ok && text.contains("bundles no embedding") && !text.contains("panicked"), "{text}");
+}

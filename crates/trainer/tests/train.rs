@@ -2982,7 +2982,7 @@ fn the_embedding_stops_training_after_its_fraction() {
         c.output.save_precision = lora_core::SaveDtype::F32;
         let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
         let bundle = |name: &str| sd_model::textual_inversion::read_bundled_embeddings(&dir.path().join(name)).unwrap().remove(0).vectors.remove(0);
-        let adapters = |name: &str| AdapterSet::load(&dir.path().join(name), &tiny_index(), ReadOptions::default()).unwrap().0;
+        let adapters = |name: &str| AdapterSet::load(dir.path().join(name), &tiny_index(), ReadOptions::default()).unwrap().0;
         let (step2, step4, last) = (bundle("demo_lora-step000002.safetensors"), bundle("demo_lora-step000004.safetensors"), bundle("demo_lora.safetensors"));
         assert_ne!(step2, step4, "step 3 trains the embedding");
         assert_eq!(step4, last, "steps 4 to 6 leave it");
