@@ -459,6 +459,32 @@ impl Dataset {
         self.faces.iter().any(Option::is_some)
     }
 
+    /// Whether image `i` takes a random crop that can differ from epoch to epoch (its
+    /// subset's `random_crop`, with the resized image larger than its bucket), so its
+    /// samples are new pixels each time, as with `color_aug`.
+    ///
+    /// ```
+    /// use sd_data::{demo, Dataset, DatasetConfig, SubsetConfig};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// // Square, portrait and landscape images, cropped to 48x48 squares.
+    /// demo::write(dir.path(), &demo::DemoConfig { count: 3, ..Default::default() }).unwrap();
+    /// let config = |random_crop| DatasetConfig {
+    ///     subsets: vec![SubsetConfig { image_dir: dir.path().into(), random_crop, ..Default::default() }],
+    ///     resolution: sd_data::Resolution::square(48),
+    ///     enable_bucket: false,
+    ///     bucket_reso_steps: 16,
+    ///     ..Default::default()
+    /// };
+    /// let varying = |ds: Dataset| (0..3).filter(|&i| ds.random_crop(i)).count();
+    /// assert_eq!(varying(Dataset::open(&config(false)).unwrap()), 0);
+    /// // The square image has no room to move its crop.
+    /// assert_eq!(varying(Dataset::open(&config(true)).unwrap()), 2);
+    /// ```
+    pub fn random_crop(&self, i: usize) -> bool {
+        let (Some(img), Some(a)) = (self.images.get(i), self.assignments.get(i)) else { return false };
+        self.subsets[img.subset].config.random_crop && a.resized != a.bucket
+    }
+
     /// Whether image `i` is cropped around its face (a new scale and crop each epoch).
     pub fn face_crop(&self, i: usize) -> bool {
         self.faces.get(i).is_some_and(Option::is_some)

@@ -200,37 +200,6 @@ fn has_kohya_folders(dir: &Path) -> bool {
 /// Builds the dataset the configuration asks for.
 pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     let d = &config.data;
-    // A dataset config replaces the folders (the default `train_data_dir` is the demo).
-    if d.train_data_dir == "demo" && d.dataset_config.is_empty() {
-        let mut ds = DatasetConfig::demo("demo");
-        ds.batch_size = config.train.train_batch_size;
-        ds.seed = config.train.seed;
-        let samples = demo::generate(&demo::DemoConfig {
-            count: d.demo_images,
-            ..Default::default()
-        });
-        let subset = SubsetConfig {
-            flip_aug: d.flip_aug,
-            color_aug: d.color_aug,
-            caption_separator: d.caption_separator.clone(),
-            alpha_mask: d.alpha_mask,
-            // Names the folder in LoRA metadata (in-memory images have no folder).
-            image_dir: "demo".into(),
-            ..SubsetConfig::default()
-        };
-        return Ok(Dataset::from_memory(&ds, subset, demo::into_memory_images(samples))?);
-    }
-    let mut ds = DatasetConfig::single(&d.train_data_dir);
-    ds.resolution = d.resolution;
-    ds.batch_size = config.train.train_batch_size;
-    ds.seed = config.train.seed;
-    ds.skip_bad_images = d.skip_bad_images;
-    ds.enable_bucket = d.enable_bucket;
-    ds.min_bucket_reso = d.min_bucket_reso;
-    ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { ds.max_bucket_reso.max(d.resolution.max_side() * 2) };
-    ds.bucket_reso_steps = d.bucket_reso_steps;
-    ds.bucket_no_upscale = d.bucket_no_upscale;
-    ds.prior_loss_weight = d.prior_loss_weight;
     let subset = |dir: &str, is_reg: bool| SubsetConfig {
         // A plain folder (and fine-tuning metadata) gets `num_repeats`; kohya `N_name`
         // folders keep their own.
@@ -261,6 +230,38 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         metadata_file: (!is_reg && !d.in_json.is_empty()).then(|| d.in_json.clone().into()),
         ..SubsetConfig::new(dir)
     };
+    // A dataset config replaces the folders (the default `train_data_dir` is the demo).
+    if d.train_data_dir == "demo" && d.dataset_config.is_empty() {
+        let mut ds = DatasetConfig::demo("demo");
+        ds.batch_size = config.train.train_batch_size;
+        ds.seed = config.train.seed;
+        let samples = demo::generate(&demo::DemoConfig {
+            count: d.demo_images,
+            ..Default::default()
+        });
+        // The demo images take [data]'s caption and augmentation settings as a folder
+        // would (no files: no masks or metadata).
+        let subset = SubsetConfig {
+            num_repeats: Some(d.num_repeats),
+            mask_dir: None,
+            metadata_file: None,
+            // Names the folder in LoRA metadata (in-memory images have no folder).
+            image_dir: "demo".into(),
+            ..subset("demo", false)
+        };
+        return Ok(Dataset::from_memory(&ds, subset, demo::into_memory_images(samples))?);
+    }
+    let mut ds = DatasetConfig::single(&d.train_data_dir);
+    ds.resolution = d.resolution;
+    ds.batch_size = config.train.train_batch_size;
+    ds.seed = config.train.seed;
+    ds.skip_bad_images = d.skip_bad_images;
+    ds.enable_bucket = d.enable_bucket;
+    ds.min_bucket_reso = d.min_bucket_reso;
+    ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { ds.max_bucket_reso.max(d.resolution.max_side() * 2) };
+    ds.bucket_reso_steps = d.bucket_reso_steps;
+    ds.bucket_no_upscale = d.bucket_no_upscale;
+    ds.prior_loss_weight = d.prior_loss_weight;
     if !d.dataset_config.is_empty() {
         let path = Path::new(&d.dataset_config);
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml")) {
@@ -2142,8 +2143,8 @@ fn with_trained<B: AutodiffBackend>(unet: &sd_model::UNet2DConditionModel<B>, en
 }
 
 /// In-memory cache of the frozen encoders' outputs: the VAE posterior per (image, bucket,
-/// crop, flip) of samples without a colour change (`color_aug`; those are encoded each
-/// time) and the text embedding per caption. Both encoders are frozen, so each is
+/// crop, flip) of samples without a colour change, face crop or moving random crop (those
+/// are encoded each time) and the text embedding per caption. Both encoders are frozen, so each is
 /// computed once per distinct input and training steps only run the UNet.
 struct EncodeCache<B: burn::tensor::backend::Backend> {
     /// How many captions' conditioning to keep: fixed captions (one per image) all are;
@@ -2193,9 +2194,11 @@ impl<B: burn::tensor::backend::Backend> EncodeCache<B> {
         device: &B::Device,
     ) -> Result<EncodedBatch<B>, TrainError> {
         let key = |s: &sd_data::SamplePlan| (s.image, s.bucket, s.resized, s.crop, s.flip);
-        // A colour-changed sample (`color_aug`) or one cropped around its face (a new scale
-        // and crop each epoch) is new each time: encoded, never kept.
-        let once = |s: &sd_data::SamplePlan| s.color.is_some() || dataset.face_crop(s.image);
+        // A colour-changed sample (`color_aug`), one cropped around its face (a new scale
+        // and crop each epoch) or one with a random crop that can move is new each time:
+        // encoded, never kept. (Kept random crops would add an entry per crop seen, up to
+        // the crop's room in pixels times the dataset, epoch after epoch.)
+        let once = |s: &sd_data::SamplePlan| s.color.is_some() || dataset.face_crop(s.image) || dataset.random_crop(s.image);
         let cached = |cache: &Self, s: &sd_data::SamplePlan| !once(s) && cache.posteriors.contains_key(&key(s));
         let mut fresh_masks = vec![None; plan.samples.len()];
         let mut fresh = vec![None; plan.samples.len()];
@@ -2447,6 +2450,29 @@ mod tests {
         assert_ne!(changed[half..], plain[half..], "the coloured sample is encoded from its changed pixels");
         assert_eq!(cache.posteriors.len(), 1, "the coloured posterior is not kept");
         assert_eq!(mean(&mut cache, &plan), plain);
+    }
+
+    /// Random crops that can move are encoded each time and never kept (a cache of every
+    /// crop seen would grow epoch after epoch); images whose crop cannot move are kept.
+    #[test]
+    fn moving_random_crops_are_not_kept() {
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        let components = crate::models::load_components::<B>("tiny", 0, &device).unwrap();
+        let mut config = TrainConfig::default();
+        (config.data.demo_images, config.data.random_crop) = (3, true);
+        let dataset = open_dataset(&config).unwrap();
+        let moving: Vec<bool> = (0..3).map(|i| dataset.random_crop(i)).collect();
+        assert_eq!(moving.iter().filter(|m| **m).count(), 2, "portrait and landscape images move, {moving:?}");
+        let mut cache = EncodeCache::<B>::for_dataset(&dataset);
+        for epoch in 0..3 {
+            for plan in dataset.plan_epoch(epoch) {
+                cache.batch(&dataset, &components, &plan, &config, false, &device).unwrap();
+            }
+        }
+        let kept: std::collections::BTreeSet<usize> = cache.posteriors.keys().map(|k| k.0).collect();
+        let fixed: std::collections::BTreeSet<usize> = (0..3).filter(|&i| !moving[i]).collect();
+        assert_eq!(kept, fixed);
     }
 
     /// A state's fingerprint of the `[lora]` section as written before `network_weights`,
