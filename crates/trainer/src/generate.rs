@@ -578,6 +578,44 @@ impl<B: Backend> ImageStart<B> {
     }
 }
 
+/// The embedding files of folder `dir` (A1111's `embeddings/`, subfolders included:
+/// `.safetensors`, `.pt` and `.bin` files) whose names (file stems) `texts` use as a word,
+/// by path: only those need loading, as A1111 applies only those a prompt names. An
+/// unreadable folder is an error naming it.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// for name in ["EasyNegative.safetensors", "style/mystyle.pt", "unused.safetensors", "notes.txt"] {
+///     let path = dir.path().join(name);
+///     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+///     std::fs::write(path, b"").unwrap();
+/// }
+/// let used = trainer::generate::used_embedding_files(dir.path(), &["a house, mystyle", "(easynegative:1.2)"]).unwrap();
+/// let names: Vec<_> = used.iter().map(|p| p.file_name().unwrap().to_str().unwrap()).collect();
+/// assert_eq!(names, ["EasyNegative.safetensors", "mystyle.pt"]);
+/// ```
+pub fn used_embedding_files(dir: &std::path::Path, texts: &[&str]) -> Result<Vec<std::path::PathBuf>, TrainError> {
+    let mut found = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let entries = std::fs::read_dir(&folder).map_err(crate::train::io_err(&folder))?;
+        for entry in entries {
+            let path = entry.map_err(crate::train::io_err(&folder))?.path();
+            if path.is_dir() {
+                folders.push(path);
+                continue;
+            }
+            let known = path.extension().and_then(|e| e.to_str()).is_some_and(|e| ["safetensors", "pt", "bin"].contains(&e.to_ascii_lowercase().as_str()));
+            let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+            if known && !stem.is_empty() && crate::embedding::captions_with_word(stem, texts.iter().copied()) > 0 {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Loads textual-inversion embeddings ([`sd_model::textual_inversion`]) into the model:
 /// each file's vectors become added tokens of the tokenizer(s) and rows of the text
 /// encoder(s) (SDXL files hold a set for each), then the embeddings bundled in `lora_files`

@@ -265,7 +265,8 @@ enum Command {
         vae: Option<PathBuf>,
         /// Textual-inversion embedding files (.safetensors, or A1111's older .pt; repeatable): each file's name
         /// without the extension, written in a prompt, stands for its vectors (A1111's
-        /// embeddings, e.g. a negative embedding in --negative-prompt).
+        /// embeddings, e.g. a negative embedding in --negative-prompt). A folder (A1111's
+        /// embeddings/, subfolders too) loads the files whose names the prompts use.
         #[arg(long = "embedding")]
         embeddings: Vec<PathBuf>,
         /// Hires fix (A1111's Hires. fix, kohya's --highres_fix_scale): make each image first
@@ -923,7 +924,8 @@ fn run_generate<B: Backend>(
         trainer::models::load_separate_vae(&mut c, vae)?;
     }
     let lora_paths: Vec<PathBuf> = loras.files.iter().map(|l| l.path.clone()).collect();
-    let names = trainer::generate::load_embeddings(&mut c, &files.embeddings, &lora_paths, device)?;
+    let embedding_files = embedding_files(&files.embeddings, &opts, prompt_lines.as_deref())?;
+    let names = trainer::generate::load_embeddings(&mut c, &embedding_files, &lora_paths, device)?;
     if !names.is_empty() {
         let expand = |p: &str| sd_model::textual_inversion::expand_prompt(p, &names);
         opts.prompts = opts.prompts.iter().map(|p| expand(p)).collect();
@@ -1087,6 +1089,26 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     set.save(output, to, dtype)?;
     println!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
     Ok(())
+}
+
+/// `--embedding` paths with each folder replaced by its files that the prompts use
+/// ([`trainer::generate::used_embedding_files`]); a folder's file named as a given file is
+/// left out (the given one wins).
+fn embedding_files(paths: &[PathBuf], opts: &GenerateOptions, prompt_lines: Option<&[String]>) -> Result<Vec<PathBuf>> {
+    let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().to_lowercase());
+    let given: Vec<&PathBuf> = paths.iter().filter(|p| !p.is_dir()).collect();
+    let mut texts: Vec<&str> = opts.prompts.iter().map(String::as_str).collect();
+    texts.push(&opts.negative_prompt);
+    texts.extend(prompt_lines.unwrap_or_default().iter().map(String::as_str));
+    let mut out: Vec<PathBuf> = given.iter().map(|p| (*p).clone()).collect();
+    for dir in paths.iter().filter(|p| p.is_dir()) {
+        for file in trainer::generate::used_embedding_files(dir, &texts)? {
+            if !given.iter().any(|g| stem(g) == stem(&file)) && !out.contains(&file) {
+                out.push(file);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `trainer unbundle-embeddings`: each bundled embedding as `out/NAME.safetensors`; no file

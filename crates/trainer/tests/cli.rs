@@ -573,6 +573,18 @@ fn generate_with_embeddings() {
     };
     let (ok, text) = run(&["--embedding", &good]);
     assert!(ok && text.contains("embeddings: badhands (2 vectors)"), "{text}");
+    // A folder loads what the prompts use: badhands, not the SD1.5-wide `unused` (it would
+    // not fit the tiny model), nor the text file.
+    let folder = dir.path().join("embeddings");
+    std::fs::create_dir_all(folder.join("negative")).unwrap();
+    std::fs::copy(&good, folder.join("negative/badhands.safetensors")).unwrap();
+    std::fs::copy(&wide, folder.join("unused.safetensors")).unwrap();
+    std::fs::write(folder.join("badhands.txt"), "notes").unwrap();
+    let (ok, text) = run(&["--embedding", folder.to_str().unwrap()]);
+    assert!(ok && text.contains("embeddings: badhands (2 vectors)"), "{text}");
+    // A given file of the same name wins over the folder's.
+    let (ok, text) = run(&["--embedding", folder.to_str().unwrap(), "--embedding", &good]);
+    assert!(ok && text.contains("embeddings: badhands (2 vectors)"), "{text}");
     for (extra, expected) in [(vec!["--embedding", wide.as_str()], "wide.safetensors"), (vec!["--embedding", "missing.safetensors"], "missing.safetensors"), (vec!["--embedding", &good, "--embedding", &good], "a second embedding")] {
         let (ok, text) = run(&extra);
         assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{extra:?}: {text}");
