@@ -353,6 +353,15 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
     let tokenizer = crate::models::load_tokenizer(&config.model.pretrained)?;
     // With wildcards a caption holds several lines, of which a sample sees one.
     let captions: Vec<String> = (0..dataset.images().len()).flat_map(|i| dataset.fixed_caption(i).split('\n').map(String::from).collect::<Vec<_>>()).collect();
+    // A trained embedding's word takes its vectors' tokens: counted as as many one-token words.
+    let e = &config.embedding;
+    let captions: Vec<String> = match e.enabled() {
+        true => {
+            let stand_in = vec![(e.token.clone(), vec!["a".to_string(); e.vectors])];
+            captions.iter().map(|c| sd_model::textual_inversion::expand_prompt(c, &stand_in)).collect()
+        }
+        false => captions,
+    };
     if let (over @ 1.., longest) = crate::generate::overlong_prompts(&tokenizer, captions.iter().map(String::as_str), tokens)? {
         let hint = if tokens < 225 { "; model.max_token_length = 150 or 225 keeps more" } else { "" };
         out.push_str(&format!(
