@@ -33,17 +33,24 @@ pub struct TrainedEmbedding {
 impl TrainedEmbedding {
     /// Adds the embedding's tokens to `frozen`'s tokenizers and its trainable rows to
     /// `encoders` (the text encoders in training, in order), started from
-    /// `embedding.weights`, `embedding.init_word` or the vocabulary's statistics.
+    /// `embedding.weights`, `embedding.init_word`, the embedding of that word bundled in
+    /// `network_weights` (the LoRA a run continues, when neither is set), or the
+    /// vocabulary's statistics.
     pub fn attach<B: AutodiffBackend>(
         cfg: &EmbeddingSection,
+        network_weights: &str,
         frozen: &mut Components<B::InnerBackend>,
         encoders: &mut [sd_model::ClipTextModel<B>],
         device: &B::Device,
     ) -> Result<Self, TrainError> {
         let tokens = token_names(&cfg.token, cfg.vectors);
-        let start = match cfg.weights.is_empty() {
-            true => None,
-            false => Some(starting_vectors(cfg, encoders.len())?),
+        let start = if !cfg.weights.is_empty() {
+            Some(starting_vectors(cfg, Path::new(&cfg.weights), "embedding.weights", encoders.len())?)
+        } else if cfg.init_word.is_empty() && bundles(Path::new(network_weights), &cfg.token) {
+            // A pivotal-tuning LoRA continued: its embedding goes on with it.
+            Some(starting_vectors(cfg, Path::new(network_weights), "lora.network_weights", encoders.len())?)
+        } else {
+            None
         };
         let mut tokenizers = vec![&mut frozen.tokenizer];
         tokenizers.extend(frozen.tokenizer_2.as_mut());
@@ -57,7 +64,7 @@ impl TrainedEmbedding {
                     let width = encoder.hidden_size();
                     if e.vectors[i].shape[1] != width {
                         return Err(TrainError::Config {
-                            origin: format!("embedding.weights = {}", cfg.weights),
+                            origin: format!("embedding `{}`'s starting vectors", cfg.token),
                             reason: format!("vectors of width {}, this model's text encoder takes {width}: an embedding for another model family", e.vectors[i].shape[1]),
                         });
                     }
@@ -117,11 +124,16 @@ pub fn captions_with_word<'a>(word: &str, captions: impl Iterator<Item = &'a str
     captions.filter(|c| sd_model::textual_inversion::expand_prompt(c, &names) != *c).count()
 }
 
-/// `embedding.weights`: an embedding file, or a LoRA file bundling one called by the word;
-/// it must hold `embedding.vectors` vectors for each of the model's `encoders` text encoders.
-fn starting_vectors(cfg: &EmbeddingSection, encoders: usize) -> Result<Embedding, TrainError> {
-    let path = Path::new(&cfg.weights);
-    let origin = || format!("embedding.weights = {}", path.display());
+/// Whether `path` is a LoRA file that bundles an embedding called `word`.
+fn bundles(path: &Path, word: &str) -> bool {
+    path.is_file() && read_bundled_embeddings(path).is_ok_and(|all| all.iter().any(|e| e.name.eq_ignore_ascii_case(word)))
+}
+
+/// The vectors at `path` (the setting `key`): an embedding file, or a LoRA file bundling
+/// one called by the word; it must hold `embedding.vectors` vectors for each of the model's
+/// `encoders` text encoders.
+fn starting_vectors(cfg: &EmbeddingSection, path: &Path, key: &str, encoders: usize) -> Result<Embedding, TrainError> {
+    let origin = || format!("{key} = {}", path.display());
     let bundled = read_bundled_embeddings(path).unwrap_or_default();
     let embedding = match bundled.is_empty() {
         true => read_embedding(path)?,

@@ -1187,7 +1187,11 @@ fn run<B: AutodiffBackend>(
     };
     // The embedding's rows train in the text encoders: they then run with their graph.
     let embedding = match config.embedding.enabled() {
-        true => Some(TrainedEmbedding::attach(&config.embedding, &mut frozen, &mut encoders, device)?),
+        // A resumed run's state holds the vectors: no file starts them.
+        true => {
+            let continued = if state.is_none() { config.lora.network_weights.as_str() } else { "" };
+            Some(TrainedEmbedding::attach(&config.embedding, continued, &mut frozen, &mut encoders, device)?)
+        }
         false => None,
     };
     if let Some(e) = embedding.as_ref().filter(|e| !e.uses_templates()) {

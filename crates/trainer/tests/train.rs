@@ -2925,8 +2925,17 @@ fn pivotal_tuning_bundles_the_embedding_in_the_lora() {
         let bundled = sd_model::textual_inversion::read_bundled_embeddings(&report.lora).unwrap();
         (dir, report, set, bundled)
     };
-    let (_dir, report, set, bundled) = run(1e-2);
+    let (dir, report, set, bundled) = run(1e-2);
     assert_eq!(set.len(), 32, "4 transformers x 8 attention layers");
+    // Continuing the LoRA (`lora.network_weights`) continues its embedding.
+    let mut c = quick_config(&dir.path().join("continued"), 1);
+    c.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
+    c.lora.network_weights = report.lora.to_str().unwrap().into();
+    (c.embedding.token, c.embedding.vectors, c.embedding.learning_rate) = ("demostyle".into(), 2, 1e-30);
+    c.output.save_precision = lora_core::SaveDtype::F32;
+    let continued = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+    let again = sd_model::textual_inversion::read_bundled_embeddings(&continued.lora).unwrap();
+    assert_eq!(again[0].vectors, bundled[0].vectors, "started from the LoRA's vectors (and barely moved)");
     assert_eq!(bundled.len(), 1);
     assert_eq!((bundled[0].name.as_str(), bundled[0].vectors[0].shape.as_slice()), ("demostyle", [2usize, 32].as_slice()));
     let device = Default::default();
