@@ -44,13 +44,17 @@ impl TrainedEmbedding {
         device: &B::Device,
     ) -> Result<Self, TrainError> {
         let tokens = token_names(&cfg.token, cfg.vectors);
-        let start = if !cfg.weights.is_empty() {
-            Some(starting_vectors(cfg, Path::new(&cfg.weights), "embedding.weights", encoders.len())?)
+        let source = if !cfg.weights.is_empty() {
+            Some(("embedding.weights", cfg.weights.as_str()))
         } else if cfg.init_word.is_empty() && bundles(Path::new(network_weights), &cfg.token) {
             // A pivotal-tuning LoRA continued: its embedding goes on with it.
-            Some(starting_vectors(cfg, Path::new(network_weights), "lora.network_weights", encoders.len())?)
+            Some(("lora.network_weights", network_weights))
         } else {
             None
+        };
+        let start = match source {
+            Some((key, path)) => Some((starting_vectors(cfg, Path::new(path), key, encoders.len())?, format!("{key} = {path}"))),
+            None => None,
         };
         let mut tokenizers = vec![&mut frozen.tokenizer];
         tokenizers.extend(frozen.tokenizer_2.as_mut());
@@ -60,11 +64,11 @@ impl TrainedEmbedding {
                 return Err(bad(format!("the tokenizer has {} ids but the text encoder {} rows", tokenizer.vocab_size(), encoder.vocab_size())));
             }
             let rows = match &start {
-                Some(e) => {
+                Some((e, origin)) => {
                     let width = encoder.hidden_size();
                     if e.vectors[i].shape[1] != width {
                         return Err(TrainError::Config {
-                            origin: format!("embedding `{}`'s starting vectors", cfg.token),
+                            origin: origin.clone(),
                             reason: format!("vectors of width {}, this model's text encoder takes {width}: an embedding for another model family", e.vectors[i].shape[1]),
                         });
                     }

@@ -2964,6 +2964,11 @@ fn embedding_settings_are_checked() {
     assert!(err(&|c| { c.embedding.token.clear(); c.embedding.init_word = "cat".into() }).contains("embedding.init_word"));
     assert!(err(&|c| c.embedding.token = "demo style".into()).contains("embedding.token"));
     assert!(err(&|c| c.embedding.vectors = 76).contains("embedding.vectors"));
+    // Starting vectors of another family's width (SD1.5's 768, the tiny model's 32).
+    let wide = dir.path().join("wide.safetensors");
+    sd_model::textual_inversion::Embedding { name: "wide".into(), vectors: vec![lora_core::HostTensor::new(vec![1, 768], vec![0.0; 768]).unwrap()] }.write(&wide, lora_core::SaveDtype::F16, Default::default()).unwrap();
+    let width = err(&|c| c.embedding.weights = wide.to_str().unwrap().into());
+    assert!(width.contains("embedding.weights") && width.contains("width 768"), "{width}");
     let none = err(&|c| c.embedding.token = "nowhere".into());
     assert!(none.contains("no caption holds the word `nowhere`"), "{none}");
     // With templates the captions need not hold it.
