@@ -44,18 +44,15 @@ impl TrainedEmbedding {
         device: &B::Device,
     ) -> Result<Self, TrainError> {
         let tokens = token_names(&cfg.token, cfg.vectors);
-        let source = if !cfg.weights.is_empty() {
-            Some(("embedding.weights", cfg.weights.as_str()))
-        } else if cfg.init_word.is_empty() && bundles(Path::new(network_weights), &cfg.token) {
+        let start = match (cfg.weights.is_empty(), cfg.init_word.is_empty()) {
+            (false, _) => Some((starting_file(cfg)?, format!("embedding.weights = {}", cfg.weights))),
             // A pivotal-tuning LoRA continued: its embedding goes on with it.
-            Some(("lora.network_weights", network_weights))
-        } else {
-            None
+            (true, true) => bundled(Path::new(network_weights), &cfg.token).map(|e| (e, format!("lora.network_weights = {network_weights}"))),
+            (true, false) => None,
         };
-        let start = match source {
-            Some((key, path)) => Some((starting_vectors(cfg, Path::new(path), key, encoders.len())?, format!("{key} = {path}"))),
-            None => None,
-        };
+        if let Some((e, origin)) = &start {
+            check_counts(cfg, e, origin, encoders.len())?;
+        }
         let mut tokenizers = vec![&mut frozen.tokenizer];
         tokenizers.extend(frozen.tokenizer_2.as_mut());
         for (i, (tokenizer, encoder)) in tokenizers.into_iter().zip(encoders.iter_mut()).enumerate() {
@@ -128,34 +125,39 @@ pub fn captions_with_word<'a>(word: &str, captions: impl Iterator<Item = &'a str
     captions.filter(|c| sd_model::textual_inversion::expand_prompt(c, &names) != *c).count()
 }
 
-/// Whether `path` is a LoRA file that bundles an embedding called `word`.
-fn bundles(path: &Path, word: &str) -> bool {
-    path.is_file() && read_bundled_embeddings(path).is_ok_and(|all| all.iter().any(|e| e.name.eq_ignore_ascii_case(word)))
+/// The embedding called `word` that the LoRA file `path` bundles, if it is a file that
+/// bundles one.
+fn bundled(path: &Path, word: &str) -> Option<Embedding> {
+    if !path.is_file() {
+        return None;
+    }
+    read_bundled_embeddings(path).ok()?.into_iter().find(|e| e.name.eq_ignore_ascii_case(word))
 }
 
-/// The vectors at `path` (the setting `key`): an embedding file, or a LoRA file bundling
-/// one called by the word; it must hold `embedding.vectors` vectors for each of the model's
-/// `encoders` text encoders.
-fn starting_vectors(cfg: &EmbeddingSection, path: &Path, key: &str, encoders: usize) -> Result<Embedding, TrainError> {
-    let origin = || format!("{key} = {}", path.display());
-    let bundled = read_bundled_embeddings(path).unwrap_or_default();
-    let embedding = match bundled.is_empty() {
-        true => read_embedding(path)?,
-        false => bundled.into_iter().find(|e| e.name.eq_ignore_ascii_case(&cfg.token)).ok_or_else(|| TrainError::Config {
-            origin: origin(),
-            reason: format!("the file bundles no embedding called `{}`", cfg.token),
-        })?,
-    };
+/// `embedding.weights`: an embedding file, or a LoRA file bundling one called by the word.
+fn starting_file(cfg: &EmbeddingSection) -> Result<Embedding, TrainError> {
+    let path = Path::new(&cfg.weights);
+    let all = read_bundled_embeddings(path).unwrap_or_default();
+    if all.is_empty() {
+        return Ok(read_embedding(path)?);
+    }
+    all.into_iter().find(|e| e.name.eq_ignore_ascii_case(&cfg.token)).ok_or_else(|| TrainError::Config {
+        origin: format!("embedding.weights = {}", path.display()),
+        reason: format!("the file bundles no embedding called `{}`", cfg.token),
+    })
+}
+
+/// Starting vectors (from `origin`) must hold `embedding.vectors` vectors for each of the
+/// model's `encoders` text encoders.
+fn check_counts(cfg: &EmbeddingSection, embedding: &Embedding, origin: &str, encoders: usize) -> Result<(), TrainError> {
+    let bad = |reason: String| Err(TrainError::Config { origin: origin.to_string(), reason });
     if embedding.vectors.len() != encoders {
-        return Err(TrainError::Config {
-            origin: origin(),
-            reason: format!("{} set(s) of vectors, this model has {encoders} text encoder(s) (SDXL embeddings hold clip_l and clip_g)", embedding.vectors.len()),
-        });
+        return bad(format!("{} set(s) of vectors, this model has {encoders} text encoder(s) (SDXL embeddings hold clip_l and clip_g)", embedding.vectors.len()));
     }
     if embedding.len() != cfg.vectors {
-        return Err(TrainError::Config { origin: origin(), reason: format!("{} vectors; set embedding.vectors = {}", embedding.len(), embedding.len()) });
+        return bad(format!("{} vectors; set embedding.vectors = {}", embedding.len(), embedding.len()));
     }
-    Ok(embedding)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -556,7 +556,7 @@ pub fn resume_on<B: AutodiffBackend>(
 /// have any.
 fn attach_configured_adapters<B: AutodiffBackend>(
     l: &crate::config::LoraSection,
-    embedding_only: bool,
+    with_embedding: bool,
     unet: &mut sd_model::UNet2DConditionModel<B>,
     encoders: &mut [sd_model::ClipTextModel<B>],
     device: &B::Device,
@@ -581,7 +581,7 @@ fn attach_configured_adapters<B: AutodiffBackend>(
         te_targets += attach_new_adapters(te, &Selection::new(l.text_encoder_targets), &lora, device)?.len();
     }
     // An embedding may train alone (kohya's textual inversion).
-    if attached.paths.is_empty() && te_targets == 0 && !embedding_only {
+    if attached.paths.is_empty() && te_targets == 0 && !with_embedding {
         return Err(TrainError::Config {
             origin: "lora".into(),
             reason: "the targets select no layer: lora.unet_targets (with include / exclude) matches no UNet layer and lora.text_encoder_targets is \"none\"".into(),
@@ -1240,6 +1240,11 @@ fn run<B: AutodiffBackend>(
     let mut timesteps = TimestepSampler::new(t.min_timestep, t.max_timestep, schedule.num_train_timesteps(), t.seed)?;
     let mut noise = SeededNoise::new(t.seed ^ 0x5eed);
     let te_base_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
+    // The embedding's own learning rate, as a factor on the text encoders'.
+    let embedding_lr_factor = match config.embedding.learning_rate {
+        0.0 => 1.0,
+        own => own / te_base_lr,
+    };
 
     let metrics_path = out.join("metrics.jsonl");
     let mut progress = Progress { step: 0, epoch: 0, batch_in_epoch: 0 };
@@ -1281,9 +1286,8 @@ fn run<B: AutodiffBackend>(
         .iter_mut()
         .map(|te| {
             let mut factors = lr_factors(te, |_| 1.0, te_plus);
-            // The embedding's own learning rate, as a factor on the text encoders'.
-            if let (Some(rows), true) = (&te.trained_tokens, config.embedding.learning_rate > 0.0) {
-                factors.insert(rows.id, (config.embedding.learning_rate / te_base_lr) as f32);
+            if let Some(rows) = &te.trained_tokens {
+                factors.insert(rows.id, embedding_lr_factor as f32);
             }
             let groups = param_groups(te, |_| None, plus_on(l.loraplus_text_encoder_lr_ratio));
             model_optimizer(te, &factors, &groups, config, device)
@@ -1598,10 +1602,7 @@ fn run<B: AutodiffBackend>(
             let (u, tes, stats) = apply_max_norm(t.scale_weight_norms as f32, (unet, &mut optim, &unet_norm_pairs), encoders, &mut te_optims, &te_norm_pairs)?;
             (unet, encoders, max_norm) = (u, tes, Some(stats));
         }
-        let emb_lr = te_lr.filter(|_| embedding_trains).map(|lr| match config.embedding.learning_rate {
-            0.0 => lr,
-            own => lr * own / te_base_lr,
-        });
+        let emb_lr = te_lr.filter(|_| embedding_trains).map(|lr| lr * embedding_lr_factor);
         pending.push(PendingStep { step: step + 1, epoch: progress.epoch, lr, te_lr, emb_lr, d_lr, te_d_lr, max_norm, record: check.record });
 
         let last = progress.step == t.max_train_steps;
