@@ -63,6 +63,10 @@ mod schedule_free;
 mod prodigy_plus;
 mod max_norm;
 mod lr_schedule;
+mod ademamix;
+mod sgd;
+pub use ademamix::{AdEMAMixSettings, AdEMAMixState};
+pub use sgd::SgdSettings;
 pub use adafactor::{AdafactorSettings, AdafactorState, CameSettings, CameState};
 pub use dadapt::{DAdaptSettings, DAdaptState};
 pub use schedule_free::{ScheduleFreeSettings, ScheduleFreeState};
@@ -310,6 +314,10 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     schedule_free: Option<schedule_free::ScheduleFree<B>>,
     /// Prodigy + schedule-free ([`FlatAdamW::with_prodigy_plus`]).
     prodigy_plus: Option<prodigy_plus::ProdigyPlus<B>>,
+    /// AdEMAMix's slow moment and tables ([`FlatAdamW::with_ademamix`]).
+    ademamix: Option<ademamix::AdEMAMix<B>>,
+    /// SGD's update ([`FlatAdamW::with_sgd`]).
+    sgd: Option<SgdSettings>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -341,6 +349,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             dadapt: None,
             schedule_free: None,
             prodigy_plus: None,
+            ademamix: None,
+            sgd: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -470,11 +480,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// assert!(d > 1e-6, "the estimate grew from d0: {d}");
     /// ```
     pub fn with_prodigy(mut self, settings: ProdigySettings) -> Self {
-        self.lion = false;
-        self.adafactor = None;
-        self.dadapt = None;
-        self.schedule_free = None;
-        self.prodigy_plus = None;
+        self.clear_rules();
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, settings.d0, 0.0, 0.0], [4]), &device);
         let s = Tensor::zeros([self.len()], &device);
@@ -515,11 +521,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// assert!(moved.iter().all(|d| (d - 1e-2).abs() < 1e-6), "{moved:?}");
     /// ```
     pub fn with_lion(mut self) -> Self {
-        self.prodigy = None;
-        self.adafactor = None;
-        self.dadapt = None;
-        self.schedule_free = None;
-        self.prodigy_plus = None;
+        self.clear_rules();
         self.lion = true;
         self
     }
@@ -820,6 +822,16 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             self.time = time;
             return self.scatter_working(module);
         }
+        if self.ademamix.is_some() {
+            self.ademamix_step(lr, time.clone(), grad, mask);
+            self.time = time;
+            return self.scatter_working(module);
+        }
+        if self.sgd.is_some() {
+            self.sgd_step(lr, time.clone(), grad, mask);
+            self.time = time;
+            return self.scatter_working(module);
+        }
         let (m, v, params) = self.update(lr, time.clone(), grad, self.params.clone());
         match mask {
             None => (self.moment_1, self.moment_2, self.params) = (m, v, params),
@@ -1001,6 +1013,18 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.params = self.params.clone().mask_where(moved.clone(), new_params);
         self.time = self.time.clone().add(moved.int());
         (happens, updates)
+    }
+
+    /// Drops every update rule but Adam's (each `with_*` rule replaces the others).
+    fn clear_rules(&mut self) {
+        self.lion = false;
+        self.prodigy = None;
+        self.adafactor = None;
+        self.dadapt = None;
+        self.schedule_free = None;
+        self.prodigy_plus = None;
+        self.ademamix = None;
+        self.sgd = None;
     }
 
     /// Records that step counts may reach `bound`, growing the bias tables to cover it.

@@ -561,6 +561,15 @@ pub enum Optimizer {
     /// instability. Its settings are the `came_*` keys, its weight decay
     /// `adam_weight_decay`; see `lora_core::optim::FlatAdamW::with_came`.
     Came,
+    /// AdEMAMix (the `bitsandbytes` package's, kohya's
+    /// `bitsandbytes.optim.AdEMAMix8bit`): Adam with a second, slow first moment
+    /// (`ademamix_beta3`) weighted by `ademamix_alpha`; β₁, β₂, ε and the weight decay are
+    /// the `adam_*` keys. See `lora_core::optim::FlatAdamW::with_ademamix`.
+    Ademamix,
+    /// SGD with momentum (PyTorch's `SGD`, kohya's `SGDNesterov`): the `sgd_*` keys, L2
+    /// weight decay from `adam_weight_decay`; it wants far larger learning rates than
+    /// AdamW. See `lora_core::optim::FlatAdamW::with_sgd`.
+    Sgd,
 }
 
 impl Optimizer {
@@ -575,17 +584,19 @@ impl std::str::FromStr for Optimizer {
     type Err = String;
 
     /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`,
-    /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`, `came`.
+    /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`, `came`,
+    /// `ademamix`, `sgd`.
     ///
     /// ```
     /// use trainer::config::Optimizer;
     /// assert_eq!("dadapt_adam".parse::<Optimizer>(), Ok(Optimizer::DadaptAdam));
     /// assert!("radam_schedule_free".parse::<Optimizer>().unwrap().is_schedule_free());
-    /// assert!("sgd".parse::<Optimizer>().is_err());
+    /// assert_eq!("sgd".parse::<Optimizer>(), Ok(Optimizer::Sgd));
+    /// assert!("sgd_nesterov".parse::<Optimizer>().is_err());
     /// ```
     fn from_str(s: &str) -> Result<Self, String> {
         use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free or came)"))
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free, came, ademamix or sgd)"))
     }
 }
 
@@ -722,7 +733,8 @@ pub struct TrainSection {
     /// `adamw_schedule_free` / `radam_schedule_free` (the `schedule_free_*` keys and the
     /// `adam_*` ones; no schedule), or `prodigy_plus_schedule_free` (the
     /// `prodigy_plus_*` keys; no schedule), or `came` (the `came_*` keys, weight decay
-    /// from `adam_weight_decay`).
+    /// from `adam_weight_decay`), or `ademamix` (the `ademamix_*` keys and the `adam_*`
+    /// ones), or `sgd` (the `sgd_*` keys, L2 weight decay from `adam_weight_decay`).
     pub optimizer: Optimizer,
     /// Lion's β₁ (the sign of `β₁·m + (1 − β₁)·g` is the step; lion-pytorch's default 0.9).
     pub lion_beta1: f32,
@@ -826,6 +838,20 @@ pub struct TrainSection {
     pub came_eps2: f64,
     /// CAME's `clip_threshold`: largest RMS of a tensor's update (1.0).
     pub came_clip_threshold: f32,
+    /// AdEMAMix's `betas[2]`: the slow first moment's decay (bitsandbytes' 0.9999).
+    pub ademamix_beta3: f32,
+    /// AdEMAMix's `alpha`: the slow moment's weight (5.0).
+    pub ademamix_alpha: f32,
+    /// AdEMAMix's `t_alpha`: steps over which `alpha` rises from 0 (0 = none, `None`).
+    pub ademamix_t_alpha: usize,
+    /// AdEMAMix's `t_beta3`: steps over which `betas[2]` rises from β₁ (0 = none, `None`).
+    pub ademamix_t_beta3: usize,
+    /// SGD's `momentum` (0.9, kohya's SGDNesterov; 0 = plain SGD).
+    pub sgd_momentum: f32,
+    /// SGD's `dampening` of the gradient in the momentum buffer (0).
+    pub sgd_dampening: f32,
+    /// SGD's `nesterov`: step along `g + momentum·buf` (true, kohya's SGDNesterov).
+    pub sgd_nesterov: bool,
     /// Clip the global L2 norm of all adapter gradients (UNet and text encoder together)
     /// to this value (0 = off).
     pub max_grad_norm: f32,
@@ -1002,6 +1028,37 @@ impl TrainSection {
             growth_rate: self.dadapt_growth_rate,
             decouple: self.dadapt_decouple,
             use_bias_correction: self.dadapt_use_bias_correction,
+        })
+    }
+
+    /// AdEMAMix's own settings with `optimizer = "ademamix"` (`None` otherwise; β₁, β₂, ε
+    /// and the weight decay are the `adam_*` keys).
+    ///
+    /// ```
+    /// let mut train = trainer::config::TrainConfig::default().train;
+    /// assert!(train.ademamix_settings().is_none());
+    /// train.optimizer = trainer::config::Optimizer::Ademamix;
+    /// train.ademamix_t_alpha = 1000;
+    /// let s = train.ademamix_settings().unwrap();
+    /// assert_eq!((s.alpha, s.t_alpha, s.t_beta3), (5.0, Some(1000), None));
+    /// ```
+    pub fn ademamix_settings(&self) -> Option<lora_core::optim::AdEMAMixSettings> {
+        let steps = |n: usize| (n > 0).then_some(n);
+        (self.optimizer == Optimizer::Ademamix).then_some(lora_core::optim::AdEMAMixSettings {
+            beta_3: self.ademamix_beta3,
+            alpha: self.ademamix_alpha,
+            t_alpha: steps(self.ademamix_t_alpha),
+            t_beta3: steps(self.ademamix_t_beta3),
+        })
+    }
+
+    /// SGD's settings with `optimizer = "sgd"` (`None` otherwise; the weight decay is
+    /// `adam_weight_decay`).
+    pub fn sgd_settings(&self) -> Option<lora_core::optim::SgdSettings> {
+        (self.optimizer == Optimizer::Sgd).then_some(lora_core::optim::SgdSettings {
+            momentum: self.sgd_momentum,
+            dampening: self.sgd_dampening,
+            nesterov: self.sgd_nesterov,
         })
     }
 
@@ -1442,6 +1499,13 @@ impl Default for TrainConfig {
                 came_eps1: 1e-30,
                 came_eps2: 1e-16,
                 came_clip_threshold: 1.0,
+                ademamix_beta3: 0.9999,
+                ademamix_alpha: 5.0,
+                ademamix_t_alpha: 0,
+                ademamix_t_beta3: 0,
+                sgd_momentum: 0.9,
+                sgd_dampening: 0.0,
+                sgd_nesterov: true,
                 max_grad_norm: 1.0,
                 scale_weight_norms: 0.0,
                 mixed_precision: MixedPrecision::No,
@@ -1764,6 +1828,13 @@ impl TrainConfig {
         }
         if let Some(Err(e)) = t.came_settings().map(|c| c.validate()) {
             return bad(&format!("train.came_*: {e}"));
+        }
+        let adamw = self.optimizer_settings().0;
+        if let Some(Err(e)) = t.ademamix_settings().map(|a| a.validate(&adamw)) {
+            return bad(&format!("train.ademamix_* / train.adam_*: {e}"));
+        }
+        if let Some(Err(e)) = t.sgd_settings().map(|a| a.validate(&adamw)) {
+            return bad(&format!("train.sgd_*: {e}"));
         }
         if t.optimizer == Optimizer::ProdigyPlusScheduleFree {
             if let Err(e) = t.prodigy_plus_settings().validate() {

@@ -1332,6 +1332,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
     });
     // sd-scripts also takes a class path, e.g. `bitsandbytes.optim.AdamW8bit`.
     let short = name.rsplit('.').next().unwrap_or(&name).to_ascii_lowercase();
+    let bitsandbytes = name.to_ascii_lowercase().starts_with("bitsandbytes.");
     let t = &mut c.train;
     let (optimizer, quantized) = match short.as_str() {
         "adamw" => (Optimizer::Adamw, false),
@@ -1347,10 +1348,19 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         // The came-pytorch package's; other packages' CAMEs (pytorch_optimizer's, the
         // LoRA_Easy_Training_Scripts' one) differ in their options.
         "came" if matches!(name.trim().to_ascii_lowercase().as_str(), "came_pytorch.came" | "came_pytorch.came.came") => (Optimizer::Came, false),
+        "sgdnesterov" => (Optimizer::Sgd, false),
+        "sgdnesterov8bit" => (Optimizer::Sgd, true),
+        // sd-scripts looks a bare class name up in torch.optim: `SGD` is PyTorch's.
+        "sgd" if !name.contains('.') || name.to_ascii_lowercase().starts_with("torch.optim.") => (Optimizer::Sgd, false),
+        "sgd" | "sgd8bit" | "sgd32bit" if bitsandbytes => (Optimizer::Sgd, true),
+        "ademamix" | "ademamix8bit" | "ademamix32bit" | "pagedademamix" | "pagedademamix8bit" | "pagedademamix32bit" if bitsandbytes => (Optimizer::Ademamix, short != "ademamix" && short != "ademamix32bit"),
+        "ademamix" | "ademamix8bit" | "ademamix32bit" | "pagedademamix" | "pagedademamix8bit" | "pagedademamix32bit" => {
+            return Err(o.err("optimizer_type", format!("= \"{name}\": sd-scripts looks a name without a module up in torch.optim, which has no AdEMAMix; write \"bitsandbytes.optim.{}\"", name.rsplit('.').next().unwrap_or(&name))));
+        }
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, AdamWScheduleFree, RAdamScheduleFree, prodigyplus.ProdigyPlusScheduleFree and came_pytorch.CAME are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, AdamWScheduleFree, RAdamScheduleFree, prodigyplus.ProdigyPlusScheduleFree, came_pytorch.CAME, bitsandbytes.optim.AdEMAMix (and its 8-bit and paged variants), SGDNesterov (and SGDNesterov8bit) and torch.optim.SGD are"),
             ))
         }
     };
@@ -1358,9 +1368,25 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         notes.push(format!("optimizer_type = \"{name}\": the same update with f32 moments (a LoRA's optimizer state is small; no 8-bit or paged state here)"));
     }
     t.optimizer = optimizer;
-    // Each package's defaults: torch / bitsandbytes AdamW decay 0.01, transformers' AdamW,
-    // Lion, Prodigy, Adafactor and DAdaptAdam none.
-    t.adam_weight_decay = if optimizer == Optimizer::Adamw && !name.starts_with("transformers.") { 0.01 } else { 0.0 };
+    // Each package's defaults: torch / bitsandbytes AdamW and AdEMAMix decay 0.01,
+    // transformers' AdamW, Lion, Prodigy, Adafactor, DAdaptAdam and SGD none.
+    t.adam_weight_decay = match optimizer {
+        Optimizer::Adamw if !name.starts_with("transformers.") => 0.01,
+        Optimizer::Ademamix => 0.01,
+        _ => 0.0,
+    };
+    if optimizer == Optimizer::Ademamix {
+        (t.adam_beta1, t.adam_beta2, t.adam_epsilon, t.ademamix_beta3, t.ademamix_alpha) = (0.9, 0.999, 1e-8, 0.9999, 5.0);
+    }
+    if optimizer == Optimizer::Sgd {
+        // sd-scripts' SGDNesterov sets momentum 0.9 and Nesterov (its 8-bit one too, but
+        // bitsandbytes' momentum kernel ignores `nesterov`); PyTorch's SGD has neither.
+        let nesterov_named = short.starts_with("sgdnesterov");
+        (t.sgd_momentum, t.sgd_dampening, t.sgd_nesterov) = (if nesterov_named { 0.9 } else { 0.0 }, 0.0, short == "sgdnesterov");
+        if quantized && nesterov_named {
+            notes.push(format!("optimizer_type = \"{name}\": sd-scripts passes nesterov=True to bitsandbytes' SGD8bit, whose kernel ignores it and takes plain momentum; so does this import (train.sgd_nesterov = false)"));
+        }
+    }
     if optimizer == Optimizer::DadaptAdam {
         // dadaptation's default: weight decay added to the gradient.
         t.dadapt_decouple = false;
@@ -1400,10 +1426,12 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         const DADAPT: &[&str] = &["betas", "eps", "weight_decay", "log_every", "decouple", "use_bias_correction", "d0", "growth_rate", "fsdp_in_use"];
         const SCHEDULE_FREE: &[&str] = &["betas", "eps", "weight_decay", "r", "weight_lr_power", "foreach"];
         const CAME: &[&str] = &["betas", "eps", "weight_decay", "clip_threshold"];
+        const ADEMAMIX: &[&str] = &["betas", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay", "min_8bit_size", "is_paged", "optim_bits"];
         match optimizer {
             Optimizer::Adafactor if !ADAFACTOR.contains(&key.as_str()) => return Err(bad("not an argument of transformers' Adafactor")),
             Optimizer::DadaptAdam if !DADAPT.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptAdam")),
             Optimizer::Came if !CAME.contains(&key.as_str()) => return Err(bad("not an argument of came_pytorch's CAME")),
+            Optimizer::Ademamix if !ADEMAMIX.contains(&key.as_str()) => return Err(bad("not an argument of bitsandbytes' AdEMAMix")),
             Optimizer::AdamwScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "warmup_steps" => return Err(bad("not an argument of schedulefree's AdamWScheduleFree")),
             Optimizer::RadamScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "silent_sgd_phase" => return Err(bad("not an argument of schedulefree's RAdamScheduleFree")),
             _ => {}
@@ -1421,6 +1449,40 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
                 (t.came_eps1, t.came_eps2) = (e1, e2);
             }
             ("clip_threshold", Optimizer::Came) => t.came_clip_threshold = number()? as f32,
+            ("betas", Optimizer::Ademamix) => {
+                let PyValue::Tuple(b) = &py else { return Err(bad("expected three numbers, e.g. 0.9,0.999,0.9999")) };
+                let [b1, b2, b3] = b[..] else { return Err(bad("expected three numbers, e.g. 0.9,0.999,0.9999")) };
+                (t.adam_beta1, t.adam_beta2, t.ademamix_beta3) = (b1 as f32, b2 as f32, b3 as f32);
+            }
+            ("alpha", Optimizer::Ademamix) => t.ademamix_alpha = number()? as f32,
+            ("t_alpha" | "t_beta3", Optimizer::Ademamix) => {
+                let steps = match py {
+                    PyValue::Text(ref none) if none == "None" => 0,
+                    PyValue::Number(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
+                    _ => return Err(bad("expected a whole number of steps (at least 1) or None")),
+                };
+                match key.as_str() {
+                    "t_alpha" => t.ademamix_t_alpha = steps,
+                    _ => t.ademamix_t_beta3 = steps,
+                }
+            }
+            ("eps", Optimizer::Ademamix) => t.adam_epsilon = number()? as f32,
+            ("momentum", Optimizer::Sgd) => t.sgd_momentum = number()? as f32,
+            ("nesterov", Optimizer::Sgd) if short.starts_with("sgdnesterov") => {
+                return Err(bad("sd-scripts passes nesterov=True itself for SGDNesterov (Python refuses a second value)"));
+            }
+            ("nesterov", Optimizer::Sgd) if quantized => {
+                flag()?;
+                notes.push(format!("optimizer_args `{key}={value}`: bitsandbytes' SGD kernel ignores it (plain momentum), and so does this import"));
+            }
+            ("nesterov", Optimizer::Sgd) => t.sgd_nesterov = flag()?,
+            // bitsandbytes' momentum kernel ignores the dampening it is given.
+            ("dampening", Optimizer::Sgd) if quantized => {
+                if number()? != 0.0 {
+                    notes.push(format!("optimizer_args `{key}={value}`: bitsandbytes' SGD kernel ignores the dampening, and so does this import"));
+                }
+            }
+            ("dampening", Optimizer::Sgd) => t.sgd_dampening = number()? as f32,
             ("betas", _) => {
                 let PyValue::Tuple(b) = &py else { return Err(bad("expected two numbers, e.g. 0.9,0.999")) };
                 let [b1, b2] = b[..] else { return Err(bad("expected two numbers, e.g. 0.9,0.999")) };
@@ -1785,7 +1847,7 @@ output_dir = "out"
         const INTS: &[&str] = &["network_dim", "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "seed", "clip_skip", "keep_tokens", "save_every_n_epochs", "save_every_n_steps", "lr_warmup_steps", "lr_scheduler_num_cycles", "max_token_length", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "dataset_repeats", "caption_dropout_every_n_epochs", "sample_every_n_steps", "min_timestep", "max_timestep", "multires_noise_iterations", "token_warmup_step", "save_last_n_epochs", "lr_decay_steps", "validate_every_n_steps"];
         const FLOATS: &[&str] = &["learning_rate", "unet_lr", "text_encoder_lr", "network_alpha", "conv_alpha", "noise_offset", "min_snr_gamma", "max_grad_norm", "scale_weight_norms", "network_dropout", "caption_dropout_rate", "caption_tag_dropout_rate", "prior_loss_weight", "multires_noise_discount", "adaptive_noise_scale", "ip_noise_gamma", "huber_c", "lr_scheduler_power", "loraplus_lr_ratio", "validation_split", "v_pred_like_loss", "lr_warmup_steps", "conv_dim"];
         const STRINGS: &[(&str, &[&str])] = &[
-            ("optimizer_type", &["AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree", "SGDNesterov", "", "bitsandbytes.optim.AdEMAMix8bit"]),
+            ("optimizer_type", &["AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree", "SGDNesterov", "", "bitsandbytes.optim.AdEMAMix8bit", "SGDNesterov8bit", "SGD", "AdEMAMix8bit"]),
             ("lr_scheduler", &["cosine_with_restarts", "constant", "polynomial", "rex", "", "adafactor"]),
             ("mixed_precision", &["fp16", "bf16", "no", "fp8"]),
             ("save_precision", &["fp16", "bf16", "float", "int8"]),
@@ -1799,7 +1861,7 @@ output_dir = "out"
             ("timestep_sampling", &["uniform", "sigmoid"]),
         ];
         const BOOLS: &[&str] = &["enable_bucket", "shuffle_caption", "flip_aug", "color_aug", "gradient_checkpointing", "cache_latents", "v2", "v_parameterization", "network_train_unet_only", "network_train_text_encoder_only", "xformers", "sdpa", "full_fp16", "full_bf16", "random_crop", "bucket_no_upscale", "zero_terminal_snr", "debiased_estimation_loss", "masked_loss", "alpha_mask", "sample_at_first", "scale_v_pred_loss_like_noise_pred"];
-        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True"];
+        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True", "alpha=8", "t_alpha=100", "t_beta3=-1", "momentum=0.95", "nesterov=False", "dampening=0.5"];
         let ints = (prop::sample::select(INTS), prop::sample::select(vec!["0", "1", "2", "-1", "77", "1000000", "4294967296"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let floats = (prop::sample::select(FLOATS), prop::sample::select(vec!["0.0", "-1.0", "1e-12", "0.5", "1.0", "2.0", "1e30", "nan", "inf", "-inf"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let strings = prop::sample::select(STRINGS).prop_flat_map(|(k, vs)| prop::sample::select(vs).prop_map(move |v| format!("{k} = {v:?}")));
@@ -2261,6 +2323,60 @@ wandb_run_name = "my_style"
             ("optimizer_type = \"came_pytorch.CAME\"\noptimizer_args = [\"amsgrad=False\"]", "not an argument of came_pytorch's CAME"),
             ("optimizer_type = \"came_pytorch.CAME\"\noptimizer_args = [\"betas=(0.9,0.999)\"]", "three numbers"),
             ("optimizer_type = \"came_pytorch.CAME\"\noptimizer_args = [\"betas=(0.9,0.999,1.5)\"]", "betas must be in [0, 1]"),
+        ] {
+            let e = error(&format!("{MINIMAL}{extra}"));
+            assert!(e.contains(expected), "{extra}: {e}");
+        }
+    }
+
+    /// bitsandbytes' AdEMAMix by its module path (with its defaults, its arguments, the
+    /// 8-bit and paged variants noted), and a bare name refused as sd-scripts fails on it.
+    #[test]
+    fn ademamix_options_map() {
+        let t = import(&format!("{MINIMAL}optimizer_type = \"bitsandbytes.optim.AdEMAMix\"")).unwrap().config.train;
+        assert_eq!((t.optimizer, t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon), (Optimizer::Ademamix, 0.01, 0.9, 0.999, 1e-8));
+        assert_eq!((t.ademamix_beta3, t.ademamix_alpha, t.ademamix_t_alpha, t.ademamix_t_beta3), (0.9999, 5.0, 0, 0));
+        let args = "optimizer_args = [\"betas=0.9,0.99,0.999\", \"alpha=8\", \"t_alpha=5000\", \"t_beta3=None\", \"weight_decay=0.1\", \"min_8bit_size=16384\"]";
+        let i = import(&format!("{MINIMAL}optimizer_type = \"bitsandbytes.optim.AdEMAMix8bit\"\n{args}")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.adam_beta2, t.ademamix_beta3, t.ademamix_alpha, t.ademamix_t_alpha, t.ademamix_t_beta3, t.adam_weight_decay), (0.99, 0.999, 8.0, 5000, 0, 0.1));
+        assert!(i.notes.iter().any(|n| n.contains("f32 moments")), "{:?}", i.notes);
+        let settings = t.ademamix_settings().unwrap();
+        assert_eq!((settings.t_alpha, settings.t_beta3), (Some(5000), None));
+        let paged = import(&format!("{MINIMAL}optimizer_type = \"bitsandbytes.optim.PagedAdEMAMix8bit\"")).unwrap();
+        assert_eq!(paged.config.train.optimizer, Optimizer::Ademamix);
+        for (extra, expected) in [
+            ("optimizer_type = \"AdEMAMix8bit\"", "write \"bitsandbytes.optim.AdEMAMix8bit\""),
+            ("optimizer_type = \"bitsandbytes.optim.AdEMAMix\"\noptimizer_args = [\"betas=0.9,0.999\"]", "expected three numbers"),
+            ("optimizer_type = \"bitsandbytes.optim.AdEMAMix\"\noptimizer_args = [\"t_alpha=0.5\"]", "whole number of steps"),
+            ("optimizer_type = \"bitsandbytes.optim.AdEMAMix\"\noptimizer_args = [\"amsgrad=False\"]", "not an argument of bitsandbytes' AdEMAMix"),
+            ("optimizer_type = \"bitsandbytes.optim.AdEMAMix\"\noptimizer_args = [\"betas=0.9,0.999,1.0\"]", "the betas must be in [0, 1)"),
+        ] {
+            let e = error(&format!("{MINIMAL}{extra}"));
+            assert!(e.contains(expected), "{extra}: {e}");
+        }
+    }
+
+    /// sd-scripts' SGDNesterov (momentum 0.9 unless given, Nesterov), its SGDNesterov8bit
+    /// (bitsandbytes' kernel: plain momentum, with a note) and PyTorch's SGD by name.
+    #[test]
+    fn sgd_options_map() {
+        let t = import(&format!("{MINIMAL}optimizer_type = \"SGDNesterov\"")).unwrap().config.train;
+        assert_eq!((t.optimizer, t.sgd_momentum, t.sgd_nesterov, t.sgd_dampening, t.adam_weight_decay), (Optimizer::Sgd, 0.9, true, 0.0, 0.0));
+        let t = import(&format!("{MINIMAL}optimizer_type = \"SGDNesterov\"\noptimizer_args = [\"momentum=0.95\", \"weight_decay=1e-4\"]")).unwrap().config.train;
+        assert_eq!((t.sgd_momentum, t.adam_weight_decay), (0.95, 1e-4));
+        let i = import(&format!("{MINIMAL}optimizer_type = \"SGDNesterov8bit\"")).unwrap();
+        assert_eq!((i.config.train.sgd_momentum, i.config.train.sgd_nesterov), (0.9, false));
+        assert!(i.notes.iter().any(|n| n.contains("ignores it and takes plain momentum")), "{:?}", i.notes);
+        let t = import(&format!("{MINIMAL}optimizer_type = \"torch.optim.SGD\"\noptimizer_args = [\"momentum=0.8\", \"dampening=0.1\"]")).unwrap().config.train;
+        assert_eq!((t.sgd_momentum, t.sgd_dampening, t.sgd_nesterov), (0.8, 0.1, false));
+        let t = import(&format!("{MINIMAL}optimizer_type = \"SGD\"")).unwrap().config.train;
+        assert_eq!((t.optimizer, t.sgd_momentum), (Optimizer::Sgd, 0.0));
+        for (extra, expected) in [
+            ("optimizer_type = \"SGDNesterov\"\noptimizer_args = [\"nesterov=False\"]", "passes nesterov=True itself"),
+            ("optimizer_type = \"SGDNesterov\"\noptimizer_args = [\"momentum=0\"]", "Nesterov momentum requires a momentum"),
+            ("optimizer_type = \"SGD\"\noptimizer_args = [\"nesterov=True\"]", "Nesterov momentum requires a momentum"),
+            ("optimizer_type = \"SGD8bit\"", "is not supported"),
         ] {
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");

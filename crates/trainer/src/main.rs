@@ -335,7 +335,8 @@ enum Command {
         lora_targets: sd_model::targets::UnetTargets,
         /// The train step's optimizer: `adamw` (burn's defaults), or `lion`, `prodigy`,
         /// `adafactor`, `dadapt_adam`, `adamw_schedule_free`, `radam_schedule_free`,
-        /// `prodigy_plus_schedule_free`, `came` with the trainer's default settings for it.
+        /// `prodigy_plus_schedule_free`, `came`, `ademamix`, `sgd` with the trainer's default
+        /// settings for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
         /// The adapters' form: `lora`, or LyCORIS' `loha` or `lokr` (rank 4 each).

@@ -171,6 +171,24 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
             "CAME(weight_decay={},betas=({}, {}, {}),eps=({:e}, {:e}),clip_threshold={})",
             t.adam_weight_decay, t.came_beta1, t.came_beta2, t.came_beta3, t.came_eps1, t.came_eps2, t.came_clip_threshold
         ),
+        Optimizer::Ademamix => format!(
+            "AdEMAMix(weight_decay={},betas=({}, {}, {}),alpha={},eps={}{}{})",
+            t.adam_weight_decay,
+            t.adam_beta1,
+            t.adam_beta2,
+            t.ademamix_beta3,
+            t.ademamix_alpha,
+            t.adam_epsilon,
+            if t.ademamix_t_alpha > 0 { format!(",t_alpha={}", t.ademamix_t_alpha) } else { String::new() },
+            if t.ademamix_t_beta3 > 0 { format!(",t_beta3={}", t.ademamix_t_beta3) } else { String::new() }
+        ),
+        Optimizer::Sgd => format!(
+            "SGD(momentum={},dampening={},nesterov={},weight_decay={})",
+            t.sgd_momentum,
+            t.sgd_dampening,
+            py_bool(t.sgd_nesterov),
+            t.adam_weight_decay
+        ),
         Optimizer::Adafactor => format!(
             "Adafactor(scale_parameter={},relative_step={},warmup_init={},weight_decay={})",
             py_bool(t.adafactor_scale_parameter),

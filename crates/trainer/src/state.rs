@@ -258,7 +258,7 @@ pub fn import_moments<B: AutodiffBackend>(
 }
 
 /// Copies the optimizer's own state beyond the moments (Prodigy's, Adafactor's, CAME's,
-/// DAdaptAdam's or schedule-free's; nothing for AdamW and Lion) out of `optim` into `moments`, keyed
+/// AdEMAMix's, DAdaptAdam's or schedule-free's; nothing for AdamW, Lion and SGD) out of `optim` into `moments`, keyed
 /// `<optimizer>.<name>.<part>` (flat, in the optimizer's order, which the fingerprinted
 /// `[lora]` section fixes).
 pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &str, moments: &mut HashMap<String, HostTensor>) -> Result<(), TrainError> {
@@ -279,6 +279,9 @@ pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &s
         for (part, t) in [("rows", state.rows), ("cols", state.cols), ("res_rows", state.res_rows), ("res_cols", state.res_cols)] {
             put(format!("came.{name}.{part}"), t)?;
         }
+    }
+    if let Some(state) = optim.ademamix_state() {
+        put(format!("ademamix.{name}.slow"), state.slow)?;
     }
     if let Some(state) = optim.dadapt_state() {
         put(format!("dadapt.{name}.s"), state.s)?;
@@ -329,6 +332,10 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
             res_cols: part("res_cols", &current.res_cols)?,
         };
         optim.set_came_state(state).map_err(|e| mismatch(&key("came", "rows"), e.to_string()))?;
+    }
+    if same_optimizer(optim, moments, &key("ademamix", "slow"), optim.ademamix_state().is_some(), "ademamix", origin)? {
+        let slow = vector(&key("ademamix", "slow"), len)?;
+        optim.set_ademamix_state(lora_core::optim::AdEMAMixState { slow }).map_err(|e| mismatch(&key("ademamix", "slow"), e.to_string()))?;
     }
     if same_optimizer(optim, moments, &key("dadapt", "scalars"), optim.dadapt_d().is_some(), "dadapt_adam", origin)? {
         let (s, scalars) = (vector(&key("dadapt", "s"), len)?, vector(&key("dadapt", "scalars"), 3)?);

@@ -702,6 +702,12 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     if let Some(came) = config.train.came_settings() {
         optim = optim.with_came(came).map_err(|e| TrainError::Config { origin: "train.came_*".into(), reason: e.to_string() })?;
     }
+    if let Some(ademamix) = config.train.ademamix_settings() {
+        optim = optim.with_ademamix(ademamix).map_err(|e| TrainError::Config { origin: "train.ademamix_*".into(), reason: e.to_string() })?;
+    }
+    if let Some(sgd) = config.train.sgd_settings() {
+        optim = optim.with_sgd(sgd).map_err(|e| TrainError::Config { origin: "train.sgd_*".into(), reason: e.to_string() })?;
+    }
     if let Some(schedule_free) = config.train.schedule_free_settings() {
         optim = optim.with_schedule_free(schedule_free).map_err(|e| TrainError::Config { origin: "train.schedule_free_*".into(), reason: e.to_string() })?;
     }
@@ -1051,6 +1057,8 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::AdamwScheduleFree => "train.optimizer = \"adamw_schedule_free\"\n",
         crate::config::Optimizer::RadamScheduleFree => "train.optimizer = \"radam_schedule_free\"\n",
         crate::config::Optimizer::ProdigyPlusScheduleFree => "train.optimizer = \"prodigy_plus_schedule_free\"\n",
+        crate::config::Optimizer::Ademamix => "train.optimizer = \"ademamix\"\n",
+        crate::config::Optimizer::Sgd => "train.optimizer = \"sgd\"\n",
         _ => "",
     };
     // The merged base is part of the model: each file's strength and tensors (states from

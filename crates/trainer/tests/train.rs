@@ -1495,6 +1495,56 @@ fn adafactor_trains_and_resumes_bit_for_bit() {
     assert!(err.to_string().contains("adafactor_decay_rate"), "{err}");
 }
 
+/// AdEMAMix and SGD train, write their settings in the metadata and resume bit for bit
+/// (AdEMAMix's slow moment is in the state, SGD's buffer is the first moment); a state of
+/// one does not resume with the other or with AdamW.
+#[test]
+fn ademamix_and_sgd_train_and_resume_bit_for_bit() {
+    use trainer::config::Optimizer;
+    let _guard = seeded();
+    let configured = |optimizer: Optimizer, dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.optimizer = optimizer;
+        c.output.save_every_n_epochs = 0;
+        match optimizer {
+            Optimizer::Ademamix => (c.train.learning_rate, c.train.ademamix_t_alpha, c.train.ademamix_t_beta3) = (1e-4, 4, 5),
+            _ => (c.train.learning_rate, c.train.adam_weight_decay) = (0.05, 1e-4),
+        }
+        c
+    };
+    let cases = [
+        (Optimizer::Ademamix, "AdEMAMix(weight_decay=0.01,betas=(0.9, 0.999, 0.9999),alpha=5,eps=0.00000001,t_alpha=4,t_beta3=5)"),
+        (Optimizer::Sgd, "SGD(momentum=0.9,dampening=0,nesterov=True,weight_decay=0.0001)"),
+    ];
+    for (optimizer, metadata) in cases {
+        let straight_dir = tempfile::tempdir().unwrap();
+        let straight = train::<B>(&configured(optimizer, straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+        assert_eq!(lora_metadata(&straight.lora)["ss_optimizer"], metadata);
+        let index = tiny_index_with_text_encoder();
+        let (set, _) = AdapterSet::load(&straight.lora, &index, ReadOptions::default()).unwrap();
+        assert!(set.iter().flat_map(|(_, w)| w.up.data.clone()).filter(|v| *v != 0.0).count() > 100, "{optimizer:?}: the up weights trained");
+
+        let dir = tempfile::tempdir().unwrap();
+        let config = configured(optimizer, dir.path(), 6);
+        train::<B>(&config, &Default::default(), &mut |info| info.step < 3).unwrap();
+        let second = trainer::train::resume::<B>(&config, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&second.losses), bits(&straight.losses), "{optimizer:?}: same losses, step for step");
+        assert_same_lora(&straight.lora, &second.lora);
+
+        for other in [Optimizer::Adamw, Optimizer::Ademamix, Optimizer::Sgd].into_iter().filter(|o| *o != optimizer) {
+            let mut changed = configured(optimizer, dir.path(), 8);
+            changed.train.optimizer = other;
+            let err = trainer::train::resume::<B>(&changed, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();
+            assert!(err.to_string().contains("optimizer"), "{optimizer:?} -> {other:?}: {err}");
+        }
+    }
+    let err = TrainConfig::load(None, &["train.optimizer=\"ademamix\"".into(), "train.ademamix_beta3=1.0".into()]).unwrap_err();
+    assert!(err.to_string().contains("train.ademamix_") && err.to_string().contains("betas"), "{err}");
+    let err = TrainConfig::load(None, &["train.optimizer=\"sgd\"".into(), "train.sgd_momentum=0".into()]).unwrap_err();
+    assert!(err.to_string().contains("train.sgd_") && err.to_string().contains("Nesterov"), "{err}");
+}
+
 /// CAME trains, writes its settings in the metadata, and resumes bit for bit (its
 /// instability's running means are in the state); a CAME state does not resume with
 /// Adafactor, whose factored means have the same shapes.

@@ -351,11 +351,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// ```
     pub fn with_adafactor(mut self, settings: AdafactorSettings) -> Result<Self> {
         settings.validate()?;
-        self.prodigy = None;
-        self.lion = false;
-        self.dadapt = None;
-        self.schedule_free = None;
-        self.prodigy_plus = None;
+        self.clear_rules();
         let device = self.params.device();
         let len = self.len();
         // Tensors by shape: `(factored, matrices, rows, cols)` → their flat offsets.

@@ -109,11 +109,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// ```
     pub fn with_dadapt_adam(mut self, settings: DAdaptSettings) -> Result<Self> {
         settings.validate(&self.settings)?;
-        self.prodigy = None;
-        self.lion = false;
-        self.adafactor = None;
-        self.schedule_free = None;
-        self.prodigy_plus = None;
+        self.clear_rules();
         let device = self.moment_1.device();
         let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, 0.0, 0.0], [3]), &device);
         self.dadapt = Some(DAdapt { settings, s: Tensor::zeros([self.len()], &device), scalars, bias: None });

@@ -577,11 +577,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             true => Tensor::zeros([0], &device),
             false => Tensor::cat(p0_parts, 0),
         };
-        self.prodigy = None;
-        self.lion = false;
-        self.adafactor = None;
-        self.dadapt = None;
-        self.schedule_free = None;
+        self.clear_rules();
         self.prodigy_plus = Some(ProdigyPlus {
             settings,
             z: self.params.clone(),

@@ -162,11 +162,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// ```
     pub fn with_schedule_free(mut self, settings: ScheduleFreeSettings) -> Result<Self> {
         settings.validate(&self.settings)?;
-        self.prodigy = None;
-        self.lion = false;
-        self.adafactor = None;
-        self.dadapt = None;
-        self.prodigy_plus = None;
+        self.clear_rules();
         let device = self.params.device();
         let scalars = Tensor::from_data(TensorData::new(vec![0.0f32, 0.0, 0.0], [3]), &device);
         let tables = Tables::new(&settings, decimal(self.settings.beta_2), BIAS_TABLE_MIN, &device);

@@ -252,3 +252,76 @@ pub fn damaged(bytes: &[u8], damage: &Damage) -> Vec<u8> {
     let refs: Vec<(String, &HostTensor)> = unique.iter().map(|(k, v)| (k.clone(), v)).collect();
     lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, metadata).unwrap()
 }
+
+/// Replays the optimizer trajectories that `xtask/fixtures/lora_core_{lion,sgd,ademamix}.py`
+/// record: two tensors `a` and `b`, per step a learning rate, gradients (a missing key: no
+/// gradient that step) and the values after the step.
+pub mod trajectory {
+    use std::collections::HashMap;
+
+    use burn::backend::{Autodiff, Flex};
+    use burn::module::{Module, Param};
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Tensor, TensorData};
+    use lora_core::optim::{AdamWSettings, FlatAdamW};
+
+    /// The autodiff backend the trajectories train on.
+    pub type AD = Autodiff<Flex>;
+    /// A fixture's tensors by key.
+    pub type Fixture = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+    /// The two trained tensors.
+    #[derive(Module, Debug)]
+    pub struct Pair<B: burn::tensor::backend::Backend> {
+        /// A random `[4, 8]` tensor.
+        pub a: Param<Tensor<B, 2>>,
+        /// A `[8, 4]` tensor that starts at zero.
+        pub b: Param<Tensor<B, 2>>,
+    }
+
+    fn tensor(data: &(Vec<usize>, Vec<f32>)) -> Tensor<Flex, 2> {
+        Tensor::from_data(TensorData::new(data.1.clone(), [data.0[0], data.0[1]]), &Default::default())
+    }
+
+    /// The values of a tensor of the pair.
+    pub fn values(t: Tensor<Flex, 2>) -> Vec<f32> {
+        t.into_data().to_vec().unwrap()
+    }
+
+    /// The gradients of `step` of `case`.
+    pub fn step_grads(f: &Fixture, case: &str, step: usize, pair: &Pair<AD>) -> GradientsParams {
+        let mut grads = GradientsParams::new();
+        for (name, id) in [("a", pair.a.id), ("b", pair.b.id)] {
+            if let Some(g) = f.get(&format!("{case}.grad.{step}.{name}")) {
+                grads.register(id, tensor(g));
+            }
+        }
+        grads
+    }
+
+    /// The pair at `case`'s start and an AdamW over it with `settings`.
+    pub fn start(f: &Fixture, case: &str, settings: AdamWSettings) -> (Pair<AD>, FlatAdamW<AD>) {
+        let pair = Pair::<AD> {
+            a: Param::from_tensor(Tensor::from_inner(tensor(&f[&format!("{case}.init.a")])).require_grad()),
+            b: Param::from_tensor(Tensor::from_inner(tensor(&f[&format!("{case}.init.b")])).require_grad()),
+        };
+        let optim = FlatAdamW::new(settings, &pair, &Default::default());
+        (pair, optim)
+    }
+
+    /// Trains `pair` with `optim` through `case`'s steps; per step, the largest absolute
+    /// difference of the values from the fixture's. Returns the pair at the end.
+    pub fn replay(f: &Fixture, case: &str, mut pair: Pair<AD>, optim: &mut FlatAdamW<AD>, mut check: impl FnMut(usize, &str, f32)) -> Pair<AD> {
+        let lrs = f[&format!("{case}.lr")].1.clone();
+        for (step, &lr) in lrs.iter().enumerate() {
+            let grads = optim.gather_grads(&pair, step_grads(f, case, step, &pair));
+            pair = optim.step(f64::from(lr), pair, grads);
+            for (t, now) in [("a", pair.a.val().inner()), ("b", pair.b.val().inner())] {
+                let want = &f[&format!("{case}.param.{step}.{t}")].1;
+                let worst = values(now).iter().zip(want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                check(step, t, worst);
+            }
+        }
+        pair
+    }
+}
