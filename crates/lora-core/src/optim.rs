@@ -68,7 +68,7 @@ mod sgd;
 pub use ademamix::{AdEMAMixSettings, AdEMAMixState};
 pub use sgd::SgdSettings;
 pub use adafactor::{AdafactorSettings, AdafactorState, CameSettings, CameState};
-pub use dadapt::{DAdaptSettings, DAdaptState};
+pub use dadapt::{DAdaptKind, DAdaptSettings, DAdaptState};
 pub use schedule_free::{ScheduleFreeSettings, ScheduleFreeState};
 pub use prodigy_plus::{share_prodigy_plus, ProdigyPlusSettings, ProdigyPlusState};
 pub use lr_schedule::TorchLrSchedule;

@@ -536,6 +536,21 @@ pub enum Optimizer {
     /// `learning_rate = 1.0`. See `lora_core::optim::FlatAdamW::with_dadapt_adam`.
     #[serde(rename = "dadapt_adam")]
     DadaptAdam,
+    /// DAdaptAdamPreprint (the `dadaptation` package's experimental one, kohya's
+    /// `DAdaptation` and `DAdaptAdamPreprint`): the preprint's Adam variant of
+    /// D-Adaptation; set `learning_rate = 1.0`. The `dadapt_*` keys and the `adam_*` ones.
+    #[serde(rename = "dadapt_adam_preprint")]
+    DadaptAdamPreprint,
+    /// DAdaptLion (kohya's `DAdaptLion`): Lion's sign steps with D-Adaptation's step size;
+    /// set `learning_rate = 1.0`. β from `lion_beta1` / `lion_beta2`, `dadapt_d0`, the
+    /// decoupled weight decay `adam_weight_decay`.
+    #[serde(rename = "dadapt_lion")]
+    DadaptLion,
+    /// DAdaptSGD (kohya's `DAdaptSGD`): dual-averaged SGD with D-Adaptation's step size;
+    /// set `learning_rate = 1.0`. `dadapt_d0`, `dadapt_growth_rate`, `dadapt_momentum`,
+    /// L2 weight decay `adam_weight_decay`.
+    #[serde(rename = "dadapt_sgd")]
+    DadaptSgd,
     /// Schedule-free AdamW (the `schedulefree` package's `AdamWScheduleFree`, kohya's
     /// `AdamWScheduleFree`): no schedule (`lr_scheduler` must be `constant`;
     /// `lr_warmup_steps` is the package's `warmup_steps`). It trains at one point and
@@ -573,6 +588,25 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
+    /// Which of the `dadaptation` package's optimizers this is (`None`: another).
+    ///
+    /// ```
+    /// use lora_core::optim::DAdaptKind;
+    /// use trainer::config::Optimizer;
+    /// assert_eq!(Optimizer::DadaptLion.dadapt_kind(), Some(DAdaptKind::Lion));
+    /// assert_eq!(Optimizer::Lion.dadapt_kind(), None);
+    /// ```
+    pub fn dadapt_kind(self) -> Option<lora_core::optim::DAdaptKind> {
+        use lora_core::optim::DAdaptKind;
+        match self {
+            Self::DadaptAdam => Some(DAdaptKind::Adam),
+            Self::DadaptAdamPreprint => Some(DAdaptKind::AdamPreprint),
+            Self::DadaptLion => Some(DAdaptKind::Lion),
+            Self::DadaptSgd => Some(DAdaptKind::Sgd),
+            _ => None,
+        }
+    }
+
     /// Whether this is a schedule-free optimizer (`adamw_schedule_free`,
     /// `radam_schedule_free`, `prodigy_plus_schedule_free`).
     pub fn is_schedule_free(self) -> bool {
@@ -585,7 +619,7 @@ impl std::str::FromStr for Optimizer {
 
     /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`,
     /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`, `came`,
-    /// `ademamix`, `sgd`.
+    /// `ademamix`, `sgd`, `dadapt_adam_preprint`, `dadapt_lion`, `dadapt_sgd`.
     ///
     /// ```
     /// use trainer::config::Optimizer;
@@ -596,7 +630,7 @@ impl std::str::FromStr for Optimizer {
     /// ```
     fn from_str(s: &str) -> Result<Self, String> {
         use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free, came, ademamix or sgd)"))
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free, came, ademamix, sgd, dadapt_adam_preprint, dadapt_lion or dadapt_sgd)"))
     }
 }
 
@@ -760,6 +794,8 @@ pub struct TrainSection {
     pub dadapt_decouple: bool,
     /// DAdaptAdam's `use_bias_correction`.
     pub dadapt_use_bias_correction: bool,
+    /// DAdaptSGD's `momentum` (0: none; `dadapt_sgd` only).
+    pub dadapt_momentum: f32,
     /// Schedule-free's polynomial weighting of its average (`r`: step `t` weighs `t^r`;
     /// 0 = uniform).
     pub schedule_free_r: f32,
@@ -1023,11 +1059,13 @@ impl TrainSection {
     /// DAdaptAdam's own settings with `optimizer = "dadapt_adam"` (`None` otherwise; β, ε
     /// and weight decay are the `adam_*` keys).
     pub fn dadapt_settings(&self) -> Option<lora_core::optim::DAdaptSettings> {
-        (self.optimizer == Optimizer::DadaptAdam).then_some(lora_core::optim::DAdaptSettings {
+        self.optimizer.dadapt_kind().map(|kind| lora_core::optim::DAdaptSettings {
+            kind,
             d0: self.dadapt_d0,
             growth_rate: self.dadapt_growth_rate,
             decouple: self.dadapt_decouple,
             use_bias_correction: self.dadapt_use_bias_correction,
+            momentum: self.dadapt_momentum,
         })
     }
 
@@ -1464,6 +1502,7 @@ impl Default for TrainConfig {
                 dadapt_growth_rate: f32::INFINITY,
                 dadapt_decouple: true,
                 dadapt_use_bias_correction: false,
+                dadapt_momentum: 0.0,
                 schedule_free_r: 0.0,
                 schedule_free_weight_lr_power: 2.0,
                 schedule_free_silent_sgd_phase: true,
@@ -1797,7 +1836,7 @@ impl TrainConfig {
         }
         // torch's AdamW, prodigyopt and dadaptation refuse these too (the estimates of the
         // last two divide by `1 − √β₂` and by `ε`).
-        let estimating = matches!(t.optimizer, Optimizer::Prodigy | Optimizer::DadaptAdam);
+        let estimating = matches!(t.optimizer, Optimizer::Prodigy | Optimizer::DadaptAdam | Optimizer::DadaptAdamPreprint);
         let eps_ok = t.adam_epsilon.is_finite() && (t.adam_epsilon > 0.0 || (t.adam_epsilon == 0.0 && !estimating));
         if !((0.0..1.0).contains(&t.adam_beta1) && (0.0..1.0).contains(&t.adam_beta2) && eps_ok) {
             return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1) and train.adam_epsilon at least 0 (positive with prodigy and dadapt_adam)");
@@ -1835,6 +1874,9 @@ impl TrainConfig {
         }
         if let Some(Err(e)) = t.sgd_settings().map(|a| a.validate(&adamw)) {
             return bad(&format!("train.sgd_*: {e}"));
+        }
+        if let Some(Err(e)) = t.dadapt_settings().map(|a| a.validate(&adamw)) {
+            return bad(&format!("train.dadapt_*: {e}"));
         }
         if t.optimizer == Optimizer::ProdigyPlusScheduleFree {
             if let Err(e) = t.prodigy_plus_settings().validate() {
@@ -2116,7 +2158,7 @@ impl TrainConfig {
     pub fn optimizer_settings(&self) -> (lora_core::optim::AdamWSettings, Option<lora_core::optim::ProdigySettings>) {
         let t = &self.train;
         let (beta_1, beta_2) = match t.optimizer {
-            Optimizer::Lion => (t.lion_beta1, t.lion_beta2),
+            Optimizer::Lion | Optimizer::DadaptLion => (t.lion_beta1, t.lion_beta2),
             _ => (t.adam_beta1, t.adam_beta2),
         };
         let adamw = lora_core::optim::AdamWSettings {

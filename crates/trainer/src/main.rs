@@ -335,8 +335,8 @@ enum Command {
         lora_targets: sd_model::targets::UnetTargets,
         /// The train step's optimizer: `adamw` (burn's defaults), or `lion`, `prodigy`,
         /// `adafactor`, `dadapt_adam`, `adamw_schedule_free`, `radam_schedule_free`,
-        /// `prodigy_plus_schedule_free`, `came`, `ademamix`, `sgd` with the trainer's default
-        /// settings for it.
+        /// `prodigy_plus_schedule_free`, `came`, `ademamix`, `sgd`, `dadapt_adam_preprint`,
+        /// `dadapt_lion`, `dadapt_sgd` with the trainer's default settings for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
         /// The adapters' form: `lora`, or LyCORIS' `loha` or `lokr` (rank 4 each).
@@ -753,6 +753,9 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     let estimates = match config.train.optimizer {
         trainer::config::Optimizer::Prodigy => Some(("prodigy", "Prodigy")),
         trainer::config::Optimizer::DadaptAdam => Some(("dadapt_adam", "DAdaptAdam")),
+        trainer::config::Optimizer::DadaptAdamPreprint => Some(("dadapt_adam_preprint", "DAdaptAdamPreprint")),
+        trainer::config::Optimizer::DadaptLion => Some(("dadapt_lion", "DAdaptLion")),
+        trainer::config::Optimizer::DadaptSgd => Some(("dadapt_sgd", "DAdaptSGD")),
         trainer::config::Optimizer::ProdigyPlusScheduleFree => Some(("prodigy_plus_schedule_free", "Prodigy")),
         _ => None,
     };

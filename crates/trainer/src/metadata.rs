@@ -143,6 +143,16 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
             t.adam_beta2,
             t.dadapt_growth_rate
         ),
+        Optimizer::DadaptAdamPreprint => format!(
+            "DAdaptAdamPreprint(decouple={},weight_decay={},betas=({}, {}),growth_rate={})",
+            py_bool(t.dadapt_decouple),
+            t.adam_weight_decay,
+            t.adam_beta1,
+            t.adam_beta2,
+            t.dadapt_growth_rate
+        ),
+        Optimizer::DadaptLion => format!("DAdaptLion(weight_decay={},betas=({}, {}))", t.adam_weight_decay, t.lion_beta1, t.lion_beta2),
+        Optimizer::DadaptSgd => format!("DAdaptSGD(momentum={},weight_decay={},growth_rate={})", t.dadapt_momentum, t.adam_weight_decay, t.dadapt_growth_rate),
         Optimizer::AdamwScheduleFree | Optimizer::RadamScheduleFree => {
             let (name, warmup) = match t.optimizer {
                 Optimizer::AdamwScheduleFree => ("AdamWScheduleFree", format!(",warmup_steps={}", t.warmup_steps())),

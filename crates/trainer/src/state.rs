@@ -286,6 +286,9 @@ pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &s
     if let Some(state) = optim.dadapt_state() {
         put(format!("dadapt.{name}.s"), state.s)?;
         put(format!("dadapt.{name}.scalars"), state.scalars)?;
+        if let Some(x0) = state.x0 {
+            put(format!("dadapt.{name}.x0"), x0)?;
+        }
     }
     if let Some(state) = optim.schedule_free_state() {
         put(format!("schedule_free.{name}.z"), state.z)?;
@@ -337,9 +340,19 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
         let slow = vector(&key("ademamix", "slow"), len)?;
         optim.set_ademamix_state(lora_core::optim::AdEMAMixState { slow }).map_err(|e| mismatch(&key("ademamix", "slow"), e.to_string()))?;
     }
-    if same_optimizer(optim, moments, &key("dadapt", "scalars"), optim.dadapt_d().is_some(), "dadapt_adam", origin)? {
-        let (s, scalars) = (vector(&key("dadapt", "s"), len)?, vector(&key("dadapt", "scalars"), 3)?);
-        optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars }).map_err(|e| mismatch(&key("dadapt", "s"), e.to_string()))?;
+    let dadapt = optim.dadapt_state();
+    let kind = match optim.dadapt_settings().map(|d| d.kind) {
+        Some(lora_core::optim::DAdaptKind::AdamPreprint) => "dadapt_adam_preprint",
+        Some(lora_core::optim::DAdaptKind::Lion) => "dadapt_lion",
+        Some(lora_core::optim::DAdaptKind::Sgd) => "dadapt_sgd",
+        _ => "dadapt_adam",
+    };
+    let restore = same_optimizer(optim, moments, &key("dadapt", "scalars"), dadapt.is_some(), kind, origin)?;
+    if let Some(current) = dadapt.filter(|_| restore) {
+        let s = vector(&key("dadapt", "s"), len)?;
+        let scalars = vector(&key("dadapt", "scalars"), current.scalars.dims()[0])?;
+        let x0 = current.x0.map(|_| vector(&key("dadapt", "x0"), len)).transpose()?;
+        optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars, x0 }).map_err(|e| mismatch(&key("dadapt", "s"), e.to_string()))?;
     }
     let kind = match optim.schedule_free_settings() {
         Some(s) if s.radam => "radam_schedule_free",

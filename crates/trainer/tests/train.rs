@@ -1495,11 +1495,12 @@ fn adafactor_trains_and_resumes_bit_for_bit() {
     assert!(err.to_string().contains("adafactor_decay_rate"), "{err}");
 }
 
-/// AdEMAMix and SGD train, write their settings in the metadata and resume bit for bit
-/// (AdEMAMix's slow moment is in the state, SGD's buffer is the first moment); a state of
-/// one does not resume with the other or with AdamW.
+/// AdEMAMix, SGD and the D-Adaptation variants train, write their settings in the
+/// metadata and resume bit for bit (AdEMAMix's slow moment and DAdaptSGD's starting values
+/// are in the state, SGD's buffer is the first moment); a state of one does not resume
+/// with another or with AdamW.
 #[test]
-fn ademamix_and_sgd_train_and_resume_bit_for_bit() {
+fn newer_optimizers_train_and_resume_bit_for_bit() {
     use trainer::config::Optimizer;
     let _guard = seeded();
     let configured = |optimizer: Optimizer, dir: &std::path::Path, steps: usize| {
@@ -1508,13 +1509,18 @@ fn ademamix_and_sgd_train_and_resume_bit_for_bit() {
         c.output.save_every_n_epochs = 0;
         match optimizer {
             Optimizer::Ademamix => (c.train.learning_rate, c.train.ademamix_t_alpha, c.train.ademamix_t_beta3) = (1e-4, 4, 5),
-            _ => (c.train.learning_rate, c.train.adam_weight_decay) = (0.05, 1e-4),
+            Optimizer::Sgd => (c.train.learning_rate, c.train.adam_weight_decay) = (0.05, 1e-4),
+            Optimizer::DadaptSgd => (c.train.learning_rate, c.train.dadapt_momentum, c.train.adam_weight_decay) = (1.0, 0.5, 0.0),
+            _ => c.train.learning_rate = 1.0,
         }
         c
     };
     let cases = [
         (Optimizer::Ademamix, "AdEMAMix(weight_decay=0.01,betas=(0.9, 0.999, 0.9999),alpha=5,eps=0.00000001,t_alpha=4,t_beta3=5)"),
         (Optimizer::Sgd, "SGD(momentum=0.9,dampening=0,nesterov=True,weight_decay=0.0001)"),
+        (Optimizer::DadaptAdamPreprint, "DAdaptAdamPreprint(decouple=True,weight_decay=0.01,betas=(0.9, 0.999),growth_rate=inf)"),
+        (Optimizer::DadaptLion, "DAdaptLion(weight_decay=0.01,betas=(0.9, 0.99))"),
+        (Optimizer::DadaptSgd, "DAdaptSGD(momentum=0.5,weight_decay=0,growth_rate=inf)"),
     ];
     for (optimizer, metadata) in cases {
         let straight_dir = tempfile::tempdir().unwrap();
@@ -1522,7 +1528,8 @@ fn ademamix_and_sgd_train_and_resume_bit_for_bit() {
         assert_eq!(lora_metadata(&straight.lora)["ss_optimizer"], metadata);
         let index = tiny_index_with_text_encoder();
         let (set, _) = AdapterSet::load(&straight.lora, &index, ReadOptions::default()).unwrap();
-        assert!(set.iter().flat_map(|(_, w)| w.up.data.clone()).filter(|v| *v != 0.0).count() > 100, "{optimizer:?}: the up weights trained");
+        let trained = set.iter().flat_map(|(_, w)| w.up.data.clone()).filter(|v| *v != 0.0).count();
+        assert!(trained > 100, "{optimizer:?}: the up weights trained ({trained})");
 
         let dir = tempfile::tempdir().unwrap();
         let config = configured(optimizer, dir.path(), 6);
@@ -1532,7 +1539,7 @@ fn ademamix_and_sgd_train_and_resume_bit_for_bit() {
         assert_eq!(bits(&second.losses), bits(&straight.losses), "{optimizer:?}: same losses, step for step");
         assert_same_lora(&straight.lora, &second.lora);
 
-        for other in [Optimizer::Adamw, Optimizer::Ademamix, Optimizer::Sgd].into_iter().filter(|o| *o != optimizer) {
+        for other in [Optimizer::Adamw, Optimizer::Ademamix, Optimizer::Sgd, Optimizer::DadaptLion, Optimizer::DadaptSgd].into_iter().filter(|o| *o != optimizer) {
             let mut changed = configured(optimizer, dir.path(), 8);
             changed.train.optimizer = other;
             let err = trainer::train::resume::<B>(&changed, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();

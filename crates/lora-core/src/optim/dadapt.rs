@@ -1,10 +1,13 @@
-//! DAdaptAdam on the flat vectors of a [`FlatAdamW`] ([`FlatAdamW::with_dadapt_adam`]).
+//! The D-Adaptation optimizers on the flat vectors of a [`FlatAdamW`]
+//! ([`FlatAdamW::with_dadapt_adam`]).
 //!
 //! D-Adaptation (Defazio and Mishchenko 2023, "Learning-Rate-Free Learning by
-//! D-Adaptation") estimates Adam's step size `d` from the gradients, as Prodigy (its
+//! D-Adaptation") estimates the step size `d` from the gradients, as Prodigy (its
 //! successor) does; the learning rate multiplies the estimate. The arithmetic is the
-//! `dadaptation` package's `DAdaptAdam` (3.2, kohya's sd-scripts' `optimizer_type =
-//! "DAdaptAdam"`), in f32 on the device, checked step by step against it.
+//! `dadaptation` package's (3.2) `DAdaptAdam`, `DAdaptLion`, `DAdaptSGD` and
+//! `experimental.DAdaptAdamPreprint` (kohya's sd-scripts' `optimizer_type = "DAdaptAdam"`,
+//! `"DAdaptLion"`, `"DAdaptSGD"` and `"DAdaptation"`), in f32 on the device, checked step by
+//! step against it ([`DAdaptKind`]).
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
@@ -12,11 +15,54 @@ use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
 use super::{decimal, FlatAdamW, FlatMask};
 use crate::error::{LoraError, Result};
 
-/// DAdaptAdam's own settings (β, ε and the weight decay are the
-/// [`AdamWSettings`](super::AdamWSettings)'). The defaults are the `dadaptation`
-/// package's.
+/// Which of the `dadaptation` package's optimizers a [`DAdaptSettings`] configures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DAdaptKind {
+    /// `DAdaptAdam`: Adam whose step size is the estimate (kohya's `DAdaptAdam`).
+    #[default]
+    Adam,
+    /// `experimental.DAdaptAdamPreprint`, the paper preprint's Adam variant, whose estimate
+    /// weighs the running sums by Adam's denominator (kohya's `DAdaptation` and
+    /// `DAdaptAdamPreprint`).
+    AdamPreprint,
+    /// `DAdaptLion`: Lion's sign steps of size `d·lr`, decoupled weight decay; the
+    /// estimate never shrinks and has no growth limit.
+    Lion,
+    /// `DAdaptSGD`: dual averaging of the gradients (each value is its start minus their
+    /// sum, scaled by `d·lr` over the first gradient's norm), `momentum` as averaging of
+    /// the iterates, weight decay added to the gradient.
+    Sgd,
+}
+
+impl DAdaptKind {
+    /// The package's class name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Adam => "DAdaptAdam",
+            Self::AdamPreprint => "DAdaptAdamPreprint",
+            Self::Lion => "DAdaptLion",
+            Self::Sgd => "DAdaptSGD",
+        }
+    }
+
+    /// Entries of the state's scalars: `[d, numerator, k]`, with DAdaptSGD's first
+    /// gradient norm after them.
+    fn scalars(self) -> usize {
+        if self == Self::Sgd {
+            4
+        } else {
+            3
+        }
+    }
+}
+
+/// The D-Adaptation optimizers' own settings (β, ε and the weight decay are the
+/// [`AdamWSettings`](super::AdamWSettings)'; Lion's betas are its β₁ and β₂). The defaults
+/// are the `dadaptation` package's `DAdaptAdam`'s.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DAdaptSettings {
+    /// Which optimizer.
+    pub kind: DAdaptKind,
     /// Initial estimate `d₀`.
     pub d0: f32,
     /// Largest factor by which the estimate grows per step (`f32::INFINITY`: no limit).
@@ -24,13 +70,16 @@ pub struct DAdaptSettings {
     /// AdamW-style decoupled weight decay; `false` (the package's default) adds
     /// `weight_decay · p` to the gradient instead (L2).
     pub decouple: bool,
-    /// Adam's bias correction applied to the step size.
+    /// Adam's bias correction applied to the step size (DAdaptAdam only).
     pub use_bias_correction: bool,
+    /// DAdaptSGD's momentum: each value moves `1 − momentum` of the way to the averaged
+    /// point per step (0: all the way).
+    pub momentum: f32,
 }
 
 impl Default for DAdaptSettings {
     fn default() -> Self {
-        Self { d0: 1e-6, growth_rate: f32::INFINITY, decouple: false, use_bias_correction: false }
+        Self { kind: DAdaptKind::Adam, d0: 1e-6, growth_rate: f32::INFINITY, decouple: false, use_bias_correction: false, momentum: 0.0 }
     }
 }
 
@@ -39,39 +88,62 @@ impl DAdaptSettings {
     /// with, as `dadaptation` checks them: a positive `d0`, a growth rate of at least 1,
     /// betas in `[0, 1)`, a positive ε and a weight decay of at least 0 (the estimate
     /// divides by `1 − √β₂` and by ε).
+    ///
+    /// Each optimizer takes only its own options: `use_bias_correction` is DAdaptAdam's,
+    /// `momentum` DAdaptSGD's, and DAdaptLion has no `growth_rate` (it must be infinite).
     pub fn validate(&self, adam: &super::AdamWSettings) -> Result<()> {
-        let bad = |what: &str| Err(LoraError::Optimizer(format!("DAdaptAdam: {what}")));
+        let name = self.kind.name();
+        let bad = |what: &str| Err(LoraError::Optimizer(format!("{name}: {what}")));
         if !(self.d0.is_finite() && self.d0 > 0.0) || self.growth_rate.is_nan() || self.growth_rate < 1.0 {
             return bad("d0 must be positive and growth_rate at least 1");
         }
         if !((0.0..1.0).contains(&adam.beta_1) && (0.0..1.0).contains(&adam.beta_2)) {
             return bad("the betas must be in [0, 1)");
         }
-        if !(adam.epsilon.is_finite() && adam.epsilon > 0.0 && adam.weight_decay.is_finite() && adam.weight_decay >= 0.0) {
+        let epsilon_ok = matches!(self.kind, DAdaptKind::Lion | DAdaptKind::Sgd) || (adam.epsilon.is_finite() && adam.epsilon > 0.0);
+        if !(epsilon_ok && adam.weight_decay.is_finite() && adam.weight_decay >= 0.0) {
             return bad("epsilon must be positive and weight_decay at least 0");
+        }
+        if self.use_bias_correction && self.kind != DAdaptKind::Adam {
+            return bad("use_bias_correction is DAdaptAdam's option");
+        }
+        if self.momentum != 0.0 && self.kind != DAdaptKind::Sgd {
+            return bad("momentum is DAdaptSGD's option");
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad("momentum must be in [0, 1)");
+        }
+        if self.kind == DAdaptKind::Lion && self.growth_rate.is_finite() {
+            return bad("DAdaptLion has no growth_rate (its estimate grows without limit)");
         }
         Ok(())
     }
 }
 
-/// DAdaptAdam's state in flat form, for saving and resuming a run
+/// A D-Adaptation optimizer's state in flat form, for saving and resuming a run
 /// ([`FlatAdamW::dadapt_state`]).
 #[derive(Debug, Clone)]
 pub struct DAdaptState<B: AutodiffBackend> {
-    /// The running sum `s` of scaled gradients, in the optimizer's flat order.
+    /// The running sum `s` of scaled gradients (steps, for DAdaptLion), in the optimizer's
+    /// flat order.
     pub s: Tensor<B::InnerBackend, 1>,
-    /// `[d, numerator_weighted, k]`: the estimate, the numerator's running sum and the
-    /// number of steps taken.
+    /// `[d, numerator, k]`: the estimate, the numerator's running sum (DAdaptAdamPreprint:
+    /// the weighted sum of squared gradients) and the number of steps taken; DAdaptSGD adds
+    /// the first gradient's norm.
     pub scalars: Tensor<B::InnerBackend, 1>,
+    /// DAdaptSGD's starting values (`None` for the others).
+    pub x0: Option<Tensor<B::InnerBackend, 1>>,
 }
 
-/// DAdaptAdam's settings, state and bias-correction table.
+/// A D-Adaptation optimizer's settings, state and bias-correction table.
 #[derive(Debug, Clone)]
 pub(super) struct DAdapt<B: AutodiffBackend> {
     settings: DAdaptSettings,
     s: Tensor<B::InnerBackend, 1>,
     scalars: Tensor<B::InnerBackend, 1>,
     bias: Option<Tensor<B::InnerBackend, 1>>,
+    /// DAdaptSGD's starting values.
+    x0: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -111,40 +183,52 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         settings.validate(&self.settings)?;
         self.clear_rules();
         let device = self.moment_1.device();
-        let scalars = Tensor::from_data(TensorData::new(vec![settings.d0, 0.0, 0.0], [3]), &device);
-        self.dadapt = Some(DAdapt { settings, s: Tensor::zeros([self.len()], &device), scalars, bias: None });
+        let mut scalars = vec![settings.d0, 0.0, 0.0];
+        scalars.resize(settings.kind.scalars(), 0.0);
+        let scalars = Tensor::from_data(TensorData::new(scalars, [settings.kind.scalars()]), &device);
+        let x0 = (settings.kind == DAdaptKind::Sgd).then(|| self.params.clone());
+        self.dadapt = Some(DAdapt { settings, s: Tensor::zeros([self.len()], &device), scalars, bias: None, x0 });
         Ok(self)
     }
 
-    /// DAdaptAdam's current estimate `d` (shape `[1]`, on the device: no read); `None`
-    /// without it. The step size of a step is `d` times its learning rate.
+    /// The D-Adaptation optimizer's settings, when this optimizer takes its update.
+    pub fn dadapt_settings(&self) -> Option<DAdaptSettings> {
+        self.dadapt.as_ref().map(|a| a.settings)
+    }
+
+    /// The D-Adaptation optimizer's current estimate `d` (shape `[1]`, on the device: no
+    /// read); `None` without one. The step size of a step is `d` times its learning rate.
     pub fn dadapt_d(&self) -> Option<Tensor<B::InnerBackend, 1>> {
         self.dadapt.as_ref().map(|a| a.scalars.clone().slice(0..1))
     }
 
-    /// DAdaptAdam's state, to save with a run (`None` without it).
+    /// The D-Adaptation optimizer's state, to save with a run (`None` without one).
     pub fn dadapt_state(&self) -> Option<DAdaptState<B>> {
-        self.dadapt.as_ref().map(|a| DAdaptState { s: a.s.clone(), scalars: a.scalars.clone() })
+        self.dadapt.as_ref().map(|a| DAdaptState { s: a.s.clone(), scalars: a.scalars.clone(), x0: a.x0.clone() })
     }
 
-    /// Restores DAdaptAdam's state (resuming a run); an error without DAdaptAdam or when
-    /// the lengths do not fit this optimizer's tensors. Reads the step count `k` (a sync),
-    /// which the bias-correction table must cover.
+    /// Restores the D-Adaptation optimizer's state (resuming a run); an error without one,
+    /// when the lengths do not fit this optimizer's tensors, or when DAdaptSGD's starting
+    /// values are missing. Reads the step count `k` (a sync), which the bias-correction
+    /// table must cover.
     pub fn set_dadapt_state(&mut self, state: DAdaptState<B>) -> Result<()> {
         let len = self.len();
         let Some(dadapt) = self.dadapt.as_mut() else {
-            return Err(LoraError::Optimizer("this optimizer does not use DAdaptAdam".into()));
+            return Err(LoraError::Optimizer("this optimizer does not use D-Adaptation".into()));
         };
-        for (name, tensor, expected) in [("s", &state.s, len), ("scalars", &state.scalars, 3)] {
-            if tensor.dims()[0] != expected {
+        let kind = dadapt.settings.kind;
+        let x0_len = state.x0.as_ref().map_or(0, |x| x.dims()[0]);
+        let wanted_x0 = if kind == DAdaptKind::Sgd { len } else { 0 };
+        for (name, got, expected) in [("s", state.s.dims()[0], len), ("scalars", state.scalars.dims()[0], kind.scalars()), ("x0", x0_len, wanted_x0)] {
+            if got != expected {
                 return Err(LoraError::ShapeMismatch {
-                    key: format!("DAdaptAdam state {name}"),
-                    reason: format!("{} values, the optimizer needs {expected}", tensor.dims()[0]),
+                    key: format!("{} state {name}", kind.name()),
+                    reason: format!("{got} values, the optimizer needs {expected}"),
                 });
             }
         }
         let k: f32 = state.scalars.clone().slice(2..3).into_scalar().elem();
-        (dadapt.s, dadapt.scalars) = (state.s, state.scalars);
+        (dadapt.s, dadapt.scalars, dadapt.x0) = (state.s, state.scalars, state.x0);
         self.raise_time_bound(k.max(0.0) as usize);
         Ok(())
     }
@@ -158,6 +242,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let Some(mut state) = self.dadapt.clone() else { return };
         if lr == 0.0 {
             return;
+        }
+        match state.settings.kind {
+            DAdaptKind::Adam => {}
+            DAdaptKind::AdamPreprint => return self.dadapt_preprint_step(state, lr, grad, present, apply),
+            DAdaptKind::Lion => return self.dadapt_lion_step(state, lr, grad, present, apply),
+            DAdaptKind::Sgd => return self.dadapt_sgd_step(state, lr, grad, present, apply),
         }
         self.raise_time_bound(self.time_bound + 1);
         let (a, p) = (self.settings, state.settings);
@@ -219,5 +309,164 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             scalars: state.scalars.mask_where(updates.expand([3]), new_scalars),
             ..state
         });
+    }
+
+    /// Where a D-Adaptation step counts (tensors with a gradient and a factor above 0;
+    /// `None`: everywhere), and each value's step size `d·lr·factor`.
+    fn dadapt_live(&self, present: Option<FlatMask<B>>, dlr: Tensor<B::InnerBackend, 1>) -> (Option<FlatMask<B>>, Tensor<B::InnerBackend, 1>) {
+        let live = match (present, &self.lr_scales) {
+            (None, None) => None,
+            (Some(present), None) => Some(present),
+            (None, Some(r)) => Some(r.clone().greater_elem(0.0)),
+            (Some(present), Some(r)) => Some(present.bool_and(r.clone().greater_elem(0.0))),
+        };
+        let step = match &self.lr_scales {
+            Some(r) => r.clone().mul(dlr.expand([self.len()])),
+            None => dlr.expand([self.len()]),
+        };
+        (live, step)
+    }
+
+    /// `DAdaptAdamPreprint.step`: the moments and `s` take the gradient (L2 weight decay
+    /// added unless decoupled) scaled by `d·lr`, the estimate is `(Σ s²/δ / (1 − β₂) −
+    /// Σ_w g²/δ) / Σ|s|` with `δ = √v + ε` and the weighted sum `Σ_w` of past `(d·lr)²·g²/δ`,
+    /// and the values move by `m / δ`. A step whose `Σ|s|` is zero updates the moments and
+    /// `s` only. A tensor's factor acts as its group's learning rate would.
+    fn dadapt_preprint_step(&mut self, mut state: DAdapt<B>, lr: f64, grad: Tensor<B::InnerBackend, 1>, present: Option<FlatMask<B>>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) {
+        self.raise_time_bound(self.time_bound + 1);
+        let (a, p) = (self.settings, state.settings);
+        let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
+        let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
+        let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
+        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
+            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
+            None => x,
+        };
+        let params = self.params.clone();
+        let grad = match (a.weight_decay, p.decouple) {
+            (wd, false) if wd != 0.0 => grad.add(params.clone().mul_scalar(wd)),
+            _ => grad,
+        };
+        let mut m = self.moment_1.clone().mul_scalar(a.beta_1).add(grad.clone().mul(step.clone().mul_scalar((1.0 - beta_1) as f32)));
+        let mut v = self.moment_2.clone().mul_scalar(a.beta_2).add(grad.clone().square().mul_scalar((1.0 - beta_2) as f32));
+        let mut s = state.s.clone().mul_scalar(a.beta_2).add(grad.clone().mul(step.clone().mul_scalar((1.0 - beta_2) as f32)));
+        if let Some(live) = &live {
+            m = self.moment_1.clone().mask_where(live.clone(), m);
+            v = self.moment_2.clone().mask_where(live.clone(), v);
+            s = state.s.clone().mask_where(live.clone(), s);
+        }
+        let denom = v.clone().sqrt().add_scalar(a.epsilon);
+        // `(d·lr)²` inside the sum: each tensor's own step size.
+        let g_sq = counted(grad.square().mul(step.clone().square()).div(denom.clone())).sum();
+        let sksq = counted(s.clone().square().div(denom.clone())).sum();
+        let sk_l1 = counted(s.clone().abs()).sum();
+        let gsq_weighted = gsq_weighted.mul_scalar(beta_2 as f32).add(g_sq.mul_scalar((1.0 - beta_2) as f32));
+        let progress = sk_l1.clone().greater_elem(0.0);
+        let d_hat = sksq.div_scalar((1.0 - beta_2) as f32).sub(gsq_weighted.clone()).div(sk_l1);
+        let new_d = d.clone().max_pair(d_hat.min_pair(d.mul_scalar(p.growth_rate)));
+        let decayed = match (a.weight_decay, p.decouple) {
+            (wd, true) if wd != 0.0 => params.clone().sub(params.clone().mul(step.mul_scalar(wd))),
+            _ => params.clone(),
+        };
+        let new_params = decayed.sub(m.clone().div(denom));
+        let new_scalars = Tensor::cat(vec![new_d, gsq_weighted, k.add_scalar(1.0)], 0);
+        let (happens, updates) = self.commit_estimated(apply, progress, live.as_ref(), (m, v), new_params);
+        state.s = state.s.clone().mask_where(happens, s);
+        state.scalars = state.scalars.clone().mask_where(updates.expand([3]), new_scalars);
+        self.dadapt = Some(state);
+    }
+
+    /// `DAdaptLion.step`: the values decay by `1 − d·lr·wd` and move by `d·lr` times the
+    /// sign of `β₁·m + (1 − β₁)·g`; the moment takes `(1 − β₂)·d·lr·g`, `s` those signs
+    /// times `(1 − √β₂)·d·lr`, and `d` grows to `Σ_w / ((1 − √β₂) Σ|s|)` (the weighted sum
+    /// of `d·lr·⟨sign, s⟩`) when that is larger. As in the package, the values move even in
+    /// a step whose `Σ|s|` is zero (only the estimate waits). A tensor's factor acts as its
+    /// group's learning rate would.
+    fn dadapt_lion_step(&mut self, mut state: DAdapt<B>, lr: f64, grad: Tensor<B::InnerBackend, 1>, present: Option<FlatMask<B>>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) {
+        self.raise_time_bound(self.time_bound + 1);
+        let a = self.settings;
+        let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
+        let (d, numerator_weighted, k) = (scalar(0), scalar(1), scalar(2));
+        let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
+        let sqrt_beta_2 = beta_2.sqrt();
+        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
+            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
+            None => x,
+        };
+        let params = self.params.clone();
+        let decayed = match a.weight_decay {
+            0.0 => params,
+            wd => params.clone().mul(step.clone().mul_scalar(-wd).add_scalar(1.0)),
+        };
+        let update = self.moment_1.clone().mul_scalar(beta_1 as f32).add(grad.clone().mul_scalar((1.0 - beta_1) as f32)).sign();
+        let new_params = decayed.sub(update.clone().mul(step.clone()));
+        let mut m = self.moment_1.clone().mul_scalar(beta_2 as f32).add(grad.mul(step.clone().mul_scalar((1.0 - beta_2) as f32)));
+        let numerator = counted(update.clone().mul(state.s.clone()).mul(step.clone())).sum();
+        let mut s = state.s.clone().mul_scalar(sqrt_beta_2 as f32).add(update.mul(step.mul_scalar((1.0 - sqrt_beta_2) as f32)));
+        if let Some(live) = &live {
+            m = self.moment_1.clone().mask_where(live.clone(), m);
+            s = state.s.clone().mask_where(live.clone(), s);
+        }
+        let sk_l1 = counted(s.clone().abs()).sum();
+        let numerator_weighted = numerator_weighted.mul_scalar(sqrt_beta_2 as f32).add(numerator.mul_scalar((1.0 - sqrt_beta_2) as f32));
+        let progress = sk_l1.clone().greater_elem(0.0);
+        let d_hat = numerator_weighted.clone().div(sk_l1.mul_scalar((1.0 - sqrt_beta_2) as f32));
+        let new_d = d.max_pair(d_hat);
+        let new_scalars = Tensor::cat(vec![new_d, numerator_weighted, k.add_scalar(1.0)], 0);
+        // The values move whether or not the estimate can (a step always "progresses").
+        let always = Tensor::<B::InnerBackend, 1, Bool>::from_bool([true].into(), &self.moment_1.device());
+        let v = self.moment_2.clone();
+        let (happens, moved) = self.commit_estimated(apply, always, live.as_ref(), (m, v), new_params);
+        state.s = state.s.clone().mask_where(happens, s);
+        state.scalars = state.scalars.clone().mask_where(moved.bool_and(progress).expand([3]), new_scalars);
+        self.dadapt = Some(state);
+    }
+
+    /// `DAdaptSGD.step`: with the first step's gradient norm `‖g₀‖` (taken again until a
+    /// step makes progress), `s` sums the gradients (L2 weight decay added) times
+    /// `d·lr/‖g₀‖`, the estimate grows to `2 Σ d·lr/‖g₀‖·⟨g, s⟩ / ‖s‖` (capped by
+    /// `growth_rate`), and each value moves `1 − momentum` of the way to its start minus
+    /// `s`. A step whose `‖s‖` is zero updates `s` only. A tensor's factor acts as its
+    /// group's learning rate would.
+    fn dadapt_sgd_step(&mut self, mut state: DAdapt<B>, lr: f64, grad: Tensor<B::InnerBackend, 1>, present: Option<FlatMask<B>>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) {
+        self.raise_time_bound(self.time_bound + 1);
+        let (a, p) = (self.settings, state.settings);
+        let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
+        let (d, numerator, k, g0) = (scalar(0), scalar(1), scalar(2), scalar(3));
+        let (live, _) = self.dadapt_live(present.clone(), d.clone());
+        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
+            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
+            None => x,
+        };
+        // The norm of the first step's gradients (before the weight decay, as the package
+        // takes it), until a step makes progress.
+        let g0 = g0.clone().mask_where(k.clone().equal_elem(0.0), counted(grad.clone().square()).sum().sqrt());
+        let (_, step) = self.dadapt_live(present, d.clone().mul_scalar(lr).div(g0.clone()));
+        let params = self.params.clone();
+        let grad = match a.weight_decay {
+            0.0 => grad,
+            wd => grad.add(params.clone().mul_scalar(wd)),
+        };
+        let numerator = numerator.add(counted(grad.clone().mul(state.s.clone()).mul(step.clone())).sum());
+        let mut s = state.s.clone().add(grad.mul(step));
+        if let Some(live) = &live {
+            s = state.s.clone().mask_where(live.clone(), s);
+        }
+        let sk_sq = counted(s.clone().square()).sum();
+        let progress = sk_sq.clone().greater_elem(0.0).bool_and(g0.clone().greater_elem(0.0));
+        let d_hat = numerator.clone().mul_scalar(2.0).div(sk_sq.sqrt());
+        let new_d = d.clone().max_pair(d_hat.min_pair(d.mul_scalar(p.growth_rate)));
+        let x0 = state.x0.clone().unwrap_or_else(|| params.clone());
+        let z = x0.sub(s.clone());
+        let ck = 1.0 - p.momentum;
+        let new_params = params.mul_scalar(1.0 - ck).add(z.mul_scalar(ck));
+        let new_scalars = Tensor::cat(vec![new_d, numerator, k.add_scalar(1.0), g0], 0);
+        let (m, v) = (self.moment_1.clone(), self.moment_2.clone());
+        let (happens, updates) = self.commit_estimated(apply, progress, live.as_ref(), (m, v), new_params);
+        state.s = state.s.clone().mask_where(happens, s);
+        state.scalars = state.scalars.clone().mask_where(updates.expand([4]), new_scalars);
+        self.dadapt = Some(state);
     }
 }
