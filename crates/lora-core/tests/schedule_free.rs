@@ -1,5 +1,5 @@
 //! `FlatAdamW::with_schedule_free` against the `schedulefree` package's
-//! `AdamWScheduleFree` / `RAdamScheduleFree`: the trajectories of
+//! `AdamWScheduleFree` / `RAdamScheduleFree` / `SGDScheduleFree`: the trajectories of
 //! `xtask/fixtures/lora_core_schedule_free.py` (the training values `y` and the evaluation
 //! values `x` after every step; warmup, decay, polynomial weights, RAdam's silent and SGD
 //! first steps, per-tensor learning rates, a tensor without a gradient), replayed with
@@ -42,6 +42,7 @@ struct Case {
 fn cases() -> Vec<Case> {
     let adam = |beta_1, beta_2, epsilon, weight_decay| AdamWSettings { beta_1, beta_2, epsilon, weight_decay };
     let radam = ScheduleFreeSettings { radam: true, ..Default::default() };
+    let sgd = ScheduleFreeSettings { sgd: true, ..Default::default() };
     vec![
         Case { name: "adamw", adam: adam(0.9, 0.999, 1e-8, 0.0), sf: ScheduleFreeSettings::default(), warmup: 0, b_factor: 1.0 },
         Case { name: "warmup", adam: adam(0.95, 0.99, 1e-6, 0.1), sf: ScheduleFreeSettings { r: 0.5, weight_lr_power: 1.5, ..Default::default() }, warmup: 4, b_factor: 1.0 },
@@ -49,6 +50,9 @@ fn cases() -> Vec<Case> {
         Case { name: "radam_sgd", adam: adam(0.9, 0.999, 1e-8, 0.05), sf: ScheduleFreeSettings { silent_sgd_phase: false, ..radam }, warmup: 0, b_factor: 1.0 },
         Case { name: "scaled", adam: adam(0.9, 0.999, 1e-8, 0.0), sf: ScheduleFreeSettings::default(), warmup: 0, b_factor: 4.0 },
         Case { name: "radam_late", adam: adam(0.9, 0.99, 1e-8, 0.01), sf: radam, warmup: 0, b_factor: 4.0 },
+        // SGD: β₁ is the momentum; β₂ and ε are unused (odd values prove it).
+        Case { name: "sgd", adam: adam(0.9, 0.5, 7.0, 0.0), sf: sgd, warmup: 0, b_factor: 1.0 },
+        Case { name: "sgd_warmup", adam: adam(0.8, 0.0, 0.0, 0.05), sf: ScheduleFreeSettings { r: 0.5, weight_lr_power: 1.0, ..sgd }, warmup: 3, b_factor: 2.0 },
     ]
 }
 
@@ -230,5 +234,24 @@ fn bad_settings_are_errors() {
     for (adam, sf) in bad {
         let err = FlatAdamW::new(adam, &pair, &Default::default()).with_schedule_free(sf).expect_err("an error").to_string();
         assert!(err.contains("schedule-free"), "{err}");
+    }
+}
+
+/// SGDScheduleFree's checks: its momentum (β₁) in (0, 1), and not RAdam's steps at once.
+#[test]
+fn sgd_settings_are_checked() {
+    let f = common::f32_fixture("schedule_free.safetensors");
+    let case = &cases()[6];
+    for (beta_1, sf) in [
+        (0.0, case.sf),
+        (1.0, case.sf),
+        (0.9, ScheduleFreeSettings { radam: true, ..case.sf }),
+    ] {
+        let (_, plain) = {
+            let (pair, _) = start(&f, case);
+            let optim = FlatAdamW::new(AdamWSettings { beta_1, ..case.adam }, &pair, &Default::default());
+            (pair, optim)
+        };
+        assert!(plain.with_schedule_free(sf).is_err(), "beta_1 {beta_1}, {sf:?}");
     }
 }

@@ -563,6 +563,11 @@ pub enum Optimizer {
     /// rectified steps, which warm up by themselves (`schedule_free_silent_sgd_phase`).
     #[serde(rename = "radam_schedule_free")]
     RadamScheduleFree,
+    /// Schedule-free SGD (`SGDScheduleFree`): as `adamw_schedule_free`, with plain
+    /// gradient steps and `sgd_momentum` as the interpolation (no second moment); the
+    /// weight decay is `adam_weight_decay`.
+    #[serde(rename = "sgd_schedule_free")]
+    SgdScheduleFree,
     /// Prodigy + schedule-free (the `prodigy-plus-schedule-free` package's
     /// `ProdigyPlusScheduleFree`, kohya's `prodigyplus.ProdigyPlusScheduleFree`):
     /// schedule-free AdamW whose step size Prodigy estimates, per parameter group; set
@@ -610,7 +615,7 @@ impl Optimizer {
     /// Whether this is a schedule-free optimizer (`adamw_schedule_free`,
     /// `radam_schedule_free`, `prodigy_plus_schedule_free`).
     pub fn is_schedule_free(self) -> bool {
-        matches!(self, Self::AdamwScheduleFree | Self::RadamScheduleFree | Self::ProdigyPlusScheduleFree)
+        matches!(self, Self::AdamwScheduleFree | Self::RadamScheduleFree | Self::SgdScheduleFree | Self::ProdigyPlusScheduleFree)
     }
 }
 
@@ -619,7 +624,8 @@ impl std::str::FromStr for Optimizer {
 
     /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`,
     /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`, `came`,
-    /// `ademamix`, `sgd`, `dadapt_adam_preprint`, `dadapt_lion`, `dadapt_sgd`.
+    /// `ademamix`, `sgd`, `dadapt_adam_preprint`, `dadapt_lion`, `dadapt_sgd`,
+    /// `sgd_schedule_free`.
     ///
     /// ```
     /// use trainer::config::Optimizer;
@@ -630,7 +636,7 @@ impl std::str::FromStr for Optimizer {
     /// ```
     fn from_str(s: &str) -> Result<Self, String> {
         use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free, came, ademamix, sgd, dadapt_adam_preprint, dadapt_lion or dadapt_sgd)"))
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free, came, ademamix, sgd, dadapt_adam_preprint, dadapt_lion, dadapt_sgd or sgd_schedule_free)"))
     }
 }
 
@@ -1105,6 +1111,7 @@ impl TrainSection {
     pub fn schedule_free_settings(&self) -> Option<lora_core::optim::ScheduleFreeSettings> {
         self.optimizer.is_schedule_free().then_some(lora_core::optim::ScheduleFreeSettings {
             radam: self.optimizer == Optimizer::RadamScheduleFree,
+            sgd: self.optimizer == Optimizer::SgdScheduleFree,
             silent_sgd_phase: self.schedule_free_silent_sgd_phase,
             r: self.schedule_free_r,
             weight_lr_power: self.schedule_free_weight_lr_power,
@@ -1857,7 +1864,7 @@ impl TrainConfig {
                     scheduler_name(t.lr_scheduler)
                 ));
             }
-            if t.adam_beta1 == 0.0 && t.optimizer != Optimizer::ProdigyPlusScheduleFree {
+            if t.adam_beta1 == 0.0 && matches!(t.optimizer, Optimizer::AdamwScheduleFree | Optimizer::RadamScheduleFree) {
                 return bad("train.adam_beta1 must be above 0 with a schedule-free optimizer (its average is recovered dividing by it)");
             }
             let weights = [t.schedule_free_r, t.schedule_free_weight_lr_power];
@@ -1877,6 +1884,9 @@ impl TrainConfig {
         }
         if let Some(Err(e)) = t.dadapt_settings().map(|a| a.validate(&adamw)) {
             return bad(&format!("train.dadapt_*: {e}"));
+        }
+        if let Some(Err(e)) = t.schedule_free_settings().filter(|s| s.sgd).map(|s| s.validate(&adamw)) {
+            return bad(&format!("train.sgd_momentum with sgd_schedule_free: {e}"));
         }
         if t.optimizer == Optimizer::ProdigyPlusScheduleFree {
             if let Err(e) = t.prodigy_plus_settings().validate() {
@@ -2159,6 +2169,7 @@ impl TrainConfig {
         let t = &self.train;
         let (beta_1, beta_2) = match t.optimizer {
             Optimizer::Lion | Optimizer::DadaptLion => (t.lion_beta1, t.lion_beta2),
+            Optimizer::SgdScheduleFree => (t.sgd_momentum, t.adam_beta2),
             _ => (t.adam_beta1, t.adam_beta2),
         };
         let adamw = lora_core::optim::AdamWSettings {

@@ -1348,6 +1348,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         "dadaptsgd" => (Optimizer::DadaptSgd, false),
         "adamwschedulefree" => (Optimizer::AdamwScheduleFree, false),
         "radamschedulefree" => (Optimizer::RadamScheduleFree, false),
+        "sgdschedulefree" => (Optimizer::SgdScheduleFree, false),
         "prodigyplusschedulefree" => (Optimizer::ProdigyPlusScheduleFree, false),
         // The came-pytorch package's; other packages' CAMEs (pytorch_optimizer's, the
         // LoRA_Easy_Training_Scripts' one) differ in their options.
@@ -1364,7 +1365,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, DAdaptation (DAdaptAdamPreprint), DAdaptLion, DAdaptSGD, AdamWScheduleFree, RAdamScheduleFree, prodigyplus.ProdigyPlusScheduleFree, came_pytorch.CAME, bitsandbytes.optim.AdEMAMix (and its 8-bit and paged variants), SGDNesterov (and SGDNesterov8bit) and torch.optim.SGD are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, DAdaptation (DAdaptAdamPreprint), DAdaptLion, DAdaptSGD, AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree, prodigyplus.ProdigyPlusScheduleFree, came_pytorch.CAME, bitsandbytes.optim.AdEMAMix (and its 8-bit and paged variants), SGDNesterov (and SGDNesterov8bit) and torch.optim.SGD are"),
             ))
         }
     };
@@ -1390,6 +1391,10 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         if quantized && nesterov_named {
             notes.push(format!("optimizer_type = \"{name}\": sd-scripts passes nesterov=True to bitsandbytes' SGD8bit, whose kernel ignores it and takes plain momentum; so does this import (train.sgd_nesterov = false)"));
         }
+    }
+    if optimizer == Optimizer::SgdScheduleFree {
+        // SGDScheduleFree's default momentum.
+        t.sgd_momentum = 0.9;
     }
     if optimizer.dadapt_kind().is_some() {
         // dadaptation's defaults: weight decay added to the gradient (DAdaptAdam,
@@ -1446,6 +1451,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             Optimizer::Ademamix if !ADEMAMIX.contains(&key.as_str()) => return Err(bad("not an argument of bitsandbytes' AdEMAMix")),
             Optimizer::AdamwScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "warmup_steps" => return Err(bad("not an argument of schedulefree's AdamWScheduleFree")),
             Optimizer::RadamScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "silent_sgd_phase" => return Err(bad("not an argument of schedulefree's RAdamScheduleFree")),
+            Optimizer::SgdScheduleFree if !["momentum", "weight_decay", "warmup_steps", "r", "weight_lr_power", "foreach"].contains(&key.as_str()) => return Err(bad("not an argument of schedulefree's SGDScheduleFree")),
             _ => {}
         }
         match (key.as_str(), optimizer) {
@@ -1507,7 +1513,8 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             ("r", _) if optimizer.is_schedule_free() => t.schedule_free_r = number()? as f32,
             ("weight_lr_power", _) if optimizer.is_schedule_free() => t.schedule_free_weight_lr_power = number()? as f32,
             ("silent_sgd_phase", Optimizer::RadamScheduleFree) => t.schedule_free_silent_sgd_phase = flag()?,
-            ("warmup_steps", Optimizer::AdamwScheduleFree) => {
+            ("momentum", Optimizer::SgdScheduleFree) => t.sgd_momentum = number()? as f32,
+            ("warmup_steps", Optimizer::AdamwScheduleFree | Optimizer::SgdScheduleFree) => {
                 let steps = number()?;
                 if steps < 0.0 || steps.fract() != 0.0 {
                     return Err(bad("expected a whole number of steps"));
@@ -1863,7 +1870,7 @@ output_dir = "out"
         const INTS: &[&str] = &["network_dim", "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "seed", "clip_skip", "keep_tokens", "save_every_n_epochs", "save_every_n_steps", "lr_warmup_steps", "lr_scheduler_num_cycles", "max_token_length", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "dataset_repeats", "caption_dropout_every_n_epochs", "sample_every_n_steps", "min_timestep", "max_timestep", "multires_noise_iterations", "token_warmup_step", "save_last_n_epochs", "lr_decay_steps", "validate_every_n_steps"];
         const FLOATS: &[&str] = &["learning_rate", "unet_lr", "text_encoder_lr", "network_alpha", "conv_alpha", "noise_offset", "min_snr_gamma", "max_grad_norm", "scale_weight_norms", "network_dropout", "caption_dropout_rate", "caption_tag_dropout_rate", "prior_loss_weight", "multires_noise_discount", "adaptive_noise_scale", "ip_noise_gamma", "huber_c", "lr_scheduler_power", "loraplus_lr_ratio", "validation_split", "v_pred_like_loss", "lr_warmup_steps", "conv_dim"];
         const STRINGS: &[(&str, &[&str])] = &[
-            ("optimizer_type", &["AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree", "SGDNesterov", "", "bitsandbytes.optim.AdEMAMix8bit", "SGDNesterov8bit", "SGD", "AdEMAMix8bit", "DAdaptation", "DAdaptLion", "DAdaptSGD"]),
+            ("optimizer_type", &["AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree", "SGDNesterov", "", "bitsandbytes.optim.AdEMAMix8bit", "SGDNesterov8bit", "SGD", "AdEMAMix8bit", "DAdaptation", "DAdaptLion", "DAdaptSGD", "SGDScheduleFree"]),
             ("lr_scheduler", &["cosine_with_restarts", "constant", "polynomial", "rex", "", "adafactor"]),
             ("mixed_precision", &["fp16", "bf16", "no", "fp8"]),
             ("save_precision", &["fp16", "bf16", "float", "int8"]),
@@ -2292,7 +2299,7 @@ wandb_run_name = "my_style"
             ("optimizer_type = \"RAdamScheduleFree\"\noptimizer_args = [\"warmup_steps=10\"]", "not an argument of schedulefree's RAdamScheduleFree"),
             ("optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"silent_sgd_phase=True\"]", "not an argument of schedulefree's AdamWScheduleFree"),
             ("optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"warmup_steps=2.5\"]", "whole number"),
-            ("optimizer_type = \"SGDScheduleFree\"", "is not supported"),
+            ("optimizer_type = \"SGDScheduleFree\"\noptimizer_args = [\"eps=1e-8\"]", "not an argument of schedulefree's SGDScheduleFree"),
         ] {
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");
@@ -2395,6 +2402,28 @@ wandb_run_name = "my_style"
             ("optimizer_type = \"SGD8bit\"", "is not supported"),
         ] {
             let e = error(&format!("{MINIMAL}{extra}"));
+            assert!(e.contains(expected), "{extra}: {e}");
+        }
+    }
+
+    /// sd-scripts' SGDScheduleFree: momentum 0.9 unless given, its warmup steps, a
+    /// constant schedule; RAdam's and AdamW's arguments are not its own.
+    #[test]
+    fn sgd_schedule_free_maps() {
+        let args = "optimizer_args = [\"momentum=0.95\", \"warmup_steps=50\", \"weight_decay=1e-3\", \"r=0.5\"]";
+        let i = import(&format!("{MINIMAL}optimizer_type = \"SGDScheduleFree\"\nlearning_rate = 0.5\nlr_scheduler = \"cosine\"\n{args}")).unwrap();
+        let t = &i.config.train;
+        assert_eq!((t.optimizer, t.sgd_momentum, t.lr_warmup_steps, t.adam_weight_decay, t.schedule_free_r), (Optimizer::SgdScheduleFree, 0.95, 50, 1e-3, 0.5));
+        assert_eq!(t.lr_scheduler, LrScheduler::Constant);
+        assert!(t.schedule_free_settings().unwrap().sgd);
+        let t = import(&format!("{MINIMAL}optimizer_type = \"schedulefree.SGDScheduleFree\"")).unwrap().config.train;
+        assert_eq!((t.sgd_momentum, t.adam_weight_decay), (0.9, 0.0));
+        for (extra, expected) in [
+            ("optimizer_args = [\"betas=0.9,0.999\"]", "not an argument of schedulefree's SGDScheduleFree"),
+            ("optimizer_args = [\"silent_sgd_phase=False\"]", "not an argument of schedulefree's SGDScheduleFree"),
+            ("optimizer_args = [\"momentum=0\"]", "momentum must be in (0, 1)"),
+        ] {
+            let e = error(&format!("{MINIMAL}optimizer_type = \"SGDScheduleFree\"\n{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");
         }
     }

@@ -336,7 +336,8 @@ enum Command {
         /// The train step's optimizer: `adamw` (burn's defaults), or `lion`, `prodigy`,
         /// `adafactor`, `dadapt_adam`, `adamw_schedule_free`, `radam_schedule_free`,
         /// `prodigy_plus_schedule_free`, `came`, `ademamix`, `sgd`, `dadapt_adam_preprint`,
-        /// `dadapt_lion`, `dadapt_sgd` with the trainer's default settings for it.
+        /// `dadapt_lion`, `dadapt_sgd`, `sgd_schedule_free` with the trainer's default settings
+        /// for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
         /// The adapters' form: `lora`, or LyCORIS' `loha` or `lokr` (rank 4 each).

@@ -153,6 +153,14 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ),
         Optimizer::DadaptLion => format!("DAdaptLion(weight_decay={},betas=({}, {}))", t.adam_weight_decay, t.lion_beta1, t.lion_beta2),
         Optimizer::DadaptSgd => format!("DAdaptSGD(momentum={},weight_decay={},growth_rate={})", t.dadapt_momentum, t.adam_weight_decay, t.dadapt_growth_rate),
+        Optimizer::SgdScheduleFree => format!(
+            "SGDScheduleFree(momentum={},weight_decay={},r={},weight_lr_power={},warmup_steps={})",
+            t.sgd_momentum,
+            t.adam_weight_decay,
+            t.schedule_free_r,
+            t.schedule_free_weight_lr_power,
+            t.warmup_steps()
+        ),
         Optimizer::AdamwScheduleFree | Optimizer::RadamScheduleFree => {
             let (name, warmup) = match t.optimizer {
                 Optimizer::AdamwScheduleFree => ("AdamWScheduleFree", format!(",warmup_steps={}", t.warmup_steps())),

@@ -356,6 +356,7 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
     }
     let kind = match optim.schedule_free_settings() {
         Some(s) if s.radam => "radam_schedule_free",
+        Some(s) if s.sgd => "sgd_schedule_free",
         _ => "adamw_schedule_free",
     };
     let current = optim.prodigy_plus_state();

@@ -1059,6 +1059,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::DadaptSgd => "train.optimizer = \"dadapt_sgd\"\n",
         crate::config::Optimizer::AdamwScheduleFree => "train.optimizer = \"adamw_schedule_free\"\n",
         crate::config::Optimizer::RadamScheduleFree => "train.optimizer = \"radam_schedule_free\"\n",
+        crate::config::Optimizer::SgdScheduleFree => "train.optimizer = \"sgd_schedule_free\"\n",
         crate::config::Optimizer::ProdigyPlusScheduleFree => "train.optimizer = \"prodigy_plus_schedule_free\"\n",
         crate::config::Optimizer::Ademamix => "train.optimizer = \"ademamix\"\n",
         crate::config::Optimizer::Sgd => "train.optimizer = \"sgd\"\n",

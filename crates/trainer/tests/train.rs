@@ -1511,6 +1511,7 @@ fn newer_optimizers_train_and_resume_bit_for_bit() {
             Optimizer::Ademamix => (c.train.learning_rate, c.train.ademamix_t_alpha, c.train.ademamix_t_beta3) = (1e-4, 4, 5),
             Optimizer::Sgd => (c.train.learning_rate, c.train.adam_weight_decay) = (0.05, 1e-4),
             Optimizer::DadaptSgd => (c.train.learning_rate, c.train.dadapt_momentum, c.train.adam_weight_decay) = (1.0, 0.5, 0.0),
+            Optimizer::SgdScheduleFree => (c.train.learning_rate, c.train.lr_scheduler) = (0.05, trainer::config::LrScheduler::Constant),
             _ => c.train.learning_rate = 1.0,
         }
         c
@@ -1521,6 +1522,7 @@ fn newer_optimizers_train_and_resume_bit_for_bit() {
         (Optimizer::DadaptAdamPreprint, "DAdaptAdamPreprint(decouple=True,weight_decay=0.01,betas=(0.9, 0.999),growth_rate=inf)"),
         (Optimizer::DadaptLion, "DAdaptLion(weight_decay=0.01,betas=(0.9, 0.99))"),
         (Optimizer::DadaptSgd, "DAdaptSGD(momentum=0.5,weight_decay=0,growth_rate=inf)"),
+        (Optimizer::SgdScheduleFree, "SGDScheduleFree(momentum=0.9,weight_decay=0.01,r=0,weight_lr_power=2,warmup_steps=2)"),
     ];
     for (optimizer, metadata) in cases {
         let straight_dir = tempfile::tempdir().unwrap();

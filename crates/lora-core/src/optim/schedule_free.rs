@@ -1,4 +1,4 @@
-//! Schedule-free AdamW and RAdam on the flat vectors of a [`FlatAdamW`]
+//! Schedule-free AdamW, RAdam and SGD on the flat vectors of a [`FlatAdamW`]
 //! ([`FlatAdamW::with_schedule_free`]).
 //!
 //! Schedule-free training (Defazio et al. 2024, "The Road Less Scheduled") replaces the
@@ -8,9 +8,9 @@
 //! evaluated, sampled and saved with `x` ([`FlatAdamW::to_eval`],
 //! [`FlatAdamW::to_master_eval`]), which is what the package's `optimizer.eval()` switches
 //! the model to. The arithmetic is the `schedulefree` package's (1.4, kohya's sd-scripts'
-//! `optimizer_type = "AdamWScheduleFree"` / `"RAdamScheduleFree"`), in f32 on the device,
-//! checked step by step against it. Only `y`, `z` and the second moment are stored; `x`
-//! is formed when asked for, as the package forms it.
+//! `optimizer_type = "AdamWScheduleFree"` / `"RAdamScheduleFree"` / `"SGDScheduleFree"`),
+//! in f32 on the device, checked step by step against it. Only `y`, `z` and the second
+//! moment are stored; `x` is formed when asked for, as the package forms it.
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
@@ -29,6 +29,9 @@ use crate::error::{LoraError, Result};
 pub struct ScheduleFreeSettings {
     /// RAdam's rectified steps (`RAdamScheduleFree`) instead of Adam's: no warmup needed.
     pub radam: bool,
+    /// Plain gradient steps (`SGDScheduleFree`) instead of Adam's: no second moment; β₁ is
+    /// its `momentum`, β₂ and ε are unused. Not with `radam`.
+    pub sgd: bool,
     /// RAdam only: the first steps, before the rectification is defined, change nothing
     /// (`true`, the package's default) instead of taking plain SGD steps.
     pub silent_sgd_phase: bool,
@@ -40,7 +43,7 @@ pub struct ScheduleFreeSettings {
 
 impl Default for ScheduleFreeSettings {
     fn default() -> Self {
-        Self { radam: false, silent_sgd_phase: true, r: 0.0, weight_lr_power: 2.0 }
+        Self { radam: false, sgd: false, silent_sgd_phase: true, r: 0.0, weight_lr_power: 2.0 }
     }
 }
 
@@ -50,6 +53,12 @@ impl ScheduleFreeSettings {
     /// ε and the weight decay at least 0, `r` and `weight_lr_power` finite and at least 0.
     pub fn validate(&self, adam: &super::AdamWSettings) -> Result<()> {
         let bad = |what: &str| Err(LoraError::Optimizer(format!("schedule-free: {what}")));
+        if self.sgd && self.radam {
+            return bad("SGD's and RAdam's steps exclude each other");
+        }
+        if self.sgd && !(adam.beta_1 > 0.0 && adam.beta_1 < 1.0) {
+            return bad("SGD's momentum must be in (0, 1)");
+        }
         if !(adam.beta_1 > 0.0 && adam.beta_1 < 1.0 && (0.0..1.0).contains(&adam.beta_2)) {
             return bad("beta_1 must be in (0, 1) and beta_2 in [0, 1)");
         }
@@ -252,7 +261,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.scatter(module, self.eval_values())
     }
 
-    /// One schedule-free step (`AdamWScheduleFree.step` / `RAdamScheduleFree.step`): the
+    /// One schedule-free step (`AdamWScheduleFree.step` / `RAdamScheduleFree.step` /
+    /// `SGDScheduleFree.step`, whose "normalized" gradient is the gradient itself): the
     /// learning rate (times RAdam's rectification), its running maximum, the average's
     /// weight `(k + 1)^r · lr_max^p` and `c = weight / Σ weights`; then the second moments,
     /// the normalized gradient `g / (√(v / (1 − β₂^(k+1))) + ε)` (plus `wd · y`), `y`
@@ -283,13 +293,18 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let ckp1 = weight.div(weight_sum.clone()).mask_fill(weight_sum.clone().lower_equal_elem(0.0), 0.0);
 
         let params = self.params.clone();
-        let v = self.moment_2.clone().mul_scalar(a.beta_2).add(grad.clone().square().mul_scalar((1.0 - decimal(a.beta_2)) as f32));
-        let bias_2 = full(state.tables.bias_2.clone().select(0, index.clone()));
-        let normalized = grad.clone().div(v.clone().div(bias_2).sqrt().add_scalar(a.epsilon));
-        let mut normalized = match s.radam {
-            // RAdam's first steps take the raw gradient (SGD).
-            true => grad.mask_where(full(state.tables.adam.clone().select(0, index)).equal_elem(1.0), normalized),
-            false => normalized,
+        let (v, mut normalized) = if s.sgd {
+            (self.moment_2.clone(), grad)
+        } else {
+            let v = self.moment_2.clone().mul_scalar(a.beta_2).add(grad.clone().square().mul_scalar((1.0 - decimal(a.beta_2)) as f32));
+            let bias_2 = full(state.tables.bias_2.clone().select(0, index.clone()));
+            let normalized = grad.clone().div(v.clone().div(bias_2).sqrt().add_scalar(a.epsilon));
+            let normalized = match s.radam {
+                // RAdam's first steps take the raw gradient (SGD).
+                true => grad.mask_where(full(state.tables.adam.clone().select(0, index)).equal_elem(1.0), normalized),
+                false => normalized,
+            };
+            (v, normalized)
         };
         if a.weight_decay != 0.0 {
             normalized = normalized.add(params.clone().mul_scalar(a.weight_decay));
