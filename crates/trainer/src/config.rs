@@ -551,6 +551,18 @@ pub enum Optimizer {
     /// L2 weight decay `adam_weight_decay`.
     #[serde(rename = "dadapt_sgd")]
     DadaptSgd,
+    /// DAdaptAdaGrad (kohya's `DAdaptAdaGrad`): dual-averaged AdaGrad with D-Adaptation's
+    /// step size; set `learning_rate = 1.0`. `dadapt_d0`, `dadapt_growth_rate`,
+    /// `dadapt_momentum`, `adam_epsilon` (the package's 1e-6), L2 weight decay
+    /// `adam_weight_decay`.
+    #[serde(rename = "dadapt_adagrad")]
+    DadaptAdagrad,
+    /// DAdaptAdan (kohya's `DAdaptAdan`): Adan with D-Adaptation's step size; set
+    /// `learning_rate = 1.0`. β from `adam_beta1`, `adam_beta2` and `dadapt_beta3` (the
+    /// package's 0.98, 0.92, 0.99), `adam_epsilon`, proximal weight decay
+    /// `adam_weight_decay` (decoupled with `dadapt_no_prox`).
+    #[serde(rename = "dadapt_adan")]
+    DadaptAdan,
     /// Schedule-free AdamW (the `schedulefree` package's `AdamWScheduleFree`, kohya's
     /// `AdamWScheduleFree`): no schedule (`lr_scheduler` must be `constant`;
     /// `lr_warmup_steps` is the package's `warmup_steps`). It trains at one point and
@@ -608,6 +620,8 @@ impl Optimizer {
             Self::DadaptAdamPreprint => Some(DAdaptKind::AdamPreprint),
             Self::DadaptLion => Some(DAdaptKind::Lion),
             Self::DadaptSgd => Some(DAdaptKind::Sgd),
+            Self::DadaptAdagrad => Some(DAdaptKind::AdaGrad),
+            Self::DadaptAdan => Some(DAdaptKind::Adan),
             _ => None,
         }
     }
@@ -625,7 +639,7 @@ impl std::str::FromStr for Optimizer {
     /// The configuration's names: `adamw`, `prodigy`, `lion`, `adafactor`, `dadapt_adam`,
     /// `adamw_schedule_free`, `radam_schedule_free`, `prodigy_plus_schedule_free`, `came`,
     /// `ademamix`, `sgd`, `dadapt_adam_preprint`, `dadapt_lion`, `dadapt_sgd`,
-    /// `sgd_schedule_free`.
+    /// `dadapt_adagrad`, `dadapt_adan`, `sgd_schedule_free`.
     ///
     /// ```
     /// use trainer::config::Optimizer;
@@ -636,7 +650,7 @@ impl std::str::FromStr for Optimizer {
     /// ```
     fn from_str(s: &str) -> Result<Self, String> {
         use serde::de::IntoDeserializer;
-        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free, came, ademamix, sgd, dadapt_adam_preprint, dadapt_lion, dadapt_sgd or sgd_schedule_free)"))
+        Self::deserialize(s.into_deserializer()).map_err(|_: serde::de::value::Error| format!("unknown optimizer `{s}` (adamw, prodigy, lion, adafactor, dadapt_adam, adamw_schedule_free, radam_schedule_free, prodigy_plus_schedule_free, came, ademamix, sgd, dadapt_adam_preprint, dadapt_lion, dadapt_sgd, dadapt_adagrad, dadapt_adan or sgd_schedule_free)"))
     }
 }
 
@@ -800,8 +814,13 @@ pub struct TrainSection {
     pub dadapt_decouple: bool,
     /// DAdaptAdam's `use_bias_correction`.
     pub dadapt_use_bias_correction: bool,
-    /// DAdaptSGD's `momentum` (0: none; `dadapt_sgd` only).
+    /// DAdaptSGD's and DAdaptAdaGrad's `momentum` (0: none; `dadapt_sgd` and
+    /// `dadapt_adagrad` only).
     pub dadapt_momentum: f32,
+    /// DAdaptAdan's third beta (`betas[2]`; `dadapt_adan` only).
+    pub dadapt_beta3: f32,
+    /// DAdaptAdan's `no_prox`: decoupled instead of proximal weight decay.
+    pub dadapt_no_prox: bool,
     /// Schedule-free's polynomial weighting of its average (`r`: step `t` weighs `t^r`;
     /// 0 = uniform).
     pub schedule_free_r: f32,
@@ -1072,6 +1091,8 @@ impl TrainSection {
             decouple: self.dadapt_decouple,
             use_bias_correction: self.dadapt_use_bias_correction,
             momentum: self.dadapt_momentum,
+            beta_3: self.dadapt_beta3,
+            no_prox: self.dadapt_no_prox,
         })
     }
 
@@ -1510,6 +1531,8 @@ impl Default for TrainConfig {
                 dadapt_decouple: true,
                 dadapt_use_bias_correction: false,
                 dadapt_momentum: 0.0,
+                dadapt_beta3: 0.99,
+                dadapt_no_prox: false,
                 schedule_free_r: 0.0,
                 schedule_free_weight_lr_power: 2.0,
                 schedule_free_silent_sgd_phase: true,
@@ -1843,7 +1866,7 @@ impl TrainConfig {
         }
         // torch's AdamW, prodigyopt and dadaptation refuse these too (the estimates of the
         // last two divide by `1 − √β₂` and by `ε`).
-        let estimating = matches!(t.optimizer, Optimizer::Prodigy | Optimizer::DadaptAdam | Optimizer::DadaptAdamPreprint);
+        let estimating = matches!(t.optimizer, Optimizer::Prodigy | Optimizer::DadaptAdam | Optimizer::DadaptAdamPreprint | Optimizer::DadaptAdagrad | Optimizer::DadaptAdan);
         let eps_ok = t.adam_epsilon.is_finite() && (t.adam_epsilon > 0.0 || (t.adam_epsilon == 0.0 && !estimating));
         if !((0.0..1.0).contains(&t.adam_beta1) && (0.0..1.0).contains(&t.adam_beta2) && eps_ok) {
             return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1) and train.adam_epsilon at least 0 (positive with prodigy and dadapt_adam)");

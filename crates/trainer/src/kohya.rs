@@ -1346,6 +1346,8 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         "dadaptation" | "dadaptadampreprint" => (Optimizer::DadaptAdamPreprint, false),
         "dadaptlion" => (Optimizer::DadaptLion, false),
         "dadaptsgd" => (Optimizer::DadaptSgd, false),
+        "dadaptadagrad" => (Optimizer::DadaptAdagrad, false),
+        "dadaptadan" => (Optimizer::DadaptAdan, false),
         "adamwschedulefree" => (Optimizer::AdamwScheduleFree, false),
         "radamschedulefree" => (Optimizer::RadamScheduleFree, false),
         "sgdschedulefree" => (Optimizer::SgdScheduleFree, false),
@@ -1365,7 +1367,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         _ => {
             return Err(o.err(
                 "optimizer_type",
-                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, DAdaptation (DAdaptAdamPreprint), DAdaptLion, DAdaptSGD, AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree, prodigyplus.ProdigyPlusScheduleFree, came_pytorch.CAME, bitsandbytes.optim.AdEMAMix (and its 8-bit and paged variants), SGDNesterov (and SGDNesterov8bit) and torch.optim.SGD are"),
+                format!("= \"{name}\" is not supported: AdamW (also AdamW8bit and the paged variants), Lion (and Lion8bit), Prodigy, Adafactor, DAdaptAdam, DAdaptation (DAdaptAdamPreprint), DAdaptLion, DAdaptSGD, DAdaptAdaGrad, DAdaptAdan, AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree, prodigyplus.ProdigyPlusScheduleFree, came_pytorch.CAME, bitsandbytes.optim.AdEMAMix (and its 8-bit and paged variants), SGDNesterov (and SGDNesterov8bit) and torch.optim.SGD are"),
             ))
         }
     };
@@ -1401,6 +1403,14 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         // DAdaptAdamPreprint; DAdaptLion's is always decoupled), DAdaptLion's betas, no
         // momentum.
         (t.dadapt_decouple, t.dadapt_momentum, t.lion_beta1, t.lion_beta2) = (false, 0.0, 0.9, 0.99);
+        match optimizer {
+            Optimizer::DadaptAdagrad => t.adam_epsilon = 1e-6,
+            Optimizer::DadaptAdan => {
+                (t.adam_beta1, t.adam_beta2, t.dadapt_beta3, t.dadapt_no_prox) = (0.98, 0.92, 0.99, false);
+                t.adam_weight_decay = 0.02;
+            }
+            _ => {}
+        }
     }
     if optimizer == Optimizer::Adafactor {
         // transformers' Adafactor defaults, with sd-scripts' explicit `relative_step = True`.
@@ -1438,6 +1448,8 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
         const DADAPT_PREPRINT: &[&str] = &["betas", "eps", "weight_decay", "log_every", "decouple", "d0", "growth_rate", "fsdp_in_use"];
         const DADAPT_LION: &[&str] = &["betas", "weight_decay", "log_every", "d0", "fsdp_in_use"];
         const DADAPT_SGD: &[&str] = &["momentum", "weight_decay", "log_every", "d0", "growth_rate", "fsdp_in_use"];
+        const DADAPT_ADAGRAD: &[&str] = &["momentum", "log_every", "weight_decay", "eps", "d0", "growth_rate"];
+        const DADAPT_ADAN: &[&str] = &["betas", "eps", "weight_decay", "no_prox", "log_every", "d0", "growth_rate"];
         const SCHEDULE_FREE: &[&str] = &["betas", "eps", "weight_decay", "r", "weight_lr_power", "foreach"];
         const CAME: &[&str] = &["betas", "eps", "weight_decay", "clip_threshold"];
         const ADEMAMIX: &[&str] = &["betas", "alpha", "t_alpha", "t_beta3", "eps", "weight_decay", "min_8bit_size", "is_paged", "optim_bits"];
@@ -1447,6 +1459,8 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             Optimizer::DadaptAdamPreprint if !DADAPT_PREPRINT.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptAdamPreprint")),
             Optimizer::DadaptLion if !DADAPT_LION.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptLion")),
             Optimizer::DadaptSgd if !DADAPT_SGD.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptSGD")),
+            Optimizer::DadaptAdagrad if !DADAPT_ADAGRAD.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptAdaGrad")),
+            Optimizer::DadaptAdan if !DADAPT_ADAN.contains(&key.as_str()) => return Err(bad("not an argument of dadaptation's DAdaptAdan")),
             Optimizer::Came if !CAME.contains(&key.as_str()) => return Err(bad("not an argument of came_pytorch's CAME")),
             Optimizer::Ademamix if !ADEMAMIX.contains(&key.as_str()) => return Err(bad("not an argument of bitsandbytes' AdEMAMix")),
             Optimizer::AdamwScheduleFree if !SCHEDULE_FREE.contains(&key.as_str()) && key != "warmup_steps" => return Err(bad("not an argument of schedulefree's AdamWScheduleFree")),
@@ -1467,6 +1481,13 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
                 (t.came_eps1, t.came_eps2) = (e1, e2);
             }
             ("clip_threshold", Optimizer::Came) => t.came_clip_threshold = number()? as f32,
+            ("betas", Optimizer::DadaptAdan) => {
+                let PyValue::Tuple(b) = &py else { return Err(bad("expected three numbers, e.g. 0.98,0.92,0.99")) };
+                let [b1, b2, b3] = b[..] else { return Err(bad("expected three numbers, e.g. 0.98,0.92,0.99")) };
+                (t.adam_beta1, t.adam_beta2, t.dadapt_beta3) = (b1 as f32, b2 as f32, b3 as f32);
+            }
+            ("no_prox", Optimizer::DadaptAdan) => t.dadapt_no_prox = flag()?,
+            ("eps", Optimizer::DadaptAdagrad | Optimizer::DadaptAdan) => t.adam_epsilon = number()? as f32,
             ("betas", Optimizer::Ademamix) => {
                 let PyValue::Tuple(b) = &py else { return Err(bad("expected three numbers, e.g. 0.9,0.999,0.9999")) };
                 let [b1, b2, b3] = b[..] else { return Err(bad("expected three numbers, e.g. 0.9,0.999,0.9999")) };
@@ -1525,7 +1546,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             ("d0", _) if optimizer.dadapt_kind().is_some() => t.dadapt_d0 = number()? as f32,
             ("growth_rate", _) if optimizer.dadapt_kind().is_some() => t.dadapt_growth_rate = number()? as f32,
             ("use_bias_correction", Optimizer::DadaptAdam) => t.dadapt_use_bias_correction = flag()?,
-            ("momentum", Optimizer::DadaptSgd) => t.dadapt_momentum = number()? as f32,
+            ("momentum", Optimizer::DadaptSgd | Optimizer::DadaptAdagrad) => t.dadapt_momentum = number()? as f32,
             ("log_every", _) if optimizer.dadapt_kind().is_some() => {}
             ("d_coef", Optimizer::Prodigy) => t.prodigy_d_coef = number()? as f32,
             ("d0", Optimizer::Prodigy) => t.prodigy_d0 = number()? as f32,
@@ -1651,6 +1672,8 @@ fn estimate_groups(c: &TrainConfig, notes: &mut Vec<String>) {
         Optimizer::DadaptAdamPreprint => "DAdaptAdamPreprint",
         Optimizer::DadaptLion => "DAdaptLion",
         Optimizer::DadaptSgd => "DAdaptSGD",
+        Optimizer::DadaptAdagrad => "DAdaptAdaGrad",
+        Optimizer::DadaptAdan => "DAdaptAdan",
         // Its groups step as sd-scripts' one optimizer's (`share_prodigy_plus`).
         Optimizer::ProdigyPlusScheduleFree => return,
         _ => return,
@@ -1870,7 +1893,7 @@ output_dir = "out"
         const INTS: &[&str] = &["network_dim", "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps", "seed", "clip_skip", "keep_tokens", "save_every_n_epochs", "save_every_n_steps", "lr_warmup_steps", "lr_scheduler_num_cycles", "max_token_length", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "dataset_repeats", "caption_dropout_every_n_epochs", "sample_every_n_steps", "min_timestep", "max_timestep", "multires_noise_iterations", "token_warmup_step", "save_last_n_epochs", "lr_decay_steps", "validate_every_n_steps"];
         const FLOATS: &[&str] = &["learning_rate", "unet_lr", "text_encoder_lr", "network_alpha", "conv_alpha", "noise_offset", "min_snr_gamma", "max_grad_norm", "scale_weight_norms", "network_dropout", "caption_dropout_rate", "caption_tag_dropout_rate", "prior_loss_weight", "multires_noise_discount", "adaptive_noise_scale", "ip_noise_gamma", "huber_c", "lr_scheduler_power", "loraplus_lr_ratio", "validation_split", "v_pred_like_loss", "lr_warmup_steps", "conv_dim"];
         const STRINGS: &[(&str, &[&str])] = &[
-            ("optimizer_type", &["AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree", "SGDNesterov", "", "bitsandbytes.optim.AdEMAMix8bit", "SGDNesterov8bit", "SGD", "AdEMAMix8bit", "DAdaptation", "DAdaptLion", "DAdaptSGD", "SGDScheduleFree"]),
+            ("optimizer_type", &["AdamW8bit", "Lion", "Prodigy", "Adafactor", "DAdaptAdam", "AdamWScheduleFree", "SGDNesterov", "", "bitsandbytes.optim.AdEMAMix8bit", "SGDNesterov8bit", "SGD", "AdEMAMix8bit", "DAdaptation", "DAdaptLion", "DAdaptSGD", "SGDScheduleFree", "DAdaptAdaGrad", "DAdaptAdan"]),
             ("lr_scheduler", &["cosine_with_restarts", "constant", "polynomial", "rex", "", "adafactor"]),
             ("mixed_precision", &["fp16", "bf16", "no", "fp8"]),
             ("save_precision", &["fp16", "bf16", "float", "int8"]),
@@ -1884,7 +1907,7 @@ output_dir = "out"
             ("timestep_sampling", &["uniform", "sigmoid"]),
         ];
         const BOOLS: &[&str] = &["enable_bucket", "shuffle_caption", "flip_aug", "color_aug", "gradient_checkpointing", "cache_latents", "v2", "v_parameterization", "network_train_unet_only", "network_train_text_encoder_only", "xformers", "sdpa", "full_fp16", "full_bf16", "random_crop", "bucket_no_upscale", "zero_terminal_snr", "debiased_estimation_loss", "masked_loss", "alpha_mask", "sample_at_first", "scale_v_pred_loss_like_noise_pred"];
-        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True", "alpha=8", "t_alpha=100", "t_beta3=-1", "momentum=0.95", "nesterov=False", "dampening=0.5", "growth_rate=1.02", "d0=1e-5"];
+        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True", "alpha=8", "t_alpha=100", "t_beta3=-1", "momentum=0.95", "nesterov=False", "dampening=0.5", "growth_rate=1.02", "d0=1e-5", "no_prox=True", "betas=0.98,0.92,0.99"];
         let ints = (prop::sample::select(INTS), prop::sample::select(vec!["0", "1", "2", "-1", "77", "1000000", "4294967296"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let floats = (prop::sample::select(FLOATS), prop::sample::select(vec!["0.0", "-1.0", "1e-12", "0.5", "1.0", "2.0", "1e30", "nan", "inf", "-inf"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let strings = prop::sample::select(STRINGS).prop_flat_map(|(k, vs)| prop::sample::select(vs).prop_map(move |v| format!("{k} = {v:?}")));
@@ -2444,12 +2467,21 @@ wandb_run_name = "my_style"
         assert_eq!(t.dadapt_settings().unwrap().kind, DAdaptKind::Lion);
         let t = import(&format!("{MINIMAL}optimizer_type = \"DAdaptSGD\"\nlearning_rate = 1.0\noptimizer_args = [\"momentum=0.9\", \"d0=1e-5\"]")).unwrap().config.train;
         assert_eq!((t.optimizer, t.dadapt_momentum, t.dadapt_d0), (Optimizer::DadaptSgd, 0.9, 1e-5));
+        let t = import(&format!("{MINIMAL}optimizer_type = \"DAdaptAdaGrad\"\nlearning_rate = 1.0\noptimizer_args = [\"momentum=0.5\"]")).unwrap().config.train;
+        assert_eq!((t.optimizer, t.dadapt_momentum, t.adam_epsilon, t.adam_weight_decay), (Optimizer::DadaptAdagrad, 0.5, 1e-6, 0.0));
+        let t = import(&format!("{MINIMAL}optimizer_type = \"DAdaptAdan\"\nlearning_rate = 1.0")).unwrap().config.train;
+        assert_eq!((t.optimizer, t.adam_beta1, t.adam_beta2, t.dadapt_beta3, t.adam_weight_decay, t.dadapt_no_prox), (Optimizer::DadaptAdan, 0.98, 0.92, 0.99, 0.02, false));
+        let t = import(&format!("{MINIMAL}optimizer_type = \"DAdaptAdan\"\noptimizer_args = [\"betas=0.9,0.8,0.95\", \"no_prox=True\", \"weight_decay=0\"]")).unwrap().config.train;
+        assert_eq!((t.adam_beta1, t.adam_beta2, t.dadapt_beta3, t.adam_weight_decay, t.dadapt_no_prox), (0.9, 0.8, 0.95, 0.0, true));
+        assert_eq!(t.dadapt_settings().unwrap().kind, DAdaptKind::Adan);
         for (extra, expected) in [
             ("optimizer_type = \"DAdaptLion\"\noptimizer_args = [\"growth_rate=1.02\"]", "not an argument of dadaptation's DAdaptLion"),
             ("optimizer_type = \"DAdaptLion\"\noptimizer_args = [\"decouple=True\"]", "not an argument of dadaptation's DAdaptLion"),
             ("optimizer_type = \"DAdaptSGD\"\noptimizer_args = [\"betas=0.9,0.99\"]", "not an argument of dadaptation's DAdaptSGD"),
             ("optimizer_type = \"DAdaptation\"\noptimizer_args = [\"use_bias_correction=True\"]", "not an argument of dadaptation's DAdaptAdamPreprint"),
             ("optimizer_type = \"DAdaptSGD\"\noptimizer_args = [\"momentum=1.5\"]", "momentum must be in [0, 1)"),
+            ("optimizer_type = \"DAdaptAdan\"\noptimizer_args = [\"betas=0.9,0.8\"]", "expected three numbers"),
+            ("optimizer_type = \"DAdaptAdaGrad\"\noptimizer_args = [\"betas=0.9,0.8\"]", "not an argument of dadaptation's DAdaptAdaGrad"),
         ] {
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");
@@ -2465,7 +2497,7 @@ wandb_run_name = "my_style"
         assert_eq!((t.optimizer, t.dadapt_decouple, t.adam_weight_decay, t.adam_beta2, t.dadapt_growth_rate), (Optimizer::DadaptAdam, true, 0.2, 0.99, 1.02));
         let t = import(&format!("{MINIMAL}optimizer_type = \"dadaptation.DAdaptAdam\"\nlearning_rate = 1.0")).unwrap().config.train;
         assert_eq!((t.dadapt_decouple, t.adam_weight_decay, t.dadapt_d0, t.dadapt_use_bias_correction), (false, 0.0, 1e-6, false));
-        let e = error(&format!("{MINIMAL}optimizer_type = \"DAdaptAdaGrad\""));
+        let e = error(&format!("{MINIMAL}optimizer_type = \"DAdaptAdanIP\""));
         assert!(e.contains("is not supported"), "{e}");
         let e = error(&format!("{MINIMAL}optimizer_type = \"DAdaptAdam\"\noptimizer_args = [\"amsgrad=False\"]"));
         assert!(e.contains("not an argument of dadaptation's DAdaptAdam"), "{e}");
@@ -2730,7 +2762,7 @@ wandb_run_name = "my_style"
         let cases = [
             ("network_dims = 8", "`network_dims` is not an sd-scripts training option this importer knows; did you mean `network_dim`?"),
             ("train_inpainting = true", "`train_inpainting` = true: inpainting models"),
-            ("optimizer_type = \"DAdaptAdan\"", "`optimizer_type` = \"DAdaptAdan\" is not supported"),
+            ("optimizer_type = \"dadaptation.experimental.DAdaptAdanIP\"", "`optimizer_type` = \"dadaptation.experimental.DAdaptAdanIP\" is not supported"),
             ("network_module = \"networks.dylora\"", "`network_module` = \"networks.dylora\" is not supported"),
             ("network_dim = \"abc\"", "`network_dim` must be a number"),
             ("network_dim = 4.5", "`network_dim` must be a whole number"),

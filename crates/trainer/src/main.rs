@@ -336,8 +336,8 @@ enum Command {
         /// The train step's optimizer: `adamw` (burn's defaults), or `lion`, `prodigy`,
         /// `adafactor`, `dadapt_adam`, `adamw_schedule_free`, `radam_schedule_free`,
         /// `prodigy_plus_schedule_free`, `came`, `ademamix`, `sgd`, `dadapt_adam_preprint`,
-        /// `dadapt_lion`, `dadapt_sgd`, `sgd_schedule_free` with the trainer's default settings
-        /// for it.
+        /// `dadapt_lion`, `dadapt_sgd`, `dadapt_adagrad`, `dadapt_adan`, `sgd_schedule_free` with
+        /// the trainer's default settings for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
         /// The adapters' form: `lora`, or LyCORIS' `loha` or `lokr` (rank 4 each).
@@ -757,6 +757,8 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         trainer::config::Optimizer::DadaptAdamPreprint => Some(("dadapt_adam_preprint", "DAdaptAdamPreprint")),
         trainer::config::Optimizer::DadaptLion => Some(("dadapt_lion", "DAdaptLion")),
         trainer::config::Optimizer::DadaptSgd => Some(("dadapt_sgd", "DAdaptSGD")),
+        trainer::config::Optimizer::DadaptAdagrad => Some(("dadapt_adagrad", "DAdaptAdaGrad")),
+        trainer::config::Optimizer::DadaptAdan => Some(("dadapt_adan", "DAdaptAdan")),
         trainer::config::Optimizer::ProdigyPlusScheduleFree => Some(("prodigy_plus_schedule_free", "Prodigy")),
         _ => None,
     };

@@ -153,6 +153,16 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ),
         Optimizer::DadaptLion => format!("DAdaptLion(weight_decay={},betas=({}, {}))", t.adam_weight_decay, t.lion_beta1, t.lion_beta2),
         Optimizer::DadaptSgd => format!("DAdaptSGD(momentum={},weight_decay={},growth_rate={})", t.dadapt_momentum, t.adam_weight_decay, t.dadapt_growth_rate),
+        Optimizer::DadaptAdagrad => format!("DAdaptAdaGrad(momentum={},weight_decay={},eps={},growth_rate={})", t.dadapt_momentum, t.adam_weight_decay, t.adam_epsilon, t.dadapt_growth_rate),
+        Optimizer::DadaptAdan => format!(
+            "DAdaptAdan(betas=({}, {}, {}),weight_decay={},no_prox={},growth_rate={})",
+            t.adam_beta1,
+            t.adam_beta2,
+            t.dadapt_beta3,
+            t.adam_weight_decay,
+            py_bool(t.dadapt_no_prox),
+            t.dadapt_growth_rate
+        ),
         Optimizer::SgdScheduleFree => format!(
             "SGDScheduleFree(momentum={},weight_decay={},r={},weight_lr_power={},warmup_steps={})",
             t.sgd_momentum,

@@ -286,8 +286,10 @@ pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &s
     if let Some(state) = optim.dadapt_state() {
         put(format!("dadapt.{name}.s"), state.s)?;
         put(format!("dadapt.{name}.scalars"), state.scalars)?;
-        if let Some(x0) = state.x0 {
-            put(format!("dadapt.{name}.x0"), x0)?;
+        for (part, t) in [("x0", state.x0), ("diff", state.diff), ("pre_grad", state.pre_grad)] {
+            if let Some(t) = t {
+                put(format!("dadapt.{name}.{part}"), t)?;
+            }
         }
     }
     if let Some(state) = optim.schedule_free_state() {
@@ -345,14 +347,17 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
         Some(lora_core::optim::DAdaptKind::AdamPreprint) => "dadapt_adam_preprint",
         Some(lora_core::optim::DAdaptKind::Lion) => "dadapt_lion",
         Some(lora_core::optim::DAdaptKind::Sgd) => "dadapt_sgd",
+        Some(lora_core::optim::DAdaptKind::AdaGrad) => "dadapt_adagrad",
+        Some(lora_core::optim::DAdaptKind::Adan) => "dadapt_adan",
         _ => "dadapt_adam",
     };
     let restore = same_optimizer(optim, moments, &key("dadapt", "scalars"), dadapt.is_some(), kind, origin)?;
     if let Some(current) = dadapt.filter(|_| restore) {
         let s = vector(&key("dadapt", "s"), len)?;
         let scalars = vector(&key("dadapt", "scalars"), current.scalars.dims()[0])?;
-        let x0 = current.x0.map(|_| vector(&key("dadapt", "x0"), len)).transpose()?;
-        optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars, x0 }).map_err(|e| mismatch(&key("dadapt", "s"), e.to_string()))?;
+        let part = |like: &Option<Tensor<B::InnerBackend, 1>>, name: &str| like.as_ref().map(|_| vector(&key("dadapt", name), len)).transpose();
+        let (x0, diff, pre_grad) = (part(&current.x0, "x0")?, part(&current.diff, "diff")?, part(&current.pre_grad, "pre_grad")?);
+        optim.set_dadapt_state(lora_core::optim::DAdaptState { s, scalars, x0, diff, pre_grad }).map_err(|e| mismatch(&key("dadapt", "s"), e.to_string()))?;
     }
     let kind = match optim.schedule_free_settings() {
         Some(s) if s.radam => "radam_schedule_free",

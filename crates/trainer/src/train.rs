@@ -1057,6 +1057,8 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::DadaptAdamPreprint => "train.optimizer = \"dadapt_adam_preprint\"\n",
         crate::config::Optimizer::DadaptLion => "train.optimizer = \"dadapt_lion\"\n",
         crate::config::Optimizer::DadaptSgd => "train.optimizer = \"dadapt_sgd\"\n",
+        crate::config::Optimizer::DadaptAdagrad => "train.optimizer = \"dadapt_adagrad\"\n",
+        crate::config::Optimizer::DadaptAdan => "train.optimizer = \"dadapt_adan\"\n",
         crate::config::Optimizer::AdamwScheduleFree => "train.optimizer = \"adamw_schedule_free\"\n",
         crate::config::Optimizer::RadamScheduleFree => "train.optimizer = \"radam_schedule_free\"\n",
         crate::config::Optimizer::SgdScheduleFree => "train.optimizer = \"sgd_schedule_free\"\n",

@@ -87,7 +87,7 @@ fn profiler_hook_brackets_one_step_after_the_memory_samples() {
 #[test]
 fn bench_trains_with_every_optimizer() {
     use trainer::config::Optimizer;
-    for optimizer in [Optimizer::Lion, Optimizer::Prodigy, Optimizer::Adafactor, Optimizer::DadaptAdam, Optimizer::AdamwScheduleFree, Optimizer::RadamScheduleFree, Optimizer::Came, Optimizer::Ademamix, Optimizer::Sgd, Optimizer::DadaptAdamPreprint, Optimizer::DadaptLion, Optimizer::DadaptSgd, Optimizer::SgdScheduleFree] {
+    for optimizer in [Optimizer::Lion, Optimizer::Prodigy, Optimizer::Adafactor, Optimizer::DadaptAdam, Optimizer::AdamwScheduleFree, Optimizer::RadamScheduleFree, Optimizer::Came, Optimizer::Ademamix, Optimizer::Sgd, Optimizer::DadaptAdamPreprint, Optimizer::DadaptLion, Optimizer::DadaptSgd, Optimizer::DadaptAdagrad, Optimizer::DadaptAdan, Optimizer::SgdScheduleFree] {
         let opts = BenchOptions { unet: UnetConfig::tiny(), batch: 1, resolution: 32, steps: 1, targets: UnetTargets::Attn, train: true, precision: Default::default(), grad_checkpointing: false, lora_merged: false, optimizer, algo: Default::default() };
         let (first, median) = run::<Autodiff<Flex>>(&opts, &Default::default()).unwrap();
         assert!(first > 0.0 && median.is_finite(), "{optimizer:?}");

@@ -1522,6 +1522,8 @@ fn newer_optimizers_train_and_resume_bit_for_bit() {
         (Optimizer::DadaptAdamPreprint, "DAdaptAdamPreprint(decouple=True,weight_decay=0.01,betas=(0.9, 0.999),growth_rate=inf)"),
         (Optimizer::DadaptLion, "DAdaptLion(weight_decay=0.01,betas=(0.9, 0.99))"),
         (Optimizer::DadaptSgd, "DAdaptSGD(momentum=0.5,weight_decay=0,growth_rate=inf)"),
+        (Optimizer::DadaptAdagrad, "DAdaptAdaGrad(momentum=0,weight_decay=0.01,eps=0.00000001,growth_rate=inf)"),
+        (Optimizer::DadaptAdan, "DAdaptAdan(betas=(0.9, 0.999, 0.99),weight_decay=0.01,no_prox=False,growth_rate=inf)"),
         (Optimizer::SgdScheduleFree, "SGDScheduleFree(momentum=0.9,weight_decay=0.01,r=0,weight_lr_power=2,warmup_steps=2)"),
     ];
     for (optimizer, metadata) in cases {
@@ -1541,7 +1543,7 @@ fn newer_optimizers_train_and_resume_bit_for_bit() {
         assert_eq!(bits(&second.losses), bits(&straight.losses), "{optimizer:?}: same losses, step for step");
         assert_same_lora(&straight.lora, &second.lora);
 
-        for other in [Optimizer::Adamw, Optimizer::Ademamix, Optimizer::Sgd, Optimizer::DadaptLion, Optimizer::DadaptSgd].into_iter().filter(|o| *o != optimizer) {
+        for other in [Optimizer::Adamw, Optimizer::Ademamix, Optimizer::Sgd, Optimizer::DadaptLion, Optimizer::DadaptSgd, Optimizer::DadaptAdan].into_iter().filter(|o| *o != optimizer) {
             let mut changed = configured(optimizer, dir.path(), 8);
             changed.train.optimizer = other;
             let err = trainer::train::resume::<B>(&changed, &dir.path().join("state"), &Default::default(), &mut |_| true).unwrap_err();

@@ -4,10 +4,10 @@
 //! D-Adaptation (Defazio and Mishchenko 2023, "Learning-Rate-Free Learning by
 //! D-Adaptation") estimates the step size `d` from the gradients, as Prodigy (its
 //! successor) does; the learning rate multiplies the estimate. The arithmetic is the
-//! `dadaptation` package's (3.2) `DAdaptAdam`, `DAdaptLion`, `DAdaptSGD` and
-//! `experimental.DAdaptAdamPreprint` (kohya's sd-scripts' `optimizer_type = "DAdaptAdam"`,
-//! `"DAdaptLion"`, `"DAdaptSGD"` and `"DAdaptation"`), in f32 on the device, checked step by
-//! step against it ([`DAdaptKind`]).
+//! `dadaptation` package's (3.2) `DAdaptAdam`, `DAdaptLion`, `DAdaptSGD`, `DAdaptAdaGrad`,
+//! `DAdaptAdan` and `experimental.DAdaptAdamPreprint` (kohya's sd-scripts' `optimizer_type`
+//! of those names, and `"DAdaptation"` for the last), in f32 on the device, checked step
+//! by step against it ([`DAdaptKind`]).
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Bool, ElementConversion, Tensor, TensorData};
@@ -32,6 +32,14 @@ pub enum DAdaptKind {
     /// sum, scaled by `d·lr` over the first gradient's norm), `momentum` as averaging of
     /// the iterates, weight decay added to the gradient.
     Sgd,
+    /// `DAdaptAdaGrad`: dual-averaged AdaGrad (each value is its start minus the scaled
+    /// gradients' sum over the root of the squared gradients' sum, which starts at 1e-6),
+    /// `momentum` as DAdaptSGD's, weight decay added to the gradient.
+    AdaGrad,
+    /// `DAdaptAdan`: Adan (a moment of the gradients, one of their differences from step
+    /// to step, and one of the squared Nesterov estimate) with three betas (β₁, β₂ and
+    /// `beta_3`) and a proximal weight decay (`no_prox`: decoupled).
+    Adan,
 }
 
 impl DAdaptKind {
@@ -42,6 +50,8 @@ impl DAdaptKind {
             Self::AdamPreprint => "DAdaptAdamPreprint",
             Self::Lion => "DAdaptLion",
             Self::Sgd => "DAdaptSGD",
+            Self::AdaGrad => "DAdaptAdaGrad",
+            Self::Adan => "DAdaptAdan",
         }
     }
 
@@ -72,14 +82,19 @@ pub struct DAdaptSettings {
     pub decouple: bool,
     /// Adam's bias correction applied to the step size (DAdaptAdam only).
     pub use_bias_correction: bool,
-    /// DAdaptSGD's momentum: each value moves `1 − momentum` of the way to the averaged
-    /// point per step (0: all the way).
+    /// DAdaptSGD's and DAdaptAdaGrad's momentum: each value moves `1 − momentum` of the
+    /// way to the averaged point per step (0: all the way).
     pub momentum: f32,
+    /// DAdaptAdan's third beta, the squared estimate's decay (the package's 0.99).
+    pub beta_3: f32,
+    /// DAdaptAdan's `no_prox`: decay the values by `1 − d·lr·wd` before the step instead
+    /// of dividing them by `1 + d·lr·wd` after it.
+    pub no_prox: bool,
 }
 
 impl Default for DAdaptSettings {
     fn default() -> Self {
-        Self { kind: DAdaptKind::Adam, d0: 1e-6, growth_rate: f32::INFINITY, decouple: false, use_bias_correction: false, momentum: 0.0 }
+        Self { kind: DAdaptKind::Adam, d0: 1e-6, growth_rate: f32::INFINITY, decouple: false, use_bias_correction: false, momentum: 0.0, beta_3: 0.99, no_prox: false }
     }
 }
 
@@ -90,14 +105,17 @@ impl DAdaptSettings {
     /// divides by `1 − √β₂` and by ε).
     ///
     /// Each optimizer takes only its own options: `use_bias_correction` is DAdaptAdam's,
-    /// `momentum` DAdaptSGD's, and DAdaptLion has no `growth_rate` (it must be infinite).
+    /// `momentum` DAdaptSGD's and DAdaptAdaGrad's, `no_prox` DAdaptAdan's (whose
+    /// `beta_3` must be in `[0, 1)`), and DAdaptLion has no `growth_rate` (it must be
+    /// infinite).
     pub fn validate(&self, adam: &super::AdamWSettings) -> Result<()> {
         let name = self.kind.name();
         let bad = |what: &str| Err(LoraError::Optimizer(format!("{name}: {what}")));
         if !(self.d0.is_finite() && self.d0 > 0.0) || self.growth_rate.is_nan() || self.growth_rate < 1.0 {
             return bad("d0 must be positive and growth_rate at least 1");
         }
-        if !((0.0..1.0).contains(&adam.beta_1) && (0.0..1.0).contains(&adam.beta_2)) {
+        let betas_unused = matches!(self.kind, DAdaptKind::Sgd | DAdaptKind::AdaGrad);
+        if !(betas_unused || ((0.0..1.0).contains(&adam.beta_1) && (0.0..1.0).contains(&adam.beta_2))) {
             return bad("the betas must be in [0, 1)");
         }
         let epsilon_ok = matches!(self.kind, DAdaptKind::Lion | DAdaptKind::Sgd) || (adam.epsilon.is_finite() && adam.epsilon > 0.0);
@@ -107,8 +125,14 @@ impl DAdaptSettings {
         if self.use_bias_correction && self.kind != DAdaptKind::Adam {
             return bad("use_bias_correction is DAdaptAdam's option");
         }
-        if self.momentum != 0.0 && self.kind != DAdaptKind::Sgd {
-            return bad("momentum is DAdaptSGD's option");
+        if self.momentum != 0.0 && !matches!(self.kind, DAdaptKind::Sgd | DAdaptKind::AdaGrad) {
+            return bad("momentum is DAdaptSGD's and DAdaptAdaGrad's option");
+        }
+        if self.no_prox && self.kind != DAdaptKind::Adan {
+            return bad("no_prox is DAdaptAdan's option");
+        }
+        if self.kind == DAdaptKind::Adan && !(0.0..1.0).contains(&self.beta_3) {
+            return bad("beta3 must be in [0, 1)");
         }
         if !(0.0..1.0).contains(&self.momentum) {
             return bad("momentum must be in [0, 1)");
@@ -131,8 +155,12 @@ pub struct DAdaptState<B: AutodiffBackend> {
     /// the weighted sum of squared gradients) and the number of steps taken; DAdaptSGD adds
     /// the first gradient's norm.
     pub scalars: Tensor<B::InnerBackend, 1>,
-    /// DAdaptSGD's starting values (`None` for the others).
+    /// DAdaptSGD's and DAdaptAdaGrad's starting values (`None` for the others).
     pub x0: Option<Tensor<B::InnerBackend, 1>>,
+    /// DAdaptAdan's moment of the gradients' differences (`None` for the others).
+    pub diff: Option<Tensor<B::InnerBackend, 1>>,
+    /// DAdaptAdan's previous gradients (`None` for the others).
+    pub pre_grad: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 /// A D-Adaptation optimizer's settings, state and bias-correction table.
@@ -142,8 +170,11 @@ pub(super) struct DAdapt<B: AutodiffBackend> {
     s: Tensor<B::InnerBackend, 1>,
     scalars: Tensor<B::InnerBackend, 1>,
     bias: Option<Tensor<B::InnerBackend, 1>>,
-    /// DAdaptSGD's starting values.
+    /// DAdaptSGD's and DAdaptAdaGrad's starting values.
     x0: Option<Tensor<B::InnerBackend, 1>>,
+    /// DAdaptAdan's moment of the gradients' differences and previous gradients.
+    diff: Option<Tensor<B::InnerBackend, 1>>,
+    pre_grad: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -186,8 +217,16 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let mut scalars = vec![settings.d0, 0.0, 0.0];
         scalars.resize(settings.kind.scalars(), 0.0);
         let scalars = Tensor::from_data(TensorData::new(scalars, [settings.kind.scalars()]), &device);
-        let x0 = (settings.kind == DAdaptKind::Sgd).then(|| self.params.clone());
-        self.dadapt = Some(DAdapt { settings, s: Tensor::zeros([self.len()], &device), scalars, bias: None, x0 });
+        let x0 = matches!(settings.kind, DAdaptKind::Sgd | DAdaptKind::AdaGrad).then(|| self.params.clone());
+        let adan = settings.kind == DAdaptKind::Adan;
+        let len = self.len();
+        let zeros = || Tensor::zeros([len], &device);
+        let (diff, pre_grad) = (adan.then(zeros), adan.then(zeros));
+        if settings.kind == DAdaptKind::AdaGrad {
+            // The package's squared-gradient sums start at 1e-6.
+            self.moment_2 = Tensor::full([len], 1e-6, &device);
+        }
+        self.dadapt = Some(DAdapt { settings, s: zeros(), scalars, bias: None, x0, diff, pre_grad });
         Ok(self)
     }
 
@@ -204,7 +243,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
     /// The D-Adaptation optimizer's state, to save with a run (`None` without one).
     pub fn dadapt_state(&self) -> Option<DAdaptState<B>> {
-        self.dadapt.as_ref().map(|a| DAdaptState { s: a.s.clone(), scalars: a.scalars.clone(), x0: a.x0.clone() })
+        self.dadapt.as_ref().map(|a| DAdaptState { s: a.s.clone(), scalars: a.scalars.clone(), x0: a.x0.clone(), diff: a.diff.clone(), pre_grad: a.pre_grad.clone() })
     }
 
     /// Restores the D-Adaptation optimizer's state (resuming a run); an error without one,
@@ -217,9 +256,17 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             return Err(LoraError::Optimizer("this optimizer does not use D-Adaptation".into()));
         };
         let kind = dadapt.settings.kind;
-        let x0_len = state.x0.as_ref().map_or(0, |x| x.dims()[0]);
-        let wanted_x0 = if kind == DAdaptKind::Sgd { len } else { 0 };
-        for (name, got, expected) in [("s", state.s.dims()[0], len), ("scalars", state.scalars.dims()[0], kind.scalars()), ("x0", x0_len, wanted_x0)] {
+        let length = |x: &Option<Tensor<B::InnerBackend, 1>>| x.as_ref().map_or(0, |x| x.dims()[0]);
+        let wanted = |on: bool| if on { len } else { 0 };
+        let x0_wanted = wanted(matches!(kind, DAdaptKind::Sgd | DAdaptKind::AdaGrad));
+        let adan_wanted = wanted(kind == DAdaptKind::Adan);
+        for (name, got, expected) in [
+            ("s", state.s.dims()[0], len),
+            ("scalars", state.scalars.dims()[0], kind.scalars()),
+            ("x0", length(&state.x0), x0_wanted),
+            ("diff", length(&state.diff), adan_wanted),
+            ("pre_grad", length(&state.pre_grad), adan_wanted),
+        ] {
             if got != expected {
                 return Err(LoraError::ShapeMismatch {
                     key: format!("{} state {name}", kind.name()),
@@ -228,7 +275,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             }
         }
         let k: f32 = state.scalars.clone().slice(2..3).into_scalar().elem();
-        (dadapt.s, dadapt.scalars, dadapt.x0) = (state.s, state.scalars, state.x0);
+        (dadapt.s, dadapt.scalars, dadapt.x0, dadapt.diff, dadapt.pre_grad) = (state.s, state.scalars, state.x0, state.diff, state.pre_grad);
         self.raise_time_bound(k.max(0.0) as usize);
         Ok(())
     }
@@ -248,6 +295,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             DAdaptKind::AdamPreprint => return self.dadapt_preprint_step(state, lr, grad, present, apply),
             DAdaptKind::Lion => return self.dadapt_lion_step(state, lr, grad, present, apply),
             DAdaptKind::Sgd => return self.dadapt_sgd_step(state, lr, grad, present, apply),
+            DAdaptKind::AdaGrad => return self.dadapt_adagrad_step(state, lr, grad, present, apply),
+            DAdaptKind::Adan => return self.dadapt_adan_step(state, lr, grad, present, apply),
         }
         self.raise_time_bound(self.time_bound + 1);
         let (a, p) = (self.settings, state.settings);
@@ -467,6 +516,127 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (happens, updates) = self.commit_estimated(apply, progress, live.as_ref(), (m, v), new_params);
         state.s = state.s.clone().mask_where(happens, s);
         state.scalars = state.scalars.clone().mask_where(updates.expand([4]), new_scalars);
+        self.dadapt = Some(state);
+    }
+
+    /// `DAdaptAdaGrad.step`: the squared gradients (L2 weight decay added) add to `α`
+    /// (the second moment, from 1e-6), `s` sums the gradients times `d·lr`, the estimate
+    /// grows to `(Σ s²/δ − Σ_w) / Σ|s|` with `δ = √α + ε` over every tensor that trains
+    /// (the package keeps running totals) and the sum `Σ_w` of `(d·lr)²·g²/δ`, and each
+    /// value moves `1 − momentum` of the way to `x₀ − s/δ`. A step whose `Σ|s|` is zero
+    /// updates `α` and `s` only. A tensor's factor acts as its group's learning rate would.
+    fn dadapt_adagrad_step(&mut self, mut state: DAdapt<B>, lr: f64, grad: Tensor<B::InnerBackend, 1>, present: Option<FlatMask<B>>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) {
+        self.raise_time_bound(self.time_bound + 1);
+        let (a, p) = (self.settings, state.settings);
+        let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
+        let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
+        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        // The running totals cover every tensor in the optimizer (factor above 0), with a
+        // gradient this step or not.
+        let trains = self.lr_scales.as_ref().map(|r| r.clone().greater_elem(0.0));
+        let total = |x: Tensor<B::InnerBackend, 1>| match &trains {
+            Some(t) => x.mask_fill(t.clone().bool_not(), 0.0).sum(),
+            None => x.sum(),
+        };
+        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
+            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
+            None => x,
+        };
+        let params = self.params.clone();
+        let grad = match a.weight_decay {
+            0.0 => grad,
+            wd => grad.add(params.clone().mul_scalar(wd)),
+        };
+        let mut alpha = self.moment_2.clone().add(grad.clone().square());
+        let mut s = state.s.clone().add(grad.clone().mul(step.clone()));
+        if let Some(live) = &live {
+            alpha = self.moment_2.clone().mask_where(live.clone(), alpha);
+            s = state.s.clone().mask_where(live.clone(), s);
+        }
+        let denom = alpha.clone().sqrt().add_scalar(a.epsilon);
+        let g_sq = counted(grad.square().mul(step.square()).div(denom.clone())).sum();
+        let sksq = total(s.clone().square().div(denom.clone()));
+        let skl1 = total(s.clone().abs());
+        let gsq_weighted = gsq_weighted.add(g_sq);
+        let progress = skl1.clone().greater_elem(0.0);
+        let d_hat = sksq.sub(gsq_weighted.clone()).div(skl1);
+        let new_d = d.clone().max_pair(d_hat.min_pair(d.mul_scalar(p.growth_rate)));
+        let x0 = state.x0.clone().unwrap_or_else(|| params.clone());
+        let z = x0.sub(s.clone().div(denom));
+        let ck = 1.0 - p.momentum;
+        let new_params = match p.momentum {
+            0.0 => z,
+            _ => params.mul_scalar(1.0 - ck).add(z.mul_scalar(ck)),
+        };
+        let new_scalars = Tensor::cat(vec![new_d, gsq_weighted, k.add_scalar(1.0)], 0);
+        let m = self.moment_1.clone();
+        let (happens, updates) = self.commit_estimated(apply, progress, live.as_ref(), (m, alpha), new_params);
+        state.s = state.s.clone().mask_where(happens, s);
+        state.scalars = state.scalars.clone().mask_where(updates.expand([3]), new_scalars);
+        self.dadapt = Some(state);
+    }
+
+    /// `DAdaptAdan.step`: with the gradients' change `Δ = g − g_prev` (0 in a tensor's
+    /// first step), the moments `m ← β₁m + d·lr(1 − β₁)g`, `n ← β₂n + d·lr(1 − β₂)Δ`,
+    /// `v ← β₃v + (1 − β₃)(g + β₂Δ)²` and `s ← β₃s + d·lr(1 − β₃)g`, the estimate as
+    /// DAdaptAdamPreprint's with β₃, and each value moves by `(m + β₂n)/(√v + ε)`, then is
+    /// divided by `1 + d·lr·wd` (`no_prox`: first multiplied by `1 − d·lr·wd`). A step whose
+    /// `Σ|s|` is zero updates the moments and `s` only (the previous gradients and step
+    /// counts wait). A tensor's factor acts as its group's learning rate would.
+    fn dadapt_adan_step(&mut self, mut state: DAdapt<B>, lr: f64, grad: Tensor<B::InnerBackend, 1>, present: Option<FlatMask<B>>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) {
+        self.raise_time_bound(self.time_bound + 1);
+        let (a, p) = (self.settings, state.settings);
+        let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
+        let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
+        let (beta_1, beta_2, beta_3) = (decimal(a.beta_1), decimal(a.beta_2), decimal(p.beta_3));
+        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
+            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
+            None => x,
+        };
+        let zeros = || Tensor::zeros([self.len()], &self.params.device());
+        let (old_diff, old_pre) = (state.diff.clone().unwrap_or_else(zeros), state.pre_grad.clone().unwrap_or_else(zeros));
+        // A tensor's first step (no step counted yet) takes its own gradient as the previous.
+        let previous = old_pre.clone().mask_where(self.time.clone().equal_elem(0), grad.clone());
+        let change = grad.clone().sub(previous);
+        let nesterov = grad.clone().add(change.clone().mul_scalar(a.beta_2));
+        let mut m = self.moment_1.clone().mul_scalar(a.beta_1).add(grad.clone().mul(step.clone().mul_scalar((1.0 - beta_1) as f32)));
+        let mut diff = old_diff.clone().mul_scalar(a.beta_2).add(change.mul(step.clone().mul_scalar((1.0 - beta_2) as f32)));
+        let mut v = self.moment_2.clone().mul_scalar(p.beta_3).add(nesterov.square().mul_scalar((1.0 - beta_3) as f32));
+        let mut s = state.s.clone().mul_scalar(p.beta_3).add(grad.clone().mul(step.clone().mul_scalar((1.0 - beta_3) as f32)));
+        if let Some(live) = &live {
+            m = self.moment_1.clone().mask_where(live.clone(), m);
+            diff = old_diff.clone().mask_where(live.clone(), diff);
+            v = self.moment_2.clone().mask_where(live.clone(), v);
+            s = state.s.clone().mask_where(live.clone(), s);
+        }
+        let denom = v.clone().sqrt().add_scalar(a.epsilon);
+        let g_sq = counted(grad.clone().square().mul(step.clone().square()).div(denom.clone())).sum();
+        let sksq = counted(s.clone().square().div(denom.clone())).sum();
+        let sk_l1 = counted(s.clone().abs()).sum();
+        let gsq_weighted = gsq_weighted.mul_scalar(p.beta_3).add(g_sq.mul_scalar((1.0 - beta_3) as f32));
+        let progress = sk_l1.clone().greater_elem(0.0);
+        let d_hat = sksq.div_scalar((1.0 - beta_3) as f32).sub(gsq_weighted.clone()).div(sk_l1);
+        let new_d = d.clone().max_pair(d_hat.min_pair(d.mul_scalar(p.growth_rate)));
+        let update = m.clone().add(diff.clone().mul_scalar(a.beta_2)).div(denom);
+        let params = self.params.clone();
+        let decay = step.mul_scalar(a.weight_decay);
+        let new_params = match (a.weight_decay, p.no_prox) {
+            (0.0, _) => params.sub(update),
+            (_, true) => params.clone().mul(decay.neg().add_scalar(1.0)).sub(update),
+            (_, false) => params.sub(update).div(decay.add_scalar(1.0)),
+        };
+        let new_scalars = Tensor::cat(vec![new_d, gsq_weighted, k.add_scalar(1.0)], 0);
+        let (happens, updates) = self.commit_estimated(apply, progress, live.as_ref(), (m, v), new_params);
+        // The previous gradients move on where the values did.
+        let moved = match &live {
+            Some(live) => updates.clone().expand([self.len()]).bool_and(live.clone()),
+            None => updates.clone().expand([self.len()]),
+        };
+        state.pre_grad = Some(old_pre.mask_where(moved, grad));
+        state.diff = Some(old_diff.mask_where(happens.clone(), diff));
+        state.s = state.s.clone().mask_where(happens, s);
+        state.scalars = state.scalars.clone().mask_where(updates.expand([3]), new_scalars);
         self.dadapt = Some(state);
     }
 }
