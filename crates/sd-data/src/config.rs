@@ -486,12 +486,31 @@ impl DatasetConfig {
     /// Small-image preset used with the procedural demo data: 64 px target, buckets from 32 to
     /// 128 px in 16-px steps (so 2:3 and 3:2 images get 48x80 / 80x48 buckets).
     pub fn demo(image_dir: impl Into<PathBuf>) -> Self {
+        Self::demo_at(image_dir, Resolution::square(64))
+    }
+
+    /// The demo preset scaled to `resolution`: buckets from half its shorter side to twice
+    /// its longer one, in steps of the largest power of two up to a quarter of the shorter
+    /// side (at least 8 px), and images down to half the shorter side.
+    ///
+    /// ```
+    /// use sd_data::{DatasetConfig, Resolution};
+    /// let c = DatasetConfig::demo_at("demo", Resolution::square(512));
+    /// assert_eq!((c.min_bucket_reso, c.max_bucket_reso, c.bucket_reso_steps), (256, 1024, 128));
+    /// assert_eq!(DatasetConfig::demo_at("demo", Resolution::square(64)).bucket_reso_steps, 16);
+    /// c.validate().unwrap();
+    /// ```
+    pub fn demo_at(image_dir: impl Into<PathBuf>, resolution: Resolution) -> Self {
+        let short = resolution.width.min(resolution.height);
+        let long = resolution.width.max(resolution.height);
+        let quarter = (short / 4).max(8);
+        let step = 1 << (31 - quarter.leading_zeros());
         Self {
-            resolution: Resolution::square(64),
-            min_bucket_reso: 32,
-            max_bucket_reso: 128,
-            bucket_reso_steps: 16,
-            min_image_size: 32,
+            resolution,
+            min_bucket_reso: (short / 2 / step * step).max(step),
+            max_bucket_reso: long * 2,
+            bucket_reso_steps: step,
+            min_image_size: (short / 2).max(1),
             batch_size: 4,
             ..Self::single(image_dir)
         }

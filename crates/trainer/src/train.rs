@@ -232,11 +232,14 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     };
     // A dataset config replaces the folders (the default `train_data_dir` is the demo).
     if d.train_data_dir == "demo" && d.dataset_config.is_empty() {
-        let mut ds = DatasetConfig::demo("demo");
-        ds.batch_size = config.train.train_batch_size;
-        ds.seed = config.train.seed;
+        // The demo's images and buckets follow `data.resolution` (their own bucket range,
+        // scaled to it: [data]'s defaults are made for SD-sized images).
+        let mut ds = DatasetConfig::demo_at("demo", d.resolution);
+        (ds.batch_size, ds.seed) = (config.train.train_batch_size, config.train.seed);
+        (ds.enable_bucket, ds.bucket_no_upscale) = (d.enable_bucket, d.bucket_no_upscale);
         let samples = demo::generate(&demo::DemoConfig {
             count: d.demo_images,
+            base_size: d.resolution.width.min(d.resolution.height),
             ..Default::default()
         });
         // The demo images take [data]'s caption and augmentation settings as a folder
@@ -2478,6 +2481,22 @@ mod tests {
         assert_ne!(changed[half..], plain[half..], "the coloured sample is encoded from its changed pixels");
         assert_eq!(cache.posteriors.len(), 1, "the coloured posterior is not kept");
         assert_eq!(mean(&mut cache, &plan), plain);
+    }
+
+    /// The demo images follow `data.resolution` and the bucket switches: at 128 px, 128 px
+    /// squares and 96x160 / 160x96 buckets; without buckets, every image at 128x128.
+    #[test]
+    fn the_demo_follows_the_resolution() {
+        let reso = |w: u32, h: u32| -> sd_data::Reso { (w, h) };
+        let mut config = TrainConfig::default();
+        config.data.resolution = sd_data::Resolution::square(128);
+        let table = open_dataset(&config).unwrap().bucket_table();
+        assert_eq!(table.keys().copied().collect::<Vec<_>>(), vec![reso(96, 160), reso(128, 128), reso(160, 96)], "{table:?}");
+        config.data.enable_bucket = false;
+        let table = open_dataset(&config).unwrap().bucket_table();
+        assert_eq!(table.keys().copied().collect::<Vec<_>>(), vec![reso(128, 128)], "{table:?}");
+        let default = open_dataset(&TrainConfig::default()).unwrap().bucket_table();
+        assert_eq!(default.keys().copied().collect::<Vec<_>>(), vec![reso(48, 80), reso(64, 64), reso(80, 48)], "{default:?}");
     }
 
     /// Random crops that can move are encoded each time and never kept (a cache of every
