@@ -455,8 +455,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// step size `d`, which the learning rate multiplies, measuring the distance from the
     /// current values. Tensors without a gradient in a step keep their values and state, as
     /// in `prodigyopt`; [`step_if`](Self::step_if)'s `false` leaves all of it unchanged.
-    /// Replaces [`with_lion`](Self::with_lion), [`with_adafactor`](Self::with_adafactor)
-    /// and [`with_dadapt_adam`](Self::with_dadapt_adam).
+    /// Replaces the other update rules.
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};
@@ -495,9 +494,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// from the [`AdamWSettings`] (ε is unused; the paper's betas are 0.9 and 0.99); the
     /// second moment stays zero. Every step is the same size, so Lion wants a learning rate
     /// 3–10 times smaller than AdamW's and a weight decay as many times larger. Replaces
-    /// [`with_prodigy`](Self::with_prodigy), [`with_adafactor`](Self::with_adafactor) and
-    /// [`with_dadapt_adam`](Self::with_dadapt_adam). Checked step by step against
-    /// `lion-pytorch`.
+    /// the other update rules. Checked step by step against `lion-pytorch`.
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};

@@ -1312,6 +1312,20 @@ pub struct OutputSection {
     pub metadata_license: String,
     /// `modelspec.tags`, comma-separated (kohya's `metadata_tags`).
     pub metadata_tags: String,
+    /// `modelspec.usage_hint` (kohya's `metadata_usage_hint`): a short hint on how to use
+    /// the LoRA, e.g. "add mystyle to the prompt".
+    pub metadata_usage_hint: String,
+    /// `modelspec.trigger_phrase` (kohya's `metadata_trigger_phrase`).
+    pub metadata_trigger_phrase: String,
+    /// `modelspec.thumbnail` (kohya's `metadata_thumbnail`): an image file, written as a
+    /// `data:` URL, or a `data:` URL as it is.
+    pub metadata_thumbnail: String,
+    /// `modelspec.merged_from` (kohya's `metadata_merged_from`).
+    pub metadata_merged_from: String,
+    /// `modelspec.preprocessor` (kohya's `metadata_preprocessor`).
+    pub metadata_preprocessor: String,
+    /// `modelspec.is_negative_embedding` (kohya's `metadata_is_negative_embedding`).
+    pub metadata_is_negative_embedding: String,
 }
 
 /// Captions for an embedding trained without its own (kohya's `use_object_template` /
@@ -1634,6 +1648,12 @@ impl Default for TrainConfig {
                 metadata_description: String::new(),
                 metadata_license: String::new(),
                 metadata_tags: String::new(),
+                metadata_usage_hint: String::new(),
+                metadata_trigger_phrase: String::new(),
+                metadata_thumbnail: String::new(),
+                metadata_merged_from: String::new(),
+                metadata_preprocessor: String::new(),
+                metadata_is_negative_embedding: String::new(),
             },
             embedding: EmbeddingSection::default(),
         }
@@ -2063,6 +2083,10 @@ impl TrainConfig {
         }
         if !(self.output.log_interval_s.is_finite() && self.output.log_interval_s >= 0.0) {
             return bad("output.log_interval_s must be 0 (every step) or a positive number of seconds");
+        }
+        // The thumbnail is read at every save: it must be there from the start.
+        if let Err(e) = crate::metadata::thumbnail_url(&self.output.metadata_thumbnail) {
+            return bad(&format!("output.metadata_thumbnail = \"{}\" cannot be read: {e} (an image file or a data: URL)", self.output.metadata_thumbnail));
         }
         Ok(())
     }

@@ -135,13 +135,6 @@ const NO_EFFECT: &[&str] = &[
     "save_last_n_steps_state",
     "max_validation_steps",
     "cache_info",
-    // Model-spec metadata this trainer does not write.
-    "metadata_usage_hint",
-    "metadata_thumbnail",
-    "metadata_merged_from",
-    "metadata_trigger_phrase",
-    "metadata_preprocessor",
-    "metadata_is_negative_embedding",
     // The kohya_ss GUI's own keys, which sd-scripts ignores (the GUI turns `epoch` into
     // max_train_steps itself).
     "epoch",
@@ -1760,6 +1753,12 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_
     out.metadata_description = o.string("metadata_description")?.unwrap_or_default();
     out.metadata_license = o.string("metadata_license")?.unwrap_or_default();
     out.metadata_tags = o.string("metadata_tags")?.unwrap_or_default();
+    out.metadata_usage_hint = o.string("metadata_usage_hint")?.unwrap_or_default();
+    out.metadata_trigger_phrase = o.string("metadata_trigger_phrase")?.unwrap_or_default();
+    out.metadata_thumbnail = o.string("metadata_thumbnail")?.unwrap_or_default();
+    out.metadata_merged_from = o.string("metadata_merged_from")?.unwrap_or_default();
+    out.metadata_preprocessor = o.string("metadata_preprocessor")?.unwrap_or_default();
+    out.metadata_is_negative_embedding = o.string("metadata_is_negative_embedding")?.unwrap_or_default();
     Ok(())
 }
 
@@ -2427,6 +2426,17 @@ wandb_run_name = "my_style"
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");
         }
+    }
+
+    /// sd-scripts' model-spec options become the `[output]` keys of the same names.
+    #[test]
+    fn model_spec_options_map() {
+        let lines = "metadata_title = \"My style\"\nmetadata_tags = \"style, paint\"\nmetadata_trigger_phrase = \"mystyle\"\nmetadata_usage_hint = \"add mystyle\"\nmetadata_thumbnail = \"data:image/png;base64,AAAA\"\nmetadata_merged_from = \"a, b\"\nmetadata_preprocessor = \"none\"\nmetadata_is_negative_embedding = \"false\"";
+        let i = import(&format!("{MINIMAL}{lines}")).unwrap();
+        let o = &i.config.output;
+        assert_eq!((o.metadata_title.as_str(), o.metadata_tags.as_str(), o.metadata_trigger_phrase.as_str(), o.metadata_usage_hint.as_str()), ("My style", "style, paint", "mystyle", "add mystyle"));
+        assert_eq!((o.metadata_thumbnail.as_str(), o.metadata_merged_from.as_str(), o.metadata_preprocessor.as_str(), o.metadata_is_negative_embedding.as_str()), ("data:image/png;base64,AAAA", "a, b", "none", "false"));
+        assert!(!i.notes.iter().any(|n| n.contains("metadata_")), "{:?}", i.notes);
     }
 
     /// sd-scripts' SGDScheduleFree: momentum 0.9 unless given, its warmup steps, a

@@ -1372,7 +1372,7 @@ fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, une
 }
 
 /// kohya metadata worth a line of `trainer info`, with their labels, in print order.
-const INFO_KEYS: [(&str, &str); 22] = [
+const INFO_KEYS: [(&str, &str); 24] = [
     ("modelspec.title", "title"),
     ("ss_output_name", "output name"),
     ("modelspec.architecture", "architecture"),
@@ -1394,6 +1394,8 @@ const INFO_KEYS: [(&str, &str); 22] = [
     ("ss_min_snr_gamma", "min-SNR gamma"),
     ("ss_noise_offset", "noise offset"),
     ("ss_training_comment", "comment"),
+    ("modelspec.trigger_phrase", "trigger phrase"),
+    ("modelspec.usage_hint", "usage hint"),
     ("sshs_model_hash", "model hash (A1111)"),
 ];
 

@@ -335,12 +335,50 @@ fn model_spec(config: &TrainConfig, resolution: sd_data::Resolution, base: BaseM
         ("modelspec.description", &o.metadata_description),
         ("modelspec.license", &o.metadata_license),
         ("modelspec.tags", &o.metadata_tags),
+        ("modelspec.usage_hint", &o.metadata_usage_hint),
+        ("modelspec.trigger_phrase", &o.metadata_trigger_phrase),
+        ("modelspec.merged_from", &o.metadata_merged_from),
+        ("modelspec.preprocessor", &o.metadata_preprocessor),
+        ("modelspec.is_negative_embedding", &o.metadata_is_negative_embedding),
     ] {
         if !v.is_empty() {
             keys.push((k, v.clone()));
         }
     }
+    // Checked at the start; a file gone since is left out, as sd-scripts leaves it out.
+    if let Ok(Some(url)) = thumbnail_url(&o.metadata_thumbnail) {
+        keys.push(("modelspec.thumbnail", url));
+    }
     keys.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// `output.metadata_thumbnail` as the model spec's `data:` URL (`None` when unset): a
+/// `data:` URL as it is, a file's bytes in base64 with the MIME type of its extension
+/// (`application/octet-stream` for an unknown one), as sd-scripts writes it.
+///
+/// ```
+/// let url = trainer::metadata::thumbnail_url("data:image/png;base64,AAAA").unwrap();
+/// assert_eq!(url.as_deref(), Some("data:image/png;base64,AAAA"));
+/// assert!(trainer::metadata::thumbnail_url("").unwrap().is_none());
+/// assert!(trainer::metadata::thumbnail_url("no/such/thumb.png").is_err());
+/// ```
+pub fn thumbnail_url(thumbnail: &str) -> std::io::Result<Option<String>> {
+    use base64::Engine;
+    if thumbnail.is_empty() || thumbnail.starts_with("data:") {
+        return Ok((!thumbnail.is_empty()).then(|| thumbnail.to_owned()));
+    }
+    let path = std::path::Path::new(thumbnail);
+    let bytes = std::fs::read(path)?;
+    let extension = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let mime = match extension.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        _ => "application/octet-stream",
+    };
+    Ok(Some(format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))))
 }
 
 /// The model spec's keys every LoRA of `base` gets: its architecture, implementation,

@@ -2036,6 +2036,11 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
     config.output.save_every_n_steps = 2;
     config.output.training_comment = "trigger: mystyle".into();
     config.output.metadata_author = "me".into();
+    config.output.metadata_trigger_phrase = "mystyle".into();
+    config.output.metadata_usage_hint = "add mystyle".into();
+    // A thumbnail file becomes a data URL (sd-scripts' base64 of its bytes).
+    std::fs::write(root.path().join("thumb.png"), b"\x89PNG!").unwrap();
+    config.output.metadata_thumbnail = root.path().join("thumb.png").display().to_string();
     config.model.clip_skip = 2;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
     let meta = lora_metadata(&report.lora);
@@ -2057,6 +2062,9 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
         ("modelspec.sai_model_spec", "1.0.1"),
         ("modelspec.title", "demo_lora"),
         ("modelspec.author", "me"),
+        ("modelspec.trigger_phrase", "mystyle"),
+        ("modelspec.usage_hint", "add mystyle"),
+        ("modelspec.thumbnail", "data:image/png;base64,iVBORyE="),
         ("modelspec.encoder_layer", "2"),
         ("modelspec.prediction_type", "epsilon"),
     ] {
@@ -2077,6 +2085,10 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
     for k in ["ss_network_dim", "ss_network_alpha", "ss_base_model_version", "modelspec.architecture", "sshs_model_hash"] {
         assert!(bare.contains_key(k), "{k}");
     }
+    // A thumbnail that is not there is an error before any step.
+    config.output.metadata_thumbnail = root.path().join("missing.png").display().to_string();
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("output.metadata_thumbnail") && err.contains("missing.png"), "{err}");
 }
 
 /// kohya's `scale_weight_norms`: every adapter written (UNet and text encoder) has an

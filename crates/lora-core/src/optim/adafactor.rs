@@ -322,8 +322,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// learning rate (the step's, or with `relative_step` `min(1e-2, 1/√t)`), times the
     /// tensor's root mean square with `scale_parameter`, times its factor of
     /// [`with_lr_scales`](Self::with_lr_scales). The [`AdamWSettings`](super::AdamWSettings)
-    /// are unused. Replaces [`with_prodigy`](Self::with_prodigy),
-    /// [`with_lion`](Self::with_lion) and [`with_dadapt_adam`](Self::with_dadapt_adam).
+    /// are unused. Replaces the other update rules.
     /// Errors on invalid settings.
     ///
     /// ```

@@ -178,16 +178,17 @@ pub(super) struct DAdapt<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
-    /// DAdaptAdam's update ([`DAdaptSettings`], the `dadaptation` package's `DAdaptAdam`)
-    /// instead of Adam's: the step size is the optimizer's own estimate `d` times the
-    /// learning rate (1 is usual; a schedule still applies). β, ε and the weight decay
-    /// come from the [`AdamWSettings`](super::AdamWSettings). The factors of
+    /// A D-Adaptation update ([`DAdaptSettings`]; its [`kind`](DAdaptSettings::kind)
+    /// picks the `dadaptation` package's optimizer, `DAdaptAdam` by default) instead of
+    /// Adam's: the step size is the optimizer's own estimate `d` times the learning rate
+    /// (1 is usual; a schedule still applies). β, ε and the weight decay come from the
+    /// [`AdamWSettings`](super::AdamWSettings). The factors of
     /// [`with_lr_scales`](Self::with_lr_scales) act as DAdaptAdam's `layer_scale` (on the
-    /// first moment and in the estimate; a factor of 0 freezes a tensor). Tensors without
+    /// first moment and in the estimate), and with the other kinds as per-tensor learning
+    /// rates (which the package refuses); a factor of 0 freezes a tensor. Tensors without
     /// a gradient in a step keep their values and state; a learning rate of 0 changes
-    /// nothing. Replaces [`with_prodigy`](Self::with_prodigy),
-    /// [`with_lion`](Self::with_lion) and [`with_adafactor`](Self::with_adafactor).
-    /// Errors on invalid settings ([`DAdaptSettings::validate`]).
+    /// nothing. Replaces the other update rules. Errors on invalid settings
+    /// ([`DAdaptSettings::validate`]).
     ///
     /// ```
     /// use burn::backend::{Autodiff, Flex};

@@ -140,9 +140,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// [`to_master`](Self::to_master) keeps `y`, for a training state. The factors of
     /// [`with_lr_scales`](Self::with_lr_scales) act as the package's per-group learning
     /// rates. Tensors without a gradient in a step keep their values and state. Replaces
-    /// [`with_prodigy`](Self::with_prodigy), [`with_lion`](Self::with_lion),
-    /// [`with_adafactor`](Self::with_adafactor) and
-    /// [`with_dadapt_adam`](Self::with_dadapt_adam). Errors on invalid settings
+    /// the other update rules. Errors on invalid settings
     /// ([`ScheduleFreeSettings::validate`]).
     ///
     /// ```
