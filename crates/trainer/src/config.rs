@@ -1258,6 +1258,9 @@ pub struct OutputSection {
     pub save_every_n_steps: usize,
     /// Save the LoRA at the end of every N-th epoch as well (0 = off).
     pub save_every_n_epochs: usize,
+    /// kohya's `save_n_epoch_ratio`: about this many epoch saves over the run, i.e. every
+    /// `⌊epochs / N⌋` epochs (at least 1); replaces `save_every_n_epochs` (0 = off).
+    pub save_n_epoch_ratio: usize,
     /// Keep only the step saves of the last N steps (kohya's `save_last_n_steps`; 0 = all).
     pub save_last_n_steps: usize,
     /// Keep only the last N epoch saves (kohya's `save_last_n_epochs`; 0 = all).
@@ -1294,6 +1297,9 @@ pub struct OutputSection {
     /// With `data.validation_split`: measure the validation loss every N steps as well as
     /// at the end (0 = only at the end).
     pub validate_every_n_steps: usize,
+    /// With `data.validation_split`: also measure it at the end of every N-th epoch
+    /// (kohya's `validate_every_n_epochs`; 0 = off).
+    pub validate_every_n_epochs: usize,
     /// Also sample before the first step (kohya's `sample_at_first`), to
     /// `samples-step000000.png`: the base model's images to compare the later grids with.
     pub sample_at_first: bool,
@@ -1326,6 +1332,26 @@ pub struct OutputSection {
     pub metadata_preprocessor: String,
     /// `modelspec.is_negative_embedding` (kohya's `metadata_is_negative_embedding`).
     pub metadata_is_negative_embedding: String,
+}
+
+impl OutputSection {
+    /// Epoch saves every this many epochs of a run of `epochs`: `save_every_n_epochs`, or
+    /// with `save_n_epoch_ratio` `⌊epochs / ratio⌋` (at least 1), as sd-scripts computes
+    /// it (0: no epoch saves).
+    ///
+    /// ```
+    /// let mut output = trainer::config::TrainConfig::default().output;
+    /// output.save_every_n_epochs = 3;
+    /// assert_eq!(output.epoch_save_interval(20), 3);
+    /// output.save_n_epoch_ratio = 4;
+    /// assert_eq!((output.epoch_save_interval(20), output.epoch_save_interval(3)), (5, 1));
+    /// ```
+    pub fn epoch_save_interval(&self, epochs: usize) -> usize {
+        match self.save_n_epoch_ratio {
+            0 => self.save_every_n_epochs,
+            ratio => (epochs / ratio).max(1),
+        }
+    }
 }
 
 /// Captions for an embedding trained without its own (kohya's `use_object_template` /
@@ -1622,6 +1648,7 @@ impl Default for TrainConfig {
                 save_precision: lora_core::SaveDtype::F16,
                 save_every_n_steps: 0,
                 save_every_n_epochs: 0,
+                save_n_epoch_ratio: 0,
                 save_last_n_steps: 0,
                 save_last_n_epochs: 0,
                 save_state: true,
@@ -1640,6 +1667,7 @@ impl Default for TrainConfig {
                 log_interval_s: 1.0,
                 tensorboard: true,
                 validate_every_n_steps: 0,
+                validate_every_n_epochs: 0,
                 sample_at_first: false,
                 no_metadata: false,
                 training_comment: String::new(),

@@ -162,8 +162,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 /// Options that change only what is saved or measured, which this trainer does its own
 /// way, and what it does instead.
 const NOTED: &[(&str, &str)] = &[
-    ("save_n_epoch_ratio", "use output.save_every_n_epochs for saves during training"),
-    ("validate_every_n_epochs", "the validation loss is measured every output.validate_every_n_steps steps and at the end"),
     ("validation_seed", "the held-out images are chosen by the training seed, so they may differ from sd-scripts'"),
 ];
 
@@ -1746,6 +1744,9 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_
         None => Vec::new(),
     };
     out.validate_every_n_steps = o.count("validate_every_n_steps")?.unwrap_or(0);
+    // sd-scripts measures the validation loss after every epoch unless told otherwise.
+    out.validate_every_n_epochs = o.count("validate_every_n_epochs")?.unwrap_or(1);
+    out.save_n_epoch_ratio = o.count("save_n_epoch_ratio")?.unwrap_or(0);
     out.no_metadata = o.flag("no_metadata")?;
     out.training_comment = o.string("training_comment")?.unwrap_or_default();
     out.metadata_title = o.string("metadata_title")?.unwrap_or_default();
@@ -2426,6 +2427,16 @@ wandb_run_name = "my_style"
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");
         }
+    }
+
+    /// sd-scripts validates after every epoch unless `validate_every_n_epochs` says
+    /// otherwise; `save_n_epoch_ratio` carries over.
+    #[test]
+    fn epoch_validation_and_save_ratio_map() {
+        let o = import(MINIMAL).unwrap().config.output;
+        assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio), (1, 0));
+        let o = import(&format!("{MINIMAL}validate_every_n_epochs = 3\nsave_n_epoch_ratio = 5")).unwrap().config.output;
+        assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio), (3, 5));
     }
 
     /// sd-scripts' model-spec options become the `[output]` keys of the same names.

@@ -275,6 +275,10 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_huber_schedule", name_of(&t.huber_schedule)),
         ("ss_huber_c", t.huber_c.to_string()),
         ("ss_prior_loss_weight", d.prior_loss_weight.to_string()),
+        // sd-scripts' validation options (its `None`: unset).
+        ("ss_validation_split", d.validation_split.to_string()),
+        ("ss_validate_every_n_steps", if o.validate_every_n_steps > 0 { o.validate_every_n_steps.to_string() } else { "None".into() }),
+        ("ss_validate_every_n_epochs", if o.validate_every_n_epochs > 0 { o.validate_every_n_epochs.to_string() } else { "None".into() }),
         ("ss_caption_dropout_rate", d.caption_dropout_rate.to_string()),
         ("ss_caption_dropout_every_n_epochs", d.caption_dropout_every_n_epochs.to_string()),
         ("ss_caption_tag_dropout_rate", d.caption_tag_dropout_rate.to_string()),

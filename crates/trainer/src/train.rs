@@ -1395,6 +1395,9 @@ fn run<B: AutodiffBackend>(
     let mut last_read = Instant::now();
     let first_step = progress.step;
     let mut epochs_completed = completed_epochs(&progress, plans.len());
+    // sd-scripts' count of the run's epochs: optimizer steps over steps per epoch.
+    let steps_per_epoch = plans.len().div_ceil(t.gradient_accumulation_steps.max(1)).max(1);
+    let every_epochs = config.output.epoch_save_interval(t.max_train_steps.div_ceil(steps_per_epoch));
     if config.output.sample_at_first && first_step == 0 && !config.output.sample_prompts.is_empty() {
         // kohya's `sample_at_first`: what the prompts give before any training (the base
         // model, or the starting `network_weights`), to compare the later grids with.
@@ -1634,7 +1637,6 @@ fn run<B: AutodiffBackend>(
             (every, _) => (epoch_ended && (completed as usize).is_multiple_of(every)).then(|| format!("samples-epoch{completed:04}.png")),
         }
         .filter(|_| !last && !config.output.sample_prompts.is_empty());
-        let every_epochs = config.output.save_every_n_epochs;
         let mut name = None;
         if config.output.save_every_n_steps > 0 && progress.step.is_multiple_of(config.output.save_every_n_steps) {
             name = Some(format!("{}-step{:06}", config.output.output_name, progress.step));
@@ -1674,8 +1676,10 @@ fn run<B: AutodiffBackend>(
             let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
             sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), size, &out.join(file), device)?;
         }
-        let every = config.output.validate_every_n_steps;
-        if let Some(v) = validator.as_mut().filter(|_| last || (every > 0 && progress.step.is_multiple_of(every))) {
+        let (every, every_epochs_v) = (config.output.validate_every_n_steps, config.output.validate_every_n_epochs);
+        let by_steps = every > 0 && progress.step.is_multiple_of(every);
+        let by_epochs = every_epochs_v > 0 && epoch_ended && (completed as usize).is_multiple_of(every_epochs_v);
+        if let Some(v) = validator.as_mut().filter(|_| last || by_steps || by_epochs) {
             let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
             let loss = v.loss(&unet, train_te.then_some(&encoders[..]), &frozen, (config, embedding.as_ref()), device)?;
             v.log.record(progress.step, loss)?;

@@ -1821,6 +1821,31 @@ fn max_train_epochs_sets_the_steps() {
     assert!(trainer::train::with_epoch_steps(&config).is_err());
 }
 
+/// kohya's `validate_every_n_epochs` measures at the end of every N-th epoch (and at the
+/// end); its `save_n_epoch_ratio` saves every `⌊epochs / ratio⌋` epochs.
+#[test]
+fn validation_and_saves_by_epochs() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = quick_config(dir.path(), 9);
+    (c.data.demo_images, c.data.validation_split, c.train.train_batch_size) = (10, 0.2, 2);
+    (c.output.validate_every_n_epochs, c.output.save_n_epoch_ratio, c.output.save_every_n_epochs) = (1, 2, 7);
+    let (train_set, _) = trainer::train::training_datasets(&c).unwrap();
+    let batches = train_set.plan_epoch(0).len();
+    assert!(batches > 1 && batches < 9, "{batches} batches per epoch");
+    let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
+    let steps: Vec<usize> = report.validation.iter().map(|(s, _)| *s).collect();
+    let mut expected: Vec<usize> = (1..).map(|e| e * batches).take_while(|s| *s < 9).collect();
+    expected.push(9);
+    assert_eq!(steps, expected);
+    // ⌈9 / batches⌉ epochs, saves every ⌊epochs / 2⌋ (the ratio replaces save_every_n_epochs).
+    let every = (9usize.div_ceil(batches) / 2).max(1);
+    let mut saves: Vec<String> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.contains("-epoch")).collect();
+    saves.sort();
+    let expected: Vec<String> = (1..).map(|e| e * every).take_while(|e| e * batches < 9).map(|e| format!("demo_lora-epoch{e:04}.safetensors")).collect();
+    assert_eq!(saves, expected);
+}
+
 #[test]
 fn validation_loss_is_measured_without_touching_the_training_run() {
     let _guard = seeded();
