@@ -1300,6 +1300,9 @@ pub struct OutputSection {
     /// With `data.validation_split`: also measure it at the end of every N-th epoch
     /// (kohya's `validate_every_n_epochs`; 0 = off).
     pub validate_every_n_epochs: usize,
+    /// Measure the validation loss on the first N batches of held-out images only
+    /// (kohya's `max_validation_steps`; 0 = all).
+    pub max_validation_steps: usize,
     /// Also sample before the first step (kohya's `sample_at_first`), to
     /// `samples-step000000.png`: the base model's images to compare the later grids with.
     pub sample_at_first: bool,
@@ -1668,6 +1671,7 @@ impl Default for TrainConfig {
                 tensorboard: true,
                 validate_every_n_steps: 0,
                 validate_every_n_epochs: 0,
+                max_validation_steps: 0,
                 sample_at_first: false,
                 no_metadata: false,
                 training_comment: String::new(),

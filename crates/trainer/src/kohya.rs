@@ -133,7 +133,6 @@ const NO_EFFECT: &[&str] = &[
     "console_log_simple",
     "save_last_n_epochs_state",
     "save_last_n_steps_state",
-    "max_validation_steps",
     "cache_info",
     // The kohya_ss GUI's own keys, which sd-scripts ignores (the GUI turns `epoch` into
     // max_train_steps itself).
@@ -1747,6 +1746,7 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_
     // sd-scripts measures the validation loss after every epoch unless told otherwise.
     out.validate_every_n_epochs = o.count("validate_every_n_epochs")?.unwrap_or(1);
     out.save_n_epoch_ratio = o.count("save_n_epoch_ratio")?.unwrap_or(0);
+    out.max_validation_steps = o.count("max_validation_steps")?.unwrap_or(0);
     out.no_metadata = o.flag("no_metadata")?;
     out.training_comment = o.string("training_comment")?.unwrap_or_default();
     out.metadata_title = o.string("metadata_title")?.unwrap_or_default();
@@ -2435,8 +2435,8 @@ wandb_run_name = "my_style"
     fn epoch_validation_and_save_ratio_map() {
         let o = import(MINIMAL).unwrap().config.output;
         assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio), (1, 0));
-        let o = import(&format!("{MINIMAL}validate_every_n_epochs = 3\nsave_n_epoch_ratio = 5")).unwrap().config.output;
-        assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio), (3, 5));
+        let o = import(&format!("{MINIMAL}validate_every_n_epochs = 3\nsave_n_epoch_ratio = 5\nmax_validation_steps = 4")).unwrap().config.output;
+        assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio, o.max_validation_steps), (3, 5, 4));
     }
 
     /// sd-scripts' model-spec options become the `[output]` keys of the same names.

@@ -279,6 +279,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_validation_split", d.validation_split.to_string()),
         ("ss_validate_every_n_steps", if o.validate_every_n_steps > 0 { o.validate_every_n_steps.to_string() } else { "None".into() }),
         ("ss_validate_every_n_epochs", if o.validate_every_n_epochs > 0 { o.validate_every_n_epochs.to_string() } else { "None".into() }),
+        ("ss_max_validation_steps", if o.max_validation_steps > 0 { o.max_validation_steps.to_string() } else { "None".into() }),
         ("ss_caption_dropout_rate", d.caption_dropout_rate.to_string()),
         ("ss_caption_dropout_every_n_epochs", d.caption_dropout_every_n_epochs.to_string()),
         ("ss_caption_tag_dropout_rate", d.caption_tag_dropout_rate.to_string()),

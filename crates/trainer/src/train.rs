@@ -1930,7 +1930,11 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
         let timesteps: Vec<i64> = (0..VALIDATION_TIMESTEPS).map(|k| (t.min_timestep + (2 * k + 1) * span / (2 * VALIDATION_TIMESTEPS)) as i64).collect();
         let mut total = Tensor::<B, 1>::zeros([1], device);
         let mut count = 0usize;
-        let plans = self.dataset.plan_epoch(0);
+        let mut plans = self.dataset.plan_epoch(0);
+        // kohya's `max_validation_steps`: the first batches only (0: all).
+        if config.output.max_validation_steps > 0 {
+            plans.truncate(config.output.max_validation_steps);
+        }
         // The model without adapters, made once, when some sample keeps its output.
         let base = plans.iter().flat_map(|p| &p.samples).any(|s| s.diff_output_preservation).then(|| without_adapters(unet.clone()));
         for (b, plan) in plans.iter().enumerate() {

@@ -1846,6 +1846,24 @@ fn validation_and_saves_by_epochs() {
     assert_eq!(saves, expected);
 }
 
+/// kohya's `max_validation_steps` measures the first batches of held-out images only.
+#[test]
+fn max_validation_steps_takes_the_first_batches() {
+    let _guard = seeded();
+    let run = |max: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = quick_config(dir.path(), 1);
+        (c.data.demo_images, c.data.validation_split, c.train.train_batch_size) = (10, 0.4, 1);
+        c.output.max_validation_steps = max;
+        let (_, validation) = trainer::train::training_datasets(&c).unwrap();
+        assert_eq!(validation.unwrap().plan_epoch(0).len(), 4, "4 held-out batches");
+        train::<B>(&c, &Default::default(), &mut |_| true).unwrap().validation[0].1
+    };
+    let (all, first, many) = (run(0), run(1), run(10));
+    assert_ne!(all.to_bits(), first.to_bits());
+    assert_eq!(all.to_bits(), many.to_bits(), "a limit above the batches changes nothing");
+}
+
 #[test]
 fn validation_loss_is_measured_without_touching_the_training_run() {
     let _guard = seeded();
