@@ -10,6 +10,7 @@ cargo xtask <task>
 
 tasks:
   fixtures [NAME...]   regenerate parity fixtures with the Python scripts in xtask/fixtures/
+                       (not the `_*` helper modules they import)
                        (creates .venv from xtask/fixtures/requirements.txt on first use);
                        check_* scripts (end-to-end checks, no fixtures) run only when named
   help                 this message
@@ -57,6 +58,10 @@ fn fixtures(names: &[String]) -> Result<()> {
         .filter(|p| p.extension().is_some_and(|x| x == "py"))
         .filter(|p| {
             let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            // `_*` modules are helpers the scripts import, not scripts.
+            if stem.starts_with('_') {
+                return false;
+            }
             // check_* scripts write no fixtures (e.g. check_trainer_lora.py trains LoRAs and
             // compares them with diffusers): only run when asked for by name.
             if names.is_empty() {
