@@ -1068,7 +1068,8 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::ProdigyPlusScheduleFree => "train.optimizer = \"prodigy_plus_schedule_free\"\n",
         crate::config::Optimizer::Ademamix => "train.optimizer = \"ademamix\"\n",
         crate::config::Optimizer::Sgd => "train.optimizer = \"sgd\"\n",
-        _ => "",
+        // AdamW states predate the line; Prodigy's own state names it.
+        crate::config::Optimizer::Adamw | crate::config::Optimizer::Prodigy => "",
     };
     // The merged base is part of the model: each file's strength and tensors (states from
     // before the key have no line).

@@ -325,12 +325,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             Some(r) => x.mul(r.clone()),
             None => x,
         };
-        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
-            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
-            None => x,
-        };
         let denom = self.moment_2.clone().sqrt().add_scalar(a.epsilon);
-        let numerator = counted(scaled(grad.clone().mul(state.s.clone()).div(denom))).sum().mul(dlr.clone());
+        let numerator = counted(scaled(grad.clone().mul(state.s.clone()).div(denom)), live.as_ref()).sum().mul(dlr.clone());
         let mut m = self.moment_1.clone().mul_scalar(beta_1 as f32).add(scaled(grad.clone().mul(full(dlr.clone().mul_scalar((1.0 - beta_1) as f32)))));
         let mut v = self.moment_2.clone().mul_scalar(beta_2 as f32).add(grad.clone().square().mul_scalar((1.0 - beta_2) as f32));
         let mut s = state.s.clone().mul_scalar(sqrt_beta_2 as f32).add(grad.mul(full(dlr.clone().mul_scalar((1.0 - sqrt_beta_2) as f32))));
@@ -339,7 +335,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             v = self.moment_2.clone().mask_where(live.clone(), v);
             s = state.s.clone().mask_where(live.clone(), s);
         }
-        let sk_l1 = counted(scaled(s.clone().abs())).sum();
+        let sk_l1 = counted(scaled(s.clone().abs()), live.as_ref()).sum();
         let numerator_weighted = numerator_weighted.mul_scalar(sqrt_beta_2 as f32).add(numerator.mul_scalar((1.0 - sqrt_beta_2) as f32));
         let progress = sk_l1.clone().greater_elem(0.0);
         let d_hat = numerator_weighted.clone().div(sk_l1.mul_scalar((1.0 - sqrt_beta_2) as f32));
@@ -389,10 +385,6 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
         let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
         let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
-        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
-            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
-            None => x,
-        };
         let params = self.params.clone();
         let grad = match (a.weight_decay, p.decouple) {
             (wd, false) if wd != 0.0 => grad.add(params.clone().mul_scalar(wd)),
@@ -408,9 +400,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         }
         let denom = v.clone().sqrt().add_scalar(a.epsilon);
         // `(d·lr)²` inside the sum: each tensor's own step size.
-        let g_sq = counted(grad.square().mul(step.clone().square()).div(denom.clone())).sum();
-        let sksq = counted(s.clone().square().div(denom.clone())).sum();
-        let sk_l1 = counted(s.clone().abs()).sum();
+        let g_sq = counted(grad.square().mul(step.clone().square()).div(denom.clone()), live.as_ref()).sum();
+        let sksq = counted(s.clone().square().div(denom.clone()), live.as_ref()).sum();
+        let sk_l1 = counted(s.clone().abs(), live.as_ref()).sum();
         let gsq_weighted = gsq_weighted.mul_scalar(beta_2 as f32).add(g_sq.mul_scalar((1.0 - beta_2) as f32));
         let progress = sk_l1.clone().greater_elem(0.0);
         let d_hat = sksq.div_scalar((1.0 - beta_2) as f32).sub(gsq_weighted.clone()).div(sk_l1);
@@ -441,10 +433,6 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
         let sqrt_beta_2 = beta_2.sqrt();
         let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
-        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
-            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
-            None => x,
-        };
         let params = self.params.clone();
         let decayed = match a.weight_decay {
             0.0 => params,
@@ -453,13 +441,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let update = self.moment_1.clone().mul_scalar(beta_1 as f32).add(grad.clone().mul_scalar((1.0 - beta_1) as f32)).sign();
         let new_params = decayed.sub(update.clone().mul(step.clone()));
         let mut m = self.moment_1.clone().mul_scalar(beta_2 as f32).add(grad.mul(step.clone().mul_scalar((1.0 - beta_2) as f32)));
-        let numerator = counted(update.clone().mul(state.s.clone()).mul(step.clone())).sum();
+        let numerator = counted(update.clone().mul(state.s.clone()).mul(step.clone()), live.as_ref()).sum();
         let mut s = state.s.clone().mul_scalar(sqrt_beta_2 as f32).add(update.mul(step.mul_scalar((1.0 - sqrt_beta_2) as f32)));
         if let Some(live) = &live {
             m = self.moment_1.clone().mask_where(live.clone(), m);
             s = state.s.clone().mask_where(live.clone(), s);
         }
-        let sk_l1 = counted(s.clone().abs()).sum();
+        let sk_l1 = counted(s.clone().abs(), live.as_ref()).sum();
         let numerator_weighted = numerator_weighted.mul_scalar(sqrt_beta_2 as f32).add(numerator.mul_scalar((1.0 - sqrt_beta_2) as f32));
         let progress = sk_l1.clone().greater_elem(0.0);
         let d_hat = numerator_weighted.clone().div(sk_l1.mul_scalar((1.0 - sqrt_beta_2) as f32));
@@ -486,25 +474,21 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
         let (d, numerator, k, g0) = (scalar(0), scalar(1), scalar(2), scalar(3));
         let (live, _) = self.dadapt_live(present.clone(), d.clone());
-        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
-            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
-            None => x,
-        };
         // The norm of the first step's gradients (before the weight decay, as the package
         // takes it), until a step makes progress.
-        let g0 = g0.clone().mask_where(k.clone().equal_elem(0.0), counted(grad.clone().square()).sum().sqrt());
+        let g0 = g0.clone().mask_where(k.clone().equal_elem(0.0), counted(grad.clone().square(), live.as_ref()).sum().sqrt());
         let (_, step) = self.dadapt_live(present, d.clone().mul_scalar(lr).div(g0.clone()));
         let params = self.params.clone();
         let grad = match a.weight_decay {
             0.0 => grad,
             wd => grad.add(params.clone().mul_scalar(wd)),
         };
-        let numerator = numerator.add(counted(grad.clone().mul(state.s.clone()).mul(step.clone())).sum());
+        let numerator = numerator.add(counted(grad.clone().mul(state.s.clone()).mul(step.clone()), live.as_ref()).sum());
         let mut s = state.s.clone().add(grad.mul(step));
         if let Some(live) = &live {
             s = state.s.clone().mask_where(live.clone(), s);
         }
-        let sk_sq = counted(s.clone().square()).sum();
+        let sk_sq = counted(s.clone().square(), live.as_ref()).sum();
         let progress = sk_sq.clone().greater_elem(0.0).bool_and(g0.clone().greater_elem(0.0));
         let d_hat = numerator.clone().mul_scalar(2.0).div(sk_sq.sqrt());
         let new_d = d.clone().max_pair(d_hat.min_pair(d.mul_scalar(p.growth_rate)));
@@ -539,10 +523,6 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             Some(t) => x.mask_fill(t.clone().bool_not(), 0.0).sum(),
             None => x.sum(),
         };
-        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
-            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
-            None => x,
-        };
         let params = self.params.clone();
         let grad = match a.weight_decay {
             0.0 => grad,
@@ -555,7 +535,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             s = state.s.clone().mask_where(live.clone(), s);
         }
         let denom = alpha.clone().sqrt().add_scalar(a.epsilon);
-        let g_sq = counted(grad.square().mul(step.square()).div(denom.clone())).sum();
+        let g_sq = counted(grad.square().mul(step.square()).div(denom.clone()), live.as_ref()).sum();
         let sksq = total(s.clone().square().div(denom.clone()));
         let skl1 = total(s.clone().abs());
         let gsq_weighted = gsq_weighted.add(g_sq);
@@ -591,10 +571,6 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
         let (beta_1, beta_2, beta_3) = (decimal(a.beta_1), decimal(a.beta_2), decimal(p.beta_3));
         let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
-        let counted = |x: Tensor<B::InnerBackend, 1>| match &live {
-            Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
-            None => x,
-        };
         let zeros = || Tensor::zeros([self.len()], &self.params.device());
         let (old_diff, old_pre) = (state.diff.clone().unwrap_or_else(zeros), state.pre_grad.clone().unwrap_or_else(zeros));
         // A tensor's first step (no step counted yet) takes its own gradient as the previous.
@@ -612,9 +588,9 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             s = state.s.clone().mask_where(live.clone(), s);
         }
         let denom = v.clone().sqrt().add_scalar(a.epsilon);
-        let g_sq = counted(grad.clone().square().mul(step.clone().square()).div(denom.clone())).sum();
-        let sksq = counted(s.clone().square().div(denom.clone())).sum();
-        let sk_l1 = counted(s.clone().abs()).sum();
+        let g_sq = counted(grad.clone().square().mul(step.clone().square()).div(denom.clone()), live.as_ref()).sum();
+        let sksq = counted(s.clone().square().div(denom.clone()), live.as_ref()).sum();
+        let sk_l1 = counted(s.clone().abs(), live.as_ref()).sum();
         let gsq_weighted = gsq_weighted.mul_scalar(p.beta_3).add(g_sq.mul_scalar((1.0 - beta_3) as f32));
         let progress = sk_l1.clone().greater_elem(0.0);
         let d_hat = sksq.div_scalar((1.0 - beta_3) as f32).sub(gsq_weighted.clone()).div(sk_l1);
@@ -639,5 +615,14 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         state.s = state.s.clone().mask_where(happens, s);
         state.scalars = state.scalars.clone().mask_where(updates.expand([3]), new_scalars);
         self.dadapt = Some(state);
+    }
+}
+
+/// `x` with the values outside `live` zeroed (all of it counts without a mask): what a
+/// D-Adaptation sum takes over the tensors that step.
+fn counted<I: burn::tensor::backend::Backend>(x: Tensor<I, 1>, live: Option<&Tensor<I, 1, Bool>>) -> Tensor<I, 1> {
+    match live {
+        Some(live) => x.mask_fill(live.clone().bool_not(), 0.0),
+        None => x,
     }
 }
