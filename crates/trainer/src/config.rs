@@ -141,12 +141,34 @@ pub struct DataSection {
     /// Fraction of the training images held out to measure a validation loss (kohya's
     /// `validation_split`; 0 = none). Never regularization images.
     pub validation_split: f64,
+    /// The seed that picks the held-out images and the validation noise (kohya's
+    /// `validation_seed`; 0 = `train.seed`): fixed, runs of other training seeds measure
+    /// on the same images.
+    pub validation_seed: u64,
     /// A dataset config file that replaces `train_data_dir` and `reg_data_dir` (`""` =
     /// none): kohya sd-scripts' (`.toml`: `[general]`, `[[datasets]]`,
     /// `[[datasets.subsets]]`), whose left-out options come from this section, or
     /// sd-data's (`.json`), which replaces every other `[data]` setting. See
     /// docs/datasets.md.
     pub dataset_config: String,
+}
+
+impl DataSection {
+    /// The seed of the validation split and noise: `validation_seed`, or `train_seed`
+    /// when it is 0.
+    ///
+    /// ```
+    /// let mut data = trainer::config::TrainConfig::default().data;
+    /// assert_eq!(data.validation_seed_or(42), 42);
+    /// data.validation_seed = 7;
+    /// assert_eq!(data.validation_seed_or(42), 7);
+    /// ```
+    pub fn validation_seed_or(&self, train_seed: u64) -> u64 {
+        match self.validation_seed {
+            0 => train_seed,
+            seed => seed,
+        }
+    }
 }
 
 /// The adapters.
@@ -1498,6 +1520,7 @@ impl Default for TrainConfig {
                 in_json: String::new(),
                 prior_loss_weight: 1.0,
                 validation_split: 0.0,
+                validation_seed: 0,
                 dataset_config: String::new(),
             },
             lora: LoraSection {

@@ -161,7 +161,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
 /// Options that change only what is saved or measured, which this trainer does its own
 /// way, and what it does instead.
 const NOTED: &[(&str, &str)] = &[
-    ("validation_seed", "the held-out images are chosen by the training seed, so they may differ from sd-scripts'"),
 ];
 
 /// `face_crop_aug_range` as sd-scripts reads it, `"lo,hi"` (a list of two numbers too):
@@ -645,6 +644,10 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
         notes.push("the dataset config names conditioning_data_dir (mask folders) and masked_loss is not set: sd-scripts refuses that; this trainer trains with the masks".into());
     }
     d.validation_split = o.float("validation_split")?.unwrap_or(0.0);
+    if let Some(seed) = o.count("validation_seed")? {
+        d.validation_seed = seed as u64;
+        notes.push(format!("validation_seed = {seed}: it picks the held-out images here too, by another draw than sd-scripts', so they may differ from sd-scripts' (the same in every run with this seed)"));
+    }
     Ok(())
 }
 
@@ -2435,8 +2438,10 @@ wandb_run_name = "my_style"
     fn epoch_validation_and_save_ratio_map() {
         let o = import(MINIMAL).unwrap().config.output;
         assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio), (1, 0));
-        let o = import(&format!("{MINIMAL}validate_every_n_epochs = 3\nsave_n_epoch_ratio = 5\nmax_validation_steps = 4")).unwrap().config.output;
-        assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio, o.max_validation_steps), (3, 5, 4));
+        let i = import(&format!("{MINIMAL}validate_every_n_epochs = 3\nsave_n_epoch_ratio = 5\nmax_validation_steps = 4\nvalidation_seed = 9")).unwrap();
+        let o = &i.config.output;
+        assert_eq!((o.validate_every_n_epochs, o.save_n_epoch_ratio, o.max_validation_steps, i.config.data.validation_seed), (3, 5, 4, 9));
+        assert!(i.notes.iter().any(|n| n.contains("validation_seed = 9")), "{:?}", i.notes);
     }
 
     /// sd-scripts' model-spec options become the `[output]` keys of the same names.

@@ -277,6 +277,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_prior_loss_weight", d.prior_loss_weight.to_string()),
         // sd-scripts' validation options (its `None`: unset).
         ("ss_validation_split", d.validation_split.to_string()),
+        ("ss_validation_seed", if d.validation_seed > 0 { d.validation_seed.to_string() } else { "None".into() }),
         ("ss_validate_every_n_steps", if o.validate_every_n_steps > 0 { o.validate_every_n_steps.to_string() } else { "None".into() }),
         ("ss_validate_every_n_epochs", if o.validate_every_n_epochs > 0 { o.validate_every_n_epochs.to_string() } else { "None".into() }),
         ("ss_max_validation_steps", if o.max_validation_steps > 0 { o.max_validation_steps.to_string() } else { "None".into() }),

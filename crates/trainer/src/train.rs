@@ -309,7 +309,7 @@ pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainErro
     let (train, validation) = if config.data.validation_split == 0.0 {
         (dataset, None)
     } else {
-        let (train, validation) = dataset.split_validation(config.data.validation_split, config.train.seed)?;
+        let (train, validation) = dataset.split_validation(config.data.validation_split, config.data.validation_seed_or(config.train.seed))?;
         (train, Some(validation))
     };
     let plans = train.plan_epoch(0);
@@ -1954,7 +1954,8 @@ impl<B: burn::tensor::backend::Backend> Validator<B> {
             let context = cond.context;
             let n = latents.dims()[0];
             for (k, &step) in timesteps.iter().enumerate() {
-                let mut noise = SeededNoise::new(t.seed ^ 0x7a11_da7e ^ (((b as u64) << 8) | k as u64));
+                let seed = config.data.validation_seed_or(t.seed);
+                let mut noise = SeededNoise::new(seed ^ 0x7a11_da7e ^ (((b as u64) << 8) | k as u64));
                 let eps: Tensor<B, 4> = noise.sample(latents.dims(), device)?;
                 let ts = Tensor::<B, 1, burn::tensor::Int>::from_ints(vec![step; n].as_slice(), device);
                 let noisy = self.schedule.add_noise(latents.clone(), eps.clone(), ts.clone());
@@ -2490,6 +2491,25 @@ mod tests {
         assert_ne!(changed[half..], plain[half..], "the coloured sample is encoded from its changed pixels");
         assert_eq!(cache.posteriors.len(), 1, "the coloured posterior is not kept");
         assert_eq!(mean(&mut cache, &plan), plain);
+    }
+
+    /// `data.validation_seed` fixes the held-out images whatever the training seed; without
+    /// it they follow `train.seed`.
+    #[test]
+    fn the_validation_seed_fixes_the_held_out_images() {
+        let held_out = |train_seed: u64, validation_seed: u64| {
+            let mut config = TrainConfig::default();
+            (config.data.demo_images, config.data.validation_split) = (12, 0.25);
+            (config.train.seed, config.data.validation_seed) = (train_seed, validation_seed);
+            let (_, validation) = training_datasets(&config).unwrap();
+            let mut hashes: Vec<String> = validation.unwrap().images().iter().map(|i| i.content_hash.clone()).collect();
+            hashes.sort();
+            hashes
+        };
+        assert_eq!(held_out(1, 5), held_out(2, 5));
+        assert_eq!(held_out(5, 0), held_out(1, 5));
+        let by_train_seed: Vec<_> = (1..6).map(|seed| held_out(seed, 0)).collect();
+        assert!(by_train_seed.iter().any(|h| *h != by_train_seed[0]), "the training seed picks them otherwise");
     }
 
     /// The demo images follow `data.resolution` and the bucket switches: at 128 px, 128 px
