@@ -314,13 +314,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             (wd, false) if wd != 0.0 => grad.add(params.clone().mul_scalar(wd)),
             _ => grad,
         };
-        // Where the step counts: tensors with a gradient and a factor above 0.
-        let live = match (&present, &self.lr_scales) {
-            (None, None) => None,
-            (Some(present), None) => Some(present.clone()),
-            (None, Some(r)) => Some(r.clone().greater_elem(0.0)),
-            (Some(present), Some(r)) => Some(present.clone().bool_and(r.clone().greater_elem(0.0))),
-        };
+        let live = self.dadapt_live(present);
         let scaled = |x: Tensor<B::InnerBackend, 1>| match &self.lr_scales {
             Some(r) => x.mul(r.clone()),
             None => x,
@@ -357,20 +351,23 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         });
     }
 
-    /// Where a D-Adaptation step counts (tensors with a gradient and a factor above 0;
-    /// `None`: everywhere), and each value's step size `d·lr·factor`.
-    fn dadapt_live(&self, present: Option<FlatMask<B>>, dlr: Tensor<B::InnerBackend, 1>) -> (Option<FlatMask<B>>, Tensor<B::InnerBackend, 1>) {
-        let live = match (present, &self.lr_scales) {
+    /// Where a D-Adaptation step counts: tensors with a gradient and a factor above 0
+    /// (`None`: everywhere).
+    fn dadapt_live(&self, present: Option<FlatMask<B>>) -> Option<FlatMask<B>> {
+        match (present, &self.lr_scales) {
             (None, None) => None,
             (Some(present), None) => Some(present),
             (None, Some(r)) => Some(r.clone().greater_elem(0.0)),
             (Some(present), Some(r)) => Some(present.bool_and(r.clone().greater_elem(0.0))),
-        };
-        let step = match &self.lr_scales {
+        }
+    }
+
+    /// Each value's step size: `dlr` times its tensor's factor.
+    fn dadapt_step_sizes(&self, dlr: Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1> {
+        match &self.lr_scales {
             Some(r) => r.clone().mul(dlr.expand([self.len()])),
             None => dlr.expand([self.len()]),
-        };
-        (live, step)
+        }
     }
 
     /// `DAdaptAdamPreprint.step`: the moments and `s` take the gradient (L2 weight decay
@@ -384,7 +381,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
         let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
         let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
-        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        let (live, step) = (self.dadapt_live(present), self.dadapt_step_sizes(d.clone().mul_scalar(lr)));
         let params = self.params.clone();
         let grad = match (a.weight_decay, p.decouple) {
             (wd, false) if wd != 0.0 => grad.add(params.clone().mul_scalar(wd)),
@@ -432,7 +429,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (d, numerator_weighted, k) = (scalar(0), scalar(1), scalar(2));
         let (beta_1, beta_2) = (decimal(a.beta_1), decimal(a.beta_2));
         let sqrt_beta_2 = beta_2.sqrt();
-        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        let (live, step) = (self.dadapt_live(present), self.dadapt_step_sizes(d.clone().mul_scalar(lr)));
         let params = self.params.clone();
         let decayed = match a.weight_decay {
             0.0 => params,
@@ -473,11 +470,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (a, p) = (self.settings, state.settings);
         let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
         let (d, numerator, k, g0) = (scalar(0), scalar(1), scalar(2), scalar(3));
-        let (live, _) = self.dadapt_live(present.clone(), d.clone());
+        let live = self.dadapt_live(present);
         // The norm of the first step's gradients (before the weight decay, as the package
         // takes it), until a step makes progress.
         let g0 = g0.clone().mask_where(k.clone().equal_elem(0.0), counted(grad.clone().square(), live.as_ref()).sum().sqrt());
-        let (_, step) = self.dadapt_live(present, d.clone().mul_scalar(lr).div(g0.clone()));
+        let step = self.dadapt_step_sizes(d.clone().mul_scalar(lr).div(g0.clone()));
         let params = self.params.clone();
         let grad = match a.weight_decay {
             0.0 => grad,
@@ -515,7 +512,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let (a, p) = (self.settings, state.settings);
         let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
         let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
-        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        let (live, step) = (self.dadapt_live(present), self.dadapt_step_sizes(d.clone().mul_scalar(lr)));
         // The running totals cover every tensor in the optimizer (factor above 0), with a
         // gradient this step or not.
         let trains = self.lr_scales.as_ref().map(|r| r.clone().greater_elem(0.0));
@@ -570,7 +567,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let scalar = |i: usize| state.scalars.clone().slice(i..i + 1);
         let (d, gsq_weighted, k) = (scalar(0), scalar(1), scalar(2));
         let (beta_1, beta_2, beta_3) = (decimal(a.beta_1), decimal(a.beta_2), decimal(p.beta_3));
-        let (live, step) = self.dadapt_live(present, d.clone().mul_scalar(lr));
+        let (live, step) = (self.dadapt_live(present), self.dadapt_step_sizes(d.clone().mul_scalar(lr)));
         let zeros = || Tensor::zeros([self.len()], &self.params.device());
         let (old_diff, old_pre) = (state.diff.clone().unwrap_or_else(zeros), state.pre_grad.clone().unwrap_or_else(zeros));
         // A tensor's first step (no step counted yet) takes its own gradient as the previous.
