@@ -176,6 +176,15 @@ pub struct LoraConfig {
     /// [`crate::LoraSiteMut::freeze_down`].
     #[serde(default)]
     pub lora_fa: bool,
+    /// DyLoRA (Valipour et al. 2023, as kohya's `networks.dylora` trains it) with chunks of
+    /// this many ranks (kohya's `unit`): each training pass trains one chunk of `down` and
+    /// `up`, drawn at random, and leaves the others as they are (see [`crate::dylora`]), so
+    /// that the first `k·unit` ranks of the saved LoRA make a usable LoRA of their own for
+    /// every `k`. `None`: plain LoRA. LoRA (and LoCon) only, with a `rank` that is a
+    /// multiple of the unit; not with LoHa / LoKr, DoRA, LoRA-FA, a Tucker LoCon or
+    /// dropouts (kohya's DyLoRA has none of these).
+    #[serde(default)]
+    pub dylora_unit: Option<usize>,
 }
 
 fn default_lokr_factor() -> i64 {
@@ -205,7 +214,21 @@ impl LoraConfig {
             use_scalar: false,
             lora_fa: false,
             lycoris_rank_dropout: false,
+            dylora_unit: None,
         }
+    }
+
+    /// Sets DyLoRA's unit (see [`LoraConfig::dylora_unit`]).
+    ///
+    /// ```
+    /// use lora_core::LoraConfig;
+    /// assert!(LoraConfig::new(8).with_dylora_unit(Some(2)).validate().is_ok());
+    /// assert!(LoraConfig::new(8).with_dylora_unit(Some(3)).validate().is_err()); // 8 % 3 != 0
+    /// assert!(LoraConfig::new(8).with_dylora_unit(Some(2)).with_dora(true).validate().is_err());
+    /// ```
+    pub fn with_dylora_unit(mut self, unit: Option<usize>) -> Self {
+        self.dylora_unit = unit;
+        self
     }
 
     /// Sets LyCORIS' rank dropout for a LoRA (see [`LoraConfig::lycoris_rank_dropout`]).
@@ -378,6 +401,35 @@ impl LoraConfig {
                 if on {
                     return Err(LoraError::InvalidConfig(format!("lora_fa (a frozen down) does not combine with {what}")));
                 }
+            }
+        }
+        if let Some(unit) = self.dylora_unit {
+            if unit == 0 || !self.rank.is_multiple_of(unit) {
+                return Err(LoraError::InvalidConfig(format!(
+                    "dylora_unit must divide the rank (rank {}, unit {unit})",
+                    self.rank
+                )));
+            }
+            let dropped = [
+                ("dropout", self.dropout),
+                ("network_dropout", self.network_dropout),
+                ("rank_dropout", self.rank_dropout),
+                ("module_dropout", self.module_dropout),
+            ];
+            let others = [
+                (self.algo.is_lycoris(), format!("algo {}", self.algo.name())),
+                (self.dora, "dora".into()),
+                (self.lora_fa, "lora_fa".into()),
+                (self.use_tucker, "use_tucker".into()),
+            ];
+            let clash = others
+                .into_iter()
+                .chain(dropped.iter().map(|(n, p)| (*p > 0.0, n.to_string())))
+                .find(|(on, _)| *on);
+            if let Some((_, what)) = clash {
+                return Err(LoraError::InvalidConfig(format!(
+                    "DyLoRA (dylora_unit) does not combine with {what}"
+                )));
             }
         }
         Ok(())

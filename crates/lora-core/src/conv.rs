@@ -8,6 +8,7 @@ use burn::tensor::ops::PaddedConvOptions;
 use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
+use crate::dylora::{live_chunk, DyLora};
 use crate::linear::{down_initializer, fold_delta, frozen_if, update_frozen};
 use crate::precision::cast_to;
 use crate::lycoris::LycorisAdapter;
@@ -54,6 +55,9 @@ pub struct Conv2dAdapter<B: Backend> {
     /// DoRA's magnitude `m`, `[out]`, trained (see [`LoraConfig::dora`]); `None` for plain
     /// LoRA. Set from the base kernel by [`LoraConv2d::attach_new`].
     pub magnitude: Option<Param<Tensor<B, 1>>>,
+    /// DyLoRA's unit and drawn chunk ([`crate::dylora`]); `None` for plain LoRA.
+    #[module(skip)]
+    pub dylora: Option<DyLora>,
 }
 
 fn check_base<B: Backend>(base: &Conv2d<B>, key: &str) -> Result<()> {
@@ -117,6 +121,7 @@ impl<B: Backend> Conv2dAdapter<B> {
             rank_dropout_scale: config.rank_dropout_scale,
             module_dropout: config.module_dropout,
             magnitude: None,
+            dylora: config.dylora_unit.map(DyLora::new),
         })
     }
 
@@ -182,6 +187,7 @@ impl<B: Backend> Conv2dAdapter<B> {
             rank_dropout_scale: false,
             module_dropout: 0.0,
             magnitude,
+            dylora: None,
         })
     }
 
@@ -259,6 +265,7 @@ impl<B: Backend> Conv2dAdapter<B> {
             rank_dropout_scale: false,
             module_dropout: 0.0,
             magnitude,
+            dylora: None,
         })
     }
 
@@ -336,6 +343,9 @@ impl<B: Backend> Conv2dAdapter<B> {
     /// with module dropout at `module_p`.
     fn forward_dropped(&self, x: Tensor<B, 4>, factor: f32, module_p: f64) -> Tensor<B, 4> {
         let dtype = x.dtype();
+        if let Some((chunk, unit, dy)) = DyLora::training(self.dylora.as_ref(), self.rank()) {
+            return self.forward_chunk(x, factor * dy, chunk, unit);
+        }
         let h = conv_in_dtype(&self.down, x, dtype);
         // LyCORIS' Tucker form: the core follows `down`; the dropouts act on its output.
         let h = match &self.mid {
@@ -356,6 +366,25 @@ impl<B: Backend> Conv2dAdapter<B> {
             Some(rows) => y * cast_to(rows, dtype).reshape([1, out, 1, 1]),
             None => y,
         }
+    }
+
+    /// A DyLoRA training pass that trains chunk `chunk` of `unit` ranks (`down [r, in, kh,
+    /// kw]`, `up [out, r, 1, 1]`); DyLoRA has no Tucker core and no dropouts.
+    fn forward_chunk(
+        &self,
+        x: Tensor<B, 4>,
+        factor: f32,
+        chunk: usize,
+        unit: usize,
+    ) -> Tensor<B, 4> {
+        let dtype = x.dtype();
+        let down = cast_to(live_chunk(self.down.weight.val(), 0, chunk, unit), dtype);
+        let up = cast_to(
+            live_chunk(self.up.weight.val(), 1, chunk, unit).mul_scalar(factor * self.scale),
+            dtype,
+        );
+        let h = conv_with_weight(&self.down, x, down, false);
+        conv_with_weight(&self.up, h, up, false)
     }
 
     /// `ΔW` `[out, in, kh, kw]`, times `factor`, in f32 (whatever the adapter weights'

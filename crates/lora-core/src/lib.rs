@@ -6,7 +6,8 @@
 //! - [`LoraConfig`]: rank, alpha, dropout, rsLoRA scaling and initialisation;
 //! - [`LoraLinear`] and [`LoraConv2d`] (LoCon): frozen base layers holding an optional
 //!   adapter that can be attached, detached, merged and unmerged in place: a LoRA, or
-//!   LyCORIS' LoHa or LoKr ([`lycoris`], [`Algo`]);
+//!   LyCORIS' LoHa or LoKr ([`lycoris`], [`Algo`]), or a DyLoRA trained a chunk of
+//!   ranks at a time ([`dylora`]);
 //! - [`AdapterSet`]: adapters keyed by component and module path, read from and written to
 //!   the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout
 //!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]);
@@ -48,6 +49,7 @@
 mod adapters;
 mod config;
 mod conv;
+pub mod dylora;
 mod error;
 pub mod extract;
 mod format;

@@ -6,6 +6,7 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 
 use crate::precision::cast_to;
 
+use crate::dylora::{live_chunk, DyLora};
 use crate::lycoris::LycorisAdapter;
 use crate::{HostTensor, LoraConfig, LoraError, LoraInit, LoraWeights, Result};
 
@@ -99,6 +100,9 @@ pub struct LinearAdapter<B: Backend> {
     /// DoRA's magnitude `m`, `[out]`, trained (see [`LoraConfig::dora`]); `None` for plain
     /// LoRA. Set from the base weight by [`LoraLinear::attach_new`].
     pub magnitude: Option<Param<Tensor<B, 1>>>,
+    /// DyLoRA's unit and drawn chunk ([`crate::dylora`]); `None` for plain LoRA.
+    #[module(skip)]
+    pub dylora: Option<DyLora>,
 }
 
 impl<B: Backend> LinearAdapter<B> {
@@ -126,6 +130,7 @@ impl<B: Backend> LinearAdapter<B> {
             module_dropout: config.module_dropout,
             samples: 0,
             magnitude: None,
+            dylora: config.dylora_unit.map(DyLora::new),
         })
     }
 
@@ -165,6 +170,7 @@ impl<B: Backend> LinearAdapter<B> {
             module_dropout: 0.0,
             samples: 0,
             magnitude,
+            dylora: None,
         })
     }
 
@@ -230,12 +236,22 @@ impl<B: Backend> LinearAdapter<B> {
     /// with module dropout at `module_p` (DoRA applies its own to the whole layer update).
     fn forward_dropped<const D: usize>(&self, x: Tensor<B, D>, factor: f32, module_p: f64) -> Tensor<B, D> {
         let dtype = x.dtype();
-        let down = cast_to(self.down.weight.val(), dtype);
+        let (mut down, mut up) = (self.down.weight.val(), self.up.weight.val());
+        let mut factor = factor;
+        if let Some((chunk, unit, dy)) = DyLora::training(self.dylora.as_ref(), self.rank()) {
+            // DyLoRA: one chunk of ranks trains (burn's layout: `down [in, r]`, `up [r, out]`).
+            (down, up) = (
+                live_chunk(down, 1, chunk, unit),
+                live_chunk(up, 0, chunk, unit),
+            );
+            factor *= dy;
+        }
+        let down = cast_to(down, dtype);
         // The scale goes on the `[r, out]` up weight rather than the `[rows, r]` activation:
         // with the products in custom ops (cuBLAS or the fixed matmul) either is a kernel
         // launch of its own each way, but this one reads a few thousand values instead of
         // rows × r, and with f32 adapter weights it joins their cast (burn's fusion).
-        let up = cast_to(self.up.weight.val().mul_scalar(factor * self.scale), dtype);
+        let up = cast_to(up.mul_scalar(factor * self.scale), dtype);
         let h = crate::kernels::linear_weight(x, down);
         let h = self.rank_dropout(self.network_dropout.forward(h), module_p);
         let y = crate::kernels::linear_weight(h, up);
@@ -261,6 +277,13 @@ impl<B: Backend> LinearAdapter<B> {
     /// plain composed path while training).
     pub fn has_kohya_dropout(&self) -> bool {
         self.network_dropout.prob > 0.0 || self.rank_dropout > 0.0 || self.module_dropout > 0.0
+    }
+
+    /// Whether a pass on `device` takes the composed path: kohya's dropouts while training
+    /// (autodiff backends only), or a DyLoRA chunk drawn.
+    fn composed_while_training(&self, device: &B::Device) -> bool {
+        (B::ad_enabled(device) && self.has_kohya_dropout())
+            || self.dylora.is_some_and(|d| d.chunk.is_some())
     }
 
     /// `h = down(x)` `[.., rank]` times the rank / module dropout mask of its samples
@@ -632,7 +655,7 @@ impl<B: Backend> LoraLinear<B> {
         }
         // kohya's rank / module dropout while training: per-sample masks need the input's
         // own shape, so the composed path below (none of the fused or row-wise ones).
-        let masked = !self.merged && self.adapter.as_ref().is_some_and(|a| a.has_kohya_dropout()) && B::ad_enabled(&x.device());
+        let masked = !self.merged && self.adapter.as_ref().is_some_and(|a| a.composed_while_training(&x.device()));
         let fusion = D >= 2 && !crate::kernels::on_flex::<B>() && !masked;
         match &self.adapter {
             Some(adapter) if !self.merged && self.multiplier != 0.0 && adapter.is_dora() => self.forward_dora(adapter, x, extra),

@@ -212,6 +212,9 @@ pub struct FlatGrads<B: AutodiffBackend> {
     device: Device<B::InnerBackend>,
     /// Per slot, whether the tensor had a gradient (missing ones are zeros in `values`).
     present: Vec<bool>,
+    /// Per value, whether the step trains it, where only some rank chunks of some tensors
+    /// train ([`FlatAdamW::restrict_to_chunks`]); `None`: every value with a gradient.
+    live: Option<Tensor<B::InnerBackend, 1, Bool>>,
 }
 
 impl<B: AutodiffBackend> FlatGrads<B> {
@@ -318,6 +321,23 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     ademamix: Option<ademamix::AdEMAMix<B>>,
     /// SGD's update ([`FlatAdamW::with_sgd`]).
     sgd: Option<SgdSettings>,
+    /// Tensors trained a rank chunk at a time ([`FlatAdamW::with_rank_chunks`]).
+    chunks: Option<ChunkTable<B>>,
+}
+
+/// Why factored optimizers refuse tensors trained a rank chunk at a time.
+const FACTORED_CHUNKS: &str = "optimizers with factored second moments (Adafactor, CAME, Prodigy + schedule-free) keep statistics per tensor, which a tensor trained a rank chunk at a time (DyLoRA; each chunk a tensor of its own in kohya's) does not fit";
+
+/// Which rank chunk each value belongs to ([`FlatAdamW::with_rank_chunks`]).
+#[derive(Debug, Clone)]
+struct ChunkTable<B: AutodiffBackend> {
+    /// Per value, its chunk's number: 0 for the values of tensors not cut into chunks
+    /// (always trained), from 1 for the chunks.
+    ids: Tensor<B::InnerBackend, 1, Int>,
+    /// Per cut tensor, the number of its first chunk and its chunk count.
+    first: HashMap<ParamId, (usize, usize)>,
+    /// Chunk numbers in use, 0 included.
+    count: usize,
 }
 
 impl<B: AutodiffBackend> FlatAdamW<B> {
@@ -351,6 +371,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             prodigy_plus: None,
             ademamix: None,
             sgd: None,
+            chunks: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -734,7 +755,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         let device = self.moment_1.device();
         // Gradients of working copies are converted to the master values' dtype here.
         let values = (!self.is_empty()).then(|| self.concat(pieces, self.params.dtype(), &device));
-        FlatGrads { values, device, present }
+        FlatGrads { values, device, present, live: None }
     }
 
     /// One AdamW step at learning rate `lr`: returns `module` with its trained tensors set
@@ -775,35 +796,36 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     }
 
     fn step_masked<M: AutodiffModule<B>>(&mut self, lr: f64, module: M, grads: FlatGrads<B>, apply: Option<Tensor<B::InnerBackend, 1, Bool>>) -> M {
-        let Some(grad) = grads.values else { return module };
+        let FlatGrads { values, present, live, .. } = grads;
+        let Some(grad) = values else { return module };
         if self.prodigy_plus.is_some() {
             // As schedule-free's, its step count and average weights advance with every step.
-            self.prodigy_plus_step(lr, grad, &grads.present, apply);
+            self.prodigy_plus_step(lr, grad, &present, apply);
             return self.scatter_working(module);
         }
         if self.schedule_free.is_some() {
             // Its step count and average weights advance with every step, as the package's
             // group counters do, even one without gradients.
-            let present = self.present_mask(&grads.present);
+            let present = self.live_mask(&present, live);
             self.schedule_free_step(lr, grad, present, apply);
             return self.scatter_working(module);
         }
-        if !grads.present.iter().any(|p| *p) {
+        if !present.iter().any(|p| *p) {
             return self.scatter_working(module);
         }
         let len = self.len();
         if self.prodigy.is_some() {
-            let present = self.present_mask(&grads.present);
+            let present = self.live_mask(&present, live);
             self.prodigy_step(lr, grad, present, apply);
             return self.scatter_working(module);
         }
         if self.dadapt.is_some() {
-            let present = self.present_mask(&grads.present);
+            let present = self.live_mask(&present, live);
             self.dadapt_step(lr, grad, present, apply);
             return self.scatter_working(module);
         }
         // Where this step updates: tensors with a gradient, if the device says so.
-        let mask = match (self.present_mask(&grads.present), apply) {
+        let mask = match (self.live_mask(&present, live), apply) {
             (None, None) => None,
             (Some(present), None) => Some(present),
             (None, Some(apply)) => Some(apply.expand([len])),
@@ -1010,6 +1032,188 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.params = self.params.clone().mask_where(moved.clone(), new_params);
         self.time = self.time.clone().add(moved.int());
         (happens, updates)
+    }
+
+    /// Marks the tensors that train a rank chunk at a time (DyLoRA's `down` and `up`,
+    /// [`crate::dylora`]; [`crate::sites::LoraSiteMut::dylora_rank_chunks`] lists them):
+    /// `chunks(id)` says along which axis of the tensor's shape the ranks lie and how many
+    /// make a chunk. A step whose gradients went through
+    /// [`restrict_to_chunks`](Self::restrict_to_chunks) then updates only the chunks that
+    /// trained: the others keep their values, moments and step counts, as PyTorch's
+    /// optimizers skip the parameters without a gradient (kohya's DyLoRA keeps each rank
+    /// as a parameter of its own). The table of chunks is built once, here.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::nn::LinearConfig;
+    /// use burn::optim::GradientsParams;
+    /// use burn::tensor::Tensor;
+    /// use lora_core::dylora::{RankChunks, TrainedChunks};
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let layer = LinearConfig::new(2, 4).with_bias(false).init::<B>(&device); // weight [2, 4]
+    /// let id = layer.weight.id;
+    /// let mut optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device)
+    ///     .with_rank_chunks(|p| (p == id).then_some(RankChunks { axis: 1, unit: 2 }))?;
+    /// let before = layer.weight.val();
+    /// let x = Tensor::<B, 2>::ones([3, 2], &device);
+    /// let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
+    /// let mut trained = TrainedChunks::default();
+    /// trained.insert(id, 1); // columns 2 and 3
+    /// let grads = optim.restrict_to_chunks(optim.gather_grads(&layer, grads), &trained);
+    /// let layer = optim.step(0.1, layer, grads);
+    /// let moved = layer.weight.val().not_equal(before);
+    /// assert_eq!(moved.into_data().to_vec::<bool>().unwrap(), [false, false, true, true, false, false, true, true]);
+    /// assert_eq!(optim.step_counts(id).unwrap(), [0, 0, 1, 1, 0, 0, 1, 1]);
+    /// # Ok::<(), lora_core::LoraError>(())
+    /// ```
+    pub fn with_rank_chunks(
+        mut self,
+        chunks: impl Fn(ParamId) -> Option<crate::dylora::RankChunks>,
+    ) -> Result<Self> {
+        if self.adafactor.is_some() || self.prodigy_plus.is_some() {
+            return Err(LoraError::Optimizer(FACTORED_CHUNKS.into()));
+        }
+        let mut ids = vec![0i64; self.len()];
+        let mut first = HashMap::new();
+        let mut count = 1;
+        for id in &self.order {
+            let Some(c) = chunks(*id) else { continue };
+            let slot = &self.slots[id];
+            let (rank, unit) = (slot.shape.get(c.axis).copied().unwrap_or(0), c.unit);
+            if unit == 0 || rank == 0 || !rank.is_multiple_of(unit) {
+                return Err(LoraError::Optimizer(format!(
+                    "a tensor of shape {:?} cannot be cut into chunks of {unit} along axis {}",
+                    slot.shape, c.axis
+                )));
+            }
+            // Row-major: the rank coordinate of value `i` is `(i / stride) % rank`.
+            let stride: usize = slot.shape[c.axis + 1..].iter().product();
+            for (i, chunk) in ids[slot.offset..slot.offset + slot.len]
+                .iter_mut()
+                .enumerate()
+            {
+                *chunk = (count + (i / stride) % rank / unit) as i64;
+            }
+            first.insert(*id, (count, rank / unit));
+            count += rank / unit;
+        }
+        if !first.is_empty() {
+            let device = self.moment_1.device();
+            let len = ids.len();
+            self.chunks = Some(ChunkTable {
+                ids: Tensor::from_data(TensorData::new(ids, [len]), &device),
+                first,
+                count,
+            });
+        }
+        Ok(self)
+    }
+
+    /// `grads` with the values of the chunks that did not train this step marked as
+    /// without a gradient (see [`with_rank_chunks`](Self::with_rank_chunks)); `trained`
+    /// lists the chunks that did. Unchanged without chunked tensors.
+    pub fn restrict_to_chunks(
+        &self,
+        mut grads: FlatGrads<B>,
+        trained: &crate::dylora::TrainedChunks,
+    ) -> FlatGrads<B> {
+        let Some(table) = &self.chunks else {
+            return grads;
+        };
+        let mut live = vec![0i64; table.count];
+        live[0] = 1;
+        for (id, (first, n)) in &table.first {
+            for c in 0..*n {
+                live[first + c] = i64::from(trained.contains(*id, c));
+            }
+        }
+        let device = self.moment_1.device();
+        let live = Tensor::<B::InnerBackend, 1, Int>::from_data(
+            TensorData::new(live, [table.count]),
+            &device,
+        );
+        grads.live = Some(live.select(0, table.ids.clone()).equal_elem(1));
+        grads
+    }
+
+    /// Whether some tensor trains a rank chunk at a time
+    /// ([`with_rank_chunks`](Self::with_rank_chunks)), so that its values' step counts may
+    /// differ ([`step_counts`](Self::step_counts)).
+    pub fn has_rank_chunks(&self, id: ParamId) -> bool {
+        self.chunks
+            .as_ref()
+            .is_some_and(|t| t.first.contains_key(&id))
+    }
+
+    /// The step count of each value of one tensor, in its (row-major) order: the same for
+    /// every value unless the tensor trains a rank chunk at a time. `None` for a tensor
+    /// this optimizer does not train. Reads the device (a sync).
+    pub fn step_counts(&self, id: ParamId) -> Option<Vec<usize>> {
+        let slot = self.slots.get(&id)?;
+        let data = self
+            .time
+            .clone()
+            .slice(slot.offset..slot.offset + slot.len)
+            .into_data()
+            .convert::<i64>();
+        Some(
+            data.to_vec::<i64>()
+                .ok()?
+                .into_iter()
+                .map(|t| usize::try_from(t).unwrap_or_default())
+                .collect(),
+        )
+    }
+
+    /// Sets the step count of each value of one tensor (resuming a run whose tensor
+    /// trained a rank chunk at a time); `counts` in the tensor's row-major order.
+    pub fn set_step_counts(&mut self, id: ParamId, counts: &[usize]) -> Result<()> {
+        let slot = self.slots.get(&id).ok_or_else(|| {
+            LoraError::Optimizer(format!("parameter {id} is not trained by this optimizer"))
+        })?;
+        if counts.len() != slot.len {
+            return Err(LoraError::ShapeMismatch {
+                key: format!("optimizer step counts of parameter {id}"),
+                reason: format!(
+                    "{} counts for a tensor of {} values",
+                    counts.len(),
+                    slot.len
+                ),
+            });
+        }
+        let range = slot.offset..slot.offset + slot.len;
+        let values: Vec<i64> = counts.iter().map(|c| *c as i64).collect();
+        let device = self.moment_1.device();
+        let counts_tensor = Tensor::<B::InnerBackend, 1, Int>::from_data(
+            TensorData::new(values, [range.len()]),
+            &device,
+        );
+        self.time = self.time.clone().slice_assign(range, counts_tensor);
+        self.raise_time_bound(counts.iter().copied().max().unwrap_or(0));
+        Ok(())
+    }
+
+    /// Refuses a rule whose state is per tensor (`rule`: factored second moments) when
+    /// tensors train a rank chunk at a time.
+    fn refuse_rank_chunks(&self, rule: &str) -> Result<()> {
+        match &self.chunks {
+            Some(_) => Err(LoraError::Optimizer(format!("{rule}: {FACTORED_CHUNKS}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The values this step updates, from the tensors with a gradient and the chunks that
+    /// trained; `None`: all of them.
+    fn live_mask(&mut self, present: &[bool], live: Option<FlatMask<B>>) -> Option<FlatMask<B>> {
+        let present = self.present_mask(present);
+        match (present, live) {
+            (None, live) => live,
+            (Some(p), None) => Some(p),
+            (Some(p), Some(l)) => Some(p.bool_and(l)),
+        }
     }
 
     /// Drops every update rule but Adam's (each `with_*` rule replaces the others).

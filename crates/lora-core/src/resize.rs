@@ -224,6 +224,70 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
     Ok(Resized { set: out, modules })
 }
 
+/// Each adapter's first `rank` ranks (`conv_rank` for convolutions larger than 1x1) as a
+/// LoRA of its own: a DyLoRA's nested LoRAs ([`crate::dylora`]), as kohya's
+/// `extract_lora_from_dylora.py` cuts them out: `down`'s first rows and `up`'s first
+/// columns, alpha kept as it is (so a rank-`k` cut adds `alpha / k · up_k · down_k`).
+/// Adapters of a lower rank are kept whole. A LyCORIS adapter (LoHa, LoKr, a Tucker LoCon)
+/// has no ranks to cut: an error naming it; a DoRA adapter keeps its magnitude. The
+/// metadata's `ss_training_comment` says what was cut, as kohya's script writes it, and
+/// `ss_network_dim` / `ss_network_alpha` are left to the writers to recompute.
+///
+/// ```
+/// use lora_core::resize::truncate_set;
+/// use lora_core::{AdapterKey, AdapterSet, Component, HostTensor, LoraWeights};
+///
+/// let key = AdapterKey::new(Component::Unet, "mid_block.attentions.0.proj_in");
+/// let down = HostTensor::new(vec![3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+/// let up = HostTensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+/// let mut set = AdapterSet::new();
+/// set.insert(key.clone(), LoraWeights::new(down, up, 3.0, "x").unwrap()).unwrap();
+/// let cut = truncate_set(&set, 2, 2).unwrap();
+/// let w = cut.get(&key).unwrap();
+/// assert_eq!((w.rank(), w.alpha), (2, 3.0));
+/// assert_eq!(w.down.data, [1.0, 2.0, 3.0, 4.0]);
+/// assert_eq!(w.up.data, [1.0, 2.0, 4.0, 5.0]);
+/// assert!(truncate_set(&set, 0, 2).is_err());
+/// ```
+pub fn truncate_set(set: &AdapterSet, rank: usize, conv_rank: usize) -> Result<AdapterSet> {
+    if rank == 0 || conv_rank == 0 {
+        return Err(LoraError::InvalidConfig("the new ranks must be at least 1".into()));
+    }
+    let mut out = AdapterSet::new();
+    for (key, w) in set.iter() {
+        if let Some(l) = &w.lycoris {
+            return Err(LoraError::Unsupported(format!("`{key}` is a LyCORIS {} adapter, whose update has no ranks to cut (resize it by its singular values instead)", l.algo.name())));
+        }
+        let spatial = w.is_conv() && w.down.shape[2..] != [1, 1];
+        let keep = (if spatial { conv_rank } else { rank }).min(w.rank());
+        out.insert(key.clone(), truncate_adapter(w, keep, &key.to_string())?)?;
+    }
+    out.metadata = set.metadata.clone();
+    out.kohya_names = set.kohya_names.clone();
+    out.bundled_embeddings = set.bundled_embeddings.clone();
+    let old = set.iter().map(|(_, w)| w.rank()).max().unwrap_or(0);
+    let comment = set.metadata.get("ss_training_comment").cloned().unwrap_or_default();
+    let new = if conv_rank == rank { rank.to_string() } else { format!("{rank} (conv: {conv_rank})") };
+    out.metadata.insert("ss_training_comment".into(), format!("split from DyLoRA, rank {old} to {new}; {comment}"));
+    out.metadata.remove("ss_network_dim");
+    out.metadata.remove("ss_network_alpha");
+    Ok(out)
+}
+
+/// `w`'s first `keep` ranks (at most its rank), alpha kept.
+fn truncate_adapter(w: &LoraWeights, keep: usize, key: &str) -> Result<LoraWeights> {
+    let rank = w.rank();
+    let row = w.down.numel() / rank.max(1);
+    let down = HostTensor::new([&[keep][..], &w.down.shape[1..]].concat(), w.down.data[..keep * row].to_vec())?;
+    // `up [out, rank, ..]`: the first `keep` of each output's `rank` values.
+    let mut up_shape = w.up.shape.clone();
+    up_shape[1] = keep;
+    let up_data = w.up.data.chunks(rank.max(1)).flat_map(|r| r[..keep].iter().copied()).collect();
+    let mut cut = LoraWeights::new(down, HostTensor::new(up_shape, up_data)?, w.alpha, key)?;
+    cut.magnitude = w.magnitude.clone();
+    Ok(cut)
+}
+
 /// Several adapter sets merged into one LoRA, each at its strength (kohya's
 /// `svd_merge_lora.py`, and `merge_lora.py`'s merging of LoRAs without a model): on every
 /// module any of them adapts, the update is `Σ strengthᵢ · ΔWᵢ` ([`AdapterSet::combine`],

@@ -43,7 +43,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     }
 
     /// Sets the attached adapter's weights and scale from `weights` (continuing training from
-    /// a file), keeping its dropout probabilities: an error when no adapter is attached or the ranks
+    /// a file), keeping its dropout probabilities and DyLoRA unit: an error when no adapter is attached or the ranks
     /// differ; the layouts are checked as [`attach_weights`](Self::attach_weights) checks
     /// them. `key` names the adapter in errors.
     pub fn load_weights(&mut self, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
@@ -74,6 +74,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         let Some(((rank, dropout), dora)) = attached else {
             return Err(LoraError::Unsupported(format!("{key}: no adapter is attached to load weights into")));
         };
+        let dylora = self.dylora();
         if weights.rank() != rank {
             return Err(LoraError::ShapeMismatch {
                 key: key.to_string(),
@@ -86,7 +87,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
         self.attach_weights(weights, key, device)?;
         self.set_dropout(&dropout);
-        Ok(())
+        self.set_dylora_unit(dylora.map(|d| d.unit), key)
     }
 
     /// What [`load_weights`](Self::load_weights) checks of an attached LyCORIS adapter, if
@@ -210,6 +211,79 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                 a.samples = samples;
             }
         }
+    }
+
+    /// The attached LoRA's DyLoRA setting ([`crate::dylora`]); `None` without a DyLoRA
+    /// adapter.
+    pub fn dylora(&self) -> Option<crate::dylora::DyLora> {
+        match self {
+            Self::Linear(l) => l.adapter.as_ref().and_then(|a| a.dylora),
+            Self::Conv(c) => c.adapter.as_ref().and_then(|a| a.dylora),
+        }
+    }
+
+    /// The rank of the attached LoRA (LoCon); `None` without one (or with a LyCORIS
+    /// adapter).
+    pub fn lora_rank(&self) -> Option<usize> {
+        match self {
+            Self::Linear(l) => l.adapter.as_ref().map(|a| a.rank()),
+            Self::Conv(c) => c.adapter.as_ref().map(|a| a.rank()),
+        }
+    }
+
+    /// Makes the attached LoRA a DyLoRA with chunks of `unit` ranks (`None`: a plain LoRA),
+    /// e.g. one read from a file to train further; `key` names it in errors. A LoRA with a
+    /// DoRA magnitude or a Tucker core, or whose rank `unit` does not divide, is refused;
+    /// nothing happens without a LoRA adapter.
+    pub fn set_dylora_unit(&mut self, unit: Option<usize>, key: &str) -> Result<()> {
+        let Some(rank) = self.lora_rank() else {
+            return Ok(());
+        };
+        if let Some(unit) = unit {
+            let bad = |reason: String| Err(LoraError::InvalidConfig(format!("`{key}`: {reason}")));
+            if unit == 0 || !rank.is_multiple_of(unit) {
+                return bad(format!(
+                    "DyLoRA's unit {unit} does not divide the adapter's rank {rank}"
+                ));
+            }
+            if self.magnitude_param_id().is_some() || self.tucker_param_id().is_some() {
+                return bad("DyLoRA does not train a DoRA magnitude or a Tucker core".into());
+            }
+        }
+        let dylora = unit.map(crate::dylora::DyLora::new);
+        match self {
+            Self::Linear(l) => l.adapter.iter_mut().for_each(|a| a.dylora = dylora),
+            Self::Conv(c) => c.adapter.iter_mut().for_each(|a| a.dylora = dylora),
+        }
+        Ok(())
+    }
+
+    /// Sets the chunk of ranks the next training passes of a DyLoRA adapter train (`None`:
+    /// none, the adapter acts as the plain LoRA it saves as); does nothing to other
+    /// adapters. See [`crate::dylora`].
+    pub fn set_dylora_chunk(&mut self, chunk: Option<usize>) {
+        let set = |d: &mut Option<crate::dylora::DyLora>| {
+            if let Some(d) = d {
+                d.chunk = chunk;
+            }
+        };
+        match self {
+            Self::Linear(l) => l.adapter.iter_mut().for_each(|a| set(&mut a.dylora)),
+            Self::Conv(c) => c.adapter.iter_mut().for_each(|a| set(&mut a.dylora)),
+        }
+    }
+
+    /// How the attached DyLoRA adapter's `down` and `up` are cut into rank chunks, for
+    /// [`crate::optim::FlatAdamW::with_rank_chunks`]; empty without a DyLoRA adapter.
+    pub fn dylora_rank_chunks(&self) -> Vec<(burn::module::ParamId, crate::dylora::RankChunks)> {
+        let (Some(d), Some((down, up))) = (self.dylora(), self.adapter_param_ids()) else {
+            return Vec::new();
+        };
+        // burn's layouts: a linear `down [in, r]` and `up [r, out]`; a convolution's
+        // `down [r, in, kh, kw]` and `up [out, r, 1, 1]`.
+        let (down_axis, up_axis) = if self.is_conv() { (0, 1) } else { (1, 0) };
+        let chunks = |axis| crate::dylora::RankChunks { axis, unit: d.unit };
+        vec![(down, chunks(down_axis)), (up, chunks(up_axis))]
     }
 
     /// Attaches a freshly initialised adapter.
@@ -545,6 +619,39 @@ pub fn collect_adapters<B: Backend>(model: &mut impl LoraSites<B>, set: &mut Ada
         set.insert(key, weights?)?;
     }
     Ok(n)
+}
+
+/// Draws the chunk each DyLoRA adapter of `model` trains in its next training pass
+/// ([`crate::dylora::DyLora::draw`], from a generator seeded with `seed`) and records it
+/// for both its tensors in `trained` (for
+/// [`crate::optim::FlatAdamW::restrict_to_chunks`]); returns how many adapters drew.
+pub fn draw_dylora_chunks<B: Backend>(
+    model: &mut impl LoraSites<B>,
+    seed: u64,
+    trained: &mut crate::dylora::TrainedChunks,
+) -> usize {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let rng = &mut rng;
+    let mut n = 0;
+    model.visit_lora_sites(&mut |_, mut site| {
+        let (Some(d), Some(rank)) = (site.dylora(), site.lora_rank()) else {
+            return;
+        };
+        let chunk = crate::dylora::DyLora::draw(rank, d.unit, rng);
+        site.set_dylora_chunk(Some(chunk));
+        for (id, _) in site.dylora_rank_chunks() {
+            trained.insert(id, chunk);
+        }
+        n += 1;
+    });
+    n
+}
+
+/// Clears the drawn chunk of every DyLoRA adapter of `model`: they act as the plain LoRAs
+/// they save as (for validation, samples, saving).
+pub fn clear_dylora_chunks<B: Backend>(model: &mut impl LoraSites<B>) {
+    model.visit_lora_sites(&mut |_, mut site| site.set_dylora_chunk(None));
 }
 
 /// Folds every attached adapter into its base weights and drops the adapters; returns how

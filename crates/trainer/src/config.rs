@@ -234,6 +234,14 @@ pub struct LoraSection {
     /// ([`lora_core::LoraConfig::lora_fa`]); saved as a plain LoRA. For `algo = "lora"`
     /// without `dora`, `use_tucker` or `train.scale_weight_norms`.
     pub lora_fa: bool,
+    /// DyLoRA (kohya's `network_module = "networks.dylora"`, its `unit`): each training
+    /// step trains one chunk of this many ranks per adapter, drawn at random, so that the
+    /// saved LoRA's first `k · unit` ranks are a LoRA of their own for every `k`
+    /// ([`lora_core::dylora`]; `trainer resize --truncate` cuts them out). 0: off. Must
+    /// divide `rank` (and `conv_rank`); for `algo = "lora"` without `dora`, `lora_fa`,
+    /// `use_tucker`, the dropouts or a factored optimizer (Adafactor, CAME, Prodigy +
+    /// schedule-free).
+    pub dylora_unit: usize,
     /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
@@ -311,6 +319,7 @@ impl LoraSection {
             .with_lokr_unbalanced_factorization(self.lokr_unbalanced_factorization)
             .with_use_tucker(self.use_tucker)
             .with_lora_fa(self.lora_fa)
+            .with_dylora_unit((self.dylora_unit > 0).then_some(self.dylora_unit))
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -1542,6 +1551,7 @@ impl Default for TrainConfig {
                 lokr_unbalanced_factorization: false,
                 use_tucker: false,
                 lora_fa: false,
+                dylora_unit: 0,
                 unet_targets: sd_model::targets::UnetTargets::AttnMlp,
                 conv_rank: 0,
                 conv_alpha: 1.0,
@@ -2098,6 +2108,7 @@ impl TrainConfig {
         }
         self.check_lycoris()?;
         self.check_lora_fa()?;
+        self.check_dylora()?;
         self.check_embedding()?;
         for entry in &self.model.base_weights {
             let file: sd_model::lora::LoraFile = entry.parse().map_err(|e: String| TrainError::Config { origin: "model.base_weights".into(), reason: e })?;
@@ -2260,6 +2271,36 @@ impl TrainConfig {
             if on {
                 return bad(format!("does not combine with {key} (kohya's networks.lora_fa has no such option, or it would change the frozen `down`)"));
             }
+        }
+        Ok(())
+    }
+
+    /// What DyLoRA (`lora.dylora_unit`) needs: a LoRA whose ranks the unit divides, and none
+    /// of what kohya's networks.dylora lacks or an optimizer that keeps per-tensor
+    /// statistics (kohya's DyLoRA keeps each rank as a tensor of its own).
+    fn check_dylora(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        let unit = l.dylora_unit;
+        if unit == 0 {
+            return Ok(());
+        }
+        let bad = |reason: String| Err(TrainError::Config { origin: "lora.dylora_unit".into(), reason });
+        for (rank, key) in [(l.rank, "lora.rank"), (l.conv_rank, "lora.conv_rank")] {
+            if !rank.is_multiple_of(unit) {
+                return bad(format!("= {unit} must divide {key} ({rank})"));
+            }
+        }
+        if l.algo.is_lycoris() {
+            return bad(format!("DyLoRA trains a LoRA's ranks in chunks; lora.algo is \"{}\"", l.algo.name()));
+        }
+        let dropouts = l.dropout > 0.0 || l.network_dropout > 0.0 || l.rank_dropout > 0.0 || l.module_dropout > 0.0;
+        let others = [(l.dora, "lora.dora"), (l.lora_fa, "lora.lora_fa"), (l.use_tucker, "lora.use_tucker"), (dropouts, "lora.dropout / network_dropout / rank_dropout / module_dropout"), (!(l.block_dims.trim().is_empty() && l.conv_block_dims.trim().is_empty()), "lora.block_dims / conv_block_dims")];
+        if let Some((_, key)) = others.iter().find(|(on, _)| *on) {
+            return bad(format!("does not combine with {key} (kohya's networks.dylora has no such option)"));
+        }
+        if matches!(self.train.optimizer, Optimizer::Adafactor | Optimizer::Came | Optimizer::ProdigyPlusScheduleFree) {
+            let name = serde_json::to_value(self.train.optimizer).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            return bad(format!("does not combine with train.optimizer = \"{name}\": its factored second moments are kept per tensor, and each DyLoRA rank is a tensor of its own in sd-scripts"));
         }
         Ok(())
     }

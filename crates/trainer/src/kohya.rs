@@ -736,13 +736,13 @@ fn lycoris_bool(value: &str) -> bool {
 fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<Network, TrainError> {
     let module = o.string("network_module")?.unwrap_or_else(|| "networks.lora".into());
     let (lycoris, fa) = match module.as_str() {
-        "networks.lora" => (false, false),
+        "networks.lora" | "networks.dylora" => (false, false),
         "networks.lora_fa" => (false, true),
         "lycoris.kohya" => (true, false),
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim) and networks.lora_fa (LoRA-FA), and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA) and networks.dylora (DyLoRA), and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
             ))
         }
     };
@@ -765,6 +765,9 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     let args = o.list("network_args")?;
     if lycoris {
         return read_lycoris_args(o, l, &args, notes);
+    }
+    if module == "networks.dylora" {
+        return read_dylora_args(o, l, &args, notes);
     }
     let mut ignored = Vec::new();
     let mut conv_dim = None;
@@ -800,6 +803,46 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     }
     if !ignored.is_empty() {
         notes.push(format!("network_args that {module} ignores are ignored here too: {}", ignored.join(", ")));
+    }
+    Ok(Network::Lora { conv_dim })
+}
+
+/// The `network_args` of kohya's `networks.dylora`, as its `create_network` reads them:
+/// `unit` (1 by default), `conv_dim` (which must equal `network_dim`: the 3x3 convolutions
+/// then train at `network_dim` and `network_alpha`, as its network ignores `conv_alpha`)
+/// and LoRA+. It reads nothing else (no dropouts, no block-wise settings): the rest is
+/// ignored with a note.
+fn read_dylora_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
+    let mut ignored = Vec::new();
+    let (mut unit, mut conv_dim) = (1, None);
+    for (key, value) in key_values(args, "network_args", &o.origin)? {
+        let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
+        let number = || value.parse::<f64>().map_err(|_| bad("expected a number"));
+        let whole = || number().and_then(|n| if n >= 0.0 && n.fract() == 0.0 { Ok(n as usize) } else { Err(bad("expected a whole number")) });
+        match key.as_str() {
+            "unit" => unit = whole()?,
+            "conv_dim" => conv_dim = Some(whole()?),
+            "conv_alpha" => ignored.push(format!("{key}={value} (networks.dylora trains the convolutions at network_alpha)")),
+            "loraplus_lr_ratio" => l.loraplus_lr_ratio = number()?,
+            "loraplus_unet_lr_ratio" => l.loraplus_unet_lr_ratio = number()?,
+            "loraplus_text_encoder_lr_ratio" => l.loraplus_text_encoder_lr_ratio = number()?,
+            _ => ignored.push(format!("{key}={value}")),
+        }
+    }
+    if unit == 0 || !l.rank.is_multiple_of(unit) {
+        return Err(o.err("network_args", format!("`unit={unit}` must divide network_dim ({}), as networks.dylora asserts", l.rank)));
+    }
+    if conv_dim.is_some_and(|d| d != l.rank) {
+        return Err(o.err("network_args", format!("`conv_dim={}` must equal network_dim ({}), as networks.dylora asserts", conv_dim.unwrap_or(0), l.rank)));
+    }
+    l.dylora_unit = unit;
+    l.conv_alpha = l.alpha;
+    if l.network_dropout > 0.0 {
+        ignored.push(format!("network_dropout = {} (an option, not an argument)", l.network_dropout));
+        l.network_dropout = 0.0;
+    }
+    if !ignored.is_empty() {
+        notes.push(format!("what networks.dylora ignores is ignored here too: {}", ignored.join(", ")));
     }
     Ok(Network::Lora { conv_dim })
 }
@@ -1910,7 +1953,7 @@ output_dir = "out"
             ("timestep_sampling", &["uniform", "sigmoid"]),
         ];
         const BOOLS: &[&str] = &["enable_bucket", "shuffle_caption", "flip_aug", "color_aug", "gradient_checkpointing", "cache_latents", "v2", "v_parameterization", "network_train_unet_only", "network_train_text_encoder_only", "xformers", "sdpa", "full_fp16", "full_bf16", "random_crop", "bucket_no_upscale", "zero_terminal_snr", "debiased_estimation_loss", "masked_loss", "alpha_mask", "sample_at_first", "scale_v_pred_loss_like_noise_pred"];
-        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True", "alpha=8", "t_alpha=100", "t_beta3=-1", "momentum=0.95", "nesterov=False", "dampening=0.5", "growth_rate=1.02", "d0=1e-5", "no_prox=True", "betas=0.98,0.92,0.99"];
+        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True", "alpha=8", "t_alpha=100", "t_beta3=-1", "momentum=0.95", "nesterov=False", "dampening=0.5", "growth_rate=1.02", "d0=1e-5", "no_prox=True", "betas=0.98,0.92,0.99", "unit=2", "unit=3"];
         let ints = (prop::sample::select(INTS), prop::sample::select(vec!["0", "1", "2", "-1", "77", "1000000", "4294967296"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let floats = (prop::sample::select(FLOATS), prop::sample::select(vec!["0.0", "-1.0", "1e-12", "0.5", "1.0", "2.0", "1e30", "nan", "inf", "-inf"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let strings = prop::sample::select(STRINGS).prop_flat_map(|(k, vs)| prop::sample::select(vs).prop_map(move |v| format!("{k} = {v:?}")));
@@ -1989,6 +2032,35 @@ output_dir = "out"
         // sd-scripts' max-norm would scale the frozen down too.
         let e = error(&format!("{MINIMAL}network_module = \"networks.lora_fa\"\nscale_weight_norms = 1.0\n"));
         assert!(e.contains("lora_fa") && e.contains("scale_weight_norms"), "{e}");
+    }
+
+    /// kohya's `networks.dylora`: its `unit` (1 by default), `conv_dim` equal to
+    /// `network_dim` with the convolutions at `network_alpha`, LoRA+, and nothing else
+    /// (dropouts and block-wise settings ignored with a note); what it asserts is an error.
+    #[test]
+    fn dylora_reads_its_arguments() {
+        let i = import(&format!("{MINIMAL}network_module = \"networks.dylora\"\nnetwork_dim = 8\nnetwork_alpha = 2\nnetwork_dropout = 0.1\nnetwork_args = [\"unit=2\", \"conv_dim=8\", \"conv_alpha=1\", \"rank_dropout=0.1\", \"block_dims=1,2\", \"loraplus_lr_ratio=4\"]\n")).unwrap();
+        let l = &i.config.lora;
+        assert_eq!((l.dylora_unit, l.rank, l.conv_rank, l.alpha, l.conv_alpha), (2, 8, 8, 2.0, 2.0));
+        assert_eq!((l.rank_dropout, l.network_dropout, l.block_dims.as_str(), l.loraplus_lr_ratio), (0.0, 0.0, "", 4.0));
+        assert_eq!(l.unet_targets, UnetTargets::Conv);
+        let note = i.notes.iter().find(|n| n.contains("networks.dylora ignores")).unwrap_or_else(|| panic!("{:?}", i.notes));
+        for ignored in ["conv_alpha=1", "rank_dropout=0.1", "block_dims=1,2", "network_dropout = 0.1"] {
+            assert!(note.contains(ignored), "{note}");
+        }
+        let plain = import(&format!("{MINIMAL}network_module = \"networks.dylora\"\nnetwork_dim = 4\n")).unwrap();
+        assert_eq!((plain.config.lora.dylora_unit, plain.config.lora.conv_rank), (1, 0));
+        for (args, expected) in [
+            ("\"unit=3\"", "must divide network_dim (4)"),
+            ("\"conv_dim=2\"", "must equal network_dim (4)"),
+            ("\"unit=0\"", "must divide"),
+        ] {
+            let e = error(&format!("{MINIMAL}network_module = \"networks.dylora\"\nnetwork_dim = 4\nnetwork_args = [{args}]\n"));
+            assert!(e.contains(expected), "{args}: {e}");
+        }
+        // A factored optimizer keeps per-tensor statistics that DyLoRA's chunks do not fit.
+        let e = error(&format!("{MINIMAL}network_module = \"networks.dylora\"\noptimizer_type = \"Adafactor\"\n"));
+        assert!(e.contains("dylora_unit") && e.contains("adafactor"), "{e}");
     }
 
     /// `lr_scheduler_type`'s PyTorch schedulers and `piecewise_constant`, with their
@@ -2789,7 +2861,7 @@ wandb_run_name = "my_style"
             ("network_dims = 8", "`network_dims` is not an sd-scripts training option this importer knows; did you mean `network_dim`?"),
             ("train_inpainting = true", "`train_inpainting` = true: inpainting models"),
             ("optimizer_type = \"dadaptation.experimental.DAdaptAdanIP\"", "`optimizer_type` = \"dadaptation.experimental.DAdaptAdanIP\" is not supported"),
-            ("network_module = \"networks.dylora\"", "`network_module` = \"networks.dylora\" is not supported"),
+            ("network_module = \"networks.oft\"", "`network_module` = \"networks.oft\" is not supported"),
             ("network_dim = \"abc\"", "`network_dim` must be a number"),
             ("network_dim = 4.5", "`network_dim` must be a whole number"),
             ("optimizer_args = [\"weight_decay\"]", "`optimizer_args`: `weight_decay` is not KEY=VALUE"),

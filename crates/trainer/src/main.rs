@@ -472,6 +472,11 @@ enum Command {
         /// Print what each adapter kept.
         #[arg(long)]
         verbose: bool,
+        /// Keep each adapter's first --rank ranks instead of its largest singular values:
+        /// the nested LoRAs of a DyLoRA (lora.dylora_unit; kohya's
+        /// extract_lora_from_dylora.py), alpha kept as it is.
+        #[arg(long, conflicts_with = "dynamic_method")]
+        truncate: bool,
     },
     /// Merge LoRA files into one LoRA, each at its strength (kohya's svd_merge_lora.py;
     /// without --rank exactly, the ranks concatenated, as merge_lora.py merges LoRAs).
@@ -1227,6 +1232,29 @@ fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora
     Ok(())
 }
 
+/// `trainer resize --truncate`: each adapter's first ranks (a DyLoRA's nested LoRAs).
+fn run_truncate(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    (rank, conv_rank): (usize, usize),
+    to: Option<AdapterFormat>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    if output.exists() {
+        anyhow::bail!("{} already exists; choose a new output path", output.display());
+    }
+    let (set, report) = load_adapters(input)?;
+    let cut = lora_core::resize::truncate_set(&set, rank, conv_rank).with_context(|| format!("truncating {}", input.display()))?;
+    let format = to.unwrap_or(report.format);
+    cut.save(output, format, dtype)?;
+    let ranks = |s: &lora_core::AdapterSet| {
+        let (lo, hi) = s.iter().map(|(_, w)| w.rank()).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
+        if lo == hi { lo.to_string() } else { format!("{lo}..{hi}") }
+    };
+    println!("{} ({:?}, {} adapters, rank {}) -> {} ({format:?}, {dtype:?}, rank {}): the first ranks of each adapter, alpha kept", input.display(), report.format, set.len(), ranks(&set), output.display(), ranks(&cut));
+    Ok(())
+}
+
 /// Copies a folder tree, skipping files for which `skip` is true.
 fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &dyn Fn(&std::path::Path) -> bool) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
@@ -1865,7 +1893,10 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
         Command::Convert { input, output, to, dtype } => run_convert(&input, &output, to, dtype),
         Command::ImportKohya { input, out } => run_import_kohya(&input, out.as_deref()),
         Command::UnbundleEmbeddings { lora, out, dtype } => run_unbundle_embeddings(&lora, &out, dtype),
-        Command::Resize { input, output, rank, conv_rank, rule, output_args, verbose } => {
+        Command::Resize { input, output, rank, conv_rank, output_args, truncate: true, .. } => {
+            run_truncate(&input, &output, (rank, conv_rank.unwrap_or(rank)), output_args.to, output_args.dtype)
+        }
+        Command::Resize { input, output, rank, conv_rank, rule, output_args, verbose, .. } => {
             let settings = rule.settings(rank, conv_rank)?;
             run_resize(&input, &output, &settings, output_args.to, output_args.dtype, verbose)
         }

@@ -318,6 +318,9 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         // As sd-scripts records its network module (the writer keeps this one for a LoRA).
         keys.push(("ss_network_module", "networks.lora_fa".into()));
     }
+    if l.dylora_unit > 0 {
+        keys.push(("ss_network_module", "networks.dylora".into()));
+    }
     keys.push(("ss_network_dim", l.rank.to_string()));
     keys.push(("ss_network_alpha", if l.alpha.fract() == 0.0 { format!("{:.1}", l.alpha) } else { l.alpha.to_string() }));
     if let Some(args) = network_args(l) {
@@ -497,6 +500,9 @@ fn network_args(l: &crate::config::LoraSection) -> Option<String> {
                 args.insert(key.into(), "True".into());
             }
         }
+    }
+    if l.dylora_unit > 0 {
+        args.insert("unit".into(), l.dylora_unit.to_string().into());
     }
     if l.block_lr_zero_threshold > 0.0 {
         args.insert("block_lr_zero_threshold".into(), l.block_lr_zero_threshold.to_string().into());

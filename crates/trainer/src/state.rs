@@ -197,7 +197,8 @@ pub fn export_moments<B: AutodiffBackend>(
     times: &mut BTreeMap<String, usize>,
 ) -> Result<(), TrainError> {
     for (key, p) in params {
-        let (time, m1, m2) = match p {
+        let id = p.id();
+        let (mut time, m1, m2) = match p {
             AdapterParam::Matrix(id, _) => match optim.moments::<2>(*id) {
                 Some((t, m1, m2)) => (t, HostTensor::from_tensor(m1)?, HostTensor::from_tensor(m2)?),
                 None => continue,
@@ -211,10 +212,20 @@ pub fn export_moments<B: AutodiffBackend>(
                 None => continue,
             },
         };
+        // A tensor trained a rank chunk at a time (DyLoRA) has a step count per value,
+        // saved as `<key>.t` (exact in f32 below 2^24 steps).
+        let counts = optim.has_rank_chunks(id).then(|| optim.step_counts(id)).flatten();
+        if let Some(counts) = &counts {
+            time = counts.iter().copied().max().unwrap_or(0);
+        }
         // Untouched moments need no saving; ADOPT's first step fills the second moments
         // without counting a step.
         if time == 0 && m2.data.iter().all(|v| *v == 0.0) {
             continue;
+        }
+        if let Some(counts) = counts {
+            let values = counts.iter().map(|c| *c as f32).collect();
+            moments.insert(format!("{key}.t"), HostTensor::new(m1.shape.clone(), values)?);
         }
         times.insert(key.clone(), time);
         moments.insert(format!("{key}.m1"), m1);
@@ -253,6 +264,15 @@ pub fn import_moments<B: AutodiffBackend>(
             }
         };
         set.map_err(|e| mismatch(key, e.to_string()))?;
+        let kt = format!("{key}.t");
+        if let Some(counts) = moments.get(&kt) {
+            let id = p.id();
+            if counts.data.iter().any(|c| !(c.is_finite() && *c >= 0.0 && c.fract() == 0.0)) {
+                return Err(mismatch(&kt, "step counts must be whole numbers of at least 0".into()));
+            }
+            let counts: Vec<usize> = counts.data.iter().map(|c| *c as usize).collect();
+            optim.set_step_counts(id, &counts).map_err(|e| mismatch(&kt, e.to_string()))?;
+        }
     }
     Ok(())
 }

@@ -699,6 +699,14 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     let mut layouts = HashMap::new();
     model.visit_lora_sites(&mut |_, site| layouts.extend(site.torch_layouts()));
     optim = optim.with_torch_layouts(|id| layouts.get(&id).cloned()).map_err(|e| TrainError::Config { origin: "train.optimizer".into(), reason: e.to_string() })?;
+    // DyLoRA: a step updates only the rank chunks it trained.
+    let mut chunks = HashMap::new();
+    model.visit_lora_sites(&mut |_, site| chunks.extend(site.dylora_rank_chunks()));
+    if !chunks.is_empty() {
+        optim = optim
+            .with_rank_chunks(|id| chunks.get(&id).copied())
+            .map_err(|e| TrainError::Config { origin: "lora.dylora_unit".into(), reason: e.to_string() })?;
+    }
     if let Some(adafactor) = config.train.adafactor_settings() {
         optim = optim.with_adafactor(adafactor).map_err(|e| TrainError::Config { origin: "train.adafactor_*".into(), reason: e.to_string() })?;
     }
@@ -767,6 +775,27 @@ fn adapters_from_weights<B: AutodiffBackend>(
     unet.visit_lora_sites(&mut |_, mut site| site.set_dropout(&dropout));
     for te in encoders.iter_mut() {
         te.visit_lora_sites(&mut |_, mut site| site.set_dropout(&dropout));
+    }
+    // DyLoRA trains the file's adapters in chunks too (each rank a multiple of the unit).
+    let unit = (l.dylora_unit > 0).then_some(l.dylora_unit);
+    let mut error = None;
+    let mut set_unit = |path: &str, mut site: lora_core::LoraSiteMut<'_, B>| {
+        if let Err(e) = site.set_dylora_unit(unit, path) {
+            error.get_or_insert(e);
+        }
+    };
+    unet.visit_lora_sites(&mut set_unit);
+    for te in encoders.iter_mut() {
+        te.visit_lora_sites(&mut set_unit);
+    }
+    if let Some(e) = error {
+        return Err(TrainError::Config {
+            origin: format!(
+                "lora.dylora_unit (with lora.network_weights = {})",
+                path.display()
+            ),
+            reason: e.to_string(),
+        });
     }
     Ok(on_te > 0)
 }
@@ -1027,6 +1056,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "lokr_unbalanced_factorization = false",
         "use_tucker = false",
         "lora_fa = false",
+        "dylora_unit = 0",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",
@@ -1115,6 +1145,9 @@ fn merge_base_weights<B: burn::tensor::backend::Backend>(c: &mut Components<B>, 
     crate::generate::merge_adapters(c);
     Ok(())
 }
+
+/// Mixed into the run's seed for DyLoRA's draws, apart from the other per-step streams.
+const DYLORA_SEED: u64 = 0xd1_1a_0f_5e_ed;
 
 /// Seed of burn's backend RNG (adapter dropout) at optimizer step `step`: reseeding every
 /// step makes a resumed run draw what an uninterrupted one would.
@@ -1410,6 +1443,7 @@ fn run<B: AutodiffBackend>(
     // its optimizer leaves them as they are (set again each step: an update of the other
     // tensors hands every trained tensor back with gradients on).
     let embedding_steps = config.embedding.train_steps(t.max_train_steps);
+    let dylora = config.lora.dylora_unit > 0;
     for step in first_step..t.max_train_steps {
         B::seed(device, step_seed(t.seed, step));
         let embedding_trains = embedding.is_some() && step < embedding_steps;
@@ -1425,7 +1459,17 @@ fn run<B: AutodiffBackend>(
         let mut accumulator = GradientsAccumulator::<sd_model::UNet2DConditionModel<B>>::new();
         let mut te_accumulators: Vec<_> = encoders.iter().map(|_| GradientsAccumulator::<sd_model::ClipTextModel<B>>::new()).collect();
         let mut step_loss = Tensor::<B::InnerBackend, 1>::zeros([1], device);
-        for _ in 0..t.gradient_accumulation_steps {
+        // DyLoRA: the rank chunks this step trains, drawn per pass (micro-batch).
+        let mut trained_chunks = lora_core::dylora::TrainedChunks::default();
+        for micro in 0..t.gradient_accumulation_steps {
+            if dylora {
+                let seed = step_seed(t.seed ^ DYLORA_SEED, step)
+                    ^ (micro as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                sites::draw_dylora_chunks(&mut unet, seed, &mut trained_chunks);
+                for (i, te) in encoders.iter_mut().enumerate().filter(|_| te_adapters) {
+                    sites::draw_dylora_chunks(te, seed ^ (i as u64 + 1), &mut trained_chunks);
+                }
+            }
             if progress.batch_in_epoch >= plans.len() {
                 progress.epoch += 1;
                 progress.batch_in_epoch = 0;
@@ -1593,8 +1637,12 @@ fn run<B: AutodiffBackend>(
                 ),
             });
         }
-        let grads = optim.gather_grads(&unet, grads);
-        let te_grads: Vec<_> = te_grads.into_iter().zip(te_optims.iter().zip(&encoders)).map(|(g, (o, te))| o.gather_grads(te, g)).collect();
+        let grads = optim.restrict_to_chunks(optim.gather_grads(&unet, grads), &trained_chunks);
+        let te_grads: Vec<_> = te_grads
+            .into_iter()
+            .zip(te_optims.iter().zip(&encoders))
+            .map(|(g, (o, te))| o.restrict_to_chunks(o.gather_grads(te, g), &trained_chunks))
+            .collect();
         // Clipping, the non-finite skip and the loss scale, decided on the device: the
         // next step is queued without waiting for this one.
         let sq_norm = te_grads.iter().fold(grads.sq_norm(), |sum, g| sum + g.sq_norm());
@@ -1611,6 +1659,12 @@ fn run<B: AutodiffBackend>(
             // (its order: the text encoders' groups first).
             let mut all: Vec<&mut FlatAdamW<B>> = te_optims.iter_mut().chain(std::iter::once(&mut optim)).collect();
             lora_core::optim::share_prodigy_plus(&mut all, &te_pools).map_err(|e| TrainError::Config { origin: "train.optimizer".into(), reason: e.to_string() })?;
+        }
+        if dylora {
+            // Between steps (validation, samples, saving) the adapters are the LoRAs they
+            // save as.
+            sites::clear_dylora_chunks(&mut unet);
+            encoders.iter_mut().for_each(|te| sites::clear_dylora_chunks(te));
         }
         progress.step = step + 1;
         // Prodigy's, DAdaptAdam's or Prodigy + schedule-free's step sizes after the step

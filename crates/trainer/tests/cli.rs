@@ -177,6 +177,64 @@ fn an_imported_kohya_config_trains() {
 /// 64 px, as the demo trains; SD1.x would be 512), takes one side alone, lays several
 /// images per prompt out in a row each, and refuses a zero side or one past 8192 px with
 /// an error.
+/// A kohya DyLoRA config (`networks.dylora`, LoCon ranks) imports and trains; `trainer
+/// resize --truncate` cuts each adapter's first ranks out as a LoRA of its own (kohya's
+/// extract_lora_from_dylora.py), alpha kept, and refuses what it cannot do.
+#[test]
+fn a_kohya_dylora_trains_and_its_nested_loras_are_cut_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let kohya = dir.path().join("kohya.toml");
+    let run = dir.path().join("run");
+    std::fs::write(
+        &kohya,
+        format!(
+            "[model_arguments]\npretrained_model_name_or_path = \"tiny\"\n[dataset_arguments]\ntrain_data_dir = \"demo\"\nresolution = \"64,64\"\n\
+             [training_arguments]\noutput_dir = \"{}\"\nmax_train_steps = 2\nnetwork_module = \"networks.dylora\"\nnetwork_dim = 4\nnetwork_alpha = 2\n\
+             network_args = [\"unit=2\", \"conv_dim=4\", \"conv_alpha=1\"]\nunet_lr = 1e-3\nnetwork_train_unet_only = true\nseed = 3\n",
+            run.display()
+        ),
+    )
+    .unwrap();
+    let ours = dir.path().join("ours.toml");
+    let (ok, text) = trainer(&["import-kohya", kohya.to_str().unwrap(), "--out", ours.to_str().unwrap()]);
+    assert!(ok && text.contains("conv_alpha"), "the ignored conv_alpha is named: {text}");
+    assert!(std::fs::read_to_string(&ours).unwrap().contains("dylora_unit = 2"));
+    let (ok, text) = trainer(&["train", "--config", ours.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let trained_path = run.join("last.safetensors");
+    let (trained, _) = load(&trained_path);
+    assert!(trained.iter().any(|(_, w)| w.is_conv() && w.down.shape[2..] == [3, 3]), "3x3 convolutions have adapters");
+
+    let input = trained_path.to_str().unwrap();
+    let cut_path = dir.path().join("rank2.safetensors");
+    let (ok, text) = trainer(&["resize", input, cut_path.to_str().unwrap(), "--rank", "2", "--truncate", "--dtype", "f32"]);
+    assert!(ok && text.contains("rank 4)") && text.contains("rank 2)"), "{text}");
+    let (cut, format) = load(&cut_path);
+    assert_eq!((format, cut.len()), (AdapterFormat::Kohya, trained.len()));
+    for (key, w) in cut.iter() {
+        let before = trained.get(key).unwrap();
+        assert_eq!((w.rank(), w.alpha), (2, before.alpha), "{key}");
+        let row = before.down.numel() / 4;
+        assert_eq!(w.down.data, before.down.data[..2 * row], "{key}: the first rows of `down`");
+        let up: Vec<f32> = before.up.data.chunks(4).flat_map(|r| r[..2].to_vec()).collect();
+        assert_eq!(w.up.data, up, "{key}: the first columns of `up`");
+    }
+    let comment = &cut.metadata["ss_training_comment"];
+    assert!(comment.starts_with("split from DyLoRA, rank 4 to 2"), "{comment}");
+
+    let other = dir.path().join("other.safetensors");
+    let other = other.to_str().unwrap();
+    for (args, expect) in [
+        (vec!["resize", input, other, "--rank", "0", "--truncate"], "at least 1"),
+        (vec!["resize", input, other, "--rank", "2", "--truncate", "--dynamic-method", "sv_fro", "--dynamic-param", "0.5"], "--truncate"),
+        (vec!["resize", input, cut_path.to_str().unwrap(), "--rank", "2", "--truncate"], "already exists"),
+    ] {
+        let (ok, text) = trainer(&args);
+        assert!(!ok && text.contains(expect), "{args:?}: {text}");
+    }
+    assert!(!Path::new(other).exists());
+}
+
 #[test]
 fn generate_defaults_to_the_models_size() {
     let dir = tempfile::tempdir().unwrap();

@@ -1153,6 +1153,81 @@ fn lora_fa_trains_only_up_and_resumes_bit_for_bit() {
     assert_resumes_bit_for_bit(&fa(dir.path(), 6), &straight, |c| c.lora.lora_fa = false, "lora_fa");
 }
 
+/// DyLoRA (`lora.dylora_unit`, kohya's networks.dylora): a step trains one chunk of `unit`
+/// ranks per adapter and pass, so after a first step from zero `up`s (one pass, gradient
+/// checkpointing on: the recomputed forward trains the same chunk) each adapter's `up` is
+/// nonzero in exactly one chunk, and different adapters drew different chunks. The file
+/// records kohya's module and unit; a run (two passes a step, text encoder adapters
+/// included) resumes bit for bit, each value's step count restored (AdamW's bias
+/// correction depends on it), and its state does not resume without DyLoRA.
+#[test]
+fn dylora_trains_a_rank_chunk_per_pass_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    let dy = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.dropout = 0.0;
+        c.lora.dylora_unit = 2;
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+        c.lora.conv_rank = 4;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let one_dir = tempfile::tempdir().unwrap();
+    let mut one = dy(one_dir.path(), 1);
+    one.train.gradient_accumulation_steps = 1;
+    one.train.gradient_checkpointing = true;
+    let first = train::<B>(&one, &Default::default(), &mut |_| true).unwrap();
+    let meta = lora_metadata(&first.lora);
+    assert_eq!(meta["ss_network_module"], "networks.dylora", "as sd-scripts records it");
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!(args["unit"], "2", "{args}");
+    let (set, _) = AdapterSet::load(&first.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    let mut drawn = std::collections::BTreeSet::new();
+    for (key, w) in set.iter() {
+        assert_eq!(w.rank(), 4, "{key:?}");
+        // `up [out, rank, ..]` (1x1 for convolutions): the chunks with a nonzero value.
+        let live: std::collections::BTreeSet<usize> = w.up.data.chunks(4).flat_map(|r| r.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(j, _)| j / 2)).collect();
+        assert_eq!(live.len(), 1, "{key:?}: one chunk of `up` trained, not {live:?}");
+        drawn.extend(live);
+    }
+    assert_eq!(drawn.len(), 2, "adapters draw their own chunks");
+
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&dy(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    assert!(straight.losses.iter().all(|l| l.is_finite()), "{:?}", straight.losses);
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&dy(dir.path(), 6), &straight, |c| c.lora.dylora_unit = 0, "dylora_unit");
+}
+
+/// What DyLoRA cannot combine with is refused by name before a run starts.
+#[test]
+fn dylora_refuses_what_it_cannot_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = {
+        let mut c = quick_config(dir.path(), 2);
+        (c.lora.rank, c.lora.dylora_unit) = (4, 2);
+        c
+    };
+    assert!(base.validate().is_ok());
+    type Edit = fn(&mut TrainConfig);
+    let cases: [(&str, Edit); 5] = [
+        ("divide", |c| c.lora.dylora_unit = 3),
+        ("lora.dora", |c| c.lora.dora = true),
+        ("lora.dropout", |c| c.lora.dropout = 0.1),
+        ("lora.conv_rank", |c| {
+            c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+            c.lora.conv_rank = 3;
+        }),
+        ("adafactor", |c| c.train.optimizer = trainer::config::Optimizer::Adafactor),
+    ];
+    for (expect, edit) in cases {
+        let mut c = base.clone();
+        edit(&mut c);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("lora.dylora_unit") && err.to_lowercase().contains(expect), "{expect}: {err}");
+    }
+}
+
 /// LyCORIS' rank dropout on a LoRA (`lora.lycoris_rank_dropout`, LyCORIS' LoCon) trains,
 /// and not as kohya's does; `rank_dropout_scale` needs it (or LoHa / LoKr), and DoRA does
 /// not combine with it.

@@ -84,12 +84,10 @@ fn mode<T: Ord + Copy>(values: impl Iterator<Item = T>) -> Option<T> {
 /// `ss_network_*` keys as kohya writes them, computed from the adapters themselves.
 fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
     let mut meta = HashMap::new();
-    // kohya's LoRA-FA module trains plain LoRAs: a recorded `networks.lora_fa` stays (a
-    // DoRA or LyCORIS adapter below says otherwise).
-    let module = match set.metadata.get("ss_network_module").map(String::as_str) {
-        Some("networks.lora_fa") => "networks.lora_fa",
-        _ => "networks.lora",
-    };
+    // kohya's LoRA-FA and DyLoRA modules train plain LoRAs: a recorded `networks.lora_fa`
+    // or `networks.dylora` stays (a DoRA or LyCORIS adapter below says otherwise).
+    let recorded = set.metadata.get("ss_network_module").map(String::as_str);
+    let module = recorded.filter(|m| matches!(*m, "networks.lora_fa" | "networks.dylora")).unwrap_or("networks.lora");
     meta.insert("ss_network_module".into(), module.into());
     // The recorded network args, with ours added (kohya writes all it was given, e.g.
     // `rank_dropout`).

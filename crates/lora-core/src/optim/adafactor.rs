@@ -350,6 +350,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// ```
     pub fn with_adafactor(mut self, settings: AdafactorSettings) -> Result<Self> {
         settings.validate()?;
+        self.refuse_rank_chunks("Adafactor and CAME")?;
         self.clear_rules();
         let device = self.params.device();
         let len = self.len();

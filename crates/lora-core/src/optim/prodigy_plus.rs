@@ -449,6 +449,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// ```
     pub fn with_prodigy_plus(mut self, settings: ProdigyPlusSettings, group_of: impl Fn(ParamId) -> usize) -> Result<Self> {
         settings.validate()?;
+        self.refuse_rank_chunks("Prodigy + schedule-free")?;
         let device = self.params.device();
         let len = self.len();
         let tensor_groups: Vec<usize> = self.order.iter().map(|id| group_of(*id)).collect();
