@@ -323,6 +323,8 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     sgd: Option<SgdSettings>,
     /// Tensors trained a rank chunk at a time ([`FlatAdamW::with_rank_chunks`]).
     chunks: Option<ChunkTable<B>>,
+    /// AMSGrad's largest second moment so far, per value ([`FlatAdamW::with_amsgrad`]).
+    amsgrad: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 /// Why factored optimizers refuse tensors trained a rank chunk at a time.
@@ -372,6 +374,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             ademamix: None,
             sgd: None,
             chunks: None,
+            amsgrad: None,
         };
         if len > 0 {
             let mut gather = Gather::<B> {
@@ -547,6 +550,81 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// Whether this optimizer takes Lion's update ([`with_lion`](Self::with_lion)).
     pub fn is_lion(&self) -> bool {
         self.lion
+    }
+
+    /// AMSGrad (Reddi et al. 2018; PyTorch's `AdamW(amsgrad=True)`): Adam's step divides
+    /// by the square root of the largest second moment each value has had so far (bias
+    /// corrected with the current step count), not by the current one, so a value's step
+    /// size never grows back when its gradients shrink. One more flat vector of state
+    /// ([`amsgrad_state`](Self::amsgrad_state)). For Adam's update only: an error when
+    /// another rule (Lion, Prodigy, Adafactor, D-Adaptation, schedule-free, AdEMAMix, SGD)
+    /// is set, and a later `with_*` rule drops it.
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, Flex};
+    /// use burn::module::Param;
+    /// use burn::optim::GradientsParams;
+    /// use burn::tensor::Tensor;
+    /// use lora_core::optim::{AdamWSettings, FlatAdamW};
+    ///
+    /// type B = Autodiff<Flex>;
+    /// let device = Default::default();
+    /// let settings = AdamWSettings { weight_decay: 0.0, ..AdamWSettings::default() };
+    /// let start = Param::from_tensor(Tensor::<B, 1>::zeros([1], &device));
+    /// let run = |amsgrad: bool| -> f32 {
+    ///     let mut p = start.clone();
+    ///     let mut optim = FlatAdamW::new(settings, &p, &device);
+    ///     if amsgrad {
+    ///         optim = optim.with_amsgrad().unwrap();
+    ///     }
+    ///     // A large gradient, then small ones: Adam's second moment decays, AMSGrad's not.
+    ///     for g in [10.0, 0.1, 0.1, 0.1] {
+    ///         let grads = (p.val() * g).sum().backward();
+    ///         let grads = optim.gather_grads(&p, GradientsParams::from_grads(grads, &p));
+    ///         p = optim.step(0.1, p, grads);
+    ///     }
+    ///     p.val().into_scalar()
+    /// };
+    /// let (adam, amsgrad) = (run(false), run(true));
+    /// assert!(amsgrad.abs() < adam.abs(), "smaller late steps: {amsgrad} vs {adam}");
+    /// assert!(FlatAdamW::new(settings, &start, &device).with_lion().with_amsgrad().is_err());
+    /// ```
+    pub fn with_amsgrad(mut self) -> Result<Self> {
+        let other = self.lion
+            || self.prodigy.is_some()
+            || self.adafactor.is_some()
+            || self.dadapt.is_some()
+            || self.schedule_free.is_some()
+            || self.prodigy_plus.is_some()
+            || self.ademamix.is_some()
+            || self.sgd.is_some();
+        if other {
+            return Err(LoraError::Optimizer("AMSGrad is a variant of Adam's update; this optimizer has another".into()));
+        }
+        self.amsgrad = Some(self.moment_2.zeros_like());
+        Ok(self)
+    }
+
+    /// AMSGrad's largest second moment of each value, flat (`None` without AMSGrad), to
+    /// save with a run.
+    pub fn amsgrad_state(&self) -> Option<Tensor<B::InnerBackend, 1>> {
+        self.amsgrad.clone()
+    }
+
+    /// Restores [`amsgrad_state`](Self::amsgrad_state) (resuming a run): an error without
+    /// AMSGrad or for a vector of another length.
+    pub fn set_amsgrad_state(&mut self, max_v: Tensor<B::InnerBackend, 1>) -> Result<()> {
+        let Some(current) = &self.amsgrad else {
+            return Err(LoraError::Optimizer("this optimizer has no AMSGrad state".into()));
+        };
+        if max_v.dims() != current.dims() {
+            return Err(LoraError::ShapeMismatch {
+                key: "AMSGrad's largest second moments".into(),
+                reason: format!("{} values for an optimizer of {}", max_v.dims()[0], current.dims()[0]),
+            });
+        }
+        self.amsgrad = Some(max_v);
+        Ok(())
     }
 
     /// Prodigy's current step-size estimate `d` (shape `[1]`, on the device: no read);
@@ -852,6 +930,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             return self.scatter_working(module);
         }
         let (m, v, params) = self.update(lr, time.clone(), grad, self.params.clone());
+        if let Some(max_v) = &self.amsgrad {
+            let grown = max_v.clone().max_pair(v.clone());
+            self.amsgrad = Some(match &mask {
+                None => grown,
+                Some(mask) => max_v.clone().mask_where(mask.clone(), grown),
+            });
+        }
         match mask {
             None => (self.moment_1, self.moment_2, self.params) = (m, v, params),
             Some(mask) => {
@@ -888,7 +973,13 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             let m = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(1.0 - s.beta_1));
             let v = self.moment_2.clone().mul_scalar(s.beta_2).add(grad.square().mul_scalar(1.0 - s.beta_2));
             let m_hat = m.clone().div(self.bias.beta_1.clone().select(0, time.clone()));
-            let v_hat = v.clone().div(self.bias.beta_2.clone().select(0, time));
+            // AMSGrad divides by the largest second moment so far (PyTorch's
+            // `max_exp_avg_sq`, bias-corrected with this step's count).
+            let v_max = match &self.amsgrad {
+                Some(max_v) => max_v.clone().max_pair(v.clone()),
+                None => v.clone(),
+            };
+            let v_hat = v_max.div(self.bias.beta_2.clone().select(0, time));
             let delta = m_hat.div(v_hat.sqrt().add_scalar(s.epsilon));
             (m, v, delta)
         };
@@ -1226,6 +1317,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         self.prodigy_plus = None;
         self.ademamix = None;
         self.sgd = None;
+        self.amsgrad = None;
     }
 
     /// Records that step counts may reach `bound`, growing the bias tables to cover it.

@@ -811,6 +811,11 @@ pub struct TrainSection {
     pub adam_epsilon: f32,
     /// AdamW decoupled weight decay.
     pub adam_weight_decay: f32,
+    /// AMSGrad (PyTorch's `AdamW(amsgrad=True)`, kohya's `optimizer_args =
+    /// ["amsgrad=True"]`): each value's step divides by the largest second moment it has
+    /// had, so its step size never grows back when its gradients shrink. With `optimizer =
+    /// "adamw"` only; one more vector of optimizer state (the size of the adapters).
+    pub amsgrad: bool,
     /// `adamw`, `prodigy` (AdamW with Prodigy's step sizes; β, ε and weight decay are the
     /// `adam_*` keys), `lion` (β from `lion_beta1` / `lion_beta2`, weight decay from
     /// `adam_weight_decay`), `adafactor` (the `adafactor_*` keys, weight decay from
@@ -1593,6 +1598,7 @@ impl Default for TrainConfig {
                 adam_beta2: 0.999,
                 adam_epsilon: 1e-8,
                 adam_weight_decay: 1e-2,
+                amsgrad: false,
                 optimizer: Optimizer::Adamw,
                 lion_beta1: 0.9,
                 lion_beta2: 0.99,
@@ -1958,6 +1964,10 @@ impl TrainConfig {
         }
         if !(t.adam_weight_decay.is_finite() && t.adam_weight_decay >= 0.0) {
             return bad("train.adam_weight_decay must be at least 0");
+        }
+        if t.amsgrad && t.optimizer != Optimizer::Adamw {
+            let name = serde_json::to_value(t.optimizer).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+            return Err(TrainError::Config { origin: "train.amsgrad".into(), reason: format!("is AdamW's (optimizer = \"adamw\"); train.optimizer is \"{name}\"") });
         }
         if t.torch_schedule()?.is_some() && t.warmup_steps() > 0 && !t.optimizer.is_schedule_free() {
             return bad(&format!(

@@ -1595,6 +1595,13 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
                     return Err(bad("Prodigy's weight decay is always decoupled (AdamW-style) here"));
                 }
             }
+            // bitsandbytes' 8-bit and paged AdamWs take `amsgrad` and ignore it.
+            ("amsgrad", Optimizer::Adamw) if quantized => {
+                if flag()? {
+                    notes.push(format!("optimizer_args amsgrad=True with {name}: bitsandbytes takes the argument and ignores it (its kernel has no AMSGrad); so does this import"));
+                }
+            }
+            ("amsgrad", Optimizer::Adamw) if !name.starts_with("transformers.") => t.amsgrad = flag()?,
             // Options that change nothing in the update (bitsandbytes' and torch's
             // implementation switches) at their neutral values.
             ("amsgrad" | "maximize", _) if py == PyValue::Bool(false) => {}
@@ -2504,6 +2511,24 @@ wandb_run_name = "my_style"
         }
     }
 
+    /// `amsgrad=True`: PyTorch's AdamW's AMSGrad; bitsandbytes' 8-bit AdamW takes the
+    /// argument and ignores it (a note); transformers' AdamW and the other optimizers
+    /// have no such argument.
+    #[test]
+    fn amsgrad_maps_for_torch_adamw() {
+        let t = import(&format!("{MINIMAL}optimizer_type = \"AdamW\"\noptimizer_args = [\"amsgrad=True\"]")).unwrap().config.train;
+        assert!(t.amsgrad);
+        let t = import(&format!("{MINIMAL}optimizer_type = \"torch.optim.AdamW\"\noptimizer_args = [\"amsgrad=False\"]")).unwrap().config.train;
+        assert!(!t.amsgrad);
+        let i = import(&format!("{MINIMAL}optimizer_type = \"AdamW8bit\"\noptimizer_args = [\"amsgrad=True\"]")).unwrap();
+        assert!(!i.config.train.amsgrad);
+        assert!(i.notes.iter().any(|n| n.contains("amsgrad=True") && n.contains("ignores it")), "{:?}", i.notes);
+        for extra in ["optimizer_type = \"transformers.optimization.AdamW\"", "optimizer_type = \"Lion\""] {
+            let e = error(&format!("{MINIMAL}{extra}\noptimizer_args = [\"amsgrad=True\"]"));
+            assert!(e.contains("amsgrad=True"), "{extra}: {e}");
+        }
+    }
+
     /// sd-scripts validates after every epoch unless `validate_every_n_epochs` says
     /// otherwise; `save_n_epoch_ratio` carries over.
     #[test]
@@ -2865,7 +2890,7 @@ wandb_run_name = "my_style"
             ("network_dim = \"abc\"", "`network_dim` must be a number"),
             ("network_dim = 4.5", "`network_dim` must be a whole number"),
             ("optimizer_args = [\"weight_decay\"]", "`optimizer_args`: `weight_decay` is not KEY=VALUE"),
-            ("optimizer_args = [\"amsgrad=True\"]", "`amsgrad=True`: not supported"),
+            ("optimizer_args = [\"maximize=True\"]", "`maximize=True`: not supported"),
             ("lr_scheduler = \"rex\"", "`lr_scheduler` = \"rex\" is not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),

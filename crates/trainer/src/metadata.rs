@@ -132,7 +132,10 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
     let train_te = l.text_encoder_targets != sd_model::targets::TextEncoderTargets::None;
     let te_lr = if t.text_encoder_lr > 0.0 { t.text_encoder_lr } else { t.learning_rate };
     let optimizer = match t.optimizer {
-        Optimizer::Adamw => format!("AdamW(weight_decay={},betas=({}, {}),eps={})", t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon),
+        Optimizer::Adamw => {
+            let amsgrad = if t.amsgrad { ",amsgrad=True" } else { "" };
+            format!("AdamW(weight_decay={},betas=({}, {}),eps={}{amsgrad})", t.adam_weight_decay, t.adam_beta1, t.adam_beta2, t.adam_epsilon)
+        }
         Optimizer::Prodigy => format!("Prodigy(d_coef={},use_bias_correction={},weight_decay={})", t.prodigy_d_coef, py_bool(t.prodigy_use_bias_correction), t.adam_weight_decay),
         Optimizer::Lion => format!("Lion(weight_decay={},betas=({}, {}))", t.adam_weight_decay, t.lion_beta1, t.lion_beta2),
         Optimizer::DadaptAdam => format!(

@@ -291,6 +291,9 @@ pub fn export_optimizer_state<B: AutodiffBackend>(optim: &FlatAdamW<B>, name: &s
         put(format!("prodigy.{name}.s"), state.s)?;
         put(format!("prodigy.{name}.scalars"), state.scalars)?;
     }
+    if let Some(max_v) = optim.amsgrad_state() {
+        put(format!("amsgrad.{name}.max_v"), max_v)?;
+    }
     if let Some(state) = optim.adafactor_state() {
         put(format!("adafactor.{name}.rows"), state.rows)?;
         put(format!("adafactor.{name}.cols"), state.cols)?;
@@ -339,6 +342,12 @@ pub fn import_optimizer_state<B: AutodiffBackend>(
     if same_optimizer(optim, moments, &key("prodigy", "scalars"), optim.prodigy_d().is_some(), "prodigy", origin)? {
         let (p0, s, scalars) = (vector(&key("prodigy", "p0"), len)?, vector(&key("prodigy", "s"), len)?, vector(&key("prodigy", "scalars"), 4)?);
         optim.set_prodigy_state(lora_core::optim::ProdigyState { p0, s, scalars }).map_err(|e| mismatch(&key("prodigy", "p0"), e.to_string()))?;
+    }
+    // The fingerprint has AMSGrad's line: a state that has its vector resumes with it.
+    if optim.amsgrad_state().is_some() && !optim.is_empty() {
+        let k = key("amsgrad", "max_v");
+        let max_v = vector(&k, len)?;
+        optim.set_amsgrad_state(max_v).map_err(|e| mismatch(&k, e.to_string()))?;
     }
     let adafactor = optim.adafactor_state();
     let restore = same_optimizer(optim, moments, &key("adafactor", "rows"), adafactor.is_some(), "adafactor", origin)?;

@@ -726,6 +726,9 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
         let settings = config.train.prodigy_plus_settings();
         optim = optim.with_prodigy_plus(settings, |id| groups.get(&id).copied().unwrap_or(0)).map_err(|e| TrainError::Config { origin: "train.prodigy_plus_*".into(), reason: e.to_string() })?;
     }
+    if config.train.amsgrad {
+        optim = optim.with_amsgrad().map_err(|e| TrainError::Config { origin: "train.amsgrad".into(), reason: e.to_string() })?;
+    }
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
         let magnitudes = magnitude_ids(model);
         optim = optim.with_working_dtype(dtype).with_master_copies(|id| magnitudes.contains(&id));
@@ -1098,7 +1101,9 @@ fn fingerprint(config: &TrainConfig) -> String {
         crate::config::Optimizer::ProdigyPlusScheduleFree => "train.optimizer = \"prodigy_plus_schedule_free\"\n",
         crate::config::Optimizer::Ademamix => "train.optimizer = \"ademamix\"\n",
         crate::config::Optimizer::Sgd => "train.optimizer = \"sgd\"\n",
-        // AdamW states predate the line; Prodigy's own state names it.
+        // AdamW states predate the line (AMSGrad's has one of its own); Prodigy's own
+        // state names it.
+        crate::config::Optimizer::Adamw if config.train.amsgrad => "train.amsgrad = true\n",
         crate::config::Optimizer::Adamw | crate::config::Optimizer::Prodigy => "",
     };
     // The merged base is part of the model: each file's strength and tensors (states from

@@ -1065,6 +1065,39 @@ fn prodigy_trains_and_resumes_bit_for_bit() {
     assert!(err.to_string().contains("prodigy_growth_rate"), "{err}");
 }
 
+/// `train.amsgrad`: AdamW with AMSGrad trains other adapters than plain AdamW (its step
+/// sizes cannot grow back), records it as sd-scripts' optimizer string does, resumes bit
+/// for bit (its largest second moments saved with the state), and its state does not
+/// resume without it; other optimizers refuse it by name.
+#[test]
+fn amsgrad_trains_and_resumes_bit_for_bit() {
+    let _guard = seeded();
+    let ams = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.train.amsgrad = true;
+        // A fast-forgetting second moment, so that its maximum differs from it early on.
+        c.train.adam_beta2 = 0.5;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&ams(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    assert!(lora_metadata(&straight.lora)["ss_optimizer"].ends_with(",amsgrad=True)"));
+    let adamw_dir = tempfile::tempdir().unwrap();
+    let mut adamw = ams(adamw_dir.path(), 6);
+    adamw.train.amsgrad = false;
+    let adamw = train::<B>(&adamw, &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(straight.losses[..2], adamw.losses[..2], "the same first steps: the maxima are the moments");
+    assert_ne!(straight.losses, adamw.losses, "AMSGrad's later steps differ");
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&ams(dir.path(), 6), &straight, |c| c.train.amsgrad = false, "amsgrad");
+    let mut lion = ams(dir.path(), 6);
+    lion.train.optimizer = trainer::config::Optimizer::Lion;
+    let err = lion.validate().unwrap_err().to_string();
+    assert!(err.contains("train.amsgrad") && err.contains("lion"), "{err}");
+}
+
 #[test]
 fn lion_trains_and_resumes_bit_for_bit() {
     let _guard = seeded();
