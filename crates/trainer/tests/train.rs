@@ -1232,6 +1232,44 @@ fn dylora_trains_a_rank_chunk_per_pass_and_resumes_bit_for_bit() {
     assert_resumes_bit_for_bit(&dy(dir.path(), 6), &straight, |c| c.lora.dylora_unit = 0, "dylora_unit");
 }
 
+/// Continuing a file (`network_weights` with `dim_from_weights`) with DyLoRA trains the
+/// file's adapters a chunk at a time: after one step each adapter's `up` changed in one
+/// chunk only, the others kept to the bit (no update, no weight decay). A file whose ranks
+/// the unit does not divide is refused, naming the key and the file.
+#[test]
+fn dylora_continues_a_file_one_chunk_at_a_time() {
+    let _guard = seeded();
+    let index = tiny_index();
+    let load = |path: &std::path::Path| AdapterSet::load(path, &index, ReadOptions::default()).unwrap().0;
+    let first_dir = tempfile::tempdir().unwrap();
+    let mut first = quick_config(first_dir.path(), 2);
+    first.output.sample_prompts.clear();
+    first.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
+    first.lora.rank = 4;
+    first.output.save_precision = lora_core::SaveDtype::F32;
+    let before = load(&train::<B>(&first, &Default::default(), &mut |_| true).unwrap().lora);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut next = first.clone();
+    next.output.output_dir = dir.path().to_path_buf();
+    next.train.max_train_steps = 1;
+    next.train.lr_warmup_steps = 0;
+    next.lora.network_weights = first_dir.path().join("demo_lora.safetensors").display().to_string();
+    next.lora.dim_from_weights = true;
+    next.lora.dylora_unit = 2;
+    let after = load(&train::<B>(&next, &Default::default(), &mut |_| true).unwrap().lora);
+    for (key, w) in after.iter() {
+        let old = before.get(key).unwrap();
+        let changed: std::collections::BTreeSet<usize> = w.up.data.iter().zip(&old.up.data).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i % 4 / 2).collect();
+        assert_eq!(changed.len(), 1, "{key:?}: one chunk of `up` trained, not {changed:?}");
+    }
+
+    let mut uneven = next.clone();
+    (uneven.lora.rank, uneven.lora.dylora_unit) = (6, 3);
+    let err = train::<B>(&uneven, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("lora.dylora_unit") && err.contains("demo_lora.safetensors"), "{err}");
+}
+
 /// What DyLoRA cannot combine with is refused by name before a run starts.
 #[test]
 fn dylora_refuses_what_it_cannot_train() {
