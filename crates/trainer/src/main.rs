@@ -1565,6 +1565,12 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
             println!("  {label}: {value}");
         }
     }
+    if info.metadata.get("ss_network_module").is_some_and(|m| m == "networks.dylora") {
+        // What a DyLoRA is for, in the words of its tool.
+        let unit = info.metadata.get("ss_network_args").and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok()).and_then(|a| a["unit"].as_str().map(String::from));
+        let unit = unit.unwrap_or_else(|| "1".into());
+        println!("  DyLoRA: its first k·{unit} ranks are a LoRA of their own (trainer resize IN OUT --rank K --truncate)");
+    }
     let counts = info.tag_frequency();
     if !counts.is_empty() && tags > 0 {
         let shown: Vec<String> = counts.iter().take(tags).map(|(t, n)| format!("{t} ({n})")).collect();

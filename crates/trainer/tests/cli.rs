@@ -221,6 +221,8 @@ fn a_kohya_dylora_trains_and_its_nested_loras_are_cut_out() {
     }
     let comment = &cut.metadata["ss_training_comment"];
     assert!(comment.starts_with("split from DyLoRA, rank 4 to 2"), "{comment}");
+    let (ok, text) = trainer(&["info", input]);
+    assert!(ok && text.contains("network module: networks.dylora") && text.contains("first k·2 ranks"), "{text}");
 
     let other = dir.path().join("other.safetensors");
     let other = other.to_str().unwrap();
