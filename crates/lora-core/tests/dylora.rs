@@ -200,30 +200,21 @@ fn check(name: &str, result: (f64, LoraWeights)) {
 fn linear_trains_as_kohya() {
     let f = fixture();
     let layer = layer(&f, "linear", linear, linear_site);
-    check(
-        "linear",
-        train(&f, "linear", layer, linear_site, linear_forward, true),
-    );
+    check("linear", train(&f, "linear", layer, linear_site, linear_forward, true));
 }
 
 #[test]
 fn conv_trains_as_kohya() {
     let f = fixture();
     let layer = layer(&f, "conv", conv, conv_site);
-    check(
-        "conv",
-        train(&f, "conv", layer, conv_site, conv_forward, true),
-    );
+    check("conv", train(&f, "conv", layer, conv_site, conv_forward, true));
 }
 
 #[test]
 fn accumulated_passes_train_both_chunks() {
     let f = fixture();
     let layer = layer(&f, "accumulated", linear, linear_site);
-    check(
-        "accumulated",
-        train(&f, "accumulated", layer, linear_site, linear_forward, true),
-    );
+    check("accumulated", train(&f, "accumulated", layer, linear_site, linear_forward, true));
 }
 
 /// Without the chunk-wise update (every rank's moments, decay and step count moving each

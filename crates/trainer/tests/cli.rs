@@ -138,6 +138,20 @@ fn resize_lowers_ranks_and_refuses_bad_requests() {
     assert!(!Path::new(other).exists());
 }
 
+/// A kohya sd-scripts config in `dir` that trains the tiny model on the demo data at 64 px
+/// for two steps, UNet only, into `dir/run`, with `dataset` and `training` options added
+/// to its sections; returns its path and the run's folder.
+fn kohya_config(dir: &Path, dataset: &str, training: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (kohya, run) = (dir.join("kohya.toml"), dir.join("run"));
+    let text = format!(
+        "[model_arguments]\npretrained_model_name_or_path = \"tiny\"\n[dataset_arguments]\ntrain_data_dir = \"demo\"\nresolution = \"64,64\"\n{dataset}\
+         [training_arguments]\noutput_dir = \"{}\"\nmax_train_steps = 2\nunet_lr = 1e-3\nnetwork_train_unet_only = true\nseed = 3\n{training}",
+        run.display()
+    );
+    std::fs::write(&kohya, text).unwrap();
+    (kohya, run)
+}
+
 /// A kohya sd-scripts config converted with `trainer import-kohya` trains as it is: the
 /// LoRA under sd-scripts' default name, no sample grid without sample prompts; the
 /// converted file is never written over, and `train --config` on the kohya file says how
@@ -145,17 +159,7 @@ fn resize_lowers_ranks_and_refuses_bad_requests() {
 #[test]
 fn an_imported_kohya_config_trains() {
     let dir = tempfile::tempdir().unwrap();
-    let kohya = dir.path().join("kohya.toml");
-    let run = dir.path().join("run");
-    std::fs::write(
-        &kohya,
-        format!(
-            "[model_arguments]\npretrained_model_name_or_path = \"tiny\"\n[dataset_arguments]\ntrain_data_dir = \"demo\"\nresolution = \"64,64\"\ncache_latents = true\n\
-             [training_arguments]\noutput_dir = \"{}\"\nmax_train_steps = 2\nnetwork_dim = 4\nunet_lr = 1e-3\nnetwork_train_unet_only = true\noptimizer_type = \"AdamW8bit\"\nseed = 3\n",
-            run.display()
-        ),
-    )
-    .unwrap();
+    let (kohya, run) = kohya_config(dir.path(), "cache_latents = true\n", "network_dim = 4\noptimizer_type = \"AdamW8bit\"\n");
     let ours = dir.path().join("ours.toml");
     let (ok, text) = trainer(&["import-kohya", kohya.to_str().unwrap(), "--out", ours.to_str().unwrap()]);
     assert!(ok && text.contains("AdamW8bit") && text.contains("cache_latents"), "{text}");
@@ -173,28 +177,14 @@ fn an_imported_kohya_config_trains() {
     assert!(!run.join("samples.png").exists(), "no sample prompts, no samples");
 }
 
-/// `trainer generate` makes images at the model's size unless told (the tiny model's
-/// 64 px, as the demo trains; SD1.x would be 512), takes one side alone, lays several
-/// images per prompt out in a row each, and refuses a zero side or one past 8192 px with
-/// an error.
 /// A kohya DyLoRA config (`networks.dylora`, LoCon ranks) imports and trains; `trainer
 /// resize --truncate` cuts each adapter's first ranks out as a LoRA of its own (kohya's
 /// extract_lora_from_dylora.py), alpha kept, and refuses what it cannot do.
 #[test]
 fn a_kohya_dylora_trains_and_its_nested_loras_are_cut_out() {
     let dir = tempfile::tempdir().unwrap();
-    let kohya = dir.path().join("kohya.toml");
-    let run = dir.path().join("run");
-    std::fs::write(
-        &kohya,
-        format!(
-            "[model_arguments]\npretrained_model_name_or_path = \"tiny\"\n[dataset_arguments]\ntrain_data_dir = \"demo\"\nresolution = \"64,64\"\n\
-             [training_arguments]\noutput_dir = \"{}\"\nmax_train_steps = 2\nnetwork_module = \"networks.dylora\"\nnetwork_dim = 4\nnetwork_alpha = 2\n\
-             network_args = [\"unit=2\", \"conv_dim=4\", \"conv_alpha=1\"]\nunet_lr = 1e-3\nnetwork_train_unet_only = true\nseed = 3\n",
-            run.display()
-        ),
-    )
-    .unwrap();
+    let training = "network_module = \"networks.dylora\"\nnetwork_dim = 4\nnetwork_alpha = 2\nnetwork_args = [\"unit=2\", \"conv_dim=4\", \"conv_alpha=1\"]\n";
+    let (kohya, run) = kohya_config(dir.path(), "", training);
     let ours = dir.path().join("ours.toml");
     let (ok, text) = trainer(&["import-kohya", kohya.to_str().unwrap(), "--out", ours.to_str().unwrap()]);
     assert!(ok && text.contains("conv_alpha"), "the ignored conv_alpha is named: {text}");
@@ -237,6 +227,10 @@ fn a_kohya_dylora_trains_and_its_nested_loras_are_cut_out() {
     assert!(!Path::new(other).exists());
 }
 
+/// `trainer generate` makes images at the model's size unless told (the tiny model's
+/// 64 px, as the demo trains; SD1.x would be 512), takes one side alone, lays several
+/// images per prompt out in a row each, and refuses a zero side or one past 8192 px with
+/// an error.
 #[test]
 fn generate_defaults_to_the_models_size() {
     let dir = tempfile::tempdir().unwrap();
