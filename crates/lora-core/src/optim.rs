@@ -327,6 +327,18 @@ pub struct FlatAdamW<B: AutodiffBackend> {
     amsgrad: Option<Tensor<B::InnerBackend, 1>>,
 }
 
+/// What one AdamW / Lion update computes (`FlatAdamW::update`), before the step's mask.
+struct Updated<B: AutodiffBackend> {
+    /// First moments.
+    m: Tensor<B::InnerBackend, 1>,
+    /// Second moments.
+    v: Tensor<B::InnerBackend, 1>,
+    /// AMSGrad's largest second moments, with this step's (`None` without AMSGrad).
+    max_v: Option<Tensor<B::InnerBackend, 1>>,
+    /// Parameters.
+    params: Tensor<B::InnerBackend, 1>,
+}
+
 /// Why factored optimizers refuse tensors trained a rank chunk at a time.
 const FACTORED_CHUNKS: &str = "optimizers with factored second moments (Adafactor, CAME, Prodigy + schedule-free) keep statistics per tensor, which a tensor trained a rank chunk at a time (DyLoRA; each chunk a tensor of its own in kohya's) does not fit";
 
@@ -929,12 +941,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
             self.time = time;
             return self.scatter_working(module);
         }
-        let (m, v, params) = self.update(lr, time.clone(), grad, self.params.clone());
-        if let Some(max_v) = &self.amsgrad {
-            let grown = max_v.clone().max_pair(v.clone());
+        let Updated { m, v, max_v, params } = self.update(lr, time.clone(), grad, self.params.clone());
+        if let (Some(old), Some(grown)) = (&self.amsgrad, max_v) {
             self.amsgrad = Some(match &mask {
                 None => grown,
-                Some(mask) => max_v.clone().mask_where(mask.clone(), grown),
+                Some(mask) => old.clone().mask_where(mask.clone(), grown),
             });
         }
         match mask {
@@ -953,35 +964,25 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// burn's `AdamW` step on the flat vectors with step counts `time`, operation for
     /// operation (the bias corrections are the host's `1 - β.powi(t)`, looked up per
     /// element), or Lion's ([`with_lion`](Self::with_lion)): new moments and parameters.
-    #[allow(clippy::type_complexity)]
-    fn update(
-        &self,
-        lr: f64,
-        time: Tensor<B::InnerBackend, 1, Int>,
-        grad: Tensor<B::InnerBackend, 1>,
-        param: Tensor<B::InnerBackend, 1>,
-    ) -> (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
+    fn update(&self, lr: f64, time: Tensor<B::InnerBackend, 1, Int>, grad: Tensor<B::InnerBackend, 1>, param: Tensor<B::InnerBackend, 1>) -> Updated<B> {
         let s = &self.settings;
-        let (m, v, delta) = if self.lion {
+        let (m, v, max_v, delta) = if self.lion {
             // lion-pytorch: the direction from the old moment, then the moment's update, with
             // `1 − β` from the settings' decimal values (as Python computes it).
             let complement = |b: f32| (1.0 - decimal(b)) as f32;
             let direction = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(complement(s.beta_1))).sign();
             let m = self.moment_1.clone().mul_scalar(s.beta_2).add(grad.mul_scalar(complement(s.beta_2)));
-            (m, self.moment_2.clone(), direction)
+            (m, self.moment_2.clone(), None, direction)
         } else {
             let m = self.moment_1.clone().mul_scalar(s.beta_1).add(grad.clone().mul_scalar(1.0 - s.beta_1));
             let v = self.moment_2.clone().mul_scalar(s.beta_2).add(grad.square().mul_scalar(1.0 - s.beta_2));
             let m_hat = m.clone().div(self.bias.beta_1.clone().select(0, time.clone()));
             // AMSGrad divides by the largest second moment so far (PyTorch's
             // `max_exp_avg_sq`, bias-corrected with this step's count).
-            let v_max = match &self.amsgrad {
-                Some(max_v) => max_v.clone().max_pair(v.clone()),
-                None => v.clone(),
-            };
-            let v_hat = v_max.div(self.bias.beta_2.clone().select(0, time));
+            let max_v = self.amsgrad.as_ref().map(|old| old.clone().max_pair(v.clone()));
+            let v_hat = max_v.clone().unwrap_or_else(|| v.clone()).div(self.bias.beta_2.clone().select(0, time));
             let delta = m_hat.div(v_hat.sqrt().add_scalar(s.epsilon));
-            (m, v, delta)
+            (m, v, max_v, delta)
         };
         if let Some(scales) = &self.lr_scales {
             // Per-tensor learning rates: `p·(1 − lr·wd) − lr·δ` with each element's `lr`.
@@ -990,12 +991,12 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                 0.0 => param,
                 wd => param.clone() - param.mul(lr.clone().mul_scalar(wd)),
             };
-            return (m, v, decayed - delta.mul(lr));
+            return Updated { m, v, max_v, params: decayed - delta.mul(lr) };
         }
         // burn's AdamW takes the f32 decay as it is; lion-pytorch its decimal value.
         let decay = lr * if self.lion { decimal(s.weight_decay) } else { f64::from(s.weight_decay) };
         let decayed = if decay == 0.0 { param } else { param.mul_scalar(1.0 - decay) };
-        (m, v, decayed - delta.mul_scalar(lr))
+        Updated { m, v, max_v, params: decayed - delta.mul_scalar(lr) }
     }
 
     /// One Prodigy step (`prodigyopt`'s `Prodigy.step`, in f32 on the device): the running

@@ -696,12 +696,13 @@ pub(crate) fn model_optimizer<B: AutodiffBackend, M: AutodiffModule<B> + sites::
     }
     // The tensors as PyTorch holds them (linear LoRAs transposed, LyCORIS' 4-d tensors),
     // which Adafactor's and Prodigy+'s factored moments follow.
-    let mut layouts = HashMap::new();
-    model.visit_lora_sites(&mut |_, site| layouts.extend(site.torch_layouts()));
+    // DyLoRA's tensors are cut into rank chunks: a step updates only those it trained.
+    let (mut layouts, mut chunks) = (HashMap::new(), HashMap::new());
+    model.visit_lora_sites(&mut |_, site| {
+        layouts.extend(site.torch_layouts());
+        chunks.extend(site.dylora_rank_chunks());
+    });
     optim = optim.with_torch_layouts(|id| layouts.get(&id).cloned()).map_err(|e| TrainError::Config { origin: "train.optimizer".into(), reason: e.to_string() })?;
-    // DyLoRA: a step updates only the rank chunks it trained.
-    let mut chunks = HashMap::new();
-    model.visit_lora_sites(&mut |_, site| chunks.extend(site.dylora_rank_chunks()));
     if !chunks.is_empty() {
         optim = optim
             .with_rank_chunks(|id| chunks.get(&id).copied())
@@ -1471,8 +1472,10 @@ fn run<B: AutodiffBackend>(
                 let seed = step_seed(t.seed ^ DYLORA_SEED, step)
                     ^ (micro as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
                 sites::draw_dylora_chunks(&mut unet, seed, &mut trained_chunks);
-                for (i, te) in encoders.iter_mut().enumerate().filter(|_| te_adapters) {
-                    sites::draw_dylora_chunks(te, seed ^ (i as u64 + 1), &mut trained_chunks);
+                if te_adapters {
+                    for (i, te) in encoders.iter_mut().enumerate() {
+                        sites::draw_dylora_chunks(te, seed ^ (i as u64 + 1), &mut trained_chunks);
+                    }
                 }
             }
             if progress.batch_in_epoch >= plans.len() {
