@@ -768,6 +768,15 @@ pub struct TrainSection {
     /// Passes over the data set to train for instead (0 = use `max_train_steps`, which is
     /// then computed from it: see [`crate::train::with_epoch_steps`]).
     pub max_train_epochs: usize,
+    /// The step a run without a state starts at (kohya's `initial_step`; 0 = the first):
+    /// steps, epochs, the learning-rate schedule and the place in the data go on from
+    /// there, as if that many steps had run (see [`crate::train::initial_progress`]).
+    /// A resumed run starts where its state is instead.
+    pub initial_step: usize,
+    /// The epoch a run without a state starts at, counting from 1 (kohya's
+    /// `initial_epoch`; 0 or 1 = the first): the first step of that epoch, as
+    /// `initial_step`; `initial_step`, when set, wins.
+    pub initial_epoch: usize,
     /// Images per micro-batch.
     pub train_batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -1340,7 +1349,8 @@ pub struct OutputSection {
     /// (kohya's `max_validation_steps`; 0 = all).
     pub max_validation_steps: usize,
     /// Also sample before the first step (kohya's `sample_at_first`), to
-    /// `samples-step000000.png`: the base model's images to compare the later grids with.
+    /// `samples-step000000.png` (the start step's number with `train.initial_step`): the
+    /// base model's images to compare the later grids with.
     pub sample_at_first: bool,
     /// Write only the metadata loading needs (kohya's `no_metadata`): no training settings,
     /// dataset folders or tag counts in the LoRA file (the model spec and hashes stay).
@@ -1580,6 +1590,8 @@ impl Default for TrainConfig {
             train: TrainSection {
                 max_train_steps: 300,
                 max_train_epochs: 0,
+                initial_step: 0,
+                initial_epoch: 0,
                 train_batch_size: 4,
                 gradient_accumulation_steps: 1,
                 learning_rate: 1e-3,

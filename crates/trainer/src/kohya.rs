@@ -151,10 +151,7 @@ const NO_EFFECT: &[&str] = &[
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("dataset_class", "custom dataset classes are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
-    ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights"),
-    ("skip_until_initial_step", "starting part-way through the data is not supported"),
-    ("initial_epoch", "starting part-way through the data is not supported"),
-    ("initial_step", "starting part-way through the data is not supported"),
+    ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights (and initial_epoch or initial_step to go on at its step)"),
     ("train_inpainting", "inpainting models are not supported"),
 ];
 
@@ -1108,6 +1105,27 @@ fn conv_targets(l: &mut crate::config::LoraSection, conv_dim: Option<usize>, not
     }
 }
 
+/// `initial_step` / `initial_epoch` (a run that starts part-way, e.g. from an earlier
+/// run's LoRA in `network_weights`) and `skip_until_initial_step`, which sd-scripts needs
+/// to place the data where the step is; here the place in the data always follows the
+/// step, and the learning-rate schedule does too.
+fn read_initial_step(o: &mut Options, t: &mut crate::config::TrainSection, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    t.initial_step = o.count("initial_step")?.unwrap_or(0);
+    // sd-scripts counts epochs from 1 and reads 0 as "not set", as here.
+    t.initial_epoch = o.count("initial_epoch")?.unwrap_or(0);
+    let skip = o.flag("skip_until_initial_step")?;
+    let key = match (t.initial_step, t.initial_epoch) {
+        (0, 0 | 1) => return Ok(()),
+        (0, _) => "initial_epoch",
+        _ => "initial_step",
+    };
+    notes.push(match skip {
+        true => format!("{key}: the run starts at that step and place in the data, as sd-scripts' with skip_until_initial_step, but its learning-rate schedule starts there too (sd-scripts restarts its scheduler from step 0 unless it resumes a state)"),
+        false => format!("{key}: the run starts at that step: the step count, the place in the data and the learning-rate schedule go on from there (sd-scripts, without skip_until_initial_step, starts at the first batch of that step's epoch, counts steps from 0 and restarts its scheduler)"),
+    });
+    Ok(())
+}
+
 /// The training options; returns the dtype of sd-scripts' `full_fp16` / `full_bf16`
 /// networks, which their files keep when `save_precision` is unset, and the
 /// `lr_scheduler` as written (`adafactor` is checked with the optimizer).
@@ -1115,6 +1133,7 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     let t = &mut c.train;
     t.max_train_steps = o.count("max_train_steps")?.unwrap_or(1600);
     t.max_train_epochs = o.count("max_train_epochs")?.unwrap_or(0);
+    read_initial_step(o, t, notes)?;
     t.train_batch_size = o.count("train_batch_size")?.unwrap_or(1);
     t.gradient_accumulation_steps = o.count("gradient_accumulation_steps")?.unwrap_or(1);
 
@@ -2008,6 +2027,21 @@ output_dir = "out"
 
     fn error(text: &str) -> String {
         import(text).unwrap_err().to_string()
+    }
+
+    /// `initial_step` / `initial_epoch` carry over, with a note on what differs from
+    /// sd-scripts (the schedule; without `skip_until_initial_step` also the data's place).
+    #[test]
+    fn initial_step_and_epoch_carry_over() {
+        let i = import(&format!("{MINIMAL}initial_epoch = 3\n")).unwrap();
+        assert_eq!((i.config.train.initial_epoch, i.config.train.initial_step), (3, 0));
+        assert!(i.notes.iter().any(|n| n.starts_with("initial_epoch") && n.contains("counts steps from 0")), "{:?}", i.notes);
+        let i = import(&format!("{MINIMAL}initial_step = 120\nskip_until_initial_step = true\n")).unwrap();
+        assert_eq!(i.config.train.initial_step, 120);
+        assert!(i.notes.iter().any(|n| n.starts_with("initial_step") && n.contains("restarts its scheduler") && !n.contains("counts steps from 0")), "{:?}", i.notes);
+        let i = import(&format!("{MINIMAL}initial_epoch = 1\nskip_until_initial_step = false\n")).unwrap();
+        assert!(!i.notes.iter().any(|n| n.contains("initial_")), "{:?}", i.notes);
+        assert!(error(&format!("{MINIMAL}initial_step = -2\n")).contains("initial_step"));
     }
 
     /// `train_textual_inversion.py`'s options: the embedding alone without a network, with

@@ -331,7 +331,8 @@ pub fn training_datasets(config: &TrainConfig) -> Result<TrainingData, TrainErro
 /// with the model's tokenizer) and the steps as epochs.
 pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String, TrainError> {
     let (dataset, validation) = data;
-    let t = &steps_for(config, dataset)?.train;
+    let stepped = steps_for(config, dataset)?;
+    let t = &stepped.train;
     let plans = dataset.plan_epoch(0);
     let batches = plans.len();
     let buckets: Vec<String> = dataset.bucket_table().iter().map(|((w, h), n)| format!("{w}x{h}: {n}")).collect();
@@ -397,6 +398,17 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
         n => format!(" of {n} batches each"),
     };
     out.push_str(&format!("\n{} optimizer steps{each}: {epochs:.1} epochs", t.max_train_steps));
+    // A start past the first step (its errors are the run's to report; a resumed run
+    // starts at its state instead).
+    if let Ok(start @ Progress { step: 1.., .. }) = initial_progress(&stepped, dataset) {
+        let key = if t.initial_step > 0 { "initial_step" } else { "initial_epoch" };
+        out.push_str(&format!(
+            "; without --resume the run starts at step {} (epoch {}, batch {} of it; train.{key}), the learning-rate schedule there",
+            start.step,
+            start.epoch + 1,
+            start.batch_in_epoch + 1
+        ));
+    }
     Ok(out)
 }
 
@@ -1194,11 +1206,17 @@ fn run<B: AutodiffBackend>(
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
     config.validate()?;
-    // Before anything loads or is written: what SDXL cannot train here yet.
+    // Before anything loads or is written: what SDXL cannot train here yet, and where a
+    // run without a state starts (a resumed one starts where its state is).
     let sdxl = crate::models::is_sdxl(&config.model.pretrained)?;
     if sdxl {
         check_sdxl_settings(config)?;
     }
+    let resumed = state.is_some();
+    let starting_point = match resumed {
+        true => Progress { step: 0, epoch: 0, batch_in_epoch: 0 },
+        false => initial_progress(config, &dataset)?,
+    };
     let start = Instant::now();
     let out = &config.output.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
@@ -1304,7 +1322,7 @@ fn run<B: AutodiffBackend>(
     };
 
     let metrics_path = out.join("metrics.jsonl");
-    let mut progress = Progress { step: 0, epoch: 0, batch_in_epoch: 0 };
+    let mut progress = starting_point;
     let guard_settings = GuardSettings {
         max_grad_norm: t.max_grad_norm,
         loss_scale: (t.mixed_precision == MixedPrecision::Fp16).then_some(DynamicLossScale {
@@ -1438,12 +1456,12 @@ fn run<B: AutodiffBackend>(
     // sd-scripts' count of the run's epochs: optimizer steps over steps per epoch.
     let steps_per_epoch = plans.len().div_ceil(t.gradient_accumulation_steps.max(1)).max(1);
     let every_epochs = config.output.epoch_save_interval(t.max_train_steps.div_ceil(steps_per_epoch));
-    if config.output.sample_at_first && first_step == 0 && !config.output.sample_prompts.is_empty() {
+    if config.output.sample_at_first && !resumed && !config.output.sample_prompts.is_empty() {
         // kohya's `sample_at_first`: what the prompts give before any training (the base
         // model, or the starting `network_weights`), to compare the later grids with.
         // The first batch's bucket, as the later grids use.
         let size = plans.first().map_or((config.data.resolution.width, config.data.resolution.height), |p| p.bucket);
-        sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), (size.0 as usize, size.1 as usize), &out.join("samples-step000000.png"), device)?;
+        sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), (size.0 as usize, size.1 as usize), &out.join(format!("samples-step{first_step:06}.png")), device)?;
     }
     // The embedding trains for its share of the steps; then its rows take no gradients, so
     // its optimizer leaves them as they are (set again each step: an update of the other
@@ -1804,11 +1822,98 @@ fn completed_epochs(progress: &Progress, batches_in_epoch: usize) -> u64 {
 }
 
 /// Counters of a run that the training state records (with the [`StepGuard`]'s loss
-/// scale).
-struct Progress {
-    step: usize,
-    epoch: u64,
-    batch_in_epoch: usize,
+/// scale), and where a run starts ([`initial_progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The epoch the next micro-batch comes from (from 0): its batches are
+    /// [`Dataset::plan_epoch`]`(epoch)`.
+    pub epoch: u64,
+    /// Batches of that epoch already used (its length once all are).
+    pub batch_in_epoch: usize,
+}
+
+/// Where a run without a training state starts: kohya's `initial_step` /
+/// `initial_epoch` (`train.initial_step`, else `train.initial_epoch`; step 0 without
+/// either). The run then goes on as if that many steps had run: the step count (and so
+/// saves', samples' and `metrics.jsonl`'s step and epoch numbers), the learning-rate
+/// schedule and the place in the data (the batches the skipped steps would have used, in
+/// the order [`Dataset::plan_epoch`] gives; no image is read for them) continue from
+/// there. The adapters are fresh or `lora.network_weights`', the optimizer's moments zero.
+///
+/// `initial_epoch = E` starts at epoch `E`'s first batch, after `E − 1` epochs of
+/// `⌈batches / gradient_accumulation_steps⌉` steps each (kohya's count);
+/// `initial_step = N` at the batch after the `N · gradient_accumulation_steps` the steps
+/// before it use. Unlike sd-scripts, which restarts its learning-rate scheduler (and
+/// without `skip_until_initial_step` counts steps from 0 and starts at the epoch's first
+/// batch), the schedule and the step count go on, as they would in the run continued.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut config = trainer::config::TrainConfig::default();
+/// config.train.gradient_accumulation_steps = 2;
+/// let dataset = trainer::train::open_dataset(&config)?; // the built-in demo images
+/// let batches = dataset.plan_epoch(0).len();
+/// config.train.initial_epoch = 3;
+/// let start = trainer::train::initial_progress(&config, &dataset)?;
+/// assert_eq!((start.step, start.epoch, start.batch_in_epoch), (2 * batches.div_ceil(2), 2, 0));
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// [`TrainError::Config`] naming the key when the start is not below
+/// `train.max_train_steps` (with `max_train_epochs`, the steps it gives), or when the data
+/// set plans no batches.
+pub fn initial_progress(config: &TrainConfig, dataset: &Dataset) -> Result<Progress, TrainError> {
+    let t = &config.train;
+    let accumulation = t.gradient_accumulation_steps.max(1);
+    let batches = |epoch: u64| match dataset.plan_epoch(epoch).len() {
+        0 => Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() }),
+        n => Ok(n),
+    };
+    let past_end = |key: &str, value: usize, step: usize| {
+        let of = match t.max_train_epochs {
+            0 => format!("train.max_train_steps = {}", t.max_train_steps),
+            e => format!("the {} steps of train.max_train_epochs = {e}", t.max_train_steps),
+        };
+        let at = if key == "initial_epoch" { format!(" (its first step is {step})") } else { String::new() };
+        TrainError::Config {
+            origin: format!("train.{key}"),
+            reason: format!("= {value}{at} leaves nothing to train: the run would start at or after its end, {of}; raise that to train further"),
+        }
+    };
+    let start = if t.initial_step > 0 {
+        if t.initial_step >= t.max_train_steps {
+            return Err(past_end("initial_step", t.initial_step, t.initial_step));
+        }
+        // The micro-batches the steps before it used, epoch after epoch.
+        let mut left = t.initial_step * accumulation;
+        let mut epoch = 0;
+        loop {
+            let n = batches(epoch)?;
+            if left < n {
+                break Progress { step: t.initial_step, epoch, batch_in_epoch: left };
+            }
+            left -= n;
+            epoch += 1;
+        }
+    } else if t.initial_epoch > 1 {
+        let epoch = t.initial_epoch as u64 - 1;
+        let mut step = 0;
+        for e in 0..epoch {
+            step += batches(e)?.div_ceil(accumulation);
+            // Past the run's end: no need to plan the epochs after it.
+            if step >= t.max_train_steps {
+                return Err(past_end("initial_epoch", t.initial_epoch, step));
+            }
+        }
+        Progress { step, epoch, batch_in_epoch: 0 }
+    } else {
+        Progress { step: 0, epoch: 0, batch_in_epoch: 0 }
+    };
+    Ok(start)
 }
 
 /// A step queued on the device whose numbers the host has not read yet.

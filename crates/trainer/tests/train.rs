@@ -613,6 +613,77 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     assert!(err.to_string().contains("state.json"), "{err}");
 }
 
+/// kohya's `initial_step` / `initial_epoch`: a run without a state starts part-way, at
+/// the batch the steps before it would have used, with the step count, the epoch numbers
+/// of saves and samples and the learning-rate schedule going on from there; a start at or
+/// past the end is refused before anything is written.
+#[test]
+fn initial_epoch_and_step_start_a_run_part_way() {
+    let _guard = seeded();
+    // 6 images in batches of 2 (3 per epoch), 2 per step: epochs end in steps 2, 3, 5, 6.
+    let config = |dir: &std::path::Path| {
+        let mut c = quick_config(dir, 6);
+        c.data.demo_images = 6;
+        c.train.train_batch_size = 2;
+        c.train.gradient_accumulation_steps = 2;
+        c.train.lr_warmup_steps = 0;
+        c.output.save_every_n_epochs = 1;
+        c.output.sample_at_first = true;
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    let dataset = trainer::train::open_dataset(&c).unwrap();
+    assert_eq!(dataset.plan_epoch(0).len(), 3);
+    let at = |c: &TrainConfig| {
+        let p = trainer::train::initial_progress(c, &dataset).unwrap();
+        (p.step, p.epoch, p.batch_in_epoch)
+    };
+    assert_eq!(at(&c), (0, 0, 0));
+    c.train.initial_epoch = 1;
+    assert_eq!(at(&c), (0, 0, 0), "epoch 1 is the first");
+    c.train.initial_epoch = 3;
+    assert_eq!(at(&c), (4, 2, 0), "two epochs of ⌈3 / 2⌉ steps");
+    c.train.initial_step = 4;
+    assert_eq!(at(&c), (4, 2, 2), "8 micro-batches: two epochs and two batches; initial_step wins");
+    c.train.initial_step = 6;
+    let err = trainer::train::initial_progress(&c, &dataset).unwrap_err().to_string();
+    assert!(err.contains("train.initial_step") && err.contains("max_train_steps = 6"), "{err}");
+    c.train.initial_step = 0;
+    c.train.initial_epoch = 5;
+    let err = trainer::train::initial_progress(&c, &dataset).unwrap_err().to_string();
+    assert!(err.contains("train.initial_epoch") && err.contains("its first step is 6"), "{err}");
+    // Refused before the output folder is made.
+    let unwritten = dir.path().join("never");
+    c.output.output_dir = unwritten.clone();
+    assert!(train::<B>(&c, &Default::default(), &mut |_| true).is_err());
+    assert!(!unwritten.exists());
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.train.initial_epoch = 2;
+    let mut seen = vec![];
+    let report = train::<B>(&c, &Default::default(), &mut |info| {
+        seen.push((info.step, info.lr));
+        true
+    })
+    .unwrap();
+    let expected: Vec<(usize, f64)> = (3..=6).map(|s| (s, trainer::train::learning_rate(&c.train, s - 1))).collect();
+    assert_eq!(seen, expected, "steps 3 to 6 at the schedule's rates there");
+    assert!(seen[0].1 < c.train.learning_rate, "the cosine schedule is past its peak at step 3");
+    assert_eq!(report.losses.len(), 4);
+    let metrics = std::fs::read_to_string(&report.metrics).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!((first["step"].as_u64(), first["epoch"].as_u64()), (Some(3), Some(1)), "{first}");
+    assert_eq!(metrics.lines().count(), 4);
+    let out = dir.path();
+    assert!(out.join("samples-step000002.png").is_file(), "sample_at_first names the start step");
+    assert!(!out.join("samples-step000000.png").exists());
+    assert!(!out.join("demo_lora-epoch0001.safetensors").exists(), "epoch 1 was skipped");
+    assert!(out.join("demo_lora-epoch0002.safetensors").is_file(), "epoch 2 ends in step 4");
+    assert_eq!(lora_metadata(&report.lora)["ss_steps"], "6");
+}
+
 #[test]
 fn half_precision_bases_train_f32_adapters() {
     let _guard = seeded();
