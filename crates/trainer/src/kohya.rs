@@ -151,7 +151,6 @@ const NO_EFFECT: &[&str] = &[
 const UNSUPPORTED: &[(&str, &str)] = &[
     ("dataset_class", "custom dataset classes are not supported"),
     ("debug_dataset", "there is no dataset debugging mode"),
-    ("resume", "sd-scripts' training states cannot be resumed here; start from its LoRA with network_weights (and initial_epoch or initial_step to go on at its step)"),
     ("train_inpainting", "inpainting models are not supported"),
 ];
 
@@ -414,6 +413,7 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
     let network = read_network(&mut o, &mut c, &mut notes)?;
     read_embedding(&mut o, &mut c, network_given, &mut notes)?;
     let (network_dtype, scheduler) = read_training(&mut o, &mut c, &mut notes)?;
+    read_resume(&mut o, &mut c, &mut notes)?;
     match network {
         Network::Lora { conv_dim } => conv_targets(&mut c.lora, conv_dim, &mut notes),
         Network::Lycoris { preset, conv_dim } => {
@@ -1123,6 +1123,57 @@ fn read_initial_step(o: &mut Options, t: &mut crate::config::TrainSection, notes
         true => format!("{key}: the run starts at that step and place in the data, as sd-scripts' with skip_until_initial_step, but its learning-rate schedule starts there too (sd-scripts restarts its scheduler from step 0 unless it resumes a state)"),
         false => format!("{key}: the run starts at that step: the step count, the place in the data and the learning-rate schedule go on from there (sd-scripts, without skip_until_initial_step, starts at the first batch of that step's epoch, counts steps from 0 and restarts its scheduler)"),
     });
+    Ok(())
+}
+
+/// sd-scripts' `resume`: a training state folder its `save_state` wrote (accelerate's
+/// `save_state` with sd-scripts' hooks): the network's weights in `model.safetensors` and
+/// the optimizer steps done in `train_state.json`'s `current_step`. The run continues
+/// from that LoRA (`lora.network_weights`) at that step (`train.initial_step`, unless
+/// `initial_step` / `initial_epoch` are set, which sd-scripts also prefers); the
+/// optimizer's moments (`optimizer.bin`), the random states and the data order are
+/// sd-scripts' own and start afresh.
+fn read_resume(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> Result<(), TrainError> {
+    let Some(dir) = o.string("resume")? else { return Ok(()) };
+    let dir = Path::new(&dir);
+    if !dir.is_dir() {
+        return Err(o.err("resume", format!("= \"{}\" is not a folder here (sd-scripts' save_state folder, `...-state`)", dir.display())));
+    }
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        let found = ["pytorch_model.bin", "model.bin"].iter().find(|f| dir.join(f).is_file());
+        let why = match found {
+            Some(f) => format!("has the network's weights as a PyTorch pickle, {f} (an older accelerate); load it in Python and save it with safetensors as model.safetensors"),
+            None => "has no model.safetensors (the network's weights in an sd-scripts state)".into(),
+        };
+        return Err(o.err("resume", format!("= \"{}\" {why}", dir.display())));
+    }
+    if !c.lora.network_weights.is_empty() {
+        notes.push(format!("resume: the state's weights replace network_weights = \"{}\", as sd-scripts loads the state over them", c.lora.network_weights));
+    }
+    c.lora.network_weights = weights.display().to_string();
+    let state_file = dir.join("train_state.json");
+    let step = match std::fs::read_to_string(&state_file) {
+        Ok(text) => {
+            let state: serde_json::Value = serde_json::from_str(&text).map_err(|e| o.err("resume", format!("{}: not JSON: {e}", state_file.display())))?;
+            let step = state.get("current_step").and_then(serde_json::Value::as_u64);
+            Some(step.ok_or_else(|| o.err("resume", format!("{}: expected a whole number `current_step`, found {text}", state_file.display())))? as usize)
+        }
+        Err(_) => None,
+    };
+    let t = &mut c.train;
+    let at = match step {
+        _ if t.initial_step > 0 || t.initial_epoch > 1 => "at initial_step / initial_epoch, which sd-scripts also puts before the state's step".to_string(),
+        Some(step) => {
+            t.initial_step = step;
+            format!("at its step {step} (train.initial_step), with the learning-rate schedule there")
+        }
+        None => "at step 0: it has no train_state.json (sd-scripts before it recorded its step); set train.initial_step to the step it was saved at".into(),
+    };
+    notes.push(format!(
+        "resume: continues from the state's LoRA ({}) {at}; its optimizer moments (optimizer.bin), random states and data order are not read: the optimizer's moments start at zero",
+        weights.display()
+    ));
     Ok(())
 }
 
@@ -2042,6 +2093,41 @@ output_dir = "out"
         let i = import(&format!("{MINIMAL}initial_epoch = 1\nskip_until_initial_step = false\n")).unwrap();
         assert!(!i.notes.iter().any(|n| n.contains("initial_")), "{:?}", i.notes);
         assert!(error(&format!("{MINIMAL}initial_step = -2\n")).contains("initial_step"));
+    }
+
+    /// sd-scripts' `resume`: its state's LoRA and step; its missing pieces are named.
+    #[test]
+    fn resume_continues_from_an_sd_scripts_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("my_lora-000004-state");
+        std::fs::create_dir(&state).unwrap();
+        let resume = |extra: &str| import(&format!("{MINIMAL}resume = {:?}\n{extra}", state.display().to_string()));
+        let e = resume("").unwrap_err().to_string();
+        assert!(e.contains("`resume`") && e.contains("no model.safetensors"), "{e}");
+        std::fs::write(state.join("pytorch_model.bin"), b"pickle").unwrap();
+        assert!(resume("").unwrap_err().to_string().contains("pytorch_model.bin"));
+        std::fs::write(state.join("model.safetensors"), b"weights").unwrap();
+        // No train_state.json: step 0, with a note saying how to set it.
+        let i = resume("").unwrap();
+        assert_eq!(i.config.lora.network_weights, state.join("model.safetensors").display().to_string());
+        assert_eq!(i.config.train.initial_step, 0);
+        assert!(i.notes.iter().any(|n| n.starts_with("resume") && n.contains("no train_state.json")), "{:?}", i.notes);
+        std::fs::write(state.join("train_state.json"), r#"{"current_epoch": 4, "current_step": 120}"#).unwrap();
+        let i = resume("").unwrap();
+        assert_eq!(i.config.train.initial_step, 120);
+        assert!(i.notes.iter().any(|n| n.contains("at its step 120") && n.contains("moments start at zero")), "{:?}", i.notes);
+        // initial_step wins over the state's step, as in sd-scripts.
+        assert_eq!(resume("initial_step = 80\n").unwrap().config.train.initial_step, 80);
+        // network_weights is replaced by the state's weights, with a note.
+        let other = dir.path().join("other.safetensors");
+        std::fs::write(&other, b"weights").unwrap();
+        let i = resume(&format!("network_weights = {:?}\n", other.display().to_string())).unwrap();
+        assert_eq!(i.config.lora.network_weights, state.join("model.safetensors").display().to_string());
+        assert!(i.notes.iter().any(|n| n.contains("replace network_weights")), "{:?}", i.notes);
+        std::fs::write(state.join("train_state.json"), "{\"current_epoch\": 4}").unwrap();
+        assert!(resume("").unwrap_err().to_string().contains("current_step"));
+        let e = import(&format!("{MINIMAL}resume = \"/no/such/state\"\n")).unwrap_err().to_string();
+        assert!(e.contains("is not a folder here"), "{e}");
     }
 
     /// `train_textual_inversion.py`'s options: the embedding alone without a network, with
