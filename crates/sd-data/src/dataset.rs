@@ -109,6 +109,34 @@ pub struct Dataset {
     faces: Vec<Option<FaceBox>>,
 }
 
+/// The most samples (images times repeats) an epoch may have: its plan is built in memory,
+/// about a kilobyte and a half per sample. More repeats train no differently from more
+/// epochs of fewer (`max_train_epochs` / `max_train_steps` set the length).
+pub const MAX_SAMPLES_PER_EPOCH: usize = 1_000_000;
+
+/// Refuses an epoch of more than [`MAX_SAMPLES_PER_EPOCH`] samples, naming the subset
+/// with the most (a folder named `1000000000_x` would otherwise exhaust memory).
+fn check_epoch_size(images: &[ImageRecord], subsets: &[ResolvedSubset], repeats: &[u32]) -> Result<()> {
+    let mut per_subset = vec![0usize; subsets.len()];
+    for (img, &r) in images.iter().zip(repeats) {
+        per_subset[img.subset] = per_subset[img.subset].saturating_add(r as usize);
+    }
+    let total = per_subset.iter().fold(0usize, |a, &n| a.saturating_add(n));
+    if total <= MAX_SAMPLES_PER_EPOCH {
+        return Ok(());
+    }
+    let (largest, n) = per_subset.iter().enumerate().max_by_key(|(_, n)| **n).map(|(i, n)| (i, *n)).unwrap_or_default();
+    let subset = &subsets[largest];
+    Err(DataError::config(
+        "num_repeats",
+        format!(
+            "{total} samples per epoch (images times repeats), more than {MAX_SAMPLES_PER_EPOCH}: {} gives {n} ({} repeats); lower the repeats and train for more epochs or steps instead",
+            subset.config.image_dir.display(),
+            subset.num_repeats
+        ),
+    ))
+}
+
 impl Dataset {
     /// Scans the configured folders and builds the dataset; see [`Dataset::from_scan`].
     pub fn open(config: &DatasetConfig) -> Result<Self> {
@@ -217,6 +245,7 @@ impl Dataset {
             });
         }
         let repeats = balance_repeats(&kept, &subsets);
+        check_epoch_size(&kept, &subsets, &repeats)?;
         let faces = faces(&config, &subsets, &kept)?;
         Ok(Self {
             config,

@@ -53,7 +53,7 @@ pub use cache::{
 };
 pub use caption::{CaptionTransform, TokenWarmup};
 pub use config::{DatasetConfig, MissingCaption, Resolution, SubsetConfig, MAX_SIDE};
-pub use dataset::{BatchPlan, Dataset, FolderSummary, SamplePlan};
+pub use dataset::{BatchPlan, Dataset, FolderSummary, SamplePlan, MAX_SAMPLES_PER_EPOCH};
 pub use error::{BoxError, DataError, Result};
 pub use loader::{Loader, LoaderOptions};
 pub use resize::ResizeInterpolation;

@@ -931,3 +931,19 @@ proptest::proptest! {
         }
     }
 }
+
+/// A repeat count that would plan more than a million samples per epoch is refused
+/// before any plan is built, naming the folder; just under the limit opens.
+#[test]
+fn huge_repeat_counts_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let train = d.path().join("train");
+    save(&train.join("1000000000_x/1.png"), 64, 64, 1);
+    let err = expect_err(&config(&train)).to_string();
+    assert!(err.contains("more than 1000000") && err.contains("1000000000_x") && err.contains("num_repeats"), "{err}");
+    let ok = tempfile::tempdir().unwrap();
+    let under = ok.path().join("train");
+    save(&under.join("500000_x/1.png"), 64, 64, 1);
+    save(&under.join("500000_x/2.png"), 64, 64, 2);
+    assert_eq!(Dataset::open(&config(&under)).unwrap().samples_per_epoch(), sd_data::MAX_SAMPLES_PER_EPOCH);
+}

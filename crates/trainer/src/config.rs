@@ -759,6 +759,9 @@ pub enum Prediction {
     VPrediction,
 }
 
+/// The most denoising steps a sample may take: SD's training timesteps.
+pub const MAX_SAMPLE_STEPS: usize = 1000;
+
 /// The optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1915,13 +1918,19 @@ impl TrainConfig {
             check_keys(&user, &path.display().to_string())?;
             merge(&mut tree, user);
         }
+        let from_file = (!sets.is_empty()).then(|| tree.clone());
         for s in sets {
             set_key(&mut tree, s)?;
         }
         check_keys(&tree, "--set")?;
-        let config: Self = tree.try_into().map_err(|e: toml::de::Error| TrainError::Config {
-            origin: file.map_or("--set".into(), |p| p.display().to_string()),
-            reason: e.to_string(),
+        let config: Self = tree.try_into().map_err(|e: toml::de::Error| {
+            // The file's values alone read well: then a --set value is the bad one.
+            let file_reads = from_file.is_some_and(|t| t.try_into::<Self>().is_ok());
+            let origin = match file {
+                Some(p) if !file_reads => p.display().to_string(),
+                _ => format!("--set {}", sets.join(" --set ")),
+            };
+            TrainError::Config { origin, reason: e.to_string() }
         })?;
         config.validate()?;
         Ok(config)
@@ -1959,6 +1968,17 @@ impl TrainConfig {
         if !(t.text_encoder_lr.is_finite() && t.text_encoder_lr >= 0.0) {
             return bad("train.text_encoder_lr must be 0 (same as learning_rate) or positive");
         }
+        // 0 turns these off; a negative or NaN value would silently too.
+        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+            return bad(&format!("train.max_grad_norm must be 0 (no clipping) or a positive norm, got {}", t.max_grad_norm));
+        }
+        if !(t.min_snr_gamma.is_finite() && t.min_snr_gamma >= 0.0) {
+            return bad(&format!("train.min_snr_gamma must be 0 (off) or positive, got {}", t.min_snr_gamma));
+        }
+        if !(self.lora.alpha.is_finite() && self.lora.conv_alpha.is_finite()) {
+            return bad("lora.alpha and lora.conv_alpha must be finite numbers");
+        }
+        self.check_paths()?;
         let prodigy = [t.prodigy_d_coef, t.prodigy_d0];
         let growth_ok = t.prodigy_growth_rate >= 1.0; // NaN fails
         if !prodigy.iter().all(|v| v.is_finite() && *v > 0.0) || !growth_ok || !(0.0..1.0).contains(&t.prodigy_beta3) {
@@ -2161,8 +2181,11 @@ impl TrainConfig {
         if tokens == 0 || !tokens.is_multiple_of(75) || tokens > 75 * MAX_TOKEN_ROWS {
             return bad(&format!("model.max_token_length must be 75, 150 or 225 (a multiple of 75 up to {}), got {tokens}", 75 * MAX_TOKEN_ROWS));
         }
-        if self.output.sample_steps == 0 {
-            return bad("output.sample_steps must be at least 1");
+        if !(1..=MAX_SAMPLE_STEPS).contains(&self.output.sample_steps) {
+            return bad(&format!("output.sample_steps must be 1 to {MAX_SAMPLE_STEPS} (the model's training timesteps), got {}", self.output.sample_steps));
+        }
+        if !self.output.sample_cfg.is_finite() {
+            return bad("output.sample_cfg must be a finite guidance scale");
         }
         // Per-prompt options (`--w 768 --l 7`) are checked here, not at the first sample.
         let defaults = self.sample_defaults((0, 0));
@@ -2175,6 +2198,36 @@ impl TrainConfig {
         // The thumbnail is read at every save: it must be there from the start.
         if let Err(e) = crate::metadata::thumbnail_url(&self.output.metadata_thumbnail) {
             return bad(&format!("output.metadata_thumbnail = \"{}\" cannot be read: {e} (an image file or a data: URL)", self.output.metadata_thumbnail));
+        }
+        Ok(())
+    }
+
+    /// The paths a run reads first and writes to: a model, an output folder that is one
+    /// (or is not there yet), an output name that stays in it, and a resolution the data
+    /// can be drawn at. Checked before anything is read or written.
+    fn check_paths(&self) -> Result<(), TrainError> {
+        let bad = |origin: &str, reason: String| Err(TrainError::Config { origin: origin.into(), reason });
+        if self.model.pretrained.trim().is_empty() {
+            return bad("model.pretrained", "is empty: expected `tiny`, `tiny-sdxl`, a diffusers folder or a single-file checkpoint".into());
+        }
+        let dir = &self.output.output_dir;
+        if dir.as_os_str().is_empty() {
+            return bad("output.output_dir", "is empty: name a folder for the run's outputs (\"\" would write into the current folder)".into());
+        }
+        if dir.exists() && !dir.is_dir() {
+            return bad("output.output_dir", format!("= \"{}\" is a file, not a folder", dir.display()));
+        }
+        let name = &self.output.output_name;
+        let escapes = name.contains(['/', '\\']) || name.starts_with('.') || name.trim().is_empty();
+        if escapes {
+            return bad("output.output_name", format!("= \"{name}\": expected a file name without folders or a leading dot (the files go into output.output_dir)"));
+        }
+        let r = &self.data.resolution;
+        if r.width.min(r.height) < 8 {
+            return bad("data.resolution", format!("= {}x{}: a side must be at least 8 px (the VAE's downsampling; SD trains at 512 and more)", r.width, r.height));
+        }
+        if r.width.max(r.height) > sd_data::MAX_SIDE {
+            return bad("data.resolution", format!("= {}x{}: a side may be at most {} px", r.width, r.height, sd_data::MAX_SIDE));
         }
         Ok(())
     }

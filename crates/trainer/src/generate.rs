@@ -827,7 +827,8 @@ fn parse_prompt_options(text: &str, defaults: &GenerateOptions) -> Result<(Gener
                 seeded = true;
             }
             "l" => o.cfg_scale = number("expected a guidance scale")? as f32,
-            "s" => o.steps = (number("expected a number of steps")? as usize).max(1),
+            // As sd-scripts: clamped to the model's training timesteps.
+            "s" => o.steps = (number("expected a number of steps")? as usize).clamp(1, crate::config::MAX_SAMPLE_STEPS),
             "ss" => {
                 value.parse::<SamplerSpec>().map_err(|e| bad(&e.to_string()))?;
                 o.sampler = value.to_string();

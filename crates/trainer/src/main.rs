@@ -162,6 +162,11 @@ enum Command {
         /// output_dir), e.g. after Ctrl-C or to raise train.max_train_steps.
         #[arg(long, value_name = "DIR")]
         resume: Option<PathBuf>,
+        /// Start over an earlier run in output_dir: replace its LoRA, state, metrics and
+        /// samples (and let output.save_last_n_* remove its saves). Without it such a run
+        /// is refused, so that nothing trained is lost by accident.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Generate images from prompts, optionally with LoRAs.
     Generate {
@@ -232,9 +237,15 @@ enum Command {
         /// (word:1.3), BREAK.
         #[arg(long, default_value_t = 75, value_parser = parse_max_token_length)]
         max_token_length: usize,
-        /// Output PNG (a grid when there are several prompts).
-        #[arg(long, default_value = "outputs/generate.png")]
-        out: PathBuf,
+        /// Output image, PNG (or another format by its extension: .jpg, .webp, ...; a grid
+        /// when there are several prompts). An existing file is refused without
+        /// --overwrite [default: outputs/generate.png, or the next free
+        /// outputs/generate-N.png]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Write over an existing --out or --save-latents file.
+        #[arg(long)]
+        overwrite: bool,
         /// Start from these latents (safetensors, tensor `latents` [N,4,h,w] f32/f16/bf16, standard
         /// normal) instead of seeded noise.
         #[arg(long, conflicts_with = "init_image")]
@@ -729,6 +740,36 @@ impl ProgressView {
 /// losses (within about a second).
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Refuses a new run in an output folder that holds an earlier run's outputs
+/// ([`trainer::train::earlier_outputs`]), which it would replace; a resumed run writes
+/// over its own. The built-in demo's default folder is replaced with a note: the README's
+/// first command may be run again.
+fn refuse_earlier_run(config: &TrainConfig, resume: Option<&std::path::Path>) -> Result<()> {
+    let dir = &config.output.output_dir;
+    let same = |a: &std::path::Path, b: &std::path::Path| a.canonicalize().ok().zip(b.canonicalize().ok()).is_some_and(|(a, b)| a == b);
+    if resume.and_then(|state| state.parent()).is_some_and(|parent| same(parent, dir)) {
+        return Ok(());
+    }
+    let found = trainer::train::earlier_outputs(config);
+    if found.is_empty() {
+        return Ok(());
+    }
+    let default = TrainConfig::default();
+    if config.data.train_data_dir == "demo" && *dir == default.output.output_dir && config.model.pretrained == default.model.pretrained {
+        eprintln!("note: replacing the earlier demo run in {}", dir.display());
+        return Ok(());
+    }
+    let names: Vec<String> = found.iter().take(4).map(|p| p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())).collect();
+    let more = if found.len() > 4 { format!(" and {} more", found.len() - 4) } else { String::new() };
+    let state = dir.join("state");
+    let resume_hint = if state.join("state.json").is_file() { format!("continue it with --resume {}, ", state.display()) } else { String::new() };
+    anyhow::bail!(
+        "output.output_dir = {} holds an earlier run ({}{more}), which this run would replace: {resume_hint}choose another output.output_dir, or pass --overwrite to start over",
+        dir.display(),
+        names.join(", ")
+    )
+}
+
 fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::path::Path>, device: &B::Device) -> Result<()> {
     let length = match config.train.max_train_epochs {
         0 => format!("{} steps", config.train.max_train_steps),
@@ -816,10 +857,17 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         }
         None => train_on::<B>(&config, data, device, &mut |info| view.step(info))?,
     };
-    let first = report.losses.iter().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
-    let last = report.losses.iter().rev().take(20).sum::<f32>() / report.losses.len().clamp(1, 20) as f32;
+    // A resumed run whose earlier metrics.jsonl is gone knows no losses before its own
+    // (NaN in the report): the means are of the steps with a loss.
+    let known: Vec<f32> = report.losses.iter().copied().filter(|l| l.is_finite()).collect();
+    let first = known.iter().take(20).sum::<f32>() / known.len().clamp(1, 20) as f32;
+    let last = known.iter().rev().take(20).sum::<f32>() / known.len().clamp(1, 20) as f32;
     let verb = if report.interrupted { "interrupted after" } else { "done in" };
-    println!("\n{verb} {:.0}s ({} steps); mean loss of the first/last 20 steps: {first:.4} -> {last:.4}", report.seconds, report.losses.len());
+    let means = match known.is_empty() {
+        true => String::new(),
+        false => format!("; mean loss of the first/last 20 steps: {first:.4} -> {last:.4}"),
+    };
+    println!("\n{verb} {:.0}s ({} steps){means}", report.seconds, report.losses.len());
     match report.embedding_file {
         true => {
             let stem = report.lora.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -860,6 +908,34 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         );
     }
     Ok(())
+}
+
+/// Where `generate` writes its image, checked before anything is generated: an explicit
+/// `--out` (and `--save-latents`) must not exist unless `overwrite`, and must name an image
+/// format; without `--out`, `outputs/generate.png` or the first free
+/// `outputs/generate-N.png`.
+fn generate_outputs(out: Option<PathBuf>, save_latents: Option<&std::path::Path>, overwrite: bool) -> Result<PathBuf> {
+    let out = match out {
+        Some(out) => out,
+        None => {
+            let dir = std::path::Path::new("outputs");
+            let mut numbered = (1..).map(|n| if n == 1 { dir.join("generate.png") } else { dir.join(format!("generate-{n}.png")) });
+            numbered.find(|p| !p.exists()).expect("a free name")
+        }
+    };
+    for (flag, path) in [("--out", Some(out.as_path())), ("--save-latents", save_latents)] {
+        let Some(path) = path else { continue };
+        if path.is_dir() {
+            anyhow::bail!("{flag} {} is a folder; name a file", path.display());
+        }
+        if path.exists() && !overwrite {
+            anyhow::bail!("{flag} {} already exists; choose a new path or pass --overwrite", path.display());
+        }
+    }
+    if image::ImageFormat::from_path(&out).is_err() {
+        anyhow::bail!("--out {}: expected an image file name (.png, .jpg, .webp, ...)", out.display());
+    }
+    Ok(out)
 }
 
 /// Where `generate` reads and writes files.
@@ -1095,6 +1171,9 @@ fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::Read
 }
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFormat, dtype: SaveDtype) -> Result<()> {
+    if output.exists() {
+        anyhow::bail!("{} already exists; choose a new output path", output.display());
+    }
     // LoHa / LoKr adapters become the LoRAs with their updates (what `convert` is for).
     let (set, report) = load_adapters(input)?;
     let set = set.into_plain_lora();
@@ -1868,11 +1947,15 @@ fn parse_max_token_length(value: &str) -> Result<usize, String> {
 /// Runs a command on backend `B`.
 fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
-        Command::Train { config, sets, resume } => {
+        Command::Train { config, sets, resume, overwrite } => {
             let config = TrainConfig::load(config.as_deref(), &sets)?;
+            if !overwrite {
+                refuse_earlier_run(&config, resume.as_deref())?;
+            }
             run_train::<B>(config, resume.as_deref(), device)
         }
-        Command::Generate { model, tiny_seed, prompts, prompt_file, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, init_latents, init_image, strength, mask, save_latents, vae, embeddings, hires_scale, hires_steps, hires_strength, hires_latents } => {
+        Command::Generate { model, tiny_seed, prompts, prompt_file, images_per_prompt, negative_prompt, lora, lora_unmerged, precision, sampler, steps, cfg, seed, width, height, clip_skip, max_token_length, out, overwrite, init_latents, init_image, strength, mask, save_latents, vae, embeddings, hires_scale, hires_steps, hires_strength, hires_latents } => {
+            let out = generate_outputs(out, save_latents.as_deref(), overwrite)?;
             let prompts = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), images_per_prompt)).collect();
             // The size is the model's unless given (0: known once the model is loaded).
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
@@ -2053,7 +2136,7 @@ fn check_routes() {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let kernels = kernel_settings(&cli)?;
-    let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None });
+    let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None, overwrite: false });
     lora_core::kernels::set_flash_prefetch(env_switch("SD_LORA_FLASH_PREFETCH")?.unwrap_or(false));
     // A kill switch for cuDNN's padded attention backward (the 77-token cross-attention).
     if let Some(on) = env_switch("SD_LORA_CUDNN_PADDED_BACKWARD")? {

@@ -381,14 +381,16 @@ pub fn thumbnail_url(thumbnail: &str) -> std::io::Result<Option<String>> {
     }
     let path = std::path::Path::new(thumbnail);
     let bytes = std::fs::read(path)?;
-    let extension = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    let mime = match extension.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "bmp" => "image/bmp",
-        _ => "application/octet-stream",
+    // The file's own format, not its name: readers show the thumbnail as that image type.
+    let not_image = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let format = image::guess_format(&bytes).map_err(|_| not_image("not an image file (PNG, JPEG, WebP, GIF or BMP)".into()))?;
+    let mime = match format {
+        image::ImageFormat::Png => "image/png",
+        image::ImageFormat::Jpeg => "image/jpeg",
+        image::ImageFormat::WebP => "image/webp",
+        image::ImageFormat::Gif => "image/gif",
+        image::ImageFormat::Bmp => "image/bmp",
+        other => return Err(not_image(format!("a {other:?} image; use PNG, JPEG, WebP, GIF or BMP"))),
     };
     Ok(Some(format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))))
 }

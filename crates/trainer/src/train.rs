@@ -200,6 +200,13 @@ fn has_kohya_folders(dir: &Path) -> bool {
 /// Builds the dataset the configuration asks for.
 pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     let d = &config.data;
+    // Before the bucket settings (derived from the resolution) are checked: a folder that
+    // is not there is the error to report.
+    let folder = d.train_data_dir.as_str();
+    if !matches!(folder, "" | "demo") && d.dataset_config.is_empty() && !Path::new(folder).is_dir() {
+        let what = if Path::new(folder).exists() { "is not a folder" } else { "does not exist" };
+        return Err(TrainError::Config { origin: "data.train_data_dir".into(), reason: format!("= \"{folder}\" {what} (a folder of images with captions, or \"demo\")") });
+    }
     let subset = |dir: &str, is_reg: bool| SubsetConfig {
         // A plain folder (and fine-tuning metadata) gets `num_repeats`; kohya `N_name`
         // folders keep their own.
@@ -471,6 +478,25 @@ pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError>
     }
 }
 
+/// What an earlier run left in `config.output.output_dir` that a new run there would
+/// replace or, with `output.save_last_n_*`, remove: its `config.toml`, `metrics.jsonl`,
+/// `validation.jsonl`, `state/`, sample grids and the LoRA files of `output.output_name`
+/// (`NAME.safetensors`, `NAME-step…`, `NAME-epoch…`). Empty for a new or empty folder.
+/// `trainer train` refuses to start over such a run without `--overwrite`.
+pub fn earlier_outputs(config: &TrainConfig) -> Vec<PathBuf> {
+    let dir = &config.output.output_dir;
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let name = &config.output.output_name;
+    let ours = |file: &str| {
+        let saved = file.strip_prefix(name.as_str()).is_some_and(|rest| rest == ".safetensors" || rest.starts_with("-step") || rest.starts_with("-epoch"));
+        let grid = file.starts_with("samples") && file.ends_with(".png");
+        saved || grid || ["config.toml", "metrics.jsonl", "validation.jsonl", "state"].contains(&file)
+    };
+    let mut found: Vec<PathBuf> = entries.flatten().filter(|e| ours(&e.file_name().to_string_lossy())).map(|e| e.path()).collect();
+    found.sort();
+    found
+}
+
 /// [`with_epoch_steps`] with the training dataset at hand.
 fn steps_for(config: &TrainConfig, dataset: &Dataset) -> Result<TrainConfig, TrainError> {
     config.validate()?;
@@ -518,14 +544,30 @@ pub fn resume_on<B: AutodiffBackend>(
         // The first line that differs; a line only one side has (a setting at its
         // default leaves none) is compared with nothing.
         let (saved, now): (Vec<&str>, Vec<&str>) = (state.info.fingerprint.lines().collect(), fingerprint.lines().collect());
-        let shown = |l: Option<&&str>| l.map_or_else(|| "nothing".to_string(), |l| format!("`{l}`"));
+        // A line one side lacks is a setting at its default there.
+        let shown = |l: Option<&&str>, other: Option<&&str>| match (l, other) {
+            (Some(l), _) => format!("`{l}`"),
+            (None, Some(o)) => format!("the default {}", o.split(" = ").next().map_or(String::new(), |k| format!("of `{k}`"))),
+            (None, None) => "nothing".into(),
+        };
         let differs = (0..saved.len().max(now.len()))
             .find(|&i| saved.get(i) != now.get(i))
-            .map(|i| format!("the state has {}, the configuration {}", shown(saved.get(i)), shown(now.get(i))))
+            .map(|i| format!("the state has {}, the configuration {}", shown(saved.get(i), now.get(i)), shown(now.get(i), saved.get(i))))
             .unwrap_or_else(|| "the settings differ".into());
         return Err(TrainError::Config {
             origin: state_dir.display().to_string(),
             reason: format!("cannot resume with a different model, [lora] section, optimizer or [embedding]: {differs}"),
+        });
+    }
+    let batches = data.0.plan_epoch(state.info.epoch).len();
+    if state.info.batch_in_epoch > batches {
+        return Err(TrainError::Config {
+            origin: state_dir.display().to_string(),
+            reason: format!(
+                "the state is at batch {} of epoch {}, but the data set now plans {batches} batches per epoch: its images, repeats or data.train_batch_size changed since the state was saved",
+                state.info.batch_in_epoch,
+                state.info.epoch + 1
+            ),
         });
     }
     if state.info.step >= config.train.max_train_steps {

@@ -61,6 +61,13 @@ fn resize_lowers_ranks_and_refuses_bad_requests() {
     assert!(ok, "{text}");
     assert!(trained.iter().any(|(k, _)| k.path.ends_with("conv_shortcut")));
     assert_eq!(load(&converted).0.len(), trained.len());
+    // An existing output, the input itself included, is never written over.
+    for target in [converted.to_str().unwrap(), input.as_str()] {
+        let before = std::fs::read(target).unwrap();
+        let (ok, text) = trainer(&["convert", &input, target, "--to", "peft"]);
+        assert!(!ok && text.contains("already exists"), "{text}");
+        assert_eq!(std::fs::read(target).unwrap(), before);
+    }
 
     let fixed = dir.path().join("fixed.safetensors");
     let (ok, text) = trainer(&["resize", &input, fixed.to_str().unwrap(), "--rank", "2", "--conv-rank", "1", "--dtype", "f32"]);
@@ -175,6 +182,16 @@ fn an_imported_kohya_config_trains() {
     let (set, _) = load(&run.join("last.safetensors"));
     assert_eq!(set.iter().next().unwrap().1.rank(), 4);
     assert!(!run.join("samples.png").exists(), "no sample prompts, no samples");
+
+    // A second run in the same folder would replace the first: refused, and the LoRA
+    // stays; with --overwrite it starts over.
+    let trained = std::fs::read(run.join("last.safetensors")).unwrap();
+    let (ok, text) = trainer(&["train", "--config", ours.to_str().unwrap(), "--set", "train.seed=7"]);
+    assert!(!ok && text.contains("holds an earlier run") && text.contains("last.safetensors") && text.contains("--overwrite"), "{text}");
+    assert_eq!(std::fs::read(run.join("last.safetensors")).unwrap(), trained);
+    let (ok, text) = trainer(&["train", "--config", ours.to_str().unwrap(), "--set", "train.seed=7", "--overwrite"]);
+    assert!(ok, "{text}");
+    assert_ne!(std::fs::read(run.join("last.safetensors")).unwrap(), trained);
 }
 
 /// A kohya DyLoRA config (`networks.dylora`, LoCon ranks) imports and trains; `trainer
@@ -236,7 +253,7 @@ fn generate_defaults_to_the_models_size() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("g.png");
     let size = |extra: &[&str]| {
-        let mut args = vec!["generate", "--prompt", "a red circle", "--steps", "2", "--out", image.to_str().unwrap()];
+        let mut args = vec!["generate", "--overwrite", "--prompt", "a red circle", "--steps", "2", "--out", image.to_str().unwrap()];
         args.extend_from_slice(extra);
         let (ok, text) = trainer(&args);
         assert!(ok, "{text}");
@@ -248,11 +265,39 @@ fn generate_defaults_to_the_models_size() {
     assert_eq!(size(&["--images-per-prompt", "3"]), (192, 64));
     assert_eq!(size(&["--images-per-prompt", "2", "--prompt", "a blue square"]), (128, 128));
     for (args, expect) in [(&["--width", "0"][..], "--width"), (&["--width", "8200"][..], "at most 8192")] {
-        let mut all = vec!["generate", "--prompt", "a", "--steps", "2", "--out", image.to_str().unwrap()];
+        let mut all = vec!["generate", "--overwrite", "--prompt", "a", "--steps", "2", "--out", image.to_str().unwrap()];
         all.extend_from_slice(args);
         let (ok, text) = trainer(&all);
         assert!(!ok && text.contains(expect), "{args:?}: {text}");
     }
+}
+
+/// `trainer generate` writes over no file unless told (`--overwrite`), checks the output's
+/// format before generating, and without `--out` numbers its images in `outputs/`.
+#[test]
+fn generate_keeps_existing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).current_dir(dir.path()).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let base = ["generate", "--prompt", "a red circle", "--steps", "2"];
+    for expected in ["outputs/generate.png", "outputs/generate-2.png"] {
+        let (ok, text) = run(&base);
+        assert!(ok && text.contains(expected), "{text}");
+    }
+    std::fs::write(dir.path().join("keep.png"), b"mine").unwrap();
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    let (ok, text) = run(&with(&["--out", "keep.png"]));
+    assert!(!ok && text.contains("keep.png already exists") && text.contains("--overwrite"), "{text}");
+    assert_eq!(std::fs::read(dir.path().join("keep.png")).unwrap(), b"mine");
+    let (ok, text) = run(&with(&["--out", "new.png", "--save-latents", "keep.png"]));
+    assert!(!ok && text.contains("--save-latents keep.png already exists"), "{text}");
+    let (ok, text) = run(&with(&["--out", "notes.txt"]));
+    assert!(!ok && text.contains("expected an image file name"), "{text}");
+    let (ok, text) = run(&with(&["--out", "keep.png", "--overwrite"]));
+    assert!(ok, "{text}");
+    assert!(image::open(dir.path().join("keep.png")).is_ok());
 }
 
 /// `trainer generate --init-image` (img2img, and inpainting with `--mask`) samples at the
@@ -267,7 +312,7 @@ fn generate_from_an_init_image() {
     image::RgbImage::from_fn(70, 100, |x, y| image::Rgb([(x * 3) as u8, (y * 2) as u8, 128])).save(&source).unwrap();
     let out = dir.path().join("out.png");
     let run = |extra: &[&str]| {
-        let mut args = vec!["generate", "--prompt", "a red circle", "--steps", "4", "--out", out.to_str().unwrap()];
+        let mut args = vec!["generate", "--overwrite", "--prompt", "a red circle", "--steps", "4", "--out", out.to_str().unwrap()];
         args.extend_from_slice(extra);
         trainer(&args)
     };
@@ -309,7 +354,7 @@ fn generate_with_the_hires_fix() {
     let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let run = |extra: &[&str], name: &str| {
         let path = out(name);
-        let mut args = vec!["generate", "--prompt", "a red circle", "--steps", "4", "--width", "96", "--height", "128", "--out", &path];
+        let mut args = vec!["generate", "--overwrite", "--prompt", "a red circle", "--steps", "4", "--width", "96", "--height", "128", "--out", &path];
         args.extend_from_slice(extra);
         let (ok, text) = trainer(&args);
         assert!(ok, "{extra:?}: {text}");
@@ -335,7 +380,7 @@ fn generate_with_the_hires_fix() {
         (&["--hires-scale", "0.5", "--init-latents", "x.safetensors"][..], "cannot be used with"),
     ] {
         let path = out("bad.png");
-        let mut args = vec!["generate", "--prompt", "x", "--steps", "4", "--width", "96", "--height", "128", "--out", &path];
+        let mut args = vec!["generate", "--overwrite", "--prompt", "x", "--steps", "4", "--width", "96", "--height", "128", "--out", &path];
         args.extend_from_slice(extra);
         let (ok, text) = trainer(&args);
         assert!(!ok && text.contains(expect) && !text.contains("panicked"), "{extra:?}: {text}");
@@ -354,7 +399,7 @@ fn generate_from_a_prompt_file() {
     std::fs::write(&prompts, "# samples\na red circle --w 32 --h 48 --d 3\n\na blue square --l 3 --ss euler --foo 1\n").unwrap();
     let out = dir.path().join("out.png");
     let run = |extra: &[&str]| {
-        let mut args = vec!["generate", "--steps", "3", "--out", out.to_str().unwrap()];
+        let mut args = vec!["generate", "--overwrite", "--steps", "3", "--out", out.to_str().unwrap()];
         args.extend_from_slice(extra);
         trainer(&args)
     };
@@ -621,7 +666,7 @@ fn generate_with_embeddings() {
     let wide = write("wide.safetensors", "emb_params", 768);
     let out = dir.path().join("out.png");
     let run = |extra: &[&str]| {
-        let mut args = vec!["generate", "--prompt", "a red circle", "--negative-prompt", "BadHands, blurry", "--steps", "2", "--out", out.to_str().unwrap()];
+        let mut args = vec!["generate", "--overwrite", "--prompt", "a red circle", "--negative-prompt", "BadHands, blurry", "--steps", "2", "--out", out.to_str().unwrap()];
         args.extend_from_slice(extra);
         trainer(&args)
     };
@@ -669,7 +714,7 @@ fn unbundle_embeddings_writes_embedding_files() {
     let bundled = sd_model::textual_inversion::read_bundled_embeddings(&report.lora).unwrap();
     assert_eq!((e.name.as_str(), &e.vectors), ("demostyle", &bundled[0].vectors), "f16 in, f16 out");
     let png = dir.path().join("out.png");
-    let (ok, text) = trainer(&["generate", "--prompt", "a red circle, demostyle", "--steps", "2", "--embedding", file.to_str().unwrap(), "--out", png.to_str().unwrap()]);
+    let (ok, text) = trainer(&["generate", "--overwrite", "--prompt", "a red circle, demostyle", "--steps", "2", "--embedding", file.to_str().unwrap(), "--out", png.to_str().unwrap()]);
     assert!(ok && text.contains("demostyle (2 vectors)"), "{text}");
     let (ok, text) = trainer(&["unbundle-embeddings", lora, "--out", out.to_str().unwrap()]);
     assert!(!ok && text.contains("already exists"), "{text}");

@@ -177,6 +177,41 @@ fn config_errors_name_the_key_and_suggest_the_nearest() {
     assert_eq!(c.lora.unet_targets, sd_model::targets::UnetTargets::Conv);
     let err = TrainConfig::load(Some(&dir.path().join("missing.toml")), &[]).unwrap_err();
     assert!(err.to_string().contains("missing.toml"));
+    // A bad --set value is blamed on the --set, not on the file beside it.
+    std::fs::write(&path, "[train]\nseed = 1\n").unwrap();
+    let err = TrainConfig::load(Some(&path), &["train.learning_rate=\"abc\"".into()]).unwrap_err().to_string();
+    assert!(err.contains("--set train.learning_rate") && !err.contains("c.toml"), "{err}");
+}
+
+/// Values that would have been taken as "off", written outside the output folder or
+/// failed only at the first sample are errors naming the key when the config loads.
+#[test]
+fn config_values_that_would_misbehave_later_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        ("train.max_grad_norm=-1".into(), "train.max_grad_norm"),
+        ("train.max_grad_norm=nan".into(), "train.max_grad_norm"),
+        ("train.min_snr_gamma=-5".into(), "train.min_snr_gamma"),
+        ("lora.alpha=inf".into(), "lora.alpha"),
+        ("output.output_dir=\"\"".into(), "output.output_dir"),
+        (format!("output.output_dir={:?}", file.display().to_string()), "is a file"),
+        ("output.output_name=\"../../escaped\"".into(), "output.output_name"),
+        ("output.output_name=\"/tmp/abs\"".into(), "output.output_name"),
+        ("output.output_name=\"\"".into(), "output.output_name"),
+        ("output.sample_steps=5000".into(), "output.sample_steps"),
+        ("output.sample_cfg=nan".into(), "output.sample_cfg"),
+        ("model.pretrained=\"\"".into(), "model.pretrained"),
+        ("data.resolution=100000".into(), "at most 8192"),
+        ("data.resolution=7".into(), "at least 8"),
+    ];
+    for (set, expected) in cases {
+        let err = TrainConfig::load(None, std::slice::from_ref(&set)).unwrap_err().to_string();
+        assert!(err.contains(expected), "{set}: {err}");
+    }
+    // A prompt's own step count is clamped to 1..=1000, as sd-scripts does.
+    assert!(TrainConfig::load(None, &["output.sample_prompts=[\"x --s 5000\", \"y --s 0\"]".into()]).is_ok());
 }
 
 #[test]
@@ -2299,7 +2334,7 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
     config.output.metadata_trigger_phrase = "mystyle".into();
     config.output.metadata_usage_hint = "add mystyle".into();
     // A thumbnail file becomes a data URL (sd-scripts' base64 of its bytes).
-    std::fs::write(root.path().join("thumb.png"), b"\x89PNG!").unwrap();
+    std::fs::write(root.path().join("thumb.png"), b"\x89PNG\r\n\x1a\n").unwrap();
     config.output.metadata_thumbnail = root.path().join("thumb.png").display().to_string();
     config.model.clip_skip = 2;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
@@ -2324,7 +2359,7 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
         ("modelspec.author", "me"),
         ("modelspec.trigger_phrase", "mystyle"),
         ("modelspec.usage_hint", "add mystyle"),
-        ("modelspec.thumbnail", "data:image/png;base64,iVBORyE="),
+        ("modelspec.thumbnail", "data:image/png;base64,iVBORw0KGgo="),
         ("modelspec.encoder_layer", "2"),
         ("modelspec.prediction_type", "epsilon"),
     ] {
@@ -2349,6 +2384,11 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
     config.output.metadata_thumbnail = root.path().join("missing.png").display().to_string();
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("output.metadata_thumbnail") && err.contains("missing.png"), "{err}");
+    // Nor one that is not an image, whatever its name.
+    std::fs::write(root.path().join("notes.png"), b"just some notes").unwrap();
+    config.output.metadata_thumbnail = root.path().join("notes.png").display().to_string();
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("output.metadata_thumbnail") && err.contains("not an image"), "{err}");
 }
 
 /// kohya's `scale_weight_norms`: every adapter written (UNet and text encoder) has an
