@@ -52,6 +52,26 @@ pub struct ClipTextConfig {
 /// transformers' class name of a CLIP text encoder with the pooled-output projection.
 pub const CLIP_WITH_PROJECTION: &str = "CLIPTextModelWithProjection";
 
+/// The widest layer (channels, features, embedding width) a config may give: several times
+/// any SD model's (SDXL's widest is 5120 features), so that a corrupt or mistyped config is
+/// an error naming the field instead of an abort while its weights are allocated.
+pub const MAX_WIDTH: usize = 16_384;
+
+/// The most layers or blocks of one kind a config may give, for the same reason.
+pub const MAX_DEPTH: usize = 128;
+
+/// Refuses a width above [`MAX_WIDTH`] or a count above [`MAX_DEPTH`], naming the field.
+fn check_sizes(origin: &str, widths: &[(&str, usize)], depths: &[(&str, usize)]) -> Result<()> {
+    let over = |fields: &[(&str, usize)], max: usize| fields.iter().find(|(_, v)| *v > max).map(|(f, v)| (f.to_string(), *v, max));
+    match over(widths, MAX_WIDTH).or_else(|| over(depths, MAX_DEPTH)) {
+        Some((field, value, max)) => Err(SdModelError::InvalidConfig {
+            origin: origin.into(),
+            reason: format!("{field} = {value} is larger than any Stable Diffusion model's (at most {max} here)"),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn default_ln_eps() -> f64 {
     1e-5
 }
@@ -184,6 +204,12 @@ impl ClipTextConfig {
         if self.text_projection_dim() == Some(0) {
             return Err(bad("projection_dim must be positive".into()));
         }
+        let widths = [("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size), ("projection_dim", self.text_projection_dim().unwrap_or(0))];
+        check_sizes(origin, &widths, &[("num_hidden_layers", self.num_hidden_layers), ("num_attention_heads", self.num_attention_heads)])?;
+        // Token and position tables: far above CLIP's 49408 tokens and 77 positions.
+        if self.vocab_size > 1 << 20 || self.max_position_embeddings > MAX_WIDTH {
+            return Err(bad(format!("vocab_size {} or max_position_embeddings {} is larger than any CLIP text encoder's", self.vocab_size, self.max_position_embeddings)));
+        }
         Ok(())
     }
 }
@@ -307,6 +333,8 @@ impl VaeConfig {
         if self.block_out_channels.is_empty() {
             return Err(bad("block_out_channels is empty".into()));
         }
+        let widths: Vec<(&str, usize)> = self.block_out_channels.iter().map(|c| ("block_out_channels", *c)).chain([("latent_channels", self.latent_channels), ("in_channels", self.in_channels), ("out_channels", self.out_channels)]).collect();
+        check_sizes(origin, &widths, &[("layers_per_block", self.layers_per_block), ("block_out_channels (levels)", self.block_out_channels.len())])?;
         if let Some(c) = self
             .block_out_channels
             .iter()
@@ -603,6 +631,16 @@ impl UnetConfig {
                 self.up_block_types.len()
             )));
         }
+        let widths: Vec<(&str, usize)> = self
+            .block_out_channels
+            .iter()
+            .map(|c| ("block_out_channels", *c))
+            .chain([("cross_attention_dim", self.cross_attention_dim), ("in_channels", self.in_channels), ("out_channels", self.out_channels)])
+            .chain(self.projection_class_embeddings_input_dim.map(|d| ("projection_class_embeddings_input_dim", d)))
+            .chain(self.addition_time_embed_dim.map(|d| ("addition_time_embed_dim", d)))
+            .collect();
+        let depths: Vec<(&str, usize)> = (0..n).map(|i| ("transformer_layers_per_block", self.transformer_layers_per_block.get(i))).chain([("layers_per_block", self.layers_per_block), ("block_out_channels (levels)", n)]).collect();
+        check_sizes(origin, &widths, &depths)?;
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
                 return Err(bad(format!("unsupported down block type `{t}`")));

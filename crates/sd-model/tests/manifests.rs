@@ -301,6 +301,20 @@ fn real_sdxl_configs_read_and_unsupported_relatives_are_refused() {
     let mut short = UnetConfig::sdxl();
     short.transformer_layers_per_block = sd_model::PerBlock::Each(vec![1, 2]);
     assert!(short.validate("x").unwrap_err().to_string().contains("2 values for 3 levels"));
+    // Sizes no SD model has are refused before any weight is allocated.
+    let mut wide = UnetConfig::sd15();
+    wide.block_out_channels = vec![80_000, 160_000, 160_000, 160_000];
+    let err = wide.validate("unet/config.json").unwrap_err().to_string();
+    assert!(err.contains("block_out_channels = 80000") && err.contains("unet/config.json"), "{err}");
+    let mut vae = VaeConfig::sd15();
+    vae.layers_per_block = 1000;
+    assert!(vae.validate("x").unwrap_err().to_string().contains("layers_per_block = 1000"));
+    let mut clip = ClipTextConfig::sd15();
+    clip.intermediate_size = 1 << 20;
+    assert!(clip.validate("x").unwrap_err().to_string().contains("intermediate_size"));
+    for ok in [UnetConfig::sd15().validate("x"), UnetConfig::sdxl().validate("x"), ClipTextConfig::sdxl_text_encoder_2().validate("x")] {
+        ok.unwrap();
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let source = |name: &str, tensors: Vec<(String, Vec<usize>)>| {

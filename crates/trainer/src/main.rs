@@ -213,7 +213,7 @@ enum Command {
         #[arg(long, default_value_t = 25)]
         steps: usize,
         /// Guidance scale.
-        #[arg(long, default_value_t = 7.5)]
+        #[arg(long, default_value_t = 7.5, value_parser = parse_finite)]
         cfg: f32,
         /// Seed.
         #[arg(long, default_value_t = 0)]
@@ -1936,6 +1936,11 @@ fn run_import_kohya(input: &std::path::Path, out: Option<&std::path::Path>) -> R
 }
 
 /// `--max-token-length`: a multiple of 75 up to `trainer::config::MAX_TOKEN_ROWS` rows.
+/// A finite number (NaN or infinity would make every image black).
+fn parse_finite(value: &str) -> Result<f32, String> {
+    value.parse::<f32>().ok().filter(|v| v.is_finite()).ok_or_else(|| format!("expected a finite number, got `{value}`"))
+}
+
 fn parse_max_token_length(value: &str) -> Result<usize, String> {
     let rows = trainer::config::MAX_TOKEN_ROWS;
     match value.parse::<usize>() {
