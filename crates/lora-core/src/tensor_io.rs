@@ -82,9 +82,19 @@ impl std::str::FromStr for SaveDtype {
 pub const PICKLE_HINT: &str = "a PyTorch pickle (.ckpt / .pt), not safetensors: convert it once with `trainer convert-model FILE --out FILE.safetensors`";
 
 /// Whether a file's bytes begin as a PyTorch pickle does (`torch.save`'s zip archive, or a
-/// raw pickle of the pre-1.6 format).
+/// raw pickle of the pre-1.6 format: the PROTO opcode `0x80` and a protocol of 2 to 5).
+/// A safetensors file whose header length's first byte is `0x80` is not one: its header
+/// starts with `{` after the 8 length bytes.
+///
+/// ```
+/// use lora_core::tensor_io::looks_like_pickle;
+/// assert!(looks_like_pickle(b"\x80\x02}q\x00"));
+/// assert!(looks_like_pickle(b"PK\x03\x04rest"));
+/// assert!(!looks_like_pickle(b"\x80\x00\x00\x00\x00\x00\x00\x00{\"a\":"));
+/// ```
 pub fn looks_like_pickle(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"PK\x03\x04") || bytes.first() == Some(&0x80)
+    let raw_pickle = matches!(bytes, [0x80, 2..=5, ..]) && bytes.get(8) != Some(&b'{');
+    bytes.starts_with(b"PK\x03\x04") || raw_pickle
 }
 
 /// Parses a safetensors buffer, mapping errors to [`LoraError::Malformed`] naming `path`.
@@ -140,6 +150,20 @@ pub fn decode(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTenso
         key: key.to_string(),
         reason: e.to_string(),
     })
+}
+
+/// [`decode`], refusing a tensor with a NaN or infinite value (a diverged run's file): it
+/// would turn every image black or spread into merged weights.
+pub fn decode_finite(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTensor> {
+    let tensor = decode(view, key, path)?;
+    match tensor.data.iter().position(|v| !v.is_finite()) {
+        None => Ok(tensor),
+        Some(i) => Err(LoraError::BadTensor {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            reason: format!("has a non-finite value ({} at index {i}): the file is broken, e.g. saved from a diverged run", tensor.data[i]),
+        }),
+    }
 }
 
 /// Serialises named host tensors in `dtype` with string metadata (none at all, e.g. the
@@ -321,6 +345,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
+    if !dir.is_dir() {
+        // Named for the output, not for the temporary file it is written through.
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, format!("its folder {} does not exist", dir.display()));
+        return Err(io(missing, path));
+    }
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;

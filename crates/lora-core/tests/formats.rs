@@ -283,6 +283,26 @@ fn malformed_inputs_are_typed_errors() {
         (&format!("{Q}.alpha"), vec![2], vec![1.0, 2.0]),
     ]);
     assert!(matches!(read(&bytes).unwrap_err(), LoraError::BadTensor { .. }));
+    // NaN or infinite values (a diverged run's file), in a weight or the alpha: refused,
+    // naming the tensor, instead of black images and NaN merged into checkpoints.
+    for (name, value) in [("lora_down.weight", f32::NAN), ("lora_up.weight", f32::INFINITY), ("alpha", f32::NAN)] {
+        let mut tensors = vec![
+            (format!("{Q}.lora_down.weight"), vec![2, 8], vec![0.1; 16]),
+            (format!("{Q}.lora_up.weight"), vec![8, 2], vec![0.1; 16]),
+            (format!("{Q}.alpha"), vec![], vec![2.0]),
+        ];
+        let t = tensors.iter_mut().find(|(k, _, _)| k.ends_with(name)).unwrap();
+        let last = t.2.len() - 1;
+        t.2[last] = value;
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors.iter().map(|(k, s, d)| (k.as_str(), s.clone(), d.clone())).collect();
+        let err = read(&raw(&refs)).unwrap_err();
+        assert!(matches!(err, LoraError::BadTensor { .. }) && err.to_string().contains(name) && err.to_string().contains("non-finite"), "{err}");
+    }
+    // A broken safetensors header whose length starts with byte 0x80 is not called a
+    // PyTorch pickle (1 file in 256 would be).
+    let err = read(b"\x80\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap_err().to_string();
+    assert!(!err.contains("pickle"), "{err}");
+    assert!(read(b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01").unwrap_err().to_string().contains("pickle"));
     // Not a LoRA at all.
     let bytes = raw(&[("model.diffusion_model.input_blocks.0.0.weight", vec![2], vec![0.0; 2])]);
     assert!(matches!(read(&bytes).unwrap_err(), LoraError::UnknownFormat { .. }));
@@ -354,6 +374,8 @@ fn save_is_atomic_and_load_names_missing_files() {
         .save(dir.path().join("missing/dir/x.safetensors"), AdapterFormat::Kohya, SaveDtype::F16)
         .unwrap_err();
     assert!(matches!(err, LoraError::Io { .. }));
+    let text = err.to_string();
+    assert!(text.contains("x.safetensors: its folder") && !text.contains(".tmp-"), "names the output, not a temporary file: {text}");
     set.save(&path, AdapterFormat::Peft, SaveDtype::F32).unwrap();
     assert_ne!(std::fs::read(&path).unwrap(), first);
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

@@ -261,10 +261,16 @@ pub fn apply_lora_files_to<B: Backend>(
             std::iter::once((AdapterSet::combine(&refs)?, 1.0)).chain(dora).collect()
         }
     };
+    // An adapter that does not fit its layer: with one file, name the file (with several,
+    // the combined adapters are attached and the error names the module).
+    let in_file = |e: lora_core::LoraError| match files {
+        [file] => SdModelError::BadInput { what: file.path.display().to_string(), reason: e.to_string() },
+        _ => e.into(),
+    };
     for (set, multiplier) in &groups {
-        applied.unet += sites::attach_adapters(unet, set, *multiplier, device)?;
+        applied.unet += sites::attach_adapters(unet, set, *multiplier, device).map_err(in_file)?;
         for te in text_encoders.iter_mut() {
-            applied.text_encoder += sites::attach_adapters(&mut **te, set, *multiplier, device)?;
+            applied.text_encoder += sites::attach_adapters(&mut **te, set, *multiplier, device).map_err(in_file)?;
         }
     }
     Ok(applied)

@@ -960,7 +960,7 @@ fn read_latents<B: Backend>(path: &std::path::Path, device: &B::Device) -> Resul
     let bytes = lora_core::tensor_io::read_file(path)?;
     let (st, _) = lora_core::tensor_io::parse(&bytes, path)?;
     let view = st.tensor("latents").with_context(|| format!("{} has no tensor `latents`", path.display()))?;
-    let host = lora_core::tensor_io::decode(&view, "latents", path)?;
+    let host = lora_core::tensor_io::decode_finite(&view, "latents", path)?;
     host.to_tensor::<B, 4>(device)
         .with_context(|| format!("{}: `latents` must be 4-d [N, 4, h, w], got {:?}", path.display(), host.shape))
 }

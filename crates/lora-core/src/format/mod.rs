@@ -107,14 +107,14 @@ fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped
     for (key, view) in st.iter() {
         if let Some(rest) = key.strip_prefix(BUNDLED_EMBEDDING_PREFIX) {
             // Textual-inversion embeddings riding along (sd-model reads them), not adapters.
-            bundled.insert(rest.to_string(), tensor_io::decode(&view, key, path)?);
+            bundled.insert(rest.to_string(), tensor_io::decode_finite(&view, key, path)?);
             continue;
         }
         let Some((name, role)) = split_key(key, suffixes) else {
             stray.push(key.to_string());
             continue;
         };
-        let tensor = tensor_io::decode(&view, key, path)?;
+        let tensor = tensor_io::decode_finite(&view, key, path)?;
         let entry = parts.entry(name.to_string()).or_default();
         entry.keys.push(key.to_string());
         match role {
