@@ -124,7 +124,13 @@ pub fn merge_models(models: &[(WeightFile, f64)], out: &Path, unet_only: bool, d
                 match names[i].get(key) {
                     Some(k) => {
                         let (d, _) = file.raw(k).unwrap_or((Dtype::BOOL, &[]));
-                        if file.shape(k) != Some(output.shape.as_slice()) || decode_bytes(d, &[]).is_none() {
+                        if decode_bytes(d, &[]).is_none() {
+                            return Err(SdModelError::BadInput {
+                                what: file.path().display().to_string(),
+                                reason: format!("`{k}` is {d:?}, where {} has a float tensor: only F64, F32, F16 and BF16 weights are merged", first.path().display()),
+                            });
+                        }
+                        if file.shape(k) != Some(output.shape.as_slice()) {
                             return Err(SdModelError::BadInput {
                                 what: file.path().display().to_string(),
                                 reason: format!(

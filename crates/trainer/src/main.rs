@@ -1368,11 +1368,14 @@ fn parse_load_precision(s: &str) -> std::result::Result<LoadPrecision, String> {
 fn model_ratios(models: &[String]) -> Result<Vec<(PathBuf, f64)>> {
     let parsed: Vec<(PathBuf, Option<f64>)> = models
         .iter()
-        .map(|m| match m.rsplit_once(':').and_then(|(path, r)| Some((path, r.parse::<f64>().ok().filter(|r| r.is_finite())?))) {
-            Some((path, ratio)) => (PathBuf::from(path), Some(ratio)),
-            None => (PathBuf::from(m), None),
+        .map(|m| match m.rsplit_once(':').map(|(path, r)| (path, r.parse::<f64>())) {
+            Some((path, Ok(ratio))) if ratio.is_finite() => Ok((PathBuf::from(path), Some(ratio))),
+            // `A:nan`, `A:inf`: a ratio, but not a usable one (a path ending so is one that
+            // exists).
+            Some((path, Ok(ratio))) if !std::path::Path::new(m).exists() => anyhow::bail!("{m}: the ratio of {path} must be a finite number, not {ratio}"),
+            _ => Ok((PathBuf::from(m), None)),
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let with = parsed.iter().filter(|(_, r)| r.is_some()).count();
     anyhow::ensure!(with == 0 || with == parsed.len(), "give every model a ratio (FILE:RATIO) or none (equal shares)");
     let equal = 1.0 / parsed.len() as f64;

@@ -586,10 +586,28 @@ fn merge_models_sums_checkpoints() {
 
     let other = path("other.safetensors");
     let sd2 = fixtures.join("sd2_single_file.safetensors").to_str().unwrap().to_string();
+    // A with one UNet weight stored as integers.
+    let ints = path("ints.safetensors");
+    {
+        let bytes = std::fs::read(&a).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| match k == unet_key {
+                true => (k, safetensors::Dtype::I64, t.shape().to_vec(), vec![0u8; t.shape().iter().product::<usize>() * 8]),
+                false => (k, t.dtype(), t.shape().to_vec(), t.data().to_vec()),
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        std::fs::write(&ints, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
     for (args, expected) in [
+        (vec![a.as_str(), ints.as_str()], "is I64, where"),
         (vec![a.as_str(), sd2.as_str()], "one architecture"),
         (vec![a.as_str(), fixtures.join("sd1").to_str().unwrap()], "diffusers folders only"),
         (vec![&format!("{a}:0.5"), b.as_str()], "ratio"),
+        (vec![&format!("{a}:nan"), &format!("{b}:0.5")], "must be a finite number"),
         (vec![a.as_str()], "2"),
     ] {
         let mut full = vec!["merge-models"];
