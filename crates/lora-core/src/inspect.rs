@@ -222,11 +222,13 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], path: &Path) 
         ModuleKind::Other
     };
     let down = shape("lora_down.weight").or_else(|| shape("lora_A.weight")).or_else(|| shape("lora.down.weight"));
+    // The rank is the leading dimension; a broken file's 0-d tensor has none (no rank shown).
+    let leading = |s: Vec<usize>| s.first().copied();
     let rank = match kind {
-        ModuleKind::Loha => shape("hada_w1_b").map(|s| s[0]),
-        ModuleKind::Lokr => shape("lokr_w1_b").or_else(|| shape("lokr_w2_b")).map(|s| s[0]),
+        ModuleKind::Loha => shape("hada_w1_b").and_then(leading),
+        ModuleKind::Lokr => shape("lokr_w1_b").or_else(|| shape("lokr_w2_b")).and_then(leading),
         ModuleKind::Other => None,
-        _ => down.as_ref().map(|s| s[0]),
+        _ => down.clone().and_then(leading),
     };
     // A convolution's kernel: LoCon's down (or Tucker core), LoHa / LoKr cores or full halves.
     let kernel_of = |s: Vec<usize>| (s.len() == 4).then(|| [s[2], s[3]]);

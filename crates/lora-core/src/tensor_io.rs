@@ -301,16 +301,21 @@ impl safetensors::tensor::View for &StreamedTensor<'_> {
 /// assert!(path.is_file() && !dir.path().join("x.safetensors.partial").exists());
 /// ```
 pub fn write_streamed<'a>(path: &Path, tensors: Vec<(String, StreamedTensor<'a>)>, metadata: HashMap<String, String>) -> Result<()> {
+    output_folder(path)?;
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".partial");
     let partial = path.with_file_name(name);
     let fail = |reason: String| LoraError::Malformed { path: path.to_path_buf(), reason };
     let result = safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.clone(), t)), Some(metadata), &partial)
-        .map_err(|e| fail(format!("writing: {e}")))
+        .map_err(|e| match e {
+            // A full disk or a read-only folder is an I/O error of the output, not a bad file.
+            safetensors::SafeTensorError::IoError(source) => through_temporary(path, &partial, source),
+            other => fail(format!("writing: {other}")),
+        })
         .and_then(|()| {
             // A tensor whose bytes came out short leaves a truncated file: refuse it.
             let expected: usize = tensors.iter().map(|(_, t)| t.len()).sum();
-            let size = std::fs::metadata(&partial).map_err(|source| LoraError::Io { path: partial.clone(), source })?.len() as usize;
+            let size = std::fs::metadata(&partial).map_err(|source| through_temporary(path, &partial, source))?.len() as usize;
             if size < expected {
                 return Err(fail(format!("wrote {size} bytes for {expected} bytes of tensors (a tensor could not be read)")));
             }
@@ -332,33 +337,60 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder is written,
 /// flushed and renamed over `path`, so an interrupted save never destroys an earlier file.
+/// Errors name `path` (a missing folder as such), not the temporary file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source: std::io::Error, p: &Path| LoraError::Io {
-        path: p.to_path_buf(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = output_folder(path)?;
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "adapter".into());
-    if !dir.is_dir() {
-        // Named for the output, not for the temporary file it is written through.
-        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, format!("its folder {} does not exist", dir.display()));
-        return Err(io(missing, path));
-    }
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
-        f.write_all(bytes).map_err(|e| io(e, &tmp))?;
-        f.sync_all().map_err(|e| io(e, &tmp))?;
-        std::fs::rename(&tmp, path).map_err(|e| io(e, path))
+        let io = |e| through_temporary(path, &tmp, e);
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(|source| LoraError::Io { path: path.to_path_buf(), source })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The folder the output `path` is written into (`.` for a bare file name), or an error
+/// naming `path` when that folder is missing or not a folder: otherwise the failure would
+/// surface on the temporary file the output is written through, a name the user never gave.
+/// [`write_atomic`] and [`write_streamed`] check it; writers of their own call it first.
+///
+/// ```
+/// use lora_core::tensor_io::output_folder;
+/// let dir = tempfile::tempdir().unwrap();
+/// assert_eq!(output_folder(&dir.path().join("x.safetensors")).unwrap(), dir.path());
+/// let err = output_folder(&dir.path().join("no/x.safetensors")).unwrap_err().to_string();
+/// let want = format!("x.safetensors: its folder {} does not exist", dir.path().join("no").display());
+/// assert!(err.ends_with(&want), "{err}");
+/// ```
+pub fn output_folder(path: &Path) -> Result<PathBuf> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (kind, what) = match std::fs::metadata(&dir) {
+        Ok(meta) if meta.is_dir() => return Ok(dir),
+        Ok(_) => (std::io::ErrorKind::NotADirectory, "is a file, not a folder"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (std::io::ErrorKind::NotFound, "does not exist"),
+        // Permission denied on a parent and the like: the OS's own words.
+        Err(e) => return Err(LoraError::Io { path: path.to_path_buf(), source: std::io::Error::new(e.kind(), format!("its folder {}: {e}", dir.display())) }),
+    };
+    let source = std::io::Error::new(kind, format!("its folder {} {what}", dir.display()));
+    Err(LoraError::Io { path: path.to_path_buf(), source })
+}
+
+/// An I/O error on the temporary file `tmp` that `path` is written through, named for
+/// `path` (the name the user gave) with the temporary file as a detail.
+fn through_temporary(path: &Path, tmp: &Path, e: std::io::Error) -> LoraError {
+    let name = tmp.file_name().map_or_else(|| tmp.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let source = std::io::Error::new(e.kind(), format!("{e} (writing the temporary file {name} beside it)"));
+    LoraError::Io { path: path.to_path_buf(), source }
 }

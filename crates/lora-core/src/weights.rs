@@ -292,6 +292,11 @@ impl LoraWeights {
     }
 }
 
+/// An adapter's tensor shapes for messages: `down [r, in], up [out, r]`.
+fn halves(w: &LoraWeights) -> String {
+    format!("down {:?}, up {:?}", w.down.shape, w.up.shape)
+}
+
 impl LoraWeights {
     /// One adapter equal to the sum of `parts`, each at its strength: the ranks are
     /// concatenated (`down = [D₁; D₂; …]`, `up = [c₁U₁, c₂U₂, …]` with `cᵢ = strengthᵢ ·
@@ -337,7 +342,8 @@ impl LoraWeights {
             if d.shape[1..] != tail[..] || w.out_features() != out {
                 return Err(LoraError::ShapeMismatch {
                     key: key.into(),
-                    reason: format!("cannot combine adapters with down {:?} and {:?}", first.down.shape, w.down.shape),
+                    // Both halves: adapters with the same `down` can still differ in outputs.
+                    reason: format!("cannot combine adapters with {} and {} (made for different models?)", halves(first), halves(w)),
                 });
             }
             down.extend_from_slice(&d.data);

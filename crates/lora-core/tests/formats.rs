@@ -302,6 +302,10 @@ fn malformed_inputs_are_typed_errors() {
     // PyTorch pickle (1 file in 256 would be).
     let err = read(b"\x80\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap_err().to_string();
     assert!(!err.contains("pickle"), "{err}");
+    // Nor one of 0x280 = 640 bytes, whose second byte looks like a pickle protocol: the
+    // header's `{` says safetensors.
+    let err = read(b"\x80\x02\x00\x00\x00\x00\x00\x00{\"a\":").unwrap_err().to_string();
+    assert!(err.contains("test.safetensors: not a valid safetensors file") && !err.contains("pickle"), "{err}");
     assert!(read(b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01").unwrap_err().to_string().contains("pickle"));
     // Not a LoRA at all.
     let bytes = raw(&[("model.diffusion_model.input_blocks.0.0.weight", vec![2], vec![0.0; 2])]);
@@ -387,6 +391,76 @@ fn save_is_atomic_and_load_names_missing_files() {
     assert!(err.to_string().contains("nope.safetensors"));
 }
 
+/// A NaN or infinite value is refused naming the file and the tensor in every layout the
+/// reader takes: PEFT, LyCORIS LoHa / LoKr, embeddings bundled in the file, and an F16
+/// file whose value overflowed to infinity when it was saved.
+#[test]
+fn non_finite_values_are_refused_in_every_layout() {
+    const PEFT: &str = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let pair = |down: &str, up: &str| vec![(down.to_string(), vec![2, 8], vec![0.1; 16]), (up.to_string(), vec![8, 2], vec![0.1; 16])];
+    let peft = pair(&format!("{PEFT}.lora_A.weight"), &format!("{PEFT}.lora_B.weight"));
+    let mut loha = pair(&format!("{Q}.hada_w1_b"), &format!("{Q}.hada_w1_a"));
+    loha.extend(pair(&format!("{Q}.hada_w2_b"), &format!("{Q}.hada_w2_a")));
+    let lokr = vec![(format!("{Q}.lokr_w1"), vec![2, 2], vec![0.1; 4]), (format!("{Q}.lokr_w2"), vec![4, 4], vec![0.1; 16])];
+    let mut bundled = pair(&format!("{Q}.lora_down.weight"), &format!("{Q}.lora_up.weight"));
+    bundled.push(("bundle_emb.style.string_to_param.*".to_string(), vec![2, 8], vec![0.5; 16]));
+    for (mut tensors, bad) in [(peft, "lora_A.weight"), (loha, "hada_w2_a"), (lokr, "lokr_w2"), (bundled, "bundle_emb.style.string_to_param.*")] {
+        tensors.iter_mut().find(|(k, _, _)| k.ends_with(bad)).unwrap().2[3] = f32::NAN;
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors.iter().map(|(k, s, d)| (k.as_str(), s.clone(), d.clone())).collect();
+        let err = read(&raw(&refs)).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, LoraError::BadTensor { .. }) && text.contains("test.safetensors") && text.contains(bad) && text.contains("non-finite"), "{text}");
+    }
+    // 70000 is past F16's largest value: saved as infinity.
+    let (down, up) = (lora_core::HostTensor::new(vec![2, 8], vec![0.1; 16]).unwrap(), lora_core::HostTensor::new(vec![8, 2], vec![7e4; 16]).unwrap());
+    let tensors = [(format!("{Q}.lora_down.weight"), &down), (format!("{Q}.lora_up.weight"), &up)];
+    let bytes = lora_core::tensor_io::serialize(&tensors, SaveDtype::F16, Default::default()).unwrap();
+    let text = read(&bytes).unwrap_err().to_string();
+    assert!(text.contains("lora_up.weight") && text.contains("inf"), "{text}");
+}
+
+/// Adapters of one module that do not fit together (LoRAs for different models) are an
+/// error naming the module and both adapters' shapes, also when only the outputs differ.
+#[test]
+fn combining_adapters_that_do_not_fit_names_both_shapes() {
+    let mut rng = Rng::new(3);
+    let key = AdapterKey::new(Component::Unet, UNET_PATHS[0]);
+    let set = |w| {
+        let mut set = AdapterSet::new();
+        set.insert(key.clone(), w).unwrap();
+        set
+    };
+    let base = set(random_weights(&mut rng, 32, 32, 4, None, 1.0));
+    for (other, want) in [(random_weights(&mut rng, 37, 32, 4, None, 1.0), "down [4, 37]"), (random_weights(&mut rng, 32, 37, 4, None, 1.0), "up [37, 4]")] {
+        let err = AdapterSet::combine(&[(&base, 1.0), (&set(other), 1.0)]).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, LoraError::ShapeMismatch { .. }) && text.contains(&key.to_string()), "{text}");
+        assert!(text.contains("down [4, 32], up [32, 4]") && text.contains(want), "{text}");
+    }
+}
+
+#[test]
+fn streamed_and_atomic_writes_name_the_output_not_a_temporary_file() {
+    use lora_core::tensor_io::{write_atomic, write_streamed, StreamedTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let tensor = || vec![("x".to_string(), StreamedTensor::new(SaveDtype::F32.st_dtype(), vec![1], || SaveDtype::F32.encode(&[1.0]).into()))];
+    let missing = dir.path().join("missing/out.safetensors");
+    let err = write_streamed(&missing, tensor(), Default::default()).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, LoraError::Io { .. }), "an I/O error, not a bad safetensors file: {text}");
+    assert!(text.contains("out.safetensors: its folder") && text.contains("does not exist") && !text.contains(".partial"), "{text}");
+    // A file where the folder should be: said as such, by both writers.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let inside = file.join("out.safetensors");
+    let streamed = write_streamed(&inside, tensor(), Default::default()).unwrap_err().to_string();
+    let atomic = write_atomic(&inside, b"bytes").unwrap_err().to_string();
+    for text in [streamed, atomic] {
+        assert!(text.contains("out.safetensors: its folder") && text.contains("is a file, not a folder") && !text.contains(".tmp-"), "{text}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing written");
+}
+
 #[test]
 fn serialized_files_are_byte_deterministic() {
     use lora_core::{tensor_io, HostTensor, SaveDtype};
@@ -441,4 +515,15 @@ fn kohya_files_carry_addnet_hashes() {
     let plain = safetensors::serialize(st.tensors(), Some(training)).unwrap();
     assert_eq!(meta["sshs_legacy_hash"], hex(&Sha256::digest(&plain[0x100000..0x110000]))[..8]);
     assert_ne!(meta["sshs_legacy_hash"], hex(&Sha256::digest(&bytes[0x100000..0x110000]))[..8], "the title shifts the full file");
+}
+
+/// `inspect` (`trainer info`) describes a broken file with a 0-d tensor where a LoRA,
+/// LoHa or LoKr half should be instead of panicking: the module has no rank.
+#[test]
+fn inspect_takes_zero_dimensional_halves() {
+    for part in ["lora_down.weight", "hada_w1_b", "lokr_w2_b"] {
+        let bytes = raw(&[(format!("{Q}.{part}").as_str(), vec![], vec![0.5])]);
+        let info = lora_core::inspect::inspect(&bytes, Path::new("t.safetensors")).unwrap();
+        assert_eq!((info.modules.len(), info.modules[0].rank), (1, None), "{part}");
+    }
 }

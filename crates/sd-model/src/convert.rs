@@ -336,6 +336,8 @@ impl<'a> Writing<'a> {
 /// removed on failure.
 fn write_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     refuse_existing(out)?;
+    // A missing folder is named for `out`, not for the `.partial` it is written through.
+    lora_core::tensor_io::output_folder(out)?;
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".partial");
     let partial = out.with_file_name(name);

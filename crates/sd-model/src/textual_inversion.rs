@@ -242,7 +242,7 @@ fn read_pytorch_embedding(path: &Path, name: String) -> Result<Embedding> {
 /// Tensor `key` as `[vectors, width]` (a `[width]` vector is one row).
 fn read_vectors(st: &safetensors::SafeTensors<'_>, key: &str, path: &Path) -> Result<HostTensor> {
     let view = st.tensor(key).map_err(|e| bad(path, format!("`{key}`: {e}")))?;
-    as_vectors(tensor_io::decode(&view, key, path)?, key, path)
+    as_vectors(tensor_io::decode_finite(&view, key, path)?, key, path)
 }
 
 /// `t` as `[vectors, width]` (a `[width]` vector is one row), or an error naming `key`.
