@@ -689,6 +689,11 @@ fn inspect_file(path: &Path, verify: bool, min_side: u32) -> Result<(u32, u32, S
 /// Scans every configured folder. Only configuration errors and unreadable top-level folders
 /// fail here; per-file problems are collected in [`Scan::problems`].
 pub fn scan(config: &DatasetConfig) -> Result<Scan> {
+    // A folder that is not there is the error to report, before the settings (bucket sizes
+    // derived from the resolution, say) that would fail without it being named.
+    if let Some(s) = config.subsets.iter().find(|s| !s.image_dir.is_dir() && !(s.metadata_file.is_some() && s.image_dir.as_os_str().is_empty())) {
+        return Err(DataError::NotADirectory { path: s.image_dir.clone() });
+    }
     config.validate()?;
     let mut s = Scanner {
         config,

@@ -200,13 +200,6 @@ fn has_kohya_folders(dir: &Path) -> bool {
 /// Builds the dataset the configuration asks for.
 pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     let d = &config.data;
-    // Before the bucket settings (derived from the resolution) are checked: a folder that
-    // is not there is the error to report.
-    let folder = d.train_data_dir.as_str();
-    if !matches!(folder, "" | "demo") && d.dataset_config.is_empty() && !Path::new(folder).is_dir() {
-        let what = if Path::new(folder).exists() { "is not a folder" } else { "does not exist" };
-        return Err(TrainError::Config { origin: "data.train_data_dir".into(), reason: format!("= \"{folder}\" {what} (a folder of images with captions, or \"demo\")") });
-    }
     let subset = |dir: &str, is_reg: bool| SubsetConfig {
         // A plain folder (and fine-tuning metadata) gets `num_repeats`; kohya `N_name`
         // folders keep their own.
