@@ -277,9 +277,10 @@ impl AdapterSet {
 
     /// The set with every LyCORIS LoHa / LoKr / Tucker LoCon adapter as the plain LoRA with
     /// its update (their [`LoraWeights::lycoris`] dropped): written in the kohya layout, it
-    /// is a LoRA file for readers that take no LyCORIS modules.
+    /// is a LoRA file for readers that take no LyCORIS modules. An OFT, which has no
+    /// plain-LoRA form ([`LoraWeights::is_oft`]), stays as it is.
     pub fn into_plain_lora(mut self) -> Self {
-        for w in self.adapters.values_mut() {
+        for w in self.adapters.values_mut().filter(|w| !w.is_oft()) {
             w.lycoris = None;
         }
         self

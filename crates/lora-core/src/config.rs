@@ -30,6 +30,14 @@ pub enum Algo {
     /// LyCORIS' LoKr: `ΔW = scale · w1 ⊗ w2`, a Kronecker product of a small matrix `w1` and
     /// a larger `w2` that is low-rank (`w2_a · w2_b`) unless the rank is large for its size.
     Lokr,
+    /// kohya's OFT (`networks.oft`, constrained orthogonal fine-tuning): the layer's weight
+    /// becomes `Rᵀ · W` with `R` block-diagonal and orthogonal, each block the Cayley
+    /// transform `(I + Q)(I − Q)⁻¹` of a skew-symmetric `Q` whose norm is held to a
+    /// constraint ([`crate::lycoris`]'s OFT). `rank` is the number of blocks (kohya's
+    /// `network_dim`) and `alpha` the constraint per output (kohya's `network_alpha`, e.g.
+    /// 1e-3). Its update depends on the base weight, so it has no plain-LoRA form: it is
+    /// saved in kohya's layout only and cannot be combined with other adapters.
+    Oft,
 }
 
 impl Algo {
@@ -39,19 +47,26 @@ impl Algo {
             Algo::Lora => "lora",
             Algo::Loha => "loha",
             Algo::Lokr => "lokr",
+            Algo::Oft => "oft",
         }
     }
 
-    /// Whether this is one of LyCORIS' own forms (LoHa, LoKr).
+    /// Whether the adapter is not a LoRA: LyCORIS' LoHa or LoKr, or kohya's OFT, each held
+    /// as a [`crate::LycorisAdapter`] with its own tensors.
     pub fn is_lycoris(self) -> bool {
         self != Algo::Lora
+    }
+
+    /// Whether this is kohya's OFT, whose update depends on the base weight.
+    pub fn is_oft(self) -> bool {
+        self == Algo::Oft
     }
 }
 
 impl std::str::FromStr for Algo {
     type Err = String;
 
-    /// `lora`, `loha` or `lokr` (LyCORIS' `locon` reads as `lora`).
+    /// `lora`, `loha`, `lokr` or `oft` (LyCORIS' `locon` reads as `lora`).
     ///
     /// ```
     /// use lora_core::Algo;
@@ -63,7 +78,8 @@ impl std::str::FromStr for Algo {
             "lora" | "locon" => Ok(Algo::Lora),
             "loha" => Ok(Algo::Loha),
             "lokr" => Ok(Algo::Lokr),
-            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha or lokr")),
+            "oft" => Ok(Algo::Oft),
+            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr or oft")),
         }
     }
 }
@@ -388,6 +404,9 @@ impl LoraConfig {
                     return Err(LoraError::InvalidConfig(format!("{name} is not supported with {algo} (module_dropout and LyCORIS' rank_dropout are)")));
                 }
             }
+            if self.algo.is_oft() {
+                self.validate_oft()?;
+            }
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
@@ -433,6 +452,26 @@ impl LoraConfig {
             }
         }
         Ok(())
+    }
+
+    /// What kohya's OFT takes: a positive constraint (`alpha`) and none of the other
+    /// adapters' options (kohya's module has no dropout, DoRA or scalar).
+    fn validate_oft(&self) -> Result<()> {
+        if self.alpha <= 0.0 {
+            return Err(LoraError::InvalidConfig(format!("OFT's alpha (its constraint, e.g. 1e-3) must be positive, got {}", self.alpha)));
+        }
+        let others = [
+            (self.rank_dropout > 0.0, "rank_dropout"),
+            (self.module_dropout > 0.0, "module_dropout"),
+            (self.dora, "dora"),
+            (self.use_scalar, "use_scalar"),
+            (self.rslora, "rslora"),
+            (self.use_tucker, "use_tucker"),
+        ];
+        match others.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo oft (kohya's OFT has none)"))),
+            None => Ok(()),
+        }
     }
 
     /// The alpha that gives the same scale under classic (kohya) scaling, `scale * rank`.

@@ -572,8 +572,9 @@ impl<B: Backend> LoraConv2d<B> {
             return;
         }
         if let Some(lycoris) = &self.lycoris {
-            // With DoRA the kernel is not `W + ΔW`: the base is kept to restore exactly.
-            if lycoris.is_dora() {
+            // With DoRA or an OFT the kernel is not `W + ΔW` for a fixed `ΔW`: the base is
+            // kept to restore exactly.
+            if lycoris.depends_on_base() {
                 self.merged_base = Some(self.base.weight.val());
             }
             let update = lycoris.update::<4>(self.multiplier, self.base.weight.val()).detach();

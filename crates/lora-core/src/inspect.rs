@@ -43,6 +43,9 @@ pub enum ModuleKind {
     Loha,
     /// LyCORIS LoKr (`lokr_*`).
     Lokr,
+    /// kohya's OFT (`oft_blocks`); its rank is the number of blocks, its alpha the
+    /// constraint per output.
+    Oft,
     /// Tensors of no adapter kind this crate knows (e.g. a full `diff`).
     Other,
 }
@@ -56,6 +59,7 @@ impl ModuleKind {
             Self::TuckerLora => "LoCon+Tucker",
             Self::Loha => "LoHa",
             Self::Lokr => "LoKr",
+            Self::Oft => "OFT",
             Self::Other => "other",
         }
     }
@@ -167,6 +171,9 @@ fn split_key(key: &str, format: AdapterFormat) -> (String, String) {
 
 fn component_of(name: &str) -> Option<Component> {
     let stripped = name.strip_prefix("base_model.model.").unwrap_or(name);
+    if stripped.starts_with("oft_unet_") {
+        return Some(Component::Unet);
+    }
     if let Some(rest) = stripped.strip_prefix("lora_") {
         return match rest {
             r if r.starts_with("unet_") => Some(Component::Unet),
@@ -208,7 +215,9 @@ pub fn inspect(bytes: &[u8], path: &Path) -> Result<LoraInfo> {
 fn module_info(name: String, tensors: &[(String, TensorView<'_>)], path: &Path) -> Result<ModuleInfo> {
     let shape = |part: &str| tensors.iter().find(|(p, _)| p == part).map(|(_, v)| v.shape().to_vec());
     let has = |prefix: &str| tensors.iter().any(|(p, _)| p.starts_with(prefix));
-    let kind = if has("hada_") {
+    let kind = if has("oft_blocks") {
+        ModuleKind::Oft
+    } else if has("hada_") {
         ModuleKind::Loha
     } else if has("lokr_") {
         ModuleKind::Lokr
@@ -227,6 +236,7 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], path: &Path) 
     let rank = match kind {
         ModuleKind::Loha => shape("hada_w1_b").and_then(leading),
         ModuleKind::Lokr => shape("lokr_w1_b").or_else(|| shape("lokr_w2_b")).and_then(leading),
+        ModuleKind::Oft => shape("oft_blocks").and_then(leading),
         ModuleKind::Other => None,
         _ => down.clone().and_then(leading),
     };

@@ -6,8 +6,8 @@
 //! - [`LoraConfig`]: rank, alpha, dropout, rsLoRA scaling and initialisation;
 //! - [`LoraLinear`] and [`LoraConv2d`] (LoCon): frozen base layers holding an optional
 //!   adapter that can be attached, detached, merged and unmerged in place: a LoRA, or
-//!   LyCORIS' LoHa or LoKr ([`lycoris`], [`Algo`]), or a DyLoRA trained a chunk of
-//!   ranks at a time ([`dylora`]);
+//!   LyCORIS' LoHa or LoKr ([`lycoris`], [`Algo`]), kohya's OFT ([`oft`]), or a DyLoRA
+//!   trained a chunk of ranks at a time ([`dylora`]);
 //! - [`AdapterSet`]: adapters keyed by component and module path, read from and written to
 //!   the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout
 //!   ([`AdapterFormat`]), in f32, f16 or bf16 ([`SaveDtype`]);
@@ -59,6 +59,7 @@ pub mod kernels;
 mod linalg;
 mod linear;
 pub mod lycoris;
+pub mod oft;
 pub mod optim;
 pub mod precision;
 mod rank_dropout;

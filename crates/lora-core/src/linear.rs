@@ -518,8 +518,9 @@ impl<B: Backend> LoraLinear<B> {
             return;
         }
         if let Some(lycoris) = &self.lycoris {
-            // With DoRA the weight is not `W + ΔW`: the base is kept to restore exactly.
-            if lycoris.is_dora() {
+            // With DoRA or an OFT the weight is not `W + ΔW` for a fixed `ΔW`: the base is
+            // kept to restore exactly.
+            if lycoris.depends_on_base() {
                 self.merged_base = Some(self.base.weight.val());
             }
             let update = lycoris.update::<2>(self.multiplier, self.base.weight.val()).detach();

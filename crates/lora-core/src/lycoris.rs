@@ -102,7 +102,9 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     (m.min(n), m.max(n))
 }
 
-/// One layer's LoHa or LoKr factors, trainable (see the [module docs](self)).
+/// One layer's LoHa or LoKr factors, trainable (see the [module docs](self)), or its
+/// kohya OFT blocks ([`Algo::Oft`], [`crate::oft`]: one factor `oft_blocks` kept as
+/// `[k·n, n]`, `scale` holding its alpha).
 #[derive(Module, Debug)]
 pub struct LycorisAdapter<B: Backend> {
     /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
@@ -220,7 +222,11 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 (names, factors, w1_full && w2_full)
             }
-            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha or lokr, not lora".into())),
+            Algo::Oft => {
+                let (k, n) = crate::oft::block_shape(out, r).map_err(LoraError::InvalidConfig)?;
+                (vec![crate::oft::BLOCKS], vec![zeros(k * n, n, device)], false)
+            }
+            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr or oft, not lora".into())),
         };
         Ok(Self {
             factors,
@@ -228,8 +234,9 @@ impl<B: Backend> LycorisAdapter<B> {
             algo: config.algo,
             shape: [out, input, kh, kw],
             conv,
-            // LyCORIS: a LoKr with two full halves has scale 1 whatever the alpha.
-            scale: if both_full { 1.0 } else { config.scale() },
+            // LyCORIS: a LoKr with two full halves has scale 1 whatever the alpha. An OFT
+            // keeps its alpha (the constraint per output).
+            scale: if both_full { 1.0 } else if config.algo.is_oft() { config.alpha } else { config.scale() },
             module_dropout: config.module_dropout,
             rank_dropout: config.rank_dropout,
             rank_dropout_scale: config.rank_dropout_scale,
@@ -242,6 +249,9 @@ impl<B: Backend> LycorisAdapter<B> {
     /// `[out, in, kh, kw]`, checking that they fit it; `key` names the adapter in errors.
     pub fn from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
         let bad = |reason: String| LoraError::ShapeMismatch { key: key.into(), reason };
+        if weights.algo.is_oft() {
+            return Self::oft_from_weights(weights, shape, conv, key, device);
+        }
         let names: Vec<&'static str> = match weights.algo {
             Algo::Loha if weights.get("hada_t1").is_some() => vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"],
             Algo::Loha => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
@@ -256,7 +266,7 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 names
             }
-            Algo::Lora => return Err(bad("not a LyCORIS adapter".into())),
+            Algo::Lora | Algo::Oft => return Err(bad("not a LyCORIS adapter".into())),
         };
         if weights.tensors.len() != names.len() {
             let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
@@ -296,6 +306,33 @@ impl<B: Backend> LycorisAdapter<B> {
         Ok(adapter)
     }
 
+    /// [`from_weights`](Self::from_weights) for kohya's OFT: `oft_blocks` `[k, n, n]` with
+    /// `k · n` the layer's outputs, kept as `[k · n, n]`; the scale is the file's alpha.
+    fn oft_from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
+        let blocks = match weights.tensors.as_slice() {
+            [(name, t)] if name == crate::oft::BLOCKS => t,
+            _ => {
+                let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("an OFT needs [\"oft_blocks\"], the weights have {found:?}") });
+            }
+        };
+        let (k, n) = crate::oft::check_blocks(blocks, shape[0], key)?;
+        let flat = HostTensor { shape: vec![k * n, n], data: blocks.data.clone() };
+        Ok(Self {
+            factors: vec![Param::from_tensor(flat.to_tensor::<B, 2>(device)?)],
+            names: vec![crate::oft::BLOCKS],
+            algo: Algo::Oft,
+            shape,
+            conv,
+            scale: weights.alpha,
+            module_dropout: 0.0,
+            rank_dropout: 0.0,
+            rank_dropout_scale: false,
+            magnitude: None,
+            scalar: None,
+        })
+    }
+
     /// The factors' LyCORIS names (`hada_w1_a`, …), in the order of
     /// [`factors`](Self::factors).
     pub fn names(&self) -> &[&'static str] {
@@ -313,16 +350,23 @@ impl<B: Backend> LycorisAdapter<B> {
         self.conv
     }
 
-    /// LoHa or LoKr.
+    /// LoHa, LoKr or OFT.
     pub fn algo(&self) -> Algo {
         self.algo
     }
 
-    /// The rank of the low-rank products (LoHa's, or LoKr's `_a` / `_b` halves); `None`
-    /// for a LoKr whose halves are both full.
+    /// Whether the layer's update depends on its base weight (DoRA's magnitude, or an
+    /// OFT): merging it keeps the base weight to restore exactly.
+    pub fn depends_on_base(&self) -> bool {
+        self.is_dora() || self.algo.is_oft()
+    }
+
+    /// The rank of the low-rank products (LoHa's, or LoKr's `_a` / `_b` halves), or an
+    /// OFT's number of blocks; `None` for a LoKr whose halves are both full.
     pub fn rank(&self) -> Option<usize> {
         let rows = |name: &str| self.factor(name).map(|p| p.dims()[0]);
         match self.algo {
+            Algo::Oft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[0] / p.dims()[1].max(1)),
             Algo::Loha => rows("hada_w1_b"),
             _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
         }
@@ -389,8 +433,10 @@ impl<B: Backend> LycorisAdapter<B> {
     }
 
     /// `ΔW` times `factor` in f32, `[out, in·kh·kw]` (PyTorch's layout with the kernel
-    /// flattened), in the autodiff graph of the factors.
+    /// flattened), in the autodiff graph of the factors. Not for an OFT, whose update
+    /// depends on the base weight (see [`update`](Self::update)): a panic.
     pub fn delta(&self, factor: f32) -> Tensor<B, 2> {
+        assert!(!self.algo.is_oft(), "an OFT's update depends on the base weight: use `update`");
         let f32_of = |name: &str| self.factor(name).map(|p| cast_to(p.val(), DType::F32));
         let delta = unscaled_delta(self.algo, |name| plain_factor(name, |n| self.names.contains(&n), f32_of)).expect("the factors fit each other, as checked when the adapter was made");
         let delta = delta.mul_scalar(factor * self.scale);
@@ -438,6 +484,9 @@ impl<B: Backend> LycorisAdapter<B> {
     /// [`update`](Self::update) with `ΔW`'s rows (one per output) multiplied by `rows`
     /// `[out]` (rank dropout's mask), before DoRA's norm as in LyCORIS.
     fn update_rows<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>, rows: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+        if self.algo.is_oft() {
+            return self.oft_update(multiplier, weight);
+        }
         let masked = |delta: Tensor<B, D>| match &rows {
             Some(r) => delta * r.clone().reshape(self.output_shape::<D>()),
             None => delta,
@@ -448,6 +497,21 @@ impl<B: Backend> LycorisAdapter<B> {
         let norm = output_sums(merged.clone().powi_scalar(2)).sqrt().add_scalar(f32::EPSILON);
         let gain = cast_to(m.val(), DType::F32).reshape(self.output_shape::<D>()) / norm;
         (merged * gain - w).mul_scalar(multiplier)
+    }
+
+    /// An OFT's update `(R_m − I)ᵀ · W` of the layer's weight `weight` (burn's layout) at
+    /// strength `multiplier`, in f32 in the blocks' graph ([`crate::oft`]).
+    fn oft_update<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>) -> Tensor<B, D> {
+        let [out, input, kh, kw] = self.shape;
+        let w = cast_to(weight, DType::F32).detach();
+        // PyTorch's `[out, cols]`: burn keeps a linear weight `[in, out]`.
+        let w: Tensor<B, 2> = if D == 2 { w.reshape([input, out]).transpose() } else { w.reshape([out, input * kh * kw]) };
+        let blocks = self.factors[0].val();
+        let [rows, n] = blocks.dims();
+        let blocks: Tensor<B, 3> = blocks.reshape([rows / n, n, n]);
+        let delta = crate::oft::update(blocks, crate::oft::constraint(self.scale, out), multiplier, w);
+        let delta = if D == 2 { delta.transpose() } else { delta };
+        delta.reshape(self.burn_shape::<D>())
     }
 
     /// LyCORIS' rank dropout for one pass: `[out]`, 0 for a dropped row of `ΔW` and 1 (or,
@@ -492,6 +556,9 @@ impl<B: Backend> LycorisAdapter<B> {
             .map(|(name, p)| {
                 let [rows, cols] = p.dims();
                 let is_core = TUCKER_HALVES.iter().any(|(core, _, _)| core == name);
+                if *name == crate::oft::BLOCKS {
+                    return vec![rows / cols.max(1), cols, cols];
+                }
                 match (*name == "lokr_w2" && self.conv) || is_core {
                     true => vec![rows, cols / (kh * kw), kh, kw],
                     false => vec![rows, cols],
@@ -520,7 +587,10 @@ impl<B: Backend> LycorisAdapter<B> {
             }
             tensors.push((name.to_string(), t));
         }
-        let alpha = self.rank().map_or(1.0, |r| self.scale * r as f32);
+        let alpha = match self.algo {
+            Algo::Oft => self.scale,
+            _ => self.rank().map_or(1.0, |r| self.scale * r as f32),
+        };
         Ok(LycorisWeights { algo: self.algo, tensors, alpha })
     }
 
@@ -528,8 +598,14 @@ impl<B: Backend> LycorisAdapter<B> {
     /// for a convolution) plus its own tensors in [`LoraWeights::lycoris`], and DoRA's
     /// magnitude; `key` names it in errors.
     pub fn to_weights(&self, key: &str) -> Result<LoraWeights> {
-        let lycoris = self.to_lycoris_weights()?;
+        let mut lycoris = self.to_lycoris_weights()?;
         let [out, input, kh, kw] = self.shape;
+        if self.algo.is_oft() {
+            // No plain form: the OFT's own tensor beside an empty LoRA.
+            let in_shape = if self.conv { vec![input, kh, kw] } else { vec![input] };
+            let (_, blocks) = lycoris.tensors.remove(0);
+            return crate::oft::weights(blocks, lycoris.alpha, &in_shape, key);
+        }
         let cols = input * kh * kw;
         let weights = if self.plain_rank() >= out.min(cols) {
             // The plain form is `ΔW` itself beside an identity (as the reader makes it):
@@ -575,6 +651,7 @@ impl<B: Backend> LycorisAdapter<B> {
         let rows = |name: &str| self.factor(name).map_or(0, |p| p.dims()[0]);
         match self.algo {
             Algo::Loha => rows("hada_w1_b") * rows("hada_w2_b"),
+            Algo::Oft => 0,
             _ => ["lokr_w1", "lokr_w2"]
                 .map(|h| {
                     let (full, _, b) = names_of(h);
@@ -667,6 +744,7 @@ pub(crate) fn unscaled_delta<B: Backend>(algo: Algo, factor: impl Fn(&str) -> Op
             Ok(kron(half("lokr_w1")?, half("lokr_w2")?))
         }
         Algo::Lora => Err("a LoRA is not a LyCORIS adapter".into()),
+        Algo::Oft => Err("an OFT's update depends on the base weight".into()),
     }
 }
 

@@ -117,8 +117,13 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             let kind = |dora: bool| if dora { "with DoRA's `dora_scale`" } else { "without DoRA" };
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {} {}, the attached adapter is one {} (lora.dora must match the file)", algo.name(), kind(weights.is_dora()), kind(dora))));
         }
-        let flat = |shape: &[usize]| shape.first().map(|&rows| vec![rows, shape.iter().product::<usize>() / rows.max(1)]).unwrap_or_default();
-        let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(&t.shape)).unwrap_or_default())).collect();
+        // As the adapter keeps them: 2-d, the trailing dimensions in the columns (an OFT's
+        // `[k, n, n]` blocks as `[k·n, n]`).
+        let flat = |name: &str, shape: &[usize]| match shape {
+            [k, n, m] if name == crate::oft::BLOCKS => vec![k * n, *m],
+            _ => shape.first().map(|&rows| vec![rows, shape.iter().product::<usize>() / rows.max(1)]).unwrap_or_default(),
+        };
+        let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(name, &t.shape)).unwrap_or_default())).collect();
         if found != shapes || lycoris.tensors.len() != shapes.len() || lycoris.rank() != rank {
             return Err(LoraError::ShapeMismatch {
                 key: key.to_string(),

@@ -125,6 +125,7 @@ impl LycorisWeights {
             crate::Algo::Loha => rows("hada_w1_b"),
             crate::Algo::Lora => rows("lora_down.weight"),
             crate::Algo::Lokr => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
+            crate::Algo::Oft => rows(crate::oft::BLOCKS),
         }
     }
 
@@ -133,8 +134,12 @@ impl LycorisWeights {
         self.algo == crate::Algo::Lora
     }
 
-    /// The scale of the update: `alpha / rank`, or 1 without a low-rank part.
+    /// The scale of the update: `alpha / rank`, or 1 without a low-rank part (an OFT has
+    /// none: its alpha is a constraint).
     pub fn scale(&self) -> f32 {
+        if self.algo.is_oft() {
+            return 1.0;
+        }
         self.rank().map_or(1.0, |r| self.alpha / r as f32)
     }
 }
@@ -170,8 +175,19 @@ impl LoraWeights {
         self.magnitude.is_some()
     }
 
+    /// Whether this is kohya's OFT ([`crate::oft`]): its tensors are in
+    /// [`lycoris`](Self::lycoris) and `down` / `up` are empty (rank 0), as its update depends
+    /// on the base weight. Merging it into a layer works; combining, converting to PEFT,
+    /// resizing and [`delta`](Self::delta) do not.
+    pub fn is_oft(&self) -> bool {
+        self.lycoris.as_ref().is_some_and(|l| l.algo.is_oft())
+    }
+
     /// Checks ranks and layouts; `key` names the adapter in errors.
     pub fn validate(&self, key: &str) -> Result<()> {
+        if self.is_oft() {
+            return crate::oft::validate(self, key);
+        }
         let (d, u) = (&self.down.shape, &self.up.shape);
         let bad = |reason: String| LoraError::ShapeMismatch {
             key: key.to_string(),
@@ -253,11 +269,12 @@ impl LoraWeights {
     }
 
     /// The weight update `ΔW = scale · up · down` in PyTorch layout (`[out, in]` or
-    /// `[out, in, kh, kw]`), accumulated in f64 on the host.
+    /// `[out, in, kh, kw]`), accumulated in f64 on the host. An OFT's is zero here (its
+    /// plain form is empty; check [`is_oft`](Self::is_oft) first).
     pub fn delta(&self) -> HostTensor {
         let r = self.rank();
         let out = self.out_features();
-        let cols = self.down.numel() / r; // in * kh * kw
+        let cols = self.down.shape[1..].iter().product::<usize>(); // in * kh * kw
         let scale = self.scale() as f64;
         let mut data = vec![0f32; out * cols];
         for o in 0..out {
@@ -311,6 +328,12 @@ impl LoraWeights {
         let Some((first, _)) = parts.first() else {
             return Err(LoraError::Data(format!("`{key}`: nothing to combine")));
         };
+        if parts.iter().any(|(w, _)| w.is_oft()) {
+            return match parts {
+                [(w, s)] if *s == 1.0 => Ok((*w).clone()),
+                _ => Err(crate::oft::no_plain_form(key, "combined with other adapters or folded in at another strength; apply its file alone")),
+            };
+        }
         if parts.iter().any(|(w, _)| w.is_dora()) {
             return match parts {
                 [(w, s)] if *s == 1.0 => Ok((*w).clone()),

@@ -286,7 +286,7 @@ fn malformed_inputs_are_typed_errors() {
     // NaN or infinite values (a diverged run's file), in a weight or the alpha: refused,
     // naming the tensor, instead of black images and NaN merged into checkpoints.
     for (name, value) in [("lora_down.weight", f32::NAN), ("lora_up.weight", f32::INFINITY), ("alpha", f32::NAN)] {
-        let mut tensors = vec![
+        let mut tensors = [
             (format!("{Q}.lora_down.weight"), vec![2, 8], vec![0.1; 16]),
             (format!("{Q}.lora_up.weight"), vec![8, 2], vec![0.1; 16]),
             (format!("{Q}.alpha"), vec![], vec![2.0]),

@@ -691,7 +691,12 @@ fn inspect_file(path: &Path, verify: bool, min_side: u32) -> Result<(u32, u32, S
 pub fn scan(config: &DatasetConfig) -> Result<Scan> {
     // A folder that is not there is the error to report, before the settings (bucket sizes
     // derived from the resolution, say) that would fail without it being named.
-    if let Some(s) = config.subsets.iter().find(|s| !s.image_dir.is_dir() && !(s.metadata_file.is_some() && s.image_dir.as_os_str().is_empty())) {
+    // (A subset described by a metadata file alone may have no folder.)
+    let missing = |s: &&crate::SubsetConfig| {
+        let metadata_only = s.metadata_file.is_some() && s.image_dir.as_os_str().is_empty();
+        !metadata_only && !s.image_dir.is_dir()
+    };
+    if let Some(s) = config.subsets.iter().find(missing) {
         return Err(DataError::NotADirectory { path: s.image_dir.clone() });
     }
     config.validate()?;

@@ -210,11 +210,12 @@ pub fn use_sdxl_kohya_names_by(set: &mut AdapterSet, layout: &crate::keymap::Une
 /// encoder. Text-encoder adapters without a text encoder, or keys matching no module, are
 /// an error unless `lenient` (then they are reported in [`AppliedLoras::skipped`]).
 ///
-/// DoRA adapters do not combine (each rescales its whole layer): each is attached alone,
-/// at its file's strength as the layer's multiplier, which moves the layer from its base
-/// weight toward the adapter's (ComfyUI's and Forge's convention). A DoRA adapter on a
-/// layer that another file also adapts is an error naming the layer (bake one file into
-/// the checkpoint first). A single file is attached as it is, at its strength.
+/// DoRA adapters and kohya's OFTs do not combine (each changes its whole layer, by an update
+/// that depends on the base weight): each is attached alone, at its file's strength as the
+/// layer's multiplier, which moves the layer from its base weight toward the adapter's
+/// (ComfyUI's and Forge's convention; kohya's for OFT). Such an adapter on a layer that
+/// another file also adapts is an error naming the layer (bake one file into the
+/// checkpoint first). A single file is attached as it is, at its strength.
 pub fn apply_lora_files<B: Backend>(
     unet: &mut UNet2DConditionModel<B>,
     text_encoder: Option<&mut ClipTextModel<B>>,
@@ -276,8 +277,8 @@ pub fn apply_lora_files_to<B: Backend>(
     Ok(applied)
 }
 
-/// Each file's plain adapters and its DoRA adapters apart (with the file's strength); a
-/// DoRA adapter's layer must be in no other file.
+/// Each file's plain adapters and its DoRA adapters and OFTs apart (with the file's
+/// strength); the layer of a DoRA adapter or an OFT must be in no other file.
 #[allow(clippy::type_complexity)]
 fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec<(AdapterSet, f32)>)> {
     let (mut plain, mut dora) = (Vec::new(), Vec::new());
@@ -285,13 +286,14 @@ fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec
         let (mut p, mut d) = (AdapterSet::new(), AdapterSet::new());
         p.metadata = set.metadata.clone();
         for (key, w) in set.iter() {
-            if !w.is_dora() {
+            if !w.is_dora() && !w.is_oft() {
                 p.insert(key.clone(), w.clone())?;
                 continue;
             }
             if sets.iter().enumerate().any(|(j, (other, _))| j != i && other.get(key).is_some()) {
+                let (what, how) = if w.is_oft() { ("an OFT", "rotates") } else { ("a DoRA adapter", "rescales") };
                 return Err(lora_core::LoraError::Unsupported(format!(
-                    "`{key}`: a DoRA adapter cannot be combined with another file's adapter on the same layer (it rescales the whole layer); merge one of the files into the checkpoint first"
+                    "`{key}`: {what} cannot be combined with another file's adapter on the same layer (it {how} the whole layer); merge one of the files into the checkpoint first"
                 ))
                 .into());
             }

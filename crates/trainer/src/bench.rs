@@ -43,7 +43,8 @@ pub struct BenchOptions {
     /// The adapters' optimizer in the train step: AdamW with burn's defaults, or another
     /// one with this trainer's default settings for it (as `train.optimizer`).
     pub optimizer: crate::config::Optimizer,
-    /// The adapters' form (rank 4 each): LoRA, or LyCORIS' LoHa or LoKr (as `lora.algo`).
+    /// The adapters' form (rank 4 each): LoRA, LyCORIS' LoHa or LoKr, or kohya's OFT (4
+    /// blocks each) (as `lora.algo`).
     pub algo: lora_core::Algo,
 }
 
@@ -337,7 +338,12 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
     B::seed(device, 0);
     // Frozen base, as in training: only the adapters get gradients and AdamW updates.
     let mut unet = UNet2DConditionModel::<B>::new(&opts.unet, device)?.no_grad();
-    attach_new_adapters(&mut unet, &Selection::new(opts.targets), &LoraConfig::new(4).with_algo(opts.algo), device)?;
+    // An OFT at kohya's usual constraint (alpha 1e-3), which sets its inverse's steps.
+    let adapters = match opts.algo {
+        lora_core::Algo::Oft => LoraConfig::new(4).with_alpha(1e-3),
+        _ => LoraConfig::new(4),
+    };
+    attach_new_adapters(&mut unet, &Selection::new(opts.targets), &adapters.with_algo(opts.algo), device)?;
     // Half precision as in training: frozen weights converted once, adapters trained as f32
     // master values in the optimizer (with half-precision copies in the model, below).
     if opts.precision != crate::device_check::Precision::F32 {

@@ -211,7 +211,10 @@ pub struct LoraSection {
     /// `network_module = "lycoris.kohya"` with `algo`), trained as LyCORIS trains them and
     /// saved in its layout, which A1111, ComfyUI and Forge load. LoHa and LoKr take `rank`,
     /// `alpha`, `conv_*`, `rslora`, `module_dropout`, `rank_dropout` (LyCORIS': rows of
-    /// `ΔW`) and `dora`, not the other dropouts or LoRA+.
+    /// `ΔW`) and `dora`, not the other dropouts or LoRA+. `oft` is kohya's
+    /// `networks.oft` ([`lora_core::oft`]): `rank` blocks per layer (`conv_rank` for 3x3
+    /// convolutions) and `alpha` the constraint per output (1e-3 to 1e-2), with none of
+    /// the dropouts, DoRA, rsLoRA, Tucker or `train.scale_weight_norms`.
     pub algo: lora_core::Algo,
     /// LoKr's factor (LyCORIS' `factor`): each side of a weight is split as `m · n`, `m` the
     /// divisor closest to this; −1: closest to the square root.
@@ -2282,10 +2285,38 @@ impl TrainConfig {
         if l.lokr_factor == 0 || l.lokr_factor < -1 {
             return bad(format!("lora.lokr_factor must be -1 (square root) or at least 1, got {}", l.lokr_factor));
         }
+        if l.algo.is_oft() {
+            self.check_oft()?;
+        }
         if self.output.save_format == lora_core::AdapterFormat::Peft {
             return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));
         }
         Ok(())
+    }
+
+    /// What kohya's OFT (`lora.algo = "oft"`) takes: a positive constraint and none of the
+    /// other adapters' options.
+    fn check_oft(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        let bad = |key: &str, reason: String| Err(TrainError::Config { origin: key.into(), reason });
+        for (key, alpha, used) in [("lora.alpha", l.alpha, true), ("lora.conv_alpha", l.conv_alpha, l.conv_rank > 0)] {
+            if used && (alpha.is_nan() || alpha <= 0.0) {
+                return bad(key, format!("= {alpha}: with lora.algo = \"oft\" it is the constraint per output (kohya's network_alpha), which must be positive; 1e-3 to 1e-2 is usual"));
+            }
+        }
+        let options = [
+            (l.module_dropout > 0.0, "lora.module_dropout"),
+            (l.rank_dropout > 0.0, "lora.rank_dropout"),
+            (l.dora, "lora.dora"),
+            (l.use_scalar, "lora.use_scalar"),
+            (l.rslora, "lora.rslora"),
+            (l.use_tucker, "lora.use_tucker"),
+            (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
+        ];
+        match options.iter().find(|(on, _)| *on) {
+            Some((_, key)) => bad(key, "is not trained with lora.algo = \"oft\" (kohya's OFT has no such option)".into()),
+            None => Ok(()),
+        }
     }
 
     /// Whether the run trains adapters: its targets select layers (or `dim_from_weights`

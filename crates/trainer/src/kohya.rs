@@ -416,6 +416,7 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
     read_resume(&mut o, &mut c, &mut notes)?;
     match network {
         Network::Lora { conv_dim } => conv_targets(&mut c.lora, conv_dim, &mut notes),
+        Network::Oft { all_linear, conv } => oft_targets(&mut c.lora, all_linear, conv),
         Network::Lycoris { preset, conv_dim } => {
             let sdxl = crate::models::is_sdxl(&c.model.pretrained).ok();
             lycoris_targets(&mut c.lora, preset, conv_dim, sdxl, &mut notes);
@@ -656,6 +657,8 @@ enum Network {
     /// LyCORIS' `lycoris.kohya` with its preset and the rank of the 3x3 convolutions (0:
     /// none) ([`lycoris_targets`]).
     Lycoris { preset: LycorisPreset, conv_dim: usize },
+    /// kohya's `networks.oft` with its `enable_all_linear` and `enable_conv` ([`oft_targets`]).
+    Oft { all_linear: bool, conv: bool },
 }
 
 /// LyCORIS' built-in presets (`preset=...` in `network_args`) for SD / SDXL UNets, whose
@@ -736,10 +739,11 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
         "networks.lora" | "networks.dylora" => (false, false),
         "networks.lora_fa" => (false, true),
         "lycoris.kohya" => (true, false),
+        "networks.oft" => (false, false),
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA) and networks.dylora (DyLoRA), and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) and networks.oft (OFT), and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
             ))
         }
     };
@@ -765,6 +769,9 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     }
     if module == "networks.dylora" {
         return read_dylora_args(o, l, &args, notes);
+    }
+    if module == "networks.oft" {
+        return read_oft_args(o, l, &args, notes);
     }
     let mut ignored = Vec::new();
     let mut conv_dim = None;
@@ -842,6 +849,68 @@ fn read_dylora_args(o: &Options, l: &mut crate::config::LoraSection, args: &[Str
         notes.push(format!("what networks.dylora ignores is ignored here too: {}", ignored.join(", ")));
     }
     Ok(Network::Lora { conv_dim })
+}
+
+/// The `network_args` of kohya's `networks.oft`, as its `create_network` reads them:
+/// `enable_all_linear` and `enable_conv`, each Python's `bool` of the string (so any
+/// non-empty value, `False` too, turns it on). Its `network_dim` is the number of blocks
+/// and `network_alpha` the constraint per output. It trains the UNet alone, reads no
+/// dropout and nothing else: the rest is ignored with a note.
+fn read_oft_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
+    l.algo = lora_core::Algo::Oft;
+    let (mut all_linear, mut conv) = (false, false);
+    let mut ignored = Vec::new();
+    for (key, value) in key_values(args, "network_args", &o.origin)? {
+        let flag = match key.as_str() {
+            "enable_all_linear" => &mut all_linear,
+            "enable_conv" => &mut conv,
+            _ => {
+                ignored.push(format!("{key}={value}"));
+                continue;
+            }
+        };
+        *flag = python_truthy(&value);
+        if value.eq_ignore_ascii_case("false") {
+            notes.push(format!("network_args `{key}={value}`: networks.oft reads any non-empty value as true (Python's bool of the string), and so does this import; leave the argument out to turn it off"));
+        }
+    }
+    if l.unet_targets == UnetTargets::None {
+        return Err(o.err("network_train_text_encoder_only", "networks.oft trains the UNet alone"));
+    }
+    if l.text_encoder_targets != TextEncoderTargets::None {
+        notes.push("networks.oft trains the UNet alone: the text encoder is not trained (as with network_train_unet_only)".into());
+        l.text_encoder_targets = TextEncoderTargets::None;
+    }
+    if l.network_dropout > 0.0 {
+        ignored.push(format!("network_dropout = {} (an option, not an argument)", l.network_dropout));
+        l.network_dropout = 0.0;
+    }
+    if !ignored.is_empty() {
+        notes.push(format!("what networks.oft ignores is ignored here too: {}", ignored.join(", ")));
+    }
+    if l.alpha >= 1.0 {
+        notes.push(format!("network_alpha = {}: OFT's alpha is its constraint per output, which sd-scripts warns is too large at 1 or more (1e-3 to 1e-2 is usual); kept", l.alpha));
+    }
+    Ok(Network::Oft { all_linear, conv })
+}
+
+/// kohya's OFT targets: the attention projections (its `CrossAttention` modules), every
+/// linear layer and 1x1 convolution of the transformers with `enable_all_linear`, and with
+/// `enable_conv` every convolution and linear layer of the ResNets and the down / up
+/// samplers, at `network_dim` blocks and `network_alpha` like the rest.
+fn oft_targets(l: &mut crate::config::LoraSection, all_linear: bool, conv: bool) {
+    if l.unet_targets == UnetTargets::None {
+        return;
+    }
+    l.unet_targets = match (all_linear, conv) {
+        (true, true) => UnetTargets::Conv,
+        (true, false) => UnetTargets::AttnMlp,
+        (false, _) => UnetTargets::Attn,
+    };
+    if conv && !all_linear {
+        l.include.extend(["*.resnets.*", "*samplers.*"].map(String::from));
+    }
+    l.conv_rank = 0;
 }
 
 /// Python's truthiness of a `network_args` value (a string): true unless empty.
@@ -2030,7 +2099,7 @@ output_dir = "out"
             ("timestep_sampling", &["uniform", "sigmoid"]),
         ];
         const BOOLS: &[&str] = &["enable_bucket", "shuffle_caption", "flip_aug", "color_aug", "gradient_checkpointing", "cache_latents", "v2", "v_parameterization", "network_train_unet_only", "network_train_text_encoder_only", "xformers", "sdpa", "full_fp16", "full_bf16", "random_crop", "bucket_no_upscale", "zero_terminal_snr", "debiased_estimation_loss", "masked_loss", "alpha_mask", "sample_at_first", "scale_v_pred_loss_like_noise_pred"];
-        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True", "alpha=8", "t_alpha=100", "t_beta3=-1", "momentum=0.95", "nesterov=False", "dampening=0.5", "growth_rate=1.02", "d0=1e-5", "no_prox=True", "betas=0.98,0.92,0.99", "unit=2", "unit=3"];
+        const ARGS: &[&str] = &["algo=loha", "algo=lokr", "algo=locon", "algo=ia3", "conv_dim=0", "conv_dim=4", "conv_alpha=nan", "dropout=2", "rank_dropout=-1", "rank_dropout=0.1", "module_dropout=1", "use_tucker=True", "use_scalar=True", "dora_wd=maybe", "dora_wd=True", "factor=-1", "factor=4", "preset=attn-only", "block_dims=1,2", "down_lr_weight=x", "loraplus_lr_ratio=1e40", "train_norm=True", "=", "novalue", "weight_decay=0.1", "betas=0.9,0.99", "d_coef=2", "decouple=True", "use_bias_correction=True", "safeguard_warmup=True", "relative_step=True", "scale_parameter=False", "warmup_init=True", "alpha=8", "t_alpha=100", "t_beta3=-1", "momentum=0.95", "nesterov=False", "dampening=0.5", "growth_rate=1.02", "d0=1e-5", "no_prox=True", "betas=0.98,0.92,0.99", "unit=2", "unit=3", "enable_conv=True", "enable_all_linear=False"];
         let ints = (prop::sample::select(INTS), prop::sample::select(vec!["0", "1", "2", "-1", "77", "1000000", "4294967296"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let floats = (prop::sample::select(FLOATS), prop::sample::select(vec!["0.0", "-1.0", "1e-12", "0.5", "1.0", "2.0", "1e30", "nan", "inf", "-inf"])).prop_map(|(k, v)| format!("{k} = {v}"));
         let strings = prop::sample::select(STRINGS).prop_flat_map(|(k, vs)| prop::sample::select(vs).prop_map(move |v| format!("{k} = {v:?}")));
@@ -2159,6 +2228,34 @@ output_dir = "out"
         // sd-scripts' max-norm would scale the frozen down too.
         let e = error(&format!("{MINIMAL}network_module = \"networks.lora_fa\"\nscale_weight_norms = 1.0\n"));
         assert!(e.contains("lora_fa") && e.contains("scale_weight_norms"), "{e}");
+    }
+
+    /// kohya's `networks.oft`: its blocks and constraint, its targets from
+    /// `enable_all_linear` / `enable_conv` (read as Python reads them), the UNet alone, and
+    /// what it lacks an error.
+    #[test]
+    fn oft_reads_its_arguments() {
+        let i = import(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_dim = 8\nnetwork_alpha = 0.001\nnetwork_dropout = 0.1\n")).unwrap();
+        let l = &i.config.lora;
+        assert_eq!((l.algo, l.rank, l.alpha, l.network_dropout), (lora_core::Algo::Oft, 8, 0.001, 0.0));
+        assert_eq!((l.unet_targets, l.text_encoder_targets), (UnetTargets::Attn, TextEncoderTargets::None), "kohya's OFT: the attention projections of the UNet");
+        assert!(i.notes.iter().any(|n| n.contains("network_dropout = 0.1")), "{:?}", i.notes);
+        i.config.validate().unwrap();
+        let all = import(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_args = [\"enable_all_linear=True\", \"enable_conv=True\"]\n")).unwrap();
+        assert_eq!((all.config.lora.unet_targets, all.config.lora.rank, all.config.lora.alpha), (UnetTargets::Conv, 4, 1.0));
+        assert!(all.notes.iter().any(|n| n.contains("too large")), "kohya warns about alpha 1: {:?}", all.notes);
+        // `enable_conv` alone: the attention projections and the ResNets' and samplers' layers.
+        let conv = import(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_alpha = 0.01\nnetwork_args = [\"enable_conv=1\"]\n")).unwrap();
+        let l = &conv.config.lora;
+        assert_eq!((l.unet_targets, l.include.as_slice()), (UnetTargets::Attn, &["*.resnets.*".to_string(), "*samplers.*".to_string()][..]));
+        // Python's bool("False") is True, in sd-scripts and here, with a note.
+        let odd = import(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_args = [\"enable_all_linear=False\"]\n")).unwrap();
+        assert_eq!(odd.config.lora.unet_targets, UnetTargets::AttnMlp);
+        assert!(odd.notes.iter().any(|n| n.contains("any non-empty value as true")), "{:?}", odd.notes);
+        let e = error(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_train_text_encoder_only = true\n"));
+        assert!(e.contains("trains the UNet alone"), "{e}");
+        let e = error(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_alpha = 0.001\nscale_weight_norms = 1.0\n"));
+        assert!(e.contains("scale_weight_norms"), "{e}");
     }
 
     /// kohya's `networks.dylora`: its `unit` (1 by default), `conv_dim` equal to
@@ -3006,7 +3103,7 @@ wandb_run_name = "my_style"
             ("network_dims = 8", "`network_dims` is not an sd-scripts training option this importer knows; did you mean `network_dim`?"),
             ("train_inpainting = true", "`train_inpainting` = true: inpainting models"),
             ("optimizer_type = \"dadaptation.experimental.DAdaptAdanIP\"", "`optimizer_type` = \"dadaptation.experimental.DAdaptAdanIP\" is not supported"),
-            ("network_module = \"networks.oft\"", "`network_module` = \"networks.oft\" is not supported"),
+            ("network_module = \"networks.lora_flux\"", "`network_module` = \"networks.lora_flux\" is not supported"),
             ("network_dim = \"abc\"", "`network_dim` must be a number"),
             ("network_dim = 4.5", "`network_dim` must be a whole number"),
             ("optimizer_args = [\"weight_decay\"]", "`optimizer_args`: `weight_decay` is not KEY=VALUE"),

@@ -351,7 +351,8 @@ enum Command {
         /// the trainer's default settings for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
-        /// The adapters' form: `lora`, or LyCORIS' `loha` or `lokr` (rank 4 each).
+        /// The adapters' form: `lora`, LyCORIS' `loha` or `lokr` (rank 4 each), or kohya's
+        /// `oft` (4 blocks each, constraint 1e-3).
         #[arg(long, default_value = "lora")]
         lora_algo: lora_core::Algo,
         /// `train` or `infer`.
@@ -779,11 +780,17 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         lora_core::Algo::Lora => "LoRA",
         lora_core::Algo::Loha => "LoHa",
         lora_core::Algo::Lokr => "LoKr",
+        lora_core::Algo::Oft => "OFT",
+    };
+    // An OFT's rank is its number of blocks (kohya's network_dim).
+    let size = match config.lora.algo {
+        lora_core::Algo::Oft => format!("{}-block", config.lora.rank),
+        _ => format!("rank-{}", config.lora.rank),
     };
     let what = match (config.embedding.enabled(), config.trains_adapters()) {
         (true, false) => format!("an embedding for `{}`", config.embedding.token),
-        (true, true) => format!("a rank-{} {what} and an embedding for `{}`", config.lora.rank, config.embedding.token),
-        (false, _) => format!("a rank-{} {what}", config.lora.rank),
+        (true, true) => format!("a {size} {what} and an embedding for `{}`", config.embedding.token),
+        (false, _) => format!("a {size} {what}"),
     };
     eprintln!(
         "training {what} on `{}` with {} for {length} -> {}",
@@ -796,6 +803,10 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     eprintln!("{}", trainer::train::data_summary(&config, &data)?);
     if !config.lora.network_weights.is_empty() {
         eprintln!("starting from the LoRA {}", config.lora.network_weights);
+    }
+    if config.lora.algo.is_oft() && config.lora.alpha >= 1.0 {
+        // kohya warns alike: the constraint `alpha · outputs` then hardly constrains.
+        eprintln!("note: with lora.algo = \"oft\" lora.alpha is the constraint per output; 1e-3 to 1e-2 is usual (it is {}), and 1 or more leaves the rotations almost unconstrained", config.lora.alpha);
     }
     let estimates = match config.train.optimizer {
         trainer::config::Optimizer::Prodigy => Some(("prodigy", "Prodigy")),
@@ -1619,8 +1630,17 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
         let parts: Vec<String> = groups
             .iter()
             .map(|g| {
-                let rank = g.rank.map_or("full".to_string(), |r| format!("rank {r}"));
-                let alpha = g.alpha.map_or("no alpha".to_string(), |a| format!("alpha {a}"));
+                let oft = g.kind == lora_core::inspect::ModuleKind::Oft;
+                let rank = match g.rank {
+                    Some(r) if oft => format!("{r} blocks"),
+                    Some(r) => format!("rank {r}"),
+                    None => "full".to_string(),
+                };
+                let alpha = match g.alpha {
+                    Some(a) if oft => format!("constraint {a} per output"),
+                    Some(a) => format!("alpha {a}"),
+                    None => "no alpha".to_string(),
+                };
                 let conv = if g.spatial { " 3x3-conv" } else { "" };
                 format!("{} {}{conv} ({rank}, {alpha})", g.count, g.kind.name())
             })

@@ -2770,6 +2770,76 @@ fn loha_and_lokr_train_resume_and_apply() {
     }
 }
 
+/// `lora.algo = "oft"` (kohya's `networks.oft`): every adapter (attention, 3x3 conv at
+/// `conv_rank` blocks, text encoder) is saved as kohya saves it (`oft_unet_…` /
+/// `lora_te_…` `oft_blocks` `[k, n, n]` and `alpha`, `networks.oft` with the blocks and
+/// the constraint in the metadata), and every one trains; a stopped run resumes bit for
+/// bit; the file continues training as `network_weights` (and with `dim_from_weights`), not
+/// into a LoRA; a bf16 base runs; it applies at a strength in generation, merged as
+/// attached, and does not combine with a second file on its layers.
+#[test]
+fn oft_trains_resumes_and_applies() {
+    let _guard = seeded();
+    let oft_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.algo = lora_core::Algo::Oft;
+        (c.lora.dropout, c.lora.alpha) = (0.0, 0.01);
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+        (c.lora.conv_rank, c.lora.conv_alpha) = (2, 0.05);
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&oft_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    assert!(set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    let mut spatial = 0;
+    for (key, w) in set.iter() {
+        assert!(w.is_oft(), "{key}");
+        let l = w.lycoris.as_ref().unwrap();
+        let blocks = l.get("oft_blocks").unwrap();
+        let k = if w.is_conv() && w.down.shape[2..] == [3, 3] { 2 } else { 4 };
+        spatial += usize::from(k == 2);
+        assert_eq!((blocks.shape[0], blocks.shape[1] * k, blocks.shape[2]), (k, w.out_features(), blocks.shape[1]), "{key}");
+        assert_eq!(l.alpha, if k == 2 { 0.05 } else { 0.01 }, "{key}");
+        assert!(blocks.data.iter().any(|v| *v != 0.0), "{key} did not train");
+    }
+    assert!(spatial > 0, "the 3x3 convolutions at conv_rank blocks");
+    let bytes = std::fs::read(&straight.lora).unwrap();
+    let (st, _) = lora_core::tensor_io::parse(&bytes, &straight.lora).unwrap();
+    assert!(st.names().iter().all(|n| n.starts_with("oft_unet_") || n.starts_with("lora_te_")), "{:?}", st.names());
+    let meta = lora_metadata(&straight.lora);
+    assert_eq!((meta["ss_network_module"].as_str(), meta["ss_network_dim"].as_str(), meta["ss_network_alpha"].as_str()), ("networks.oft", "4", "0.01"));
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&oft_config(dir.path(), 6), &straight, |c| c.lora.algo = lora_core::Algo::Lora, "cannot resume with a different model, [lora] section");
+
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = oft_config(more_dir.path(), 2);
+    more.lora.network_weights = straight.lora.display().to_string();
+    assert_trains(&more);
+    more.lora.algo = lora_core::Algo::Lora;
+    let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("oft") && err.contains("LoRA"), "{err}");
+    more.lora.dim_from_weights = true;
+    let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("set lora.algo = \"oft\""), "{err}");
+    more.lora.algo = lora_core::Algo::Oft;
+    assert_trains(&more);
+
+    let bf16_dir = tempfile::tempdir().unwrap();
+    let mut bf16 = oft_config(bf16_dir.path(), 2);
+    bf16.train.mixed_precision = trainer::config::MixedPrecision::Bf16;
+    assert_trains(&bf16);
+
+    assert_applies_at_half_strength(&straight.lora, "the OFT");
+    let device = Default::default();
+    let mut unet = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let file: sd_model::lora::LoraFile = straight.lora.display().to_string().parse().unwrap();
+    let err = sd_model::lora::apply_lora_files(&mut unet, None, &[file.clone(), file], true, &device).unwrap_err();
+    assert!(err.to_string().contains("an OFT cannot be combined"), "{err}");
+}
+
 /// `lora.use_tucker` with a LoRA (LyCORIS' LoCon with `use_tucker`): the 3x3
 /// convolutions' adapters (only those) are saved as LyCORIS saves them, `lora_down` 1x1,
 /// `lora_mid` and `lora_up`, with `lycoris.kohya` and `use_tucker` in the metadata; every
@@ -2913,8 +2983,16 @@ fn lycoris_config_errors_name_the_key() {
         c
     };
     type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
-    let cases: [(Edit, &str); 9] = [
+    let oft = |c: &mut TrainConfig| (c.lora.algo, c.lora.alpha) = (lora_core::Algo::Oft, 1e-3);
+    let cases: [(Edit, &str); 16] = [
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
+        (&|c| (c.lora.algo, c.lora.alpha) = (lora_core::Algo::Oft, 0.0), "lora.alpha"),
+        (&|c| { oft(c); (c.lora.conv_rank, c.lora.conv_alpha) = (2, -1.0) }, "lora.conv_alpha"),
+        (&|c| { oft(c); c.lora.module_dropout = 0.1 }, "lora.module_dropout"),
+        (&|c| { oft(c); c.lora.rank_dropout = 0.1 }, "lora.rank_dropout"),
+        (&|c| { oft(c); c.lora.dora = true }, "lora.dora"),
+        (&|c| { oft(c); c.lora.rslora = true }, "lora.rslora"),
+        (&|c| { oft(c); c.train.scale_weight_norms = 1.0 }, "train.scale_weight_norms"),
         (&|c| c.lora.lokr_full_matrix = true, "lora.lokr_full_matrix"),
         (&|c| c.lora.lokr_unbalanced_factorization = true, "lora.lokr_unbalanced_factorization"),
         (&|c| (c.lora.algo, c.lora.rank_dropout_scale) = (lora_core::Algo::Lora, true), "lora.rank_dropout_scale"),
@@ -2933,6 +3011,9 @@ fn lycoris_config_errors_name_the_key() {
     let mut ok = base();
     ok.lora.module_dropout = 0.1;
     (ok.lora.rank_dropout, ok.lora.rank_dropout_scale) = (0.1, true);
+    ok.validate().unwrap();
+    let mut ok = base();
+    oft(&mut ok);
     ok.validate().unwrap();
 }
 

@@ -32,7 +32,12 @@ pub(super) fn read(
     set.metadata = metadata.into_iter().collect();
     set.bundled_embeddings = bundled;
     for (name, part) in parts {
-        let Some(key) = index.resolve_kohya(&name).cloned() else {
+        // kohya's OFT names the UNet's modules `oft_unet_…`.
+        let resolved = match name.strip_prefix("oft_unet_") {
+            Some(rest) => index.resolve_kohya(&format!("lora_unet_{rest}")),
+            None => index.resolve_kohya(&name),
+        };
+        let Some(key) = resolved.cloned() else {
             unknown.extend(part.keys);
             continue;
         };
@@ -102,6 +107,28 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         args.insert("dora_wd".into(), "True".into());
     }
     match set.iter().find_map(|(_, w)| w.lycoris.as_ref()) {
+        // kohya's own module: `network_dim` blocks and the constraint `network_alpha` for
+        // every layer (its 3x3 convolutions too), with kohya's `enable_conv` /
+        // `enable_all_linear` arguments as recorded.
+        Some(l) if l.algo.is_oft() => {
+            meta.insert("ss_network_module".into(), "networks.oft".into());
+            args.retain(|k, _| matches!(k.as_str(), "enable_all_linear" | "enable_conv"));
+            // The linear layers' blocks and constraint (3x3 convolutions may have their own
+            // here), or any layer's.
+            let spatial = |w: &crate::LoraWeights| w.is_conv() && w.down.shape[2..] != [1, 1];
+            let of = |w: &crate::LoraWeights| w.lycoris.as_ref().and_then(|l| l.rank().map(|r| (r, l.alpha)));
+            let linear: Vec<(usize, f32)> = set.iter().filter(|(_, w)| !spatial(w)).filter_map(|(_, w)| of(w)).collect();
+            let pairs = if linear.is_empty() { set.iter().filter_map(|(_, w)| of(w)).collect() } else { linear };
+            if let Some(dim) = mode(pairs.iter().map(|(r, _)| *r)) {
+                meta.insert("ss_network_dim".into(), dim.to_string());
+                let alpha = pairs.iter().find(|(r, _)| *r == dim).map_or(l.alpha, |(_, a)| *a);
+                meta.insert("ss_network_alpha".into(), alpha.to_string());
+            }
+            if !args.is_empty() {
+                meta.insert("ss_network_args".into(), serde_json::Value::Object(args).to_string());
+            }
+            return meta;
+        }
         Some(l) => {
             meta.insert("ss_network_module".into(), "lycoris.kohya".into());
             args.insert("algo".into(), l.algo.name().into());
@@ -180,6 +207,11 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(set.len() * 4);
     for (((key, w), (alpha_key, alpha)), magnitude) in set.iter().zip(&alphas).zip(&magnitudes) {
         let name = set.kohya_name_of(key);
+        // kohya's OFT names the UNet's modules `oft_unet_…`, as A1111 reads them.
+        let name = match name.strip_prefix("lora_unet_") {
+            Some(rest) if w.is_oft() => format!("oft_unet_{rest}"),
+            _ => name,
+        };
         match &w.lycoris {
             // LyCORIS' own tensors, as LyCORIS writes them.
             Some(l) => tensors.extend(l.tensors.iter().map(|(part, t)| (format!("{name}.{part}"), t))),
@@ -188,7 +220,8 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
                 tensors.push((format!("{name}.lora_up.weight"), &w.up));
             }
         }
-        tensors.push((alpha_key.clone(), alpha));
+        let alpha_key = if w.is_oft() { format!("{name}.alpha") } else { alpha_key.clone() };
+        tensors.push((alpha_key, alpha));
         if let Some(m) = magnitude {
             tensors.push((format!("{name}.dora_scale"), m));
         }

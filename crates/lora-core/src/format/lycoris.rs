@@ -45,6 +45,8 @@ pub(super) enum Part {
     LokrW2A,
     LokrW2B,
     LokrT2,
+    /// kohya's OFT (`networks.oft`).
+    OftBlocks,
 }
 
 /// Key suffixes of the LyCORIS tensors.
@@ -62,6 +64,7 @@ pub(super) const SUFFIXES: &[(&str, Part)] = &[
     (".lokr_w2_a", Part::LokrW2A),
     (".lokr_w2_b", Part::LokrW2B),
     (".lokr_t2", Part::LokrT2),
+    (".oft_blocks", Part::OftBlocks),
 ];
 
 /// The LyCORIS name of a part (`hada_w1_a`, …).
@@ -180,6 +183,15 @@ impl Tensors {
             key: name.to_string(),
             reason,
         };
+        if let Some(blocks) = self.get(Part::OftBlocks) {
+            if self.found.len() > 1 {
+                return Err(bad("the module mixes OFT (`oft_blocks`) and LyCORIS tensors".into()));
+            }
+            let alpha = alpha.ok_or_else(|| bad("an OFT needs its `alpha` (the constraint)".into()))?;
+            let out = blocks.shape.iter().take(2).product();
+            crate::oft::check_blocks(blocks, out, name).map_err(|e| bad(e.to_string()))?;
+            return crate::oft::weights(blocks.clone(), alpha, &[], name).map_err(|e| bad(e.to_string()));
+        }
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
             let mut weights = self.untuckered().map_err(bad)?.to_lora(alpha, name, path)?;
             // LyCORIS' own tensors stay as the file has them (to train on in their form).

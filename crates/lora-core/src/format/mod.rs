@@ -263,7 +263,8 @@ pub fn detect_format(bytes: &[u8], path: &Path) -> Result<AdapterFormat> {
             reason: "the file holds no tensors".into(),
         });
     }
-    let kohya = names.iter().any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te"));
+    // kohya's OFT names the UNet's modules `oft_unet_…`.
+    let kohya = names.iter().any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te") || n.starts_with("oft_unet_"));
     let peft = names
         .iter()
         .any(|n| n.contains(".lora_A.") || n.contains(".lora_B.") || n.contains(".lora.down."));

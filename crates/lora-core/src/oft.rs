@@ -1,0 +1,230 @@
+//! kohya's OFT (`networks.oft`: constrained orthogonal fine-tuning, Qiu et al. 2023), held
+//! as a [`crate::LycorisAdapter`] with [`Algo::Oft`].
+//!
+//! The adapter trains `oft_blocks`, `[k, n, n]` for a layer with `out = k · n` outputs
+//! (`k` blocks, kohya's `network_dim`). Each pass, as kohya's `OFTModule`:
+//!
+//! 1. `Q = P − Pᵀ` per block (skew-symmetric), scaled by `(min(‖Q‖, c) + 1e-8) / (‖Q‖ + 1e-8)`
+//!    with `‖Q‖` the Frobenius norm over all blocks and the constraint `c = alpha · out`
+//!    (kohya's `network_alpha`, e.g. 1e-3);
+//! 2. the Cayley transform `R = (I + Q)(I − Q)⁻¹` per block (orthogonal), and at strength
+//!    `m`, `R_m = m · (R − I) + I`;
+//! 3. the layer's weight `W` (`[out, cols]` in PyTorch's layout, a convolution's kernel in
+//!    the columns) becomes `R_mᵀ · W` block by block: output rows `b·n .. (b+1)·n` mix by
+//!    block `b`. The update `ΔW = (R_m − I)ᵀ · W` depends on the base weight, so an OFT has
+//!    no plain-LoRA form.
+//!
+//! `P` starts at zero (`R = I`: the layer is unchanged). The inverse is that of
+//! `A = I − Q`, whose singular values lie in `[1, sqrt(1 + c²)]` (`AᵀA = I + QᵀQ`): a
+//! Newton–Schulz iteration started at `X₀ = 2 / (2 + ‖Q‖²) · Aᵀ` converges for every such
+//! `A` (its residual `I − X₀A` has norm at most `c² / (2 + c²) < 1` and squares with each
+//! step), so it runs, outside the autodiff graph, as many steps as the constraint needs
+//! for f32 precision. One more step `Y = X (2I − A X)` in the graph, with `X` detached,
+//! gives `Y = A⁻¹` to that precision and the exact gradient `dY = −X dA X` of the inverse:
+//! matmuls only, on any backend, with no host read.
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::nn::LinearConfig;
+//! use burn::tensor::Tensor;
+//! use lora_core::{Algo, LoraConfig, LoraLinear};
+//!
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let mut layer = LoraLinear::new(LinearConfig::new(6, 8).init::<B>(&device));
+//! // 4 blocks of 2 outputs each; the constraint is 1e-3 · 8.
+//! layer.attach_new(&LoraConfig::new(4).with_alpha(1e-3).with_algo(Algo::Oft), &device)?;
+//! let oft = layer.lycoris.as_ref().unwrap();
+//! assert_eq!(oft.names(), ["oft_blocks"]);
+//! assert_eq!(oft.torch_shapes(), [vec![4, 2, 2]]);
+//! let x = Tensor::<B, 2>::ones([3, 6], &device);
+//! // `oft_blocks` starts at zero: the layer's output is unchanged ...
+//! let err: f32 = (layer.forward(x.clone()) - layer.base.forward(x.clone())).abs().max().into_scalar();
+//! assert!(err < 1e-6);
+//! // ... and the blocks take a gradient, the frozen weight none.
+//! let grads = layer.forward(x).sum().backward();
+//! assert!(oft.factors[0].grad(&grads).is_some());
+//! assert!(layer.base.weight.grad(&grads).is_none());
+//! # Ok::<(), lora_core::LoraError>(())
+//! ```
+
+use burn::tensor::{backend::Backend, DType, Tensor};
+
+use crate::precision::cast_to;
+use crate::{Algo, HostTensor, LoraError, LoraWeights, LycorisWeights, Result};
+
+/// kohya's OFT tensor name.
+pub const BLOCKS: &str = "oft_blocks";
+
+/// The most Newton–Schulz steps an inverse takes (a constraint of `c` needs about
+/// `log2(ln(1e-8) / ln(c² / (2 + c²)))`: 3 at `c = 0.3`, 11 at `c = 13`, 24 at `c = 1280`).
+const MAX_STEPS: usize = 40;
+
+/// The blocks `(k, n)` of a layer with `out` outputs cut into `blocks` blocks, or why it
+/// cannot be (kohya's `out_dim // num_blocks`, which must divide exactly).
+pub fn block_shape(out: usize, blocks: usize) -> std::result::Result<(usize, usize), String> {
+    if blocks == 0 || !out.is_multiple_of(blocks) {
+        return Err(format!("OFT's {blocks} blocks (its rank, kohya's network_dim) must divide the layer's {out} outputs"));
+    }
+    Ok((blocks, out / blocks))
+}
+
+/// The constraint on `‖Q‖`: kohya's `alpha · out_dim`.
+pub fn constraint(alpha: f32, out: usize) -> f32 {
+    alpha * out as f32
+}
+
+/// How many detached Newton–Schulz steps bring the inverse of `I − Q` with `‖Q‖ ≤ c` to
+/// f32 precision (see the [module docs](self)).
+fn newton_steps(c: f32) -> usize {
+    let c2 = f64::from(c) * f64::from(c);
+    let rho = c2 / (2.0 + c2);
+    if rho < 1e-12 {
+        return 1;
+    }
+    let needed = (1e-8f64.ln() / rho.ln()).max(1.0);
+    (needed.log2().ceil() as usize + 1).clamp(1, MAX_STEPS)
+}
+
+/// `[k, n, n]` identities.
+fn eye<B: Backend>(k: usize, n: usize, device: &B::Device) -> Tensor<B, 3> {
+    let eye: Tensor<B, 2> = Tensor::eye(n, device);
+    eye.unsqueeze_dim::<3>(0).repeat_dim(0, k)
+}
+
+/// The rotation `R_m = m · (R − I) + I`, `[k, n, n]` in f32, of the blocks `blocks`
+/// (`[k, n, n]`, any float type) with constraint `c`, in their autodiff graph.
+pub fn rotation<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32) -> Tensor<B, 3> {
+    let [k, n, _] = blocks.dims();
+    let device = blocks.device();
+    let p = cast_to(blocks, DType::F32);
+    let q = p.clone() - p.swap_dims(1, 2);
+    // The tiny term keeps the norm's gradient finite at Q = 0 (where the ratio's is 0).
+    let norm = q.clone().powi_scalar(2).sum().add_scalar(1e-20).sqrt();
+    let ratio = norm.clone().clamp_max(c).add_scalar(1e-8) / norm.add_scalar(1e-8);
+    let q = q * ratio.reshape([1, 1, 1]);
+    let i = eye::<B>(k, n, &device);
+    let a = i.clone() - q.clone();
+    let inverse = inverse_near_identity(a, c);
+    let r = (i.clone() + q).matmul(inverse);
+    (r - i.clone()).mul_scalar(multiplier) + i
+}
+
+/// `A⁻¹` for `A = I − Q` (`[k, n, n]`, f32) with skew-symmetric `Q`, `‖Q‖ ≤ c`: detached
+/// Newton–Schulz steps and one in the graph (see the [module docs](self)).
+fn inverse_near_identity<B: Backend>(a: Tensor<B, 3>, c: f32) -> Tensor<B, 3> {
+    let [k, n, _] = a.dims();
+    let i2 = eye::<B>(k, n, &a.device()).mul_scalar(2.0);
+    let fixed = a.clone().detach();
+    // ‖Q‖² per block from AᵀA = I + QᵀQ: its trace is n + ‖Q_b‖², a bound on the spectral
+    // norm² of the block's Q, which sets the starting step (2 / (2 + ‖Q_b‖²)).
+    let skew = fixed.clone().powi_scalar(2).sum_dim(2).sum_dim(1).sub_scalar(n as f32);
+    let start = skew.add_scalar(2.0).recip().mul_scalar(2.0);
+    let mut x = fixed.clone().swap_dims(1, 2) * start;
+    for _ in 0..newton_steps(c) {
+        x = x.clone().matmul(i2.clone() - fixed.clone().matmul(x));
+    }
+    x.clone().matmul(i2 - a.matmul(x))
+}
+
+/// The update `(R_m − I)ᵀ · W` of a weight `weight` (`[out, cols]`, PyTorch's layout with a
+/// convolution's kernel in the columns, f32, outside the graph) under the blocks `blocks`
+/// (`[k, n, n]`), `[out, cols]` in f32 in the blocks' graph.
+pub fn update<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [k, n, _] = blocks.dims();
+    let [out, cols] = weight.dims();
+    let i = eye::<B>(k, n, &blocks.device());
+    let turn = rotation(blocks, c, multiplier) - i;
+    let w: Tensor<B, 3> = weight.reshape([k, n, cols]);
+    turn.swap_dims(1, 2).matmul(w).reshape([out, cols])
+}
+
+/// The blocks of an OFT file's `oft_blocks` for a layer with `out` outputs, checked:
+/// `[k, n, n]` with `k · n = out`; `key` names the adapter in errors.
+pub fn check_blocks(blocks: &HostTensor, out: usize, key: &str) -> Result<(usize, usize)> {
+    let bad = |reason: String| LoraError::ShapeMismatch { key: key.into(), reason };
+    match blocks.shape.as_slice() {
+        &[k, n, m] if n == m && k * n == out && k > 0 => Ok((k, n)),
+        &[k, n, m] if n == m && k > 0 => Err(bad(format!("OFT's `oft_blocks` is [{k}, {n}, {n}], {} outputs, the layer has {out}", k * n))),
+        shape => Err(bad(format!("OFT's `oft_blocks` must be [blocks, n, n] (square blocks), got {shape:?}"))),
+    }
+}
+
+/// The [`LoraWeights`] that carry an OFT: its tensors in [`LoraWeights::lycoris`] and an
+/// empty plain form (rank 0: `down [0, cols…]`, `up [out, 0…]`, in the layer's layout when
+/// known: `in_shape` is `[in]` or `[in, kh, kw]`, empty when not), which
+/// [`LoraWeights::is_oft`] tells apart; `key` names the adapter in errors.
+pub fn weights(blocks: HostTensor, alpha: f32, in_shape: &[usize], key: &str) -> Result<LoraWeights> {
+    let out = blocks.shape.iter().take(2).product();
+    let conv = in_shape.len() == 3;
+    let mut down = vec![0];
+    down.extend(if in_shape.is_empty() { &[0][..] } else { in_shape });
+    let up = if conv { vec![out, 0, 1, 1] } else { vec![out, 0] };
+    let weights = LoraWeights {
+        down: HostTensor { shape: down, data: Vec::new() },
+        up: HostTensor { shape: up, data: Vec::new() },
+        alpha,
+        magnitude: None,
+        lycoris: Some(LycorisWeights { algo: Algo::Oft, tensors: vec![(BLOCKS.to_string(), blocks)], alpha }),
+    };
+    weights.validate(key)?;
+    Ok(weights)
+}
+
+/// Checks an OFT's [`LoraWeights`] (see [`weights`]); `key` names it in errors.
+pub(crate) fn validate(w: &LoraWeights, key: &str) -> Result<()> {
+    let bad = |reason: String| LoraError::ShapeMismatch { key: key.into(), reason };
+    let Some(l) = w.lycoris.as_ref().filter(|l| l.algo.is_oft()) else {
+        return Err(bad("not an OFT".into()));
+    };
+    let blocks = match l.tensors.as_slice() {
+        [(name, t)] if name == BLOCKS => t,
+        _ => return Err(bad(format!("an OFT has one tensor, `{BLOCKS}`; found {:?}", l.tensors.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()))),
+    };
+    if blocks.data.len() != blocks.shape.iter().product::<usize>() {
+        return Err(bad(format!("`{BLOCKS}` has {} values for shape {:?}", blocks.data.len(), blocks.shape)));
+    }
+    check_blocks(blocks, w.up.shape.first().copied().unwrap_or(0), key)?;
+    if w.down.shape.first() != Some(&0) || w.up.shape.get(1) != Some(&0) || w.magnitude.is_some() {
+        return Err(bad("an OFT's plain form must be empty (rank 0) and it has no DoRA magnitude".into()));
+    }
+    if !(l.alpha.is_finite() && l.alpha > 0.0) {
+        return Err(bad(format!("OFT's alpha (its constraint per output) must be positive and finite, got {}", l.alpha)));
+    }
+    Ok(())
+}
+
+/// The error for an operation on an OFT that needs a plain LoRA (`what`: "combined",
+/// "resized", ...): its update depends on the base weight.
+pub fn no_plain_form(key: &str, what: &str) -> LoraError {
+    LoraError::Unsupported(format!("`{key}` is an OFT (kohya's networks.oft), whose update depends on the base weight: it cannot be {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn steps_grow_with_the_constraint() {
+        assert_eq!(newton_steps(0.0), 1);
+        assert!(newton_steps(0.32) <= 4);
+        assert!(newton_steps(12.8) <= 13);
+        assert!(newton_steps(1280.0) <= MAX_STEPS);
+    }
+
+    /// The rotation is orthogonal and the inverse exact to f32 precision, for constraints
+    /// from kohya's default to far above it (then `‖Q‖` reaches the constraint).
+    #[test]
+    fn rotation_is_orthogonal() {
+        let device = Default::default();
+        for (c, std) in [(0.08f32, 0.01), (0.32, 0.3), (12.8, 0.5), (200.0, 3.0)] {
+            let p = Tensor::<Flex, 3>::random([3, 16, 16], Distribution::Normal(0.0, std), &device);
+            let r = rotation(p, c, 1.0);
+            let rtr = r.clone().swap_dims(1, 2).matmul(r);
+            let err: f32 = (rtr - eye::<Flex>(3, 16, &device)).abs().max().into_scalar();
+            assert!(err < 2e-4, "c = {c}: |RᵀR − I| = {err}");
+        }
+    }
+}
