@@ -189,7 +189,7 @@ pub(crate) fn validate(w: &LoraWeights, key: &str) -> Result<()> {
         return Err(bad("an OFT's plain form must be empty (rank 0) and it has no DoRA magnitude".into()));
     }
     if !(l.alpha.is_finite() && l.alpha > 0.0) {
-        return Err(bad(format!("OFT's alpha (its constraint per output) must be positive and finite, got {}", l.alpha)));
+        return Err(bad(format!("OFT's alpha (its constraint per output) must be positive and finite, got {} (LyCORIS' Diag-OFT without a constraint is not supported)", l.alpha)));
     }
     Ok(())
 }

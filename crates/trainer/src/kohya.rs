@@ -1008,6 +1008,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "lora" | "locon" => lora_core::Algo::Lora,
         "loha" => lora_core::Algo::Loha,
         "lokr" => lora_core::Algo::Lokr,
+        "diag-oft" | "boft" => return Err(o.err("network_args", format!("`algo={algo}`: this trainer trains LyCORIS' lora / locon, loha and lokr; for orthogonal fine-tuning it trains kohya's OFT (network_module = \"networks.oft\", the same rotation with network_dim blocks and network_alpha as the constraint)"))),
         other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
     };
     // LyCORIS' rank dropout drops rows of ΔW, for a LoCon too (`lora.lycoris_rank_dropout`,
@@ -3112,6 +3113,7 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\"]", "kohya's OFT (network_module = \"networks.oft\""),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"rank_dropout=0.1\", \"bypass_mode=True\"]", "`rank_dropout=0.1` with algo=locon and bypass_mode"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"rank_dropout=0.1\", \"dora_wd=True\"]", "`rank_dropout=0.1` with algo=lora and dora_wd"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),
