@@ -10,12 +10,13 @@ use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::LinearConfig;
 use burn::tensor::{Tensor, TensorData};
-use lora_core::sites::{attach_adapters, collect_adapters, LoraSites};
-use lora_core::{Algo, AdapterSet, Component, LoraConfig, LoraConv2d, LoraLinear, LoraSiteMut, ModuleIndex, ReadOptions};
+use lora_core::sites::{attach_adapters, collect_adapters};
+use lora_core::{Algo, AdapterSet, LoraConfig, LoraConv2d, LoraLinear, LoraSiteMut, ModuleIndex, ReadOptions};
 
+use common::layer::{Layer, One};
 use common::Fixture;
 
 type B = Autodiff<Flex>;
@@ -112,79 +113,16 @@ fn rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
     err / peak.max(1e-12)
 }
 
-/// A layer of either kind, as a site.
-#[allow(clippy::large_enum_variant)] // a handful per test
-enum Layer {
-    Linear(LoraLinear<B>),
-    Conv(LoraConv2d<B>),
-}
-
-impl Layer {
-    /// The case's base layer with the fixture's weights.
-    fn new(f: &Fixture, name: &str) -> Self {
-        let case = f.case_of(name);
-        let device = Default::default();
-        let dims = case.dims();
-        let bias = Some(Param::from_tensor(f.tensor::<B, 1>(&format!("{name}.bias"))).set_require_grad(false));
-        if case.is_conv() {
-            let k = dims[2];
-            let conv = Conv2dConfig::new([dims[0], dims[1]], [k, k]).with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2)).init::<B>(&device);
-            let conv = Conv2d { weight: Param::from_tensor(f.tensor::<B, 4>(&format!("{name}.weight"))), bias, ..conv };
-            Layer::Conv(LoraConv2d::new(conv))
-        } else {
-            let weight = Param::from_tensor(f.tensor::<B, 2>(&format!("{name}.weight")).transpose());
-            Layer::Linear(LoraLinear::new(Linear { weight, bias }))
-        }
-    }
-
-    fn site(&mut self) -> LoraSiteMut<'_, B> {
-        match self {
-            Layer::Linear(l) => LoraSiteMut::Linear(l),
-            Layer::Conv(c) => LoraSiteMut::Conv(c),
-        }
-    }
-
-    fn lycoris_ref(&self) -> &lora_core::LycorisAdapter<B> {
-        match self {
-            Layer::Linear(l) => l.lycoris.as_ref(),
-            Layer::Conv(c) => c.lycoris.as_ref(),
-        }
-        .expect("a LyCORIS adapter")
-    }
-
-    fn lycoris(&mut self) -> &mut lora_core::LycorisAdapter<B> {
-        match self {
-            Layer::Linear(l) => l.lycoris.as_mut(),
-            Layer::Conv(c) => c.lycoris.as_mut(),
-        }
-        .expect("a LyCORIS adapter")
-    }
-
-    /// The layer's output on `x` (`[4, in]` or `[2, in, 5, 5]`), flattened to `[rows, cols]`.
-    fn forward(&self, f: &Fixture, name: &str) -> Tensor<B, 2> {
-        match self {
-            Layer::Linear(l) => l.forward(f.tensor::<B, 2>(&format!("{name}.x"))),
-            Layer::Conv(c) => c.forward(f.tensor::<B, 4>(&format!("{name}.x"))).flatten(1, 3),
-        }
-    }
-}
-
-struct One(Layer);
-
-impl LoraSites<B> for One {
-    fn component(&self) -> Component {
-        Component::Unet
-    }
-
-    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
-        f("layer", self.0.site());
-    }
+/// The case's base layer with the fixture's weights.
+fn base_layer(f: &Fixture, name: &str) -> Layer {
+    let case = f.case_of(name);
+    Layer::from_fixture(f, name, &case.dims(), case.is_conv())
 }
 
 /// The fixture's factor values put into the case's freshly attached adapter.
 fn trained_layer(f: &Fixture, name: &str) -> Layer {
     let case = f.case_of(name);
-    let mut layer = Layer::new(f, name);
+    let mut layer = base_layer(f, name);
     layer.site().attach_new(&case.config(), &Default::default()).unwrap();
     let adapter = layer.lycoris();
     for (i, n) in case.names.iter().enumerate() {
@@ -201,7 +139,7 @@ fn output_and_gradients_match_lycoris() {
     let device = Default::default();
     for name in CASES {
         let case = f.case_of(name);
-        let mut layer = Layer::new(&f, name);
+        let mut layer = base_layer(&f, name);
         layer.site().attach_new(&case.config(), &device).unwrap();
         let adapter = layer.lycoris();
         let names: Vec<&str> = adapter.names().to_vec();
@@ -250,7 +188,7 @@ fn merge_unmerge_and_multiplier() {
         assert!(rel(layer_weight(&layer), base.clone()) < 1e-6, "{name}: unmerged");
         // At multiplier 0.5 the update is half: y(0.5) = (y(1) + y(0)) / 2 (linear in ΔW).
         let plain = {
-            let mut l = Layer::new(&f, name);
+            let mut l = base_layer(&f, name);
             l.site().detach();
             l.forward(&f, name).inner()
         };
@@ -296,7 +234,7 @@ fn written_as_lycoris_and_read_back() {
         let mut index = ModuleIndex::new();
         lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
         let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
-        let mut fresh = One(Layer::new(&f, name));
+        let mut fresh = One(base_layer(&f, name));
         attach_adapters(&mut fresh, &read, 1.0, &device).unwrap();
         let names: Vec<&str> = fresh.0.lycoris().names().to_vec();
         assert_eq!(names, case.names, "{name}: read back as its factors");
@@ -306,7 +244,7 @@ fn written_as_lycoris_and_read_back() {
         let w = read.iter().next().unwrap().1;
         let mut lora = w.clone();
         lora.lycoris = None;
-        let mut as_lora = One(Layer::new(&f, name));
+        let mut as_lora = One(base_layer(&f, name));
         let mut only = AdapterSet::new();
         only.insert(read.iter().next().unwrap().0.clone(), lora).unwrap();
         attach_adapters(&mut as_lora, &only, 1.0, &device).unwrap();
@@ -494,7 +432,7 @@ fn residuals_addends_multiplier_zero_and_bf16_outputs() {
     for name in CASES {
         let layer = trained_layer(&f, name);
         let plain = {
-            let mut l = Layer::new(&f, name);
+            let mut l = base_layer(&f, name);
             l.site().detach();
             l
         };
@@ -536,7 +474,7 @@ const DORA_CASES: [&str; 5] = ["lin_loha", "conv_loha", "lin_lokr", "conv_lokr",
 /// fixture's.
 fn dora_layer(f: &Fixture, name: &str) -> Layer {
     let case = f.case_of(name);
-    let mut layer = Layer::new(f, name);
+    let mut layer = base_layer(f, name);
     layer.site().attach_new(&case.config().with_dora(true), &Default::default()).unwrap();
     let adapter = layer.lycoris();
     for (i, n) in case.names.iter().filter(|n| *n != "dora_scale").enumerate() {
@@ -559,7 +497,7 @@ fn dora_matches_lycoris() {
     let device = Default::default();
     for name in DORA_CASES {
         let case = f.case_of(name);
-        let mut fresh = Layer::new(&f, name);
+        let mut fresh = base_layer(&f, name);
         fresh.site().attach_new(&case.config().with_dora(true), &device).unwrap();
         let m = fresh.lycoris().magnitude.as_ref().expect("a magnitude").val().inner();
         let err = rel(m, f.flat(&format!("{name}.init.dora_scale")).inner());
@@ -601,12 +539,12 @@ fn dora_matches_lycoris() {
         let mut index = ModuleIndex::new();
         lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
         let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
-        let mut back = One(Layer::new(&f, name));
+        let mut back = One(base_layer(&f, name));
         attach_adapters(&mut back, &read, 1.0, &device).unwrap();
         assert!(back.0.lycoris().is_dora(), "{name}: read back with its magnitude");
         let err = rel(back.0.forward(&f, name).inner(), attached);
         assert!(err < 1e-6, "{name}: read back, relative error {err}");
-        let mut plain = One(Layer::new(&f, name));
+        let mut plain = One(base_layer(&f, name));
         plain.0.site().attach_new(&case.config(), &device).unwrap();
         let err = lora_core::sites::load_adapter_weights(&mut plain, &read, &device).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("lora.dora") && err.contains("layer"), "{name}: {err}");
@@ -682,7 +620,7 @@ fn use_scalar_matches_lycoris() {
         let case = f.case_of(name);
         assert!(case.use_scalar);
         let factor_names: Vec<&String> = case.names.iter().filter(|n| *n != "scalar").collect();
-        let mut fresh = Layer::new(&f, name);
+        let mut fresh = base_layer(&f, name);
         fresh.site().attach_new(&case.config(), &device).unwrap();
         let adapter = fresh.lycoris();
         assert_eq!(adapter.names().to_vec(), factor_names.iter().map(|n| n.as_str()).collect::<Vec<_>>(), "{name}");
@@ -694,7 +632,7 @@ fn use_scalar_matches_lycoris() {
             assert_eq!(init.data.iter().all(|v| *v == 0.0), ours.iter().all(|v| *v == 0.0), "{name}: {n} starts as LyCORIS' (zero or random)");
         }
 
-        let mut layer = Layer::new(&f, name);
+        let mut layer = base_layer(&f, name);
         layer.site().attach_new(&case.config(), &device).unwrap();
         let adapter = layer.lycoris();
         for (i, n) in factor_names.iter().enumerate() {
@@ -730,7 +668,7 @@ fn use_scalar_matches_lycoris() {
         let mut index = ModuleIndex::new();
         lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
         let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
-        let mut more = One(Layer::new(&f, name));
+        let mut more = One(base_layer(&f, name));
         more.0.site().attach_new(&case.config(), &device).unwrap();
         lora_core::sites::load_adapter_weights(&mut more, &read, &device).unwrap();
         assert_eq!(more.0.lycoris().scalar.as_ref().unwrap().val().into_data().to_vec::<f32>().unwrap(), [1.0], "{name}");

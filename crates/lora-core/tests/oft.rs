@@ -9,12 +9,11 @@ use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
-use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorData};
-use lora_core::sites::{attach_adapters, collect_adapters, LoraSites};
-use lora_core::{Algo, AdapterFormat, AdapterSet, Component, LoraConfig, LoraConv2d, LoraError, LoraLinear, LoraSiteMut, LoraWeights, ModuleIndex, ReadOptions, SaveDtype};
+use lora_core::sites::{attach_adapters, collect_adapters};
+use lora_core::{Algo, AdapterFormat, AdapterSet, Component, LoraConfig, LoraError, LoraWeights, ModuleIndex, ReadOptions, SaveDtype};
 
+use common::layer::{Layer, One};
 use common::Fixture;
 
 type B = Autodiff<Flex>;
@@ -43,78 +42,24 @@ impl Case {
     }
 }
 
-#[allow(clippy::large_enum_variant)] // a handful per test
-enum Layer {
-    Linear(LoraLinear<B>),
-    Conv(LoraConv2d<B>),
+/// The case's base layer with the fixture's weights.
+fn base_layer(f: &Fixture, name: &str) -> Layer {
+    let case: Case = f.case(name);
+    Layer::from_fixture(f, name, &case.dims(), case.is_conv())
 }
 
-impl Layer {
-    /// The case's base layer with the fixture's weights.
-    fn new(f: &Fixture, name: &str) -> Self {
-        let case: Case = f.case(name);
-        let dims = case.dims();
-        let device = Default::default();
-        let bias = Some(Param::from_tensor(f.tensor::<B, 1>(&format!("{name}.bias"))).set_require_grad(false));
-        if case.is_conv() {
-            let k = dims[2];
-            let conv = Conv2dConfig::new([dims[0], dims[1]], [k, k]).with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2)).init::<B>(&device);
-            let weight = Param::from_tensor(f.tensor::<B, 4>(&format!("{name}.weight"))).set_require_grad(false);
-            Layer::Conv(LoraConv2d::new(Conv2d { weight, bias, ..conv }))
-        } else {
-            let weight = Param::from_tensor(f.tensor::<B, 2>(&format!("{name}.weight")).transpose()).set_require_grad(false);
-            Layer::Linear(LoraLinear::new(Linear { weight, bias }))
-        }
-    }
-
-    fn site(&mut self) -> LoraSiteMut<'_, B> {
-        match self {
-            Layer::Linear(l) => LoraSiteMut::Linear(l),
-            Layer::Conv(c) => LoraSiteMut::Conv(c),
-        }
-    }
-
-    fn oft(&self) -> &lora_core::LycorisAdapter<B> {
-        match self {
-            Layer::Linear(l) => l.lycoris.as_ref(),
-            Layer::Conv(c) => c.lycoris.as_ref(),
-        }
-        .expect("an OFT adapter")
-    }
-
-    /// The output on the case's input, flattened to `[rows, cols]`.
-    fn forward(&self, f: &Fixture, name: &str) -> Tensor<B, 2> {
-        match self {
-            Layer::Linear(l) => l.forward(f.tensor::<B, 2>(&format!("{name}.x"))),
-            Layer::Conv(c) => c.forward(f.tensor::<B, 4>(&format!("{name}.x"))).flatten(1, 3),
-        }
-    }
-
-    /// The base weight in PyTorch's layout, flattened to `[out, cols]`.
-    fn weight(&self) -> Tensor<Flex, 2> {
-        match self {
-            Layer::Linear(l) => l.base.weight.val().inner().transpose(),
-            Layer::Conv(c) => c.base.weight.val().inner().flatten(1, 3),
-        }
-    }
-}
-
-struct One(Layer);
-
-impl LoraSites<B> for One {
-    fn component(&self) -> Component {
-        Component::Unet
-    }
-
-    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
-        f("layer", self.0.site());
+/// The layer's base weight in PyTorch's layout, flattened to `[out, cols]`.
+fn weight(layer: &Layer) -> Tensor<Flex, 2> {
+    match layer {
+        Layer::Linear(l) => l.base.weight.val().inner().transpose(),
+        Layer::Conv(c) => c.base.weight.val().inner().flatten(1, 3),
     }
 }
 
 /// The case's layer with an OFT at the fixture's blocks and strength.
 fn trained_layer(f: &Fixture, name: &str) -> Layer {
     let case: Case = f.case(name);
-    let mut layer = Layer::new(f, name);
+    let mut layer = base_layer(f, name);
     layer.site().attach_new(&case.config(), &Default::default()).unwrap();
     layer.site().set_multiplier(case.multiplier);
     let t = f.host(&format!("{name}.oft_blocks"));
@@ -157,7 +102,7 @@ fn output_and_gradient_match_kohya() {
         assert!(err < 1e-5, "{name}: output, relative error {err}");
         let g: Tensor<B, 2> = flat(&f, &format!("{name}.g"), y.dims());
         let grads = (y * g).sum().backward();
-        let oft = layer.oft();
+        let oft = layer.lycoris_ref();
         let grad = oft.factors[0].grad(&grads).expect("the blocks take a gradient");
         let err = rel(grad, flat(&f, &format!("{name}.grad"), oft.factors[0].dims()));
         assert!(err < 1e-4, "{name}: gradient, relative error {err}");
@@ -177,9 +122,9 @@ fn merge_writes_the_rotated_weight() {
     for name in CASES {
         let mut layer = trained_layer(&f, name);
         let before = layer.forward(&f, name).inner();
-        let base = layer.weight();
+        let base = weight(&layer);
         layer.site().merge_in_place();
-        let err = rel(layer.weight(), flat(&f, &format!("{name}.merged"), base.dims()));
+        let err = rel(weight(&layer), flat(&f, &format!("{name}.merged"), base.dims()));
         assert!(err < 1e-5, "{name}: merged weight, relative error {err}");
         let err = rel(layer.forward(&f, name).inner(), before);
         assert!(err < 1e-5, "{name}: merged output, relative error {err}");
@@ -187,7 +132,7 @@ fn merge_writes_the_rotated_weight() {
             Layer::Linear(l) => l.unmerge_in_place(),
             Layer::Conv(c) => c.unmerge_in_place(),
         }
-        let restored: Vec<f32> = layer.weight().into_data().to_vec().unwrap();
+        let restored: Vec<f32> = weight(&layer).into_data().to_vec().unwrap();
         assert_eq!(restored, base.into_data().to_vec::<f32>().unwrap(), "{name}: unmerged exactly");
     }
 }
@@ -223,7 +168,7 @@ fn written_as_kohya_and_read_back() {
         lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
         let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
         assert!(read.iter().all(|(_, w)| w.is_oft()), "{name}");
-        let mut fresh = One(Layer::new(&f, name));
+        let mut fresh = One(base_layer(&f, name));
         attach_adapters(&mut fresh, &read, 1.0, &device).unwrap();
         let err = rel(fresh.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
         assert!(err < 1e-6, "{name}: read back, relative error {err}");
@@ -248,14 +193,14 @@ fn operations_without_a_plain_form_are_refused() {
     oft_error(lora_core::resize::resize_adapter(w, 2, lora_core::resize::RankRule::Fixed, &key.to_string()).unwrap_err());
 
     // 8 outputs do not split into 3 blocks.
-    let mut layer = Layer::new(&f, "lin");
+    let mut layer = base_layer(&f, "lin");
     let e = layer.site().attach_new(&LoraConfig::new(3).with_alpha(1e-3).with_algo(Algo::Oft), &Default::default()).unwrap_err();
     assert!(e.to_string().contains("must divide the layer's 8 outputs"), "{e}");
     // A file's blocks for a 12-output layer on this 8-output one.
     let mut other = One(trained_layer(&f, "lin_clamped"));
     let mut wrong = AdapterSet::new();
     collect_adapters(&mut other, &mut wrong).unwrap();
-    let e = attach_adapters(&mut One(Layer::new(&f, "lin")), &wrong, 1.0, &Default::default()).unwrap_err();
+    let e = attach_adapters(&mut One(base_layer(&f, "lin")), &wrong, 1.0, &Default::default()).unwrap_err();
     assert!(e.to_string().contains("12 outputs, the layer has 8"), "{e}");
     // Options kohya's OFT does not have.
     for config in [LoraConfig::new(4).with_algo(Algo::Oft).with_alpha(0.0), LoraConfig::new(4).with_algo(Algo::Oft).with_alpha(1e-3).with_dora(true), LoraConfig::new(4).with_algo(Algo::Oft).with_alpha(1e-3).with_module_dropout(0.1)] {

@@ -256,6 +256,93 @@ pub fn damaged(bytes: &[u8], damage: &Damage) -> Vec<u8> {
 /// Replays the optimizer trajectories that `xtask/fixtures/lora_core_{lion,sgd,ademamix}.py`
 /// record: two tensors `a` and `b`, per step a learning rate, gradients (a missing key: no
 /// gradient that step) and the values after the step.
+/// A linear or conv layer with an adapter site, its base weights from a fixture case
+/// (`<case>.weight`, `<case>.bias` in PyTorch's layout), for the LyCORIS and OFT tests.
+pub mod layer {
+    use burn::module::Param;
+    use burn::nn::conv::{Conv2d, Conv2dConfig};
+    use burn::nn::{Linear, PaddingConfig2d};
+    use burn::tensor::Tensor;
+    use lora_core::sites::LoraSites;
+    use lora_core::{Component, LoraConv2d, LoraLinear, LoraSiteMut, LycorisAdapter};
+
+    use super::Fixture;
+
+    /// The autodiff backend the layers train on.
+    pub type AB = burn::backend::Autodiff<burn::backend::Flex>;
+
+    /// A layer of either kind, as a site.
+    #[allow(clippy::large_enum_variant)] // a handful per test
+    pub enum Layer {
+        Linear(LoraLinear<AB>),
+        Conv(LoraConv2d<AB>),
+    }
+
+    impl Layer {
+        /// Case `name`'s base layer: linear `dims = [in, out]`, or a conv `dims = [in, out,
+        /// k]` (`conv`) with "same" padding.
+        pub fn from_fixture(f: &Fixture, name: &str, dims: &[usize], conv: bool) -> Self {
+            let device = Default::default();
+            let bias = Some(Param::from_tensor(f.tensor::<AB, 1>(&format!("{name}.bias"))).set_require_grad(false));
+            if conv {
+                let k = dims[2];
+                let config = Conv2dConfig::new([dims[0], dims[1]], [k, k]).with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2));
+                let conv = Conv2d { weight: Param::from_tensor(f.tensor::<AB, 4>(&format!("{name}.weight"))), bias, ..config.init::<AB>(&device) };
+                Layer::Conv(LoraConv2d::new(conv))
+            } else {
+                let weight = Param::from_tensor(f.tensor::<AB, 2>(&format!("{name}.weight")).transpose());
+                Layer::Linear(LoraLinear::new(Linear { weight, bias }))
+            }
+        }
+
+        pub fn site(&mut self) -> LoraSiteMut<'_, AB> {
+            match self {
+                Layer::Linear(l) => LoraSiteMut::Linear(l),
+                Layer::Conv(c) => LoraSiteMut::Conv(c),
+            }
+        }
+
+        /// The attached LyCORIS adapter (LoHa, LoKr or OFT).
+        pub fn lycoris_ref(&self) -> &LycorisAdapter<AB> {
+            match self {
+                Layer::Linear(l) => l.lycoris.as_ref(),
+                Layer::Conv(c) => c.lycoris.as_ref(),
+            }
+            .expect("a LyCORIS adapter")
+        }
+
+        /// The attached LyCORIS adapter, to change.
+        pub fn lycoris(&mut self) -> &mut LycorisAdapter<AB> {
+            match self {
+                Layer::Linear(l) => l.lycoris.as_mut(),
+                Layer::Conv(c) => c.lycoris.as_mut(),
+            }
+            .expect("a LyCORIS adapter")
+        }
+
+        /// The layer's output on the case's `x`, flattened to `[rows, cols]`.
+        pub fn forward(&self, f: &Fixture, name: &str) -> Tensor<AB, 2> {
+            match self {
+                Layer::Linear(l) => l.forward(f.tensor::<AB, 2>(&format!("{name}.x"))),
+                Layer::Conv(c) => c.forward(f.tensor::<AB, 4>(&format!("{name}.x"))).flatten(1, 3),
+            }
+        }
+    }
+
+    /// One layer as a model: the site `layer` of the UNet.
+    pub struct One(pub Layer);
+
+    impl LoraSites<AB> for One {
+        fn component(&self) -> Component {
+            Component::Unet
+        }
+
+        fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, AB>)) {
+            f("layer", self.0.site());
+        }
+    }
+}
+
 pub mod trajectory {
     use std::collections::HashMap;
 
