@@ -96,29 +96,33 @@ fn eye<B: Backend>(k: usize, n: usize, device: &B::Device) -> Tensor<B, 3> {
 /// (`[k, n, n]`, any float type) with constraint `c`, in their autodiff graph.
 pub fn rotation<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32) -> Tensor<B, 3> {
     let [k, n, _] = blocks.dims();
-    let device = blocks.device();
+    let i = eye::<B>(k, n, &blocks.device());
+    turn(blocks, c, multiplier, &i) + i
+}
+
+/// `m · (R − I)` for the blocks `blocks` with constraint `c` (see [`rotation`]), given the
+/// `[k, n, n]` identities `i`. With `Y = (I − Q)⁻¹`, `R = (I + Q) · Y = 2Y − I`, so
+/// `R − I = 2 (Y − I)`: no product beyond the inverse's.
+fn turn<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32, i: &Tensor<B, 3>) -> Tensor<B, 3> {
     let p = cast_to(blocks, DType::F32);
     let q = p.clone() - p.swap_dims(1, 2);
     // The tiny term keeps the norm's gradient finite at Q = 0 (where the ratio's is 0).
     let norm = q.clone().powi_scalar(2).sum().add_scalar(1e-20).sqrt();
     let ratio = norm.clone().clamp_max(c).add_scalar(1e-8) / norm.add_scalar(1e-8);
     let q = q * ratio.reshape([1, 1, 1]);
-    let i = eye::<B>(k, n, &device);
-    let a = i.clone() - q.clone();
-    let inverse = inverse_near_identity(a, c);
-    let r = (i.clone() + q).matmul(inverse);
-    (r - i.clone()).mul_scalar(multiplier) + i
+    (inverse_near_identity(q, i, c) - i.clone()).mul_scalar(2.0 * multiplier)
 }
 
-/// `A⁻¹` for `A = I − Q` (`[k, n, n]`, f32) with skew-symmetric `Q`, `‖Q‖ ≤ c`: detached
-/// Newton–Schulz steps and one in the graph (see the [module docs](self)).
-fn inverse_near_identity<B: Backend>(a: Tensor<B, 3>, c: f32) -> Tensor<B, 3> {
-    let [k, n, _] = a.dims();
-    let i2 = eye::<B>(k, n, &a.device()).mul_scalar(2.0);
+/// `(I − Q)⁻¹` (`[k, n, n]`, f32) for skew-symmetric `Q` with `‖Q‖ ≤ c`, given the
+/// identities `i`: detached Newton–Schulz steps and one in the graph (see the
+/// [module docs](self)).
+fn inverse_near_identity<B: Backend>(q: Tensor<B, 3>, i: &Tensor<B, 3>, c: f32) -> Tensor<B, 3> {
+    let i2 = i.clone().mul_scalar(2.0);
+    let a = i.clone() - q.clone();
     let fixed = a.clone().detach();
-    // ‖Q‖² per block from AᵀA = I + QᵀQ: its trace is n + ‖Q_b‖², a bound on the spectral
-    // norm² of the block's Q, which sets the starting step (2 / (2 + ‖Q_b‖²)).
-    let skew = fixed.clone().powi_scalar(2).sum_dim(2).sum_dim(1).sub_scalar(n as f32);
+    // ‖Q_b‖² per block bounds the spectral norm² of the block's Q, which sets the starting
+    // step 2 / (2 + ‖Q_b‖²) (the singular values² of A are 1 + those of Q).
+    let skew = q.detach().powi_scalar(2).sum_dim(2).sum_dim(1);
     let start = skew.add_scalar(2.0).recip().mul_scalar(2.0);
     let mut x = fixed.clone().swap_dims(1, 2) * start;
     for _ in 0..newton_steps(c) {
@@ -134,7 +138,7 @@ pub fn update<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32, weight:
     let [k, n, _] = blocks.dims();
     let [out, cols] = weight.dims();
     let i = eye::<B>(k, n, &blocks.device());
-    let turn = rotation(blocks, c, multiplier) - i;
+    let turn = turn(blocks, c, multiplier, &i);
     let w: Tensor<B, 3> = weight.reshape([k, n, cols]);
     turn.swap_dims(1, 2).matmul(w).reshape([out, cols])
 }

@@ -97,7 +97,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         Some(AttachedLycoris {
             algo: l.algo(),
             rank: l.rank(),
-            shapes: l.names().iter().zip(&l.factors).map(|(n, p)| (*n, p.dims().to_vec())).collect(),
+            shapes: l.names().iter().zip(l.torch_shapes()).map(|(n, shape)| (*n, flat(&shape))).collect(),
             module_dropout: l.module_dropout,
             rank_dropout: (l.rank_dropout, l.rank_dropout_scale),
             dora: l.is_dora(),
@@ -117,13 +117,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             let kind = |dora: bool| if dora { "with DoRA's `dora_scale`" } else { "without DoRA" };
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {} {}, the attached adapter is one {} (lora.dora must match the file)", algo.name(), kind(weights.is_dora()), kind(dora))));
         }
-        // As the adapter keeps them: 2-d, the trailing dimensions in the columns (an OFT's
-        // `[k, n, n]` blocks as `[k·n, n]`).
-        let flat = |name: &str, shape: &[usize]| match shape {
-            [k, n, m] if name == crate::oft::BLOCKS => vec![k * n, *m],
-            _ => shape.first().map(|&rows| vec![rows, shape.iter().product::<usize>() / rows.max(1)]).unwrap_or_default(),
-        };
-        let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(name, &t.shape)).unwrap_or_default())).collect();
+        let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(&t.shape)).unwrap_or_default())).collect();
         if found != shapes || lycoris.tensors.len() != shapes.len() || lycoris.rank() != rank {
             return Err(LoraError::ShapeMismatch {
                 key: key.to_string(),
@@ -447,11 +441,18 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     }
 }
 
+/// A LyCORIS tensor's shape as weights are checked against an attached adapter: 2-d, the
+/// trailing dimensions in the columns (a file may keep a convolution's kernel flattened or
+/// not; the adapter's own tensors are compared in PyTorch's shapes, flattened alike).
+fn flat(shape: &[usize]) -> Vec<usize> {
+    shape.first().map(|&rows| vec![rows, shape.iter().product::<usize>() / rows.max(1)]).unwrap_or_default()
+}
+
 /// An attached LyCORIS adapter as [`LoraSiteMut::load_weights`] checks weights against it.
 struct AttachedLycoris {
     algo: crate::Algo,
     rank: Option<usize>,
-    /// Each factor's name and shape (2-d).
+    /// Each factor's name and PyTorch shape, flattened to 2-d ([`flat`]).
     shapes: Vec<(&'static str, Vec<usize>)>,
     module_dropout: f64,
     /// LyCORIS' rank dropout and whether it scales.

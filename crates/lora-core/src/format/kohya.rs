@@ -179,16 +179,11 @@ fn format_alpha(alpha: f32) -> String {
 }
 
 pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
-    let alphas: Vec<(String, HostTensor)> = set
+    let alphas: Vec<HostTensor> = set
         .iter()
-        .map(|(k, w)| {
-            (
-                format!("{}.alpha", set.kohya_name_of(k)),
-                HostTensor {
-                    shape: vec![],
-                    data: vec![w.lycoris.as_ref().map_or(w.alpha, |l| l.alpha)],
-                },
-            )
+        .map(|(_, w)| HostTensor {
+            shape: vec![],
+            data: vec![w.lycoris.as_ref().map_or(w.alpha, |l| l.alpha)],
         })
         .collect();
     // DoRA magnitudes in LyCORIS' layout: `[out, 1]`, or `[out, 1, 1, 1]` for convolutions.
@@ -205,7 +200,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
         })
         .collect();
     let mut tensors: Vec<(String, &HostTensor)> = Vec::with_capacity(set.len() * 4);
-    for (((key, w), (alpha_key, alpha)), magnitude) in set.iter().zip(&alphas).zip(&magnitudes) {
+    for (((key, w), alpha), magnitude) in set.iter().zip(&alphas).zip(&magnitudes) {
         let name = set.kohya_name_of(key);
         // kohya's OFT names the UNet's modules `oft_unet_…`, as A1111 reads them.
         let name = match name.strip_prefix("lora_unet_") {
@@ -220,8 +215,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
                 tensors.push((format!("{name}.lora_up.weight"), &w.up));
             }
         }
-        let alpha_key = if w.is_oft() { format!("{name}.alpha") } else { alpha_key.clone() };
-        tensors.push((alpha_key, alpha));
+        tensors.push((format!("{name}.alpha"), alpha));
         if let Some(m) = magnitude {
             tensors.push((format!("{name}.dora_scale"), m));
         }

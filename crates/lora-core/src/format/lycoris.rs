@@ -188,8 +188,7 @@ impl Tensors {
                 return Err(bad("the module mixes OFT (`oft_blocks`) and LyCORIS tensors".into()));
             }
             let alpha = alpha.ok_or_else(|| bad("an OFT needs its `alpha` (the constraint)".into()))?;
-            let out = blocks.shape.iter().take(2).product();
-            crate::oft::check_blocks(blocks, out, name).map_err(|e| bad(e.to_string()))?;
+            // `weights` checks the blocks' shape.
             return crate::oft::weights(blocks.clone(), alpha, &[], name).map_err(|e| bad(e.to_string()));
         }
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
