@@ -38,6 +38,20 @@ pub enum Algo {
     /// 1e-3). Its update depends on the base weight, so it has no plain-LoRA form: it is
     /// saved in kohya's layout only and cannot be combined with other adapters.
     Oft,
+    /// LyCORIS' Diag-OFT (`algo=diag-oft`): the same rotation as [`Algo::Oft`], but `rank`
+    /// sets the block size (LyCORIS' `factorization(out, dim)`: `dim` when it divides the
+    /// outputs), `alpha` is LyCORIS' `constraint` per output with 0 for none, and
+    /// [`LoraConfig::oft_rescaled`] adds a trained scale per output. Saved as LyCORIS
+    /// writes it (`lora_unet_….oft_blocks`, `.rescale`, `.alpha`).
+    #[serde(rename = "diag-oft")]
+    DiagOft,
+    /// LyCORIS' BOFT (`algo=boft`, butterfly orthogonal fine-tuning, Liu et al. 2024): the
+    /// rotation is a product of `log2(k) + 1` butterfly stages of `k` Diag-OFT blocks of
+    /// `rank` outputs each (LyCORIS' `power2factorization`: an even block size of at most
+    /// `rank` and a power-of-two number of blocks), each stage mixing outputs further
+    /// apart, so that the product mixes them all. `alpha` and
+    /// [`LoraConfig::oft_rescaled`] as for [`Algo::DiagOft`].
+    Boft,
 }
 
 impl Algo {
@@ -48,6 +62,8 @@ impl Algo {
             Algo::Loha => "loha",
             Algo::Lokr => "lokr",
             Algo::Oft => "oft",
+            Algo::DiagOft => "diag-oft",
+            Algo::Boft => "boft",
         }
     }
 
@@ -57,16 +73,24 @@ impl Algo {
         self != Algo::Lora
     }
 
-    /// Whether this is kohya's OFT, whose update depends on the base weight.
+    /// Whether this is an orthogonal fine-tuning (kohya's OFT, LyCORIS' Diag-OFT or BOFT),
+    /// whose update depends on the base weight.
     pub fn is_oft(self) -> bool {
-        self == Algo::Oft
+        matches!(self, Algo::Oft | Algo::DiagOft | Algo::Boft)
+    }
+
+    /// Whether this is one of LyCORIS' orthogonal fine-tunings (Diag-OFT, BOFT): a
+    /// constraint that may be 0 (none), an optional scale per output, `lora_…` names.
+    pub fn is_lycoris_oft(self) -> bool {
+        matches!(self, Algo::DiagOft | Algo::Boft)
     }
 }
 
 impl std::str::FromStr for Algo {
     type Err = String;
 
-    /// `lora`, `loha`, `lokr` or `oft` (LyCORIS' `locon` reads as `lora`).
+    /// `lora`, `loha`, `lokr`, `oft`, `diag-oft` or `boft` (LyCORIS' `locon` reads as
+    /// `lora`).
     ///
     /// ```
     /// use lora_core::Algo;
@@ -79,7 +103,9 @@ impl std::str::FromStr for Algo {
             "loha" => Ok(Algo::Loha),
             "lokr" => Ok(Algo::Lokr),
             "oft" => Ok(Algo::Oft),
-            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr or oft")),
+            "diag-oft" => Ok(Algo::DiagOft),
+            "boft" => Ok(Algo::Boft),
+            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft or boft")),
         }
     }
 }
@@ -201,6 +227,10 @@ pub struct LoraConfig {
     /// dropouts (kohya's DyLoRA has none of these).
     #[serde(default)]
     pub dylora_unit: Option<usize>,
+    /// LyCORIS' `rescaled` (Diag-OFT and BOFT): a trained scale per output, starting at 1,
+    /// multiplies the rotated weight (`rescale` in files).
+    #[serde(default)]
+    pub oft_rescaled: bool,
 }
 
 fn default_lokr_factor() -> i64 {
@@ -231,7 +261,20 @@ impl LoraConfig {
             lora_fa: false,
             lycoris_rank_dropout: false,
             dylora_unit: None,
+            oft_rescaled: false,
         }
+    }
+
+    /// Sets [`oft_rescaled`](Self::oft_rescaled) (LyCORIS' Diag-OFT and BOFT `rescaled`).
+    ///
+    /// ```
+    /// use lora_core::{Algo, LoraConfig};
+    /// assert!(LoraConfig::new(4).with_algo(Algo::DiagOft).with_oft_rescaled(true).validate().is_ok());
+    /// assert!(LoraConfig::new(4).with_oft_rescaled(true).validate().is_err());
+    /// ```
+    pub fn with_oft_rescaled(mut self, rescaled: bool) -> Self {
+        self.oft_rescaled = rescaled;
+        self
     }
 
     /// Sets DyLoRA's unit (see [`LoraConfig::dylora_unit`]).
@@ -411,6 +454,9 @@ impl LoraConfig {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
         }
+        if self.oft_rescaled && !self.algo.is_lycoris_oft() {
+            return Err(LoraError::InvalidConfig(format!("oft_rescaled (LyCORIS' rescaled) is Diag-OFT's and BOFT's, not {}'s", self.algo.name())));
+        }
         if self.lycoris_rank_dropout && self.dora && !self.algo.is_lycoris() {
             return Err(LoraError::InvalidConfig("lycoris_rank_dropout (rows of a LoCon's update) does not combine with dora".into()));
         }
@@ -454,22 +500,27 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// What kohya's OFT takes: a positive constraint (`alpha`) and none of the other
-    /// adapters' options (kohya's module has no dropout, DoRA or scalar).
+    /// What an OFT takes: a constraint (`alpha`) that is positive (kohya's) or not negative
+    /// (LyCORIS' Diag-OFT, 0 for none), and none of the other adapters' options (neither
+    /// module has dropout, DoRA or a scalar here).
     fn validate_oft(&self) -> Result<()> {
-        if self.alpha <= 0.0 {
+        if self.algo == Algo::Oft && self.alpha <= 0.0 {
             return Err(LoraError::InvalidConfig(format!("OFT's alpha (its constraint, e.g. 1e-3) must be positive, got {}", self.alpha)));
+        }
+        if self.alpha < 0.0 {
+            return Err(LoraError::InvalidConfig(format!("{}'s alpha (its constraint per output, 0 for none) must not be negative, got {}", self.algo.name(), self.alpha)));
         }
         let others = [
             (self.rank_dropout > 0.0, "rank_dropout"),
-            (self.module_dropout > 0.0, "module_dropout"),
+            // LyCORIS' Diag-OFT and BOFT skip a module in a pass as its other modules do.
+            (self.module_dropout > 0.0 && self.algo == Algo::Oft, "module_dropout"),
             (self.dora, "dora"),
             (self.use_scalar, "use_scalar"),
             (self.rslora, "rslora"),
             (self.use_tucker, "use_tucker"),
         ];
         match others.iter().find(|(on, _)| *on) {
-            Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo oft (kohya's OFT has none)"))),
+            Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo {}", self.algo.name()))),
             None => Ok(()),
         }
     }

@@ -46,6 +46,12 @@ pub enum ModuleKind {
     /// kohya's OFT (`oft_blocks`); its rank is the number of blocks, its alpha the
     /// constraint per output.
     Oft,
+    /// LyCORIS' Diag-OFT (`oft_blocks` under a `lora_…` name, maybe `rescale`); its rank is
+    /// the block size (LyCORIS' `dim`), its alpha the constraint per output (0: none).
+    DiagOft,
+    /// LyCORIS' BOFT (`oft_blocks` `[stages, blocks, n, n]` under a `lora_…` name); its
+    /// rank is the block size, its alpha the constraint per output (0: none).
+    Boft,
     /// Tensors of no adapter kind this crate knows (e.g. a full `diff`).
     Other,
 }
@@ -60,6 +66,8 @@ impl ModuleKind {
             Self::Loha => "LoHa",
             Self::Lokr => "LoKr",
             Self::Oft => "OFT",
+            Self::DiagOft => "Diag-OFT",
+            Self::Boft => "BOFT",
             Self::Other => "other",
         }
     }
@@ -117,7 +125,7 @@ pub struct LoraInfo {
 }
 
 /// The parts of a kohya key after the module name that name an adapter's tensors.
-const KOHYA_PARTS: [&str; 20] = [
+const KOHYA_PARTS: [&str; 21] = [
     "lora_down.weight",
     "lora_up.weight",
     "lora_mid.weight",
@@ -138,6 +146,7 @@ const KOHYA_PARTS: [&str; 20] = [
     "lokr_t2",
     "scalar",
     "diff",
+    "rescale",
 ];
 
 /// The parts of a PEFT / diffusers key after the module path.
@@ -205,18 +214,24 @@ pub fn inspect(bytes: &[u8], path: &Path) -> Result<LoraInfo> {
         let (name, part) = split_key(&key, format);
         grouped.entry(name).or_default().push((part, view));
     }
+    // kohya's OFT files name text-encoder modules `lora_te_…` too.
+    let kohya_oft = metadata.get("ss_network_module").is_some_and(|m| m == "networks.oft");
     let mut modules = Vec::with_capacity(grouped.len());
     for (name, tensors) in grouped {
-        modules.push(module_info(name, &tensors, path)?);
+        modules.push(module_info(name, &tensors, kohya_oft, path)?);
     }
     Ok(LoraInfo { format, modules, dtypes, metadata: metadata.into_iter().collect(), bundled_embeddings })
 }
 
-fn module_info(name: String, tensors: &[(String, TensorView<'_>)], path: &Path) -> Result<ModuleInfo> {
+fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bool, path: &Path) -> Result<ModuleInfo> {
     let shape = |part: &str| tensors.iter().find(|(p, _)| p == part).map(|(_, v)| v.shape().to_vec());
     let has = |prefix: &str| tensors.iter().any(|(p, _)| p.starts_with(prefix));
-    let kind = if has("oft_blocks") {
+    let kind = if has("oft_blocks") && (name.starts_with("oft_") || kohya_oft) {
         ModuleKind::Oft
+    } else if shape("oft_blocks").is_some_and(|s| s.len() == 4) {
+        ModuleKind::Boft
+    } else if has("oft_blocks") {
+        ModuleKind::DiagOft
     } else if has("hada_") {
         ModuleKind::Loha
     } else if has("lokr_") {
@@ -237,6 +252,8 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], path: &Path) 
         ModuleKind::Loha => shape("hada_w1_b").and_then(leading),
         ModuleKind::Lokr => shape("lokr_w1_b").or_else(|| shape("lokr_w2_b")).and_then(leading),
         ModuleKind::Oft => shape("oft_blocks").and_then(leading),
+        ModuleKind::DiagOft => shape("oft_blocks").and_then(|s| s.get(1).copied()),
+        ModuleKind::Boft => shape("oft_blocks").and_then(|s| s.get(2).copied()),
         ModuleKind::Other => None,
         _ => down.clone().and_then(leading),
     };

@@ -103,8 +103,9 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 }
 
 /// One layer's LoHa or LoKr factors, trainable (see the [module docs](self)), or its
-/// kohya OFT blocks ([`Algo::Oft`], [`crate::oft`]: one factor `oft_blocks` kept as
-/// `[k·n, n]`, `scale` holding its alpha).
+/// OFT blocks (kohya's [`Algo::Oft`] or LyCORIS' [`Algo::DiagOft`] / [`Algo::Boft`],
+/// [`crate::oft`]: the factor `oft_blocks` kept as `[k·n, n]` (BOFT's as `[m·k·n, n]`),
+/// LyCORIS' `rescale` as `[out, 1]`, `scale` holding the alpha).
 #[derive(Module, Debug)]
 pub struct LycorisAdapter<B: Backend> {
     /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
@@ -162,7 +163,7 @@ fn zeros<B: Backend>(rows: usize, cols: usize, device: &B::Device) -> Param<Tens
 }
 
 impl<B: Backend> LycorisAdapter<B> {
-    /// A freshly initialised adapter (`config.algo` LoHa or LoKr) for a layer with update
+    /// A freshly initialised adapter (`config.algo` LoHa, LoKr or an OFT) for a layer with update
     /// shape `[out, in, kh, kw]`; `conv` tells a convolution (even 1x1) from a linear layer.
     pub fn new(config: &LoraConfig, [out, input, kh, kw]: [usize; 4], conv: bool, device: &B::Device) -> Result<Self> {
         config.validate()?;
@@ -226,7 +227,23 @@ impl<B: Backend> LycorisAdapter<B> {
                 let (k, n) = crate::oft::block_shape(out, r).map_err(LoraError::InvalidConfig)?;
                 (vec![crate::oft::BLOCKS], vec![zeros(k * n, n, device)], false)
             }
-            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr or oft, not lora".into())),
+            Algo::DiagOft | Algo::Boft => {
+                let (m, k, n) = match config.algo {
+                    Algo::Boft => crate::oft::butterfly_shape(out, r).map_err(LoraError::InvalidConfig)?,
+                    _ => {
+                        let (k, n) = crate::oft::diag_block_shape(out, r);
+                        (1, k, n)
+                    }
+                };
+                let mut names = vec![crate::oft::BLOCKS];
+                let mut factors = vec![zeros(m * k * n, n, device)];
+                if config.oft_rescaled {
+                    names.push(crate::oft::RESCALE);
+                    factors.push(Param::from_tensor(Tensor::ones([out, 1], device)));
+                }
+                (names, factors, false)
+            }
+            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft or boft, not lora".into())),
         };
         Ok(Self {
             factors,
@@ -266,7 +283,7 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 names
             }
-            Algo::Lora | Algo::Oft => return Err(bad("not a LyCORIS adapter".into())),
+            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft => return Err(bad("not a LyCORIS adapter".into())),
         };
         if weights.tensors.len() != names.len() {
             let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
@@ -306,22 +323,34 @@ impl<B: Backend> LycorisAdapter<B> {
         Ok(adapter)
     }
 
-    /// [`from_weights`](Self::from_weights) for kohya's OFT: `oft_blocks` `[k, n, n]` with
-    /// `k · n` the layer's outputs, kept as `[k · n, n]`; the scale is the file's alpha.
+    /// [`from_weights`](Self::from_weights) for an OFT: `oft_blocks` `[k, n, n]` with
+    /// `k · n` the layer's outputs, kept as `[k · n, n]`, and Diag-OFT's `rescale` if any
+    /// (kept as `[out, 1]`); the scale is the file's alpha (the constraint).
     fn oft_from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
-        let blocks = match weights.tensors.as_slice() {
-            [(name, t)] if name == crate::oft::BLOCKS => t,
+        let [out, input, kh, kw] = shape;
+        let in_shape = if conv { vec![input, kh, kw] } else { vec![input] };
+        let rescale = weights.get(crate::oft::RESCALE).cloned();
+        let blocks = weights.get(crate::oft::BLOCKS).cloned().unwrap_or(HostTensor { shape: vec![], data: vec![] });
+        // `weights` checks the tensors' names and shapes against each other, `check_blocks`
+        // the blocks against this layer's outputs.
+        crate::oft::weights(weights.algo, blocks.clone(), rescale.clone(), weights.alpha, &in_shape, key)?;
+        let (m, k, n) = match weights.algo {
+            Algo::Boft => crate::oft::check_butterfly(&blocks, out, key)?,
             _ => {
-                let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
-                return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("an OFT needs [\"oft_blocks\"], the weights have {found:?}") });
+                let (k, n) = crate::oft::check_blocks(&blocks, out, key)?;
+                (1, k, n)
             }
         };
-        let (k, n) = crate::oft::check_blocks(blocks, shape[0], key)?;
-        let flat = HostTensor { shape: vec![k * n, n], data: blocks.data.clone() };
+        let mut names = vec![crate::oft::BLOCKS];
+        let mut factors = vec![Param::from_tensor(HostTensor { shape: vec![m * k * n, n], data: blocks.data }.to_tensor::<B, 2>(device)?)];
+        if let Some(r) = rescale {
+            names.push(crate::oft::RESCALE);
+            factors.push(Param::from_tensor(HostTensor { shape: vec![out, 1], data: r.data }.to_tensor::<B, 2>(device)?));
+        }
         Ok(Self {
-            factors: vec![Param::from_tensor(flat.to_tensor::<B, 2>(device)?)],
-            names: vec![crate::oft::BLOCKS],
-            algo: Algo::Oft,
+            factors,
+            names,
+            algo: weights.algo,
             shape,
             conv,
             scale: weights.alpha,
@@ -361,12 +390,14 @@ impl<B: Backend> LycorisAdapter<B> {
         self.is_dora() || self.algo.is_oft()
     }
 
-    /// The rank of the low-rank products (LoHa's, or LoKr's `_a` / `_b` halves), or an
-    /// OFT's number of blocks; `None` for a LoKr whose halves are both full.
+    /// The rank of the low-rank products (LoHa's, or LoKr's `_a` / `_b` halves), kohya's
+    /// OFT's number of blocks or Diag-OFT's block size (LyCORIS' `dim`); `None` for a LoKr
+    /// whose halves are both full.
     pub fn rank(&self) -> Option<usize> {
         let rows = |name: &str| self.factor(name).map(|p| p.dims()[0]);
         match self.algo {
             Algo::Oft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[0] / p.dims()[1].max(1)),
+            Algo::DiagOft | Algo::Boft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[1]),
             Algo::Loha => rows("hada_w1_b"),
             _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
         }
@@ -509,7 +540,13 @@ impl<B: Backend> LycorisAdapter<B> {
         let blocks = self.factors[0].val();
         let [rows, n] = blocks.dims();
         let blocks: Tensor<B, 3> = blocks.reshape([rows / n, n, n]);
-        let delta = crate::oft::update(blocks, crate::oft::constraint(self.scale, out), multiplier, w);
+        let rescale = self.factor(crate::oft::RESCALE).map(|p| p.val());
+        let c = crate::oft::constraint(self.scale, out);
+        let delta = match self.algo {
+            // `rows / n` blocks in stages of `out / n`.
+            Algo::Boft => crate::oft::butterfly_update(blocks, rows / out, c, multiplier, w, rescale),
+            _ => crate::oft::update(blocks, c, multiplier, w, rescale),
+        };
         let delta = if D == 2 { delta.transpose() } else { delta };
         delta.reshape(self.burn_shape::<D>())
     }
@@ -556,8 +593,16 @@ impl<B: Backend> LycorisAdapter<B> {
             .map(|(name, p)| {
                 let [rows, cols] = p.dims();
                 let is_core = TUCKER_HALVES.iter().any(|(core, _, _)| core == name);
+                if *name == crate::oft::BLOCKS && self.algo == Algo::Boft {
+                    let k = self.shape[0] / cols.max(1);
+                    return vec![rows / self.shape[0].max(1), k, cols, cols];
+                }
                 if *name == crate::oft::BLOCKS {
                     return vec![rows / cols.max(1), cols, cols];
+                }
+                if *name == crate::oft::RESCALE {
+                    // LyCORIS: one value per output, in the weight's rank.
+                    return if self.conv { vec![rows, 1, 1, 1] } else { vec![rows, 1] };
                 }
                 match (*name == "lokr_w2" && self.conv) || is_core {
                     true => vec![rows, cols / (kh * kw), kh, kw],
@@ -588,7 +633,7 @@ impl<B: Backend> LycorisAdapter<B> {
             tensors.push((name.to_string(), t));
         }
         let alpha = match self.algo {
-            Algo::Oft => self.scale,
+            Algo::Oft | Algo::DiagOft | Algo::Boft => self.scale,
             _ => self.rank().map_or(1.0, |r| self.scale * r as f32),
         };
         Ok(LycorisWeights { algo: self.algo, tensors, alpha })
@@ -598,13 +643,14 @@ impl<B: Backend> LycorisAdapter<B> {
     /// for a convolution) plus its own tensors in [`LoraWeights::lycoris`], and DoRA's
     /// magnitude; `key` names it in errors.
     pub fn to_weights(&self, key: &str) -> Result<LoraWeights> {
-        let mut lycoris = self.to_lycoris_weights()?;
+        let lycoris = self.to_lycoris_weights()?;
         let [out, input, kh, kw] = self.shape;
         if self.algo.is_oft() {
             // No plain form: the OFT's own tensor beside an empty LoRA.
             let in_shape = if self.conv { vec![input, kh, kw] } else { vec![input] };
-            let (_, blocks) = lycoris.tensors.remove(0);
-            return crate::oft::weights(blocks, lycoris.alpha, &in_shape, key);
+            let mut tensors = lycoris.tensors.into_iter().map(|(_, t)| t);
+            let blocks = tensors.next().expect("an OFT has its blocks");
+            return crate::oft::weights(self.algo, blocks, tensors.next(), lycoris.alpha, &in_shape, key);
         }
         let cols = input * kh * kw;
         let weights = if self.plain_rank() >= out.min(cols) {
@@ -651,7 +697,7 @@ impl<B: Backend> LycorisAdapter<B> {
         let rows = |name: &str| self.factor(name).map_or(0, |p| p.dims()[0]);
         match self.algo {
             Algo::Loha => rows("hada_w1_b") * rows("hada_w2_b"),
-            Algo::Oft => 0,
+            Algo::Oft | Algo::DiagOft | Algo::Boft => 0,
             _ => ["lokr_w1", "lokr_w2"]
                 .map(|h| {
                     let (full, _, b) = names_of(h);
@@ -744,7 +790,7 @@ pub(crate) fn unscaled_delta<B: Backend>(algo: Algo, factor: impl Fn(&str) -> Op
             Ok(kron(half("lokr_w1")?, half("lokr_w2")?))
         }
         Algo::Lora => Err("a LoRA is not a LyCORIS adapter".into()),
-        Algo::Oft => Err("an OFT's update depends on the base weight".into()),
+        Algo::Oft | Algo::DiagOft | Algo::Boft => Err("an OFT's update depends on the base weight".into()),
     }
 }
 

@@ -126,6 +126,9 @@ impl LycorisWeights {
             crate::Algo::Lora => rows("lora_down.weight"),
             crate::Algo::Lokr => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
             crate::Algo::Oft => rows(crate::oft::BLOCKS),
+            // LyCORIS' `dim`: the block size.
+            crate::Algo::DiagOft => self.get(crate::oft::BLOCKS).and_then(|t| t.shape.get(1).copied()),
+            crate::Algo::Boft => self.get(crate::oft::BLOCKS).and_then(|t| t.shape.get(2).copied()),
         }
     }
 
@@ -175,7 +178,7 @@ impl LoraWeights {
         self.magnitude.is_some()
     }
 
-    /// Whether this is kohya's OFT ([`crate::oft`]): its tensors are in
+    /// Whether this is an OFT (kohya's or LyCORIS' Diag-OFT, [`crate::oft`]): its tensors are in
     /// [`lycoris`](Self::lycoris) and `down` / `up` are empty (rank 0), as its update depends
     /// on the base weight. Merging it into a layer works; combining, converting to PEFT,
     /// resizing and [`delta`](Self::delta) do not.

@@ -338,9 +338,13 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
     B::seed(device, 0);
     // Frozen base, as in training: only the adapters get gradients and AdamW updates.
     let mut unet = UNet2DConditionModel::<B>::new(&opts.unet, device)?.no_grad();
-    // An OFT at kohya's usual constraint (alpha 1e-3), which sets its inverse's steps.
+    // kohya's OFT at its usual constraint (alpha 1e-3), Diag-OFT at LyCORIS' default
+    // (none); the constraint sets the inverse's steps.
     let adapters = match opts.algo {
         lora_core::Algo::Oft => LoraConfig::new(4).with_alpha(1e-3),
+        lora_core::Algo::DiagOft => LoraConfig::new(4).with_alpha(0.0),
+        // SD's widths (320 · 2^k, 768 for the text encoder's) split into blocks of 10.
+        lora_core::Algo::Boft => LoraConfig::new(10).with_alpha(0.0),
         _ => LoraConfig::new(4),
     };
     attach_new_adapters(&mut unet, &Selection::new(opts.targets), &adapters.with_algo(opts.algo), device)?;

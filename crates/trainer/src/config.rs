@@ -214,8 +214,18 @@ pub struct LoraSection {
     /// `ΔW`) and `dora`, not the other dropouts or LoRA+. `oft` is kohya's
     /// `networks.oft` ([`lora_core::oft`]): `rank` blocks per layer (`conv_rank` for 3x3
     /// convolutions) and `alpha` the constraint per output (1e-3 to 1e-2), with none of
-    /// the dropouts, DoRA, rsLoRA, Tucker or `train.scale_weight_norms`.
+    /// the dropouts, DoRA, rsLoRA, Tucker or `train.scale_weight_norms`. `diag-oft` is
+    /// LyCORIS' Diag-OFT, the same rotation with `rank` (`conv_rank`) as the block size,
+    /// `constraint` and `rescaled`, and the same exclusions (`alpha` is not used); `boft`
+    /// LyCORIS' BOFT, butterfly stages of such blocks (the block size an even number of at
+    /// most `rank` whose quotient of each layer's outputs is a power of two).
     pub algo: lora_core::Algo,
+    /// Diag-OFT's and BOFT's constraint per output (LyCORIS' `constraint`; 0: none,
+    /// LyCORIS' default). Only with `algo = "diag-oft"` or `"boft"`.
+    pub constraint: f32,
+    /// Diag-OFT and BOFT: a trained scale per output on the rotated weight (LyCORIS'
+    /// `rescaled`). Only with `algo = "diag-oft"` or `"boft"`.
+    pub rescaled: bool,
     /// LoKr's factor (LyCORIS' `factor`): each side of a weight is split as `m · n`, `m` the
     /// divisor closest to this; −1: closest to the square root.
     pub lokr_factor: i64,
@@ -303,7 +313,12 @@ pub struct LoraSection {
 impl LoraSection {
     /// The adapter settings of linear layers and 1x1 convolutions.
     pub fn linear_config(&self) -> lora_core::LoraConfig {
-        let alpha = if self.alpha == 0.0 { self.rank as f32 } else { self.alpha };
+        let alpha = match self.algo {
+            // Diag-OFT's alpha in lora-core (and in its files) is LyCORIS' constraint.
+            lora_core::Algo::DiagOft | lora_core::Algo::Boft => self.constraint,
+            _ if self.alpha == 0.0 => self.rank as f32,
+            _ => self.alpha,
+        };
         lora_core::LoraConfig::new(self.rank)
             .with_alpha(alpha)
             .with_dropout(self.dropout)
@@ -323,6 +338,7 @@ impl LoraSection {
             .with_use_tucker(self.use_tucker)
             .with_lora_fa(self.lora_fa)
             .with_dylora_unit((self.dylora_unit > 0).then_some(self.dylora_unit))
+            .with_oft_rescaled(self.rescaled)
     }
 
     /// The adapter settings of convolutions with a larger kernel: those of linear layers
@@ -343,6 +359,10 @@ impl LoraSection {
     pub fn spatial_config(&self) -> lora_core::LoraConfig {
         if self.conv_rank == 0 {
             return self.linear_config();
+        }
+        if self.algo.is_lycoris_oft() {
+            // LyCORIS: one constraint for every layer.
+            return self.linear_config().with_rank(self.conv_rank);
         }
         let alpha = if self.conv_alpha == 0.0 { self.conv_rank as f32 } else { self.conv_alpha };
         self.linear_config().with_rank(self.conv_rank).with_alpha(alpha)
@@ -1567,6 +1587,8 @@ impl Default for TrainConfig {
                 dora: false,
                 algo: lora_core::Algo::Lora,
                 lokr_factor: -1,
+                constraint: 0.0,
+                rescaled: false,
                 lokr_decompose_both: false,
                 lokr_full_matrix: false,
                 lokr_unbalanced_factorization: false,
@@ -2262,6 +2284,13 @@ impl TrainConfig {
         if l.algo != lora_core::Algo::Lokr && lokr_settings {
             return bad(format!("lora.lokr_factor, lora.lokr_decompose_both, lora.lokr_full_matrix and lora.lokr_unbalanced_factorization are LoKr's; lora.algo is \"{algo}\""));
         }
+        if !l.algo.is_lycoris_oft() {
+            for (key, on) in [("lora.constraint", l.constraint != 0.0), ("lora.rescaled", l.rescaled)] {
+                if on {
+                    return Err(TrainError::Config { origin: key.into(), reason: format!("is LyCORIS' Diag-OFT's and BOFT's (lora.algo = \"diag-oft\" or \"boft\"); lora.algo is \"{algo}\"{}", if l.algo == lora_core::Algo::Oft && key == "lora.constraint" { " (kohya's OFT takes its constraint in lora.alpha)" } else { "" }) });
+                }
+            }
+        }
         if !l.algo.is_lycoris() {
             if l.rank_dropout_scale && !l.lycoris_rank_dropout {
                 return bad(format!("lora.rank_dropout_scale is LyCORIS' for LoHa, LoKr and a LoRA with lora.lycoris_rank_dropout; lora.algo is \"{algo}\" (kohya's rank dropout always rescales what it keeps)"));
@@ -2294,18 +2323,24 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// What kohya's OFT (`lora.algo = "oft"`) takes: a positive constraint and none of the
-    /// other adapters' options.
+    /// What an OFT takes (`lora.algo = "oft"`, kohya's: a positive constraint in `alpha`;
+    /// `"diag-oft"`, LyCORIS': a constraint that is 0 or positive) and none of the other
+    /// adapters' options.
     fn check_oft(&self) -> Result<(), TrainError> {
         let l = &self.lora;
+        let algo = l.algo.name();
         let bad = |key: &str, reason: String| Err(TrainError::Config { origin: key.into(), reason });
-        for (key, alpha, used) in [("lora.alpha", l.alpha, true), ("lora.conv_alpha", l.conv_alpha, l.conv_rank > 0)] {
+        if l.algo.is_lycoris_oft() && !(l.constraint.is_finite() && l.constraint >= 0.0) {
+            return bad("lora.constraint", format!("= {}: {algo}'s constraint per output must be 0 (none) or positive; 1e-3 to 1e-2 constrains the rotations as kohya's OFT does", l.constraint));
+        }
+        let kohya = l.algo == lora_core::Algo::Oft;
+        for (key, alpha, used) in [("lora.alpha", l.alpha, kohya), ("lora.conv_alpha", l.conv_alpha, kohya && l.conv_rank > 0)] {
             if used && (alpha.is_nan() || alpha <= 0.0) {
                 return bad(key, format!("= {alpha}: with lora.algo = \"oft\" it is the constraint per output (kohya's network_alpha), which must be positive; 1e-3 to 1e-2 is usual"));
             }
         }
         let options = [
-            (l.module_dropout > 0.0, "lora.module_dropout"),
+            (l.module_dropout > 0.0 && kohya, "lora.module_dropout"),
             (l.rank_dropout > 0.0, "lora.rank_dropout"),
             (l.dora, "lora.dora"),
             (l.use_scalar, "lora.use_scalar"),
@@ -2314,7 +2349,7 @@ impl TrainConfig {
             (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
         ];
         match options.iter().find(|(on, _)| *on) {
-            Some((_, key)) => bad(key, "is not trained with lora.algo = \"oft\" (kohya's OFT has no such option)".into()),
+            Some((_, key)) => bad(key, format!("is not trained with lora.algo = \"{algo}\" (the OFT modules have no such option here)")),
             None => Ok(()),
         }
     }

@@ -952,6 +952,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     let (mut full_matrix, mut unbalanced) = (false, false);
     let (mut loraplus, mut wd_on_output) = ([0.0; 3], true);
     let mut rank_dropout = (0.0, String::new());
+    let (mut constraint, mut rescaled) = (0.0, false);
     let mut ignored = Vec::new();
     for (key, value) in &args {
         let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
@@ -995,9 +996,11 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "loraplus_lr_ratio" => loraplus[0] = number()?,
             "loraplus_unet_lr_ratio" => loraplus[1] = number()?,
             "loraplus_text_encoder_lr_ratio" => loraplus[2] = number()?,
-            // Read below (Tucker), off, or of other algorithms (OFT's block size and
-            // constraint, rank dropout's scaling).
-            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "train_norm" | "block_size" | "constraint" | "constrain" | "rescaled" | "train_t5xxl" => {}
+            // Diag-OFT's (LyCORIS: `float(constraint or 0)`, `constrain` its old name).
+            "constraint" | "constrain" => constraint = if value.is_empty() { 0.0 } else { number()? as f32 },
+            "rescaled" => rescaled = on,
+            // Read below (Tucker), off, or of other algorithms (BOFT's block size).
+            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "train_norm" | "block_size" | "train_t5xxl" => {}
             _ => ignored.push(format!("{key}={value}")),
         }
     }
@@ -1008,9 +1011,21 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "lora" | "locon" => lora_core::Algo::Lora,
         "loha" => lora_core::Algo::Loha,
         "lokr" => lora_core::Algo::Lokr,
-        "diag-oft" | "boft" => return Err(o.err("network_args", format!("`algo={algo}`: this trainer trains LyCORIS' lora / locon, loha and lokr; for orthogonal fine-tuning it trains kohya's OFT (network_module = \"networks.oft\", the same rotation with network_dim blocks and network_alpha as the constraint)"))),
-        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha and lokr"))),
+        "diag-oft" => lora_core::Algo::DiagOft,
+        "boft" => lora_core::Algo::Boft,
+        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft and boft"))),
     };
+    if l.algo.is_lycoris_oft() {
+        if rank_dropout.0 > 0.0 {
+            return Err(o.err("network_args", format!("`rank_dropout={}` with algo={algo}: LyCORIS' rank dropout of a rotation's rows is not trained here; set it to 0", rank_dropout.1)));
+        }
+        if constraint < 0.0 {
+            notes.push(format!("network_args `constraint={constraint}`: LyCORIS constrains only with a positive value, so this is none (lora.constraint = 0)"));
+        }
+        (l.constraint, l.rescaled) = (constraint.max(0.0), rescaled);
+    } else if constraint != 0.0 || rescaled {
+        notes.push(format!("network_args constraint / rescaled are Diag-OFT's and BOFT's; LyCORIS ignores them with algo={algo}, and so does this trainer"));
+    }
     // LyCORIS' rank dropout drops rows of ΔW, for a LoCon too (`lora.lycoris_rank_dropout`,
     // not kohya's rank components); in bypass mode a LoCon's drops rank components, one
     // mask per pass, which has no counterpart here.
@@ -1090,10 +1105,29 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     // has any; conv_alpha defaults to network_alpha.
     let conv_dim = if preset.enables_conv() { conv_dim.unwrap_or(l.rank) } else { 0 };
     l.conv_alpha = conv_alpha.unwrap_or(l.alpha);
+    if l.algo.is_lycoris_oft() {
+        diag_oft_drops(l, &algo, notes);
+    }
     if l.use_tucker && conv_dim == 0 {
         notes.push("use_tucker changes nothing here: the preset (or conv_dim = 0) leaves out the convolutions with a kernel larger than 1x1, which alone it decomposes, as in LyCORIS".into());
     }
     Ok(Network::Lycoris { preset, conv_dim })
+}
+
+/// What LyCORIS' Diag-OFT and BOFT modules (`algo`) take no notice of (they have no DoRA,
+/// scalar, Tucker form or rsLoRA scale), turned off with a note; their constraint stands
+/// for `network_alpha`.
+fn diag_oft_drops(l: &mut crate::config::LoraSection, algo: &str, notes: &mut Vec<String>) {
+    let mut dropped = Vec::new();
+    for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_scalar, "use_scalar"), (&mut l.use_tucker, "use_tucker"), (&mut l.rslora, "rs_lora")] {
+        if std::mem::take(on) {
+            dropped.push(what);
+        }
+    }
+    if !dropped.is_empty() {
+        notes.push(format!("network_args {}: LyCORIS' {algo} does not use them, and neither does this trainer", dropped.join(", ")));
+    }
+    notes.push(format!("algo={algo}: network_dim {} is the block size (conv_dim that of 3x3 convolutions), network_alpha is not used, the constraint per output is {}", l.rank, if l.constraint > 0.0 { l.constraint.to_string() } else { "none (constraint=0)".into() }));
 }
 
 /// A LyCORIS preset's targets, for the models that train (UNet and text encoders whose
@@ -2259,6 +2293,35 @@ output_dir = "out"
         assert!(e.contains("scale_weight_norms"), "{e}");
     }
 
+    /// LyCORIS' `algo=diag-oft`: `constraint` (its old name `constrain`; negative is none)
+    /// and `rescaled`, `network_dim` / `conv_dim` as block sizes, what Diag-OFT ignores
+    /// turned off with a note, and the same arguments ignored with other algorithms.
+    #[test]
+    fn diag_oft_reads_its_arguments() {
+        let diag = |args: &str| import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = [\"algo=diag-oft\", {args}]\n")).unwrap();
+        let i = diag("\"constraint=0.001\", \"rescaled=True\", \"conv_dim=4\", \"dora_wd=True\", \"use_tucker=True\", \"module_dropout=0.1\"");
+        let l = &i.config.lora;
+        assert_eq!((l.algo, l.rank, l.conv_rank, l.constraint, l.rescaled), (lora_core::Algo::DiagOft, 8, 4, 0.001, true));
+        assert_eq!((l.dora, l.use_tucker, l.module_dropout, l.unet_targets), (false, false, 0.1, UnetTargets::Conv));
+        assert!(i.notes.iter().any(|n| n.contains("dora_wd, use_tucker") && n.contains("does not use")), "{:?}", i.notes);
+        assert!(i.notes.iter().any(|n| n.contains("block size") && n.contains("0.001")), "{:?}", i.notes);
+        i.config.validate().unwrap();
+        assert_eq!(i.config.lora.linear_config().alpha, 0.001, "the constraint is lora-core's alpha");
+        let old = diag("\"constrain=-1\"");
+        assert_eq!((old.config.lora.constraint, old.config.lora.rescaled), (0.0, false));
+        assert!(old.notes.iter().any(|n| n.contains("constrains only with a positive value")), "{:?}", old.notes);
+        let other = import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=loha\", \"constraint=0.1\"]\n")).unwrap();
+        assert_eq!(other.config.lora.constraint, 0.0);
+        assert!(other.notes.iter().any(|n| n.contains("are Diag-OFT's")), "{:?}", other.notes);
+        other.config.validate().unwrap();
+        // BOFT reads the same arguments.
+        let boft = import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 10\nnetwork_args = [\"algo=boft\", \"rescaled=1\", \"rs_lora=True\"]\n")).unwrap();
+        let l = &boft.config.lora;
+        assert_eq!((l.algo, l.rank, l.constraint, l.rescaled, l.rslora), (lora_core::Algo::Boft, 10, 0.0, true, false));
+        assert!(boft.notes.iter().any(|n| n.contains("LyCORIS' boft does not use")), "{:?}", boft.notes);
+        boft.config.validate().unwrap();
+    }
+
     /// kohya's `networks.dylora`: its `unit` (1 by default), `conv_dim` equal to
     /// `network_dim` with the convolutions at `network_alpha`, LoRA+, and nothing else
     /// (dropouts and block-wise settings ignored with a note); what it asserts is an error.
@@ -3112,8 +3175,10 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"rex\"", "`lr_scheduler` = \"rex\" is not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha and lokr"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\"]", "kohya's OFT (network_module = \"networks.oft\""),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft and boft"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=boft\", \"rank_dropout=0.2\"]", "`rank_dropout=0.2` with algo=boft"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1` with algo=diag-oft"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"constraint=x\"]", "`constraint=x`: expected a number"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"rank_dropout=0.1\", \"bypass_mode=True\"]", "`rank_dropout=0.1` with algo=locon and bypass_mode"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"rank_dropout=0.1\", \"dora_wd=True\"]", "`rank_dropout=0.1` with algo=lora and dora_wd"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"preset=my.toml\"]", "`preset=my.toml`: expected one of LyCORIS' presets"),

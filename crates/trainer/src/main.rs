@@ -193,7 +193,7 @@ enum Command {
         #[arg(long, default_value = "")]
         negative_prompt: String,
         /// LoRA files as FILE[:STRENGTH[:TE_STRENGTH]][:lbw=BLOCK_WEIGHTS] (the text encoders at their own strength where given; lbw= a weight per UNet block, e.g. OUTALL or 17 numbers, as A1111's LoRA Block Weight); repeatable (kohya or diffusers/PEFT layout, LoCon,
-        /// DoRA, LyCORIS LoHa / LoKr). They are merged into the weights (sums in f32, rounded
+        /// DoRA, LyCORIS LoHa / LoKr / Diag-OFT / BOFT, kohya OFT). They are merged into the weights (sums in f32, rounded
         /// once), as A1111 and ComfyUI apply LoRAs.
         #[arg(long)]
         lora: Vec<sd_model::lora::LoraFile>,
@@ -351,8 +351,9 @@ enum Command {
         /// the trainer's default settings for it.
         #[arg(long, default_value = "adamw")]
         optimizer: trainer::config::Optimizer,
-        /// The adapters' form: `lora`, LyCORIS' `loha` or `lokr` (rank 4 each), or kohya's
-        /// `oft` (4 blocks each, constraint 1e-3).
+        /// The adapters' form: `lora`, LyCORIS' `loha` or `lokr` (rank 4 each), kohya's
+        /// `oft` (4 blocks each, constraint 1e-3) or LyCORIS' `diag-oft` / `boft` (blocks of
+        /// 4, BOFT's of 10: SD's widths are 5 · 2^k; no constraint).
         #[arg(long, default_value = "lora")]
         lora_algo: lora_core::Algo,
         /// `train` or `infer`.
@@ -781,10 +782,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         lora_core::Algo::Loha => "LoHa",
         lora_core::Algo::Lokr => "LoKr",
         lora_core::Algo::Oft => "OFT",
+        lora_core::Algo::DiagOft => "Diag-OFT",
+        lora_core::Algo::Boft => "BOFT",
     };
-    // An OFT's rank is its number of blocks (kohya's network_dim).
+    // kohya's OFT's rank is its number of blocks (network_dim), Diag-OFT's the block size.
     let size = match config.lora.algo {
         lora_core::Algo::Oft => format!("{}-block", config.lora.rank),
+        lora_core::Algo::DiagOft | lora_core::Algo::Boft => format!("block-size-{}", config.lora.rank),
         _ => format!("rank-{}", config.lora.rank),
     };
     let what = match (config.embedding.enabled(), config.trains_adapters()) {
@@ -804,7 +808,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     if !config.lora.network_weights.is_empty() {
         eprintln!("starting from the LoRA {}", config.lora.network_weights);
     }
-    if config.lora.algo.is_oft() && config.lora.alpha >= 1.0 {
+    if config.lora.algo == lora_core::Algo::Oft && config.lora.alpha >= 1.0 {
         // kohya warns alike: the constraint `alpha · outputs` then hardly constrains.
         eprintln!("note: with lora.algo = \"oft\" lora.alpha is the constraint per output; 1e-3 to 1e-2 is usual (it is {}), and 1 or more leaves the rotations almost unconstrained", config.lora.alpha);
     }
@@ -1630,13 +1634,16 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
         let parts: Vec<String> = groups
             .iter()
             .map(|g| {
-                let oft = g.kind == lora_core::inspect::ModuleKind::Oft;
+                use lora_core::inspect::ModuleKind;
+                let oft = matches!(g.kind, ModuleKind::Oft | ModuleKind::DiagOft | ModuleKind::Boft);
                 let rank = match g.rank {
+                    Some(r) if matches!(g.kind, ModuleKind::DiagOft | ModuleKind::Boft) => format!("blocks of {r}"),
                     Some(r) if oft => format!("{r} blocks"),
                     Some(r) => format!("rank {r}"),
                     None => "full".to_string(),
                 };
                 let alpha = match g.alpha {
+                    Some(a) if oft && a == 0.0 => "no constraint".to_string(),
                     Some(a) if oft => format!("constraint {a} per output"),
                     Some(a) => format!("alpha {a}"),
                     None => "no alpha".to_string(),

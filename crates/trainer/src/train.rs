@@ -1108,6 +1108,8 @@ fn fingerprint(config: &TrainConfig) -> String {
         "use_tucker = false",
         "lora_fa = false",
         "dylora_unit = 0",
+        "constraint = 0.0",
+        "rescaled = false",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",
@@ -2767,6 +2769,8 @@ mod tests {
         assert!(fingerprint(&config).contains("\nconv_rank = 4\n"));
         config.lora.conv_alpha = 2.0;
         assert!(fingerprint(&config).contains("\nconv_alpha = 2.0\n"));
+        (config.lora.constraint, config.lora.rescaled) = (1e-3, true);
+        assert!(fingerprint(&config).contains("\nconstraint = 0.001\n") && fingerprint(&config).contains("\nrescaled = true\n"));
     }
 
     /// `data.caption_separator` reaches the folders' tag handling: with every droppable

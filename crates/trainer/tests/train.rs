@@ -2840,6 +2840,88 @@ fn oft_trains_resumes_and_applies() {
     assert!(err.to_string().contains("an OFT cannot be combined"), "{err}");
 }
 
+/// `lora.algo = "diag-oft"` (LyCORIS' Diag-OFT) with `lora.rescaled` and no constraint:
+/// saved as LyCORIS saves it (`lora_unet_` / `lora_te_` names, blocks of `rank` (3x3
+/// convolutions: `conv_rank`), a `rescale` per output, `alpha` 0, `lycoris.kohya` with
+/// `algo=diag-oft`), every block and scale trains; a stopped run resumes bit for bit; the
+/// file continues training as `network_weights` and with `dim_from_weights`; it applies at
+/// a strength in generation.
+#[test]
+fn diag_oft_trains_resumes_and_applies() {
+    lycoris_oft_trains_resumes_and_applies(lora_core::Algo::DiagOft);
+}
+
+/// `lora.algo = "boft"` (LyCORIS' BOFT), as Diag-OFT above: its `[stages, k, n, n]` blocks.
+#[test]
+fn boft_trains_resumes_and_applies() {
+    lycoris_oft_trains_resumes_and_applies(lora_core::Algo::Boft);
+}
+
+fn lycoris_oft_trains_resumes_and_applies(algo: lora_core::Algo) {
+    let _guard = seeded();
+    let diag_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.algo = algo;
+        c.lora.dropout = 0.0;
+        (c.lora.rank, c.lora.rescaled, c.lora.module_dropout) = (4, true, 0.1);
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+        c.lora.conv_rank = 2;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&diag_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    assert!(set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    let mut spatial = 0;
+    for (key, w) in set.iter() {
+        let l = w.lycoris.as_ref().unwrap();
+        assert_eq!((l.algo, l.alpha), (algo, 0.0), "{key}");
+        let blocks = l.get("oft_blocks").unwrap();
+        let dim = if w.is_conv() && w.down.shape[2..] == [3, 3] { 2 } else { 4 };
+        spatial += usize::from(dim == 2);
+        let want = match algo {
+            lora_core::Algo::Boft => {
+                let (m, k, n) = lora_core::oft::butterfly_shape(w.out_features(), dim).unwrap();
+                vec![m, k, n, n]
+            }
+            _ => {
+                let (k, n) = lora_core::oft::diag_block_shape(w.out_features(), dim);
+                vec![k, n, n]
+            }
+        };
+        assert_eq!(blocks.shape, want, "{key}");
+        let rescale = l.get("rescale").unwrap();
+        assert_eq!(rescale.shape[0], w.out_features(), "{key}");
+        assert!(rescale.data.iter().any(|v| *v != 1.0), "{key}: the scale did not train");
+        assert!(blocks.shape[blocks.shape.len() - 1] == 1 || blocks.data.iter().any(|v| *v != 0.0), "{key} did not train");
+    }
+    assert!(spatial > 0, "the 3x3 convolutions at conv_rank");
+    let bytes = std::fs::read(&straight.lora).unwrap();
+    let (st, _) = lora_core::tensor_io::parse(&bytes, &straight.lora).unwrap();
+    assert!(st.names().iter().all(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te_")), "{:?}", st.names());
+    let meta = lora_metadata(&straight.lora);
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!((meta["ss_network_module"].as_str(), meta["ss_network_dim"].as_str()), ("lycoris.kohya", "4"));
+    assert_eq!((args["algo"].as_str(), args["rescaled"].as_str(), args["constraint"].as_str()), (Some(algo.name()), Some("True"), Some("0")));
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&diag_config(dir.path(), 6), &straight, |c| c.lora.rescaled = false, "cannot resume with a different model, [lora] section");
+
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = diag_config(more_dir.path(), 2);
+    more.lora.network_weights = straight.lora.display().to_string();
+    assert_trains(&more);
+    more.lora.dim_from_weights = true;
+    assert_trains(&more);
+    more.lora.algo = lora_core::Algo::Oft;
+    (more.lora.alpha, more.lora.rescaled, more.lora.module_dropout) = (0.01, false, 0.0);
+    let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains(&format!("set lora.algo = \"{}\"", algo.name())), "{err}");
+
+    assert_applies_at_half_strength(&straight.lora, algo.name());
+}
+
 /// `lora.use_tucker` with a LoRA (LyCORIS' LoCon with `use_tucker`): the 3x3
 /// convolutions' adapters (only those) are saved as LyCORIS saves them, `lora_down` 1x1,
 /// `lora_mid` and `lora_up`, with `lycoris.kohya` and `use_tucker` in the metadata; every
@@ -2984,8 +3066,15 @@ fn lycoris_config_errors_name_the_key() {
     };
     type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
     let oft = |c: &mut TrainConfig| (c.lora.algo, c.lora.alpha) = (lora_core::Algo::Oft, 1e-3);
-    let cases: [(Edit, &str); 16] = [
+    let diag = |c: &mut TrainConfig| c.lora.algo = lora_core::Algo::DiagOft;
+    let cases: [(Edit, &str); 22] = [
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
+        (&|c| { diag(c); c.lora.constraint = -0.1 }, "lora.constraint"),
+        (&|c| { diag(c); c.lora.constraint = f32::NAN }, "lora.constraint"),
+        (&|c| { diag(c); c.lora.dora = true }, "lora.dora"),
+        (&|c| { diag(c); c.lora.rank_dropout = 0.1 }, "lora.rank_dropout"),
+        (&|c| c.lora.rescaled = true, "lora.rescaled"),
+        (&|c| { oft(c); c.lora.constraint = 0.01 }, "kohya's OFT takes its constraint in lora.alpha"),
         (&|c| (c.lora.algo, c.lora.alpha) = (lora_core::Algo::Oft, 0.0), "lora.alpha"),
         (&|c| { oft(c); (c.lora.conv_rank, c.lora.conv_alpha) = (2, -1.0) }, "lora.conv_alpha"),
         (&|c| { oft(c); c.lora.module_dropout = 0.1 }, "lora.module_dropout"),
@@ -3014,6 +3103,13 @@ fn lycoris_config_errors_name_the_key() {
     ok.validate().unwrap();
     let mut ok = base();
     oft(&mut ok);
+    ok.validate().unwrap();
+    // Diag-OFT: no constraint, or one; a scale; LyCORIS' module dropout.
+    let mut ok = base();
+    diag(&mut ok);
+    (ok.lora.rescaled, ok.lora.module_dropout) = (true, 0.1);
+    ok.validate().unwrap();
+    ok.lora.constraint = 1e-3;
     ok.validate().unwrap();
 }
 

@@ -31,6 +31,9 @@ pub(super) fn read(
     let mut set = AdapterSet::new();
     set.metadata = metadata.into_iter().collect();
     set.bundled_embeddings = bundled;
+    // A file that says it is kohya's OFT holds kohya's OFT under `lora_te_…` names too
+    // (blocks that LyCORIS' names would make a Diag-OFT: the same rotation).
+    let kohya_oft = set.metadata.get("ss_network_module").is_some_and(|m| m == "networks.oft");
     for (name, part) in parts {
         // kohya's OFT names the UNet's modules `oft_unet_…`.
         let resolved = match name.strip_prefix("oft_unet_") {
@@ -42,6 +45,11 @@ pub(super) fn read(
             continue;
         };
         let mut weights = finish(part, &name, path, ("lora_down", "lora_up"), AdapterFormat::Kohya)?;
+        if kohya_oft {
+            if let Some(l) = weights.lycoris.as_mut().filter(|l| l.algo == crate::Algo::DiagOft && l.tensors.len() == 1 && l.alpha > 0.0) {
+                l.algo = crate::Algo::Oft;
+            }
+        }
         if let Some(kernel) = index.kernel(&key) {
             // LyCORIS stores a convolution's kernel flattened into the columns.
             weights = super::lycoris::unflatten(weights, kernel);
@@ -110,7 +118,7 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         // kohya's own module: `network_dim` blocks and the constraint `network_alpha` for
         // every layer (its 3x3 convolutions too), with kohya's `enable_conv` /
         // `enable_all_linear` arguments as recorded.
-        Some(l) if l.algo.is_oft() => {
+        Some(l) if l.algo == crate::Algo::Oft => {
             meta.insert("ss_network_module".into(), "networks.oft".into());
             args.retain(|k, _| matches!(k.as_str(), "enable_all_linear" | "enable_conv"));
             // The linear layers' blocks and constraint (3x3 convolutions may have their own
@@ -132,6 +140,17 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         Some(l) => {
             meta.insert("ss_network_module".into(), "lycoris.kohya".into());
             args.insert("algo".into(), l.algo.name().into());
+            if l.algo.is_lycoris_oft() {
+                // LyCORIS' arguments: the constraint per output (its `alpha` buffers), and
+                // `rescaled` when the layers carry a scale.
+                let constraints: Vec<f32> = set.iter().filter_map(|(_, w)| w.lycoris.as_ref().map(|l| l.alpha)).collect();
+                if let Some(c) = constraints.first() {
+                    args.insert("constraint".into(), c.to_string().into());
+                }
+                if set.iter().filter_map(|(_, w)| w.lycoris.as_ref()).any(|l| l.get(crate::oft::RESCALE).is_some()) {
+                    args.insert("rescaled".into(), "True".into());
+                }
+            }
             let tucker = |l: &crate::LycorisWeights| l.tensors.iter().any(|(n, _)| matches!(n.as_str(), "hada_t1" | "hada_t2" | "lokr_t2" | "lora_mid.weight"));
             if set.iter().filter_map(|(_, w)| w.lycoris.as_ref()).any(tucker) {
                 args.insert("use_tucker".into(), "True".into());
@@ -204,7 +223,7 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
         let name = set.kohya_name_of(key);
         // kohya's OFT names the UNet's modules `oft_unet_…`, as A1111 reads them.
         let name = match name.strip_prefix("lora_unet_") {
-            Some(rest) if w.is_oft() => format!("oft_unet_{rest}"),
+            Some(rest) if w.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Oft) => format!("oft_unet_{rest}"),
             _ => name,
         };
         match &w.lycoris {

@@ -45,8 +45,10 @@ pub(super) enum Part {
     LokrW2A,
     LokrW2B,
     LokrT2,
-    /// kohya's OFT (`networks.oft`).
+    /// An OFT's blocks (kohya's `networks.oft`, LyCORIS' Diag-OFT).
     OftBlocks,
+    /// Diag-OFT's scale per output (LyCORIS' `rescaled`).
+    OftRescale,
 }
 
 /// Key suffixes of the LyCORIS tensors.
@@ -65,6 +67,7 @@ pub(super) const SUFFIXES: &[(&str, Part)] = &[
     (".lokr_w2_b", Part::LokrW2B),
     (".lokr_t2", Part::LokrT2),
     (".oft_blocks", Part::OftBlocks),
+    (".rescale", Part::OftRescale),
 ];
 
 /// The LyCORIS name of a part (`hada_w1_a`, …).
@@ -183,13 +186,32 @@ impl Tensors {
             key: name.to_string(),
             reason,
         };
+        let rescale = self.get(Part::OftRescale);
         if let Some(blocks) = self.get(Part::OftBlocks) {
-            if self.found.len() > 1 {
+            if self.found.len() > 1 + usize::from(rescale.is_some()) {
                 return Err(bad("the module mixes OFT (`oft_blocks`) and LyCORIS tensors".into()));
             }
-            let alpha = alpha.ok_or_else(|| bad("an OFT needs its `alpha` (the constraint)".into()))?;
-            // `weights` checks the blocks' shape.
-            return crate::oft::weights(blocks.clone(), alpha, &[], name).map_err(|e| bad(e.to_string()));
+            // kohya's OFT names its modules `oft_unet_…`; LyCORIS' Diag-OFT and BOFT (its
+            // blocks 4-d, by stage) keep `lora_…`.
+            let algo = match (name.starts_with("oft_"), blocks.shape.len()) {
+                (true, _) => Algo::Oft,
+                (false, 4) => Algo::Boft,
+                (false, _) => Algo::DiagOft,
+            };
+            if algo == Algo::Oft && rescale.is_some() {
+                return Err(bad("kohya's OFT (`oft_unet_…`) has no `rescale` (LyCORIS' Diag-OFT names its modules `lora_…`)".into()));
+            }
+            // LyCORIS always writes the constraint; without it, none (as ComfyUI reads it).
+            let alpha = match (alpha, algo) {
+                (Some(a), _) => a,
+                (None, Algo::DiagOft | Algo::Boft) => 0.0,
+                (None, _) => return Err(bad("kohya's OFT needs its `alpha` (the constraint)".into())),
+            };
+            // `weights` checks the tensors' shapes.
+            return crate::oft::weights(algo, blocks.clone(), rescale.cloned(), alpha, &[], name).map_err(|e| bad(e.to_string()));
+        }
+        if rescale.is_some() {
+            return Err(bad("`rescale` (LyCORIS' Diag-OFT) without its `oft_blocks`".into()));
         }
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
             let mut weights = self.untuckered().map_err(bad)?.to_lora(alpha, name, path)?;

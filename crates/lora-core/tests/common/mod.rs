@@ -197,7 +197,7 @@ const SUFFIXES: &[&str] = &[
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "scalar",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "lora_A.weight", "lora_B.weight", "diff", "weight",
+    "lora_A.weight", "lora_B.weight", "diff", "weight", "oft_blocks", "rescale",
 ];
 
 /// Every [`Damage`], with values that tend to break readers.

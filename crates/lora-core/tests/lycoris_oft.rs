@@ -1,0 +1,305 @@
+//! LyCORIS' Diag-OFT and BOFT against its own modules (`xtask/fixtures/lora_core_diag_oft.py`
+//! runs `lycoris.modules.diag_oft.DiagOFTModule`, `lora_core_boft.py`
+//! `lycoris.modules.boft.ButterflyOFTModule`): the block shapes LyCORIS picks, the layer's
+//! output and the gradients of the blocks and of the scale per output, without a
+//! constraint, clamped, rescaled, on linear and conv layers, at strengths 1 and 0.7;
+//! merging; the file LyCORIS writes, read back; and damaged files.
+
+mod common;
+
+use std::path::Path;
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::Param;
+use burn::tensor::{Tensor, TensorData};
+use lora_core::inspect::ModuleKind;
+use lora_core::sites::{attach_adapters, collect_adapters};
+use lora_core::{Algo, AdapterFormat, AdapterSet, Component, HostTensor, LoraConfig, ModuleIndex, ReadOptions, SaveDtype};
+use proptest::prelude::*;
+
+use common::layer::{Layer, One};
+use common::Fixture;
+
+type B = Autodiff<Flex>;
+
+const CASES: [&str; 4] = ["lin", "lin_clamped_rescaled", "conv_rescaled", "lin_large"];
+
+/// The two algorithms and their fixtures (the same case names in each).
+const KINDS: [(Algo, &str); 2] = [(Algo::DiagOft, "diag_oft.safetensors"), (Algo::Boft, "boft.safetensors")];
+
+#[derive(serde::Deserialize)]
+struct Case {
+    layer: Vec<serde_json::Value>,
+    dim: usize,
+    constraint: f32,
+    multiplier: f32,
+    rescaled: bool,
+    /// `[k, n]`, BOFT's `[stages, k, n]`.
+    blocks: Vec<usize>,
+    clamped: bool,
+}
+
+impl Case {
+    fn is_conv(&self) -> bool {
+        self.layer[0] == "conv"
+    }
+
+    fn dims(&self) -> Vec<usize> {
+        self.layer[1..].iter().map(|v| v.as_u64().unwrap() as usize).collect()
+    }
+
+    fn config(&self, algo: Algo) -> LoraConfig {
+        LoraConfig::new(self.dim).with_alpha(self.constraint).with_algo(algo).with_oft_rescaled(self.rescaled)
+    }
+
+    /// The block size `n` (LyCORIS' `dim` as the file shows it).
+    fn n(&self) -> usize {
+        *self.blocks.last().unwrap()
+    }
+
+    /// `oft_blocks` as LyCORIS holds it: `[k, n, n]` or `[stages, k, n, n]`.
+    fn torch_shape(&self) -> Vec<usize> {
+        let mut shape = self.blocks.clone();
+        shape.push(self.n());
+        shape
+    }
+}
+
+/// The case's base layer with the fixture's weights.
+fn base_layer(f: &Fixture, name: &str) -> Layer {
+    let case: Case = f.case(name);
+    Layer::from_fixture(f, name, &case.dims(), case.is_conv())
+}
+
+/// The layer's base weight in PyTorch's layout, flattened to `[out, cols]`.
+fn weight(layer: &Layer) -> Tensor<Flex, 2> {
+    match layer {
+        Layer::Linear(l) => l.base.weight.val().inner().transpose(),
+        Layer::Conv(c) => c.base.weight.val().inner().flatten(1, 3),
+    }
+}
+
+/// The fixture's tensor `key` with its values in the shape `dims`.
+fn flat<Bk: burn::tensor::backend::Backend>(f: &Fixture, key: &str, dims: [usize; 2]) -> Tensor<Bk, 2> {
+    Tensor::from_data(TensorData::new(f.host(key).data.clone(), dims), &Default::default())
+}
+
+/// The case's layer with a fresh adapter of `algo` at the case's settings, its tensors set
+/// to the fixture's, at the case's strength.
+fn trained_layer(f: &Fixture, name: &str, algo: Algo) -> Layer {
+    let case: Case = f.case(name);
+    let mut layer = base_layer(f, name);
+    layer.site().attach_new(&case.config(algo), &Default::default()).unwrap();
+    layer.site().set_multiplier(case.multiplier);
+    let n = case.n();
+    let out = case.blocks[case.blocks.len() - 2] * n;
+    let oft = layer.lycoris();
+    assert_eq!(oft.torch_shapes()[0], case.torch_shape(), "{name}: LyCORIS' block shape for dim {}", case.dim);
+    oft.factors[0] = Param::from_tensor(flat(f, &format!("{name}.oft_blocks"), [case.blocks.iter().product(), n]));
+    if case.rescaled {
+        assert_eq!(oft.names(), ["oft_blocks", "rescale"], "{name}");
+        oft.factors[1] = Param::from_tensor(flat(f, &format!("{name}.rescale"), [out, 1]));
+    }
+    layer
+}
+
+/// Max |a − b| over max |b|.
+fn rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
+    let peak: f32 = b.clone().abs().max().into_scalar();
+    let err: f32 = (a - b).abs().max().into_scalar();
+    err / peak.max(1e-12)
+}
+
+/// The layer computes LyCORIS' output and the gradients of the blocks and of the scale
+/// per output; the frozen weight takes none.
+#[test]
+fn output_and_gradients_match_lycoris() {
+    for (algo, file) in KINDS {
+    let f = Fixture::open(file);
+    let mut clamped = 0;
+    for name in CASES {
+        let case: Case = f.case(name);
+        clamped += usize::from(case.clamped);
+        let layer = trained_layer(&f, name, algo);
+        let y = layer.forward(&f, name);
+        let err = rel(y.clone().inner(), flat(&f, &format!("{name}.y"), y.dims()));
+        assert!(err < 2e-5, "{name}: output, relative error {err}");
+        let g: Tensor<B, 2> = flat(&f, &format!("{name}.g"), y.dims());
+        let grads = (y * g).sum().backward();
+        let oft = layer.lycoris_ref();
+        for (i, (part, key)) in [("blocks", "grad"), ("rescale", "rescale_grad")].into_iter().enumerate().take(oft.factors.len()) {
+            let grad = oft.factors[i].grad(&grads).expect("the adapter's tensors take gradients");
+            let err = rel(grad, flat(&f, &format!("{name}.{key}"), oft.factors[i].dims()));
+            assert!(err < 1e-4, "{name}: gradient of the {part}, relative error {err}");
+        }
+        let frozen = match &layer {
+            Layer::Linear(l) => l.base.weight.grad(&grads).is_none(),
+            Layer::Conv(c) => c.base.weight.grad(&grads).is_none(),
+        };
+        assert!(frozen, "{name}: the base weight is frozen");
+    }
+    assert_eq!(clamped, 1, "{file}: one case clamps to its constraint");
+    }
+}
+
+/// Merging writes LyCORIS' merged weight into the layer (at the strength), the output
+/// stays, and unmerging restores the base weight exactly.
+#[test]
+fn merge_writes_lycoris_weight() {
+    for (algo, file) in KINDS {
+    let f = Fixture::open(file);
+    for name in CASES {
+        let mut layer = trained_layer(&f, name, algo);
+        let before = layer.forward(&f, name).inner();
+        let base = weight(&layer);
+        layer.site().merge_in_place();
+        let err = rel(weight(&layer), flat(&f, &format!("{name}.merged"), base.dims()));
+        assert!(err < 2e-5, "{name}: merged weight, relative error {err}");
+        let err = rel(layer.forward(&f, name).inner(), before);
+        assert!(err < 2e-5, "{name}: merged output, relative error {err}");
+        match &mut layer {
+            Layer::Linear(l) => l.unmerge_in_place(),
+            Layer::Conv(c) => c.unmerge_in_place(),
+        }
+        let restored: Vec<f32> = weight(&layer).into_data().to_vec().unwrap();
+        assert_eq!(restored, base.into_data().to_vec::<f32>().unwrap(), "{name}: unmerged exactly");
+    }
+    }
+}
+
+/// Written as LyCORIS writes it: `lora_unet_<module>.` and the module's state dict
+/// (`oft_blocks`, `rescale`, `alpha` = the constraint), tensor for tensor what the fixture's
+/// module holds; `lycoris.kohya` with `algo=diag-oft` in the metadata; `info` tells it from
+/// kohya's OFT; read back, the same adapter.
+#[test]
+fn written_as_lycoris_and_read_back() {
+    let device = Default::default();
+    for (algo, file) in KINDS {
+    let f = Fixture::open(file);
+    for name in CASES {
+        let case: Case = f.case(name);
+        let mut trained = One(trained_layer(&f, name, algo));
+        trained.0.site().set_multiplier(1.0);
+        let mut set = AdapterSet::new();
+        collect_adapters(&mut trained, &mut set).unwrap();
+        let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+        let (st, meta) = lora_core::tensor_io::parse(&bytes, Path::new("x")).unwrap();
+        let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+        keys.sort();
+        let state = if case.rescaled { vec!["alpha", "oft_blocks", "rescale"] } else { vec!["alpha", "oft_blocks"] };
+        assert_eq!(keys, state.iter().map(|k| format!("lora_unet_layer.{k}")).collect::<Vec<_>>(), "{name}");
+        for k in &state {
+            let written = st.tensor(&format!("lora_unet_layer.{k}")).unwrap();
+            let want = f.host(&format!("{name}.state.{k}"));
+            assert_eq!(written.shape(), want.shape.as_slice(), "{name}: {k}'s shape");
+            let values: Vec<f32> = written.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            assert_eq!(values, want.data, "{name}: {k}'s values");
+        }
+        assert_eq!(meta["ss_network_module"], "lycoris.kohya", "{name}");
+        let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+        assert_eq!(args["algo"], algo.name(), "{name}");
+        assert_eq!(args["constraint"].as_str().unwrap().parse::<f32>().unwrap(), case.constraint, "{name}");
+        assert_eq!(args.get("rescaled").is_some(), case.rescaled, "{name}");
+        // The block size is LyCORIS' dim: a 3x3 convolution's is its conv_dim.
+        let dim = if case.is_conv() { args["conv_dim"].as_str().unwrap().to_string() } else { meta["ss_network_dim"].clone() };
+        assert_eq!(dim, case.n().to_string(), "{name}: the block size");
+
+        let info = lora_core::inspect::inspect(&bytes, Path::new("x")).unwrap();
+        let m = &info.modules[0];
+        let kind = if algo == Algo::Boft { ModuleKind::Boft } else { ModuleKind::DiagOft };
+        assert_eq!((m.kind, m.rank, m.alpha, info.summary(Component::Unet).len()), (kind, Some(case.n()), Some(case.constraint), 1), "{name}");
+
+        let mut index = ModuleIndex::new();
+        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
+        let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+        let (_, w) = read.iter().next().unwrap();
+        assert!(w.is_oft() && w.lycoris.as_ref().unwrap().algo == algo, "{name}");
+        assert_eq!(read.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), bytes, "{name}: written again as read");
+        let mut fresh = One(base_layer(&f, name));
+        attach_adapters(&mut fresh, &read, 1.0, &device).unwrap();
+        let err = rel(fresh.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
+        assert!(err < 1e-6, "{name}: read back, relative error {err}");
+    }
+    }
+}
+
+/// A file's `oft_blocks` under kohya's OFT names (`oft_unet_…`) read as kohya's OFT, under
+/// LyCORIS' (`lora_unet_…`) as Diag-OFT, which may lack its alpha (no constraint, as
+/// ComfyUI reads it); a `rescale` that is not one value per output, or without blocks, or
+/// under kohya's names, is an error naming the module, as are the options Diag-OFT does not
+/// take.
+#[test]
+fn names_and_bad_tensors() {
+    let f = Fixture::open("diag_oft.safetensors");
+    let mut index = ModuleIndex::new();
+    index.add(Component::Unet, ["layer"]).unwrap();
+    let blocks = f.host("lin_clamped_rescaled.oft_blocks").clone();
+    let rescale = f.host("lin_clamped_rescaled.rescale").clone();
+    let alpha = HostTensor::new(vec![], vec![0.01]).unwrap();
+    let read = |tensors: &[(&str, &HostTensor)]| {
+        let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (k.to_string(), *t)).collect();
+        let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap();
+        AdapterSet::from_bytes(&bytes, Path::new("d.safetensors"), &index, ReadOptions::default()).map(|(set, _)| set)
+    };
+    let algo = |set: AdapterSet| set.iter().next().unwrap().1.lycoris.as_ref().map(|l| (l.algo, l.alpha));
+    assert_eq!(algo(read(&[("oft_unet_layer.oft_blocks", &blocks), ("oft_unet_layer.alpha", &alpha)]).unwrap()), Some((Algo::Oft, 0.01)));
+    assert_eq!(algo(read(&[("lora_unet_layer.oft_blocks", &blocks), ("lora_unet_layer.alpha", &alpha)]).unwrap()), Some((Algo::DiagOft, 0.01)));
+    assert_eq!(algo(read(&[("lora_unet_layer.oft_blocks", &blocks)]).unwrap()), Some((Algo::DiagOft, 0.0)));
+    let e = read(&[("oft_unet_layer.oft_blocks", &blocks)]).unwrap_err().to_string();
+    assert!(e.contains("oft_unet_layer") && e.contains("alpha"), "{e}");
+
+    let wrong = HostTensor::new(vec![6, 2], vec![1.0; 12]).unwrap();
+    for (tensors, says) in [
+        (vec![("lora_unet_layer.oft_blocks", &blocks), ("lora_unet_layer.rescale", &wrong)], "one value per output"),
+        (vec![("lora_unet_layer.rescale", &rescale)], "without its `oft_blocks`"),
+        (vec![("oft_unet_layer.oft_blocks", &blocks), ("oft_unet_layer.rescale", &rescale), ("oft_unet_layer.alpha", &alpha)], "has no `rescale`"),
+    ] {
+        let e = read(&tensors).unwrap_err().to_string();
+        assert!(e.contains("layer") && e.contains(says), "{says}: {e}");
+    }
+
+    // BOFT: 12 outputs have no even block size of at most 4 with a power-of-two count, and
+    // a file's 3 blocks of 4 cannot make two butterfly stages.
+    let mut layer = base_layer(&f, "lin_clamped_rescaled");
+    let e = layer.site().attach_new(&LoraConfig::new(4).with_algo(Algo::Boft), &Default::default()).unwrap_err().to_string();
+    assert!(e.contains("12 outputs") && e.contains("at most 4"), "{e}");
+    let odd = HostTensor::new(vec![2, 3, 4, 4], vec![0.0; 96]).unwrap();
+    let e = read(&[("lora_unet_layer.oft_blocks", &odd)]).unwrap_err().to_string();
+    assert!(e.contains("layer") && e.contains("stages"), "{e}");
+
+    // A constraint may be 0 (none), not negative; rescaled is Diag-OFT's; module dropout
+    // is LyCORIS' (kept), DoRA not.
+    let config = LoraConfig::new(4).with_algo(Algo::DiagOft);
+    assert!(config.clone().with_alpha(0.0).with_module_dropout(0.1).validate().is_ok());
+    for bad in [config.clone().with_alpha(-1.0), config.clone().with_dora(true), LoraConfig::new(4).with_algo(Algo::Oft).with_alpha(1e-3).with_oft_rescaled(true)] {
+        assert!(bad.validate().is_err(), "{bad:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A damaged Diag-OFT file (cut short, a byte overwritten, a tensor left out, reshaped,
+    /// filled with NaN, renamed) reads as a typed error or as an adapter that attaches to
+    /// its layer (or refuses to, with an error) and runs: never a panic.
+    #[test]
+    fn damaged_files_are_errors_not_panics(case in 0..CASES.len(), kind in 0..KINDS.len(), damage in common::damage()) {
+        let (algo, file) = KINDS[kind];
+        let f = Fixture::open(file);
+        let name = CASES[case];
+        let mut trained = One(trained_layer(&f, name, algo));
+        let mut set = AdapterSet::new();
+        collect_adapters(&mut trained, &mut set).unwrap();
+        let bytes = common::damaged(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), &damage);
+        let mut index = ModuleIndex::new();
+        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
+        let Ok((read, _)) = AdapterSet::from_bytes(&bytes, Path::new("bad.safetensors"), &index, ReadOptions { lenient: true }) else {
+            return Ok(());
+        };
+        let mut fresh = One(base_layer(&f, name));
+        if attach_adapters(&mut fresh, &read, 1.0, &Default::default()).is_ok() {
+            let y: Vec<f32> = fresh.0.forward(&f, name).inner().into_data().to_vec().unwrap();
+            prop_assert!(!y.is_empty());
+        }
+    }
+}
