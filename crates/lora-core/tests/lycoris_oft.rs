@@ -1,6 +1,6 @@
-//! LyCORIS' Diag-OFT and BOFT against its own modules (`xtask/fixtures/lora_core_diag_oft.py`
-//! runs `lycoris.modules.diag_oft.DiagOFTModule`, `lora_core_boft.py`
-//! `lycoris.modules.boft.ButterflyOFTModule`): the block shapes LyCORIS picks, the layer's
+//! LyCORIS' Diag-OFT and BOFT against its own modules (`xtask/fixtures/lora_core_lycoris_oft.py`
+//! runs `lycoris.modules.diag_oft.DiagOFTModule` and `lycoris.modules.boft.ButterflyOFTModule`):
+//! the block shapes LyCORIS picks, the layer's
 //! output and the gradients of the blocks and of the scale per output, without a
 //! constraint, clamped, rescaled, on linear and conv layers, at strengths 1 and 0.7;
 //! merging; the file LyCORIS writes, read back; and damaged files.
@@ -11,13 +11,13 @@ use std::path::Path;
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use lora_core::inspect::ModuleKind;
 use lora_core::sites::{attach_adapters, collect_adapters};
 use lora_core::{Algo, AdapterFormat, AdapterSet, Component, HostTensor, LoraConfig, ModuleIndex, ReadOptions, SaveDtype};
 use proptest::prelude::*;
 
-use common::layer::{Layer, One};
+use common::layer::{flat, rel, Layer, One};
 use common::Fixture;
 
 type B = Autodiff<Flex>;
@@ -71,19 +71,6 @@ fn base_layer(f: &Fixture, name: &str) -> Layer {
     Layer::from_fixture(f, name, &case.dims(), case.is_conv())
 }
 
-/// The layer's base weight in PyTorch's layout, flattened to `[out, cols]`.
-fn weight(layer: &Layer) -> Tensor<Flex, 2> {
-    match layer {
-        Layer::Linear(l) => l.base.weight.val().inner().transpose(),
-        Layer::Conv(c) => c.base.weight.val().inner().flatten(1, 3),
-    }
-}
-
-/// The fixture's tensor `key` with its values in the shape `dims`.
-fn flat<Bk: burn::tensor::backend::Backend>(f: &Fixture, key: &str, dims: [usize; 2]) -> Tensor<Bk, 2> {
-    Tensor::from_data(TensorData::new(f.host(key).data.clone(), dims), &Default::default())
-}
-
 /// The case's layer with a fresh adapter of `algo` at the case's settings, its tensors set
 /// to the fixture's, at the case's strength.
 fn trained_layer(f: &Fixture, name: &str, algo: Algo) -> Layer {
@@ -101,13 +88,6 @@ fn trained_layer(f: &Fixture, name: &str, algo: Algo) -> Layer {
         oft.factors[1] = Param::from_tensor(flat(f, &format!("{name}.rescale"), [out, 1]));
     }
     layer
-}
-
-/// Max |a − b| over max |b|.
-fn rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
-    let peak: f32 = b.clone().abs().max().into_scalar();
-    let err: f32 = (a - b).abs().max().into_scalar();
-    err / peak.max(1e-12)
 }
 
 /// The layer computes LyCORIS' output and the gradients of the blocks and of the scale
@@ -132,11 +112,7 @@ fn output_and_gradients_match_lycoris() {
             let err = rel(grad, flat(&f, &format!("{name}.{key}"), oft.factors[i].dims()));
             assert!(err < 1e-4, "{name}: gradient of the {part}, relative error {err}");
         }
-        let frozen = match &layer {
-            Layer::Linear(l) => l.base.weight.grad(&grads).is_none(),
-            Layer::Conv(c) => c.base.weight.grad(&grads).is_none(),
-        };
-        assert!(frozen, "{name}: the base weight is frozen");
+        assert!(layer.base_is_frozen(&grads), "{name}: the base weight is frozen");
     }
     assert_eq!(clamped, 1, "{file}: one case clamps to its constraint");
     }
@@ -149,20 +125,7 @@ fn merge_writes_lycoris_weight() {
     for (algo, file) in KINDS {
     let f = Fixture::open(file);
     for name in CASES {
-        let mut layer = trained_layer(&f, name, algo);
-        let before = layer.forward(&f, name).inner();
-        let base = weight(&layer);
-        layer.site().merge_in_place();
-        let err = rel(weight(&layer), flat(&f, &format!("{name}.merged"), base.dims()));
-        assert!(err < 2e-5, "{name}: merged weight, relative error {err}");
-        let err = rel(layer.forward(&f, name).inner(), before);
-        assert!(err < 2e-5, "{name}: merged output, relative error {err}");
-        match &mut layer {
-            Layer::Linear(l) => l.unmerge_in_place(),
-            Layer::Conv(c) => c.unmerge_in_place(),
-        }
-        let restored: Vec<f32> = weight(&layer).into_data().to_vec().unwrap();
-        assert_eq!(restored, base.into_data().to_vec::<f32>().unwrap(), "{name}: unmerged exactly");
+        trained_layer(&f, name, algo).check_merge_round_trip(&f, name, 2e-5);
     }
     }
 }

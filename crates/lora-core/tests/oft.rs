@@ -13,7 +13,7 @@ use burn::tensor::{Tensor, TensorData};
 use lora_core::sites::{attach_adapters, collect_adapters};
 use lora_core::{Algo, AdapterFormat, AdapterSet, Component, LoraConfig, LoraError, LoraWeights, ModuleIndex, ReadOptions, SaveDtype};
 
-use common::layer::{Layer, One};
+use common::layer::{flat, rel, Layer, One};
 use common::Fixture;
 
 type B = Autodiff<Flex>;
@@ -48,14 +48,6 @@ fn base_layer(f: &Fixture, name: &str) -> Layer {
     Layer::from_fixture(f, name, &case.dims(), case.is_conv())
 }
 
-/// The layer's base weight in PyTorch's layout, flattened to `[out, cols]`.
-fn weight(layer: &Layer) -> Tensor<Flex, 2> {
-    match layer {
-        Layer::Linear(l) => l.base.weight.val().inner().transpose(),
-        Layer::Conv(c) => c.base.weight.val().inner().flatten(1, 3),
-    }
-}
-
 /// The case's layer with an OFT at the fixture's blocks and strength.
 fn trained_layer(f: &Fixture, name: &str) -> Layer {
     let case: Case = f.case(name);
@@ -70,18 +62,6 @@ fn trained_layer(f: &Fixture, name: &str) -> Layer {
         Layer::Conv(c) => c.lycoris.as_mut().unwrap().factors[0] = Param::from_tensor(blocks),
     }
     layer
-}
-
-/// Max |a − b| over max |b|.
-fn rel<const D: usize>(a: Tensor<Flex, D>, b: Tensor<Flex, D>) -> f32 {
-    let peak: f32 = b.clone().abs().max().into_scalar();
-    let err: f32 = (a - b).abs().max().into_scalar();
-    err / peak.max(1e-12)
-}
-
-/// The fixture's tensor `key` with its values in the shape `dims`.
-fn flat<Bk: burn::tensor::backend::Backend>(f: &Fixture, key: &str, dims: [usize; 2]) -> Tensor<Bk, 2> {
-    Tensor::from_data(TensorData::new(f.host(key).data.clone(), dims), &Default::default())
 }
 
 fn fixture() -> Fixture {
@@ -106,11 +86,7 @@ fn output_and_gradient_match_kohya() {
         let grad = oft.factors[0].grad(&grads).expect("the blocks take a gradient");
         let err = rel(grad, flat(&f, &format!("{name}.grad"), oft.factors[0].dims()));
         assert!(err < 1e-4, "{name}: gradient, relative error {err}");
-        let frozen = match &layer {
-            Layer::Linear(l) => l.base.weight.grad(&grads).is_none(),
-            Layer::Conv(c) => c.base.weight.grad(&grads).is_none(),
-        };
-        assert!(frozen, "{name}: the base weight is frozen");
+        assert!(layer.base_is_frozen(&grads), "{name}: the base weight is frozen");
     }
 }
 
@@ -120,20 +96,7 @@ fn output_and_gradient_match_kohya() {
 fn merge_writes_the_rotated_weight() {
     let f = fixture();
     for name in CASES {
-        let mut layer = trained_layer(&f, name);
-        let before = layer.forward(&f, name).inner();
-        let base = weight(&layer);
-        layer.site().merge_in_place();
-        let err = rel(weight(&layer), flat(&f, &format!("{name}.merged"), base.dims()));
-        assert!(err < 1e-5, "{name}: merged weight, relative error {err}");
-        let err = rel(layer.forward(&f, name).inner(), before);
-        assert!(err < 1e-5, "{name}: merged output, relative error {err}");
-        match &mut layer {
-            Layer::Linear(l) => l.unmerge_in_place(),
-            Layer::Conv(c) => c.unmerge_in_place(),
-        }
-        let restored: Vec<f32> = weight(&layer).into_data().to_vec().unwrap();
-        assert_eq!(restored, base.into_data().to_vec::<f32>().unwrap(), "{name}: unmerged exactly");
+        trained_layer(&f, name).check_merge_round_trip(&f, name, 1e-5);
     }
 }
 

@@ -320,6 +320,41 @@ pub mod layer {
             .expect("a LyCORIS adapter")
         }
 
+        /// The layer's base weight in PyTorch's layout, flattened to `[out, cols]`.
+        pub fn base_weight(&self) -> Tensor<burn::backend::Flex, 2> {
+            match self {
+                Layer::Linear(l) => l.base.weight.val().inner().transpose(),
+                Layer::Conv(c) => c.base.weight.val().inner().flatten(1, 3),
+            }
+        }
+
+        /// Merges the adapter in place and checks the weight against the fixture's
+        /// `<name>.merged` and the output against the unmerged one (relative error below
+        /// `tol`), then unmerges and checks that the base weight is restored bit for bit.
+        pub fn check_merge_round_trip(mut self, f: &Fixture, name: &str, tol: f32) {
+            let before = self.forward(f, name).inner();
+            let base = self.base_weight();
+            self.site().merge_in_place();
+            let err = rel(self.base_weight(), flat(f, &format!("{name}.merged"), base.dims()));
+            assert!(err < tol, "{name}: merged weight, relative error {err}");
+            let err = rel(self.forward(f, name).inner(), before);
+            assert!(err < tol, "{name}: merged output, relative error {err}");
+            match &mut self {
+                Layer::Linear(l) => l.unmerge_in_place(),
+                Layer::Conv(c) => c.unmerge_in_place(),
+            }
+            let restored: Vec<f32> = self.base_weight().into_data().to_vec().unwrap();
+            assert_eq!(restored, base.into_data().to_vec::<f32>().unwrap(), "{name}: unmerged exactly");
+        }
+
+        /// Whether the frozen base weight took no gradient in `grads`.
+        pub fn base_is_frozen(&self, grads: &<AB as burn::tensor::backend::AutodiffBackend>::Gradients) -> bool {
+            match self {
+                Layer::Linear(l) => l.base.weight.grad(grads).is_none(),
+                Layer::Conv(c) => c.base.weight.grad(grads).is_none(),
+            }
+        }
+
         /// The layer's output on the case's `x`, flattened to `[rows, cols]`.
         pub fn forward(&self, f: &Fixture, name: &str) -> Tensor<AB, 2> {
             match self {
@@ -327,6 +362,18 @@ pub mod layer {
                 Layer::Conv(c) => c.forward(f.tensor::<AB, 4>(&format!("{name}.x"))).flatten(1, 3),
             }
         }
+    }
+
+    /// Max |a − b| over max |b|.
+    pub fn rel<const D: usize>(a: Tensor<burn::backend::Flex, D>, b: Tensor<burn::backend::Flex, D>) -> f32 {
+        let peak: f32 = b.clone().abs().max().into_scalar();
+        let err: f32 = (a - b).abs().max().into_scalar();
+        err / peak.max(1e-12)
+    }
+
+    /// The fixture's tensor `key` with its values in the shape `dims`.
+    pub fn flat<Bk: burn::tensor::backend::Backend>(f: &Fixture, key: &str, dims: [usize; 2]) -> Tensor<Bk, 2> {
+        Tensor::from_data(burn::tensor::TensorData::new(f.host(key).data.clone(), dims), &Default::default())
     }
 
     /// One layer as a model: the site `layer` of the UNet.
