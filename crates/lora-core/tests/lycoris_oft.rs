@@ -118,6 +118,28 @@ fn output_and_gradients_match_lycoris() {
     }
 }
 
+/// The blocks LyCORIS' modules make for layer widths from 2 to 5120 and dims from 1 to 128
+/// (`lycoris_oft_shapes.json`, from LyCORIS' own `factorization` / `power2factorization`):
+/// Diag-OFT's `[k, n]`, BOFT's `[stages, k, n]` or, where LyCORIS raises, an error.
+#[test]
+fn block_shapes_match_lycoris() {
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        out: usize,
+        dim: usize,
+        diag_oft: [usize; 2],
+        boft: Option<[usize; 3]>,
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lycoris_oft_shapes.json");
+    let shapes: Vec<Shape> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(shapes.len() > 400 && shapes.iter().any(|s| s.boft.is_none()));
+    for s in shapes {
+        assert_eq!(lora_core::oft::diag_block_shape(s.out, s.dim), (s.diag_oft[0], s.diag_oft[1]), "Diag-OFT, {} outputs, dim {}", s.out, s.dim);
+        let boft = lora_core::oft::butterfly_shape(s.out, s.dim).ok().map(|(m, k, n)| [m, k, n]);
+        assert_eq!(boft, s.boft, "BOFT, {} outputs, dim {}", s.out, s.dim);
+    }
+}
+
 /// Merging writes LyCORIS' merged weight into the layer (at the strength), the output
 /// stays, and unmerging restores the base weight exactly.
 #[test]
