@@ -76,7 +76,7 @@ use crate::{Algo, HostTensor, LoraError, LoraWeights, LycorisWeights, Result};
 /// The OFT blocks' tensor name (kohya's and LyCORIS').
 pub const BLOCKS: &str = "oft_blocks";
 
-/// Diag-OFT's scale per output (LyCORIS' `rescaled`).
+/// Diag-OFT's and BOFT's scale per output (LyCORIS' `rescaled`).
 pub const RESCALE: &str = "rescale";
 
 /// The block norm `‖Q_b‖` the inverse's steps are counted for when there is no

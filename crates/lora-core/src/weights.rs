@@ -178,7 +178,7 @@ impl LoraWeights {
         self.magnitude.is_some()
     }
 
-    /// Whether this is an OFT (kohya's or LyCORIS' Diag-OFT, [`crate::oft`]): its tensors are in
+    /// Whether this is an OFT (kohya's, LyCORIS' Diag-OFT or BOFT, [`crate::oft`]): its tensors are in
     /// [`lycoris`](Self::lycoris) and `down` / `up` are empty (rank 0), as its update depends
     /// on the base weight. Merging it into a layer works; combining, converting to PEFT,
     /// resizing and [`delta`](Self::delta) do not.

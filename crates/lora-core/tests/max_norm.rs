@@ -211,3 +211,77 @@ fn lycoris_adapters_are_scaled_through_all_their_factors() {
     }
     assert_eq!(stats.values.into_data().to_vec::<f32>().unwrap()[0], 2.0, "the LoHa and the conv LoKr are scaled");
 }
+
+#[derive(Module, Debug)]
+struct Ofts<B: Backend> {
+    diag: LoraLinear<B>,
+    boft: LoraConv2d<B>,
+    small: LoraLinear<B>,
+}
+
+impl<B: Backend> LoraSites<B> for Ofts<B> {
+    fn component(&self) -> Component {
+        Component::Unet
+    }
+
+    fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+        f("diag", LoraSiteMut::Linear(&mut self.diag));
+        f("boft", LoraSiteMut::Conv(&mut self.boft));
+        f("small", LoraSiteMut::Linear(&mut self.small));
+    }
+}
+
+/// LyCORIS' Diag-OFT and BOFT: as LyCORIS' `apply_max_norm`, the norm of the `oft_blocks`
+/// themselves is held to the limit (sd-scripts' ratio on it); their scale per output stays.
+#[test]
+fn lycoris_oft_blocks_are_scaled_by_their_own_norm() {
+    use lora_core::{Algo, LoraConfig};
+    let device = Default::default();
+    let mut model = Ofts {
+        diag: LoraLinear::new(LinearConfig::new(6, 8).init::<AD>(&device).no_grad()),
+        boft: LoraConv2d::new(Conv2dConfig::new([4, 8], [3, 3]).init(&device).no_grad()),
+        small: LoraLinear::new(LinearConfig::new(6, 8).init(&device).no_grad()),
+    };
+    let config = |algo| LoraConfig::new(2).with_alpha(0.0).with_algo(algo).with_oft_rescaled(true);
+    model.diag.attach_new(&config(Algo::DiagOft), &device).unwrap();
+    model.boft.attach_new(&config(Algo::Boft), &device).unwrap();
+    model.small.attach_new(&config(Algo::DiagOft), &device).unwrap();
+    let mut rng = Rng::new(9);
+    for (adapter, size) in [(model.diag.lycoris.as_mut(), 1.0), (model.boft.lycoris.as_mut(), 1.0), (model.small.lycoris.as_mut(), 0.01)] {
+        let adapter = adapter.unwrap();
+        for p in adapter.factors.iter_mut() {
+            let [r, c] = p.dims();
+            // Large blocks on the first two, tiny ones on the third.
+            let values: Vec<f32> = rng.vec(r * c).iter().map(|v| if size < 1.0 { v * size } else { 1.0 + v }).collect();
+            *p = burn::module::Param::from_tensor(Tensor::from_data(burn::tensor::TensorData::new(values, [r, c]), &device));
+        }
+    }
+    let values = |m: &Ofts<AD>| -> Vec<[Vec<f32>; 2]> {
+        [m.diag.lycoris.as_ref(), m.boft.lycoris.as_ref(), m.small.lycoris.as_ref()]
+            .map(|a| {
+                let a = a.unwrap();
+                assert_eq!(a.names(), ["oft_blocks", "rescale"]);
+                [0, 1].map(|i| a.factors[i].val().inner().into_data().to_vec::<f32>().unwrap())
+            })
+            .to_vec()
+    };
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let before = values(&model);
+    let limit = 2.0;
+    assert!(norm(&before[0][0]) > limit && norm(&before[1][0]) > limit && norm(&before[2][0]) < limit / 2.0);
+    let mut optim = FlatAdamW::new(AdamWSettings::default(), &model, &device);
+    let pairs = norm_pairs(&mut model);
+    let (model, stats) = optim.apply_max_norm(model, &pairs, limit).unwrap();
+    let after = values(&model);
+    for ([blocks, rescale], [blocks_after, rescale_after]) in before.iter().zip(&after) {
+        let n = norm(blocks);
+        let ratio = n.clamp(limit / 2.0, limit) / n.max(limit / 2.0);
+        for (o, v) in blocks.iter().zip(blocks_after) {
+            assert!((o * ratio - v).abs() <= 1e-5 * o.abs().max(1e-3), "{o} * {ratio} vs {v}");
+        }
+        assert_eq!(rescale, rescale_after, "the scale per output stays");
+    }
+    let stats: Vec<f32> = stats.values.into_data().to_vec().unwrap();
+    assert_eq!(stats[0], 2.0, "the first two layers' blocks are over the limit");
+    assert!((stats[2] - limit).abs() < 1e-4, "the largest norm after scaling is the limit: {stats:?}");
+}

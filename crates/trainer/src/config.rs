@@ -216,7 +216,8 @@ pub struct LoraSection {
     /// convolutions) and `alpha` the constraint per output (1e-3 to 1e-2), with none of
     /// the dropouts, DoRA, rsLoRA, Tucker or `train.scale_weight_norms`. `diag-oft` is
     /// LyCORIS' Diag-OFT, the same rotation with `rank` (`conv_rank`) as the block size,
-    /// `constraint` and `rescaled`, and the same exclusions (`alpha` is not used); `boft`
+    /// `constraint` and `rescaled`, and the same exclusions but `module_dropout` and
+    /// `train.scale_weight_norms` (on the blocks' norm, as LyCORIS; `alpha` is not used); `boft`
     /// LyCORIS' BOFT, butterfly stages of such blocks (the block size an even number of at
     /// most `rank` whose quotient of each layer's outputs is a power of two).
     pub algo: lora_core::Algo,
@@ -2346,7 +2347,8 @@ impl TrainConfig {
             (l.use_scalar, "lora.use_scalar"),
             (l.rslora, "lora.rslora"),
             (l.use_tucker, "lora.use_tucker"),
-            (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
+            // LyCORIS holds Diag-OFT's and BOFT's block norms to it; kohya's OFT has none.
+            (self.train.scale_weight_norms > 0.0 && kohya, "train.scale_weight_norms"),
         ];
         match options.iter().find(|(on, _)| *on) {
             Some((_, key)) => bad(key, format!("is not trained with lora.algo = \"{algo}\" (the OFT modules have no such option here)")),

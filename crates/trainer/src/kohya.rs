@@ -423,7 +423,8 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
             if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
                 return Err(o.err("network_args", "the LyCORIS preset leaves nothing to train with these learning rates (network_train_unet_only / network_train_text_encoder_only, or a learning rate of 0)"));
             }
-            if c.lora.algo.is_lycoris() && c.train.scale_weight_norms > 0.0 {
+            // Diag-OFT's and BOFT's blocks are scaled as LyCORIS scales them.
+            if c.lora.algo.is_lycoris() && !c.lora.algo.is_lycoris_oft() && c.train.scale_weight_norms > 0.0 {
                 notes.push(format!("scale_weight_norms with {}: LyCORIS keeps the scaling in a separate scalar; here the factors themselves are scaled (the same norms, slightly different later steps)", c.lora.algo.name()));
             }
         }

@@ -2843,7 +2843,7 @@ fn oft_trains_resumes_and_applies() {
 /// `lora.algo = "diag-oft"` (LyCORIS' Diag-OFT) with `lora.rescaled` and no constraint:
 /// saved as LyCORIS saves it (`lora_unet_` / `lora_te_` names, blocks of `rank` (3x3
 /// convolutions: `conv_rank`), a `rescale` per output, `alpha` 0, `lycoris.kohya` with
-/// `algo=diag-oft`), every block and scale trains; a stopped run resumes bit for bit; the
+/// `algo=diag-oft`), every block and scale trains (max-norm on); a stopped run resumes bit for bit; the
 /// file continues training as `network_weights` and with `dim_from_weights`; it applies at
 /// a strength in generation.
 #[test]
@@ -2864,6 +2864,8 @@ fn lycoris_oft_trains_resumes_and_applies(algo: lora_core::Algo) {
         c.lora.algo = algo;
         c.lora.dropout = 0.0;
         (c.lora.rank, c.lora.rescaled, c.lora.module_dropout) = (4, true, 0.1);
+        // LyCORIS' max-norm on the blocks.
+        c.train.scale_weight_norms = 0.05;
         c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
         c.lora.conv_rank = 2;
         c.output.save_every_n_epochs = 0;
@@ -2915,7 +2917,7 @@ fn lycoris_oft_trains_resumes_and_applies(algo: lora_core::Algo) {
     more.lora.dim_from_weights = true;
     assert_trains(&more);
     more.lora.algo = lora_core::Algo::Oft;
-    (more.lora.alpha, more.lora.rescaled, more.lora.module_dropout) = (0.01, false, 0.0);
+    (more.lora.alpha, more.lora.rescaled, more.lora.module_dropout, more.train.scale_weight_norms) = (0.01, false, 0.0, 0.0);
     let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
     assert!(err.contains(&format!("set lora.algo = \"{}\"", algo.name())), "{err}");
 
@@ -3107,7 +3109,7 @@ fn lycoris_config_errors_name_the_key() {
     // Diag-OFT: no constraint, or one; a scale; LyCORIS' module dropout.
     let mut ok = base();
     diag(&mut ok);
-    (ok.lora.rescaled, ok.lora.module_dropout) = (true, 0.1);
+    (ok.lora.rescaled, ok.lora.module_dropout, ok.train.scale_weight_norms) = (true, 0.1, 1.0);
     ok.validate().unwrap();
     ok.lora.constraint = 1e-3;
     ok.validate().unwrap();

@@ -45,9 +45,9 @@ pub(super) enum Part {
     LokrW2A,
     LokrW2B,
     LokrT2,
-    /// An OFT's blocks (kohya's `networks.oft`, LyCORIS' Diag-OFT).
+    /// An OFT's blocks (kohya's `networks.oft`, LyCORIS' Diag-OFT and BOFT).
     OftBlocks,
-    /// Diag-OFT's scale per output (LyCORIS' `rescaled`).
+    /// Diag-OFT's and BOFT's scale per output (LyCORIS' `rescaled`).
     OftRescale,
 }
 
@@ -211,7 +211,7 @@ impl Tensors {
             return crate::oft::weights(algo, blocks.clone(), rescale.cloned(), alpha, &[], name).map_err(|e| bad(e.to_string()));
         }
         if rescale.is_some() {
-            return Err(bad("`rescale` (LyCORIS' Diag-OFT) without its `oft_blocks`".into()));
+            return Err(bad("`rescale` (LyCORIS' Diag-OFT / BOFT) without its `oft_blocks`".into()));
         }
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
             let mut weights = self.untuckered().map_err(bad)?.to_lora(alpha, name, path)?;

@@ -18,7 +18,9 @@
 //! same, the later steps' sizes are not quite. With `use_scalar` that scalar is trained
 //! here too, and then it alone is scaled, as in LyCORIS.) A LoCon with a Tucker core is one of those:
 //! its core folded into `down` gives the Gram matrix, and its three factors share the
-//! ratio.
+//! ratio. LyCORIS' Diag-OFT and BOFT hold the norm of their `oft_blocks` themselves to the
+//! limit, as LyCORIS' `apply_max_norm` does for them (their update is not linear in the
+//! blocks; the scale per output is left alone).
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -75,6 +77,12 @@ pub enum NormFactors {
         /// then what is scaled.
         scalar: Option<ParamId>,
     },
+    /// LyCORIS' Diag-OFT or BOFT: its `oft_blocks`, whose own norm LyCORIS holds to the
+    /// limit (its `apply_max_norm`; a `rescale` is left as it is).
+    Oft {
+        /// The blocks' parameter.
+        blocks: ParamId,
+    },
     /// A LoCon with a Tucker core ([`crate::Conv2dAdapter::mid`]).
     LoconTucker {
         /// `down`, `[rank, in, 1, 1]`.
@@ -94,6 +102,7 @@ impl NormFactors {
             Self::Lycoris { scalar: Some(scalar), .. } => vec![*scalar],
             Self::Lycoris { factors, .. } => factors.iter().map(|(_, id)| *id).collect(),
             Self::LoconTucker { down, mid, up } => vec![*down, *mid, *up],
+            Self::Oft { blocks } => vec![*blocks],
         }
     }
 }
@@ -102,6 +111,11 @@ impl NormFactors {
 pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
     let mut pairs = Vec::new();
     model.visit_lora_sites(&mut |path, site| {
+        if let Some(a) = site.lycoris_adapter().filter(|a| a.algo().is_lycoris_oft()) {
+            // The blocks come first (`crate::oft::BLOCKS`).
+            pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Oft { blocks: a.factors[0].id }, scale: 1.0 });
+            return;
+        }
         if let Some(a) = site.lycoris_adapter() {
             let factors = a.names().iter().copied().zip(a.factors.iter().map(|p| p.id)).collect();
             let scalar = a.scalar.as_ref().map(|s| s.id);
@@ -215,6 +229,7 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
                         None => square,
                     }
                 }
+                NormFactors::Oft { blocks } => self.matrix(*blocks, &pair.path)?.powi_scalar(2).sum(),
                 NormFactors::LoconTucker { down, mid, up } => {
                     let (down, core) = (self.matrix(*down, &pair.path)?, self.matrix(*mid, &pair.path)?);
                     if core.dims()[0] != down.dims()[0] || core.dims()[1] % down.dims()[0].max(1) != 0 {
