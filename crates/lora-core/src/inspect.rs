@@ -226,12 +226,13 @@ pub fn inspect(bytes: &[u8], path: &Path) -> Result<LoraInfo> {
 fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bool, path: &Path) -> Result<ModuleInfo> {
     let shape = |part: &str| tensors.iter().find(|(p, _)| p == part).map(|(_, v)| v.shape().to_vec());
     let has = |prefix: &str| tensors.iter().any(|(p, _)| p.starts_with(prefix));
-    let kind = if has("oft_blocks") && (name.starts_with("oft_") || kohya_oft) {
-        ModuleKind::Oft
-    } else if shape("oft_blocks").is_some_and(|s| s.len() == 4) {
-        ModuleKind::Boft
-    } else if has("oft_blocks") {
-        ModuleKind::DiagOft
+    let oft = shape("oft_blocks").map(|s| crate::format::lycoris::oft_algo(&name, s.len(), kohya_oft));
+    let kind = if let Some(algo) = oft {
+        match algo {
+            crate::Algo::Oft => ModuleKind::Oft,
+            crate::Algo::Boft => ModuleKind::Boft,
+            _ => ModuleKind::DiagOft,
+        }
     } else if has("hada_") {
         ModuleKind::Loha
     } else if has("lokr_") {

@@ -327,25 +327,17 @@ impl<B: Backend> LycorisAdapter<B> {
     /// `k · n` the layer's outputs, kept as `[k · n, n]`, and Diag-OFT's `rescale` if any
     /// (kept as `[out, 1]`); the scale is the file's alpha (the constraint).
     fn oft_from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
-        let [out, input, kh, kw] = shape;
-        let in_shape = if conv { vec![input, kh, kw] } else { vec![input] };
-        let rescale = weights.get(crate::oft::RESCALE).cloned();
-        let blocks = weights.get(crate::oft::BLOCKS).cloned().unwrap_or(HostTensor { shape: vec![], data: vec![] });
-        // `weights` checks the tensors' names and shapes against each other, `check_blocks`
-        // the blocks against this layer's outputs.
-        crate::oft::weights(weights.algo, blocks.clone(), rescale.clone(), weights.alpha, &in_shape, key)?;
-        let (m, k, n) = match weights.algo {
-            Algo::Boft => crate::oft::check_butterfly(&blocks, out, key)?,
-            _ => {
-                let (k, n) = crate::oft::check_blocks(&blocks, out, key)?;
-                (1, k, n)
-            }
-        };
-        let mut names = vec![crate::oft::BLOCKS];
-        let mut factors = vec![Param::from_tensor(HostTensor { shape: vec![m * k * n, n], data: blocks.data }.to_tensor::<B, 2>(device)?)];
-        if let Some(r) = rescale {
-            names.push(crate::oft::RESCALE);
-            factors.push(Param::from_tensor(HostTensor { shape: vec![out, 1], data: r.data }.to_tensor::<B, 2>(device)?));
+        let out = shape[0];
+        // The tensors' names and shapes, against each other and this layer's outputs.
+        let (m, k, n) = crate::oft::check_tensors(weights, out, key)?;
+        let mut names = vec![];
+        let mut factors = vec![];
+        // Kept 2-d: the blocks `[m·k·n, n]`, the scale `[out, 1]`.
+        for (name, (_, t)) in [crate::oft::BLOCKS, crate::oft::RESCALE].into_iter().zip(&weights.tensors) {
+            let rows = if name == crate::oft::BLOCKS { m * k * n } else { out };
+            names.push(name);
+            let flat = HostTensor { shape: vec![rows, t.data.len() / rows.max(1)], data: t.data.clone() };
+            factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
         }
         Ok(Self {
             factors,

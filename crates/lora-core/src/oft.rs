@@ -316,6 +316,18 @@ pub(crate) fn validate(w: &LoraWeights, key: &str) -> Result<()> {
     let Some(l) = w.lycoris.as_ref().filter(|l| l.algo.is_oft()) else {
         return Err(bad("not an OFT".into()));
     };
+    check_tensors(l, w.up.shape.first().copied().unwrap_or(0), key)?;
+    if w.down.shape.first() != Some(&0) || w.up.shape.get(1) != Some(&0) || w.magnitude.is_some() {
+        return Err(bad("an OFT's plain form must be empty (rank 0) and it has no DoRA magnitude".into()));
+    }
+    Ok(())
+}
+
+/// Checks an OFT's tensors `l` for a layer with `out` outputs (names, values, the blocks'
+/// and the scale's shapes, the constraint) and returns the blocks' `(stages, k, n)`
+/// (`stages` is 1 but for BOFT); `key` names the adapter in errors.
+pub(crate) fn check_tensors(l: &LycorisWeights, out: usize, key: &str) -> Result<(usize, usize, usize)> {
+    let bad = |reason: String| LoraError::ShapeMismatch { key: key.into(), reason };
     let (blocks, rescale) = match l.tensors.as_slice() {
         [(name, t)] if name == BLOCKS => (t, None),
         [(name, t), (s, r)] if name == BLOCKS && s == RESCALE && l.algo.is_lycoris_oft() => (t, Some(r)),
@@ -329,24 +341,22 @@ pub(crate) fn validate(w: &LoraWeights, key: &str) -> Result<()> {
             return Err(bad(format!("`{name}` has {} values for shape {:?}", t.data.len(), t.shape)));
         }
     }
-    let out = w.up.shape.first().copied().unwrap_or(0);
-    if l.algo == Algo::Boft {
-        check_butterfly(blocks, out, key)?;
-    } else {
-        check_blocks(blocks, out, key)?;
-    }
+    let shape = match l.algo {
+        Algo::Boft => check_butterfly(blocks, out, key)?,
+        _ => {
+            let (k, n) = check_blocks(blocks, out, key)?;
+            (1, k, n)
+        }
+    };
     if let Some(r) = rescale {
         if r.shape.first() != Some(&out) || r.shape.iter().skip(1).any(|&d| d != 1) {
             return Err(bad(format!("{}'s `rescale` is {:?}, one value per output ([{out}, 1, …]) expected", l.algo.name(), r.shape)));
         }
     }
-    if w.down.shape.first() != Some(&0) || w.up.shape.get(1) != Some(&0) || w.magnitude.is_some() {
-        return Err(bad("an OFT's plain form must be empty (rank 0) and it has no DoRA magnitude".into()));
-    }
     match l.algo {
         Algo::Oft if !(l.alpha.is_finite() && l.alpha > 0.0) => Err(bad(format!("kohya's OFT's alpha (its constraint per output) must be positive and finite, got {}", l.alpha))),
         _ if !(l.alpha.is_finite() && l.alpha >= 0.0) => Err(bad(format!("{}'s alpha (its constraint per output, 0 for none) must be finite and not negative, got {}", l.algo.name(), l.alpha))),
-        _ => Ok(()),
+        _ => Ok(shape),
     }
 }
 

@@ -31,10 +31,9 @@ pub(super) fn read(
     let mut set = AdapterSet::new();
     set.metadata = metadata.into_iter().collect();
     set.bundled_embeddings = bundled;
-    // A file that says it is kohya's OFT holds kohya's OFT under `lora_te_…` names too
-    // (blocks that LyCORIS' names would make a Diag-OFT: the same rotation).
+    // A file that says it is kohya's OFT holds kohya's OFT under `lora_te_…` names too.
     let kohya_oft = set.metadata.get("ss_network_module").is_some_and(|m| m == "networks.oft");
-    for (name, part) in parts {
+    for (name, mut part) in parts {
         // kohya's OFT names the UNet's modules `oft_unet_…`.
         let resolved = match name.strip_prefix("oft_unet_") {
             Some(rest) => index.resolve_kohya(&format!("lora_unet_{rest}")),
@@ -44,12 +43,8 @@ pub(super) fn read(
             unknown.extend(part.keys);
             continue;
         };
+        part.lycoris.set_kohya_oft_file(kohya_oft);
         let mut weights = finish(part, &name, path, ("lora_down", "lora_up"), AdapterFormat::Kohya)?;
-        if kohya_oft {
-            if let Some(l) = weights.lycoris.as_mut().filter(|l| l.algo == crate::Algo::DiagOft && l.tensors.len() == 1 && l.alpha > 0.0) {
-                l.algo = crate::Algo::Oft;
-            }
-        }
         if let Some(kernel) = index.kernel(&key) {
             // LyCORIS stores a convolution's kernel flattened into the columns.
             weights = super::lycoris::unflatten(weights, kernel);
@@ -143,10 +138,7 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
             if l.algo.is_lycoris_oft() {
                 // LyCORIS' arguments: the constraint per output (its `alpha` buffers), and
                 // `rescaled` when the layers carry a scale.
-                let constraints: Vec<f32> = set.iter().filter_map(|(_, w)| w.lycoris.as_ref().map(|l| l.alpha)).collect();
-                if let Some(c) = constraints.first() {
-                    args.insert("constraint".into(), c.to_string().into());
-                }
+                args.insert("constraint".into(), l.alpha.to_string().into());
                 if set.iter().filter_map(|(_, w)| w.lycoris.as_ref()).any(|l| l.get(crate::oft::RESCALE).is_some()) {
                     args.insert("rescaled".into(), "True".into());
                 }

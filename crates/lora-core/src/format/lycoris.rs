@@ -159,13 +159,33 @@ impl Mat {
     }
 }
 
+/// Which OFT a module's `oft_blocks` with `dims` dimensions are: kohya's under its `oft_…`
+/// names, and 3-d blocks under any name when `kohya_file` (a file that says it is kohya's
+/// OFT, `ss_network_module = "networks.oft"`, which names a text encoder's modules
+/// `lora_te_…`); otherwise LyCORIS' BOFT for 4-d blocks and Diag-OFT for the rest.
+pub(crate) fn oft_algo(name: &str, dims: usize, kohya_file: bool) -> Algo {
+    match dims {
+        _ if name.starts_with("oft_") => Algo::Oft,
+        3 if kohya_file => Algo::Oft,
+        4 => Algo::Boft,
+        _ => Algo::DiagOft,
+    }
+}
+
 /// One module's LyCORIS tensors, as found in a file.
 #[derive(Default)]
 pub(super) struct Tensors {
     found: Vec<(Part, HostTensor)>,
+    /// The file says it is kohya's OFT ([`oft_algo`]).
+    kohya_oft_file: bool,
 }
 
 impl Tensors {
+    /// Marks the module as one of a kohya OFT file's ([`oft_algo`]).
+    pub(super) fn set_kohya_oft_file(&mut self, kohya: bool) {
+        self.kohya_oft_file = kohya;
+    }
+
     pub(super) fn insert(&mut self, part: Part, t: HostTensor) {
         self.found.push((part, t));
     }
@@ -191,13 +211,10 @@ impl Tensors {
             if self.found.len() > 1 + usize::from(rescale.is_some()) {
                 return Err(bad("the module mixes OFT (`oft_blocks`) and LyCORIS tensors".into()));
             }
-            // kohya's OFT names its modules `oft_unet_…`; LyCORIS' Diag-OFT and BOFT (its
-            // blocks 4-d, by stage) keep `lora_…`.
-            let algo = match (name.starts_with("oft_"), blocks.shape.len()) {
-                (true, _) => Algo::Oft,
-                (false, 4) => Algo::Boft,
-                (false, _) => Algo::DiagOft,
-            };
+            // In a kohya OFT file, a module with LyCORIS' `rescale` or no positive constraint
+            // stays LyCORIS'.
+            let kohya_file = self.kohya_oft_file && rescale.is_none() && alpha.is_some_and(|a| a > 0.0);
+            let algo = oft_algo(name, blocks.shape.len(), kohya_file);
             if algo == Algo::Oft && rescale.is_some() {
                 return Err(bad("kohya's OFT (`oft_unet_…`) has no `rescale` (LyCORIS' Diag-OFT names its modules `lora_…`)".into()));
             }
