@@ -277,10 +277,10 @@ impl AdapterSet {
 
     /// The set with every LyCORIS LoHa / LoKr / Tucker LoCon adapter as the plain LoRA with
     /// its update (their [`LoraWeights::lycoris`] dropped): written in the kohya layout, it
-    /// is a LoRA file for readers that take no LyCORIS modules. An OFT, which has no
-    /// plain-LoRA form ([`LoraWeights::is_oft`]), stays as it is.
+    /// is a LoRA file for readers that take no LyCORIS modules. An OFT or a GLoRA,
+    /// which have no plain-LoRA form ([`LoraWeights::depends_on_base`]), stay as they are.
     pub fn into_plain_lora(mut self) -> Self {
-        for w in self.adapters.values_mut().filter(|w| !w.is_oft()) {
+        for w in self.adapters.values_mut().filter(|w| !w.depends_on_base()) {
             w.lycoris = None;
         }
         self

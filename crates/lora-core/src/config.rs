@@ -52,6 +52,13 @@ pub enum Algo {
     /// apart, so that the product mixes them all. `alpha` and
     /// [`LoraConfig::oft_rescaled`] as for [`Algo::DiagOft`].
     Boft,
+    /// LyCORIS' GLoRA (`algo=glora`, generalized LoRA, Chavan et al. 2023): the layer's
+    /// weight becomes `W + scale · (W · a1 · a2 + b1 · b2)`, a low-rank map of its inputs
+    /// (`a1 [in, r] · a2 [r, in]`, applied to `W` along its input channels) plus a LoRA
+    /// (`b1 [out, r] · b2 [r, in·kh·kw]`); `scale = alpha / rank` as for a LoRA. Its update
+    /// depends on the base weight, so it has no plain-LoRA form. Saved as LyCORIS writes it
+    /// (`lora_unet_….a1.weight`, …, `.alpha`), which ComfyUI and A1111 load.
+    Glora,
 }
 
 impl Algo {
@@ -64,11 +71,12 @@ impl Algo {
             Algo::Oft => "oft",
             Algo::DiagOft => "diag-oft",
             Algo::Boft => "boft",
+            Algo::Glora => "glora",
         }
     }
 
-    /// Whether the adapter is not a LoRA: LyCORIS' LoHa or LoKr, or kohya's OFT, each held
-    /// as a [`crate::LycorisAdapter`] with its own tensors.
+    /// Whether the adapter is not a LoRA: LyCORIS' LoHa, LoKr, Diag-OFT, BOFT or GLoRA, or
+    /// kohya's OFT, each held as a [`crate::LycorisAdapter`] with its own tensors.
     pub fn is_lycoris(self) -> bool {
         self != Algo::Lora
     }
@@ -84,13 +92,26 @@ impl Algo {
     pub fn is_lycoris_oft(self) -> bool {
         matches!(self, Algo::DiagOft | Algo::Boft)
     }
+
+    /// Whether the update is a function of the layer's base weight (an OFT, a GLoRA), so
+    /// that it has no plain-LoRA form: such an adapter is merged into its own layer, never
+    /// combined with others, resized or written in the diffusers / PEFT layout.
+    ///
+    /// ```
+    /// use lora_core::Algo;
+    /// assert!(Algo::Glora.depends_on_base() && Algo::Oft.depends_on_base());
+    /// assert!(!Algo::Loha.depends_on_base());
+    /// ```
+    pub fn depends_on_base(self) -> bool {
+        self.is_oft() || self == Algo::Glora
+    }
 }
 
 impl std::str::FromStr for Algo {
     type Err = String;
 
-    /// `lora`, `loha`, `lokr`, `oft`, `diag-oft` or `boft` (LyCORIS' `locon` reads as
-    /// `lora`).
+    /// `lora`, `loha`, `lokr`, `oft`, `diag-oft`, `boft` or `glora` (LyCORIS' `locon`
+    /// reads as `lora`).
     ///
     /// ```
     /// use lora_core::Algo;
@@ -105,7 +126,8 @@ impl std::str::FromStr for Algo {
             "oft" => Ok(Algo::Oft),
             "diag-oft" => Ok(Algo::DiagOft),
             "boft" => Ok(Algo::Boft),
-            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft or boft")),
+            "glora" => Ok(Algo::Glora),
+            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft, boft or glora")),
         }
     }
 }
@@ -153,10 +175,11 @@ pub struct LoraConfig {
     /// drop rows. Not with DoRA.
     #[serde(default)]
     pub lycoris_rank_dropout: bool,
-    /// LyCORIS' `use_scalar` (LoHa and LoKr): the update is multiplied by a trained scalar
-    /// that starts at 0, and the half that otherwise starts at zero starts random instead
-    /// (LoHa's `hada_w2_a` from N(0, 0.1²), LoKr's `lokr_w2` / `lokr_w2_b`
-    /// Kaiming-uniform). Files hold the scalar folded into the first factor.
+    /// LyCORIS' `use_scalar` (LoHa, LoKr and GLoRA): the update is multiplied by a trained
+    /// scalar that starts at 0, and the half that otherwise starts at zero starts random
+    /// instead (LoHa's `hada_w2_a` from N(0, 0.1²), LoKr's `lokr_w2` / `lokr_w2_b` and
+    /// GLoRA's `a2` and `b2` Kaiming-uniform). Files hold the scalar folded into the first
+    /// factor (GLoRA's: into `a2` and `b2`).
     #[serde(default)]
     pub use_scalar: bool,
     /// kohya's module dropout while training: each pass skips the whole adapter with this
@@ -450,6 +473,9 @@ impl LoraConfig {
             if self.algo.is_oft() {
                 self.validate_oft()?;
             }
+            if self.algo == Algo::Glora {
+                self.validate_glora()?;
+            }
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
@@ -521,6 +547,17 @@ impl LoraConfig {
         ];
         match others.iter().find(|(on, _)| *on) {
             Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo {}", self.algo.name()))),
+            None => Ok(()),
+        }
+    }
+
+    /// What LyCORIS' GLoRA takes beyond a LoRA's rank, alpha, rsLoRA, module dropout and
+    /// scalar: its default (non-bypass) pass applies no rank dropout, it has no DoRA, and
+    /// LyCORIS never Tucker-decomposes it.
+    fn validate_glora(&self) -> Result<()> {
+        let others = [(self.rank_dropout > 0.0, "rank_dropout"), (self.dora, "dora"), (self.use_tucker, "use_tucker")];
+        match others.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo glora (LyCORIS' GLoRA applies none)"))),
             None => Ok(()),
         }
     }

@@ -52,6 +52,9 @@ pub enum ModuleKind {
     /// LyCORIS' BOFT (`oft_blocks` `[stages, blocks, n, n]` under a `lora_…` name); its
     /// rank is the block size, its alpha the constraint per output (0: none).
     Boft,
+    /// LyCORIS' GLoRA (`a1.weight`, `a2.weight`, `b1.weight`, `b2.weight`); its rank is
+    /// `a2`'s rows.
+    Glora,
     /// Tensors of no adapter kind this crate knows (e.g. a full `diff`).
     Other,
 }
@@ -68,6 +71,7 @@ impl ModuleKind {
             Self::Oft => "OFT",
             Self::DiagOft => "Diag-OFT",
             Self::Boft => "BOFT",
+            Self::Glora => "GLoRA",
             Self::Other => "other",
         }
     }
@@ -125,7 +129,7 @@ pub struct LoraInfo {
 }
 
 /// The parts of a kohya key after the module name that name an adapter's tensors.
-const KOHYA_PARTS: [&str; 21] = [
+const KOHYA_PARTS: [&str; 25] = [
     "lora_down.weight",
     "lora_up.weight",
     "lora_mid.weight",
@@ -147,6 +151,10 @@ const KOHYA_PARTS: [&str; 21] = [
     "scalar",
     "diff",
     "rescale",
+    "a1.weight",
+    "a2.weight",
+    "b1.weight",
+    "b2.weight",
 ];
 
 /// The parts of a PEFT / diffusers key after the module path.
@@ -233,6 +241,8 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
             crate::Algo::Boft => ModuleKind::Boft,
             _ => ModuleKind::DiagOft,
         }
+    } else if has("a1.weight") || has("b2.weight") {
+        ModuleKind::Glora
     } else if has("hada_") {
         ModuleKind::Loha
     } else if has("lokr_") {
@@ -255,6 +265,7 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
         ModuleKind::Oft => shape("oft_blocks").and_then(leading),
         ModuleKind::DiagOft => shape("oft_blocks").and_then(|s| s.get(1).copied()),
         ModuleKind::Boft => shape("oft_blocks").and_then(|s| s.get(2).copied()),
+        ModuleKind::Glora => shape("a2.weight").and_then(leading),
         ModuleKind::Other => None,
         _ => down.clone().and_then(leading),
     };
@@ -264,11 +275,12 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
         ModuleKind::TuckerLora => shape("lora_mid.weight").and_then(kernel_of),
         ModuleKind::Loha => shape("hada_t1").and_then(kernel_of).or_else(|| shape("hada_w1_b").and_then(kernel_of)),
         ModuleKind::Lokr => shape("lokr_t2").and_then(kernel_of).or_else(|| shape("lokr_w2").and_then(kernel_of)),
+        ModuleKind::Glora => shape("b2.weight").and_then(kernel_of),
         _ => down.and_then(kernel_of),
     };
     let alpha = match tensors.iter().find(|(p, _)| p == "alpha" || p == "lora.alpha") {
         Some((_, view)) => {
-            let value = tensor_io::decode(view, &format!("{name}.alpha"), path)?;
+            let value = tensor_io::decode_number(view, &format!("{name}.alpha"), path)?;
             match value.data.as_slice() {
                 [a] => Some(*a),
                 _ => return Err(LoraError::Data(format!("{}: `{name}.alpha` holds {} values, expected one", path.display(), value.data.len()))),

@@ -6,7 +6,8 @@
 //! - [`LoraConfig`]: rank, alpha, dropout, rsLoRA scaling and initialisation;
 //! - [`LoraLinear`] and [`LoraConv2d`] (LoCon): frozen base layers holding an optional
 //!   adapter that can be attached, detached, merged and unmerged in place: a LoRA, or
-//!   LyCORIS' LoHa or LoKr ([`lycoris`], [`Algo`]), kohya's OFT ([`oft`]), or a DyLoRA
+//!   LyCORIS' LoHa, LoKr, Diag-OFT, BOFT or GLoRA ([`lycoris`], [`Algo`], [`glora`]), kohya's OFT
+//!   ([`oft`]), or a DyLoRA
 //!   trained a chunk of ranks at a time ([`dylora`]);
 //! - [`AdapterSet`]: adapters keyed by component and module path, read from and written to
 //!   the kohya / A1111 / ComfyUI layout and the diffusers / PEFT layout
@@ -53,6 +54,7 @@ pub mod dylora;
 mod error;
 pub mod extract;
 mod format;
+pub mod glora;
 pub mod guard;
 pub mod inspect;
 pub mod kernels;

@@ -1,4 +1,5 @@
-//! LyCORIS' LoHa and LoKr adapters, trained as LyCORIS trains them.
+//! LyCORIS' LoHa and LoKr adapters, trained as LyCORIS trains them (and the same holder
+//! for the OFTs, [`crate::oft`], and GLoRA, [`crate::glora`]).
 //!
 //! A [`LycorisAdapter`] holds the factors of one layer's update `ΔW` (`[out, cols]`, with
 //! `cols = in·kh·kw` for a convolution) in LyCORIS' names and layout:
@@ -102,10 +103,12 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     (m.min(n), m.max(n))
 }
 
-/// One layer's LoHa or LoKr factors, trainable (see the [module docs](self)), or its
+/// One layer's LoHa or LoKr factors, trainable (see the [module docs](self)), its
 /// OFT blocks (kohya's [`Algo::Oft`] or LyCORIS' [`Algo::DiagOft`] / [`Algo::Boft`],
 /// [`crate::oft`]: the factor `oft_blocks` kept as `[k·n, n]` (BOFT's as `[m·k·n, n]`),
-/// LyCORIS' `rescale` as `[out, 1]`, `scale` holding the alpha).
+/// LyCORIS' `rescale` as `[out, 1]`, `scale` holding the alpha), or its GLoRA factors
+/// ([`Algo::Glora`], [`crate::glora`]: `a1.weight [in, r]`, `a2.weight [r, in]`,
+/// `b1.weight [out, r]`, `b2.weight [r, in·kh·kw]`).
 #[derive(Module, Debug)]
 pub struct LycorisAdapter<B: Backend> {
     /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
@@ -243,7 +246,14 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 (names, factors, false)
             }
-            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft or boft, not lora".into())),
+            Algo::Glora => {
+                // LyCORIS: `a1` and `b1` Kaiming-uniform, `a2` and `b2` at zero unless a
+                // scalar (at zero) holds the update.
+                let zero_or_kaiming = |rows, cols| if scalar { kaiming(rows, cols, device) } else { zeros(rows, cols, device) };
+                let factors = vec![kaiming(input, r, device), zero_or_kaiming(r, input), kaiming(out, r, device), zero_or_kaiming(r, input * k)];
+                (crate::glora::NAMES.to_vec(), factors, false)
+            }
+            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft, boft or glora, not lora".into())),
         };
         Ok(Self {
             factors,
@@ -269,6 +279,9 @@ impl<B: Backend> LycorisAdapter<B> {
         if weights.algo.is_oft() {
             return Self::oft_from_weights(weights, shape, conv, key, device);
         }
+        if weights.algo == Algo::Glora {
+            return Self::glora_from_weights(weights, shape, conv, key, device);
+        }
         let names: Vec<&'static str> = match weights.algo {
             Algo::Loha if weights.get("hada_t1").is_some() => vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"],
             Algo::Loha => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
@@ -283,7 +296,7 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 names
             }
-            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft => return Err(bad("not a LyCORIS adapter".into())),
+            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora => return Err(bad("not a LyCORIS adapter".into())),
         };
         if weights.tensors.len() != names.len() {
             let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
@@ -354,6 +367,40 @@ impl<B: Backend> LycorisAdapter<B> {
         })
     }
 
+    /// [`from_weights`](Self::from_weights) for a GLoRA: its four tensors checked against
+    /// each other ([`crate::glora::check_tensors`]) and the layer, kept 2-d (a
+    /// convolution's kernel flattened into `b2`'s columns).
+    fn glora_from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
+        let found = crate::glora::check_tensors(weights, key)?;
+        let [out, input, kh, kw] = shape;
+        let kernel = found.kernel.unwrap_or([1, 1]);
+        if (found.out, found.input, kernel) != (out, input, [kh, kw]) {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!("the GLoRA is for a {}→{} layer with a {}x{} kernel, the layer is {input}→{out} with {kh}x{kw}", found.input, found.out, kernel[0], kernel[1]),
+            });
+        }
+        let mut factors = Vec::with_capacity(4);
+        for (_, t) in &weights.tensors {
+            let rows = t.shape[0];
+            let flat = HostTensor { shape: vec![rows, t.data.len() / rows], data: t.data.clone() };
+            factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
+        }
+        Ok(Self {
+            factors,
+            names: crate::glora::NAMES.to_vec(),
+            algo: Algo::Glora,
+            shape,
+            conv,
+            scale: weights.scale(),
+            module_dropout: 0.0,
+            rank_dropout: 0.0,
+            rank_dropout_scale: false,
+            magnitude: None,
+            scalar: None,
+        })
+    }
+
     /// The factors' LyCORIS names (`hada_w1_a`, …), in the order of
     /// [`factors`](Self::factors).
     pub fn names(&self) -> &[&'static str] {
@@ -376,21 +423,22 @@ impl<B: Backend> LycorisAdapter<B> {
         self.algo
     }
 
-    /// Whether the layer's update depends on its base weight (DoRA's magnitude, or an
-    /// OFT): merging it keeps the base weight to restore exactly.
+    /// Whether the layer's update depends on its base weight (DoRA's magnitude, an OFT or
+    /// a GLoRA): merging it keeps the base weight to restore exactly.
     pub fn depends_on_base(&self) -> bool {
-        self.is_dora() || self.algo.is_oft()
+        self.is_dora() || self.algo.depends_on_base()
     }
 
     /// The rank of the low-rank products (LoHa's, or LoKr's `_a` / `_b` halves), kohya's
-    /// OFT's number of blocks or Diag-OFT's block size (LyCORIS' `dim`); `None` for a LoKr
-    /// whose halves are both full.
+    /// OFT's number of blocks, Diag-OFT's block size (LyCORIS' `dim`) or GLoRA's rank;
+    /// `None` for a LoKr whose halves are both full.
     pub fn rank(&self) -> Option<usize> {
         let rows = |name: &str| self.factor(name).map(|p| p.dims()[0]);
         match self.algo {
             Algo::Oft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[0] / p.dims()[1].max(1)),
             Algo::DiagOft | Algo::Boft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[1]),
             Algo::Loha => rows("hada_w1_b"),
+            Algo::Glora => rows("a2.weight"),
             _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
         }
     }
@@ -456,10 +504,10 @@ impl<B: Backend> LycorisAdapter<B> {
     }
 
     /// `ΔW` times `factor` in f32, `[out, in·kh·kw]` (PyTorch's layout with the kernel
-    /// flattened), in the autodiff graph of the factors. Not for an OFT, whose update
-    /// depends on the base weight (see [`update`](Self::update)): a panic.
+    /// flattened), in the autodiff graph of the factors. Not for an OFT or a GLoRA, whose
+    /// update depends on the base weight (see [`update`](Self::update)): a panic.
     pub fn delta(&self, factor: f32) -> Tensor<B, 2> {
-        assert!(!self.algo.is_oft(), "an OFT's update depends on the base weight: use `update`");
+        assert!(!self.algo.depends_on_base(), "an OFT's or a GLoRA's update depends on the base weight: use `update`");
         let f32_of = |name: &str| self.factor(name).map(|p| cast_to(p.val(), DType::F32));
         let delta = unscaled_delta(self.algo, |name| plain_factor(name, |n| self.names.contains(&n), f32_of)).expect("the factors fit each other, as checked when the adapter was made");
         let delta = delta.mul_scalar(factor * self.scale);
@@ -510,6 +558,9 @@ impl<B: Backend> LycorisAdapter<B> {
         if self.algo.is_oft() {
             return self.oft_update(multiplier, weight);
         }
+        if self.algo == Algo::Glora {
+            return self.glora_update(multiplier, weight);
+        }
         let masked = |delta: Tensor<B, D>| match &rows {
             Some(r) => delta * r.clone().reshape(self.output_shape::<D>()),
             None => delta,
@@ -538,6 +589,23 @@ impl<B: Backend> LycorisAdapter<B> {
             // `rows / n` blocks in stages of `out / n`.
             Algo::Boft => crate::oft::butterfly_update(blocks, rows / out, c, multiplier, w, rescale),
             _ => crate::oft::update(blocks, c, multiplier, w, rescale),
+        };
+        let delta = if D == 2 { delta.transpose() } else { delta };
+        delta.reshape(self.burn_shape::<D>())
+    }
+
+    /// A GLoRA's update `s · (W ⊗ a1 a2 + b1 b2)` of the layer's weight `weight` (burn's
+    /// layout) at strength `multiplier`, in f32 in the factors' graph ([`crate::glora`]).
+    fn glora_update<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>) -> Tensor<B, D> {
+        let [out, input, kh, kw] = self.shape;
+        let w = cast_to(weight, DType::F32).detach();
+        // PyTorch's `[out, cols]`: burn keeps a linear weight `[in, out]`.
+        let w: Tensor<B, 2> = if D == 2 { w.reshape([input, out]).transpose() } else { w.reshape([out, input * kh * kw]) };
+        let [a1, a2, b1, b2] = [0, 1, 2, 3].map(|i| cast_to(self.factors[i].val(), DType::F32));
+        let delta = crate::glora::delta(a1, a2, b1, b2, w).mul_scalar(multiplier * self.scale);
+        let delta = match &self.scalar {
+            Some(s) => delta * cast_to(s.val(), DType::F32).reshape([1, 1]),
+            None => delta,
         };
         let delta = if D == 2 { delta.transpose() } else { delta };
         delta.reshape(self.burn_shape::<D>())
@@ -592,6 +660,13 @@ impl<B: Backend> LycorisAdapter<B> {
                 if *name == crate::oft::BLOCKS {
                     return vec![rows / cols.max(1), cols, cols];
                 }
+                if self.algo == Algo::Glora && self.conv {
+                    // LyCORIS: 1x1 kernels but `b2`, which has the layer's.
+                    return match *name {
+                        "b2.weight" => vec![rows, cols / (kh * kw), kh, kw],
+                        _ => vec![rows, cols, 1, 1],
+                    };
+                }
                 if *name == crate::oft::RESCALE {
                     // LyCORIS: one value per output, in the weight's rank.
                     return if self.conv { vec![rows, 1, 1, 1] } else { vec![rows, 1] };
@@ -610,12 +685,12 @@ impl<B: Backend> LycorisAdapter<B> {
     pub fn to_lycoris_weights(&self) -> Result<LycorisWeights> {
         let mut tensors = Vec::with_capacity(self.factors.len());
         // LyCORIS saves its scalar folded into the first factor (`hada_w1_a`, `lokr_w1` or
-        // `lokr_w1_a`).
+        // `lokr_w1_a`), GLoRA's into `a2` and `b2` (each of its terms has one of them).
         let scalar = match &self.scalar {
             Some(s) => HostTensor::from_tensor(cast_to(s.val(), DType::F32))?.data[0],
             None => 1.0,
         };
-        let first = ["hada_w1_a", "lokr_w1", "lokr_w1_a"];
+        let first: &[&str] = if self.algo == Algo::Glora { &["a2.weight", "b2.weight"] } else { &["hada_w1_a", "lokr_w1", "lokr_w1_a"] };
         for ((name, p), shape) in self.names.iter().zip(&self.factors).zip(self.torch_shapes()) {
             let mut t = HostTensor::from_tensor(cast_to(p.val(), DType::F32))?;
             t.shape = shape;
@@ -637,6 +712,10 @@ impl<B: Backend> LycorisAdapter<B> {
     pub fn to_weights(&self, key: &str) -> Result<LoraWeights> {
         let lycoris = self.to_lycoris_weights()?;
         let [out, input, kh, kw] = self.shape;
+        if self.algo == Algo::Glora {
+            // No plain form either: its tensors beside an empty LoRA.
+            return crate::glora::weights(lycoris.tensors.into_iter().map(|(_, t)| t).collect(), Some(lycoris.alpha), key);
+        }
         if self.algo.is_oft() {
             // No plain form: the OFT's own tensor beside an empty LoRA.
             let in_shape = if self.conv { vec![input, kh, kw] } else { vec![input] };
@@ -689,7 +768,7 @@ impl<B: Backend> LycorisAdapter<B> {
         let rows = |name: &str| self.factor(name).map_or(0, |p| p.dims()[0]);
         match self.algo {
             Algo::Loha => rows("hada_w1_b") * rows("hada_w2_b"),
-            Algo::Oft | Algo::DiagOft | Algo::Boft => 0,
+            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora => 0,
             _ => ["lokr_w1", "lokr_w2"]
                 .map(|h| {
                     let (full, _, b) = names_of(h);
@@ -782,7 +861,7 @@ pub(crate) fn unscaled_delta<B: Backend>(algo: Algo, factor: impl Fn(&str) -> Op
             Ok(kron(half("lokr_w1")?, half("lokr_w2")?))
         }
         Algo::Lora => Err("a LoRA is not a LyCORIS adapter".into()),
-        Algo::Oft | Algo::DiagOft | Algo::Boft => Err("an OFT's update depends on the base weight".into()),
+        Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora => Err("an OFT's or a GLoRA's update depends on the base weight".into()),
     }
 }
 

@@ -255,8 +255,8 @@ pub fn truncate_set(set: &AdapterSet, rank: usize, conv_rank: usize) -> Result<A
     }
     let mut out = AdapterSet::new();
     for (key, w) in set.iter() {
-        if w.is_oft() {
-            return Err(crate::oft::no_plain_form(&key.to_string(), "cut to a rank (it has none)"));
+        if w.depends_on_base() {
+            return Err(w.no_plain_form(&key.to_string(), "cut to a rank (it has none)"));
         }
         if let Some(l) = &w.lycoris {
             return Err(LoraError::Unsupported(format!("`{key}` is a LyCORIS {} adapter, whose update has no ranks to cut (resize it by its singular values instead)", l.algo.name())));
@@ -330,8 +330,8 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
     if sets.is_empty() {
         return Err(LoraError::InvalidConfig("no adapter files to merge".into()));
     }
-    if let Some((key, _)) = sets.iter().flat_map(|(set, _)| set.iter()).find(|(_, w)| w.is_oft()) {
-        return Err(crate::oft::no_plain_form(&key.to_string(), "merged into a LoRA"));
+    if let Some((key, w)) = sets.iter().flat_map(|(set, _)| set.iter()).find(|(_, w)| w.depends_on_base()) {
+        return Err(w.no_plain_form(&key.to_string(), "merged into a LoRA"));
     }
     let mut combined = AdapterSet::combine(sets)?.into_plain_lora();
     combined.metadata = BTreeMap::from([("ss_network_module".to_string(), "networks.lora".to_string())]);
@@ -355,8 +355,8 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
 /// in errors.
 pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, key: &str) -> Result<(LoraWeights, Retained)> {
     weights.validate(key)?;
-    if weights.is_oft() {
-        return Err(crate::oft::no_plain_form(key, "resized (it has no ranks)"));
+    if weights.depends_on_base() {
+        return Err(weights.no_plain_form(key, "resized (it has no ranks)"));
     }
     rule.validate()?;
     if max_rank == 0 {

@@ -152,10 +152,41 @@ pub fn decode(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTenso
     })
 }
 
+/// A tensor that holds a count or a setting rather than weights (an `alpha`): [`decode`]'s
+/// float types, and integer ones too, as LyCORIS writes an `alpha` of 0 (read as the
+/// rank) with the rank's integer type (`torch.tensor(dim)`, int64).
+///
+/// ```
+/// use lora_core::tensor_io::{decode_number, serialize, parse, SaveDtype};
+/// use safetensors::{tensor::TensorView, Dtype};
+/// use std::path::Path;
+/// let bytes = 4i64.to_le_bytes();
+/// let view = TensorView::new(Dtype::I64, vec![], &bytes).unwrap();
+/// assert_eq!(decode_number(&view, "m.alpha", Path::new("f")).unwrap().data, vec![4.0]);
+/// ```
+pub fn decode_number(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTensor> {
+    let ints = |size: usize, f: fn(&[u8]) -> f64| view.data().chunks_exact(size).map(|c| f(c) as f32).collect::<Vec<f32>>();
+    let data = match view.dtype() {
+        Dtype::I64 => ints(8, |c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64),
+        Dtype::I32 => ints(4, |c| f64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")))),
+        Dtype::I16 => ints(2, |c| f64::from(i16::from_le_bytes(c.try_into().expect("2 bytes")))),
+        Dtype::I8 => ints(1, |c| f64::from(c[0] as i8)),
+        Dtype::U8 => ints(1, |c| f64::from(c[0])),
+        Dtype::F64 => decode_bytes(Dtype::F64, view.data()).unwrap_or_default(),
+        _ => return decode(view, key, path),
+    };
+    HostTensor::new(view.shape().to_vec(), data).map_err(|e| LoraError::BadTensor { path: path.to_path_buf(), key: key.to_string(), reason: e.to_string() })
+}
+
 /// [`decode`], refusing a tensor with a NaN or infinite value (a diverged run's file): it
 /// would turn every image black or spread into merged weights.
 pub fn decode_finite(view: &TensorView<'_>, key: &str, path: &Path) -> Result<HostTensor> {
-    let tensor = decode(view, key, path)?;
+    finite(decode(view, key, path)?, key, path)
+}
+
+/// `tensor` (the file's `key`) unless it holds a NaN or infinite value, which is an error
+/// naming it (see [`decode_finite`]).
+pub fn finite(tensor: HostTensor, key: &str, path: &Path) -> Result<HostTensor> {
     match tensor.data.iter().position(|v| !v.is_finite()) {
         None => Ok(tensor),
         Some(i) => Err(LoraError::BadTensor {

@@ -129,6 +129,8 @@ impl LycorisWeights {
             // LyCORIS' `dim`: the block size.
             crate::Algo::DiagOft => self.get(crate::oft::BLOCKS).and_then(|t| t.shape.get(1).copied()),
             crate::Algo::Boft => self.get(crate::oft::BLOCKS).and_then(|t| t.shape.get(2).copied()),
+            // `a2 [r, in]`, as ComfyUI takes GLoRA's rank.
+            crate::Algo::Glora => rows("a2.weight"),
         }
     }
 
@@ -186,10 +188,30 @@ impl LoraWeights {
         self.lycoris.as_ref().is_some_and(|l| l.algo.is_oft())
     }
 
+    /// Whether the update depends on the base weight (an OFT or a GLoRA,
+    /// [`crate::Algo::depends_on_base`]): its tensors are in [`lycoris`](Self::lycoris),
+    /// `down` / `up` are empty (rank 0), and it can be merged into its layer but not
+    /// combined, converted to PEFT, resized or taken as a [`delta`](Self::delta).
+    pub fn depends_on_base(&self) -> bool {
+        self.lycoris.as_ref().is_some_and(|l| l.algo.depends_on_base())
+    }
+
+    /// The error for an operation on such an adapter ([`depends_on_base`](Self::depends_on_base))
+    /// that needs a plain LoRA (`what`: "combined", "resized", ...); `key` names it.
+    pub(crate) fn no_plain_form(&self, key: &str, what: &str) -> LoraError {
+        match self.lycoris.as_ref().map(|l| l.algo) {
+            Some(crate::Algo::Glora) => LoraError::Unsupported(format!("`{key}` is a GLoRA (LyCORIS' algo=glora), whose update depends on the base weight: it cannot be {what}")),
+            _ => crate::oft::no_plain_form(key, what),
+        }
+    }
+
     /// Checks ranks and layouts; `key` names the adapter in errors.
     pub fn validate(&self, key: &str) -> Result<()> {
         if self.is_oft() {
             return crate::oft::validate(self, key);
+        }
+        if self.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Glora) {
+            return crate::glora::validate(self, key);
         }
         let (d, u) = (&self.down.shape, &self.up.shape);
         let bad = |reason: String| LoraError::ShapeMismatch {
@@ -272,8 +294,9 @@ impl LoraWeights {
     }
 
     /// The weight update `ΔW = scale · up · down` in PyTorch layout (`[out, in]` or
-    /// `[out, in, kh, kw]`), accumulated in f64 on the host. An OFT's is zero here (its
-    /// plain form is empty; check [`is_oft`](Self::is_oft) first).
+    /// `[out, in, kh, kw]`), accumulated in f64 on the host. An OFT's or a GLoRA's is zero
+    /// here (its plain form is empty; check [`depends_on_base`](Self::depends_on_base)
+    /// first).
     pub fn delta(&self) -> HostTensor {
         let r = self.rank();
         let out = self.out_features();
@@ -331,10 +354,10 @@ impl LoraWeights {
         let Some((first, _)) = parts.first() else {
             return Err(LoraError::Data(format!("`{key}`: nothing to combine")));
         };
-        if parts.iter().any(|(w, _)| w.is_oft()) {
+        if let Some((w, _)) = parts.iter().find(|(w, _)| w.depends_on_base()) {
             return match parts {
                 [(w, s)] if *s == 1.0 => Ok((*w).clone()),
-                _ => Err(crate::oft::no_plain_form(key, "combined with other adapters or folded in at another strength; apply its file alone")),
+                _ => Err(w.no_plain_form(key, "combined with other adapters or folded in at another strength; apply its file alone")),
             };
         }
         if parts.iter().any(|(w, _)| w.is_dora()) {

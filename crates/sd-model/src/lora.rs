@@ -277,8 +277,8 @@ pub fn apply_lora_files_to<B: Backend>(
     Ok(applied)
 }
 
-/// Each file's plain adapters and its DoRA adapters and OFTs apart (with the file's
-/// strength); the layer of a DoRA adapter or an OFT must be in no other file.
+/// Each file's plain adapters and its DoRA adapters, OFTs and GLoRAs apart (with the
+/// file's strength); the layer of one of those must be in no other file.
 #[allow(clippy::type_complexity)]
 fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec<(AdapterSet, f32)>)> {
     let (mut plain, mut dora) = (Vec::new(), Vec::new());
@@ -286,12 +286,18 @@ fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec
         let (mut p, mut d) = (AdapterSet::new(), AdapterSet::new());
         p.metadata = set.metadata.clone();
         for (key, w) in set.iter() {
-            if !w.is_dora() && !w.is_oft() {
+            if !w.is_dora() && !w.depends_on_base() {
                 p.insert(key.clone(), w.clone())?;
                 continue;
             }
             if sets.iter().enumerate().any(|(j, (other, _))| j != i && other.get(key).is_some()) {
-                let (what, how) = if w.is_oft() { ("an OFT", "rotates") } else { ("a DoRA adapter", "rescales") };
+                let (what, how) = if w.is_oft() {
+                    ("an OFT", "rotates")
+                } else if w.depends_on_base() {
+                    ("a GLoRA", "maps")
+                } else {
+                    ("a DoRA adapter", "rescales")
+                };
                 return Err(lora_core::LoraError::Unsupported(format!(
                     "`{key}`: {what} cannot be combined with another file's adapter on the same layer (it {how} the whole layer); merge one of the files into the checkpoint first"
                 ))

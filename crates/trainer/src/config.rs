@@ -194,7 +194,7 @@ pub struct LoraSection {
     /// rows of the update `ΔW` (scaled by `rank_dropout_scale`) instead of kohya's
     /// per-sample rank components ([`lora_core::LoraConfig::lycoris_rank_dropout`]).
     pub lycoris_rank_dropout: bool,
-    /// LyCORIS' `use_scalar` (LoHa, LoKr): a trained scalar on each update, starting at 0,
+    /// LyCORIS' `use_scalar` (LoHa, LoKr, GLoRA): a trained scalar on each update, starting at 0,
     /// with the usually-zero half starting random ([`lora_core::LoraConfig::use_scalar`]).
     pub use_scalar: bool,
     /// kohya's module dropout (`network_args` `module_dropout`): each adapter is skipped
@@ -219,7 +219,10 @@ pub struct LoraSection {
     /// `constraint` and `rescaled`, and the same exclusions but `module_dropout` and
     /// `train.scale_weight_norms` (on the blocks' norm, as LyCORIS; `alpha` is not used); `boft`
     /// LyCORIS' BOFT, butterfly stages of such blocks (the block size an even number of at
-    /// most `rank` whose quotient of each layer's outputs is a power of two).
+    /// most `rank` whose quotient of each layer's outputs is a power of two). `glora` is
+    /// LyCORIS' GLoRA ([`lora_core::glora`]: `W + s · (W · a1 a2 + b1 b2)`) with `rank`,
+    /// `alpha`, `conv_*`, `rslora`, `module_dropout` and `use_scalar`, none of the other
+    /// dropouts, DoRA, Tucker, LoRA+ or `train.scale_weight_norms` (as LyCORIS trains it).
     pub algo: lora_core::Algo,
     /// Diag-OFT's and BOFT's constraint per output (LyCORIS' `constraint`; 0: none,
     /// LyCORIS' default). Only with `algo = "diag-oft"` or `"boft"`.
@@ -2300,7 +2303,7 @@ impl TrainConfig {
                 return Err(TrainError::Config { origin: "lora.lycoris_rank_dropout".into(), reason: "does not combine with lora.dora (LyCORIS' rank dropout of a DoRA LoCon is not trained here)".into() });
             }
             if l.use_scalar {
-                return bad(format!("lora.use_scalar (LyCORIS' trained scalar) is trained for LoHa and LoKr; lora.algo is \"{algo}\""));
+                return bad(format!("lora.use_scalar (LyCORIS' trained scalar) is trained for LoHa, LoKr and GLoRA; lora.algo is \"{algo}\""));
             }
             return Ok(());
         }
@@ -2317,6 +2320,9 @@ impl TrainConfig {
         }
         if l.algo.is_oft() {
             self.check_oft()?;
+        }
+        if l.algo == lora_core::Algo::Glora {
+            self.check_glora()?;
         }
         if self.output.save_format == lora_core::AdapterFormat::Peft {
             return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));
@@ -2352,6 +2358,23 @@ impl TrainConfig {
         ];
         match options.iter().find(|(on, _)| *on) {
             Some((_, key)) => bad(key, format!("is not trained with lora.algo = \"{algo}\" (the OFT modules have no such option here)")),
+            None => Ok(()),
+        }
+    }
+
+    /// What LyCORIS' GLoRA takes beyond LoRA's rank, alpha, `conv_*`, rsLoRA, module
+    /// dropout and scalar: none of rank dropout (its default pass applies none), DoRA,
+    /// Tucker (LyCORIS never decomposes it) or max-norm (LyCORIS scales no GLoRA).
+    fn check_glora(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        let options = [
+            (l.rank_dropout > 0.0, "lora.rank_dropout"),
+            (l.dora, "lora.dora"),
+            (l.use_tucker, "lora.use_tucker"),
+            (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
+        ];
+        match options.iter().find(|(on, _)| *on) {
+            Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"glora\" (LyCORIS' GLoRA module applies none)".into() }),
             None => Ok(()),
         }
     }

@@ -423,6 +423,11 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
             if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
                 return Err(o.err("network_args", "the LyCORIS preset leaves nothing to train with these learning rates (network_train_unet_only / network_train_text_encoder_only, or a learning rate of 0)"));
             }
+            // LyCORIS scales no GLoRA (its module's `apply_max_norm` does nothing).
+            if c.lora.algo == lora_core::Algo::Glora && c.train.scale_weight_norms > 0.0 {
+                notes.push(format!("scale_weight_norms {}: LyCORIS' GLoRA modules have no max-norm, so nothing is scaled; train.scale_weight_norms is off", c.train.scale_weight_norms));
+                c.train.scale_weight_norms = 0.0;
+            }
             // Diag-OFT's and BOFT's blocks are scaled as LyCORIS scales them.
             if c.lora.algo.is_lycoris() && !c.lora.algo.is_lycoris_oft() && c.train.scale_weight_norms > 0.0 {
                 notes.push(format!("scale_weight_norms with {}: LyCORIS keeps the scaling in a separate scalar; here the factors themselves are scaled (the same norms, slightly different later steps)", c.lora.algo.name()));
@@ -744,7 +749,7 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) and networks.oft (OFT), and LyCORIS' lycoris.kohya with algo lora / locon, loha or lokr"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) and networks.oft (OFT), and LyCORIS' lycoris.kohya with algo lora / locon, loha, lokr, diag-oft, boft or glora"),
             ))
         }
     };
@@ -938,7 +943,7 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 }
 
 /// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x), as its `create_network`
-/// reads them: `algo` (lora / locon, loha or lokr), `preset`, `conv_dim` / `conv_alpha`
+/// reads them: `algo` (lora / locon, loha, lokr, diag-oft, boft or glora), `preset`, `conv_dim` / `conv_alpha`
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
 /// `module_dropout`, `rs_lora`, DoRA (`dora_wd`), and Tucker convolutions
 /// (`use_tucker`), LoHa's and LoKr's `rank_dropout` and `use_scalar`. What LyCORIS trains
@@ -1014,8 +1019,17 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "lokr" => lora_core::Algo::Lokr,
         "diag-oft" => lora_core::Algo::DiagOft,
         "boft" => lora_core::Algo::Boft,
-        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft and boft"))),
+        "glora" => lora_core::Algo::Glora,
+        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft and glora"))),
     };
+    if l.algo == lora_core::Algo::Glora && rank_dropout.0 > 0.0 {
+        // LyCORIS' GLoRA drops rank components in bypass mode only.
+        if bypass {
+            return Err(o.err("network_args", format!("`rank_dropout={}` with algo=glora and bypass_mode: LyCORIS' bypass-mode rank dropout of a GLoRA (rank components, one mask per pass) has no counterpart here; set one of them off", rank_dropout.1)));
+        }
+        notes.push(format!("network_args `rank_dropout={}` is ignored, as LyCORIS' GLoRA ignores it outside its bypass mode", rank_dropout.1));
+        rank_dropout.0 = 0.0;
+    }
     if l.algo.is_lycoris_oft() {
         if rank_dropout.0 > 0.0 {
             return Err(o.err("network_args", format!("`rank_dropout={}` with algo={algo}: LyCORIS' rank dropout of a rotation's rows is not trained here; set it to 0", rank_dropout.1)));
@@ -1108,6 +1122,17 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     l.conv_alpha = conv_alpha.unwrap_or(l.alpha);
     if l.algo.is_lycoris_oft() {
         diag_oft_drops(l, &algo, notes);
+    }
+    if l.algo == lora_core::Algo::Glora {
+        let mut dropped = Vec::new();
+        for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_tucker, "use_tucker")] {
+            if std::mem::take(on) {
+                dropped.push(what);
+            }
+        }
+        if !dropped.is_empty() {
+            notes.push(format!("network_args {}: LyCORIS' GLoRA does not use them (it has no DoRA and never decomposes its convolutions), and neither does this trainer", dropped.join(", ")));
+        }
     }
     if l.use_tucker && conv_dim == 0 {
         notes.push("use_tucker changes nothing here: the preset (or conv_dim = 0) leaves out the convolutions with a kernel larger than 1x1, which alone it decomposes, as in LyCORIS".into());
@@ -2323,6 +2348,26 @@ output_dir = "out"
         boft.config.validate().unwrap();
     }
 
+    /// LyCORIS' `algo=glora`: LoRA's rank, alpha, `conv_dim`, `use_scalar`, `rs_lora` and
+    /// `module_dropout`; its rank dropout and max-norm, which LyCORIS' GLoRA ignores outside
+    /// bypass mode (and always), off with a note, as are DoRA and Tucker; rank dropout in
+    /// bypass mode is an error.
+    #[test]
+    fn glora_reads_its_arguments() {
+        let glora = |args: &str, extra: &str| import(&format!("{MINIMAL}{extra}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = [\"algo=glora\", {args}]\n"));
+        let i = glora("\"conv_dim=4\", \"conv_alpha=2\", \"use_scalar=True\", \"rs_lora=True\", \"module_dropout=0.1\", \"rank_dropout=0.2\", \"dora_wd=True\", \"use_tucker=True\"", "scale_weight_norms = 1.0\n").unwrap();
+        let l = &i.config.lora;
+        assert_eq!((l.algo, l.rank, l.alpha, l.conv_rank, l.conv_alpha), (lora_core::Algo::Glora, 8, 4.0, 4, 2.0));
+        assert_eq!((l.use_scalar, l.rslora, l.module_dropout, l.rank_dropout, l.dora, l.use_tucker), (true, true, 0.1, 0.0, false, false));
+        assert_eq!(i.config.train.scale_weight_norms, 0.0);
+        for says in ["rank_dropout=0.2` is ignored", "dora_wd, use_tucker", "no max-norm"] {
+            assert!(i.notes.iter().any(|n| n.contains(says)), "{says}: {:?}", i.notes);
+        }
+        i.config.validate().unwrap();
+        let e = glora("\"rank_dropout=0.2\", \"bypass_mode=True\"", "").unwrap_err().to_string();
+        assert!(e.contains("bypass_mode") && e.contains("glora"), "{e}");
+    }
+
     /// kohya's `networks.dylora`: its `unit` (1 by default), `conv_dim` equal to
     /// `network_dim` with the convolutions at `network_alpha`, LoRA+, and nothing else
     /// (dropouts and block-wise settings ignored with a note); what it asserts is an error.
@@ -3176,7 +3221,7 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"rex\"", "`lr_scheduler` = \"rex\" is not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft and boft"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft and glora"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=boft\", \"rank_dropout=0.2\"]", "`rank_dropout=0.2` with algo=boft"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1` with algo=diag-oft"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"constraint=x\"]", "`constraint=x`: expected a number"),

@@ -353,7 +353,8 @@ enum Command {
         optimizer: trainer::config::Optimizer,
         /// The adapters' form: `lora`, LyCORIS' `loha` or `lokr` (rank 4 each), kohya's
         /// `oft` (4 blocks each, constraint 1e-3) or LyCORIS' `diag-oft` / `boft` (blocks of
-        /// 4, BOFT's of 10: SD's widths are 5 · 2^k; no constraint).
+        /// 4, BOFT's of 10: SD's widths are 5 · 2^k; no constraint), or LyCORIS' `glora`
+        /// (rank 4).
         #[arg(long, default_value = "lora")]
         lora_algo: lora_core::Algo,
         /// `train` or `infer`.
@@ -784,6 +785,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         lora_core::Algo::Oft => "OFT",
         lora_core::Algo::DiagOft => "Diag-OFT",
         lora_core::Algo::Boft => "BOFT",
+        lora_core::Algo::Glora => "GLoRA",
     };
     // kohya's OFT's rank is its number of blocks (network_dim), Diag-OFT's the block size.
     let size = match config.lora.algo {

@@ -2924,6 +2924,81 @@ fn lycoris_oft_trains_resumes_and_applies(algo: lora_core::Algo) {
     assert_applies_at_half_strength(&straight.lora, algo.name());
 }
 
+/// `lora.algo = "glora"` (LyCORIS' GLoRA): every layer's four factors (a 3x3
+/// convolution's `b2` with its kernel, at `conv_rank`) are saved as LyCORIS saves them with
+/// `lycoris.kohya` and `algo=glora` (module dropout and the trained scalar on, the scalar
+/// trained); a stopped run resumes bit for bit; the file continues training as
+/// `network_weights` and with `dim_from_weights`, not as another algorithm; it applies at a
+/// strength in generation. Rank dropout and max-norm, which LyCORIS' GLoRA does not apply,
+/// are refused.
+#[test]
+fn glora_trains_resumes_and_applies() {
+    let _guard = seeded();
+    let glora_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.algo = lora_core::Algo::Glora;
+        c.lora.dropout = 0.0;
+        (c.lora.rank, c.lora.alpha, c.lora.module_dropout, c.lora.use_scalar) = (4, 2.0, 0.1, true);
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
+        (c.lora.conv_rank, c.lora.conv_alpha) = (2, 1.0);
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&glora_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    assert!(set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    let mut spatial = 0;
+    for (key, w) in set.iter() {
+        let l = w.lycoris.as_ref().unwrap();
+        let is_3x3 = w.is_conv() && w.down.shape[2..] == [3, 3];
+        spatial += usize::from(is_3x3);
+        let (rank, alpha) = if is_3x3 { (2, 1.0) } else { (4, 2.0) };
+        assert_eq!((l.algo, l.rank(), l.alpha), (lora_core::Algo::Glora, Some(rank), alpha), "{key}");
+        let names: Vec<&str> = l.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, lora_core::glora::NAMES, "{key}");
+        let b2 = l.get("b2.weight").unwrap();
+        assert_eq!(b2.shape[..2], [rank, w.in_features()], "{key}");
+        if is_3x3 {
+            assert_eq!((b2.shape[2..].to_vec(), l.get("a1.weight").unwrap().shape.clone()), (vec![3, 3], vec![w.in_features(), rank, 1, 1]), "{key}");
+        }
+        assert!(l.tensors.iter().all(|(_, t)| t.data.iter().all(|v| v.is_finite())), "{key}");
+        // The trained scalar, which starts at 0, is saved folded into `a2` and `b2`: nonzero
+        // there only if it trained.
+        for name in ["a2.weight", "b2.weight"] {
+            assert!(l.get(name).unwrap().data.iter().any(|v| *v != 0.0), "{key}: {name} (the scalar did not train)");
+        }
+    }
+    assert!(spatial > 0, "the 3x3 convolutions at conv_rank");
+    let meta = lora_metadata(&straight.lora);
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!((meta["ss_network_module"].as_str(), meta["ss_network_dim"].as_str(), meta["ss_network_alpha"].as_str()), ("lycoris.kohya", "4", "2.0"));
+    assert_eq!((args["algo"].as_str(), args["conv_dim"].as_str()), (Some("glora"), Some("2")));
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&glora_config(dir.path(), 6), &straight, |c| c.lora.use_scalar = false, "cannot resume with a different model, [lora] section");
+
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = glora_config(more_dir.path(), 2);
+    more.lora.network_weights = straight.lora.display().to_string();
+    assert_trains(&more);
+    more.lora.dim_from_weights = true;
+    assert_trains(&more);
+    more.lora.algo = lora_core::Algo::Loha;
+    more.lora.use_scalar = false;
+    let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("set lora.algo = \"glora\""), "{err}");
+
+    for (change, key) in [(&(|c: &mut TrainConfig| c.lora.rank_dropout = 0.1) as &dyn Fn(&mut TrainConfig), "lora.rank_dropout"), (&|c: &mut TrainConfig| c.train.scale_weight_norms = 1.0, "train.scale_weight_norms"), (&|c: &mut TrainConfig| c.lora.dora = true, "lora.dora")] {
+        let mut bad = glora_config(more_dir.path(), 2);
+        change(&mut bad);
+        let err = train::<B>(&bad, &Default::default(), &mut |_| true).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("glora"), "{key}: {err}");
+    }
+
+    assert_applies_at_half_strength(&straight.lora, "glora");
+}
+
 /// `lora.use_tucker` with a LoRA (LyCORIS' LoCon with `use_tucker`): the 3x3
 /// convolutions' adapters (only those) are saved as LyCORIS saves them, `lora_down` 1x1,
 /// `lora_mid` and `lora_up`, with `lycoris.kohya` and `use_tucker` in the metadata; every

@@ -49,6 +49,11 @@ pub(super) enum Part {
     OftBlocks,
     /// Diag-OFT's and BOFT's scale per output (LyCORIS' `rescaled`).
     OftRescale,
+    /// GLoRA's tensors ([`crate::glora::NAMES`]).
+    GloraA1,
+    GloraA2,
+    GloraB1,
+    GloraB2,
 }
 
 /// Key suffixes of the LyCORIS tensors.
@@ -68,6 +73,10 @@ pub(super) const SUFFIXES: &[(&str, Part)] = &[
     (".lokr_t2", Part::LokrT2),
     (".oft_blocks", Part::OftBlocks),
     (".rescale", Part::OftRescale),
+    (".a1.weight", Part::GloraA1),
+    (".a2.weight", Part::GloraA2),
+    (".b1.weight", Part::GloraB1),
+    (".b2.weight", Part::GloraB2),
 ];
 
 /// The LyCORIS name of a part (`hada_w1_a`, …).
@@ -229,6 +238,15 @@ impl Tensors {
         }
         if rescale.is_some() {
             return Err(bad("`rescale` (LyCORIS' Diag-OFT / BOFT) without its `oft_blocks`".into()));
+        }
+        let glora = [Part::GloraA1, Part::GloraA2, Part::GloraB1, Part::GloraB2];
+        if self.found.iter().any(|(p, _)| glora.contains(p)) {
+            if self.found.len() != glora.len() {
+                let names: Vec<&str> = self.found.iter().map(|(p, _)| part_name(*p)).collect();
+                return Err(bad(format!("a GLoRA has exactly `a1.weight`, `a2.weight`, `b1.weight` and `b2.weight`, the module has {names:?}")));
+            }
+            let tensors = glora.iter().map(|p| self.get(*p).cloned()).collect::<Option<Vec<_>>>().ok_or_else(|| bad("a GLoRA tensor is given twice".into()))?;
+            return crate::glora::weights(tensors, alpha, name).map_err(|e| bad(e.to_string()));
         }
         if self.get(Part::HadaT1).is_some() || self.get(Part::HadaT2).is_some() || self.get(Part::LokrT2).is_some() {
             let mut weights = self.untuckered().map_err(bad)?.to_lora(alpha, name, path)?;
