@@ -59,6 +59,13 @@ pub enum Algo {
     /// depends on the base weight, so it has no plain-LoRA form. Saved as LyCORIS writes it
     /// (`lora_unet_….a1.weight`, …, `.alpha`), which ComfyUI and A1111 load.
     Glora,
+    /// LyCORIS' (IA)³ (`algo=ia3`, Liu et al. 2022): a trained scale per output channel
+    /// (or, with [`LoraConfig::ia3_on_input`], per input channel) of the layer's weight,
+    /// `W ⊙ (1 + w)`, `w` starting at zero ([`crate::ia3`]); `rank` and `alpha` are not used.
+    /// Its update depends on the base weight, so it has no plain-LoRA form. Saved as LyCORIS
+    /// writes it (`lora_unet_….weight`, `.on_input`), which A1111 loads.
+    #[serde(rename = "ia3")]
+    Ia3,
 }
 
 impl Algo {
@@ -72,10 +79,11 @@ impl Algo {
             Algo::DiagOft => "diag-oft",
             Algo::Boft => "boft",
             Algo::Glora => "glora",
+            Algo::Ia3 => "ia3",
         }
     }
 
-    /// Whether the adapter is not a LoRA: LyCORIS' LoHa, LoKr, Diag-OFT, BOFT or GLoRA, or
+    /// Whether the adapter is not a LoRA: LyCORIS' LoHa, LoKr, Diag-OFT, BOFT, GLoRA or (IA)³, or
     /// kohya's OFT, each held as a [`crate::LycorisAdapter`] with its own tensors.
     pub fn is_lycoris(self) -> bool {
         self != Algo::Lora
@@ -93,7 +101,8 @@ impl Algo {
         matches!(self, Algo::DiagOft | Algo::Boft)
     }
 
-    /// Whether the update is a function of the layer's base weight (an OFT, a GLoRA), so
+    /// Whether the update is a function of the layer's base weight (an OFT, a GLoRA, an
+    /// (IA)³), so
     /// that it has no plain-LoRA form: such an adapter is merged into its own layer, never
     /// combined with others, resized or written in the diffusers / PEFT layout.
     ///
@@ -103,20 +112,21 @@ impl Algo {
     /// assert!(!Algo::Loha.depends_on_base());
     /// ```
     pub fn depends_on_base(self) -> bool {
-        self.is_oft() || self == Algo::Glora
+        self.is_oft() || matches!(self, Algo::Glora | Algo::Ia3)
     }
 }
 
 impl std::str::FromStr for Algo {
     type Err = String;
 
-    /// `lora`, `loha`, `lokr`, `oft`, `diag-oft`, `boft` or `glora` (LyCORIS' `locon`
-    /// reads as `lora`).
+    /// `lora`, `loha`, `lokr`, `oft`, `diag-oft`, `boft`, `glora` or `ia3` (LyCORIS'
+    /// `locon` reads as `lora`).
     ///
     /// ```
     /// use lora_core::Algo;
     /// assert_eq!("loha".parse::<Algo>(), Ok(Algo::Loha));
-    /// assert!("ia3".parse::<Algo>().is_err());
+    /// assert_eq!("ia3".parse::<Algo>(), Ok(Algo::Ia3));
+    /// assert!("full".parse::<Algo>().is_err());
     /// ```
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
@@ -127,7 +137,8 @@ impl std::str::FromStr for Algo {
             "diag-oft" => Ok(Algo::DiagOft),
             "boft" => Ok(Algo::Boft),
             "glora" => Ok(Algo::Glora),
-            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft, boft or glora")),
+            "ia3" => Ok(Algo::Ia3),
+            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft, boft, glora or ia3")),
         }
     }
 }
@@ -254,6 +265,11 @@ pub struct LoraConfig {
     /// multiplies the rotated weight (`rescale` in files).
     #[serde(default)]
     pub oft_rescaled: bool,
+    /// LyCORIS' `train_on_input` for (IA)³ ([`Algo::Ia3`]): the trained scale is per input
+    /// channel (LyCORIS' `ia3` preset sets it on the feed-forward outputs, `ff.net.2` and
+    /// `mlp.fc2`, scaling the activations they take) instead of per output.
+    #[serde(default)]
+    pub ia3_on_input: bool,
 }
 
 fn default_lokr_factor() -> i64 {
@@ -285,7 +301,20 @@ impl LoraConfig {
             lycoris_rank_dropout: false,
             dylora_unit: None,
             oft_rescaled: false,
+            ia3_on_input: false,
         }
+    }
+
+    /// Sets [`ia3_on_input`](Self::ia3_on_input) ((IA)³ per input channel).
+    ///
+    /// ```
+    /// use lora_core::{Algo, LoraConfig};
+    /// assert!(LoraConfig::new(1).with_algo(Algo::Ia3).with_ia3_on_input(true).validate().is_ok());
+    /// assert!(LoraConfig::new(4).with_ia3_on_input(true).validate().is_err());
+    /// ```
+    pub fn with_ia3_on_input(mut self, on_input: bool) -> Self {
+        self.ia3_on_input = on_input;
+        self
     }
 
     /// Sets [`oft_rescaled`](Self::oft_rescaled) (LyCORIS' Diag-OFT and BOFT `rescaled`).
@@ -476,9 +505,15 @@ impl LoraConfig {
             if self.algo == Algo::Glora {
                 self.validate_glora()?;
             }
+            if self.algo == Algo::Ia3 {
+                self.validate_ia3()?;
+            }
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
+        }
+        if self.ia3_on_input && self.algo != Algo::Ia3 {
+            return Err(LoraError::InvalidConfig(format!("ia3_on_input (LyCORIS' train_on_input) is (IA)³'s, not {}'s", self.algo.name())));
         }
         if self.oft_rescaled && !self.algo.is_lycoris_oft() {
             return Err(LoraError::InvalidConfig(format!("oft_rescaled (LyCORIS' rescaled) is Diag-OFT's and BOFT's, not {}'s", self.algo.name())));
@@ -558,6 +593,16 @@ impl LoraConfig {
         let others = [(self.rank_dropout > 0.0, "rank_dropout"), (self.dora, "dora"), (self.use_tucker, "use_tucker")];
         match others.iter().find(|(on, _)| *on) {
             Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo glora (LyCORIS' GLoRA applies none)"))),
+            None => Ok(()),
+        }
+    }
+
+    /// What LyCORIS' (IA)³ takes: module dropout alone (its module applies no rank
+    /// dropout, DoRA, Tucker form, scalar or rsLoRA scale; it has no rank or alpha).
+    fn validate_ia3(&self) -> Result<()> {
+        let others = [(self.rank_dropout > 0.0, "rank_dropout"), (self.dora, "dora"), (self.use_tucker, "use_tucker"), (self.use_scalar, "use_scalar"), (self.rslora, "rslora")];
+        match others.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo ia3 (LyCORIS' (IA)³ applies none)"))),
             None => Ok(()),
         }
     }

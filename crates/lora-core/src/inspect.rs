@@ -55,6 +55,8 @@ pub enum ModuleKind {
     /// LyCORIS' GLoRA (`a1.weight`, `a2.weight`, `b1.weight`, `b2.weight`); its rank is
     /// `a2`'s rows.
     Glora,
+    /// LyCORIS' (IA)³ (`weight`, `on_input`): no rank or alpha.
+    Ia3,
     /// Tensors of no adapter kind this crate knows (e.g. a full `diff`).
     Other,
 }
@@ -72,6 +74,7 @@ impl ModuleKind {
             Self::DiagOft => "Diag-OFT",
             Self::Boft => "BOFT",
             Self::Glora => "GLoRA",
+            Self::Ia3 => "(IA)³",
             Self::Other => "other",
         }
     }
@@ -129,7 +132,7 @@ pub struct LoraInfo {
 }
 
 /// The parts of a kohya key after the module name that name an adapter's tensors.
-const KOHYA_PARTS: [&str; 25] = [
+const KOHYA_PARTS: [&str; 26] = [
     "lora_down.weight",
     "lora_up.weight",
     "lora_mid.weight",
@@ -155,6 +158,7 @@ const KOHYA_PARTS: [&str; 25] = [
     "a2.weight",
     "b1.weight",
     "b2.weight",
+    "on_input",
 ];
 
 /// The parts of a PEFT / diffusers key after the module path.
@@ -241,6 +245,8 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
             crate::Algo::Boft => ModuleKind::Boft,
             _ => ModuleKind::DiagOft,
         }
+    } else if has("on_input") {
+        ModuleKind::Ia3
     } else if has("a1.weight") || has("b2.weight") {
         ModuleKind::Glora
     } else if has("hada_") {

@@ -6,7 +6,8 @@
 //! - [`LoraConfig`]: rank, alpha, dropout, rsLoRA scaling and initialisation;
 //! - [`LoraLinear`] and [`LoraConv2d`] (LoCon): frozen base layers holding an optional
 //!   adapter that can be attached, detached, merged and unmerged in place: a LoRA, or
-//!   LyCORIS' LoHa, LoKr, Diag-OFT, BOFT or GLoRA ([`lycoris`], [`Algo`], [`glora`]), kohya's OFT
+//!   LyCORIS' LoHa, LoKr, Diag-OFT, BOFT, GLoRA or (IA)³ ([`lycoris`], [`Algo`], [`glora`],
+//!   [`ia3`]), kohya's OFT
 //!   ([`oft`]), or a DyLoRA
 //!   trained a chunk of ranks at a time ([`dylora`]);
 //! - [`AdapterSet`]: adapters keyed by component and module path, read from and written to
@@ -55,6 +56,7 @@ mod error;
 pub mod extract;
 mod format;
 pub mod glora;
+pub mod ia3;
 pub mod guard;
 pub mod inspect;
 pub mod kernels;

@@ -108,7 +108,8 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 /// [`crate::oft`]: the factor `oft_blocks` kept as `[k·n, n]` (BOFT's as `[m·k·n, n]`),
 /// LyCORIS' `rescale` as `[out, 1]`, `scale` holding the alpha), or its GLoRA factors
 /// ([`Algo::Glora`], [`crate::glora`]: `a1.weight [in, r]`, `a2.weight [r, in]`,
-/// `b1.weight [out, r]`, `b2.weight [r, in·kh·kw]`).
+/// `b1.weight [out, r]`, `b2.weight [r, in·kh·kw]`), or its (IA)³ scale ([`Algo::Ia3`],
+/// [`crate::ia3`]: `weight [channels, 1]`).
 #[derive(Module, Debug)]
 pub struct LycorisAdapter<B: Backend> {
     /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
@@ -145,6 +146,9 @@ pub struct LycorisAdapter<B: Backend> {
     /// LyCORIS' trained scalar on the update, `[1]` ([`LoraConfig::use_scalar`]); `None`
     /// without one (a factor of 1).
     pub scalar: Option<Param<Tensor<B, 1>>>,
+    /// An (IA)³'s scale is per input channel ([`LoraConfig::ia3_on_input`]).
+    #[module(skip)]
+    ia3_on_input: bool,
 }
 
 /// PyTorch's default initialisation of a `[rows, cols]` weight (Kaiming-uniform with
@@ -253,7 +257,12 @@ impl<B: Backend> LycorisAdapter<B> {
                 let factors = vec![kaiming(input, r, device), zero_or_kaiming(r, input), kaiming(out, r, device), zero_or_kaiming(r, input * k)];
                 (crate::glora::NAMES.to_vec(), factors, false)
             }
-            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft, boft or glora, not lora".into())),
+            Algo::Ia3 => {
+                // LyCORIS: one value per channel, starting at 0.
+                let channels = if config.ia3_on_input { input } else { out };
+                (vec![crate::ia3::WEIGHT], vec![zeros(channels, 1, device)], false)
+            }
+            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft, boft, glora or ia3, not lora".into())),
         };
         Ok(Self {
             factors,
@@ -269,6 +278,7 @@ impl<B: Backend> LycorisAdapter<B> {
             rank_dropout_scale: config.rank_dropout_scale,
             magnitude: None,
             scalar: scalar.then(|| Param::from_tensor(Tensor::zeros([1], device))),
+            ia3_on_input: config.ia3_on_input,
         })
     }
 
@@ -281,6 +291,9 @@ impl<B: Backend> LycorisAdapter<B> {
         }
         if weights.algo == Algo::Glora {
             return Self::glora_from_weights(weights, shape, conv, key, device);
+        }
+        if weights.algo == Algo::Ia3 {
+            return Self::ia3_from_weights(weights, shape, conv, key, device);
         }
         let names: Vec<&'static str> = match weights.algo {
             Algo::Loha if weights.get("hada_t1").is_some() => vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"],
@@ -296,7 +309,7 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 names
             }
-            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora => return Err(bad("not a LyCORIS adapter".into())),
+            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 => return Err(bad("not a LyCORIS adapter".into())),
         };
         if weights.tensors.len() != names.len() {
             let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
@@ -327,6 +340,7 @@ impl<B: Backend> LycorisAdapter<B> {
             rank_dropout_scale: false,
             magnitude: None,
             scalar: None,
+            ia3_on_input: false,
         };
         let [out, input, kh, kw] = shape;
         let (rows, cols) = adapter.delta_shape().map_err(bad)?;
@@ -364,6 +378,7 @@ impl<B: Backend> LycorisAdapter<B> {
             rank_dropout_scale: false,
             magnitude: None,
             scalar: None,
+            ia3_on_input: false,
         })
     }
 
@@ -398,7 +413,39 @@ impl<B: Backend> LycorisAdapter<B> {
             rank_dropout_scale: false,
             magnitude: None,
             scalar: None,
+            ia3_on_input: false,
         })
+    }
+
+    /// [`from_weights`](Self::from_weights) for an (IA)³: its scale, one value per input or
+    /// output channel of the layer ([`crate::ia3::check_tensors`]), kept as `[channels, 1]`.
+    fn ia3_from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
+        let found = crate::ia3::check_tensors(weights, key)?;
+        let [out, input, ..] = shape;
+        let (side, want) = if found.on_input { ("inputs", input) } else { ("outputs", out) };
+        if found.channels != want {
+            return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the (IA)³ scales {} channels, the layer has {want} {side}", found.channels) });
+        }
+        let scale = HostTensor { shape: vec![want, 1], data: weights.tensors[0].1.data.clone() };
+        Ok(Self {
+            factors: vec![Param::from_tensor(scale.to_tensor::<B, 2>(device)?)],
+            names: vec![crate::ia3::WEIGHT],
+            algo: Algo::Ia3,
+            shape,
+            conv,
+            scale: 1.0,
+            module_dropout: 0.0,
+            rank_dropout: 0.0,
+            rank_dropout_scale: false,
+            magnitude: None,
+            scalar: None,
+            ia3_on_input: found.on_input,
+        })
+    }
+
+    /// Whether an (IA)³'s scale is per input channel (false for other algorithms).
+    pub fn ia3_on_input(&self) -> bool {
+        self.ia3_on_input
     }
 
     /// The factors' LyCORIS names (`hada_w1_a`, …), in the order of
@@ -439,6 +486,7 @@ impl<B: Backend> LycorisAdapter<B> {
             Algo::DiagOft | Algo::Boft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[1]),
             Algo::Loha => rows("hada_w1_b"),
             Algo::Glora => rows("a2.weight"),
+            Algo::Ia3 => None,
             _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
         }
     }
@@ -561,6 +609,11 @@ impl<B: Backend> LycorisAdapter<B> {
         if self.algo == Algo::Glora {
             return self.glora_update(multiplier, weight);
         }
+        if self.algo == Algo::Ia3 {
+            let [channels, _] = self.factors[0].dims();
+            let scale = cast_to(self.factors[0].val(), DType::F32).reshape([channels]);
+            return crate::ia3::delta(cast_to(weight, DType::F32).detach(), scale, self.ia3_on_input, multiplier);
+        }
         let masked = |delta: Tensor<B, D>| match &rows {
             Some(r) => delta * r.clone().reshape(self.output_shape::<D>()),
             None => delta,
@@ -660,6 +713,10 @@ impl<B: Backend> LycorisAdapter<B> {
                 if *name == crate::oft::BLOCKS {
                     return vec![rows / cols.max(1), cols, cols];
                 }
+                if self.algo == Algo::Ia3 {
+                    // LyCORIS: `[channels]`, a convolution's `[1, channels, 1, 1]`.
+                    return if self.conv { vec![1, rows, 1, 1] } else { vec![rows] };
+                }
                 if self.algo == Algo::Glora && self.conv {
                     // LyCORIS: 1x1 kernels but `b2`, which has the layer's.
                     return match *name {
@@ -699,8 +756,12 @@ impl<B: Backend> LycorisAdapter<B> {
             }
             tensors.push((name.to_string(), t));
         }
+        if self.algo == Algo::Ia3 {
+            // Not trained: whether the scale is per input, as LyCORIS saves it.
+            tensors.push((crate::ia3::ON_INPUT.to_string(), HostTensor { shape: vec![], data: vec![f32::from(u8::from(self.ia3_on_input))] }));
+        }
         let alpha = match self.algo {
-            Algo::Oft | Algo::DiagOft | Algo::Boft => self.scale,
+            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Ia3 => self.scale,
             _ => self.rank().map_or(1.0, |r| self.scale * r as f32),
         };
         Ok(LycorisWeights { algo: self.algo, tensors, alpha })
@@ -712,6 +773,11 @@ impl<B: Backend> LycorisAdapter<B> {
     pub fn to_weights(&self, key: &str) -> Result<LoraWeights> {
         let lycoris = self.to_lycoris_weights()?;
         let [out, input, kh, kw] = self.shape;
+        if self.algo == Algo::Ia3 {
+            let mut tensors = lycoris.tensors.into_iter().map(|(_, t)| t);
+            let (weight, on_input) = (tensors.next().expect("an (IA)³ has its weight"), tensors.next().expect("and its flag"));
+            return crate::ia3::weights(weight, on_input, key);
+        }
         if self.algo == Algo::Glora {
             // No plain form either: its tensors beside an empty LoRA.
             return crate::glora::weights(lycoris.tensors.into_iter().map(|(_, t)| t).collect(), Some(lycoris.alpha), key);
@@ -768,7 +834,7 @@ impl<B: Backend> LycorisAdapter<B> {
         let rows = |name: &str| self.factor(name).map_or(0, |p| p.dims()[0]);
         match self.algo {
             Algo::Loha => rows("hada_w1_b") * rows("hada_w2_b"),
-            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora => 0,
+            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 => 0,
             _ => ["lokr_w1", "lokr_w2"]
                 .map(|h| {
                     let (full, _, b) = names_of(h);
@@ -861,7 +927,7 @@ pub(crate) fn unscaled_delta<B: Backend>(algo: Algo, factor: impl Fn(&str) -> Op
             Ok(kron(half("lokr_w1")?, half("lokr_w2")?))
         }
         Algo::Lora => Err("a LoRA is not a LyCORIS adapter".into()),
-        Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora => Err("an OFT's or a GLoRA's update depends on the base weight".into()),
+        Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 => Err("an OFT's, a GLoRA's or an (IA)³'s update depends on the base weight".into()),
     }
 }
 

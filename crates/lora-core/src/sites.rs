@@ -102,13 +102,14 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             rank_dropout: (l.rank_dropout, l.rank_dropout_scale),
             dora: l.is_dora(),
             scalar: l.scalar.is_some(),
+            ia3_on_input: l.ia3_on_input(),
         })
     }
 
     /// [`load_weights`](Self::load_weights) into an attached LyCORIS adapter: the weights
     /// must be the same algorithm with factors of the same shapes.
     fn load_lycoris(&mut self, attached: AttachedLycoris, weights: &LoraWeights, key: &str, device: &B::Device) -> Result<()> {
-        let AttachedLycoris { algo, rank, shapes, module_dropout, rank_dropout, dora, scalar } = attached;
+        let AttachedLycoris { algo, rank, shapes, module_dropout, rank_dropout, dora, scalar, ia3_on_input } = attached;
         let Some(lycoris) = weights.lycoris.as_ref().filter(|l| l.algo == algo) else {
             let kind = weights.lycoris.as_ref().map_or("LoRA", |l| l.algo.name());
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {kind}, the attached adapter is a {}", algo.name())));
@@ -118,7 +119,16 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {} {}, the attached adapter is one {} (lora.dora must match the file)", algo.name(), kind(weights.is_dora()), kind(dora))));
         }
         let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(&t.shape)).unwrap_or_default())).collect();
-        if found != shapes || lycoris.tensors.len() != shapes.len() || lycoris.rank() != rank {
+        // An (IA)³'s flag is no factor.
+        let flag = lycoris.get(crate::ia3::ON_INPUT).filter(|_| algo == crate::Algo::Ia3);
+        if let Some(on_input) = flag.map(|t| t.data.first() == Some(&1.0)).filter(|on| *on != ia3_on_input) {
+            let side = |input: bool| if input { "input" } else { "output" };
+            return Err(LoraError::ShapeMismatch {
+                key: key.to_string(),
+                reason: format!("the weights' (IA)³ scales each {} channel, the attached adapter each {} channel (lora.ia3_on_input must match the file)", side(on_input), side(ia3_on_input)),
+            });
+        }
+        if found != shapes || lycoris.tensors.len() != shapes.len() + usize::from(flag.is_some()) || lycoris.rank() != rank {
             return Err(LoraError::ShapeMismatch {
                 key: key.to_string(),
                 reason: format!("the weights' {} factors are {found:?}, the attached adapter's are {shapes:?} (another rank, factor or use_tucker?)", algo.name()),
@@ -461,6 +471,8 @@ struct AttachedLycoris {
     dora: bool,
     /// Whether it has LyCORIS' trained scalar.
     scalar: bool,
+    /// Whether an (IA)³'s scale is per input channel.
+    ia3_on_input: bool,
 }
 
 /// A model (component) whose adapter-capable layers can be visited by module path.

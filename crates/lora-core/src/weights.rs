@@ -131,6 +131,8 @@ impl LycorisWeights {
             crate::Algo::Boft => self.get(crate::oft::BLOCKS).and_then(|t| t.shape.get(2).copied()),
             // `a2 [r, in]`, as ComfyUI takes GLoRA's rank.
             crate::Algo::Glora => rows("a2.weight"),
+            // One value per channel: no rank.
+            crate::Algo::Ia3 => None,
         }
     }
 
@@ -201,6 +203,7 @@ impl LoraWeights {
     pub(crate) fn no_plain_form(&self, key: &str, what: &str) -> LoraError {
         match self.lycoris.as_ref().map(|l| l.algo) {
             Some(crate::Algo::Glora) => LoraError::Unsupported(format!("`{key}` is a GLoRA (LyCORIS' algo=glora), whose update depends on the base weight: it cannot be {what}")),
+            Some(crate::Algo::Ia3) => LoraError::Unsupported(format!("`{key}` is an (IA)³ (LyCORIS' algo=ia3), whose update depends on the base weight: it cannot be {what}")),
             _ => crate::oft::no_plain_form(key, what),
         }
     }
@@ -212,6 +215,9 @@ impl LoraWeights {
         }
         if self.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Glora) {
             return crate::glora::validate(self, key);
+        }
+        if self.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Ia3) {
+            return crate::ia3::validate(self, key);
         }
         let (d, u) = (&self.down.shape, &self.up.shape);
         let bad = |reason: String| LoraError::ShapeMismatch {

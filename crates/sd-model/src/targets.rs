@@ -24,6 +24,9 @@ pub enum UnetTargets {
     /// `attn-mlp` plus the ResNet layers (`conv1`, `conv2`, `conv_shortcut`, `time_emb_proj`)
     /// and the down/up-sampler convs — kohya's LoCon (`conv_dim`) set.
     Conv,
+    /// LyCORIS' `ia3` preset: `to_k`, `to_v` and `ff.net.2` of the transformer blocks (the
+    /// layers whose outputs, or for `ff.net.2` inputs, (IA)³ rescales in the paper).
+    Ia3,
     /// No UNet layers (text-encoder-only training).
     None,
 }
@@ -36,8 +39,9 @@ impl FromStr for UnetTargets {
             "attn-mlp" => Ok(Self::AttnMlp),
             "all-linear" => Ok(Self::AllLinear),
             "conv" => Ok(Self::Conv),
+            "ia3" => Ok(Self::Ia3),
             "none" => Ok(Self::None),
-            other => Err(format!("unknown UNet target preset `{other}`; expected attn, attn-mlp, all-linear, conv or none")),
+            other => Err(format!("unknown UNet target preset `{other}`; expected attn, attn-mlp, all-linear, conv, ia3 or none")),
         }
     }
 }
@@ -53,6 +57,7 @@ impl UnetTargets {
             Self::AttnMlp => "attn-mlp",
             Self::AllLinear => "all-linear",
             Self::Conv => "conv",
+            Self::Ia3 => "ia3",
             Self::None => "none",
         }
     }
@@ -67,6 +72,7 @@ impl UnetTargets {
             Self::AttnMlp => attn || mlp,
             Self::AllLinear => !is_conv,
             Self::Conv => attn || mlp || path.contains(".resnets.") || path.contains("samplers."),
+            Self::Ia3 => in_transformer && [".to_k", ".to_v", ".ff.net.2"].iter().any(|s| path.ends_with(s)),
             Self::None => false,
         }
     }
@@ -83,6 +89,8 @@ pub enum TextEncoderTargets {
     Attn,
     /// Attention plus `mlp.fc1`, `mlp.fc2` — kohya's text-encoder set (72 modules on SD1.x).
     AttnMlp,
+    /// LyCORIS' `ia3` preset: `k_proj`, `v_proj` and `mlp.fc2`.
+    Ia3,
 }
 
 impl FromStr for TextEncoderTargets {
@@ -92,7 +100,8 @@ impl FromStr for TextEncoderTargets {
             "none" => Ok(Self::None),
             "attn" => Ok(Self::Attn),
             "attn-mlp" => Ok(Self::AttnMlp),
-            other => Err(format!("unknown text-encoder target preset `{other}`; expected none, attn or attn-mlp")),
+            "ia3" => Ok(Self::Ia3),
+            other => Err(format!("unknown text-encoder target preset `{other}`; expected none, attn, attn-mlp or ia3")),
         }
     }
 }
@@ -105,6 +114,7 @@ impl TextEncoderTargets {
             Self::None => false,
             Self::Attn => attn,
             Self::AttnMlp => attn || path.contains(".mlp."),
+            Self::Ia3 => [".self_attn.k_proj", ".self_attn.v_proj", ".mlp.fc2"].iter().any(|s| path.ends_with(s)),
         }
     }
 }

@@ -219,7 +219,11 @@ pub struct LoraSection {
     /// `constraint` and `rescaled`, and the same exclusions but `module_dropout` and
     /// `train.scale_weight_norms` (on the blocks' norm, as LyCORIS; `alpha` is not used); `boft`
     /// LyCORIS' BOFT, butterfly stages of such blocks (the block size an even number of at
-    /// most `rank` whose quotient of each layer's outputs is a power of two). `glora` is
+    /// most `rank` whose quotient of each layer's outputs is a power of two). `ia3` is
+    /// LyCORIS' (IA)³ ([`lora_core::ia3`]: a trained scale per output channel, or per input
+    /// channel on the layers `ia3_on_input` names; `rank` and `alpha` are not used) with
+    /// `module_dropout` alone; `unet_targets` / `text_encoder_targets = "ia3"` are
+    /// LyCORIS' `ia3` preset. `glora` is
     /// LyCORIS' GLoRA ([`lora_core::glora`]: `W + s · (W · a1 a2 + b1 b2)`) with `rank`,
     /// `alpha`, `conv_*`, `rslora`, `module_dropout` and `use_scalar`, none of the other
     /// dropouts, DoRA, Tucker, LoRA+ or `train.scale_weight_norms` (as LyCORIS trains it).
@@ -230,6 +234,11 @@ pub struct LoraSection {
     /// Diag-OFT and BOFT: a trained scale per output on the rotated weight (LyCORIS'
     /// `rescaled`). Only with `algo = "diag-oft"` or `"boft"`.
     pub rescaled: bool,
+    /// (IA)³ (`algo = "ia3"`): the module-path globs of the layers whose scale is per input
+    /// channel (LyCORIS' `train_on_input`) instead of per output; its `ia3` preset's, the
+    /// default, are the feed-forward outputs `*.ff.net.2` and `*.mlp.fc2` (the scale then
+    /// acts on the activations they take, as in the paper). Other algorithms ignore it.
+    pub ia3_on_input: Vec<String>,
     /// LoKr's factor (LyCORIS' `factor`): each side of a weight is split as `m · n`, `m` the
     /// divisor closest to this; −1: closest to the square root.
     pub lokr_factor: i64,
@@ -259,7 +268,8 @@ pub struct LoraSection {
     /// `use_tucker`, the dropouts or a factored optimizer (Adafactor, CAME, Prodigy +
     /// schedule-free).
     pub dylora_unit: usize,
-    /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`.
+    /// UNet preset: `attn`, `attn-mlp` (kohya's default), `all-linear`, `conv`, `ia3`
+    /// (LyCORIS' (IA)³ preset: `to_k`, `to_v`, `ff.net.2`).
     pub unet_targets: sd_model::targets::UnetTargets,
     /// Rank of the adapters on convolutions with a kernel larger than 1x1 (kohya's
     /// `conv_dim`, LoCon); 0: `rank` and `alpha`.
@@ -271,7 +281,8 @@ pub struct LoraSection {
     pub include: Vec<String>,
     /// Module-path globs never to target.
     pub exclude: Vec<String>,
-    /// Text-encoder preset: `none` (UNet only), `attn`, `attn-mlp` (kohya's text-encoder set).
+    /// Text-encoder preset: `none` (UNet only), `attn`, `attn-mlp` (kohya's text-encoder set),
+    /// `ia3` (LyCORIS' (IA)³ preset: `k_proj`, `v_proj`, `mlp.fc2`).
     pub text_encoder_targets: sd_model::targets::TextEncoderTargets,
     /// An existing LoRA (kohya or diffusers/PEFT file) to start from instead of fresh
     /// adapters (kohya's `network_weights`; empty: none). Its adapters must be among the
@@ -314,7 +325,28 @@ pub struct LoraSection {
     pub loraplus_text_encoder_lr_ratio: f64,
 }
 
+/// LyCORIS' `ia3` preset's layers with their (IA)³ scale on the inputs.
+pub fn default_ia3_on_input() -> Vec<String> {
+    vec!["*.ff.net.2".into(), "*.mlp.fc2".into()]
+}
+
 impl LoraSection {
+    /// `config` for the layer at `path`: with (IA)³, its scale per input channel where
+    /// [`ia3_on_input`](Self::ia3_on_input) matches the path.
+    ///
+    /// ```
+    /// use trainer::config::TrainConfig;
+    /// let mut lora = TrainConfig::default().lora;
+    /// lora.algo = lora_core::Algo::Ia3;
+    /// let at = |path: &str| lora.config_at(lora.linear_config(), path).ia3_on_input;
+    /// assert!(at("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"));
+    /// assert!(!at("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"));
+    /// ```
+    pub fn config_at(&self, config: lora_core::LoraConfig, path: &str) -> lora_core::LoraConfig {
+        let on_input = self.algo == lora_core::Algo::Ia3 && self.ia3_on_input.iter().any(|g| sd_model::targets::glob_match(g, path));
+        config.with_ia3_on_input(on_input)
+    }
+
     /// The adapter settings of linear layers and 1x1 convolutions.
     pub fn linear_config(&self) -> lora_core::LoraConfig {
         let alpha = match self.algo {
@@ -1593,6 +1625,7 @@ impl Default for TrainConfig {
                 lokr_factor: -1,
                 constraint: 0.0,
                 rescaled: false,
+                ia3_on_input: default_ia3_on_input(),
                 lokr_decompose_both: false,
                 lokr_full_matrix: false,
                 lokr_unbalanced_factorization: false,
@@ -2324,6 +2357,9 @@ impl TrainConfig {
         if l.algo == lora_core::Algo::Glora {
             self.check_glora()?;
         }
+        if l.algo == lora_core::Algo::Ia3 {
+            self.check_ia3()?;
+        }
         if self.output.save_format == lora_core::AdapterFormat::Peft {
             return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));
         }
@@ -2375,6 +2411,24 @@ impl TrainConfig {
         ];
         match options.iter().find(|(on, _)| *on) {
             Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"glora\" (LyCORIS' GLoRA module applies none)".into() }),
+            None => Ok(()),
+        }
+    }
+
+    /// What LyCORIS' (IA)³ takes: `module_dropout` alone (no rank dropout, DoRA, Tucker,
+    /// scalar, rsLoRA or max-norm; `rank` / `conv_rank` and the alphas are not used).
+    fn check_ia3(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        let options = [
+            (l.rank_dropout > 0.0, "lora.rank_dropout"),
+            (l.dora, "lora.dora"),
+            (l.use_tucker, "lora.use_tucker"),
+            (l.use_scalar, "lora.use_scalar"),
+            (l.rslora, "lora.rslora"),
+            (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
+        ];
+        match options.iter().find(|(on, _)| *on) {
+            Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"ia3\" (LyCORIS' (IA)³ module applies none)".into() }),
             None => Ok(()),
         }
     }

@@ -423,9 +423,9 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
             if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
                 return Err(o.err("network_args", "the LyCORIS preset leaves nothing to train with these learning rates (network_train_unet_only / network_train_text_encoder_only, or a learning rate of 0)"));
             }
-            // LyCORIS scales no GLoRA (its module's `apply_max_norm` does nothing).
-            if c.lora.algo == lora_core::Algo::Glora && c.train.scale_weight_norms > 0.0 {
-                notes.push(format!("scale_weight_norms {}: LyCORIS' GLoRA modules have no max-norm, so nothing is scaled; train.scale_weight_norms is off", c.train.scale_weight_norms));
+            // LyCORIS scales no GLoRA or (IA)³ (their modules' `apply_max_norm` does nothing).
+            if matches!(c.lora.algo, lora_core::Algo::Glora | lora_core::Algo::Ia3) && c.train.scale_weight_norms > 0.0 {
+                notes.push(format!("scale_weight_norms {}: LyCORIS' {} modules have no max-norm, so nothing is scaled; train.scale_weight_norms is off", c.train.scale_weight_norms, c.lora.algo.name()));
                 c.train.scale_weight_norms = 0.0;
             }
             // Diag-OFT's and BOFT's blocks are scaled as LyCORIS scales them.
@@ -686,6 +686,10 @@ enum LycorisPreset {
     UnetTransformerOnly,
     /// `unet-convblock-only`: the UNet's ResNet and sampler blocks, `conv_in` and `conv_out`.
     UnetConvblockOnly,
+    /// `ia3`: the attention's keys and values and the feed-forward outputs (the UNet's
+    /// `to_k`, `to_v`, `ff.net.2`, the text encoders' `k_proj`, `v_proj`, `mlp.fc2`), an
+    /// (IA)³'s scale on the inputs of the latter.
+    Ia3,
 }
 
 impl LycorisPreset {
@@ -698,6 +702,7 @@ impl LycorisPreset {
             "unet-only" => Self::UnetOnly,
             "unet-transformer-only" => Self::UnetTransformerOnly,
             "unet-convblock-only" => Self::UnetConvblockOnly,
+            "ia3" => Self::Ia3,
             _ => return None,
         })
     }
@@ -749,7 +754,7 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) and networks.oft (OFT), and LyCORIS' lycoris.kohya with algo lora / locon, loha, lokr, diag-oft, boft or glora"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) and networks.oft (OFT), and LyCORIS' lycoris.kohya with algo lora / locon, loha, lokr, diag-oft, boft, glora or ia3"),
             ))
         }
     };
@@ -943,7 +948,7 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 }
 
 /// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x), as its `create_network`
-/// reads them: `algo` (lora / locon, loha, lokr, diag-oft, boft or glora), `preset`, `conv_dim` / `conv_alpha`
+/// reads them: `algo` (lora / locon, loha, lokr, diag-oft, boft, glora or ia3), `preset`, `conv_dim` / `conv_alpha`
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
 /// `module_dropout`, `rs_lora`, DoRA (`dora_wd`), and Tucker convolutions
 /// (`use_tucker`), LoHa's and LoKr's `rank_dropout` and `use_scalar`. What LyCORIS trains
@@ -966,7 +971,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         let on = lycoris_bool(value);
         match key.as_str() {
             "algo" => algo = value.to_ascii_lowercase(),
-            "preset" => preset = LycorisPreset::parse(value).ok_or_else(|| bad("expected one of LyCORIS' presets full, full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only or unet-convblock-only (preset files are not read)"))?,
+            "preset" => preset = LycorisPreset::parse(value).ok_or_else(|| bad("expected one of LyCORIS' presets full, full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only, unet-convblock-only or ia3 (preset files are not read)"))?,
             "conv_dim" => {
                 let dim = number()?;
                 if dim < 0.0 || dim.fract() != 0.0 {
@@ -1020,8 +1025,12 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "diag-oft" => lora_core::Algo::DiagOft,
         "boft" => lora_core::Algo::Boft,
         "glora" => lora_core::Algo::Glora,
-        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft and glora"))),
+        "ia3" => lora_core::Algo::Ia3,
+        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft, glora and ia3"))),
     };
+    if l.algo == lora_core::Algo::Ia3 {
+        ia3_drops(l, &mut rank_dropout.0, preset, notes);
+    }
     if l.algo == lora_core::Algo::Glora && rank_dropout.0 > 0.0 {
         // LyCORIS' GLoRA drops rank components in bypass mode only.
         if bypass {
@@ -1123,6 +1132,9 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     if l.algo.is_lycoris_oft() {
         diag_oft_drops(l, &algo, notes);
     }
+    if l.algo == lora_core::Algo::Ia3 && std::mem::take(&mut l.use_tucker) {
+        notes.push("network_args use_tucker: LyCORIS' (IA)³ does not use it, and neither does this trainer".into());
+    }
     if l.algo == lora_core::Algo::Glora {
         let mut dropped = Vec::new();
         for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_tucker, "use_tucker")] {
@@ -1138,6 +1150,30 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         notes.push("use_tucker changes nothing here: the preset (or conv_dim = 0) leaves out the convolutions with a kernel larger than 1x1, which alone it decomposes, as in LyCORIS".into());
     }
     Ok(Network::Lycoris { preset, conv_dim })
+}
+
+/// What LyCORIS' (IA)³ module takes no notice of (rank dropout, DoRA, a scalar, Tucker,
+/// rsLoRA; its rank and alpha), turned off with a note; its scale is on the feed-forward
+/// outputs' inputs with LyCORIS' `ia3` preset only (which LyCORIS recommends: a note).
+fn ia3_drops(l: &mut crate::config::LoraSection, rank_dropout: &mut f64, preset: LycorisPreset, notes: &mut Vec<String>) {
+    let mut dropped = Vec::new();
+    if std::mem::take(rank_dropout) > 0.0 {
+        dropped.push("rank_dropout");
+    }
+    for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_scalar, "use_scalar"), (&mut l.rslora, "rs_lora")] {
+        if std::mem::take(on) {
+            dropped.push(what);
+        }
+    }
+    if !dropped.is_empty() {
+        notes.push(format!("network_args {}: LyCORIS' (IA)³ does not use them, and neither does this trainer", dropped.join(", ")));
+    }
+    notes.push("algo=ia3: network_dim, network_alpha and conv_dim / conv_alpha are not used (one trained scale per channel)".into());
+    if preset != LycorisPreset::Ia3 {
+        // LyCORIS' `train_on_input` comes from the `ia3` preset alone.
+        l.ia3_on_input.clear();
+        notes.push("algo=ia3 without preset=ia3 (LyCORIS warns that the ia3 preset is recommended): every layer's scale is per output channel".into());
+    }
 }
 
 /// What LyCORIS' Diag-OFT and BOFT modules (`algo`) take no notice of (they have no DoRA,
@@ -1170,6 +1206,7 @@ fn lycoris_targets(l: &mut crate::config::LoraSection, preset: LycorisPreset, co
             P::Full | P::FullLin | P::AttnMlp => TextEncoderTargets::AttnMlp,
             P::AttnOnly => TextEncoderTargets::Attn,
             P::UnetOnly | P::UnetTransformerOnly | P::UnetConvblockOnly => TextEncoderTargets::None,
+            P::Ia3 => TextEncoderTargets::Ia3,
         };
     }
     if l.unet_targets == UnetTargets::None {
@@ -1182,6 +1219,7 @@ fn lycoris_targets(l: &mut crate::config::LoraSection, preset: LycorisPreset, co
         P::AttnMlp | P::UnetTransformerOnly => UnetTargets::AttnMlp,
         P::AttnOnly => UnetTargets::Attn,
         P::Full | P::FullLin | P::UnetOnly | P::UnetConvblockOnly => UnetTargets::Conv,
+        P::Ia3 => UnetTargets::Ia3,
     };
     let named = sdxl != Some(true);
     let before = l.include.len();
@@ -2368,6 +2406,26 @@ output_dir = "out"
         assert!(e.contains("bypass_mode") && e.contains("glora"), "{e}");
     }
 
+    /// LyCORIS' `algo=ia3` with its `ia3` preset: the keys, values and feed-forward outputs
+    /// (the latter scaled on their inputs), what (IA)³ ignores off with a note; with another
+    /// preset every scale is per output (a note, as LyCORIS warns).
+    #[test]
+    fn ia3_reads_its_arguments() {
+        let ia3 = |args: &str| import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_train_unet_only = false\nscale_weight_norms = 1.0\nnetwork_args = [\"algo=ia3\", {args}]\n")).unwrap();
+        let i = ia3("\"preset=ia3\", \"rank_dropout=0.1\", \"use_scalar=True\", \"use_tucker=True\", \"module_dropout=0.1\"");
+        let l = &i.config.lora;
+        assert_eq!((l.algo, l.unet_targets, l.text_encoder_targets), (lora_core::Algo::Ia3, UnetTargets::Ia3, TextEncoderTargets::Ia3));
+        assert_eq!((l.rank_dropout, l.use_scalar, l.use_tucker, l.module_dropout, i.config.train.scale_weight_norms), (0.0, false, false, 0.1, 0.0));
+        assert_eq!(l.ia3_on_input, crate::config::default_ia3_on_input());
+        for says in ["rank_dropout, use_scalar", "use_tucker", "no max-norm", "not used"] {
+            assert!(i.notes.iter().any(|n| n.contains(says)), "{says}: {:?}", i.notes);
+        }
+        i.config.validate().unwrap();
+        let full = ia3("\"preset=attn-only\"");
+        assert!(full.config.lora.ia3_on_input.is_empty() && full.notes.iter().any(|n| n.contains("preset=ia3")), "{:?}", full.notes);
+        full.config.validate().unwrap();
+    }
+
     /// kohya's `networks.dylora`: its `unit` (1 by default), `conv_dim` equal to
     /// `network_dim` with the convolutions at `network_alpha`, LoRA+, and nothing else
     /// (dropouts and block-wise settings ignored with a note); what it asserts is an error.
@@ -3221,7 +3279,7 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"rex\"", "`lr_scheduler` = \"rex\" is not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=ia3\"]", "`algo=ia3`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft and glora"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=full\"]", "`algo=full`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft, glora and ia3"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=boft\", \"rank_dropout=0.2\"]", "`rank_dropout=0.2` with algo=boft"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1` with algo=diag-oft"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"constraint=x\"]", "`constraint=x`: expected a number"),

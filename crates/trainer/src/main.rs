@@ -354,7 +354,7 @@ enum Command {
         /// The adapters' form: `lora`, LyCORIS' `loha` or `lokr` (rank 4 each), kohya's
         /// `oft` (4 blocks each, constraint 1e-3) or LyCORIS' `diag-oft` / `boft` (blocks of
         /// 4, BOFT's of 10: SD's widths are 5 · 2^k; no constraint), or LyCORIS' `glora`
-        /// (rank 4).
+        /// (rank 4) or `ia3` (a scale per output channel).
         #[arg(long, default_value = "lora")]
         lora_algo: lora_core::Algo,
         /// `train` or `infer`.
@@ -786,11 +786,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         lora_core::Algo::DiagOft => "Diag-OFT",
         lora_core::Algo::Boft => "BOFT",
         lora_core::Algo::Glora => "GLoRA",
+        lora_core::Algo::Ia3 => "(IA)³",
     };
     // kohya's OFT's rank is its number of blocks (network_dim), Diag-OFT's the block size.
     let size = match config.lora.algo {
         lora_core::Algo::Oft => format!("{}-block", config.lora.rank),
         lora_core::Algo::DiagOft | lora_core::Algo::Boft => format!("block-size-{}", config.lora.rank),
+        lora_core::Algo::Ia3 => "per-channel".to_string(),
         _ => format!("rank-{}", config.lora.rank),
     };
     let what = match (config.embedding.enabled(), config.trains_adapters()) {
@@ -1642,6 +1644,7 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
                     Some(r) if matches!(g.kind, ModuleKind::DiagOft | ModuleKind::Boft) => format!("blocks of {r}"),
                     Some(r) if oft => format!("{r} blocks"),
                     Some(r) => format!("rank {r}"),
+                    None if g.kind == ModuleKind::Ia3 => "a scale per channel".to_string(),
                     None => "full".to_string(),
                 };
                 let alpha = match g.alpha {

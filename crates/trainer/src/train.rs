@@ -17,7 +17,7 @@ use burn::tensor::Tensor;
 use lora_core::sites::LoraSites;
 use lora_core::{sites, AdapterSet};
 use sd_data::{demo, Dataset, DatasetConfig, SubsetConfig};
-use sd_model::targets::{attach_new_adapters, attach_new_adapters_by_kernel, attach_new_adapters_with, KernelConfigs, Selection};
+use sd_model::targets::{attach_new_adapters_with, Selection};
 use sd_model::DiagonalGaussian;
 use sd_sched::training::{adaptive_offset_noise, elementwise_loss, offset_noise, pyramid_noise, pyramid_ratios, HuberSchedule, LossType, TimestepSampler, TrainingSchedule};
 use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
@@ -615,8 +615,11 @@ fn attach_configured_adapters<B: AutodiffBackend>(
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
     let attached = match l.block_plan(sd_model::blocks::BlockLayout::of(unet))? {
         // kohya's block-wise ranks: per block, or none where its learning rate is 0.
-        Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel), device)?,
-        None => attach_new_adapters_by_kernel(unet, &selection, KernelConfigs { linear: &lora, spatial: &spatial }, device)?,
+        Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel).map(|c| l.config_at(c, path)), device)?,
+        None => {
+            let mut by_kernel = |path: &str, kernel: [usize; 2]| Some(l.config_at(if kernel != [1, 1] { spatial.clone() } else { lora.clone() }, path));
+            attach_new_adapters_with(unet, &selection, &mut by_kernel, device)?
+        }
     };
     if l.has_conv_settings() && attached.spatial == 0 {
         // kohya's `conv_dim` adds the ResNet convolutions itself; here the targets say it.
@@ -628,7 +631,7 @@ fn attach_configured_adapters<B: AutodiffBackend>(
     let mut te_targets = 0;
     for te in encoders.iter_mut() {
         // SDXL: both encoders, as kohya's sd-scripts target them.
-        te_targets += attach_new_adapters(te, &Selection::new(l.text_encoder_targets), &lora, device)?.len();
+        te_targets += attach_new_adapters_with(te, &Selection::new(l.text_encoder_targets), &mut |path, _| Some(l.config_at(lora.clone(), path)), device)?.paths.len();
     }
     // An embedding may train alone (kohya's textual inversion).
     if attached.paths.is_empty() && te_targets == 0 && !with_embedding {
@@ -1124,7 +1127,9 @@ fn fingerprint(config: &TrainConfig) -> String {
         "loraplus_text_encoder_lr_ratio = ",
     ];
     let lora = toml::to_string(&config.lora).unwrap_or_default();
-    let lora: String = lora.lines().filter(|l| !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
+    // (IA)³'s input layers matter to it alone (and states from before it never have it).
+    let unused = |l: &str| config.lora.algo != lora_core::Algo::Ia3 && l.starts_with("ia3_on_input = ");
+    let lora: String = lora.lines().filter(|l| !unused(l) && !later.iter().any(|p| l.starts_with(p) && (p.ends_with(' ') || l == p))).map(|l| format!("{l}\n")).collect();
     // With `dim_from_weights` the file gives the adapters' alphas on a resume too: it must
     // be the file the state was trained from (its tensors' hash, as A1111's LoRA hash).
     let file = if config.lora.dim_from_weights {
@@ -2633,7 +2638,7 @@ mod tests {
         let base = sd_model::UNet2DConditionModel::<B>::new(&config, &device).unwrap();
         let mut unet = base.clone();
         let lora = lora_core::LoraConfig::new(4);
-        attach_new_adapters(&mut unet, &Selection::new(sd_model::targets::UnetTargets::AttnMlp), &lora, &device).unwrap();
+        sd_model::targets::attach_new_adapters(&mut unet, &Selection::new(sd_model::targets::UnetTargets::AttnMlp), &lora, &device).unwrap();
         // Fresh adapters add nothing; these do.
         unet.visit_lora_sites(&mut |_, site| {
             if let lora_core::sites::LoraSiteMut::Linear(lora_core::LoraLinear { adapter: Some(a), .. }) = site {

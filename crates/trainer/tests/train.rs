@@ -2999,6 +2999,67 @@ fn glora_trains_resumes_and_applies() {
     assert_applies_at_half_strength(&straight.lora, "glora");
 }
 
+/// `lora.algo = "ia3"` (LyCORIS' (IA)³) on its `ia3` targets: each layer's scale is saved
+/// as LyCORIS saves it (`weight`, `on_input`, no `alpha`), per input channel on the
+/// feed-forward outputs (`ff.net.2`, `mlp.fc2`) and per output elsewhere, with
+/// `lycoris.kohya` and `algo=ia3`, and every one trains (from zero); a stopped run resumes
+/// bit for bit; the file continues training as `network_weights` and with
+/// `dim_from_weights`; it applies at a strength in generation. The options (IA)³ does not
+/// take are refused.
+#[test]
+fn ia3_trains_resumes_and_applies() {
+    let _guard = seeded();
+    let ia3_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.algo = lora_core::Algo::Ia3;
+        c.lora.dropout = 0.0;
+        c.lora.module_dropout = 0.1;
+        c.lora.unet_targets = sd_model::targets::UnetTargets::Ia3;
+        c.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Ia3;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&ia3_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    let (mut inputs, mut outputs) = (0, 0);
+    for (key, w) in set.iter() {
+        let l = w.lycoris.as_ref().unwrap();
+        let path = key.path.to_string();
+        assert!([".to_k", ".to_v", ".ff.net.2", ".k_proj", ".v_proj", ".mlp.fc2"].iter().any(|s| path.ends_with(s)), "{key}");
+        let on_input = path.ends_with(".ff.net.2") || path.ends_with(".mlp.fc2");
+        assert_eq!((l.algo, l.get("on_input").unwrap().data.clone()), (lora_core::Algo::Ia3, vec![f32::from(u8::from(on_input))]), "{key}");
+        (inputs, outputs) = (inputs + usize::from(on_input), outputs + usize::from(!on_input));
+        assert!(l.get("weight").unwrap().data.iter().any(|v| *v != 0.0), "{key} did not train");
+    }
+    assert!(inputs > 0 && outputs > 0 && set.iter().any(|(k, _)| k.component == lora_core::Component::TextEncoder));
+    let bytes = std::fs::read(&straight.lora).unwrap();
+    let (st, _) = lora_core::tensor_io::parse(&bytes, &straight.lora).unwrap();
+    assert!(st.names().iter().all(|n| n.ends_with(".weight") || n.ends_with(".on_input")), "no alpha: {:?}", st.names());
+    let meta = lora_metadata(&straight.lora);
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!((meta["ss_network_module"].as_str(), args["algo"].as_str()), ("lycoris.kohya", Some("ia3")));
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&ia3_config(dir.path(), 6), &straight, |c| c.lora.ia3_on_input.clear(), "cannot resume with a different model, [lora] section");
+
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = ia3_config(more_dir.path(), 2);
+    more.lora.network_weights = straight.lora.display().to_string();
+    assert_trains(&more);
+    more.lora.dim_from_weights = true;
+    assert_trains(&more);
+
+    for (change, key) in [(&(|c: &mut TrainConfig| c.lora.rank_dropout = 0.1) as &dyn Fn(&mut TrainConfig), "lora.rank_dropout"), (&|c: &mut TrainConfig| c.train.scale_weight_norms = 1.0, "train.scale_weight_norms"), (&|c: &mut TrainConfig| c.lora.use_scalar = true, "lora.use_scalar")] {
+        let mut bad = ia3_config(more_dir.path(), 2);
+        change(&mut bad);
+        let err = train::<B>(&bad, &Default::default(), &mut |_| true).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("ia3"), "{key}: {err}");
+    }
+
+    assert_applies_at_half_strength(&straight.lora, "ia3");
+}
+
 /// `lora.use_tucker` with a LoRA (LyCORIS' LoCon with `use_tucker`): the 3x3
 /// convolutions' adapters (only those) are saved as LyCORIS saves them, `lora_down` 1x1,
 /// `lora_mid` and `lora_up`, with `lycoris.kohya` and `use_tucker` in the metadata; every

@@ -226,7 +226,10 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
                 tensors.push((format!("{name}.lora_up.weight"), &w.up));
             }
         }
-        tensors.push((format!("{name}.alpha"), alpha));
+        // LyCORIS' (IA)³ has no alpha.
+        if w.lycoris.as_ref().is_none_or(|l| l.algo != crate::Algo::Ia3) {
+            tensors.push((format!("{name}.alpha"), alpha));
+        }
         if let Some(m) = magnitude {
             tensors.push((format!("{name}.dora_scale"), m));
         }

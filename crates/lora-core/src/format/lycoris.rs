@@ -54,6 +54,9 @@ pub(super) enum Part {
     GloraA2,
     GloraB1,
     GloraB2,
+    /// (IA)³'s scale and its flag ([`crate::ia3`]).
+    Ia3Weight,
+    Ia3OnInput,
 }
 
 /// Key suffixes of the LyCORIS tensors.
@@ -77,6 +80,9 @@ pub(super) const SUFFIXES: &[(&str, Part)] = &[
     (".a2.weight", Part::GloraA2),
     (".b1.weight", Part::GloraB1),
     (".b2.weight", Part::GloraB2),
+    (".on_input", Part::Ia3OnInput),
+    // Last: every more specific `….weight` suffix above comes first.
+    (".weight", Part::Ia3Weight),
 ];
 
 /// The LyCORIS name of a part (`hada_w1_a`, …).
@@ -238,6 +244,15 @@ impl Tensors {
         }
         if rescale.is_some() {
             return Err(bad("`rescale` (LyCORIS' Diag-OFT / BOFT) without its `oft_blocks`".into()));
+        }
+        let (weight, on_input) = (self.get(Part::Ia3Weight), self.get(Part::Ia3OnInput));
+        if weight.is_some() || on_input.is_some() {
+            return match (weight, on_input, self.found.len()) {
+                (Some(w), Some(flag), 2) => crate::ia3::weights(w.clone(), flag.clone(), name).map_err(|e| bad(e.to_string())),
+                (Some(_), None, 1) => Err(bad("an (IA)³'s `weight` without its `on_input` (LyCORIS writes both)".into())),
+                (None, Some(_), 1) => Err(bad("an (IA)³'s `on_input` without its `weight`".into())),
+                _ => Err(bad(format!("the module mixes (IA)³ (`weight`, `on_input`) and other LyCORIS tensors: {:?}", self.found.iter().map(|(p, _)| part_name(*p)).collect::<Vec<_>>()))),
+            };
         }
         let glora = [Part::GloraA1, Part::GloraA2, Part::GloraB1, Part::GloraB2];
         if self.found.iter().any(|(p, _)| glora.contains(p)) {
@@ -473,7 +488,8 @@ fn untucker(t: &HostTensor, a: &HostTensor, b: &HostTensor) -> std::result::Resu
 /// Anything else is returned as it is.
 pub(crate) fn unflatten(w: LoraWeights, [kh, kw]: [usize; 2]) -> LoraWeights {
     let k = kh * kw;
-    if w.down.shape.len() != 2 || k == 0 || !w.down.shape[1].is_multiple_of(k) {
+    // An (IA)³'s empty plain form holds one side's channels, not a kernel's columns.
+    if w.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Ia3) || w.down.shape.len() != 2 || k == 0 || !w.down.shape[1].is_multiple_of(k) {
         return w;
     }
     let (rank, out) = (w.down.shape[0], w.up.shape[0]);

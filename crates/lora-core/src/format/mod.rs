@@ -115,7 +115,8 @@ fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped
             continue;
         };
         // LyCORIS writes an alpha of 0 as the rank, an integer.
-        let tensor = if matches!(role, Role::Alpha) { tensor_io::finite(tensor_io::decode_number(&view, key, path)?, key, path)? } else { tensor_io::decode_finite(&view, key, path)? };
+        let number = matches!(role, Role::Alpha | Role::Lycoris(lycoris::Part::Ia3OnInput));
+        let tensor = if number { tensor_io::finite(tensor_io::decode_number(&view, key, path)?, key, path)? } else { tensor_io::decode_finite(&view, key, path)? };
         let entry = parts.entry(name.to_string()).or_default();
         entry.keys.push(key.to_string());
         match role {

@@ -20,8 +20,8 @@
 //! its core folded into `down` gives the Gram matrix, and its three factors share the
 //! ratio. LyCORIS' Diag-OFT and BOFT hold the norm of their `oft_blocks` themselves to the
 //! limit, as LyCORIS' `apply_max_norm` does for them (their update is not linear in the
-//! blocks; the scale per output is left alone). A GLoRA is left alone, as LyCORIS leaves it
-//! (LyCORIS' GLoRA module has no max-norm).
+//! blocks; the scale per output is left alone). A GLoRA or an (IA)³ is left alone, as LyCORIS
+//! leaves it (its modules have no max-norm).
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -117,8 +117,8 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
             pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Oft { blocks: a.factors[0].id }, scale: 1.0 });
             return;
         }
-        if site.lycoris_adapter().is_some_and(|a| a.algo() == crate::Algo::Glora) {
-            // LyCORIS' GLoRA module has no max-norm: its layers are not scaled.
+        if site.lycoris_adapter().is_some_and(|a| matches!(a.algo(), crate::Algo::Glora | crate::Algo::Ia3)) {
+            // LyCORIS' GLoRA and (IA)³ modules have no max-norm: their layers are not scaled.
             return;
         }
         if let Some(a) = site.lycoris_adapter() {
