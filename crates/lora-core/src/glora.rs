@@ -133,15 +133,7 @@ pub fn weights(tensors: Vec<HostTensor>, alpha: Option<f32>, key: &str) -> Resul
         Some([kh, kw]) => (vec![0, shape.input, kh, kw], vec![shape.out, 0, 1, 1]),
         None => (vec![0, shape.input], vec![shape.out, 0]),
     };
-    let weights = LoraWeights {
-        down: HostTensor { shape: down, data: Vec::new() },
-        up: HostTensor { shape: up, data: Vec::new() },
-        alpha: lycoris.alpha,
-        magnitude: None,
-        lycoris: Some(lycoris),
-    };
-    weights.validate(key)?;
-    Ok(weights)
+    LoraWeights::base_relative(down, up, lycoris, key)
 }
 
 /// Checks a GLoRA's [`LoraWeights`] (see [`weights`]); `key` names it in errors.

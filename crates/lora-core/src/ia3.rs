@@ -105,15 +105,7 @@ pub fn weights(weight: HostTensor, on_input: HostTensor, key: &str) -> Result<Lo
     let shape = check_tensors(&lycoris, key)?;
     let (input, out) = if shape.on_input { (shape.channels, 0) } else { (0, shape.channels) };
     let (down, up) = if shape.conv { (vec![0, input, 1, 1], vec![out, 0, 1, 1]) } else { (vec![0, input], vec![out, 0]) };
-    let weights = LoraWeights {
-        down: HostTensor { shape: down, data: Vec::new() },
-        up: HostTensor { shape: up, data: Vec::new() },
-        alpha: 1.0,
-        magnitude: None,
-        lycoris: Some(lycoris),
-    };
-    weights.validate(key)?;
-    Ok(weights)
+    LoraWeights::base_relative(down, up, lycoris, key)
 }
 
 /// Checks an (IA)³'s [`LoraWeights`] (see [`weights`]); `key` names it in errors.

@@ -328,20 +328,7 @@ impl<B: Backend> LycorisAdapter<B> {
             let flat = HostTensor { shape: vec![rows, t.numel() / rows.max(1)], data: t.data.clone() };
             factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
         }
-        let adapter = Self {
-            factors,
-            names,
-            algo: weights.algo,
-            shape,
-            conv,
-            scale: weights.scale(),
-            module_dropout: 0.0,
-            rank_dropout: 0.0,
-            rank_dropout_scale: false,
-            magnitude: None,
-            scalar: None,
-            ia3_on_input: false,
-        };
+        let adapter = Self::read(factors, names, weights.algo, shape, conv, weights.scale());
         let [out, input, kh, kw] = shape;
         let (rows, cols) = adapter.delta_shape().map_err(bad)?;
         if (rows, cols) != (out, input * kh * kw) {
@@ -366,20 +353,7 @@ impl<B: Backend> LycorisAdapter<B> {
             let flat = HostTensor { shape: vec![rows, t.data.len() / rows.max(1)], data: t.data.clone() };
             factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
         }
-        Ok(Self {
-            factors,
-            names,
-            algo: weights.algo,
-            shape,
-            conv,
-            scale: weights.alpha,
-            module_dropout: 0.0,
-            rank_dropout: 0.0,
-            rank_dropout_scale: false,
-            magnitude: None,
-            scalar: None,
-            ia3_on_input: false,
-        })
+        Ok(Self::read(factors, names, weights.algo, shape, conv, weights.alpha))
     }
 
     /// [`from_weights`](Self::from_weights) for a GLoRA: its four tensors checked against
@@ -401,20 +375,7 @@ impl<B: Backend> LycorisAdapter<B> {
             let flat = HostTensor { shape: vec![rows, t.data.len() / rows], data: t.data.clone() };
             factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
         }
-        Ok(Self {
-            factors,
-            names: crate::glora::NAMES.to_vec(),
-            algo: Algo::Glora,
-            shape,
-            conv,
-            scale: weights.scale(),
-            module_dropout: 0.0,
-            rank_dropout: 0.0,
-            rank_dropout_scale: false,
-            magnitude: None,
-            scalar: None,
-            ia3_on_input: false,
-        })
+        Ok(Self::read(factors, crate::glora::NAMES.to_vec(), Algo::Glora, shape, conv, weights.scale()))
     }
 
     /// [`from_weights`](Self::from_weights) for an (IA)³: its scale, one value per input or
@@ -427,20 +388,28 @@ impl<B: Backend> LycorisAdapter<B> {
             return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the (IA)³ scales {} channels, the layer has {want} {side}", found.channels) });
         }
         let scale = HostTensor { shape: vec![want, 1], data: weights.tensors[0].1.data.clone() };
-        Ok(Self {
-            factors: vec![Param::from_tensor(scale.to_tensor::<B, 2>(device)?)],
-            names: vec![crate::ia3::WEIGHT],
-            algo: Algo::Ia3,
+        let factors = vec![Param::from_tensor(scale.to_tensor::<B, 2>(device)?)];
+        Ok(Self { ia3_on_input: found.on_input, ..Self::read(factors, vec![crate::ia3::WEIGHT], Algo::Ia3, shape, conv, 1.0) })
+    }
+
+    /// An adapter read from a file: its factors under their names, with none of the
+    /// training-only settings (dropouts, DoRA's magnitude, a trained scalar), which the
+    /// caller sets where they apply.
+    fn read(factors: Vec<Param<Tensor<B, 2>>>, names: Vec<&'static str>, algo: Algo, shape: [usize; 4], conv: bool, scale: f32) -> Self {
+        Self {
+            factors,
+            names,
+            algo,
             shape,
             conv,
-            scale: 1.0,
+            scale,
             module_dropout: 0.0,
             rank_dropout: 0.0,
             rank_dropout_scale: false,
             magnitude: None,
             scalar: None,
-            ia3_on_input: found.on_input,
-        })
+            ia3_on_input: false,
+        }
     }
 
     /// Whether an (IA)³'s scale is per input channel (false for other algorithms).

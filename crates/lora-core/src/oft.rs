@@ -299,15 +299,7 @@ pub fn weights(algo: Algo, blocks: HostTensor, rescale: Option<HostTensor>, alph
     let up = if conv { vec![out, 0, 1, 1] } else { vec![out, 0] };
     let mut tensors = vec![(BLOCKS.to_string(), blocks)];
     tensors.extend(rescale.map(|t| (RESCALE.to_string(), t)));
-    let weights = LoraWeights {
-        down: HostTensor { shape: down, data: Vec::new() },
-        up: HostTensor { shape: up, data: Vec::new() },
-        alpha,
-        magnitude: None,
-        lycoris: Some(LycorisWeights { algo, tensors, alpha }),
-    };
-    weights.validate(key)?;
-    Ok(weights)
+    LoraWeights::base_relative(down, up, LycorisWeights { algo, tensors, alpha }, key)
 }
 
 /// Checks an OFT's [`LoraWeights`] (see [`weights`]); `key` names it in errors.

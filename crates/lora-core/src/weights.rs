@@ -198,6 +198,21 @@ impl LoraWeights {
         self.lycoris.as_ref().is_some_and(|l| l.algo.depends_on_base())
     }
 
+    /// An adapter with no plain-LoRA form ([`depends_on_base`](Self::depends_on_base)):
+    /// `lycoris`'s tensors beside empty `down` / `up` of these shapes (rank 0), checked;
+    /// `key` names it in errors.
+    pub(crate) fn base_relative(down: Vec<usize>, up: Vec<usize>, lycoris: LycorisWeights, key: &str) -> Result<Self> {
+        let weights = Self {
+            down: HostTensor { shape: down, data: Vec::new() },
+            up: HostTensor { shape: up, data: Vec::new() },
+            alpha: lycoris.alpha,
+            magnitude: None,
+            lycoris: Some(lycoris),
+        };
+        weights.validate(key)?;
+        Ok(weights)
+    }
+
     /// The error for an operation on such an adapter ([`depends_on_base`](Self::depends_on_base))
     /// that needs a plain LoRA (`what`: "combined", "resized", ...); `key` names it.
     pub(crate) fn no_plain_form(&self, key: &str, what: &str) -> LoraError {

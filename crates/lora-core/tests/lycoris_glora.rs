@@ -148,7 +148,6 @@ fn a_fresh_glora_changes_nothing() {
 /// `algo=glora`; `info` says GLoRA with its rank; read back, the same layer output.
 #[test]
 fn written_as_lycoris_and_read_back() {
-    let device = Default::default();
     let f = Fixture::open(FILE);
     for name in CASES {
         let case: Case = f.case(name);
@@ -184,16 +183,9 @@ fn written_as_lycoris_and_read_back() {
         let kernel = case.is_conv().then(|| [case.dims()[2]; 2]);
         assert_eq!((m.kind, m.rank, m.kernel, info.summary(Component::Unet).len()), (ModuleKind::Glora, Some(case.dim), kernel, 1), "{name}");
 
-        let mut index = ModuleIndex::new();
-        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
-        let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+        let read = common::layer::read_back(&f, name, &mut trained, &bytes, base_layer(&f, name), 1e-5);
         let (_, w) = read.iter().next().unwrap();
         assert!(w.depends_on_base() && !w.is_oft() && w.lycoris.as_ref().unwrap().algo == Algo::Glora, "{name}");
-        assert_eq!(read.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), bytes, "{name}: written again as read");
-        let mut fresh = One(base_layer(&f, name));
-        attach_adapters(&mut fresh, &read, 1.0, &device).unwrap();
-        let err = rel(fresh.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
-        assert!(err < 1e-5, "{name}: read back, relative error {err}");
     }
 }
 
@@ -284,19 +276,6 @@ proptest! {
     fn damaged_files_are_errors_not_panics(case in 0..CASES.len(), damage in common::damage()) {
         let f = Fixture::open(FILE);
         let name = CASES[case];
-        let mut trained = One(trained_layer(&f, name));
-        let mut set = AdapterSet::new();
-        collect_adapters(&mut trained, &mut set).unwrap();
-        let bytes = common::damaged(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), &damage);
-        let mut index = ModuleIndex::new();
-        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
-        let Ok((read, _)) = AdapterSet::from_bytes(&bytes, Path::new("bad.safetensors"), &index, ReadOptions { lenient: true }) else {
-            return Ok(());
-        };
-        let mut fresh = One(base_layer(&f, name));
-        if attach_adapters(&mut fresh, &read, 1.0, &Default::default()).is_ok() {
-            let y: Vec<f32> = fresh.0.forward(&f, name).inner().into_data().to_vec().unwrap();
-            prop_assert!(!y.is_empty());
-        }
+        common::layer::survives_damage(&f, name, trained_layer(&f, name), base_layer(&f, name), &damage);
     }
 }

@@ -13,7 +13,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
 use burn::tensor::Tensor;
 use lora_core::inspect::ModuleKind;
-use lora_core::sites::{attach_adapters, collect_adapters};
+use lora_core::sites::collect_adapters;
 use lora_core::{Algo, AdapterFormat, AdapterSet, Component, HostTensor, LoraConfig, ModuleIndex, ReadOptions, SaveDtype};
 use proptest::prelude::*;
 
@@ -158,7 +158,6 @@ fn merge_writes_lycoris_weight() {
 /// kohya's OFT; read back, the same adapter.
 #[test]
 fn written_as_lycoris_and_read_back() {
-    let device = Default::default();
     for (algo, file) in KINDS {
     let f = Fixture::open(file);
     for name in CASES {
@@ -194,16 +193,9 @@ fn written_as_lycoris_and_read_back() {
         let kind = if algo == Algo::Boft { ModuleKind::Boft } else { ModuleKind::DiagOft };
         assert_eq!((m.kind, m.rank, m.alpha, info.summary(Component::Unet).len()), (kind, Some(case.n()), Some(case.constraint), 1), "{name}");
 
-        let mut index = ModuleIndex::new();
-        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
-        let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("x"), &index, ReadOptions::default()).unwrap();
+        let read = common::layer::read_back(&f, name, &mut trained, &bytes, base_layer(&f, name), 1e-6);
         let (_, w) = read.iter().next().unwrap();
         assert!(w.is_oft() && w.lycoris.as_ref().unwrap().algo == algo, "{name}");
-        assert_eq!(read.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), bytes, "{name}: written again as read");
-        let mut fresh = One(base_layer(&f, name));
-        attach_adapters(&mut fresh, &read, 1.0, &device).unwrap();
-        let err = rel(fresh.0.forward(&f, name).inner(), trained.0.forward(&f, name).inner());
-        assert!(err < 1e-6, "{name}: read back, relative error {err}");
     }
     }
 }
@@ -272,19 +264,6 @@ proptest! {
         let (algo, file) = KINDS[kind];
         let f = Fixture::open(file);
         let name = CASES[case];
-        let mut trained = One(trained_layer(&f, name, algo));
-        let mut set = AdapterSet::new();
-        collect_adapters(&mut trained, &mut set).unwrap();
-        let bytes = common::damaged(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), &damage);
-        let mut index = ModuleIndex::new();
-        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
-        let Ok((read, _)) = AdapterSet::from_bytes(&bytes, Path::new("bad.safetensors"), &index, ReadOptions { lenient: true }) else {
-            return Ok(());
-        };
-        let mut fresh = One(base_layer(&f, name));
-        if attach_adapters(&mut fresh, &read, 1.0, &Default::default()).is_ok() {
-            let y: Vec<f32> = fresh.0.forward(&f, name).inner().into_data().to_vec().unwrap();
-            prop_assert!(!y.is_empty());
-        }
+        common::layer::survives_damage(&f, name, trained_layer(&f, name, algo), base_layer(&f, name), &damage);
     }
 }

@@ -388,6 +388,43 @@ pub mod layer {
             f("layer", self.0.site());
         }
     }
+
+    /// Reads `bytes` (the file written from `trained`'s adapter, case `name`) back: it is
+    /// written again byte for byte, and attached to `fresh` it gives `trained`'s output
+    /// (relative error below `tol`). Returns what was read.
+    pub fn read_back(f: &Fixture, name: &str, trained: &mut One, bytes: &[u8], fresh: Layer, tol: f32) -> lora_core::AdapterSet {
+        use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
+        let mut index = ModuleIndex::new();
+        lora_core::sites::add_to_index(&mut index, trained).unwrap();
+        let (read, _) = AdapterSet::from_bytes(bytes, std::path::Path::new("x"), &index, ReadOptions::default()).unwrap();
+        assert_eq!(read.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), bytes, "{name}: written again as read");
+        let mut fresh = One(fresh);
+        lora_core::sites::attach_adapters(&mut fresh, &read, 1.0, &Default::default()).unwrap();
+        let err = rel(fresh.0.forward(f, name).inner(), trained.0.forward(f, name).inner());
+        assert!(err < tol, "{name}: read back, relative error {err}");
+        read
+    }
+
+    /// Writes the adapter of `trained` (case `name`), damages the file (`damage`) and reads
+    /// it back leniently: a typed error, or an adapter that attaches to `fresh` (or refuses
+    /// to, with an error) and runs. A panic fails the calling proptest.
+    pub fn survives_damage(f: &Fixture, name: &str, trained: Layer, fresh: Layer, damage: &super::Damage) {
+        use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
+        let mut trained = One(trained);
+        let mut set = AdapterSet::new();
+        lora_core::sites::collect_adapters(&mut trained, &mut set).unwrap();
+        let bytes = super::damaged(&set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap(), damage);
+        let mut index = ModuleIndex::new();
+        lora_core::sites::add_to_index(&mut index, &mut trained).unwrap();
+        let Ok((read, _)) = AdapterSet::from_bytes(&bytes, std::path::Path::new("bad.safetensors"), &index, ReadOptions { lenient: true }) else {
+            return;
+        };
+        let mut fresh = One(fresh);
+        if lora_core::sites::attach_adapters(&mut fresh, &read, 1.0, &Default::default()).is_ok() {
+            let y: Vec<f32> = fresh.0.forward(f, name).inner().into_data().to_vec().unwrap();
+            assert!(!y.is_empty());
+        }
+    }
 }
 
 pub mod trajectory {
