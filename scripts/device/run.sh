@@ -28,13 +28,13 @@
 #        attention, then with the blockwise attention, then the tiny UNet in f32; see below)
 #   CHECKS_AFTER=4     the checks (and SMOKE) run after this many PLAN entries (cuda default 4:
 #                      the headline benchmarks first; cpu 0)
-#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn][:cudnnattn][:lora][:tuned][:hybrid][:smem96][:prefetch][:loha|:lokr|:oft|:diag-oft|:boft|:glora|:ia3] ..."
+#   PLAN="CONFIG:RES:BATCH:MODE[:ckpt][:plain][:unmerged][:cudnn][:cublas][:device][:softmax][:flash][:gn][:cudnnattn][:lora][:tuned][:hybrid][:smem96][:prefetch][:loha|:lokr|:oft|:diag-oft|:boft|:glora|:ia3|:full] ..."
 #        benchmarks, MODE train|infer; plain = --plain-autodiff (burn's own backward passes,
 #        for the memory A/B); unmerged = --lora-unmerged (infer: adapters beside the weights,
 #        as peft runs them, instead of merged in as `trainer generate` runs them);
-#        loha / lokr / oft / diag-oft / boft / glora / ia3 = --lora-algo (LyCORIS' forms,
+#        loha / lokr / oft / diag-oft / boft / glora / ia3 / full = --lora-algo (LyCORIS' forms,
 #        kohya's OFT at constraint 1e-3, LyCORIS' Diag-OFT and BOFT unconstrained, GLoRA at
-#        rank 4, (IA)³ per output channel);
+#        rank 4, (IA)³ per output channel, full: whole weights and biases);
 #        cudnn / cublas / device / softmax / flash / gn / tuned / hybrid as above, with the
 #        default matmul threshold (default cuda: the four anchor settings with everything
 #        on and cuDNN's attention, batch 1 without the one-op LoRA layers, then with the
@@ -414,7 +414,7 @@ bench_flags() {
             prefetch) envs+=(SD_LORA_FLASH_PREFETCH=1); suffix="$suffix-prefetch" ;;
             cublasmin) envs+=(SD_LORA_CUBLAS_MIN_GFLOP=${CUBLAS_MIN_GFLOP:-0.25}); suffix="$suffix-cublas${CUBLAS_MIN_GFLOP:-0.25}" ;;
             # Another adapter form than LoRA (`--lora-algo`): end-to-end timings, not ratios.
-            loha|lokr|oft|diag-oft|boft|glora|ia3) flag+=(--lora-algo "$o"); suffix="$suffix-$o" ;;
+            loha|lokr|oft|diag-oft|boft|glora|ia3|full) flag+=(--lora-algo "$o"); suffix="$suffix-$o" ;;
         esac
     done
 }

@@ -278,9 +278,9 @@ impl AdapterSet {
     /// The set with every LyCORIS LoHa / LoKr / Tucker LoCon adapter as the plain LoRA with
     /// its update (their [`LoraWeights::lycoris`] dropped): written in the kohya layout, it
     /// is a LoRA file for readers that take no LyCORIS modules. An OFT or a GLoRA,
-    /// which have no plain-LoRA form ([`LoraWeights::depends_on_base`]), stay as they are.
+    /// which have no plain-LoRA form ([`LoraWeights::stands_alone`]), stay as they are.
     pub fn into_plain_lora(mut self) -> Self {
-        for w in self.adapters.values_mut().filter(|w| !w.depends_on_base()) {
+        for w in self.adapters.values_mut().filter(|w| !w.stands_alone()) {
             w.lycoris = None;
         }
         self

@@ -66,6 +66,13 @@ pub enum Algo {
     /// writes it (`lora_unet_….weight`, `.on_input`), which A1111 loads.
     #[serde(rename = "ia3")]
     Ia3,
+    /// LyCORIS' full fine-tuning (`algo=full`, the kohya_ss GUI's "LyCORIS/Native Fine-Tuning"):
+    /// each layer's whole weight and bias are trained, `W + ΔW`, `b + Δb`, with `ΔW`
+    /// (`diff`) and `Δb` (`diff_b`) starting at zero ([`crate::full`]); `rank` and
+    /// `alpha` are not used. An update of the layer's full size with its bias's has no
+    /// plain-LoRA form ([`Algo::stands_alone`]). Saved as LyCORIS writes it
+    /// (`lora_unet_….diff`, `.diff_b`), which ComfyUI and A1111 load.
+    Full,
 }
 
 impl Algo {
@@ -80,10 +87,11 @@ impl Algo {
             Algo::Boft => "boft",
             Algo::Glora => "glora",
             Algo::Ia3 => "ia3",
+            Algo::Full => "full",
         }
     }
 
-    /// Whether the adapter is not a LoRA: LyCORIS' LoHa, LoKr, Diag-OFT, BOFT, GLoRA or (IA)³, or
+    /// Whether the adapter is not a LoRA: LyCORIS' LoHa, LoKr, Diag-OFT, BOFT, GLoRA, (IA)³ or full, or
     /// kohya's OFT, each held as a [`crate::LycorisAdapter`] with its own tensors.
     pub fn is_lycoris(self) -> bool {
         self != Algo::Lora
@@ -114,19 +122,35 @@ impl Algo {
     pub fn depends_on_base(self) -> bool {
         self.is_oft() || matches!(self, Algo::Glora | Algo::Ia3)
     }
+
+    /// Whether the adapter has no plain-LoRA form: its update depends on the base weight
+    /// ([`depends_on_base`](Self::depends_on_base)), or it is a full-size difference with
+    /// the bias's ([`Algo::Full`], which a LoRA cannot hold). Such an adapter is merged into
+    /// its own layer, never combined with other files' adapters on that layer, resized or
+    /// written in the diffusers / PEFT layout.
+    ///
+    /// ```
+    /// use lora_core::Algo;
+    /// assert!(Algo::Full.stands_alone() && !Algo::Full.depends_on_base());
+    /// assert!(Algo::Ia3.stands_alone() && !Algo::Lokr.stands_alone());
+    /// ```
+    pub fn stands_alone(self) -> bool {
+        self.depends_on_base() || self == Algo::Full
+    }
 }
 
 impl std::str::FromStr for Algo {
     type Err = String;
 
-    /// `lora`, `loha`, `lokr`, `oft`, `diag-oft`, `boft`, `glora` or `ia3` (LyCORIS'
-    /// `locon` reads as `lora`).
+    /// `lora`, `loha`, `lokr`, `oft`, `diag-oft`, `boft`, `glora`, `ia3` or `full`
+    /// (LyCORIS' `locon` reads as `lora`).
     ///
     /// ```
     /// use lora_core::Algo;
     /// assert_eq!("loha".parse::<Algo>(), Ok(Algo::Loha));
     /// assert_eq!("ia3".parse::<Algo>(), Ok(Algo::Ia3));
-    /// assert!("full".parse::<Algo>().is_err());
+    /// assert_eq!("full".parse::<Algo>(), Ok(Algo::Full));
+    /// assert!("dylora".parse::<Algo>().is_err());
     /// ```
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
@@ -138,7 +162,8 @@ impl std::str::FromStr for Algo {
             "boft" => Ok(Algo::Boft),
             "glora" => Ok(Algo::Glora),
             "ia3" => Ok(Algo::Ia3),
-            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft, boft, glora or ia3")),
+            "full" => Ok(Algo::Full),
+            other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft, boft, glora, ia3 or full")),
         }
     }
 }
@@ -508,6 +533,9 @@ impl LoraConfig {
             if self.algo == Algo::Ia3 {
                 self.validate_ia3()?;
             }
+            if self.algo == Algo::Full {
+                self.validate_full()?;
+            }
             if self.lokr_factor == 0 || self.lokr_factor < -1 {
                 return Err(LoraError::InvalidConfig(format!("lokr_factor must be -1 or at least 1, got {}", self.lokr_factor)));
             }
@@ -603,6 +631,15 @@ impl LoraConfig {
         let others = [(self.rank_dropout > 0.0, "rank_dropout"), (self.dora, "dora"), (self.use_tucker, "use_tucker"), (self.use_scalar, "use_scalar"), (self.rslora, "rslora")];
         match others.iter().find(|(on, _)| *on) {
             Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo ia3 (LyCORIS' (IA)³ applies none)"))),
+            None => Ok(()),
+        }
+    }
+
+    /// What LyCORIS' full fine-tuning takes: module and rank dropout (whole outputs).
+    fn validate_full(&self) -> Result<()> {
+        let others = [(self.dora, "dora"), (self.use_tucker, "use_tucker"), (self.use_scalar, "use_scalar"), (self.rslora, "rslora")];
+        match others.iter().find(|(on, _)| *on) {
+            Some((_, what)) => Err(LoraError::InvalidConfig(format!("{what} is not supported with algo full (LyCORIS' full fine-tuning applies none)"))),
             None => Ok(()),
         }
     }

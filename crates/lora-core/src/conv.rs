@@ -9,7 +9,7 @@ use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::dylora::{live_chunk, DyLora};
-use crate::linear::{down_initializer, fold_delta, frozen_if, update_frozen};
+use crate::linear::{down_initializer, fold_bias, fold_delta, frozen_if, update_frozen};
 use crate::precision::cast_to;
 use crate::lycoris::LycorisAdapter;
 use crate::{Algo, HostTensor, LoraConfig, LoraError, LoraWeights, LycorisWeights, Result};
@@ -383,8 +383,8 @@ impl<B: Backend> Conv2dAdapter<B> {
             live_chunk(self.up.weight.val(), 1, chunk, unit).mul_scalar(factor * self.scale),
             dtype,
         );
-        let h = conv_with_weight(&self.down, x, down, false);
-        conv_with_weight(&self.up, h, up, false)
+        let h = conv_with_weight(&self.down, x, down, None);
+        conv_with_weight(&self.up, h, up, None)
     }
 
     /// `ΔW` `[out, in, kh, kw]`, times `factor`, in f32 (whatever the adapter weights'
@@ -473,6 +473,9 @@ impl<B: Backend> LoraConv2d<B> {
             if config.dora {
                 adapter.magnitude = Some(Param::from_tensor(crate::lycoris::output_norms(self.base.weight.val()).to_device(device)));
             }
+            if self.base.bias.is_some() {
+                adapter = adapter.with_bias_update(device);
+            }
             return self.attach_lycoris(adapter, "<new>");
         }
         let mut adapter = Conv2dAdapter::new(config, &self.base, device)?;
@@ -520,6 +523,9 @@ impl<B: Backend> LoraConv2d<B> {
                 key: key.into(),
                 reason: format!("layer is {in_ch}→{out_ch} with kernel {kh}x{kw}, the {} adapter is {a_in}→{a_out} with kernel {a_kh}x{a_kw}", adapter.algo().name()),
             });
+        }
+        if adapter.bias_delta(1.0).is_some() && self.base.bias.is_none() {
+            return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the adapter changes a bias (`{}`) but the convolution has none", crate::full::DIFF_B) });
         }
         self.unmerge_in_place();
         self.adapter = None;
@@ -579,6 +585,7 @@ impl<B: Backend> LoraConv2d<B> {
             }
             let update = lycoris.update::<4>(self.multiplier, self.base.weight.val()).detach();
             self.base.weight = fold_delta(self.base.weight.clone(), update, 1.0);
+            self.base.bias = fold_bias(self.base.bias.take(), lycoris, self.multiplier, 1.0);
             self.merged = true;
         }
         if let Some(adapter) = &self.adapter {
@@ -627,6 +634,9 @@ impl<B: Backend> LoraConv2d<B> {
             self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
         } else if let Some(lycoris) = &self.lycoris {
             self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<4>(self.multiplier), -1.0);
+        }
+        if let Some(lycoris) = &self.lycoris {
+            self.base.bias = fold_bias(self.base.bias.take(), lycoris, self.multiplier, -1.0);
         }
         self.merged = false;
     }
@@ -677,12 +687,25 @@ impl<B: Backend> LoraConv2d<B> {
             if weight.dtype() != DType::F32 {
                 // As LyCORIS: the base convolution plus one with `k·ΔW`, so that the update
                 // keeps its own precision (`W + ΔW` in bf16 / f16 would round it to W's).
-                let delta = lycoris.forward_delta::<4>(self.multiplier, x.dtype(), weight);
-                return base_op(x.clone(), addend) + conv_with_weight(&self.base, x, delta, false);
+                let (delta, bias_delta) = lycoris.forward_delta::<4>(self.multiplier, x.dtype(), weight);
+                let y = base_op(x.clone(), addend) + conv_with_weight(&self.base, x, delta, None);
+                return match bias_delta {
+                    Some(b) => {
+                        let out = b.dims()[0];
+                        y + b.reshape([1, out, 1, 1])
+                    }
+                    None => y,
+                };
             }
-            // An f32 base: one convolution with the updated kernel `W + k·ΔW`.
-            let delta = lycoris.forward_delta::<4>(self.multiplier, DType::F32, weight.clone());
-            let y = conv_with_weight(&self.base, x, weight + delta, true);
+            // An f32 base: one convolution with the updated kernel `W + k·ΔW` (and, for
+            // LyCORIS' full fine-tuning, bias `b + k·Δb`).
+            let (delta, bias_delta) = lycoris.forward_delta::<4>(self.multiplier, DType::F32, weight.clone());
+            let bias = match (&self.base.bias, bias_delta) {
+                (Some(bias), Some(d)) => Some(cast_to(bias.val(), DType::F32) + d),
+                (Some(bias), None) => Some(bias.val()),
+                (None, _) => None,
+            };
+            let y = conv_with_weight(&self.base, x, weight + delta, bias);
             return match addend {
                 Addend::None => y,
                 Addend::Full(a) => y + a,
@@ -811,17 +834,17 @@ fn conv_in_dtype<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, dtype: DType) ->
     if weight.dtype() == dtype {
         return conv.forward(x);
     }
-    conv_with_weight(conv, x, cast_to(weight, dtype), true)
+    conv_with_weight(conv, x, cast_to(weight, dtype), conv.bias.as_ref().map(|b| b.val()))
 }
 
-/// `conv`'s convolution (its stride, padding, dilation and groups, and its bias if `bias`)
+/// `conv`'s convolution (its stride, padding, dilation and groups) with `bias`, if any,
 /// with `weight` instead of its own kernel; the bias is cast to `x`'s dtype.
-fn conv_with_weight<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: bool) -> Tensor<B, 4> {
+fn conv_with_weight<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>, weight: Tensor<B, 4>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 4> {
     let dtype = x.dtype();
     let [_, _, h, w] = x.dims();
     let (top, bottom) = padding_pair(&conv.padding, 0, h, conv.kernel_size[0], conv.stride[0]);
     let (left, right) = padding_pair(&conv.padding, 1, w, conv.kernel_size[1], conv.stride[1]);
     let options = PaddedConvOptions::asymmetric(conv.stride, [top, left], [bottom, right], conv.dilation, conv.groups);
-    let bias = conv.bias.as_ref().filter(|_| bias).map(|b| cast_to(b.val(), dtype));
+    let bias = bias.map(|b| cast_to(b, dtype));
     conv2d(x, weight, bias, options)
 }

@@ -57,7 +57,9 @@ pub enum ModuleKind {
     Glora,
     /// LyCORIS' (IA)³ (`weight`, `on_input`): no rank or alpha.
     Ia3,
-    /// Tensors of no adapter kind this crate knows (e.g. a full `diff`).
+    /// LyCORIS' full fine-tuning (`diff`, `diff_b`): no rank or alpha.
+    Full,
+    /// Tensors of no adapter kind this crate knows.
     Other,
 }
 
@@ -75,6 +77,7 @@ impl ModuleKind {
             Self::Boft => "BOFT",
             Self::Glora => "GLoRA",
             Self::Ia3 => "(IA)³",
+            Self::Full => "full",
             Self::Other => "other",
         }
     }
@@ -247,6 +250,8 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
         }
     } else if has("on_input") {
         ModuleKind::Ia3
+    } else if shape("diff").is_some() || shape("diff_b").is_some() {
+        ModuleKind::Full
     } else if has("a1.weight") || has("b2.weight") {
         ModuleKind::Glora
     } else if has("hada_") {
@@ -272,7 +277,7 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
         ModuleKind::DiagOft => shape("oft_blocks").and_then(|s| s.get(1).copied()),
         ModuleKind::Boft => shape("oft_blocks").and_then(|s| s.get(2).copied()),
         ModuleKind::Glora => shape("a2.weight").and_then(leading),
-        ModuleKind::Other => None,
+        ModuleKind::Other | ModuleKind::Full => None,
         _ => down.clone().and_then(leading),
     };
     // A convolution's kernel: LoCon's down (or Tucker core), LoHa / LoKr cores or full halves.
@@ -282,6 +287,7 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
         ModuleKind::Loha => shape("hada_t1").and_then(kernel_of).or_else(|| shape("hada_w1_b").and_then(kernel_of)),
         ModuleKind::Lokr => shape("lokr_t2").and_then(kernel_of).or_else(|| shape("lokr_w2").and_then(kernel_of)),
         ModuleKind::Glora => shape("b2.weight").and_then(kernel_of),
+        ModuleKind::Full => shape("diff").and_then(kernel_of),
         _ => down.and_then(kernel_of),
     };
     let alpha = match tensors.iter().find(|(p, _)| p == "alpha" || p == "lora.alpha") {

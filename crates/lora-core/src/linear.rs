@@ -66,6 +66,15 @@ pub(crate) fn fold_delta<B: Backend, const D: usize>(param: Param<Tensor<B, D>>,
     })
 }
 
+/// A frozen bias plus `sign · k · Δb` of LyCORIS' full fine-tuning ([`LycorisAdapter::bias_delta`]
+/// at strength `k`), summed in f32 as [`fold_delta`]; the bias as it is for any other adapter.
+pub(crate) fn fold_bias<B: Backend>(bias: Option<Param<Tensor<B, 1>>>, lycoris: &LycorisAdapter<B>, k: f32, sign: f32) -> Option<Param<Tensor<B, 1>>> {
+    match (bias, lycoris.bias_delta(k)) {
+        (Some(bias), Some(delta)) => Some(fold_delta(bias, delta.detach(), sign)),
+        (bias, _) => bias,
+    }
+}
+
 /// The trainable part of a LoRA linear layer: `scale · up(down(dropout(x)))`.
 ///
 /// Weights are kept in burn's `Linear` layout (`[in, rank]` and `[rank, out]`); files use
@@ -401,6 +410,9 @@ impl<B: Backend> LoraLinear<B> {
             if config.dora {
                 adapter.magnitude = Some(Param::from_tensor(crate::lycoris::output_norms(self.base.weight.val()).to_device(device)));
             }
+            if self.base.bias.is_some() {
+                adapter = adapter.with_bias_update(device);
+            }
             return self.attach_lycoris(adapter, "<new>");
         }
         let mut adapter = LinearAdapter::new(config, i, o, device)?;
@@ -442,6 +454,9 @@ impl<B: Backend> LoraLinear<B> {
                 key: key.into(),
                 reason: format!("layer is {i}→{o} but the {} adapter is {a_in}→{a_out} with kernel {kh}x{kw}", adapter.algo().name()),
             });
+        }
+        if adapter.bias_delta(1.0).is_some() && self.base.bias.is_none() {
+            return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the adapter changes a bias (`{}`) but the layer has none", crate::full::DIFF_B) });
         }
         self.unmerge_in_place();
         self.adapter = None;
@@ -525,6 +540,7 @@ impl<B: Backend> LoraLinear<B> {
             }
             let update = lycoris.update::<2>(self.multiplier, self.base.weight.val()).detach();
             self.base.weight = fold_delta(self.base.weight.clone(), update, 1.0);
+            self.base.bias = fold_bias(self.base.bias.take(), lycoris, self.multiplier, 1.0);
             self.merged = true;
         }
         if let Some(adapter) = &self.adapter {
@@ -588,6 +604,9 @@ impl<B: Backend> LoraLinear<B> {
             self.base.weight = fold_delta(self.base.weight.clone(), delta, -1.0);
         } else if let Some(lycoris) = &self.lycoris {
             self.base.weight = fold_delta(self.base.weight.clone(), lycoris.delta_weight::<2>(self.multiplier), -1.0);
+        }
+        if let Some(lycoris) = &self.lycoris {
+            self.base.bias = fold_bias(self.base.bias.take(), lycoris, self.multiplier, -1.0);
         }
         self.merged = false;
     }
@@ -706,14 +725,24 @@ impl<B: Backend> LoraLinear<B> {
         if weight.dtype() != DType::F32 {
             // `W + ΔW` in bf16 / f16 would round the (small) update to the weight's
             // precision; its own product keeps the update's.
-            let delta = lycoris.forward_delta::<2>(self.multiplier, dtype, weight);
+            let (delta, bias_delta) = lycoris.forward_delta::<2>(self.multiplier, dtype, weight);
             let y = crate::kernels::linear(&self.base, x.clone()) + crate::kernels::linear_weight(x, delta);
+            let y = match bias_delta {
+                Some(b) => y + on_last_axis::<B, D>(b, dtype),
+                None => y,
+            };
             return plus(y, extra);
         }
-        let delta = lycoris.forward_delta::<2>(self.multiplier, DType::F32, weight.clone());
+        let (delta, bias_delta) = lycoris.forward_delta::<2>(self.multiplier, DType::F32, weight.clone());
         let y = crate::kernels::linear_weight(x, weight + delta);
-        let y = match &self.base.bias {
-            Some(bias) => y + on_last_axis::<B, D>(bias.val(), dtype),
+        // LyCORIS' full fine-tuning changes the bias too: `b + k·Δb`.
+        let bias = match (&self.base.bias, bias_delta) {
+            (Some(bias), Some(d)) => Some(cast_to(bias.val(), DType::F32) + d),
+            (Some(bias), None) => Some(bias.val()),
+            (None, _) => None,
+        };
+        let y = match bias {
+            Some(bias) => y + on_last_axis::<B, D>(bias, dtype),
             None => y,
         };
         plus(y, extra)

@@ -109,7 +109,8 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
 /// LyCORIS' `rescale` as `[out, 1]`, `scale` holding the alpha), or its GLoRA factors
 /// ([`Algo::Glora`], [`crate::glora`]: `a1.weight [in, r]`, `a2.weight [r, in]`,
 /// `b1.weight [out, r]`, `b2.weight [r, in·kh·kw]`), or its (IA)³ scale ([`Algo::Ia3`],
-/// [`crate::ia3`]: `weight [channels, 1]`).
+/// [`crate::ia3`]: `weight [channels, 1]`), or its full differences ([`Algo::Full`],
+/// [`crate::full`]: `diff [out, in·kh·kw]` and, for a layer with a bias, `diff_b [out, 1]`).
 #[derive(Module, Debug)]
 pub struct LycorisAdapter<B: Backend> {
     /// The factors, named by [`names`](Self::names), each `[rows, cols]` in LyCORIS'
@@ -262,7 +263,10 @@ impl<B: Backend> LycorisAdapter<B> {
                 let channels = if config.ia3_on_input { input } else { out };
                 (vec![crate::ia3::WEIGHT], vec![zeros(channels, 1, device)], false)
             }
-            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft, boft, glora or ia3, not lora".into())),
+            // The weight's difference, starting at zero (LyCORIS' copy of the weight); the
+            // bias's is added by a layer that has one (`with_bias_update`).
+            Algo::Full => (vec![crate::full::DIFF], vec![zeros(out, input * k, device)], false),
+            Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft, boft, glora, ia3 or full, not lora".into())),
         };
         Ok(Self {
             factors,
@@ -272,7 +276,7 @@ impl<B: Backend> LycorisAdapter<B> {
             conv,
             // LyCORIS: a LoKr with two full halves has scale 1 whatever the alpha. An OFT
             // keeps its alpha (the constraint per output).
-            scale: if both_full { 1.0 } else if config.algo.is_oft() { config.alpha } else { config.scale() },
+            scale: if both_full || config.algo == Algo::Full { 1.0 } else if config.algo.is_oft() { config.alpha } else { config.scale() },
             module_dropout: config.module_dropout,
             rank_dropout: config.rank_dropout,
             rank_dropout_scale: config.rank_dropout_scale,
@@ -295,6 +299,9 @@ impl<B: Backend> LycorisAdapter<B> {
         if weights.algo == Algo::Ia3 {
             return Self::ia3_from_weights(weights, shape, conv, key, device);
         }
+        if weights.algo == Algo::Full {
+            return Self::full_from_weights(weights, shape, conv, key, device);
+        }
         let names: Vec<&'static str> = match weights.algo {
             Algo::Loha if weights.get("hada_t1").is_some() => vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"],
             Algo::Loha => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
@@ -309,7 +316,7 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 names
             }
-            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 => return Err(bad("not a LyCORIS adapter".into())),
+            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 | Algo::Full => return Err(bad("not a LyCORIS adapter".into())),
         };
         if weights.tensors.len() != names.len() {
             let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
@@ -392,6 +399,49 @@ impl<B: Backend> LycorisAdapter<B> {
         Ok(Self { ia3_on_input: found.on_input, ..Self::read(factors, vec![crate::ia3::WEIGHT], Algo::Ia3, shape, conv, 1.0) })
     }
 
+    /// [`from_weights`](Self::from_weights) for LyCORIS' full fine-tuning: `diff` of the
+    /// layer's weight shape (kept as `[out, in·kh·kw]`) and `diff_b` `[out]` if any (kept as
+    /// `[out, 1]`; the layer checks that it has a bias, [`crate::LoraLinear::attach_lycoris`]).
+    fn full_from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
+        let found = crate::full::check_tensors(weights, key)?;
+        let [out, input, kh, kw] = shape;
+        let kernel = found.kernel.unwrap_or([1, 1]);
+        if (found.out, found.input, kernel) != (out, input, [kh, kw]) || (found.kernel.is_some() != conv && kh * kw > 1) {
+            return Err(LoraError::ShapeMismatch {
+                key: key.into(),
+                reason: format!("the full difference is for a {}→{} layer with a {}x{} kernel, the layer is {input}→{out} with {kh}x{kw}", found.input, found.out, kernel[0], kernel[1]),
+            });
+        }
+        let mut factors = Vec::with_capacity(2);
+        let mut names = Vec::with_capacity(2);
+        for ((name, t), cols) in weights.tensors.iter().zip([input * kh * kw, 1]) {
+            let flat = HostTensor { shape: vec![out, cols], data: t.data.clone() };
+            factors.push(Param::from_tensor(flat.to_tensor::<B, 2>(device)?));
+            names.push(if name == crate::full::DIFF { crate::full::DIFF } else { crate::full::DIFF_B });
+        }
+        Ok(Self::read(factors, names, Algo::Full, shape, conv, 1.0))
+    }
+
+    /// For LyCORIS' full fine-tuning ([`Algo::Full`]) on a layer with a bias: the adapter
+    /// with the bias's difference (`diff_b`, starting at zero) beside the weight's. Any
+    /// other adapter, or one that has it, is returned as it is.
+    pub(crate) fn with_bias_update(mut self, device: &B::Device) -> Self {
+        if self.algo == Algo::Full && self.factor(crate::full::DIFF_B).is_none() {
+            self.names.push(crate::full::DIFF_B);
+            self.factors.push(zeros(self.shape[0], 1, device));
+        }
+        self
+    }
+
+    /// The change of the layer's bias at strength `multiplier`, `[out]` in f32 in the
+    /// graph of the adapter's tensors: LyCORIS' full fine-tuning's `multiplier · diff_b`;
+    /// `None` for every other adapter (they leave the bias alone) and for a full one
+    /// without it.
+    pub fn bias_delta(&self, multiplier: f32) -> Option<Tensor<B, 1>> {
+        let diff_b = self.factor(crate::full::DIFF_B)?;
+        Some(cast_to(diff_b.val(), DType::F32).reshape([self.shape[0]]).mul_scalar(multiplier))
+    }
+
     /// An adapter read from a file: its factors under their names, with none of the
     /// training-only settings (dropouts, DoRA's magnitude, a trained scalar), which the
     /// caller sets where they apply.
@@ -455,7 +505,7 @@ impl<B: Backend> LycorisAdapter<B> {
             Algo::DiagOft | Algo::Boft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[1]),
             Algo::Loha => rows("hada_w1_b"),
             Algo::Glora => rows("a2.weight"),
-            Algo::Ia3 => None,
+            Algo::Ia3 | Algo::Full => None,
             _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
         }
     }
@@ -524,7 +574,7 @@ impl<B: Backend> LycorisAdapter<B> {
     /// flattened), in the autodiff graph of the factors. Not for an OFT or a GLoRA, whose
     /// update depends on the base weight (see [`update`](Self::update)): a panic.
     pub fn delta(&self, factor: f32) -> Tensor<B, 2> {
-        assert!(!self.algo.depends_on_base(), "an OFT's or a GLoRA's update depends on the base weight: use `update`");
+        assert!(!self.algo.depends_on_base(), "an OFT's, a GLoRA's or an (IA)³'s update depends on the base weight: use `update`");
         let f32_of = |name: &str| self.factor(name).map(|p| cast_to(p.val(), DType::F32));
         let delta = unscaled_delta(self.algo, |name| plain_factor(name, |n| self.names.contains(&n), f32_of)).expect("the factors fit each other, as checked when the adapter was made");
         let delta = delta.mul_scalar(factor * self.scale);
@@ -649,18 +699,25 @@ impl<B: Backend> LycorisAdapter<B> {
         shape
     }
 
-    /// The update to add to the layer's weight `weight` in a forward pass at `multiplier`,
-    /// in `dtype`: [`update`](Self::update), times module dropout's keep mask (0 or 1,
-    /// drawn on the device: no host read) on autodiff backends.
-    pub(crate) fn forward_delta<const D: usize>(&self, multiplier: f32, dtype: DType, weight: Tensor<B, D>) -> Tensor<B, D> {
+    /// The updates to add to the layer's weight `weight` and bias in a forward pass at
+    /// `multiplier`, in `dtype`: [`update`](Self::update) and [`bias_delta`](Self::bias_delta)
+    /// (with LyCORIS' rank dropout, the same outputs dropped in both), both times module
+    /// dropout's keep mask (0 or 1, drawn on the device: no host read)
+    /// on autodiff backends.
+    pub(crate) fn forward_delta<const D: usize>(&self, multiplier: f32, dtype: DType, weight: Tensor<B, D>) -> (Tensor<B, D>, Option<Tensor<B, 1>>) {
         let device = weight.device();
         let rows = self.rank_dropout_rows(&device);
+        // LyCORIS' full fine-tuning drops the bias's values with their rows.
+        let bias = self.bias_delta(multiplier).map(|b| match &rows {
+            Some(r) => b * r.clone(),
+            None => b,
+        });
         let delta = self.update_rows::<D>(multiplier, weight, rows);
-        let delta = match crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, &device) {
-            Some(keep) => delta * keep.reshape([1; D]),
-            None => delta,
+        let (delta, bias) = match crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, &device) {
+            Some(keep) => (delta * keep.clone().reshape([1; D]), bias.map(|b| b * keep.reshape([1]))),
+            None => (delta, bias),
         };
-        cast_to(delta, dtype)
+        (cast_to(delta, dtype), bias.map(|b| cast_to(b, dtype)))
     }
 
     /// Each factor's shape in LyCORIS (its files and its `nn.Parameter`s), in the order of
@@ -685,6 +742,14 @@ impl<B: Backend> LycorisAdapter<B> {
                 if self.algo == Algo::Ia3 {
                     // LyCORIS: `[channels]`, a convolution's `[1, channels, 1, 1]`.
                     return if self.conv { vec![1, rows, 1, 1] } else { vec![rows] };
+                }
+                if self.algo == Algo::Full {
+                    // LyCORIS: the weight's shape and the bias's `[out]`.
+                    return match (*name == crate::full::DIFF_B, self.conv) {
+                        (true, _) => vec![rows],
+                        (false, true) => vec![rows, cols / (kh * kw), kh, kw],
+                        (false, false) => vec![rows, cols],
+                    };
                 }
                 if self.algo == Algo::Glora && self.conv {
                     // LyCORIS: 1x1 kernels but `b2`, which has the layer's.
@@ -730,7 +795,7 @@ impl<B: Backend> LycorisAdapter<B> {
             tensors.push((crate::ia3::ON_INPUT.to_string(), HostTensor { shape: vec![], data: vec![f32::from(u8::from(self.ia3_on_input))] }));
         }
         let alpha = match self.algo {
-            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Ia3 => self.scale,
+            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Ia3 | Algo::Full => self.scale,
             _ => self.rank().map_or(1.0, |r| self.scale * r as f32),
         };
         Ok(LycorisWeights { algo: self.algo, tensors, alpha })
@@ -746,6 +811,11 @@ impl<B: Backend> LycorisAdapter<B> {
             let mut tensors = lycoris.tensors.into_iter().map(|(_, t)| t);
             let (weight, on_input) = (tensors.next().expect("an (IA)³ has its weight"), tensors.next().expect("and its flag"));
             return crate::ia3::weights(weight, on_input, key);
+        }
+        if self.algo == Algo::Full {
+            let mut tensors = lycoris.tensors.into_iter().map(|(_, t)| t);
+            let diff = tensors.next().expect("a full adapter has its diff");
+            return crate::full::weights(diff, tensors.next(), key);
         }
         if self.algo == Algo::Glora {
             // No plain form either: its tensors beside an empty LoRA.
@@ -803,7 +873,7 @@ impl<B: Backend> LycorisAdapter<B> {
         let rows = |name: &str| self.factor(name).map_or(0, |p| p.dims()[0]);
         match self.algo {
             Algo::Loha => rows("hada_w1_b") * rows("hada_w2_b"),
-            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 => 0,
+            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 | Algo::Full => 0,
             _ => ["lokr_w1", "lokr_w2"]
                 .map(|h| {
                     let (full, _, b) = names_of(h);
@@ -895,6 +965,7 @@ pub(crate) fn unscaled_delta<B: Backend>(algo: Algo, factor: impl Fn(&str) -> Op
             let half = |h: &str| factor(h).map_or_else(|| product(h), Ok);
             Ok(kron(half("lokr_w1")?, half("lokr_w2")?))
         }
+        Algo::Full => need(crate::full::DIFF),
         Algo::Lora => Err("a LoRA is not a LyCORIS adapter".into()),
         Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 => Err("an OFT's, a GLoRA's or an (IA)³'s update depends on the base weight".into()),
     }

@@ -255,7 +255,7 @@ pub fn truncate_set(set: &AdapterSet, rank: usize, conv_rank: usize) -> Result<A
     }
     let mut out = AdapterSet::new();
     for (key, w) in set.iter() {
-        if w.depends_on_base() {
+        if w.stands_alone() {
             return Err(w.no_plain_form(&key.to_string(), "cut to a rank (it has none)"));
         }
         if let Some(l) = &w.lycoris {
@@ -330,7 +330,7 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
     if sets.is_empty() {
         return Err(LoraError::InvalidConfig("no adapter files to merge".into()));
     }
-    if let Some((key, w)) = sets.iter().flat_map(|(set, _)| set.iter()).find(|(_, w)| w.depends_on_base()) {
+    if let Some((key, w)) = sets.iter().flat_map(|(set, _)| set.iter()).find(|(_, w)| w.stands_alone()) {
         return Err(w.no_plain_form(&key.to_string(), "merged into a LoRA"));
     }
     let mut combined = AdapterSet::combine(sets)?.into_plain_lora();
@@ -355,7 +355,7 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
 /// in errors.
 pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, key: &str) -> Result<(LoraWeights, Retained)> {
     weights.validate(key)?;
-    if weights.depends_on_base() {
+    if weights.stands_alone() {
         return Err(weights.no_plain_form(key, "resized (it has no ranks)"));
     }
     rule.validate()?;

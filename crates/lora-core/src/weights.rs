@@ -131,8 +131,8 @@ impl LycorisWeights {
             crate::Algo::Boft => self.get(crate::oft::BLOCKS).and_then(|t| t.shape.get(2).copied()),
             // `a2 [r, in]`, as ComfyUI takes GLoRA's rank.
             crate::Algo::Glora => rows("a2.weight"),
-            // One value per channel: no rank.
-            crate::Algo::Ia3 => None,
+            // One value per channel, or the whole weight: no rank.
+            crate::Algo::Ia3 | crate::Algo::Full => None,
         }
     }
 
@@ -198,6 +198,15 @@ impl LoraWeights {
         self.lycoris.as_ref().is_some_and(|l| l.algo.depends_on_base())
     }
 
+    /// Whether the adapter has no plain-LoRA form ([`crate::Algo::stands_alone`]): one
+    /// whose update depends on the base weight, or LyCORIS' full fine-tuning (a bias's
+    /// update beside the weight's). Its tensors are in [`lycoris`](Self::lycoris),
+    /// `down` / `up` are empty (rank 0), and it can be merged into its layer but not
+    /// combined, converted to PEFT, resized or taken as a [`delta`](Self::delta).
+    pub fn stands_alone(&self) -> bool {
+        self.lycoris.as_ref().is_some_and(|l| l.algo.stands_alone())
+    }
+
     /// An adapter with no plain-LoRA form ([`depends_on_base`](Self::depends_on_base)):
     /// `lycoris`'s tensors beside empty `down` / `up` of these shapes (rank 0), checked;
     /// `key` names it in errors.
@@ -219,6 +228,7 @@ impl LoraWeights {
         match self.lycoris.as_ref().map(|l| l.algo) {
             Some(crate::Algo::Glora) => LoraError::Unsupported(format!("`{key}` is a GLoRA (LyCORIS' algo=glora), whose update depends on the base weight: it cannot be {what}")),
             Some(crate::Algo::Ia3) => LoraError::Unsupported(format!("`{key}` is an (IA)³ (LyCORIS' algo=ia3), whose update depends on the base weight: it cannot be {what}")),
+            Some(crate::Algo::Full) => LoraError::Unsupported(format!("`{key}` is a full fine-tuning difference (LyCORIS' algo=full, with the bias's), which no LoRA holds: it cannot be {what}")),
             _ => crate::oft::no_plain_form(key, what),
         }
     }
@@ -233,6 +243,9 @@ impl LoraWeights {
         }
         if self.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Ia3) {
             return crate::ia3::validate(self, key);
+        }
+        if self.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Full) {
+            return crate::full::validate(self, key);
         }
         let (d, u) = (&self.down.shape, &self.up.shape);
         let bad = |reason: String| LoraError::ShapeMismatch {
@@ -315,9 +328,9 @@ impl LoraWeights {
     }
 
     /// The weight update `ΔW = scale · up · down` in PyTorch layout (`[out, in]` or
-    /// `[out, in, kh, kw]`), accumulated in f64 on the host. An OFT's or a GLoRA's is zero
-    /// here (its plain form is empty; check [`depends_on_base`](Self::depends_on_base)
-    /// first).
+    /// `[out, in, kh, kw]`), accumulated in f64 on the host. An OFT's, a GLoRA's, an
+    /// (IA)³'s or a full adapter's is zero here (its plain form is empty; check
+    /// [`stands_alone`](Self::stands_alone) first).
     pub fn delta(&self) -> HostTensor {
         let r = self.rank();
         let out = self.out_features();
@@ -375,7 +388,7 @@ impl LoraWeights {
         let Some((first, _)) = parts.first() else {
             return Err(LoraError::Data(format!("`{key}`: nothing to combine")));
         };
-        if let Some((w, _)) = parts.iter().find(|(w, _)| w.depends_on_base()) {
+        if let Some((w, _)) = parts.iter().find(|(w, _)| w.stands_alone()) {
             return match parts {
                 [(w, s)] if *s == 1.0 => Ok((*w).clone()),
                 _ => Err(w.no_plain_form(key, "combined with other adapters or folded in at another strength; apply its file alone")),

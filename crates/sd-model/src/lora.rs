@@ -210,8 +210,9 @@ pub fn use_sdxl_kohya_names_by(set: &mut AdapterSet, layout: &crate::keymap::Une
 /// encoder. Text-encoder adapters without a text encoder, or keys matching no module, are
 /// an error unless `lenient` (then they are reported in [`AppliedLoras::skipped`]).
 ///
-/// DoRA adapters and kohya's OFTs do not combine (each changes its whole layer, by an update
-/// that depends on the base weight): each is attached alone, at its file's strength as the
+/// DoRA adapters and those with no plain-LoRA form (OFTs, GLoRAs, (IA)³s, LyCORIS' full
+/// differences: [`lora_core::Algo::stands_alone`]) do not combine (each changes its whole
+/// layer): each is attached alone, at its file's strength as the
 /// layer's multiplier, which moves the layer from its base weight toward the adapter's
 /// (ComfyUI's and Forge's convention; kohya's for OFT). Such an adapter on a layer that
 /// another file also adapts is an error naming the layer (bake one file into the
@@ -277,8 +278,8 @@ pub fn apply_lora_files_to<B: Backend>(
     Ok(applied)
 }
 
-/// Each file's plain adapters and its DoRA adapters, OFTs and GLoRAs apart (with the
-/// file's strength); the layer of one of those must be in no other file.
+/// Each file's plain adapters and its DoRA adapters and adapters with no plain form apart
+/// (with the file's strength); the layer of one of those must be in no other file.
 #[allow(clippy::type_complexity)]
 fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec<(AdapterSet, f32)>)> {
     let (mut plain, mut dora) = (Vec::new(), Vec::new());
@@ -286,15 +287,20 @@ fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec
         let (mut p, mut d) = (AdapterSet::new(), AdapterSet::new());
         p.metadata = set.metadata.clone();
         for (key, w) in set.iter() {
-            if !w.is_dora() && !w.depends_on_base() {
+            if !w.is_dora() && !w.stands_alone() {
                 p.insert(key.clone(), w.clone())?;
                 continue;
             }
             if sets.iter().enumerate().any(|(j, (other, _))| j != i && other.get(key).is_some()) {
+                let algo = w.lycoris.as_ref().map(|l| l.algo);
                 let (what, how) = if w.is_oft() {
                     ("an OFT", "rotates")
-                } else if w.depends_on_base() {
+                } else if algo == Some(lora_core::Algo::Glora) {
                     ("a GLoRA", "maps")
+                } else if algo == Some(lora_core::Algo::Ia3) {
+                    ("an (IA)³", "rescales")
+                } else if algo == Some(lora_core::Algo::Full) {
+                    ("a full fine-tuning difference", "changes")
                 } else {
                     ("a DoRA adapter", "rescales")
                 };

@@ -2360,6 +2360,9 @@ impl TrainConfig {
         if l.algo == lora_core::Algo::Ia3 {
             self.check_ia3()?;
         }
+        if l.algo == lora_core::Algo::Full {
+            self.check_full()?;
+        }
         if self.output.save_format == lora_core::AdapterFormat::Peft {
             return bad(format!("a {algo} is saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout here holds LoRAs"));
         }
@@ -2429,6 +2432,23 @@ impl TrainConfig {
         ];
         match options.iter().find(|(on, _)| *on) {
             Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"ia3\" (LyCORIS' (IA)³ module applies none)".into() }),
+            None => Ok(()),
+        }
+    }
+
+    /// What LyCORIS' full fine-tuning takes: module and rank dropout (no DoRA, Tucker,
+    /// scalar, rsLoRA or max-norm; `rank` and the alphas are not used).
+    fn check_full(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        let options = [
+            (l.dora, "lora.dora"),
+            (l.use_tucker, "lora.use_tucker"),
+            (l.use_scalar, "lora.use_scalar"),
+            (l.rslora, "lora.rslora"),
+            (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
+        ];
+        match options.iter().find(|(on, _)| *on) {
+            Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"full\" (LyCORIS' full module applies none)".into() }),
             None => Ok(()),
         }
     }

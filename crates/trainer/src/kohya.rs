@@ -423,8 +423,8 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
             if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
                 return Err(o.err("network_args", "the LyCORIS preset leaves nothing to train with these learning rates (network_train_unet_only / network_train_text_encoder_only, or a learning rate of 0)"));
             }
-            // LyCORIS scales no GLoRA or (IA)³ (their modules' `apply_max_norm` does nothing).
-            if matches!(c.lora.algo, lora_core::Algo::Glora | lora_core::Algo::Ia3) && c.train.scale_weight_norms > 0.0 {
+            // LyCORIS scales no GLoRA, (IA)³ or full module (their `apply_max_norm` does nothing).
+            if matches!(c.lora.algo, lora_core::Algo::Glora | lora_core::Algo::Ia3 | lora_core::Algo::Full) && c.train.scale_weight_norms > 0.0 {
                 notes.push(format!("scale_weight_norms {}: LyCORIS' {} modules have no max-norm, so nothing is scaled; train.scale_weight_norms is off", c.train.scale_weight_norms, c.lora.algo.name()));
                 c.train.scale_weight_norms = 0.0;
             }
@@ -754,7 +754,7 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
         other => {
             return Err(o.err(
                 "network_module",
-                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) and networks.oft (OFT), and LyCORIS' lycoris.kohya with algo lora / locon, loha, lokr, diag-oft, boft, glora or ia3"),
+                format!("= \"{other}\" is not supported: this trainer trains kohya's networks.lora (LoRA, and LoCon with conv_dim), networks.lora_fa (LoRA-FA), networks.dylora (DyLoRA) and networks.oft (OFT), and LyCORIS' lycoris.kohya with algo lora / locon, loha, lokr, diag-oft, boft, glora, ia3 or full"),
             ))
         }
     };
@@ -948,7 +948,7 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 }
 
 /// The `network_args` of LyCORIS' `lycoris.kohya` (LyCORIS 3.x), as its `create_network`
-/// reads them: `algo` (lora / locon, loha, lokr, diag-oft, boft, glora or ia3), `preset`, `conv_dim` / `conv_alpha`
+/// reads them: `algo` (lora / locon, loha, lokr, diag-oft, boft, glora, ia3 or full), `preset`, `conv_dim` / `conv_alpha`
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
 /// `module_dropout`, `rs_lora`, DoRA (`dora_wd`), and Tucker convolutions
 /// (`use_tucker`), LoHa's and LoKr's `rank_dropout` and `use_scalar`. What LyCORIS trains
@@ -1026,8 +1026,12 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         "boft" => lora_core::Algo::Boft,
         "glora" => lora_core::Algo::Glora,
         "ia3" => lora_core::Algo::Ia3,
-        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft, glora and ia3"))),
+        "full" => lora_core::Algo::Full,
+        other => return Err(o.err("network_args", format!("`algo={other}`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft, glora, ia3 and full"))),
     };
+    if l.algo == lora_core::Algo::Full && bypass {
+        return Err(o.err("network_args", "`bypass_mode=True` with algo=full: LyCORIS refuses it (a full module has no bypass mode); set it off"));
+    }
     if l.algo == lora_core::Algo::Ia3 {
         ia3_drops(l, &mut rank_dropout.0, preset, notes);
     }
@@ -1134,6 +1138,18 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     }
     if l.algo == lora_core::Algo::Ia3 && std::mem::take(&mut l.use_tucker) {
         notes.push("network_args use_tucker: LyCORIS' (IA)³ does not use it, and neither does this trainer".into());
+    }
+    if l.algo == lora_core::Algo::Full {
+        let mut dropped = Vec::new();
+        for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_tucker, "use_tucker"), (&mut l.use_scalar, "use_scalar"), (&mut l.rslora, "rs_lora")] {
+            if std::mem::take(on) {
+                dropped.push(what);
+            }
+        }
+        if !dropped.is_empty() {
+            notes.push(format!("network_args {}: LyCORIS' full module does not use them (it trains the whole weight and bias, with no rank or scale), and neither does this trainer", dropped.join(", ")));
+        }
+        notes.push("algo=full: network_dim and network_alpha are not used (each targeted layer's whole weight and bias train); weight decay pulls the trained difference toward 0 here, the whole weight in LyCORIS (see docs/lora-formats.md)".into());
     }
     if l.algo == lora_core::Algo::Glora {
         let mut dropped = Vec::new();
@@ -2406,6 +2422,24 @@ output_dir = "out"
         assert!(e.contains("bypass_mode") && e.contains("glora"), "{e}");
     }
 
+    /// LyCORIS' `algo=full`: module and rank dropout (with `rank_dropout_scale`) read, what
+    /// its module ignores (DoRA, Tucker, scalar, rsLoRA, max-norm) off with a note, the
+    /// unused rank noted; `bypass_mode` is an error, as LyCORIS raises one.
+    #[test]
+    fn full_reads_its_arguments() {
+        let full = |args: &str, extra: &str| import(&format!("{MINIMAL}{extra}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = [\"algo=full\", {args}]\n"));
+        let i = full("\"module_dropout=0.1\", \"rank_dropout=0.2\", \"rank_dropout_scale=True\", \"dora_wd=True\", \"use_tucker=True\", \"use_scalar=True\", \"rs_lora=True\"", "scale_weight_norms = 1.0\n").unwrap();
+        let l = &i.config.lora;
+        assert_eq!((l.algo, l.module_dropout, l.rank_dropout, l.rank_dropout_scale), (lora_core::Algo::Full, 0.1, 0.2, true));
+        assert_eq!((l.dora, l.use_tucker, l.use_scalar, l.rslora, i.config.train.scale_weight_norms), (false, false, false, false, 0.0));
+        for says in ["dora_wd, use_tucker, use_scalar, rs_lora", "no max-norm", "network_dim and network_alpha are not used"] {
+            assert!(i.notes.iter().any(|n| n.contains(says)), "{says}: {:?}", i.notes);
+        }
+        i.config.validate().unwrap();
+        let e = full("\"bypass_mode=True\"", "").unwrap_err().to_string();
+        assert!(e.contains("bypass_mode") && e.contains("full"), "{e}");
+    }
+
     /// LyCORIS' `algo=ia3` with its `ia3` preset: the keys, values and feed-forward outputs
     /// (the latter scaled on their inputs), what (IA)³ ignores off with a note; with another
     /// preset every scale is per output (a note, as LyCORIS warns).
@@ -3279,7 +3313,7 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"rex\"", "`lr_scheduler` = \"rex\" is not supported"),
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=full\"]", "`algo=full`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft, glora and ia3"),
+            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=dylora\"]", "`algo=dylora`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft, glora, ia3 and full"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=boft\", \"rank_dropout=0.2\"]", "`rank_dropout=0.2` with algo=boft"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1` with algo=diag-oft"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"constraint=x\"]", "`constraint=x`: expected a number"),

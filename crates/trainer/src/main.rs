@@ -354,7 +354,7 @@ enum Command {
         /// The adapters' form: `lora`, LyCORIS' `loha` or `lokr` (rank 4 each), kohya's
         /// `oft` (4 blocks each, constraint 1e-3) or LyCORIS' `diag-oft` / `boft` (blocks of
         /// 4, BOFT's of 10: SD's widths are 5 · 2^k; no constraint), or LyCORIS' `glora`
-        /// (rank 4) or `ia3` (a scale per output channel).
+        /// (rank 4), `ia3` (a scale per output channel) or `full` (whole weights and biases).
         #[arg(long, default_value = "lora")]
         lora_algo: lora_core::Algo,
         /// `train` or `infer`.
@@ -787,12 +787,14 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         lora_core::Algo::Boft => "BOFT",
         lora_core::Algo::Glora => "GLoRA",
         lora_core::Algo::Ia3 => "(IA)³",
+        lora_core::Algo::Full => "fine-tuning difference (LyCORIS' full)",
     };
     // kohya's OFT's rank is its number of blocks (network_dim), Diag-OFT's the block size.
     let size = match config.lora.algo {
         lora_core::Algo::Oft => format!("{}-block", config.lora.rank),
         lora_core::Algo::DiagOft | lora_core::Algo::Boft => format!("block-size-{}", config.lora.rank),
         lora_core::Algo::Ia3 => "per-channel".to_string(),
+        lora_core::Algo::Full => "full".to_string(),
         _ => format!("rank-{}", config.lora.rank),
     };
     let what = match (config.embedding.enabled(), config.trains_adapters()) {
@@ -1645,6 +1647,7 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
                     Some(r) if oft => format!("{r} blocks"),
                     Some(r) => format!("rank {r}"),
                     None if g.kind == ModuleKind::Ia3 => "a scale per channel".to_string(),
+                    None if g.kind == ModuleKind::Full => "the whole weight and bias".to_string(),
                     None => "full".to_string(),
                 };
                 let alpha = match g.alpha {

@@ -3060,6 +3060,67 @@ fn ia3_trains_resumes_and_applies() {
     assert_applies_at_half_strength(&straight.lora, "ia3");
 }
 
+/// LyCORIS' full fine-tuning (`lora.algo = "full"`): every targeted layer's difference is
+/// saved as LyCORIS saves it (`diff`, and `diff_b` where the layer has a bias; no alpha),
+/// with `lycoris.kohya` and `algo=full`, and every one trains (from zero), with module and
+/// rank dropout; a stopped run resumes bit for bit; the file continues training as
+/// `network_weights` and with `dim_from_weights`; it applies at a strength in generation.
+/// The options LyCORIS' full module does not take are refused.
+#[test]
+fn full_trains_resumes_and_applies() {
+    let _guard = seeded();
+    let full_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.algo = lora_core::Algo::Full;
+        c.lora.dropout = 0.0;
+        (c.lora.module_dropout, c.lora.rank_dropout) = (0.1, 0.1);
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&full_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    let (mut with_bias, mut without) = (0, 0);
+    for (key, w) in set.iter() {
+        let l = w.lycoris.as_ref().unwrap();
+        assert_eq!(l.algo, lora_core::Algo::Full, "{key}");
+        assert!(l.get("diff").unwrap().data.iter().any(|v| *v != 0.0), "{key}'s diff did not train");
+        match l.get("diff_b") {
+            Some(b) => {
+                assert!(b.data.iter().any(|v| *v != 0.0), "{key}'s diff_b did not train");
+                with_bias += 1;
+            }
+            None => without += 1,
+        }
+    }
+    assert!(with_bias > 0 && without > 0, "to_q / to_k / to_v have no bias, to_out.0 has: {with_bias} with, {without} without");
+    let bytes = std::fs::read(&straight.lora).unwrap();
+    let (st, _) = lora_core::tensor_io::parse(&bytes, &straight.lora).unwrap();
+    assert!(st.names().iter().all(|n| n.ends_with(".diff") || n.ends_with(".diff_b")), "no alpha: {:?}", st.names());
+    let meta = lora_metadata(&straight.lora);
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!((meta["ss_network_module"].as_str(), args["algo"].as_str()), ("lycoris.kohya", Some("full")));
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&full_config(dir.path(), 6), &straight, |c| c.lora.rank_dropout = 0.2, "cannot resume with a different model, [lora] section");
+
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = full_config(more_dir.path(), 2);
+    more.lora.network_weights = straight.lora.display().to_string();
+    assert_trains(&more);
+    more.lora.dim_from_weights = true;
+    assert_trains(&more);
+
+    for (change, key) in [(&(|c: &mut TrainConfig| c.lora.dora = true) as &dyn Fn(&mut TrainConfig), "lora.dora"), (&|c: &mut TrainConfig| c.train.scale_weight_norms = 1.0, "train.scale_weight_norms"), (&|c: &mut TrainConfig| c.lora.use_scalar = true, "lora.use_scalar"), (&|c: &mut TrainConfig| c.lora.rslora = true, "lora.rslora")] {
+        let mut bad = full_config(more_dir.path(), 2);
+        change(&mut bad);
+        let err = train::<B>(&bad, &Default::default(), &mut |_| true).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("full"), "{key}: {err}");
+    }
+
+    assert_applies_at_half_strength(&straight.lora, "full");
+}
+
 /// `lora.use_tucker` with a LoRA (LyCORIS' LoCon with `use_tucker`): the 3x3
 /// convolutions' adapters (only those) are saved as LyCORIS saves them, `lora_down` 1x1,
 /// `lora_mid` and `lora_up`, with `lycoris.kohya` and `use_tucker` in the metadata; every

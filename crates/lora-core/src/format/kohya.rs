@@ -226,8 +226,8 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
                 tensors.push((format!("{name}.lora_up.weight"), &w.up));
             }
         }
-        // LyCORIS' (IA)³ has no alpha.
-        if w.lycoris.as_ref().is_none_or(|l| l.algo != crate::Algo::Ia3) {
+        // LyCORIS' (IA)³ and full fine-tuning have no alpha.
+        if w.lycoris.as_ref().is_none_or(|l| !matches!(l.algo, crate::Algo::Ia3 | crate::Algo::Full)) {
             tensors.push((format!("{name}.alpha"), alpha));
         }
         if let Some(m) = magnitude {

@@ -57,6 +57,9 @@ pub(super) enum Part {
     /// (IA)³'s scale and its flag ([`crate::ia3`]).
     Ia3Weight,
     Ia3OnInput,
+    /// Full fine-tuning's differences of the weight and the bias ([`crate::full`]).
+    FullDiff,
+    FullDiffB,
 }
 
 /// Key suffixes of the LyCORIS tensors.
@@ -81,6 +84,8 @@ pub(super) const SUFFIXES: &[(&str, Part)] = &[
     (".b1.weight", Part::GloraB1),
     (".b2.weight", Part::GloraB2),
     (".on_input", Part::Ia3OnInput),
+    (".diff", Part::FullDiff),
+    (".diff_b", Part::FullDiffB),
     // Last: every more specific `….weight` suffix above comes first.
     (".weight", Part::Ia3Weight),
 ];
@@ -244,6 +249,14 @@ impl Tensors {
         }
         if rescale.is_some() {
             return Err(bad("`rescale` (LyCORIS' Diag-OFT / BOFT) without its `oft_blocks`".into()));
+        }
+        let (diff, diff_b) = (self.get(Part::FullDiff), self.get(Part::FullDiffB));
+        if diff.is_some() || diff_b.is_some() {
+            return match (diff, self.found.len() - usize::from(diff_b.is_some())) {
+                (Some(d), 1) => crate::full::weights(d.clone(), diff_b.cloned(), name).map_err(|e| bad(e.to_string())),
+                (None, 0) => Err(bad("a full fine-tuning's `diff_b` without its `diff` (LyCORIS writes both)".into())),
+                _ => Err(bad(format!("the module mixes full fine-tuning (`diff`, `diff_b`) and other LyCORIS tensors: {:?}", self.found.iter().map(|(p, _)| part_name(*p)).collect::<Vec<_>>()))),
+            };
         }
         let (weight, on_input) = (self.get(Part::Ia3Weight), self.get(Part::Ia3OnInput));
         if weight.is_some() || on_input.is_some() {
@@ -488,8 +501,9 @@ fn untucker(t: &HostTensor, a: &HostTensor, b: &HostTensor) -> std::result::Resu
 /// Anything else is returned as it is.
 pub(crate) fn unflatten(w: LoraWeights, [kh, kw]: [usize; 2]) -> LoraWeights {
     let k = kh * kw;
-    // An (IA)³'s empty plain form holds one side's channels, not a kernel's columns.
-    if w.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Ia3) || w.down.shape.len() != 2 || k == 0 || !w.down.shape[1].is_multiple_of(k) {
+    // An (IA)³'s empty plain form holds one side's channels, not a kernel's columns, and a
+    // full difference keeps the shape its file gives.
+    if w.lycoris.as_ref().is_some_and(|l| matches!(l.algo, crate::Algo::Ia3 | crate::Algo::Full)) || w.down.shape.len() != 2 || k == 0 || !w.down.shape[1].is_multiple_of(k) {
         return w;
     }
     let (rank, out) = (w.down.shape[0], w.up.shape[0]);

@@ -71,7 +71,7 @@ pub(super) fn read(
 pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
     // PEFT files carry no alpha and loaders assume alpha = rank, so the scale is folded
     // into B: ΔW stays exactly what it was.
-    if let Some((key, w)) = set.iter().find(|(_, w)| w.depends_on_base()) {
+    if let Some((key, w)) = set.iter().find(|(_, w)| w.stands_alone()) {
         return Err(w.no_plain_form(&key.to_string(), "written in the diffusers / PEFT layout (PEFT's OFT is another method); keep it in kohya's"));
     }
     let mut folded: Vec<(AdapterKey, LoraWeights)> = set.iter().map(|(k, w)| (k.clone(), w.with_scale_folded())).collect();

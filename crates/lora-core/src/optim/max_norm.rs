@@ -117,8 +117,8 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
             pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Oft { blocks: a.factors[0].id }, scale: 1.0 });
             return;
         }
-        if site.lycoris_adapter().is_some_and(|a| matches!(a.algo(), crate::Algo::Glora | crate::Algo::Ia3)) {
-            // LyCORIS' GLoRA and (IA)³ modules have no max-norm: their layers are not scaled.
+        if site.lycoris_adapter().is_some_and(|a| matches!(a.algo(), crate::Algo::Glora | crate::Algo::Ia3 | crate::Algo::Full)) {
+            // LyCORIS' GLoRA, (IA)³ and full modules have no max-norm: their layers are not scaled.
             return;
         }
         if let Some(a) = site.lycoris_adapter() {

@@ -280,10 +280,11 @@ pub mod layer {
 
     impl Layer {
         /// Case `name`'s base layer: linear `dims = [in, out]`, or a conv `dims = [in, out,
-        /// k]` (`conv`) with "same" padding.
+        /// k]` (`conv`) with "same" padding; with a bias where the fixture has one.
         pub fn from_fixture(f: &Fixture, name: &str, dims: &[usize], conv: bool) -> Self {
             let device = Default::default();
-            let bias = Some(Param::from_tensor(f.tensor::<AB, 1>(&format!("{name}.bias"))).set_require_grad(false));
+            let bias_key = format!("{name}.bias");
+            let bias = f.tensors.contains_key(&bias_key).then(|| Param::from_tensor(f.tensor::<AB, 1>(&bias_key)).set_require_grad(false));
             if conv {
                 let k = dims[2];
                 let config = Conv2dConfig::new([dims[0], dims[1]], [k, k]).with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2));
