@@ -13,7 +13,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
 use burn::tensor::Tensor;
 use lora_core::inspect::ModuleKind;
-use lora_core::sites::{attach_adapters, collect_adapters};
+use lora_core::sites::attach_adapters;
 use lora_core::{Algo, AdapterFormat, AdapterSet, Component, HostTensor, LoraConfig, ModuleIndex, ReadOptions, SaveDtype};
 use proptest::prelude::*;
 
@@ -153,28 +153,16 @@ fn written_as_lycoris_and_read_back() {
         let case: Case = f.case(name);
         let mut trained = One(trained_layer(&f, name));
         trained.0.site().set_multiplier(1.0);
-        let mut set = AdapterSet::new();
-        collect_adapters(&mut trained, &mut set).unwrap();
-        let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
-        let (st, meta) = lora_core::tensor_io::parse(&bytes, Path::new("x")).unwrap();
-        let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
-        keys.sort();
         let state = ["a1.weight", "a2.weight", "alpha", "b1.weight", "b2.weight"];
-        assert_eq!(keys, state.iter().map(|k| format!("lora_unet_layer.{k}")).collect::<Vec<_>>(), "{name}");
-        for k in state {
-            let written = st.tensor(&format!("lora_unet_layer.{k}")).unwrap();
+        let want = |k: &str| {
             let mut want = f.host(&format!("{name}.state.{k}")).clone();
             if k == "alpha" && case.rs_lora {
                 want.data = vec![case.scale * case.dim as f32];
             }
-            assert_eq!(written.shape(), want.shape.as_slice(), "{name}: {k}'s shape");
-            let values: Vec<f32> = written.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
-            let err = values.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err <= 1e-6 * want.data.iter().fold(1f32, |m, v| m.max(v.abs())), "{name}: {k}'s values, off by {err}");
-        }
-        assert_eq!(meta["ss_network_module"], "lycoris.kohya", "{name}");
+            want
+        };
+        let (bytes, meta) = common::layer::written_as_lycoris(&mut trained, name, &state, want, "glora", 1e-6);
         let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
-        assert_eq!(args["algo"], "glora", "{name}");
         let dim = if case.is_conv() && case.dims()[2] == 3 { args["conv_dim"].as_str().unwrap().to_string() } else { meta["ss_network_dim"].clone() };
         assert_eq!(dim, case.dim.to_string(), "{name}: the rank");
 

@@ -2412,10 +2412,7 @@ impl TrainConfig {
             (l.use_tucker, "lora.use_tucker"),
             (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
         ];
-        match options.iter().find(|(on, _)| *on) {
-            Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"glora\" (LyCORIS' GLoRA module applies none)".into() }),
-            None => Ok(()),
-        }
+        refuse_unapplied(&options, lora_core::Algo::Glora, "GLoRA")
     }
 
     /// What LyCORIS' (IA)³ takes: `module_dropout` alone (no rank dropout, DoRA, Tucker,
@@ -2430,10 +2427,7 @@ impl TrainConfig {
             (l.rslora, "lora.rslora"),
             (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
         ];
-        match options.iter().find(|(on, _)| *on) {
-            Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"ia3\" (LyCORIS' (IA)³ module applies none)".into() }),
-            None => Ok(()),
-        }
+        refuse_unapplied(&options, lora_core::Algo::Ia3, "(IA)³")
     }
 
     /// What LyCORIS' full fine-tuning takes: module and rank dropout (no DoRA, Tucker,
@@ -2447,10 +2441,7 @@ impl TrainConfig {
             (l.rslora, "lora.rslora"),
             (self.train.scale_weight_norms > 0.0, "train.scale_weight_norms"),
         ];
-        match options.iter().find(|(on, _)| *on) {
-            Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: "is not trained with lora.algo = \"full\" (LyCORIS' full module applies none)".into() }),
-            None => Ok(()),
-        }
+        refuse_unapplied(&options, lora_core::Algo::Full, "full")
     }
 
     /// Whether the run trains adapters: its targets select layers (or `dim_from_weights`
@@ -2575,6 +2566,15 @@ impl TrainConfig {
     /// The configuration as TOML (written next to the outputs).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// The first of `options` (whether set, its config key) that is set, as the error that
+/// `algo`'s LyCORIS module (`module`: "GLoRA", ...) does not apply it.
+fn refuse_unapplied(options: &[(bool, &str)], algo: lora_core::Algo, module: &str) -> Result<(), TrainError> {
+    match options.iter().find(|(on, _)| *on) {
+        Some((_, key)) => Err(TrainError::Config { origin: key.to_string(), reason: format!("is not trained with lora.algo = \"{}\" (LyCORIS' {module} module applies none)", algo.name()) }),
+        None => Ok(()),
     }
 }
 

@@ -406,6 +406,35 @@ pub mod layer {
         read
     }
 
+    /// Writes `trained`'s adapter (case `name`) in the kohya layout and checks it against
+    /// what LyCORIS' module saved: exactly the keys `lora_unet_layer.<k>` for `state`, each
+    /// tensor in `want(k)`'s shape with its values (off by at most `tol` times the larger of
+    /// 1 and the largest value), `lycoris.kohya` with `algo`. Returns the bytes and metadata.
+    pub fn written_as_lycoris(trained: &mut One, name: &str, state: &[&str], want: impl Fn(&str) -> lora_core::HostTensor, algo: &str, tol: f32) -> (Vec<u8>, std::collections::HashMap<String, String>) {
+        use lora_core::{AdapterFormat, AdapterSet, SaveDtype};
+        let mut set = AdapterSet::new();
+        lora_core::sites::collect_adapters(trained, &mut set).unwrap();
+        let bytes = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+        let (st, meta) = lora_core::tensor_io::parse(&bytes, std::path::Path::new("x")).unwrap();
+        let mut keys: Vec<String> = st.names().into_iter().map(String::from).collect();
+        keys.sort();
+        let mut expected: Vec<String> = state.iter().map(|k| format!("lora_unet_layer.{k}")).collect();
+        expected.sort();
+        assert_eq!(keys, expected, "{name}");
+        for k in state {
+            let written = st.tensor(&format!("lora_unet_layer.{k}")).unwrap();
+            let want = want(k);
+            assert_eq!(written.shape(), want.shape.as_slice(), "{name}: {k}'s shape");
+            let values: Vec<f32> = written.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let err = values.iter().zip(&want.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= tol * want.data.iter().fold(1f32, |m, v| m.max(v.abs())), "{name}: {k}'s values, off by {err}");
+        }
+        assert_eq!(meta["ss_network_module"], "lycoris.kohya", "{name}");
+        let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+        assert_eq!(args["algo"], algo, "{name}");
+        (bytes, meta)
+    }
+
     /// Writes the adapter of `trained` (case `name`), damages the file (`damage`) and reads
     /// it back leniently: a typed error, or an adapter that attaches to `fresh` (or refuses
     /// to, with an error) and runs. A panic fails the calling proptest.
