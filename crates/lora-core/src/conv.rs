@@ -541,6 +541,10 @@ impl<B: Backend> LoraConv2d<B> {
             check_base(&self.base, key)?;
             let mut adapter = LycorisAdapter::from_weights(lycoris, self.base.weight.dims(), true, key, device)?;
             adapter.set_magnitude(weights.magnitude.as_ref(), key, device)?;
+            if self.base.bias.is_some() {
+                // A full difference without `diff_b`: the bias's, at zero, trains as in LyCORIS.
+                adapter = adapter.with_bias_update(device);
+            }
             return self.attach_lycoris(adapter, key);
         }
         let adapter = Conv2dAdapter::from_weights(weights, &self.base, key, device)?;

@@ -472,6 +472,10 @@ impl<B: Backend> LoraLinear<B> {
             let (i, o) = self.features();
             let mut adapter = LycorisAdapter::from_weights(lycoris, [o, i, 1, 1], false, key, device)?;
             adapter.set_magnitude(weights.magnitude.as_ref(), key, device)?;
+            if self.base.bias.is_some() {
+                // A full difference without `diff_b`: the bias's, at zero, trains as in LyCORIS.
+                adapter = adapter.with_bias_update(device);
+            }
             return self.attach_lycoris(adapter, key);
         }
         let adapter = LinearAdapter::from_weights(weights, key, device)?;

@@ -118,6 +118,9 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             let kind = |dora: bool| if dora { "with DoRA's `dora_scale`" } else { "without DoRA" };
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {} {}, the attached adapter is one {} (lora.dora must match the file)", algo.name(), kind(weights.is_dora()), kind(dora))));
         }
+        // A full difference may leave out the bias's (read as zero, as LyCORIS reads it).
+        let optional = |name: &str| algo == crate::Algo::Full && name == crate::full::DIFF_B;
+        let shapes: Vec<(&str, Vec<usize>)> = shapes.into_iter().filter(|(name, _)| lycoris.get(name).is_some() || !optional(name)).collect();
         let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(&t.shape)).unwrap_or_default())).collect();
         // An (IA)³'s flag is no factor.
         let flag = lycoris.get(crate::ia3::ON_INPUT).filter(|_| algo == crate::Algo::Ia3);

@@ -177,6 +177,38 @@ fn written_as_lycoris_and_read_back() {
     }
 }
 
+/// A file whose module leaves out `diff_b` (LyCORIS reads it so: the bias's difference at
+/// zero) on a layer with a bias: attached with a zero `diff_b` that trains, the output
+/// `W + diff` with the bias as it was; it continues training into an attached adapter too.
+#[test]
+fn a_file_without_diff_b_reads_with_a_zero_bias_difference() {
+    let f = Fixture::open(FILE);
+    let name = "lin";
+    let mut index = ModuleIndex::new();
+    index.add(Component::Unet, ["layer"]).unwrap();
+    let diff = f.host(&format!("{name}.diff")).clone();
+    let bytes = lora_core::tensor_io::serialize(&[("lora_unet_layer.diff".to_string(), &diff)], SaveDtype::F32, Default::default()).unwrap();
+    let (read, _) = AdapterSet::from_bytes(&bytes, Path::new("f.safetensors"), &index, ReadOptions::default()).unwrap();
+    let mut want = trained_layer(&f, name);
+    want.site().set_multiplier(1.0);
+    let dims = want.lycoris().factors[1].dims();
+    want.lycoris().factors[1] = Param::from_tensor(Tensor::zeros(dims, &Default::default()));
+    let mut layer = One(base_layer(&f, name));
+    attach_adapters(&mut layer, &read, 1.0, &Default::default()).unwrap();
+    assert_eq!(layer.0.lycoris_ref().names(), ["diff", "diff_b"]);
+    let err = rel(layer.0.forward(&f, name).inner(), want.forward(&f, name).inner());
+    assert!(err < 1e-6, "relative error {err}");
+
+    let (key, w) = read.iter().next().unwrap();
+    let mut attached = base_layer(&f, name);
+    attached.site().attach_new(&config(), &Default::default()).unwrap();
+    attached.site().load_weights(w, &key.to_string(), &Default::default()).unwrap();
+    let y = attached.forward(&f, name);
+    let grads = y.sum().backward();
+    let full = attached.lycoris_ref();
+    assert!(full.factors[1].grad(&grads).is_some(), "the bias's difference trains");
+}
+
 /// With LyCORIS' rank dropout, an output whose row is dropped loses its bias's difference
 /// too: each output is either the trained layer's or the base layer's, and over a few
 /// passes both occur.
