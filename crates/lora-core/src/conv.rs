@@ -9,7 +9,7 @@ use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::dylora::{live_chunk, DyLora};
-use crate::linear::{down_initializer, fold_bias, fold_delta, frozen_if, update_frozen};
+use crate::linear::{adapter_for_bias, down_initializer, fold_bias, fold_delta, frozen_if, update_frozen, updated_bias};
 use crate::precision::cast_to;
 use crate::lycoris::LycorisAdapter;
 use crate::{Algo, HostTensor, LoraConfig, LoraError, LoraWeights, LycorisWeights, Result};
@@ -473,9 +473,6 @@ impl<B: Backend> LoraConv2d<B> {
             if config.dora {
                 adapter.magnitude = Some(Param::from_tensor(crate::lycoris::output_norms(self.base.weight.val()).to_device(device)));
             }
-            if self.base.bias.is_some() {
-                adapter = adapter.with_bias_update(device);
-            }
             return self.attach_lycoris(adapter, "<new>");
         }
         let mut adapter = Conv2dAdapter::new(config, &self.base, device)?;
@@ -513,7 +510,9 @@ impl<B: Backend> LoraConv2d<B> {
     }
 
     /// Attaches a LyCORIS adapter (unmerging and dropping any previous one), checking that
-    /// it fits the base kernel; `key` names it in errors.
+    /// it fits the base kernel and, for a full difference, giving it the bias's where the
+    /// convolution has a bias (as [`crate::LoraLinear::attach_lycoris`]); `key` names it in
+    /// errors.
     pub fn attach_lycoris(&mut self, adapter: LycorisAdapter<B>, key: &str) -> Result<()> {
         check_base(&self.base, key)?;
         let [out_ch, in_ch, kh, kw] = self.base.weight.dims();
@@ -524,9 +523,7 @@ impl<B: Backend> LoraConv2d<B> {
                 reason: format!("layer is {in_ch}→{out_ch} with kernel {kh}x{kw}, the {} adapter is {a_in}→{a_out} with kernel {a_kh}x{a_kw}", adapter.algo().name()),
             });
         }
-        if adapter.bias_delta(1.0).is_some() && self.base.bias.is_none() {
-            return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the adapter changes a bias (`{}`) but the convolution has none", crate::full::DIFF_B) });
-        }
+        let adapter = adapter_for_bias(adapter, self.base.bias.is_some(), "convolution", key)?;
         self.unmerge_in_place();
         self.adapter = None;
         self.lycoris = Some(adapter);
@@ -541,10 +538,6 @@ impl<B: Backend> LoraConv2d<B> {
             check_base(&self.base, key)?;
             let mut adapter = LycorisAdapter::from_weights(lycoris, self.base.weight.dims(), true, key, device)?;
             adapter.set_magnitude(weights.magnitude.as_ref(), key, device)?;
-            if self.base.bias.is_some() {
-                // A full difference without `diff_b`: the bias's, at zero, trains as in LyCORIS.
-                adapter = adapter.with_bias_update(device);
-            }
             return self.attach_lycoris(adapter, key);
         }
         let adapter = Conv2dAdapter::from_weights(weights, &self.base, key, device)?;
@@ -704,12 +697,7 @@ impl<B: Backend> LoraConv2d<B> {
             // An f32 base: one convolution with the updated kernel `W + k·ΔW` (and, for
             // LyCORIS' full fine-tuning, bias `b + k·Δb`).
             let (delta, bias_delta) = lycoris.forward_delta::<4>(self.multiplier, DType::F32, weight.clone());
-            let bias = match (&self.base.bias, bias_delta) {
-                (Some(bias), Some(d)) => Some(cast_to(bias.val(), DType::F32) + d),
-                (Some(bias), None) => Some(bias.val()),
-                (None, _) => None,
-            };
-            let y = conv_with_weight(&self.base, x, weight + delta, bias);
+            let y = conv_with_weight(&self.base, x, weight + delta, updated_bias(self.base.bias.as_ref(), bias_delta));
             return match addend {
                 Addend::None => y,
                 Addend::Full(a) => y + a,

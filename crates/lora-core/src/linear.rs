@@ -75,6 +75,28 @@ pub(crate) fn fold_bias<B: Backend>(bias: Option<Param<Tensor<B, 1>>>, lycoris: 
     }
 }
 
+/// A layer's bias `bias` plus LyCORIS' full fine-tuning's update `delta` (`b + k·Δb`, in
+/// f32; the bias as it is without an update), for a pass.
+pub(crate) fn updated_bias<B: Backend>(bias: Option<&Param<Tensor<B, 1>>>, delta: Option<Tensor<B, 1>>) -> Option<Tensor<B, 1>> {
+    let bias = bias?.val();
+    Some(match delta {
+        Some(d) => cast_to(bias, DType::F32) + d,
+        None => bias,
+    })
+}
+
+/// `adapter` as attached to a layer (`what`, for errors) with or without a bias (`bias`):
+/// a full difference (LyCORIS' `algo=full`) on a layer with a bias gets the bias's, at zero
+/// where it has none yet (LyCORIS trains it, and reads a file without one so); one with a
+/// bias's difference on a layer without a bias is an error naming `key`.
+pub(crate) fn adapter_for_bias<B: Backend>(adapter: LycorisAdapter<B>, bias: bool, what: &str, key: &str) -> Result<LycorisAdapter<B>> {
+    match (bias, adapter.names().contains(&crate::full::DIFF_B)) {
+        (true, _) => Ok(adapter.with_bias_update()),
+        (false, true) => Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the adapter changes a bias (`{}`) but the {what} has none", crate::full::DIFF_B) }),
+        (false, false) => Ok(adapter),
+    }
+}
+
 /// The trainable part of a LoRA linear layer: `scale · up(down(dropout(x)))`.
 ///
 /// Weights are kept in burn's `Linear` layout (`[in, rank]` and `[rank, out]`); files use
@@ -410,9 +432,6 @@ impl<B: Backend> LoraLinear<B> {
             if config.dora {
                 adapter.magnitude = Some(Param::from_tensor(crate::lycoris::output_norms(self.base.weight.val()).to_device(device)));
             }
-            if self.base.bias.is_some() {
-                adapter = adapter.with_bias_update(device);
-            }
             return self.attach_lycoris(adapter, "<new>");
         }
         let mut adapter = LinearAdapter::new(config, i, o, device)?;
@@ -445,7 +464,8 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// Attaches a LyCORIS adapter (unmerging and dropping any previous one), checking its
-    /// shape; `key` names it in errors.
+    /// shape and, for a full difference, giving it the bias's where the layer has a bias
+    /// (a bias's difference for a layer without one is an error); `key` names it in errors.
     pub fn attach_lycoris(&mut self, adapter: LycorisAdapter<B>, key: &str) -> Result<()> {
         let (i, o) = self.features();
         let [a_out, a_in, kh, kw] = adapter.shape();
@@ -455,9 +475,7 @@ impl<B: Backend> LoraLinear<B> {
                 reason: format!("layer is {i}→{o} but the {} adapter is {a_in}→{a_out} with kernel {kh}x{kw}", adapter.algo().name()),
             });
         }
-        if adapter.bias_delta(1.0).is_some() && self.base.bias.is_none() {
-            return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the adapter changes a bias (`{}`) but the layer has none", crate::full::DIFF_B) });
-        }
+        let adapter = adapter_for_bias(adapter, self.base.bias.is_some(), "layer", key)?;
         self.unmerge_in_place();
         self.adapter = None;
         self.lycoris = Some(adapter);
@@ -472,10 +490,6 @@ impl<B: Backend> LoraLinear<B> {
             let (i, o) = self.features();
             let mut adapter = LycorisAdapter::from_weights(lycoris, [o, i, 1, 1], false, key, device)?;
             adapter.set_magnitude(weights.magnitude.as_ref(), key, device)?;
-            if self.base.bias.is_some() {
-                // A full difference without `diff_b`: the bias's, at zero, trains as in LyCORIS.
-                adapter = adapter.with_bias_update(device);
-            }
             return self.attach_lycoris(adapter, key);
         }
         let adapter = LinearAdapter::from_weights(weights, key, device)?;
@@ -739,13 +753,7 @@ impl<B: Backend> LoraLinear<B> {
         }
         let (delta, bias_delta) = lycoris.forward_delta::<2>(self.multiplier, DType::F32, weight.clone());
         let y = crate::kernels::linear_weight(x, weight + delta);
-        // LyCORIS' full fine-tuning changes the bias too: `b + k·Δb`.
-        let bias = match (&self.base.bias, bias_delta) {
-            (Some(bias), Some(d)) => Some(cast_to(bias.val(), DType::F32) + d),
-            (Some(bias), None) => Some(bias.val()),
-            (None, _) => None,
-        };
-        let y = match bias {
+        let y = match updated_bias(self.base.bias.as_ref(), bias_delta) {
             Some(bias) => y + on_last_axis::<B, D>(bias, dtype),
             None => y,
         };

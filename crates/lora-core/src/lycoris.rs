@@ -264,7 +264,7 @@ impl<B: Backend> LycorisAdapter<B> {
                 (vec![crate::ia3::WEIGHT], vec![zeros(channels, 1, device)], false)
             }
             // The weight's difference, starting at zero (LyCORIS' copy of the weight); the
-            // bias's is added by a layer that has one (`with_bias_update`).
+            // bias's is added by a layer that has a bias when it attaches the adapter.
             Algo::Full => (vec![crate::full::DIFF], vec![zeros(out, input * k, device)], false),
             Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft, boft, glora, ia3 or full, not lora".into())),
         };
@@ -401,7 +401,7 @@ impl<B: Backend> LycorisAdapter<B> {
 
     /// [`from_weights`](Self::from_weights) for LyCORIS' full fine-tuning: `diff` of the
     /// layer's weight shape (kept as `[out, in·kh·kw]`) and `diff_b` `[out]` if any (kept as
-    /// `[out, 1]`; the layer checks that it has a bias, [`crate::LoraLinear::attach_lycoris`]).
+    /// `[out, 1]`; the layer checks it against its bias, [`crate::LoraLinear::attach_lycoris`]).
     fn full_from_weights(weights: &LycorisWeights, shape: [usize; 4], conv: bool, key: &str, device: &B::Device) -> Result<Self> {
         let found = crate::full::check_tensors(weights, key)?;
         let [out, input, kh, kw] = shape;
@@ -423,12 +423,14 @@ impl<B: Backend> LycorisAdapter<B> {
     }
 
     /// For LyCORIS' full fine-tuning ([`Algo::Full`]) on a layer with a bias: the adapter
-    /// with the bias's difference (`diff_b`, starting at zero) beside the weight's. Any
-    /// other adapter, or one that has it, is returned as it is.
-    pub(crate) fn with_bias_update(mut self, device: &B::Device) -> Self {
+    /// with the bias's difference (`diff_b`, starting at zero, on the weight's difference's
+    /// device) beside the weight's. Any other adapter, or one that has it, is returned as
+    /// it is.
+    pub(crate) fn with_bias_update(mut self) -> Self {
         if self.algo == Algo::Full && self.factor(crate::full::DIFF_B).is_none() {
+            let device = self.factors[0].val().device();
             self.names.push(crate::full::DIFF_B);
-            self.factors.push(zeros(self.shape[0], 1, device));
+            self.factors.push(zeros(self.shape[0], 1, &device));
         }
         self
     }

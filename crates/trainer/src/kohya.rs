@@ -1140,24 +1140,14 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         notes.push("network_args use_tucker: LyCORIS' (IA)³ does not use it, and neither does this trainer".into());
     }
     if l.algo == lora_core::Algo::Full {
-        let mut dropped = Vec::new();
-        for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_tucker, "use_tucker"), (&mut l.use_scalar, "use_scalar"), (&mut l.rslora, "rs_lora")] {
-            if std::mem::take(on) {
-                dropped.push(what);
-            }
-        }
+        let dropped = turn_off([(&mut l.dora, "dora_wd"), (&mut l.use_tucker, "use_tucker"), (&mut l.use_scalar, "use_scalar"), (&mut l.rslora, "rs_lora")]);
         if !dropped.is_empty() {
             notes.push(format!("network_args {}: LyCORIS' full module does not use them (it trains the whole weight and bias, with no rank or scale), and neither does this trainer", dropped.join(", ")));
         }
         notes.push("algo=full: network_dim and network_alpha are not used (each targeted layer's whole weight and bias train); weight decay pulls the trained difference toward 0 here, the whole weight in LyCORIS (see docs/lora-formats.md)".into());
     }
     if l.algo == lora_core::Algo::Glora {
-        let mut dropped = Vec::new();
-        for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_tucker, "use_tucker")] {
-            if std::mem::take(on) {
-                dropped.push(what);
-            }
-        }
+        let dropped = turn_off([(&mut l.dora, "dora_wd"), (&mut l.use_tucker, "use_tucker")]);
         if !dropped.is_empty() {
             notes.push(format!("network_args {}: LyCORIS' GLoRA does not use them (it has no DoRA and never decomposes its convolutions), and neither does this trainer", dropped.join(", ")));
         }
@@ -1176,11 +1166,7 @@ fn ia3_drops(l: &mut crate::config::LoraSection, rank_dropout: &mut f64, preset:
     if std::mem::take(rank_dropout) > 0.0 {
         dropped.push("rank_dropout");
     }
-    for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_scalar, "use_scalar"), (&mut l.rslora, "rs_lora")] {
-        if std::mem::take(on) {
-            dropped.push(what);
-        }
-    }
+    dropped.extend(turn_off([(&mut l.dora, "dora_wd"), (&mut l.use_scalar, "use_scalar"), (&mut l.rslora, "rs_lora")]));
     if !dropped.is_empty() {
         notes.push(format!("network_args {}: LyCORIS' (IA)³ does not use them, and neither does this trainer", dropped.join(", ")));
     }
@@ -1192,16 +1178,17 @@ fn ia3_drops(l: &mut crate::config::LoraSection, rank_dropout: &mut f64, preset:
     }
 }
 
+/// Turns off each set flag of `flags` (a setting and its `network_args` name) and returns
+/// the names of those that were on, for a note that the algorithm does not use them.
+fn turn_off<'a, const N: usize>(flags: [(&'a mut bool, &'static str); N]) -> Vec<&'static str> {
+    flags.into_iter().filter_map(|(on, what)| std::mem::take(on).then_some(what)).collect()
+}
+
 /// What LyCORIS' Diag-OFT and BOFT modules (`algo`) take no notice of (they have no DoRA,
 /// scalar, Tucker form or rsLoRA scale), turned off with a note; their constraint stands
 /// for `network_alpha`.
 fn diag_oft_drops(l: &mut crate::config::LoraSection, algo: &str, notes: &mut Vec<String>) {
-    let mut dropped = Vec::new();
-    for (on, what) in [(&mut l.dora, "dora_wd"), (&mut l.use_scalar, "use_scalar"), (&mut l.use_tucker, "use_tucker"), (&mut l.rslora, "rs_lora")] {
-        if std::mem::take(on) {
-            dropped.push(what);
-        }
-    }
+    let dropped = turn_off([(&mut l.dora, "dora_wd"), (&mut l.use_scalar, "use_scalar"), (&mut l.use_tucker, "use_tucker"), (&mut l.rslora, "rs_lora")]);
     if !dropped.is_empty() {
         notes.push(format!("network_args {}: LyCORIS' {algo} does not use them, and neither does this trainer", dropped.join(", ")));
     }
