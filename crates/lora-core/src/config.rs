@@ -73,6 +73,15 @@ pub enum Algo {
     /// plain-LoRA form ([`Algo::stands_alone`]). Saved as LyCORIS writes it
     /// (`lora_unet_….diff`, `.diff_b`), which ComfyUI and A1111 load.
     Full,
+    /// LyCORIS' normalization-layer module (its `NormModule`, trained beside another
+    /// algorithm with `train_norm`): a GroupNorm's or LayerNorm's scale and shift trained
+    /// as differences, `γ + w_norm`, `β + b_norm`, starting at zero ([`crate::norm`]).
+    /// Never a layer's algorithm of its own: norm layers get it when
+    /// [`LoraSiteMut::attach_new`](crate::LoraSiteMut::attach_new) attaches an adapter to
+    /// them, whatever the configured algorithm. Saved as LyCORIS writes it
+    /// (`lora_unet_….w_norm`, `.b_norm`), which ComfyUI loads.
+    #[serde(skip)]
+    Norm,
 }
 
 impl Algo {
@@ -88,6 +97,7 @@ impl Algo {
             Algo::Glora => "glora",
             Algo::Ia3 => "ia3",
             Algo::Full => "full",
+            Algo::Norm => "norm",
         }
     }
 
@@ -125,7 +135,8 @@ impl Algo {
 
     /// Whether the adapter has no plain-LoRA form: its update depends on the base weight
     /// ([`depends_on_base`](Self::depends_on_base)), or it is a full-size difference with
-    /// the bias's ([`Algo::Full`], which a LoRA cannot hold). Such an adapter is merged into
+    /// the bias's ([`Algo::Full`], which a LoRA cannot hold), or a norm layer's
+    /// ([`Algo::Norm`]). Such an adapter is merged into
     /// its own layer, never combined with other files' adapters on that layer, resized or
     /// written in the diffusers / PEFT layout.
     ///
@@ -135,7 +146,7 @@ impl Algo {
     /// assert!(Algo::Ia3.stands_alone() && !Algo::Lokr.stands_alone());
     /// ```
     pub fn stands_alone(self) -> bool {
-        self.depends_on_base() || self == Algo::Full
+        self.depends_on_base() || matches!(self, Algo::Full | Algo::Norm)
     }
 }
 
@@ -163,6 +174,7 @@ impl std::str::FromStr for Algo {
             "glora" => Ok(Algo::Glora),
             "ia3" => Ok(Algo::Ia3),
             "full" => Ok(Algo::Full),
+            "norm" => Err("`norm` (LyCORIS' normalization-layer modules) is not an algorithm of its own: norm layers train beside another algorithm with train_norm".into()),
             other => Err(format!("unknown adapter algorithm `{other}`; expected lora, loha, lokr, oft, diag-oft, boft, glora, ia3 or full")),
         }
     }

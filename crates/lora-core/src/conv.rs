@@ -515,6 +515,7 @@ impl<B: Backend> LoraConv2d<B> {
     /// errors.
     pub fn attach_lycoris(&mut self, adapter: LycorisAdapter<B>, key: &str) -> Result<()> {
         check_base(&self.base, key)?;
+        crate::norm::refuse_on_layer(&adapter, "convolution", key)?;
         let [out_ch, in_ch, kh, kw] = self.base.weight.dims();
         let [a_out, a_in, a_kh, a_kw] = adapter.shape();
         if [a_out, a_in, a_kh, a_kw] != [out_ch, in_ch, kh, kw] || !adapter.is_conv() {

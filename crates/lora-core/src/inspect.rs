@@ -59,6 +59,8 @@ pub enum ModuleKind {
     Ia3,
     /// LyCORIS' full fine-tuning (`diff`, `diff_b`): no rank or alpha.
     Full,
+    /// LyCORIS' norm module (`w_norm`, `b_norm`, of `train_norm`): no rank or alpha.
+    Norm,
     /// Tensors of no adapter kind this crate knows.
     Other,
 }
@@ -78,6 +80,7 @@ impl ModuleKind {
             Self::Glora => "GLoRA",
             Self::Ia3 => "(IA)³",
             Self::Full => "full",
+            Self::Norm => "norm",
             Self::Other => "other",
         }
     }
@@ -135,7 +138,7 @@ pub struct LoraInfo {
 }
 
 /// The parts of a kohya key after the module name that name an adapter's tensors.
-const KOHYA_PARTS: [&str; 26] = [
+const KOHYA_PARTS: [&str; 28] = [
     "lora_down.weight",
     "lora_up.weight",
     "lora_mid.weight",
@@ -156,6 +159,8 @@ const KOHYA_PARTS: [&str; 26] = [
     "lokr_t2",
     "scalar",
     "diff",
+    "w_norm",
+    "b_norm",
     "rescale",
     "a1.weight",
     "a2.weight",
@@ -252,6 +257,8 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
         ModuleKind::Ia3
     } else if shape("diff").is_some() || shape("diff_b").is_some() {
         ModuleKind::Full
+    } else if shape("w_norm").is_some() || shape("b_norm").is_some() {
+        ModuleKind::Norm
     } else if has("a1.weight") || has("b2.weight") {
         ModuleKind::Glora
     } else if has("hada_") {
@@ -277,7 +284,7 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
         ModuleKind::DiagOft => shape("oft_blocks").and_then(|s| s.get(1).copied()),
         ModuleKind::Boft => shape("oft_blocks").and_then(|s| s.get(2).copied()),
         ModuleKind::Glora => shape("a2.weight").and_then(leading),
-        ModuleKind::Other | ModuleKind::Full => None,
+        ModuleKind::Other | ModuleKind::Full | ModuleKind::Norm => None,
         _ => down.clone().and_then(leading),
     };
     // A convolution's kernel: LoCon's down (or Tucker core), LoHa / LoKr cores or full halves.

@@ -64,6 +64,7 @@ pub mod kernels;
 mod linalg;
 mod linear;
 pub mod lycoris;
+pub mod norm;
 pub mod oft;
 pub mod optim;
 pub mod precision;

@@ -467,6 +467,7 @@ impl<B: Backend> LoraLinear<B> {
     /// shape and, for a full difference, giving it the bias's where the layer has a bias
     /// (a bias's difference for a layer without one is an error); `key` names it in errors.
     pub fn attach_lycoris(&mut self, adapter: LycorisAdapter<B>, key: &str) -> Result<()> {
+        crate::norm::refuse_on_layer(&adapter, "linear layer", key)?;
         let (i, o) = self.features();
         let [a_out, a_in, kh, kw] = adapter.shape();
         if (a_out, a_in, kh * kw) != (o, i, 1) || adapter.is_conv() {

@@ -266,6 +266,9 @@ impl<B: Backend> LycorisAdapter<B> {
             // The weight's difference, starting at zero (LyCORIS' copy of the weight); the
             // bias's is added by a layer that has a bias when it attaches the adapter.
             Algo::Full => (vec![crate::full::DIFF], vec![zeros(out, input * k, device)], false),
+            // A norm's scale's difference per channel (`[channels, 1]`, shape
+            // `[channels, 1, 1, 1]`); the shift's is added by a norm with a shift.
+            Algo::Norm => (vec![crate::norm::W_NORM], vec![zeros(out, 1, device)], false),
             Algo::Lora => return Err(LoraError::InvalidConfig("a LyCORIS adapter needs algo loha, lokr, oft, diag-oft, boft, glora, ia3 or full, not lora".into())),
         };
         Ok(Self {
@@ -276,9 +279,10 @@ impl<B: Backend> LycorisAdapter<B> {
             conv,
             // LyCORIS: a LoKr with two full halves has scale 1 whatever the alpha. An OFT
             // keeps its alpha (the constraint per output).
-            scale: if both_full || config.algo == Algo::Full { 1.0 } else if config.algo.is_oft() { config.alpha } else { config.scale() },
+            scale: if both_full || matches!(config.algo, Algo::Full | Algo::Norm) { 1.0 } else if config.algo.is_oft() { config.alpha } else { config.scale() },
             module_dropout: config.module_dropout,
-            rank_dropout: config.rank_dropout,
+            // Norm modules take module dropout only (see `crate::norm`).
+            rank_dropout: if config.algo == Algo::Norm { 0.0 } else { config.rank_dropout },
             rank_dropout_scale: config.rank_dropout_scale,
             magnitude: None,
             scalar: scalar.then(|| Param::from_tensor(Tensor::zeros([1], device))),
@@ -302,6 +306,9 @@ impl<B: Backend> LycorisAdapter<B> {
         if weights.algo == Algo::Full {
             return Self::full_from_weights(weights, shape, conv, key, device);
         }
+        if weights.algo == Algo::Norm {
+            return Self::norm_from_weights(weights, shape, key, device);
+        }
         let names: Vec<&'static str> = match weights.algo {
             Algo::Loha if weights.get("hada_t1").is_some() => vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"],
             Algo::Loha => vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"],
@@ -316,7 +323,7 @@ impl<B: Backend> LycorisAdapter<B> {
                 }
                 names
             }
-            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 | Algo::Full => return Err(bad("not a LyCORIS adapter".into())),
+            Algo::Lora | Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 | Algo::Full | Algo::Norm => return Err(bad("not a LyCORIS adapter".into())),
         };
         if weights.tensors.len() != names.len() {
             let found: Vec<&str> = weights.tensors.iter().map(|(n, _)| n.as_str()).collect();
@@ -422,17 +429,64 @@ impl<B: Backend> LycorisAdapter<B> {
         Ok(Self::read(factors, names, Algo::Full, shape, conv, 1.0))
     }
 
-    /// For LyCORIS' full fine-tuning ([`Algo::Full`]) on a layer with a bias: the adapter
-    /// with the bias's difference (`diff_b`, starting at zero, on the weight's difference's
+    /// [`from_weights`](Self::from_weights) for LyCORIS' norm module: `w_norm` and
+    /// `b_norm` if any, `[channels]` each (kept as `[channels, 1]`), for a norm of
+    /// `shape[0]` channels.
+    fn norm_from_weights(weights: &LycorisWeights, shape: [usize; 4], key: &str, device: &B::Device) -> Result<Self> {
+        let found = crate::norm::check_tensors(weights, key)?;
+        if found.channels != shape[0] {
+            return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the norm module has {} channels, the norm {}", found.channels, shape[0]) });
+        }
+        let mut factors = Vec::with_capacity(2);
+        let mut names = Vec::with_capacity(2);
+        for (name, t) in &weights.tensors {
+            let column = HostTensor { shape: vec![found.channels, 1], data: t.data.clone() };
+            factors.push(Param::from_tensor(column.to_tensor::<B, 2>(device)?));
+            names.push(if name == crate::norm::W_NORM { crate::norm::W_NORM } else { crate::norm::B_NORM });
+        }
+        Ok(Self::read(factors, names, Algo::Norm, [found.channels, 1, 1, 1], false, 1.0))
+    }
+
+    /// The name of the bias's (a norm's shift's) difference, for the algorithms that have
+    /// one.
+    fn bias_name(&self) -> Option<&'static str> {
+        match self.algo {
+            Algo::Full => Some(crate::full::DIFF_B),
+            Algo::Norm => Some(crate::norm::B_NORM),
+            _ => None,
+        }
+    }
+
+    /// For LyCORIS' full fine-tuning ([`Algo::Full`]) on a layer with a bias, or a norm
+    /// module ([`Algo::Norm`]) on a norm with a shift: the adapter with the bias's
+    /// difference (`diff_b` / `b_norm`, starting at zero, on the weight's difference's
     /// device) beside the weight's. Any other adapter, or one that has it, is returned as
     /// it is.
     pub(crate) fn with_bias_update(mut self) -> Self {
-        if self.algo == Algo::Full && self.factor(crate::full::DIFF_B).is_none() {
+        if let Some(name) = self.bias_name().filter(|n| self.factor(n).is_none()) {
             let device = self.factors[0].val().device();
-            self.names.push(crate::full::DIFF_B);
+            self.names.push(name);
             self.factors.push(zeros(self.shape[0], 1, &device));
         }
         self
+    }
+
+    /// A norm module's differences of the scale and the shift at strength `multiplier`,
+    /// `[channels]` each in f32 in the graph of its tensors; with `dropout`, times module
+    /// dropout's keep mask on autodiff backends (drawn on the device). Zeros of no
+    /// gradient for any other adapter (which has none).
+    pub(crate) fn norm_deltas(&self, multiplier: f32, dropout: bool) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
+        let c = self.shape[0];
+        let Some(w) = self.factor(crate::norm::W_NORM) else {
+            return (Tensor::zeros([c], &self.factors[0].val().device()), None);
+        };
+        let dw = cast_to(w.val(), DType::F32).reshape([c]).mul_scalar(multiplier);
+        let db = self.bias_delta(multiplier);
+        let keep = if dropout { crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, &dw.device()) } else { None };
+        match keep {
+            Some(keep) => (dw * keep.clone().reshape([1]), db.map(|b| b * keep.reshape([1]))),
+            None => (dw, db),
+        }
     }
 
     /// The change of the layer's bias at strength `multiplier`, `[out]` in f32 in the
@@ -440,7 +494,7 @@ impl<B: Backend> LycorisAdapter<B> {
     /// `None` for every other adapter (they leave the bias alone) and for a full one
     /// without it.
     pub fn bias_delta(&self, multiplier: f32) -> Option<Tensor<B, 1>> {
-        let diff_b = self.factor(crate::full::DIFF_B)?;
+        let diff_b = self.factor(self.bias_name()?)?;
         Some(cast_to(diff_b.val(), DType::F32).reshape([self.shape[0]]).mul_scalar(multiplier))
     }
 
@@ -507,7 +561,7 @@ impl<B: Backend> LycorisAdapter<B> {
             Algo::DiagOft | Algo::Boft => self.factor(crate::oft::BLOCKS).map(|p| p.dims()[1]),
             Algo::Loha => rows("hada_w1_b"),
             Algo::Glora => rows("a2.weight"),
-            Algo::Ia3 | Algo::Full => None,
+            Algo::Ia3 | Algo::Full | Algo::Norm => None,
             _ => rows("lokr_w2_b").or_else(|| rows("lokr_w1_b")),
         }
     }
@@ -745,6 +799,10 @@ impl<B: Backend> LycorisAdapter<B> {
                     // LyCORIS: `[channels]`, a convolution's `[1, channels, 1, 1]`.
                     return if self.conv { vec![1, rows, 1, 1] } else { vec![rows] };
                 }
+                if self.algo == Algo::Norm {
+                    // LyCORIS: one value per channel.
+                    return vec![rows];
+                }
                 if self.algo == Algo::Full {
                     // LyCORIS: the weight's shape and the bias's `[out]`.
                     return match (*name == crate::full::DIFF_B, self.conv) {
@@ -797,7 +855,7 @@ impl<B: Backend> LycorisAdapter<B> {
             tensors.push((crate::ia3::ON_INPUT.to_string(), HostTensor { shape: vec![], data: vec![f32::from(u8::from(self.ia3_on_input))] }));
         }
         let alpha = match self.algo {
-            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Ia3 | Algo::Full => self.scale,
+            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Ia3 | Algo::Full | Algo::Norm => self.scale,
             _ => self.rank().map_or(1.0, |r| self.scale * r as f32),
         };
         Ok(LycorisWeights { algo: self.algo, tensors, alpha })
@@ -818,6 +876,11 @@ impl<B: Backend> LycorisAdapter<B> {
             let mut tensors = lycoris.tensors.into_iter().map(|(_, t)| t);
             let diff = tensors.next().expect("a full adapter has its diff");
             return crate::full::weights(diff, tensors.next(), key);
+        }
+        if self.algo == Algo::Norm {
+            let mut tensors = lycoris.tensors.into_iter().map(|(_, t)| t);
+            let w_norm = tensors.next().expect("a norm module has its w_norm");
+            return crate::norm::weights(w_norm, tensors.next(), key);
         }
         if self.algo == Algo::Glora {
             // No plain form either: its tensors beside an empty LoRA.
@@ -875,7 +938,7 @@ impl<B: Backend> LycorisAdapter<B> {
         let rows = |name: &str| self.factor(name).map_or(0, |p| p.dims()[0]);
         match self.algo {
             Algo::Loha => rows("hada_w1_b") * rows("hada_w2_b"),
-            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 | Algo::Full => 0,
+            Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 | Algo::Full | Algo::Norm => 0,
             _ => ["lokr_w1", "lokr_w2"]
                 .map(|h| {
                     let (full, _, b) = names_of(h);
@@ -968,6 +1031,7 @@ pub(crate) fn unscaled_delta<B: Backend>(algo: Algo, factor: impl Fn(&str) -> Op
             Ok(kron(half("lokr_w1")?, half("lokr_w2")?))
         }
         Algo::Full => need(crate::full::DIFF),
+        Algo::Norm => need(crate::norm::W_NORM),
         Algo::Lora => Err("a LoRA is not a LyCORIS adapter".into()),
         Algo::Oft | Algo::DiagOft | Algo::Boft | Algo::Glora | Algo::Ia3 => Err("an OFT's, a GLoRA's or an (IA)³'s update depends on the base weight".into()),
     }

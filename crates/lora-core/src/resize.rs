@@ -170,8 +170,15 @@ impl Resized {
     }
 }
 
+/// Whether `w` is LyCORIS' norm module ([`crate::norm`]), which resizing and cutting keep
+/// as it is.
+fn is_norm_module(w: &LoraWeights) -> bool {
+    w.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Norm)
+}
+
 /// Resizes every adapter of `set` (see the [module docs](self)). Adapters on kernels larger
-/// than 1x1 take `settings.conv_rank`, the others `settings.rank`. The metadata is kept,
+/// than 1x1 take `settings.conv_rank`, the others `settings.rank`; LyCORIS' norm modules
+/// (beside a LoRA, [`crate::norm`]) have no rank and are kept as they are. The metadata is kept,
 /// with `ss_training_comment` prefixed as kohya's script prefixes it; after a dynamic rule
 /// `ss_network_dim` and `ss_network_alpha` say `Dynamic`, as kohya's script writes them
 /// (the kohya writer keeps that instead of its most common rank), else the writers
@@ -181,7 +188,8 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
     if settings.rank == 0 || settings.conv_rank == 0 {
         return Err(LoraError::InvalidConfig("the new ranks must be at least 1".into()));
     }
-    let work: Vec<(&AdapterKey, &LoraWeights)> = set.iter().collect();
+    // LyCORIS' norm modules (beside a LoRA, `train_norm`) have no rank: they stay as they are.
+    let work: Vec<(&AdapterKey, &LoraWeights)> = set.iter().filter(|(_, w)| !is_norm_module(w)).collect();
     let one = |(key, w): &(&AdapterKey, &LoraWeights)| {
         let spatial = w.is_conv() && w.down.shape[2..] != [1, 1];
         let max_rank = if spatial { settings.conv_rank } else { settings.rank };
@@ -196,6 +204,9 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
         handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     });
     let mut out = AdapterSet::new();
+    for (key, w) in set.iter().filter(|(_, w)| is_norm_module(w)) {
+        out.insert(key.clone(), w.clone())?;
+    }
     let mut modules = BTreeMap::new();
     for ((key, _), result) in work.iter().zip(results) {
         let (resized, retained) = result?;
@@ -255,6 +266,10 @@ pub fn truncate_set(set: &AdapterSet, rank: usize, conv_rank: usize) -> Result<A
     }
     let mut out = AdapterSet::new();
     for (key, w) in set.iter() {
+        if is_norm_module(w) {
+            out.insert(key.clone(), w.clone())?;
+            continue;
+        }
         if w.stands_alone() {
             return Err(w.no_plain_form(&key.to_string(), "cut to a rank (it has none)"));
         }

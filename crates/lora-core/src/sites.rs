@@ -6,6 +6,7 @@
 
 use burn::tensor::backend::Backend;
 
+use crate::norm::NormSite;
 use crate::{AdapterKey, AdapterSet, Component, LoraConfig, LoraConv2d, LoraError, LoraLinear, LoraWeights, ModuleIndex, Result};
 
 /// A mutable view of one adapter-capable layer.
@@ -14,6 +15,9 @@ pub enum LoraSiteMut<'a, B: Backend> {
     Linear(&'a mut LoraLinear<B>),
     /// A 2-d convolution.
     Conv(&'a mut LoraConv2d<B>),
+    /// A GroupNorm or LayerNorm ([`crate::norm::LoraNorm`]), which takes LyCORIS' norm
+    /// module ([`crate::Algo::Norm`]) only.
+    Norm(&'a mut dyn NormSite<B>),
 }
 
 impl<B: Backend> LoraSiteMut<'_, B> {
@@ -39,6 +43,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                 l.attach_weights(weights, key, device)
             }
             Self::Conv(c) => c.attach_weights(weights, key, device),
+            Self::Norm(n) => n.attach_weights(weights, key, device),
         }
     }
 
@@ -70,8 +75,12 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         let attached = match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout], (a.lycoris_rank_dropout, a.rank_dropout_scale)), a.is_dora())),
             Self::Conv(c) => c.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout], (a.lycoris_rank_dropout, a.rank_dropout_scale)), a.is_dora())),
+            Self::Norm(_) => None,
         };
         let Some(((rank, dropout), dora)) = attached else {
+            if self.is_norm() {
+                return Err(LoraError::Unsupported(format!("{key}: a norm layer without a norm module to load the weights into (norm layers train with LyCORIS' train_norm)")));
+            }
             return Err(LoraError::Unsupported(format!("{key}: no adapter is attached to load weights into")));
         };
         let dylora = self.dylora();
@@ -119,7 +128,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
             return Err(LoraError::Unsupported(format!("{key}: the weights are a {} {}, the attached adapter is one {} (lora.dora must match the file)", algo.name(), kind(weights.is_dora()), kind(dora))));
         }
         // A full difference may leave out the bias's (read as zero, as LyCORIS reads it).
-        let optional = |name: &str| algo == crate::Algo::Full && name == crate::full::DIFF_B;
+        let optional = |name: &str| (algo == crate::Algo::Full && name == crate::full::DIFF_B) || (algo == crate::Algo::Norm && name == crate::norm::B_NORM);
         let shapes: Vec<(&str, Vec<usize>)> = shapes.into_iter().filter(|(name, _)| lycoris.get(name).is_some() || !optional(name)).collect();
         let found: Vec<(&str, Vec<usize>)> = shapes.iter().map(|(name, _)| (*name, lycoris.get(name).map(|t| flat(&t.shape)).unwrap_or_default())).collect();
         // An (IA)³'s flag is no factor.
@@ -156,7 +165,9 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         // A LyCORIS adapter has module and LyCORIS' rank dropout (its config refuses the
         // others).
         if let Some(a) = self.lycoris_adapter_mut() {
-            (a.module_dropout, a.rank_dropout, a.rank_dropout_scale) = (config.module_dropout, config.rank_dropout, config.rank_dropout_scale);
+            // A norm module takes module dropout only (see `crate::norm`).
+            let rank_dropout = if a.algo() == crate::Algo::Norm { 0.0 } else { config.rank_dropout };
+            (a.module_dropout, a.rank_dropout, a.rank_dropout_scale) = (config.module_dropout, rank_dropout, config.rank_dropout_scale);
         }
         let rows = (config.lycoris_rank_dropout, config.rank_dropout_scale);
         match self {
@@ -172,6 +183,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                     (a.lycoris_rank_dropout, a.rank_dropout_scale) = rows;
                 }
             }
+            Self::Norm(_) => {}
         }
     }
 
@@ -211,6 +223,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
                 }
                 _ => false,
             },
+            Self::Norm(_) => false,
         }
     }
 
@@ -231,6 +244,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.as_ref().and_then(|a| a.dylora),
             Self::Conv(c) => c.adapter.as_ref().and_then(|a| a.dylora),
+            Self::Norm(_) => None,
         }
     }
 
@@ -240,6 +254,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| a.rank()),
             Self::Conv(c) => c.adapter.as_ref().map(|a| a.rank()),
+            Self::Norm(_) => None,
         }
     }
 
@@ -266,6 +281,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.iter_mut().for_each(|a| a.dylora = dylora),
             Self::Conv(c) => c.adapter.iter_mut().for_each(|a| a.dylora = dylora),
+            Self::Norm(_) => {}
         }
         Ok(())
     }
@@ -282,6 +298,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.iter_mut().for_each(|a| set(&mut a.dylora)),
             Self::Conv(c) => c.adapter.iter_mut().for_each(|a| set(&mut a.dylora)),
+            Self::Norm(_) => {}
         }
     }
 
@@ -298,11 +315,13 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         vec![(down, chunks(down_axis)), (up, chunks(up_axis))]
     }
 
-    /// Attaches a freshly initialised adapter.
+    /// Attaches a freshly initialised adapter (to a norm layer, LyCORIS' norm module with
+    /// `config`'s module dropout, whatever `config`'s algorithm: [`crate::norm`]).
     pub fn attach_new(&mut self, config: &LoraConfig, device: &B::Device) -> Result<()> {
         match self {
             Self::Linear(l) => l.attach_new(config, device),
             Self::Conv(c) => c.attach_new(config, device),
+            Self::Norm(n) => n.attach_new(config, device),
         }
     }
 
@@ -311,6 +330,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => drop(l.detach()),
             Self::Conv(c) => drop(c.detach()),
+            Self::Norm(n) => drop(n.detach()),
         }
     }
 
@@ -319,6 +339,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.set_multiplier(multiplier),
             Self::Conv(c) => c.set_multiplier(multiplier),
+            Self::Norm(n) => n.set_multiplier(multiplier),
         }
     }
 
@@ -327,6 +348,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.merge_in_place(),
             Self::Conv(c) => c.merge_in_place(),
+            Self::Norm(n) => n.merge_in_place(),
         }
     }
 
@@ -335,6 +357,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.bake(),
             Self::Conv(c) => c.bake(),
+            Self::Norm(n) => n.bake(),
         }
     }
 
@@ -349,6 +372,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         let lora = match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| a.to_weights()),
             Self::Conv(c) => c.adapter.as_ref().map(|a| a.to_weights()),
+            Self::Norm(_) => None,
         };
         lora.or_else(|| self.lycoris_adapter().map(|a| a.to_weights(key)))
     }
@@ -358,6 +382,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         let lora = match self {
             Self::Linear(l) => l.adapter.is_some(),
             Self::Conv(c) => c.adapter.is_some(),
+            Self::Norm(_) => false,
         };
         lora || self.lycoris_adapter().is_some()
     }
@@ -367,6 +392,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.lycoris.as_ref(),
             Self::Conv(c) => c.lycoris.as_ref(),
+            Self::Norm(n) => n.lycoris(),
         }
     }
 
@@ -375,6 +401,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.lycoris.as_mut(),
             Self::Conv(c) => c.lycoris.as_mut(),
+            Self::Norm(n) => n.lycoris_mut(),
         }
     }
 
@@ -391,6 +418,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
             Self::Conv(c) => c.adapter.as_ref().map(|a| (a.down.weight.id, a.up.weight.id)),
+            Self::Norm(_) => None,
         }
     }
 
@@ -398,7 +426,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// `None` without one. It takes `down`'s learning rate.
     pub fn tucker_param_id(&self) -> Option<burn::module::ParamId> {
         match self {
-            Self::Linear(_) => None,
+            Self::Linear(_) | Self::Norm(_) => None,
             Self::Conv(c) => c.adapter.as_ref().and_then(|a| a.mid.as_ref()).map(|m| m.weight.id),
         }
     }
@@ -436,6 +464,7 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         match self {
             Self::Linear(l) => l.adapter.as_ref().and_then(|a| a.magnitude.as_ref()).map(|m| m.id),
             Self::Conv(c) => c.adapter.as_ref().and_then(|a| a.magnitude.as_ref()).map(|m| m.id),
+            Self::Norm(_) => None,
         }
     }
 
@@ -444,11 +473,17 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         matches!(self, Self::Conv(_))
     }
 
+    /// Whether the layer is a norm (GroupNorm or LayerNorm), which takes LyCORIS' norm
+    /// module only.
+    pub fn is_norm(&self) -> bool {
+        matches!(self, Self::Norm(_))
+    }
+
     /// The kernel size `[kh, kw]`: `[1, 1]` for a linear layer. kohya gives layers with a
     /// larger kernel their own rank (`conv_dim`); 1x1 convolutions count as linear.
     pub fn kernel_size(&self) -> [usize; 2] {
         match self {
-            Self::Linear(_) => [1, 1],
+            Self::Linear(_) | Self::Norm(_) => [1, 1],
             Self::Conv(c) => c.base.kernel_size,
         }
     }

@@ -132,7 +132,7 @@ impl LycorisWeights {
             // `a2 [r, in]`, as ComfyUI takes GLoRA's rank.
             crate::Algo::Glora => rows("a2.weight"),
             // One value per channel, or the whole weight: no rank.
-            crate::Algo::Ia3 | crate::Algo::Full => None,
+            crate::Algo::Ia3 | crate::Algo::Full | crate::Algo::Norm => None,
         }
     }
 
@@ -229,6 +229,7 @@ impl LoraWeights {
             Some(crate::Algo::Glora) => LoraError::Unsupported(format!("`{key}` is a GLoRA (LyCORIS' algo=glora), whose update depends on the base weight: it cannot be {what}")),
             Some(crate::Algo::Ia3) => LoraError::Unsupported(format!("`{key}` is an (IA)³ (LyCORIS' algo=ia3), whose update depends on the base weight: it cannot be {what}")),
             Some(crate::Algo::Full) => LoraError::Unsupported(format!("`{key}` is a full fine-tuning difference (LyCORIS' algo=full, with the bias's), which no LoRA holds: it cannot be {what}")),
+            Some(crate::Algo::Norm) => LoraError::Unsupported(format!("`{key}` is a norm layer's module (LyCORIS' train_norm: its scale and shift), which no LoRA holds: it cannot be {what}")),
             _ => crate::oft::no_plain_form(key, what),
         }
     }
@@ -246,6 +247,9 @@ impl LoraWeights {
         }
         if self.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Full) {
             return crate::full::validate(self, key);
+        }
+        if self.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Norm) {
+            return crate::norm::validate(self, key);
         }
         let (d, u) = (&self.down.shape, &self.up.shape);
         let bad = |reason: String| LoraError::ShapeMismatch {

@@ -41,6 +41,7 @@ fn randomise_up_projections(unet: &mut UNet2DConditionModel<W>) {
                 a.up.weight = random(&a.up.weight, &device);
             }
         }
+        LoraSiteMut::Norm(_) => {}
     });
 }
 
@@ -80,6 +81,7 @@ fn adapter_grads(unet: &mut UNet2DConditionModel<W>, grads: Grads<'_>) -> Named 
                     push("down", grads.of(&a.down.weight));
                 }
             }
+            LoraSiteMut::Norm(_) => {}
         }
     });
     out

@@ -54,7 +54,8 @@ impl<B: Backend> Default for SitePairs<B> {
 fn site_weights<B: Backend>(model: &mut impl LoraSites<B>, select: &dyn Fn(&str, bool) -> bool) -> Vec<SiteWeight<B>> {
     let mut weights = Vec::new();
     model.visit_lora_sites(&mut |path, site| {
-        if !select(path, site.is_conv()) {
+        // A LoRA holds weight matrices: norm layers are not extracted.
+        if site.is_norm() || !select(path, site.is_conv()) {
             return;
         }
         let (weight, linear) = match site {
@@ -65,6 +66,7 @@ fn site_weights<B: Backend>(model: &mut impl LoraSites<B>, select: &dyn Fn(&str,
                 (w.reshape([out, input, 1, 1]), true)
             }
             LoraSiteMut::Conv(layer) => (layer.base.weight.val(), false),
+            LoraSiteMut::Norm(_) => return,
         };
         weights.push(SiteWeight { path: path.to_string(), weight, linear });
     });

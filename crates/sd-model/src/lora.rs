@@ -301,6 +301,8 @@ fn split_dora(sets: &[(AdapterSet, f32)]) -> Result<(Vec<(AdapterSet, f32)>, Vec
                     ("an (IA)³", "rescales")
                 } else if algo == Some(lora_core::Algo::Full) {
                     ("a full fine-tuning difference", "changes")
+                } else if algo == Some(lora_core::Algo::Norm) {
+                    ("a norm module", "changes")
                 } else {
                     ("a DoRA adapter", "rescales")
                 };

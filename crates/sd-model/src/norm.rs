@@ -24,6 +24,7 @@ use burn::nn::{GroupNorm, LayerNorm};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::Tensor;
+use lora_core::norm::{LoraGroupNorm, LoraLayerNorm};
 use lora_core::kernels::{group_norm as group_norm_forward, group_norm_backward, group_norm_input_grad_plus, group_norm_output, GroupNormSpec};
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -54,8 +55,53 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
         epsilon: norm.epsilon,
         silu,
     };
-    let args = (x, gamma.val(), beta.val());
-    if let Some(out) = on_known_autodiff!(for_autodiff::<B, 4>(&args, spec)) {
+    normalize(x, gamma.val(), beta.val(), spec)
+}
+
+/// [`group_norm`] of a GroupNorm that may hold LyCORIS' norm module
+/// ([`lora_core::norm`]): with one attached (and not merged), the norm runs with
+/// `γ + m · w_norm` and `β + m · b_norm` (in f32), and the backward pass gives the module
+/// its gradients.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::GroupNormConfig;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::norm::LoraGroupNorm;
+/// use lora_core::LoraConfig;
+///
+/// let device = Default::default();
+/// let mut norm = LoraGroupNorm::new(GroupNormConfig::new(2, 4).init::<Flex>(&device));
+/// let x = Tensor::<Flex, 4>::random([1, 4, 3, 3], Distribution::Normal(0.0, 1.0), &device);
+/// let plain = sd_model::norm::group_norm(&norm.base, x.clone(), true);
+/// norm.attach_new(&LoraConfig::new(1), &device)?;
+/// // A fresh module changes nothing.
+/// let err: f32 = (sd_model::norm::lora_group_norm(&norm, x, true) - plain).abs().max().into_scalar();
+/// assert!(err < 1e-6);
+/// # Ok::<(), lora_core::LoraError>(())
+/// ```
+pub fn lora_group_norm<B: Backend>(norm: &LoraGroupNorm<B>, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
+    if norm.lycoris.is_none() || norm.is_merged() {
+        return group_norm(&norm.base, x, silu);
+    }
+    let (Some(gamma), Some(beta)) = norm.params() else {
+        return group_norm(&norm.base, x, silu);
+    };
+    let spec = GroupNormSpec {
+        groups: norm.base.num_groups,
+        epsilon: norm.base.epsilon,
+        silu,
+    };
+    normalize(x, gamma, beta, spec)
+}
+
+/// The GroupNorm op with its own backward on the autodiff backends it knows, its
+/// forward alone elsewhere (the op's own arithmetic either way, so that both give the
+/// same values: gradient checkpointing recomputes from checkpoints taken without
+/// autodiff).
+fn normalize<B: Backend, const D: usize>(x: Tensor<B, D>, gamma: Tensor<B, 1>, beta: Tensor<B, 1>, spec: GroupNormSpec) -> Tensor<B, D> {
+    let args = (x, gamma, beta);
+    if let Some(out) = on_known_autodiff!(for_autodiff::<B, D>(&args, spec)) {
         return out;
     }
     let (x, gamma, beta) = args;
@@ -191,19 +237,44 @@ pub fn layer_norm_rows<B: Backend>(norm: &LayerNorm<B>, x: Tensor<B, 2>, epsilon
     // statistics, γ and β per channel, so the GroupNorm op (and its backward) serves both,
     // on the rows as they are (a reshape to `[rows, channels, 1, 1]` and back would be four
     // more operations per norm on a fusion backend, with the backward's).
-    let spec = GroupNormSpec {
+    normalize(x, norm.gamma.val(), beta.val(), layer_spec(epsilon))
+}
+
+/// LayerNorm as a GroupNorm of one group over `[rows, channels]`.
+fn layer_spec(epsilon: f64) -> GroupNormSpec {
+    GroupNormSpec {
         groups: 1,
         epsilon,
         silu: false,
-    };
-    let args = (x, norm.gamma.val(), beta.val());
-    if let Some(out) = on_known_autodiff!(for_autodiff::<B, 2>(&args, spec)) {
-        return out;
     }
-    // The op's own arithmetic without autodiff too, so that both give the same values
-    // (gradient checkpointing recomputes from checkpoints taken without autodiff).
-    let (x, gamma, beta) = args;
-    group_norm_output(x, gamma, beta, spec)
+}
+
+/// [`layer_norm_rows`] of a LayerNorm that may hold LyCORIS' norm module (see
+/// [`lora_group_norm`]).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LayerNormConfig;
+/// use burn::tensor::{Distribution, Tensor};
+/// use lora_core::norm::LoraLayerNorm;
+/// use lora_core::LoraConfig;
+///
+/// let device = Default::default();
+/// let mut norm = LoraLayerNorm::new(LayerNormConfig::new(8).init::<Flex>(&device));
+/// norm.attach_new(&LoraConfig::new(1), &device)?;
+/// let x = Tensor::<Flex, 2>::random([3, 8], Distribution::Normal(0.0, 1.0), &device);
+/// let err: f32 = (sd_model::norm::lora_layer_norm_rows(&norm, x.clone(), 1e-5) - norm.base.forward(x)).abs().max().into_scalar();
+/// assert!(err < 1e-5);
+/// # Ok::<(), lora_core::LoraError>(())
+/// ```
+pub fn lora_layer_norm_rows<B: Backend>(norm: &LoraLayerNorm<B>, x: Tensor<B, 2>, epsilon: f64) -> Tensor<B, 2> {
+    if norm.lycoris.is_none() || norm.is_merged() {
+        return layer_norm_rows(&norm.base, x, epsilon);
+    }
+    let (Some(gamma), Some(beta)) = norm.params() else {
+        return layer_norm_rows(&norm.base, x, epsilon);
+    };
+    normalize(x, gamma, beta, layer_spec(epsilon))
 }
 
 #[cfg(test)]
@@ -248,6 +319,79 @@ mod tests {
         let (g, b) = (norm.gamma.as_ref().unwrap(), norm.beta.as_ref().unwrap());
         assert!(max_rel(g.grad(&grads).unwrap(), g.grad(&grads2).unwrap()) < 1e-4);
         assert!(max_rel(b.grad(&grads).unwrap(), b.grad(&grads2).unwrap()) < 1e-4);
+    }
+
+    /// A norm module's `w_norm` and `b_norm` (and the input) get through the op's own
+    /// backward the gradients burn's composed norm gives them with `γ + m·w_norm`,
+    /// `β + m·b_norm`; the frozen base γ and β take none.
+    fn check_module<C: CheckpointStrategy>(layer: bool) {
+        use burn::nn::LayerNormConfig;
+        use lora_core::LoraConfig;
+        type A<C> = Autodiff<Flex, C>;
+        let device = Default::default();
+        let (c, k) = (8, 0.7);
+        let random = |mean, std| Tensor::<Flex, 1>::random([c], Distribution::Normal(mean, std), &device);
+        let n = if layer { 10 * c } else { 18 * c };
+        let x0 = Tensor::<Flex, 1>::random([n], Distribution::Normal(0.5, 2.0), &device);
+        let w = Tensor::<Flex, 1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+        let (gamma, beta, dw, db) = (random(1.0, 0.3), random(0.0, 0.3), random(0.0, 0.3), random(0.0, 0.3));
+        let frozen = |t: &Tensor<Flex, 1>| Param::from_tensor(Tensor::<A<C>, 1>::from_inner(t.clone())).set_require_grad(false);
+        let loss = |y: Tensor<A<C>, 1>| (y * Tensor::from_inner(w.clone())).sum();
+
+        // Ours: the module on the wrapped norm, through the op's own backward.
+        let x = Tensor::<A<C>, 1>::from_inner(x0.clone()).require_grad();
+        let factors = || vec![Param::from_tensor(Tensor::from_inner(dw.clone().reshape([c, 1]))), Param::from_tensor(Tensor::from_inner(db.clone().reshape([c, 1])))];
+        let (ours, module, base) = if layer {
+            let mut norm = LayerNormConfig::new(c).with_epsilon(1e-5).init::<A<C>>(&device);
+            (norm.gamma, norm.beta) = (frozen(&gamma), Some(frozen(&beta)));
+            let mut norm = LoraLayerNorm::new(norm);
+            norm.attach_new(&LoraConfig::new(1), &device).unwrap();
+            norm.set_multiplier(k);
+            norm.lycoris.as_mut().unwrap().factors = factors();
+            let y = lora_layer_norm_rows(&norm, x.clone().reshape([10, c]), 1e-5).reshape([n]);
+            (y, norm.lycoris.unwrap(), (norm.base.gamma, norm.base.beta.unwrap()))
+        } else {
+            let mut norm = GroupNormConfig::new(4, c).with_epsilon(1e-5).init::<A<C>>(&device);
+            (norm.gamma, norm.beta) = (Some(frozen(&gamma)), Some(frozen(&beta)));
+            let mut norm = LoraGroupNorm::new(norm);
+            norm.attach_new(&LoraConfig::new(1), &device).unwrap();
+            norm.set_multiplier(k);
+            norm.lycoris.as_mut().unwrap().factors = factors();
+            let y = lora_group_norm(&norm, x.clone().reshape([2, c, 3, 3]), true).reshape([n]);
+            (y, norm.lycoris.unwrap(), (norm.base.gamma.unwrap(), norm.base.beta.unwrap()))
+        };
+        let grads = loss(ours.clone()).backward();
+
+        // Reference: the norm composed of burn's ops with `γ + k·dw`, `β + k·db`.
+        let x2 = Tensor::<A<C>, 1>::from_inner(x0).require_grad();
+        let (dw2, db2) = (Tensor::<A<C>, 1>::from_inner(dw).require_grad(), Tensor::<A<C>, 1>::from_inner(db).require_grad());
+        let g2 = Tensor::<A<C>, 1>::from_inner(gamma) + dw2.clone().mul_scalar(k);
+        let b2 = Tensor::<A<C>, 1>::from_inner(beta) + db2.clone().mul_scalar(k);
+        let (groups, rows) = if layer { (10, 1) } else { (2 * 4, 2) };
+        let grouped = x2.clone().reshape([groups, n / groups]);
+        let centred = grouped.clone() - grouped.mean_dim(1);
+        let normed = centred.clone() / centred.powi_scalar(2).mean_dim(1).add_scalar(1e-5).sqrt();
+        let reference = if layer {
+            (normed.reshape([10, c]) * g2.reshape([1, c]) + b2.reshape([1, c])).reshape([n])
+        } else {
+            let y = normed.reshape([rows, c, 3, 3]) * g2.reshape([1, c, 1, 1]) + b2.reshape([1, c, 1, 1]);
+            burn::tensor::activation::silu(y).reshape([n])
+        };
+        let grads2 = loss(reference.clone()).backward();
+
+        assert!(max_rel(ours.inner(), reference.inner()) < 1e-5, "layer {layer}: output");
+        assert!(max_rel(x.grad(&grads).unwrap(), x2.grad(&grads2).unwrap()) < 1e-4, "layer {layer}: input gradient");
+        let [gw, gb] = [0, 1].map(|i| module.factors[i].grad(&grads).unwrap().reshape([c]));
+        assert!(max_rel(gw, dw2.grad(&grads2).unwrap()) < 1e-4, "layer {layer}: w_norm's gradient");
+        assert!(max_rel(gb, db2.grad(&grads2).unwrap()) < 1e-4, "layer {layer}: b_norm's gradient");
+        assert!(base.0.grad(&grads).is_none() && base.1.grad(&grads).is_none(), "layer {layer}: frozen base");
+    }
+
+    #[test]
+    fn a_norm_module_trains_through_the_custom_backward() {
+        check_module::<NoCheckpointing>(false);
+        check_module::<NoCheckpointing>(true);
+        check_module::<BalancedCheckpointing>(false);
     }
 
     #[test]

@@ -6,9 +6,9 @@ use burn::nn::interpolate::{Interpolate2dConfig, InterpolateMode};
 use burn::nn::{GroupNorm, GroupNormConfig, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::silu;
 
-use crate::norm::group_norm as fused_group_norm;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use lora_core::norm::LoraGroupNorm;
 use lora_core::{LoraConv2d, LoraLinear};
 
 /// A conv layer with the given kernel, "same" padding for odd kernels, as an adapter site.
@@ -23,6 +23,11 @@ pub(crate) fn conv<B: Backend>(c_in: usize, c_out: usize, kernel: usize, device:
 
 pub(crate) fn group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, device: &B::Device) -> GroupNorm<B> {
     GroupNormConfig::new(groups, channels).with_epsilon(eps).init(device)
+}
+
+/// [`group_norm`] as an adapter site (LyCORIS' norm module, [`lora_core::norm`]).
+pub(crate) fn lora_group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, device: &B::Device) -> LoraGroupNorm<B> {
+    LoraGroupNorm::new(group_norm(groups, channels, eps, device))
 }
 
 /// The time embedding after the SiLU with which every UNet ResNet block starts, `silu(temb)`.
@@ -63,14 +68,14 @@ impl<B: Backend> SiluTemb<B> {
 /// diffusers' `ResnetBlock2D` with the default time-embedding norm.
 #[derive(Module, Debug)]
 pub struct ResnetBlock2D<B: Backend> {
-    /// First norm.
-    pub norm1: GroupNorm<B>,
+    /// First norm (an adapter site for LyCORIS' norm module).
+    pub norm1: LoraGroupNorm<B>,
     /// First 3x3 conv.
     pub conv1: LoraConv2d<B>,
     /// Projection of the time embedding (UNet only).
     pub time_emb_proj: Option<LoraLinear<B>>,
-    /// Second norm.
-    pub norm2: GroupNorm<B>,
+    /// Second norm (an adapter site for LyCORIS' norm module).
+    pub norm2: LoraGroupNorm<B>,
     /// Second 3x3 conv.
     pub conv2: LoraConv2d<B>,
     /// 1x1 conv on the skip path when channels change.
@@ -88,10 +93,10 @@ impl<B: Backend> ResnetBlock2D<B> {
         device: &B::Device,
     ) -> Self {
         Self {
-            norm1: group_norm(groups, c_in, eps, device),
+            norm1: lora_group_norm(groups, c_in, eps, device),
             conv1: conv(c_in, c_out, 3, device),
             time_emb_proj: temb_channels.map(|t| LoraLinear::new(LinearConfig::new(t, c_out).init(device))),
-            norm2: group_norm(groups, c_out, eps, device),
+            norm2: lora_group_norm(groups, c_out, eps, device),
             conv2: conv(c_out, c_out, 3, device),
             conv_shortcut: (c_in != c_out).then(|| conv(c_in, c_out, 1, device)),
         }
@@ -182,6 +187,6 @@ impl<B: Backend> Upsample2D<B> {
 }
 
 /// `silu(norm(x))` through the fused op of [`crate::norm`].
-fn group_norm_silu<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    fused_group_norm(norm, x, true)
+fn group_norm_silu<B: Backend>(norm: &LoraGroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    crate::norm::lora_group_norm(norm, x, true)
 }

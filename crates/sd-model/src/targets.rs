@@ -62,6 +62,20 @@ impl UnetTargets {
         }
     }
 
+    /// Whether the norm layer at `path` is in the preset for LyCORIS' `train_norm`: the
+    /// norms inside the blocks the preset reaches, as LyCORIS adds them (its presets target
+    /// block classes): the transformers' (`norm`, `norm1`–`norm3`) for `attn-mlp`, those
+    /// and the ResNet blocks' (`norm1`, `norm2`) for `conv` and `all-linear`; none for
+    /// `attn` and `ia3`, whose presets reach the attention layers alone.
+    pub fn matches_norm(self, path: &str) -> bool {
+        let (transformer, resnet) = (path.contains(".attentions."), path.contains(".resnets."));
+        match self {
+            Self::AttnMlp => transformer,
+            Self::AllLinear | Self::Conv => transformer || resnet,
+            Self::Attn | Self::Ia3 | Self::None => false,
+        }
+    }
+
     /// Whether the site at `path` (a linear layer unless `is_conv`) is in the preset.
     pub fn matches(self, path: &str, is_conv: bool) -> bool {
         let in_transformer = path.contains(".attentions.");
@@ -142,7 +156,9 @@ pub fn glob_match(pattern: &str, path: &str) -> bool {
 /// A target selection: a preset refined by glob patterns on module paths.
 ///
 /// A site is targeted when it is in the preset or matches an `include` pattern, and matches
-/// no `exclude` pattern.
+/// no `exclude` pattern. Norm layers (sites for LyCORIS' norm module, [`lora_core::norm`])
+/// are targeted only with [`norms`](Self::norms) (LyCORIS' `train_norm`), by the preset's
+/// [`Preset::holds_norm`] or an `include` pattern, and no `exclude` pattern.
 ///
 /// ```
 /// use sd_model::targets::{glob_match, Selection, UnetTargets};
@@ -161,17 +177,30 @@ pub struct Selection<P> {
     /// Module-path globs never to target.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Whether norm layers are targeted too (LyCORIS' `train_norm`).
+    #[serde(default)]
+    pub norms: bool,
 }
 
 /// Something that decides by path (and layer kind) whether a site is in a preset.
 pub trait Preset: Copy {
     /// Whether the preset holds the site.
     fn holds(self, path: &str, is_conv: bool) -> bool;
+
+    /// Whether the preset holds the norm layer at `path` when norms are trained (none by
+    /// default).
+    fn holds_norm(self, _path: &str) -> bool {
+        false
+    }
 }
 
 impl Preset for UnetTargets {
     fn holds(self, path: &str, is_conv: bool) -> bool {
         self.matches(path, is_conv)
+    }
+
+    fn holds_norm(self, path: &str) -> bool {
+        self.matches_norm(path)
     }
 }
 
@@ -188,7 +217,14 @@ impl<P: Preset> Selection<P> {
             preset,
             include: vec![],
             exclude: vec![],
+            norms: false,
         }
+    }
+
+    /// Targets norm layers too (`true`) or not (LyCORIS' `train_norm`).
+    pub fn with_norms(mut self, norms: bool) -> Self {
+        self.norms = norms;
+        self
     }
 
     /// Adds include patterns.
@@ -203,10 +239,34 @@ impl<P: Preset> Selection<P> {
         self
     }
 
-    /// Whether the site at `path` is selected.
+    /// Whether the (linear or convolution) site at `path` is selected.
     pub fn selects(&self, path: &str, is_conv: bool) -> bool {
         let wanted = self.preset.holds(path, is_conv) || self.include.iter().any(|p| glob_match(p, path));
         wanted && !self.exclude.iter().any(|p| glob_match(p, path))
+    }
+
+    /// Whether the norm layer at `path` is selected (never without
+    /// [`norms`](Self::norms)).
+    ///
+    /// ```
+    /// use sd_model::targets::{Selection, UnetTargets};
+    /// let path = "down_blocks.0.resnets.0.norm1";
+    /// assert!(!Selection::new(UnetTargets::Conv).selects_norm(path));
+    /// assert!(Selection::new(UnetTargets::Conv).with_norms(true).selects_norm(path));
+    /// assert!(!Selection::new(UnetTargets::AttnMlp).with_norms(true).selects_norm(path));
+    /// ```
+    pub fn selects_norm(&self, path: &str) -> bool {
+        let wanted = self.preset.holds_norm(path) || self.include.iter().any(|p| glob_match(p, path));
+        self.norms && wanted && !self.exclude.iter().any(|p| glob_match(p, path))
+    }
+
+    /// Whether the site at `path` is selected ([`selects_norm`](Self::selects_norm) for a
+    /// norm layer, [`selects`](Self::selects) for the others).
+    pub fn selects_site<B: burn::tensor::backend::Backend>(&self, path: &str, site: &LoraSiteMut<'_, B>) -> bool {
+        match site.is_norm() {
+            true => self.selects_norm(path),
+            false => self.selects(path, site.is_conv()),
+        }
     }
 }
 
@@ -241,6 +301,8 @@ pub struct Attached {
     pub paths: Vec<String>,
     /// How many of them sit on convolutions with a kernel larger than 1x1.
     pub spatial: usize,
+    /// How many of them are norm modules ([`Selection::norms`]).
+    pub norms: usize,
 }
 
 /// [`attach_new_adapters`] with settings per kind of layer (`configs`): a LoCon with its own
@@ -295,15 +357,16 @@ pub fn attach_new_adapters_with<B: burn::tensor::backend::Backend, P: Preset>(
     let mut error = None;
     model.visit_lora_sites(&mut |path, mut site: LoraSiteMut<'_, B>| {
         all.push(path.to_string());
-        if error.is_some() || !selection.selects(path, site.is_conv()) {
+        if error.is_some() || !selection.selects_site(path, &site) {
             return;
         }
-        let spatial = site.kernel_size() != [1, 1];
+        let (spatial, norm) = (site.kernel_size() != [1, 1], site.is_norm());
         let Some(config) = config(path, site.kernel_size()) else { return };
         match site.attach_new(&config, device) {
             Ok(()) => {
                 attached.paths.push(path.to_string());
                 attached.spatial += usize::from(spatial);
+                attached.norms += usize::from(norm);
             }
             Err(e) => error = Some(SdModelError::BadInput {
                 what: format!("LoRA adapter for `{path}`"),

@@ -2,9 +2,10 @@
 //! `Attention`, `FeedForward` with GEGLU).
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, GroupNorm, LayerNorm, LayerNormConfig, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, LayerNormConfig, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+use lora_core::norm::{LoraGroupNorm, LoraLayerNorm};
 use lora_core::{LoraConv2d, LoraLinear};
 
 use crate::attention::multi_head_attention_rows;
@@ -147,23 +148,24 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 /// Self-attention, cross-attention and feed-forward, each pre-LayerNorm with a residual.
 #[derive(Module, Debug)]
 pub struct BasicTransformerBlock<B: Backend> {
-    /// Norm before self-attention.
-    pub norm1: LayerNorm<B>,
+    /// Norm before self-attention (an adapter site for LyCORIS' norm module, as are
+    /// `norm2` and `norm3`).
+    pub norm1: LoraLayerNorm<B>,
     /// Self-attention.
     pub attn1: Attention<B>,
     /// Norm before cross-attention.
-    pub norm2: LayerNorm<B>,
+    pub norm2: LoraLayerNorm<B>,
     /// Cross-attention to the text embeddings.
     pub attn2: Attention<B>,
     /// Norm before the feed-forward.
-    pub norm3: LayerNorm<B>,
+    pub norm3: LoraLayerNorm<B>,
     /// Feed-forward.
     pub ff: FeedForward<B>,
 }
 
 impl<B: Backend> BasicTransformerBlock<B> {
     fn new(dim: usize, context_dim: usize, heads: usize, device: &B::Device) -> Self {
-        let ln = || LayerNormConfig::new(dim).with_epsilon(LAYER_NORM_EPS).init(device);
+        let ln = || LoraLayerNorm::new(LayerNormConfig::new(dim).with_epsilon(LAYER_NORM_EPS).init(device));
         Self {
             norm1: ln(),
             attn1: Attention::new(dim, dim, heads, device),
@@ -176,7 +178,7 @@ impl<B: Backend> BasicTransformerBlock<B> {
 
     /// The block on `x [batch·N, dim]` rows with `context [batch·M, context_dim]` rows.
     fn forward_rows(&self, x: Tensor<B, 2>, context: Tensor<B, 2>, batch: usize) -> Tensor<B, 2> {
-        let norm = |n: &LayerNorm<B>, x: Tensor<B, 2>| crate::norm::layer_norm_rows(n, x, LAYER_NORM_EPS);
+        let norm = |n: &LoraLayerNorm<B>, x: Tensor<B, 2>| crate::norm::lora_layer_norm_rows(n, x, LAYER_NORM_EPS);
         let x = self.attn1.forward_rows(norm(&self.norm1, x.clone()), None, Some(x), batch);
         let x = self.attn2.forward_rows(norm(&self.norm2, x.clone()), Some(context), Some(x), batch);
         self.ff.forward_residual(norm(&self.norm3, x.clone()), x)
@@ -197,8 +199,8 @@ pub enum Projection<B: Backend> {
 /// A spatial transformer: GroupNorm, `proj_in`, transformer blocks, `proj_out`, residual.
 #[derive(Module, Debug)]
 pub struct Transformer2DModel<B: Backend> {
-    /// Input norm.
-    pub norm: GroupNorm<B>,
+    /// Input norm (an adapter site for LyCORIS' norm module).
+    pub norm: LoraGroupNorm<B>,
     /// Input projection.
     pub proj_in: Projection<B>,
     /// The blocks.
@@ -226,7 +228,7 @@ impl<B: Backend> Transformer2DModel<B> {
             }
         };
         Self {
-            norm: group_norm(groups, channels, 1e-6, device),
+            norm: LoraGroupNorm::new(group_norm(groups, channels, 1e-6, device)),
             proj_in: proj(),
             transformer_blocks: (0..layers)
                 .map(|_| BasicTransformerBlock::new(channels, context_dim, heads, device))
@@ -241,7 +243,7 @@ impl<B: Backend> Transformer2DModel<B> {
         // The blocks work on `[B·H·W, C]` token rows (see `Attention::forward_rows`).
         let to_rows = |t: Tensor<B, 4>| t.permute([0, 2, 3, 1]).reshape([b * h * w, c]);
         let to_map = |t: Tensor<B, 2>| t.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w]);
-        let normed = crate::norm::group_norm(&self.norm, x.clone(), false);
+        let normed = crate::norm::lora_group_norm(&self.norm, x.clone(), false);
         let mut seq = match &self.proj_in {
             Projection::Conv(p) => to_rows(p.forward(normed)),
             Projection::Linear(p) => p.forward(to_rows(normed)),

@@ -322,10 +322,12 @@ impl<B: Backend> UNet2DConditionModel<B> {
 }
 
 fn visit_resnet<B: Backend>(p: &str, r: &mut ResnetBlock2D<B>, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+    f(&format!("{p}.norm1"), LoraSiteMut::Norm(&mut r.norm1));
     f(&format!("{p}.conv1"), LoraSiteMut::Conv(&mut r.conv1));
     if let Some(l) = &mut r.time_emb_proj {
         f(&format!("{p}.time_emb_proj"), LoraSiteMut::Linear(l));
     }
+    f(&format!("{p}.norm2"), LoraSiteMut::Norm(&mut r.norm2));
     f(&format!("{p}.conv2"), LoraSiteMut::Conv(&mut r.conv2));
     if let Some(c) = &mut r.conv_shortcut {
         f(&format!("{p}.conv_shortcut"), LoraSiteMut::Conv(c));
@@ -340,10 +342,12 @@ fn visit_projection<B: Backend>(p: &str, proj: &mut Projection<B>, f: &mut dyn F
 }
 
 fn visit_transformer<B: Backend>(p: &str, t: &mut Transformer2DModel<B>, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+    f(&format!("{p}.norm"), LoraSiteMut::Norm(&mut t.norm));
     visit_projection(&format!("{p}.proj_in"), &mut t.proj_in, f);
     for (k, block) in t.transformer_blocks.iter_mut().enumerate() {
         let b = format!("{p}.transformer_blocks.{k}");
-        for (name, attn) in [("attn1", &mut block.attn1), ("attn2", &mut block.attn2)] {
+        for (name, attn, norm_name, norm) in [("attn1", &mut block.attn1, "norm1", &mut block.norm1), ("attn2", &mut block.attn2, "norm2", &mut block.norm2)] {
+            f(&format!("{b}.{norm_name}"), LoraSiteMut::Norm(norm));
             f(&format!("{b}.{name}.to_q"), LoraSiteMut::Linear(&mut attn.to_q));
             f(&format!("{b}.{name}.to_k"), LoraSiteMut::Linear(&mut attn.to_k));
             f(&format!("{b}.{name}.to_v"), LoraSiteMut::Linear(&mut attn.to_v));
@@ -351,6 +355,7 @@ fn visit_transformer<B: Backend>(p: &str, t: &mut Transformer2DModel<B>, f: &mut
                 f(&format!("{b}.{name}.to_out.{o}"), LoraSiteMut::Linear(out));
             }
         }
+        f(&format!("{b}.norm3"), LoraSiteMut::Norm(&mut block.norm3));
         f(&format!("{b}.ff.net.0.proj"), LoraSiteMut::Linear(&mut block.ff.net.0.proj));
         f(&format!("{b}.ff.net.2"), LoraSiteMut::Linear(&mut block.ff.net.2));
     }

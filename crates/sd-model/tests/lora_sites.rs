@@ -49,7 +49,7 @@ fn lora_file_changes_the_encoder_like_merged_weights() {
     model.visit_lora_sites(&mut |path, site| {
         let (d_in, d_out) = match site {
             lora_core::LoraSiteMut::Linear(l) => l.features(),
-            lora_core::LoraSiteMut::Conv(_) => unreachable!(),
+            lora_core::LoraSiteMut::Conv(_) | lora_core::LoraSiteMut::Norm(_) => unreachable!("the text encoder's sites are linear"),
         };
         seed += 1;
         let w = LoraWeights::new(

@@ -42,6 +42,7 @@ fn setup<B: AutodiffBackend>(full: bool, seed: u64) -> (UNet2DConditionModel<B>,
                 a.up.weight = random(a.up.weight.dims(), &device);
             }
         }
+        lora_core::LoraSiteMut::Norm(_) => {}
     });
     let x = Tensor::<B, 4>::random([2, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
     let t = Tensor::<B, 1>::from_floats([10.0, 900.0], &device);

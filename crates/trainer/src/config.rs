@@ -239,6 +239,14 @@ pub struct LoraSection {
     /// default, are the feed-forward outputs `*.ff.net.2` and `*.mlp.fc2` (the scale then
     /// acts on the activations they take, as in the paper). Other algorithms ignore it.
     pub ia3_on_input: Vec<String>,
+    /// LyCORIS' `train_norm`: the norm layers inside the targeted blocks train too, as
+    /// LyCORIS' norm modules (each GroupNorm's / LayerNorm's scale and shift as differences
+    /// `w_norm`, `b_norm` starting at zero, whatever `algo` is, with `module_dropout`:
+    /// [`lora_core::norm`]): the transformers' norms for `unet_targets = "attn-mlp"`, those
+    /// and the ResNet blocks' for `"conv"` and `"all-linear"`, none for `"attn"` and `"ia3"`
+    /// ([`sd_model::targets::UnetTargets::matches_norm`]); `include` / `exclude` patterns
+    /// apply to them too. The text encoders' norms never train (LyCORIS' presets reach none).
+    pub train_norm: bool,
     /// LoKr's factor (LyCORIS' `factor`): each side of a weight is split as `m · n`, `m` the
     /// divisor closest to this; −1: closest to the square root.
     pub lokr_factor: i64,
@@ -1626,6 +1634,7 @@ impl Default for TrainConfig {
                 constraint: 0.0,
                 rescaled: false,
                 ia3_on_input: default_ia3_on_input(),
+                train_norm: false,
                 lokr_decompose_both: false,
                 lokr_full_matrix: false,
                 lokr_unbalanced_factorization: false,
@@ -2210,6 +2219,7 @@ impl TrainConfig {
         if !(self.lora.conv_alpha.is_finite() && self.lora.conv_alpha >= 0.0) {
             return bad("lora.conv_alpha must be 0 (= conv_rank) or positive");
         }
+        self.check_train_norm()?;
         self.check_lycoris()?;
         self.check_lora_fa()?;
         self.check_dylora()?;
@@ -2489,6 +2499,23 @@ impl TrainConfig {
 
     /// What LoRA-FA (`lora.lora_fa`) does not combine with: each of these trains or
     /// rescales a `down` of its own (sd-scripts' max-norm scales the frozen `down` too).
+    /// LyCORIS' `train_norm` (`lora.train_norm`): its norm modules are LyCORIS' (kohya's
+    /// OFT has none) and are saved in its layout (not PEFT's).
+    fn check_train_norm(&self) -> Result<(), TrainError> {
+        let l = &self.lora;
+        if !l.train_norm {
+            return Ok(());
+        }
+        let bad = |reason: &str| Err(TrainError::Config { origin: "lora.train_norm".into(), reason: reason.into() });
+        if l.algo == lora_core::Algo::Oft {
+            return bad("norm modules are LyCORIS' (its train_norm); kohya's OFT (lora.algo = \"oft\") has none: use \"diag-oft\" (LyCORIS' OFT) or turn train_norm off");
+        }
+        if self.output.save_format == lora_core::AdapterFormat::Peft {
+            return bad("norm modules are saved in the kohya / LyCORIS layout (output.save_format = \"kohya\"); the PEFT layout holds LoRAs");
+        }
+        Ok(())
+    }
+
     fn check_lora_fa(&self) -> Result<(), TrainError> {
         let l = &self.lora;
         if !l.lora_fa {

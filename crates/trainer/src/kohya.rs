@@ -423,6 +423,7 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
             if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
                 return Err(o.err("network_args", "the LyCORIS preset leaves nothing to train with these learning rates (network_train_unet_only / network_train_text_encoder_only, or a learning rate of 0)"));
             }
+            norm_targets(&mut c.lora, &mut notes);
             // LyCORIS scales no GLoRA, (IA)³ or full module (their `apply_max_norm` does nothing).
             if matches!(c.lora.algo, lora_core::Algo::Glora | lora_core::Algo::Ia3 | lora_core::Algo::Full) && c.train.scale_weight_norms > 0.0 {
                 notes.push(format!("scale_weight_norms {}: LyCORIS' {} modules have no max-norm, so nothing is scaled; train.scale_weight_norms is off", c.train.scale_weight_norms, c.lora.algo.name()));
@@ -952,7 +953,7 @@ fn lycoris_tucker(args: &[(String, String)]) -> bool {
 /// (network_dim / network_alpha when absent), LoKr's `factor` and `decompose_both`,
 /// `module_dropout`, `rs_lora`, DoRA (`dora_wd`), and Tucker convolutions
 /// (`use_tucker`), LoHa's and LoKr's `rank_dropout` and `use_scalar`. What LyCORIS trains
-/// differently here (a LoCon's rank dropout or scalar, norm layers, ...) is an error naming
+/// differently here (a LoCon's rank dropout or scalar, ...) is an error naming
 /// it.
 fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[String], notes: &mut Vec<String>) -> Result<Network, TrainError> {
     let args = key_values(args, "network_args", &o.origin)?;
@@ -997,7 +998,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             // small enough. The import trains what LyCORIS trains.
             "decompose_both" => decompose_both = python_truthy(value),
             "use_scalar" => l.use_scalar = on,
-            "train_norm" if on => return Err(bad("normalization layers are not trained here; set it to False")),
+            "train_norm" => l.train_norm = on,
             "full_matrix" => full_matrix = on,
             "unbalanced_factorization" => unbalanced = on,
             "wd_on_output" => wd_on_output = on,
@@ -1011,7 +1012,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "constraint" | "constrain" => constraint = if value.is_empty() { 0.0 } else { number()? as f32 },
             "rescaled" => rescaled = on,
             // Read below (Tucker), off, or of other algorithms (BOFT's block size).
-            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "train_norm" | "block_size" | "train_t5xxl" => {}
+            "use_tucker" | "use_cp" | "use_conv_cp" | "disable_conv_cp" | "block_size" | "train_t5xxl" => {}
             _ => ignored.push(format!("{key}={value}")),
         }
     }
@@ -1182,6 +1183,26 @@ fn ia3_drops(l: &mut crate::config::LoraSection, rank_dropout: &mut f64, preset:
 /// the names of those that were on, for a note that the algorithm does not use them.
 fn turn_off<'a, const N: usize>(flags: [(&'a mut bool, &'static str); N]) -> Vec<&'static str> {
     flags.into_iter().filter_map(|(on, what)| std::mem::take(on).then_some(what)).collect()
+}
+
+/// LyCORIS' `train_norm` as it applies: norm modules in the UNet's targeted blocks (the
+/// text encoders' presets reach no norm layer). A preset that reaches none (`attn-only`,
+/// `ia3`, or no UNet training) trains none, as in LyCORIS, with a note; a rank dropout,
+/// which LyCORIS applies to norm modules inverted, is not theirs here (a note).
+fn norm_targets(l: &mut crate::config::LoraSection, notes: &mut Vec<String>) {
+    if !l.train_norm {
+        return;
+    }
+    let probe = ["down_blocks.1.attentions.0.norm", "down_blocks.1.resnets.0.norm1"];
+    let selection = sd_model::targets::Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone()).with_norms(true);
+    if !probe.iter().any(|p| selection.selects_norm(p)) {
+        notes.push("train_norm=True: the preset (with these learning rates) reaches no norm layer, so none trains, as in LyCORIS (lora.train_norm is off)".into());
+        l.train_norm = false;
+        return;
+    }
+    if l.rank_dropout > 0.0 {
+        notes.push(format!("train_norm=True with rank_dropout={}: LyCORIS' norm modules keep a channel's update where a draw falls below the rate (dropping most of them); here norm modules take module dropout only", l.rank_dropout));
+    }
 }
 
 /// What LyCORIS' Diag-OFT and BOFT modules (`algo`) take no notice of (they have no DoRA,
@@ -2425,6 +2446,25 @@ output_dir = "out"
         i.config.validate().unwrap();
         let e = full("\"bypass_mode=True\"", "").unwrap_err().to_string();
         assert!(e.contains("bypass_mode") && e.contains("full"), "{e}");
+    }
+
+    /// LyCORIS' `train_norm=True`: `lora.train_norm` with the presets that reach norm layers
+    /// (a rank dropout noted: norm modules take none here); off with a note where the
+    /// preset reaches none (`attn-only`), as LyCORIS then trains none.
+    #[test]
+    fn train_norm_reads_as_lycoris_applies_it() {
+        let norm = |args: &str| import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = [\"train_norm=True\", {args}]\n")).unwrap();
+        for (args, targets) in [("\"algo=loha\", \"preset=attn-mlp\"", UnetTargets::AttnMlp), ("\"algo=lora\", \"preset=full\", \"rank_dropout=0.1\"", UnetTargets::Conv), ("\"algo=lokr\", \"preset=unet-convblock-only\"", UnetTargets::Conv)] {
+            let i = norm(args);
+            assert!(i.config.lora.train_norm && i.config.lora.unet_targets == targets, "{args}");
+            i.config.validate().unwrap();
+        }
+        let dropped = norm("\"algo=lora\", \"preset=full\", \"rank_dropout=0.1\"");
+        assert!(dropped.notes.iter().any(|n| n.contains("train_norm") && n.contains("module dropout only")), "{:?}", dropped.notes);
+        let none = norm("\"algo=loha\", \"preset=attn-only\"");
+        assert!(!none.config.lora.train_norm && none.notes.iter().any(|n| n.contains("reaches no norm layer")), "{:?}", none.notes);
+        let off = norm("\"algo=loha\", \"train_norm=False\"");
+        assert!(!off.config.lora.train_norm);
     }
 
     /// LyCORIS' `algo=ia3` with its `ia3` preset: the keys, values and feed-forward outputs

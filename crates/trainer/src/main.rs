@@ -788,6 +788,8 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         lora_core::Algo::Glora => "GLoRA",
         lora_core::Algo::Ia3 => "(IA)³",
         lora_core::Algo::Full => "fine-tuning difference (LyCORIS' full)",
+        // Not an algorithm of its own (refused by the config).
+        lora_core::Algo::Norm => "norm module",
     };
     // kohya's OFT's rank is its number of blocks (network_dim), Diag-OFT's the block size.
     let size = match config.lora.algo {
@@ -797,6 +799,8 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         lora_core::Algo::Full => "full".to_string(),
         _ => format!("rank-{}", config.lora.rank),
     };
+    // LyCORIS' norm modules train beside the other layers' algorithm.
+    let what = if config.lora.train_norm { format!("{what} with norm modules") } else { what.to_string() };
     let what = match (config.embedding.enabled(), config.trains_adapters()) {
         (true, false) => format!("an embedding for `{}`", config.embedding.token),
         (true, true) => format!("a {size} {what} and an embedding for `{}`", config.embedding.token),
@@ -1648,6 +1652,7 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
                     Some(r) => format!("rank {r}"),
                     None if g.kind == ModuleKind::Ia3 => "a scale per channel".to_string(),
                     None if g.kind == ModuleKind::Full => "the whole weight and bias".to_string(),
+                    None if g.kind == ModuleKind::Norm => "a norm's scale and shift".to_string(),
                     None => "full".to_string(),
                 };
                 let alpha = match g.alpha {

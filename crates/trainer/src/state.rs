@@ -91,6 +91,8 @@ fn lora_params<B: Backend>(site: LoraSiteMut<'_, B>, key: &str, out: &mut Vec<(S
                 }
             }
         }
+        // A norm layer holds LyCORIS' norm module only (listed with the LyCORIS adapters).
+        LoraSiteMut::Norm(_) => {}
     }
 }
 
@@ -167,6 +169,7 @@ fn restore_site<B: Backend>(mut site: LoraSiteMut<'_, B>, key: &str, saved: &Has
             }
             a.magnitude.as_mut()
         }
+        LoraSiteMut::Norm(_) => return Ok(0),
     };
     if let Some(m) = magnitude {
         let key = format!("{key}.magnitude");

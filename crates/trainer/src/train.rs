@@ -612,7 +612,7 @@ fn attach_configured_adapters<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<bool, TrainError> {
     let (lora, spatial) = (l.linear_config(), l.spatial_config());
-    let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone());
+    let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone()).with_norms(l.train_norm);
     let attached = match l.block_plan(sd_model::blocks::BlockLayout::of(unet))? {
         // kohya's block-wise ranks: per block, or none where its learning rate is 0.
         Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel).map(|c| l.config_at(c, path)), device)?,
@@ -621,6 +621,12 @@ fn attach_configured_adapters<B: AutodiffBackend>(
             attach_new_adapters_with(unet, &selection, &mut by_kernel, device)?
         }
     };
+    if l.train_norm && attached.norms == 0 {
+        return Err(TrainError::Config {
+            origin: "lora.train_norm".into(),
+            reason: format!("the targets reach no norm layer: lora.unet_targets = \"{}\" (with include / exclude) holds none; use \"attn-mlp\" (the transformers' norms), \"conv\" or \"all-linear\" (theirs and the ResNet blocks'), or include patterns such as \"*.resnets.*.norm1\"", l.unet_targets.name()),
+        });
+    }
     if l.has_conv_settings() && attached.spatial == 0 {
         // kohya's `conv_dim` adds the ResNet convolutions itself; here the targets say it.
         return Err(TrainError::Config {
@@ -650,7 +656,8 @@ fn attach_configured_adapters<B: AutodiffBackend>(
 fn freeze_downs<B: AutodiffBackend>(unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>]) -> Result<(), TrainError> {
     let mut unfrozen = None;
     let mut visit = |path: &str, mut site: lora_core::LoraSiteMut<'_, B>| {
-        if site.has_adapter() && !site.freeze_down() && unfrozen.is_none() {
+        // A norm module has no `down`: it trains as it is.
+        if site.has_adapter() && !site.is_norm() && !site.freeze_down() && unfrozen.is_none() {
             unfrozen = Some(path.to_string());
         }
     };
@@ -813,6 +820,13 @@ fn adapters_from_weights<B: AutodiffBackend>(
     // (`TrainConfig::validate` checks them for `lora.algo`).
     for (key, w) in set.iter() {
         let algo = w.lycoris.as_ref().map_or(lora_core::Algo::Lora, |ly| ly.algo);
+        // Norm modules train beside the other layers' algorithm, with lora.train_norm.
+        if algo == lora_core::Algo::Norm {
+            if !l.train_norm {
+                return Err(in_file(lora_core::LoraError::Unsupported(format!("`{key}` is a norm module (LyCORIS' train_norm); set lora.train_norm = true to train it on"))));
+            }
+            continue;
+        }
         if algo != l.algo {
             return Err(in_file(lora_core::LoraError::Unsupported(format!("`{key}` is a {} adapter; set lora.algo = \"{}\" to train it on", algo.name(), algo.name()))));
         }
@@ -1113,6 +1127,7 @@ fn fingerprint(config: &TrainConfig) -> String {
         "dylora_unit = 0",
         "constraint = 0.0",
         "rescaled = false",
+        "train_norm = false",
         "down_lr_weight = \"\"",
         "mid_lr_weight = \"\"",
         "up_lr_weight = \"\"",

@@ -76,6 +76,7 @@ fn randomize_adapters(model: &mut impl LoraSites<B>) -> usize {
                 n += 1;
             }
         }
+        LoraSiteMut::Norm(_) => {}
     });
     n
 }

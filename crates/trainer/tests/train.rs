@@ -3121,6 +3121,80 @@ fn full_trains_resumes_and_applies() {
     assert_applies_at_half_strength(&straight.lora, "full");
 }
 
+/// `lora.train_norm` (LyCORIS' `train_norm`) with a LoHa on the transformer blocks
+/// (`attn-mlp`): every transformer norm (`norm`, `norm1`–`norm3`) gets LyCORIS' norm
+/// module, saved as `w_norm` / `b_norm` (no alpha) beside the LoHa's tensors with
+/// `lycoris.kohya`, `algo=loha` and `train_norm=True`, and trains from zero; the ResNet
+/// blocks' norms do not; a stopped run resumes bit for bit (module dropout on); the file
+/// continues training as `network_weights` (with `dim_from_weights` too), not into a run
+/// without `train_norm`; it applies at a strength in generation. Targets that reach no
+/// norm, kohya's OFT and the PEFT layout are refused.
+#[test]
+fn train_norm_trains_resumes_and_applies() {
+    let _guard = seeded();
+    let norm_config = |dir: &std::path::Path, steps: usize| {
+        let mut c = resume_config(dir, steps);
+        c.lora.algo = lora_core::Algo::Loha;
+        c.lora.train_norm = true;
+        c.lora.dropout = 0.0;
+        c.lora.module_dropout = 0.1;
+        c.output.save_every_n_epochs = 0;
+        c
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = train::<B>(&norm_config(straight_dir.path(), 6), &Default::default(), &mut |_| true).unwrap();
+    let (set, _) = AdapterSet::load(&straight.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+    let mut norms = Vec::new();
+    for (key, w) in set.iter() {
+        let l = w.lycoris.as_ref().unwrap();
+        if l.algo == lora_core::Algo::Norm {
+            for name in ["w_norm", "b_norm"] {
+                assert!(l.get(name).unwrap().data.iter().any(|v| *v != 0.0), "{key}'s {name} did not train");
+            }
+            norms.push(key.path.clone());
+        } else {
+            assert_eq!(l.algo, lora_core::Algo::Loha, "{key}");
+        }
+    }
+    // The tiny UNet's four transformers, each with its input norm and one block's three.
+    assert_eq!(norms.len(), 16, "{norms:?}");
+    assert!(norms.iter().all(|p| p.contains(".attentions.")), "the ResNet blocks' norms are not in attn-mlp: {norms:?}");
+    let bytes = std::fs::read(&straight.lora).unwrap();
+    let (st, _) = lora_core::tensor_io::parse(&bytes, &straight.lora).unwrap();
+    assert!(st.names().iter().any(|n| n == &"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_norm1.w_norm"));
+    assert!(!st.names().iter().any(|n| n.ends_with("norm1.alpha") || n.ends_with("norm.alpha")), "norm modules have no alpha");
+    let meta = lora_metadata(&straight.lora);
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!((meta["ss_network_module"].as_str(), args["algo"].as_str(), args["train_norm"].as_str()), ("lycoris.kohya", Some("loha"), Some("True")));
+
+    let dir = tempfile::tempdir().unwrap();
+    assert_resumes_bit_for_bit(&norm_config(dir.path(), 6), &straight, |c| c.lora.train_norm = false, "cannot resume with a different model, [lora] section");
+
+    let more_dir = tempfile::tempdir().unwrap();
+    let mut more = norm_config(more_dir.path(), 2);
+    more.lora.network_weights = straight.lora.display().to_string();
+    assert_trains(&more);
+    more.lora.dim_from_weights = true;
+    assert_trains(&more);
+    more.lora.dim_from_weights = false;
+    more.lora.train_norm = false;
+    let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("norm module") && err.contains("train_norm"), "{err}");
+
+    for (change, says) in [
+        (&(|c: &mut TrainConfig| c.lora.unet_targets = sd_model::targets::UnetTargets::Attn) as &dyn Fn(&mut TrainConfig), "reach no norm layer"),
+        (&|c: &mut TrainConfig| (c.lora.algo, c.lora.alpha) = (lora_core::Algo::Oft, 1e-3), "kohya's OFT"),
+        (&|c: &mut TrainConfig| (c.lora.algo, c.output.save_format) = (lora_core::Algo::Lora, lora_core::AdapterFormat::Peft), "PEFT"),
+    ] {
+        let mut bad = norm_config(more_dir.path(), 2);
+        change(&mut bad);
+        let err = train::<B>(&bad, &Default::default(), &mut |_| true).unwrap_err().to_string();
+        assert!(err.contains("lora.train_norm") && err.contains(says), "{says}: {err}");
+    }
+
+    assert_applies_at_half_strength(&straight.lora, "a LoHa with norm modules");
+}
+
 /// `lora.use_tucker` with a LoRA (LyCORIS' LoCon with `use_tucker`): the 3x3
 /// convolutions' adapters (only those) are saved as LyCORIS saves them, `lora_down` 1x1,
 /// `lora_mid` and `lora_up`, with `lycoris.kohya` and `use_tucker` in the metadata; every

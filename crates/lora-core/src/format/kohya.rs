@@ -109,7 +109,10 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         args.insert("algo".into(), "lora".into());
         args.insert("dora_wd".into(), "True".into());
     }
-    match set.iter().find_map(|(_, w)| w.lycoris.as_ref()) {
+    // LyCORIS' norm modules train beside the algorithm of the other layers (`train_norm`).
+    let is_norm = |l: &&crate::LycorisWeights| l.algo == crate::Algo::Norm;
+    let norms = set.iter().any(|(_, w)| w.lycoris.as_ref().is_some_and(|l| is_norm(&l)));
+    match set.iter().find_map(|(_, w)| w.lycoris.as_ref().filter(|l| !is_norm(l))) {
         // kohya's own module: `network_dim` blocks and the constraint `network_alpha` for
         // every layer (its 3x3 convolutions too), with kohya's `enable_conv` /
         // `enable_all_linear` arguments as recorded.
@@ -156,6 +159,11 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
                 }
             }
         }
+    }
+    if norms {
+        meta.insert("ss_network_module".into(), "lycoris.kohya".into());
+        args.entry("algo").or_insert_with(|| "lora".into());
+        args.insert("train_norm".into(), "True".into());
     }
     // A LyCORIS adapter's own rank and alpha (a LoKr with two full halves has no rank).
     let dim_alpha = |w: &crate::LoraWeights| match &w.lycoris {
@@ -226,8 +234,8 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
                 tensors.push((format!("{name}.lora_up.weight"), &w.up));
             }
         }
-        // LyCORIS' (IA)³ and full fine-tuning have no alpha.
-        if w.lycoris.as_ref().is_none_or(|l| !matches!(l.algo, crate::Algo::Ia3 | crate::Algo::Full)) {
+        // LyCORIS' (IA)³, full fine-tuning and norm modules have no alpha.
+        if w.lycoris.as_ref().is_none_or(|l| !matches!(l.algo, crate::Algo::Ia3 | crate::Algo::Full | crate::Algo::Norm)) {
             tensors.push((format!("{name}.alpha"), alpha));
         }
         if let Some(m) = magnitude {

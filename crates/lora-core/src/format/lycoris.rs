@@ -60,6 +60,9 @@ pub(super) enum Part {
     /// Full fine-tuning's differences of the weight and the bias ([`crate::full`]).
     FullDiff,
     FullDiffB,
+    /// A norm module's differences of the scale and the shift ([`crate::norm`]).
+    NormW,
+    NormB,
 }
 
 /// Key suffixes of the LyCORIS tensors.
@@ -86,6 +89,8 @@ pub(super) const SUFFIXES: &[(&str, Part)] = &[
     (".on_input", Part::Ia3OnInput),
     (".diff", Part::FullDiff),
     (".diff_b", Part::FullDiffB),
+    (".w_norm", Part::NormW),
+    (".b_norm", Part::NormB),
     // Last: every more specific `….weight` suffix above comes first.
     (".weight", Part::Ia3Weight),
 ];
@@ -256,6 +261,14 @@ impl Tensors {
                 (Some(d), 1) => crate::full::weights(d.clone(), diff_b.cloned(), name).map_err(|e| bad(e.to_string())),
                 (None, 0) => Err(bad("a full fine-tuning's `diff_b` without its `diff` (LyCORIS writes both)".into())),
                 _ => Err(bad(format!("the module mixes full fine-tuning (`diff`, `diff_b`) and other LyCORIS tensors: {:?}", self.found.iter().map(|(p, _)| part_name(*p)).collect::<Vec<_>>()))),
+            };
+        }
+        let (w_norm, b_norm) = (self.get(Part::NormW), self.get(Part::NormB));
+        if w_norm.is_some() || b_norm.is_some() {
+            return match (w_norm, self.found.len() - usize::from(b_norm.is_some())) {
+                (Some(w), 1) => crate::norm::weights(w.clone(), b_norm.cloned(), name).map_err(|e| bad(e.to_string())),
+                (None, 0) => Err(bad("a norm module's `b_norm` without its `w_norm` (LyCORIS writes both)".into())),
+                _ => Err(bad(format!("the module mixes a norm module (`w_norm`, `b_norm`) and other LyCORIS tensors: {:?}", self.found.iter().map(|(p, _)| part_name(*p)).collect::<Vec<_>>()))),
             };
         }
         let (weight, on_input) = (self.get(Part::Ia3Weight), self.get(Part::Ia3OnInput));
@@ -503,7 +516,7 @@ pub(crate) fn unflatten(w: LoraWeights, [kh, kw]: [usize; 2]) -> LoraWeights {
     let k = kh * kw;
     // An (IA)³'s empty plain form holds one side's channels, not a kernel's columns, and a
     // full difference keeps the shape its file gives.
-    if w.lycoris.as_ref().is_some_and(|l| matches!(l.algo, crate::Algo::Ia3 | crate::Algo::Full)) || w.down.shape.len() != 2 || k == 0 || !w.down.shape[1].is_multiple_of(k) {
+    if w.lycoris.as_ref().is_some_and(|l| matches!(l.algo, crate::Algo::Ia3 | crate::Algo::Full | crate::Algo::Norm)) || w.down.shape.len() != 2 || k == 0 || !w.down.shape[1].is_multiple_of(k) {
         return w;
     }
     let (rank, out) = (w.down.shape[0], w.up.shape[0]);

@@ -117,8 +117,8 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
             pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Oft { blocks: a.factors[0].id }, scale: 1.0 });
             return;
         }
-        if site.lycoris_adapter().is_some_and(|a| matches!(a.algo(), crate::Algo::Glora | crate::Algo::Ia3 | crate::Algo::Full)) {
-            // LyCORIS' GLoRA, (IA)³ and full modules have no max-norm: their layers are not scaled.
+        if site.lycoris_adapter().is_some_and(|a| matches!(a.algo(), crate::Algo::Glora | crate::Algo::Ia3 | crate::Algo::Full | crate::Algo::Norm)) {
+            // LyCORIS' GLoRA, (IA)³, full and norm modules have no max-norm: their layers are not scaled.
             return;
         }
         if let Some(a) = site.lycoris_adapter() {
@@ -145,6 +145,7 @@ pub fn norm_pairs<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<NormPair> {
                 },
                 None => return,
             },
+            LoraSiteMut::Norm(_) => return,
         };
         pairs.push(NormPair { path: path.to_owned(), factors: NormFactors::Lora { down, down_rank, up, up_rank }, scale });
     });
