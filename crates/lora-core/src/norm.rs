@@ -209,7 +209,7 @@ impl<B: Backend, N: NormBase<B>> LoraNorm<B, N> {
             return bad("the norm has no scale (γ) to train".into());
         }
         if adapter.shape()[0] != channels {
-            return bad(format!("the norm has {channels} channels but the module {}", adapter.shape()[0]));
+            return bad(format!("the norm has {channels} channels, the module {}", adapter.shape()[0]));
         }
         let adapter = match (has_beta, adapter.names().contains(&B_NORM)) {
             (true, _) => adapter.with_bias_update(),
