@@ -85,15 +85,16 @@ pub(crate) fn updated_bias<B: Backend>(bias: Option<&Param<Tensor<B, 1>>>, delta
     })
 }
 
-/// `adapter` as attached to a layer (`what`, for errors) with or without a bias (`bias`):
-/// a full difference (LyCORIS' `algo=full`) on a layer with a bias gets the bias's, at zero
-/// where it has none yet (LyCORIS trains it, and reads a file without one so); one with a
-/// bias's difference on a layer without a bias is an error naming `key`.
+/// `adapter` as attached to a layer (`what`, for errors) with or without a bias (`bias`;
+/// a norm's shift): a full difference (LyCORIS' `algo=full`) or a norm module on a layer
+/// with a bias gets the bias's difference, at zero where it has none yet (LyCORIS trains
+/// it, and reads a file without one so); one with a bias's difference on a layer without a
+/// bias is an error naming `key`.
 pub(crate) fn adapter_for_bias<B: Backend>(adapter: LycorisAdapter<B>, bias: bool, what: &str, key: &str) -> Result<LycorisAdapter<B>> {
-    match (bias, adapter.names().contains(&crate::full::DIFF_B)) {
+    match (bias, adapter.bias_name().filter(|n| adapter.names().contains(n))) {
         (true, _) => Ok(adapter.with_bias_update()),
-        (false, true) => Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the adapter changes a bias (`{}`) but the {what} has none", crate::full::DIFF_B) }),
-        (false, false) => Ok(adapter),
+        (false, Some(name)) => Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("the adapter changes a bias (`{name}`) but the {what} has none") }),
+        (false, None) => Ok(adapter),
     }
 }
 

@@ -449,7 +449,7 @@ impl<B: Backend> LycorisAdapter<B> {
 
     /// The name of the bias's (a norm's shift's) difference, for the algorithms that have
     /// one.
-    fn bias_name(&self) -> Option<&'static str> {
+    pub(crate) fn bias_name(&self) -> Option<&'static str> {
         match self.algo {
             Algo::Full => Some(crate::full::DIFF_B),
             Algo::Norm => Some(crate::norm::B_NORM),
@@ -472,15 +472,11 @@ impl<B: Backend> LycorisAdapter<B> {
     }
 
     /// A norm module's differences of the scale and the shift at strength `multiplier`,
-    /// `[channels]` each in f32 in the graph of its tensors; with `dropout`, times module
-    /// dropout's keep mask on autodiff backends (drawn on the device). Zeros of no
-    /// gradient for any other adapter (which has none).
+    /// `[channels]` each in f32 in the graph of its tensors ([`delta`](Self::delta) and
+    /// [`bias_delta`](Self::bias_delta)); with `dropout`, times module dropout's keep mask
+    /// on autodiff backends (drawn on the device).
     pub(crate) fn norm_deltas(&self, multiplier: f32, dropout: bool) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
-        let c = self.shape[0];
-        let Some(w) = self.factor(crate::norm::W_NORM) else {
-            return (Tensor::zeros([c], &self.factors[0].val().device()), None);
-        };
-        let dw = cast_to(w.val(), DType::F32).reshape([c]).mul_scalar(multiplier);
+        let dw = self.delta(multiplier).reshape([self.shape[0]]);
         let db = self.bias_delta(multiplier);
         let keep = if dropout { crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, &dw.device()) } else { None };
         match keep {

@@ -211,11 +211,7 @@ impl<B: Backend, N: NormBase<B>> LoraNorm<B, N> {
         if adapter.shape()[0] != channels {
             return bad(format!("the norm has {channels} channels, the module {}", adapter.shape()[0]));
         }
-        let adapter = match (has_beta, adapter.names().contains(&B_NORM)) {
-            (true, _) => adapter.with_bias_update(),
-            (false, true) => return bad(format!("the module changes a shift (`{B_NORM}`) but the norm has none")),
-            (false, false) => adapter,
-        };
+        let adapter = crate::linear::adapter_for_bias(adapter, has_beta, "norm", key)?;
         self.unmerge_in_place();
         self.lycoris = Some(adapter);
         Ok(())

@@ -81,9 +81,7 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>, silu: bool) 
 /// # Ok::<(), lora_core::LoraError>(())
 /// ```
 pub fn lora_group_norm<B: Backend>(norm: &LoraGroupNorm<B>, x: Tensor<B, 4>, silu: bool) -> Tensor<B, 4> {
-    if norm.lycoris.is_none() || norm.is_merged() {
-        return group_norm(&norm.base, x, silu);
-    }
+    // Without a module (or with it merged) these are the base norm's own values.
     let (Some(gamma), Some(beta)) = norm.params() else {
         return group_norm(&norm.base, x, silu);
     };
@@ -268,9 +266,6 @@ fn layer_spec(epsilon: f64) -> GroupNormSpec {
 /// # Ok::<(), lora_core::LoraError>(())
 /// ```
 pub fn lora_layer_norm_rows<B: Backend>(norm: &LoraLayerNorm<B>, x: Tensor<B, 2>, epsilon: f64) -> Tensor<B, 2> {
-    if norm.lycoris.is_none() || norm.is_merged() {
-        return layer_norm_rows(&norm.base, x, epsilon);
-    }
     let (Some(gamma), Some(beta)) = norm.params() else {
         return layer_norm_rows(&norm.base, x, epsilon);
     };

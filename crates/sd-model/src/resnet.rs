@@ -25,10 +25,6 @@ pub(crate) fn group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, d
     GroupNormConfig::new(groups, channels).with_epsilon(eps).init(device)
 }
 
-/// [`group_norm`] as an adapter site (LyCORIS' norm module, [`lora_core::norm`]).
-pub(crate) fn lora_group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, device: &B::Device) -> LoraGroupNorm<B> {
-    LoraGroupNorm::new(group_norm(groups, channels, eps, device))
-}
 
 /// The time embedding after the SiLU with which every UNet ResNet block starts, `silu(temb)`.
 ///
@@ -93,10 +89,10 @@ impl<B: Backend> ResnetBlock2D<B> {
         device: &B::Device,
     ) -> Self {
         Self {
-            norm1: lora_group_norm(groups, c_in, eps, device),
+            norm1: LoraGroupNorm::new(group_norm(groups, c_in, eps, device)),
             conv1: conv(c_in, c_out, 3, device),
             time_emb_proj: temb_channels.map(|t| LoraLinear::new(LinearConfig::new(t, c_out).init(device))),
-            norm2: lora_group_norm(groups, c_out, eps, device),
+            norm2: LoraGroupNorm::new(group_norm(groups, c_out, eps, device)),
             conv2: conv(c_out, c_out, 3, device),
             conv_shortcut: (c_in != c_out).then(|| conv(c_in, c_out, 1, device)),
         }

@@ -241,8 +241,13 @@ impl<P: Preset> Selection<P> {
 
     /// Whether the (linear or convolution) site at `path` is selected.
     pub fn selects(&self, path: &str, is_conv: bool) -> bool {
-        let wanted = self.preset.holds(path, is_conv) || self.include.iter().any(|p| glob_match(p, path));
-        wanted && !self.exclude.iter().any(|p| glob_match(p, path))
+        self.chosen(self.preset.holds(path, is_conv), path)
+    }
+
+    /// Whether the site at `path`, in the preset or not (`held`), is selected by the
+    /// patterns: held or included, and not excluded.
+    fn chosen(&self, held: bool, path: &str) -> bool {
+        (held || self.include.iter().any(|p| glob_match(p, path))) && !self.exclude.iter().any(|p| glob_match(p, path))
     }
 
     /// Whether the norm layer at `path` is selected (never without
@@ -256,8 +261,7 @@ impl<P: Preset> Selection<P> {
     /// assert!(!Selection::new(UnetTargets::AttnMlp).with_norms(true).selects_norm(path));
     /// ```
     pub fn selects_norm(&self, path: &str) -> bool {
-        let wanted = self.preset.holds_norm(path) || self.include.iter().any(|p| glob_match(p, path));
-        self.norms && wanted && !self.exclude.iter().any(|p| glob_match(p, path))
+        self.norms && self.chosen(self.preset.holds_norm(path), path)
     }
 
     /// Whether the site at `path` is selected ([`selects_norm`](Self::selects_norm) for a

@@ -110,8 +110,8 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
         args.insert("dora_wd".into(), "True".into());
     }
     // LyCORIS' norm modules train beside the algorithm of the other layers (`train_norm`).
-    let is_norm = |l: &&crate::LycorisWeights| l.algo == crate::Algo::Norm;
-    let norms = set.iter().any(|(_, w)| w.lycoris.as_ref().is_some_and(|l| is_norm(&l)));
+    let is_norm = |l: &crate::LycorisWeights| l.algo == crate::Algo::Norm;
+    let norms = set.iter().any(|(_, w)| w.lycoris.as_ref().is_some_and(is_norm));
     match set.iter().find_map(|(_, w)| w.lycoris.as_ref().filter(|l| !is_norm(l))) {
         // kohya's own module: `network_dim` blocks and the constraint `network_alpha` for
         // every layer (its 3x3 convolutions too), with kohya's `enable_conv` /
