@@ -23,6 +23,9 @@
 #        SD_LORA_FLASH_SHARED_KIB=96 / SD_LORA_FLASH_PREFETCH=1 (the flash kernels' tuning);
 #        cublasmin (PLAN only) = SD_LORA_CUBLAS_MIN_GFLOP=$CUBLAS_MIN_GFLOP (default 0.25:
 #        matmuls from 0.25 GFLOP up in cuBLAS instead of from 4);
+#        talloff (PLAN only) = SD_LORA_CUBLAS_TALL_MIN_GFLOP=4 (cuBLAS by size alone, as
+#        measured before the tall rule); tall512 (PLAN only) = SD_LORA_CUBLAS_TALL_ROWS=512
+#        (the tall rule from 512 rows: a CFG batch's 256-token level too);
 #        device / softmax / flash / gn are dropped, with a note, when their kernel test below fails
 #        (default cuda: the tiny UNet in bf16 with everything on, SD1.5 at 256 px with cuDNN's
 #        attention, then with the blockwise attention, then the tiny UNet in f32; see below)
@@ -413,6 +416,8 @@ bench_flags() {
             smem96) envs+=(SD_LORA_FLASH_SHARED_KIB=96); suffix="$suffix-smem96" ;;
             prefetch) envs+=(SD_LORA_FLASH_PREFETCH=1); suffix="$suffix-prefetch" ;;
             cublasmin) envs+=(SD_LORA_CUBLAS_MIN_GFLOP=${CUBLAS_MIN_GFLOP:-0.25}); suffix="$suffix-cublas${CUBLAS_MIN_GFLOP:-0.25}" ;;
+            talloff) envs+=(SD_LORA_CUBLAS_TALL_MIN_GFLOP=4); suffix="$suffix-talloff" ;;
+            tall512) envs+=(SD_LORA_CUBLAS_TALL_ROWS=512); suffix="$suffix-tall512" ;;
             # Another adapter form than LoRA (`--lora-algo`): end-to-end timings, not ratios.
             loha|lokr|oft|diag-oft|boft|glora|ia3|full) flag+=(--lora-algo "$o"); suffix="$suffix-$o" ;;
         esac

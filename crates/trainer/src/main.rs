@@ -28,7 +28,7 @@ struct Cli {
     /// Run the large matmuls on CUDA (linear layers, attention backward) in cuBLAS instead
     /// of burn's kernels; falls back per call. Also `SD_LORA_CUBLAS=1`; the smallest routed
     /// matmul is `SD_LORA_CUBLAS_MIN_GFLOP` (default 4), or `SD_LORA_CUBLAS_TALL_MIN_GFLOP`
-    /// (default 0.25) for one of 1024 rows or more.
+    /// (default 0.25) for one of `SD_LORA_CUBLAS_TALL_ROWS` (default 1024) rows or more.
     #[arg(long, global = true)]
     cublas: bool,
     /// How cuDNN / cuBLAS calls are ordered with burn's kernels on CUDA: `device` (the GPU
@@ -2213,6 +2213,10 @@ fn main() -> Result<()> {
         if let Ok(value) = std::env::var(name) {
             set(value.parse().map_err(|_| anyhow::anyhow!("{name}={value}: expected a number of GFLOP"))?);
         }
+    }
+    if let Ok(value) = std::env::var("SD_LORA_CUBLAS_TALL_ROWS") {
+        let rows = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_TALL_ROWS={value}: expected a number of rows"))?;
+        lora_core::kernels::set_cublas_tall_rows(rows);
     }
     #[cfg(feature = "cuda")]
     {

@@ -113,9 +113,11 @@ static CUBLAS_MIN_FLOPS: AtomicU64 = AtomicU64::new(4_000_000_000);
 /// Smallest tall matmul (in FLOPs) routed to cuBLAS; see [`set_cublas_tall_min_gflop`].
 static CUBLAS_TALL_MIN_FLOPS: AtomicU64 = AtomicU64::new(250_000_000);
 
-/// Rows (`a`'s elements over its last dimension) from which a matmul counts as tall for
-/// [`set_cublas_tall_min_gflop`].
+/// Default rows (`a`'s elements over its last dimension) from which a matmul counts as
+/// tall for [`set_cublas_tall_min_gflop`]; [`set_cublas_tall_rows`] changes it.
 pub const CUBLAS_TALL_ROWS: usize = 1024;
+/// Rows from which a matmul counts as tall; see [`set_cublas_tall_rows`].
+static CUBLAS_TALL_MIN_ROWS: AtomicUsize = AtomicUsize::new(CUBLAS_TALL_ROWS);
 static FALLBACKS: AtomicU64 = AtomicU64::new(0);
 static DEVICE_SYNC: AtomicBool = AtomicBool::new(false);
 static FUSED_SOFTMAX: AtomicBool = AtomicBool::new(false);
@@ -204,6 +206,16 @@ pub fn set_cublas_min_gflop(gflop: f64) {
 /// by size alone.
 pub fn set_cublas_tall_min_gflop(gflop: f64) {
     CUBLAS_TALL_MIN_FLOPS.store((gflop.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+}
+
+/// The rows (`a`'s elements over its last dimension) from which a matmul counts as tall
+/// for [`set_cublas_tall_min_gflop`] (default [`CUBLAS_TALL_ROWS`], 1024). At 512 a CFG
+/// inference step (a batch of 2) also hands SD1.5's 256-token level to cuBLAS: its
+/// attention projections, 512 rows of 1280 channels, 1.7 GFLOP each. A training step at
+/// batch 8 then routes its 512- and 616-row matmuls too, which measured slower on an H200
+/// when they were routed by size (see [`set_cublas_tall_min_gflop`]).
+pub fn set_cublas_tall_rows(rows: usize) {
+    CUBLAS_TALL_MIN_ROWS.store(rows, Ordering::Relaxed);
 }
 
 /// How a cuDNN or cuBLAS call is ordered with burn's kernels on the CUDA backend.
@@ -2492,11 +2504,16 @@ fn worth_routing(a: &[usize], b: &[usize]) -> bool {
 struct CublasThresholds {
     min_flops: f64,
     tall_min_flops: f64,
+    tall_rows: usize,
 }
 
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
 fn cublas_thresholds() -> CublasThresholds {
-    CublasThresholds { min_flops: cublas_min_flops(), tall_min_flops: CUBLAS_TALL_MIN_FLOPS.load(Ordering::Relaxed) as f64 }
+    CublasThresholds {
+        min_flops: cublas_min_flops(),
+        tall_min_flops: CUBLAS_TALL_MIN_FLOPS.load(Ordering::Relaxed) as f64,
+        tall_rows: CUBLAS_TALL_MIN_ROWS.load(Ordering::Relaxed),
+    }
 }
 
 /// [`worth_routing`] with the thresholds `at`.
@@ -2507,7 +2524,7 @@ fn worth_routing_at(a: &[usize], b: &[usize], at: CublasThresholds) -> bool {
     }
     let rows: usize = a[..a.len() - 1].iter().product();
     let flops = 2.0 * rows as f64 * a[a.len() - 1] as f64 * b[a.len() - 1] as f64;
-    flops >= at.min_flops || (rows >= CUBLAS_TALL_ROWS && flops >= at.tall_min_flops)
+    flops >= at.min_flops || (rows >= at.tall_rows && flops >= at.tall_min_flops)
 }
 
 /// The current routing threshold of [`set_cublas_min_gflop`], in FLOPs.

@@ -1364,7 +1364,7 @@ fn fused_group_norm_matches_burn_on_cuda() {
 /// goes to cuBLAS.
 #[test]
 fn cublas_routing_takes_tall_matmuls_from_a_quarter_gflop() {
-    let at = CublasThresholds { min_flops: 4e9, tall_min_flops: 0.25e9 };
+    let at = CublasThresholds { min_flops: 4e9, tall_min_flops: 0.25e9, tall_rows: CUBLAS_TALL_ROWS };
     let routed = |rows: usize, k: usize, n: usize| worth_routing_at(&[rows, k], &[k, n], at);
     // Batch 1: q/k/v/out at the 4096- and 1024-token levels, not the 256-token one.
     assert!(routed(4096, 320, 320) && routed(1024, 640, 640));
@@ -1379,6 +1379,12 @@ fn cublas_routing_takes_tall_matmuls_from_a_quarter_gflop() {
     assert!(worth_routing_at(&[8, 512, 320], &[8, 320, 320], at));
     assert!(!worth_routing_at(&[8, 512, 320], &[1, 320, 320], at));
     // The tall rule off (its threshold at the size threshold's): size alone.
-    let size_only = CublasThresholds { min_flops: 4e9, tall_min_flops: 4e9 };
+    let size_only = CublasThresholds { min_flops: 4e9, tall_min_flops: 4e9, ..at };
     assert!(!worth_routing_at(&[4096, 320], &[320, 320], size_only));
+    // Tall from 512 rows: a CFG batch's 256-token level goes too, batch 8's 616-row
+    // keys / values with it.
+    let from_512 = CublasThresholds { tall_rows: 512, ..at };
+    let routed_512 = |rows: usize, k: usize, n: usize| worth_routing_at(&[rows, k], &[k, n], from_512);
+    assert!(routed_512(512, 1280, 1280) && routed_512(616, 768, 1280));
+    assert!(!routed_512(256, 1280, 1280));
 }
