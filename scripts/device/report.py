@@ -138,6 +138,13 @@ def back_to_back(res):
     return {"s": s, "img_s": res.get("back_to_back_img_per_s")}
 
 
+def anchor_adapters(res):
+    """Whether our run trained the anchor's adapters (LoRA rank 4 on attention, nothing
+    else), so that a ratio against the anchor means something: results from before a key
+    existed count as its default."""
+    return res.get("algo", "lora") == "lora" and not res.get("train_norm") and res.get("lora_targets", "attn") == "attn"
+
+
 def torch_row(records, setting):
     """The anchor's measurement matching one of our settings, or None."""
     for r in records:
@@ -220,7 +227,7 @@ def table(a):
                 first = r.get("error", "").splitlines()[:1]
                 out.append(f"| {r['name']} | | error (rc {r['rc']}): {first[0][:80] if first else ''} | | | | | | | | | |")
                 continue
-            t = torch_row(records, s) if s else None
+            t = torch_row(records, s) if s and anchor_adapters(res) else None
             mem = res.get("peak_mem_gib")
             reserved = res.get("peak_reserved_gib")
             mem_cell = fmt(mem) + (f" / {fmt(reserved)}" if reserved is not None else "")
@@ -240,7 +247,7 @@ def table(a):
             if res is None:
                 continue
             s = r.get("setting", {})
-            t = torch_row(records, s) if s else None
+            t = torch_row(records, s) if s and anchor_adapters(res) else None
             cmd = r.get("cmd", "").split(" bench ", 1)[-1]
             b2b = back_to_back(res)
             notes = f"back to back {fmt(b2b['s'])} s/step, {fmt(b2b['img_s'])} img/s; peak {fmt(res.get('peak_mem_gib'))} GiB, first step {fmt(res.get('first_step_s'))} s"

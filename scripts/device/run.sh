@@ -38,6 +38,9 @@
 #        loha / lokr / oft / diag-oft / boft / glora / ia3 / full = --lora-algo (LyCORIS' forms,
 #        kohya's OFT at constraint 1e-3, LyCORIS' Diag-OFT and BOFT unconstrained, GLoRA at
 #        rank 4, (IA)³ per output channel, full: whole weights and biases);
+#        norm = --lora-train-norm --lora-targets attn-mlp (LyCORIS' norm modules on the
+#        transformers' norms, beside attn-mlp adapters; time it against the same setting
+#        with the word attnmlp);
 #        cudnn / cublas / device / softmax / flash / gn / tuned / hybrid as above, with the
 #        default matmul threshold (default cuda: the four anchor settings with everything
 #        on and cuDNN's attention, batch 1 without the one-op LoRA layers, then with the
@@ -420,6 +423,9 @@ bench_flags() {
             tall512) envs+=(SD_LORA_CUBLAS_TALL_ROWS=512); suffix="$suffix-tall512" ;;
             # Another adapter form than LoRA (`--lora-algo`): end-to-end timings, not ratios.
             loha|lokr|oft|diag-oft|boft|glora|ia3|full) flag+=(--lora-algo "$o"); suffix="$suffix-$o" ;;
+            # LyCORIS' norm modules beside the adapters (the transformers' norms need attn-mlp).
+            attnmlp) flag+=(--lora-targets attn-mlp); suffix="$suffix-attnmlp" ;;
+            norm) flag+=(--lora-train-norm --lora-targets attn-mlp); suffix="$suffix-norm" ;;
         esac
     done
 }

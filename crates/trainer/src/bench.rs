@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use lora_core::LoraConfig;
 use sd_model::checkpoint::CheckpointOptions;
-use sd_model::targets::{attach_new_adapters, Selection, UnetTargets};
+use sd_model::targets::{attach_new_adapters_by_kernel, KernelConfigs, Selection, UnetTargets};
 use sd_model::{UNet2DConditionModel, UnetConfig};
 use serde::Serialize;
 
@@ -46,6 +46,11 @@ pub struct BenchOptions {
     /// The adapters' form (rank 4 each): LoRA, LyCORIS' LoHa or LoKr, or kohya's OFT (4
     /// blocks each) (as `lora.algo`).
     pub algo: lora_core::Algo,
+    /// LyCORIS' norm modules too (as `lora.train_norm`): the targeted blocks' GroupNorm /
+    /// LayerNorm scales and shifts train beside the adapters. `attn-mlp` reaches the
+    /// transformers' norms, `conv` and `all-linear` the ResNet blocks' too; `attn` none (an
+    /// error), and kohya's OFT has none (an error, as in training).
+    pub train_norm: bool,
 }
 
 /// The result, printed as one JSON line.
@@ -92,6 +97,11 @@ pub struct BenchResult {
     pub optimizer: crate::config::Optimizer,
     /// The adapters' form (`--lora-algo`, as `lora.algo` names it).
     pub algo: lora_core::Algo,
+    /// Whether LyCORIS' norm modules trained too (`--lora-train-norm`).
+    pub train_norm: bool,
+    /// The adapters' targets (`--lora-targets`, as `lora.unet_targets` names them; the
+    /// PyTorch anchor's are `attn`).
+    pub lora_targets: String,
     /// What ran in cuDNN / cuBLAS.
     pub vendor: VendorUse,
 }
@@ -315,6 +325,7 @@ pub struct BenchHooks<'a> {
 ///     lora_merged: false,
 ///     optimizer: trainer::config::Optimizer::Adamw,
 ///     algo: lora_core::Algo::Lora,
+///     train_norm: false,
 /// };
 /// let mut calls = Vec::new();
 /// let mut profiler = |start: bool| -> Result<(), String> {
@@ -347,7 +358,19 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
         lora_core::Algo::Boft => LoraConfig::new(10).with_alpha(0.0),
         _ => LoraConfig::new(4),
     };
-    attach_new_adapters(&mut unet, &Selection::new(opts.targets), &adapters.with_algo(opts.algo), device)?;
+    if opts.train_norm && opts.algo == lora_core::Algo::Oft {
+        return Err(TrainError::Config { origin: "bench".into(), reason: "--lora-train-norm: kohya's OFT has no norm modules (LyCORIS' train_norm); use --lora-algo diag-oft".into() });
+    }
+    let selection = Selection::new(opts.targets).with_norms(opts.train_norm);
+    let adapters = adapters.with_algo(opts.algo);
+    let configs = KernelConfigs { linear: &adapters, spatial: &adapters };
+    let attached = attach_new_adapters_by_kernel(&mut unet, &selection, configs, device)?;
+    if opts.train_norm && attached.norms == 0 {
+        return Err(TrainError::Config {
+            origin: "bench".into(),
+            reason: format!("--lora-train-norm: --lora-targets {} reaches no norm layer; use attn-mlp (the transformers' norms), conv or all-linear", opts.targets.name()),
+        });
+    }
     // Half precision as in training: frozen weights converted once, adapters trained as f32
     // master values in the optimizer (with half-precision copies in the model, below).
     if opts.precision != crate::device_check::Precision::F32 {

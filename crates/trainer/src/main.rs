@@ -341,7 +341,8 @@ enum Command {
         /// Gradient checkpointing (train mode).
         #[arg(long)]
         grad_checkpointing: bool,
-        /// Adapter targets: `attn` or `attn-mlp`.
+        /// Adapter targets: `attn` (the PyTorch anchor's) or `attn-mlp`; also `all-linear`,
+        /// `conv` (kohya's LoCon set) or `ia3`, as `lora.unet_targets` names them.
         #[arg(long, default_value = "attn")]
         lora_targets: sd_model::targets::UnetTargets,
         /// The train step's optimizer: `adamw` (burn's defaults), or `lion`, `prodigy`,
@@ -357,6 +358,10 @@ enum Command {
         /// (rank 4), `ia3` (a scale per output channel) or `full` (whole weights and biases).
         #[arg(long, default_value = "lora")]
         lora_algo: lora_core::Algo,
+        /// Also train LyCORIS' norm modules (as `lora.train_norm`): the GroupNorm / LayerNorm
+        /// scales and shifts of the targeted blocks (`attn-mlp`: the transformers' norms).
+        #[arg(long)]
+        lora_train_norm: bool,
         /// `train` or `infer`.
         #[arg(long, default_value = "train")]
         mode: String,
@@ -1849,11 +1854,12 @@ struct BenchArgs {
     cuda_profiler_step: bool,
     optimizer: trainer::config::Optimizer,
     lora_algo: lora_core::Algo,
+    lora_train_norm: bool,
 }
 
 fn run_bench(args: BenchArgs) -> Result<()> {
     use trainer::bench::{gib, peak_rss_gib, run_hooked, BenchHooks, BenchOptions, BenchResult};
-    let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step, optimizer, lora_algo } = args;
+    let BenchArgs { unet_config, batch, resolution, steps, device, precision, mode, plain_autodiff, grad_checkpointing, lora_targets, lora_unmerged, cuda_profiler_step, optimizer, lora_algo, lora_train_norm } = args;
     let (unet_config, device, precision, mode) = (unet_config.as_str(), device.as_str(), precision.as_str(), mode.as_str());
     let unet = trainer::device_check::unet_config_by_name(unet_config)?;
     let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
@@ -1864,7 +1870,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         other => anyhow::bail!("--mode {other}: expected train or infer"),
     };
     let lora_merged = !train && !lora_unmerged;
-    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged, optimizer, algo: lora_algo };
+    let opts = BenchOptions { unet, batch, resolution, steps, targets: lora_targets, train, precision, grad_checkpointing, lora_merged, optimizer, algo: lora_algo, train_norm: lora_train_norm };
     if cuda_profiler_step && device != "cuda" {
         anyhow::bail!("--cuda-profiler-step: only with --device cuda (got --device {device})");
     }
@@ -1904,6 +1910,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         profiled_step: cuda_profiler_step,
         optimizer,
         algo: lora_algo,
+        train_norm: lora_train_norm,
+        lora_targets: lora_targets.name().into(),
         vendor: trainer::bench::VendorUse::now(),
     };
     println!("{}", serde_json::to_string(&result)?);
@@ -2065,7 +2073,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             };
             run_extract::<B::InnerBackend>(&base, &tuned, &out, &options, (to, dtype), no_metadata, verbose, device)
         }
-        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, optimizer, lora_algo, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
+        Command::Bench { unet_config, batch, resolution, steps, device, precision, plain_autodiff, grad_checkpointing, lora_targets, optimizer, lora_algo, lora_train_norm, mode, lora_unmerged, cuda_profiler_step } => run_bench(BenchArgs {
             unet_config,
             batch,
             resolution,
@@ -2080,6 +2088,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             cuda_profiler_step,
             optimizer,
             lora_algo,
+            lora_train_norm,
         }),
         Command::BenchOps { batch, resolution, steps, device, precision } => run_bench_ops(batch, resolution, steps, &device, &precision),
         Command::DeviceCheck { unet_config, batch, resolution, device, precision, grad_checkpointing, tolerance, adapter, seed } => {
