@@ -208,7 +208,10 @@ pub struct LoraConfig {
     /// of `down(x)` with this probability, the rest scaled by `1 / (1 − p)`. With LoHa and
     /// LoKr (and a LoRA with [`lycoris_rank_dropout`](Self::lycoris_rank_dropout)) it is
     /// LyCORIS' rank dropout: each step drops each output's row of `ΔW` with
-    /// this probability (scaled by [`rank_dropout_scale`](Self::rank_dropout_scale)).
+    /// this probability (scaled by [`rank_dropout_scale`](Self::rank_dropout_scale)); full
+    /// fine-tuning's drops the bias's values with their rows. With Diag-OFT it drops entries
+    /// of the scaled rotation, kept ones times `1 / (1 − p)`, as LyCORIS' `nn.Dropout`
+    /// ([`crate::oft::update_dropped`]); kohya's OFT, BOFT, GLoRA and (IA)³ take none.
     #[serde(default)]
     pub rank_dropout: f64,
     /// LyCORIS' `rank_dropout_scale` (LoHa and LoKr, and a LoRA with
@@ -602,8 +605,9 @@ impl LoraConfig {
     }
 
     /// What an OFT takes: a constraint (`alpha`) that is positive (kohya's) or not negative
-    /// (LyCORIS' Diag-OFT, 0 for none), and none of the other adapters' options (neither
-    /// module has dropout, DoRA or a scalar here).
+    /// (LyCORIS' Diag-OFT, 0 for none), and none of the other adapters' options (no DoRA or
+    /// scalar; rank dropout for Diag-OFT alone, which LyCORIS' BOFT takes and ignores, and
+    /// never `rank_dropout_scale`: Diag-OFT's `nn.Dropout` always rescales).
     fn validate_oft(&self) -> Result<()> {
         if self.algo == Algo::Oft && self.alpha <= 0.0 {
             return Err(LoraError::InvalidConfig(format!("OFT's alpha (its constraint, e.g. 1e-3) must be positive, got {}", self.alpha)));
@@ -612,7 +616,8 @@ impl LoraConfig {
             return Err(LoraError::InvalidConfig(format!("{}'s alpha (its constraint per output, 0 for none) must not be negative, got {}", self.algo.name(), self.alpha)));
         }
         let others = [
-            (self.rank_dropout > 0.0, "rank_dropout"),
+            (self.rank_dropout > 0.0 && self.algo != Algo::DiagOft, "rank_dropout"),
+            (self.rank_dropout_scale, "rank_dropout_scale"),
             // LyCORIS' Diag-OFT and BOFT skip a module in a pass as its other modules do.
             (self.module_dropout > 0.0 && self.algo == Algo::Oft, "module_dropout"),
             (self.dora, "dora"),

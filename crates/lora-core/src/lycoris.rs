@@ -25,8 +25,9 @@
 //! the layer takes the weight `W + multiplier · ΔW` in one product instead: the same
 //! output and gradients, with one matmul or convolution of the layer's size instead of two
 //! each way. Module dropout skips the update for a pass; with [`LoraConfig::rank_dropout`],
-//! LyCORIS' rank dropout drops whole rows of `ΔW` (one per output) per pass; LyCORIS'
-//! other dropouts are not trained.
+//! LyCORIS' rank dropout drops whole rows of `ΔW` (one per output) per pass (Diag-OFT's
+//! drops entries of its rotation instead, see [`crate::oft`]; kohya's OFT, BOFT, GLoRA and
+//! (IA)³ take none: an error); LyCORIS' other dropouts are not trained.
 //!
 //! With [`LoraConfig::use_tucker`] (LyCORIS' `use_tucker`), a convolution with a kernel
 //! larger than 1x1 has each LoHa half, and LoKr's low-rank `w2`, Tucker-decomposed: a core
@@ -668,14 +669,15 @@ impl<B: Backend> LycorisAdapter<B> {
     /// (the norm in the graph: its gradient reaches the factors, as in LyCORIS); at other
     /// strengths the weight moves from `W` toward it, as ComfyUI and Forge apply one.
     pub fn update<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>) -> Tensor<B, D> {
-        self.update_rows(multiplier, weight, None)
+        self.update_rows(multiplier, weight, None, None)
     }
 
     /// [`update`](Self::update) with `ΔW`'s rows (one per output) multiplied by `rows`
     /// `[out]` (rank dropout's mask), before DoRA's norm as in LyCORIS.
-    fn update_rows<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>, rows: Option<Tensor<B, 1>>) -> Tensor<B, D> {
+    /// A Diag-OFT takes its rank dropout as `entries` (`[k, n, n]`) instead.
+    fn update_rows<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>, rows: Option<Tensor<B, 1>>, entries: Option<Tensor<B, 3>>) -> Tensor<B, D> {
         if self.algo.is_oft() {
-            return self.oft_update(multiplier, weight);
+            return self.oft_update(multiplier, weight, entries);
         }
         if self.algo == Algo::Glora {
             return self.glora_update(multiplier, weight);
@@ -698,8 +700,9 @@ impl<B: Backend> LycorisAdapter<B> {
     }
 
     /// An OFT's update `(R_m − I)ᵀ · W` of the layer's weight `weight` (burn's layout) at
-    /// strength `multiplier`, in f32 in the blocks' graph ([`crate::oft`]).
-    fn oft_update<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>) -> Tensor<B, D> {
+    /// strength `multiplier`, in f32 in the blocks' graph ([`crate::oft`]); a Diag-OFT's
+    /// with its rank dropout's factors `entries` where given.
+    fn oft_update<const D: usize>(&self, multiplier: f32, weight: Tensor<B, D>, entries: Option<Tensor<B, 3>>) -> Tensor<B, D> {
         let [out, input, kh, kw] = self.shape;
         let w = cast_to(weight, DType::F32).detach();
         // PyTorch's `[out, cols]`: burn keeps a linear weight `[in, out]`.
@@ -712,7 +715,10 @@ impl<B: Backend> LycorisAdapter<B> {
         let delta = match self.algo {
             // `rows / n` blocks in stages of `out / n`.
             Algo::Boft => crate::oft::butterfly_update(blocks, rows / out, c, multiplier, w, rescale),
-            _ => crate::oft::update(blocks, c, multiplier, w, rescale),
+            _ => match entries {
+                Some(drop) => crate::oft::update_dropped(blocks, c, multiplier, w, rescale, drop),
+                None => crate::oft::update(blocks, c, multiplier, w, rescale),
+            },
         };
         let delta = if D == 2 { delta.transpose() } else { delta };
         delta.reshape(self.burn_shape::<D>())
@@ -739,7 +745,21 @@ impl<B: Backend> LycorisAdapter<B> {
     /// with `rank_dropout_scale`, 1 over the share kept) for the others; `None` without rank
     /// dropout or on a backend that does not differentiate (inference). Drawn on the device.
     fn rank_dropout_rows(&self, device: &B::Device) -> Option<Tensor<B, 1>> {
+        if self.algo.is_oft() {
+            return None;
+        }
         crate::rank_dropout::rows::<B>(self.rank_dropout, self.rank_dropout_scale, self.shape[0], device)
+    }
+
+    /// A Diag-OFT's rank dropout for one pass: `torch.nn.Dropout`'s factors over its
+    /// rotation's `[k, n, n]` entries ([`crate::oft::update_dropped`]); `None` for every
+    /// other adapter, without rank dropout, or on a backend that does not differentiate.
+    fn rank_dropout_entries(&self, device: &B::Device) -> Option<Tensor<B, 3>> {
+        if self.algo != Algo::DiagOft {
+            return None;
+        }
+        let [rows, n] = self.factors[0].dims();
+        crate::rank_dropout::entries::<B>(self.rank_dropout, [rows / n, n, n], device)
     }
 
     /// The shape that puts one value per output on a weight of burn's layout: `[1, out]`
@@ -764,7 +784,8 @@ impl<B: Backend> LycorisAdapter<B> {
             Some(r) => b * r.clone(),
             None => b,
         });
-        let delta = self.update_rows::<D>(multiplier, weight, rows);
+        let entries = self.rank_dropout_entries(&device);
+        let delta = self.update_rows::<D>(multiplier, weight, rows, entries);
         let (delta, bias) = match crate::rank_dropout::mask::<B>(0.0, self.module_dropout, 1, 1, &device) {
             Some(keep) => (delta * keep.clone().reshape([1; D]), bias.map(|b| b * keep.reshape([1]))),
             None => (delta, bias),

@@ -21,7 +21,10 @@
 //! `constraint` per output) may be 0 for none, and with `rescaled` a trained scale `s` per
 //! output (`rescale`, starting at 1) multiplies the rotated weight: `W' = s ⊙ (R_mᵀ · W)`, so
 //! `ΔW = s ⊙ ((R_m − I)ᵀ · W) + (s − 1) ⊙ W` (the strength scales the rotation only, as in
-//! LyCORIS).
+//! LyCORIS). With [`crate::LoraConfig::rank_dropout`], each training pass drops entries
+//! of the scaled rotation as LyCORIS' Diag-OFT does (`torch.nn.Dropout` on `m · R`, its
+//! diagonal too, before `m · I` is taken off): `ΔW = (D ⊙ (m · R) − m · I)ᵀ · W` with `D`
+//! 0 for a dropped entry and `1 / (1 − p)` for a kept one ([`update_dropped`]).
 //!
 //! LyCORIS' BOFT (`ButterflyOFTModule`, Liu et al. 2024) trains `oft_blocks` `[m, k, n, n]`:
 //! `m` stages of `k` blocks ([`butterfly_shape`]), every block's rotation `R_m` made as
@@ -219,10 +222,50 @@ fn inverse_near_identity<B: Backend>(q: Tensor<B, 3>, i: &Tensor<B, 3>, c: f32) 
 /// blocks and of `rescale` (Diag-OFT's scale per output, `[out, 1]`): with it,
 /// `s ⊙ ((R_m − I)ᵀ · W) + (s − 1) ⊙ W`.
 pub fn update<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32, weight: Tensor<B, 2>, rescale: Option<Tensor<B, 2>>) -> Tensor<B, 2> {
+    update_with(blocks, c, multiplier, weight, rescale, None)
+}
+
+/// [`update`] with LyCORIS' Diag-OFT rank dropout: `drop` (`[k, n, n]`, 0 for a dropped
+/// entry and `1 / (1 − p)` for a kept one, as `torch.nn.Dropout(p)` leaves its input)
+/// multiplies the entries of the scaled rotation `m · R` before `m · I` is taken off, as
+/// LyCORIS' `rank_drop(r * scale) - scale * I` does: `(D ⊙ (m · R) − m · I)ᵀ · W`, then
+/// `rescale` as in [`update`]. A dropped diagonal entry drops that row's part of the
+/// weight, so the update is large where the rotation is small.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::Tensor;
+///
+/// let device = Default::default();
+/// let blocks = Tensor::<Flex, 3>::zeros([2, 2, 2], &device);
+/// let w = Tensor::<Flex, 2>::ones([4, 3], &device);
+/// // Keeping every entry (at p = 0) is the plain update: zero for blocks at zero.
+/// let kept = Tensor::<Flex, 3>::ones([2, 2, 2], &device);
+/// let delta = lora_core::oft::update_dropped(blocks.clone(), 0.0, 1.0, w.clone(), None, kept);
+/// assert_eq!(delta.abs().sum().into_scalar(), 0.0);
+/// // Dropping every entry takes the whole weight off.
+/// let dropped = Tensor::<Flex, 3>::zeros([2, 2, 2], &device);
+/// let delta = lora_core::oft::update_dropped(blocks, 0.0, 1.0, w.clone(), None, dropped);
+/// assert_eq!((delta + w).abs().sum().into_scalar(), 0.0);
+/// ```
+pub fn update_dropped<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32, weight: Tensor<B, 2>, rescale: Option<Tensor<B, 2>>, drop: Tensor<B, 3>) -> Tensor<B, 2> {
+    update_with(blocks, c, multiplier, weight, rescale, Some(drop))
+}
+
+/// [`update`], with [`update_dropped`]'s mask where there is one.
+fn update_with<B: Backend>(blocks: Tensor<B, 3>, c: f32, multiplier: f32, weight: Tensor<B, 2>, rescale: Option<Tensor<B, 2>>, drop: Option<Tensor<B, 3>>) -> Tensor<B, 2> {
     let [k, n, _] = blocks.dims();
     let [out, cols] = weight.dims();
     let i = eye::<B>(k, n, &blocks.device());
     let turn = turn(blocks, c, multiplier, &i);
+    let turn = match drop {
+        // `m · (R − I)` back to `m · R`, dropped, less `m · I`.
+        Some(d) => {
+            let mi = i.mul_scalar(multiplier);
+            cast_to(d, DType::F32) * (turn + mi.clone()) - mi
+        }
+        None => turn,
+    };
     let w: Tensor<B, 3> = weight.clone().reshape([k, n, cols]);
     let delta = turn.swap_dims(1, 2).matmul(w).reshape([out, cols]);
     match rescale {

@@ -52,6 +52,18 @@ pub(crate) fn rows<B: Backend>(p: f64, scale: bool, out: usize, device: &B::Devi
     Some(keep / kept)
 }
 
+/// LyCORIS' Diag-OFT rank dropout for one pass, `[k, n, n]` over the rotation's blocks:
+/// `torch.nn.Dropout(p)`'s factors, each entry 0 with probability `p` and `1 / (1 − p)`
+/// otherwise ([`crate::oft::update_dropped`]); `None` without rank dropout or on a backend
+/// that does not differentiate (inference). Drawn on the device from the backend's seeded
+/// RNG.
+pub(crate) fn entries<B: Backend>(p: f64, shape: [usize; 3], device: &B::Device) -> Option<Tensor<B, 3>> {
+    if p <= 0.0 || !B::ad_enabled(device) {
+        return None;
+    }
+    Some(Tensor::<B, 3>::random(shape, Distribution::Bernoulli(1.0 - p), device).mul_scalar(1.0 / (1.0 - p)))
+}
+
 /// How many samples `rows` rows of a linear layer's input hold: `leading` (the first
 /// dimension of an input with three or more), else the `samples` hint, else one per row.
 /// A count that does not divide the rows falls back to one per row.

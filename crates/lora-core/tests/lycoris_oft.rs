@@ -37,6 +37,9 @@ struct Case {
     /// `[k, n]`, BOFT's `[stages, k, n]`.
     blocks: Vec<usize>,
     clamped: bool,
+    /// Diag-OFT's rank dropout (the dropout fixture's cases only).
+    #[serde(default)]
+    p: f64,
 }
 
 impl Case {
@@ -49,7 +52,7 @@ impl Case {
     }
 
     fn config(&self, algo: Algo) -> LoraConfig {
-        LoraConfig::new(self.dim).with_alpha(self.constraint).with_algo(algo).with_oft_rescaled(self.rescaled)
+        LoraConfig::new(self.dim).with_alpha(self.constraint).with_algo(algo).with_oft_rescaled(self.rescaled).with_rank_dropout(self.p)
     }
 
     /// The block size `n` (LyCORIS' `dim` as the file shows it).
@@ -115,6 +118,67 @@ fn output_and_gradients_match_lycoris() {
         assert!(layer.base_is_frozen(&grads), "{name}: the base weight is frozen");
     }
     assert_eq!(clamped, 1, "{file}: one case clamps to its constraint");
+    }
+}
+
+/// Diag-OFT's rank dropout in training, LyCORIS' `nn.Dropout` on the scaled rotation: with
+/// the fixture's draw, `oft::update_dropped` gives LyCORIS' output and the gradients of
+/// the blocks and the scale; the layer draws its own factors from the backend's seeded
+/// RNG and gives what `update_dropped` gives with them; without autodiff (inference) it
+/// drops nothing.
+#[test]
+fn diag_oft_rank_dropout_matches_lycoris() {
+    use burn::module::AutodiffModule;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::Distribution;
+    let f = Fixture::open("diag_oft_dropout.safetensors");
+    let device = Default::default();
+    for name in ["lin", "lin_clamped_rescaled"] {
+        let case: Case = f.case(name);
+        let (k, n, p) = (case.blocks[0], case.n(), case.p);
+        let [cin, out] = [case.dims()[0], case.dims()[1]];
+        let w: Tensor<B, 2> = f.tensor(&format!("{name}.weight"));
+        let bias: Tensor<B, 1> = f.tensor(&format!("{name}.bias"));
+        let x: Tensor<B, 2> = f.tensor(&format!("{name}.x"));
+        assert_eq!(w.dims(), [out, cin]);
+        let c = lora_core::oft::constraint(case.constraint, out);
+        let output = |blocks: Tensor<B, 3>, rescale: Option<Tensor<B, 2>>, drop: Tensor<B, 3>| {
+            let delta = lora_core::oft::update_dropped(blocks, c, case.multiplier, w.clone(), rescale, drop);
+            x.clone().matmul((w.clone() + delta).transpose()) + bias.clone().unsqueeze()
+        };
+        let blocks = f.tensor::<B, 3>(&format!("{name}.oft_blocks")).require_grad();
+        let rescale = case.rescaled.then(|| f.tensor::<B, 2>(&format!("{name}.rescale")).require_grad());
+
+        // LyCORIS' draw: its output and gradients.
+        let y = output(blocks.clone(), rescale.clone(), f.tensor(&format!("{name}.drop")));
+        let err = rel(y.clone().inner(), f.tensor(&format!("{name}.y")));
+        assert!(err < 2e-5, "{name}: output, relative error {err}");
+        let grads = (y * f.tensor::<B, 2>(&format!("{name}.g"))).sum().backward();
+        let err = rel(blocks.grad(&grads).unwrap().reshape([k * n, n]), flat(&f, &format!("{name}.grad"), [k * n, n]));
+        assert!(err < 1e-4, "{name}: gradient of the blocks, relative error {err}");
+        if let Some(s) = &rescale {
+            let err = rel(s.grad(&grads).unwrap(), flat(&f, &format!("{name}.rescale_grad"), [out, 1]));
+            assert!(err < 1e-4, "{name}: gradient of the scale, relative error {err}");
+        }
+
+        // The layer's own draw, reproduced from the same seed.
+        let layer = trained_layer(&f, name, Algo::DiagOft);
+        B::seed(&device, 11);
+        let drawn = Tensor::<B, 3>::random([k, n, n], Distribution::Bernoulli(1.0 - p), &device).mul_scalar(1.0 / (1.0 - p));
+        let kept = drawn.clone().greater_elem(0.0).int().sum().into_scalar() as usize;
+        assert!(kept > 0 && kept < k * n * n, "{name}: the draw keeps some entries and drops others ({kept})");
+        B::seed(&device, 11);
+        let y = layer.forward(&f, name);
+        let want = output(blocks.clone().detach(), rescale.clone().map(|s| s.detach()), drawn);
+        let err = rel(y.inner(), want.inner());
+        assert!(err < 1e-5, "{name}: the layer's training pass against update_dropped, relative error {err}");
+
+        // Inference drops nothing.
+        let Layer::Linear(linear) = &layer else { panic!("{name} is a linear layer") };
+        let y = linear.valid().forward(x.clone().inner());
+        let want = output(blocks.detach(), rescale.map(|s| s.detach()), Tensor::ones([k, n, n], &device));
+        let err = rel(y, want.inner());
+        assert!(err < 1e-5, "{name}: inference, relative error {err}");
     }
 }
 

@@ -216,10 +216,12 @@ pub struct LoraSection {
     /// convolutions) and `alpha` the constraint per output (1e-3 to 1e-2), with none of
     /// the dropouts, DoRA, rsLoRA, Tucker or `train.scale_weight_norms`. `diag-oft` is
     /// LyCORIS' Diag-OFT, the same rotation with `rank` (`conv_rank`) as the block size,
-    /// `constraint` and `rescaled`, and the same exclusions but `module_dropout` and
+    /// `constraint` and `rescaled`, and the same exclusions but `module_dropout`,
+    /// `rank_dropout` (entries of the rotation, LyCORIS' `nn.Dropout`) and
     /// `train.scale_weight_norms` (on the blocks' norm, as LyCORIS; `alpha` is not used); `boft`
     /// LyCORIS' BOFT, butterfly stages of such blocks (the block size an even number of at
-    /// most `rank` whose quotient of each layer's outputs is a power of two). `ia3` is
+    /// most `rank` whose quotient of each layer's outputs is a power of two; no rank
+    /// dropout, which LyCORIS' BOFT takes and ignores). `ia3` is
     /// LyCORIS' (IA)³ ([`lora_core::ia3`]: a trained scale per output channel, or per input
     /// channel on the layers `ia3_on_input` names; `rank` and `alpha` are not used) with
     /// `module_dropout` alone; `unet_targets` / `text_encoder_targets = "ia3"` are
@@ -2397,7 +2399,10 @@ impl TrainConfig {
         }
         let options = [
             (l.module_dropout > 0.0 && kohya, "lora.module_dropout"),
-            (l.rank_dropout > 0.0, "lora.rank_dropout"),
+            // Diag-OFT's drops entries of its rotation (LyCORIS' nn.Dropout, which always
+            // rescales); LyCORIS' BOFT takes the option and applies none.
+            (l.rank_dropout > 0.0 && l.algo != lora_core::Algo::DiagOft, "lora.rank_dropout"),
+            (l.rank_dropout_scale, "lora.rank_dropout_scale"),
             (l.dora, "lora.dora"),
             (l.use_scalar, "lora.use_scalar"),
             (l.rslora, "lora.rslora"),

@@ -1045,8 +1045,14 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         rank_dropout.0 = 0.0;
     }
     if l.algo.is_lycoris_oft() {
-        if rank_dropout.0 > 0.0 {
-            return Err(o.err("network_args", format!("`rank_dropout={}` with algo={algo}: LyCORIS' rank dropout of a rotation's rows is not trained here; set it to 0", rank_dropout.1)));
+        // Diag-OFT's rank dropout is `nn.Dropout` on its rotation (always rescaled); BOFT's
+        // module takes the option and applies none.
+        if l.algo == lora_core::Algo::Boft && rank_dropout.0 > 0.0 {
+            notes.push(format!("network_args `rank_dropout={}` is ignored, as LyCORIS' BOFT ignores it", rank_dropout.1));
+            rank_dropout.0 = 0.0;
+        }
+        if std::mem::take(&mut l.rank_dropout_scale) {
+            notes.push(format!("network_args `rank_dropout_scale` is ignored, as LyCORIS' {algo} ignores it (Diag-OFT's rank dropout always rescales what it keeps)"));
         }
         if constraint < 0.0 {
             notes.push(format!("network_args `constraint={constraint}`: LyCORIS constrains only with a positive value, so this is none (lora.constraint = 0)"));
@@ -2408,6 +2414,17 @@ output_dir = "out"
         assert_eq!((l.algo, l.rank, l.constraint, l.rescaled, l.rslora), (lora_core::Algo::Boft, 10, 0.0, true, false));
         assert!(boft.notes.iter().any(|n| n.contains("LyCORIS' boft does not use")), "{:?}", boft.notes);
         boft.config.validate().unwrap();
+        // Rank dropout: Diag-OFT's is trained (LyCORIS' nn.Dropout on the rotation, which
+        // always rescales), BOFT's ignored as LyCORIS ignores it; rank_dropout_scale with
+        // neither.
+        let dropped = diag("\"rank_dropout=0.1\", \"rank_dropout_scale=True\"");
+        assert_eq!((dropped.config.lora.rank_dropout, dropped.config.lora.rank_dropout_scale), (0.1, false));
+        assert!(dropped.notes.iter().any(|n| n.contains("`rank_dropout_scale` is ignored")), "{:?}", dropped.notes);
+        dropped.config.validate().unwrap();
+        let boft = import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 10\nnetwork_args = [\"algo=boft\", \"rank_dropout=0.2\"]\n")).unwrap();
+        assert_eq!(boft.config.lora.rank_dropout, 0.0);
+        assert!(boft.notes.iter().any(|n| n.contains("`rank_dropout=0.2` is ignored, as LyCORIS' BOFT ignores it")), "{:?}", boft.notes);
+        boft.config.validate().unwrap();
     }
 
     /// LyCORIS' `algo=glora`: LoRA's rank, alpha, `conv_dim`, `use_scalar`, `rs_lora` and
@@ -3341,8 +3358,6 @@ wandb_run_name = "my_style"
             ("lr_scheduler = \"adafactor\"", "`lr_scheduler` = \"adafactor\" needs optimizer_type = \"Adafactor\""),
             ("lr_warmup_steps = 1.5", "`lr_warmup_steps` = 1.5: expected a whole number of steps or a share"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=dylora\"]", "`algo=dylora`: this trainer trains LyCORIS' lora / locon, loha, lokr, diag-oft, boft, glora, ia3 and full"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=boft\", \"rank_dropout=0.2\"]", "`rank_dropout=0.2` with algo=boft"),
-            ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"rank_dropout=0.1\"]", "`rank_dropout=0.1` with algo=diag-oft"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=diag-oft\", \"constraint=x\"]", "`constraint=x`: expected a number"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=locon\", \"rank_dropout=0.1\", \"bypass_mode=True\"]", "`rank_dropout=0.1` with algo=locon and bypass_mode"),
             ("network_module = \"lycoris.kohya\"\nnetwork_args = [\"algo=lora\", \"rank_dropout=0.1\", \"dora_wd=True\"]", "`rank_dropout=0.1` with algo=lora and dora_wd"),

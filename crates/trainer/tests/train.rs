@@ -2843,7 +2843,7 @@ fn oft_trains_resumes_and_applies() {
 /// `lora.algo = "diag-oft"` (LyCORIS' Diag-OFT) with `lora.rescaled` and no constraint:
 /// saved as LyCORIS saves it (`lora_unet_` / `lora_te_` names, blocks of `rank` (3x3
 /// convolutions: `conv_rank`), a `rescale` per output, `alpha` 0, `lycoris.kohya` with
-/// `algo=diag-oft`), every block and scale trains (max-norm on); a stopped run resumes bit for bit; the
+/// `algo=diag-oft`), every block and scale trains (max-norm and rank dropout on); a stopped run resumes bit for bit; the
 /// file continues training as `network_weights` and with `dim_from_weights`; it applies at
 /// a strength in generation.
 #[test]
@@ -2864,6 +2864,10 @@ fn lycoris_oft_trains_resumes_and_applies(algo: lora_core::Algo) {
         c.lora.algo = algo;
         c.lora.dropout = 0.0;
         (c.lora.rank, c.lora.rescaled, c.lora.module_dropout) = (4, true, 0.1);
+        // Diag-OFT's rank dropout: entries of the rotation (BOFT has none).
+        if algo == lora_core::Algo::DiagOft {
+            c.lora.rank_dropout = 0.1;
+        }
         // LyCORIS' max-norm on the blocks.
         c.train.scale_weight_norms = 0.05;
         c.lora.unet_targets = sd_model::targets::UnetTargets::Conv;
@@ -2917,7 +2921,7 @@ fn lycoris_oft_trains_resumes_and_applies(algo: lora_core::Algo) {
     more.lora.dim_from_weights = true;
     assert_trains(&more);
     more.lora.algo = lora_core::Algo::Oft;
-    (more.lora.alpha, more.lora.rescaled, more.lora.module_dropout, more.train.scale_weight_norms) = (0.01, false, 0.0, 0.0);
+    (more.lora.alpha, more.lora.rescaled, more.lora.module_dropout, more.lora.rank_dropout, more.train.scale_weight_norms) = (0.01, false, 0.0, 0.0, 0.0);
     let err = train::<B>(&more, &Default::default(), &mut |_| true).unwrap_err().to_string();
     assert!(err.contains(&format!("set lora.algo = \"{}\"", algo.name())), "{err}");
 
@@ -3340,12 +3344,13 @@ fn lycoris_config_errors_name_the_key() {
     type Edit<'a> = &'a dyn Fn(&mut TrainConfig);
     let oft = |c: &mut TrainConfig| (c.lora.algo, c.lora.alpha) = (lora_core::Algo::Oft, 1e-3);
     let diag = |c: &mut TrainConfig| c.lora.algo = lora_core::Algo::DiagOft;
-    let cases: [(Edit, &str); 22] = [
+    let cases: [(Edit, &str); 23] = [
         (&|c| c.lora.dropout = 0.1, "lora.dropout"),
         (&|c| { diag(c); c.lora.constraint = -0.1 }, "lora.constraint"),
         (&|c| { diag(c); c.lora.constraint = f32::NAN }, "lora.constraint"),
         (&|c| { diag(c); c.lora.dora = true }, "lora.dora"),
-        (&|c| { diag(c); c.lora.rank_dropout = 0.1 }, "lora.rank_dropout"),
+        (&|c| (c.lora.algo, c.lora.rank_dropout) = (lora_core::Algo::Boft, 0.1), "lora.rank_dropout"),
+        (&|c| { diag(c); c.lora.rank_dropout_scale = true }, "lora.rank_dropout_scale"),
         (&|c| c.lora.rescaled = true, "lora.rescaled"),
         (&|c| { oft(c); c.lora.constraint = 0.01 }, "kohya's OFT takes its constraint in lora.alpha"),
         (&|c| (c.lora.algo, c.lora.alpha) = (lora_core::Algo::Oft, 0.0), "lora.alpha"),
