@@ -180,6 +180,12 @@ pub fn max_rank_of(shape: &[usize], settings: &ExtractSettings) -> usize {
 /// convolution; the adapter has the same kind), clamped as `settings` says. `key` names
 /// it in errors and seeds its random sketch.
 pub fn extract_adapter(diff: &HostTensor, max_rank: usize, settings: &ExtractSettings, key: &str) -> Result<(LoraWeights, Extraction)> {
+    extract_with_values(diff, max_rank, settings, key).map(|(w, e, _)| (w, e))
+}
+
+/// [`extract_adapter`], with the kept singular values (descending; zeros for a zero
+/// difference).
+pub(crate) fn extract_with_values(diff: &HostTensor, max_rank: usize, settings: &ExtractSettings, key: &str) -> Result<(LoraWeights, Extraction, Vec<f64>)> {
     settings.validate()?;
     if !(diff.shape.len() == 2 || diff.shape.len() == 4) || diff.shape.contains(&0) {
         return Err(LoraError::ShapeMismatch {
@@ -220,15 +226,13 @@ pub fn extract_adapter(diff: &HostTensor, max_rank: usize, settings: &ExtractSet
     let fro_retained = if total_sq > 0.0 { (s.iter().map(|v| v * v).sum::<f64>() / total_sq).sqrt().min(1.0) } else { 1.0 };
     let relative_error = if total_sq > 0.0 { residual_sq(&a, &up, &down, total_sq).sqrt() / total_sq.sqrt() } else { 0.0 };
     let weights = to_weights(&up, &down, &diff.shape, key)?;
-    Ok((
-        weights,
-        Extraction {
-            rank: k,
-            fro_retained,
-            relative_error,
-            max_abs_difference,
-        },
-    ))
+    let extraction = Extraction {
+        rank: k,
+        fro_retained,
+        relative_error,
+        max_abs_difference,
+    };
+    Ok((weights, extraction, s))
 }
 
 /// `up [out, k]` and `down [k, cols]` as adapter weights of `shape`'s kind, `alpha = k`.

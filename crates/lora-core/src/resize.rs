@@ -15,6 +15,13 @@
 //! A DoRA adapter keeps its magnitude: its weight `m · (W + ΔW') / ‖W + ΔW'‖` then uses the
 //! low-rank `ΔW'` in the direction, which the norm renormalises.
 //!
+//! LyCORIS' full fine-tuning differences ([`crate::full`]) become LoRAs: their `diff` has
+//! no factors, so its leading singular values come from the randomized SVD of
+//! [`crate::extract`] (all of them in `up`, `alpha = k`, no clamping), and the share of the
+//! sum of all singular values is not known (`sum_retained` is NaN; `sv_cumulative` is
+//! refused for them). The bias's difference `diff_b` has no LoRA form: it is left out, and
+//! [`Resized::dropped_biases`] names every adapter whose `diff_b` was not zero.
+//!
 //! ```
 //! use lora_core::resize::{resize_adapter, RankRule};
 //! use lora_core::{HostTensor, LoraWeights};
@@ -143,7 +150,8 @@ pub struct Retained {
     /// `‖kept singular values‖₂ / ‖all‖₂`: the share of the update's Frobenius norm kept
     /// (1 for a zero update).
     pub fro_retained: f64,
-    /// The kept singular values' sum over the sum of all (1 for a zero update).
+    /// The kept singular values' sum over the sum of all (1 for a zero update; NaN for a
+    /// full fine-tuning difference, whose other singular values are not computed).
     pub sum_retained: f64,
     /// The largest kept singular value over the smallest kept one (1 for a zero update).
     pub max_ratio: f64,
@@ -157,6 +165,10 @@ pub struct Resized {
     pub set: AdapterSet,
     /// Per adapter, in key order.
     pub modules: BTreeMap<AdapterKey, Retained>,
+    /// The full fine-tuning differences that became LoRAs without their bias's difference
+    /// (`diff_b`, which no LoRA holds), each with its largest `|value|`; those whose `diff_b`
+    /// is zero or absent are not listed.
+    pub dropped_biases: BTreeMap<AdapterKey, f32>,
 }
 
 impl Resized {
@@ -168,6 +180,19 @@ impl Resized {
         }
         self.modules.values().map(|r| r.fro_retained).sum::<f64>() / self.modules.len() as f64
     }
+}
+
+/// Whether `w` is LyCORIS' full fine-tuning difference ([`crate::full`]), which resizing
+/// turns into a LoRA.
+fn is_full(w: &LoraWeights) -> bool {
+    w.lycoris.as_ref().is_some_and(|l| l.algo == crate::Algo::Full)
+}
+
+/// The largest `|value|` of a full fine-tuning difference's `diff_b`, where it is not zero.
+fn dropped_bias(w: &LoraWeights) -> Option<f32> {
+    let diff_b = w.lycoris.as_ref().filter(|l| l.algo == crate::Algo::Full)?.get(crate::full::DIFF_B)?;
+    let largest = diff_b.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+    (largest != 0.0).then_some(largest)
 }
 
 /// Whether `w` is LyCORIS' norm module ([`crate::norm`]), which resizing and cutting keep
@@ -208,15 +233,20 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
         out.insert(key.clone(), w.clone())?;
     }
     let mut modules = BTreeMap::new();
-    for ((key, _), result) in work.iter().zip(results) {
+    let mut dropped_biases = BTreeMap::new();
+    for ((key, w), result) in work.iter().zip(results) {
         let (resized, retained) = result?;
         out.insert((*key).clone(), resized)?;
         modules.insert((*key).clone(), retained);
+        if let Some(largest) = dropped_bias(w) {
+            dropped_biases.insert((*key).clone(), largest);
+        }
     }
     out.metadata = set.metadata.clone();
     out.kohya_names = set.kohya_names.clone();
     out.bundled_embeddings = set.bundled_embeddings.clone();
-    let old = set.iter().map(|(_, w)| w.rank()).max().unwrap_or(0);
+    // A full difference's rank is its largest possible one (its `min(out, cols)`).
+    let old = modules.values().map(|r| r.old_rank).max().unwrap_or(0);
     let comment = set.metadata.get("ss_training_comment").cloned().unwrap_or_default();
     let note = match settings.rule {
         RankRule::Fixed if settings.conv_rank != settings.rank => {
@@ -232,7 +262,7 @@ pub fn resize_set(set: &AdapterSet, settings: &ResizeSettings) -> Result<Resized
             _ => out.metadata.insert(key.into(), DYNAMIC.into()),
         };
     }
-    Ok(Resized { set: out, modules })
+    Ok(Resized { set: out, modules, dropped_biases })
 }
 
 /// Each adapter's first `rank` ranks (`conv_rank` for convolutions larger than 1x1) as a
@@ -359,7 +389,7 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
         }
         None => {
             let modules = combined.iter().map(|(key, w)| (key.clone(), Retained { old_rank: w.rank(), new_rank: w.rank(), fro_retained: 1.0, sum_retained: 1.0, max_ratio: 1.0 })).collect();
-            Ok(Resized { set: combined, modules })
+            Ok(Resized { set: combined, modules, dropped_biases: BTreeMap::new() })
         }
     }
 }
@@ -370,6 +400,9 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
 /// in errors.
 pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, key: &str) -> Result<(LoraWeights, Retained)> {
     weights.validate(key)?;
+    if is_full(weights) {
+        return resize_full(weights, max_rank, rule, key);
+    }
     if weights.stands_alone() {
         return Err(weights.no_plain_form(key, "resized (it has no ranks)"));
     }
@@ -417,6 +450,39 @@ pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, ke
         None => resized,
     };
     Ok((resized, retained(s, r, k)))
+}
+
+/// A full fine-tuning difference as a LoRA of rank `k ≤ max_rank` chosen by `rule`: the
+/// randomized SVD of its `diff` ([`crate::extract`], no clamping), all singular values in
+/// `up`, `alpha = k`. Its bias's difference is left out (see the [module docs](self)).
+fn resize_full(weights: &LoraWeights, max_rank: usize, rule: RankRule, key: &str) -> Result<(LoraWeights, Retained)> {
+    rule.validate()?;
+    if max_rank == 0 {
+        return Err(LoraError::InvalidConfig("the new rank must be at least 1".into()));
+    }
+    if let RankRule::SvCumulative(_) = rule {
+        return Err(LoraError::InvalidConfig(format!(
+            "`{key}` is a full fine-tuning difference (LyCORIS' algo=full): sv_cumulative needs all of its singular values, which are not computed; use sv_fro or sv_ratio"
+        )));
+    }
+    let l = weights.lycoris.as_ref().ok_or_else(|| LoraError::InvalidConfig(format!("`{key}` is not a full fine-tuning difference")))?;
+    let shape = crate::full::check_tensors(l, key)?;
+    let diff = &l.tensors[0].1;
+    let settings = crate::extract::ExtractSettings { rank: max_rank, conv_rank: max_rank, rule, clamp_quantile: None, ..crate::extract::ExtractSettings::new(max_rank) };
+    let (lora, extraction, s) = crate::extract::extract_with_values(diff, max_rank, &settings, key)?;
+    let cols = diff.data.len() / shape.out.max(1);
+    let max_ratio = match (s.first(), s.last()) {
+        (Some(&largest), Some(&smallest)) if smallest > 0.0 => largest / smallest,
+        _ => 1.0,
+    };
+    let retained = Retained {
+        old_rank: shape.out.min(cols),
+        new_rank: extraction.rank,
+        fro_retained: extraction.fro_retained,
+        sum_retained: f64::NAN,
+        max_ratio,
+    };
+    Ok((lora, retained))
 }
 
 /// The rank `rule` picks for the descending singular values `s`, within `[1, max_rank]`

@@ -237,8 +237,8 @@ fn rank_dropout_drops_the_bias_with_its_row() {
 
 /// A difference that fits neither the layer nor LyCORIS' shapes, `diff_b` without `diff`,
 /// mixed with another algorithm's tensors, a bias's difference for a layer without a bias:
-/// errors naming the module. Nor is a full adapter combined, resized or written as PEFT;
-/// the options it does not take are refused.
+/// errors naming the module. Nor is a full adapter combined or written as PEFT (resizing
+/// makes a LoRA of it, below); the options it does not take are refused.
 #[test]
 fn bad_tensors_and_options() {
     let f = Fixture::open(FILE);
@@ -273,7 +273,6 @@ fn bad_tensors_and_options() {
     let e = attach_adapters(&mut layer, &with_bias, 1.0, &Default::default()).unwrap_err().to_string();
     assert!(e.contains("diff_b") && e.contains("has none"), "{e}");
     let (key, w) = set.iter().next().unwrap();
-    assert!(lora_core::resize::resize_adapter(w, 1, lora_core::resize::RankRule::Fixed, "k").unwrap_err().to_string().contains("full"));
     assert!(set.to_bytes(AdapterFormat::Peft, SaveDtype::F32).unwrap_err().to_string().contains("full"));
     assert!(lora_core::LoraWeights::combine(&[(w, 0.5)], &key.to_string()).unwrap_err().to_string().contains("full"));
 
@@ -283,6 +282,62 @@ fn bad_tensors_and_options() {
     }
     for bad in [config.clone().with_dora(true), config.clone().with_use_tucker(true), config.clone().with_use_scalar(true), config.clone().with_rslora(true), config.clone().with_dropout(0.1)] {
         assert!(bad.validate().is_err(), "{bad:?}");
+    }
+}
+
+/// `resize` turns a full difference into a LoRA: at a rank that holds the whole
+/// difference, the LoRA's update is `diff`; at lower ranks the leading part, with what it
+/// keeps reported (the share of the singular values' sum unknown: NaN); the bias's
+/// difference is left out and reported; `sv_cumulative` is refused; written, the file is a
+/// plain LoRA (`networks.lora`, none of LyCORIS' arguments).
+#[test]
+fn resized_into_a_lora() {
+    use lora_core::resize::{resize_set, RankRule, ResizeSettings};
+    let f = Fixture::open(FILE);
+    let mut index = ModuleIndex::new();
+    index.add(Component::Unet, ["layer"]).unwrap();
+    let from_bytes = |bytes: &[u8]| AdapterSet::from_bytes(bytes, Path::new("f.safetensors"), &index, ReadOptions::default()).unwrap().0;
+    for name in CASES {
+        let diff = f.host(&format!("{name}.state.diff")).clone();
+        let diff_b = f.tensors.get(&format!("{name}.state.diff_b")).map(|_| f.host(&format!("{name}.state.diff_b")).clone());
+        let mut tensors = vec![("diff", &diff)];
+        tensors.extend(diff_b.iter().map(|b| ("diff_b", b)));
+        let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (format!("lora_unet_layer.{k}"), *t)).collect();
+        let mut set = from_bytes(&lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap());
+        set.metadata.insert("ss_network_module".into(), "lycoris.kohya".into());
+        set.metadata.insert("ss_network_args".into(), r#"{"algo": "full", "preset": "full"}"#.into());
+        let (out, cols) = (diff.shape[0], diff.data.len() / diff.shape[0]);
+        let whole = out.min(cols);
+        let settings = |rank, rule| ResizeSettings { rank, conv_rank: rank, rule };
+
+        let exact = resize_set(&set, &settings(whole, RankRule::Fixed)).unwrap();
+        let (key, lora) = exact.set.iter().next().unwrap();
+        assert!(!lora.stands_alone() && lora.rank() == whole, "{name}: a LoRA of rank {}", lora.rank());
+        let delta = lora.delta();
+        assert_eq!(delta.shape, diff.shape, "{name}");
+        let peak = diff.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = delta.data.iter().zip(&diff.data).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / peak;
+        assert!(err < 1e-5, "{name}: the LoRA's update against diff, relative error {err}");
+        let kept = exact.modules[key];
+        assert_eq!((kept.old_rank, kept.new_rank), (whole, whole), "{name}");
+        assert!(kept.fro_retained > 1.0 - 1e-9 && kept.sum_retained.is_nan(), "{name}: {kept:?}");
+        let bias = diff_b.as_ref().map(|b| b.data.iter().fold(0f32, |m, v| m.max(v.abs()))).filter(|m| *m != 0.0);
+        assert_eq!(exact.dropped_biases.get(key).copied(), bias, "{name}: the bias's difference is reported where it is not zero");
+
+        let one = resize_set(&set, &settings(1, RankRule::Fixed)).unwrap();
+        let kept = one.modules[key];
+        assert_eq!((kept.old_rank, kept.new_rank, one.set.get(key).unwrap().rank()), (whole, 1, 1), "{name}");
+        assert!(kept.fro_retained > 0.0 && kept.fro_retained < 1.0 && kept.max_ratio == 1.0, "{name}: {kept:?}");
+        let fro = resize_set(&set, &settings(whole, RankRule::SvFro(0.9))).unwrap();
+        assert!(fro.modules[key].fro_retained >= 0.9 - 1e-9 && fro.modules[key].new_rank <= whole, "{name}");
+        let e = resize_set(&set, &settings(2, RankRule::SvCumulative(0.9))).unwrap_err().to_string();
+        assert!(e.contains("sv_cumulative") && e.contains("full fine-tuning"), "{name}: {e}");
+
+        let written = from_bytes(&exact.set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap());
+        assert_eq!(written.metadata.get("ss_network_module").map(String::as_str), Some("networks.lora"), "{name}");
+        let args = written.metadata.get("ss_network_args").cloned().unwrap_or_default();
+        assert!(!args.contains("algo") && !args.contains("preset"), "{name}: {args}");
+        assert!(written.iter().all(|(_, w)| w.lycoris.is_none() && w.rank() == whole), "{name}");
     }
 }
 

@@ -471,7 +471,8 @@ enum Command {
     },
     /// Change the rank of a trained LoRA (kohya's resize_lora.py): each adapter keeps its
     /// update's largest singular values, at a fixed rank or, with --dynamic-method, at the
-    /// smallest rank that keeps a share of it.
+    /// smallest rank that keeps a share of it. A LyCORIS full fine-tuning file (algo=full)
+    /// becomes a LoRA this way too, without its bias differences (named in the output).
     Resize {
         /// Input LoRA (kohya or diffusers/PEFT layout).
         input: PathBuf,
@@ -1310,16 +1311,29 @@ fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora
     resized.set.save(output, format, dtype)?;
     if verbose {
         for (key, kept) in &resized.modules {
+            // A full fine-tuning difference's other singular values are not computed.
+            let sum = if kept.sum_retained.is_nan() { "   n/a ".to_string() } else { format!("{:>6.1}%", 100.0 * kept.sum_retained) };
             println!(
-                "{:75} | rank {:>3} -> {:>3} | sum(S) retained {:>6.1}%, fro retained {:>6.1}%, max(S) ratio {:.1}",
+                "{:75} | rank {:>3} -> {:>3} | sum(S) retained {sum}, fro retained {:>6.1}%, max(S) ratio {:.1}",
                 key.kohya_name(),
                 kept.old_rank,
                 kept.new_rank,
-                100.0 * kept.sum_retained,
                 100.0 * kept.fro_retained,
                 kept.max_ratio
             );
         }
+    }
+    if let Some((key, largest)) = resized.dropped_biases.iter().max_by(|a, b| a.1.total_cmp(b.1)) {
+        let n = resized.dropped_biases.len();
+        let mut names: Vec<String> = resized.dropped_biases.keys().take(5).map(|k| k.kohya_name()).collect();
+        if n > names.len() {
+            names.push(format!("and {} more", n - names.len()));
+        }
+        println!(
+            "note: {n} full fine-tuning module(s) became LoRAs without their bias differences, which no LoRA holds (largest |diff_b| {largest:.3e}, on {}): {}",
+            key.kohya_name(),
+            names.join(", ")
+        );
     }
     let ranks = |f: &dyn Fn(&lora_core::resize::Retained) -> usize| {
         let (lo, hi) = resized.modules.values().map(f).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));

@@ -741,3 +741,33 @@ fn unbundle_embeddings_writes_embedding_files() {
     let (ok, text) = trainer(&["unbundle-embeddings", plain.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(!ok && text.contains("bundles no embedding") && !text.contains("panicked"), "{text}");
 }
+
+/// `trainer resize` on a LyCORIS full fine-tuning file trained here: a LoRA of the asked
+/// rank, written as kohya's `networks.lora`, the layers whose bias differences it leaves out
+/// named in a note, and `--verbose` saying that the share of the singular values' sum is
+/// not known.
+#[test]
+fn resize_turns_a_full_fine_tuning_into_a_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = TrainConfig::default();
+    config.output.output_dir = dir.path().join("run");
+    config.train.max_train_steps = 2;
+    config.train.lr_warmup_steps = 0;
+    config.data.demo_images = 4;
+    config.output.sample_prompts.clear();
+    config.lora.algo = lora_core::Algo::Full;
+    config.lora.dropout = 0.0;
+    let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let input = report.lora.to_str().unwrap().to_string();
+    let (full, _) = load(&report.lora);
+    assert!(full.iter().all(|(_, w)| w.stands_alone()));
+
+    let out = dir.path().join("lora.safetensors");
+    let (ok, text) = trainer(&["resize", &input, out.to_str().unwrap(), "--rank", "2", "--verbose"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("n/a") && text.contains("full fine-tuning module(s) became LoRAs without their bias differences"), "{text}");
+    let (lora, format) = load(&out);
+    assert_eq!((format, lora.len()), (AdapterFormat::Kohya, full.len()));
+    assert!(lora.iter().all(|(_, w)| w.lycoris.is_none() && w.rank() <= 2), "plain LoRAs of rank 2 at most");
+    assert_eq!(lora.metadata.get("ss_network_module").map(String::as_str), Some("networks.lora"));
+}

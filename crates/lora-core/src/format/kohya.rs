@@ -152,8 +152,9 @@ fn network_metadata(set: &AdapterSet) -> HashMap<String, String> {
             }
         }
         None => {
-            // A LoHa / LoKr file's recorded arguments do not describe its plain-LoRA form.
-            if args.get("algo").and_then(|a| a.as_str()).is_some_and(|a| a == "loha" || a == "lokr") {
+            // A LoHa / LoKr file's recorded arguments do not describe its plain-LoRA form,
+            // nor a full fine-tuning's those of the LoRA resized from it.
+            if args.get("algo").and_then(|a| a.as_str()).is_some_and(|a| matches!(a, "loha" | "lokr" | "full")) {
                 for key in ["algo", "factor", "decompose_both", "full_matrix", "unbalanced_factorization", "use_tucker", "preset"] {
                     args.remove(key);
                 }
@@ -251,6 +252,11 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
         if set.metadata.get(key).map(String::as_str) == Some(crate::resize::DYNAMIC) {
             network.remove(key);
         }
+    }
+    // Network arguments that left nothing to record (a LoHa's, LoKr's or full fine-tuning's
+    // on the LoRA resized from it) are not kept from the input either.
+    if !network.contains_key("ss_network_args") {
+        metadata.remove("ss_network_args");
     }
     metadata.extend(network);
     metadata.insert("format".into(), "pt".into());
