@@ -16,6 +16,15 @@
 //! ([`crate::Algo::depends_on_base`]). LyCORIS' files hold `a1.weight`, `a2.weight`,
 //! `b1.weight`, `b2.weight` and `alpha` per module (a convolution's `a1`, `a2`, `b1` as
 //! 1x1 kernels, `b2` with the layer's kernel), its scalar folded into `a2` and `b2`.
+//!
+//! LyCORIS before 2.0 wrote the same update with the roles swapped: `a1 [r, in]`,
+//! `a2 [in, r]`, `b1 [r, in·k]`, `b2 [out, r]`, its update `W · a2 · a1 + b2 · b1`, which
+//! ComfyUI and A1111 still read. [`weights`] reads such a file as the current layout
+//! (`a1` ↔ `a2`, `b1` ↔ `b2`: the same update) where its shapes say so: they chain
+//! through the rank the old way and not the current one, or, on a square layer where
+//! both fit, the old way gives the smaller rank (ComfyUI tells them apart by the layer's
+//! width, which comes to the same). On a convolution with a kernel larger than 1x1 the old `W · a2` mixed the
+//! kernel positions too, which no reader applies: an error.
 
 use burn::prelude::Backend;
 use burn::tensor::Tensor;
@@ -95,7 +104,7 @@ pub fn check_tensors(l: &LycorisWeights, key: &str) -> Result<GloraShape> {
     let want = [("a1.weight", a1, [input, rank]), ("a2.weight", a2, [rank, input]), ("b1.weight", b1, [out, rank]), ("b2.weight", b2, [rank, input])];
     if let Some((name, t, w)) = want.iter().find(|(_, t, w)| t.shape[..2] != w[..]) {
         return Err(bad(format!(
-            "`{name}` is {:?}, [{}, {}] expected: GLoRA's `a1` is [in, r], `a2` [r, in], `b1` [out, r] and `b2` [r, in, …] (the file's `a1.weight` {:?} and `a2.weight` {:?} give in = {input}, r = {rank}; an older LyCORIS GLoRA layout is not read)",
+            "`{name}` is {:?}, [{}, {}] expected: GLoRA's `a1` is [in, r], `a2` [r, in], `b1` [out, r] and `b2` [r, in, …] (the file's `a1.weight` {:?} and `a2.weight` {:?} give in = {input}, r = {rank}; LyCORIS' layout before 2.0 reads where all four fit it)",
             t.shape, w[0], w[1], a1.shape, a2.shape
         )));
     }
@@ -118,9 +127,20 @@ pub fn check_tensors(l: &LycorisWeights, key: &str) -> Result<GloraShape> {
 /// assert!(glora::weights(vec![t(vec![6, 2]), t(vec![3, 6]), t(vec![8, 2]), t(vec![2, 6])], None, "k").is_err());
 /// # Ok::<(), lora_core::LoraError>(())
 /// ```
-pub fn weights(tensors: Vec<HostTensor>, alpha: Option<f32>, key: &str) -> Result<LoraWeights> {
+pub fn weights(mut tensors: Vec<HostTensor>, alpha: Option<f32>, key: &str) -> Result<LoraWeights> {
     if tensors.len() != NAMES.len() {
         return Err(LoraError::ShapeMismatch { key: key.into(), reason: format!("a GLoRA has 4 tensors ({NAMES:?}), got {}", tensors.len()) });
+    }
+    if old_layout(&tensors) {
+        if tensors[2].shape.len() == 4 && tensors[2].shape[2..] != [1, 1] {
+            return Err(LoraError::Unsupported(format!(
+                "`{key}` is a GLoRA in LyCORIS' layout before 2.0 (`a1.weight` {:?}, `b1.weight` {:?}) on a convolution with a {}x{} kernel, whose update no reader applies; retrain it with a current LyCORIS",
+                tensors[0].shape, tensors[2].shape, tensors[2].shape[2], tensors[2].shape[3]
+            )));
+        }
+        // The same update in the current layout.
+        tensors.swap(0, 1);
+        tensors.swap(2, 3);
     }
     let rank = tensors[1].shape.first().copied().unwrap_or(0);
     let tensors = NAMES.iter().map(|n| n.to_string()).zip(tensors).collect();
@@ -134,6 +154,19 @@ pub fn weights(tensors: Vec<HostTensor>, alpha: Option<f32>, key: &str) -> Resul
         None => (vec![0, shape.input], vec![shape.out, 0]),
     };
     LoraWeights::base_relative(down, up, lycoris, key)
+}
+
+/// Whether `[a1, a2, b1, b2]` are in LyCORIS' layout before 2.0 (see the
+/// [module docs](self)), as ComfyUI tells it: their shapes chain through one rank as
+/// `a1 [r, in]`, `a2 [in, r]`, `b1 [r, …]`, `b2 [out, r]`, and not as a current GLoRA's
+/// (`a1 [in, r]`, …) unless that reading's rank is the larger: a square layer fits both,
+/// `a1 [p, q]` being rank `p` of width `q` the old way and rank `q` of width `p` now.
+fn old_layout(t: &[HostTensor]) -> bool {
+    let dims = |i: usize| t[i].shape.get(..2).map(|d| (d[0], d[1]));
+    let (Some(a1), Some(a2), Some(b1), Some(b2)) = (dims(0), dims(1), dims(2), dims(3)) else { return false };
+    let old = a1.0 == a2.1 && a2.1 == b1.0 && b1.0 == b2.1;
+    let current = a1.1 == a2.0 && a2.0 == b1.1 && b1.1 == b2.0;
+    old && (!current || a1.0 < a1.1)
 }
 
 /// Checks a GLoRA's [`LoraWeights`] (see [`weights`]); `key` names it in errors.

@@ -208,6 +208,52 @@ fn lycoris_files_read_with_an_integer_alpha() {
     }
 }
 
+/// A file in LyCORIS' layout before 2.0 (`a1 [r, in]`, `a2 [in, r]`, `b1 [r, in·k]`,
+/// `b2 [out, r]`, the update `W · a2 · a1 + b2 · b1`, as ComfyUI and A1111 read it) reads as
+/// the same update: LyCORIS' output. On a square layer, where the shapes fit both layouts,
+/// the one with the smaller rank is taken; on a 3x3 convolution the old layout is an error.
+#[test]
+fn files_in_the_layout_before_2_0_read_as_the_same_update() {
+    let f = Fixture::open(FILE);
+    let mut index = ModuleIndex::new();
+    index.add(Component::Unet, ["layer"]).unwrap();
+    let read = |tensors: &[(&str, &HostTensor)]| {
+        let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (format!("lora_unet_layer.{k}"), *t)).collect();
+        let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap();
+        AdapterSet::from_bytes(&bytes, Path::new("old.safetensors"), &index, ReadOptions::default()).map(|(set, _)| set)
+    };
+    for name in ["lin", "conv1x1", "conv"] {
+        let case: Case = f.case(name);
+        let t = |k: &str| f.host(&format!("{name}.state.{k}")).clone();
+        let (a1, a2, b1, b2, alpha) = (t("a1.weight"), t("a2.weight"), t("b1.weight"), t("b2.weight"), t("alpha"));
+        // The old names for the same tensors: a1 ↔ a2, b1 ↔ b2.
+        let old = [("a1.weight", &a2), ("a2.weight", &a1), ("b1.weight", &b2), ("b2.weight", &b1), ("alpha", &alpha)];
+        if name == "conv" {
+            let e = read(&old).unwrap_err().to_string();
+            assert!(e.contains("before 2.0") && e.contains("3x3") && e.contains("layer"), "{e}");
+            continue;
+        }
+        let set = read(&old).unwrap();
+        let (_, w) = set.iter().next().unwrap();
+        let l = w.lycoris.as_ref().unwrap();
+        assert_eq!(l.get("a1.weight").unwrap().shape, a1.shape, "{name}: held in the current layout");
+        let mut layer = One(base_layer(&f, name));
+        attach_adapters(&mut layer, &set, case.multiplier, &Default::default()).unwrap();
+        let y = layer.0.forward(&f, name).inner();
+        let err = rel(y.clone(), flat(&f, &format!("{name}.y"), y.dims()));
+        assert!(err < 2e-5, "{name}: output, relative error {err}");
+    }
+    // A square layer (width 4, rank 2) fits both layouts: the smaller rank decides.
+    let m = |shape: [usize; 2]| HostTensor::new(shape.to_vec(), vec![0.1; shape[0] * shape[1]]).unwrap();
+    let (wide, tall) = (m([2, 4]), m([4, 2]));
+    let old = read(&[("a1.weight", &wide), ("a2.weight", &tall), ("b1.weight", &wide), ("b2.weight", &tall)]).unwrap();
+    let current = read(&[("a1.weight", &tall), ("a2.weight", &wide), ("b1.weight", &tall), ("b2.weight", &wide)]).unwrap();
+    for set in [old, current] {
+        let (_, w) = set.iter().next().unwrap();
+        assert_eq!(w.lycoris.as_ref().unwrap().get("a1.weight").unwrap().shape, [4, 2], "rank 2 of width 4");
+    }
+}
+
 /// Tensors that are not a GLoRA's, or do not fit each other or the layer, are errors
 /// naming the module; so are the options LyCORIS' GLoRA does not take.
 #[test]

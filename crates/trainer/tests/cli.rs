@@ -21,6 +21,17 @@ fn tiny_index() -> lora_core::ModuleIndex {
     sd_model::lora::module_index(&mut unet, None).unwrap()
 }
 
+/// A short run on the built-in demo (4 images, no samples) writing into `dir/run`.
+fn quick_config(dir: &Path, steps: usize) -> TrainConfig {
+    let mut config = TrainConfig::default();
+    config.output.output_dir = dir.join("run");
+    config.train.max_train_steps = steps;
+    config.train.lr_warmup_steps = 0;
+    config.data.demo_images = 4;
+    config.output.sample_prompts.clear();
+    config
+}
+
 fn load(path: &Path) -> (AdapterSet, AdapterFormat) {
     let (set, report) = AdapterSet::load(path, &tiny_index(), ReadOptions::default()).unwrap();
     (set, report.format)
@@ -714,11 +725,7 @@ fn generate_with_embeddings() {
 #[test]
 fn unbundle_embeddings_writes_embedding_files() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = TrainConfig::default();
-    config.output.output_dir = dir.path().join("run");
-    config.train.max_train_steps = 1;
-    config.data.demo_images = 4;
-    config.output.sample_prompts.clear();
+    let mut config = quick_config(dir.path(), 1);
     config.lora.unet_targets = sd_model::targets::UnetTargets::Attn;
     config.embedding.token = "demostyle".into();
     config.embedding.vectors = 2;
@@ -749,12 +756,7 @@ fn unbundle_embeddings_writes_embedding_files() {
 #[test]
 fn resize_turns_a_full_fine_tuning_into_a_lora() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = TrainConfig::default();
-    config.output.output_dir = dir.path().join("run");
-    config.train.max_train_steps = 2;
-    config.train.lr_warmup_steps = 0;
-    config.data.demo_images = 4;
-    config.output.sample_prompts.clear();
+    let mut config = quick_config(dir.path(), 2);
     config.lora.algo = lora_core::Algo::Full;
     config.lora.dropout = 0.0;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();

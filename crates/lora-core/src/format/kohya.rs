@@ -253,9 +253,11 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
             network.remove(key);
         }
     }
-    // Network arguments that left nothing to record (a LoHa's, LoKr's or full fine-tuning's
-    // on the LoRA resized from it) are not kept from the input either.
-    if !network.contains_key("ss_network_args") {
+    // Recorded network arguments that left nothing to record (a LoHa's, LoKr's or full
+    // fine-tuning's on the LoRA resized from it) are not kept from the input either; ones
+    // this writer cannot read stay as they were.
+    let read = set.metadata.get("ss_network_args").is_some_and(|s| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(s).is_ok());
+    if read && !network.contains_key("ss_network_args") {
         metadata.remove("ss_network_args");
     }
     metadata.extend(network);
