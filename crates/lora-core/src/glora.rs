@@ -1,5 +1,5 @@
 //! LyCORIS' GLoRA (`algo=glora`, generalized LoRA, Chavan et al. 2023, as LyCORIS'
-//! `GLoRAModule` trains it and ComfyUI / A1111 apply it).
+//! `GLoRAModule` trains it and ComfyUI applies it; A1111 applies only its layout before 2.0).
 //!
 //! A layer with weight `W [out, in·kh·kw]` becomes `W + s · (W ⊗ A + B)` with
 //!
