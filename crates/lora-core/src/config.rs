@@ -138,7 +138,8 @@ impl Algo {
     /// the bias's ([`Algo::Full`], which a LoRA cannot hold), or a norm layer's
     /// ([`Algo::Norm`]). Such an adapter is merged into
     /// its own layer, never combined with other files' adapters on that layer, resized or
-    /// written in the diffusers / PEFT layout.
+    /// written in the diffusers / PEFT layout (a full difference resizes into a LoRA without
+    /// its bias's, [`crate::resize`]).
     ///
     /// ```
     /// use lora_core::Algo;

@@ -10,7 +10,8 @@
 //! `b + m · diff_b` (ComfyUI, A1111), as the layers here do. There is no rank and no alpha
 //! (LyCORIS writes none). A bias's update is not a weight's, so a full adapter has no
 //! plain-LoRA form ([`crate::Algo::stands_alone`]): it is merged into its own layer, never
-//! combined with another file's adapter on that layer, resized or written as PEFT.
+//! combined with another file's adapter on that layer or written as PEFT; resizing
+//! ([`crate::resize`]) turns it into a LoRA of the weight's update alone.
 //!
 //! One difference in training: an optimizer's weight decay acts on the trained tensors,
 //! so here it pulls `ΔW` toward zero (the layer toward its base weight), where LyCORIS'

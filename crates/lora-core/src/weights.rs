@@ -202,7 +202,8 @@ impl LoraWeights {
     /// whose update depends on the base weight, or LyCORIS' full fine-tuning (a bias's
     /// update beside the weight's). Its tensors are in [`lycoris`](Self::lycoris),
     /// `down` / `up` are empty (rank 0), and it can be merged into its layer but not
-    /// combined, converted to PEFT, resized or taken as a [`delta`](Self::delta).
+    /// combined, converted to PEFT, resized (a full one resizes into a LoRA without its
+    /// bias's update, [`crate::resize`]) or taken as a [`delta`](Self::delta).
     pub fn stands_alone(&self) -> bool {
         self.lycoris.as_ref().is_some_and(|l| l.algo.stands_alone())
     }
