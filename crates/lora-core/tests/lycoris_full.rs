@@ -242,13 +242,7 @@ fn rank_dropout_drops_the_bias_with_its_row() {
 #[test]
 fn bad_tensors_and_options() {
     let f = Fixture::open(FILE);
-    let mut index = ModuleIndex::new();
-    index.add(Component::Unet, ["layer"]).unwrap();
-    let read = |tensors: &[(&str, &HostTensor)]| {
-        let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (format!("lora_unet_layer.{k}"), *t)).collect();
-        let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap();
-        AdapterSet::from_bytes(&bytes, Path::new("f.safetensors"), &index, ReadOptions::default()).map(|(set, _)| set)
-    };
+    let read = common::read_module;
     let (diff, diff_b) = (f.host("lin.state.diff").clone(), f.host("lin.state.diff_b").clone());
     let flat_diff = HostTensor::new(vec![48], diff.data.clone()).unwrap();
     let short_b = HostTensor::new(vec![6], vec![0.1; 6]).unwrap();

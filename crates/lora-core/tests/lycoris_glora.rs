@@ -215,13 +215,7 @@ fn lycoris_files_read_with_an_integer_alpha() {
 #[test]
 fn files_in_the_layout_before_2_0_read_as_the_same_update() {
     let f = Fixture::open(FILE);
-    let mut index = ModuleIndex::new();
-    index.add(Component::Unet, ["layer"]).unwrap();
-    let read = |tensors: &[(&str, &HostTensor)]| {
-        let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (format!("lora_unet_layer.{k}"), *t)).collect();
-        let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap();
-        AdapterSet::from_bytes(&bytes, Path::new("old.safetensors"), &index, ReadOptions::default()).map(|(set, _)| set)
-    };
+    let read = common::read_module;
     for name in ["lin", "conv1x1", "conv"] {
         let case: Case = f.case(name);
         let t = |k: &str| f.host(&format!("{name}.state.{k}")).clone();
@@ -259,15 +253,9 @@ fn files_in_the_layout_before_2_0_read_as_the_same_update() {
 #[test]
 fn bad_tensors_and_options() {
     let f = Fixture::open(FILE);
-    let mut index = ModuleIndex::new();
-    index.add(Component::Unet, ["layer"]).unwrap();
     let t = |k: &str| f.host(&format!("lin.state.{k}")).clone();
     let (a1, a2, b1, b2) = (t("a1.weight"), t("a2.weight"), t("b1.weight"), t("b2.weight"));
-    let read = |tensors: &[(&str, &HostTensor)]| {
-        let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (format!("lora_unet_layer.{k}"), *t)).collect();
-        let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap();
-        AdapterSet::from_bytes(&bytes, Path::new("g.safetensors"), &index, ReadOptions::default()).map(|(set, _)| set)
-    };
+    let read = common::read_module;
     assert!(read(&[("a1.weight", &a1), ("a2.weight", &a2), ("b1.weight", &b1), ("b2.weight", &b2)]).is_ok());
     let wide = HostTensor::new(vec![3, 6], vec![0.1; 18]).unwrap();
     let conv = HostTensor::new(vec![2, 6, 3, 3], vec![0.1; 108]).unwrap();

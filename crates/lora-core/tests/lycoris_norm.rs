@@ -350,11 +350,7 @@ fn bad_tensors_and_layers() {
     let f = Fixture::open(FILE);
     let mut index = ModuleIndex::new();
     index.add(Component::Unet, ["layer"]).unwrap();
-    let read = |tensors: &[(&str, &HostTensor)]| {
-        let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (format!("lora_unet_layer.{k}"), *t)).collect();
-        let bytes = lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap();
-        AdapterSet::from_bytes(&bytes, Path::new("f.safetensors"), &index, ReadOptions::default()).map(|(set, _)| set)
-    };
+    let read = common::read_module;
     let (w, b) = (f.host("group.w_norm").clone(), f.host("group.b_norm").clone());
     let square = HostTensor::new(vec![2, 3], w.data.clone()).unwrap();
     let short = HostTensor::new(vec![4], vec![0.1; 4]).unwrap();

@@ -154,6 +154,16 @@ impl Fixture {
     }
 }
 
+/// The file of one UNet module `layer` holding `tensors` (`(name, tensor)`, e.g. LyCORIS'
+/// `diff`), read back as a reader would: the adapters, or the reader's error.
+pub fn read_module(tensors: &[(&str, &HostTensor)]) -> lora_core::Result<lora_core::AdapterSet> {
+    let mut index = lora_core::ModuleIndex::new();
+    index.add(lora_core::Component::Unet, ["layer"]).unwrap();
+    let refs: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, t)| (format!("lora_unet_layer.{k}"), *t)).collect();
+    let bytes = lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, Default::default()).unwrap();
+    lora_core::AdapterSet::from_bytes(&bytes, std::path::Path::new("module.safetensors"), &index, Default::default()).map(|(set, _)| set)
+}
+
 /// The adapters of `model` (one site, `layer`) written in the kohya layout, checked to be
 /// the tensors `lora_unet_layer.<n>` of `names` in the shapes the fixture's case has
 /// (`<case>.<n>`), and an alpha: the bytes and the metadata.
