@@ -456,10 +456,7 @@ pub fn resize_adapter(weights: &LoraWeights, max_rank: usize, rule: RankRule, ke
 /// randomized SVD of its `diff` ([`crate::extract`], no clamping), all singular values in
 /// `up`, `alpha = k`. Its bias's difference is left out (see the [module docs](self)).
 fn resize_full(weights: &LoraWeights, max_rank: usize, rule: RankRule, key: &str) -> Result<(LoraWeights, Retained)> {
-    rule.validate()?;
-    if max_rank == 0 {
-        return Err(LoraError::InvalidConfig("the new rank must be at least 1".into()));
-    }
+    // The extraction checks the rule and the rank; this says why sv_cumulative cannot apply.
     if let RankRule::SvCumulative(_) = rule {
         return Err(LoraError::InvalidConfig(format!(
             "`{key}` is a full fine-tuning difference (LyCORIS' algo=full): sv_cumulative needs all of its singular values, which are not computed; use sv_fro or sv_ratio"
@@ -468,7 +465,7 @@ fn resize_full(weights: &LoraWeights, max_rank: usize, rule: RankRule, key: &str
     let l = weights.lycoris.as_ref().ok_or_else(|| LoraError::InvalidConfig(format!("`{key}` is not a full fine-tuning difference")))?;
     let shape = crate::full::check_tensors(l, key)?;
     let diff = &l.tensors[0].1;
-    let settings = crate::extract::ExtractSettings { rank: max_rank, conv_rank: max_rank, rule, clamp_quantile: None, ..crate::extract::ExtractSettings::new(max_rank) };
+    let settings = crate::extract::ExtractSettings { rule, clamp_quantile: None, ..crate::extract::ExtractSettings::new(max_rank) };
     let (lora, extraction, s) = crate::extract::extract_with_values(diff, max_rank, &settings, key)?;
     let cols = diff.data.len() / shape.out.max(1);
     let max_ratio = match (s.first(), s.last()) {
