@@ -455,7 +455,7 @@ impl<B: Backend> LoraConv2d<B> {
     /// Wraps a convolution and freezes its parameters.
     pub fn new(base: Conv2d<B>) -> Self {
         Self {
-            base: base.no_grad(),
+            base: crate::frozen::freeze(base),
             adapter: None,
             lycoris: None,
             multiplier: 1.0,

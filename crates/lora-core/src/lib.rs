@@ -55,6 +55,7 @@ pub mod dylora;
 mod error;
 pub mod extract;
 mod format;
+pub mod frozen;
 pub mod full;
 pub mod glora;
 pub mod ia3;

@@ -408,7 +408,7 @@ impl<B: Backend> LoraLinear<B> {
     /// Wraps a linear layer and freezes its parameters.
     pub fn new(base: Linear<B>) -> Self {
         Self {
-            base: base.no_grad(),
+            base: crate::frozen::freeze(base),
             adapter: None,
             lycoris: None,
             multiplier: 1.0,

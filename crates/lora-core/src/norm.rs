@@ -173,7 +173,7 @@ pub type LoraLayerNorm<B> = LoraNorm<B, LayerNorm<B>>;
 impl<B: Backend, N: NormBase<B>> LoraNorm<B, N> {
     /// Wraps a norm layer and freezes its parameters.
     pub fn new(base: N) -> Self {
-        Self { base: base.no_grad(), lycoris: None, multiplier: 1.0, merged: false }
+        Self { base: crate::frozen::freeze(base), lycoris: None, multiplier: 1.0, merged: false }
     }
 
     /// The norm's channels (`γ`'s or `β`'s length; 0 for a norm with neither).

@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use burn::module::ParamId;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
+use lora_core::frozen::build_for_loading;
 use burn_store::{ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot, TensorSnapshotError};
 use safetensors::tensor::{Dtype, TensorInfo};
 
@@ -219,13 +220,43 @@ impl WeightFile {
 }
 
 /// The row-major `[rows, cols]` matrix of `elem`-byte values in `bytes`, transposed.
+///
+/// Every linear weight of a checkpoint passes through here (PyTorch stores `[out, in]`,
+/// burn `[in, out]`), so the common widths get a copy of a known size per value (a call
+/// to `memcpy` per 2-byte value made this most of a load's time) in square tiles, so that
+/// both the rows read and the rows written stay in cache.
 fn transpose_bytes(bytes: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> {
+    match elem {
+        2 => transpose_tiled::<2>(bytes, rows, cols),
+        4 => transpose_tiled::<4>(bytes, rows, cols),
+        8 => transpose_tiled::<8>(bytes, rows, cols),
+        _ => {
+            let mut out = vec![0u8; bytes.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    let from = (r * cols + c) * elem;
+                    let to = (c * rows + r) * elem;
+                    out[to..to + elem].copy_from_slice(&bytes[from..from + elem]);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// [`transpose_bytes`] for `N`-byte values.
+fn transpose_tiled<const N: usize>(bytes: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    const TILE: usize = 32;
     let mut out = vec![0u8; bytes.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            let from = (r * cols + c) * elem;
-            let to = (c * rows + r) * elem;
-            out[to..to + elem].copy_from_slice(&bytes[from..from + elem]);
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let row = &bytes[r * cols * N..(r + 1) * cols * N];
+                for c in c0..(c0 + TILE).min(cols) {
+                    let to = (c * rows + r) * N;
+                    out[to..to + N].copy_from_slice(&row[c * N..c * N + N]);
+                }
+            }
         }
     }
     out
@@ -240,7 +271,7 @@ struct LoadAdapter {
 
 impl ModuleAdapter for LoadAdapter {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        let adapted = PyTorchToBurnAdapter.adapt(snapshot);
+        let adapted = if is_linear_weight(snapshot) { transposed(snapshot) } else { PyTorchToBurnAdapter.adapt(snapshot) };
         if adapted.dtype == self.dtype {
             return adapted;
         }
@@ -261,6 +292,84 @@ impl ModuleAdapter for LoadAdapter {
     }
 }
 
+/// Whether `snapshot` is a linear layer's weight, which PyTorch stores `[out, in]` and burn
+/// `[in, out]` (the one transposition `PyTorchToBurnAdapter` makes).
+fn is_linear_weight(snapshot: &TensorSnapshot) -> bool {
+    snapshot.shape.len() == 2
+        && snapshot.module_type().as_deref() == Some("Struct:Linear")
+        && snapshot.path_stack.as_ref().and_then(|p| p.last()).map(String::as_str) == Some("weight")
+}
+
+/// `snapshot` transposed when read, with [`transpose_bytes`]: burn-store's own
+/// transposition copies one value at a time through `memcpy`, most of a load's time.
+fn transposed(snapshot: &TensorSnapshot) -> TensorSnapshot {
+    let read = snapshot.clone_data_fn();
+    let (rows, cols) = (snapshot.shape[0], snapshot.shape[1]);
+    TensorSnapshot::from_closure(
+        Rc::new(move || {
+            let data = read()?;
+            let elem = data.dtype.size();
+            let bytes = transpose_bytes(data.as_bytes(), rows, cols, elem);
+            Ok(TensorData::from_bytes_vec(bytes, vec![cols, rows], data.dtype))
+        }),
+        snapshot.dtype,
+        vec![cols, rows].into(),
+        snapshot.path_stack.clone().unwrap_or_default(),
+        snapshot.container_stack.clone().unwrap_or_default(),
+        snapshot.tensor_id.unwrap_or_default(),
+    )
+}
+
+/// Every parameter's path (burn-store's, enum variants left out), the type of the module
+/// that holds it and its shape, read without initializing it.
+///
+/// burn-store's `collect` would take each value (`Param::val`), and a model built to be
+/// loaded still holds lazily drawn random weights: collecting would draw all of them
+/// (a second or more per 100 M parameters on a CPU, device memory on a GPU) only for the
+/// file's values to replace them.
+#[derive(Default)]
+struct ParamLayout {
+    path: Vec<String>,
+    containers: Vec<String>,
+    params: Vec<(String, Option<String>, Vec<usize>)>,
+}
+
+impl ParamLayout {
+    fn push(&mut self, shape: burn::tensor::Shape) {
+        // As burn-store's `TensorSnapshot::module_type`: the innermost struct or enum.
+        let module_type = self.containers.iter().rev().find(|c| c.starts_with("Struct:") || c.starts_with("Enum:")).cloned();
+        self.params.push((self.path.join("."), module_type, shape.to_vec()));
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamLayout {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.containers.push(container_type.to_string());
+        if !container_type.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
+    }
+
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        self.containers.pop();
+        if !container_type.starts_with("Enum:") {
+            self.path.pop();
+        }
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.push(param.lazy_shape());
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<B, D, Int>>) {
+        self.push(param.lazy_shape());
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
+        self.push(param.lazy_shape());
+    }
+}
+
 /// One parameter of the model: its burn path and its shape in PyTorch layout.
 pub(crate) struct Expected {
     pub(crate) burn_path: String,
@@ -272,17 +381,18 @@ pub(crate) struct Expected {
 /// Adapter-site wrappers hold their layer in a field named `base`, which checkpoints do not
 /// have; norms call their parameters `gamma`/`beta` where PyTorch says `weight`/`bias`;
 /// linear weights are stored transposed. Attached adapters are not checkpoint weights.
-pub(crate) fn expected_params<B: Backend, M: ModuleSnapshot<B>>(module: &M) -> BTreeMap<String, Expected> {
-    module
-        .collect(None, None, true)
+pub(crate) fn expected_params<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Expected> {
+    let mut layout = ParamLayout::default();
+    module.visit(&mut layout);
+    layout
+        .params
         .into_iter()
-        .filter_map(|s| {
-            let burn_path = s.full_path();
+        .filter_map(|(burn_path, module_type, shape)| {
             let segments: Vec<&str> = burn_path.split('.').collect();
             if segments.contains(&"adapter") {
                 return None;
             }
-            let module_type = s.module_type().unwrap_or_default();
+            let module_type = module_type.unwrap_or_default();
             let is_norm = matches!(module_type.as_str(), "Struct:LayerNorm" | "Struct:GroupNorm");
             let last = segments.len() - 1;
             let file_key: Vec<&str> = segments
@@ -295,7 +405,7 @@ pub(crate) fn expected_params<B: Backend, M: ModuleSnapshot<B>>(module: &M) -> B
                     _ => seg,
                 })
                 .collect();
-            let mut file_shape = s.shape.to_vec();
+            let mut file_shape = shape;
             if module_type == "Struct:Linear" && segments[last] == "weight" && file_shape.len() == 2 {
                 file_shape.reverse();
             }
@@ -572,7 +682,7 @@ impl ModelSource {
     /// Builds the UNet from its config and loads its weights.
     pub fn load_unet<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<UNet2DConditionModel<B>> {
         let config = self.unet_config()?;
-        let mut model = UNet2DConditionModel::new(&config, device)?;
+        let mut model = build_for_loading(|| UNet2DConditionModel::new(&config, device))?;
         match self {
             Self::Diffusers(dir) => {
                 let file = WeightFile::open(Self::component_file(dir, "unet", "diffusion_pytorch_model", options)?)?;
@@ -586,7 +696,7 @@ impl ModelSource {
     /// Builds the text encoder from its config and loads its weights.
     pub fn load_text_encoder<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<ClipTextModel<B>> {
         let config = self.text_encoder_config()?;
-        let mut model = ClipTextModel::new(&config, device)?.with_component(lora_core::Component::TextEncoder);
+        let mut model = build_for_loading(|| ClipTextModel::new(&config, device))?.with_component(lora_core::Component::TextEncoder);
         match self {
             Self::Diffusers(dir) => {
                 let file = WeightFile::open(Self::component_file(dir, "text_encoder", "model", options)?)?;
@@ -605,7 +715,7 @@ impl ModelSource {
         let Some(config) = self.text_encoder_2_config()? else {
             return Ok(None);
         };
-        let mut model = ClipTextModel::new(&config, device)?.with_component(lora_core::Component::TextEncoder2);
+        let mut model = build_for_loading(|| ClipTextModel::new(&config, device))?.with_component(lora_core::Component::TextEncoder2);
         match self {
             Self::Diffusers(dir) => {
                 let file = WeightFile::open(Self::component_file(dir, "text_encoder_2", "model", options)?)?;
@@ -619,7 +729,7 @@ impl ModelSource {
     /// Builds the VAE from its config and loads its weights.
     pub fn load_vae<B: Backend>(&self, device: &B::Device, options: &LoadOptions) -> Result<AutoencoderKl<B>> {
         let config = self.vae_config()?;
-        let mut model = AutoencoderKl::new(&config, device)?;
+        let mut model = build_for_loading(|| AutoencoderKl::new(&config, device))?;
         match self {
             Self::Diffusers(dir) => {
                 let file = WeightFile::open(Self::component_file(dir, "vae", "diffusion_pytorch_model", options)?)?;
@@ -1119,4 +1229,31 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
     };
     config.validate(&file.path.display().to_string())?;
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose_bytes;
+
+    /// Every value width and shapes that are and are not multiples of the tile size give
+    /// the plain element-by-element transposition.
+    #[test]
+    fn transpose_bytes_matches_the_plain_transposition() {
+        for elem in [1, 2, 3, 4, 8] {
+            for (rows, cols) in [(1, 1), (1, 7), (5, 1), (33, 70), (64, 32), (3, 100)] {
+                let bytes: Vec<u8> = (0..rows * cols * elem).map(|i| (i * 31 % 251) as u8).collect();
+                let got = transpose_bytes(&bytes, rows, cols, elem);
+                let mut want = vec![0u8; bytes.len()];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        for b in 0..elem {
+                            want[(c * rows + r) * elem + b] = bytes[(r * cols + c) * elem + b];
+                        }
+                    }
+                }
+                assert_eq!(got, want, "{elem}-byte values, {rows} x {cols}");
+                assert_eq!(transpose_bytes(&got, cols, rows, elem), bytes, "transposing back");
+            }
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //!   TensorBoard's newer data server ignores the START event but drops a series' later
 //!   steps when a step comes again, to the same effect.
 //!
-//! The bytes match TensorBoard's own writer (`tests/tensorboard.rs` compares them with a
+//! The bytes match TensorBoard's own writer (`tests/integration/tensorboard.rs` compares them with a
 //! file written by the `tensorboard` Python package, `xtask/fixtures/trainer_tensorboard.py`).
 //!
 //! ```

@@ -1,0 +1,60 @@
+//! The device check on the tiny UNet, CPU against CPU (the CUDA side needs a GPU).
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::Module;
+use sd_model::{UNet2DConditionModel, UnetConfig};
+use trainer::device_check::{copy_parameters, run, unet_config_by_name, DeviceCheckOptions, Precision};
+
+use crate::common::seeded;
+
+#[test]
+fn cpu_against_checkpointed_cpu_passes() {
+    let _rng = seeded();
+    let mut opts = DeviceCheckOptions::new(UnetConfig::tiny(), 2, 64);
+    opts.grad_checkpointing = true;
+    let report = run::<Autodiff<Flex>, Autodiff<Flex>>(&opts, &Default::default(), &Default::default()).unwrap();
+    assert!(report.pass, "{report:?}");
+    assert_eq!(report.check, "device-check");
+    assert!(report.adapter.ends_with("attn1.to_q"), "{}", report.adapter);
+    // Same arithmetic on both sides: the errors are at rounding level or zero.
+    for e in [report.output, report.grad_up, report.grad_down] {
+        assert!(e.finite && e.rel_l2 < 1e-5 && e.max_abs_ref > 0.0, "{e:?}");
+    }
+    assert_eq!(report.output.len, 2 * 4 * 8 * 8);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["precision"], "f32");
+    assert_eq!(json["grad_checkpointing"], true);
+    assert!(json["grad_down"]["rel_l2"].is_number());
+}
+
+#[test]
+fn a_zero_tolerance_and_bad_options_fail() {
+    let _rng = seeded();
+    // bf16 frozen weights against the f32 reference: a real error, so a zero tolerance fails.
+    let mut opts = DeviceCheckOptions::new(UnetConfig::tiny(), 1, 32);
+    opts.precision = Precision::Bf16;
+    opts.tolerance = Some(0.0);
+    let report = run::<Autodiff<Flex>, Autodiff<Flex>>(&opts, &Default::default(), &Default::default()).unwrap();
+    assert!(!report.pass && report.output.rel_l2 > 0.0, "{report:?}");
+    assert!(report.output.rel_l2 < Precision::Bf16.tolerance(), "{report:?}");
+
+    let mut bad = DeviceCheckOptions::new(UnetConfig::tiny(), 1, 60);
+    assert!(run::<Autodiff<Flex>, Autodiff<Flex>>(&bad, &Default::default(), &Default::default()).is_err());
+    bad.resolution = 64;
+    bad.adapter = Some("no.such.layer".into());
+    assert!(run::<Autodiff<Flex>, Autodiff<Flex>>(&bad, &Default::default(), &Default::default()).is_err());
+    assert!(unet_config_by_name("/no/such/config.json").is_err());
+}
+
+#[test]
+fn copy_parameters_checks_the_architecture() {
+    let device = Default::default();
+    let tiny = UNet2DConditionModel::<Flex>::new(&UnetConfig::tiny(), &device).unwrap();
+    let mut other = UnetConfig::tiny();
+    other.block_out_channels = vec![16, 32];
+    let smaller = UNet2DConditionModel::<Flex>::new(&other, &device).unwrap();
+    assert!(copy_parameters(&tiny, smaller, &device).is_err());
+    let copy = UNet2DConditionModel::<Flex>::new(&UnetConfig::tiny(), &device).unwrap();
+    let copy = copy_parameters(&tiny, copy, &device).unwrap();
+    assert_eq!(copy.num_params(), tiny.num_params());
+}
