@@ -2265,13 +2265,6 @@ fn norm_layout(dims: &[usize]) -> (usize, usize, usize) {
     (*batch, *channels, spatial.iter().product())
 }
 
-/// `[1, channels, 1, ...]`: per-channel parameters broadcast over a `D`-dimensional input.
-fn channel_dims<const D: usize>(channels: usize) -> [usize; D] {
-    let mut dims = [1; D];
-    dims[1] = channels;
-    dims
-}
-
 /// `x`, or a contiguous copy of it when it is a strided view (for kernels that index densely).
 #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
 fn contiguous<R: burn_cubecl::CubeRuntime>(x: burn_cubecl::tensor::CubeTensor<R>) -> burn_cubecl::tensor::CubeTensor<R> {
@@ -2340,11 +2333,26 @@ fn group_norm_math<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X,
     let centred = xg - mean.clone();
     let var = centred.clone().square().mean_dim(2);
     let rstd = var.add_scalar(spec.epsilon).sqrt().recip();
-    let xhat = (centred * rstd.clone()).reshape(shape);
-    let f32 = |t: Tensor<X, 1>| cast_to(t, DType::F32).reshape(channel_dims::<D>(c));
-    let hpre = xhat * f32(gamma) + f32(beta);
+    let xhat = (centred * rstd.clone()).reshape([b, c, plane]);
+    let hpre = xhat * per_channel(gamma, b, plane) + per_channel(beta, b, plane);
     let y = if spec.silu { hpre.clone() * burn::tensor::activation::sigmoid(hpre) } else { hpre };
-    (cast_to(y, dtype), mean, rstd)
+    (cast_to(y.reshape(shape), dtype), mean, rstd)
+}
+
+/// A per-channel parameter `[c]` in f32, shaped to scale or shift `[b, c, plane]` values:
+/// `[b, c, 1]` (stored, not a broadcast view) for planes, `[1, c, 1]` for rows (`plane`
+/// 1). Same values as broadcasting `[1, c, 1]`, but burn-flex (the CPU backend) takes a
+/// broadcast over the batch and the plane at once element by element through its strided
+/// iterator, most of a small training step's time on a CPU, while one per-row value over
+/// contiguous rows, or one shared row, runs its vectorised loops.
+fn per_channel<X: Backend>(t: Tensor<X, 1>, b: usize, plane: usize) -> Tensor<X, 3> {
+    let c = t.dims()[0];
+    let t = cast_to(t, DType::F32).reshape([1, c, 1]);
+    if plane == 1 || b == 1 {
+        t
+    } else {
+        t.repeat_dim(0, b)
+    }
 }
 
 /// The gradients of [`group_norm_math`] in burn's ops: `dh = dy · s (1 + h (1 − s))` with
@@ -2366,24 +2374,24 @@ fn group_norm_grads_math<X: Backend, const D: usize>(
     let (b, c, plane) = norm_layout(&shape);
     let groups = spec.groups;
     let per_group = (c / groups) * plane;
-    let xhat = ((cast_to(x, DType::F32).reshape([b, groups, per_group]) - mean) * rstd.clone()).reshape(shape);
-    let g4 = cast_to(gamma, DType::F32).reshape(channel_dims::<D>(c));
-    let dy = cast_to(grad_out, DType::F32);
+    let xhat = ((cast_to(x, DType::F32).reshape([b, groups, per_group]) - mean) * rstd.clone()).reshape([b, c, plane]);
+    let g = per_channel(gamma, b, plane);
+    let dy = cast_to(grad_out, DType::F32).reshape([b, c, plane]);
     let dh = if spec.silu {
-        let hpre = xhat.clone() * g4.clone() + cast_to(beta, DType::F32).reshape(channel_dims::<D>(c));
+        let hpre = xhat.clone() * g.clone() + per_channel(beta, b, plane);
         let s = burn::tensor::activation::sigmoid(hpre.clone());
         dy * s.clone() * (hpre * (s.neg().add_scalar(1.0))).add_scalar(1.0)
     } else {
         dy
     };
     let param_grads = params.then(|| {
-        // Sums over all but the channel dimension.
-        let per_channel = |t: Tensor<X, D>| (0..D).filter(|&d| d != 1).fold(t, |t, d| t.sum_dim(d)).reshape([c]);
-        let dgamma = per_channel(dh.clone() * xhat.clone());
-        let dbeta = per_channel(dh.clone());
+        // Sums over the batch and the plane.
+        let sum = |t: Tensor<X, 3>| t.sum_dim(2).sum_dim(0).reshape([c]);
+        let dgamma = sum(dh.clone() * xhat.clone());
+        let dbeta = sum(dh.clone());
         (cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
     });
-    let dxhat = (dh * g4).reshape([b, groups, per_group]);
+    let dxhat = (dh * g).reshape([b, groups, per_group]);
     let xhat = xhat.reshape([b, groups, per_group]);
     let m1 = dxhat.clone().mean_dim(2);
     let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
