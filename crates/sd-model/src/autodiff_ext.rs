@@ -3,10 +3,10 @@
 //! burn registers custom backward passes through its `Autodiff<X, C>` backend type, but the
 //! model is generic over any `B: Backend`. Rather than adding a trait bound to every model
 //! type, each op checks whether `B` *is* `Autodiff<X, C>` for one of the backends we ship
-//! (Flex, and CUDA with the `cuda` feature; with and without gradient checkpointing) and, if
-//! so, moves its tensors into that concrete type (a `TypeId` check and an `Any` downcast: no
-//! unsafe code). Any other backend takes the op's plain formulation, which burn
-//! differentiates itself.
+//! (Flex, CUDA with the `cuda` feature and wgpu with the `wgpu` feature; with and without
+//! gradient checkpointing) and, if so, moves its tensors into that concrete type (a `TypeId`
+//! check and an `Any` downcast: no unsafe code). Any other backend takes the op's plain
+//! formulation, which burn differentiates itself.
 
 use std::any::TypeId;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,8 +52,10 @@ macro_rules! on_known_autodiff {
         let found = found
             .or_else(|| $f::<$b, burn::backend::Cuda, NoCheckpointing $(, $extra)*>($($arg),*))
             .or_else(|| $f::<$b, burn::backend::Cuda, BalancedCheckpointing $(, $extra)*>($($arg),*));
-        #[cfg(feature = "vulkan-test")]
-        let found = found.or_else(|| $f::<$b, burn::backend::Wgpu, NoCheckpointing $(, $extra)*>($($arg),*));
+        #[cfg(feature = "wgpu")]
+        let found = found
+            .or_else(|| $f::<$b, burn::backend::Wgpu, NoCheckpointing $(, $extra)*>($($arg),*))
+            .or_else(|| $f::<$b, burn::backend::Wgpu, BalancedCheckpointing $(, $extra)*>($($arg),*));
         found
     }};
 }

@@ -270,6 +270,18 @@ pub fn cuda_memory(device: &burn::backend::cuda::CudaDevice) -> Option<MemorySam
     })
 }
 
+/// The memory counters of a wgpu device (cubecl's memory pools of this thread's stream), as
+/// [`cuda_memory`] reads them on CUDA.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_memory(device: &burn::backend::wgpu::WgpuDevice) -> Option<MemorySample> {
+    use burn::cubecl::Runtime;
+    let usage = burn::cubecl::wgpu::WgpuRuntime::client(device).memory_usage().ok()?;
+    Some(MemorySample {
+        in_use: usage.bytes_in_use,
+        reserved: usage.bytes_reserved,
+    })
+}
+
 fn sync<B: Backend>(device: &B::Device) -> Result<(), TrainError> {
     B::sync(device).map_err(|e| TrainError::Config {
         origin: "bench".into(),
@@ -346,6 +358,7 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
             reason: "batch and steps must be at least 1 and resolution a positive multiple of 8".into(),
         });
     }
+    crate::train::check_dtype_support::<B>(device, opts.precision.dtype(), "--precision", "f16 or f32")?;
     B::seed(device, 0);
     // Frozen base, as in training: only the adapters get gradients and AdamW updates.
     let mut unet = UNet2DConditionModel::<B>::new(&opts.unet, device)?.no_grad();

@@ -469,6 +469,7 @@ pub fn run<R: AutodiffBackend, T: AutodiffBackend>(
     if opts.batch == 0 || opts.resolution == 0 || !opts.resolution.is_multiple_of(8) {
         return Err(bad("batch must be at least 1 and resolution a positive multiple of 8"));
     }
+    crate::train::check_dtype_support::<T>(device, opts.precision.dtype(), "--precision", "f16 or f32")?;
     R::seed(reference_device, opts.seed);
     let selection = Selection::new(UnetTargets::Attn);
     let lora = LoraConfig::new(4);

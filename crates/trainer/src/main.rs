@@ -327,7 +327,8 @@ enum Command {
         /// Measured steps (after one warm-up step).
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// `cpu` or `cuda` (needs a build with `--features cuda`).
+        /// `cpu`, `cuda` or `wgpu` (each GPU backend needs a build with its feature:
+        /// `--features cuda`, `--features wgpu`).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Precision of the frozen UNet weights: `f32`, `bf16` or `f16` (adapters stay f32).
@@ -390,7 +391,8 @@ enum Command {
         /// Timed repetitions per op and setting (after one warm-up).
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        /// `cpu` or `cuda` (needs a build with `--features cuda`).
+        /// `cpu`, `cuda` or `wgpu` (each GPU backend needs a build with its feature:
+        /// `--features cuda`, `--features wgpu`).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// dtype of the activations: `f32`, `bf16` or `f16` (flash attention needs bf16/f16).
@@ -410,7 +412,8 @@ enum Command {
         /// Image side in pixels.
         #[arg(long, default_value_t = 64)]
         resolution: usize,
-        /// Backend under test: `cuda` (needs `--features cuda`) or `cpu` (the CPU against itself).
+        /// Backend under test: `cuda` (needs `--features cuda`), `wgpu` (needs `--features
+        /// wgpu`) or `cpu` (the CPU against itself).
         #[arg(long, default_value = "cuda")]
         device: String,
         /// Frozen-weight precision of the tested model: `f32`, `bf16` or `f16` (the reference is f32).
@@ -935,7 +938,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
              examples/sd15-style.toml, point model.pretrained at your checkpoint (diffusers folder or\n\
              .safetensors file) and data.train_data_dir at your images, then run\n\
              \n    cargo run -p trainer --release -- train --config my-style.toml\n\
-             \n(build with --features cuda to train on an NVIDIA GPU; see README.md)."
+             \n(build with --features cuda to train on an NVIDIA GPU, --features wgpu on a Vulkan or Metal\n GPU; see README.md)."
         );
     }
     Ok(())
@@ -1018,6 +1021,8 @@ fn run_generate<B: Backend>(
     files: &GenerateFiles,
     device: &B::Device,
 ) -> Result<()> {
+    // Before the model loads: a precision the device cannot compute in.
+    trainer::train::check_dtype_support::<B>(device, precision.dtype(), "--precision", "f16 or f32")?;
     let out = files.out.as_path();
     let mut prompt_lines = files.prompt_lines.clone();
     let mut c = load_components::<B>(model, tiny_seed, device)?;
@@ -1893,6 +1898,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let cuda_probe = &mut || trainer::bench::cuda_memory(&Default::default());
     #[cfg(feature = "cuda")]
     let cuda_profiler = &mut |start: bool| lora_core::kernels::cuda_profiler(0, start);
+    #[cfg(feature = "wgpu")]
+    let wgpu_probe = &mut || trainer::bench::wgpu_memory(&Default::default());
     let timings = match device {
         "cpu" => run_hooked::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default(), BenchHooks::default())?,
         #[cfg(feature = "cuda")]
@@ -1900,9 +1907,9 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             let profiler: Option<&mut dyn FnMut(bool) -> Result<(), String>> = if cuda_profiler_step { Some(cuda_profiler) } else { None };
             run_hooked::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default(), BenchHooks { memory: Some(cuda_probe), profiler })?
         }
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
-        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run_hooked::<burn::backend::Autodiff<burn::backend::Wgpu>>(&opts, &Default::default(), BenchHooks { memory: Some(wgpu_probe), profiler: None })?,
+        other => unknown_device(other)?,
     };
     let (first, median) = (timings.first_step_s, timings.s_per_step);
     let result = BenchResult {
@@ -1932,6 +1939,15 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The error for a `--device` this build cannot run: one it was not built for, or an unknown
+/// name.
+fn unknown_device<T>(name: &str) -> Result<T> {
+    match name {
+        "cuda" | "wgpu" => anyhow::bail!("--device {name} needs a build with `--features {name}`"),
+        other => anyhow::bail!("--device {other}: expected cpu, cuda or wgpu"),
+    }
+}
+
 fn run_bench_ops(batch: usize, resolution: usize, steps: usize, device: &str, precision: &str) -> Result<()> {
     use trainer::bench_ops::{run, table, OpsOptions};
     let precision: trainer::device_check::Precision = precision.parse().map_err(|e: String| anyhow::anyhow!("--precision: {e}"))?;
@@ -1943,9 +1959,9 @@ fn run_bench_ops(batch: usize, resolution: usize, steps: usize, device: &str, pr
         "cpu" => run::<burn::backend::Autodiff<burn::backend::Flex>>(&opts, &Default::default()),
         #[cfg(feature = "cuda")]
         "cuda" => run::<burn::backend::Autodiff<burn::backend::Cuda>>(&opts, &Default::default()),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
-        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<burn::backend::Autodiff<burn::backend::Wgpu>>(&opts, &Default::default()),
+        other => unknown_device(other)?,
     };
     print!("{}", table(&timings));
     println!("{}", serde_json::to_string(&timings)?);
@@ -1963,9 +1979,9 @@ fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: 
         "cpu" => run::<Reference, Autodiff<Flex>>(&opts, &cpu, &Default::default())?,
         #[cfg(feature = "cuda")]
         "cuda" => run::<Reference, Autodiff<burn::backend::Cuda>>(&opts, &cpu, &Default::default())?,
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
-        other => anyhow::bail!("--device {other}: expected cpu or cuda"),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<Reference, Autodiff<burn::backend::Wgpu>>(&opts, &cpu, &Default::default())?,
+        other => unknown_device(other)?,
     };
     // The report plus what cuDNN / cuBLAS ran (with --cudnn / --cublas), one JSON line.
     let mut line = serde_json::to_value(&report)?;
@@ -2241,9 +2257,10 @@ fn main() -> Result<()> {
         let rows = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_TALL_ROWS={value}: expected a number of rows"))?;
         lora_core::kernels::set_cublas_tall_rows(rows);
     }
+    let device = choose_device()?;
     #[cfg(feature = "cuda")]
     {
-        if std::path::Path::new("/dev/nvidiactl").exists() {
+        if device == DeviceKind::Cuda {
             eprintln!("device: CUDA GPU 0");
             kernels.apply();
             // The cache first: the route checks compile kernels too.
@@ -2263,14 +2280,124 @@ fn main() -> Result<()> {
             }
             return dispatch::<burn::backend::Autodiff<burn::backend::Cuda>>(command, &Default::default());
         }
-        eprintln!("built with `cuda` but no NVIDIA GPU found; using the CPU");
     }
+    let backend = if device == DeviceKind::Wgpu { "wgpu" } else { "CPU" };
     if kernels != lora_core::kernels::KernelSettings::fast() || flash_max_keys.is_some() {
         eprintln!(
-            "--burn-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
+            "--burn-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the {backend} backend"
         );
     }
+    #[cfg(feature = "wgpu")]
+    {
+        if device == DeviceKind::Wgpu {
+            // burn's kernels: the fast paths above are CUDA's (cuDNN, cuBLAS) or checked on
+            // CUDA only; the switches stay at their defaults here.
+            eprintln!("the first steps compile and autotune GPU kernels (minutes on a first run; cubecl keeps the autotune results for later runs)");
+            return dispatch::<burn::backend::Autodiff<burn::backend::Wgpu>>(command, &Default::default());
+        }
+    }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
+}
+
+/// The backend the commands run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceKind {
+    /// burn-flex on the CPU.
+    Cpu,
+    /// burn's CUDA backend (NVIDIA), with the `cuda` feature.
+    Cuda,
+    /// burn's wgpu backend (Vulkan, Metal, DirectX 12), with the `wgpu` feature.
+    Wgpu,
+}
+
+/// `SD_LORA_DEVICE` (`auto`, `cpu`, `cuda` or `wgpu`) or, by default (`auto`), the first of:
+/// CUDA (built with `cuda` and an NVIDIA driver present), a wgpu GPU adapter (built with
+/// `wgpu`; a CPU adapter such as lavapipe only when asked for by name), the CPU. Says on
+/// stderr which it chose and why it passed over a GPU backend it was built with.
+fn choose_device() -> Result<DeviceKind> {
+    let wanted = std::env::var("SD_LORA_DEVICE").unwrap_or_default().trim().to_ascii_lowercase();
+    let nvidia = || std::path::Path::new("/dev/nvidiactl").exists();
+    match wanted.as_str() {
+        "cpu" => Ok(DeviceKind::Cpu),
+        "cuda" if !cfg!(feature = "cuda") => anyhow::bail!("SD_LORA_DEVICE=cuda needs a build with `--features cuda`"),
+        "cuda" if !nvidia() => anyhow::bail!("SD_LORA_DEVICE=cuda: no NVIDIA driver found (/dev/nvidiactl is missing)"),
+        "cuda" => Ok(DeviceKind::Cuda),
+        "wgpu" if !cfg!(feature = "wgpu") => anyhow::bail!("SD_LORA_DEVICE=wgpu needs a build with `--features wgpu`"),
+        "wgpu" => {
+            #[cfg(feature = "wgpu")]
+            match wgpu_adapters().first() {
+                Some(adapter) => eprintln!("device: wgpu, {adapter}"),
+                None => anyhow::bail!("SD_LORA_DEVICE=wgpu: no wgpu adapter found (is a Vulkan, Metal or DirectX 12 driver installed?)"),
+            }
+            Ok(DeviceKind::Wgpu)
+        }
+        "" | "auto" => {
+            if cfg!(feature = "cuda") {
+                if nvidia() {
+                    return Ok(DeviceKind::Cuda);
+                }
+                eprintln!("built with `cuda` but no NVIDIA GPU found");
+            }
+            #[cfg(feature = "wgpu")]
+            {
+                let adapters = wgpu_adapters();
+                match adapters.iter().find(|a| !a.cpu) {
+                    Some(adapter) => {
+                        eprintln!("device: wgpu, {adapter}");
+                        return Ok(DeviceKind::Wgpu);
+                    }
+                    None if adapters.is_empty() => eprintln!("built with `wgpu` but no wgpu adapter found"),
+                    None => eprintln!("built with `wgpu` but its only adapters run on the CPU ({}; SD_LORA_DEVICE=wgpu uses them)", adapters[0]),
+                }
+            }
+            if cfg!(any(feature = "cuda", feature = "wgpu")) {
+                eprintln!("using the CPU");
+            }
+            Ok(DeviceKind::Cpu)
+        }
+        other => anyhow::bail!("SD_LORA_DEVICE={other}: expected auto, cpu, cuda or wgpu"),
+    }
+}
+
+/// A wgpu adapter, as [`wgpu_adapters`] lists it.
+#[cfg(feature = "wgpu")]
+struct WgpuAdapter {
+    name: String,
+    api: String,
+    /// A driver that runs on the CPU (lavapipe, WARP).
+    cpu: bool,
+}
+
+#[cfg(feature = "wgpu")]
+impl std::fmt::Display for WgpuAdapter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name, self.api)
+    }
+}
+
+/// The adapters wgpu finds on the graphics API burn's wgpu backend uses on this platform
+/// (Vulkan on Linux and Windows, Metal on macOS), GPUs first: discrete, integrated, virtual,
+/// then other kinds and CPU drivers (burn's default device asks wgpu for the
+/// high-performance one).
+#[cfg(feature = "wgpu")]
+fn wgpu_adapters() -> Vec<WgpuAdapter> {
+    use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
+    let api: wgpu::Backends = AutoGraphicsApi::backend().into();
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor { backends: api, ..wgpu::InstanceDescriptor::new_without_display_handle() });
+    let adapters = burn::cubecl::future::block_on(instance.enumerate_adapters(api));
+    let rank = |t: wgpu::DeviceType| match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let mut infos: Vec<_> = adapters.iter().map(|a| a.get_info()).collect();
+    infos.sort_by_key(|i| rank(i.device_type));
+    infos
+        .into_iter()
+        .map(|i| WgpuAdapter { name: i.name, api: format!("{:?}", i.backend), cpu: i.device_type == wgpu::DeviceType::Cpu })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1255,6 +1255,32 @@ fn resume_metrics(path: &Path, step: usize) -> Result<Vec<f32>, TrainError> {
     Ok(losses)
 }
 
+/// Fails with a config error naming `origin` and the settings to use instead
+/// (`alternatives`) when `device` cannot compute in `dtype` (bf16 on burn's wgpu backend,
+/// say), instead of a panic inside the first step.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::FloatDType;
+/// // The CPU backend computes in every float type.
+/// trainer::train::check_dtype_support::<Flex>(&Default::default(), FloatDType::BF16, "--precision", "f16 or f32").unwrap();
+/// ```
+pub fn check_dtype_support<B: burn::tensor::backend::Backend>(device: &B::Device, dtype: burn::tensor::FloatDType, origin: &str, alternatives: &str) -> Result<(), TrainError> {
+    if B::supports_dtype(device, dtype.into()) {
+        return Ok(());
+    }
+    let name = match dtype {
+        burn::tensor::FloatDType::BF16 => "bf16",
+        burn::tensor::FloatDType::F16 => "f16",
+        burn::tensor::FloatDType::F32 => "f32",
+        _ => "this precision",
+    };
+    Err(TrainError::Config {
+        origin: origin.into(),
+        reason: format!("this device has no {name} arithmetic ({}); use {alternatives}", B::name(device)),
+    })
+}
+
 fn run<B: AutodiffBackend>(
     config: &TrainConfig,
     (dataset, validation): TrainingData,
@@ -1263,6 +1289,9 @@ fn run<B: AutodiffBackend>(
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
     config.validate()?;
+    if let Some(dtype) = config.train.mixed_precision.base_dtype() {
+        check_dtype_support::<B>(device, dtype, "train.mixed_precision", "\"fp16\" (f16) or \"no\" (f32)")?;
+    }
     // Before anything loads or is written: what SDXL cannot train here yet, and where a
     // run without a state starts (a resumed one starts where its state is).
     let sdxl = crate::models::is_sdxl(&config.model.pretrained)?;

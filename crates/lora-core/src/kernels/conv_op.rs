@@ -4,7 +4,7 @@
 //!
 //! On CUDA the operation runs cuDNN (see [`super::set_cudnn`]) and falls back to burn's own
 //! kernels on the same tensors when cuDNN is unavailable or rejects a problem. On other
-//! runtimes (wgpu, for the `wgpu-test` feature) it runs burn's kernels inside the one
+//! runtimes (wgpu, for the `wgpu` feature) it runs burn's kernels inside the one
 //! operation, so that the fusion stream sees the graph CUDA's does: its operation count
 //! can be studied without a GPU, and the op's bookkeeping is tested on lavapipe.
 
@@ -54,7 +54,7 @@ fn dims(shape: &Shape) -> [usize; 4] {
     shape.dims::<4>()
 }
 
-/// burn's fusion backends over CubeCL (CUDA; wgpu for the `wgpu-test` feature): with
+/// burn's fusion backends over CubeCL (CUDA; wgpu for the `wgpu` feature): with
 /// [`super::set_cudnn`] on, the three convolutions are this module's operation (cuDNN
 /// inside on CUDA, burn's kernels elsewhere, so wgpu's fusion stream sees CUDA's graph);
 /// off, burn's ops.

@@ -51,30 +51,30 @@ mod cuda;
 mod cublas;
 #[cfg(feature = "cuda")]
 mod cudnn;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod conv_op;
 #[cfg(feature = "cuda")]
 mod cudnn_sdpa;
 #[cfg(feature = "cuda")]
 mod device;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod ordering;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod softmax;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[allow(dead_code)]
 mod flash;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod group_norm;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod concat;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod fixed_matmul;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod lora_linear;
-#[cfg(not(any(feature = "cuda", feature = "wgpu-test")))]
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
 mod lora_linear {
     /// The inputs of [`super::lora_linear`] (the op itself needs a CubeCL backend).
     #[allow(dead_code)]
@@ -89,11 +89,11 @@ mod lora_linear {
     }
 }
 pub(crate) use lora_linear::LoraLinearInputs;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod geglu;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod pack;
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod split;
 mod settings;
 pub use settings::KernelSettings;
@@ -164,7 +164,7 @@ pub fn custom_conv_backward() -> bool {
 
 /// Routes the CUDA backend's base convolutions (forward and both gradients) to cuDNN, for
 /// the whole process (default off). Has no effect without the `cuda` feature or on other
-/// backends (but wgpu with the `wgpu-test` feature: there the convolutions take the same
+/// backends (but wgpu with the `wgpu` feature: there the convolutions take the same
 /// custom operation, burn's kernels inside); a missing or failing cuDNN falls back to
 /// burn's kernels per call.
 pub fn set_cudnn(enabled: bool) {
@@ -463,7 +463,7 @@ fn record_fused_group_norm() {
     FUSED_GROUP_NORM_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn record_fused_concat() {
     FUSED_CONCAT_CALLS.fetch_add(1, Ordering::Relaxed);
 }
@@ -720,9 +720,9 @@ fn dispatch<B: Backend>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Result<T
             return Ok(for_inference::<B, burn::backend::Cuda>(args, options));
         }
     }
-    // On wgpu for the `wgpu-test` feature (burn's kernels), so that the op's graph (and its
+    // On wgpu for the `wgpu` feature (burn's kernels), so that the op's graph (and its
     // count of fusion-stream operations) can be studied without a GPU.
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     {
         on_autodiff!(burn::backend::Wgpu);
         if is(TypeId::of::<burn::backend::Wgpu>()) && cudnn_enabled() {
@@ -772,7 +772,7 @@ fn for_autodiff<B: Backend, X: ConvKernels, C: CheckpointStrategy>(args: ConvArg
 }
 
 /// The op without autodiff on `X`, which `B` must be.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn for_inference<B: Backend, X: ConvKernels>(args: ConvArgs<B>, options: &ConvOptions<2>) -> Tensor<B, 4> {
     let ConvArgs { x, weight, bias, addend } = args.into_backend::<X>();
     let primitive = |t: Tensor<X, 4>| t.into_primitive().tensor();
@@ -1025,7 +1025,7 @@ fn fused_softmax<X: Backend, const D: usize>(x: &Tensor<X, D>, scale: f32, dtype
         return Some(out);
     }
     // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     if let Some(out) = fused_softmax_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, scale, dtype) {
         return Some(out);
     }
@@ -1035,11 +1035,11 @@ fn fused_softmax<X: Backend, const D: usize>(x: &Tensor<X, D>, scale: f32, dtype
 
 /// burn's fusion backend over CubeCL runtime `R` with bool element `BT` (burn's `Cuda` and
 /// `Wgpu` backends), where our fused ops run.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 type FusedCube<R, BT> = burn_fusion::Fusion<burn_cubecl::CubeBackend<R, f32, i32, BT>>;
 
 /// `t`'s fusion primitive when `X` is [`FusedCube<R, BT>`], else `None`.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn to_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
     t: &Tensor<X, D>,
 ) -> Option<burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>>> {
@@ -1050,7 +1050,7 @@ fn to_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElemen
 }
 
 /// The fusion primitive `t` of [`FusedCube<R, BT>`] as a tensor of `X` (which is that backend).
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn from_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
     t: burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>>,
 ) -> Option<Tensor<X, D>> {
@@ -1058,7 +1058,7 @@ fn from_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElem
 }
 
 /// The fused softmax op when `X` is [`FusedCube<R, BT>`], else `None`.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn fused_softmax_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
     x: &Tensor<X, D>,
     scale: f32,
@@ -1072,7 +1072,7 @@ fn fused_softmax_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
 /// to it): `Tensor::cat` of the parts cast to `dtype`.
 ///
 /// burn's `cat` is one copy kernel per part; on burn's CUDA backend (and wgpu for the
-/// `wgpu-test` feature) this is one multi-tensor copy kernel per 32 parts instead, which is
+/// `wgpu` feature) this is one multi-tensor copy kernel per 32 parts instead, which is
 /// how [`FlatAdamW`](crate::optim::FlatAdamW) gathers a LoRA's few hundred gradients each
 /// step. [`set_fused_concat`] turns that kernel off (it is on by default). Empty `parts`
 /// give an empty vector.
@@ -1107,7 +1107,7 @@ pub(crate) fn concat_flattened<X: Backend>(parts: Vec<FloatTensor<X>>, dtype: DT
             Err(parts) => parts,
         };
         // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-        #[cfg(feature = "wgpu-test")]
+        #[cfg(feature = "wgpu")]
         let parts = match fused_concat_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(parts, dtype) {
             Ok(out) => return out,
             Err(parts) => parts,
@@ -1130,7 +1130,7 @@ fn concat_flat_with_burn<X: Backend>(parts: Vec<Tensor<X, 1>>, dtype: DType) -> 
 
 /// The multi-tensor copy op when `X` is [`FusedCube<R, BT>`] and every part is a float
 /// tensor, else the parts back.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[allow(clippy::type_complexity)]
 fn fused_concat_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
     parts: Vec<FloatTensor<X>>,
@@ -1212,7 +1212,7 @@ pub fn matmuls_routed() -> bool {
     cublas_enabled() || fixed_matmul_enabled()
 }
 
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn record_fixed_matmul() {
     FIXED_MATMUL_CALLS.fetch_add(1, Ordering::Relaxed);
 }
@@ -1221,7 +1221,7 @@ fn record_fixed_matmul() {
 /// with it, and with [`matmuls_routed`], a [`LoraLinear`](crate::LoraLinear) with a frozen
 /// base and an active adapter (no dropout) runs `x·W + bias + s·(x·A)·B (+ residual)` as
 /// one operation of burn's fusion stream, and its backward pass (`dx`, `dA`, `dB`) as
-/// another, on burn's CUDA backend (and wgpu for the `wgpu-test` feature), with or without
+/// another, on burn's CUDA backend (and wgpu for the `wgpu` feature), with or without
 /// autodiff. Composed of burn's tensor ops, the layer is about twenty operations per
 /// training step, each registered, plan-matched and executed by the host; inside the two
 /// ops the products run in the kernels [`matmul`] routes them to and the sums in two small
@@ -1241,12 +1241,12 @@ pub fn fused_lora_linear_enabled() -> bool {
     FUSED_LORA_LINEAR.load(Ordering::Relaxed)
 }
 
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn record_fused_lora_linear() {
     FUSED_LORA_LINEAR_CALLS.fetch_add(1, Ordering::Relaxed);
 }
 
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn record_fused_geglu() {
     FUSED_GEGLU_CALLS.fetch_add(1, Ordering::Relaxed);
 }
@@ -1279,7 +1279,7 @@ pub fn geglu_bias<X: Backend>(h: Tensor<X, 2>, bias: Tensor<X, 1>) -> Result<Ten
         return Ok(from_fused::<X, R, u8, 2>(out).expect("the backend was checked"));
     }
     // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
         type R = burn_cubecl::cubecl::wgpu::WgpuRuntime;
         let out = geglu::register_forward::<R, u32>(into_fused::<X, R, u32, 2>(h), into_fused::<X, R, u32, 1>(bias));
@@ -1314,7 +1314,7 @@ pub fn geglu_bias_backward<X: Backend>(h: Tensor<X, 2>, bias: Tensor<X, 1>, grad
         let dh = geglu::register_backward::<R, u8>(into_fused::<X, R, u8, 2>(h), into_fused::<X, R, u8, 1>(bias), into_fused::<X, R, u8, 2>(grad_out));
         return Ok(from_fused::<X, R, u8, 2>(dh).expect("the backend was checked"));
     }
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
         type R = burn_cubecl::cubecl::wgpu::WgpuRuntime;
         let dh = geglu::register_backward::<R, u32>(into_fused::<X, R, u32, 2>(h), into_fused::<X, R, u32, 1>(bias), into_fused::<X, R, u32, 2>(grad_out));
@@ -1325,11 +1325,11 @@ pub fn geglu_bias_backward<X: Backend>(h: Tensor<X, 2>, bias: Tensor<X, 1>, grad
 
 /// Whether the GEGLU op takes `h` and `bias` (see [`geglu_bias`]).
 fn geglu_takes<X: Backend>(h: &Tensor<X, 2>, bias: &Tensor<X, 1>) -> bool {
-    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     {
         geglu::takes(h.dims(), bias.dims()[0], h.dtype(), bias.dtype())
     }
-    #[cfg(not(any(feature = "cuda", feature = "wgpu-test")))]
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = (h, bias);
         false
@@ -1351,7 +1351,7 @@ pub(crate) fn lora_linear<B: Backend>(inputs: LoraLinearInputs<B>) -> Result<Ten
         Err(inputs) => inputs,
     };
     // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     let inputs = match lora_linear::dispatch::<B, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(inputs) {
         Ok(y) => return Ok(y),
         Err(inputs) => inputs,
@@ -1365,7 +1365,7 @@ pub(crate) fn lora_linear<B: Backend>(inputs: LoraLinearInputs<B>) -> Result<Ten
 ///
 /// In burn's ops a piece is a `slice` and a `reshape`; on a fusion backend those are two
 /// operations of the stream per piece, which the host registers, plans and executes one
-/// by one. On burn's CUDA backend (and wgpu for the `wgpu-test` feature) this is one
+/// by one. On burn's CUDA backend (and wgpu for the `wgpu` feature) this is one
 /// operation for all pieces, each a view of `flat` where its offset is aligned for the
 /// runtime. [`set_fused_concat`] turns it off.
 ///
@@ -1389,7 +1389,7 @@ pub fn split_flat<X: Backend>(flat: Tensor<X, 1>, shapes: &[burn::tensor::Shape]
             Ok(pieces) => return pieces,
             Err(flat) => flat,
         };
-        #[cfg(feature = "wgpu-test")]
+        #[cfg(feature = "wgpu")]
         let flat = match fused_split_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(flat, shapes) {
             Ok(pieces) => return pieces,
             Err(flat) => flat,
@@ -1420,7 +1420,7 @@ fn split_flat_with_burn<X: Backend>(flat: Tensor<X, 1>, shapes: &[burn::tensor::
 /// (CubeCL rounds a row of a few bytes up to a power of two of at least 16 bytes, longer
 /// ones to a multiple of the pitch alignment): a bf16 3x3 convolution weight then takes 2.67
 /// times its size and cuDNN, which needs it packed, gets a copy at every call; a
-/// `[320, 320]` bf16 linear weight takes 1.6 times. There (and on wgpu for the `wgpu-test`
+/// `[320, 320]` bf16 linear weight takes 1.6 times. There (and on wgpu for the `wgpu`
 /// feature) this is one operation that copies a padded or strided tensor into a dense
 /// buffer and passes a dense one through; elsewhere `t` is returned as it is. With autodiff
 /// the result is detached (for frozen weights). [`crate::precision::cast_frozen`] and the
@@ -1440,7 +1440,7 @@ pub fn packed<X: Backend, const D: usize>(t: Tensor<X, D>) -> Tensor<X, D> {
         Ok(p) => return p,
         Err(t) => t,
     };
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     let t = match packed_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(t) {
         Ok(p) => return p,
         Err(t) => t,
@@ -1449,7 +1449,7 @@ pub fn packed<X: Backend, const D: usize>(t: Tensor<X, D>) -> Tensor<X, D> {
 }
 
 /// [`packed`] when `X` is [`FusedCube<R, BT>`] or autodiff over it, else `Err(t)`.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn packed_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(t: Tensor<X, D>) -> Result<Tensor<X, D>, Tensor<X, D>> {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     if let Some(fused) = to_fused::<X, R, BT, D>(&t) {
@@ -1459,7 +1459,7 @@ fn packed_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolEleme
 }
 
 /// [`packed`] when `X` is `Autodiff<FusedCube<R, BT>, C>`: the inner tensor packed, detached.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn packed_autodiff<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, C: CheckpointStrategy, const D: usize>(
     t: Tensor<X, D>,
 ) -> Result<Tensor<X, D>, Tensor<X, D>> {
@@ -1470,7 +1470,7 @@ fn packed_autodiff<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Boo
 }
 
 /// Releases `tensors` (backend primitives): on burn's CUDA backend (and wgpu for the
-/// `wgpu-test` feature), with [`set_fused_concat`] on, as one operation of the fusion stream,
+/// `wgpu` feature), with [`set_fused_concat`] on, as one operation of the fusion stream,
 /// where dropping them one by one registers a release operation each (the old values of
 /// all trained tensors after an optimizer step: 256 for an SD1.5 attention LoRA).
 /// Elsewhere they are dropped.
@@ -1483,7 +1483,7 @@ pub(crate) fn release_all<X: Backend>(tensors: Vec<FloatTensor<X>>) {
         let fused = tensors.into_iter().map(|t| downcast(t).expect("the backend was checked")).collect();
         return split::register_release::<burn_cubecl::cubecl::cuda::CudaRuntime, u8>(fused);
     }
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
         let fused = tensors.into_iter().map(|t| downcast(t).expect("the backend was checked")).collect();
         return split::register_release::<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(fused);
@@ -1492,7 +1492,7 @@ pub(crate) fn release_all<X: Backend>(tensors: Vec<FloatTensor<X>>) {
 }
 
 /// The single split operation when `X` is [`FusedCube<R, BT>`], else `flat` back.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn fused_split_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
     flat: Tensor<X, 1>,
     shapes: &[burn::tensor::Shape],
@@ -1644,7 +1644,7 @@ pub fn flash_max_keys() -> usize {
 }
 
 /// [`flash_shared_kib`] in bytes.
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn flash_shared_bytes() -> usize {
     FLASH_SHARED.load(Ordering::Relaxed)
 }
@@ -1676,14 +1676,14 @@ pub fn flash_attention<X: Backend>(q: Tensor<X, 4>, k: Tensor<X, 4>, v: Tensor<X
     if !matches!(q.dtype(), DType::BF16 | DType::F16) || !(flash || cudnn) {
         return None;
     }
-    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     let route = flash::Route { cudnn, flash };
     #[cfg(feature = "cuda")]
     if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(&q, &k, &v, scale, route) {
         return Some(out);
     }
     // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     if let Some(out) = flash_forward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(&q, &k, &v, scale, route) {
         return Some(out);
     }
@@ -1726,7 +1726,7 @@ pub fn flash_attention_backward<X: Backend>(
     if !(flash_attention_enabled() || cudnn_attention_enabled()) || !matches!(q.dtype(), DType::BF16 | DType::F16) {
         return None;
     }
-    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     if flash_backend::<X>() {
         let ([_, _, s_q, d], s_kv) = (q.dims(), k.dims()[2]);
         let route = flash::Route { cudnn: cudnn_attention_takes(q.dtype(), d, s_q, s_kv, true), flash: flash_kernels_take(d, s_kv) };
@@ -1742,7 +1742,7 @@ pub fn flash_attention_backward<X: Backend>(
         if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>([&q, &k, &v, &grad_out, &out], &lse, scale, route) {
             return Some(grads);
         }
-        #[cfg(feature = "wgpu-test")]
+        #[cfg(feature = "wgpu")]
         if let Some(grads) = flash_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>([&q, &k, &v, &grad_out, &out], &lse, scale, route) {
             return Some(grads);
         }
@@ -1752,15 +1752,15 @@ pub fn flash_attention_backward<X: Backend>(
 }
 
 /// Whether `X` is one of the fusion backends with flash-attention kernels (CUDA; wgpu for
-/// the `wgpu-test` feature).
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+/// the `wgpu` feature).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn flash_backend<X: Backend>() -> bool {
     let id = TypeId::of::<X>();
     #[cfg(feature = "cuda")]
     if id == TypeId::of::<FusedCube<burn_cubecl::cubecl::cuda::CudaRuntime, u8>>() {
         return true;
     }
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     if id == TypeId::of::<FusedCube<burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>>() {
         return true;
     }
@@ -1768,7 +1768,7 @@ fn flash_backend<X: Backend>() -> bool {
 }
 
 /// The flash forward op when `X` is [`FusedCube<R, BT>`], else `None`.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
     q: &Tensor<X, 4>,
     k: &Tensor<X, 4>,
@@ -1782,7 +1782,7 @@ fn flash_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::Bo
 }
 
 /// The flash backward op when `X` is [`FusedCube<R, BT>`], else `None`.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[allow(clippy::type_complexity)]
 fn flash_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
     inputs: [&Tensor<X, 4>; 5],
@@ -1835,7 +1835,7 @@ pub fn flash_attention_rows<X: Backend>(q: Tensor<X, 2>, k: Tensor<X, 2>, v: Ten
         return Err([q, k, v]);
     }
     let inputs = [q, k, v];
-    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     let (route, layout) = (flash::Route { cudnn, flash }, flash::Heads::Rows { batch, heads });
     #[cfg(feature = "cuda")]
     let inputs = match flash_rows_forward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(inputs, scale, route, layout) {
@@ -1843,7 +1843,7 @@ pub fn flash_attention_rows<X: Backend>(q: Tensor<X, 2>, k: Tensor<X, 2>, v: Ten
         Err(inputs) => inputs,
     };
     // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     let inputs = match flash_rows_forward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(inputs, scale, route, layout) {
         Ok(out) => return Ok(out),
         Err(inputs) => inputs,
@@ -1903,14 +1903,14 @@ pub fn flash_attention_backward_rows<X: Backend>(inputs: AttentionRowsBackward<X
     if !(cudnn || flash) {
         return Err(inputs);
     }
-    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     let (route, layout) = (flash::Route { cudnn, flash }, flash::Heads::Rows { batch, heads });
     #[cfg(feature = "cuda")]
     let inputs = match flash_rows_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>(inputs, scale, route, layout) {
         Ok(grads) => return Ok(grads),
         Err(inputs) => inputs,
     };
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     let inputs = match flash_rows_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>(inputs, scale, route, layout) {
         Ok(grads) => return Ok(grads),
         Err(inputs) => inputs,
@@ -1920,13 +1920,13 @@ pub fn flash_attention_backward_rows<X: Backend>(inputs: AttentionRowsBackward<X
 }
 
 /// `t`, which must be a tensor of [`FusedCube<R, BT>`], as its fusion primitive.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn into_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(t: Tensor<X, D>) -> burn_fusion::FusionTensor<burn_cubecl::fusion::FusionCubeRuntime<R>> {
     downcast::<_, Tensor<FusedCube<R, BT>, D>>(t).expect("the backend was checked").into_primitive().tensor()
 }
 
 /// The flash forward op on rows when `X` is [`FusedCube<R, BT>`], else the inputs back.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[allow(clippy::type_complexity)]
 fn flash_rows_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
     [q, k, v]: [Tensor<X, 2>; 3],
@@ -1944,7 +1944,7 @@ fn flash_rows_forward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubec
 }
 
 /// The flash backward op on rows when `X` is [`FusedCube<R, BT>`], else the inputs back.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn flash_rows_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>(
     inputs: AttentionRowsBackward<X>,
     scale: f32,
@@ -2076,7 +2076,7 @@ fn group_norm_with<X: Backend, const D: usize>(
             return group_norm_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>(x, gamma, beta, spec, with_stats);
         }
         // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-        #[cfg(feature = "wgpu-test")]
+        #[cfg(feature = "wgpu")]
         if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
             return group_norm_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(x, gamma, beta, spec, with_stats);
         }
@@ -2228,7 +2228,7 @@ fn group_norm_grads<X: Backend, const D: usize>(
         if is_fused::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8>() {
             return group_norm_backward_on::<X, burn_cubecl::cubecl::cuda::CudaRuntime, u8, D>([x, grad_out], [gamma, beta], [mean, rstd], acc, spec, params);
         }
-        #[cfg(feature = "wgpu-test")]
+        #[cfg(feature = "wgpu")]
         if is_fused::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32>() {
             return group_norm_backward_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>([x, grad_out], [gamma, beta], [mean, rstd], acc, spec, params);
         }
@@ -2266,7 +2266,7 @@ fn norm_layout(dims: &[usize]) -> (usize, usize, usize) {
 }
 
 /// `x`, or a contiguous copy of it when it is a strided view (for kernels that index densely).
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn contiguous<R: burn_cubecl::CubeRuntime>(x: burn_cubecl::tensor::CubeTensor<R>) -> burn_cubecl::tensor::CubeTensor<R> {
     if x.is_contiguous() {
         x
@@ -2276,7 +2276,7 @@ fn contiguous<R: burn_cubecl::CubeRuntime>(x: burn_cubecl::tensor::CubeTensor<R>
 }
 
 /// Whether `X` is [`FusedCube<R, BT>`] (the ops taking their inputs by value check first).
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn is_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement>() -> bool {
     TypeId::of::<X>() == TypeId::of::<FusedCube<R, BT>>()
 }
@@ -2284,7 +2284,7 @@ fn is_fused<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElemen
 /// The fused GroupNorm op; `X` must be [`FusedCube<R, BT>`] ([`is_fused`]). The inputs are
 /// moved into the op, so that the last reader releases them (a clone would leave a release
 /// operation of its own on the stream).
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[allow(clippy::type_complexity)]
 fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
     x: Tensor<X, D>,
@@ -2302,7 +2302,7 @@ fn group_norm_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolE
 
 /// The fused GroupNorm backward op; `X` must be [`FusedCube<R, BT>`] ([`is_fused`]), the
 /// inputs moved into the op as in [`group_norm_on`].
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[allow(clippy::type_complexity)]
 fn group_norm_backward_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
     [x, grad_out]: [Tensor<X, D>; 2],
@@ -2454,7 +2454,7 @@ pub fn matmul_transposed<X: Backend, const D: usize>(a: Tensor<X, D>, b: Tensor<
         dims
     };
     let (da, db) = (read(a.dims(), transpose_a), read(b.dims(), transpose_b));
-    #[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     let transpose = fixed_matmul::Transpose { a: transpose_a, b: transpose_b };
     #[cfg(feature = "cuda")]
     if cublas_enabled() && TypeId::of::<X>() == TypeId::of::<burn::backend::Cuda>() && worth_routing(&da, &db) {
@@ -2472,7 +2472,7 @@ pub fn matmul_transposed<X: Backend, const D: usize>(a: Tensor<X, D>, b: Tensor<
             return out;
         }
         // The same op on wgpu, so that it can be tested without a GPU (lavapipe).
-        #[cfg(feature = "wgpu-test")]
+        #[cfg(feature = "wgpu")]
         if let Some(out) = fixed_matmul_on::<X, burn_cubecl::cubecl::wgpu::WgpuRuntime, u32, D>(&a, &b, transpose) {
             return out;
         }
@@ -2482,7 +2482,7 @@ pub fn matmul_transposed<X: Backend, const D: usize>(a: Tensor<X, D>, b: Tensor<
 }
 
 /// The fixed-kernel matmul op when `X` is [`FusedCube<R, BT>`], else `None`.
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn fixed_matmul_on<X: Backend, R: burn_cubecl::CubeRuntime, BT: burn_cubecl::BoolElement, const D: usize>(
     a: &Tensor<X, D>,
     b: &Tensor<X, D>,
@@ -2508,14 +2508,14 @@ fn worth_routing(a: &[usize], b: &[usize]) -> bool {
 /// The routing thresholds of [`set_cublas_min_gflop`] and [`set_cublas_tall_min_gflop`],
 /// in FLOPs.
 #[derive(Debug, Clone, Copy, PartialEq)]
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 struct CublasThresholds {
     min_flops: f64,
     tall_min_flops: f64,
     tall_rows: usize,
 }
 
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn cublas_thresholds() -> CublasThresholds {
     CublasThresholds {
         min_flops: cublas_min_flops(),
@@ -2536,7 +2536,7 @@ fn worth_routing_at(a: &[usize], b: &[usize], at: CublasThresholds) -> bool {
 }
 
 /// The current routing threshold of [`set_cublas_min_gflop`], in FLOPs.
-#[cfg_attr(not(any(feature = "cuda", feature = "wgpu-test")), allow(dead_code))]
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 fn cublas_min_flops() -> f64 {
     CUBLAS_MIN_FLOPS.load(Ordering::Relaxed) as f64
 }
@@ -2636,14 +2636,14 @@ fn dispatch_linear<B: Backend>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Te
     let found = found.or_else(|| dispatch_linear_on::<B, burn::backend::Cuda>(args));
     // The same op on wgpu, so that the routed linear layers (and their backward) run there
     // without a GPU, as on CUDA (lavapipe; sd-model's `launches` example).
-    #[cfg(feature = "wgpu-test")]
+    #[cfg(feature = "wgpu")]
     let found = found.or_else(|| dispatch_linear_on::<B, burn::backend::Wgpu>(args));
     found
 }
 
 /// [`dispatch_linear`] when `B` is GPU backend `X` (plain, where [`matmul`] routes the
 /// product) or the autodiff backend over it (either checkpointing strategy).
-#[cfg(any(feature = "cuda", feature = "wgpu-test"))]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn dispatch_linear_on<B: Backend, X: Backend>(args: &(Tensor<B, 2>, Tensor<B, 2>)) -> Option<Tensor<B, 2>> {
     use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
     linear_autodiff::<B, X, NoCheckpointing>(args)

@@ -141,7 +141,7 @@ pub(super) fn launch<R: Runtime>(
 }
 
 /// Queues [`super::scaled_softmax_lse`] on the fusion stream of a CubeCL backend
-/// (`Fusion<CubeBackend<R, f32, i32, BT>>`: CUDA, or wgpu for the `wgpu-test` feature):
+/// (`Fusion<CubeBackend<R, f32, i32, BT>>`: CUDA, or wgpu for the `wgpu` feature):
 /// the probabilities in `dtype` and the rows' log-sum-exp (f32, the last dimension 1).
 pub(super) fn register<R: CubeRuntime, BT: BoolElement>(
     x: FusionTensor<FusionCubeRuntime<R>>,

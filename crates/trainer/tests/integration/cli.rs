@@ -773,3 +773,24 @@ fn resize_turns_a_full_fine_tuning_into_a_lora() {
     assert!(lora.iter().all(|(_, w)| w.lycoris.is_none() && w.rank() <= 2), "plain LoRAs of rank 2 at most");
     assert_eq!(lora.metadata.get("ss_network_module").map(String::as_str), Some("networks.lora"));
 }
+
+/// `SD_LORA_DEVICE` picks the backend before the command runs: an unknown name, or a GPU
+/// backend this build lacks, is an error naming the variable and what was expected.
+#[test]
+fn sd_lora_device_is_checked_before_the_command_runs() {
+    let run = |value: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer")).env("SD_LORA_DEVICE", value).args(["info", "no-such-file.safetensors"]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run("tpu");
+    assert!(!ok && err.contains("SD_LORA_DEVICE=tpu") && err.contains("expected auto, cpu, cuda or wgpu"), "{err}");
+    // Named in any case; the command itself then runs (and fails on its missing file).
+    let (ok, err) = run("CPU");
+    assert!(!ok && err.contains("no-such-file") && !err.contains("SD_LORA_DEVICE"), "{err}");
+    for (feature, built) in [("cuda", cfg!(feature = "cuda")), ("wgpu", cfg!(feature = "wgpu"))] {
+        if !built {
+            let (ok, err) = run(feature);
+            assert!(!ok && err.contains(&format!("SD_LORA_DEVICE={feature} needs a build with `--features {feature}`")), "{err}");
+        }
+    }
+}

@@ -58,3 +58,35 @@ fn copy_parameters_checks_the_architecture() {
     let copy = copy_parameters(&tiny, copy, &device).unwrap();
     assert_eq!(copy.num_params(), tiny.num_params());
 }
+
+/// burn's wgpu backend (`--features wgpu`) against the CPU: f32 with and without gradient
+/// checkpointing (the hand-written backward passes are registered for both on `Wgpu`), f16,
+/// and bf16 refused by name. Needs a wgpu adapter (a GPU's Vulkan or Metal driver, or Mesa's
+/// lavapipe, where the first run autotunes for minutes):
+/// `cargo test -p trainer --release --features wgpu --test integration device_check::wgpu -- --ignored`.
+#[cfg(feature = "wgpu")]
+#[test]
+#[ignore = "needs a wgpu adapter (Vulkan, Metal or DirectX 12 driver)"]
+fn wgpu_against_cpu_passes_at_f32_and_f16() {
+    type W = Autodiff<burn::backend::Wgpu>;
+    let _rng = seeded();
+    let cpu = Default::default();
+    let mut opts = DeviceCheckOptions::new(UnetConfig::tiny(), 2, 64);
+    for checkpointing in [false, true] {
+        opts.grad_checkpointing = checkpointing;
+        let report = run::<Autodiff<Flex>, W>(&opts, &cpu, &Default::default()).unwrap();
+        assert!(report.pass, "{report:?}");
+        // f32 on both sides: only the order of the sums differs.
+        for e in [report.output, report.grad_up, report.grad_down] {
+            assert!(e.finite && e.rel_l2 < 1e-4 && e.max_abs_ref > 0.0, "checkpointing {checkpointing}: {e:?}");
+        }
+        assert!(report.device.contains("wgpu"), "{}", report.device);
+    }
+    opts.grad_checkpointing = false;
+    opts.precision = Precision::F16;
+    let report = run::<Autodiff<Flex>, W>(&opts, &cpu, &Default::default()).unwrap();
+    assert!(report.pass && report.output.rel_l2 > 0.0, "{report:?}");
+    opts.precision = Precision::Bf16;
+    let err = run::<Autodiff<Flex>, W>(&opts, &cpu, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("--precision") && err.contains("bf16") && err.contains("f16 or f32"), "{err}");
+}
