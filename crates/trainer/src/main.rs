@@ -16,7 +16,13 @@ use trainer::train::{resume_on, train_on, StepInfo};
 use trainer::TrainConfig;
 
 #[derive(Parser)]
-#[command(name = "trainer", version, about = "LoRA training for Stable Diffusion 1.x / 2.x and SDXL")]
+#[command(
+    name = "trainer",
+    version,
+    about = "LoRA training for Stable Diffusion 1.x / 2.x and SDXL",
+    after_help = "Backend: CUDA (built with `--features cuda`) when an NVIDIA driver is present, then a wgpu GPU \
+                  (Vulkan / Metal, built with `--features wgpu`), else the CPU; SD_LORA_DEVICE=cpu|cuda|wgpu picks one."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
