@@ -2263,7 +2263,11 @@ fn main() -> Result<()> {
         let rows = value.parse().map_err(|_| anyhow::anyhow!("SD_LORA_CUBLAS_TALL_ROWS={value}: expected a number of rows"))?;
         lora_core::kernels::set_cublas_tall_rows(rows);
     }
-    let device = choose_device()?;
+    // bench, bench-ops and device-check name their backend with --device.
+    let device = match &command {
+        Command::Bench { device, .. } | Command::BenchOps { device, .. } | Command::DeviceCheck { device, .. } => named_device(device),
+        _ => choose_device()?,
+    };
     #[cfg(feature = "cuda")]
     {
         if device == DeviceKind::Cuda {
@@ -2362,6 +2366,16 @@ fn choose_device() -> Result<DeviceKind> {
             Ok(DeviceKind::Cpu)
         }
         other => anyhow::bail!("SD_LORA_DEVICE={other}: expected auto, cpu, cuda or wgpu"),
+    }
+}
+
+/// The backend to set up for a command that names its own with `--device`: that one where
+/// this build and machine have it, else the CPU (the command then says what is missing).
+fn named_device(name: &str) -> DeviceKind {
+    match name {
+        "cuda" if cfg!(feature = "cuda") && std::path::Path::new("/dev/nvidiactl").exists() => DeviceKind::Cuda,
+        "wgpu" if cfg!(feature = "wgpu") => DeviceKind::Wgpu,
+        _ => DeviceKind::Cpu,
     }
 }
 
