@@ -2326,11 +2326,11 @@ enum DeviceKind {
 /// stderr which it chose and why it passed over a GPU backend it was built with.
 fn choose_device() -> Result<DeviceKind> {
     let wanted = std::env::var("SD_LORA_DEVICE").unwrap_or_default().trim().to_ascii_lowercase();
-    let nvidia = || std::path::Path::new("/dev/nvidiactl").exists();
+    let nvidia = nvidia_driver_present;
     match wanted.as_str() {
         "cpu" => Ok(DeviceKind::Cpu),
         "cuda" if !cfg!(feature = "cuda") => anyhow::bail!("SD_LORA_DEVICE=cuda needs a build with `--features cuda`"),
-        "cuda" if !nvidia() => anyhow::bail!("SD_LORA_DEVICE=cuda: no NVIDIA driver found (/dev/nvidiactl is missing)"),
+        "cuda" if !nvidia() => anyhow::bail!("SD_LORA_DEVICE=cuda: no NVIDIA driver found ({} is missing)", nvidia_driver_file().display()),
         "cuda" => Ok(DeviceKind::Cuda),
         "wgpu" if !cfg!(feature = "wgpu") => anyhow::bail!("SD_LORA_DEVICE=wgpu needs a build with `--features wgpu`"),
         "wgpu" => {
@@ -2369,11 +2369,27 @@ fn choose_device() -> Result<DeviceKind> {
     }
 }
 
+/// The file an installed NVIDIA driver provides: its control device on Linux, the CUDA
+/// driver library (`nvcuda.dll`) in the system folder on Windows.
+fn nvidia_driver_file() -> PathBuf {
+    if cfg!(windows) {
+        let root = std::env::var_os("SystemRoot").map_or_else(|| PathBuf::from(r"C:\Windows"), PathBuf::from);
+        root.join("System32").join("nvcuda.dll")
+    } else {
+        PathBuf::from("/dev/nvidiactl")
+    }
+}
+
+/// Whether an NVIDIA driver is installed ([`nvidia_driver_file`] exists).
+fn nvidia_driver_present() -> bool {
+    nvidia_driver_file().exists()
+}
+
 /// The backend to set up for a command that names its own with `--device`: that one where
 /// this build and machine have it, else the CPU (the command then says what is missing).
 fn named_device(name: &str) -> DeviceKind {
     match name {
-        "cuda" if cfg!(feature = "cuda") && std::path::Path::new("/dev/nvidiactl").exists() => DeviceKind::Cuda,
+        "cuda" if cfg!(feature = "cuda") && nvidia_driver_present() => DeviceKind::Cuda,
         "wgpu" if cfg!(feature = "wgpu") => DeviceKind::Wgpu,
         _ => DeviceKind::Cpu,
     }
