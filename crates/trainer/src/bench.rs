@@ -262,20 +262,20 @@ pub struct BenchTimings {
 /// taken right after issuing the forward pass sees every activation the backward pass needs.
 #[cfg(feature = "cuda")]
 pub fn cuda_memory(device: &burn::backend::cuda::CudaDevice) -> Option<MemorySample> {
-    use burn::cubecl::Runtime;
-    let usage = burn::cubecl::cuda::CudaRuntime::client(device).memory_usage().ok()?;
-    Some(MemorySample {
-        in_use: usage.bytes_in_use,
-        reserved: usage.bytes_reserved,
-    })
+    cube_memory::<burn::cubecl::cuda::CudaRuntime>(device)
 }
 
 /// The memory counters of a wgpu device (cubecl's memory pools of this thread's stream), as
 /// [`cuda_memory`] reads them on CUDA.
 #[cfg(feature = "wgpu")]
 pub fn wgpu_memory(device: &burn::backend::wgpu::WgpuDevice) -> Option<MemorySample> {
-    use burn::cubecl::Runtime;
-    let usage = burn::cubecl::wgpu::WgpuRuntime::client(device).memory_usage().ok()?;
+    cube_memory::<burn::cubecl::wgpu::WgpuRuntime>(device)
+}
+
+/// The memory counters of cubecl runtime `R`'s client for `device`.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn cube_memory<R: burn::cubecl::Runtime>(device: &R::Device) -> Option<MemorySample> {
+    let usage = R::client(device).memory_usage().ok()?;
     Some(MemorySample {
         in_use: usage.bytes_in_use,
         reserved: usage.bytes_reserved,
