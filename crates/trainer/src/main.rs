@@ -21,7 +21,7 @@ use trainer::TrainConfig;
     version,
     about = "LoRA training for Stable Diffusion 1.x / 2.x and SDXL",
     after_help = "Backend: CUDA (built with `--features cuda`) when an NVIDIA driver is present, then a wgpu GPU \
-                  (Vulkan / Metal, built with `--features wgpu`), else the CPU; SD_LORA_DEVICE=cpu|cuda|wgpu picks one."
+                  (built with `--features vulkan`, `metal` or `wgpu`), else the CPU; SD_LORA_DEVICE=cpu|cuda|wgpu picks one."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -44,14 +44,16 @@ struct Cli {
     #[arg(long, global = true, value_name = "host|device")]
     vendor_sync: Option<lora_core::kernels::VendorSync>,
     /// Compute attention's softmax on CUDA in one fused kernel instead of burn's ops (one
-    /// pass over the scores instead of several). Also `SD_LORA_FUSED_SOFTMAX=1`.
+    /// pass over the scores instead of several; on wgpu too, there only when named). Also
+    /// `SD_LORA_FUSED_SOFTMAX=1`.
     #[arg(long, global = true)]
     fused_softmax: bool,
     /// Run attention (forward and backward) on CUDA in the flash-attention kernels (CubeCL
     /// tensor-core tiles; the score matrix is never stored) for bf16 / f16 models; other
     /// dtypes keep the blockwise path. Also `SD_LORA_FLASH_ATTENTION=1`;
     /// `SD_LORA_FLASH_SHARED_KIB` (default 48) sets the kernels' shared memory per cube and
-    /// `SD_LORA_FLASH_PREFETCH=1` double-buffers their loads in registers.
+    /// `SD_LORA_FLASH_PREFETCH=1` double-buffers their loads in registers. On wgpu only when
+    /// named, and where CubeCL reaches the GPU's matrix tiles (`vulkan` / `metal` builds).
     #[arg(long, global = true)]
     flash_attention: bool,
     /// Run attention (forward and backward) on CUDA in cuDNN's fused attention engines, the
@@ -70,7 +72,8 @@ struct Cli {
     flash_max_keys: Option<usize>,
     /// Run GroupNorm (+ SiLU) and LayerNorm forward and backward on CUDA in our fused
     /// kernels (two passes over the activation each way instead of burn's chain of
-    /// reductions and elementwise ops). Also `SD_LORA_FUSED_GROUP_NORM=1`.
+    /// reductions and elementwise ops; on wgpu too, there only when named). Also
+    /// `SD_LORA_FUSED_GROUP_NORM=1`.
     #[arg(long, global = true)]
     fused_group_norm: bool,
     /// On CUDA, run the matmuls that cuBLAS does not take (all of them without `--cublas`)
@@ -149,6 +152,39 @@ fn kernel_settings(cli: &Cli) -> Result<lora_core::kernels::KernelSettings> {
         _ => k.vendor_sync,
     };
     Ok(k)
+}
+
+/// The kernel switches on burn's wgpu backend: burn's kernels (and the fused concatenation,
+/// a plain copy kernel), plus those of our CubeCL kernels that a flag or `SD_LORA_*`
+/// variable turns on by name: the fused softmax, flash attention (where the device has
+/// matrix tiles; else the blockwise path), the fused norms, the fixed matmul. They passed
+/// their tests on Mesa's lavapipe but have not been timed on a GPU without CUDA, so unlike
+/// on CUDA none is on by default (`--burn-kernels` and `--tuned-matmul` are what runs
+/// anyway). Also returns the flags and variables set that do not apply there (cuDNN,
+/// cuBLAS and their ordering, `--fast-kernels`, the one-op LoRA layers, which build on
+/// CUDA's routes), for a note.
+fn portable_kernel_settings(cli: &Cli) -> Result<(lora_core::kernels::KernelSettings, Vec<&'static str>)> {
+    let mut k = lora_core::kernels::KernelSettings::default();
+    let on = |flag: bool, name: &str| -> Result<bool> { Ok(flag || env_switch(name)? == Some(true)) };
+    k.fused_softmax = on(cli.fused_softmax, "SD_LORA_FUSED_SOFTMAX")?;
+    k.flash_attention = on(cli.flash_attention, "SD_LORA_FLASH_ATTENTION")?;
+    k.fused_group_norm = on(cli.fused_group_norm, "SD_LORA_FUSED_GROUP_NORM")?;
+    k.fixed_matmul = env_switch("SD_LORA_FIXED_MATMUL")? == Some(true);
+    k.fused_concat = env_switch("SD_LORA_FUSED_CONCAT")?.unwrap_or(k.fused_concat);
+    let mut ignored = Vec::new();
+    for (set, name) in [
+        (on(cli.cudnn, "SD_LORA_CUDNN")?, "--cudnn"),
+        (on(cli.cublas, "SD_LORA_CUBLAS")?, "--cublas"),
+        (on(cli.cudnn_attention, "SD_LORA_CUDNN_ATTENTION")?, "--cudnn-attention"),
+        (cli.vendor_sync.is_some() || std::env::var("SD_LORA_VENDOR_SYNC").is_ok_and(|v| !v.is_empty()), "--vendor-sync"),
+        (on(cli.fused_lora_linear, "SD_LORA_FUSED_LORA_LINEAR")?, "--fused-lora-linear"),
+        (on(cli.fast_kernels, "SD_LORA_FAST_KERNELS")?, "--fast-kernels"),
+    ] {
+        if set {
+            ignored.push(name);
+        }
+    }
+    Ok((k, ignored))
 }
 
 // Parsed once per run: the size difference of the variants is immaterial.
@@ -334,7 +370,7 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         steps: usize,
         /// `cpu`, `cuda` or `wgpu` (each GPU backend needs a build with its feature:
-        /// `--features cuda`, `--features wgpu`).
+        /// `--features cuda`; `--features vulkan`, `metal` or `wgpu`).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Precision of the frozen UNet weights: `f32`, `bf16` or `f16` (adapters stay f32).
@@ -398,7 +434,7 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         steps: usize,
         /// `cpu`, `cuda` or `wgpu` (each GPU backend needs a build with its feature:
-        /// `--features cuda`, `--features wgpu`).
+        /// `--features cuda`; `--features vulkan`, `metal` or `wgpu`).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// dtype of the activations: `f32`, `bf16` or `f16` (flash attention needs bf16/f16).
@@ -944,7 +980,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
              examples/sd15-style.toml, point model.pretrained at your checkpoint (diffusers folder or\n\
              .safetensors file) and data.train_data_dir at your images, then run\n\
              \n    cargo run -p trainer --release -- train --config my-style.toml\n\
-             \n(build with --features cuda to train on an NVIDIA GPU, --features wgpu on a Vulkan or Metal\n GPU; see README.md)."
+             \n(build with --features cuda to train on an NVIDIA GPU, --features vulkan on another GPU under\n Linux or Windows, --features metal on a Mac; see README.md)."
         );
     }
     Ok(())
@@ -2158,8 +2194,8 @@ fn configure_kernel_cache() -> Option<PathBuf> {
     Some(chosen)
 }
 
-/// Says on stderr which kernels the CUDA run uses (and which libraries are missing).
-#[cfg(feature = "cuda")]
+/// Says on stderr which kernels the CUDA or wgpu run uses (and which libraries are missing).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn report_kernels(k: &lora_core::kernels::KernelSettings, flash_max_keys: Option<usize>) {
     if k.fused_softmax {
         eprintln!("attention softmax: fused kernel");
@@ -2209,9 +2245,9 @@ fn report_kernels(k: &lora_core::kernels::KernelSettings, flash_max_keys: Option
 /// Compares the routes that no GPU run has checked against the CPU yet (cuBLAS's products,
 /// the fused softmax) with the CPU on small problems, and turns off one that disagrees:
 /// a wrong library or kernel on some GPU then costs speed, not the run.
-#[cfg(feature = "cuda")]
-fn check_routes() {
-    for check in lora_core::kernels::check_routes::<burn::backend::Cuda>(&Default::default()) {
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn check_routes<B: burn::tensor::backend::Backend>() {
+    for check in lora_core::kernels::check_routes::<B>(&Default::default()) {
         match check.result {
             Ok(err) if check.failed() => {
                 check.route.turn_off();
@@ -2229,6 +2265,9 @@ fn check_routes() {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let kernels = kernel_settings(&cli)?;
+    // What the switches mean on the wgpu backend (where none is on by default).
+    #[cfg_attr(not(feature = "wgpu"), allow(unused_variables))]
+    let (portable, ignored_on_wgpu) = portable_kernel_settings(&cli)?;
     let command = cli.command.unwrap_or(Command::Train { config: None, sets: vec![], resume: None, overwrite: false });
     lora_core::kernels::set_flash_prefetch(env_switch("SD_LORA_FLASH_PREFETCH")?.unwrap_or(false));
     // A kill switch for cuDNN's padded attention backward (the 77-token cross-attention).
@@ -2278,7 +2317,7 @@ fn main() -> Result<()> {
             // Only where the routes will run: import, convert, merge and resize need no
             // check (nor a working NVRTC, which the check's kernels do).
             if matches!(command, Command::Train { .. } | Command::Generate { .. } | Command::Bench { .. } | Command::BenchOps { .. } | Command::DeviceCheck { .. }) {
-                check_routes();
+                check_routes::<burn::backend::Cuda>();
             }
             report_kernels(&lora_core::kernels::KernelSettings::current(), flash_max_keys);
             match cache {
@@ -2291,20 +2330,31 @@ fn main() -> Result<()> {
             return dispatch::<burn::backend::Autodiff<burn::backend::Cuda>>(command, &Default::default());
         }
     }
-    let backend = if device == DeviceKind::Wgpu { "wgpu" } else { "CPU" };
-    if kernels != lora_core::kernels::KernelSettings::fast() || flash_max_keys.is_some() {
-        eprintln!(
-            "--burn-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the {backend} backend"
-        );
-    }
     #[cfg(feature = "wgpu")]
     {
         if device == DeviceKind::Wgpu {
-            // burn's kernels: the fast paths above are CUDA's (cuDNN, cuBLAS) or checked on
-            // CUDA only; the switches stay at their defaults here.
+            // burn's kernels, plus the CubeCL kernels the user names (none is on by
+            // default: they are checked on CUDA and on lavapipe, not timed on these GPUs).
+            if !ignored_on_wgpu.is_empty() {
+                eprintln!("{} (or their SD_LORA_* variables): CUDA's, ignored on the wgpu backend", ignored_on_wgpu.join(" / "));
+            }
+            portable.apply();
+            if matches!(command, Command::Train { .. } | Command::Generate { .. } | Command::Bench { .. } | Command::BenchOps { .. } | Command::DeviceCheck { .. }) {
+                check_routes::<burn::backend::Wgpu>();
+            }
+            if portable != lora_core::kernels::KernelSettings::default() || flash_max_keys.is_some() {
+                report_kernels(&lora_core::kernels::KernelSettings::current(), flash_max_keys);
+            }
             eprintln!("the first steps compile and autotune GPU kernels (minutes on a first run; cubecl keeps the autotune results for later runs)");
             return dispatch::<burn::backend::Autodiff<burn::backend::Wgpu>>(command, &Default::default());
         }
+    }
+    // The GPU backends returned above (a GPU named but not built was an error).
+    debug_assert_eq!(device, DeviceKind::Cpu);
+    if kernels != lora_core::kernels::KernelSettings::fast() || flash_max_keys.is_some() {
+        eprintln!(
+            "--burn-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
+        );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
 }
@@ -2332,7 +2382,7 @@ fn choose_device() -> Result<DeviceKind> {
         "cuda" if !cfg!(feature = "cuda") => anyhow::bail!("SD_LORA_DEVICE=cuda needs a build with `--features cuda`"),
         "cuda" if !nvidia() => anyhow::bail!("SD_LORA_DEVICE=cuda: no NVIDIA driver found ({} is missing)", nvidia_driver_file().display()),
         "cuda" => Ok(DeviceKind::Cuda),
-        "wgpu" if !cfg!(feature = "wgpu") => anyhow::bail!("SD_LORA_DEVICE=wgpu needs a build with `--features wgpu`"),
+        "wgpu" if !cfg!(feature = "wgpu") => anyhow::bail!("SD_LORA_DEVICE=wgpu needs a build with `--features vulkan`, `metal` or `wgpu`"),
         "wgpu" => {
             #[cfg(feature = "wgpu")]
             match wgpu_adapters().first() {
@@ -2400,6 +2450,10 @@ fn named_device(name: &str) -> DeviceKind {
 struct WgpuAdapter {
     name: String,
     api: String,
+    /// The language cubecl compiles kernels to for this adapter's API: SPIR-V for Vulkan
+    /// with the `vulkan` feature (WGSL should the driver lack what the SPIR-V compiler
+    /// needs), MSL for Metal with `metal`, else WGSL.
+    shaders: &'static str,
     /// A driver that runs on the CPU (lavapipe, WARP).
     cpu: bool,
 }
@@ -2407,7 +2461,7 @@ struct WgpuAdapter {
 #[cfg(feature = "wgpu")]
 impl std::fmt::Display for WgpuAdapter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.name, self.api)
+        write!(f, "{} ({}, {} shaders)", self.name, self.api, self.shaders)
     }
 }
 
@@ -2432,8 +2486,18 @@ fn wgpu_adapters() -> Vec<WgpuAdapter> {
     infos.sort_by_key(|i| rank(i.device_type));
     infos
         .into_iter()
-        .map(|i| WgpuAdapter { name: i.name, api: format!("{:?}", i.backend), cpu: i.device_type == wgpu::DeviceType::Cpu })
+        .map(|i| WgpuAdapter { name: i.name, api: format!("{:?}", i.backend), shaders: shader_language(i.backend), cpu: i.device_type == wgpu::DeviceType::Cpu })
         .collect()
+}
+
+/// What cubecl compiles kernels to on `api` in this build (see [`WgpuAdapter::shaders`]).
+#[cfg(feature = "wgpu")]
+fn shader_language(api: wgpu::Backend) -> &'static str {
+    match api {
+        wgpu::Backend::Vulkan if cfg!(feature = "vulkan") => "SPIR-V",
+        wgpu::Backend::Metal if cfg!(all(feature = "metal", target_os = "macos")) => "MSL",
+        _ => "WGSL",
+    }
 }
 
 #[cfg(test)]
@@ -2444,6 +2508,24 @@ mod tests {
     fn settings(args: &[&str]) -> lora_core::kernels::KernelSettings {
         let cli = Cli::try_parse_from(std::iter::once("trainer").chain(args.iter().copied())).expect("valid flags");
         kernel_settings(&cli).expect("valid settings")
+    }
+
+    /// On the wgpu backend nothing is on by default; a flag turns on its CubeCL kernel, and
+    /// CUDA's switches are named as ignored.
+    #[test]
+    fn wgpu_runs_only_the_cubecl_kernels_named() {
+        use lora_core::kernels::KernelSettings;
+        let portable = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("trainer").chain(args.iter().copied())).expect("valid flags");
+            portable_kernel_settings(&cli).expect("valid settings")
+        };
+        assert_eq!(portable(&["bench"]), (KernelSettings::default(), vec![]));
+        let (k, ignored) = portable(&["--fused-group-norm", "--flash-attention", "--fused-softmax", "--cudnn", "--vendor-sync", "device", "bench"]);
+        assert_eq!(k, KernelSettings { fused_group_norm: true, flash_attention: true, fused_softmax: true, ..Default::default() });
+        assert_eq!(ignored, ["--cudnn", "--vendor-sync"]);
+        let (k, ignored) = portable(&["--fast-kernels", "--fused-lora-linear", "bench"]);
+        assert_eq!(k, KernelSettings::default());
+        assert_eq!(ignored, ["--fused-lora-linear", "--fast-kernels"]);
     }
 
     #[test]

@@ -143,6 +143,12 @@ fn on_cpu<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<Flex, D> {
     Tensor::from_data(cast_to(t.clone(), DType::F32).into_data(), &Default::default())
 }
 
+/// The half precision the checks use on `device`: bf16, the training default, or f16 where
+/// the device has no bf16 arithmetic (wgpu); `None` where it has neither.
+fn half_dtype<B: Backend>(device: &B::Device) -> Option<DType> {
+    [DType::BF16, DType::F16].into_iter().find(|&dtype| B::supports_dtype(device, dtype))
+}
+
 fn check_cublas<B: Backend>(device: &B::Device) -> RouteCheck {
     // TF32 in f32 (~1e-3), bf16 outputs (~4e-3) with f32 accumulation.
     let tolerance = 2e-2;
@@ -150,7 +156,7 @@ fn check_cublas<B: Backend>(device: &B::Device) -> RouteCheck {
     set_cublas_min_gflop(0.0);
     let before = vendor_stats().cublas_calls;
     let mut errors = Vec::new();
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in std::iter::once(DType::F32).chain(half_dtype::<B>(device)) {
         let rand = |shape: [usize; 3]| cast_to(Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), device), dtype);
         // (a, b, transpose a in the op, transpose b in the op)
         let cases = [
@@ -179,13 +185,17 @@ fn check_cublas<B: Backend>(device: &B::Device) -> RouteCheck {
 }
 
 fn check_fused_softmax<B: Backend>(device: &B::Device) -> RouteCheck {
-    // bf16 outputs round to ~4e-3 of the largest probability.
+    // bf16 outputs round to ~4e-3 of the largest probability (f16's to ~5e-4).
     let tolerance = 1e-2;
     let before = vendor_stats().fused_softmax_calls;
     let mut errors = Vec::new();
     for shape in [[2, 3, 5, 77], [1, 2, 4, 300]] {
         let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 4.0), device);
-        for (input, output) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F32, DType::BF16), (DType::BF16, DType::F32)] {
+        let mut pairs = vec![(DType::F32, DType::F32)];
+        if let Some(half) = half_dtype::<B>(device) {
+            pairs.extend([(half, half), (DType::F32, half), (half, DType::F32)]);
+        }
+        for (input, output) in pairs {
             let x = cast_to(x.clone(), input);
             let reference = burn::tensor::activation::softmax(on_cpu(&x).mul_scalar(0.158), 3).into_data();
             errors.push(relative_error(scaled_softmax(x, 0.158, output).into_data(), reference));

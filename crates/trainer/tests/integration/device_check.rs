@@ -61,9 +61,11 @@ fn copy_parameters_checks_the_architecture() {
 
 /// burn's wgpu backend (`--features wgpu`) against the CPU: f32 with and without gradient
 /// checkpointing (the hand-written backward passes are registered for both on `Wgpu`), f16,
+/// f16 with our fused GroupNorm and softmax kernels (`--fused-group-norm --fused-softmax`),
 /// and bf16 refused by name. Needs a wgpu adapter (a GPU's Vulkan or Metal driver, or Mesa's
 /// lavapipe, where the first run autotunes for minutes):
-/// `cargo test -p trainer --release --features wgpu --test integration device_check::wgpu -- --ignored`.
+/// `cargo test -p trainer --release --features wgpu --test integration device_check::wgpu -- --ignored`
+/// (`--features vulkan` or `metal` checks the SPIR-V or MSL kernels instead of WGSL).
 #[cfg(feature = "wgpu")]
 #[test]
 #[ignore = "needs a wgpu adapter (Vulkan, Metal or DirectX 12 driver)"]
@@ -86,6 +88,16 @@ fn wgpu_against_cpu_passes_at_f32_and_f16() {
     opts.precision = Precision::F16;
     let report = run::<Autodiff<Flex>, W>(&opts, &cpu, &Default::default()).unwrap();
     assert!(report.pass && report.output.rel_l2 > 0.0, "{report:?}");
+    // The CubeCL kernels the trainer runs on wgpu when named (the switches are global: no
+    // other test of this binary runs on wgpu).
+    use lora_core::kernels::{vendor_stats, KernelSettings};
+    let before = vendor_stats();
+    KernelSettings { fused_group_norm: true, fused_softmax: true, ..KernelSettings::default() }.apply();
+    let report = run::<Autodiff<Flex>, W>(&opts, &cpu, &Default::default());
+    KernelSettings::default().apply();
+    let (report, after) = (report.unwrap(), vendor_stats());
+    assert!(report.pass, "{report:?}");
+    assert!(after.fused_group_norm_calls > before.fused_group_norm_calls && after.fused_softmax_calls > before.fused_softmax_calls, "{after:?}");
     opts.precision = Precision::Bf16;
     let err = run::<Autodiff<Flex>, W>(&opts, &cpu, &Default::default()).unwrap_err().to_string();
     assert!(err.contains("--precision") && err.contains("bf16") && err.contains("f16 or f32"), "{err}");
