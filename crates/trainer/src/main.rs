@@ -936,12 +936,15 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     // A resumed run whose earlier metrics.jsonl is gone knows no losses before its own
     // (NaN in the report): the means are of the steps with a loss.
     let known: Vec<f32> = report.losses.iter().copied().filter(|l| l.is_finite()).collect();
-    let first = known.iter().take(20).sum::<f32>() / known.len().clamp(1, 20) as f32;
-    let last = known.iter().rev().take(20).sum::<f32>() / known.len().clamp(1, 20) as f32;
+    // Up to 20 steps at each end, never overlapping (a short run compares its halves).
+    let window = (known.len() / 2).min(20);
+    let first = known.iter().take(window).sum::<f32>() / window.max(1) as f32;
+    let last = known.iter().rev().take(window).sum::<f32>() / window.max(1) as f32;
     let verb = if report.interrupted { "interrupted after" } else { "done in" };
-    let means = match known.is_empty() {
-        true => String::new(),
-        false => format!("; mean loss of the first/last 20 steps: {first:.4} -> {last:.4}"),
+    let means = match window {
+        0 => String::new(),
+        1 => format!("; loss of the first/last step: {first:.4} -> {last:.4}"),
+        n => format!("; mean loss of the first/last {n} steps: {first:.4} -> {last:.4}"),
     };
     println!("\n{verb} {:.0}s ({} steps){means}", report.seconds, report.losses.len());
     match report.embedding_file {

@@ -787,10 +787,10 @@ fn sd_lora_device_is_checked_before_the_command_runs() {
     // Named in any case; the command itself then runs (and fails on its missing file).
     let (ok, err) = run("CPU");
     assert!(!ok && err.contains("no-such-file") && !err.contains("SD_LORA_DEVICE"), "{err}");
-    for (feature, built) in [("cuda", cfg!(feature = "cuda")), ("wgpu", cfg!(feature = "wgpu"))] {
+    for (name, built, features) in [("cuda", cfg!(feature = "cuda"), "`--features cuda`"), ("wgpu", cfg!(feature = "wgpu"), "`--features vulkan`, `metal` or `wgpu`")] {
         if !built {
-            let (ok, err) = run(feature);
-            assert!(!ok && err.contains(&format!("SD_LORA_DEVICE={feature} needs a build with `--features {feature}`")), "{err}");
+            let (ok, err) = run(name);
+            assert!(!ok && err.contains(&format!("SD_LORA_DEVICE={name} needs a build with {features}")), "{err}");
         }
     }
 }
