@@ -2348,6 +2348,12 @@ fn main() -> Result<()> {
             if portable != lora_core::kernels::KernelSettings::default() || flash_max_keys.is_some() {
                 report_kernels(&lora_core::kernels::KernelSettings::current(), flash_max_keys);
             }
+            if portable.flash_attention {
+                // Unlike CUDA's tensor cores, these are not on every GPU (nor reachable from WGSL).
+                eprintln!(
+                    "flash attention on wgpu needs f16 matrix tiles (Vulkan's cooperative matrices with `--features vulkan`, Apple's simdgroup matrices with `metal`): without them each call takes the blockwise path (`trainer device-check --device wgpu --precision f16 --flash-attention` reports it under `fallbacks` / `last_error`)"
+                );
+            }
             eprintln!("the first steps compile and autotune GPU kernels (minutes on a first run; cubecl keeps the autotune results for later runs)");
             return dispatch::<burn::backend::Autodiff<burn::backend::Wgpu>>(command, &Default::default());
         }
