@@ -2317,9 +2317,7 @@ fn main() -> Result<()> {
             kernels.apply();
             // The cache first: the route checks compile kernels too.
             let cache = configure_kernel_cache();
-            // Only where the routes will run: import, convert, merge and resize need no
-            // check (nor a working NVRTC, which the check's kernels do).
-            if matches!(command, Command::Train { .. } | Command::Generate { .. } | Command::Bench { .. } | Command::BenchOps { .. } | Command::DeviceCheck { .. }) {
+            if runs_kernels(&command) {
                 check_routes::<burn::backend::Cuda>();
             }
             report_kernels(&lora_core::kernels::KernelSettings::current(), flash_max_keys);
@@ -2342,7 +2340,7 @@ fn main() -> Result<()> {
                 eprintln!("{} (or their SD_LORA_* variables): CUDA's, ignored on the wgpu backend", ignored_on_wgpu.join(" / "));
             }
             portable.apply();
-            if matches!(command, Command::Train { .. } | Command::Generate { .. } | Command::Bench { .. } | Command::BenchOps { .. } | Command::DeviceCheck { .. }) {
+            if runs_kernels(&command) {
                 check_routes::<burn::backend::Wgpu>();
             }
             if portable != lora_core::kernels::KernelSettings::default() || flash_max_keys.is_some() {
@@ -2366,6 +2364,13 @@ fn main() -> Result<()> {
         );
     }
     dispatch::<burn::backend::Autodiff<burn::backend::Flex>>(command, &Default::default())
+}
+
+/// Whether `command` runs the model's kernels on the device (and so wants the start-up route
+/// checks): import, convert, merge and resize need none (nor a working NVRTC on CUDA).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn runs_kernels(command: &Command) -> bool {
+    matches!(command, Command::Train { .. } | Command::Generate { .. } | Command::Bench { .. } | Command::BenchOps { .. } | Command::DeviceCheck { .. })
 }
 
 /// The backend the commands run on.
