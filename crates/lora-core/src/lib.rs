@@ -46,6 +46,17 @@
 //! assert!(adapter.up.weight.grad(&grads).is_some());
 //! assert!(layer.base.weight.grad(&grads).is_none()); // frozen
 //! ```
+//!
+//! ## Threads
+//!
+//! Train on one thread per process. In burn 0.21 a `backward()` on one thread can free
+//! autodiff steps of a graph another thread is still building, and that thread's gradients
+//! then silently lack a term ([tracel-ai/burn#5573](https://github.com/tracel-ai/burn/issues/5573),
+//! fixed after 0.21). It needs a parameter reused after a backward pass, which every
+//! training loop does, so two models trained on two threads of one process can each lose
+//! gradients; the `trainer` binary does all autodiff work on one thread. This workspace's
+//! tests run one at a time for the same reason (`RUST_TEST_THREADS` in
+//! `.cargo/config.toml`).
 #![deny(missing_docs)]
 
 mod adapters;

@@ -307,11 +307,13 @@ fn a_file_without_b_norm_reads_with_a_zero_shift_difference() {
 fn module_dropout_skips_the_whole_module() {
     let f = Fixture::open(FILE);
     let name = "layer";
+    // Seeded (the tests run one at a time), and 40 passes: one run in 2^39 draws one kind only.
+    <Autodiff<Flex> as burn::tensor::backend::Backend>::seed(&Default::default(), 21);
     let mut norm = trained_with(&f, name, &LoraConfig::new(4).with_module_dropout(0.5).with_rank_dropout(0.5));
     assert_eq!((norm.adapter().module_dropout, norm.adapter().rank_dropout), (0.5, 0.0));
     let (trained_y, base_y) = (column(&f, &format!("{name}.y")).inner(), base_norm(&f, name).forward(&f, name).inner());
     let (mut kept, mut dropped) = (0, 0);
-    for _ in 0..12 {
+    for _ in 0..40 {
         let y = norm.forward(&f, name).inner();
         if rel(y.clone(), trained_y.clone()) < 2e-5 {
             kept += 1;
