@@ -2518,10 +2518,13 @@ fn shader_language(api: wgpu::Backend) -> &'static str {
 mod tests {
     use super::*;
 
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("trainer").chain(args.iter().copied())).expect("valid flags")
+    }
+
     /// The flags alone (the `SD_LORA_*` switch variables are not set in the test run).
     fn settings(args: &[&str]) -> lora_core::kernels::KernelSettings {
-        let cli = Cli::try_parse_from(std::iter::once("trainer").chain(args.iter().copied())).expect("valid flags");
-        kernel_settings(&cli).expect("valid settings")
+        kernel_settings(&parse(args)).expect("valid settings")
     }
 
     /// On the wgpu backend nothing is on by default; a flag turns on its CubeCL kernel, and
@@ -2529,10 +2532,7 @@ mod tests {
     #[test]
     fn wgpu_runs_only_the_cubecl_kernels_named() {
         use lora_core::kernels::KernelSettings;
-        let portable = |args: &[&str]| {
-            let cli = Cli::try_parse_from(std::iter::once("trainer").chain(args.iter().copied())).expect("valid flags");
-            portable_kernel_settings(&cli).expect("valid settings")
-        };
+        let portable = |args: &[&str]| portable_kernel_settings(&parse(args)).expect("valid settings");
         assert_eq!(portable(&["bench"]), (KernelSettings::default(), vec![]));
         let (k, ignored) = portable(&["--fused-group-norm", "--flash-attention", "--fused-softmax", "--cudnn", "--vendor-sync", "device", "bench"]);
         assert_eq!(k, KernelSettings { fused_group_norm: true, flash_attention: true, fused_softmax: true, ..Default::default() });
