@@ -393,6 +393,24 @@ impl Dataset {
         self.repeats.iter().map(|&r| r as usize).sum()
     }
 
+    /// Batches per epoch: each bucket's samples in batches of `batch_size` (the last one
+    /// per bucket may be smaller). Every epoch has this many, whatever it draws (only the
+    /// order, captions, flips and crops change), so it is [`plan_epoch`](Self::plan_epoch)`(e).len()`
+    /// for any `e` without planning one.
+    ///
+    /// ```
+    /// use sd_data::{demo, Dataset, DatasetConfig, SubsetConfig};
+    /// let samples = demo::generate(&demo::DemoConfig { count: 5, ..Default::default() });
+    /// let subset = SubsetConfig { num_repeats: Some(3), ..Default::default() };
+    /// let config = DatasetConfig { batch_size: 4, ..DatasetConfig::demo("") };
+    /// let ds = Dataset::from_memory(&config, subset, demo::into_memory_images(samples)).unwrap();
+    /// assert_eq!(ds.batches_per_epoch(), ds.plan_epoch(7).len());
+    /// ```
+    pub fn batches_per_epoch(&self) -> usize {
+        let size = self.config.batch_size.max(1);
+        self.bucket_table().values().map(|n| n.div_ceil(size)).sum()
+    }
+
     /// Samples per epoch in each bucket.
     pub fn bucket_table(&self) -> BTreeMap<Reso, usize> {
         let mut table = BTreeMap::new();

@@ -1187,7 +1187,7 @@ fn ia3_drops(l: &mut crate::config::LoraSection, rank_dropout: &mut f64, preset:
 
 /// Turns off each set flag of `flags` (a setting and its `network_args` name) and returns
 /// the names of those that were on, for a note that the algorithm does not use them.
-fn turn_off<'a, const N: usize>(flags: [(&'a mut bool, &'static str); N]) -> Vec<&'static str> {
+fn turn_off<const N: usize>(flags: [(&mut bool, &'static str); N]) -> Vec<&'static str> {
     flags.into_iter().filter_map(|(on, what)| std::mem::take(on).then_some(what)).collect()
 }
 

@@ -780,8 +780,10 @@ impl ProgressView {
             None => {
                 let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= PLAIN_LINE_EVERY_S);
                 if due || info.step == info.total {
-                    let eta = (info.total - info.step) as f64 / rate.max(1e-9);
-                    eprintln!("step {}/{} {message} ETA {eta:.0}s", info.step, info.total);
+                    // As the bar's clock reads (`1d 02:03:04`), not a count of seconds.
+                    let eta = std::time::Duration::try_from_secs_f64((info.total - info.step) as f64 / rate.max(1e-9))
+                        .map_or_else(|_| "unknown".to_string(), |d| indicatif::FormattedDuration(d).to_string());
+                    eprintln!("step {}/{} {message} ETA {eta}", info.step, info.total);
                     self.last_line = Some(Instant::now());
                 }
             }

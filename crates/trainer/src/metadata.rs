@@ -122,7 +122,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         serde_json::Value::Object(map)
     };
     let images = |reg: bool| -> usize { folders.iter().filter(|f| f.is_reg == reg).map(|f| f.images * f.num_repeats as usize).sum() };
-    let batches = dataset.plan_epoch(0).len().max(1);
+    let batches = dataset.batches_per_epoch().max(1);
     let buckets: serde_json::Map<String, serde_json::Value> = dataset
         .bucket_table()
         .into_iter()

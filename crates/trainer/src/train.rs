@@ -496,11 +496,14 @@ fn steps_for(config: &TrainConfig, dataset: &Dataset) -> Result<TrainConfig, Tra
     let mut config = config.clone();
     let t = &config.train;
     if t.max_train_epochs > 0 {
-        let batches = dataset.plan_epoch(0).len();
+        let batches = dataset.batches_per_epoch();
         if batches == 0 {
             return Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() });
         }
-        let micro_batches = t.max_train_epochs * batches;
+        let micro_batches = t.max_train_epochs.checked_mul(batches).ok_or_else(|| TrainError::Config {
+            origin: "train.max_train_epochs".into(),
+            reason: format!("= {} epochs of {batches} batches is more micro-batches than can be counted", t.max_train_epochs),
+        })?;
         config.train.max_train_steps = micro_batches.div_ceil(t.gradient_accumulation_steps);
     }
     Ok(config)
@@ -552,7 +555,7 @@ pub fn resume_on<B: AutodiffBackend>(
             reason: format!("cannot resume with a different model, [lora] section, optimizer or [embedding]: {differs}"),
         });
     }
-    let batches = data.0.plan_epoch(state.info.epoch).len();
+    let batches = data.0.batches_per_epoch();
     if state.info.batch_in_epoch > batches {
         return Err(TrainError::Config {
             origin: state_dir.display().to_string(),
@@ -1940,7 +1943,7 @@ pub struct Progress {
 /// let mut config = trainer::config::TrainConfig::default();
 /// config.train.gradient_accumulation_steps = 2;
 /// let dataset = trainer::train::open_dataset(&config)?; // the built-in demo images
-/// let batches = dataset.plan_epoch(0).len();
+/// let batches = dataset.batches_per_epoch();
 /// config.train.initial_epoch = 3;
 /// let start = trainer::train::initial_progress(&config, &dataset)?;
 /// assert_eq!((start.step, start.epoch, start.batch_in_epoch), (2 * batches.div_ceil(2), 2, 0));
@@ -1955,11 +1958,13 @@ pub struct Progress {
 pub fn initial_progress(config: &TrainConfig, dataset: &Dataset) -> Result<Progress, TrainError> {
     let t = &config.train;
     let accumulation = t.gradient_accumulation_steps.max(1);
-    let batches = |epoch: u64| match dataset.plan_epoch(epoch).len() {
-        0 => Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() }),
-        n => Ok(n),
+    // Every epoch has this many batches, so a far start is arithmetic, not a walk.
+    let batches = match dataset.batches_per_epoch() {
+        0 => return Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() }),
+        n => n,
     };
-    let past_end = |key: &str, value: usize, step: usize| {
+    // u128: a first step past usize's range is still a number to name.
+    let past_end = |key: &str, value: usize, step: u128| {
         let of = match t.max_train_epochs {
             0 => format!("train.max_train_steps = {}", t.max_train_steps),
             e => format!("the {} steps of train.max_train_epochs = {e}", t.max_train_steps),
@@ -1972,30 +1977,22 @@ pub fn initial_progress(config: &TrainConfig, dataset: &Dataset) -> Result<Progr
     };
     let start = if t.initial_step > 0 {
         if t.initial_step >= t.max_train_steps {
-            return Err(past_end("initial_step", t.initial_step, t.initial_step));
+            return Err(past_end("initial_step", t.initial_step, t.initial_step as u128));
         }
-        // The micro-batches the steps before it used, epoch after epoch.
-        let mut left = t.initial_step * accumulation;
-        let mut epoch = 0;
-        loop {
-            let n = batches(epoch)?;
-            if left < n {
-                break Progress { step: t.initial_step, epoch, batch_in_epoch: left };
-            }
-            left -= n;
-            epoch += 1;
-        }
+        // The micro-batches the steps before it used: whole epochs, then part of one.
+        let used = t.initial_step as u128 * accumulation as u128;
+        let epoch = u64::try_from(used / batches as u128).map_err(|_| TrainError::Config {
+            origin: "train.initial_step".into(),
+            reason: format!("= {} starts past the last epoch that can be counted ({} batches per epoch)", t.initial_step, batches),
+        })?;
+        Progress { step: t.initial_step, epoch, batch_in_epoch: (used % batches as u128) as usize }
     } else if t.initial_epoch > 1 {
-        let epoch = t.initial_epoch as u64 - 1;
-        let mut step = 0;
-        for e in 0..epoch {
-            step += batches(e)?.div_ceil(accumulation);
-            // Past the run's end: no need to plan the epochs after it.
-            if step >= t.max_train_steps {
-                return Err(past_end("initial_epoch", t.initial_epoch, step));
-            }
+        let epoch = t.initial_epoch - 1;
+        let step = epoch as u128 * batches.div_ceil(accumulation) as u128;
+        match usize::try_from(step) {
+            Ok(step) if step < t.max_train_steps => Progress { step, epoch: epoch as u64, batch_in_epoch: 0 },
+            _ => return Err(past_end("initial_epoch", t.initial_epoch, step)),
         }
-        Progress { step, epoch, batch_in_epoch: 0 }
     } else {
         Progress { step: 0, epoch: 0, batch_in_epoch: 0 }
     };

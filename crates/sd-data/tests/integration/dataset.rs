@@ -130,6 +130,9 @@ fn kohya_parent_folder_repeats_and_class_tokens() {
     // Each epoch holds every image exactly `repeats` times, in batches of one bucket each.
     for epoch in 0..3 {
         let plan = ds.plan_epoch(epoch);
+        // One bucket per image (square, landscape, portrait) with 10, 10 and 3 samples:
+        // 5 + 5 + 2 batches of up to 2, whatever the epoch draws.
+        assert_eq!((plan.len(), ds.batches_per_epoch()), (12, 12));
         let mut count: HashMap<usize, usize> = HashMap::new();
         for b in &plan {
             assert!(!b.samples.is_empty() && b.samples.len() <= 2);

@@ -681,7 +681,18 @@ fn initial_epoch_and_step_start_a_run_part_way() {
     c.train.initial_step = 0;
     c.train.initial_epoch = 5;
     let err = trainer::train::initial_progress(&c, &dataset).unwrap_err().to_string();
-    assert!(err.contains("train.initial_epoch") && err.contains("its first step is 6"), "{err}");
+    assert!(err.contains("train.initial_epoch") && err.contains("its first step is 8"), "{err}");
+    // Far starts are counted, not walked epoch by epoch (this once planned 10⁹ epochs).
+    c.train.initial_epoch = 0;
+    c.train.max_train_steps = 4_000_000_001;
+    c.train.initial_step = 4_000_000_000;
+    assert_eq!(at(&c), (4_000_000_000, 2_666_666_666, 2), "8·10⁹ micro-batches: 2 666 666 666 epochs of 3, and 2");
+    c.train.initial_step = 0;
+    c.train.initial_epoch = usize::MAX;
+    let err = trainer::train::initial_progress(&c, &dataset).unwrap_err().to_string();
+    assert!(err.contains("train.initial_epoch") && err.contains(&format!("its first step is {}", (usize::MAX as u128 - 1) * 2)), "{err}");
+    c.train.initial_epoch = 5;
+    c.train.max_train_steps = 6;
     // Refused before the output folder is made.
     let unwritten = dir.path().join("never");
     c.output.output_dir = unwritten.clone();
