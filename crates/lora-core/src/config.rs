@@ -515,9 +515,26 @@ impl LoraConfig {
         }
     }
 
+    /// Checks the rank against one layer's update `[out, in]` (`in` counting a kernel's
+    /// taps), for the algorithms whose factors are `rank` wide (LoRA, LoCon, LoHa, GLoRA):
+    /// past both sides every factor is already of full rank, so the extra width only costs
+    /// memory, and a rank like 80000 (8 mistyped) is refused before it is allocated.
+    pub(crate) fn check_rank_for(&self, out: usize, input: usize) -> Result<()> {
+        if self.rank > out.max(input) {
+            return Err(LoraError::InvalidConfig(format!(
+                "rank {} is larger than both sides of the layer's update ({out} x {input}), where {} already gives factors of full rank",
+                self.rank,
+                out.max(input)
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks that the values are usable. A rank above the layer's `min(in, out)` is
     /// allowed, as kohya, PEFT and LyCORIS allow it (a LoRA's update then has the rank
-    /// `min(in, out)` at most; LoHa's and LoKr's are not bounded by theirs).
+    /// `min(in, out)` at most; LoHa's and LoKr's are not bounded by theirs); attaching
+    /// refuses one above `max(in, out)`, where the factors are already of full rank
+    /// (LoKr and the OFTs read the rank otherwise).
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(LoraError::InvalidConfig("rank must be at least 1".into()));

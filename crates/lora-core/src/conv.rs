@@ -96,6 +96,7 @@ impl<B: Backend> Conv2dAdapter<B> {
         check_base(base, "<new>")?;
         let [out_ch, in_ch, kh, kw] = base.weight.dims();
         config.validate()?;
+        config.check_rank_for(out_ch, in_ch * kh * kw)?;
         let rank = config.rank;
         let init = down_initializer(config, in_ch);
         // LyCORIS: only a kernel larger than 1x1 gets a Tucker core.

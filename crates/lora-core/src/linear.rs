@@ -141,6 +141,7 @@ impl<B: Backend> LinearAdapter<B> {
     /// A freshly initialised adapter for a layer `d_input → d_output` (up is zero).
     pub fn new(config: &LoraConfig, d_input: usize, d_output: usize, device: &B::Device) -> Result<Self> {
         config.validate()?;
+        config.check_rank_for(d_output, d_input)?;
         let mut down = LinearConfig::new(d_input, config.rank)
             .with_bias(false)
             .with_initializer(down_initializer(config, d_input))

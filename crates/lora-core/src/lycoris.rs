@@ -178,6 +178,10 @@ impl<B: Backend> LycorisAdapter<B> {
         config.validate()?;
         let r = config.rank;
         let k = kh * kw;
+        // LoKr reads a large rank as "full halves", and the OFTs as a block size.
+        if matches!(config.algo, Algo::Loha | Algo::Glora) {
+            config.check_rank_for(out, input * k)?;
+        }
         // LyCORIS: only a kernel larger than 1x1 is Tucker-decomposed.
         let tucker = config.use_tucker && conv && k > 1;
         let scalar = config.use_scalar;

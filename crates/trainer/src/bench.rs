@@ -433,7 +433,7 @@ pub fn run_hooked<B: AutodiffBackend>(opts: &BenchOptions, device: &B::Device, h
         }
         frozen
     });
-    let mut times = Vec::with_capacity(opts.steps + 1);
+    let mut times = Vec::new();
     let mut peak: Option<MemorySample> = None;
     // Steps 0..=steps are timed one by one, each followed by a device sync (step 0 is the
     // warm-up: compilation, autotuning). Then `steps` more run back to back with one sync at

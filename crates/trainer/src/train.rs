@@ -1420,7 +1420,8 @@ fn run<B: AutodiffBackend>(
         }),
     };
     let mut guard = StepGuard::<B::InnerBackend>::new(guard_settings, device);
-    let mut losses = Vec::with_capacity(t.max_train_steps);
+    // Grown as steps run: reserving `max_train_steps` up front aborts on a huge count.
+    let mut losses = Vec::new();
     if let Some(state) = &state {
         let file = state.dir.join("adapters.safetensors");
         let in_file = in_state_file(&file);

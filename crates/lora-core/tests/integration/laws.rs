@@ -214,7 +214,7 @@ fn rslora_adapter_exports_equivalent_weights() {
 #[test]
 fn gaussian_init_and_config_validation() {
     use lora_core::LoraInit;
-    let mut layer = linear_layer(&mut Rng::new(1), 64, 64, false);
+    let mut layer = linear_layer(&mut Rng::new(1), 64, 48, false);
     let cfg = LoraConfig::new(8).with_init(LoraInit::Gaussian);
     layer.attach_new(&cfg, &Default::default()).unwrap();
     let down = values(layer.adapter.as_ref().unwrap().down.weight.val());
@@ -228,8 +228,12 @@ fn gaussian_init_and_config_validation() {
     assert!(down.iter().any(|v| v.abs() > 0.1));
     // Bad configs are errors, not panics.
     assert!(layer.attach_new(&LoraConfig::new(0), &Default::default()).is_err());
-    // A rank above min(in, out) is allowed, as in kohya, PEFT and LyCORIS.
-    assert!(layer.attach_new(&LoraConfig::new(65), &Default::default()).is_ok());
+    // A rank above min(in, out) is allowed, as in kohya, PEFT and LyCORIS; one above
+    // max(in, out) is refused, naming both sides.
+    assert!(layer.attach_new(&LoraConfig::new(64), &Default::default()).is_ok());
+    let err = layer.attach_new(&LoraConfig::new(65), &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("rank 65") && err.contains("48 x 64"), "{err}");
+    assert_eq!(layer.adapter.as_ref().unwrap().down.weight.dims(), [64, 64], "the attached adapter stays");
     assert!(layer.attach_new(&LoraConfig::new(4).with_dropout(1.0), &Default::default()).is_err());
     assert!(layer.attach_new(&LoraConfig::new(4).with_alpha(f32::NAN), &Default::default()).is_err());
 }

@@ -327,8 +327,12 @@ fn unsupported_settings_and_mismatched_weights_are_errors() {
         let err = base().attach_new(&config, &device).unwrap_err().to_string();
         assert!(err.contains(expect), "{expect}: {err}");
     }
-    // A rank above min(in, out) is fine for LoHa (its update's rank is up to r²).
-    base().attach_new(&LoraConfig::new(16).with_algo(Algo::Loha), &device).unwrap();
+    // A rank above min(in, out) is fine for LoHa (its update's rank is up to r²); above
+    // max(in, out) it is refused, as for LoRA, but LoKr reads it as "full halves".
+    base().attach_new(&LoraConfig::new(12).with_algo(Algo::Loha), &device).unwrap();
+    let err = base().attach_new(&LoraConfig::new(13).with_algo(Algo::Loha), &device).unwrap_err().to_string();
+    assert!(err.contains("rank 13"), "{err}");
+    base().attach_new(&LoraConfig::new(1 << 40).with_algo(Algo::Lokr), &device).unwrap();
 
     let mut loha = One(Layer::Linear(base()));
     loha.0.site().attach_new(&LoraConfig::new(2).with_algo(Algo::Loha), &device).unwrap();
