@@ -244,6 +244,12 @@ pub struct LoraConfig {
     /// Initialisation of the down projection.
     #[serde(default)]
     pub init: LoraInit,
+    /// Seed of this adapter's initial weights, drawn on the host and uploaded, so that they
+    /// are the same on every backend and whatever other adapters exist (see
+    /// [`adapter_seed`](crate::adapter_seed), which derives one per module path); `None`:
+    /// burn's backend RNG (`B::seed`), whose draws differ between backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_seed: Option<u64>,
     /// DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's `use_dora`, LyCORIS'
     /// `dora_wd`): the adapter also learns a magnitude per output feature, `m`, and the
     /// layer's weight becomes `m · (W + ΔW) / ‖W + ΔW‖` (the norm of each output's row).
@@ -329,6 +335,7 @@ impl LoraConfig {
             module_dropout: 0.0,
             rslora: false,
             init: LoraInit::default(),
+            init_seed: None,
             dora: false,
             algo: Algo::Lora,
             lokr_factor: -1,
@@ -502,6 +509,27 @@ impl LoraConfig {
     /// Sets the down-projection initialisation.
     pub fn with_init(mut self, init: LoraInit) -> Self {
         self.init = init;
+        self
+    }
+
+    /// Sets [`init_seed`](Self::init_seed): the initial weights from a host stream with
+    /// this seed (the same on every backend), or burn's backend RNG with `None`.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use burn::nn::LinearConfig;
+    /// use lora_core::{adapter_seed, LoraConfig, LoraLinear};
+    /// let device = Default::default();
+    /// let config = LoraConfig::new(4).with_init_seed(Some(adapter_seed(42, "mid_block.attn1.to_q")));
+    /// let down = || {
+    ///     let mut layer = LoraLinear::new(LinearConfig::new(16, 8).init::<Flex>(&device));
+    ///     layer.attach_new(&config, &device).unwrap();
+    ///     layer.adapter.unwrap().down.weight.val().into_data()
+    /// };
+    /// assert_eq!(down(), down());
+    /// ```
+    pub fn with_init_seed(mut self, seed: Option<u64>) -> Self {
+        self.init_seed = seed;
         self
     }
 

@@ -9,7 +9,8 @@ use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 
 use crate::dylora::{live_chunk, DyLora};
-use crate::linear::{adapter_for_bias, down_initializer, fold_bias, fold_delta, frozen_if, update_frozen, updated_bias};
+use crate::init::{Draw, InitRng};
+use crate::linear::{adapter_for_bias, down_draw, fold_bias, fold_delta, frozen_if, update_frozen, updated_bias};
 use crate::precision::cast_to;
 use crate::lycoris::LycorisAdapter;
 use crate::{Algo, HostTensor, LoraConfig, LoraError, LoraWeights, LycorisWeights, Result};
@@ -98,15 +99,21 @@ impl<B: Backend> Conv2dAdapter<B> {
         config.validate()?;
         config.check_rank_for(out_ch, in_ch * kh * kw)?;
         let rank = config.rank;
-        let init = down_initializer(config, in_ch);
+        let mut rng = InitRng::new(config);
+        let zeros = |c: Conv2dConfig| c.with_initializer(Initializer::Zeros).init(device);
         // LyCORIS: only a kernel larger than 1x1 gets a Tucker core.
         let (mut down, mid) = if config.use_tucker && kh * kw > 1 {
-            // LyCORIS initialises the core as `lora_down`, Kaiming-uniform (burn's
-            // default for a convolution, fan-in `rank · kh · kw`).
-            let mid = kernel_config(base, [rank, rank]).init(device);
-            (pointwise([in_ch, rank]).with_initializer(init).init(device), Some(mid))
+            let mut down = zeros(pointwise([in_ch, rank]));
+            down.weight = rng.param([rank, in_ch, 1, 1], down_draw(config, in_ch, in_ch), device);
+            // LyCORIS initialises the core as `lora_down`, Kaiming-uniform (fan-in
+            // `rank · kh · kw`).
+            let mut mid = zeros(kernel_config(base, [rank, rank]));
+            mid.weight = rng.param([rank, rank, kh, kw], Draw::kaiming(rank * kh * kw), device);
+            (down, Some(mid))
         } else {
-            (down_config(base, rank).with_initializer(init).init(device), None)
+            let mut down = zeros(down_config(base, rank));
+            down.weight = rng.param([rank, in_ch, kh, kw], down_draw(config, in_ch, in_ch * kh * kw), device);
+            (down, None)
         };
         let up = pointwise([rank, out_ch]).with_initializer(Initializer::Zeros).init(device);
         down.weight = frozen_if(down.weight, config.lora_fa);

@@ -348,7 +348,7 @@ fn exact_svd(a: DMatrix<f64>) -> Truncated {
 
 /// A seed from a site's name (FNV-1a), so that every run draws the same sketch for it.
 fn seed_of(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    crate::init::fnv1a(key)
 }
 
 /// Extracts an adapter from each `(key, difference)` (see [`extract_adapter`]; the rank

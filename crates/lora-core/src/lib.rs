@@ -28,7 +28,9 @@
 //! The update of an adapter of rank `r` on a weight `W` is
 //! `ΔW = multiplier · scale · up · down`, with `scale = alpha / r` (or `alpha / sqrt(r)`
 //! with rsLoRA). Base parameters never require gradients, so backward passes compute
-//! gradients for the adapters only.
+//! gradients for the adapters only. A fresh adapter draws its initial weights from burn's
+//! backend RNG, or with [`LoraConfig::init_seed`] (one seed per module path from
+//! [`adapter_seed`]) from a host stream of its own: then the same on every backend.
 //!
 //! ```
 //! use burn::backend::{Autodiff, Flex};
@@ -73,6 +75,7 @@ pub mod ia3;
 pub mod guard;
 pub mod inspect;
 pub mod kernels;
+mod init;
 mod linalg;
 mod linear;
 pub mod lycoris;
@@ -90,6 +93,7 @@ pub use adapters::{AdapterKey, AdapterSet, Component, ModuleIndex};
 pub use config::{Algo, LoraConfig, LoraInit};
 pub use conv::{Conv2dAdapter, LoraConv2d};
 pub use error::{LoraError, Result};
+pub use init::adapter_seed;
 pub use format::{detect_format, AdapterFormat, ReadOptions, ReadReport, BUNDLED_EMBEDDING_PREFIX};
 pub use linear::{LinearAdapter, LoraLinear};
 pub use sites::{LoraSiteMut, LoraSites};

@@ -7,32 +7,23 @@ use burn::tensor::{backend::Backend, DType, Tensor};
 use crate::precision::cast_to;
 
 use crate::dylora::{live_chunk, DyLora};
+use crate::init::{Draw, InitRng};
 use crate::lycoris::LycorisAdapter;
 use crate::{HostTensor, LoraConfig, LoraError, LoraInit, LoraWeights, Result};
 
-/// Initializer of the down projection of an adapter with `config`, for a layer with
-/// `in_features` inputs (a convolution's input channels); burn computes Kaiming's fan-in
-/// bound itself.
-pub(crate) fn down_initializer(config: &LoraConfig, in_features: usize) -> Initializer {
+/// The distribution of the down projection of an adapter with `config`, for a layer with
+/// `in_features` inputs (a convolution's input channels) and `fan_in` inputs per output
+/// (times the kernel's taps).
+pub(crate) fn down_draw(config: &LoraConfig, in_features: usize, fan_in: usize) -> Draw {
     if config.lora_fa {
         // LoRA-FA's frozen projection, as the paper and kohya's networks.lora_fa draw it.
-        return Initializer::Normal {
-            mean: 0.0,
-            std: (2.0 / (in_features + config.rank) as f64).sqrt(),
-        };
+        return Draw::Normal((2.0 / (in_features + config.rank) as f64).sqrt());
     }
     match config.init {
-        // Kaiming-uniform with a = sqrt(5): gain = sqrt(2 / (1 + 5)) = 1/sqrt(3),
-        // bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in) (PyTorch's nn.Linear default,
-        // which kohya and PEFT use for lora_down / lora_A).
-        LoraInit::KaimingUniform => Initializer::KaimingUniform {
-            gain: 1.0 / 3f64.sqrt(),
-            fan_out_only: false,
-        },
-        LoraInit::Gaussian => Initializer::Normal {
-            mean: 0.0,
-            std: 1.0 / config.rank as f64,
-        },
+        // PyTorch's nn.Linear / nn.Conv2d default, which kohya and PEFT use for
+        // lora_down / lora_A.
+        LoraInit::KaimingUniform => Draw::kaiming(fan_in),
+        LoraInit::Gaussian => Draw::Normal(1.0 / config.rank as f64),
     }
 }
 
@@ -144,9 +135,10 @@ impl<B: Backend> LinearAdapter<B> {
         config.check_rank_for(d_output, d_input)?;
         let mut down = LinearConfig::new(d_input, config.rank)
             .with_bias(false)
-            .with_initializer(down_initializer(config, d_input))
+            .with_initializer(Initializer::Zeros)
             .init(device);
-        down.weight = frozen_if(down.weight, config.lora_fa);
+        let weight = InitRng::new(config).param([d_input, config.rank], down_draw(config, d_input, d_input), device);
+        down.weight = frozen_if(weight, config.lora_fa);
         let up = LinearConfig::new(config.rank, d_output)
             .with_bias(false)
             .with_initializer(Initializer::Zeros)

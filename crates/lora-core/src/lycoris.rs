@@ -62,9 +62,10 @@
 //! assert!(layer.base.weight.grad(&grads).is_none()); // frozen
 //! ```
 
-use burn::module::{Initializer, Module, Param};
-use burn::tensor::{backend::Backend, DType, Distribution, Tensor};
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, DType, Tensor};
 
+use crate::init::{Draw, InitRng};
 use crate::precision::cast_to;
 use crate::{Algo, HostTensor, LoraConfig, LoraError, LoraWeights, LycorisWeights, Result};
 
@@ -155,16 +156,12 @@ pub struct LycorisAdapter<B: Backend> {
 
 /// PyTorch's default initialisation of a `[rows, cols]` weight (Kaiming-uniform with
 /// `a = sqrt(5)`: bound `1 / sqrt(cols)`), as LyCORIS initialises LoKr's halves.
-fn kaiming<B: Backend>(rows: usize, cols: usize, device: &B::Device) -> Param<Tensor<B, 2>> {
-    let init = Initializer::KaimingUniform {
-        gain: 1.0 / 3f64.sqrt(),
-        fan_out_only: false,
-    };
-    init.init_with([rows, cols], Some(cols), Some(rows), device)
+fn kaiming<B: Backend>(rng: &mut InitRng, rows: usize, cols: usize, device: &B::Device) -> Param<Tensor<B, 2>> {
+    rng.param([rows, cols], Draw::kaiming(cols), device)
 }
 
-fn normal<B: Backend>(rows: usize, cols: usize, std: f64, device: &B::Device) -> Param<Tensor<B, 2>> {
-    Param::from_tensor(Tensor::random([rows, cols], Distribution::Normal(0.0, std), device))
+fn normal<B: Backend>(rng: &mut InitRng, rows: usize, cols: usize, std: f64, device: &B::Device) -> Param<Tensor<B, 2>> {
+    rng.param([rows, cols], Draw::Normal(std), device)
 }
 
 fn zeros<B: Backend>(rows: usize, cols: usize, device: &B::Device) -> Param<Tensor<B, 2>> {
@@ -178,6 +175,7 @@ impl<B: Backend> LycorisAdapter<B> {
         config.validate()?;
         let r = config.rank;
         let k = kh * kw;
+        let mut rng = InitRng::new(config);
         // LoKr reads a large rank as "full halves", and the OFTs as a block size.
         if matches!(config.algo, Algo::Loha | Algo::Glora) {
             config.check_rank_for(out, input * k)?;
@@ -188,19 +186,19 @@ impl<B: Backend> LycorisAdapter<B> {
         let (names, factors, both_full) = match config.algo {
             Algo::Loha if tucker => {
                 let factors = vec![
-                    normal(r, r * k, 0.1, device),
-                    normal(r, out, 0.1, device),
-                    normal(r, input, 1.0, device),
-                    normal(r, r * k, 0.1, device),
-                    if scalar { normal(r, out, 0.1, device) } else { zeros(r, out, device) },
-                    normal(r, input, 1.0, device),
+                    normal(&mut rng, r, r * k, 0.1, device),
+                    normal(&mut rng, r, out, 0.1, device),
+                    normal(&mut rng, r, input, 1.0, device),
+                    normal(&mut rng, r, r * k, 0.1, device),
+                    if scalar { normal(&mut rng, r, out, 0.1, device) } else { zeros(r, out, device) },
+                    normal(&mut rng, r, input, 1.0, device),
                 ];
                 (vec!["hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b"], factors, false)
             }
             Algo::Loha => {
                 let cols = input * k;
-                let w2_a = if scalar { normal(out, r, 0.1, device) } else { zeros(out, r, device) };
-                let factors = vec![normal(out, r, 0.1, device), normal(r, cols, 1.0, device), w2_a, normal(r, cols, 1.0, device)];
+                let w2_a = if scalar { normal(&mut rng, out, r, 0.1, device) } else { zeros(out, r, device) };
+                let factors = vec![normal(&mut rng, out, r, 0.1, device), normal(&mut rng, r, cols, 1.0, device), w2_a, normal(&mut rng, r, cols, 1.0, device)];
                 (vec!["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"], factors, false)
             }
             Algo::Lokr => {
@@ -216,23 +214,23 @@ impl<B: Backend> LycorisAdapter<B> {
                 let w1_full = full_matrix || !(config.lokr_decompose_both && 2 * r < out_l.max(in_m));
                 if w1_full {
                     names.push("lokr_w1");
-                    factors.push(kaiming(out_l, in_m, device));
+                    factors.push(kaiming(&mut rng, out_l, in_m, device));
                 } else {
                     names.extend(["lokr_w1_a", "lokr_w1_b"]);
-                    factors.extend([kaiming(out_l, r, device), kaiming(r, in_m, device)]);
+                    factors.extend([kaiming(&mut rng, out_l, r, device), kaiming(&mut rng, r, in_m, device)]);
                 }
                 let w2_full = full_matrix || 2 * r >= out_k.max(in_n);
                 // The half that starts at zero, unless a scalar (at zero) holds the update.
-                let zero_or_kaiming = |rows, cols| if scalar { kaiming(rows, cols, device) } else { zeros(rows, cols, device) };
+                let zero_or_kaiming = |rng: &mut InitRng, rows, cols| if scalar { kaiming(rng, rows, cols, device) } else { zeros(rows, cols, device) };
                 if w2_full {
                     names.push("lokr_w2");
-                    factors.push(zero_or_kaiming(out_k, in_n * k));
+                    factors.push(zero_or_kaiming(&mut rng, out_k, in_n * k));
                 } else if tucker {
                     names.extend(["lokr_t2", "lokr_w2_a", "lokr_w2_b"]);
-                    factors.extend([kaiming(r, r * k, device), kaiming(r, out_k, device), zero_or_kaiming(r, in_n)]);
+                    factors.extend([kaiming(&mut rng, r, r * k, device), kaiming(&mut rng, r, out_k, device), zero_or_kaiming(&mut rng, r, in_n)]);
                 } else {
                     names.extend(["lokr_w2_a", "lokr_w2_b"]);
-                    factors.extend([kaiming(out_k, r, device), zero_or_kaiming(r, in_n * k)]);
+                    factors.extend([kaiming(&mut rng, out_k, r, device), zero_or_kaiming(&mut rng, r, in_n * k)]);
                 }
                 (names, factors, w1_full && w2_full)
             }
@@ -259,8 +257,8 @@ impl<B: Backend> LycorisAdapter<B> {
             Algo::Glora => {
                 // LyCORIS: `a1` and `b1` Kaiming-uniform, `a2` and `b2` at zero unless a
                 // scalar (at zero) holds the update.
-                let zero_or_kaiming = |rows, cols| if scalar { kaiming(rows, cols, device) } else { zeros(rows, cols, device) };
-                let factors = vec![kaiming(input, r, device), zero_or_kaiming(r, input), kaiming(out, r, device), zero_or_kaiming(r, input * k)];
+                let zero_or_kaiming = |rng: &mut InitRng, rows, cols| if scalar { kaiming(rng, rows, cols, device) } else { zeros(rows, cols, device) };
+                let factors = vec![kaiming(&mut rng, input, r, device), zero_or_kaiming(&mut rng, r, input), kaiming(&mut rng, out, r, device), zero_or_kaiming(&mut rng, r, input * k)];
                 (crate::glora::NAMES.to_vec(), factors, false)
             }
             Algo::Ia3 => {

@@ -605,22 +605,28 @@ pub fn resume_on<B: AutodiffBackend>(
     run::<B>(config, data, Some(state), device, on_step)
 }
 
-/// Fresh adapters on the targets of the `[lora]` section; returns whether the text encoders
-/// have any.
+/// Fresh adapters on the targets of the `[lora]` section (`with.0`: an embedding trains
+/// too), each drawn from a host stream seeded with the run's seed `with.1` and its module
+/// path ([`lora_core::adapter_seed`] of `unet.PATH`, `text_encoder.PATH`,
+/// `text_encoder_2.PATH`): the same initial LoRA on every backend, whatever else is
+/// targeted. Returns whether the text encoders have any.
 fn attach_configured_adapters<B: AutodiffBackend>(
     l: &crate::config::LoraSection,
-    with_embedding: bool,
+    (with_embedding, seed): (bool, u64),
     unet: &mut sd_model::UNet2DConditionModel<B>,
     encoders: &mut [sd_model::ClipTextModel<B>],
     device: &B::Device,
 ) -> Result<bool, TrainError> {
     let (lora, spatial) = (l.linear_config(), l.spatial_config());
+    let at = |config: lora_core::LoraConfig, component: &str, path: &str| {
+        l.config_at(config, path).with_init_seed(Some(lora_core::adapter_seed(seed, &format!("{component}.{path}"))))
+    };
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone()).with_norms(l.train_norm);
     let attached = match l.block_plan(sd_model::blocks::BlockLayout::of(unet))? {
         // kohya's block-wise ranks: per block, or none where its learning rate is 0.
-        Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel).map(|c| l.config_at(c, path)), device)?,
+        Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel).map(|c| at(c, "unet", path)), device)?,
         None => {
-            let mut by_kernel = |path: &str, kernel: [usize; 2]| Some(l.config_at(if kernel != [1, 1] { spatial.clone() } else { lora.clone() }, path));
+            let mut by_kernel = |path: &str, kernel: [usize; 2]| Some(at(if kernel != [1, 1] { spatial.clone() } else { lora.clone() }, "unet", path));
             attach_new_adapters_with(unet, &selection, &mut by_kernel, device)?
         }
     };
@@ -638,9 +644,9 @@ fn attach_configured_adapters<B: AutodiffBackend>(
         });
     }
     let mut te_targets = 0;
-    for te in encoders.iter_mut() {
+    for (te, component) in encoders.iter_mut().zip(["text_encoder", "text_encoder_2"]) {
         // SDXL: both encoders, as kohya's sd-scripts target them.
-        te_targets += attach_new_adapters_with(te, &Selection::new(l.text_encoder_targets), &mut |path, _| Some(l.config_at(lora.clone(), path)), device)?.paths.len();
+        te_targets += attach_new_adapters_with(te, &Selection::new(l.text_encoder_targets), &mut |path, _| Some(at(lora.clone(), component, path)), device)?.paths.len();
     }
     // An embedding may train alone (kohya's textual inversion).
     if attached.paths.is_empty() && te_targets == 0 && !with_embedding {
@@ -1342,7 +1348,7 @@ fn run<B: AutodiffBackend>(
         // The file gives the structure, on a resume too (the state then gives the values).
         adapters_from_weights(l, &mut unet, &mut encoders, device)?
     } else {
-        let train_te = attach_configured_adapters(l, config.embedding.enabled(), &mut unet, &mut encoders, device)?;
+        let train_te = attach_configured_adapters(l, (config.embedding.enabled(), t.seed), &mut unet, &mut encoders, device)?;
         if !l.network_weights.is_empty() && state.is_none() {
             // A resumed run's state holds the adapters: the file only starts a new run.
             load_network_weights(Path::new(&l.network_weights), &mut unet, &mut encoders, device)?;

@@ -238,6 +238,61 @@ fn gaussian_init_and_config_validation() {
     assert!(layer.attach_new(&LoraConfig::new(4).with_alpha(f32::NAN), &Default::default()).is_err());
 }
 
+/// With an init seed, a fresh adapter's weights come from a host stream: the same
+/// whatever burn's backend RNG holds (so the same on every backend), others for another
+/// seed; without one they come from the backend RNG. Checked for LoRA, LoCon (Tucker too),
+/// LoRA-FA, LoHa, LoKr and GLoRA on a linear and a 3x3 convolution.
+#[test]
+fn seeded_init_ignores_the_backend_rng() {
+    use burn::tensor::backend::Backend;
+    use lora_core::{adapter_seed, Algo, LoraInit};
+    let device = Default::default();
+    let draw = |config: &LoraConfig, backend_seed: u64| -> Vec<f32> {
+        B::seed(&device, backend_seed);
+        let mut linear = linear_layer(&mut Rng::new(1), 12, 10, false);
+        let mut conv = conv_layer(&mut Rng::new(2), 6, 8, &ConvGeom { kernel: 3, stride: 1, pad: 1, dilation: 1 });
+        linear.attach_new(config, &device).unwrap();
+        conv.attach_new(config, &device).unwrap();
+        let mut all = Vec::new();
+        if let Some(a) = linear.adapter {
+            all.extend(values(a.down.weight.val()));
+            all.extend(values(a.up.weight.val()));
+        }
+        if let Some(a) = conv.adapter {
+            all.extend(values(a.down.weight.val()));
+            all.extend(a.mid.map(|m| values(m.weight.val())).unwrap_or_default());
+            all.extend(values(a.up.weight.val()));
+        }
+        for a in linear.lycoris.into_iter().chain(conv.lycoris) {
+            all.extend(a.factors.iter().flat_map(|f| values(f.val())));
+        }
+        all
+    };
+    let configs = [
+        LoraConfig::new(4),
+        LoraConfig::new(4).with_use_tucker(true),
+        LoraConfig::new(4).with_init(LoraInit::Gaussian).with_lora_fa(true),
+        LoraConfig::new(4).with_algo(Algo::Loha),
+        LoraConfig::new(2).with_algo(Algo::Lokr).with_lokr_decompose_both(true),
+        LoraConfig::new(4).with_algo(Algo::Glora),
+    ];
+    for config in configs {
+        let seeded = config.clone().with_init_seed(Some(adapter_seed(7, "mid_block.proj")));
+        let first = draw(&seeded, 1);
+        assert!(first.iter().any(|v| *v != 0.0), "{config:?}");
+        assert_eq!(first, draw(&seeded, 2), "{config:?}: the backend's seed changed a host-seeded init");
+        let other = config.clone().with_init_seed(Some(adapter_seed(8, "mid_block.proj")));
+        assert_ne!(first, draw(&other, 1), "{config:?}");
+        assert_ne!(draw(&config, 1), draw(&config, 2), "{config:?}: without a seed the backend's RNG draws");
+    }
+    // Kaiming's bound takes the kernel's taps: 1 / sqrt(6 · 3 · 3) for the 3x3 LoCon down.
+    let mut conv = conv_layer(&mut Rng::new(2), 6, 8, &ConvGeom { kernel: 3, stride: 1, pad: 1, dilation: 1 });
+    conv.attach_new(&LoraConfig::new(4).with_init_seed(Some(3)), &device).unwrap();
+    let down = values(conv.adapter.unwrap().down.weight.val());
+    let bound = 1.0 / 54f32.sqrt();
+    assert!(down.iter().all(|v| v.abs() <= bound) && down.iter().any(|v| v.abs() > 0.8 * bound), "{down:?}");
+}
+
 #[test]
 fn mismatched_adapter_is_rejected() {
     let mut rng = Rng::new(3);

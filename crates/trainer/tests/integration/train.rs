@@ -383,6 +383,34 @@ fn text_encoder_only_training() {
     assert!(err.contains("unet_targets") && err.contains("text_encoder_targets"), "{err}");
 }
 
+/// A fresh adapter's initial weights depend on the run's seed and its module path only
+/// (a host stream per adapter, the same on every backend): the text encoder's `down`s are
+/// the same whether or not UNet adapters were drawn before them, and change with
+/// `train.seed`. (After one step they still are the initial ones: `up` starts at zero, so
+/// `down` has no gradient yet, and AdamW without weight decay leaves it.)
+#[test]
+fn initial_adapters_depend_on_seed_and_path_only() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let downs = |unet: sd_model::targets::UnetTargets, seed: u64| {
+        let mut config = quick_config(dir.path(), 1);
+        config.output.sample_prompts.clear();
+        config.train.adam_weight_decay = 0.0;
+        config.train.seed = seed;
+        config.lora.unet_targets = unet;
+        config.lora.text_encoder_targets = sd_model::targets::TextEncoderTargets::Attn;
+        let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+        let (set, _) = AdapterSet::load(&report.lora, &tiny_index_with_text_encoder(), ReadOptions::default()).unwrap();
+        let te: std::collections::BTreeMap<String, Vec<f32>> =
+            set.iter().filter(|(k, _)| k.component == lora_core::Component::TextEncoder).map(|(k, w)| (k.path.clone(), w.down.data.clone())).collect();
+        assert_eq!(te.len(), 3 * 4, "q/k/v/out of 3 layers");
+        te
+    };
+    let alone = downs(sd_model::targets::UnetTargets::None, 7);
+    assert!(alone == downs(sd_model::targets::UnetTargets::AttnMlp, 7), "UNet adapters drawn first changed the text encoder's");
+    assert!(alone != downs(sd_model::targets::UnetTargets::None, 8), "another seed drew the same");
+}
+
 /// `model.vae`: another VAE (the tiny model's of another seed, written in diffusers'
 /// layout) encodes the images, which changes the latents and so the losses, and the LoRA
 /// names it (`ss_vae_name`); the model's own VAE from a file trains as without the key; a
