@@ -75,9 +75,14 @@ impl InitRng {
         }
     }
 
-    /// A parameter of `shape` drawn from `draw` (values in row-major order on the host).
+    /// A parameter of `shape` drawn from `draw`.
     pub(crate) fn param<B: Backend, const D: usize>(&mut self, shape: [usize; D], draw: Draw, device: &B::Device) -> Param<Tensor<B, D>> {
-        let tensor = match self {
+        Param::from_tensor(self.tensor(shape, draw, device))
+    }
+
+    /// A tensor of `shape` drawn from `draw` (values in row-major order on the host).
+    fn tensor<B: Backend, const D: usize>(&mut self, shape: [usize; D], draw: Draw, device: &B::Device) -> Tensor<B, D> {
+        match self {
             Self::Backend => {
                 let distribution = match draw {
                     Draw::Uniform(bound) => Distribution::Uniform(-bound, bound),
@@ -93,9 +98,24 @@ impl InitRng {
                 };
                 Tensor::from_data(TensorData::new(values, shape), device)
             }
-        };
-        Param::from_tensor(tensor)
+        }
     }
+}
+
+/// A tensor of `shape` holding standard-normal values (f32) drawn on the host from a
+/// ChaCha8 stream seeded with `seed` and uploaded: the same values on every backend, and
+/// nothing drawn from burn's backend RNG.
+///
+/// ```
+/// use burn::backend::Flex;
+/// let device = Default::default();
+/// let a = lora_core::seeded_normal::<Flex, 2>(5, [64, 32], &device);
+/// assert_eq!(a.clone().into_data(), lora_core::seeded_normal::<Flex, 2>(5, [64, 32], &device).into_data());
+/// let std = a.var(1).mean().into_scalar().sqrt();
+/// assert!((std - 1.0).abs() < 0.05, "{std}");
+/// ```
+pub fn seeded_normal<B: Backend, const D: usize>(seed: u64, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    InitRng::Host(ChaCha8Rng::seed_from_u64(seed)).tensor(shape, Draw::Normal(1.0), device)
 }
 
 /// `n` standard-normal values (Box-Muller, two per pair of uniforms).

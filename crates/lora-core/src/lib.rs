@@ -93,7 +93,7 @@ pub use adapters::{AdapterKey, AdapterSet, Component, ModuleIndex};
 pub use config::{Algo, LoraConfig, LoraInit};
 pub use conv::{Conv2dAdapter, LoraConv2d};
 pub use error::{LoraError, Result};
-pub use init::adapter_seed;
+pub use init::{adapter_seed, seeded_normal};
 pub use format::{detect_format, AdapterFormat, ReadOptions, ReadReport, BUNDLED_EMBEDDING_PREFIX};
 pub use linear::{LinearAdapter, LoraLinear};
 pub use sites::{LoraSiteMut, LoraSites};

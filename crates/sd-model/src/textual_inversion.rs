@@ -162,14 +162,15 @@ pub fn check_word(word: &str) -> Result<()> {
 /// textual-inversion training starts them: the token embedding's rows of `init_word`'s
 /// tokens, repeated or cut to `n`; without one (`""`), rows drawn from a normal
 /// distribution with each dimension's mean and standard deviation over the vocabulary
-/// (transformers' `mean_resizing`, per dimension), from the backend's random stream.
+/// (transformers' `mean_resizing`, per dimension), from a host stream seeded with `seed`
+/// ([`lora_core::seeded_normal`]: the same rows on every backend).
 pub fn initial_rows<B: burn::tensor::backend::Backend>(
     encoder: &crate::ClipTextModel<B>,
     tokenizer: &crate::tokenizer::ClipTokenizer,
     init_word: &str,
     n: usize,
+    seed: u64,
 ) -> Result<burn::tensor::Tensor<B, 2>> {
-    use burn::tensor::{Distribution, Tensor};
     if n == 0 {
         return Err(SdModelError::BadInput { what: "embedding vectors".into(), reason: "at least one is needed".into() });
     }
@@ -177,7 +178,7 @@ pub fn initial_rows<B: burn::tensor::backend::Backend>(
         let rows = encoder.text_model.embeddings.token_embedding.weight.val().cast(burn::tensor::FloatDType::F32);
         let [_, d] = rows.dims();
         let (var, mean) = rows.var_mean(0);
-        let normal = Tensor::<B, 2>::random([n, d], Distribution::Normal(0.0, 1.0), &mean.device());
+        let normal = lora_core::seeded_normal::<B, 2>(seed, [n, d], &mean.device());
         return Ok(mean + normal * var.sqrt());
     }
     let ids = tokenizer.encode_unpadded(init_word)?;
@@ -375,15 +376,18 @@ mod tests {
         let tokenizer = crate::tokenizer::ClipTokenizer::bundled().unwrap();
         let ids = tokenizer.encode_unpadded("red circle").unwrap();
         assert_eq!(ids.len(), 2);
-        let rows = HostTensor::from_tensor(initial_rows(&te, &tokenizer, "red circle", 3).unwrap()).unwrap();
+        let rows = HostTensor::from_tensor(initial_rows(&te, &tokenizer, "red circle", 3, 0).unwrap()).unwrap();
         let want = HostTensor::from_tensor(te.token_rows(&[ids[0], ids[1], ids[0]]).unwrap()).unwrap();
         assert_eq!(rows, want);
-        let random = HostTensor::from_tensor(initial_rows(&te, &tokenizer, "", 4).unwrap()).unwrap();
+        let random = HostTensor::from_tensor(initial_rows(&te, &tokenizer, "", 4, 1).unwrap()).unwrap();
         assert_eq!(random.shape, [4, 32]);
+        <Flex as burn::tensor::backend::Backend>::seed(&device, 9);
+        assert_eq!(random, HostTensor::from_tensor(initial_rows(&te, &tokenizer, "", 4, 1).unwrap()).unwrap(), "the seed alone decides");
+        assert_ne!(random, HostTensor::from_tensor(initial_rows(&te, &tokenizer, "", 4, 2).unwrap()).unwrap());
         let table = HostTensor::from_tensor(te.text_model.embeddings.token_embedding.weight.val()).unwrap();
         let rms = |t: &HostTensor| (t.data.iter().map(|x| x * x).sum::<f32>() / t.data.len() as f32).sqrt();
         assert!((rms(&random) / rms(&table) - 1.0).abs() < 0.3, "{} vs {}", rms(&random), rms(&table));
-        assert!(initial_rows(&te, &tokenizer, "x", 0).is_err());
+        assert!(initial_rows(&te, &tokenizer, "x", 0, 0).is_err());
     }
 
     #[test]

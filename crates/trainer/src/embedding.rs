@@ -35,10 +35,12 @@ impl TrainedEmbedding {
     /// `encoders` (the text encoders in training, in order), started from
     /// `embedding.weights`, `embedding.init_word`, the embedding of that word bundled in
     /// `network_weights` (the LoRA a run continues, when neither is set), or the
-    /// vocabulary's statistics.
+    /// vocabulary's statistics (rows drawn on the host from the run's `seed` and the
+    /// encoder, [`lora_core::adapter_seed`] of `text_encoder.embedding` /
+    /// `text_encoder_2.embedding`: the same on every backend).
     pub fn attach<B: AutodiffBackend>(
         cfg: &EmbeddingSection,
-        network_weights: &str,
+        (network_weights, seed): (&str, u64),
         frozen: &mut Components<B::InnerBackend>,
         encoders: &mut [sd_model::ClipTextModel<B>],
         device: &B::Device,
@@ -71,7 +73,7 @@ impl TrainedEmbedding {
                     }
                     e.vectors[i].to_tensor::<B, 2>(device)?
                 }
-                None => initial_rows(encoder, tokenizer, &cfg.init_word, cfg.vectors).map_err(|e| TrainError::Config { origin: "embedding.init_word".into(), reason: e.to_string() })?,
+                None => initial_rows(encoder, tokenizer, &cfg.init_word, cfg.vectors, lora_core::adapter_seed(seed, if i == 0 { "text_encoder.embedding" } else { "text_encoder_2.embedding" })).map_err(|e| TrainError::Config { origin: "embedding.init_word".into(), reason: e.to_string() })?,
             };
             let (extended, _) = tokenizer.clone().with_added_tokens(&tokens)?;
             encoder.add_trained_tokens(rows)?;

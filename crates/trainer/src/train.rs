@@ -1360,7 +1360,7 @@ fn run<B: AutodiffBackend>(
         // A resumed run's state holds the vectors: no file starts them.
         true => {
             let continued = if state.is_none() { config.lora.network_weights.as_str() } else { "" };
-            Some(TrainedEmbedding::attach(&config.embedding, continued, &mut frozen, &mut encoders, device)?)
+            Some(TrainedEmbedding::attach(&config.embedding, (continued, t.seed), &mut frozen, &mut encoders, device)?)
         }
         false => None,
     };
