@@ -15,6 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use lora_core::HostTensor;
 use sd_model::textual_inversion::{initial_rows, read_bundled_embeddings, read_embedding, token_names, Embedding};
 use crate::models::Components;
+use lora_core::Component;
 
 use crate::config::EmbeddingSection;
 use crate::TrainError;
@@ -73,7 +74,7 @@ impl TrainedEmbedding {
                     }
                     e.vectors[i].to_tensor::<B, 2>(device)?
                 }
-                None => initial_rows(encoder, tokenizer, &cfg.init_word, cfg.vectors, lora_core::adapter_seed(seed, if i == 0 { "text_encoder.embedding" } else { "text_encoder_2.embedding" })).map_err(|e| TrainError::Config { origin: "embedding.init_word".into(), reason: e.to_string() })?,
+                None => initial_rows(encoder, tokenizer, &cfg.init_word, cfg.vectors, lora_core::adapter_seed(seed, &format!("{}.embedding", if i == 0 { Component::TextEncoder } else { Component::TextEncoder2 }.peft_prefix()))).map_err(|e| TrainError::Config { origin: "embedding.init_word".into(), reason: e.to_string() })?,
             };
             let (extended, _) = tokenizer.clone().with_added_tokens(&tokens)?;
             encoder.add_trained_tokens(rows)?;

@@ -26,6 +26,7 @@ use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::embedding::TrainedEmbedding;
 use crate::generate::{grid, merge_adapters, save_png, to_precision, TextConditioning, TextEncoders};
 use crate::models::{load_components, Components};
+use lora_core::Component;
 use crate::state::{
     adapter_params, export_moments, export_optimizer_state, host_params, import_moments, import_optimizer_state, restore_adapter_params,
     StateInfo, TrainingState,
@@ -618,15 +619,16 @@ fn attach_configured_adapters<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<bool, TrainError> {
     let (lora, spatial) = (l.linear_config(), l.spatial_config());
-    let at = |config: lora_core::LoraConfig, component: &str, path: &str| {
-        l.config_at(config, path).with_init_seed(Some(lora_core::adapter_seed(seed, &format!("{component}.{path}"))))
+    // Seeded by the adapter's PEFT name (`unet.PATH`, `text_encoder.PATH`, ...).
+    let at = |config: lora_core::LoraConfig, component: Component, path: &str| {
+        l.config_at(config, path).with_init_seed(Some(lora_core::adapter_seed(seed, &lora_core::AdapterKey::new(component, path).peft_name())))
     };
     let selection = Selection::new(l.unet_targets).include(l.include.clone()).exclude(l.exclude.clone()).with_norms(l.train_norm);
     let attached = match l.block_plan(sd_model::blocks::BlockLayout::of(unet))? {
         // kohya's block-wise ranks: per block, or none where its learning rate is 0.
-        Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel).map(|c| at(c, "unet", path)), device)?,
+        Some(plan) => attach_new_adapters_with(unet, &selection, &mut |path, kernel| plan.config(path, kernel).map(|c| at(c, Component::Unet, path)), device)?,
         None => {
-            let mut by_kernel = |path: &str, kernel: [usize; 2]| Some(at(if kernel != [1, 1] { spatial.clone() } else { lora.clone() }, "unet", path));
+            let mut by_kernel = |path: &str, kernel: [usize; 2]| Some(at(if kernel != [1, 1] { spatial.clone() } else { lora.clone() }, Component::Unet, path));
             attach_new_adapters_with(unet, &selection, &mut by_kernel, device)?
         }
     };
@@ -644,7 +646,7 @@ fn attach_configured_adapters<B: AutodiffBackend>(
         });
     }
     let mut te_targets = 0;
-    for (te, component) in encoders.iter_mut().zip(["text_encoder", "text_encoder_2"]) {
+    for (te, component) in encoders.iter_mut().zip([Component::TextEncoder, Component::TextEncoder2]) {
         // SDXL: both encoders, as kohya's sd-scripts target them.
         te_targets += attach_new_adapters_with(te, &Selection::new(l.text_encoder_targets), &mut |path, _| Some(at(lora.clone(), component, path)), device)?.paths.len();
     }
