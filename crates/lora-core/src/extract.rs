@@ -111,10 +111,8 @@ impl ExtractSettings {
                 "sv_cumulative needs the sum of every singular value, which extraction does not compute; use sv_fro or sv_ratio".into(),
             ));
         }
-        if let Some(q) = self.clamp_quantile {
-            if !(q > 0.0 && q <= 1.0) {
-                return Err(LoraError::InvalidConfig(format!("the clamp quantile must be in (0, 1], got {q}")));
-            }
+        if let Some(q) = self.clamp_quantile && !(q > 0.0 && q <= 1.0) {
+            return Err(LoraError::InvalidConfig(format!("the clamp quantile must be in (0, 1], got {q}")));
         }
         Ok(())
     }

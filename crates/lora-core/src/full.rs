@@ -63,10 +63,8 @@ pub fn check_tensors(l: &LycorisWeights, key: &str) -> Result<FullShape> {
     if diff.shape.contains(&0) {
         return Err(bad(format!("`{DIFF}` is {:?}, which has an empty dimension", diff.shape)));
     }
-    if let Some((_, b)) = l.tensors.get(1) {
-        if b.shape != [out] {
-            return Err(bad(format!("`{DIFF_B}` is {:?}, one value per output ([{out}]) expected", b.shape)));
-        }
+    if let Some((_, b)) = l.tensors.get(1) && b.shape != [out] {
+        return Err(bad(format!("`{DIFF_B}` is {:?}, one value per output ([{out}]) expected", b.shape)));
     }
     Ok(FullShape { out, input, kernel, bias: l.tensors.len() == 2 })
 }

@@ -63,14 +63,14 @@ pub(crate) enum InitRng {
     /// burn's backend RNG.
     Backend,
     /// A host stream, seeded for the adapter.
-    Host(ChaCha8Rng),
+    Host(Box<ChaCha8Rng>),
 }
 
 impl InitRng {
     /// The source `config` asks for.
     pub(crate) fn new(config: &LoraConfig) -> Self {
         match config.init_seed {
-            Some(seed) => Self::Host(ChaCha8Rng::seed_from_u64(seed)),
+            Some(seed) => Self::Host(Box::new(ChaCha8Rng::seed_from_u64(seed))),
             None => Self::Backend,
         }
     }
@@ -115,7 +115,7 @@ impl InitRng {
 /// assert!((std - 1.0).abs() < 0.05, "{std}");
 /// ```
 pub fn seeded_normal<B: Backend, const D: usize>(seed: u64, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
-    InitRng::Host(ChaCha8Rng::seed_from_u64(seed)).tensor(shape, Draw::Normal(1.0), device)
+    InitRng::Host(Box::new(ChaCha8Rng::seed_from_u64(seed))).tensor(shape, Draw::Normal(1.0), device)
 }
 
 /// `n` standard-normal values (Box-Muller, two per pair of uniforms).

@@ -107,29 +107,32 @@ pub(crate) fn refuse_on_layer<B: Backend>(adapter: &LycorisAdapter<B>, what: &st
     }
 }
 
+/// A norm's scale `γ` or shift `β`: one value per channel.
+pub type NormParam<B> = Param<Tensor<B, 1>>;
+
 /// A norm layer whose scale and shift a [`LoraNorm`] can change: burn's [`GroupNorm`] and
 /// [`LayerNorm`].
 pub trait NormBase<B: Backend>: Module<B> {
     /// The scale `γ` and shift `β` (`[channels]` each), where the norm has them.
-    fn params(&self) -> (Option<&Param<Tensor<B, 1>>>, Option<&Param<Tensor<B, 1>>>);
+    fn params(&self) -> (Option<&NormParam<B>>, Option<&NormParam<B>>);
     /// [`params`](Self::params), to change.
-    fn params_mut(&mut self) -> (Option<&mut Param<Tensor<B, 1>>>, Option<&mut Param<Tensor<B, 1>>>);
+    fn params_mut(&mut self) -> (Option<&mut NormParam<B>>, Option<&mut NormParam<B>>);
 }
 
 impl<B: Backend> NormBase<B> for GroupNorm<B> {
-    fn params(&self) -> (Option<&Param<Tensor<B, 1>>>, Option<&Param<Tensor<B, 1>>>) {
+    fn params(&self) -> (Option<&NormParam<B>>, Option<&NormParam<B>>) {
         (self.gamma.as_ref(), self.beta.as_ref())
     }
-    fn params_mut(&mut self) -> (Option<&mut Param<Tensor<B, 1>>>, Option<&mut Param<Tensor<B, 1>>>) {
+    fn params_mut(&mut self) -> (Option<&mut NormParam<B>>, Option<&mut NormParam<B>>) {
         (self.gamma.as_mut(), self.beta.as_mut())
     }
 }
 
 impl<B: Backend> NormBase<B> for LayerNorm<B> {
-    fn params(&self) -> (Option<&Param<Tensor<B, 1>>>, Option<&Param<Tensor<B, 1>>>) {
+    fn params(&self) -> (Option<&NormParam<B>>, Option<&NormParam<B>>) {
         (Some(&self.gamma), self.beta.as_ref())
     }
-    fn params_mut(&mut self) -> (Option<&mut Param<Tensor<B, 1>>>, Option<&mut Param<Tensor<B, 1>>>) {
+    fn params_mut(&mut self) -> (Option<&mut NormParam<B>>, Option<&mut NormParam<B>>) {
         (Some(&mut self.gamma), self.beta.as_mut())
     }
 }

@@ -383,10 +383,8 @@ pub(crate) fn check_tensors(l: &LycorisWeights, out: usize, key: &str) -> Result
             (1, k, n)
         }
     };
-    if let Some(r) = rescale {
-        if r.shape.first() != Some(&out) || r.shape.iter().skip(1).any(|&d| d != 1) {
-            return Err(bad(format!("{}'s `rescale` is {:?}, one value per output ([{out}, 1, …]) expected", l.algo.name(), r.shape)));
-        }
+    if let Some(r) = rescale && (r.shape.first() != Some(&out) || r.shape.iter().skip(1).any(|&d| d != 1)) {
+        return Err(bad(format!("{}'s `rescale` is {:?}, one value per output ([{out}, 1, …]) expected", l.algo.name(), r.shape)));
     }
     match l.algo {
         Algo::Oft if !(l.alpha.is_finite() && l.alpha > 0.0) => Err(bad(format!("kohya's OFT's alpha (its constraint per output) must be positive and finite, got {}", l.alpha))),

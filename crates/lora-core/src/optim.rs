@@ -1336,10 +1336,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         if present.iter().all(|p| *p) {
             return None;
         }
-        if let Some((cached, mask)) = &self.last_mask {
-            if cached.as_slice() == present {
-                return Some(mask.clone());
-            }
+        if let Some((cached, mask)) = &self.last_mask && cached.as_slice() == present {
+            return Some(mask.clone());
         }
         let mut bits = vec![false; self.len()];
         for (id, _) in self.order.iter().zip(present).filter(|(_, p)| **p) {

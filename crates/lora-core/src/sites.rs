@@ -66,11 +66,9 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
         // LyCORIS' LoCon with and without a Tucker core have different tensors.
         let file_tucker = weights.lycoris.as_ref().is_some_and(|l| l.is_tucker_locon());
-        if let Self::Conv(c) = self {
-            if let Some(attached) = c.adapter.as_ref().filter(|a| a.is_tucker() != file_tucker) {
-                let form = |tucker: bool| if tucker { "a LoCon with a Tucker core (`lora_mid`)" } else { "a LoCon without one" };
-                return Err(LoraError::Unsupported(format!("{key}: the weights are {}, the attached adapter is {} (lora.use_tucker must match the file)", form(file_tucker), form(attached.is_tucker()))));
-            }
+        if let Self::Conv(c) = self && let Some(attached) = c.adapter.as_ref().filter(|a| a.is_tucker() != file_tucker) {
+            let form = |tucker: bool| if tucker { "a LoCon with a Tucker core (`lora_mid`)" } else { "a LoCon without one" };
+            return Err(LoraError::Unsupported(format!("{key}: the weights are {}, the attached adapter is {} (lora.use_tucker must match the file)", form(file_tucker), form(attached.is_tucker()))));
         }
         let attached = match self {
             Self::Linear(l) => l.adapter.as_ref().map(|a| (keep(a.rank(), [a.dropout.prob, a.network_dropout.prob, a.rank_dropout, a.module_dropout], (a.lycoris_rank_dropout, a.rank_dropout_scale)), a.is_dora())),
@@ -231,10 +229,8 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     /// size, for rank dropout's per-sample masks: a UNet's transformer layers see
     /// `[batch · tokens, channels]`); conv adapters read it from their input.
     pub fn set_samples(&mut self, samples: usize) {
-        if let Self::Linear(l) = self {
-            if let Some(a) = l.adapter.as_mut() {
-                a.samples = samples;
-            }
+        if let Self::Linear(l) = self && let Some(a) = l.adapter.as_mut() {
+            a.samples = samples;
         }
     }
 
@@ -440,10 +436,8 @@ impl<B: Backend> LoraSiteMut<'_, B> {
     pub fn torch_layouts(&self) -> Vec<(burn::module::ParamId, crate::optim::TorchLayout)> {
         use crate::optim::TorchLayout;
         let mut out = Vec::new();
-        if let Self::Linear(l) = self {
-            if let Some(a) = &l.adapter {
-                out.extend([(a.down.weight.id, TorchLayout::Transposed), (a.up.weight.id, TorchLayout::Transposed)]);
-            }
+        if let Self::Linear(l) = self && let Some(a) = &l.adapter {
+            out.extend([(a.down.weight.id, TorchLayout::Transposed), (a.up.weight.id, TorchLayout::Transposed)]);
         }
         if let Some(a) = self.lycoris_adapter() {
             for (p, shape) in a.factors.iter().zip(a.torch_shapes()) {

@@ -228,10 +228,8 @@ impl LatentCache {
             None => None,
         };
         // A mask that does not fit its latent is a damaged entry: a miss.
-        if let (Some(m), [_, _, h, w]) = (&mask, latent.shape.as_slice()) {
-            if m.shape != [1, 1, *h, *w] {
-                return None;
-            }
+        if let (Some(m), [_, _, h, w]) = (&mask, latent.shape.as_slice()) && m.shape != [1, 1, *h, *w] {
+            return None;
         }
         Some((latent, mask))
     }

@@ -252,10 +252,8 @@ impl<'a> CaptionTransform<'a> {
     where
         'a: 'c,
     {
-        if let Some(t) = self.trigger_word {
-            if tags.first() != Some(&t) {
-                tags.insert(0, t);
-            }
+        if let Some(t) = self.trigger_word && tags.first() != Some(&t) {
+            tags.insert(0, t);
         }
         tags
     }

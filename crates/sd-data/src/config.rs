@@ -368,18 +368,14 @@ impl SubsetConfig {
                 format!("must be a number of steps (or a fraction of the run's below 1) of at least 0, got {}", self.token_warmup_step),
             ));
         }
-        if let Some(w) = self.loss_weight {
-            if !w.is_finite() || w < 0.0 {
-                return Err(DataError::config(
-                    &key("loss_weight"),
-                    format!("must be finite and >= 0, got {w}"),
-                ));
-            }
+        if let Some(w) = self.loss_weight && (!w.is_finite() || w < 0.0) {
+            return Err(DataError::config(
+                &key("loss_weight"),
+                format!("must be finite and >= 0, got {w}"),
+            ));
         }
-        if let Some([lo, hi]) = self.face_crop_aug_range {
-            if !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
-                return Err(DataError::config(&key("face_crop_aug_range"), format!("must be two positive numbers [lo, hi] with lo <= hi, got [{lo}, {hi}]")));
-            }
+        if let Some([lo, hi]) = self.face_crop_aug_range && !(lo.is_finite() && hi.is_finite() && lo > 0.0 && lo <= hi) {
+            return Err(DataError::config(&key("face_crop_aug_range"), format!("must be two positive numbers [lo, hi] with lo <= hi, got [{lo}, {hi}]")));
         }
         if let Some(file) = &self.metadata_file {
             if self.is_reg {
@@ -395,13 +391,11 @@ impl SubsetConfig {
                 "a subset takes its loss masks from `alpha_mask` or from `mask_dir`, not both",
             ));
         }
-        if let Some(dir) = &self.mask_dir {
-            if !dir.is_dir() {
-                return Err(DataError::config(
-                    &key("mask_dir"),
-                    format!("{} does not exist or is not a directory", dir.display()),
-                ));
-            }
+        if let Some(dir) = &self.mask_dir && !dir.is_dir() {
+            return Err(DataError::config(
+                &key("mask_dir"),
+                format!("{} does not exist or is not a directory", dir.display()),
+            ));
         }
         if self.caption_separator.is_empty() {
             return Err(DataError::config(

@@ -395,10 +395,8 @@ impl Scanner<'_> {
         for ext in exts {
             let cap = image.with_extension(&ext[1..]);
             tried.push(cap.display().to_string());
-            if cap.is_file() {
-                if let Some(text) = read_caption_file(&cap, cfg.enable_wildcard)? {
-                    return Ok(text);
-                }
+            if cap.is_file() && let Some(text) = read_caption_file(&cap, cfg.enable_wildcard)? {
+                return Ok(text);
             }
         }
         self.fallback_caption(image, idx, tried.join(", "))

@@ -158,11 +158,9 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    if !loras.is_empty() {
-        if let Some(unet) = unet.as_mut() {
-            let applied = apply_lora_files(unet, te.as_mut(), &loras, false, &device)?;
-            eprintln!("LoRA: {} UNet and {} text-encoder adapters", applied.unet, applied.text_encoder);
-        }
+    if !loras.is_empty() && let Some(unet) = unet.as_mut() {
+        let applied = apply_lora_files(unet, te.as_mut(), &loras, false, &device)?;
+        eprintln!("LoRA: {} UNet and {} text-encoder adapters", applied.unet, applied.text_encoder);
     }
     if let (Some(ids), Some(te)) = (ids, &te) {
         let embeds = te.forward(ids, args.clip_skip)?;

@@ -684,10 +684,8 @@ impl UnetConfig {
             return Err(bad("reverse_transformer_layers_per_block (distilled SDXL variants) is not supported".into()));
         }
         for (name, per_block) in [("attention_head_dim", Some(&self.attention_head_dim)), ("num_attention_heads", self.num_attention_heads.as_ref()), ("transformer_layers_per_block", Some(&self.transformer_layers_per_block))] {
-            if let Some(PerBlock::Each(v)) = per_block {
-                if v.len() != n {
-                    return Err(bad(format!("{name} lists {} values for {n} levels", v.len())));
-                }
+            if let Some(PerBlock::Each(v)) = per_block && v.len() != n {
+                return Err(bad(format!("{name} lists {} values for {n} levels", v.len())));
             }
         }
         if (0..n).any(|i| self.transformer_layers_per_block.get(i) == 0) {

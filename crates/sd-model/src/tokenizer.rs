@@ -787,10 +787,8 @@ fn read_tokenizer_json(path: &Path) -> Result<BpeFiles> {
     let model = root
         .get("model")
         .ok_or_else(|| invalid("missing key \"model\"".to_owned()))?;
-    if let Some(kind) = model.get("type").and_then(Value::as_str) {
-        if kind != "BPE" {
-            return Err(invalid(format!("model.type is {kind:?}, expected \"BPE\"")));
-        }
+    if let Some(kind) = model.get("type").and_then(Value::as_str) && kind != "BPE" {
+        return Err(invalid(format!("model.type is {kind:?}, expected \"BPE\"")));
     }
     match model.get("end_of_word_suffix") {
         None | Some(Value::Null) => {}

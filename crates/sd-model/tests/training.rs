@@ -237,10 +237,8 @@ fn sdxl_added_conditioning_with_and_without_checkpointing() {
     let selection = Selection::new(UnetTargets::AttnMlp).include(["add_embedding.*", "time_embedding.*", "*.resnets.*"]);
     attach_new_adapters(&mut unet, &selection, &LoraConfig::new(2), &device).unwrap();
     unet.visit_lora_sites(&mut |_, site| {
-        if let lora_core::LoraSiteMut::Linear(l) = site {
-            if let Some(a) = l.adapter.as_mut() {
-                a.up.weight = random(a.up.weight.dims(), &device);
-            }
+        if let lora_core::LoraSiteMut::Linear(l) = site && let Some(a) = l.adapter.as_mut() {
+            a.up.weight = random(a.up.weight.dims(), &device);
         }
     });
     assert!(unet.add_embedding.as_ref().unwrap().linear_1.adapter.is_some());

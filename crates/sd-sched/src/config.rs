@@ -393,10 +393,8 @@ impl SchedulerConfig {
             return Err(invalid("solver_order", "1, 2 or 3", self.solver_order));
         }
         for (key, v) in [("sigma_min", self.sigma_min), ("sigma_max", self.sigma_max)] {
-            if let Some(v) = v {
-                if !(v > 0.0 && v.is_finite()) {
-                    return Err(invalid(key, "a positive finite number", v));
-                }
+            if let Some(v) = v && !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(key, "a positive finite number", v));
             }
         }
         if self.lambda_min_clipped.is_nan() {

@@ -101,10 +101,8 @@ impl NoiseSchedule {
     /// sigma-based diffusers samplers do so their first sigma stays finite.
     pub(crate) fn alphas_cumprod_sigma_safe(&self) -> Vec<f32> {
         let mut a = self.alphas_cumprod.clone();
-        if let Some(last) = a.last_mut() {
-            if *last == 0.0 {
-                *last = 2f32.powi(-24);
-            }
+        if let Some(last) = a.last_mut() && *last == 0.0 {
+            *last = 2f32.powi(-24);
         }
         a
     }

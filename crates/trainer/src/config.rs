@@ -2111,10 +2111,8 @@ impl TrainConfig {
         if let Some(Err(e)) = t.schedule_free_settings().filter(|s| s.sgd).map(|s| s.validate(&adamw)) {
             return bad(&format!("train.sgd_momentum with sgd_schedule_free: {e}"));
         }
-        if t.optimizer == Optimizer::ProdigyPlusScheduleFree {
-            if let Err(e) = t.prodigy_plus_settings().validate() {
-                return bad(&format!("train.prodigy_plus_*: {e}"));
-            }
+        if t.optimizer == Optimizer::ProdigyPlusScheduleFree && let Err(e) = t.prodigy_plus_settings().validate() {
+            return bad(&format!("train.prodigy_plus_*: {e}"));
         }
         if !(t.dadapt_d0.is_finite() && t.dadapt_d0 > 0.0) || t.dadapt_growth_rate < 1.0 || t.dadapt_growth_rate.is_nan() {
             return bad("train.dadapt_d0 must be positive and train.dadapt_growth_rate at least 1 (inf: no limit)");

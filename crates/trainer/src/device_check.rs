@@ -366,12 +366,10 @@ pub fn copy_parameters<A: Backend, B: Backend, MA: Module<A>, MB: Module<B>>(
 /// Gives every linear adapter a random `up` weight (normal, std 0.5), keeping the ids.
 fn randomize_up<B: Backend>(unet: &mut UNet2DConditionModel<B>, device: &B::Device) {
     unet.visit_lora_sites(&mut |_, site| {
-        if let LoraSiteMut::Linear(layer) = site {
-            if let Some(adapter) = layer.adapter.as_mut() {
-                let dims = adapter.up.weight.dims();
-                let value = Tensor::<B, 2>::random(dims, Distribution::Normal(0.0, 0.5), device).require_grad();
-                adapter.up.weight = Param::initialized(adapter.up.weight.id, value);
-            }
+        if let LoraSiteMut::Linear(layer) = site && let Some(adapter) = layer.adapter.as_mut() {
+            let dims = adapter.up.weight.dims();
+            let value = Tensor::<B, 2>::random(dims, Distribution::Normal(0.0, 0.5), device).require_grad();
+            adapter.up.weight = Param::initialized(adapter.up.weight.id, value);
         }
     });
 }
@@ -387,10 +385,8 @@ fn adapter_weights<B: Backend>(
         if found.is_some() || wanted.is_some_and(|w| w != path) {
             return;
         }
-        if let LoraSiteMut::Linear(layer) = site {
-            if let Some(a) = layer.adapter.as_ref() {
-                found = Some((path.to_string(), a.up.weight.clone(), a.down.weight.clone()));
-            }
+        if let LoraSiteMut::Linear(layer) = site && let Some(a) = layer.adapter.as_ref() {
+            found = Some((path.to_string(), a.up.weight.clone(), a.down.weight.clone()));
         }
     });
     found

@@ -224,10 +224,8 @@ impl PyValue {
         }
         let inner = raw.trim_start_matches(['(', '[']).trim_end_matches([')', ']']);
         let parts: Vec<&str> = inner.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
-        if parts.len() > 1 {
-            if let Ok(numbers) = parts.iter().map(|p| p.parse::<f64>()).collect::<Result<Vec<_>, _>>() {
-                return Self::Tuple(numbers);
-            }
+        if parts.len() > 1 && let Ok(numbers) = parts.iter().map(|p| p.parse::<f64>()).collect::<Result<Vec<_>, _>>() {
+            return Self::Tuple(numbers);
         }
         Self::Text(raw.trim_matches(['"', '\'']).to_string())
     }
@@ -460,10 +458,8 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
         }
     }
     for (key, why) in UNSUPPORTED {
-        if let Some(value) = o.take(key) {
-            if !Options::is_default(&value) {
-                return Err(o.err(key, format!("= {value}: {why}")));
-            }
+        if let Some(value) = o.take(key) && !Options::is_default(&value) {
+            return Err(o.err(key, format!("= {value}: {why}")));
         }
     }
     if let Some(key) = o.values.keys().next().cloned() {

@@ -105,12 +105,17 @@ struct Cli {
 /// Environment variable `name` as a switch: `Some(true)` for `1` / `true`, `Some(false)`
 /// for `0` / `false`, `None` when unset or empty.
 fn env_switch(name: &str) -> Result<Option<bool>> {
-    match std::env::var(name) {
-        Err(_) => Ok(None),
-        Ok(v) if v.is_empty() => Ok(None),
-        Ok(v) if v == "1" || v.eq_ignore_ascii_case("true") => Ok(Some(true)),
-        Ok(v) if v == "0" || v.eq_ignore_ascii_case("false") => Ok(Some(false)),
-        Ok(v) => anyhow::bail!("{name}={v}: expected 1 or 0 (true or false)"),
+    parse_switch(name, std::env::var(name).ok().as_deref())
+}
+
+/// [`env_switch`] on the variable's value (`None`: unset), apart so that tests need not
+/// change the process environment.
+fn parse_switch(name: &str, value: Option<&str>) -> Result<Option<bool>> {
+    match value {
+        None | Some("") => Ok(None),
+        Some(v) if v == "1" || v.eq_ignore_ascii_case("true") => Ok(Some(true)),
+        Some(v) if v == "0" || v.eq_ignore_ascii_case("false") => Ok(Some(false)),
+        Some(v) => anyhow::bail!("{name}={v}: expected 1 or 0 (true or false)"),
     }
 }
 
@@ -2562,16 +2567,13 @@ mod tests {
 
     #[test]
     fn switch_variables_take_one_or_zero_and_name_themselves_otherwise() {
-        // A variable name of this test only: the environment is shared by the test threads.
         let name = "SD_LORA_TEST_ONLY_SWITCH";
+        // Unset in this process: no variable of that name.
         assert_eq!(env_switch(name).unwrap(), None);
-        for (value, expected) in [("1", Some(true)), ("TRUE", Some(true)), ("0", Some(false)), ("false", Some(false)), ("", None)] {
-            std::env::set_var(name, value);
-            assert_eq!(env_switch(name).unwrap(), expected, "{value:?}");
+        for (value, expected) in [(None, None), (Some("1"), Some(true)), (Some("TRUE"), Some(true)), (Some("0"), Some(false)), (Some("false"), Some(false)), (Some(""), None)] {
+            assert_eq!(parse_switch(name, value).unwrap(), expected, "{value:?}");
         }
-        std::env::set_var(name, "yes");
-        let err = env_switch(name).unwrap_err().to_string();
+        let err = parse_switch(name, Some("yes")).unwrap_err().to_string();
         assert!(err.contains(name) && err.contains("yes"), "{err}");
-        std::env::remove_var(name);
     }
 }

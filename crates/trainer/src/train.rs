@@ -584,24 +584,18 @@ pub fn resume_on<B: AutodiffBackend>(
     }
     // Resuming into another output_dir: carry the earlier run's per-step metrics along.
     let metrics = config.output.output_dir.join("metrics.jsonl");
-    if let Some(earlier) = state_dir.parent().map(|d| d.join("metrics.jsonl")) {
-        if earlier.is_file() && !metrics.exists() {
-            std::fs::create_dir_all(&config.output.output_dir).map_err(io_err(&config.output.output_dir))?;
-            std::fs::copy(&earlier, &metrics).map_err(io_err(&metrics))?;
-        }
+    if let Some(earlier) = state_dir.parent().map(|d| d.join("metrics.jsonl")) && earlier.is_file() && !metrics.exists() {
+        std::fs::create_dir_all(&config.output.output_dir).map_err(io_err(&config.output.output_dir))?;
+        std::fs::copy(&earlier, &metrics).map_err(io_err(&metrics))?;
     }
     let validation = config.output.output_dir.join("validation.jsonl");
-    if let Some(earlier) = state_dir.parent().map(|d| d.join("validation.jsonl")) {
-        if earlier.is_file() && !validation.exists() {
-            std::fs::copy(&earlier, &validation).map_err(io_err(&validation))?;
-        }
+    if let Some(earlier) = state_dir.parent().map(|d| d.join("validation.jsonl")) && earlier.is_file() && !validation.exists() {
+        std::fs::copy(&earlier, &validation).map_err(io_err(&validation))?;
     }
     // ... and its TensorBoard event files.
     let logs = config.output.output_dir.join(LOGS_DIR);
-    if let Some(earlier) = state_dir.parent().map(|d| d.join(LOGS_DIR)) {
-        if config.output.tensorboard && earlier.is_dir() && !logs.exists() {
-            copy_event_files(&earlier, &logs)?;
-        }
+    if let Some(earlier) = state_dir.parent().map(|d| d.join(LOGS_DIR)) && config.output.tensorboard && earlier.is_dir() && !logs.exists() {
+        copy_event_files(&earlier, &logs)?;
     }
     run::<B>(config, data, Some(state), device, on_step)
 }

@@ -349,12 +349,10 @@ impl Order {
         let kernels = self.kernels;
         let hooks = test_hooks::get();
         // SAFETY: the words lie in the live `words` buffer; the stream is ours.
-        if !hooks.skip_ready {
-            if let Err(reason) = unsafe { kernels.wait_ready(stream, word(slot), k, word(ordering::STATUS)) } {
-                super::record_ordering_unavailable(reason.clone());
-                self.broken = Some(reason);
-                return None;
-            }
+        if !hooks.skip_ready && let Err(reason) = unsafe { kernels.wait_ready(stream, word(slot), k, word(ordering::STATUS)) } {
+            super::record_ordering_unavailable(reason.clone());
+            self.broken = Some(reason);
+            return None;
         }
         if hooks.library_delay > 0 {
             // The test's late library output: spin on the scratch word, which never reaches

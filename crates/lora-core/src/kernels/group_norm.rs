@@ -952,10 +952,8 @@ impl<R: CubeRuntime, BT: BoolElement> GroupNormBackward<R, BT> {
         let [x, gamma, beta, dy, mean, rstd] = [x, gamma, beta, dy, mean, rstd].map(contiguous);
         let acc = acc.map(contiguous);
         let problem = problem(&x, self.spec)?;
-        if let Some(acc) = &acc {
-            if acc.dtype != x.dtype || acc.meta.shape() != x.meta.shape() {
-                return Err(format!("fused group norm backward: the gradient to add is {:?} {:?}, the input {:?} {:?}", acc.dtype, acc.meta.shape(), x.dtype, x.meta.shape()));
-            }
+        if let Some(acc) = &acc && (acc.dtype != x.dtype || acc.meta.shape() != x.meta.shape()) {
+            return Err(format!("fused group norm backward: the gradient to add is {:?} {:?}, the input {:?} {:?}", acc.dtype, acc.meta.shape(), x.dtype, x.meta.shape()));
         }
         let acc = acc.as_ref().map(|a| &a.handle);
         if beta.dtype != gamma.dtype || mean.dtype != DType::F32 || rstd.dtype != DType::F32 || !matches!(dy.dtype, DType::F32 | DType::BF16 | DType::F16) {

@@ -636,15 +636,13 @@ fn product<R: CubeRuntime, BT: BoolElement>(a: CubeTensor<R>, b: CubeTensor<R>, 
     let a = Transpose::apply::<R, BT>(transpose.a, a);
     let b = Transpose::apply::<R, BT>(transpose.b, b);
     #[cfg(feature = "cuda")]
-    if routing.cublas && super::worth_routing_at(&a.meta.shape().to_vec(), &b.meta.shape().to_vec(), routing.cublas_thresholds) {
-        if let Some(result) = cublas_product(&a, &b) {
-            match result {
-                Ok(y) => {
-                    super::record_cublas_call();
-                    return y;
-                }
-                Err(reason) => super::record_fallback(reason),
+    if routing.cublas && super::worth_routing_at(&a.meta.shape().to_vec(), &b.meta.shape().to_vec(), routing.cublas_thresholds) && let Some(result) = cublas_product(&a, &b) {
+        match result {
+            Ok(y) => {
+                super::record_cublas_call();
+                return y;
             }
+            Err(reason) => super::record_fallback(reason),
         }
     }
     if routing.fixed {

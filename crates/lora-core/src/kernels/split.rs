@@ -172,8 +172,7 @@ mod tests {
         let probe = Probe { ids, found: found.clone() };
         client.register(burn_fusion::stream::OperationStreams::default(), burn_ir::OperationIr::Custom(desc), probe);
         client.sync(|| ());
-        let found = found.lock().expect("probe").clone();
-        found
+        found.lock().expect("probe").clone()
     }
 
     /// One release operation for many tensors: the tensors read last there lose their

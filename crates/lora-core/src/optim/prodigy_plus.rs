@@ -695,10 +695,8 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
     /// the layout's orders.
     fn prodigy_plus_masks(&mut self, present: &[bool]) -> Option<PresentMasks<B>> {
         let p = self.prodigy_plus.as_mut()?;
-        if let Some(m) = &p.masks {
-            if m.pattern.as_slice() == present {
-                return Some(m.clone());
-            }
+        if let Some(m) = &p.masks && m.pattern.as_slice() == present {
+            return Some(m.clone());
         }
         let device = self.params.device();
         let tensors: Vec<bool> = p.layout.tensor_order.iter().map(|i| present[*i]).collect();
@@ -1148,10 +1146,8 @@ fn pool_all<B: AutodiffBackend>(optims: &mut [&mut FlatAdamW<B>], pools: &[&Vec<
         set_estimate(optims[*o], 0..groups, &d, &numerator);
         // The group whose `d_prev` the optimizer's own step let follow, unless it leads.
         let Some(own) = first_live(optims[*o]) else { continue };
-        if !leaders.contains(&(*o, own)) {
-            if let Some(p) = optims[*o].prodigy_plus.as_mut() {
-                p.scalars = p.scalars.clone().slice_assign(groups + own..groups + own + 1, at(&q.d_prev, own));
-            }
+        if !leaders.contains(&(*o, own)) && let Some(p) = optims[*o].prodigy_plus.as_mut() {
+            p.scalars = p.scalars.clone().slice_assign(groups + own..groups + own + 1, at(&q.d_prev, own));
         }
     }
 }

@@ -102,7 +102,8 @@ impl Norm {
         let (gamma, beta) = self.params();
         let x = f.host(&format!("{name}.x"));
         let n = x.data.len();
-        let y = match self {
+        
+        match self {
             Norm::Group(_) => {
                 let x: Tensor<AB, 4> = f.tensor(&format!("{name}.x"));
                 let spec = GroupNormSpec { groups: case.num(1) as usize, epsilon: case.num(3), silu: false };
@@ -114,8 +115,7 @@ impl Norm {
                 let spec = GroupNormSpec { groups: 1, epsilon: case.num(2), silu: false };
                 group_norm_output(x, gamma, beta, spec).reshape([n, 1])
             }
-        };
-        y
+        }
     }
 }
 

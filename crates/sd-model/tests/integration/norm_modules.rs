@@ -30,11 +30,9 @@ fn attach(unet: &mut UNet2DConditionModel<B>, selection: &Selection<UnetTargets>
 /// Random values for every norm module (fresh ones are zero: no effect).
 fn randomize_norms(unet: &mut UNet2DConditionModel<B>) {
     unet.visit_lora_sites(&mut |_, mut site| {
-        if site.is_norm() {
-            if let Some(a) = site.lycoris_adapter_mut() {
-                for p in a.factors.iter_mut() {
-                    *p = Param::from_tensor(p.val().random_like(Distribution::Normal(0.0, 0.3)));
-                }
+        if site.is_norm() && let Some(a) = site.lycoris_adapter_mut() {
+            for p in a.factors.iter_mut() {
+                *p = Param::from_tensor(p.val().random_like(Distribution::Normal(0.0, 0.3)));
             }
         }
     });

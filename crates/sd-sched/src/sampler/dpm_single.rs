@@ -171,10 +171,8 @@ fn order_list(steps: usize, order: usize, lower_order_final: bool, final_zero: b
         (2, false) => blocks(&[1, 2], steps / 2),
         _ => vec![1; steps],
     };
-    if final_zero {
-        if let Some(last) = orders.last_mut() {
-            *last = 1;
-        }
+    if final_zero && let Some(last) = orders.last_mut() {
+        *last = 1;
     }
     orders
 }
