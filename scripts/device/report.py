@@ -59,6 +59,10 @@ def collect(a):
     if a.source == "smoke":
         # A whole `trainer train` run: it passes when it exits cleanly.
         rec = dict(base, result={"pass": a.rc == 0})
+        # lora_parity.py's summary (the relative error of the device's LoRA file).
+        last = json_lines(a.stdout)[-1:]
+        if last and "rel_l2" in last[0]:
+            rec["result"]["rel_l2"] = last[0]["rel_l2"]
         if a.rc != 0:
             rec["error"] = tail(a.stderr) or tail(a.stdout) or f"exit status {a.rc}, no output"
         print(json.dumps(rec))
@@ -202,9 +206,10 @@ def table(a):
     smokes = [r for r in records if r["source"] == "smoke"]
     if smokes:
         out += ["Runs that pass when they exit cleanly (`trainer train` on the tiny model and the demo data; the kernel tests: cuDNN and cuBLAS against burn, GPU- against host-ordered library calls, the fused softmax against burn, flash attention against the same math in burn's ops, the fused GroupNorm against burn; the per-op A/B `trainer bench-ops` and the ncu profiles of one step, ours and PyTorch's, whose tables are printed above):", ""]
-        out += ["| run | pass | wall s |", "|---|---|---|"]
+        out += ["| run | pass | wall s | relative L2 (parity) |", "|---|---|---|---|"]
         for r in smokes:
-            out.append(f"| {r['name']} | {'yes' if r.get('result', {}).get('pass') else 'no'} | {fmt(r.get('wall_s'))} |")
+            res = r.get("result", {})
+            out.append(f"| {r['name']} | {'yes' if res.get('pass') else 'no'} | {fmt(r.get('wall_s'))} | {fmt(res.get('rel_l2'), 2)} |")
         out.append("")
 
     ours = [r for r in records if r["source"] == "ours"]

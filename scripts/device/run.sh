@@ -69,6 +69,9 @@
 #   PRECISION=bf16     --precision of our bench (the anchor runs bf16) and of the smoke run
 #   SMOKE=1            also run `trainer train` for 20 steps on the tiny model, then `trainer
 #                      generate` with its LoRA (0 skips both)
+#   PARITY=1           also train the tiny model 3 steps at f32 on the CPU and on the device
+#                      (one seed) and compare the two LoRA files (lora_parity.py: relative L2
+#                      over all tensors, tolerance 0.05; 0 skips it)
 #   OPS=1              also run `trainer bench-ops` (each kernel of ours against burn's ops at
 #                      SD1.5's shapes; its table is printed before the summary; 0 skips it)
 #   STEPS=5            measured steps of our bench (after one warm-up step)
@@ -358,6 +361,26 @@ run_checks() {
             run_job smoke "generate-tiny-$PRECISION" "{}" \
                 env "${off[@]}" "$BIN" generate --prompt "a red circle, demostyle" --lora "$lora" --precision "$PRECISION" \
                 --width 64 --height 64 --steps 4 --out "$WORK/smoke/generate.png"
+        fi
+    fi
+
+    # 1c. the same three training steps on the CPU and on the device, f32, one seed: the
+    # noise, timesteps, data order and initial adapters come from host streams, so the two
+    # LoRA files differ only by the kernels' rounding (and TF32 where cuDNN uses it).
+    if [ "${PARITY:-1}" = 1 ] && [ "$DEVICE" != cpu ]; then
+        local common=(train --set train.max_train_steps=3 --set train.mixed_precision=no
+            --set output.save_precision=f32 --set "output.sample_prompts=[]")
+        run_job smoke parity-train-cpu "{}" \
+            env SD_LORA_DEVICE=cpu "$BIN" "${common[@]}" --set output.output_dir="$WORK/parity-cpu"
+        run_job smoke "parity-train-$DEVICE" "{}" \
+            env SD_LORA_DEVICE="$DEVICE" "$BIN" "${common[@]}" --set output.output_dir="$WORK/parity-$DEVICE"
+        local a b
+        a=$(ls "$WORK"/parity-cpu/*.safetensors 2>/dev/null | head -1)
+        b=$(ls "$WORK/parity-$DEVICE"/*.safetensors 2>/dev/null | head -1)
+        if [ -n "$a" ] && [ -n "$b" ]; then
+            run_job smoke "parity-lora-$DEVICE-vs-cpu" "{}" "$PY" "$HERE/lora_parity.py" "$a" "$b" --tolerance 0.05
+        else
+            say "parity: a LoRA file is missing (cpu: ${a:-none}, $DEVICE: ${b:-none})"
         fi
     fi
 }
