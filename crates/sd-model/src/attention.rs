@@ -24,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
 use burn::tensor::{DType, Tensor};
-use lora_core::kernels::{flash_attention, flash_attention_backward, flash_attention_backward_rows, flash_attention_rows, matmul, matmul_transposed, scaled_softmax, scaled_softmax_lse, AttentionRowsBackward};
+use lora_core::kernels::{dense, flash_attention, flash_attention_backward, flash_attention_backward_rows, flash_attention_rows, matmul, matmul_transposed, scaled_softmax, scaled_softmax_lse, AttentionRowsBackward};
 use lora_core::precision::cast_to;
 
 use crate::autodiff_ext::{downcast, is_autodiff, on_known_autodiff, tensor};
@@ -49,9 +49,10 @@ pub fn multi_head_attention<B: Backend>(
     let [batch, seq_q, width] = q.dims();
     let seq_k = k.dims()[1];
     let head_dim = width / heads;
-    let split = |t: Tensor<B, 3>, seq: usize| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
+    // `dense`: the heads copied in runs of `head_dim` on the CPU backend (see `split_heads`).
+    let split = |t: Tensor<B, 3>, seq: usize| dense(t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2));
     let out = attend(split(q, seq_q), split(k, seq_k), split(v, seq_k), causal);
-    out.swap_dims(1, 2).reshape([batch, seq_q, width])
+    dense(out.swap_dims(1, 2)).reshape([batch, seq_q, width])
 }
 
 /// [`multi_head_attention`] (non-causal) on rows: `q [batch·seq_q, heads·d]`, `k` and `v`
@@ -96,16 +97,18 @@ enum Layout {
     Rows { batch: usize, heads: usize },
 }
 
-/// `[batch·seq, heads·d]` rows as `[batch, heads, seq, d]` heads (a view).
+/// `[batch·seq, heads·d]` rows as `[batch, heads, seq, d]` heads (a view; dense on the CPU).
 fn split_heads<X: Backend>(t: Tensor<X, 2>, batch: usize, heads: usize) -> Tensor<X, 4> {
     let [rows, width] = t.dims();
-    t.reshape([batch, rows / batch, heads, width / heads]).swap_dims(1, 2)
+    // Dense on the CPU, copied in runs of `d` (burn-flex's attention and the backward's
+    // products would make the view dense element by element).
+    dense(t.reshape([batch, rows / batch, heads, width / heads]).swap_dims(1, 2))
 }
 
 /// `[batch, heads, seq, d]` heads as `[batch·seq, heads·d]` rows.
 fn merge_heads<X: Backend>(t: Tensor<X, 4>) -> Tensor<X, 2> {
     let [b, h, s, d] = t.dims();
-    t.swap_dims(1, 2).reshape([b * s, h * d])
+    dense(t.swap_dims(1, 2)).reshape([b * s, h * d])
 }
 
 /// [`attention_forward`] on rows (see [`Layout::Rows`]): the fused kernels on the rows

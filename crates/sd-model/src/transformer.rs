@@ -5,6 +5,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, LayerNormConfig, LinearConfig};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
+use lora_core::kernels::dense;
 use lora_core::norm::{LoraGroupNorm, LoraLayerNorm};
 use lora_core::{LoraConv2d, LoraLinear};
 
@@ -240,9 +241,11 @@ impl<B: Backend> Transformer2DModel<B> {
     /// `x [B, C, H, W]` conditioned on `context [B, M, context_dim]`.
     pub fn forward(&self, x: Tensor<B, 4>, context: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        // The blocks work on `[B·H·W, C]` token rows (see `Attention::forward_rows`).
-        let to_rows = |t: Tensor<B, 4>| t.permute([0, 2, 3, 1]).reshape([b * h * w, c]);
-        let to_map = |t: Tensor<B, 2>| t.reshape([b, h * w, c]).swap_dims(1, 2).reshape([b, c, h, w]);
+        // The blocks work on `[B·H·W, C]` token rows (see `Attention::forward_rows`). Each
+        // way is one transposition per image (`dense`: in tiles on the CPU backend without
+        // autodiff, as when sampling; autodiff's reshape copies as it is).
+        let to_rows = |t: Tensor<B, 4>| dense(t.permute([0, 2, 3, 1])).reshape([b * h * w, c]);
+        let to_map = |t: Tensor<B, 2>| dense(t.reshape([b, h * w, c]).swap_dims(1, 2)).reshape([b, c, h, w]);
         let normed = crate::norm::lora_group_norm(&self.norm, x.clone(), false);
         let mut seq = match &self.proj_in {
             Projection::Conv(p) => to_rows(p.forward(normed)),

@@ -52,7 +52,7 @@ impl<B: Backend> VaeAttention<B> {
         for layer in &self.to_out {
             out = layer.forward(out);
         }
-        x + out.swap_dims(1, 2).reshape([b, c, h, w])
+        x + lora_core::kernels::dense(out.swap_dims(1, 2)).reshape([b, c, h, w])
     }
 }
 

@@ -89,6 +89,7 @@ mod lora_linear {
     }
 }
 pub(crate) use lora_linear::LoraLinearInputs;
+mod dense;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod geglu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -743,6 +744,37 @@ pub fn downcast<T: 'static, U: 'static>(value: T) -> Option<U> {
 #[doc(hidden)]
 pub fn tensor<X: Backend, const D: usize>(primitive: FloatTensor<X>) -> Tensor<X, D> {
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// `t`'s values laid out densely (row-major), or `t` itself: on the CPU backend (Flex) a
+/// strided view whose innermost dimension is contiguous, or whose last two dimensions are
+/// a transposed matrix, is copied in runs or tiles, where burn-flex would make it dense
+/// element by element when an op needs it so (its attention reads dense heads; a
+/// `reshape` of most permuted views copies). Other backends, dense tensors and other
+/// views are returned as they are. The values are the same either way; call it where a
+/// view is about to be made dense anyway, such as attention heads split from rows.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::tensor::{Int, Tensor};
+///
+/// let device = Default::default();
+/// let rows = Tensor::<Flex, 1, Int>::arange(0..24, &device).float().reshape([1, 3, 2, 4]);
+/// let heads = rows.clone().swap_dims(1, 2); // [1, 2, 3, 4]: a strided view
+/// let dense = lora_core::kernels::dense(heads.clone());
+/// assert_eq!(dense.to_data(), heads.to_data());
+/// ```
+pub fn dense<X: Backend, const D: usize>(t: Tensor<X, D>) -> Tensor<X, D> {
+    if TypeId::of::<X>() != TypeId::of::<burn::backend::Flex>() {
+        return t;
+    }
+    let Some(flex) = downcast::<FloatTensor<X>, burn_flex::FlexTensor>(t.clone().into_primitive().tensor()) else {
+        return t;
+    };
+    let Some(copy) = dense::dense(&flex) else {
+        return t;
+    };
+    downcast::<burn_flex::FlexTensor, FloatTensor<X>>(copy).map_or(t, tensor)
 }
 
 /// Whether `B` is the CPU backend (Flex), with or without autodiff: it runs every op
@@ -2334,7 +2366,7 @@ fn group_norm_math<X: Backend, const D: usize>(x: Tensor<X, D>, gamma: Tensor<X,
     let var = centred.clone().square().mean_dim(2);
     let rstd = var.add_scalar(spec.epsilon).sqrt().recip();
     let xhat = (centred * rstd.clone()).reshape([b, c, plane]);
-    let hpre = xhat * per_channel(gamma, b, plane) + per_channel(beta, b, plane);
+    let hpre = add_channels(mul_channels(xhat, per_channel(gamma, b, plane)), per_channel(beta, b, plane));
     let y = if spec.silu { hpre.clone() * burn::tensor::activation::sigmoid(hpre) } else { hpre };
     (cast_to(y.reshape(shape), dtype), mean, rstd)
 }
@@ -2352,6 +2384,29 @@ fn per_channel<X: Backend>(t: Tensor<X, 1>, b: usize, plane: usize) -> Tensor<X,
         t
     } else {
         t.repeat_dim(0, b)
+    }
+}
+
+/// `t · p` for values `t` (`[b, c, plane]`) and a [`per_channel`] parameter `p`. Rows
+/// (`plane` 1, a LayerNorm's) are multiplied as `[b, c]` by `[1, c]`, one shared row that
+/// burn-flex vectorises; `[b, c, 1]` against `[1, c, 1]` would take its element-by-element
+/// iterator.
+fn mul_channels<X: Backend>(t: Tensor<X, 3>, p: Tensor<X, 3>) -> Tensor<X, 3> {
+    let [b, c, plane] = t.dims();
+    if plane == 1 {
+        (t.reshape([b, c]) * p.reshape([1, c])).reshape([b, c, 1])
+    } else {
+        t * p
+    }
+}
+
+/// `t + p`, laid out as in [`mul_channels`].
+fn add_channels<X: Backend>(t: Tensor<X, 3>, p: Tensor<X, 3>) -> Tensor<X, 3> {
+    let [b, c, plane] = t.dims();
+    if plane == 1 {
+        (t.reshape([b, c]) + p.reshape([1, c])).reshape([b, c, 1])
+    } else {
+        t + p
     }
 }
 
@@ -2378,7 +2433,7 @@ fn group_norm_grads_math<X: Backend, const D: usize>(
     let g = per_channel(gamma, b, plane);
     let dy = cast_to(grad_out, DType::F32).reshape([b, c, plane]);
     let dh = if spec.silu {
-        let hpre = xhat.clone() * g.clone() + per_channel(beta, b, plane);
+        let hpre = add_channels(mul_channels(xhat.clone(), g.clone()), per_channel(beta, b, plane));
         let s = burn::tensor::activation::sigmoid(hpre.clone());
         dy * s.clone() * (hpre * (s.neg().add_scalar(1.0))).add_scalar(1.0)
     } else {
@@ -2391,7 +2446,7 @@ fn group_norm_grads_math<X: Backend, const D: usize>(
         let dbeta = sum(dh.clone());
         (cast_to(dgamma, gamma_dtype), cast_to(dbeta, beta_dtype))
     });
-    let dxhat = (dh * g).reshape([b, groups, per_group]);
+    let dxhat = mul_channels(dh, g).reshape([b, groups, per_group]);
     let xhat = xhat.reshape([b, groups, per_group]);
     let m1 = dxhat.clone().mean_dim(2);
     let m2 = (dxhat.clone() * xhat.clone()).mean_dim(2);
