@@ -502,7 +502,7 @@ impl DatasetConfig {
         Self {
             resolution,
             min_bucket_reso: (short / 2 / step * step).max(step),
-            max_bucket_reso: long * 2,
+            max_bucket_reso: (long * 2).min(MAX_SIDE / step * step),
             bucket_reso_steps: step,
             min_image_size: (short / 2).max(1),
             batch_size: 4,

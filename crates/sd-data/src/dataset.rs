@@ -214,11 +214,11 @@ impl Dataset {
                     kept.push(img);
                 }
                 None => {
-                    let e = DataError::ImageTooSmall {
+                    let e = DataError::NoBucketFits {
                         path: img.source.display_path(),
                         width: img.width,
                         height: img.height,
-                        min_side: config.bucket_reso_steps,
+                        step: config.bucket_reso_steps,
                     };
                     if !config.skip_bad_images {
                         return Err(e);

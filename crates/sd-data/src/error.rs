@@ -40,6 +40,19 @@ pub enum DataError {
         /// The minimum side length that was required.
         min_side: u32,
     },
+    /// No aspect-ratio bucket fits an image: with `bucket_no_upscale`, scaled down to the
+    /// buckets' area, its shorter side would be under one bucket step.
+    #[error("image {path} is {width}x{height} px: no bucket fits it (with bucket_no_upscale, scaled to the buckets' area its shorter side would be under one bucket step of {step} px); crop it to a less extreme aspect ratio, or turn bucket_no_upscale off")]
+    NoBucketFits {
+        /// The image file.
+        path: PathBuf,
+        /// Width after EXIF orientation.
+        width: u32,
+        /// Height after EXIF orientation.
+        height: u32,
+        /// The bucket step (`bucket_reso_steps`).
+        step: u32,
+    },
     /// An image (by its header) has more pixels than are decoded: a decompression bomb or
     /// a damaged header, refused before memory for it is reserved.
     #[error("image {path} is {width}x{height} px, more than the {max_pixels} pixels an image may have (PIL's limit)")]
@@ -179,6 +192,7 @@ impl DataError {
             Self::Io { path, .. }
             | Self::CorruptImage { path, .. }
             | Self::ImageTooSmall { path, .. }
+            | Self::NoBucketFits { path, .. }
             | Self::ImageTooLarge { path, .. }
             | Self::CaptionNotUtf8 { path, .. }
             | Self::MissingCaption { path, .. }

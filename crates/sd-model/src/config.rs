@@ -72,6 +72,14 @@ fn check_sizes(origin: &str, widths: &[(&str, usize)], depths: &[(&str, usize)])
     }
 }
 
+/// The first of `widths` that is 0, as a config error: a layer of no channels.
+fn check_positive(origin: &str, widths: &[(&str, usize)]) -> Result<()> {
+    match widths.iter().find(|(_, v)| *v == 0) {
+        Some((field, _)) => Err(SdModelError::InvalidConfig { origin: origin.into(), reason: format!("{field} = 0: expected a positive number of channels") }),
+        None => Ok(()),
+    }
+}
+
 fn default_ln_eps() -> f64 {
     1e-5
 }
@@ -206,6 +214,7 @@ impl ClipTextConfig {
         }
         let widths = [("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size), ("projection_dim", self.text_projection_dim().unwrap_or(0))];
         check_sizes(origin, &widths, &[("num_hidden_layers", self.num_hidden_layers), ("num_attention_heads", self.num_attention_heads)])?;
+        check_positive(origin, &widths[..2])?;
         // Token and position tables: far above CLIP's 49408 tokens and 77 positions.
         if self.vocab_size > 1 << 20 || self.max_position_embeddings > MAX_WIDTH {
             return Err(bad(format!("vocab_size {} or max_position_embeddings {} is larger than any CLIP text encoder's", self.vocab_size, self.max_position_embeddings)));
@@ -335,6 +344,7 @@ impl VaeConfig {
         }
         let widths: Vec<(&str, usize)> = self.block_out_channels.iter().map(|c| ("block_out_channels", *c)).chain([("latent_channels", self.latent_channels), ("in_channels", self.in_channels), ("out_channels", self.out_channels)]).collect();
         check_sizes(origin, &widths, &[("layers_per_block", self.layers_per_block), ("block_out_channels (levels)", self.block_out_channels.len())])?;
+        check_positive(origin, &widths)?;
         if let Some(c) = self
             .block_out_channels
             .iter()
@@ -641,6 +651,7 @@ impl UnetConfig {
             .collect();
         let depths: Vec<(&str, usize)> = (0..n).map(|i| ("transformer_layers_per_block", self.transformer_layers_per_block.get(i))).chain([("layers_per_block", self.layers_per_block), ("block_out_channels (levels)", n)]).collect();
         check_sizes(origin, &widths, &depths)?;
+        check_positive(origin, &widths)?;
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
                 return Err(bad(format!("unsupported down block type `{t}`")));

@@ -42,6 +42,7 @@ pub mod prompt;
 pub mod load;
 pub mod lora;
 pub mod merge_models;
+mod pickle_scan;
 mod resnet;
 pub mod save;
 pub mod targets;

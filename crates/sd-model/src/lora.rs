@@ -1,6 +1,6 @@
 //! Applying LoRA files to the model: several files at once, each with its own strength.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use burn::tensor::backend::Backend;
@@ -104,12 +104,31 @@ impl FromStr for LoraFile {
                 None => Self::new(rest, last),
             };
         }
+        if !file.path.exists()
+            && let Some((path, rest)) = existing_prefix(s)
+        {
+            // `FILE:abc`: the file is there, what follows it is no strength.
+            return Err(format!("`{s}`: `{rest}` after {path} is not a strength; expected FILE[:STRENGTH[:TE_STRENGTH]][:lbw=WEIGHTS] with numbers for the strengths"));
+        }
         file.block_weights = block_weights;
         if !(file.strength.is_finite() && file.text_encoder_strength().is_finite()) {
             return Err(format!("`{s}`: strengths must be finite"));
         }
         Ok(file)
     }
+}
+
+/// The longest part of `s` before one of its colons that names an existing file, and what
+/// follows that colon.
+fn existing_prefix(s: &str) -> Option<(&str, &str)> {
+    let mut end = s.len();
+    while let Some(i) = s[..end].rfind(':') {
+        if Path::new(&s[..i]).is_file() {
+            return Some((&s[..i], &s[i + 1..]));
+        }
+        end = i;
+    }
+    None
 }
 
 /// How many adapters went where.
@@ -355,6 +374,24 @@ mod tests {
         assert!("x.safetensors:0.5:inf".parse::<LoraFile>().is_err());
         let odd: LoraFile = "dir:1/x.safetensors:0.5".parse().unwrap();
         assert_eq!((odd.path.to_str().unwrap(), odd.strength, odd.text_encoder), ("dir:1/x.safetensors", 0.5, None));
+    }
+
+    /// A strength that is no number after an existing file is named as such, not taken for
+    /// part of a missing file's name; a missing file's colons stay part of its name.
+    #[test]
+    fn a_bad_strength_after_an_existing_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("x.safetensors");
+        std::fs::write(&file, b"").unwrap();
+        let f = file.to_str().unwrap();
+        for (suffix, rest) in [(":abc", "abc"), (":1:2:3", "1:2:3"), (":0x10", "0x10"), (":0.5:abc:lbw=OUTALL", "0.5:abc")] {
+            let err = format!("{f}{suffix}").parse::<LoraFile>().unwrap_err();
+            assert!(err.contains(&format!("`{rest}` after")) && err.contains("not a strength"), "{suffix}: {err}");
+        }
+        let good: LoraFile = format!("{f}:0.5:0.25").parse().unwrap();
+        assert_eq!((good.strength, good.text_encoder), (0.5, Some(0.25)));
+        let missing: LoraFile = format!("{}/missing:abc", dir.path().display()).parse().unwrap();
+        assert!(missing.path.ends_with("missing:abc"));
     }
 
     /// Block weights group a file's adapters by block: each part's strength is the

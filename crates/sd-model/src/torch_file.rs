@@ -44,6 +44,8 @@ pub fn read_pytorch(path: &Path) -> Result<Vec<(String, TensorSnapshot)>> {
     if !path.is_file() {
         return Err(SdModelError::Io { path: path.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file") });
     }
+    // burn-store reads nested containers recursively: bound the nesting first.
+    crate::pickle_scan::check_depth(path).map_err(|reason| bad(path, reason))?;
     let reader = PytorchReader::new(path).map_err(|e| bad(path, format!("not a readable PyTorch file: {e}")))?;
     let mut tensors: Vec<(String, TensorSnapshot)> = reader.into_tensors().into_iter().collect();
     if !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with("state_dict.")) {

@@ -37,6 +37,10 @@ pub struct ModelSection {
     pub base_weights: Vec<String>,
 }
 
+/// The most demo images a run may ask for (`data.demo_images`): they are drawn in memory
+/// before training starts.
+pub const MAX_DEMO_IMAGES: usize = 1000;
+
 /// The training images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,7 +51,7 @@ pub struct DataSection {
     /// (`[512, 768]`) as in kohya. With buckets, its area is the buckets' area; without,
     /// every image is resized and cropped to it.
     pub resolution: sd_data::Resolution,
-    /// Number of demo images when `train_data_dir = "demo"`.
+    /// Number of demo images when `train_data_dir = "demo"` (1 to [`MAX_DEMO_IMAGES`]).
     pub demo_images: usize,
     /// Repeats per image for a plain folder (kohya `N_name` folders set their own).
     pub num_repeats: u32,
@@ -123,7 +127,8 @@ pub struct DataSection {
     pub enable_bucket: bool,
     /// Smallest bucket side.
     pub min_bucket_reso: u32,
-    /// Largest bucket side (0 = twice `resolution`'s longer side, at least 1024).
+    /// Largest bucket side (0 = twice `resolution`'s longer side, at least 1024, at most
+    /// [`sd_data::MAX_SIDE`]).
     pub max_bucket_reso: u32,
     /// Bucket side step.
     pub bucket_reso_steps: u32,
@@ -2060,12 +2065,12 @@ impl TrainConfig {
         if ![t.lion_beta1, t.lion_beta2].iter().all(|b| (0.0..=1.0).contains(b)) {
             return bad("train.lion_beta1 and train.lion_beta2 must be in [0, 1]");
         }
-        // torch's AdamW, prodigyopt and dadaptation refuse these too (the estimates of the
-        // last two divide by `1 − √β₂` and by `ε`).
-        let estimating = matches!(t.optimizer, Optimizer::Prodigy | Optimizer::DadaptAdam | Optimizer::DadaptAdamPreprint | Optimizer::DadaptAdagrad | Optimizer::DadaptAdan);
-        let eps_ok = t.adam_epsilon.is_finite() && (t.adam_epsilon > 0.0 || (t.adam_epsilon == 0.0 && !estimating));
+        // torch's AdamW, prodigyopt and dadaptation refuse betas outside [0, 1). ε must be
+        // positive: torch accepts 0, but a LoRA's `down` gets an exactly zero gradient in its
+        // first step (its `up` starts at zero), and Adam's `m / (√v + ε)` is then 0 / 0.
+        let eps_ok = t.adam_epsilon.is_finite() && t.adam_epsilon > 0.0;
         if !((0.0..1.0).contains(&t.adam_beta1) && (0.0..1.0).contains(&t.adam_beta2) && eps_ok) {
-            return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1) and train.adam_epsilon at least 0 (positive with prodigy and dadapt_adam)");
+            return bad("train.adam_beta1 and train.adam_beta2 must be in [0, 1) and train.adam_epsilon positive (0 makes Adam divide zero by zero where a gradient is exactly 0, as a LoRA's `down` in its first step)");
         }
         if !(t.adam_weight_decay.is_finite() && t.adam_weight_decay >= 0.0) {
             return bad("train.adam_weight_decay must be at least 0");
@@ -2275,8 +2280,9 @@ impl TrainConfig {
     }
 
     /// The paths a run reads first and writes to: a model, an output folder that is one
-    /// (or is not there yet), an output name that stays in it, and a resolution the data
-    /// can be drawn at. Checked before anything is read or written.
+    /// (or is not there yet), an output name that stays in it; the data's repeats and demo
+    /// images, and a resolution it can be drawn at. Checked before anything is read or
+    /// written.
     fn check_paths(&self) -> Result<(), TrainError> {
         let bad = |origin: &str, reason: String| Err(TrainError::Config { origin: origin.into(), reason });
         if self.model.pretrained.trim().is_empty() {
@@ -2293,6 +2299,13 @@ impl TrainConfig {
         let escapes = name.contains(['/', '\\']) || name.starts_with('.') || name.trim().is_empty();
         if escapes {
             return bad("output.output_name", format!("= \"{name}\": expected a file name without folders or a leading dot (the files go into output.output_dir)"));
+        }
+        if self.data.num_repeats == 0 {
+            return bad("data.num_repeats", "= 0: expected at least 1 (repeats of each image per epoch)".into());
+        }
+        // The demo's images are drawn in memory at `resolution` before training starts.
+        if self.data.train_data_dir == "demo" && !(1..=MAX_DEMO_IMAGES).contains(&self.data.demo_images) {
+            return bad("data.demo_images", format!("= {}: expected 1 to {MAX_DEMO_IMAGES} (the built-in demo's images, drawn in memory; train on a folder of your own for more)", self.data.demo_images));
         }
         let r = &self.data.resolution;
         if r.width.min(r.height) < 8 {

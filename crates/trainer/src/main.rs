@@ -803,8 +803,9 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Refuses a new run in an output folder that holds an earlier run's outputs
 /// ([`trainer::train::earlier_outputs`]), which it would replace; a resumed run writes
-/// over its own. The built-in demo's default folder is replaced with a note: the README's
-/// first command may be run again.
+/// over its own. An earlier run of the built-in demo in its default folder is replaced
+/// with a note (the README's first command may be run again), but not another run that
+/// was written there (its saved `config.toml` names other data or another model).
 fn refuse_earlier_run(config: &TrainConfig, resume: Option<&std::path::Path>) -> Result<()> {
     let dir = &config.output.output_dir;
     let same = |a: &std::path::Path, b: &std::path::Path| a.canonicalize().ok().zip(b.canonicalize().ok()).is_some_and(|(a, b)| a == b);
@@ -816,7 +817,9 @@ fn refuse_earlier_run(config: &TrainConfig, resume: Option<&std::path::Path>) ->
         return Ok(());
     }
     let default = TrainConfig::default();
-    if config.data.train_data_dir == "demo" && *dir == default.output.output_dir && config.model.pretrained == default.model.pretrained {
+    let is_demo = |c: &TrainConfig| c.data.train_data_dir == "demo" && c.model.pretrained == default.model.pretrained;
+    let earlier_was_demo = || TrainConfig::load(Some(&dir.join("config.toml")), &[]).is_ok_and(|earlier| is_demo(&earlier));
+    if is_demo(config) && *dir == default.output.output_dir && earlier_was_demo() {
         eprintln!("note: replacing the earlier demo run in {}", dir.display());
         return Ok(());
     }
@@ -1021,6 +1024,9 @@ fn generate_outputs(out: Option<PathBuf>, save_latents: Option<&std::path::Path>
     if image::ImageFormat::from_path(&out).is_err() {
         anyhow::bail!("--out {}: expected an image file name (.png, .jpg, .webp, ...)", out.display());
     }
+    if save_latents.is_some_and(|latents| latents == out) {
+        anyhow::bail!("--save-latents and --out are both {}: the image would replace the latents; name two files", out.display());
+    }
     Ok(out)
 }
 
@@ -1163,6 +1169,14 @@ fn run_generate<B: Backend>(
 
 /// Writes the final latents where asked, decodes them and saves the grid.
 fn finish_generate<B: Backend>(c: &trainer::models::Components<B>, latents: burn::tensor::Tensor<B, 4>, files: &GenerateFiles, start: Instant) -> Result<()> {
+    // NaN or infinite latents decode to a black image: say why instead of writing one.
+    use burn::tensor::ElementConversion;
+    let finite: bool = latents.clone().is_finite().all().into_scalar().elem::<bool>();
+    if !finite {
+        anyhow::bail!(
+            "the denoised latents are not finite (NaN or inf), so no image was written: a --lora strength or --cfg-scale far too large, or a broken LoRA or model"
+        );
+    }
     if let Some(path) = &files.save_latents {
         write_latents(path, latents.clone())?;
         println!("wrote {}", path.display());
@@ -1297,6 +1311,16 @@ fn run_unbundle_embeddings(lora: &std::path::Path, out: &std::path::Path, dtype:
     if embeddings.is_empty() {
         anyhow::bail!("{}: bundles no embedding (no `bundle_emb.NAME.*` tensors)", lora.display());
     }
+    // The names come from the file's keys: each must be a plain file name, so that every
+    // file lands in `out` (no folders, no `..`, no hidden or nameless file).
+    if let Some(bad) = embeddings.iter().find(|e| !is_plain_file_stem(&e.name)) {
+        anyhow::bail!(
+            "{}: the bundled embedding `{}` (keys `bundle_emb.{}.*`) is not a plain file name (no path separators, no leading dot, not empty); nothing was written",
+            lora.display(),
+            bad.name,
+            bad.name
+        );
+    }
     let paths: Vec<PathBuf> = embeddings.iter().map(|e| out.join(format!("{}.safetensors", e.name))).collect();
     if let Some(existing) = paths.iter().find(|p| p.exists()) {
         anyhow::bail!("{} already exists; choose another --out folder", existing.display());
@@ -1307,6 +1331,12 @@ fn run_unbundle_embeddings(lora: &std::path::Path, out: &std::path::Path, dtype:
         println!("{} ({} vectors) -> {}", embedding.name, embedding.len(), path.display());
     }
     Ok(())
+}
+
+/// Whether `name` can stand alone as a file's stem: not empty, no leading dot, and no path
+/// separator or other character that would make `DIR/NAME.safetensors` leave `DIR`.
+fn is_plain_file_stem(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.chars().any(|c| matches!(c, '/' | '\\' | ':' | '\0') || c.is_control())
 }
 
 /// A path's file name for messages (the whole path where it has none).
@@ -2524,6 +2554,23 @@ fn shader_language(api: wgpu::Backend) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--save-latents` on `--out`'s path would be replaced by the image: refused; a
+    /// bundled embedding's name must be a file name of its own.
+    #[test]
+    fn generate_and_unbundle_paths_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x.png");
+        let err = generate_outputs(Some(out.clone()), Some(&out), false).unwrap_err().to_string();
+        assert!(err.contains("name two files"), "{err}");
+        assert_eq!(generate_outputs(Some(out.clone()), Some(&dir.path().join("x.latents")), false).unwrap(), out);
+        for bad in ["", ".x", "../x", "a/b", "a\\b", "c:x", "a\nb"] {
+            assert!(!is_plain_file_stem(bad), "{bad:?}");
+        }
+        for good in ["demostyle", "my style", "x.v2", "\u{e9}t\u{e9}"] {
+            assert!(is_plain_file_stem(good), "{good:?}");
+        }
+    }
 
     fn parse(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("trainer").chain(args.iter().copied())).expect("valid flags")

@@ -262,8 +262,8 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     ds.skip_bad_images = d.skip_bad_images;
     ds.enable_bucket = d.enable_bucket;
     ds.min_bucket_reso = d.min_bucket_reso;
-    ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { ds.max_bucket_reso.max(d.resolution.max_side() * 2) };
     ds.bucket_reso_steps = d.bucket_reso_steps;
+    ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { default_max_bucket_reso(d.resolution.max_side(), d.bucket_reso_steps) };
     ds.bucket_no_upscale = d.bucket_no_upscale;
     ds.prior_loss_weight = d.prior_loss_weight;
     if !d.dataset_config.is_empty() {
@@ -472,9 +472,16 @@ pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError>
     }
 }
 
+/// `data.max_bucket_reso = 0`: twice the resolution's longer side, at least kohya's 1024,
+/// at most the largest side a bucket may have (in whole steps).
+fn default_max_bucket_reso(long_side: u32, steps: u32) -> u32 {
+    let steps = steps.max(1);
+    (long_side * 2).max(1024).min(sd_data::MAX_SIDE / steps * steps)
+}
+
 /// What an earlier run left in `config.output.output_dir` that a new run there would
 /// replace or, with `output.save_last_n_*`, remove: its `config.toml`, `metrics.jsonl`,
-/// `validation.jsonl`, `state/`, sample grids and the LoRA files of `output.output_name`
+/// `validation.jsonl`, `loss.png`, `state/`, sample grids and the LoRA files of `output.output_name`
 /// (`NAME.safetensors`, `NAME-step…`, `NAME-epoch…`). Empty for a new or empty folder.
 /// `trainer train` refuses to start over such a run without `--overwrite`.
 pub fn earlier_outputs(config: &TrainConfig) -> Vec<PathBuf> {
@@ -484,7 +491,7 @@ pub fn earlier_outputs(config: &TrainConfig) -> Vec<PathBuf> {
     let ours = |file: &str| {
         let saved = file.strip_prefix(name.as_str()).is_some_and(|rest| rest == ".safetensors" || rest.starts_with("-step") || rest.starts_with("-epoch"));
         let grid = file.starts_with("samples") && file.ends_with(".png");
-        saved || grid || ["config.toml", "metrics.jsonl", "validation.jsonl", "state"].contains(&file)
+        saved || grid || ["config.toml", "metrics.jsonl", "validation.jsonl", "loss.png", "state"].contains(&file)
     };
     let mut found: Vec<PathBuf> = entries.flatten().filter(|e| ours(&e.file_name().to_string_lossy())).map(|e| e.path()).collect();
     found.sort();
@@ -2652,6 +2659,16 @@ mod tests {
 
     /// A tall image resized to the bucket's height, cropped 40 px from the left, and
     /// flipped: heights come first, the crop mirrors, the bucket is the target.
+    /// `max_bucket_reso = 0` follows the resolution up to the largest bucket side, in
+    /// whole steps: an 8192 px resolution (the largest side) no longer asks for 16384.
+    #[test]
+    fn the_default_largest_bucket_stays_within_the_largest_side() {
+        assert_eq!(default_max_bucket_reso(512, 64), 1024);
+        assert_eq!(default_max_bucket_reso(768, 64), 1536);
+        assert_eq!(default_max_bucket_reso(8192, 64), 8192);
+        assert_eq!(default_max_bucket_reso(4160, 96), 8160);
+    }
+
     #[test]
     fn sdxl_sizes_are_height_first_with_the_mirrored_crop() {
         let mut s = sd_data::SamplePlan {

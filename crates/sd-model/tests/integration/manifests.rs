@@ -330,6 +330,19 @@ fn real_sdxl_configs_read_and_unsupported_relatives_are_refused() {
     let mut clip = ClipTextConfig::sd15();
     clip.intermediate_size = 1 << 20;
     assert!(clip.validate("x").unwrap_err().to_string().contains("intermediate_size"));
+    // A layer of no channels is refused by name (before: a panic when the weights were drawn).
+    let mut none = UnetConfig::tiny();
+    none.in_channels = 0;
+    assert!(none.validate("x").unwrap_err().to_string().contains("in_channels = 0"));
+    let mut none = UnetConfig::tiny();
+    none.block_out_channels[0] = 0;
+    assert!(none.validate("x").unwrap_err().to_string().contains("block_out_channels = 0"));
+    let mut none = VaeConfig::sd15();
+    none.out_channels = 0;
+    assert!(none.validate("x").unwrap_err().to_string().contains("out_channels = 0"));
+    let mut none = ClipTextConfig::sd15();
+    (none.hidden_size, none.num_attention_heads) = (0, 1);
+    assert!(none.validate("x").unwrap_err().to_string().contains("hidden_size = 0"));
     for ok in [UnetConfig::sd15().validate("x"), UnetConfig::sdxl().validate("x"), ClipTextConfig::sdxl_text_encoder_2().validate("x")] {
         ok.unwrap();
     }

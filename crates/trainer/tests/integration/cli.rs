@@ -205,6 +205,35 @@ fn an_imported_kohya_config_trains() {
     assert_ne!(std::fs::read(run.join("last.safetensors")).unwrap(), trained);
 }
 
+/// The README's first command may be run again: a second demo run replaces the first in
+/// the demo's default folder, with a note. A run of the user's own that was written there
+/// (its saved config names other data) is refused like any earlier run, and kept.
+#[test]
+fn a_demo_run_replaces_only_an_earlier_demo_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["train", "--set", "train.max_train_steps=2", "--set", "data.demo_images=4", "--set", "output.sample_prompts=[]"];
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_trainer")).args(&args).current_dir(dir.path()).env("SD_LORA_DEVICE", "cpu").output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let demo = dir.path().join("outputs/demo");
+    let (ok, text) = run(&[]);
+    assert!(ok && !text.contains("replacing"), "{text}");
+    let (ok, text) = run(&["--set", "train.seed=7"]);
+    assert!(ok && text.contains("note: replacing the earlier demo run"), "{text}");
+
+    // As if the user's own images had been trained into the default folder.
+    let saved = demo.join("config.toml");
+    let config = std::fs::read_to_string(&saved).unwrap();
+    assert!(config.contains("train_data_dir = \"demo\""), "{config}");
+    std::fs::write(&saved, config.replace("train_data_dir = \"demo\"", "train_data_dir = \"my-images\"")).unwrap();
+    let lora = std::fs::read(demo.join("demo_lora.safetensors")).unwrap();
+    let (ok, text) = run(&[]);
+    assert!(!ok && text.contains("holds an earlier run") && text.contains("--overwrite"), "{text}");
+    assert_eq!(std::fs::read(demo.join("demo_lora.safetensors")).unwrap(), lora, "the user's LoRA is kept");
+}
+
 /// A kohya DyLoRA config (`networks.dylora`, LoCon ranks) imports and trains; `trainer
 /// resize --truncate` cuts each adapter's first ranks out as a LoRA of its own (kohya's
 /// extract_lora_from_dylora.py), alpha kept, and refuses what it cannot do.
@@ -521,6 +550,9 @@ fn merge_applies_block_weights() {
     }
     let (ok, text) = trainer(&["merge", "--model", base.to_str().unwrap(), "--lora", &format!("{lora}:lbw=1,2,3"), "--out", dir.path().join("x.safetensors").to_str().unwrap()]);
     assert!(!ok && text.contains("3 values; expected 17 or 26"), "{text}");
+    // A strength that is no number is named as such, not taken for a missing file.
+    let (ok, text) = trainer(&["merge", "--model", base.to_str().unwrap(), "--lora", &format!("{lora}:abc"), "--out", dir.path().join("x.safetensors").to_str().unwrap()]);
+    assert!(!ok && text.contains("`abc` after") && text.contains("not a strength"), "{text}");
 }
 
 /// `trainer merge-models`: a weighted average, add difference (`A:1 B:1 A:-1` is `B`
@@ -747,6 +779,27 @@ fn unbundle_embeddings_writes_embedding_files() {
     AdapterSet::new().save(&plain, AdapterFormat::Kohya, lora_core::SaveDtype::F16).unwrap();
     let (ok, text) = trainer(&["unbundle-embeddings", plain.to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(!ok && text.contains("bundles no embedding") && !text.contains("panicked"), "{text}");
+
+    // A bundle whose name would put the file outside --out (or hide it) is refused, and
+    // nothing is written.
+    let bytes = std::fs::read(&report.lora).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for name in ["sub/inner", "", "back\\slash"] {
+        let renamed: Vec<(String, safetensors::tensor::TensorView)> =
+            st.tensors().into_iter().map(|(k, v)| (k.replace("bundle_emb.demostyle.", &format!("bundle_emb.{name}.")), v)).collect();
+        let crafted = dir.path().join("crafted.safetensors");
+        safetensors::serialize_to_file(renamed, None, &crafted).unwrap();
+        let fresh = dir.path().join("fresh");
+        let (ok, text) = trainer(&["unbundle-embeddings", crafted.to_str().unwrap(), "--out", fresh.to_str().unwrap()]);
+        assert!(!ok && text.contains("not a plain file name") && !text.contains("panicked"), "{name}: {text}");
+        assert!(!fresh.exists(), "{name}: nothing written");
+    }
+
+    // A finite but absurd strength makes the latents NaN: an error, not a black image.
+    let black = dir.path().join("black.png");
+    let (ok, text) = trainer(&["generate", "--lora", &format!("{lora}:1e30"), "--prompt", "a", "--steps", "2", "--out", black.to_str().unwrap()]);
+    assert!(!ok && text.contains("not finite") && !text.contains("panicked"), "{text}");
+    assert!(!black.exists(), "no image written");
 }
 
 /// `trainer resize` on a LyCORIS full fine-tuning file trained here: a LoRA of the asked

@@ -199,6 +199,10 @@ fn config_values_that_would_misbehave_later_are_refused_at_load() {
         ("model.pretrained=\"\"".into(), "model.pretrained"),
         ("data.resolution=100000".into(), "at most 8192"),
         ("data.resolution=7".into(), "at least 8"),
+        ("train.adam_epsilon=0".into(), "train.adam_epsilon positive"),
+        ("data.num_repeats=0".into(), "data.num_repeats"),
+        ("data.demo_images=0".into(), "data.demo_images"),
+        ("data.demo_images=100000000".into(), "1 to 1000"),
     ];
     for (set, expected) in cases {
         let err = TrainConfig::load(None, std::slice::from_ref(&set)).unwrap_err().to_string();
