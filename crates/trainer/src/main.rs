@@ -1504,6 +1504,10 @@ fn model_ratios(models: &[String]) -> Result<Vec<(PathBuf, f64)>> {
             // `A:nan`, `A:inf`: a ratio, but not a usable one (a path ending so is one that
             // exists).
             Some((path, Ok(ratio))) if !std::path::Path::new(m).exists() => anyhow::bail!("{m}: the ratio of {path} must be a finite number, not {ratio}"),
+            // `A:abc` where A exists: not a ratio (a path ending so is one that exists).
+            Some((path, Err(_))) if !std::path::Path::new(m).exists() && std::path::Path::new(path).exists() => {
+                anyhow::bail!("{m}: `{}` after {path} is not a ratio; expected FILE[:RATIO] with a number", &m[path.len() + 1..])
+            }
             _ => Ok((PathBuf::from(m), None)),
         })
         .collect::<Result<_>>()?;
@@ -2090,7 +2094,10 @@ fn run_import_kohya(input: &std::path::Path, out: Option<&std::path::Path>) -> R
                 .write(true)
                 .create_new(true)
                 .open(path)
-                .map_err(|e| anyhow::anyhow!("{}: {e} (the converted config is never written over an existing file)", path.display()))?;
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => anyhow::anyhow!("{}: {e} (the converted config is never written over an existing file)", path.display()),
+                    _ => anyhow::anyhow!("{}: {e}", path.display()),
+                })?;
             std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             eprintln!("wrote {}; train with: trainer train --config {}", path.display(), path.display());
         }
@@ -2570,6 +2577,19 @@ mod tests {
         for good in ["demostyle", "my style", "x.v2", "\u{e9}t\u{e9}"] {
             assert!(is_plain_file_stem(good), "{good:?}");
         }
+    }
+
+    /// `merge-models A:abc` names `abc` as the bad ratio when A exists; ratios parse.
+    #[test]
+    fn a_model_ratio_that_is_no_number_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.safetensors");
+        std::fs::write(&a, b"").unwrap();
+        let a = a.to_str().unwrap();
+        let err = model_ratios(&[format!("{a}:abc"), format!("{a}:0.5")]).unwrap_err().to_string();
+        assert!(err.contains("`abc` after") && err.contains("not a ratio"), "{err}");
+        let ok = model_ratios(&[format!("{a}:0.25"), format!("{a}:0.75")]).unwrap();
+        assert_eq!(ok.iter().map(|(_, r)| *r).collect::<Vec<_>>(), [0.25, 0.75]);
     }
 
     fn parse(args: &[&str]) -> Cli {
