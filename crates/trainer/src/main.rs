@@ -996,6 +996,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
              \n(build with --features cuda to train on an NVIDIA GPU, --features vulkan on another GPU under\n Linux or Windows, --features metal on a Mac; see README.md)."
         );
     }
+    if report.interrupted {
+        // Everything is saved; exit as a process stopped by SIGINT does (128 + 2), so that a
+        // script running the trainer sees the run did not finish.
+        std::io::Write::flush(&mut std::io::stdout())?;
+        std::process::exit(130);
+    }
     Ok(())
 }
 

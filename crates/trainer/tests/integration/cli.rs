@@ -234,6 +234,42 @@ fn a_demo_run_replaces_only_an_earlier_demo_run() {
     assert_eq!(std::fs::read(demo.join("demo_lora.safetensors")).unwrap(), lora, "the user's LoRA is kept");
 }
 
+/// Ctrl-C (SIGINT) during training saves the LoRA and the state, says how to resume, and
+/// exits with status 130, so a script sees the run did not finish.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_and_exits_with_130() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["train", "--set", "train.max_train_steps=3000", "--set", "data.demo_images=4", "--set", "output.sample_prompts=[]"])
+        .args(["--set", &format!("output.output_dir={:?}", out.display().to_string())])
+        .env("SD_LORA_DEVICE", "cpu")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first progress line says training runs; then Ctrl-C. stderr is read to its end
+    // (a closed pipe would fail the trainer's later messages).
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.starts_with("step ") && !seen.iter().any(|l: &String| l.starts_with("step ")) {
+            let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+            assert!(sent.success());
+        }
+        seen.push(line);
+    }
+    assert!(seen.iter().any(|l| l.contains("Ctrl-C: saving")), "{seen:?}");
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(130), "{seen:?}\n{stdout}");
+    assert!(stdout.contains("interrupted after") && stdout.contains("resume with"), "{stdout}");
+    assert!(out.join("demo_lora.safetensors").is_file() && out.join("state/state.json").is_file());
+}
+
 /// A kohya DyLoRA config (`networks.dylora`, LoCon ranks) imports and trains; `trainer
 /// resize --truncate` cuts each adapter's first ranks out as a LoRA of its own (kohya's
 /// extract_lora_from_dylora.py), alpha kept, and refuses what it cannot do.
