@@ -351,6 +351,16 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
     if let Some(v) = validation {
         out.push_str(&format!("\nvalidation: {} held-out images", v.images().len()));
     }
+    // sd-scripts says so too: a regularization folder that gives nothing is no silent no-op.
+    let d = &config.data;
+    if !d.reg_data_dir.is_empty() && d.dataset_config.is_empty() {
+        let reg_images: usize = dataset.folders().iter().filter(|f| f.is_reg).map(|f| f.images).sum();
+        if d.train_data_dir == "demo" {
+            out.push_str("\nnote: data.reg_data_dir is not used with the built-in demo images");
+        } else if reg_images == 0 {
+            out.push_str(&format!("\nnote: data.reg_data_dir = {} holds no usable images: training without regularization images", d.reg_data_dir));
+        }
+    }
     if let Some(skipped) = dataset.skipped_summary() {
         out.push_str(&format!("\n{skipped}"));
     }

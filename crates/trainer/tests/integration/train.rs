@@ -949,6 +949,13 @@ fn kohya_folders_repeats_regularization_and_caption_options() {
     config.data.reg_data_dir = root.path().join("nope").display().to_string();
     let Err(err) = trainer::train::open_dataset(&config) else { panic!("a missing reg folder must be an error") };
     assert!(err.to_string().contains("nope"), "{err}");
+    // An empty one is named in the data summary, not skipped without a word.
+    let empty = root.path().join("empty-reg");
+    std::fs::create_dir_all(&empty).unwrap();
+    config.data.reg_data_dir = empty.display().to_string();
+    let data = trainer::train::training_datasets(&config).unwrap();
+    let summary = trainer::train::data_summary(&config, &data).unwrap();
+    assert!(summary.contains("empty-reg holds no usable images"), "{summary}");
 }
 
 /// A non-square `data.resolution` (kohya's `"width,height"`): without buckets every image
