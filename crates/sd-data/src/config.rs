@@ -10,6 +10,19 @@ use crate::error::{DataError, Result};
 /// at 512 to 2048): a larger one is a config error rather than an allocation that fails.
 pub const MAX_SIDE: u32 = 8192;
 
+/// `side` capped at [`MAX_SIDE`] in whole bucket `steps`: a default largest bucket side
+/// derived from the resolution (twice its longer side) stays one that validates.
+///
+/// ```
+/// assert_eq!(sd_data::capped_bucket_side(1536, 64), 1536);
+/// assert_eq!(sd_data::capped_bucket_side(16384, 64), 8192);
+/// assert_eq!(sd_data::capped_bucket_side(16384, 96), 8160);
+/// ```
+pub fn capped_bucket_side(side: u32, steps: u32) -> u32 {
+    let steps = steps.max(1);
+    side.min(MAX_SIDE / steps * steps)
+}
+
 /// Training resolution `(width, height)`; serialised as a number (`512`) or a pair (`[768, 512]`),
 /// like kohya's `resolution = "512"` / `"768,512"`, and read from either or from such a
 /// string (`"768,512"`, as sd-scripts' command line takes it).
@@ -502,7 +515,7 @@ impl DatasetConfig {
         Self {
             resolution,
             min_bucket_reso: (short / 2 / step * step).max(step),
-            max_bucket_reso: (long * 2).min(MAX_SIDE / step * step),
+            max_bucket_reso: capped_bucket_side(long * 2, step),
             bucket_reso_steps: step,
             min_image_size: (short / 2).max(1),
             batch_size: 4,

@@ -52,7 +52,7 @@ pub use cache::{
     CacheStats, LatentCache, LatentEncoder, LatentKey, TextEmbeddingCache, TextEncoder,
 };
 pub use caption::{CaptionTransform, TokenWarmup};
-pub use config::{DatasetConfig, MissingCaption, Resolution, SubsetConfig, MAX_SIDE};
+pub use config::{capped_bucket_side, DatasetConfig, MissingCaption, Resolution, SubsetConfig, MAX_SIDE};
 pub use dataset::{BatchPlan, Dataset, FolderSummary, SamplePlan, MAX_SAMPLES_PER_EPOCH};
 pub use error::{BoxError, DataError, Result};
 pub use loader::{Loader, LoaderOptions};

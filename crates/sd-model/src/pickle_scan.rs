@@ -71,18 +71,19 @@ enum Item {
     Depth(usize),
 }
 
-/// The stack and memo of one pickle, as depths.
+/// The stack and memo of one pickle, as depths, and the deepest object seen.
 #[derive(Default)]
 struct Machine {
     stack: Vec<Item>,
     memo: std::collections::HashMap<u32, usize>,
     next_memo: u32,
+    deepest: usize,
 }
 
 impl Machine {
-    fn push(&mut self, depth: usize) -> bool {
+    fn push(&mut self, depth: usize) {
+        self.deepest = self.deepest.max(depth);
         self.stack.push(Item::Depth(depth));
-        depth <= MAX_PICKLE_DEPTH
     }
 
     fn pop(&mut self) -> Option<usize> {
@@ -103,15 +104,23 @@ impl Machine {
         }
     }
 
-    /// The top item now holds an object of depth `child`.
-    fn hold(&mut self, child: usize) -> bool {
-        match self.stack.last_mut() {
-            Some(Item::Depth(d)) => {
-                *d = (*d).max(child + 1);
-                *d <= MAX_PICKLE_DEPTH
-            }
-            _ => false,
+    /// Replaces the top `n` items by a container of them (a tuple, or an object built
+    /// from a callable and its arguments).
+    fn combine(&mut self, n: usize) -> Option<()> {
+        let mut deepest = 0;
+        for _ in 0..n {
+            deepest = deepest.max(self.pop()?);
         }
+        self.push(deepest + 1);
+        Some(())
+    }
+
+    /// The top item now holds an object of depth `child`.
+    fn hold(&mut self, child: usize) -> Option<()> {
+        let Some(Item::Depth(d)) = self.stack.last_mut() else { return None };
+        *d = (*d).max(child + 1);
+        self.deepest = self.deepest.max(*d);
+        Some(())
     }
 
     fn top(&self) -> Option<usize> {
@@ -120,6 +129,19 @@ impl Machine {
             Item::Mark => None,
         }
     }
+
+    fn memo_put(&mut self, idx: u32) -> Option<()> {
+        let d = self.top()?;
+        self.memo.insert(idx, d);
+        self.next_memo = self.next_memo.max(idx.saturating_add(1));
+        Some(())
+    }
+
+    fn memo_get(&mut self, idx: u32) -> Option<()> {
+        let d = *self.memo.get(&idx)?;
+        self.push(d);
+        Some(())
+    }
 }
 
 /// Follows one pickle up to its `STOP`.
@@ -127,161 +149,112 @@ fn scan(r: &mut impl BufRead) -> Scan {
     let mut m = Machine::default();
     loop {
         let Some(op) = byte(r) else { return Scan::Unknown };
-        let ok = match step(&mut m, op, r) {
+        let flow = step(&mut m, op, r);
+        if m.deepest > MAX_PICKLE_DEPTH {
+            return Scan::TooDeep;
+        }
+        match flow {
             Some(Flow::Stop) => return Scan::Done,
-            Some(Flow::Continue(ok)) => ok,
+            Some(Flow::Continue) => {}
             None => return Scan::Unknown,
-        };
-        if !ok {
-            // `false` from a push or hold: past the bound (or a container op with nothing
-            // to hold on the stack, a malformed stream left to the reader).
-            return if m.stack.iter().any(|i| matches!(i, Item::Depth(d) if *d > MAX_PICKLE_DEPTH)) { Scan::TooDeep } else { Scan::Unknown };
         }
     }
 }
 
 enum Flow {
     Stop,
-    /// Whether the depth stayed within the bound.
-    Continue(bool),
+    Continue,
 }
 
 /// One opcode (pickle protocols 0 to 5, as in CPython's `pickletools`); `None` for one
 /// this scan does not follow or a malformed stream.
 fn step(m: &mut Machine, op: u8, r: &mut impl BufRead) -> Option<Flow> {
-    let ok = match op {
+    match op {
         b'.' => return Some(Flow::Stop),
         // PROTO, FRAME: no object.
         0x80 => skip(r, 1)?,
         0x95 => skip(r, 8)?,
         // Marks.
-        b'(' => {
-            m.stack.push(Item::Mark);
-            true
+        b'(' => m.stack.push(Item::Mark),
+        b'0' => {
+            m.stack.pop()?;
         }
-        b'0' => m.stack.pop().is_some(),
-        b'1' => m.pop_to_mark().is_some(),
-        b'2' => {
-            let d = m.top()?;
-            m.push(d)
+        b'1' => {
+            m.pop_to_mark()?;
         }
+        b'2' => m.push(m.top()?),
         // Scalars, with their argument bytes skipped.
-        b'N' | 0x88 | 0x89 => m.push(0),
-        b'J' => skip(r, 4)? && m.push(0),
-        b'K' => skip(r, 1)? && m.push(0),
-        b'M' => skip(r, 2)? && m.push(0),
-        b'G' => skip(r, 8)? && m.push(0),
-        0x8a => skip_len(r, 1)? && m.push(0),
-        0x8b => skip_len(r, 4)? && m.push(0),
-        b'I' | b'L' | b'F' | b'S' | b'V' | b'P' => line(r)? && m.push(0),
-        b'T' | b'X' | b'B' => skip_len(r, 4)? && m.push(0),
-        b'U' | 0x8c | b'C' => skip_len(r, 1)? && m.push(0),
-        0x8d | 0x8e | 0x96 => skip_len(r, 8)? && m.push(0),
-        0x97 => m.push(0),
-        0x98 => m.top().is_some(),
-        b'c' => line(r)? && line(r)? && m.push(0),
+        b'N' | 0x88 | 0x89 | 0x97 => m.push(0),
+        b'J' | 0x84 => scalar(m, skip(r, 4))?,
+        b'K' | 0x82 => scalar(m, skip(r, 1))?,
+        b'M' | 0x83 => scalar(m, skip(r, 2))?,
+        b'G' => scalar(m, skip(r, 8))?,
+        0x8a => scalar(m, skip_len(r, 1))?,
+        0x8b => scalar(m, skip_len(r, 4))?,
+        b'I' | b'L' | b'F' | b'S' | b'V' | b'P' => scalar(m, line(r))?,
+        b'T' | b'X' | b'B' => scalar(m, skip_len(r, 4))?,
+        b'U' | 0x8c | b'C' => scalar(m, skip_len(r, 1))?,
+        0x8d | 0x8e | 0x96 => scalar(m, skip_len(r, 8))?,
+        b'c' => scalar(m, line(r).and_then(|()| line(r)))?,
+        0x98 => {
+            m.top()?;
+        }
         0x93 => {
             m.pop()?;
             m.pop()?;
-            m.push(0)
+            m.push(0);
         }
-        0x82 => skip(r, 1)? && m.push(0),
-        0x83 => skip(r, 2)? && m.push(0),
-        0x84 => skip(r, 4)? && m.push(0),
         b'Q' => {
             let d = m.pop()?;
-            m.push(d)
+            m.push(d);
         }
         // Memo: depths are remembered with the objects.
-        b'p' => {
-            let idx = line_number(r)?;
-            let d = m.top()?;
-            m.memo.insert(idx, d);
-            true
-        }
-        b'q' => memo_put(m, u32::from(byte(r)?))?,
-        b'r' => memo_put(m, u32::from_le_bytes(bytes4(r)?))?,
-        0x94 => {
-            let idx = m.next_memo;
-            memo_put(m, idx)?
-        }
-        b'g' => {
-            let idx = line_number(r)?;
-            let d = *m.memo.get(&idx)?;
-            m.push(d)
-        }
-        b'h' => memo_get(m, u32::from(byte(r)?))?,
-        b'j' => memo_get(m, u32::from_le_bytes(bytes4(r)?))?,
+        b'p' => m.memo_put(line_number(r)?)?,
+        b'q' => m.memo_put(u32::from(byte(r)?))?,
+        b'r' => m.memo_put(u32::from_le_bytes(bytes4(r)?))?,
+        0x94 => m.memo_put(m.next_memo)?,
+        b'g' => m.memo_get(line_number(r)?)?,
+        b'h' => m.memo_get(u32::from(byte(r)?))?,
+        b'j' => m.memo_get(u32::from_le_bytes(bytes4(r)?))?,
         // Empty containers.
         b']' | b'}' | b')' | 0x8f => m.push(1),
-        // Containers from the items above a mark.
-        b'l' | b't' | b'd' | 0x91 => {
+        // Containers and objects from the items above a mark (INST names its class first).
+        b'l' | b't' | b'd' | 0x91 | b'o' | b'i' => {
+            if op == b'i' {
+                line(r)?;
+                line(r)?;
+            }
             let d = m.pop_to_mark()?;
-            m.push(d + 1)
+            m.push(d + 1);
         }
-        0x85 => {
-            let a = m.pop()?;
-            m.push(a + 1)
-        }
-        0x86 => {
-            let (a, b) = (m.pop()?, m.pop()?);
-            m.push(a.max(b) + 1)
-        }
-        0x87 => {
-            let (a, b, c) = (m.pop()?, m.pop()?, m.pop()?);
-            m.push(a.max(b).max(c) + 1)
-        }
-        // Adding to the container below.
-        b'a' => {
+        // Tuples of 1 to 3, and objects built from a callable and arguments (their depth:
+        // the arguments' plus one).
+        0x85 => m.combine(1)?,
+        0x86 | b'R' | 0x81 => m.combine(2)?,
+        0x87 | 0x92 => m.combine(3)?,
+        // Adding to the container below (APPEND, BUILD's state, SETITEM, the batch forms).
+        b'a' | b'b' => {
             let v = m.pop()?;
-            m.hold(v)
+            m.hold(v)?;
         }
         b's' => {
             let (v, k) = (m.pop()?, m.pop()?);
-            m.hold(v.max(k))
+            m.hold(v.max(k))?;
         }
         b'e' | b'u' | 0x90 => {
             let d = m.pop_to_mark()?;
-            m.hold(d)
-        }
-        // Objects built from arguments (their depth: the arguments' plus one).
-        b'R' | 0x81 => {
-            let (args, callable) = (m.pop()?, m.pop()?);
-            m.push(args.max(callable) + 1)
-        }
-        0x92 => {
-            let (kwargs, args, cls) = (m.pop()?, m.pop()?, m.pop()?);
-            m.push(kwargs.max(args).max(cls) + 1)
-        }
-        b'b' => {
-            let state = m.pop()?;
-            m.hold(state)
-        }
-        b'o' => {
-            let d = m.pop_to_mark()?;
-            m.push(d + 1)
-        }
-        b'i' => {
-            line(r)?;
-            line(r)?;
-            let d = m.pop_to_mark()?;
-            m.push(d + 1)
+            m.hold(d)?;
         }
         _ => return None,
-    };
-    Some(Flow::Continue(ok))
+    }
+    Some(Flow::Continue)
 }
 
-fn memo_put(m: &mut Machine, idx: u32) -> Option<bool> {
-    let d = m.top()?;
-    m.memo.insert(idx, d);
-    m.next_memo = m.next_memo.max(idx.saturating_add(1));
-    Some(true)
-}
-
-fn memo_get(m: &mut Machine, idx: u32) -> Option<bool> {
-    let d = *m.memo.get(&idx)?;
-    Some(m.push(d))
+/// A scalar whose argument `read` was skipped.
+fn scalar(m: &mut Machine, read: Option<()>) -> Option<()> {
+    read?;
+    m.push(0);
+    Some(())
 }
 
 fn byte(r: &mut impl BufRead) -> Option<u8> {
@@ -296,24 +269,24 @@ fn bytes4(r: &mut impl BufRead) -> Option<[u8; 4]> {
     Some(b)
 }
 
-/// Skips `n` bytes; `Some(true)` when they were there.
-fn skip(r: &mut impl BufRead, n: u64) -> Option<bool> {
+/// Skips `n` bytes; `None` when they were not there.
+fn skip(r: &mut impl BufRead, n: u64) -> Option<()> {
     let copied = std::io::copy(&mut r.by_ref().take(n), &mut std::io::sink()).ok()?;
-    (copied == n).then_some(true)
+    (copied == n).then_some(())
 }
 
 /// Skips a length-prefixed argument whose little-endian length takes `width` bytes.
-fn skip_len(r: &mut impl BufRead, width: usize) -> Option<bool> {
+fn skip_len(r: &mut impl BufRead, width: usize) -> Option<()> {
     let mut len = [0u8; 8];
     r.read_exact(&mut len[..width]).ok()?;
     skip(r, u64::from_le_bytes(len))
 }
 
 /// Skips a newline-terminated argument.
-fn line(r: &mut impl BufRead) -> Option<bool> {
+fn line(r: &mut impl BufRead) -> Option<()> {
     let mut buf = Vec::new();
     r.read_until(b'\n', &mut buf).ok()?;
-    (buf.last() == Some(&b'\n')).then_some(true)
+    (buf.last() == Some(&b'\n')).then_some(())
 }
 
 /// A newline-terminated decimal memo index (`PUT`, `GET`).

@@ -485,8 +485,7 @@ pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError>
 /// `data.max_bucket_reso = 0`: twice the resolution's longer side, at least kohya's 1024,
 /// at most the largest side a bucket may have (in whole steps).
 fn default_max_bucket_reso(long_side: u32, steps: u32) -> u32 {
-    let steps = steps.max(1);
-    (long_side * 2).max(1024).min(sd_data::MAX_SIDE / steps * steps)
+    sd_data::capped_bucket_side((long_side * 2).max(1024), steps)
 }
 
 /// What an earlier run left in `config.output.output_dir` that a new run there would
