@@ -10,16 +10,29 @@ use serde::{Deserialize, Serialize};
 
 use crate::{HostTensor, LoraError, Result};
 
-/// Element type used when saving tensors.
+/// Element type used when saving tensors. Serialised as `f32`, `f16`, `bf16`; kohya's
+/// `save_precision` names (`float`, `fp16`) and PyTorch's (`float32`, `float16`, `bfloat16`)
+/// read too.
+///
+/// ```
+/// use lora_core::tensor_io::SaveDtype;
+/// #[derive(serde::Deserialize)]
+/// struct Output { save_precision: SaveDtype }
+/// let o: Output = serde_json::from_str(r#"{"save_precision": "float"}"#).unwrap();
+/// assert_eq!(o.save_precision, SaveDtype::F32);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SaveDtype {
     /// 32-bit float.
+    #[serde(alias = "float", alias = "fp32", alias = "float32")]
     F32,
     /// IEEE half precision (the usual dtype of shared LoRA files).
     #[default]
+    #[serde(alias = "fp16", alias = "float16")]
     F16,
     /// bfloat16.
+    #[serde(alias = "bfloat16")]
     Bf16,
 }
 
@@ -48,6 +61,23 @@ impl SaveDtype {
             Dtype::BF16 => Some(SaveDtype::Bf16),
             _ => None,
         }
+    }
+
+    /// The index of the first finite value that this dtype cannot hold (it would round to
+    /// ±infinity: beyond ±65504 for f16, the very edge of f32's range for bf16).
+    ///
+    /// ```
+    /// use lora_core::tensor_io::SaveDtype;
+    /// assert_eq!(SaveDtype::F16.first_out_of_range(&[1.0, -7e4, f32::NAN]), Some(1));
+    /// assert_eq!(SaveDtype::Bf16.first_out_of_range(&[1.0, -7e4]), None);
+    /// ```
+    pub fn first_out_of_range(self, values: &[f32]) -> Option<usize> {
+        let overflows = |v: f32| match self {
+            SaveDtype::F32 => false,
+            SaveDtype::F16 => half::f16::from_f32(v).is_infinite(),
+            SaveDtype::Bf16 => half::bf16::from_f32(v).is_infinite(),
+        };
+        values.iter().position(|v| v.is_finite() && overflows(*v))
     }
 
     /// Encodes f32 values as little-endian bytes of this dtype (rounding to nearest).
@@ -198,7 +228,8 @@ pub fn finite(tensor: HostTensor, key: &str, path: &Path) -> Result<HostTensor> 
 }
 
 /// Serialises named host tensors in `dtype` with string metadata (none at all, e.g. the
-/// moments of an optimizer that has taken no step, is a valid file too).
+/// moments of an optimizer that has taken no step, is a valid file too). A finite value
+/// that `dtype` cannot hold is an error naming its tensor, not an infinity in the file.
 ///
 /// ```
 /// use lora_core::tensor_io::{parse, serialize};
@@ -209,12 +240,22 @@ pub fn finite(tensor: HostTensor, key: &str, path: &Path) -> Result<HostTensor> 
 /// assert_eq!((file.len(), metadata["k"].as_str()), (1, "v"));
 /// let empty = serialize(&[], SaveDtype::F32, Default::default()).unwrap();
 /// assert_eq!(parse(&empty, "b.safetensors".as_ref()).unwrap().0.len(), 0);
+/// // 1e5 is beyond f16's range: an error naming the tensor, not an infinity in the file.
+/// let big = HostTensor::new(vec![1], vec![1e5]).unwrap();
+/// let err = serialize(&[("w".into(), &big)], SaveDtype::F16, Default::default()).unwrap_err();
+/// assert!(err.to_string().contains("`w` holds 1e5"), "{err}");
 /// ```
 pub fn serialize(
     tensors: &[(String, &HostTensor)],
     dtype: SaveDtype,
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
+    if let Some((k, i, v)) = tensors.iter().find_map(|(k, t)| dtype.first_out_of_range(&t.data).map(|i| (k, i, t.data[i]))) {
+        return Err(LoraError::Data(format!(
+            "tensor `{k}` holds {v:e} (index {i}), beyond the range of {dtype:?}: save it as f32{}",
+            if dtype == SaveDtype::F16 { " or bf16" } else { "" }
+        )));
+    }
     let encoded: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(k, t)| (k.clone(), dtype.encode(&t.data), t.shape.clone()))

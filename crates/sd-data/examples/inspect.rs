@@ -158,9 +158,6 @@ fn run(a: &Args) -> Result<(), sd_data::DataError> {
         ds.plan_epoch(0).len(),
         ds.config().batch_size
     );
-    for e in ds.skipped() {
-        eprintln!("warning: skipped {e}");
-    }
     if let Some(s) = ds.skipped_summary() {
         eprintln!("warning: {s}");
     }

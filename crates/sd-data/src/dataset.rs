@@ -371,16 +371,23 @@ impl Dataset {
         &self.skipped
     }
 
-    /// One line summarising skipped files, or `None` when nothing was skipped.
+    /// A few lines naming the skipped files (the first [`Self::SKIPPED_LISTED`], each with
+    /// its error), or `None` when nothing was skipped.
     pub fn skipped_summary(&self) -> Option<String> {
         (!self.skipped.is_empty()).then(|| {
-            format!(
-                "skipped {} bad file(s); {} image(s) usable",
-                self.skipped.len(),
-                self.images.len()
-            )
+            let mut out = format!("skipped {} bad file(s) (skip_bad_images):", self.skipped.len());
+            for e in self.skipped.iter().take(Self::SKIPPED_LISTED) {
+                out.push_str(&format!("\n  {e}"));
+            }
+            if self.skipped.len() > Self::SKIPPED_LISTED {
+                out.push_str(&format!("\n  ... and {} more", self.skipped.len() - Self::SKIPPED_LISTED));
+            }
+            out
         })
     }
+
+    /// How many skipped files [`Self::skipped_summary`] names.
+    pub const SKIPPED_LISTED: usize = 20;
 
     /// Whether any image has a loss mask (a subset with `alpha_mask` or `mask_dir`): then
     /// batches carry [`crate::Batch::masks`].

@@ -29,7 +29,7 @@ pub enum DataError {
         message: String,
     },
     /// An image is smaller than the configured minimum side length.
-    #[error("image {path} is {width}x{height} px, below the minimum side of {min_side} px")]
+    #[error("image {path} is {width}x{height} px, below the minimum side of {min_side} px (min_image_size)")]
     ImageTooSmall {
         /// The image file.
         path: PathBuf,

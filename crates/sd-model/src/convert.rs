@@ -548,11 +548,20 @@ pub fn single_file_to_diffusers(src: &Path, out: &Path, options: &ConvertOptions
         }
     }
     // Text encoders: the loaders' own key maps.
+    // A folder without them would not load (its model_index.json names them), so a
+    // UNet-only file is refused as one without a VAE is.
     let (te, te_left) = load::text_encoder_single_file_keys(file, te_config.hidden_size, te_config.num_hidden_layers);
+    if te.is_empty() {
+        let prefix = if family == ModelFamily::Sdxl { "conditioner.embedders.0.*" } else { "cond_stage_model.*" };
+        return Err(bad(src, format!("holds no text encoder (`{prefix}`): a diffusers folder needs one; convert the full checkpoint")));
+    }
     left_out.extend(te_left);
     let te2 = match &te2_config {
         Some(c) => {
             let (m, l) = load::text_encoder_2_single_file_keys(file, c.hidden_size, c.num_hidden_layers);
+            if m.is_empty() {
+                return Err(bad(src, "holds no second text encoder (`conditioner.embedders.1.*`): a diffusers folder of SDXL needs one; convert the full checkpoint"));
+            }
             left_out.extend(l);
             Some(m)
         }

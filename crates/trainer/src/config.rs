@@ -57,6 +57,8 @@ pub struct DataSection {
     pub num_repeats: u32,
     /// Skip unreadable images with a warning instead of failing.
     pub skip_bad_images: bool,
+    /// Images with a shorter side (in pixels) are bad input (0: no minimum).
+    pub min_image_size: u32,
     /// Random horizontal flips.
     pub flip_aug: bool,
     /// Crop at a random offset instead of the centre.
@@ -1590,6 +1592,7 @@ impl Default for TrainConfig {
                 demo_images: 24,
                 num_repeats: 1,
                 skip_bad_images: false,
+                min_image_size: 64,
                 flip_aug: false,
                 random_crop: false,
                 face_crop_aug_range: None,
@@ -1967,6 +1970,12 @@ fn set_key(tree: &mut toml::Value, assignment: &str) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// The first of `sets` after which `tree` (which reads well) no longer reads as a
+/// configuration: the assignment an error should name, rather than all of them.
+fn first_bad_set<'a>(mut tree: toml::Value, sets: &'a [String]) -> Option<&'a String> {
+    sets.iter().find(|s| set_key(&mut tree, s).is_err() || tree.clone().try_into::<TrainConfig>().is_err())
+}
+
 impl TrainConfig {
     /// The defaults, overridden by `file` (if any) and then by `--set` assignments. Every
     /// unknown key is an error naming the nearest valid key.
@@ -2003,10 +2012,11 @@ impl TrainConfig {
         check_keys(&tree, "--set")?;
         let config: Self = tree.try_into().map_err(|e: toml::de::Error| {
             // The file's values alone read well: then a --set value is the bad one.
-            let file_reads = from_file.is_some_and(|t| t.try_into::<Self>().is_ok());
-            let origin = match file {
-                Some(p) if !file_reads => p.display().to_string(),
-                _ => format!("--set {}", sets.join(" --set ")),
+            let origin = match (file, from_file) {
+                (Some(p), Some(t)) if t.clone().try_into::<Self>().is_err() => p.display().to_string(),
+                (_, Some(t)) => first_bad_set(t, sets).map_or_else(|| format!("--set {}", sets.join(" --set ")), |s| format!("--set {s}")),
+                (Some(p), None) => p.display().to_string(),
+                (None, None) => "--set".into(),
             };
             TrainError::Config { origin, reason: e.to_string() }
         })?;

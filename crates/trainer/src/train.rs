@@ -256,6 +256,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         return Ok(Dataset::from_memory(&ds, subset, demo::into_memory_images(samples))?);
     }
     let mut ds = DatasetConfig::single(&d.train_data_dir);
+    ds.min_image_size = d.min_image_size;
     ds.resolution = d.resolution;
     ds.batch_size = config.train.train_batch_size;
     ds.seed = config.train.seed;
@@ -295,7 +296,23 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     if !d.reg_data_dir.is_empty() {
         ds.subsets.push(subset(&d.reg_data_dir, true));
     }
-    Ok(Dataset::open(&ds)?)
+    Dataset::open(&ds).map_err(data_key_error)
+}
+
+/// A setting sd-data refuses, named as the `[data]` (or `[train]`) key that set it: a
+/// plain folder has no dataset config to blame.
+fn data_key_error(e: sd_data::DataError) -> TrainError {
+    match e {
+        sd_data::DataError::Config { key, message } => {
+            let origin = match key.as_str() {
+                "batch_size" => "train.train_batch_size".to_string(),
+                "seed" => "train.seed".to_string(),
+                _ => format!("data.{key}"),
+            };
+            TrainError::Config { origin, reason: message }
+        }
+        other => other.into(),
+    }
 }
 
 /// The data of a run: the training dataset and, with `data.validation_split`, the
@@ -967,6 +984,13 @@ fn check_sample_samplers<B: burn::tensor::backend::Backend>(config: &TrainConfig
     Ok(())
 }
 
+/// The size of samples made during training: `data.resolution`, each side rounded down to
+/// a multiple of the model's `step` (at least one step), as a prompt's own `--w`/`--h` are.
+fn sample_size(config: &TrainConfig, step: usize) -> (usize, usize) {
+    let round = |side: u32| (side as usize / step).max(1) * step;
+    (round(config.data.resolution.width), round(config.data.resolution.height))
+}
+
 /// The model takes sides that are multiples of `step` pixels (64 for SD): a bucket that is
 /// not is a config error here, before the first step, naming the setting that made it.
 fn check_bucket_sides(dataset: &Dataset, config: &TrainConfig, step: usize) -> Result<(), TrainError> {
@@ -1327,8 +1351,6 @@ fn run<B: AutodiffBackend>(
     let start = Instant::now();
     let out = &config.output.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let config_path = out.join("config.toml");
-    std::fs::write(&config_path, config.to_toml()).map_err(io_err(&config_path))?;
     let t = &config.train;
     let base_dtype = t.mixed_precision.base_dtype();
 
@@ -1507,6 +1529,10 @@ fn run<B: AutodiffBackend>(
     }
     unet = optim.to_working(unet);
     encoders = encoders.into_iter().zip(&te_optims).map(|(te, o)| o.to_working(te)).collect();
+    // Written once every start-up check has passed: a run that failed to start leaves no
+    // `config.toml` behind, which would count as an earlier run for the corrected retry.
+    let config_path = out.join("config.toml");
+    std::fs::write(&config_path, config.to_toml()).map_err(io_err(&config_path))?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1537,7 +1563,9 @@ fn run<B: AutodiffBackend>(
 
     let mut cache = EncodeCache::for_dataset(&dataset);
     let mut plans = dataset.plan_epoch(progress.epoch);
-    let mut sample_size = None;
+    // Samples at the training resolution (kohya samples at the prompt's --w/--h, else its
+    // own default), on the model's grid of sides.
+    let sample_size = sample_size(config, size_step);
     let mut interrupted = false;
     let base = crate::metadata::BaseModel {
         version: &frozen.base_version,
@@ -1619,7 +1647,6 @@ fn run<B: AutodiffBackend>(
             progress.batch_in_epoch += 1;
             let EncodedBatch { posterior, context, loss_weights, masks } = cache.batch(&dataset, &frozen, plan, config, !train_te, device)?;
             let masks = masks.map(Tensor::<B, 4>::from_inner);
-            sample_size.get_or_insert((plan.bucket.0 as usize, plan.bucket.1 as usize));
             let eps = noise.sample(posterior.mean.dims(), device)?;
             let latents = Tensor::<B, 4>::from_inner(frozen.vae.scale_latents(posterior.sample(eps)?));
             let (context, added) = match context {
@@ -1861,7 +1888,7 @@ fn run<B: AutodiffBackend>(
             }
         }
         if let Some(file) = &sample {
-            let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
+            let size = sample_size;
             let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
             sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), size, &out.join(file), device)?;
         }
@@ -1892,7 +1919,7 @@ fn run<B: AutodiffBackend>(
         let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
         let mut with_lora = with_trained(&unet, &encoders, frozen);
         merge_adapters(&mut with_lora);
-        let size = sample_size.unwrap_or((config.data.resolution.width as usize, config.data.resolution.height as usize));
+        let size = sample_size;
         let path = out.join("samples.png");
         save_png(&generate_grid(&with_lora, config, embedding.as_ref(), size, device)?, &path)?;
         Some(path)

@@ -729,9 +729,14 @@ fn skip_bad_images_collects_warnings() {
         .any(|e| matches!(e, DataError::ImageTooSmall { .. })));
     let summary = ds.skipped_summary().unwrap();
     assert!(
-        summary.contains("skipped 3") && summary.contains("2 image"),
+        summary.starts_with("skipped 3 bad file(s)"),
         "{summary}"
     );
+    // Each skipped file is named with its error, one per line.
+    for name in ["corrupt.jpg", "latin1.txt", "tiny.png"] {
+        assert_eq!(summary.lines().filter(|l| l.contains(name)).count(), 1, "{name}: {summary}");
+    }
+    assert!(summary.contains("16x16"), "{summary}");
     // All bad: still an empty-dataset error.
     fs::remove_file(root.join("good1.png")).unwrap();
     fs::remove_file(root.join("good2.png")).unwrap();

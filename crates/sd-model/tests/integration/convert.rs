@@ -253,6 +253,16 @@ fn outputs_are_never_overwritten_and_bad_sources_are_named() {
     let err = convert_checkpoint(&fixture("parity/sd1_lora_kohya.safetensors"), &tmp.path().join("z"), &ConvertOptions::default()).unwrap_err();
     assert!(err.to_string().contains("sd1_lora_kohya") && err.to_string().contains("UNet"), "{err}");
     assert!(!tmp.path().join("z").exists() && !tmp.path().join("z.partial").exists());
+    // A UNet + VAE file without its text encoder would make a folder that does not load.
+    let no_text = tmp.path().join("no-text.safetensors");
+    rewrite(&fixture("parity/sd1_single_file.safetensors"), &no_text, |entries| entries.retain(|(k, ..)| !k.starts_with("cond_stage_model.")));
+    let err = convert_checkpoint(&no_text, &tmp.path().join("w"), &ConvertOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("no-text.safetensors") && err.to_string().contains("no text encoder"), "{err}");
+    assert!(!tmp.path().join("w").exists() && !tmp.path().join("w.partial").exists());
+    let sdxl_no_text2 = tmp.path().join("sdxl-no-text2.safetensors");
+    rewrite(&fixture("sdxl/tiny_single_file.safetensors"), &sdxl_no_text2, |entries| entries.retain(|(k, ..)| !k.starts_with("conditioner.embedders.1.")));
+    let err = convert_checkpoint(&sdxl_no_text2, &tmp.path().join("v"), &ConvertOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("no second text encoder"), "{err}");
 }
 
 fn manifest(name: &str) -> BTreeMap<String, Vec<usize>> {

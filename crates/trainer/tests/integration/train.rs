@@ -88,6 +88,21 @@ fn quick_config(dir: &std::path::Path, steps: usize) -> TrainConfig {
     c
 }
 
+/// Samples are made at `data.resolution`, whatever bucket the run's first batch drew (the
+/// demo data has 48x80, 64x64 and 80x48 buckets; they once took the first batch's).
+#[test]
+fn samples_are_made_at_the_training_resolution() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    for seed in [1, 3, 4] {
+        let mut config = quick_config(&dir.path().join(seed.to_string()), 1);
+        config.train.seed = seed;
+        let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+        let grid = image::open(report.sample_grid.unwrap()).unwrap();
+        assert_eq!((grid.width(), grid.height()), (2 * 64, 64), "seed {seed}: two 64x64 samples in a row");
+    }
+}
+
 #[test]
 fn demo_training_writes_every_output_and_the_lora_reloads() {
     let _guard = seeded();
@@ -175,6 +190,12 @@ fn config_errors_name_the_key_and_suggest_the_nearest() {
     std::fs::write(&path, "[train]\nseed = 1\n").unwrap();
     let err = TrainConfig::load(Some(&path), &["train.learning_rate=\"abc\"".into()]).unwrap_err().to_string();
     assert!(err.contains("--set train.learning_rate") && !err.contains("c.toml"), "{err}");
+    // ... and of several, only the bad one is named.
+    let sets = ["train.seed=3".into(), "train.learning_rate=\"abc\"".into(), "train.max_train_steps=9".into()];
+    let err = TrainConfig::load(Some(&path), &sets).unwrap_err().to_string();
+    assert!(err.contains("--set train.learning_rate=\"abc\"") && !err.contains("seed") && !err.contains("max_train_steps"), "{err}");
+    let err = TrainConfig::load(None, &sets[..2]).unwrap_err().to_string();
+    assert!(err.contains("--set train.learning_rate") && !err.contains("seed"), "{err}");
 }
 
 /// Values that would have been taken as "off", written outside the output folder or
@@ -992,6 +1013,8 @@ fn non_square_resolution_trains_at_its_size() {
     let e = train::<B>(&config, &Default::default(), &mut |_| panic!("no step may run")).unwrap_err().to_string();
     assert!(e.contains("data.resolution") && e.contains("32x44") && e.contains("multiples of 8"), "{e}");
     assert!(!root.path().join("bad/metrics.jsonl").exists());
+    // Nothing that counts as an earlier run is left: the corrected retry needs no --overwrite.
+    assert_eq!(trainer::train::earlier_outputs(&config), Vec::<std::path::PathBuf>::new());
 
     for text in ["[32, 48]", "\"32,48\"", "\"(32, 48)\""] {
         let c = TrainConfig::load(None, &[format!("data.resolution={text}")]).unwrap();
@@ -1001,6 +1024,26 @@ fn non_square_resolution_trains_at_its_size() {
         let e = TrainConfig::load(None, &[format!("data.resolution={text}")]).unwrap_err().to_string();
         assert!(e.contains("resolution"), "{text}: {e}");
     }
+}
+
+/// A plain folder's data settings are named as `[data]` keys (there is no dataset config
+/// to blame), and `data.min_image_size` sets the smallest side an image may have.
+#[test]
+fn folder_settings_are_named_as_data_keys() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_image(&data, "a", "mystyle", 10);
+    let mut config = quick_config(&root.path().join("out"), 1);
+    config.data.train_data_dir = data.display().to_string();
+    config.data.min_bucket_reso = 256;
+    let e = trainer::train::open_dataset(&config).unwrap_err().to_string();
+    assert!(e.starts_with("data.resolution: ") && e.contains("min_bucket_reso (256)") && !e.contains("dataset config"), "{e}");
+    config.data.min_bucket_reso = 64;
+    config.data.min_image_size = 65;
+    let e = trainer::train::open_dataset(&config).unwrap_err().to_string();
+    assert!(e.contains("a.png") && e.contains("minimum side of 65 px (min_image_size)"), "{e}");
+    config.data.min_image_size = 64;
+    assert_eq!(trainer::train::open_dataset(&config).unwrap().images().len(), 1);
 }
 
 /// `data.in_json` (sd-scripts' `--in_json`): the metadata's entries are the training
