@@ -385,11 +385,17 @@ pub fn write_streamed<'a>(path: &Path, tensors: Vec<(String, StreamedTensor<'a>)
             other => fail(format!("writing: {other}")),
         })
         .and_then(|()| {
-            // A tensor whose bytes came out short leaves a truncated file: refuse it.
+            // A tensor whose bytes came out another length than its header says leaves a
+            // broken file: refuse it (the data follows the 8-byte length and the header).
             let expected: usize = tensors.iter().map(|(_, t)| t.len()).sum();
+            let mut head = [0u8; 8];
+            std::fs::File::open(&partial)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+                .map_err(|source| through_temporary(path, &partial, source))?;
             let size = std::fs::metadata(&partial).map_err(|source| through_temporary(path, &partial, source))?.len() as usize;
-            if size < expected {
-                return Err(fail(format!("wrote {size} bytes for {expected} bytes of tensors (a tensor could not be read)")));
+            let data = size.saturating_sub(8).saturating_sub(u64::from_le_bytes(head) as usize);
+            if data != expected {
+                return Err(fail(format!("wrote {data} bytes of tensor data for {expected} bytes of tensors (a tensor could not be read)")));
             }
             std::fs::rename(&partial, path).map_err(|source| LoraError::Io { path: path.to_path_buf(), source })
         });

@@ -244,6 +244,10 @@ impl Dataset {
                 },
             });
         }
+        // The training folders first: regularization images are balanced to match them, so
+        // a training folder that is too large is the one to name.
+        let own: Vec<u32> = kept.iter().map(|i| if subsets[i.subset].config.is_reg { 0 } else { subsets[i.subset].num_repeats }).collect();
+        check_epoch_size(&kept, &subsets, &own)?;
         let repeats = balance_repeats(&kept, &subsets);
         check_epoch_size(&kept, &subsets, &repeats)?;
         let faces = faces(&config, &subsets, &kept)?;
@@ -685,31 +689,27 @@ fn balance_repeats(images: &[ImageRecord], subsets: &[ResolvedSubset]) -> Vec<u3
     if reg.is_empty() {
         return repeats;
     }
+    // kohya's first pass registers reg images with their own repeats until they match the
+    // training samples, and only the images reached count.
     let mut n: u64 = 0;
-    let mut first_loop = true;
-    'outer: loop {
-        for &i in &reg {
-            if first_loop {
-                n += u64::from(repeats[i]);
-            } else {
-                repeats[i] += 1;
-                n += 1;
+    for (pos, &i) in reg.iter().enumerate() {
+        n += u64::from(repeats[i]);
+        if n >= train {
+            for &j in &reg[pos + 1..] {
+                repeats[j] = 0;
             }
-            if n >= train {
-                // kohya registers only the reg images reached on the first pass.
-                if first_loop {
-                    let pos = reg
-                        .iter()
-                        .position(|&j| j == i)
-                        .map_or(reg.len(), |p| p + 1);
-                    for &j in &reg[pos..] {
-                        repeats[j] = 0;
-                    }
-                }
-                break 'outer;
-            }
+            return repeats;
         }
-        first_loop = false;
+    }
+    // Then it adds one repeat per image, in order, until they do: `missing` ones in all,
+    // computed at once (one at a time took minutes for billions of training samples).
+    let missing = train - n;
+    let per_image = missing / reg.len() as u64;
+    let extra = (missing % reg.len() as u64) as usize;
+    for (pos, &i) in reg.iter().enumerate() {
+        let added = per_image + u64::from(pos < extra);
+        // Past u32 the epoch is far beyond its limit, which the caller reports.
+        repeats[i] = u32::try_from(u64::from(repeats[i]) + added).unwrap_or(u32::MAX);
     }
     repeats
 }

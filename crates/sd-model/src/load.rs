@@ -566,6 +566,54 @@ impl ModelSource {
         Self::component_file(dir, component, stem, &LoadOptions::default())
     }
 
+    /// Checks that the components' configs fit together (from configs and headers alone,
+    /// before any weight loads): RGB images in and out of the VAE, a UNet that takes and
+    /// predicts the VAE's latent channels, cross-attention as wide as the text encoders'
+    /// states (SDXL: both joined) and text encoders that read a 77-token row. A component
+    /// that cannot be read is left to its loader's error. An error names the component's
+    /// config file (a folder) or the checkpoint (a single file).
+    ///
+    /// ```no_run
+    /// use sd_model::load::ModelSource;
+    /// ModelSource::detect("models/sd15")?.check_components()?;
+    /// # Ok::<(), sd_model::SdModelError>(())
+    /// ```
+    pub fn check_components(&self) -> Result<()> {
+        let (Ok(unet), Ok(vae), Ok(te)) = (self.unet_config(), self.vae_config(), self.text_encoder_config()) else {
+            return Ok(());
+        };
+        let te2 = self.text_encoder_2_config().ok().flatten();
+        let at = |component: &str| match self {
+            Self::Diffusers(dir) => dir.join(component).join("config.json").display().to_string(),
+            Self::SingleFile(path) => path.display().to_string(),
+        };
+        let bad = |component: &str, reason: String| Err(SdModelError::BadInput { what: at(component), reason });
+        if vae.in_channels != 3 || vae.out_channels != 3 {
+            return bad("vae", format!("in_channels = {} and out_channels = {}: the VAE encodes and decodes RGB images (3 channels)", vae.in_channels, vae.out_channels));
+        }
+        let latent = vae.latent_channels;
+        if unet.out_channels != latent {
+            return bad("unet", format!("out_channels = {} but the VAE's latent_channels = {latent}: the UNet must predict the latents' channels", unet.out_channels));
+        }
+        if unet.in_channels != latent {
+            return bad("unet", format!("in_channels = {} but the VAE's latent_channels = {latent} (inpainting UNets, which also take the mask and masked image, are not supported)", unet.in_channels));
+        }
+        let context = te.hidden_size + te2.as_ref().map_or(0, |c| c.hidden_size);
+        if unet.cross_attention_dim != context {
+            let encoders = match &te2 {
+                Some(c) => format!("the text encoders' hidden sizes {} + {} = {context}", te.hidden_size, c.hidden_size),
+                None => format!("the text encoder's hidden_size = {context}"),
+            };
+            return bad("unet", format!("cross_attention_dim = {} but {encoders}: the UNet attends to their states", unet.cross_attention_dim));
+        }
+        for (component, config) in [("text_encoder", Some(&te)), ("text_encoder_2", te2.as_ref())] {
+            if let Some(c) = config.filter(|c| c.max_position_embeddings < crate::tokenizer::DEFAULT_MAX_LENGTH) {
+                return bad(component, format!("max_position_embeddings = {}: the prompts' rows are {} tokens", c.max_position_embeddings, crate::tokenizer::DEFAULT_MAX_LENGTH));
+            }
+        }
+        Ok(())
+    }
+
     /// The model family, from configs and headers alone: SDXL where there is a second
     /// text encoder, SD2.x where the text encoder is OpenCLIP's (1024 wide, or exact GELU
     /// where OpenAI's CLIP has quick GELU), else SD1.x.

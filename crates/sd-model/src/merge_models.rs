@@ -117,7 +117,8 @@ pub fn merge_models(models: &[(WeightFile, f64)], out: &Path, unet_only: bool, d
         let mut output = Output { key: key.clone(), models, sources: vec![(0, first_key.clone(), 1.0)], copy: true, dtype: first_dtype, shape };
         if float && (!unet_only || is_unet_key(key)) {
             output.copy = false;
-            output.dtype = dtype.map_or(first_dtype, SaveDtype::st_dtype);
+            // F64 weights (which the merge reads) are written as F32, the widest it writes.
+            output.dtype = dtype.unwrap_or(SaveDtype::of(first_dtype).unwrap_or(SaveDtype::F32)).st_dtype();
             output.sources.clear();
             let mut lacking = Vec::new();
             for (i, (file, ratio)) in models.iter().enumerate() {

@@ -44,10 +44,20 @@ pub fn read_pytorch(path: &Path) -> Result<Vec<(String, TensorSnapshot)>> {
     if !path.is_file() {
         return Err(SdModelError::Io { path: path.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file") });
     }
-    // burn-store reads nested containers recursively: bound the nesting first.
-    crate::pickle_scan::check_depth(path).map_err(|reason| bad(path, reason))?;
+    // burn-store reads nested containers recursively and copies memoized objects: bound
+    // the nesting and the objects first.
+    crate::pickle_scan::check_pickle(path).map_err(|reason| bad(path, reason))?;
     let reader = PytorchReader::new(path).map_err(|e| bad(path, format!("not a readable PyTorch file: {e}")))?;
     let mut tensors: Vec<(String, TensorSnapshot)> = reader.into_tensors().into_iter().collect();
+    // burn-store allocates a tensor's declared size when it is read, however little data
+    // is stored for it: a shape larger than the whole (uncompressed) file is refused here.
+    let file_len = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
+    for (key, t) in &tensors {
+        let bytes = t.shape.iter().try_fold(t.dtype.size() as u64, |n, d| n.checked_mul(*d as u64));
+        if bytes.is_none_or(|b| b > file_len) {
+            return Err(bad(path, format!("`{key}` has shape {:?}, more {:?} values than the whole file holds (a damaged file)", t.shape.to_vec(), t.dtype)));
+        }
+    }
     if !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with("state_dict.")) {
         for (k, _) in &mut tensors {
             k.drain(.."state_dict.".len());

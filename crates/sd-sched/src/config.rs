@@ -280,6 +280,9 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The most training timesteps a schedule may have ([`SchedulerConfig::validate`]).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 impl SchedulerConfig {
     /// The `scheduler_config.json` of Stable Diffusion 1.5 (PNDM, `scaled_linear`
     /// 0.00085..0.012, `steps_offset` 1, ε-prediction).
@@ -349,8 +352,10 @@ impl SchedulerConfig {
     /// Checks value ranges that the types cannot express.
     pub fn validate(&self) -> Result<()> {
         let t = self.num_train_timesteps;
-        if t < 2 {
-            return Err(invalid("num_train_timesteps", "at least 2", t));
+        // The schedule holds a few values per timestep: a file's absurd count would be a
+        // huge allocation (every released model has 1000).
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&t) {
+            return Err(invalid("num_train_timesteps", format!("2 to {MAX_TRAIN_TIMESTEPS}"), t));
         }
         if let Some(betas) = &self.trained_betas {
             if betas.len() != t {

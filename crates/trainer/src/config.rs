@@ -37,6 +37,11 @@ pub struct ModelSection {
     pub base_weights: Vec<String>,
 }
 
+/// The most optimizer steps a run may have (`train.max_train_steps`, or its epochs as
+/// steps): its per-step losses are kept in memory, and a resumed state's step (read from a
+/// file) must not make that an absurd allocation. Ten million steps is weeks of training.
+pub const MAX_TRAIN_STEPS: usize = 10_000_000;
+
 /// The most demo images a run may ask for (`data.demo_images`): they are drawn in memory
 /// before training starts.
 pub const MAX_DEMO_IMAGES: usize = 1000;
@@ -2049,6 +2054,9 @@ impl TrainConfig {
         let t = &self.train;
         if t.max_train_steps == 0 || t.train_batch_size == 0 || t.gradient_accumulation_steps == 0 {
             return bad("train.max_train_steps, train.train_batch_size and train.gradient_accumulation_steps must be at least 1");
+        }
+        if t.max_train_steps > MAX_TRAIN_STEPS {
+            return bad(&format!("train.max_train_steps = {} is more than the {MAX_TRAIN_STEPS} steps a run may have", t.max_train_steps));
         }
         if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
             return bad("train.learning_rate must be positive");

@@ -153,6 +153,7 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     let options = LoadOptions::default();
     // `family` first refuses an unsupported SDXL relative (a refiner) by what it is.
     let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;
+    source.check_components()?;
     let tokenizer = tokenizer_of(&source, sd2)?;
     let text_encoder_2 = source.load_text_encoder_2(device, &options)?.map(pack_all);
     let tokenizer_2 = match (&text_encoder_2, &source) {

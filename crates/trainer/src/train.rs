@@ -539,6 +539,12 @@ fn steps_for(config: &TrainConfig, dataset: &Dataset) -> Result<TrainConfig, Tra
             reason: format!("= {} epochs of {batches} batches is more micro-batches than can be counted", t.max_train_epochs),
         })?;
         config.train.max_train_steps = micro_batches.div_ceil(t.gradient_accumulation_steps);
+        if config.train.max_train_steps > crate::config::MAX_TRAIN_STEPS {
+            return Err(TrainError::Config {
+                origin: "train.max_train_epochs".into(),
+                reason: format!("= {} epochs of {batches} batches is {} steps, more than the {} a run may have", config.train.max_train_epochs, config.train.max_train_steps, crate::config::MAX_TRAIN_STEPS),
+            });
+        }
     }
     Ok(config)
 }

@@ -348,6 +348,22 @@ fn regularization_images_are_balanced_and_weighted() {
     // until regularization samples equal the 10 training samples.
     assert_eq!(reg, [4, 3, 3]);
     assert_eq!(ds.samples_per_epoch(), 20);
+    // Billions of training samples: balancing is computed, not counted one by one (which
+    // took minutes), and the epoch is refused by its size.
+    let huge = tempfile::tempdir().unwrap();
+    for name in ["4294967295_a", "4294967295_b", "4294967295_c"] {
+        save(&huge.path().join(format!("train/{name}/x.png")), 64, 64, 1);
+    }
+    save(&huge.path().join("reg/1_dog/r.png"), 64, 64, 2);
+    let huge_cfg = DatasetConfig {
+        subsets: vec![
+            SubsetConfig::new(huge.path().join("train")),
+            SubsetConfig { is_reg: true, ..SubsetConfig::new(huge.path().join("reg")) },
+        ],
+        ..config(huge.path())
+    };
+    let err = Dataset::open(&huge_cfg).unwrap_err().to_string();
+    assert!(err.contains("4294967295_"), "{err}");
     for s in ds.plan_epoch(0).iter().flat_map(|b| &b.samples) {
         let expected = if s.image >= 2 { 0.5 } else { 1.0 };
         assert_eq!(s.loss_weight, expected);

@@ -367,3 +367,30 @@ fn pytorch_pickles_convert() {
     let err = sd_model::textual_inversion::read_embedding(&fake).unwrap_err().to_string();
     assert!(err.contains("fake.pt"), "{err}");
 }
+
+/// Components whose configs do not fit together are refused before any weight loads,
+/// naming the component's config file; the fixtures' own fit.
+#[test]
+fn components_that_do_not_fit_together_are_named() {
+    for model in ["parity/sd1", "parity/sd2", "sdxl/tiny", "parity/sd1_single_file.safetensors", "sdxl/tiny_single_file.safetensors"] {
+        ModelSource::detect(fixture(model)).unwrap().check_components().unwrap_or_else(|e| panic!("{model}: {e}"));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("unet", "out_channels", 8, "predict the latents' channels"),
+        ("unet", "in_channels", 9, "inpainting"),
+        ("unet", "cross_attention_dim", 64, "hidden_size"),
+        ("vae", "out_channels", 1, "RGB"),
+        ("text_encoder", "max_position_embeddings", 1, "77 tokens"),
+    ];
+    for (i, (component, key, value, says)) in cases.into_iter().enumerate() {
+        let dir = tmp.path().join(i.to_string());
+        copy_dir(&fixture("parity/sd1"), &dir);
+        let path = dir.join(component).join("config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config[key] = value.into();
+        std::fs::write(&path, config.to_string()).unwrap();
+        let err = ModelSource::detect(&dir).unwrap().check_components().unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains(key) && err.contains(says), "{key}: {err}");
+    }
+}

@@ -74,11 +74,10 @@ impl<B: Backend> Sampler<B> for DdimSampler {
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let t = self.schedule.num_train_timesteps();
         check_steps(n, t)?;
+        let timesteps = spacing::standard(self.spacing, t, n, self.steps_offset, true);
+        super::check_fit(timesteps.iter().copied(), n, t, self.steps_offset)?;
         self.num_inference_steps = n;
-        self.timesteps = spacing::standard(self.spacing, t, n, self.steps_offset, true)
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
+        self.timesteps = timesteps.into_iter().map(|v| v as f32).collect();
         Ok(())
     }
 

@@ -71,10 +71,9 @@ impl<B: Backend> Sampler<B> for DdpmSampler {
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let t = self.schedule.num_train_timesteps();
         check_steps(n, t)?;
-        self.timesteps = spacing::standard(self.spacing, t, n, self.steps_offset, true)
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
+        let timesteps = spacing::standard(self.spacing, t, n, self.steps_offset, true);
+        super::check_fit(timesteps.iter().copied(), n, t, self.steps_offset)?;
+        self.timesteps = timesteps.into_iter().map(|v| v as f32).collect();
         Ok(())
     }
 

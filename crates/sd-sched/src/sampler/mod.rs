@@ -481,6 +481,22 @@ pub(crate) fn check_step_start(sampler: &'static str, len: usize, index: usize, 
     Ok(())
 }
 
+/// Rejects timesteps past the schedule's last (`T - 1`), which the samplers that index ᾱ
+/// by timestep cannot take: `"leading"` spacing adds `steps_offset` to steps up to `T - 1`
+/// (diffusers fails there with an index error).
+pub(crate) fn check_fit(timesteps: impl IntoIterator<Item = f64>, n: usize, num_train_timesteps: usize, steps_offset: usize) -> Result<()> {
+    let last = (num_train_timesteps - 1) as f64;
+    match timesteps.into_iter().find(|t| *t > last) {
+        Some(t) => Err(SchedError::InvalidSteps {
+            steps: n,
+            expected: format!(
+                "fewer steps or a smaller steps_offset ({steps_offset}): a timestep would be {t}, past the schedule's last, {last} (num_train_timesteps - 1)"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Rejects `n` outside `1..=T`.
 pub(crate) fn check_steps(n: usize, num_train_timesteps: usize) -> Result<()> {
     if n == 0 || n > num_train_timesteps {

@@ -237,8 +237,11 @@ impl<B: Backend> Sampler<B> for PndmSampler<B> {
                 expected: "at least 4 for PNDM's Runge-Kutta warm-up (or skip_prk_steps)".into(),
             });
         }
-        self.num_inference_steps = n;
         let base = self.base_timesteps(n);
+        // PRK's half steps reach `T / n / 2` past the base timesteps.
+        let half = if self.skip_prk_steps { 0 } else { t / n / 2 };
+        super::check_fit(base.iter().map(|b| (b + half as i64) as f64), n, t, self.steps_offset)?;
+        self.num_inference_steps = n;
         let (prk, plms): (Vec<i64>, Vec<i64>) = if self.skip_prk_steps {
             // The second timestep is repeated: PLMS's first step is a two-evaluation
             // (Heun-like) step.

@@ -54,6 +54,7 @@ fn bad_values_name_the_file_and_key() {
 
     let cases = [
         (r#"{"num_train_timesteps": 1}"#, "num_train_timesteps"),
+        (r#"{"num_train_timesteps": 1000000000000}"#, "num_train_timesteps"),
         (r#"{"beta_start": 0.5, "beta_end": 0.1}"#, "beta_end"),
         (r#"{"beta_start": -0.1}"#, "beta_start"),
         (

@@ -316,6 +316,19 @@ fn misuse_is_a_typed_error() {
         s.step(x.clone(), 0, x.clone(), &mut SeededNoise::new(1)).unwrap();
         assert!(matches!(s.step(x.clone(), 0, x.clone(), &mut SeededNoise::new(1)), Err(SchedError::StepOutOfOrder { expected: 1, got: 0, .. })), "{name}");
     }
+    // SD1.5's `steps_offset` 1 with "leading" spacing puts 1000 steps' first timestep at
+    // 1000, past ᾱ's end: an error (it indexed out of bounds), 999 steps sample.
+    for name in ["ddim", "ddpm", "pndm"] {
+        let mut s = sampler(name, &config);
+        match s.set_timesteps(1000) {
+            Err(SchedError::InvalidSteps { expected, .. }) => assert!(expected.contains("steps_offset (1)"), "{name}: {expected}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        s.set_timesteps(999).unwrap();
+        s.step(x.clone(), 0, x.clone(), &mut SeededNoise::new(1)).unwrap();
+        let mut far = sampler(name, &SchedulerConfig { steps_offset: 999, ..config.clone() });
+        assert!(matches!(far.set_timesteps(2), Err(SchedError::InvalidSteps { .. })), "{name}");
+    }
 }
 
 #[test]

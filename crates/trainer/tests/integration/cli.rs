@@ -696,6 +696,38 @@ fn merge_models_sums_checkpoints() {
         assert!(!ok && text.contains(expected) && !text.contains("panicked"), "{full:?}: {text}");
     }
     assert!(!Path::new(&other).exists());
+    // A first model with an F64 weight: merged (read as f64, written as f32), never f32
+    // bytes under an F64 header.
+    let f64s = path("f64.safetensors");
+    {
+        let bytes = std::fs::read(&a).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| match k == unet_key {
+                true => (k.clone(), safetensors::Dtype::F64, t.shape().to_vec(), ta[&k].1.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect()),
+                false => (k, t.dtype(), t.shape().to_vec(), t.data().to_vec()),
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        std::fs::write(&f64s, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+    let from_f64 = path("from-f64.safetensors");
+    let (ok, text) = trainer(&["merge-models", &f64s, &b, "--out", &from_f64]);
+    assert!(ok, "{text}");
+    let merged = tensors(&from_f64);
+    let want: Vec<f32> = ta[unet_key].1.iter().zip(&tb[unet_key].1).map(|(x, y)| (0.5 * (f64::from(*x) + f64::from(*y))) as f32).collect();
+    assert_eq!(merged[unet_key], (safetensors::Dtype::F32, want));
+    // A folder merge that fails leaves no folder behind.
+    let broken_folder = path("broken-folder");
+    copy_dir_all(&fixtures.join("sd1"), Path::new(&broken_folder));
+    let te = sd_model::load::ModelSource::weights_file(Path::new(&broken_folder), "text_encoder").unwrap();
+    std::fs::copy(&ints, &te).unwrap();
+    let failed = path("failed-folder");
+    let (ok, text) = trainer(&["merge-models", &broken_folder, &folder_a, "--out", &failed]);
+    assert!(!ok && !text.contains("panicked"), "{text}");
+    assert!(!Path::new(&failed).exists() && !Path::new(&format!("{failed}.partial")).exists(), "{text}");
     let (ok, text) = trainer(&["merge-models", &a, &b, "--out", &average]);
     assert!(!ok && text.contains("already exists"), "{text}");
 }
@@ -880,6 +912,20 @@ fn sd_lora_device_is_checked_before_the_command_runs() {
         if !built {
             let (ok, err) = run(name);
             assert!(!ok && err.contains(&format!("SD_LORA_DEVICE={name} needs a build with {features}")), "{err}");
+        }
+    }
+}
+
+/// Copies the folder `from` to `to`, recursively.
+fn copy_dir_all(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir_all(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
         }
     }
 }

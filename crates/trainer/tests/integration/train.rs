@@ -178,6 +178,8 @@ fn config_errors_name_the_key_and_suggest_the_nearest() {
     assert!(TrainConfig::load(Some(&path), &[]).unwrap_err().to_string().contains("c.toml"));
     let err = TrainConfig::load(None, &["lora.rnak=4".into()]).unwrap_err();
     assert!(err.to_string().contains("lora.rank"), "{err}");
+    let err = TrainConfig::load(None, &["train.max_train_steps=10000001".into()]).unwrap_err();
+    assert!(err.to_string().contains("train.max_train_steps = 10000001"), "{err}");
     let err = TrainConfig::load(None, &["train.max_train_steps=0".into()]).unwrap_err();
     assert!(err.to_string().contains("max_train_steps"), "{err}");
     let c = TrainConfig::load(None, &["train.learning_rate=3e-4".into(), "output.output_name=style".into(), "lora.unet_targets=conv".into()]).unwrap();
