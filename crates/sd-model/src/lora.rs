@@ -265,8 +265,14 @@ pub fn apply_lora_files_to<B: Backend>(
     let layers_per_block = crate::keymap::UnetLayout::of(unet).layers;
     let mut applied = AppliedLoras::default();
     let mut sets = Vec::with_capacity(files.len());
+    // A LoRA of the other family fails to load or to fit: the error says so.
+    let sdxl = unet.has_added_conditions();
+    let hinted = |file: &LoraFile, e: SdModelError| match family_mismatch(&file.path, sdxl) {
+        Some(hint) => SdModelError::BadInput { what: file.path.display().to_string(), reason: format!("{e} ({hint})") },
+        None => e,
+    };
     for file in files {
-        let (set, report) = AdapterSet::load(&file.path, &index, ReadOptions { lenient })?;
+        let (set, report) = AdapterSet::load(&file.path, &index, ReadOptions { lenient }).map_err(|e| hinted(file, e.into()))?;
         if !report.skipped.is_empty() {
             applied.skipped.push((file.path.clone(), report.skipped));
         }
@@ -285,7 +291,7 @@ pub fn apply_lora_files_to<B: Backend>(
     // An adapter that does not fit its layer: with one file, name the file (with several,
     // the combined adapters are attached and the error names the module).
     let in_file = |e: lora_core::LoraError| match files {
-        [file] => SdModelError::BadInput { what: file.path.display().to_string(), reason: e.to_string() },
+        [file] => hinted(file, SdModelError::BadInput { what: file.path.display().to_string(), reason: e.to_string() }),
         _ => e.into(),
     };
     for (set, multiplier) in &groups {
@@ -295,6 +301,27 @@ pub fn apply_lora_files_to<B: Backend>(
         }
     }
     Ok(applied)
+}
+
+/// Why the LoRA file at `path` cannot fit a model that is (`model_sdxl`) or is not SDXL:
+/// its metadata's base model (`ss_base_model_version`, `modelspec.architecture`), else
+/// its keys (kohya's SDXL names: `lora_te2_`, LDM-style `input_blocks`; PEFT's
+/// `text_encoder_2.`), say it is for the other family. `None` when it cannot tell.
+fn family_mismatch(path: &std::path::Path, model_sdxl: bool) -> Option<String> {
+    let file = crate::load::WeightFile::open(path).ok()?;
+    let said = |key: &str| file.metadata().get(key).map(|v| v.to_lowercase()).filter(|v| !v.is_empty());
+    let lora_sdxl = match (said("ss_base_model_version"), said("modelspec.architecture")) {
+        (Some(version), _) => version.contains("sdxl"),
+        (None, Some(architecture)) => architecture.contains("-xl"),
+        (None, None) => {
+            let sdxl_prefixes = ["lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "text_encoder_2."];
+            file.keys().any(|k| sdxl_prefixes.iter().any(|p| k.starts_with(p)))
+        }
+    };
+    (lora_sdxl != model_sdxl).then(|| match lora_sdxl {
+        true => "this LoRA is for SDXL, and the model is SD1.x / SD2.x".to_string(),
+        false => "this LoRA is for SD1.x / SD2.x, and the model is SDXL".to_string(),
+    })
 }
 
 /// Each file's plain adapters and its DoRA adapters and adapters with no plain form apart

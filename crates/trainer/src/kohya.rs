@@ -585,6 +585,8 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
         Some(e) => e,
         // in_json's captions are in the file.
         None if !d.in_json.is_empty() => ".caption".into(),
+        // The dataset config sets its own (the default applies where it sets none).
+        None if std::fs::read_to_string(&d.dataset_config).is_ok_and(|t| t.contains("caption_extension")) => ".caption".into(),
         None => {
             notes.push("caption_extension is not set: sd-scripts then reads only .caption files (an image without one trains on its folder's class tokens); this trainer also reads a .txt caption when there is no .caption file".into());
             ".caption".into()

@@ -743,8 +743,9 @@ struct LoraOutputArgs {
 struct ProgressView {
     bar: Option<indicatif::ProgressBar>,
     last_line: Option<Instant>,
-    /// Steps done before this process (a resumed run), for its rate.
-    done_before: Option<usize>,
+    /// The first step this process showed and its time: the rate counts from there, so
+    /// that loading, warm-up and the samples of step 0 do not enter the ETA.
+    first: Option<(usize, f64)>,
 }
 
 /// Seconds between the plain progress lines of a log.
@@ -759,19 +760,19 @@ impl ProgressView {
                 .progress_chars("#>.");
             indicatif::ProgressBar::new(total as u64).with_style(style)
         });
-        Self { bar, last_line: None, done_before: None }
+        Self { bar, last_line: None, first: None }
     }
 
     /// Shows step `info`; `false` once Ctrl-C asked to stop.
     fn step(&mut self, info: &StepInfo) -> bool {
-        let done_before = *self.done_before.get_or_insert(info.step - 1);
-        let rate = (info.step - done_before) as f64 / info.elapsed_s.max(1e-9);
-        let message = format!("loss {:.4} lr {:.2e} {rate:.1} it/s", info.loss, info.lr);
+        let (first_step, first_s) = *self.first.get_or_insert((info.step, info.elapsed_s));
+        let rate = (info.step > first_step && info.elapsed_s > first_s).then(|| (info.step - first_step) as f64 / (info.elapsed_s - first_s));
+        let message = format!("loss {:.4} lr {:.2e} {}", info.loss, info.lr, rate.map_or_else(|| "-- it/s".to_string(), |r| format!("{r:.1} it/s")));
         match &self.bar {
             Some(bar) => {
-                if self.last_line.is_none() && info.step > 1 {
-                    // A resumed run: start the bar (and its rate) at the resumed step.
-                    bar.set_position(info.step as u64 - 1);
+                if self.last_line.is_none() {
+                    // The first step shown (a resumed run's too): the bar's rate starts here.
+                    bar.set_position(info.step as u64);
                     bar.reset_eta();
                 }
                 bar.set_length(info.total as u64);
@@ -786,8 +787,9 @@ impl ProgressView {
                 let due = self.last_line.is_none_or(|t| t.elapsed().as_secs_f64() >= PLAIN_LINE_EVERY_S);
                 if due || info.step == info.total {
                     // As the bar's clock reads (`1d 02:03:04`), not a count of seconds.
-                    let eta = std::time::Duration::try_from_secs_f64((info.total - info.step) as f64 / rate.max(1e-9))
-                        .map_or_else(|_| "unknown".to_string(), |d| indicatif::FormattedDuration(d).to_string());
+                    let eta = rate
+                        .and_then(|r| std::time::Duration::try_from_secs_f64((info.total - info.step) as f64 / r).ok())
+                        .map_or_else(|| "--".to_string(), |d| indicatif::FormattedDuration(d).to_string());
                     eprintln!("step {}/{} {message} ETA {eta}", info.step, info.total);
                     self.last_line = Some(Instant::now());
                 }
@@ -870,7 +872,12 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     eprintln!(
         "training {what} on `{}` with {} for {length} -> {}",
         config.model.pretrained,
-        if config.data.train_data_dir == "demo" { "the demo images".to_string() } else { config.data.train_data_dir.clone() },
+        match (config.data.dataset_config.as_str(), config.data.train_data_dir.as_str()) {
+            // A dataset config replaces the folders.
+            ("", "demo") => "the demo images".to_string(),
+            ("", dir) => dir.to_string(),
+            (file, _) => format!("the dataset config {file}"),
+        },
         config.output.output_dir.display()
     );
     // The data is scanned once, for the summary and the run.
@@ -987,7 +994,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
             println!("\nresume with: trainer train <same config> --resume {}", config.output.output_dir.join("state").display());
         }
     }
-    if config.model.pretrained == "tiny" {
+    if config.model.pretrained == "tiny" && config.data.train_data_dir == "demo" && config.data.dataset_config.is_empty() {
         println!(
             "\nThis was the built-in demo. To train a style LoRA on real SD1.5 weights, copy\n\
              examples/sd15-style.toml, point model.pretrained at your checkpoint (diffusers folder or\n\

@@ -63,8 +63,19 @@ pub fn is_sdxl(pretrained: &str) -> Result<bool, TrainError> {
     match pretrained {
         "tiny-sdxl" => Ok(true),
         "tiny" => Ok(false),
-        path => Ok(ModelSource::detect(path)?.text_encoder_2_config()?.is_some()),
+        path => Ok(model_source(path)?.text_encoder_2_config()?.is_some()),
     }
+}
+
+/// The model at `path`; a path that is not there names what a model may be.
+fn model_source(path: &str) -> Result<ModelSource, TrainError> {
+    if !std::path::Path::new(path).exists() {
+        return Err(TrainError::Config {
+            origin: path.into(),
+            reason: "no such file or folder: a model is `tiny` or `tiny-sdxl` (built in), a diffusers folder or a single-file checkpoint (.safetensors, .ckpt)".into(),
+        });
+    }
+    Ok(ModelSource::detect(path)?)
 }
 
 /// The schedule of a single-file checkpoint: SD's, with what the file records about its
@@ -85,7 +96,7 @@ pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
     if TINY_MODELS.contains(&pretrained) {
         return Ok(ClipTokenizer::bundled()?);
     }
-    let source = ModelSource::detect(pretrained)?;
+    let source = model_source(pretrained)?;
     // `family` first refuses an unsupported SDXL relative (a refiner) by what it is.
     let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;
     tokenizer_of(&source, sd2)
@@ -149,7 +160,7 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
             base_version: if sdxl { "tiny_sdxl" } else { "tiny" }.into(),
         });
     }
-    let source = ModelSource::detect(pretrained)?;
+    let source = model_source(pretrained)?;
     let options = LoadOptions::default();
     // `family` first refuses an unsupported SDXL relative (a refiner) by what it is.
     let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;

@@ -600,7 +600,7 @@ pub fn resume_on<B: AutodiffBackend>(
         return Err(TrainError::Config {
             origin: state_dir.display().to_string(),
             reason: format!(
-                "the state is at batch {} of epoch {}, but the data set now plans {batches} batches per epoch: its images, repeats or data.train_batch_size changed since the state was saved",
+                "the state is at batch {} of epoch {}, but the data set now plans {batches} batches per epoch: its images, repeats or train.train_batch_size changed since the state was saved",
                 state.info.batch_in_epoch,
                 state.info.epoch + 1
             ),

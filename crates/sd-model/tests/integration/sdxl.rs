@@ -152,6 +152,16 @@ fn gradient_through_the_added_conditioning_matches_torch() {
     assert_close(grad, "unet_grad_add_linear_1");
 }
 
+/// A LoRA of SD1 on the SDXL model fails to fit, and the error says which family it is for.
+#[test]
+fn a_lora_of_the_other_family_is_named_as_such() {
+    let device = Default::default();
+    let sd1_lora = fixtures().join("../parity/sd1_lora_kohya.safetensors");
+    let mut m = load::<B>(&sources()[0]);
+    let err = apply_lora_files_to(&mut m.unet, &mut [&mut m.te1, &mut m.te2], &[LoraFile::new(sd1_lora, 1.0)], false, &device).unwrap_err().to_string();
+    assert!(err.contains("sd1_lora_kohya") && err.contains("this LoRA is for SD1.x / SD2.x, and the model is SDXL"), "{err}");
+}
+
 #[test]
 fn kohya_sdxl_lora_matches_diffusers_and_bakes_into_the_single_file() {
     let device = Default::default();

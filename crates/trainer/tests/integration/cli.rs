@@ -340,7 +340,11 @@ fn generate_defaults_to_the_models_size() {
     // Three images of the prompt in a row; two prompts of two, one row each.
     assert_eq!(size(&["--images-per-prompt", "3"]), (192, 64));
     assert_eq!(size(&["--images-per-prompt", "2", "--prompt", "a blue square"]), (128, 128));
-    for (args, expect) in [(&["--width", "0"][..], "--width"), (&["--width", "8200"][..], "at most 8192")] {
+    for (args, expect) in [
+        (&["--width", "0"][..], "--width"),
+        (&["--width", "8200"][..], "at most 8192"),
+        (&["--model", "no/such/model"][..], "no/such/model: no such file or folder: a model is `tiny` or `tiny-sdxl`"),
+    ] {
         let mut all = vec!["generate", "--overwrite", "--prompt", "a", "--steps", "2", "--out", image.to_str().unwrap()];
         all.extend_from_slice(args);
         let (ok, text) = trainer(&all);
