@@ -141,6 +141,18 @@ pub enum LoraError {
     /// A tensor could not be read back from the backend.
     #[error("tensor data error: {0}")]
     Data(String),
+
+    /// A finite value that the dtype a tensor is saved in cannot hold (it would be written
+    /// as an infinity).
+    #[error("tensor `{key}` holds {value:e}, beyond the range of {dtype}: save it as f32{}", if dtype == "F16" { " or bf16" } else { "" })]
+    OutOfRange {
+        /// The tensor's key.
+        key: String,
+        /// The first value out of range.
+        value: f32,
+        /// The dtype it was to be saved in (`F16`, `Bf16`).
+        dtype: String,
+    },
 }
 
 /// Short alias for results of this crate.

@@ -250,11 +250,8 @@ pub fn serialize(
     dtype: SaveDtype,
     metadata: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
-    if let Some((k, i, v)) = tensors.iter().find_map(|(k, t)| dtype.first_out_of_range(&t.data).map(|i| (k, i, t.data[i]))) {
-        return Err(LoraError::Data(format!(
-            "tensor `{k}` holds {v:e} (index {i}), beyond the range of {dtype:?}: save it as f32{}",
-            if dtype == SaveDtype::F16 { " or bf16" } else { "" }
-        )));
+    if let Some((key, value)) = tensors.iter().find_map(|(k, t)| dtype.first_out_of_range(&t.data).map(|i| (k.clone(), t.data[i]))) {
+        return Err(LoraError::OutOfRange { key, value, dtype: format!("{dtype:?}") });
     }
     let encoded: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()

@@ -289,10 +289,13 @@ pub fn apply_lora_files_to<B: Backend>(
         }
     };
     // An adapter that does not fit its layer: with one file, name the file (with several,
-    // the combined adapters are attached and the error names the module).
+    // the combined adapters are attached: the error names the module and every file).
     let in_file = |e: lora_core::LoraError| match files {
         [file] => hinted(file, SdModelError::BadInput { what: file.path.display().to_string(), reason: e.to_string() }),
-        _ => e.into(),
+        _ => SdModelError::BadInput {
+            what: files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", "),
+            reason: format!("{e} (in one of these files, combined)"),
+        },
     };
     for (set, multiplier) in &groups {
         applied.unet += sites::attach_adapters(unet, set, *multiplier, device).map_err(in_file)?;

@@ -64,6 +64,9 @@ pub struct DataSection {
     pub skip_bad_images: bool,
     /// Images with a shorter side (in pixels) are bad input (0: no minimum).
     pub min_image_size: u32,
+    /// Read the images in sub-folders of each image folder too (sd-scripts reads only a
+    /// folder's own images: `false`).
+    pub recursive: bool,
     /// Random horizontal flips.
     pub flip_aug: bool,
     /// Crop at a random offset instead of the centre.
@@ -1598,6 +1601,7 @@ impl Default for TrainConfig {
                 num_repeats: 1,
                 skip_bad_images: false,
                 min_image_size: 64,
+                recursive: true,
                 flip_aug: false,
                 random_crop: false,
                 face_crop_aug_range: None,

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TrainError {
+    /// Stopped by [`crate::train::request_stop`] (Ctrl-C) while sample images were drawn.
+    #[error("interrupted")]
+    Interrupted,
     /// A configuration value or key is wrong.
     #[error("{origin}: {reason}")]
     Config {

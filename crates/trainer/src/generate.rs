@@ -417,6 +417,9 @@ pub fn denoise_masked<B: Backend>(
     // Inpainting's `1 − mask`, once for the run.
     let inpaint = inpaint.map(|keep| (keep, keep.mask.clone().neg() + 1.0));
     for (i, t) in timesteps.iter().enumerate().skip(first_step) {
+        if crate::train::stop_requested() {
+            return Err(TrainError::Interrupted);
+        }
         let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), i)?;
         let t = Tensor::<B, 1>::from_floats(vec![*t; 2 * n].as_slice(), device);
         let out = c.unet.forward_added(input, t, context.clone(), added.clone())?;

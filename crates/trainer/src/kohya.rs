@@ -578,6 +578,8 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
         d.reg_data_dir.clear();
     }
     d.prior_loss_weight = o.float("prior_loss_weight")?.unwrap_or(1.0) as f32;
+    // sd-scripts reads only each folder's own images.
+    d.recursive = false;
     let extension = o.string("caption_extension")?;
     // sd-scripts lets its old misspelling win.
     let misspelt = o.string("caption_extention")?;

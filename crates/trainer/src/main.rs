@@ -7,6 +7,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+
+// Console output that a closed pipe (`trainer info X | head -1`, a log reader that went
+// away) cannot turn into a panic: the write's error is dropped and the command goes on
+// (a training run keeps training and saving).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! out_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand};
 use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
@@ -790,7 +812,7 @@ impl ProgressView {
                     let eta = rate
                         .and_then(|r| std::time::Duration::try_from_secs_f64((info.total - info.step) as f64 / r).ok())
                         .map_or_else(|| "--".to_string(), |d| indicatif::FormattedDuration(d).to_string());
-                    eprintln!("step {}/{} {message} ETA {eta}", info.step, info.total);
+                    note!("step {}/{} {message} ETA {eta}", info.step, info.total);
                     self.last_line = Some(Instant::now());
                 }
             }
@@ -822,7 +844,7 @@ fn refuse_earlier_run(config: &TrainConfig, resume: Option<&std::path::Path>) ->
     let is_demo = |c: &TrainConfig| c.data.train_data_dir == "demo" && c.model.pretrained == default.model.pretrained;
     let earlier_was_demo = || TrainConfig::load(Some(&dir.join("config.toml")), &[]).is_ok_and(|earlier| is_demo(&earlier));
     if is_demo(config) && *dir == default.output.output_dir && earlier_was_demo() {
-        eprintln!("note: replacing the earlier demo run in {}", dir.display());
+        note!("note: replacing the earlier demo run in {}", dir.display());
         return Ok(());
     }
     let names: Vec<String> = found.iter().take(4).map(|p| p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())).collect();
@@ -869,7 +891,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         (true, true) => format!("a {size} {what} and an embedding for `{}`", config.embedding.token),
         (false, _) => format!("a {size} {what}"),
     };
-    eprintln!(
+    note!(
         "training {what} on `{}` with {} for {length} -> {}",
         config.model.pretrained,
         match (config.data.dataset_config.as_str(), config.data.train_data_dir.as_str()) {
@@ -882,13 +904,13 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
     );
     // The data is scanned once, for the summary and the run.
     let data = trainer::train::training_datasets(&config)?;
-    eprintln!("{}", trainer::train::data_summary(&config, &data)?);
+    note!("{}", trainer::train::data_summary(&config, &data)?);
     if !config.lora.network_weights.is_empty() {
-        eprintln!("starting from the LoRA {}", config.lora.network_weights);
+        note!("starting from the LoRA {}", config.lora.network_weights);
     }
     if config.lora.algo == lora_core::Algo::Oft && config.lora.alpha >= 1.0 {
         // kohya warns alike: the constraint `alpha · outputs` then hardly constrains.
-        eprintln!("note: with lora.algo = \"oft\" lora.alpha is the constraint per output; 1e-3 to 1e-2 is usual (it is {}), and 1 or more leaves the rotations almost unconstrained", config.lora.alpha);
+        note!("note: with lora.algo = \"oft\" lora.alpha is the constraint per output; 1e-3 to 1e-2 is usual (it is {}), and 1 or more leaves the rotations almost unconstrained", config.lora.alpha);
     }
     let estimates = match config.train.optimizer {
         trainer::config::Optimizer::Prodigy => Some(("prodigy", "Prodigy")),
@@ -902,35 +924,35 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         _ => None,
     };
     if let Some((key, name)) = estimates.filter(|_| config.train.learning_rate < 0.1) {
-        eprintln!(
+        note!(
             "note: with train.optimizer = \"{key}\" the learning rate multiplies {name}'s own step size; 1.0 is usual (it is {})",
             config.train.learning_rate
         );
     }
     if config.train.optimizer == trainer::config::Optimizer::Lion && config.train.learning_rate >= 1e-3 {
-        eprintln!(
+        note!(
             "note: with train.optimizer = \"lion\" every value moves by the learning rate each step; 3-10 times less than AdamW's is usual (it is {})",
             config.train.learning_rate
         );
     }
     if config.train.optimizer == trainer::config::Optimizer::Came && config.train.learning_rate >= 1e-3 {
-        eprintln!(
+        note!(
             "note: with train.optimizer = \"came\" the first steps move each value by about 11 times the learning rate (its instability's means start from 0); 1e-5 to 1e-4 is usual (it is {})",
             config.train.learning_rate
         );
     }
     if config.train.optimizer == trainer::config::Optimizer::ProdigyPlusScheduleFree && config.train.max_grad_norm > 0.0 {
-        eprintln!(
+        note!(
             "note: prodigy_plus_schedule_free clips each tensor's update itself (StableAdamW), and its authors advise against gradient clipping, which slows its estimate: consider train.max_grad_norm = 0 (it is {})",
             config.train.max_grad_norm
         );
     }
     let o = &config.output;
     if o.sample_prompts.is_empty() && (o.sample_every_n_steps > 0 || o.sample_every_n_epochs > 0 || o.sample_at_first) {
-        eprintln!("note: output.sample_prompts is empty, so no sample images are written (sample_every_n_steps, sample_every_n_epochs and sample_at_first need prompts)");
+        note!("note: output.sample_prompts is empty, so no sample images are written (sample_every_n_steps, sample_every_n_epochs and sample_at_first need prompts)");
     }
     if config.train.relative_step() {
-        eprintln!(
+        note!(
             "note: with train.adafactor_relative_step Adafactor sets its own step size, min(1e-2, 1/sqrt(step)){}; train.learning_rate, text_encoder_lr, lr_scheduler and the warmup are not used",
             if config.train.adafactor_scale_parameter { " times each tensor's RMS" } else { "" }
         );
@@ -940,12 +962,20 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         if STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: saving the LoRA trained so far (press again to quit at once)");
+        trainer::train::request_stop();
+        note!("\nCtrl-C: saving the LoRA trained so far (press again to quit at once)");
     });
     let mut view = ProgressView::new(config.train.max_train_steps);
     let report = match resume_from {
         Some(dir) => {
-            eprintln!("resuming from {}", dir.display());
+            note!("resuming from {}", dir.display());
+            let changes = trainer::train::resume_data_changes(dir, &config, &data)?;
+            if !changes.is_empty() {
+                note!(
+                    "note: the data changed since the state was saved ({}); training goes on from the state's step and place in its epoch with the data as it is now",
+                    changes.join(", ")
+                );
+            }
             resume_on::<B>(&config, dir, data, device, &mut |info| view.step(info))?
         }
         None => train_on::<B>(&config, data, device, &mut |info| view.step(info))?,
@@ -963,39 +993,45 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
         1 => format!("; loss of the first/last step: {first:.4} -> {last:.4}"),
         n => format!("; mean loss of the first/last {n} steps: {first:.4} -> {last:.4}"),
     };
-    println!("\n{verb} {:.0}s ({} steps){means}", report.seconds, report.losses.len());
+    // A resumed run's report holds the earlier steps too.
+    let before = view.first.map_or(0, |(step, _)| step - 1);
+    let steps = match before {
+        0 => format!("{} steps", report.losses.len()),
+        _ => format!("{} steps, {} in all", report.losses.len().saturating_sub(before), report.losses.len()),
+    };
+    out!("\n{verb} {:.0}s ({steps}){means}", report.seconds);
     match report.embedding_file {
         true => {
             let stem = report.lora.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            println!("  embedding:     {} (write `{stem}` in prompts, with --embedding; A1111 calls it by the file's name)", report.lora.display());
+            out!("  embedding:     {} (write `{stem}` in prompts, with --embedding; A1111 calls it by the file's name)", report.lora.display());
         }
-        false => println!("  LoRA ({:?}):   {}", config.output.save_format, report.lora.display()),
+        false => out!("  LoRA ({:?}):   {}", config.output.save_format, report.lora.display()),
     }
     if let Some(grid) = &report.sample_grid {
-        println!("  sample grid:   {}", grid.display());
+        out!("  sample grid:   {}", grid.display());
     }
-    println!("  loss curve:    {}", report.loss_curve.display());
-    println!("  metrics:       {}", report.metrics.display());
+    out!("  loss curve:    {}", report.loss_curve.display());
+    out!("  metrics:       {}", report.metrics.display());
     if let Some((step, loss)) = report.validation.last() {
         let (best_step, best) = report.validation.iter().fold((0, f32::INFINITY), |b, (s, l)| if *l < b.1 { (*s, *l) } else { b });
-        println!(
+        out!(
             "  validation:    {} (loss {loss:.4} at step {step}; lowest {best:.4} at step {best_step})",
             config.output.output_dir.join("validation.jsonl").display()
         );
     }
     if let Some(events) = &report.tensorboard {
         let logs = events.parent().unwrap_or(events);
-        println!("  TensorBoard:   {} (tensorboard --logdir {})", logs.display(), logs.display());
+        out!("  TensorBoard:   {} (tensorboard --logdir {})", logs.display(), logs.display());
     }
-    println!("  config:        {}", report.config.display());
+    out!("  config:        {}", report.config.display());
     if config.output.save_state {
-        println!("  state:         {}", config.output.output_dir.join("state").display());
+        out!("  state:         {}", config.output.output_dir.join("state").display());
         if report.interrupted {
-            println!("\nresume with: trainer train <same config> --resume {}", config.output.output_dir.join("state").display());
+            out!("\nresume with: trainer train <same config> --resume {}", config.output.output_dir.join("state").display());
         }
     }
     if config.model.pretrained == "tiny" && config.data.train_data_dir == "demo" && config.data.dataset_config.is_empty() {
-        println!(
+        out!(
             "\nThis was the built-in demo. To train a style LoRA on real SD1.5 weights, copy\n\
              examples/sd15-style.toml, point model.pretrained at your checkpoint (diffusers folder or\n\
              .safetensors file) and data.train_data_dir at your images, then run\n\
@@ -1127,7 +1163,7 @@ fn run_generate<B: Backend>(
         opts.negative_prompt = expand(&opts.negative_prompt);
         prompt_lines = prompt_lines.map(|lines| lines.iter().map(|l| expand(l)).collect());
         let list = names.iter().map(|(n, t)| format!("{n} ({} vectors)", t.len())).collect::<Vec<_>>().join(", ");
-        eprintln!("embeddings: {list}");
+        note!("embeddings: {list}");
     }
     if c.is_sdxl() && opts.clip_skip != 1 {
         anyhow::bail!("--clip-skip {}: SDXL always reads both encoders' penultimate layers; leave it at 1", opts.clip_skip);
@@ -1135,7 +1171,7 @@ fn run_generate<B: Backend>(
     let limit = trainer::config::MAX_TOKEN_ROWS * 75;
     for p in opts.prompts.iter().chain([&opts.negative_prompt]) {
         if c.tokenizer.weighted_words(p)?.rows > trainer::config::MAX_TOKEN_ROWS {
-            eprintln!("note: a prompt has more than {limit} tokens; the text encoder does not see the rest: {p:?}");
+            note!("note: a prompt has more than {limit} tokens; the text encoder does not see the rest: {p:?}");
         }
     }
     if !loras.files.is_empty() {
@@ -1146,7 +1182,7 @@ fn run_generate<B: Backend>(
         } else {
             "beside"
         };
-        eprintln!("LoRA: {} UNet and {} text-encoder layers adapted ({how} the weights)", applied.unet, applied.text_encoder);
+        note!("LoRA: {} UNet and {} text-encoder layers adapted ({how} the weights)", applied.unet, applied.text_encoder);
     }
     if precision != trainer::device_check::Precision::F32 {
         c = trainer::generate::to_precision(c, precision.dtype());
@@ -1160,7 +1196,7 @@ fn run_generate<B: Backend>(
     if let Some(hires) = &files.hires {
         // Checked before the first pass runs.
         let first = hires.first_pass(&c, &opts)?;
-        eprintln!("hires fix: {}x{} in {} steps, then {}x{} from strength {}", first.width, first.height, first.steps, opts.width, opts.height, hires.strength);
+        note!("hires fix: {}x{} in {} steps, then {}x{} from strength {}", first.width, first.height, first.steps, opts.width, opts.height, hires.strength);
         let latents = trainer::generate::hires_fix(&c, &opts, hires, device)?;
         return finish_generate(&c, latents, files, start);
     }
@@ -1192,7 +1228,7 @@ fn finish_generate<B: Backend>(c: &trainer::models::Components<B>, latents: burn
     }
     if let Some(path) = &files.save_latents {
         write_latents(path, latents.clone())?;
-        println!("wrote {}", path.display());
+        out!("wrote {}", path.display());
     }
     let images = decode(c, latents)?;
     save_grid(&files.out, files.columns, &images, start)
@@ -1211,7 +1247,7 @@ fn save_grid(out: &std::path::Path, columns: usize, images: &[image::RgbImage], 
     }
     let columns = if columns > 0 { columns } else { images.len().min(4) };
     save_png(&grid(images, columns), out)?;
-    println!("wrote {} ({} images, {:.1}s)", out.display(), images.len(), start.elapsed().as_secs_f64());
+    out!("wrote {} ({} images, {:.1}s)", out.display(), images.len(), start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -1293,7 +1329,7 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
     let (set, report) = load_adapters(input)?;
     let set = set.into_plain_lora();
     set.save(output, to, dtype)?;
-    println!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
+    out!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
     Ok(())
 }
 
@@ -1341,7 +1377,7 @@ fn run_unbundle_embeddings(lora: &std::path::Path, out: &std::path::Path, dtype:
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     for (embedding, path) in embeddings.iter().zip(&paths) {
         embedding.write(path, dtype, Default::default())?;
-        println!("{} ({} vectors) -> {}", embedding.name, embedding.len(), path.display());
+        out!("{} ({} vectors) -> {}", embedding.name, embedding.len(), path.display());
     }
     Ok(())
 }
@@ -1390,7 +1426,7 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
     merged.set.save(output, format, dtype)?;
     let (lo, hi) = merged.modules.values().map(|r| r.new_rank).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
     let worst = merged.modules.values().map(|r| r.fro_retained).fold(1.0, f64::min);
-    println!(
+    out!(
         "{sources} -> {} ({format:?}, {dtype:?}, {} adapters, rank {}): Frobenius norm of the summed updates kept {:.1}% on average, {:.1}% at least",
         output.display(),
         merged.set.len(),
@@ -1413,7 +1449,7 @@ fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora
         for (key, kept) in &resized.modules {
             // A full fine-tuning difference's other singular values are not computed.
             let sum = if kept.sum_retained.is_nan() { "   n/a ".to_string() } else { format!("{:>6.1}%", 100.0 * kept.sum_retained) };
-            println!(
+            out!(
                 "{:75} | rank {:>3} -> {:>3} | sum(S) retained {sum}, fro retained {:>6.1}%, max(S) ratio {:.1}",
                 key.kohya_name(),
                 kept.old_rank,
@@ -1429,7 +1465,7 @@ fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora
         if n > names.len() {
             names.push(format!("and {} more", n - names.len()));
         }
-        println!(
+        out!(
             "note: {n} full fine-tuning module(s) became LoRAs without their bias differences, which no LoRA holds (largest |diff_b| {largest:.3e}, on {}): {}",
             key.kohya_name(),
             names.join(", ")
@@ -1440,7 +1476,7 @@ fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora
         if lo == hi { lo.to_string() } else { format!("{lo}..{hi}") }
     };
     let worst = resized.modules.values().map(|r| r.fro_retained).fold(1.0, f64::min);
-    println!(
+    out!(
         "{} ({:?}, {} adapters, rank {}) -> {} ({format:?}, {dtype:?}, rank {}, {}): Frobenius norm kept {:.1}% on average, {:.1}% at least",
         input.display(),
         report.format,
@@ -1474,7 +1510,7 @@ fn run_truncate(
         let (lo, hi) = s.iter().map(|(_, w)| w.rank()).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
         if lo == hi { lo.to_string() } else { format!("{lo}..{hi}") }
     };
-    println!("{} ({:?}, {} adapters, rank {}) -> {} ({format:?}, {dtype:?}, rank {}): the first ranks of each adapter, alpha kept", input.display(), report.format, set.len(), ranks(&set), output.display(), ranks(&cut));
+    out!("{} ({:?}, {} adapters, rank {}) -> {} ({format:?}, {dtype:?}, rank {}): the first ranks of each adapter, alpha kept", input.display(), report.format, set.len(), ranks(&set), output.display(), ranks(&cut));
     Ok(())
 }
 
@@ -1550,7 +1586,7 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
     }
     let report = sd_model::merge_models::merge_models(&files, out, unet_only, dtype)?;
     let shares = files.iter().map(|(f, r)| format!("{}:{r}", file_name(f.path()))).collect::<Vec<_>>().join(" + ");
-    println!(
+    out!(
         "{shares} -> {} ({} tensors, {} merged from every model{})",
         out.display(),
         report.tensors,
@@ -1558,10 +1594,10 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
         if unet_only { ", UNet only" } else { "" }
     );
     if !report.incomplete.is_empty() {
-        println!("{} keys are missing from some model; the first model's value stood in (e.g. `{}`)", report.incomplete.len(), report.incomplete[0].0);
+        out!("{} keys are missing from some model; the first model's value stood in (e.g. `{}`)", report.incomplete.len(), report.incomplete[0].0);
     }
     if !report.skipped.is_empty() {
-        println!("{} keys not in the first model were left out (e.g. `{}`)", report.skipped.len(), report.skipped[0]);
+        out!("{} keys not in the first model were left out (e.g. `{}`)", report.skipped.len(), report.skipped[0]);
     }
     Ok(())
 }
@@ -1571,11 +1607,11 @@ fn run_convert_model(model: &std::path::Path, out: &std::path::Path, options: &s
     let tensors: usize = report.written.iter().map(|(_, n)| n).sum();
     if sd_model::torch_file::is_pytorch_file(model) && out.extension().is_some_and(|e| e == "safetensors") {
         // Any pickle of tensors (a checkpoint, a LoRA, an embedding), keys as they were.
-        println!("{} -> {} ({tensors} tensors, the same keys)", model.display(), out.display());
+        out!("{} -> {} ({tensors} tensors, the same keys)", model.display(), out.display());
         return Ok(());
     }
     let layout = if out.is_dir() { "diffusers folder" } else { "single file" };
-    println!(
+    out!(
         "{} {} -> {} ({layout}, {tensors} tensors{}, {}{})",
         report.family.name(),
         model.display(),
@@ -1585,15 +1621,15 @@ fn run_convert_model(model: &std::path::Path, out: &std::path::Path, options: &s
         if report.zero_terminal_snr { ", zero terminal SNR" } else { "" }
     );
     if !report.placeholders.is_empty() {
-        println!("{} placeholder tensors for what diffusers drops and SD2 never reads (e.g. `{}`)", report.placeholders.len(), report.placeholders[0]);
+        out!("{} placeholder tensors for what diffusers drops and SD2 never reads (e.g. `{}`)", report.placeholders.len(), report.placeholders[0]);
     }
     if !report.left_out.is_empty() {
-        println!("{} keys have no place in the other layout and were left out (e.g. `{}`)", report.left_out.len(), report.left_out[0]);
+        out!("{} keys have no place in the other layout and were left out (e.g. `{}`)", report.left_out.len(), report.left_out[0]);
     }
     let marked = options.prediction.is_some() || report.prediction == sd_model::convert::Prediction::VPrediction;
     if report.family == sd_model::load::ModelFamily::Sd2 && out.is_dir() && !marked {
         // SD2's 768-px models predict v, and nothing in their files says so.
-        println!("note: an SD2.x file does not say what it predicts; if this is a 768-px v-prediction model (v2-1_768-*), convert again with --prediction-type v_prediction");
+        out!("note: an SD2.x file does not say what it predicts; if this is a 768-px v-prediction model (v2-1_768-*), convert again with --prediction-type v_prediction");
     }
     Ok(())
 }
@@ -1638,7 +1674,7 @@ fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, une
     let total = write().inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&partial);
     })?;
-    println!("{} diffusers folders -> {} ({} merged: {total} tensors)", models.len(), out.display(), merged.join(", "));
+    out!("{} diffusers folders -> {} ({} merged: {total} tensors)", models.len(), out.display(), merged.join(", "));
     Ok(())
 }
 
@@ -1683,27 +1719,27 @@ fn run_checkpoint_info(path: &std::path::Path, all_metadata: bool, json: bool) -
             "prediction_type": info.prediction,
             "metadata": info.metadata,
         });
-        println!("{value}");
+        out!("{value}");
         return Ok(());
     }
-    println!("{}: {} checkpoint ({})", path.display(), info.family, info.layout);
+    out!("{}: {} checkpoint ({})", path.display(), info.family, info.layout);
     for c in &info.components {
         let dtypes = c.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(" + ");
-        println!("  {}: {:.1}M parameters ({dtypes} tensors)", c.name, c.parameters as f64 / 1e6);
+        out!("  {}: {:.1}M parameters ({dtypes} tensors)", c.name, c.parameters as f64 / 1e6);
     }
     match &info.prediction {
-        Some(p) => println!("  prediction type: {p}"),
-        None => println!("  prediction type: not recorded (no scheduler config or model spec; SD2.x 768 px models predict v)"),
+        Some(p) => out!("  prediction type: {p}"),
+        None => out!("  prediction type: not recorded (no scheduler config or model spec; SD2.x 768 px models predict v)"),
     }
     for key in ["modelspec.title", "modelspec.architecture", "modelspec.resolution", "modelspec.author", "modelspec.description"] {
         if let Some(v) = info.metadata.get(key) {
-            println!("  {key}: {v}");
+            out!("  {key}: {v}");
         }
     }
     if all_metadata {
-        println!("metadata:");
+        out!("metadata:");
         for (k, v) in &info.metadata {
-            println!("  {k} = {v}");
+            out!("  {k} = {v}");
         }
     }
     Ok(())
@@ -1719,10 +1755,10 @@ fn embedding_info(file: &std::path::Path, embedding: &sd_model::textual_inversio
         _ => "unknown",
     };
     if json {
-        println!("{}", serde_json::json!({"file": file.display().to_string(), "kind": "embedding", "name": embedding.name, "vectors": embedding.len(), "widths": widths, "family": family}));
+        out!("{}", serde_json::json!({"file": file.display().to_string(), "kind": "embedding", "name": embedding.name, "vectors": embedding.len(), "widths": widths, "family": family}));
     } else {
         let widths = widths.iter().map(usize::to_string).collect::<Vec<_>>().join(" + ");
-        println!("{}: textual-inversion embedding `{}` ({} vectors, width {widths}: {family}); write `{}` in a prompt with --embedding", file.display(), embedding.name, embedding.len(), embedding.name);
+        out!("{}: textual-inversion embedding `{}` ({} vectors, width {widths}: {family}); write `{}` in a prompt with --embedding", file.display(), embedding.name, embedding.len(), embedding.name);
     }
     Ok(())
 }
@@ -1767,11 +1803,11 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
             "metadata": info.metadata,
             "bundled_embeddings": info.bundled_embeddings.iter().map(|(name, parts)| (name.clone(), serde_json::Value::from(parts.iter().map(|(p, s)| serde_json::json!({"part": p, "shape": s})).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
         });
-        println!("{value}");
+        out!("{value}");
         return Ok(());
     }
     let dtypes = info.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect::<Vec<_>>().join(" + ");
-    println!("{}: {:?} layout, {} modules, {dtypes} tensors, {:.1} MB", file.display(), info.format, info.modules.len(), bytes.len() as f64 / 1e6);
+    out!("{}: {:?} layout, {} modules, {dtypes} tensors, {:.1} MB", file.display(), info.format, info.modules.len(), bytes.len() as f64 / 1e6);
     for component in lora_core::Component::ALL {
         let groups = info.summary(component);
         if groups.is_empty() {
@@ -1801,10 +1837,10 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
                 format!("{} {}{conv} ({rank}, {alpha})", g.count, g.kind.name())
             })
             .collect();
-        println!("  {}: {}", component.name(), parts.join("; "));
+        out!("  {}: {}", component.name(), parts.join("; "));
     }
     if info.unassigned() > 0 {
-        println!("  {} modules of no known component", info.unassigned());
+        out!("  {} modules of no known component", info.unassigned());
     }
     if !info.bundled_embeddings.is_empty() {
         let list: Vec<String> = info
@@ -1816,34 +1852,34 @@ fn run_info(file: &std::path::Path, tags: usize, verbose: bool, all_metadata: bo
                 format!("{name} ({vectors} vectors, {sets})")
             })
             .collect();
-        println!("  bundled embeddings (called by name in prompts): {}", list.join(", "));
+        out!("  bundled embeddings (called by name in prompts): {}", list.join(", "));
     }
     for (key, label) in INFO_KEYS {
         if let Some(value) = info.metadata.get(key).filter(|v| !v.is_empty() && v.as_str() != "None") {
-            println!("  {label}: {value}");
+            out!("  {label}: {value}");
         }
     }
     if info.metadata.get("ss_network_module").is_some_and(|m| m == "networks.dylora") {
         // What a DyLoRA is for, in the words of its tool.
         let unit = info.metadata.get("ss_network_args").and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok()).and_then(|a| a["unit"].as_str().map(String::from));
         let unit = unit.unwrap_or_else(|| "1".into());
-        println!("  DyLoRA: its first k·{unit} ranks are a LoRA of their own (trainer resize IN OUT --rank K --truncate)");
+        out!("  DyLoRA: its first k·{unit} ranks are a LoRA of their own (trainer resize IN OUT --rank K --truncate)");
     }
     let counts = info.tag_frequency();
     if !counts.is_empty() && tags > 0 {
         let shown: Vec<String> = counts.iter().take(tags).map(|(t, n)| format!("{t} ({n})")).collect();
-        println!("  caption tags ({} most frequent of {}): {}", shown.len(), counts.len(), shown.join(", "));
+        out!("  caption tags ({} most frequent of {}): {}", shown.len(), counts.len(), shown.join(", "));
     }
     if all_metadata {
-        println!("metadata:");
+        out!("metadata:");
         for (k, v) in &info.metadata {
-            println!("  {k} = {v}");
+            out!("  {k} = {v}");
         }
     }
     if verbose {
         for m in &info.modules {
             let shapes = m.tensors.iter().map(|(p, s)| format!("{p} {s:?}")).collect::<Vec<_>>().join(", ");
-            println!("{:75} {:>12} rank {:>4} alpha {:>6} | {shapes}", m.name, m.kind.name(), m.rank.map_or("-".into(), |r| r.to_string()), m.alpha.map_or("-".into(), |a| a.to_string()));
+            out!("{:75} {:>12} rank {:>4} alpha {:>6} | {shapes}", m.name, m.kind.name(), m.rank.map_or("-".into(), |r| r.to_string()), m.alpha.map_or("-".into(), |a| a.to_string()));
         }
     }
     Ok(())
@@ -1878,9 +1914,9 @@ fn run_extract<B: Backend>(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    println!("models loaded in {:?}", lora.load_dtype);
+    out!("models loaded in {:?}", lora.load_dtype);
     if !lora.text_encoders {
-        println!(
+        out!(
             "the text encoders differ by at most {} (--min-diff {}): extracting the UNet only",
             lora.text_encoder_difference, options.min_diff
         );
@@ -1896,7 +1932,7 @@ fn run_extract<B: Backend>(
     let modules = &lora.extracted.modules;
     if verbose {
         for (key, e) in modules {
-            println!(
+            out!(
                 "{:75} | rank {:>3} | fro retained {:>6.1}%, error {:>6.1}% | max |diff| {:.3e}",
                 lora.extracted.set.kohya_name_of(key),
                 e.rank,
@@ -1907,7 +1943,7 @@ fn run_extract<B: Backend>(
         }
     }
     let (lo, hi) = modules.values().map(|e| e.rank).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
-    println!(
+    out!(
         "{} ({format:?}, {dtype:?}, {} adapters, rank {}): the Frobenius norm of the differences kept {:.1}% on average; relative error {:.1}% on average",
         out.display(),
         modules.len(),
@@ -1957,13 +1993,13 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
             }
         }
     }
-    println!("merged {} UNet and {} text-encoder adapters into {}", applied.unet, applied.text_encoder, out.display());
+    out!("merged {} UNet and {} text-encoder adapters into {}", applied.unet, applied.text_encoder, out.display());
     for lora in loras {
         let bundled = sd_model::textual_inversion::read_bundled_embeddings(&lora.path)?;
         if !bundled.is_empty() {
             // A checkpoint has no place for added tokens (A1111 does not bake them either).
             let names = bundled.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ");
-            println!("note: {} bundles embeddings ({names}) that a checkpoint cannot hold; give the LoRA to `generate` to use them", lora.path.display());
+            out!("note: {} bundles embeddings ({names}) that a checkpoint cannot hold; give the LoRA to `generate` to use them", lora.path.display());
         }
     }
     Ok(())
@@ -2047,7 +2083,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         lora_targets: lora_targets.name().into(),
         vendor: trainer::bench::VendorUse::now(),
     };
-    println!("{}", serde_json::to_string(&result)?);
+    out!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
 
@@ -2075,8 +2111,8 @@ fn run_bench_ops(batch: usize, resolution: usize, steps: usize, device: &str, pr
         "wgpu" => run::<burn::backend::Autodiff<burn::backend::Wgpu>>(&opts, &Default::default()),
         other => unknown_device(other)?,
     };
-    print!("{}", table(&timings));
-    println!("{}", serde_json::to_string(&timings)?);
+    out_raw!("{}", table(&timings));
+    out!("{}", serde_json::to_string(&timings)?);
     Ok(())
 }
 
@@ -2098,7 +2134,7 @@ fn run_device_check(unet_config: &str, batch: usize, resolution: usize, device: 
     // The report plus what cuDNN / cuBLAS ran (with --cudnn / --cublas), one JSON line.
     let mut line = serde_json::to_value(&report)?;
     line["vendor"] = serde_json::to_value(trainer::bench::VendorUse::now())?;
-    println!("{line}");
+    out!("{line}");
     if !report.pass {
         anyhow::bail!("device check failed: a relative error is over {} (or not finite)", report.tolerance);
     }
@@ -2111,10 +2147,10 @@ fn run_import_kohya(input: &std::path::Path, out: Option<&std::path::Path>) -> R
     let import = trainer::kohya::import_kohya_config_file(input)?;
     let text = import.to_toml(input);
     for note in &import.notes {
-        eprintln!("note: {note}");
+        note!("note: {note}");
     }
     match out {
-        None => print!("{text}"),
+        None => out_raw!("{text}"),
         Some(path) => {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
@@ -2125,7 +2161,7 @@ fn run_import_kohya(input: &std::path::Path, out: Option<&std::path::Path>) -> R
                     _ => anyhow::anyhow!("{}: {e}", path.display()),
                 })?;
             std::io::Write::write_all(&mut file, text.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            eprintln!("wrote {}; train with: trainer train --config {}", path.display(), path.display());
+            note!("wrote {}; train with: trainer train --config {}", path.display(), path.display());
         }
     }
     Ok(())
@@ -2169,7 +2205,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
                 Some(path) => {
                     let mut notes = Vec::new();
                     let lines = trainer::kohya::read_prompt_file(path, None, &mut notes).map_err(|reason| anyhow::anyhow!("--prompt-file {}: {reason}", path.display()))?;
-                    notes.iter().for_each(|n| eprintln!("note: {n}"));
+                    notes.iter().for_each(|n| note!("note: {n}"));
                     anyhow::ensure!(!lines.is_empty(), "--prompt-file {}: no prompts in it", path.display());
                     Some(lines.into_iter().flat_map(|l| std::iter::repeat_n(l, images_per_prompt)).collect())
                 }
@@ -2271,47 +2307,47 @@ fn configure_kernel_cache() -> Option<PathBuf> {
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 fn report_kernels(k: &lora_core::kernels::KernelSettings, flash_max_keys: Option<usize>) {
     if k.fused_softmax {
-        eprintln!("attention softmax: fused kernel");
+        note!("attention softmax: fused kernel");
     }
     if k.flash_attention {
         match flash_max_keys {
-            Some(keys) => eprintln!("attention: flash-attention kernels up to {keys} keys, blockwise above (bf16 / f16 models)"),
-            None => eprintln!("attention: flash-attention kernels (bf16 / f16 models)"),
+            Some(keys) => note!("attention: flash-attention kernels up to {keys} keys, blockwise above (bf16 / f16 models)"),
+            None => note!("attention: flash-attention kernels (bf16 / f16 models)"),
         }
     }
     if k.cudnn_attention {
         match lora_core::kernels::cudnn_attention_status() {
-            Ok(version) => eprintln!("attention: cuDNN {version} fused attention where it applies"),
-            Err(reason) => eprintln!("attention: not in cuDNN ({reason})"),
+            Ok(version) => note!("attention: cuDNN {version} fused attention where it applies"),
+            Err(reason) => note!("attention: not in cuDNN ({reason})"),
         }
     }
     if k.fused_group_norm {
-        eprintln!("group / layer norms: fused kernels");
+        note!("group / layer norms: fused kernels");
     }
     if !k.fused_concat {
-        eprintln!("optimizer gather: burn's concatenation (SD_LORA_FUSED_CONCAT=0)");
+        note!("optimizer gather: burn's concatenation (SD_LORA_FUSED_CONCAT=0)");
     }
     if k.fused_lora_linear {
-        eprintln!("LoRA linear layers: one op each way");
+        note!("LoRA linear layers: one op each way");
     }
-    eprintln!(
+    note!(
         "small matmuls: {}",
         if k.fixed_matmul { "one fixed kernel, no autotuning (--tuned-matmul autotunes them)" } else { "burn's autotuned kernels" }
     );
     if k.cudnn {
         match lora_core::kernels::cudnn_status() {
-            Ok(version) => eprintln!("convolutions: cuDNN {version}"),
-            Err(reason) => eprintln!("convolutions: burn's kernels ({reason})"),
+            Ok(version) => note!("convolutions: cuDNN {version}"),
+            Err(reason) => note!("convolutions: burn's kernels ({reason})"),
         }
     }
     if k.cublas {
         match lora_core::kernels::cublas_status() {
-            Ok(()) => eprintln!("large matmuls: cuBLAS"),
-            Err(reason) => eprintln!("large matmuls: burn's kernels ({reason})"),
+            Ok(()) => note!("large matmuls: cuBLAS"),
+            Err(reason) => note!("large matmuls: burn's kernels ({reason})"),
         }
     }
     if k.cudnn || k.cublas || k.cudnn_attention {
-        eprintln!("library calls ordered by the {}", if k.vendor_sync == lora_core::kernels::VendorSync::Device { "GPU" } else { "host" });
+        note!("library calls ordered by the {}", if k.vendor_sync == lora_core::kernels::VendorSync::Device { "GPU" } else { "host" });
     }
 }
 
@@ -2324,13 +2360,13 @@ fn check_routes<B: burn::tensor::backend::Backend>() {
         match check.result {
             Ok(err) if check.failed() => {
                 check.route.turn_off();
-                eprintln!(
+                note!(
                     "{}: disagreed with the CPU on a small check (relative error {err:.1e}, tolerance {:.0e}); turned off, burn's ops do that work",
                     check.route, check.tolerance
                 );
             }
-            Ok(err) => eprintln!("{}: checked against the CPU (relative error {err:.1e})", check.route),
-            Err(reason) => eprintln!("{}: not checked ({reason})", check.route),
+            Ok(err) => note!("{}: checked against the CPU (relative error {err:.1e})", check.route),
+            Err(reason) => note!("{}: not checked ({reason})", check.route),
         }
     }
 }
@@ -2383,7 +2419,7 @@ fn main() -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         if device == DeviceKind::Cuda {
-            eprintln!("device: CUDA GPU 0");
+            note!("device: CUDA GPU 0");
             kernels.apply();
             // The cache first: the route checks compile kernels too.
             let cache = configure_kernel_cache();
@@ -2392,11 +2428,11 @@ fn main() -> Result<()> {
             }
             report_kernels(&lora_core::kernels::KernelSettings::current(), flash_max_keys);
             match cache {
-                Some(dir) => eprintln!(
+                Some(dir) => note!(
                     "the first steps compile and autotune GPU kernels (minutes on a first run); compiled kernels are kept in {}",
                     dir.display()
                 ),
-                None => eprintln!("the first steps compile and autotune GPU kernels (minutes; set SD_LORA_CACHE_DIR to keep them)"),
+                None => note!("the first steps compile and autotune GPU kernels (minutes; set SD_LORA_CACHE_DIR to keep them)"),
             }
             return dispatch::<burn::backend::Autodiff<burn::backend::Cuda>>(command, &Default::default());
         }
@@ -2407,7 +2443,7 @@ fn main() -> Result<()> {
             // burn's kernels, plus the CubeCL kernels the user names (none is on by
             // default: they are checked on CUDA and on lavapipe, not timed on these GPUs).
             if !ignored_on_wgpu.is_empty() {
-                eprintln!("{} (or their SD_LORA_* variables): CUDA's, ignored on the wgpu backend", ignored_on_wgpu.join(" / "));
+                note!("{} (or their SD_LORA_* variables): CUDA's, ignored on the wgpu backend", ignored_on_wgpu.join(" / "));
             }
             portable.apply();
             if runs_kernels(&command) {
@@ -2418,18 +2454,18 @@ fn main() -> Result<()> {
             }
             if portable.flash_attention {
                 // Unlike CUDA's tensor cores, these are not on every GPU (nor reachable from WGSL).
-                eprintln!(
+                note!(
                     "flash attention on wgpu needs f16 matrix tiles (Vulkan's cooperative matrices with `--features vulkan`, Apple's simdgroup matrices with `metal`): without them each call takes the blockwise path (`trainer device-check --device wgpu --precision f16 --flash-attention` reports it under `fallbacks` / `last_error`)"
                 );
             }
-            eprintln!("the first steps compile and autotune GPU kernels (minutes on a first run; cubecl keeps the autotune results for later runs)");
+            note!("the first steps compile and autotune GPU kernels (minutes on a first run; cubecl keeps the autotune results for later runs)");
             return dispatch::<burn::backend::Autodiff<burn::backend::Wgpu>>(command, &Default::default());
         }
     }
     // The GPU backends returned above (a GPU named but not built was an error).
     debug_assert_eq!(device, DeviceKind::Cpu);
     if kernels != lora_core::kernels::KernelSettings::fast() || flash_max_keys.is_some() {
-        eprintln!(
+        note!(
             "--burn-kernels / --cudnn / --cublas / --vendor-sync / --fused-softmax / --flash-attention / --cudnn-attention / --flash-max-keys / --fused-group-norm / --tuned-matmul (or their SD_LORA_* variables): ignored on the CPU backend"
         );
     }
@@ -2470,7 +2506,7 @@ fn choose_device() -> Result<DeviceKind> {
         "wgpu" => {
             #[cfg(feature = "wgpu")]
             match wgpu_adapters().first() {
-                Some(adapter) => eprintln!("device: wgpu, {adapter}"),
+                Some(adapter) => note!("device: wgpu, {adapter}"),
                 None => anyhow::bail!("SD_LORA_DEVICE=wgpu: no wgpu adapter found (is a Vulkan, Metal or DirectX 12 driver installed?)"),
             }
             Ok(DeviceKind::Wgpu)
@@ -2480,22 +2516,22 @@ fn choose_device() -> Result<DeviceKind> {
                 if nvidia() {
                     return Ok(DeviceKind::Cuda);
                 }
-                eprintln!("built with `cuda` but no NVIDIA GPU found");
+                note!("built with `cuda` but no NVIDIA GPU found");
             }
             #[cfg(feature = "wgpu")]
             {
                 let adapters = wgpu_adapters();
                 match adapters.iter().find(|a| !a.cpu) {
                     Some(adapter) => {
-                        eprintln!("device: wgpu, {adapter}");
+                        note!("device: wgpu, {adapter}");
                         return Ok(DeviceKind::Wgpu);
                     }
-                    None if adapters.is_empty() => eprintln!("built with `wgpu` but no wgpu adapter found"),
-                    None => eprintln!("built with `wgpu` but its only adapters run on the CPU ({}; SD_LORA_DEVICE=wgpu uses them)", adapters[0]),
+                    None if adapters.is_empty() => note!("built with `wgpu` but no wgpu adapter found"),
+                    None => note!("built with `wgpu` but its only adapters run on the CPU ({}; SD_LORA_DEVICE=wgpu uses them)", adapters[0]),
                 }
             }
             if cfg!(any(feature = "cuda", feature = "wgpu")) {
-                eprintln!("using the CPU");
+                note!("using the CPU");
             }
             Ok(DeviceKind::Cpu)
         }

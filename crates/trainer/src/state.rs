@@ -503,6 +503,11 @@ pub struct StateInfo {
     pub optimizer_time: BTreeMap<String, usize>,
     /// The `[lora]` section and other settings a resumed run must keep, as TOML.
     pub fingerprint: String,
+    /// What the run trained on ([`crate::train::data_fingerprint`]), which a resumed run
+    /// may change (a note says so, [`crate::train::resume_data_changes`]); absent in states
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 /// A whole training state in host memory.

@@ -226,6 +226,7 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
         resize_interpolation: d.resize_interpolation,
         color_aug: d.color_aug,
         alpha_mask: d.alpha_mask,
+        recursive: d.recursive,
         // Masks are for the training images; regularization images train whole.
         mask_dir: (!is_reg && !d.mask_dir.is_empty()).then(|| d.mask_dir.clone().into()),
         metadata_file: (!is_reg && !d.in_json.is_empty()).then(|| d.in_json.clone().into()),
@@ -381,6 +382,9 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
     if let Some(skipped) = dataset.skipped_summary() {
         out.push_str(&format!("\n{skipped}"));
     }
+    if let Some(note) = sub_folder_note(config, dataset) {
+        out.push_str(&format!("\n{note}"));
+    }
     let tokens = config.model.max_token_length;
     let tokenizer = crate::models::load_tokenizer(&config.model.pretrained)?;
     // With wildcards a caption holds several lines, of which a sample sees one.
@@ -524,6 +528,50 @@ pub fn earlier_outputs(config: &TrainConfig) -> Vec<PathBuf> {
     found
 }
 
+/// A note on the images read from sub-folders of a `[data]` folder (`data.recursive`), which
+/// sd-scripts would not train on: how many, and one of them.
+fn sub_folder_note(config: &TrainConfig, dataset: &Dataset) -> Option<String> {
+    if !config.data.recursive || !config.data.dataset_config.is_empty() {
+        return None;
+    }
+    let nested: Vec<&Path> = dataset
+        .images()
+        .iter()
+        .filter_map(|image| match &image.source {
+            sd_data::ImageSource::File(path) if path.parent() != Some(dataset.subsets()[image.subset].config.image_dir.as_path()) => Some(path.as_path()),
+            _ => None,
+        })
+        .collect();
+    let first = nested.first()?;
+    Some(format!(
+        "note: {} image(s) come from sub-folders of their image folder (e.g. {}); sd-scripts reads only a folder's own images: set data.recursive = false to do the same",
+        nested.len(),
+        first.display()
+    ))
+}
+
+/// Set by [`request_stop`]; cleared when a run starts.
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks the running training to stop (from a Ctrl-C handler, say): sample images being
+/// drawn are abandoned at their next sampler step (they can take minutes on a CPU), and
+/// the run stops, saving its LoRA and state, as when `on_step` returns `false`. A run
+/// clears the request when it starts.
+///
+/// ```no_run
+/// // In a Ctrl-C handler (the doc-tests share one process, so this one does not run).
+/// trainer::train::request_stop();
+/// assert!(trainer::train::stop_requested());
+/// ```
+pub fn request_stop() {
+    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called since the current run started.
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// [`with_epoch_steps`] with the training dataset at hand.
 fn steps_for(config: &TrainConfig, dataset: &Dataset) -> Result<TrainConfig, TrainError> {
     config.validate()?;
@@ -563,6 +611,51 @@ pub fn resume<B: AutodiffBackend>(
 ) -> Result<TrainReport, TrainError> {
     config.validate()?;
     resume_on::<B>(config, state_dir, training_datasets(config)?, device, on_step)
+}
+
+/// What a run of `config` trains on, as `key = value` lines: the batch size, the
+/// accumulation, the images, samples and batches per epoch, and a hash of the images'
+/// contents with their repeats. A state records it; [`resume_data_changes`] compares.
+pub fn data_fingerprint(config: &TrainConfig, dataset: &Dataset) -> String {
+    // FNV-1a over each image's content hash and repeats, in the dataset's order.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, image) in dataset.images().iter().enumerate() {
+        for b in image.content_hash.bytes().chain(dataset.repeats(i).to_le_bytes()) {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    let t = &config.train;
+    format!(
+        "train.train_batch_size = {}\ntrain.gradient_accumulation_steps = {}\nimages = {}\nsamples per epoch = {}\nbatches per epoch = {}\nimage contents and repeats = {hash:016x}",
+        t.train_batch_size,
+        t.gradient_accumulation_steps,
+        dataset.images().len(),
+        dataset.samples_per_epoch(),
+        dataset.batches_per_epoch()
+    )
+}
+
+/// What differs between the data the state in `state_dir` was trained on and `data`
+/// (one `was → now` line per item of [`data_fingerprint`]); empty when nothing did or the
+/// state did not record it. A resumed run may change its data: it then goes on from the
+/// state's step and epoch position with the new data, which an uninterrupted run would
+/// not have seen in that order, so the trainer prints these as a note.
+pub fn resume_data_changes(state_dir: &Path, config: &TrainConfig, data: &TrainingData) -> Result<Vec<String>, TrainError> {
+    let path = state_dir.join("state.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(Vec::new()) };
+    let Ok(info) = serde_json::from_str::<StateInfo>(&text) else { return Ok(Vec::new()) };
+    let Some(saved) = info.data else { return Ok(Vec::new()) };
+    let now = data_fingerprint(&steps_for(config, &data.0)?, &data.0);
+    Ok(saved
+        .lines()
+        .zip(now.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| {
+            let (key, was) = a.split_once(" = ").unwrap_or((a, ""));
+            let is = b.split_once(" = ").map_or(b, |(_, v)| v);
+            format!("{key}: {was} -> {is}")
+        })
+        .collect())
 }
 
 /// [`resume`] on data already opened with [`training_datasets`] (for `config`).
@@ -1339,6 +1432,7 @@ fn run<B: AutodiffBackend>(
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
+    STOP_REQUESTED.store(false, std::sync::atomic::Ordering::SeqCst);
     config.validate()?;
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
         check_dtype_support::<B>(device, dtype, "train.mixed_precision", "\"fp16\" (f16) or \"no\" (f32)")?;
@@ -1583,6 +1677,7 @@ fn run<B: AutodiffBackend>(
         batches_in_epoch: plans.len(),
         embedding: embedding.clone(),
         embedding_file: false,
+        data: data_fingerprint(config, &dataset),
     };
     // Steps queued but not yet read back.
     let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::new();
@@ -1601,9 +1696,10 @@ fn run<B: AutodiffBackend>(
     if config.output.sample_at_first && !resumed && !config.output.sample_prompts.is_empty() {
         // kohya's `sample_at_first`: what the prompts give before any training (the base
         // model, or the starting `network_weights`), to compare the later grids with.
-        // The first batch's bucket, as the later grids use.
-        let size = plans.first().map_or((config.data.resolution.width, config.data.resolution.height), |p| p.bucket);
-        sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), (size.0 as usize, size.1 as usize), &out.join(format!("samples-step{first_step:06}.png")), device)?;
+        match sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), sample_size, &out.join(format!("samples-step{first_step:06}.png")), device) {
+            Err(TrainError::Interrupted) => interrupted = true,
+            other => other?,
+        }
     }
     // The embedding trains for its share of the steps; then its rows take no gradients, so
     // its optimizer leaves them as they are (set again each step: an update of the other
@@ -1611,6 +1707,9 @@ fn run<B: AutodiffBackend>(
     let embedding_steps = config.embedding.train_steps(t.max_train_steps);
     let dylora = config.lora.dylora_unit > 0;
     for step in first_step..t.max_train_steps {
+        if interrupted {
+            break;
+        }
         B::seed(device, step_seed(t.seed, step));
         let embedding_trains = embedding.is_some() && step < embedding_steps;
         // Whether the text encoders take gradients this step (they run with their graph
@@ -1896,7 +1995,14 @@ fn run<B: AutodiffBackend>(
         if let Some(file) = &sample {
             let size = sample_size;
             let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
-            sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), size, &out.join(file), device)?;
+            // A stop asked for while the samples are drawn ends the run without them.
+            match sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), size, &out.join(file), device) {
+                Err(TrainError::Interrupted) => {
+                    interrupted = true;
+                    break;
+                }
+                other => other?,
+            }
         }
         let (every, every_epochs_v) = (config.output.validate_every_n_steps, config.output.validate_every_n_epochs);
         let by_steps = every > 0 && progress.step.is_multiple_of(every);
@@ -2357,6 +2463,8 @@ struct Saver<'a> {
     embedding: Option<TrainedEmbedding>,
     /// Whether the last save wrote an embedding file (no adapters).
     embedding_file: bool,
+    /// What the run trains on, recorded in the state ([`data_fingerprint`]).
+    data: String,
 }
 
 impl Saver<'_> {
@@ -2375,19 +2483,33 @@ impl Saver<'_> {
     ) -> Result<(), TrainError> {
         let masters_eval = |encoders: &[sd_model::ClipTextModel<B>]| -> Vec<_> { encoders.iter().enumerate().map(|(i, te)| te_optims.get(i).map_or_else(|| te.clone(), |o| o.to_master_eval(te.clone()))).collect() };
         let (mut saved_unet, mut saved_tes) = (optim.to_master_eval(unet.clone()), masters_eval(encoders));
-        self.save(&mut saved_unet, &mut saved_tes, progress, path)?;
-        if !self.config.output.save_state {
-            return Ok(());
+        // The state first (in f32): a LoRA that cannot be written in `save_precision`
+        // leaves a state to resume from with another.
+        let state = self.config.output.save_state;
+        if state {
+            let (mut unet, mut tes) = match optim.is_schedule_free() {
+                true => (optim.to_master(unet.clone()), masters(encoders, te_optims)),
+                false => (saved_unet.clone(), saved_tes.clone()),
+            };
+            self.save_state(&mut unet, &mut tes, optim, te_optims, progress, guard, timesteps, noise)?;
         }
-        let (mut unet, mut tes) = match optim.is_schedule_free() {
-            true => (optim.to_master(unet.clone()), masters(encoders, te_optims)),
-            false => (saved_unet, saved_tes),
-        };
-        self.save_state(&mut unet, &mut tes, optim, te_optims, progress, guard, timesteps, noise)
+        self.save(&mut saved_unet, &mut saved_tes, progress, path).map_err(|e| match e {
+            TrainError::Lora(e @ lora_core::LoraError::OutOfRange { .. }) => TrainError::Config {
+                origin: "output.save_precision".into(),
+                reason: format!("{}: {e}{}", path.display(), if state { "; the training state is saved: resume it with another output.save_precision" } else { "" }),
+            },
+            other => other,
+        })
     }
 
     fn save<B: AutodiffBackend>(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>], progress: &Progress, path: &Path) -> Result<(), TrainError> {
-        let epochs = completed_epochs(progress, self.batches_in_epoch);
+        // A finished run's file says it trained its epochs (`ss_num_epochs`, the last one
+        // perhaps in part), as sd-scripts' final save does; other saves count those done.
+        let t = &self.config.train;
+        let epochs = match progress.step >= t.max_train_steps && self.batches_in_epoch > 0 {
+            true => ((t.max_train_steps * t.gradient_accumulation_steps) as u64).div_ceil(self.batches_in_epoch as u64),
+            false => completed_epochs(progress, self.batches_in_epoch),
+        };
         let metadata = self.metadata.at_save(progress.step, epochs, std::time::SystemTime::now());
         self.embedding_file = save_lora(unet, encoders, self.embedding.as_ref(), metadata, self.config, path)?;
         Ok(())
@@ -2433,6 +2555,7 @@ impl Saver<'_> {
                 good_steps,
                 optimizer_time: times,
                 fingerprint: fingerprint(self.config),
+                data: Some(self.data.clone()),
             },
             adapters,
             moments,

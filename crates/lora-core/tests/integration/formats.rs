@@ -411,8 +411,13 @@ fn non_finite_values_are_refused_in_every_layout() {
         let text = err.to_string();
         assert!(matches!(err, LoraError::BadTensor { .. }) && text.contains("test.safetensors") && text.contains(bad) && text.contains("non-finite"), "{text}");
     }
-    // 70000 is past F16's largest value: saved as infinity.
+    // 70000 is past F16's largest value: refused when saved; an F16 file holding an
+    // infinity (as other tools write one) is refused when read.
     let (down, up) = (lora_core::HostTensor::new(vec![2, 8], vec![0.1; 16]).unwrap(), lora_core::HostTensor::new(vec![8, 2], vec![7e4; 16]).unwrap());
+    let tensors = [(format!("{Q}.lora_down.weight"), &down), (format!("{Q}.lora_up.weight"), &up)];
+    let text = lora_core::tensor_io::serialize(&tensors, SaveDtype::F16, Default::default()).unwrap_err().to_string();
+    assert!(text.contains("lora_up.weight") && text.contains("beyond the range of F16"), "{text}");
+    let up = lora_core::HostTensor::new(vec![8, 2], vec![f32::INFINITY; 16]).unwrap();
     let tensors = [(format!("{Q}.lora_down.weight"), &down), (format!("{Q}.lora_up.weight"), &up)];
     let bytes = lora_core::tensor_io::serialize(&tensors, SaveDtype::F16, Default::default()).unwrap();
     let text = read(&bytes).unwrap_err().to_string();

@@ -515,6 +515,17 @@ fn info_describes_any_lora_file() {
     for expected in ["UNet: 194 LoRA (rank 2, alpha 1.5)", "text encoder: 18 LoRA", "text encoder 2: 24 LoRA"] {
         assert!(text.contains(expected), "no `{expected}` in {text}");
     }
+    // Into a pipe closed by its reader (`trainer info X | head -1`): no panic, a success.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["info", &sdxl, "--verbose"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("panicked"), "{:?}: {stderr}", out.status);
     let (ok, text) = trainer(&["info", &path("lora-core/tests/fixtures/lycoris_tucker.safetensors"), "--verbose"]);
     assert!(ok, "{text}");
     for expected in ["LoCon+Tucker 3x3-conv (rank 2, alpha 1)", "LoHa 3x3-conv", "LoKr 3x3-conv", "hada_t1 ["] {

@@ -100,7 +100,55 @@ fn samples_are_made_at_the_training_resolution() {
         let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
         let grid = image::open(report.sample_grid.unwrap()).unwrap();
         assert_eq!((grid.width(), grid.height()), (2 * 64, 64), "seed {seed}: two 64x64 samples in a row");
+        // One step of a two-batch epoch: the finished run's file says it trained its one
+        // epoch, as sd-scripts' final save does.
+        let meta = lora_metadata(&report.lora);
+        assert_eq!((meta["ss_epoch"].as_str(), meta["ss_num_epochs"].as_str()), ("1", "1"));
     }
+}
+
+/// A stop asked for (Ctrl-C) while sample images are drawn abandons them and ends the run
+/// with its LoRA and state saved, as a stop between steps does.
+#[test]
+fn a_stop_while_sampling_ends_the_run() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 6);
+    config.output.sample_every_n_steps = 1;
+    let report = train::<B>(&config, &Default::default(), &mut |info| {
+        if info.step == 2 {
+            trainer::train::request_stop();
+        }
+        true
+    })
+    .unwrap();
+    assert!(report.interrupted && report.sample_grid.is_none());
+    assert_eq!(report.losses.len(), 2);
+    assert!(dir.path().join("samples-step000001.png").is_file() && !dir.path().join("samples-step000002.png").exists());
+    assert!(dir.path().join("state/state.json").is_file() && report.lora.is_file());
+    // The next run starts afresh.
+    let again = train::<B>(&quick_config(&dir.path().join("again"), 1), &Default::default(), &mut |_| true).unwrap();
+    assert!(!again.interrupted);
+}
+
+/// Images in sub-folders of a folder train (`data.recursive`, on by default) and the data
+/// summary says how many; `false` reads only the folder's own, as sd-scripts does.
+#[test]
+fn sub_folders_are_read_and_noted_or_left_out() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    write_image(&data.join("10_style"), "a", "mystyle", 10);
+    write_image(&data.join("10_style/old"), "b", "mystyle", 20);
+    let mut config = quick_config(&root.path().join("out"), 1);
+    config.data.train_data_dir = data.display().to_string();
+    let both = trainer::train::training_datasets(&config).unwrap();
+    assert_eq!(both.0.images().len(), 2);
+    let summary = trainer::train::data_summary(&config, &both).unwrap();
+    assert!(summary.contains("note: 1 image(s) come from sub-folders") && summary.contains("b.png") && summary.contains("data.recursive = false"), "{summary}");
+    config.data.recursive = false;
+    let own = trainer::train::training_datasets(&config).unwrap();
+    assert_eq!(own.0.images().len(), 1);
+    assert!(!trainer::train::data_summary(&config, &own).unwrap().contains("sub-folders"));
 }
 
 #[test]
@@ -556,6 +604,12 @@ fn a_non_finite_loss_stops_or_is_skipped() {
         other => panic!("expected a non-finite error, got {other:?}"),
     }
     config.train.on_non_finite = trainer::config::OnNonFinite::Skip;
+    // Step 1's update blew the adapters past f16's range: the LoRA cannot be written in
+    // f16 (an error naming the setting, with the state saved in f32 first); f32 holds it.
+    let err = train::<B>(&config, &Default::default(), &mut |_| true).unwrap_err().to_string();
+    assert!(err.contains("output.save_precision") && err.contains("beyond the range of F16") && err.contains("state is saved"), "{err}");
+    assert!(dir.path().join("state/state.json").is_file());
+    config.output.save_precision = lora_core::SaveDtype::F32;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
     assert!(!report.losses[1].is_finite());
     // Read back only at the end: steps 3 and 4 were queued after the bad one, and the
@@ -695,6 +749,18 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     assert!(err.to_string().contains("rank"), "{err}");
     let err = trainer::train::resume::<B>(&config, dir.path(), &Default::default(), &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("state.json"), "{err}");
+
+    // The data the state was trained on is recorded: the same data resumes without a
+    // note, another batch size or other images are named.
+    let same = trainer::train::training_datasets(&config).unwrap();
+    assert_eq!(trainer::train::resume_data_changes(&state, &config, &same).unwrap(), Vec::<String>::new());
+    let mut changed = resume_config(dir.path(), 30);
+    changed.train.train_batch_size = 1;
+    changed.data.demo_images += 1;
+    let data = trainer::train::training_datasets(&changed).unwrap();
+    let changes = trainer::train::resume_data_changes(&state, &changed, &data).unwrap();
+    assert!(changes.iter().any(|c| c == "train.train_batch_size: 2 -> 1"), "{changes:?}");
+    assert!(changes.iter().any(|c| c.starts_with("images: ")) && changes.iter().any(|c| c.starts_with("image contents and repeats: ")), "{changes:?}");
 }
 
 /// kohya's `initial_step` / `initial_epoch`: a run without a state starts part-way, at
