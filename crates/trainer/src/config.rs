@@ -1981,7 +1981,7 @@ fn set_key(tree: &mut toml::Value, assignment: &str) -> Result<(), TrainError> {
 
 /// The first of `sets` after which `tree` (which reads well) no longer reads as a
 /// configuration: the assignment an error should name, rather than all of them.
-fn first_bad_set<'a>(mut tree: toml::Value, sets: &'a [String]) -> Option<&'a String> {
+fn first_bad_set(mut tree: toml::Value, sets: &[String]) -> Option<&String> {
     sets.iter().find(|s| set_key(&mut tree, s).is_err() || tree.clone().try_into::<TrainConfig>().is_err())
 }
 
