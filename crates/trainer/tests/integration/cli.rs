@@ -682,20 +682,7 @@ fn merge_models_sums_checkpoints() {
     let sd2 = fixtures.join("sd2_single_file.safetensors").to_str().unwrap().to_string();
     // A with one UNet weight stored as integers.
     let ints = path("ints.safetensors");
-    {
-        let bytes = std::fs::read(&a).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| match k == unet_key {
-                true => (k, safetensors::Dtype::I64, t.shape().to_vec(), vec![0u8; t.shape().iter().product::<usize>() * 8]),
-                false => (k, t.dtype(), t.shape().to_vec(), t.data().to_vec()),
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = data.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
-        std::fs::write(&ints, safetensors::serialize(views, None).unwrap()).unwrap();
-    }
+    with_tensor(&a, &ints, unet_key, safetensors::Dtype::I64, vec![0u8; ta[unet_key].1.len() * 8]);
     for (args, expected) in [
         (vec![a.as_str(), ints.as_str()], "is I64, where"),
         (vec![a.as_str(), sd2.as_str()], "one architecture"),
@@ -714,20 +701,7 @@ fn merge_models_sums_checkpoints() {
     // A first model with an F64 weight: merged (read as f64, written as f32), never f32
     // bytes under an F64 header.
     let f64s = path("f64.safetensors");
-    {
-        let bytes = std::fs::read(&a).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| match k == unet_key {
-                true => (k.clone(), safetensors::Dtype::F64, t.shape().to_vec(), ta[&k].1.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect()),
-                false => (k, t.dtype(), t.shape().to_vec(), t.data().to_vec()),
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = data.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
-        std::fs::write(&f64s, safetensors::serialize(views, None).unwrap()).unwrap();
-    }
+    with_tensor(&a, &f64s, unet_key, safetensors::Dtype::F64, ta[unet_key].1.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect());
     let from_f64 = path("from-f64.safetensors");
     let (ok, text) = trainer(&["merge-models", &f64s, &b, "--out", &from_f64]);
     assert!(ok, "{text}");
@@ -929,6 +903,23 @@ fn sd_lora_device_is_checked_before_the_command_runs() {
             assert!(!ok && err.contains(&format!("SD_LORA_DEVICE={name} needs a build with {features}")), "{err}");
         }
     }
+}
+
+/// Writes the safetensors file `from` to `to` with tensor `key` stored as `dtype` `bytes`
+/// (its shape kept).
+fn with_tensor(from: &str, to: &str, key: &str, dtype: safetensors::Dtype, bytes: Vec<u8>) {
+    let file = std::fs::read(from).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| match k == key {
+            true => (k, dtype, t.shape().to_vec(), bytes.clone()),
+            false => (k, t.dtype(), t.shape().to_vec(), t.data().to_vec()),
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data.iter().map(|(k, d, s, b)| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(to, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
 /// Copies the folder `from` to `to`, recursively.
