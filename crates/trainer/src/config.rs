@@ -37,6 +37,15 @@ pub struct ModelSection {
     pub base_weights: Vec<String>,
 }
 
+impl DataSection {
+    /// `(min_bucket_reso, max_bucket_reso, bucket_reso_steps)` as [`TrainConfig::default`]
+    /// sets them: sd-scripts' 256 and 64, the maximum from the resolution (0).
+    pub fn default_buckets() -> (u32, u32, u32) {
+        let d = TrainConfig::default().data;
+        (d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+    }
+}
+
 /// The most optimizer steps a run may have (`train.max_train_steps`, or its epochs as
 /// steps): its per-step losses are kept in memory, and a resumed state's step (read from a
 /// file) must not make that an absurd allocation. Ten million steps is weeks of training.

@@ -267,6 +267,14 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
     ds.bucket_reso_steps = d.bucket_reso_steps;
     ds.max_bucket_reso = if d.max_bucket_reso > 0 { d.max_bucket_reso } else { default_max_bucket_reso(d.resolution.max_side(), d.bucket_reso_steps) };
     ds.bucket_no_upscale = d.bucket_no_upscale;
+    // The built-in tiny models train at the demo's small sizes: bucket keys left at their
+    // (SD-sized) defaults scale to `data.resolution` as the demo's do, so that a folder of
+    // one's own trains on them without three overrides.
+    let defaults = crate::config::DataSection::default_buckets();
+    if crate::models::TINY_MODELS.contains(&config.model.pretrained.as_str()) && (d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps) == defaults {
+        let small = DatasetConfig::demo_at("", d.resolution);
+        (ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) = (small.min_bucket_reso, small.max_bucket_reso, small.bucket_reso_steps);
+    }
     ds.prior_loss_weight = d.prior_loss_weight;
     if !d.dataset_config.is_empty() {
         let path = Path::new(&d.dataset_config);

@@ -1103,9 +1103,15 @@ fn folder_settings_are_named_as_data_keys() {
     write_image(&data, "a", "mystyle", 10);
     let mut config = quick_config(&root.path().join("out"), 1);
     config.data.train_data_dir = data.display().to_string();
-    config.data.min_bucket_reso = 256;
+    config.data.min_bucket_reso = 128;
     let e = trainer::train::open_dataset(&config).unwrap_err().to_string();
-    assert!(e.starts_with("data.resolution: ") && e.contains("min_bucket_reso (256)") && !e.contains("dataset config"), "{e}");
+    assert!(e.starts_with("data.resolution: ") && e.contains("min_bucket_reso (128)") && !e.contains("dataset config"), "{e}");
+    // The tiny models scale the bucket keys' defaults to the resolution, as the demo's.
+    (config.data.min_bucket_reso, config.data.max_bucket_reso, config.data.bucket_reso_steps) = trainer::config::DataSection::default_buckets();
+    assert_eq!(trainer::train::open_dataset(&config).unwrap().images().len(), 1);
+    config.model.pretrained = "tiny-sdxl".into();
+    assert_eq!(trainer::train::open_dataset(&config).unwrap().images().len(), 1);
+    config.model.pretrained = "tiny".into();
     config.data.min_bucket_reso = 64;
     config.data.min_image_size = 65;
     let e = trainer::train::open_dataset(&config).unwrap_err().to_string();
