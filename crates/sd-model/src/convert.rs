@@ -333,11 +333,24 @@ impl<'a> Writing<'a> {
 }
 
 /// Writes into `out.partial` with `fill`, then renames it to `out`; the partial output is
-/// removed on failure.
-fn write_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// removed on failure. An existing `out`, or a missing folder for it, is refused first
+/// (naming `out`). Any error type that takes an [`SdModelError`] works (`anyhow`'s too).
+///
+/// ```
+/// use sd_model::{convert::write_atomically, SdModelError};
+/// let dir = tempfile::tempdir().unwrap();
+/// let out = dir.path().join("model");
+/// write_atomically::<SdModelError>(&out, |tmp| {
+///     std::fs::create_dir(tmp).map_err(|source| SdModelError::Io { path: tmp.to_path_buf(), source })
+/// })
+/// .unwrap();
+/// assert!(out.is_dir() && !dir.path().join("model.partial").exists());
+/// assert!(write_atomically::<SdModelError>(&out, |_| Ok(())).unwrap_err().to_string().contains("already exists"));
+/// ```
+pub fn write_atomically<E: From<SdModelError>>(out: &Path, fill: impl FnOnce(&Path) -> std::result::Result<(), E>) -> std::result::Result<(), E> {
     refuse_existing(out)?;
     // A missing folder is named for `out`, not for the `.partial` it is written through.
-    lora_core::tensor_io::output_folder(out)?;
+    lora_core::tensor_io::output_folder(out).map_err(SdModelError::from)?;
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".partial");
     let partial = out.with_file_name(name);
@@ -345,7 +358,7 @@ fn write_atomically(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Resul
         let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
     };
     remove(&partial);
-    let done = fill(&partial).and_then(|()| std::fs::rename(&partial, out).map_err(|source| SdModelError::Io { path: out.to_path_buf(), source }));
+    let done = fill(&partial).and_then(|()| std::fs::rename(&partial, out).map_err(|source| SdModelError::Io { path: out.to_path_buf(), source }.into()));
     if done.is_err() {
         remove(&partial);
     }

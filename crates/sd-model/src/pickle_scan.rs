@@ -55,36 +55,24 @@ pub(crate) fn check_pickle(path: &Path) -> Result<(), String> {
 
 /// The scan of a file's pickles (see [`check_pickle`]).
 fn file_verdict(path: &Path) -> Scan {
+    let done = |verdict: &Scan| matches!(verdict, Scan::Done);
     let Ok(file) = File::open(path) else { return Scan::Done };
     // As burn-store decides: a zip archive wherever one parses (its directory is at the
     // end, so a legacy pickle in front does not make it one).
-    let file = match zip::ZipArchive::new(BufReader::new(file)) {
-        Ok(mut archive) => {
-            let names: Vec<String> = archive.file_names().filter(|n| n.ends_with("data.pkl")).map(str::to_string).collect();
-            for name in names {
-                let Ok(entry) = archive.by_name(&name) else { return Scan::Malformed(0) };
-                let verdict = scan(&mut BufReader::new(entry));
-                if !matches!(verdict, Scan::Done) {
-                    return verdict;
-                }
-            }
-            return Scan::Done;
-        }
-        Err(_) => match File::open(path) {
-            Ok(file) => file,
-            Err(_) => return Scan::Done,
-        },
-    };
+    if let Ok(mut archive) = zip::ZipArchive::new(BufReader::new(file)) {
+        let names: Vec<String> = archive.file_names().filter(|n| n.ends_with("data.pkl")).map(str::to_string).collect();
+        let mut verdicts = names.iter().map(|name| match archive.by_name(name) {
+            Ok(entry) => scan(&mut BufReader::new(entry)),
+            Err(_) => Scan::Malformed(0),
+        });
+        return verdicts.find(|v| !done(v)).unwrap_or(Scan::Done);
+    }
     // The pre-1.6 format: magic number, protocol, system info, the object, and the
     // storage keys, each a pickle of its own, then raw storage bytes.
+    let Ok(file) = File::open(path) else { return Scan::Done };
     let mut reader = BufReader::new(file);
-    for _ in 0..5 {
-        let verdict = scan(&mut reader);
-        if !matches!(verdict, Scan::Done) {
-            return verdict;
-        }
-    }
-    Scan::Done
+    let mut verdicts = (0..5).map(|_| scan(&mut reader));
+    verdicts.find(|v| !done(v)).unwrap_or(Scan::Done)
 }
 
 /// A reader that counts the bytes read (for the offset of a malformed stream).

@@ -1649,15 +1649,16 @@ fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, une
         let parent = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
         parent.is_some_and(|c| merged.contains(&c)) && p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
     };
+    // The output's parent folders are made, as this merge always did (the other writers
+    // refuse a missing one).
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
     // Into a `.partial` sibling, renamed when complete: a failed merge leaves no
     // half-written folder at `out`.
-    let mut partial_name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    partial_name.push(".partial");
-    let partial = out.with_file_name(partial_name);
-    let _ = std::fs::remove_dir_all(&partial);
-    let write = || -> Result<usize> {
-        copy_tree(first, &partial, &rewritten)?;
-        let mut total = 0;
+    let mut total = 0;
+    sd_model::convert::write_atomically(out, |partial| -> Result<()> {
+        copy_tree(first, partial, &rewritten)?;
         for component in &merged {
             let mut files = Vec::with_capacity(models.len());
             for (dir, ratio) in models {
@@ -1668,11 +1669,7 @@ fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, une
             let report = sd_model::merge_models::merge_models(&files, &partial.join(component).join(name), false, dtype)?;
             total += report.tensors;
         }
-        std::fs::rename(&partial, out).with_context(|| format!("{}: renaming the finished merge into place", out.display()))?;
-        Ok(total)
-    };
-    let total = write().inspect_err(|_| {
-        let _ = std::fs::remove_dir_all(&partial);
+        Ok(())
     })?;
     out!("{} diffusers folders -> {} ({} merged: {total} tensors)", models.len(), out.display(), merged.join(", "));
     Ok(())

@@ -109,6 +109,12 @@ fn iso_date(t: SystemTime) -> String {
 }
 
 /// The `ss_*` keys of sd-scripts' `train_network.py` that apply to our runs.
+/// The epochs a run of `t` trains, with `batches` batches per epoch, the last perhaps in
+/// part: sd-scripts' `num_train_epochs` (`ss_num_epochs`, and a finished run's `ss_epoch`).
+pub(crate) fn run_epochs(t: &crate::config::TrainSection, batches: usize) -> usize {
+    (t.max_train_steps * t.gradient_accumulation_steps).div_ceil(batches.max(1))
+}
+
 fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -> Vec<(String, String)> {
     let (d, l, t, o) = (&config.data, &config.lora, &config.train, &config.output);
     let ds = dataset.config();
@@ -241,7 +247,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_num_train_images", images(false).to_string()),
         ("ss_num_reg_images", images(true).to_string()),
         ("ss_num_batches_per_epoch", batches.to_string()),
-        ("ss_num_epochs", (t.max_train_steps * t.gradient_accumulation_steps).div_ceil(batches).to_string()),
+        ("ss_num_epochs", run_epochs(t, batches).to_string()),
         ("ss_batch_size_per_device", t.train_batch_size.to_string()),
         ("ss_total_batch_size", (t.train_batch_size * t.gradient_accumulation_steps).to_string()),
         ("ss_gradient_checkpointing", py_bool(t.gradient_checkpointing)),

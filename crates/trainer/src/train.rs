@@ -2001,10 +2001,9 @@ fn run<B: AutodiffBackend>(
             }
         }
         if let Some(file) = &sample {
-            let size = sample_size;
             let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
             // A stop asked for while the samples are drawn ends the run without them.
-            match sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), size, &out.join(file), device) {
+            match sample_grid_now(&unet, &encoders, &frozen, (config, embedding.as_ref()), sample_size, &out.join(file), device) {
                 Err(TrainError::Interrupted) => {
                     interrupted = true;
                     break;
@@ -2039,9 +2038,8 @@ fn run<B: AutodiffBackend>(
         let (unet, encoders) = eval_models(&unet, &encoders, &optim, &te_optims);
         let mut with_lora = with_trained(&unet, &encoders, frozen);
         merge_adapters(&mut with_lora);
-        let size = sample_size;
         let path = out.join("samples.png");
-        save_png(&generate_grid(&with_lora, config, embedding.as_ref(), size, device)?, &path)?;
+        save_png(&generate_grid(&with_lora, config, embedding.as_ref(), sample_size, device)?, &path)?;
         Some(path)
     };
 
@@ -2515,7 +2513,7 @@ impl Saver<'_> {
         // perhaps in part), as sd-scripts' final save does; other saves count those done.
         let t = &self.config.train;
         let epochs = match progress.step >= t.max_train_steps && self.batches_in_epoch > 0 {
-            true => ((t.max_train_steps * t.gradient_accumulation_steps) as u64).div_ceil(self.batches_in_epoch as u64),
+            true => crate::metadata::run_epochs(t, self.batches_in_epoch) as u64,
             false => completed_epochs(progress, self.batches_in_epoch),
         };
         let metadata = self.metadata.at_save(progress.step, epochs, std::time::SystemTime::now());
