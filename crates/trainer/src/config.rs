@@ -1395,9 +1395,11 @@ pub struct OutputSection {
     pub save_format: lora_core::AdapterFormat,
     /// `f16`, `bf16` or `f32`.
     pub save_precision: lora_core::SaveDtype,
-    /// Save the LoRA every N steps as well (0 = only at the end).
+    /// Save the LoRA every N steps as well, as `NAME-stepNNNNNNNN.safetensors`
+    /// ([`crate::train::step_save_name`]; 0 = only at the end).
     pub save_every_n_steps: usize,
-    /// Save the LoRA at the end of every N-th epoch as well (0 = off).
+    /// Save the LoRA at the end of every N-th epoch as well, as `NAME-NNNNNN.safetensors`
+    /// ([`crate::train::epoch_save_name`]; 0 = off).
     pub save_every_n_epochs: usize,
     /// kohya's `save_n_epoch_ratio`: about this many epoch saves over the run, i.e. every
     /// `⌊epochs / N⌋` epochs (at least 1); replaces `save_every_n_epochs` (0 = off).

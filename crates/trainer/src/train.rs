@@ -520,14 +520,14 @@ fn default_max_bucket_reso(long_side: u32, steps: u32) -> u32 {
 /// What an earlier run left in `config.output.output_dir` that a new run there would
 /// replace or, with `output.save_last_n_*`, remove: its `config.toml`, `metrics.jsonl`,
 /// `validation.jsonl`, `loss.png`, `state/`, sample grids and the LoRA files of `output.output_name`
-/// (`NAME.safetensors`, `NAME-step…`, `NAME-epoch…`). Empty for a new or empty folder.
+/// (`NAME.safetensors` and the intermediate saves [`save_number`] recognises). Empty for a new or empty folder.
 /// `trainer train` refuses to start over such a run without `--overwrite`.
 pub fn earlier_outputs(config: &TrainConfig) -> Vec<PathBuf> {
     let dir = &config.output.output_dir;
     let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
     let name = &config.output.output_name;
     let ours = |file: &str| {
-        let saved = file.strip_prefix(name.as_str()).is_some_and(|rest| rest == ".safetensors" || rest.starts_with("-step") || rest.starts_with("-epoch"));
+        let saved = file == format!("{name}.safetensors") || save_number(name, file).is_some();
         let grid = file.starts_with("samples") && file.ends_with(".png");
         saved || grid || ["config.toml", "metrics.jsonl", "validation.jsonl", "loss.png", "state"].contains(&file)
     };
@@ -1119,6 +1119,51 @@ fn check_bucket_sides(dataset: &Dataset, config: &TrainConfig, step: usize) -> R
     })
 }
 
+/// The file name (without `.safetensors`) of the intermediate save after `step`, as
+/// sd-scripts names it: `NAME-step00000020`.
+pub fn step_save_name(output_name: &str, step: usize) -> String {
+    format!("{output_name}-step{step:08}")
+}
+
+/// The file name (without `.safetensors`) of the save after epoch `epoch` (1-based), as
+/// sd-scripts names it: `NAME-000004`.
+pub fn epoch_save_name(output_name: &str, epoch: usize) -> String {
+    format!("{output_name}-{epoch:06}")
+}
+
+/// Which intermediate save a file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveNumber {
+    /// The save after this step ([`step_save_name`]).
+    Step(usize),
+    /// The save after this epoch ([`epoch_save_name`]).
+    Epoch(usize),
+}
+
+/// The step or epoch of an intermediate save of `output_name` from its file name:
+/// sd-scripts' names ([`step_save_name`], [`epoch_save_name`]) and those earlier versions
+/// of this trainer wrote (`NAME-step000020`, `NAME-epoch0004`), so that
+/// `output.save_last_n_*` prunes a resumed run's older saves too. `None` for any other file.
+///
+/// ```
+/// use trainer::train::{save_number, SaveNumber};
+/// assert_eq!(save_number("style", "style-000004.safetensors"), Some(SaveNumber::Epoch(4)));
+/// assert_eq!(save_number("style", "style-step00000020.safetensors"), Some(SaveNumber::Step(20)));
+/// assert_eq!(save_number("style", "style.safetensors"), None);
+/// ```
+pub fn save_number(output_name: &str, file: &str) -> Option<SaveNumber> {
+    let rest = file.strip_prefix(output_name)?.strip_prefix('-')?.strip_suffix(".safetensors")?;
+    // Zero-padded numbers: the padding is the least count of digits (more past it).
+    let number = |digits: &str, least: usize| (digits.len() >= least && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten();
+    if let Some(digits) = rest.strip_prefix("step") {
+        return number(digits, 6).map(SaveNumber::Step);
+    }
+    if let Some(digits) = rest.strip_prefix("epoch") {
+        return number(digits, 4).map(SaveNumber::Epoch);
+    }
+    number(rest, 6).map(SaveNumber::Epoch)
+}
+
 /// Removes intermediate saves beyond `output.save_last_n_steps` (step saves of steps
 /// before `step − N`, as kohya) and `output.save_last_n_epochs` (all but the last N epoch saves). Only files
 /// named as this run names its saves are touched.
@@ -1126,21 +1171,15 @@ fn prune_saves(o: &crate::config::OutputSection, step: usize) -> Result<(), Trai
     if o.save_last_n_steps == 0 && o.save_last_n_epochs == 0 {
         return Ok(());
     }
-    // `<name>-step000123.safetensors` / `<name>-epoch0004.safetensors` → (kind, number).
-    let numbered = |file: &str, kind: &str, digits: usize| -> Option<usize> {
-        let rest = file.strip_prefix(&format!("{}-{kind}", o.output_name))?.strip_suffix(".safetensors")?;
-        // `{:06}` writes more digits past 999999.
-        (rest.len() >= digits && rest.bytes().all(|b| b.is_ascii_digit())).then(|| rest.parse().ok()).flatten()
-    };
     let mut steps = Vec::new();
     let mut epochs = Vec::new();
     for entry in std::fs::read_dir(&o.output_dir).map_err(io_err(&o.output_dir))? {
         let path = entry.map_err(io_err(&o.output_dir))?.path();
         let file = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        if let Some(n) = numbered(&file, "step", 6) {
-            steps.push((n, path));
-        } else if let Some(n) = numbered(&file, "epoch", 4) {
-            epochs.push((n, path));
+        match save_number(&o.output_name, &file) {
+            Some(SaveNumber::Step(n)) => steps.push((n, path)),
+            Some(SaveNumber::Epoch(n)) => epochs.push((n, path)),
+            None => {}
         }
     }
     let mut remove: Vec<PathBuf> = Vec::new();
@@ -1968,10 +2007,10 @@ fn run<B: AutodiffBackend>(
         .filter(|_| !last && !config.output.sample_prompts.is_empty());
         let mut name = None;
         if config.output.save_every_n_steps > 0 && progress.step.is_multiple_of(config.output.save_every_n_steps) {
-            name = Some(format!("{}-step{:06}", config.output.output_name, progress.step));
+            name = Some(step_save_name(&config.output.output_name, progress.step));
         }
         if every_epochs > 0 && epoch_ended && (completed as usize).is_multiple_of(every_epochs) {
-            name = Some(format!("{}-epoch{completed:04}", config.output.output_name));
+            name = Some(epoch_save_name(&config.output.output_name, completed as usize));
         }
         let name = name.filter(|_| !last);
         // Read before anything is written (a non-finite step may have to stop the run).
@@ -2838,6 +2877,26 @@ mod tests {
         assert_eq!(default_max_bucket_reso(768, 64), 1536);
         assert_eq!(default_max_bucket_reso(8192, 64), 8192);
         assert_eq!(default_max_bucket_reso(4160, 96), 8160);
+    }
+
+    /// Saves are named as sd-scripts names them; the names of earlier versions are still
+    /// recognised (for pruning a resumed run) and nothing else is: other runs' files, the
+    /// final LoRA, numbers without their zero padding.
+    #[test]
+    fn save_names_round_trip_and_nothing_else_counts() {
+        for n in [1, 20, 999_999, 123_456_789] {
+            assert_eq!(save_number("s", &format!("{}.safetensors", step_save_name("s", n))), Some(SaveNumber::Step(n)));
+            assert_eq!(save_number("s", &format!("{}.safetensors", epoch_save_name("s", n))), Some(SaveNumber::Epoch(n)));
+        }
+        assert_eq!(step_save_name("s", 20), "s-step00000020");
+        assert_eq!(epoch_save_name("s", 4), "s-000004");
+        assert_eq!(save_number("s", "s-step000020.safetensors"), Some(SaveNumber::Step(20)));
+        assert_eq!(save_number("s", "s-epoch0004.safetensors"), Some(SaveNumber::Epoch(4)));
+        for other in ["s.safetensors", "s-4.safetensors", "s-0004.safetensors", "s-step20.safetensors", "s-000004.ckpt", "t-000004.safetensors", "s-v2-000004.safetensors", "s-step0000002x.safetensors", "s-epoch.safetensors"] {
+            assert_eq!(save_number("s", other), None, "{other}");
+        }
+        // Another output name that extends this one is not this run's.
+        assert_eq!(save_number("s", "s-v2-step00000020.safetensors"), None);
     }
 
     #[test]

@@ -171,7 +171,7 @@ fn demo_training_writes_every_output_and_the_lora_reloads() {
         assert_eq!(report.losses.len(), 6);
         assert!(report.losses.iter().all(|l| l.is_finite() && *l > 0.0));
         // Intermediate save at step 3.
-        assert!(dir.path().join("demo_lora-step000003.safetensors").is_file());
+        assert!(dir.path().join("demo_lora-step00000003.safetensors").is_file());
         assert!(dir.path().join("samples-step000004.png").is_file());
         // The LoRA loads back in its layout with the tiny model's kohya (attn-mlp) targets.
         let (set, report_read) = AdapterSet::load(&report.lora, &tiny_index(), ReadOptions::default()).unwrap();
@@ -704,9 +704,9 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     assert_eq!(seen, (1..=20).collect::<Vec<_>>());
     assert_eq!(straight.losses.len(), 20);
     // Epoch saves: 3 batches per epoch, 2 per step, so epoch 2 ends in step 3.
-    assert!(straight_dir.path().join("demo_lora-epoch0002.safetensors").is_file());
-    assert!(straight_dir.path().join("demo_lora-epoch0012.safetensors").is_file());
-    assert!(!straight_dir.path().join("demo_lora-epoch0014.safetensors").exists());
+    assert!(straight_dir.path().join("demo_lora-000002.safetensors").is_file());
+    assert!(straight_dir.path().join("demo_lora-000012.safetensors").is_file());
+    assert!(!straight_dir.path().join("demo_lora-000014.safetensors").exists());
 
     let dir = tempfile::tempdir().unwrap();
     let config = resume_config(dir.path(), 20);
@@ -840,8 +840,8 @@ fn initial_epoch_and_step_start_a_run_part_way() {
     let out = dir.path();
     assert!(out.join("samples-step000002.png").is_file(), "sample_at_first names the start step");
     assert!(!out.join("samples-step000000.png").exists());
-    assert!(!out.join("demo_lora-epoch0001.safetensors").exists(), "epoch 1 was skipped");
-    assert!(out.join("demo_lora-epoch0002.safetensors").is_file(), "epoch 2 ends in step 4");
+    assert!(!out.join("demo_lora-000001.safetensors").exists(), "epoch 1 was skipped");
+    assert!(out.join("demo_lora-000002.safetensors").is_file(), "epoch 2 ends in step 4");
     assert_eq!(lora_metadata(&report.lora)["ss_steps"], "6");
 }
 
@@ -2253,9 +2253,9 @@ fn validation_and_saves_by_epochs() {
     assert_eq!(steps, expected);
     // ⌈9 / batches⌉ epochs, saves every ⌊epochs / 2⌋ (the ratio replaces save_every_n_epochs).
     let every = (9usize.div_ceil(batches) / 2).max(1);
-    let mut saves: Vec<String> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.contains("-epoch")).collect();
+    let mut saves: Vec<String> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.strip_prefix("demo_lora-").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))).collect();
     saves.sort();
-    let expected: Vec<String> = (1..).map(|e| e * every).take_while(|e| e * batches < 9).map(|e| format!("demo_lora-epoch{e:04}.safetensors")).collect();
+    let expected: Vec<String> = (1..).map(|e| e * every).take_while(|e| e * batches < 9).map(|e| format!("demo_lora-{e:06}.safetensors")).collect();
     assert_eq!(saves, expected);
 }
 
@@ -2346,9 +2346,9 @@ fn save_last_n_keeps_only_the_latest_intermediate_saves() {
     // Epoch saves replace the step saves of the steps that end an epoch.
     let epoch_steps: Vec<usize> = (1..7).filter(|s| s % batches == 0).collect();
     // kohya keeps the saves of steps `last save − 3` and later: 3, 4, 5, 6.
-    let mut expected: Vec<String> = (3..7).filter(|s| !epoch_steps.contains(s)).map(|s| format!("demo_lora-step{s:06}.safetensors")).collect();
+    let mut expected: Vec<String> = (3..7).filter(|s| !epoch_steps.contains(s)).map(|s| format!("demo_lora-step{s:08}.safetensors")).collect();
     let epochs: Vec<usize> = epoch_steps.iter().map(|s| s / batches).collect();
-    expected.extend(epochs.iter().rev().take(2).map(|e| format!("demo_lora-epoch{e:04}.safetensors")));
+    expected.extend(epochs.iter().rev().take(2).map(|e| format!("demo_lora-{e:06}.safetensors")));
     expected.extend(["demo_lora-step-notes.safetensors".to_string(), "demo_lora.safetensors".to_string()]);
     expected.sort();
     assert_eq!(files, expected, "{batches} batches per epoch");
@@ -2531,7 +2531,7 @@ fn lora_files_carry_kohya_metadata_and_the_model_spec() {
     assert!(meta["ss_training_finished_at"].parse::<f64>().unwrap() >= started);
     assert!(meta["modelspec.date"].starts_with("20") && meta["modelspec.date"].ends_with('Z'), "{}", meta["modelspec.date"]);
     // An intermediate save records its own step.
-    let early = root.path().join("out/demo_lora-step000002.safetensors");
+    let early = root.path().join("out/demo_lora-step00000002.safetensors");
     assert_eq!(lora_metadata(&early)["ss_steps"], "2");
 
     config.output.no_metadata = true;
@@ -3986,10 +3986,10 @@ fn the_embedding_stops_training_after_its_fraction() {
         let report = train::<B>(&c, &Default::default(), &mut |_| true).unwrap();
         let bundle = |name: &str| sd_model::textual_inversion::read_bundled_embeddings(&dir.path().join(name)).unwrap().remove(0).vectors.remove(0);
         let adapters = |name: &str| AdapterSet::load(dir.path().join(name), &tiny_index(), ReadOptions::default()).unwrap().0;
-        let (step2, step4, last) = (bundle("demo_lora-step000002.safetensors"), bundle("demo_lora-step000004.safetensors"), bundle("demo_lora.safetensors"));
+        let (step2, step4, last) = (bundle("demo_lora-step00000002.safetensors"), bundle("demo_lora-step00000004.safetensors"), bundle("demo_lora.safetensors"));
         assert_ne!(step2, step4, "step 3 trains the embedding");
         assert_eq!(step4, last, "steps 4 to 6 leave it");
-        let changed = adapters("demo_lora-step000004.safetensors").iter().zip(adapters("demo_lora.safetensors").iter()).any(|((_, a), (_, b))| a.up.data != b.up.data);
+        let changed = adapters("demo_lora-step00000004.safetensors").iter().zip(adapters("demo_lora.safetensors").iter()).any(|((_, a), (_, b))| a.up.data != b.up.data);
         assert!(changed, "the adapters train on");
         assert!(report.losses.iter().all(|l| l.is_finite()));
     }
