@@ -1427,23 +1427,25 @@ const LOSS_SCALE_GROWTH_INTERVAL: usize = 2000;
 
 
 /// Losses of steps `1..=step` from an earlier run's `metrics.jsonl`, which is rewritten to
-/// hold exactly those lines.
-fn resume_metrics(path: &Path, step: usize) -> Result<Vec<f32>, TrainError> {
+/// hold exactly those lines, and the last kept line's `elapsed_s` (0 without one).
+fn resume_metrics(path: &Path, step: usize) -> Result<(Vec<f32>, f64), TrainError> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut kept = String::new();
     let mut losses = Vec::new();
+    let mut elapsed_s = 0.0;
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         let s = v["step"].as_u64().unwrap_or(0) as usize;
         if s >= 1 && s <= step && s == losses.len() + 1 {
             losses.push(v["loss"].as_f64().unwrap_or(f64::NAN) as f32);
+            elapsed_s = v["elapsed_s"].as_f64().filter(|t| t.is_finite() && *t >= 0.0).unwrap_or(elapsed_s);
             kept.push_str(line);
             kept.push('\n');
         }
     }
     losses.resize(step, f32::NAN);
     std::fs::write(path, kept).map_err(io_err(path))?;
-    Ok(losses)
+    Ok((losses, elapsed_s))
 }
 
 /// Fails with a config error naming `origin` and the settings to use instead
@@ -1609,6 +1611,7 @@ fn run<B: AutodiffBackend>(
     let mut guard = StepGuard::<B::InnerBackend>::new(guard_settings, device);
     // Grown as steps run: reserving `max_train_steps` up front aborts on a huge count.
     let mut losses = Vec::new();
+    let mut elapsed_before = 0.0;
     if let Some(state) = &state {
         let file = state.dir.join("adapters.safetensors");
         let in_file = in_state_file(&file);
@@ -1672,7 +1675,7 @@ fn run<B: AutodiffBackend>(
             batch_in_epoch: state.info.batch_in_epoch,
         };
         guard.set_state(state.info.loss_scale, state.info.good_steps);
-        losses = resume_metrics(&metrics_path, progress.step)?;
+        (losses, elapsed_before) = resume_metrics(&metrics_path, progress.step)?;
     }
     unet = optim.to_working(unet);
     encoders = encoders.into_iter().zip(&te_optims).map(|(te, o)| o.to_working(te)).collect();
@@ -2019,6 +2022,7 @@ fn run<B: AutodiffBackend>(
                 t,
                 start,
                 start_wall,
+                elapsed_before,
                 metrics: &mut metrics,
                 metrics_path: &metrics_path,
                 events: events.as_mut(),
@@ -2227,6 +2231,9 @@ struct ReadBack<'a> {
     start: Instant,
     /// `start` as a wall time (seconds since the Unix epoch), for the event files.
     start_wall: f64,
+    /// The training time an earlier part of a resumed run logged (its last kept
+    /// `elapsed_s`), so that `metrics.jsonl`'s times go on from it.
+    elapsed_before: f64,
     metrics: &'a mut std::fs::File,
     metrics_path: &'a Path,
     events: Option<&'a mut EventWriter>,
@@ -2261,7 +2268,8 @@ impl ReadBack<'_> {
                 self.metrics,
                 "{{\"step\":{},\"epoch\":{},\"loss\":{},\"grad_norm\":{},\"lr\":{},{}{}\"loss_scale\":{},\"skipped\":{},\"elapsed_s\":{:.3}}}",
                 info.step,
-                p.epoch,
+                // Counted from 1, as the epoch saves' numbers and `train.initial_epoch`.
+                p.epoch + 1,
                 json_f32(loss),
                 json_f32(grad_norm),
                 info.lr,
@@ -2273,7 +2281,7 @@ impl ReadBack<'_> {
                 )),
                 loss_scale,
                 outcome != StepOutcome::Applied,
-                info.elapsed_s
+                self.elapsed_before + info.elapsed_s
             )
             .map_err(io_err(self.metrics_path))?;
             if let Some(events) = self.events.as_deref_mut() {

@@ -728,6 +728,12 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     assert_same_lora(&straight.lora, &second.lora);
     let metrics = std::fs::read_to_string(&second.metrics).unwrap();
     assert_eq!(metrics.lines().count(), 20, "metrics.jsonl continues where it stopped");
+    // Its times go on from the first part's (not from 0 again), its epochs count from 1.
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let elapsed: Vec<f64> = lines.iter().map(|l| l["elapsed_s"].as_f64().unwrap()).collect();
+    assert!(elapsed.windows(2).all(|w| w[0] <= w[1]) && elapsed[10] > elapsed[9], "{elapsed:?}");
+    let epochs: Vec<u64> = lines.iter().map(|l| l["epoch"].as_u64().unwrap()).collect();
+    assert_eq!((epochs[0], epochs[19]), (1, 14), "{epochs:?}");
 
     // Raising max_train_steps continues the finished run, here into another folder, which
     // receives the earlier metrics too.
@@ -835,7 +841,7 @@ fn initial_epoch_and_step_start_a_run_part_way() {
     assert_eq!(report.losses.len(), 4);
     let metrics = std::fs::read_to_string(&report.metrics).unwrap();
     let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
-    assert_eq!((first["step"].as_u64(), first["epoch"].as_u64()), (Some(3), Some(1)), "{first}");
+    assert_eq!((first["step"].as_u64(), first["epoch"].as_u64()), (Some(3), Some(2)), "{first}");
     assert_eq!(metrics.lines().count(), 4);
     let out = dir.path();
     assert!(out.join("samples-step000002.png").is_file(), "sample_at_first names the start step");
