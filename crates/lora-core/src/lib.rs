@@ -49,6 +49,71 @@
 //! assert!(layer.base.weight.grad(&grads).is_none()); // frozen
 //! ```
 //!
+//! ## LoRA on a model of your own
+//!
+//! Build the layers to adapt as [`LoraLinear`] / [`LoraConv2d`], name them by module path
+//! with [`sites::LoraSites`], and the rest works by path: attach, train with
+//! [`optim::FlatAdamW`] (made after the adapters are attached), save, load, merge. Keys are
+//! per [`Component`]; a model that is no part of Stable Diffusion can use
+//! [`Component::Unet`] (kohya keys `lora_unet_<path>`).
+//!
+//! ```
+//! use burn::backend::{Autodiff, Flex};
+//! use burn::module::{AutodiffModule, Module};
+//! use burn::nn::LinearConfig;
+//! use burn::optim::GradientsParams;
+//! use burn::tensor::{backend::Backend, Distribution, Tensor};
+//! use lora_core::optim::{AdamWSettings, FlatAdamW};
+//! use lora_core::sites::{self, LoraSites};
+//! use lora_core::{AdapterFormat, AdapterSet, Component, LoraConfig, LoraLinear, LoraSiteMut, ModuleIndex, ReadOptions, SaveDtype};
+//!
+//! #[derive(Module, Debug)]
+//! struct Mlp<B: Backend> { fc1: LoraLinear<B>, fc2: LoraLinear<B> }
+//! impl<B: Backend> Mlp<B> {
+//!     fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+//!         self.fc2.forward(burn::tensor::activation::relu(self.fc1.forward(x)))
+//!     }
+//! }
+//! impl<B: Backend> LoraSites<B> for Mlp<B> {
+//!     fn component(&self) -> Component { Component::Unet }
+//!     fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, B>)) {
+//!         f("fc1", LoraSiteMut::Linear(&mut self.fc1));
+//!         f("fc2", LoraSiteMut::Linear(&mut self.fc2));
+//!     }
+//! }
+//!
+//! type B = Autodiff<Flex>;
+//! let device = Default::default();
+//! let base = |d: &_| Mlp { fc1: LoraLinear::new(LinearConfig::new(8, 16).init(d)), fc2: LoraLinear::new(LinearConfig::new(16, 4).init(d)) };
+//! let mut model: Mlp<B> = base(&device);
+//! assert_eq!(sites::attach_new_adapters(&mut model, &LoraConfig::new(4), &device)?, 2);
+//! let mut optim = FlatAdamW::new(AdamWSettings::default(), &model, &device);
+//! let x = Tensor::<B, 2>::random([32, 8], Distribution::Default, &device);
+//! for _ in 0..5 {
+//!     let loss = model.forward(x.clone()).powi_scalar(2).mean();
+//!     let grads = optim.gather_grads(&model, GradientsParams::from_grads(loss.backward(), &model));
+//!     model = optim.step(1e-2, model, grads);
+//! }
+//!
+//! // Save in kohya's layout, load into another copy of the model and merge there.
+//! let mut set = AdapterSet::new();
+//! sites::collect_adapters(&mut model, &mut set)?;
+//! let file = std::env::temp_dir().join(format!("lora-core-doc-{}.safetensors", std::process::id()));
+//! set.save(&file, AdapterFormat::Kohya, SaveDtype::F32)?;
+//! let trained = model.valid();
+//! let mut other = trained.clone();
+//! sites::detach_adapters(&mut other);
+//! let mut index = ModuleIndex::new();
+//! sites::add_to_index(&mut index, &mut other)?;
+//! let (loaded, _) = AdapterSet::load(&file, &index, ReadOptions::default())?;
+//! assert_eq!(sites::attach_adapters(&mut other, &loaded, 1.0, &device)?, 2);
+//! sites::merge_adapters(&mut other);
+//! let x = x.inner();
+//! other.forward(x.clone()).into_data().assert_approx_eq::<f32>(&trained.forward(x).into_data(), Default::default());
+//! # std::fs::remove_file(&file).unwrap();
+//! # Ok::<(), lora_core::LoraError>(())
+//! ```
+//!
 //! ## Threads
 //!
 //! Train on one thread per process. In burn 0.21 a `backward()` on one thread can free
@@ -59,7 +124,20 @@
 //! gradients; the `trainer` binary does all autodiff work on one thread. This workspace's
 //! tests run one at a time for the same reason (`RUST_TEST_THREADS` in
 //! `.cargo/config.toml`).
+//!
+//! ## Depending on this crate
+//!
+//! Its API takes and returns [burn](https://burn.dev) 0.21 types (`Tensor<B, D>`,
+//! `Module<B>`, backends). Use the same burn, re-exported as [`lora_core::burn`](crate::burn),
+//! or depend on `burn = "=0.21.0"` yourself: a second burn version's types would not fit.
+//! Train on one thread per process (see "Threads" above): a workspace of your own needs
+//! `RUST_TEST_THREADS = "1"` in its own `.cargo/config.toml` `[env]` for tests that train,
+//! since this workspace's setting does not reach dependents.
 #![deny(missing_docs)]
+
+/// The burn this crate is built on (0.21), for its API's types without a burn dependency of
+/// one's own.
+pub use burn;
 
 mod adapters;
 mod config;

@@ -325,6 +325,8 @@ pub trait NormSite<B: Backend> {
     fn set_multiplier(&mut self, multiplier: f32);
     /// [`LoraNorm::merge_in_place`].
     fn merge_in_place(&mut self);
+    /// [`LoraNorm::unmerge_in_place`].
+    fn unmerge_in_place(&mut self);
     /// [`LoraNorm::bake`].
     fn bake(&mut self);
     /// [`LoraNorm::channels`].
@@ -352,6 +354,9 @@ impl<B: Backend, N: NormBase<B>> NormSite<B> for LoraNorm<B, N> {
     }
     fn merge_in_place(&mut self) {
         LoraNorm::merge_in_place(self)
+    }
+    fn unmerge_in_place(&mut self) {
+        LoraNorm::unmerge_in_place(self)
     }
     fn bake(&mut self) {
         LoraNorm::bake(self)

@@ -357,6 +357,10 @@ struct ChunkTable<B: AutodiffBackend> {
 impl<B: AutodiffBackend> FlatAdamW<B> {
     /// An optimizer for the tensors of `module` that require gradients (its frozen ones are
     /// left alone), starting from their current values, with zero moments.
+    ///
+    /// Create it once the module's adapters are attached: tensors added later are not
+    /// trained, and [`gather_grads`](Self::gather_grads) panics when it meets gradients of
+    /// such tensors.
     pub fn new<M: AutodiffModule<B>>(settings: AdamWSettings, module: &M, device: &B::Device) -> Self {
         let mut found = Trainable::default();
         module.visit(&mut found);
@@ -824,6 +828,11 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
 
     /// `module`'s gradients from `grads`, concatenated (zeros where a tensor has none).
     ///
+    /// # Panics
+    ///
+    /// When `grads` holds gradients of tensors this optimizer does not train (attached
+    /// after [`new`](Self::new), or another module's): they would never be updated.
+    ///
     /// Takes `grads` whole so that its tensors are released in the module's order. On a
     /// fusion backend a release is an operation of the stream, and burn-fusion reuses an
     /// execution plan only for the same sequence of operations; `GradientsParams` dropped
@@ -838,8 +847,15 @@ impl<B: AutodiffBackend> FlatAdamW<B> {
         };
         module.visit(&mut gather);
         let pieces = gather.pieces;
-        // Whatever this optimizer does not train is released here, in hash order: keep
-        // such gradients out of `grads` (one `GradientsParams` per optimizer).
+        // A gradient left over belongs to a tensor this optimizer does not know: one made
+        // after it (adapters attached, or attached anew, after `new`), which would
+        // otherwise never move, silently. That is a bug in the caller's loop, not a data
+        // problem, hence a panic (as burn's own optimizers panic on foreign gradients).
+        assert!(
+            grads.is_empty(),
+            "FlatAdamW::gather_grads: {} trainable tensor(s) of the module have gradients but are not trained by this optimizer; create the optimizer after attaching the adapters (and a new one after attaching others), and keep one GradientsParams per optimizer",
+            grads.len()
+        );
         drop(grads);
         let present = self.order.iter().map(|id| pieces.get(&self.slots[id].offset).is_some_and(Option::is_some)).collect();
         let device = self.moment_1.device();

@@ -348,6 +348,16 @@ impl<B: Backend> LoraSiteMut<'_, B> {
         }
     }
 
+    /// Subtracts a merged adapter from the base weights again ([`merge_in_place`](Self::merge_in_place)
+    /// undone; nothing when not merged).
+    pub fn unmerge_in_place(&mut self) {
+        match self {
+            Self::Linear(l) => l.unmerge_in_place(),
+            Self::Conv(c) => c.unmerge_in_place(),
+            Self::Norm(n) => n.unmerge_in_place(),
+        }
+    }
+
     /// Folds the adapter into the base weights and drops it.
     pub fn bake(&mut self) {
         match self {
@@ -538,9 +548,55 @@ pub fn add_to_index<B: Backend>(index: &mut ModuleIndex, model: &mut impl LoraSi
     Ok(())
 }
 
+/// Attaches a fresh adapter of `config` to every site of `model` (replacing any attached
+/// one); returns how many. The first site that cannot take one (a rank past the layer's
+/// sides, a layer kind the algorithm does not support) is an error naming its path, and
+/// the sites visited before it keep their new adapters.
+///
+/// Create optimizers after this: [`crate::optim::FlatAdamW::new`] trains the tensors that
+/// exist when it is made.
+pub fn attach_new_adapters<B: Backend>(model: &mut impl LoraSites<B>, config: &LoraConfig, device: &B::Device) -> Result<usize> {
+    let mut attached = 0;
+    let mut first_error = None;
+    model.visit_lora_sites(&mut |path, mut site| {
+        if first_error.is_some() {
+            return;
+        }
+        match site.attach_new(config, device) {
+            Ok(()) => attached += 1,
+            Err(e) => first_error = Some(at_path(path, e)),
+        }
+    });
+    first_error.map_or(Ok(attached), Err)
+}
+
+/// Removes every attached adapter of `model` (a merged one is subtracted from the weights
+/// first, so the base is as before it was attached); returns how many were removed.
+pub fn detach_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
+    let mut n = 0;
+    model.visit_lora_sites(&mut |_, mut site| {
+        if site.has_adapter() {
+            site.detach();
+            n += 1;
+        }
+    });
+    n
+}
+
+/// `e` with the module path it happened at, where its message has no key of its own.
+fn at_path(path: &str, e: LoraError) -> LoraError {
+    match e {
+        LoraError::InvalidConfig(m) => LoraError::InvalidConfig(format!("`{path}`: {m}")),
+        LoraError::Unsupported(m) => LoraError::Unsupported(format!("`{path}`: {m}")),
+        other => other,
+    }
+}
+
 /// Attaches every adapter of `set` that belongs to `model`'s component, at strength
 /// `multiplier`. Adapters whose path is not a site of the model are an error listing them.
-/// Returns how many adapters were attached.
+/// Returns how many adapters were attached: 0 when the set holds none of this component
+/// (a file with UNet and text-encoder adapters is attached to each model in turn, so
+/// that is no error here; check the count where a set must apply).
 pub fn attach_adapters<B: Backend>(
     model: &mut impl LoraSites<B>,
     set: &AdapterSet,
@@ -702,6 +758,63 @@ pub fn draw_dylora_chunks<B: Backend>(
 /// they save as (for validation, samples, saving).
 pub fn clear_dylora_chunks<B: Backend>(model: &mut impl LoraSites<B>) {
     model.visit_lora_sites(&mut |_, mut site| site.set_dylora_chunk(None));
+}
+
+/// Folds every attached adapter into its base weights at its strength, keeping the
+/// adapters (so that [`unmerge_adapters`] restores the base); returns how many adapters
+/// `model` has. A merged model runs at the base model's cost, e.g. for inference.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::Tensor;
+/// use lora_core::sites::{merge_adapters, unmerge_adapters, LoraSites};
+/// use lora_core::{Component, LoraConfig, LoraLinear, LoraSiteMut};
+///
+/// struct Model { fc: LoraLinear<Flex> }
+/// impl LoraSites<Flex> for Model {
+///     fn component(&self) -> Component { Component::Unet }
+///     fn visit_lora_sites(&mut self, f: &mut dyn FnMut(&str, LoraSiteMut<'_, Flex>)) {
+///         f("fc", LoraSiteMut::Linear(&mut self.fc));
+///     }
+/// }
+/// let device = Default::default();
+/// let mut model = Model { fc: LoraLinear::new(LinearConfig::new(4, 4).init(&device)) };
+/// model.fc.attach_new(&LoraConfig::new(2).with_init_seed(Some(7)), &device)?;
+/// model.fc.adapter.as_mut().unwrap().up.weight = burn::module::Param::from_tensor(Tensor::ones([2, 4], &device));
+/// let x = Tensor::<Flex, 2>::ones([1, 4], &device);
+/// let unmerged = model.fc.forward(x.clone());
+/// let base = model.fc.base.weight.val();
+/// assert_eq!(merge_adapters(&mut model), 1);
+/// assert!(model.fc.is_merged());
+/// model.fc.forward(x).into_data().assert_approx_eq::<f32>(&unmerged.into_data(), Default::default());
+/// unmerge_adapters(&mut model);
+/// model.fc.base.weight.val().into_data().assert_approx_eq::<f32>(&base.into_data(), Default::default());
+/// # Ok::<(), lora_core::LoraError>(())
+/// ```
+pub fn merge_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
+    let mut n = 0;
+    model.visit_lora_sites(&mut |_, mut site| {
+        if site.has_adapter() {
+            site.merge_in_place();
+            n += 1;
+        }
+    });
+    n
+}
+
+/// Undoes [`merge_adapters`]: subtracts every merged adapter from its base weights again
+/// (up to rounding; exactly for DoRA and OFT, whose base is kept); returns how many
+/// adapters `model` has.
+pub fn unmerge_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
+    let mut n = 0;
+    model.visit_lora_sites(&mut |_, mut site| {
+        if site.has_adapter() {
+            site.unmerge_in_place();
+            n += 1;
+        }
+    });
+    n
 }
 
 /// Folds every attached adapter into its base weights and drops the adapters; returns how

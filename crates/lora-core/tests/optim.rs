@@ -453,3 +453,18 @@ fn prodigy_takes_the_factors_into_its_step_size() {
     // `d` comes from `p₀ − p`, differences of nearly equal values: their rounding shows.
     assert!((d(&by_lr) - d(&by_factor)).abs() <= 1e-2 * d(&by_lr), "{} vs {}", d(&by_lr), d(&by_factor));
 }
+
+/// An optimizer made before the adapters were attached knows none of them: it must not
+/// run steps that silently leave them where they are.
+#[test]
+#[should_panic(expected = "not trained by this optimizer")]
+fn an_optimizer_made_before_the_adapters_refuses_their_gradients() {
+    let device = Default::default();
+    let mut layer = lora_core::LoraLinear::new(LinearConfig::new(4, 4).init::<AD>(&device));
+    let optim = FlatAdamW::new(AdamWSettings::default(), &layer, &device);
+    assert!(optim.is_empty(), "the base is frozen");
+    layer.attach_new(&lora_core::LoraConfig::new(2), &device).unwrap();
+    let x = Tensor::<AD, 2>::ones([3, 4], &device);
+    let grads = GradientsParams::from_grads(layer.forward(x).sum().backward(), &layer);
+    let _ = optim.gather_grads(&layer, grads);
+}

@@ -137,6 +137,29 @@ fn check_epoch_size(images: &[ImageRecord], subsets: &[ResolvedSubset], repeats:
     ))
 }
 
+/// For an empty dataset: the files of its folders that are not images of a read format
+/// (GIFs, TIFFs, ...), counted with one named, or nothing when there are none.
+fn unread_files_hint(config: &DatasetConfig) -> String {
+    let mut others: Vec<std::path::PathBuf> = config
+        .subsets
+        .iter()
+        .filter_map(|s| std::fs::read_dir(&s.image_dir).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(|p| p.is_file() && !crate::image_io::is_image_path(p))
+        .filter(|p| !p.extension().is_some_and(|e| ["txt", "caption", "json", "jsonl", "toml", "npz"].iter().any(|c| c.eq_ignore_ascii_case(&e.to_string_lossy()))))
+        .collect();
+    others.sort();
+    match others.first() {
+        None => String::new(),
+        Some(first) => format!(
+            " ({} other file(s), e.g. {}; the formats read are {})",
+            others.len(),
+            first.display(),
+            crate::image_io::IMAGE_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+        ),
+    }
+}
+
 impl Dataset {
     /// Scans the configured folders and builds the dataset; see [`Dataset::from_scan`].
     pub fn open(config: &DatasetConfig) -> Result<Self> {
@@ -235,7 +258,7 @@ impl Dataset {
                 .collect();
             return Err(DataError::EmptyDataset {
                 dirs: if kept.is_empty() {
-                    dirs.join(", ")
+                    format!("{}{}", dirs.join(", "), unread_files_hint(&config))
                 } else {
                     format!(
                         "{} (only regularization images were found)",

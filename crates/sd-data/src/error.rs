@@ -42,7 +42,7 @@ pub enum DataError {
     },
     /// No aspect-ratio bucket fits an image: with `bucket_no_upscale`, scaled down to the
     /// buckets' area, its shorter side would be under one bucket step.
-    #[error("image {path} is {width}x{height} px: no bucket fits it (with bucket_no_upscale, scaled to the buckets' area its shorter side would be under one bucket step of {step} px); crop it to a less extreme aspect ratio, or turn bucket_no_upscale off")]
+    #[error("image {path} is {width}x{height} px: no bucket fits it (with bucket_no_upscale, scaled to the buckets' area its shorter side would be under one bucket step of {step} px); use a larger image, or one of a less extreme aspect ratio, or turn bucket_no_upscale off")]
     NoBucketFits {
         /// The image file.
         path: PathBuf,
@@ -126,7 +126,8 @@ pub enum DataError {
         /// What is wrong with the line.
         message: String,
     },
-    /// An entry of a kohya fine-tuning metadata file is unusable.
+    /// An entry of a kohya fine-tuning metadata file is unusable, or an image of a folder
+    /// with a `metadata.jsonl` is on none of its lines (and left out).
     #[error("{path}: image `{key}`: {message}")]
     KohyaMetadata {
         /// The metadata file.

@@ -75,7 +75,26 @@ fn check_pixels(path: &Path, (width, height): (u32, u32)) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a JPEG cut short: one with no end-of-image marker (`FF D9`) after its last
+/// start-of-scan marker (`FF DA`). The image crate's decoder fills a truncated baseline
+/// JPEG's missing rows without an error, where PIL (and so kohya's loaders) refuse it
+/// ("image file is truncated"). Neither marker can occur inside entropy-coded data (a
+/// data byte `FF` is written `FF 00`), and an EXIF thumbnail's markers come before the
+/// image's own scans.
+fn check_jpeg_complete(bytes: &[u8], path: &Path) -> Result<()> {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return Ok(());
+    }
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    match (last(0xDA), last(0xD9)) {
+        (Some(scan), Some(end)) if end < scan => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker after its last scan)")),
+        (Some(_), None) => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker)")),
+        _ => Ok(()),
+    }
+}
+
 fn decode_dynamic(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
+    check_jpeg_complete(bytes, path)?;
     let mut decoder = reader(bytes, path)?
         .into_decoder()
         .map_err(|e| corrupt(path, e))?;
@@ -113,6 +132,7 @@ pub fn decode_mask(bytes: &[u8], path: &Path) -> Result<GrayImage> {
 
 /// Size after EXIF orientation, from the header only (no pixel decoding).
 pub fn probe_size(bytes: &[u8], path: &Path) -> Result<Reso> {
+    check_jpeg_complete(bytes, path)?;
     let mut decoder = reader(bytes, path)?
         .into_decoder()
         .map_err(|e| corrupt(path, e))?;

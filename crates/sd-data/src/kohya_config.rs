@@ -104,9 +104,29 @@ impl DatasetConfig {
     }
 }
 
+/// The first float of `table` that is NaN or infinite, with its dotted key path
+/// (`datasets[0].subsets[1].loss_weight`).
+fn non_finite(table: &toml::Table, prefix: &str) -> Option<(String, f64)> {
+    table.iter().find_map(|(k, v)| non_finite_value(v, &format!("{prefix}{}{k}", if prefix.is_empty() { "" } else { "." })))
+}
+
+fn non_finite_value(value: &toml::Value, key: &str) -> Option<(String, f64)> {
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => Some((key.to_string(), *f)),
+        toml::Value::Table(t) => non_finite(t, key),
+        toml::Value::Array(a) => a.iter().enumerate().find_map(|(i, v)| non_finite_value(v, &format!("{key}[{i}]"))),
+        _ => None,
+    }
+}
+
 fn read_kohya_toml(text: &str, path: &Path, defaults: &DatasetConfig) -> Result<DatasetConfig> {
     let file_error = |message: String| DataError::ConfigFile { path: path.to_path_buf(), message };
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| file_error(e.to_string()))?;
+    // JSON has no NaN or infinity: converted, they would become nulls, which read as a
+    // key left out (its default) or as a type error about a `null` nobody wrote.
+    if let Some((key, v)) = non_finite(&doc, "") {
+        return Err(file_error(format!("`{key}` = {v}: must be a finite number")));
+    }
     let doc = serde_json::to_value(doc).map_err(|e| file_error(e.to_string()))?;
     let doc = doc.as_object().cloned().unwrap_or_default();
     if let Some(key) = doc.keys().find(|k| *k != "general" && *k != "datasets") {

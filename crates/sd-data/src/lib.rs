@@ -29,7 +29,17 @@
 //! assert_eq!(pixels.shape[1], 3);
 //! assert!(pixels.data.iter().all(|v| (-1.0..=1.0).contains(v)));
 //! ```
+//!
+//! ## Depending on this crate
+//!
+//! Its API takes and returns [burn](https://burn.dev) 0.21 types (`Tensor<B, D>`,
+//! `Module<B>`, backends). Use the same burn, re-exported as [`sd_data::burn`](crate::burn),
+//! or depend on `burn = "=0.21.0"` yourself: a second burn version's types would not fit.
 #![deny(missing_docs)]
+
+/// The burn this crate is built on (0.21), for its API's types without a burn dependency of
+/// one's own.
+pub use burn;
 
 mod batch;
 pub mod bucket;

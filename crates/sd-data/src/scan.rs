@@ -426,7 +426,10 @@ impl Scanner<'_> {
             path: meta_path.clone(),
             valid_up_to: e.utf8_error().valid_up_to(),
         })?;
+        // A byte-order mark, as caption files may have (Windows editors write one).
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let column = self.subsets[idx].config.caption_column.clone();
+        let mut listed = HashSet::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -449,6 +452,7 @@ impl Scanner<'_> {
                 continue;
             };
             let path = dir.join(file_name);
+            listed.insert(path.canonicalize().unwrap_or_else(|_| path.clone()));
             let caption = match value.get(&column) {
                 Some(serde_json::Value::String(s)) if !s.trim().is_empty() => {
                     Ok(s.trim().to_string())
@@ -463,6 +467,17 @@ impl Scanner<'_> {
                 subset: idx,
                 caption,
                 mask,
+            });
+        }
+        // The folder's own images that no line names are left out, as the metadata file
+        // lists the data set; each is reported (a stale `metadata.jsonl` beside captioned
+        // images would otherwise drop them silently).
+        for image in sorted_entries(dir)?.into_iter().filter(|p| p.is_file() && is_image_path(p) && !listed.contains(&p.canonicalize().unwrap_or_else(|_| p.clone()))) {
+            let key = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            self.problems.push(DataError::KohyaMetadata {
+                path: meta_path.clone(),
+                key,
+                message: "is in the folder but on no line of this file (its `file_name`), so it is left out: add a line for it, or remove the metadata file to use caption files".into(),
             });
         }
         Ok(())

@@ -171,11 +171,11 @@ fn main() -> Result<()> {
         let vae = source.load_vae::<B>(&device, &options)?;
         outputs.push(("vae_mean".into(), host4(vae.encode(p)?.mean)?));
         if let Some(z) = latents.clone() {
-            outputs.push(("vae_decoded".into(), host4(vae.decode(z))?));
+            outputs.push(("vae_decoded".into(), host4(vae.decode(z)?)?));
         }
     } else if let Some(z) = latents.clone() {
         let vae = source.load_vae::<B>(&device, &options)?;
-        outputs.push(("vae_decoded".into(), host4(vae.decode(z))?));
+        outputs.push(("vae_decoded".into(), host4(vae.decode(z)?)?));
     }
     if let (Some(unet), Some(z), Some(t)) = (&unet, latents, timesteps) {
         let Some(ctx) = context else {

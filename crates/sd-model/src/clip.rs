@@ -298,10 +298,47 @@ impl<B: Backend> ClipTextModel<B> {
         self.text_model.encoder.layers.len()
     }
 
+    /// Token ids from the host as the `[batch, seq]` tensor [`forward`](Self::forward)
+    /// takes, checked against this model: every row as long as the first and every id below
+    /// [`vocab_size`](Self::vocab_size). `forward` does not read the ids back to check them
+    /// (that would wait for the device in every step): an id past the vocabulary panics in
+    /// the embedding lookup on the CPU and is undefined on a GPU, so build the ids here (a
+    /// tokenizer with added tokens, [`ClipTokenizer::with_added_tokens`](crate::tokenizer::ClipTokenizer::with_added_tokens),
+    /// needs the model's rows for them, [`extend_vocabulary`](Self::extend_vocabulary)).
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use sd_model::{ClipTextConfig, ClipTextModel};
+    ///
+    /// let device = Default::default();
+    /// let model = ClipTextModel::<Flex>::new(&ClipTextConfig::tiny(), &device).unwrap();
+    /// let ids = model.token_ids(&[vec![49406, 320, 49407]], &device).unwrap();
+    /// assert_eq!(model.forward(ids, 1).unwrap().dims(), [1, 3, model.hidden_size()]);
+    /// assert!(model.token_ids(&[vec![49406, model.vocab_size() as u32]], &device).is_err());
+    /// ```
+    pub fn token_ids(&self, rows: &[Vec<u32>], device: &B::Device) -> Result<Tensor<B, 2, Int>> {
+        let bad = |reason: String| SdModelError::BadInput { what: "token ids".into(), reason };
+        let len = rows.first().map_or(0, Vec::len);
+        if len == 0 {
+            return Err(bad("no ids: at least one row of at least one id is needed".into()));
+        }
+        if let Some((i, row)) = rows.iter().enumerate().find(|(_, r)| r.len() != len) {
+            return Err(bad(format!("row {i} has {} ids, row 0 {len}: every row needs the same length", row.len())));
+        }
+        let vocab = self.vocab_size();
+        if let Some(id) = rows.iter().flatten().find(|id| **id as usize >= vocab) {
+            return Err(bad(format!("id {id} is outside the text encoder's vocabulary of {vocab} (a tokenizer with added tokens needs the encoder's rows for them)")));
+        }
+        let flat: Vec<i64> = rows.iter().flatten().map(|&id| i64::from(id)).collect();
+        Ok(Tensor::<B, 1, Int>::from_ints(flat.as_slice(), device).reshape([rows.len(), len]))
+    }
+
     /// Encodes token ids `[batch, seq]` to hidden states `[batch, seq, hidden]`.
     ///
     /// `clip_skip` follows A1111 / kohya: 1 uses the last layer, 2 the penultimate one, ...;
-    /// the final LayerNorm is applied to the selected layer's output either way.
+    /// the final LayerNorm is applied to the selected layer's output either way. The ids
+    /// must be below [`vocab_size`](Self::vocab_size), which is not checked here (see
+    /// [`token_ids`](Self::token_ids), which builds checked ids).
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>, clip_skip: usize) -> Result<Tensor<B, 3>> {
         let (x, used) = self.embed(input_ids, clip_skip)?;
         Ok(self.text_model.final_layer_norm.forward(self.run_layers(x, 0..used)))

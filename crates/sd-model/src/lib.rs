@@ -20,7 +20,17 @@
 //! (`text_model.encoder.layers.0.self_attn.q_proj`, `encoder.down_blocks.0.resnets.0.conv1`),
 //! and every linear and conv layer is a `lora_core` adapter site, so LoRA files attach by
 //! module path without rebuilding the model.
+//!
+//! ## Depending on this crate
+//!
+//! Its API takes and returns [burn](https://burn.dev) 0.21 types (`Tensor<B, D>`,
+//! `Module<B>`, backends). Use the same burn, re-exported as [`sd_model::burn`](crate::burn),
+//! or depend on `burn = "=0.21.0"` yourself: a second burn version's types would not fit.
 #![deny(missing_docs)]
+
+/// The burn this crate is built on (0.21), for its API's types without a burn dependency of
+/// one's own.
+pub use burn;
 
 pub mod activation;
 pub mod attention;
@@ -69,5 +79,6 @@ pub use unet::{AddedConditions, SdxlSizes, TimeProj, UNet2DConditionModel};
 pub use unet_blocks::{UNetMidBlock2DCrossAttn, UnetDownBlock, UnetUpBlock};
 pub use error::{KeyMismatch, Result, SdModelError};
 pub use resnet::{Downsample2D, ResnetBlock2D, SiluTemb, Upsample2D};
+pub use tokenizer::ClipTokenizer;
 
 pub use vae::{AutoencoderKl, DiagonalGaussian, DownEncoderBlock2D, UpDecoderBlock2D, VaeAttention, VaeDecoder, VaeEncoder, VaeMidBlock};

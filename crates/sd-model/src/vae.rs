@@ -174,7 +174,8 @@ impl<B: Backend> DiagonalGaussian<B> {
 /// let image = Tensor::<Flex, 4>::zeros([1, 3, 16, 16], &device);
 /// let posterior = vae.encode(image).unwrap();
 /// assert_eq!(posterior.mean.dims(), [1, 4, 4, 4]);
-/// assert_eq!(vae.decode(posterior.mean).dims(), [1, 3, 16, 16]);
+/// assert_eq!(vae.decode(posterior.mean).unwrap().dims(), [1, 3, 16, 16]);
+/// assert!(vae.decode(Tensor::zeros([1, 3, 4, 4], &device)).is_err(), "3 channels, not the latents' 4");
 /// ```
 #[derive(Module, Debug)]
 pub struct AutoencoderKl<B: Backend> {
@@ -301,8 +302,17 @@ impl<B: Backend> AutoencoderKl<B> {
         })
     }
 
-    /// Decodes raw (unscaled) latents `[B, latent, h, w]` to images in about `[-1, 1]`.
-    pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// Decodes raw (unscaled) latents `[B, latent, h, w]` to images in about `[-1, 1]`;
+    /// latents of another channel count or an empty size are an error.
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        let [_, c, h, w] = latents.dims();
+        let latent = self.latent_channels();
+        if c != latent || h == 0 || w == 0 {
+            return Err(SdModelError::BadInput {
+                what: "latents".into(),
+                reason: format!("shape {:?} needs {latent} channels and a positive height and width", latents.dims()),
+            });
+        }
         let d = &self.decoder;
         let io_dtype = latents.dtype();
         let latents = cast_to(latents, d.conv_in.base.weight.val().dtype());
@@ -320,7 +330,7 @@ impl<B: Backend> AutoencoderKl<B> {
                 x = u.forward(x);
             }
         }
-        cast_to(d.conv_out.forward(crate::norm::group_norm(&d.conv_norm_out, x, true)), io_dtype)
+        Ok(cast_to(d.conv_out.forward(crate::norm::group_norm(&d.conv_norm_out, x, true)), io_dtype))
     }
 
     /// Raw latents → the scaled latents the UNet works on: `(z - shift) · scale`.

@@ -446,6 +446,11 @@ pub fn pyramid_noise<B: Backend>(noise: Tensor<B, 4>, discount: f64, ratios: &[f
     Ok(sum.div(std.reshape([1, 1, 1, 1]).expand([b, c, h, w])))
 }
 
+/// The most levels [`pyramid_noise`] is worth asking for: each level is at most half its
+/// predecessor's size (ratios of at least 2), so past about 17 levels every latent size
+/// has reached one row and the rest are never drawn. kohya users set 6 to 10.
+pub const MAX_PYRAMID_LEVELS: usize = 64;
+
 /// Per-level ratios for [`pyramid_noise`] as kohya draws them: `iterations` values
 /// uniform in `[2, 4)`.
 pub fn pyramid_ratios(rng: &mut impl Rng, iterations: usize) -> Vec<f64> {

@@ -2224,6 +2224,13 @@ impl TrainConfig {
         if !(self.train.huber_c > 0.0 && self.train.huber_c <= 1.0 && self.train.huber_scale.is_finite() && self.train.huber_scale > 0.0) {
             return bad("train.huber_c must be in (0, 1] and train.huber_scale positive");
         }
+        if t.multires_noise_iterations > sd_sched::training::MAX_PYRAMID_LEVELS {
+            return bad(&format!(
+                "train.multires_noise_iterations = {} is past the {} levels any latent size has (each level is at most half the last one's size; 6 to 10 are usual)",
+                t.multires_noise_iterations,
+                sd_sched::training::MAX_PYRAMID_LEVELS
+            ));
+        }
         let discount_ok = t.multires_noise_discount.is_finite() && t.multires_noise_discount > 0.0;
         if !(discount_ok && t.ip_noise_gamma.is_finite() && t.ip_noise_gamma >= 0.0) {
             return bad("train.multires_noise_discount must be positive and train.ip_noise_gamma 0 (off) or positive");

@@ -757,7 +757,7 @@ pub fn upscale_latents<B: Backend>(latents: Tensor<B, 4>, size: [usize; 2]) -> T
 
 /// Decodes scaled latents to RGB images.
 pub fn decode<B: Backend>(c: &Components<B>, latents: Tensor<B, 4>) -> Result<Vec<RgbImage>, TrainError> {
-    let pixels = c.vae.decode(c.vae.unscale_latents(latents));
+    let pixels = c.vae.decode(c.vae.unscale_latents(latents))?;
     let [n, _, h, w] = pixels.dims();
     let data = pixels
         .into_data()
@@ -801,6 +801,8 @@ pub fn decode<B: Backend>(c: &Components<B>, latents: Tensor<B, 4>) -> Result<Ve
 /// let o = parse_sample_prompt("a lighthouse at dusk, mystyle --n blurry, lowres --w 768 --d 42 --l 7.5", &defaults)?;
 /// assert_eq!(o.prompts, ["a lighthouse at dusk, mystyle"]);
 /// assert_eq!((o.negative_prompt.as_str(), o.width, o.height, o.seed, o.cfg_scale, o.steps), ("blurry, lowres", 768, 512, 42, 7.5, 20));
+/// let err = parse_sample_prompt("a lighthouse --w 0", &defaults).unwrap_err();
+/// assert!(err.to_string().contains("--w 0"), "{err}");
 /// # Ok::<(), trainer::TrainError>(())
 /// ```
 pub fn parse_sample_prompt(text: &str, defaults: &GenerateOptions) -> Result<GenerateOptions, TrainError> {
@@ -820,7 +822,11 @@ fn parse_prompt_options(text: &str, defaults: &GenerateOptions) -> Result<(Gener
             reason: format!("--{key} {value}: {what}"),
         };
         let number = |what: &str| value.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).ok_or_else(|| bad(what));
-        let side = |v: f64| if v <= f64::from(sd_data::MAX_SIDE) { Ok(v as usize) } else { Err(bad(&format!("at most {} px", sd_data::MAX_SIDE))) };
+        let side = |v: f64| match v {
+            v if v < 1.0 => Err(bad("expected a size of at least 1 px (it is rounded to the model's size step)")),
+            v if v > f64::from(sd_data::MAX_SIDE) => Err(bad(&format!("at most {} px", sd_data::MAX_SIDE))),
+            v => Ok(v as usize),
+        };
         match key.to_ascii_lowercase().as_str() {
             "n" => o.negative_prompt = value.to_string(),
             "w" => o.width = side(number("expected a width in pixels")?)?,

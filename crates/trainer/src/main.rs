@@ -972,7 +972,7 @@ fn run_train<B: AutodiffBackend>(config: TrainConfig, resume_from: Option<&std::
             let changes = trainer::train::resume_data_changes(dir, &config, &data)?;
             if !changes.is_empty() {
                 note!(
-                    "note: the data changed since the state was saved ({}); training goes on from the state's step and place in its epoch with the data as it is now",
+                    "note: the data changed since the state was saved ({}); training goes on from the state's step and place in its epoch (the next epoch's start where the epoch is now shorter than that) with the data as it is now",
                     changes.join(", ")
                 );
             }
@@ -1223,7 +1223,7 @@ fn finish_generate<B: Backend>(c: &trainer::models::Components<B>, latents: burn
     let finite: bool = latents.clone().is_finite().all().into_scalar().elem::<bool>();
     if !finite {
         anyhow::bail!(
-            "the denoised latents are not finite (NaN or inf), so no image was written: a --lora strength or --cfg-scale far too large, or a broken LoRA or model"
+            "the denoised latents are not finite (NaN or inf), so no image was written: a --lora strength or --cfg far too large, or a broken LoRA or model"
         );
     }
     if let Some(path) = &files.save_latents {
@@ -1406,9 +1406,18 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
         sets.push(load_adapters(&file.path).with_context(|| format!("reading {}", file.path.display()))?);
     }
     let format = to.unwrap_or(sets[0].1.format);
+    // Each file's adapter shapes, to name the files behind a mismatch.
+    let shapes: Vec<std::collections::HashMap<String, String>> =
+        sets.iter().map(|(set, _)| set.iter().map(|(k, w)| (k.to_string(), format!("down {:?}, up {:?}", w.down.shape, w.up.shape))).collect()).collect();
     let parts: Vec<(AdapterSet, f32)> = sets.into_iter().zip(loras).flat_map(|((set, _), file)| file.strength_parts(set, SD_LAYERS_PER_BLOCK)).collect();
     let refs: Vec<(&AdapterSet, f32)> = parts.iter().map(|(set, strength)| (set, *strength)).collect();
-    let mut merged = lora_core::resize::merge_sets(&refs, settings).context("merging the LoRAs")?;
+    let mut merged = lora_core::resize::merge_sets(&refs, settings).map_err(|e| match &e {
+        lora_core::LoraError::ShapeMismatch { key, .. } => {
+            let holders: Vec<String> = loras.iter().zip(&shapes).filter_map(|(f, s)| s.get(key).map(|shape| format!("{} ({shape})", f.path.display()))).collect();
+            anyhow::anyhow!("{e}: `{key}` differs between {}; LoRAs for different base models cannot be merged", holders.join(" and "))
+        }
+        _ => anyhow::Error::new(e).context("merging the LoRAs"),
+    })?;
     let name = |f: &sd_model::lora::LoraFile| file_name(&f.path);
     let strengths = |f: &sd_model::lora::LoraFile| {
         let mut s = match f.text_encoder {
@@ -1957,6 +1966,19 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
         anyhow::bail!("{} already exists; choose a new output path", out.display());
     }
     let source = ModelSource::detect(model)?;
+    let file_out = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors") || e.eq_ignore_ascii_case("ckpt"));
+    match &source {
+        ModelSource::Diffusers(_) if file_out => anyhow::bail!(
+            "--out {}: a diffusers folder merges into a folder, not a file; give a folder path, then `trainer convert-model FOLDER --out {}` makes the single file",
+            out.display(),
+            out.display()
+        ),
+        ModelSource::SingleFile(_) if !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) => anyhow::bail!(
+            "--out {}: a single-file checkpoint merges into a single .safetensors file; end the path with .safetensors",
+            out.display()
+        ),
+        _ => {}
+    }
     let options = LoadOptions::default();
     let mut unet = source.load_unet::<B>(device, &options)?;
     let mut te = source.load_text_encoder::<B>(device, &options)?;

@@ -198,8 +198,36 @@ fn has_kohya_folders(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Builds the dataset the configuration asks for.
+/// Builds the dataset the configuration asks for. An `output.output_dir` at or inside one
+/// of its image folders is an error: the run's own images (sample grids, `loss.png`) would
+/// be trained on by the next run there.
 pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
+    let dataset = open_dataset_unchecked(config)?;
+    check_output_outside_data(config, &dataset)?;
+    Ok(dataset)
+}
+
+/// See [`open_dataset`].
+fn check_output_outside_data(config: &TrainConfig, dataset: &Dataset) -> Result<(), TrainError> {
+    // Symbolic links resolved where the folder exists (the output's may not yet).
+    let resolved = |p: &Path| std::path::absolute(p).ok().map(|a| a.canonicalize().unwrap_or(a));
+    let Some(out) = resolved(&config.output.output_dir) else { return Ok(()) };
+    for dir in dataset.config().subsets.iter().map(|s| &s.image_dir).filter(|d| d.is_dir()) {
+        if let Some(data) = resolved(dir).filter(|data| out.starts_with(data)) {
+            return Err(TrainError::Config {
+                origin: "output.output_dir".into(),
+                reason: format!(
+                    "{} is inside the image folder {}: the run's sample grids and loss.png would be trained on by the next run; choose a folder outside the data",
+                    out.display(),
+                    data.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn open_dataset_unchecked(config: &TrainConfig) -> Result<Dataset, TrainError> {
     let d = &config.data;
     let subset = |dir: &str, is_reg: bool| SubsetConfig {
         // A plain folder (and fine-tuning metadata) gets `num_repeats`; kohya `N_name`
@@ -313,6 +341,11 @@ pub fn open_dataset(config: &TrainConfig) -> Result<Dataset, TrainError> {
 fn data_key_error(e: sd_data::DataError) -> TrainError {
     match e {
         sd_data::DataError::Config { key, message } => {
+            // A folder's subset takes its settings from [data]'s keys of the same name.
+            let key = match key.split_once("].") {
+                Some((subset, rest)) if subset.starts_with("subsets[") => rest.to_string(),
+                _ => key,
+            };
             let origin = match key.as_str() {
                 "batch_size" => "train.train_batch_size".to_string(),
                 "seed" => "train.seed".to_string(),
@@ -646,8 +679,9 @@ pub fn data_fingerprint(config: &TrainConfig, dataset: &Dataset) -> String {
 /// What differs between the data the state in `state_dir` was trained on and `data`
 /// (one `was → now` line per item of [`data_fingerprint`]); empty when nothing did or the
 /// state did not record it. A resumed run may change its data: it then goes on from the
-/// state's step and epoch position with the new data, which an uninterrupted run would
-/// not have seen in that order, so the trainer prints these as a note.
+/// state's step and epoch position with the new data (from the next epoch's start where
+/// that position is past the end of an epoch of the new data), which an uninterrupted run
+/// would not have seen in that order, so the trainer prints these as a note.
 pub fn resume_data_changes(state_dir: &Path, config: &TrainConfig, data: &TrainingData) -> Result<Vec<String>, TrainError> {
     let path = state_dir.join("state.json");
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(Vec::new()) };
@@ -675,7 +709,7 @@ pub fn resume_on<B: AutodiffBackend>(
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
     let config = &steps_for(config, &data.0)?;
-    let state = TrainingState::load(state_dir)?;
+    let mut state = TrainingState::load(state_dir)?;
     let fingerprint = fingerprint(config);
     if state.info.fingerprint != fingerprint {
         // The first line that differs; a line only one side has (a setting at its
@@ -697,15 +731,11 @@ pub fn resume_on<B: AutodiffBackend>(
         });
     }
     let batches = data.0.batches_per_epoch();
+    // Fewer batches per epoch now (fewer images or repeats, a larger batch) than the
+    // state's place in its epoch: that epoch is over, the next one starts.
     if state.info.batch_in_epoch > batches {
-        return Err(TrainError::Config {
-            origin: state_dir.display().to_string(),
-            reason: format!(
-                "the state is at batch {} of epoch {}, but the data set now plans {batches} batches per epoch: its images, repeats or train.train_batch_size changed since the state was saved",
-                state.info.batch_in_epoch,
-                state.info.epoch + 1
-            ),
-        });
+        state.info.epoch += 1;
+        state.info.batch_in_epoch = 0;
     }
     if state.info.step >= config.train.max_train_steps {
         return Err(TrainError::Config {
@@ -1681,8 +1711,15 @@ fn run<B: AutodiffBackend>(
     encoders = encoders.into_iter().zip(&te_optims).map(|(te, o)| o.to_working(te)).collect();
     // Written once every start-up check has passed: a run that failed to start leaves no
     // `config.toml` behind, which would count as an earlier run for the corrected retry.
+    // An earlier `config.toml` (a resumed run's, or the run `--overwrite` replaces)
+    // describes the LoRA and state beside it: it is replaced with this run's first save,
+    // so that a run that fails before one (a diverged resume) leaves the settings that
+    // belong to the files there.
     let config_path = out.join("config.toml");
-    std::fs::write(&config_path, config.to_toml()).map_err(io_err(&config_path))?;
+    let config_pending = config_path.exists().then(|| config_path.clone());
+    if config_pending.is_none() {
+        std::fs::write(&config_path, config.to_toml()).map_err(io_err(&config_path))?;
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1728,6 +1765,7 @@ fn run<B: AutodiffBackend>(
         embedding: embedding.clone(),
         embedding_file: false,
         data: data_fingerprint(config, &dataset),
+        config_pending,
     };
     // Steps queued but not yet read back.
     let mut pending: Vec<PendingStep<B::InnerBackend>> = Vec::new();
@@ -2518,6 +2556,8 @@ struct Saver<'a> {
     embedding_file: bool,
     /// What the run trains on, recorded in the state ([`data_fingerprint`]).
     data: String,
+    /// The `config.toml` to write with the first save (one was there already).
+    config_pending: Option<PathBuf>,
 }
 
 impl Saver<'_> {
@@ -2545,6 +2585,7 @@ impl Saver<'_> {
                 false => (saved_unet.clone(), saved_tes.clone()),
             };
             self.save_state(&mut unet, &mut tes, optim, te_optims, progress, guard, timesteps, noise)?;
+            self.write_pending_config()?;
         }
         self.save(&mut saved_unet, &mut saved_tes, progress, path).map_err(|e| match e {
             TrainError::Lora(e @ lora_core::LoraError::OutOfRange { .. }) => TrainError::Config {
@@ -2552,7 +2593,16 @@ impl Saver<'_> {
                 reason: format!("{}: {e}{}", path.display(), if state { "; the training state is saved: resume it with another output.save_precision" } else { "" }),
             },
             other => other,
-        })
+        })?;
+        self.write_pending_config()
+    }
+
+    /// Writes `config.toml` if it waits for the first save.
+    fn write_pending_config(&mut self) -> Result<(), TrainError> {
+        match self.config_pending.take() {
+            Some(path) => std::fs::write(&path, self.config.to_toml()).map_err(io_err(&path)),
+            None => Ok(()),
+        }
     }
 
     fn save<B: AutodiffBackend>(&mut self, unet: &mut sd_model::UNet2DConditionModel<B>, encoders: &mut [sd_model::ClipTextModel<B>], progress: &Progress, path: &Path) -> Result<(), TrainError> {

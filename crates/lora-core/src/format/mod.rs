@@ -287,8 +287,10 @@ pub fn detect_format(bytes: &[u8], path: &Path) -> Result<AdapterFormat> {
 impl AdapterSet {
     /// Reads an adapter file of either layout (detected from its keys).
     ///
-    /// Kohya keys are resolved through `index` (the model's module paths). PEFT keys carry
-    /// the dotted path and are checked against `index` unless it is empty.
+    /// Kohya keys are resolved through `index` (the model's module paths, from
+    /// [`crate::sites::add_to_index`]: kohya's `lora_unet_down_blocks_0_...` names lose the
+    /// dots, so only the model can tell where they belong). PEFT keys carry the dotted path
+    /// and are checked against `index` unless it is empty.
     pub fn load(path: impl AsRef<Path>, index: &ModuleIndex, options: ReadOptions) -> Result<(Self, ReadReport)> {
         let path = path.as_ref();
         let bytes = tensor_io::read_file(path)?;

@@ -428,6 +428,21 @@ fn metadata_jsonl_folder() {
         DataError::Io { path, .. } => assert!(path.ends_with("img/missing.png")),
         e => panic!("unexpected {e}"),
     }
+
+    // A byte-order mark is read past; an image of the folder itself that no line names
+    // is reported (left out), not dropped silently.
+    save(&d.path().join("c.png"), 64, 64, 3);
+    caption(&d.path().join("c.png"), "txt", "c from its caption file");
+    fs::write(d.path().join("metadata.jsonl"), "\u{feff}{\"file_name\": \"img/a.png\", \"text\": \"caption a\"}\n").unwrap();
+    match Dataset::open(&config(d.path())).unwrap_err() {
+        DataError::KohyaMetadata { path, key, message } => assert!(path.ends_with("metadata.jsonl") && key == "c.png" && message.contains("left out"), "{message}"),
+        e => panic!("unexpected {e}"),
+    }
+    let mut lenient = config(d.path());
+    lenient.skip_bad_images = true;
+    let ds = Dataset::open(&lenient).unwrap();
+    assert_eq!(ds.images().iter().map(|i| i.caption.as_str()).collect::<Vec<_>>(), ["caption a"]);
+    assert_eq!(ds.skipped().len(), 1);
 }
 
 /// kohya's fine-tuning metadata (`metadata_file` / `--in_json`): entries keyed by image
@@ -578,6 +593,30 @@ fn corrupt_and_truncated_images() {
     assert!(e.to_string().contains("trunc.png"));
 }
 
+/// A JPEG cut short is refused as PIL refuses it, though the image crate's decoder would
+/// fill its missing rows without an error; bytes after the end marker (some cameras append
+/// data there) are no truncation. With and without verify_images (the scan's header probe).
+#[test]
+fn truncated_jpegs_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let whole = encoded(image::ImageFormat::Jpeg, 3);
+    let mut trailing = whole.clone();
+    trailing.extend_from_slice(b"camera trailer");
+    fs::write(d.path().join("whole.jpg"), &whole).unwrap();
+    fs::write(d.path().join("trailing.jpg"), &trailing).unwrap();
+    for name in ["whole.jpg", "trailing.jpg", "cut.jpg"] {
+        caption(&d.path().join(name), "txt", "x");
+    }
+    assert_eq!(Dataset::open(&config(d.path())).unwrap().images().len(), 2);
+    fs::write(d.path().join("cut.jpg"), &whole[..whole.len() * 2 / 3]).unwrap();
+    for verify in [true, false] {
+        let mut cfg = config(d.path());
+        cfg.verify_images = verify;
+        let e = expect_err(&cfg);
+        assert!(matches!(&e, DataError::CorruptImage { path, message } if path.ends_with("cut.jpg") && message.contains("truncated")), "{e}");
+    }
+}
+
 /// A header claiming a huge image (a decompression bomb, or a damaged width) is refused
 /// before its pixel buffer is reserved: here 60 000 × 60 000 px, 10.8 GB as RGB.
 #[test]
@@ -645,8 +684,13 @@ fn empty_dataset_and_missing_dir() {
     let d = tempfile::tempdir().unwrap();
     fs::write(d.path().join("readme.txt"), "no images").unwrap();
     assert!(
-        matches!(expect_err(&config(d.path())), DataError::EmptyDataset { dirs } if dirs.contains(&d.path().display().to_string()))
+        matches!(expect_err(&config(d.path())), DataError::EmptyDataset { dirs } if dirs.contains(&d.path().display().to_string()) && !dirs.contains("other file"))
     );
+    // Images in formats that are not read (GIF here) are named, with the formats read.
+    fs::write(d.path().join("anim.gif"), b"GIF89a").unwrap();
+    let e = expect_err(&config(d.path())).to_string();
+    assert!(e.contains("1 other file(s), e.g.") && e.contains("anim.gif") && e.contains(".png, .jpg"), "{e}");
+    fs::remove_file(d.path().join("anim.gif")).unwrap();
     let missing = d.path().join("nope");
     assert!(
         matches!(expect_err(&config(&missing)), DataError::NotADirectory { path } if path == missing)

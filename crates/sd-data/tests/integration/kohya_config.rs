@@ -249,6 +249,20 @@ fn resize_interpolation_reads_sd_scripts_names() {
     read("[general]\ncache_info = true\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"a\"\n", &DatasetConfig::default()).unwrap();
 }
 
+/// NaN and infinity (which JSON, the way in, cannot hold) are errors naming the key, not
+/// a default (`loss_weight = nan` trained at 1.0) or a type error about a `null`.
+#[test]
+fn non_finite_numbers_are_errors_naming_the_key() {
+    let text = |v: &str| format!("[general]\nprior_loss_weight = 1.0\n\n[[datasets]]\n\n  [[datasets.subsets]]\n  image_dir = \"img\"\n\n  [[datasets.subsets]]\n  image_dir = \"reg\"\n  loss_weight = {v}\n");
+    assert!(read(&text("0.5"), &DatasetConfig::default()).is_ok());
+    for v in ["nan", "inf", "-inf"] {
+        let m = message(&text(v));
+        assert!(m.contains("`datasets[0].subsets[1].loss_weight`") && m.contains("finite"), "{m}");
+    }
+    let m = message("[general]\ncaption_tag_dropout_rate = nan\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"img\"\n");
+    assert!(m.contains("`general.caption_tag_dropout_rate`") && !m.contains("null"), "{m}");
+}
+
 /// A `key = value` line of kohya's dataset options at edge values: numbers out of range,
 /// NaN, wrong types, odd strings, tables and lists where scalars go.
 fn option_line() -> impl Strategy<Value = String> {

@@ -70,7 +70,7 @@ fn check_vae(vae: &AutoencoderKl<B>) {
     assert_close(posterior.mean.clone(), "vae_mean");
     assert_close(posterior.logvar.clone(), "vae_logvar");
     assert_close(posterior.sample(input4("noise")).unwrap(), "vae_sample");
-    assert_close(vae.decode(input4("latents")), "vae_decoded");
+    assert_close(vae.decode(input4("latents")).unwrap(), "vae_decoded");
 }
 
 /// Both tiny models in both layouts: diffusers folders hold f16 files, single files bf16

@@ -154,6 +154,18 @@ fn resize_lowers_ranks_and_refuses_bad_requests() {
         assert!(!ok && text.contains(expect), "{args:?}: {text}");
     }
     assert!(!Path::new(other).exists());
+
+    // A LoRA for another model (one adapter a column wider): the error names both files.
+    let (key, w) = trained.iter().find(|(_, w)| !w.is_conv()).map(|(k, w)| (k.clone(), w.clone())).unwrap();
+    let (r, cols) = (w.down.shape[0], w.down.shape[1] + 1);
+    let wider = lora_core::LoraWeights { down: lora_core::HostTensor { shape: vec![r, cols], data: vec![0.01; r * cols] }, ..w };
+    let mut foreign = AdapterSet::new();
+    foreign.insert(key, wider).unwrap();
+    let foreign_path = dir.path().join("foreign.safetensors");
+    foreign.save(&foreign_path, AdapterFormat::Kohya, lora_core::SaveDtype::F32).unwrap();
+    let (ok, text) = trainer(&["merge-loras", &half, foreign_path.to_str().unwrap(), "--out", other]);
+    assert!(!ok && text.contains(input.as_str()) && text.contains("foreign.safetensors") && text.contains("different base models"), "{text}");
+    assert!(!Path::new(other).exists());
 }
 
 /// A kohya sd-scripts config in `dir` that trains the tiny model on the demo data at 64 px
@@ -667,6 +679,12 @@ fn merge_models_sums_checkpoints() {
     let folder_b = path("b-folder");
     let (ok, text) = trainer(&["merge", "--model", &folder_a, "--lora", lora.to_str().unwrap(), "--out", &folder_b, "--dtype", "f32"]);
     assert!(ok, "{text}");
+    // An output the kind of model cannot become is refused before anything is written (a
+    // folder merge wrote a folder named `x.safetensors`).
+    for (model, out, expected) in [(&folder_a, path("x.safetensors"), "convert-model"), (&a, path("x"), "end the path with .safetensors")] {
+        let (ok, text) = trainer(&["merge", "--model", model, "--lora", lora.to_str().unwrap(), "--out", &out]);
+        assert!(!ok && text.contains(expected) && !Path::new(&out).exists(), "{text}");
+    }
     let folder_out = path("difference-folder");
     let (ok, text) = trainer(&["merge-models", &format!("{folder_a}:1"), &format!("{folder_b}:1"), &format!("{folder_a}:-1"), "--out", &folder_out, "--dtype", "f32"]);
     assert!(ok && text.contains("unet, text_encoder, vae merged"), "{text}");

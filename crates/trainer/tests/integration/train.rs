@@ -769,6 +769,63 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     assert!(changes.iter().any(|c| c.starts_with("images: ")) && changes.iter().any(|c| c.starts_with("image contents and repeats: ")), "{changes:?}");
 }
 
+/// A resumed run that fails before its first save (here it diverges) leaves the earlier
+/// `config.toml`, which belongs to the LoRA and state still there; one that saves
+/// replaces it.
+#[test]
+fn config_toml_is_replaced_only_with_a_save() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = quick_config(dir.path(), 3);
+    config.output.sample_prompts.clear();
+    train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let written = || TrainConfig::load(Some(&dir.path().join("config.toml")), &[]).unwrap();
+    assert_eq!(written(), config);
+    let state = dir.path().join("state");
+    let mut diverging = config.clone();
+    diverging.train.max_train_steps = 6;
+    diverging.train.learning_rate = 1e30;
+    let err = trainer::train::resume::<B>(&diverging, &state, &Default::default(), &mut |_| true).unwrap_err();
+    assert!(matches!(err, TrainError::NonFinite { .. }), "{err}");
+    assert_eq!(written(), config, "the failed run's settings are not the state's");
+    let mut longer = config.clone();
+    longer.train.max_train_steps = 4;
+    trainer::train::resume::<B>(&longer, &state, &Default::default(), &mut |_| true).unwrap();
+    assert_eq!(written(), longer);
+}
+
+/// A resume with a larger batch, whose epochs end before the state's place in its epoch,
+/// goes on from the next epoch's start (it was an error, though the docs allow the change).
+#[test]
+fn a_resume_past_a_shorter_epoch_goes_on_from_the_next() {
+    let _guard = seeded();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = resume_config(dir.path(), 14);
+    config.train.gradient_accumulation_steps = 1;
+    // Spread over the demo's three buckets: more batches at 2 per batch than at 6.
+    config.data.demo_images = 12;
+    let batches = trainer::train::open_dataset(&config).unwrap().plan_epoch(0).len();
+    // Stopped one batch before an epoch's end: its place is batch `batches - 1`.
+    let stop = batches + batches - 1;
+    let first = train::<B>(&config, &Default::default(), &mut |info| info.step < stop).unwrap();
+    assert!(first.interrupted);
+    let state = dir.path().join("state");
+    let mut larger = config.clone();
+    larger.train.train_batch_size = 6;
+    let now = trainer::train::open_dataset(&larger).unwrap().plan_epoch(0).len();
+    assert!(now < batches - 1, "{now} batches per epoch now, {batches} before");
+    let mut steps = vec![];
+    let report = trainer::train::resume::<B>(&larger, &state, &Default::default(), &mut |info| {
+        steps.push(info.step);
+        true
+    })
+    .unwrap();
+    assert_eq!(steps, (stop + 1..=14).collect::<Vec<_>>());
+    let metrics = std::fs::read_to_string(&report.metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(metrics.lines().nth(stop).unwrap()).unwrap();
+    assert_eq!((line["step"].as_u64(), line["epoch"].as_u64()), (Some(stop as u64 + 1), Some(3)), "epoch 2 was cut short: {line}");
+}
+
 /// kohya's `initial_step` / `initial_epoch`: a run without a state starts part-way, at
 /// the batch the steps before it would have used, with the step count, the epoch numbers
 /// of saves and samples and the learning-rate schedule going on from there; a start at or
@@ -1124,6 +1181,15 @@ fn folder_settings_are_named_as_data_keys() {
     assert!(e.contains("a.png") && e.contains("minimum side of 65 px (min_image_size)"), "{e}");
     config.data.min_image_size = 64;
     assert_eq!(trainer::train::open_dataset(&config).unwrap().images().len(), 1);
+    // A setting of the folder's subset is the [data] key of its name, not `subsets[0]`'s.
+    config.data.caption_extension = "txt".into();
+    let e = trainer::train::open_dataset(&config).unwrap_err().to_string();
+    assert!(e.starts_with("data.caption_extension: ") && !e.contains("subsets["), "{e}");
+    config.data.caption_extension = ".txt".into();
+    // An output folder inside the data would train on its own sample grids next time.
+    config.output.output_dir = data.join("out");
+    let e = trainer::train::open_dataset(&config).unwrap_err().to_string();
+    assert!(e.starts_with("output.output_dir: ") && e.contains("inside the image folder"), "{e}");
 }
 
 /// `data.in_json` (sd-scripts' `--in_json`): the metadata's entries are the training
@@ -2185,6 +2251,10 @@ fn multires_noise_input_perturbation_and_debiased_weights_change_the_loss() {
     assert!(random_gamma.is_finite() && random_gamma != gamma);
     let err = TrainConfig::load(None, &["train.ip_noise_gamma=-1".into()]).unwrap_err();
     assert!(err.to_string().contains("ip_noise_gamma"), "{err}");
+    // A level count past any latent size is refused (4294967296 aborted on its allocation).
+    TrainConfig::load(None, &[format!("train.multires_noise_iterations={}", sd_sched::training::MAX_PYRAMID_LEVELS)]).unwrap();
+    let err = TrainConfig::load(None, &["train.multires_noise_iterations=4294967296".into()]).unwrap_err();
+    assert!(err.to_string().contains("train.multires_noise_iterations = 4294967296"), "{err}");
     // kohya's adaptive noise offset: per-channel strengths from the latents' means, the
     // same draws as the plain offset (so a scale of 0 is the plain offset).
     let adaptive = first_loss(&|c| (c.train.noise_offset, c.train.adaptive_noise_scale) = (0.5, 0.5));
