@@ -573,10 +573,15 @@ pub fn attach_new_adapters<B: Backend>(model: &mut impl LoraSites<B>, config: &L
 /// Removes every attached adapter of `model` (a merged one is subtracted from the weights
 /// first, so the base is as before it was attached); returns how many were removed.
 pub fn detach_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
+    for_each_adapter(model, |mut site| site.detach())
+}
+
+/// Calls `f` on every site of `model` that has an adapter; returns how many.
+fn for_each_adapter<B: Backend>(model: &mut impl LoraSites<B>, mut f: impl FnMut(LoraSiteMut<'_, B>)) -> usize {
     let mut n = 0;
-    model.visit_lora_sites(&mut |_, mut site| {
+    model.visit_lora_sites(&mut |_, site| {
         if site.has_adapter() {
-            site.detach();
+            f(site);
             n += 1;
         }
     });
@@ -793,39 +798,18 @@ pub fn clear_dylora_chunks<B: Backend>(model: &mut impl LoraSites<B>) {
 /// # Ok::<(), lora_core::LoraError>(())
 /// ```
 pub fn merge_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
-    let mut n = 0;
-    model.visit_lora_sites(&mut |_, mut site| {
-        if site.has_adapter() {
-            site.merge_in_place();
-            n += 1;
-        }
-    });
-    n
+    for_each_adapter(model, |mut site| site.merge_in_place())
 }
 
 /// Undoes [`merge_adapters`]: subtracts every merged adapter from its base weights again
 /// (up to rounding; exactly for DoRA and OFT, whose base is kept); returns how many
 /// adapters `model` has.
 pub fn unmerge_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
-    let mut n = 0;
-    model.visit_lora_sites(&mut |_, mut site| {
-        if site.has_adapter() {
-            site.unmerge_in_place();
-            n += 1;
-        }
-    });
-    n
+    for_each_adapter(model, |mut site| site.unmerge_in_place())
 }
 
 /// Folds every attached adapter into its base weights and drops the adapters; returns how
 /// many were baked. The model then holds plain merged weights (e.g. to save a checkpoint).
 pub fn bake_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
-    let mut n = 0;
-    model.visit_lora_sites(&mut |_, mut site| {
-        if site.has_adapter() {
-            site.bake();
-            n += 1;
-        }
-    });
-    n
+    for_each_adapter(model, |mut site| site.bake())
 }

@@ -1478,6 +1478,20 @@ fn resume_metrics(path: &Path, step: usize) -> Result<(Vec<f32>, f64), TrainErro
     Ok((losses, elapsed_s))
 }
 
+/// Drops the first `earlier` bytes of `metrics.jsonl` at `path` (an earlier run's lines,
+/// kept until this run's first save) through `file`, which appends.
+fn drop_earlier_metrics(file: &mut std::fs::File, path: &Path, earlier: &mut u64) -> Result<(), TrainError> {
+    if *earlier == 0 {
+        return Ok(());
+    }
+    let text = std::fs::read(path).map_err(io_err(path))?;
+    let own = text.get(*earlier as usize..).unwrap_or_default();
+    file.set_len(0).map_err(io_err(path))?;
+    std::io::Write::write_all(file, own).map_err(io_err(path))?;
+    *earlier = 0;
+    Ok(())
+}
+
 /// Fails with a config error naming `origin` and the settings to use instead
 /// (`alternatives`) when `device` cannot compute in `dtype` (bf16 on burn's wgpu backend,
 /// say), instead of a panic inside the first step.
@@ -1726,9 +1740,13 @@ fn run<B: AutodiffBackend>(
         .truncate(false)
         .open(&metrics_path)
         .map_err(io_err(&metrics_path))?;
-    if losses.is_empty() {
-        metrics.set_len(0).map_err(io_err(&metrics_path))?;
-    }
+    // A new run over an earlier one's (`--overwrite`) appends after the earlier run's lines
+    // and drops them with its first save, as `config.toml` is replaced then: a run that
+    // fails before that leaves the earlier run's metrics beside its LoRA and state.
+    let mut earlier_metrics = match losses.is_empty() {
+        true => metrics.metadata().map_err(io_err(&metrics_path))?.len(),
+        false => 0,
+    };
     let start_wall = crate::tensorboard::wall_time_now();
     let mut events = match config.output.tensorboard {
         true => {
@@ -2106,12 +2124,14 @@ fn run<B: AutodiffBackend>(
         }
         if let Some(name) = name {
             saver.save_all(&unet, &encoders, (&optim, &te_optims), &progress, &out.join(format!("{name}.safetensors")), (&guard, &timesteps, &noise))?;
+            drop_earlier_metrics(&mut metrics, &metrics_path, &mut earlier_metrics)?;
             prune_saves(&config.output, progress.step)?;
         }
     }
 
     let lora_path = out.join(format!("{}.safetensors", config.output.output_name));
     saver.save_all(&unet, &encoders, (&optim, &te_optims), &progress, &lora_path, (&guard, &timesteps, &noise))?;
+    drop_earlier_metrics(&mut metrics, &metrics_path, &mut earlier_metrics)?;
 
     let grid_path = if interrupted || config.output.sample_prompts.is_empty() {
         None

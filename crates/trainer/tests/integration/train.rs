@@ -792,6 +792,20 @@ fn config_toml_is_replaced_only_with_a_save() {
     longer.train.max_train_steps = 4;
     trainer::train::resume::<B>(&longer, &state, &Default::default(), &mut |_| true).unwrap();
     assert_eq!(written(), longer);
+
+    // A new run over it (what `--overwrite` allows) that fails before saving keeps the
+    // earlier run's metrics too; one that saves has only its own.
+    let metrics = || std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let earlier = metrics();
+    assert_eq!(earlier.lines().count(), 4);
+    let mut fresh = diverging.clone();
+    fresh.train.max_train_steps = 3;
+    let err = train::<B>(&fresh, &Default::default(), &mut |_| true).unwrap_err();
+    assert!(matches!(err, TrainError::NonFinite { .. }), "{err}");
+    assert!(metrics().starts_with(&earlier) && written() == longer, "{}", metrics());
+    train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
+    let steps: Vec<u64> = metrics().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!((steps, written()), (vec![1, 2, 3], config));
 }
 
 /// A resume with a larger batch, whose epochs end before the state's place in its epoch,
