@@ -311,7 +311,7 @@ impl Scanner<'_> {
                 if recursive && !self.is_mask_dir(&p) {
                     self.collect_images(&p, idx, recursive, visited)?;
                 }
-            } else if is_image_path(&p) {
+            } else if is_image_path(&p) && !is_special_file(&p) {
                 self.add_candidate(&p, idx);
             }
         }
@@ -482,6 +482,13 @@ impl Scanner<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether `path` is there but is no regular file (a FIFO, socket or device named like an
+/// image, which reading would block on or misread). A broken link is not special: reading
+/// it reports the error.
+fn is_special_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
 }
 
 impl Scanner<'_> {

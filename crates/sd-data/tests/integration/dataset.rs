@@ -593,6 +593,23 @@ fn corrupt_and_truncated_images() {
     assert!(e.to_string().contains("trunc.png"));
 }
 
+/// A FIFO named like an image is passed over: reading it blocked the scan for good.
+#[cfg(unix)]
+#[test]
+fn special_files_named_like_images_are_passed_over() {
+    let d = tempfile::tempdir().unwrap();
+    let ok = save(&d.path().join("ok.png"), 64, 64, 1);
+    caption(&ok, "txt", "ok");
+    let fifo = d.path().join("pipe.png");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+    if !made {
+        eprintln!("mkfifo is not available; skipped");
+        return;
+    }
+    caption(&fifo, "txt", "x");
+    assert_eq!(Dataset::open(&config(d.path())).unwrap().images().len(), 1);
+}
+
 /// A JPEG cut short is refused as PIL refuses it, though the image crate's decoder would
 /// fill its missing rows without an error; bytes after the end marker (some cameras append
 /// data there) are no truncation. With and without verify_images (the scan's header probe).

@@ -285,7 +285,8 @@ impl fmt::Display for SamplerKind {
 
 pub(crate) const KNOWN_NAMES: &str = "ddpm, ddim, pndm, plms, euler, euler_karras, euler_a, \
      dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde, dpmpp_2m_sde_karras, dpmpp_3m, dpmpp_3m_karras, \
-     dpmsolver, dpmsolver_karras, dpmsingle, dpmsingle_karras, heun, heun_karras, dpm_2, dpm_2_karras, dpm_2_a, dpm_2_a_karras, lms, lms_karras";
+     dpmsolver, dpmsolver_karras, dpmsingle, dpmsingle_karras, heun, heun_karras, dpm_2, dpm_2_karras, dpm_2_a, dpm_2_a_karras, lms, lms_karras \
+     (or A1111's names of these, such as `DPM++ 2M Karras` and `Euler a`)";
 
 /// A sampler by name plus the config overrides the name implies, parsed from a diffusers
 /// class name (`"EulerAncestralDiscreteScheduler"`) or a short name (`"euler_a"`,
@@ -302,6 +303,10 @@ pub(crate) const KNOWN_NAMES: &str = "ddpm, ddim, pndm, plms, euler, euler_karra
 /// assert_eq!(sampler.timesteps().len(), 20);
 /// assert_eq!(sampler.timesteps()[0], 999.0);
 /// assert_eq!("k_lms".parse::<SamplerSpec>().unwrap().kind, SamplerKind::Lms);
+/// // A1111's menu names, as copied into prompt files.
+/// assert_eq!("DPM++ 2M Karras".parse::<SamplerSpec>().unwrap(), spec);
+/// assert_eq!("Euler a".parse::<SamplerSpec>().unwrap().kind, SamplerKind::EulerAncestral);
+/// assert_eq!("DPM2 a Karras".parse::<SamplerSpec>().unwrap(), "dpm_2_a_karras".parse().unwrap());
 /// assert!("k_dpm_fast".parse::<SamplerSpec>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -377,8 +382,10 @@ impl FromStr for SamplerSpec {
     /// 2, ending at `sigma_min` as it must), `dpmsingle`, `dpmsingle_karras` (DPM-Solver++
     /// singlestep of order 2 with diffusers' defaults for that class, kohya's
     /// `dpmsingle`), `heun`, `heun_karras`, `dpm_2` / `kdpm2`, `dpm_2_karras`,
-    /// `dpm_2_a` / `kdpm2_a`, `dpm_2_a_karras`, `lms`, `lms_karras` (a leading `k_`, as in
-    /// kohya's names, is accepted).
+    /// `dpm_2_a` / `kdpm2_a` / `dpm_2_ancestral`, `dpm_2_a_karras`, `lms`, `lms_karras` (a
+    /// leading `k_`, as in kohya's names, is accepted), and the names A1111's sampler menu
+    /// shows for these (`Euler a`, `DPM2 a Karras`, `DPM++ 2M SDE Karras`, `LMS`, ...: `++`
+    /// read as `pp`, spaces as `_`), as users copy them into prompt files.
     fn from_str(name: &str) -> Result<Self> {
         if let Some(kind) = SamplerKind::ALL
             .into_iter()
@@ -402,7 +409,13 @@ impl FromStr for SamplerSpec {
             use_karras_sigmas: Some(karras),
             ..Self::new(kind)
         };
-        let lower = name.to_ascii_lowercase().replace('-', "_");
+        // A1111's menu names ("DPM++ 2M Karras", "Euler a", "DPM2 a"): `++` → `pp`,
+        // spaces → `_`, `dpm2` → `dpm_2`.
+        let lower = name.trim().to_ascii_lowercase().replace('-', "_").replace("++", "pp").replace(' ', "_");
+        let lower = match lower.strip_prefix("dpm2") {
+            Some(rest) => format!("dpm_2{rest}"),
+            None => lower,
+        };
         let short = match lower.strip_prefix("k_") {
             // kohya's five `k_*` names (sd-scripts has no `k_heun`).
             Some(rest) if matches!(rest, "dpm_2" | "dpm_2_a" | "euler" | "euler_a" | "lms") => rest,
@@ -440,7 +453,7 @@ impl FromStr for SamplerSpec {
             "heun_karras" => sigma(SamplerKind::Heun, true),
             "dpm_2" | "kdpm2" => sigma(SamplerKind::KDpm2, false),
             "dpm_2_karras" | "kdpm2_karras" => sigma(SamplerKind::KDpm2, true),
-            "dpm_2_a" | "kdpm2_a" => sigma(SamplerKind::KDpm2Ancestral, false),
+            "dpm_2_a" | "kdpm2_a" | "dpm_2_ancestral" => sigma(SamplerKind::KDpm2Ancestral, false),
             "dpm_2_a_karras" | "kdpm2_a_karras" => sigma(SamplerKind::KDpm2Ancestral, true),
             "lms" => sigma(SamplerKind::Lms, false),
             "lms_karras" => sigma(SamplerKind::Lms, true),
