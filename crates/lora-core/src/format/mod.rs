@@ -305,7 +305,14 @@ impl AdapterSet {
         options: ReadOptions,
     ) -> Result<(Self, ReadReport)> {
         match detect_format(bytes, path)? {
-            AdapterFormat::Kohya => kohya::read(bytes, path, index, options),
+            AdapterFormat::Kohya => kohya::read(bytes, path, index, options).map_err(|e| match e {
+                // Every key is unknown to an empty index: say what is missing.
+                LoraError::UnknownKeys { path, .. } if index.is_empty() => LoraError::InvalidConfig(format!(
+                    "{}: kohya keys (`lora_unet_…`) drop the dots of module paths, so reading them needs the model's paths, but the module index is empty: fill it from the model with lora_core::sites::add_to_index",
+                    path.display()
+                )),
+                other => other,
+            }),
             AdapterFormat::Peft => peft::read(bytes, path, index, options),
         }
     }

@@ -363,6 +363,10 @@ fn peft_variants_are_read() {
         AdapterSet::from_bytes(&bytes, Path::new("x"), &ModuleIndex::new(), ReadOptions::default()).unwrap();
     assert_eq!(set.len(), 1);
     assert!(read(&bytes).is_err(), "strict with a model index: unknown path");
+    // Kohya keys cannot be resolved without the model's paths: the error says how to get them.
+    let kohya = raw(&[("lora_unet_mid_block_attentions_0_proj_in.lora_down.weight", vec![1, 4], vec![0.1; 4]), ("lora_unet_mid_block_attentions_0_proj_in.lora_up.weight", vec![4, 1], vec![0.1; 4])]);
+    let err = AdapterSet::from_bytes(&kohya, Path::new("k.safetensors"), &ModuleIndex::new(), ReadOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("k.safetensors") && err.contains("add_to_index"), "{err}");
 }
 
 #[test]
