@@ -85,10 +85,12 @@ fn check_jpeg_complete(bytes: &[u8], path: &Path) -> Result<()> {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
         return Ok(());
     }
-    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
-    match (last(0xDA), last(0xD9)) {
-        (Some(scan), Some(end)) if end < scan => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker after its last scan)")),
-        (Some(_), None) => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker)")),
+    let has_scan = |bytes: &[u8]| bytes.windows(2).any(|w| w == [0xFF, 0xDA]);
+    // The end marker first, from the back: in a whole file it is (nearly) the last bytes,
+    // so only the few bytes after it are searched for a scan, not the whole image.
+    match bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]) {
+        Some(end) if has_scan(&bytes[end..]) => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker after its last scan)")),
+        None if has_scan(bytes) => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker)")),
         _ => Ok(()),
     }
 }

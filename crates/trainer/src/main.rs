@@ -1406,14 +1406,13 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
         sets.push(load_adapters(&file.path).with_context(|| format!("reading {}", file.path.display()))?);
     }
     let format = to.unwrap_or(sets[0].1.format);
-    // Each file's adapter shapes, to name the files behind a mismatch.
-    let shapes: Vec<std::collections::HashMap<String, String>> =
-        sets.iter().map(|(set, _)| set.iter().map(|(k, w)| (k.to_string(), format!("down {:?}, up {:?}", w.down.shape, w.up.shape))).collect()).collect();
+    // Each file's adapter keys, to name the files behind a mismatch (its message has the shapes).
+    let keys: Vec<std::collections::HashSet<String>> = sets.iter().map(|(set, _)| set.iter().map(|(k, _)| k.to_string()).collect()).collect();
     let parts: Vec<(AdapterSet, f32)> = sets.into_iter().zip(loras).flat_map(|((set, _), file)| file.strength_parts(set, SD_LAYERS_PER_BLOCK)).collect();
     let refs: Vec<(&AdapterSet, f32)> = parts.iter().map(|(set, strength)| (set, *strength)).collect();
     let mut merged = lora_core::resize::merge_sets(&refs, settings).map_err(|e| match &e {
         lora_core::LoraError::ShapeMismatch { key, .. } => {
-            let holders: Vec<String> = loras.iter().zip(&shapes).filter_map(|(f, s)| s.get(key).map(|shape| format!("{} ({shape})", f.path.display()))).collect();
+            let holders: Vec<String> = loras.iter().zip(&keys).filter(|(_, k)| k.contains(key)).map(|(f, _)| f.path.display().to_string()).collect();
             anyhow::anyhow!("{e}: `{key}` differs between {}; LoRAs for different base models cannot be merged", holders.join(" and "))
         }
         _ => anyhow::Error::new(e).context("merging the LoRAs"),
