@@ -37,7 +37,7 @@ pub struct BenchOptions {
     /// ([`UNet2DConditionModel::forward_backward_checkpointed`]).
     pub grad_checkpointing: bool,
     /// Inference step: the adapters merged into the weights, as `trainer generate` and the
-    /// training loop's samples run them ([`crate::generate::merge_adapters`]), or (false)
+    /// training loop's samples run them ([`sd_pipeline::merge_adapters`]), or (false)
     /// kept beside them, as diffusers + peft run them. Unused by the train step.
     pub lora_merged: bool,
     /// The adapters' optimizer in the train step: AdamW with burn's defaults, or another

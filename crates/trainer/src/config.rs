@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 
-/// Most rows of 75 tokens `model.max_token_length` may ask for (A1111 prompts rarely need
-/// more than 8; each row costs the UNet's cross-attention 75 more keys).
-pub const MAX_TOKEN_ROWS: usize = 8;
+/// Most rows of 75 tokens `model.max_token_length` may ask for: the rows sampling lays a
+/// prompt out in at most.
+pub use sd_pipeline::MAX_TOKEN_ROWS;
 
 /// Where the base model comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -852,8 +852,8 @@ pub enum Prediction {
     VPrediction,
 }
 
-/// The most denoising steps a sample may take: SD's training timesteps.
-pub const MAX_SAMPLE_STEPS: usize = 1000;
+/// The most denoising steps a sample may take (`output.sample_steps`).
+pub use sd_pipeline::MAX_SAMPLE_STEPS;
 
 /// The optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -2049,7 +2049,7 @@ impl TrainConfig {
     /// when training starts; its settings only need to fit one of the numberings.
     fn check_block_settings(&self) -> Result<(), TrainError> {
         use sd_model::blocks::BlockLayout;
-        match crate::models::is_sdxl(&self.model.pretrained) {
+        match sd_pipeline::is_sdxl(&self.model.pretrained) {
             Ok(sdxl) => self.lora.block_plan(if sdxl { BlockLayout::Sdxl } else { BlockLayout::Sd }).map(drop),
             Err(_) => match self.lora.block_plan(BlockLayout::Sd) {
                 Ok(_) => Ok(()),
@@ -2307,7 +2307,7 @@ impl TrainConfig {
         // Per-prompt options (`--w 768 --l 7`) are checked here, not at the first sample.
         let defaults = self.sample_defaults((0, 0));
         for prompt in &self.output.sample_prompts {
-            crate::generate::parse_sample_prompt(prompt, &defaults)?;
+            sd_pipeline::parse_sample_prompt(prompt, &defaults)?;
         }
         if !(self.output.log_interval_s.is_finite() && self.output.log_interval_s >= 0.0) {
             return bad("output.log_interval_s must be 0 (every step) or a positive number of seconds");
@@ -2359,9 +2359,9 @@ impl TrainConfig {
 
     /// The sample images' options before a prompt's own (`--n`, `--w`, ...): the
     /// `output.sample_*` settings at `size` (width, height).
-    pub(crate) fn sample_defaults(&self, (width, height): (usize, usize)) -> crate::generate::GenerateOptions {
+    pub(crate) fn sample_defaults(&self, (width, height): (usize, usize)) -> sd_pipeline::GenerateOptions {
         let o = &self.output;
-        crate::generate::GenerateOptions {
+        sd_pipeline::GenerateOptions {
             prompts: Vec::new(),
             negative_prompt: String::new(),
             sampler: o.sample_sampler.clone(),

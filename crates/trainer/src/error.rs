@@ -75,3 +75,22 @@ pub enum TrainError {
         reason: String,
     },
 }
+
+/// Pipeline errors keep their meaning: a bad input is a [`TrainError::Config`] naming it.
+impl From<sd_pipeline::PipelineError> for TrainError {
+    fn from(e: sd_pipeline::PipelineError) -> Self {
+        use sd_pipeline::PipelineError as P;
+        match e {
+            P::Interrupted => Self::Interrupted,
+            P::Invalid { origin, reason } => Self::Config { origin, reason },
+            P::Io { path, source } => Self::Io { path, source },
+            P::Image { path, reason } => Self::Image { path, reason },
+            P::Model(e) => Self::Model(e),
+            P::Lora(e) => Self::Lora(e),
+            P::Sched(e) => Self::Sched(e),
+            P::Tokenizer(e) => Self::Tokenizer(e),
+            // `PipelineError` is non-exhaustive: a later variant keeps its message.
+            other => Self::Config { origin: "generation".into(), reason: other.to_string() },
+        }
+    }
+}

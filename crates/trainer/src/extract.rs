@@ -82,7 +82,7 @@ impl ExtractedLora {
 /// kohya's `ss_base_model_version` of `source`'s family, without loading weights.
 fn version_of(source: &ModelSource) -> Result<&'static str, TrainError> {
     Ok(match source.family()? {
-        ModelFamily::Sdxl => crate::models::SDXL_BASE_VERSION,
+        ModelFamily::Sdxl => sd_pipeline::SDXL_BASE_VERSION,
         ModelFamily::Sd2 => "sd_v2",
         ModelFamily::Sd1 => "sd_v1",
     })
@@ -174,7 +174,7 @@ pub fn extract_lora<B: Backend>(
     }
     let total = pairs.len();
     let mut extracted = extract_set(pairs.differences(), &options.settings, options.threads, &mut |done| progress(done, total))?;
-    if version == crate::models::SDXL_BASE_VERSION {
+    if version == sd_pipeline::SDXL_BASE_VERSION {
         sd_model::lora::use_sdxl_kohya_names_by(&mut extracted.set, &layout);
     }
     Ok(ExtractedLora { extracted, version, v_prediction, text_encoder_difference, text_encoders, load_dtype: dtype })

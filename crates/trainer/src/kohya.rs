@@ -416,7 +416,7 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
         Network::Lora { conv_dim } => conv_targets(&mut c.lora, conv_dim, &mut notes),
         Network::Oft { all_linear, conv } => oft_targets(&mut c.lora, all_linear, conv),
         Network::Lycoris { preset, conv_dim } => {
-            let sdxl = crate::models::is_sdxl(&c.model.pretrained).ok();
+            let sdxl = sd_pipeline::is_sdxl(&c.model.pretrained).ok();
             lycoris_targets(&mut c.lora, preset, conv_dim, sdxl, &mut notes);
             if c.lora.unet_targets == UnetTargets::None && c.lora.text_encoder_targets == TextEncoderTargets::None {
                 return Err(o.err("network_args", "the LyCORIS preset leaves nothing to train with these learning rates (network_train_unet_only / network_train_text_encoder_only, or a learning rate of 0)"));
@@ -493,7 +493,7 @@ fn read_model(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> 
         c.model.vae = vae;
     }
     c.model.clip_skip = o.count("clip_skip")?.unwrap_or(1);
-    if c.model.clip_skip > 1 && crate::models::is_sdxl(&c.model.pretrained).unwrap_or(false) {
+    if c.model.clip_skip > 1 && sd_pipeline::is_sdxl(&c.model.pretrained).unwrap_or(false) {
         notes.push(format!("clip_skip = {} is not used: SDXL reads both text encoders' penultimate layers (sd-scripts only warns)", c.model.clip_skip));
         c.model.clip_skip = 1;
     }
@@ -2087,7 +2087,7 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_
 /// The prompts of an sd-scripts prompt file (`.txt`: one prompt per line with its ` --n`,
 /// ` --w`, ... options, `#` comments; `.toml`: `[[prompt.subset]]` tables; `.json`: a list
 /// of prompt lines or tables) as this trainer's prompt lines
-/// ([`crate::generate::parse_sample_prompt`]). A prompt without a width or height gets
+/// ([`sd_pipeline::parse_sample_prompt`]). A prompt without a width or height gets
 /// `default_size` there (sd-scripts samples at 512 px), or none (`None`: the caller's
 /// default). Options this trainer lacks are left out with a note in `notes`.
 ///

@@ -32,8 +32,8 @@ macro_rules! note {
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::{Parser, Subcommand};
 use lora_core::{AdapterFormat, AdapterSet, ModuleIndex, ReadOptions, SaveDtype};
-use trainer::generate::{decode, denoise_masked, grid, img2img_latents, init_image_size, initial_latents, inpaint_latents, latents_from_noise, save_png, GenerateOptions};
-use trainer::models::load_components;
+use sd_pipeline::{decode, denoise_masked, grid, img2img_latents, init_image_size, initial_latents, inpaint_latents, latents_from_noise, save_png, GenerateOptions};
+use sd_pipeline::load_components;
 use trainer::train::{resume_on, train_on, StepInfo};
 use trainer::TrainConfig;
 
@@ -1093,7 +1093,7 @@ struct GenerateFiles {
     mask: Option<PathBuf>,
     save_latents: Option<PathBuf>,
     vae: Option<PathBuf>,
-    hires: Option<trainer::generate::HiresFix>,
+    hires: Option<sd_pipeline::HiresFix>,
     embeddings: Vec<PathBuf>,
 }
 
@@ -1152,11 +1152,11 @@ fn run_generate<B: Backend>(
         }
     }
     if let Some(vae) = &files.vae {
-        trainer::models::load_separate_vae(&mut c, vae)?;
+        sd_pipeline::load_separate_vae(&mut c, vae)?;
     }
     let lora_paths: Vec<PathBuf> = loras.files.iter().map(|l| l.path.clone()).collect();
     let embedding_files = embedding_files(&files.embeddings, &opts, prompt_lines.as_deref())?;
-    let names = trainer::generate::load_embeddings(&mut c, &embedding_files, &lora_paths, device)?;
+    let names = sd_pipeline::load_embeddings(&mut c, &embedding_files, &lora_paths, device)?;
     if !names.is_empty() {
         let expand = |p: &str| sd_model::textual_inversion::expand_prompt(p, &names);
         opts.prompts = opts.prompts.iter().map(|p| expand(p)).collect();
@@ -1175,9 +1175,9 @@ fn run_generate<B: Backend>(
         }
     }
     if !loras.files.is_empty() {
-        let applied = trainer::generate::attach_lora_files(&mut c, loras.files, device)?;
+        let applied = sd_pipeline::attach_lora_files(&mut c, loras.files, device)?;
         let how = if loras.merged {
-            trainer::generate::merge_adapters(&mut c);
+            sd_pipeline::merge_adapters(&mut c);
             "merged into"
         } else {
             "beside"
@@ -1185,19 +1185,19 @@ fn run_generate<B: Backend>(
         note!("LoRA: {} UNet and {} text-encoder layers adapted ({how} the weights)", applied.unet, applied.text_encoder);
     }
     if precision != trainer::device_check::Precision::F32 {
-        c = trainer::generate::to_precision(c, precision.dtype());
+        c = sd_pipeline::to_precision(c, precision.dtype());
     }
     let start = Instant::now();
     if let Some(lines) = &prompt_lines {
         // Each line with its own options; lines that agree are one batch.
-        let images = trainer::generate::sample_images(&c, lines, &opts, device)?;
+        let images = sd_pipeline::sample_images(&c, lines, &opts, device)?;
         return save_grid(out, files.columns, &images, start);
     }
     if let Some(hires) = &files.hires {
         // Checked before the first pass runs.
         let first = hires.first_pass(&c, &opts)?;
         note!("hires fix: {}x{} in {} steps, then {}x{} from strength {}", first.width, first.height, first.steps, opts.width, opts.height, hires.strength);
-        let latents = trainer::generate::hires_fix(&c, &opts, hires, device)?;
+        let latents = sd_pipeline::hires_fix(&c, &opts, hires, device)?;
         return finish_generate(&c, latents, files, start);
     }
     let (z, first_step, inpaint) = match (&files.init_latents, &init_image, &mask) {
@@ -1217,7 +1217,7 @@ fn run_generate<B: Backend>(
 }
 
 /// Writes the final latents where asked, decodes them and saves the grid.
-fn finish_generate<B: Backend>(c: &trainer::models::Components<B>, latents: burn::tensor::Tensor<B, 4>, files: &GenerateFiles, start: Instant) -> Result<()> {
+fn finish_generate<B: Backend>(c: &sd_pipeline::Components<B>, latents: burn::tensor::Tensor<B, 4>, files: &GenerateFiles, start: Instant) -> Result<()> {
     // NaN or infinite latents decode to a black image: say why instead of writing one.
     use burn::tensor::ElementConversion;
     let finite: bool = latents.clone().is_finite().all().into_scalar().elem::<bool>();
@@ -1334,7 +1334,7 @@ fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFor
 }
 
 /// `--embedding` paths with each folder replaced by its files that the prompts use
-/// ([`trainer::generate::used_embedding_files`]); a folder's file named as a given file is
+/// ([`sd_pipeline::used_embedding_files`]); a folder's file named as a given file is
 /// left out (the given one wins).
 fn embedding_files(paths: &[PathBuf], opts: &GenerateOptions, prompt_lines: Option<&[String]>) -> Result<Vec<PathBuf>> {
     let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().to_lowercase());
@@ -1344,7 +1344,7 @@ fn embedding_files(paths: &[PathBuf], opts: &GenerateOptions, prompt_lines: Opti
     texts.extend(prompt_lines.unwrap_or_default().iter().map(String::as_str));
     let mut out: Vec<PathBuf> = given.iter().map(|p| (*p).clone()).collect();
     for dir in paths.iter().filter(|p| p.is_dir()) {
-        for file in trainer::generate::used_embedding_files(dir, &texts)? {
+        for file in sd_pipeline::used_embedding_files(dir, &texts)? {
             if !given.iter().any(|g| stem(g) == stem(&file)) && !out.contains(&file) {
                 out.push(file);
             }
@@ -2229,7 +2229,7 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
                 }
                 None => None,
             };
-            let hires = hires_scale.map(|scale| trainer::generate::HiresFix { scale, steps: hires_steps, strength: hires_strength, latents: hires_latents });
+            let hires = hires_scale.map(|scale| sd_pipeline::HiresFix { scale, steps: hires_steps, strength: hires_strength, latents: hires_latents });
             let files = GenerateFiles { out, prompt_lines, columns, init_latents, init_image, mask, save_latents, vae, hires, embeddings };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
             run_generate::<B::InnerBackend>(&model, tiny_seed, loras, precision, opts, &files, device)

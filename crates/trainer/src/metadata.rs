@@ -29,7 +29,7 @@ pub struct RunMetadata {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BaseModel<'a> {
     /// `sd_v1`, `sd_v2`, `sdxl_base_v1-0`, `tiny` or `tiny_sdxl`
-    /// ([`crate::models::Components::base_version`]).
+    /// ([`sd_pipeline::Components::base_version`]).
     pub version: &'a str,
     /// Whether the model predicts v (after `train.prediction`).
     pub v_prediction: bool,
@@ -408,12 +408,12 @@ fn spec_keys(base: BaseModel<'_>, title: &str, (width, height): (u32, u32), date
         ("sd_v1", _) => "stable-diffusion-v1/lora",
         ("sd_v2", false) => "stable-diffusion-v2-512/lora",
         ("sd_v2", true) => "stable-diffusion-v2-768-v/lora",
-        (crate::models::SDXL_BASE_VERSION, _) => "stable-diffusion-xl-v1-base/lora",
+        (sd_pipeline::SDXL_BASE_VERSION, _) => "stable-diffusion-xl-v1-base/lora",
         // The built-in demo model fits no real architecture: no UI should offer it for one.
         _ => "sd-lora-rs-tiny/lora",
     };
     let implementation = match base.version {
-        crate::models::SDXL_BASE_VERSION => "https://github.com/Stability-AI/generative-models",
+        sd_pipeline::SDXL_BASE_VERSION => "https://github.com/Stability-AI/generative-models",
         _ => "diffusers",
     };
     vec![
@@ -458,7 +458,7 @@ pub fn extraction_metadata(base: BaseModel<'_>, title: &str, comment: &str, no_m
     if !no_model_spec {
         // sai_model_spec's default resolution: 1024 for SDXL, 768 for v-prediction SD2.x.
         let side = match (base.version, base.v_prediction) {
-            (crate::models::SDXL_BASE_VERSION, _) => 1024,
+            (sd_pipeline::SDXL_BASE_VERSION, _) => 1024,
             ("sd_v2", true) => 768,
             ("tiny" | "tiny_sdxl", _) => 64,
             _ => 512,

@@ -24,8 +24,8 @@ use sd_sched::{NoiseSchedule, NoiseSource, PredictionType, SeededNoise};
 
 use crate::config::{LrScheduler, MixedPrecision, Prediction, TrainConfig};
 use crate::embedding::TrainedEmbedding;
-use crate::generate::{grid, merge_adapters, save_png, to_precision, TextConditioning, TextEncoders};
-use crate::models::{load_components, Components};
+use sd_pipeline::{grid, merge_adapters, save_png, to_precision, TextConditioning, TextEncoders};
+use sd_pipeline::{load_components, Components};
 use lora_core::Component;
 use crate::state::{
     adapter_params, export_moments, export_optimizer_state, host_params, import_moments, import_optimizer_state, restore_adapter_params,
@@ -299,7 +299,7 @@ fn open_dataset_unchecked(config: &TrainConfig) -> Result<Dataset, TrainError> {
     // (SD-sized) defaults scale to `data.resolution` as the demo's do, so that a folder of
     // one's own trains on them without three overrides.
     let defaults = crate::config::DataSection::default_buckets();
-    if crate::models::TINY_MODELS.contains(&config.model.pretrained.as_str()) && (d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps) == defaults {
+    if sd_pipeline::TINY_MODELS.contains(&config.model.pretrained.as_str()) && (d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps) == defaults {
         let small = DatasetConfig::demo_at("", d.resolution);
         (ds.min_bucket_reso, ds.max_bucket_reso, ds.bucket_reso_steps) = (small.min_bucket_reso, small.max_bucket_reso, small.bucket_reso_steps);
     }
@@ -427,7 +427,7 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
         out.push_str(&format!("\n{note}"));
     }
     let tokens = config.model.max_token_length;
-    let tokenizer = crate::models::load_tokenizer(&config.model.pretrained)?;
+    let tokenizer = sd_pipeline::load_tokenizer(&config.model.pretrained)?;
     // With wildcards a caption holds several lines, of which a sample sees one.
     let captions: Vec<String> = (0..dataset.images().len()).flat_map(|i| dataset.fixed_caption(i).split('\n').map(String::from).collect::<Vec<_>>()).collect();
     // A trained embedding's word takes its vectors' tokens: counted as as many one-token words.
@@ -439,7 +439,7 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
         }
         false => captions,
     };
-    if let (over @ 1.., longest) = crate::generate::overlong_prompts(&tokenizer, captions.iter().map(String::as_str), tokens)? {
+    if let (over @ 1.., longest) = sd_pipeline::overlong_prompts(&tokenizer, captions.iter().map(String::as_str), tokens)? {
         let hint = if tokens < 225 { "; model.max_token_length = 150 or 225 keeps more" } else { "" };
         out.push_str(&format!(
             "\nnote: {over} of {} captions have more than {tokens} tokens (the longest {longest}): the text encoder does not see the rest{hint}",
@@ -456,7 +456,7 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
             Some(p) => format!("captions from {} templates", p.len()),
             None => {
                 let captions = (0..dataset.images().len()).map(|i| dataset.fixed_caption(i)).collect::<Vec<_>>();
-                format!("the word is in {} of {} captions", crate::embedding::captions_with_word(&e.token, captions.iter().map(String::as_str)), captions.len())
+                format!("the word is in {} of {} captions", sd_pipeline::texts_with_word(&e.token, captions.iter().map(String::as_str)), captions.len())
             }
         };
         let mut vectors = if e.vectors == 1 { "1 vector".to_string() } else { format!("{} vectors", e.vectors) };
@@ -495,7 +495,7 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
     let opts = config.sample_defaults(size);
     // The trained embedding's word in the prompts stands for its tokens.
     let prompts: Vec<String> = config.output.sample_prompts.iter().map(|p| embedding.map_or_else(|| p.clone(), |e| e.expand(p))).collect();
-    let images = crate::generate::sample_images(c, &prompts, &opts, device)?;
+    let images = sd_pipeline::sample_images(c, &prompts, &opts, device)?;
     Ok(grid(&images, images.len().min(4)))
 }
 
@@ -591,13 +591,11 @@ fn sub_folder_note(config: &TrainConfig, dataset: &Dataset) -> Option<String> {
     ))
 }
 
-/// Set by [`request_stop`]; cleared when a run starts.
-static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// Asks the running training to stop (from a Ctrl-C handler, say): sample images being
 /// drawn are abandoned at their next sampler step (they can take minutes on a CPU), and
 /// the run stops, saving its LoRA and state, as when `on_step` returns `false`. A run
-/// clears the request when it starts.
+/// clears the request when it starts. The request is [`sd_pipeline::request_stop`]'s, so
+/// it ends an [`sd_pipeline::denoise`] run outside training too.
 ///
 /// ```no_run
 /// // In a Ctrl-C handler (the doc-tests share one process, so this one does not run).
@@ -605,12 +603,12 @@ static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// assert!(trainer::train::stop_requested());
 /// ```
 pub fn request_stop() {
-    STOP_REQUESTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    sd_pipeline::request_stop();
 }
 
 /// Whether [`request_stop`] was called since the current run started.
 pub fn stop_requested() -> bool {
-    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+    sd_pipeline::stop_requested()
 }
 
 /// [`with_epoch_steps`] with the training dataset at hand.
@@ -1111,7 +1109,7 @@ fn load_network_weights<B: AutodiffBackend>(
 fn check_sample_samplers<B: burn::tensor::backend::Backend>(config: &TrainConfig, scheduler: &sd_sched::SchedulerConfig) -> Result<(), TrainError> {
     let defaults = config.sample_defaults((0, 0));
     for prompt in &config.output.sample_prompts {
-        let sampler = crate::generate::parse_sample_prompt(prompt, &defaults)?.sampler;
+        let sampler = sd_pipeline::parse_sample_prompt(prompt, &defaults)?.sampler;
         let built = sampler.parse::<sd_sched::SamplerSpec>().and_then(|spec| spec.build::<B>(scheduler).map(|_| ()));
         if let Err(e) = built {
             let origin = if sampler == config.output.sample_sampler { "output.sample_sampler".to_string() } else { format!("output.sample_prompts (\"{prompt}\")") };
@@ -1437,8 +1435,8 @@ fn merge_base_weights<B: burn::tensor::backend::Backend>(c: &mut Components<B>, 
         .iter()
         .map(|e| e.parse::<sd_model::lora::LoraFile>().map_err(|reason| TrainError::Config { origin: "model.base_weights".into(), reason }))
         .collect::<Result<Vec<_>, _>>()?;
-    crate::generate::attach_lora_files(c, &files, device)?;
-    crate::generate::merge_adapters(c);
+    sd_pipeline::attach_lora_files(c, &files, device)?;
+    sd_pipeline::merge_adapters(c);
     Ok(())
 }
 
@@ -1525,14 +1523,14 @@ fn run<B: AutodiffBackend>(
     device: &B::Device,
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
-    STOP_REQUESTED.store(false, std::sync::atomic::Ordering::SeqCst);
+    sd_pipeline::clear_stop();
     config.validate()?;
     if let Some(dtype) = config.train.mixed_precision.base_dtype() {
         check_dtype_support::<B>(device, dtype, "train.mixed_precision", "\"fp16\" (f16) or \"no\" (f32)")?;
     }
     // Before anything loads or is written: what SDXL cannot train here yet, and where a
     // run without a state starts (a resumed one starts where its state is).
-    let sdxl = crate::models::is_sdxl(&config.model.pretrained)?;
+    let sdxl = sd_pipeline::is_sdxl(&config.model.pretrained)?;
     if sdxl {
         check_sdxl_settings(config)?;
     }
@@ -1551,7 +1549,7 @@ fn run<B: AutodiffBackend>(
     // encoder when it has adapters) is differentiated. The VAE stays in f32.
     let mut frozen: Components<B::InnerBackend> = load_components(&config.model.pretrained, config.model.tiny_seed, device)?;
     if !config.model.vae.is_empty() {
-        crate::models::load_separate_vae(&mut frozen, Path::new(&config.model.vae))?;
+        sd_pipeline::load_separate_vae(&mut frozen, Path::new(&config.model.vae))?;
     }
     check_sample_samplers::<B::InnerBackend>(config, &frozen.scheduler)?;
     let size_step = frozen.vae.downsample_factor() * frozen.unet.size_multiple();
@@ -1593,7 +1591,7 @@ fn run<B: AutodiffBackend>(
     };
     if let Some(e) = embedding.as_ref().filter(|e| !e.uses_templates()) {
         let captions: Vec<String> = (0..dataset.images().len()).map(|i| dataset.fixed_caption(i)).collect();
-        if crate::embedding::captions_with_word(&e.word, captions.iter().map(String::as_str)) == 0 {
+        if sd_pipeline::texts_with_word(&e.word, captions.iter().map(String::as_str)) == 0 {
             return Err(TrainError::Config {
                 origin: "embedding.token".into(),
                 reason: format!("no caption holds the word `{}`: write it into the captions where the subject or style is, or set embedding.template = \"object\" or \"style\"", e.word),
@@ -2560,7 +2558,7 @@ fn sample_grid_now<B: AutodiffBackend>(
 ) -> Result<(), TrainError> {
     let mut current = with_trained(unet, encoders, frozen.clone());
     merge_adapters(&mut current);
-    save_png(&generate_grid(&current, config, embedding, size, device)?, path)
+    Ok(save_png(&generate_grid(&current, config, embedding, size, device)?, path)?)
 }
 
 /// Writes LoRA files and training states.
@@ -2873,8 +2871,8 @@ fn encode_captions<B: burn::tensor::backend::Backend>(
 ) -> Result<TextConditioning<B>, TrainError> {
     let m = &config.model;
     match config.data.weighted_captions {
-        true => crate::generate::condition_weighted_with(encoders, captions, m.clip_skip, m.max_token_length, device),
-        false => crate::generate::condition_with(encoders, captions, m.clip_skip, m.max_token_length, device),
+        true => Ok(sd_pipeline::condition_weighted_with(encoders, captions, m.clip_skip, m.max_token_length, device)?),
+        false => Ok(sd_pipeline::condition_with(encoders, captions, m.clip_skip, m.max_token_length, device)?),
     }
 }
 
@@ -3047,7 +3045,7 @@ mod tests {
     fn colour_changed_samples_are_encoded_anew_and_not_kept() {
         type B = burn::backend::Flex;
         let device = Default::default();
-        let components = crate::models::load_components::<B>("tiny", 0, &device).unwrap();
+        let components = sd_pipeline::load_components::<B>("tiny", 0, &device).unwrap();
         let mut config = TrainConfig::default();
         (config.data.demo_images, config.train.train_batch_size) = (2, 2);
         let dataset = open_dataset(&config).unwrap();
@@ -3112,7 +3110,7 @@ mod tests {
     fn moving_random_crops_are_not_kept() {
         type B = burn::backend::Flex;
         let device = Default::default();
-        let components = crate::models::load_components::<B>("tiny", 0, &device).unwrap();
+        let components = sd_pipeline::load_components::<B>("tiny", 0, &device).unwrap();
         let mut config = TrainConfig::default();
         (config.data.demo_images, config.data.random_crop) = (3, true);
         let dataset = open_dataset(&config).unwrap();

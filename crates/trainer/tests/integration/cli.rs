@@ -423,7 +423,7 @@ fn generate_from_an_init_image() {
     let junk = dir.path().join("junk.png");
     std::fs::write(&junk, b"not an image").unwrap();
     for (extra, expect) in [
-        (&["--init-image", src, "--strength", "0"][..], "--strength"),
+        (&["--init-image", src, "--strength", "0"][..], "img2img strength"),
         (&["--init-image", src, "--strength", "1.5"][..], "(0, 1]"),
         (&["--init-image", src, "--strength", "0.1"][..], "no step to run"),
         (&["--strength", "0.5"][..], "--init-image"),
@@ -466,7 +466,7 @@ fn generate_with_the_hires_fix() {
     for (extra, expect) in [
         (&["--hires-scale", "1.5"][..], "(0, 1)"),
         (&["--hires-scale", "0.05"][..], "rounds down to no side"),
-        (&["--hires-scale", "0.5", "--hires-strength", "0"][..], "--hires-strength"),
+        (&["--hires-scale", "0.5", "--hires-strength", "0"][..], "hires fix strength"),
         (&["--hires-scale", "0.5", "--hires-strength", "0.1"][..], "no step to run"),
         (&["--hires-steps", "3"][..], "--hires-scale"),
         (&["--hires-scale", "0.5", "--init-latents", "x.safetensors"][..], "cannot be used with"),
@@ -754,7 +754,7 @@ fn convert_model_both_ways() {
     let (ok, text) = trainer(&["info", &single]);
     assert!(ok && text.contains("prediction type: v_prediction") && text.contains("BF16"), "{text}");
     // Training and generation from the single file read its mark (`train.prediction = "auto"`).
-    let components = trainer::models::load_components::<Flex>(&single, 0, &Default::default()).unwrap();
+    let components = sd_pipeline::load_components::<Flex>(&single, 0, &Default::default()).unwrap();
     assert_eq!(components.scheduler.prediction_type, sd_sched::PredictionType::VPrediction);
     let back = path("xl");
     let (ok, text) = trainer(&["convert-model", &single, "--out", &back]);

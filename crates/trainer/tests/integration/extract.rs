@@ -23,7 +23,7 @@ fn s(p: &Path) -> &str {
 
 /// Reads a LoRA file against `model`'s module paths.
 fn load(path: &Path, model: &Path) -> AdapterSet {
-    let mut c = trainer::models::load_components::<Flex>(s(model), 0, &Default::default()).unwrap();
+    let mut c = sd_pipeline::load_components::<Flex>(s(model), 0, &Default::default()).unwrap();
     let mut encoders = vec![&mut c.text_encoder];
     encoders.extend(c.text_encoder_2.as_mut());
     let index = sd_model::lora::module_index_of(&mut c.unet, &mut encoders).unwrap();

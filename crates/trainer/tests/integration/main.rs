@@ -12,7 +12,6 @@ mod bench;
 mod cli;
 mod device_check;
 mod extract;
-mod generate;
 mod lr_schedulers;
 mod sdxl;
 mod tensorboard;

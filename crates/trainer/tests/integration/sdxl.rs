@@ -5,8 +5,8 @@
 
 use burn::backend::{Autodiff, Flex};
 use lora_core::{AdapterFormat, AdapterSet, ReadOptions};
-use trainer::generate::{condition_prompts, decode, denoise, initial_latents, GenerateOptions};
-use trainer::models::load_components;
+use sd_pipeline::{condition_prompts, decode, denoise, initial_latents, GenerateOptions};
+use sd_pipeline::load_components;
 use trainer::train::train;
 use trainer::TrainConfig;
 
@@ -312,7 +312,7 @@ fn sdxl_sampling_uses_both_encoders_and_the_pooled_embedding() {
 
     // Long prompts: rows of 75 tokens joined, the pooled embedding from each prompt's first row.
     let long: Vec<String> = vec![format!("{} and more", "a red circle on a blue square, ".repeat(12))];
-    let two_rows = trainer::generate::condition_with(trainer::generate::TextEncoders::of(&c), &long, 1, 150, &device).unwrap();
+    let two_rows = sd_pipeline::condition_with(sd_pipeline::TextEncoders::of(&c), &long, 1, 150, &device).unwrap();
     assert_eq!(two_rows.context.dims(), [1, 152, 64]);
     let first_row: Vec<u32> = c.tokenizer_2.as_ref().unwrap().encode_chunked(&long[0], 2).unwrap()[..77].to_vec();
     let ids = burn::tensor::Tensor::<I, 2, burn::tensor::Int>::from_data(
@@ -384,7 +384,7 @@ fn merge_and_generate_take_sdxl_checkpoints() {
     assert_ne!(tensor(&before, te2), tensor(&folder.join("text_encoder_2/model.safetensors"), te2));
     // The merged folder loads whole (a tokenizer of its own it has not: CLIP's is used).
     let merged_model = load_components::<Flex>(folder.to_str().unwrap(), 0, &Default::default()).unwrap();
-    assert!(merged_model.is_sdxl() && merged_model.base_version == trainer::models::SDXL_BASE_VERSION);
+    assert!(merged_model.is_sdxl() && merged_model.base_version == sd_pipeline::SDXL_BASE_VERSION);
     let image = dir.path().join("sample.png");
     let text = run(&["generate", "--model", "tiny-sdxl", "--prompt", "a red circle", "--steps", "2", "--width", "32", "--height", "32", "--out", image.to_str().unwrap()]);
     assert!(image.is_file(), "{text}");
@@ -397,7 +397,7 @@ fn sdxl_lora_metadata_names_the_architecture() {
     use trainer::metadata::{BaseModel, RunMetadata};
     let config = TrainConfig::default();
     let dataset = trainer::train::open_dataset(&config).unwrap();
-    let base = BaseModel { version: trainer::models::SDXL_BASE_VERSION, v_prediction: false };
+    let base = BaseModel { version: sd_pipeline::SDXL_BASE_VERSION, v_prediction: false };
     let keys = RunMetadata::new(&config, &dataset, base, std::time::SystemTime::now()).at_save(1, 1, std::time::SystemTime::now());
     assert_eq!(keys["ss_base_model_version"], "sdxl_base_v1-0");
     assert_eq!(keys["ss_v2"], "False");

@@ -274,6 +274,9 @@ fn config_values_that_would_misbehave_later_are_refused_at_load() {
         ("data.num_repeats=0".into(), "data.num_repeats"),
         ("data.demo_images=0".into(), "data.demo_images"),
         ("data.demo_images=100000000".into(), "1 to 1000"),
+        // A sample prompt's bad option names the prompt.
+        ("output.sample_prompts=[\"x --ss nosuchsampler\"]".into(), "sample prompt `x --ss nosuchsampler`"),
+        ("output.sample_prompts=[\"x --h 8200\"]".into(), "sample prompt `x --h 8200`"),
     ];
     for (set, expected) in cases {
         let err = TrainConfig::load(None, std::slice::from_ref(&set)).unwrap_err().to_string();
@@ -495,7 +498,7 @@ fn a_separate_vae_encodes_the_images() {
     let _guard = seeded();
     let dir = tempfile::tempdir().unwrap();
     let write_vae = |seed: u64, name: &str| {
-        let c = trainer::models::load_components::<Flex>("tiny", seed, &Default::default()).unwrap();
+        let c = sd_pipeline::load_components::<Flex>("tiny", seed, &Default::default()).unwrap();
         let path = dir.path().join(name);
         sd_model::save::save_diffusers_component(&c.vae, &path, lora_core::SaveDtype::F32).unwrap();
         path.display().to_string()
@@ -540,7 +543,7 @@ fn text_encoder_adapters_train_and_save_with_the_unet_ones() {
 fn lora_pulls_samples_towards_the_training_image() {
     let _guard = seeded();
     use burn::tensor::Tensor;
-    use trainer::generate::{denoise, initial_latents, GenerateOptions};
+    use sd_pipeline::{denoise, initial_latents, GenerateOptions};
     type I = Flex;
     let dir = tempfile::tempdir().unwrap();
     let mut config = quick_config(dir.path(), 300);
@@ -554,7 +557,7 @@ fn lora_pulls_samples_towards_the_training_image() {
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
 
     let device = Default::default();
-    let base = trainer::models::load_components::<I>("tiny", config.model.tiny_seed, &device).unwrap();
+    let base = sd_pipeline::load_components::<I>("tiny", config.model.tiny_seed, &device).unwrap();
     let dataset = trainer::train::open_dataset(&config).unwrap();
     let plan = &dataset.plan_epoch(0)[0];
     let caption = plan.samples[0].caption.clone();
@@ -574,13 +577,13 @@ fn lora_pulls_samples_towards_the_training_image() {
         clip_skip: 1,
         max_token_length: 75,
     };
-    let distance = |c: &trainer::models::Components<I>| -> f32 {
+    let distance = |c: &sd_pipeline::Components<I>| -> f32 {
         let z = denoise(c, &opts, initial_latents(c, &opts, &device).unwrap(), &device).unwrap();
         let d: Tensor<I, 4> = z - target.clone();
         d.powf_scalar(2.0).mean().into_scalar()
     };
     let without = distance(&base);
-    let mut tuned = trainer::models::load_components::<I>("tiny", config.model.tiny_seed, &device).unwrap();
+    let mut tuned = sd_pipeline::load_components::<I>("tiny", config.model.tiny_seed, &device).unwrap();
     let files = vec![sd_model::lora::LoraFile::new(report.lora.clone(), 1.0)];
     sd_model::lora::apply_lora_files(&mut tuned.unet, Some(&mut tuned.text_encoder), &files, false, &device).unwrap();
     let with = distance(&tuned);
@@ -2877,8 +2880,8 @@ fn assert_applies_at_half_strength(lora: &std::path::Path, what: &str) {
         unet.forward(x, t, ctx).unwrap().into_data().to_vec::<f32>().unwrap()
     };
     // The trained-on tiny model (seeded: both copies hold the same weights).
-    let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
-    let mut half = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let base = sd_pipeline::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let mut half = sd_pipeline::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
     let file: sd_model::lora::LoraFile = format!("{}:0.5", lora.display()).parse().unwrap();
     sd_model::lora::apply_lora_files(&mut half, None, &[file], true, &device).unwrap();
     let (plain, with) = (run(&base), run(&half));
@@ -3085,7 +3088,7 @@ fn oft_trains_resumes_and_applies() {
 
     assert_applies_at_half_strength(&straight.lora, "the OFT");
     let device = Default::default();
-    let mut unet = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
+    let mut unet = sd_pipeline::load_components::<Flex>("tiny", 0, &device).unwrap().unet;
     let file: sd_model::lora::LoraFile = straight.lora.display().to_string().parse().unwrap();
     let err = sd_model::lora::apply_lora_files(&mut unet, None, &[file.clone(), file], true, &device).unwrap_err();
     assert!(err.to_string().contains("an OFT cannot be combined"), "{err}");
@@ -3969,7 +3972,7 @@ fn textual_inversion_trains_an_embedding_file_and_resumes_bit_for_bit() {
     assert_eq!((trained.name.as_str(), trained.vectors.len(), trained.vectors[0].shape.as_slice()), ("demo_lora", 1, [2usize, 32].as_slice()));
     // The init word's rows (one token, repeated), moved by training but not far.
     let device = Default::default();
-    let base = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap();
+    let base = sd_pipeline::load_components::<Flex>("tiny", 0, &device).unwrap();
     let ids = base.tokenizer.encode_unpadded("painting").unwrap();
     assert_eq!(ids.len(), 1);
     let init = lora_core::HostTensor::from_tensor(base.text_encoder.token_rows(&[ids[0], ids[0]]).unwrap()).unwrap();
@@ -3977,8 +3980,8 @@ fn textual_inversion_trains_an_embedding_file_and_resumes_bit_for_bit() {
     assert!(moved > 1e-3 && moved < 0.2, "largest change {moved}");
 
     // Generation loads it and calls it by the file's stem.
-    let mut c = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap();
-    let names = trainer::generate::load_embeddings(&mut c, std::slice::from_ref(&straight.lora), &[], &device).unwrap();
+    let mut c = sd_pipeline::load_components::<Flex>("tiny", 0, &device).unwrap();
+    let names = sd_pipeline::load_embeddings(&mut c, std::slice::from_ref(&straight.lora), &[], &device).unwrap();
     assert_eq!(names[0].0, "demo_lora");
 
     let resumed_dir = tempfile::tempdir().unwrap();
@@ -4018,8 +4021,8 @@ fn pivotal_tuning_bundles_the_embedding_in_the_lora() {
     assert_eq!(bundled.len(), 1);
     assert_eq!((bundled[0].name.as_str(), bundled[0].vectors[0].shape.as_slice()), ("demostyle", [2usize, 32].as_slice()));
     let device = Default::default();
-    let mut c = trainer::models::load_components::<Flex>("tiny", 0, &device).unwrap();
-    let names = trainer::generate::load_embeddings(&mut c, &[], std::slice::from_ref(&report.lora), &device).unwrap();
+    let mut c = sd_pipeline::load_components::<Flex>("tiny", 0, &device).unwrap();
+    let names = sd_pipeline::load_embeddings(&mut c, &[], std::slice::from_ref(&report.lora), &device).unwrap();
     assert_eq!(names, vec![("demostyle".to_string(), sd_model::textual_inversion::token_names("demostyle", 2))]);
     // Random starting rows (no init word) from the same seed: a rate of 1e-6 leaves them
     // where they start, 1e-2 moves them.

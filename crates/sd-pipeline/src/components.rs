@@ -7,7 +7,7 @@ use sd_model::tokenizer::ClipTokenizer;
 use sd_model::{AutoencoderKl, ClipTextConfig, ClipTextModel, UNet2DConditionModel, UnetConfig, VaeConfig};
 use sd_sched::SchedulerConfig;
 
-use crate::TrainError;
+use crate::PipelineError;
 
 /// Text encoder(s), VAE, UNet, tokenizer(s) and scheduler config of one model. Cloning
 /// shares the weights' tensors (burn tensors are values).
@@ -59,7 +59,7 @@ pub const TINY_MODELS: [&str; 2] = ["tiny", "tiny-sdxl"];
 
 /// Whether `pretrained` is an SDXL model (`tiny-sdxl`, or a second text encoder in the
 /// folder or file), read from configs and file headers without loading weights.
-pub fn is_sdxl(pretrained: &str) -> Result<bool, TrainError> {
+pub fn is_sdxl(pretrained: &str) -> Result<bool, PipelineError> {
     match pretrained {
         "tiny-sdxl" => Ok(true),
         "tiny" => Ok(false),
@@ -68,9 +68,9 @@ pub fn is_sdxl(pretrained: &str) -> Result<bool, TrainError> {
 }
 
 /// The model at `path`; a path that is not there names what a model may be.
-fn model_source(path: &str) -> Result<ModelSource, TrainError> {
+fn model_source(path: &str) -> Result<ModelSource, PipelineError> {
     if !std::path::Path::new(path).exists() {
-        return Err(TrainError::Config {
+        return Err(PipelineError::Invalid {
             origin: path.into(),
             reason: "no such file or folder: a model is `tiny` or `tiny-sdxl` (built in), a diffusers folder or a single-file checkpoint (.safetensors, .ckpt)".into(),
         });
@@ -80,7 +80,7 @@ fn model_source(path: &str) -> Result<ModelSource, TrainError> {
 
 /// The schedule of a single-file checkpoint: SD's, with what the file records about its
 /// prediction type and terminal SNR ([`sd_model::convert::single_file_prediction`]).
-fn single_file_scheduler(path: &std::path::Path) -> Result<SchedulerConfig, TrainError> {
+fn single_file_scheduler(path: &std::path::Path) -> Result<SchedulerConfig, PipelineError> {
     let (prediction, zero_terminal_snr) = sd_model::convert::single_file_prediction(&sd_model::load::WeightFile::open(path)?);
     let mut config = SchedulerConfig::sd15();
     if prediction == Some(sd_model::convert::Prediction::VPrediction) {
@@ -92,7 +92,7 @@ fn single_file_scheduler(path: &std::path::Path) -> Result<SchedulerConfig, Trai
 
 /// The tokenizer of `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint),
 /// without loading any weights: a folder's own `tokenizer/`, CLIP's otherwise.
-pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
+pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, PipelineError> {
     if TINY_MODELS.contains(&pretrained) {
         return Ok(ClipTokenizer::bundled()?);
     }
@@ -102,7 +102,7 @@ pub fn load_tokenizer(pretrained: &str) -> Result<ClipTokenizer, TrainError> {
     tokenizer_of(&source, sd2)
 }
 
-fn tokenizer_of(source: &ModelSource, sd2: bool) -> Result<ClipTokenizer, TrainError> {
+fn tokenizer_of(source: &ModelSource, sd2: bool) -> Result<ClipTokenizer, PipelineError> {
     Ok(match source {
         ModelSource::Diffusers(dir) => ClipTokenizer::from_model_dir(dir)?,
         // Single files carry no tokenizer: SD2.x pads with id 0.
@@ -116,7 +116,7 @@ fn tokenizer_of(source: &ModelSource, sd2: bool) -> Result<ClipTokenizer, TrainE
 /// or a `.safetensors` file in diffusers', the original or a checkpoint's layout
 /// ([`sd_model::load::load_vae_from`]). The architecture and the latent scale stay the
 /// base model's; errors name the file and the keys that do not fit.
-pub fn load_separate_vae<B: Backend>(c: &mut Components<B>, path: &std::path::Path) -> Result<(), TrainError> {
+pub fn load_separate_vae<B: Backend>(c: &mut Components<B>, path: &std::path::Path) -> Result<(), PipelineError> {
     sd_model::load::load_vae_from(&mut c.vae, path, &LoadOptions::default())?;
     // Stored dense, as the model's own (`lora_core::precision::pack_all`).
     c.vae = lora_core::precision::pack_all(c.vae.clone());
@@ -130,7 +130,7 @@ pub fn load_separate_vae<B: Backend>(c: &mut Components<B>, path: &std::path::Pa
 /// `tiny-sdxl` is its SDXL-shaped sibling (two text encoders, the added conditioning).
 /// The weights come from burn's backend RNG, which is global to the process: build models
 /// from one thread at a time for reproducible results.
-pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B::Device) -> Result<Components<B>, TrainError> {
+pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B::Device) -> Result<Components<B>, PipelineError> {
     use lora_core::precision::pack_all;
     if TINY_MODELS.contains(&pretrained) {
         let sdxl = pretrained == "tiny-sdxl";
@@ -176,7 +176,7 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     if let Some(second) = &tokenizer_2 {
         // Both encoders' states are joined token by token.
         if second.max_length() != tokenizer.max_length() {
-            return Err(TrainError::Config {
+            return Err(PipelineError::Invalid {
                 origin: pretrained.into(),
                 reason: format!("tokenizer_2 reads {} tokens a row but tokenizer {}: they must agree", second.max_length(), tokenizer.max_length()),
             });
@@ -197,7 +197,7 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     };
     let unet = pack_all(source.load_unet(device, &options)?);
     if unet.has_added_conditions() != text_encoder_2.is_some() {
-        return Err(TrainError::Config {
+        return Err(PipelineError::Invalid {
             origin: pretrained.into(),
             reason: "an SDXL-style model needs both a second text encoder and a UNet with added conditioning (SDXL refiners, with one encoder, are not supported)".into(),
         });

@@ -5,8 +5,8 @@ use burn::tensor::{Distribution, Tensor};
 use lora_core::sites::{LoraSiteMut, LoraSites};
 use lora_core::LoraConfig;
 use sd_model::targets::{attach_new_adapters, Selection, TextEncoderTargets, UnetTargets};
-use trainer::generate::{denoise, initial_latents, latents_from_noise, merge_adapters, to_precision, GenerateOptions};
-use trainer::models::{load_components, Components};
+use sd_pipeline::{denoise, initial_latents, latents_from_noise, merge_adapters, to_precision, GenerateOptions};
+use sd_pipeline::{load_components, Components};
 
 type B = Flex;
 
@@ -135,7 +135,7 @@ fn half_precision_generation_follows_f32() {
 #[test]
 fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
     let _rng = crate::common::seeded();
-    use trainer::generate::{decode, grid, sample_images};
+    use sd_pipeline::{decode, grid, sample_images};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let defaults = GenerateOptions { prompts: vec![], ..opts("ddim") };
@@ -170,13 +170,12 @@ fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
     assert_eq!(with_seeds[3].width(), (70 - 70 % step).max(step), "{:?}", with_seeds[3].dimensions());
     // Mixed sizes share a grid of the largest cell.
     assert_eq!(grid(&images, 3).dimensions(), (3 * 64, 32));
-    // Bad options (sizes too past 8192 px, which no memory holds) are configuration errors
-    // naming the prompt.
+    // Bad options (sizes too past 8192 px, which no memory holds) are errors naming the
+    // prompt.
     for bad in ["x --q 3", "x --w wide", "x --ss nosuchsampler", "x --w 1e15", "x --h 8200"] {
-        let mut config = trainer::TrainConfig::default();
-        config.output.sample_prompts = vec![bad.into()];
-        let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains(&format!("sample prompt `{bad}`")), "{err}");
+        let err = sd_pipeline::parse_sample_prompt(bad, &defaults).unwrap_err();
+        assert!(matches!(err, sd_pipeline::PipelineError::Invalid { .. }), "{err:?}");
+        assert!(err.to_string().contains(&format!("sample prompt `{bad}`")), "{err}");
     }
 }
 
@@ -186,7 +185,7 @@ fn sample_prompts_take_kohyas_options_and_batch_what_they_can() {
 #[test]
 fn long_prompts_are_encoded_in_rows_of_75_tokens() {
     let _rng = crate::common::seeded();
-    use trainer::generate::{encode_prompts, overlong_prompts, prompt_rows};
+    use sd_pipeline::{encode_prompts, overlong_prompts, prompt_rows};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let long = "a lighthouse, ".repeat(30); // 90 tokens
@@ -220,7 +219,7 @@ fn long_prompts_are_encoded_in_rows_of_75_tokens() {
 #[test]
 fn prompt_emphasis_weights_the_text_embedding() {
     let _rng = crate::common::seeded();
-    use trainer::generate::{encode_prompts, encode_with};
+    use sd_pipeline::{encode_prompts, encode_with};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let encode = |p: &str| encode_prompts(&c, &[p.to_string()], 1, 1, &device).unwrap();
@@ -245,7 +244,7 @@ fn prompt_emphasis_weights_the_text_embedding() {
 #[test]
 fn weighted_captions_encode_as_weighted_prompts() {
     let _rng = crate::common::seeded();
-    use trainer::generate::{encode_weighted_with, encode_with};
+    use sd_pipeline::{encode_weighted_with, encode_with};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let captions = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -274,7 +273,7 @@ fn weighted_captions_encode_as_weighted_prompts() {
 #[test]
 fn img2img_starts_from_the_image_at_its_strength() {
     let _rng = crate::common::seeded();
-    use trainer::generate::{denoise_from, image_pixels, img2img_latents, init_image_size};
+    use sd_pipeline::{denoise_from, image_pixels, img2img_latents, init_image_size};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let image = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, ((x + y) * 4) as u8]));
@@ -324,7 +323,7 @@ fn img2img_starts_from_the_image_at_its_strength() {
 #[test]
 fn inpainting_keeps_the_image_outside_the_mask() {
     let _rng = crate::common::seeded();
-    use trainer::generate::{denoise_masked, img2img_latents, inpaint_latents, mask_latents};
+    use sd_pipeline::{denoise_masked, img2img_latents, inpaint_latents, mask_latents};
     let device = Default::default();
     // Left half white (repaint), right half black; one grey column just under one half.
     let mask = image::RgbImage::from_fn(32, 32, |x, _| match x {
@@ -380,7 +379,7 @@ fn latent_upscale_is_torchs_bicubic() {
     let device = Default::default();
     let x: Vec<f32> = (0..12).map(|i| (i as f32).powf(1.5) / 10.0).collect();
     let x = burn::tensor::Tensor::<burn::backend::Flex, 4>::from_data(burn::tensor::TensorData::new(x, [1, 1, 3, 4]), &device);
-    let y = trainer::generate::upscale_latents(x, [6, 8]).into_data().to_vec::<f32>().unwrap();
+    let y = sd_pipeline::upscale_latents(x, [6, 8]).into_data().to_vec::<f32>().unwrap();
     let torch = [
         -0.092497, -0.072731, -0.042223, 0.030358, 0.09963, 0.225239, 0.334724, 0.40244, 0.114511, 0.155088, 0.219226, 0.330202, 0.420063, 0.575431, 0.705686, 0.786406, 0.43747, 0.511882,
         0.630699, 0.804011, 0.927229, 1.130781, 1.294637, 1.396395, 1.176961, 1.285292, 1.458824, 1.697214, 1.857479, 2.115378, 2.317967, 2.44394, 1.915388, 2.038568, 2.235955, 2.505414,
@@ -421,7 +420,7 @@ fn textual_inversion_embeddings_stand_for_their_vectors() {
         std::fs::write(&path, lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
 
         let mut with = plain.clone();
-        let names = trainer::generate::load_embeddings(&mut with, std::slice::from_ref(&path), &[], &device).unwrap();
+        let names = sd_pipeline::load_embeddings(&mut with, std::slice::from_ref(&path), &[], &device).unwrap();
         let name = path.file_stem().unwrap().to_str().unwrap().to_lowercase();
         let o = |c: &Components<B>, prompt: &str| {
             let o = GenerateOptions { prompts: vec![prompt.into()], ..opts("ddim") };
@@ -442,20 +441,20 @@ fn textual_inversion_embeddings_stand_for_their_vectors() {
         let refs: Vec<(String, &lora_core::HostTensor)> = bundled.iter().map(|(k, t)| (k.clone(), t)).collect();
         std::fs::write(&lora, lora_core::tensor_io::serialize(&refs, lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
         let mut from_lora = plain.clone();
-        let names = trainer::generate::load_embeddings(&mut from_lora, &[], std::slice::from_ref(&lora), &device).unwrap();
+        let names = sd_pipeline::load_embeddings(&mut from_lora, &[], std::slice::from_ref(&lora), &device).unwrap();
         assert_eq!(names.iter().map(|(n, t)| (n.as_str(), t.len())).collect::<Vec<_>>(), [("Crimson", 1)]);
         assert_eq!(o(&from_lora, &expand_prompt("a crimson circle", &names)), o(&plain, "a red circle"), "{model}: bundled");
         // A file's embedding of the same name wins over the bundle's.
         let file_named = dir.path().join("crimson.safetensors");
         std::fs::copy(&path, &file_named).unwrap();
         let mut both = plain.clone();
-        let names = trainer::generate::load_embeddings(&mut both, std::slice::from_ref(&file_named), std::slice::from_ref(&lora), &device).unwrap();
+        let names = sd_pipeline::load_embeddings(&mut both, std::slice::from_ref(&file_named), std::slice::from_ref(&lora), &device).unwrap();
         assert_eq!(names.len(), 1, "{names:?}");
         std::fs::remove_file(&file_named).unwrap();
 
         // The other family's file: the wrong number of sets or width.
         let mut other = load_components::<B>(if model == "tiny" { "tiny-sdxl" } else { "tiny" }, 0, &device).unwrap();
-        let e = trainer::generate::load_embeddings(&mut other, std::slice::from_ref(&path), &[], &device).unwrap_err().to_string();
+        let e = sd_pipeline::load_embeddings(&mut other, std::slice::from_ref(&path), &[], &device).unwrap_err().to_string();
         assert!(e.contains(path.file_name().unwrap().to_str().unwrap()), "{e}");
     }
 }

@@ -1,0 +1,190 @@
+//! Text-to-image sampling with classifier-free guidance: the options, the initial latents
+//! and the sampler loop (with inpainting's blend), which a stop request ends between steps.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use sd_sched::{NoiseSource, SamplerSpec, SeededNoise};
+
+use crate::text::{condition_prompts, prompt_rows, TextConditioning};
+use crate::{Components, PipelineError};
+
+/// Set by [`request_stop`], cleared by [`clear_stop`].
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks sampling to stop (from a Ctrl-C handler, say): the sampler loop of every running
+/// [`denoise`] returns [`PipelineError::Interrupted`] before its next step (a step can take
+/// seconds on a CPU). The request is process-wide and stays until [`clear_stop`].
+///
+/// ```no_run
+/// // In a Ctrl-C handler (the doc-tests share one process, so this one does not run).
+/// sd_pipeline::request_stop();
+/// assert!(sd_pipeline::stop_requested());
+/// ```
+pub fn request_stop() {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called since the last [`clear_stop`].
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Withdraws a stop request, before a new run.
+pub fn clear_stop() {
+    STOP_REQUESTED.store(false, Ordering::SeqCst);
+}
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// One image per prompt.
+    pub prompts: Vec<String>,
+    /// Negative prompt (the unconditional branch of guidance).
+    pub negative_prompt: String,
+    /// Sampler name (any `sd-sched` name: `ddim`, `euler_a`, `dpmpp_2m_karras`, ...).
+    pub sampler: String,
+    /// Sampling steps.
+    pub steps: usize,
+    /// Guidance scale (1 = no guidance).
+    pub cfg_scale: f32,
+    /// Seed of the initial noise and of stochastic samplers.
+    pub seed: u64,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// CLIP skip.
+    pub clip_skip: usize,
+    /// kohya's `max_token_length` of the LoRA: 75, or 150 / 225 to lay prompts out in 2 or
+    /// 3 rows of 75 tokens as training did; longer prompts get more rows ([`prompt_rows`]).
+    pub max_token_length: usize,
+}
+
+/// Runs the sampler from `latents` (already scaled by the sampler's initial sigma).
+pub fn denoise<B: Backend>(
+    c: &Components<B>,
+    opts: &GenerateOptions,
+    latents: Tensor<B, 4>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, PipelineError> {
+    denoise_from(c, opts, latents, 0, device)
+}
+
+/// [`denoise`] from step `first_step` of the sampler's timesteps on (img2img: `latents`
+/// noised to that step's level, see [`img2img_latents`](crate::img2img_latents)); 0 runs every step.
+pub fn denoise_from<B: Backend>(
+    c: &Components<B>,
+    opts: &GenerateOptions,
+    latents: Tensor<B, 4>,
+    first_step: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, PipelineError> {
+    denoise_masked(c, opts, latents, first_step, None, device)
+}
+
+/// What inpainting keeps of the image: its latents, the noise they are noised with and
+/// the mask (1 where the image is repainted), per prompt ([`inpaint_latents`](crate::inpaint_latents)).
+#[derive(Debug, Clone)]
+pub struct Inpaint<B: Backend> {
+    /// The image's scaled VAE latents, `[N, C, h, w]`.
+    pub image: Tensor<B, 4>,
+    /// The standard-normal noise of the run's first latents, `[N, C, h, w]`.
+    pub noise: Tensor<B, 4>,
+    /// The latent-size mask, `[N, 1, h, w]`: 1 repaints, 0 keeps the image.
+    pub mask: Tensor<B, 4>,
+}
+
+/// [`denoise_from`], with `inpaint` blending the image back in after every step as
+/// diffusers' `StableDiffusionInpaintPipeline` does for a text-to-image UNet: where the
+/// mask is 0 the latents become the image's, noised (with the same noise) to the next
+/// step's level, and after the last step the image's own latents.
+pub fn denoise_masked<B: Backend>(
+    c: &Components<B>,
+    opts: &GenerateOptions,
+    mut latents: Tensor<B, 4>,
+    first_step: usize,
+    inpaint: Option<&Inpaint<B>>,
+    device: &B::Device,
+) -> Result<Tensor<B, 4>, PipelineError> {
+    let n = opts.prompts.len();
+    let all = opts.prompts.iter().chain([&opts.negative_prompt]).map(String::as_str);
+    let rows = prompt_rows(&c.tokenizer, all, opts.max_token_length)?;
+    let cond = condition_prompts(c, &opts.prompts, opts.clip_skip, rows, device)?;
+    let uncond = condition_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, rows, device)?;
+    let both = TextConditioning::cat(vec![uncond, cond]);
+    let [_, _, h, w] = latents.dims();
+    let f = c.vae.downsample_factor();
+    // SDXL: the image's size as original and target size, no crop (diffusers' default).
+    let added = both.added((h * f, w * f));
+    let context = both.context;
+    let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+    sampler.set_timesteps(opts.steps)?;
+    if first_step > 0 {
+        sampler.set_begin_index(first_step)?;
+    }
+    // Stochastic samplers draw from a stream seeded apart from the initial noise.
+    let mut noise = SeededNoise::new(opts.seed.wrapping_add(1));
+    let timesteps = sampler.timesteps().to_vec();
+    // Inpainting's `1 − mask`, once for the run.
+    let inpaint = inpaint.map(|keep| (keep, keep.mask.clone().neg() + 1.0));
+    for (i, t) in timesteps.iter().enumerate().skip(first_step) {
+        if stop_requested() {
+            return Err(PipelineError::Interrupted);
+        }
+        let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), i)?;
+        let t = Tensor::<B, 1>::from_floats(vec![*t; 2 * n].as_slice(), device);
+        let out = c.unet.forward_added(input, t, context.clone(), added.clone())?;
+        let mut halves = out.split(n, 0).into_iter();
+        let (u, cnd) = match (halves.next(), halves.next()) {
+            (Some(u), Some(c)) => (u, c),
+            _ => unreachable!("the batch holds both guidance branches"),
+        };
+        let guided = u.clone() + (cnd - u) * opts.cfg_scale;
+        latents = sampler.step(guided, i, latents, &mut noise)?;
+        if let Some((keep, kept)) = &inpaint {
+            let image = match i + 1 < timesteps.len() {
+                true => sampler.add_noise(keep.image.clone(), keep.noise.clone(), i + 1)?,
+                false => keep.image.clone(),
+            };
+            latents = image * kept.clone() + latents * keep.mask.clone();
+        }
+    }
+    Ok(latents)
+}
+
+/// The shape of the initial latents for `opts`, checking the image size.
+pub fn latent_shape<B: Backend>(c: &Components<B>, opts: &GenerateOptions) -> Result<[usize; 4], PipelineError> {
+    let f = c.vae.downsample_factor();
+    let m = f * c.unet.size_multiple();
+    let max = sd_data::MAX_SIDE as usize;
+    if opts.width == 0 || opts.height == 0 || !opts.width.is_multiple_of(m) || !opts.height.is_multiple_of(m) || opts.width.max(opts.height) > max {
+        return Err(PipelineError::Invalid {
+            origin: "size".into(),
+            reason: format!("width and height must be positive multiples of {m} for this model, at most {max}, got {}x{}", opts.width, opts.height),
+        });
+    }
+    Ok([opts.prompts.len(), c.vae.latent_channels(), opts.height / f, opts.width / f])
+}
+
+/// Standard-normal `noise` of [`latent_shape`] scaled by the sampler's initial sigma, as
+/// diffusers' pipelines prepare given latents.
+pub fn latents_from_noise<B: Backend>(c: &Components<B>, opts: &GenerateOptions, noise: Tensor<B, 4>) -> Result<Tensor<B, 4>, PipelineError> {
+    let shape = latent_shape(c, opts)?;
+    if noise.dims() != shape {
+        return Err(PipelineError::Invalid {
+            origin: "initial latents".into(),
+            reason: format!("shape {:?} does not match {} prompt(s) at {}x{}: expected {shape:?}", noise.dims(), opts.prompts.len(), opts.width, opts.height),
+        });
+    }
+    let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
+    sampler.set_timesteps(opts.steps)?;
+    Ok(noise * sampler.init_noise_sigma())
+}
+
+/// The seeded initial noise for `opts`, times the sampler's initial sigma.
+pub fn initial_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, device: &B::Device) -> Result<Tensor<B, 4>, PipelineError> {
+    let noise = SeededNoise::new(opts.seed).sample(latent_shape(c, opts)?, device)?;
+    latents_from_noise(c, opts, noise)
+}

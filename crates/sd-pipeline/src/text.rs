@@ -1,0 +1,273 @@
+//! Prompts and captions to the UNet's conditioning: CLIP tokens in rows of 75, A1111's
+//! emphasis syntax, SDXL's two encoders and pooled embedding.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+use sd_model::tokenizer::ClipTokenizer;
+
+use crate::{Components, PipelineError};
+
+/// Most rows of 75 tokens a prompt is laid out in (A1111 prompts rarely need more than 8;
+/// each row costs the UNet's cross-attention 75 more keys); [`prompt_rows`] cuts longer
+/// prompts there.
+pub const MAX_TOKEN_ROWS: usize = 8;
+
+/// The text encoders a prompt goes through, with their tokenizers: one for SD1.x / SD2.x,
+/// SDXL's two.
+pub struct TextEncoders<'a, B: Backend> {
+    /// The (first) encoder and its tokenizer.
+    pub first: (&'a sd_model::ClipTextModel<B>, &'a ClipTokenizer),
+    /// SDXL's second encoder (with the pooled projection) and its tokenizer.
+    pub second: Option<(&'a sd_model::ClipTextModel<B>, &'a ClipTokenizer)>,
+}
+
+// By hand: derived impls would ask `B: Copy`.
+impl<B: Backend> Clone for TextEncoders<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for TextEncoders<'_, B> {}
+
+impl<'a, B: Backend> TextEncoders<'a, B> {
+    /// The encoders of a model.
+    pub fn of(c: &'a Components<B>) -> Self {
+        Self {
+            first: (&c.text_encoder, &c.tokenizer),
+            second: c.text_encoder_2.as_ref().zip(c.tokenizer_2.as_ref()),
+        }
+    }
+}
+
+/// What the UNet is conditioned on: the text states `[N, tokens, D]` and, for SDXL, the
+/// second encoder's pooled embedding `[N, P]`.
+#[derive(Debug, Clone)]
+pub struct TextConditioning<B: Backend> {
+    /// Text states (SDXL: both encoders' penultimate-layer states side by side).
+    pub context: Tensor<B, 3>,
+    /// SDXL's pooled embedding (`text_embeds`).
+    pub pooled: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> TextConditioning<B> {
+    /// Conditionings of several batches stacked along the batch.
+    pub fn cat(parts: Vec<Self>) -> Self {
+        let pooled = parts.iter().map(|p| p.pooled.clone()).collect::<Option<Vec<_>>>().map(|p| Tensor::cat(p, 0));
+        Self { context: Tensor::cat(parts.into_iter().map(|p| p.context).collect(), 0), pooled }
+    }
+
+    /// SDXL's added conditioning for images of `(height, width)` pixels (original and
+    /// target size, no crop, as diffusers' pipelines sample), when there is a pooled
+    /// embedding.
+    pub fn added(&self, (height, width): (usize, usize)) -> Option<sd_model::AddedConditions<B>> {
+        let pooled = self.pooled.clone()?;
+        let n = pooled.dims()[0];
+        let size = (height as u32, width as u32);
+        let time_ids = sd_model::AddedConditions::sdxl_time_ids(&vec![(size, (0, 0), size); n], &pooled.device());
+        Some(sd_model::AddedConditions { text_embeds: pooled, time_ids })
+    }
+}
+
+/// Encodes rows of ids (`ids` for the first tokenizer, `ids_2` for SDXL's second) to the
+/// UNet's conditioning. SDXL conditions on both encoders' penultimate layers without the
+/// final norm (whatever `clip_skip` says, as kohya's sd-scripts do) and on the second
+/// encoder's pooled output of each prompt's first row.
+fn condition<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    ids: Vec<Vec<u32>>,
+    ids_2: Option<Vec<Vec<u32>>>,
+    clip_skip: usize,
+    device: &B::Device,
+) -> Result<TextConditioning<B>, PipelineError> {
+    let (te, tok) = encoders.first;
+    let ids = te.token_ids(&ids, device)?;
+    match (encoders.second, ids_2) {
+        (Some((te2, tok2)), Some(ids_2)) => {
+            let one = te.forward_chunked_pooled(ids, tok.max_length(), 2, false)?;
+            let ids_2 = te2.token_ids(&ids_2, device)?;
+            let two = te2.forward_chunked_pooled(ids_2, tok2.max_length(), 2, false)?;
+            Ok(TextConditioning { context: Tensor::cat(vec![one.hidden, two.hidden], 2), pooled: Some(two.pooled) })
+        }
+        _ => Ok(TextConditioning { context: te.forward_chunked(ids, tok.max_length(), clip_skip)?, pooled: None }),
+    }
+}
+
+/// The ids of `prompts` for SDXL's second tokenizer (which pads differently), when there is one.
+fn second_ids(encoders: TextEncoders<'_, impl Backend>, encode: impl Fn(&ClipTokenizer) -> Result<Vec<Vec<u32>>, PipelineError>) -> Result<Option<Vec<Vec<u32>>>, PipelineError> {
+    encoders.second.map(|(_, tok)| encode(tok)).transpose()
+}
+
+/// Rows of `tokenizer.max_length()` ids that hold `max_token_length` prompt tokens (75 per
+/// row for CLIP; at least one row).
+pub fn token_rows(tokenizer: &ClipTokenizer, max_token_length: usize) -> usize {
+    (max_token_length / tokenizer.max_length().saturating_sub(2).max(1)).max(1)
+}
+
+/// Token ids `[N, rows × 77]` of `prompts` (rows: [`token_rows`]) for `text_encoder`,
+/// read literally (no emphasis syntax) and checked against its vocabulary
+/// ([`sd_model::ClipTextModel::token_ids`]).
+///
+/// ```
+/// use burn::backend::Flex;
+/// use sd_pipeline::{load_components, prompt_ids};
+///
+/// let device = Default::default();
+/// let c = load_components::<Flex>("tiny", 0, &device)?;
+/// let ids = prompt_ids(&c.text_encoder, &c.tokenizer, &["a house".into(), "a tree".into()], 150, &device)?;
+/// assert_eq!(ids.dims(), [2, 2 * 77]);
+/// # Ok::<(), sd_pipeline::PipelineError>(())
+/// ```
+pub fn prompt_ids<B: Backend>(
+    text_encoder: &sd_model::ClipTextModel<B>,
+    tokenizer: &ClipTokenizer,
+    prompts: &[String],
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 2, Int>, PipelineError> {
+    let rows = token_rows(tokenizer, max_token_length);
+    let ids = prompts.iter().map(|p| tokenizer.encode_chunked(p, rows)).collect::<Result<Vec<_>, _>>()?;
+    Ok(text_encoder.token_ids(&ids, device)?)
+}
+
+/// Rows of 75 tokens to sample `prompts` (with their negative prompt) with: as many as the
+/// longest needs after A1111 emphasis and `BREAK`s (as A1111 adds rows), at least the
+/// rows of `max_token_length` (the layout a LoRA trained with it saw), at most
+/// [`MAX_TOKEN_ROWS`] (the rest is cut). All prompts of a batch must share it.
+pub fn prompt_rows<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Item = &'a str>, max_token_length: usize) -> Result<usize, PipelineError> {
+    let least = token_rows(tokenizer, max_token_length);
+    let mut rows = least;
+    for p in prompts {
+        rows = rows.max(tokenizer.weighted_words(p)?.rows);
+    }
+    Ok(rows.min(MAX_TOKEN_ROWS.max(least)))
+}
+
+/// Encodes prompts for sampling to text embeddings `[N, 75 × rows + 2, D]` (`[N, 77, D]`
+/// for one row; rows joined as kohya's sd-scripts join them in training:
+/// [`sd_model::ClipTextModel::forward_chunked`]; `rows` from [`prompt_rows`]), reading
+/// A1111's emphasis syntax: `(word)`, `[word]`, `(word:1.3)`, `BREAK`
+/// ([`sd_model::prompt`]). Captions for training go through [`encode_with`], which takes
+/// them literally, or with `data.weighted_captions` [`encode_weighted_with`]. For SDXL this
+/// is the states only: [`condition_prompts`] gives the pooled embedding too.
+pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<Tensor<B, 3>, PipelineError> {
+    Ok(condition_prompts(c, prompts, clip_skip, rows, device)?.context)
+}
+
+/// [`encode_prompts`] with SDXL's pooled embedding: the whole conditioning of `prompts`.
+///
+/// SDXL: each encoder's states are weighted and get their own mean back, as AUTOMATIC1111
+/// weighs them; the pooled embedding is not weighted. An empty negative prompt is encoded
+/// as the text `""` (as kohya's sd-scripts and ComfyUI sample), not as zeros (diffusers'
+/// `force_zeros_for_empty_prompt`).
+pub fn condition_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<TextConditioning<B>, PipelineError> {
+    let (cond, weights) = weighted_condition(TextEncoders::of(c), prompts, clip_skip, rows, device)?;
+    let context = match cond.pooled {
+        Some(_) => {
+            let [n, tokens, d] = cond.context.dims();
+            let first = c.text_encoder.text_model.final_layer_norm.gamma.dims()[0];
+            let one = cond.context.clone().slice([0..n, 0..tokens, 0..first]);
+            let two = cond.context.slice([0..n, 0..tokens, first..d]);
+            Tensor::cat(vec![sd_model::prompt::apply_weights(one, &weights)?, sd_model::prompt::apply_weights(two, &weights)?], 2)
+        }
+        None => sd_model::prompt::apply_weights(cond.context, &weights)?,
+    };
+    Ok(TextConditioning { context, pooled: cond.pooled })
+}
+
+/// The conditioning of prompts read with emphasis, in `rows` rows, and the tokens' weights
+/// (both tokenizers split a prompt alike: the weights hold for both encoders' states).
+fn weighted_condition<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    prompts: &[String],
+    clip_skip: usize,
+    rows: usize,
+    device: &B::Device,
+) -> Result<(TextConditioning<B>, Vec<f32>), PipelineError> {
+    let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
+    for p in prompts {
+        let (i, w) = encoders.first.1.encode_weighted(p, rows)?;
+        ids.push(i);
+        weights.extend(w);
+    }
+    let ids_2 = second_ids(encoders, |tok| Ok(prompts.iter().map(|p| tok.encode_weighted(p, rows).map(|(i, _)| i)).collect::<Result<_, _>>()?))?;
+    Ok((condition(encoders, ids, ids_2, clip_skip, device)?, weights))
+}
+
+/// Encodes captions literally (no emphasis syntax) with a given text encoder (one being
+/// trained, say); otherwise as [`encode_prompts`]. One encoder: SDXL's conditioning
+/// is [`condition_with`]'s.
+pub fn encode_with<B: Backend>(
+    text_encoder: &sd_model::ClipTextModel<B>,
+    tokenizer: &ClipTokenizer,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, PipelineError> {
+    let encoders = TextEncoders { first: (text_encoder, tokenizer), second: None };
+    Ok(condition_with(encoders, prompts, clip_skip, max_token_length, device)?.context)
+}
+
+/// [`encode_with`] through one or two encoders ([`TextEncoders`]): the whole conditioning
+/// of literal captions.
+pub fn condition_with<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<TextConditioning<B>, PipelineError> {
+    let rows = token_rows(encoders.first.1, max_token_length);
+    let chunked = |tok: &ClipTokenizer| -> Result<Vec<Vec<u32>>, PipelineError> { Ok(prompts.iter().map(|p| tok.encode_chunked(p, rows)).collect::<Result<_, _>>()?) };
+    let ids = chunked(encoders.first.1)?;
+    let ids_2 = second_ids(encoders, chunked)?;
+    condition(encoders, ids, ids_2, clip_skip, device)
+}
+
+/// Encodes captions with A1111's emphasis syntax (kohya's `weighted_captions`), with a
+/// given text encoder, in the rows of `max_token_length` (longer captions are cut, as in
+/// [`encode_with`]): `(word:1.2)` scales the word's hidden states, and nothing else, as
+/// kohya's training does ([`sd_model::prompt::scale_states`]; sample prompts also keep the
+/// mean). `BREAK` is a plain word here, as in kohya's training (it would start a new row).
+/// One encoder: SDXL's conditioning is [`condition_weighted_with`]'s.
+pub fn encode_weighted_with<B: Backend>(
+    text_encoder: &sd_model::ClipTextModel<B>,
+    tokenizer: &ClipTokenizer,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, PipelineError> {
+    let encoders = TextEncoders { first: (text_encoder, tokenizer), second: None };
+    Ok(condition_weighted_with(encoders, prompts, clip_skip, max_token_length, device)?.context)
+}
+
+/// [`encode_weighted_with`] through one or two encoders ([`TextEncoders`]); the pooled
+/// embedding is not weighted (kohya's SDXL training leaves it as it is).
+pub fn condition_weighted_with<B: Backend>(
+    encoders: TextEncoders<'_, B>,
+    prompts: &[String],
+    clip_skip: usize,
+    max_token_length: usize,
+    device: &B::Device,
+) -> Result<TextConditioning<B>, PipelineError> {
+    // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the keyword.
+    let captions: Vec<String> = prompts.iter().map(|p| p.replace("BREAK", "break")).collect();
+    let rows = token_rows(encoders.first.1, max_token_length);
+    let (cond, weights) = weighted_condition(encoders, &captions, clip_skip, rows, device)?;
+    Ok(TextConditioning { context: sd_model::prompt::scale_states(cond.context, &weights)?, pooled: cond.pooled })
+}
+
+/// How many of `prompts` have more tokens than `max_token_length` (their tail is not seen
+/// by the text encoder), and the largest token count.
+pub fn overlong_prompts<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Item = &'a str>, max_token_length: usize) -> Result<(usize, usize), PipelineError> {
+    let limit = token_rows(tokenizer, max_token_length) * tokenizer.max_length().saturating_sub(2);
+    let (mut over, mut longest) = (0, 0);
+    for p in prompts {
+        let n = tokenizer.encode_unpadded(p)?.len();
+        over += usize::from(n > limit);
+        longest = longest.max(n);
+    }
+    Ok((over, longest))
+}
