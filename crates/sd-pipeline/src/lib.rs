@@ -9,9 +9,9 @@
 //! - [`text`]: prompts to the UNet's conditioning, in rows of 75 CLIP tokens, with A1111's
 //!   emphasis (`(word:1.3)`, `[word]`, `BREAK`); SDXL's two encoders and pooled embedding;
 //!   captions read literally or with kohya's weighted captions, as training encodes them.
-//! - [`sampling`]: classifier-free guidance with any `sd-sched` sampler, from seeded noise
-//!   ([`GenerateOptions`]); a process-wide stop request ([`request_stop`]) ends it between
-//!   steps.
+//! - [`sampling`]: text-to-image ([`generate`]): classifier-free guidance with any
+//!   `sd-sched` sampler from seeded noise ([`GenerateOptions`]); a process-wide stop
+//!   request ([`request_stop`]) ends it between steps.
 //! - [`img2img`]: img2img, inpainting (diffusers' blend for text-to-image UNets) and the
 //!   two-pass hires fix.
 //! - [`lora`]: LoRA files (kohya / A1111 / ComfyUI, diffusers / PEFT, LyCORIS) attached
@@ -25,7 +25,7 @@
 //!
 //! ```
 //! use burn::backend::Flex;
-//! use sd_pipeline::{decode, denoise, initial_latents, load_components, GenerateOptions};
+//! use sd_pipeline::{denoise, decode, generate, initial_latents, load_components, GenerateOptions};
 //!
 //! let device = Default::default();
 //! let model = load_components::<Flex>("tiny", 0, &device)?;
@@ -41,9 +41,11 @@
 //!     clip_skip: 1,
 //!     max_token_length: 75,
 //! };
-//! let latents = denoise(&model, &opts, initial_latents(&model, &opts, &device)?, &device)?;
-//! let images = decode(&model, latents)?;
+//! let images = generate(&model, &opts, &device)?;
 //! assert_eq!(images[0].dimensions(), (64, 64));
+//! // The same in steps, to start from latents of one's own or keep them:
+//! let latents = denoise(&model, &opts, initial_latents(&model, &opts, &device)?, &device)?;
+//! assert_eq!(decode(&model, latents)?, images);
 //! # Ok::<(), sd_pipeline::PipelineError>(())
 //! ```
 //!
@@ -71,7 +73,7 @@ pub mod text;
 
 pub use components::{is_sdxl, load_components, load_separate_vae, load_tokenizer, Components, SDXL_BASE_VERSION, TINY_MODELS};
 pub use sampling::{
-    clear_stop, denoise, denoise_from, denoise_masked, initial_latents, latent_shape, latents_from_noise, request_stop, stop_requested,
+    clear_stop, denoise, denoise_from, denoise_masked, generate, initial_latents, latent_shape, latents_from_noise, request_stop, stop_requested,
     GenerateOptions, Inpaint,
 };
 pub use embeddings::{load_embeddings, texts_with_word, used_embedding_files};

@@ -5,8 +5,7 @@ use burn::tensor::backend::Backend;
 use image::RgbImage;
 use sd_sched::SamplerSpec;
 
-use crate::sampling::{denoise, initial_latents, GenerateOptions};
-use crate::images::decode;
+use crate::sampling::{generate, GenerateOptions};
 use crate::{Components, PipelineError};
 
 /// The most denoising steps a sample may take: SD's training timesteps (sample prompts'
@@ -85,7 +84,7 @@ fn parse_prompt_options(text: &str, defaults: &GenerateOptions) -> Result<(Gener
 
 /// Generates one image per sample prompt ([`parse_sample_prompt`]), in prompt order:
 /// prompts whose options agree are sampled together in one batch (so plain prompts make
-/// one batch, as [`denoise`] runs them), except that a prompt with its own seed (`--d`) is
+/// one batch, as [`generate`] runs them), except that a prompt with its own seed (`--d`) is
 /// sampled alone, so that it gets that seed's noise wherever it stands (as in kohya).
 /// Sizes are rounded down to the model's size step (64 px for SD; kohya rounds to 8).
 pub fn sample_images<B: Backend>(c: &Components<B>, prompts: &[String], defaults: &GenerateOptions, device: &B::Device) -> Result<Vec<RgbImage>, PipelineError> {
@@ -112,8 +111,7 @@ pub fn sample_images<B: Backend>(c: &Components<B>, prompts: &[String], defaults
     }
     let mut images: Vec<Option<RgbImage>> = vec![None; prompts.len()];
     for (opts, members, _) in groups {
-        let z = initial_latents(c, &opts, device)?;
-        for (i, img) in members.into_iter().zip(decode(c, denoise(c, &opts, z, device)?)?) {
+        for (i, img) in members.into_iter().zip(generate(c, &opts, device)?) {
             images[i] = Some(img);
         }
     }

@@ -62,6 +62,60 @@ pub struct GenerateOptions {
     pub max_token_length: usize,
 }
 
+impl GenerateOptions {
+    /// Options for `prompts` with `trainer generate`'s defaults: no negative prompt,
+    /// `dpmpp_2m` in 25 steps, guidance 7.5, seed 0, the model's own image size
+    /// ([`Components::default_size`]), CLIP skip 1, one row of 75 tokens (longer prompts
+    /// still get the rows they need). Change fields with struct update syntax.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use sd_pipeline::{load_components, GenerateOptions};
+    ///
+    /// let device = Default::default();
+    /// let model = load_components::<Flex>("tiny", 0, &device)?;
+    /// let opts = GenerateOptions { seed: 7, ..GenerateOptions::new(&model, ["a red house"]) };
+    /// assert_eq!((opts.width, opts.height, opts.steps), (64, 64, 25));
+    /// # Ok::<(), sd_pipeline::PipelineError>(())
+    /// ```
+    pub fn new<B: Backend>(model: &Components<B>, prompts: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let size = model.default_size();
+        Self {
+            prompts: prompts.into_iter().map(Into::into).collect(),
+            negative_prompt: String::new(),
+            sampler: "dpmpp_2m".into(),
+            steps: 25,
+            cfg_scale: 7.5,
+            seed: 0,
+            width: size,
+            height: size,
+            clip_skip: 1,
+            max_token_length: 75,
+        }
+    }
+}
+
+/// Text-to-image in one call: the seeded initial noise ([`initial_latents`]), the sampler
+/// loop ([`denoise`]) and the VAE ([`decode`](crate::decode)); one image per prompt, in
+/// order.
+///
+/// ```
+/// use burn::backend::Flex;
+/// use sd_pipeline::{generate, load_components, GenerateOptions};
+///
+/// let device = Default::default();
+/// let model = load_components::<Flex>("tiny", 0, &device)?;
+/// let opts = GenerateOptions { steps: 3, ..GenerateOptions::new(&model, ["a red house", "a blue boat"]) };
+/// let images = generate(&model, &opts, &device)?;
+/// assert_eq!(images.len(), 2);
+/// assert_eq!(images, generate(&model, &opts, &device)?); // seeded: the same images again
+/// # Ok::<(), sd_pipeline::PipelineError>(())
+/// ```
+pub fn generate<B: Backend>(c: &Components<B>, opts: &GenerateOptions, device: &B::Device) -> Result<Vec<image::RgbImage>, PipelineError> {
+    let latents = denoise(c, opts, initial_latents(c, opts, device)?, device)?;
+    crate::images::decode(c, latents)
+}
+
 /// Runs the sampler from `latents` (already scaled by the sampler's initial sigma).
 pub fn denoise<B: Backend>(
     c: &Components<B>,
