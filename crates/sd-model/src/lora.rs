@@ -267,9 +267,17 @@ pub fn apply_lora_files_to<B: Backend>(
     let mut sets = Vec::with_capacity(files.len());
     // A LoRA of the other family fails to load or to fit: the error says so.
     let sdxl = unet.has_added_conditions();
-    let hinted = |file: &LoraFile, e: SdModelError| match family_mismatch(&file.path, sdxl) {
-        Some(hint) => SdModelError::BadInput { what: file.path.display().to_string(), reason: format!("{e} ({hint})") },
-        None => e,
+    let hinted = |file: &LoraFile, e: SdModelError| {
+        let what = file.path.display().to_string();
+        match family_mismatch(&file.path, sdxl) {
+            Some(hint) => {
+                // The file is named once, by this error, where `e` names it too.
+                let text = e.to_string();
+                let reason = text.strip_prefix(&format!("{what}: ")).map_or(text.clone(), str::to_string);
+                SdModelError::BadInput { what, reason: format!("{reason} ({hint})") }
+            }
+            None => e,
+        }
     };
     for file in files {
         let (set, report) = AdapterSet::load(&file.path, &index, ReadOptions { lenient }).map_err(|e| hinted(file, e.into()))?;

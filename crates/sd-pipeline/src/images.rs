@@ -46,8 +46,14 @@ pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
     out
 }
 
-/// Saves a PNG, naming the file on error.
+/// Saves an image as a PNG, or in the format another extension of `path` names (`.jpg`,
+/// `.webp`, `.bmp`); an extension that names no format this writes, or a file that cannot
+/// be written, is an error naming the file.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), PipelineError> {
+    let known = path.extension().and_then(|e| e.to_str()).is_some_and(|e| ["png", "jpg", "jpeg", "webp", "bmp"].contains(&e.to_ascii_lowercase().as_str()));
+    if !known {
+        return Err(PipelineError::Image { path: path.to_path_buf(), reason: "the extension names no image format this writes: use .png, .jpg, .webp or .bmp".into() });
+    }
     img.save(path).map_err(|e| PipelineError::Image {
         path: path.to_path_buf(),
         reason: e.to_string(),

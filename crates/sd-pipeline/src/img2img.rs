@@ -38,7 +38,8 @@ pub fn image_pixels<B: Backend>(image: &RgbImage, width: usize, height: usize, d
 }
 
 /// img2img's starting point and first step (diffusers' `StableDiffusionImg2ImgPipeline`):
-/// `image` at `opts`' size ([`image_pixels`]), encoded by the VAE (a sample of its
+/// `image` at `opts`' size (a width or height of 0 takes the image's, [`init_image_size`];
+/// [`image_pixels`]), encoded by the VAE (a sample of its
 /// posterior, seeded by `opts.seed + 2`) and scaled, once for all prompts; then, per prompt,
 /// noised (seeded by `opts.seed`, as text-to-image's initial noise) to the level of the
 /// step where `strength` of the `opts.steps` steps remain ([`sd_sched::img2img_start`]).
@@ -60,7 +61,7 @@ pub fn inpaint_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, im
         false => start.sampler.add_noise(start.clean.clone(), start.noise.clone(), start.first)?,
     };
     let [n, _, h, w] = start.clean.dims();
-    let mask = mask_latents::<B>(mask, (opts.width, opts.height), (w, h), device).repeat_dim(0, n);
+    let mask = mask_latents::<B>(mask, start.size, (w, h), device)?.repeat_dim(0, n);
     Ok((latents, start.first, Inpaint { image: start.clean, noise: start.noise, mask }))
 }
 
@@ -68,8 +69,15 @@ pub fn inpaint_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, im
 /// pipeline prepares it: resized to the image's `size` (Lanczos), grey (ITU-R 601 luma, as
 /// PIL's `convert("L")`), binarised at one half (1 where at least half white: repaint),
 /// then sampled down to `latent` `(w, h)` by the nearest pixel (`interpolate`'s default).
-pub fn mask_latents<B: Backend>(mask: &RgbImage, size: (usize, usize), latent: (usize, usize), device: &B::Device) -> Tensor<B, 4> {
+/// An empty mask or size is an error.
+pub fn mask_latents<B: Backend>(mask: &RgbImage, size: (usize, usize), latent: (usize, usize), device: &B::Device) -> Result<Tensor<B, 4>, PipelineError> {
     let (width, height) = size;
+    if mask.width() == 0 || mask.height() == 0 || width == 0 || height == 0 || latent.0 == 0 || latent.1 == 0 {
+        return Err(PipelineError::Invalid {
+            origin: "inpainting mask".into(),
+            reason: format!("a mask of {}x{} px for an image of {width}x{height} px and latents of {}x{}: none may be empty", mask.width(), mask.height(), latent.0, latent.1),
+        });
+    }
     let rgb = match mask.dimensions() == (width as u32, height as u32) {
         true => mask.clone(),
         false => image::imageops::resize(mask, width as u32, height as u32, image::imageops::FilterType::Lanczos3),
@@ -88,13 +96,14 @@ pub fn mask_latents<B: Backend>(mask: &RgbImage, size: (usize, usize), latent: (
             data.push(if f32::from(grey.get_pixel(sx as u32, sy as u32)[0]) / 255.0 >= 0.5 { 1.0f32 } else { 0.0 });
         }
     }
-    Tensor::from_data(TensorData::new(data, [1, 1, lh, lw]), device)
+    Ok(Tensor::from_data(TensorData::new(data, [1, 1, lh, lw]), device))
 }
 
 /// What img2img and inpainting start from: the sampler set up, the first step, the image's
-/// latents once per prompt and the seeded noise.
+/// latents once per prompt, the seeded noise and the image size sampled at.
 struct ImageStart<B: Backend> {
     sampler: Box<dyn sd_sched::Sampler<B>>,
+    size: (usize, usize),
     first: usize,
     clean: Tensor<B, 4>,
     noise: Tensor<B, 4>,
@@ -102,15 +111,29 @@ struct ImageStart<B: Backend> {
 
 impl<B: Backend> ImageStart<B> {
     fn new(c: &Components<B>, opts: &GenerateOptions, image: &RgbImage, strength: f64, device: &B::Device) -> Result<Self, PipelineError> {
+        if image.width() == 0 || image.height() == 0 {
+            return Err(PipelineError::Invalid { origin: "init image".into(), reason: format!("the image is empty ({}x{} px)", image.width(), image.height()) });
+        }
+        let (width, height) = init_image_size(c, opts, image.dimensions());
+        let opts = &GenerateOptions { width, height, ..opts.clone() };
         let shape = latent_shape(c, opts)?;
         let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
         sampler.set_timesteps(opts.steps)?;
-        let first = sd_sched::img2img_start(opts.steps, strength, sampler.order()).map_err(|e| PipelineError::Invalid { origin: "img2img strength".into(), reason: e.to_string() })?;
+        let first = sd_sched::img2img_start(opts.steps, strength, sampler.order()).map_err(named("img2img strength"))?;
         let posterior = c.vae.encode(image_pixels(image, opts.width, opts.height, device))?;
         let eps = SeededNoise::new(opts.seed.wrapping_add(2)).sample(posterior.mean.dims(), device)?;
         let clean = c.vae.scale_latents(posterior.sample(eps)?).repeat_dim(0, shape[0]);
         let noise = SeededNoise::new(opts.seed).sample(shape, device)?;
-        Ok(Self { sampler, first, clean, noise })
+        Ok(Self { sampler, size: (width, height), first, clean, noise })
+    }
+}
+
+/// A scheduler's refusal of an argument as an error naming the input it came from, `origin`
+/// (the scheduler's own message names its parameter).
+fn named(origin: &'static str) -> impl FnOnce(sd_sched::SchedError) -> PipelineError {
+    move |e| match e {
+        sd_sched::SchedError::InvalidArgument { reason, .. } => PipelineError::Invalid { origin: origin.into(), reason },
+        e => e.into(),
     }
 }
 
@@ -132,6 +155,14 @@ pub struct HiresFix {
     pub latents: bool,
 }
 
+/// Half the final side (A1111's "upscale by 2"), kohya's 28 first-pass steps, A1111's
+/// strength 0.7, images upscaled (not latents).
+impl Default for HiresFix {
+    fn default() -> Self {
+        Self { scale: 0.5, steps: 28, strength: 0.7, latents: false }
+    }
+}
+
 impl HiresFix {
     /// The first pass's options: `opts` at the scaled size (rounded to the nearest pixel,
     /// then down to the model's multiple) and the first pass's steps. Checks the scale and
@@ -140,8 +171,11 @@ impl HiresFix {
         if !(self.scale > 0.0 && self.scale < 1.0) {
             return Err(PipelineError::Invalid { origin: "hires fix scale".into(), reason: format!("must be in (0, 1), got {}", self.scale) });
         }
+        if !(1..=crate::MAX_SAMPLE_STEPS).contains(&self.steps) {
+            return Err(PipelineError::Invalid { origin: "hires fix steps".into(), reason: format!("the first pass's steps must be 1 to {}, got {}", crate::MAX_SAMPLE_STEPS, self.steps) });
+        }
         let sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
-        sd_sched::img2img_start(opts.steps, self.strength, sampler.order()).map_err(|e| PipelineError::Invalid { origin: "hires fix strength".into(), reason: e.to_string() })?;
+        sd_sched::img2img_start(opts.steps, self.strength, sampler.order()).map_err(named("hires fix strength"))?;
         let m = c.vae.downsample_factor() * c.unet.size_multiple();
         let side = |s: usize| (s as f64 * self.scale + 0.5) as usize / m * m;
         let (width, height) = (side(opts.width), side(opts.height));
@@ -175,7 +209,7 @@ pub fn hires_fix<B: Backend>(c: &Components<B>, opts: &GenerateOptions, hires: &
     };
     let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
     sampler.set_timesteps(opts.steps)?;
-    let first_step = sd_sched::img2img_start(opts.steps, hires.strength, sampler.order()).map_err(|e| PipelineError::Invalid { origin: "hires fix strength".into(), reason: e.to_string() })?;
+    let first_step = sd_sched::img2img_start(opts.steps, hires.strength, sampler.order()).map_err(named("hires fix strength"))?;
     let noise = SeededNoise::new(opts.seed.wrapping_add(1)).sample(shape, device)?;
     let latents = sampler.add_noise(clean, noise, first_step)?;
     denoise_from(c, opts, latents, first_step, device)

@@ -52,14 +52,20 @@
 //! ## Depending on this crate
 //!
 //! Its API takes and returns [burn](https://burn.dev) 0.21 types (`Tensor<B, D>`,
-//! `Module<B>`, backends). Use the same burn, re-exported as
-//! [`sd_pipeline::burn`](crate::burn), or depend on `burn = "=0.21.0"` yourself: a second
-//! burn version's types would not fit.
+//! `Module<B>`, backends) and [`image`](crate::image) 0.25 images. Use the same crates,
+//! re-exported as [`sd_pipeline::burn`](crate::burn) and [`sd_pipeline::image`](crate::image)
+//! (and the workspace's own as [`lora_core`], [`sd_model`], [`sd_sched`]), or depend on
+//! `burn = "=0.21.0"` and `image = "0.25"` yourself: another version's types would not fit.
+//! A backend's device type is `burn::tensor::Device<B>`.
 #![deny(missing_docs)]
 
-/// The burn this crate is built on (0.21), for its API's types without a burn dependency of
-/// one's own.
+/// The burn this crate is built on (0.21, with its CPU backend `Flex`), for its API's types
+/// without a burn dependency of one's own.
 pub use burn;
+/// The `image` crate whose [`RgbImage`](image::RgbImage)s this crate takes and returns.
+pub use image;
+/// The crates this one is built on, at the versions its types come from.
+pub use {lora_core, sd_model, sd_sched};
 
 pub mod components;
 pub mod sampling;
@@ -81,6 +87,8 @@ pub use error::PipelineError;
 pub use images::{decode, grid, save_png};
 pub use img2img::{hires_fix, image_pixels, img2img_latents, init_image_size, inpaint_latents, mask_latents, upscale_latents, HiresFix};
 pub use lora::{attach_lora_files, merge_adapters, to_precision};
+pub use sd_model::lora::{AppliedLoras, LoraFile};
+pub use sd_model::tokenizer::ClipTokenizer;
 pub use sample_prompts::{parse_sample_prompt, sample_images, MAX_SAMPLE_STEPS};
 pub use text::{
     condition_prompts, condition_weighted_with, condition_with, encode_prompts, encode_weighted_with, encode_with, overlong_prompts,

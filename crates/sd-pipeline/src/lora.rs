@@ -2,14 +2,37 @@
 //! half precision.
 
 use burn::tensor::backend::Backend;
+use lora_core::sites::LoraSites;
 
 use crate::{Components, PipelineError};
 
-/// Attaches LoRA files (`FILE[:STRENGTH]`) to the UNet and every text encoder of `c`
-/// ([`sd_model::lora::apply_lora_files_to`]); [`merge_adapters`] then folds them in.
+/// Attaches LoRA files (`FILE[:STRENGTH]`, [`LoraFile`](crate::LoraFile)) to the UNet and
+/// every text encoder of `c` ([`sd_model::lora::apply_lora_files_to`]); [`merge_adapters`]
+/// then folds them in. Several files are combined (pass them in one call); a model that
+/// already has adapters attached is an error, since attaching would replace them:
+/// [`merge_adapters`] first to stack another file on top.
 pub fn attach_lora_files<B: Backend>(c: &mut Components<B>, files: &[sd_model::lora::LoraFile], device: &B::Device) -> Result<sd_model::lora::AppliedLoras, PipelineError> {
+    let attached = attached_adapters(c);
+    if attached > 0 {
+        return Err(PipelineError::Invalid {
+            origin: "LoRA files".into(),
+            reason: format!(
+                "the model already has {attached} adapter(s) attached, which these would replace: pass every LoRA file in one call (they are combined), or merge_adapters first"
+            ),
+        });
+    }
     let mut encoders: Vec<&mut sd_model::ClipTextModel<B>> = std::iter::once(&mut c.text_encoder).chain(c.text_encoder_2.as_mut()).collect();
     Ok(sd_model::lora::apply_lora_files_to(&mut c.unet, &mut encoders, files, false, device)?)
+}
+
+/// How many layers of the UNet and the text encoders have an adapter attached.
+fn attached_adapters<B: Backend>(c: &mut Components<B>) -> usize {
+    fn count<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
+        let mut n = 0;
+        model.visit_lora_sites(&mut |_, site| n += usize::from(site.has_adapter()));
+        n
+    }
+    count(&mut c.unet) + count(&mut c.text_encoder) + c.text_encoder_2.as_mut().map_or(0, count)
 }
 
 /// Folds every LoRA adapter attached to the UNet and the text encoder into their weights and

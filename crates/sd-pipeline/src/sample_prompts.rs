@@ -69,7 +69,7 @@ fn parse_prompt_options(text: &str, defaults: &GenerateOptions) -> Result<(Gener
                 o.seed = value.parse().map_err(|_| bad("expected a seed (a whole number)"))?;
                 seeded = true;
             }
-            "l" => o.cfg_scale = number("expected a guidance scale")? as f32,
+            "l" => o.cfg_scale = number("expected a guidance scale (a number, at least 0)")? as f32,
             // As sd-scripts: clamped to the model's training timesteps.
             "s" => o.steps = (number("expected a number of steps")? as usize).clamp(1, MAX_SAMPLE_STEPS),
             "ss" => {

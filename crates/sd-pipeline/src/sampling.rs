@@ -93,6 +93,51 @@ impl GenerateOptions {
             max_token_length: 75,
         }
     }
+
+    /// Checks what the options can be checked for without a model: at least one prompt, a
+    /// finite guidance scale, steps in `1..=`[`MAX_SAMPLE_STEPS`](crate::MAX_SAMPLE_STEPS),
+    /// CLIP skip at least 1 and `max_token_length` a multiple of 75 up to
+    /// [`MAX_TOKEN_ROWS`](crate::MAX_TOKEN_ROWS) rows. The sampler name, the image size and
+    /// the CLIP skip's upper end (the text encoder's layers) are checked against the model
+    /// where they are used. Sampling calls this first.
+    ///
+    /// ```
+    /// let mut opts = sd_pipeline::GenerateOptions {
+    ///     prompts: vec!["a house".into()],
+    ///     negative_prompt: String::new(),
+    ///     sampler: "euler_a".into(),
+    ///     steps: 20,
+    ///     cfg_scale: f32::NAN,
+    ///     seed: 0,
+    ///     width: 512,
+    ///     height: 512,
+    ///     clip_skip: 1,
+    ///     max_token_length: 75,
+    /// };
+    /// assert!(opts.check().unwrap_err().to_string().starts_with("cfg_scale: "));
+    /// opts.cfg_scale = 7.0;
+    /// assert!(opts.check().is_ok());
+    /// ```
+    pub fn check(&self) -> Result<(), PipelineError> {
+        let bad = |origin: &str, reason: String| Err(PipelineError::Invalid { origin: origin.into(), reason });
+        let most_tokens = 75 * crate::MAX_TOKEN_ROWS;
+        if self.prompts.is_empty() {
+            return bad("prompts", "at least one prompt is needed (one image is made per prompt)".into());
+        }
+        if !self.cfg_scale.is_finite() {
+            return bad("cfg_scale", format!("must be a finite number (7.5 is usual; 1 turns guidance off), got {}", self.cfg_scale));
+        }
+        if !(1..=crate::MAX_SAMPLE_STEPS).contains(&self.steps) {
+            return bad("steps", format!("must be 1 to {}, got {}", crate::MAX_SAMPLE_STEPS, self.steps));
+        }
+        if self.clip_skip == 0 {
+            return bad("clip_skip", "must be at least 1 (1 reads the text encoder's last layer, 2 the penultimate)".into());
+        }
+        if self.max_token_length == 0 || !self.max_token_length.is_multiple_of(75) || self.max_token_length > most_tokens {
+            return bad("max_token_length", format!("must be 75, 150 or 225 (a multiple of 75 up to {most_tokens}), got {}", self.max_token_length));
+        }
+        Ok(())
+    }
 }
 
 /// Text-to-image in one call: the seeded initial noise ([`initial_latents`]), the sampler
@@ -162,7 +207,9 @@ pub fn denoise_masked<B: Backend>(
     inpaint: Option<&Inpaint<B>>,
     device: &B::Device,
 ) -> Result<Tensor<B, 4>, PipelineError> {
+    opts.check()?;
     let n = opts.prompts.len();
+    check_latents(c, opts, &latents, inpaint)?;
     let all = opts.prompts.iter().chain([&opts.negative_prompt]).map(String::as_str);
     let rows = prompt_rows(&c.tokenizer, all, opts.max_token_length)?;
     let cond = condition_prompts(c, &opts.prompts, opts.clip_skip, rows, device)?;
@@ -208,8 +255,32 @@ pub fn denoise_masked<B: Backend>(
     Ok(latents)
 }
 
+/// Latents (and what inpainting keeps) that fit the prompts of `opts` and the model: one
+/// per prompt, the VAE's latent channels, inpainting's tensors of the latents' shape.
+fn check_latents<B: Backend>(c: &Components<B>, opts: &GenerateOptions, latents: &Tensor<B, 4>, inpaint: Option<&Inpaint<B>>) -> Result<(), PipelineError> {
+    let [n, ch, h, w] = latents.dims();
+    let expected = (opts.prompts.len(), c.vae.latent_channels());
+    if (n, ch) != expected {
+        return Err(PipelineError::Invalid {
+            origin: "latents".into(),
+            reason: format!("shape {:?}: expected {} (one per prompt) x {} channels (the VAE's latents)", latents.dims(), expected.0, expected.1),
+        });
+    }
+    let Some(keep) = inpaint else { return Ok(()) };
+    for (name, t, shape) in [("image", &keep.image, [n, ch, h, w]), ("noise", &keep.noise, [n, ch, h, w]), ("mask", &keep.mask, [n, 1, h, w])] {
+        if t.dims() != shape {
+            return Err(PipelineError::Invalid {
+                origin: format!("inpainting {name}"),
+                reason: format!("shape {:?} does not fit latents of shape {:?}: expected {shape:?} (make it with inpaint_latents for these options)", t.dims(), latents.dims()),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The shape of the initial latents for `opts`, checking the image size.
 pub fn latent_shape<B: Backend>(c: &Components<B>, opts: &GenerateOptions) -> Result<[usize; 4], PipelineError> {
+    opts.check()?;
     let f = c.vae.downsample_factor();
     let m = f * c.unet.size_multiple();
     let max = sd_data::MAX_SIDE as usize;

@@ -160,6 +160,7 @@ fn a_lora_of_the_other_family_is_named_as_such() {
     let mut m = load::<B>(&sources()[0]);
     let err = apply_lora_files_to(&mut m.unet, &mut [&mut m.te1, &mut m.te2], &[LoraFile::new(sd1_lora, 1.0)], false, &device).unwrap_err().to_string();
     assert!(err.contains("sd1_lora_kohya") && err.contains("this LoRA is for SD1.x / SD2.x, and the model is SDXL"), "{err}");
+    assert_eq!(err.matches("sd1_lora_kohya").count(), 1, "the file is named once: {err}");
 }
 
 #[test]

@@ -331,13 +331,13 @@ fn inpainting_keeps_the_image_outside_the_mask() {
         16 => image::Rgb([127, 127, 127]),
         _ => image::Rgb([0, 0, 0]),
     });
-    let m = values(mask_latents::<B>(&mask, (32, 32), (8, 8), &device));
+    let m = values(mask_latents::<B>(&mask, (32, 32), (8, 8), &device).unwrap());
     for (i, v) in m.iter().enumerate() {
         assert_eq!(*v, if i % 8 < 4 { 1.0 } else { 0.0 }, "mask at ({}, {})", i % 8, i / 8);
     }
     // Luma, as PIL's convert("L"): pure green is 150/255 (repaint), pure blue 29/255 (keep).
     let colours = image::RgbImage::from_fn(2, 1, |x, _| if x == 0 { image::Rgb([0, 255, 0]) } else { image::Rgb([0, 0, 255]) });
-    assert_eq!(values(mask_latents::<B>(&colours, (2, 1), (2, 1), &device)), [1.0, 0.0]);
+    assert_eq!(values(mask_latents::<B>(&colours, (2, 1), (2, 1), &device).unwrap()), [1.0, 0.0]);
 
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let image = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 90]));
@@ -457,4 +457,80 @@ fn textual_inversion_embeddings_stand_for_their_vectors() {
         let e = sd_pipeline::load_embeddings(&mut other, std::slice::from_ref(&path), &[], &device).unwrap_err().to_string();
         assert!(e.contains(path.file_name().unwrap().to_str().unwrap()), "{e}");
     }
+}
+
+/// Inputs that would sample nonsense or panic are errors naming them: no prompts, a
+/// non-finite guidance scale, latents or inpainting tensors that do not fit the prompts,
+/// empty images and masks, a second set of LoRA files over attached adapters, an unknown
+/// image extension, the hires fix's steps; a width of 0 samples img2img at the image's size.
+#[test]
+fn bad_inputs_are_errors_that_name_them() {
+    let _rng = crate::common::seeded();
+    use sd_pipeline::{generate, img2img_latents, inpaint_latents, mask_latents, HiresFix, PipelineError};
+    let device = Default::default();
+    let mut c = load_components::<B>("tiny", 0, &device).unwrap();
+    let o = GenerateOptions { prompts: vec!["a red circle".into()], ..opts("ddim") };
+    let origin = |e: PipelineError| match e {
+        PipelineError::Invalid { origin, .. } => origin,
+        e => panic!("not an input error: {e:?}"),
+    };
+    let bad = |edit: fn(&mut GenerateOptions)| {
+        let mut bad = o.clone();
+        edit(&mut bad);
+        origin(generate(&c, &bad, &device).unwrap_err())
+    };
+    assert_eq!(bad(|o| o.prompts.clear()), "prompts");
+    assert_eq!(bad(|o| o.cfg_scale = f32::NAN), "cfg_scale");
+    assert_eq!(bad(|o| o.cfg_scale = f32::INFINITY), "cfg_scale");
+    assert_eq!(bad(|o| o.steps = 0), "steps");
+    assert_eq!(bad(|o| o.clip_skip = 0), "clip_skip");
+    assert_eq!(bad(|o| o.max_token_length = 0), "max_token_length");
+    assert_eq!(bad(|o| o.max_token_length = 100), "max_token_length");
+
+    // Latents for two prompts with one prompt; inpainting tensors for another batch.
+    let two = GenerateOptions { prompts: vec!["a".into(), "b".into()], ..o.clone() };
+    let z2 = initial_latents(&c, &two, &device).unwrap();
+    assert_eq!(origin(denoise(&c, &o, z2, &device).unwrap_err()), "latents");
+    let image = image::RgbImage::from_pixel(32, 32, image::Rgb([200, 30, 30]));
+    let mask = image::RgbImage::from_pixel(32, 32, image::Rgb([255, 255, 255]));
+    let (z, first, keep) = inpaint_latents(&c, &o, &image, &mask, 0.5, &device).unwrap();
+    let (z_two, _, _) = inpaint_latents(&c, &two, &image, &mask, 0.5, &device).unwrap();
+    assert_eq!(origin(sd_pipeline::denoise_masked(&c, &two, z_two, first, Some(&keep), &device).unwrap_err()), "inpainting image");
+    sd_pipeline::denoise_masked(&c, &o, z, first, Some(&keep), &device).unwrap();
+
+    // Empty images and masks.
+    let empty = image::RgbImage::new(0, 0);
+    assert_eq!(origin(img2img_latents(&c, &o, &empty, 0.5, &device).unwrap_err()), "init image");
+    assert_eq!(origin(inpaint_latents(&c, &o, &image, &empty, 0.5, &device).unwrap_err()), "inpainting mask");
+    assert_eq!(origin(mask_latents::<B>(&mask, (0, 0), (8, 8), &device).unwrap_err()), "inpainting mask");
+    // A strength error names the strength once.
+    let e = img2img_latents(&c, &o, &image, 1.5, &device).unwrap_err().to_string();
+    assert!(e.starts_with("img2img strength: must be in (0, 1]") && !e.contains("`strength`"), "{e}");
+
+    // Width and height 0: the image's own size, rounded down to the model's multiple.
+    let step = (c.vae.downsample_factor() * c.unet.size_multiple()) as u32;
+    let wide = image::RgbImage::from_pixel(3 * step + 1, 2 * step, image::Rgb([10, 200, 30]));
+    let own = GenerateOptions { width: 0, height: 0, ..o.clone() };
+    let (z, _) = img2img_latents(&c, &own, &wide, 0.5, &device).unwrap();
+    let f = c.vae.downsample_factor();
+    assert_eq!(z.dims()[2..], [2 * step as usize / f, 3 * step as usize / f]);
+
+    // The hires fix: kohya's / A1111's defaults, and a first pass of no steps.
+    assert_eq!(HiresFix::default(), HiresFix { scale: 0.5, steps: 28, strength: 0.7, latents: false });
+    let big = GenerateOptions { width: 64, height: 64, ..o.clone() };
+    assert_eq!(origin(HiresFix { steps: 0, ..HiresFix::default() }.first_pass(&c, &big).unwrap_err()), "hires fix steps");
+
+    // LoRA files over attached adapters would replace them.
+    attach_new_adapters(&mut c.unet, &Selection::new(UnetTargets::Attn), &LoraConfig::new(4), &device).unwrap();
+    let file: sd_pipeline::LoraFile = "never-read.safetensors:0.5".parse().unwrap();
+    let e = sd_pipeline::attach_lora_files(&mut c, &[file], &device).unwrap_err();
+    assert!(e.to_string().contains("merge_adapters first"), "{e}");
+
+    // Image files: by extension, or an error naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    sd_pipeline::save_png(&image, &dir.path().join("x.jpg")).unwrap();
+    assert_eq!(image::image_dimensions(dir.path().join("x.jpg")).unwrap(), (32, 32));
+    let e = sd_pipeline::save_png(&image, &dir.path().join("x.txt")).unwrap_err().to_string();
+    assert!(e.contains("x.txt") && e.contains(".png"), "{e}");
+    assert!(!dir.path().join("x.txt").exists());
 }
