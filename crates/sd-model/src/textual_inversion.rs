@@ -317,37 +317,63 @@ pub fn token_names(name: &str, n: usize) -> Vec<String> {
 /// CLIP lower-cases prompts; bounded by anything but letters, digits, `_` and `-`) replaced by
 /// its tokens, space-separated. `embeddings` pairs each name with its [`token_names`].
 pub fn expand_prompt(prompt: &str, embeddings: &[(String, Vec<String>)]) -> String {
+    let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
     let mut text = prompt.to_string();
     for (name, tokens) in embeddings {
-        let (lower, needle) = (text.to_lowercase(), name.to_lowercase());
-        // Lower-casing can change byte lengths outside ASCII: match on the original then.
-        if lower.len() != text.len() || needle.is_empty() {
+        let needle = name.to_lowercase();
+        if needle.is_empty() {
             continue;
         }
-        let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
         let mut out = String::with_capacity(text.len());
-        let mut at = 0;
-        while let Some(found) = lower[at..].find(&needle) {
-            let (start, end) = (at + found, at + found + needle.len());
-            let before = text[..start].chars().next_back().is_none_or(|c| !word(c));
-            let after = text[end..].chars().next().is_none_or(|c| !word(c));
-            out.push_str(&text[at..start]);
-            if before && after {
-                out.push_str(&tokens.join(" "));
-            } else {
-                out.push_str(&text[start..end]);
+        let (mut rest, mut prev) = (text.as_str(), None::<char>);
+        while let Some(c) = rest.chars().next() {
+            // A whole word of `rest` that lower-cases to the name (compared char by char on
+            // the original: lower-casing can change byte lengths outside ASCII, `İ`, `K`).
+            if prev.is_none_or(|p| !word(p)) {
+                if let Some(len) = lower_prefix_len(rest, &needle).filter(|&len| rest[len..].chars().next().is_none_or(|n| !word(n))) {
+                    out.push_str(&tokens.join(" "));
+                    prev = rest[..len].chars().next_back();
+                    rest = &rest[len..];
+                    continue;
+                }
             }
-            at = end;
+            out.push(c);
+            prev = Some(c);
+            rest = &rest[c.len_utf8()..];
         }
-        out.push_str(&text[at..]);
         text = out;
     }
     text
 }
 
+/// The byte length of the start of `text` that lower-cases to `needle` (lower case), if
+/// one does.
+fn lower_prefix_len(text: &str, needle: &str) -> Option<usize> {
+    let mut rest = needle;
+    for (i, c) in text.char_indices() {
+        if rest.is_empty() {
+            return Some(i);
+        }
+        for l in c.to_lowercase() {
+            rest = rest.strip_prefix(l)?;
+        }
+    }
+    rest.is_empty().then_some(text.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_found_beside_text_that_lower_cases_to_other_lengths() {
+        let names = vec![("Good".to_string(), vec!["<emb:good:0>".to_string()])];
+        // `İ` lower-cases to two chars, the Kelvin sign to a shorter `k`.
+        assert_eq!(expand_prompt("İstanbul, good", &names), "İstanbul, <emb:good:0>");
+        assert_eq!(expand_prompt("\u{212A}elvin GOOD, goods, notgood", &names), "\u{212A}elvin <emb:good:0>, goods, notgood");
+        let turkish = vec![("İz".to_string(), vec!["<t>".to_string()])];
+        assert_eq!(expand_prompt("an İz and an i\u{307}z", &turkish), "an <t> and an <t>");
+    }
 
     #[test]
     fn files_name_their_word() {

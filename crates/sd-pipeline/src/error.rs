@@ -18,6 +18,9 @@ pub enum PipelineError {
         /// What is wrong and what was expected.
         reason: String,
     },
+    /// Sampling ended in NaN or infinite latents, which would decode to a black image.
+    #[error("the denoised latents are not finite (NaN or inf), so no image was made: a LoRA strength or guidance scale far too large, or a broken LoRA or model")]
+    NonFinite,
     /// A file or folder could not be read.
     #[error("{path}: {source}")]
     Io {

@@ -198,7 +198,8 @@ impl HiresFix {
 pub fn hires_fix<B: Backend>(c: &Components<B>, opts: &GenerateOptions, hires: &HiresFix, device: &B::Device) -> Result<Tensor<B, 4>, PipelineError> {
     let first = hires.first_pass(c, opts)?;
     let shape = latent_shape(c, opts)?;
-    let small = denoise(c, &first, initial_latents(c, &first, device)?, device)?;
+    // A first pass gone NaN would decode to black and be refined from there.
+    let small = crate::sampling::finite(denoise(c, &first, initial_latents(c, &first, device)?, device)?)?;
     let clean = if hires.latents {
         upscale_latents(small, [shape[2], shape[3]])
     } else {

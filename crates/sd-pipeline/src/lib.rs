@@ -52,7 +52,7 @@
 //! ## Depending on this crate
 //!
 //! Its API takes and returns [burn](https://burn.dev) 0.21 types (`Tensor<B, D>`,
-//! `Module<B>`, backends) and [`image`](crate::image) 0.25 images. Use the same crates,
+//! `Module<B>`, backends) and [`image`] 0.25 images. Use the same crates,
 //! re-exported as [`sd_pipeline::burn`](crate::burn) and [`sd_pipeline::image`](crate::image)
 //! (and the workspace's own as [`lora_core`], [`sd_model`], [`sd_sched`]), or depend on
 //! `burn = "=0.21.0"` and `image = "0.25"` yourself: another version's types would not fit.
@@ -79,7 +79,7 @@ pub mod text;
 
 pub use components::{is_sdxl, load_components, load_separate_vae, load_tokenizer, Components, SDXL_BASE_VERSION, TINY_MODELS};
 pub use sampling::{
-    clear_stop, denoise, denoise_from, denoise_masked, generate, initial_latents, latent_shape, latents_from_noise, request_stop, stop_requested,
+    clear_stop, denoise, denoise_from, denoise_masked, finite, generate, initial_latents, latent_shape, latents_from_noise, request_stop, stop_requested,
     GenerateOptions, Inpaint,
 };
 pub use embeddings::{load_embeddings, texts_with_word, used_embedding_files};
@@ -91,6 +91,6 @@ pub use sd_model::lora::{AppliedLoras, LoraFile};
 pub use sd_model::tokenizer::ClipTokenizer;
 pub use sample_prompts::{parse_sample_prompt, sample_images, MAX_SAMPLE_STEPS};
 pub use text::{
-    condition_prompts, condition_weighted_with, condition_with, encode_prompts, encode_weighted_with, encode_with, overlong_prompts,
+    condition_captions, condition_prompts, encode_captions, encode_prompts, overlong_prompts, CaptionSyntax,
     prompt_ids, prompt_rows, token_rows, TextConditioning, TextEncoders, MAX_TOKEN_ROWS,
 };

@@ -87,6 +87,7 @@ fn parse_prompt_options(text: &str, defaults: &GenerateOptions) -> Result<(Gener
 /// one batch, as [`generate`] runs them), except that a prompt with its own seed (`--d`) is
 /// sampled alone, so that it gets that seed's noise wherever it stands (as in kohya).
 /// Sizes are rounded down to the model's size step (64 px for SD; kohya rounds to 8).
+/// Latents gone NaN or infinite are [`PipelineError::NonFinite`] (as in [`generate`]).
 pub fn sample_images<B: Backend>(c: &Components<B>, prompts: &[String], defaults: &GenerateOptions, device: &B::Device) -> Result<Vec<RgbImage>, PipelineError> {
     let step = c.vae.downsample_factor() * c.unet.size_multiple();
     let fit = |v: usize| (v - v % step).max(step);

@@ -156,9 +156,22 @@ impl GenerateOptions {
 /// assert_eq!(images, generate(&model, &opts, &device)?); // seeded: the same images again
 /// # Ok::<(), sd_pipeline::PipelineError>(())
 /// ```
+///
+/// Latents that end up NaN or infinite (a LoRA or guidance scale far too strong, a broken
+/// model) are [`PipelineError::NonFinite`], not black images.
 pub fn generate<B: Backend>(c: &Components<B>, opts: &GenerateOptions, device: &B::Device) -> Result<Vec<image::RgbImage>, PipelineError> {
     let latents = denoise(c, opts, initial_latents(c, opts, device)?, device)?;
-    crate::images::decode(c, latents)
+    crate::images::decode(c, finite(latents)?)
+}
+
+/// `latents`, or [`PipelineError::NonFinite`] where any value is NaN or infinite (one
+/// reduction read back).
+pub fn finite<B: Backend>(latents: Tensor<B, 4>) -> Result<Tensor<B, 4>, PipelineError> {
+    use burn::tensor::ElementConversion;
+    match latents.clone().is_finite().all().into_scalar().elem::<bool>() {
+        true => Ok(latents),
+        false => Err(PipelineError::NonFinite),
+    }
 }
 
 /// Runs the sampler from `latents` (already scaled by the sampler's initial sigma).

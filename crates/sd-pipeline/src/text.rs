@@ -147,8 +147,7 @@ pub fn prompt_rows<'a>(tokenizer: &ClipTokenizer, prompts: impl IntoIterator<Ite
 /// for one row; rows joined as kohya's sd-scripts join them in training:
 /// [`sd_model::ClipTextModel::forward_chunked`]; `rows` from [`prompt_rows`]), reading
 /// A1111's emphasis syntax: `(word)`, `[word]`, `(word:1.3)`, `BREAK`
-/// ([`sd_model::prompt`]). Captions for training go through [`encode_with`], which takes
-/// them literally, or with `data.weighted_captions` [`encode_weighted_with`]. For SDXL this
+/// ([`sd_model::prompt`]). Captions for training go through [`encode_captions`]. For SDXL this
 /// is the states only: [`condition_prompts`] gives the pooled embedding too.
 pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<Tensor<B, 3>, PipelineError> {
     Ok(condition_prompts(c, prompts, clip_skip, rows, device)?.context)
@@ -194,69 +193,78 @@ fn weighted_condition<B: Backend>(
     Ok((condition(encoders, ids, ids_2, clip_skip, device)?, weights))
 }
 
-/// Encodes captions literally (no emphasis syntax) with a given text encoder (one being
-/// trained, say); otherwise as [`encode_prompts`]. One encoder: SDXL's conditioning
-/// is [`condition_with`]'s.
-pub fn encode_with<B: Backend>(
+/// How caption text is read when it is encoded for training ([`condition_captions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CaptionSyntax {
+    /// Literally, as kohya's training reads captions by default: parentheses and brackets
+    /// are text.
+    #[default]
+    Literal,
+    /// With A1111's emphasis syntax (kohya's `weighted_captions`): `(word:1.2)` scales the
+    /// word's hidden states and nothing else, as kohya's training does
+    /// ([`sd_model::prompt::scale_states`]; sample prompts also keep the mean). `BREAK` is a
+    /// plain word here, as in kohya's training (it would start a new row). The pooled
+    /// embedding is not weighted (kohya's SDXL training leaves it as it is).
+    Weighted,
+}
+
+/// Encodes captions for training with one given text encoder (one being trained, say) in
+/// the rows of `max_token_length` (longer captions are cut): the text states
+/// `[N, 75 × rows + 2, D]`. Prompts for sampling go through [`encode_prompts`] instead,
+/// which always reads emphasis and adds rows for long prompts. SDXL's two encoders:
+/// [`condition_captions`].
+///
+/// ```
+/// use burn::backend::Flex;
+/// use sd_pipeline::{encode_captions, load_components, CaptionSyntax};
+///
+/// let device = Default::default();
+/// let c = load_components::<Flex>("tiny", 0, &device)?;
+/// let captions = ["a (red:1.5) house".to_string()];
+/// let encode = |syntax| encode_captions(&c.text_encoder, &c.tokenizer, &captions, syntax, 1, 75, &device);
+/// let (literal, weighted) = (encode(CaptionSyntax::Literal)?, encode(CaptionSyntax::Weighted)?);
+/// assert_eq!(literal.dims(), weighted.dims());
+/// assert!(!literal.equal(weighted).all().into_scalar());
+/// # Ok::<(), sd_pipeline::PipelineError>(())
+/// ```
+pub fn encode_captions<B: Backend>(
     text_encoder: &sd_model::ClipTextModel<B>,
     tokenizer: &ClipTokenizer,
-    prompts: &[String],
+    captions: &[String],
+    syntax: CaptionSyntax,
     clip_skip: usize,
     max_token_length: usize,
     device: &B::Device,
 ) -> Result<Tensor<B, 3>, PipelineError> {
     let encoders = TextEncoders { first: (text_encoder, tokenizer), second: None };
-    Ok(condition_with(encoders, prompts, clip_skip, max_token_length, device)?.context)
+    Ok(condition_captions(encoders, captions, syntax, clip_skip, max_token_length, device)?.context)
 }
 
-/// [`encode_with`] through one or two encoders ([`TextEncoders`]): the whole conditioning
-/// of literal captions.
-pub fn condition_with<B: Backend>(
+/// [`encode_captions`] through one or two encoders ([`TextEncoders`]): the whole
+/// conditioning of training captions, SDXL's pooled embedding included.
+pub fn condition_captions<B: Backend>(
     encoders: TextEncoders<'_, B>,
-    prompts: &[String],
+    captions: &[String],
+    syntax: CaptionSyntax,
     clip_skip: usize,
     max_token_length: usize,
     device: &B::Device,
 ) -> Result<TextConditioning<B>, PipelineError> {
     let rows = token_rows(encoders.first.1, max_token_length);
-    let chunked = |tok: &ClipTokenizer| -> Result<Vec<Vec<u32>>, PipelineError> { Ok(prompts.iter().map(|p| tok.encode_chunked(p, rows)).collect::<Result<_, _>>()?) };
-    let ids = chunked(encoders.first.1)?;
-    let ids_2 = second_ids(encoders, chunked)?;
-    condition(encoders, ids, ids_2, clip_skip, device)
-}
-
-/// Encodes captions with A1111's emphasis syntax (kohya's `weighted_captions`), with a
-/// given text encoder, in the rows of `max_token_length` (longer captions are cut, as in
-/// [`encode_with`]): `(word:1.2)` scales the word's hidden states, and nothing else, as
-/// kohya's training does ([`sd_model::prompt::scale_states`]; sample prompts also keep the
-/// mean). `BREAK` is a plain word here, as in kohya's training (it would start a new row).
-/// One encoder: SDXL's conditioning is [`condition_weighted_with`]'s.
-pub fn encode_weighted_with<B: Backend>(
-    text_encoder: &sd_model::ClipTextModel<B>,
-    tokenizer: &ClipTokenizer,
-    prompts: &[String],
-    clip_skip: usize,
-    max_token_length: usize,
-    device: &B::Device,
-) -> Result<Tensor<B, 3>, PipelineError> {
-    let encoders = TextEncoders { first: (text_encoder, tokenizer), second: None };
-    Ok(condition_weighted_with(encoders, prompts, clip_skip, max_token_length, device)?.context)
-}
-
-/// [`encode_weighted_with`] through one or two encoders ([`TextEncoders`]); the pooled
-/// embedding is not weighted (kohya's SDXL training leaves it as it is).
-pub fn condition_weighted_with<B: Backend>(
-    encoders: TextEncoders<'_, B>,
-    prompts: &[String],
-    clip_skip: usize,
-    max_token_length: usize,
-    device: &B::Device,
-) -> Result<TextConditioning<B>, PipelineError> {
-    // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the keyword.
-    let captions: Vec<String> = prompts.iter().map(|p| p.replace("BREAK", "break")).collect();
-    let rows = token_rows(encoders.first.1, max_token_length);
-    let (cond, weights) = weighted_condition(encoders, &captions, clip_skip, rows, device)?;
-    Ok(TextConditioning { context: sd_model::prompt::scale_states(cond.context, &weights)?, pooled: cond.pooled })
+    match syntax {
+        CaptionSyntax::Literal => {
+            let chunked = |tok: &ClipTokenizer| -> Result<Vec<Vec<u32>>, PipelineError> { Ok(captions.iter().map(|p| tok.encode_chunked(p, rows)).collect::<Result<_, _>>()?) };
+            let ids = chunked(encoders.first.1)?;
+            let ids_2 = second_ids(encoders, chunked)?;
+            condition(encoders, ids, ids_2, clip_skip, device)
+        }
+        CaptionSyntax::Weighted => {
+            // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the keyword.
+            let captions: Vec<String> = captions.iter().map(|p| p.replace("BREAK", "break")).collect();
+            let (cond, weights) = weighted_condition(encoders, &captions, clip_skip, rows, device)?;
+            Ok(TextConditioning { context: sd_model::prompt::scale_states(cond.context, &weights)?, pooled: cond.pooled })
+        }
+    }
 }
 
 /// How many of `prompts` have more tokens than `max_token_length` (their tail is not seen

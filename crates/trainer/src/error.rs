@@ -82,6 +82,7 @@ impl From<sd_pipeline::PipelineError> for TrainError {
         use sd_pipeline::PipelineError as P;
         match e {
             P::Interrupted => Self::Interrupted,
+            e @ P::NonFinite => Self::Config { origin: "sampling".into(), reason: e.to_string() },
             P::Invalid { origin, reason } => Self::Config { origin, reason },
             P::Io { path, source } => Self::Io { path, source },
             P::Image { path, reason } => Self::Image { path, reason },

@@ -2100,7 +2100,13 @@ fn read_output(o: &mut Options, c: &mut TrainConfig, network_dtype: Option<lora_
 /// assert_eq!(lines, ["a lighthouse, mystyle --n blurry --d 7", "a harbour --w 768"]);
 /// ```
 pub fn read_prompt_file(path: &Path, default_size: Option<usize>, notes: &mut Vec<String>) -> Result<Vec<String>, String> {
+    // A device or pipe (`/dev/zero`) would be read without end.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err("not a file (a folder, device or pipe): name a .txt, .toml or .json prompt file".into());
+    }
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the prompt file: {e}"))?;
+    // Windows editors start UTF-8 files with a byte-order mark, which JSON does not allow.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
     let entries: Vec<serde_json::Value> = match extension.as_str() {
         "txt" => text

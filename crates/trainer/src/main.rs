@@ -268,7 +268,7 @@ enum Command {
         lora: Vec<sd_model::lora::LoraFile>,
         /// Keep the LoRAs as adapters beside the weights instead of merging them in (slower:
         /// each adapted layer runs two more matmuls per step).
-        #[arg(long)]
+        #[arg(long, requires = "lora")]
         lora_unmerged: bool,
         /// Precision of the UNet and the text encoder: `f32`, `bf16` or `f16` (on a GPU the
         /// half precisions run the tensor cores; the VAE stays f32). LoRAs are merged first,
@@ -1069,12 +1069,19 @@ fn generate_outputs(out: Option<PathBuf>, save_latents: Option<&std::path::Path>
         if path.exists() && !overwrite {
             anyhow::bail!("{flag} {} already exists; choose a new path or pass --overwrite", path.display());
         }
+        // A device or pipe would be replaced by the file written beside it and renamed.
+        if path.exists() && !path.is_file() {
+            anyhow::bail!("{flag} {} is not a regular file; name a file", path.display());
+        }
     }
-    if image::ImageFormat::from_path(&out).is_err() {
-        anyhow::bail!("--out {}: expected an image file name (.png, .jpg, .webp, ...)", out.display());
+    if !image::ImageFormat::from_path(&out).is_ok_and(|f| f.writing_enabled()) {
+        anyhow::bail!("--out {}: expected an image file name this writes: .png, .jpg, .webp or .bmp", out.display());
     }
     if save_latents.is_some_and(|latents| latents == out) {
         anyhow::bail!("--save-latents and --out are both {}: the image would replace the latents; name two files", out.display());
+    }
+    if let Some(latents) = save_latents.filter(|p| !p.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))) {
+        anyhow::bail!("--save-latents {}: the latents are written as safetensors; name a .safetensors file", latents.display());
     }
     Ok(out)
 }
@@ -1219,13 +1226,9 @@ fn run_generate<B: Backend>(
 /// Writes the final latents where asked, decodes them and saves the grid.
 fn finish_generate<B: Backend>(c: &sd_pipeline::Components<B>, latents: burn::tensor::Tensor<B, 4>, files: &GenerateFiles, start: Instant) -> Result<()> {
     // NaN or infinite latents decode to a black image: say why instead of writing one.
-    use burn::tensor::ElementConversion;
-    let finite: bool = latents.clone().is_finite().all().into_scalar().elem::<bool>();
-    if !finite {
-        anyhow::bail!(
-            "the denoised latents are not finite (NaN or inf), so no image was written: a --lora strength or --cfg far too large, or a broken LoRA or model"
-        );
-    }
+    let latents = sd_pipeline::finite(latents).map_err(|_| {
+        anyhow::anyhow!("the denoised latents are not finite (NaN or inf), so no image was written: a --lora strength or --cfg far too large, or a broken LoRA or model")
+    })?;
     if let Some(path) = &files.save_latents {
         write_latents(path, latents.clone())?;
         out!("wrote {}", path.display());
@@ -2213,6 +2216,8 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
             let out = generate_outputs(out, save_latents.as_deref(), overwrite)?;
             let prompts = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), images_per_prompt)).collect();
             // The size is the model's unless given (0: known once the model is loaded).
+            // The height is the width's where only that is given (the init image's own without it).
+            let height = height.or(width.filter(|_| init_image.is_none()));
             let opts = GenerateOptions { prompts, negative_prompt, sampler, steps, cfg_scale: cfg, seed, width: width.unwrap_or(0), height: height.unwrap_or(0), clip_skip, max_token_length };
             // diffusers' img2img and inpainting default strengths.
             let default_strength = if mask.is_some() { 1.0 } else { 0.8 };
@@ -2229,6 +2234,11 @@ fn dispatch<B: AutodiffBackend>(command: Command, device: &B::Device) -> Result<
                 }
                 None => None,
             };
+            // Named by their option before the model loads.
+            let inputs = lora.iter().map(|f| ("--lora", &f.path)).chain(vae.iter().map(|v| ("--vae", v))).chain(embeddings.iter().map(|e| ("--embedding", e)));
+            for (flag, path) in inputs {
+                anyhow::ensure!(path.exists(), "{flag} {}: no such file or folder", path.display());
+            }
             let hires = hires_scale.map(|scale| sd_pipeline::HiresFix { scale, steps: hires_steps, strength: hires_strength, latents: hires_latents });
             let files = GenerateFiles { out, prompt_lines, columns, init_latents, init_image, mask, save_latents, vae, hires, embeddings };
             let loras = Loras { files: &lora, merged: !lora_unmerged };
@@ -2650,7 +2660,9 @@ mod tests {
         let out = dir.path().join("x.png");
         let err = generate_outputs(Some(out.clone()), Some(&out), false).unwrap_err().to_string();
         assert!(err.contains("name two files"), "{err}");
-        assert_eq!(generate_outputs(Some(out.clone()), Some(&dir.path().join("x.latents")), false).unwrap(), out);
+        assert_eq!(generate_outputs(Some(out.clone()), Some(&dir.path().join("x.safetensors")), false).unwrap(), out);
+        let err = generate_outputs(Some(out.clone()), Some(&dir.path().join("x.latents")), false).unwrap_err().to_string();
+        assert!(err.contains("name a .safetensors file"), "{err}");
         for bad in ["", ".x", "../x", "a/b", "a\\b", "c:x", "a\nb"] {
             assert!(!is_plain_file_stem(bad), "{bad:?}");
         }

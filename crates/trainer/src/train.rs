@@ -491,12 +491,17 @@ fn generate_grid<B: burn::tensor::backend::Backend>(
     embedding: Option<&TrainedEmbedding>,
     size: (usize, usize),
     device: &B::Device,
-) -> Result<image::RgbImage, TrainError> {
+) -> Result<Option<image::RgbImage>, TrainError> {
     let opts = config.sample_defaults(size);
     // The trained embedding's word in the prompts stands for its tokens.
     let prompts: Vec<String> = config.output.sample_prompts.iter().map(|p| embedding.map_or_else(|| p.clone(), |e| e.expand(p))).collect();
-    let images = sd_pipeline::sample_images(c, &prompts, &opts, device)?;
-    Ok(grid(&images, images.len().min(4)))
+    match sd_pipeline::sample_images(c, &prompts, &opts, device) {
+        Ok(images) => Ok(Some(grid(&images, images.len().min(4)))),
+        // Adapters gone non-finite (a run that skips non-finite steps) sample NaN: no
+        // grid, rather than a black one or a stopped run.
+        Err(sd_pipeline::PipelineError::NonFinite) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Trains a LoRA as `config` says, calling `on_step` for every optimizer step; when it
@@ -2138,8 +2143,10 @@ fn run<B: AutodiffBackend>(
         let mut with_lora = with_trained(&unet, &encoders, frozen);
         merge_adapters(&mut with_lora);
         let path = out.join("samples.png");
-        save_png(&generate_grid(&with_lora, config, embedding.as_ref(), sample_size, device)?, &path)?;
-        Some(path)
+        match generate_grid(&with_lora, config, embedding.as_ref(), sample_size, device)? {
+            Some(grid) => save_png(&grid, &path).map(|()| Some(path))?,
+            None => None,
+        }
     };
 
     let curve_path = out.join("loss.png");
@@ -2558,7 +2565,10 @@ fn sample_grid_now<B: AutodiffBackend>(
 ) -> Result<(), TrainError> {
     let mut current = with_trained(unet, encoders, frozen.clone());
     merge_adapters(&mut current);
-    Ok(save_png(&generate_grid(&current, config, embedding, size, device)?, path)?)
+    if let Some(grid) = generate_grid(&current, config, embedding, size, device)? {
+        save_png(&grid, path)?;
+    }
+    Ok(())
 }
 
 /// Writes LoRA files and training states.
@@ -2870,10 +2880,8 @@ fn encode_captions<B: burn::tensor::backend::Backend>(
     device: &B::Device,
 ) -> Result<TextConditioning<B>, TrainError> {
     let m = &config.model;
-    match config.data.weighted_captions {
-        true => Ok(sd_pipeline::condition_weighted_with(encoders, captions, m.clip_skip, m.max_token_length, device)?),
-        false => Ok(sd_pipeline::condition_with(encoders, captions, m.clip_skip, m.max_token_length, device)?),
-    }
+    let syntax = if config.data.weighted_captions { sd_pipeline::CaptionSyntax::Weighted } else { sd_pipeline::CaptionSyntax::Literal };
+    Ok(sd_pipeline::condition_captions(encoders, captions, syntax, m.clip_skip, m.max_token_length, device)?)
 }
 
 /// SDXL's time ids of a batch `[n, 6]` ([`sdxl_sizes`] of each sample).

@@ -219,12 +219,12 @@ fn long_prompts_are_encoded_in_rows_of_75_tokens() {
 #[test]
 fn prompt_emphasis_weights_the_text_embedding() {
     let _rng = crate::common::seeded();
-    use sd_pipeline::{encode_prompts, encode_with};
+    use sd_pipeline::{encode_captions, encode_prompts, CaptionSyntax::Literal};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let encode = |p: &str| encode_prompts(&c, &[p.to_string()], 1, 1, &device).unwrap();
     let plain = encode("a red circle");
-    let literal = encode_with(&c.text_encoder, &c.tokenizer, &["a red circle".to_string()], 1, 75, &device).unwrap();
+    let literal = encode_captions(&c.text_encoder, &c.tokenizer, &["a red circle".to_string()], Literal, 1, 75, &device).unwrap();
     assert_eq!((plain.clone() - literal).abs().max().into_scalar(), 0.0);
     let weighted = encode("a (red:1.5) circle");
     let diff = (weighted.clone() - plain.clone()).abs().max().into_scalar();
@@ -244,12 +244,12 @@ fn prompt_emphasis_weights_the_text_embedding() {
 #[test]
 fn weighted_captions_encode_as_weighted_prompts() {
     let _rng = crate::common::seeded();
-    use sd_pipeline::{encode_weighted_with, encode_with};
+    use sd_pipeline::{encode_captions, CaptionSyntax::{Literal, Weighted}};
     let device = Default::default();
     let c = load_components::<B>("tiny", 0, &device).unwrap();
     let captions = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let weighted = |p: &[&str], tokens: usize| encode_weighted_with(&c.text_encoder, &c.tokenizer, &captions(p), 1, tokens, &device).unwrap();
-    let literal = |p: &[&str], tokens: usize| encode_with(&c.text_encoder, &c.tokenizer, &captions(p), 1, tokens, &device).unwrap();
+    let weighted = |p: &[&str], tokens: usize| encode_captions(&c.text_encoder, &c.tokenizer, &captions(p), Weighted, 1, tokens, &device).unwrap();
+    let literal = |p: &[&str], tokens: usize| encode_captions(&c.text_encoder, &c.tokenizer, &captions(p), Literal, 1, tokens, &device).unwrap();
     let plain = weighted(&["a red circle", "a blue square"], 75);
     assert_eq!((plain - literal(&["a red circle", "a blue square"], 75)).abs().max().into_scalar(), 0.0);
     assert_eq!((weighted(&["a (red:1.0) circle"], 75) - literal(&["a red circle"], 75)).abs().max().into_scalar(), 0.0);
@@ -525,6 +525,16 @@ fn bad_inputs_are_errors_that_name_them() {
     let file: sd_pipeline::LoraFile = "never-read.safetensors:0.5".parse().unwrap();
     let e = sd_pipeline::attach_lora_files(&mut c, &[file], &device).unwrap_err();
     assert!(e.to_string().contains("merge_adapters first"), "{e}");
+    // Adapters that blow the activations up: an error, not black images.
+    c.unet.visit_lora_sites(&mut |_, site| {
+        if let LoraSiteMut::Linear(l) = site {
+            if let Some(a) = l.adapter.as_mut() {
+                a.up.weight = a.up.weight.clone().map(|w| w.ones_like() * 1e30);
+            }
+        }
+    });
+    assert!(matches!(generate(&c, &o, &device), Err(PipelineError::NonFinite)));
+    assert!(matches!(sd_pipeline::sample_images(&c, &o.prompts, &o, &device), Err(PipelineError::NonFinite)));
 
     // Image files: by extension, or an error naming the file.
     let dir = tempfile::tempdir().unwrap();

@@ -311,6 +311,17 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
         let t = self.config.num_train_timesteps;
         check_steps(n, t)?;
         let mut timesteps = self.spaced_timesteps(n);
+        // Near the training timesteps' count, rounding the spacing (or leading spacing's
+        // ⌊last / (n + 1)⌋ step) repeats a timestep: a zero log-SNR step divides by zero
+        // (NaN latents, in diffusers too). Karras sigmas do not use this spacing.
+        let repeats = |t: &[f64]| t.windows(2).any(|w| w[0] <= w[1]);
+        if !self.config.use_karras_sigmas && repeats(&timesteps) {
+            let most = (1..n).rev().find(|&m| !repeats(&self.spaced_timesteps(m))).unwrap_or(1);
+            return Err(SchedError::InvalidArgument {
+                name: "num_inference_steps",
+                reason: format!("{n} steps repeat a timestep of this schedule's spacing: at most {most} (or Karras sigmas)"),
+            });
+        }
         let sigmas: Vec<f64> = if self.config.use_karras_sigmas {
             let lo = self.config.sigma_min.unwrap_or(self.train_sigmas[0] as f64);
             let hi = self

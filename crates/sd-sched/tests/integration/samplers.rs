@@ -534,3 +534,21 @@ fn trailing_spacing_never_runs_past_timestep_zero() {
         assert_eq!((ts[0], ts[59], ts[60]), (999.0, 32.0, 15.0), "{name}");
     }
 }
+
+/// DPM-Solver's spacing rounds 1000 steps over 1000 timesteps to a repeated timestep (a
+/// zero log-SNR step: NaN latents, in diffusers too); a typed error names the most steps
+/// instead, and Karras sigmas, which do not use that spacing, take 1000.
+#[test]
+fn dpm_solver_refuses_steps_that_repeat_a_timestep() {
+    let config = SchedulerConfig::sd15();
+    for name in ["dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmsolver"] {
+        let mut s = name.parse::<SamplerSpec>().unwrap().build::<B>(&config).unwrap();
+        let e = s.set_timesteps(1000).unwrap_err().to_string();
+        assert!(e.contains("1000 steps repeat a timestep") && e.contains("at most 999"), "{name}: {e}");
+        s.set_timesteps(999).unwrap();
+        let t = s.timesteps();
+        assert!(t.windows(2).all(|w| w[0] > w[1]), "{name}: timesteps repeat");
+    }
+    let mut karras = "dpmpp_2m_karras".parse::<SamplerSpec>().unwrap().build::<B>(&config).unwrap();
+    karras.set_timesteps(1000).unwrap();
+}

@@ -349,6 +349,8 @@ fn generate_defaults_to_the_models_size() {
     };
     assert_eq!(size(&[]), (64, 64));
     assert_eq!(size(&["--height", "128"]), (64, 128));
+    // The height is the width's where only that is given.
+    assert_eq!(size(&["--width", "32"]), (32, 32));
     // Three images of the prompt in a row; two prompts of two, one row each.
     assert_eq!(size(&["--images-per-prompt", "3"]), (192, 64));
     assert_eq!(size(&["--images-per-prompt", "2", "--prompt", "a blue square"]), (128, 128));
@@ -356,12 +358,20 @@ fn generate_defaults_to_the_models_size() {
         (&["--width", "0"][..], "--width"),
         (&["--width", "8200"][..], "at most 8192"),
         (&["--model", "no/such/model"][..], "no/such/model: no such file or folder: a model is `tiny` or `tiny-sdxl`"),
+        // Missing inputs are named by their option before the model loads.
+        (&["--lora", "missing.safetensors:0.5"][..], "--lora missing.safetensors: no such file"),
+        (&["--vae", "missing-vae"][..], "--vae missing-vae: no such file"),
+        (&["--embedding", "missing.pt"][..], "--embedding missing.pt: no such file"),
+        (&["--lora-unmerged"][..], "--lora"),
     ] {
         let mut all = vec!["generate", "--overwrite", "--prompt", "a", "--steps", "2", "--out", image.to_str().unwrap()];
         all.extend_from_slice(args);
         let (ok, text) = trainer(&all);
         assert!(!ok && text.contains(expect), "{args:?}: {text}");
     }
+    // DPM-Solver's spacing repeats a timestep at 1000 steps (NaN latents before).
+    let (ok, text) = trainer(&["generate", "--overwrite", "--prompt", "a", "--steps", "1000", "--out", image.to_str().unwrap()]);
+    assert!(!ok && text.contains("at most 999"), "{text}");
 }
 
 /// `trainer generate` writes over no file unless told (`--overwrite`), checks the output's
@@ -387,6 +397,17 @@ fn generate_keeps_existing_files() {
     assert!(!ok && text.contains("--save-latents keep.png already exists"), "{text}");
     let (ok, text) = run(&with(&["--out", "notes.txt"]));
     assert!(!ok && text.contains("expected an image file name"), "{text}");
+    // A format the image library names but does not write here: refused before anything
+    // is made or touched (a 0-byte file was left).
+    std::fs::write(dir.path().join("keep.tiff"), b"mine").unwrap();
+    for out in ["new.tiff", "keep.tiff", "new.gif"] {
+        let (ok, text) = run(&with(&["--out", out, "--overwrite"]));
+        assert!(!ok && text.contains("expected an image file name this writes"), "{out}: {text}");
+    }
+    assert!(!dir.path().join("new.tiff").exists() && !dir.path().join("new.gif").exists());
+    assert_eq!(std::fs::read(dir.path().join("keep.tiff")).unwrap(), b"mine");
+    let (ok, text) = run(&with(&["--out", "new.png", "--save-latents", "latents.png"]));
+    assert!(!ok && text.contains("name a .safetensors file"), "{text}");
     let (ok, text) = run(&with(&["--out", "keep.png", "--overwrite"]));
     assert!(ok, "{text}");
     assert!(image::open(dir.path().join("keep.png")).is_ok());
@@ -503,12 +524,20 @@ fn generate_from_a_prompt_file() {
     let (ok, text) = run(&["--prompt-file", file, "--images-per-prompt", "2"]);
     assert!(ok, "{text}");
     assert_eq!(image::image_dimensions(&out).unwrap(), (128, 128));
+    // A JSON prompt file saved with a byte-order mark (Windows' Notepad).
+    let json = dir.path().join("prompts.json");
+    std::fs::write(&json, "\u{feff}[{\"prompt\": \"a red circle\", \"width\": 32, \"height\": 32}]").unwrap();
+    let (ok, text) = run(&["--prompt-file", json.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert_eq!(image::image_dimensions(&out).unwrap(), (32, 32));
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "# nothing\n\n").unwrap();
     for (extra, expect) in [
         (&["--prompt-file", empty.to_str().unwrap()][..], "no prompts"),
         (&["--prompt-file", dir.path().join("missing.txt").to_str().unwrap()][..], "missing.txt"),
         (&["--prompt-file", file, "--prompt", "a"][..], "cannot be used with"),
+        // A device would be read without end.
+        (&["--prompt-file", "/dev/zero"][..], "not a file"),
     ] {
         let (ok, text) = run(extra);
         assert!(!ok && text.contains(expect), "{extra:?}: {text}");

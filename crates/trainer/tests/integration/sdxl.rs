@@ -312,7 +312,7 @@ fn sdxl_sampling_uses_both_encoders_and_the_pooled_embedding() {
 
     // Long prompts: rows of 75 tokens joined, the pooled embedding from each prompt's first row.
     let long: Vec<String> = vec![format!("{} and more", "a red circle on a blue square, ".repeat(12))];
-    let two_rows = sd_pipeline::condition_with(sd_pipeline::TextEncoders::of(&c), &long, 1, 150, &device).unwrap();
+    let two_rows = sd_pipeline::condition_captions(sd_pipeline::TextEncoders::of(&c), &long, sd_pipeline::CaptionSyntax::Literal, 1, 150, &device).unwrap();
     assert_eq!(two_rows.context.dims(), [1, 152, 64]);
     let first_row: Vec<u32> = c.tokenizer_2.as_ref().unwrap().encode_chunked(&long[0], 2).unwrap()[..77].to_vec();
     let ids = burn::tensor::Tensor::<I, 2, burn::tensor::Int>::from_data(

@@ -615,6 +615,8 @@ fn a_non_finite_loss_stops_or_is_skipped() {
     config.output.save_precision = lora_core::SaveDtype::F32;
     let report = train::<B>(&config, &Default::default(), &mut |_| true).unwrap();
     assert!(!report.losses[1].is_finite());
+    // The blown-up adapters sample NaN: no sample grid (rather than a black one).
+    assert_eq!(report.sample_grid, None);
     // Read back only at the end: steps 3 and 4 were queued after the bad one, and the
     // error still names step 2, with no LoRA written.
     let dir = tempfile::tempdir().unwrap();
