@@ -63,6 +63,8 @@ pub struct BlockWeights {
     weights: [f32; 26],
     /// The list as given (a preset's name or the values), for messages and metadata.
     spec: String,
+    /// Whether the list is one of SDXL's (12 or 20 values).
+    sdxl: bool,
 }
 
 impl FromStr for BlockWeights {
@@ -92,7 +94,7 @@ impl FromStr for BlockWeights {
             let at = BLOCK_IDS.iter().position(|b| b == id).expect("every list names known blocks");
             weights[at] = w;
         }
-        Ok(Self { weights, spec: spec.to_string() })
+        Ok(Self { weights, spec: spec.to_string(), sdxl: ids.len() == 12 || ids.len() == 20 })
     }
 }
 
@@ -100,6 +102,19 @@ impl BlockWeights {
     /// The list as it was given.
     pub fn spec(&self) -> &str {
         &self.spec
+    }
+
+    /// Whether this is an SDXL list (12 or 20 values) rather than an SD1.x / SD2.x one (17
+    /// or 26 values, and every preset): the same block names sit at other layers of the
+    /// other family's UNet, so a list weighs only models of its own family.
+    ///
+    /// ```
+    /// use sd_model::block_weights::BlockWeights;
+    /// assert!(!"ALL".parse::<BlockWeights>().unwrap().for_sdxl());
+    /// assert!("1,1,1,1,1,1,0,0,0,0,0,0".parse::<BlockWeights>().unwrap().for_sdxl());
+    /// ```
+    pub fn for_sdxl(&self) -> bool {
+        self.sdxl
     }
 
     /// The weight of block `id` (`BASE`, `IN00`, ..., `OUT11`), `None` for an unknown id.

@@ -263,10 +263,18 @@ pub fn apply_lora_files_to<B: Backend>(
     }
     let index = module_index_of(unet, text_encoders)?;
     let layers_per_block = crate::keymap::UnetLayout::of(unet).layers;
+    let sdxl = unet.has_added_conditions();
+    // A list of the other family's blocks would weigh other layers than it names.
+    if let Some((file, weights)) = files.iter().find_map(|f| f.block_weights.as_ref().filter(|w| w.for_sdxl() != sdxl).map(|w| (f, w))) {
+        let (theirs, ours) = if sdxl { ("SD1.x / SD2.x (17 or 26 values; every preset is)", "12 or 20 values") } else { ("SDXL (12 or 20 values)", "17 or 26 values, or a preset") };
+        return Err(SdModelError::BadInput {
+            what: file.path.display().to_string(),
+            reason: format!("lbw=`{}` is a block-weight list for {theirs}, and this model takes {ours}", weights.spec()),
+        });
+    }
     let mut applied = AppliedLoras::default();
     let mut sets = Vec::with_capacity(files.len());
     // A LoRA of the other family fails to load or to fit: the error says so.
-    let sdxl = unet.has_added_conditions();
     let hinted = |file: &LoraFile, e: SdModelError| {
         let what = file.path.display().to_string();
         match family_mismatch(&file.path, sdxl) {

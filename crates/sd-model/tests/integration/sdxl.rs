@@ -161,6 +161,13 @@ fn a_lora_of_the_other_family_is_named_as_such() {
     let err = apply_lora_files_to(&mut m.unet, &mut [&mut m.te1, &mut m.te2], &[LoraFile::new(sd1_lora, 1.0)], false, &device).unwrap_err().to_string();
     assert!(err.contains("sd1_lora_kohya") && err.contains("this LoRA is for SD1.x / SD2.x, and the model is SDXL"), "{err}");
     assert_eq!(err.matches("sd1_lora_kohya").count(), 1, "the file is named once: {err}");
+    // An SDXL LoRA with an SD1.x block-weight list (every preset is one): the blocks it
+    // names sit at other layers of SDXL's UNet, so it is refused; SDXL's 12 values fit.
+    let sdxl_lora = fixtures().join("lora_kohya.safetensors");
+    let with = |lbw: &str| format!("{}:1:lbw={lbw}", sdxl_lora.display()).parse::<LoraFile>().unwrap();
+    let err = apply_lora_files_to(&mut m.unet, &mut [&mut m.te1, &mut m.te2], &[with("ALL")], false, &device).unwrap_err().to_string();
+    assert!(err.contains("lbw=`ALL`") && err.contains("12 or 20 values"), "{err}");
+    apply_lora_files_to(&mut m.unet, &mut [&mut m.te1, &mut m.te2], &[with("1,1,1,1,1,1,0,0,0,0,0,0")], false, &device).unwrap();
 }
 
 #[test]
