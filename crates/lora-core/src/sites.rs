@@ -576,6 +576,11 @@ pub fn detach_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
     for_each_adapter(model, |mut site| site.detach())
 }
 
+/// How many sites of `model` have an adapter attached.
+pub fn count_adapters<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
+    for_each_adapter(model, |_| ())
+}
+
 /// Calls `f` on every site of `model` that has an adapter; returns how many.
 fn for_each_adapter<B: Backend>(model: &mut impl LoraSites<B>, mut f: impl FnMut(LoraSiteMut<'_, B>)) -> usize {
     let mut n = 0;

@@ -49,7 +49,8 @@ pub fn grid(images: &[RgbImage], cols: usize) -> RgbImage {
 /// Saves an image as a PNG, or in the format another extension of `path` names (`.jpg`,
 /// `.webp`, `.bmp`); an extension that names no format this writes, or a file that cannot
 /// be written, is an error naming the file. The image is encoded first and written through
-/// a temporary file beside `path`, so a failure leaves an existing file as it was.
+/// a temporary file beside `path` ([`lora_core::tensor_io::write_atomic`]), so a failure
+/// leaves an existing file as it was.
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), PipelineError> {
     let failed = |reason: String| PipelineError::Image { path: path.to_path_buf(), reason };
     let format = image::ImageFormat::from_path(path)
@@ -58,11 +59,5 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), PipelineError> {
         .ok_or_else(|| failed("the extension names no image format this writes: use .png, .jpg, .webp or .bmp".into()))?;
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, format).map_err(|e| failed(e.to_string()))?;
-    let name = path.file_name().map_or_else(|| "image".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let written = std::fs::write(&tmp, bytes.get_ref()).and_then(|()| std::fs::rename(&tmp, path));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        failed(e.to_string())
-    })
+    Ok(lora_core::tensor_io::write_atomic(path, bytes.get_ref())?)
 }

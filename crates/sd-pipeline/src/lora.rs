@@ -2,7 +2,7 @@
 //! half precision.
 
 use burn::tensor::backend::Backend;
-use lora_core::sites::LoraSites;
+use lora_core::sites::count_adapters;
 
 use crate::{Components, PipelineError};
 
@@ -27,12 +27,7 @@ pub fn attach_lora_files<B: Backend>(c: &mut Components<B>, files: &[sd_model::l
 
 /// How many layers of the UNet and the text encoders have an adapter attached.
 fn attached_adapters<B: Backend>(c: &mut Components<B>) -> usize {
-    fn count<B: Backend>(model: &mut impl LoraSites<B>) -> usize {
-        let mut n = 0;
-        model.visit_lora_sites(&mut |_, site| n += usize::from(site.has_adapter()));
-        n
-    }
-    count(&mut c.unet) + count(&mut c.text_encoder) + c.text_encoder_2.as_mut().map_or(0, count)
+    count_adapters(&mut c.unet) + count_adapters(&mut c.text_encoder) + c.text_encoder_2.as_mut().map_or(0, |te| count_adapters(te))
 }
 
 /// Folds every LoRA adapter attached to the UNet and the text encoder into their weights and

@@ -133,7 +133,7 @@ impl GenerateOptions {
         if self.clip_skip == 0 {
             return bad("clip_skip", "must be at least 1 (1 reads the text encoder's last layer, 2 the penultimate)".into());
         }
-        if self.max_token_length == 0 || !self.max_token_length.is_multiple_of(75) || self.max_token_length > most_tokens {
+        if !crate::text::is_max_token_length(self.max_token_length) {
             return bad("max_token_length", format!("must be 75, 150 or 225 (a multiple of 75 up to {most_tokens}), got {}", self.max_token_length));
         }
         Ok(())

@@ -12,6 +12,17 @@ use crate::{Components, PipelineError};
 /// prompts there.
 pub const MAX_TOKEN_ROWS: usize = 8;
 
+/// Whether `n` is a `max_token_length` prompts can be laid out in: a multiple of 75 from
+/// 75 up to [`MAX_TOKEN_ROWS`] rows (kohya's 75, 150, 225, and A1111's longer prompts).
+///
+/// ```
+/// assert!(sd_pipeline::text::is_max_token_length(150));
+/// assert!(!sd_pipeline::text::is_max_token_length(0) && !sd_pipeline::text::is_max_token_length(100));
+/// ```
+pub fn is_max_token_length(n: usize) -> bool {
+    n > 0 && n.is_multiple_of(75) && n <= 75 * MAX_TOKEN_ROWS
+}
+
 /// The text encoders a prompt goes through, with their tokenizers: one for SD1.x / SD2.x,
 /// SDXL's two.
 pub struct TextEncoders<'a, B: Backend> {

@@ -2295,7 +2295,7 @@ impl TrainConfig {
             return bad("model.clip_skip must be at least 1");
         }
         let tokens = self.model.max_token_length;
-        if tokens == 0 || !tokens.is_multiple_of(75) || tokens > 75 * MAX_TOKEN_ROWS {
+        if !sd_pipeline::text::is_max_token_length(tokens) {
             return bad(&format!("model.max_token_length must be 75, 150 or 225 (a multiple of 75 up to {}), got {tokens}", 75 * MAX_TOKEN_ROWS));
         }
         if !(1..=MAX_SAMPLE_STEPS).contains(&self.output.sample_steps) {

@@ -2197,7 +2197,7 @@ fn parse_finite(value: &str) -> Result<f32, String> {
 fn parse_max_token_length(value: &str) -> Result<usize, String> {
     let rows = trainer::config::MAX_TOKEN_ROWS;
     match value.parse::<usize>() {
-        Ok(n) if n > 0 && n.is_multiple_of(75) && n <= 75 * rows => Ok(n),
+        Ok(n) if sd_pipeline::text::is_max_token_length(n) => Ok(n),
         _ => Err(format!("expected 75, 150 or 225 (a multiple of 75 up to {})", 75 * rows)),
     }
 }
