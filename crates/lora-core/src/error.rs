@@ -138,6 +138,18 @@ pub enum LoraError {
         module: String,
     },
 
+    /// A header metadata entry of an adapter file holds what its reader cannot use (e.g.
+    /// diffusers' `lora_adapter_metadata` JSON with a non-numeric `lora_alpha`).
+    #[error("{path}: metadata `{key}`: {reason}")]
+    BadMetadata {
+        /// The file.
+        path: PathBuf,
+        /// The metadata key (and the entry inside it).
+        key: String,
+        /// What was expected and what was found.
+        reason: String,
+    },
+
     /// A tensor could not be read back from the backend.
     #[error("tensor data error: {0}")]
     Data(String),

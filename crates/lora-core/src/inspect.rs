@@ -97,8 +97,9 @@ pub struct ModuleInfo {
     pub kind: ModuleKind,
     /// The rank (`None` for a LoKr with two full halves, or an unknown kind).
     pub rank: Option<usize>,
-    /// The stored alpha (`None` where the file has none: PEFT files, whose alpha is the rank
-    /// unless an adapter config says otherwise).
+    /// The stored alpha, or in a PEFT-layout file the alpha its diffusers LoRA config
+    /// (`lora_adapter_metadata`) gives; `None` where the file has neither (PEFT's default:
+    /// alpha = rank).
     pub alpha: Option<f32>,
     /// The kernel of a convolution (`[1, 1]` for 1x1), `None` for a linear layer.
     pub kernel: Option<[usize; 2]>,
@@ -170,7 +171,11 @@ const KOHYA_PARTS: [&str; 28] = [
 ];
 
 /// The parts of a PEFT / diffusers key after the module path.
-const PEFT_PARTS: [&str; 8] = [
+const PEFT_PARTS: [&str; 11] = [
+    // A PEFT model's raw `state_dict()` names the adapter (`default`).
+    "lora_A.default.weight",
+    "lora_B.default.weight",
+    "lora_magnitude_vector.default.weight",
     "lora_A.weight",
     "lora_B.weight",
     "lora_magnitude_vector",
@@ -236,9 +241,19 @@ pub fn inspect(bytes: &[u8], path: &Path) -> Result<LoraInfo> {
     }
     // kohya's OFT files name text-encoder modules `lora_te_…` too.
     let kohya_oft = metadata.get("ss_network_module").is_some_and(|m| m == "networks.oft");
+    // diffusers' LoRA config (PEFT layout): the alphas the loader takes (`format::peft`).
+    let peft_configs = match (format, metadata.get(crate::format::peft::ADAPTER_METADATA_KEY)) {
+        (AdapterFormat::Peft, Some(json)) => Some(crate::format::peft::PeftConfigs::parse(json, path)?),
+        _ => None,
+    };
     let mut modules = Vec::with_capacity(grouped.len());
     for (name, tensors) in grouped {
-        modules.push(module_info(name, &tensors, kohya_oft, path)?);
+        let mut info = module_info(name, &tensors, kohya_oft, path)?;
+        if let (None, Some(rank), Some(component), Some(configs)) = (info.alpha, info.rank, info.component, &peft_configs) {
+            let module = info.name.strip_prefix(&format!("{}.", component.peft_prefix())).unwrap_or(&info.name);
+            info.alpha = configs.alpha(&crate::AdapterKey::new(component, module), rank);
+        }
+        modules.push(info);
     }
     Ok(LoraInfo { format, modules, dtypes, metadata: metadata.into_iter().collect(), bundled_embeddings })
 }
@@ -274,12 +289,13 @@ fn module_info(name: String, tensors: &[(String, TensorView<'_>)], kohya_oft: bo
     } else {
         ModuleKind::Other
     };
-    let down = shape("lora_down.weight").or_else(|| shape("lora_A.weight")).or_else(|| shape("lora.down.weight"));
+    let down = shape("lora_down.weight").or_else(|| shape("lora_A.weight")).or_else(|| shape("lora_A.default.weight")).or_else(|| shape("lora.down.weight"));
     // The rank is the leading dimension; a broken file's 0-d tensor has none (no rank shown).
     let leading = |s: Vec<usize>| s.first().copied();
     let rank = match kind {
         ModuleKind::Loha => shape("hada_w1_b").and_then(leading),
-        ModuleKind::Lokr => shape("lokr_w1_b").or_else(|| shape("lokr_w2_b")).and_then(leading),
+        // The rank the loader takes (`format::lycoris`): lokr_w2's where both halves are low-rank.
+        ModuleKind::Lokr => shape("lokr_w2_b").or_else(|| shape("lokr_w1_b")).and_then(leading),
         ModuleKind::Oft => shape("oft_blocks").and_then(leading),
         ModuleKind::DiagOft => shape("oft_blocks").and_then(|s| s.get(1).copied()),
         ModuleKind::Boft => shape("oft_blocks").and_then(|s| s.get(2).copied()),
@@ -353,7 +369,9 @@ impl LoraInfo {
         for tags in folders.values() {
             if let serde_json::Value::Object(tags) = tags {
                 for (tag, n) in tags {
-                    *counts.entry(tag.trim().to_string()).or_insert(0) += n.as_u64().unwrap_or(0);
+                    // Counts come from the file: a hostile one must not overflow the sum.
+                    let count = counts.entry(tag.trim().to_string()).or_insert(0);
+                    *count = count.saturating_add(n.as_u64().unwrap_or(0));
                 }
             }
         }

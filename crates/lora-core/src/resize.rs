@@ -380,6 +380,7 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
     }
     let mut combined = AdapterSet::combine(sets)?.into_plain_lora();
     combined.metadata = BTreeMap::from([("ss_network_module".to_string(), "networks.lora".to_string())]);
+    combined.metadata.extend(shared_base_model(sets));
     match settings {
         Some(settings) => {
             let mut resized = resize_set(&combined, settings)?;
@@ -392,6 +393,30 @@ pub fn merge_sets(sets: &[(&AdapterSet, f32)], settings: Option<&ResizeSettings>
             Ok(Resized { set: combined, modules, dropped_biases: BTreeMap::new() })
         }
     }
+}
+
+/// Metadata keys that say which base model a LoRA is for (the family checks of loaders,
+/// and A1111's and ComfyUI's lists, read them).
+const BASE_MODEL_KEYS: &[&str] = &[
+    "ss_base_model_version",
+    "ss_v2",
+    "ss_v_parameterization",
+    "ss_sd_model_name",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.prediction_type",
+];
+
+/// The base-model entries ([`BASE_MODEL_KEYS`]) on which every one of `sets` agrees (each
+/// has it, with one value): a merge of LoRAs for one model is for that model too.
+fn shared_base_model(sets: &[(&AdapterSet, f32)]) -> Vec<(String, String)> {
+    BASE_MODEL_KEYS
+        .iter()
+        .filter_map(|&key| {
+            let first = sets.first()?.0.metadata.get(key)?;
+            sets.iter().all(|(set, _)| set.metadata.get(key) == Some(first)).then(|| (key.to_string(), first.clone()))
+        })
+        .collect()
 }
 
 /// One adapter at rank `k ≤ max_rank` chosen by `rule` (see the [module docs](self)), with
@@ -590,6 +615,15 @@ mod tests {
         dora.insert(shared.clone(), lora(2, (6, 9), 2.0, 11).with_magnitude(random(vec![6], 13), "t").unwrap()).unwrap();
         assert!(merge_sets(&[(&a, 1.0), (&dora, 1.0)], None).is_err());
         assert!(merge_sets(&[], None).is_err());
+        // What the inputs agree on about their base model stays; the rest goes.
+        for set in [&mut a, &mut b] {
+            set.metadata.insert("ss_base_model_version".into(), "sdxl_base_v1-0".into());
+            set.metadata.insert("ss_output_name".into(), "x".into());
+        }
+        a.metadata.insert("ss_v2".into(), "False".into());
+        let merged = merge_sets(&[(&a, 0.7), (&b, -0.4)], Some(&narrow)).unwrap().set.metadata;
+        assert_eq!(merged.get("ss_base_model_version").map(String::as_str), Some("sdxl_base_v1-0"));
+        assert!(!merged.contains_key("ss_v2") && !merged.contains_key("ss_output_name"), "{merged:?}");
     }
 
     #[test]

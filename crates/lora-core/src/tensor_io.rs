@@ -356,9 +356,25 @@ impl safetensors::tensor::View for &StreamedTensor<'_> {
     }
 }
 
+/// The sibling of `path` that an output is written through before it is renamed to
+/// `path`: `NAME.partial-PID`. The process id keeps it apart from any file of the user's
+/// (a `NAME.partial` of theirs is never truncated or deleted) and from another run
+/// writing the same output; a run that is killed leaves it, visibly, beside `path`.
+///
+/// ```
+/// use std::path::Path;
+/// let partial = lora_core::tensor_io::partial_sibling(Path::new("out/model.safetensors"));
+/// assert_eq!(partial, Path::new(&format!("out/model.safetensors.partial-{}", std::process::id())));
+/// ```
+pub fn partial_sibling(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".partial-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
 /// Writes `tensors` with `metadata` to the safetensors file `path`, each tensor's bytes made
-/// as the writer reaches it, atomically: into `PATH.partial`, checked and renamed over
-/// `path` when complete, removed on failure (an error naming `path`).
+/// as the writer reaches it, atomically: into [`partial_sibling`]`(path)`, checked and
+/// renamed over `path` when complete, removed on failure (an error naming `path`).
 ///
 /// ```
 /// use lora_core::tensor_io::{write_streamed, StreamedTensor, SaveDtype};
@@ -367,13 +383,11 @@ impl safetensors::tensor::View for &StreamedTensor<'_> {
 /// let path = dir.path().join("x.safetensors");
 /// let t = StreamedTensor::new(SaveDtype::F32.st_dtype(), vec![2], || Cow::Owned(SaveDtype::F32.encode(&[1.0, 2.0])));
 /// write_streamed(&path, vec![("x".to_string(), t)], Default::default()).unwrap();
-/// assert!(path.is_file() && !dir.path().join("x.safetensors.partial").exists());
+/// assert!(path.is_file() && std::fs::read_dir(dir.path()).unwrap().count() == 1);
 /// ```
 pub fn write_streamed<'a>(path: &Path, tensors: Vec<(String, StreamedTensor<'a>)>, metadata: HashMap<String, String>) -> Result<()> {
     output_folder(path)?;
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".partial");
-    let partial = path.with_file_name(name);
+    let partial = partial_sibling(path);
     let fail = |reason: String| LoraError::Malformed { path: path.to_path_buf(), reason };
     let result = safetensors::serialize_to_file(tensors.iter().map(|(k, t)| (k.clone(), t)), Some(metadata), &partial)
         .map_err(|e| match e {

@@ -16,6 +16,11 @@ pub struct HostTensor {
 impl HostTensor {
     /// Builds a tensor, checking that `data` has as many values as `shape` says.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self> {
+        // A file can hold an empty tensor whose other dimensions are absurd (`[0, 2^32,
+        // 2^32]` is 0 bytes): products of a few of them, as readers take, would overflow.
+        if shape.iter().filter(|&&d| d != 0).try_fold(1usize, |n, &d| n.checked_mul(d)).is_none() {
+            return Err(LoraError::Data(format!("shape {shape:?} is too large: its dimensions multiply past the address space")));
+        }
         let n: usize = shape.iter().product();
         if n != data.len() {
             return Err(LoraError::Data(format!(

@@ -12,7 +12,7 @@ use crate::caption::CaptionTransform;
 use crate::config::{DatasetConfig, SubsetConfig};
 use crate::error::{DataError, Result};
 use crate::face::{face_crop, face_in_name, FaceBox};
-use crate::image_io::ColorAug;
+use crate::image_io::{ColorAug, MAX_IMAGE_PIXELS};
 use crate::scan::{scan, scan_memory, ImageRecord, ResolvedSubset, Scan};
 
 /// One sample of a batch: which image, how it is cropped and flipped, and its caption.
@@ -137,6 +137,37 @@ fn check_epoch_size(images: &[ImageRecord], subsets: &[ResolvedSubset], repeats:
     ))
 }
 
+/// `img`'s bucket, or why it has none: no bucket fits it, or covering its bucket would
+/// enlarge it past [`MAX_IMAGE_PIXELS`]. Samples are resized whole before they are cropped,
+/// so an extreme strip (e.g. 2 796 202 × 64 px into a 1024 × 256 bucket, 11 184 808 × 256
+/// px resized) would otherwise make a loader reserve tens of GiB and abort the process.
+/// Face crops resize to at most the covering size or the image's own, so this bounds them
+/// too.
+fn assign(buckets: &BucketManager, config: &DatasetConfig, img: &ImageRecord) -> Result<BucketAssignment> {
+    let size = (img.width, img.height);
+    let Some(a) = buckets.select(size) else {
+        return Err(DataError::NoBucketFits {
+            path: img.source.display_path(),
+            width: img.width,
+            height: img.height,
+            step: config.bucket_reso_steps,
+        });
+    };
+    if u64::from(a.resized.0) * u64::from(a.resized.1) > MAX_IMAGE_PIXELS {
+        return Err(DataError::ResizeTooLarge {
+            path: img.source.display_path(),
+            width: img.width,
+            height: img.height,
+            bucket_width: a.bucket.0,
+            bucket_height: a.bucket.1,
+            resized_width: a.resized.0,
+            resized_height: a.resized.1,
+            max_pixels: MAX_IMAGE_PIXELS,
+        });
+    }
+    Ok(a)
+}
+
 /// For an empty dataset: the files of its folders that are not images of a read format
 /// (GIFs, TIFFs, ...), counted with one named, or nothing when there are none.
 fn unread_files_hint(config: &DatasetConfig) -> String {
@@ -231,23 +262,13 @@ impl Dataset {
         let mut kept = Vec::with_capacity(images.len());
         let mut assignments = Vec::with_capacity(images.len());
         for img in images {
-            match buckets.select((img.width, img.height)) {
-                Some(a) => {
+            match assign(&buckets, &config, &img) {
+                Ok(a) => {
                     assignments.push(a);
                     kept.push(img);
                 }
-                None => {
-                    let e = DataError::NoBucketFits {
-                        path: img.source.display_path(),
-                        width: img.width,
-                        height: img.height,
-                        step: config.bucket_reso_steps,
-                    };
-                    if !config.skip_bad_images {
-                        return Err(e);
-                    }
-                    skipped.push(e);
-                }
+                Err(e) if config.skip_bad_images => skipped.push(e),
+                Err(e) => return Err(e),
             }
         }
         if kept.iter().all(|i| subsets[i.subset].config.is_reg) {

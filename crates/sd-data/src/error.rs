@@ -66,6 +66,29 @@ pub enum DataError {
         /// The most pixels an image may have ([`crate::image_io::MAX_IMAGE_PIXELS`]).
         max_pixels: u64,
     },
+    /// An image's bucket needs it enlarged to more pixels than an image may have: an image
+    /// of an extreme aspect ratio (a long thin strip) scaled so its short side covers its
+    /// bucket. Refused before the resize would reserve its buffer (tens of GiB for a
+    /// strip of a few million pixels), which would abort the process.
+    #[error("image {path} is {width}x{height} px: to cover its {bucket_width}x{bucket_height} bucket it would be resized to {resized_width}x{resized_height} px, more than the {max_pixels} pixels an image may have; crop it to a less extreme aspect ratio, or turn bucket_no_upscale on (which never enlarges)")]
+    ResizeTooLarge {
+        /// The image file.
+        path: PathBuf,
+        /// Width after EXIF orientation.
+        width: u32,
+        /// Height after EXIF orientation.
+        height: u32,
+        /// The bucket's width.
+        bucket_width: u32,
+        /// The bucket's height.
+        bucket_height: u32,
+        /// Width the bucket would resize the image to.
+        resized_width: u32,
+        /// Height the bucket would resize the image to.
+        resized_height: u32,
+        /// The most pixels a resized image may have ([`crate::image_io::MAX_IMAGE_PIXELS`]).
+        max_pixels: u64,
+    },
     /// A caption file is not valid UTF-8.
     #[error(
         "caption file {path} is not valid UTF-8 (byte {valid_up_to} starts an invalid sequence)"
@@ -195,6 +218,7 @@ impl DataError {
             | Self::ImageTooSmall { path, .. }
             | Self::NoBucketFits { path, .. }
             | Self::ImageTooLarge { path, .. }
+            | Self::ResizeTooLarge { path, .. }
             | Self::CaptionNotUtf8 { path, .. }
             | Self::MissingCaption { path, .. }
             | Self::Mask { path, .. }

@@ -75,28 +75,106 @@ fn check_pixels(path: &Path, (width, height): (u32, u32)) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a JPEG cut short: one with no end-of-image marker (`FF D9`) after its last
-/// start-of-scan marker (`FF DA`). The image crate's decoder fills a truncated baseline
-/// JPEG's missing rows without an error, where PIL (and so kohya's loaders) refuse it
-/// ("image file is truncated"). Neither marker can occur inside entropy-coded data (a
-/// data byte `FF` is written `FF 00`), and an EXIF thumbnail's markers come before the
-/// image's own scans.
-fn check_jpeg_complete(bytes: &[u8], path: &Path) -> Result<()> {
+/// A JPEG's primary image: `bytes` up to and with its end-of-image marker (`FF D9`), found
+/// by walking its markers from the start. Anything after that marker is not part of it:
+/// Motion Photos (`*.MP.jpg`) append a video there, MPF files a second JPEG, and PIL (so
+/// kohya's loaders) ignores it. Refuses a JPEG cut short, one whose scan data runs to the
+/// end of the file with no end marker: the image crate's decoder fills a truncated
+/// baseline JPEG's missing rows without an error, where PIL refuses it ("image file is
+/// truncated"). Bytes that are not a JPEG, or markers too damaged to walk, are left (whole)
+/// to the decoder, which reports them.
+fn jpeg_primary<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8]> {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return Ok(());
+        return Ok(bytes);
     }
-    let has_scan = |bytes: &[u8]| bytes.windows(2).any(|w| w == [0xFF, 0xDA]);
-    // The end marker first, from the back: in a whole file it is (nearly) the last bytes,
-    // so only the few bytes after it are searched for a scan, not the whole image.
-    match bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]) {
-        Some(end) if has_scan(&bytes[end..]) => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker after its last scan)")),
-        None if has_scan(bytes) => Err(corrupt(path, "the JPEG is truncated (no end-of-image marker)")),
-        _ => Ok(()),
+    match walk_jpeg(bytes) {
+        JpegEnd::Eoi(end) => Ok(&bytes[..end]),
+        JpegEnd::Truncated => Err(corrupt(path, "the JPEG is truncated (its data ends before its end-of-image marker)")),
+        JpegEnd::Unwalkable => Ok(bytes),
+    }
+}
+
+/// Where a JPEG's marker walk ends.
+#[derive(Debug, PartialEq)]
+enum JpegEnd {
+    /// At the primary image's end marker; the offset just past it.
+    Eoi(usize),
+    /// At the end of the file, within or after a scan, without an end marker.
+    Truncated,
+    /// At a malformed segment (a length under 2), or at an end marker or the end of the
+    /// file before any scan: damage the decoder reports in its own words.
+    Unwalkable,
+}
+
+/// Walks a JPEG's markers from its start-of-image marker as a decoder reads them: a
+/// segment's length skips its contents (so an EXIF thumbnail's markers, inside `APP1`,
+/// are passed over), and after a start-of-scan its entropy-coded data runs to the next
+/// marker, `FF` followed by a byte other than `00` (a stuffed data byte `FF`), `D0`–`D7`
+/// (restart markers, part of the data) or `FF` (fill).
+fn walk_jpeg(bytes: &[u8]) -> JpegEnd {
+    let mut pos = 2;
+    let mut scanned = false;
+    let ended = |scanned| if scanned { JpegEnd::Truncated } else { JpegEnd::Unwalkable };
+    loop {
+        // A marker is `FF`, any fill `FF`s, then its code; stray bytes before it are skipped
+        // as libjpeg skips them (with a warning, still decoding the image).
+        let Some(ff) = bytes.get(pos..).and_then(|rest| rest.iter().position(|&b| b == 0xFF)) else {
+            return ended(scanned);
+        };
+        pos += ff;
+        while bytes.get(pos + 1) == Some(&0xFF) {
+            pos += 1;
+        }
+        let Some(&code) = bytes.get(pos + 1) else {
+            return ended(scanned);
+        };
+        pos += 2;
+        match code {
+            // An end before any scan ends no image: the decoder has the whole file.
+            0xD9 if !scanned => return JpegEnd::Unwalkable,
+            0xD9 => return JpegEnd::Eoi(pos),
+            // Markers without a length: restarts, TEM, a stray SOI, a stuffed `00`.
+            0xD0..=0xD8 | 0x01 | 0x00 => continue,
+            _ => {}
+        }
+        // A file cut inside a scan's header is cut in its image too.
+        scanned |= code == 0xDA;
+        let Some(len) = bytes.get(pos..pos + 2).map(|l| usize::from(u16::from_be_bytes([l[0], l[1]]))) else {
+            return ended(scanned);
+        };
+        if len < 2 {
+            return JpegEnd::Unwalkable;
+        }
+        pos += len;
+        if pos > bytes.len() {
+            return ended(scanned);
+        }
+        if code == 0xDA {
+            pos = match entropy_end(bytes, pos) {
+                Some(marker) => marker,
+                None => return JpegEnd::Truncated,
+            };
+        }
+    }
+}
+
+/// The offset of the first marker at or after `pos` in entropy-coded data, or `None` when
+/// the data runs to the end of `bytes`.
+fn entropy_end(bytes: &[u8], mut pos: usize) -> Option<usize> {
+    loop {
+        pos += bytes.get(pos..)?.iter().position(|&b| b == 0xFF)?;
+        match *bytes.get(pos + 1)? {
+            // A stuffed data byte or a restart marker: still data.
+            0x00 | 0xD0..=0xD7 => pos += 2,
+            // Fill: the marker's code comes after the last `FF`.
+            0xFF => pos += 1,
+            _ => return Some(pos),
+        }
     }
 }
 
 fn decode_dynamic(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
-    check_jpeg_complete(bytes, path)?;
+    let bytes = jpeg_primary(bytes, path)?;
     let mut decoder = reader(bytes, path)?
         .into_decoder()
         .map_err(|e| corrupt(path, e))?;
@@ -134,7 +212,7 @@ pub fn decode_mask(bytes: &[u8], path: &Path) -> Result<GrayImage> {
 
 /// Size after EXIF orientation, from the header only (no pixel decoding).
 pub fn probe_size(bytes: &[u8], path: &Path) -> Result<Reso> {
-    check_jpeg_complete(bytes, path)?;
+    let bytes = jpeg_primary(bytes, path)?;
     let mut decoder = reader(bytes, path)?
         .into_decoder()
         .map_err(|e| corrupt(path, e))?;
@@ -328,5 +406,50 @@ pub fn write_pixels(
                 out[c * plane + y * bw + x] = rgb[c] / 127.5 - 1.0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG's marker layout without real pixels: what the walk reads.
+    fn layout(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    const SOI: &[u8] = &[0xFF, 0xD8];
+    const EOI: &[u8] = &[0xFF, 0xD9];
+    /// An `APP1` holding an EXIF-thumbnail-like SOI, scan and EOI: skipped by its length.
+    const APP1: &[u8] = &[0xFF, 0xE1, 0x00, 0x0A, 0xFF, 0xD8, 0xFF, 0xDA, 0xFF, 0xD9, 0x00, 0x00];
+    /// A start-of-scan with a 4-byte header.
+    const SOS: &[u8] = &[0xFF, 0xDA, 0x00, 0x04, 0x01, 0x00];
+    /// Entropy-coded data with a stuffed `FF`, a restart marker and fill before the next marker.
+    const DATA: &[u8] = &[0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD3, 0x56, 0xFF, 0xFF];
+
+    #[test]
+    fn the_walk_ends_at_the_primary_image_s_end_marker() {
+        let jpeg = layout(&[SOI, APP1, SOS, DATA, SOS, DATA, EOI]);
+        assert_eq!(walk_jpeg(&jpeg), JpegEnd::Eoi(jpeg.len()));
+        // What follows the end marker, markers and all, is not read.
+        let mut motion = jpeg.clone();
+        motion.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x02, 0x77, 0xFF, 0xD9, 0xFF, 0xDA]);
+        assert_eq!(walk_jpeg(&motion), JpegEnd::Eoi(jpeg.len()));
+        // Stray bytes between segments are skipped, as libjpeg skips them.
+        let stray = layout(&[SOI, &[0x00, 0x42], SOS, DATA, EOI]);
+        assert_eq!(walk_jpeg(&stray), JpegEnd::Eoi(stray.len()));
+    }
+
+    #[test]
+    fn a_scan_without_an_end_marker_is_truncated() {
+        let jpeg = layout(&[SOI, APP1, SOS, DATA, EOI]);
+        for cut in SOI.len() + APP1.len() + 2..jpeg.len() - 1 {
+            assert_eq!(walk_jpeg(&jpeg[..cut]), JpegEnd::Truncated, "cut at {cut}");
+        }
+        // Cut before any scan, or with a malformed length, the decoder reports the damage.
+        assert_eq!(walk_jpeg(&jpeg[..SOI.len() + 3]), JpegEnd::Unwalkable);
+        assert_eq!(walk_jpeg(&layout(&[SOI, &[0xFF, 0xE0, 0x00, 0x01], SOS, DATA, EOI])), JpegEnd::Unwalkable);
+        // An end marker before any scan ends no image.
+        assert_eq!(walk_jpeg(&layout(&[SOI, EOI, SOS, DATA])), JpegEnd::Unwalkable);
     }
 }

@@ -746,12 +746,8 @@ pub fn scan(config: &DatasetConfig) -> Result<Scan> {
         if let Ok((_, _, _, Some(MaskSource::File { path, .. }))) = &result {
             if let Some(first) = mask_users.get(path) {
                 problems.push(DataError::Mask {
+                    message: shared_mask_advice(path, first, &cand.path),
                     path: cand.path,
-                    message: format!(
-                        "the mask {} is also the mask of {}; put each image's mask at its place relative to image_dir",
-                        path.display(),
-                        first.display()
-                    ),
                 });
                 continue;
             }
@@ -776,6 +772,21 @@ pub fn scan(config: &DatasetConfig) -> Result<Scan> {
         images,
         problems,
     })
+}
+
+/// Why `image` cannot have `mask`, which `first` already has, and what to do. Masks are
+/// found by file stem, so two images of one folder that differ only in their extension
+/// (`cat.png`, `cat.jpg`) share a mask wherever it is put: one must be renamed. Images of
+/// different folders share one only through the mask folder's top, and a mask at each
+/// one's place relative to `image_dir` separates them.
+fn shared_mask_advice(mask: &Path, first: &Path, image: &Path) -> String {
+    let shared = format!("the mask {} is also the mask of {}", mask.display(), first.display());
+    if first.parent() == image.parent() {
+        let stem = image.file_stem().unwrap_or_default().to_string_lossy();
+        format!("{shared}: masks are found by file stem and both images have the stem `{stem}`; rename one of them (and give it a mask of its new name)")
+    } else {
+        format!("{shared}; put each image's mask at its place relative to image_dir")
+    }
 }
 
 /// Decodes / hashes candidates on all cores; results keep the candidates' order.

@@ -25,8 +25,8 @@
 //! architecture converts back exactly.
 //!
 //! Tensors keep their dtype unless [`ConvertOptions::dtype`] says otherwise; non-float
-//! tensors are never converted. Output is written atomically (a `.partial` sibling renamed
-//! at the end) and never over an existing path. Source keys that have no place in the other
+//! tensors are never converted. Output is written atomically (a `.partial-PID` sibling
+//! renamed at the end) and never over an existing path. Source keys that have no place in the other
 //! layout are reported ([`ConvertReport::left_out`]), not silently dropped.
 //!
 //! ```no_run
@@ -131,9 +131,26 @@ pub fn convert_checkpoint(src: &Path, out: &Path, options: &ConvertOptions) -> R
         return convert_pytorch(src, out, options);
     }
     match ModelSource::detect(src)? {
-        ModelSource::SingleFile(path) => single_file_to_diffusers(&path, out, options),
-        ModelSource::Diffusers(dir) => diffusers_to_single_file(&dir, out, options),
+        ModelSource::SingleFile(path) => {
+            // The layout comes from the source, so an output named as a file would be a
+            // folder of that name (asked for a single file with another VAE, say).
+            if has_checkpoint_extension(out) {
+                return Err(bad(out, format!("{} is a single file, which converts to a diffusers folder: name a folder (no .safetensors); to bake --vae into a single file, convert to a folder, then that folder to a .safetensors file", path.display())));
+            }
+            single_file_to_diffusers(&path, out, options)
+        }
+        ModelSource::Diffusers(dir) => {
+            if !out.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+                return Err(bad(out, format!("{} is a diffusers folder, which converts to a single file: name it *.safetensors, as A1111 and ComfyUI look for", dir.display())));
+            }
+            diffusers_to_single_file(&dir, out, options)
+        }
     }
+}
+
+/// Whether `path` is named as a checkpoint file (`.safetensors`, or a pickle's extension).
+fn has_checkpoint_extension(path: &Path) -> bool {
+    path.extension().is_some_and(|e| ["safetensors", "ckpt", "pt", "pth", "bin"].iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 /// A pickle checkpoint to a safetensors file of its keys, or through one to a folder.
@@ -143,13 +160,11 @@ fn convert_pytorch(src: &Path, out: &Path, options: &ConvertOptions) -> Result<C
     if to_file && (options.ema || options.prediction.is_some() || options.vae.is_some()) {
         return Err(bad(out, "a pickle becomes a .safetensors file of the same keys as it is: --ema, --prediction-type and --vae apply when converting to a folder"));
     }
+    // The intermediate file is this run's own (the process id): a file of the user's of
+    // that name is never overwritten or deleted.
     let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".from-pickle.safetensors");
+    name.push(format!(".from-pickle-{}.safetensors", std::process::id()));
     let single = if to_file { out.to_path_buf() } else { out.with_file_name(name) };
-    if !to_file {
-        // A stale intermediate file of an interrupted run.
-        let _ = std::fs::remove_file(&single);
-    }
     let tensors = crate::torch_file::pytorch_to_safetensors(src, &single, options.dtype)?;
     if !to_file {
         let converted = single_file_to_diffusers(&single, out, options);
@@ -332,8 +347,8 @@ impl<'a> Writing<'a> {
     }
 }
 
-/// Writes into `out.partial` with `fill`, then renames it to `out`; the partial output is
-/// removed on failure. An existing `out`, or a missing folder for it, is refused first
+/// Writes into `out`'s [`partial_sibling`](lora_core::tensor_io::partial_sibling) with
+/// `fill`, then renames it to `out`; the partial output is removed on failure. An existing `out`, or a missing folder for it, is refused first
 /// (naming `out`). Any error type that takes an [`SdModelError`] works (`anyhow`'s too).
 ///
 /// ```
@@ -344,20 +359,17 @@ impl<'a> Writing<'a> {
 ///     std::fs::create_dir(tmp).map_err(|source| SdModelError::Io { path: tmp.to_path_buf(), source })
 /// })
 /// .unwrap();
-/// assert!(out.is_dir() && !dir.path().join("model.partial").exists());
+/// assert!(out.is_dir() && std::fs::read_dir(dir.path()).unwrap().count() == 1);
 /// assert!(write_atomically::<SdModelError>(&out, |_| Ok(())).unwrap_err().to_string().contains("already exists"));
 /// ```
 pub fn write_atomically<E: From<SdModelError>>(out: &Path, fill: impl FnOnce(&Path) -> std::result::Result<(), E>) -> std::result::Result<(), E> {
     refuse_existing(out)?;
     // A missing folder is named for `out`, not for the `.partial` it is written through.
     lora_core::tensor_io::output_folder(out).map_err(SdModelError::from)?;
-    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".partial");
-    let partial = out.with_file_name(name);
+    let partial = lora_core::tensor_io::partial_sibling(out);
     let remove = |p: &Path| {
         let _ = if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) };
     };
-    remove(&partial);
     let done = fill(&partial).and_then(|()| std::fs::rename(&partial, out).map_err(|source| SdModelError::Io { path: out.to_path_buf(), source }.into()));
     if done.is_err() {
         remove(&partial);

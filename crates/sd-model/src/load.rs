@@ -15,7 +15,7 @@
 //! precision asked for (f32, f16 or bf16, whatever the file holds). Missing, unexpected and
 //! mis-shaped keys are reported together in one [`SdModelError::KeyMismatch`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -432,7 +432,8 @@ pub(crate) fn apply_mapping<B: Backend, M: ModuleSnapshot<B>>(
     dtype: DType,
 ) -> Result<()> {
     let expected = expected_params(module);
-    let mut provided = HashSet::new();
+    // Parameter → the file key that gave it.
+    let mut provided: HashMap<String, String> = HashMap::new();
     let mut mismatched = Vec::new();
     let mut snapshots = Vec::with_capacity(mapping.len());
     for (name, src) in mapping {
@@ -450,9 +451,15 @@ pub(crate) fn apply_mapping<B: Backend, M: ModuleSnapshot<B>>(
             ));
             continue;
         }
+        // Two keys of one parameter (`…transformer.text_model.X` beside `…transformer.X`):
+        // which one loaded would depend on the header's order, so the second is refused.
+        if let Some(first) = provided.get(&name) {
+            unexpected.push(format!("{} (a second key for `{name}`, beside {first})", src.key));
+            continue;
+        }
         let shape = shape.unwrap_or_default();
         let (file_dtype, read) = file.reader(&src, shape.clone())?;
-        provided.insert(name);
+        provided.insert(name, src.key.clone());
         let path_stack = exp.burn_path.split('.').map(String::from).collect();
         snapshots.push(TensorSnapshot::from_closure(
             read,
@@ -463,7 +470,7 @@ pub(crate) fn apply_mapping<B: Backend, M: ModuleSnapshot<B>>(
             ParamId::new(),
         ));
     }
-    let missing: Vec<String> = expected.keys().filter(|k| !provided.contains(*k)).cloned().collect();
+    let missing: Vec<String> = expected.keys().filter(|k| !provided.contains_key(*k)).cloned().collect();
     if !missing.is_empty() || !unexpected.is_empty() || !mismatched.is_empty() {
         return Err(SdModelError::KeyMismatch(Box::new(KeyMismatch {
             path: file.path.clone(),
@@ -1010,12 +1017,23 @@ fn dims<const D: usize>(file: &WeightFile, key: &str) -> Result<[usize; D]> {
     }
 }
 
-/// Counts `prefix{N}.` indices present in the file.
-fn count_indexed(file: &WeightFile, prefix: &str) -> usize {
-    file.keys()
-        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map_or(0, |m| m + 1)
+/// Largest block index a checkpoint's keys may hold (`input_blocks.N`, `layers.N`, ...):
+/// far above any Stable Diffusion model's (SDXL's text encoder 2 has 32 layers), so a
+/// broken or hostile key fails here instead of driving the config inference's loops.
+const MAX_BLOCK_INDEX: usize = 4096;
+
+/// Counts `prefix{N}.` indices present in the file; an index past [`MAX_BLOCK_INDEX`] is
+/// an error naming its key.
+fn count_indexed(file: &WeightFile, prefix: &str) -> Result<usize> {
+    let mut count = 0;
+    for key in file.keys() {
+        let Some(n) = key.strip_prefix(prefix).and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok()) else { continue };
+        if n > MAX_BLOCK_INDEX {
+            return Err(layout_error(file, &format!("`{key}` has block index {n}, expected at most {MAX_BLOCK_INDEX}")));
+        }
+        count = count.max(n + 1);
+    }
+    Ok(count)
 }
 
 /// Header key under which a single file may embed its text encoder config (JSON, the
@@ -1037,7 +1055,7 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
     }
     if let Some(shape) = file.shape("cond_stage_model.model.token_embedding.weight") {
         let hidden = dim_at(shape, 1);
-        let total = count_indexed(file, "cond_stage_model.model.transformer.resblocks.");
+        let total = count_indexed(file, "cond_stage_model.model.transformer.resblocks.")?;
         let inter = file
             .shape("cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight")
             .map_or(hidden * 4, |s| dim_at(s, 0));
@@ -1080,7 +1098,7 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
         intermediate_size: file
             .shape(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"))
             .map_or(hidden * 4, |s| dim_at(s, 0)),
-        num_hidden_layers: count_indexed(file, &format!("{prefix}encoder.layers.")),
+        num_hidden_layers: count_indexed(file, &format!("{prefix}encoder.layers."))?,
         num_attention_heads: hidden / 64,
         max_position_embeddings: file
             .shape(&format!("{prefix}embeddings.position_embedding.weight"))
@@ -1118,7 +1136,7 @@ pub fn infer_clip_2_config(file: &WeightFile) -> Result<Option<ClipTextConfig>> 
         vocab_size,
         hidden_size: hidden,
         intermediate_size: dims::<2>(file, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
-        num_hidden_layers: count_indexed(file, &format!("{p}transformer.resblocks.")),
+        num_hidden_layers: count_indexed(file, &format!("{p}transformer.resblocks."))?,
         num_attention_heads: hidden / 64,
         max_position_embeddings: dims::<2>(file, &format!("{p}positional_embedding"))?[0],
         hidden_act: HiddenAct::Gelu,
@@ -1138,7 +1156,7 @@ pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
         config.validate(&file.path.display().to_string())?;
         return Ok(config);
     }
-    let levels = count_indexed(file, "first_stage_model.encoder.down.");
+    let levels = count_indexed(file, "first_stage_model.encoder.down.")?;
     if levels == 0 {
         return Err(layout_error(file, "no VAE found (expected first_stage_model.encoder.down.*)"));
     }
@@ -1159,7 +1177,7 @@ pub fn infer_vae_config(file: &WeightFile) -> Result<VaeConfig> {
     let config = VaeConfig {
         scaling_factor: if sdxl { SDXL_VAE_SCALING_FACTOR } else { VaeConfig::sd15().scaling_factor },
         block_out_channels,
-        layers_per_block: count_indexed(file, "first_stage_model.encoder.down.0.block."),
+        layers_per_block: count_indexed(file, "first_stage_model.encoder.down.0.block.")?,
         latent_channels: latent2 / 2,
         down_block_types: vec!["DownEncoderBlock2D".into(); levels],
         up_block_types: vec!["UpDecoderBlock2D".into(); levels],
@@ -1183,8 +1201,8 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
     let p = keymap::LDM_UNET_PREFIX;
     let shape = |k: &str| file.shape(&format!("{p}{k}")).map(<[usize]>::to_vec);
     let conv_in = shape("input_blocks.0.0.weight").ok_or_else(|| layout_error(file, "no UNet found (expected model.diffusion_model.input_blocks.0.0.weight)"))?;
-    let n_input = count_indexed(file, &format!("{p}input_blocks."));
-    let n_output = count_indexed(file, &format!("{p}output_blocks."));
+    let n_input = count_indexed(file, &format!("{p}input_blocks."))?;
+    let n_output = count_indexed(file, &format!("{p}output_blocks."))?;
     // Level 0 has `layers` ResNets, then (if there is a second level) its downsampler,
     // `input_blocks.{layers+1}.0.op`; there are `levels · (layers + 1)` output blocks.
     let layers = (1..n_input)
@@ -1205,7 +1223,7 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
         let c = dims::<4>(file, &format!("{p}input_blocks.{n}.0.out_layers.3.weight"))?[0];
         channels.push(c);
         let attn = format!("input_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight");
-        depths.push(count_indexed(file, &format!("{p}input_blocks.{n}.1.transformer_blocks.")).max(1));
+        depths.push(count_indexed(file, &format!("{p}input_blocks.{n}.1.transformer_blocks."))?.max(1));
         if let Some(s) = shape(&attn) {
             context_dim = dim_at(&s, 1);
             linear = shape(&format!("input_blocks.{n}.1.proj_in.weight")).is_some_and(|s| s.len() == 2);
@@ -1237,7 +1255,7 @@ pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
     } else {
         PerBlock::All(8)
     };
-    let mid_depth = count_indexed(file, &format!("{p}middle_block.1.transformer_blocks.")).max(1);
+    let mid_depth = count_indexed(file, &format!("{p}middle_block.1.transformer_blocks."))?.max(1);
     // The middle block takes the last level's depth: a last level without attention (SD1.x)
     // holds it for the middle block.
     let last = depths.len() - 1;

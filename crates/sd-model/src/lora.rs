@@ -289,6 +289,12 @@ pub fn apply_lora_files_to<B: Backend>(
     };
     for file in files {
         let (set, report) = AdapterSet::load(&file.path, &index, ReadOptions { lenient }).map_err(|e| hinted(file, e.into()))?;
+        // Lenient reading skips keys the model lacks; a file all of whose keys were skipped
+        // would change nothing, which no one asks for.
+        if set.is_empty() && !report.skipped.is_empty() {
+            let reason = format!("none of its {} LoRA keys names a layer of this model (e.g. `{}`), so it would change nothing", report.skipped.len(), report.skipped[0]);
+            return Err(hinted(file, SdModelError::BadInput { what: file.path.display().to_string(), reason }));
+        }
         if !report.skipped.is_empty() {
             applied.skipped.push((file.path.clone(), report.skipped));
         }

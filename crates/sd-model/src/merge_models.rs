@@ -5,7 +5,9 @@
 //! `A + m·(B − C)` is the ratios `1`, `m`, `−m`. As in kohya's script: the text encoder's
 //! older key layout (`cond_stage_model.transformer.encoder.…`, without `text_model.`) is
 //! read as the newer one and written so; a key of the first model that another model lacks
-//! takes the first model's value in that model's place; keys not in the first model are
+//! takes the first model's value in that model's place (with a negative ratio, an add
+//! difference, the key is the first model's value as it is: `A + m·(A − C)` would be no
+//! model's weights); keys not in the first model are
 //! left out (and reported); with `unet_only` the VAE and the text encoders are the first
 //! model's. Non-float tensors (position ids) are the first model's. Tensors keep the first
 //! model's dtype unless one is asked for, and the first model's header metadata is kept.
@@ -50,7 +52,8 @@ pub struct MergeReport {
     /// Tensors merged from every model.
     pub merged: usize,
     /// Keys of the first model that some other model lacks (the first model's value stood
-    /// in for it), with the files lacking them.
+    /// in for it; with a negative ratio the key is the first model's value as it is), with
+    /// the files lacking them.
     pub incomplete: Vec<(String, Vec<PathBuf>)>,
     /// Keys of other models that the first lacks (left out).
     pub skipped: Vec<String>,
@@ -154,6 +157,11 @@ pub fn merge_models(models: &[(WeightFile, f64)], out: &Path, unet_only: bool, d
             if lacking.is_empty() {
                 report.merged += 1;
             } else {
+                // A difference needs both its models: without one, the first model's
+                // weights are kept as they are (a VAE that B lacks stays A's, not 2A − C).
+                if models.iter().any(|(_, ratio)| *ratio < 0.0) {
+                    output.sources = vec![(0, first_key.clone(), 1.0)];
+                }
                 report.incomplete.push((key.clone(), lacking));
             }
         } else if dtype.is_some() && float {
@@ -181,5 +189,35 @@ mod tests {
         assert!(is_unet_key("model.diffusion_model.input_blocks.0.0.weight"));
         assert!(!is_unet_key("first_stage_model.decoder.conv_in.weight"));
         assert!(!is_unet_key("conditioner.embedders.1.model.ln_final.weight"));
+    }
+
+    /// A key one model lacks: its place is the first model's value in an average (kohya's
+    /// rule), but in an add difference the key is the first model's as it is.
+    #[test]
+    fn a_key_a_model_lacks_is_the_first_models_in_a_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, tensors: &[(&str, &[f32])]| {
+            let hosts: Vec<(String, lora_core::HostTensor)> = tensors.iter().map(|(k, v)| (k.to_string(), lora_core::HostTensor::new(vec![v.len()], v.to_vec()).unwrap())).collect();
+            let refs: Vec<(String, &lora_core::HostTensor)> = hosts.iter().map(|(k, t)| (k.clone(), t)).collect();
+            let path = dir.path().join(name);
+            std::fs::write(&path, lora_core::tensor_io::serialize(&refs, SaveDtype::F32, Default::default()).unwrap()).unwrap();
+        };
+        let open = |name: &str| WeightFile::open(dir.path().join(name)).unwrap();
+        let (unet, vae) = ("model.diffusion_model.out.2.weight", "first_stage_model.decoder.conv_in.bias");
+        file("a.safetensors", &[(unet, &[1.0, 2.0]), (vae, &[3.0])]);
+        file("b.safetensors", &[(unet, &[5.0, 6.0])]);
+        file("c.safetensors", &[(unet, &[1.0, 1.0]), (vae, &[10.0])]);
+        let (a, b, c) = ("a.safetensors", "b.safetensors", "c.safetensors");
+        let merged = |models: Vec<(WeightFile, f64)>, name: &str| {
+            let out = dir.path().join(name);
+            let report = merge_models(&models, &out, false, None).unwrap();
+            assert_eq!(report.incomplete.len(), 1);
+            let bytes = std::fs::read(&out).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let values = |k: &str| decode_bytes(Dtype::F32, st.tensor(k).unwrap().data()).unwrap();
+            (values(unet), values(vae))
+        };
+        assert_eq!(merged(vec![(open(a), 1.0), (open(b), 1.0), (open(c), -1.0)], "difference.safetensors"), (vec![5.0, 7.0], vec![3.0]));
+        assert_eq!(merged(vec![(open(a), 0.25), (open(b), 0.75)], "average.safetensors"), (vec![4.0, 5.0], vec![3.0]));
     }
 }

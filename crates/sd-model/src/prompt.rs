@@ -203,6 +203,9 @@ fn split_breaks(text: String) -> Vec<String> {
     parts
 }
 
+/// The largest emphasis weight (in size) a piece may have ([`crate::tokenizer::TokenizerError::Emphasis`]).
+const MAX_WEIGHT: f64 = 1e30;
+
 /// A prompt's BPE ids and their weights before framing ([`ClipTokenizer::weighted_words`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightedWords {
@@ -218,21 +221,39 @@ pub struct WeightedWords {
 impl ClipTokenizer {
     /// Tokenizes a prompt with A1111 emphasis ([`parse_prompt_attention`]): each piece on
     /// its own, as A1111 does, with its weight; a `BREAK` fills the current row with an end
-    /// token and pad tokens (a whole row when the current one is empty, as A1111 starts an
-    /// empty chunk).
+    /// token and pad tokens (a whole row when the current one is empty at the start or
+    /// after a `BREAK`, as A1111 starts an empty chunk; nothing right after words filled a
+    /// row, which A1111's `BREAK` closes). A weight beyond 1e30 in size (brackets nested
+    /// hundreds deep) is [`crate::tokenizer::TokenizerError::Emphasis`].
     pub fn weighted_words(&self, prompt: &str) -> Result<WeightedWords> {
         let inner = self.max_length().saturating_sub(2).max(1);
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
         let mut content = 0;
+        // Whether the current row was opened by a `BREAK` (or is the first): A1111 closes
+        // a chunk that words filled when the next word arrives, so a `BREAK` right after a
+        // full row only closes that row, while one on an opened, empty row adds an empty row.
+        let mut opened = true;
         for piece in parse_prompt_attention(prompt) {
             if piece.is_break() {
-                let fill = inner - ids.len() % inner;
+                let used = ids.len() % inner;
+                if used == 0 && !opened {
+                    opened = true;
+                    continue;
+                }
+                let fill = inner - used;
                 ids.push(self.eos_token_id());
                 ids.extend(std::iter::repeat_n(self.pad_token_id(), fill - 1));
                 weights.extend(std::iter::repeat_n(1.0, fill));
+                opened = true;
                 continue;
             }
+            // The weighted states' mean is restored in f32 (`apply_weights`): sums of
+            // 10^5 states stay finite for weights up to 1e30.
+            if !(piece.weight.abs() <= MAX_WEIGHT) {
+                return Err(crate::tokenizer::TokenizerError::Emphasis { prompt: prompt.to_string(), piece: piece.text, weight: piece.weight });
+            }
             let words = self.encode_unpadded(&piece.text)?;
+            opened &= words.is_empty();
             weights.extend(std::iter::repeat_n(piece.weight as f32, words.len()));
             ids.extend(words);
             content = ids.len();

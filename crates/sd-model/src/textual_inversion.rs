@@ -315,35 +315,40 @@ pub fn token_names(name: &str, n: usize) -> Vec<String> {
 
 /// `prompt` with every whole-word occurrence of an embedding's name (case-insensitive, as
 /// CLIP lower-cases prompts; bounded by anything but letters, digits, `_` and `-`) replaced by
-/// its tokens, space-separated. `embeddings` pairs each name with its [`token_names`].
+/// its tokens, space-separated. `embeddings` pairs each name with its [`token_names`]. One
+/// pass over the prompt: where several names match, the longest wins (as in A1111: with
+/// `style` and `style.v2` loaded, `style.v2` calls the second), and the tokens put in are
+/// not read again (an embedding named `emb` leaves `<emb:x:0>` alone).
+///
+/// ```
+/// use sd_model::textual_inversion::{expand_prompt, token_names};
+/// let names = [("style".to_string(), token_names("style", 1)), ("style.v2".to_string(), token_names("style.v2", 1)), ("emb".to_string(), token_names("emb", 1))];
+/// assert_eq!(expand_prompt("a cat, Style.v2 and style", &names), "a cat, <emb:style.v2:0> and <emb:style:0>");
+/// ```
 pub fn expand_prompt(prompt: &str, embeddings: &[(String, Vec<String>)]) -> String {
     let word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
-    let mut text = prompt.to_string();
-    for (name, tokens) in embeddings {
-        let needle = name.to_lowercase();
-        if needle.is_empty() {
-            continue;
-        }
-        let mut out = String::with_capacity(text.len());
-        let (mut rest, mut prev) = (text.as_str(), None::<char>);
-        while let Some(c) = rest.chars().next() {
-            // A whole word of `rest` that lower-cases to the name (compared char by char on
-            // the original: lower-casing can change byte lengths outside ASCII, `İ`, `K`).
-            if prev.is_none_or(|p| !word(p)) {
-                if let Some(len) = lower_prefix_len(rest, &needle).filter(|&len| rest[len..].chars().next().is_none_or(|n| !word(n))) {
-                    out.push_str(&tokens.join(" "));
-                    prev = rest[..len].chars().next_back();
-                    rest = &rest[len..];
-                    continue;
-                }
+    let mut names: Vec<(String, String)> = embeddings.iter().map(|(name, tokens)| (name.to_lowercase(), tokens.join(" "))).filter(|(n, _)| !n.is_empty()).collect();
+    // Longest first, so that the first name that matches is the longest.
+    names.sort_by_key(|(n, _)| std::cmp::Reverse(n.chars().count()));
+    let mut out = String::with_capacity(prompt.len());
+    let (mut rest, mut prev) = (prompt, None::<char>);
+    while let Some(c) = rest.chars().next() {
+        // A whole word of `rest` that lower-cases to a name (compared char by char on the
+        // original: lower-casing can change byte lengths outside ASCII, `İ`, `K`).
+        if prev.is_none_or(|p| !word(p)) {
+            let whole = |len: &usize| rest[*len..].chars().next().is_none_or(|n| !word(n));
+            if let Some((len, tokens)) = names.iter().find_map(|(needle, tokens)| lower_prefix_len(rest, needle).filter(whole).map(|len| (len, tokens))) {
+                out.push_str(tokens);
+                prev = rest[..len].chars().next_back();
+                rest = &rest[len..];
+                continue;
             }
-            out.push(c);
-            prev = Some(c);
-            rest = &rest[c.len_utf8()..];
         }
-        text = out;
+        out.push(c);
+        prev = Some(c);
+        rest = &rest[c.len_utf8()..];
     }
-    text
+    out
 }
 
 /// The byte length of the start of `text` that lower-cases to `needle` (lower case), if

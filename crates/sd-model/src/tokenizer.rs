@@ -112,6 +112,18 @@ pub enum TokenizerError {
         /// The largest id this tokenizer knows.
         max_id: u32,
     },
+    /// A prompt's emphasis gives a piece a weight past what the weighted states can be
+    /// computed with (brackets nested hundreds deep, `(x:1000…0)` with 40 digits): the
+    /// states would be infinite or NaN, and the image black.
+    #[error("prompt {prompt:?}: the emphasis of {piece:?} comes to {weight:e}, expected at most 1e30 in size (nest fewer brackets or write a smaller weight)")]
+    Emphasis {
+        /// The prompt.
+        prompt: String,
+        /// The piece of text with that weight.
+        piece: String,
+        /// Its weight.
+        weight: f64,
+    },
     /// The BPE model rejected the vocabulary or merges, or failed on a prompt.
     #[error("BPE model ({origin}): {message}")]
     Bpe {

@@ -100,6 +100,8 @@ pub fn load_embeddings<B: Backend>(
 fn add_embedding<B: Backend>(c: &mut Components<B>, embedding: sd_model::textual_inversion::Embedding, origin: &std::path::Path, device: &B::Device) -> Result<(String, Vec<String>), PipelineError> {
     use sd_model::textual_inversion::token_names;
     let bad = |reason: String| PipelineError::Invalid { origin: format!("{} (embedding `{}`)", origin.display(), embedding.name), reason };
+    // A name with brackets or a colon would come apart in the prompt's emphasis parsing.
+    sd_model::textual_inversion::check_word(&embedding.name).map_err(|e| bad(format!("{e}: rename the file")))?;
     let encoders = if c.is_sdxl() { 2 } else { 1 };
     if embedding.vectors.len() != encoders {
         return Err(bad(format!("{} set(s) of vectors, this model has {encoders} text encoder(s) (SDXL embeddings hold clip_l and clip_g)", embedding.vectors.len())));

@@ -172,36 +172,61 @@ pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_sk
 /// `force_zeros_for_empty_prompt`).
 pub fn condition_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<TextConditioning<B>, PipelineError> {
     let (cond, weights) = weighted_condition(TextEncoders::of(c), prompts, clip_skip, rows, device)?;
-    let context = match cond.pooled {
-        Some(_) => {
-            let [n, tokens, d] = cond.context.dims();
-            let first = c.text_encoder.text_model.final_layer_norm.gamma.dims()[0];
-            let one = cond.context.clone().slice([0..n, 0..tokens, 0..first]);
-            let two = cond.context.slice([0..n, 0..tokens, first..d]);
-            Tensor::cat(vec![sd_model::prompt::apply_weights(one, &weights)?, sd_model::prompt::apply_weights(two, &weights)?], 2)
-        }
-        None => sd_model::prompt::apply_weights(cond.context, &weights)?,
-    };
+    let context = weights.apply(cond.context, sd_model::prompt::apply_weights)?;
     Ok(TextConditioning { context, pooled: cond.pooled })
 }
 
-/// The conditioning of prompts read with emphasis, in `rows` rows, and the tokens' weights
-/// (both tokenizers split a prompt alike: the weights hold for both encoders' states).
+/// The emphasis weights of each encoder's states: each tokenizer's own, as the two can
+/// split a prompt differently (SDXL's second tokenizer keeps its pad token `!` apart, so
+/// `wow!!` is two tokens there and one, `!!`, in the first).
+struct StateWeights {
+    first: Vec<f32>,
+    /// The second encoder's, and the width of the first encoder's states (where the
+    /// second's begin in the joined context).
+    second: Option<(Vec<f32>, usize)>,
+}
+
+impl StateWeights {
+    /// `context` with `weigh` applied to each encoder's states with its weights.
+    fn apply<B: Backend>(&self, context: Tensor<B, 3>, weigh: fn(Tensor<B, 3>, &[f32]) -> sd_model::Result<Tensor<B, 3>>) -> Result<Tensor<B, 3>, PipelineError> {
+        let Some((second, width)) = &self.second else {
+            return Ok(weigh(context, &self.first)?);
+        };
+        let [n, tokens, d] = context.dims();
+        let one = context.clone().slice([0..n, 0..tokens, 0..*width]);
+        let two = context.slice([0..n, 0..tokens, *width..d]);
+        Ok(Tensor::cat(vec![weigh(one, &self.first)?, weigh(two, second)?], 2))
+    }
+}
+
+/// The conditioning of prompts read with emphasis, in `rows` rows, and the weights of its
+/// states.
 fn weighted_condition<B: Backend>(
     encoders: TextEncoders<'_, B>,
     prompts: &[String],
     clip_skip: usize,
     rows: usize,
     device: &B::Device,
-) -> Result<(TextConditioning<B>, Vec<f32>), PipelineError> {
-    let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
-    for p in prompts {
-        let (i, w) = encoders.first.1.encode_weighted(p, rows)?;
-        ids.push(i);
-        weights.extend(w);
-    }
-    let ids_2 = second_ids(encoders, |tok| Ok(prompts.iter().map(|p| tok.encode_weighted(p, rows).map(|(i, _)| i)).collect::<Result<_, _>>()?))?;
-    Ok((condition(encoders, ids, ids_2, clip_skip, device)?, weights))
+) -> Result<(TextConditioning<B>, StateWeights), PipelineError> {
+    let weighted = |tok: &ClipTokenizer| -> Result<(Vec<Vec<u32>>, Vec<f32>), PipelineError> {
+        let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
+        for p in prompts {
+            let (i, w) = tok.encode_weighted(p, rows)?;
+            ids.push(i);
+            weights.extend(w);
+        }
+        Ok((ids, weights))
+    };
+    let (ids, first) = weighted(encoders.first.1)?;
+    let (ids_2, second) = match encoders.second {
+        Some((_, tok)) => {
+            let (ids, weights) = weighted(tok)?;
+            let width = encoders.first.0.text_model.final_layer_norm.gamma.dims()[0];
+            (Some(ids), Some((weights, width)))
+        }
+        None => (None, None),
+    };
+    Ok((condition(encoders, ids, ids_2, clip_skip, device)?, StateWeights { first, second }))
 }
 
 /// How caption text is read when it is encoded for training ([`condition_captions`]).
@@ -273,7 +298,7 @@ pub fn condition_captions<B: Backend>(
             // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the keyword.
             let captions: Vec<String> = captions.iter().map(|p| p.replace("BREAK", "break")).collect();
             let (cond, weights) = weighted_condition(encoders, &captions, clip_skip, rows, device)?;
-            Ok(TextConditioning { context: sd_model::prompt::scale_states(cond.context, &weights)?, pooled: cond.pooled })
+            Ok(TextConditioning { context: weights.apply(cond.context, sd_model::prompt::scale_states)?, pooled: cond.pooled })
         }
     }
 }

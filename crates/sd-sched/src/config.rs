@@ -345,7 +345,17 @@ impl SchedulerConfig {
                 origin: origin.to_string(),
                 source,
             })?;
-        config.validate()?;
+        // A range error must name the file as well as the key: a user with several model
+        // folders cannot tell from the key alone which scheduler_config.json is wrong.
+        config.validate().map_err(|e| match e {
+            SchedError::InvalidValue { origin: None, key, expected, found } => SchedError::InvalidValue {
+                origin: Some(origin.to_string()),
+                key,
+                expected,
+                found,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -402,6 +412,17 @@ impl SchedulerConfig {
                 return Err(invalid(key, "a positive finite number", v));
             }
         }
+        // Karras sigmas ramp from sigma_max down to sigma_min: the other way round they
+        // rise (every step adds noise), and equal they make DPM-Solver's step h = 0 (NaN).
+        // Where one bound comes from the schedule, the samplers check it when they build
+        // the ramp.
+        if let (Some(lo), Some(hi)) = (self.sigma_min, self.sigma_max) && lo >= hi {
+            return Err(invalid(
+                "sigma_min",
+                format!("a value below sigma_max ({hi})"),
+                lo,
+            ));
+        }
         if self.lambda_min_clipped.is_nan() {
             return Err(invalid(
                 "lambda_min_clipped",
@@ -409,16 +430,33 @@ impl SchedulerConfig {
                 "NaN",
             ));
         }
-        Ok(())
+        self.check_first_alpha()
+    }
+
+    /// Refuses a schedule whose ᾱ₀ = 1 − β₀ rounds to 1 in f32 (β₀ below about 3e-8):
+    /// its σ₀ and 1 − ᾱ₀ are 0, which Euler, DDIM and the SNR helpers divide by
+    /// (infinite or NaN latents and weights).
+    fn check_first_alpha(&self) -> Result<()> {
+        let beta0 = crate::schedule::first_beta(self);
+        if 1.0 - beta0 < 1.0 {
+            return Ok(());
+        }
+        let expected = "a first beta whose 1 - beta rounds below 1 in f32 (about 3e-8 or more; \
+                        otherwise sigma at timestep 0 is 0 and the samplers divide by it)";
+        Err(match (&self.trained_betas, self.beta_schedule) {
+            (Some(b), _) => invalid("trained_betas", expected, b[0]),
+            (None, BetaSchedule::SquaredCosCapV2) => invalid(
+                "num_train_timesteps",
+                format!("fewer timesteps: the squaredcos_cap_v2 schedule's first beta ({beta0}) is too small, {expected}"),
+                self.num_train_timesteps,
+            ),
+            (None, _) => invalid("beta_start", expected, self.beta_start),
+        })
     }
 }
 
 fn invalid(key: &'static str, expected: impl Into<String>, found: impl ToString) -> SchedError {
-    SchedError::InvalidValue {
-        key,
-        expected: expected.into(),
-        found: found.to_string(),
-    }
+    SchedError::invalid_value(key, expected, found)
 }
 
 /// Python's `json` writes `-Infinity`, `Infinity` and `NaN` bare, which is not JSON;

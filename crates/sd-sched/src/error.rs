@@ -22,8 +22,11 @@ pub enum SchedError {
         source: serde_json::Error,
     },
     /// A config key holds a value outside its valid range.
-    #[error("scheduler config key `{key}`: expected {expected}, found {found}")]
+    #[error("scheduler config {}key `{key}`: expected {expected}, found {found}", origin_prefix(.origin))]
     InvalidValue {
+        /// The file the config was read from (`<string>` for JSON parsed from memory);
+        /// `None` for a config built in code, or checked against a sampler's settings.
+        origin: Option<String>,
         /// The diffusers config key.
         key: &'static str,
         /// What the key accepts.
@@ -84,6 +87,23 @@ pub enum SchedError {
         /// Why it is rejected.
         reason: String,
     },
+}
+
+impl SchedError {
+    /// An [`SchedError::InvalidValue`] without an origin (the config loaders add theirs).
+    pub(crate) fn invalid_value(key: &'static str, expected: impl Into<String>, found: impl ToString) -> Self {
+        Self::InvalidValue {
+            origin: None,
+            key,
+            expected: expected.into(),
+            found: found.to_string(),
+        }
+    }
+}
+
+/// `"<origin>: "` where a range error knows its file, so the message names it.
+fn origin_prefix(origin: &Option<String>) -> String {
+    origin.as_ref().map(|o| format!("{o}: ")).unwrap_or_default()
 }
 
 /// Result alias for this crate.

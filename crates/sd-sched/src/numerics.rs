@@ -95,6 +95,51 @@ pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64
         .collect()
 }
 
+/// [`karras_sigmas`] between the config's `sigma_min` / `sigma_max` (`bounds`), each
+/// falling back to the sampler's own end (`fallback`, low then high: the schedule's
+/// sigmas, or the spaced ones for the Euler family) where the config has none.
+///
+/// Refuses a ramp that would not fall: with `σ_min > σ_max` the sigmas rise and every
+/// step adds noise instead of removing it (silently wrong images), and where neighbours
+/// are equal (`σ_min = σ_max`, or bounds so close that f32 rounding merges sigmas)
+/// DPM-Solver's log-SNR step h is 0 and its update NaN. diffusers does not check this.
+/// A single step has no direction (the ramp is just `σ_max`), so it is not refused.
+pub(crate) fn checked_karras_sigmas(
+    bounds: (Option<f64>, Option<f64>),
+    fallback: (f64, f64),
+    n: usize,
+) -> crate::error::Result<Vec<f64>> {
+    let lo = bounds.0.unwrap_or(fallback.0);
+    let hi = bounds.1.unwrap_or(fallback.1);
+    let sigmas = karras_sigmas(lo, hi, n);
+    // The samplers step in f32, so the fall must survive rounding to f32.
+    let falls = sigmas.windows(2).all(|w| (w[0] as f32) > (w[1] as f32));
+    if n < 2 || (lo < hi && falls) {
+        return Ok(sigmas);
+    }
+    let why = format!("so that the {n} Karras sigmas fall");
+    let (key, expected, found) = match bounds {
+        (Some(_), Some(_)) => ("sigma_min", format!("a value far enough below sigma_max ({hi}) {why}"), lo.to_string()),
+        (Some(_), None) => (
+            "sigma_min",
+            format!("a value far enough below {hi}, the largest sigma this schedule gives here (sigma_max is not set), {why}"),
+            lo.to_string(),
+        ),
+        (None, Some(_)) => (
+            "sigma_max",
+            format!("a value far enough above {lo}, the smallest sigma this schedule gives here (sigma_min is not set), {why}"),
+            hi.to_string(),
+        ),
+        // Both ends come from the schedule, whose sigmas fall unless it is degenerate.
+        (None, None) => (
+            "use_karras_sigmas",
+            format!("a schedule whose sigmas fall from {hi} to {lo} {why}"),
+            "true".to_string(),
+        ),
+    };
+    Err(crate::error::SchedError::invalid_value(key, expected, found))
+}
+
 /// diffusers' `_sigma_to_t`: the fractional training timestep of `sigma`, interpolating
 /// in log-sigma between the neighbouring training sigmas (`log_sigmas`, f32 like numpy's
 /// `np.log` of an f32 array).

@@ -33,24 +33,7 @@ impl NoiseSchedule {
     /// Builds the schedule of `config` (which is validated first).
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         config.validate()?;
-        let t = config.num_train_timesteps;
-        let mut betas = match &config.trained_betas {
-            Some(b) => b.iter().map(|&b| b as f32).collect(),
-            None => match config.beta_schedule {
-                BetaSchedule::Linear => {
-                    crate::numerics::torch_linspace_f32(config.beta_start, config.beta_end, t)
-                }
-                BetaSchedule::ScaledLinear => crate::numerics::torch_linspace_f32(
-                    config.beta_start.sqrt(),
-                    config.beta_end.sqrt(),
-                    t,
-                )
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
-                BetaSchedule::SquaredCosCapV2 => cosine_betas(t),
-            },
-        };
+        let mut betas = betas(config);
         if config.rescale_betas_zero_snr {
             betas = rescale_zero_terminal_snr(&betas);
         }
@@ -108,6 +91,45 @@ impl NoiseSchedule {
     }
 }
 
+/// The betas of `config` before any zero-terminal-SNR rescale, in f32 as diffusers
+/// builds them.
+fn betas(config: &SchedulerConfig) -> Vec<f32> {
+    let t = config.num_train_timesteps;
+    match &config.trained_betas {
+        Some(b) => b.iter().map(|&b| b as f32).collect(),
+        None => match config.beta_schedule {
+            BetaSchedule::Linear => {
+                crate::numerics::torch_linspace_f32(config.beta_start, config.beta_end, t)
+            }
+            BetaSchedule::ScaledLinear => crate::numerics::torch_linspace_f32(
+                config.beta_start.sqrt(),
+                config.beta_end.sqrt(),
+                t,
+            )
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+            BetaSchedule::SquaredCosCapV2 => cosine_betas(t),
+        },
+    }
+}
+
+/// β₀ of `config` exactly as [`NoiseSchedule::new`] computes it (the zero-SNR rescale
+/// keeps ᾱ₀, so it does not change β₀), for [`SchedulerConfig::validate`]. Expects the
+/// counts and ranges already validated.
+pub(crate) fn first_beta(config: &SchedulerConfig) -> f32 {
+    // The linspace's first point is its start, so only the cosine schedule needs maths.
+    match (&config.trained_betas, config.beta_schedule) {
+        (Some(b), _) => b[0] as f32,
+        (None, BetaSchedule::Linear) => config.beta_start as f32,
+        (None, BetaSchedule::ScaledLinear) => {
+            let b = config.beta_start.sqrt() as f32;
+            b * b
+        }
+        (None, BetaSchedule::SquaredCosCapV2) => cosine_beta(0, config.num_train_timesteps),
+    }
+}
+
 /// torch's CPU cumprod: the running product is kept in f64, each output rounded to f32.
 fn cumprod(values: impl Iterator<Item = f32>) -> Vec<f32> {
     let mut acc = 1f64;
@@ -121,18 +143,19 @@ fn cumprod(values: impl Iterator<Item = f32>) -> Vec<f32> {
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform, in f64, capped at 0.999.
 fn cosine_betas(t: usize) -> Vec<f32> {
+    (0..t).map(|i| cosine_beta(i, t)).collect()
+}
+
+/// The `i`-th of [`cosine_betas`].
+fn cosine_beta(i: usize, t: usize) -> f32 {
     let alpha_bar = |x: f64| {
         ((x + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
             .cos()
             .powi(2)
     };
-    (0..t)
-        .map(|i| {
-            let t1 = i as f64 / t as f64;
-            let t2 = (i + 1) as f64 / t as f64;
-            (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
-        })
-        .collect()
+    let t1 = i as f64 / t as f64;
+    let t2 = (i + 1) as f64 / t as f64;
+    (1.0 - alpha_bar(t2) / alpha_bar(t1)).min(0.999) as f32
 }
 
 /// Lin et al. (2023), algorithm 1: shift and scale sqrt(ᾱ) so the last timestep has zero

@@ -55,6 +55,12 @@ pub const MAX_TRAIN_STEPS: usize = 10_000_000;
 /// before training starts.
 pub const MAX_DEMO_IMAGES: usize = 1000;
 
+/// The most pixels the demo's images may have together (`data.demo_images` at
+/// `data.resolution`): they are held in memory as 8-bit RGB, so 2^30 pixels are 3 GiB
+/// (1000 images at 512 px, 682 at 1024 px: more than a demo needs), where 1000 images at
+/// 4096 px would be about 67 GB and abort the process.
+pub const MAX_DEMO_PIXELS: u64 = 1 << 30;
+
 /// The training images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -2203,6 +2209,7 @@ impl TrainConfig {
         if self.data.alpha_mask && !self.data.dataset_config.is_empty() && !kohya_dataset {
             return bad("data.alpha_mask does not reach the subsets of a .json data.dataset_config: set `alpha_mask` on them");
         }
+        self.check_data_rates()?;
         if !self.data.token_warmup_step.is_finite() || self.data.token_warmup_step < 0.0 {
             return bad("data.token_warmup_step must be a number of steps of at least 0 (a fraction of train.max_train_steps below 1; 0 = off)");
         }
@@ -2353,6 +2360,49 @@ impl TrainConfig {
         }
         if r.width.max(r.height) > sd_data::MAX_SIDE {
             return bad("data.resolution", format!("= {}x{}: a side may be at most {} px", r.width, r.height, sd_data::MAX_SIDE));
+        }
+        self.check_demo_pixels()
+    }
+
+    /// The demo's images together, which are all drawn in memory before training starts:
+    /// at most [`MAX_DEMO_PIXELS`].
+    fn check_demo_pixels(&self) -> Result<(), TrainError> {
+        let d = &self.data;
+        if d.train_data_dir != "demo" || !d.dataset_config.is_empty() {
+            return Ok(());
+        }
+        // The demo draws squares, 2:3 and 3:2 images of the resolution's shorter side
+        // (sd_data::demo): at most short × 1.5 short pixels each.
+        let short = u64::from(d.resolution.width.min(d.resolution.height));
+        let pixels = (d.demo_images as u64).saturating_mul(short * (short * 3 / 2));
+        if pixels > MAX_DEMO_PIXELS {
+            let r = &d.resolution;
+            return Err(TrainError::Config {
+                origin: "data.demo_images".into(),
+                reason: format!(
+                    "= {} at data.resolution = {}x{} draws up to {pixels} pixels in memory, more than the {MAX_DEMO_PIXELS} (3 GiB) the demo may hold: lower data.demo_images or data.resolution, or train on a folder of your own",
+                    d.demo_images, r.width, r.height
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// `[data]`'s probabilities and loss weight, which reach every subset: checked here so
+    /// that an error names the key the user wrote (a kohya dataset TOML's subsets take them
+    /// through JSON, where NaN turns into a `null` blamed on another key).
+    fn check_data_rates(&self) -> Result<(), TrainError> {
+        let d = &self.data;
+        let bad = |key: &str, reason: String| Err(TrainError::Config { origin: format!("data.{key}"), reason });
+        for (key, rate) in [("caption_dropout_rate", d.caption_dropout_rate), ("caption_tag_dropout_rate", d.caption_tag_dropout_rate)] {
+            if !(0.0..=1.0).contains(&rate) {
+                return bad(key, format!("= {rate}: expected a probability from 0 (off) to 1"));
+            }
+        }
+        // sd-scripts takes any weight; a negative one would train away from the
+        // regularization images, and sd-data refuses it as well.
+        if !(d.prior_loss_weight.is_finite() && d.prior_loss_weight >= 0.0) {
+            return bad("prior_loss_weight", format!("= {}: expected a finite loss weight of at least 0 (1 = as much as a training image)", d.prior_loss_weight));
         }
         Ok(())
     }

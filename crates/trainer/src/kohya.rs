@@ -244,6 +244,13 @@ fn key_values(entries: &[String], option: &str, origin: &str) -> Result<Vec<(Str
         .collect()
 }
 
+/// `v` as a count when it is a whole number from 0 to below 10^15 (far beyond any count,
+/// step or rank a run has): NaN, infinities and larger numbers, which `as usize` would
+/// turn silently into 0 or `usize::MAX`, are `None`.
+fn whole_number(v: f64) -> Option<usize> {
+    (v >= 0.0 && v.fract() == 0.0 && v < 1e15).then_some(v as usize)
+}
+
 /// The file's options, flattened as sd-scripts flattens them (the tables' keys, one level
 /// down, and top-level keys), taken one by one.
 struct Options {
@@ -315,8 +322,16 @@ impl Options {
     fn count(&mut self, key: &'static str) -> Result<Option<usize>, TrainError> {
         match self.float(key)? {
             None => Ok(None),
-            Some(v) if v >= 0.0 && v.fract() == 0.0 && v < 1e15 => Ok(Some(v as usize)),
-            Some(v) => Err(self.err(key, format!("must be a whole number of at least 0, not {v}"))),
+            Some(v) => whole_number(v).map(Some).ok_or_else(|| self.err(key, format!("must be a whole number of at least 0, not {v}"))),
+        }
+    }
+
+    /// A whole number from 0 to `u32::MAX` (a side in pixels, a repeat count): a larger one
+    /// is an error naming `key`, not a value cut to its low 32 bits.
+    fn count_u32(&mut self, key: &'static str) -> Result<Option<u32>, TrainError> {
+        match self.count(key)? {
+            None => Ok(None),
+            Some(n) => u32::try_from(n).map(Some).map_err(|_| self.err(key, format!("= {n}: expected a whole number of at most {}", u32::MAX))),
         }
     }
 
@@ -542,9 +557,9 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
     // replaces; `dataset_repeats` is every subset's default `num_repeats` (kohya's
     // `N_name` folders set their own).
     let in_json = o.string("in_json")?;
-    d.num_repeats = match o.count("dataset_repeats")? {
+    d.num_repeats = match o.count_u32("dataset_repeats")? {
         Some(0) => return Err(o.err("dataset_repeats", "= 0 trains nothing (sd-scripts skips such data): use at least 1")),
-        Some(n) => n.min(u32::MAX as usize) as u32,
+        Some(n) => n,
         None => 1,
     };
     match (in_json, d.dataset_config.is_empty()) {
@@ -620,9 +635,9 @@ fn read_data(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -> R
             false => d.face_crop_aug_range = Some(range),
         }
     }
-    d.min_bucket_reso = o.count("min_bucket_reso")?.unwrap_or(256) as u32;
-    d.max_bucket_reso = o.count("max_bucket_reso")?.unwrap_or(1024) as u32;
-    d.bucket_reso_steps = o.count("bucket_reso_steps")?.unwrap_or(64) as u32;
+    d.min_bucket_reso = o.count_u32("min_bucket_reso")?.unwrap_or(256);
+    d.max_bucket_reso = o.count_u32("max_bucket_reso")?.unwrap_or(1024);
+    d.bucket_reso_steps = o.count_u32("bucket_reso_steps")?.unwrap_or(64);
     d.bucket_no_upscale = o.flag("bucket_no_upscale")?;
     if let Some(how) = o.string("resize_interpolation")? {
         let name = serde_json::Value::String(how.to_ascii_lowercase());
@@ -792,11 +807,7 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
         let number = || value.parse::<f64>().map_err(|_| bad("expected a number"));
         match key.as_str() {
             "conv_dim" => {
-                let dim = number()?;
-                if dim < 0.0 || dim.fract() != 0.0 {
-                    return Err(bad("expected a rank"));
-                }
-                conv_dim = Some(dim as usize);
+                conv_dim = Some(whole_number(number()?).ok_or_else(|| bad("expected a rank"))?);
             }
             "conv_alpha" => l.conv_alpha = number()? as f32,
             "rank_dropout" => l.rank_dropout = number()?,
@@ -834,7 +845,7 @@ fn read_dylora_args(o: &Options, l: &mut crate::config::LoraSection, args: &[Str
     for (key, value) in key_values(args, "network_args", &o.origin)? {
         let bad = |what: &str| o.err("network_args", format!("`{key}={value}`: {what}"));
         let number = || value.parse::<f64>().map_err(|_| bad("expected a number"));
-        let whole = || number().and_then(|n| if n >= 0.0 && n.fract() == 0.0 { Ok(n as usize) } else { Err(bad("expected a whole number")) });
+        let whole = || number().and_then(|n| whole_number(n).ok_or_else(|| bad("expected a whole number")));
         match key.as_str() {
             "unit" => unit = whole()?,
             "conv_dim" => conv_dim = Some(whole()?),
@@ -974,11 +985,7 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "algo" => algo = value.to_ascii_lowercase(),
             "preset" => preset = LycorisPreset::parse(value).ok_or_else(|| bad("expected one of LyCORIS' presets full, full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only, unet-convblock-only or ia3 (preset files are not read)"))?,
             "conv_dim" => {
-                let dim = number()?;
-                if dim < 0.0 || dim.fract() != 0.0 {
-                    return Err(bad("expected a rank"));
-                }
-                conv_dim = Some(dim as usize);
+                conv_dim = Some(whole_number(number()?).ok_or_else(|| bad("expected a rank"))?);
             }
             "conv_alpha" => conv_alpha = Some(number()? as f32),
             "dropout" => dropout = Some(number()?),
@@ -1571,7 +1578,7 @@ fn scheduler_arguments(o: &Options, entries: &[String], scheduler: &str, notes: 
             PyValue::Number(v) => Ok(v),
             _ => Err(bad("expected a number")),
         };
-        let whole = || number().and_then(|v| if v >= 0.0 && v.fract() == 0.0 && v < 1e15 { Ok(v as usize) } else { Err(bad("expected a whole number of at least 0")) });
+        let whole = || number().and_then(|v| whole_number(v).ok_or_else(|| bad("expected a whole number of at least 0")));
         match key.as_str() {
             "T_max" => args.t_max = Some(whole()?),
             "T_0" => args.t_0 = Some(whole()?),
@@ -1801,7 +1808,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             ("t_alpha" | "t_beta3", Optimizer::Ademamix) => {
                 let steps = match py {
                     PyValue::Text(ref none) if none == "None" => 0,
-                    PyValue::Number(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
+                    PyValue::Number(n) if n >= 1.0 && whole_number(n).is_some() => n as usize,
                     _ => return Err(bad("expected a whole number of steps (at least 1) or None")),
                 };
                 match key.as_str() {
@@ -1840,11 +1847,7 @@ fn read_optimizer(o: &mut Options, c: &mut TrainConfig, scheduler: &str, notes: 
             ("silent_sgd_phase", Optimizer::RadamScheduleFree) => t.schedule_free_silent_sgd_phase = flag()?,
             ("momentum", Optimizer::SgdScheduleFree) => t.sgd_momentum = number()? as f32,
             ("warmup_steps", Optimizer::AdamwScheduleFree | Optimizer::SgdScheduleFree) => {
-                let steps = number()?;
-                if steps < 0.0 || steps.fract() != 0.0 {
-                    return Err(bad("expected a whole number of steps"));
-                }
-                t.lr_warmup_steps = steps as usize;
+                t.lr_warmup_steps = whole_number(number()?).ok_or_else(|| bad("expected a whole number of steps"))?;
             }
             ("decouple", Optimizer::DadaptAdam | Optimizer::DadaptAdamPreprint) => t.dadapt_decouple = flag()?,
             ("d0", _) if optimizer.dadapt_kind().is_some() => t.dadapt_d0 = number()? as f32,
@@ -1947,7 +1950,7 @@ fn prodigy_plus_arg(p: &mut lora_core::optim::ProdigyPlusSettings, key: &str, py
                 return Err("expected a whole number of steps".into());
             }
             // The package freezes nothing at 0 or below.
-            p.prodigy_steps = steps.max(0.0) as usize;
+            p.prodigy_steps = whole_number(steps.max(0.0)).ok_or("expected a whole number of steps")?;
         }
         "use_speed" => p.use_speed = flag()?,
         "split_groups" => p.split_groups = flag()?,
@@ -2878,6 +2881,24 @@ wandb_run_name = "my_style"
             let e = error(&format!("{MINIMAL}{extra}"));
             assert!(e.contains(expected), "{extra}: {e}");
         }
+    }
+
+    /// Numbers past what their setting holds are errors naming the option, never values
+    /// cut to their low bits (`max_bucket_reso = 4294968320` was 1024) or saturated.
+    #[test]
+    fn numbers_too_large_for_their_setting_name_the_option() {
+        for key in ["min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "dataset_repeats"] {
+            let e = error(&format!("{MINIMAL}{key} = 4294968320\n"));
+            assert!(e.contains(&format!("`{key}`")) && e.contains("4294967295"), "{key}: {e}");
+        }
+        let i = import(&format!("{MINIMAL}max_bucket_reso = 4294967295\n")).unwrap();
+        assert_eq!(i.config.data.max_bucket_reso, u32::MAX);
+        for args in ["network_args = [\"conv_dim=1e300\"]", "network_module = \"lycoris.kohya\"\nnetwork_args = [\"conv_dim=1e300\"]", "network_module = \"networks.dylora\"\nnetwork_args = [\"unit=1e300\"]"] {
+            let e = error(&format!("{MINIMAL}{args}\n"));
+            assert!(e.contains("network_args") && e.contains("1e300"), "{args}: {e}");
+        }
+        let e = error(&format!("{MINIMAL}optimizer_type = \"AdamWScheduleFree\"\noptimizer_args = [\"warmup_steps=1e300\"]\n"));
+        assert!(e.contains("warmup_steps=1e300"), "{e}");
     }
 
     /// sd-scripts' fine-tuning data: `in_json` with `train_data_dir` (which absolute keys

@@ -1116,6 +1116,10 @@ fn read_latents<B: Backend>(path: &std::path::Path, device: &B::Device) -> Resul
 fn write_latents<B: Backend>(path: &std::path::Path, latents: burn::tensor::Tensor<B, 4>) -> Result<()> {
     let host = lora_core::HostTensor::from_tensor(latents)?;
     let bytes = lora_core::tensor_io::serialize(&[("latents".to_string(), &host)], SaveDtype::F32, Default::default())?;
+    // As `--out` does: a folder that does not exist yet is made.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating --save-latents' folder {}", dir.display()))?;
+    }
     lora_core::tensor_io::write_atomic(path, &bytes)?;
     Ok(())
 }
@@ -1310,12 +1314,19 @@ fn sd_module_indexes() -> Result<Vec<ModuleIndex>> {
 }
 
 /// Reads an adapter file with the first of [`sd_module_indexes`] that knows every key (the
-/// first's error when none does).
+/// first's error when none does). An SDXL set read from the diffusers/PEFT layout gets
+/// kohya's SDXL names ([`use_sdxl_kohya_names`]), as `train` and `extract` give theirs (a
+/// kohya file's set carries the names it was read by).
 fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::ReadReport)> {
     let mut first_error = None;
     for index in sd_module_indexes()? {
         match AdapterSet::load(input, &index, ReadOptions::default()) {
-            Ok(read) => return Ok(read),
+            Ok((mut set, report)) => {
+                if report.format != AdapterFormat::Kohya && is_sdxl_set(&set) {
+                    use_sdxl_kohya_names(&mut set);
+                }
+                return Ok((set, report));
+            }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -1324,14 +1335,57 @@ fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::Read
     Err(first_error.map_or_else(|| anyhow::anyhow!("no module index"), anyhow::Error::from))
 }
 
+/// Whether `set` is for an SDXL UNet: it adapts the second text encoder, its metadata says
+/// so (`ss_base_model_version` `sdxl_…` or `tiny_sdxl`, `modelspec.architecture`
+/// `stable-diffusion-xl-…`), or one of its UNet transformers holds a second block (SD1.x's
+/// and SD2.x's hold one).
+fn is_sdxl_set(set: &AdapterSet) -> bool {
+    let says = |key: &str| set.metadata.get(key).is_some_and(|v| v.contains("sdxl") || v.contains("stable-diffusion-xl"));
+    let deep = |path: &str| {
+        let parts: Vec<&str> = path.split('.').collect();
+        parts.windows(2).any(|w| w[0] == "transformer_blocks" && w[1].parse::<usize>().is_ok_and(|i| i > 0))
+    };
+    says("ss_base_model_version")
+        || says("modelspec.architecture")
+        || set.iter().any(|(key, _)| key.component == lora_core::Component::TextEncoder2 || (key.component == lora_core::Component::Unet && deep(&key.path)))
+}
+
+/// Names an SDXL set's adapters as kohya's SDXL files do (the first text encoder
+/// `lora_te1_`, the UNet by its SGM paths), for the UNet layout its adapters show
+/// ([`sdxl_layout_of`]).
+fn use_sdxl_kohya_names(set: &mut AdapterSet) {
+    let layout = sdxl_layout_of(set);
+    sd_model::lora::use_sdxl_kohya_names_by(set, &layout);
+}
+
+/// The UNet layout behind an SDXL set's SGM names, from the set alone (these commands load
+/// no model; the names of later levels depend on the ResNets per level): SDXL's two, or the
+/// tiny SDXL models' one where every UNet adapter is narrower than SDXL's narrowest level
+/// and none sits where only a second ResNet per level fits.
+fn sdxl_layout_of(set: &AdapterSet) -> sd_model::keymap::UnetLayout {
+    let sdxl = sd_model::UnetConfig::sdxl();
+    let unet = || set.iter().filter(|(key, _)| key.component == lora_core::Component::Unet);
+    // Shapes read with `get`: a stand-alone adapter's tensors need not be matrices.
+    let width = |w: &lora_core::LoraWeights| w.down.shape.get(1).copied().unwrap_or(0).max(w.up.shape.first().copied().unwrap_or(0));
+    let narrow = unet().all(|(_, w)| width(w) < sdxl.block_out_channels[0]);
+    let second_resnet = |path: &str| {
+        let parts: Vec<&str> = path.split('.').collect();
+        match parts.as_slice() {
+            ["down_blocks", _, "resnets" | "attentions", j, ..] => j.parse::<usize>().is_ok_and(|j| j >= 1),
+            ["up_blocks", _, "resnets" | "attentions", j, ..] => j.parse::<usize>().is_ok_and(|j| j >= 2),
+            _ => false,
+        }
+    };
+    let layers = if narrow && !unet().any(|(key, _)| second_resnet(&key.path)) { 1 } else { sdxl.layers_per_block };
+    sd_model::keymap::UnetLayout { layers, ..sd_model::keymap::UnetLayout::from_config(&sdxl) }
+}
+
 fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFormat, dtype: SaveDtype) -> Result<()> {
-    if output.exists() {
-        anyhow::bail!("{} already exists; choose a new output path", output.display());
-    }
+    check_output(output)?;
     // LoHa / LoKr adapters become the LoRAs with their updates (what `convert` is for).
     let (set, report) = load_adapters(input)?;
     let set = set.into_plain_lora();
-    set.save(output, to, dtype)?;
+    save_adapters(&set, output, to, dtype)?;
     out!("{} ({:?}, {} adapters) -> {} ({to:?}, {dtype:?})", input.display(), report.format, set.len(), output.display());
     Ok(())
 }
@@ -1359,6 +1413,9 @@ fn embedding_files(paths: &[PathBuf], opts: &GenerateOptions, prompt_lines: Opti
 /// `trainer unbundle-embeddings`: each bundled embedding as `out/NAME.safetensors`; no file
 /// is written when one of them exists already or the LoRA bundles none.
 fn run_unbundle_embeddings(lora: &std::path::Path, out: &std::path::Path, dtype: SaveDtype) -> Result<()> {
+    // The folder is made when the files are written; what would stop that is named first.
+    anyhow::ensure!(!out.exists() || out.is_dir(), "--out {}: is a file; expected a folder for the embedding files", out.display());
+    check_folder_can_be_made(out, out)?;
     let embeddings = sd_model::textual_inversion::read_bundled_embeddings(lora)?;
     if embeddings.is_empty() {
         anyhow::bail!("{}: bundles no embedding (no `bundle_emb.NAME.*` tensors)", lora.display());
@@ -1401,9 +1458,7 @@ fn file_name(p: &std::path::Path) -> String {
 const SD_LAYERS_PER_BLOCK: usize = 2;
 
 fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path, settings: Option<&lora_core::resize::ResizeSettings>, to: Option<AdapterFormat>, dtype: SaveDtype) -> Result<()> {
-    if output.exists() {
-        anyhow::bail!("{} already exists; choose a new output path", output.display());
-    }
+    check_output(output)?;
     let mut sets = Vec::with_capacity(loras.len());
     for file in loras {
         sets.push(load_adapters(&file.path).with_context(|| format!("reading {}", file.path.display()))?);
@@ -1434,7 +1489,7 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
     let sources = loras.iter().map(|f| format!("{}:{}", name(f), strengths(f))).collect::<Vec<_>>().join(", ");
     let how = settings.map_or("concatenated ranks".to_string(), |s| format!("to rank {}, {}", s.rank, s.rule.describe()));
     merged.set.metadata.insert("ss_training_comment".into(), format!("merged from {sources} ({how}) by trainer merge-loras"));
-    merged.set.save(output, format, dtype)?;
+    save_adapters(&merged.set, output, format, dtype)?;
     let (lo, hi) = merged.modules.values().map(|r| r.new_rank).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
     let worst = merged.modules.values().map(|r| r.fro_retained).fold(1.0, f64::min);
     out!(
@@ -1449,13 +1504,11 @@ fn run_merge_loras(loras: &[sd_model::lora::LoraFile], output: &std::path::Path,
 }
 
 fn run_resize(input: &std::path::Path, output: &std::path::Path, settings: &lora_core::resize::ResizeSettings, to: Option<AdapterFormat>, dtype: SaveDtype, verbose: bool) -> Result<()> {
-    if output.exists() {
-        anyhow::bail!("{} already exists; choose a new output path", output.display());
-    }
+    check_output(output)?;
     let (set, report) = load_adapters(input)?;
     let resized = lora_core::resize::resize_set(&set, settings).with_context(|| format!("resizing {}", input.display()))?;
     let format = to.unwrap_or(report.format);
-    resized.set.save(output, format, dtype)?;
+    save_adapters(&resized.set, output, format, dtype)?;
     if verbose {
         for (key, kept) in &resized.modules {
             // A full fine-tuning difference's other singular values are not computed.
@@ -1510,13 +1563,11 @@ fn run_truncate(
     to: Option<AdapterFormat>,
     dtype: SaveDtype,
 ) -> Result<()> {
-    if output.exists() {
-        anyhow::bail!("{} already exists; choose a new output path", output.display());
-    }
+    check_output(output)?;
     let (set, report) = load_adapters(input)?;
     let cut = lora_core::resize::truncate_set(&set, rank, conv_rank).with_context(|| format!("truncating {}", input.display()))?;
     let format = to.unwrap_or(report.format);
-    cut.save(output, format, dtype)?;
+    save_adapters(&cut, output, format, dtype)?;
     let ranks = |s: &lora_core::AdapterSet| {
         let (lo, hi) = s.iter().map(|(_, w)| w.rank()).fold((usize::MAX, 0), |(lo, hi), r| (lo.min(r), hi.max(r)));
         if lo == hi { lo.to_string() } else { format!("{lo}..{hi}") }
@@ -1525,14 +1576,105 @@ fn run_truncate(
     Ok(())
 }
 
-/// Copies a folder tree, skipping files for which `skip` is true.
+/// Refuses, before any work, an output path that exists or whose folder cannot be made: a
+/// missing folder is made when the result is written (as `generate --out` does, see
+/// [`make_output_folder`]), so that the commands agree, and a file standing in its way would
+/// otherwise surface only after the models are loaded and the work is done.
+fn check_output(out: &std::path::Path) -> Result<()> {
+    if out.exists() {
+        anyhow::bail!("{} already exists; choose a new output path", out.display());
+    }
+    check_folder_can_be_made(&output_parent(out), out)
+}
+
+/// The folder `out` is written into (`.` for a bare file name).
+fn output_parent(out: &std::path::Path) -> PathBuf {
+    out.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), std::path::Path::to_path_buf)
+}
+
+/// Errors, naming `out`, when a file stands where `dir` or one of its missing parents
+/// would be made (the nearest part of its path that exists must be a folder).
+fn check_folder_can_be_made(dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    match dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.exists()) {
+        Some(found) if !found.is_dir() => anyhow::bail!("{}: its folder {} cannot be made: {} is a file, not a folder", out.display(), dir.display(), found.display()),
+        _ => Ok(()),
+    }
+}
+
+/// Makes `out`'s missing folders just before it is written (not up front, so that a command
+/// failing earlier leaves no empty folders behind).
+fn make_output_folder(out: &std::path::Path) -> Result<()> {
+    let dir = output_parent(out);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: making its folder {}", out.display(), dir.display()))
+}
+
+/// Writes an adapter set to `out`, its folder made first.
+fn save_adapters(set: &AdapterSet, out: &std::path::Path, format: AdapterFormat, dtype: SaveDtype) -> Result<()> {
+    make_output_folder(out)?;
+    Ok(set.save(out, format, dtype)?)
+}
+
+/// `path` made absolute with symbolic links and `..` resolved, for a path that need not
+/// exist: its longest existing part canonicalized, the rest (no links there, as it does not
+/// exist) resolved by its components.
+fn resolved_path(path: &std::path::Path) -> Result<PathBuf> {
+    use std::path::Component;
+    let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let (base, rest) = absolute
+        .ancestors()
+        .find_map(|a| std::fs::canonicalize(a).ok().map(|c| (c, absolute.strip_prefix(a).unwrap_or(std::path::Path::new("")))))
+        .with_context(|| format!("resolving {}: no part of it exists", path.display()))?;
+    let mut out = base;
+    for part in rest.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses an `out` that is, or lies inside, one of the input model folders `inputs`,
+/// before any work: a folder copied into itself never ends (each copy holds the next) and
+/// fills the disk. (The `NAME.partial-PID` sibling it is written through is the run's own,
+/// so it cannot be an input.)
+fn refuse_output_inside(out: &std::path::Path, inputs: &[&std::path::Path]) -> Result<()> {
+    let target = resolved_path(out)?;
+    for input in inputs {
+        if std::fs::canonicalize(input).is_ok_and(|i| target.starts_with(i)) {
+            anyhow::bail!(
+                "--out {} is inside the input model folder {}: the output would be copied into itself; choose an --out outside it",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies a folder tree, skipping files for which `skip` is true. The copy itself is never
+/// copied: were `to` inside `from`, listing `from` would find the copy and copy it into
+/// itself without end (callers refuse such an output; this is the second guard).
 fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &dyn Fn(&std::path::Path) -> bool) -> Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let target = std::fs::canonicalize(to).with_context(|| format!("resolving {}", to.display()))?;
+    copy_tree_into(from, to, &target, skip)
+}
+
+/// [`copy_tree`] into the existing folder `to`, leaving out the folder `target`.
+fn copy_tree_into(from: &std::path::Path, to: &std::path::Path, target: &std::path::Path, skip: &dyn Fn(&std::path::Path) -> bool) -> Result<()> {
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry?;
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
         if entry.file_type()?.is_dir() {
-            copy_tree(&src, &dst, skip)?;
+            if std::fs::canonicalize(&src).is_ok_and(|c| c == target) {
+                continue;
+            }
+            std::fs::create_dir(&dst).with_context(|| format!("creating {}", dst.display()))?;
+            copy_tree_into(&src, &dst, target, skip)?;
         } else if !skip(&src) {
             std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
         }
@@ -1579,15 +1721,15 @@ fn model_ratios(models: &[String]) -> Result<Vec<(PathBuf, f64)>> {
 
 fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, dtype: Option<SaveDtype>) -> Result<()> {
     use sd_model::load::{ModelSource, WeightFile};
-    if out.exists() {
-        anyhow::bail!("{} already exists; choose a new output path", out.display());
-    }
+    check_output(out)?;
     let ratios = model_ratios(models)?;
     let mut folders = 0;
     for (path, _) in &ratios {
         folders += usize::from(matches!(ModelSource::detect(path)?, ModelSource::Diffusers(_)));
     }
     if folders == ratios.len() {
+        let inputs: Vec<&std::path::Path> = ratios.iter().map(|(p, _)| p.as_path()).collect();
+        refuse_output_inside(out, &inputs)?;
         return run_merge_model_folders(&ratios, out, unet_only, dtype);
     }
     anyhow::ensure!(folders == 0, "give single-file checkpoints only, or diffusers folders only");
@@ -1595,6 +1737,7 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
     for (path, ratio) in ratios {
         files.push((WeightFile::open(&path)?, ratio));
     }
+    make_output_folder(out)?;
     let report = sd_model::merge_models::merge_models(&files, out, unet_only, dtype)?;
     let shares = files.iter().map(|(f, r)| format!("{}:{r}", file_name(f.path()))).collect::<Vec<_>>().join(" + ");
     out!(
@@ -1604,16 +1747,24 @@ fn run_merge_models(models: &[String], out: &std::path::Path, unet_only: bool, d
         report.merged,
         if unet_only { ", UNet only" } else { "" }
     );
-    if !report.incomplete.is_empty() {
-        out!("{} keys are missing from some model; the first model's value stood in (e.g. `{}`)", report.incomplete.len(), report.incomplete[0].0);
-    }
-    if !report.skipped.is_empty() {
-        out!("{} keys not in the first model were left out (e.g. `{}`)", report.skipped.len(), report.skipped[0]);
-    }
+    merge_notes("", &report);
     Ok(())
 }
 
+/// The keys a model merge substituted or dropped ([`sd_model::merge_models::MergeReport`]),
+/// each kind in a line starting with `label`.
+fn merge_notes(label: &str, report: &sd_model::merge_models::MergeReport) {
+    if !report.incomplete.is_empty() {
+        out!("{label}{} keys are missing from some model; the first model's value stood in (in an add difference, the key is the first model's as it is; e.g. `{}`)", report.incomplete.len(), report.incomplete[0].0);
+    }
+    if !report.skipped.is_empty() {
+        out!("{label}{} keys not in the first model were left out (e.g. `{}`)", report.skipped.len(), report.skipped[0]);
+    }
+}
+
 fn run_convert_model(model: &std::path::Path, out: &std::path::Path, options: &sd_model::convert::ConvertOptions) -> Result<()> {
+    check_output(out)?;
+    make_output_folder(out)?;
     let report = sd_model::convert::convert_checkpoint(model, out, options)?;
     let tensors: usize = report.written.iter().map(|(_, n)| n).sum();
     if sd_model::torch_file::is_pytorch_file(model) && out.extension().is_some_and(|e| e == "safetensors") {
@@ -1660,14 +1811,11 @@ fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, une
         let parent = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
         parent.is_some_and(|c| merged.contains(&c)) && p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
     };
-    // The output's parent folders are made, as this merge always did (the other writers
-    // refuse a missing one).
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
+    make_output_folder(out)?;
     // Into a `.partial` sibling, renamed when complete: a failed merge leaves no
     // half-written folder at `out`.
     let mut total = 0;
+    let mut notes = Vec::new();
     sd_model::convert::write_atomically(out, |partial| -> Result<()> {
         copy_tree(first, partial, &rewritten)?;
         for component in &merged {
@@ -1679,10 +1827,14 @@ fn run_merge_model_folders(models: &[(PathBuf, f64)], out: &std::path::Path, une
             let name = files[0].0.path().file_name().map(|n| n.to_os_string()).unwrap_or_default();
             let report = sd_model::merge_models::merge_models(&files, &partial.join(component).join(name), false, dtype)?;
             total += report.tensors;
+            notes.push((component, report));
         }
         Ok(())
     })?;
     out!("{} diffusers folders -> {} ({} merged: {total} tensors)", models.len(), out.display(), merged.join(", "));
+    for (component, report) in &notes {
+        merge_notes(&format!("{component}: "), report);
+    }
     Ok(())
 }
 
@@ -1904,9 +2056,7 @@ fn run_extract<B: Backend>(
     verbose: bool,
     device: &B::Device,
 ) -> Result<()> {
-    if out.exists() {
-        anyhow::bail!("{} already exists; choose a new output path", out.display());
-    }
+    check_output(out)?;
     options.settings.validate()?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut progress = |done: usize, total: usize| {
@@ -1936,7 +2086,7 @@ fn run_extract<B: Backend>(
     let title = out.file_stem().map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let keys = trainer::metadata::extraction_metadata(lora.base_model(), &title, &comment, no_metadata, std::time::SystemTime::now());
     lora.extracted.set.metadata.extend(keys);
-    lora.extracted.set.save(out, format, dtype)?;
+    save_adapters(&lora.extracted.set, out, format, dtype)?;
     let modules = &lora.extracted.modules;
     if verbose {
         for (key, e) in modules {
@@ -1964,9 +2114,7 @@ fn run_extract<B: Backend>(
 
 fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraFile], out: &std::path::Path, dtype: Option<SaveDtype>, device: &B::Device) -> Result<()> {
     use sd_model::load::{LoadOptions, ModelSource, WeightFile};
-    if out.exists() {
-        anyhow::bail!("{} already exists; choose a new output path", out.display());
-    }
+    check_output(out)?;
     let source = ModelSource::detect(model)?;
     let file_out = out.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors") || e.eq_ignore_ascii_case("ckpt"));
     match &source {
@@ -1979,6 +2127,7 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
             "--out {}: a single-file checkpoint merges into a single .safetensors file; end the path with .safetensors",
             out.display()
         ),
+        ModelSource::Diffusers(dir) => refuse_output_inside(out, &[dir.as_path()])?,
         _ => {}
     }
     let options = LoadOptions::default();
@@ -1997,6 +2146,7 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
         ModelSource::SingleFile(path) => {
             let mut encoders = vec![&te];
             encoders.extend(te2.as_ref());
+            make_output_folder(out)?;
             sd_model::save::merge_into_single_file_with(&WeightFile::open(path)?, &unet, &encoders, out, dtype)?;
         }
         ModelSource::Diffusers(dir) => {
@@ -2005,13 +2155,19 @@ fn run_merge<B: Backend>(model: &std::path::Path, loras: &[sd_model::lora::LoraF
                 let parent = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str());
                 matches!(parent, Some("unet" | "text_encoder" | "text_encoder_2")) && p.extension().is_some_and(|e| e == "safetensors" || e == "bin")
             };
-            copy_tree(dir, out, &rewritten)?;
             let dtype = dtype.unwrap_or(SaveDtype::F16);
-            sd_model::save::save_diffusers_component(&unet, &out.join("unet/diffusion_pytorch_model.safetensors"), dtype)?;
-            sd_model::save::save_diffusers_component(&te, &out.join("text_encoder/model.safetensors"), dtype)?;
-            if let Some(te2) = &te2 {
-                sd_model::save::save_diffusers_component(te2, &out.join("text_encoder_2/model.safetensors"), dtype)?;
-            }
+            make_output_folder(out)?;
+            // Into a `.partial` sibling, renamed when complete: a failed copy or save leaves
+            // no half-written folder at `out` (which a rerun would refuse as existing).
+            sd_model::convert::write_atomically(out, |partial| -> Result<()> {
+                copy_tree(dir, partial, &rewritten)?;
+                sd_model::save::save_diffusers_component(&unet, &partial.join("unet/diffusion_pytorch_model.safetensors"), dtype)?;
+                sd_model::save::save_diffusers_component(&te, &partial.join("text_encoder/model.safetensors"), dtype)?;
+                if let Some(te2) = &te2 {
+                    sd_model::save::save_diffusers_component(te2, &partial.join("text_encoder_2/model.safetensors"), dtype)?;
+                }
+                Ok(())
+            })?;
         }
     }
     out!("merged {} UNet and {} text-encoder adapters into {}", applied.unet, applied.text_encoder, out.display());
@@ -2682,6 +2838,32 @@ mod tests {
         assert!(err.contains("`abc` after") && err.contains("not a ratio"), "{err}");
         let ok = model_ratios(&[format!("{a}:0.25"), format!("{a}:0.75")]).unwrap();
         assert_eq!(ok.iter().map(|(_, r)| *r).collect::<Vec<_>>(), [0.25, 0.75]);
+    }
+
+    /// A copy into a folder inside its source leaves the copy out (no endless nesting), and
+    /// paths that do not exist yet resolve through `..` and links as the OS would.
+    #[test]
+    fn a_tree_copied_into_itself_stops_and_paths_resolve_before_they_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("model");
+        std::fs::create_dir_all(from.join("unet")).unwrap();
+        std::fs::write(from.join("unet/config.json"), "{}").unwrap();
+        std::fs::write(from.join("unet/w.safetensors"), "w").unwrap();
+        let to = from.join("out");
+        copy_tree(&from, &to, &|p| p.extension().is_some_and(|e| e == "safetensors")).unwrap();
+        assert!(to.join("unet/config.json").is_file() && !to.join("unet/w.safetensors").exists());
+        assert!(!to.join("out").exists(), "the copy is not copied");
+
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(resolved_path(&dir.path().join("no/such/../../model/x")).unwrap(), real.join("model/x"));
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&from, dir.path().join("link")).unwrap();
+            assert_eq!(resolved_path(&dir.path().join("link/new/x")).unwrap(), real.join("model/new/x"));
+            let err = refuse_output_inside(&dir.path().join("link/baked"), &[&from]).unwrap_err().to_string();
+            assert!(err.contains("is inside the input model folder"), "{err}");
+        }
+        assert!(refuse_output_inside(&dir.path().join("model2/x"), &[&from]).is_ok(), "a sibling sharing the name's start is outside");
     }
 
     fn parse(args: &[&str]) -> Cli {

@@ -6,7 +6,8 @@
 //! keyed `unet.<module path>.down|up` and `text_encoder.<module path>.down|up`) and
 //! `optimizer.safetensors` (AdamW's first and second moments under the same keys with
 //! `.m1` / `.m2`). It is written to a temporary folder that replaces the previous state
-//! only once complete, so an interrupted save never destroys the last good state.
+//! only once complete and flushed to the disk, so an interrupted save (or a power loss)
+//! never destroys the last good state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -526,7 +527,66 @@ fn write_tensors(path: &Path, tensors: &HashMap<String, HostTensor>) -> Result<(
     let mut sorted: Vec<(String, &HostTensor)> = tensors.iter().map(|(k, v)| (k.clone(), v)).collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let bytes = tensor_io::serialize(&sorted, SaveDtype::F32, Default::default())?;
-    std::fs::write(path, bytes).map_err(io_err(path))
+    write_synced(path, &bytes)
+}
+
+/// Writes `bytes` to a new file at `path` and flushes it to the disk before returning: the
+/// state folder is renamed into place only once its files would survive a power loss (a
+/// plain write may reach the disk after the rename, leaving empty or short files).
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).map_err(io_err(path))?;
+    file.write_all(bytes).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
+}
+
+/// Flushes the entries of the folder `dir` (files created in it, folders renamed into or
+/// out of it) to the disk, so that a rename that follows cannot reach the disk before them.
+fn sync_dir(dir: &Path) -> Result<(), TrainError> {
+    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        Ok(()) => Ok(()),
+        // Windows cannot open a folder as a file, and some file systems (FUSE, network
+        // mounts) refuse to sync one: nothing more durable can be had there.
+        Err(e) if cfg!(not(unix)) || matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied) => Ok(()),
+        Err(e) => Err(io_err(dir)(e)),
+    }
+}
+
+/// The folder that holds `dir` (`.` for a bare relative name).
+fn parent_of(dir: &Path) -> &Path {
+    match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// The largest epoch and count (batches into an epoch, good steps, optimizer steps of a
+/// tensor) a `state.json` may hold: far beyond any run (2^40 batches at one a millisecond
+/// take 35 years), and low enough that the counters' arithmetic (the next epoch,
+/// `epoch × batches per epoch` in the data's caption warmup) cannot overflow.
+pub const MAX_STATE_COUNT: u64 = 1 << 40;
+
+/// Refuses counters of a (corrupted or hand-edited) `state.json` at `origin` that no run
+/// can reach, which would overflow where they are counted on.
+fn check_counters(info: &StateInfo, origin: &Path) -> Result<(), TrainError> {
+    let bad = |key: &str, value: String, expected: String| TrainError::Config {
+        origin: origin.display().to_string(),
+        reason: format!("`{key}` = {value}: expected {expected} (the file is damaged or was edited; resume from another state)"),
+    };
+    let max_steps = crate::config::MAX_TRAIN_STEPS;
+    if info.step > max_steps {
+        return Err(bad("step", info.step.to_string(), format!("at most {max_steps}, the steps a run may have")));
+    }
+    let counts = [("epoch", info.epoch), ("batch_in_epoch", info.batch_in_epoch as u64), ("good_steps", info.good_steps as u64)];
+    let counts = counts.into_iter().map(|(key, v)| (key.to_string(), v));
+    let times = info.optimizer_time.iter().map(|(key, t)| (format!("optimizer_time.{key}"), *t as u64));
+    if let Some((key, value)) = counts.chain(times).find(|(_, v)| *v > MAX_STATE_COUNT) {
+        return Err(bad(&key, value.to_string(), format!("at most {MAX_STATE_COUNT}")));
+    }
+    if !(info.loss_scale.is_finite() && info.loss_scale > 0.0) {
+        return Err(bad("loss_scale", info.loss_scale.to_string(), "a positive finite number".into()));
+    }
+    Ok(())
 }
 
 fn read_tensors(path: &Path) -> Result<HashMap<String, HostTensor>, TrainError> {
@@ -555,15 +615,24 @@ impl TrainingState {
             origin: "state.json".into(),
             reason: e.to_string(),
         })?;
+        // Written last: a folder with `state.json` has its tensor files complete.
         let info = tmp.join("state.json");
-        std::fs::write(&info, json).map_err(io_err(&info))?;
+        write_synced(&info, json.as_bytes())?;
+        // The new folder's entries, then the folder itself, reach the disk before any
+        // rename: after a power loss a renamed folder holds whole files.
+        sync_dir(&tmp)?;
+        sync_dir(parent_of(dir))?;
         if dir.exists() {
             if old.exists() {
                 std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
             }
+            // Killed between this rename and the next, only `<dir>.old` (and the complete
+            // `<dir>.tmp`) is left: [`TrainingState::load`] names them.
             std::fs::rename(dir, &old).map_err(io_err(dir))?;
         }
         std::fs::rename(&tmp, dir).map_err(io_err(dir))?;
+        // The renames reach the disk before the previous state is deleted.
+        sync_dir(parent_of(dir))?;
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
         }
@@ -574,10 +643,7 @@ impl TrainingState {
     pub fn load(dir: &Path) -> Result<Self, TrainError> {
         let info_path = dir.join("state.json");
         if !info_path.is_file() {
-            return Err(TrainError::Config {
-                origin: dir.display().to_string(),
-                reason: "not a training state folder (no state.json); pass the `state` folder inside a previous run's output_dir".into(),
-            });
+            return Err(not_a_state(dir));
         }
         let text = std::fs::read_to_string(&info_path).map_err(io_err(&info_path))?;
         let info: StateInfo = serde_json::from_str(&text).map_err(|e| TrainError::Config {
@@ -590,6 +656,7 @@ impl TrainingState {
                 reason: format!("state version {} is not supported (expected {STATE_VERSION})", info.version),
             });
         }
+        check_counters(&info, &info_path)?;
         Ok(Self {
             adapters: read_tensors(&dir.join("adapters.safetensors"))?,
             moments: read_tensors(&dir.join("optimizer.safetensors"))?,
@@ -597,6 +664,29 @@ impl TrainingState {
             dir: dir.to_path_buf(),
         })
     }
+}
+
+/// The error for a `--resume` folder `dir` without `state.json`. A save killed between its
+/// two renames leaves the previous state in `<dir>.old` (and the new one, complete, in
+/// `<dir>.tmp`): the error names them. Neither is loaded on its own: the next save would
+/// delete the other one, and which of them to go on from is the user's choice.
+fn not_a_state(dir: &Path) -> TrainError {
+    let (old, tmp) = (sibling(dir, "old"), sibling(dir, "tmp"));
+    let reason = if old.join("state.json").is_file() {
+        let aside = if dir.exists() { format!("move {} aside, then ", dir.display()) } else { String::new() };
+        let newer = match tmp.join("state.json").is_file() {
+            true => format!(" ({} holds the newer state that save had written; rename that one instead to resume from it)", tmp.display()),
+            false => String::new(),
+        };
+        format!(
+            "not a training state folder (no state.json), but {} holds the previous training state, left by a save that was interrupted: {aside}rename it to {} and resume again{newer}",
+            old.display(),
+            dir.display()
+        )
+    } else {
+        "not a training state folder (no state.json); pass the `state` folder inside a previous run's output_dir".into()
+    };
+    TrainError::Config { origin: dir.display().to_string(), reason }
 }
 
 /// `dir` with `.suffix` appended to its last component.

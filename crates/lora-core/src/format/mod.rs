@@ -4,7 +4,7 @@
 
 mod kohya;
 pub(crate) mod lycoris;
-mod peft;
+pub(crate) mod peft;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -74,7 +74,7 @@ struct Parts {
 }
 
 /// Which tensor of an adapter a key holds.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Role {
     Down,
     Up,
@@ -118,6 +118,15 @@ fn group(bytes: &[u8], path: &Path, suffixes: &[(&str, Role)]) -> Result<Grouped
         let number = matches!(role, Role::Alpha | Role::Lycoris(lycoris::Part::Ia3OnInput));
         let tensor = if number { tensor_io::finite(tensor_io::decode_number(&view, key, path)?, key, path)? } else { tensor_io::decode_finite(&view, key, path)? };
         let entry = parts.entry(name.to_string()).or_default();
+        // Two keys for one tensor of a module (`lora_A.weight` beside `lora.down.weight`):
+        // which one a loader takes would depend on the file's order, so neither is taken.
+        if let Some(first) = entry.keys.iter().find(|k| split_key(k, suffixes).is_some_and(|(_, r)| r == role)) {
+            return Err(LoraError::BadTensor {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                reason: format!("`{first}` holds the same tensor of module `{name}`; keep one of the two"),
+            });
+        }
         entry.keys.push(key.to_string());
         match role {
             Role::Down => entry.down = Some(tensor),

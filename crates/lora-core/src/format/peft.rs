@@ -18,6 +18,11 @@ const SUFFIXES: &[(&str, Role)] = &[
     // DoRA's magnitude: PEFT's key, and diffusers' conversion of kohya files.
     (".lora_magnitude_vector", Role::Magnitude),
     (".lora_magnitude_vector.weight", Role::Magnitude),
+    // A PEFT model's raw `state_dict()` names the adapter (`default` unless named);
+    // `get_peft_model_state_dict`, which diffusers saves through, drops the name.
+    (".lora_A.default.weight", Role::Down),
+    (".lora_B.default.weight", Role::Up),
+    (".lora_magnitude_vector.default.weight", Role::Magnitude),
 ];
 
 /// Splits `unet.<path>` / `text_encoder.<path>` / `text_encoder_2.<path>`; PEFT's own
@@ -43,10 +48,18 @@ pub(super) fn read(
     index: &ModuleIndex,
     options: ReadOptions,
 ) -> Result<(AdapterSet, ReadReport)> {
-    let (parts, mut unknown, metadata, bundled) = group(bytes, path, SUFFIXES)?;
+    let (parts, mut unknown, mut metadata, bundled) = group(bytes, path, SUFFIXES)?;
+    // Taken out of the set's metadata once applied: the alphas are in the weights now, and
+    // a file written from the set (scale folded into B) must not carry them a second time.
+    let configs = match metadata.remove(ADAPTER_METADATA_KEY) {
+        Some(json) => Some(PeftConfigs::parse(&json, path)?),
+        None => None,
+    };
     let mut set = AdapterSet::new();
     set.metadata = metadata.into_iter().collect();
     set.bundled_embeddings = bundled;
+    // Module → the file name that gave it, for the error when a second name gives it too.
+    let mut names: HashMap<AdapterKey, String> = HashMap::new();
     for (name, part) in parts {
         let key = match parse_name(&name, index) {
             Some(k) if index.is_empty() || index.contains(&k) => k,
@@ -55,7 +68,16 @@ pub(super) fn read(
                 continue;
             }
         };
-        let weights = finish(part, &name, path, ("lora_A", "lora_B"), AdapterFormat::Peft)?;
+        let has_alpha = part.alpha.is_some();
+        let mut weights = finish(part, &name, path, ("lora_A", "lora_B"), AdapterFormat::Peft)?;
+        // A stored `.alpha` tensor is the module's own; otherwise the config's, if any.
+        if let (false, Some(alpha)) = (has_alpha, configs.as_ref().and_then(|c| c.alpha(&key, weights.rank()))) {
+            weights.alpha = alpha;
+        }
+        if let Some(first) = names.insert(key.clone(), name.clone()) {
+            // `unet.X` beside `base_model.model.X`: one module named twice.
+            return Err(crate::LoraError::DuplicateModule { path: path.to_path_buf(), first, second: name, module: key.to_string() });
+        }
         set.insert(key, weights)?;
     }
     let skipped = settle_unknown(unknown, path, options)?;
@@ -66,6 +88,104 @@ pub(super) fn read(
             skipped,
         },
     ))
+}
+
+/// diffusers' safetensors metadata key (`LORA_ADAPTER_METADATA_KEY`) for the PEFT
+/// `LoraConfig` each component was trained with, as one JSON object: `unet.lora_alpha`,
+/// `unet.r`, `unet.alpha_pattern`, `text_encoder.use_rslora`, ... (`save_lora_weights`), or
+/// without the component prefix (one model's `save_lora_adapter`).
+pub(crate) const ADAPTER_METADATA_KEY: &str = "lora_adapter_metadata";
+
+/// The scaling part of one component's PEFT `LoraConfig`: PEFT scales an adapter by
+/// `alpha / r` (`alpha / √r` with rsLoRA), `alpha` being the first `alpha_pattern` entry
+/// that matches the module's path, else `lora_alpha`; with no config, alpha = rank.
+#[derive(Debug, Default)]
+struct PeftConfig {
+    lora_alpha: Option<f32>,
+    /// `alpha_pattern`: PEFT matches `(.*\.)?(PATTERN)$` against the module path.
+    patterns: Vec<(regex::Regex, f32)>,
+    rslora: bool,
+}
+
+/// The configs of a file's `lora_adapter_metadata`, per component.
+#[derive(Debug)]
+pub(crate) struct PeftConfigs {
+    per_component: Vec<(Component, PeftConfig)>,
+    /// Entries without a component prefix: they hold for every component.
+    shared: Option<PeftConfig>,
+}
+
+impl PeftConfigs {
+    /// Parses the JSON of the metadata entry; what it cannot use is an error naming `path`.
+    pub(crate) fn parse(json: &str, path: &Path) -> Result<Self> {
+        let bad = |entry: &str, reason: String| crate::LoraError::BadMetadata {
+            path: path.to_path_buf(),
+            key: if entry.is_empty() { ADAPTER_METADATA_KEY.to_string() } else { format!("{ADAPTER_METADATA_KEY}: {entry}") },
+            reason,
+        };
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| bad("", format!("expected a JSON object (a PEFT LoraConfig per component): {e}")))?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(bad("", "expected a JSON object (a PEFT LoraConfig per component)".into()));
+        };
+        let mut per_component = Vec::new();
+        for component in Component::ALL {
+            let prefix = format!("{}.", component.peft_prefix());
+            let fields: Vec<(&str, &serde_json::Value)> = map.iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|f| (f, v))).collect();
+            if !fields.is_empty() {
+                per_component.push((component, PeftConfig::parse(&fields, &prefix, &bad)?));
+            }
+        }
+        let bare: Vec<(&str, &serde_json::Value)> = map.iter().filter(|(k, _)| !k.contains('.')).map(|(k, v)| (k.as_str(), v)).collect();
+        let shared = if bare.is_empty() { None } else { Some(PeftConfig::parse(&bare, "", &bad)?) };
+        Ok(Self { per_component, shared })
+    }
+
+    /// The alpha (in this crate's `alpha / rank` convention) of the module at `key` of
+    /// `rank`, where the config sets one (else alpha = rank, PEFT's default).
+    pub(crate) fn alpha(&self, key: &AdapterKey, rank: usize) -> Option<f32> {
+        let config = self.per_component.iter().find(|(c, _)| *c == key.component).map(|(_, c)| c).or(self.shared.as_ref());
+        config.and_then(|c| c.alpha(&key.path, rank))
+    }
+}
+
+impl PeftConfig {
+    /// Reads the fields this crate needs (`lora_alpha`, `alpha_pattern`, `use_rslora`) from
+    /// one component's entries; `prefix` names them in errors. Other fields (`r`,
+    /// `rank_pattern`, `target_modules`, ...) are left: the tensors' shapes give the ranks.
+    fn parse(fields: &[(&str, &serde_json::Value)], prefix: &str, bad: &dyn Fn(&str, String) -> crate::LoraError) -> Result<Self> {
+        let number = |name: &str, v: &serde_json::Value| -> Result<f32> {
+            match v.as_f64() {
+                Some(x) if x.is_finite() && x >= 0.0 && x <= f32::MAX as f64 => Ok(x as f32),
+                _ => Err(bad(name, format!("expected a finite number >= 0, got {v}"))),
+            }
+        };
+        let mut config = PeftConfig::default();
+        for &(field, value) in fields {
+            let name = format!("{prefix}{field}");
+            match field {
+                "lora_alpha" => config.lora_alpha = Some(number(&name, value)?),
+                "use_rslora" => config.rslora = value.as_bool().ok_or_else(|| bad(&name, format!("expected true or false, got {value}")))?,
+                "alpha_pattern" => {
+                    let serde_json::Value::Object(patterns) = value else {
+                        return Err(bad(&name, format!("expected an object of module patterns and alphas, got {value}")));
+                    };
+                    for (pattern, alpha) in patterns {
+                        let entry = format!("{name}.{pattern}");
+                        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|e| bad(&entry, format!("not a regular expression PEFT can match: {e}")))?;
+                        config.patterns.push((re, number(&entry, alpha)?));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(config)
+    }
+
+    fn alpha(&self, path: &str, rank: usize) -> Option<f32> {
+        let alpha = self.patterns.iter().find(|(re, _)| re.is_match(path)).map(|&(_, a)| a).or(self.lora_alpha)?;
+        // rsLoRA's `alpha / √r` as an alpha over the rank.
+        Some(if self.rslora { alpha * (rank as f32).sqrt() } else { alpha })
+    }
 }
 
 pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
@@ -94,7 +214,9 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
     let mut metadata: HashMap<String, String> = set
         .metadata
         .iter()
-        .filter(|(k, _)| !k.starts_with("ss_network"))
+        // A source file's LoRA config: the scales are folded into B here (alpha = rank).
+        // Its hashes (`sshs_*`, of a kohya file's tensors) do not hash this file's.
+        .filter(|(k, _)| !k.starts_with("ss_network") && !k.starts_with("sshs_") && k.as_str() != ADAPTER_METADATA_KEY)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     metadata.insert("format".into(), "pt".into());

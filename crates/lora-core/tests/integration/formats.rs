@@ -536,3 +536,93 @@ fn inspect_takes_zero_dimensional_halves() {
         assert_eq!((info.modules.len(), info.modules[0].rank), (1, None), "{part}");
     }
 }
+
+/// A PEFT-layout file of `tensors` (name, shape; values from `seed`) with `metadata`.
+fn peft_file(tensors: &[(&str, &[usize])], metadata: &[(&str, &str)], seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let hosts: Vec<(String, lora_core::HostTensor)> = tensors.iter().map(|(n, s)| (n.to_string(), rng.host(s))).collect();
+    let refs: Vec<(String, &lora_core::HostTensor)> = hosts.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let metadata = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    lora_core::tensor_io::serialize(&refs, SaveDtype::F32, metadata).unwrap()
+}
+
+/// diffusers' `save_lora_weights` stores each component's PEFT `LoraConfig` in the header
+/// (`lora_adapter_metadata`): its `lora_alpha`, `alpha_pattern` (PEFT's `(.*\.)?(P)$` match)
+/// and `use_rslora` (`alpha / √r`) set the scale a loader applies; without them alpha = rank.
+/// Written back (scale folded into B), the config is left out, so a reader applies it once.
+#[test]
+fn peft_files_take_alphas_from_diffusers_lora_config() {
+    let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let out = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0";
+    let te = "text_model.encoder.layers.0.self_attn.q_proj";
+    let names = [format!("unet.{q}"), format!("unet.{out}"), format!("text_encoder.{te}")];
+    let mut tensors = Vec::new();
+    for n in &names {
+        tensors.push((format!("{n}.lora_A.weight"), vec![4usize, 8]));
+        tensors.push((format!("{n}.lora_B.weight"), vec![8usize, 4]));
+    }
+    let tensors: Vec<(&str, &[usize])> = tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    let config = r#"{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"attn1.to_out.0": 2.0},
+        "unet.target_modules": ["to_q", "to_out.0"], "text_encoder.r": 4, "text_encoder.lora_alpha": 1, "text_encoder.use_rslora": true}"#;
+    let bytes = peft_file(&tensors, &[("lora_adapter_metadata", config), ("format", "pt")], 3);
+    let (set, _) = read(&bytes).unwrap();
+    let alpha = |c, p: &str| set.get(&AdapterKey::new(c, p)).unwrap().alpha;
+    assert_eq!(alpha(Component::Unet, q), 8.0);
+    assert_eq!(alpha(Component::Unet, out), 2.0, "alpha_pattern");
+    assert_eq!(alpha(Component::TextEncoder, te), 2.0, "rsLoRA: 1/√4 = 2/4");
+    assert!(!set.metadata.contains_key("lora_adapter_metadata"));
+    let info = lora_core::inspect::inspect(&bytes, Path::new("test.safetensors")).unwrap();
+    let shown: Vec<Option<f32>> = info.modules.iter().map(|m| m.alpha).collect();
+    assert_eq!(shown, [Some(2.0), Some(2.0), Some(8.0)], "{:?}", info.modules.iter().map(|m| &m.name).collect::<Vec<_>>());
+    // Without the config: alpha = rank. With it the update is larger by alpha / rank.
+    let plain = peft_file(&tensors, &[], 3);
+    let (plain, _) = read(&plain).unwrap();
+    let delta = |s: &AdapterSet, p: &str| s.get(&AdapterKey::new(Component::Unet, p)).unwrap().delta().data;
+    let (with, without) = (delta(&set, q), delta(&plain, q));
+    assert!(with.iter().zip(&without).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1.0)));
+    // Round trip through our own PEFT writer: the same updates, no config to apply twice.
+    let written = set.to_bytes(AdapterFormat::Peft, SaveDtype::F32).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&written).unwrap();
+    assert!(!meta.metadata().clone().unwrap_or_default().contains_key("lora_adapter_metadata"));
+    let (back, _) = read(&written).unwrap();
+    assert_same_deltas(&set, &back, 1e-6);
+    // Config entries that cannot be used are errors naming the entry.
+    for (config, entry) in [
+        (r#"{"unet.lora_alpha": "eight"}"#, "unet.lora_alpha"),
+        (r#"{"unet.alpha_pattern": {"to_q(": 2}}"#, "unet.alpha_pattern.to_q("),
+        (r#"{"unet.use_rslora": 1}"#, "unet.use_rslora"),
+        ("[1, 2]", "lora_adapter_metadata"),
+    ] {
+        let err = read(&peft_file(&tensors, &[("lora_adapter_metadata", config)], 3)).unwrap_err();
+        assert!(matches!(err, LoraError::BadMetadata { .. }) && err.to_string().contains(entry), "{config}: {err}");
+    }
+}
+
+/// A PEFT model's raw `state_dict()` keys (`lora_A.default.weight`) read as the saved
+/// ones; a module given twice (two names of one tensor, or `unet.X` beside
+/// `base_model.model.X`) is an error instead of whichever the file lists last.
+#[test]
+fn peft_adapter_names_and_duplicate_modules() {
+    let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let named = [(format!("unet.{q}.lora_A.default.weight"), vec![4usize, 8]), (format!("unet.{q}.lora_B.default.weight"), vec![8, 4])];
+    let named: Vec<(&str, &[usize])> = named.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    let (set, report) = read(&peft_file(&named, &[], 5)).unwrap();
+    assert!(report.skipped.is_empty() && set.get(&AdapterKey::new(Component::Unet, q)).is_some_and(|w| w.rank() == 4));
+    for extra in [format!("unet.{q}.lora.down.weight"), format!("base_model.model.{q}.lora_A.weight")] {
+        let mut tensors = vec![(format!("unet.{q}.lora_A.weight"), vec![4usize, 8]), (format!("unet.{q}.lora_B.weight"), vec![8, 4]), (extra.clone(), vec![4, 8])];
+        if extra.starts_with("base_model") {
+            tensors.push((format!("base_model.model.{q}.lora_B.weight"), vec![8, 4]));
+        }
+        let tensors: Vec<(&str, &[usize])> = tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        let err = read(&peft_file(&tensors, &[], 5)).unwrap_err().to_string();
+        assert!(err.contains(q) && (err.contains("same tensor") || err.contains("both name")), "{extra}: {err}");
+    }
+}
+
+/// A 0-byte tensor whose other dimensions multiply past the address space is an error, not
+/// an overflow in a reader's size arithmetic.
+#[test]
+fn empty_tensors_of_absurd_shape_are_errors() {
+    assert!(lora_core::HostTensor::new(vec![0, 1 << 32, 1 << 32], vec![]).is_err());
+    assert!(lora_core::HostTensor::new(vec![0, 4], vec![]).is_ok());
+}

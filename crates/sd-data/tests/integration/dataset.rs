@@ -634,6 +634,99 @@ fn truncated_jpegs_are_refused() {
     }
 }
 
+/// 2 KiB of noise strewn with JPEG end and start-of-scan markers, like the MP4 a Motion
+/// Photo (`*.MP.jpg`) carries after its image.
+fn noisy_trailer() -> Vec<u8> {
+    let mut state = 0x2545_f491u32;
+    let mut out: Vec<u8> = (0..2048)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect();
+    for at in (0..out.len() - 1).step_by(97) {
+        let marker = if at % 2 == 0 { 0xD9 } else { 0xDA };
+        out[at..at + 2].copy_from_slice(&[0xFF, marker]);
+    }
+    // The last marker is a start-of-scan: a search for the file's last end marker saw a
+    // scan after it and called the file truncated.
+    out.extend_from_slice(&[0xFF, 0xD9, 0x00, 0xFF, 0xDA, 0x00, 0x08]);
+    out
+}
+
+/// Data after a JPEG's end-of-image marker (a Motion Photo's video, a second MPF image)
+/// is not part of its image, whatever markers it holds: such photos load, as in PIL,
+/// while one cut inside its scan is still refused as truncated.
+#[test]
+fn jpegs_with_data_after_their_image_load_and_cut_ones_do_not() {
+    let d = tempfile::tempdir().unwrap();
+    let whole = encoded(image::ImageFormat::Jpeg, 5);
+    let mut motion = whole.clone();
+    motion.extend_from_slice(&noisy_trailer());
+    let path = d.path().join("PXL_0001.MP.jpg");
+    fs::write(&path, &motion).unwrap();
+    caption(&path, "txt", "x");
+    let want = sd_data::image_io::decode_image(&whole, Path::new("whole.jpg")).unwrap();
+    assert_eq!(sd_data::image_io::decode_image(&motion, &path).unwrap(), want);
+    for verify in [true, false] {
+        let mut cfg = config(d.path());
+        cfg.verify_images = verify;
+        let ds = Dataset::open(&cfg).unwrap();
+        assert_eq!((ds.images()[0].width, ds.images()[0].height), (64, 64));
+        for s in ds.plan_epoch(0).iter().flat_map(|b| b.samples.iter()) {
+            ds.sample_pixels(s).unwrap();
+        }
+    }
+    // Cut in the middle of its scan (the scan starts after the headers, well before the
+    // middle of this 64x64 image), the trailer gone: truncated.
+    let scan = whole.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let cut = (scan + whole.len()) / 2;
+    fs::write(&path, &whole[..cut]).unwrap();
+    for verify in [true, false] {
+        let mut cfg = config(d.path());
+        cfg.verify_images = verify;
+        let e = expect_err(&cfg);
+        assert!(matches!(&e, DataError::CorruptImage { path, message } if path.ends_with("PXL_0001.MP.jpg") && message.contains("truncated")), "{e}");
+    }
+}
+
+/// An image so thin that covering its bucket would enlarge it past the pixel limit is
+/// refused when the dataset is built, before any resize reserves its buffer: 20 000 × 16
+/// px into a 384 × 384 bucket is 480 000 × 384 px resized, 184 million pixels.
+#[test]
+fn images_whose_resize_would_pass_the_pixel_limit_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let strip = save(&d.path().join("strip.png"), 20_000, 16, 1);
+    caption(&strip, "txt", "strip");
+    let mut cfg = DatasetConfig {
+        resolution: sd_data::Resolution::square(384),
+        enable_bucket: false,
+        min_image_size: 16,
+        ..DatasetConfig::single(d.path())
+    };
+    match expect_err(&cfg) {
+        DataError::ResizeTooLarge { path, width: 20_000, height: 16, bucket_width: 384, bucket_height: 384, resized_width: 480_000, resized_height: 384, max_pixels } => {
+            assert!(path.ends_with("strip.png"));
+            assert_eq!(max_pixels, sd_data::image_io::MAX_IMAGE_PIXELS);
+        }
+        e => panic!("unexpected {e}"),
+    }
+    // At 368 px it is 460 000 × 368 px, 169 million pixels: under the limit, kept.
+    cfg.resolution = sd_data::Resolution::square(368);
+    let ds = Dataset::open(&cfg).unwrap();
+    assert_eq!(ds.assignment(0).resized, (460_000, 368));
+    // With skip_bad_images the strip is left out and listed, beside a usable image.
+    cfg.resolution = sd_data::Resolution::square(384);
+    cfg.skip_bad_images = true;
+    let ok = save(&d.path().join("ok.png"), 384, 384, 2);
+    caption(&ok, "txt", "ok");
+    let ds = Dataset::open(&cfg).unwrap();
+    assert_eq!(names(&ds), ["ok.png"]);
+    assert!(matches!(ds.skipped(), [DataError::ResizeTooLarge { .. }]), "{:?}", ds.skipped());
+}
+
 /// A header claiming a huge image (a decompression bomb, or a damaged width) is refused
 /// before its pixel buffer is reserved: here 60 000 × 60 000 px, 10.8 GB as RGB.
 #[test]

@@ -195,13 +195,29 @@ fn a_mask_serves_one_image_and_never_the_image_itself() {
     save_mask(&dir.path().join("masks/a.png"), 64, 64, |_, _| 255);
     // Both images would fall back to the same top-level mask.
     let err = Dataset::open(&config(&root, |s| s.mask_dir = Some(dir.path().join("masks")))).unwrap_err();
-    assert!(matches!(err, DataError::Mask { .. }) && err.to_string().contains("also the mask of"), "{err}");
+    assert!(matches!(err, DataError::Mask { .. }) && err.to_string().contains("also the mask of") && err.to_string().contains("relative to image_dir"), "{err}");
     // The image folder as its own mask folder is refused; the folder above it holds no
     // mask for it (its images are not their own masks).
     let err = Dataset::open(&config(&root, |s| s.mask_dir = Some(root.clone()))).unwrap_err();
     assert!(err.to_string().contains("its own mask"), "{err}");
     let err = Dataset::open(&config(&root.join("10_cat"), |s| s.mask_dir = Some(root.clone()))).unwrap_err();
     assert!(matches!(&err, DataError::Mask { path, .. } if path.ends_with("10_cat/a.png")), "{err}");
+}
+
+/// Two images of one folder with one stem (`cat.png`, `cat.jpg`) find the same mask, as
+/// masks are found by stem: the second is refused with advice that can be followed
+/// (renaming one), not the mirrored-place advice, which cannot separate them.
+#[test]
+fn images_sharing_a_stem_are_told_to_rename_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("img");
+    save_rgb(&root.join("cat.png"), 64, 64, 1);
+    save_rgb(&root.join("cat.jpg"), 64, 64, 2);
+    save_mask(&dir.path().join("masks/cat.png"), 64, 64, |_, _| 255);
+    let err = Dataset::open(&config(&root, |s| s.mask_dir = Some(dir.path().join("masks")))).unwrap_err();
+    let DataError::Mask { message, .. } = &err else { panic!("{err}") };
+    assert!(message.contains("also the mask of") && message.contains("stem `cat`") && message.contains("rename one"), "{err}");
+    assert!(!message.contains("relative to image_dir"), "{err}");
 }
 
 #[test]

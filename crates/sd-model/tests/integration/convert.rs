@@ -249,16 +249,27 @@ fn outputs_are_never_overwritten_and_bad_sources_are_named() {
     let err = convert_checkpoint(&fixture("parity/sd1"), &taken, &ConvertOptions::default()).unwrap_err();
     assert!(matches!(err, SdModelError::BadInput { .. }) && err.to_string().contains("already exists"), "{err}");
     assert_eq!(std::fs::read(&taken).unwrap(), b"mine");
+    // The output's kind follows the source's: a file name for a folder, or the other way
+    // round, is refused before anything is written.
+    for (src, out, want) in [(fixture("parity/sd1_single_file.safetensors"), "m.safetensors", "name a folder"), (fixture("parity/sd1"), "m", "name it *.safetensors")] {
+        let err = convert_checkpoint(&src, &tmp.path().join(out), &ConvertOptions::default()).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains(out), "{err}");
+        assert!(!tmp.path().join(out).exists());
+    }
     // A LoRA is not a checkpoint.
     let err = convert_checkpoint(&fixture("parity/sd1_lora_kohya.safetensors"), &tmp.path().join("z"), &ConvertOptions::default()).unwrap_err();
     assert!(err.to_string().contains("sd1_lora_kohya") && err.to_string().contains("UNet"), "{err}");
-    assert!(!tmp.path().join("z").exists() && !tmp.path().join("z.partial").exists());
+    let left = |prefix: &str| std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(prefix)).collect::<Vec<_>>();
+    assert!(left("z").is_empty(), "{:?}", left("z"));
     // A UNet + VAE file without its text encoder would make a folder that does not load.
     let no_text = tmp.path().join("no-text.safetensors");
     rewrite(&fixture("parity/sd1_single_file.safetensors"), &no_text, |entries| entries.retain(|(k, ..)| !k.starts_with("cond_stage_model.")));
+    // A file of the user's named like a partial output is neither used nor deleted.
+    std::fs::write(tmp.path().join("w.partial"), b"mine").unwrap();
     let err = convert_checkpoint(&no_text, &tmp.path().join("w"), &ConvertOptions::default()).unwrap_err();
     assert!(err.to_string().contains("no-text.safetensors") && err.to_string().contains("no text encoder"), "{err}");
-    assert!(!tmp.path().join("w").exists() && !tmp.path().join("w.partial").exists());
+    assert_eq!(left("w"), ["w.partial"]);
+    assert_eq!(std::fs::read(tmp.path().join("w.partial")).unwrap(), b"mine");
     let sdxl_no_text2 = tmp.path().join("sdxl-no-text2.safetensors");
     rewrite(&fixture("sdxl/tiny_single_file.safetensors"), &sdxl_no_text2, |entries| entries.retain(|(k, ..)| !k.starts_with("conditioner.embedders.1.")));
     let err = convert_checkpoint(&sdxl_no_text2, &tmp.path().join("v"), &ConvertOptions::default()).unwrap_err();
@@ -350,7 +361,8 @@ fn pytorch_pickles_convert() {
     let folder = tmp.path().join("from-ckpt");
     let err = convert_checkpoint(&fixture("pickles/sd1.ckpt"), &folder, &ConvertOptions::default()).unwrap_err().to_string();
     assert!(err.contains("sd1.ckpt") && err.contains("single-file checkpoint"), "{err}");
-    assert!(!folder.exists() && !tmp.path().join("from-ckpt.from-pickle.safetensors").exists(), "nothing is left behind");
+    let left: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("from-ckpt")).collect();
+    assert!(left.is_empty(), "nothing is left behind: {left:?}");
     // Options that need a folder are refused for a plain file conversion.
     let err = convert_checkpoint(&fixture("pickles/sd1.ckpt"), &tmp.path().join("e.safetensors"), &ConvertOptions { ema: true, ..Default::default() }).unwrap_err();
     assert!(err.to_string().contains("--ema"), "{err}");

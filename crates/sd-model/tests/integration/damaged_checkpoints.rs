@@ -150,3 +150,36 @@ proptest! {
         }
     }
 }
+
+/// `bytes` (a safetensors file) with `extra` tensors: (name, copy of this tensor of the
+/// file); without its header metadata unless `keep_metadata` (the configs this project
+/// embeds; without them they are inferred from the shapes, as for downloaded checkpoints).
+fn with_tensors(bytes: &[u8], extra: &[(&str, &str)], keep_metadata: bool) -> Vec<u8> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    for (name, like) in extra {
+        views.push((name.to_string(), st.tensor(like).unwrap()));
+    }
+    let header = safetensors::SafeTensors::read_metadata(bytes).unwrap().1.metadata().clone().filter(|_| keep_metadata);
+    safetensors::serialize(views, header).unwrap()
+}
+
+/// A block index no model has (`input_blocks.99999999999`) is an error naming the key, not
+/// a config inference that loops over every index below it; two keys of one text-encoder
+/// weight (`transformer.text_model.X` beside `transformer.X`) are refused, not loaded in
+/// whichever order the header's map gives.
+#[test]
+fn absurd_block_indices_and_two_keys_of_one_weight_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(fixture(0)).unwrap();
+    let conv_in = "model.diffusion_model.input_blocks.0.0.weight";
+    std::fs::write(&path, with_tensors(&bytes, &[("model.diffusion_model.input_blocks.99999999999.0.weight", conv_in)], false)).unwrap();
+    let err = ModelSource::detect(&path).and_then(|s| s.unet_config().map(drop)).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("input_blocks.99999999999") && err.contains("at most"), "{err}");
+    let token = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight";
+    std::fs::write(&path, with_tensors(&bytes, &[("cond_stage_model.transformer.embeddings.token_embedding.weight", token)], true)).unwrap();
+    let source = ModelSource::detect(&path).unwrap();
+    let err = source.load_text_encoder::<B>(&Default::default(), &LoadOptions::default()).map(drop).unwrap_err().to_string();
+    assert!(err.contains("a second key") && err.contains("token_embedding"), "{err}");
+}

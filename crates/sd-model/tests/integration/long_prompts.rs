@@ -102,6 +102,22 @@ fn weighted_prompts_keep_the_ids_and_place_the_weights() {
     for (prompt, rows) in [("a BREAK b", 2), ("a BREAK BREAK b", 3), ("BREAK a", 2), ("a BREAK", 1), ("(a BREAK b)", 1)] {
         assert_eq!(tokenizer.weighted_words(prompt).unwrap().rows, rows, "{prompt}");
     }
+    // Right after words filled a row, `BREAK` only closes it (A1111 closes a full chunk
+    // when the next word comes); a second one then makes an empty row.
+    let full = "a ".repeat(75);
+    assert_eq!(tokenizer.weighted_words(&full).unwrap().ids.len(), 75);
+    let (a, b) = (tokenizer.encode_unpadded("a").unwrap()[0], tokenizer.encode_unpadded("b").unwrap()[0]);
+    let eos = tokenizer.eos_token_id();
+    for (prompt, rows, second_row_starts) in [("BREAK b", 2, b), ("BREAK BREAK b", 3, eos), ("a BREAK b", 3, a)] {
+        let words = tokenizer.weighted_words(&format!("{full}{prompt}")).unwrap();
+        assert_eq!((words.rows, words.ids[75]), (rows, second_row_starts), "{prompt}");
+    }
+    // Weights past 1e30 (hundreds of nested brackets) are an error naming the prompt, not
+    // infinite states and a black image.
+    let deep = format!("{}x", "(".repeat(800));
+    let err = tokenizer.weighted_words(&deep).unwrap_err();
+    assert!(matches!(err, sd_model::tokenizer::TokenizerError::Emphasis { .. }) && err.to_string().contains("emphasis of \"x\""), "{err}");
+    assert!(tokenizer.weighted_words(&format!("(x:{})", "9".repeat(40))).is_err());
     let (ids, _) = tokenizer.encode_weighted("a BREAK BREAK b", 3).unwrap();
     assert_eq!(&ids[77..80], &[BOS_TOKEN_ID, EOS_TOKEN_ID, EOS_TOKEN_ID]);
     assert_eq!(ids[155], tokenizer.encode_unpadded("b").unwrap()[0]);

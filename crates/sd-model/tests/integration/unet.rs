@@ -211,3 +211,19 @@ fn merged_checkpoints_match_diffusers_with_the_lora() {
         assert_close(&run(&reloaded), &format!("{name}_unet_out_lora_kohya"));
     }
 }
+
+/// Lenient reading skips LoRA keys the model lacks, but a file of which it would skip every
+/// key (a LoRA for another model) is an error naming it, not a silent no-op.
+#[test]
+fn a_lora_file_of_which_every_key_is_skipped_is_an_error() {
+    let mut unet = UNet2DConditionModel::<B>::new(&UnetConfig::tiny(), &Default::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.safetensors");
+    let down = lora_core::HostTensor::new(vec![1, 4], vec![0.1; 4]).unwrap();
+    let up = lora_core::HostTensor::new(vec![4, 1], vec![0.1; 4]).unwrap();
+    let tensors = [("lora_unet_no_such_layer.lora_down.weight".to_string(), &down), ("lora_unet_no_such_layer.lora_up.weight".to_string(), &up)];
+    std::fs::write(&path, lora_core::tensor_io::serialize(&tensors, lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
+    let files = [sd_model::lora::LoraFile::new(&path, 1.0)];
+    let err = sd_model::lora::apply_lora_files(&mut unet, None, &files, true, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("other.safetensors") && err.contains("none of its 2 LoRA keys") && err.contains("lora_unet_no_such_layer"), "{err}");
+}

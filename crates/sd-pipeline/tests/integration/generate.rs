@@ -544,3 +544,47 @@ fn bad_inputs_are_errors_that_name_them() {
     assert!(e.contains("x.txt") && e.contains(".png"), "{e}");
     assert!(!dir.path().join("x.txt").exists());
 }
+
+/// SDXL: each encoder's states take their own tokenizer's emphasis weights. The second
+/// tokenizer keeps its pad token `!` apart (`wow!!` is two tokens there, `!!` one in the
+/// first), so the first tokenizer's weights would land one state early on its states.
+#[test]
+fn sdxl_emphasis_weighs_each_encoders_states_by_its_own_tokens() {
+    use sd_pipeline::text::{condition_captions, condition_prompts, CaptionSyntax, TextEncoders};
+    let device = Default::default();
+    let c = load_components::<B>("tiny-sdxl", 0, &device).unwrap();
+    let (tok, tok_2) = (&c.tokenizer, c.tokenizer_2.as_ref().unwrap());
+    let prompt = "wow!! (red:1.5) car";
+    let ((_, w1), (_, w2)) = (tok.encode_weighted(prompt, 1).unwrap(), tok_2.encode_weighted(prompt, 1).unwrap());
+    assert_ne!(w1, w2, "the two tokenizers place the weight apart");
+    let weighted = condition_prompts(&c, &[prompt.to_string()], 1, 1, &device).unwrap().context;
+    let plain = condition_captions(TextEncoders::of(&c), &["wow!! red car".to_string()], CaptionSyntax::Literal, 1, 75, &device).unwrap().context;
+    let [n, len, d] = plain.dims();
+    let width = c.text_encoder.text_model.final_layer_norm.gamma.dims()[0];
+    let half = |t: &Tensor<B, 3>, range: std::ops::Range<usize>| t.clone().slice([0..n, 0..len, range]);
+    for (range, weights) in [(0..width, &w1), (width..d, &w2)] {
+        let want = sd_model::prompt::apply_weights(half(&plain, range.clone()), weights).unwrap();
+        let diff = (half(&weighted, range.clone()) - want).abs().max().into_scalar();
+        assert!(diff < 1e-4, "{range:?}: {diff}");
+    }
+}
+
+/// An embedding whose name a prompt's emphasis would take apart (`neg(v2)`) is an error
+/// naming its file, not tokens that never match; names expand longest first.
+#[test]
+fn embedding_names_must_be_one_word() {
+    let device = Default::default();
+    let mut c = load_components::<B>("tiny", 0, &device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let width = c.text_encoder.hidden_size();
+    let vectors = lora_core::HostTensor::new(vec![1, width], vec![0.1; width]).unwrap();
+    let write = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, lora_core::tensor_io::serialize(&[("emb_params".to_string(), &vectors)], lora_core::SaveDtype::F32, Default::default()).unwrap()).unwrap();
+        path
+    };
+    let err = sd_pipeline::load_embeddings(&mut c, &[write("neg(v2).safetensors")], &[], &device).unwrap_err().to_string();
+    assert!(err.contains("neg(v2).safetensors") && err.contains("rename the file"), "{err}");
+    let loaded = sd_pipeline::load_embeddings(&mut c, &[write("style.safetensors"), write("style.v2.safetensors")], &[], &device).unwrap();
+    assert_eq!(sd_model::textual_inversion::expand_prompt("style.v2, style", &loaded), "<emb:style.v2:0>, <emb:style:0>");
+}

@@ -9,7 +9,7 @@ use crate::config::{
 use crate::error::{Result, SchedError};
 use crate::noise::NoiseSource;
 use crate::numerics::{
-    karras_sigmas, np_interp_index, np_linspace, round_half_even, sigma_to_t,
+    checked_karras_sigmas, np_interp_index, np_linspace, round_half_even, sigma_to_t,
     sigmas_from_alphas_cumprod,
 };
 use crate::schedule::NoiseSchedule;
@@ -218,11 +218,11 @@ impl<B: Backend> DpmSolverMultistepSampler<B> {
 pub(super) fn check_algorithm(config: &SchedulerConfig, sampler: &'static str) -> Result<()> {
     match config.algorithm_type {
         AlgorithmType::SdeDpmSolver => Err(unsupported(sampler, "algorithm_type", config.algorithm_type)),
-        AlgorithmType::DpmSolver if config.final_sigmas_type == FinalSigmasType::Zero => Err(SchedError::InvalidValue {
-            key: "final_sigmas_type",
-            expected: "\"sigma_min\" with algorithm_type \"dpmsolver\" (its last step cannot end at sigma 0; diffusers refuses it too)".into(),
-            found: "\"zero\"".into(),
-        }),
+        AlgorithmType::DpmSolver if config.final_sigmas_type == FinalSigmasType::Zero => Err(SchedError::invalid_value(
+            "final_sigmas_type",
+            "\"sigma_min\" with algorithm_type \"dpmsolver\" (its last step cannot end at sigma 0; diffusers refuses it too)",
+            "\"zero\"",
+        )),
         _ => Ok(()),
     }
 }
@@ -310,6 +310,20 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
     fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let t = self.config.num_train_timesteps;
         check_steps(n, t)?;
+        // A lambda_min_clipped above every timestep's log-SNR leaves nothing to space: the
+        // spacing over zero timesteps would run from 0 down to −1, a timestep the model was
+        // never trained on (diffusers does exactly that, silently).
+        let unclipped = unclipped_timesteps(&self.config, &self.lambdas);
+        if unclipped == 0 {
+            return Err(SchedError::invalid_value(
+                "lambda_min_clipped",
+                format!(
+                    "a value that leaves some training timesteps (the largest log-SNR of this schedule is {})",
+                    self.lambdas[0]
+                ),
+                self.config.lambda_min_clipped,
+            ));
+        }
         let mut timesteps = self.spaced_timesteps(n);
         // Near the training timesteps' count, rounding the spacing (or leading spacing's
         // ⌊last / (n + 1)⌋ step) repeats a timestep: a zero log-SNR step divides by zero
@@ -317,18 +331,20 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
         let repeats = |t: &[f64]| t.windows(2).any(|w| w[0] <= w[1]);
         if !self.config.use_karras_sigmas && repeats(&timesteps) {
             let most = (1..n).rev().find(|&m| !repeats(&self.spaced_timesteps(m))).unwrap_or(1);
+            // Name lambda_min_clipped where it is what left too few timesteps to space.
+            let clipped = if unclipped < t {
+                format!(", as lambda_min_clipped ({}) leaves {unclipped} of {t} training timesteps", self.config.lambda_min_clipped)
+            } else {
+                String::new()
+            };
             return Err(SchedError::InvalidArgument {
                 name: "num_inference_steps",
-                reason: format!("{n} steps repeat a timestep of this schedule's spacing: at most {most} (or Karras sigmas)"),
+                reason: format!("{n} steps repeat a timestep of this schedule's spacing{clipped}: at most {most} (or Karras sigmas)"),
             });
         }
         let sigmas: Vec<f64> = if self.config.use_karras_sigmas {
-            let lo = self.config.sigma_min.unwrap_or(self.train_sigmas[0] as f64);
-            let hi = self
-                .config
-                .sigma_max
-                .unwrap_or(self.train_sigmas[t - 1] as f64);
-            let sigmas = karras_sigmas(lo, hi, n);
+            let schedule_ends = (self.train_sigmas[0] as f64, self.train_sigmas[t - 1] as f64);
+            let sigmas = checked_karras_sigmas((self.config.sigma_min, self.config.sigma_max), schedule_ends, n)?;
             let log_sigmas: Vec<f32> = self.train_sigmas.iter().map(|s| s.ln()).collect();
             let cosine = self.config.beta_schedule == BetaSchedule::SquaredCosCapV2;
             timesteps = sigmas

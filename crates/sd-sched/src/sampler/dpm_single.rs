@@ -9,7 +9,7 @@ use super::{check_index, check_order, check_steps, reject_common, unsupported, S
 use crate::config::{AlgorithmType, FinalSigmasType, SchedulerConfig, SolverType};
 use crate::error::{Result, SchedError};
 use crate::noise::NoiseSource;
-use crate::numerics::{karras_sigmas, np_interp_index, round_half_even, sigma_to_t, sigmas_from_alphas_cumprod};
+use crate::numerics::{checked_karras_sigmas, np_interp_index, round_half_even, sigma_to_t, sigmas_from_alphas_cumprod};
 use crate::schedule::NoiseSchedule;
 
 const NAME: &str = "DPMSolverSinglestepScheduler";
@@ -188,17 +188,16 @@ impl<B: Backend> Sampler<B> for DpmSolverSinglestepSampler<B> {
         check_steps(n, t)?;
         let unclipped = unclipped_timesteps(c, &self.lambdas);
         if unclipped == 0 {
-            return Err(SchedError::InvalidValue {
-                key: "lambda_min_clipped",
-                expected: "a value that leaves some training timesteps".into(),
-                found: c.lambda_min_clipped.to_string(),
-            });
+            return Err(SchedError::invalid_value(
+                "lambda_min_clipped",
+                "a value that leaves some training timesteps",
+                c.lambda_min_clipped,
+            ));
         }
         let mut timesteps = linspace_timesteps(unclipped, n);
         let sigmas: Vec<f64> = if c.use_karras_sigmas {
-            let lo = c.sigma_min.unwrap_or(self.train_sigmas[0] as f64);
-            let hi = c.sigma_max.unwrap_or(self.train_sigmas[t - 1] as f64);
-            let sigmas = karras_sigmas(lo, hi, n);
+            let schedule_ends = (self.train_sigmas[0] as f64, self.train_sigmas[t - 1] as f64);
+            let sigmas = checked_karras_sigmas((c.sigma_min, c.sigma_max), schedule_ends, n)?;
             let log_sigmas: Vec<f32> = self.train_sigmas.iter().map(|s| s.ln()).collect();
             timesteps = sigmas.iter().map(|&s| round_half_even(sigma_to_t(s, &log_sigmas))).collect();
             sigmas

@@ -7,7 +7,7 @@ use crate::config::{
 };
 use crate::error::Result;
 use crate::noise::NoiseSource;
-use crate::numerics::{karras_sigmas, np_interp_index, sigma_to_t, sigmas_from_alphas_cumprod};
+use crate::numerics::{checked_karras_sigmas, np_interp_index, sigma_to_t, sigmas_from_alphas_cumprod};
 use crate::schedule::NoiseSchedule;
 
 const EULER: &str = "EulerDiscreteScheduler";
@@ -79,7 +79,7 @@ impl SigmaSteps {
         if !karras {
             return Ok((timesteps, sigmas));
         }
-        let sigmas = karras_sigmas(lo.unwrap_or(sigmas[n - 1]), hi.unwrap_or(sigmas[0]), n);
+        let sigmas = checked_karras_sigmas((lo, hi), (sigmas[n - 1], sigmas[0]), n)?;
         let log_sigmas = self.log_sigmas();
         let timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
         Ok((timesteps, sigmas))
@@ -157,9 +157,7 @@ impl<B: Backend> Sampler<B> for EulerSampler {
         let (mut timesteps, mut sigmas) = self.steps.spaced(n)?;
         if self.use_karras_sigmas {
             // diffusers ramps between the ends of the *interpolated* sigmas here.
-            let lo = self.sigma_min.unwrap_or(sigmas[n - 1]);
-            let hi = self.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = karras_sigmas(lo, hi, n);
+            sigmas = checked_karras_sigmas((self.sigma_min, self.sigma_max), (sigmas[n - 1], sigmas[0]), n)?;
             let log_sigmas: Vec<f32> = self.steps.train_sigmas.iter().map(|s| s.ln()).collect();
             timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas)).collect();
         }

@@ -65,6 +65,18 @@ fn bad_values_name_the_file_and_key() {
         (r#"{"steps_offset": 1000}"#, "steps_offset"),
         (r#"{"sigma_min": 0}"#, "sigma_min"),
         (r#"{"clip_sample_range": 0}"#, "clip_sample_range"),
+        (r#"{"sigma_min": 5, "sigma_max": 1}"#, "sigma_min"),
+        (r#"{"sigma_min": 2, "sigma_max": 2}"#, "sigma_min"),
+        // ᾱ₀ = 1 − β₀ rounds to 1 in f32: σ₀ = 0, which the samplers divide by.
+        (r#"{"beta_start": 1e-9}"#, "beta_start"),
+        (
+            r#"{"beta_schedule": "scaled_linear", "beta_start": 1e-9, "beta_end": 0.012}"#,
+            "beta_start",
+        ),
+        (
+            r#"{"trained_betas": [1e-9, 0.5], "num_train_timesteps": 2}"#,
+            "trained_betas",
+        ),
     ];
     for (json, key) in cases {
         match SchedulerConfig::from_json_str(json) {
@@ -76,6 +88,52 @@ fn bad_values_name_the_file_and_key() {
         SchedulerConfig::from_json_str(r#"{"num_train_timesteps": "many"}"#),
         Err(SchedError::Parse { .. })
     ));
+}
+
+/// A value out of range in a file names the file as well as the key (a user with several
+/// model folders must know which scheduler_config.json to fix); memory configs say
+/// `<string>`.
+#[test]
+fn range_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("scheduler")).unwrap();
+    let path = dir.path().join("scheduler").join("scheduler_config.json");
+    for (json, key) in [
+        (r#"{"solver_order": 7}"#, "solver_order"),
+        (r#"{"sigma_min": 3, "sigma_max": 1}"#, "sigma_min"),
+        (r#"{"beta_start": 1e-10}"#, "beta_start"),
+    ] {
+        std::fs::write(&path, json).unwrap();
+        for err in [
+            SchedulerConfig::from_file(&path).unwrap_err(),
+            SchedulerConfig::from_model_dir(dir.path()).unwrap_err(),
+        ] {
+            let msg = err.to_string();
+            assert!(msg.contains(&path.display().to_string()) && msg.contains(key), "{msg}");
+            match err {
+                SchedError::InvalidValue { origin: Some(o), key: k, .. } => {
+                    assert_eq!((o, k), (path.display().to_string(), key));
+                }
+                other => panic!("{json}: expected InvalidValue with an origin, got {other:?}"),
+            }
+        }
+    }
+    let msg = SchedulerConfig::from_json_str(r#"{"solver_order": 7}"#).unwrap_err().to_string();
+    assert!(msg.contains("<string>") && msg.contains("solver_order"), "{msg}");
+    // A config built in code has no file to name.
+    let bad = SchedulerConfig { solver_order: 7, ..SchedulerConfig::sd15() };
+    assert!(matches!(bad.validate(), Err(SchedError::InvalidValue { origin: None, key: "solver_order", .. })));
+}
+
+/// The smallest β₀ whose ᾱ₀ stays below 1 in f32 is accepted; a smaller one is refused
+/// by `NoiseSchedule::new` as well as by the file loaders.
+#[test]
+fn tiny_first_betas_are_refused_only_when_sigma0_is_zero() {
+    let ok = SchedulerConfig { beta_start: 1e-7, ..SchedulerConfig::default() };
+    let s = NoiseSchedule::new(&ok).unwrap();
+    assert!(s.alphas_cumprod()[0] < 1.0 && s.snr(0).is_finite());
+    let bad = SchedulerConfig { beta_start: 1e-9, ..SchedulerConfig::default() };
+    assert!(matches!(NoiseSchedule::new(&bad), Err(SchedError::InvalidValue { key: "beta_start", .. })));
 }
 
 #[test]

@@ -552,3 +552,98 @@ fn dpm_solver_refuses_steps_that_repeat_a_timestep() {
     let mut karras = "dpmpp_2m_karras".parse::<SamplerSpec>().unwrap().build::<B>(&config).unwrap();
     karras.set_timesteps(1000).unwrap();
 }
+
+/// The Karras samplers that honour `sigma_min` / `sigma_max` (LMS ignores them, as in
+/// diffusers).
+const KARRAS_WITH_BOUNDS: [&str; 8] = [
+    "euler_karras",
+    "dpmpp_2m_karras",
+    "dpmpp_3m_karras",
+    "dpmsolver_karras",
+    "dpmsingle_karras",
+    "heun_karras",
+    "dpm_2_karras",
+    "dpm_2_a_karras",
+];
+
+fn key_of(result: Result<(), SchedError>) -> Option<&'static str> {
+    match result {
+        Err(SchedError::InvalidValue { key, .. }) => Some(key),
+        _ => None,
+    }
+}
+
+/// A `lambda_min_clipped` above every timestep's log-SNR (`Infinity`, a sign typo of
+/// diffusers' -5.1, a huge value) leaves nothing to space; diffusers would run the model
+/// at timestep -1. Both DPM-Solver classes refuse it by name, for any step count and with
+/// Karras sigmas too.
+#[test]
+fn dpm_solver_refuses_a_lambda_min_clipped_that_clips_every_timestep() {
+    for value in ["Infinity", "5.1", "1e9"] {
+        let json = format!(r#"{{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "lambda_min_clipped": {value}}}"#);
+        let config = SchedulerConfig::from_json_str(&json).unwrap();
+        for name in ["dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde", "dpmsolver", "dpmsingle", "dpmsingle_karras"] {
+            let mut s = sampler(name, &config);
+            for n in [1, 2, 20] {
+                let err = s.set_timesteps(n).unwrap_err();
+                assert!(
+                    matches!(err, SchedError::InvalidValue { key: "lambda_min_clipped", .. }),
+                    "{name}, {value}, {n} steps: {err}"
+                );
+            }
+            assert!(s.timesteps().is_empty(), "{name}: timesteps set despite the error");
+        }
+    }
+}
+
+/// A `lambda_min_clipped` that leaves one timestep allows one step (at timestep 0), and
+/// the error for more steps says that `lambda_min_clipped` is the cause.
+#[test]
+fn dpm_solver_blames_lambda_min_clipped_for_too_few_timesteps() {
+    let base = SchedulerConfig::sd15();
+    let ac = NoiseSchedule::new(&base).unwrap().alphas_cumprod().to_vec();
+    let lambda = |a: f32| a.sqrt().ln() - (1.0 - a).sqrt().ln();
+    let clip = (lambda(ac[0]) + lambda(ac[1])) / 2.0;
+    let config = SchedulerConfig { lambda_min_clipped: clip as f64, ..base };
+    let mut s = sampler("dpmpp_2m", &config);
+    s.set_timesteps(1).unwrap();
+    assert_eq!(s.timesteps(), [0.0]);
+    let err = s.set_timesteps(2).unwrap_err().to_string();
+    assert!(err.contains("lambda_min_clipped") && err.contains("leaves 1 of 1000"), "{err}");
+}
+
+/// Karras sigmas must fall from `sigma_max` to `sigma_min`: bounds the wrong way round (or
+/// equal) are a config error, and a bound on the wrong side of the schedule's other end
+/// is refused by name when the sigmas are built (they would rise: every step adding noise;
+/// or, equal, DPM-Solver's step h = 0 gives NaN).
+#[test]
+fn karras_sigma_bounds_must_fall() {
+    for (lo, hi) in [(5.0, 1.0), (2.0, 2.0)] {
+        let json = format!(r#"{{"use_karras_sigmas": true, "sigma_min": {lo}, "sigma_max": {hi}}}"#);
+        assert_eq!(key_of(SchedulerConfig::from_json_str(&json).map(drop)), Some("sigma_min"), "{json}");
+    }
+    let sd15 = SchedulerConfig::sd15();
+    let cases = [
+        // Above SD's largest sigma (about 14.6), no sigma_max.
+        (Some(20.0), None, "sigma_min"),
+        // Below SD's smallest sigma (about 0.029), no sigma_min.
+        (None, Some(0.01), "sigma_max"),
+        // Apart in f64 but merged by f32 rounding: equal neighbours (DPM's h = 0).
+        (Some(1.0), Some(1.000_000_1), "sigma_min"),
+    ];
+    for name in KARRAS_WITH_BOUNDS {
+        for (sigma_min, sigma_max, key) in cases {
+            let config = SchedulerConfig { sigma_min, sigma_max, ..sd15.clone() };
+            let mut s = sampler(name, &config);
+            let result = s.set_timesteps(10);
+            assert_eq!(key_of(result), Some(key), "{name}: {sigma_min:?}..{sigma_max:?}");
+        }
+        // Sound bounds give falling sigmas.
+        let config = SchedulerConfig { sigma_min: Some(0.1), sigma_max: Some(10.0), ..sd15.clone() };
+        let mut s = sampler(name, &config);
+        s.set_timesteps(10).unwrap();
+        let sigmas = s.sigmas().unwrap();
+        assert!(sigmas.windows(2).all(|w| w[0] >= w[1]), "{name}: {sigmas:?}");
+        assert!((sigmas[0] - 10.0).abs() < 1e-4, "{name}: {sigmas:?}");
+    }
+}

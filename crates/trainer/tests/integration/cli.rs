@@ -411,6 +411,10 @@ fn generate_keeps_existing_files() {
     let (ok, text) = run(&with(&["--out", "keep.png", "--overwrite"]));
     assert!(ok, "{text}");
     assert!(image::open(dir.path().join("keep.png")).is_ok());
+    // --save-latents makes its folder as --out does.
+    let (ok, text) = run(&with(&["--out", "a/new.png", "--save-latents", "b/c/latents.safetensors"]));
+    assert!(ok, "{text}");
+    assert!(dir.path().join("a/new.png").is_file() && dir.path().join("b/c/latents.safetensors").is_file(), "{text}");
 }
 
 /// `trainer generate --init-image` (img2img, and inpainting with `--mask`) samples at the
@@ -763,7 +767,9 @@ fn merge_models_sums_checkpoints() {
     let failed = path("failed-folder");
     let (ok, text) = trainer(&["merge-models", &broken_folder, &folder_a, "--out", &failed]);
     assert!(!ok && !text.contains("panicked"), "{text}");
-    assert!(!Path::new(&failed).exists() && !Path::new(&format!("{failed}.partial")).exists(), "{text}");
+    let failed_name = Path::new(&failed).file_name().unwrap().to_string_lossy().into_owned();
+    let left: Vec<_> = std::fs::read_dir(Path::new(&failed).parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&failed_name)).collect();
+    assert!(left.is_empty(), "{left:?}: {text}");
     let (ok, text) = trainer(&["merge-models", &a, &b, "--out", &average]);
     assert!(!ok && text.contains("already exists"), "{text}");
 }
@@ -980,5 +986,228 @@ fn copy_dir_all(from: &Path, to: &Path) {
         } else {
             std::fs::copy(&path, &target).unwrap();
         }
+    }
+}
+
+/// The writing commands make a missing `--out` folder (as `generate --out` does), and a file
+/// standing where that folder goes is named before any input is read (the inputs here do
+/// not exist: an input read first would fail on them instead).
+#[test]
+fn missing_output_folders_are_made_and_files_in_the_way_are_named_first() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures");
+    let parity = fixtures.join("parity");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (base, lora) = (s(&parity.join("sd1_single_file.safetensors")), s(&parity.join("sd1_lora_kohya.safetensors")));
+    let dir = tempfile::tempdir().unwrap();
+    let deep = |name: &str| s(&dir.path().join("new/folders").join(name));
+    let tuned = deep("tuned.safetensors");
+    let ckpt = s(&fixtures.join("pickles/sd1.ckpt"));
+    // Each in a folder of its own that does not exist yet.
+    let out = |n: usize| s(&dir.path().join(format!("new{n}/folders/out.safetensors")));
+    for (n, args) in [
+        vec!["convert", &lora, "OUT", "--to", "peft"],
+        vec!["resize", &lora, "OUT", "--rank", "1"],
+        vec!["merge-loras", &lora, &lora, "--out", "OUT"],
+        vec!["merge", "--model", &base, "--lora", &lora, "--out", "OUT"],
+        vec!["merge-models", &base, &tuned, "--out", "OUT"],
+        vec!["extract", "--base", &base, "--tuned", &tuned, "--out", "OUT", "--rank", "2"],
+        vec!["convert-model", &ckpt, "--out", "OUT"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let target = out(n);
+        let args: Vec<&str> = args.into_iter().map(|a| if a == "OUT" { target.as_str() } else { a }).collect();
+        if n == 4 {
+            // merge-models and extract take a tuned model, made here into a new folder too.
+            let (ok, text) = trainer(&["merge", "--model", &base, "--lora", &lora, "--out", &tuned, "--dtype", "f32"]);
+            assert!(ok && Path::new(&tuned).is_file(), "{text}");
+        }
+        let (ok, text) = trainer(&args);
+        assert!(ok && Path::new(&target).is_file(), "{args:?}: {text}");
+    }
+
+    let blocker = dir.path().join("blocker");
+    std::fs::write(&blocker, "a file").unwrap();
+    let out = s(&blocker.join("sub/out.safetensors"));
+    let folder_out = s(&blocker.join("sub/out"));
+    for args in [
+        vec!["convert", "missing.safetensors", &out, "--to", "peft"],
+        vec!["resize", "missing.safetensors", &out, "--rank", "1"],
+        vec!["merge-loras", "missing.safetensors", "--out", &out],
+        vec!["merge", "--model", "missing-model", "--lora", &lora, "--out", &out],
+        vec!["merge-models", "missing-a", "missing-b", "--out", &out],
+        vec!["extract", "--base", "missing-a", "--tuned", "missing-b", "--out", &out],
+        vec!["convert-model", "missing-model", "--out", &folder_out],
+        vec!["unbundle-embeddings", "missing.safetensors", "--out", &folder_out],
+    ] {
+        let (ok, text) = trainer(&args);
+        let named = format!("{} is a file, not a folder", blocker.display());
+        assert!(!ok && text.contains(&named) && !text.contains("missing") && !text.contains("panicked"), "{args:?}: {text}");
+    }
+    // A file given as unbundle-embeddings' folder is named as such.
+    let (ok, text) = trainer(&["unbundle-embeddings", "missing.safetensors", "--out", &s(&blocker)]);
+    assert!(!ok && text.contains("is a file; expected a folder") && !text.contains("panicked"), "{text}");
+}
+
+/// An `--out` inside an input model folder is refused before any work, naming both (its
+/// copy of the folder would hold the copy, without end), through `..` too. An input named
+/// like a partial output (`m.partial` for `--out m`) is only read: outputs are written
+/// through the run's own `m.partial-PID`.
+#[test]
+fn an_output_inside_an_input_model_folder_is_refused() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures/parity");
+    let lora = fixtures.join("sd1_lora_kohya.safetensors").to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    copy_dir_all(&fixtures.join("sd1"), &model);
+    let listing = |p: &Path| {
+        let mut names: Vec<_> = walk(p);
+        names.sort();
+        names
+    };
+    let before = listing(dir.path());
+    let m = model.to_str().unwrap().to_string();
+    let other = fixtures.join("sd1").to_str().unwrap().to_string();
+    let through_dotdot = dir.path().join("nowhere/../model/baked").to_str().unwrap().to_string();
+    for args in [
+        vec!["merge", "--model", &m, "--lora", &lora, "--out", &format!("{m}/baked")],
+        vec!["merge", "--model", &m, "--lora", &lora, "--out", &through_dotdot],
+        vec!["merge-models", &other, &m, "--out", &format!("{m}/unet/merged")],
+    ] {
+        let (ok, text) = trainer(&args);
+        assert!(!ok && text.contains("is inside the input model folder") && text.contains(&m) && !text.contains("panicked"), "{args:?}: {text}");
+    }
+    let partial = dir.path().join("m.partial");
+    copy_dir_all(&fixtures.join("sd1"), &partial);
+    assert_eq!(listing(dir.path()).len(), before.len() + listing(&partial).len() + 1);
+    let (ok, text) = trainer(&["merge-models", partial.to_str().unwrap(), &other, "--out", dir.path().join("m").to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(partial.join("model_index.json").is_file() && dir.path().join("m/model_index.json").is_file(), "the input is kept");
+    std::fs::remove_dir_all(&partial).unwrap();
+    std::fs::remove_dir_all(dir.path().join("m")).unwrap();
+    assert_eq!(listing(dir.path()), before, "nothing else written");
+}
+
+/// Every path under `root`, relative to it.
+fn walk(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        out.push(path.strip_prefix(root).unwrap().to_path_buf());
+        if path.is_dir() {
+            out.extend(walk(&path).into_iter().map(|p| path.strip_prefix(root).unwrap().join(p)));
+        }
+    }
+    out
+}
+
+/// `merge` into a diffusers folder writes it whole or not at all: a copy failing after the
+/// LoRA is baked (a dangling link in the model folder) leaves neither `--out` nor its
+/// `.partial`, and the same `--out` then works.
+#[cfg(unix)]
+#[test]
+fn a_failed_folder_merge_leaves_no_output() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures/parity");
+    let lora = fixtures.join("sd1_lora_kohya.safetensors").to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    copy_dir_all(&fixtures.join("sd1"), &model);
+    let link = model.join("vae/zz-dangling.json");
+    std::os::unix::fs::symlink(dir.path().join("gone.json"), &link).unwrap();
+    let out = dir.path().join("baked");
+    let args = ["merge", "--model", model.to_str().unwrap(), "--lora", &lora, "--out", out.to_str().unwrap(), "--dtype", "f32"];
+    let (ok, text) = trainer(&args);
+    assert!(!ok && text.contains("zz-dangling.json") && !text.contains("panicked"), "{text}");
+    let left: Vec<_> = walk(dir.path()).into_iter().filter(|p| p.to_string_lossy().starts_with("baked")).collect();
+    assert!(left.is_empty(), "{left:?}: {text}");
+    std::fs::remove_file(&link).unwrap();
+    let (ok, text) = trainer(&args);
+    assert!(ok && out.join("unet/diffusion_pytorch_model.safetensors").is_file() && out.join("model_index.json").is_file(), "{text}");
+}
+
+/// `merge-models` of diffusers folders says, per component, which keys a model lacked (the
+/// first model's value stood in) or only the others had (left out), as a file merge does.
+#[test]
+fn folder_merges_name_the_keys_they_substitute_or_drop() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures/parity");
+    let dir = tempfile::tempdir().unwrap();
+    let (full, short) = (fixtures.join("sd1"), dir.path().join("short"));
+    copy_dir_all(&full, &short);
+    // `short`'s text encoder without one of its tensors.
+    let te = sd_model::load::ModelSource::weights_file(&short, "text_encoder").unwrap();
+    let bytes = std::fs::read(&te).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept = st.tensors();
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    let dropped = kept.pop().unwrap().0;
+    std::fs::write(&te, safetensors::serialize(kept, None).unwrap()).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (ok, text) = trainer(&["merge-models", &s(&full), &s(&short), "--out", &s(&dir.path().join("a"))]);
+    assert!(ok && text.contains(&format!("text_encoder: 1 keys are missing from some model; the first model's value stood in (e.g. `{dropped}`)")), "{text}");
+    assert!(!text.contains("unet: "), "{text}");
+    let (ok, text) = trainer(&["merge-models", &s(&short), &s(&full), "--out", &s(&dir.path().join("b"))]);
+    assert!(ok && text.contains(&format!("text_encoder: 1 keys not in the first model were left out (e.g. `{dropped}`)")), "{text}");
+}
+
+/// An SDXL LoRA read from the diffusers/PEFT layout is written in the kohya layout with
+/// kohya's SDXL names (`lora_te1_`, `lora_te2_`, the UNet's SGM paths), by `convert`,
+/// `resize` and `merge-loras` alike, and reads back: a tiny SDXL's (one ResNet per level)
+/// known by its second text encoder; full-width SDXL sets (two ResNets per level) known by
+/// a second transformer block or by their metadata; an SD1 set keeps SD1's names.
+#[test]
+fn sdxl_peft_loras_get_kohyas_sdxl_names() {
+    use lora_core::Component::{TextEncoder, TextEncoder2, Unet};
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let names = |p: &str| -> std::collections::BTreeSet<String> {
+        let bytes = std::fs::read(p).unwrap();
+        safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(|n| n.split('.').next().unwrap().to_string()).collect()
+    };
+    let adapter = |width: usize| {
+        let t = |shape: Vec<usize>| lora_core::HostTensor::new(shape, vec![0.01; width]).unwrap();
+        lora_core::LoraWeights::new(t(vec![1, width]), t(vec![width, 1]), 1.0, "test").unwrap()
+    };
+    let write = |name: &str, modules: &[(lora_core::Component, &str, usize)], version: Option<&str>| {
+        let mut set = AdapterSet::new();
+        for (component, module, width) in modules {
+            set.insert(lora_core::AdapterKey::new(*component, *module), adapter(*width)).unwrap();
+        }
+        set.metadata.extend(version.map(|v| ("ss_base_model_version".to_string(), v.to_string())));
+        let file = path(name);
+        set.save(Path::new(&file), AdapterFormat::Peft, lora_core::SaveDtype::F32).unwrap();
+        file
+    };
+    let te = "text_model.encoder.layers.0.self_attn.q_proj";
+    let want = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<std::collections::BTreeSet<_>>();
+
+    let tiny = write("tiny.safetensors", &[(Unet, "down_blocks.1.attentions.0.proj_in", 32), (Unet, "up_blocks.0.attentions.1.proj_out", 64), (TextEncoder, te, 32), (TextEncoder2, te, 32)], None);
+    let tiny_names = want(&["lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_input_blocks_3_1_proj_in", "lora_unet_output_blocks_1_1_proj_out"]);
+    for (args, out) in [
+        (vec!["convert", &tiny, &path("back.safetensors"), "--to", "kohya"], path("back.safetensors")),
+        (vec!["resize", &tiny, &path("resized.safetensors"), "--rank", "1", "--to", "kohya"], path("resized.safetensors")),
+        (vec!["merge-loras", &tiny, &tiny, "--out", &path("merged.safetensors"), "--to", "kohya"], path("merged.safetensors")),
+    ] {
+        let (ok, text) = trainer(&args);
+        assert!(ok, "{args:?}: {text}");
+        assert_eq!(names(&out), tiny_names, "{args:?}");
+    }
+    // The SGM names read back without a model, to the same modules.
+    let (ok, text) = trainer(&["convert", &path("back.safetensors"), &path("again.safetensors"), "--to", "peft"]);
+    assert!(ok, "{text}");
+    assert_eq!(names(&path("again.safetensors")), names(&tiny));
+
+    let deep = write("deep.safetensors", &[(Unet, "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q", 640), (TextEncoder, te, 768)], None);
+    let marked = write("marked.safetensors", &[(Unet, "down_blocks.2.attentions.0.proj_in", 1280)], Some("sdxl_base_v1-0"));
+    let sd1 = write("sd1.safetensors", &[(Unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 640), (TextEncoder, te, 768)], Some("sd_v1"));
+    for (input, expected) in [
+        (deep, want(&["lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"])),
+        (marked, want(&["lora_unet_input_blocks_7_1_proj_in"])),
+        (sd1, want(&["lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"])),
+    ] {
+        let out = format!("{input}.kohya.safetensors");
+        let (ok, text) = trainer(&["convert", &input, &out, "--to", "kohya"]);
+        assert!(ok, "{text}");
+        assert_eq!(names(&out), expected, "{input}");
     }
 }

@@ -286,6 +286,47 @@ fn config_values_that_would_misbehave_later_are_refused_at_load() {
     assert!(TrainConfig::load(None, &["output.sample_prompts=[\"x --s 5000\", \"y --s 0\"]".into()]).is_ok());
 }
 
+/// `[data]`'s rates and prior loss weight are checked with their own keys: with a kohya
+/// dataset TOML they reach its subsets through JSON, where NaN became a `null` blamed on
+/// `datasets[0].subsets[0].image_dir`.
+#[test]
+fn data_rates_and_weights_are_refused_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("dataset.toml");
+    std::fs::write(&toml, format!("[[datasets]]\n  [[datasets.subsets]]\n  image_dir = {:?}\n", dir.path().display().to_string())).unwrap();
+    let dataset = format!("data.dataset_config={:?}", toml.display().to_string());
+    for (set, key) in [
+        ("data.prior_loss_weight=nan", "data.prior_loss_weight"),
+        ("data.prior_loss_weight=-1", "data.prior_loss_weight"),
+        ("data.prior_loss_weight=inf", "data.prior_loss_weight"),
+        ("data.caption_dropout_rate=nan", "data.caption_dropout_rate"),
+        ("data.caption_dropout_rate=1.5", "data.caption_dropout_rate"),
+        ("data.caption_tag_dropout_rate=-0.1", "data.caption_tag_dropout_rate"),
+    ] {
+        let err = TrainConfig::load(None, &[set.into(), dataset.clone()]).unwrap_err().to_string();
+        assert!(err.contains(key) && !err.contains("image_dir"), "{set}: {err}");
+    }
+    let ok = TrainConfig::load(None, &["data.prior_loss_weight=0".into(), "data.caption_dropout_rate=1".into(), dataset]);
+    assert!(ok.is_ok(), "{:?}", ok.err().map(|e| e.to_string()));
+}
+
+/// The demo's images are drawn in memory all at once: their count times their size is
+/// bounded (1000 images at 512 px fit, at 1024 px they do not), with an error naming both
+/// keys.
+#[test]
+fn demo_images_at_a_large_resolution_are_refused_before_drawing() {
+    let load = |images: usize, side: u32| TrainConfig::load(None, &[format!("data.demo_images={images}"), format!("data.resolution={side}")]);
+    assert!(load(1000, 512).is_ok());
+    assert!(load(24, 4096).is_ok());
+    let pixels = trainer::config::MAX_DEMO_PIXELS;
+    assert!(1000 * 1024 * 1536 > pixels && 682 * 1024 * 1536 <= pixels);
+    assert!(load(682, 1024).is_ok());
+    for (images, side) in [(683, 1024), (1000, 4096)] {
+        let err = load(images, side).unwrap_err().to_string();
+        assert!(err.contains("data.demo_images") && err.contains("data.resolution") && err.contains(&pixels.to_string()), "{images} x {side}: {err}");
+    }
+}
+
 #[test]
 fn the_example_configs_are_valid() {
     for name in ["sd15-style", "sdxl-style"] {
@@ -772,6 +813,92 @@ fn ten_steps_resume_ten_steps_equals_twenty_steps_bit_for_bit() {
     let changes = trainer::train::resume_data_changes(&state, &changed, &data).unwrap();
     assert!(changes.iter().any(|c| c == "train.train_batch_size: 2 -> 1"), "{changes:?}");
     assert!(changes.iter().any(|c| c.starts_with("images: ")) && changes.iter().any(|c| c.starts_with("image contents and repeats: ")), "{changes:?}");
+}
+
+/// A small training state (one adapter tensor, no optimizer moments) at `step`.
+fn small_state(dir: &std::path::Path, step: usize) -> trainer::state::TrainingState {
+    use trainer::state::{RngStateJson, StateInfo, TrainingState, STATE_VERSION};
+    let rng = RngStateJson { seed: "00".repeat(32), stream: 0, word_pos: "0".into() };
+    let info = StateInfo {
+        version: STATE_VERSION,
+        step,
+        epoch: 1,
+        batch_in_epoch: 2,
+        timestep_rng: rng.clone(),
+        noise_rng: rng,
+        loss_scale: 1.0,
+        good_steps: 0,
+        optimizer_time: [("unet.a.down".to_string(), step)].into(),
+        fingerprint: "[lora]".into(),
+        data: None,
+    };
+    let tensor = lora_core::HostTensor::new(vec![2], vec![1.0, step as f32]).unwrap();
+    TrainingState { info, adapters: [("unet.a.down".to_string(), tensor)].into(), moments: Default::default(), dir: dir.to_path_buf() }
+}
+
+/// A save replaces the previous state and leaves no `.tmp` / `.old` folder behind. A save
+/// killed between its two renames leaves only `state.old` (and `state.tmp`): `--resume
+/// state` names them and says what to rename, and the renamed folder resumes.
+#[test]
+fn an_interrupted_state_save_is_named_on_resume() {
+    use trainer::state::TrainingState;
+    let out = tempfile::tempdir().unwrap();
+    let state = out.path().join("state");
+    small_state(&state, 3).save(&state).unwrap();
+    small_state(&state, 4).save(&state).unwrap();
+    let loaded = TrainingState::load(&state).unwrap();
+    assert_eq!((loaded.info.step, loaded.adapters["unet.a.down"].data[1]), (4, 4.0));
+    assert!(!out.path().join("state.old").exists() && !out.path().join("state.tmp").exists());
+
+    // As if killed after `state` -> `state.old`, before `state.tmp` -> `state`.
+    std::fs::rename(&state, out.path().join("state.old")).unwrap();
+    let message = |dir: &std::path::Path| TrainingState::load(dir).err().map(|e| e.to_string()).unwrap_or_default();
+    let err = message(&state);
+    assert!(err.contains("state.old") && err.contains("rename it to") && !err.contains("state.tmp"), "{err}");
+    small_state(&state, 5).save(&out.path().join("state.tmp")).unwrap();
+    let err = message(&state);
+    assert!(err.contains("state.old") && err.contains("state.tmp"), "{err}");
+    // A `state` folder without state.json in the way is to be moved aside first.
+    std::fs::create_dir(&state).unwrap();
+    let err = message(&state);
+    assert!(err.contains("aside") && err.contains("state.old"), "{err}");
+    std::fs::remove_dir(&state).unwrap();
+    std::fs::rename(out.path().join("state.old"), &state).unwrap();
+    assert_eq!(TrainingState::load(&state).unwrap().info.step, 4);
+    // Without a `.old` folder the message stays the plain one.
+    let err = message(out.path());
+    assert!(err.contains("no state.json") && !err.contains(".old"), "{err}");
+}
+
+/// Counters of a damaged or hand-edited `state.json` that no run reaches (and that would
+/// overflow where they are counted on) are errors naming the file and the key.
+#[test]
+fn a_state_json_with_counters_no_run_reaches_is_refused() {
+    use trainer::state::TrainingState;
+    let out = tempfile::tempdir().unwrap();
+    let state = out.path().join("state");
+    let file = state.join("state.json");
+    for (key, value, shown) in [
+        ("epoch", serde_json::json!(u64::MAX), "`epoch`"),
+        ("step", serde_json::json!(u64::MAX), "`step`"),
+        ("batch_in_epoch", serde_json::json!(1u64 << 41), "`batch_in_epoch`"),
+        ("good_steps", serde_json::json!(u64::MAX), "`good_steps`"),
+        ("optimizer_time", serde_json::json!({"unet.a.down": u64::MAX}), "`optimizer_time.unet.a.down`"),
+        ("loss_scale", serde_json::json!(-1.0), "`loss_scale`"),
+    ] {
+        small_state(&state, 3).save(&state).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        json[key] = value;
+        std::fs::write(&file, json.to_string()).unwrap();
+        let err = TrainingState::load(&state).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("state.json") && err.contains(shown), "{key}: {err}");
+    }
+    // The largest counters a state may hold still load.
+    small_state(&state, trainer::config::MAX_TRAIN_STEPS).save(&state).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    json["epoch"] = serde_json::json!(trainer::state::MAX_STATE_COUNT);
+    std::fs::write(&file, json.to_string()).unwrap();
+    assert_eq!(TrainingState::load(&state).unwrap().info.epoch, trainer::state::MAX_STATE_COUNT);
 }
 
 /// A resumed run that fails before its first save (here it diverges) leaves the earlier
