@@ -1144,7 +1144,7 @@ fn folder_merges_name_the_keys_they_substitute_or_drop() {
     std::fs::write(&te, safetensors::serialize(kept, None).unwrap()).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (ok, text) = trainer(&["merge-models", &s(&full), &s(&short), "--out", &s(&dir.path().join("a"))]);
-    assert!(ok && text.contains(&format!("text_encoder: 1 keys are missing from some model; the first model's value stood in (e.g. `{dropped}`)")), "{text}");
+    assert!(ok && text.contains(&format!("text_encoder: 1 keys are missing from some model; the first model's value stood in (in an add difference, the key is the first model's as it is; e.g. `{dropped}`)")), "{text}");
     assert!(!text.contains("unet: "), "{text}");
     let (ok, text) = trainer(&["merge-models", &s(&short), &s(&full), "--out", &s(&dir.path().join("b"))]);
     assert!(ok && text.contains(&format!("text_encoder: 1 keys not in the first model were left out (e.g. `{dropped}`)")), "{text}");
