@@ -150,7 +150,7 @@ pub fn convert_checkpoint(src: &Path, out: &Path, options: &ConvertOptions) -> R
 
 /// Whether `path` is named as a checkpoint file (`.safetensors`, or a pickle's extension).
 fn has_checkpoint_extension(path: &Path) -> bool {
-    path.extension().is_some_and(|e| ["safetensors", "ckpt", "pt", "pth", "bin"].iter().any(|x| e.eq_ignore_ascii_case(x)))
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) || crate::torch_file::is_pytorch_file(path)
 }
 
 /// A pickle checkpoint to a safetensors file of its keys, or through one to a folder.

@@ -1117,9 +1117,7 @@ fn write_latents<B: Backend>(path: &std::path::Path, latents: burn::tensor::Tens
     let host = lora_core::HostTensor::from_tensor(latents)?;
     let bytes = lora_core::tensor_io::serialize(&[("latents".to_string(), &host)], SaveDtype::F32, Default::default())?;
     // As `--out` does: a folder that does not exist yet is made.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating --save-latents' folder {}", dir.display()))?;
-    }
+    make_output_folder(path)?;
     lora_core::tensor_io::write_atomic(path, &bytes)?;
     Ok(())
 }
@@ -1249,9 +1247,7 @@ fn read_image(flag: &str, path: &std::path::Path) -> Result<image::RgbImage> {
 
 /// Writes `images` as one grid of `columns` per row (0: up to 4) to `out`.
 fn save_grid(out: &std::path::Path, columns: usize, images: &[image::RgbImage], start: Instant) -> Result<()> {
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    make_output_folder(out)?;
     let columns = if columns > 0 { columns } else { images.len().min(4) };
     save_png(&grid(images, columns), out)?;
     out!("wrote {} ({} images, {:.1}s)", out.display(), images.len(), start.elapsed().as_secs_f64());
