@@ -9,9 +9,13 @@ pub type Reso = (u32, u32);
 
 /// The bucket resolutions kohya sd-scripts predefines for a target resolution, sorted.
 ///
-/// For every width `w` from `min_size` to `max_size` in steps of `divisible`, the height is the
-/// largest multiple of `divisible` whose area in `divisible`-blocks does not exceed that of
-/// `max_reso`, capped at `max_size`; both `(w, h)` and `(h, w)` are added, plus the square bucket.
+/// With `A` the pixel area of `max_reso`: for every width `w` from `min_size` to `max_size`
+/// in steps of `divisible`, the height is `⌊A / w⌋` rounded down to `divisible`, capped at
+/// `max_size`; where it is at least `min_size`, both `(w, h)` and `(h, w)` are added, plus
+/// the square bucket `⌊√A⌋` rounded down to `divisible` (sd-scripts' current function;
+/// its earlier one counted the area in `divisible`-blocks and had no `min_size` check,
+/// which gives the same table where `max_reso` is a multiple of `divisible` and no
+/// height falls below `min_size`).
 ///
 /// ```
 /// let buckets = sd_data::make_bucket_resolutions((512, 512), 256, 1024, 64);
@@ -26,19 +30,21 @@ pub fn make_bucket_resolutions(
     divisible: u32,
 ) -> Vec<Reso> {
     let divisible = divisible.max(1);
-    let max_area = u64::from(max_reso.0 / divisible) * u64::from(max_reso.1 / divisible);
+    let step = u64::from(divisible);
+    let max_area = u64::from(max_reso.0) * u64::from(max_reso.1);
     let mut resos = std::collections::BTreeSet::new();
-    // int(sqrt(max_area)) computed exactly on integers.
-    let root = integer_sqrt(max_area);
-    let side = u32::try_from(root * u64::from(divisible)).unwrap_or(u32::MAX);
+    // int(sqrt(max_area) // divisible) * divisible, with the root exact on integers.
+    let side = u32::try_from(integer_sqrt(max_area) / step * step).unwrap_or(u32::MAX);
     resos.insert((side, side));
     let mut width = min_size.max(divisible);
     while width <= max_size {
-        let blocks = u64::from(width / divisible);
-        let height = (max_area / blocks).saturating_mul(u64::from(divisible));
+        let height = max_area / u64::from(width) / step * step;
         let height = u32::try_from(height).unwrap_or(u32::MAX).min(max_size);
-        resos.insert((width, height));
-        resos.insert((height, width));
+        // sd-scripts leaves out pairs whose short side would fall below `min_size`.
+        if height >= min_size {
+            resos.insert((width, height));
+            resos.insert((height, width));
+        }
         let Some(next) = width.checked_add(divisible) else {
             break;
         };

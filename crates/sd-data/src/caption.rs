@@ -140,14 +140,11 @@ impl<'a> CaptionTransform<'a> {
             .collect()
     }
 
-    /// The string tags are joined with: `", "` for the separator `","`.
+    /// The string tags are joined with: `", "`, whatever the separator, as sd-scripts'
+    /// `process_caption` joins them (`caption_separator = "|"` splits `a|b|c` into three
+    /// tags that train as `a, b, c` once shuffled or dropped).
     pub fn joiner(&self) -> String {
-        let t = self.separator.trim();
-        if t.is_empty() {
-            self.separator.to_string()
-        } else {
-            format!("{t} ")
-        }
+        ", ".to_string()
     }
 
     /// The caption with the deterministic part of the transform only (prefix and suffix,

@@ -309,8 +309,10 @@ impl Dataset {
     }
 
     /// The run's step count for what depends on it, the token warmup: each optimizer step
-    /// takes `gradient_accumulation_steps` batches (so [`plan_epoch`](Self::plan_epoch)'s
-    /// batch `b` of epoch `e` is taken at step `(e · batches + b) / gradient_accumulation_steps`),
+    /// takes `gradient_accumulation_steps` batches of one epoch, an epoch's last step what
+    /// is left (sd-scripts' steps with accelerate, `⌈batches / gradient_accumulation_steps⌉`
+    /// per epoch; so [`plan_epoch`](Self::plan_epoch)'s batch `b` of epoch `e` is taken at
+    /// step `e · ⌈batches / gradient_accumulation_steps⌉ + b / gradient_accumulation_steps`),
     /// and a subset's `token_warmup_step` below 1 is that fraction of `max_train_steps`
     /// (floored, as sd-scripts resolves it).
     pub fn with_steps(mut self, gradient_accumulation_steps: usize, max_train_steps: usize) -> Self {
@@ -680,9 +682,10 @@ impl Dataset {
         if warmup {
             let mut captions = ChaCha8Rng::seed_from_u64(self.config.seed);
             captions.set_stream(epoch | 1 << 63);
-            let n = batches.len() as u64;
+            let accumulation = self.accumulation as u64;
+            let steps_per_epoch = (batches.len() as u64).div_ceil(accumulation);
             for (b, batch) in batches.iter_mut().enumerate() {
-                let step = (epoch * n + b as u64) / self.accumulation as u64;
+                let step = epoch * steps_per_epoch + b as u64 / accumulation;
                 for sample in &mut batch.samples {
                     let img = &self.images[sample.image];
                     let transform = CaptionTransform::from_subset(&self.subsets[img.subset].config);

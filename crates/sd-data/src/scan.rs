@@ -392,11 +392,16 @@ impl Scanner<'_> {
             }
         }
         let mut tried = Vec::new();
-        for ext in exts {
-            let cap = image.with_extension(&ext[1..]);
-            tried.push(cap.display().to_string());
-            if cap.is_file() && let Some(text) = read_caption_file(&cap, cfg.enable_wildcard)? {
-                return Ok(text);
+        // A face-crop image, `name_cx_cy_w_h.png`, is also captioned by `name.txt`, as
+        // sd-scripts reads it (its own caption first).
+        let face_base = face_crop_base(image);
+        for base in std::iter::once(image.to_path_buf()).chain(face_base) {
+            for ext in &exts {
+                let cap = base.with_extension(&ext[1..]);
+                tried.push(cap.display().to_string());
+                if cap.is_file() && let Some(text) = read_caption_file(&cap, cfg.enable_wildcard)? {
+                    return Ok(text);
+                }
             }
         }
         self.fallback_caption(image, idx, tried.join(", "))
@@ -628,6 +633,20 @@ fn kohya_caption(caption: String, tags: Option<String>, separator: &str, wildcar
         Some(tags) if caption.is_empty() => tags,
         Some(tags) => format!("{caption}{separator}{tags}"),
     }
+}
+
+/// For a face-crop image named `name_cx_cy_w_h.EXT` (five or more `_`-separated parts,
+/// the last four whole numbers), the path `name.EXT` whose caption files caption it too
+/// (sd-scripts' `read_caption` tries `name` + the caption extension after the image's own).
+fn face_crop_base(image: &Path) -> Option<PathBuf> {
+    let stem = image.file_stem()?.to_str()?;
+    let parts: Vec<&str> = stem.split('_').collect();
+    if parts.len() < 5 || !parts[parts.len() - 4..].iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    let name = parts[..parts.len() - 4].join("_");
+    let ext = image.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+    Some(image.with_file_name(format!("{name}.{ext}")))
 }
 
 /// Reads a caption file: the first non-empty line (kohya), or with `all_lines` (kohya's

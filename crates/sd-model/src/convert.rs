@@ -437,6 +437,20 @@ fn text_encoder_json(config: &ClipTextConfig, with_projection: bool, dtype: Dtyp
     )
 }
 
+/// The `scheduler/scheduler_config.json` text that [`single_file_to_diffusers`] writes for
+/// a single-file checkpoint `file` of `family` (without a prediction type given): the
+/// official repo's config for the family (SDXL's `EulerDiscreteScheduler` with `leading`
+/// spacing and `steps_offset` 1, SD1.x's `PNDMScheduler`, `DDIMScheduler` for
+/// v-prediction), with the prediction type and zero terminal SNR the file records
+/// ([`single_file_prediction`]; ε where it records none) and `trailing` spacing with zero
+/// terminal SNR. Sampling a single file reads the same config, as diffusers'
+/// `from_single_file` takes the family's repo config, so a file and its converted folder
+/// sample alike.
+pub fn single_file_scheduler_json(file: &WeightFile, family: ModelFamily) -> String {
+    let (prediction, zero_terminal_snr) = single_file_prediction(file);
+    scheduler_json(family, prediction.unwrap_or(Prediction::Epsilon), zero_terminal_snr).to_string()
+}
+
 /// The official repos' scheduler config for a family and prediction type.
 fn scheduler_json(family: ModelFamily, prediction: Prediction, zero_terminal_snr: bool) -> Value {
     let class = match (family, prediction) {

@@ -206,6 +206,78 @@ pub fn use_sdxl_kohya_names<B: Backend>(set: &mut AdapterSet, unet: &UNet2DCondi
     use_sdxl_kohya_names_by(set, &crate::keymap::UnetLayout::of(unet))
 }
 
+/// What a LoRA file's metadata says of its base model: `Some(true)` for SDXL, `Some(false)`
+/// for another family, `None` where it says nothing. kohya's `ss_base_model_version`
+/// (`sdxl_base_v1-0`, `tiny_sdxl`, `sd_v1`, `sd_v2`, ...) wins; without it, the
+/// ModelSpec `modelspec.architecture` (`stable-diffusion-xl-v1-base/lora`,
+/// `stable-diffusion-v1/lora`, ...). Empty values count as unset; case is ignored.
+///
+/// ```
+/// use sd_model::lora::base_model_is_sdxl;
+///
+/// assert_eq!(base_model_is_sdxl(Some("sdxl_base_v1-0"), None), Some(true));
+/// assert_eq!(base_model_is_sdxl(Some("sd_v1"), Some("stable-diffusion-xl-v1-base/lora")), Some(false));
+/// assert_eq!(base_model_is_sdxl(Some(""), Some("stable-diffusion-xl-v1-base/lora")), Some(true));
+/// assert_eq!(base_model_is_sdxl(None, None), None);
+/// ```
+pub fn base_model_is_sdxl(ss_base_model_version: Option<&str>, modelspec_architecture: Option<&str>) -> Option<bool> {
+    let set = |v: Option<&str>| v.map(str::to_lowercase).filter(|v| !v.is_empty());
+    match (set(ss_base_model_version), set(modelspec_architecture)) {
+        (Some(version), _) => Some(version.contains("sdxl")),
+        (None, Some(architecture)) => Some(architecture.contains("-xl")),
+        (None, None) => None,
+    }
+}
+
+/// Whether an adapter set read with no model at hand is for an SDXL UNet: it adapts the
+/// second text encoder, one of its UNet transformers holds a second block (SD1.x's and
+/// SD2.x's hold one), or its metadata says so ([`base_model_is_sdxl`]). The adapters'
+/// evidence wins over metadata that says otherwise (they are what gets named).
+///
+/// ```
+/// use lora_core::{AdapterKey, AdapterSet, Component, HostTensor, LoraWeights};
+///
+/// let t = |shape: Vec<usize>| HostTensor::new(shape, vec![0.0; 8]).unwrap();
+/// let mut set = AdapterSet::new();
+/// let path = "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q";
+/// set.insert(AdapterKey::new(Component::Unet, path), LoraWeights::new(t(vec![1, 8]), t(vec![8, 1]), 1.0, "doc").unwrap()).unwrap();
+/// assert!(sd_model::lora::adapter_set_is_sdxl(&set));
+/// ```
+pub fn adapter_set_is_sdxl(set: &AdapterSet) -> bool {
+    let deep = |path: &str| {
+        let parts: Vec<&str> = path.split('.').collect();
+        parts.windows(2).any(|w| w[0] == "transformer_blocks" && w[1].parse::<usize>().is_ok_and(|i| i > 0))
+    };
+    let structural = set.iter().any(|(key, _)| {
+        key.component == lora_core::Component::TextEncoder2 || (key.component == lora_core::Component::Unet && deep(&key.path))
+    });
+    let said = |key: &str| set.metadata.get(key).map(String::as_str);
+    structural || base_model_is_sdxl(said("ss_base_model_version"), said("modelspec.architecture")) == Some(true)
+}
+
+/// The UNet layout behind an SDXL set's SGM names, guessed from the set alone (for tools
+/// that load no model; the names of later levels depend on the ResNets per level):
+/// SDXL's two ResNets per level, or the tiny SDXL models' one where every UNet adapter is
+/// narrower than SDXL's narrowest level and none sits where only a second ResNet per
+/// level fits.
+pub fn guess_sdxl_layout(set: &AdapterSet) -> crate::keymap::UnetLayout {
+    let sdxl = crate::UnetConfig::sdxl();
+    let unet = || set.iter().filter(|(key, _)| key.component == lora_core::Component::Unet);
+    // Shapes read with `get`: a stand-alone adapter's tensors need not be matrices.
+    let width = |w: &lora_core::LoraWeights| w.down.shape.get(1).copied().unwrap_or(0).max(w.up.shape.first().copied().unwrap_or(0));
+    let narrow = unet().all(|(_, w)| width(w) < sdxl.block_out_channels[0]);
+    let second_resnet = |path: &str| {
+        let parts: Vec<&str> = path.split('.').collect();
+        match parts.as_slice() {
+            ["down_blocks", _, "resnets" | "attentions", j, ..] => j.parse::<usize>().is_ok_and(|j| j >= 1),
+            ["up_blocks", _, "resnets" | "attentions", j, ..] => j.parse::<usize>().is_ok_and(|j| j >= 2),
+            _ => false,
+        }
+    };
+    let layers = if narrow && !unet().any(|(key, _)| second_resnet(&key.path)) { 1 } else { sdxl.layers_per_block };
+    crate::keymap::UnetLayout { layers, ..crate::keymap::UnetLayout::from_config(&sdxl) }
+}
+
 /// [`use_sdxl_kohya_names`] with the UNet's layout, kept where the UNet itself is gone.
 pub fn use_sdxl_kohya_names_by(set: &mut AdapterSet, layout: &crate::keymap::UnetLayout) -> usize {
     let mut names = Vec::new();
@@ -334,15 +406,11 @@ pub fn apply_lora_files_to<B: Backend>(
 /// `text_encoder_2.`), say it is for the other family. `None` when it cannot tell.
 fn family_mismatch(path: &std::path::Path, model_sdxl: bool) -> Option<String> {
     let file = crate::load::WeightFile::open(path).ok()?;
-    let said = |key: &str| file.metadata().get(key).map(|v| v.to_lowercase()).filter(|v| !v.is_empty());
-    let lora_sdxl = match (said("ss_base_model_version"), said("modelspec.architecture")) {
-        (Some(version), _) => version.contains("sdxl"),
-        (None, Some(architecture)) => architecture.contains("-xl"),
-        (None, None) => {
-            let sdxl_prefixes = ["lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "text_encoder_2."];
-            file.keys().any(|k| sdxl_prefixes.iter().any(|p| k.starts_with(p)))
-        }
-    };
+    let said = |key: &str| file.metadata().get(key).map(String::as_str);
+    let lora_sdxl = base_model_is_sdxl(said("ss_base_model_version"), said("modelspec.architecture")).unwrap_or_else(|| {
+        let sdxl_prefixes = ["lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "text_encoder_2."];
+        file.keys().any(|k| sdxl_prefixes.iter().any(|p| k.starts_with(p)))
+    });
     (lora_sdxl != model_sdxl).then(|| match lora_sdxl {
         true => "this LoRA is for SDXL, and the model is SD1.x / SD2.x".to_string(),
         false => "this LoRA is for SD1.x / SD2.x, and the model is SDXL".to_string(),
@@ -426,6 +494,39 @@ mod tests {
         assert!("x.safetensors:0.5:inf".parse::<LoraFile>().is_err());
         let odd: LoraFile = "dir:1/x.safetensors:0.5".parse().unwrap();
         assert_eq!((odd.path.to_str().unwrap(), odd.strength, odd.text_encoder), ("dir:1/x.safetensors", 0.5, None));
+    }
+
+    /// An SDXL set is known by its adapters (a second text encoder, a second transformer
+    /// block) whatever its metadata says, and otherwise by its metadata, kohya's key first;
+    /// the guessed layout has one ResNet per level only for narrow sets with no adapter
+    /// where only a second one fits.
+    #[test]
+    fn sdxl_sets_are_known_by_adapters_then_metadata() {
+        let lora = |width: usize| LoraWeights::new(HostTensor::new(vec![1, width], vec![0.1; width]).unwrap(), HostTensor::new(vec![width, 1], vec![0.1; width]).unwrap(), 1.0, "t").unwrap();
+        let with = |modules: &[(Component, &str, usize)], metadata: &[(&str, &str)]| {
+            let mut set = AdapterSet::new();
+            for (component, path, width) in modules {
+                set.insert(AdapterKey::new(*component, *path), lora(*width)).unwrap();
+            }
+            set.metadata.extend(metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            set
+        };
+        let plain = [(Component::Unet, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 640)];
+        assert!(!adapter_set_is_sdxl(&with(&plain, &[])));
+        assert!(adapter_set_is_sdxl(&with(&plain, &[("ss_base_model_version", "sdxl_base_v1-0")])));
+        assert!(adapter_set_is_sdxl(&with(&plain, &[("modelspec.architecture", "Stable-Diffusion-XL-v1-base/lora")])));
+        // kohya's key wins over ModelSpec's.
+        assert!(!adapter_set_is_sdxl(&with(&plain, &[("ss_base_model_version", "sd_v1"), ("modelspec.architecture", "stable-diffusion-xl-v1-base/lora")])));
+        // The adapters win over metadata.
+        let te2 = [(Component::TextEncoder2, "text_model.encoder.layers.0.self_attn.q_proj", 1280)];
+        assert!(adapter_set_is_sdxl(&with(&te2, &[("ss_base_model_version", "sd_v1")])));
+        let deep = [(Component::Unet, "down_blocks.2.attentions.0.transformer_blocks.3.ff.net.2", 1280)];
+        assert!(adapter_set_is_sdxl(&with(&deep, &[])));
+
+        let layers = |modules: &[(Component, &str, usize)]| guess_sdxl_layout(&with(modules, &[])).layers;
+        assert_eq!(layers(&[(Component::Unet, "down_blocks.1.attentions.0.proj_in", 32)]), 1);
+        assert_eq!(layers(&[(Component::Unet, "down_blocks.1.attentions.1.proj_in", 32)]), 2);
+        assert_eq!(layers(&[(Component::Unet, "down_blocks.1.attentions.0.proj_in", 640)]), 2);
     }
 
     /// A strength that is no number after an existing file is named as such, not taken for

@@ -78,16 +78,13 @@ fn model_source(path: &str) -> Result<ModelSource, PipelineError> {
     Ok(ModelSource::detect(path)?)
 }
 
-/// The schedule of a single-file checkpoint: SD's, with what the file records about its
-/// prediction type and terminal SNR ([`sd_model::convert::single_file_prediction`]).
-fn single_file_scheduler(path: &std::path::Path) -> Result<SchedulerConfig, PipelineError> {
-    let (prediction, zero_terminal_snr) = sd_model::convert::single_file_prediction(&sd_model::load::WeightFile::open(path)?);
-    let mut config = SchedulerConfig::sd15();
-    if prediction == Some(sd_model::convert::Prediction::VPrediction) {
-        config.prediction_type = sd_sched::PredictionType::VPrediction;
-    }
-    config.rescale_betas_zero_snr = zero_terminal_snr;
-    Ok(config)
+/// The schedule of a single-file checkpoint of `family`: its official repo's config (SDXL's
+/// `leading` spacing with `steps_offset` 1 included), with what the file records about its
+/// prediction type and terminal SNR, exactly as `trainer convert-model` writes it
+/// ([`sd_model::convert::single_file_scheduler_json`]).
+fn single_file_scheduler(path: &std::path::Path, family: sd_model::load::ModelFamily) -> Result<SchedulerConfig, PipelineError> {
+    let json = sd_model::convert::single_file_scheduler_json(&sd_model::load::WeightFile::open(path)?, family);
+    Ok(SchedulerConfig::from_json_str(&json)?)
 }
 
 /// The tokenizer of `pretrained` (`tiny`, a diffusers folder or a single-file checkpoint),
@@ -163,7 +160,8 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     let source = model_source(pretrained)?;
     let options = LoadOptions::default();
     // `family` first refuses an unsupported SDXL relative (a refiner) by what it is.
-    let sd2 = source.family()? == sd_model::load::ModelFamily::Sd2;
+    let family = source.family()?;
+    let sd2 = family == sd_model::load::ModelFamily::Sd2;
     source.check_components()?;
     let tokenizer = tokenizer_of(&source, sd2)?;
     let text_encoder_2 = source.load_text_encoder_2(device, &options)?.map(pack_all);
@@ -184,9 +182,10 @@ pub fn load_components<B: Backend>(pretrained: &str, tiny_seed: u64, device: &B:
     }
     let scheduler = match &source {
         ModelSource::Diffusers(dir) if dir.join("scheduler/scheduler_config.json").is_file() => SchedulerConfig::from_model_dir(dir)?,
-        // Single files carry no scheduler config: SD1.x/2.x and SDXL share the schedule; the
-        // prediction type and zero terminal SNR where the file marks them (`v_pred`, `ztsnr`).
-        ModelSource::SingleFile(path) => single_file_scheduler(path)?,
+        // Single files carry no scheduler config: their family's official one (SDXL's
+        // spacing differs from SD1.x's), with the prediction type and zero terminal SNR
+        // where the file marks them (`v_pred`, `ztsnr`).
+        ModelSource::SingleFile(path) => single_file_scheduler(path, family)?,
         ModelSource::Diffusers(_) => SchedulerConfig::sd15(),
     };
     // Stored dense: on CUDA, uploaded weights have padded rows (`lora_core::precision::pack_all`).

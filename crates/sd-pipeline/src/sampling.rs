@@ -47,7 +47,9 @@ pub struct GenerateOptions {
     pub sampler: String,
     /// Sampling steps.
     pub steps: usize,
-    /// Guidance scale (1 = no guidance).
+    /// Guidance scale. Above 1, classifier-free guidance with the negative prompt; at 1 or
+    /// less the prompt's branch alone runs (half the UNet work), as diffusers' and
+    /// sd-scripts' pipelines decide (`guidance_scale > 1`), so values below 1 sample as 1.
     pub cfg_scale: f32,
     /// Seed of the initial noise and of stochastic samplers.
     pub seed: u64,
@@ -125,7 +127,7 @@ impl GenerateOptions {
             return bad("prompts", "at least one prompt is needed (one image is made per prompt)".into());
         }
         if !self.cfg_scale.is_finite() {
-            return bad("cfg_scale", format!("must be a finite number (7.5 is usual; 1 turns guidance off), got {}", self.cfg_scale));
+            return bad("cfg_scale", format!("must be a finite number (7.5 is usual; 1 or less turns guidance off), got {}", self.cfg_scale));
         }
         if !(1..=crate::MAX_SAMPLE_STEPS).contains(&self.steps) {
             return bad("steps", format!("must be 1 to {}, got {}", crate::MAX_SAMPLE_STEPS, self.steps));
@@ -223,16 +225,26 @@ pub fn denoise_masked<B: Backend>(
     opts.check()?;
     let n = opts.prompts.len();
     check_latents(c, opts, &latents, inpaint)?;
-    let all = opts.prompts.iter().chain([&opts.negative_prompt]).map(String::as_str);
+    // diffusers and sd-scripts guide only above 1 (`do_classifier_free_guidance`): at 1 or
+    // less the negative prompt is not encoded and the UNet runs the prompts alone.
+    let guide = opts.cfg_scale > 1.0;
+    let negative = guide.then_some(opts.negative_prompt.as_str());
+    let all = opts.prompts.iter().map(String::as_str).chain(negative);
     let rows = prompt_rows(&c.tokenizer, all, opts.max_token_length)?;
     let cond = condition_prompts(c, &opts.prompts, opts.clip_skip, rows, device)?;
-    let uncond = condition_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, rows, device)?;
-    let both = TextConditioning::cat(vec![uncond, cond]);
+    let text = match guide {
+        true => {
+            let uncond = condition_prompts(c, &vec![opts.negative_prompt.clone(); n], opts.clip_skip, rows, device)?;
+            TextConditioning::cat(vec![uncond, cond])
+        }
+        false => cond,
+    };
+    let branches = if guide { 2 } else { 1 };
     let [_, _, h, w] = latents.dims();
     let f = c.vae.downsample_factor();
     // SDXL: the image's size as original and target size, no crop (diffusers' default).
-    let added = both.added((h * f, w * f));
-    let context = both.context;
+    let added = text.added((h * f, w * f));
+    let context = text.context;
     let mut sampler = opts.sampler.parse::<SamplerSpec>()?.build::<B>(&c.scheduler)?;
     sampler.set_timesteps(opts.steps)?;
     if first_step > 0 {
@@ -247,15 +259,20 @@ pub fn denoise_masked<B: Backend>(
         if stop_requested() {
             return Err(PipelineError::Interrupted);
         }
-        let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(), latents.clone()], 0), i)?;
-        let t = Tensor::<B, 1>::from_floats(vec![*t; 2 * n].as_slice(), device);
+        let input = sampler.scale_model_input(Tensor::cat(vec![latents.clone(); branches], 0), i)?;
+        let t = Tensor::<B, 1>::from_floats(vec![*t; branches * n].as_slice(), device);
         let out = c.unet.forward_added(input, t, context.clone(), added.clone())?;
-        let mut halves = out.split(n, 0).into_iter();
-        let (u, cnd) = match (halves.next(), halves.next()) {
-            (Some(u), Some(c)) => (u, c),
-            _ => unreachable!("the batch holds both guidance branches"),
+        let guided = match guide {
+            true => {
+                let mut halves = out.split(n, 0).into_iter();
+                let (u, cnd) = match (halves.next(), halves.next()) {
+                    (Some(u), Some(c)) => (u, c),
+                    _ => unreachable!("the batch holds both guidance branches"),
+                };
+                u.clone() + (cnd - u) * opts.cfg_scale
+            }
+            false => out,
         };
-        let guided = u.clone() + (cnd - u) * opts.cfg_scale;
         latents = sampler.step(guided, i, latents, &mut noise)?;
         if let Some((keep, kept)) = &inpaint {
             let image = match i + 1 < timesteps.len() {

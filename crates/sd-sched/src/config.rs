@@ -91,8 +91,10 @@ pub enum FinalSigmasType {
 /// DPM-Solver variant (diffusers `algorithm_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum AlgorithmType {
-    /// `dpmsolver++`: the data-prediction solver (DPM++ 2M / 3M).
-    #[serde(rename = "dpmsolver++")]
+    /// `dpmsolver++`: the data-prediction solver (DPM++ 2M / 3M). A DEIS config's `deis`
+    /// reads as this, as diffusers' DPM-Solvers read it (a model folder saved with
+    /// `DEISMultistepScheduler` loads with any sampler).
+    #[serde(rename = "dpmsolver++", alias = "deis")]
     #[default]
     DpmSolverPlusPlus,
     /// `sde-dpmsolver++`: its stochastic variant (DPM++ 2M SDE).
@@ -110,8 +112,10 @@ pub enum AlgorithmType {
 /// Second-order update rule of DPM-Solver (diffusers `solver_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum SolverType {
-    /// `midpoint`.
-    #[serde(rename = "midpoint")]
+    /// `midpoint`. DEIS' `logrho` and UniPC's `bh1` / `bh2` read as this, as diffusers'
+    /// DPM-Solvers read them (a model folder saved with `UniPCMultistepScheduler` loads
+    /// with any sampler).
+    #[serde(rename = "midpoint", alias = "logrho", alias = "bh1", alias = "bh2")]
     #[default]
     Midpoint,
     /// `heun`.
@@ -430,7 +434,33 @@ impl SchedulerConfig {
                 "NaN",
             ));
         }
-        self.check_first_alpha()
+        self.check_first_alpha()?;
+        self.check_alphas_cumprod()
+    }
+
+    /// Refuses a schedule whose ᾱ reaches 0 in f32 before its last timestep (a trained
+    /// beta that rounds to 1, or a product of large betas that underflows): from there on
+    /// σ = sqrt((1 − ᾱ) / ᾱ) is infinite and every sampler's latents turn NaN. Only the
+    /// last timestep may have ᾱ = 0 (zero terminal SNR), which the samplers raise to 2⁻²⁴
+    /// as diffusers does.
+    fn check_alphas_cumprod(&self) -> Result<()> {
+        let ac = crate::schedule::NoiseSchedule::alphas_cumprod_of(self);
+        let t = ac.len();
+        let Some(first_zero) = ac[..t - 1].iter().position(|a| !(*a > 0.0)) else {
+            return Ok(());
+        };
+        let expected = format!(
+            "a schedule whose cumulative alpha stays above 0 in f32 until the last timestep \
+             (it is 0 from timestep {first_zero} of {t}, where sigma is infinite)"
+        );
+        Err(match (&self.trained_betas, self.beta_schedule) {
+            (Some(b), _) => {
+                let worst = b[..=first_zero].iter().cloned().fold(0.0, f64::max);
+                invalid("trained_betas", expected, format!("betas up to {worst}"))
+            }
+            (None, BetaSchedule::SquaredCosCapV2) => invalid("num_train_timesteps", expected, t),
+            (None, _) => invalid("beta_end", expected, self.beta_end),
+        })
     }
 
     /// Refuses a schedule whose ᾱ₀ = 1 − β₀ rounds to 1 in f32 (β₀ below about 3e-8):

@@ -33,16 +33,18 @@ impl NoiseSchedule {
     /// Builds the schedule of `config` (which is validated first).
     pub fn new(config: &SchedulerConfig) -> Result<Self> {
         config.validate()?;
-        let mut betas = betas(config);
-        if config.rescale_betas_zero_snr {
-            betas = rescale_zero_terminal_snr(&betas);
-        }
-        let alphas_cumprod = cumprod(betas.iter().map(|b| 1.0 - b));
+        let (betas, alphas_cumprod) = betas_and_alphas_cumprod(config);
         Ok(Self {
             betas,
             alphas_cumprod,
             prediction_type: config.prediction_type,
         })
+    }
+
+    /// ᾱ of `config` as [`NoiseSchedule::new`] builds it, without validating the values
+    /// (for [`SchedulerConfig::validate`]'s own checks; expects the counts checked).
+    pub(crate) fn alphas_cumprod_of(config: &SchedulerConfig) -> Vec<f32> {
+        betas_and_alphas_cumprod(config).1
     }
 
     /// Number of training timesteps `T`.
@@ -89,6 +91,16 @@ impl NoiseSchedule {
         }
         a
     }
+}
+
+/// The betas of `config` (after the optional zero-terminal-SNR rescale) and their ᾱ.
+fn betas_and_alphas_cumprod(config: &SchedulerConfig) -> (Vec<f32>, Vec<f32>) {
+    let mut betas = betas(config);
+    if config.rescale_betas_zero_snr {
+        betas = rescale_zero_terminal_snr(&betas);
+    }
+    let alphas_cumprod = cumprod(betas.iter().map(|b| 1.0 - b));
+    (betas, alphas_cumprod)
 }
 
 /// The betas of `config` before any zero-terminal-SNR rescale, in f32 as diffusers

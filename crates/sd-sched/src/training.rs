@@ -42,6 +42,9 @@ use crate::schedule::NoiseSchedule;
 #[derive(Debug, Clone)]
 pub struct TrainingSchedule<B: Backend> {
     alphas_cumprod: Tensor<B, 1>,
+    /// ᾱ the SNR-based loss weights read: `alphas_cumprod` unless
+    /// [`TrainingSchedule::with_snr_from`] set another schedule's.
+    snr_alphas_cumprod: Tensor<B, 1>,
     prediction_type: PredictionType,
     num_train_timesteps: usize,
 }
@@ -49,11 +52,50 @@ pub struct TrainingSchedule<B: Backend> {
 impl<B: Backend> TrainingSchedule<B> {
     /// Uploads ᾱ of `schedule` to `device`.
     pub fn new(schedule: &NoiseSchedule, device: &B::Device) -> Self {
+        let alphas_cumprod = schedule.alphas_cumprod_tensor(device);
         Self {
-            alphas_cumprod: schedule.alphas_cumprod_tensor(device),
+            snr_alphas_cumprod: alphas_cumprod.clone(),
+            alphas_cumprod,
             prediction_type: schedule.prediction_type(),
             num_train_timesteps: schedule.num_train_timesteps(),
         }
+    }
+
+    /// The same schedule with [`TrainingSchedule::snr`] (and so every SNR-based loss
+    /// weight: min-SNR-γ, debiased estimation, the v-prediction scalings) read from
+    /// `weighting`'s ᾱ, while noising and targets keep this schedule's. sd-scripts takes
+    /// its SNR table before `--zero_terminal_snr` rescales the betas, so with zero terminal
+    /// SNR its weights are those of the schedule without the rescale (min-SNR-γ 5 for
+    /// v-prediction weighs timestep 999 by about 0.005, not 0); pass that schedule here to
+    /// weigh as it does. Fails if the two have different lengths.
+    ///
+    /// ```
+    /// use burn::backend::Flex;
+    /// use sd_sched::training::TrainingSchedule;
+    /// use sd_sched::{NoiseSchedule, SchedulerConfig};
+    ///
+    /// let ztsnr = NoiseSchedule::new(&SchedulerConfig::zero_terminal_snr_v()).unwrap();
+    /// let plain = NoiseSchedule::new(&SchedulerConfig { rescale_betas_zero_snr: false, ..SchedulerConfig::zero_terminal_snr_v() }).unwrap();
+    /// let device = Default::default();
+    /// let t = burn::tensor::Tensor::<Flex, 1, burn::tensor::Int>::from_ints([999], &device);
+    /// let ours = TrainingSchedule::<Flex>::new(&ztsnr, &device);
+    /// assert_eq!(ours.snr(t.clone()).into_scalar(), 0.0);
+    /// let kohya = ours.with_snr_from(&plain).unwrap();
+    /// assert!(kohya.snr(t).into_scalar() > 0.004);
+    /// ```
+    pub fn with_snr_from(mut self, weighting: &NoiseSchedule) -> Result<Self> {
+        if weighting.num_train_timesteps() != self.num_train_timesteps {
+            return Err(SchedError::InvalidArgument {
+                name: "weighting",
+                reason: format!(
+                    "a schedule of {} timesteps (this one's count), not {}",
+                    self.num_train_timesteps,
+                    weighting.num_train_timesteps()
+                ),
+            });
+        }
+        self.snr_alphas_cumprod = weighting.alphas_cumprod_tensor(&self.alphas_cumprod.device());
+        Ok(self)
     }
 
     /// Number of training timesteps `T`; valid timesteps are `0..T`.
@@ -124,10 +166,11 @@ impl<B: Backend> TrainingSchedule<B> {
         }
     }
 
-    /// SNR(t) = ᾱₜ / (1 − ᾱₜ) per batch element (diffusers `compute_snr`).
+    /// SNR(t) = ᾱₜ / (1 − ᾱₜ) per batch element (diffusers `compute_snr`), of the
+    /// weighting schedule ([`TrainingSchedule::with_snr_from`]; this one by default).
     pub fn snr(&self, timesteps: Tensor<B, 1, Int>) -> Tensor<B, 1> {
         // (sqrt(ᾱ) / sqrt(1 − ᾱ))², in diffusers' order, for f32 parity.
-        let a = self.alphas_cumprod(timesteps);
+        let a = self.snr_alphas_cumprod.clone().select(0, timesteps);
         let alpha = a.clone().sqrt();
         let sigma = a.neg().add_scalar(1.0).sqrt();
         let ratio = alpha / sigma;
@@ -202,8 +245,9 @@ pub fn v_pred_noise_like_weights<B: Backend>(snr: Tensor<B, 1>) -> Tensor<B, 1> 
 
 /// kohya's `v_pred_like_loss` for ε-prediction: the loss plus `λ` times a v-prediction-like
 /// loss, `loss · (1 + λ · (SNR + 1) / SNR)`, which weighs the low-SNR (noisy) timesteps
-/// more. The SNR is capped at 1000, as kohya's, and floored at 1e-3 (kohya's divides by
-/// zero at the last timestep of a zero-terminal-SNR schedule).
+/// more. The SNR is capped at 1000, as kohya's, and floored at 1e-3: the last timestep of
+/// a zero-terminal-SNR schedule has SNR 0 (sd-scripts never meets it, as it weighs by the
+/// schedule before the rescale: [`TrainingSchedule::with_snr_from`]).
 ///
 /// ```
 /// use burn::backend::Flex;
@@ -221,9 +265,10 @@ pub fn v_pred_like_weights<B: Backend>(snr: Tensor<B, 1>, lambda: f64) -> Tensor
 /// Debiased-estimation loss weights (Yu et al. 2024, "Debias the Training of Diffusion
 /// Models"; kohya's `--debiased_estimation_loss`): `1 / sqrt(SNR)` for ε- and
 /// x₀-prediction, `1 / (SNR + 1)` for v-prediction, with the SNR capped at 1000 (it is
-/// infinite at timestep 0 of some schedules) and, unlike kohya's, floored at 1e-3: the last
-/// timestep of a zero-terminal-SNR schedule has SNR 0, where `1 / sqrt(SNR)` is infinite and
-/// the loss would be NaN (ordinary schedules never go below about 5e-3).
+/// infinite at timestep 0 of some schedules) and floored at 1e-3: the last timestep of a
+/// zero-terminal-SNR schedule has SNR 0, where `1 / sqrt(SNR)` is infinite and the loss
+/// would be NaN (ordinary schedules never go below about 5e-3; sd-scripts weighs by the
+/// schedule before the rescale, [`TrainingSchedule::with_snr_from`]).
 pub fn debiased_weights<B: Backend>(snr: Tensor<B, 1>, prediction: PredictionType) -> Tensor<B, 1> {
     let snr = snr.clamp(1e-3, 1000.0);
     match prediction {

@@ -1111,8 +1111,10 @@ pub struct TrainSection {
     /// Scale of the `exponential` and `constant` thresholds.
     pub huber_scale: f64,
     /// Rescale the training noise schedule to zero terminal SNR (Lin et al. 2023; kohya's
-    /// `zero_terminal_snr`), for v-prediction models.
-    pub zero_terminal_snr: bool,
+    /// `zero_terminal_snr`), for v-prediction models. Unset (`None`): as the model's own
+    /// schedule says (a diffusers folder's `rescale_betas_zero_snr`, a single file's
+    /// `ztsnr` key); `true` / `false` turn it on or off whatever the model says.
+    pub zero_terminal_snr: Option<bool>,
     /// Lowest timestep sampled.
     pub min_timestep: usize,
     /// One past the highest timestep sampled.
@@ -1795,7 +1797,7 @@ impl Default for TrainConfig {
                 debiased_estimation_loss: false,
                 scale_v_pred_loss_like_noise_pred: false,
                 v_pred_like_loss: 0.0,
-                zero_terminal_snr: false,
+                zero_terminal_snr: None,
                 loss_type: LossKind::L2,
                 huber_schedule: HuberScheduleKind::Snr,
                 huber_c: 0.1,
@@ -2596,6 +2598,13 @@ impl TrainConfig {
         }
         if !e.weights.is_empty() && !e.init_word.is_empty() {
             return bad("init_word", "and embedding.weights both say where the vectors start: set one".into());
+        }
+        if self.trains_adapters() && self.output.save_format == lora_core::AdapterFormat::Peft {
+            // The embedding is bundled in the LoRA file, which diffusers then refuses.
+            return Err(TrainError::Config {
+                origin: "output.save_format".into(),
+                reason: "\"peft\" cannot hold the embedding trained with the adapters (diffusers refuses a LoRA file with bundled embeddings): keep \"kohya\" (A1111 reads the bundle; `trainer unbundle-embeddings` writes it apart for ComfyUI and diffusers)".into(),
+            });
         }
         if !e.weights.is_empty() && !std::path::Path::new(&e.weights).is_file() {
             return bad("weights", format!("there is no file at {}", e.weights));

@@ -1443,7 +1443,9 @@ fn read_training(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) 
     t.debiased_estimation_loss = o.flag("debiased_estimation_loss")?;
     t.scale_v_pred_loss_like_noise_pred = o.flag("scale_v_pred_loss_like_noise_pred")?;
     t.v_pred_like_loss = o.float("v_pred_like_loss")?.unwrap_or(0.0);
-    t.zero_terminal_snr = o.flag("zero_terminal_snr")?;
+    // sd-scripts trains on its own schedule, rescaled only with this flag, whatever the
+    // model: set it either way so a zero-terminal-SNR model's own setting does not apply.
+    t.zero_terminal_snr = Some(o.flag("zero_terminal_snr")?);
     t.loss_type = match o.string("loss_type")?.as_deref() {
         None | Some("l2") => LossKind::L2,
         Some("l1") => LossKind::L1,

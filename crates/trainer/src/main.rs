@@ -281,7 +281,7 @@ enum Command {
         /// Sampling steps.
         #[arg(long, default_value_t = 25)]
         steps: usize,
-        /// Guidance scale.
+        /// Guidance scale (1 or less: no guidance, the prompt alone, as diffusers).
         #[arg(long, default_value_t = 7.5, value_parser = parse_finite)]
         cfg: f32,
         /// Seed.
@@ -1311,15 +1311,17 @@ fn sd_module_indexes() -> Result<Vec<ModuleIndex>> {
 
 /// Reads an adapter file with the first of [`sd_module_indexes`] that knows every key (the
 /// first's error when none does). An SDXL set read from the diffusers/PEFT layout gets
-/// kohya's SDXL names ([`use_sdxl_kohya_names`]), as `train` and `extract` give theirs (a
+/// kohya's SDXL names ([`sd_model::lora::use_sdxl_kohya_names_by`], the layout guessed by
+/// [`sd_model::lora::guess_sdxl_layout`]), as `train` and `extract` give theirs (a
 /// kohya file's set carries the names it was read by).
 fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::ReadReport)> {
     let mut first_error = None;
     for index in sd_module_indexes()? {
         match AdapterSet::load(input, &index, ReadOptions::default()) {
             Ok((mut set, report)) => {
-                if report.format != AdapterFormat::Kohya && is_sdxl_set(&set) {
-                    use_sdxl_kohya_names(&mut set);
+                if report.format != AdapterFormat::Kohya && sd_model::lora::adapter_set_is_sdxl(&set) {
+                    let layout = sd_model::lora::guess_sdxl_layout(&set);
+                    sd_model::lora::use_sdxl_kohya_names_by(&mut set, &layout);
                 }
                 return Ok((set, report));
             }
@@ -1329,51 +1331,6 @@ fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::Read
         }
     }
     Err(first_error.map_or_else(|| anyhow::anyhow!("no module index"), anyhow::Error::from))
-}
-
-/// Whether `set` is for an SDXL UNet: it adapts the second text encoder, its metadata says
-/// so (`ss_base_model_version` `sdxl_…` or `tiny_sdxl`, `modelspec.architecture`
-/// `stable-diffusion-xl-…`), or one of its UNet transformers holds a second block (SD1.x's
-/// and SD2.x's hold one).
-fn is_sdxl_set(set: &AdapterSet) -> bool {
-    let says = |key: &str| set.metadata.get(key).is_some_and(|v| v.contains("sdxl") || v.contains("stable-diffusion-xl"));
-    let deep = |path: &str| {
-        let parts: Vec<&str> = path.split('.').collect();
-        parts.windows(2).any(|w| w[0] == "transformer_blocks" && w[1].parse::<usize>().is_ok_and(|i| i > 0))
-    };
-    says("ss_base_model_version")
-        || says("modelspec.architecture")
-        || set.iter().any(|(key, _)| key.component == lora_core::Component::TextEncoder2 || (key.component == lora_core::Component::Unet && deep(&key.path)))
-}
-
-/// Names an SDXL set's adapters as kohya's SDXL files do (the first text encoder
-/// `lora_te1_`, the UNet by its SGM paths), for the UNet layout its adapters show
-/// ([`sdxl_layout_of`]).
-fn use_sdxl_kohya_names(set: &mut AdapterSet) {
-    let layout = sdxl_layout_of(set);
-    sd_model::lora::use_sdxl_kohya_names_by(set, &layout);
-}
-
-/// The UNet layout behind an SDXL set's SGM names, from the set alone (these commands load
-/// no model; the names of later levels depend on the ResNets per level): SDXL's two, or the
-/// tiny SDXL models' one where every UNet adapter is narrower than SDXL's narrowest level
-/// and none sits where only a second ResNet per level fits.
-fn sdxl_layout_of(set: &AdapterSet) -> sd_model::keymap::UnetLayout {
-    let sdxl = sd_model::UnetConfig::sdxl();
-    let unet = || set.iter().filter(|(key, _)| key.component == lora_core::Component::Unet);
-    // Shapes read with `get`: a stand-alone adapter's tensors need not be matrices.
-    let width = |w: &lora_core::LoraWeights| w.down.shape.get(1).copied().unwrap_or(0).max(w.up.shape.first().copied().unwrap_or(0));
-    let narrow = unet().all(|(_, w)| width(w) < sdxl.block_out_channels[0]);
-    let second_resnet = |path: &str| {
-        let parts: Vec<&str> = path.split('.').collect();
-        match parts.as_slice() {
-            ["down_blocks", _, "resnets" | "attentions", j, ..] => j.parse::<usize>().is_ok_and(|j| j >= 1),
-            ["up_blocks", _, "resnets" | "attentions", j, ..] => j.parse::<usize>().is_ok_and(|j| j >= 2),
-            _ => false,
-        }
-    };
-    let layers = if narrow && !unet().any(|(key, _)| second_resnet(&key.path)) { 1 } else { sdxl.layers_per_block };
-    sd_model::keymap::UnetLayout { layers, ..sd_model::keymap::UnetLayout::from_config(&sdxl) }
 }
 
 fn run_convert(input: &std::path::Path, output: &std::path::Path, to: AdapterFormat, dtype: SaveDtype) -> Result<()> {

@@ -112,7 +112,7 @@ fn iso_date(t: SystemTime) -> String {
 /// The epochs a run of `t` trains, with `batches` batches per epoch, the last perhaps in
 /// part: sd-scripts' `num_train_epochs` (`ss_num_epochs`, and a finished run's `ss_epoch`).
 pub(crate) fn run_epochs(t: &crate::config::TrainSection, batches: usize) -> usize {
-    (t.max_train_steps * t.gradient_accumulation_steps).div_ceil(batches.max(1))
+    t.max_train_steps.div_ceil(batches.max(1).div_ceil(t.gradient_accumulation_steps.max(1)))
 }
 
 fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -> Vec<(String, String)> {
@@ -279,7 +279,7 @@ fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -
         ("ss_ip_noise_gamma_random_strength", py_bool(t.ip_noise_gamma_random_strength)),
         ("ss_min_snr_gamma", t.min_snr_gamma.to_string()),
         ("ss_debiased_estimation", py_bool(t.debiased_estimation_loss)),
-        ("ss_zero_terminal_snr", py_bool(t.zero_terminal_snr)),
+        ("ss_zero_terminal_snr", py_bool(t.zero_terminal_snr.unwrap_or(false))),
         ("ss_loss_type", name_of(&t.loss_type)),
         ("ss_huber_schedule", name_of(&t.huber_schedule)),
         ("ss_huber_c", t.huber_c.to_string()),

@@ -465,7 +465,7 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
         }
         out.push_str(&format!("\nembedding `{}` ({vectors}; {what}): {source}", e.token));
     }
-    let epochs = (t.max_train_steps * t.gradient_accumulation_steps) as f64 / batches.max(1) as f64;
+    let epochs = t.max_train_steps as f64 / batches.max(1).div_ceil(t.gradient_accumulation_steps.max(1)) as f64;
     let each = match t.gradient_accumulation_steps {
         1 => String::new(),
         n => format!(" of {n} batches each"),
@@ -538,9 +538,9 @@ pub fn train_on<B: AutodiffBackend>(
 
 /// `config` with `train.max_train_steps` set from `train.max_train_epochs` when that is
 /// not 0: enough optimizer steps for that many passes over the data set,
-/// `⌈epochs · batches per epoch / gradient_accumulation_steps⌉` (kohya's rule up to the
-/// rounding: a step here may take micro-batches from two epochs). Opens the data set to
-/// count its batches.
+/// `epochs · ⌈batches per epoch / gradient_accumulation_steps⌉` (sd-scripts' rule: with
+/// gradient accumulation an epoch's last step takes the batches that are left). Opens the
+/// data set to count its batches.
 pub fn with_epoch_steps(config: &TrainConfig) -> Result<TrainConfig, TrainError> {
     config.validate()?;
     match config.train.max_train_epochs {
@@ -626,11 +626,11 @@ fn steps_for(config: &TrainConfig, dataset: &Dataset) -> Result<TrainConfig, Tra
         if batches == 0 {
             return Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() });
         }
-        let micro_batches = t.max_train_epochs.checked_mul(batches).ok_or_else(|| TrainError::Config {
+        let steps_per_epoch = batches.div_ceil(t.gradient_accumulation_steps.max(1));
+        config.train.max_train_steps = t.max_train_epochs.checked_mul(steps_per_epoch).ok_or_else(|| TrainError::Config {
             origin: "train.max_train_epochs".into(),
-            reason: format!("= {} epochs of {batches} batches is more micro-batches than can be counted", t.max_train_epochs),
+            reason: format!("= {} epochs of {batches} batches is more steps than can be counted", t.max_train_epochs),
         })?;
-        config.train.max_train_steps = micro_batches.div_ceil(t.gradient_accumulation_steps);
         if config.train.max_train_steps > crate::config::MAX_TRAIN_STEPS {
             return Err(TrainError::Config {
                 origin: "train.max_train_epochs".into(),
@@ -1521,6 +1521,36 @@ pub fn check_dtype_support<B: burn::tensor::backend::Backend>(device: &B::Device
     })
 }
 
+/// The model's scheduler config `model` with what `t` sets: the prediction type
+/// (`train.prediction`) and zero terminal SNR (`train.zero_terminal_snr`; unset, the
+/// model's own `rescale_betas_zero_snr` stays).
+fn training_scheduler_config(model: &sd_sched::SchedulerConfig, t: &crate::config::TrainSection) -> sd_sched::SchedulerConfig {
+    let mut config = model.clone();
+    match t.prediction {
+        Prediction::Auto => {}
+        Prediction::Epsilon => config.prediction_type = PredictionType::Epsilon,
+        Prediction::VPrediction => config.prediction_type = PredictionType::VPrediction,
+    }
+    if let Some(on) = t.zero_terminal_snr {
+        config.rescale_betas_zero_snr = on;
+    }
+    config
+}
+
+/// The training schedule of `config` on `device`. With zero terminal SNR its SNR-based
+/// loss weights (min-SNR-γ, debiased estimation, the v-prediction scalings) read the
+/// schedule without the rescale, as sd-scripts' do: its SNR table is taken before
+/// `--zero_terminal_snr` rescales the betas, so its last timestep weighs about 0.005 under
+/// min-SNR-γ 5 for v-prediction, not 0. Noising and targets use the rescaled schedule.
+fn training_schedule<B: burn::tensor::backend::Backend>(config: &sd_sched::SchedulerConfig, device: &B::Device) -> Result<TrainingSchedule<B>, TrainError> {
+    let schedule = TrainingSchedule::new(&NoiseSchedule::new(config)?, device);
+    if !config.rescale_betas_zero_snr {
+        return Ok(schedule);
+    }
+    let plain = sd_sched::SchedulerConfig { rescale_betas_zero_snr: false, ..config.clone() };
+    Ok(schedule.with_snr_from(&NoiseSchedule::new(&plain)?)?)
+}
+
 fn run<B: AutodiffBackend>(
     config: &TrainConfig,
     (dataset, validation): TrainingData,
@@ -1606,13 +1636,7 @@ fn run<B: AutodiffBackend>(
     let te_adapters = train_te;
     let train_te = train_te || embedding.is_some();
 
-    let mut schedule_cfg = frozen.scheduler.clone();
-    match t.prediction {
-        Prediction::Auto => {}
-        Prediction::Epsilon => schedule_cfg.prediction_type = PredictionType::Epsilon,
-        Prediction::VPrediction => schedule_cfg.prediction_type = PredictionType::VPrediction,
-    }
-    schedule_cfg.rescale_betas_zero_snr |= t.zero_terminal_snr;
+    let schedule_cfg = training_scheduler_config(&frozen.scheduler, t);
     if t.v_pred_like_loss > 0.0 && schedule_cfg.prediction_type == PredictionType::VPrediction {
         // As kohya refuses it: the added term is what a v-prediction loss already is.
         return Err(TrainError::Config {
@@ -1627,10 +1651,10 @@ fn run<B: AutodiffBackend>(
             reason: format!("is for v-prediction models, and this one predicts {:?} (set train.prediction = \"v_prediction\" if it is a v-prediction model)", schedule_cfg.prediction_type),
         });
     }
-    let schedule = TrainingSchedule::<B>::new(&NoiseSchedule::new(&schedule_cfg)?, device);
+    let schedule = training_schedule::<B>(&schedule_cfg, device)?;
     let mut validator = match validation {
         Some(dataset) => Some(Validator {
-            schedule: TrainingSchedule::new(&NoiseSchedule::new(&schedule_cfg)?, device),
+            schedule: training_schedule(&schedule_cfg, device)?,
             cache: EncodeCache::for_dataset(&dataset),
             dataset,
             log: ValidationLog::open(&out.join("validation.jsonl"), state.as_ref().map(|s| s.info.step))?,
@@ -1779,9 +1803,13 @@ fn run<B: AutodiffBackend>(
         version: &frozen.base_version,
         v_prediction: schedule_cfg.prediction_type == PredictionType::VPrediction,
     };
+    // The metadata records the schedule that trained (the model's own setting where the
+    // config leaves zero terminal SNR unset).
+    let mut recorded = config.clone();
+    recorded.train.zero_terminal_snr = Some(schedule_cfg.rescale_betas_zero_snr);
     let mut saver = Saver {
         config,
-        metadata: crate::metadata::RunMetadata::new(config, &dataset, base, std::time::SystemTime::now()),
+        metadata: crate::metadata::RunMetadata::new(&recorded, &dataset, base, std::time::SystemTime::now()),
         batches_in_epoch: plans.len(),
         embedding: embedding.clone(),
         embedding_file: false,
@@ -1835,7 +1863,15 @@ fn run<B: AutodiffBackend>(
         let mut step_loss = Tensor::<B::InnerBackend, 1>::zeros([1], device);
         // DyLoRA: the rank chunks this step trains, drawn per pass (micro-batch).
         let mut trained_chunks = lora_core::dylora::TrainedChunks::default();
+        // Micro-batches this step takes: `gradient_accumulation_steps`, fewer where the epoch
+        // ends first (sd-scripts' accelerate steps at an epoch's end with what it has,
+        // the gradients still divided by the full count).
+        let mut used = 0usize;
         for micro in 0..t.gradient_accumulation_steps {
+            if progress.batch_in_epoch >= plans.len() && micro > 0 {
+                break;
+            }
+            used += 1;
             if dylora {
                 let seed = step_seed(t.seed ^ DYLORA_SEED, step)
                     ^ (micro as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
@@ -2021,6 +2057,11 @@ fn run<B: AutodiffBackend>(
         // Clipping, the non-finite skip and the loss scale, decided on the device: the
         // next step is queued without waiting for this one.
         let sq_norm = te_grads.iter().fold(grads.sq_norm(), |sum, g| sum + g.sq_norm());
+        // The loss recorded is the mean over the micro-batches used (each term is divided
+        // by the full count, as the gradients are).
+        if used < t.gradient_accumulation_steps {
+            step_loss = step_loss.mul_scalar(t.gradient_accumulation_steps as f32 / used as f32);
+        }
         let check = guard.check(step_loss, sq_norm);
         unet = optim.step_if(lr, unet, check.scale(grads), check.apply.clone());
         // Adafactor's relative step replaces every learning rate (as in sd-scripts).
@@ -2202,11 +2243,13 @@ pub struct Progress {
 /// there. The adapters are fresh or `lora.network_weights`', the optimizer's moments zero.
 ///
 /// `initial_epoch = E` starts at epoch `E`'s first batch, after `E − 1` epochs of
-/// `⌈batches / gradient_accumulation_steps⌉` steps each (kohya's count);
-/// `initial_step = N` at the batch after the `N · gradient_accumulation_steps` the steps
-/// before it use. Unlike sd-scripts, which restarts its learning-rate scheduler (and
-/// without `skip_until_initial_step` counts steps from 0 and starts at the epoch's first
-/// batch), the schedule and the step count go on, as they would in the run continued.
+/// `⌈batches / gradient_accumulation_steps⌉` steps each (kohya's count: an epoch's last
+/// step takes the batches that are left); `initial_step = N` at the batch after those the
+/// steps before it use (whole epochs of that many steps, then
+/// `gradient_accumulation_steps` batches a step). Unlike sd-scripts, which restarts its
+/// learning-rate scheduler (and without `skip_until_initial_step` counts steps from 0 and
+/// starts at the epoch's first batch), the schedule and the step count go on, as they
+/// would in the run continued.
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -2249,13 +2292,10 @@ pub fn initial_progress(config: &TrainConfig, dataset: &Dataset) -> Result<Progr
         if t.initial_step >= t.max_train_steps {
             return Err(past_end("initial_step", t.initial_step, t.initial_step as u128));
         }
-        // The micro-batches the steps before it used: whole epochs, then part of one.
-        let used = t.initial_step as u128 * accumulation as u128;
-        let epoch = u64::try_from(used / batches as u128).map_err(|_| TrainError::Config {
-            origin: "train.initial_step".into(),
-            reason: format!("= {} starts past the last epoch that can be counted ({} batches per epoch)", t.initial_step, batches),
-        })?;
-        Progress { step: t.initial_step, epoch, batch_in_epoch: (used % batches as u128) as usize }
+        // The steps before it: whole epochs, then whole steps of one.
+        let steps_per_epoch = batches.div_ceil(accumulation);
+        let epoch = (t.initial_step / steps_per_epoch) as u64;
+        Progress { step: t.initial_step, epoch, batch_in_epoch: (t.initial_step % steps_per_epoch) * accumulation }
     } else if t.initial_epoch > 1 {
         let epoch = t.initial_epoch - 1;
         let step = epoch as u128 * batches.div_ceil(accumulation) as u128;
@@ -3151,6 +3191,28 @@ mod tests {
         assert!(fingerprint(&config).contains("\nconv_alpha = 2.0\n"));
         (config.lora.constraint, config.lora.rescaled) = (1e-3, true);
         assert!(fingerprint(&config).contains("\nconstraint = 0.001\n") && fingerprint(&config).contains("\nrescaled = true\n"));
+    }
+
+    /// `train.zero_terminal_snr` unset keeps the model's own setting; set, it wins either
+    /// way (a zero-terminal-SNR model trains on the plain schedule with `false`, as
+    /// sd-scripts would without its flag).
+    #[test]
+    fn zero_terminal_snr_follows_the_model_unless_set() {
+        let mut t = TrainConfig::default().train;
+        let ztsnr_model = sd_sched::SchedulerConfig::zero_terminal_snr_v();
+        let plain_model = sd_sched::SchedulerConfig::sd15();
+        assert!(training_scheduler_config(&ztsnr_model, &t).rescale_betas_zero_snr);
+        assert!(!training_scheduler_config(&plain_model, &t).rescale_betas_zero_snr);
+        t.zero_terminal_snr = Some(false);
+        assert!(!training_scheduler_config(&ztsnr_model, &t).rescale_betas_zero_snr);
+        t.zero_terminal_snr = Some(true);
+        assert!(training_scheduler_config(&plain_model, &t).rescale_betas_zero_snr);
+        // The SNR-based weights read the schedule before the rescale (sd-scripts' table).
+        let device = Default::default();
+        let schedule = training_schedule::<burn::backend::Flex>(&ztsnr_model, &device).unwrap();
+        let last = burn::tensor::Tensor::<burn::backend::Flex, 1, burn::tensor::Int>::from_ints([999], &device);
+        let snr: f32 = schedule.snr(last).into_scalar();
+        assert!(snr > 0.004 && snr < 0.006, "{snr}");
     }
 
     /// `data.caption_separator` reaches the folders' tag handling: with every droppable

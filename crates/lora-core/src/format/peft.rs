@@ -194,6 +194,14 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
     if let Some((key, w)) = set.iter().find(|(_, w)| w.stands_alone()) {
         return Err(w.no_plain_form(&key.to_string(), "written in the diffusers / PEFT layout (PEFT's OFT is another method); keep it in kohya's"));
     }
+    // diffusers' `load_lora_weights` refuses a file with any key that is no LoRA's, so
+    // bundled embeddings would make the whole file unreadable where this layout is used.
+    if let Some(name) = set.bundled_embeddings.keys().next() {
+        return Err(crate::LoraError::Unsupported(format!(
+            "embeddings bundled in the set (`{BUNDLED}{name}`) cannot be written in the diffusers / PEFT layout: diffusers refuses a LoRA file holding them; write the embeddings apart (`trainer unbundle-embeddings`) and the LoRA without them, or keep kohya's layout (A1111 reads its bundles)",
+            BUNDLED = super::BUNDLED_EMBEDDING_PREFIX
+        )));
+    }
     let mut folded: Vec<(AdapterKey, LoraWeights)> = set.iter().map(|(k, w)| (k.clone(), w.with_scale_folded())).collect();
     // DoRA magnitudes in PEFT's layout: `[out]`, or `[1, out, 1, 1]` for convolutions.
     for (_, w) in &mut folded {
@@ -210,7 +218,6 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
             tensors.push((format!("{name}.lora_magnitude_vector"), m));
         }
     }
-    tensors.extend(super::bundled_tensors(set));
     let mut metadata: HashMap<String, String> = set
         .metadata
         .iter()
@@ -220,5 +227,43 @@ pub(super) fn write(set: &AdapterSet, dtype: SaveDtype) -> Result<Vec<u8>> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     metadata.insert("format".into(), "pt".into());
+    if let Some(config) = adapter_metadata(&folded) {
+        metadata.insert(ADAPTER_METADATA_KEY.into(), config);
+    }
     tensor_io::serialize(&tensors, dtype, metadata)
+}
+
+/// diffusers' `lora_adapter_metadata` for a set whose scales are folded into B: per
+/// component, the PEFT `LoraConfig` fields that give every module the scale 1 (alpha =
+/// rank): `r` and `lora_alpha` the most common rank, each module of another rank in
+/// `rank_pattern` and `alpha_pattern` (full module paths, as diffusers writes them),
+/// `target_modules` every module, and `use_dora`. diffusers 0.34 and newer build the
+/// adapter's config from it; without it, diffusers before 0.40 took the first module's
+/// rank as every module's alpha, so a set of mixed ranks (a LoCon's `conv_rank`, dynamic
+/// resizes, block ranks) loaded at the wrong strengths.
+fn adapter_metadata(folded: &[(AdapterKey, LoraWeights)]) -> Option<String> {
+    let mut config = serde_json::Map::new();
+    for component in Component::ALL {
+        let modules: Vec<(&str, &LoraWeights)> = folded.iter().filter(|(k, _)| k.component == component).map(|(k, w)| (k.path.as_str(), w)).collect();
+        if modules.is_empty() {
+            continue;
+        }
+        let mut counts: std::collections::BTreeMap<usize, usize> = Default::default();
+        for (_, w) in &modules {
+            *counts.entry(w.rank()).or_default() += 1;
+        }
+        // The most common rank (the smallest of equally common ones).
+        let r = counts.iter().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0))).map_or(1, |(&r, _)| r);
+        let pattern: serde_json::Map<String, serde_json::Value> = modules.iter().filter(|(_, w)| w.rank() != r).map(|(p, w)| (p.to_string(), w.rank().into())).collect();
+        let prefix = component.peft_prefix();
+        let mut targets: Vec<&str> = modules.iter().map(|(p, _)| *p).collect();
+        targets.sort_unstable();
+        config.insert(format!("{prefix}.r"), r.into());
+        config.insert(format!("{prefix}.lora_alpha"), r.into());
+        config.insert(format!("{prefix}.rank_pattern"), pattern.clone().into());
+        config.insert(format!("{prefix}.alpha_pattern"), pattern.into());
+        config.insert(format!("{prefix}.target_modules"), targets.into());
+        config.insert(format!("{prefix}.use_dora"), modules.iter().any(|(_, w)| w.magnitude.is_some()).into());
+    }
+    (!config.is_empty()).then(|| serde_json::Value::Object(config).to_string())
 }

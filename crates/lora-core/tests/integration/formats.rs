@@ -6,7 +6,7 @@ use std::path::Path;
 
 use common::{damage, damaged, random_weights, rel_err, Rng};
 use lora_core::{
-    detect_format, AdapterFormat, AdapterKey, AdapterSet, Component, LoraError, ModuleIndex, ReadOptions, SaveDtype,
+    detect_format, AdapterFormat, AdapterKey, AdapterSet, Component, LoraError, LoraWeights, ModuleIndex, ReadOptions, SaveDtype,
 };
 use proptest::prelude::*;
 
@@ -237,12 +237,16 @@ fn bundled_embeddings_ride_along() {
     let (set, report) = read(&bytes).unwrap();
     assert_eq!((set.len(), report.skipped.len(), set.bundled_embeddings.len()), (1, 0, 3));
     assert_eq!(set.bundled_embeddings["mystyle.string_to_param.*"].shape, [2, 8]);
-    // Written back with the adapters, in either layout (so convert / resize keep them).
-    for format in [AdapterFormat::Kohya, AdapterFormat::Peft] {
-        let again = set.to_bytes(format, SaveDtype::F32).unwrap();
-        let (back, _) = AdapterSet::from_bytes(&again, Path::new("again.safetensors"), &index(), ReadOptions::default()).unwrap();
-        assert_eq!(back.bundled_embeddings, set.bundled_embeddings, "{format:?}");
-    }
+    // Written back with the adapters in kohya's layout (so convert / resize keep them);
+    // the PEFT layout refuses them (diffusers refuses a LoRA file with such keys).
+    let again = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+    let (back, _) = AdapterSet::from_bytes(&again, Path::new("again.safetensors"), &index(), ReadOptions::default()).unwrap();
+    assert_eq!(back.bundled_embeddings, set.bundled_embeddings);
+    let err = set.to_bytes(AdapterFormat::Peft, SaveDtype::F32).unwrap_err().to_string();
+    assert!(err.contains("bundle_emb.") && err.contains("unbundle-embeddings"), "{err}");
+    let mut plain = set.clone();
+    plain.bundled_embeddings.clear();
+    assert!(plain.to_bytes(AdapterFormat::Peft, SaveDtype::F32).is_ok());
     let resized = lora_core::resize::resize_set(&set, &lora_core::resize::ResizeSettings { rank: 1, conv_rank: 1, rule: lora_core::resize::RankRule::Fixed }).unwrap();
     assert_eq!(resized.set.bundled_embeddings, set.bundled_embeddings);
     let info = lora_core::inspect::inspect(&bytes, Path::new("test.safetensors")).unwrap();
@@ -537,6 +541,43 @@ fn inspect_takes_zero_dimensional_halves() {
     }
 }
 
+/// A PEFT-layout file of mixed ranks carries diffusers' `lora_adapter_metadata` with
+/// every module at scale 1 (its scale is folded into B): `r` / `lora_alpha` the common
+/// rank, the others in `rank_pattern` / `alpha_pattern`, every module in
+/// `target_modules`. diffusers builds the adapter's config from it; without it, diffusers
+/// before 0.40 scaled every module by the first module's rank over its own. Read back
+/// here, every alpha is its rank and the updates are unchanged.
+#[test]
+fn peft_files_of_mixed_ranks_carry_a_config_of_scale_one() {
+    let mut rng = Rng::new(11);
+    let mut set = AdapterSet::new();
+    let modules = [
+        ("down_blocks.0.attentions.0.proj_in", 8),
+        ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4),
+        ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0", 4),
+    ];
+    for (path, rank) in modules {
+        let w = LoraWeights::new(rng.host(&[rank, 8]), rng.host(&[8, rank]), 2.0, "test").unwrap();
+        set.insert(AdapterKey::new(Component::Unet, path), w).unwrap();
+    }
+    let bytes = set.to_bytes(AdapterFormat::Peft, SaveDtype::F32).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&meta.metadata().clone().unwrap()["lora_adapter_metadata"]).unwrap();
+    assert_eq!((config["unet.r"].as_u64(), config["unet.lora_alpha"].as_u64()), (Some(4), Some(4)), "{config}");
+    let pattern = serde_json::json!({"down_blocks.0.attentions.0.proj_in": 8});
+    assert_eq!((&config["unet.rank_pattern"], &config["unet.alpha_pattern"]), (&pattern, &pattern), "{config}");
+    let mut targets: Vec<&str> = modules.iter().map(|(p, _)| *p).collect();
+    targets.sort_unstable();
+    assert_eq!(config["unet.target_modules"], serde_json::json!(targets));
+    assert_eq!(config["unet.use_dora"], false);
+    assert!(config.get("text_encoder.r").is_none(), "no text-encoder adapters, no config: {config}");
+    let (back, _) = read(&bytes).unwrap();
+    for (_, w) in back.iter() {
+        assert_eq!(w.alpha, w.rank() as f32);
+    }
+    assert_same_deltas(&set, &back, 1e-6);
+}
+
 /// A PEFT-layout file of `tensors` (name, shape; values from `seed`) with `metadata`.
 fn peft_file(tensors: &[(&str, &[usize])], metadata: &[(&str, &str)], seed: u64) -> Vec<u8> {
     let mut rng = Rng::new(seed);
@@ -580,10 +621,13 @@ fn peft_files_take_alphas_from_diffusers_lora_config() {
     let delta = |s: &AdapterSet, p: &str| s.get(&AdapterKey::new(Component::Unet, p)).unwrap().delta().data;
     let (with, without) = (delta(&set, q), delta(&plain, q));
     assert!(with.iter().zip(&without).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1.0)));
-    // Round trip through our own PEFT writer: the same updates, no config to apply twice.
+    // Round trip through our own PEFT writer: the same updates; the source's config is not
+    // carried over (the scales are folded into B), the writer's own gives alpha = rank.
     let written = set.to_bytes(AdapterFormat::Peft, SaveDtype::F32).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&written).unwrap();
-    assert!(!meta.metadata().clone().unwrap_or_default().contains_key("lora_adapter_metadata"));
+    let config: serde_json::Value = serde_json::from_str(&meta.metadata().clone().unwrap_or_default()["lora_adapter_metadata"]).unwrap();
+    assert_eq!((config["unet.r"].as_u64(), config["unet.lora_alpha"].as_u64()), (Some(4), Some(4)), "{config}");
+    assert_eq!(config["unet.alpha_pattern"], serde_json::json!({}), "{config}");
     let (back, _) = read(&written).unwrap();
     assert_same_deltas(&set, &back, 1e-6);
     // Config entries that cannot be used are errors naming the entry.

@@ -118,6 +118,18 @@ fn bucket_tables_match_kohya() {
             "{reso:?} {min} {max} {steps}"
         );
     }
+    // sd-scripts' current function (pixel area, heights below `min_size` left out): a
+    // large `max_bucket_reso` adds no bucket thinner than `min_bucket_reso` (the block-area
+    // version without the check made 2048x128 here), and a resolution that is no multiple
+    // of the steps takes its area in pixels (448x1984: the block version gave 448x1856).
+    let wide = make_bucket_resolutions((512, 512), 256, 2048, 64);
+    assert_eq!(wide, make_bucket_resolutions((512, 512), 256, 1024, 64));
+    let odd = make_bucket_resolutions((1000, 1000), 256, 2048, 64);
+    assert_eq!(odd.len(), 41);
+    for b in [(256, 2048), (448, 1984), (448, 2048), (512, 1792), (960, 960), (960, 1024), (2048, 256)] {
+        assert!(odd.contains(&b), "{b:?}: {odd:?}");
+    }
+    assert!(!odd.contains(&(448, 1856)) && !odd.contains(&(1024, 1024)), "{odd:?}");
 }
 
 #[test]
@@ -149,10 +161,12 @@ proptest! {
         let reso = (side * steps / 2, side * steps / 2);
         let (min, max) = (min_k * steps, (min_k + extra) * steps);
         let buckets = make_bucket_resolutions(reso, min, max, steps);
-        let blocks = u64::from(reso.0 / steps) * u64::from(reso.1 / steps);
+        let area = u64::from(reso.0) * u64::from(reso.1);
         for &(w, h) in &buckets {
             prop_assert!(w % steps == 0 && h % steps == 0);
-            prop_assert!(u64::from(w / steps) * u64::from(h / steps) <= blocks);
+            prop_assert!(u64::from(w) * u64::from(h) <= area);
+            // Every bucket but the square one keeps both sides within min..=max.
+            prop_assert!(w == h || (w.min(h) >= min && w.max(h) <= max), "{:?} outside {}..={}", (w, h), min, max);
         }
         // Symmetric under transposition.
         for &(w, h) in &buckets {

@@ -265,7 +265,8 @@ fn every_nth_epoch_has_empty_captions_and_the_same_draws() {
 }
 
 /// kohya's token warmup counts optimizer steps: batch `b` of epoch `e` is at step
-/// `(e · batches + b) / gradient_accumulation_steps`, a fraction below 1 is of the run's
+/// `e · ⌈batches / gradient_accumulation_steps⌉ + b / gradient_accumulation_steps` (an
+/// epoch's last step takes the batches left, as sd-scripts'), a fraction below 1 is of the run's
 /// steps; the flips and crops stay what they are without it, and the held-out validation
 /// images keep every tag.
 #[test]
@@ -279,16 +280,17 @@ fn token_warmup_follows_the_steps_of_the_batches() {
     cfg.subsets[0].flip_aug = true;
     cfg.subsets[0].keep_tokens = 1;
     let plain = Dataset::open(&cfg).unwrap();
-    // 6 batches an epoch, 2 per step: 3 steps an epoch; 0.5 of 8 steps is 4.
+    // 6 batches an epoch, 4 per step: 2 steps an epoch, the second of the 2 batches left;
+    // 0.5 of 8 steps is 4.
     cfg.subsets[0].token_warmup_step = 0.5;
-    let warm = Dataset::open(&cfg).unwrap().with_steps(2, 8);
+    let warm = Dataset::open(&cfg).unwrap().with_steps(4, 8);
     assert!(!warm.captions_are_fixed());
     let warmup = sd_data::TokenWarmup { min: 1, steps: 4.0 };
     for epoch in 0..3u64 {
         let (a, b) = (plain.plan_epoch(epoch), warm.plan_epoch(epoch));
         assert_eq!(b.len(), 6);
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            let step = (epoch * 6 + i as u64) / 2;
+            let step = epoch * 2 + i as u64 / 4;
             for (s, t) in x.samples.iter().zip(&y.samples) {
                 assert_eq!((s.image, s.flip, s.crop, &s.caption[..4]), (t.image, t.flip, t.crop, &t.caption[..4]));
                 let tags = t.caption.split(", ").count() - 1;
@@ -862,6 +864,31 @@ fn missing_caption_policy() {
         expect_err(&config(plain.path())),
         DataError::MissingCaption { .. }
     ));
+}
+
+/// A face-crop image `name_cx_cy_w_h.png` without a caption of its own is captioned by
+/// `name.txt`, as sd-scripts reads it; its own caption wins, and a name whose last four
+/// parts are not numbers has no such fallback.
+#[test]
+fn face_crop_images_share_their_base_names_caption() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("2_x");
+    save(&dir.join("alice_100_120_50_60.png"), 64, 64, 1);
+    let own = save(&dir.join("alice_30_40_20_20.png"), 64, 64, 2);
+    caption(&own, "txt", "alice, close-up");
+    fs::write(dir.join("alice.txt"), "alice, portrait").unwrap();
+    save(&dir.join("a_b_c_d_e.png"), 64, 64, 3);
+    let mut cfg = config(&dir);
+    cfg.subsets[0].missing_caption = MissingCaption::Error;
+    match expect_err(&cfg) {
+        DataError::MissingCaption { path, .. } => assert!(path.ends_with("a_b_c_d_e.png"), "{}", path.display()),
+        e => panic!("unexpected {e}"),
+    }
+    fs::remove_file(dir.join("a_b_c_d_e.png")).unwrap();
+    let ds = Dataset::open(&cfg).unwrap();
+    let mut caps: Vec<(String, String)> = ds.images().iter().enumerate().map(|(i, r)| (names(&ds)[i].clone(), r.caption.clone())).collect();
+    caps.sort();
+    assert_eq!(caps, [("alice_100_120_50_60.png".to_string(), "alice, portrait".to_string()), ("alice_30_40_20_20.png".into(), "alice, close-up".into())]);
 }
 
 #[test]

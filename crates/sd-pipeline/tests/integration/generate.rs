@@ -588,3 +588,36 @@ fn embedding_names_must_be_one_word() {
     let loaded = sd_pipeline::load_embeddings(&mut c, &[write("style.safetensors"), write("style.v2.safetensors")], &[], &device).unwrap();
     assert_eq!(sd_model::textual_inversion::expand_prompt("style.v2, style", &loaded), "<emb:style.v2:0>, <emb:style:0>");
 }
+
+/// A single-file checkpoint samples with its family's official scheduler config, as
+/// diffusers' `from_single_file` does and as `convert-model` writes it: SDXL's `leading`
+/// spacing with `steps_offset` 1 (SD1.x's config leaves the spacing to each sampler).
+#[test]
+fn single_files_sample_with_their_familys_scheduler_config() {
+    let device = Default::default();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sd-model/tests/fixtures");
+    let sdxl = load_components::<B>(fixtures.join("sdxl/tiny_single_file.safetensors").to_str().unwrap(), 0, &device).unwrap();
+    assert_eq!((sdxl.scheduler.timestep_spacing, sdxl.scheduler.steps_offset), (Some(sd_sched::TimestepSpacing::Leading), 1));
+    assert_eq!(sdxl.scheduler.class_name.as_deref(), Some("EulerDiscreteScheduler"));
+    let sd1 = load_components::<B>(fixtures.join("parity/sd1_single_file.safetensors").to_str().unwrap(), 0, &device).unwrap();
+    assert_eq!((sd1.scheduler.timestep_spacing, sd1.scheduler.steps_offset), (None, 1));
+    assert_eq!(sd1.scheduler.prediction_type, sd_sched::PredictionType::Epsilon);
+}
+
+/// At a guidance scale of 1 or less the prompt's branch alone runs, as in diffusers and
+/// sd-scripts: the negative prompt and the scale's value then change nothing.
+#[test]
+fn guidance_of_one_or_less_runs_the_prompt_alone() {
+    let device = Default::default();
+    let c = load_components::<B>("tiny", 0, &device).unwrap();
+    let run = |cfg_scale: f32, negative: &str| {
+        let o = GenerateOptions { cfg_scale, negative_prompt: negative.into(), ..opts("ddim") };
+        values(denoise(&c, &o, initial_latents(&c, &o, &device).unwrap(), &device).unwrap())
+    };
+    let one = run(1.0, "");
+    assert_eq!(run(1.0, "a very long negative prompt, blurry, lowres, watermark"), one);
+    assert_eq!(run(0.5, "blurry"), one);
+    assert_eq!(run(0.0, "blurry"), one);
+    // Above 1 the negative prompt is the unconditional branch.
+    assert_ne!(run(1.5, "blurry"), run(1.5, ""));
+}

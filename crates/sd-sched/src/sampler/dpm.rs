@@ -440,7 +440,13 @@ impl<B: Backend> Sampler<B> for DpmSolverMultistepSampler<B> {
             _ => None,
         };
         let noise_prediction = c.algorithm_type == AlgorithmType::DpmSolver;
-        let prev = if order == 1 || self.lower_order_nums < 1 || lower_order_final {
+        // A step that ends at the σ it starts from changes nothing (the limit of every
+        // update as h → 0). Karras sigmas end at the schedule's smallest σ, which
+        // `final_sigmas_type = "sigma_min"` appends once more: from 15 steps that last step
+        // runs at second order, whose Heun coefficients would be 0 / 0 (NaN latents).
+        let prev = if self.sigmas[step_index] == self.sigmas[step_index + 1] {
+            sample
+        } else if order == 1 || self.lower_order_nums < 1 || lower_order_final {
             self.first_order(step_index, x0, sample, z)
         } else if order == 2 || self.lower_order_nums < 2 || lower_order_second {
             match noise_prediction {

@@ -90,6 +90,21 @@ fn bad_values_name_the_file_and_key() {
     ));
 }
 
+/// Configs saved by UniPC and DEIS (`solver_type` `bh2` / `bh1` / `logrho`,
+/// `algorithm_type` `deis`) load, with the values diffusers' DPM-Solvers read them as.
+#[test]
+fn unipc_and_deis_configs_load() {
+    let unipc = SchedulerConfig::from_json_str(r#"{"_class_name": "UniPCMultistepScheduler", "solver_type": "bh2", "predict_x0": true, "solver_p": null, "disable_corrector": []}"#).unwrap();
+    assert_eq!(unipc.solver_type, sd_sched::SolverType::Midpoint);
+    for value in ["bh1", "logrho"] {
+        let c = SchedulerConfig::from_json_str(&format!(r#"{{"solver_type": "{value}"}}"#)).unwrap();
+        assert_eq!(c.solver_type, sd_sched::SolverType::Midpoint, "{value}");
+    }
+    let deis = SchedulerConfig::from_json_str(r#"{"_class_name": "DEISMultistepScheduler", "algorithm_type": "deis", "solver_type": "logrho"}"#).unwrap();
+    assert_eq!(deis.algorithm_type, sd_sched::AlgorithmType::DpmSolverPlusPlus);
+    assert!(matches!(SchedulerConfig::from_json_str(r#"{"solver_type": "bogus"}"#), Err(SchedError::Parse { .. })));
+}
+
 /// A value out of range in a file names the file as well as the key (a user with several
 /// model folders must know which scheduler_config.json to fix); memory configs say
 /// `<string>`.
@@ -134,6 +149,39 @@ fn tiny_first_betas_are_refused_only_when_sigma0_is_zero() {
     assert!(s.alphas_cumprod()[0] < 1.0 && s.snr(0).is_finite());
     let bad = SchedulerConfig { beta_start: 1e-9, ..SchedulerConfig::default() };
     assert!(matches!(NoiseSchedule::new(&bad), Err(SchedError::InvalidValue { key: "beta_start", .. })));
+}
+
+/// ᾱ may reach 0 only at the last timestep (zero terminal SNR): a trained beta that
+/// rounds to 1 in f32 mid-schedule, or betas large enough that the f32 product underflows,
+/// make σ infinite from there on and are refused by the key that causes it.
+#[test]
+fn schedules_whose_alphas_reach_zero_early_are_refused() {
+    let mut betas = vec![0.01; 10];
+    betas[4] = 1.0 - 1e-9; // rounds to 1 in f32
+    let json = format!(r#"{{"trained_betas": {betas:?}, "num_train_timesteps": 10}}"#);
+    match SchedulerConfig::from_json_str(&json) {
+        Err(e @ SchedError::InvalidValue { key: "trained_betas", .. }) => {
+            assert!(e.to_string().contains("from timestep 4 of 10"), "{e}");
+        }
+        other => panic!("expected InvalidValue for trained_betas, got {other:?}"),
+    }
+    // A beta of 1 at the last timestep only is zero terminal SNR: accepted.
+    let mut last = vec![0.01; 10];
+    last[9] = 1.0 - 1e-9;
+    let json = format!(r#"{{"trained_betas": {last:?}, "num_train_timesteps": 10}}"#);
+    assert_eq!(NoiseSchedule::new(&SchedulerConfig::from_json_str(&json).unwrap()).unwrap().alphas_cumprod()[9], 0.0);
+    // (1 - 0.999)^1000 underflows f32 long before the end.
+    let underflow = r#"{"beta_schedule": "linear", "beta_start": 0.5, "beta_end": 0.999}"#;
+    match SchedulerConfig::from_json_str(underflow) {
+        Err(SchedError::InvalidValue { key: "beta_end", .. }) => {}
+        other => panic!("expected InvalidValue for beta_end, got {other:?}"),
+    }
+    let bad = SchedulerConfig { beta_start: 0.5, beta_end: 0.999, ..SchedulerConfig::default() };
+    assert!(matches!(NoiseSchedule::new(&bad), Err(SchedError::InvalidValue { key: "beta_end", .. })));
+    // The presets, zero terminal SNR included, pass.
+    for c in [SchedulerConfig::sd15(), SchedulerConfig::zero_terminal_snr_v()] {
+        c.validate().unwrap();
+    }
 }
 
 #[test]

@@ -566,6 +566,38 @@ const KARRAS_WITH_BOUNDS: [&str; 8] = [
     "dpm_2_a_karras",
 ];
 
+/// Karras sigmas end at the schedule's smallest σ, and `final_sigmas_type = "sigma_min"`
+/// appends that σ again: the last step has h = 0. From 15 steps it runs at second (or
+/// third) order, whose Heun coefficients are 0 / 0; it must leave the latents as they are
+/// (the limit h → 0) instead of turning them NaN.
+#[test]
+fn dpm_multistep_zero_length_last_step_is_the_identity() {
+    for (solver_type, order) in [(sd_sched::SolverType::Heun, 2), (sd_sched::SolverType::Midpoint, 2), (sd_sched::SolverType::Heun, 3)] {
+        let config = SchedulerConfig {
+            use_karras_sigmas: true,
+            final_sigmas_type: sd_sched::FinalSigmasType::SigmaMin,
+            solver_type,
+            solver_order: order,
+            ..SchedulerConfig::sd15()
+        };
+        let mut s = SamplerKind::DpmSolverMultistep.build::<B>(&config).unwrap();
+        s.set_timesteps(20).unwrap();
+        let sigmas = s.sigmas().unwrap().to_vec();
+        assert_eq!(sigmas[19], sigmas[20], "{solver_type:?}: the last step should have zero length");
+        let mut x = constant(1.0);
+        for i in 0..20 {
+            let before = x.clone();
+            let output = constant(0.3 + 0.01 * i as f32);
+            x = s.step(output, i, x, &mut NoNoise).unwrap();
+            if i == 19 {
+                assert_eq!(x.to_data(), before.to_data(), "{solver_type:?} order {order}: the zero-length step changed the latents");
+            }
+        }
+        let values = x.into_data().to_vec::<f32>().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "{solver_type:?} order {order}: {values:?}");
+    }
+}
+
 fn key_of(result: Result<(), SchedError>) -> Option<&'static str> {
     match result {
         Err(SchedError::InvalidValue { key, .. }) => Some(key),
