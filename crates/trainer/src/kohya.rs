@@ -427,6 +427,18 @@ pub fn import_kohya_config(text: &str, origin: &Path) -> Result<KohyaImport, Tra
     read_embedding(&mut o, &mut c, network_given, &mut notes)?;
     let (network_dtype, scheduler) = read_training(&mut o, &mut c, &mut notes)?;
     read_resume(&mut o, &mut c, &mut notes)?;
+    // networks.dylora, networks.lora_fa and networks.oft have no max-norm: sd-scripts warns
+    // and trains without it.
+    let no_max_norm = match network {
+        Network::Lora { .. } if c.lora.dylora_unit > 0 => Some("networks.dylora"),
+        Network::Lora { .. } if c.lora.lora_fa => Some("networks.lora_fa"),
+        Network::Oft { .. } => Some("networks.oft"),
+        _ => None,
+    };
+    if let Some(module) = no_max_norm.filter(|_| c.train.scale_weight_norms > 0.0) {
+        notes.push(format!("scale_weight_norms {}: {module} has no max-norm, so sd-scripts turns it off (with a warning) and trains without it; train.scale_weight_norms is off", c.train.scale_weight_norms));
+        c.train.scale_weight_norms = 0.0;
+    }
     match network {
         Network::Lora { conv_dim } => conv_targets(&mut c.lora, conv_dim, &mut notes),
         Network::Oft { all_linear, conv } => oft_targets(&mut c.lora, all_linear, conv),
@@ -831,6 +843,12 @@ fn read_network(o: &mut Options, c: &mut TrainConfig, notes: &mut Vec<String>) -
     if !ignored.is_empty() {
         notes.push(format!("network_args that {module} ignores are ignored here too: {}", ignored.join(", ")));
     }
+    let loraplus = [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio];
+    if l.dim_from_weights && loraplus.iter().any(|r| *r > 0.0) {
+        // networks.lora's create_network_from_weights sets no LoRA+ ratio.
+        notes.push(format!("dim_from_weights: {module} builds the network from the file and sets no LoRA+ ratio, so the loraplus_* network_args are not used"));
+        [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio] = [0.0; 3];
+    }
     Ok(Network::Lora { conv_dim })
 }
 
@@ -991,7 +1009,9 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
             "dropout" => dropout = Some(number()?),
             "module_dropout" => l.module_dropout = number()?,
             "rank_dropout" => rank_dropout = (number()?, value.clone()),
-            "rank_dropout_scale" => l.rank_dropout_scale = on,
+            // LyCORIS' kohya `create_network` does not pass it on: its modules keep their
+            // default, no rescaling of the kept ranks.
+            "rank_dropout_scale" => ignored.push(format!("{key}={value} (LyCORIS' create_network does not pass it to its modules, which then never rescale)")),
             "factor" => {
                 let f = number()?;
                 if f.fract() != 0.0 {
@@ -1057,9 +1077,6 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
         if l.algo == lora_core::Algo::Boft && rank_dropout.0 > 0.0 {
             notes.push(format!("network_args `rank_dropout={}` is ignored, as LyCORIS' BOFT ignores it", rank_dropout.1));
             rank_dropout.0 = 0.0;
-        }
-        if std::mem::take(&mut l.rank_dropout_scale) {
-            notes.push(format!("network_args `rank_dropout_scale` is ignored, as LyCORIS' {algo} ignores it (Diag-OFT's rank dropout always rescales what it keeps)"));
         }
         if constraint < 0.0 {
             notes.push(format!("network_args `constraint={constraint}`: LyCORIS constrains only with a positive value, so this is none (lora.constraint = 0)"));
@@ -1139,8 +1156,8 @@ fn read_lycoris_args(o: &Options, l: &mut crate::config::LoraSection, args: &[St
     if l.dim_from_weights {
         // kohya then builds the network with LyCORIS' create_network_from_weights, which
         // reads no network_args: the file's modules, ranks and alphas, and no dropout.
-        notes.push("dim_from_weights: LyCORIS builds the network from the file and reads no network_args (module_dropout, rs_lora, LoRA+ and the preset are not used)".into());
-        (l.module_dropout, l.rslora) = (0.0, false);
+        notes.push("dim_from_weights: LyCORIS builds the network from the file and reads no network_args (module_dropout, rank_dropout, rs_lora, LoRA+ and the preset are not used)".into());
+        (l.module_dropout, l.rank_dropout, l.rslora) = (0.0, 0.0, false);
         [l.loraplus_lr_ratio, l.loraplus_unet_lr_ratio, l.loraplus_text_encoder_lr_ratio] = [0.0; 3];
     }
     // LyCORIS: 3x3 convolutions at conv_dim, which defaults to network_dim, if the preset
@@ -1294,6 +1311,10 @@ fn conv_targets(l: &mut crate::config::LoraSection, conv_dim: Option<usize>, not
     if conv_blocks && !block_wise {
         notes.push("conv_block_dims / conv_block_alphas without block_dims or a block learning-rate weight are ignored, as networks.lora ignores them".into());
         (l.conv_block_dims, l.conv_block_alphas) = (String::new(), String::new());
+    }
+    if !l.block_alphas.trim().is_empty() && !block_wise {
+        notes.push("block_alphas without block_dims or a block learning-rate weight is ignored, as networks.lora ignores it (every layer trains at network_alpha)".into());
+        l.block_alphas = String::new();
     }
     if l.unet_targets == UnetTargets::None {
         // No UNet adapters (a learning rate of 0, or text-encoder-only training).
@@ -2365,9 +2386,14 @@ output_dir = "out"
         assert_eq!((l.rank, l.conv_rank, l.rank_dropout, l.loraplus_lr_ratio), (8, 4, 0.1, 0.0));
         assert!(i.notes.iter().any(|n| n.contains("networks.lora_fa ignores") && n.contains("loraplus_lr_ratio=16")), "{:?}", i.notes);
         assert!(!import(&format!("{MINIMAL}network_args = [\"loraplus_lr_ratio=16\"]\n")).unwrap().config.lora.lora_fa);
-        // sd-scripts' max-norm would scale the frozen down too.
-        let e = error(&format!("{MINIMAL}network_module = \"networks.lora_fa\"\nscale_weight_norms = 1.0\n"));
-        assert!(e.contains("lora_fa") && e.contains("scale_weight_norms"), "{e}");
+        // networks.lora_fa, networks.dylora and networks.oft have no max-norm: sd-scripts
+        // warns and trains without it, and so does the import.
+        for (module, extra) in [("networks.lora_fa", ""), ("networks.dylora", ""), ("networks.oft", "network_alpha = 0.001\n")] {
+            let i = import(&format!("{MINIMAL}network_module = \"{module}\"\n{extra}scale_weight_norms = 1.0\n")).unwrap();
+            assert_eq!(i.config.train.scale_weight_norms, 0.0, "{module}");
+            assert!(i.notes.iter().any(|n| n.contains(&format!("{module} has no max-norm"))), "{module}: {:?}", i.notes);
+            i.config.validate().unwrap();
+        }
     }
 
     /// kohya's `networks.oft`: its blocks and constraint, its targets from
@@ -2394,8 +2420,6 @@ output_dir = "out"
         assert!(odd.notes.iter().any(|n| n.contains("any non-empty value as true")), "{:?}", odd.notes);
         let e = error(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_train_text_encoder_only = true\n"));
         assert!(e.contains("trains the UNet alone"), "{e}");
-        let e = error(&format!("{MINIMAL}network_module = \"networks.oft\"\nnetwork_alpha = 0.001\nscale_weight_norms = 1.0\n"));
-        assert!(e.contains("scale_weight_norms"), "{e}");
     }
 
     /// LyCORIS' `algo=diag-oft`: `constraint` (its old name `constrain`; negative is none)
@@ -2426,11 +2450,11 @@ output_dir = "out"
         assert!(boft.notes.iter().any(|n| n.contains("LyCORIS' boft does not use")), "{:?}", boft.notes);
         boft.config.validate().unwrap();
         // Rank dropout: Diag-OFT's is trained (LyCORIS' nn.Dropout on the rotation, which
-        // always rescales), BOFT's ignored as LyCORIS ignores it; rank_dropout_scale with
-        // neither.
+        // always rescales), BOFT's ignored as LyCORIS ignores it; rank_dropout_scale never
+        // reaches LyCORIS' modules.
         let dropped = diag("\"rank_dropout=0.1\", \"rank_dropout_scale=True\"");
         assert_eq!((dropped.config.lora.rank_dropout, dropped.config.lora.rank_dropout_scale), (0.1, false));
-        assert!(dropped.notes.iter().any(|n| n.contains("`rank_dropout_scale` is ignored")), "{:?}", dropped.notes);
+        assert!(dropped.notes.iter().any(|n| n.contains("rank_dropout_scale=True (LyCORIS' create_network does not pass it")), "{:?}", dropped.notes);
         dropped.config.validate().unwrap();
         let boft = import(&format!("{MINIMAL}network_module = \"lycoris.kohya\"\nnetwork_dim = 10\nnetwork_args = [\"algo=boft\", \"rank_dropout=0.2\"]\n")).unwrap();
         assert_eq!(boft.config.lora.rank_dropout, 0.0);
@@ -2458,7 +2482,8 @@ output_dir = "out"
         assert!(e.contains("bypass_mode") && e.contains("glora"), "{e}");
     }
 
-    /// LyCORIS' `algo=full`: module and rank dropout (with `rank_dropout_scale`) read, what
+    /// LyCORIS' `algo=full`: module and rank dropout read (`rank_dropout_scale`, which
+    /// LyCORIS' `create_network` does not pass on, ignored with a note), what
     /// its module ignores (DoRA, Tucker, scalar, rsLoRA, max-norm) off with a note, the
     /// unused rank noted; `bypass_mode` is an error, as LyCORIS raises one.
     #[test]
@@ -2466,7 +2491,7 @@ output_dir = "out"
         let full = |args: &str, extra: &str| import(&format!("{MINIMAL}{extra}network_module = \"lycoris.kohya\"\nnetwork_dim = 8\nnetwork_alpha = 4\nnetwork_args = [\"algo=full\", {args}]\n"));
         let i = full("\"module_dropout=0.1\", \"rank_dropout=0.2\", \"rank_dropout_scale=True\", \"dora_wd=True\", \"use_tucker=True\", \"use_scalar=True\", \"rs_lora=True\"", "scale_weight_norms = 1.0\n").unwrap();
         let l = &i.config.lora;
-        assert_eq!((l.algo, l.module_dropout, l.rank_dropout, l.rank_dropout_scale), (lora_core::Algo::Full, 0.1, 0.2, true));
+        assert_eq!((l.algo, l.module_dropout, l.rank_dropout, l.rank_dropout_scale), (lora_core::Algo::Full, 0.1, 0.2, false));
         assert_eq!((l.dora, l.use_tucker, l.use_scalar, l.rslora, i.config.train.scale_weight_norms), (false, false, false, false, 0.0));
         for says in ["dora_wd, use_tucker, use_scalar, rs_lora", "no max-norm", "network_dim and network_alpha are not used"] {
             assert!(i.notes.iter().any(|n| n.contains(says)), "{says}: {:?}", i.notes);
@@ -2775,6 +2800,19 @@ wandb_run_name = "my_style"
         let i = import(&format!("{MINIMAL}network_args = [\"{dims}\"]")).unwrap();
         assert_eq!((i.config.lora.unet_targets, i.config.lora.conv_block_dims.as_str()), (UnetTargets::AttnMlp, ""));
         assert!(i.notes.iter().any(|n| n.contains("conv_block_dims")), "{:?}", i.notes);
+        // block_alphas is read only with block_dims or a block learning-rate weight.
+        let alphas = "block_alphas=2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2";
+        let i = import(&format!("{MINIMAL}network_args = [\"{alphas}\"]")).unwrap();
+        assert_eq!(i.config.lora.block_alphas, "");
+        assert!(i.notes.iter().any(|n| n.contains("block_alphas without block_dims")), "{:?}", i.notes);
+        let c = import(&format!("{MINIMAL}network_args = [\"{alphas}\", \"down_lr_weight=sine\"]")).unwrap().config;
+        assert_eq!(c.lora.block_alphas, &alphas["block_alphas=".len()..]);
+        // With dim_from_weights, networks.lora sets no LoRA+ ratio.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let path = file.path().display().to_string().replace('\\', "/");
+        let i = import(&format!("{MINIMAL}network_weights = \"{path}\"\ndim_from_weights = true\nnetwork_args = [\"loraplus_lr_ratio=16\"]")).unwrap();
+        assert_eq!(i.config.lora.loraplus_lr_ratio, 0.0);
+        assert!(i.notes.iter().any(|n| n.contains("sets no LoRA+ ratio")), "{:?}", i.notes);
         // A warmup as whole steps, and sd-scripts' list of text-encoder rates (the first wins).
         let w = import(&format!("{MINIMAL}lr_warmup_steps = 50\nmax_train_epochs = 3\ntext_encoder_lr = [1e-5, 2e-5]")).unwrap();
         assert_eq!((w.config.train.lr_warmup_steps, w.config.train.lr_warmup_ratio, w.config.train.text_encoder_lr), (50, 0.0, 1e-5));
@@ -3263,7 +3301,8 @@ wandb_run_name = "my_style"
         doha.config.validate().unwrap();
         // LyCORIS' rank dropout on LoHa / LoKr, with its scaling.
         let dropped = import(&gui("lokr", "").replace("rank_dropout=0", "rank_dropout=0.25").replace("rank_dropout_scale=False", "rank_dropout_scale=True")).unwrap();
-        assert_eq!((dropped.config.lora.rank_dropout, dropped.config.lora.rank_dropout_scale), (0.25, true));
+        // rank_dropout_scale never reaches LyCORIS' modules: they do not rescale.
+        assert_eq!((dropped.config.lora.rank_dropout, dropped.config.lora.rank_dropout_scale), (0.25, false));
         dropped.config.validate().unwrap();
         // LyCORIS' trained scalar on LoHa / LoKr; not on a LoCon.
         let scaled = import(&gui("loha", "").replace("use_scalar=False", "use_scalar=True")).unwrap();
@@ -3271,10 +3310,10 @@ wandb_run_name = "my_style"
         scaled.config.validate().unwrap();
         let e = error(&gui("locon", "").replace("use_scalar=False", "use_scalar=True"));
         assert!(e.contains("use_scalar=True"), "{e}");
-        // A LoCon's rank dropout is LyCORIS' too (rows of ΔW), with its scaling.
+        // A LoCon's rank dropout is LyCORIS' too (rows of ΔW), unscaled as LyCORIS'.
         let locon = import(&gui("locon", "").replace("rank_dropout=0", "rank_dropout=0.25").replace("rank_dropout_scale=False", "rank_dropout_scale=True")).unwrap();
         let l = &locon.config.lora;
-        assert_eq!((l.algo, l.rank_dropout, l.lycoris_rank_dropout, l.rank_dropout_scale), (lora_core::Algo::Lora, 0.25, true, true));
+        assert_eq!((l.algo, l.rank_dropout, l.lycoris_rank_dropout, l.rank_dropout_scale), (lora_core::Algo::Lora, 0.25, true, false));
         locon.config.validate().unwrap();
         assert!(!import(&gui("locon", "").replace("rank_dropout_scale=False", "rank_dropout_scale=True")).unwrap().config.lora.rank_dropout_scale, "nothing to scale");
 

@@ -124,8 +124,9 @@ fn own_schedule(cfg: &crate::config::TrainSection, step: usize) -> f64 {
     }
     let decay_steps = cfg.max_train_steps.saturating_sub(warmup).max(1);
     let progress = ((step - warmup) as f64 / decay_steps as f64).min(1.0);
-    // sd-scripts passes `lr_scheduler_num_cycles / 2` waves: a half-wave per cycle.
-    let half_waves = |p: f64| 0.5 * (1.0 + (std::f64::consts::PI * cfg.lr_cycles.max(1) as f64 * p).cos());
+    // sd-scripts passes `lr_scheduler_num_cycles / 2` waves: a half-wave per cycle (0
+    // cycles: no decay, as transformers computes it).
+    let half_waves = |p: f64| 0.5 * (1.0 + (std::f64::consts::PI * cfg.lr_cycles as f64 * p).cos());
     match cfg.lr_scheduler {
         LrScheduler::CosineWithMinLr => base * keep_floor(half_waves(progress)),
         LrScheduler::InverseSqrt => {
@@ -164,7 +165,8 @@ fn own_schedule(cfg: &crate::config::TrainSection, step: usize) -> f64 {
         LrScheduler::Linear => base * (1.0 - progress),
         LrScheduler::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
         LrScheduler::CosineWithRestarts => {
-            let cycles = cfg.lr_cycles.max(1) as f64;
+            // 0 cycles: the full rate until the end, as transformers' `cos(π · (0 % 1))`.
+            let cycles = cfg.lr_cycles as f64;
             if progress >= 1.0 {
                 return 0.0;
             }

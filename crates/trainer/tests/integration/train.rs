@@ -361,6 +361,14 @@ fn learning_rate_schedules() {
     t.lr_scheduler = LrScheduler::CosineWithRestarts;
     // The second cycle restarts at the peak halfway through.
     assert!(learning_rate(&t, 59) < 0.01 && learning_rate(&t, 60) > 0.99);
+    // kohya's `lr_scheduler_num_cycles = 0`: transformers' cos(π · (0 % 1)) keeps the peak.
+    t.lr_cycles = 0;
+    for sched in [LrScheduler::CosineWithRestarts, LrScheduler::CosineWithMinLr] {
+        t.lr_scheduler = sched;
+        t.lr_scheduler_min_lr_ratio = 0.1;
+        assert!([10, 60, 109].iter().all(|&s| (learning_rate(&t, s) - 1.0).abs() < 1e-12), "{sched:?}");
+    }
+    t.lr_cycles = 2;
     // diffusers' polynomial decay: (peak − 1e-7) · (1 − progress)^power + 1e-7; power 1 is
     // the linear schedule but for the floor.
     t.lr_scheduler = LrScheduler::Polynomial;
