@@ -112,7 +112,7 @@ fn iso_date(t: SystemTime) -> String {
 /// The epochs a run of `t` trains, with `batches` batches per epoch, the last perhaps in
 /// part: sd-scripts' `num_train_epochs` (`ss_num_epochs`, and a finished run's `ss_epoch`).
 pub(crate) fn run_epochs(t: &crate::config::TrainSection, batches: usize) -> usize {
-    t.max_train_steps.div_ceil(batches.max(1).div_ceil(t.gradient_accumulation_steps.max(1)))
+    t.max_train_steps.div_ceil(crate::train::steps_per_epoch(t, batches))
 }
 
 fn training_keys(config: &TrainConfig, dataset: &Dataset, started: SystemTime) -> Vec<(String, String)> {

@@ -467,7 +467,7 @@ pub fn data_summary(config: &TrainConfig, data: &TrainingData) -> Result<String,
         }
         out.push_str(&format!("\nembedding `{}` ({vectors}; {what}): {source}", e.token));
     }
-    let epochs = t.max_train_steps as f64 / batches.max(1).div_ceil(t.gradient_accumulation_steps.max(1)) as f64;
+    let epochs = t.max_train_steps as f64 / steps_per_epoch(t, batches) as f64;
     let each = match t.gradient_accumulation_steps {
         1 => String::new(),
         n => format!(" of {n} batches each"),
@@ -536,6 +536,13 @@ pub fn train_on<B: AutodiffBackend>(
     on_step: &mut dyn FnMut(&StepInfo) -> bool,
 ) -> Result<TrainReport, TrainError> {
     run::<B>(&steps_for(config, &data.0)?, data, None, device, on_step)
+}
+
+/// Optimizer steps in an epoch of `batches` batches: `⌈batches / gradient_accumulation_steps⌉`
+/// (sd-scripts' count with accelerate: a step never spans two epochs, an epoch's last step
+/// takes the batches that are left), at least 1.
+pub(crate) fn steps_per_epoch(t: &crate::config::TrainSection, batches: usize) -> usize {
+    batches.max(1).div_ceil(t.gradient_accumulation_steps.max(1))
 }
 
 /// `config` with `train.max_train_steps` set from `train.max_train_epochs` when that is
@@ -628,8 +635,7 @@ fn steps_for(config: &TrainConfig, dataset: &Dataset) -> Result<TrainConfig, Tra
         if batches == 0 {
             return Err(TrainError::Config { origin: "data".into(), reason: "the dataset plans no batches".into() });
         }
-        let steps_per_epoch = batches.div_ceil(t.gradient_accumulation_steps.max(1));
-        config.train.max_train_steps = t.max_train_epochs.checked_mul(steps_per_epoch).ok_or_else(|| TrainError::Config {
+        config.train.max_train_steps = t.max_train_epochs.checked_mul(steps_per_epoch(t, batches)).ok_or_else(|| TrainError::Config {
             origin: "train.max_train_epochs".into(),
             reason: format!("= {} epochs of {batches} batches is more steps than can be counted", t.max_train_epochs),
         })?;
@@ -1830,8 +1836,7 @@ fn run<B: AutodiffBackend>(
     let first_step = progress.step;
     let mut epochs_completed = completed_epochs(&progress, plans.len());
     // sd-scripts' count of the run's epochs: optimizer steps over steps per epoch.
-    let steps_per_epoch = plans.len().div_ceil(t.gradient_accumulation_steps.max(1)).max(1);
-    let every_epochs = config.output.epoch_save_interval(t.max_train_steps.div_ceil(steps_per_epoch));
+    let every_epochs = config.output.epoch_save_interval(t.max_train_steps.div_ceil(steps_per_epoch(t, plans.len())));
     if config.output.sample_at_first && !resumed && !config.output.sample_prompts.is_empty() {
         // kohya's `sample_at_first`: what the prompts give before any training (the base
         // model, or the starting `network_weights`), to compare the later grids with.
@@ -2295,12 +2300,12 @@ pub fn initial_progress(config: &TrainConfig, dataset: &Dataset) -> Result<Progr
             return Err(past_end("initial_step", t.initial_step, t.initial_step as u128));
         }
         // The steps before it: whole epochs, then whole steps of one.
-        let steps_per_epoch = batches.div_ceil(accumulation);
-        let epoch = (t.initial_step / steps_per_epoch) as u64;
-        Progress { step: t.initial_step, epoch, batch_in_epoch: (t.initial_step % steps_per_epoch) * accumulation }
+        let per_epoch = steps_per_epoch(t, batches);
+        let epoch = (t.initial_step / per_epoch) as u64;
+        Progress { step: t.initial_step, epoch, batch_in_epoch: (t.initial_step % per_epoch) * accumulation }
     } else if t.initial_epoch > 1 {
         let epoch = t.initial_epoch - 1;
-        let step = epoch as u128 * batches.div_ceil(accumulation) as u128;
+        let step = epoch as u128 * steps_per_epoch(t, batches) as u128;
         match usize::try_from(step) {
             Ok(step) if step < t.max_train_steps => Progress { step, epoch: epoch as u64, batch_in_epoch: 0 },
             _ => return Err(past_end("initial_epoch", t.initial_epoch, step)),
