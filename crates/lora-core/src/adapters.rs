@@ -110,9 +110,19 @@ pub struct ModuleIndex {
     /// Other names files use for the same modules (kohya's SDXL files name the UNet's
     /// modules as the original SGM code does: `lora_unet_input_blocks_4_1_...`).
     aliases: HashMap<String, AdapterKey>,
-    /// Kernel sizes of the convolutions larger than 1x1, for adapters stored with the
-    /// kernel flattened (LyCORIS).
-    kernels: HashMap<AdapterKey, [usize; 2]>,
+    /// What each module is, where recorded: convolutions by kernel, for adapters stored
+    /// with the kernel flattened (LyCORIS) or as a linear layer's (2-d).
+    kinds: HashMap<AdapterKey, ModuleKind>,
+}
+
+/// What a [`ModuleIndex`] records of a module's layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ModuleKind {
+    Linear,
+    Conv([usize; 2]),
+    /// Models of the index disagree (SD1.x's `proj_in` is a 1x1 convolution, SD2.x's a
+    /// linear layer): an adapter keeps the shape its file gives.
+    Mixed,
 }
 
 impl ModuleIndex {
@@ -180,15 +190,47 @@ impl ModuleIndex {
     }
 
     /// Records that the module at `key` is a convolution with kernel `[kh, kw]` (what
-    /// [`crate::sites::add_to_index`] does for each conv site): adapter files that store
-    /// its kernel flattened (LyCORIS' LoHa / LoKr) are then read in the conv layout.
+    /// [`crate::sites::add_to_index`] does for each conv site, 1x1 ones too): adapters of
+    /// it that a file stores 2-d (LyCORIS' LoHa / LoKr keep the kernel flattened into the
+    /// columns) are then read in the conv layout, as kohya's and PEFT's conv modules load
+    /// them. An index of several models that record another kernel, or a linear layer,
+    /// at the same path (SD1.x's `proj_in` is a 1x1 convolution, SD2.x's a linear layer)
+    /// knows no kernel there.
     pub fn set_kernel(&mut self, key: AdapterKey, kernel: [usize; 2]) {
-        self.kernels.insert(key, kernel);
+        self.record(key, ModuleKind::Conv(kernel));
     }
 
-    /// The kernel recorded for `key` with [`set_kernel`](Self::set_kernel).
+    /// Records that the module at `key` is a linear layer (see [`set_kernel`](Self::set_kernel)).
+    pub(crate) fn set_linear(&mut self, key: AdapterKey) {
+        self.record(key, ModuleKind::Linear);
+    }
+
+    fn record(&mut self, key: AdapterKey, kind: ModuleKind) {
+        let entry = self.kinds.entry(key).or_insert(kind);
+        if *entry != kind {
+            *entry = ModuleKind::Mixed;
+        }
+    }
+
+    /// The kernel recorded for `key` with [`set_kernel`](Self::set_kernel); `None` for a
+    /// module not recorded as a convolution, or recorded otherwise too.
+    ///
+    /// ```
+    /// use lora_core::{AdapterKey, Component, ModuleIndex};
+    /// let key = AdapterKey::new(Component::Unet, "down_blocks.0.resnets.0.conv1");
+    /// let mut index = ModuleIndex::new();
+    /// index.add(Component::Unet, [&key.path]).unwrap();
+    /// index.set_kernel(key.clone(), [3, 3]);
+    /// assert_eq!(index.kernel(&key), Some([3, 3]));
+    /// // Another model of the index has another kernel there: unknown.
+    /// index.set_kernel(key.clone(), [1, 1]);
+    /// assert_eq!(index.kernel(&key), None);
+    /// ```
     pub fn kernel(&self, key: &AdapterKey) -> Option<[usize; 2]> {
-        self.kernels.get(key).copied()
+        match self.kinds.get(key) {
+            Some(ModuleKind::Conv(kernel)) => Some(*kernel),
+            _ => None,
+        }
     }
 
     /// Number of module paths.
@@ -284,6 +326,48 @@ impl AdapterSet {
             w.lycoris = None;
         }
         self
+    }
+
+    /// Puts each 2-d adapter of a convolution that `index` knows the kernel of
+    /// ([`ModuleIndex::kernel`]) in the conv layout (`down [rank, in, kh, kw]`,
+    /// `up [out, rank, 1, 1]`), as reading a kohya file with that index does: for a set
+    /// read with an index that did not know them (one of several models), once the model
+    /// is known. Other adapters stay as they are; returns how many changed.
+    ///
+    /// ```
+    /// use lora_core::{AdapterKey, AdapterSet, Component, HostTensor, LoraWeights, ModuleIndex};
+    /// let key = AdapterKey::new(Component::Unet, "down_blocks.0.attentions.0.proj_in");
+    /// let weights = LoraWeights::new(
+    ///     HostTensor::new(vec![1, 2], vec![1.0, 2.0]).unwrap(),
+    ///     HostTensor::new(vec![2, 1], vec![3.0, 4.0]).unwrap(),
+    ///     1.0,
+    ///     "proj_in",
+    /// )
+    /// .unwrap();
+    /// let mut set = AdapterSet::new();
+    /// set.insert(key.clone(), weights).unwrap();
+    /// let mut index = ModuleIndex::new();
+    /// index.add(Component::Unet, [&key.path]).unwrap();
+    /// index.set_kernel(key.clone(), [1, 1]);
+    /// assert_eq!(set.use_conv_layout(&index), 1);
+    /// assert_eq!(set.get(&key).unwrap().down.shape, [1, 2, 1, 1]);
+    /// assert_eq!(set.get(&key).unwrap().up.shape, [2, 1, 1, 1]);
+    /// ```
+    pub fn use_conv_layout(&mut self, index: &ModuleIndex) -> usize {
+        let mut changed = 0;
+        self.adapters = std::mem::take(&mut self.adapters)
+            .into_iter()
+            .map(|(key, w)| match index.kernel(&key) {
+                Some(kernel) => {
+                    let before = w.down.shape.len();
+                    let w = crate::format::lycoris::unflatten(w, kernel);
+                    changed += usize::from(w.down.shape.len() != before);
+                    (key, w)
+                }
+                None => (key, w),
+            })
+            .collect();
+        changed
     }
 
     /// Adapters in key order.

@@ -533,16 +533,20 @@ pub fn site_paths<B: Backend>(model: &mut impl LoraSites<B>) -> Vec<String> {
     paths
 }
 
-/// Adds a model's site paths to a [`ModuleIndex`] under its component.
-/// Convolutions larger than 1x1 get their kernel recorded ([`ModuleIndex::set_kernel`]).
+/// Adds a model's site paths to a [`ModuleIndex`] under its component, with each
+/// convolution's kernel ([`ModuleIndex::set_kernel`]) and each linear layer recorded as
+/// such (norms are neither).
 pub fn add_to_index<B: Backend>(index: &mut ModuleIndex, model: &mut impl LoraSites<B>) -> Result<()> {
     let component = model.component();
     let mut sites = Vec::new();
-    model.visit_lora_sites(&mut |path, site| sites.push((path.to_string(), site.kernel_size())));
-    index.add(component, sites.iter().map(|(path, _)| path))?;
-    for (path, kernel) in sites {
-        if kernel != [1, 1] {
-            index.set_kernel(AdapterKey::new(component, path), kernel);
+    model.visit_lora_sites(&mut |path, site| sites.push((path.to_string(), site.is_conv().then(|| site.kernel_size()), site.is_norm())));
+    index.add(component, sites.iter().map(|(path, _, _)| path))?;
+    for (path, kernel, norm) in sites {
+        let key = AdapterKey::new(component, path);
+        match kernel {
+            Some(kernel) => index.set_kernel(key, kernel),
+            None if !norm => index.set_linear(key),
+            None => {}
         }
     }
     Ok(())

@@ -255,6 +255,41 @@ pub fn adapter_set_is_sdxl(set: &AdapterSet) -> bool {
     structural || base_model_is_sdxl(said("ss_base_model_version"), said("modelspec.architecture")) == Some(true)
 }
 
+/// Whether an adapter set read with no model at hand, and not SDXL's
+/// ([`adapter_set_is_sdxl`]), is for SD2.x rather than SD1.x (whose kohya names are the
+/// same): its text-encoder adapters or its UNet's cross-attention keys and values take
+/// 1024 features (OpenCLIP ViT-H; SD1.x's CLIP ViT-L gives 768), or, where no adapter
+/// sits there, its metadata says so (sd-scripts' `ss_v2`, `ss_base_model_version`
+/// `sd_v2`, a `stable-diffusion-v2` modelspec architecture).
+///
+/// ```
+/// use lora_core::{AdapterKey, AdapterSet, Component, HostTensor, LoraWeights};
+///
+/// let t = |shape: Vec<usize>| HostTensor::new(shape.clone(), vec![0.0; shape.iter().product()]).unwrap();
+/// let mut set = AdapterSet::new();
+/// let path = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k";
+/// set.insert(AdapterKey::new(Component::Unet, path), LoraWeights::new(t(vec![1, 1024]), t(vec![320, 1]), 1.0, "doc").unwrap()).unwrap();
+/// assert!(sd_model::lora::adapter_set_is_sd2(&set));
+/// set.metadata.insert("ss_v2".into(), "True".into());
+/// set.insert(AdapterKey::new(Component::Unet, path), LoraWeights::new(t(vec![1, 768]), t(vec![320, 1]), 1.0, "doc").unwrap()).unwrap();
+/// assert!(!sd_model::lora::adapter_set_is_sd2(&set));
+/// ```
+pub fn adapter_set_is_sd2(set: &AdapterSet) -> bool {
+    let sd2_width = crate::ClipTextConfig::sd21().hidden_size;
+    let context = |key: &lora_core::AdapterKey| match key.component {
+        lora_core::Component::TextEncoder => key.path.starts_with("text_model.encoder.layers.") && key.path.contains(".self_attn."),
+        lora_core::Component::Unet => key.path.ends_with(".attn2.to_k") || key.path.ends_with(".attn2.to_v"),
+        lora_core::Component::TextEncoder2 => false,
+    };
+    // A stand-alone adapter (OFT, GLoRA) has no plain form to read widths from.
+    let widths: Vec<usize> = set.iter().filter(|(key, w)| context(key) && !w.stands_alone()).map(|(_, w)| w.in_features()).collect();
+    if !widths.is_empty() {
+        return widths.contains(&sd2_width);
+    }
+    let said = |key: &str| set.metadata.get(key).map(|v| v.to_lowercase()).unwrap_or_default();
+    said("ss_v2") == "true" || said("ss_base_model_version").starts_with("sd_v2") || said("modelspec.architecture").starts_with("stable-diffusion-v2")
+}
+
 /// The UNet layout behind an SDXL set's SGM names, guessed from the set alone (for tools
 /// that load no model; the names of later levels depend on the ResNets per level):
 /// SDXL's two ResNets per level, or the tiny SDXL models' one where every UNet adapter is

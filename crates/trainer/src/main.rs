@@ -1254,14 +1254,11 @@ fn save_grid(out: &std::path::Path, columns: usize, images: &[image::RgbImage], 
     Ok(())
 }
 
-/// The module paths of the SD1.x, SD2.x, SDXL and tiny UNets and text encoders (the UNets'
-/// also by their SGM names), for resolving kohya names without loading a model: one index
-/// per family of layouts whose SGM names agree (two ResNets per level: SD1.x, SD2.x, SDXL;
-/// one: the tiny models).
-fn sd_module_indexes() -> Result<Vec<ModuleIndex>> {
-    type B = burn::backend::Flex;
-    let device = Default::default();
-    let families = [
+/// The model families whose kohya names [`sd_module_indexes`] resolves, each a list of
+/// (UNet, text encoder) configs whose SGM names agree: two ResNets per level (SD1.x,
+/// SD2.x, SDXL) and one (the tiny models).
+fn sd_families() -> [Vec<(sd_model::UnetConfig, sd_model::ClipTextConfig)>; 2] {
+    [
         vec![
             (sd_model::UnetConfig::sd15(), sd_model::ClipTextConfig::sd15()),
             (sd_model::UnetConfig::sd21(), sd_model::ClipTextConfig::sd21()),
@@ -1271,58 +1268,98 @@ fn sd_module_indexes() -> Result<Vec<ModuleIndex>> {
             (sd_model::UnetConfig::tiny(), sd_model::ClipTextConfig::tiny()),
             (sd_model::UnetConfig::tiny_sdxl(), sd_model::ClipTextConfig::tiny()),
         ],
-    ];
-    let mut indexes = Vec::new();
-    for family in families {
-        let mut index = ModuleIndex::new();
-        for (unet_cfg, te_cfg) in family {
-            // Narrow widths: only the module tree matters. Levels of equal width stay equal
-            // and the others differ, so that the ResNet blocks that change width keep their
-            // `conv_shortcut` (a LoCon adapts it).
-            let mut distinct = unet_cfg.block_out_channels.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            let narrow = unet_cfg.block_out_channels.iter().map(|c| 8 * (1 + distinct.binary_search(c).unwrap_or(0))).collect();
-            let unet_cfg = sd_model::UnetConfig {
-                block_out_channels: narrow,
-                norm_num_groups: 4,
-                attention_head_dim: sd_model::PerBlock::All(1),
-                num_attention_heads: None,
-                cross_attention_dim: 4,
-                addition_time_embed_dim: unet_cfg.addition_time_embed_dim.map(|_| 2),
-                projection_class_embeddings_input_dim: unet_cfg.projection_class_embeddings_input_dim.map(|_| 4 + 6 * 2),
-                ..unet_cfg
-            };
-            let mut unet = sd_model::UNet2DConditionModel::<B>::new(&unet_cfg, &device)?;
-            let mut te = sd_model::ClipTextModel::<B>::new(&te_cfg.narrow(), &device)?;
-            let mut encoders = vec![&mut te];
-            // SDXL's second encoder (the tiny one's has fewer layers than bigG's 32).
-            let mut te2 = match unet_cfg.has_text_time() {
-                true => Some(sd_model::ClipTextModel::<B>::new(&sd_model::ClipTextConfig::sdxl_text_encoder_2().narrow(), &device)?),
-                false => None,
-            };
-            encoders.extend(te2.as_mut());
-            sd_model::lora::extend_index(&mut index, &mut unet, &mut encoders)?;
-        }
-        indexes.push(index);
+    ]
+}
+
+/// The module paths of the SD1.x, SD2.x, SDXL and tiny UNets and text encoders (the UNets'
+/// also by their SGM names), for resolving kohya names without loading a model: one index
+/// per family ([`sd_families`]). Where the family's models disagree on a layer (SD1.x's
+/// `proj_in` is a 1x1 convolution, SD2.x's and SDXL's a linear layer) the index knows no
+/// kernel; [`use_model_conv_layout`] settles those once the set says which model it is for.
+fn sd_module_indexes() -> Result<Vec<ModuleIndex>> {
+    sd_families().into_iter().map(|family| family_index(&family)).collect()
+}
+
+/// One [`ModuleIndex`] of the models of `configs`.
+fn family_index(configs: &[(sd_model::UnetConfig, sd_model::ClipTextConfig)]) -> Result<ModuleIndex> {
+    let mut index = ModuleIndex::new();
+    for (unet_cfg, te_cfg) in configs.iter().cloned() {
+        add_narrow_model(&mut index, unet_cfg, te_cfg)?;
     }
-    Ok(indexes)
+    Ok(index)
+}
+
+/// Adds the module paths of a narrow model built from `unet_cfg` / `te_cfg` to `index`.
+fn add_narrow_model(index: &mut ModuleIndex, unet_cfg: sd_model::UnetConfig, te_cfg: sd_model::ClipTextConfig) -> Result<()> {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    // Narrow widths: only the module tree matters. Levels of equal width stay equal
+    // and the others differ, so that the ResNet blocks that change width keep their
+    // `conv_shortcut` (a LoCon adapts it).
+    let mut distinct = unet_cfg.block_out_channels.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let narrow = unet_cfg.block_out_channels.iter().map(|c| 8 * (1 + distinct.binary_search(c).unwrap_or(0))).collect();
+    let unet_cfg = sd_model::UnetConfig {
+        block_out_channels: narrow,
+        norm_num_groups: 4,
+        attention_head_dim: sd_model::PerBlock::All(1),
+        num_attention_heads: None,
+        cross_attention_dim: 4,
+        addition_time_embed_dim: unet_cfg.addition_time_embed_dim.map(|_| 2),
+        projection_class_embeddings_input_dim: unet_cfg.projection_class_embeddings_input_dim.map(|_| 4 + 6 * 2),
+        ..unet_cfg
+    };
+    let mut unet = sd_model::UNet2DConditionModel::<B>::new(&unet_cfg, &device)?;
+    let mut te = sd_model::ClipTextModel::<B>::new(&te_cfg.narrow(), &device)?;
+    let mut encoders = vec![&mut te];
+    // SDXL's second encoder (the tiny one's has fewer layers than bigG's 32).
+    let mut te2 = match unet_cfg.has_text_time() {
+        true => Some(sd_model::ClipTextModel::<B>::new(&sd_model::ClipTextConfig::sdxl_text_encoder_2().narrow(), &device)?),
+        false => None,
+    };
+    encoders.extend(te2.as_mut());
+    sd_model::lora::extend_index(index, &mut unet, &mut encoders)?;
+    Ok(())
+}
+
+/// Puts a set read with a family's index ([`sd_module_indexes`], `family`) in the conv
+/// layout of the one model of the family it is for (SDXL by
+/// [`sd_model::lora::adapter_set_is_sdxl`], SD2.x by [`sd_model::lora::adapter_set_is_sd2`],
+/// else SD1.x): LyCORIS stores a 1x1 convolution's LoHa / LoKr halves 2-d, and the plain
+/// LoRA `convert` writes of them must be 4-d for kohya's and PEFT's conv modules to load.
+fn use_model_conv_layout(set: &mut AdapterSet, family: usize) -> Result<()> {
+    let Some(configs) = sd_families().into_iter().nth(family) else { return Ok(()) };
+    let pick = if sd_model::lora::adapter_set_is_sdxl(set) {
+        configs.iter().find(|(unet, _)| unet.has_text_time())
+    } else {
+        let sd2 = sd_model::lora::adapter_set_is_sd2(set);
+        let sd2_width = sd_model::ClipTextConfig::sd21().hidden_size;
+        configs.iter().filter(|(unet, _)| !unet.has_text_time()).find(|(_, te)| !sd2 || te.hidden_size == sd2_width).or_else(|| configs.iter().find(|(unet, _)| !unet.has_text_time()))
+    };
+    if let Some(model) = pick {
+        set.use_conv_layout(&family_index(std::slice::from_ref(model))?);
+    }
+    Ok(())
 }
 
 /// Reads an adapter file with the first of [`sd_module_indexes`] that knows every key (the
-/// first's error when none does). An SDXL set read from the diffusers/PEFT layout gets
-/// kohya's SDXL names ([`sd_model::lora::use_sdxl_kohya_names_by`], the layout guessed by
+/// first's error when none does), in the conv layout of the model it is for
+/// ([`use_model_conv_layout`]). An SDXL set read without kohya names of its own (the
+/// diffusers/PEFT layout, ComfyUI's state-dict names) gets kohya's SDXL names
+/// ([`sd_model::lora::use_sdxl_kohya_names_by`], the layout guessed by
 /// [`sd_model::lora::guess_sdxl_layout`]), as `train` and `extract` give theirs (a
 /// kohya file's set carries the names it was read by).
 fn load_adapters(input: &std::path::Path) -> Result<(AdapterSet, lora_core::ReadReport)> {
     let mut first_error = None;
-    for index in sd_module_indexes()? {
+    for (family, index) in sd_module_indexes()?.into_iter().enumerate() {
         match AdapterSet::load(input, &index, ReadOptions::default()) {
             Ok((mut set, report)) => {
-                if report.format != AdapterFormat::Kohya && sd_model::lora::adapter_set_is_sdxl(&set) {
+                if set.kohya_names.is_empty() && sd_model::lora::adapter_set_is_sdxl(&set) {
                     let layout = sd_model::lora::guess_sdxl_layout(&set);
                     sd_model::lora::use_sdxl_kohya_names_by(&mut set, &layout);
                 }
+                use_model_conv_layout(&mut set, family)?;
                 return Ok((set, report));
             }
             Err(e) => {

@@ -34,10 +34,13 @@ pub(super) fn read(
     // A file that says it is kohya's OFT holds kohya's OFT under `lora_te_…` names too.
     let kohya_oft = set.metadata.get("ss_network_module").is_some_and(|m| m == "networks.oft");
     for (name, mut part) in parts {
-        // kohya's OFT names the UNet's modules `oft_unet_…`.
-        let resolved = match name.strip_prefix("oft_unet_") {
-            Some(rest) => index.resolve_kohya(&format!("lora_unet_{rest}")),
-            None => index.resolve_kohya(&name),
+        // kohya's OFT names the UNet's modules `oft_unet_…`; ComfyUI's own names are its
+        // state-dict paths.
+        let comfy = comfy_name(&name);
+        let resolved = match (name.strip_prefix("oft_unet_"), &comfy) {
+            (Some(rest), _) => index.resolve_kohya(&format!("lora_unet_{rest}")),
+            (None, Some(kohya)) => index.resolve_kohya(kohya),
+            (None, None) => index.resolve_kohya(&name),
         };
         let Some(key) = resolved.cloned() else {
             unknown.extend(part.keys);
@@ -58,7 +61,9 @@ pub(super) fn read(
                 module: key.to_string(),
             });
         }
-        if name != key.kohya_name() {
+        // A file's kohya names are kept for writing; ComfyUI's paths are not kohya names
+        // (A1111 and sd-scripts read none), so such modules are written by kohya's.
+        if name != key.kohya_name() && comfy.is_none() {
             set.kohya_names.insert(key.clone(), name);
         }
         set.insert(key, weights)?;
@@ -71,6 +76,25 @@ pub(super) fn read(
             skipped,
         },
     ))
+}
+
+/// Prefixes of the module names ComfyUI gives LoRAs it writes itself (its "Extract and
+/// Save Lora" and training nodes) and reads beside kohya's: the UNet's original (SGM)
+/// state-dict paths under `diffusion_model.`, a text encoder's under
+/// `text_encoders.clip_<l|h|g>.transformer.` (CLIP ViT-L for SD1.x and SDXL's first,
+/// OpenCLIP ViT-H for SD2.x, ViT-bigG for SDXL's second), each with its kohya prefix.
+pub(super) const COMFY_PREFIXES: &[(&str, &str)] = &[
+    ("diffusion_model.", "lora_unet_"),
+    ("text_encoders.clip_l.transformer.", "lora_te_"),
+    ("text_encoders.clip_h.transformer.", "lora_te_"),
+    ("text_encoders.clip_g.transformer.", "lora_te2_"),
+];
+
+/// The kohya name of a module ComfyUI names by its state-dict path
+/// ([`COMFY_PREFIXES`]), e.g. `diffusion_model.input_blocks.1.1.proj_in` →
+/// `lora_unet_input_blocks_1_1_proj_in` (the SGM name an index knows as an alias).
+fn comfy_name(name: &str) -> Option<String> {
+    COMFY_PREFIXES.iter().find_map(|(comfy, kohya)| name.strip_prefix(comfy).map(|rest| format!("{kohya}{}", rest.replace('.', "_"))))
 }
 
 /// The most common value of an iterator (ties: the smallest), for `ss_network_dim` etc.

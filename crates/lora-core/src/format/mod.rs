@@ -274,11 +274,15 @@ pub fn detect_format(bytes: &[u8], path: &Path) -> Result<AdapterFormat> {
             reason: "the file holds no tensors".into(),
         });
     }
-    // kohya's OFT names the UNet's modules `oft_unet_…`.
-    let kohya = names.iter().any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te") || n.starts_with("oft_unet_"));
-    let peft = names
-        .iter()
-        .any(|n| n.contains(".lora_A.") || n.contains(".lora_B.") || n.contains(".lora.down."));
+    // kohya's OFT names the UNet's modules `oft_unet_…`; ComfyUI's own files name them by
+    // state-dict path (`diffusion_model.…`), with kohya's tensor names.
+    let comfy = |n: &str| kohya::COMFY_PREFIXES.iter().any(|(p, _)| n.starts_with(p));
+    let kohya = names.iter().any(|n| n.starts_with("lora_unet_") || n.starts_with("lora_te") || n.starts_with("oft_unet_") || comfy(n));
+    // diffusers' attention-processor files: `….processor.to_q_lora.down.weight`, and
+    // `….q_proj.lora_linear_layer.down.weight` for text encoders.
+    let peft = names.iter().any(|n| {
+        n.contains(".lora_A.") || n.contains(".lora_B.") || n.contains(".lora.down.") || n.contains("_lora.down.") || n.contains(".lora_linear_layer.")
+    });
     match (kohya, peft) {
         (true, false) => Ok(AdapterFormat::Kohya),
         (false, true) => Ok(AdapterFormat::Peft),

@@ -23,15 +23,45 @@ const SUFFIXES: &[(&str, Role)] = &[
     (".lora_A.default.weight", Role::Down),
     (".lora_B.default.weight", Role::Up),
     (".lora_magnitude_vector.default.weight", Role::Magnitude),
+    // diffusers' attention-processor files (before PEFT): `….attn1.processor.to_q_lora.down.weight`,
+    // and a text encoder's `….self_attn.to_q_lora.down.weight` or
+    // `….self_attn.q_proj.lora_linear_layer.down.weight` ([`module_path`] maps them).
+    ("_lora.down.weight", Role::Down),
+    ("_lora.up.weight", Role::Up),
+    (".lora_linear_layer.down.weight", Role::Down),
+    (".lora_linear_layer.up.weight", Role::Up),
 ];
+
+/// The module path of a name in diffusers' attention-processor layout, as diffusers
+/// converts it (`UNET_TO_DIFFUSERS`, `DIFFUSERS_OLD_TO_PEFT`): without the `processor`
+/// step, the UNet's `to_out` as `to_out.0`, a text encoder's `to_q` / `to_k` / `to_v` /
+/// `to_out` as its `q_proj` / `k_proj` / `v_proj` / `out_proj`. Other paths are returned as
+/// they are (no module of the current layout ends in `to_out` or in a CLIP `to_q`).
+fn module_path(component: Component, path: &str) -> String {
+    let path = path.replace(".processor.", ".");
+    let Some((parent, last)) = path.rsplit_once('.') else { return path };
+    let renamed = match (component, last) {
+        (Component::Unet, "to_out") => "to_out.0",
+        (Component::TextEncoder | Component::TextEncoder2, "to_q") => "q_proj",
+        (Component::TextEncoder | Component::TextEncoder2, "to_k") => "k_proj",
+        (Component::TextEncoder | Component::TextEncoder2, "to_v") => "v_proj",
+        (Component::TextEncoder | Component::TextEncoder2, "to_out") => "out_proj",
+        _ => return path,
+    };
+    format!("{parent}.{renamed}")
+}
 
 /// Splits `unet.<path>` / `text_encoder.<path>` / `text_encoder_2.<path>`; PEFT's own
 /// `base_model.model.<path>` prefix is resolved through the index, else by the path's shape.
 fn parse_name(name: &str, index: &ModuleIndex) -> Option<AdapterKey> {
     for component in [Component::TextEncoder2, Component::TextEncoder, Component::Unet] {
         if let Some(path) = name.strip_prefix(component.peft_prefix()).and_then(|r| r.strip_prefix('.')) {
-            return Some(AdapterKey::new(component, path));
+            return Some(AdapterKey::new(component, module_path(component, path)));
         }
+    }
+    // A UNet's `save_attn_procs` file names its modules without the `unet.` prefix.
+    if name.contains(".processor.") && ["down_blocks.", "mid_block.", "up_blocks."].iter().any(|p| name.starts_with(p)) {
+        return Some(AdapterKey::new(Component::Unet, module_path(Component::Unet, name)));
     }
     let path = name.strip_prefix("base_model.model.")?;
     let component = index.component_of(path).unwrap_or(if path.starts_with("text_model.") {

@@ -670,3 +670,92 @@ fn empty_tensors_of_absurd_shape_are_errors() {
     assert!(lora_core::HostTensor::new(vec![0, 1 << 32, 1 << 32], vec![]).is_err());
     assert!(lora_core::HostTensor::new(vec![0, 4], vec![]).is_ok());
 }
+
+/// diffusers' attention-processor files (before PEFT) read as diffusers converts them:
+/// `processor` dropped, the UNet's `to_out_lora` is `to_out.0`, a text encoder's
+/// `to_q_lora` its `q_proj`, `lora_linear_layer` its module's LoRA; a UNet's
+/// `save_attn_procs` file has no `unet.` prefix. No alpha: scale 1.
+#[test]
+fn diffusers_attention_processor_files_are_read() {
+    let attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1";
+    let te = "text_model.encoder.layers.0.self_attn";
+    let mlp = "text_model.encoder.layers.11.mlp.fc1";
+    let down: Vec<f32> = (0..16).map(|i| i as f32 * 0.01).collect();
+    let up: Vec<f32> = (0..16).map(|i| 0.1 - i as f32 * 0.02).collect();
+    let pair = |name: String, down_key: &str, up_key: &str| {
+        [(format!("{name}.{down_key}.weight"), vec![2, 8], down.clone()), (format!("{name}.{up_key}.weight"), vec![8, 2], up.clone())]
+    };
+    let mut tensors = Vec::new();
+    tensors.extend(pair(format!("unet.{attn}.processor.to_q_lora"), "down", "up"));
+    tensors.extend(pair(format!("unet.{attn}.processor.to_out_lora"), "down", "up"));
+    tensors.extend(pair(format!("text_encoder.{te}.to_q_lora"), "down", "up"));
+    tensors.extend(pair(format!("text_encoder.{mlp}.lora_linear_layer"), "down", "up"));
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.clone())).collect();
+    let bytes = raw(&refs);
+    assert_eq!(detect_format(&bytes, Path::new("x")).unwrap(), AdapterFormat::Peft);
+    let (set, _) = read(&bytes).unwrap();
+    let expected = LoraWeights::new(
+        lora_core::HostTensor::new(vec![2, 8], down.clone()).unwrap(),
+        lora_core::HostTensor::new(vec![8, 2], up.clone()).unwrap(),
+        2.0,
+        "expected",
+    )
+    .unwrap()
+    .delta();
+    for key in [
+        AdapterKey::new(Component::Unet, format!("{attn}.to_q")),
+        AdapterKey::new(Component::Unet, format!("{attn}.to_out.0")),
+        AdapterKey::new(Component::TextEncoder, format!("{te}.q_proj")),
+        AdapterKey::new(Component::TextEncoder, mlp),
+    ] {
+        let w = set.get(&key).unwrap_or_else(|| panic!("{key} missing from {:?}", set.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>()));
+        assert_eq!(w.delta(), expected, "{key}");
+    }
+    assert_eq!(set.len(), 4);
+
+    // `save_attn_procs`: no component prefix.
+    let bare = pair(format!("{attn}.processor.to_q_lora"), "down", "up");
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = bare.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.clone())).collect();
+    let (set, _) = read(&raw(&refs)).unwrap();
+    assert!(set.get(&AdapterKey::new(Component::Unet, format!("{attn}.to_q"))).is_some());
+
+    // The same module under its new and its old name: neither is taken.
+    let mut both = pair(format!("unet.{attn}.processor.to_q_lora"), "down", "up").to_vec();
+    both.extend(pair(format!("unet.{attn}.to_q"), "lora_A", "lora_B"));
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = both.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.clone())).collect();
+    let err = read(&raw(&refs)).unwrap_err();
+    assert!(matches!(err, LoraError::DuplicateModule { .. }), "{err}");
+}
+
+/// ComfyUI's own LoRA files name modules by its state-dict paths: the UNet's SGM path
+/// under `diffusion_model.`, a text encoder's under `text_encoders.clip_l.transformer.`.
+/// They read as the kohya layout (through the index's SGM aliases) and are written back
+/// with kohya's names.
+#[test]
+fn comfyui_state_dict_names_are_read() {
+    let mut index = index();
+    let proj_in = AdapterKey::new(Component::Unet, "down_blocks.0.attentions.0.proj_in");
+    index.add_alias("lora_unet_input_blocks_1_1_proj_in", proj_in.clone()).unwrap();
+    let te = AdapterKey::new(Component::TextEncoder, TE_PATHS[0]);
+    let bytes = raw(&[
+        ("diffusion_model.input_blocks.1.1.proj_in.lora_down.weight", vec![2, 8, 1, 1], vec![0.1; 16]),
+        ("diffusion_model.input_blocks.1.1.proj_in.lora_up.weight", vec![8, 2, 1, 1], vec![0.2; 16]),
+        ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight", vec![2, 8], vec![0.1; 16]),
+        ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight", vec![8, 2], vec![0.2; 16]),
+        ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.alpha", vec![], vec![1.0]),
+    ]);
+    assert_eq!(detect_format(&bytes, Path::new("x")).unwrap(), AdapterFormat::Kohya);
+    let (set, _) = AdapterSet::from_bytes(&bytes, Path::new("comfy.safetensors"), &index, ReadOptions::default()).unwrap();
+    assert_eq!(set.len(), 2);
+    assert_eq!(set.get(&proj_in).unwrap().alpha, 2.0, "no alpha: the rank");
+    assert_eq!(set.get(&te).unwrap().alpha, 1.0);
+    assert!(set.kohya_names.is_empty(), "{:?}", set.kohya_names);
+    let written = set.to_bytes(AdapterFormat::Kohya, SaveDtype::F32).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&written).unwrap().names().into_iter().map(|n| n.to_string()).collect();
+    assert!(names.contains(&format!("{}.lora_down.weight", proj_in.kohya_name())), "{names:?}");
+    assert!(names.contains(&format!("{}.lora_up.weight", te.kohya_name())), "{names:?}");
+    // A name ComfyUI's layout gives that the model lacks is an unknown key, as any.
+    let stray = raw(&[("diffusion_model.input_blocks.9.1.proj_in.lora_down.weight", vec![2, 8], vec![0.1; 16]), ("diffusion_model.input_blocks.9.1.proj_in.lora_up.weight", vec![8, 2], vec![0.2; 16])]);
+    let err = AdapterSet::from_bytes(&stray, Path::new("comfy.safetensors"), &index, ReadOptions::default()).unwrap_err();
+    assert!(matches!(err, LoraError::UnknownKeys { .. }), "{err}");
+}

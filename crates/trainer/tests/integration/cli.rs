@@ -1211,3 +1211,63 @@ fn sdxl_peft_loras_get_kohyas_sdxl_names() {
         assert_eq!(names(&out), expected, "{input}");
     }
 }
+
+/// `trainer convert` of a LyCORIS LoHa (which keeps every layer's halves 2-d) writes the
+/// LoRA of a 1x1 convolution in the conv layout, as sd-scripts' and PEFT's conv modules
+/// load it: SD1.x's `proj_in` and every family's `conv_shortcut`; SD2.x's and SDXL's
+/// linear `proj_in` stays 2-d. The family comes from the cross-attention widths, or the
+/// metadata where no adapter tells.
+#[test]
+fn converted_lohas_of_1x1_convolutions_are_in_the_conv_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let proj_in = "lora_unet_down_blocks_1_attentions_0_proj_in";
+    let shortcut = "lora_unet_down_blocks_1_resnets_0_conv_shortcut";
+    let to_k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k";
+    // A rank-2 LoHa of an `[out, in]` layer, deterministic values.
+    let write = |name: &str, modules: &[(&str, usize, usize)], metadata: &[(&str, &str)]| {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (module, out, inp) in modules {
+            for (part, shape) in [("hada_w1_a", vec![*out, 2]), ("hada_w1_b", vec![2, *inp]), ("hada_w2_a", vec![*out, 2]), ("hada_w2_b", vec![2, *inp])] {
+                let n: usize = shape.iter().product();
+                let bytes = (0..n).flat_map(|i| (0.01 * ((i % 7) as f32 - 3.0)).to_le_bytes()).collect();
+                tensors.push((format!("{module}.{part}"), shape, bytes));
+            }
+            tensors.push((format!("{module}.alpha"), vec![], 2.0f32.to_le_bytes().to_vec()));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+            tensors.iter().map(|(k, shape, bytes)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).unwrap())).collect();
+        let meta: std::collections::HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let file = path(name);
+        safetensors::serialize_to_file(views, Some(meta), Path::new(&file)).unwrap();
+        file
+    };
+    let down_shape = |file: &str, module: &str| {
+        let bytes = std::fs::read(file).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        tensors.tensor(&format!("{module}.lora_down.weight")).unwrap().shape().to_vec()
+    };
+    let sd1 = write("sd1.safetensors", &[(proj_in, 8, 8), (shortcut, 8, 4), (to_k, 8, 768)], &[]);
+    let sd2 = write("sd2.safetensors", &[(proj_in, 8, 8), (shortcut, 8, 4), (to_k, 8, 1024)], &[]);
+    let sd2_said = write("sd2_said.safetensors", &[(proj_in, 8, 8)], &[("ss_v2", "True")]);
+    // SDXL's width (a narrower one reads as the tiny SDXL model's layout).
+    let sdxl = write("sdxl.safetensors", &[(proj_in, 640, 640)], &[("ss_base_model_version", "sdxl_base_v1-0")]);
+    // SDXL's is written by its SGM name, as sd-scripts' SDXL loader needs.
+    let sgm_proj_in = "lora_unet_input_blocks_4_1_proj_in";
+    for (input, proj_in_name, proj_in_shape, shortcut_shape) in [
+        (&sd1, proj_in, vec![4, 8, 1, 1], Some(vec![4, 4, 1, 1])),
+        (&sd2, proj_in, vec![4, 8], Some(vec![4, 4, 1, 1])),
+        (&sd2_said, proj_in, vec![4, 8], None),
+        (&sdxl, sgm_proj_in, vec![4, 640], None),
+    ] {
+        let out = format!("{input}.lora.safetensors");
+        let (ok, text) = trainer(&["convert", input, &out, "--to", "kohya"]);
+        assert!(ok, "{text}");
+        assert_eq!(down_shape(&out, proj_in_name), proj_in_shape, "{input}");
+        if let Some(shape) = shortcut_shape {
+            assert_eq!(down_shape(&out, shortcut), shape, "{input}");
+            // The linear layer stays 2-d.
+            assert_eq!(down_shape(&out, to_k).len(), 2, "{input}");
+        }
+    }
+}
