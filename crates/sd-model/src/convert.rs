@@ -534,16 +534,45 @@ const TEXT_FILE: &str = "text_encoder/model.safetensors";
 const TEXT_2_FILE: &str = "text_encoder_2/model.safetensors";
 const VAE_FILE: &str = "vae/diffusion_pytorch_model.safetensors";
 
-/// What a single file records about its schedule: the prediction type (an empty `v_pred`
-/// key, ComfyUI's mark, else the SAI model spec's `modelspec.prediction_type`) and whether
-/// it is rescaled to zero terminal SNR (an empty `ztsnr` key).
+/// What a single file says about its schedule: the prediction type (an empty `v_pred`
+/// key, ComfyUI's mark, else the SAI model spec's `modelspec.prediction_type`, else, for
+/// an SD2.x text-to-image UNet, ComfyUI's test of its weights: [`sd2_v_prediction`]) and
+/// whether it is rescaled to zero terminal SNR (an empty `ztsnr` key).
 pub fn single_file_prediction(file: &WeightFile) -> (Option<Prediction>, bool) {
     let prediction = if file.contains("v_pred") {
         Some(Prediction::VPrediction)
     } else {
-        file.metadata().get("modelspec.prediction_type").and_then(|p| p.parse().ok())
+        file.metadata().get("modelspec.prediction_type").and_then(|p| p.parse().ok()).or_else(|| sd2_v_prediction(file))
     };
     (prediction, file.contains("ztsnr"))
+}
+
+/// The UNet bias ComfyUI measures to tell SD2.x's 768-v models from its 512 ε ones.
+const SD2_V_TEST_KEY: &str = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
+
+/// The prediction type of an SD2.x text-to-image checkpoint that records none, as ComfyUI
+/// decides it (`supported_models.SD20.model_type`): v-prediction when the standard
+/// deviation of the last transformer's first LayerNorm bias
+/// (`output_blocks.11.1.transformer_blocks.0.norm1.bias`) is above
+/// 0.09, ε otherwise. Stability's `v2-1_768-ema-pruned` and `v2-1_512-ema-pruned` carry no
+/// mark, and the wrong objective samples noise. `None` for other files (not SD2's OpenCLIP
+/// encoder, a UNet without 4 input channels, or no such bias in a float dtype).
+pub fn sd2_v_prediction(file: &WeightFile) -> Option<Prediction> {
+    let sd2 = file.contains("cond_stage_model.model.token_embedding.weight");
+    let text_to_image = file.shape("model.diffusion_model.input_blocks.0.0.weight").is_some_and(|s| s.get(1) == Some(&4));
+    if !(sd2 && text_to_image) {
+        return None;
+    }
+    let (dtype, bytes) = file.raw(SD2_V_TEST_KEY)?;
+    let values: Vec<f64> = decode_bytes(dtype, bytes)?.into_iter().map(f64::from).collect();
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    // torch.std(unbiased=False): the population deviation.
+    let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+    Some(if std > 0.09 { Prediction::VPrediction } else { Prediction::Epsilon })
 }
 
 /// Converts a single-file checkpoint into a diffusers folder at `out` (see the

@@ -34,7 +34,8 @@ pub struct CheckpointInfo {
     /// The components found, UNet first.
     pub components: Vec<ComponentInfo>,
     /// `epsilon`, `v_prediction` or `sample` where a scheduler config or the model spec
-    /// says, or a single file's `v_pred` marker key; `None` where nothing does.
+    /// says, or a single file's `v_pred` marker key, or an unmarked SD2.x single file's
+    /// weights ([`crate::convert::sd2_v_prediction`]); `None` where nothing does.
     pub prediction: Option<String>,
     /// Header metadata (a single file's, or a diffusers folder's UNet file's).
     pub metadata: BTreeMap<String, String>,

@@ -809,9 +809,49 @@ pub fn load_text_encoder_diffusers<B: Backend>(model: &mut ClipTextModel<B>, fil
     apply_mapping(model, file, identity_mapping(file), vec![], "text_encoder", dtype)
 }
 
-/// Loads a diffusers-layout VAE file (`vae/diffusion_pytorch_model.safetensors`).
+/// Loads a diffusers-layout VAE file (`vae/diffusion_pytorch_model.safetensors`), its
+/// attention under diffusers' current names or the older ones ([`vae_diffusers_mapping`]).
 pub fn load_vae_diffusers<B: Backend>(model: &mut AutoencoderKl<B>, file: &WeightFile, dtype: DType) -> Result<()> {
-    apply_mapping(model, file, identity_mapping(file), vec![], "vae", dtype)
+    apply_mapping(model, file, vae_diffusers_mapping(file), vec![], "vae", dtype)
+}
+
+/// A diffusers-layout VAE file's keys as our paths (the same names), with the
+/// attention's names from before diffusers 0.14 (`query`, `key`, `value`, `proj_attn`,
+/// which many VAEs on the Hub still hold, e.g. separately published fine-tuned VAEs)
+/// renamed `to_q`, `to_k`, `to_v`, `to_out.0`, as diffusers renames them on load.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("vae.safetensors");
+/// let bytes = vec![0u8; 4];
+/// let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &bytes)?;
+/// safetensors::serialize_to_file([("decoder.mid_block.attentions.0.proj_attn.bias", view)], None, &path)?;
+/// let file = sd_model::load::WeightFile::open(&path)?;
+/// let mapping = sd_model::load::vae_diffusers_mapping(&file);
+/// assert_eq!(mapping[0].0, "decoder.mid_block.attentions.0.to_out.0.bias");
+/// # Ok(())
+/// # }
+/// ```
+pub fn vae_diffusers_mapping(file: &WeightFile) -> Vec<(String, TensorSource)> {
+    identity_mapping(file).into_iter().map(|(path, source)| (legacy_vae_attention(&path).unwrap_or(path), source)).collect()
+}
+
+/// The current name of a VAE attention tensor under its pre-0.14 diffusers name.
+fn legacy_vae_attention(path: &str) -> Option<String> {
+    let (module, param) = path.rsplit_once('.')?;
+    let (block, name) = module.rsplit_once('.')?;
+    if !block.contains(".attentions.") {
+        return None;
+    }
+    let renamed = match name {
+        "query" => "to_q",
+        "key" => "to_k",
+        "value" => "to_v",
+        "proj_attn" => "to_out.0",
+        _ => return None,
+    };
+    Some(format!("{block}.{renamed}.{param}"))
 }
 
 /// Loads a diffusers-layout UNet file (`unet/diffusion_pytorch_model.safetensors`).
@@ -976,7 +1016,7 @@ pub fn vae_file_mapping(file: &WeightFile, levels: usize) -> Result<(Mapping, Ve
     if file.keys().any(|k| k.starts_with("first_stage_model.")) {
         Ok(vae_ldm_keys(file, "first_stage_model.", levels))
     } else if file.keys().any(|k| k.starts_with("encoder.down_blocks.") || k.starts_with("decoder.up_blocks.")) {
-        Ok((identity_mapping(file), vec![]))
+        Ok((vae_diffusers_mapping(file), vec![]))
     } else if file.keys().any(|k| k.starts_with("encoder.down.") || k.starts_with("decoder.up.")) {
         Ok(vae_ldm_keys(file, "", levels))
     } else {
@@ -995,6 +1035,20 @@ pub fn load_vae_from<B: Backend>(model: &mut AutoencoderKl<B>, path: &Path, opti
     let file = open_vae_file(path, options)?;
     let (mapping, unexpected) = vae_file_mapping(&file, model.encoder.down_blocks.len())?;
     apply_mapping(model, &file, mapping, unexpected, "vae", options.dtype)
+}
+
+/// Refuses the SDXL-shaped checkpoints that need an EDM schedule, which the samplers and
+/// the trainer here do not run: Playground v2.5 (`edm_mean` / `edm_std`, with its own latent
+/// statistics) and CosXL-style EDM v-prediction (`edm_vpred.sigma_max`), marked as ComfyUI
+/// detects them. Read as SDXL they load without a word and give noise.
+fn refuse_edm(file: &WeightFile) -> Result<()> {
+    if file.contains("edm_mean") && file.contains("edm_std") {
+        return Err(layout_error(file, "a Playground v2.5 checkpoint (`edm_mean` / `edm_std`: an EDM schedule with its own latent scale) is not supported"));
+    }
+    if file.contains("edm_vpred.sigma_max") {
+        return Err(layout_error(file, "an EDM v-prediction checkpoint (`edm_vpred.sigma_max`, e.g. CosXL) is not supported"));
+    }
+    Ok(())
 }
 
 fn layout_error(file: &WeightFile, reason: &str) -> SdModelError {
@@ -1064,7 +1118,13 @@ pub fn infer_clip_config(file: &WeightFile) -> Result<ClipTextConfig> {
             hidden_size: hidden,
             intermediate_size: inter,
             // SD2 conditions on the penultimate OpenCLIP layer: diffusers keeps 23 of 24.
-            num_hidden_layers: total.saturating_sub(1).max(1),
+            // A complete tower (with its `text_projection`, as Stability ships it and our
+            // writer pads it) holds that unused last block; diffusers' own export script
+            // writes the 23 used ones and no projection.
+            num_hidden_layers: match file.contains("cond_stage_model.model.text_projection") || total >= 24 {
+                true => total.saturating_sub(1).max(1),
+                false => total,
+            },
             num_attention_heads: hidden / 64,
             max_position_embeddings: file.shape("cond_stage_model.model.positional_embedding").map_or(77, |s| dim_at(s, 0)),
             hidden_act: HiddenAct::Gelu,
@@ -1194,6 +1254,7 @@ pub const UNET_CONFIG_KEY: &str = "sd_model:unet_config";
 /// shapes (channels, levels, blocks per level, attention levels, projection kind, text
 /// width; SD1.x uses 8 heads, SD2.x 64-wide heads).
 pub fn infer_unet_config(file: &WeightFile) -> Result<UnetConfig> {
+    refuse_edm(file)?;
     if let Some(config) = file.embedded_config::<UnetConfig>(UNET_CONFIG_KEY)? {
         config.validate(&file.path.display().to_string())?;
         return Ok(config);

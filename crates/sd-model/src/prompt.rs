@@ -7,7 +7,10 @@
 //! pieces (each on its own, as A1111 does) and [`ClipTokenizer::encode_weighted`] lays them
 //! out in the rows of [`ClipTokenizer::encode_chunked`] with one weight per joined hidden
 //! state; [`apply_weights`] scales the text encoder's states by them and restores each
-//! prompt's mean, as kohya's sample pipeline does.
+//! prompt's mean, as kohya's SD1.x / SD2.x sample pipeline does. Training captions with
+//! kohya's `weighted_captions` are read as sd-scripts reads them
+//! ([`parse_caption_attention`], [`ClipTokenizer::encode_weighted_caption`]) and only
+//! scaled ([`scale_states`]).
 //!
 //! Where this differs from the UIs: A1111 keeps all 77 states of each row and breaks rows
 //! at a comma near their end; kohya's sample pipeline (`lpw_stable_diffusion`) keeps 77
@@ -57,6 +60,35 @@ const SQUARE: f64 = 1.0 / 1.1;
 /// assert_eq!(parse_prompt_attention(r"\(literal\]")[0].text, "(literal]");
 /// ```
 pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
+    parse_attention(prompt, Syntax::A1111)
+}
+
+/// Splits a training caption into weighted text pieces as kohya's `weighted_captions`
+/// reads it (sd-scripts' `parse_prompt_attention`, the regex of an older A1111): as
+/// [`parse_prompt_attention`], but a weight is `:1.2)` with no spaces around the number
+/// (`(red: 1.5)` is the text `red: 1.5` at 1.1), and `BREAK` is a plain word.
+///
+/// ```
+/// use sd_model::prompt::{parse_caption_attention, parse_prompt_attention};
+/// let pieces = |p: Vec<sd_model::prompt::PromptPiece>| p.into_iter().map(|p| (p.text, p.weight)).collect::<Vec<_>>();
+/// assert_eq!(pieces(parse_caption_attention("a (red:1.5) car")), pieces(parse_prompt_attention("a (red:1.5) car")));
+/// assert_eq!(pieces(parse_caption_attention("a (red: 1.5) car")), [("a ".into(), 1.0), ("red: 1.5".into(), 1.1), (" car".into(), 1.0)]);
+/// assert_eq!(pieces(parse_prompt_attention("a (red: 1.5) car"))[1], ("red".into(), 1.5));
+/// ```
+pub fn parse_caption_attention(caption: &str) -> Vec<PromptPiece> {
+    parse_attention(caption, Syntax::Kohya)
+}
+
+/// Whose emphasis syntax a text is read with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Syntax {
+    /// A1111's current one: spaces may surround a weight's number, `BREAK` starts a row.
+    A1111,
+    /// kohya's `weighted_captions`: `:N)` exactly, no `BREAK`.
+    Kohya,
+}
+
+fn parse_attention(prompt: &str, syntax: Syntax) -> Vec<PromptPiece> {
     let mut pieces: Vec<PromptPiece> = Vec::new();
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();
@@ -65,7 +97,7 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
             piece.weight *= factor;
         }
     };
-    for token in lex(prompt) {
+    for token in lex(prompt, syntax) {
         match token {
             Lexeme::Escaped(text) => pieces.push(PromptPiece::new(text, 1.0)),
             Lexeme::Open('(') => round.push(pieces.len()),
@@ -82,6 +114,7 @@ pub fn parse_prompt_attention(prompt: &str) -> Vec<PromptPiece> {
                 let from = square.pop().unwrap_or_default();
                 multiply(&mut pieces, from, SQUARE);
             }
+            other if syntax == Syntax::Kohya => pieces.push(PromptPiece::new(other.text(), 1.0)),
             other => {
                 for (i, part) in split_breaks(other.text()).into_iter().enumerate() {
                     if i > 0 {
@@ -140,7 +173,7 @@ impl<'a> Lexeme<'a> {
 
 /// A1111's tokenization of a prompt. A weight whose number does not parse (`:1.2.3)`) is
 /// text, as Python's `float` would raise there and A1111 never produces such a prompt.
-fn lex(s: &str) -> Vec<Lexeme<'_>> {
+fn lex(s: &str, syntax: Syntax) -> Vec<Lexeme<'_>> {
     let mut out = Vec::new();
     let mut rest = s;
     while let Some(c) = rest.chars().next() {
@@ -151,7 +184,7 @@ fn lex(s: &str) -> Vec<Lexeme<'_>> {
             },
             '(' | '[' => (Lexeme::Open(c), 1),
             ')' | ']' => (Lexeme::Close(c), 1),
-            ':' => match weight(rest) {
+            ':' => match weight(rest, syntax) {
                 Some((w, len)) => (Lexeme::Weight(w, &rest[..len]), len),
                 None => (Lexeme::Text(":"), 1),
             },
@@ -166,18 +199,20 @@ fn lex(s: &str) -> Vec<Lexeme<'_>> {
     out
 }
 
-/// `:\s*([+-]?[.\d]+)\s*\)` at the start of `s`: the weight and the match length.
-fn weight(s: &str) -> Option<(f64, usize)> {
+/// `:\s*([+-]?[.\d]+)\s*\)` at the start of `s` (`:([+-]?[.\d]+)\)` in kohya's
+/// syntax): the weight and the match length.
+fn weight(s: &str, syntax: Syntax) -> Option<(f64, usize)> {
     let after_colon = &s[1..];
-    let body = after_colon.trim_start();
+    let trim = |t: &'_ str| -> usize { if syntax == Syntax::A1111 { t.len() - t.trim_start().len() } else { 0 } };
+    let body = &after_colon[trim(after_colon)..];
     let sign = usize::from(body.starts_with(['+', '-']));
     let digits = body[sign..].find(|c: char| !(c == '.' || c.is_ascii_digit())).unwrap_or(body.len() - sign);
     if digits == 0 {
         return None;
     }
     let number = &body[..sign + digits];
-    let tail = body[sign + digits..].trim_start();
-    let close = tail.strip_prefix(')')?;
+    let tail = &body[sign + digits..];
+    let close = tail[trim(tail)..].strip_prefix(')')?;
     Some((number.parse().ok()?, s.len() - close.len()))
 }
 
@@ -226,6 +261,11 @@ impl ClipTokenizer {
     /// row, which A1111's `BREAK` closes). A weight beyond 1e30 in size (brackets nested
     /// hundreds deep) is [`crate::tokenizer::TokenizerError::Emphasis`].
     pub fn weighted_words(&self, prompt: &str) -> Result<WeightedWords> {
+        self.words_of(prompt, parse_prompt_attention(prompt))
+    }
+
+    /// [`weighted_words`](Self::weighted_words) of `prompt`'s `pieces`.
+    fn words_of(&self, prompt: &str, pieces: Vec<PromptPiece>) -> Result<WeightedWords> {
         let inner = self.max_length().saturating_sub(2).max(1);
         let (mut ids, mut weights) = (Vec::new(), Vec::new());
         let mut content = 0;
@@ -233,7 +273,7 @@ impl ClipTokenizer {
         // a chunk that words filled when the next word arrives, so a `BREAK` right after a
         // full row only closes that row, while one on an opened, empty row adds an empty row.
         let mut opened = true;
-        for piece in parse_prompt_attention(prompt) {
+        for piece in pieces {
             if piece.is_break() {
                 let used = ids.len() % inner;
                 if used == 0 && !opened {
@@ -278,9 +318,29 @@ impl ClipTokenizer {
     /// # Ok::<(), sd_model::tokenizer::TokenizerError>(())
     /// ```
     pub fn encode_weighted(&self, prompt: &str, rows: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.frame_weighted(self.weighted_words(prompt)?, rows)
+    }
+
+    /// [`encode_weighted`](Self::encode_weighted) of a training caption in kohya's
+    /// `weighted_captions` syntax ([`parse_caption_attention`]).
+    ///
+    /// ```
+    /// use sd_model::tokenizer::ClipTokenizer;
+    /// let tokenizer = ClipTokenizer::bundled()?;
+    /// let (ids, weights) = tokenizer.encode_weighted_caption("a (red: 1.5) car", 1)?;
+    /// assert_eq!(ids, tokenizer.encode("a red: 1.5 car")?);
+    /// assert!((weights[2] - 1.1).abs() < 1e-6);
+    /// # Ok::<(), sd_model::tokenizer::TokenizerError>(())
+    /// ```
+    pub fn encode_weighted_caption(&self, caption: &str, rows: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.frame_weighted(self.words_of(caption, parse_caption_attention(caption))?, rows)
+    }
+
+    /// Weighted words in `rows` rows ([`encode_weighted`](Self::encode_weighted)).
+    fn frame_weighted(&self, words: WeightedWords, rows: usize) -> Result<(Vec<u32>, Vec<f32>)> {
         let rows = rows.max(1);
         let inner = self.max_length().saturating_sub(2).max(1);
-        let WeightedWords { ids, mut weights, .. } = self.weighted_words(prompt)?;
+        let WeightedWords { ids, mut weights, .. } = words;
         let ids = self.frame_chunked(ids, rows);
         weights.truncate(rows * inner);
         weights.resize(rows * inner, 1.0);
@@ -294,7 +354,7 @@ impl ClipTokenizer {
 
 /// Scales hidden states `[batch, len, dim]` by per-state `weights` (`batch × len`, from
 /// [`ClipTokenizer::encode_weighted`]) and then by one factor per prompt that restores the
-/// prompt's mean state value, as kohya's sample pipeline does (the means in f32, whatever
+/// prompt's mean state value, as kohya's SD1.x / SD2.x sample pipeline does (the means in f32, whatever
 /// the states' dtype). All-one weights return the states unchanged; a weight count that
 /// is not `batch × len` is an error.
 pub fn apply_weights<B: Backend>(hidden: Tensor<B, 3>, weights: &[f32]) -> crate::Result<Tensor<B, 3>> {

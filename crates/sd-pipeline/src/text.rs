@@ -171,7 +171,7 @@ pub fn encode_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_sk
 /// as the text `""` (as kohya's sd-scripts and ComfyUI sample), not as zeros (diffusers'
 /// `force_zeros_for_empty_prompt`).
 pub fn condition_prompts<B: Backend>(c: &Components<B>, prompts: &[String], clip_skip: usize, rows: usize, device: &B::Device) -> Result<TextConditioning<B>, PipelineError> {
-    let (cond, weights) = weighted_condition(TextEncoders::of(c), prompts, clip_skip, rows, device)?;
+    let (cond, weights) = weighted_condition(TextEncoders::of(c), prompts, Emphasis::Prompt, clip_skip, rows, device)?;
     let context = weights.apply(cond.context, sd_model::prompt::apply_weights)?;
     Ok(TextConditioning { context, pooled: cond.pooled })
 }
@@ -199,11 +199,22 @@ impl StateWeights {
     }
 }
 
+/// Whose emphasis syntax [`weighted_condition`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Emphasis {
+    /// A1111's, for prompts ([`sd_model::prompt::parse_prompt_attention`]).
+    Prompt,
+    /// kohya's `weighted_captions`, for training captions
+    /// ([`sd_model::prompt::parse_caption_attention`]).
+    Caption,
+}
+
 /// The conditioning of prompts read with emphasis, in `rows` rows, and the weights of its
 /// states.
 fn weighted_condition<B: Backend>(
     encoders: TextEncoders<'_, B>,
     prompts: &[String],
+    emphasis: Emphasis,
     clip_skip: usize,
     rows: usize,
     device: &B::Device,
@@ -211,7 +222,10 @@ fn weighted_condition<B: Backend>(
     let weighted = |tok: &ClipTokenizer| -> Result<(Vec<Vec<u32>>, Vec<f32>), PipelineError> {
         let (mut ids, mut weights) = (Vec::with_capacity(prompts.len()), Vec::new());
         for p in prompts {
-            let (i, w) = tok.encode_weighted(p, rows)?;
+            let (i, w) = match emphasis {
+                Emphasis::Prompt => tok.encode_weighted(p, rows)?,
+                Emphasis::Caption => tok.encode_weighted_caption(p, rows)?,
+            };
             ids.push(i);
             weights.extend(w);
         }
@@ -236,8 +250,9 @@ pub enum CaptionSyntax {
     /// are text.
     #[default]
     Literal,
-    /// With A1111's emphasis syntax (kohya's `weighted_captions`): `(word:1.2)` scales the
-    /// word's hidden states and nothing else, as kohya's training does
+    /// With kohya's `weighted_captions` syntax ([`sd_model::prompt::parse_caption_attention`]:
+    /// A1111's brackets, a weight written `(word:1.2)` with no spaces around the number):
+    /// it scales the word's hidden states and nothing else, as kohya's training does
     /// ([`sd_model::prompt::scale_states`]; sample prompts also keep the mean). `BREAK` is a
     /// plain word here, as in kohya's training (it would start a new row). The pooled
     /// embedding is not weighted (kohya's SDXL training leaves it as it is).
@@ -295,9 +310,7 @@ pub fn condition_captions<B: Backend>(
             condition(encoders, ids, ids_2, clip_skip, device)
         }
         CaptionSyntax::Weighted => {
-            // CLIP lower-cases its input: `break` tokenizes as `BREAK` does, without the keyword.
-            let captions: Vec<String> = captions.iter().map(|p| p.replace("BREAK", "break")).collect();
-            let (cond, weights) = weighted_condition(encoders, &captions, clip_skip, rows, device)?;
+            let (cond, weights) = weighted_condition(encoders, captions, Emphasis::Caption, clip_skip, rows, device)?;
             Ok(TextConditioning { context: weights.apply(cond.context, sd_model::prompt::scale_states)?, pooled: cond.pooled })
         }
     }

@@ -406,3 +406,105 @@ fn components_that_do_not_fit_together_are_named() {
         assert!(err.contains(&path.display().to_string()) && err.contains(key) && err.contains(says), "{key}: {err}");
     }
 }
+
+/// Writes `tensors` (name, shape, f32 values) and `metadata` to `path` as safetensors.
+fn write_f32(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], metadata: &[(&str, &str)]) {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        tensors.iter().zip(&bytes).map(|((k, s, _), b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    let meta: std::collections::HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+}
+
+/// SD2.x checkpoints with no prediction mark are told apart by their weights, as ComfyUI
+/// does: the last transformer's first LayerNorm bias spreads wide (std > 0.09) in the
+/// 768-v models. Marks win; other models, and inpainting UNets, are not guessed.
+#[test]
+fn sd2_checkpoints_without_a_mark_get_their_prediction_from_the_weights() {
+    use sd_model::convert::single_file_prediction;
+    let tmp = tempfile::tempdir().unwrap();
+    let bias = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias".to_string();
+    // Alternating ±spread: population std = spread.
+    let file = |name: &str, spread: f32, in_channels: usize, open_clip: bool, metadata: &[(&str, &str)]| {
+        let path = tmp.path().join(name);
+        let mut tensors = vec![
+            ("model.diffusion_model.input_blocks.0.0.weight".to_string(), vec![8, in_channels, 1, 1], vec![0.0; 8 * in_channels]),
+            (bias.clone(), vec![8], (0..8).map(|i| if i % 2 == 0 { spread } else { -spread }).collect()),
+        ];
+        let te = if open_clip { "cond_stage_model.model.token_embedding.weight" } else { "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" };
+        tensors.push((te.to_string(), vec![4, 4], vec![0.0; 16]));
+        write_f32(&path, &tensors, metadata);
+        single_file_prediction(&WeightFile::open(&path).unwrap()).0
+    };
+    assert_eq!(file("v.safetensors", 0.2, 4, true, &[]), Some(Prediction::VPrediction));
+    assert_eq!(file("eps.safetensors", 0.05, 4, true, &[]), Some(Prediction::Epsilon));
+    assert_eq!(file("marked.safetensors", 0.2, 4, true, &[("modelspec.prediction_type", "epsilon")]), Some(Prediction::Epsilon));
+    assert_eq!(file("inpaint.safetensors", 0.2, 9, true, &[]), None);
+    assert_eq!(file("sd1.safetensors", 0.2, 4, false, &[]), None);
+}
+
+/// An SD2 file written without OpenCLIP's unused 24th block (diffusers' own export
+/// script: the used blocks, no `text_projection`) keeps all its blocks; a complete one
+/// (with its projection, or ViT-H's 24 blocks) drops the last.
+#[test]
+fn sd2_files_without_the_unused_openclip_block_keep_every_block() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layers = |name: &str, blocks: usize, projection: bool| {
+        let p = "cond_stage_model.model.";
+        let mut tensors = vec![
+            (format!("{p}token_embedding.weight"), vec![8, 64], vec![0.0; 8 * 64]),
+            (format!("{p}positional_embedding"), vec![77, 64], vec![0.0; 77 * 64]),
+            (format!("{p}transformer.resblocks.0.mlp.c_fc.weight"), vec![256, 64], vec![0.0; 256 * 64]),
+        ];
+        tensors.extend((0..blocks).map(|i| (format!("{p}transformer.resblocks.{i}.ln_1.weight"), vec![64], vec![1.0; 64])));
+        if projection {
+            tensors.push((format!("{p}text_projection"), vec![64, 64], vec![0.0; 64 * 64]));
+        }
+        let path = tmp.path().join(name);
+        write_f32(&path, &tensors, &[]);
+        sd_model::load::infer_clip_config(&WeightFile::open(&path).unwrap()).unwrap().num_hidden_layers
+    };
+    assert_eq!(layers("complete.safetensors", 4, true), 3);
+    assert_eq!(layers("trimmed.safetensors", 3, false), 3);
+    assert_eq!(layers("vit_h.safetensors", 24, false), 23);
+    assert_eq!(layers("vit_h_trimmed.safetensors", 23, false), 23);
+}
+
+/// Checkpoints that need an EDM schedule are refused by name, not read as SDXL.
+#[test]
+fn edm_checkpoints_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, keys, says) in [("playground.safetensors", &["edm_mean", "edm_std"][..], "Playground"), ("cosxl.safetensors", &["edm_vpred.sigma_max"][..], "CosXL")] {
+        let path = tmp.path().join(name);
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = keys.iter().map(|k| (k.to_string(), vec![1], vec![0.5])).chain([("model.diffusion_model.input_blocks.0.0.weight".to_string(), vec![8, 4, 1, 1], vec![0.0; 32])]).collect();
+        write_f32(&path, &tensors, &[]);
+        let err = sd_model::load::infer_unet_config(&WeightFile::open(&path).unwrap()).unwrap_err();
+        assert!(matches!(err, SdModelError::Layout { .. }) && err.to_string().contains(says) && err.to_string().contains(name), "{err}");
+    }
+}
+
+/// A diffusers VAE with the attention names of diffusers before 0.14 (`query`, `key`,
+/// `value`, `proj_attn`) loads as with the current names, as a folder and with `--vae`.
+#[test]
+fn vaes_with_diffusers_older_attention_names_load() {
+    let src = ModelSource::weights_file(&fixture("parity/sd1"), "vae").unwrap();
+    let renamed: Vec<(String, Vec<usize>, Vec<f32>)> = tensors(&src)
+        .into_iter()
+        .map(|(k, (s, v))| {
+            let k = k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.").replace(".to_out.0.", ".proj_attn.");
+            (k, s, v)
+        })
+        .collect();
+    assert!(renamed.iter().any(|(k, _, _)| k.ends_with("mid_block.attentions.0.proj_attn.weight")));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("vae.safetensors");
+    write_f32(&path, &renamed, &[]);
+    let config = ModelSource::detect(fixture("parity/sd1")).unwrap().vae_config().unwrap();
+    let device = Default::default();
+    let load = |p: &Path| {
+        let mut vae = sd_model::AutoencoderKl::<B>::new(&config, &device).unwrap();
+        sd_model::load::load_vae_from(&mut vae, p, &LoadOptions::default()).unwrap();
+        vae.decoder.mid_block.attentions[0].to_out[0].base.weight.val().into_data()
+    };
+    assert_eq!(load(&path), load(&src));
+}
