@@ -58,7 +58,11 @@ pub fn read_pytorch(path: &Path) -> Result<Vec<(String, TensorSnapshot)>> {
             return Err(bad(path, format!("`{key}` has shape {:?}, more {:?} values than the whole file holds (a damaged file)", t.shape.to_vec(), t.dtype)));
         }
     }
-    if !tensors.is_empty() && tensors.iter().all(|(k, _)| k.starts_with("state_dict.")) {
+    // A training checkpoint (Lightning's `.ckpt`) holds the weights under `state_dict`
+    // beside other state (callbacks, loops): the weights are what is under it, as diffusers
+    // takes `checkpoint["state_dict"]` (nested ones too).
+    while tensors.iter().any(|(k, _)| k.starts_with("state_dict.")) {
+        tensors.retain(|(k, _)| k.starts_with("state_dict."));
         for (k, _) in &mut tensors {
             k.drain(.."state_dict.".len());
         }

@@ -709,8 +709,8 @@ enum Command {
         #[arg(long)]
         ema: bool,
         /// What the model predicts: epsilon or v_prediction (default: what the source says,
-        /// a folder's scheduler config or a file's v_pred key, else epsilon; SD2 768-px
-        /// models without a mark need v_prediction).
+        /// a folder's scheduler config or a file's v_pred key or model spec; an unmarked
+        /// SD2.x file's weights, as ComfyUI reads them; else epsilon).
         #[arg(long)]
         prediction_type: Option<sd_model::convert::Prediction>,
         /// Write this VAE instead of the model's (a .safetensors file in any layout, or a
@@ -1778,10 +1778,14 @@ fn run_convert_model(model: &std::path::Path, out: &std::path::Path, options: &s
     if !report.left_out.is_empty() {
         out!("{} keys have no place in the other layout and were left out (e.g. `{}`)", report.left_out.len(), report.left_out[0]);
     }
-    let marked = options.prediction.is_some() || report.prediction == sd_model::convert::Prediction::VPrediction;
-    if report.family == sd_model::load::ModelFamily::Sd2 && out.is_dir() && !marked {
-        // SD2's 768-px models predict v, and nothing in their files says so.
-        out!("note: an SD2.x file does not say what it predicts; if this is a 768-px v-prediction model (v2-1_768-*), convert again with --prediction-type v_prediction");
+    if report.family == sd_model::load::ModelFamily::Sd2 && out.is_dir() && options.prediction.is_none() {
+        // SD2's 768-px models predict v, and nothing in their files says so: the weights tell.
+        // (A PyTorch pickle source is read apart; its note is left out.)
+        let file = sd_model::load::WeightFile::open(model).ok();
+        let marked = |f: &sd_model::load::WeightFile| f.contains("v_pred") || f.metadata().contains_key("modelspec.prediction_type");
+        if file.as_ref().is_some_and(|f| !marked(f) && sd_model::convert::sd2_v_prediction(f).is_some()) {
+            out!("note: the file does not say what it predicts; {} was read from its weights (as ComfyUI reads SD2.x files); --prediction-type overrides it", report.prediction.name());
+        }
     }
     Ok(())
 }
@@ -1879,7 +1883,7 @@ fn run_checkpoint_info(path: &std::path::Path, all_metadata: bool, json: bool) -
     }
     match &info.prediction {
         Some(p) => out!("  prediction type: {p}"),
-        None => out!("  prediction type: not recorded (no scheduler config or model spec; SD2.x 768 px models predict v)"),
+        None => out!("  prediction type: not recorded (no scheduler config, model spec or v_pred key: epsilon is assumed)"),
     }
     for key in ["modelspec.title", "modelspec.architecture", "modelspec.resolution", "modelspec.author", "modelspec.description"] {
         if let Some(v) = info.metadata.get(key) {
